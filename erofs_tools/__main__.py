@@ -1,0 +1,3 @@
+from erofs_tools.cli import main
+
+main()
