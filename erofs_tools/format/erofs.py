@@ -1,0 +1,225 @@
+"""EROFS on-disk format (uncompressed subset): see shared reference erofs-format.md."""
+import stat as _stat
+
+from erofs_tools.format._struct import Record
+
+# --- superblock -------------------------------------------------------------------------
+SUPER_OFFSET = 1024
+MAGIC = 0xE0F5E1E2
+BLKSZ_BITS = 12
+BLKSZ = 1 << BLKSZ_BITS
+SLOT_SIZE = 32          # inode slot: nid * 32 bytes from the meta area start
+NULL_ADDR = 0xFFFFFFFF  # hole / "no block"
+
+FEATURE_COMPAT_SB_CHKSUM = 0x1
+FEATURE_COMPAT_MTIME = 0x2
+FEATURE_COMPAT_XATTR_FILTER = 0x4
+FEATURE_COMPAT_RAFS_V6 = 0x4000_0000
+
+FEATURE_INCOMPAT_CHUNKED_FILE = 0x4
+FEATURE_INCOMPAT_DEVICE_TABLE = 0x8
+# Bits every kernel from 5.19 to 6.18 accepts and that we know how to read.
+FEATURE_INCOMPAT_SUPPORTED = FEATURE_INCOMPAT_CHUNKED_FILE | FEATURE_INCOMPAT_DEVICE_TABLE
+
+
+class SuperBlock(Record):
+    FIELDS = (
+        ("magic", "I"), ("checksum", "I"), ("feature_compat", "I"),
+        ("blkszbits", "B"), ("sb_extslots", "B"), ("root_nid", "H"),
+        ("inos", "Q"), ("build_time", "Q"), ("build_time_nsec", "I"),
+        ("blocks", "I"), ("meta_blkaddr", "I"), ("xattr_blkaddr", "I"),
+        ("uuid", "16s"), ("volume_name", "16s"), ("feature_incompat", "I"),
+        ("u1", "H"), ("extra_devices", "H"), ("devt_slotoff", "H"),
+        ("dirblkbits", "B"), ("xattr_prefix_count", "B"), ("xattr_prefix_start", "I"),
+        ("packed_nid", "Q"), ("xattr_filter_reserved", "B"), (None, "23x"),
+    )
+
+
+assert SuperBlock.SIZE == 128
+
+CHECKSUM_FIELD = SUPER_OFFSET + 4
+
+
+def crc32c_raw(data, crc=0xFFFFFFFF):
+    """CRC-32C (Castagnoli) with the given seed and no final XOR (the EROFS convention).
+
+    Pure-Python fallback used by the reader; the builder uses the C implementation.
+    """
+    table = _crc_table()
+    for b in data:
+        crc = table[(crc ^ b) & 0xFF] ^ (crc >> 8)
+    return crc
+
+
+_TABLE = None
+
+
+def _crc_table():
+    global _TABLE
+    if _TABLE is None:
+        t = []
+        for i in range(256):
+            c = i
+            for _ in range(8):
+                c = (c >> 1) ^ (0x82F63B78 if c & 1 else 0)
+            t.append(c)
+        _TABLE = t
+    return _TABLE
+
+
+def superblock_checksum(block0):
+    """Checksum over [1024, blksz) of the first block with the checksum field zeroed."""
+    blksz = 1 << block0[SUPER_OFFSET + 12]
+    end = blksz if blksz > SUPER_OFFSET else SUPER_OFFSET + blksz
+    data = bytearray(block0[SUPER_OFFSET:end])
+    data[4:8] = b"\0\0\0\0"
+    return crc32c_raw(bytes(data))
+
+
+# --- inodes ---------------------------------------------------------------------------
+INODE_COMPACT = 0
+INODE_EXTENDED = 1
+
+LAYOUT_FLAT_PLAIN = 0
+LAYOUT_COMPRESSED_FULL = 1
+LAYOUT_FLAT_INLINE = 2
+LAYOUT_COMPRESSED_COMPACT = 3
+LAYOUT_CHUNK_BASED = 4
+LAYOUT_NAMES = {0: "FLAT_PLAIN", 1: "COMPRESSED_FULL", 2: "FLAT_INLINE",
+                3: "COMPRESSED_COMPACT", 4: "CHUNK_BASED"}
+
+I_FORMAT_BITS = 0xF  # version + datalayout; higher bits are 6.15+ only, never written
+
+
+def i_format(version, layout):
+    return version | (layout << 1)
+
+
+def i_format_version(fmt):
+    return fmt & 1
+
+
+def i_format_layout(fmt):
+    return (fmt >> 1) & 0x7
+
+
+class CompactInode(Record):
+    FIELDS = (
+        ("i_format", "H"), ("i_xattr_icount", "H"), ("i_mode", "H"), ("i_nlink", "H"),
+        ("i_size", "I"), ("i_mtime", "I"), ("i_u", "I"), ("i_ino", "I"),
+        ("i_uid", "H"), ("i_gid", "H"), (None, "4x"),
+    )
+
+
+class ExtendedInode(Record):
+    FIELDS = (
+        ("i_format", "H"), ("i_xattr_icount", "H"), ("i_mode", "H"), ("i_nb", "H"),
+        ("i_size", "Q"), ("i_u", "I"), ("i_ino", "I"),
+        ("i_uid", "I"), ("i_gid", "I"), ("i_mtime", "Q"), ("i_mtime_nsec", "I"),
+        ("i_nlink", "I"), (None, "16x"),
+    )
+
+
+assert CompactInode.SIZE == 32 and ExtendedInode.SIZE == 64
+
+
+def xattr_ibody_size(icount):
+    """Bytes of the inline xattr area for a given i_xattr_icount."""
+    return 0 if icount == 0 else 12 + 4 * (icount - 1)
+
+
+# --- chunk-based files ------------------------------------------------------------------
+CHUNK_FORMAT_BLKBITS_MASK = 0x1F
+CHUNK_FORMAT_INDEXES = 0x20
+CHUNK_FORMAT_48BIT = 0x40
+CHUNK_FORMAT_SUPPORTED = 0x3F
+
+
+class ChunkIndex(Record):
+    FIELDS = (("advise", "H"), ("device_id", "H"), ("blkaddr", "I"))
+
+
+assert ChunkIndex.SIZE == 8
+
+
+# --- directories ------------------------------------------------------------------------
+class Dirent(Record):
+    FIELDS = (("nid", "Q"), ("nameoff", "H"), ("file_type", "B"), (None, "x"))
+
+
+assert Dirent.SIZE == 12
+
+FT_UNKNOWN, FT_REG, FT_DIR, FT_CHR, FT_BLK, FT_FIFO, FT_SOCK, FT_SYMLINK = range(8)
+NAME_MAX = 255
+
+_FT_BY_IFMT = {
+    _stat.S_IFREG: FT_REG, _stat.S_IFDIR: FT_DIR, _stat.S_IFCHR: FT_CHR,
+    _stat.S_IFBLK: FT_BLK, _stat.S_IFIFO: FT_FIFO, _stat.S_IFSOCK: FT_SOCK,
+    _stat.S_IFLNK: FT_SYMLINK,
+}
+
+
+def file_type_of_mode(mode):
+    return _FT_BY_IFMT.get(_stat.S_IFMT(mode), FT_UNKNOWN)
+
+
+# --- device table -----------------------------------------------------------------------
+class DeviceSlot(Record):
+    FIELDS = (("tag", "64s"), ("blocks", "I"), ("mapped_blkaddr", "I"), (None, "56x"))
+
+
+assert DeviceSlot.SIZE == 128
+DEVICE_SLOT_SIZE = 128
+
+
+# --- xattrs -----------------------------------------------------------------------------
+class XattrIbodyHeader(Record):
+    FIELDS = (("h_name_filter", "I"), ("h_shared_count", "B"), (None, "7x"))
+
+
+class XattrEntry(Record):
+    FIELDS = (("e_name_len", "B"), ("e_name_index", "B"), ("e_value_size", "H"))
+
+
+assert XattrIbodyHeader.SIZE == 12 and XattrEntry.SIZE == 4
+
+XATTR_INDEX_USER = 1
+XATTR_INDEX_POSIX_ACL_ACCESS = 2
+XATTR_INDEX_POSIX_ACL_DEFAULT = 3
+XATTR_INDEX_TRUSTED = 4
+XATTR_INDEX_LUSTRE = 5
+XATTR_INDEX_SECURITY = 6
+
+# index -> prefix; the ACL indexes carry the whole name as their prefix.
+XATTR_PREFIXES = {
+    XATTR_INDEX_USER: b"user.",
+    XATTR_INDEX_POSIX_ACL_ACCESS: b"system.posix_acl_access",
+    XATTR_INDEX_POSIX_ACL_DEFAULT: b"system.posix_acl_default",
+    XATTR_INDEX_TRUSTED: b"trusted.",
+    XATTR_INDEX_LUSTRE: b"lustre.",
+    XATTR_INDEX_SECURITY: b"security.",
+}
+
+
+def split_xattr_name(name):
+    """Return (index, suffix) for a full xattr name, or None if it has no short prefix."""
+    if name in (b"system.posix_acl_access", b"system.posix_acl_default"):
+        return (XATTR_INDEX_POSIX_ACL_ACCESS if name.endswith(b"access")
+                else XATTR_INDEX_POSIX_ACL_DEFAULT), b""
+    for index in (XATTR_INDEX_USER, XATTR_INDEX_TRUSTED, XATTR_INDEX_SECURITY):
+        prefix = XATTR_PREFIXES[index]
+        if name.startswith(prefix) and len(name) > len(prefix):
+            return index, name[len(prefix):]
+    return None
+
+
+# --- rdev -------------------------------------------------------------------------------
+def encode_rdev(major, minor):
+    """Linux 'new' dev_t encoding stored in i_u for device inodes."""
+    return (minor & 0xFF) | (major << 8) | ((minor & ~0xFF) << 12)
+
+
+def decode_rdev(value):
+    major = (value >> 8) & 0xFFF
+    minor = (value & 0xFF) | ((value >> 12) & 0xFFF00)
+    return major, minor
