@@ -1,0 +1,98 @@
+"""Whole-image operations on top of RegistryClient: push an image (blobs first, manifest
+last, as registries require), pull a manifest and its blobs, and copy an image from an
+OCI layout directory into a registry.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from ..errors import InputError
+from . import mediatypes as mt
+from .client import RegistryClient
+from .digest import digest_hex
+from .manifest import Descriptor, Manifest, build_manifest, select_platform
+from .oci_layout import OciLayout
+
+
+@dataclass
+class BlobSource:
+    """A blob to push: bytes, a path or a binary file, with its descriptor fields."""
+
+    source: object
+    media_type: str
+    annotations: dict = field(default_factory=dict)
+    digest: str | None = None
+
+
+def push_image(client: RegistryClient, repo: str, tag: str, config: BlobSource,
+               layers: list[BlobSource], *, media_type: str = mt.OCI_MANIFEST,
+               annotations: dict | None = None, mount_from: str | None = None,
+               chunk_size: int | None = None) -> Manifest:
+    """Push layers (in order), then the config, then the manifest under ``tag``.
+    Blobs the repository already has are not sent again; ``mount_from`` names a
+    repository on the same registry to mount missing blobs from."""
+    def push(b: BlobSource) -> Descriptor:
+        r = client.push_blob(repo, b.source, digest=b.digest, mount_from=mount_from,
+                             chunk_size=chunk_size)
+        size = r.size if r.size >= 0 else client.stat_blob(repo, r.digest)
+        return Descriptor(b.media_type, r.digest, size, dict(b.annotations))
+
+    layer_descs = [push(b) for b in layers]
+    config_desc = push(config)
+    manifest = build_manifest(config_desc, layer_descs, media_type=media_type,
+                              annotations=annotations)
+    client.put_manifest(repo, tag, manifest)
+    return manifest
+
+
+def resolve_manifest(client: RegistryClient, repo: str, ref: str, *, os_name: str = "linux",
+                     arch: str = "amd64", nydus: bool | None = None) -> Manifest:
+    """Fetch ``ref``; if it is an index, follow the entry for the platform."""
+    m = client.get_manifest(repo, ref)
+    if m.is_index:
+        d = select_platform(m, os_name, arch, nydus)
+        m = client.get_manifest(repo, d.digest)
+        if m.is_index:
+            raise InputError(f"{repo}@{d.digest}: nested index is not supported")
+    return m
+
+
+def pull_image(client: RegistryClient, repo: str, ref: str, dest_dir: str | None = None,
+               **platform) -> Manifest:
+    """Fetch the manifest (following an index to the platform's entry) and, if
+    ``dest_dir`` is given, every blob it references into ``dest_dir/<digest hex>``,
+    verified. Blobs already present there with the right size are not fetched again."""
+    m = resolve_manifest(client, repo, ref, **platform)
+    if dest_dir is not None:
+        os.makedirs(dest_dir, exist_ok=True)
+        for d in m.blobs():
+            path = os.path.join(dest_dir, digest_hex(d.digest))
+            if os.path.isfile(path) and os.path.getsize(path) == d.size:
+                continue
+            client.pull_blob(repo, d.digest, path)
+    return m
+
+
+def push_from_layout(layout: OciLayout, client: RegistryClient, repo: str, tag: str,
+                     layout_tag: str | None = None) -> Manifest:
+    """Copy one image (manifest, config, layers) from a layout directory to a registry."""
+    m = layout.get_manifest(layout.resolve(layout_tag).digest)
+    if m.is_index:
+        raise InputError(f"{layout.path}: pushing an index is not supported, pick a manifest")
+    for d in m.blobs():
+        client.push_blob(repo, layout.blob_path(d.digest), digest=d.digest)
+    client.put_manifest(repo, tag, m)
+    return m
+
+
+def pull_to_layout(client: RegistryClient, repo: str, ref: str, layout: OciLayout,
+                   tag: str | None = None, **platform) -> Manifest:
+    """Copy one image from a registry into a layout directory (verified blobs)."""
+    m = resolve_manifest(client, repo, ref, **platform)
+    for d in m.blobs():
+        if not layout.has_blob(d.digest):
+            client.pull_blob(repo, d.digest, layout.blob_path(d.digest))
+    layout.put_manifest(m, tag)
+    return m

@@ -1,0 +1,179 @@
+"""HTTP plumbing under the registry client: pooled urllib3 connections, timeouts, and
+bounded retries with exponential backoff and jitter.
+
+What is retried: 429 and 5xx answers (honouring Retry-After) and connection failures
+(refused, reset, timed out, closed mid-answer). What is not: TLS verification failures and
+every other status, which the caller interprets. A request body must be bytes or a
+seekable file (rewound before each attempt), so that a retry resends the same bytes.
+
+An optional HTTP proxy (e.g. Dragonfly's dfdaemon, ecosystem.md §3) serves the requests
+that ask for it; if the proxy itself fails, the request goes direct, as nydus does.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import random
+import time
+import urllib.parse
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import urllib3
+from urllib3.exceptions import HTTPError as Urllib3Error
+from urllib3.exceptions import ProxyError, SSLError
+
+from ..errors import RegistryError
+
+log = logging.getLogger(__name__)
+
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+USER_AGENT = "erofs-tools/0.1"
+
+
+def safe_url(url: str) -> str:
+    """The URL without its query and userinfo, fit for messages and logs: upload
+    locations and storage redirects carry state and signatures in the query."""
+    p = urllib.parse.urlsplit(url)
+    netloc = p.netloc.rpartition("@")[2]
+    return urllib.parse.urlunsplit((p.scheme, netloc, p.path, "", ""))
+
+
+def one_line(text: str, limit: int = 200) -> str:
+    return " ".join(text.split())[:limit]
+
+
+@dataclass
+class RetryPolicy:
+    """``retries`` extra attempts; the n-th waits a random time in
+    [0, min(max_backoff, backoff * 2**n)] ("full jitter", so that many clients hitting
+    one overloaded registry spread out), or what Retry-After asks, capped."""
+
+    retries: int = 5
+    backoff: float = 0.5
+    max_backoff: float = 30.0
+
+    def delay(self, attempt: int, retry_after: str | None = None) -> float:
+        asked = parse_retry_after(retry_after)
+        if asked is not None:
+            return min(asked, self.max_backoff)
+        return random.uniform(0, min(self.max_backoff, self.backoff * (2 ** attempt)))
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds or HTTP-date), None if absent."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+class Transport:
+    """Sends one logical request, retrying transient failures. Responses are returned
+    unread (``preload_content=False``); callers read and release them."""
+
+    def __init__(self, *, timeout: float = 30.0, connect_timeout: float = 10.0,
+                 pool_size: int = 8, ca_certs: str | None = None,
+                 policy: RetryPolicy | None = None, proxy: str | None = None,
+                 user_agent: str = USER_AGENT):
+        self.policy = policy or RetryPolicy()
+        self.user_agent = user_agent
+        common = dict(timeout=urllib3.Timeout(connect=connect_timeout, read=timeout),
+                      retries=False, maxsize=pool_size, block=False,
+                      cert_reqs="CERT_REQUIRED", ca_certs=ca_certs)
+        self._direct = urllib3.PoolManager(num_pools=8, **common)
+        # Configured per client, never globally, and with a direct pool to fall back on.
+        self._proxy = urllib3.ProxyManager(proxy, num_pools=8, **common) if proxy else None
+        self.proxy_fallbacks = 0
+        self.retried = 0
+
+    def close(self) -> None:
+        self._direct.clear()
+        if self._proxy:
+            self._proxy.clear()
+
+    def request(self, method: str, url: str, headers: dict | None = None,
+                body: bytes | BinaryIO | None = None, *, via_proxy: bool = False,
+                retry: bool = True) -> urllib3.BaseHTTPResponse:
+        """Send ``method url`` and return the first non-retryable response, or raise
+        RegistryError once the retries are spent."""
+        headers = {"User-Agent": self.user_agent, **(headers or {})}
+        start = body.tell() if _seekable(body) else None
+        attempts = self.policy.retries + 1 if retry else 1
+        last = ""
+        for attempt in range(attempts):
+            if attempt:
+                self.retried += 1
+            if start is not None:
+                body.seek(start)
+            try:
+                resp = self._send(method, url, headers, body, via_proxy)
+            except SSLError as e:
+                raise RegistryError(f"{method} {safe_url(url)}: TLS error: "
+                                    f"{one_line(str(e.reason or e))}") from None
+            except Urllib3Error as e:
+                last = f"connection failed ({type(e).__name__})"
+                wait = self.policy.delay(attempt)
+            else:
+                if resp.status not in RETRY_STATUSES:
+                    return resp
+                last = f"HTTP {resp.status}"
+                wait = self.policy.delay(attempt, resp.headers.get("Retry-After"))
+                drain(resp)
+            if body is not None and start is None and not isinstance(body, bytes):
+                break       # a consumed stream cannot be sent again
+            if attempt + 1 < attempts:
+                log.debug("%s %s: %s, retry %d in %.2fs", method, safe_url(url), last,
+                          attempt + 1, wait)
+                time.sleep(wait)
+        raise RegistryError(f"{method} {safe_url(url)}: {last} (after {attempt + 1} attempts)")
+
+    def _send(self, method, url, headers, body, via_proxy):
+        kw = dict(headers=headers, body=body, redirect=False, preload_content=False)
+        if via_proxy and self._proxy is not None:
+            try:
+                resp = self._proxy.request(method, url, **kw)
+            except (ProxyError, Urllib3Error) as e:
+                log.info("proxy failed for %s (%s); going direct", safe_url(url),
+                         type(e).__name__)
+            else:
+                # dfdaemon marks errors of its own; anything else is the registry's answer.
+                if resp.status < 500 or resp.headers.get("X-Dragonfly-Error-Type") != "proxy":
+                    return resp
+                drain(resp)
+                log.info("proxy answered %d for %s; going direct", resp.status, safe_url(url))
+            self.proxy_fallbacks += 1
+        return self._direct.request(method, url, **kw)
+
+
+def _seekable(body) -> bool:
+    try:
+        return body is not None and not isinstance(body, bytes) and body.seekable()
+    except (AttributeError, OSError):
+        return False
+
+
+def drain(resp: urllib3.BaseHTTPResponse, limit: int = 1 << 16) -> bytes:
+    """Read a small body (errors, JSON) and give the connection back to the pool; a
+    connection with a large unread body is closed rather than drained."""
+    try:
+        data = resp.read(limit)
+        remaining = resp.length_remaining
+        if remaining is not None and remaining > limit:
+            resp.close()
+        else:
+            resp.drain_conn()
+        return data
+    except Urllib3Error:
+        resp.close()
+        return b""
+    finally:
+        resp.release_conn()

@@ -1,0 +1,258 @@
+"""Blob uploads (ecosystem.md §1.2): monolithic POST + PUT, chunked POST + PATCH... + PUT,
+and cross-repository mounts (POST ?mount=&from=).
+
+Before uploading a blob whose digest is known we ask HEAD whether the repository has it,
+and if another repository is named, try to mount it from there: both save sending bytes
+the registry already stores (converted images share most blobs).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import re
+import urllib.parse
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, BinaryIO
+
+from ..errors import InputError, RegistryError
+from .digest import check_digest, file_digest
+from .transport import drain, safe_url
+
+if TYPE_CHECKING:
+    from .client import RegistryClient
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CHUNK_SIZE = 16 << 20
+
+
+@dataclass(frozen=True)
+class PushResult:
+    digest: str
+    size: int
+    how: str        # "exists", "mounted" or "uploaded"
+
+
+def _push_scope(repo: str) -> str:
+    return f"repository:{repo}:pull,push"
+
+
+def _with_digest(location: str, digest: str) -> str:
+    # The location may carry required query parameters: append, never replace.
+    sep = "&" if urllib.parse.urlsplit(location).query else "?"
+    return f"{location}{sep}digest={urllib.parse.quote(digest, safe=':')}"
+
+
+def _location(client: "RegistryClient", url: str, resp) -> str:
+    loc = resp.headers.get("Location")
+    if not loc:
+        raise RegistryError(f"POST {safe_url(url)}: upload answer without Location")
+    return urllib.parse.urljoin(url, loc)
+
+
+def start_upload(client: "RegistryClient", repo: str, query: str = "",
+                 scope: str | None = None) -> tuple[int, str, object]:
+    """POST an upload session; returns (status, location, response headers)."""
+    url = client.url(f"/v2/{repo}/blobs/uploads/") + query
+    resp = client._send("POST", url, scope or _push_scope(repo), {"Content-Length": "0"}, b"")
+    if resp.status not in (201, 202):
+        raise client.fail("POST", url, resp)
+    drain(resp)
+    return resp.status, _location(client, url, resp), resp.headers
+
+
+def mount_blob(client: "RegistryClient", repo: str, digest: str, from_repo: str) -> bool:
+    status, location, _ = _mount(client, repo, digest, from_repo)
+    if status == 202:
+        _cancel(client, location)
+    return status == 201
+
+
+def _mount(client, repo, digest, from_repo):
+    query = "?" + urllib.parse.urlencode({"mount": check_digest(digest), "from": from_repo})
+    # The registry needs pull on the source too; a token must carry both scopes.
+    scope = f"{_push_scope(repo)} repository:{from_repo}:pull"
+    return start_upload(client, repo, query, scope)
+
+
+def _cancel(client, location: str) -> None:
+    resp = client._send("DELETE", location, "")
+    drain(resp)
+
+
+def finish_upload(client: "RegistryClient", repo: str, location: str, digest: str,
+                  body=b"", size: int = 0) -> None:
+    url = _with_digest(location, digest)
+    headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
+    resp = client._send("PUT", url, _push_scope(repo), headers, body)
+    if resp.status not in (201, 204):
+        raise client.fail("PUT", url, resp, f"upload of {digest} to {repo}")
+    drain(resp)
+    stored = resp.headers.get("Docker-Content-Digest")
+    if stored and stored != digest:
+        raise RegistryError(f"upload of {digest} to {repo}: registry stored {stored}")
+
+
+def upload_monolithic(client, repo: str, location: str, digest: str, body, size: int):
+    finish_upload(client, repo, location, digest, body, size)
+
+
+def _chunks(stream: BinaryIO, chunk_size: int):
+    while True:
+        chunk = stream.read(chunk_size)
+        if not chunk:
+            return
+        # Short reads from pipes: fill the chunk so PATCHes have the size we promise.
+        while len(chunk) < chunk_size:
+            more = stream.read(chunk_size - len(chunk))
+            if not more:
+                break
+            chunk += more
+        yield chunk
+
+
+def upload_chunked(client, repo: str, location: str, stream: BinaryIO, chunk_size: int,
+                   min_chunk: int = 0) -> tuple[str, int]:
+    """PATCH the stream in order; returns (digest, size) computed on the way; the
+    session is then finished by the caller's PUT."""
+    h = hashlib.sha256()
+    offset = 0
+    chunk_size = max(chunk_size, min_chunk)
+    for chunk in _chunks(stream, chunk_size):
+        h.update(chunk)
+        location = _patch(client, repo, location, chunk, offset)
+        offset += len(chunk)
+    return "sha256:" + h.hexdigest(), offset, location
+
+
+def _patch(client, repo: str, location: str, chunk: bytes, offset: int) -> str:
+    end = offset + len(chunk) - 1
+    headers = {"Content-Type": "application/octet-stream", "Content-Length": str(len(chunk)),
+               "Content-Range": f"{offset}-{end}"}
+    resp = client._send("PATCH", location, _push_scope(repo), headers, chunk)
+    if resp.status == 416 and _received(client, repo, location) == end + 1:
+        # A retried PATCH whose first attempt did arrive: the registry has the chunk.
+        drain(resp)
+        return location
+    if resp.status != 202:
+        raise client.fail("PATCH", location, resp, f"chunk {offset}-{end}")
+    drain(resp)
+    got = _range_end(resp.headers.get("Range"))
+    if got is not None and got != end:
+        raise RegistryError(f"PATCH {safe_url(location)}: registry has bytes 0-{got}, "
+                            f"sent up to {end}")
+    return urllib.parse.urljoin(location, resp.headers.get("Location") or location)
+
+
+def _received(client, repo: str, location: str) -> int | None:
+    """Bytes the registry holds for an upload session (GET on the location)."""
+    resp = client._send("GET", location, _push_scope(repo))
+    drain(resp)
+    end = _range_end(resp.headers.get("Range")) if resp.status == 204 else None
+    return None if end is None else end + 1
+
+
+def _range_end(value: str | None) -> int | None:
+    m = re.fullmatch(r"(?:bytes=)?0-(\d+)", (value or "").strip())
+    return int(m.group(1)) if m else None
+
+
+def push_blob(client: "RegistryClient", repo: str, source, *, digest: str | None = None,
+              size: int | None = None, mount_from: str | None = None,
+              chunk_size: int | None = None) -> PushResult:
+    """See RegistryClient.push_blob."""
+    if digest is not None:
+        check_digest(digest)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+        return _push_seekable(client, repo, io.BytesIO(data), digest, len(data),
+                              mount_from, chunk_size)
+    if isinstance(source, (str, os.PathLike)):
+        with open(source, "rb") as f:
+            return _push_seekable(client, repo, f, digest, os.fstat(f.fileno()).st_size,
+                                  mount_from, chunk_size)
+    if _is_seekable(source):
+        start = source.tell()
+        total = source.seek(0, os.SEEK_END) - start
+        source.seek(start)
+        return _push_seekable(client, repo, source, digest, total, mount_from, chunk_size)
+    return _push_stream(client, repo, source, digest, size, mount_from, chunk_size)
+
+
+def _is_seekable(f) -> bool:
+    try:
+        return f.seekable()
+    except (AttributeError, OSError):
+        return False
+
+
+def _push_seekable(client, repo, f: BinaryIO, digest, size, mount_from, chunk_size):
+    start = f.tell()
+    if digest is None:
+        digest, size = file_digest(f)
+        f.seek(start)
+    early = _skip_or_start(client, repo, digest, size, mount_from)
+    if isinstance(early, PushResult):
+        return early
+    location, min_chunk = early
+    if chunk_size:
+        got, n, location = upload_chunked(client, repo, location, f, chunk_size, min_chunk)
+        _check(digest, got, size, n)
+        finish_upload(client, repo, location, digest)
+    else:
+        # The PUT body is the open file: streamed, and rewound by the transport on retry.
+        upload_monolithic(client, repo, location, digest, f, size)
+    log.info("uploaded %s (%d bytes) to %s", digest, size, repo)
+    return PushResult(digest, size, "uploaded")
+
+
+def _push_stream(client, repo, stream, digest, size, mount_from, chunk_size):
+    if digest is not None:
+        early = _skip_or_start(client, repo, digest, size, mount_from)
+        if isinstance(early, PushResult):
+            return early
+        location, min_chunk = early
+    else:
+        _, location, headers = start_upload(client, repo)
+        min_chunk = _int(headers.get("OCI-Chunk-Min-Length"))
+    got, n, location = upload_chunked(client, repo, location, stream,
+                                      chunk_size or client.chunk_size, min_chunk)
+    if digest is not None:
+        _check(digest, got, size, n)
+    elif size is not None and size != n:
+        raise InputError(f"blob stream: expected {size} bytes, read {n}")
+    finish_upload(client, repo, location, got)
+    return PushResult(got, n, "uploaded")
+
+
+def _check(expected: str, got: str, size, n: int) -> None:
+    if got != expected or (size is not None and size != n):
+        raise InputError(f"blob source changed while uploading: expected {expected}, "
+                         f"read {got} ({n} bytes)")
+
+
+def _skip_or_start(client, repo, digest, size, mount_from):
+    """HEAD, then mount, then open an upload session: returns a PushResult when nothing
+    needs sending, else (upload location, minimum chunk length)."""
+    existing = client.stat_blob(repo, digest)
+    if existing is not None:
+        return PushResult(digest, existing, "exists")
+    if mount_from and mount_from != repo:
+        status, location, headers = _mount(client, repo, digest, mount_from)
+        if status == 201:
+            log.info("mounted %s from %s into %s", digest, mount_from, repo)
+            return PushResult(digest, size if size is not None else -1, "mounted")
+        # 202: the registry opened an ordinary upload session instead.
+        return location, _int(headers.get("OCI-Chunk-Min-Length"))
+    _, location, headers = start_upload(client, repo)
+    return location, _int(headers.get("OCI-Chunk-Min-Length"))
+
+
+def _int(value) -> int:
+    try:
+        return max(0, int(value))
+    except (TypeError, ValueError):
+        return 0
