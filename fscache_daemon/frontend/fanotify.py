@@ -1,0 +1,306 @@
+"""The fanotify pre-content front end: cache-file reads become fill(key, offset, length).
+
+A PreContentWatcher marks sparse cache files for FAN_PRE_ACCESS. When the kernel wants to
+read a range of a marked file (EROFS reading a `device=` blob file), the reader blocks and
+the watcher calls fill(key, offset, length); when it returns the access is allowed, when
+it raises the reader gets EIO. The watcher knows nothing of blobs or chunks.
+
+Where the fanotify group lives is the channel's business:
+  * LocalGroup: this process owns the group. Simple, but if the process dies the kernel
+    allows every pending access and drops the marks, so readers of holes see zeros.
+  * fdholder.HolderChannel: a separate holder process owns the group and reads its events;
+    this process only answers them. Daemon death leaves readers waiting, not reading zeros.
+
+Threading contract: one loop thread (start()) reads events and dispatches them. fill runs
+in `executor` if given (so slow fetches never stall the loop), else in the loop thread.
+Every event is answered exactly once, from whichever thread ran fill, and its fd closed.
+mark()/unmark() may be called from any thread.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import threading
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Callable, Hashable
+
+from fscache_daemon.errors import FrontendError
+from fscache_daemon.frontend import fanotify_abi as abi
+
+log = logging.getLogger(__name__)
+
+FillFn = Callable[[Hashable, int, int], None]
+FastPathFn = Callable[[Hashable, int, int], bool]
+
+
+@dataclass(frozen=True)
+class PendingEvent:
+    """An unanswered pre-content event as a channel hands it to the watcher.
+
+    `fd` is open in this process on the marked file (fstat, or pwrite: it is opened with
+    notifications suppressed). `token` is what the channel needs to answer it.
+    """
+    fd: int
+    mask: int
+    pid: int
+    offset: int | None
+    count: int | None
+    token: int
+
+
+class LocalGroup:
+    """A fanotify group owned by this process (no crash protection: see module doc)."""
+
+    def __init__(self, group_fd: int | None = None):
+        self.group_fd = group_fd if group_fd is not None else abi.fanotify_init(
+            abi.FAN_CLASS_PRE_CONTENT | abi.FAN_CLOEXEC | abi.FAN_NONBLOCK,
+            os.O_RDWR | os.O_LARGEFILE)
+        os.set_blocking(self.group_fd, False)
+        self._writers: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def fileno(self) -> int:
+        return self.group_fd
+
+    def receive(self) -> list[PendingEvent]:
+        try:
+            buf = os.read(self.group_fd, abi.READ_BUFFER_SIZE)
+        except BlockingIOError:
+            return []
+        return [PendingEvent(e.fd, e.mask, e.pid, e.offset, e.count, e.fd)
+                for e in abi.parse_events(buf)]
+
+    def answer(self, ev: PendingEvent, response: int) -> None:
+        try:
+            if ev.fd >= 0 and not abi.write_response(self.group_fd, ev.token, response):
+                log.warning("fanotify: event fd %d was already answered", ev.token)
+        finally:
+            if ev.fd >= 0:
+                os.close(ev.fd)
+
+    def mark(self, path: str) -> int:
+        path = os.path.abspath(path)
+        with self._lock:
+            if path in self._writers:
+                return self._writers[path]
+            # opened *before* marking: an fd opened after the mark would raise events on
+            # its own writes and a fill could wait on itself
+            wfd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            try:
+                abi.mark_pre_access(self.group_fd, path)
+            except BaseException:
+                os.close(wfd)
+                raise
+            self._writers[path] = wfd
+            return wfd
+
+    def unmark(self, path: str) -> None:
+        path = os.path.abspath(path)
+        with self._lock:
+            wfd = self._writers.pop(path, None)
+            try:
+                abi.unmark_pre_access(self.group_fd, path)
+            finally:
+                if wfd is not None:
+                    os.close(wfd)
+
+    def close(self) -> None:
+        """Closing the group allows every pending access (fail-open): unmount first."""
+        with self._lock:
+            for wfd in self._writers.values():
+                os.close(wfd)
+            self._writers.clear()
+        if self.group_fd >= 0:
+            os.close(self.group_fd)
+            self.group_fd = -1
+
+
+@dataclass
+class _Marked:
+    key: Hashable
+    path: str
+    size: int
+    writer_fd: int
+
+
+class PreContentWatcher:
+    """Marks cache files and turns their pre-content events into fill() calls.
+
+    fill(key, offset, length) must make [offset, offset+length) of the cache file hold the
+    real data (write through writer_fd(key)) or raise; the range is page-aligned by the
+    kernel and clamped here to the file size recorded at mark time. fast_path(key, offset,
+    length) -> bool, if given, runs in the loop thread and answers "allow" at once when it
+    returns True (ranges already cached); keep it cheap and non-blocking.
+    """
+
+    def __init__(self, fill: FillFn, *, executor: Executor | None = None,
+                 fast_path: FastPathFn | None = None, channel=None):
+        self._fill = fill
+        self._executor = executor
+        self._fast_path = fast_path
+        self._channel = channel if channel is not None else LocalGroup()
+        self._by_inode: dict[tuple[int, int], _Marked] = {}
+        self._by_key: dict[Hashable, _Marked] = {}
+        self._lock = threading.Lock()
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.overflowed = False
+        self.stats = {"events": 0, "fast": 0, "filled": 0, "denied": 0}
+
+    # -- marks -------------------------------------------------------------------------
+
+    def mark(self, path: str | os.PathLike, key: Hashable) -> int:
+        """Mark a cache file; returns an fd for writing fills (owned by the watcher).
+
+        Mark every cache file before mounting: EROFS opens its device files at mount time
+        and an open file that saw no pre-content mark never raises events.
+        """
+        path = os.path.abspath(os.fspath(path))
+        wfd = self._channel.mark(path)
+        st = os.fstat(wfd)
+        m = _Marked(key, path, st.st_size, wfd)
+        with self._lock:
+            self._by_inode[(st.st_dev, st.st_ino)] = m
+            self._by_key[key] = m
+        log.info("fanotify: marked %s (key %r, %d bytes)", path, key, st.st_size)
+        return wfd
+
+    def unmark(self, key: Hashable) -> None:
+        """Remove the mark once the cache file is complete: later reads stay in the kernel."""
+        with self._lock:
+            m = self._by_key.pop(key, None)
+            if m is None:
+                raise FrontendError(f"fanotify: key {key!r} is not marked")
+            st = os.fstat(m.writer_fd)
+            self._by_inode.pop((st.st_dev, st.st_ino), None)
+        self._channel.unmark(m.path)
+        log.info("fanotify: unmarked %s (key %r)", m.path, key)
+
+    def writer_fd(self, key: Hashable) -> int:
+        with self._lock:
+            return self._by_key[key].writer_fd
+
+    @property
+    def group_fd(self) -> int:
+        return self._channel.group_fd
+
+    # -- event loop --------------------------------------------------------------------
+
+    def start(self) -> "PreContentWatcher":
+        self._thread = threading.Thread(target=self.run, name="fanotify-loop", daemon=True)
+        self._thread.start()
+        return self
+
+    def run(self) -> None:
+        """The loop; returns after stop(). Only one thread may run it."""
+        poller = select.poll()
+        poller.register(self._channel.fileno(), select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        while not self._stopping:
+            for fd, revents in poller.poll():
+                if fd == self._wake_r:
+                    continue
+                if revents & (select.POLLHUP | select.POLLERR) and not revents & select.POLLIN:
+                    log.critical("fanotify: event channel closed; no more events")
+                    self._stopping = True
+                    break
+                for ev in self._channel.receive():
+                    self._dispatch(ev)
+
+    def stop(self) -> None:
+        """Stop the loop thread. Events already dispatched are still answered by fill."""
+        self._stopping = True
+        os.write(self._wake_w, b"x")
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+        self._thread = None
+
+    def close(self) -> None:
+        """Stop and release the channel. With a LocalGroup this fails open: unmount first."""
+        self.stop()
+        self._channel.close()
+        for fd in (self._wake_r, self._wake_w):
+            os.close(fd)
+        self._wake_r = self._wake_w = -1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- per event ---------------------------------------------------------------------
+
+    def _dispatch(self, ev: PendingEvent) -> None:
+        self.stats["events"] += 1
+        if ev.mask & abi.FAN_Q_OVERFLOW or ev.fd < 0:
+            # lost events cannot be answered; flag it loudly for the daemon's health checks
+            self.overflowed = True
+            log.critical("fanotify: event queue overflow (mask %#x); events were lost", ev.mask)
+            return
+        try:
+            req = self._map(ev)
+        except Exception:  # noqa: BLE001 - an unmappable event must still be answered
+            log.exception("fanotify: cannot map event on fd %d", ev.fd)
+            req = None
+        if req is None:
+            self._answer(ev, abi.RESPONSE_EIO)
+            return
+        key, off, length = req
+        if length == 0:
+            self._answer(ev, abi.FAN_ALLOW)
+            return
+        if self._fast_path is not None:
+            try:
+                if self._fast_path(key, off, length):
+                    self.stats["fast"] += 1
+                    self._answer(ev, abi.FAN_ALLOW)
+                    return
+            except Exception:  # noqa: BLE001 - fall back to the slow path
+                log.exception("fanotify: fast path failed for %r", key)
+        if self._executor is None:
+            self._serve(ev, key, off, length)
+        else:
+            self._executor.submit(self._serve, ev, key, off, length)
+
+    def _map(self, ev: PendingEvent) -> tuple[Hashable, int, int] | None:
+        st = os.fstat(ev.fd)
+        with self._lock:
+            m = self._by_inode.get((st.st_dev, st.st_ino))
+        if m is None:
+            log.error("fanotify: event on unknown inode %d:%d (pid %d); denying",
+                      st.st_dev, st.st_ino, ev.pid)
+            return None
+        if ev.offset is None or ev.count is None:
+            log.error("fanotify: event without range on %s (pid %d); denying", m.path, ev.pid)
+            return None
+        start = min(ev.offset, m.size)
+        end = min(ev.offset + ev.count, m.size)
+        return m.key, start, end - start
+
+    def _serve(self, ev: PendingEvent, key: Hashable, off: int, length: int) -> None:
+        try:
+            self._fill(key, off, length)
+        except Exception as exc:  # noqa: BLE001 - any failure becomes EIO for this reader
+            self.stats["denied"] += 1
+            log.warning("fanotify: fill(%r, %d, %d) failed: %s; reader gets EIO",
+                        key, off, length, exc)
+            response = abi.RESPONSE_EIO
+        else:
+            self.stats["filled"] += 1
+            response = abi.FAN_ALLOW
+        self._answer(ev, response)
+
+    def _answer(self, ev: PendingEvent, response: int) -> None:
+        try:
+            self._channel.answer(ev, response)
+        except (OSError, FrontendError) as exc:
+            if getattr(exc, "errno", None) == errno.EBADF or self._stopping:
+                log.warning("fanotify: could not answer event %d: %s", ev.token, exc)
+            else:
+                log.error("fanotify: could not answer event %d: %s", ev.token, exc)
