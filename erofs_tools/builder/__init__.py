@@ -1,0 +1,1 @@
+"""Image builders: tree sources, mkfs writer, RAFS pack (chunker, compressor, blob writer, chunk dict)."""

@@ -1,0 +1,287 @@
+"""Fixed-size chunking with a parallel hash + compress pipeline.
+
+Files are cut into fixed `chunk_size` pieces (the last one short). Chunks are read,
+hashed and compressed by a thread pool (blake3, hashlib and zstandard release the GIL)
+while the caller's thread consumes the results strictly in submission order, so the
+output is reproducible whatever the scheduling. At most `window` batches are in flight,
+which bounds memory to a few chunks per worker whatever the file sizes.
+
+Deduplication is by (digest, uncompressed size). The first task to meet a new key
+"claims" it and compresses the data; every later occurrence (even one consumed earlier in
+order) waits for that claim instead of compressing again. Keys already known (from a
+chunk dict, or stored earlier) are never compressed.
+
+Holes of sparse files are never read: chunks that lie entirely inside a hole (found with
+SEEK_DATA/SEEK_HOLE) are synthesized as zero chunks whose digest is computed once per
+size.
+"""
+import hashlib
+import os
+import threading
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+
+import blake3
+import zstandard
+
+from erofs_tools.errors import InputError
+from erofs_tools.format import rafs as R
+
+DIGESTERS = ("blake3", "sha256")
+COMPRESSORS = ("zstd", "none")
+ZSTD_LEVEL = 3
+
+# Batches group small chunks so that per-task overhead stays small for trees of many
+# small files; a batch is closed at this many bytes or chunks.
+BATCH_BYTES = 1 << 20
+BATCH_CHUNKS = 256
+
+
+def digest_function(name):
+    """-> callable(bytes-like) -> 32-byte digest."""
+    if name == "blake3":
+        # max_threads is not used: parallelism comes from hashing many chunks at once.
+        return lambda data: blake3.blake3(data).digest()
+    if name == "sha256":
+        return lambda data: hashlib.sha256(data).digest()
+    raise InputError(f"unknown digester {name!r} (choose blake3 or sha256)")
+
+
+def check_chunk_size(chunk_size):
+    if (not isinstance(chunk_size, int) or chunk_size < R.CHUNK_SIZE_MIN
+            or chunk_size > R.CHUNK_SIZE_MAX or chunk_size & (chunk_size - 1)):
+        raise InputError(f"chunk size {chunk_size} is not a power of two between "
+                         f"4096 and {R.CHUNK_SIZE_MAX}")
+    return chunk_size
+
+
+class Compressor:
+    """Per-chunk compression; a chunk that does not shrink is stored raw."""
+
+    def __init__(self, name, level=ZSTD_LEVEL):
+        if name not in COMPRESSORS:
+            raise InputError(f"unknown compressor {name!r} (choose zstd or none)")
+        self.name = name
+        self.level = level
+        self._local = threading.local()
+
+    def compress(self, data):
+        """-> bytes to store (compressed, or the data itself when it does not shrink)."""
+        if self.name == "none":
+            return data
+        c = getattr(self._local, "c", None)
+        if c is None:
+            c = self._local.c = zstandard.ZstdCompressor(level=self.level)
+        out = c.compress(data)
+        return out if len(out) < len(data) else data
+
+    def decompress(self, data, size):
+        d = getattr(self._local, "d", None)
+        if d is None:
+            d = self._local.d = zstandard.ZstdDecompressor()
+        return d.decompress(data, max_output_size=size)
+
+
+class _Claim:
+    """The stored bytes of one distinct chunk, filled in by the task that claimed it."""
+    __slots__ = ("event", "data", "error")
+
+    def __init__(self):
+        self.event = threading.Event()
+        self.data = None
+        self.error = None
+
+    def set(self, data=None, error=None):
+        self.data, self.error = data, error
+        self.event.set()
+
+    def take(self):
+        self.event.wait()
+        if self.error is not None:
+            raise self.error
+        data, self.data = self.data, None
+        return data
+
+
+class ChunkResult:
+    """One chunk of one file, in file order."""
+    __slots__ = ("file_key", "file_offset", "size", "digest", "claim")
+
+    def __init__(self, file_key, file_offset, size, digest, claim):
+        self.file_key = file_key
+        self.file_offset = file_offset
+        self.size = size
+        self.digest = digest
+        self.claim = claim          # None when the key was already known
+
+    @property
+    def key(self):
+        return (self.digest, self.size)
+
+    def stored_bytes(self):
+        """Stored form (compressed or raw) of a chunk this result claimed."""
+        return self.claim.take()
+
+
+def _data_ranges(fd, size):
+    """Data extents [(start, end)] of a file via SEEK_DATA/SEEK_HOLE (whole file if unknown)."""
+    out = []
+    pos = 0
+    try:
+        while pos < size:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == 6:  # ENXIO: no data after pos
+                    break
+                raise
+            end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+            if start >= size:
+                break
+            out.append((start, end))
+            pos = end
+    except (OSError, AttributeError):
+        return [(0, size)]
+    return out
+
+
+def _overlaps(ranges, start, end):
+    for a, b in ranges:
+        if a < end and start < b:
+            return True
+    return False
+
+
+class ChunkPipeline:
+    """Chunk, hash and compress files in parallel; yield results in deterministic order.
+
+    files: iterable of (file_key, path, size, sparse) where sparse says the file may have
+    holes (st_blocks * 512 < size); results come back per file in the order given.
+    known: callable(key) -> bool for keys that need no data (already stored or in a dict).
+    """
+
+    def __init__(self, chunk_size, digester="blake3", compressor="zstd", workers=None,
+                 window=None, known=None):
+        self.chunk_size = check_chunk_size(chunk_size)
+        self.digester = digester
+        self.digest = digest_function(digester)
+        self.compressor = compressor if isinstance(compressor, Compressor) \
+            else Compressor(compressor)
+        self.workers = workers or os.cpu_count() or 1
+        self.window = window or self.workers * 3
+        self._known = known or (lambda key: False)
+        self._claims = {}
+        self._lock = threading.Lock()
+        self._zero_digests = {}
+        self.bytes_read = 0
+        self.bytes_hole = 0
+
+    # -- worker side ---------------------------------------------------------------------
+    def zero_digest(self, size):
+        d = self._zero_digests.get(size)
+        if d is None:
+            d = self._zero_digests[size] = self.digest(bytes(size))
+        return d
+
+    def _claim(self, key):
+        """-> _Claim if this caller must produce the data, else (None, claim-or-None)."""
+        if self._known(key):
+            return None, None
+        with self._lock:
+            c = self._claims.get(key)
+            if c is not None:
+                return None, c
+            c = self._claims[key] = _Claim()
+            return c, c
+
+    def _store(self, mine, data):
+        try:
+            mine.set(self.compressor.compress(data))
+        except BaseException as e:  # pragma: no cover - zstd failure
+            mine.set(error=e)
+            raise
+
+    def _run_batch(self, batch):
+        out = []
+        fd = None
+        cur = None
+        ranges = None
+        try:
+            for file_key, path, size, sparse, off, length in batch:
+                if path != cur:
+                    if fd is not None:
+                        os.close(fd)
+                        fd = None
+                    cur = path
+                    try:
+                        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                    except OSError as e:
+                        raise InputError(f"cannot read {path}: {e.strerror}") from None
+                    ranges = _data_ranges(fd, size) if sparse else None
+                if ranges is not None and not _overlaps(ranges, off, off + length):
+                    digest = self.zero_digest(length)
+                    self.bytes_hole += length
+                    mine, claim = self._claim((digest, length))
+                    if mine is not None:
+                        self._store(mine, bytes(length))
+                else:
+                    try:
+                        data = os.pread(fd, length, off)
+                    except OSError as e:
+                        raise InputError(f"cannot read {path}: {e.strerror}") from None
+                    if len(data) != length:
+                        raise InputError(f"{path} changed size while being packed")
+                    self.bytes_read += length
+                    digest = self.digest(data)
+                    mine, claim = self._claim((digest, length))
+                    if mine is not None:
+                        self._store(mine, data)
+                    del data
+                out.append(ChunkResult(file_key, off, length, digest, claim))
+        finally:
+            if fd is not None:
+                os.close(fd)
+        return out
+
+    # -- consumer side -------------------------------------------------------------------
+    def _batches(self, files):
+        cs = self.chunk_size
+        batch, nbytes = [], 0
+        for file_key, path, size, sparse in files:
+            off = 0
+            while off < size:
+                length = min(cs, size - off)
+                batch.append((file_key, path, size, sparse, off, length))
+                nbytes += length
+                off += length
+                if nbytes >= BATCH_BYTES or len(batch) >= BATCH_CHUNKS:
+                    yield batch
+                    batch, nbytes = [], 0
+        if batch:
+            yield batch
+
+    def run(self, files):
+        """Yield ChunkResult in (file order, offset order).
+
+        A result whose `claim` is not None refers to a chunk whose stored bytes are
+        available through `stored_bytes()` (call it at most once per claim: the consumer
+        does so the first time it meets the key).
+        """
+        pending = deque()
+        with ThreadPoolExecutor(max_workers=self.workers,
+                                thread_name_prefix="erofs-chunk") as pool:
+            try:
+                for batch in self._batches(files):
+                    pending.append(pool.submit(self._run_batch, batch))
+                    while len(pending) >= self.window:
+                        yield from pending.popleft().result()
+                while pending:
+                    yield from pending.popleft().result()
+            finally:
+                for f in pending:
+                    f.cancel()
+                # wake up anything that might still wait on an unfinished claim
+                with self._lock:
+                    for c in self._claims.values():
+                        if not c.event.is_set():
+                            c.set(error=InputError("pack aborted"))
