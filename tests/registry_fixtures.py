@@ -1,0 +1,482 @@
+"""Real registries for tests: Debian's ``docker-registry`` (distribution 2.8) on
+127.0.0.1 with a temporary storage directory, without auth, with htpasswd Basic auth, or
+with Bearer tokens from a small token issuer that lives here.
+
+Use from a test module::
+
+    from registry_fixtures import registry, registry_basic, registry_token  # noqa: F401
+
+    def test_x(registry):
+        client = registry.client()          # RegistryClient(insecure=True, fast retries)
+        ...
+
+Each fixture yields a RegistryServer: ``.host`` ("127.0.0.1:PORT"), ``.url``,
+``.username``/``.password`` (None without auth), ``.credentials``, ``.storage``,
+``.blob_data_path(digest)`` (to corrupt stored data), ``.log_tail()``, ``.stop()``;
+``registry_token`` also has ``.issuer`` (a TokenIssuer: counts requests, can issue
+expired or short-lived tokens). ``FlakyProxy`` sits in front of a server and fails
+chosen requests (5xx, 429, dropped connections, cut bodies) before forwarding.
+
+A missing ``docker-registry`` or ``htpasswd`` skips the tests, or fails them when
+EROFS_TOOLS_CI=1 (CI must run them).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import http.client
+import http.server
+import json
+import os
+import re
+import secrets
+import shutil
+import socket
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass, field
+
+import pytest
+
+from erofs_tools.registry import Credentials, RegistryClient
+
+SERVICE = "erofs-test-registry"
+ISSUER = "erofs-test-issuer"
+
+
+def _missing(what: str):
+    msg = f"{what} not found (apt-get install docker-registry apache2-utils)"
+    if os.environ.get("EROFS_TOOLS_CI") == "1":
+        pytest.fail(msg)
+    pytest.skip(msg)
+
+
+def registry_binary() -> str:
+    path = shutil.which("docker-registry") or shutil.which("registry")
+    if not path:
+        _missing("docker-registry")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, ok=(200, 401), timeout: float = 20.0, proc=None) -> None:
+    """Poll ``url`` until it answers one of ``ok`` (or the process dies)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status in ok:
+                    return
+        except urllib.error.HTTPError as e:
+            if e.code in ok:
+                return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"{url} not ready after {timeout}s")
+
+
+# --- a tiny Bearer token issuer -------------------------------------------------------
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+class _Signer:
+    """An RSA key and a self-signed certificate (the registry's rootcertbundle); signs
+    RS256. Uses the cryptography package when present, else the openssl CLI."""
+
+    def __init__(self, workdir: str):
+        self.cert_path = os.path.join(workdir, "token-cert.pem")
+        self.key_path = os.path.join(workdir, "token-key.pem")
+        try:
+            self._make_with_cryptography()
+        except ImportError:
+            self._make_with_openssl()
+        with open(self.cert_path, "rb") as f:
+            pem = f.read().decode()
+        body = re.search(r"-----BEGIN CERTIFICATE-----(.*?)-----END", pem, re.S).group(1)
+        self.cert_der_b64 = "".join(body.split())
+
+    def _make_with_cryptography(self):
+        import datetime
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import padding, rsa
+        from cryptography.x509.oid import NameOID
+
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, ISSUER)])
+        now = datetime.datetime.now(datetime.timezone.utc)
+        cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+                .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                .not_valid_before(now - datetime.timedelta(days=1))
+                .not_valid_after(now + datetime.timedelta(days=30))
+                .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+                .sign(key, hashes.SHA256()))
+        with open(self.cert_path, "wb") as f:
+            f.write(cert.public_bytes(serialization.Encoding.PEM))
+        self._sign = lambda data: key.sign(data, padding.PKCS1v15(), hashes.SHA256())
+
+    def _make_with_openssl(self):
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes",
+                        "-keyout", self.key_path, "-out", self.cert_path, "-days", "30",
+                        "-subj", f"/CN={ISSUER}"], check=True, capture_output=True)
+        self._sign = lambda data: subprocess.run(
+            ["openssl", "dgst", "-sha256", "-sign", self.key_path], input=data,
+            check=True, capture_output=True).stdout
+
+    def jwt(self, claims: dict) -> str:
+        # distribution 2.8 finds the signing key through the x5c chain, verified against
+        # the rootcertbundle (here: the self-signed certificate itself).
+        header = {"typ": "JWT", "alg": "RS256", "x5c": [self.cert_der_b64]}
+        signing_input = (_b64url(json.dumps(header).encode()) + "."
+                         + _b64url(json.dumps(claims).encode()))
+        return signing_input + "." + _b64url(self._sign(signing_input.encode()))
+
+
+class TokenIssuer:
+    """GET /token?service=&scope=... with Basic credentials -> {"token", "expires_in"}.
+
+    Knobs for tests: ``expires_in`` (what the reply claims), ``expire_next`` (that many
+    next tokens are already expired for the registry, although the reply says they are
+    good: a token expiring mid-run), ``actions`` (granted actions), ``anonymous``
+    (issue tokens without credentials). ``requests`` records (user, scopes) per request.
+    """
+
+    def __init__(self, workdir: str, username: str | None, password: str | None):
+        self.signer = _Signer(workdir)
+        self.username, self.password = username, password
+        self.expires_in = 300
+        self.expire_next = 0
+        self.actions = {"pull", "push", "delete", "*"}
+        self.anonymous = False
+        self.requests: list[tuple[str | None, list[str]]] = []
+        self._lock = threading.Lock()
+        issuer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                issuer._handle(self)
+
+            def log_message(self, *args):
+                pass
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def _user(self, header: str | None) -> str | None | bool:
+        """The authenticated user, None for anonymous, False for bad credentials."""
+        if not header:
+            return None
+        try:
+            scheme, _, value = header.partition(" ")
+            user, _, password = base64.b64decode(value).decode().partition(":")
+        except ValueError:
+            return False
+        ok = scheme == "Basic" and user == self.username and password == self.password
+        return user if ok else False
+
+    def _handle(self, h: http.server.BaseHTTPRequestHandler):
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(h.path).query)
+        scopes = [s for v in query.get("scope", []) for s in v.split()]
+        user = self._user(h.headers.get("Authorization"))
+        with self._lock:
+            self.requests.append((user or None, scopes))
+            expired = self.expire_next > 0
+            self.expire_next -= expired
+        if user is False or (user is None and not self.anonymous):
+            h.send_response(401)
+            h.send_header("WWW-Authenticate", 'Basic realm="token"')
+            h.send_header("Content-Length", "0")
+            h.end_headers()
+            return
+        now = int(time.time())
+        # The registry allows 60 s of clock skew: an "expired" token must be older.
+        exp = now - 3600 if expired else now + max(self.expires_in, 1)
+        claims = {"iss": ISSUER, "sub": user or "", "aud": query.get("service", [""])[0],
+                  "exp": exp, "nbf": now - 10, "iat": now, "jti": secrets.token_hex(8),
+                  "access": [self._grant(s) for s in scopes if s.startswith("repository:")]}
+        body = json.dumps({"token": self.signer.jwt(claims), "expires_in": self.expires_in,
+                           "issued_at": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                      time.gmtime(now))}).encode()
+        h.send_response(200)
+        h.send_header("Content-Type", "application/json")
+        h.send_header("Content-Length", str(len(body)))
+        h.end_headers()
+        h.wfile.write(body)
+
+    def _grant(self, scope: str) -> dict:
+        kind, _, rest = scope.partition(":")
+        name, _, actions = rest.rpartition(":")
+        return {"type": kind, "name": name,
+                "actions": [a for a in actions.split(",") if a in self.actions]}
+
+    def stop(self):
+        self._server.shutdown()
+        self._server.server_close()
+
+
+# --- the registry process -------------------------------------------------------------
+
+
+@dataclass
+class RegistryServer:
+    host: str
+    workdir: str
+    storage: str
+    log_path: str
+    proc: subprocess.Popen
+    auth: str = "none"
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    issuer: TokenIssuer | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}"
+
+    @property
+    def credentials(self) -> Credentials | None:
+        return Credentials(self.username, self.password) if self.username else None
+
+    def client(self, **kw) -> RegistryClient:
+        """A client for this server: plain HTTP, its credentials, quick retries."""
+        kw.setdefault("credentials", self.credentials)
+        kw.setdefault("docker_config", False)
+        kw.setdefault("backoff", 0.01)
+        kw.setdefault("max_backoff", 0.2)
+        kw.setdefault("timeout", 10.0)
+        return RegistryClient(kw.pop("host", self.host), insecure=True, **kw)
+
+    def blob_data_path(self, digest: str) -> str:
+        hexd = digest.split(":", 1)[1]
+        return os.path.join(self.storage, "docker", "registry", "v2", "blobs", "sha256",
+                            hexd[:2], hexd, "data")
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return "".join(f.readlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.issuer:
+            self.issuer.stop()
+
+
+def _htpasswd(path: str, user: str, password: str) -> None:
+    tool = shutil.which("htpasswd")
+    if not tool:
+        _missing("htpasswd")
+    # distribution accepts bcrypt entries only.
+    out = subprocess.run([tool, "-nbB", user, password], check=True, capture_output=True)
+    with open(path, "wb") as f:
+        f.write(out.stdout.strip() + b"\n")
+
+
+def start_registry(workdir: str, auth: str = "none", extra_config: dict | None = None,
+                   attempts: int = 3) -> RegistryServer:
+    """Start ``docker-registry serve`` on a free loopback port; ``auth`` is "none",
+    "basic" (htpasswd) or "token" (Bearer, with a TokenIssuer)."""
+    binary = registry_binary()
+    storage = os.path.join(workdir, "storage")
+    os.makedirs(storage, exist_ok=True)
+    username = password = None
+    issuer = None
+    auth_config: dict = {}
+    if auth in ("basic", "token"):
+        username, password = "tester", "pw-" + secrets.token_hex(8)
+    if auth == "basic":
+        path = os.path.join(workdir, "htpasswd")
+        _htpasswd(path, username, password)
+        auth_config = {"htpasswd": {"realm": "erofs-test", "path": path}}
+    elif auth == "token":
+        issuer = TokenIssuer(workdir, username, password)
+        auth_config = {"token": {"realm": issuer.url + "/token", "service": SERVICE,
+                                 "issuer": ISSUER,
+                                 "rootcertbundle": issuer.signer.cert_path}}
+    elif auth != "none":
+        raise ValueError(f"unknown auth {auth!r}")
+    log_path = os.path.join(workdir, "registry.log")
+    last_error = None
+    for _ in range(attempts):
+        port = free_port()
+        config = {"version": "0.1", "log": {"level": "info"},
+                  "storage": {"filesystem": {"rootdirectory": storage},
+                              "delete": {"enabled": True}},
+                  "http": {"addr": f"127.0.0.1:{port}", "secret": "erofs-test-secret"}}
+        if auth_config:
+            config["auth"] = auth_config
+        config.update(extra_config or {})
+        config_path = os.path.join(workdir, "config.yml")
+        with open(config_path, "w") as f:
+            json.dump(config, f)        # JSON is YAML
+        log = open(log_path, "ab")
+        proc = subprocess.Popen([binary, "serve", config_path], stdout=log,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        log.close()
+        server = RegistryServer(f"127.0.0.1:{port}", workdir, storage, log_path, proc, auth,
+                                username, password, issuer)
+        try:
+            wait_http(f"http://127.0.0.1:{port}/v2/", proc=proc)
+            return server
+        except RuntimeError as e:       # port taken meanwhile, or a bad config
+            last_error = e
+            server.issuer = None
+            server.stop()
+    if issuer:
+        issuer.stop()
+    with open(log_path, errors="replace") as f:
+        tail = "".join(f.readlines()[-10:])
+    raise RuntimeError(f"docker-registry did not start: {last_error}\n{tail}")
+
+
+def _fixture(tmp_path_factory, auth: str):
+    registry_binary()
+    server = start_registry(str(tmp_path_factory.mktemp(f"registry-{auth}")), auth)
+    return server
+
+
+@pytest.fixture
+def registry(tmp_path_factory):
+    server = _fixture(tmp_path_factory, "none")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def registry_basic(tmp_path_factory):
+    server = _fixture(tmp_path_factory, "basic")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def registry_token(tmp_path_factory):
+    server = _fixture(tmp_path_factory, "token")
+    yield server
+    server.stop()
+
+
+# --- a proxy that fails on purpose ------------------------------------------------------
+
+
+_HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer",
+               "upgrade", "proxy-authorization", "proxy-authenticate"}
+
+
+class FlakyProxy:
+    """An HTTP server in front of ``target`` ("host:port") that consumes one planned
+    failure per matching request, then forwards the rest unchanged (the Host header
+    too, so the registry's Location URLs point back here).
+
+    Failures: an int status (e.g. 503, 429; ``retry_after`` sets Retry-After), "drop"
+    (close the connection without answering) or "cut" (forward, but close halfway
+    through the body). ``match`` is a regex on "METHOD PATH" selecting the requests
+    that may fail. ``requests`` records "METHOD PATH" of everything received.
+    """
+
+    def __init__(self, target: str, failures=(), match: str = ".*",
+                 retry_after: str | None = None):
+        self.target = target
+        self.failures = list(failures)
+        self.match = re.compile(match)
+        self.retry_after = retry_after
+        self.requests: list[str] = []
+        self.seen_headers: list[dict] = []
+        self._lock = threading.Lock()
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def handle_one(self):
+                proxy._handle(self)
+
+            do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = handle_one
+
+            def log_message(self, *args):
+                pass
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.host = f"127.0.0.1:{self._server.server_address[1]}"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def _next_failure(self, line: str):
+        with self._lock:
+            self.requests.append(line)
+            if self.failures and self.match.search(line):
+                return self.failures.pop(0)
+        return None
+
+    def _handle(self, h):
+        line = f"{h.command} {h.path}"
+        self.seen_headers.append(dict(h.headers))
+        length = int(h.headers.get("Content-Length") or 0)
+        body = h.rfile.read(length) if length else b""
+        failure = self._next_failure(line)
+        if failure == "drop":
+            h.close_connection = True
+            h.connection.shutdown(socket.SHUT_RDWR)
+            return
+        if isinstance(failure, int):
+            h.send_response(failure)
+            if self.retry_after is not None:
+                h.send_header("Retry-After", self.retry_after)
+            h.send_header("Content-Length", "0")
+            h.end_headers()
+            return
+        conn = http.client.HTTPConnection(self.target, timeout=30)
+        headers = {k: v for k, v in h.headers.items() if k.lower() not in _HOP_BY_HOP}
+        conn.request(h.command, h.path, body=body if (body or length) else None,
+                     headers=headers)
+        resp = conn.getresponse()
+        data = resp.read()
+        conn.close()
+        h.send_response(resp.status)
+        for k, v in resp.getheaders():
+            if k.lower() not in _HOP_BY_HOP and k.lower() != "content-length":
+                h.send_header(k, v)
+        h.send_header("Content-Length", str(len(data)))
+        h.end_headers()
+        if h.command == "HEAD":
+            return
+        if failure == "cut":
+            h.wfile.write(data[: len(data) // 2])
+            h.wfile.flush()
+            h.close_connection = True
+            h.connection.shutdown(socket.SHUT_RDWR)
+            return
+        h.wfile.write(data)
+
+    def stop(self):
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def sha256(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
