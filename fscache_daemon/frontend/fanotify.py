@@ -152,6 +152,13 @@ class PreContentWatcher:
         self.overflowed = False
         self.stats = {"events": 0, "fast": 0, "filled": 0, "denied": 0}
 
+    @classmethod
+    def from_holder(cls, sock_path: str | os.PathLike, fill: FillFn,
+                    **kwargs) -> "PreContentWatcher":
+        """A watcher whose group lives in the fd holder at sock_path (crash-safe)."""
+        from fscache_daemon.frontend.fdholder import HolderChannel
+        return cls(fill, channel=HolderChannel(os.fspath(sock_path)), **kwargs)
+
     # -- marks -------------------------------------------------------------------------
 
     def mark(self, path: str | os.PathLike, key: Hashable) -> int:
@@ -209,7 +216,14 @@ class PreContentWatcher:
                     log.critical("fanotify: event channel closed; no more events")
                     self._stopping = True
                     break
-                for ev in self._channel.receive():
+                try:
+                    events = self._channel.receive()
+                except FrontendError as exc:
+                    # without events readers would wait forever on this daemon; say so
+                    log.critical("fanotify: event channel broken: %s", exc)
+                    self._stopping = True
+                    break
+                for ev in events:
                     self._dispatch(ev)
 
     def stop(self) -> None:

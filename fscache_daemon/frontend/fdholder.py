@@ -1,0 +1,480 @@
+"""The fanotify fd holder: keeps the pre-content group alive across daemon crashes.
+
+If the process owning a fanotify group dies, the kernel allows every pending access and
+drops the marks, so readers of unfilled holes read zeros. The holder is a small process
+that owns the group, the marks, the writer fds opened before marking, and every event it
+has read (with its event fd). A daemon connects over a unix socket:
+
+  control connection (any number, request/reply):
+    {"op":"hello"}              -> {"ok":true,"pid":N} + SCM_RIGHTS [dup of the group fd]
+    {"op":"mark","path":P}      -> {"ok":true,"new":bool} + [writer fd opened before marking]
+    {"op":"unmark","path":P}    -> {"ok":true}
+    {"op":"status"}             -> {"ok":true,"marks":[...],"pending":N,"subscribed":bool}
+  event connection (at most one, the live daemon):
+    {"op":"subscribe"}          -> stream of {"op":"events","events":[{id,mask,pid,offset,
+                                   count}]} + [event fds], then
+    {"op":"answer","id":N,"response":R}   (no reply) from the daemon
+
+Events the holder has read but no daemon answered stay pending in the holder: the kernel
+keeps their readers blocked (measured on 6.18: events read by a process that dies are
+neither re-queued nor answered). When a daemon subscribes it gets every pending event
+again, so a restarted daemon answers what the dead one had been working on.
+
+The holder itself must outlive every mount of a marked file: SIGTERM is refused while marks
+exist, and SIGKILL of the holder fails open (nothing can prevent that in 6.18).
+
+Run: python -m fscache_daemon.frontend.fdholder --sock PATH
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import logging
+import os
+import select
+import signal
+import socket
+import struct
+import sys
+import threading
+
+from fscache_daemon.errors import FanotifyUnsupportedError, FrontendError, HolderError
+from fscache_daemon.frontend import fanotify_abi as abi
+from fscache_daemon.frontend.fanotify import PendingEvent
+
+log = logging.getLogger(__name__)
+
+MAX_MSG = 64 * 1024
+# SCM_RIGHTS carries at most 253 fds per message; stay well below
+EVENTS_PER_MSG = 64
+# a daemon that does not drain its socket for this long is treated as hung and dropped
+SEND_TIMEOUT = 5.0
+
+
+def _send(sock: socket.socket, obj: dict, fds: list[int] = ()) -> None:
+    data = json.dumps(obj, separators=(",", ":")).encode()
+    if fds:
+        socket.send_fds(sock, [data], list(fds))
+    else:
+        sock.sendall(data)
+
+
+def _recv(sock: socket.socket, maxfds: int = 0) -> tuple[dict | None, list[int]]:
+    """One message; (None, []) at EOF. Received fds belong to the caller."""
+    if maxfds:
+        data, fds, flags, _ = socket.recv_fds(sock, MAX_MSG, maxfds)
+    else:
+        data, fds, flags = sock.recv(MAX_MSG), [], 0
+    if not data:
+        for fd in fds:
+            os.close(fd)
+        return None, []
+    if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+        for fd in fds:
+            os.close(fd)
+        raise HolderError("fd holder: message or fds truncated")
+    try:
+        return json.loads(data), fds
+    except ValueError as exc:
+        for fd in fds:
+            os.close(fd)
+        raise HolderError(f"fd holder: bad message: {exc}") from exc
+
+
+# ------------------------------------------------------------------------------- server
+
+
+class FdHolder:
+    """The holder process's state and poll loop (single-threaded by design)."""
+
+    def __init__(self, sock_path: str):
+        self.sock_path = os.path.abspath(sock_path)
+        abi.raise_nofile_limit()
+        self.group_fd = abi.fanotify_init(
+            abi.FAN_CLASS_PRE_CONTENT | abi.FAN_CLOEXEC | abi.FAN_NONBLOCK,
+            os.O_RDWR | os.O_LARGEFILE)
+        self.marks: dict[str, int] = {}          # path -> writer fd opened before marking
+        self.pending: dict[int, tuple[int, abi.RawEvent]] = {}  # id -> (event fd, event)
+        self.next_id = 1
+        self.subscriber: socket.socket | None = None
+        self.controls: dict[int, socket.socket] = {}
+        self.listener = self._listen()
+        self._sig_r, self._sig_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._stop = False
+
+    def _listen(self) -> socket.socket:
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            probe.connect(self.sock_path)
+        except OSError:
+            pass  # nobody answers: a stale socket file from a dead holder
+        else:
+            probe.close()
+            raise HolderError(f"{self.sock_path}: another fd holder is running")
+        probe.close()
+        try:
+            os.unlink(self.sock_path)
+        except FileNotFoundError:
+            pass
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        old = os.umask(0o177)  # root-only socket: it hands out the group fd
+        try:
+            s.bind(self.sock_path)
+        finally:
+            os.umask(old)
+        s.listen(8)
+        return s
+
+    # -- signals -------------------------------------------------------------------------
+
+    def _on_signal(self, signum, _frame) -> None:
+        os.write(self._sig_w, bytes([signum]))
+
+    def _handle_signals(self) -> None:
+        try:
+            sigs = os.read(self._sig_r, 64)
+        except BlockingIOError:
+            return
+        for signum in sigs:
+            if self.marks:
+                # exiting now would fail open: every hole of every marked file reads zeros
+                log.error("fd holder: refusing %s: %d cache files still marked; unmount "
+                          "and unmark first", signal.Signals(signum).name, len(self.marks))
+            else:
+                log.info("fd holder: %s, no marks left; exiting", signal.Signals(signum).name)
+                self._stop = True
+
+    # -- loop ------------------------------------------------------------------------------
+
+    def serve(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+        log.info("fd holder: pid %d serving %s", os.getpid(), self.sock_path)
+        while not self._stop:
+            fds = {self.listener.fileno(): self._accept, self._sig_r: self._handle_signals,
+                   self.group_fd: self._read_group}
+            if self.subscriber is not None:
+                fds[self.subscriber.fileno()] = self._from_subscriber
+            for fd, conn in self.controls.items():
+                fds[fd] = lambda c=conn: self._from_control(c)
+            poller = select.poll()
+            for fd in fds:
+                poller.register(fd, select.POLLIN)
+            try:
+                ready = poller.poll()
+            except InterruptedError:
+                continue
+            for fd, _ in ready:
+                if fd in fds:
+                    fds[fd]()
+        self.close()
+
+    def close(self) -> None:
+        for conn in list(self.controls.values()):
+            conn.close()
+        self.controls.clear()
+        self._drop_subscriber("holder exiting")
+        self.listener.close()
+        try:
+            os.unlink(self.sock_path)
+        except FileNotFoundError:
+            pass
+        for wfd in self.marks.values():
+            os.close(wfd)
+        os.close(self.group_fd)
+
+    def _accept(self) -> None:
+        conn, _ = self.listener.accept()
+        uid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                  12))[1]
+        if uid not in (0, os.getuid()):
+            log.warning("fd holder: refusing connection from uid %d", uid)
+            conn.close()
+            return
+        self.controls[conn.fileno()] = conn  # every connection starts as a control one
+
+    # -- group events ------------------------------------------------------------------
+
+    def _read_group(self) -> None:
+        # drain the kernel queue even with no daemon: keeps it far from overflowing
+        # (an overflow would lose permission events); fds are cheap (RLIMIT raised)
+        try:
+            buf = os.read(self.group_fd, abi.READ_BUFFER_SIZE)
+        except BlockingIOError:
+            return
+        fresh = []
+        for ev in abi.parse_events(buf):
+            if ev.overflow or ev.fd < 0:
+                log.critical("fd holder: fanotify queue overflow; events were lost")
+                continue
+            eid, self.next_id = self.next_id, self.next_id + 1
+            self.pending[eid] = (ev.fd, ev)
+            fresh.append(eid)
+        if self.subscriber is not None and fresh:
+            self._send_events(fresh)
+
+    def _send_events(self, ids: list[int]) -> None:
+        for i in range(0, len(ids), EVENTS_PER_MSG):
+            batch = ids[i:i + EVENTS_PER_MSG]
+            evs, fds = [], []
+            for eid in batch:
+                fd, ev = self.pending[eid]
+                evs.append({"id": eid, "mask": ev.mask, "pid": ev.pid,
+                            "offset": ev.offset, "count": ev.count})
+                fds.append(fd)
+            try:
+                _send(self.subscriber, {"op": "events", "events": evs}, fds)
+            except OSError as exc:
+                # the events stay pending; the next daemon gets them
+                self._drop_subscriber(f"send failed: {exc}")
+                return
+
+    def _drop_subscriber(self, why: str) -> None:
+        if self.subscriber is not None:
+            log.warning("fd holder: daemon gone (%s); %d events wait for the next one",
+                        why, len(self.pending))
+            self.subscriber.close()
+            self.subscriber = None
+
+    def _from_subscriber(self) -> None:
+        try:
+            msg, _ = _recv(self.subscriber)
+        except (OSError, HolderError) as exc:
+            self._drop_subscriber(str(exc))
+            return
+        if msg is None:
+            self._drop_subscriber("connection closed")
+            return
+        if msg.get("op") != "answer":
+            log.warning("fd holder: unexpected message from daemon: %r", msg.get("op"))
+            return
+        item = self.pending.pop(msg.get("id"), None)
+        if item is None:
+            log.warning("fd holder: answer for unknown event %r", msg.get("id"))
+            return
+        fd, _ = item
+        try:
+            abi.write_response(self.group_fd, fd, int(msg["response"]))
+        except (FrontendError, ValueError, KeyError) as exc:
+            # a bad response value: fall back to EIO so the reader is not stuck forever
+            log.error("fd holder: bad answer for event %r: %s; denying", msg.get("id"), exc)
+            abi.write_response(self.group_fd, fd, abi.RESPONSE_EIO)
+        finally:
+            os.close(fd)
+
+    # -- control requests ----------------------------------------------------------------
+
+    def _from_control(self, conn: socket.socket) -> None:
+        try:
+            msg, _ = _recv(conn)
+        except (OSError, HolderError) as exc:
+            log.warning("fd holder: control connection error: %s", exc)
+            msg = None
+        if msg is None:
+            del self.controls[conn.fileno()]
+            conn.close()
+            return
+        op = msg.get("op")
+        try:
+            if op == "subscribe":
+                del self.controls[conn.fileno()]
+                self._subscribe(conn)
+            elif op == "hello":
+                _send(conn, {"ok": True, "pid": os.getpid()}, [self.group_fd])
+            elif op == "mark":
+                new, wfd = self._mark(str(msg["path"]))
+                _send(conn, {"ok": True, "new": new}, [wfd])
+            elif op == "unmark":
+                self._unmark(str(msg["path"]))
+                _send(conn, {"ok": True})
+            elif op == "status":
+                _send(conn, {"ok": True, "marks": sorted(self.marks),
+                             "pending": len(self.pending),
+                             "subscribed": self.subscriber is not None})
+            else:
+                _send(conn, {"ok": False, "error": f"unknown op {op!r}"})
+        except (FrontendError, OSError, KeyError) as exc:
+            try:
+                _send(conn, {"ok": False, "error": str(exc),
+                             "unsupported": isinstance(exc, FanotifyUnsupportedError)})
+            except OSError:
+                pass
+
+    def _subscribe(self, conn: socket.socket) -> None:
+        if self.subscriber is not None:
+            # two daemons answering one group would race on the same events
+            _send(conn, {"ok": False, "error": "another daemon is subscribed"})
+            conn.close()
+            return
+        conn.settimeout(SEND_TIMEOUT)
+        self.subscriber = conn
+        _send(conn, {"ok": True, "pending": len(self.pending)})
+        log.info("fd holder: daemon subscribed; re-sending %d pending events",
+                 len(self.pending))
+        if self.pending:
+            self._send_events(sorted(self.pending))
+
+    def _mark(self, path: str) -> tuple[bool, int]:
+        path = os.path.abspath(path)
+        if path in self.marks:
+            return False, self.marks[path]
+        wfd = os.open(path, os.O_RDWR | os.O_CLOEXEC)  # before the mark: see fanotify.py
+        try:
+            abi.mark_pre_access(self.group_fd, path)
+        except BaseException:
+            os.close(wfd)
+            raise
+        self.marks[path] = wfd
+        log.info("fd holder: marked %s", path)
+        return True, wfd
+
+    def _unmark(self, path: str) -> None:
+        path = os.path.abspath(path)
+        abi.unmark_pre_access(self.group_fd, path)
+        wfd = self.marks.pop(path, None)
+        if wfd is not None:
+            os.close(wfd)
+        log.info("fd holder: unmarked %s", path)
+
+
+# ------------------------------------------------------------------------------- client
+
+
+class HolderChannel:
+    """The daemon side: a PreContentWatcher channel whose group lives in the holder.
+
+    Marks go through the holder (it keeps the writer fds across daemon restarts), events
+    come from the holder with their fds, answers go back to it. `group_fd` is this
+    process's dup of the holder's group (e.g. for inspection); holding it is harmless.
+    """
+
+    def __init__(self, sock_path: str, timeout: float = 10.0):
+        self.sock_path = sock_path
+        self._lock = threading.Lock()
+        self._send_lock = threading.Lock()
+        self._ctl = self._connect(timeout)
+        self._events: socket.socket | None = None
+        self._writers: dict[str, int] = {}
+        reply, fds = self._call({"op": "hello"}, maxfds=1)
+        if len(fds) != 1:
+            raise HolderError(f"{sock_path}: fd holder sent no group fd")
+        self.group_fd = fds[0]
+        self.holder_pid = reply.get("pid")
+
+    def _connect(self, timeout: float) -> socket.socket:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        s.settimeout(timeout)
+        try:
+            s.connect(self.sock_path)
+        except OSError as exc:
+            s.close()
+            raise HolderError(f"{self.sock_path}: cannot reach fd holder: "
+                              f"{exc.strerror or exc}") from exc
+        return s
+
+    def _call(self, req: dict, maxfds: int = 0) -> tuple[dict, list[int]]:
+        with self._lock:
+            try:
+                _send(self._ctl, req)
+                reply, fds = _recv(self._ctl, maxfds)
+            except OSError as exc:
+                raise HolderError(f"{self.sock_path}: fd holder request failed: {exc}") from exc
+        if reply is None:
+            raise HolderError(f"{self.sock_path}: fd holder closed the connection")
+        if not reply.get("ok"):
+            for fd in fds:
+                os.close(fd)
+            cls = FanotifyUnsupportedError if reply.get("unsupported") else HolderError
+            raise cls(reply.get("error", "fd holder refused the request"))
+        return reply, fds
+
+    def fileno(self) -> int:
+        if self._events is None:
+            # subscribe lazily (from the loop): events must not pile up in the socket
+            # before anyone reads them, and marks (keys) are registered by then
+            s = self._connect(10.0)
+            _send(s, {"op": "subscribe"})
+            reply, _ = _recv(s)
+            if not reply or not reply.get("ok"):
+                s.close()
+                raise HolderError(f"{self.sock_path}: subscribe refused: "
+                                  f"{(reply or {}).get('error', 'connection closed')}")
+            s.settimeout(None)
+            self._events = s
+        return self._events.fileno()
+
+    def receive(self) -> list[PendingEvent]:
+        msg, fds = _recv(self._events, EVENTS_PER_MSG)
+        if msg is None:
+            raise HolderError(f"{self.sock_path}: fd holder closed the event connection")
+        evs = msg.get("events", [])
+        if msg.get("op") != "events" or len(evs) != len(fds):
+            for fd in fds:
+                os.close(fd)
+            raise HolderError(f"{self.sock_path}: malformed event message")
+        return [PendingEvent(fd, e["mask"], e["pid"], e["offset"], e["count"], e["id"])
+                for e, fd in zip(evs, fds)]
+
+    def answer(self, ev: PendingEvent, response: int) -> None:
+        try:
+            with self._send_lock:
+                _send(self._events, {"op": "answer", "id": ev.token, "response": response})
+        finally:
+            os.close(ev.fd)
+
+    def mark(self, path: str) -> int:
+        path = os.path.abspath(path)
+        if path in self._writers:
+            return self._writers[path]
+        _, fds = self._call({"op": "mark", "path": path}, maxfds=1)
+        if len(fds) != 1:
+            raise HolderError(f"{path}: fd holder sent no writer fd")
+        self._writers[path] = fds[0]
+        return fds[0]
+
+    def unmark(self, path: str) -> None:
+        path = os.path.abspath(path)
+        self._call({"op": "unmark", "path": path})
+        wfd = self._writers.pop(path, None)
+        if wfd is not None:
+            os.close(wfd)
+
+    def status(self) -> dict:
+        reply, _ = self._call({"op": "status"})
+        return reply
+
+    def close(self) -> None:
+        """Leaves the group, marks and unanswered events with the holder."""
+        for wfd in self._writers.values():
+            os.close(wfd)
+        self._writers.clear()
+        for s in (self._events, self._ctl):
+            if s is not None:
+                s.close()
+        self._events = None
+        if self.group_fd >= 0:
+            os.close(self.group_fd)
+            self.group_fd = -1
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m fscache_daemon.frontend.fdholder",
+                                 description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sock", required=True, help="unix socket path to serve")
+    ap.add_argument("--log-level", default="INFO")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s fdholder %(levelname)s %(message)s")
+    try:
+        holder = FdHolder(args.sock)
+    except FrontendError as exc:
+        log.error("%s", exc)
+        return 1
+    holder.serve()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
