@@ -1,0 +1,18 @@
+"""The daemon's storage layer: backends, per-blob cache files, chunk state, fetch planning.
+
+Kernel-independent: front ends (fanotify, cachefiles) ask a `BlobManager` to make a byte
+range of a blob's uncompressed address space present in its cache file; the manager plans
+whole-chunk backend requests, verifies and decompresses every chunk (through
+`erofs_tools.reader.blob.decode_chunk`), writes it at its uncompressed offset and only
+then records it as cached.
+"""
+
+from fscache_daemon.errors import DaemonError
+
+
+class StorageError(DaemonError):
+    """The blob cache (cache files, chunk state, chunk map) cannot be used."""
+
+
+class BackendError(DaemonError):
+    """A backend could not deliver the bytes asked for."""

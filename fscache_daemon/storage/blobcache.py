@@ -1,0 +1,456 @@
+"""Per-blob cache: the sparse cache file, the persistent chunk-state record, the chunk
+map cached on disk, and the BlobManager that fills ranges on demand.
+
+Files in the cache directory, per blob id:
+
+- `<id>.blob`     the cache file: sparse, exactly the blob's uncompressed size; every chunk
+                  at its (4 KiB aligned) uncompressed offset. This is the file the kernel
+                  reads (EROFS `device=` or a cachefiles object is filled from it).
+- `<id>.chunks`   the chunk-state record: a 64-byte header (magic, chunk count,
+                  uncompressed size, sha256 of the chunk map) then one bit per chunk index.
+                  A bit is set only after that chunk's data was verified, written, and the
+                  cache file fdatasync'd, so after any crash a set bit means good data.
+- `<id>.map`      the chunk map (`BlobMeta.to_bytes()`), so a restart never fetches the
+                  blob's chunk-info table again.
+
+A record that does not match the map or the cache file (different digest, size, or a set
+bit whose chunk start is a hole per SEEK_DATA) is reset to "nothing cached" rather than
+trusted.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import struct
+import threading
+import time
+
+from erofs_tools.errors import CorruptImageError, ErofsToolsError
+from erofs_tools.reader import blob as rblob
+
+from . import BackendError, StorageError
+from .planner import DEFAULT_BATCH_SIZE, clamp_range, chunks_in_range, plan
+from .stats import BlobStats
+
+log = logging.getLogger(__name__)
+
+STATE_MAGIC = b"FSCDCHK1"
+STATE_HEADER = struct.Struct("<8sIIQ32s8x")  # magic, version, chunks, usize, map sha256
+assert STATE_HEADER.size == 64
+STATE_VERSION = 1
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}.{threading.get_ident()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def map_path(directory: str, blob_id: str) -> str:
+    return os.path.join(directory, blob_id + ".map")
+
+
+def cache_path(directory: str, blob_id: str) -> str:
+    return os.path.join(directory, blob_id + ".blob")
+
+
+def state_path(directory: str, blob_id: str) -> str:
+    return os.path.join(directory, blob_id + ".chunks")
+
+
+def load_or_fetch_meta(directory: str, blob_id: str, backend, entry=None, blob_size=None):
+    """The blob's chunk map: from `<id>.map` if present and valid, else read from the blob
+    through the backend (its CI table) and cached. Returns (meta, backend bytes read)."""
+    path = map_path(directory, blob_id)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        meta = rblob.BlobMeta.from_bytes(data)
+        if meta.blob_id == blob_id:
+            return meta, 0
+        log.warning("%s: chunk map is for blob %s; refetching", path, meta.blob_id)
+    except FileNotFoundError:
+        pass
+    except ErofsToolsError as e:
+        log.warning("%s: unusable cached chunk map (%s); refetching", path, e)
+    fetched = 0
+    read = backend.reader(blob_id)
+
+    def counting_read(offset, length):
+        nonlocal fetched
+        b = read(offset, length)
+        fetched += len(b)
+        return b
+
+    if blob_size is None:
+        blob_size = getattr(entry, "compressed_size", None) or backend.blob_size(blob_id)
+    meta = rblob.BlobMeta.from_blob(counting_read, blob_size, blob_id=blob_id, entry=entry)
+    os.makedirs(directory, exist_ok=True)
+    _write_atomic(path, meta.to_bytes())
+    return meta, fetched
+
+
+class ChunkState:
+    """The persistent bitmap of verified chunks of one blob (see module doc)."""
+
+    def __init__(self, path: str, nchunks: int, usize: int, map_digest: bytes):
+        self.path = path
+        self.nchunks = nchunks
+        self._header = STATE_HEADER.pack(STATE_MAGIC, STATE_VERSION, nchunks, usize, map_digest)
+        self.bits = bytearray((nchunks + 7) // 8)
+        self.count = 0
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self.fd = fd
+        data = os.pread(fd, STATE_HEADER.size + len(self.bits), 0)
+        if data[:STATE_HEADER.size] == self._header and \
+                len(data) == STATE_HEADER.size + len(self.bits):
+            self.bits[:] = data[STATE_HEADER.size:]
+            # bits beyond nchunks must be zero
+            if nchunks % 8 and self.bits and self.bits[-1] >> (nchunks % 8):
+                log.warning("%s: stray bits past the last chunk; resetting", path)
+                self.reset()
+            self.count = sum(bin(b).count("1") for b in self.bits)
+        else:
+            if data:
+                log.warning("%s: chunk state does not match the chunk map; resetting", path)
+            self.reset()
+
+    def reset(self) -> None:
+        self.bits[:] = bytes(len(self.bits))
+        self.count = 0
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, self._header + bytes(self.bits), 0)
+        os.fsync(self.fd)
+
+    def has(self, i: int) -> bool:
+        return bool(self.bits[i >> 3] & (1 << (i & 7)))
+
+    def clear(self, indexes) -> None:
+        for i in indexes:
+            if self.has(i):
+                self.bits[i >> 3] &= ~(1 << (i & 7)) & 0xFF
+                self.count -= 1
+        os.pwrite(self.fd, bytes(self.bits), STATE_HEADER.size)
+        os.fsync(self.fd)
+
+    def set(self, indexes, sync: bool = True) -> None:
+        lo = hi = None
+        for i in indexes:
+            if not self.has(i):
+                self.bits[i >> 3] |= 1 << (i & 7)
+                self.count += 1
+            b = i >> 3
+            lo = b if lo is None else min(lo, b)
+            hi = b if hi is None else max(hi, b)
+        if lo is None:
+            return
+        os.pwrite(self.fd, bytes(self.bits[lo:hi + 1]), STATE_HEADER.size + lo)
+        if sync:
+            os.fdatasync(self.fd)
+
+    def sync(self) -> None:
+        os.fdatasync(self.fd)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.fsync(self.fd)
+            os.close(self.fd)
+            self.fd = -1
+
+
+class BlobCache:
+    """The cache file and chunk state of one blob."""
+
+    def __init__(self, directory: str, meta, *, durable: bool = True):
+        self.directory = directory
+        self.meta = meta
+        self.blob_id = meta.blob_id
+        self.size = meta.uncompressed_size
+        self.durable = durable
+        self.path = cache_path(directory, self.blob_id)
+        nchunks = max((c.index for c in meta.chunks), default=-1) + 1
+        if nchunks > len(meta.chunks) * 4 + 64:
+            raise StorageError(f"blob {self.blob_id}: chunk indexes are too sparse")
+        self.nchunks = nchunks
+        self.total_chunks = len(meta.chunks)
+        digest = hashlib.sha256(meta.to_bytes()).digest()
+        os.makedirs(directory, exist_ok=True)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise StorageError(f"{self.path}: cannot open cache file: {e.strerror}") from None
+        self._own_fd = fd
+        self.write_fd = fd
+        self.state = ChunkState(state_path(directory, self.blob_id), nchunks, self.size, digest)
+        st = os.fstat(fd)
+        if st.st_size != self.size:
+            if st.st_size:
+                log.warning("%s: cache file is %d bytes, blob is %d; resetting", self.path,
+                            st.st_size, self.size)
+            self.state.reset()
+            os.ftruncate(fd, 0)
+            os.ftruncate(fd, self.size)
+        elif self.state.count:
+            self._check_present()
+
+    def _check_present(self) -> None:
+        """Clear bits whose chunk start is a hole in the cache file (a record that
+        outlived its data, e.g. a cache file replaced behind our back)."""
+        bad = []
+        for c in self.meta.chunks:
+            if not self.state.has(c.index):
+                continue
+            try:
+                pos = os.lseek(self._own_fd, c.uncompressed_offset, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno != errno.ENXIO:
+                    raise
+                pos = -1
+            if pos != c.uncompressed_offset:
+                bad.append(c.index)
+        if bad:
+            log.warning("%s: %d chunks recorded as cached are holes; refetching them",
+                        self.path, len(bad))
+            self.state.clear(bad)
+
+    # -- queries ---------------------------------------------------------------------
+    def has(self, chunk) -> bool:
+        return self.state.has(chunk.index)
+
+    @property
+    def cached_chunks(self) -> int:
+        return self.state.count
+
+    def complete(self) -> bool:
+        return self.state.count >= self.total_chunks
+
+    # -- writes ----------------------------------------------------------------------
+    def use_write_fd(self, fd: int | None) -> None:
+        """Write through `fd` instead of our own descriptor (a front end may need writes
+        to go through an fd that raises no fanotify events); None restores ours."""
+        self.write_fd = self._own_fd if fd is None else fd
+
+    def store(self, pieces) -> None:
+        """Write verified `(chunk, data)` pieces at their uncompressed offsets, make the
+        data durable, then record the chunks as cached."""
+        if not pieces:
+            return
+        for chunk, data in pieces:
+            if len(data) != chunk.uncompressed_size or \
+                    chunk.uncompressed_offset + len(data) > self.size:
+                raise StorageError(f"blob {self.blob_id}: chunk {chunk.index} does not fit "
+                                   f"the cache file")
+            view = memoryview(data)
+            off = chunk.uncompressed_offset
+            while view:
+                n = os.pwrite(self.write_fd, view, off)
+                view = view[n:]
+                off += n
+        if self.durable:
+            os.fdatasync(self.write_fd)
+        self.state.set([c.index for c, _ in pieces], sync=False)
+
+    def sync_state(self) -> None:
+        self.state.sync()
+
+    def close(self) -> None:
+        self.state.close()
+        if self._own_fd >= 0:
+            os.close(self._own_fd)
+            self._own_fd = -1
+
+
+class _Flight:
+    __slots__ = ("event", "error")
+
+    def __init__(self):
+        self.event = threading.Event()
+        self.error: BaseException | None = None
+
+
+class FillError(StorageError):
+    """Some chunk of a requested range could not be fetched or verified."""
+
+
+class BlobManager:
+    """Fills ranges of one blob's cache file; thread-safe; one fetch per chunk at a time
+    (concurrent requests for a chunk in flight wait for it)."""
+
+    def __init__(self, meta, cache: BlobCache, backend, *, batch_size: int = DEFAULT_BATCH_SIZE,
+                 on_complete=None):
+        self.meta = meta
+        self.blob_id = meta.blob_id
+        self.cache = cache
+        self.backend = backend
+        self.batch_size = batch_size
+        self.on_complete = on_complete
+        self.stats = BlobStats()
+        self._lock = threading.Lock()
+        self._inflight: dict[int, _Flight] = {}
+        self._completed_reported = cache.complete()
+        self._dirty = False
+
+    @property
+    def size(self) -> int:
+        return self.meta.uncompressed_size
+
+    def complete(self) -> bool:
+        return self.cache.complete()
+
+    def missing(self, offset: int = 0, length: int | None = None) -> list:
+        if length is None:
+            length = self.size - offset
+        return [c for c in chunks_in_range(self.meta, offset, length) if not self.cache.has(c)]
+
+    def is_cached(self, offset: int, length: int) -> bool:
+        start, n = clamp_range(offset, length, self.size)
+        return all(self.cache.has(c) for c in chunks_in_range(self.meta, start, n))
+
+    def fill(self, offset: int, length: int, *, prefetch: bool = False) -> int:
+        """Make [offset, offset+length) present in the cache file. Returns the number of
+        backend bytes this call fetched. Raises FillError (after storing every good chunk)
+        if any chunk of the range failed; BackendError/DigestMismatchError are its cause."""
+        t0 = time.monotonic()
+        start, n = clamp_range(offset, length, self.size)
+        chunks = chunks_in_range(self.meta, start, n)
+        error = None
+        fetched = 0
+        try:
+            fetched = self._ensure(chunks, prefetch)
+        except FillError as e:
+            error = e
+        if not prefetch:
+            cached = fetched == 0 and error is None
+            self.stats.record_request(n, cached, time.monotonic() - t0, error is not None)
+        if error is not None:
+            raise error
+        return fetched
+
+    def fill_chunks(self, chunks, *, prefetch: bool = True) -> int:
+        return self._ensure(chunks, prefetch)
+
+    def _ensure(self, chunks, prefetch: bool) -> int:
+        mine = []
+        waits = []
+        with self._lock:
+            for c in chunks:
+                if self.cache.has(c):
+                    continue
+                f = self._inflight.get(c.index)
+                if f is not None:
+                    waits.append((c, f))
+                else:
+                    f = _Flight()
+                    self._inflight[c.index] = f
+                    mine.append((c, f))
+        if not mine and not waits:
+            return 0
+        fetched = 0
+        failures = []
+        flights = dict((c.index, f) for c, f in mine)
+        try:
+            for batch in plan([c for c, _ in mine], self.batch_size):
+                fetched += self._fetch_batch(batch, flights, failures, prefetch)
+        finally:
+            # resolve anything left unresolved by an unexpected exception
+            leftover = [(i, f) for i, f in flights.items() if not f.event.is_set()]
+            if leftover:
+                err = StorageError(f"blob {self.blob_id[:12]}: fill aborted")
+                with self._lock:
+                    for i, f in leftover:
+                        f.error = err
+                        self._inflight.pop(i, None)
+                        f.event.set()
+        for c, f in waits:
+            f.event.wait()
+            if f.error is not None:
+                failures.append((c, f.error))
+        if self._completed_now():
+            self._report_complete()
+        if failures:
+            c, err = failures[0]
+            raise FillError(f"blob {self.blob_id[:12]}: {len(failures)} chunk(s) failed, "
+                            f"first chunk {c.index} at {c.uncompressed_offset}: {err}") from err
+        return fetched
+
+    def _fetch_batch(self, batch, flights, failures, prefetch) -> int:
+        try:
+            raw = self.backend.read(self.blob_id, batch.offset, batch.length)
+        except (BackendError, ErofsToolsError, OSError) as e:
+            err = e if isinstance(e, ErofsToolsError) else BackendError(str(e))
+            log.error("blob %s: backend read %d+%d failed: %s", self.blob_id[:12],
+                      batch.offset, batch.length, err)
+            self.stats.add(backend_errors=1)
+            self._resolve(batch.chunks, flights, failures, err)
+            return 0
+        self.stats.add(bytes_fetched=len(raw), backend_requests=1,
+                       prefetch_bytes=len(raw) if prefetch else 0)
+        good = []
+        for c in batch.chunks:
+            try:
+                data = rblob.decode_chunk(self.meta, c, batch.slice_of(raw, c))
+            except CorruptImageError as e:
+                log.error("blob %s: chunk %d (uncompressed offset %d) failed verification: %s",
+                          self.blob_id[:12], c.index, c.uncompressed_offset, e)
+                self.stats.add(verify_failures=1)
+                self._resolve([c], flights, failures, e)
+                continue
+            good.append((c, data))
+        if good:
+            try:
+                self.cache.store(good)
+            except (OSError, StorageError) as e:
+                err = e if isinstance(e, StorageError) else \
+                    StorageError(f"{self.cache.path}: write failed: {e.strerror}")
+                log.error("%s", err)
+                self._resolve([c for c, _ in good], flights, failures, err)
+                return len(raw)
+            self._dirty = True
+            self.stats.add(chunks_fetched=len(good))
+            self._resolve([c for c, _ in good], flights, failures, None)
+        return len(raw)
+
+    def _resolve(self, chunks, flights, failures, error) -> None:
+        with self._lock:
+            for c in chunks:
+                f = flights.get(c.index)
+                if f is None:
+                    continue
+                f.error = error
+                self._inflight.pop(c.index, None)
+                f.event.set()
+                if error is not None:
+                    failures.append((c, error))
+
+    def _completed_now(self) -> bool:
+        return not self._completed_reported and self.cache.complete()
+
+    def _report_complete(self) -> None:
+        with self._lock:
+            if self._completed_reported:
+                return
+            self._completed_reported = True
+        log.info("blob %s: every chunk cached", self.blob_id[:12])
+        self.sync()
+        if self.on_complete:
+            try:
+                self.on_complete(self)
+            except Exception:  # noqa: BLE001 - a front end hook must not break fills
+                log.exception("blob %s: completion hook failed", self.blob_id[:12])
+
+    def sync(self) -> None:
+        """Flush the chunk-state record (periodic and at shutdown)."""
+        if self._dirty:
+            self._dirty = False
+            self.cache.sync_state()
+
+    def close(self) -> None:
+        self.cache.close()

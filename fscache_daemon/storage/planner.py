@@ -1,0 +1,81 @@
+"""Fetch planning: a requested byte range of a blob's uncompressed address space becomes
+whole chunks, cached chunks are skipped, and neighbours whose compressed bytes are
+adjacent in the blob are merged into one backend request of at most `batch_size` bytes
+(a single chunk larger than that still makes one request).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+DEFAULT_BATCH_SIZE = 1 << 20
+BLOCK = 4096
+
+
+@dataclass
+class Batch:
+    """One backend request: `[offset, offset + length)` of the stored blob, holding
+    `chunks` (sorted by compressed offset)."""
+    chunks: list = field(default_factory=list)
+
+    @property
+    def offset(self) -> int:
+        return self.chunks[0].compressed_offset
+
+    @property
+    def end(self) -> int:
+        last = self.chunks[-1]
+        return last.compressed_offset + last.compressed_size
+
+    @property
+    def length(self) -> int:
+        return self.end - self.offset
+
+    def slice_of(self, raw: bytes, chunk) -> bytes:
+        start = chunk.compressed_offset - self.offset
+        return raw[start:start + chunk.compressed_size]
+
+
+def clamp_range(offset: int, length: int, size: int) -> tuple[int, int]:
+    """Align [offset, offset+length) outward to 4 KiB and clamp it to [0, size)."""
+    if offset < 0 or length < 0:
+        raise ValueError(f"bad range {offset}+{length}")
+    start = offset - offset % BLOCK
+    end = min(size, -(-(offset + length) // BLOCK) * BLOCK)
+    if start >= end:
+        return start, 0
+    return start, end - start
+
+
+def chunks_in_range(meta, offset: int, length: int) -> list:
+    """Every chunk whose block-aligned extent overlaps the range (whole chunks)."""
+    if length <= 0:
+        return []
+    return list(meta.chunks_for_range(offset, length))
+
+
+def plan(chunks, batch_size: int = DEFAULT_BATCH_SIZE, max_gap: int = 0) -> list[Batch]:
+    """Group `chunks` (any order; duplicates dropped) into backend requests.
+
+    Two chunks share a request when the second starts at most `max_gap` bytes after the
+    first ends in the stored blob and the request stays within `batch_size`.
+    """
+    seen = set()
+    ordered = []
+    for c in sorted(chunks, key=lambda c: (c.compressed_offset, c.index)):
+        if c.index in seen:
+            continue
+        seen.add(c.index)
+        ordered.append(c)
+    batches: list[Batch] = []
+    cur: Batch | None = None
+    for c in ordered:
+        if cur is not None:
+            gap = c.compressed_offset - cur.end
+            if 0 <= gap <= max_gap and \
+                    c.compressed_offset + c.compressed_size - cur.offset <= batch_size:
+                cur.chunks.append(c)
+                continue
+        cur = Batch([c])
+        batches.append(cur)
+    return batches

@@ -1,0 +1,377 @@
+"""Storage layer: backends, chunk maps, blob cache files, chunk state, planner, fetcher."""
+
+import os
+import threading
+
+import pytest
+
+from erofs_tools.reader import blob as rblob
+from fscache_daemon.storage import BackendError, StorageError
+from fscache_daemon.storage import blobcache as bc
+from fscache_daemon.storage.backends import LocalFsBackend, open_backend, parse_backend_spec
+from fscache_daemon.storage.planner import Batch, clamp_range, plan
+
+from test_storage_support import (NYDUS_BLOB, NYDUS_BLOB_ID, CountingBackend, copy_backend_dir,
+                                  corrupt, make_blob)
+
+
+def open_manager(cache_dir, backend, blob_id, **kw):
+    meta, fetched = bc.load_or_fetch_meta(cache_dir, blob_id, backend)
+    cache = bc.BlobCache(cache_dir, meta)
+    return bc.BlobManager(meta, cache, backend, **kw), fetched
+
+
+def expected_cache_image(meta, datas_by_index):
+    img = bytearray(meta.uncompressed_size)
+    for c in meta.chunks:
+        img[c.uncompressed_offset:c.uncompressed_offset + c.uncompressed_size] = \
+            datas_by_index[c.index]
+    return bytes(img)
+
+
+def read_file(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+@pytest.fixture
+def nydus(tmp_path):
+    bdir = tmp_path / "backend"
+    copy_backend_dir(NYDUS_BLOB, str(bdir))
+    return str(bdir), str(tmp_path / "cache")
+
+
+@pytest.fixture
+def synth(tmp_path):
+    bdir = str(tmp_path / "backend")
+    blob_id, datas = make_blob(bdir, 48, chunk_size=65536)
+    return bdir, str(tmp_path / "cache"), blob_id, datas
+
+
+# -- nydus vector -------------------------------------------------------------------------
+def test_nydus_vector_full_fill(nydus):
+    bdir, cdir = nydus
+    be = CountingBackend(bdir)
+    mgr, meta_bytes = open_manager(cdir, be, NYDUS_BLOB_ID)
+    assert 0 < meta_bytes < 14554
+    meta = mgr.meta
+    assert mgr.size == 36864 and len(meta.chunks) == 2
+    be.reads.clear()
+    fetched = mgr.fill(0, mgr.size)
+    assert fetched == sum(c.compressed_size for c in meta.chunks)
+    assert mgr.complete()
+    with open(NYDUS_BLOB, "rb") as f:
+        read_at = rblob.file_reader(f)
+        want = {c.index: rblob.read_chunk(meta, c, read_at) for c in meta.chunks}
+    assert read_file(mgr.cache.path) == expected_cache_image(meta, want)
+    # the two chunks are neighbours in the blob: one backend request
+    assert len(be.reads) == 1
+    # again: served from the cache, nothing fetched
+    assert mgr.fill(0, mgr.size) == 0
+    s = mgr.stats.snapshot()
+    assert s["requests"] == 2 and s["requests_from_cache"] == 1
+    assert s["bytes_fetched"] == fetched and s["verify_failures"] == 0
+    mgr.close()
+
+
+def test_nydus_vector_partial_fill_fetches_one_chunk(nydus):
+    bdir, cdir = nydus
+    be = CountingBackend(bdir)
+    mgr, _ = open_manager(cdir, be, NYDUS_BLOB_ID)
+    be.reads.clear()
+    c1 = mgr.meta.chunks[1]
+    mgr.fill(c1.uncompressed_offset + 4096, 100)      # inside chunk 1 only
+    assert be.reads == [(NYDUS_BLOB_ID, c1.compressed_offset, c1.compressed_size)]
+    assert not mgr.cache.has(mgr.meta.chunks[0]) and mgr.cache.has(c1)
+    assert not mgr.complete()
+    # chunk 0's slot is still a hole
+    assert os.lseek(mgr.cache.fd if hasattr(mgr.cache, "fd") else mgr.cache._own_fd, 0,
+                    os.SEEK_DATA) == c1.uncompressed_offset
+    mgr.close()
+
+
+def test_chunk_map_cached_on_disk(nydus):
+    bdir, cdir = nydus
+    be = CountingBackend(bdir)
+    m1, fetched1 = bc.load_or_fetch_meta(cdir, NYDUS_BLOB_ID, be)
+    assert fetched1 > 0 and os.path.exists(bc.map_path(cdir, NYDUS_BLOB_ID))
+    be.reads.clear()
+    m2, fetched2 = bc.load_or_fetch_meta(cdir, NYDUS_BLOB_ID, be)
+    assert fetched2 == 0 and be.reads == []
+    assert m2.to_bytes() == m1.to_bytes()
+    # a damaged map is refetched, not trusted
+    with open(bc.map_path(cdir, NYDUS_BLOB_ID), "r+b") as f:
+        f.write(b"garbage!")
+    m3, fetched3 = bc.load_or_fetch_meta(cdir, NYDUS_BLOB_ID, be)
+    assert fetched3 > 0 and m3.to_bytes() == m1.to_bytes()
+
+
+def test_nydus_vector_corrupt_chunk(nydus):
+    bdir, cdir = nydus
+    be = CountingBackend(bdir)
+    meta, _ = bc.load_or_fetch_meta(cdir, NYDUS_BLOB_ID, be)   # map from the good blob
+    c0, c1 = meta.chunks
+    corrupt(os.path.join(bdir, NYDUS_BLOB_ID), c1.compressed_offset + c1.compressed_size // 2, 4)
+    mgr = bc.BlobManager(meta, bc.BlobCache(cdir, meta), be)
+    with pytest.raises(bc.FillError) as ei:
+        mgr.fill(0, mgr.size)
+    assert "chunk 1" in str(ei.value)
+    assert mgr.cache.has(c0) and not mgr.cache.has(c1)
+    data = read_file(mgr.cache.path)
+    assert data[c1.uncompressed_offset:] == bytes(mgr.size - c1.uncompressed_offset)
+    assert mgr.stats.snapshot()["verify_failures"] == 1
+    # the good chunk keeps being served; the bad one fails again (never cached)
+    assert mgr.fill(0, 4096) == 0
+    with pytest.raises(bc.FillError):
+        mgr.fill(c1.uncompressed_offset, 4096)
+    assert mgr.stats.snapshot()["verify_failures"] == 2
+    assert not mgr.complete()
+    mgr.close()
+    # nothing bad was persisted
+    mgr2, _ = open_manager(cdir, be, NYDUS_BLOB_ID)
+    assert mgr2.cache.has(c0) and not mgr2.cache.has(c1)
+    mgr2.close()
+
+
+# -- synthetic blobs ----------------------------------------------------------------------
+def test_synthetic_full_fill_matches(synth):
+    bdir, cdir, blob_id, datas = synth
+    mgr, _ = open_manager(cdir, CountingBackend(bdir), blob_id)
+    mgr.fill(0, mgr.size)
+    assert read_file(mgr.cache.path) == expected_cache_image(mgr.meta, dict(enumerate(datas)))
+    assert mgr.cache.cached_chunks == 48
+    mgr.close()
+
+
+def test_none_compressor(tmp_path):
+    bdir = str(tmp_path / "b")
+    blob_id, datas = make_blob(bdir, 9, chunk_size=16384, compressor="none")
+    mgr, _ = open_manager(str(tmp_path / "c"), CountingBackend(bdir), blob_id)
+    mgr.fill(0, mgr.size)
+    assert read_file(mgr.cache.path) == expected_cache_image(mgr.meta, dict(enumerate(datas)))
+    mgr.close()
+
+
+def test_range_maps_to_whole_chunks_and_skips_cached(synth):
+    bdir, cdir, blob_id, datas = synth
+    be = CountingBackend(bdir)
+    mgr, _ = open_manager(cdir, be, blob_id, batch_size=1 << 30)
+    meta = mgr.meta
+    be.reads.clear()
+    mgr.fill(65536 * 3 + 10, 65536)          # touches chunks 3 and 4
+    assert [c.index for c in meta.chunks if mgr.cache.has(c)] == [3, 4]
+    assert len(be.reads) == 1                # neighbours merged
+    be.reads.clear()
+    mgr.fill(65536 * 2, 65536 * 4)           # chunks 2..5: 3,4 cached
+    cs = {c.index: c for c in meta.chunks}
+    assert sorted(be.reads) == sorted([(blob_id, cs[2].compressed_offset, cs[2].compressed_size),
+                                       (blob_id, cs[5].compressed_offset, cs[5].compressed_size)])
+
+
+def test_batch_size_limits_merging(synth):
+    bdir, cdir, blob_id, datas = synth
+    be = CountingBackend(bdir)
+    mgr, _ = open_manager(cdir, be, blob_id, batch_size=100_000)
+    be.reads.clear()
+    mgr.fill(0, mgr.size)
+    assert all(r[2] <= 100_000 or r[2] == max(c.compressed_size for c in mgr.meta.chunks)
+               for r in be.reads)
+    assert 1 < len(be.reads) < 48
+    total = sum(c.compressed_size for c in mgr.meta.chunks)
+    assert be.bytes_read == total
+
+
+def test_planner_unit():
+    from erofs_tools.reader.blob import BlobChunk
+
+    def ch(i, coff, csize):
+        return BlobChunk(i, i * 4096, 4096, coff, csize, None, True)
+
+    chunks = [ch(0, 0, 100), ch(1, 100, 100), ch(2, 200, 100), ch(3, 1000, 50), ch(1, 100, 100)]
+    b = plan(chunks, batch_size=250)
+    assert [[c.index for c in x.chunks] for x in b] == [[0, 1], [2], [3]]
+    assert (b[0].offset, b[0].length) == (0, 200)
+    b = plan(chunks, batch_size=10_000)
+    assert [[c.index for c in x.chunks] for x in b] == [[0, 1, 2], [3]]
+    b = plan([ch(5, 0, 999)], batch_size=10)       # oversize chunk still fetched alone
+    assert len(b) == 1 and b[0].length == 999
+    assert clamp_range(5000, 10, 1 << 20) == (4096, 4096)
+    assert clamp_range(0, 1 << 30, 8192) == (0, 8192)
+    assert clamp_range(9000, 10, 8192) == (8192, 0)
+    raw = bytes(range(200))
+    assert Batch([ch(0, 0, 100), ch(1, 100, 100)]).slice_of(raw, ch(1, 100, 100)) == raw[100:]
+
+
+def test_restart_reloads_state_and_never_refetches(synth):
+    bdir, cdir, blob_id, datas = synth
+    be = CountingBackend(bdir)
+    mgr, _ = open_manager(cdir, be, blob_id)
+    for i in (0, 7, 8, 30):
+        mgr.fill(i * 65536, 1)
+    mgr.close()
+    be2 = CountingBackend(bdir)
+    mgr2, meta_fetch = open_manager(cdir, be2, blob_id)
+    assert meta_fetch == 0
+    assert sorted(c.index for c in mgr2.meta.chunks if mgr2.cache.has(c)) == [0, 7, 8, 30]
+    mgr2.fill(0, mgr2.size)
+    fetched_offsets = {r[1] for r in be2.reads}
+    cs = {c.index: c for c in mgr2.meta.chunks}
+    for i in (0, 7, 8, 30):
+        assert cs[i].compressed_offset not in fetched_offsets
+    assert read_file(mgr2.cache.path) == expected_cache_image(mgr2.meta, dict(enumerate(datas)))
+    mgr2.close()
+
+
+def test_state_without_data_is_not_trusted(synth):
+    bdir, cdir, blob_id, datas = synth
+    mgr, _ = open_manager(cdir, CountingBackend(bdir), blob_id)
+    mgr.fill(0, mgr.size)
+    mgr.close()
+    path = bc.cache_path(cdir, blob_id)
+    size = os.path.getsize(path)
+    # punch the data out behind the daemon's back: truncate and re-extend
+    os.truncate(path, 65536 * 10)
+    os.truncate(path, size)
+    be = CountingBackend(bdir)
+    mgr2, _ = open_manager(cdir, be, blob_id)
+    assert mgr2.cache.cached_chunks == 10
+    mgr2.fill(0, mgr2.size)
+    assert read_file(path) == expected_cache_image(mgr2.meta, dict(enumerate(datas)))
+    mgr2.close()
+    # wrong-size cache file: everything reset
+    os.truncate(path, 4096)
+    mgr3, _ = open_manager(cdir, CountingBackend(bdir), blob_id)
+    assert mgr3.cache.cached_chunks == 0 and os.path.getsize(path) == size
+    mgr3.close()
+
+
+def test_damaged_state_record_resets(synth):
+    bdir, cdir, blob_id, datas = synth
+    mgr, _ = open_manager(cdir, CountingBackend(bdir), blob_id)
+    mgr.fill(0, mgr.size)
+    mgr.close()
+    with open(bc.state_path(cdir, blob_id), "r+b") as f:
+        f.write(b"NOTMAGIC")
+    mgr2, _ = open_manager(cdir, CountingBackend(bdir), blob_id)
+    assert mgr2.cache.cached_chunks == 0
+    mgr2.close()
+
+
+def test_single_flight_under_concurrency(synth):
+    bdir, cdir, blob_id, datas = synth
+    be = CountingBackend(bdir, delay=0.01)
+    mgr, _ = open_manager(cdir, be, blob_id, batch_size=65536 * 2)
+    be.reads.clear()
+    errors = []
+    barrier = threading.Barrier(16)
+
+    def reader(k):
+        try:
+            barrier.wait()
+            # overlapping ranges, different starting points
+            for j in range(8):
+                off = ((k * 5 + j * 7) % 48) * 65536
+                mgr.fill(off, 65536 * 3)
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    ts = [threading.Thread(target=reader, args=(k,)) for k in range(16)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert not errors
+    # every chunk fetched at most once
+    offsets = []
+    cs = sorted(mgr.meta.chunks, key=lambda c: c.compressed_offset)
+    for _, off, length in be.reads:
+        offsets += [c.index for c in cs if off <= c.compressed_offset < off + length]
+    assert len(offsets) == len(set(offsets))
+    mgr.fill(0, mgr.size)
+    assert read_file(mgr.cache.path) == expected_cache_image(mgr.meta, dict(enumerate(datas)))
+    mgr.close()
+
+
+def test_backend_failure_then_recovery(synth):
+    bdir, cdir, blob_id, datas = synth
+    be = CountingBackend(bdir)
+    mgr, _ = open_manager(cdir, be, blob_id)
+    be.fail = BackendError("network down")
+    with pytest.raises(bc.FillError, match="network down"):
+        mgr.fill(0, 65536 * 2)
+    assert mgr.cache.cached_chunks == 0
+    assert mgr.stats.snapshot()["backend_errors"] >= 1
+    be.fail = None
+    mgr.fill(0, 65536 * 2)
+    assert mgr.cache.cached_chunks == 2
+    mgr.close()
+
+
+def test_waiters_see_the_fetchers_failure(synth):
+    bdir, cdir, blob_id, datas = synth
+    be = CountingBackend(bdir, delay=0.2)
+    mgr, _ = open_manager(cdir, be, blob_id)
+    be.reads.clear()
+    be.fail = BackendError("boom")
+    errs = []
+
+    def go():
+        try:
+            mgr.fill(0, 4096)
+        except bc.FillError as e:
+            errs.append(e)
+
+    ts = [threading.Thread(target=go) for _ in range(4)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert len(errs) == 4
+    assert len(be.reads) < 4       # the waiters did not fetch themselves
+
+
+def test_completion_hook_called_once(synth):
+    bdir, cdir, blob_id, datas = synth
+    calls = []
+    mgr, _ = open_manager(cdir, CountingBackend(bdir), blob_id, on_complete=calls.append)
+    mgr.fill(0, mgr.size // 2)
+    assert calls == []
+    mgr.fill(0, mgr.size)
+    mgr.fill(0, mgr.size)
+    assert calls == [mgr]
+    mgr.close()
+
+
+def test_localfs_backend_errors(tmp_path):
+    with pytest.raises(BackendError):
+        LocalFsBackend(str(tmp_path / "nope"))
+    be = LocalFsBackend(str(tmp_path))
+    with pytest.raises(BackendError, match="not found"):
+        be.read("a" * 64, 0, 1)
+    with pytest.raises(BackendError, match="invalid blob id"):
+        be.read("../etc/passwd", 0, 1)
+    (tmp_path / ("b" * 64)).write_bytes(b"12345")
+    assert be.read("b" * 64, 1, 3) == b"234"
+    assert be.blob_size("b" * 64) == 5
+    with pytest.raises(BackendError, match="short read"):
+        be.read("b" * 64, 3, 10)
+    be.close()
+
+
+def test_backend_spec_parsing(tmp_path):
+    assert parse_backend_spec("localfs:/x") == ("localfs", "/x")
+    assert parse_backend_spec("registry:host:5000/repo:tag") == ("registry", "host:5000/repo:tag")
+    for bad in ("", "localfs", "ftp:/x", "localfs:"):
+        with pytest.raises(BackendError):
+            parse_backend_spec(bad)
+    assert open_backend(f"localfs:{tmp_path}").spec == f"localfs:{tmp_path}"
+
+
+def test_store_rejects_oversized_chunk(synth):
+    bdir, cdir, blob_id, datas = synth
+    mgr, _ = open_manager(cdir, CountingBackend(bdir), blob_id)
+    c = mgr.meta.chunks[0]
+    with pytest.raises(StorageError):
+        mgr.cache.store([(c, b"x" * (c.uncompressed_size + 1))])
+    assert not mgr.cache.has(c)
+    mgr.close()
