@@ -1,0 +1,627 @@
+"""Nydus RAFS v6 data blobs: TOC, blob meta (compression-info table), chunk digests.
+
+Everything read from a blob is untrusted: every offset and size is checked against the
+blob size and the format limits before anything is allocated, and every problem is a
+CorruptImageError with a one-line message naming the blob.
+
+The daemon uses this module through `BlobMeta` (where each chunk lives, compressed and
+uncompressed) and `decode_chunk` (decompress + verify one chunk).
+"""
+from __future__ import annotations
+
+import bisect
+import hashlib
+import io
+import struct
+from typing import Callable, NamedTuple, Optional
+
+from erofs_tools.errors import CorruptImageError, DigestMismatchError
+from erofs_tools.format import rafs
+from erofs_tools.format.erofs import BLKSZ
+
+ReadAt = Callable[[int, int], bytes]
+
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+DIGEST_SIZE = 32
+MAX_CHUNK_SIZE = rafs.CHUNK_SIZE_MAX          # 16 MiB: no chunk is larger
+MAX_UNCOMPRESSED_SIZE = 1 << 44
+MAX_COMPRESSED_SIZE = 1 << 40
+# zstd window bound for chunk frames: enough for any 16 MiB chunk, small enough that a
+# crafted frame header cannot make the decoder allocate much.
+ZSTD_MAX_WINDOW = 1 << 25
+
+COMPRESSORS_SUPPORTED = ("none", "zstd")
+DIGESTERS = ("blake3", "sha256")
+
+
+class BlobChunk(NamedTuple):
+    """One chunk of a data blob (a CI-table entry plus its digest)."""
+    index: int                  # position in the blob's CI array
+    uncompressed_offset: int    # in the kernel-visible (cache-file) address space
+    uncompressed_size: int
+    compressed_offset: int      # in the blob file
+    compressed_size: int
+    digest: Optional[bytes]     # digest of the uncompressed bytes, or None if unknown
+    compressed: bool
+
+    @property
+    def uncompressed_end(self):
+        """End of the chunk's 4 KiB-aligned slot in the uncompressed space."""
+        return self.uncompressed_offset + _round_up(self.uncompressed_size, BLKSZ)
+
+
+def _round_up(x, a):
+    return (x + a - 1) // a * a
+
+
+def _blob_name(blob_id):
+    return blob_id if blob_id else "<unknown blob>"
+
+
+def _digest(digester, data):
+    if digester == "sha256":
+        return hashlib.sha256(data).digest()
+    if digester == "blake3":
+        import blake3
+        return blake3.blake3(data).digest()
+    raise CorruptImageError(f"unsupported chunk digest algorithm {digester!r}")
+
+
+def _zstd_decompress(data, limit, what):
+    """Decompress exactly one zstd frame, producing at most `limit` bytes (else error).
+
+    Strict: the frame must use all of `data` (no trailing bytes, no missing checksum or
+    blocks) and its reserved/unused header bits must be clear.
+    """
+    import zstandard
+    if len(data) < 6 or data[:4] != ZSTD_MAGIC:
+        raise CorruptImageError(f"{what}: not a zstd frame")
+    if data[4] & 0x18:
+        raise CorruptImageError(f"{what}: zstd frame header has reserved bits set")
+    try:
+        params = zstandard.get_frame_parameters(data)
+        dctx = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW)
+        if params.content_size != zstandard.CONTENTSIZE_UNKNOWN:
+            if params.content_size > limit:
+                raise CorruptImageError(
+                    f"{what}: zstd frame declares {params.content_size} bytes, "
+                    f"more than {limit}")
+            # libzstd refuses to produce more than the declared content size
+            dobj = dctx.decompressobj()
+            out = dobj.decompress(data)
+            if not dobj.eof or dobj.unused_data:
+                raise CorruptImageError(f"{what}: zstd frame incomplete or followed by junk")
+        else:
+            with dctx.stream_reader(io.BytesIO(data), read_across_frames=False) as r:
+                out = r.read(limit + 1)
+    except zstandard.ZstdError as e:
+        raise CorruptImageError(f"{what}: bad zstd data ({e})") from None
+    if len(out) > limit:
+        raise CorruptImageError(f"{what}: decompresses to more than {limit} bytes")
+    return out
+
+
+def _decompress(compressor, data, size, what):
+    if compressor == "zstd" or (compressor is None and data[:4] == ZSTD_MAGIC):
+        out = _zstd_decompress(bytes(data), size, what)
+    elif compressor in ("none", None):
+        out = bytes(data)
+    else:
+        raise CorruptImageError(f"{what}: unsupported compressor {compressor!r}")
+    if len(out) != size:
+        raise CorruptImageError(
+            f"{what}: decompressed to {len(out)} bytes, expected {size}")
+    return out
+
+
+def _read_exact(read_at, offset, length, blob_size, what):
+    if offset < 0 or length < 0 or offset + length > blob_size:
+        raise CorruptImageError(
+            f"{what}: range [{offset}, {offset + length}) outside the blob ({blob_size} bytes)")
+    data = read_at(offset, length) if length else b""
+    if len(data) != length:
+        raise CorruptImageError(f"{what}: short read ({len(data)} of {length} bytes)")
+    return data
+
+
+class TocInfo(NamedTuple):
+    """Parsed blob TOC: entries by name, plus where the TOC itself sits."""
+    entries: dict           # name (bytes) -> rafs.TocEntry
+    offset: int             # start of the TOC entries in the blob
+    size: int               # entries + tar header
+
+
+def read_toc(read_at: ReadAt, blob_size: int, blob_id=None, toc_size=None):
+    """Find and parse the blob TOC at the end of the blob; None if the blob has none."""
+    name = _blob_name(blob_id)
+    if blob_size < rafs.TAR_BLOCK:
+        return None
+    hdr = _read_exact(read_at, blob_size - rafs.TAR_BLOCK, rafs.TAR_BLOCK, blob_size,
+                      f"blob {name}: TOC header")
+    parsed = rafs.parse_tar_header(hdr)
+    if parsed is None or parsed[0] != rafs.TOC_NAME_TOC:
+        return None
+    size = parsed[1]
+    if (size <= 0 or size % rafs.TocEntry.SIZE or size + rafs.TAR_BLOCK > rafs.TOC_MAX_SIZE
+            or size + rafs.TAR_BLOCK > blob_size):
+        raise CorruptImageError(f"blob {name}: bad TOC size {size}")
+    if toc_size and toc_size != size + rafs.TAR_BLOCK:
+        raise CorruptImageError(
+            f"blob {name}: TOC is {size + rafs.TAR_BLOCK} bytes, blob table says {toc_size}")
+    start = blob_size - rafs.TAR_BLOCK - size
+    raw = _read_exact(read_at, start, size, blob_size, f"blob {name}: TOC")
+    entries = {}
+    for off in range(0, size, rafs.TocEntry.SIZE):
+        e = rafs.TocEntry.decode(raw, off)
+        ename = e.name.split(b"\0", 1)[0]
+        if not ename:
+            continue
+        if ename in entries:
+            raise CorruptImageError(f"blob {name}: duplicate TOC entry {ename.decode(errors='replace')}")
+        # Offsets are checked where an entry is used: nydus-image writes the image.blob
+        # entry with compressed_offset = data size, which points past the data.
+        entries[ename] = e
+    return TocInfo(entries, start, size + rafs.TAR_BLOCK)
+
+
+def read_toc_section(read_at, blob_size, toc: TocInfo, section: bytes, blob_id=None,
+                     limit=64 << 20):
+    """Read, decompress and sha256-verify one TOC section (e.g. b"image.boot")."""
+    name = _blob_name(blob_id)
+    e = toc.entries.get(section)
+    sname = section.decode()
+    if e is None:
+        raise CorruptImageError(f"blob {name}: no {sname} in the TOC")
+    if e.uncompressed_size > limit:
+        raise CorruptImageError(f"blob {name}: {sname} too large ({e.uncompressed_size} bytes)")
+    raw = _read_exact(read_at, e.compressed_offset, e.compressed_size, blob_size,
+                      f"blob {name}: {sname}")
+    if e.flags & rafs.TOC_FLAG_ZSTD:
+        data = _decompress("zstd", raw, e.uncompressed_size, f"blob {name}: {sname}")
+    elif e.flags & rafs.TOC_FLAG_NONE or e.flags == 0:
+        data = bytes(raw)
+        if len(data) != e.uncompressed_size:
+            raise CorruptImageError(f"blob {name}: {sname} size mismatch in the TOC")
+    else:
+        raise CorruptImageError(f"blob {name}: {sname} has unsupported TOC flags {e.flags:#x}")
+    if e.uncompressed_digest != b"\0" * 32 and hashlib.sha256(data).digest() != e.uncompressed_digest:
+        raise DigestMismatchError(f"blob {name}: {sname} does not match its TOC digest")
+    return data
+
+
+class BlobMeta:
+    """Where every chunk of one data blob lives, compressed and uncompressed."""
+
+    __slots__ = ("blob_id", "chunks", "uncompressed_size", "compressed_size", "compressor",
+                 "digester", "chunk_size", "features", "digest_region", "_starts", "_by_index")
+
+    def __init__(self, blob_id, chunks, uncompressed_size, compressed_size, compressor,
+                 digester, chunk_size, features=0, digest_region=None):
+        self.blob_id = blob_id
+        self.chunks = sorted(chunks, key=lambda c: c.uncompressed_offset)
+        self.uncompressed_size = uncompressed_size
+        self.compressed_size = compressed_size
+        self.compressor = compressor
+        self.digester = digester
+        self.chunk_size = chunk_size
+        self.features = features
+        # (offset, size) of the raw blob.digest payload (excluded from the blob id), or None
+        self.digest_region = digest_region
+        self._starts = [c.uncompressed_offset for c in self.chunks]
+        self._by_index = None
+        self._validate()
+
+    def __repr__(self):
+        return (f"BlobMeta({self.blob_id!r}, {len(self.chunks)} chunks, "
+                f"uncompressed={self.uncompressed_size}, compressed={self.compressed_size}, "
+                f"{self.compressor}/{self.digester}, chunk_size={self.chunk_size})")
+
+    # -- validation ----------------------------------------------------------------------
+    def _validate(self):
+        name = _blob_name(self.blob_id)
+        if self.compressor not in COMPRESSORS_SUPPORTED:
+            raise CorruptImageError(f"blob {name}: unsupported compressor {self.compressor!r}")
+        if self.digester not in DIGESTERS:
+            raise CorruptImageError(f"blob {name}: unsupported digester {self.digester!r}")
+        cs = self.chunk_size
+        if cs < rafs.CHUNK_SIZE_MIN or cs > rafs.CHUNK_SIZE_MAX or cs & (cs - 1):
+            raise CorruptImageError(f"blob {name}: bad chunk size {cs:#x}")
+        if not 0 <= self.uncompressed_size <= MAX_UNCOMPRESSED_SIZE:
+            raise CorruptImageError(f"blob {name}: bad uncompressed size {self.uncompressed_size}")
+        if not 0 <= self.compressed_size <= MAX_COMPRESSED_SIZE:
+            raise CorruptImageError(f"blob {name}: bad compressed size {self.compressed_size}")
+        if len(self.chunks) > rafs.MAX_CHUNKS_PER_BLOB:
+            raise CorruptImageError(f"blob {name}: too many chunks ({len(self.chunks)})")
+        prev_end = 0
+        seen = set()
+        for c in self.chunks:
+            if c.index in seen or not 0 <= c.index < len(self.chunks):
+                raise CorruptImageError(f"blob {name}: bad or duplicate chunk index {c.index}")
+            seen.add(c.index)
+            if not 0 < c.uncompressed_size <= cs:
+                raise CorruptImageError(
+                    f"blob {name}: chunk {c.index} uncompressed size {c.uncompressed_size} "
+                    f"outside 1..{cs}")
+            if c.uncompressed_offset % BLKSZ:
+                raise CorruptImageError(
+                    f"blob {name}: chunk {c.index} uncompressed offset not 4 KiB aligned")
+            if c.uncompressed_offset < prev_end:
+                raise CorruptImageError(
+                    f"blob {name}: chunk {c.index} overlaps the previous chunk")
+            prev_end = c.uncompressed_end
+            if prev_end > self.uncompressed_size:
+                raise CorruptImageError(
+                    f"blob {name}: chunk {c.index} ends past the uncompressed size "
+                    f"{self.uncompressed_size}")
+            if c.compressed_size <= 0 or c.compressed_offset < 0 \
+                    or c.compressed_offset + c.compressed_size > self.compressed_size:
+                raise CorruptImageError(
+                    f"blob {name}: chunk {c.index} compressed range outside the blob")
+            if not c.compressed and c.compressed_size != c.uncompressed_size:
+                raise CorruptImageError(
+                    f"blob {name}: chunk {c.index} stored raw but sizes differ")
+            if c.compressed and self.compressor == "none":
+                raise CorruptImageError(
+                    f"blob {name}: chunk {c.index} compressed in an uncompressed blob")
+            if c.digest is not None and len(c.digest) != DIGEST_SIZE:
+                raise CorruptImageError(f"blob {name}: chunk {c.index} bad digest length")
+
+    # -- lookups -------------------------------------------------------------------------
+    def chunks_for_range(self, offset: int, length: int):
+        """Whole chunks whose uncompressed slots intersect [offset, offset+length)."""
+        if length <= 0 or offset < 0:
+            return []
+        end = offset + length
+        i = bisect.bisect_right(self._starts, offset) - 1
+        if i < 0:
+            i = 0
+        out = []
+        chunks = self.chunks
+        while i < len(chunks):
+            c = chunks[i]
+            if c.uncompressed_offset >= end:
+                break
+            if c.uncompressed_end > offset:
+                out.append(c)
+            i += 1
+        return out
+
+    def chunk_by_index(self, index: int) -> BlobChunk:
+        """The chunk at position `index` of the CI array (KeyError-free: CorruptImageError)."""
+        if self._by_index is None:
+            self._by_index = {c.index: c for c in self.chunks}
+        c = self._by_index.get(index)
+        if c is None:
+            raise CorruptImageError(
+                f"blob {_blob_name(self.blob_id)}: no chunk with index {index}")
+        return c
+
+    def chunk_at(self, uncompressed_offset: int) -> Optional[BlobChunk]:
+        """The chunk starting exactly at `uncompressed_offset`, or None."""
+        i = bisect.bisect_left(self._starts, uncompressed_offset)
+        if i < len(self._starts) and self._starts[i] == uncompressed_offset:
+            return self.chunks[i]
+        return None
+
+    def with_digests(self, digests):
+        """A copy whose chunks take digests from {index: digest} (e.g. the bootstrap's)."""
+        chunks = [c._replace(digest=digests.get(c.index, c.digest)) for c in self.chunks]
+        return BlobMeta(self.blob_id, chunks, self.uncompressed_size, self.compressed_size,
+                        self.compressor, self.digester, self.chunk_size, self.features,
+                        self.digest_region)
+
+    # -- compact cache form --------------------------------------------------------------
+    _CACHE_MAGIC = b"ETBMETA1"
+    _HEAD = struct.Struct("<8s64sQQQIIIII16x")   # magic, id, usize, csize, chunk, n, algos, feats, dr
+    _ENTRY = struct.Struct("<IQIQIB")          # index, uoff, usize, coff, csize, flags
+
+    def to_bytes(self) -> bytes:
+        algos = (rafs.COMPRESSOR_CODES[self.compressor] << 8) | rafs.DIGESTER_CODES[self.digester]
+        dr_off, dr_size = self.digest_region or (0, 0)
+        head = self._HEAD.pack(self._CACHE_MAGIC, (self.blob_id or "").encode(),
+                               self.uncompressed_size, self.compressed_size, self.chunk_size,
+                               len(self.chunks), algos, self.features, 0, 0)
+        parts = [head, struct.pack("<QQ", dr_off, dr_size)]
+        for c in self.chunks:
+            flags = (1 if c.compressed else 0) | (2 if c.digest is not None else 0)
+            parts.append(self._ENTRY.pack(c.index, c.uncompressed_offset, c.uncompressed_size,
+                                          c.compressed_offset, c.compressed_size, flags))
+            parts.append(c.digest if c.digest is not None else b"\0" * DIGEST_SIZE)
+        return b"".join(parts)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "BlobMeta":
+        data = bytes(data)
+        hs = cls._HEAD.size
+        if len(data) < hs + 16:
+            raise CorruptImageError("blob meta cache: truncated")
+        (magic, bid, usize, csize, chunk_size, n, algos, feats, _r1, _r2) = \
+            cls._HEAD.unpack_from(data, 0)
+        if magic != cls._CACHE_MAGIC:
+            raise CorruptImageError("blob meta cache: bad magic")
+        dr_off, dr_size = struct.unpack_from("<QQ", data, hs)
+        es = cls._ENTRY.size + DIGEST_SIZE
+        if n > rafs.MAX_CHUNKS_PER_BLOB or len(data) != hs + 16 + n * es:
+            raise CorruptImageError("blob meta cache: size does not match its chunk count")
+        comp = rafs.COMPRESSOR_NAMES.get(algos >> 8)
+        dig = rafs.DIGESTER_NAMES.get(algos & 0xFF)
+        chunks = []
+        off = hs + 16
+        for _ in range(n):
+            idx, uoff, us, coff, cs, flags = cls._ENTRY.unpack_from(data, off)
+            digest = data[off + cls._ENTRY.size: off + es] if flags & 2 else None
+            chunks.append(BlobChunk(idx, uoff, us, coff, cs, digest, bool(flags & 1)))
+            off += es
+        try:
+            blob_id = bid.rstrip(b"\0").decode("ascii") or None
+        except UnicodeDecodeError:
+            raise CorruptImageError("blob meta cache: bad blob id") from None
+        return cls(blob_id, chunks, usize, csize, comp, dig, chunk_size, feats,
+                   (dr_off, dr_size) if dr_size else None)
+
+    # -- parsing a blob ------------------------------------------------------------------
+    @classmethod
+    def from_blob(cls, read_at: ReadAt, blob_size: int, blob_id=None, entry=None, *,
+                  digests=None, compressor=None, digester=None) -> "BlobMeta":
+        """Parse a blob's meta from its end (TOC) or through its bootstrap `BlobEntry`.
+
+        `read_at(offset, length) -> bytes` reads the blob; `blob_size` is its length.
+        `digests` ({ci_index: digest}) supplies chunk digests when the blob has no
+        blob.digest section (they then come from the bootstrap's chunk info table).
+        """
+        if entry is not None and blob_id is None:
+            blob_id = entry.blob_id.split(b"\0", 1)[0].decode("ascii", "replace")
+        name = _blob_name(blob_id)
+        if not isinstance(blob_size, int) or blob_size < 0 or blob_size > MAX_COMPRESSED_SIZE:
+            raise CorruptImageError(f"blob {name}: bad blob size {blob_size!r}")
+        features = 0
+        chunk_size = None
+        ci_offset = ci_csize = ci_usize = ci_comp = None
+        uncompressed_size = None
+        if entry is not None:
+            features = entry.features
+            if features & rafs.BLOB_FEATURES_UNSUPPORTED:
+                raise CorruptImageError(
+                    f"blob {name}: unsupported blob features {features:#x} "
+                    "(zran, batch, encrypted, tarfs or separate)")
+            # compressed_size is the blob size, or only its data part for blobs with an
+            # inlined bootstrap (written before the meta was appended)
+            if entry.compressed_size > blob_size:
+                raise CorruptImageError(
+                    f"blob {name}: blob is {blob_size} bytes, bootstrap says "
+                    f"{entry.compressed_size}")
+            compressor = compressor or rafs.COMPRESSOR_NAMES.get(entry.compression_algo)
+            if compressor is None:
+                raise CorruptImageError(
+                    f"blob {name}: unknown compression algorithm {entry.compression_algo}")
+            digester = digester or rafs.DIGESTER_NAMES.get(entry.digest_algo)
+            if digester is None:
+                raise CorruptImageError(f"blob {name}: unknown digest algorithm {entry.digest_algo}")
+            chunk_size = entry.chunk_size
+            ci_offset, ci_csize, ci_usize = (entry.ci_offset, entry.ci_compressed_size,
+                                             entry.ci_uncompressed_size)
+            ci_comp = rafs.COMPRESSOR_NAMES.get(entry.ci_compressor)
+            uncompressed_size = entry.uncompressed_size
+
+        toc = None
+        if entry is None or entry.features & rafs.BLOB_FEATURE_HAS_TOC or entry.blob_toc_size:
+            toc = read_toc(read_at, blob_size, blob_id,
+                           entry.blob_toc_size if entry is not None else None)
+            if toc is None and entry is not None and entry.features & rafs.BLOB_FEATURE_HAS_TOC:
+                raise CorruptImageError(f"blob {name}: blob table says it has a TOC, none found")
+
+        # locate the blob meta header
+        if ci_offset is None:
+            if toc is not None and rafs.TOC_NAME_BLOB_META in toc.entries:
+                m = toc.entries[rafs.TOC_NAME_BLOB_META]
+                hdr_off = m.compressed_offset + m.compressed_size
+                h = toc.entries.get(rafs.TOC_NAME_BLOB_META_HEADER)
+                if h is not None:
+                    hdr_off = h.compressed_offset
+            elif toc is None:
+                hdr_off = blob_size - rafs.BLOB_META_HEADER_SIZE   # data | CI | header
+            else:
+                raise CorruptImageError(f"blob {name}: TOC has no blob.meta entry")
+        else:
+            hdr_off = ci_offset + ci_csize
+        hraw = _read_exact(read_at, hdr_off, rafs.BLOB_META_HEADER_SIZE, blob_size,
+                           f"blob {name}: blob meta header")
+        hdr = rafs.BlobMetaHeader.decode(hraw)
+        if hdr.magic != rafs.BLOB_META_MAGIC or hdr.magic2 != rafs.BLOB_META_MAGIC:
+            raise CorruptImageError(f"blob {name}: bad blob meta header magic")
+        if ci_offset is None:
+            ci_offset, ci_csize, ci_usize = (hdr.ci_offset, hdr.ci_compressed_size,
+                                             hdr.ci_uncompressed_size)
+            ci_comp = rafs.COMPRESSOR_NAMES.get(hdr.ci_compressor)
+            features = hdr.features
+            if features & rafs.BLOB_FEATURES_UNSUPPORTED:
+                raise CorruptImageError(f"blob {name}: unsupported blob features {features:#x}")
+        elif (hdr.ci_offset, hdr.ci_compressed_size, hdr.ci_uncompressed_size) != \
+                (ci_offset, ci_csize, ci_usize):
+            raise CorruptImageError(
+                f"blob {name}: blob meta header disagrees with the bootstrap's blob table")
+        if ci_comp is None:
+            raise CorruptImageError(f"blob {name}: unknown CI compressor {hdr.ci_compressor}")
+        if ci_offset + ci_csize != hdr_off or ci_csize > ci_usize:
+            raise CorruptImageError(f"blob {name}: CI table not right before its header")
+        v2 = bool(features & rafs.BLOB_FEATURE_CHUNK_INFO_V2)
+        esize = rafs.CI_V2_SIZE if v2 else rafs.CI_V1_SIZE
+        n = hdr.ci_entries
+        # every chunk takes at least one byte of the blob: bound the count by its size
+        if n > rafs.MAX_CHUNKS_PER_BLOB or n > blob_size:
+            raise CorruptImageError(f"blob {name}: implausible chunk count {n}")
+        if entry is not None and entry.chunk_count != n:
+            raise CorruptImageError(
+                f"blob {name}: {n} CI entries, bootstrap says {entry.chunk_count} chunks")
+        if (ci_usize < n * esize if v2 else ci_usize != n * esize):
+            raise CorruptImageError(
+                f"blob {name}: CI table size {ci_usize} does not fit {n} entries")
+        if ci_usize > rafs.MAX_CHUNKS_PER_BLOB * rafs.CI_V2_SIZE:
+            raise CorruptImageError(f"blob {name}: CI table too large")
+        if ci_comp == "none" and ci_csize != ci_usize:
+            raise CorruptImageError(f"blob {name}: raw CI table size mismatch")
+        craw = _read_exact(read_at, ci_offset, ci_csize, blob_size, f"blob {name}: CI table")
+        ci = _decompress(ci_comp, craw, ci_usize, f"blob {name}: CI table")
+        data_end = ci_offset
+        if entry is not None:
+            data_end = min(data_end, entry.compressed_size)
+
+        # chunk digests: blob.digest section, else caller-supplied
+        digest_region = None
+        dig_list = None
+        if toc is not None and rafs.TOC_NAME_BLOB_DIGEST in toc.entries:
+            d = toc.entries[rafs.TOC_NAME_BLOB_DIGEST]
+            if d.flags & ~rafs.TOC_FLAG_NONE or d.compressed_size != n * DIGEST_SIZE \
+                    or d.uncompressed_size != n * DIGEST_SIZE:
+                raise CorruptImageError(
+                    f"blob {name}: blob.digest is {d.compressed_size} bytes for {n} chunks")
+            draw = _read_exact(read_at, d.compressed_offset, d.compressed_size, blob_size,
+                               f"blob {name}: blob.digest")
+            if d.uncompressed_digest != b"\0" * 32 and \
+                    hashlib.sha256(draw).digest() != d.uncompressed_digest:
+                raise DigestMismatchError(f"blob {name}: blob.digest does not match its TOC digest")
+            dig_list = [bytes(draw[i * 32:(i + 1) * 32]) for i in range(n)]
+            digest_region = (d.compressed_offset, d.compressed_size)
+
+        if toc is not None and uncompressed_size is None:
+            b = toc.entries.get(rafs.TOC_NAME_BLOB_DATA)
+            if b is not None:
+                uncompressed_size = b.uncompressed_size
+
+        chunks = []
+        for i in range(n):
+            if v2:
+                uoff, us, coff, cs, flags = rafs.decode_ci_v2(ci, i * esize)
+                comp = bool(flags & rafs.CI_V2_FLAG_COMPRESSED)
+                if flags & ~(rafs.CI_V2_FLAG_COMPRESSED | 0x10):
+                    raise CorruptImageError(f"blob {name}: chunk {i} has unsupported flags {flags:#x}")
+            else:
+                uoff, us, coff, cs = rafs.decode_ci_v1(ci, i * esize)
+                comp = cs != us
+            if coff + cs > data_end:
+                raise CorruptImageError(
+                    f"blob {name}: chunk {i} compressed range [{coff}, {coff + cs}) "
+                    f"runs into the blob meta at {data_end}")
+            dg = dig_list[i] if dig_list is not None else (digests or {}).get(i)
+            chunks.append(BlobChunk(i, uoff, us, coff, cs, dg, comp))
+
+        max_end = max((c.uncompressed_end for c in chunks), default=0)
+        if uncompressed_size is None:
+            uncompressed_size = max_end
+        if chunk_size is None:
+            biggest = max((c.uncompressed_size for c in chunks), default=rafs.CHUNK_SIZE_MIN)
+            chunk_size = rafs.CHUNK_SIZE_MIN
+            while chunk_size < biggest and chunk_size < rafs.CHUNK_SIZE_MAX:
+                chunk_size <<= 1
+        if compressor is None:
+            compressor = "none"
+            for c in chunks:
+                if c.compressed:
+                    head = _read_exact(read_at, c.compressed_offset, min(4, c.compressed_size),
+                                       blob_size, f"blob {name}: chunk {c.index}")
+                    if head != ZSTD_MAGIC:
+                        raise CorruptImageError(
+                            f"blob {name}: chunk {c.index} is not zstd and no bootstrap "
+                            "says which compressor the blob uses")
+                    compressor = "zstd"
+                    break
+        if digester is None:
+            digester = "blake3"
+            first = next((c for c in chunks if c.digest is not None), None)
+            if first is not None:
+                raw = _read_exact(read_at, first.compressed_offset, first.compressed_size,
+                                  blob_size, f"blob {name}: chunk {first.index}")
+                data = _decompress(compressor if first.compressed else "none", raw,
+                                   first.uncompressed_size,
+                                   f"blob {name}: chunk {first.index}")
+                for alg in DIGESTERS:
+                    if _digest(alg, data) == first.digest:
+                        digester = alg
+                        break
+                else:
+                    raise DigestMismatchError(
+                        f"blob {name}: chunk {first.index} matches its digest under no "
+                        "known algorithm")
+        meta = cls(blob_id, chunks, uncompressed_size, blob_size, compressor, digester,
+                   chunk_size, features, digest_region)
+        # compressed ranges of distinct chunks must not overlap
+        by_c = sorted(chunks, key=lambda c: c.compressed_offset)
+        for a, b in zip(by_c, by_c[1:]):
+            if a.compressed_offset + a.compressed_size > b.compressed_offset:
+                raise CorruptImageError(
+                    f"blob {name}: chunks {a.index} and {b.index} overlap in the blob")
+        return meta
+
+
+def decode_chunk(meta: BlobMeta, chunk: BlobChunk, raw: bytes, verify: bool = True) -> bytes:
+    """Decompress one chunk's blob bytes and verify its digest; returns exactly
+    chunk.uncompressed_size bytes or raises CorruptImageError / DigestMismatchError."""
+    name = _blob_name(meta.blob_id)
+    what = f"blob {name}: chunk {chunk.index}"
+    if len(raw) != chunk.compressed_size:
+        raise CorruptImageError(f"{what}: got {len(raw)} bytes, expected {chunk.compressed_size}")
+    if chunk.compressed:
+        data = _decompress(meta.compressor, raw, chunk.uncompressed_size, what)
+    else:
+        data = bytes(raw)
+        if len(data) != chunk.uncompressed_size:
+            raise CorruptImageError(f"{what}: raw chunk size mismatch")
+    if verify and chunk.digest is not None:
+        if _digest(meta.digester, data) != chunk.digest:
+            raise DigestMismatchError(f"{what}: digest mismatch ({meta.digester})")
+    return data
+
+
+def read_chunk(meta: BlobMeta, chunk: BlobChunk, read_at: ReadAt, verify: bool = True) -> bytes:
+    """Read one chunk from the blob with `read_at` and decode it."""
+    raw = _read_exact(read_at, chunk.compressed_offset, chunk.compressed_size,
+                      meta.compressed_size, f"blob {_blob_name(meta.blob_id)}: chunk {chunk.index}")
+    return decode_chunk(meta, chunk, raw, verify)
+
+
+def compute_blob_id(read_at: ReadAt, blob_size: int, exclude=None, piece=1 << 20) -> str:
+    """Nydus blob id: sha256 of the blob bytes except the raw blob.digest payload
+    (`exclude` = (offset, size), e.g. BlobMeta.digest_region)."""
+    h = hashlib.sha256()
+    ranges = [(0, blob_size)]
+    if exclude:
+        eo, es = exclude
+        ranges = [(0, eo), (eo + es, blob_size)]
+    for start, end in ranges:
+        pos = start
+        while pos < end:
+            n = min(piece, end - pos)
+            data = read_at(pos, n)
+            if len(data) != n:
+                raise CorruptImageError(f"blob: short read at {pos}")
+            h.update(data)
+            pos += n
+    return h.hexdigest()
+
+
+def file_reader(f):
+    """A read_at(offset, length) over an open binary file (os.pread)."""
+    import os
+    fd = f if isinstance(f, int) else f.fileno()
+
+    def read_at(offset, length, _keep=f):
+        out = bytearray()
+        while len(out) < length:
+            b = os.pread(fd, length - len(out), offset + len(out))
+            if not b:
+                break
+            out += b
+        return bytes(out)
+    return read_at
+
+
+def open_blob(path, blob_id=None, entry=None, **kw) -> BlobMeta:
+    """BlobMeta of a blob file on disk."""
+    import os
+    if blob_id is None and entry is None:
+        base = os.path.basename(os.fspath(path))
+        if len(base) == 64 and all(ch in "0123456789abcdef" for ch in base):
+            blob_id = base
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        return BlobMeta.from_blob(file_reader(f), size, blob_id, entry, **kw)
