@@ -1,0 +1,40 @@
+"""cffi build script (out-of-line API mode): compiles csrc/*.c into erofs_tools._native_cffi.
+
+Run by setuptools at install time (setup.py: cffi_modules). The cdef is the one header
+csrc/erofs_native.h with its preprocessor lines removed.
+"""
+import os
+
+from cffi import FFI
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+HEADER = os.path.join(HERE, "erofs_native.h")
+SOURCES = ["builder.c", "crc32c.c"]
+
+
+def _cdef_text():
+    with open(HEADER, encoding="utf-8") as f:
+        lines = [ln for ln in f if not ln.lstrip().startswith("#")]
+    return "".join(lines)
+
+
+def _rel(path):
+    # setuptools wants source paths relative to the project directory
+    try:
+        return os.path.relpath(path)
+    except ValueError:
+        return path
+
+
+ffibuilder = FFI()
+ffibuilder.cdef(_cdef_text())
+ffibuilder.set_source(
+    "erofs_tools._native_cffi",
+    '#include "erofs_native.h"\n',
+    sources=[_rel(os.path.join(HERE, s)) for s in SOURCES],
+    include_dirs=[_rel(HERE)],
+    extra_compile_args=["-O2", "-std=gnu11", "-Wall"],
+)
+
+if __name__ == "__main__":
+    ffibuilder.compile(verbose=True)

@@ -1,0 +1,1573 @@
+/* erofs-tools C core: node-graph EROFS image builder.
+ *
+ * Nodes are added in any order; layout() sorts directory entries bytewise, computes
+ * nlink, xattr packing (inline + shared), inode formats, nids (root first, breadth
+ * first) and data blocks; write() streams the metadata through a small window buffer
+ * and copies file data with copy_file_range (pread/pwrite fallback). No file is read
+ * whole into memory; holes of sparse files are never read.
+ *
+ * Image map (mkfs defaults): block 0 = superblock at 1024, inodes from byte 1152
+ * (meta_blkaddr 0, root nid 36), then the shared xattr area (block aligned), then data
+ * blocks (directories and files, in nid order).
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <unistd.h>
+#include "erofs_native.h"
+
+#define EROFS_MAGIC 0xE0F5E1E2u
+#define SB_OFFSET 1024
+#define FEAT_COMPAT_SB_CHKSUM 0x1u
+#define FEAT_INCOMPAT_CHUNKED 0x4u
+#define FEAT_INCOMPAT_DEVT 0x8u
+#define NULL_ADDR 0xFFFFFFFFu
+#define NONE32 0xFFFFFFFFu
+#define CHUNK_INDEXES 0x20u
+
+enum { L_PLAIN = 0, L_INLINE = 2, L_CHUNK = 4 };
+enum { D_NONE = 0, D_FILE, D_BYTES, D_CHUNKS, D_SPARSE };
+
+struct node {
+    uint64_t size;
+    int64_t mtime;
+    uint64_t nid;
+    uint64_t meta_off;      /* absolute byte offset of the inode */
+    uint64_t data_off;      /* D_FILE: source offset; D_BYTES: arena offset */
+    uint32_t mode, uid, gid, mtime_nsec;
+    uint32_t rdev;          /* new encoding */
+    uint32_t nlink;
+    uint32_t parent;        /* directories: parent node (NONE32 = none yet) */
+    uint32_t path_off, path_len; /* D_FILE / D_SPARSE: source path in arena */
+    uint32_t aux;           /* D_CHUNKS / D_SPARSE: index into b->chunks */
+    uint32_t xa_first, xa_count;  /* after layout: range in sorted xattr array */
+    uint32_t de_first, de_count;  /* after layout: range in sorted dirent array */
+    uint32_t startblk;
+    uint32_t xattr_isize;
+    uint32_t tail;          /* inline tail bytes */
+    uint32_t ino;           /* i_ino (order + 1) */
+    uint8_t dkind, layout, extended, placed;
+};
+
+struct dirent_rec {
+    uint32_t parent, child;
+    uint32_t name_off;
+    uint16_t name_len;
+};
+
+struct xattr_rec {
+    uint32_t node;
+    uint32_t name_off;      /* suffix in arena */
+    uint32_t val_off;
+    uint16_t val_len;
+    uint8_t index, name_len;
+    uint32_t shared_id;     /* NONE32 = inline */
+};
+
+struct chunkset {
+    uint32_t format;        /* i_u low 16 bits */
+    uint32_t count;
+    uint64_t *entries;      /* D_CHUNKS: raw entries; D_SPARSE: 0 hole / 1 data, then blkaddr */
+};
+
+struct device {
+    uint8_t tag[64];
+    uint32_t blocks, mapped;
+};
+
+struct putbytes {
+    uint64_t off;
+    size_t len;
+    uint8_t *data;
+};
+
+struct erofs_builder {
+    struct erofs_opts o;
+    uint32_t blksz;
+    char err[600];
+    struct node *nodes;
+    uint32_t nnodes, cap_nodes;
+    struct dirent_rec *des;
+    uint32_t nde, cap_de;
+    struct xattr_rec *xas;
+    uint32_t nxa, cap_xa;
+    uint8_t *arena;
+    uint64_t arena_len, arena_cap;
+    struct chunkset *chunks;
+    uint32_t nchunks, cap_chunks;
+    struct device *devs;
+    uint32_t ndevs;
+    struct putbytes *puts;
+    uint32_t nputs;
+    uint32_t root;
+    int laid_out;
+    uint32_t *order;        /* nid order of node ids */
+    uint32_t norder;
+    struct erofs_layout_info info;
+    uint32_t *shared_order; /* xattr rec index of each shared xattr, in id order */
+    uint32_t nshared;
+    /* write state */
+    int fd;
+    uint32_t wpos;
+    uint8_t *win;
+    uint64_t win_start, win_hi;
+    uint8_t *cbuf;
+    uint64_t bytes_done;
+    int wfailed;
+};
+
+#define WIN_SIZE (1u << 20)
+#define CBUF_SIZE (1u << 20)
+
+static int fail(erofs_builder *b, int code, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(b->err, sizeof(b->err), fmt, ap);
+    va_end(ap);
+    return code;
+}
+
+static void *grow(void *p, uint32_t *cap, uint32_t need, size_t elem)
+{
+    if (need <= *cap)
+        return p;
+    uint64_t nc = *cap ? (uint64_t)*cap * 2 : 64;
+    while (nc < need)
+        nc *= 2;
+    if (nc > 0xFFFFFFF0u)
+        nc = 0xFFFFFFF0u;
+    void *np = realloc(p, nc * elem);
+    if (!np)
+        return NULL;
+    *cap = (uint32_t)nc;
+    return np;
+}
+
+static int64_t arena_put(erofs_builder *b, const void *data, size_t len)
+{
+    if (b->arena_len + len > 0xFFFFFFFFull)
+        return fail(b, ERN_ELIMIT, "too much name/path data (over 4 GiB)");
+    if (b->arena_len + len > b->arena_cap) {
+        uint64_t nc = b->arena_cap ? b->arena_cap * 2 : 65536;
+        while (nc < b->arena_len + len)
+            nc *= 2;
+        uint8_t *np = realloc(b->arena, nc);
+        if (!np)
+            return fail(b, ERN_ENOMEM, "out of memory");
+        b->arena = np;
+        b->arena_cap = nc;
+    }
+    uint64_t off = b->arena_len;
+    if (len)
+        memcpy(b->arena + off, data, len);
+    b->arena_len += len;
+    return (int64_t)off;
+}
+
+void erofs_default_opts(struct erofs_opts *o)
+{
+    memset(o, 0, sizeof(*o));
+    o->blkszbits = 12;
+    o->feature_compat = 0x2; /* MTIME, as mkfs.erofs */
+    o->sb_checksum = 1;
+    o->shared_xattrs = 1;
+    o->inline_data = 1;
+    o->auto_build_time = 1;
+}
+
+erofs_builder *erofs_builder_new(const struct erofs_opts *o)
+{
+    erofs_builder *b = calloc(1, sizeof(*b));
+    if (!b)
+        return NULL;
+    if (o)
+        b->o = *o;
+    else
+        erofs_default_opts(&b->o);
+    if (b->o.blkszbits < 9 || b->o.blkszbits > 12)
+        b->o.blkszbits = 12;
+    b->blksz = 1u << b->o.blkszbits;
+    b->root = NONE32;
+    b->fd = -1;
+    return b;
+}
+
+void erofs_builder_free(erofs_builder *b)
+{
+    if (!b)
+        return;
+    free(b->nodes);
+    free(b->des);
+    free(b->xas);
+    free(b->arena);
+    for (uint32_t i = 0; i < b->nchunks; i++)
+        free(b->chunks[i].entries);
+    free(b->chunks);
+    free(b->devs);
+    for (uint32_t i = 0; i < b->nputs; i++)
+        free(b->puts[i].data);
+    free(b->puts);
+    free(b->order);
+    free(b->shared_order);
+    free(b->win);
+    free(b->cbuf);
+    free(b);
+}
+
+const char *erofs_builder_error(erofs_builder *b)
+{
+    return b->err;
+}
+
+uint32_t erofs_node_count(erofs_builder *b)
+{
+    return b->nnodes;
+}
+
+static int check_mutable(erofs_builder *b)
+{
+    if (b->laid_out)
+        return fail(b, ERN_EINVAL, "builder already laid out");
+    return 0;
+}
+
+static int check_node(erofs_builder *b, uint32_t n)
+{
+    if (n >= b->nnodes)
+        return fail(b, ERN_EINVAL, "no such node %u", n);
+    return 0;
+}
+
+int64_t erofs_node_add(erofs_builder *b, uint32_t mode, uint32_t uid, uint32_t gid,
+                       int64_t mtime, uint32_t mtime_nsec, uint64_t size,
+                       uint32_t rdev_major, uint32_t rdev_minor)
+{
+    int r = check_mutable(b);
+    if (r)
+        return r;
+    uint32_t fmt = mode & S_IFMT;
+    if (fmt != S_IFREG && fmt != S_IFDIR && fmt != S_IFLNK && fmt != S_IFCHR &&
+        fmt != S_IFBLK && fmt != S_IFIFO && fmt != S_IFSOCK)
+        return fail(b, ERN_EINVAL, "bad file type in mode 0%o", mode);
+    if (mode & ~0xFFFFu)
+        return fail(b, ERN_EINVAL, "bad mode 0%o", mode);
+    if (mtime_nsec >= 1000000000u)
+        return fail(b, ERN_EINVAL, "bad mtime nanoseconds %u", mtime_nsec);
+    if (b->nnodes >= 0x7FFFFFF0u)
+        return fail(b, ERN_ELIMIT, "too many inodes");
+    struct node *nn = grow(b->nodes, &b->cap_nodes, b->nnodes + 1, sizeof(*nn));
+    if (!nn)
+        return fail(b, ERN_ENOMEM, "out of memory");
+    b->nodes = nn;
+    struct node *n = &b->nodes[b->nnodes];
+    memset(n, 0, sizeof(*n));
+    n->mode = mode;
+    n->uid = uid;
+    n->gid = gid;
+    n->mtime = mtime;
+    n->mtime_nsec = mtime_nsec;
+    n->parent = NONE32;
+    n->aux = NONE32;
+    if (fmt == S_IFDIR || fmt == S_IFCHR || fmt == S_IFBLK || fmt == S_IFIFO ||
+        fmt == S_IFSOCK)
+        size = 0;     /* directory size is computed; devices have none */
+    n->size = size;
+    if (fmt == S_IFCHR || fmt == S_IFBLK) {
+        if (rdev_major > 0xFFF || rdev_minor > 0xFFFFF)
+            return fail(b, ERN_ELIMIT, "device number %u:%u too large", rdev_major, rdev_minor);
+        n->rdev = (rdev_minor & 0xff) | (rdev_major << 8) | ((rdev_minor & ~0xffu) << 12);
+    }
+    return b->nnodes++;
+}
+
+static const struct {
+    const char *prefix;
+    uint8_t len, index, whole;
+} xprefixes[] = {
+    {"user.", 5, 1, 0},
+    {"system.posix_acl_access", 23, 2, 1},
+    {"system.posix_acl_default", 24, 3, 1},
+    {"trusted.", 8, 4, 0},
+    {"lustre.", 7, 5, 0},
+    {"security.", 9, 6, 0},
+};
+
+int erofs_node_add_xattr(erofs_builder *b, uint32_t node, const char *name, size_t namelen,
+                         const char *value, size_t valuelen)
+{
+    int r = check_mutable(b);
+    if (r || (r = check_node(b, node)))
+        return r;
+    int idx = -1;
+    for (unsigned i = 0; i < sizeof(xprefixes) / sizeof(xprefixes[0]); i++) {
+        size_t pl = xprefixes[i].len;
+        if (xprefixes[i].whole ? (namelen == pl && !memcmp(name, xprefixes[i].prefix, pl))
+                               : (namelen > pl && !memcmp(name, xprefixes[i].prefix, pl))) {
+            idx = (int)i;
+            break;
+        }
+    }
+    if (idx < 0)
+        return fail(b, ERN_ELIMIT, "xattr name '%.*s' has a prefix EROFS cannot store",
+                    (int)(namelen > 200 ? 200 : namelen), name);
+    size_t sl = namelen - xprefixes[idx].len;
+    if (sl > 255)
+        return fail(b, ERN_ELIMIT, "xattr name too long (%zu bytes)", namelen);
+    if (valuelen > 65535)
+        return fail(b, ERN_ELIMIT, "xattr value too large (%zu bytes)", valuelen);
+    if (memchr(name, 0, namelen))
+        return fail(b, ERN_EINVAL, "xattr name contains NUL");
+    struct xattr_rec *nx = grow(b->xas, &b->cap_xa, b->nxa + 1, sizeof(*nx));
+    if (!nx)
+        return fail(b, ERN_ENOMEM, "out of memory");
+    b->xas = nx;
+    int64_t no = arena_put(b, name + xprefixes[idx].len, sl);
+    if (no < 0)
+        return (int)no;
+    int64_t vo = arena_put(b, value, valuelen);
+    if (vo < 0)
+        return (int)vo;
+    struct xattr_rec *x = &b->xas[b->nxa++];
+    x->node = node;
+    x->name_off = (uint32_t)no;
+    x->name_len = (uint8_t)sl;
+    x->val_off = (uint32_t)vo;
+    x->val_len = (uint16_t)valuelen;
+    x->index = xprefixes[idx].index;
+    x->shared_id = NONE32;
+    return 0;
+}
+
+int erofs_dir_add(erofs_builder *b, uint32_t dir, const char *name, size_t namelen,
+                  uint32_t child)
+{
+    int r = check_mutable(b);
+    if (r || (r = check_node(b, dir)) || (r = check_node(b, child)))
+        return r;
+    if ((b->nodes[dir].mode & S_IFMT) != S_IFDIR)
+        return fail(b, ERN_EINVAL, "node %u is not a directory", dir);
+    if (namelen < 1 || namelen > 255)
+        return fail(b, ERN_ELIMIT, "name of %zu bytes (EROFS allows 1..255)", namelen);
+    if (memchr(name, '/', namelen) || memchr(name, 0, namelen))
+        return fail(b, ERN_ELIMIT, "name contains '/' or NUL");
+    if ((namelen == 1 && name[0] == '.') || (namelen == 2 && name[0] == '.' && name[1] == '.'))
+        return fail(b, ERN_EINVAL, "name '.' or '..' cannot be added");
+    struct node *c = &b->nodes[child];
+    if ((c->mode & S_IFMT) == S_IFDIR) {
+        if (child == b->root || c->parent != NONE32)
+            return fail(b, ERN_EINVAL, "directory node %u already has a parent", child);
+        c->parent = dir;
+    }
+    struct dirent_rec *nd = grow(b->des, &b->cap_de, b->nde + 1, sizeof(*nd));
+    if (!nd)
+        return fail(b, ERN_ENOMEM, "out of memory");
+    b->des = nd;
+    int64_t off = arena_put(b, name, namelen);
+    if (off < 0)
+        return (int)off;
+    struct dirent_rec *d = &b->des[b->nde++];
+    d->parent = dir;
+    d->child = child;
+    d->name_off = (uint32_t)off;
+    d->name_len = (uint16_t)namelen;
+    return 0;
+}
+
+static int check_datanode(erofs_builder *b, uint32_t node, int allow_link)
+{
+    int r = check_mutable(b);
+    if (r || (r = check_node(b, node)))
+        return r;
+    uint32_t fmt = b->nodes[node].mode & S_IFMT;
+    if (fmt != S_IFREG && !(allow_link && fmt == S_IFLNK))
+        return fail(b, ERN_EINVAL, "node %u cannot carry data", node);
+    if (b->nodes[node].dkind != D_NONE)
+        return fail(b, ERN_EINVAL, "node %u already has a data source", node);
+    return 0;
+}
+
+static int new_chunkset(erofs_builder *b, uint32_t format, uint32_t count)
+{
+    struct chunkset *nc = grow(b->chunks, &b->cap_chunks, b->nchunks + 1, sizeof(*nc));
+    if (!nc)
+        return fail(b, ERN_ENOMEM, "out of memory");
+    b->chunks = nc;
+    struct chunkset *cs = &b->chunks[b->nchunks];
+    cs->format = format;
+    cs->count = count;
+    cs->entries = calloc(count ? count : 1, sizeof(uint64_t));
+    if (!cs->entries)
+        return fail(b, ERN_ENOMEM, "out of memory");
+    return (int)b->nchunks++;
+}
+
+/* Sparse scan: chunk size chosen so that a file has at most 64Ki chunks; a chunk is a
+ * hole when no data extent touches it. Returns 1 if chunk-based, 0 to stay flat. */
+static int sparse_scan(erofs_builder *b, struct node *n, int fd, const char *path)
+{
+    uint64_t size = n->size;
+    unsigned k = 0;
+    while (((size + ((uint64_t)b->blksz << k) - 1) >> (b->o.blkszbits + k)) > 65536 && k < 31)
+        k++;
+    uint64_t csz = (uint64_t)b->blksz << k;
+    uint64_t count = (size + csz - 1) / csz;
+    if (count == 0)
+        return 0;
+    uint8_t *has = calloc(count, 1);
+    if (!has)
+        return fail(b, ERN_ENOMEM, "out of memory");
+    off_t pos = 0;
+    int any_hole = 0;
+    while ((uint64_t)pos < size) {
+        off_t d = lseek(fd, pos, SEEK_DATA);
+        if (d < 0) {
+            if (errno == ENXIO)
+                break;
+            free(has);
+            if (errno == EINVAL || errno == EOPNOTSUPP)
+                return 0;  /* no SEEK_DATA here: copy flat */
+            return fail(b, ERN_EIO, "%s: seek: %s", path, strerror(errno));
+        }
+        if ((uint64_t)d >= size)
+            break;
+        off_t h = lseek(fd, d, SEEK_HOLE);
+        if (h < 0 || (uint64_t)h > size)
+            h = (off_t)size;
+        for (uint64_t c = (uint64_t)d / csz; c * csz < (uint64_t)h && c < count; c++)
+            has[c] = 1;
+        pos = h;
+    }
+    for (uint64_t c = 0; c < count; c++)
+        if (!has[c])
+            any_hole = 1;
+    if (!any_hole) {
+        free(has);
+        return 0;
+    }
+    int ci = new_chunkset(b, k, (uint32_t)count);
+    if (ci < 0) {
+        free(has);
+        return ci;
+    }
+    for (uint64_t c = 0; c < count; c++)
+        b->chunks[ci].entries[c] = has[c];
+    free(has);
+    n->aux = (uint32_t)ci;
+    return 1;
+}
+
+int erofs_node_set_file(erofs_builder *b, uint32_t node, const char *path, size_t pathlen,
+                        uint64_t offset, int flags)
+{
+    int r = check_datanode(b, node, 0);
+    if (r)
+        return r;
+    if (pathlen == 0 || pathlen > 65535 || memchr(path, 0, pathlen))
+        return fail(b, ERN_EINVAL, "bad source path");
+    struct node *n = &b->nodes[node];
+    int64_t po = arena_put(b, path, pathlen);
+    if (po < 0)
+        return (int)po;
+    n = &b->nodes[node];
+    n->path_off = (uint32_t)po;
+    n->path_len = (uint32_t)pathlen;
+    n->data_off = offset;
+    n->dkind = D_FILE;
+    if ((flags & ERN_FILE_SPARSE) && offset == 0 && n->size > b->blksz) {
+        char *p = strndup(path, pathlen);
+        if (!p)
+            return fail(b, ERN_ENOMEM, "out of memory");
+        int fd = open(p, O_RDONLY | O_NOCTTY | O_CLOEXEC);
+        if (fd < 0) {
+            r = fail(b, ERN_EIO, "%s: %s", p, strerror(errno));
+            free(p);
+            return r;
+        }
+        r = sparse_scan(b, n, fd, p);
+        close(fd);
+        free(p);
+        if (r < 0)
+            return r;
+        if (r == 1)
+            n->dkind = D_SPARSE;
+    }
+    return 0;
+}
+
+int erofs_node_set_bytes(erofs_builder *b, uint32_t node, const char *data, size_t len)
+{
+    int r = check_datanode(b, node, 1);
+    if (r)
+        return r;
+    if (len != b->nodes[node].size)
+        return fail(b, ERN_EINVAL, "data length %zu differs from node size %llu", len,
+                    (unsigned long long)b->nodes[node].size);
+    int64_t off = arena_put(b, data, len);
+    if (off < 0)
+        return (int)off;
+    b->nodes[node].data_off = (uint64_t)off;
+    b->nodes[node].dkind = D_BYTES;
+    return 0;
+}
+
+int erofs_node_set_chunks(erofs_builder *b, uint32_t node, uint32_t chunk_format,
+                          const uint64_t *entries, uint32_t count)
+{
+    int r = check_datanode(b, node, 0);
+    if (r)
+        return r;
+    if (chunk_format & ~0x3Fu)
+        return fail(b, ERN_EINVAL, "chunk format 0x%x has unsupported bits", chunk_format);
+    unsigned cbits = b->o.blkszbits + (chunk_format & 0x1F);
+    if (cbits > 63)
+        return fail(b, ERN_EINVAL, "chunk size too large");
+    uint64_t size = b->nodes[node].size;
+    uint64_t need = cbits >= 63 ? (size ? 1 : 0) : (size + (1ull << cbits) - 1) >> cbits;
+    if (need != count)
+        return fail(b, ERN_EINVAL, "%u chunk entries given, %llu needed", count,
+                    (unsigned long long)need);
+    int ci = new_chunkset(b, chunk_format, count);
+    if (ci < 0)
+        return ci;
+    if (count)
+        memcpy(b->chunks[ci].entries, entries, (size_t)count * 8);
+    b->nodes[node].aux = (uint32_t)ci;
+    b->nodes[node].dkind = D_CHUNKS;
+    return 0;
+}
+
+int erofs_builder_set_root(erofs_builder *b, uint32_t node)
+{
+    int r = check_mutable(b);
+    if (r || (r = check_node(b, node)))
+        return r;
+    if ((b->nodes[node].mode & S_IFMT) != S_IFDIR)
+        return fail(b, ERN_EINVAL, "root must be a directory");
+    if (b->nodes[node].parent != NONE32)
+        return fail(b, ERN_EINVAL, "root directory has a parent");
+    b->root = node;
+    return 0;
+}
+
+int erofs_builder_add_device(erofs_builder *b, const char *tag, size_t taglen,
+                             uint32_t blocks, uint32_t mapped_blkaddr)
+{
+    int r = check_mutable(b);
+    if (r)
+        return r;
+    if (taglen > 64)
+        return fail(b, ERN_EINVAL, "device tag longer than 64 bytes");
+    if (b->ndevs >= 65535)
+        return fail(b, ERN_ELIMIT, "too many devices");
+    struct device *nd = realloc(b->devs, (b->ndevs + 1) * sizeof(*nd));
+    if (!nd)
+        return fail(b, ERN_ENOMEM, "out of memory");
+    b->devs = nd;
+    struct device *d = &b->devs[b->ndevs];
+    memset(d, 0, sizeof(*d));
+    memcpy(d->tag, tag, taglen);
+    d->blocks = blocks;
+    d->mapped = mapped_blkaddr;
+    return (int)++b->ndevs;
+}
+
+int erofs_builder_put_bytes(erofs_builder *b, uint64_t offset, const char *data, size_t len)
+{
+    int r = check_mutable(b);
+    if (r)
+        return r;
+    if (offset < SB_OFFSET + 128 && offset + len > SB_OFFSET)
+        return fail(b, ERN_EINVAL, "bytes would overwrite the superblock");
+    struct putbytes *np = realloc(b->puts, (b->nputs + 1) * sizeof(*np));
+    if (!np)
+        return fail(b, ERN_ENOMEM, "out of memory");
+    b->puts = np;
+    uint8_t *copy = malloc(len ? len : 1);
+    if (!copy)
+        return fail(b, ERN_ENOMEM, "out of memory");
+    memcpy(copy, data, len);
+    b->puts[b->nputs].off = offset;
+    b->puts[b->nputs].len = len;
+    b->puts[b->nputs].data = copy;
+    b->nputs++;
+    return 0;
+}
+
+/* ---------------------------------------------------------------- layout ---- */
+
+
+static int namecmp(const uint8_t *a, size_t al, const uint8_t *b2, size_t bl)
+{
+    int c = memcmp(a, b2, al < bl ? al : bl);
+    if (c)
+        return c;
+    return al < bl ? -1 : al > bl;
+}
+
+static int cmp_dirent(const void *pa, const void *pb, void *ctx)
+{
+    erofs_builder *sort_ctx = ctx;
+    const struct dirent_rec *a = pa, *b2 = pb;
+    if (a->parent != b2->parent)
+        return a->parent < b2->parent ? -1 : 1;
+    return namecmp(sort_ctx->arena + a->name_off, a->name_len,
+                   sort_ctx->arena + b2->name_off, b2->name_len);
+}
+
+static int cmp_xattr_name(erofs_builder *sort_ctx, const struct xattr_rec *a, const struct xattr_rec *b2)
+{
+    if (a->index != b2->index)
+        return a->index < b2->index ? -1 : 1;
+    return namecmp(sort_ctx->arena + a->name_off, a->name_len,
+                   sort_ctx->arena + b2->name_off, b2->name_len);
+}
+
+static int cmp_xattr_content(erofs_builder *sort_ctx, const struct xattr_rec *a, const struct xattr_rec *b2)
+{
+    if (a->index != b2->index)
+        return a->index < b2->index ? -1 : 1;
+    int c = namecmp(sort_ctx->arena + a->name_off, a->name_len,
+                    sort_ctx->arena + b2->name_off, b2->name_len);
+    if (c)
+        return c;
+    return namecmp(sort_ctx->arena + a->val_off, a->val_len,
+                   sort_ctx->arena + b2->val_off, b2->val_len);
+}
+
+static int cmp_xattr_node(const void *pa, const void *pb, void *ctx)
+{
+    const struct xattr_rec *a = pa, *b2 = pb;
+    if (a->node != b2->node)
+        return a->node < b2->node ? -1 : 1;
+    return cmp_xattr_content(ctx, a, b2);
+}
+
+static int cmp_xattr_idx(const void *pa, const void *pb, void *ctx)
+{
+    erofs_builder *sort_ctx = ctx;
+    uint32_t ia = *(const uint32_t *)pa, ib = *(const uint32_t *)pb;
+    int c = cmp_xattr_content(sort_ctx, &sort_ctx->xas[ia], &sort_ctx->xas[ib]);
+    if (c)
+        return c;
+    return ia < ib ? -1 : ia > ib;
+}
+
+struct mt { int64_t s; uint32_t ns; };
+
+static int cmp_mt(const void *pa, const void *pb)
+{
+    const struct mt *a = pa, *b2 = pb;
+    if (a->s != b2->s)
+        return a->s < b2->s ? -1 : 1;
+    return a->ns < b2->ns ? -1 : a->ns > b2->ns;
+}
+
+static uint8_t ftype_of(uint32_t mode)
+{
+    switch (mode & S_IFMT) {
+    case S_IFREG: return 1;
+    case S_IFDIR: return 2;
+    case S_IFCHR: return 3;
+    case S_IFBLK: return 4;
+    case S_IFIFO: return 5;
+    case S_IFSOCK: return 6;
+    case S_IFLNK: return 7;
+    }
+    return 0;
+}
+
+static uint32_t xentry_size(const struct xattr_rec *x)
+{
+    return (4u + x->name_len + x->val_len + 3u) & ~3u;
+}
+
+/* Walk the directory entries of d in on-disk order ('.' and '..' merged in) and
+ * return the directory size; when out != NULL also fill dirent blocks (size rounded up
+ * to blocks, zeroed by the caller). */
+static uint64_t dir_pack(erofs_builder *b, struct node *d, uint32_t self, uint8_t *out)
+{
+    uint32_t blksz = b->blksz;
+    uint64_t blk_start = 0;
+    uint32_t used = 0, nent = 0;
+    uint64_t size = 0;
+    /* first pass per block: we need to know N of a block before writing names, so pack
+     * greedily block by block over the merged sequence */
+    uint32_t total = d->de_count + 2;
+    uint32_t i = 0;          /* position in the merged sequence */
+    /* merged sequence generator state */
+    static const uint8_t dot[2] = {'.', '.'};
+    uint32_t ci = 0; int dot_done = 0, dotdot_done = 0;
+    /* we iterate twice per block: count, then emit; keep a small cursor copy */
+    while (i < total) {
+        /* count how many entries fit in this block */
+        uint32_t save_ci = ci; int save_dot = dot_done, save_dd = dotdot_done;
+        used = 0; nent = 0;
+        uint32_t j = i;
+        uint32_t c2 = ci; int d2 = dot_done, dd2 = dotdot_done;
+        while (j < total) {
+            /* next merged entry */
+            const uint8_t *nm; uint32_t nl;
+            int which; /* 0 dot, 1 dotdot, 2 child */
+            const struct dirent_rec *de = c2 < d->de_count ? &b->des[d->de_first + c2] : NULL;
+            if (!d2 && (!de || namecmp(dot, 1, b->arena + de->name_off, de->name_len) < 0)) {
+                nm = dot; nl = 1; which = 0;
+            } else if (!dd2 && (!de || namecmp(dot, 2, b->arena + de->name_off, de->name_len) < 0)) {
+                nm = dot; nl = 2; which = 1;
+            } else {
+                nm = b->arena + de->name_off; nl = de->name_len; which = 2;
+            }
+            (void)nm;
+            if (used + 12 + nl > blksz)
+                break;
+            used += 12 + nl;
+            nent++;
+            if (which == 0) d2 = 1; else if (which == 1) dd2 = 1; else c2++;
+            j++;
+        }
+        if (out) {
+            uint8_t *blk = out + blk_start;
+            uint32_t nameoff = 12 * nent;
+            ci = save_ci; dot_done = save_dot; dotdot_done = save_dd;
+            for (uint32_t k = 0; k < nent; k++) {
+                const uint8_t *nm; uint32_t nl; uint64_t nid; uint8_t ft;
+                const struct dirent_rec *de = ci < d->de_count ? &b->des[d->de_first + ci] : NULL;
+                if (!dot_done && (!de || namecmp(dot, 1, b->arena + de->name_off, de->name_len) < 0)) {
+                    nm = dot; nl = 1; nid = d->nid; ft = 2; dot_done = 1;
+                } else if (!dotdot_done && (!de || namecmp(dot, 2, b->arena + de->name_off, de->name_len) < 0)) {
+                    struct node *p = d->parent == NONE32 ? d : &b->nodes[d->parent];
+                    nm = dot; nl = 2; nid = p->nid; ft = 2; dotdot_done = 1;
+                } else {
+                    struct node *c = &b->nodes[de->child];
+                    nm = b->arena + de->name_off; nl = de->name_len; nid = c->nid;
+                    ft = ftype_of(c->mode); ci++;
+                }
+                uint8_t *e = blk + 12 * k;
+                for (int q = 0; q < 8; q++)
+                    e[q] = (uint8_t)(nid >> (8 * q));
+                e[8] = (uint8_t)nameoff;
+                e[9] = (uint8_t)(nameoff >> 8);
+                e[10] = ft;
+                e[11] = 0;
+                memcpy(blk + nameoff, nm, nl);
+                nameoff += nl;
+            }
+        }
+        ci = c2; dot_done = d2; dotdot_done = dd2;
+        i = j;
+        size = blk_start + used;
+        blk_start += blksz;
+    }
+    (void)self;
+    return size;
+}
+
+static uint64_t align_up(uint64_t v, uint64_t a)
+{
+    return (v + a - 1) / a * a;
+}
+
+static int is_flat_data(const struct node *n)
+{
+    uint32_t fmt = n->mode & S_IFMT;
+    return fmt == S_IFDIR || fmt == S_IFLNK || (fmt == S_IFREG && n->dkind != D_CHUNKS &&
+                                                 n->dkind != D_SPARSE);
+}
+
+int erofs_builder_layout(erofs_builder *b, struct erofs_layout_info *info)
+{
+    if (b->laid_out)
+        return fail(b, ERN_EINVAL, "builder already laid out");
+    if (b->root == NONE32)
+        return fail(b, ERN_EINVAL, "no root directory set");
+    uint32_t blksz = b->blksz;
+
+    /* regular files and symlinks need a data source unless empty */
+    for (uint32_t i = 0; i < b->nnodes; i++) {
+        struct node *n = &b->nodes[i];
+        uint32_t fmt = n->mode & S_IFMT;
+        if ((fmt == S_IFREG || fmt == S_IFLNK) && n->size && n->dkind == D_NONE)
+            return fail(b, ERN_EINVAL, "node %u has size %llu but no data source", i,
+                        (unsigned long long)n->size);
+        if (fmt == S_IFLNK && n->size == 0)
+            return fail(b, ERN_ELIMIT, "empty symlink target");
+    }
+
+    /* directory entries: sort by (parent, name), find ranges, nlink, duplicates */
+    qsort_r(b->des, b->nde, sizeof(*b->des), cmp_dirent, b);
+    for (uint32_t i = 0; i < b->nnodes; i++) {
+        b->nodes[i].de_first = 0;
+        b->nodes[i].de_count = 0;
+        b->nodes[i].nlink = 0;
+    }
+    for (uint32_t i = 0; i < b->nde; i++) {
+        struct dirent_rec *d = &b->des[i];
+        struct node *p = &b->nodes[d->parent];
+        if (p->de_count == 0)
+            p->de_first = i;
+        p->de_count++;
+        if (i && d->parent == b->des[i - 1].parent &&
+            !namecmp(b->arena + d->name_off, d->name_len, b->arena + b->des[i - 1].name_off,
+                     b->des[i - 1].name_len))
+            return fail(b, ERN_EINVAL, "duplicate name '%.*s' in a directory",
+                        (int)d->name_len, (const char *)b->arena + d->name_off);
+        struct node *c = &b->nodes[d->child];
+        if ((c->mode & S_IFMT) == S_IFDIR)
+            p->nlink++;  /* counted as subdirectories below */
+        else
+            c->nlink++;
+    }
+    for (uint32_t i = 0; i < b->nnodes; i++) {
+        struct node *n = &b->nodes[i];
+        if ((n->mode & S_IFMT) == S_IFDIR)
+            n->nlink += 2;
+    }
+
+    /* nid order: root, then breadth first, children in name order */
+    free(b->order);
+    b->order = malloc((size_t)(b->nnodes ? b->nnodes : 1) * sizeof(uint32_t));
+    if (!b->order)
+        return fail(b, ERN_ENOMEM, "out of memory");
+    for (uint32_t i = 0; i < b->nnodes; i++)
+        b->nodes[i].placed = 0;
+    uint32_t no = 0;
+    b->order[no++] = b->root;
+    b->nodes[b->root].placed = 1;
+    for (uint32_t q = 0; q < no; q++) {
+        struct node *d = &b->nodes[b->order[q]];
+        if ((d->mode & S_IFMT) != S_IFDIR)
+            continue;
+        for (uint32_t k = 0; k < d->de_count; k++) {
+            uint32_t c = b->des[d->de_first + k].child;
+            if (!b->nodes[c].placed) {
+                b->nodes[c].placed = 1;
+                b->order[no++] = c;
+            }
+        }
+    }
+    if (no != b->nnodes) {
+        for (uint32_t i = 0; i < b->nnodes; i++)
+            if (!b->nodes[i].placed)
+                return fail(b, ERN_EINVAL, "node %u is not reachable from the root", i);
+    }
+    b->norder = no;
+    for (uint32_t i = 0; i < no; i++) {
+        struct node *n = &b->nodes[b->order[i]];
+        if (n->nlink > 0xFFFFFFFEu)
+            return fail(b, ERN_ELIMIT, "too many links");
+        n->ino = i + 1;
+    }
+
+    /* directory sizes */
+    for (uint32_t i = 0; i < b->nnodes; i++) {
+        struct node *n = &b->nodes[i];
+        if ((n->mode & S_IFMT) == S_IFDIR)
+            n->size = dir_pack(b, n, i, NULL);
+    }
+
+    /* xattrs: group per node; shared ones = same content on >= 2 inodes */
+    qsort_r(b->xas, b->nxa, sizeof(*b->xas), cmp_xattr_node, b);
+    for (uint32_t i = 0; i < b->nnodes; i++) {
+        b->nodes[i].xa_first = 0;
+        b->nodes[i].xa_count = 0;
+    }
+    for (uint32_t i = 0; i < b->nxa; i++) {
+        struct xattr_rec *x = &b->xas[i];
+        if (i && x->node == b->xas[i - 1].node && !cmp_xattr_name(b, x, &b->xas[i - 1]))
+            return fail(b, ERN_EINVAL, "duplicate xattr name on one node");
+        struct node *n = &b->nodes[x->node];
+        if (n->xa_count == 0)
+            n->xa_first = i;
+        n->xa_count++;
+        x->shared_id = NONE32;
+    }
+    uint32_t shared_bytes = 0;
+    free(b->shared_order);
+    b->shared_order = NULL;
+    b->nshared = 0;
+    if (b->o.shared_xattrs && b->nxa > 1) {
+        uint32_t *idx = malloc((size_t)b->nxa * sizeof(uint32_t));
+        b->shared_order = malloc((size_t)b->nxa * sizeof(uint32_t));
+        if (!idx || !b->shared_order) {
+            free(idx);
+            return fail(b, ERN_ENOMEM, "out of memory");
+        }
+        for (uint32_t i = 0; i < b->nxa; i++)
+            idx[i] = i;
+        qsort_r(idx, b->nxa, sizeof(uint32_t), cmp_xattr_idx, b);
+        for (uint32_t i = 0; i < b->nxa;) {
+            uint32_t j = i + 1;
+            while (j < b->nxa && !cmp_xattr_content(b, &b->xas[idx[i]], &b->xas[idx[j]]))
+                j++;
+            if (j - i >= 2) {
+                uint64_t id = shared_bytes / 4;
+                uint32_t sz = xentry_size(&b->xas[idx[i]]);
+                if ((uint64_t)shared_bytes + sz > 0xFFFFFFF0ull)
+                    return fail(b, ERN_ELIMIT, "shared xattr area too large");
+                for (uint32_t k = i; k < j; k++)
+                    b->xas[idx[k]].shared_id = (uint32_t)id;
+                b->shared_order[b->nshared++] = idx[i];
+                shared_bytes += sz;
+            }
+            i = j;
+        }
+        free(idx);
+    }
+    for (uint32_t i = 0; i < b->nnodes; i++) {
+        struct node *n = &b->nodes[i];
+        n->xattr_isize = 0;
+        if (!n->xa_count)
+            continue;
+        uint64_t sz = 12;
+        for (uint32_t k = 0; k < n->xa_count; k++) {
+            struct xattr_rec *x = &b->xas[n->xa_first + k];
+            sz += x->shared_id != NONE32 ? 4 : xentry_size(x);
+        }
+        if ((sz - 12) / 4 + 1 > 0xFFFF)
+            return fail(b, ERN_ELIMIT, "xattrs of one inode exceed the inline limit");
+        n->xattr_isize = (uint32_t)sz;
+    }
+
+    /* build time */
+    int64_t bt = b->o.build_time;
+    uint32_t btn = b->o.build_time_nsec;
+    if (b->o.auto_build_time && b->nnodes) {
+        struct mt *m = malloc((size_t)b->nnodes * sizeof(*m));
+        if (!m)
+            return fail(b, ERN_ENOMEM, "out of memory");
+        for (uint32_t i = 0; i < b->nnodes; i++) {
+            m[i].s = b->nodes[i].mtime;
+            m[i].ns = b->nodes[i].mtime_nsec;
+        }
+        qsort(m, b->nnodes, sizeof(*m), cmp_mt);
+        uint32_t best = 0, bestn = 0;
+        for (uint32_t i = 0; i < b->nnodes;) {
+            uint32_t j = i + 1;
+            while (j < b->nnodes && !cmp_mt(&m[i], &m[j]))
+                j++;
+            if (j - i > bestn) {
+                bestn = j - i;
+                best = i;
+            }
+            i = j;
+        }
+        bt = m[best].s;
+        btn = m[best].ns;
+        free(m);
+    }
+    if (bt < 0)
+        bt = 0;
+
+    /* inode formats and metadata packing */
+    uint64_t meta_start = (uint64_t)b->o.meta_blkaddr * blksz;
+    uint64_t first_nid = b->o.first_nid;
+    if (!first_nid) {
+        uint64_t sb_end = SB_OFFSET + 128;
+        first_nid = meta_start >= sb_end ? 1 : (sb_end - meta_start + 31) / 32;
+    }
+    uint64_t cur = meta_start + first_nid * 32;
+    int have_chunks = 0;
+    uint64_t data_bytes = 0;
+    for (uint32_t oi = 0; oi < no; oi++) {
+        struct node *n = &b->nodes[b->order[oi]];
+        uint32_t fmt = n->mode & S_IFMT;
+        n->extended = b->o.force_extended || n->uid > 0xFFFF || n->gid > 0xFFFF ||
+                      n->nlink > 0xFFFF || n->size > 0xFFFFFFFFull || n->mtime != bt ||
+                      n->mtime_nsec != btn;
+        uint64_t base = (n->extended ? 64 : 32) + n->xattr_isize;
+        n->tail = 0;
+        n->startblk = 0;
+        uint64_t off = cur;
+        uint64_t extra = 0;
+        if (fmt == S_IFREG && (n->dkind == D_CHUNKS || n->dkind == D_SPARSE)) {
+            struct chunkset *cs = &b->chunks[n->aux];
+            uint32_t unit = n->dkind == D_SPARSE ? 4 : ((cs->format & CHUNK_INDEXES) ? 8 : 4);
+            n->layout = L_CHUNK;
+            have_chunks = 1;
+            extra = align_up(off + base, unit) - (off + base) + (uint64_t)unit * cs->count;
+        } else if (is_flat_data(n)) {
+            uint64_t tail = n->size % blksz;
+            n->layout = L_PLAIN;
+            if (tail && b->o.inline_data && base + tail <= blksz) {
+                /* inode, xattrs and tail in one block: the fast-symlink path
+                 * measures the tail from the inode's block */
+                if (off % blksz + base + tail > blksz)
+                    off = align_up(off, blksz);
+                n->layout = L_INLINE;
+                n->tail = (uint32_t)tail;
+                extra = tail;
+            }
+        } else {
+            n->layout = L_PLAIN;
+        }
+        n->meta_off = off;
+        n->nid = (off - meta_start) / 32;
+        cur = align_up(off + base + extra, 32);
+        data_bytes += n->size;
+    }
+    if (b->nodes[b->root].nid > 0xFFFF)
+        return fail(b, ERN_ELIMIT, "root nid %llu does not fit in 16 bits",
+                    (unsigned long long)b->nodes[b->root].nid);
+    if (b->nodes[b->root].nid == 0)
+        return fail(b, ERN_EINVAL, "root would get nid 0 (set first_nid)");
+    uint64_t meta_end = cur;
+    uint64_t pos = align_up(meta_end, blksz);
+    uint32_t xattr_blkaddr = 0;
+    if (shared_bytes) {
+        xattr_blkaddr = (uint32_t)(pos / blksz);
+        pos = align_up(pos + shared_bytes, blksz);
+    }
+    if (b->ndevs && b->o.devt_slotoff) {
+        uint64_t dend = (uint64_t)b->o.devt_slotoff * 128 + 128ull * b->ndevs;
+        uint64_t dstart = (uint64_t)b->o.devt_slotoff * 128;
+        if (dstart < SB_OFFSET + 128 || dend > meta_start + first_nid * 32)
+            return fail(b, ERN_EINVAL, "device table does not fit before the inodes");
+    } else if (b->ndevs) {
+        return fail(b, ERN_EINVAL, "devices given without devt_slotoff");
+    }
+    uint64_t data_start = pos;
+    uint64_t blk = pos / blksz;
+    for (uint32_t oi = 0; oi < no; oi++) {
+        struct node *n = &b->nodes[b->order[oi]];
+        if (n->layout == L_CHUNK) {
+            if (n->dkind == D_SPARSE) {
+                struct chunkset *cs = &b->chunks[n->aux];
+                uint64_t csz = (uint64_t)blksz << (cs->format & 0x1F);
+                for (uint32_t c = 0; c < cs->count; c++) {
+                    if (!(cs->entries[c] & 1))
+                        continue;
+                    uint64_t start = (uint64_t)c * csz;
+                    uint64_t len = n->size - start < csz ? n->size - start : csz;
+                    cs->entries[c] = 1 | (blk << 32);
+                    blk += (len + blksz - 1) / blksz;
+                    if (blk > 0xFFFFFFFFull)
+                        return fail(b, ERN_ELIMIT, "image larger than 2^32 blocks");
+                }
+            }
+            continue;
+        }
+        if (!is_flat_data(n))
+            continue;
+        uint64_t nblk = n->layout == L_INLINE ? n->size / blksz : (n->size + blksz - 1) / blksz;
+        if (nblk) {
+            n->startblk = (uint32_t)blk;
+            blk += nblk;
+        } else {
+            n->startblk = n->layout == L_INLINE ? NULL_ADDR : 0;
+        }
+        if (blk > 0xFFFFFFFFull)
+            return fail(b, ERN_ELIMIT, "image larger than 2^32 blocks");
+    }
+    for (uint32_t i = 0; i < b->nputs; i++) {
+        struct putbytes *p = &b->puts[i];
+        if (p->off + p->len > meta_start + first_nid * 32)
+            return fail(b, ERN_EINVAL, "reserved bytes at %llu overlap the inode area",
+                        (unsigned long long)p->off);
+    }
+
+    memset(&b->info, 0, sizeof(b->info));
+    b->info.inodes = no;
+    b->info.root_nid = b->nodes[b->root].nid;
+    b->info.meta_start = meta_start;
+    b->info.meta_end = meta_end;
+    b->info.xattr_blkaddr = xattr_blkaddr;
+    b->info.shared_xattr_bytes = shared_bytes;
+    b->info.data_start = data_start;
+    b->info.image_size = blk * blksz;
+    if (b->info.image_size < 2 * (uint64_t)blksz && b->info.image_size < 4096)
+        b->info.image_size = 4096 > blksz ? 4096 : blksz;
+    b->info.build_time = bt;
+    b->info.build_time_nsec = btn;
+    b->info.feature_compat = b->o.feature_compat | (b->o.sb_checksum ? FEAT_COMPAT_SB_CHKSUM : 0);
+    b->info.feature_incompat = b->o.feature_incompat | (have_chunks ? FEAT_INCOMPAT_CHUNKED : 0) |
+                               (b->ndevs ? FEAT_INCOMPAT_DEVT : 0);
+    b->info.data_bytes = data_bytes;
+    b->laid_out = 1;
+    if (info)
+        *info = b->info;
+    return 0;
+}
+
+int64_t erofs_node_nid(erofs_builder *b, uint32_t node)
+{
+    if (!b->laid_out)
+        return fail(b, ERN_EINVAL, "not laid out yet");
+    if (node >= b->nnodes)
+        return fail(b, ERN_EINVAL, "no such node %u", node);
+    return (int64_t)b->nodes[node].nid;
+}
+
+/* ----------------------------------------------------------------- write ---- */
+
+static void put16(uint8_t *p, uint32_t v) { p[0] = (uint8_t)v; p[1] = (uint8_t)(v >> 8); }
+static void put32(uint8_t *p, uint32_t v) { for (int i = 0; i < 4; i++) p[i] = (uint8_t)(v >> (8 * i)); }
+static void put64(uint8_t *p, uint64_t v) { for (int i = 0; i < 8; i++) p[i] = (uint8_t)(v >> (8 * i)); }
+
+static int pwrite_all(erofs_builder *b, const void *buf, size_t len, uint64_t off)
+{
+    const uint8_t *p = buf;
+    while (len) {
+        ssize_t w = pwrite(b->fd, p, len, (off_t)off);
+        if (w < 0) {
+            if (errno == EINTR)
+                continue;
+            return fail(b, ERN_EIO, "writing the image: %s", strerror(errno));
+        }
+        p += w;
+        len -= (size_t)w;
+        off += (uint64_t)w;
+    }
+    return 0;
+}
+
+static int win_flush(erofs_builder *b)
+{
+    if (b->win_hi > b->win_start) {
+        int r = pwrite_all(b, b->win, b->win_hi - b->win_start, b->win_start);
+        if (r)
+            return r;
+    }
+    memset(b->win, 0, WIN_SIZE);
+    b->win_hi = b->win_start;
+    return 0;
+}
+
+/* pointer to [off, off+len) of the metadata stream; len <= WIN_SIZE - blksz */
+static uint8_t *win_ptr(erofs_builder *b, uint64_t off, size_t len)
+{
+    if (off < b->win_start || off + len > b->win_start + WIN_SIZE) {
+        if (win_flush(b))
+            return NULL;
+        b->win_start = off;
+        b->win_hi = b->win_start;
+    }
+    if (off + len > b->win_hi)
+        b->win_hi = off + len;
+    return b->win + (off - b->win_start);
+}
+
+static int win_write(erofs_builder *b, uint64_t off, const void *data, size_t len)
+{
+    const uint8_t *p = data;
+    while (len) {
+        size_t n = len > WIN_SIZE / 2 ? WIN_SIZE / 2 : len;
+        uint8_t *d = win_ptr(b, off, n);
+        if (!d)
+            return ERN_EIO;
+        memcpy(d, p, n);
+        p += n;
+        off += n;
+        len -= n;
+    }
+    return 0;
+}
+
+static int read_exact(erofs_builder *b, int fd, uint8_t *buf, size_t len, uint64_t off,
+                      const char *path)
+{
+    while (len) {
+        ssize_t r = pread(fd, buf, len, (off_t)off);
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            return fail(b, ERN_EIO, "%s: read: %s", path, strerror(errno));
+        }
+        if (r == 0)
+            return fail(b, ERN_EIO, "%s: file shrank while building the image", path);
+        buf += r;
+        len -= (size_t)r;
+        off += (uint64_t)r;
+    }
+    return 0;
+}
+
+static int copy_range(erofs_builder *b, int in, uint64_t in_off, uint64_t out_off,
+                      uint64_t len, const char *path)
+{
+    static int no_cfr;
+    while (len && !no_cfr) {
+        loff_t io = (loff_t)in_off, oo = (loff_t)out_off;
+        size_t chunk = len > (1u << 30) ? (1u << 30) : (size_t)len;
+        ssize_t r = copy_file_range(in, &io, b->fd, &oo, chunk, 0);
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno == EXDEV || errno == EINVAL || errno == ENOSYS || errno == EOPNOTSUPP ||
+                errno == EBADF || errno == EPERM) {
+                no_cfr = errno == ENOSYS;
+                break;
+            }
+            return fail(b, ERN_EIO, "%s: copy: %s", path, strerror(errno));
+        }
+        if (r == 0)
+            return fail(b, ERN_EIO, "%s: file shrank while building the image", path);
+        in_off += (uint64_t)r;
+        out_off += (uint64_t)r;
+        len -= (uint64_t)r;
+        b->bytes_done += (uint64_t)r;
+    }
+    while (len) {
+        size_t n = len > CBUF_SIZE ? CBUF_SIZE : (size_t)len;
+        int r = read_exact(b, in, b->cbuf, n, in_off, path);
+        if (r)
+            return r;
+        r = pwrite_all(b, b->cbuf, n, out_off);
+        if (r)
+            return r;
+        in_off += n;
+        out_off += n;
+        len -= n;
+        b->bytes_done += n;
+    }
+    return 0;
+}
+
+static int write_inode(erofs_builder *b, struct node *n)
+{
+    uint8_t ib[64];
+    memset(ib, 0, sizeof(ib));
+    uint32_t isz = n->extended ? 64 : 32;
+    uint32_t icount = n->xattr_isize ? (n->xattr_isize - 12) / 4 + 1 : 0;
+    uint32_t fmt = n->mode & S_IFMT;
+    uint32_t iu = 0;
+    if (n->layout == L_CHUNK)
+        iu = n->dkind == D_SPARSE ? (b->chunks[n->aux].format & 0x1F) : b->chunks[n->aux].format;
+    else if (fmt == S_IFCHR || fmt == S_IFBLK)
+        iu = n->rdev;
+    else if (fmt == S_IFIFO || fmt == S_IFSOCK)
+        iu = 0;
+    else
+        iu = n->startblk;
+    put16(ib + 0, (uint32_t)(n->extended ? 1 : 0) | ((uint32_t)n->layout << 1));
+    put16(ib + 2, icount);
+    put16(ib + 4, n->mode);
+    if (n->extended) {
+        put64(ib + 8, n->size);
+        put32(ib + 0x10, iu);
+        put32(ib + 0x14, n->ino);
+        put32(ib + 0x18, n->uid);
+        put32(ib + 0x1C, n->gid);
+        put64(ib + 0x20, (uint64_t)n->mtime);
+        put32(ib + 0x28, n->mtime_nsec);
+        put32(ib + 0x2C, n->nlink);
+    } else {
+        put16(ib + 6, n->nlink);
+        put32(ib + 8, (uint32_t)n->size);
+        put32(ib + 0x10, iu);
+        put32(ib + 0x14, n->ino);
+        put16(ib + 0x18, n->uid);
+        put16(ib + 0x1A, n->gid);
+    }
+    int r = win_write(b, n->meta_off, ib, isz);
+    if (r)
+        return r;
+    uint64_t off = n->meta_off + isz;
+    if (n->xattr_isize) {
+        uint8_t hdr[12];
+        memset(hdr, 0, sizeof(hdr));
+        uint32_t nshared = 0;
+        for (uint32_t k = 0; k < n->xa_count; k++)
+            if (b->xas[n->xa_first + k].shared_id != NONE32)
+                nshared++;
+        hdr[4] = (uint8_t)nshared;
+        if (nshared > 255)
+            return fail(b, ERN_ELIMIT, "more than 255 shared xattrs on one inode");
+        if ((r = win_write(b, off, hdr, 12)))
+            return r;
+        off += 12;
+        for (uint32_t k = 0; k < n->xa_count; k++) {
+            struct xattr_rec *x = &b->xas[n->xa_first + k];
+            if (x->shared_id == NONE32)
+                continue;
+            uint8_t idb[4];
+            put32(idb, x->shared_id);
+            if ((r = win_write(b, off, idb, 4)))
+                return r;
+            off += 4;
+        }
+        for (uint32_t k = 0; k < n->xa_count; k++) {
+            struct xattr_rec *x = &b->xas[n->xa_first + k];
+            if (x->shared_id != NONE32)
+                continue;
+            uint8_t eh[4] = {x->name_len, x->index, (uint8_t)x->val_len, (uint8_t)(x->val_len >> 8)};
+            if ((r = win_write(b, off, eh, 4)) ||
+                (r = win_write(b, off + 4, b->arena + x->name_off, x->name_len)) ||
+                (r = win_write(b, off + 4 + x->name_len, b->arena + x->val_off, x->val_len)))
+                return r;
+            off += xentry_size(x);
+        }
+    }
+    return 0;
+}
+
+static int write_node_data(erofs_builder *b, struct node *n)
+{
+    uint32_t blksz = b->blksz;
+    uint32_t fmt = n->mode & S_IFMT;
+    uint64_t tail_off = n->meta_off + (n->extended ? 64 : 32) + n->xattr_isize;
+    if (n->layout == L_CHUNK) {
+        struct chunkset *cs = &b->chunks[n->aux];
+        if (n->dkind == D_CHUNKS) {
+            uint32_t unit = (cs->format & CHUNK_INDEXES) ? 8 : 4;
+            uint64_t off = align_up(tail_off, unit);
+            for (uint32_t c = 0; c < cs->count; c++) {
+                uint8_t e[8];
+                put64(e, cs->entries[c]);
+                int r = win_write(b, off, e, unit);
+                if (r)
+                    return r;
+                off += unit;
+            }
+            return 0;
+        }
+        /* D_SPARSE: block map + copy of the data extents only */
+        uint64_t off = align_up(tail_off, 4);
+        for (uint32_t c = 0; c < cs->count; c++) {
+            uint8_t e[4];
+            put32(e, (cs->entries[c] & 1) ? (uint32_t)(cs->entries[c] >> 32) : NULL_ADDR);
+            int r = win_write(b, off, e, 4);
+            if (r)
+                return r;
+            off += 4;
+        }
+        char *path = strndup((const char *)b->arena + n->path_off, n->path_len);
+        if (!path)
+            return fail(b, ERN_ENOMEM, "out of memory");
+        int fd = open(path, O_RDONLY | O_NOCTTY | O_CLOEXEC);
+        if (fd < 0) {
+            int r = fail(b, ERN_EIO, "%s: %s", path, strerror(errno));
+            free(path);
+            return r;
+        }
+        uint64_t csz = (uint64_t)blksz << (cs->format & 0x1F);
+        off_t pos = 0;
+        int r = 0;
+        while ((uint64_t)pos < n->size) {
+            off_t d = lseek(fd, pos, SEEK_DATA);
+            if (d < 0) {
+                if (errno != ENXIO)
+                    r = fail(b, ERN_EIO, "%s: seek: %s", path, strerror(errno));
+                break;
+            }
+            if ((uint64_t)d >= n->size)
+                break;
+            off_t h = lseek(fd, d, SEEK_HOLE);
+            if (h < 0 || (uint64_t)h > n->size)
+                h = (off_t)n->size;
+            /* copy [d, h) chunk by chunk into the chunks' blocks */
+            uint64_t s = (uint64_t)d;
+            while (s < (uint64_t)h) {
+                uint64_t c = s / csz;
+                uint64_t cend = (c + 1) * csz < (uint64_t)h ? (c + 1) * csz : (uint64_t)h;
+                if (c < cs->count && (cs->entries[c] & 1)) {
+                    uint64_t out = (cs->entries[c] >> 32) * blksz + (s - c * csz);
+                    r = copy_range(b, fd, s, out, cend - s, path);
+                    if (r)
+                        break;
+                }
+                s = cend;
+            }
+            if (r)
+                break;
+            pos = h;
+        }
+        close(fd);
+        free(path);
+        return r;
+    }
+    if (!is_flat_data(n) || n->size == 0)
+        return 0;
+    uint64_t full = n->layout == L_INLINE ? n->size / blksz * blksz : n->size;
+    uint64_t data_pos = (uint64_t)n->startblk * blksz;
+    if (fmt == S_IFDIR) {
+        uint64_t bufsz = align_up(n->size, blksz);
+        uint8_t *buf = calloc(1, bufsz);
+        if (!buf)
+            return fail(b, ERN_ENOMEM, "out of memory");
+        dir_pack(b, n, 0, buf);
+        int r = 0;
+        if (full)
+            r = pwrite_all(b, buf, full, data_pos);
+        if (!r && n->tail)
+            r = win_write(b, tail_off, buf + full, n->tail);
+        if (!r && n->layout == L_PLAIN && n->size > full) { /* unreachable: full == size */ }
+        free(buf);
+        return r;
+    }
+    if (n->dkind == D_BYTES) {
+        const uint8_t *src = b->arena + n->data_off;
+        int r = 0;
+        if (full)
+            r = pwrite_all(b, src, full, data_pos);
+        if (!r && n->tail)
+            r = win_write(b, tail_off, src + full, n->tail);
+        return r;
+    }
+    /* D_FILE */
+    char *path = strndup((const char *)b->arena + n->path_off, n->path_len);
+    if (!path)
+        return fail(b, ERN_ENOMEM, "out of memory");
+    int fd = open(path, O_RDONLY | O_NOCTTY | O_CLOEXEC | O_NOFOLLOW);
+    if (fd < 0) {
+        int r = fail(b, ERN_EIO, "%s: %s", path, strerror(errno));
+        free(path);
+        return r;
+    }
+    int r = 0;
+    struct stat st;
+    if (n->data_off == 0 && fstat(fd, &st) == 0 && S_ISREG(st.st_mode) &&
+        (uint64_t)st.st_size != n->size)
+        r = fail(b, ERN_EIO, "%s: size changed while building the image", path);
+    if (!r && full)
+        r = copy_range(b, fd, n->data_off, data_pos, full, path);
+    if (!r && n->tail) {
+        uint8_t *dst = win_ptr(b, tail_off, n->tail);
+        if (!dst)
+            r = ERN_EIO;
+        else
+            r = read_exact(b, fd, dst, n->tail, n->data_off + full, path);
+        b->bytes_done += n->tail;
+    }
+    close(fd);
+    free(path);
+    return r;
+}
+
+int erofs_builder_write_begin(erofs_builder *b, int fd)
+{
+    if (!b->laid_out)
+        return fail(b, ERN_EINVAL, "layout() must run before write()");
+    b->fd = fd;
+    b->wpos = 0;
+    b->bytes_done = 0;
+    b->wfailed = 0;
+    if (!b->win)
+        b->win = calloc(1, WIN_SIZE);
+    if (!b->cbuf)
+        b->cbuf = malloc(CBUF_SIZE);
+    if (!b->win || !b->cbuf)
+        return fail(b, ERN_ENOMEM, "out of memory");
+    memset(b->win, 0, WIN_SIZE);
+    b->win_start = 0;
+    b->win_hi = 0;
+    if (ftruncate(fd, 0) < 0 || ftruncate(fd, (off_t)b->info.image_size) < 0)
+        return fail(b, ERN_EIO, "sizing the image: %s", strerror(errno));
+    return 0;
+}
+
+int64_t erofs_builder_write_step(erofs_builder *b, uint32_t max_nodes, uint64_t *bytes_done)
+{
+    if (b->fd < 0 || b->wfailed)
+        return fail(b, ERN_EINVAL, "write not started");
+    uint32_t end = b->wpos + max_nodes;
+    if (end > b->norder || end < b->wpos)
+        end = b->norder;
+    for (; b->wpos < end; b->wpos++) {
+        struct node *n = &b->nodes[b->order[b->wpos]];
+        int r = write_inode(b, n);
+        if (!r)
+            r = write_node_data(b, n);
+        if (r) {
+            b->wfailed = 1;
+            return r;
+        }
+    }
+    if (bytes_done)
+        *bytes_done = b->bytes_done;
+    return (int64_t)(b->norder - b->wpos);
+}
+
+int erofs_builder_write_end(erofs_builder *b)
+{
+    if (b->fd < 0 || b->wfailed || b->wpos != b->norder)
+        return fail(b, ERN_EINVAL, "write not complete");
+    int r = win_flush(b);
+    if (r)
+        return r;
+    uint32_t blksz = b->blksz;
+    /* shared xattrs */
+    if (b->nshared) {
+        uint64_t off = (uint64_t)b->info.xattr_blkaddr * blksz;
+        for (uint32_t i = 0; i < b->nshared; i++) {
+            struct xattr_rec *x = &b->xas[b->shared_order[i]];
+            uint32_t sz = xentry_size(x);
+            uint8_t e[4 + 255 + 65535 + 4];
+            memset(e, 0, sz);
+            e[0] = x->name_len;
+            e[1] = x->index;
+            put16(e + 2, x->val_len);
+            memcpy(e + 4, b->arena + x->name_off, x->name_len);
+            memcpy(e + 4 + x->name_len, b->arena + x->val_off, x->val_len);
+            if ((r = pwrite_all(b, e, sz, off)))
+                return r;
+            off += sz;
+        }
+    }
+    /* caller's reserved bytes, device table */
+    for (uint32_t i = 0; i < b->nputs; i++)
+        if ((r = pwrite_all(b, b->puts[i].data, b->puts[i].len, b->puts[i].off)))
+            return r;
+    for (uint32_t i = 0; i < b->ndevs; i++) {
+        uint8_t slot[128];
+        memset(slot, 0, sizeof(slot));
+        memcpy(slot, b->devs[i].tag, 64);
+        put32(slot + 64, b->devs[i].blocks);
+        put32(slot + 68, b->devs[i].mapped);
+        if ((r = pwrite_all(b, slot, 128, (uint64_t)b->o.devt_slotoff * 128 + 128ull * i)))
+            return r;
+    }
+    /* superblock */
+    uint8_t blk0[4096 + 1024];
+    size_t b0len = blksz > 1024 ? blksz : 1024 + blksz;
+    memset(blk0, 0, sizeof(blk0));
+    ssize_t got = pread(b->fd, blk0, b0len, 0);
+    if (got < 0)
+        return fail(b, ERN_EIO, "reading back the image: %s", strerror(errno));
+    uint8_t *sb = blk0 + SB_OFFSET;
+    memset(sb, 0, 128);
+    put32(sb + 0x00, EROFS_MAGIC);
+    put32(sb + 0x08, b->info.feature_compat);
+    sb[0x0C] = (uint8_t)b->o.blkszbits;
+    sb[0x0D] = 0;
+    put16(sb + 0x0E, (uint32_t)b->info.root_nid);
+    put64(sb + 0x10, b->info.inodes);
+    put64(sb + 0x18, (uint64_t)b->info.build_time);
+    put32(sb + 0x20, b->info.build_time_nsec);
+    put32(sb + 0x24, b->o.sb_blocks ? (uint32_t)b->o.sb_blocks
+                                    : (uint32_t)(b->info.image_size / blksz));
+    put32(sb + 0x28, b->o.meta_blkaddr);
+    put32(sb + 0x2C, b->info.xattr_blkaddr);
+    memcpy(sb + 0x30, b->o.uuid, 16);
+    memcpy(sb + 0x40, b->o.volume_name, 15);
+    sb[0x40 + 15] = 0;
+    put32(sb + 0x50, b->info.feature_incompat);
+    put16(sb + 0x56, b->ndevs);
+    put16(sb + 0x58, b->ndevs ? b->o.devt_slotoff : 0);
+    if (b->o.sb_checksum)
+        put32(sb + 0x04, erofs_sb_checksum(blk0, blksz > 1024 ? blksz : 1024 + blksz));
+    if ((r = pwrite_all(b, sb, 128, SB_OFFSET)))
+        return r;
+    b->fd = -1;
+    return 0;
+}
+
+int erofs_builder_write(erofs_builder *b, int fd)
+{
+    int r = erofs_builder_write_begin(b, fd);
+    if (r)
+        return r;
+    int64_t left;
+    do {
+        left = erofs_builder_write_step(b, 0xFFFFFFFFu, NULL);
+        if (left < 0)
+            return (int)left;
+    } while (left > 0);
+    return erofs_builder_write_end(b);
+}

@@ -1,0 +1,109 @@
+/* erofs-tools C core: EROFS image builder (node graph -> layout -> write) and crc32c.
+ *
+ * This header is ALSO the cffi cdef (csrc/build_native.py strips lines starting with
+ * '#'), so it may only hold plain C declarations: no macros, no inline code.
+ *
+ * Use:
+ *   b = erofs_builder_new(&opts)
+ *   n = erofs_node_add(b, mode, uid, gid, mtime, nsec, size, rdev)   (node ids 0,1,2...)
+ *   erofs_node_add_xattr(b, n, "user.foo", 8, value, vlen)
+ *   erofs_dir_add(b, dir, name, namelen, child)       (a node under two names = hardlink)
+ *   erofs_node_set_file(b, n, path, pathlen, offset, flags)  (data copied at write time)
+ *   erofs_node_set_bytes(b, n, data, len)             (symlink target, small data)
+ *   erofs_node_set_chunks(b, n, format, entries, count) (caller's chunk indexes, RAFS)
+ *   erofs_builder_set_root(b, n); erofs_builder_layout(b);
+ *   erofs_node_nid(b, n); erofs_builder_write(b, fd) or write_begin/write_step/write_end
+ * Every function returning int returns ERN_OK (0) or a negative ERN_* code; the message
+ * is then in erofs_builder_error(b).
+ */
+#ifndef EROFS_NATIVE_H
+#define EROFS_NATIVE_H
+#include <stdint.h>
+#include <stddef.h>
+
+enum {
+    ERN_OK = 0,
+    ERN_EINVAL = -1,   /* API misuse / bad argument */
+    ERN_ELIMIT = -2,   /* the format cannot hold this (name, xattr, size, count) */
+    ERN_EIO = -3,      /* reading a source or writing the image failed */
+    ERN_ENOMEM = -4
+};
+
+enum {
+    ERN_FILE_SPARSE = 1     /* erofs_node_set_file: scan holes (SEEK_DATA) -> chunk-based */
+};
+
+struct erofs_opts {
+    uint32_t blkszbits;        /* 12 (4 KiB); 9..12 accepted */
+    uint32_t meta_blkaddr;     /* block holding nid 0 */
+    uint32_t first_nid;        /* nid of the root (first inode); 0 = right after the sb */
+    uint32_t feature_compat;   /* written as is, plus SB_CHKSUM when sb_checksum */
+    uint32_t feature_incompat; /* written as is, plus CHUNKED_FILE when chunk files exist */
+    int32_t sb_checksum;       /* 1: crc32c over [1024, blksz) and set SB_CHKSUM */
+    int32_t shared_xattrs;     /* 1: an xattr carried by >= 2 inodes goes to the shared area */
+    int32_t inline_data;       /* 1: FLAT_INLINE tails when they fit (else FLAT_PLAIN) */
+    int32_t force_extended;    /* 1: every inode extended (64 bytes) */
+    int32_t auto_build_time;   /* 1: build_time = most common (mtime, nsec) of the tree */
+    int64_t build_time;
+    uint32_t build_time_nsec;
+    uint8_t uuid[16];
+    uint8_t volume_name[16];   /* <= 15 bytes, NUL padded */
+    uint32_t devt_slotoff;     /* device table at devt_slotoff*128 (needs devices) */
+    uint64_t sb_blocks;        /* 0: image size in blocks; else written as sb.blocks */
+};
+
+struct erofs_layout_info {
+    uint64_t inodes;
+    uint64_t root_nid;
+    uint64_t meta_start;       /* byte offset of nid 0 */
+    uint64_t meta_end;         /* end of the inode area (bytes) */
+    uint32_t xattr_blkaddr;    /* 0 when no shared xattrs */
+    uint32_t shared_xattr_bytes;
+    uint64_t data_start;       /* byte offset of the first data block */
+    uint64_t image_size;       /* bytes written by erofs_builder_write (block multiple) */
+    int64_t build_time;
+    uint32_t build_time_nsec;
+    uint32_t feature_compat;
+    uint32_t feature_incompat;
+    uint64_t data_bytes;       /* file/dir bytes copied into data blocks and tails */
+};
+
+typedef struct erofs_builder erofs_builder;
+
+void erofs_default_opts(struct erofs_opts *o);
+erofs_builder *erofs_builder_new(const struct erofs_opts *o);
+void erofs_builder_free(erofs_builder *b);
+const char *erofs_builder_error(erofs_builder *b);
+
+int64_t erofs_node_add(erofs_builder *b, uint32_t mode, uint32_t uid, uint32_t gid,
+                       int64_t mtime, uint32_t mtime_nsec, uint64_t size,
+                       uint32_t rdev_major, uint32_t rdev_minor);
+int erofs_node_add_xattr(erofs_builder *b, uint32_t node, const char *name, size_t namelen,
+                         const char *value, size_t valuelen);
+int erofs_dir_add(erofs_builder *b, uint32_t dir, const char *name, size_t namelen,
+                  uint32_t child);
+int erofs_node_set_file(erofs_builder *b, uint32_t node, const char *path, size_t pathlen,
+                        uint64_t offset, int flags);
+int erofs_node_set_bytes(erofs_builder *b, uint32_t node, const char *data, size_t len);
+int erofs_node_set_chunks(erofs_builder *b, uint32_t node, uint32_t chunk_format,
+                          const uint64_t *entries, uint32_t count);
+int erofs_builder_set_root(erofs_builder *b, uint32_t node);
+int erofs_builder_add_device(erofs_builder *b, const char *tag, size_t taglen,
+                             uint32_t blocks, uint32_t mapped_blkaddr);
+int erofs_builder_put_bytes(erofs_builder *b, uint64_t offset, const char *data, size_t len);
+
+int erofs_builder_layout(erofs_builder *b, struct erofs_layout_info *info);
+int64_t erofs_node_nid(erofs_builder *b, uint32_t node);
+uint32_t erofs_node_count(erofs_builder *b);
+
+int erofs_builder_write(erofs_builder *b, int fd);
+int erofs_builder_write_begin(erofs_builder *b, int fd);
+int64_t erofs_builder_write_step(erofs_builder *b, uint32_t max_nodes, uint64_t *bytes_done);
+int erofs_builder_write_end(erofs_builder *b);
+
+/* raw reflected CRC-32C update: no initial or final inversion */
+uint32_t erofs_crc32c_update(uint32_t crc, const uint8_t *buf, size_t len);
+/* EROFS superblock checksum of one block buffer (field at 1028 treated as zero) */
+uint32_t erofs_sb_checksum(const uint8_t *block, size_t blksz);
+
+#endif

@@ -1,0 +1,275 @@
+"""Thin, checked wrapper around the compiled C core (erofs_tools._native_cffi).
+
+This is the only module that imports the cffi extension. It converts arguments, checks
+them, and turns C error codes into ErofsToolsError subclasses with one-line messages.
+The C API itself is documented in csrc/erofs_native.h.
+
+    b = NativeBuilder(BuildOptions(uuid=..., volume_name=b"x"))
+    root = b.add_node(stat.S_IFDIR | 0o755, 0, 0, mtime, nsec)
+    f = b.add_node(stat.S_IFREG | 0o644, 0, 0, mtime, nsec, size=123)
+    b.set_file(f, b"/src/f")
+    b.add_child(root, b"f", f)
+    b.set_root(root)
+    info = b.layout()
+    b.write(fd)
+"""
+import os
+from dataclasses import dataclass, field
+
+from erofs_tools.errors import ErofsToolsError, FormatLimitError, InputError
+
+try:
+    from erofs_tools._native_cffi import ffi, lib
+except ImportError as e:  # pragma: no cover - only when the package was not installed
+    raise ImportError(
+        "erofs_tools._native_cffi is missing: install the package (pip install .) so that "
+        "csrc/ is compiled") from e
+
+ERN_OK = lib.ERN_OK
+FILE_SPARSE = lib.ERN_FILE_SPARSE
+CHUNK_INDEXES = 0x20
+
+FEATURE_COMPAT_SB_CHKSUM = 0x1
+FEATURE_COMPAT_MTIME = 0x2
+FEATURE_INCOMPAT_CHUNKED_FILE = 0x4
+FEATURE_INCOMPAT_DEVICE_TABLE = 0x8
+
+
+class NativeError(ErofsToolsError):
+    """The C core refused an operation (API misuse); message says why."""
+
+
+def _raise(b, code, what=None):
+    msg = ffi.string(lib.erofs_builder_error(b)).decode("utf-8", "replace")
+    if what:
+        msg = f"{what}: {msg}"
+    if code == lib.ERN_ELIMIT:
+        raise FormatLimitError(msg)
+    if code == lib.ERN_EIO:
+        raise InputError(msg)
+    if code == lib.ERN_ENOMEM:
+        raise MemoryError(msg)
+    raise NativeError(msg)
+
+
+@dataclass
+class BuildOptions:
+    """Image-wide options of the C core (see struct erofs_opts)."""
+    blkszbits: int = 12
+    meta_blkaddr: int = 0          # block of nid 0
+    first_nid: int = 0             # nid of the root; 0 = right after the superblock
+    feature_compat: int = FEATURE_COMPAT_MTIME
+    feature_incompat: int = 0
+    sb_checksum: bool = True
+    shared_xattrs: bool = True
+    inline_data: bool = True
+    force_extended: bool = False
+    build_time: int | None = None  # None: most common (mtime, nsec) of the tree
+    build_time_nsec: int = 0
+    uuid: bytes = bytes(16)
+    volume_name: bytes = b""
+    devt_slotoff: int = 0
+    sb_blocks: int = 0             # 0: image size in blocks
+    _extra: dict = field(default_factory=dict, repr=False)
+
+    def to_c(self):
+        o = ffi.new("struct erofs_opts *")
+        lib.erofs_default_opts(o)
+        if not 9 <= self.blkszbits <= 12:
+            raise NativeError(f"block size bits {self.blkszbits} not in 9..12")
+        if len(self.uuid) != 16:
+            raise NativeError("uuid must be 16 bytes")
+        if len(self.volume_name) > 15 or b"\0" in self.volume_name:
+            raise InputError("volume label must be at most 15 bytes without NUL")
+        o.blkszbits = self.blkszbits
+        o.meta_blkaddr = self.meta_blkaddr
+        o.first_nid = self.first_nid
+        o.feature_compat = self.feature_compat
+        o.feature_incompat = self.feature_incompat
+        o.sb_checksum = int(self.sb_checksum)
+        o.shared_xattrs = int(self.shared_xattrs)
+        o.inline_data = int(self.inline_data)
+        o.force_extended = int(self.force_extended)
+        o.auto_build_time = int(self.build_time is None)
+        o.build_time = self.build_time or 0
+        o.build_time_nsec = self.build_time_nsec
+        ffi.memmove(o.uuid, self.uuid, 16)
+        ffi.memmove(o.volume_name, self.volume_name.ljust(16, b"\0"), 16)
+        o.devt_slotoff = self.devt_slotoff
+        o.sb_blocks = self.sb_blocks
+        return o
+
+
+@dataclass
+class LayoutInfo:
+    inodes: int
+    root_nid: int
+    meta_start: int
+    meta_end: int
+    xattr_blkaddr: int
+    shared_xattr_bytes: int
+    data_start: int
+    image_size: int
+    build_time: int
+    build_time_nsec: int
+    feature_compat: int
+    feature_incompat: int
+    data_bytes: int
+
+
+def _bytes(v, what):
+    if isinstance(v, str):
+        v = os.fsencode(v)
+    if not isinstance(v, (bytes, bytearray, memoryview)):
+        raise TypeError(f"{what} must be bytes or str")
+    return bytes(v)
+
+
+class NativeBuilder:
+    """One image under construction (node graph -> layout -> write)."""
+
+    def __init__(self, options=None):
+        self.options = options or BuildOptions()
+        self._b = ffi.gc(lib.erofs_builder_new(self.options.to_c()), lib.erofs_builder_free)
+        if self._b == ffi.NULL:
+            raise MemoryError("erofs_builder_new failed")
+        self.info = None
+        # hot-path aliases (the directory walk calls these once per entry)
+        self._add_node = lib.erofs_node_add
+        self._dir_add = lib.erofs_dir_add
+
+    # -- nodes ---------------------------------------------------------------------
+    def add_node(self, mode, uid=0, gid=0, mtime=0, mtime_nsec=0, size=0, rdev_major=0,
+                 rdev_minor=0):
+        """Add an inode; -> node id (0, 1, 2 ... in call order). nlink is computed."""
+        if not (0 <= uid < 1 << 32 and 0 <= gid < 1 << 32):
+            raise FormatLimitError(f"uid/gid {uid}/{gid} do not fit in 32 bits")
+        if not 0 <= size < 1 << 63:
+            raise FormatLimitError(f"size {size} out of range")
+        r = self._add_node(self._b, mode, uid, gid, mtime, mtime_nsec, size, rdev_major,
+                           rdev_minor)
+        if r < 0:
+            _raise(self._b, r)
+        return r
+
+    def add_xattr(self, node, name, value):
+        """Add xattr `name` (full name, e.g. b"user.x") with `value` to a node."""
+        name = _bytes(name, "xattr name")
+        value = _bytes(value, "xattr value")
+        r = lib.erofs_node_add_xattr(self._b, node, name, len(name), value, len(value))
+        if r:
+            _raise(self._b, r)
+
+    def add_child(self, dir_node, name, child):
+        """Add `child` to directory `dir_node` as `name` (bytes, 1..255, no '/' or NUL).
+        Adding one non-directory node under several names makes hardlinks."""
+        name = _bytes(name, "name")
+        r = self._dir_add(self._b, dir_node, name, len(name), child)
+        if r:
+            _raise(self._b, r)
+
+    def set_file(self, node, path, offset=0, sparse=False):
+        """Data of a regular file: copied from `path` (at `offset`) when writing. With
+        sparse=True, holes found by SEEK_DATA/SEEK_HOLE become chunk holes (never read)."""
+        path = _bytes(path, "path")
+        r = lib.erofs_node_set_file(self._b, node, path, len(path), offset,
+                                    FILE_SPARSE if sparse else 0)
+        if r:
+            _raise(self._b, r)
+
+    def set_bytes(self, node, data):
+        """In-memory data (symlink target, small files); len must equal the node size."""
+        data = _bytes(data, "data")
+        r = lib.erofs_node_set_bytes(self._b, node, data, len(data))
+        if r:
+            _raise(self._b, r)
+
+    def set_chunks(self, node, chunk_format, entries):
+        """CHUNK_BASED data given by the caller (RAFS pack). `chunk_format`: low 5 bits =
+        log2(chunk size) - blkszbits, 0x20 = 8-byte indexes. `entries`: one int per chunk,
+        for indexes `advise | device_id << 16 | blkaddr << 32` (hole: blkaddr 0xFFFFFFFF),
+        for the 4-byte block map the block address. Count must be ceil(size/chunk)."""
+        n = len(entries)
+        arr = ffi.new("uint64_t[]", max(n, 1))
+        for i, e in enumerate(entries):
+            arr[i] = e
+        r = lib.erofs_node_set_chunks(self._b, node, chunk_format, arr, n)
+        if r:
+            _raise(self._b, r)
+
+    def set_root(self, node):
+        r = lib.erofs_builder_set_root(self._b, node)
+        if r:
+            _raise(self._b, r)
+
+    def add_device(self, tag, blocks, mapped_blkaddr=0):
+        """Device-table slot (tag <= 64 bytes); -> device id (1-based, slot index + 1).
+        Needs BuildOptions.devt_slotoff."""
+        tag = _bytes(tag, "tag")
+        r = lib.erofs_builder_add_device(self._b, tag, len(tag), blocks, mapped_blkaddr)
+        if r < 0:
+            _raise(self._b, r)
+        return r
+
+    def put_bytes(self, offset, data):
+        """Raw bytes written at image `offset` (before the inode area, not over the
+        superblock), e.g. the RAFS extended superblock and blob table."""
+        data = _bytes(data, "data")
+        r = lib.erofs_builder_put_bytes(self._b, offset, data, len(data))
+        if r:
+            _raise(self._b, r)
+
+    @property
+    def node_count(self):
+        return lib.erofs_node_count(self._b)
+
+    # -- layout and write ----------------------------------------------------------
+    def layout(self):
+        info = ffi.new("struct erofs_layout_info *")
+        r = lib.erofs_builder_layout(self._b, info)
+        if r:
+            _raise(self._b, r)
+        self.info = LayoutInfo(**{k: getattr(info, k) for k in LayoutInfo.__dataclass_fields__})
+        return self.info
+
+    def nid(self, node):
+        r = lib.erofs_node_nid(self._b, node)
+        if r < 0:
+            _raise(self._b, r)
+        return r
+
+    def nids(self, nodes):
+        return [self.nid(n) for n in nodes]
+
+    def write(self, fd, progress=None, step=256):
+        """Serialize the image into fd (truncated first). progress(bytes_done, nodes_left)
+        is called every `step` inodes."""
+        r = lib.erofs_builder_write_begin(self._b, fd)
+        if r:
+            _raise(self._b, r)
+        done = ffi.new("uint64_t *")
+        while True:
+            left = lib.erofs_builder_write_step(self._b, step if progress else 0xFFFFFFFF, done)
+            if left < 0:
+                _raise(self._b, left)
+            if progress:
+                progress(done[0], left)
+            if left == 0:
+                break
+        r = lib.erofs_builder_write_end(self._b)
+        if r:
+            _raise(self._b, r)
+
+
+def crc32c(data, crc=0):
+    """Standard CRC-32C (as zlib-style crc32c libraries: init ~0, final xor)."""
+    data = bytes(data)
+    return lib.erofs_crc32c_update(crc ^ 0xFFFFFFFF, data, len(data)) ^ 0xFFFFFFFF
+
+
+def sb_checksum(block):
+    """EROFS superblock checksum of an image's first block (checksum field ignored)."""
+    block = bytes(block)
+    if len(block) < 4096:
+        raise NativeError("need the first 4096 bytes of the image")
+    return lib.erofs_sb_checksum(block, 4096)

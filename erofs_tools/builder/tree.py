@@ -1,0 +1,176 @@
+"""Directory walk: turns a source tree into nodes of the C builder.
+
+One lstat per entry (os.scandir + DirEntry.stat), listxattr/getxattr, readlink for
+symlinks. Regular file data is never read here: the C core copies it when writing.
+Hardlinks are detected by (st_dev, st_ino); the table only keeps inodes with links not
+yet seen. Excluded paths are matched against the path relative to SOURCE (no leading
+'/'): --exclude-path exactly, --exclude-regex with re.search.
+"""
+import errno
+import os
+import stat
+
+from erofs_tools.errors import ErofsToolsError, InputError
+
+_S_IFMT = 0o170000
+_S_IFDIR = stat.S_IFDIR
+_S_IFREG = stat.S_IFREG
+_S_IFLNK = stat.S_IFLNK
+_S_IFCHR = stat.S_IFCHR
+_S_IFBLK = stat.S_IFBLK
+
+
+def _oserr(e, path):
+    return InputError(f"{os.fsdecode(path)}: {e.strerror or e}")
+
+
+def _with_path(e, path):
+    """Re-raise an ErofsToolsError from the C core with the offending path in front."""
+    return type(e)(f"{os.fsdecode(path)}: {e}")
+
+
+class TreeWalker:
+    """Feed the tree under `source` into a NativeBuilder according to MkfsOptions."""
+
+    def __init__(self, builder, options, skip=(), on_entry=None):
+        self.b = builder
+        self.o = options
+        self.skip = {os.fsencode(s) for s in skip}   # absolute paths never to add
+        self.on_entry = on_entry
+        self.entries = 0
+        self.bytes = 0
+        ts = options.effective_timestamp()
+        self.fixed_mtime = ts
+        self.force_uid = 0 if options.all_root else options.force_uid
+        self.force_gid = 0 if options.all_root else options.force_gid
+        self.excl_paths = set(options.exclude_paths)
+        self.excl_regex = list(options.exclude_regex)
+
+    def _excluded(self, rel):
+        if rel in self.excl_paths:
+            return True
+        for rx in self.excl_regex:
+            if rx.search(rel):
+                return True
+        return False
+
+    def _add(self, path, st):
+        """Add one inode for `path` (lstat result st); -> node id."""
+        b = self.b
+        mode = st.st_mode
+        fmt = mode & _S_IFMT
+        uid = st.st_uid if self.force_uid is None else self.force_uid
+        gid = st.st_gid if self.force_gid is None else self.force_gid
+        if self.fixed_mtime is not None:
+            sec, nsec = self.fixed_mtime, 0
+        else:
+            sec, nsec = divmod(st.st_mtime_ns, 1_000_000_000)
+        size = 0
+        target = None
+        maj = mnr = 0
+        if fmt == _S_IFREG:
+            size = st.st_size
+        elif fmt == _S_IFLNK:
+            try:
+                target = os.readlink(path)
+            except OSError as e:
+                raise _oserr(e, path) from None
+            size = len(target)
+        elif fmt == _S_IFCHR or fmt == _S_IFBLK:
+            maj, mnr = os.major(st.st_rdev), os.minor(st.st_rdev)
+        try:
+            node = b.add_node(mode, uid, gid, sec, nsec, size, maj, mnr)
+            if fmt == _S_IFREG and size:
+                b.set_file(node, path, 0, st.st_blocks * 512 < size)
+            elif target is not None:
+                b.set_bytes(node, target)
+            self._xattrs(path, node)
+        except ErofsToolsError as e:
+            raise _with_path(e, path) from None
+        self.entries += 1
+        self.bytes += size
+        return node
+
+    def _xattrs(self, path, node):
+        try:
+            names = os.listxattr(path, follow_symlinks=False)
+        except OSError as e:
+            if e.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
+                return
+            raise _oserr(e, path) from None
+        if not names:
+            return
+        for name in sorted(names):
+            try:
+                value = os.getxattr(path, name, follow_symlinks=False)
+            except OSError as e:
+                if e.errno == errno.ENODATA:
+                    continue       # removed meanwhile
+                raise _oserr(e, path) from None
+            self.b.add_xattr(node, os.fsencode(name), value)
+
+    def walk(self, source):
+        """Walk `source` (a directory); -> root node id."""
+        src = os.fsencode(source)
+        try:
+            st = os.lstat(src)
+        except OSError as e:
+            raise _oserr(e, src) from None
+        if not stat.S_ISDIR(st.st_mode):
+            raise InputError(f"{os.fsdecode(src)}: not a directory")
+        root = self._add(src, st)
+        self.b.set_root(root)
+        links = {}                       # (dev, ino) -> [node, links still expected]
+        stack = [(src, b"", root)]
+        add_child = self.b.add_child
+        excluding = bool(self.excl_paths or self.excl_regex)
+        skip = self.skip
+        on_entry = self.on_entry
+        while stack:
+            dpath, drel, dnode = stack.pop()
+            try:
+                with os.scandir(dpath) as it:
+                    ents = list(it)
+            except OSError as e:
+                raise _oserr(e, dpath) from None
+            for ent in ents:
+                name = ent.name
+                path = ent.path
+                rel = drel + b"/" + name if drel else name
+                if excluding and self._excluded(rel):
+                    continue
+                if path in skip:
+                    continue
+                try:
+                    st = ent.stat(follow_symlinks=False)
+                except OSError as e:
+                    raise _oserr(e, path) from None
+                mode = st.st_mode
+                if (mode & _S_IFMT) != _S_IFDIR and st.st_nlink > 1:
+                    key = (st.st_dev, st.st_ino)
+                    hit = links.get(key)
+                    if hit is not None:
+                        self._link(dnode, name, hit[0], path)
+                        hit[1] -= 1
+                        if hit[1] <= 0:
+                            del links[key]
+                        continue
+                    node = self._add(path, st)
+                    links[key] = [node, st.st_nlink - 1]
+                else:
+                    node = self._add(path, st)
+                try:
+                    add_child(dnode, name, node)
+                except ErofsToolsError as e:
+                    raise _with_path(e, path) from None
+                if (mode & _S_IFMT) == _S_IFDIR:
+                    stack.append((path, rel, node))
+                if on_entry is not None:
+                    on_entry(self.entries, self.bytes)
+        return root
+
+    def _link(self, dnode, name, node, path):
+        try:
+            self.b.add_child(dnode, name, node)
+        except ErofsToolsError as e:
+            raise _with_path(e, path) from None

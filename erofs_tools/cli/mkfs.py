@@ -1,0 +1,53 @@
+"""`erofs-tools mkfs IMAGE SOURCE`: a plain, uncompressed EROFS image of a directory."""
+import json
+
+import click
+
+from erofs_tools.builder.mkfs import mkfs as build_image
+from erofs_tools.builder.options import (MkfsOptions, parse_exclude_path,
+                                         parse_exclude_regex, parse_label, parse_timestamp,
+                                         parse_uuid)
+from erofs_tools.cli.progress import Progress
+
+
+@click.command("mkfs")
+@click.argument("image", type=click.Path(dir_okay=False))
+@click.argument("source", type=click.Path())
+@click.option("-T", "--timestamp", metavar="SECONDS",
+              help="Set every inode's mtime and the build time to this UNIX time "
+                   "(default: SOURCE_DATE_EPOCH if set, else keep the tree's mtimes).")
+@click.option("-U", "--uuid", "uuid_text", metavar="UUID",
+              help="Volume UUID, 'random' (default) or 'clear'.")
+@click.option("-L", "--label", default="", help="Volume label (at most 15 bytes).")
+@click.option("--all-root", is_flag=True, help="Make all files owned by root (uid/gid 0).")
+@click.option("--force-uid", type=click.IntRange(0, 2**32 - 1), help="Set every uid to this.")
+@click.option("--force-gid", type=click.IntRange(0, 2**32 - 1), help="Set every gid to this.")
+@click.option("--exclude-path", multiple=True, metavar="PATH",
+              help="Skip this path (relative to SOURCE) and what is below it; repeatable.")
+@click.option("--exclude-regex", multiple=True, metavar="REGEX",
+              help="Skip paths (relative to SOURCE) matching this regex; repeatable.")
+@click.option("--no-shared-xattrs", is_flag=True,
+              help="Keep all xattrs inline (by default xattrs on >= 2 inodes are shared).")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing on success.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
+def mkfs(image, source, timestamp, uuid_text, label, all_root, force_uid, force_gid,
+         exclude_path, exclude_regex, no_shared_xattrs, quiet, as_json):
+    """Build an EROFS image IMAGE of the directory SOURCE (4 KiB blocks, uncompressed)."""
+    opts = MkfsOptions(
+        timestamp=parse_timestamp(timestamp) if timestamp is not None else None,
+        uuid=parse_uuid(uuid_text) if uuid_text else None,
+        label=parse_label(label),
+        all_root=all_root,
+        force_uid=force_uid,
+        force_gid=force_gid,
+        exclude_paths=[parse_exclude_path(p) for p in exclude_path],
+        exclude_regex=[parse_exclude_regex(r) for r in exclude_regex],
+        shared_xattrs=not no_shared_xattrs,
+    )
+    progress = Progress.maybe(enabled=not quiet and not as_json)
+    summary = build_image(image, source, opts, progress=progress)
+    if as_json:
+        click.echo(json.dumps(summary, sort_keys=True))
+    elif not quiet:
+        click.echo(f"{summary['image']}: {summary['inodes']} inodes, {summary['blocks']} blocks "
+                   f"({summary['bytes']} bytes) in {summary['seconds']:.2f} s")
