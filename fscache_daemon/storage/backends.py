@@ -49,6 +49,10 @@ class Backend:
     def close(self) -> None:
         pass
 
+    def register_blob(self, blob_id: str, size: int | None = None) -> None:
+        """Tell the backend about a blob it will be asked for (its stored size, from the
+        bootstrap's blob table), before the first read."""
+
     def reader(self, blob_id: str):
         """A `read_at(offset, length) -> bytes` closure for one blob."""
         return lambda offset, length: self.read(blob_id, offset, length)
@@ -119,49 +123,117 @@ class LocalFsBackend(Backend):
             self._fds.clear()
 
 
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
+
+
+def _is_loopback(host: str) -> bool:
+    return host.rsplit(":", 1)[0] in LOOPBACK_HOSTS if not host.startswith("[") \
+        else host.split("]")[0] + "]" in LOOPBACK_HOSTS
+
+
 class RegistryBackend(Backend):
     """Blob range reads from an OCI registry repository (`registry:HOST/REPO[:TAG]`).
 
     Transport concerns (pooled keep-alive connections, basic/bearer auth with token
     refresh, redirects cached per blob, retries with backoff, timeouts, an optional HTTP
-    proxy with direct fallback) live in `erofs_tools.registry`; this class only maps blob
-    ids to `sha256:` digests and checks lengths. `mirror` replaces the registry endpoint
-    (e.g. dfdaemon in registry-endpoint mode, `http://127.0.0.1:4001`); `proxy` is a
-    forward HTTP proxy (dfdaemon's proxy port).
+    proxy with direct fallback) live in `erofs_tools.registry.RegistryClient`; this class
+    maps blob ids to `sha256:` digests and checks lengths. `mirror` (`HOST[:PORT]`)
+    replaces the registry endpoint, e.g. dfdaemon in registry-endpoint mode
+    (`127.0.0.1:4001`); `proxy` (`http://HOST:PORT`) is a forward HTTP proxy such as
+    dfdaemon's proxy port. Plain HTTP is used for loopback registries unless `insecure`
+    says otherwise.
     """
 
     kind = "registry"
 
     def __init__(self, reference: str, *, proxy: str | None = None,
-                 mirror: str | None = None, insecure: bool | None = None):
+                 mirror: str | None = None, insecure: bool | None = None,
+                 digest_map: dict | None = None, **client_kw):
         from erofs_tools import registry as reg
         self.reference = reference
         self.proxy = proxy
         self.mirror = mirror
         try:
-            self._client = reg.open_blob_reader(reference, proxy=proxy, mirror=mirror,
-                                                insecure=insecure)
+            ref = reg.parse_reference(reference)
+            if not isinstance(ref, reg.Reference):
+                raise BackendError(f"registry backend {reference!r}: not a registry reference")
+            host = mirror or ref.api_host
+            if insecure is None:
+                insecure = _is_loopback(host)
+            self.repository = ref.repository
+            self._client = reg.RegistryClient(host, insecure=insecure, proxy=proxy,
+                                              **client_kw)
+        except BackendError:
+            raise
         except ErofsToolsError as e:
             raise BackendError(f"registry backend {reference}: {e}") from None
-        except AttributeError:
-            raise BackendError("registry backend: erofs_tools.registry has no blob reader "
-                               "(not installed yet)") from None
+        self.host = host
+        self._ref = ref
+        self._digests: dict[str, str] = dict(digest_map or {})
+        self._sizes: dict[str, int] = {}
+        self._layers = None
+        self._map_lock = threading.Lock()
 
     @property
     def spec(self) -> str:
         return f"registry:{self.reference}"
 
+    def register_blob(self, blob_id: str, size: int | None = None) -> None:
+        if size:
+            self._sizes[blob_id] = size
+
+    def _nydus_layers(self) -> list:
+        """The image's Nydus blob layers (empty if the reference names no image)."""
+        if self._layers is None:
+            self._layers = []
+            if self._ref.tag or self._ref.digest:
+                from erofs_tools import registry as reg
+                try:
+                    m = reg.resolve_manifest(self._client, self.repository, self._ref.ref)
+                    self._layers = [d for d in m.layers() if d.media_type == reg.NYDUS_BLOB]
+                except ErofsToolsError as e:
+                    log.warning("registry %s: cannot read the image manifest (%s); "
+                                "using blob ids as digests", self.reference, e)
+        return self._layers
+
+    def digest_of(self, blob_id: str) -> str:
+        """The registry digest holding a blob: an explicit mapping, else the layer whose
+        digest is the blob id (the Nydus convention), else the one Nydus blob layer of the
+        image with the blob's size (for blobs named by their RAFS id, not their sha256),
+        else `sha256:<blob id>`."""
+        with self._map_lock:
+            d = self._digests.get(blob_id)
+            if d:
+                return d
+            want = "sha256:" + blob_id
+            d = want
+            layers = self._nydus_layers()
+            if layers and not any(x.digest == want for x in layers):
+                size = self._sizes.get(blob_id)
+                same = [x for x in layers if size and x.size == size]
+                if len(same) == 1:
+                    d = same[0].digest
+                    log.info("registry %s: blob %s is layer %s (matched by size)",
+                             self.reference, blob_id[:12], d)
+            if d != want or blob_id in self._sizes or not layers:
+                self._digests[blob_id] = d
+            return d
+
     def blob_size(self, blob_id: str) -> int:
         check_blob_id(blob_id)
         try:
-            return self._client.blob_size("sha256:" + blob_id)
+            size = self._client.stat_blob(self.repository, self.digest_of(blob_id))
         except ErofsToolsError as e:
             raise BackendError(f"registry {self.reference} blob {blob_id[:12]}: {e}") from None
+        if size is None:
+            raise BackendError(f"registry {self.reference}: blob sha256:{blob_id} not found")
+        return size
 
     def read(self, blob_id: str, offset: int, length: int) -> bytes:
         check_blob_id(blob_id)
         try:
-            data = self._client.read_blob_range("sha256:" + blob_id, offset, length)
+            data = self._client.read_blob_range(self.repository, self.digest_of(blob_id),
+                                                offset, length)
         except ErofsToolsError as e:
             raise BackendError(f"registry {self.reference} blob {blob_id[:12]}: {e}") from None
         if len(data) != length:
@@ -170,9 +242,7 @@ class RegistryBackend(Backend):
         return data
 
     def close(self) -> None:
-        close = getattr(self._client, "close", None)
-        if close:
-            close()
+        self._client.close()
 
 
 def parse_backend_spec(spec: str) -> tuple[str, str]:
@@ -183,8 +253,8 @@ def parse_backend_spec(spec: str) -> tuple[str, str]:
 
 
 def open_backend(spec: str, *, proxy: str | None = None, mirror: str | None = None,
-                 insecure: bool | None = None) -> Backend:
+                 insecure: bool | None = None, **client_kw) -> Backend:
     kind, where = parse_backend_spec(spec)
     if kind == "localfs":
         return LocalFsBackend(where)
-    return RegistryBackend(where, proxy=proxy, mirror=mirror, insecure=insecure)
+    return RegistryBackend(where, proxy=proxy, mirror=mirror, insecure=insecure, **client_kw)

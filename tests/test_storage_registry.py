@@ -1,0 +1,95 @@
+"""The registry backend against Debian's docker-registry on 127.0.0.1 (registry_fixtures)."""
+
+import hashlib
+import os
+
+import pytest
+
+from erofs_tools.registry import NYDUS_BLOB, OCI_CONFIG, BlobSource, push_image
+from fscache_daemon.storage import BackendError
+from fscache_daemon.storage import blobcache as bc
+from fscache_daemon.storage.backends import RegistryBackend, open_backend
+
+from registry_fixtures import registry, registry_token  # noqa: F401
+from test_storage_support import NYDUS_BLOB as NYDUS_BLOB_PATH, NYDUS_BLOB_ID, make_blob
+
+pytestmark = pytest.mark.registry
+
+
+def sha256_file(path):
+    with open(path, "rb") as f:
+        return "sha256:" + hashlib.sha256(f.read()).hexdigest()
+
+
+def push_blob_image(server, repo, tag, blob_paths):
+    client = server.client()
+    layers = [BlobSource(p, NYDUS_BLOB, {"containerd.io/snapshot/nydus-blob": "true"})
+              for p in blob_paths]
+    push_image(client, repo, tag, config=BlobSource(b"{}", OCI_CONFIG), layers=layers)
+    client.close()
+
+
+def manager(cache_dir, backend, blob_id, size):
+    backend.register_blob(blob_id, size)
+    meta, fetched = bc.load_or_fetch_meta(cache_dir, blob_id, backend, blob_size=size)
+    return bc.BlobManager(meta, bc.BlobCache(cache_dir, meta), backend), fetched
+
+
+def test_registry_backend_serves_nydus_vector(registry, tmp_path):  # noqa: F811
+    push_blob_image(registry, "lazy/nydus", "v1", [NYDUS_BLOB_PATH])
+    be = open_backend(f"registry:{registry.host}/lazy/nydus:v1", backoff=0.01,
+                      docker_config=False)
+    size = os.path.getsize(NYDUS_BLOB_PATH)
+    be.register_blob(NYDUS_BLOB_ID, size)
+    # the vector's blob id is not the sha256 of the file: matched through the manifest
+    assert be.digest_of(NYDUS_BLOB_ID) == sha256_file(NYDUS_BLOB_PATH)
+    mgr, meta_bytes = manager(str(tmp_path / "c"), be, NYDUS_BLOB_ID, size)
+    assert 0 < meta_bytes < size
+    fetched = mgr.fill(0, mgr.size)
+    assert fetched == sum(c.compressed_size for c in mgr.meta.chunks)
+    assert mgr.complete()
+    with open(NYDUS_BLOB_PATH, "rb") as f:
+        from erofs_tools.reader import blob as rblob
+        ra = rblob.file_reader(f)
+        for c in mgr.meta.chunks:
+            want = rblob.read_chunk(mgr.meta, c, ra)
+            with open(mgr.cache.path, "rb") as g:
+                g.seek(c.uncompressed_offset)
+                assert g.read(c.uncompressed_size) == want
+    mgr.close()
+    be.close()
+
+
+def test_registry_backend_with_token_auth_and_corruption(registry_token, tmp_path):  # noqa: F811
+    bdir = str(tmp_path / "blobs")
+    blob_id, datas = make_blob(bdir, 12, chunk_size=65536)
+    path = os.path.join(bdir, blob_id)
+    push_blob_image(registry_token, "lazy/synth", "v1", [path])
+    be = RegistryBackend(f"{registry_token.host}/lazy/synth:v1", docker_config=False,
+                         credentials=registry_token.credentials, backoff=0.01)
+    size = os.path.getsize(path)
+    mgr, _ = manager(str(tmp_path / "c"), be, blob_id, size)
+    c3 = mgr.meta.chunks[3]
+    # corrupt chunk 3 in the registry's storage
+    stored = registry_token.blob_data_path(be.digest_of(blob_id))
+    with open(stored, "r+b") as f:
+        f.seek(c3.compressed_offset + 10)
+        b = f.read(1)
+        f.seek(c3.compressed_offset + 10)
+        f.write(bytes([b[0] ^ 0xFF]))
+    with pytest.raises(bc.FillError):
+        mgr.fill(0, mgr.size)
+    assert mgr.cache.cached_chunks == 11 and not mgr.cache.has(c3)
+    assert mgr.stats.snapshot()["verify_failures"] == 1
+    mgr.close()
+    be.close()
+
+
+def test_registry_backend_missing_blob(registry):  # noqa: F811
+    be = open_backend(f"registry:{registry.host}/nothing/here", backoff=0.01,
+                      docker_config=False, retries=0)
+    with pytest.raises(BackendError):
+        be.read("c" * 64, 0, 10)
+    with pytest.raises(BackendError):
+        be.blob_size("c" * 64)
+    be.close()
