@@ -396,8 +396,12 @@ def test_holder_keeps_readers_waiting_across_daemon_sigkill(workdir, erofs_image
         assert d1.stdout.readline().startswith("EVENT")  # d1 holds the event, stuck
         d1.kill()
         d1.wait()
+        # a read that starts while no daemon runs queues in the holder and waits too
+        late = subprocess.Popen(["cat", str(mnt / "a.bin")], stdout=subprocess.PIPE)
+        procs.append(late)
         time.sleep(0.5)
         assert reader.poll() is None, "reader finished while no daemon ran"
+        assert late.poll() is None, "late reader finished while no daemon ran"
         # the holder refuses to exit while the cache file is marked
         holder.send_signal(signal.SIGTERM)
         time.sleep(0.3)
@@ -407,8 +411,13 @@ def test_holder_keeps_readers_waiting_across_daemon_sigkill(workdir, erofs_image
         out, _ = reader.communicate(timeout=30)
         assert reader.returncode == 0
         assert out == (src / "big.bin").read_bytes()  # never zeros
-        for rel in _files(src):
-            assert _cat(mnt / rel).stdout == (src / rel).read_bytes(), rel
+        assert late.communicate(timeout=30)[0] == (src / "a.bin").read_bytes()
+        # concurrent readers through the new daemon's worker threads
+        readers = [subprocess.Popen(["cat", str(mnt / rel)], stdout=subprocess.PIPE)
+                   for rel in _files(src) * 2]
+        procs.extend(readers)
+        for rel, r in zip(_files(src) * 2, readers):
+            assert r.communicate(timeout=30)[0] == (src / rel).read_bytes(), rel
         d2.kill()
         d2.wait()
         _umount(mnt)

@@ -76,11 +76,15 @@ class LocalGroup:
 
     def answer(self, ev: PendingEvent, response: int) -> None:
         try:
-            if ev.fd >= 0 and not abi.write_response(self.group_fd, ev.token, response):
-                log.warning("fanotify: event fd %d was already answered", ev.token)
+            # under the lock: after close() the group's fd number may name another file
+            with self._lock:
+                if self.group_fd < 0:
+                    log.warning("fanotify: group closed before event fd %d was answered",
+                                ev.token)
+                elif not abi.write_response(self.group_fd, ev.token, response):
+                    log.warning("fanotify: event fd %d was already answered", ev.token)
         finally:
-            if ev.fd >= 0:
-                os.close(ev.fd)
+            os.close(ev.fd)
 
     def mark(self, path: str) -> int:
         path = os.path.abspath(path)
@@ -114,9 +118,9 @@ class LocalGroup:
             for wfd in self._writers.values():
                 os.close(wfd)
             self._writers.clear()
-        if self.group_fd >= 0:
-            os.close(self.group_fd)
-            self.group_fd = -1
+            if self.group_fd >= 0:
+                os.close(self.group_fd)
+                self.group_fd = -1
 
 
 @dataclass
@@ -151,6 +155,11 @@ class PreContentWatcher:
         self._stopping = False
         self.overflowed = False
         self.stats = {"events": 0, "fast": 0, "filled": 0, "denied": 0}
+        self._stats_lock = threading.Lock()
+
+    def _count(self, name: str) -> None:
+        with self._stats_lock:
+            self.stats[name] += 1
 
     @classmethod
     def from_holder(cls, sock_path: str | os.PathLike, fill: FillFn,
@@ -251,7 +260,7 @@ class PreContentWatcher:
     # -- per event ---------------------------------------------------------------------
 
     def _dispatch(self, ev: PendingEvent) -> None:
-        self.stats["events"] += 1
+        self._count("events")
         if ev.mask & abi.FAN_Q_OVERFLOW or ev.fd < 0:
             # lost events cannot be answered; flag it loudly for the daemon's health checks
             self.overflowed = True
@@ -272,15 +281,20 @@ class PreContentWatcher:
         if self._fast_path is not None:
             try:
                 if self._fast_path(key, off, length):
-                    self.stats["fast"] += 1
+                    self._count("fast")
                     self._answer(ev, abi.FAN_ALLOW)
                     return
             except Exception:  # noqa: BLE001 - fall back to the slow path
                 log.exception("fanotify: fast path failed for %r", key)
         if self._executor is None:
             self._serve(ev, key, off, length)
-        else:
+            return
+        try:
             self._executor.submit(self._serve, ev, key, off, length)
+        except RuntimeError as exc:  # executor shut down: the event must still be answered
+            log.error("fanotify: cannot queue fill for %r: %s; denying", key, exc)
+            self._count("denied")
+            self._answer(ev, abi.RESPONSE_EIO)
 
     def _map(self, ev: PendingEvent) -> tuple[Hashable, int, int] | None:
         st = os.fstat(ev.fd)
@@ -301,12 +315,12 @@ class PreContentWatcher:
         try:
             self._fill(key, off, length)
         except Exception as exc:  # noqa: BLE001 - any failure becomes EIO for this reader
-            self.stats["denied"] += 1
+            self._count("denied")
             log.warning("fanotify: fill(%r, %d, %d) failed: %s; reader gets EIO",
                         key, off, length, exc)
             response = abi.RESPONSE_EIO
         else:
-            self.stats["filled"] += 1
+            self._count("filled")
             response = abi.FAN_ALLOW
         self._answer(ev, response)
 

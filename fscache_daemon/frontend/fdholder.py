@@ -158,7 +158,7 @@ class FdHolder:
             if self.subscriber is not None:
                 fds[self.subscriber.fileno()] = self._from_subscriber
             for fd, conn in self.controls.items():
-                fds[fd] = lambda c=conn: self._from_control(c)
+                fds[fd] = lambda f=fd, c=conn: self._from_control(f, c)
             poller = select.poll()
             for fd in fds:
                 poller.register(fd, select.POLLIN)
@@ -167,8 +167,12 @@ class FdHolder:
             except InterruptedError:
                 continue
             for fd, _ in ready:
-                if fd in fds:
+                if fd not in fds:
+                    continue
+                try:
                     fds[fd]()
+                except Exception:  # noqa: BLE001 - dying here would fail open; log, go on
+                    log.exception("fd holder: error handling fd %d", fd)
         self.close()
 
     def close(self) -> None:
@@ -204,8 +208,14 @@ class FdHolder:
             buf = os.read(self.group_fd, abi.READ_BUFFER_SIZE)
         except BlockingIOError:
             return
+        try:
+            events = abi.parse_events(buf)
+        except FrontendError as exc:
+            # cannot happen with a sane kernel; the events' readers stay blocked (killable)
+            log.critical("fd holder: unparsable events dropped: %s", exc)
+            return
         fresh = []
-        for ev in abi.parse_events(buf):
+        for ev in events:
             if ev.overflow or ev.fd < 0:
                 log.critical("fd holder: fanotify queue overflow; events were lost")
                 continue
@@ -239,6 +249,8 @@ class FdHolder:
             self.subscriber = None
 
     def _from_subscriber(self) -> None:
+        if self.subscriber is None:
+            return  # dropped earlier in this poll round
         try:
             msg, _ = _recv(self.subscriber)
         except (OSError, HolderError) as exc:
@@ -266,20 +278,22 @@ class FdHolder:
 
     # -- control requests ----------------------------------------------------------------
 
-    def _from_control(self, conn: socket.socket) -> None:
+    def _from_control(self, fd: int, conn: socket.socket) -> None:
+        if self.controls.get(fd) is not conn:
+            return  # closed or taken over earlier in this poll round
         try:
             msg, _ = _recv(conn)
         except (OSError, HolderError) as exc:
             log.warning("fd holder: control connection error: %s", exc)
             msg = None
         if msg is None:
-            del self.controls[conn.fileno()]
+            del self.controls[fd]
             conn.close()
             return
         op = msg.get("op")
         try:
             if op == "subscribe":
-                del self.controls[conn.fileno()]
+                del self.controls[fd]
                 self._subscribe(conn)
             elif op == "hello":
                 _send(conn, {"ok": True, "pid": os.getpid()}, [self.group_fd])
@@ -420,6 +434,11 @@ class HolderChannel:
     def answer(self, ev: PendingEvent, response: int) -> None:
         try:
             with self._send_lock:
+                if self._events is None:
+                    # closed: the holder keeps the event and gives it to the next daemon
+                    log.warning("fd holder channel closed; event %d left to the holder",
+                                ev.token)
+                    return
                 _send(self._events, {"op": "answer", "id": ev.token, "response": response})
         finally:
             os.close(ev.fd)
@@ -450,10 +469,11 @@ class HolderChannel:
         for wfd in self._writers.values():
             os.close(wfd)
         self._writers.clear()
-        for s in (self._events, self._ctl):
-            if s is not None:
-                s.close()
-        self._events = None
+        with self._send_lock:
+            if self._events is not None:
+                self._events.close()
+                self._events = None
+        self._ctl.close()
         if self.group_fd >= 0:
             os.close(self.group_fd)
             self.group_fd = -1
