@@ -119,33 +119,32 @@ class RegistryClient:
     def _send(self, method: str, url: str, scope: str, headers: dict | None = None,
               body: bytes | BinaryIO | None = None, *, via_proxy: bool = False,
               retry: bool = True) -> urllib3.BaseHTTPResponse:
-        """Send with authorization; on 401 run the challenge flow once and resend."""
+        """Send with authorization; on 401 run the challenge flow and resend. Two rounds
+        at most: the first 401 may just be discovery (we sent nothing), the second means
+        the registry refused what it asked for (an expired token gets renewed once)."""
         headers = dict(headers or {})
         start = _position(body)
         sent = self.auth.authorization(scope)
-        if sent:
-            headers["Authorization"] = sent
-        resp = self.transport.request(method, url, headers, body, via_proxy=via_proxy,
-                                      retry=retry)
-        if resp.status != 401:
-            return resp
-        challenge = resp.headers.get("WWW-Authenticate")
-        drain(resp)
-        self.auth.on_unauthorized(challenge, scope, sent)
-        fresh = self.auth.authorization(scope)
-        if fresh:
-            headers["Authorization"] = fresh
-        if start is not None:
-            body.seek(start)
-        resp = self.transport.request(method, url, headers, body, via_proxy=via_proxy,
-                                      retry=retry)
-        if resp.status == 401:
+        for round_ in range(3):
+            if sent:
+                headers["Authorization"] = sent
+            if round_ and start is not None:
+                body.seek(start)
+            elif round_ and body is not None and not isinstance(body, bytes):
+                raise RegistryError(f"{method} {safe_url(url)}: cannot resend a stream "
+                                    "after an authentication challenge")
+            resp = self.transport.request(method, url, headers, body, via_proxy=via_proxy,
+                                          retry=retry)
+            if resp.status != 401:
+                return resp
+            challenge = resp.headers.get("WWW-Authenticate")
             drain(resp)
-            if fresh and fresh.startswith("Basic "):
-                raise AuthError(f"registry {self.host} rejected the credentials")
-            raise AuthError(f"registry {self.host}: access denied for "
-                            f"{scope or 'the API'} ({method} {safe_url(url)})")
-        return resp
+            if round_ == 2:
+                break
+            self.auth.on_unauthorized(challenge, scope, sent)
+            sent = self.auth.authorization(scope)
+        raise AuthError(f"registry {self.host}: access denied for "
+                        f"{scope or 'the API'} ({method} {safe_url(url)})")
 
     def fail(self, method: str, url: str, resp: urllib3.BaseHTTPResponse,
              what: str = "") -> RegistryError:
