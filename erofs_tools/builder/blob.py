@@ -185,16 +185,28 @@ class BlobWriter:
         except FileNotFoundError:
             pass
 
-    def finish(self):
-        """Write the meta sections and rename; -> BlobInfo, or None if no chunk was added."""
+    def finish(self, commit=True):
+        """Write the meta sections; -> BlobInfo, or None if no chunk was added.
+
+        With commit=False the file stays under its temporary name until `commit()` (so a
+        pack that fails later leaves nothing behind; `abort()` removes it).
+        """
         if self.count == 0:
             self.abort()
             return None
         try:
-            return self._finish()
+            info = self._finish()
+            if commit:
+                self.commit()
+            return info
         except BaseException:
             self.abort()
             raise
+
+    def commit(self):
+        """Rename the finished blob to its id."""
+        os.chmod(self.tmp_path, 0o644)
+        os.replace(self.tmp_path, self.info.path)
 
     def _finish(self):
         toc = []
@@ -244,14 +256,10 @@ class BlobWriter:
         toc_bytes = b"".join(e.encode() for e in toc)
         toc_bytes += R.tar_header(R.TOC_NAME_TOC, len(toc_bytes))
         self._write(toc_bytes)
-        self._f.flush()
-        os.fsync(self._f.fileno())
         self._f.close()
         self._f = None
         blob_id = self._hash.hexdigest()
         path = os.path.join(self.blob_dir, blob_id)
-        os.chmod(self.tmp_path, 0o644)
-        os.replace(self.tmp_path, path)
         self.info = BlobInfo(
             blob_id=blob_id, path=path, chunk_size=self.chunk_size, chunk_count=self.count,
             compressor=self.compressor, digester=self.digester, features=features,

@@ -1,0 +1,391 @@
+"""`erofs-tools pack`: a Nydus RAFS v6 bootstrap plus one data blob from a directory.
+
+Steps:
+1. Walk SOURCE with the mkfs directory walker into the C node-graph builder; regular
+   files are recorded (path, size, sparse) instead of being given file data.
+2. Chunk, hash and compress every regular file (chunker.ChunkPipeline, parallel, in a
+   deterministic order: prefetch files first, then by path) and append the distinct
+   chunks that no chunk dict holds to a new blob (blob.BlobWriter).
+3. Blob list: the chunk-dict blobs that are actually referenced (in dict order) first,
+   then the new blob. Every regular file becomes CHUNK_BASED with 8-byte indexes
+   (advise = CI index bits 0-15, device_id = blob index + 1 | CI index bits 16-23 << 8,
+   blkaddr = uncompressed offset / 4096).
+4. Bootstrap map (rafs-v6.md §1): ext superblock at 1152, device table at slot 11, blob
+   table at round_up(1408 + 128 N, 4096), prefetch table right after it, meta_blkaddr
+   after the tables with the root at nid 128, inodes laid out by the C core, then the
+   chunk info table at a 4 KiB-aligned offset after everything the C core wrote.
+
+The C core's put_bytes() only accepts bytes before the inode area and takes them before
+layout, so four things are patched into the written image in Python (same bytes the
+C core would write; see the report to the mkfs owner): the chunk info table appended
+at the end, its offset/size in the ext superblock, the prefetch nids, the device slots'
+mapped_blkaddr (which depends on the final bootstrap size) and sb.blocks when there is
+no blob.
+"""
+import os
+import stat
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+from erofs_tools._native import BuildOptions, NativeBuilder
+from erofs_tools.builder.blob import BLKSZ, BlobWriter, round_up
+from erofs_tools.builder.chunk_dict import ChunkDict
+from erofs_tools.builder.chunker import (COMPRESSORS, DIGESTERS, ChunkPipeline,
+                                         check_chunk_size)
+from erofs_tools.builder.mkfs import check_paths
+from erofs_tools.builder.options import MkfsOptions
+from erofs_tools.builder.tree import TreeWalker
+from erofs_tools.errors import InputError
+from erofs_tools.format import erofs as E
+from erofs_tools.format import rafs as R
+
+ROOT_NID = R.ROOT_NID
+
+
+@dataclass
+class PackOptions:
+    chunk_size: int = R.CHUNK_SIZE_DEFAULT
+    digester: str = "blake3"
+    compressor: str = "zstd"
+    chunk_dicts: list = field(default_factory=list)     # bootstrap paths
+    prefetch: list | None = None                         # image paths ("/a/b")
+    timestamp: int | None = None                         # -T: every mtime + build time
+    workers: int | None = None
+
+    def check(self):
+        check_chunk_size(self.chunk_size)
+        if self.digester not in DIGESTERS:
+            raise InputError(f"unknown digester {self.digester!r} (choose blake3 or sha256)")
+        if self.compressor not in COMPRESSORS:
+            raise InputError(f"unknown compressor {self.compressor!r} (choose zstd or none)")
+
+
+class _RafsBuilder(NativeBuilder):
+    """NativeBuilder whose regular files are recorded for chunking, not copied."""
+
+    def __init__(self, options):
+        super().__init__(options)
+        self.files = {}          # node -> [path, size, sparse]
+
+    def set_file(self, node, path, offset=0, sparse=False):
+        self.files[node] = [os.fsencode(path), None, bool(sparse)]
+
+
+class _RafsWalker(TreeWalker):
+    """The mkfs walker, remembering regular files, every path's node and hardlinks."""
+
+    def __init__(self, builder, options, source):
+        super().__init__(builder, options)
+        self.src = os.fsencode(source).rstrip(b"/") or b"/"
+        self.nodes_by_rel = {}       # b"a/b" -> node
+        self.children = {}           # dir node -> [child nodes]
+        self.regular = set()
+        self.has_xattrs = False
+
+    def _rel(self, path):
+        p = os.fsencode(path)
+        if p == self.src:
+            return b""
+        return p[len(self.src) + 1:] if self.src != b"/" else p[1:]
+
+    def _add(self, path, st):
+        node = super()._add(path, st)
+        rel = self._rel(path)
+        self.nodes_by_rel[rel] = node
+        if stat.S_ISREG(st.st_mode):
+            self.regular.add(node)
+            rec = self.b.files.setdefault(node, [os.fsencode(path), 0, False])
+            rec[1] = st.st_size
+        return node
+
+    def _xattrs(self, path, node):
+        before = getattr(self.b, "_xattr_count", 0)
+        super()._xattrs(path, node)
+        if getattr(self.b, "_xattr_count", 0) != before:
+            self.has_xattrs = True
+
+    def _link(self, dnode, name, node, path):
+        super()._link(dnode, name, node, path)
+        self.nodes_by_rel[self._rel(path)] = node
+        p = os.fsencode(path)
+        rec = self.b.files.get(node)
+        if rec is not None and p < rec[0]:
+            rec[0] = p           # order hardlinked files by their smallest path
+
+
+class _CountingBuilder(_RafsBuilder):
+    def add_xattr(self, node, name, value):
+        super().add_xattr(node, name, value)
+        self._xattr_count = getattr(self, "_xattr_count", 0) + 1
+
+
+def _normalize_prefetch(paths):
+    """Image paths -> unique relative byte paths in first-seen order (b"" = root)."""
+    out, seen = [], set()
+    for p in paths or ():
+        rel = os.fsencode(p).strip()
+        if not rel:
+            continue
+        if not rel.startswith(b"/"):
+            raise InputError(f"prefetch path {os.fsdecode(rel)} is not absolute")
+        parts = [x for x in rel.split(b"/") if x and x != b"."]
+        if b".." in parts:
+            raise InputError(f"prefetch path {os.fsdecode(rel)} contains '..'")
+        rel = b"/".join(parts)
+        if rel not in seen:
+            seen.add(rel)
+            out.append(rel)
+    return out
+
+
+def _prefetch_order(walker, prefetch):
+    """-> (nodes for the prefetch table, regular nodes in prefetch order)."""
+    table, files, seen_t, seen_f = [], [], set(), set()
+    if not prefetch:
+        return table, files
+    rel_items = None
+    for rel in prefetch:
+        node = walker.nodes_by_rel.get(rel)
+        if node is None:
+            raise InputError(f"prefetch path /{os.fsdecode(rel)} is not in the source tree")
+        if node not in seen_t:
+            seen_t.add(node)
+            table.append(node)
+        if node in walker.regular:
+            if node not in seen_f:
+                seen_f.add(node)
+                files.append(node)
+            continue
+        if rel_items is None:
+            rel_items = sorted(walker.nodes_by_rel.items())
+        prefix = rel + b"/" if rel else b""
+        for r, n in rel_items:
+            if r.startswith(prefix) and n in walker.regular and n not in seen_f:
+                seen_f.add(n)
+                files.append(n)
+    return table, files
+
+
+class PackResult(dict):
+    pass
+
+
+def pack(source, bootstrap, blob_dir, opts=None, progress=None):
+    """Build BOOTSTRAP and one blob in BLOB_DIR from directory SOURCE; -> summary dict.
+
+    Nothing is left behind on error: blob and bootstrap are written under temporary
+    names and renamed only when both are complete.
+    """
+    opts = opts or PackOptions()
+    opts.check()
+    t0 = time.monotonic()
+    source, bootstrap, blob_dir = os.fspath(source), os.fspath(bootstrap), os.fspath(blob_dir)
+    check_paths(bootstrap, source)
+    if not os.path.isdir(blob_dir):
+        raise InputError(f"blob directory {blob_dir} does not exist")
+    cdict = ChunkDict(opts.chunk_dicts, opts.digester, opts.chunk_size)
+
+    mk = MkfsOptions(timestamp=opts.timestamp, shared_xattrs=False)
+    ts = mk.effective_timestamp()
+    prefetch = _normalize_prefetch(opts.prefetch)
+    # The blob count is known only after chunking but the builder takes meta_blkaddr up
+    # front: reserve room for every blob that may be listed (all dict blobs + the new
+    # one). Without chunk dicts (or when all dict blobs are used) this is exactly the
+    # nydus-image layout; otherwise a few zero bytes stay between tables and inodes.
+    _, _, meta_addr = _layout_constants(len(cdict.blobs) + 1, len(prefetch))
+    bopts = BuildOptions(
+        meta_blkaddr=meta_addr // BLKSZ, first_nid=ROOT_NID, feature_compat=E.FEATURE_COMPAT_RAFS_V6,
+        feature_incompat=E.FEATURE_INCOMPAT_CHUNKED_FILE | E.FEATURE_INCOMPAT_DEVICE_TABLE,
+        sb_checksum=False, shared_xattrs=False, inline_data=True, build_time=ts,
+        build_time_nsec=0, uuid=bytes(16), devt_slotoff=R.DEVT_SLOTOFF)
+    nb = _CountingBuilder(bopts)
+    walker = _RafsWalker(nb, mk, source)
+    walker.walk(source)
+    prefetch_nodes, prefetch_files = _prefetch_order(walker, prefetch)
+
+    # -- chunking ---------------------------------------------------------------------
+    files = nb.files
+    first = set(prefetch_files)
+    order = prefetch_files + sorted((n for n in files if n not in first),
+                                    key=lambda n: files[n][0])
+    writer = BlobWriter(blob_dir, opts.chunk_size, opts.compressor, opts.digester,
+                        blob_index=-1)     # placeholder index, remapped below
+    stored = {}                 # key -> StoredChunk (new blob)
+    per_node = {}               # node -> [StoredChunk]
+    file_off = {}               # id(StoredChunk) -> first file offset
+    stats = {"chunks_total": 0, "chunks_new": 0, "chunks_dedup": 0, "chunks_dict": 0,
+             "bytes_total": 0, "bytes_new": 0, "bytes_dict": 0, "bytes_dedup": 0}
+
+    def known(key):
+        return key in stored or key in cdict.chunks
+
+    pipe = ChunkPipeline(opts.chunk_size, opts.digester, opts.compressor,
+                         workers=opts.workers, known=known)
+    total_bytes = sum(files[n][1] for n in order) or 1
+    done_bytes = 0
+    try:
+        for r in pipe.run((n, files[n][0], files[n][1], files[n][2]) for n in order):
+            key = r.key
+            stats["chunks_total"] += 1
+            stats["bytes_total"] += r.size
+            sc = stored.get(key)
+            if sc is not None:
+                stats["chunks_dedup"] += 1
+                stats["bytes_dedup"] += r.size
+            else:
+                sc = cdict.chunks.get(key)
+                if sc is not None:
+                    stats["chunks_dict"] += 1
+                    stats["bytes_dict"] += r.size
+                else:
+                    sc = writer.add_chunk(r.stored_bytes(), r.size, r.digest)
+                    stored[key] = sc
+                    stats["chunks_new"] += 1
+                    stats["bytes_new"] += r.size
+                file_off.setdefault(id(sc), r.file_offset)
+            per_node.setdefault(r.file_key, []).append(sc)
+            if progress is not None:
+                done_bytes += r.size
+                progress.write(done_bytes, total_bytes)
+        new_info = writer.finish(commit=False)
+    except BaseException:
+        writer.abort()
+        raise
+
+    try:
+        result = _write_bootstrap(nb, walker, bootstrap, opts, cdict, new_info, per_node,
+                                  file_off, prefetch_nodes, ts)
+        if new_info is not None:
+            writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    if progress is not None:
+        progress.done()
+    result.update(stats)
+    result["seconds"] = round(time.monotonic() - t0, 3)
+    result["source"] = source
+    return result
+
+
+def _layout_constants(nblobs, nprefetch):
+    blob_off = round_up(R.DEVT_OFFSET + 128 * nblobs, BLKSZ)
+    prefetch_off = blob_off + 256 * nblobs
+    meta_addr = round_up(prefetch_off + 4 * nprefetch, BLKSZ)
+    return blob_off, prefetch_off, meta_addr
+
+
+def _write_bootstrap(nb, walker, bootstrap, opts, cdict, new_info, per_node, file_off,
+                     prefetch_nodes, ts):
+    # -- blob list: referenced dict blobs first, then the new one --------------------
+    used = sorted({sc.blob_index for chunks in per_node.values() for sc in chunks
+                   if sc.blob_index >= 0})
+    blobs = [cdict.blobs[i] for i in used]
+    remap = {old: new for new, old in enumerate(used)}
+    if new_info is not None:
+        remap[-1] = len(blobs)
+        blobs.append(new_info)
+    nblobs = len(blobs)
+    if nblobs > R.MAX_BLOBS:
+        raise InputError(f"image would reference {nblobs} blobs (at most {R.MAX_BLOBS})")
+    blob_off, prefetch_off, meta_addr = _layout_constants(nblobs, len(prefetch_nodes))
+    if meta_addr > nb.options.meta_blkaddr * BLKSZ:
+        raise AssertionError("tables overrun the reserved area")
+
+    # -- chunk indexes ------------------------------------------------------------------
+    chunkbits = opts.chunk_size.bit_length() - 1
+    fmt = E.CHUNK_FORMAT_INDEXES | (chunkbits - 12)
+    cinfo = {}
+    for node in walker.regular:
+        chunks = per_node.get(node, ())
+        entries = []
+        for sc in chunks:
+            bi = remap[sc.blob_index]
+            idx = sc.index
+            dev = (bi + 1) | (((idx >> 16) & 0xFF) << 8)
+            entries.append((idx & 0xFFFF) | (dev << 16) | ((sc.uncompressed_offset // BLKSZ) << 32))
+            k = (sc.digest, bi, idx)
+            if k not in cinfo:
+                cinfo[k] = (sc, bi)
+        nb.set_chunks(node, fmt, entries)
+
+    # -- tables before the inode area ---------------------------------------------------
+    flags = (R.COMPRESSION_FLAGS[opts.compressor] | R.DIGEST_FLAGS[opts.digester]
+             | R.FLAG_EXPLICIT_UID_GID)
+    if walker.has_xattrs:
+        flags |= R.FLAG_HAS_XATTR
+    if blobs and all(b.features & R.BLOB_FEATURE_INLINED_CHUNK_DIGEST for b in blobs):
+        flags |= R.FLAG_INLINED_CHUNK_DIGEST
+    blob_table = b"".join(b.blob_entry(i).encode() for i, b in enumerate(blobs))
+    for b in blobs:
+        nb.add_device(b.blob_id.encode(), b.blocks, 0)   # mapped_blkaddr patched below
+    if blob_table:
+        nb.put_bytes(blob_off, blob_table)
+    if prefetch_nodes:
+        nb.put_bytes(prefetch_off, bytes(4 * len(prefetch_nodes)))
+    nb.put_bytes(R.EXT_SUPER_OFFSET, bytes(R.ExtSuperBlock.SIZE))   # patched below
+    info = nb.layout()
+    if info.root_nid != ROOT_NID:
+        raise AssertionError(f"root nid {info.root_nid}, expected {ROOT_NID}")
+
+    # -- chunk info table, sorted by (digest, blob_index + 1, index) ---------------------
+    ctable = bytearray()
+    for k in sorted(cinfo):
+        sc, bi = cinfo[k]
+        ci = sc.chunk_info(file_off.get(id(sc), 0))
+        ci.blob_index = bi
+        ctable += ci.encode()
+    ctable_off = info.image_size
+    total = round_up(ctable_off + len(ctable), BLKSZ) if ctable else ctable_off
+
+    ext = R.ExtSuperBlock(
+        s_flags=flags, s_blob_table_offset=blob_off, s_blob_table_size=len(blob_table),
+        s_chunk_size=opts.chunk_size,
+        s_chunk_table_offset=ctable_off if ctable else 0,
+        s_chunk_table_size=len(ctable),
+        s_prefetch_table_offset=prefetch_off if prefetch_nodes else 0,
+        s_prefetch_table_size=4 * len(prefetch_nodes))
+
+    parent = os.path.dirname(os.path.abspath(bootstrap))
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(bootstrap) + ".", suffix=".tmp",
+                               dir=parent)
+    try:
+        try:
+            nb.write(fd)
+            os.pwrite(fd, ext.encode(), R.EXT_SUPER_OFFSET)
+            if prefetch_nodes:
+                nids = b"".join(nb.nid(n).to_bytes(4, "little") for n in prefetch_nodes)
+                os.pwrite(fd, nids, prefetch_off)
+            # device slots: mapped_blkaddr 512 KiB-aligned after the bootstrap
+            seg = R.BLOCK_SEG_ALIGNMENT
+            pos = round_up(total, seg)
+            for i, b in enumerate(blobs):
+                os.pwrite(fd, (pos // BLKSZ).to_bytes(4, "little"),
+                          R.DEVT_OFFSET + 128 * i + 68)
+                pos = round_up(pos + b.uncompressed_size, seg)
+            sb_blocks = sum(b.blocks for b in blobs)
+            os.pwrite(fd, sb_blocks.to_bytes(4, "little"), E.SUPER_OFFSET + 0x24)
+            if ctable:
+                os.pwrite(fd, bytes(ctable), ctable_off)
+            os.ftruncate(fd, total)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.fchmod(fd, 0o666 & ~umask)
+        finally:
+            os.close(fd)
+        os.replace(tmp, bootstrap)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return PackResult(
+        bootstrap=bootstrap, bootstrap_size=total, inodes=info.inodes,
+        blobs=[dict(b.as_dict(), blob_index=i, new=(b is new_info))
+               for i, b in enumerate(blobs)],
+        blob_id=new_info.blob_id if new_info else None,
+        chunk_size=opts.chunk_size, compressor=opts.compressor, digester=opts.digester,
+        chunk_info_entries=len(ctable) // R.ChunkInfo.SIZE,
+        prefetch_entries=len(prefetch_nodes))
