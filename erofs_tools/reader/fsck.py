@@ -1,0 +1,267 @@
+"""Structural and data checks of an image (and its blobs): the library side of `check`."""
+from __future__ import annotations
+
+import os
+import stat as _stat
+from typing import NamedTuple
+
+from erofs_tools.errors import CorruptImageError, ErofsToolsError
+from erofs_tools.format import erofs as E
+from erofs_tools.format import rafs as R
+from erofs_tools.reader.blob import compute_blob_id, decode_chunk
+from erofs_tools.reader.image import Image, _cstr
+
+
+class Problem(NamedTuple):
+    path: str          # inode path, "superblock", "blob <id>", ...
+    message: str
+
+    def __str__(self):
+        return f"{self.path}: {self.message}"
+
+
+def _msg(e, name):
+    s = str(e)
+    prefix = f"{name}: "
+    return s[len(prefix):] if s.startswith(prefix) else s
+
+
+def check_superblock(img: Image):
+    out = []
+    sb = img.sb
+    add = lambda m: out.append(Problem("superblock", m))  # noqa: E731
+    if b"\0" not in sb.volume_name:
+        add("volume name has no NUL terminator")
+    if img.size % img.blksz:
+        add(f"image size {img.size} is not a multiple of the block size")
+    if img.root_nid > 0xFFFF:
+        add("root nid does not fit 16 bits")
+    for i, d in enumerate(img.devices):
+        if d.blocks == 0 and img.is_rafs:
+            add(f"device {i + 1}: 0 blocks")
+        if img.is_rafs and len(_cstr(d.tag)) != R.BLOB_ID_LEN:
+            add(f"device {i + 1}: tag is not a 64-character blob id")
+    if not img.is_rafs:
+        return out
+    ext = img.rafs
+    if sb.checksum:
+        add("RAFS superblock checksum field must be 0")
+    if sb.feature_incompat != (E.FEATURE_INCOMPAT_CHUNKED_FILE | E.FEATURE_INCOMPAT_DEVICE_TABLE):
+        add(f"RAFS feature_incompat {sb.feature_incompat:#x} is not 0xc")
+    if sb.xattr_blkaddr:
+        add("RAFS xattr_blkaddr must be 0")
+    if sb.extra_devices and sb.devt_slotoff != R.DEVT_SLOTOFF:
+        add(f"RAFS devt_slotoff {sb.devt_slotoff} is not {R.DEVT_SLOTOFF}")
+    if sb.inos == 0:
+        add("inode count is 0")
+    if len(img.blob_entries) != len(img.devices):
+        add(f"{len(img.blob_entries)} blob table entries for {len(img.devices)} devices")
+    comp_flags = ext.s_flags & (R.FLAG_COMPRESSION_NONE | R.FLAG_COMPRESSION_LZ4
+                                | R.FLAG_COMPRESSION_GZIP | R.FLAG_COMPRESSION_ZSTD)
+    if bin(comp_flags).count("1") != 1:
+        add(f"RAFS flags {ext.s_flags:#x}: not exactly one compression flag")
+    if bin(ext.s_flags & (R.FLAG_DIGEST_BLAKE3 | R.FLAG_DIGEST_SHA256)).count("1") != 1:
+        add(f"RAFS flags {ext.s_flags:#x}: not exactly one digest flag")
+    for i, b in enumerate(img.blob_entries):
+        bid = _cstr(b.blob_id).decode("ascii", "replace")
+        where = f"blob table[{i}]"
+        if len(_cstr(b.blob_id)) != R.BLOB_ID_LEN:
+            out.append(Problem(where, "blob id is not 64 characters"))
+        if i < len(img.devices) and _cstr(img.devices[i].tag) != _cstr(b.blob_id):
+            out.append(Problem(where, f"blob id {bid} differs from device tag"))
+        if b.blob_index != i:
+            out.append(Problem(where, f"blob_index {b.blob_index} is not its position"))
+        if b.chunk_size != ext.s_chunk_size:
+            out.append(Problem(where, f"chunk size {b.chunk_size:#x} differs from the superblock's"))
+        if b.chunk_count > R.MAX_CHUNKS_PER_BLOB:
+            out.append(Problem(where, f"chunk count {b.chunk_count} too large"))
+        if b.compression_algo not in R.COMPRESSOR_NAMES or b.digest_algo not in R.DIGESTER_NAMES:
+            out.append(Problem(where, "unknown compression or digest algorithm"))
+        if not b.features & R.BLOB_FEATURE_ALIGNED:
+            out.append(Problem(where, "ALIGNED feature missing"))
+        if b.ci_compressed_size > b.ci_uncompressed_size:
+            out.append(Problem(where, "CI compressed size larger than uncompressed"))
+        esz = R.CI_V2_SIZE if b.features & R.BLOB_FEATURE_CHUNK_INFO_V2 else R.CI_V1_SIZE
+        if esz == R.CI_V1_SIZE and b.ci_uncompressed_size != b.chunk_count * esz:
+            out.append(Problem(where, f"CI size {b.ci_uncompressed_size} != {b.chunk_count} x 16"))
+        if b.uncompressed_size % 4096 or b.uncompressed_size > 1 << 44 or b.compressed_size > 1 << 40:
+            out.append(Problem(where, "bad blob sizes"))
+        if i < len(img.devices) and img.devices[i].blocks * 4096 != b.uncompressed_size:
+            out.append(Problem(where, "device blocks do not match the uncompressed blob size"))
+    for k, ci in enumerate(img.chunk_infos):
+        where = f"chunk info[{k}]"
+        if ci.blob_index >= len(img.blob_entries):
+            out.append(Problem(where, f"blob index {ci.blob_index} out of range"))
+            continue
+        b = img.blob_entries[ci.blob_index]
+        if ci.index >= b.chunk_count:
+            out.append(Problem(where, f"CI index {ci.index} beyond the blob's {b.chunk_count} chunks"))
+        if ci.uncompressed_offset % 4096 or ci.uncompressed_offset + ci.uncompressed_size > b.uncompressed_size:
+            out.append(Problem(where, "uncompressed range outside the blob"))
+        if not 0 < ci.uncompressed_size <= ext.s_chunk_size:
+            out.append(Problem(where, f"uncompressed size {ci.uncompressed_size} out of range"))
+    return out
+
+
+def _rafs_chunk_bits(img):
+    return img.rafs.s_chunk_size.bit_length() - 1
+
+
+def check_image(img: Image, blobs=None, verify_data=True):
+    """Every problem found, as Problems. `blobs` (a BlobSource) enables data/digest checks
+    of extra devices; without it only device-0 data and metadata are checked."""
+    problems = check_superblock(img)
+    name = img.name
+    if blobs is not None:
+        img.blobs = blobs
+    links = {}          # nid -> dirent count
+    subdirs = {}        # dir nid -> number of subdirectories
+    first_path = {}
+    ci_by_blob_off = {}
+    for ci in img.chunk_infos:
+        ci_by_blob_off.setdefault((ci.blob_index, ci.uncompressed_offset), ci)
+    blob_ok = {}
+
+    def on_error(path, e):
+        problems.append(Problem(os.fsdecode(path), _msg(e, name)))
+
+    def add(path, m):
+        problems.append(Problem(os.fsdecode(path), m))
+
+    for path, de, ino in img.walk(on_error=on_error):
+        nid = ino.nid
+        links[nid] = links.get(nid, 0) + 1
+        if nid in first_path:
+            if ino.is_dir():
+                add(path, "directory linked twice")
+            continue
+        first_path[nid] = path
+        if de is not None:
+            ft = E.file_type_of_mode(ino.mode)
+            if de.file_type != ft:
+                add(path, f"dirent file type {de.file_type} does not match mode {ino.mode:o}")
+        if not ino.reserved_ok:
+            add(path, "extended inode i_nb (reserved) is not 0")
+        try:
+            img.xattrs(ino)
+        except CorruptImageError as e:
+            add(path, _msg(e, name))
+        try:
+            if ino.is_dir():
+                ents = img.dirents(ino)
+                names = [d.name for d in ents]
+                if names != sorted(names):
+                    add(path, "wrong dirent name order")
+                if len(set(names)) != len(names):
+                    add(path, "duplicate names")
+                subdirs[nid] = 0
+                for d in ents:
+                    if d.name in (b".", b".."):
+                        continue
+                    if d.file_type == E.FT_DIR:
+                        subdirs[nid] += 1
+            elif ino.is_lnk():
+                img.readlink(ino)
+            elif ino.is_reg():
+                _check_file(img, path, ino, verify_data, ci_by_blob_off, add, blob_ok)
+            else:
+                if ino.size:
+                    add(path, f"special file with size {ino.size}")
+                if ino.ftype in (_stat.S_IFIFO, _stat.S_IFSOCK) and ino.i_u:
+                    pass
+        except ErofsToolsError as e:
+            add(path, _msg(e, name))
+    # link counts
+    for nid, path in first_path.items():
+        try:
+            ino = img.inode(nid)
+        except CorruptImageError:
+            continue
+        if ino.is_dir():
+            want = 2 + subdirs.get(nid, 0)
+        else:
+            want = links.get(nid, 0)
+        if ino.nlink != want:
+            add(path, f"nlink {ino.nlink}, expected {want}")
+    if blobs is not None:
+        problems.extend(check_blobs(img, blobs))
+    return problems
+
+
+def _check_file(img, path, ino, verify_data, ci_by_blob_off, add, blob_ok):
+    if ino.layout == E.LAYOUT_CHUNK_BASED:
+        refs = img.chunks(ino)
+        if img.is_rafs:
+            bits = _rafs_chunk_bits(img)
+            _fmt, kbits = img.chunk_format(ino)
+            rrefs = img.chunks(ino, chunk_bits=bits) if kbits >= bits else refs
+            for c in rrefs:
+                if c.hole:
+                    add(path, f"chunk {c.index}: hole in a RAFS image")
+                    continue
+                if c.device == 0 or c.device > len(img.blob_entries):
+                    add(path, f"chunk {c.index}: blob device {c.device} out of range")
+                    continue
+                bi = c.device - 1
+                off = c.blkaddr * 4096
+                ci = ci_by_blob_off.get((bi, off))
+                meta = None
+                if img.blobs is not None:
+                    try:
+                        meta = img.blobs.meta(c.device)
+                    except ErofsToolsError:
+                        meta = None
+                if meta is not None:
+                    bc = meta.chunk_at(off)
+                    if bc is None:
+                        add(path, f"chunk {c.index}: no chunk at offset {off} of blob {meta.blob_id}")
+                        continue
+                    if c.ci_index and bc.index != c.ci_index:
+                        add(path, f"chunk {c.index}: index says CI entry {c.ci_index}, blob has {bc.index}")
+                    if bc.uncompressed_size != c.length:
+                        add(path, f"chunk {c.index}: blob chunk is {bc.uncompressed_size} bytes, file needs {c.length}")
+                elif img.chunk_infos:
+                    if ci is None:
+                        add(path, f"chunk {c.index}: blob {bi} offset {off} not in the chunk info table")
+                    elif ci.uncompressed_size != c.length:
+                        add(path, f"chunk {c.index}: chunk info says {ci.uncompressed_size} bytes, file needs {c.length}")
+                    elif c.ci_index and ci.index != c.ci_index:
+                        add(path, f"chunk {c.index}: CI index {c.ci_index} differs from the chunk info table's {ci.index}")
+        need_blobs = any(not c.hole and c.device for c in refs)
+        if need_blobs and img.blobs is None:
+            return
+    if verify_data:
+        for _ in img.iter_data(ino):
+            pass
+
+
+def check_blobs(img, blobs):
+    """Decode and verify every chunk of every blob; check each blob id."""
+    out = []
+    for dev in range(1, len(img.devices) + 1):
+        tag = img.blob_id(dev)
+        where = f"blob {tag}"
+        try:
+            d = blobs.device(dev)
+        except ErofsToolsError as e:
+            out.append(Problem(where, str(e)))
+            continue
+        meta = d.meta
+        if meta is None:
+            continue
+        bad = 0
+        for c in meta.chunks:
+            try:
+                raw = d.read_at(c.compressed_offset, c.compressed_size)
+                decode_chunk(meta, c, raw, True)
+            except ErofsToolsError as e:
+                out.append(Problem(where, f"chunk {c.index}: {str(e).split(': ', 2)[-1]}"))
+                bad += 1
+        if img.is_rafs and len(tag) == 64:
+            size = os.fstat(d.f.fileno()).st_size
+            got = compute_blob_id(d.read_at, size, meta.digest_region)
+            if got != tag:
+                out.append(Problem(where, f"content does not match the blob id (sha256 {got})"
+                                   + ("" if bad else "; no chunk fails to decode, so the change "
+                                      "is in bytes that do not alter chunk data")))
+    return out

@@ -1,0 +1,690 @@
+"""Open plain EROFS and Nydus RAFS v6 images (bootstraps) and read them.
+
+Every byte is untrusted. Every offset is checked against the image size before use,
+every count is bounded by the bytes that would have to hold it, directories are visited
+once each, and every problem is a CorruptImageError whose message names the inode path
+(or nid) and what is wrong.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import stat as _stat
+from typing import NamedTuple, Optional
+
+from erofs_tools.errors import CorruptImageError
+from erofs_tools.format import erofs as E
+from erofs_tools.format import rafs as R
+
+MAX_SYMLINK = 4095
+MAX_BLOCK_BITS = 16        # we read 512 B .. 64 KiB blocks; the kernel stops at PAGE_SIZE
+MIN_BLOCK_BITS = 9
+MAX_CHUNK_BITS = 48
+
+
+def _round_up(x, a):
+    return (x + a - 1) // a * a
+
+
+def _cstr(b):
+    return bytes(b).split(b"\0", 1)[0]
+
+
+class ChunkRef(NamedTuple):
+    """One entry of a chunk-based inode's index array, as the kernel maps it."""
+    index: int             # chunk number within the file
+    file_offset: int       # logical start in the file
+    length: int            # logical bytes (the last chunk is short)
+    device: int            # 0 primary, N = device-table slot N-1 (masked as the kernel does)
+    blkaddr: int           # block address on that device; NULL_ADDR = hole
+    raw_device_id: int     # device_id field as stored (nydus packs CI index bits in it)
+    advise: int            # advise field as stored (nydus: CI index bits 0-15)
+
+    @property
+    def hole(self):
+        return self.blkaddr == E.NULL_ADDR
+
+    @property
+    def ci_index(self):
+        """Nydus chunk-info index packed in advise + device_id high byte."""
+        return self.advise | ((self.raw_device_id >> 8) << 16)
+
+
+class Inode:
+    """A decoded on-disk inode (compact or extended)."""
+
+    __slots__ = ("nid", "offset", "version", "layout", "i_format", "mode", "nlink", "size",
+                 "uid", "gid", "mtime", "mtime_nsec", "ino", "i_u", "xattr_icount",
+                 "xattr_isize", "inode_size", "reserved_ok", "raw")
+
+    @property
+    def ftype(self):
+        return _stat.S_IFMT(self.mode)
+
+    def is_dir(self):
+        return self.ftype == _stat.S_IFDIR
+
+    def is_reg(self):
+        return self.ftype == _stat.S_IFREG
+
+    def is_lnk(self):
+        return self.ftype == _stat.S_IFLNK
+
+    def is_dev(self):
+        return self.ftype in (_stat.S_IFCHR, _stat.S_IFBLK)
+
+    @property
+    def rdev(self):
+        return E.decode_rdev(self.i_u) if self.is_dev() else (0, 0)
+
+    @property
+    def data_end(self):
+        """Offset right after the inode and its inline xattrs (inline tail / index array)."""
+        return self.offset + self.inode_size + self.xattr_isize
+
+    @property
+    def layout_name(self):
+        return E.LAYOUT_NAMES.get(self.layout, f"layout{self.layout}")
+
+    def as_dict(self):
+        d = {"nid": self.nid, "version": "extended" if self.version else "compact",
+             "layout": self.layout_name, "mode": f"{self.mode:o}", "nlink": self.nlink,
+             "size": self.size, "uid": self.uid, "gid": self.gid, "mtime": self.mtime,
+             "mtime_nsec": self.mtime_nsec, "ino": self.ino, "xattr_icount": self.xattr_icount}
+        if self.is_dev():
+            d["rdev"] = list(self.rdev)
+        return d
+
+
+class Dirent(NamedTuple):
+    name: bytes
+    nid: int
+    file_type: int
+
+
+class Image:
+    """A read-only EROFS / RAFS v6 image.
+
+    `source`: a path, a binary file object (read through mmap), or a bytes-like object.
+    `blobs`: an optional BlobSource giving the data of extra devices (see data.py).
+    """
+
+    def __init__(self, source, blobs=None, name=None):
+        self._mm = None
+        self._file = None
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            self.data = bytes(source)
+            self.name = name or "<image>"
+        else:
+            if isinstance(source, (str, os.PathLike)):
+                try:
+                    self._file = open(source, "rb")
+                except OSError as e:
+                    raise CorruptImageError(f"{source}: cannot open ({e.strerror})") from None
+                self.name = name or os.fspath(source)
+                f = self._file
+            else:
+                f = source
+                self.name = name or getattr(source, "name", "<image>")
+            size = os.fstat(f.fileno()).st_size
+            if size == 0:
+                self.data = b""
+            else:
+                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                self.data = self._mm
+        self.size = len(self.data)
+        self.blobs = blobs
+        self._inode_cache = {}
+        self._parse_super()
+
+    def close(self):
+        self.data = b""
+        if self._mm is not None:
+            try:
+                self._mm.close()
+            except BufferError:
+                pass
+            self._mm = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- raw access ------------------------------------------------------------------------
+    def read(self, offset, length, what="data"):
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise CorruptImageError(
+                f"{self.name}: {what} at [{offset}, {offset + length}) is outside the image "
+                f"({self.size} bytes)")
+        return bytes(self.data[offset:offset + length])
+
+    def _err(self, msg):
+        return CorruptImageError(f"{self.name}: {msg}")
+
+    # -- superblock ------------------------------------------------------------------------
+    def _parse_super(self):
+        if self.size < E.SUPER_OFFSET + E.SuperBlock.SIZE:
+            raise self._err(f"too small for an EROFS image ({self.size} bytes)")
+        sb = E.SuperBlock.decode(self.data, E.SUPER_OFFSET)
+        if sb.magic != E.MAGIC:
+            raise self._err(f"bad superblock magic {sb.magic:#x}")
+        if not MIN_BLOCK_BITS <= sb.blkszbits <= MAX_BLOCK_BITS:
+            raise self._err(f"unsupported block size bits {sb.blkszbits}")
+        self.sb = sb
+        self.blkszbits = sb.blkszbits
+        self.blksz = 1 << sb.blkszbits
+        if sb.dirblkbits:
+            raise self._err(f"dirblkbits {sb.dirblkbits} is not 0")
+        if sb.feature_incompat & ~E.FEATURE_INCOMPAT_SUPPORTED:
+            raise self._err(
+                f"unsupported incompatible features {sb.feature_incompat & ~E.FEATURE_INCOMPAT_SUPPORTED:#x}")
+        if sb.sb_extslots:
+            raise self._err(f"sb_extslots {sb.sb_extslots} not supported")
+        if sb.feature_compat & E.FEATURE_COMPAT_SB_CHKSUM:
+            need = self.blksz if self.blksz > E.SUPER_OFFSET else E.SUPER_OFFSET + self.blksz
+            if self.size < need:
+                raise self._err("superblock block truncated")
+            if E.superblock_checksum(bytes(self.data[:need])) != sb.checksum:
+                raise self._err("superblock checksum mismatch")
+        self.meta_off = sb.meta_blkaddr * self.blksz
+        self.xattr_off = sb.xattr_blkaddr * self.blksz
+        if self.meta_off > self.size:
+            raise self._err(f"meta_blkaddr {sb.meta_blkaddr} beyond the image")
+        if sb.xattr_blkaddr and self.xattr_off > self.size:
+            raise self._err(f"xattr_blkaddr {sb.xattr_blkaddr} beyond the image")
+        self.root_nid = sb.root_nid
+        # device table
+        self.devices = []
+        n = sb.extra_devices
+        if n:
+            if not sb.feature_incompat & E.FEATURE_INCOMPAT_DEVICE_TABLE:
+                raise self._err("extra devices without the DEVICE_TABLE feature")
+            base = sb.devt_slotoff * E.DEVICE_SLOT_SIZE
+            if base < E.SUPER_OFFSET + E.SuperBlock.SIZE or \
+                    base + n * E.DEVICE_SLOT_SIZE > self.size:
+                raise self._err(f"device table ({n} slots at {base}) outside the image")
+            for i in range(n):
+                self.devices.append(E.DeviceSlot.decode(self.data, base + i * E.DEVICE_SLOT_SIZE))
+        m = 1
+        while m < n + 1:
+            m <<= 1
+        self.device_id_mask = m - 1
+        self._parse_rafs()
+        # root
+        if self.root_nid == 0:
+            raise self._err("root nid is 0")
+        root = self.inode(self.root_nid)
+        if not root.is_dir():
+            raise self._err(f"root inode (nid {self.root_nid}) is not a directory")
+
+    def _parse_rafs(self):
+        self.rafs = None
+        self.blob_entries = []
+        self.chunk_infos = []
+        self.prefetch = []
+        sb = self.sb
+        if not sb.feature_compat & E.FEATURE_COMPAT_RAFS_V6:
+            return
+        if self.size < E.SUPER_OFFSET + E.SuperBlock.SIZE + R.ExtSuperBlock.SIZE:
+            raise self._err("RAFS extended superblock truncated")
+        ext = R.ExtSuperBlock.decode(self.data, R.EXT_SUPER_OFFSET)
+        self.rafs = ext
+        cs = ext.s_chunk_size
+        if cs < R.CHUNK_SIZE_MIN or cs > R.CHUNK_SIZE_MAX or cs & (cs - 1):
+            raise self._err(f"RAFS chunk size {cs:#x} is not a power of two in [4 KiB, 16 MiB]")
+        devt_end = (R.DEVT_OFFSET + len(self.devices) * E.DEVICE_SLOT_SIZE)
+        tables = []
+
+        def table(off, size, unit, what, align=True):
+            if size == 0:
+                return
+            if (align and off % 4096) or off < 4096 or off < devt_end or size % unit \
+                    or off + size > self.size:
+                raise self._err(f"RAFS {what} at {off} ({size} bytes) is invalid or outside the image")
+            tables.append((off, off + size, what))
+
+        table(ext.s_blob_table_offset, ext.s_blob_table_size, R.BlobEntry.SIZE, "blob table")
+        table(ext.s_chunk_table_offset, ext.s_chunk_table_size, R.ChunkInfo.SIZE, "chunk info table")
+        if ext.s_prefetch_table_offset:
+            table(ext.s_prefetch_table_offset, ext.s_prefetch_table_size, 4, "prefetch table",
+                  align=False)
+        tables.sort()
+        for a, b in zip(tables, tables[1:]):
+            if a[1] > b[0]:
+                raise self._err(f"RAFS {a[2]} overlaps the {b[2]}")
+        nblobs = ext.s_blob_table_size // R.BlobEntry.SIZE
+        if nblobs > R.MAX_BLOBS:
+            raise self._err(f"{nblobs} blobs, more than {R.MAX_BLOBS}")
+        for i in range(nblobs):
+            be = R.BlobEntry.decode(self.data, ext.s_blob_table_offset + i * R.BlobEntry.SIZE)
+            self.blob_entries.append(be)
+        if ext.s_chunk_table_size:
+            off = ext.s_chunk_table_offset
+            for i in range(ext.s_chunk_table_size // R.ChunkInfo.SIZE):
+                self.chunk_infos.append(R.ChunkInfo.decode(self.data, off + i * R.ChunkInfo.SIZE))
+        if ext.s_prefetch_table_offset and ext.s_prefetch_table_size:
+            raw = self.read(ext.s_prefetch_table_offset, ext.s_prefetch_table_size, "prefetch table")
+            self.prefetch = [int.from_bytes(raw[i:i + 4], "little") for i in range(0, len(raw), 4)]
+
+    @property
+    def is_rafs(self):
+        return self.rafs is not None
+
+    def blob_id(self, device):
+        """Blob id / device tag of extra device `device` (1-based)."""
+        if 1 <= device <= len(self.devices):
+            tag = _cstr(self.devices[device - 1].tag)
+            if not tag and device - 1 < len(self.blob_entries):
+                tag = _cstr(self.blob_entries[device - 1].blob_id)
+            return tag.decode("ascii", "replace")
+        raise self._err(f"no device {device}")
+
+    def blob_digests(self, blob_index):
+        """{ci_index: digest} for one blob from the bootstrap's chunk info table."""
+        out = {}
+        for ci in self.chunk_infos:
+            if ci.blob_index == blob_index:
+                out[ci.index] = ci.digest
+        return out
+
+    # -- inodes ----------------------------------------------------------------------------
+    def inode(self, nid) -> Inode:
+        ino = self._inode_cache.get(nid)
+        if ino is not None:
+            return ino
+        ino = self._read_inode(nid)
+        if len(self._inode_cache) < 100000:
+            self._inode_cache[nid] = ino
+        return ino
+
+    def _read_inode(self, nid):
+        if nid < 0 or nid > (self.size - self.meta_off) // E.SLOT_SIZE:
+            raise self._err(f"nid {nid} is outside the image")
+        off = self.meta_off + nid * E.SLOT_SIZE
+        if off + E.CompactInode.SIZE > self.size:
+            raise self._err(f"inode {nid} truncated")
+        fmt = int.from_bytes(self.data[off:off + 2], "little")
+        if fmt & ~E.I_FORMAT_BITS:
+            raise self._err(f"inode {nid}: unsupported i_format {fmt:#x}")
+        ino = Inode()
+        ino.nid = nid
+        ino.offset = off
+        ino.i_format = fmt
+        ino.version = E.i_format_version(fmt)
+        ino.layout = E.i_format_layout(fmt)
+        if ino.version == E.INODE_EXTENDED:
+            if off + E.ExtendedInode.SIZE > self.size:
+                raise self._err(f"inode {nid} truncated")
+            r = E.ExtendedInode.decode(self.data, off)
+            ino.inode_size = E.ExtendedInode.SIZE
+            ino.nlink = r.i_nlink
+            ino.size = r.i_size
+            ino.mtime = r.i_mtime
+            ino.mtime_nsec = r.i_mtime_nsec
+            ino.reserved_ok = r.i_nb == 0
+        else:
+            r = E.CompactInode.decode(self.data, off)
+            ino.inode_size = E.CompactInode.SIZE
+            ino.nlink = r.i_nlink
+            ino.size = r.i_size
+            # 6.15+ semantics (also right for older images, which write 0 at 0x0C)
+            ino.mtime = self.sb.build_time + r.i_mtime
+            ino.mtime_nsec = self.sb.build_time_nsec
+            ino.reserved_ok = True
+        ino.raw = r
+        ino.mode = r.i_mode
+        ino.uid = r.i_uid
+        ino.gid = r.i_gid
+        ino.ino = r.i_ino
+        ino.i_u = r.i_u
+        ino.xattr_icount = r.i_xattr_icount
+        ino.xattr_isize = E.xattr_ibody_size(r.i_xattr_icount)
+        if ino.ftype not in E._FT_BY_IFMT:
+            raise self._err(f"inode {nid}: bad file mode {ino.mode:#o}")
+        if ino.layout not in (E.LAYOUT_FLAT_PLAIN, E.LAYOUT_FLAT_INLINE, E.LAYOUT_CHUNK_BASED):
+            raise self._err(f"inode {nid}: unsupported data layout {ino.layout_name}")
+        if ino.data_end > self.size:
+            raise self._err(f"inode {nid}: inline xattrs run past the image end")
+        if ino.ftype in (_stat.S_IFREG, _stat.S_IFDIR, _stat.S_IFLNK) and ino.size >= 1 << 63:
+            raise self._err(f"inode {nid}: negative size")
+        return ino
+
+    # -- data mapping ----------------------------------------------------------------------
+    def chunk_format(self, ino):
+        fmt = ino.i_u & 0xFFFF
+        if fmt & ~E.CHUNK_FORMAT_SUPPORTED:
+            raise self._err(f"inode {ino.nid}: unsupported chunk format {fmt:#x}")
+        bits = self.blkszbits + (fmt & E.CHUNK_FORMAT_BLKBITS_MASK)
+        if bits > MAX_CHUNK_BITS:
+            raise self._err(f"inode {ino.nid}: chunk size 2^{bits} too large")
+        return fmt, bits
+
+    def chunks(self, ino, chunk_bits=None):
+        """The index array of a chunk-based inode as ChunkRefs (kernel view by default;
+        `chunk_bits` reads it at another granularity, e.g. the RAFS chunk size)."""
+        if ino.layout != E.LAYOUT_CHUNK_BASED:
+            return []
+        fmt, bits = self.chunk_format(ino)
+        if chunk_bits is not None:
+            bits = chunk_bits
+        csize = 1 << bits
+        count = (ino.size + csize - 1) >> bits
+        unit = 8 if fmt & E.CHUNK_FORMAT_INDEXES else 4
+        start = _round_up(ino.data_end, unit)
+        if count > (self.size - start) // unit if start <= self.size else True:
+            raise self._err(f"inode {ino.nid}: {count} chunk indexes do not fit in the image "
+                            f"(size {ino.size}, chunk {csize})")
+        raw = self.read(start, count * unit, f"inode {ino.nid} chunk indexes")
+        out = []
+        ndev = len(self.devices)
+        for k in range(count):
+            fo = k << bits
+            length = min(csize, ino.size - fo)
+            if unit == 8:
+                advise = int.from_bytes(raw[8 * k:8 * k + 2], "little")
+                devid = int.from_bytes(raw[8 * k + 2:8 * k + 4], "little")
+                blk = int.from_bytes(raw[8 * k + 4:8 * k + 8], "little")
+                dev = devid & self.device_id_mask
+            else:
+                advise = devid = dev = 0
+                blk = int.from_bytes(raw[4 * k:4 * k + 4], "little")
+            if blk != E.NULL_ADDR and dev > ndev:
+                raise self._err(f"inode {ino.nid}: chunk {k} on device {dev}, image has {ndev}")
+            out.append(ChunkRef(k, fo, length, dev, blk, devid, advise))
+        return out
+
+    def iter_data(self, ino, blobs=None, piece=1 << 20):
+        """Yield (file_offset, bytes or None, length) pieces covering the inode's data;
+        None = hole (zeros). Raises CorruptImageError on any inconsistency."""
+        size = ino.size
+        if size == 0:
+            return
+        bs = self.blksz
+        if ino.layout == E.LAYOUT_FLAT_PLAIN:
+            blk = ino.i_u
+            if blk == E.NULL_ADDR:
+                yield 0, None, size         # 6.15+: whole-file hole
+                return
+            base = blk * bs
+            if base + size > self.size:
+                raise self._err(f"inode {ino.nid}: data [{base}, {base + size}) outside the image")
+            for pos in range(0, size, piece):
+                n = min(piece, size - pos)
+                yield pos, bytes(self.data[base + pos:base + pos + n]), n
+        elif ino.layout == E.LAYOUT_FLAT_INLINE:
+            nblocks = (size + bs - 1) // bs
+            full = (nblocks - 1) * bs
+            tail = size - full
+            if full:
+                blk = ino.i_u
+                base = blk * bs
+                if blk == E.NULL_ADDR or base + full > self.size:
+                    raise self._err(f"inode {ino.nid}: data blocks outside the image")
+                for pos in range(0, full, piece):
+                    n = min(piece, full - pos)
+                    yield pos, bytes(self.data[base + pos:base + pos + n]), n
+            toff = ino.data_end
+            if toff % bs + tail > bs:
+                raise self._err(f"inode {ino.nid}: inline data crosses a block boundary")
+            yield full, self.read(toff, tail, f"inode {ino.nid} inline data"), tail
+        elif ino.layout == E.LAYOUT_CHUNK_BASED:
+            blobs = blobs if blobs is not None else self.blobs
+            for c in self.chunks(ino):
+                if c.hole:
+                    yield c.file_offset, None, c.length
+                    continue
+                if c.device == 0:
+                    base = c.blkaddr * bs
+                    if base + c.length > self.size:
+                        raise self._err(
+                            f"inode {ino.nid}: chunk {c.index} at block {c.blkaddr} outside the image")
+                    for pos in range(0, c.length, piece):
+                        n = min(piece, c.length - pos)
+                        yield c.file_offset + pos, bytes(self.data[base + pos:base + pos + n]), n
+                    continue
+                if blobs is None:
+                    raise self._err(
+                        f"inode {ino.nid}: data is in blob {self.blob_id(c.device)} "
+                        "(device {0}); give the blob directory".format(c.device))
+                data = blobs.read(self, c.device, c.blkaddr * bs, c.length)
+                if len(data) != c.length:
+                    raise self._err(f"inode {ino.nid}: chunk {c.index} short read")
+                yield c.file_offset, data, c.length
+        else:
+            raise self._err(f"inode {ino.nid}: unsupported data layout {ino.layout_name}")
+
+    def read_data(self, ino, blobs=None, limit=None):
+        """All data of an inode as bytes (for directories, symlinks, small files)."""
+        if limit is not None and ino.size > limit:
+            raise self._err(f"inode {ino.nid}: size {ino.size} exceeds {limit}")
+        if ino.size > self.size and ino.layout != E.LAYOUT_CHUNK_BASED:
+            raise self._err(f"inode {ino.nid}: size {ino.size} larger than the image")
+        out = bytearray()
+        for _off, data, n in self.iter_data(ino, blobs):
+            out += data if data is not None else bytes(n)
+        return bytes(out)
+
+    # -- symlinks --------------------------------------------------------------------------
+    def readlink(self, ino) -> bytes:
+        if not ino.is_lnk():
+            raise self._err(f"inode {ino.nid} is not a symlink")
+        if ino.size == 0 or ino.size > MAX_SYMLINK:
+            raise self._err(f"inode {ino.nid}: symlink length {ino.size} out of range")
+        target = self.read_data(ino, limit=MAX_SYMLINK)
+        if b"\0" in target:
+            raise self._err(f"inode {ino.nid}: symlink target contains NUL")
+        return target
+
+    # -- directories -----------------------------------------------------------------------
+    def dirents(self, ino) -> list:
+        """All entries of a directory (including '.' and '..'), as stored."""
+        if not ino.is_dir():
+            raise self._err(f"inode {ino.nid} is not a directory")
+        if ino.size > self.size:
+            raise self._err(f"directory {ino.nid}: size {ino.size} larger than the image")
+        data = self.read_data(ino)
+        bs = self.blksz
+        out = []
+        for bstart in range(0, len(data), bs):
+            blk = data[bstart:bstart + bs]
+            used = len(blk)
+            if used < E.Dirent.SIZE:
+                raise self._err(f"directory {ino.nid}: block {bstart // bs} too short for a dirent")
+            first = E.Dirent.decode(blk, 0)
+            n0 = first.nameoff
+            if n0 < E.Dirent.SIZE or n0 >= bs or n0 % E.Dirent.SIZE or n0 > used:
+                raise self._err(f"directory {ino.nid}: invalid de[0].nameoff {n0} in block {bstart // bs}")
+            count = n0 // E.Dirent.SIZE
+            des = [E.Dirent.decode(blk, i * E.Dirent.SIZE) for i in range(count)]
+            for i, de in enumerate(des):
+                start = de.nameoff
+                if i + 1 < count:
+                    end = des[i + 1].nameoff
+                else:
+                    end = used
+                    nul = blk.find(b"\0", start, used)
+                    if nul >= 0:
+                        end = nul
+                if start < n0 or end > used or end <= start:
+                    raise self._err(f"directory {ino.nid}: bad nameoff {start} in block {bstart // bs}")
+                name = blk[start:end]
+                if len(name) > E.NAME_MAX:
+                    raise self._err(f"directory {ino.nid}: name longer than {E.NAME_MAX} bytes")
+                if b"/" in name or b"\0" in name:
+                    raise self._err(f"directory {ino.nid}: name {name!r} contains '/' or NUL")
+                out.append(Dirent(name, de.nid, de.file_type))
+        return out
+
+    def listdir(self, ino):
+        """Entries without '.' and '..'."""
+        return [d for d in self.dirents(ino) if d.name not in (b".", b"..")]
+
+    def lookup(self, path) -> Inode:
+        """Inode at an absolute path inside the image (symlinks are not followed)."""
+        if isinstance(path, str):
+            path = os.fsencode(path)
+        ino = self.inode(self.root_nid)
+        seen = 0
+        for comp in path.split(b"/"):
+            if comp in (b"", b"."):
+                continue
+            if not ino.is_dir():
+                raise CorruptImageError(f"{self.name}: {os.fsdecode(path)}: not a directory")
+            for d in self.dirents(ino):
+                if d.name == comp:
+                    ino = self.inode(d.nid)
+                    break
+            else:
+                raise CorruptImageError(f"{self.name}: {os.fsdecode(path)}: no such file")
+            seen += 1
+            if seen > 4096:
+                raise self._err("path too deep")
+        return ino
+
+    def walk(self, on_error=None):
+        """Yield (path bytes, Dirent-or-None, Inode) for every entry, parents first.
+
+        Each directory nid is entered once; a second link to a directory (a loop or a
+        hard-linked directory) is a CorruptImageError. With `on_error(path, exc)`, errors
+        are reported and the offending subtree skipped; otherwise they propagate.
+        """
+        root = self.inode(self.root_nid)
+        yield b"/", None, root
+        visited = {self.root_nid}
+        stack = [(b"/", root, self.root_nid)]
+        while stack:
+            path, dino, parent_nid = stack.pop()
+            try:
+                ents = self.dirents(dino)
+                dot = [d for d in ents if d.name == b"."]
+                dotdot = [d for d in ents if d.name == b".."]
+                if len(dot) != 1 or dot[0].nid != dino.nid:
+                    raise self._err(f"directory {dino.nid}: missing or wrong '.'")
+                if len(dotdot) != 1 or dotdot[0].nid != parent_nid:
+                    raise self._err(f"directory {dino.nid}: missing or wrong '..'")
+            except CorruptImageError as e:
+                if on_error is None:
+                    raise
+                on_error(path, e)
+                continue
+            subdirs = []
+            for d in ents:
+                if d.name in (b".", b".."):
+                    continue
+                cpath = (path if path.endswith(b"/") else path + b"/") + d.name
+                try:
+                    ino = self.inode(d.nid)
+                    if ino.is_dir():
+                        if d.nid in visited:
+                            raise self._err(
+                                f"directory nid {d.nid} linked more than once (loop or hard-linked directory)")
+                        visited.add(d.nid)
+                        subdirs.append((cpath, ino, dino.nid))
+                except CorruptImageError as e:
+                    if on_error is None:
+                        raise
+                    on_error(cpath, e)
+                    continue
+                yield cpath, d, ino
+            stack.extend(reversed(subdirs))
+
+    # -- xattrs ----------------------------------------------------------------------------
+    def _xattr_entry(self, buf, off, end, what):
+        if off + E.XattrEntry.SIZE > end:
+            raise self._err(f"{what}: xattr entry truncated")
+        e = E.XattrEntry.decode(buf, off)
+        nstart = off + E.XattrEntry.SIZE
+        vend = nstart + e.e_name_len + e.e_value_size
+        if vend > end:
+            raise self._err(f"{what}: xattr entry runs past its area")
+        prefix = E.XATTR_PREFIXES.get(e.e_name_index)
+        if prefix is None:
+            raise self._err(f"{what}: unsupported xattr name index {e.e_name_index:#x}")
+        suffix = bytes(buf[nstart:nstart + e.e_name_len])
+        value = bytes(buf[nstart + e.e_name_len:vend])
+        return prefix + suffix, value, _round_up(vend, 4)
+
+    def xattrs(self, ino) -> list:
+        """[(name, value)] of an inode, shared ones first, as stored."""
+        if ino.xattr_icount == 0:
+            return []
+        what = f"inode {ino.nid}"
+        if ino.xattr_icount == 1:
+            raise self._err(f"{what}: xattr icount 1 (header only) is not supported")
+        start = ino.offset + ino.inode_size
+        end = start + ino.xattr_isize
+        buf = self.read(start, ino.xattr_isize, f"{what} xattrs")
+        hdr = E.XattrIbodyHeader.decode(buf, 0)
+        off = E.XattrIbodyHeader.SIZE
+        out = []
+        if off + 4 * hdr.h_shared_count > len(buf):
+            raise self._err(f"{what}: {hdr.h_shared_count} shared xattr ids do not fit")
+        for i in range(hdr.h_shared_count):
+            xid = int.from_bytes(buf[off:off + 4], "little")
+            off += 4
+            if not self.sb.xattr_blkaddr and not self.xattr_off:
+                pass
+            pos = self.xattr_off + 4 * xid
+            if pos >= self.size:
+                raise self._err(f"{what}: shared xattr {xid} outside the image")
+            # a shared entry is bounded by the image (name ≤ 255, value ≤ 65535)
+            lim = min(self.size, pos + E.XattrEntry.SIZE + 255 + 65535)
+            sbuf = self.read(pos, lim - pos, f"{what} shared xattr")
+            name, value, _ = self._xattr_entry(sbuf, 0, len(sbuf), f"{what} shared xattr {xid}")
+            out.append((name, value))
+        while off < len(buf):
+            name, value, off = self._xattr_entry(buf, off, len(buf), what)
+            out.append((name, value))
+        del end
+        return out
+
+    # -- summaries -------------------------------------------------------------------------
+    def super_dict(self):
+        sb = self.sb
+        d = {"image": self.name, "size": self.size, "kind": "rafs-v6" if self.is_rafs else "erofs",
+             "block_size": self.blksz, "root_nid": sb.root_nid, "inodes": sb.inos,
+             "blocks": sb.blocks, "meta_blkaddr": sb.meta_blkaddr,
+             "xattr_blkaddr": sb.xattr_blkaddr, "build_time": sb.build_time,
+             "build_time_nsec": sb.build_time_nsec,
+             "feature_compat": f"{sb.feature_compat:#x}",
+             "feature_incompat": f"{sb.feature_incompat:#x}",
+             "checksum": f"{sb.checksum:#010x}", "uuid": sb.uuid.hex(),
+             "volume_name": _cstr(sb.volume_name).decode("utf-8", "replace"),
+             "extra_devices": sb.extra_devices, "devt_slotoff": sb.devt_slotoff,
+             "devices": [{"id": i + 1, "tag": _cstr(d.tag).decode("ascii", "replace"),
+                          "blocks": d.blocks, "mapped_blkaddr": d.mapped_blkaddr}
+                         for i, d in enumerate(self.devices)]}
+        if self.is_rafs:
+            ext = self.rafs
+            d["rafs"] = {"flags": f"{ext.s_flags:#x}", "chunk_size": ext.s_chunk_size,
+                         "blob_table": [ext.s_blob_table_offset, ext.s_blob_table_size],
+                         "chunk_table": [ext.s_chunk_table_offset, ext.s_chunk_table_size],
+                         "prefetch_table": [ext.s_prefetch_table_offset,
+                                            ext.s_prefetch_table_size],
+                         "prefetch": self.prefetch,
+                         "chunk_infos": len(self.chunk_infos)}
+            d["blobs"] = [{
+                "index": i, "blob_id": _cstr(b.blob_id).decode("ascii", "replace"),
+                "chunk_size": b.chunk_size, "chunk_count": b.chunk_count,
+                "compressor": R.COMPRESSOR_NAMES.get(b.compression_algo, b.compression_algo),
+                "digester": R.DIGESTER_NAMES.get(b.digest_algo, b.digest_algo),
+                "features": f"{b.features:#x}", "compressed_size": b.compressed_size,
+                "uncompressed_size": b.uncompressed_size, "ci_offset": b.ci_offset,
+                "ci_compressed_size": b.ci_compressed_size,
+                "ci_uncompressed_size": b.ci_uncompressed_size,
+                "blob_toc_size": b.blob_toc_size} for i, b in enumerate(self.blob_entries)]
+        return d
+
+
+def open_image(source, blob_dir=None, devices=None, verify=True) -> Image:
+    """Open an image; with `blob_dir` / `devices`, file data on extra devices is readable."""
+    from erofs_tools.reader.data import BlobSource
+    img = Image(source)
+    if blob_dir is not None or devices:
+        img.blobs = BlobSource(img, blob_dir=blob_dir, devices=devices, verify=verify)
+    return img
