@@ -20,10 +20,12 @@ def cli():
 
 from erofs_tools.cli import mkfs as _mkfs  # noqa: E402
 from erofs_tools.cli import mount as _mount  # noqa: E402
+from erofs_tools.cli import pack as _pack  # noqa: E402
 
 cli.add_command(_mkfs.mkfs)
 cli.add_command(_mount.mount_cmd)
 cli.add_command(_mount.umount_cmd)
+cli.add_command(_pack.pack)
 
 
 def main(argv=None):
