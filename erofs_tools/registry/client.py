@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 
 MAX_REDIRECTS = 5
 READ_SIZE = 1 << 20
+# Download pieces: a broken connection loses at most one piece before resuming.
+STREAM_PIECE = 64 << 10
 # Storage answers that mean "this cached redirect URL is stale" (expired signature,
 # rotated object): resolve the blob through the registry again.
 STALE_LOCATION = frozenset({401, 403, 404, 410})
@@ -279,7 +281,7 @@ class RegistryClient:
                     raise RegistryError(f"GET {safe_url(url)}: cannot resume download")
                 raise self.fail("GET", url, resp)
             try:
-                for chunk in resp.stream(READ_SIZE):
+                for chunk in resp.stream(STREAM_PIECE):
                     h.update(chunk)
                     sink(chunk)
                     done += len(chunk)
