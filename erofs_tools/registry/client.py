@@ -185,9 +185,12 @@ class RegistryClient:
                       headers: dict | None = None) -> urllib3.BaseHTTPResponse:
         """GET/HEAD a blob, following redirects to storage (see module docstring)."""
         key = (repo, digest)
+        # Only data reads go through the proxy (what dfdaemon distributes); HEADs and
+        # everything else talk to the registry directly.
+        proxy = method == "GET"
         cached = self._locations.get(key)
         if cached:
-            resp = self.transport.request(method, cached, headers, via_proxy=True)
+            resp = self.transport.request(method, cached, headers, via_proxy=proxy)
             if resp.status not in STALE_LOCATION:
                 return resp
             drain(resp)
@@ -195,7 +198,7 @@ class RegistryClient:
             with self._lock:
                 self._locations.pop(key, None)
         url = self.blob_url(repo, digest)
-        resp = self._send(method, url, pull_scope(repo), headers, via_proxy=True)
+        resp = self._send(method, url, pull_scope(repo), headers, via_proxy=proxy)
         for _ in range(MAX_REDIRECTS):
             if resp.status not in REDIRECT_STATUSES:
                 return resp
@@ -209,12 +212,12 @@ class RegistryClient:
                 raise RegistryError(f"{method} {safe_url(url)}: refusing redirect to "
                                     f"{safe_url(target)}")
             if origin(target) == origin(self.base):
-                resp = self._send(method, target, pull_scope(repo), headers, via_proxy=True)
+                resp = self._send(method, target, pull_scope(repo), headers, via_proxy=proxy)
             else:
                 # Another host (object storage): the registry's credentials stay here.
                 with self._lock:
                     self._locations[key] = target
-                resp = self.transport.request(method, target, headers, via_proxy=True)
+                resp = self.transport.request(method, target, headers, via_proxy=proxy)
             url = target
         raise RegistryError(f"{method} {safe_url(self.blob_url(repo, digest))}: "
                             "too many redirects")
