@@ -117,6 +117,66 @@ def _apply_meta(img, ino, fd, path, warnings, root):
     _set_xattrs(img, ino, fd, True, warnings, path)
 
 
+def _with_path(img, path, e):
+    msg = str(e)
+    if msg.startswith(img.name + ": "):
+        msg = msg[len(img.name) + 2:]
+    return type(e)(f"{img.name}: {os.fsdecode(path)}: {msg}")
+
+
+def _extract_one(img, path, ino, dfds, root_fd, done, dirs, warnings, root):
+    rel = path.lstrip(b"/")
+    prel, _, name = rel.rpartition(b"/")
+    pfd = dfds.get(prel)
+    if not ino.is_dir() and ino.nid in done:
+        os.link(done[ino.nid], name, src_dir_fd=root_fd, dst_dir_fd=pfd,
+                follow_symlinks=False)
+        return
+    done.setdefault(ino.nid, rel)
+    mode = _stat.S_IMODE(ino.mode)
+    if ino.is_dir():
+        os.mkdir(name, 0o700, dir_fd=pfd)
+        dirs.append((rel, ino))
+    elif ino.is_reg():
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                     | os.O_CLOEXEC, 0o600, dir_fd=pfd)
+        try:
+            _write_file(img, ino, fd)
+            _apply_meta(img, ino, fd, path, warnings, root)
+            os.utime(fd, ns=(ino.mtime * 10**9 + ino.mtime_nsec,) * 2)
+        finally:
+            os.close(fd)
+    elif ino.is_lnk():
+        target = img.readlink(ino)
+        os.symlink(target, name, dir_fd=pfd)
+        if root:
+            os.chown(name, ino.uid, ino.gid, dir_fd=pfd, follow_symlinks=False)
+        _set_xattrs(img, ino, f"/proc/self/fd/{pfd}/{os.fsdecode(name)}", False,
+                    warnings, path)
+        os.utime(name, ns=(ino.mtime * 10**9 + ino.mtime_nsec,) * 2, dir_fd=pfd,
+                 follow_symlinks=False)
+    else:
+        if ino.is_dev():
+            if not root:
+                warnings.append(f"{os.fsdecode(path)}: device node skipped (not root)")
+                done.pop(ino.nid, None)
+                return
+            dev = os.makedev(*ino.rdev)
+        else:
+            dev = 0
+        os.mknod(name, ino.ftype | 0o600, dev, dir_fd=pfd)
+        fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+        try:
+            proc = f"/proc/self/fd/{fd}"
+            if root:
+                os.chown(proc, ino.uid, ino.gid)
+            os.chmod(proc, mode)
+            _set_xattrs(img, ino, proc, True, warnings, path)
+            os.utime(proc, ns=(ino.mtime * 10**9 + ino.mtime_nsec,) * 2)
+        finally:
+            os.close(fd)
+
+
 def _extract(img: Image, tmp, warnings):
     root = _is_root()
     root_fd = os.open(tmp, O_DIR)
@@ -128,56 +188,10 @@ def _extract(img: Image, tmp, warnings):
             if de is None:
                 dirs.append((b"", ino))
                 continue
-            rel = path.lstrip(b"/")
-            prel, _, name = rel.rpartition(b"/")
-            pfd = dfds.get(prel)
-            if not ino.is_dir() and ino.nid in done:
-                os.link(done[ino.nid], name, src_dir_fd=root_fd, dst_dir_fd=pfd,
-                        follow_symlinks=False)
-                continue
-            done.setdefault(ino.nid, rel)
-            mode = _stat.S_IMODE(ino.mode)
-            if ino.is_dir():
-                os.mkdir(name, 0o700, dir_fd=pfd)
-                dirs.append((rel, ino))
-            elif ino.is_reg():
-                fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                             | os.O_CLOEXEC, 0o600, dir_fd=pfd)
-                try:
-                    _write_file(img, ino, fd)
-                    _apply_meta(img, ino, fd, path, warnings, root)
-                    os.utime(fd, ns=(ino.mtime * 10**9 + ino.mtime_nsec,) * 2)
-                finally:
-                    os.close(fd)
-            elif ino.is_lnk():
-                target = img.readlink(ino)
-                os.symlink(target, name, dir_fd=pfd)
-                if root:
-                    os.chown(name, ino.uid, ino.gid, dir_fd=pfd, follow_symlinks=False)
-                _set_xattrs(img, ino, f"/proc/self/fd/{pfd}/{os.fsdecode(name)}", False,
-                            warnings, path)
-                os.utime(name, ns=(ino.mtime * 10**9 + ino.mtime_nsec,) * 2, dir_fd=pfd,
-                         follow_symlinks=False)
-            else:
-                if ino.is_dev():
-                    if not root:
-                        warnings.append(f"{os.fsdecode(path)}: device node skipped (not root)")
-                        done.pop(ino.nid, None)
-                        continue
-                    dev = os.makedev(*ino.rdev)
-                else:
-                    dev = 0
-                os.mknod(name, ino.ftype | 0o600, dev, dir_fd=pfd)
-                fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
-                try:
-                    proc = f"/proc/self/fd/{fd}"
-                    if root:
-                        os.chown(proc, ino.uid, ino.gid)
-                    os.chmod(proc, mode)
-                    _set_xattrs(img, ino, proc, True, warnings, path)
-                    os.utime(proc, ns=(ino.mtime * 10**9 + ino.mtime_nsec,) * 2)
-                finally:
-                    os.close(fd)
+            try:
+                _extract_one(img, path, ino, dfds, root_fd, done, dirs, warnings, root)
+            except ErofsToolsError as e:
+                raise _with_path(img, path, e) from None
         # directories: children first (deepest paths last in walk order -> reverse)
         for rel, ino in reversed(dirs):
             fd = os.open(rel or ".", O_DIR, dir_fd=root_fd) if rel else os.dup(root_fd)
@@ -224,39 +238,46 @@ def unpack_to_tar(img: Image, fileobj, warnings=None):
     done = {}
     with tarfile.open(fileobj=fileobj, mode="w|", format=tarfile.PAX_FORMAT) as tf:
         for path, de, ino in img.walk():
-            rel = path.lstrip(b"/")
-            name = os.fsdecode(rel) if rel else "."
-            ti = tarfile.TarInfo(name)
-            ti.mode = _stat.S_IMODE(ino.mode)
-            ti.uid, ti.gid = ino.uid, ino.gid
-            ti.uname = ti.gname = ""
-            ti.mtime = ino.mtime
-            pax = {"mtime": f"{ino.mtime}.{ino.mtime_nsec:09d}"}
-            for xn, xv in img.xattrs(ino):
-                pax["SCHILY.xattr." + os.fsdecode(xn)] = xv.decode("utf-8", "surrogateescape")
-            fobj = None
-            if not ino.is_dir() and ino.nid in done:
-                ti.type = tarfile.LNKTYPE
-                ti.linkname = done[ino.nid]
-            elif ino.is_dir():
-                ti.type = tarfile.DIRTYPE
-            elif ino.is_reg():
-                ti.type = tarfile.REGTYPE
-                ti.size = ino.size
-                fobj = io.BufferedReader(_DataReader(img, ino), 1 << 20)
-            elif ino.is_lnk():
-                ti.type = tarfile.SYMTYPE
-                ti.linkname = os.fsdecode(img.readlink(ino))
-            elif ino.is_dev():
-                ti.type = tarfile.CHRTYPE if ino.ftype == _stat.S_IFCHR else tarfile.BLKTYPE
-                ti.devmajor, ti.devminor = ino.rdev
-            elif ino.ftype == _stat.S_IFIFO:
-                ti.type = tarfile.FIFOTYPE
-            else:
-                warnings.append(f"{os.fsdecode(path)}: socket skipped (tar cannot hold it)")
-                continue
-            if not ino.is_dir():
-                done.setdefault(ino.nid, name)
-            ti.pax_headers = pax
-            tf.addfile(ti, fobj)
+            try:
+                _tar_one(img, tf, path, ino, done, warnings)
+            except ErofsToolsError as e:
+                raise _with_path(img, path, e) from None
     return warnings
+
+
+def _tar_one(img, tf, path, ino, done, warnings):
+    rel = path.lstrip(b"/")
+    name = os.fsdecode(rel) if rel else "."
+    ti = tarfile.TarInfo(name)
+    ti.mode = _stat.S_IMODE(ino.mode)
+    ti.uid, ti.gid = ino.uid, ino.gid
+    ti.uname = ti.gname = ""
+    ti.mtime = ino.mtime
+    pax = {"mtime": f"{ino.mtime}.{ino.mtime_nsec:09d}"}
+    for xn, xv in img.xattrs(ino):
+        pax["SCHILY.xattr." + os.fsdecode(xn)] = xv.decode("utf-8", "surrogateescape")
+    fobj = None
+    if not ino.is_dir() and ino.nid in done:
+        ti.type = tarfile.LNKTYPE
+        ti.linkname = done[ino.nid]
+    elif ino.is_dir():
+        ti.type = tarfile.DIRTYPE
+    elif ino.is_reg():
+        ti.type = tarfile.REGTYPE
+        ti.size = ino.size
+        fobj = io.BufferedReader(_DataReader(img, ino), 1 << 20)
+    elif ino.is_lnk():
+        ti.type = tarfile.SYMTYPE
+        ti.linkname = os.fsdecode(img.readlink(ino))
+    elif ino.is_dev():
+        ti.type = tarfile.CHRTYPE if ino.ftype == _stat.S_IFCHR else tarfile.BLKTYPE
+        ti.devmajor, ti.devminor = ino.rdev
+    elif ino.ftype == _stat.S_IFIFO:
+        ti.type = tarfile.FIFOTYPE
+    else:
+        warnings.append(f"{os.fsdecode(path)}: socket skipped (tar cannot hold it)")
+        return
+    if not ino.is_dir():
+        done.setdefault(ino.nid, name)
+    ti.pax_headers = pax
+    tf.addfile(ti, fobj)

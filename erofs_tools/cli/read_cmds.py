@@ -1,0 +1,218 @@
+"""Read-side commands: inspect, check, unpack, stat (thin wrappers over erofs_tools.reader)."""
+import json
+import os
+import stat as _stat
+import sys
+
+import click
+
+from erofs_tools.errors import ErofsToolsError, InputError
+from erofs_tools.reader.data import BlobSource
+from erofs_tools.reader.fsck import check_image
+from erofs_tools.reader.image import Image
+from erofs_tools.reader.stats import multi_stats
+from erofs_tools.reader.unpack import unpack_to_dir, unpack_to_tar
+
+_TYPE = {_stat.S_IFREG: "file", _stat.S_IFDIR: "dir", _stat.S_IFLNK: "symlink",
+         _stat.S_IFCHR: "chr", _stat.S_IFBLK: "blk", _stat.S_IFIFO: "fifo",
+         _stat.S_IFSOCK: "sock"}
+
+blob_dir_opt = click.option("--blob-dir", type=click.Path(file_okay=False, exists=True),
+                            help="Directory holding the image's blobs, named by blob id.")
+device_opt = click.option("--device", "devices", multiple=True,
+                          type=click.Path(dir_okay=False, exists=True),
+                          help="Raw (uncompressed) file for extra device 1, 2, ... in order; "
+                               "repeatable (e.g. a blob cache file or mkfs --blobdev output).")
+
+
+def _open(image, blob_dir=None, devices=()):
+    img = Image(image)
+    if blob_dir or devices:
+        img.blobs = BlobSource(img, blob_dir=blob_dir, devices=list(devices))
+    return img
+
+
+def _s(b):
+    return os.fsdecode(b)
+
+
+def _inode_detail(img, path, ino):
+    d = {"path": _s(path), "type": _TYPE.get(ino.ftype, "?"), **ino.as_dict()}
+    d["xattrs"] = {_s(n): v.decode("utf-8", "backslashreplace") for n, v in img.xattrs(ino)}
+    if ino.is_lnk():
+        d["target"] = _s(img.readlink(ino))
+    if ino.is_dir():
+        d["entries"] = [{"name": _s(e.name), "nid": e.nid, "file_type": e.file_type}
+                        for e in img.dirents(ino)]
+    if ino.layout == 4:
+        fmt, bits = img.chunk_format(ino)
+        d["chunk_format"] = f"{fmt:#x}"
+        d["chunk_size"] = 1 << bits
+        chunks = []
+        for c in img.chunks(ino):
+            cd = {"index": c.index, "file_offset": c.file_offset, "length": c.length,
+                  "device": c.device, "blkaddr": None if c.hole else c.blkaddr}
+            if img.is_rafs and not c.hole and c.device:
+                cd["ci_index"] = c.ci_index
+                meta = None
+                if img.blobs is not None:
+                    try:
+                        meta = img.blobs.meta(c.device)
+                    except ErofsToolsError:
+                        meta = None
+                if meta is not None:
+                    for bc in meta.chunks_for_range(c.blkaddr * 4096, c.length):
+                        cd.setdefault("blob_chunks", []).append({
+                            "index": bc.index,
+                            "uncompressed": [bc.uncompressed_offset, bc.uncompressed_size],
+                            "compressed": [bc.compressed_offset, bc.compressed_size],
+                            "digest": bc.digest.hex() if bc.digest else None})
+                else:
+                    for ci in img.chunk_infos:
+                        if ci.blob_index == c.device - 1 and \
+                                ci.uncompressed_offset == c.blkaddr * 4096:
+                            cd["compressed"] = [ci.compressed_offset, ci.compressed_size]
+                            cd["digest"] = ci.digest.hex()
+                            break
+                cd["blob_id"] = img.blob_id(c.device)
+            chunks.append(cd)
+        d["chunks"] = chunks
+    elif ino.layout in (0, 2):
+        d["startblk"] = ino.i_u
+    return d
+
+
+@click.command("inspect")
+@click.argument("image", type=click.Path(dir_okay=False, exists=True))
+@click.argument("path", required=False)
+@blob_dir_opt
+@device_opt
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def inspect_cmd(image, path, blob_dir, devices, as_json):
+    """Show the superblock, features and blobs of IMAGE, then the tree (or PATH in detail)."""
+    img = _open(image, blob_dir, devices)
+    if path is not None:
+        ino = img.lookup(path)
+        d = _inode_detail(img, os.fsencode(path), ino)
+        if as_json:
+            click.echo(json.dumps(d, indent=1))
+            return
+        for k, v in d.items():
+            if k in ("chunks", "entries"):
+                click.echo(f"{k}:")
+                for x in v:
+                    click.echo("  " + " ".join(f"{a}={b}" for a, b in x.items()))
+            else:
+                click.echo(f"{k}: {v}")
+        return
+    sd = img.super_dict()
+    tree = []
+    for p, _de, ino in img.walk():
+        e = {"path": _s(p), "type": _TYPE.get(ino.ftype, "?"), "nid": ino.nid,
+             "mode": f"{_stat.S_IMODE(ino.mode):04o}", "uid": ino.uid, "gid": ino.gid,
+             "size": ino.size, "layout": ino.layout_name}
+        if ino.is_lnk():
+            e["target"] = _s(img.readlink(ino))
+        if ino.is_dev():
+            e["rdev"] = list(ino.rdev)
+        tree.append(e)
+    if as_json:
+        sd["tree"] = tree
+        click.echo(json.dumps(sd, indent=1))
+        return
+    for k, v in sd.items():
+        if k in ("devices", "blobs"):
+            click.echo(f"{k}:")
+            for x in v:
+                click.echo("  " + " ".join(f"{a}={b}" for a, b in x.items()))
+        elif k == "rafs":
+            click.echo("rafs: " + " ".join(f"{a}={b}" for a, b in v.items()))
+        else:
+            click.echo(f"{k}: {v}")
+    click.echo("tree:")
+    for e in tree:
+        extra = f" -> {e['target']}" if "target" in e else ""
+        extra += f" rdev={e['rdev'][0]}:{e['rdev'][1]}" if "rdev" in e else ""
+        click.echo(f"  {e['type']:7} {e['mode']} {e['uid']}:{e['gid']} {e['size']:>10} "
+                   f"nid={e['nid']} {e['layout']} {e['path']}{extra}")
+
+
+@click.command("check")
+@click.argument("image", type=click.Path(dir_okay=False, exists=True))
+@blob_dir_opt
+@device_opt
+@click.option("-q", "--quiet", is_flag=True, help="Print problems only.")
+def check_cmd(image, blob_dir, devices, quiet):
+    """Check IMAGE (and with --blob-dir, every chunk digest and blob id). Exit 1 if corrupt."""
+    img = _open(image, blob_dir, devices)
+    problems = check_image(img, img.blobs)
+    for p in problems:
+        click.echo(f"{image}: {p}")
+    if problems:
+        raise click.exceptions.Exit(1)
+    if not quiet:
+        what = " and its blobs" if img.blobs is not None else ""
+        click.echo(f"{image}: clean{what}")
+
+
+@click.command("unpack")
+@click.argument("image", type=click.Path(dir_okay=False, exists=True))
+@blob_dir_opt
+@device_opt
+@click.option("-o", "--output", type=click.Path(), help="Extract into this new directory.")
+@click.option("--tar", "tar_out", type=click.Path(allow_dash=True),
+              help="Write a PAX tar stream to this file ('-' for stdout).")
+def unpack_cmd(image, blob_dir, devices, output, tar_out):
+    """Extract IMAGE with full metadata into a directory (-o) or a tar stream (--tar)."""
+    if (output is None) == (tar_out is None):
+        raise InputError("give exactly one of -o DIR and --tar FILE")
+    img = _open(image, blob_dir, devices)
+    warnings = []
+    if output is not None:
+        unpack_to_dir(img, output, warnings)
+    elif tar_out == "-":
+        unpack_to_tar(img, sys.stdout.buffer, warnings)
+        sys.stdout.buffer.flush()
+    else:
+        tmp = tar_out + ".tmp"
+        try:
+            with open(tmp, "wb") as f:
+                unpack_to_tar(img, f, warnings)
+            os.replace(tmp, tar_out)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+    for w in warnings:
+        click.echo(f"warning: {w}", err=True)
+
+
+@click.command("stat")
+@click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False, exists=True))
+@blob_dir_opt
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def stat_cmd(images, blob_dir, as_json):
+    """Files, chunks, dedup and compression figures per image and across IMAGES."""
+    imgs = [_open(p, blob_dir) for p in images]
+    res = multi_stats(imgs)
+    if as_json:
+        click.echo(json.dumps(res, indent=1))
+        return
+    for d in res["images"]:
+        click.echo(f"{d['image']} ({d['kind']}):")
+        for k, v in d.items():
+            if k in ("image", "kind"):
+                continue
+            if k == "blobs":
+                for b in v:
+                    click.echo("  blob " + " ".join(f"{a}={x}" for a, x in b.items()))
+            else:
+                click.echo(f"  {k}: {v}")
+    click.echo("total:")
+    for k, v in res["total"].items():
+        if k == "shared_chunk_owners":
+            continue
+        click.echo(f"  {k}: {v}")
+
+
+COMMANDS = (inspect_cmd, check_cmd, unpack_cmd, stat_cmd)

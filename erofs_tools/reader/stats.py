@@ -1,0 +1,169 @@
+"""Per-image and cross-image figures: files, chunks, dedup and compression."""
+from __future__ import annotations
+
+import hashlib
+
+from erofs_tools.errors import ErofsToolsError
+from erofs_tools.format import erofs as E
+from erofs_tools.reader.image import Image
+
+
+def _round_up(x, a):
+    return (x + a - 1) // a * a
+
+
+def image_stats(img: Image):
+    """Figures for one image, plus {digest: uncompressed size} of its stored chunks
+    (returned separately as the second value, for cross-image sharing)."""
+    files = dirs = symlinks = other = entries = 0
+    seen = set()
+    logical = 0
+    flat_bytes = 0
+    chunk_refs = 0
+    holes = 0
+    hole_bytes = 0
+    unique = {}            # key -> dict(size, csize, digest)
+    ci_by_off = {}
+    for ci in img.chunk_infos:
+        ci_by_off.setdefault((ci.blob_index, ci.uncompressed_offset), ci)
+    rafs_bits = img.rafs.s_chunk_size.bit_length() - 1 if img.is_rafs else None
+    metas = {}
+
+    def meta_of(dev):
+        if dev not in metas:
+            m = None
+            if img.blobs is not None:
+                try:
+                    m = img.blobs.meta(dev)
+                except ErofsToolsError:
+                    m = None
+            metas[dev] = m
+        return metas[dev]
+
+    for _path, _de, ino in img.walk():
+        entries += 1
+        if ino.nid in seen:
+            continue
+        seen.add(ino.nid)
+        if ino.is_dir():
+            dirs += 1
+            continue
+        if ino.is_lnk():
+            symlinks += 1
+            continue
+        if not ino.is_reg():
+            other += 1
+            continue
+        files += 1
+        logical += ino.size
+        if ino.layout != E.LAYOUT_CHUNK_BASED:
+            flat_bytes += ino.size
+            continue
+        if img.is_rafs:
+            _fmt, kbits = img.chunk_format(ino)
+            refs = img.chunks(ino, chunk_bits=rafs_bits) if kbits >= rafs_bits else img.chunks(ino)
+        else:
+            refs = img.chunks(ino)
+        for c in refs:
+            if c.hole:
+                holes += 1
+                hole_bytes += c.length
+                continue
+            chunk_refs += 1
+            key = (c.device, c.blkaddr)
+            if key in unique:
+                continue
+            info = {"size": c.length, "csize": None, "digest": None}
+            if c.device and img.is_rafs:
+                m = meta_of(c.device)
+                bc = m.chunk_at(c.blkaddr * 4096) if m is not None else None
+                if bc is not None:
+                    info.update(size=bc.uncompressed_size, csize=bc.compressed_size,
+                                digest=bc.digest)
+                else:
+                    ci = ci_by_off.get((c.device - 1, c.blkaddr * 4096))
+                    if ci is not None:
+                        info.update(size=ci.uncompressed_size, csize=ci.compressed_size,
+                                    digest=ci.digest)
+            else:
+                info["csize"] = c.length
+                try:
+                    if c.device == 0:
+                        data = img.read(c.blkaddr * img.blksz, c.length, "chunk")
+                    elif img.blobs is not None:
+                        data = img.blobs.read(img, c.device, c.blkaddr * img.blksz, c.length)
+                    else:
+                        data = None
+                except ErofsToolsError:
+                    data = None
+                if data is not None:
+                    info["digest"] = hashlib.sha256(data).digest()
+            unique[key] = info
+    after_dedup = flat_bytes + sum(u["size"] for u in unique.values())
+    csizes = [u["csize"] for u in unique.values()]
+    after_comp = flat_bytes + sum(csizes) if all(x is not None for x in csizes) else None
+    stored_blocks = sum(_round_up(u["size"], img.blksz) for u in unique.values())
+    d = {
+        "image": img.name, "kind": "rafs-v6" if img.is_rafs else "erofs",
+        "entries": entries, "files": files, "directories": dirs, "symlinks": symlinks,
+        "other": other, "hardlinks": entries - len(seen),
+        "chunks": chunk_refs, "unique_chunks": len(unique), "holes": holes,
+        "bytes_logical": logical, "bytes_holes": hole_bytes,
+        "bytes_flat": flat_bytes,
+        "bytes_chunks_before_dedup": logical - flat_bytes - hole_bytes,
+        "bytes_after_dedup": after_dedup,
+        "bytes_after_compression": after_comp,
+        "bytes_chunk_blocks": stored_blocks,
+        "image_bytes": img.size,
+    }
+    if img.is_rafs:
+        blobs = []
+        for i, b in enumerate(img.blob_entries):
+            bd = {"blob_id": b.blob_id.split(b"\0", 1)[0].decode("ascii", "replace"),
+                  "chunk_count": b.chunk_count, "compressed_size": b.compressed_size,
+                  "uncompressed_size": b.uncompressed_size}
+            m = meta_of(i + 1)
+            if m is not None:
+                bd["chunk_data_bytes"] = sum(c.compressed_size for c in m.chunks)
+                bd["chunk_bytes_uncompressed"] = sum(c.uncompressed_size for c in m.chunks)
+            blobs.append(bd)
+        d["blobs"] = blobs
+    digests = {}
+    for u in unique.values():
+        if u["digest"] is not None:
+            digests[u["digest"]] = u["size"]
+    return d, digests
+
+
+def multi_stats(imgs):
+    """Per-image figures and the totals across the given images."""
+    per = []
+    all_digests = {}
+    owners = {}
+    unknown = 0
+    for idx, img in enumerate(imgs):
+        d, digests = image_stats(img)
+        per.append(d)
+        if len(digests) < d["unique_chunks"]:
+            unknown += d["unique_chunks"] - len(digests)
+        for dg, size in digests.items():
+            all_digests[dg] = size
+            owners.setdefault(dg, set()).add(idx)
+    shared = {dg for dg, o in owners.items() if len(o) > 1}
+    total = {
+        "images": len(per),
+        "files": sum(p["files"] for p in per),
+        "chunks": sum(p["chunks"] for p in per),
+        "unique_chunks_per_image_sum": sum(p["unique_chunks"] for p in per),
+        "unique_chunks": len(all_digests) + unknown,
+        "chunks_without_digest": unknown,
+        "bytes_logical": sum(p["bytes_logical"] for p in per),
+        "bytes_after_dedup_per_image_sum": sum(p["bytes_after_dedup"] for p in per),
+        "bytes_after_dedup_across_images": sum(all_digests.values())
+        + sum(p["bytes_flat"] for p in per),
+        "shared_chunks": len(shared),
+        "shared_bytes": sum(all_digests[dg] for dg in shared),
+        "shared_chunk_owners": {dg.hex(): [per[i]["image"] for i in sorted(owners[dg])]
+                                for dg in sorted(shared)[:1000]},
+    }
+    return {"images": per, "total": total}
