@@ -25,6 +25,9 @@ from erofs_tools.cli import pack as _pack  # noqa: E402
 cli.add_command(_mkfs.mkfs)
 cli.add_command(_mount.mount_cmd)
 cli.add_command(_mount.umount_cmd)
+from erofs_tools.cli import read_cmds as _read_cmds  # noqa: E402
+for _c in _read_cmds.COMMANDS:
+    cli.add_command(_c)
 cli.add_command(_pack.pack)
 
 
