@@ -120,7 +120,10 @@ def check_image(img: Image, blobs=None, verify_data=True):
     ci_by_blob_off = {}
     for ci in img.chunk_infos:
         ci_by_blob_off.setdefault((ci.blob_index, ci.uncompressed_offset), ci)
-    blob_ok = {}
+    bad_chunks = {}         # device -> set of corrupt CI indexes
+    blob_problems = []
+    if blobs is not None:
+        blob_problems = check_blobs(img, blobs, bad_chunks)
 
     def on_error(path, e):
         problems.append(Problem(os.fsdecode(path), _msg(e, name)))
@@ -163,7 +166,7 @@ def check_image(img: Image, blobs=None, verify_data=True):
             elif ino.is_lnk():
                 img.readlink(ino)
             elif ino.is_reg():
-                _check_file(img, path, ino, verify_data, ci_by_blob_off, add, blob_ok)
+                _check_file(img, path, ino, verify_data, ci_by_blob_off, add, bad_chunks)
             else:
                 if ino.size:
                     add(path, f"special file with size {ino.size}")
@@ -183,12 +186,11 @@ def check_image(img: Image, blobs=None, verify_data=True):
             want = links.get(nid, 0)
         if ino.nlink != want:
             add(path, f"nlink {ino.nlink}, expected {want}")
-    if blobs is not None:
-        problems.extend(check_blobs(img, blobs))
+    problems.extend(blob_problems)
     return problems
 
 
-def _check_file(img, path, ino, verify_data, ci_by_blob_off, add, blob_ok):
+def _check_file(img, path, ino, verify_data, ci_by_blob_off, add, bad_chunks):
     if ino.layout == E.LAYOUT_CHUNK_BASED:
         refs = img.chunks(ino)
         if img.is_rafs:
@@ -227,17 +229,41 @@ def _check_file(img, path, ino, verify_data, ci_by_blob_off, add, blob_ok):
                         add(path, f"chunk {c.index}: chunk info says {ci.uncompressed_size} bytes, file needs {c.length}")
                     elif c.ci_index and ci.index != c.ci_index:
                         add(path, f"chunk {c.index}: CI index {c.ci_index} differs from the chunk info table's {ci.index}")
-        need_blobs = any(not c.hole and c.device for c in refs)
-        if need_blobs and img.blobs is None:
-            return
-    if verify_data:
-        for _ in img.iter_data(ino):
-            pass
+        # bounds of every mapped chunk; blob chunk digests are verified once per chunk
+        # in check_blobs (reading each file would repeat that for every reference)
+        bs = img.blksz
+        for c in refs:
+            if c.hole:
+                continue
+            if c.device == 0:
+                if c.blkaddr * bs + c.length > img.size:
+                    add(path, f"chunk {c.index}: block {c.blkaddr} outside the image")
+            elif img.blobs is not None:
+                try:
+                    d = img.blobs.device(c.device)
+                except ErofsToolsError:
+                    continue        # reported once by check_blobs
+                end = c.blkaddr * bs + c.length
+                size = d.meta.uncompressed_size if d.meta is not None else d.size
+                if end > size:
+                    add(path, f"chunk {c.index}: [{c.blkaddr * bs}, {end}) outside device "
+                              f"{c.device} ({size} bytes)")
+                elif d.meta is not None:
+                    for bc in d.meta.chunks_for_range(c.blkaddr * bs, c.length):
+                        if bc.index in bad_chunks.get(c.device, ()):
+                            add(path, f"chunk {c.index}: uses corrupt blob chunk {bc.index} "
+                                      f"of blob {d.meta.blob_id}")
+        return
+    # flat layouts: the reader checks bounds and the inline tail without copying data
+    for _ in img.map_data(ino):
+        pass
 
 
-def check_blobs(img, blobs):
-    """Decode and verify every chunk of every blob; check each blob id."""
+def check_blobs(img, blobs, bad_chunks=None):
+    """Decode and verify every chunk of every blob; check each blob id. Corrupt chunk
+    indexes go to bad_chunks[device]."""
     out = []
+    bad_chunks = bad_chunks if bad_chunks is not None else {}
     for dev in range(1, len(img.devices) + 1):
         tag = img.blob_id(dev)
         where = f"blob {tag}"
@@ -256,6 +282,7 @@ def check_blobs(img, blobs):
                 decode_chunk(meta, c, raw, True)
             except ErofsToolsError as e:
                 out.append(Problem(where, f"chunk {c.index}: {str(e).split(': ', 2)[-1]}"))
+                bad_chunks.setdefault(dev, set()).add(c.index)
                 bad += 1
         if img.is_rafs and len(tag) == 64:
             size = os.fstat(d.f.fileno()).st_size

@@ -398,9 +398,10 @@ class Image:
             out.append(ChunkRef(k, fo, length, dev, blk, devid, advise))
         return out
 
-    def iter_data(self, ino, blobs=None, piece=1 << 20):
-        """Yield (file_offset, bytes or None, length) pieces covering the inode's data;
-        None = hole (zeros). Raises CorruptImageError on any inconsistency."""
+    def map_data(self, ino):
+        """Yield extents (file_offset, length, device, physical_offset) covering the
+        inode's data; device None = hole. Every extent is bounds-checked (device 0
+        against the image; blob devices later, by whoever reads them)."""
         size = ino.size
         if size == 0:
             return
@@ -408,14 +409,12 @@ class Image:
         if ino.layout == E.LAYOUT_FLAT_PLAIN:
             blk = ino.i_u
             if blk == E.NULL_ADDR:
-                yield 0, None, size         # 6.15+: whole-file hole
+                yield 0, size, None, None         # 6.15+: whole-file hole
                 return
             base = blk * bs
             if base + size > self.size:
                 raise self._err(f"inode {ino.nid}: data [{base}, {base + size}) outside the image")
-            for pos in range(0, size, piece):
-                n = min(piece, size - pos)
-                yield pos, bytes(self.data[base + pos:base + pos + n]), n
+            yield 0, size, 0, base
         elif ino.layout == E.LAYOUT_FLAT_INLINE:
             nblocks = (size + bs - 1) // bs
             full = (nblocks - 1) * bs
@@ -425,38 +424,48 @@ class Image:
                 base = blk * bs
                 if blk == E.NULL_ADDR or base + full > self.size:
                     raise self._err(f"inode {ino.nid}: data blocks outside the image")
-                for pos in range(0, full, piece):
-                    n = min(piece, full - pos)
-                    yield pos, bytes(self.data[base + pos:base + pos + n]), n
+                yield 0, full, 0, base
             toff = ino.data_end
             if toff % bs + tail > bs:
                 raise self._err(f"inode {ino.nid}: inline data crosses a block boundary")
-            yield full, self.read(toff, tail, f"inode {ino.nid} inline data"), tail
+            if toff + tail > self.size:
+                raise self._err(f"inode {ino.nid}: inline data outside the image")
+            yield full, tail, 0, toff
         elif ino.layout == E.LAYOUT_CHUNK_BASED:
-            blobs = blobs if blobs is not None else self.blobs
             for c in self.chunks(ino):
                 if c.hole:
-                    yield c.file_offset, None, c.length
+                    yield c.file_offset, c.length, None, None
                     continue
-                if c.device == 0:
-                    base = c.blkaddr * bs
-                    if base + c.length > self.size:
-                        raise self._err(
-                            f"inode {ino.nid}: chunk {c.index} at block {c.blkaddr} outside the image")
-                    for pos in range(0, c.length, piece):
-                        n = min(piece, c.length - pos)
-                        yield c.file_offset + pos, bytes(self.data[base + pos:base + pos + n]), n
-                    continue
-                if blobs is None:
+                base = c.blkaddr * bs
+                if c.device == 0 and base + c.length > self.size:
                     raise self._err(
-                        f"inode {ino.nid}: data is in blob {self.blob_id(c.device)} "
-                        "(device {0}); give the blob directory".format(c.device))
-                data = blobs.read(self, c.device, c.blkaddr * bs, c.length)
-                if len(data) != c.length:
-                    raise self._err(f"inode {ino.nid}: chunk {c.index} short read")
-                yield c.file_offset, data, c.length
+                        f"inode {ino.nid}: chunk {c.index} at block {c.blkaddr} outside the image")
+                yield c.file_offset, c.length, c.device, base
         else:
             raise self._err(f"inode {ino.nid}: unsupported data layout {ino.layout_name}")
+
+    def iter_data(self, ino, blobs=None, piece=1 << 20):
+        """Yield (file_offset, bytes or None, length) pieces covering the inode's data;
+        None = hole (zeros). Raises CorruptImageError on any inconsistency."""
+        blobs = blobs if blobs is not None else self.blobs
+        for fo, length, dev, phys in self.map_data(ino):
+            if dev is None:
+                yield fo, None, length
+            elif dev == 0:
+                for pos in range(0, length, piece):
+                    n = min(piece, length - pos)
+                    yield fo + pos, bytes(self.data[phys + pos:phys + pos + n]), n
+            else:
+                if blobs is None:
+                    raise self._err(
+                        f"inode {ino.nid}: data is in blob {self.blob_id(dev)} "
+                        f"(device {dev}); give the blob directory")
+                for pos in range(0, length, piece):
+                    n = min(piece, length - pos)
+                    data = blobs.read(self, dev, phys + pos, n)
+                    if len(data) != n:
+                        raise self._err(f"inode {ino.nid}: short read from device {dev}")
+                    yield fo + pos, data, n
 
     def read_data(self, ino, blobs=None, limit=None):
         """All data of an inode as bytes (for directories, symlinks, small files)."""

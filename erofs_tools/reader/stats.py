@@ -28,6 +28,7 @@ def image_stats(img: Image):
         ci_by_off.setdefault((ci.blob_index, ci.uncompressed_offset), ci)
     rafs_bits = img.rafs.s_chunk_size.bit_length() - 1 if img.is_rafs else None
     metas = {}
+    hash_budget = [(256 << 20) + 4 * img.size]
 
     def meta_of(dev):
         if dev not in metas:
@@ -87,8 +88,11 @@ def image_stats(img: Image):
                                     digest=ci.digest)
             else:
                 info["csize"] = c.length
+                hash_budget[0] -= c.length
                 try:
-                    if c.device == 0:
+                    if hash_budget[0] < 0:
+                        data = None     # overlapping chunks of a crafted image: stop hashing
+                    elif c.device == 0:
                         data = img.read(c.blkaddr * img.blksz, c.length, "chunk")
                     elif img.blobs is not None:
                         data = img.blobs.read(img, c.device, c.blkaddr * img.blksz, c.length)

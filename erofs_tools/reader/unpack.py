@@ -67,12 +67,13 @@ def _set_xattrs(img, ino, target, follow=True, warnings=None, path=b""):
                                 f"{os.fsdecode(name)} ({e.strerror})")
 
 
-def _write_file(img, ino, fd):
+def _write_file(img, ino, fd, budget):
     end = 0
     for off, data, n in img.iter_data(ino):
         if data is None:
             end = off + n
             continue
+        budget.take(n)
         os.lseek(fd, off, os.SEEK_SET)
         view = memoryview(data)
         while view:
@@ -83,8 +84,9 @@ def _write_file(img, ino, fd):
     del end
 
 
-def unpack_to_dir(img: Image, target, warnings=None):
-    """Extract the whole image to `target` (must not exist, or be an empty directory)."""
+def unpack_to_dir(img: Image, target, warnings=None, limit=None):
+    """Extract the whole image to `target` (must not exist, or be an empty directory).
+    `limit` caps the file bytes written (InputError beyond it; holes are free)."""
     target = os.path.abspath(os.fspath(target))
     parent = os.path.dirname(target) or "/"
     if os.path.lexists(target):
@@ -95,7 +97,7 @@ def unpack_to_dir(img: Image, target, warnings=None):
     tmp = tempfile.mkdtemp(prefix="." + os.path.basename(target) + ".unpack-", dir=parent)
     ok = False
     try:
-        _extract(img, tmp, warnings if warnings is not None else [])
+        _extract(img, tmp, warnings if warnings is not None else [], Budget(limit))
         if os.path.lexists(target):
             os.rmdir(target)
         os.rename(tmp, target)
@@ -124,7 +126,7 @@ def _with_path(img, path, e):
     return type(e)(f"{img.name}: {os.fsdecode(path)}: {msg}")
 
 
-def _extract_one(img, path, ino, dfds, root_fd, done, dirs, warnings, root):
+def _extract_one(img, path, ino, dfds, root_fd, done, dirs, warnings, root, budget):
     rel = path.lstrip(b"/")
     prel, _, name = rel.rpartition(b"/")
     pfd = dfds.get(prel)
@@ -141,7 +143,7 @@ def _extract_one(img, path, ino, dfds, root_fd, done, dirs, warnings, root):
         fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
                      | os.O_CLOEXEC, 0o600, dir_fd=pfd)
         try:
-            _write_file(img, ino, fd)
+            _write_file(img, ino, fd, budget)
             _apply_meta(img, ino, fd, path, warnings, root)
             os.utime(fd, ns=(ino.mtime * 10**9 + ino.mtime_nsec,) * 2)
         finally:
@@ -177,7 +179,7 @@ def _extract_one(img, path, ino, dfds, root_fd, done, dirs, warnings, root):
             os.close(fd)
 
 
-def _extract(img: Image, tmp, warnings):
+def _extract(img: Image, tmp, warnings, budget):
     root = _is_root()
     root_fd = os.open(tmp, O_DIR)
     dfds = _DirFds(root_fd)
@@ -189,7 +191,7 @@ def _extract(img: Image, tmp, warnings):
                 dirs.append((b"", ino))
                 continue
             try:
-                _extract_one(img, path, ino, dfds, root_fd, done, dirs, warnings, root)
+                _extract_one(img, path, ino, dfds, root_fd, done, dirs, warnings, root, budget)
             except ErofsToolsError as e:
                 raise _with_path(img, path, e) from None
         # directories: children first (deepest paths last in walk order -> reverse)
@@ -212,40 +214,68 @@ def _extract(img: Image, tmp, warnings):
 class _DataReader(io.RawIOBase):
     """A file object over an inode's data (holes as zeros) for tarfile."""
 
-    def __init__(self, img, ino):
+    ZERO = bytes(1 << 20)
+
+    def __init__(self, img, ino, budget):
         self.it = img.iter_data(ino)
         self.buf = b""
+        self.zeros = 0
+        self.budget = budget
 
     def readable(self):
         return True
 
     def readinto(self, b):
-        while not self.buf:
+        while not self.buf and not self.zeros:
             try:
                 _off, data, n = next(self.it)
             except StopIteration:
                 return 0
-            self.buf = data if data is not None else bytes(n)
-        n = min(len(b), len(self.buf))
-        b[:n] = self.buf[:n]
-        self.buf = self.buf[n:]
+            if data is None:
+                self.zeros = n
+            else:
+                self.buf = data
+        if self.buf:
+            n = min(len(b), len(self.buf))
+            b[:n] = self.buf[:n]
+            self.buf = self.buf[n:]
+        else:
+            n = min(len(b), self.zeros, len(self.ZERO))
+            b[:n] = self.ZERO[:n]
+            self.zeros -= n
+        self.budget.take(n)
         return n
 
 
-def unpack_to_tar(img: Image, fileobj, warnings=None):
-    """Write the tree as a PAX tar stream (xattrs as SCHILY.xattr, ns mtimes)."""
+class Budget:
+    """Caps the bytes an extraction writes (a small image can describe huge files)."""
+
+    def __init__(self, limit=None):
+        self.limit = limit
+        self.used = 0
+
+    def take(self, n):
+        self.used += n
+        if self.limit is not None and self.used > self.limit:
+            raise InputError(f"extraction exceeds the limit of {self.limit} bytes")
+
+
+def unpack_to_tar(img: Image, fileobj, warnings=None, limit=None):
+    """Write the tree as a PAX tar stream (xattrs as SCHILY.xattr, ns mtimes).
+    `limit` caps the file bytes written (InputError beyond it)."""
     warnings = warnings if warnings is not None else []
+    budget = Budget(limit)
     done = {}
     with tarfile.open(fileobj=fileobj, mode="w|", format=tarfile.PAX_FORMAT) as tf:
         for path, de, ino in img.walk():
             try:
-                _tar_one(img, tf, path, ino, done, warnings)
+                _tar_one(img, tf, path, ino, done, warnings, budget)
             except ErofsToolsError as e:
                 raise _with_path(img, path, e) from None
     return warnings
 
 
-def _tar_one(img, tf, path, ino, done, warnings):
+def _tar_one(img, tf, path, ino, done, warnings, budget):
     rel = path.lstrip(b"/")
     name = os.fsdecode(rel) if rel else "."
     ti = tarfile.TarInfo(name)
@@ -265,7 +295,7 @@ def _tar_one(img, tf, path, ino, done, warnings):
     elif ino.is_reg():
         ti.type = tarfile.REGTYPE
         ti.size = ino.size
-        fobj = io.BufferedReader(_DataReader(img, ino), 1 << 20)
+        fobj = io.BufferedReader(_DataReader(img, ino, budget), 1 << 20)
     elif ino.is_lnk():
         ti.type = tarfile.SYMTYPE
         ti.linkname = os.fsdecode(img.readlink(ino))
