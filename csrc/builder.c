@@ -1191,7 +1191,9 @@ static int read_exact(erofs_builder *b, int fd, uint8_t *buf, size_t len, uint64
 static int copy_range(erofs_builder *b, int in, uint64_t in_off, uint64_t out_off,
                       uint64_t len, const char *path)
 {
-    static int no_cfr;
+    static int no_cfr = -1;
+    if (no_cfr < 0)
+        no_cfr = getenv("EROFS_NATIVE_NO_COPY_FILE_RANGE") != NULL;
     while (len && !no_cfr) {
         loff_t io = (loff_t)in_off, oo = (loff_t)out_off;
         size_t chunk = len > (1u << 30) ? (1u << 30) : (size_t)len;

@@ -1,0 +1,274 @@
+"""Shared test helpers: CI-aware requirements, read-only kernel mounts of image files,
+a full-metadata tree comparison, fsck.erofs and mkfs wrappers.
+
+    require(cond, reason)          skip normally, FAIL when EROFS_TOOLS_CI=1
+    require_root_kernel()          root + EROFS file-backed mounts
+    with mounted(image) as mnt:    mount(2) -t erofs -o ro (file-backed), umount after
+    diffs = compare_trees(src, mnt)   [] when identical (content, mode, uid/gid, mtime ns,
+                                   xattrs, hardlink groups, rdev, symlink targets)
+    fsck(image)                    fsck.erofs --extract (reads every file), must pass
+"""
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import hashlib
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+CI = os.environ.get("EROFS_TOOLS_CI") == "1"
+MS_RDONLY = 0x1
+MNT_DETACH = 0x2
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
+                        ctypes.c_char_p)
+_libc.umount2.argtypes = (ctypes.c_char_p, ctypes.c_int)
+
+
+def require(condition, reason):
+    """Skip the test when `condition` is false, except under CI where it fails."""
+    if condition:
+        return
+    if CI:
+        pytest.fail(f"prerequisite missing under EROFS_TOOLS_CI=1: {reason}")
+    pytest.skip(reason)
+
+
+def is_root():
+    return os.geteuid() == 0
+
+
+def erofs_available():
+    try:
+        with open("/proc/filesystems") as f:
+            if any(line.split()[-1] == "erofs" for line in f if line.strip()):
+                return True
+    except OSError:
+        return False
+    # module not loaded yet: try loading it
+    subprocess.run(["modprobe", "erofs"], capture_output=True)
+    with open("/proc/filesystems") as f:
+        return any(line.split()[-1] == "erofs" for line in f if line.strip())
+
+
+def require_root_kernel():
+    require(is_root(), "needs root (mount(2))")
+    require(erofs_available(), "kernel without EROFS")
+
+
+def require_tool(name):
+    require(shutil.which(name) is not None, f"{name} not installed (apt-get install erofs-utils)")
+
+
+def sys_mount(source, target, fstype="erofs", flags=MS_RDONLY, data=None):
+    if _libc.mount(os.fsencode(source), os.fsencode(target), fstype.encode(), flags,
+                   os.fsencode(data) if data else None) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"mount {source} on {target}: {os.strerror(e)}")
+
+
+def sys_umount(target, lazy=False):
+    if _libc.umount2(os.fsencode(target), MNT_DETACH if lazy else 0) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"umount {target}: {os.strerror(e)}")
+
+
+@contextlib.contextmanager
+def mounted(image, options=None):
+    """Mount IMAGE (a regular file) read-only with the host kernel; yield the mount
+    point; unmount and remove it afterwards."""
+    require_root_kernel()
+    mnt = tempfile.mkdtemp(prefix="erofs-mnt-")
+    try:
+        try:
+            sys_mount(image, mnt, "erofs", MS_RDONLY, options)
+        except OSError as e:
+            if e.errno == errno.ENOTBLK:
+                require(False, "kernel lacks file-backed EROFS mounts (6.12+)")
+            raise
+        try:
+            yield mnt
+        finally:
+            try:
+                sys_umount(mnt)
+            except OSError:
+                sys_umount(mnt, lazy=True)
+    finally:
+        os.rmdir(mnt)
+
+
+def fsck(image, extract=True, devices=()):
+    """Run fsck.erofs (with --extract: decode every file) and assert it passes."""
+    require_tool("fsck.erofs")
+    cmd = ["fsck.erofs"] + [f"--device={d}" for d in devices]
+    if extract:
+        cmd.append("--extract")
+    cmd.append(os.fspath(image))
+    p = subprocess.run(cmd, capture_output=True, text=True, errors="replace")
+    assert p.returncode == 0, f"fsck.erofs failed ({p.returncode}): {p.stdout}{p.stderr}"
+    return p.stdout + p.stderr
+
+
+def run_mkfs(image, source, *args, check=True):
+    """Run `erofs-tools mkfs` as a child process; -> CompletedProcess."""
+    cmd = [sys.executable, "-m", "erofs_tools", "mkfs", os.fspath(image), os.fspath(source),
+           *map(str, args)]
+    p = subprocess.run(cmd, capture_output=True, text=True, errors="replace")
+    if check:
+        assert p.returncode == 0, f"mkfs failed: {p.stdout}{p.stderr}"
+    return p
+
+
+# ------------------------------------------------------------------ tree compare ----
+
+def _digest(path, size):
+    """sha256 of a file; holes are hashed without reading them when SEEK_DATA works."""
+    h = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        fd = f.fileno()
+        pos = 0
+        zero = bytes(1 << 20)
+        while pos < size:
+            try:
+                data_at = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:
+                    data_at = size
+                else:
+                    data_at = pos
+            data_at = min(data_at, size)
+            while pos < data_at:            # hole: zeros
+                n = min(len(zero), data_at - pos)
+                h.update(zero[:n])
+                pos += n
+            if pos >= size:
+                break
+            try:
+                hole_at = min(os.lseek(fd, pos, os.SEEK_HOLE), size)
+            except OSError:
+                hole_at = size
+            os.lseek(fd, pos, os.SEEK_SET)
+            while pos < hole_at:
+                buf = f.read(min(1 << 20, hole_at - pos))
+                if not buf:
+                    raise AssertionError(f"{path}: short read at {pos}")
+                h.update(buf)
+                pos += len(buf)
+    return h.hexdigest()
+
+
+def _xattrs(path):
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError:
+        return {}
+    out = {}
+    for n in names:
+        try:
+            out[n] = os.getxattr(path, n, follow_symlinks=False)
+        except OSError as e:
+            out[n] = f"<errno {e.errno}>"
+    return out
+
+
+def scan_tree(root, content=True, exclude=()):
+    """Map relative path (bytes, b'' = root) -> dict of comparable properties."""
+    root = os.fsencode(root)
+    exclude = {os.fsencode(e) for e in exclude}
+    entries = {}
+    groups = {}
+    stack = [b""]
+    while stack:
+        rel = stack.pop()
+        full = os.path.join(root, rel) if rel else root
+        st = os.lstat(full)
+        kind = stat.S_IFMT(st.st_mode)
+        rec = {
+            "type": kind,
+            "mode": stat.S_IMODE(st.st_mode),
+            "uid": st.st_uid,
+            "gid": st.st_gid,
+            "mtime_ns": st.st_mtime_ns,
+            "xattr": _xattrs(full),
+        }
+        if stat.S_ISREG(kind):
+            rec["size"] = st.st_size
+            if content:
+                rec["sha256"] = _digest(full, st.st_size)
+        elif stat.S_ISLNK(kind):
+            rec["target"] = os.readlink(full)
+        elif stat.S_ISCHR(kind) or stat.S_ISBLK(kind):
+            rec["rdev"] = (os.major(st.st_rdev), os.minor(st.st_rdev))
+        if stat.S_ISDIR(kind):
+            for name in os.listdir(full):
+                child = os.path.join(rel, name) if rel else name
+                if child not in exclude:
+                    stack.append(child)
+        else:
+            groups.setdefault(st.st_ino, []).append(rel)
+            rec["_ino"] = st.st_ino
+            rec["_nlink"] = st.st_nlink
+        entries[rel] = rec
+    for members in groups.values():
+        members.sort()
+        for rel in members:
+            entries[rel]["links"] = members
+    return entries
+
+
+def compare_trees(expected, actual, ignore=(), content=True, exclude=(), max_report=50,
+                  check_nlink=False):
+    """Compare two trees with full metadata; -> list of difference strings ([] = same).
+    `ignore`: fields to skip (mode, uid, gid, mtime_ns, xattr, links, sha256, rdev...).
+    check_nlink: also compare st_nlink of non-directories (only valid when the source
+    tree has no hardlinks to files outside it)."""
+    a = scan_tree(expected, content, exclude)
+    b = scan_tree(actual, content)
+    ignore = set(ignore) | {"_ino"}
+    if not check_nlink:
+        ignore.add("_nlink")
+    diffs = []
+    for rel in sorted(set(a) | set(b)):
+        ea, eb = a.get(rel), b.get(rel)
+        shown = os.fsdecode(rel) or "."
+        if ea is None:
+            diffs.append(f"{shown}: unexpected entry")
+            continue
+        if eb is None:
+            diffs.append(f"{shown}: missing entry")
+            continue
+        for key in sorted(set(ea) | set(eb)):
+            if key in ignore:
+                continue
+            if ea.get(key) != eb.get(key):
+                va, vb = ea.get(key), eb.get(key)
+                if key == "mode":
+                    va, vb = oct(va) if va is not None else va, oct(vb) if vb is not None else vb
+                diffs.append(f"{shown}: {key}: expected {va!r}, got {vb!r}")
+        if len(diffs) >= max_report:
+            break
+    return diffs
+
+
+def assert_same_tree(expected, actual, **kw):
+    diffs = compare_trees(expected, actual, **kw)
+    assert not diffs, f"{len(diffs)} differences:\n" + "\n".join(diffs[:50])
+
+
+def mkfs_and_check(image, source, *args, ignore=(), content=True, exclude=(), do_fsck=True,
+                   check_nlink=False):
+    """erofs-tools mkfs SOURCE, fsck the image, mount it and compare with SOURCE."""
+    run_mkfs(image, source, *args)
+    if do_fsck:
+        fsck(image)
+    with mounted(image) as mnt:
+        assert_same_tree(source, mnt, ignore=ignore, content=content, exclude=exclude,
+                         check_nlink=check_nlink)
+    return image
