@@ -1,14 +1,241 @@
-"""fscache-daemon command line (stub until the daemon issue lands)."""
+"""fscache-daemon command line: `run` (the daemon, foreground) and the one-liners that talk
+to it over the API socket: `mount`, `umount`, `status`.
+
+Every command takes `--api-sock` (env FSCACHE_DAEMON_API_SOCK, default
+/run/fscache-daemon/api.sock); `run` and `mount` take `--cache-dir` (env
+FSCACHE_DAEMON_CACHE_DIR, default /var/lib/fscache-daemon). `mount` starts a daemon in
+the background (its log in CACHE_DIR/daemon.log) if none answers on the socket.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
 import sys
+import threading
+import time
 
 import click
 
 from erofs_tools.errors import ErofsToolsError
+from fscache_daemon import __version__
+from fscache_daemon.errors import DaemonError
+
+DEFAULT_CACHE_DIR = "/var/lib/fscache-daemon"
+DEFAULT_API_SOCK = "/run/fscache-daemon/api.sock"
+FRONTENDS = ["auto", "fanotify", "cachefiles", "none"]
+
+log = logging.getLogger("fscache_daemon")
+
+sock_option = click.option("--api-sock", envvar="FSCACHE_DAEMON_API_SOCK",
+                           default=DEFAULT_API_SOCK, show_default=True,
+                           type=click.Path(dir_okay=False),
+                           help="Unix socket of the management API.")
+cache_option = click.option("--cache-dir", envvar="FSCACHE_DAEMON_CACHE_DIR",
+                            default=DEFAULT_CACHE_DIR, show_default=True,
+                            type=click.Path(file_okay=False),
+                            help="Cache files, chunk state, chunk maps and mounts.json.")
+
+
+def _size(text: str) -> int:
+    t = text.strip().lower()
+    mult = 1
+    for suffix, m in (("k", 1 << 10), ("m", 1 << 20), ("g", 1 << 30)):
+        if t.endswith(suffix) or t.endswith(suffix + "ib") or t.endswith(suffix + "b"):
+            mult = m
+            t = t.rstrip("ib").rstrip(suffix)
+            break
+    try:
+        v = int(float(t) * mult)
+    except ValueError:
+        raise click.BadParameter(f"not a size: {text!r}") from None
+    if v < 0:
+        raise click.BadParameter(f"negative size {text!r}")
+    return v
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="fscache-daemon")
 def cli():
-    """On-demand fscache/fanotify daemon for RAFS v6 images."""
+    """On-demand daemon for lazily mounted RAFS v6 (Nydus) images."""
+
+
+@cli.command()
+@cache_option
+@sock_option
+@click.option("--frontend", type=click.Choice(FRONTENDS), default="auto", show_default=True,
+              help="Kernel interface: fanotify pre-content (6.14+), cachefiles on-demand, "
+                   "auto (fanotify if the kernel has it, else cachefiles), none (no kernel; "
+                   "for tests).")
+@click.option("--threads", type=click.IntRange(1, 256), default=8, show_default=True,
+              help="Worker threads serving kernel requests and prefetch.")
+@click.option("--batch-size", default="1M", show_default=True,
+              help="Largest merged backend request (bytes; k/M/G suffixes).")
+@click.option("--prefetch-rate", default="64M", show_default=True,
+              help="Prefetch bandwidth limit in bytes/s (0: unlimited).")
+@click.option("--no-fsync", is_flag=True,
+              help="Do not fdatasync cache data before recording chunks (faster; a host "
+                   "crash may then leave recorded chunks without data).")
+@click.option("--log-level", default="INFO", show_default=True,
+              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+def run(cache_dir, api_sock, frontend, threads, batch_size, prefetch_rate, no_fsync,
+        log_level):
+    """Run the daemon in the foreground (logs to stderr).
+
+    SIGTERM/SIGINT stop it cleanly: the API closes, chunk state is flushed, and mounts
+    stay mounted. With the fanotify front end the fd holder keeps the mounts safe:
+    reads of cached data go on, reads of uncached ranges wait until a daemon runs again
+    (a restarted daemon picks up every mount from CACHE_DIR/mounts.json).
+    """
+    from fscache_daemon.api import ApiServer
+    from fscache_daemon.daemon import Daemon
+
+    logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(threadName)s %(name)s: %(message)s")
+    d = Daemon(cache_dir, frontend=frontend, threads=threads, batch_size=_size(batch_size),
+               prefetch_rate=_size(prefetch_rate), durable=not no_fsync)
+    api = ApiServer(d, api_sock)
+    stop = threading.Event()
+
+    def on_signal(signum, _frame):
+        log.info("received %s", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        d.start()
+        api.start()
+        while not stop.is_set() and not api.shutdown_requested.is_set():
+            stop.wait(0.2)
+    finally:
+        api.stop()
+        d.shutdown()
+    return 0
+
+
+def _client(api_sock):
+    from fscache_daemon.api import ApiClient
+    return ApiClient(api_sock)
+
+
+def start_daemon(api_sock: str, cache_dir: str, frontend: str = "auto",
+                 timeout: float = 30.0, extra_args=()) -> int:
+    """Start `fscache-daemon run` in the background, detached; wait for its socket."""
+    from fscache_daemon.api import socket_answers
+    os.makedirs(cache_dir, mode=0o700, exist_ok=True)
+    log_path = os.path.join(cache_dir, "daemon.log")
+    with open(log_path, "ab") as logf:
+        p = subprocess.Popen([sys.executable, "-m", "fscache_daemon.cli", "run",
+                              "--cache-dir", cache_dir, "--api-sock", api_sock,
+                              "--frontend", frontend, *extra_args],
+                             stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+                             start_new_session=True, close_fds=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if socket_answers(api_sock):
+            return p.pid
+        if p.poll() is not None:
+            raise DaemonError(f"daemon exited with status {p.returncode} at start; "
+                              f"see {log_path}")
+        time.sleep(0.05)
+    raise DaemonError(f"daemon did not answer on {api_sock} within {timeout:.0f}s; "
+                      f"see {log_path}")
+
+
+@cli.command()
+@click.argument("bootstrap", type=click.Path(exists=True, dir_okay=False))
+@click.argument("mountpoint", type=click.Path(file_okay=False))
+@click.option("--backend", required=True,
+              help="Where the data blobs are: localfs:DIR or registry:HOST/REPO[:TAG].")
+@click.option("--prefetch", is_flag=True,
+              help="After the image's prefetch list, fetch the rest of its blobs in the "
+                   "background.")
+@click.option("--domain", help="Sharing domain (cachefiles domain_id; fanotify shares "
+                               "blobs by id anyway).")
+@click.option("--proxy", help="HTTP proxy for registry blob reads (e.g. dfdaemon, "
+                              "http://127.0.0.1:4001).")
+@click.option("--mirror", help="Registry endpoint to use instead of the reference's host "
+                               "(e.g. dfdaemon's registry mirror, 127.0.0.1:4001).")
+@click.option("--insecure/--secure", default=None,
+              help="Plain HTTP to the registry (default: only for loopback hosts).")
+@sock_option
+@cache_option
+@click.option("--frontend", type=click.Choice(FRONTENDS), default="auto", show_default=True,
+              help="Front end for a daemon started by this command.")
+@click.option("--json", "as_json", is_flag=True, help="Print the mount as JSON.")
+def mount(bootstrap, mountpoint, backend, prefetch, domain, proxy, mirror, insecure,
+          api_sock, cache_dir, frontend, as_json):
+    """Lazily mount the RAFS v6 BOOTSTRAP on MOUNTPOINT through the daemon."""
+    c = _client(api_sock)
+    if not c.answers():
+        pid = start_daemon(api_sock, cache_dir, frontend)
+        click.echo(f"started fscache-daemon (pid {pid}, log {cache_dir}/daemon.log)", err=True)
+    options = {k: v for k, v in (("proxy", proxy), ("mirror", mirror),
+                                 ("insecure", insecure)) if v is not None}
+    if backend.startswith("localfs:"):
+        backend = "localfs:" + os.path.abspath(backend[len("localfs:"):])
+    res = c.call("POST", "/api/v1/mounts", {
+        "bootstrap": os.path.abspath(bootstrap), "mountpoint": os.path.abspath(mountpoint),
+        "backend": backend, "prefetch": prefetch, "domain": domain, "options": options})
+    if as_json:
+        click.echo(json.dumps(res, indent=1))
+    else:
+        click.echo(f"mounted {bootstrap} on {res['mountpoint']} ({len(res['blobs'])} blobs, "
+                   f"backend {res['backend']})")
+
+
+@cli.command()
+@click.argument("mountpoint", type=click.Path(file_okay=False))
+@click.option("--lazy", is_flag=True, help="Detach now, finish when no longer busy.")
+@sock_option
+def umount(mountpoint, lazy, api_sock):
+    """Unmount an image mounted through the daemon."""
+    _client(api_sock).call("POST", "/api/v1/umount",
+                           {"mountpoint": os.path.abspath(mountpoint), "lazy": lazy})
+    click.echo(f"unmounted {os.path.abspath(mountpoint)}")
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Everything as one JSON document.")
+@sock_option
+def status(as_json, api_sock):
+    """Show the daemon, its mounts and per-blob metrics."""
+    c = _client(api_sock)
+    info = c.call("GET", "/api/v1/daemon")
+    mounts = c.call("GET", "/api/v1/mounts")
+    metrics = c.call("GET", "/api/v1/metrics")
+    if as_json:
+        click.echo(json.dumps({"daemon": info, "mounts": mounts, "metrics": metrics},
+                              indent=1))
+        return
+    p = metrics["process"]
+    click.echo(f"fscache-daemon {info['version']} pid {info['pid']}, front end "
+               f"{info['frontend']}, cache {info['cache_dir']}, up {info['uptime_s']:.0f}s, "
+               f"RSS {_human(p['rss_bytes'])}, CPU {p['cpu_user_s'] + p['cpu_system_s']:.1f}s")
+    for m in mounts:
+        click.echo(f"{m['mountpoint']}  {m['source_bootstrap']}  backend {m['backend']}")
+        for b in m["blobs"]:
+            s = metrics["blobs"].get(b["blob_id"], {})
+            click.echo(f"  blob {b['blob_id'][:16]}  chunks {b['cached_chunks']}/"
+                       f"{b['total_chunks']}  requests {s.get('requests', 0)}  fetched "
+                       f"{_human(s.get('bytes_fetched', 0))}  from cache "
+                       f"{_human(s.get('bytes_served_from_cache', 0))}  verify failures "
+                       f"{s.get('verify_failures', 0)}  p50 {s.get('latency_p50_ms', 0)} ms"
+                       f"  p99 {s.get('latency_p99_ms', 0)} ms")
+    if not mounts:
+        click.echo("no mounts")
 
 
 def main(argv=None):
@@ -17,7 +244,14 @@ def main(argv=None):
     except ErofsToolsError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(1)
+    except click.exceptions.Abort:
+        click.echo("Aborted!", err=True)
+        sys.exit(1)
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)
     sys.exit(rv if isinstance(rv, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

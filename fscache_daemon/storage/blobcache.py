@@ -66,7 +66,8 @@ def state_path(directory: str, blob_id: str) -> str:
     return os.path.join(directory, blob_id + ".chunks")
 
 
-def load_or_fetch_meta(directory: str, blob_id: str, backend, entry=None, blob_size=None):
+def load_or_fetch_meta(directory: str, blob_id: str, backend, entry=None, blob_size=None,
+                       digests=None):
     """The blob's chunk map: from `<id>.map` if present and valid, else read from the blob
     through the backend (its CI table) and cached. Returns (meta, backend bytes read)."""
     path = map_path(directory, blob_id)
@@ -92,7 +93,10 @@ def load_or_fetch_meta(directory: str, blob_id: str, backend, entry=None, blob_s
 
     if blob_size is None:
         blob_size = getattr(entry, "compressed_size", None) or backend.blob_size(blob_id)
-    meta = rblob.BlobMeta.from_blob(counting_read, blob_size, blob_id=blob_id, entry=entry)
+    meta = rblob.BlobMeta.from_blob(counting_read, blob_size, blob_id=blob_id, entry=entry,
+                                    digests=digests)
+    if any(c.digest is None for c in meta.chunks):
+        raise StorageError(f"blob {blob_id}: chunks without digests cannot be verified")
     os.makedirs(directory, exist_ok=True)
     _write_atomic(path, meta.to_bytes())
     return meta, fetched

@@ -1,0 +1,971 @@
+"""The daemon core: images, shared blobs, the worker pool, prefetch, and the front end.
+
+Threads:
+  - the front end's poller (fanotify: PreContentWatcher's loop; cachefiles: its poller)
+    reads kernel requests and answers ranges already cached at once (fast path);
+  - a worker pool (`--threads`) runs everything else from one priority queue: on-demand
+    fills first, prefetch batches only when no on-demand work is queued, and at most
+    `prefetch_workers` of them at a time, so prefetch never holds every worker;
+  - one prefetcher thread plans prefetch batches and paces them with a token bucket
+    (`prefetch_rate` bytes/s);
+  - a syncer thread flushes chunk-state records once a second;
+  - the API server thread (api.py).
+
+Images and blobs: an image is a mounted bootstrap; its data blobs are BlobManagers keyed
+by blob id, shared by every image that names the same blob (one cache file per blob, in
+the cache directory, whatever image brought it). `mounts.json` in the cache directory
+records the mounts so that a restarted daemon picks them up (the kernel mounts survive a
+daemon restart; see docs/daemon.md).
+
+Front ends implement the small interface of `Frontend` below; the daemon never touches
+fanotify or /dev/cachefiles itself.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import hashlib
+import itertools
+import json
+import logging
+import os
+import queue
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import Executor, Future
+
+import psutil
+
+from fscache_daemon import __version__
+from fscache_daemon.errors import DaemonError, FrontendError
+from fscache_daemon.storage import StorageError
+from fscache_daemon.storage import blobcache as bc
+from fscache_daemon.storage.backends import open_backend, parse_backend_spec
+from fscache_daemon.storage.image import load_image
+from fscache_daemon.storage.planner import DEFAULT_BATCH_SIZE, plan
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CACHE_DIR = "/var/lib/fscache-daemon"
+DEFAULT_API_SOCK = "/run/fscache-daemon/api.sock"
+DEFAULT_PREFETCH_RATE = 64 << 20          # bytes/s
+PRIO_ONDEMAND = 0
+PRIO_PREFETCH = 10
+
+
+class MountError(DaemonError):
+    """mount(2)/umount(2) or the image setup around them failed."""
+
+
+class NotFoundError(DaemonError):
+    """No such mount or blob."""
+
+
+class ConflictError(DaemonError):
+    """The request conflicts with the daemon's state (already mounted, busy)."""
+
+
+# --------------------------------------------------------------------------- syscalls
+MS_RDONLY = 0x1
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
+MNT_DETACH = 0x2
+_libc = None
+
+
+def _libc_handle():
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        _libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
+        _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+    return _libc
+
+
+def sys_mount(source: str, target: str, fstype: str, flags: int, data: str) -> None:
+    libc = _libc_handle()
+    if libc.mount(os.fsencode(source), os.fsencode(target), fstype.encode(), flags,
+                  data.encode()) != 0:
+        e = ctypes.get_errno()
+        raise MountError(f"mount {source} on {target} ({fstype}, {data}): {os.strerror(e)}")
+
+
+def sys_umount(target: str, lazy: bool = False) -> None:
+    libc = _libc_handle()
+    if libc.umount2(os.fsencode(target), MNT_DETACH if lazy else 0) != 0:
+        e = ctypes.get_errno()
+        if e == errno.EBUSY:
+            raise ConflictError(f"umount {target}: target is busy")
+        raise MountError(f"umount {target}: {os.strerror(e)}")
+
+
+def _unescape_mountinfo(s: str) -> str:
+    out, i = [], 0
+    while i < len(s):
+        if s[i] == "\\" and i + 3 < len(s) and s[i + 1:i + 4].isdigit():
+            out.append(chr(int(s[i + 1:i + 4], 8)))
+            i += 4
+        else:
+            out.append(s[i])
+            i += 1
+    return "".join(out)
+
+
+def mounted_erofs() -> dict[str, str]:
+    """{mount point: source} of every EROFS mount in this namespace."""
+    out = {}
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                pre, _, post = line.partition(" - ")
+                fields, pfields = pre.split(), post.split()
+                if len(fields) >= 5 and pfields and pfields[0] == "erofs":
+                    out[_unescape_mountinfo(fields[4])] = _unescape_mountinfo(pfields[1]) \
+                        if len(pfields) > 1 else ""
+    except OSError:
+        pass
+    return out
+
+
+# --------------------------------------------------------------------------- worker pool
+class PriorityPool(Executor):
+    """A fixed pool of threads serving one priority queue (lower value first).
+
+    `submit()` (the Executor API the front ends use) queues on-demand work;
+    `submit_prefetch()` queues background work that waits behind every on-demand task and
+    never occupies more than `prefetch_workers` threads at once.
+    """
+
+    def __init__(self, threads: int, prefetch_workers: int = 1):
+        self.threads = max(1, threads)
+        self.prefetch_workers = max(1, min(prefetch_workers, self.threads))
+        self._q: queue.PriorityQueue = queue.PriorityQueue()
+        self._seq = itertools.count()
+        self._prefetch_slots = threading.Semaphore(self.prefetch_workers)
+        self._shutdown = False
+        self.active_ondemand = 0
+        self._lock = threading.Lock()
+        self._workers = [threading.Thread(target=self._run, name=f"worker-{i}", daemon=True)
+                         for i in range(self.threads)]
+        for t in self._workers:
+            t.start()
+
+    def _put(self, prio, fn, args, kwargs) -> Future:
+        if self._shutdown:
+            raise RuntimeError("pool is shut down")
+        fut = Future()
+        self._q.put((prio, next(self._seq), fut, fn, args, kwargs))
+        return fut
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:
+        return self._put(PRIO_ONDEMAND, fn, args, kwargs)
+
+    def submit_prefetch(self, fn, /, *args, **kwargs) -> Future:
+        self._prefetch_slots.acquire()
+        try:
+            fut = self._put(PRIO_PREFETCH, fn, args, kwargs)
+        except BaseException:
+            self._prefetch_slots.release()
+            raise
+        fut.add_done_callback(lambda _f: self._prefetch_slots.release())
+        return fut
+
+    def ondemand_pending(self) -> int:
+        """On-demand tasks queued or running (the prefetcher backs off while > 0)."""
+        with self._lock:
+            return self.active_ondemand
+
+    def _run(self) -> None:
+        while True:
+            prio, _, fut, fn, args, kwargs = self._q.get()
+            if fn is None:
+                return
+            if not fut.set_running_or_notify_cancel():
+                continue
+            ondemand = prio == PRIO_ONDEMAND
+            if ondemand:
+                with self._lock:
+                    self.active_ondemand += 1
+            try:
+                fut.set_result(fn(*args, **kwargs))
+            except BaseException as e:  # noqa: BLE001 - delivered to the submitter
+                fut.set_exception(e)
+            finally:
+                if ondemand:
+                    with self._lock:
+                        self.active_ondemand -= 1
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self._shutdown = True
+        for _ in self._workers:
+            self._q.put((1 << 30, next(self._seq), None, None, None, None))
+        if wait:
+            for t in self._workers:
+                t.join(timeout=30)
+
+
+class TokenBucket:
+    """Paces prefetch to `rate` bytes/s (0 = unlimited) with a one-second burst."""
+
+    def __init__(self, rate: int):
+        self.rate = rate
+        self._tokens = float(rate)
+        self._t = time.monotonic()
+        self._lock = threading.Lock()
+
+    def take(self, n: int, stop: threading.Event) -> None:
+        if self.rate <= 0:
+            return
+        with self._lock:
+            now = time.monotonic()
+            self._tokens = min(self.rate, self._tokens + (now - self._t) * self.rate)
+            self._t = now
+            self._tokens -= n
+            wait = -self._tokens / self.rate if self._tokens < 0 else 0.0
+        if wait > 0:
+            stop.wait(wait)
+
+
+# --------------------------------------------------------------------------- front ends
+class Frontend:
+    """What the daemon needs from a kernel front end.
+
+    start(daemon)          begin serving; call daemon.fill(blob_id, off, len) (blocking,
+                           raises on failure -> EIO for that reader) and may use
+                           daemon.fast_path(blob_id, off, len) -> bool and daemon.pool
+    prepare_blob(mgr)      before mounting an image that uses the blob (fanotify: mark the
+                           cache file and hand the manager a writer fd)
+    blob_complete(mgr)     every chunk of the blob is cached (fanotify: remove the mark)
+    release_blob(mgr)      no mounted image uses the blob any more
+    mount(image)           mount image.bootstrap on image.mountpoint with its blobs
+    umount(image, lazy)    unmount it
+    stop()                 stop serving; mounts stay (readers of uncached ranges wait for
+                           the next daemon)
+    """
+
+    name = "none"
+
+    def start(self, daemon: "Daemon") -> None:
+        pass
+
+    def prepare_blob(self, mgr) -> None:
+        pass
+
+    def blob_complete(self, mgr) -> None:
+        pass
+
+    def release_blob(self, mgr) -> None:
+        pass
+
+    def mount(self, image: "Image") -> None:
+        pass
+
+    def umount(self, image: "Image", lazy: bool = False) -> None:
+        pass
+
+    def stats(self) -> dict:
+        return {}
+
+    def stop(self) -> None:
+        pass
+
+
+class NullFrontend(Frontend):
+    """No kernel: images are registered but nothing is mounted (tests, dry runs)."""
+
+    name = "none"
+
+
+def holder_running(sock: str) -> bool:
+    import socket
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        s.settimeout(2)
+        s.connect(sock)
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def spawn_holder(sock: str, log_path: str, timeout: float = 10.0) -> int:
+    """Start the fanotify fd holder in its own session (it must outlive us)."""
+    os.makedirs(os.path.dirname(sock), exist_ok=True)
+    logf = open(log_path, "ab")
+    try:
+        p = subprocess.Popen([sys.executable, "-m", "fscache_daemon.frontend.fdholder",
+                              "--sock", sock], stdin=subprocess.DEVNULL, stdout=logf,
+                             stderr=logf, start_new_session=True, close_fds=True)
+    finally:
+        logf.close()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if holder_running(sock):
+            log.info("fanotify fd holder started: pid %d, %s", p.pid, sock)
+            return p.pid
+        if p.poll() is not None:
+            raise FrontendError(f"fanotify fd holder exited with status {p.returncode}; "
+                                f"see {log_path}")
+        time.sleep(0.05)
+    raise FrontendError(f"fanotify fd holder did not answer on {sock} within {timeout}s")
+
+
+class FanotifyFrontend(Frontend):
+    """File-backed EROFS mounts whose blob devices are cache files marked for
+    FAN_PRE_ACCESS (fanotify.py). The group lives in the fd holder process unless
+    `holder=False` (then a daemon exit fails open, so it unmounts everything first)."""
+
+    name = "fanotify"
+
+    def __init__(self, cache_dir: str, holder_sock: str | None = None, holder: bool = True):
+        self.cache_dir = cache_dir
+        self.holder = holder
+        self.holder_sock = holder_sock or os.path.join(cache_dir, "fdholder.sock")
+        self.watcher = None
+        self._marked: set[str] = set()
+        self._lock = threading.Lock()
+
+    def start(self, daemon: "Daemon") -> None:
+        from fscache_daemon.frontend import fanotify_abi as abi
+        abi.raise_nofile_limit()
+        self._daemon = daemon
+        self._stopping = False
+        if self.holder and not holder_running(self.holder_sock):
+            spawn_holder(self.holder_sock, os.path.join(self.cache_dir, "fdholder.log"))
+        self.watcher = self._new_watcher()
+
+    def _new_watcher(self):
+        from fscache_daemon.frontend.fanotify import PreContentWatcher
+        d = self._daemon
+        if self.holder:
+            return PreContentWatcher.from_holder(self.holder_sock, d.fill, executor=d.pool,
+                                                 fast_path=d.fast_path)
+        return PreContentWatcher(d.fill, executor=d.pool, fast_path=d.fast_path)
+
+    def run_loop(self) -> None:
+        """Start the event loop: after every known blob was prepared (marks are the keys
+        the loop maps events with; a restarted daemon gets the holder's pending events
+        as soon as it subscribes). A supervisor re-subscribes if the holder drops us."""
+        self.watcher.start()
+        if self.holder:
+            t = threading.Thread(target=self._supervise, name="fanotify-supervisor",
+                                 daemon=True)
+            t.start()
+
+    def _supervise(self) -> None:
+        while not self._stopping:
+            time.sleep(0.05)
+            w = self.watcher
+            th = getattr(w, "_thread", None)
+            if self._stopping or w is None or th is None or th.is_alive():
+                continue
+            log.warning("fanotify: event loop ended; re-subscribing to the fd holder")
+            try:
+                if not holder_running(self.holder_sock):
+                    log.critical("fanotify: fd holder is gone; mounts fail open")
+                    return
+                nw = self._new_watcher()
+                with self._lock:
+                    ids = set(self._marked)
+                    for b in ids:
+                        mgr = self._daemon.blobs.get(b)
+                        if mgr is not None:
+                            mgr.cache.use_write_fd(nw.mark(mgr.cache.path, b))
+                    self.watcher = nw
+                nw.start()
+            except (FrontendError, OSError) as e:
+                log.error("fanotify: re-subscribe failed: %s", e)
+                time.sleep(1)
+                continue
+            # in-flight fills may still write through the old writer fds: close later
+            threading.Timer(60.0, self._close_quietly, args=(w,)).start()
+
+    @staticmethod
+    def _close_quietly(w) -> None:
+        try:
+            w.close()
+        except (FrontendError, OSError):
+            pass
+
+    def prepare_blob(self, mgr) -> None:
+        with self._lock:
+            if mgr.blob_id in self._marked:
+                return
+            wfd = self.watcher.mark(mgr.cache.path, mgr.blob_id)
+            self._marked.add(mgr.blob_id)
+        mgr.cache.use_write_fd(wfd)
+        if mgr.complete():
+            self.blob_complete(mgr)
+
+    def blob_complete(self, mgr) -> None:
+        with self._lock:
+            if mgr.blob_id not in self._marked:
+                return
+            self._marked.discard(mgr.blob_id)
+            mgr.cache.use_write_fd(None)
+            self.watcher.unmark(mgr.blob_id)
+        log.info("blob %s complete: cache file unmarked, reads stay in the kernel",
+                 mgr.blob_id[:12])
+
+    def release_blob(self, mgr) -> None:
+        self.blob_complete(mgr)
+
+    def mount(self, image: "Image") -> None:
+        devs = [self._daemon.blobs[b].cache.path for b in image.blob_ids]
+        for d in devs:
+            if "," in d:
+                raise MountError(f"{d}: cache file paths must not contain ','")
+        sys_mount(image.bootstrap, image.mountpoint, "erofs",
+                  MS_RDONLY | MS_NODEV | MS_NOSUID, ",".join(f"device={d}" for d in devs))
+
+    def umount(self, image: "Image", lazy: bool = False) -> None:
+        sys_umount(image.mountpoint, lazy)
+
+    def stats(self) -> dict:
+        return dict(self.watcher.stats) if self.watcher else {}
+
+    def stop(self) -> None:
+        self._stopping = True
+        if self.watcher is not None:
+            self.watcher.close()
+            self.watcher = None
+
+
+class CachefilesAdapter(Frontend):
+    """EROFS over fscache: the cachefiles front end asks for the bootstrap (cookie = fsid)
+    and blobs (cookie = blob id) through a resolver."""
+
+    name = "cachefiles"
+
+    def __init__(self, cache_dir: str, threads: int, holder_sock: str | None = None):
+        self.cache_dir = cache_dir
+        self.threads = threads
+        self.holder_sock = holder_sock or os.path.join(cache_dir, "cachefiles-holder.sock")
+        self.fe = None
+
+    def start(self, daemon: "Daemon") -> None:
+        from fscache_daemon.frontend import cachefiles as cf
+        self._cf = cf
+        self._daemon = daemon
+        self.fe = cf.CachefilesFrontend(self._resolve, os.path.join(self.cache_dir, "fscache"),
+                                        threads=self.threads, holder_sock=self.holder_sock)
+        self.fe.start()
+
+    def _resolve(self, volume: str, cookie: str):
+        d = self._daemon
+        for img in list(d.images.values()):
+            if cookie == img.fsid:
+                return self._cf.FileSource(img.bootstrap)
+        mgr = d.blobs.get(cookie)
+        if mgr is None:
+            return None
+
+        def read(off, length):
+            d.fill(cookie, off, length)
+            return os.pread(mgr.cache._own_fd, length, off)
+
+        return self._cf.CallbackSource(mgr.size, read)
+
+    def mount(self, image: "Image") -> None:
+        self._cf.mount_fscache(image.fsid, image.mountpoint, image.domain)
+
+    def umount(self, image: "Image", lazy: bool = False) -> None:
+        self._cf.umount(image.mountpoint, lazy)
+
+    def stats(self) -> dict:
+        return self.fe.stats.as_dict() if self.fe else {}
+
+    def stop(self) -> None:
+        if self.fe is not None:
+            self.fe.stop()
+
+
+def fanotify_available() -> str | None:
+    """None if pre-content fanotify works here, else why not."""
+    try:
+        from fscache_daemon.frontend import fanotify_abi as abi
+        fd = abi.fanotify_init(abi.FAN_CLASS_PRE_CONTENT | abi.FAN_CLOEXEC,
+                               os.O_RDWR | os.O_LARGEFILE)
+    except (FrontendError, OSError) as e:
+        return str(e)
+    os.close(fd)
+    return None
+
+
+def make_frontend(kind: str, cache_dir: str, threads: int) -> Frontend:
+    if kind == "auto":
+        why = fanotify_available()
+        if why is None:
+            kind = "fanotify"
+        else:
+            from fscache_daemon.frontend import cachefiles as cf
+            if cf.unavailable_reason() is None:
+                kind = "cachefiles"
+            else:
+                raise FrontendError(f"no usable front end: fanotify: {why}; cachefiles: "
+                                    f"{cf.unavailable_reason()}")
+    if kind == "fanotify":
+        return FanotifyFrontend(cache_dir)
+    if kind == "fanotify-local":
+        return FanotifyFrontend(cache_dir, holder=False)
+    if kind == "cachefiles":
+        return CachefilesAdapter(cache_dir, threads)
+    if kind == "none":
+        return NullFrontend()
+    raise DaemonError(f"unknown front end {kind!r}")
+
+
+# --------------------------------------------------------------------------- images
+class Image:
+    def __init__(self, mountpoint, bootstrap, source_bootstrap, backend_spec, blob_ids,
+                 prefetch, domain, options, prefetch_ranges=(), mounted_at=None):
+        self.mountpoint = mountpoint
+        self.bootstrap = bootstrap              # the daemon's copy, in the cache dir
+        self.source_bootstrap = source_bootstrap
+        self.backend_spec = backend_spec
+        self.blob_ids = list(blob_ids)
+        self.prefetch = prefetch
+        self.domain = domain
+        self.options = dict(options or {})
+        self.prefetch_ranges = list(prefetch_ranges)
+        self.mounted_at = mounted_at or time.time()
+        self.fsid = os.path.basename(bootstrap).split(".")[0]
+
+    def to_json(self) -> dict:
+        return {"mountpoint": self.mountpoint, "bootstrap": self.bootstrap,
+                "source_bootstrap": self.source_bootstrap, "backend": self.backend_spec,
+                "blobs": self.blob_ids, "prefetch": self.prefetch, "domain": self.domain,
+                "options": self.options, "mounted_at": self.mounted_at}
+
+
+class Daemon:
+    def __init__(self, cache_dir: str = DEFAULT_CACHE_DIR, *, frontend: str | Frontend = "auto",
+                 threads: int = 8, batch_size: int = DEFAULT_BATCH_SIZE,
+                 prefetch_rate: int = DEFAULT_PREFETCH_RATE, durable: bool = True):
+        self.cache_dir = os.path.abspath(cache_dir)
+        self.blob_dir = os.path.join(self.cache_dir, "blobs")
+        self.boot_dir = os.path.join(self.cache_dir, "bootstraps")
+        for d in (self.cache_dir, self.blob_dir, self.boot_dir):
+            os.makedirs(d, mode=0o700, exist_ok=True)
+        self.threads = threads
+        self.batch_size = batch_size
+        self.durable = durable
+        self.frontend = frontend if isinstance(frontend, Frontend) else \
+            make_frontend(frontend, self.cache_dir, threads)
+        self.pool = PriorityPool(threads, prefetch_workers=max(1, threads // 4))
+        self.bucket = TokenBucket(prefetch_rate)
+        self.images: dict[str, Image] = {}
+        self.blobs: dict[str, bc.BlobManager] = {}
+        self.blob_users: dict[str, set[str]] = {}
+        self.backends: dict[tuple, object] = {}
+        self._lock = threading.RLock()        # images/blobs/backends
+        self._mount_lock = threading.Lock()   # one mount/umount at a time
+        self._stop = threading.Event()
+        self._prefetch_q: queue.Queue = queue.Queue()
+        self._threads: list[threading.Thread] = []
+        self.started_at = time.time()
+        self.proc = psutil.Process()
+        self.proc.cpu_percent(None)
+        self.meta_bytes_fetched = 0
+        self.prefetch_bytes = 0
+
+    # -- lifecycle ----------------------------------------------------------------------
+    def start(self) -> None:
+        self.frontend.start(self)
+        self._restore()
+        run_loop = getattr(self.frontend, "run_loop", None)
+        if run_loop:
+            run_loop()
+        for name, target in (("prefetcher", self._prefetcher), ("syncer", self._syncer)):
+            t = threading.Thread(target=target, name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
+        log.info("daemon %s up: front end %s, cache %s, %d workers", __version__,
+                 self.frontend.name, self.cache_dir, self.pool.threads)
+
+    def shutdown(self) -> None:
+        """Stop serving. Mounts stay in the kernel (recorded in mounts.json); with the
+        fanotify holder their readers of uncached ranges wait for the next daemon."""
+        if self._stop.is_set():
+            return
+        log.info("daemon shutting down (%d mounts stay)", len(self.images))
+        self._stop.set()
+        self._prefetch_q.put(None)
+        self.frontend.stop()
+        self.pool.shutdown(wait=True)
+        for t in self._threads:
+            t.join(timeout=10)
+        with self._lock:
+            for mgr in self.blobs.values():
+                try:
+                    mgr.sync()
+                    mgr.close()
+                except OSError as e:
+                    log.warning("blob %s: close failed: %s", mgr.blob_id[:12], e)
+            for be in self.backends.values():
+                be.close()
+        log.info("daemon stopped")
+
+    # -- state file ---------------------------------------------------------------------
+    @property
+    def state_path(self) -> str:
+        return os.path.join(self.cache_dir, "mounts.json")
+
+    def _save_state(self) -> None:
+        with self._lock:
+            data = {"version": 1, "frontend": self.frontend.name,
+                    "mounts": [img.to_json() for img in self.images.values()]}
+        bc._write_atomic(self.state_path, json.dumps(data, indent=1).encode())
+
+    def _restore(self) -> None:
+        try:
+            with open(self.state_path) as f:
+                state = json.load(f)
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as e:
+            log.error("%s: unreadable (%s); starting without mounts", self.state_path, e)
+            return
+        live = mounted_erofs() if self.frontend.name != "none" else None
+        for m in state.get("mounts", []):
+            mp = m.get("mountpoint")
+            if live is not None and mp not in live:
+                log.info("%s is no longer mounted; forgetting it", mp)
+                continue
+            try:
+                self._register(m["bootstrap"], mp, m["backend"], m.get("prefetch", False),
+                               m.get("domain"), m.get("options"), m.get("source_bootstrap"),
+                               restoring=True, mounted_at=m.get("mounted_at"))
+                log.info("picked up mount %s", mp)
+            except (DaemonError, KeyError, OSError) as e:
+                log.error("cannot pick up mount %s: %s", mp, e)
+        self._save_state()
+
+    # -- blobs --------------------------------------------------------------------------
+    def _backend(self, spec: str, options: dict):
+        key = (spec, options.get("proxy"), options.get("mirror"), options.get("insecure"))
+        with self._lock:
+            be = self.backends.get(key)
+            if be is None:
+                kw = {k: options[k] for k in ("proxy", "mirror", "insecure") if
+                      options.get(k) is not None}
+                be = open_backend(spec, **kw)
+                self.backends[key] = be
+            return be
+
+    def _open_blob(self, ref, backend) -> bc.BlobManager:
+        with self._lock:
+            mgr = self.blobs.get(ref.blob_id)
+            if mgr is not None:
+                return mgr
+        backend.register_blob(ref.blob_id, ref.compressed_size)
+        meta, fetched = bc.load_or_fetch_meta(self.blob_dir, ref.blob_id, backend,
+                                              entry=ref.entry, blob_size=ref.compressed_size,
+                                              digests=ref.digests)
+        if meta.uncompressed_size != ref.uncompressed_size:
+            raise StorageError(f"blob {ref.blob_id[:12]}: chunk map says "
+                               f"{meta.uncompressed_size} bytes, bootstrap "
+                               f"{ref.uncompressed_size}")
+        cache = bc.BlobCache(self.blob_dir, meta, durable=self.durable)
+        mgr = bc.BlobManager(meta, cache, backend, batch_size=self.batch_size,
+                             on_complete=self._blob_complete)
+        mgr.meta_bytes_fetched = fetched
+        with self._lock:
+            other = self.blobs.get(ref.blob_id)
+            if other is not None:        # lost a race with another mount
+                mgr.close()
+                return other
+            self.blobs[ref.blob_id] = mgr
+            self.meta_bytes_fetched += fetched
+        return mgr
+
+    def _blob_complete(self, mgr) -> None:
+        try:
+            self.frontend.blob_complete(mgr)
+        except (FrontendError, OSError) as e:
+            log.error("blob %s: front end completion failed: %s", mgr.blob_id[:12], e)
+
+    # -- front end callbacks --------------------------------------------------------------
+    def fill(self, blob_id: str, offset: int, length: int) -> None:
+        mgr = self.blobs.get(blob_id)
+        if mgr is None:
+            raise NotFoundError(f"no blob {blob_id!r} is open")
+        mgr.fill(offset, length)
+
+    def fast_path(self, blob_id: str, offset: int, length: int) -> bool:
+        mgr = self.blobs.get(blob_id)
+        if mgr is None or not mgr.is_cached(offset, length):
+            return False
+        mgr.stats.record_request(length, True, 0.0, False)
+        return True
+
+    # -- mount / umount -----------------------------------------------------------------
+    def _copy_bootstrap(self, path: str) -> str:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        dst = os.path.join(self.boot_dir, h.hexdigest()[:32] + ".boot")
+        if not os.path.exists(dst):
+            tmp = dst + f".tmp.{os.getpid()}"
+            shutil.copyfile(path, tmp)
+            os.chmod(tmp, 0o600)
+            os.replace(tmp, dst)
+        return dst
+
+    def mount(self, bootstrap: str, mountpoint: str, backend: str, *, prefetch: bool = False,
+              domain: str | None = None, options: dict | None = None) -> dict:
+        if not isinstance(bootstrap, str) or not isinstance(mountpoint, str) or \
+                not isinstance(backend, str):
+            raise DaemonError("mount needs string bootstrap, mountpoint and backend")
+        parse_backend_spec(backend)
+        mountpoint = os.path.abspath(mountpoint)
+        bootstrap = os.path.abspath(bootstrap)
+        if not os.path.isfile(bootstrap):
+            raise NotFoundError(f"{bootstrap}: no such bootstrap file")
+        if self.frontend.name != "none" and not os.path.isdir(mountpoint):
+            raise NotFoundError(f"{mountpoint}: mount point is not a directory")
+        with self._mount_lock:
+            if mountpoint in self.images:
+                raise ConflictError(f"{mountpoint}: already mounted by this daemon")
+            boot_copy = self._copy_bootstrap(bootstrap)
+            img = self._register(boot_copy, mountpoint, backend, prefetch, domain, options,
+                                 bootstrap)
+            try:
+                self.frontend.mount(img)
+            except BaseException:
+                self._unregister(img)
+                raise
+            self._save_state()
+        log.info("mounted %s on %s (%d blobs, backend %s)", bootstrap, mountpoint,
+                 len(img.blob_ids), backend)
+        return self.describe(img)
+
+    def _register(self, boot_copy, mountpoint, backend_spec, prefetch, domain, options,
+                  source_bootstrap, restoring=False, mounted_at=None) -> Image:
+        options = dict(options or {})
+        info = load_image(boot_copy)
+        be = self._backend(backend_spec, options)
+        mgrs = []
+        for ref in info.blobs:
+            mgrs.append(self._open_blob(ref, be))
+        img = Image(mountpoint, boot_copy, source_bootstrap, backend_spec,
+                    [r.blob_id for r in info.blobs], bool(prefetch), domain, options,
+                    info.prefetch, mounted_at)
+        with self._lock:
+            self.images[mountpoint] = img
+            for m in mgrs:
+                self.blob_users.setdefault(m.blob_id, set()).add(mountpoint)
+        try:
+            for m in mgrs:
+                self.frontend.prepare_blob(m)
+        except BaseException:
+            self._unregister(img)
+            raise
+        self._queue_prefetch(img)
+        return img
+
+    def _unregister(self, img: Image) -> None:
+        released = []
+        with self._lock:
+            self.images.pop(img.mountpoint, None)
+            for b in img.blob_ids:
+                users = self.blob_users.get(b)
+                if users is None:
+                    continue
+                users.discard(img.mountpoint)
+                if not users:
+                    del self.blob_users[b]
+                    mgr = self.blobs.pop(b, None)
+                    if mgr is not None:
+                        released.append(mgr)
+        for mgr in released:
+            try:
+                self.frontend.release_blob(mgr)
+            except (FrontendError, OSError) as e:
+                log.warning("blob %s: release failed: %s", mgr.blob_id[:12], e)
+            mgr.sync()
+            mgr.close()
+
+    def umount(self, mountpoint: str, lazy: bool = False) -> dict:
+        mountpoint = os.path.abspath(mountpoint)
+        with self._mount_lock:
+            img = self.images.get(mountpoint)
+            if img is None:
+                raise NotFoundError(f"{mountpoint}: not mounted by this daemon")
+            self.frontend.umount(img, lazy)
+            self._unregister(img)
+            self._save_state()
+        log.info("unmounted %s", mountpoint)
+        return {"mountpoint": mountpoint, "unmounted": True}
+
+    # -- prefetch -----------------------------------------------------------------------
+    def _queue_prefetch(self, img: Image) -> None:
+        jobs = []
+        for bindex, off, length in img.prefetch_ranges:
+            if 0 <= bindex < len(img.blob_ids):
+                jobs.append((img.blob_ids[bindex], off, length))
+        if img.prefetch:
+            for b in img.blob_ids:
+                jobs.append((b, 0, None))
+        if jobs:
+            self._prefetch_q.put((img.mountpoint, jobs))
+
+    def _prefetcher(self) -> None:
+        while not self._stop.is_set():
+            item = self._prefetch_q.get()
+            if item is None:
+                return
+            mountpoint, jobs = item
+            for blob_id, off, length in jobs:
+                if self._stop.is_set() or mountpoint not in self.images:
+                    break
+                mgr = self.blobs.get(blob_id)
+                if mgr is None:
+                    continue
+                try:
+                    self._prefetch_range(mgr, off, length)
+                except Exception:  # noqa: BLE001 - prefetch is best effort
+                    log.exception("prefetch of blob %s failed", blob_id[:12])
+            log.info("prefetch for %s done", mountpoint)
+
+    def _prefetch_range(self, mgr, off: int, length: int | None) -> None:
+        missing = mgr.missing(off, length)
+        for batch in plan(missing, self.batch_size):
+            if self._stop.is_set() or mgr.blob_id not in self.blobs:
+                return
+            # on-demand work first: back off while any is queued or running
+            while self.pool.ondemand_pending() and not self._stop.is_set():
+                self._stop.wait(0.002)
+            self.bucket.take(batch.length, self._stop)
+            fut = self.pool.submit_prefetch(self._prefetch_batch, mgr, batch.chunks)
+            try:
+                self.prefetch_bytes += fut.result()
+            except Exception as e:  # noqa: BLE001
+                log.warning("prefetch batch of blob %s failed: %s", mgr.blob_id[:12], e)
+
+    @staticmethod
+    def _prefetch_batch(mgr, chunks) -> int:
+        return mgr.fill_chunks(chunks, prefetch=True)
+
+    def _syncer(self) -> None:
+        while not self._stop.wait(1.0):
+            with self._lock:
+                mgrs = list(self.blobs.values())
+            for m in mgrs:
+                try:
+                    m.sync()
+                except (OSError, ValueError):
+                    pass
+
+    # -- introspection --------------------------------------------------------------------
+    def describe(self, img: Image) -> dict:
+        d = img.to_json()
+        blobs = []
+        for b in img.blob_ids:
+            mgr = self.blobs.get(b)
+            if mgr is None:
+                continue
+            blobs.append({"blob_id": b, "cache_file": mgr.cache.path,
+                          "cached_chunks": mgr.cache.cached_chunks,
+                          "total_chunks": mgr.cache.total_chunks,
+                          "complete": mgr.complete()})
+        d["blobs"] = blobs
+        return d
+
+    def list(self) -> list[dict]:
+        with self._lock:
+            imgs = list(self.images.values())
+        return [self.describe(i) for i in imgs]
+
+    def metrics(self) -> dict:
+        with self._lock:
+            mgrs = list(self.blobs.items())
+            users = {b: sorted(u) for b, u in self.blob_users.items()}
+        blobs = {}
+        for b, m in mgrs:
+            s = m.stats.snapshot()
+            s.update(cached_chunks=m.cache.cached_chunks, total_chunks=m.cache.total_chunks,
+                     uncompressed_size=m.size, compressed_size=m.meta.compressed_size,
+                     complete=m.complete(), meta_bytes_fetched=getattr(m, "meta_bytes_fetched", 0),
+                     mounts=users.get(b, []))
+            blobs[b] = s
+        with self.proc.oneshot():
+            mem = self.proc.memory_info()
+            cpu = self.proc.cpu_times()
+            process = {"pid": self.proc.pid, "rss_bytes": mem.rss, "vms_bytes": mem.vms,
+                       "cpu_user_s": cpu.user, "cpu_system_s": cpu.system,
+                       "cpu_percent": self.proc.cpu_percent(None),
+                       "threads": self.proc.num_threads(), "open_fds": self.proc.num_fds()}
+        totals = {k: sum(v[k] for v in blobs.values()) for k in
+                  ("requests", "bytes_fetched", "bytes_served_from_cache", "verify_failures",
+                   "requests_failed", "prefetch_bytes")}
+        return {"version": __version__, "frontend": self.frontend.name,
+                "uptime_s": round(time.time() - self.started_at, 3),
+                "mounts": len(self.images), "blobs": blobs, "totals": totals,
+                "meta_bytes_fetched": self.meta_bytes_fetched,
+                "frontend_stats": self.frontend.stats(), "process": process}
+
+
+PROM_COUNTERS = {
+    "requests": ("fscache_daemon_blob_requests_total", "Kernel read requests for the blob"),
+    "requests_failed": ("fscache_daemon_blob_requests_failed_total",
+                        "Requests answered with an I/O error"),
+    "bytes_fetched": ("fscache_daemon_blob_backend_bytes_total",
+                      "Bytes fetched from the backend (stored, compressed)"),
+    "bytes_served_from_cache": ("fscache_daemon_blob_cache_bytes_total",
+                                "Requested bytes already in the cache"),
+    "prefetch_bytes": ("fscache_daemon_blob_prefetch_bytes_total",
+                       "Backend bytes fetched by prefetch"),
+    "verify_failures": ("fscache_daemon_blob_verify_failures_total",
+                        "Chunks that failed digest verification"),
+    "backend_errors": ("fscache_daemon_blob_backend_errors_total", "Failed backend requests"),
+    "chunks_fetched": ("fscache_daemon_blob_chunks_fetched_total", "Chunks fetched and stored"),
+}
+
+
+def prometheus_text(m: dict) -> str:
+    out = []
+
+    def esc(v: str) -> str:
+        return v.replace("\\", "\\\\").replace("\"", "\\\"").replace("\n", "\\n")
+
+    for key, (name, help_) in PROM_COUNTERS.items():
+        out.append(f"# HELP {name} {help_}")
+        out.append(f"# TYPE {name} counter")
+        for b, s in m["blobs"].items():
+            out.append(f'{name}{{blob="{esc(b)}"}} {s[key]}')
+    out.append("# HELP fscache_daemon_blob_request_latency_seconds Request latency quantiles")
+    out.append("# TYPE fscache_daemon_blob_request_latency_seconds summary")
+    for b, s in m["blobs"].items():
+        out.append(f'fscache_daemon_blob_request_latency_seconds{{blob="{esc(b)}",'
+                   f'quantile="0.5"}} {s["latency_p50_ms"] / 1000:.6f}')
+        out.append(f'fscache_daemon_blob_request_latency_seconds{{blob="{esc(b)}",'
+                   f'quantile="0.99"}} {s["latency_p99_ms"] / 1000:.6f}')
+        out.append(f'fscache_daemon_blob_request_latency_seconds_sum{{blob="{esc(b)}"}} '
+                   f'{s["latency_sum_s"]}')
+        out.append(f'fscache_daemon_blob_request_latency_seconds_count{{blob="{esc(b)}"}} '
+                   f'{s["requests"]}')
+    out.append("# HELP fscache_daemon_blob_cached_ratio Fraction of the blob's chunks cached")
+    out.append("# TYPE fscache_daemon_blob_cached_ratio gauge")
+    for b, s in m["blobs"].items():
+        ratio = s["cached_chunks"] / s["total_chunks"] if s["total_chunks"] else 1.0
+        out.append(f'fscache_daemon_blob_cached_ratio{{blob="{esc(b)}"}} {ratio:.6f}')
+    p = m["process"]
+    for name, help_, typ, val in (
+            ("fscache_daemon_mounts", "Mounted images", "gauge", m["mounts"]),
+            ("fscache_daemon_process_resident_memory_bytes", "Resident set size", "gauge",
+             p["rss_bytes"]),
+            ("fscache_daemon_process_cpu_seconds_total", "User and system CPU time",
+             "counter", round(p["cpu_user_s"] + p["cpu_system_s"], 6)),
+            ("fscache_daemon_process_open_fds", "Open file descriptors", "gauge",
+             p["open_fds"]),
+            ("fscache_daemon_uptime_seconds", "Seconds since start", "gauge", m["uptime_s"])):
+        out += [f"# HELP {name} {help_}", f"# TYPE {name} {typ}", f"{name} {val}"]
+    return "\n".join(out) + "\n"

@@ -1,0 +1,99 @@
+"""What the daemon needs from a RAFS v6 bootstrap: its blobs in device-table order (id,
+stored and uncompressed sizes, blob-table entry, chunk digests from the chunk-info table)
+and the uncompressed ranges of its prefetch list.
+
+This is the one place that talks to the image reader (`erofs_tools.reader.image`), so a
+change of reader API touches only this module.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from erofs_tools.errors import ErofsToolsError
+
+from . import StorageError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BlobRef:
+    index: int                 # device slot = blob_index; EROFS device id = index + 1
+    blob_id: str
+    compressed_size: int
+    uncompressed_size: int
+    entry: object = None       # format.rafs.BlobEntry, for BlobMeta.from_blob
+    digests: dict | None = None  # {CI index: digest} from the bootstrap's chunk table
+
+
+@dataclass
+class ImageInfo:
+    path: str
+    blobs: list = field(default_factory=list)
+    # [(blob index, uncompressed offset, length)] of the prefetch list's file data
+    prefetch: list = field(default_factory=list)
+
+
+MAX_PREFETCH_INODES = 1 << 16
+
+
+def _prefetch_ranges(img, nblobs: int) -> list:
+    """(blob index, uncompressed offset, length) of the data of the prefetch-table files,
+    merged where they touch, in table order."""
+    out = []
+    for nid in img.prefetch[:MAX_PREFETCH_INODES]:
+        try:
+            ino = img.inode(nid)
+            if not ino.is_reg():
+                continue
+            for _fo, length, device, phys in img.map_data(ino):
+                if device is None or not 1 <= device <= nblobs:
+                    continue
+                if out and out[-1][0] == device - 1 and out[-1][1] + out[-1][2] == phys:
+                    out[-1] = (device - 1, out[-1][1], out[-1][2] + length)
+                else:
+                    out.append((device - 1, phys, length))
+        except ErofsToolsError as e:
+            log.warning("%s: prefetch entry nid %d unusable: %s", img.name, nid, e)
+    return out
+
+
+def _read_image(path: str) -> ImageInfo:
+    from erofs_tools.reader.image import open_image
+    img = open_image(path)
+    try:
+        if not img.is_rafs:
+            raise StorageError(f"{path}: not a RAFS v6 bootstrap")
+        n = len(img.devices)
+        if len(img.blob_entries) != n:
+            raise StorageError(f"{path}: blob table holds {len(img.blob_entries)} blobs, "
+                               f"device table {n}")
+        blobs = []
+        for i, e in enumerate(img.blob_entries):
+            blob_id = img.blob_id(i + 1)
+            if len(blob_id) != 64 or any(c not in "0123456789abcdef" for c in blob_id):
+                raise StorageError(f"{path}: blob {i} has an invalid id")
+            if e.uncompressed_size != img.devices[i].blocks * 4096:
+                raise StorageError(f"{path}: blob {i} size does not match its device slot")
+            blobs.append(BlobRef(i, blob_id, e.compressed_size, e.uncompressed_size, e,
+                                 img.blob_digests(i) or None))
+        return ImageInfo(path, blobs, _prefetch_ranges(img, n))
+    finally:
+        img.close()
+
+
+def load_image(path: str) -> ImageInfo:
+    """Blobs (device order) and prefetch ranges of the bootstrap at `path`."""
+    try:
+        info = _read_image(path)
+    except StorageError:
+        raise
+    except ErofsToolsError as e:
+        raise StorageError(f"{path}: cannot use bootstrap: {e}") from None
+    except OSError as e:
+        raise StorageError(f"{path}: cannot read bootstrap: {e.strerror}") from None
+    if not info.blobs:
+        raise StorageError(f"{path}: bootstrap names no data blobs (not a RAFS v6 image?)")
+    return info
