@@ -56,7 +56,7 @@ def validate_rafs_bootstrap(path_or_bytes, blob_sizes=None):
     n = sb.extra_devices
     _check(n <= R.MAX_BLOBS, "too many blobs")
     if n == 0:
-        _check(sb.blocks in (0, 1), f"blocks {sb.blocks} without devices")
+        _check(sb.blocks == 0, f"blocks {sb.blocks} without devices")
     # §3 ext superblock
     ext = R.ExtSuperBlock.decode(buf, 1152)
     fl = ext.s_flags
@@ -140,6 +140,7 @@ def validate_rafs_bootstrap(path_or_bytes, blob_sizes=None):
     cinfo_by_loc = {(c.blob_index, c.index): c for c in cinfos}
     # §7/§8 inodes (walk from the root)
     stats = {"inodes": 0, "chunks": 0, "regular": 0, "blobs": n}
+    paths = {}
     seen = {}
     chunkbits_sb = cs.bit_length() - 1
 
@@ -181,6 +182,7 @@ def validate_rafs_bootstrap(path_or_bytes, blob_sizes=None):
     stack = [(sb.root_nid, sb.root_nid, b"/")]
     while stack:
         nid, parent, name = stack.pop()
+        paths[name] = nid
         if nid in seen:
             continue
         off, ino, layout, base = inode(nid)
@@ -252,6 +254,7 @@ def validate_rafs_bootstrap(path_or_bytes, blob_sizes=None):
         else:
             _check(layout in (0, 2) and ino.i_size == 0, f"{name}: special file size")
     _check(stats["inodes"] == sb.inos, f"inos {sb.inos} != reachable {stats['inodes']}")
+    stats["paths"] = paths
     return stats
 
 
@@ -259,7 +262,9 @@ def test_vector_is_valid():
     if not os.path.exists(VEC_BOOT):
         pytest.skip("vector missing")
     s = validate_rafs_bootstrap(VEC_BOOT)
+    paths = s.pop("paths")
     assert s == {"inodes": 3, "chunks": 2, "regular": 2, "blobs": 1}
+    assert sorted(paths) == [b"/", b"/lib.rs", b"/sync_io.rs"] and paths[b"/"] == 128
 
 
 @pytest.mark.parametrize("off,val,what", [

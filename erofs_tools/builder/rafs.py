@@ -19,8 +19,8 @@ The C core's put_bytes() only accepts bytes before the inode area and takes them
 layout, so four things are patched into the written image in Python (same bytes the
 C core would write; see the report to the mkfs owner): the chunk info table appended
 at the end, its offset/size in the ext superblock, the prefetch nids, the device slots'
-mapped_blkaddr (which depends on the final bootstrap size) and sb.blocks when there is
-no blob.
+mapped_blkaddr (which depends on the final bootstrap size), sb.blocks (sum of the blob
+blocks, 0 without blobs) and devt_slotoff when there is no blob.
 """
 import os
 import stat
@@ -366,6 +366,8 @@ def _write_bootstrap(nb, walker, bootstrap, opts, cdict, new_info, per_node, fil
                 pos = round_up(pos + b.uncompressed_size, seg)
             sb_blocks = sum(b.blocks for b in blobs)
             os.pwrite(fd, sb_blocks.to_bytes(4, "little"), E.SUPER_OFFSET + 0x24)
+            # nydusd wants devt_slotoff 11 even with no device (the C core writes 0 then)
+            os.pwrite(fd, R.DEVT_SLOTOFF.to_bytes(2, "little"), E.SUPER_OFFSET + 0x58)
             if ctable:
                 os.pwrite(fd, bytes(ctable), ctable_off)
             os.ftruncate(fd, total)

@@ -1,0 +1,456 @@
+"""`erofs-tools pack`: RAFS v6 images mount with the kernel and compare clean.
+
+Every image built here goes through validate_rafs_bootstrap() (nydusd's structural
+rules), `erofs-tools mount` (kernel, file-backed, device= per blob), a full-metadata
+tree comparison against its source, `erofs-tools umount` and fsck.erofs with the
+uncompressed cache files as devices.
+"""
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+
+import pytest
+
+from erofs_tools.builder.chunk_dict import BootstrapTables
+from erofs_tools.builder.rafs import PackOptions, pack
+from erofs_tools.format import rafs as R
+from test_pack_validate import validate_rafs_bootstrap
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TREECMP = "/work/shared/tools/treecmp.py"
+CI = os.environ.get("EROFS_TOOLS_CI") == "1"
+MIB = 1 << 20
+
+
+def _treecmp():
+    spec = importlib.util.spec_from_file_location("treecmp", TREECMP)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def need_root():
+    if os.geteuid() != 0:
+        if CI:
+            pytest.fail("root tests need root in CI")
+        pytest.skip("needs root")
+
+
+def cli(*args, input=None, check=True):
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-m", "erofs_tools", *map(str, args)],
+                       capture_output=True, input=input, env=env)
+    if check and r.returncode != 0:
+        raise AssertionError(f"erofs-tools {' '.join(map(str, args))} failed: "
+                             f"{r.stderr.decode(errors='replace')}")
+    return r
+
+
+def compare_trees(expected, actual, ignore=()):
+    tc = _treecmp()
+    diffs = tc.compare(tc.scan(str(expected), True), tc.scan(str(actual), True), set(ignore))
+    assert diffs == [], diffs[:20]
+
+
+def mount_and_compare(boot, blob_dir, source, tmp, ignore=()):
+    """Mount via the CLI, compare, umount, fsck. -> cache file paths."""
+    need_root()
+    mnt = tmp / "mnt"
+    mnt.mkdir(exist_ok=True)
+    cache = tmp / "cache"
+    r = cli("mount", boot, mnt, "--blob-dir", blob_dir, "--cache-dir", cache, "--json")
+    devices = json.loads(r.stdout)["devices"]
+    try:
+        compare_trees(source, mnt, ignore)
+    finally:
+        cli("umount", mnt)
+    assert os.listdir(mnt) == []
+    if shutil.which("fsck.erofs"):
+        args = ["fsck.erofs"] + [f"--device={d}" for d in devices] + [str(boot)]
+        f = subprocess.run(args, capture_output=True, text=True)
+        assert f.returncode == 0, f.stdout + f.stderr
+    return devices
+
+
+def build_rich_tree(root, with_devices=True):
+    """A tree using every feature pack has to carry through."""
+    root.mkdir()
+    (root / "empty").write_bytes(b"")
+    (root / "small").write_bytes(b"hello world\n")
+    (root / "exact4k").write_bytes(os.urandom(4096))
+    (root / "multi").write_bytes(os.urandom(3 * MIB + 12345))
+    (root / "text").write_bytes(b"the quick brown fox jumps over the lazy dog\n" * 50000)
+    (root / "zeros").write_bytes(bytes(2 * MIB + 1))
+    with open(root / "sparse", "wb") as f:
+        f.truncate(40 * MIB)
+        f.seek(17 * MIB + 100)
+        f.write(b"island" * 1000)
+    os.link(root / "small", root / "small.hard")
+    os.symlink("small", root / "link")
+    os.symlink("x" * 3000, root / "longlink")
+    os.mkfifo(root / "fifo")
+    if with_devices and os.geteuid() == 0:
+        os.mknod(root / "chr", stat.S_IFCHR | 0o600, os.makedev(1, 3))
+        os.mknod(root / "blk", stat.S_IFBLK | 0o640, os.makedev(259, 70000))
+        os.mknod(root / "whiteout", stat.S_IFCHR | 0o000, os.makedev(0, 0))
+    d = root / "dir with spaces" / "deeper" / "deepest"
+    d.mkdir(parents=True)
+    (d / "f").write_bytes(b"deep")
+    big = root / "bigdir"
+    big.mkdir()
+    for i in range(400):                 # several directory blocks
+        (big / f"entry-{i:04d}-{'n' * (i % 50)}").write_bytes(b"%d" % i)
+    (root / "setuid").write_bytes(b"#!/bin/sh\n")
+    os.chmod(root / "setuid", 0o4755)
+    (root / "sticky").mkdir()
+    os.chmod(root / "sticky", 0o1777)
+    os.setxattr(root / "small", "user.note", b"a value")
+    os.setxattr(root / "multi", "user.empty", b"")
+    os.setxattr(root / "dir with spaces", "user.dir", b"x" * 300)
+    if os.geteuid() == 0:
+        os.setxattr(root / "text", "trusted.overlay.opaque", b"y")
+        os.setxattr(root / "sticky", "security.capability", b"\x01\x00\x00\x02" + bytes(16))
+        os.chown(root / "small", 70000, 80000)
+        os.lchown(root / "link", 1234, 5678)
+        os.chown(root / "dir with spaces", 65536, 3)
+    # a spread of mtimes (nsec precision); dirs last so writes do not move them
+    t = 1_600_000_000
+    for i, p in enumerate(sorted(root.rglob("*"), key=lambda p: -len(p.parts))):
+        os.utime(p, ns=(t * 10**9, (t + i * 37) * 10**9 + i * 1001), follow_symlinks=False)
+    os.utime(root, ns=(t * 10**9, t * 10**9))
+
+
+@pytest.fixture(scope="module")
+def rich(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rich") / "src"
+    build_rich_tree(root)
+    return root
+
+
+def do_pack(src, tmp, **kw):
+    boot = tmp / "boot"
+    blobs = tmp / "blobs"
+    blobs.mkdir(exist_ok=True)
+    r = pack(src, boot, blobs, PackOptions(**kw))
+    sizes = {n: os.path.getsize(blobs / n) for n in os.listdir(blobs)}
+    validate_rafs_bootstrap(str(boot), sizes)
+    return boot, blobs, r
+
+
+# --- kernel roundtrips -------------------------------------------------------------------
+
+@pytest.mark.root
+@pytest.mark.parametrize("compressor", ["zstd", "none"])
+@pytest.mark.parametrize("chunk_size", [4096, 64 * 1024, MIB])
+def test_rich_tree_mounts_clean(rich, tmp_path, compressor, chunk_size):
+    boot, blobs, r = do_pack(rich, tmp_path, compressor=compressor, chunk_size=chunk_size)
+    assert len(r["blobs"]) == 1 and os.listdir(blobs) == [r["blob_id"]]
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
+    devices = mount_and_compare(boot, blobs, rich, tmp_path)
+    assert os.path.getsize(devices[0]) == r["blobs"][0]["uncompressed_size"]
+    t = BootstrapTables.read(str(boot))
+    assert t.blobs[0].compressor == compressor
+    assert t.ext.s_chunk_size == chunk_size
+    # the sparse file's 40 MiB of holes cost one zero chunk
+    assert r["blobs"][0]["uncompressed_size"] < 12 * MIB + 4 * chunk_size
+
+
+@pytest.mark.root
+def test_cli_pack_json_and_mount(rich, tmp_path):
+    blobs = tmp_path / "b"
+    blobs.mkdir()
+    r = cli("pack", rich, "--bootstrap", tmp_path / "boot", "--blob-dir", blobs, "--json",
+            "--chunk-size", "64K", "--digester", "sha256")
+    j = json.loads(r.stdout)
+    assert j["digester"] == "sha256" and j["chunk_size"] == 65536
+    assert j["blobs"][0]["blob_id"] == j["blob_id"] == os.listdir(blobs)[0]
+    assert j["chunks_total"] == j["chunks_new"] + j["chunks_dedup"] + j["chunks_dict"]
+    t = BootstrapTables.read(str(tmp_path / "boot"))
+    assert t.ext.s_flags & R.FLAG_DIGEST_SHA256
+    mount_and_compare(tmp_path / "boot", blobs, rich, tmp_path)
+
+
+@pytest.mark.root
+def test_timestamp_option(rich, tmp_path):
+    boot, blobs, r = do_pack(rich, tmp_path, timestamp=1234567890)
+    need_root()
+    mnt = tmp_path / "m"
+    mnt.mkdir()
+    cli("mount", boot, mnt, "--blob-dir", blobs, "--cache-dir", tmp_path / "c")
+    try:
+        for dp, dn, fn in os.walk(mnt):
+            for n in dn + fn:
+                assert os.lstat(os.path.join(dp, n)).st_mtime_ns == 1234567890 * 10**9
+        compare_trees(rich, mnt, ignore=("mtime",))
+    finally:
+        cli("umount", mnt)
+
+
+@pytest.mark.root
+def test_empty_and_no_data_trees(tmp_path):
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "empty").write_bytes(b"")
+    boot, blobs, r = do_pack(src, tmp_path)
+    assert r["blobs"] == [] and r["blob_id"] is None and os.listdir(blobs) == []
+    mount_and_compare(boot, blobs, src, tmp_path)
+
+
+# --- dedup ---------------------------------------------------------------------------------
+
+def test_many_copies_cost_one(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    payload = os.urandom(2 * MIB + 5000)
+    small = os.urandom(3000)
+    for i in range(25):
+        d = src / f"copy{i}"
+        d.mkdir()
+        (d / "big").write_bytes(payload)
+        (d / "small").write_bytes(small)
+    boot, blobs, r = do_pack(src, tmp_path, compressor="none")
+    blob = r["blobs"][0]
+    one_copy = len(payload) + len(small)
+    meta_overhead = 512 * 4 + 4096 + 16 * 8 + 32 * 8 + 4 * 128   # tar headers, CI, TOC
+    assert one_copy <= blob["compressed_size"] <= one_copy + meta_overhead
+    assert r["chunks_new"] == 4 and r["chunks_dedup"] == 24 * 4
+    if os.geteuid() == 0:
+        mount_and_compare(boot, blobs, src, tmp_path)
+
+
+def _v1_v2(tmp_path, chunk):
+    v1 = tmp_path / "v1"
+    v1.mkdir()
+    files = {f"f{i}": os.urandom(8 * chunk + 777) for i in range(8)}
+    for n, data in files.items():
+        (v1 / n).write_bytes(data)
+    (v1 / "keep").mkdir()
+    (v1 / "keep" / "same").write_bytes(os.urandom(5 * chunk))
+    v2 = tmp_path / "v2"
+    shutil.copytree(v1, v2)
+    # v2: two chunks changed in f3, one appended to f5, one new small file
+    d = bytearray(files["f3"])
+    d[2 * chunk + 10] ^= 0xFF
+    d[6 * chunk] ^= 0xFF
+    (v2 / "f3").write_bytes(bytes(d))
+    with open(v2 / "f5", "ab") as f:
+        f.write(os.urandom(chunk))
+    (v2 / "new").write_bytes(os.urandom(1000))
+    return v1, v2
+
+
+@pytest.mark.parametrize("compressor", ["none", "zstd"])
+def test_chunk_dict_stores_only_changed_chunks(tmp_path, compressor):
+    chunk = 64 * 1024
+    v1, v2 = _v1_v2(tmp_path, chunk)
+    o1 = tmp_path / "o1"
+    o1.mkdir()
+    boot1, blobs, r1 = do_pack(v1, o1, chunk_size=chunk, compressor=compressor)
+    o2 = tmp_path / "o2"
+    o2.mkdir()
+    boot2 = o2 / "boot"
+    r2 = pack(v2, boot2, blobs, PackOptions(chunk_size=chunk, compressor=compressor,
+                                             chunk_dicts=[str(boot1)]))
+    sizes = {n: os.path.getsize(blobs / n) for n in os.listdir(blobs)}
+    validate_rafs_bootstrap(str(boot2), sizes)
+    # changed: 2 chunks of f3; f5's old last chunk (777 bytes) is now a full chunk and
+    # a new 777-byte tail follows; "new" is 1000 bytes
+    assert r2["chunks_new"] == 5
+    new = [b for b in r2["blobs"] if b["new"]][0]
+    changed_bytes = 2 * chunk + chunk + 777 + 1000
+    meta_overhead = 512 * 4 + 4096 + 16 * 5 + 32 * 5 + 4 * 128
+    assert new["compressed_size"] <= changed_bytes + meta_overhead
+    assert r2["bytes_new"] == changed_bytes
+    assert r2["chunks_dict"] == r2["chunks_total"] - 5 - r2["chunks_dedup"]
+    # dict blob first, new blob second; v1's blob file untouched
+    assert [b["blob_id"] for b in r2["blobs"]] == [r1["blob_id"], r2["blob_id"]]
+    assert r2["blobs"][0]["new"] is False and r2["blobs"][1]["new"] is True
+    t = BootstrapTables.read(str(boot2))
+    assert [b.blob_id for b in t.blobs] == [r1["blob_id"], r2["blob_id"]]
+    if os.geteuid() == 0:
+        mount_and_compare(boot2, blobs, v2, o2)
+        # v1 still mounts from the same blob dir
+        (o1 / "x").mkdir()
+        mount_and_compare(boot1, blobs, v1, o1 / "x")
+
+
+def test_chunk_dict_unused_blob_not_listed(tmp_path):
+    a = tmp_path / "a"
+    a.mkdir()
+    (a / "f").write_bytes(os.urandom(10000))
+    b = tmp_path / "b"
+    b.mkdir()
+    (b / "g").write_bytes(os.urandom(10000))
+    oa = tmp_path / "oa"
+    oa.mkdir()
+    boota, blobs, ra = do_pack(a, oa)
+    ob = tmp_path / "ob"
+    ob.mkdir()
+    r = pack(b, ob / "boot", blobs, PackOptions(chunk_dicts=[str(boota)]))
+    assert [x["blob_id"] for x in r["blobs"]] == [r["blob_id"]]
+    validate_rafs_bootstrap(str(ob / "boot"))
+    # everything from the dict: no new blob at all
+    r = pack(a, ob / "boot2", blobs, PackOptions(chunk_dicts=[str(boota)]))
+    assert r["blob_id"] is None and [x["blob_id"] for x in r["blobs"]] == [ra["blob_id"]]
+    validate_rafs_bootstrap(str(ob / "boot2"))
+
+
+def test_chunk_dict_mismatch_rejected(tmp_path):
+    a = tmp_path / "a"
+    a.mkdir()
+    (a / "f").write_bytes(b"x" * 5000)
+    boot, blobs, _ = do_pack(a, tmp_path, digester="sha256")
+    r = cli("pack", a, "-B", tmp_path / "b2", "-D", blobs, "--chunk-dict", boot, check=False)
+    assert r.returncode == 1 and b"sha256" in r.stderr
+    r = cli("pack", a, "-B", tmp_path / "b2", "-D", blobs, "--chunk-dict", boot,
+            "--digester", "sha256", "--chunk-size", "64K", check=False)
+    assert r.returncode == 1 and b"chunk size" in r.stderr
+    assert not (tmp_path / "b2").exists()
+
+
+# --- reproducibility ---------------------------------------------------------------------
+
+def _tree_in_order(root, names, t=1_700_000_000):
+    root.mkdir()
+    for n in names:
+        p = root / n
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(hashlib.sha256(n.encode()).digest() * (len(n) * 997))
+    for p in sorted(root.rglob("*"), key=lambda p: -len(p.parts)):
+        os.utime(p, ns=(t * 10**9, t * 10**9 + 5))
+    os.utime(root, ns=(t * 10**9, t * 10**9 + 5))
+
+
+@pytest.mark.parametrize("compressor", ["zstd", "none"])
+def test_reproducible(tmp_path, compressor):
+    names = [f"d{i % 3}/sub{i % 2}/file{i}" for i in range(60)] + ["top", "a/b/c/d/e"]
+    _tree_in_order(tmp_path / "x", names)
+    _tree_in_order(tmp_path / "y", list(reversed(names)))     # other creation order
+    outs = []
+    for src, name in ((tmp_path / "x", "o1"), (tmp_path / "x", "o2"), (tmp_path / "y", "o3")):
+        o = tmp_path / name
+        o.mkdir()
+        boot, blobs, r = do_pack(src, o, compressor=compressor, chunk_size=16384)
+        outs.append((open(boot, "rb").read(), r["blob_id"],
+                     open(blobs / r["blob_id"], "rb").read()))
+    assert outs[0] == outs[1] == outs[2]
+
+
+# --- prefetch ------------------------------------------------------------------------------
+
+def test_prefetch_table_and_blob_order(tmp_path):
+    src = tmp_path / "src"
+    (src / "etc").mkdir(parents=True)
+    (src / "usr" / "bin").mkdir(parents=True)
+    for n in ("a", "b", "c"):
+        (src / "usr" / "bin" / n).write_bytes(os.urandom(5000))
+    (src / "etc" / "conf").write_bytes(os.urandom(3000))
+    (src / "zz").write_bytes(os.urandom(100))
+    lst = tmp_path / "list"
+    lst.write_text("/zz\n/usr/bin\n\n/zz\n")
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    r = cli("pack", src, "-B", tmp_path / "boot", "-D", blobs, "--prefetch-list", lst,
+            "--json", "--compressor", "none")
+    j = json.loads(r.stdout)
+    assert j["prefetch_entries"] == 2
+    stats = validate_rafs_bootstrap(str(tmp_path / "boot"))
+    t = BootstrapTables.read(str(tmp_path / "boot"))
+    ext = t.ext
+    assert ext.s_prefetch_table_size == 8
+    buf = open(tmp_path / "boot", "rb").read()
+    nids = [int.from_bytes(buf[ext.s_prefetch_table_offset + 4 * i:][:4], "little")
+            for i in range(2)]
+    assert nids == [stats["paths"][b"/zz"], stats["paths"][b"/usr/bin"]]
+    # blob order: zz, then usr/bin/{a,b,c}, then the rest
+    blob = open(blobs / j["blob_id"], "rb").read()
+    want = [src / "zz", src / "usr/bin/a", src / "usr/bin/b", src / "usr/bin/c",
+            src / "etc/conf"]
+    off = 0
+    for p in want:
+        data = p.read_bytes()
+        assert blob[off:off + len(data)] == data, p
+        off += len(data)
+    # the same list on stdin
+    r2 = cli("pack", src, "-B", tmp_path / "boot2", "-D", blobs, "--prefetch-list", "-",
+             "--compressor", "none", input=b"/zz\n/usr/bin\n")
+    assert open(tmp_path / "boot2", "rb").read() == buf
+
+
+# --- bad input ------------------------------------------------------------------------------
+
+def _only_expected(d, allowed):
+    assert sorted(os.listdir(d)) == sorted(allowed)
+
+
+@pytest.mark.parametrize("case", ["no-source", "source-file", "boot-in-source", "chunk-size",
+                                  "bad-dict", "missing-prefetch", "relative-prefetch",
+                                  "no-blob-dir", "compressor"])
+def test_bad_input_one_line_error(tmp_path, case):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(os.urandom(70000))
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    boot = tmp_path / "boot"
+    args = [src, "-B", boot, "-D", blobs]
+    stdin = None
+    if case == "no-source":
+        args[0] = tmp_path / "nothing"
+    elif case == "source-file":
+        args[0] = src / "f"
+    elif case == "boot-in-source":
+        args[2] = src / "boot"
+    elif case == "chunk-size":
+        args += ["--chunk-size", "12345"]
+    elif case == "bad-dict":
+        (tmp_path / "notrafs").write_bytes(bytes(8192))
+        args += ["--chunk-dict", tmp_path / "notrafs"]
+    elif case == "missing-prefetch":
+        args += ["--prefetch-list", "-"]
+        stdin = b"/f\n/nope\n"
+    elif case == "relative-prefetch":
+        args += ["--prefetch-list", "-"]
+        stdin = b"f\n"
+    elif case == "no-blob-dir":
+        args[4] = tmp_path / "nodir"
+    elif case == "compressor":
+        args += ["--compressor", "lz4"]
+    r = cli("pack", *args, input=stdin, check=False)
+    err = r.stderr.decode()
+    assert r.returncode in (1, 2), err         # click usage errors exit 2
+    assert len(err.strip().splitlines()) == 1 or case == "compressor", err
+    if r.returncode == 1:
+        assert err.startswith("error: ")
+    _only_expected(blobs, [])
+    assert not boot.exists() and not (src / "boot").exists()
+    _only_expected(tmp_path, ["src", "blobs"] + (["notrafs"] if case == "bad-dict" else []))
+    _only_expected(src, ["f"])
+
+
+def test_unreadable_file_leaves_nothing(tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(30):
+        (src / f"f{i}").write_bytes(os.urandom(50000))
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    # make one file vanish between the walk and the chunk read
+    import erofs_tools.builder.rafs as rafs_mod
+    real = rafs_mod.ChunkPipeline.run
+
+    def run(self, files):
+        os.unlink(src / "f17")
+        return real(self, files)
+
+    monkeypatch.setattr(rafs_mod.ChunkPipeline, "run", run)
+    from erofs_tools.errors import InputError
+    with pytest.raises(InputError, match="f17"):
+        pack(src, tmp_path / "boot", blobs, PackOptions())
+    assert os.listdir(blobs) == []
+    assert sorted(os.listdir(tmp_path)) == ["blobs", "src"]
