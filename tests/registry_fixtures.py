@@ -69,14 +69,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_http(url: str, ok=(200, 401), timeout: float = 20.0, proc=None) -> None:
+def wait_http(url: str, ok=(200, 401), timeout: float = 20.0, proc=None,
+              cafile: str | None = None) -> None:
     """Poll ``url`` until it answers one of ``ok`` (or the process dies)."""
+    import ssl
+    context = ssl.create_default_context(cafile=cafile) if cafile else None
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"process exited with {proc.returncode}")
         try:
-            with urllib.request.urlopen(url, timeout=2) as r:
+            with urllib.request.urlopen(url, timeout=2, context=context) as r:
                 if r.status in ok:
                     return
         except urllib.error.HTTPError as e:
@@ -231,6 +234,45 @@ class TokenIssuer:
         self._server.server_close()
 
 
+def make_tls_cert(workdir: str) -> tuple[str, str]:
+    """A self-signed server certificate for 127.0.0.1/localhost: (cert path, key path)."""
+    cert_path = os.path.join(workdir, "tls-cert.pem")
+    key_path = os.path.join(workdir, "tls-key.pem")
+    try:
+        import datetime
+        import ipaddress
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+    except ImportError:
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                        "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", key_path,
+                        "-out", cert_path, "-days", "30", "-subj", "/CN=127.0.0.1",
+                        "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+                       check=True, capture_output=True)
+        return cert_path, key_path
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    san = x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                                       x509.DNSName("localhost")])
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=30))
+            .add_extension(san, False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+            .sign(key, hashes.SHA256()))
+    with open(cert_path, "wb") as f:
+        f.write(cert.public_bytes(serialization.Encoding.PEM))
+    with open(key_path, "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM,
+                                  serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()))
+    return cert_path, key_path
+
+
 # --- the registry process -------------------------------------------------------------
 
 
@@ -245,23 +287,28 @@ class RegistryServer:
     username: str | None = None
     password: str | None = field(default=None, repr=False)
     issuer: TokenIssuer | None = None
+    ca_cert: str | None = None          # set when serving HTTPS
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}"
+        return f"{'https' if self.ca_cert else 'http'}://{self.host}"
 
     @property
     def credentials(self) -> Credentials | None:
         return Credentials(self.username, self.password) if self.username else None
 
     def client(self, **kw) -> RegistryClient:
-        """A client for this server: plain HTTP, its credentials, quick retries."""
+        """A client for this server: plain HTTP (or HTTPS trusting the server's own
+        certificate), its credentials, quick retries."""
         kw.setdefault("credentials", self.credentials)
+        kw.setdefault("insecure", self.ca_cert is None)
+        if not kw["insecure"]:
+            kw.setdefault("ca_certs", self.ca_cert)
         kw.setdefault("docker_config", False)
         kw.setdefault("backoff", 0.01)
         kw.setdefault("max_backoff", 0.2)
         kw.setdefault("timeout", 10.0)
-        return RegistryClient(kw.pop("host", self.host), insecure=True, **kw)
+        return RegistryClient(kw.pop("host", self.host), **kw)
 
     def blob_data_path(self, digest: str) -> str:
         hexd = digest.split(":", 1)[1]
@@ -298,9 +345,10 @@ def _htpasswd(path: str, user: str, password: str) -> None:
 
 
 def start_registry(workdir: str, auth: str = "none", extra_config: dict | None = None,
-                   attempts: int = 3) -> RegistryServer:
+                   attempts: int = 3, tls: bool = False) -> RegistryServer:
     """Start ``docker-registry serve`` on a free loopback port; ``auth`` is "none",
-    "basic" (htpasswd) or "token" (Bearer, with a TokenIssuer)."""
+    "basic" (htpasswd) or "token" (Bearer, with a TokenIssuer); ``tls`` serves HTTPS
+    with a fresh self-signed certificate (``.ca_cert``)."""
     binary = registry_binary()
     storage = os.path.join(workdir, "storage")
     os.makedirs(storage, exist_ok=True)
@@ -321,6 +369,7 @@ def start_registry(workdir: str, auth: str = "none", extra_config: dict | None =
     elif auth != "none":
         raise ValueError(f"unknown auth {auth!r}")
     log_path = os.path.join(workdir, "registry.log")
+    tls_cert = make_tls_cert(workdir) if tls else None
     last_error = None
     for _ in range(attempts):
         port = free_port()
@@ -330,6 +379,8 @@ def start_registry(workdir: str, auth: str = "none", extra_config: dict | None =
                   "http": {"addr": f"127.0.0.1:{port}", "secret": "erofs-test-secret"}}
         if auth_config:
             config["auth"] = auth_config
+        if tls_cert:
+            config["http"]["tls"] = {"certificate": tls_cert[0], "key": tls_cert[1]}
         config.update(extra_config or {})
         config_path = os.path.join(workdir, "config.yml")
         with open(config_path, "w") as f:
@@ -339,9 +390,9 @@ def start_registry(workdir: str, auth: str = "none", extra_config: dict | None =
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         log.close()
         server = RegistryServer(f"127.0.0.1:{port}", workdir, storage, log_path, proc, auth,
-                                username, password, issuer)
+                                username, password, issuer, tls_cert and tls_cert[0])
         try:
-            wait_http(f"http://127.0.0.1:{port}/v2/", proc=proc)
+            wait_http(f"{server.url}/v2/", proc=proc, cafile=server.ca_cert)
             return server
         except RuntimeError as e:       # port taken meanwhile, or a bad config
             last_error = e
@@ -394,8 +445,9 @@ class FlakyProxy:
     too, so the registry's Location URLs point back here).
 
     Failures: an int status (e.g. 503, 429; ``retry_after`` sets Retry-After), "drop"
-    (close the connection without answering) or "cut" (forward, but close halfway
-    through the body). ``match`` is a regex on "METHOD PATH" selecting the requests
+    (close the connection without answering), "lose" (forward, then close without
+    relaying the answer: the request took effect but the client cannot know) or "cut"
+    (forward, but close halfway through the answer's body). ``match`` is a regex on "METHOD PATH" selecting the requests
     that may fail. ``requests`` records "METHOD PATH" of everything received.
     """
 
@@ -457,6 +509,10 @@ class FlakyProxy:
         resp = conn.getresponse()
         data = resp.read()
         conn.close()
+        if failure == "lose":
+            h.close_connection = True
+            h.connection.shutdown(socket.SHUT_RDWR)
+            return
         h.send_response(resp.status)
         for k, v in resp.getheaders():
             if k.lower() not in _HOP_BY_HOP and k.lower() != "content-length":

@@ -201,3 +201,20 @@ def test_pull_image_and_layouts(registry, tmp_path):
     copied = push_from_layout(layout, c, "img/copy", "latest", "v1")
     assert c.get_manifest("img/copy", "latest").digest == copied.digest == m.digest
     assert Manifest(copied.data, copied.media_type, copied.digest).layers()[0].size == len(DATA)
+
+
+def test_tls_verified_by_default(tmp_path):
+    from registry_fixtures import start_registry
+
+    from erofs_tools.registry import RegistryClient
+    server = start_registry(str(tmp_path), tls=True)
+    try:
+        c = server.client()                          # trusts the server's certificate
+        d = c.push_blob("tls/app", DATA).digest
+        assert c.read_blob_range("tls/app", d, 3, 4) == DATA[3:7]
+        untrusting = RegistryClient(server.host, docker_config=False, retries=0)
+        with pytest.raises(RegistryError, match="TLS error") as e:
+            untrusting.ping()
+        assert "\n" not in str(e.value)
+    finally:
+        server.stop()

@@ -4,6 +4,7 @@
 import base64
 import http.server
 import os
+import re
 import threading
 import time
 
@@ -83,6 +84,24 @@ def test_5xx_on_upload_body_resends_it(registry, flaky, tmp_path):
     proxy.failures = [503, 502]
     assert c.push_blob("r/e", other, chunk_size=64 * 1024).how == "uploaded"   # PATCHes
     assert c.get_blob("r/e", sha256(other)) == other
+
+
+def test_lost_answers_during_upload(registry, flaky, tmp_path):
+    """The registry acted but the answer never arrived: a committed PUT is recognised,
+    a PATCH whose fate is unknown makes the upload start over in a new session."""
+    path = tmp_path / "blob"
+    path.write_bytes(DATA)
+    proxy = flaky(["lose"], match=r"^PUT ")
+    c = registry.client(host=proxy.host)
+    assert c.push_blob("r/l", str(path)).how == "uploaded"
+    assert c.get_blob("r/l", sha256(DATA)) == DATA
+    other = DATA[::-1]
+    proxy.failures = ["lose"]
+    proxy.match = re.compile(r"^PATCH ")
+    posts = sum(r.startswith("POST") for r in proxy.requests)
+    assert c.push_blob("r/l", other, chunk_size=64 * 1024).how == "uploaded"
+    assert sum(r.startswith("POST") for r in proxy.requests) == posts + 2
+    assert c.get_blob("r/l", sha256(other)) == other
 
 
 def test_cut_download_resumes_with_range(registry, flaky, tmp_path):

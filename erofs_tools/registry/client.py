@@ -18,6 +18,7 @@ import logging
 import os
 import tempfile
 import threading
+import time
 import urllib.parse
 from typing import BinaryIO
 
@@ -241,20 +242,16 @@ class RegistryClient:
         return self.stat_blob(repo, digest) is not None
 
     def get_blob(self, repo: str, digest: str, max_size: int | None = None) -> bytes:
-        """A whole blob in memory, verified against its digest."""
+        """A whole blob in memory, verified against its digest; ``max_size`` (e.g. the
+        descriptor's size) bounds what a hostile registry can make us hold."""
         h = hashlib.sha256()
         parts: list[bytes] = []
-
-        def sink(chunk: bytes) -> None:
-            parts.append(chunk)
-            if max_size is not None and sum(map(len, parts)) > max_size:
-                raise CorruptImageError(f"blob {digest}: larger than {max_size} bytes")
-
-        self._download(repo, digest, h, sink)
+        self._download(repo, digest, h, parts.append, max_size)
         verify(digest, "sha256:" + h.hexdigest(), f"blob {digest}")
         return b"".join(parts)
 
-    def pull_blob(self, repo: str, digest: str, path: str | os.PathLike) -> int:
+    def pull_blob(self, repo: str, digest: str, path: str | os.PathLike,
+                  max_size: int | None = None) -> int:
         """Stream a whole blob into ``path`` (atomically: a temporary file beside it is
         renamed once the digest checks out). Returns the size."""
         path = os.fspath(path)
@@ -262,7 +259,7 @@ class RegistryClient:
         try:
             with os.fdopen(fd, "wb") as f:
                 h = hashlib.sha256()
-                size = self._download(repo, digest, h, f.write)
+                size = self._download(repo, digest, h, f.write, max_size)
             verify(digest, "sha256:" + h.hexdigest(), f"blob {digest}")
             os.replace(tmp, path)
             return size
@@ -270,24 +267,29 @@ class RegistryClient:
             os.unlink(tmp)
             raise
 
-    def _download(self, repo: str, digest: str, h, sink) -> int:
+    def _download(self, repo: str, digest: str, h, sink, max_size: int | None) -> int:
         """Stream a blob into ``sink`` and ``h``; a connection that breaks mid-body is
         resumed with a Range request from the bytes already received."""
         url = self.blob_url(repo, digest)
+        policy = self.transport.policy
         done = 0
-        for attempt in range(self.transport.policy.retries + 1):
+        for attempt in range(policy.retries + 1):
             headers = {"Range": f"bytes={done}-"} if done else {}
             resp = self._blob_request("GET", repo, digest, headers)
-            if resp.status not in ((206,) if done else (200,)):
+            if resp.status != (206 if done else 200):
                 if done and resp.status == 200:
-                    drain(resp)     # server ignored Range: start again from scratch
+                    drain(resp)     # Range ignored: the bytes we hold cannot be extended
                     raise RegistryError(f"GET {safe_url(url)}: cannot resume download")
                 raise self.fail("GET", url, resp)
             try:
                 for chunk in resp.stream(STREAM_PIECE):
+                    done += len(chunk)
+                    if max_size is not None and done > max_size:
+                        resp.close()
+                        raise CorruptImageError(f"blob {digest}: larger than {max_size} "
+                                                "bytes")
                     h.update(chunk)
                     sink(chunk)
-                    done += len(chunk)
                 resp.release_conn()
                 return done
             except Urllib3Error as e:
@@ -295,6 +297,7 @@ class RegistryClient:
                 log.info("GET %s broke after %d bytes (%s), resuming", safe_url(url), done,
                          type(e).__name__)
                 self.transport.retried += 1
+                time.sleep(policy.delay(attempt))
         raise RegistryError(f"GET {safe_url(url)}: connection kept breaking")
 
     def read_blob_range(self, repo: str, digest: str, offset: int, length: int) -> bytes:
@@ -314,6 +317,7 @@ class RegistryClient:
                 resp.close()
                 log.info("GET %s range broke (%s), retrying", safe_url(url), type(e).__name__)
                 self.transport.retried += 1
+                time.sleep(self.transport.policy.delay(attempt))
         raise RegistryError(f"GET {safe_url(url)}: connection kept breaking")
 
     def _range_body(self, resp, url: str, offset: int, length: int) -> bytes:

@@ -71,7 +71,7 @@ def pull_image(client: RegistryClient, repo: str, ref: str, dest_dir: str | None
             path = os.path.join(dest_dir, digest_hex(d.digest))
             if os.path.isfile(path) and os.path.getsize(path) == d.size:
                 continue
-            client.pull_blob(repo, d.digest, path)
+            client.pull_blob(repo, d.digest, path, max_size=d.size)
     return m
 
 
@@ -93,6 +93,6 @@ def pull_to_layout(client: RegistryClient, repo: str, ref: str, layout: OciLayou
     m = resolve_manifest(client, repo, ref, **platform)
     for d in m.blobs():
         if not layout.has_blob(d.digest):
-            client.pull_blob(repo, d.digest, layout.blob_path(d.digest))
+            client.pull_blob(repo, d.digest, layout.blob_path(d.digest), max_size=d.size)
     layout.put_manifest(m, tag)
     return m

@@ -118,7 +118,7 @@ class Transport:
                 resp = self._send(method, url, headers, body, via_proxy)
             except SSLError as e:
                 raise RegistryError(f"{method} {safe_url(url)}: TLS error: "
-                                    f"{one_line(str(e.reason or e))}") from None
+                                    f"{one_line(str(getattr(e, 'reason', None) or e))}") from None
             except Urllib3Error as e:
                 last = f"connection failed ({type(e).__name__})"
                 wait = self.policy.delay(attempt)

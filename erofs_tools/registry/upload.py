@@ -4,6 +4,13 @@ and cross-repository mounts (POST ?mount=&from=).
 Before uploading a blob whose digest is known we ask HEAD whether the repository has it,
 and if another repository is named, try to mount it from there: both save sending bytes
 the registry already stores (converted images share most blobs).
+
+Retrying inside an upload session is unsafe: distribution 2.8 cancels a session when a
+PATCH or PUT arrives whose recorded offset differs from what it holds, which is exactly
+what a resend after a lost answer looks like. So requests to a session are sent once,
+and a failed upload from a seekable source starts over in a fresh session (after checking
+whether the blob got committed after all). Streams cannot be rewound; their session
+requests keep the transport's retries as the only chance.
 """
 
 from __future__ import annotations
@@ -13,11 +20,12 @@ import io
 import logging
 import os
 import re
+import time
 import urllib.parse
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, BinaryIO
 
-from ..errors import InputError, RegistryError
+from ..errors import AuthError, InputError, RegistryError
 from .digest import check_digest, file_digest
 from .transport import drain, safe_url
 
@@ -67,7 +75,7 @@ def start_upload(client: "RegistryClient", repo: str, query: str = "",
 def mount_blob(client: "RegistryClient", repo: str, digest: str, from_repo: str) -> bool:
     status, location, _ = _mount(client, repo, digest, from_repo)
     if status == 202:
-        _cancel(client, location)
+        _cancel(client, repo, location)
     return status == 201
 
 
@@ -78,26 +86,23 @@ def _mount(client, repo, digest, from_repo):
     return start_upload(client, repo, query, scope)
 
 
-def _cancel(client, location: str) -> None:
-    resp = client._send("DELETE", location, "")
+def _cancel(client, repo: str, location: str) -> None:
+    """Drop an upload session the registry opened when it could not mount."""
+    resp = client._send("DELETE", location, _push_scope(repo))
     drain(resp)
 
 
 def finish_upload(client: "RegistryClient", repo: str, location: str, digest: str,
-                  body=b"", size: int = 0) -> None:
+                  body=b"", size: int = 0, retry: bool = False) -> None:
     url = _with_digest(location, digest)
     headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
-    resp = client._send("PUT", url, _push_scope(repo), headers, body)
+    resp = client._send("PUT", url, _push_scope(repo), headers, body, retry=retry)
     if resp.status not in (201, 204):
         raise client.fail("PUT", url, resp, f"upload of {digest} to {repo}")
     drain(resp)
     stored = resp.headers.get("Docker-Content-Digest")
     if stored and stored != digest:
         raise RegistryError(f"upload of {digest} to {repo}: registry stored {stored}")
-
-
-def upload_monolithic(client, repo: str, location: str, digest: str, body, size: int):
-    finish_upload(client, repo, location, digest, body, size)
 
 
 def _chunks(stream: BinaryIO, chunk_size: int):
@@ -115,28 +120,24 @@ def _chunks(stream: BinaryIO, chunk_size: int):
 
 
 def upload_chunked(client, repo: str, location: str, stream: BinaryIO, chunk_size: int,
-                   min_chunk: int = 0) -> tuple[str, int]:
-    """PATCH the stream in order; returns (digest, size) computed on the way; the
-    session is then finished by the caller's PUT."""
+                   min_chunk: int = 0, retry: bool = False) -> tuple[str, int, str]:
+    """PATCH the stream in order; returns the digest and size computed on the way and
+    the session's latest location, which the caller's PUT finishes."""
     h = hashlib.sha256()
     offset = 0
     chunk_size = max(chunk_size, min_chunk)
     for chunk in _chunks(stream, chunk_size):
         h.update(chunk)
-        location = _patch(client, repo, location, chunk, offset)
+        location = _patch(client, repo, location, chunk, offset, retry)
         offset += len(chunk)
     return "sha256:" + h.hexdigest(), offset, location
 
 
-def _patch(client, repo: str, location: str, chunk: bytes, offset: int) -> str:
+def _patch(client, repo: str, location: str, chunk: bytes, offset: int, retry: bool) -> str:
     end = offset + len(chunk) - 1
     headers = {"Content-Type": "application/octet-stream", "Content-Length": str(len(chunk)),
                "Content-Range": f"{offset}-{end}"}
-    resp = client._send("PATCH", location, _push_scope(repo), headers, chunk)
-    if resp.status == 416 and _received(client, repo, location) == end + 1:
-        # A retried PATCH whose first attempt did arrive: the registry has the chunk.
-        drain(resp)
-        return location
+    resp = client._send("PATCH", location, _push_scope(repo), headers, chunk, retry=retry)
     if resp.status != 202:
         raise client.fail("PATCH", location, resp, f"chunk {offset}-{end}")
     drain(resp)
@@ -145,14 +146,6 @@ def _patch(client, repo: str, location: str, chunk: bytes, offset: int) -> str:
         raise RegistryError(f"PATCH {safe_url(location)}: registry has bytes 0-{got}, "
                             f"sent up to {end}")
     return urllib.parse.urljoin(location, resp.headers.get("Location") or location)
-
-
-def _received(client, repo: str, location: str) -> int | None:
-    """Bytes the registry holds for an upload session (GET on the location)."""
-    resp = client._send("GET", location, _push_scope(repo))
-    drain(resp)
-    end = _range_end(resp.headers.get("Range")) if resp.status == 204 else None
-    return None if end is None else end + 1
 
 
 def _range_end(value: str | None) -> int | None:
@@ -193,20 +186,40 @@ def _push_seekable(client, repo, f: BinaryIO, digest, size, mount_from, chunk_si
     start = f.tell()
     if digest is None:
         digest, size = file_digest(f)
+    session = _skip_or_start(client, repo, digest, size, mount_from)
+    if isinstance(session, PushResult):
+        return session
+    policy = client.transport.policy
+    for attempt in range(policy.retries + 1):
         f.seek(start)
-    early = _skip_or_start(client, repo, digest, size, mount_from)
-    if isinstance(early, PushResult):
-        return early
-    location, min_chunk = early
+        try:
+            _send_seekable(client, repo, session, f, digest, size, chunk_size)
+            break
+        except AuthError:
+            raise
+        except RegistryError as e:
+            # The answer may have been lost after the blob was committed.
+            if client.stat_blob(repo, digest) is not None:
+                break
+            if attempt == policy.retries:
+                raise
+            log.info("upload of %s to %s failed (%s); new session", digest, repo, e)
+            time.sleep(policy.delay(attempt))
+            _, location, headers = start_upload(client, repo)
+            session = location, _int(headers.get("OCI-Chunk-Min-Length"))
+    log.info("uploaded %s (%d bytes) to %s", digest, size, repo)
+    return PushResult(digest, size, "uploaded")
+
+
+def _send_seekable(client, repo, session, f, digest, size, chunk_size) -> None:
+    location, min_chunk = session
     if chunk_size:
         got, n, location = upload_chunked(client, repo, location, f, chunk_size, min_chunk)
         _check(digest, got, size, n)
         finish_upload(client, repo, location, digest)
     else:
-        # The PUT body is the open file: streamed, and rewound by the transport on retry.
-        upload_monolithic(client, repo, location, digest, f, size)
-    log.info("uploaded %s (%d bytes) to %s", digest, size, repo)
-    return PushResult(digest, size, "uploaded")
+        # The PUT body is the open file, streamed with its Content-Length.
+        finish_upload(client, repo, location, digest, f, size)
 
 
 def _push_stream(client, repo, stream, digest, size, mount_from, chunk_size):
@@ -219,12 +232,12 @@ def _push_stream(client, repo, stream, digest, size, mount_from, chunk_size):
         _, location, headers = start_upload(client, repo)
         min_chunk = _int(headers.get("OCI-Chunk-Min-Length"))
     got, n, location = upload_chunked(client, repo, location, stream,
-                                      chunk_size or client.chunk_size, min_chunk)
+                                      chunk_size or client.chunk_size, min_chunk, retry=True)
     if digest is not None:
         _check(digest, got, size, n)
     elif size is not None and size != n:
         raise InputError(f"blob stream: expected {size} bytes, read {n}")
-    finish_upload(client, repo, location, got)
+    finish_upload(client, repo, location, got, retry=True)
     return PushResult(got, n, "uploaded")
 
 
