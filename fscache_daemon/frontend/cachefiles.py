@@ -271,7 +271,7 @@ class CachefilesFrontend:
     def __init__(self, resolver: Resolver, cache_dir: str, *, threads: int = 4,
                  tag: str | None = None, holder_sock: str | None = None,
                  device_path: str = DEVICE_PATH,
-                 on_read: Callable | None = None):
+                 on_read: Callable | None = None, startup_grace: float = 10.0):
         self.resolver = resolver
         self.cache_dir = os.path.abspath(cache_dir)
         self.threads = max(1, threads)
@@ -288,11 +288,15 @@ class CachefilesFrontend:
         self._pool: ThreadPoolExecutor | None = None
         self._local = threading.local()
         self._holder: subprocess.Popen | None = None
+        self.startup_grace = startup_grace
+        self._grace_until = 0.0
 
     # -- lifecycle --
     def start(self) -> None:
         fd = cachefiles_holder.fetch_fd(self.holder_sock) if self.holder_sock else None
         if fd is not None:
+            # only a takeover has old mounts whose objects the kernel re-opens at once
+            self._grace_until = time.monotonic() + self.startup_grace
             self.dev = CachefilesDevice(fd, self.device_path)
             self._restore()
         else:
@@ -450,6 +454,13 @@ class CachefilesFrontend:
         volume, cookie = msg.volume_name, msg.cookie_key
         try:
             source = self.resolver(volume, cookie)
+            # Right after start (a restart with `restore`), the kernel re-opens objects of
+            # existing mounts while the daemon may still be registering them: wait a
+            # little for the resolver to learn the cookie before failing the OPEN.
+            while source is None and time.monotonic() < self._grace_until \
+                    and not self._stop.is_set():
+                time.sleep(0.05)
+                source = self.resolver(volume, cookie)
             err = None if source is not None else errno.ENOENT
         except Exception as e:
             log.error("cachefiles OPEN %s/%s: resolver failed: %s", volume, cookie, e)

@@ -11,9 +11,14 @@ has read (with its event fd). A daemon connects over a unix socket:
     {"op":"unmark","path":P}    -> {"ok":true}
     {"op":"status"}             -> {"ok":true,"marks":[...],"pending":N,"subscribed":bool}
   event connection (at most one, the live daemon):
-    {"op":"subscribe"}          -> stream of {"op":"events","events":[{id,mask,pid,offset,
-                                   count}]} + [event fds], then
-    {"op":"answer","id":N,"response":R}   (no reply) from the daemon
+    {"op":"subscribe"}          -> {"ok":true,"pending":N}, then a stream of
+                                   {"op":"events","events":[{id,mask,pid,offset,count}]}
+                                   + [event fds]; from the daemon (no replies):
+    {"op":"done","id":N}        the daemon wrote the response itself (to its group dup);
+                                the holder closes its event fd
+    {"op":"answer","id":N,"response":R}   the holder writes the response, then closes
+  An event's id is the holder's event fd number, which is what the kernel matches a
+  response against; it stays reserved until "done"/"answer" arrives.
 
 Events the holder has read but no daemon answered stay pending in the holder: the kernel
 keeps their readers blocked (measured on 6.18: events read by a process that dies are
@@ -39,6 +44,7 @@ import socket
 import struct
 import sys
 import threading
+import time
 
 from fscache_daemon.errors import FanotifyUnsupportedError, FrontendError, HolderError
 from fscache_daemon.frontend import fanotify_abi as abi
@@ -61,8 +67,27 @@ def _send(sock: socket.socket, obj: dict, fds: list[int] = ()) -> None:
         sock.sendall(data)
 
 
+def _send_within(sock: socket.socket, obj: dict, fds: list[int], timeout: float) -> None:
+    """_send on a non-blocking socket, waiting at most `timeout` for buffer space."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            _send(sock, obj, fds)
+            return
+        except BlockingIOError:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("peer does not read its socket") from None
+            p = select.poll()
+            p.register(sock.fileno(), select.POLLOUT)
+            p.poll(left * 1000)
+
+
 def _recv(sock: socket.socket, maxfds: int = 0) -> tuple[dict | None, list[int]]:
-    """One message; (None, []) at EOF. Received fds belong to the caller."""
+    """One message; (None, []) at EOF (BlockingIOError on an empty non-blocking socket).
+
+    Received fds belong to the caller.
+    """
     if maxfds:
         data, fds, flags, _ = socket.recv_fds(sock, MAX_MSG, maxfds)
     else:
@@ -97,12 +122,26 @@ class FdHolder:
             os.O_RDWR | os.O_LARGEFILE)
         self.marks: dict[str, int] = {}          # path -> writer fd opened before marking
         self.pending: dict[int, tuple[int, abi.RawEvent]] = {}  # id -> (event fd, event)
-        self.next_id = 1
         self.subscriber: socket.socket | None = None
         self.controls: dict[int, socket.socket] = {}
         self.listener = self._listen()
         self._sig_r, self._sig_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._stop = False
+        # fd -> handler; the poller is kept in step by _watch/_unwatch (rebuilding it per
+        # event costs more than the event itself)
+        self._handlers: dict[int, object] = {}
+        self._poller = select.poll()
+        self._watch(self.listener.fileno(), self._accept)
+        self._watch(self._sig_r, self._handle_signals)
+        self._watch(self.group_fd, self._read_group)
+
+    def _watch(self, fd: int, handler) -> None:
+        self._handlers[fd] = handler
+        self._poller.register(fd, select.POLLIN)
+
+    def _unwatch(self, fd: int) -> None:
+        if self._handlers.pop(fd, None) is not None:
+            self._poller.unregister(fd)
 
     def _listen(self) -> socket.socket:
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -153,30 +192,23 @@ class FdHolder:
             signal.signal(sig, self._on_signal)
         log.info("fd holder: pid %d serving %s", os.getpid(), self.sock_path)
         while not self._stop:
-            fds = {self.listener.fileno(): self._accept, self._sig_r: self._handle_signals,
-                   self.group_fd: self._read_group}
-            if self.subscriber is not None:
-                fds[self.subscriber.fileno()] = self._from_subscriber
-            for fd, conn in self.controls.items():
-                fds[fd] = lambda f=fd, c=conn: self._from_control(f, c)
-            poller = select.poll()
-            for fd in fds:
-                poller.register(fd, select.POLLIN)
             try:
-                ready = poller.poll()
+                ready = self._poller.poll()
             except InterruptedError:
                 continue
             for fd, _ in ready:
-                if fd not in fds:
+                handler = self._handlers.get(fd)  # may be gone: closed earlier this round
+                if handler is None:
                     continue
                 try:
-                    fds[fd]()
+                    handler()
                 except Exception:  # noqa: BLE001 - dying here would fail open; log, go on
                     log.exception("fd holder: error handling fd %d", fd)
         self.close()
 
     def close(self) -> None:
-        for conn in list(self.controls.values()):
+        for fd, conn in list(self.controls.items()):
+            self._unwatch(fd)
             conn.close()
         self.controls.clear()
         self._drop_subscriber("holder exiting")
@@ -197,7 +229,9 @@ class FdHolder:
             log.warning("fd holder: refusing connection from uid %d", uid)
             conn.close()
             return
-        self.controls[conn.fileno()] = conn  # every connection starts as a control one
+        fd = conn.fileno()
+        self.controls[fd] = conn  # every connection starts as a control one
+        self._watch(fd, lambda: self._from_control(fd, conn))
 
     # -- group events ------------------------------------------------------------------
 
@@ -219,9 +253,10 @@ class FdHolder:
             if ev.overflow or ev.fd < 0:
                 log.critical("fd holder: fanotify queue overflow; events were lost")
                 continue
-            eid, self.next_id = self.next_id, self.next_id + 1
-            self.pending[eid] = (ev.fd, ev)
-            fresh.append(eid)
+            # the id is the event fd number: unique while pending (the fd stays open until
+            # the daemon is done) and what the kernel matches responses against
+            self.pending[ev.fd] = (ev.fd, ev)
+            fresh.append(ev.fd)
         if self.subscriber is not None and fresh:
             self._send_events(fresh)
 
@@ -235,7 +270,8 @@ class FdHolder:
                             "offset": ev.offset, "count": ev.count})
                 fds.append(fd)
             try:
-                _send(self.subscriber, {"op": "events", "events": evs}, fds)
+                _send_within(self.subscriber, {"op": "events", "events": evs}, fds,
+                             SEND_TIMEOUT)
             except OSError as exc:
                 # the events stay pending; the next daemon gets them
                 self._drop_subscriber(f"send failed: {exc}")
@@ -245,36 +281,46 @@ class FdHolder:
         if self.subscriber is not None:
             log.warning("fd holder: daemon gone (%s); %d events wait for the next one",
                         why, len(self.pending))
+            self._unwatch(self.subscriber.fileno())
             self.subscriber.close()
             self.subscriber = None
 
     def _from_subscriber(self) -> None:
-        if self.subscriber is None:
-            return  # dropped earlier in this poll round
+        # drain everything queued: answers arrive in bursts from the daemon's workers
+        while self.subscriber is not None:
+            try:
+                msg, _ = _recv(self.subscriber)
+            except BlockingIOError:
+                return
+            except (OSError, HolderError) as exc:
+                self._drop_subscriber(str(exc))
+                return
+            if msg is None:
+                self._drop_subscriber("connection closed")
+                return
+            op = msg.get("op")
+            if op not in ("answer", "done"):
+                log.warning("fd holder: unexpected message from daemon: %r", op)
+                continue
+            item = self.pending.pop(msg.get("id"), None)
+            if item is None:
+                log.warning("fd holder: %s for unknown event %r", op, msg.get("id"))
+                continue
+            fd, _ = item
+            try:
+                # "done": the daemon already wrote the response to its dup of the group
+                if op == "answer":
+                    self._respond(fd, msg.get("response"))
+            finally:
+                os.close(fd)
+
+    def _respond(self, fd: int, response) -> None:
         try:
-            msg, _ = _recv(self.subscriber)
-        except (OSError, HolderError) as exc:
-            self._drop_subscriber(str(exc))
-            return
-        if msg is None:
-            self._drop_subscriber("connection closed")
-            return
-        if msg.get("op") != "answer":
-            log.warning("fd holder: unexpected message from daemon: %r", msg.get("op"))
-            return
-        item = self.pending.pop(msg.get("id"), None)
-        if item is None:
-            log.warning("fd holder: answer for unknown event %r", msg.get("id"))
-            return
-        fd, _ = item
-        try:
-            abi.write_response(self.group_fd, fd, int(msg["response"]))
-        except (FrontendError, ValueError, KeyError) as exc:
+            abi.write_response(self.group_fd, fd, int(response))
+        except (FrontendError, ValueError, TypeError) as exc:
             # a bad response value: fall back to EIO so the reader is not stuck forever
-            log.error("fd holder: bad answer for event %r: %s; denying", msg.get("id"), exc)
+            log.error("fd holder: bad answer for event fd %d: %s; denying", fd, exc)
             abi.write_response(self.group_fd, fd, abi.RESPONSE_EIO)
-        finally:
-            os.close(fd)
 
     # -- control requests ----------------------------------------------------------------
 
@@ -288,12 +334,14 @@ class FdHolder:
             msg = None
         if msg is None:
             del self.controls[fd]
+            self._unwatch(fd)
             conn.close()
             return
         op = msg.get("op")
         try:
             if op == "subscribe":
                 del self.controls[fd]
+                self._unwatch(fd)
                 self._subscribe(conn)
             elif op == "hello":
                 _send(conn, {"ok": True, "pid": os.getpid()}, [self.group_fd])
@@ -322,9 +370,11 @@ class FdHolder:
             _send(conn, {"ok": False, "error": "another daemon is subscribed"})
             conn.close()
             return
-        conn.settimeout(SEND_TIMEOUT)
-        self.subscriber = conn
         _send(conn, {"ok": True, "pending": len(self.pending)})
+        # non-blocking: the holder must never sleep in a recv or a send (see _send_within)
+        conn.setblocking(False)
+        self.subscriber = conn
+        self._watch(conn.fileno(), self._from_subscriber)
         log.info("fd holder: daemon subscribed; re-sending %d pending events",
                  len(self.pending))
         if self.pending:
@@ -432,6 +482,12 @@ class HolderChannel:
                 for e, fd in zip(evs, fds)]
 
     def answer(self, ev: PendingEvent, response: int) -> None:
+        """Write the response to our dup of the group, keyed by the holder's event fd.
+
+        The kernel matches responses by the fd number the event was read with, whoever
+        writes them (measured); the holder keeps that fd open until our "done", so the
+        number cannot be reused meanwhile. This saves the reader a hop through the holder.
+        """
         try:
             with self._send_lock:
                 if self._events is None:
@@ -439,7 +495,13 @@ class HolderChannel:
                     log.warning("fd holder channel closed; event %d left to the holder",
                                 ev.token)
                     return
-                _send(self._events, {"op": "answer", "id": ev.token, "response": response})
+                try:
+                    abi.write_response(self.group_fd, ev.token, response)
+                    msg = {"op": "done", "id": ev.token}
+                except FrontendError as exc:
+                    log.warning("%s; asking the holder to answer", exc)
+                    msg = {"op": "answer", "id": ev.token, "response": response}
+                _send(self._events, msg)
         finally:
             os.close(ev.fd)
 
