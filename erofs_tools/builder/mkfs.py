@@ -10,6 +10,7 @@ build time is the most common (mtime, nsec) of the tree, so that most inodes can
 compact (32 bytes); every other inode is extended and carries its own mtime.
 """
 import os
+import stat
 import tempfile
 import time
 import uuid as _uuid
@@ -27,9 +28,11 @@ def _inside(path, directory):
 
 
 def check_paths(image, source):
-    if not os.path.lexists(source):
-        raise InputError(f"{source}: no such directory")
-    if not os.path.isdir(source):
+    try:
+        st = os.stat(source)
+    except OSError as e:
+        raise InputError(f"{source}: {e.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
         raise InputError(f"{source}: not a directory")
     parent = os.path.dirname(os.path.abspath(image)) or "."
     if not os.path.isdir(parent):
