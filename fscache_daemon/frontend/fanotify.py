@@ -205,6 +205,12 @@ class PreContentWatcher:
     def group_fd(self) -> int:
         return self._channel.group_fd
 
+    @property
+    def running(self) -> bool:
+        """False once the loop thread ended (stop(), or the event channel broke: then a
+        supervisor should build a new watcher on the holder and re-mark)."""
+        return self._thread is not None and self._thread.is_alive()
+
     # -- event loop --------------------------------------------------------------------
 
     def start(self) -> "PreContentWatcher":
