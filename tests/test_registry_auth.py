@@ -56,12 +56,8 @@ def test_credentials_from_docker_config(registry_basic, tmp_path, monkeypatch):
     c = RegistryClient(registry_basic.host, insecure=True)
     c.ping()
     assert c.push_blob("secure/cfg", BLOB).how == "uploaded"
-    _no_secret(RegistryError_repr(c), registry_basic)
-
-
-def RegistryError_repr(c):
-    # Reprs of everything holding credentials, joined into one string to check.
-    return Exception(repr(c) + repr(c.auth) + repr(c.auth.credentials))
+    # Nothing that holds the credentials shows them.
+    _no_secret(Exception(repr(c) + repr(c.auth) + repr(c.auth.credentials)), registry_basic)
 
 
 def test_token_flow(registry_token, caplog):

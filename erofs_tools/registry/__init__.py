@@ -20,8 +20,8 @@ pool_size=8, ca_certs=None, chunk_size=16 MiB) methods:
 
 - ``ping()``; ``stat_blob(repo, digest) -> int | None``; ``blob_exists(repo, digest)``
 - ``get_blob(repo, digest, max_size=None) -> bytes`` and
-  ``pull_blob(repo, digest, path) -> size``: whole blobs, sha256-verified (a broken
-  connection resumes with Range)
+  ``pull_blob(repo, digest, path, max_size=None) -> size``: whole blobs, sha256-verified,
+  written atomically (a broken connection resumes with Range)
 - ``read_blob_range(repo, digest, offset, length) -> bytes`` (unverified; chunk digests
   are the caller's)
 - ``get_manifest(repo, ref) -> Manifest``, ``head_manifest(repo, ref) -> digest | None``,
@@ -29,6 +29,14 @@ pool_size=8, ca_certs=None, chunk_size=16 MiB) methods:
 - ``push_blob(repo, source, *, digest=None, size=None, mount_from=None, chunk_size=None)
   -> PushResult(digest, size, how)`` (how: "exists", "mounted", "uploaded");
   ``mount_blob(repo, digest, from_repo) -> bool``; ``delete_blob``
+
+Blob GETs follow redirects to storage (never forwarding the registry's Authorization to
+another host) and remember the storage URL per blob for later range reads. ``proxy`` (an
+HTTP proxy such as Dragonfly's dfdaemon) carries blob GETs only, falling back to direct
+connections when it fails; it sees the registry credentials of plain-HTTP registries, so
+it must be trusted (a local dfdaemon needs them to fetch from the registry anyway).
+Transient failures (429/5xx, broken connections) are retried with exponential backoff
+and jitter, honouring Retry-After; uploads that fail restart in a fresh session.
 
 Credentials come from the ``credentials`` argument or docker's config.json
 (``$DOCKER_CONFIG`` or ``~/.docker``); Basic and Bearer (token) auth follow the registry's

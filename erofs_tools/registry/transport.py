@@ -22,7 +22,7 @@ from typing import BinaryIO
 
 import urllib3
 from urllib3.exceptions import HTTPError as Urllib3Error
-from urllib3.exceptions import ProxyError, SSLError
+from urllib3.exceptions import SSLError
 
 from ..errors import RegistryError
 
@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 USER_AGENT = "erofs-tools/0.1"
+# After the proxy fails, go direct for this long before trying it again (a dead proxy
+# would otherwise cost a failed connection on every request).
+PROXY_PAUSE = 10.0
 
 
 def safe_url(url: str) -> str:
@@ -93,6 +96,7 @@ class Transport:
         # Configured per client, never globally, and with a direct pool to fall back on.
         self._proxy = urllib3.ProxyManager(proxy, num_pools=8, **common) if proxy else None
         self.proxy_fallbacks = 0
+        self._proxy_down_until = 0.0
         self.retried = 0
 
     def close(self) -> None:
@@ -137,11 +141,12 @@ class Transport:
         raise RegistryError(f"{method} {safe_url(url)}: {last} (after {attempt + 1} attempts)")
 
     def _send(self, method, url, headers, body, via_proxy):
+        # via_proxy is for bodiless reads only, so falling back never resends a body.
         kw = dict(headers=headers, body=body, redirect=False, preload_content=False)
-        if via_proxy and self._proxy is not None:
+        if via_proxy and self._proxy is not None and time.monotonic() >= self._proxy_down_until:
             try:
                 resp = self._proxy.request(method, url, **kw)
-            except (ProxyError, Urllib3Error) as e:
+            except Urllib3Error as e:
                 log.info("proxy failed for %s (%s); going direct", safe_url(url),
                          type(e).__name__)
             else:
@@ -151,6 +156,7 @@ class Transport:
                 drain(resp)
                 log.info("proxy answered %d for %s; going direct", resp.status, safe_url(url))
             self.proxy_fallbacks += 1
+            self._proxy_down_until = time.monotonic() + PROXY_PAUSE
         return self._direct.request(method, url, **kw)
 
 
