@@ -366,11 +366,63 @@ def _spawn_daemon(sock, cache, blob, mode) -> subprocess.Popen:
 
 
 def _wait_sock(sock: Path, holder: subprocess.Popen) -> None:
+    import socket
     deadline = time.monotonic() + 15
-    while not sock.exists():
-        assert holder.poll() is None, "fd holder exited"
-        assert time.monotonic() < deadline, "fd holder did not start"
-        time.sleep(0.05)
+    while True:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            s.connect(str(sock))
+            return
+        except OSError:
+            assert holder.poll() is None, "fd holder exited"
+            assert time.monotonic() < deadline, "fd holder did not start"
+            time.sleep(0.05)
+        finally:
+            s.close()
+
+
+@pytest.mark.root
+def test_holder_protocol_errors(workdir):
+    from fscache_daemon.errors import HolderError
+    from fscache_daemon.frontend.fdholder import HolderChannel
+
+    sock = workdir / "holder.sock"
+    holder = subprocess.Popen([sys.executable, "-m", "fscache_daemon.frontend.fdholder",
+                               "--sock", str(sock)], env=CHILD_ENV)
+    try:
+        _wait_sock(sock, holder)
+        # a second holder on the same socket refuses to start
+        assert subprocess.run([sys.executable, "-m", "fscache_daemon.frontend.fdholder",
+                               "--sock", str(sock)], env=CHILD_ENV, capture_output=True,
+                              timeout=30).returncode == 1
+        a, b = HolderChannel(str(sock)), HolderChannel(str(sock))
+        try:
+            assert a.holder_pid == holder.pid and a.group_fd >= 0
+            a.fileno()  # subscribes
+            with pytest.raises(HolderError, match="another daemon"):
+                b.fileno()
+            with pytest.raises(HolderError):
+                a.mark(str(workdir / "missing"))
+            if Path("/dev/shm").is_dir():
+                shm = Path("/dev/shm") / f"fanotify-test-{os.getpid()}"
+                shm.write_bytes(b"x")
+                try:
+                    with pytest.raises(FanotifyUnsupportedError):
+                        a.mark(str(shm))
+                finally:
+                    shm.unlink()
+            st = a.status()
+            assert st["marks"] == [] and st["subscribed"] and st["pending"] == 0
+        finally:
+            a.close()
+            b.close()
+        holder.send_signal(signal.SIGTERM)  # no marks: exits cleanly
+        assert holder.wait(timeout=10) == 0
+        assert not sock.exists()
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
 
 
 @pytest.mark.root
