@@ -432,9 +432,25 @@ class FanotifyFrontend(Frontend):
 
     def stop(self) -> None:
         self._stopping = True
-        if self.watcher is not None:
-            self.watcher.close()
-            self.watcher = None
+        if self.watcher is None:
+            return
+        holder_pid = None
+        if self.holder and not self._daemon.images:
+            # nothing mounted: let the holder go too (it exits only without marks)
+            try:
+                ch = self.watcher._channel
+                if not ch.status().get("marks"):
+                    holder_pid = ch.holder_pid
+            except (FrontendError, OSError, AttributeError):
+                holder_pid = None
+        self.watcher.close()
+        self.watcher = None
+        if holder_pid:
+            try:
+                os.kill(holder_pid, 15)
+                log.info("fd holder (pid %d) stopped: no mounts, no marks", holder_pid)
+            except OSError:
+                pass
 
 
 class CachefilesAdapter(Frontend):

@@ -1,0 +1,382 @@
+"""End to end on this machine's kernel: lazily mounted RAFS v6 images through a real
+fscache-daemon process with the fanotify pre-content front end (file-backed EROFS)."""
+
+import errno
+import os
+import random
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import helpers
+from test_daemon_support import (DaemonProc, chunk_of_file, drop_caches, file_sha, pack,
+                                 regular_files, require_lazy_kernel, write_tree)
+from test_storage_support import NYDUS_BLOB, NYDUS_BLOB_ID, NYDUS_BOOT
+
+pytestmark = pytest.mark.root
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    require_lazy_kernel()
+    d = DaemonProc(str(tmp_path / "d")).start()
+    yield d
+    d.cleanup()
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory):
+    """A zstd image of a ~8 MB tree (several 1 MiB chunks, many small files)."""
+    require_lazy_kernel()
+    base = tmp_path_factory.mktemp("img")
+    src = write_tree(str(base / "src"), seed=1, big=(3 << 20, 2 << 20))
+    info = pack(src, str(base / "boot"), str(base / "blobs"))
+    return {"src": src, "boot": str(base / "boot"), "blobs": str(base / "blobs"),
+            "blob_id": info["blobs"][0]["blob_id"], "info": info}
+
+
+def assert_tree(src, mnt):
+    helpers.assert_same_tree(src, mnt)
+
+
+# -- lazy -------------------------------------------------------------------------------
+def test_mount_fetches_only_metadata_and_one_file_fetches_little(daemon, image, tmp_path):
+    mnt = str(tmp_path / "mnt")
+    res = daemon.mount(image["boot"], mnt, f"localfs:{image['blobs']}")
+    assert len(res["blobs"]) == 1
+    m = daemon.metrics()
+    b = m["blobs"][image["blob_id"]]
+    # the mount read the blob's chunk table (its meta) and no data
+    assert b["bytes_fetched"] == 0 and b["requests"] == 0
+    assert 0 < m["meta_bytes_fetched"] < 64 << 10
+    # metadata operations do not touch the daemon
+    names = sorted(os.listdir(mnt))
+    assert "small.txt" in names and os.stat(os.path.join(mnt, "d1/big0.bin")).st_size > 0
+    assert daemon.metrics()["blobs"][image["blob_id"]]["requests"] == 0
+    with open(os.path.join(mnt, "small.txt"), "rb") as f:
+        data = f.read()
+    with open(os.path.join(image["src"], "small.txt"), "rb") as f:
+        assert data == f.read()
+    b = daemon.metrics()["blobs"][image["blob_id"]]
+    total = image["info"]["blobs"][0]["compressed_size"]
+    # one small file: at most one chunk (1 MiB chunk size) of the ~6 MB blob
+    assert 0 < b["bytes_fetched"] <= (1 << 20) + 4096, b
+    assert b["bytes_fetched"] < total / 4
+    assert b["cached_chunks"] == 1
+
+
+# -- correct ----------------------------------------------------------------------------
+@pytest.mark.parametrize("compressor", ["zstd", "none"])
+def test_full_tree_matches_source(daemon, tmp_path, compressor):
+    src = write_tree(str(tmp_path / "src"), seed=2, big=(2 << 20,))
+    boot, blobs = str(tmp_path / "boot"), str(tmp_path / "blobs")
+    pack(src, boot, blobs, "--compressor", compressor, "--chunk-size", "0x40000")
+    mnt = str(tmp_path / "mnt")
+    daemon.mount(boot, mnt, f"localfs:{blobs}")
+    assert_tree(src, mnt)
+    m = daemon.metrics()
+    assert m["totals"]["verify_failures"] == 0 and m["totals"]["requests_failed"] == 0
+
+
+def test_chunk_dict_image_spanning_two_blobs(daemon, tmp_path):
+    base = write_tree(str(tmp_path / "base"), seed=3, big=(2 << 20,))
+    blobs = str(tmp_path / "blobs")
+    pack(base, str(tmp_path / "base.boot"), blobs, "--chunk-size", "0x10000")
+    # the second tree shares most files with the first and adds new ones
+    src = str(tmp_path / "src")
+    shutil.copytree(base, src, symlinks=True)
+    write_tree(str(tmp_path / "extra"), seed=4, nfiles=10, big=(1 << 20,))
+    shutil.copytree(str(tmp_path / "extra"), os.path.join(src, "extra"), symlinks=True)
+    info = pack(src, str(tmp_path / "img.boot"), blobs, "--chunk-size", "0x10000",
+                "--chunk-dict", str(tmp_path / "base.boot"))
+    assert len(info["blobs"]) == 2, info
+    mnt = str(tmp_path / "mnt")
+    res = daemon.mount(str(tmp_path / "img.boot"), mnt, f"localfs:{blobs}")
+    assert len(res["blobs"]) == 2
+    assert_tree(src, mnt)
+    m = daemon.metrics()
+    assert all(m["blobs"][b["blob_id"]]["bytes_fetched"] > 0 for b in res["blobs"])
+
+
+def test_nydus_vector(daemon, tmp_path):
+    blobs = str(tmp_path / "blobs")
+    os.makedirs(blobs)
+    shutil.copy(NYDUS_BLOB, blobs)
+    # what the kernel must show, from the reader (independent of the daemon)
+    expected = str(tmp_path / "expected")
+    subprocess.run([sys.executable, "-m", "erofs_tools", "unpack", NYDUS_BOOT, "--blob-dir",
+                    blobs, "-o", expected], check=True)
+    mnt = str(tmp_path / "mnt")
+    daemon.mount(NYDUS_BOOT, mnt, f"localfs:{blobs}")
+    assert sorted(os.listdir(mnt)) == ["lib.rs", "sync_io.rs"]
+    assert os.path.getsize(os.path.join(mnt, "lib.rs")) == 16931
+    assert os.path.getsize(os.path.join(mnt, "sync_io.rs")) == 13400
+    assert_tree(expected, mnt)
+    assert daemon.blob_metrics(NYDUS_BLOB_ID)["complete"]
+
+
+# -- kernel only after warm-up ------------------------------------------------------------
+def test_warm_reads_never_reach_the_daemon(daemon, image, tmp_path):
+    mnt = str(tmp_path / "mnt")
+    daemon.mount(image["boot"], mnt, f"localfs:{image['blobs']}")
+    assert_tree(image["src"], mnt)
+    b = daemon.blob_metrics(image["blob_id"])
+    assert b["complete"], b
+    before = daemon.metrics()["blobs"][image["blob_id"]]["requests"]
+    drop_caches()
+    assert_tree(image["src"], mnt)
+    after = daemon.metrics()
+    assert after["blobs"][image["blob_id"]]["requests"] == before
+    assert after["frontend_stats"]["events"] == daemon.metrics()["frontend_stats"]["events"]
+
+
+# -- corruption ---------------------------------------------------------------------------
+def test_corrupted_chunk_gives_eio_for_that_file_only(daemon, tmp_path):
+    src = write_tree(str(tmp_path / "src"), seed=5, big=(1 << 20,))
+    boot, good = str(tmp_path / "boot"), str(tmp_path / "good")
+    pack(src, boot, good, "--chunk-size", "0x10000")
+    bad = str(tmp_path / "bad")
+    shutil.copytree(good, bad)
+    victim = "d1/f001"
+    blob_id, chunk = chunk_of_file(boot, good, victim)
+    with open(os.path.join(bad, blob_id), "r+b") as f:
+        f.seek(chunk.compressed_offset + chunk.compressed_size // 2)
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 0x55]))
+    mnt = str(tmp_path / "mnt")
+    daemon.mount(boot, mnt, f"localfs:{bad}")
+    with pytest.raises(OSError) as ei:
+        with open(os.path.join(mnt, victim), "rb") as f:
+            f.read()
+    assert ei.value.errno == errno.EIO
+    # every other file whose data does not share that chunk reads fine
+    for rel in regular_files(src):
+        if rel == victim:
+            continue
+        b2, c2 = (None, None)
+        if os.path.getsize(os.path.join(src, rel)):
+            b2, c2 = chunk_of_file(boot, good, rel)
+        if c2 is not None and c2.index == chunk.index:
+            continue
+        if os.path.getsize(os.path.join(src, rel)) > 0x10000:
+            continue        # large files may span the bad chunk further on
+        assert file_sha(os.path.join(mnt, rel)) == file_sha(os.path.join(src, rel)), rel
+    b = daemon.blob_metrics(blob_id)
+    assert b["verify_failures"] >= 1 and b["requests_failed"] >= 1
+    assert not b["complete"]
+    # the daemon is still up and nothing bad was recorded as cached
+    st, _ = daemon.api.request("GET", "/api/v1/daemon")
+    assert st == 200
+    from fscache_daemon.storage import blobcache as bc
+    with open(bc.state_path(os.path.join(daemon.cache_dir, "blobs"), blob_id), "rb") as f:
+        bits = f.read()[64:]
+    assert not bits[chunk.index >> 3] & (1 << (chunk.index & 7))
+    # again: still EIO, never zeros
+    with pytest.raises(OSError):
+        with open(os.path.join(mnt, victim), "rb") as f:
+            f.read()
+
+
+# -- restart ------------------------------------------------------------------------------
+def test_sigkill_mid_read_then_restart(tmp_path):
+    require_lazy_kernel()
+    src = write_tree(str(tmp_path / "src"), seed=6, nfiles=120, big=(4 << 20, 4 << 20, 4 << 20))
+    boot, blobs = str(tmp_path / "boot"), str(tmp_path / "blobs")
+    info = pack(src, boot, blobs, "--chunk-size", "0x10000")
+    blob_id = info["blobs"][0]["blob_id"]
+    total_chunks = info["blobs"][0]["chunk_count"]
+    d = DaemonProc(str(tmp_path / "d"), threads=2).start()
+    mnt = str(tmp_path / "mnt")
+    try:
+        d.mount(boot, mnt, f"localfs:{blobs}")
+        files = regular_files(src)
+        random.Random(1).shuffle(files)
+        results, errors = {}, []
+
+        def reader(part):
+            for rel in part:
+                try:
+                    results[rel] = file_sha(os.path.join(mnt, rel))
+                except OSError as e:
+                    errors.append((rel, e))
+
+        threads = [threading.Thread(target=reader, args=(files[i::4],)) for i in range(4)]
+        for t in threads:
+            t.start()
+        time.sleep(0.3)
+        d.kill()                                   # mid-read
+        killed_at = time.monotonic()
+        from fscache_daemon.storage import blobcache as bc
+        with open(bc.state_path(os.path.join(d.cache_dir, "blobs"), blob_id), "rb") as f:
+            bits = f.read()[64:]
+        cached_before = sum(bin(x).count("1") for x in bits)
+        assert cached_before < total_chunks, "everything was read before the kill"
+        time.sleep(1.0)                            # readers of holes wait meanwhile
+        assert any(t.is_alive() for t in threads)
+        d.start()                                  # same cache dir: picks up the mount
+        for t in threads:
+            t.join(120)
+        assert not any(t.is_alive() for t in threads)
+        assert time.monotonic() - killed_at >= 1.0
+        # readers never saw zeros or wrong data; EIO would be allowed but none expected
+        assert not errors, errors
+        for rel in files:
+            assert results[rel] == file_sha(os.path.join(src, rel)), rel
+        helpers.assert_same_tree(src, mnt)
+        b = d.blob_metrics(blob_id)
+        assert b["complete"]
+        # the restarted daemon fetched exactly the chunks that were not verified before
+        assert b["chunks_fetched"] == total_chunks - cached_before, (b, cached_before)
+        m = d.metrics()
+        assert m["mounts"] == 1
+    finally:
+        d.cleanup()
+
+
+def test_sigterm_keeps_mount_and_restart_picks_it_up(tmp_path):
+    require_lazy_kernel()
+    src = write_tree(str(tmp_path / "src"), seed=7, nfiles=10, big=(1 << 20,))
+    boot, blobs = str(tmp_path / "boot"), str(tmp_path / "blobs")
+    pack(src, boot, blobs, "--chunk-size", "0x10000")
+    d = DaemonProc(str(tmp_path / "d")).start()
+    mnt = str(tmp_path / "mnt")
+    try:
+        d.mount(boot, mnt, f"localfs:{blobs}")
+        assert file_sha(os.path.join(mnt, "small.txt")) == file_sha(os.path.join(src, "small.txt"))
+        d.stop()                                   # SIGTERM: clean stop, mount stays
+        assert d.proc.returncode == 0, d.log()
+        assert os.path.ismount(mnt)
+        # cached data is still served by the kernel without a daemon
+        assert file_sha(os.path.join(mnt, "small.txt")) == file_sha(os.path.join(src, "small.txt"))
+        # an uncached read waits for the next daemon
+        out = {}
+        t = threading.Thread(target=lambda: out.setdefault(
+            "sha", file_sha(os.path.join(mnt, "d1/big0.bin"))))
+        t.start()
+        time.sleep(0.5)
+        assert t.is_alive()
+        d.start()
+        t.join(60)
+        assert out["sha"] == file_sha(os.path.join(src, "d1/big0.bin"))
+        st, mounts = d.api.request("GET", "/api/v1/mounts")
+        assert [m["mountpoint"] for m in mounts] == [mnt]
+        helpers.assert_same_tree(src, mnt)
+    finally:
+        d.cleanup()
+
+
+# -- concurrency --------------------------------------------------------------------------
+def test_32_readers_over_3_images(daemon, tmp_path):
+    blobs = str(tmp_path / "blobs")
+    srcs, mnts = [], []
+    s1 = write_tree(str(tmp_path / "s1"), seed=10, nfiles=60, big=(2 << 20,))
+    pack(s1, str(tmp_path / "b1"), blobs, "--chunk-size", "0x20000")
+    s2 = write_tree(str(tmp_path / "s2"), seed=11, nfiles=60, big=(2 << 20,))
+    pack(s2, str(tmp_path / "b2"), blobs, "--compressor", "none")
+    # image 3 shares image 1's blob through a chunk dict
+    s3 = str(tmp_path / "s3")
+    shutil.copytree(s1, s3, symlinks=True)
+    write_tree(os.path.join(s3, "more"), seed=12, nfiles=20, big=(1 << 20,))
+    pack(s3, str(tmp_path / "b3"), blobs, "--chunk-size", "0x20000", "--chunk-dict",
+         str(tmp_path / "b1"))
+    for i, s in enumerate((s1, s2, s3), 1):
+        mnt = str(tmp_path / f"m{i}")
+        daemon.mount(str(tmp_path / f"b{i}"), mnt, f"localfs:{blobs}")
+        srcs.append(s)
+        mnts.append(mnt)
+    work = []
+    for s, m in zip(srcs, mnts):
+        for rel in regular_files(s):
+            work.append((os.path.join(s, rel), os.path.join(m, rel)))
+    expected = {w[1]: file_sha(w[0]) for w in work}
+    bad = []
+    barrier = threading.Barrier(32)
+
+    def reader(k):
+        r = random.Random(k)
+        mine = r.sample(work, min(len(work), 60))
+        barrier.wait()
+        for _src, path in mine:
+            try:
+                if file_sha(path) != expected[path]:
+                    bad.append(path)
+            except OSError as e:
+                bad.append((path, e))
+
+    ts = [threading.Thread(target=reader, args=(k,)) for k in range(32)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(300)
+    assert not bad, bad[:5]
+    for s, m in zip(srcs, mnts):
+        helpers.assert_same_tree(s, m)
+    m = daemon.metrics()
+    # images 1 and 3 share a blob: one cache file, used by both mounts
+    shared = [b for b, v in m["blobs"].items() if len(v["mounts"]) == 2]
+    assert len(shared) == 1
+    assert m["totals"]["verify_failures"] == 0 and m["totals"]["requests_failed"] == 0
+
+
+# -- prefetch -----------------------------------------------------------------------------
+def test_background_prefetch_completes_blob(daemon, image, tmp_path):
+    mnt = str(tmp_path / "mnt")
+    daemon.mount(image["boot"], mnt, f"localfs:{image['blobs']}", prefetch=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        b = daemon.blob_metrics(image["blob_id"])
+        if b["complete"]:
+            break
+        time.sleep(0.1)
+    assert b["complete"] and b["prefetch_bytes"] > 0
+    assert b["requests"] == 0          # nobody read: all of it came from prefetch
+    assert_tree(image["src"], mnt)
+    assert daemon.blob_metrics(image["blob_id"])["requests"] == 0
+
+
+# -- CLI one-liners -----------------------------------------------------------------------
+def test_cli_mount_starts_daemon_status_umount(image, tmp_path):
+    require_lazy_kernel()
+    sock = str(tmp_path / "api.sock")
+    cache = str(tmp_path / "cache")
+    mnt = str(tmp_path / "mnt")
+    os.makedirs(mnt)
+    env = dict(os.environ)
+    run = lambda *a: subprocess.run([sys.executable, "-m", "fscache_daemon.cli", *a],  # noqa: E731
+                                    capture_output=True, text=True, env=env, timeout=120)
+    try:
+        r = run("mount", image["boot"], mnt, "--backend", f"localfs:{image['blobs']}",
+                "--api-sock", sock, "--cache-dir", cache, "--frontend", "fanotify")
+        assert r.returncode == 0, r.stderr
+        assert "started fscache-daemon" in r.stderr and "mounted" in r.stdout
+        assert oct(os.stat(sock).st_mode & 0o777) == "0o600"
+        with open(os.path.join(mnt, "small.txt"), "rb") as f:
+            f.read()
+        r = run("status", "--api-sock", sock)
+        assert r.returncode == 0 and mnt in r.stdout and "chunks 1/" in r.stdout, r.stdout
+        r = run("status", "--json", "--api-sock", sock)
+        import json
+        doc = json.loads(r.stdout)
+        assert doc["mounts"][0]["mountpoint"] == mnt
+        assert doc["metrics"]["process"]["rss_bytes"] > 0
+        r = run("umount", mnt, "--api-sock", sock)
+        assert r.returncode == 0, r.stderr
+        assert not os.path.ismount(mnt)
+        r = run("umount", mnt, "--api-sock", sock)
+        assert r.returncode == 1 and r.stderr.startswith("error: daemon: ")
+    finally:
+        from fscache_daemon.api import ApiClient
+        if os.path.ismount(mnt):
+            helpers.sys_umount(mnt, lazy=True)
+        try:
+            ApiClient(sock).request("POST", "/api/v1/shutdown", {})
+        except Exception:  # noqa: BLE001
+            pass
+        time.sleep(1)
+        from test_daemon_support import release_holder
+        release_holder(os.path.join(cache, "fdholder.sock"))
