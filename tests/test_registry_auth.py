@@ -139,3 +139,23 @@ def test_token_insufficient_scope(registry_token):
     with pytest.raises(AuthError, match="access denied") as e:
         c.push_blob("tok/ro", BLOB)
     _no_secret(e.value, registry_token)
+
+
+def test_threads_share_one_client(registry_token):
+    """The daemon's workers share a client: concurrent range reads with one token."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    data = bytes(range(256)) * 400
+    c = registry_token.client(pool_size=4)
+    d = c.push_blob("tok/threads", data).digest
+    before = len(registry_token.issuer.requests)
+    reader = registry_token.client(pool_size=4)
+
+    def read(i):
+        off = (i * 977) % (len(data) - 100)
+        return reader.read_blob_range("tok/threads", d, off, 100) == data[off:off + 100]
+
+    with ThreadPoolExecutor(8) as pool:
+        assert all(pool.map(read, range(64)))
+    # Racing discovery 401s share the first token fetched for the scope.
+    assert len(registry_token.issuer.requests) - before == 1

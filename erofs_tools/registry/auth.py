@@ -206,11 +206,15 @@ class Authenticator:
         challenges = {c.scheme: c for c in parse_challenges(header or "")}
         if "bearer" in challenges and challenges["bearer"].params.get("realm"):
             ch = challenges["bearer"]
+            key = self._key(ch, scope)
             with self._lock:
                 self._bearer = ch
                 self._basic = False
-                # Whatever we sent is no good any more (expired or too narrow).
-                self._tokens.pop(self._key(ch, scope), None)
+                cached = self._tokens.get(key)
+                # The token we sent is no good (expired or too narrow); one that another
+                # thread fetched meanwhile is tried before asking for yet another.
+                if cached and sent == "Bearer " + cached.value:
+                    del self._tokens[key]
             self._token(ch, ch.scopes + scope.split(), scope)
             return
         if "basic" in challenges:

@@ -192,7 +192,7 @@ class RegistryClient:
         cached = self._locations.get(key)
         if cached:
             resp = self.transport.request(method, cached, headers, via_proxy=proxy)
-            if resp.status not in STALE_LOCATION:
+            if resp.status not in STALE_LOCATION and resp.status not in REDIRECT_STATUSES:
                 return resp
             drain(resp)
             log.debug("cached location for %s is stale (HTTP %d)", digest, resp.status)
