@@ -492,3 +492,46 @@ def test_holder_keeps_readers_waiting_across_daemon_sigkill(workdir, erofs_image
         if holder.poll() is None:
             holder.kill()  # fails open, but nothing is mounted or reading any more
             holder.wait()
+
+
+@pytest.mark.root
+def test_daemon_takes_over_group_when_holder_dies(workdir):
+    """Holder SIGKILLed: our dup keeps the group and its marks; detach() serves it here."""
+    from fscache_daemon.frontend.fdholder import HolderChannel
+
+    data = os.urandom(32768)
+    blob = workdir / "blob"
+    blob.write_bytes(data)
+    cache = _sparse(workdir / "cache", len(data))
+    sock = workdir / "holder.sock"
+    holder = subprocess.Popen([sys.executable, "-m", "fscache_daemon.frontend.fdholder",
+                               "--sock", str(sock)], env=CHILD_ENV)
+    filler = BlobFiller(blob)
+    w2 = None
+    try:
+        _wait_sock(sock, holder)
+        w = PreContentWatcher.from_holder(sock, filler)
+        filler.watcher = w
+        w.mark(cache, "k")
+        w.start()
+        assert _pread_child(cache, 0, 16).communicate(timeout=10)[0] == data[:16]
+        holder.kill()
+        holder.wait()
+        deadline = time.monotonic() + 10
+        while w.running:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        w2 = PreContentWatcher(filler, channel=w.channel.detach())
+        filler.watcher = w2
+        w2.mark(cache, "k")  # known path: the writer fd opened before the mark is reused
+        w2.start()
+        p = _pread_child(cache, 20000, 16)
+        assert p.communicate(timeout=10)[0] == data[20000:20016]
+        w2.unmark("k")
+        w.close()
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+        if w2 is not None:
+            w2.close()

@@ -421,6 +421,7 @@ class HolderChannel:
         self._ctl = self._connect(timeout)
         self._events: socket.socket | None = None
         self._writers: dict[str, int] = {}
+        self._detached = None
         reply, fds = self._call({"op": "hello"}, maxfds=1)
         if len(fds) != 1:
             raise HolderError(f"{sock_path}: fd holder sent no group fd")
@@ -490,6 +491,10 @@ class HolderChannel:
         """
         try:
             with self._send_lock:
+                if self._detached is not None:
+                    # the holder is gone: answer through the group we took over
+                    self._detached.respond(ev.token, response)
+                    return
                 if self._events is None:
                     # closed: the holder keeps the event and gives it to the next daemon
                     log.warning("fd holder channel closed; event %d left to the holder",
@@ -521,6 +526,26 @@ class HolderChannel:
         wfd = self._writers.pop(path, None)
         if wfd is not None:
             os.close(wfd)
+
+    def detach(self) -> "LocalGroup":
+        """Take the group over after the holder died: a LocalGroup on our dup.
+
+        The group lives on because we hold a dup of it, with its marks; events the holder
+        had read but not sent us are lost (their readers stay blocked until the group is
+        released). From now on this process is the group's last owner, so it must unmount
+        before it exits, as without a holder.
+        """
+        from fscache_daemon.frontend.fanotify import LocalGroup
+        with self._send_lock:
+            if self._events is not None:
+                self._events.close()
+                self._events = None
+        self._ctl.close()
+        group = LocalGroup(self.group_fd, self._writers)
+        self.group_fd, self._writers = -1, {}
+        with self._send_lock:
+            self._detached = group  # in-flight fills of the old watcher answer through it
+        return group
 
     def status(self) -> dict:
         reply, _ = self._call({"op": "status"})
