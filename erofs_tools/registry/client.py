@@ -154,17 +154,22 @@ class RegistryClient:
         """A one-line RegistryError for an unexpected answer, with the registry's error
         code and message when it sent them (never headers, never query strings)."""
         body = drain(resp)
+        codes: list[str] = []
         detail = ""
         try:
-            errors = json.loads(body).get("errors") or []
+            errors = [e for e in json.loads(body).get("errors") or [] if isinstance(e, dict)]
+            codes = [str(e.get("code", "")) for e in errors]
             detail = "; ".join(f"{e.get('code', '')}: {e.get('message', '')}"
-                               for e in errors[:3] if isinstance(e, dict))
-        except (ValueError, AttributeError):
+                               for e in errors[:3])
+        except (ValueError, AttributeError, TypeError):
             pass
         msg = f"{method} {safe_url(url)}: HTTP {resp.status}"
         if what:
             msg = f"{what}: {msg}"
-        return RegistryError(one_line(msg + (f" {detail}" if detail else ""), 400))
+        err = RegistryError(one_line(msg + (f" {detail}" if detail else ""), 400))
+        # For callers that decide what to do next (upload restarts); not in the message.
+        err.status, err.codes = resp.status, codes
+        return err
 
     # --- API version check --------------------------------------------------------
 

@@ -201,7 +201,7 @@ def _push_seekable(client, repo, f: BinaryIO, digest, size, mount_from, chunk_si
             # The answer may have been lost after the blob was committed.
             if client.stat_blob(repo, digest) is not None:
                 break
-            if attempt == policy.retries:
+            if attempt == policy.retries or not _restartable(e):
                 raise
             log.info("upload of %s to %s failed (%s); new session", digest, repo, e)
             time.sleep(policy.delay(attempt))
@@ -209,6 +209,18 @@ def _push_seekable(client, repo, f: BinaryIO, digest, size, mount_from, chunk_si
             session = location, _int(headers.get("OCI-Chunk-Min-Length"))
     log.info("uploaded %s (%d bytes) to %s", digest, size, repo)
     return PushResult(digest, size, "uploaded")
+
+
+# Answers after which a new session may succeed: the session is gone or confused, or
+# the registry failed. Others (a digest or size the registry refuses) would fail again.
+_SESSION_CODES = frozenset({"BLOB_UPLOAD_INVALID", "BLOB_UPLOAD_UNKNOWN", "RANGE_INVALID"})
+
+
+def _restartable(e: RegistryError) -> bool:
+    status = getattr(e, "status", None)
+    if status is None or status >= 500 or status in (404, 416):
+        return True     # connection failures and retries spent carry no status
+    return bool(_SESSION_CODES & set(getattr(e, "codes", ())))
 
 
 def _send_seekable(client, repo, session, f, digest, size, chunk_size) -> None:
