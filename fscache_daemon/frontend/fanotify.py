@@ -231,7 +231,12 @@ class PreContentWatcher:
     def run(self) -> None:
         """The loop; returns after stop(). Only one thread may run it."""
         poller = select.poll()
-        poller.register(self._channel.fileno(), select.POLLIN)
+        try:
+            poller.register(self._channel.fileno(), select.POLLIN)
+        except FrontendError as exc:  # e.g. the holder refused our subscription
+            log.critical("fanotify: no event channel: %s", exc)
+            self._stopping = True
+            return
         poller.register(self._wake_r, select.POLLIN)
         while not self._stopping:
             for fd, revents in poller.poll():
@@ -254,13 +259,19 @@ class PreContentWatcher:
     def stop(self) -> None:
         """Stop the loop thread. Events already dispatched are still answered by fill."""
         self._stopping = True
-        os.write(self._wake_w, b"x")
+        if self._wake_w >= 0:
+            try:
+                os.write(self._wake_w, b"x")
+            except BlockingIOError:
+                pass  # already woken
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
         self._thread = None
 
     def close(self) -> None:
         """Stop and release the channel. With a LocalGroup this fails open: unmount first."""
+        if self._wake_w < 0:
+            return  # already closed
         self.stop()
         self._channel.close()
         for fd in (self._wake_r, self._wake_w):

@@ -188,7 +188,9 @@ class FdHolder:
     # -- loop ------------------------------------------------------------------------------
 
     def serve(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        # SIGHUP too: a closing terminal must not take the group (and every mount's data)
+        # down with it
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
         log.info("fd holder: pid %d serving %s", os.getpid(), self.sock_path)
         while not self._stop:
