@@ -76,24 +76,43 @@ def test_parse_events_rejects_broken_stream():
 # ------------------------------------------------------------------------------ fixtures
 
 
-@pytest.fixture
-def workdir(tmp_path):
-    """A directory on a filesystem that accepts pre-content marks, or skip/fail."""
-    if os.geteuid() != 0:
-        _missing("needs root (CAP_SYS_ADMIN) for pre-content fanotify")
-    probe = tmp_path / "probe"
+def _takes_marks(d: Path) -> bool:
+    probe = d / "probe"
     probe.write_bytes(b"x")
-    try:
-        g = abi.fanotify_init()
-    except FanotifyUnsupportedError as exc:
-        _missing(str(exc))
+    g = abi.fanotify_init()
     try:
         abi.mark_pre_access(g, probe)
-    except FanotifyUnsupportedError as exc:
-        _missing(f"tmp dir does not take pre-content marks: {exc}")
+        return True
+    except FanotifyUnsupportedError:
+        return False
     finally:
         os.close(g)
-    return tmp_path
+        probe.unlink()
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    """A directory on a filesystem that accepts pre-content marks (ext4/XFS/btrfs).
+
+    tmp_path first; if it is on tmpfs, a directory under /var/tmp; else skip/fail.
+    """
+    import tempfile
+
+    if os.geteuid() != 0:
+        _missing("needs root (CAP_SYS_ADMIN) for pre-content fanotify")
+    try:
+        if _takes_marks(tmp_path):
+            yield tmp_path
+            return
+    except FanotifyUnsupportedError as exc:  # from fanotify_init: the kernel lacks it
+        _missing(str(exc))
+    alt = Path(tempfile.mkdtemp(prefix="fanotify-test-", dir="/var/tmp"))
+    try:
+        if not _takes_marks(alt):
+            _missing(f"neither {tmp_path} nor /var/tmp take pre-content marks")
+        yield alt
+    finally:
+        shutil.rmtree(alt, ignore_errors=True)
 
 
 def _sparse(path: Path, size: int) -> Path:
