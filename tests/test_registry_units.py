@@ -101,7 +101,7 @@ def test_credentials_and_tokens_never_in_repr():
     c = Credentials("alice", "hunter2")
     assert "hunter2" not in repr(c) and "alice" not in repr(c) and "hunter2" not in str(c)
     replies = iter([(200, json.dumps({"token": "TOKENVALUE", "expires_in": 300}).encode())])
-    a = Authenticator("h", c, lambda m, u, h: next(replies), allow_http_realm=True)
+    a = Authenticator("h", c, lambda m, u, h, b: next(replies), allow_http_realm=True)
     a.on_unauthorized('Bearer realm="http://t/token",service="s"', "repository:x:pull", None)
     assert a.authorization("repository:x:pull") == "Bearer TOKENVALUE"
     assert "TOKENVALUE" not in repr(a) and "TOKENVALUE" not in repr(a._tokens)
@@ -111,7 +111,7 @@ def test_token_refreshed_before_expiry():
     now = [1000.0]
     calls = []
 
-    def fetch(method, url, headers):
+    def fetch(method, url, headers, body):
         calls.append(url)
         return 200, json.dumps({"access_token": f"t{len(calls)}", "expires_in": 100}).encode()
 
@@ -126,6 +126,27 @@ def test_token_refreshed_before_expiry():
     assert a.authorization("repository:x:pull") == "Bearer t2"
     # A new scope gets its own token without waiting for a challenge.
     assert a.authorization("repository:y:pull") == "Bearer t3"
+
+
+def test_identity_token_uses_oauth2_refresh_grant(tmp_path):
+    import urllib.parse
+    path = _write_config(tmp_path, {"h": {"auth": "", "identitytoken": "REFRESH-SECRET"}})
+    creds = load_credentials("h", path)
+    assert creds.identity_token == "REFRESH-SECRET" and "REFRESH" not in repr(creds)
+    seen = []
+
+    def fetch(method, url, headers, body):
+        seen.append((method, url, urllib.parse.parse_qs(body.decode())))
+        return 200, b'{"access_token": "AT", "expires_in": 300}'
+
+    a = Authenticator("h", creds, fetch)
+    a.on_unauthorized('Bearer realm="https://t/oauth2/token",service="s",'
+                      'scope="repository:x:pull"', "repository:x:pull", None)
+    assert a.authorization("repository:x:pull") == "Bearer AT"
+    method, url, form = seen[0]
+    assert (method, url) == ("POST", "https://t/oauth2/token")
+    assert form["grant_type"] == ["refresh_token"] and form["refresh_token"] == ["REFRESH-SECRET"]
+    assert form["scope"] == ["repository:x:pull"] and form["service"] == ["s"]
 
 
 def test_credentials_not_sent_to_plain_http_realm():

@@ -37,10 +37,12 @@ MAX_TOKEN_REPLY = 1 << 20
 
 @dataclass(frozen=True)
 class Credentials:
-    """A user name and password (or registry token used as a password)."""
+    """A user name and password (or registry token used as a password), or an OAuth2
+    refresh token (docker config.json ``identitytoken``) exchanged at the token realm."""
 
     username: str = field(repr=False)
     password: str = field(repr=False)
+    identity_token: str | None = field(default=None, repr=False)
 
     def __repr__(self) -> str:
         return "Credentials(<redacted>)"
@@ -72,6 +74,9 @@ def _auth_keys(host: str) -> list[str]:
 
 
 def _entry_credentials(entry: dict, path: str) -> Credentials | None:
+    if entry.get("identitytoken"):
+        return Credentials(str(entry.get("username") or "<token>"), "",
+                           str(entry["identitytoken"]))
     if entry.get("username") and entry.get("password") is not None:
         return Credentials(str(entry["username"]), str(entry["password"]))
     encoded = entry.get("auth")
@@ -166,9 +171,9 @@ class _Token:
         return f"_Token(<redacted>, expires_at={self.expires_at:.0f})"
 
 
-# fetch(method, url, headers) -> (status, body bytes); supplied by the client so that
-# token requests share its pools, timeouts, TLS settings and retries.
-Fetch = Callable[[str, str, dict], tuple[int, bytes]]
+# fetch(method, url, headers, body) -> (status, body bytes); supplied by the client so
+# that token requests share its pools, timeouts, TLS settings and retries.
+Fetch = Callable[[str, str, dict, bytes | None], tuple[int, bytes]]
 
 
 class Authenticator:
@@ -250,19 +255,15 @@ class Authenticator:
         if parsed.scheme not in ("https", "http"):
             raise AuthError(f"registry {self.host}: unsupported token realm scheme "
                             f"{parsed.scheme!r}")
-        headers = {"Accept": "application/json"}
-        if self.credentials:
-            if parsed.scheme == "http" and not self._allow_http_realm:
-                raise AuthError(f"{where}: refusing to send credentials over plain HTTP "
-                                "(use insecure mode for test registries)")
-            headers["Authorization"] = self.credentials.basic_header()
-        query = [("service", ch.params["service"])] if ch.params.get("service") else []
-        query += [("scope", s) for s in scopes]
-        sep = "&" if parsed.query else "?"
-        url = realm + (sep + urllib.parse.urlencode(query) if query else "")
+        if self.credentials and parsed.scheme == "http" and not self._allow_http_realm:
+            raise AuthError(f"{where}: refusing to send credentials over plain HTTP "
+                            "(use insecure mode for test registries)")
         self.token_requests += 1
         log.debug("requesting token from %s for %s", where, " ".join(scopes))
-        status, body = self._fetch("GET", url, headers)
+        if self.credentials and self.credentials.identity_token:
+            status, body = self._oauth2_token(ch, realm, scopes)
+        else:
+            status, body = self._basic_token(ch, realm, parsed, scopes)
         if status in (401, 403):
             raise AuthError(f"{where} refused the credentials for {self.host}"
                             if self.credentials else
@@ -270,6 +271,26 @@ class Authenticator:
         if status != 200:
             raise AuthError(f"{where} answered HTTP {status}")
         return self._parse_token_reply(body, where)
+
+    def _basic_token(self, ch, realm, parsed, scopes) -> tuple[int, bytes]:
+        """GET realm?service=&scope=..., with Basic credentials if we have them."""
+        headers = {"Accept": "application/json"}
+        if self.credentials:
+            headers["Authorization"] = self.credentials.basic_header()
+        query = [("service", ch.params["service"])] if ch.params.get("service") else []
+        query += [("scope", s) for s in scopes]
+        sep = "&" if parsed.query else "?"
+        url = realm + (sep + urllib.parse.urlencode(query) if query else "")
+        return self._fetch("GET", url, headers, None)
+
+    def _oauth2_token(self, ch, realm, scopes) -> tuple[int, bytes]:
+        """POST an OAuth2 refresh_token grant (what docker does with identity tokens)."""
+        form = {"grant_type": "refresh_token", "client_id": "erofs-tools",
+                "refresh_token": self.credentials.identity_token,
+                "service": ch.params.get("service", ""), "scope": " ".join(scopes)}
+        headers = {"Accept": "application/json",
+                   "Content-Type": "application/x-www-form-urlencoded"}
+        return self._fetch("POST", realm, headers, urllib.parse.urlencode(form).encode())
 
     def _parse_token_reply(self, body: bytes, where: str) -> _Token:
         try:

@@ -115,8 +115,9 @@ class RegistryClient:
     def url(self, path: str) -> str:
         return self.base + path
 
-    def _fetch_token(self, method: str, url: str, headers: dict) -> tuple[int, bytes]:
-        resp = self.transport.request(method, url, headers)
+    def _fetch_token(self, method: str, url: str, headers: dict,
+                     body: bytes | None) -> tuple[int, bytes]:
+        resp = self.transport.request(method, url, headers, body)
         return resp.status, drain(resp, 1 << 20)
 
     def _send(self, method: str, url: str, scope: str, headers: dict | None = None,
