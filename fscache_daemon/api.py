@@ -20,6 +20,7 @@ failure).
 
 from __future__ import annotations
 
+import http
 import http.client
 import http.server
 import json
@@ -106,6 +107,23 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         log.debug("api: " + fmt, *args)
 
     # -- plumbing ---------------------------------------------------------------------
+    def send_error(self, code, message=None, explain=None):
+        """Protocol-level errors (bad request line, oversized headers) as JSON too."""
+        if getattr(self, "request_version", "HTTP/0.9") == "HTTP/0.9":
+            self.request_version = "HTTP/1.0"
+        self.close_connection = True
+        body = (json.dumps({"error": message or http.HTTPStatus(code).phrase}) + "\n").encode()
+        try:
+            self.send_response(code, message)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Connection", "close")
+            self.end_headers()
+            if getattr(self, "command", None) != "HEAD" and code >= 200 and code not in (204, 304):
+                self.wfile.write(body)
+        except OSError:
+            pass
+
     def _send(self, status: int, body: bytes, ctype: str = "application/json") -> None:
         self.send_response(status)
         self.send_header("Content-Type", ctype)

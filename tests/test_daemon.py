@@ -1,0 +1,307 @@
+"""The daemon core and its API without a kernel (front end "none"): images sharing blobs,
+fills, metrics, the unix-socket API and its error answers, restart pick-up, the worker
+pool's priorities and the prefetch pacing."""
+
+import json
+import os
+import socket
+import threading
+import time
+
+import pytest
+
+from fscache_daemon.api import ApiClient, ApiServer
+from fscache_daemon.daemon import (Daemon, NullFrontend, PriorityPool, TokenBucket,
+                                   prometheus_text)
+from fscache_daemon.errors import DaemonError
+
+from test_daemon_support import pack, write_tree
+from test_storage_support import NYDUS_BLOB, NYDUS_BLOB_ID, NYDUS_BOOT
+
+
+@pytest.fixture
+def images(tmp_path_factory):
+    base = tmp_path_factory.mktemp("imgs")
+    blobs = str(base / "blobs")
+    s1 = write_tree(str(base / "s1"), seed=21, nfiles=10, big=(1 << 20,))
+    i1 = pack(s1, str(base / "b1"), blobs, "--chunk-size", "0x10000")
+    s2 = str(base / "s2")
+    write_tree(s2, seed=22, nfiles=5, big=(1 << 20,))
+    i2 = pack(s2, str(base / "b2"), blobs, "--chunk-size", "0x10000", "--chunk-dict",
+              str(base / "b1"))
+    return {"blobs": blobs, "b1": str(base / "b1"), "b2": str(base / "b2"), "i1": i1, "i2": i2}
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    d = Daemon(str(tmp_path / "cache"), frontend="none", threads=4, prefetch_rate=0)
+    d.start()
+    yield d
+    d.shutdown()
+
+
+@pytest.fixture
+def api(daemon, tmp_path):
+    srv = ApiServer(daemon, str(tmp_path / "run" / "api.sock")).start()
+    yield ApiClient(srv.path, timeout=30)
+    srv.stop()
+
+
+def test_images_share_blobs_by_id(daemon, images, tmp_path):
+    be = f"localfs:{images['blobs']}"
+    r1 = daemon.mount(images["b1"], str(tmp_path / "m1"), be)
+    r2 = daemon.mount(images["b2"], str(tmp_path / "m2"), be)
+    b1 = [b["blob_id"] for b in r1["blobs"]]
+    b2 = [b["blob_id"] for b in r2["blobs"]]
+    assert len(b1) == 1 and len(b2) == 2 and b1[0] in b2
+    assert len(daemon.blobs) == 2
+    shared = daemon.blobs[b1[0]]
+    daemon.fill(b1[0], 0, shared.size)
+    # the second image sees the chunks the first one fetched
+    d2 = {b["blob_id"]: b for b in daemon.describe(daemon.images[str(tmp_path / "m2")])["blobs"]}
+    assert d2[b1[0]]["complete"]
+    m = daemon.metrics()
+    assert sorted(m["blobs"][b1[0]]["mounts"]) == sorted([str(tmp_path / "m1"),
+                                                          str(tmp_path / "m2")])
+    daemon.umount(str(tmp_path / "m1"))
+    assert b1[0] in daemon.blobs           # still used by m2
+    daemon.umount(str(tmp_path / "m2"))
+    assert daemon.blobs == {} and daemon.images == {}
+    # the cache stays on disk for the next mount
+    assert os.path.exists(os.path.join(daemon.blob_dir, b1[0] + ".blob"))
+
+
+def test_mount_errors(daemon, images, tmp_path):
+    be = f"localfs:{images['blobs']}"
+    with pytest.raises(DaemonError, match="no such bootstrap"):
+        daemon.mount(str(tmp_path / "nope"), str(tmp_path / "m"), be)
+    with pytest.raises(DaemonError, match="invalid backend"):
+        daemon.mount(images["b1"], str(tmp_path / "m"), "ftp:/x")
+    with pytest.raises(DaemonError, match="not found|does not exist"):
+        daemon.mount(images["b1"], str(tmp_path / "m"), f"localfs:{tmp_path}")
+    junk = tmp_path / "junk.boot"
+    junk.write_bytes(b"\0" * 8192)
+    with pytest.raises(DaemonError):
+        daemon.mount(str(junk), str(tmp_path / "m"), be)
+    daemon.mount(images["b1"], str(tmp_path / "m"), be)
+    with pytest.raises(DaemonError, match="already mounted"):
+        daemon.mount(images["b1"], str(tmp_path / "m"), be)
+    with pytest.raises(DaemonError, match="not mounted"):
+        daemon.umount(str(tmp_path / "other"))
+    assert list(daemon.images) == [str(tmp_path / "m")]
+
+
+def test_fill_metrics_and_fast_path(daemon, tmp_path):
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    with open(NYDUS_BLOB, "rb") as f:
+        (blobs / NYDUS_BLOB_ID).write_bytes(f.read())
+    daemon.mount(NYDUS_BOOT, str(tmp_path / "m"), f"localfs:{blobs}")
+    assert not daemon.fast_path(NYDUS_BLOB_ID, 0, 4096)
+    daemon.fill(NYDUS_BLOB_ID, 0, 4096)
+    assert daemon.fast_path(NYDUS_BLOB_ID, 0, 4096)
+    with pytest.raises(DaemonError):
+        daemon.fill("f" * 64, 0, 1)
+    m = daemon.metrics()
+    b = m["blobs"][NYDUS_BLOB_ID]
+    assert b["requests"] == 2 and b["requests_from_cache"] == 1
+    assert b["bytes_fetched"] == 4828 and b["cached_chunks"] == 1 and b["total_chunks"] == 2
+    assert b["latency_p99_ms"] >= b["latency_p50_ms"] >= 0
+    assert m["process"]["rss_bytes"] > 0 and m["process"]["cpu_user_s"] >= 0
+    text = prometheus_text(m)
+    assert f'fscache_daemon_blob_requests_total{{blob="{NYDUS_BLOB_ID}"}} 2' in text
+    assert f'fscache_daemon_blob_backend_bytes_total{{blob="{NYDUS_BLOB_ID}"}} 4828' in text
+    assert "# TYPE fscache_daemon_blob_request_latency_seconds summary" in text
+    assert "fscache_daemon_process_resident_memory_bytes " in text
+    for line in text.splitlines():
+        assert line.startswith("#") or len(line.rsplit(" ", 1)) == 2
+
+
+def test_restart_picks_up_mounts_and_cache(images, tmp_path):
+    cache = str(tmp_path / "cache")
+    be = f"localfs:{images['blobs']}"
+    d = Daemon(cache, frontend="none", threads=2)
+    d.start()
+    d.mount(images["b1"], str(tmp_path / "m1"), be)
+    blob = next(iter(d.blobs))
+    d.fill(blob, 0, 3 * 65536)
+    cached = d.blobs[blob].cache.cached_chunks
+    d.shutdown()
+    with open(os.path.join(cache, "mounts.json")) as f:
+        assert [m["mountpoint"] for m in json.load(f)["mounts"]] == [str(tmp_path / "m1")]
+    d2 = Daemon(cache, frontend="none", threads=2)
+    d2.start()
+    try:
+        assert list(d2.images) == [str(tmp_path / "m1")]
+        mgr = d2.blobs[blob]
+        assert mgr.cache.cached_chunks == cached
+        assert getattr(mgr, "meta_bytes_fetched") == 0     # chunk map from disk
+        d2.fill(blob, 0, 3 * 65536)
+        assert mgr.stats.snapshot()["bytes_fetched"] == 0
+    finally:
+        d2.shutdown()
+
+
+# -- API --------------------------------------------------------------------------------
+def test_api_socket_is_root_only(api):
+    st = os.stat(api.path)
+    assert st.st_mode & 0o777 == 0o600
+
+
+def test_api_mount_list_metrics_umount(api, images, tmp_path):
+    mnt = str(tmp_path / "m")
+    st, res = api.request("POST", "/api/v1/mounts", {
+        "bootstrap": images["b1"], "mountpoint": mnt, "backend": f"localfs:{images['blobs']}"})
+    assert st == 201, res
+    assert res["mountpoint"] == mnt and len(res["blobs"]) == 1
+    st, lst = api.request("GET", "/api/v1/mounts")
+    assert st == 200 and [m["mountpoint"] for m in lst] == [mnt]
+    st, info = api.request("GET", "/api/v1/daemon")
+    assert st == 200 and info["frontend"] == "none" and info["mounts"] == 1
+    st, m = api.request("GET", "/api/v1/metrics")
+    assert st == 200 and res["blobs"][0]["blob_id"] in m["blobs"]
+    st, text = api.request("GET", "/metrics")
+    assert st == 200 and "fscache_daemon_blob_requests_total" in text
+    st, _ = api.request("POST", "/api/v1/mounts", {
+        "bootstrap": images["b1"], "mountpoint": mnt, "backend": f"localfs:{images['blobs']}"})
+    assert st == 409
+    st, res = api.request("DELETE", "/api/v1/mounts?mountpoint=" + mnt)
+    assert st == 200 and res["unmounted"]
+    st, res = api.request("POST", "/api/v1/umount", {"mountpoint": mnt})
+    assert st == 404
+
+
+@pytest.mark.parametrize("method,path,body,status", [
+    ("GET", "/nope", None, 404),
+    ("PUT", "/api/v1/mounts", {}, 405),
+    ("GET", "/api/v1/umount", None, 405),
+    ("POST", "/api/v1/mounts", b"{not json", 400),
+    ("POST", "/api/v1/mounts", b"[1, 2]", 400),
+    ("POST", "/api/v1/mounts", {}, 400),
+    ("POST", "/api/v1/mounts", {"bootstrap": 1, "mountpoint": "/x", "backend": "localfs:/"}, 400),
+    ("POST", "/api/v1/mounts", {"bootstrap": "/x", "mountpoint": "/x", "backend": "localfs:/",
+                                "prefetch": "yes"}, 400),
+    ("POST", "/api/v1/mounts", {"bootstrap": "/x", "mountpoint": "/x", "backend": "localfs:/",
+                                "bogus": 1}, 400),
+    ("POST", "/api/v1/mounts", {"bootstrap": "/x", "mountpoint": "/x", "backend": "localfs:/",
+                                "options": {"evil": 1}}, 400),
+    ("POST", "/api/v1/mounts", {"bootstrap": "/nonexistent", "mountpoint": "/x",
+                                "backend": "localfs:/"}, 404),
+    ("POST", "/api/v1/mounts", {"bootstrap": "/etc/hostname", "mountpoint": "/x",
+                                "backend": "gopher:/"}, 400),
+    ("POST", "/api/v1/umount", {"mountpoint": 5}, 400),
+    ("POST", "/api/v1/umount", {"mountpoint": "/x", "lazy": "no"}, 400),
+    ("DELETE", "/api/v1/mounts", None, 400),
+])
+def test_api_malformed_requests(api, method, path, body, status):
+    raw = body if isinstance(body, bytes) else None
+    st, res = api.request(method, path, None if raw is not None else body, raw=raw)
+    assert st == status, res
+    assert isinstance(res, dict) and res.get("error")
+    assert "\n" not in res["error"]
+
+
+def test_api_raw_protocol_errors(api):
+    def raw(req: bytes) -> bytes:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(10)
+        s.connect(api.path)
+        s.sendall(req)
+        out = b""
+        while True:
+            b = s.recv(65536)
+            if not b:
+                break
+            out += b
+            if b"\r\n\r\n" in out and b"Content-Length" in out:
+                head, _, body = out.partition(b"\r\n\r\n")
+                n = int([h for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")][0]
+                        .split(b":")[1])
+                if len(body) >= n:
+                    break
+        s.close()
+        return out
+
+    assert raw(b"GARBAGE\r\n\r\n").split(b" ")[1] == b"400"
+    r = raw(b"POST /api/v1/mounts HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert r.split(b" ")[1] == b"411"
+    r = raw(b"POST /api/v1/mounts HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999\r\n\r\n")
+    assert r.split(b" ")[1] == b"413"
+    r = raw(b"POST /api/v1/mounts HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n")
+    assert r.split(b" ")[1] == b"400"
+    # the server is still fine
+    st, _ = api.request("GET", "/api/v1/daemon")
+    assert st == 200
+
+
+def test_api_refuses_second_server_on_live_socket(daemon, api):
+    with pytest.raises(DaemonError, match="another daemon"):
+        ApiServer(daemon, api.path)
+
+
+def test_api_shutdown_request(daemon, tmp_path):
+    srv = ApiServer(daemon, str(tmp_path / "s.sock")).start()
+    try:
+        st, _ = ApiClient(srv.path).request("POST", "/api/v1/shutdown", {})
+        assert st == 202 and srv.shutdown_requested.wait(5)
+    finally:
+        srv.stop()
+
+
+# -- pool and pacing ------------------------------------------------------------------------
+def test_pool_runs_on_demand_before_queued_prefetch():
+    pool = PriorityPool(1, prefetch_workers=1)
+    order = []
+    gate = threading.Event()
+    pool.submit(gate.wait)                       # occupy the only worker
+    futs = [pool.submit_prefetch(order.append, "p1")]
+    t = threading.Thread(target=lambda: futs.append(pool.submit_prefetch(order.append, "p2")))
+    t.start()                                    # blocks: one prefetch slot only
+    futs += [pool.submit(order.append, "d1"), pool.submit(order.append, "d2")]
+    gate.set()
+    t.join(5)
+    for f in futs:
+        f.result(5)
+    assert order[:2] == ["d1", "d2"] and sorted(order[2:]) == ["p1", "p2"]
+    err = pool.submit(lambda: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        err.result(5)
+    pool.shutdown()
+
+
+def test_token_bucket_paces():
+    stop = threading.Event()
+    tb = TokenBucket(1_000_000)
+    t0 = time.monotonic()
+    for _ in range(3):
+        tb.take(1_000_000, stop)
+    assert 1.6 <= time.monotonic() - t0 <= 4.0
+    TokenBucket(0).take(1 << 40, stop)           # unlimited
+
+
+def test_prefetch_rate_limit(images, tmp_path):
+    d = Daemon(str(tmp_path / "cache"), frontend="none", threads=2, prefetch_rate=1 << 20)
+    d.start()
+    try:
+        t0 = time.monotonic()
+        d.mount(images["b1"], str(tmp_path / "m"), f"localfs:{images['blobs']}",
+                prefetch=True)
+        mgr = next(iter(d.blobs.values()))
+        size = mgr.meta.compressed_size
+        while not mgr.complete() and time.monotonic() - t0 < 60:
+            time.sleep(0.05)
+        took = time.monotonic() - t0
+        assert mgr.complete()
+        # one second of burst, then 1 MiB/s
+        assert took >= (size - (1 << 20)) / (1 << 20) * 0.8, (took, size)
+        assert mgr.stats.snapshot()["prefetch_bytes"] > 0
+    finally:
+        d.shutdown()
+
+
+def test_null_frontend_interface():
+    fe = NullFrontend()
+    for call in (fe.prepare_blob, fe.blob_complete, fe.release_blob, fe.mount):
+        call(None)
+    fe.umount(None)
+    assert fe.stats() == {}
