@@ -17,7 +17,10 @@ file is built under a temporary name in the blob directory and renamed to the id
 """
 import hashlib
 import os
+import queue
+import struct
 import tempfile
+import threading
 
 import zstandard
 
@@ -97,6 +100,10 @@ class BlobInfo:
                 "compressor": self.compressor, "digester": self.digester}
 
 
+_CHUNK_INFO = struct.Struct("<32sIIIIQQQII")
+assert _CHUNK_INFO.size == R.ChunkInfo.SIZE
+
+
 class StoredChunk:
     """Where one distinct chunk lives: blob index + its CI entry."""
     __slots__ = ("digest", "blob_index", "index", "compressed_offset", "compressed_size",
@@ -122,6 +129,14 @@ class StoredChunk:
         hi = ((self.blob_index + 1) & 0xFF) | (((self.index >> 16) & 0xFF) << 8)
         blk = self.uncompressed_offset // BLKSZ
         return lo.to_bytes(2, "little") + hi.to_bytes(2, "little") + blk.to_bytes(4, "little")
+
+    def chunk_info_bytes(self, blob_index, file_offset=0):
+        """The 80-byte RafsV5ChunkInfo of this chunk (fast path of chunk_info().encode())."""
+        return _CHUNK_INFO.pack(
+            self.digest, blob_index,
+            R.CHUNK_FLAG_COMPRESSED if self.compressed_size != self.uncompressed_size else 0,
+            self.compressed_size, self.uncompressed_size, self.compressed_offset,
+            self.uncompressed_offset, file_offset, self.index, 0)
 
     def chunk_info(self, file_offset=0):
         return R.ChunkInfo(
@@ -154,11 +169,47 @@ class BlobWriter:
         self._digests = bytearray()
         self.count = 0
         self.info = None
+        # chunk data is written and hashed (blob id) by a background thread, so the
+        # sequential sha256 overlaps with chunking; the queue bounds memory to ~64 MiB
+        self._q = queue.Queue(maxsize=max(4, (64 << 20) // chunk_size))
+        self._error = None
+        self._thread = threading.Thread(target=self._drain, name="erofs-blob-writer",
+                                        daemon=True)
+        self._thread.start()
+
+    def _drain(self):
+        f, h = self._f, self._hash
+        while True:
+            data = self._q.get()
+            if data is None:
+                return
+            if self._error is None:
+                try:
+                    f.write(data)
+                    h.update(data)
+                except BaseException as e:   # reported by the next add_chunk / finish
+                    self._error = e
+
+    def _sync(self):
+        """Stop the background writer; later writes are synchronous."""
+        if self._thread is not None:
+            self._q.put(None)
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            e = self._error
+            raise InputError(f"cannot write blob in {self.blob_dir}: "
+                             f"{getattr(e, 'strerror', None) or e}") from None
 
     def _write(self, data, hashed=True):
-        self._f.write(data)
-        if hashed:
-            self._hash.update(data)
+        if self._thread is not None and hashed:
+            if self._error is not None:
+                self._sync()
+            self._q.put(data)
+        else:
+            self._f.write(data)
+            if hashed:
+                self._hash.update(data)
         self._pos += len(data)
 
     def add_chunk(self, stored, uncompressed_size, digest):
@@ -177,6 +228,10 @@ class BlobWriter:
         return sc
 
     def abort(self):
+        try:
+            self._sync()
+        except InputError:
+            pass
         if self._f is not None:
             self._f.close()
             self._f = None
@@ -209,6 +264,7 @@ class BlobWriter:
         os.replace(self.tmp_path, self.info.path)
 
     def _finish(self):
+        self._sync()
         toc = []
         data_size = self._pos
         # image.blob: nydus records the running blob hash after this header as its digest

@@ -333,9 +333,7 @@ def _write_bootstrap(nb, walker, bootstrap, opts, cdict, new_info, per_node, fil
     ctable = bytearray()
     for k in sorted(cinfo):
         sc, bi = cinfo[k]
-        ci = sc.chunk_info(file_off.get(id(sc), 0))
-        ci.blob_index = bi
-        ctable += ci.encode()
+        ctable += sc.chunk_info_bytes(bi, file_off.get(id(sc), 0))
     ctable_off = info.image_size
     total = round_up(ctable_off + len(ctable), BLKSZ) if ctable else ctable_off
 
