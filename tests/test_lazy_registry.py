@@ -1,0 +1,82 @@
+"""Lazy mounts whose blobs come from Debian's docker-registry on 127.0.0.1 (range GETs),
+through a real daemon with the fanotify front end."""
+
+import os
+
+import pytest
+
+import helpers
+from erofs_tools.registry import NYDUS_BLOB, OCI_CONFIG, BlobSource, push_image
+from registry_fixtures import registry, registry_token  # noqa: F401
+from test_daemon_support import DaemonProc, pack, require_lazy_kernel, write_tree
+
+pytestmark = [pytest.mark.root, pytest.mark.registry]
+
+
+def push_blobs(server, repo, tag, blob_dir, blob_ids):
+    client = server.client()
+    layers = [BlobSource(os.path.join(blob_dir, b), NYDUS_BLOB,
+                         {"containerd.io/snapshot/nydus-blob": "true"}) for b in blob_ids]
+    push_image(client, repo, tag, config=BlobSource(b"{}", OCI_CONFIG), layers=layers)
+    client.close()
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    require_lazy_kernel()
+    d = DaemonProc(str(tmp_path / "d")).start()
+    yield d
+    d.cleanup()
+
+
+def test_registry_lazy_mount(daemon, registry, tmp_path):  # noqa: F811
+    src = write_tree(str(tmp_path / "src"), seed=31, big=(3 << 20,))
+    boot, blobs = str(tmp_path / "boot"), str(tmp_path / "blobs")
+    info = pack(src, boot, blobs)
+    blob_id = info["blobs"][0]["blob_id"]
+    push_blobs(registry, "lazy/app", "v1", blobs, [blob_id])
+    mnt = str(tmp_path / "mnt")
+    daemon.mount(boot, mnt, f"registry:{registry.host}/lazy/app:v1")
+    m = daemon.metrics()
+    assert m["blobs"][blob_id]["bytes_fetched"] == 0
+    assert 0 < m["meta_bytes_fetched"] < 64 << 10
+    with open(os.path.join(mnt, "small.txt"), "rb") as f, \
+            open(os.path.join(src, "small.txt"), "rb") as g:
+        assert f.read() == g.read()
+    b = daemon.blob_metrics(blob_id)
+    assert 0 < b["bytes_fetched"] <= (1 << 20) + 4096
+    helpers.assert_same_tree(src, mnt)
+    assert daemon.blob_metrics(blob_id)["complete"]
+
+
+def test_registry_token_auth_multi_blob(daemon, registry_token, tmp_path):  # noqa: F811
+    base = write_tree(str(tmp_path / "base"), seed=32, nfiles=10, big=(1 << 20,))
+    blobs = str(tmp_path / "blobs")
+    i1 = pack(base, str(tmp_path / "b1"), blobs, "--chunk-size", "0x10000")
+    src = str(tmp_path / "src")
+    write_tree(src, seed=33, nfiles=10, big=(1 << 20,))
+    import shutil
+    shutil.copytree(base, os.path.join(src, "base"), symlinks=True)
+    i2 = pack(src, str(tmp_path / "b2"), blobs, "--chunk-size", "0x10000", "--chunk-dict",
+              str(tmp_path / "b1"))
+    ids = [b["blob_id"] for b in i2["blobs"]]
+    assert len(ids) == 2 and i1["blobs"][0]["blob_id"] in ids
+    push_blobs(registry_token, "lazy/multi", "v2", blobs, ids)
+    # the daemon finds credentials in a docker config.json
+    import base64
+    import json
+    cfg = tmp_path / "docker"
+    cfg.mkdir()
+    auth = base64.b64encode(f"{registry_token.username}:{registry_token.password}".encode())
+    (cfg / "config.json").write_text(json.dumps({"auths": {registry_token.host:
+                                                           {"auth": auth.decode()}}}))
+    daemon.stop()
+    os.environ["DOCKER_CONFIG"] = str(cfg)
+    try:
+        daemon.start()
+    finally:
+        del os.environ["DOCKER_CONFIG"]
+    mnt = str(tmp_path / "mnt")
+    daemon.mount(str(tmp_path / "b2"), mnt, f"registry:{registry_token.host}/lazy/multi:v2")
+    helpers.assert_same_tree(src, mnt)
+    assert daemon.metrics()["totals"]["verify_failures"] == 0
