@@ -4,6 +4,7 @@ manifests, OCI layouts, retry timing."""
 import base64
 import json
 import os
+import sys
 
 import pytest
 
@@ -84,6 +85,32 @@ def test_docker_config_credentials(tmp_path, monkeypatch):
     assert load_credentials("reg.example:5000") == Credentials("alice", "s3cr:et")
     monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "missing"))
     assert load_credentials("reg.example:5000") is None
+
+
+def test_docker_config_credential_helpers(tmp_path, monkeypatch):
+    helper = tmp_path / "bin" / "docker-credential-fake"
+    helper.parent.mkdir()
+    helper.write_text(f"""#!{sys.executable}
+import json, sys
+host = sys.stdin.read().strip()
+answers = {{"reg.example": {{"Username": "carol", "Secret": "pw-" + sys.argv[1]}},
+           "tok.example": {{"Username": "<token>", "Secret": "IDTOK"}}}}
+if host not in answers:
+    print("credentials not found in native keychain")
+    sys.exit(1)
+print(json.dumps(answers[host]))
+""")
+    helper.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{helper.parent}:{os.environ['PATH']}")
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"credsStore": "fake", "credHelpers": {"tok.example": "fake"},
+                                "auths": {"plain.example": {"username": "u", "password": "p"}}}))
+    assert load_credentials("reg.example", str(path)) == Credentials("carol", "pw-get")
+    assert load_credentials("tok.example", str(path)).identity_token == "IDTOK"
+    assert load_credentials("plain.example", str(path)) == Credentials("u", "p")
+    assert load_credentials("other.example", str(path)) is None
+    path.write_text(json.dumps({"credsStore": "missing-helper"}))
+    assert load_credentials("reg.example", str(path)) is None
 
 
 def test_docker_config_errors_do_not_leak(tmp_path):

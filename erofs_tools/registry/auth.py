@@ -18,6 +18,8 @@ import json
 import logging
 import os
 import re
+import shutil
+import subprocess
 import threading
 import time
 import urllib.parse
@@ -93,9 +95,9 @@ def _entry_credentials(entry: dict, path: str) -> Credentials | None:
 
 
 def load_credentials(host: str, config_path: str | None = None) -> Credentials | None:
-    """Credentials for ``host`` from a docker config.json, or None if it has none.
-
-    Credential helpers (``credsStore``/``credHelpers``) are not consulted."""
+    """Credentials for ``host`` from a docker config.json, or None if it has none:
+    a ``credHelpers`` entry for the host, else an ``auths`` entry, else ``credsStore``
+    (the helper programs are ``docker-credential-<name>`` on PATH)."""
     path = config_path or docker_config_path()
     try:
         with open(path, "rb") as f:
@@ -104,16 +106,47 @@ def load_credentials(host: str, config_path: str | None = None) -> Credentials |
         return None
     except (OSError, ValueError) as e:
         raise AuthError(f"{path}: cannot read docker config ({type(e).__name__})") from None
-    auths = config.get("auths") if isinstance(config, dict) else None
-    if not isinstance(auths, dict):
+    if not isinstance(config, dict):
         return None
-    for key in _auth_keys(host):
-        entry = auths.get(key)
-        if isinstance(entry, dict):
-            creds = _entry_credentials(entry, path)
-            if creds:
-                return creds
+    helpers = config.get("credHelpers")
+    if isinstance(helpers, dict):
+        for key in _auth_keys(host):
+            if isinstance(helpers.get(key), str):
+                return _from_helper(helpers[key], key, path)
+    auths = config.get("auths")
+    if isinstance(auths, dict):
+        for key in _auth_keys(host):
+            entry = auths.get(key)
+            if isinstance(entry, dict):
+                creds = _entry_credentials(entry, path)
+                if creds:
+                    return creds
+    if isinstance(config.get("credsStore"), str) and config["credsStore"]:
+        return _from_helper(config["credsStore"], host, path)
     return None
+
+
+def _from_helper(name: str, server: str, path: str) -> Credentials | None:
+    """Ask ``docker-credential-<name> get`` (server on stdin, JSON on stdout)."""
+    exe = shutil.which(f"docker-credential-{name}")
+    if not exe or "/" in name:
+        log.warning("%s: credential helper docker-credential-%s not found", path, name)
+        return None
+    try:
+        out = subprocess.run([exe, "get"], input=server.encode(), capture_output=True,
+                             timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise AuthError(f"docker-credential-{name} failed ({type(e).__name__})") from None
+    if out.returncode != 0:
+        return None         # "credentials not found": go anonymous
+    try:
+        reply = json.loads(out.stdout)
+        user, secret = str(reply["Username"]), str(reply["Secret"])
+    except (ValueError, KeyError, TypeError):
+        raise AuthError(f"docker-credential-{name} sent an unreadable answer") from None
+    if user == "<token>":
+        return Credentials(user, "", secret)
+    return Credentials(user, secret)
 
 
 # --- WWW-Authenticate -----------------------------------------------------------------
