@@ -117,8 +117,10 @@ def test_cut_download_resumes_with_range(registry, flaky, tmp_path):
 def test_http_proxy_for_blob_reads(registry, flaky):
     d = registry.client().push_blob("r/g", DATA).digest
     proxy = flaky([])
-    c = registry.client(proxy=f"http://{proxy.host}")
+    c = registry.client(proxy=f"http://{proxy.host}",
+                        proxy_headers={"X-Dragonfly-Use-P2P": "true"})
     assert c.read_blob_range("r/g", d, 10, 20) == DATA[10:30]
+    assert proxy.seen_headers[0].get("X-Dragonfly-Use-P2P") == "true"
     assert c.get_blob("r/g", d) == DATA
     blob_reads = [r for r in proxy.requests if "/v2/r/g/blobs/" in r]
     assert len(blob_reads) == 2 and blob_reads[0].startswith("GET http://")  # absolute form

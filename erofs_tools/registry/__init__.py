@@ -16,7 +16,7 @@ API overview::
 
 RegistryClient(host, *, insecure=False, credentials=None, docker_config=None,
 timeout=30, connect_timeout=10, retries=5, backoff=0.5, max_backoff=30, proxy=None,
-pool_size=8, ca_certs=None, chunk_size=16 MiB) methods:
+proxy_headers=None, pool_size=8, ca_certs=None, chunk_size=16 MiB) methods:
 
 - ``ping()``; ``stat_blob(repo, digest) -> int | None``; ``blob_exists(repo, digest)``
 - ``get_blob(repo, digest, max_size=None) -> bytes`` and
@@ -39,7 +39,8 @@ Transient failures (429/5xx, broken connections) are retried with exponential ba
 and jitter, honouring Retry-After; uploads that fail restart in a fresh session.
 
 Credentials come from the ``credentials`` argument or docker's config.json
-(``$DOCKER_CONFIG`` or ``~/.docker``); Basic and Bearer (token) auth follow the registry's
+(``$DOCKER_CONFIG`` or ``~/.docker``: ``auths`` entries, identity tokens, credential
+helpers); Basic and Bearer (token) auth follow the registry's
 WWW-Authenticate challenge, tokens are cached and renewed. Failures raise RegistryError
 (AuthError for credentials), DigestMismatchError for bad content; messages never carry
 credentials, tokens or URL query strings.

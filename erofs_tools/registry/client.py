@@ -68,7 +68,8 @@ class RegistryClient:
     certificate verification. ``credentials`` default to the docker config.json entry for
     the host (``docker_config`` names another config file; ``False`` disables the
     lookup). ``proxy`` is an HTTP proxy URL used for blob reads (e.g. dfdaemon), with a
-    direct fallback when the proxy fails.
+    direct fallback when the proxy fails; ``proxy_headers`` go to the proxy only (e.g.
+    ``{"X-Dragonfly-Use-P2P": "true"}``).
     """
 
     def __init__(self, host: str, *, insecure: bool = False,
@@ -76,7 +77,8 @@ class RegistryClient:
                  docker_config: str | bool | None = None,
                  timeout: float = 30.0, connect_timeout: float = 10.0,
                  retries: int = 5, backoff: float = 0.5, max_backoff: float = 30.0,
-                 proxy: str | None = None, pool_size: int = 8, ca_certs: str | None = None,
+                 proxy: str | None = None, proxy_headers: dict | None = None,
+                 pool_size: int = 8, ca_certs: str | None = None,
                  chunk_size: int = upload.DEFAULT_CHUNK_SIZE):
         if not host or "/" in host:
             raise InputError(f"invalid registry host {host!r}")
@@ -88,6 +90,7 @@ class RegistryClient:
             credentials = load_credentials(host, docker_config or None)
         self.transport = Transport(timeout=timeout, connect_timeout=connect_timeout,
                                    pool_size=pool_size, ca_certs=ca_certs, proxy=proxy,
+                                   proxy_headers=proxy_headers,
                                    policy=RetryPolicy(retries, backoff, max_backoff))
         self.auth = Authenticator(host, credentials, self._fetch_token,
                                   allow_http_realm=insecure)

@@ -86,7 +86,7 @@ class Transport:
     def __init__(self, *, timeout: float = 30.0, connect_timeout: float = 10.0,
                  pool_size: int = 8, ca_certs: str | None = None,
                  policy: RetryPolicy | None = None, proxy: str | None = None,
-                 user_agent: str = USER_AGENT):
+                 proxy_headers: dict | None = None, user_agent: str = USER_AGENT):
         self.policy = policy or RetryPolicy()
         self.user_agent = user_agent
         common = dict(timeout=urllib3.Timeout(connect=connect_timeout, read=timeout),
@@ -95,6 +95,8 @@ class Transport:
         self._direct = urllib3.PoolManager(num_pools=8, **common)
         # Configured per client, never globally, and with a direct pool to fall back on.
         self._proxy = urllib3.ProxyManager(proxy, num_pools=8, **common) if proxy else None
+        # Sent only to the proxy, e.g. {"X-Dragonfly-Use-P2P": "true"}.
+        self.proxy_headers = dict(proxy_headers or {})
         self.proxy_fallbacks = 0
         self._proxy_down_until = 0.0
         self.retried = 0
@@ -145,7 +147,8 @@ class Transport:
         kw = dict(headers=headers, body=body, redirect=False, preload_content=False)
         if via_proxy and self._proxy is not None and time.monotonic() >= self._proxy_down_until:
             try:
-                resp = self._proxy.request(method, url, **kw)
+                resp = self._proxy.request(method, url, **{
+                    **kw, "headers": {**headers, **self.proxy_headers}})
             except Urllib3Error as e:
                 log.info("proxy failed for %s (%s); going direct", safe_url(url),
                          type(e).__name__)
