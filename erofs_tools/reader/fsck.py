@@ -143,6 +143,8 @@ def check_image(img: Image, blobs=None, verify_data=True):
             ft = E.file_type_of_mode(ino.mode)
             if de.file_type != ft:
                 add(path, f"dirent file type {de.file_type} does not match mode {ino.mode:o}")
+        if ino.mtime_nsec >= 10**9:
+            add(path, f"mtime nanoseconds {ino.mtime_nsec} out of range")
         if not ino.reserved_ok:
             add(path, "extended inode i_nb (reserved) is not 0")
         try:

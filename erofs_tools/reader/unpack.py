@@ -17,7 +17,7 @@ import tarfile
 import tempfile
 from collections import OrderedDict
 
-from erofs_tools.errors import ErofsToolsError, InputError
+from erofs_tools.errors import CorruptImageError, ErofsToolsError, InputError
 from erofs_tools.reader.image import Image
 
 O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -119,6 +119,13 @@ def _apply_meta(img, ino, fd, path, warnings, root):
     _set_xattrs(img, ino, fd, True, warnings, path)
 
 
+def _mtime_ns(img, ino):
+    if ino.mtime_nsec >= 10**9 or ino.mtime * 10**9 + ino.mtime_nsec >= 1 << 63:
+        raise CorruptImageError(f"{img.name}: inode {ino.nid}: mtime {ino.mtime}.{ino.mtime_nsec:09d} "
+                                "out of range")
+    return ino.mtime * 10**9 + ino.mtime_nsec
+
+
 def _with_path(img, path, e):
     msg = str(e)
     if msg.startswith(img.name + ": "):
@@ -145,7 +152,7 @@ def _extract_one(img, path, ino, dfds, root_fd, done, dirs, warnings, root, budg
         try:
             _write_file(img, ino, fd, budget)
             _apply_meta(img, ino, fd, path, warnings, root)
-            os.utime(fd, ns=(ino.mtime * 10**9 + ino.mtime_nsec,) * 2)
+            os.utime(fd, ns=(_mtime_ns(img, ino),) * 2)
         finally:
             os.close(fd)
     elif ino.is_lnk():
@@ -155,7 +162,7 @@ def _extract_one(img, path, ino, dfds, root_fd, done, dirs, warnings, root, budg
             os.chown(name, ino.uid, ino.gid, dir_fd=pfd, follow_symlinks=False)
         _set_xattrs(img, ino, f"/proc/self/fd/{pfd}/{os.fsdecode(name)}", False,
                     warnings, path)
-        os.utime(name, ns=(ino.mtime * 10**9 + ino.mtime_nsec,) * 2, dir_fd=pfd,
+        os.utime(name, ns=(_mtime_ns(img, ino),) * 2, dir_fd=pfd,
                  follow_symlinks=False)
     else:
         if ino.is_dev():
@@ -174,7 +181,7 @@ def _extract_one(img, path, ino, dfds, root_fd, done, dirs, warnings, root, budg
                 os.chown(proc, ino.uid, ino.gid)
             os.chmod(proc, mode)
             _set_xattrs(img, ino, proc, True, warnings, path)
-            os.utime(proc, ns=(ino.mtime * 10**9 + ino.mtime_nsec,) * 2)
+            os.utime(proc, ns=(_mtime_ns(img, ino),) * 2)
         finally:
             os.close(fd)
 
@@ -199,7 +206,7 @@ def _extract(img: Image, tmp, warnings, budget):
             fd = os.open(rel or ".", O_DIR, dir_fd=root_fd) if rel else os.dup(root_fd)
             try:
                 _apply_meta(img, ino, fd, b"/" + rel, warnings, root)
-                os.utime(fd, ns=(ino.mtime * 10**9 + ino.mtime_nsec,) * 2)
+                os.utime(fd, ns=(_mtime_ns(img, ino),) * 2)
             finally:
                 os.close(fd)
     except OSError as e:
@@ -282,6 +289,7 @@ def _tar_one(img, tf, path, ino, done, warnings, budget):
     ti.mode = _stat.S_IMODE(ino.mode)
     ti.uid, ti.gid = ino.uid, ino.gid
     ti.uname = ti.gname = ""
+    _mtime_ns(img, ino)
     ti.mtime = ino.mtime
     pax = {"mtime": f"{ino.mtime}.{ino.mtime_nsec:09d}"}
     for xn, xv in img.xattrs(ino):

@@ -1,0 +1,600 @@
+"""Mutation fuzzer for the reader, check, unpack, inspect and stat.
+
+    python -m erofs_tools.reader.fuzz --cases 20000 --jobs 2 [--seed S] [--json]
+
+Seeds are small, valid images with their blobs (the Nydus test vectors, mkfs.erofs
+images when erofs-utils is installed, our own mkfs and pack output). Each case applies
+1-3 mutations (bit flips, byte writes, truncation/extension, field-level writes to
+superblock, RAFS tables, inodes, dirents, chunk indexes, xattr headers, CI tables, blob
+meta headers and TOCs, block splices) and runs every read-side operation under a
+wall-clock alarm in a worker process whose address space is capped with RLIMIT_AS.
+The only acceptable outcome of an operation is success or an ErofsToolsError; anything
+else (another exception, a timeout, a crash, a MemoryError) is reported with the case
+number, which reproduces it: `--only N`.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import random
+import resource
+import shutil
+import signal
+import stat as _stat
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+from erofs_tools.errors import ErofsToolsError
+from erofs_tools.format import erofs as E
+from erofs_tools.format import rafs as R
+
+UNPACK_LIMIT = 64 << 20
+
+
+class CaseTimeout(BaseException):
+    pass
+
+
+class Seed:
+    def __init__(self, name, image, blobs=None, devices=None):
+        self.name = name
+        self.image = bytes(image)
+        self.blobs = dict(blobs or {})        # tag -> bytes (Nydus blobs, blob dir)
+        self.devices = list(devices or [])    # raw device files, in order
+        self.fields = {}                      # target -> [(offset, size, label)]
+
+
+# --------------------------------------------------------------------------- corpus --
+def _nydus_dir():
+    here = os.path.dirname(os.path.abspath(__file__))
+    for cand in (os.environ.get("EROFS_TOOLS_NYDUS_TESTDATA"),
+                 os.path.join(here, "..", "..", "..", "shared", "testdata", "nydus"),
+                 "/work/shared/testdata/nydus"):
+        if cand and os.path.isdir(cand):
+            return cand
+    return None
+
+
+def _small_tree(root):
+    os.makedirs(root)
+    j = os.path.join
+
+    def w(rel, data, mode=0o644):
+        p = j(root, rel)
+        os.makedirs(os.path.dirname(p), exist_ok=True)
+        with open(p, "wb") as f:
+            f.write(data)
+        os.chmod(p, mode)
+
+    rnd = random.Random(7)
+    w("a.txt", b"hello\n")
+    w("empty", b"")
+    w("block", bytes(rnd.getrandbits(8) for _ in range(4096)))
+    w("mid", bytes(rnd.getrandbits(8) for _ in range(9000)), 0o755)
+    w("dup1", b"same" * 5000)
+    w("dup2", b"same" * 5000)
+    w("sub/inner/leaf", b"leaf")
+    for i in range(40):      # long names: the directory spans two blocks
+        w(f"dir/n{i:03d}-{'z' * (100 + i % 20)}", b"%d" % i)
+    os.link(j(root, "a.txt"), j(root, "hard"))
+    os.symlink("a.txt", j(root, "link"))
+    os.symlink("../../../etc/passwd", j(root, "sub", "evil"))
+    os.symlink("/abs/target", j(root, "abs"))
+    os.mkfifo(j(root, "fifo"))
+    if os.geteuid() == 0:
+        os.mknod(j(root, "chr"), _stat.S_IFCHR | 0o600, os.makedev(1, 3))
+        os.setxattr(j(root, "sub"), "trusted.overlay.opaque", b"y")
+    for n in ("a.txt", "mid", "dup1", "dup2"):
+        os.setxattr(j(root, n), "user.tag", b"shared-value")
+    os.setxattr(j(root, "mid"), "user.only", b"x" * 100)
+    return root
+
+
+def build_corpus(work):
+    seeds = []
+    nd = _nydus_dir()
+    if nd:
+        boot = open(os.path.join(nd, "rafs-v6-2.2.boot"), "rb").read()
+        bid = "be7d77eeb719f70884758d1aa800ed0fb09d701aaec469964e9d54325f0d5fef"
+        blob = open(os.path.join(nd, "blobs", bid), "rb").read()
+        seeds.append(Seed("nydus-vector", boot, {bid: blob}))
+        try:
+            from erofs_tools.reader.blob import read_toc, read_toc_section
+            tb = open(os.path.join(nd, "toc",
+                                   "2fa78cad554b75ac91a4a125ed148d0ddeb25efa4aaa8bd80e5dc292690a4dca"),
+                      "rb").read()
+            ra = lambda o, n: tb[o:o + n]  # noqa: E731
+            tboot = read_toc_section(ra, len(tb), read_toc(ra, len(tb)), R.TOC_NAME_BOOTSTRAP)
+            from erofs_tools.reader.image import Image
+            tag = Image(tboot).blob_id(1)
+            seeds.append(Seed("nydus-inline-meta", tboot, {tag: tb}))
+        except ErofsToolsError:
+            pass
+    src = _small_tree(os.path.join(work, "tree"))
+    if shutil.which("mkfs.erofs"):
+        for name, args, blobdev in (("mkfs.erofs", [], False), ("mkfs.erofs-x1", ["-x1"], False),
+                                    ("mkfs.erofs-chunk", ["--chunksize=4096"], False),
+                                    ("mkfs.erofs-blobdev", ["--chunksize=8192"], True)):
+            img = os.path.join(work, name + ".img")
+            extra = []
+            dev = os.path.join(work, name + ".dev")
+            if blobdev:
+                open(dev, "wb").close()
+                extra = [f"--blobdev={dev}"]
+            p = subprocess.run(["mkfs.erofs", "--quiet", *args, *extra, img, src],
+                               capture_output=True)
+            if p.returncode == 0:
+                seeds.append(Seed(name, open(img, "rb").read(),
+                                  devices=[open(dev, "rb").read()] if blobdev else None))
+    try:
+        from erofs_tools.builder.mkfs import mkfs as our_mkfs
+        from erofs_tools.builder.options import MkfsOptions
+        img = os.path.join(work, "ours.img")
+        our_mkfs(img, src, MkfsOptions())
+        seeds.append(Seed("erofs-tools-mkfs", open(img, "rb").read()))
+    except Exception:  # noqa: BLE001 - optional seed; the builder may be mid-work
+        pass
+    try:
+        bdir = os.path.join(work, "blobs")
+        os.makedirs(bdir, exist_ok=True)
+        boot = os.path.join(work, "pack.boot")
+        p = subprocess.run([sys.executable, "-m", "erofs_tools", "pack", "-q", "-B", boot,
+                            "-D", bdir, "--chunk-size", "4K", src], capture_output=True)
+        if p.returncode == 0:
+            blobs = {n: open(os.path.join(bdir, n), "rb").read() for n in os.listdir(bdir)}
+            seeds.append(Seed("erofs-tools-pack", open(boot, "rb").read(), blobs))
+    except OSError:
+        pass
+    for s in seeds:
+        s.fields = field_map(s)
+    return seeds
+
+
+# ------------------------------------------------------------------------ field maps --
+def _record_fields(cls, base, label):
+    out = []
+    off = 0
+    import struct
+    for name, code in cls.FIELDS:
+        size = struct.calcsize("<" + code)
+        if name is not None and not code.endswith("s"):
+            out.append((base + off, size, f"{label}.{name}"))
+        off += size
+    return out
+
+
+def field_map(seed):
+    """Offsets of interesting fields in the seed's image and blobs."""
+    from erofs_tools.reader.image import Image
+    fields = {"image": []}
+    f = fields["image"]
+    f += _record_fields(E.SuperBlock, E.SUPER_OFFSET, "sb")
+    img = Image(seed.image)
+    if img.is_rafs:
+        f += _record_fields(R.ExtSuperBlock, R.EXT_SUPER_OFFSET, "ext")
+        for i in range(len(img.blob_entries)):
+            f += _record_fields(R.BlobEntry, img.rafs.s_blob_table_offset + i * 256, f"blob[{i}]")
+        for i in range(len(img.chunk_infos)):
+            f += _record_fields(R.ChunkInfo, img.rafs.s_chunk_table_offset + i * 80, f"ci[{i}]")
+    for i in range(len(img.devices)):
+        f += _record_fields(E.DeviceSlot, img.sb.devt_slotoff * 128 + i * 128, f"dev[{i}]")
+    seen = set()
+    for _p, _d, ino in img.walk():
+        if ino.nid in seen:
+            continue
+        seen.add(ino.nid)
+        cls = E.ExtendedInode if ino.version else E.CompactInode
+        f += _record_fields(cls, ino.offset, f"inode{ino.nid}")
+        if ino.xattr_icount:
+            f.append((ino.offset + ino.inode_size + 4, 1, f"inode{ino.nid}.h_shared_count"))
+            f.append((ino.offset + ino.inode_size + 12, 4, f"inode{ino.nid}.xattr0"))
+        if ino.layout == E.LAYOUT_CHUNK_BASED:
+            fmt = ino.i_u & 0xFFFF
+            unit = 8 if fmt & E.CHUNK_FORMAT_INDEXES else 4
+            start = (ino.data_end + unit - 1) // unit * unit
+            for k in range(min(len(img.chunks(ino)), 8)):
+                if unit == 8:
+                    f.append((start + 8 * k, 2, f"inode{ino.nid}.chunk{k}.advise"))
+                    f.append((start + 8 * k + 2, 2, f"inode{ino.nid}.chunk{k}.device"))
+                    f.append((start + 8 * k + 4, 4, f"inode{ino.nid}.chunk{k}.blkaddr"))
+                else:
+                    f.append((start + 4 * k, 4, f"inode{ino.nid}.chunk{k}.blkaddr"))
+        if ino.is_dir():
+            pos = 0
+            for fo, length, dev, phys in img.map_data(ino):
+                if dev != 0:
+                    continue
+                # dirents at the start of each block of directory data
+                for b in range(0, length, img.blksz):
+                    base = phys + b
+                    n0 = int.from_bytes(img.data[base + 8:base + 10], "little")
+                    for i in range(min(n0 // 12, 16)):
+                        f.append((base + 12 * i, 8, f"dir{ino.nid}.de{i}.nid"))
+                        f.append((base + 12 * i + 8, 2, f"dir{ino.nid}.de{i}.nameoff"))
+                        f.append((base + 12 * i + 10, 1, f"dir{ino.nid}.de{i}.type"))
+                pos += length
+    for tag, blob in seed.blobs.items():
+        bf = []
+        n = len(blob)
+        bf.append((n - 512 + 124, 12, "toc.tar.size"))
+        for i in range(4):
+            base = n - 512 - 512 + 128 * i
+            if base >= 0:
+                bf += _record_fields(R.TocEntry, base, f"toc[{i}]")
+        try:
+            from erofs_tools.reader.blob import BlobMeta
+            m = BlobMeta.from_blob(lambda o, k: blob[o:o + k], n)
+            ci_off = m.chunks[-1].compressed_offset + m.chunks[-1].compressed_size + 512 \
+                if m.chunks else 0
+            for i, c in enumerate(m.chunks[:8]):
+                bf.append((ci_off + 16 * c.index, 8, f"ci{c.index}.uncomp"))
+                bf.append((ci_off + 16 * c.index + 8, 8, f"ci{c.index}.comp"))
+            hdr = ci_off + 16 * len(m.chunks)
+            bf += _record_fields(R.BlobMetaHeader, hdr, "bmh")
+        except ErofsToolsError:
+            pass
+        fields[("blob", tag)] = [x for x in bf if 0 <= x[0] and x[0] + x[1] <= n]
+    return fields
+
+
+# ------------------------------------------------------------------------- mutations --
+INTERESTING = (0, 1, 2, 7, 8, 12, 0x7F, 0x80, 0xFF, 0x100, 0xFFF, 0x1000, 0x7FFF, 0x8000,
+               0xFFFF, 0x10000, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFE, 0xFFFFFFFF, 1 << 32,
+               1 << 40, 1 << 62, (1 << 63) - 1, (1 << 64) - 1)
+
+
+def _targets(seed):
+    t = [("image", None)]
+    t += [("blob", tag) for tag in seed.blobs]
+    t += [("device", i) for i in range(len(seed.devices))]
+    return t
+
+
+def mutate(seed, rnd):
+    """-> (image bytes, {tag: blob bytes}, [device bytes], description)."""
+    bufs = {("image", None): bytearray(seed.image)}
+    for tag, b in seed.blobs.items():
+        bufs[("blob", tag)] = bytearray(b)
+    for i, d in enumerate(seed.devices):
+        bufs[("device", i)] = bytearray(d)
+    desc = []
+    for _ in range(rnd.choice((1, 1, 1, 2, 3))):
+        key = rnd.choice(_targets(seed)) if rnd.random() < 0.4 else ("image", None)
+        buf = bufs[key]
+        kind = rnd.choices(("bitflip", "bytes", "truncate", "extend", "field", "splice"),
+                           (25, 15, 6, 3, 45, 6))[0]
+        name = key[0] if key[1] is None else f"{key[0]}:{str(key[1])[:8]}"
+        if not buf:
+            kind = "extend"
+        if kind == "bitflip":
+            for _ in range(rnd.randint(1, 8)):
+                pos = rnd.randrange(len(buf))
+                buf[pos] ^= 1 << rnd.randrange(8)
+            desc.append(f"{name}:bitflip")
+        elif kind == "bytes":
+            for _ in range(rnd.randint(1, 4)):
+                pos = rnd.randrange(len(buf))
+                buf[pos] = rnd.choice((0, 0xFF, rnd.getrandbits(8)))
+            desc.append(f"{name}:bytes")
+        elif kind == "truncate":
+            cut = rnd.randrange(len(buf))
+            del buf[cut:]
+            desc.append(f"{name}:truncate@{cut}")
+        elif kind == "extend":
+            buf += bytes(rnd.choice((1, 512, 4096))) if rnd.random() < 0.5 else \
+                bytes(rnd.getrandbits(8) for _ in range(rnd.randint(1, 64)))
+            desc.append(f"{name}:extend")
+        elif kind == "field":
+            fk = "image" if key[0] == "image" else key if key[0] == "blob" else None
+            flist = seed.fields.get(fk) if fk else None
+            if not flist:
+                pos = rnd.randrange(len(buf))
+                buf[pos] ^= 0xFF
+                desc.append(f"{name}:byte")
+                continue
+            off, size, label = rnd.choice(flist)
+            if off + size > len(buf):
+                continue
+            old = int.from_bytes(buf[off:off + size], "little")
+            mx = (1 << (8 * size)) - 1
+            choice = rnd.randrange(6)
+            if choice == 0:
+                val = rnd.choice(INTERESTING)
+            elif choice == 1:
+                val = old + rnd.choice((-1, 1, 2, -2, 12, -12, 32, 4096))
+            elif choice == 2:
+                val = rnd.getrandbits(8 * size)
+            elif choice == 3:
+                val = old ^ (1 << rnd.randrange(8 * size))
+            elif choice == 4:
+                val = old * 2 + rnd.randrange(2)
+            else:
+                val = rnd.choice((len(seed.image), len(seed.image) // 32, 128, 36, 64))
+            val &= mx
+            buf[off:off + size] = val.to_bytes(size, "little")
+            desc.append(f"{name}:{label}={val:#x}")
+        elif kind == "splice":
+            n = rnd.choice((12, 32, 64, 512, 4096))
+            if len(buf) > n:
+                a = rnd.randrange(len(buf) - n)
+                b = rnd.randrange(len(buf) - n)
+                buf[b:b + n] = buf[a:a + n]
+                desc.append(f"{name}:splice{n}")
+    image = bytes(bufs[("image", None)])
+    blobs = {tag: bytes(bufs[("blob", tag)]) for tag in seed.blobs}
+    devices = [bytes(bufs[("device", i)]) for i in range(len(seed.devices))]
+    return image, blobs, devices, " ".join(desc)
+
+
+# -------------------------------------------------------------------------- one case --
+class _Sink(io.RawIOBase):
+    def writable(self):
+        return True
+
+    def write(self, b):
+        return len(b)
+
+
+def run_operations(image, blobs, devices, work):
+    """Every read-side operation on one (possibly hostile) image; -> list of outcomes.
+    Raises anything that is not an ErofsToolsError."""
+    from erofs_tools.reader.blob import BlobMeta
+    from erofs_tools.reader.data import BlobSource
+    from erofs_tools.reader.fsck import check_image
+    from erofs_tools.reader.image import Image
+    from erofs_tools.reader.stats import image_stats
+    from erofs_tools.reader.unpack import unpack_to_dir, unpack_to_tar
+
+    outcomes = []
+    bdir = os.path.join(work, "blobs")
+    os.makedirs(bdir, exist_ok=True)
+    for tag, data in blobs.items():
+        with open(os.path.join(bdir, tag), "wb") as f:
+            f.write(data)
+        try:
+            m = BlobMeta.from_blob(lambda o, n, d=data: d[o:o + n], len(data), tag)
+            BlobMeta.from_bytes(m.to_bytes())
+            outcomes.append("blob:ok")
+        except ErofsToolsError:
+            outcomes.append("blob:err")
+    devpaths = []
+    for i, data in enumerate(devices):
+        p = os.path.join(work, f"dev{i}")
+        with open(p, "wb") as f:
+            f.write(data)
+        devpaths.append(p)
+
+    def op(name, fn):
+        try:
+            fn()
+            outcomes.append(f"{name}:ok")
+        except ErofsToolsError as e:
+            s = str(e)
+            if "\n" in s:
+                raise AssertionError(f"{name}: multi-line error message: {s!r}") from None
+            outcomes.append(f"{name}:err")
+
+    img_box = []
+
+    def open_img():
+        img = Image(image)
+        img.blobs = BlobSource(img, blob_dir=bdir if blobs else None, devices=devpaths)
+        img_box.append(img)
+
+    op("open", open_img)
+    if not img_box:
+        return outcomes
+    img = img_box[0]
+
+    def inspect():
+        json.dumps(img.super_dict())
+        for _p, _d, ino in img.walk():
+            ino.as_dict()
+            img.xattrs(ino)
+            if ino.is_lnk():
+                img.readlink(ino)
+            if ino.layout == E.LAYOUT_CHUNK_BASED:
+                img.chunks(ino)
+
+    op("inspect", inspect)
+    op("check", lambda: check_image(img, img.blobs))
+    out = os.path.join(work, "out")
+    op("unpack", lambda: unpack_to_dir(img, out, [], limit=UNPACK_LIMIT))
+    shutil.rmtree(out, ignore_errors=True)
+    op("tar", lambda: unpack_to_tar(img, _Sink(), [], limit=UNPACK_LIMIT))
+    op("stat", lambda: image_stats(img))
+    img.blobs.close()
+    img.close()
+    return outcomes
+
+
+def _alarm(signum, frame):
+    raise CaseTimeout()
+
+
+def worker(args):
+    """Runs cases [start, start+count) and prints one JSON line per case."""
+    if args.mem:
+        lim = args.mem << 20
+        resource.setrlimit(resource.RLIMIT_AS, (lim, lim))
+    signal.signal(signal.SIGALRM, _alarm)
+    seeds = _load_corpus(args.corpus)
+    for case in range(args.start, args.start + args.count):
+        rnd = random.Random(f"{args.seed}-{case}")
+        seed = seeds[rnd.randrange(len(seeds))]
+        image, blobs, devices, desc = mutate(seed, rnd)
+        print(json.dumps({"case": case, "start": True}), flush=True)
+        work = tempfile.mkdtemp(prefix="fuzz-", dir=args.tmp)
+        t0 = time.monotonic()
+        rec = {"case": case, "seed": seed.name, "mutation": desc}
+        try:
+            signal.setitimer(signal.ITIMER_REAL, args.timeout)
+            rec["outcomes"] = run_operations(image, blobs, devices, work)
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            rec["ok"] = True
+        except CaseTimeout:
+            rec.update(ok=False, error=f"timeout after {args.timeout}s")
+        except MemoryError:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            rec.update(ok=False, error="MemoryError (address-space limit)")
+        except BaseException as e:  # noqa: BLE001 - everything else is a finding
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            rec.update(ok=False, error=f"{type(e).__name__}: {e}"[:500],
+                       traceback=traceback.format_exc()[-3000:])
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            shutil.rmtree(work, ignore_errors=True)
+        rec["seconds"] = round(time.monotonic() - t0, 4)
+        print(json.dumps(rec), flush=True)
+
+
+def _save_corpus(seeds, path):
+    import pickle
+    with open(path, "wb") as f:
+        pickle.dump([(s.name, s.image, s.blobs, s.devices, s.fields) for s in seeds], f)
+
+
+def _load_corpus(path):
+    import pickle
+    with open(path, "rb") as f:
+        raw = pickle.load(f)
+    seeds = []
+    for name, image, blobs, devices, fields in raw:
+        s = Seed(name, image, blobs, devices)
+        s.fields = fields
+        seeds.append(s)
+    return seeds
+
+
+def run(cases, jobs=2, seed=0, timeout=10.0, mem=1024, only=None, progress=None):
+    """Run the fuzzer; -> summary dict (counts, failures, timing)."""
+    tmp = tempfile.mkdtemp(prefix="erofs-fuzz-")
+    try:
+        seeds = build_corpus(os.path.join(tmp, "corpus"))
+        corpus = os.path.join(tmp, "corpus.pkl")
+        _save_corpus(seeds, corpus)
+        ids = [only] if only is not None else list(range(cases))
+        # split into contiguous ranges per job; a crashed worker restarts after its case
+        per = (len(ids) + jobs - 1) // jobs
+        ranges = [(ids[i], min(per, len(ids) - i)) for i in range(0, len(ids), per)]
+        results = {}
+        crashes = []
+        t0 = time.monotonic()
+        import threading
+        lock = threading.Lock()
+
+        def run_range(start, count):
+            end = start + count
+            while start < end:
+                cmd = [sys.executable, "-m", "erofs_tools.reader.fuzz", "--worker",
+                       "--corpus", corpus, "--start", str(start), "--count", str(end - start),
+                       "--seed", str(seed), "--timeout", str(timeout), "--mem", str(mem),
+                       "--tmp", tmp]
+                p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True)
+                errbuf = []
+                t = threading.Thread(target=lambda: errbuf.append(p.stderr.read()), daemon=True)
+                t.start()
+                last_started = None
+                done_here = set()
+                for line in p.stdout:
+                    try:
+                        rec = json.loads(line)
+                    except ValueError:
+                        continue
+                    if rec.get("start"):
+                        last_started = rec["case"]
+                        continue
+                    done_here.add(rec["case"])
+                    with lock:
+                        results[rec["case"]] = rec
+                        if progress:
+                            progress(len(results))
+                rc = p.wait()
+                t.join()
+                err = "".join(errbuf)
+                if last_started is not None and last_started not in done_here:
+                    rec = {"case": last_started, "ok": False,
+                           "error": f"worker died (rc {rc}): {err[-300:]}"}
+                    with lock:
+                        crashes.append(rec)
+                        results[last_started] = rec
+                    start = last_started + 1
+                elif rc != 0:
+                    with lock:
+                        crashes.append({"case": start, "ok": False,
+                                        "error": f"worker failed (rc {rc}): {err[-1000:]}"})
+                    return
+                else:
+                    return
+
+        threads = [threading.Thread(target=run_range, args=r) for r in ranges]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for c in crashes:
+            results.setdefault(c["case"], c)
+        elapsed = time.monotonic() - t0
+        recs = [results[k] for k in sorted(results)]
+        fails = [r for r in recs if not r.get("ok")]
+        outcome_counts = {}
+        for r in recs:
+            for o in r.get("outcomes", ()):
+                outcome_counts[o] = outcome_counts.get(o, 0) + 1
+        per_seed = {}
+        for r in recs:
+            per_seed[r.get("seed", "?")] = per_seed.get(r.get("seed", "?"), 0) + 1
+        secs = sorted(r.get("seconds", 0) for r in recs if "seconds" in r)
+        return {
+            "cases": len(recs), "failures": fails, "elapsed_s": round(elapsed, 1),
+            "cases_per_s": round(len(recs) / elapsed, 1) if elapsed else None,
+            "seeds": [s.name for s in seeds], "cases_per_seed": per_seed,
+            "outcomes": outcome_counts,
+            "slowest_case_s": secs[-1] if secs else None,
+            "median_case_s": secs[len(secs) // 2] if secs else None,
+            "timeout_s": timeout, "mem_limit_mib": mem, "seed": seed,
+        }
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--cases", type=int, default=2000)
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--seed", default="0")
+    ap.add_argument("--timeout", type=float, default=10.0)
+    ap.add_argument("--mem", type=int, default=1024, help="RLIMIT_AS per worker, MiB")
+    ap.add_argument("--only", type=int, help="run just this case number")
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--corpus", help=argparse.SUPPRESS)
+    ap.add_argument("--start", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--count", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--tmp", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        worker(args)
+        return 0
+    res = run(args.cases, args.jobs, args.seed, args.timeout, args.mem, args.only)
+    if args.json:
+        print(json.dumps(res, indent=1))
+    else:
+        for k, v in res.items():
+            if k != "failures":
+                print(f"{k}: {v}")
+        for f in res["failures"][:50]:
+            print(f"FAIL case {f['case']} [{f.get('seed')}] {f.get('mutation')}: {f['error']}")
+            if f.get("traceback"):
+                print(f["traceback"])
+    return 1 if res["failures"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
