@@ -194,6 +194,11 @@ def test_pull_image_and_layouts(registry, tmp_path):
     assert got.digest == m.digest
     names = sorted(os.listdir(tmp_path / "blobs"))
     assert names == sorted(d.digest.split(":")[1] for d in m.blobs())
+    # A damaged local copy is fetched again; intact ones are kept.
+    layer = tmp_path / "blobs" / m.layers()[0].digest.split(":")[1]
+    layer.write_bytes(bytes(len(DATA)))
+    pull_image(c, "img/e", "v1", str(tmp_path / "blobs"))
+    assert layer.read_bytes() == DATA
     # registry -> layout -> another repository
     layout = OciLayout(tmp_path / "layout", create=True)
     pull_to_layout(c, "img/e", "v1", layout, "v1")

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from ..errors import InputError
 from . import mediatypes as mt
 from .client import RegistryClient
-from .digest import digest_hex
+from .digest import digest_hex, file_digest
 from .manifest import Descriptor, Manifest, build_manifest, select_platform
 from .oci_layout import OciLayout
 
@@ -63,16 +63,26 @@ def pull_image(client: RegistryClient, repo: str, ref: str, dest_dir: str | None
                **platform) -> Manifest:
     """Fetch the manifest (following an index to the platform's entry) and, if
     ``dest_dir`` is given, every blob it references into ``dest_dir/<digest hex>``,
-    verified. Blobs already present there with the right size are not fetched again."""
+    verified. Blobs already there with the right digest are not fetched again."""
     m = resolve_manifest(client, repo, ref, **platform)
     if dest_dir is not None:
         os.makedirs(dest_dir, exist_ok=True)
         for d in m.blobs():
             path = os.path.join(dest_dir, digest_hex(d.digest))
-            if os.path.isfile(path) and os.path.getsize(path) == d.size:
+            if _has_blob(path, d):
                 continue
             client.pull_blob(repo, d.digest, path, max_size=d.size)
     return m
+
+
+def _has_blob(path: str, d: Descriptor) -> bool:
+    try:
+        if os.path.getsize(path) != d.size:
+            return False
+        with open(path, "rb") as f:
+            return file_digest(f)[0] == d.digest
+    except FileNotFoundError:
+        return False
 
 
 def push_from_layout(layout: OciLayout, client: RegistryClient, repo: str, tag: str,
