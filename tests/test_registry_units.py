@@ -246,3 +246,13 @@ def test_oci_layout_roundtrip(tmp_path):
         OciLayout(tmp_path)
     assert not [n for n in os.listdir(tmp_path / "img" / "blobs" / "sha256")
                 if n.startswith(".tmp")]
+
+
+def test_client_refuses_bad_names_before_sending():
+    from erofs_tools.registry import RegistryClient
+    c = RegistryClient("127.0.0.1:9", insecure=True, docker_config=False, retries=0)
+    for call in (lambda: c.blob_url("../etc", D), lambda: c.blob_url("a", "sha256:xx"),
+                 lambda: c.manifest_url("a", "../../x"), lambda: c.manifest_url("A", "t")):
+        with pytest.raises(InputError):
+            call()
+    assert c.manifest_url("a/b", "v1.0") == "http://127.0.0.1:9/v2/a/b/manifests/v1.0"

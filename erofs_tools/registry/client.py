@@ -4,7 +4,7 @@ Reads: blob existence and size (HEAD), whole blobs verified against their digest
 memory or streamed to a file), byte ranges of blobs (the daemon's lazy reads), manifests
 and indexes (digest-verified). Writes: blob uploads (in upload.py), manifests.
 
-Every request goes through ``_send``, which adds authorization and answers one 401 by
+Every request goes through ``_send``, which adds authorization and answers 401s by
 running the challenge flow (auth.py), and through the Transport, which retries transient
 failures. Blob GETs follow redirects to storage without the registry's Authorization and
 remember the storage URL per blob, so later range reads go straight there.
@@ -31,7 +31,7 @@ from . import upload
 from .auth import Authenticator, Credentials, load_credentials
 from .digest import check_digest, verify
 from .manifest import MAX_MANIFEST_SIZE, Manifest, media_type_of
-from .reference import Reference
+from .reference import Reference, check_ref, check_repository
 from .transport import (REDIRECT_STATUSES, RetryPolicy, Transport, drain, one_line,
                         safe_url)
 
@@ -189,7 +189,7 @@ class RegistryClient:
     # --- blobs: existence, whole reads, ranges --------------------------------------
 
     def blob_url(self, repo: str, digest: str) -> str:
-        return self.url(f"/v2/{repo}/blobs/{check_digest(digest)}")
+        return self.url(f"/v2/{check_repository(repo)}/blobs/{check_digest(digest)}")
 
     def _blob_request(self, method: str, repo: str, digest: str,
                       headers: dict | None = None) -> urllib3.BaseHTTPResponse:
@@ -368,7 +368,7 @@ class RegistryClient:
     # --- manifests and indexes -------------------------------------------------------
 
     def manifest_url(self, repo: str, ref: str) -> str:
-        return self.url(f"/v2/{repo}/manifests/{ref}")
+        return self.url(f"/v2/{check_repository(repo)}/manifests/{check_ref(ref)}")
 
     def get_manifest(self, repo: str, ref: str,
                      accept: tuple[str, ...] = mt.ALL_MANIFEST_TYPES) -> Manifest:
@@ -436,7 +436,7 @@ class RegistryClient:
         drain(resp)
 
     def list_tags(self, repo: str) -> list[str]:
-        url = self.url(f"/v2/{repo}/tags/list")
+        url = self.url(f"/v2/{check_repository(repo)}/tags/list")
         resp = self._send("GET", url, pull_scope(repo))
         if resp.status != 200:
             raise self.fail("GET", url, resp)

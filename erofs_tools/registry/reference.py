@@ -69,6 +69,23 @@ class LayoutReference:
         return f"oci:{self.path}" + (f":{self.tag}" if self.tag else "")
 
 
+def check_repository(name: str) -> str:
+    """Return ``name`` if it is a valid repository name, else raise InputError (it is
+    pasted into URL paths)."""
+    if not isinstance(name, str) or len(name) > 255 or not _REPO_RE.match(name):
+        raise InputError(f"invalid repository name {str(name)[:100]!r}")
+    return name
+
+
+def check_ref(ref: str) -> str:
+    """Return ``ref`` if it is a valid tag or sha256 digest, else raise InputError."""
+    if isinstance(ref, str) and ref.startswith("sha256:"):
+        return check_digest(ref)
+    if not isinstance(ref, str) or not _TAG_RE.match(ref):
+        raise InputError(f"invalid tag or digest {str(ref)[:100]!r}")
+    return ref
+
+
 def _looks_like_host(component: str) -> bool:
     return "." in component or ":" in component or component == "localhost" \
         or component.startswith("[")

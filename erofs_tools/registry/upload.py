@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, BinaryIO
 
 from ..errors import AuthError, InputError, RegistryError
 from .digest import check_digest, file_digest
+from .reference import check_repository
 from .transport import drain, safe_url
 
 if TYPE_CHECKING:
@@ -64,7 +65,7 @@ def _location(client: "RegistryClient", url: str, resp) -> str:
 def start_upload(client: "RegistryClient", repo: str, query: str = "",
                  scope: str | None = None) -> tuple[int, str, object]:
     """POST an upload session; returns (status, location, response headers)."""
-    url = client.url(f"/v2/{repo}/blobs/uploads/") + query
+    url = client.url(f"/v2/{check_repository(repo)}/blobs/uploads/") + query
     resp = client._send("POST", url, scope or _push_scope(repo), {"Content-Length": "0"}, b"")
     if resp.status not in (201, 202):
         raise client.fail("POST", url, resp)
@@ -80,7 +81,8 @@ def mount_blob(client: "RegistryClient", repo: str, digest: str, from_repo: str)
 
 
 def _mount(client, repo, digest, from_repo):
-    query = "?" + urllib.parse.urlencode({"mount": check_digest(digest), "from": from_repo})
+    query = "?" + urllib.parse.urlencode({"mount": check_digest(digest),
+                                          "from": check_repository(from_repo)})
     # The registry needs pull on the source too; a token must carry both scopes.
     scope = f"{_push_scope(repo)} repository:{from_repo}:pull"
     return start_upload(client, repo, query, scope)
