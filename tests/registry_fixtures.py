@@ -14,8 +14,10 @@ Each fixture yields a RegistryServer: ``.host`` ("127.0.0.1:PORT"), ``.url``,
 ``.username``/``.password`` (None without auth), ``.credentials``, ``.storage``,
 ``.blob_data_path(digest)`` (to corrupt stored data), ``.log_tail()``, ``.stop()``;
 ``registry_token`` also has ``.issuer`` (a TokenIssuer: counts requests, can issue
-expired or short-lived tokens). ``FlakyProxy`` sits in front of a server and fails
-chosen requests (5xx, 429, dropped connections, cut bodies) before forwarding.
+expired or short-lived tokens). ``start_registry(dir, auth, tls=True)`` starts one
+serving HTTPS with a fresh self-signed certificate (``.ca_cert``). ``FlakyProxy`` sits in
+front of a server and fails chosen requests (5xx, 429, dropped connections, lost answers,
+cut bodies) before forwarding; it also works as a forward HTTP proxy.
 
 A missing ``docker-registry`` or ``htpasswd`` skips the tests, or fails them when
 EROFS_TOOLS_CI=1 (CI must run them).
