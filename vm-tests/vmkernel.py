@@ -73,14 +73,23 @@ class KernelError(Exception):
     pass
 
 
-def fragment_hash() -> str:
+def fragments(series: str | None) -> list[Path]:
+    """The common fragment plus kernel-frag-<series>.config if there is one."""
+    extra = HERE / f"kernel-frag-{series}.config"
+    return [FRAGMENT] + ([extra] if series and extra.exists() else [])
+
+
+def fragment_hash(series: str | None = None) -> str:
     h = hashlib.sha256(RECIPE.encode() + b"\0" + FRAGMENT.read_bytes())
+    for f in fragments(series)[1:]:
+        h.update(b"\0" + f.name.encode() + b"\0" + f.read_bytes())
     return h.hexdigest()[:12]
 
 
-def fragment_options() -> dict[str, str]:
+def fragment_options(series: str | None = None) -> dict[str, str]:
     opts = {}
-    for line in FRAGMENT.read_text().splitlines():
+    text = "\n".join(f.read_text() for f in fragments(series))
+    for line in text.splitlines():
         m = re.match(r"^(CONFIG_\w+)=(.*)$", line.strip())
         if m:
             opts[m.group(1)] = m.group(2)
@@ -91,7 +100,7 @@ def fragment_options() -> dict[str, str]:
 
 
 def cache_dir(series: str) -> Path:
-    return CACHE_ROOT / f"{series}-{fragment_hash()}"
+    return CACHE_ROOT / f"{series}-{fragment_hash(series)}"
 
 
 @contextlib.contextmanager
@@ -188,11 +197,19 @@ def make_cmd(tree: Path, *targets: str, jobs: int | None = None) -> list[str]:
     return cmd + list(targets)
 
 
-def configure(tree: Path, logf) -> None:
-    frag = fragment_options()
+def tree_series(tree: Path) -> str:
+    """"<VERSION>.<PATCHLEVEL>" from a kernel tree's Makefile."""
+    head = (tree / "Makefile").read_text(errors="replace")[:2000]
+    v = re.search(r"^VERSION\s*=\s*(\d+)", head, re.M)
+    p = re.search(r"^PATCHLEVEL\s*=\s*(\d+)", head, re.M)
+    return f"{v.group(1)}.{p.group(1)}" if v and p else ""
+
+
+def configure(tree: Path, series: str, logf) -> None:
+    frag = fragment_options(series)
     _run(make_cmd(tree, "tinyconfig"), stdout=logf, stderr=subprocess.STDOUT)
     _run([str(tree / "scripts/kconfig/merge_config.sh"), "-m", "-O", str(tree),
-          str(tree / ".config"), str(FRAGMENT)], cwd=tree, stdout=logf,
+          str(tree / ".config"), *map(str, fragments(series))], cwd=tree, stdout=logf,
          stderr=subprocess.STDOUT)
     _run(make_cmd(tree, "olddefconfig"), stdout=logf, stderr=subprocess.STDOUT)
     cfg = read_config(tree / ".config")
@@ -211,16 +228,19 @@ def build_tree(tree: Path, jobs: int | None = None) -> tuple[Path, float]:
     if not (tree / "Makefile").exists() or not (tree / "Kconfig").exists():
         raise KernelError(f"{tree}: not a kernel source tree")
     jobs = jobs or (os.cpu_count() or 1) + 1
+    series = tree_series(tree)
+    fhash = fragment_hash(series)
     stamp = tree / ".vmtest-frag-hash"
     logpath = tree / ".vmtest-build.log"
     t0 = time.monotonic()
     with open(logpath, "w") as logf:
         try:
-            if not stamp.exists() or stamp.read_text().strip() != fragment_hash() \
+            if not stamp.exists() or stamp.read_text().strip() != fhash \
                     or not (tree / ".config").exists():
-                log(f"configuring {tree} (tinyconfig + {FRAGMENT.name})")
-                configure(tree, logf)
-                stamp.write_text(fragment_hash() + "\n")
+                names = " + ".join(f.name for f in fragments(series))
+                log(f"configuring {tree} (tinyconfig + {names})")
+                configure(tree, series, logf)
+                stamp.write_text(fhash + "\n")
             log(f"building bzImage in {tree} (nice -n 10 make -j{jobs}; log {logpath})")
             _run(make_cmd(tree, "bzImage", jobs=jobs), stdout=logf,
                  stderr=subprocess.STDOUT)
@@ -258,7 +278,7 @@ def ensure_series(series: str, force: bool = False) -> Path:
             "package": SERIES[series][1],
             "debian_version": (tree / ".vmtest-debversion").read_text().strip(),
             "kernelrelease": kernel_release(tree),
-            "fragment_hash": fragment_hash(),
+            "fragment_hash": fragment_hash(series),
             "fetch_seconds": round(fetch_s, 1),
             "build_seconds": round(build_s, 1),
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
