@@ -60,8 +60,8 @@ def mkfs(image, source, opts=None, progress=None):
     .write(bytes_done, bytes_total) and .done() (or None). -> summary dict."""
     opts = opts or MkfsOptions()
     t0 = time.monotonic()
-    image = os.fspath(image)
-    source = os.fspath(source)
+    image = os.fsdecode(os.fspath(image))
+    source = os.fsdecode(os.fspath(source))
     check_paths(image, source)
     nb = NativeBuilder(build_options(opts))
     walker = TreeWalker(nb, opts, on_entry=progress.scan if progress else None)
