@@ -554,3 +554,63 @@ def test_daemon_takes_over_group_when_holder_dies(workdir):
             holder.wait()
         if w2 is not None:
             w2.close()
+
+
+@pytest.mark.root
+def test_holder_resends_backlog_without_deadlock(workdir, monkeypatch):
+    """A daemon that answered the kernel but never told the holder (it died first) leaves
+    a backlog; the next daemon gets all of it re-sent while new events keep coming."""
+    from fscache_daemon.frontend import fdholder
+
+    # 3072 events = 48 messages of ~6 KB: more than a unix socket buffers (~208 KB), so
+    # a holder that blocks while sending deadlocks with a daemon sending it answers
+    data = os.urandom(12 << 20)
+    cache = workdir / "cache"
+    cache.write_bytes(data)  # complete, still marked: every event takes the fast path
+    sock = workdir / "holder.sock"
+    holder = subprocess.Popen([sys.executable, "-m", "fscache_daemon.frontend.fdholder",
+                               "--sock", str(sock)], env=CHILD_ENV)
+
+    def answer_without_done(self, ev, response):
+        try:
+            abi.write_response(self.group_fd, ev.token, response)
+        finally:
+            os.close(ev.fd)
+
+    def dd():
+        r = subprocess.run(["dd", f"if={cache}", "of=/dev/null", "bs=4096"],
+                           capture_output=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+
+    try:
+        _wait_sock(sock, holder)
+        with monkeypatch.context() as m:
+            m.setattr(fdholder.HolderChannel, "answer", answer_without_done)
+            w1 = PreContentWatcher.from_holder(sock, None, fast_path=lambda *a: True)
+            w1.mark(cache, "k")
+            w1.start()
+            dd()
+            w1.close()
+        n = len(data) // 4096
+        assert w1.stats["fast"] >= n
+        w2 = PreContentWatcher.from_holder(sock, None, fast_path=lambda *a: True)
+        w2.mark(cache, "k")
+        w2.start()
+        dd()
+        assert w2.stats["fast"] >= 2 * n  # the backlog plus its own events
+        ch = fdholder.HolderChannel(str(sock))
+        try:
+            deadline = time.monotonic() + 10
+            while ch.status()["pending"]:
+                assert time.monotonic() < deadline, "backlog never drained"
+                time.sleep(0.05)
+            w2.unmark("k")
+        finally:
+            ch.close()
+            w2.close()
+        holder.send_signal(signal.SIGTERM)
+        assert holder.wait(timeout=10) == 0
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()

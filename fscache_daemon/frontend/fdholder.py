@@ -34,6 +34,7 @@ Run: python -m fscache_daemon.frontend.fdholder --sock PATH
 from __future__ import annotations
 
 import argparse
+import collections
 import errno
 import json
 import logging
@@ -65,22 +66,6 @@ def _send(sock: socket.socket, obj: dict, fds: list[int] = ()) -> None:
         socket.send_fds(sock, [data], list(fds))
     else:
         sock.sendall(data)
-
-
-def _send_within(sock: socket.socket, obj: dict, fds: list[int], timeout: float) -> None:
-    """_send on a non-blocking socket, waiting at most `timeout` for buffer space."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            _send(sock, obj, fds)
-            return
-        except BlockingIOError:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError("peer does not read its socket") from None
-            p = select.poll()
-            p.register(sock.fileno(), select.POLLOUT)
-            p.poll(left * 1000)
 
 
 def _recv(sock: socket.socket, maxfds: int = 0) -> tuple[dict | None, list[int]]:
@@ -131,9 +116,11 @@ class FdHolder:
         # event costs more than the event itself)
         self._handlers: dict[int, object] = {}
         self._poller = select.poll()
-        self._watch(self.listener.fileno(), self._accept)
-        self._watch(self._sig_r, self._handle_signals)
-        self._watch(self.group_fd, self._read_group)
+        self._unsent: collections.deque[int] = collections.deque()  # ids for the daemon
+        self._stuck_since: float | None = None  # when the daemon's socket filled up
+        self._watch(self.listener.fileno(), lambda _: self._accept())
+        self._watch(self._sig_r, lambda _: self._handle_signals())
+        self._watch(self.group_fd, lambda _: self._read_group())
 
     def _watch(self, fd: int, handler) -> None:
         self._handlers[fd] = handler
@@ -195,15 +182,15 @@ class FdHolder:
         log.info("fd holder: pid %d serving %s", os.getpid(), self.sock_path)
         while not self._stop:
             try:
-                ready = self._poller.poll()
+                ready = self._poller.poll(self._check_stuck())
             except InterruptedError:
                 continue
-            for fd, _ in ready:
+            for fd, revents in ready:
                 handler = self._handlers.get(fd)  # may be gone: closed earlier this round
                 if handler is None:
                     continue
                 try:
-                    handler()
+                    handler(revents)
                 except Exception:  # noqa: BLE001 - dying here would fail open; log, go on
                     log.exception("fd holder: error handling fd %d", fd)
         self.close()
@@ -233,7 +220,7 @@ class FdHolder:
             return
         fd = conn.fileno()
         self.controls[fd] = conn  # every connection starts as a control one
-        self._watch(fd, lambda: self._from_control(fd, conn))
+        self._watch(fd, lambda _: self._from_control(fd, conn))
 
     # -- group events ------------------------------------------------------------------
 
@@ -260,11 +247,24 @@ class FdHolder:
             self.pending[ev.fd] = (ev.fd, ev)
             fresh.append(ev.fd)
         if self.subscriber is not None and fresh:
-            self._send_events(fresh)
+            self._unsent.extend(fresh)
+            self._flush()
 
-    def _send_events(self, ids: list[int]) -> None:
-        for i in range(0, len(ids), EVENTS_PER_MSG):
-            batch = ids[i:i + EVENTS_PER_MSG]
+    def _flush(self) -> None:
+        """Send queued events without ever blocking.
+
+        A blocking send would deadlock: the daemon's loop thread may itself be blocked
+        sending us answers that we only read when our loop runs.
+        """
+        while self._unsent and self.subscriber is not None:
+            batch = []
+            while self._unsent and len(batch) < EVENTS_PER_MSG:
+                eid = self._unsent[0]
+                if eid in self.pending:  # skip events answered meanwhile
+                    batch.append(eid)
+                self._unsent.popleft()
+            if not batch:
+                break
             evs, fds = [], []
             for eid in batch:
                 fd, ev = self.pending[eid]
@@ -272,12 +272,31 @@ class FdHolder:
                             "offset": ev.offset, "count": ev.count})
                 fds.append(fd)
             try:
-                _send_within(self.subscriber, {"op": "events", "events": evs}, fds,
-                             SEND_TIMEOUT)
+                _send(self.subscriber, {"op": "events", "events": evs}, fds)
+            except BlockingIOError:
+                # socket full: retry on POLLOUT; a daemon that never drains is dropped
+                self._unsent.extendleft(reversed(batch))
+                if self._stuck_since is None:
+                    self._stuck_since = time.monotonic()
+                self._poller.modify(self.subscriber.fileno(), select.POLLIN | select.POLLOUT)
+                return
             except OSError as exc:
                 # the events stay pending; the next daemon gets them
                 self._drop_subscriber(f"send failed: {exc}")
                 return
+        self._stuck_since = None
+        if self.subscriber is not None:
+            self._poller.modify(self.subscriber.fileno(), select.POLLIN)
+
+    def _check_stuck(self) -> float | None:
+        """Drop a daemon whose socket stayed full too long; returns ms to wait or None."""
+        if self._stuck_since is None:
+            return None
+        left = self._stuck_since + SEND_TIMEOUT - time.monotonic()
+        if left <= 0:
+            self._drop_subscriber(f"its socket stayed full for {SEND_TIMEOUT:.0f}s")
+            return None
+        return left * 1000
 
     def _drop_subscriber(self, why: str) -> None:
         if self.subscriber is not None:
@@ -286,6 +305,14 @@ class FdHolder:
             self._unwatch(self.subscriber.fileno())
             self.subscriber.close()
             self.subscriber = None
+        self._unsent.clear()
+        self._stuck_since = None
+
+    def _on_subscriber(self, revents: int) -> None:
+        if revents & select.POLLOUT:
+            self._flush()
+        if revents & ~select.POLLOUT:
+            self._from_subscriber()
 
     def _from_subscriber(self) -> None:
         # drain everything queued: answers arrive in bursts from the daemon's workers
@@ -373,14 +400,14 @@ class FdHolder:
             conn.close()
             return
         _send(conn, {"ok": True, "pending": len(self.pending)})
-        # non-blocking: the holder must never sleep in a recv or a send (see _send_within)
+        # non-blocking: the holder must never sleep in a recv or a send (see _flush)
         conn.setblocking(False)
         self.subscriber = conn
-        self._watch(conn.fileno(), self._from_subscriber)
+        self._watch(conn.fileno(), self._on_subscriber)
         log.info("fd holder: daemon subscribed; re-sending %d pending events",
                  len(self.pending))
-        if self.pending:
-            self._send_events(sorted(self.pending))
+        self._unsent.extend(sorted(self.pending))
+        self._flush()
 
     def _mark(self, path: str) -> tuple[bool, int]:
         path = os.path.abspath(path)
@@ -418,6 +445,7 @@ class HolderChannel:
 
     def __init__(self, sock_path: str, timeout: float = 10.0):
         self.sock_path = sock_path
+        abi.raise_nofile_limit()  # every event the holder sends us arrives as an fd
         self._lock = threading.Lock()
         self._send_lock = threading.Lock()
         self._ctl = self._connect(timeout)
