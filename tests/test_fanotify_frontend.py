@@ -514,52 +514,9 @@ def test_holder_keeps_readers_waiting_across_daemon_sigkill(workdir, erofs_image
 
 
 @pytest.mark.root
-def test_daemon_takes_over_group_when_holder_dies(workdir):
-    """Holder SIGKILLed: our dup keeps the group and its marks; detach() serves it here."""
-    from fscache_daemon.frontend.fdholder import HolderChannel
-
-    data = os.urandom(32768)
-    blob = workdir / "blob"
-    blob.write_bytes(data)
-    cache = _sparse(workdir / "cache", len(data))
-    sock = workdir / "holder.sock"
-    holder = subprocess.Popen([sys.executable, "-m", "fscache_daemon.frontend.fdholder",
-                               "--sock", str(sock)], env=CHILD_ENV)
-    filler = BlobFiller(blob)
-    w2 = None
-    try:
-        _wait_sock(sock, holder)
-        w = PreContentWatcher.from_holder(sock, filler)
-        filler.watcher = w
-        w.mark(cache, "k")
-        w.start()
-        assert _pread_child(cache, 0, 16).communicate(timeout=10)[0] == data[:16]
-        holder.kill()
-        holder.wait()
-        deadline = time.monotonic() + 10
-        while w.running:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        w2 = PreContentWatcher(filler, channel=w.channel.detach())
-        filler.watcher = w2
-        w2.mark(cache, "k")  # known path: the writer fd opened before the mark is reused
-        w2.start()
-        p = _pread_child(cache, 20000, 16)
-        assert p.communicate(timeout=10)[0] == data[20000:20016]
-        w2.unmark("k")
-        w.close()
-    finally:
-        if holder.poll() is None:
-            holder.kill()
-            holder.wait()
-        if w2 is not None:
-            w2.close()
-
-
-@pytest.mark.root
 def test_holder_resends_backlog_without_deadlock(workdir, monkeypatch):
-    """A daemon that answered the kernel but never told the holder (it died first) leaves
-    a backlog; the next daemon gets all of it re-sent while new events keep coming."""
+    """A daemon that read events but never answered them (it hung, then died) leaves a
+    backlog; the next daemon gets all of it re-sent while new events keep coming."""
     from fscache_daemon.frontend import fdholder
 
     # 3072 events = 48 messages of ~6 KB: more than a unix socket buffers (~208 KB), so
@@ -571,7 +528,9 @@ def test_holder_resends_backlog_without_deadlock(workdir, monkeypatch):
     holder = subprocess.Popen([sys.executable, "-m", "fscache_daemon.frontend.fdholder",
                                "--sock", str(sock)], env=CHILD_ENV)
 
-    def answer_without_done(self, ev, response):
+    def answer_without_telling(self, ev, response):
+        # stands in for a daemon whose answers are lost: release the reader (dd) through
+        # our group dup so the test can go on, but leave the holder's event pending
         try:
             abi.write_response(self.group_fd, ev.token, response)
         finally:
@@ -585,7 +544,7 @@ def test_holder_resends_backlog_without_deadlock(workdir, monkeypatch):
     try:
         _wait_sock(sock, holder)
         with monkeypatch.context() as m:
-            m.setattr(fdholder.HolderChannel, "answer", answer_without_done)
+            m.setattr(fdholder.HolderChannel, "answer", answer_without_telling)
             w1 = PreContentWatcher.from_holder(sock, None, fast_path=lambda *a: True)
             w1.mark(cache, "k")
             w1.start()

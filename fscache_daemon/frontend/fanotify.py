@@ -55,14 +55,11 @@ class PendingEvent:
 class LocalGroup:
     """A fanotify group owned by this process (no crash protection: see module doc)."""
 
-    def __init__(self, group_fd: int | None = None, writers: dict[str, int] | None = None):
-        """Own a new group, or adopt `group_fd` (ownership passes to us) together with
-        the writer fds of files it already marks (opened before their marks)."""
-        self.group_fd = group_fd if group_fd is not None else abi.fanotify_init(
+    def __init__(self):
+        self.group_fd = abi.fanotify_init(
             abi.FAN_CLASS_PRE_CONTENT | abi.FAN_CLOEXEC | abi.FAN_NONBLOCK,
             os.O_RDWR | os.O_LARGEFILE)
-        os.set_blocking(self.group_fd, False)
-        self._writers: dict[str, int] = dict(writers or {})
+        self._writers: dict[str, int] = {}
         self._lock = threading.Lock()
 
     def fileno(self) -> int:
@@ -78,18 +75,15 @@ class LocalGroup:
 
     def answer(self, ev: PendingEvent, response: int) -> None:
         try:
-            self.respond(ev.token, response)
+            # under the lock: after close() the group's fd number may name another file
+            with self._lock:
+                if self.group_fd < 0:
+                    log.warning("fanotify: group closed before event fd %d was answered",
+                                ev.token)
+                elif not abi.write_response(self.group_fd, ev.token, response):
+                    log.warning("fanotify: event fd %d was already answered", ev.token)
         finally:
             os.close(ev.fd)
-
-    def respond(self, number: int, response: int) -> None:
-        """Answer the pending event the kernel knows by fd `number` (whoever read it)."""
-        # under the lock: after close() the group's fd number may name another file
-        with self._lock:
-            if self.group_fd < 0:
-                log.warning("fanotify: group closed before event fd %d was answered", number)
-            elif not abi.write_response(self.group_fd, number, response):
-                log.warning("fanotify: event fd %d was already answered", number)
 
     def mark(self, path: str) -> int:
         path = os.path.abspath(path)

@@ -14,11 +14,15 @@ has read (with its event fd). A daemon connects over a unix socket:
     {"op":"subscribe"}          -> {"ok":true,"pending":N}, then a stream of
                                    {"op":"events","events":[{id,mask,pid,offset,count}]}
                                    + [event fds]; from the daemon (no replies):
-    {"op":"done","id":N}        the daemon wrote the response itself (to its group dup);
-                                the holder closes its event fd
-    {"op":"answer","id":N,"response":R}   the holder writes the response, then closes
-  An event's id is the holder's event fd number, which is what the kernel matches a
-  response against; it stays reserved until "done"/"answer" arrives.
+    {"op":"answer","id":N,"response":R}   the holder writes the response, closes the fd
+  An event's id is the holder's event fd number (unique while the event is pending).
+
+Only the holder writes responses, and only answers from the current subscriber count.
+The kernel matches a response by fd number alone, whoever writes it (measured), so a
+daemon answering by number itself could, once dropped as hung and woken up later, answer
+a newer event that reused the number: its reader would be allowed before its range was
+filled. (For the same reason nothing here adopts the group after the holder dies: the
+holder's unsent events would share fd numbers with events the daemon reads itself.)
 
 Events the holder has read but no daemon answered stay pending in the holder: the kernel
 keeps their readers blocked (measured on 6.18: events read by a process that dies are
@@ -328,7 +332,7 @@ class FdHolder:
                 self._drop_subscriber("connection closed")
                 return
             op = msg.get("op")
-            if op not in ("answer", "done"):
+            if op != "answer":
                 log.warning("fd holder: unexpected message from daemon: %r", op)
                 continue
             item = self.pending.pop(msg.get("id"), None)
@@ -337,9 +341,7 @@ class FdHolder:
                 continue
             fd, _ = item
             try:
-                # "done": the daemon already wrote the response to its dup of the group
-                if op == "answer":
-                    self._respond(fd, msg.get("response"))
+                self._respond(fd, msg.get("response"))
             finally:
                 os.close(fd)
 
@@ -451,7 +453,6 @@ class HolderChannel:
         self._ctl = self._connect(timeout)
         self._events: socket.socket | None = None
         self._writers: dict[str, int] = {}
-        self._detached = None
         reply, fds = self._call({"op": "hello"}, maxfds=1)
         if len(fds) != 1:
             raise HolderError(f"{sock_path}: fd holder sent no group fd")
@@ -513,30 +514,15 @@ class HolderChannel:
                 for e, fd in zip(evs, fds)]
 
     def answer(self, ev: PendingEvent, response: int) -> None:
-        """Write the response to our dup of the group, keyed by the holder's event fd.
-
-        The kernel matches responses by the fd number the event was read with, whoever
-        writes them (measured); the holder keeps that fd open until our "done", so the
-        number cannot be reused meanwhile. This saves the reader a hop through the holder.
-        """
+        """Hand the response to the holder, which writes it (see the module doc: why)."""
         try:
             with self._send_lock:
-                if self._detached is not None:
-                    # the holder is gone: answer through the group we took over
-                    self._detached.respond(ev.token, response)
-                    return
                 if self._events is None:
                     # closed: the holder keeps the event and gives it to the next daemon
                     log.warning("fd holder channel closed; event %d left to the holder",
                                 ev.token)
                     return
-                try:
-                    abi.write_response(self.group_fd, ev.token, response)
-                    msg = {"op": "done", "id": ev.token}
-                except FrontendError as exc:
-                    log.warning("%s; asking the holder to answer", exc)
-                    msg = {"op": "answer", "id": ev.token, "response": response}
-                _send(self._events, msg)
+                _send(self._events, {"op": "answer", "id": ev.token, "response": response})
         finally:
             os.close(ev.fd)
 
@@ -556,26 +542,6 @@ class HolderChannel:
         wfd = self._writers.pop(path, None)
         if wfd is not None:
             os.close(wfd)
-
-    def detach(self) -> "LocalGroup":
-        """Take the group over after the holder died: a LocalGroup on our dup.
-
-        The group lives on because we hold a dup of it, with its marks; events the holder
-        had read but not sent us are lost (their readers stay blocked until the group is
-        released). From now on this process is the group's last owner, so it must unmount
-        before it exits, as without a holder.
-        """
-        from fscache_daemon.frontend.fanotify import LocalGroup
-        with self._send_lock:
-            if self._events is not None:
-                self._events.close()
-                self._events = None
-        self._ctl.close()
-        group = LocalGroup(self.group_fd, self._writers)
-        self.group_fd, self._writers = -1, {}
-        with self._send_lock:
-            self._detached = group  # in-flight fills of the old watcher answer through it
-        return group
 
     def status(self) -> dict:
         reply, _ = self._call({"op": "status"})
