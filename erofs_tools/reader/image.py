@@ -626,7 +626,6 @@ class Image:
         if ino.xattr_icount == 1:
             raise self._err(f"{what}: xattr icount 1 (header only) is not supported")
         start = ino.offset + ino.inode_size
-        end = start + ino.xattr_isize
         buf = self.read(start, ino.xattr_isize, f"{what} xattrs")
         hdr = E.XattrIbodyHeader.decode(buf, 0)
         off = E.XattrIbodyHeader.SIZE
@@ -636,20 +635,18 @@ class Image:
         for i in range(hdr.h_shared_count):
             xid = int.from_bytes(buf[off:off + 4], "little")
             off += 4
-            if not self.sb.xattr_blkaddr and not self.xattr_off:
-                pass
             pos = self.xattr_off + 4 * xid
             if pos >= self.size:
                 raise self._err(f"{what}: shared xattr {xid} outside the image")
-            # a shared entry is bounded by the image (name ≤ 255, value ≤ 65535)
-            lim = min(self.size, pos + E.XattrEntry.SIZE + 255 + 65535)
-            sbuf = self.read(pos, lim - pos, f"{what} shared xattr")
+            head = self.read(pos, E.XattrEntry.SIZE, f"{what} shared xattr {xid}")
+            he = E.XattrEntry.decode(head)
+            total = E.XattrEntry.SIZE + he.e_name_len + he.e_value_size
+            sbuf = self.read(pos, total, f"{what} shared xattr {xid}")
             name, value, _ = self._xattr_entry(sbuf, 0, len(sbuf), f"{what} shared xattr {xid}")
             out.append((name, value))
         while off < len(buf):
             name, value, off = self._xattr_entry(buf, off, len(buf), what)
             out.append((name, value))
-        del end
         return out
 
     # -- summaries -------------------------------------------------------------------------
