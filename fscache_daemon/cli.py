@@ -76,12 +76,11 @@ def cli():
               help="Largest merged backend request (bytes; k/M/G suffixes).")
 @click.option("--prefetch-rate", default="64M", show_default=True,
               help="Prefetch bandwidth limit in bytes/s (0: unlimited).")
-@click.option("--no-fsync", is_flag=True,
-              help="Do not fdatasync cache data before recording chunks (faster; a host "
-                   "crash may then leave recorded chunks without data).")
+@click.option("--readahead", default="2M", show_default=True,
+              help="Chunks fetched ahead of a sequential reader, in bytes (0: off).")
 @click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
-def run(cache_dir, api_sock, frontend, threads, batch_size, prefetch_rate, no_fsync,
+def run(cache_dir, api_sock, frontend, threads, batch_size, prefetch_rate, readahead,
         log_level):
     """Run the daemon in the foreground (logs to stderr).
 
@@ -96,7 +95,7 @@ def run(cache_dir, api_sock, frontend, threads, batch_size, prefetch_rate, no_fs
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(threadName)s %(name)s: %(message)s")
     d = Daemon(cache_dir, frontend=frontend, threads=threads, batch_size=_size(batch_size),
-               prefetch_rate=_size(prefetch_rate), durable=not no_fsync)
+               prefetch_rate=_size(prefetch_rate), readahead=_size(readahead))
     api = ApiServer(d, api_sock)
     stop = threading.Event()
 

@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 DEFAULT_CACHE_DIR = "/var/lib/fscache-daemon"
 DEFAULT_API_SOCK = "/run/fscache-daemon/api.sock"
 DEFAULT_PREFETCH_RATE = 64 << 20          # bytes/s
+DEFAULT_READAHEAD = 2 << 20               # bytes of chunks fetched ahead of a sequential reader
 PRIO_ONDEMAND = 0
 PRIO_PREFETCH = 10
 
@@ -167,6 +168,18 @@ class PriorityPool(Executor):
 
     def submit_prefetch(self, fn, /, *args, **kwargs) -> Future:
         self._prefetch_slots.acquire()
+        try:
+            fut = self._put(PRIO_PREFETCH, fn, args, kwargs)
+        except BaseException:
+            self._prefetch_slots.release()
+            raise
+        fut.add_done_callback(lambda _f: self._prefetch_slots.release())
+        return fut
+
+    def try_submit_prefetch(self, fn, /, *args, **kwargs) -> Future | None:
+        """submit_prefetch() if a prefetch slot is free now, else None (never blocks)."""
+        if not self._prefetch_slots.acquire(blocking=False):
+            return None
         try:
             fut = self._put(PRIO_PREFETCH, fn, args, kwargs)
         except BaseException:
@@ -362,8 +375,7 @@ class FanotifyFrontend(Frontend):
         while not self._stopping:
             time.sleep(0.05)
             w = self.watcher
-            th = getattr(w, "_thread", None)
-            if self._stopping or w is None or th is None or th.is_alive():
+            if self._stopping or w is None or w.running:
                 continue
             log.warning("fanotify: event loop ended; re-subscribing to the fd holder")
             try:
@@ -409,7 +421,11 @@ class FanotifyFrontend(Frontend):
                 return
             self._marked.discard(mgr.blob_id)
             mgr.cache.use_write_fd(None)
-            self.watcher.unmark(mgr.blob_id)
+            # Remove the kernel mark through the channel but keep the watcher's mapping
+            # of this cache file: events queued before the mark went away still arrive
+            # and must map to the blob (then the fast path allows them); watcher.unmark()
+            # would forget the inode and deny them with EIO.
+            self.watcher.channel.unmark(mgr.cache.path)
         log.info("blob %s complete: cache file unmarked, reads stay in the kernel",
                  mgr.blob_id[:12])
 
@@ -563,7 +579,8 @@ class Image:
 class Daemon:
     def __init__(self, cache_dir: str = DEFAULT_CACHE_DIR, *, frontend: str | Frontend = "auto",
                  threads: int = 8, batch_size: int = DEFAULT_BATCH_SIZE,
-                 prefetch_rate: int = DEFAULT_PREFETCH_RATE, durable: bool = True):
+                 prefetch_rate: int = DEFAULT_PREFETCH_RATE, durable: bool = True,
+                 readahead: int = DEFAULT_READAHEAD):
         self.cache_dir = os.path.abspath(cache_dir)
         self.blob_dir = os.path.join(self.cache_dir, "blobs")
         self.boot_dir = os.path.join(self.cache_dir, "bootstraps")
@@ -572,6 +589,7 @@ class Daemon:
         self.threads = threads
         self.batch_size = batch_size
         self.durable = durable
+        self.readahead = readahead
         self.frontend = frontend if isinstance(frontend, Frontend) else \
             make_frontend(frontend, self.cache_dir, threads)
         self.pool = PriorityPool(threads, prefetch_workers=max(1, threads // 4))
@@ -712,7 +730,36 @@ class Daemon:
         mgr = self.blobs.get(blob_id)
         if mgr is None:
             raise NotFoundError(f"no blob {blob_id!r} is open")
-        mgr.fill(offset, length)
+        fetched = mgr.fill(offset, length)
+        if fetched and self.readahead:
+            self._maybe_readahead(mgr, offset, length)
+
+    def _maybe_readahead(self, mgr, offset: int, length: int) -> None:
+        """Sequential reader detected (the chunk before the range is cached, the range
+        itself had to be fetched): fetch the next `readahead` bytes of chunks in the
+        background at prefetch priority, so the reader's next requests find them cached
+        or in flight. A first read of a file never triggers it."""
+        chunks = mgr.meta.chunks_for_range(offset, max(1, length))
+        if not chunks:
+            return
+        first, last = chunks[0], chunks[-1]
+        if first.uncompressed_offset == 0:
+            return
+        prev = mgr.meta.chunks_for_range(first.uncompressed_offset - 1, 1)
+        if not prev or not mgr.cache.has(prev[0]):
+            return
+        ahead = mgr.missing(last.uncompressed_end, self.readahead)
+        if ahead:
+            self.pool.try_submit_prefetch(self._readahead_batch, mgr, ahead)
+
+    def _readahead_batch(self, mgr, chunks) -> int:
+        try:
+            n = mgr.fill_chunks(chunks, prefetch=True)
+        except Exception as e:  # noqa: BLE001 - the reader's own request will retry
+            log.debug("readahead of blob %s failed: %s", mgr.blob_id[:12], e)
+            return 0
+        mgr.stats.add(readahead_bytes=n)
+        return n
 
     def fast_path(self, blob_id: str, offset: int, length: int) -> bool:
         mgr = self.blobs.get(blob_id)

@@ -173,8 +173,7 @@ def test_corrupted_chunk_gives_eio_for_that_file_only(daemon, tmp_path):
     st, _ = daemon.api.request("GET", "/api/v1/daemon")
     assert st == 200
     from fscache_daemon.storage import blobcache as bc
-    with open(bc.state_path(os.path.join(daemon.cache_dir, "blobs"), blob_id), "rb") as f:
-        bits = f.read()[64:]
+    bits = bc.state_bits(bc.state_path(os.path.join(daemon.cache_dir, "blobs"), blob_id))
     assert not bits[chunk.index >> 3] & (1 << (chunk.index & 7))
     # again: still EIO, never zeros
     with pytest.raises(OSError):
@@ -185,7 +184,7 @@ def test_corrupted_chunk_gives_eio_for_that_file_only(daemon, tmp_path):
 # -- restart ------------------------------------------------------------------------------
 def test_sigkill_mid_read_then_restart(tmp_path):
     require_lazy_kernel()
-    src = write_tree(str(tmp_path / "src"), seed=6, nfiles=120, big=(4 << 20, 4 << 20, 4 << 20))
+    src = write_tree(str(tmp_path / "src"), seed=6, nfiles=120, big=(8 << 20,) * 4)
     boot, blobs = str(tmp_path / "boot"), str(tmp_path / "blobs")
     info = pack(src, boot, blobs, "--chunk-size", "0x10000")
     blob_id = info["blobs"][0]["blob_id"]
@@ -206,14 +205,18 @@ def test_sigkill_mid_read_then_restart(tmp_path):
                     errors.append((rel, e))
 
         threads = [threading.Thread(target=reader, args=(files[i::4],)) for i in range(4)]
+        from fscache_daemon.storage import blobcache as bc
+        state = bc.state_path(os.path.join(d.cache_dir, "blobs"), blob_id)
         for t in threads:
             t.start()
-        time.sleep(0.3)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:      # kill once reads are well under way
+            if sum(bin(x).count("1") for x in bc.state_bits(state)) >= 8:
+                break
+            time.sleep(0.005)
         d.kill()                                   # mid-read
         killed_at = time.monotonic()
-        from fscache_daemon.storage import blobcache as bc
-        with open(bc.state_path(os.path.join(d.cache_dir, "blobs"), blob_id), "rb") as f:
-            bits = f.read()[64:]
+        bits = bc.state_bits(bc.state_path(os.path.join(d.cache_dir, "blobs"), blob_id))
         cached_before = sum(bin(x).count("1") for x in bits)
         assert cached_before < total_chunks, "everything was read before the kill"
         time.sleep(1.0)                            # readers of holes wait meanwhile

@@ -375,3 +375,30 @@ def test_store_rejects_oversized_chunk(synth):
         mgr.cache.store([(c, b"x" * (c.uncompressed_size + 1))])
     assert not mgr.cache.has(c)
     mgr.close()
+
+
+def test_state_survives_process_crash_and_reboot_rules(synth):
+    """Live bits are trusted within a boot; after a reboot only synced (durable) bits."""
+    bdir, cdir, blob_id, datas = synth
+    mgr, _ = open_manager(cdir, CountingBackend(bdir), blob_id)
+    mgr.fill(0, 65536 * 4)                  # chunks 0..3, synced below
+    mgr.sync()
+    mgr.fill(65536 * 10, 65536)             # chunk 10: live only (no sync yet)
+    # simulate a crash: drop the objects without close()
+    os.close(mgr.cache.state.fd)
+    os.close(mgr.cache._own_fd)
+    live = bc.state_bits(bc.state_path(cdir, blob_id))
+    assert live[0] == 0x0F and live[1] & 0x04
+    # same boot: everything recorded is trusted
+    mgr2, _ = open_manager(cdir, CountingBackend(bdir), blob_id)
+    assert sorted(c.index for c in mgr2.meta.chunks if mgr2.cache.has(c)) == [0, 1, 2, 3, 10]
+    os.close(mgr2.cache.state.fd)
+    os.close(mgr2.cache._own_fd)
+    # pretend the host rebooted: a different boot id in the header
+    path = bc.state_path(cdir, blob_id)
+    with open(path, "r+b") as f:
+        f.seek(8 + 4 + 4 + 8 + 32)
+        f.write(b"\x01" * 16)
+    mgr3, _ = open_manager(cdir, CountingBackend(bdir), blob_id)
+    assert sorted(c.index for c in mgr3.meta.chunks if mgr3.cache.has(c)) == [0, 1, 2, 3]
+    mgr3.close()

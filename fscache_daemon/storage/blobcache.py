@@ -6,10 +6,13 @@ Files in the cache directory, per blob id:
 - `<id>.blob`     the cache file: sparse, exactly the blob's uncompressed size; every chunk
                   at its (4 KiB aligned) uncompressed offset. This is the file the kernel
                   reads (EROFS `device=` or a cachefiles object is filled from it).
-- `<id>.chunks`   the chunk-state record: a 64-byte header (magic, chunk count,
-                  uncompressed size, sha256 of the chunk map) then one bit per chunk index.
-                  A bit is set only after that chunk's data was verified, written, and the
-                  cache file fdatasync'd, so after any crash a set bit means good data.
+- `<id>.chunks`   the chunk-state record: a 96-byte header (magic, chunk count,
+                  uncompressed size, sha256 of the chunk map, boot id) then two bitmaps of
+                  one bit per chunk index: *live* (set right after a chunk's verified
+                  data was written) and *durable* (a copy taken before an fdatasync of the
+                  cache file, written after it). Same boot: live is trusted (a daemon
+                  crash loses no page-cache data); after a reboot only durable bits are.
+                  Either way a set bit means verified data in the cache file.
 - `<id>.map`      the chunk map (`BlobMeta.to_bytes()`), so a restart never fetches the
                   blob's chunk-info table again.
 
@@ -27,6 +30,7 @@ import os
 import struct
 import threading
 import time
+import uuid
 
 from erofs_tools.errors import CorruptImageError, ErofsToolsError
 from erofs_tools.reader import blob as rblob
@@ -38,9 +42,10 @@ from .stats import BlobStats
 log = logging.getLogger(__name__)
 
 STATE_MAGIC = b"FSCDCHK1"
-STATE_HEADER = struct.Struct("<8sIIQ32s8x")  # magic, version, chunks, usize, map sha256
-assert STATE_HEADER.size == 64
-STATE_VERSION = 1
+# magic, version, chunks, uncompressed size, sha256 of the chunk map, boot id
+STATE_HEADER = struct.Struct("<8sIIQ32s16s24x")
+assert STATE_HEADER.size == 96
+STATE_VERSION = 2
 
 
 def _write_atomic(path: str, data: bytes) -> None:
@@ -102,70 +107,119 @@ def load_or_fetch_meta(directory: str, blob_id: str, backend, entry=None, blob_s
     return meta, fetched
 
 
+def _boot_id() -> bytes:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return uuid.UUID(f.read().strip()).bytes
+    except (OSError, ValueError):
+        return bytes(16)
+
+
+def state_bits(path: str) -> bytes:
+    """The live bitmap of a chunk-state file (for tests and tools)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    _m, _v, n, _u, _d, _b = STATE_HEADER.unpack_from(data, 0)
+    nb = (n + 7) // 8
+    return data[STATE_HEADER.size:STATE_HEADER.size + nb]
+
+
 class ChunkState:
-    """The persistent bitmap of verified chunks of one blob (see module doc)."""
+    """The persistent record of verified chunks of one blob: two bitmaps.
+
+    The *live* bitmap gets a chunk's bit right after its verified data was written to
+    the cache file (no fsync: both sit in the page cache, so a daemon crash loses
+    neither). The *durable* bitmap is a copy of the live one taken before an fdatasync
+    of the cache file and written after it (`commit`, once a second and at close), so
+    every durable bit has its data on disk. The header records the boot id: after a
+    reboot (when the page cache, and with it unsynced data, may have been lost) only the
+    durable bitmap is trusted; within one boot the live one is.
+    """
 
     def __init__(self, path: str, nchunks: int, usize: int, map_digest: bytes):
         self.path = path
         self.nchunks = nchunks
-        self._header = STATE_HEADER.pack(STATE_MAGIC, STATE_VERSION, nchunks, usize, map_digest)
-        self.bits = bytearray((nchunks + 7) // 8)
+        self.nbytes = (nchunks + 7) // 8
+        self.boot_id = _boot_id()
+        self._ident = (STATE_MAGIC, STATE_VERSION, nchunks, usize, map_digest)
+        self.bits = bytearray(self.nbytes)
         self.count = 0
+        self._lock = threading.Lock()
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self.fd = fd
-        data = os.pread(fd, STATE_HEADER.size + len(self.bits), 0)
-        if data[:STATE_HEADER.size] == self._header and \
-                len(data) == STATE_HEADER.size + len(self.bits):
-            self.bits[:] = data[STATE_HEADER.size:]
-            # bits beyond nchunks must be zero
-            if nchunks % 8 and self.bits and self.bits[-1] >> (nchunks % 8):
-                log.warning("%s: stray bits past the last chunk; resetting", path)
-                self.reset()
-            self.count = sum(bin(b).count("1") for b in self.bits)
-        else:
+        data = os.pread(fd, STATE_HEADER.size + 2 * self.nbytes, 0)
+        ok = len(data) == STATE_HEADER.size + 2 * self.nbytes
+        if ok:
+            *ident, boot = STATE_HEADER.unpack_from(data, 0)
+            ok = tuple(ident) == self._ident
+        if not ok:
             if data:
                 log.warning("%s: chunk state does not match the chunk map; resetting", path)
             self.reset()
+            return
+        live = data[STATE_HEADER.size:STATE_HEADER.size + self.nbytes]
+        durable = data[STATE_HEADER.size + self.nbytes:]
+        if boot == self.boot_id:
+            self.bits[:] = live
+        else:
+            log.info("%s: written before the last reboot; trusting only synced chunks", path)
+            self.bits[:] = durable
+        if nchunks % 8 and self.bits and self.bits[-1] >> (nchunks % 8):
+            log.warning("%s: stray bits past the last chunk; resetting", path)
+            self.reset()
+            return
+        self.count = sum(bin(b).count("1") for b in self.bits)
+        os.pwrite(fd, self._header() + bytes(self.bits), 0)
+
+    def _header(self) -> bytes:
+        return STATE_HEADER.pack(*self._ident, self.boot_id)
 
     def reset(self) -> None:
-        self.bits[:] = bytes(len(self.bits))
-        self.count = 0
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, self._header + bytes(self.bits), 0)
-        os.fsync(self.fd)
+        with self._lock:
+            self.bits[:] = bytes(self.nbytes)
+            self.count = 0
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, self._header() + bytes(2 * self.nbytes), 0)
+            os.fsync(self.fd)
 
     def has(self, i: int) -> bool:
         return bool(self.bits[i >> 3] & (1 << (i & 7)))
 
     def clear(self, indexes) -> None:
-        for i in indexes:
-            if self.has(i):
-                self.bits[i >> 3] &= ~(1 << (i & 7)) & 0xFF
-                self.count -= 1
-        os.pwrite(self.fd, bytes(self.bits), STATE_HEADER.size)
-        os.fsync(self.fd)
+        with self._lock:
+            for i in indexes:
+                if self.has(i):
+                    self.bits[i >> 3] &= ~(1 << (i & 7)) & 0xFF
+                    self.count -= 1
+            snap = bytes(self.bits)
+            os.pwrite(self.fd, snap + snap, STATE_HEADER.size)
+            os.fsync(self.fd)
 
-    def set(self, indexes, sync: bool = True) -> None:
-        lo = hi = None
-        for i in indexes:
-            if not self.has(i):
-                self.bits[i >> 3] |= 1 << (i & 7)
-                self.count += 1
-            b = i >> 3
-            lo = b if lo is None else min(lo, b)
-            hi = b if hi is None else max(hi, b)
-        if lo is None:
-            return
-        os.pwrite(self.fd, bytes(self.bits[lo:hi + 1]), STATE_HEADER.size + lo)
-        if sync:
-            os.fdatasync(self.fd)
+    def set(self, indexes) -> None:
+        """Record chunks whose verified data is in the cache file (live bitmap)."""
+        with self._lock:
+            lo = hi = None
+            for i in indexes:
+                if not self.has(i):
+                    self.bits[i >> 3] |= 1 << (i & 7)
+                    self.count += 1
+                b = i >> 3
+                lo = b if lo is None else min(lo, b)
+                hi = b if hi is None else max(hi, b)
+            if lo is not None:
+                os.pwrite(self.fd, bytes(self.bits[lo:hi + 1]), STATE_HEADER.size + lo)
 
-    def sync(self) -> None:
+    def snapshot(self) -> bytes:
+        with self._lock:
+            return bytes(self.bits)
+
+    def commit(self, snap: bytes) -> None:
+        """Make `snap` (taken before the cache file's fdatasync) the durable bitmap."""
+        os.pwrite(self.fd, snap, STATE_HEADER.size + self.nbytes)
         os.fdatasync(self.fd)
 
     def close(self) -> None:
         if self.fd >= 0:
-            os.fsync(self.fd)
             os.close(self.fd)
             self.fd = -1
 
@@ -243,8 +297,8 @@ class BlobCache:
         self.write_fd = self._own_fd if fd is None else fd
 
     def store(self, pieces) -> None:
-        """Write verified `(chunk, data)` pieces at their uncompressed offsets, make the
-        data durable, then record the chunks as cached."""
+        """Write verified `(chunk, data)` pieces at their uncompressed offsets, then record
+        the chunks as cached (live bitmap; `sync_state` makes them durable)."""
         if not pieces:
             return
         for chunk, data in pieces:
@@ -258,14 +312,21 @@ class BlobCache:
                 n = os.pwrite(self.write_fd, view, off)
                 view = view[n:]
                 off += n
-        if self.durable:
-            os.fdatasync(self.write_fd)
-        self.state.set([c.index for c, _ in pieces], sync=False)
+        self.state.set([c.index for c, _ in pieces])
 
     def sync_state(self) -> None:
-        self.state.sync()
+        """fdatasync the cache file, then record what it holds as durable."""
+        snap = self.state.snapshot()
+        if self.durable:
+            os.fdatasync(self._own_fd)
+        self.state.commit(snap)
 
     def close(self) -> None:
+        if self._own_fd >= 0 and self.state.fd >= 0:
+            try:
+                self.sync_state()
+            except OSError as e:
+                log.warning("%s: final sync failed: %s", self.path, e)
         self.state.close()
         if self._own_fd >= 0:
             os.close(self._own_fd)

@@ -18,7 +18,7 @@ def percentile(sorted_values, q: float) -> float:
 class BlobStats:
     COUNTERS = ("requests", "requests_failed", "bytes_requested", "bytes_served_from_cache",
                 "requests_from_cache", "bytes_fetched", "prefetch_bytes", "backend_requests",
-                "backend_errors", "chunks_fetched", "verify_failures")
+                "backend_errors", "chunks_fetched", "verify_failures", "readahead_bytes")
 
     def __init__(self):
         self._lock = threading.Lock()

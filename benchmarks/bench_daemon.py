@@ -1,0 +1,315 @@
+#!/usr/bin/env python3
+"""fscache-daemon with the fanotify front end on this machine's kernel, side by side in
+one run (root; Linux 6.14+ with file-backed EROFS):
+
+    python3 benchmarks/bench_daemon.py [--mib 1024] [--json out.json]
+
+One image packed by `erofs-tools pack` (zstd, 1 MiB chunks, blake3) from a generated
+tree of MIB MiB (half random, half compressible text), served from a localfs backend.
+Every measurement starts with `drop_caches`.
+
+  cold      read every file once, sequentially, through a fresh lazy mount (the daemon
+            fetches, verifies, decompresses and writes every chunk)
+  direct    read and decompress + verify the same chunks straight from the blob in one
+            Python loop (the work the daemon cannot avoid, without the kernel round trip)
+            goal: cold >= 0.7 x direct
+  warm      after the cold pass (blob complete, its fanotify mark removed) read everything
+            again through the same mount: the kernel alone serves it
+  warm-new  the same, through a second mount made after the cache was complete (never
+            marked, so kernel readahead is on)
+  native    the bootstrap mounted file-backed with the uncompressed blob (no daemon)
+            goal: warm >= 0.95 x native
+  startup   read a 5% sample of the files: lazily through the daemon (mount + read)
+            against pulling everything first (copy the blob from the backend, expand it
+            with `erofs-tools mount`, then read the sample); goal lazy <= 0.2 x full
+  latency   per-request daemon latency p50/p99 (fanotify events that needed a fetch, and
+            all events) from the daemon's metrics
+
+Prints a table and one JSON document.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+READ_BUF = 1 << 20
+
+
+def drop_caches():
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
+def make_tree(root: Path, mib: int, seed: int = 7) -> int:
+    rnd = random.Random(seed)
+    words = [rnd.randbytes(rnd.randint(2, 8)).hex().encode() for _ in range(4000)]
+    root.mkdir(parents=True)
+    total, i = 0, 0
+    target = mib << 20
+    while total < target:
+        size = min(target - total, rnd.choice([16 << 10, 64 << 10, 256 << 10, 1 << 20,
+                                               3 << 20]))
+        half = size // 2
+        text = bytearray()
+        while len(text) < size - half:
+            text += b" ".join(rnd.choices(words, k=16)) + b"\n"
+        d = root / f"dir{i % 32:02d}"
+        d.mkdir(exist_ok=True)
+        (d / f"file{i:05d}").write_bytes(rnd.randbytes(half) + bytes(text[:size - half]))
+        total += size
+        i += 1
+    return i
+
+
+def files_of(root: Path) -> list[str]:
+    out = []
+    for d, _ds, fs in os.walk(root):
+        for n in fs:
+            out.append(os.path.relpath(os.path.join(d, n), root))
+    return sorted(out)
+
+
+def read_all(root: str, rels) -> int:
+    n = 0
+    buf = bytearray(READ_BUF)
+    for rel in rels:
+        with open(os.path.join(root, rel), "rb", buffering=0) as f:
+            while True:
+                k = f.readinto(buf)
+                if not k:
+                    break
+                n += k
+    return n
+
+
+def timed(fn, *a):
+    t0 = time.perf_counter()
+    r = fn(*a)
+    return time.perf_counter() - t0, r
+
+
+def best(repeat, fn, *a):
+    """Fastest of `repeat` runs, each after drop_caches."""
+    runs = []
+    for _ in range(repeat):
+        drop_caches()
+        runs.append(timed(fn, *a))
+    return min(runs)
+
+
+def direct_decode(blob_path: str, blob_id: str) -> int:
+    from erofs_tools.reader import blob as rblob
+    meta = rblob.open_blob(blob_path, blob_id=blob_id)
+    n = 0
+    with open(blob_path, "rb", buffering=0) as f:
+        fd = f.fileno()
+        for c in sorted(meta.chunks, key=lambda c: c.compressed_offset):
+            raw = os.pread(fd, c.compressed_size, c.compressed_offset)
+            n += len(rblob.decode_chunk(meta, c, raw))
+    return n
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--mib", type=int, default=1024, help="source tree size (MiB)")
+    ap.add_argument("--workdir", help="keep everything here (default: a temp dir on /var/tmp)")
+    ap.add_argument("--threads", type=int, default=4)
+    ap.add_argument("--repeat", type=int, default=3,
+                    help="runs per measurement; the best (fastest) run is reported")
+    ap.add_argument("--json", help="also write the results here")
+    args = ap.parse_args(argv)
+    if os.geteuid() != 0:
+        print("bench_daemon: needs root (mount, drop_caches)", file=sys.stderr)
+        return 2
+
+    import helpers
+    from test_daemon_support import DaemonProc, pack, release_holder
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-daemon-", dir="/var/tmp"))
+    work.mkdir(parents=True, exist_ok=True)
+    res = {"mib": args.mib, "kernel": os.uname().release, "cpus": os.cpu_count()}
+    src = work / "src"
+    if not src.exists():
+        t, nfiles = timed(make_tree, src, args.mib)
+        print(f"tree: {nfiles} files, {args.mib} MiB in {t:.1f}s", file=sys.stderr)
+    files = files_of(src)
+    boot, blobs = str(work / "boot"), str(work / "blobs")
+    if not os.path.exists(boot):
+        shutil.rmtree(blobs, ignore_errors=True)
+        t, info = timed(pack, str(src), boot, blobs)
+        (work / "pack.json").write_text(json.dumps(info))
+        print(f"pack: {t:.1f}s", file=sys.stderr)
+    info = json.loads((work / "pack.json").read_text())
+    b = info["blobs"][0]
+    blob_id, blob_path = b["blob_id"], os.path.join(blobs, b["blob_id"])
+    res.update(files=len(files), blob_compressed=b["compressed_size"],
+               blob_uncompressed=b["uncompressed_size"], chunks=b["chunk_count"])
+    ubytes = b["uncompressed_size"]
+
+    d = None
+    mounts = []
+    try:
+        # -- direct decode -------------------------------------------------------------
+        runs = []
+        for _ in range(args.repeat):
+            drop_caches()
+            runs.append(timed(direct_decode, blob_path, blob_id))
+        t, n = min(runs)
+        res["direct_s"], res["direct_MBps"] = t, n / t / 1e6
+        res["direct_runs_s"] = [round(r[0], 3) for r in runs]
+
+        # -- cold through the daemon (fresh daemon and cache per run) -------------------
+        mnt = str(work / "mnt")
+        os.makedirs(mnt, exist_ok=True)
+        ddir = work / "daemon"
+        cold = []
+        for i in range(args.repeat):
+            if d is not None:
+                d.umount(mnt)
+                mounts.remove(mnt)
+                d.cleanup()
+            shutil.rmtree(ddir, ignore_errors=True)
+            d = DaemonProc(str(ddir), threads=args.threads, extra=["--log-level", "INFO"])
+            d.start()
+            drop_caches()
+            d.mount(boot, mnt, f"localfs:{blobs}")
+            mounts.append(mnt)
+            t, n = timed(read_all, mnt, files)
+            cold.append((t, n, d.blob_metrics(blob_id)))
+        res["cold_runs_s"] = [round(c[0], 3) for c in cold]
+        t, n, m = min(cold, key=lambda c: c[0])
+        res["cold_s"], res["cold_MBps"] = t, n / t / 1e6
+        m = d.blob_metrics(blob_id)
+        res["cold_complete"] = m["complete"]
+        res["cold_requests"] = m["requests"]
+        res["cold_fetch_requests"] = m["requests"] - m["requests_from_cache"]
+        res["cold_readahead_bytes"] = m.get("readahead_bytes", 0)
+        res["latency_p50_ms"], res["latency_p99_ms"] = m["latency_p50_ms"], m["latency_p99_ms"]
+        res["latency_max_ms"] = m["latency_max_ms"]
+        res["daemon_rss_MiB"] = d.metrics()["process"]["rss_bytes"] / 2**20
+        res["cold_vs_direct"] = res["cold_MBps"] / res["direct_MBps"]
+
+        # -- warm, same mount (mark removed after completion) --------------------------
+        t, n = best(args.repeat, read_all, mnt, files)
+        res["warm_s"], res["warm_MBps"] = t, n / t / 1e6
+        res["warm_daemon_requests"] = d.blob_metrics(blob_id)["requests"] - m["requests"]
+
+        # -- warm, a new mount of the complete cache ----------------------------------
+        mnt2 = str(work / "mnt2")
+        os.makedirs(mnt2, exist_ok=True)
+        d.mount(boot, mnt2, f"localfs:{blobs}")
+        mounts.append(mnt2)
+        t, n = best(args.repeat, read_all, mnt2, files)
+        res["warm_new_s"], res["warm_new_MBps"] = t, n / t / 1e6
+
+        # -- native file-backed mount of the uncompressed blob -------------------------
+        native_dev = str(work / "native.blob")
+        if not os.path.exists(native_dev):
+            shutil.copyfile(os.path.join(d.cache_dir, "blobs", blob_id + ".blob"), native_dev)
+        mnt3 = str(work / "mnt3")
+        os.makedirs(mnt3, exist_ok=True)
+        helpers.sys_mount(boot, mnt3, "erofs", 1, f"device={native_dev}")
+        try:
+            t, n = best(args.repeat, read_all, mnt3, files)
+            res["native_s"], res["native_MBps"] = t, n / t / 1e6
+        finally:
+            helpers.sys_umount(mnt3)
+        res["warm_vs_native"] = res["warm_MBps"] / res["native_MBps"]
+        res["warm_new_vs_native"] = res["warm_new_MBps"] / res["native_MBps"]
+
+        for mp in list(mounts):
+            d.umount(mp)
+            mounts.remove(mp)
+        d.cleanup()
+        d = None
+
+        # -- startup set: 5% of the files ---------------------------------------------
+        sample = random.Random(5).sample(files, max(1, len(files) // 20))
+        res["startup_files"] = len(sample)
+        shutil.rmtree(ddir, ignore_errors=True)
+        d = DaemonProc(str(ddir), threads=args.threads, extra=["--log-level", "INFO"])
+        d.start()
+        drop_caches()
+        t0 = time.perf_counter()
+        d.mount(boot, mnt, f"localfs:{blobs}")
+        mounts.append(mnt)
+        read_all(mnt, sample)
+        res["startup_lazy_s"] = time.perf_counter() - t0
+        res["startup_lazy_fetched"] = d.blob_metrics(blob_id)["bytes_fetched"]
+        d.umount(mnt)
+        mounts.remove(mnt)
+        d.cleanup()
+        d = None
+
+        pulled = work / "pulled"
+        cache = work / "eager-cache"
+        shutil.rmtree(pulled, ignore_errors=True)
+        shutil.rmtree(cache, ignore_errors=True)
+        pulled.mkdir()
+        drop_caches()
+        t0 = time.perf_counter()
+        shutil.copyfile(blob_path, pulled / blob_id)               # "pull" the blob
+        subprocess.run([sys.executable, "-m", "erofs_tools", "mount", boot, mnt,
+                        "--blob-dir", str(pulled), "--cache-dir", str(cache)], check=True)
+        mounts.append(mnt)
+        read_all(mnt, sample)
+        res["startup_full_s"] = time.perf_counter() - t0
+        helpers.sys_umount(mnt)
+        mounts.remove(mnt)
+        res["startup_lazy_vs_full"] = res["startup_lazy_s"] / res["startup_full_s"]
+    finally:
+        for mp in mounts:
+            try:
+                helpers.sys_umount(mp, lazy=True)
+            except Exception:  # noqa: BLE001
+                pass
+        if d is not None:
+            d.mounts.clear()
+            d.cleanup()
+        release_holder(str(work / "daemon" / "cache" / "fdholder.sock"))
+
+    rows = [
+        ("cold read through daemon", f"{res['cold_MBps']:.0f} MB/s", ""),
+        ("direct read + decompress + verify", f"{res['direct_MBps']:.0f} MB/s",
+         f"cold/direct = {res['cold_vs_direct']:.2f} (goal >= 0.7)"),
+        ("warm read, same mount", f"{res['warm_MBps']:.0f} MB/s",
+         f"warm/native = {res['warm_vs_native']:.2f} (goal >= 0.95); "
+         f"daemon requests {res['warm_daemon_requests']}"),
+        ("warm read, new mount", f"{res['warm_new_MBps']:.0f} MB/s",
+         f"warm-new/native = {res['warm_new_vs_native']:.2f}"),
+        ("native file-backed mount", f"{res['native_MBps']:.0f} MB/s", ""),
+        (f"startup set ({res['startup_files']} files) lazy", f"{res['startup_lazy_s']:.2f} s",
+         f"fetched {res['startup_lazy_fetched'] / 2**20:.1f} MiB"),
+        ("startup set after full pull", f"{res['startup_full_s']:.2f} s",
+         f"lazy/full = {res['startup_lazy_vs_full']:.3f} (goal <= 0.2)"),
+        ("daemon latency (cold)", f"p50 {res['latency_p50_ms']:.2f} ms",
+         f"p99 {res['latency_p99_ms']:.2f} ms, max {res['latency_max_ms']:.1f} ms, "
+         f"{res['cold_requests']} requests"),
+    ]
+    print(f"\nimage: {res['files']} files, {ubytes / 2**20:.0f} MiB uncompressed, "
+          f"{res['blob_compressed'] / 2**20:.0f} MiB blob, {res['chunks']} chunks; "
+          f"kernel {res['kernel']}, {res['cpus']} CPUs")
+    for name, val, note in rows:
+        print(f"  {name:<38} {val:>12}  {note}")
+    doc = json.dumps(res, indent=1, sort_keys=True)
+    print(doc)
+    if args.json:
+        Path(args.json).write_text(doc)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
