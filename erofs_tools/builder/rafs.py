@@ -277,12 +277,17 @@ def _layout_constants(nblobs, nprefetch):
 
 
 def _write_bootstrap(nb, walker, bootstrap, opts, cdict, new_info, per_node, file_off,
-                     prefetch_nodes, ts):
+                     prefetch_nodes, ts, blob_list=None):
     # -- blob list: referenced dict blobs first, then the new one --------------------
-    used = sorted({sc.blob_index for chunks in per_node.values() for sc in chunks
-                   if sc.blob_index >= 0})
-    blobs = [cdict.blobs[i] for i in used]
-    remap = {old: new for new, old in enumerate(used)}
+    # (blob_list: the exact final list, chunks' blob_index already final; used by merge)
+    if blob_list is not None:
+        blobs = list(blob_list)
+        remap = {i: i for i in range(len(blobs))}
+    else:
+        used = sorted({sc.blob_index for chunks in per_node.values() for sc in chunks
+                       if sc.blob_index >= 0})
+        blobs = [cdict.blobs[i] for i in used]
+        remap = {old: new for new, old in enumerate(used)}
     if new_info is not None:
         remap[-1] = len(blobs)
         blobs.append(new_info)
