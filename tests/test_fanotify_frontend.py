@@ -25,7 +25,7 @@ import pytest
 
 from fscache_daemon.errors import FanotifyUnsupportedError, FrontendError
 from fscache_daemon.frontend import fanotify_abi as abi
-from fscache_daemon.frontend.fanotify import LocalGroup, PreContentWatcher
+from fscache_daemon.frontend.fanotify import PreContentWatcher
 
 REPO = Path(__file__).resolve().parent.parent
 CHILD_ENV = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
