@@ -1,0 +1,295 @@
+"""`erofs-tools merge`: flatten RAFS v6 layer bootstraps into one bootstrap.
+
+Layers are applied lowest first, as overlayfs would show them (docs/tar.md):
+
+- a whiteout (char device 0:0) in a layer removes NAME from the layers below and is not
+  itself shown; with whiteout_spec "oci", entries named `.wh.NAME` do the same and
+  `.wh..wh..opq` makes its directory opaque;
+- a directory with `trusted.overlay.opaque=y` hides everything below it (only the
+  layer's own children remain); the xattr itself is not kept in the merged image;
+- a directory over a directory merges the two, with the upper one's metadata and
+  xattrs; anything else replaces what was below (a file over a directory drops the
+  directory's subtree, a directory over a file replaces the file);
+- hardlinks inside one layer stay hardlinks (one inode, nlink = links that survive).
+
+No data is read or copied: every regular file keeps its chunk indexes, only the device
+ids change. The blob table is the union of every layer's blob table in layer order (a
+blob listed by several layers, e.g. through a chunk dict, appears once), so the merged
+image references every layer's blob, including those whose files were all whited out.
+`blob_ids` renames blobs (old id -> new id), e.g. to the sha256 of the blob file, which
+is how a blob is named in a registry (rafs-v6.md §11).
+"""
+import copy
+import os
+
+from erofs_tools._native import BuildOptions
+from erofs_tools.builder.blob import BLKSZ, StoredChunk
+from erofs_tools.builder.chunk_dict import BootstrapTables
+from erofs_tools.errors import CorruptImageError, InputError
+from erofs_tools.format import erofs as E
+from erofs_tools.format import rafs as R
+from erofs_tools.builder.whiteout import (OPAQUE_XATTR as OPAQUE, classify,
+                                          is_opaque, is_overlay_whiteout)
+from erofs_tools.reader.image import Image
+
+MERGE_WHITEOUT_SPECS = ("overlayfs", "oci")
+
+
+def _is_hex_id(s):
+    return len(s) == 64 and all(c in "0123456789abcdef" for c in s)
+
+
+class _M:
+    """A merged entry: metadata source (layer, inode) and, for directories, children."""
+    __slots__ = ("layer", "ino", "children")
+
+    def __init__(self, layer, ino, children=None):
+        self.layer = layer
+        self.ino = ino
+        self.children = children
+
+
+def _is_whiteout(ino):
+    return is_overlay_whiteout(ino.mode, ino.rdev if ino.is_dev() else (1, 1))
+
+
+def _compressor_of(flags):
+    for name, bit in R.COMPRESSION_FLAGS.items():
+        if flags & bit:
+            return name
+    return "none"
+
+
+class _Layer:
+    def __init__(self, index, path):
+        self.index = index
+        self.path = path
+        self.tables = BootstrapTables.read(path)
+        self.img = Image(path)
+        if not self.img.is_rafs:
+            raise InputError(f"{path}: not a RAFS v6 bootstrap")
+        self.chunks = {(c.blob_index, c.index): c for c in self.tables.chunks}
+        self.blob_map = {}          # local blob index -> merged index
+        self.xattr_cache = {}
+
+    def xattrs(self, ino):
+        return self.img.xattrs(ino)
+
+    def close(self):
+        self.img.close()
+
+
+def merge(bootstraps, output, blob_ids=None, whiteout_spec="overlayfs", timestamp=None):
+    """Write OUTPUT merged from BOOTSTRAPS (lowest first); -> summary dict."""
+    from erofs_tools.builder import rafs as RP
+    if not bootstraps:
+        raise InputError("merge needs at least one bootstrap")
+    if whiteout_spec not in MERGE_WHITEOUT_SPECS:
+        raise InputError(f"unknown whiteout spec {whiteout_spec!r} (choose overlayfs or oci)")
+    blob_ids = dict(blob_ids or {})
+    for old, new in blob_ids.items():
+        if not _is_hex_id(new):
+            raise InputError(f"blob id {new!r} for {old} is not 64 lowercase hex digits")
+    out_abs = os.path.abspath(output)
+    layers = []
+    try:
+        for i, p in enumerate(bootstraps):
+            if os.path.abspath(p) == out_abs:
+                raise InputError(f"{output}: output would overwrite an input bootstrap")
+            layers.append(_Layer(i, os.fspath(p)))
+        return _merge(layers, output, blob_ids, whiteout_spec, timestamp, RP)
+    finally:
+        for L in layers:
+            L.close()
+
+
+def _merge(layers, output, blob_ids, whiteout_spec, timestamp, RP):
+    # -- common parameters ---------------------------------------------------------------
+    chunk_size = digester = compressor = None
+    for L in layers:
+        ext = L.tables.ext
+        dg = L.tables.digester
+        if L.tables.blobs or L.tables.chunks:
+            if chunk_size is None:
+                chunk_size, digester = ext.s_chunk_size, dg
+                compressor = _compressor_of(ext.s_flags)
+            elif ext.s_chunk_size != chunk_size:
+                raise InputError(f"{L.path}: chunk size {ext.s_chunk_size} differs from "
+                                 f"{chunk_size} of the layers below")
+            elif dg != digester:
+                raise InputError(f"{L.path}: {dg} chunk digests differ from the {digester} "
+                                 "of the layers below")
+    if chunk_size is None:
+        chunk_size = layers[-1].tables.ext.s_chunk_size or R.CHUNK_SIZE_DEFAULT
+        digester = layers[-1].tables.digester
+        compressor = _compressor_of(layers[-1].tables.ext.s_flags)
+
+    # -- blob table: union in layer order --------------------------------------------------
+    blobs, by_id = [], {}
+    for L in layers:
+        for i, b in enumerate(L.tables.blobs):
+            new_id = blob_ids.get(b.blob_id, b.blob_id)
+            g = by_id.get(new_id)
+            if g is None:
+                g = by_id[new_id] = len(blobs)
+                nb_ = copy.copy(b)
+                nb_.blob_id = new_id
+                blobs.append(nb_)
+            L.blob_map[i] = g
+    if len(blobs) > R.MAX_BLOBS:
+        raise InputError(f"merged image would reference {len(blobs)} blobs "
+                         f"(at most {R.MAX_BLOBS})")
+
+    # -- the merged tree -----------------------------------------------------------------
+    top = layers[-1]
+    root = _M(top, top.img.inode(top.img.root_nid), {})
+    for L in layers:
+        img = L.img
+        rino = img.inode(img.root_nid)
+        root.layer, root.ino = L, rino
+        if is_opaque(img.xattrs(rino)):
+            root.children.clear()
+        stack = [(root, rino, b"/")]
+        seen_dirs = {img.root_nid}
+        while stack:
+            mdir, dino, path = stack.pop()
+            ents = img.listdir(dino)
+            whiteouts, opaque, keep = [], False, []
+            for d in ents:
+                ino = img.inode(d.nid)
+                if _is_whiteout(ino):
+                    whiteouts.append(d.name)
+                elif whiteout_spec == "oci" and classify(d.name)[0] is not None:
+                    kind, target = classify(d.name)
+                    if kind == "opaque":
+                        opaque = True
+                    elif kind == "whiteout":
+                        whiteouts.append(target)
+                else:
+                    keep.append((d, ino))
+            if opaque:
+                mdir.children.clear()
+            for name in whiteouts:
+                mdir.children.pop(name, None)
+            for d, ino in keep:
+                cpath = path + d.name if path.endswith(b"/") else path + b"/" + d.name
+                old = mdir.children.get(d.name)
+                if ino.is_dir():
+                    if d.nid in seen_dirs:
+                        raise CorruptImageError(f"{L.path}: {os.fsdecode(cpath)}: directory "
+                                                "linked twice")
+                    seen_dirs.add(d.nid)
+                    op = is_opaque(img.xattrs(ino))
+                    if old is not None and old.children is not None and not op:
+                        old.layer, old.ino = L, ino
+                        node = old
+                    else:
+                        node = _M(L, ino, {})
+                        mdir.children[d.name] = node
+                    stack.append((node, ino, cpath))
+                else:
+                    mdir.children[d.name] = _M(L, ino)
+
+    # -- emit ----------------------------------------------------------------------------
+    nblobs = len(blobs)
+    _, _, meta_addr = RP._layout_constants(nblobs, 0)
+    build_time = timestamp if timestamp is not None else max(
+        L.img.sb.build_time for L in layers)
+    bopts = BuildOptions(
+        meta_blkaddr=meta_addr // BLKSZ, first_nid=RP.ROOT_NID,
+        feature_compat=E.FEATURE_COMPAT_RAFS_V6,
+        feature_incompat=E.FEATURE_INCOMPAT_CHUNKED_FILE | E.FEATURE_INCOMPAT_DEVICE_TABLE,
+        sb_checksum=False, shared_xattrs=False, inline_data=True, force_extended=True,
+        build_time=build_time, build_time_nsec=0, uuid=bytes(16),
+        devt_slotoff=R.DEVT_SLOTOFF)
+    nb = RP._CountingBuilder(bopts)
+    chunk_bits = chunk_size.bit_length() - 1
+    ids = {}                  # (layer, nid) of non-directories -> node
+    scs = {}                  # (merged blob, ci index) -> StoredChunk
+    per_node, file_off, regular = {}, {}, set()
+    has_x = False
+
+    def add(m, path):
+        nonlocal has_x
+        L, ino = m.layer, m.ino
+        key = (L.index, ino.nid)
+        if m.children is None:
+            n = ids.get(key)
+            if n is not None:
+                return n, False
+        img = L.img
+        try:
+            rdev = ino.rdev if ino.is_dev() else (0, 0)
+            size = ino.size if (ino.is_reg() or ino.is_lnk()) else 0
+            n = nb.add_node(ino.mode, ino.uid, ino.gid, ino.mtime, ino.mtime_nsec, size,
+                            rdev[0], rdev[1])
+            if ino.is_lnk():
+                nb.set_bytes(n, img.readlink(ino))
+            for xn, xv in img.xattrs(ino):
+                if m.children is not None and xn == OPAQUE:
+                    continue
+                nb.add_xattr(n, xn, xv)
+                has_x = True
+            if ino.is_reg():
+                regular.add(n)
+                per_node[n] = _chunks(L, ino, chunk_bits, scs, file_off, path)
+        except (CorruptImageError, InputError) as e:
+            raise type(e)(f"{L.path}: {os.fsdecode(path)}: {e}") from None
+        if m.children is None:
+            ids[key] = n
+        return n, True
+
+    rid, _ = add(root, b"/")
+    nb.set_root(rid)
+    stack = [(root, rid, b"")]
+    while stack:
+        m, mid, path = stack.pop()
+        for name in sorted(m.children):
+            c = m.children[name]
+            cpath = path + b"/" + name
+            cid, new = add(c, cpath)
+            nb.add_child(mid, name, cid)
+            if c.children is not None:
+                stack.append((c, cid, cpath))
+
+    opts = RP.PackOptions(chunk_size=chunk_size, digester=digester, compressor=compressor)
+    result = RP._write_bootstrap(nb, _Tree(regular, has_x), output, opts, None, None,
+                                 per_node, file_off, [], build_time, blob_list=blobs)
+    result["layers"] = [L.path for L in layers]
+    return result
+
+
+def _chunks(L, ino, chunk_bits, scs, file_off, path):
+    out = []
+    size = ino.size
+    if size == 0:
+        return out
+    if ino.layout != E.LAYOUT_CHUNK_BASED:
+        raise CorruptImageError("regular file is not chunk-based")
+    for ref in L.img.chunks(ino, chunk_bits=chunk_bits):
+        if ref.hole:
+            raise InputError("files with chunk holes cannot be merged")
+        local = (ref.raw_device_id & 0xFF) - 1
+        g = L.blob_map.get(local)
+        if g is None:
+            raise CorruptImageError(f"chunk on device {local + 1}, the image has "
+                                    f"{len(L.blob_map)} blobs")
+        ci = L.chunks.get((local, ref.ci_index))
+        if ci is None:
+            raise CorruptImageError(f"chunk {ref.ci_index} of blob {local} is not in the "
+                                    "chunk info table")
+        k = (g, ci.index)
+        sc = scs.get(k)
+        if sc is None:
+            sc = scs[k] = StoredChunk(ci.digest, g, ci.index, ci.compressed_offset,
+                                      ci.compressed_size, ci.uncompressed_offset,
+                                      ci.uncompressed_size)
+            file_off[id(sc)] = ci.file_offset
+        out.append(sc)
+    return out
+
+
+class _Tree:
+    def __init__(self, regular, has_xattrs):
+        self.regular = regular
+        self.has_xattrs = has_xattrs
