@@ -58,12 +58,23 @@ def _read_prefetch(spec):
                    "(default: SOURCE_DATE_EPOCH if set, else keep the tree's mtimes).")
 @click.option("-j", "--jobs", type=click.IntRange(1, 1024),
               help="Hash/compress threads (default: number of CPUs).")
+@click.option("--type", "source_type", type=click.Choice(["dir", "tar", "targz", "tarzst"]),
+              default="dir", show_default=True,
+              help="SOURCE is a directory, or a tar stream (a file or '-' for stdin).")
+@click.option("--whiteout-spec", type=click.Choice(["oci", "overlayfs", "none"]),
+              default="oci", show_default=True,
+              help="Tar sources: oci turns .wh. entries into overlayfs whiteouts; "
+                   "overlayfs and none keep entries as they are.")
+@click.option("--max-size", default=None, metavar="BYTES",
+              help="Tar sources: most (decompressed) stream bytes to read (default 1 TiB).")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing on success.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print blob ids, sizes, chunk counts and dedup figures as JSON.")
 def pack(source, bootstrap, blob_dir, chunk_size, digester, compressor, chunk_dict,
-         prefetch_list, timestamp, jobs, quiet, as_json):
-    """Pack directory SOURCE into a RAFS v6 bootstrap and one chunked, deduplicated blob."""
+         prefetch_list, timestamp, jobs, source_type, whiteout_spec, max_size, quiet,
+         as_json):
+    """Pack directory SOURCE (or a tar stream with --type) into a RAFS v6 bootstrap and
+    one chunked, deduplicated blob."""
     opts = PackOptions(
         chunk_size=_parse_size(chunk_size), digester=digester, compressor=compressor,
         chunk_dicts=list(chunk_dict),
@@ -71,7 +82,13 @@ def pack(source, bootstrap, blob_dir, chunk_size, digester, compressor, chunk_di
         timestamp=parse_timestamp(timestamp) if timestamp is not None else None,
         workers=jobs)
     progress = Progress.maybe(enabled=not quiet and not as_json)
-    r = build_rafs(source, bootstrap, blob_dir, opts, progress=progress)
+    if source_type == "dir":
+        r = build_rafs(source, bootstrap, blob_dir, opts, progress=progress)
+    else:
+        from erofs_tools.builder.tar_source import DEFAULT_MAX_SIZE, pack_tar
+        r = pack_tar(source, bootstrap, blob_dir, opts, source_type=source_type,
+                     whiteout_spec=whiteout_spec,
+                     max_size=_parse_size(max_size) if max_size else DEFAULT_MAX_SIZE)
     if as_json:
         click.echo(json.dumps(r, sort_keys=True))
     elif not quiet:
