@@ -218,3 +218,25 @@ def test_inline_meta_blob(tmp_path):
     probs = [str(p) for p in check_image(img, img.blobs)]
     # the embedded bootstrap carries a placeholder blob id, so only the id check fails
     assert all("blob id" in p for p in probs), probs
+
+
+def test_cli_on_blob_with_inline_bootstrap(tmp_path):
+    """inspect/check/unpack accept a Nydus blob that carries its own bootstrap."""
+    toc_blob = NYDUS / "toc" / "2fa78cad554b75ac91a4a125ed148d0ddeb25efa4aaa8bd80e5dc292690a4dca"
+    p = run_cli("check", toc_blob)
+    assert p.returncode == 0 and b"clean" in p.stdout, p.stdout + p.stderr
+    p = run_cli("unpack", toc_blob, "-o", tmp_path / "out")
+    assert p.returncode == 0, p.stderr
+    assert sorted(os.listdir(tmp_path / "out")) == ["error.rs", "lib.rs", "logger.rs"]
+    p = run_cli("inspect", BLOB, "--json")
+    assert p.returncode == 0
+    import json
+    d = json.loads(p.stdout)
+    assert d["blob_id"] == BLOB_ID and len(d["chunks"]) == 2
+    # a changed byte in the blob's own bootstrap section fails its TOC digest
+    data = bytearray(toc_blob.read_bytes())
+    data[8100] ^= 0xFF
+    bad = tmp_path / toc_blob.name
+    bad.write_bytes(bytes(data))
+    p = run_cli("check", bad)
+    assert p.returncode == 1 and p.stderr.startswith(b"error: "), p.stdout + p.stderr

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from erofs_tools.errors import ErofsToolsError, InputError
+from erofs_tools.errors import CorruptImageError, ErofsToolsError, InputError
 from erofs_tools.reader.data import BlobSource
 from erofs_tools.reader.fsck import check_image
 from erofs_tools.reader.image import Image
@@ -25,11 +25,58 @@ device_opt = click.option("--device", "devices", multiple=True,
                                "repeatable (e.g. a blob cache file or mkfs --blobdev output).")
 
 
+def _inline_bootstrap(path):
+    """(bootstrap bytes, toc) of a Nydus blob carrying its bootstrap, else (None, toc)."""
+    from erofs_tools.format import rafs
+    from erofs_tools.reader.blob import file_reader, read_toc, read_toc_section
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        ra = file_reader(f)
+        toc = read_toc(ra, size)
+        if toc is None or rafs.TOC_NAME_BOOTSTRAP not in toc.entries:
+            return None, toc
+        return read_toc_section(ra, size, toc, rafs.TOC_NAME_BOOTSTRAP), toc
+
+
 def _open(image, blob_dir=None, devices=()):
-    img = Image(image)
-    if blob_dir or devices:
-        img.blobs = BlobSource(img, blob_dir=blob_dir, devices=list(devices))
+    """An image, or the bootstrap inside a Nydus blob (then the blob serves its data)."""
+    try:
+        img = Image(image)
+        blob_files = None
+    except CorruptImageError as first:
+        try:
+            boot, _toc = _inline_bootstrap(image)
+        except ErofsToolsError:
+            boot = None
+        if boot is None:
+            raise first from None
+        img = Image(boot, name=f"{image}:image.boot")
+        blob_files = {1: image} if len(img.devices) == 1 else None
+    if blob_dir or devices or blob_files:
+        img.blobs = BlobSource(img, blob_dir=blob_dir, devices=list(devices),
+                               blob_files=blob_files)
     return img
+
+
+def _blob_summary(path):
+    """inspect of a Nydus data blob without a bootstrap: TOC and chunk table."""
+    from erofs_tools.reader.blob import compute_blob_id, file_reader, open_blob
+    meta = open_blob(path)
+    _boot, toc = _inline_bootstrap(path)
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        bid = compute_blob_id(file_reader(f), size, meta.digest_region)
+    return {
+        "blob": path, "blob_id": bid, "size": size, "compressor": meta.compressor,
+        "digester": meta.digester, "chunk_size": meta.chunk_size,
+        "uncompressed_size": meta.uncompressed_size, "features": f"{meta.features:#x}",
+        "toc": {k.decode(): {"offset": e.compressed_offset, "size": e.compressed_size,
+                             "uncompressed_size": e.uncompressed_size, "flags": e.flags}
+                for k, e in (toc.entries.items() if toc else ())},
+        "chunks": [{"index": c.index, "uncompressed": [c.uncompressed_offset, c.uncompressed_size],
+                    "compressed": [c.compressed_offset, c.compressed_size],
+                    "digest": c.digest.hex() if c.digest else None} for c in meta.chunks],
+    }
 
 
 def _s(b):
@@ -89,8 +136,27 @@ def _inode_detail(img, path, ino):
 @device_opt
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def inspect_cmd(image, path, blob_dir, devices, as_json):
-    """Show the superblock, features and blobs of IMAGE, then the tree (or PATH in detail)."""
-    img = _open(image, blob_dir, devices)
+    """Show the superblock, features and blobs of IMAGE, then the tree (or PATH in detail).
+    IMAGE may also be a Nydus data blob (its TOC and chunk table are shown)."""
+    try:
+        img = _open(image, blob_dir, devices)
+    except CorruptImageError as e:
+        try:
+            d = _blob_summary(image)
+        except ErofsToolsError:
+            raise e from None
+        if as_json:
+            click.echo(json.dumps(d, indent=1))
+        else:
+            for k, v in d.items():
+                if k == "chunks":
+                    click.echo("chunks:")
+                    for c in v:
+                        click.echo("  " + " ".join(f"{a}={b}" for a, b in c.items()))
+                else:
+                    click.echo(f"{k}: {v}")
+        return
+    img = img
     if path is not None:
         ino = img.lookup(path)
         d = _inode_detail(img, os.fsencode(path), ino)

@@ -116,8 +116,9 @@ class BlobSource:
     for RAFS images, raw device files for plain EROFS images).
     """
 
-    def __init__(self, image, blob_dir=None, devices=None, verify=True):
+    def __init__(self, image, blob_dir=None, devices=None, verify=True, blob_files=None):
         self.image = image
+        self.blob_files = dict(blob_files or {})    # device -> path of a Nydus blob
         self.blob_dir = os.fspath(blob_dir) if blob_dir is not None else None
         if isinstance(devices, dict):
             self.device_paths = dict(devices)
@@ -129,6 +130,8 @@ class BlobSource:
     def path_of(self, device):
         if device in self.device_paths:
             return self.device_paths[device], "raw"
+        if device in self.blob_files:
+            return self.blob_files[device], "nydus"
         if self.blob_dir is None:
             return None, None
         tag = self.image.blob_id(device)
@@ -152,7 +155,10 @@ class BlobSource:
         if kind == "raw":
             d = _RawDevice(path)
         else:
-            meta, f = open_nydus_blob(path, self.image, device - 1, self.image.blob_id(device))
+            bid = self.image.blob_id(device)
+            if device in self.blob_files:
+                bid = None      # a blob given by path (e.g. one carrying its own bootstrap)
+            meta, f = open_nydus_blob(path, self.image, device - 1, bid)
             d = _NydusDevice(path, meta, f, self.verify)
         self._open[device] = d
         return d
