@@ -77,6 +77,12 @@ def mount_and_compare(boot, blob_dir, source, tmp, ignore=()):
     return devices
 
 
+def reader_check(boot, blob_dir):
+    """The reader's independent checker (erofs-tools check) accepts image and blobs."""
+    r = cli("check", boot, "--blob-dir", blob_dir, check=False)
+    assert r.returncode == 0, (r.stdout + r.stderr).decode(errors="replace")
+
+
 def build_rich_tree(root, with_devices=True):
     """A tree using every feature pack has to carry through."""
     root.mkdir()
@@ -151,6 +157,7 @@ def test_rich_tree_mounts_clean(rich, tmp_path, compressor, chunk_size):
     boot, blobs, r = do_pack(rich, tmp_path, compressor=compressor, chunk_size=chunk_size)
     assert len(r["blobs"]) == 1 and os.listdir(blobs) == [r["blob_id"]]
     assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
+    reader_check(boot, blobs)
     devices = mount_and_compare(boot, blobs, rich, tmp_path)
     assert os.path.getsize(devices[0]) == r["blobs"][0]["uncompressed_size"]
     t = BootstrapTables.read(str(boot))
@@ -272,6 +279,7 @@ def test_chunk_dict_stores_only_changed_chunks(tmp_path, compressor):
     assert r2["blobs"][0]["new"] is False and r2["blobs"][1]["new"] is True
     t = BootstrapTables.read(str(boot2))
     assert [b.blob_id for b in t.blobs] == [r1["blob_id"], r2["blob_id"]]
+    reader_check(boot2, blobs)
     if os.geteuid() == 0:
         mount_and_compare(boot2, blobs, v2, o2)
         # v1 still mounts from the same blob dir

@@ -29,6 +29,7 @@ from erofs_tools.format import rafs as R
 
 BLKSZ = 4096
 CI_ZSTD_LEVEL = 3
+WRITE_BATCH = 4 << 20      # chunks handed to the writer thread in groups of this size
 
 
 def round_up(n, a=BLKSZ):
@@ -171,7 +172,9 @@ class BlobWriter:
         self.info = None
         # chunk data is written and hashed (blob id) by a background thread, so the
         # sequential sha256 overlaps with chunking; the queue bounds memory to ~64 MiB
-        self._q = queue.Queue(maxsize=max(4, (64 << 20) // chunk_size))
+        self._q = queue.Queue(maxsize=max(2, (64 << 20) // max(WRITE_BATCH, chunk_size)))
+        self._buf = []
+        self._buf_bytes = 0
         self._error = None
         self._thread = threading.Thread(target=self._drain, name="erofs-blob-writer",
                                         daemon=True)
@@ -180,19 +183,23 @@ class BlobWriter:
     def _drain(self):
         f, h = self._f, self._hash
         while True:
-            data = self._q.get()
-            if data is None:
+            batch = self._q.get()
+            if batch is None:
                 return
             if self._error is None:
                 try:
-                    f.write(data)
-                    h.update(data)
+                    for data in batch:
+                        f.write(data)
+                        h.update(data)
                 except BaseException as e:   # reported by the next add_chunk / finish
                     self._error = e
 
     def _sync(self):
         """Stop the background writer; later writes are synchronous."""
         if self._thread is not None:
+            if self._buf:
+                self._q.put(self._buf)
+                self._buf = []
             self._q.put(None)
             self._thread.join()
             self._thread = None
@@ -205,7 +212,12 @@ class BlobWriter:
         if self._thread is not None and hashed:
             if self._error is not None:
                 self._sync()
-            self._q.put(data)
+            self._buf.append(data)
+            self._buf_bytes += len(data)
+            if self._buf_bytes >= WRITE_BATCH:
+                self._q.put(self._buf)
+                self._buf = []
+                self._buf_bytes = 0
         else:
             self._f.write(data)
             if hashed:

@@ -83,44 +83,44 @@ class Compressor:
 
 
 class _Claim:
-    """The stored bytes of one distinct chunk, filled in by the task that claimed it."""
-    __slots__ = ("event", "data", "error")
+    """The stored bytes of one distinct chunk, filled in by the batch that claimed it.
 
-    def __init__(self):
-        self.event = threading.Event()
+    No per-claim synchronisation: the consumer that needs the bytes before the owning
+    batch was consumed waits for that batch's future (ChunkPipeline._wait_batch).
+    """
+    __slots__ = ("data", "seq", "taken")
+
+    def __init__(self, seq):
         self.data = None
-        self.error = None
-
-    def set(self, data=None, error=None):
-        self.data, self.error = data, error
-        self.event.set()
-
-    def take(self):
-        self.event.wait()
-        if self.error is not None:
-            raise self.error
-        data, self.data = self.data, None
-        return data
+        self.seq = seq
+        self.taken = False
 
 
 class ChunkResult:
     """One chunk of one file, in file order."""
-    __slots__ = ("file_key", "file_offset", "size", "digest", "claim")
+    __slots__ = ("file_key", "file_offset", "size", "digest", "claim", "pipe")
 
-    def __init__(self, file_key, file_offset, size, digest, claim):
+    def __init__(self, file_key, file_offset, size, digest, claim, pipe):
         self.file_key = file_key
         self.file_offset = file_offset
         self.size = size
         self.digest = digest
         self.claim = claim          # None when the key was already known
+        self.pipe = pipe
 
     @property
     def key(self):
         return (self.digest, self.size)
 
     def stored_bytes(self):
-        """Stored form (compressed or raw) of a chunk this result claimed."""
-        return self.claim.take()
+        """Stored form (compressed or raw) of this chunk; call once per distinct key."""
+        c = self.claim
+        if c.taken:
+            raise RuntimeError("chunk bytes already taken")
+        if c.data is None:
+            self.pipe._wait_batch(c.seq)
+        data, c.data, c.taken = c.data, None, True
+        return data
 
 
 def _data_ranges(fd, size):
@@ -173,6 +173,7 @@ class ChunkPipeline:
         self._claims = {}
         self._lock = threading.Lock()
         self._zero_digests = {}
+        self._futures = {}
         self.bytes_read = 0
         self.bytes_hole = 0
 
@@ -183,25 +184,29 @@ class ChunkPipeline:
             d = self._zero_digests[size] = self.digest(bytes(size))
         return d
 
-    def _claim(self, key):
-        """-> _Claim if this caller must produce the data, else (None, claim-or-None)."""
+    def _claim(self, key, seq):
+        """-> (claim if this caller must produce the data else None, claim-or-None)."""
         if self._known(key):
             return None, None
+        c = self._claims.get(key)          # fast path without the lock
+        if c is not None:
+            return None, c
         with self._lock:
             c = self._claims.get(key)
             if c is not None:
                 return None, c
-            c = self._claims[key] = _Claim()
+            c = self._claims[key] = _Claim(seq)
             return c, c
 
     def _store(self, mine, data):
-        try:
-            mine.set(self.compressor.compress(data))
-        except BaseException as e:  # pragma: no cover - zstd failure
-            mine.set(error=e)
-            raise
+        mine.data = self.compressor.compress(data)
 
-    def _run_batch(self, batch):
+    def _wait_batch(self, seq):
+        fut = self._futures.get(seq)
+        if fut is not None:
+            fut.result()
+
+    def _run_batch(self, seq, batch):
         out = []
         fd = None
         cur = None
@@ -221,7 +226,7 @@ class ChunkPipeline:
                 if ranges is not None and not _overlaps(ranges, off, off + length):
                     digest = self.zero_digest(length)
                     self.bytes_hole += length
-                    mine, claim = self._claim((digest, length))
+                    mine, claim = self._claim((digest, length), seq)
                     if mine is not None:
                         self._store(mine, bytes(length))
                 else:
@@ -233,11 +238,11 @@ class ChunkPipeline:
                         raise InputError(f"{path} changed size while being packed")
                     self.bytes_read += length
                     digest = self.digest(data)
-                    mine, claim = self._claim((digest, length))
+                    mine, claim = self._claim((digest, length), seq)
                     if mine is not None:
                         self._store(mine, data)
                     del data
-                out.append(ChunkResult(file_key, off, length, digest, claim))
+                out.append(ChunkResult(file_key, off, length, digest, claim, self))
         finally:
             if fd is not None:
                 os.close(fd)
@@ -264,24 +269,28 @@ class ChunkPipeline:
         """Yield ChunkResult in (file order, offset order).
 
         A result whose `claim` is not None refers to a chunk whose stored bytes are
-        available through `stored_bytes()` (call it at most once per claim: the consumer
+        available through `stored_bytes()` (call it once per distinct key: the consumer
         does so the first time it meets the key).
         """
         pending = deque()
+        self._futures = {}
         with ThreadPoolExecutor(max_workers=self.workers,
                                 thread_name_prefix="erofs-chunk") as pool:
             try:
-                for batch in self._batches(files):
-                    pending.append(pool.submit(self._run_batch, batch))
+                for seq, batch in enumerate(self._batches(files)):
+                    fut = pool.submit(self._run_batch, seq, batch)
+                    self._futures[seq] = fut
+                    pending.append((seq, fut))
                     while len(pending) >= self.window:
-                        yield from pending.popleft().result()
+                        yield from self._pop(pending)
                 while pending:
-                    yield from pending.popleft().result()
+                    yield from self._pop(pending)
             finally:
-                for f in pending:
+                for _, f in pending:
                     f.cancel()
-                # wake up anything that might still wait on an unfinished claim
-                with self._lock:
-                    for c in self._claims.values():
-                        if not c.event.is_set():
-                            c.set(error=InputError("pack aborted"))
+
+    def _pop(self, pending):
+        seq, fut = pending.popleft()
+        out = fut.result()
+        del self._futures[seq]
+        return out

@@ -75,13 +75,16 @@ class _RafsBuilder(NativeBuilder):
 class _RafsWalker(TreeWalker):
     """The mkfs walker, remembering regular files, every path's node and hardlinks."""
 
-    def __init__(self, builder, options, source):
-        super().__init__(builder, options)
+    def __init__(self, builder, options, source, track_paths=False, on_entry=None):
+        super().__init__(builder, options, on_entry=on_entry)
         self.src = os.fsencode(source).rstrip(b"/") or b"/"
+        self.track_paths = track_paths   # only the prefetch list needs path -> node
         self.nodes_by_rel = {}       # b"a/b" -> node
-        self.children = {}           # dir node -> [child nodes]
         self.regular = set()
-        self.has_xattrs = False
+
+    @property
+    def has_xattrs(self):
+        return getattr(self.b, "_xattr_count", 0) > 0
 
     def _rel(self, path):
         p = os.fsencode(path)
@@ -91,23 +94,21 @@ class _RafsWalker(TreeWalker):
 
     def _add(self, path, st):
         node = super()._add(path, st)
-        rel = self._rel(path)
-        self.nodes_by_rel[rel] = node
-        if stat.S_ISREG(st.st_mode):
+        if self.track_paths:
+            self.nodes_by_rel[self._rel(path)] = node
+        if st.st_mode & 0o170000 == stat.S_IFREG:
             self.regular.add(node)
-            rec = self.b.files.setdefault(node, [os.fsencode(path), 0, False])
-            rec[1] = st.st_size
+            rec = self.b.files.get(node)
+            if rec is None:
+                self.b.files[node] = [os.fsencode(path), st.st_size, False]
+            else:
+                rec[1] = st.st_size
         return node
-
-    def _xattrs(self, path, node):
-        before = getattr(self.b, "_xattr_count", 0)
-        super()._xattrs(path, node)
-        if getattr(self.b, "_xattr_count", 0) != before:
-            self.has_xattrs = True
 
     def _link(self, dnode, name, node, path):
         super()._link(dnode, name, node, path)
-        self.nodes_by_rel[self._rel(path)] = node
+        if self.track_paths:
+            self.nodes_by_rel[self._rel(path)] = node
         p = os.fsencode(path)
         rec = self.b.files.get(node)
         if rec is not None and p < rec[0]:
@@ -200,7 +201,8 @@ def pack(source, bootstrap, blob_dir, opts=None, progress=None):
         sb_checksum=False, shared_xattrs=False, inline_data=True, build_time=ts,
         build_time_nsec=0, uuid=bytes(16), devt_slotoff=R.DEVT_SLOTOFF)
     nb = _CountingBuilder(bopts)
-    walker = _RafsWalker(nb, mk, source)
+    walker = _RafsWalker(nb, mk, source, track_paths=bool(prefetch),
+                         on_entry=progress.scan if progress is not None else None)
     walker.walk(source)
     prefetch_nodes, prefetch_files = _prefetch_order(walker, prefetch)
 
