@@ -201,3 +201,37 @@ def sample_layers():
 def is_whiteout_dev(path):
     st = os.lstat(path)
     return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+
+def make_oci_layout(path, layer_tars, gz=True, tag="v1", index=False):
+    """An OCI image layout at PATH holding one image made of LAYER_TARS (paths);
+    -> (layout, manifest). index=True wraps the manifest in a platform index."""
+    import gzip as _gzip
+    import hashlib
+    import json
+    from erofs_tools.registry import OciLayout, build_index, build_manifest, Descriptor
+    from erofs_tools.registry import mediatypes as mt
+    lay = OciLayout(path, create=True)
+    descs, diff_ids = [], []
+    for t in layer_tars:
+        raw = open(t, "rb").read()
+        diff_ids.append("sha256:" + hashlib.sha256(raw).hexdigest())
+        data = _gzip.compress(raw, mtime=0) if gz else raw
+        d = lay.write_blob(data)
+        descs.append(Descriptor(mt.OCI_LAYER_TAR_GZIP if gz else mt.OCI_LAYER_TAR,
+                                d.digest, d.size))
+    cfg = json.dumps({"architecture": "amd64", "os": "linux",
+                      "config": {"Env": ["PATH=/usr/bin"]},
+                      "rootfs": {"type": "layers", "diff_ids": diff_ids},
+                      "history": [{"created_by": f"layer {i}"} for i in range(len(descs))]
+                      }).encode()
+    c = lay.write_blob(cfg)
+    m = build_manifest(Descriptor(mt.OCI_CONFIG, c.digest, c.size), descs)
+    if index:
+        lay.put_manifest(m)
+        idx = build_index([Descriptor(mt.OCI_MANIFEST, m.digest, len(m.data),
+                                      platform={"os": "linux", "architecture": "amd64"})])
+        lay.put_manifest(idx, tag)
+    else:
+        lay.put_manifest(m, tag)
+    return lay, m

@@ -54,6 +54,10 @@ cli.lazy("check", "erofs_tools.cli.read_cmds:check_cmd")
 cli.lazy("unpack", "erofs_tools.cli.read_cmds:unpack_cmd")
 cli.lazy("stat", "erofs_tools.cli.read_cmds:stat_cmd")
 cli.lazy("pack", "erofs_tools.cli.pack:pack")
+cli.lazy("merge", "erofs_tools.cli.merge:merge_cmd")
+cli.lazy("convert", "erofs_tools.cli.registry_cmds:convert_cmd")
+cli.lazy("push", "erofs_tools.cli.registry_cmds:push_cmd")
+cli.lazy("pull", "erofs_tools.cli.registry_cmds:pull_cmd")
 
 
 def main(argv=None):
