@@ -383,3 +383,34 @@ def test_cli_mount_starts_daemon_status_umount(image, tmp_path):
         time.sleep(1)
         from test_daemon_support import release_holder
         release_holder(os.path.join(cache, "fdholder.sock"))
+
+
+def test_prefetch_list_fetched_after_mount(daemon, tmp_path):
+    src = write_tree(str(tmp_path / "src"), seed=8, nfiles=20, big=(2 << 20, 2 << 20))
+    plist = tmp_path / "prefetch.txt"
+    plist.write_text("/d1/big1.bin\n")
+    boot, blobs = str(tmp_path / "boot"), str(tmp_path / "blobs")
+    info = pack(src, boot, blobs, "--chunk-size", "0x10000", "--prefetch-list", str(plist))
+    assert info["prefetch_entries"] == 1
+    blob_id = info["blobs"][0]["blob_id"]
+    mnt = str(tmp_path / "mnt")
+    daemon.mount(boot, mnt, f"localfs:{blobs}")          # no --prefetch: the list only
+    want = {chunk_of_file(boot, blobs, "d1/big1.bin", off)[1].index
+            for off in range(0, 2 << 20, 0x10000)}
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        b = daemon.blob_metrics(blob_id)
+        if b["cached_chunks"] >= len(want):
+            break
+        time.sleep(0.05)
+    time.sleep(0.3)
+    b = daemon.blob_metrics(blob_id)
+    from fscache_daemon.storage import blobcache as bc
+    bits = bc.state_bits(bc.state_path(os.path.join(daemon.cache_dir, "blobs"), blob_id))
+    cached = {i for i in range(len(bits) * 8) if bits[i >> 3] & (1 << (i & 7))}
+    assert b["requests"] == 0 and cached == want, (sorted(cached), sorted(want))
+    assert not b["complete"]
+    # reading the listed file now needs no fetch
+    assert file_sha(os.path.join(mnt, "d1/big1.bin")) == file_sha(os.path.join(src, "d1/big1.bin"))
+    b2 = daemon.blob_metrics(blob_id)
+    assert b2["bytes_fetched"] == b["bytes_fetched"]
