@@ -126,11 +126,20 @@ class Image:
             else:
                 f = source
                 self.name = name or getattr(source, "name", "<image>")
-            size = os.fstat(f.fileno()).st_size
-            if size == 0:
+            try:
+                fd = f.fileno()
+            except (AttributeError, OSError, ValueError):
+                fd = None           # e.g. BytesIO: read it whole
+            if fd is None:
+                f.seek(0)
+                self.data = bytes(f.read())
+            elif os.fstat(fd).st_size == 0:
                 self.data = b""
             else:
-                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                try:
+                    self._mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+                except (OSError, ValueError) as e:
+                    raise CorruptImageError(f"{self.name}: cannot map ({e})") from None
                 self.data = self._mm
         self.size = len(self.data)
         self.blobs = blobs
