@@ -202,6 +202,39 @@ def test_plain_file_event_loop(workdir):
 
 
 @pytest.mark.root
+def test_marks_follow_inodes_not_paths(workdir):
+    """A cache file replaced at its path is a new file: it gets its own mark and writer."""
+    data = os.urandom(16384)
+    blob = workdir / "blob"
+    blob.write_bytes(data)
+    cache = _sparse(workdir / "cache", len(data))
+    filler = BlobFiller(blob)
+    with PreContentWatcher(filler) as w:
+        filler.watcher = w
+        w1 = w.mark(cache, "k")
+        assert w.mark(cache, "k") == w1  # idempotent
+        w.start()
+        old = os.open(cache, os.O_RDONLY)  # like a mount still using the old file
+        try:
+            os.unlink(cache)
+            _sparse(cache, len(data))
+            w2 = w.mark(cache, "k")
+            assert w2 != w1 and os.fstat(w2).st_ino != os.fstat(w1).st_ino
+            assert _pread_child(cache, 4096, 8).communicate(timeout=10)[0] == data[4096:4104]
+            # the old inode keeps its mark: its reader gets EIO, never zeros
+            p = subprocess.Popen([sys.executable, "-c",
+                                  f"import os,sys\ntry: os.pread({old},8,0)\n"
+                                  "except OSError as e: sys.exit(e.errno)"],
+                                 pass_fds=[old])
+            assert p.wait(timeout=10) == errno.EIO
+            assert sorted(w.channel._marks.paths()) == [str(cache)] * 2
+            w.unmark("k")
+            assert w.channel._marks.paths() == [str(cache)]  # the old inode's mark
+        finally:
+            os.close(old)
+
+
+@pytest.mark.root
 def test_writes_through_writer_fd_raise_no_events(workdir):
     """Kernel behaviour the fill contract rests on (measured, see docs/fanotify.md)."""
     cache = _sparse(workdir / "cache", 16384)

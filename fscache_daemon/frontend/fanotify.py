@@ -52,6 +52,76 @@ class PendingEvent:
     token: int
 
 
+class MarkTable:
+    """Marked cache files, by inode, each with a writer fd opened before its mark.
+
+    Keyed by inode, not path: a cache file replaced at the same path is a new file that
+    needs its own mark, while the old inode may still back a mount and keeps its mark.
+    Not thread-safe; callers lock.
+    """
+
+    def __init__(self, group_fd: int):
+        self.group_fd = group_fd
+        self._marks: dict[tuple[int, int], tuple[str, int]] = {}  # inode -> (path, wfd)
+
+    def __len__(self) -> int:
+        return len(self._marks)
+
+    def paths(self) -> list[str]:
+        return sorted(p for p, _ in self._marks.values())
+
+    def mark(self, path: str) -> tuple[bool, int]:
+        """(newly marked?, writer fd). The writer fd stays owned by the table."""
+        path = os.path.abspath(path)
+        try:
+            st = os.stat(path)
+            known = self._marks.get((st.st_dev, st.st_ino))
+        except FileNotFoundError:
+            known = None
+        if known is not None:
+            self._marks[(st.st_dev, st.st_ino)] = (path, known[1])
+            return False, known[1]
+        # opened *before* marking: an fd opened after the mark would raise events on its
+        # own writes, and a fill could wait on itself
+        wfd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            abi.mark_pre_access(self.group_fd, wfd, path)  # by fd: exactly this inode
+        except BaseException:
+            os.close(wfd)
+            raise
+        st = os.fstat(wfd)
+        self._marks[(st.st_dev, st.st_ino)] = (path, wfd)
+        return True, wfd
+
+    def unmark(self, path: str, inode: tuple[int, int] | None = None) -> tuple[int, int]:
+        """Unmark `inode` if given and marked; else the file at path; else (replaced or
+        deleted) the one last marked under path. Returns the inode unmarked."""
+        path = os.path.abspath(path)
+        key = inode if inode in self._marks else None
+        if key is None:
+            try:
+                st = os.stat(path)
+                if (st.st_dev, st.st_ino) in self._marks:
+                    key = (st.st_dev, st.st_ino)
+            except FileNotFoundError:
+                pass
+        if key is None:
+            keys = [k for k, (p, _) in self._marks.items() if p == path]
+            if not keys:
+                raise FrontendError(f"{path}: not marked")
+            key = keys[-1]
+        _, wfd = self._marks[key]
+        abi.unmark_pre_access(self.group_fd, wfd, path)
+        del self._marks[key]
+        os.close(wfd)
+        return key
+
+    def close_all(self) -> None:
+        for _, wfd in self._marks.values():
+            os.close(wfd)
+        self._marks.clear()
+
+
 class LocalGroup:
     """A fanotify group owned by this process (no crash protection: see module doc)."""
 
@@ -59,7 +129,7 @@ class LocalGroup:
         self.group_fd = abi.fanotify_init(
             abi.FAN_CLASS_PRE_CONTENT | abi.FAN_CLOEXEC | abi.FAN_NONBLOCK,
             os.O_RDWR | os.O_LARGEFILE)
-        self._writers: dict[str, int] = {}
+        self._marks = MarkTable(self.group_fd)
         self._lock = threading.Lock()
 
     def fileno(self) -> int:
@@ -86,37 +156,17 @@ class LocalGroup:
             os.close(ev.fd)
 
     def mark(self, path: str) -> int:
-        path = os.path.abspath(path)
         with self._lock:
-            if path in self._writers:
-                return self._writers[path]
-            # opened *before* marking: an fd opened after the mark would raise events on
-            # its own writes and a fill could wait on itself
-            wfd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-            try:
-                abi.mark_pre_access(self.group_fd, path)
-            except BaseException:
-                os.close(wfd)
-                raise
-            self._writers[path] = wfd
-            return wfd
+            return self._marks.mark(path)[1]
 
-    def unmark(self, path: str) -> None:
-        path = os.path.abspath(path)
+    def unmark(self, path: str, inode: tuple[int, int] | None = None) -> None:
         with self._lock:
-            wfd = self._writers.pop(path, None)
-            try:
-                abi.unmark_pre_access(self.group_fd, path)
-            finally:
-                if wfd is not None:
-                    os.close(wfd)
+            self._marks.unmark(path, inode)
 
     def close(self) -> None:
         """Closing the group allows every pending access (fail-open): unmount first."""
         with self._lock:
-            for wfd in self._writers.values():
-                os.close(wfd)
-            self._writers.clear()
+            self._marks.close_all()
             if self.group_fd >= 0:
                 os.close(self.group_fd)
                 self.group_fd = -1
@@ -180,6 +230,14 @@ class PreContentWatcher:
         st = os.fstat(wfd)
         m = _Marked(key, path, st.st_size, wfd)
         with self._lock:
+            old = self._by_key.get(key)
+            if old is not None and old.writer_fd != wfd:
+                # the key now names another file (replaced at its path): events on the old
+                # inode must not be "filled" through the new file; they get EIO instead
+                ost = os.fstat(old.writer_fd)
+                self._by_inode.pop((ost.st_dev, ost.st_ino), None)
+                log.warning("fanotify: key %r moved to a new file; the old one stays marked "
+                            "and its reads fail with EIO", key)
             self._by_inode[(st.st_dev, st.st_ino)] = m
             self._by_key[key] = m
         log.info("fanotify: marked %s (key %r, %d bytes)", path, key, st.st_size)
@@ -192,8 +250,9 @@ class PreContentWatcher:
             if m is None:
                 raise FrontendError(f"fanotify: key {key!r} is not marked")
             st = os.fstat(m.writer_fd)
-            self._by_inode.pop((st.st_dev, st.st_ino), None)
-        self._channel.unmark(m.path)
+            inode = (st.st_dev, st.st_ino)
+            self._by_inode.pop(inode, None)
+        self._channel.unmark(m.path, inode)
         log.info("fanotify: unmarked %s (key %r)", m.path, key)
 
     def writer_fd(self, key: Hashable) -> int:

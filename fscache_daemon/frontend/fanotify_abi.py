@@ -92,10 +92,20 @@ def fanotify_init(flags: int = FAN_CLASS_PRE_CONTENT | FAN_CLOEXEC,
     raise FrontendError(f"fanotify_init: {os.strerror(err)}")
 
 
-def fanotify_mark(group_fd: int, flags: int, mask: int, path: str | os.PathLike) -> None:
-    """fanotify_mark(2) on an inode by path; raises FrontendError naming the path."""
-    p = os.fsencode(os.path.abspath(path))
-    if _libc.fanotify_mark(group_fd, flags, mask, AT_FDCWD, p) == 0:
+def fanotify_mark(group_fd: int, flags: int, mask: int, target: str | os.PathLike | int,
+                  name: str | None = None) -> None:
+    """fanotify_mark(2) on an inode, by path or by an open fd (int).
+
+    By fd, the mark lands on exactly the inode that fd has open, so a file replaced at
+    the same path in between cannot be marked by mistake. `name` is for messages.
+    """
+    if isinstance(target, int):
+        dirfd, p = target, None
+        label = name or f"fd {target}"
+    else:
+        dirfd, p = AT_FDCWD, os.fsencode(os.path.abspath(target))
+        label = name or os.fsdecode(p)
+    if _libc.fanotify_mark(group_fd, flags, mask, dirfd, p) == 0:
         return
     err = ctypes.get_errno()
     what = "remove mark" if flags & FAN_MARK_REMOVE else "mark"
@@ -103,17 +113,19 @@ def fanotify_mark(group_fd: int, flags: int, mask: int, path: str | os.PathLike)
     if flags & FAN_MARK_ADD and err in (errno.EINVAL, errno.EOPNOTSUPP, errno.EXDEV,
                                         errno.ENOTSUP):
         raise FanotifyUnsupportedError(
-            f"{os.fsdecode(p)}: cannot {what} for pre-content events ({os.strerror(err)});"
+            f"{label}: cannot {what} for pre-content events ({os.strerror(err)});"
             " cache files must be on ext4, XFS or btrfs")
-    raise FrontendError(f"{os.fsdecode(p)}: fanotify {what} failed: {os.strerror(err)}")
+    raise FrontendError(f"{label}: fanotify {what} failed: {os.strerror(err)}")
 
 
-def mark_pre_access(group_fd: int, path: str | os.PathLike) -> None:
-    fanotify_mark(group_fd, FAN_MARK_ADD, FAN_PRE_ACCESS, path)
+def mark_pre_access(group_fd: int, target: str | os.PathLike | int,
+                    name: str | None = None) -> None:
+    fanotify_mark(group_fd, FAN_MARK_ADD, FAN_PRE_ACCESS, target, name)
 
 
-def unmark_pre_access(group_fd: int, path: str | os.PathLike) -> None:
-    fanotify_mark(group_fd, FAN_MARK_REMOVE, FAN_PRE_ACCESS, path)
+def unmark_pre_access(group_fd: int, target: str | os.PathLike | int,
+                      name: str | None = None) -> None:
+    fanotify_mark(group_fd, FAN_MARK_REMOVE, FAN_PRE_ACCESS, target, name)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ has read (with its event fd). A daemon connects over a unix socket:
   control connection (any number, request/reply):
     {"op":"hello"}              -> {"ok":true,"pid":N} + SCM_RIGHTS [dup of the group fd]
     {"op":"mark","path":P}      -> {"ok":true,"new":bool} + [writer fd opened before marking]
-    {"op":"unmark","path":P}    -> {"ok":true}
+    {"op":"unmark","path":P[,"inode":[dev,ino]]} -> {"ok":true,"inode":[dev,ino]}
     {"op":"status"}             -> {"ok":true,"marks":[...],"pending":N,"subscribed":bool}
   event connection (at most one, the live daemon):
     {"op":"subscribe"}          -> {"ok":true,"pending":N}, then a stream of
@@ -52,7 +52,7 @@ import time
 
 from fscache_daemon.errors import FanotifyUnsupportedError, FrontendError, HolderError
 from fscache_daemon.frontend import fanotify_abi as abi
-from fscache_daemon.frontend.fanotify import PendingEvent
+from fscache_daemon.frontend.fanotify import MarkTable, PendingEvent
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ class FdHolder:
         self.group_fd = abi.fanotify_init(
             abi.FAN_CLASS_PRE_CONTENT | abi.FAN_CLOEXEC | abi.FAN_NONBLOCK,
             os.O_RDWR | os.O_LARGEFILE)
-        self.marks: dict[str, int] = {}          # path -> writer fd opened before marking
+        self.marks = MarkTable(self.group_fd)    # with writer fds opened before marking
         self.pending: dict[int, tuple[int, abi.RawEvent]] = {}  # id -> (event fd, event)
         self.subscriber: socket.socket | None = None
         self.controls: dict[int, socket.socket] = {}
@@ -209,8 +209,7 @@ class FdHolder:
             os.unlink(self.sock_path)
         except FileNotFoundError:
             pass
-        for wfd in self.marks.values():
-            os.close(wfd)
+        self.marks.close_all()
         os.close(self.group_fd)
 
     def _accept(self) -> None:
@@ -379,10 +378,11 @@ class FdHolder:
                 new, wfd = self._mark(str(msg["path"]))
                 _send(conn, {"ok": True, "new": new}, [wfd])
             elif op == "unmark":
-                self._unmark(str(msg["path"]))
-                _send(conn, {"ok": True})
+                inode = msg.get("inode")
+                done = self._unmark(str(msg["path"]), tuple(inode) if inode else None)
+                _send(conn, {"ok": True, "inode": list(done)})
             elif op == "status":
-                _send(conn, {"ok": True, "marks": sorted(self.marks),
+                _send(conn, {"ok": True, "marks": self.marks.paths(),
                              "pending": len(self.pending),
                              "subscribed": self.subscriber is not None})
             else:
@@ -411,26 +411,15 @@ class FdHolder:
         self._flush()
 
     def _mark(self, path: str) -> tuple[bool, int]:
-        path = os.path.abspath(path)
-        if path in self.marks:
-            return False, self.marks[path]
-        wfd = os.open(path, os.O_RDWR | os.O_CLOEXEC)  # before the mark: see fanotify.py
-        try:
-            abi.mark_pre_access(self.group_fd, path)
-        except BaseException:
-            os.close(wfd)
-            raise
-        self.marks[path] = wfd
-        log.info("fd holder: marked %s", path)
-        return True, wfd
+        new, wfd = self.marks.mark(path)
+        if new:
+            log.info("fd holder: marked %s", path)
+        return new, wfd
 
-    def _unmark(self, path: str) -> None:
-        path = os.path.abspath(path)
-        abi.unmark_pre_access(self.group_fd, path)
-        wfd = self.marks.pop(path, None)
-        if wfd is not None:
-            os.close(wfd)
+    def _unmark(self, path: str, inode: tuple[int, int] | None) -> tuple[int, int]:
+        done = self.marks.unmark(path, inode)
         log.info("fd holder: unmarked %s", path)
+        return done
 
 
 # ------------------------------------------------------------------------------- client
@@ -451,7 +440,7 @@ class HolderChannel:
         self._send_lock = threading.Lock()
         self._ctl = self._connect(timeout)
         self._events: socket.socket | None = None
-        self._writers: dict[str, int] = {}
+        self._writers: dict[tuple[int, int], int] = {}  # inode -> our writer fd dup
         reply, fds = self._call({"op": "hello"}, maxfds=1)
         if len(fds) != 1:
             raise HolderError(f"{sock_path}: fd holder sent no group fd")
@@ -527,18 +516,24 @@ class HolderChannel:
 
     def mark(self, path: str) -> int:
         path = os.path.abspath(path)
-        if path in self._writers:
-            return self._writers[path]
         _, fds = self._call({"op": "mark", "path": path}, maxfds=1)
         if len(fds) != 1:
             raise HolderError(f"{path}: fd holder sent no writer fd")
-        self._writers[path] = fds[0]
-        return fds[0]
+        st = os.fstat(fds[0])
+        inode = (st.st_dev, st.st_ino)
+        if inode in self._writers:  # marked before: keep the dup we already handed out
+            os.close(fds[0])
+        else:
+            self._writers[inode] = fds[0]
+        return self._writers[inode]
 
-    def unmark(self, path: str) -> None:
-        path = os.path.abspath(path)
-        self._call({"op": "unmark", "path": path})
-        wfd = self._writers.pop(path, None)
+    def unmark(self, path: str, inode: tuple[int, int] | None = None) -> None:
+        """Unmark `inode` (as marked under path), or whatever is marked at path."""
+        req = {"op": "unmark", "path": os.path.abspath(path)}
+        if inode is not None:
+            req["inode"] = list(inode)
+        reply, _ = self._call(req)
+        wfd = self._writers.pop(tuple(reply.get("inode", ())), None)
         if wfd is not None:
             os.close(wfd)
 
