@@ -158,6 +158,12 @@ def open_stream(f, source_type="auto"):
     if source_type == "auto":
         f = _Peek(f)
         source_type = detect_type(f.head)
+    elif source_type == "tar":
+        f = _Peek(f)
+        kind = detect_type(f.head)
+        if kind != "tar":
+            raise InputError(f"input is {'gzip' if kind == 'targz' else 'zstd'}-compressed: "
+                             f"use --type {kind}")
     if source_type == "targz":
         return _Gunzip(f)
     if source_type == "tarzst":
@@ -652,6 +658,8 @@ class TarTree:
         if len(name) > 255:
             raise FormatLimitError(f"{_show(e.name)}: name longer than 255 bytes")
         kind, target = classify(name) if self.spec == "oci" else (None, None)
+        if self.spec == "oci" and any(classify(c)[0] == "meta" for c in parts[:-1]):
+            return None           # inside aufs metadata (.wh..wh.plnk/...): dropped
         if kind is not None:
             parent = self._parent(parts[:-1], e.name)
             if kind == "opaque":
