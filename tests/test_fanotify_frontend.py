@@ -7,7 +7,6 @@ watcher must never be able to hang the pytest process itself.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import select
@@ -21,6 +20,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import helpers
 import pytest
 
 from fscache_daemon.errors import FanotifyUnsupportedError, FrontendError
@@ -29,14 +29,10 @@ from fscache_daemon.frontend.fanotify import PreContentWatcher
 
 REPO = Path(__file__).resolve().parent.parent
 CHILD_ENV = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-MS_RDONLY = 1
-MNT_DETACH = 2
 
 
 def _missing(msg: str):
-    if os.environ.get("EROFS_TOOLS_CI") == "1":
-        pytest.fail(f"prerequisite missing in CI: {msg}")
-    pytest.skip(msg)
+    helpers.require(False, msg)  # skip, or fail under EROFS_TOOLS_CI=1
 
 
 # --------------------------------------------------------------------------- unit (no root)
@@ -296,24 +292,24 @@ def test_kernel_keeps_inflight_events_of_dead_reader(workdir):
 # ---------------------------------------------------------------------------- EROFS mount
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
-                        ctypes.c_char_p]
-_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
-
-
 def _mount_erofs(image: Path, mnt: Path, devices: list[Path]) -> None:
     # mount(2) directly: util-linux mount would put the image on a loop device, and loop
     # reads bypass the pre-content hook
-    opts = ",".join(f"device={d}" for d in devices).encode()
-    if _libc.mount(bytes(image), bytes(mnt), b"erofs", MS_RDONLY, opts) != 0:
-        err = ctypes.get_errno()
-        _missing(f"file-backed EROFS mount failed: {os.strerror(err)}")
+    helpers.require_root_kernel()
+    opts = ",".join(f"device={d}" for d in devices)
+    try:
+        helpers.sys_mount(image, mnt, "erofs", helpers.MS_RDONLY, opts)
+    except OSError as exc:
+        if exc.errno == errno.ENOTBLK:
+            _missing("kernel lacks file-backed EROFS mounts (6.12+)")
+        raise
 
 
 def _umount(mnt: Path) -> None:
-    if _libc.umount2(bytes(mnt), 0) != 0:
-        _libc.umount2(bytes(mnt), MNT_DETACH)
+    try:
+        helpers.sys_umount(mnt)
+    except OSError:
+        helpers.sys_umount(mnt, lazy=True)
 
 
 def _drop_caches() -> None:
