@@ -430,9 +430,12 @@ def _wait_sock(sock: Path, holder: subprocess.Popen) -> None:
 
 
 @pytest.mark.root
-def test_holder_protocol_errors(workdir):
+def test_holder_protocol_errors(workdir, monkeypatch):
     from fscache_daemon.errors import HolderError
+    from fscache_daemon.frontend import fdholder
     from fscache_daemon.frontend.fdholder import HolderChannel
+
+    monkeypatch.setattr(fdholder, "SUBSCRIBE_TIMEOUT", 0.3)
 
     sock = workdir / "holder.sock"
     holder = subprocess.Popen([sys.executable, "-m", "fscache_daemon.frontend.fdholder",

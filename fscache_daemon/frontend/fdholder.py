@@ -61,6 +61,8 @@ MAX_MSG = 64 * 1024
 EVENTS_PER_MSG = 64
 # a daemon that does not drain its socket for this long is treated as hung and dropped
 SEND_TIMEOUT = 5.0
+# how long a new daemon retries while the holder still sees a predecessor subscribed
+SUBSCRIBE_TIMEOUT = 3.0
 
 
 def _send(sock: socket.socket, obj: dict, fds: list[int] = ()) -> None:
@@ -396,6 +398,10 @@ class FdHolder:
 
     def _subscribe(self, conn: socket.socket) -> None:
         if self.subscriber is not None:
+            # a restarted daemon can ask before we noticed its predecessor hang up: read
+            # what the old connection holds (answers, then EOF) before deciding
+            self._from_subscriber()
+        if self.subscriber is not None:
             # two daemons answering one group would race on the same events
             _send(conn, {"ok": False, "error": "another daemon is subscribed"})
             conn.close()
@@ -478,13 +484,19 @@ class HolderChannel:
         if self._events is None:
             # subscribe lazily (from the loop): events must not pile up in the socket
             # before anyone reads them, and marks (keys) are registered by then
-            s = self._connect(10.0)
-            _send(s, {"op": "subscribe"})
-            reply, _ = _recv(s)
-            if not reply or not reply.get("ok"):
+            deadline = time.monotonic() + SUBSCRIBE_TIMEOUT
+            while True:
+                s = self._connect(10.0)
+                _send(s, {"op": "subscribe"})
+                reply, _ = _recv(s)
+                if reply and reply.get("ok"):
+                    break
                 s.close()
-                raise HolderError(f"{self.sock_path}: subscribe refused: "
-                                  f"{(reply or {}).get('error', 'connection closed')}")
+                why = (reply or {}).get("error", "connection closed")
+                # a predecessor that is exiting may still hold the subscription briefly
+                if time.monotonic() > deadline:
+                    raise HolderError(f"{self.sock_path}: subscribe refused: {why}")
+                time.sleep(0.1)
             s.settimeout(None)
             self._events = s
         return self._events.fileno()
