@@ -59,9 +59,10 @@ def make_tar(entries, fmt=tarfile.PAX_FORMAT, gz=False):
     return buf.getvalue()
 
 
-def run_cli(*args, input=None, check=True):
+def run_cli(*args, input=None, check=True, env=None):
     p = subprocess.run([sys.executable, "-m", "erofs_tools", *map(str, args)],
-                       input=input, capture_output=True)
+                       input=input, capture_output=True,
+                       env=None if env is None else {**os.environ, **env})
     if check:
         assert p.returncode == 0, f"{args[0]} failed: {p.stdout!r} {p.stderr!r}"
     return p
