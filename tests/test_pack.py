@@ -462,3 +462,30 @@ def test_unreadable_file_leaves_nothing(tmp_path, monkeypatch):
         pack(src, tmp_path / "boot", blobs, PackOptions())
     assert os.listdir(blobs) == []
     assert sorted(os.listdir(tmp_path)) == ["blobs", "src"]
+
+
+@pytest.mark.root
+def test_chunk_info_index_above_16_bits(tmp_path):
+    """CI indexes >= 65536 put bits 16-23 in device_id's high byte; the kernel masks them."""
+    need_root()
+    src = tmp_path / "src"
+    src.mkdir()
+    n = 66_000
+    data = os.urandom(4096 * n)
+    (src / "big").write_bytes(data)
+    (src / "after").write_bytes(b"last chunk of the blob")
+    boot, blobs, r = do_pack(src, tmp_path, chunk_size=4096, compressor="none")
+    assert r["chunks_new"] == n + 1
+    stats = validate_rafs_bootstrap(open(boot, "rb").read())
+    assert stats["chunks"] == n + 1
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    cli("mount", boot, mnt, "--blob-dir", blobs, "--cache-dir", tmp_path / "c")
+    try:
+        with open(mnt / "big", "rb") as f:
+            for k in (0, 65535, 65536, 65999, 12345):
+                f.seek(4096 * k)
+                assert f.read(4096) == data[4096 * k:4096 * (k + 1)], k
+        assert (mnt / "after").read_bytes() == b"last chunk of the blob"
+    finally:
+        cli("umount", mnt)

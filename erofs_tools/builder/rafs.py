@@ -22,6 +22,7 @@ at the end, its offset/size in the ext superblock, the prefetch nids, the device
 mapped_blkaddr (which depends on the final bootstrap size), sb.blocks (sum of the blob
 blocks, 0 without blobs) and devt_slotoff when there is no blob.
 """
+import gc
 import os
 import stat
 import tempfile
@@ -178,6 +179,18 @@ def pack(source, bootstrap, blob_dir, opts=None, progress=None):
     Nothing is left behind on error: blob and bootstrap are written under temporary
     names and renamed only when both are complete.
     """
+    # The pack allocates a few objects per entry and per chunk and frees nothing until
+    # the end; the cyclic GC would only rescan them (measured 5-8 % of the CPU time).
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _pack(source, bootstrap, blob_dir, opts, progress)
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _pack(source, bootstrap, blob_dir, opts, progress):
     opts = opts or PackOptions()
     opts.check()
     t0 = time.monotonic()
