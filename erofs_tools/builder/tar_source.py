@@ -124,6 +124,73 @@ class _Unzstd:
             raise _err(f"bad zstd data: {e}") from None
 
 
+class _Prefetch:
+    """Run a decompressing stream on its own thread (zlib and zstd release the GIL), a
+    few 1 MiB pieces ahead of the parser; read(n) -> up to n bytes."""
+
+    PIECE = 1 << 20
+
+    def __init__(self, inner, depth=8):
+        import queue
+        import threading
+        self.q = queue.Queue(maxsize=depth)
+        self.buf = b""
+        self.pos = 0
+        self.done = False
+        self.stop = threading.Event()
+        self.t = threading.Thread(target=self._run, args=(inner,), daemon=True,
+                                  name="erofs-untar-inflate")
+        self.t.start()
+
+    def _run(self, inner):
+        import queue
+        try:
+            while not self.stop.is_set():
+                piece = inner.read(self.PIECE)
+                item = piece
+                while not self.stop.is_set():
+                    try:
+                        self.q.put(item, timeout=0.2)
+                        break
+                    except queue.Full:
+                        continue
+                if not piece:
+                    return
+        except BaseException as e:
+            try:
+                self.q.put(e, timeout=5)
+            except Exception:
+                pass
+
+    def read(self, n):
+        if self.pos >= len(self.buf):
+            if self.done:
+                return b""
+            item = self.q.get()
+            if isinstance(item, BaseException):
+                self.done = True
+                if isinstance(item, ErofsToolsError):
+                    raise item
+                raise InputError(f"cannot read the tar stream: {item}") from None
+            if not item:
+                self.done = True
+                return b""
+            self.buf, self.pos = item, 0
+        out = self.buf[self.pos:self.pos + n] if (self.pos or n < len(self.buf)) else self.buf
+        self.pos += len(out)
+        return out
+
+    def close(self):
+        self.stop.set()
+        import queue
+        try:
+            while True:
+                self.q.get_nowait()
+        except queue.Empty:
+            pass
+        self.t.join(timeout=5)
+
+
 def detect_type(head):
     if head[:2] == b"\x1f\x8b":
         return "targz"
@@ -165,9 +232,9 @@ def open_stream(f, source_type="auto"):
             raise InputError(f"input is {'gzip' if kind == 'targz' else 'zstd'}-compressed: "
                              f"use --type {kind}")
     if source_type == "targz":
-        return _Gunzip(f)
+        return _Prefetch(_Gunzip(f))
     if source_type == "tarzst":
-        return _Unzstd(f)
+        return _Prefetch(_Unzstd(f))
     return f
 
 
@@ -958,6 +1025,7 @@ def pack_tar(source, bootstrap, blob_dir, opts=None, source_type="auto",
     else:
         raw, close, name = source, (lambda: None), getattr(source, "name", "<stream>")
     tree = TarTree(whiteout_spec, timestamp=ts)
+    stream = None
     writer = BlobWriter(blob_dir, opts.chunk_size, opts.compressor, opts.digester,
                         blob_index=-1)
     stored, per_key, file_off = {}, {}, {}
@@ -971,7 +1039,8 @@ def pack_tar(source, bootstrap, blob_dir, opts=None, source_type="auto",
                           workers=opts.workers, known=known)
     try:
         try:
-            reader = TarReader(open_stream(raw, source_type), max_size)
+            stream = open_stream(raw, source_type)
+            reader = TarReader(stream, max_size)
             for r in pipe.run(stream_chunks(reader, tree, opts.chunk_size)):
                 key = r.key
                 stats["chunks_total"] += 1
@@ -993,6 +1062,8 @@ def pack_tar(source, bootstrap, blob_dir, opts=None, source_type="auto",
                     file_off.setdefault(id(sc), r.file_offset)
                 per_key.setdefault(r.file_key, []).append(sc)
         finally:
+            if hasattr(stream, "close") and isinstance(stream, _Prefetch):
+                stream.close()
             close()
         new_info = writer.finish(commit=False)
     except BaseException:
