@@ -28,6 +28,8 @@ def test_fuzz_reader_cases():
     # mutations reach deep: some cases still unpack, many are rejected
     o = res["outcomes"]
     assert o.get("unpack:ok", 0) > CASES // 10 and o.get("open:err", 0) > CASES // 20
+    # whatever check calls clean, unpack extracts (check misses no rule unpack enforces)
+    assert o.get("check-clean-unpack-failed", 0) == 0, res["check_clean_but_unpack_failed"]
 
 
 def test_fuzz_case_is_reproducible():

@@ -145,6 +145,8 @@ def check_image(img: Image, blobs=None, verify_data=True):
                 add(path, f"dirent file type {de.file_type} does not match mode {ino.mode:o}")
         if ino.mtime_nsec >= 10**9:
             add(path, f"mtime nanoseconds {ino.mtime_nsec} out of range")
+        elif ino.mtime * 10**9 + ino.mtime_nsec >= 1 << 63:
+            add(path, f"mtime {ino.mtime} beyond what a file system can hold")
         if not ino.reserved_ok:
             add(path, "extended inode i_nb (reserved) is not 0")
         try:
