@@ -254,3 +254,26 @@ def test_pull_of_a_plain_image_is_refused(tmp_path, registry):
     p = run_cli("convert", f"{registry.host}/n/a:1", f"{registry.host}/n/b:1", "--insecure",
                 check=False)
     assert p.returncode == 1 and b"already a Nydus image" in p.stderr
+
+
+@pytest.mark.root
+def test_lazy_mount_of_converted_image_through_the_daemon(tmp_path, registry):
+    """pull without --blobs, then the fscache daemon mounts the bootstrap lazily with the
+    registry backend: it fetches /v2/<repo>/blobs/sha256:<blob id> by range."""
+    from test_daemon_support import DaemonProc, require_lazy_kernel
+    require_lazy_kernel()
+    tars = _source_image(tmp_path, registry)
+    _convert(tmp_path, registry, "src/app:v1", "nydus/lazy:v1")
+    out = str(tmp_path / "pulled")
+    p = _pull(tmp_path, registry, "nydus/lazy:v1", out)
+    assert os.listdir(out) == ["image.boot"]
+    ref = reference_rootfs(tars, str(tmp_path / "ref"))
+    d = DaemonProc(str(tmp_path / "d")).start()
+    try:
+        mnt = str(tmp_path / "mnt")
+        d.mount(p["bootstrap"], mnt, f"registry:{registry.host}/nydus/lazy:v1")
+        _assert_same(ref, mnt)
+        m = d.metrics()
+        assert set(m["blobs"]) == set(p["blobs"])
+    finally:
+        d.cleanup()
