@@ -389,3 +389,52 @@ def test_no_write_outside_image(tmp_path):
     with mounted_rafs(tmp_path / "h.boot", tmp_path / "blobs") as mnt:
         assert os.listdir(os.path.join(mnt, "tmp")) == ["evil"]
         assert os.readlink(os.path.join(mnt, "y")) == "../../../../"
+
+
+def test_zstd_stream_and_auto_detection(tmp_path):
+    import zstandard
+    raw = make_tar([E("d", "dir"), E("d/f", data=os.urandom(300000)),
+                    E("d/g", data=b"g" * 100)])
+    (tmp_path / "l.tar.zst").write_bytes(zstandard.ZstdCompressor().compress(raw))
+    (tmp_path / "l.tar").write_bytes(raw)
+    (tmp_path / "b").mkdir()
+    pack_tar(tmp_path / "l.tar", tmp_path / "1.boot", tmp_path / "b", "-T", "1")
+    pack_tar(tmp_path / "l.tar.zst", tmp_path / "2.boot", tmp_path / "b", "-T", "1",
+             "--type", "tarzst")
+    assert (tmp_path / "1.boot").read_bytes() == (tmp_path / "2.boot").read_bytes()
+    from erofs_tools.builder.tar_source import pack_tar as api_pack
+    r = api_pack(str(tmp_path / "l.tar.zst"), str(tmp_path / "3.boot"), str(tmp_path / "b"),
+                 source_type="auto")
+    assert r["entries"] == 3
+
+
+def test_pax_sparse_0_0_and_libarchive_xattrs(tmp_path):
+    """Records written by hand: GNU.sparse 0.0 (offset/numbytes pairs) and a
+    LIBARCHIVE.xattr (url-encoded name, base64 value)."""
+    import base64
+
+    def rec(k, v):
+        body = k + b"=" + v + b"\n"
+        n = len(body) + 2
+        while len(str(n).encode()) + 1 + len(body) != n:
+            n += 1
+        return str(n).encode() + b" " + body
+
+    data = b"AAAA" + b"BB"
+    pax = (rec(b"GNU.sparse.size", b"20000") + rec(b"GNU.sparse.numblocks", b"2")
+           + rec(b"GNU.sparse.offset", b"0") + rec(b"GNU.sparse.numbytes", b"4")
+           + rec(b"GNU.sparse.offset", b"19998") + rec(b"GNU.sparse.numbytes", b"2")
+           + rec(b"GNU.sparse.name", b"sp")
+           + rec(b"LIBARCHIVE.xattr.user.a%3Db", base64.b64encode(b"\x00\xff")))
+    out = _hdr("./PaxHeaders/sp", len(pax), b"x") + pax + bytes(-len(pax) % 512)
+    out += _hdr("GNUSparseFile.0/sp", len(data)) + data + bytes(-len(data) % 512)
+    out += bytes(1024)
+    p = _pack_bytes(tmp_path, out)
+    assert p.returncode == 0, p.stderr
+    from erofs_tools.reader.image import open_image
+    with open_image(str(tmp_path / "h.boot"), blob_dir=str(tmp_path / "blobs")) as img:
+        ino = img.lookup("/sp")
+        assert ino.size == 20000
+        got = img.read_data(ino)
+        assert got == b"AAAA" + bytes(19994) + b"BB"
+        assert img.xattrs(ino) == [(b"user.a=b", b"\x00\xff")]
