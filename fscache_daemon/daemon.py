@@ -762,10 +762,11 @@ class Daemon:
         return n
 
     def fast_path(self, blob_id: str, offset: int, length: int) -> bool:
+        t0 = time.perf_counter()
         mgr = self.blobs.get(blob_id)
         if mgr is None or not mgr.is_cached(offset, length):
             return False
-        mgr.stats.record_request(length, True, 0.0, False)
+        mgr.stats.record_request(length, True, time.perf_counter() - t0, False)
         return True
 
     # -- mount / umount -----------------------------------------------------------------

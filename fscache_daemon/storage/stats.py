@@ -24,6 +24,7 @@ class BlobStats:
         self._lock = threading.Lock()
         self.counters = dict.fromkeys(self.COUNTERS, 0)
         self._lat = collections.deque(maxlen=LATENCY_SAMPLES)
+        self._miss_lat = collections.deque(maxlen=LATENCY_SAMPLES)   # requests that fetched
         self.latency_sum = 0.0
 
     def add(self, **kw) -> None:
@@ -41,6 +42,8 @@ class BlobStats:
             if from_cache:
                 c["requests_from_cache"] += 1
                 c["bytes_served_from_cache"] += nbytes
+            else:
+                self._miss_lat.append(seconds)
             self._lat.append(seconds)
             self.latency_sum += seconds
 
@@ -48,9 +51,12 @@ class BlobStats:
         with self._lock:
             out = dict(self.counters)
             lat = sorted(self._lat)
+            miss = sorted(self._miss_lat)
             total = self.latency_sum
         out["latency_p50_ms"] = round(percentile(lat, 0.50) * 1000, 3)
         out["latency_p99_ms"] = round(percentile(lat, 0.99) * 1000, 3)
         out["latency_max_ms"] = round((lat[-1] if lat else 0.0) * 1000, 3)
         out["latency_sum_s"] = round(total, 6)
+        out["fetch_latency_p50_ms"] = round(percentile(miss, 0.50) * 1000, 3)
+        out["fetch_latency_p99_ms"] = round(percentile(miss, 0.99) * 1000, 3)
         return out
