@@ -438,3 +438,11 @@ def test_pax_sparse_0_0_and_libarchive_xattrs(tmp_path):
         got = img.read_data(ino)
         assert got == b"AAAA" + bytes(19994) + b"BB"
         assert img.xattrs(ino) == [(b"user.a=b", b"\x00\xff")]
+
+
+def test_v7_directory_with_trailing_slash(tmp_path):
+    p = _pack_bytes(tmp_path, _raw_tar(("olddir/", b"", b"0", b""),
+                                       ("olddir/f", b"x", b"0", b"")))
+    assert p.returncode == 0, p.stderr
+    with Image(str(tmp_path / "h.boot")) as img:
+        assert img.lookup("/olddir").is_dir()

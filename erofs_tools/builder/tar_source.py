@@ -709,6 +709,8 @@ class TarTree:
         """Place entry e; -> TNode whose data the caller must stream (regular files),
         else None."""
         t = e.type
+        if t in (b"0", b"\0", b"7") and e.name.endswith(b"/"):
+            t = b"5"              # v7 / old GNU: a "file" whose name ends in '/' is a dir
         parts = _split(e.name, e.name)
         self.entries += 1
         if t in (b"V",):
