@@ -188,7 +188,9 @@ class _Prefetch:
                 self.q.get_nowait()
         except queue.Empty:
             pass
-        self.t.join(timeout=5)
+        # wait for the thread: after close() the caller may read the underlying stream
+        # itself (convert reads the rest of a layer to check its digest)
+        self.t.join()
 
 
 def detect_type(head):
