@@ -268,3 +268,13 @@ def test_pack_round_trip(tmp_path, source255):
     out = tmp_path / "out"
     unpack_to_dir(img, out)
     assert compare_trees(source, out, check_nlink=True) == []
+    # stat: the compressed bytes of the unique chunks are exactly the blob's data region
+    d, _ = image_stats(img)
+    (blob_name,) = os.listdir(blobs)
+    meta = img.blobs.meta(1)
+    data_end = max(c.compressed_offset + c.compressed_size for c in meta.chunks)
+    assert d["bytes_after_compression"] - d["bytes_flat"] == data_end
+    with open(blobs / blob_name, "rb") as f:
+        f.seek(data_end)
+        assert f.read(10) == b"image.blob"
+    assert d["unique_chunks"] == len(meta.chunks)
