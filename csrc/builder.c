@@ -13,6 +13,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -53,7 +54,32 @@ struct node {
     uint32_t xattr_isize;
     uint32_t tail;          /* inline tail bytes */
     uint32_t ino;           /* i_ino (order + 1) */
+    uint32_t xa_max;        /* xattr ibody size if every xattr were inline */
     uint8_t dkind, layout, extended, placed;
+    uint8_t streamed, stream_inline;
+    uint8_t *tailbuf;       /* stream mode: inline tail read by the worker (or NULL) */
+};
+
+/* a copy job for the stream worker: everything it needs, nothing shared */
+struct job {
+    struct job *next;
+    char *path;
+    uint64_t src_off, out_off, full, tail_src_off, expect_size;
+    uint8_t *tailbuf;
+    uint32_t tail;
+    uint64_t *sparse;       /* D_SPARSE: chunk entries (1 | blk << 32) or NULL */
+    uint32_t nchunks;
+    uint64_t csz, size;
+};
+
+/* data transfer context: one per thread (own buffer, own error message) */
+struct xfer {
+    int out;
+    uint32_t blksz;
+    uint8_t *buf;
+    volatile uint64_t *bytes;
+    int code;
+    char err[600];
 };
 
 struct dirent_rec {
@@ -121,7 +147,29 @@ struct erofs_builder {
     uint8_t *cbuf;
     uint64_t bytes_done;
     int wfailed;
+    /* stream mode */
+    int sfd;
+    uint64_t scur;          /* next free data block */
+    uint64_t tail_mem;
+    int worker_on, qstop, qabort;
+    pthread_t worker;
+    pthread_mutex_t mu;
+    pthread_cond_t cv_job, cv_space, cv_idle;
+    struct job *qhead, *qtail;
+    uint32_t qlen;
+    int werr_code;
+    char werr[600];
+    volatile uint64_t sbytes;
 };
+
+static int xfail(struct xfer *x, int code, const char *fmt, ...);
+static int x_read(struct xfer *x, int fd, uint8_t *buf, size_t len, uint64_t off,
+                  const char *path);
+static int x_copy(struct xfer *x, int in, uint64_t in_off, uint64_t out_off, uint64_t len,
+                  const char *path);
+static int x_copy_sparse(struct xfer *x, int fd, const char *path, uint64_t size,
+                         const uint64_t *entries, uint32_t count, uint64_t csz);
+static int stream_stop(erofs_builder *b, int abort);
 
 #define WIN_SIZE (1u << 20)
 #define CBUF_SIZE (1u << 20)
@@ -197,6 +245,7 @@ erofs_builder *erofs_builder_new(const struct erofs_opts *o)
     b->blksz = 1u << b->o.blkszbits;
     b->root = NONE32;
     b->fd = -1;
+    b->sfd = -1;
     return b;
 }
 
@@ -204,6 +253,9 @@ void erofs_builder_free(erofs_builder *b)
 {
     if (!b)
         return;
+    stream_stop(b, 1);
+    for (uint32_t i = 0; i < b->nnodes; i++)
+        free(b->nodes[i].tailbuf);
     free(b->nodes);
     free(b->des);
     free(b->xas);
@@ -335,6 +387,10 @@ int erofs_node_add_xattr(erofs_builder *b, uint32_t node, const char *name, size
     int64_t vo = arena_put(b, value, valuelen);
     if (vo < 0)
         return (int)vo;
+    struct node *xn = &b->nodes[node];
+    if (xn->streamed)
+        return fail(b, ERN_EINVAL, "stream mode: add xattrs before the file data");
+    xn->xa_max += (xn->xa_max ? 0 : 12) + (uint32_t)((4 + sl + valuelen + 3) & ~(size_t)3);
     struct xattr_rec *x = &b->xas[b->nxa++];
     x->node = node;
     x->name_off = (uint32_t)no;
@@ -464,6 +520,218 @@ static int sparse_scan(erofs_builder *b, struct node *n, int fd, const char *pat
     return 1;
 }
 
+/* ---------------------------------------------------------- stream worker ---- */
+
+#define QMAX 4096
+
+static int run_job(struct xfer *x, struct job *j)
+{
+    int fd = open(j->path, O_RDONLY | O_NOCTTY | O_CLOEXEC | O_NOFOLLOW);
+    if (fd < 0)
+        return xfail(x, ERN_EIO, "%s: %s", j->path, strerror(errno));
+    int r = 0;
+    struct stat st;
+    if (j->expect_size != UINT64_MAX && fstat(fd, &st) == 0 && S_ISREG(st.st_mode) &&
+        (uint64_t)st.st_size != j->expect_size)
+        r = xfail(x, ERN_EIO, "%s: size changed while building the image", j->path);
+    if (!r && j->sparse) {
+        r = x_copy_sparse(x, fd, j->path, j->size, j->sparse, j->nchunks, j->csz);
+    } else {
+        if (!r && j->full)
+            r = x_copy(x, fd, j->src_off, j->out_off, j->full, j->path);
+        if (!r && j->tail && j->tailbuf) {
+            r = x_read(x, fd, j->tailbuf, j->tail, j->tail_src_off, j->path);
+            *x->bytes += j->tail;
+        }
+    }
+    close(fd);
+    return r;
+}
+
+static void *worker_main(void *arg)
+{
+    erofs_builder *b = arg;
+    struct xfer x;
+    memset(&x, 0, sizeof(x));
+    x.out = b->sfd;
+    x.blksz = b->blksz;
+    x.bytes = &b->sbytes;
+    x.buf = malloc(CBUF_SIZE);
+    for (;;) {
+        pthread_mutex_lock(&b->mu);
+        while (!b->qhead && !b->qstop)
+            pthread_cond_wait(&b->cv_job, &b->mu);
+        struct job *j = b->qhead;
+        if (!j) {
+            pthread_mutex_unlock(&b->mu);
+            break;
+        }
+        b->qhead = j->next;
+        if (!b->qhead)
+            b->qtail = NULL;
+        b->qlen--;
+        int skip = b->qabort || b->werr_code;
+        pthread_cond_signal(&b->cv_space);
+        pthread_mutex_unlock(&b->mu);
+        if (!skip) {
+            int r = x.buf ? run_job(&x, j) : xfail(&x, ERN_ENOMEM, "out of memory");
+            if (r) {
+                pthread_mutex_lock(&b->mu);
+                if (!b->werr_code) {
+                    memcpy(b->werr, x.err, sizeof(b->werr));
+                    b->werr_code = r;
+                }
+                pthread_cond_broadcast(&b->cv_space);
+                pthread_mutex_unlock(&b->mu);
+            }
+        }
+        free(j->path);
+        free(j);
+    }
+    free(x.buf);
+    return NULL;
+}
+
+/* stop the worker (after it drained the queue, or dropping it when abort) */
+static int stream_stop(erofs_builder *b, int abort)
+{
+    if (!b->worker_on)
+        return 0;
+    pthread_mutex_lock(&b->mu);
+    b->qstop = 1;
+    b->qabort = abort;
+    pthread_cond_broadcast(&b->cv_job);
+    pthread_mutex_unlock(&b->mu);
+    pthread_join(b->worker, NULL);
+    b->worker_on = 0;
+    pthread_mutex_destroy(&b->mu);
+    pthread_cond_destroy(&b->cv_job);
+    pthread_cond_destroy(&b->cv_space);
+    pthread_cond_destroy(&b->cv_idle);
+    if (b->werr_code && !abort)
+        return fail(b, b->werr_code, "%s", b->werr);
+    return 0;
+}
+
+static int enqueue(erofs_builder *b, struct job *j)
+{
+    pthread_mutex_lock(&b->mu);
+    while (b->qlen >= QMAX && !b->werr_code)
+        pthread_cond_wait(&b->cv_space, &b->mu);
+    int err = b->werr_code;
+    if (!err) {
+        j->next = NULL;
+        if (b->qtail)
+            b->qtail->next = j;
+        else
+            b->qhead = j;
+        b->qtail = j;
+        b->qlen++;
+        pthread_cond_signal(&b->cv_job);
+    } else {
+        memcpy(b->err, b->werr, sizeof(b->err));
+    }
+    pthread_mutex_unlock(&b->mu);
+    if (err) {
+        free(j->path);
+        free(j);
+        return err;
+    }
+    return 0;
+}
+
+int erofs_builder_set_output(erofs_builder *b, int fd)
+{
+    int r = check_mutable(b);
+    if (r)
+        return r;
+    if (!b->o.stream_data)
+        return fail(b, ERN_EINVAL, "set_output needs stream_data");
+    if (b->worker_on)
+        return fail(b, ERN_EINVAL, "output already set");
+    if (ftruncate(fd, 0) < 0)
+        return fail(b, ERN_EIO, "truncating the image: %s", strerror(errno));
+    b->sfd = fd;
+    b->scur = (SB_OFFSET + 128 + b->blksz - 1) / b->blksz;
+    pthread_mutex_init(&b->mu, NULL);
+    pthread_cond_init(&b->cv_job, NULL);
+    pthread_cond_init(&b->cv_space, NULL);
+    pthread_cond_init(&b->cv_idle, NULL);
+    b->qstop = b->qabort = 0;
+    if (pthread_create(&b->worker, NULL, worker_main, b) != 0)
+        return fail(b, ERN_ENOMEM, "cannot start the copy thread");
+    b->worker_on = 1;
+    return 0;
+}
+
+int erofs_builder_stream_progress(erofs_builder *b, uint64_t *bytes_done)
+{
+    if (bytes_done)
+        *bytes_done = b->sbytes;
+    return b->werr_code;
+}
+
+static int stream_file(erofs_builder *b, uint32_t node, const char *path, size_t pathlen,
+                       uint64_t offset)
+{
+    uint32_t blksz = b->blksz;
+    struct node *n = &b->nodes[node];
+    struct job *j = calloc(1, sizeof(*j));
+    if (!j)
+        return fail(b, ERN_ENOMEM, "out of memory");
+    j->path = strndup(path, pathlen);
+    if (!j->path) {
+        free(j);
+        return fail(b, ERN_ENOMEM, "out of memory");
+    }
+    j->src_off = offset;
+    j->expect_size = offset == 0 ? n->size : UINT64_MAX;
+    j->size = n->size;
+    if (n->dkind == D_SPARSE) {
+        struct chunkset *cs = &b->chunks[n->aux];
+        uint64_t csz = (uint64_t)blksz << (cs->format & 0x1F);
+        for (uint32_t c = 0; c < cs->count; c++) {
+            if (!(cs->entries[c] & 1))
+                continue;
+            uint64_t start = (uint64_t)c * csz;
+            uint64_t len = n->size - start < csz ? n->size - start : csz;
+            cs->entries[c] = 1 | (b->scur << 32);
+            b->scur += (len + blksz - 1) / blksz;
+        }
+        j->sparse = cs->entries;
+        j->nchunks = cs->count;
+        j->csz = csz;
+    } else {
+        uint64_t tail = n->size % blksz;
+        int inl = b->o.inline_data && tail && 64 + n->xa_max + tail <= blksz;
+        uint64_t full = inl ? n->size - tail : n->size;
+        uint64_t nblk = (full + blksz - 1) / blksz;
+        n->startblk = nblk ? (uint32_t)b->scur : (inl ? NULL_ADDR : 0);
+        b->scur += nblk;
+        j->out_off = nblk ? (uint64_t)n->startblk * blksz : 0;
+        j->full = full;
+        if (inl) {
+            uint64_t budget = (uint64_t)(b->o.tail_budget_mib ? b->o.tail_budget_mib : 64) << 20;
+            j->tail = (uint32_t)tail;
+            j->tail_src_off = offset + full;
+            if (b->tail_mem + tail <= budget) {
+                n->tailbuf = malloc(tail);
+                if (n->tailbuf)
+                    b->tail_mem += tail;
+            }
+            j->tailbuf = n->tailbuf;
+        }
+        n->stream_inline = (uint8_t)inl;
+    }
+    if (b->scur > 0xFFFFFFFFull) {
+        free(j->path);
+        free(j);
+        return fail(b, ERN_ELIMIT, "image larger than 2^32 blocks");
+    }
+    n->streamed = 1;
+    return enqueue(b, j);
+}
+
 int erofs_node_set_file(erofs_builder *b, uint32_t node, const char *path, size_t pathlen,
                         uint64_t offset, int flags)
 {
@@ -498,6 +766,11 @@ int erofs_node_set_file(erofs_builder *b, uint32_t node, const char *path, size_
             return r;
         if (r == 1)
             n->dkind = D_SPARSE;
+    }
+    if (b->o.stream_data) {
+        if (!b->worker_on)
+            return fail(b, ERN_EINVAL, "stream mode: call erofs_builder_set_output first");
+        return stream_file(b, node, path, pathlen, offset);
     }
     return 0;
 }
@@ -781,12 +1054,59 @@ static int is_flat_data(const struct node *n)
                                                  n->dkind != D_SPARSE);
 }
 
+/* data blocks of directories, symlinks and files not streamed, in nid order */
+static int alloc_flat_data(erofs_builder *b, uint64_t *pblk)
+{
+    uint32_t blksz = b->blksz;
+    uint64_t blk = *pblk;
+    for (uint32_t oi = 0; oi < b->norder; oi++) {
+        struct node *n = &b->nodes[b->order[oi]];
+        if (n->streamed)
+            continue;
+        if (n->layout == L_CHUNK) {
+            if (n->dkind == D_SPARSE) {
+                struct chunkset *cs = &b->chunks[n->aux];
+                uint64_t csz = (uint64_t)blksz << (cs->format & 0x1F);
+                for (uint32_t c = 0; c < cs->count; c++) {
+                    if (!(cs->entries[c] & 1))
+                        continue;
+                    uint64_t start = (uint64_t)c * csz;
+                    uint64_t len = n->size - start < csz ? n->size - start : csz;
+                    cs->entries[c] = 1 | (blk << 32);
+                    blk += (len + blksz - 1) / blksz;
+                    if (blk > 0xFFFFFFFFull)
+                        return fail(b, ERN_ELIMIT, "image larger than 2^32 blocks");
+                }
+            }
+            continue;
+        }
+        if (!is_flat_data(n))
+            continue;
+        uint64_t nblk = n->layout == L_INLINE ? n->size / blksz : (n->size + blksz - 1) / blksz;
+        if (nblk) {
+            n->startblk = (uint32_t)blk;
+            blk += nblk;
+        } else {
+            n->startblk = n->layout == L_INLINE ? NULL_ADDR : 0;
+        }
+        if (blk > 0xFFFFFFFFull)
+            return fail(b, ERN_ELIMIT, "image larger than 2^32 blocks");
+    }
+    *pblk = blk;
+    return 0;
+}
+
 int erofs_builder_layout(erofs_builder *b, struct erofs_layout_info *info)
 {
     if (b->laid_out)
         return fail(b, ERN_EINVAL, "builder already laid out");
     if (b->root == NONE32)
         return fail(b, ERN_EINVAL, "no root directory set");
+    if (b->o.stream_data) {
+        int r = stream_stop(b, 0);
+        if (r)
+            return r;
+    }
     uint32_t blksz = b->blksz;
 
     /* regular files and symlinks need a data source unless empty */
@@ -965,14 +1285,7 @@ int erofs_builder_layout(erofs_builder *b, struct erofs_layout_info *info)
     if (bt < 0)
         bt = 0;
 
-    /* inode formats and metadata packing */
-    uint64_t meta_start = (uint64_t)b->o.meta_blkaddr * blksz;
-    uint64_t first_nid = b->o.first_nid;
-    if (!first_nid) {
-        uint64_t sb_end = SB_OFFSET + 128;
-        first_nid = meta_start >= sb_end ? 1 : (sb_end - meta_start + 31) / 32;
-    }
-    uint64_t cur = meta_start + first_nid * 32;
+    /* inode formats and data layouts (independent of positions) */
     int have_chunks = 0;
     uint64_t data_bytes = 0;
     for (uint32_t oi = 0; oi < no; oi++) {
@@ -983,34 +1296,71 @@ int erofs_builder_layout(erofs_builder *b, struct erofs_layout_info *info)
                       n->mtime_nsec != btn;
         uint64_t base = (n->extended ? 64 : 32) + n->xattr_isize;
         n->tail = 0;
-        n->startblk = 0;
-        uint64_t off = cur;
-        uint64_t extra = 0;
+        data_bytes += n->size;
         if (fmt == S_IFREG && (n->dkind == D_CHUNKS || n->dkind == D_SPARSE)) {
-            struct chunkset *cs = &b->chunks[n->aux];
-            uint32_t unit = n->dkind == D_SPARSE ? 4 : ((cs->format & CHUNK_INDEXES) ? 8 : 4);
             n->layout = L_CHUNK;
             have_chunks = 1;
-            extra = align_up(off + base, unit) - (off + base) + (uint64_t)unit * cs->count;
         } else if (is_flat_data(n)) {
             uint64_t tail = n->size % blksz;
             n->layout = L_PLAIN;
-            if (tail && b->o.inline_data && base + tail <= blksz) {
-                /* inode, xattrs and tail in one block: the fast-symlink path
-                 * measures the tail from the inode's block */
-                if (off % blksz + base + tail > blksz)
-                    off = align_up(off, blksz);
+            if (n->streamed) {
+                if (n->stream_inline) {
+                    n->layout = L_INLINE;
+                    n->tail = (uint32_t)tail;
+                }
+            } else if (tail && b->o.inline_data && base + tail <= blksz) {
                 n->layout = L_INLINE;
                 n->tail = (uint32_t)tail;
-                extra = tail;
             }
         } else {
             n->layout = L_PLAIN;
         }
+    }
+
+    /* stream mode: file data already sits from block scur down; the other data
+     * (directories, symlinks, in-memory files) follows it, then the inode area */
+    uint64_t blk = 0;
+    uint64_t data_start = 0;
+    uint64_t meta_start = (uint64_t)b->o.meta_blkaddr * blksz;
+    if (b->o.stream_data) {
+        if (b->ndevs || b->nputs)
+            return fail(b, ERN_EINVAL, "stream mode does not take devices or reserved bytes");
+        if (!b->worker_on && b->scur == 0)
+            b->scur = (SB_OFFSET + 128 + blksz - 1) / blksz;
+        data_start = (uint64_t)((SB_OFFSET + 128 + blksz - 1) / blksz) * blksz;
+        blk = b->scur;
+        int r = alloc_flat_data(b, &blk);
+        if (r)
+            return r;
+        meta_start = blk * blksz;
+    }
+
+    /* metadata packing */
+    uint64_t first_nid = b->o.first_nid;
+    if (!first_nid) {
+        uint64_t sb_end = SB_OFFSET + 128;
+        first_nid = meta_start >= sb_end ? 1 : (sb_end - meta_start + 31) / 32;
+    }
+    uint64_t cur = meta_start + first_nid * 32;
+    for (uint32_t oi = 0; oi < no; oi++) {
+        struct node *n = &b->nodes[b->order[oi]];
+        uint64_t base = (n->extended ? 64 : 32) + n->xattr_isize;
+        uint64_t off = cur;
+        uint64_t extra = 0;
+        if (n->layout == L_CHUNK) {
+            struct chunkset *cs = &b->chunks[n->aux];
+            uint32_t unit = n->dkind == D_SPARSE ? 4 : ((cs->format & CHUNK_INDEXES) ? 8 : 4);
+            extra = align_up(off + base, unit) - (off + base) + (uint64_t)unit * cs->count;
+        } else if (n->layout == L_INLINE) {
+            /* inode, xattrs and tail in one block: the fast-symlink path measures the
+             * tail from the inode's block */
+            if (off % blksz + base + n->tail > blksz)
+                off = align_up(off, blksz);
+            extra = n->tail;
+        }
         n->meta_off = off;
         n->nid = (off - meta_start) / 32;
         cur = align_up(off + base + extra, 32);
-        data_bytes += n->size;
     }
     if (b->nodes[b->root].nid > 0xFFFF)
         return fail(b, ERN_ELIMIT, "root nid %llu does not fit in 16 bits",
@@ -1032,39 +1382,17 @@ int erofs_builder_layout(erofs_builder *b, struct erofs_layout_info *info)
     } else if (b->ndevs) {
         return fail(b, ERN_EINVAL, "devices given without devt_slotoff");
     }
-    uint64_t data_start = pos;
-    uint64_t blk = pos / blksz;
-    for (uint32_t oi = 0; oi < no; oi++) {
-        struct node *n = &b->nodes[b->order[oi]];
-        if (n->layout == L_CHUNK) {
-            if (n->dkind == D_SPARSE) {
-                struct chunkset *cs = &b->chunks[n->aux];
-                uint64_t csz = (uint64_t)blksz << (cs->format & 0x1F);
-                for (uint32_t c = 0; c < cs->count; c++) {
-                    if (!(cs->entries[c] & 1))
-                        continue;
-                    uint64_t start = (uint64_t)c * csz;
-                    uint64_t len = n->size - start < csz ? n->size - start : csz;
-                    cs->entries[c] = 1 | (blk << 32);
-                    blk += (len + blksz - 1) / blksz;
-                    if (blk > 0xFFFFFFFFull)
-                        return fail(b, ERN_ELIMIT, "image larger than 2^32 blocks");
-                }
-            }
-            continue;
-        }
-        if (!is_flat_data(n))
-            continue;
-        uint64_t nblk = n->layout == L_INLINE ? n->size / blksz : (n->size + blksz - 1) / blksz;
-        if (nblk) {
-            n->startblk = (uint32_t)blk;
-            blk += nblk;
-        } else {
-            n->startblk = n->layout == L_INLINE ? NULL_ADDR : 0;
-        }
-        if (blk > 0xFFFFFFFFull)
-            return fail(b, ERN_ELIMIT, "image larger than 2^32 blocks");
+    if (!b->o.stream_data) {
+        data_start = pos;
+        blk = pos / blksz;
+        int r = alloc_flat_data(b, &blk);
+        if (r)
+            return r;
+    } else {
+        blk = pos / blksz;
     }
+    if (blk > 0xFFFFFFFFull)
+        return fail(b, ERN_ELIMIT, "image larger than 2^32 blocks");
     for (uint32_t i = 0; i < b->nputs; i++) {
         struct putbytes *p = &b->puts[i];
         if (p->off + p->len > meta_start + first_nid * 32)
@@ -1074,6 +1402,7 @@ int erofs_builder_layout(erofs_builder *b, struct erofs_layout_info *info)
 
     memset(&b->info, 0, sizeof(b->info));
     b->info.inodes = no;
+    b->info.meta_blkaddr = (uint32_t)(meta_start / blksz);
     b->info.root_nid = b->nodes[b->root].nid;
     b->info.meta_start = meta_start;
     b->info.meta_end = meta_end;
@@ -1169,18 +1498,45 @@ static int win_write(erofs_builder *b, uint64_t off, const void *data, size_t le
     return 0;
 }
 
-static int read_exact(erofs_builder *b, int fd, uint8_t *buf, size_t len, uint64_t off,
-                      const char *path)
+static int xfail(struct xfer *x, int code, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(x->err, sizeof(x->err), fmt, ap);
+    va_end(ap);
+    x->code = code;
+    return code;
+}
+
+static int x_pwrite(struct xfer *x, const void *buf, size_t len, uint64_t off)
+{
+    const uint8_t *p = buf;
+    while (len) {
+        ssize_t w = pwrite(x->out, p, len, (off_t)off);
+        if (w < 0) {
+            if (errno == EINTR)
+                continue;
+            return xfail(x, ERN_EIO, "writing the image: %s", strerror(errno));
+        }
+        p += w;
+        len -= (size_t)w;
+        off += (uint64_t)w;
+    }
+    return 0;
+}
+
+static int x_read(struct xfer *x, int fd, uint8_t *buf, size_t len, uint64_t off,
+                  const char *path)
 {
     while (len) {
         ssize_t r = pread(fd, buf, len, (off_t)off);
         if (r < 0) {
             if (errno == EINTR)
                 continue;
-            return fail(b, ERN_EIO, "%s: read: %s", path, strerror(errno));
+            return xfail(x, ERN_EIO, "%s: read: %s", path, strerror(errno));
         }
         if (r == 0)
-            return fail(b, ERN_EIO, "%s: file shrank while building the image", path);
+            return xfail(x, ERN_EIO, "%s: file shrank while building the image", path);
         buf += r;
         len -= (size_t)r;
         off += (uint64_t)r;
@@ -1188,47 +1544,111 @@ static int read_exact(erofs_builder *b, int fd, uint8_t *buf, size_t len, uint64
     return 0;
 }
 
-static int copy_range(erofs_builder *b, int in, uint64_t in_off, uint64_t out_off,
-                      uint64_t len, const char *path)
+static int no_cfr = -1;
+
+static int x_copy(struct xfer *x, int in, uint64_t in_off, uint64_t out_off, uint64_t len,
+                  const char *path)
 {
-    static int no_cfr = -1;
     if (no_cfr < 0)
         no_cfr = getenv("EROFS_NATIVE_NO_COPY_FILE_RANGE") != NULL;
     while (len && !no_cfr) {
         loff_t io = (loff_t)in_off, oo = (loff_t)out_off;
         size_t chunk = len > (1u << 30) ? (1u << 30) : (size_t)len;
-        ssize_t r = copy_file_range(in, &io, b->fd, &oo, chunk, 0);
+        ssize_t r = copy_file_range(in, &io, x->out, &oo, chunk, 0);
         if (r < 0) {
             if (errno == EINTR)
                 continue;
             if (errno == EXDEV || errno == EINVAL || errno == ENOSYS || errno == EOPNOTSUPP ||
                 errno == EBADF || errno == EPERM) {
-                no_cfr = errno == ENOSYS;
+                if (errno == ENOSYS)
+                    no_cfr = 1;
                 break;
             }
-            return fail(b, ERN_EIO, "%s: copy: %s", path, strerror(errno));
+            return xfail(x, ERN_EIO, "%s: copy: %s", path, strerror(errno));
         }
         if (r == 0)
-            return fail(b, ERN_EIO, "%s: file shrank while building the image", path);
+            return xfail(x, ERN_EIO, "%s: file shrank while building the image", path);
         in_off += (uint64_t)r;
         out_off += (uint64_t)r;
         len -= (uint64_t)r;
-        b->bytes_done += (uint64_t)r;
+        *x->bytes += (uint64_t)r;
     }
     while (len) {
         size_t n = len > CBUF_SIZE ? CBUF_SIZE : (size_t)len;
-        int r = read_exact(b, in, b->cbuf, n, in_off, path);
+        int r = x_read(x, in, x->buf, n, in_off, path);
         if (r)
             return r;
-        r = pwrite_all(b, b->cbuf, n, out_off);
+        r = x_pwrite(x, x->buf, n, out_off);
         if (r)
             return r;
         in_off += n;
         out_off += n;
         len -= n;
-        b->bytes_done += n;
+        *x->bytes += n;
     }
     return 0;
+}
+
+/* copy the data extents (SEEK_DATA) of a sparse file into its non-hole chunks */
+static int x_copy_sparse(struct xfer *x, int fd, const char *path, uint64_t size,
+                         const uint64_t *entries, uint32_t count, uint64_t csz)
+{
+    off_t pos = 0;
+    while ((uint64_t)pos < size) {
+        off_t d = lseek(fd, pos, SEEK_DATA);
+        if (d < 0) {
+            if (errno != ENXIO)
+                return xfail(x, ERN_EIO, "%s: seek: %s", path, strerror(errno));
+            break;
+        }
+        if ((uint64_t)d >= size)
+            break;
+        off_t h = lseek(fd, d, SEEK_HOLE);
+        if (h < 0 || (uint64_t)h > size)
+            h = (off_t)size;
+        uint64_t s = (uint64_t)d;
+        while (s < (uint64_t)h) {
+            uint64_t c = s / csz;
+            uint64_t cend = (c + 1) * csz < (uint64_t)h ? (c + 1) * csz : (uint64_t)h;
+            if (c < count && (entries[c] & 1)) {
+                uint64_t out = (entries[c] >> 32) * x->blksz + (s - c * csz);
+                int r = x_copy(x, fd, s, out, cend - s, path);
+                if (r)
+                    return r;
+            }
+            s = cend;
+        }
+        pos = h;
+    }
+    return 0;
+}
+
+static void main_xfer(erofs_builder *b, struct xfer *x)
+{
+    x->out = b->fd;
+    x->blksz = b->blksz;
+    x->buf = b->cbuf;
+    x->bytes = &b->bytes_done;
+    x->code = 0;
+    x->err[0] = 0;
+}
+
+static int read_exact(erofs_builder *b, int fd, uint8_t *buf, size_t len, uint64_t off,
+                      const char *path)
+{
+    struct xfer x;
+    main_xfer(b, &x);
+    int r = x_read(&x, fd, buf, len, off, path);
+    return r ? fail(b, r, "%s", x.err) : 0;
+}
+
+static int copy_range(erofs_builder *b, int in, uint64_t in_off, uint64_t out_off,
+                      uint64_t len, const char *path)
+{
+    struct xfer x;
+    main_xfer(b, &x);
+    int r = x_copy(&x, in, in_off, out_off, len, path);
+    return r ? fail(b, r, "%s", x.err) : 0;
 }
 
 static int write_inode(erofs_builder *b, struct node *n)
@@ -1339,6 +1759,8 @@ static int write_node_data(erofs_builder *b, struct node *n)
                 return r;
             off += 4;
         }
+        if (n->streamed)
+            return 0;     /* the stream worker copied the data */
         char *path = strndup((const char *)b->arena + n->path_off, n->path_len);
         if (!path)
             return fail(b, ERN_ENOMEM, "out of memory");
@@ -1349,37 +1771,11 @@ static int write_node_data(erofs_builder *b, struct node *n)
             return r;
         }
         uint64_t csz = (uint64_t)blksz << (cs->format & 0x1F);
-        off_t pos = 0;
-        int r = 0;
-        while ((uint64_t)pos < n->size) {
-            off_t d = lseek(fd, pos, SEEK_DATA);
-            if (d < 0) {
-                if (errno != ENXIO)
-                    r = fail(b, ERN_EIO, "%s: seek: %s", path, strerror(errno));
-                break;
-            }
-            if ((uint64_t)d >= n->size)
-                break;
-            off_t h = lseek(fd, d, SEEK_HOLE);
-            if (h < 0 || (uint64_t)h > n->size)
-                h = (off_t)n->size;
-            /* copy [d, h) chunk by chunk into the chunks' blocks */
-            uint64_t s = (uint64_t)d;
-            while (s < (uint64_t)h) {
-                uint64_t c = s / csz;
-                uint64_t cend = (c + 1) * csz < (uint64_t)h ? (c + 1) * csz : (uint64_t)h;
-                if (c < cs->count && (cs->entries[c] & 1)) {
-                    uint64_t out = (cs->entries[c] >> 32) * blksz + (s - c * csz);
-                    r = copy_range(b, fd, s, out, cend - s, path);
-                    if (r)
-                        break;
-                }
-                s = cend;
-            }
-            if (r)
-                break;
-            pos = h;
-        }
+        struct xfer x;
+        main_xfer(b, &x);
+        int r = x_copy_sparse(&x, fd, path, n->size, cs->entries, cs->count, csz);
+        if (r)
+            r = fail(b, r, "%s", x.err);
         close(fd);
         free(path);
         return r;
@@ -1413,6 +1809,20 @@ static int write_node_data(erofs_builder *b, struct node *n)
         return r;
     }
     /* D_FILE */
+    if (n->streamed) {
+        /* full blocks were copied by the stream worker; the inline tail was read by it
+         * too unless over the memory budget */
+        if (!n->tail)
+            return 0;
+        if (n->tailbuf) {
+            int r = win_write(b, tail_off, n->tailbuf, n->tail);
+            free(n->tailbuf);
+            n->tailbuf = NULL;
+            b->bytes_done += n->tail;
+            return r;
+        }
+        full = n->size - n->tail;
+    }
     char *path = strndup((const char *)b->arena + n->path_off, n->path_len);
     if (!path)
         return fail(b, ERN_ENOMEM, "out of memory");
@@ -1427,7 +1837,7 @@ static int write_node_data(erofs_builder *b, struct node *n)
     if (n->data_off == 0 && fstat(fd, &st) == 0 && S_ISREG(st.st_mode) &&
         (uint64_t)st.st_size != n->size)
         r = fail(b, ERN_EIO, "%s: size changed while building the image", path);
-    if (!r && full)
+    if (!r && full && !n->streamed)
         r = copy_range(b, fd, n->data_off, data_pos, full, path);
     if (!r && n->tail) {
         uint8_t *dst = win_ptr(b, tail_off, n->tail);
@@ -1457,9 +1867,13 @@ int erofs_builder_write_begin(erofs_builder *b, int fd)
     if (!b->win || !b->cbuf)
         return fail(b, ERN_ENOMEM, "out of memory");
     memset(b->win, 0, WIN_SIZE);
-    b->win_start = 0;
-    b->win_hi = 0;
-    if (ftruncate(fd, 0) < 0 || ftruncate(fd, (off_t)b->info.image_size) < 0)
+    /* the window never covers data written elsewhere (stream mode: data precedes) */
+    b->win_start = b->info.meta_start;
+    b->win_hi = b->win_start;
+    if (b->sfd >= 0 && fd != b->sfd)
+        return fail(b, ERN_EINVAL, "stream mode: write() needs the fd given to set_output");
+    if ((b->sfd < 0 && ftruncate(fd, 0) < 0) ||
+        ftruncate(fd, (off_t)b->info.image_size) < 0)
         return fail(b, ERN_EIO, "sizing the image: %s", strerror(errno));
     return 0;
 }
@@ -1544,7 +1958,7 @@ int erofs_builder_write_end(erofs_builder *b)
     put32(sb + 0x20, b->info.build_time_nsec);
     put32(sb + 0x24, b->o.sb_blocks ? (uint32_t)b->o.sb_blocks
                                     : (uint32_t)(b->info.image_size / blksz));
-    put32(sb + 0x28, b->o.meta_blkaddr);
+    put32(sb + 0x28, b->info.meta_blkaddr);
     put32(sb + 0x2C, b->info.xattr_blkaddr);
     memcpy(sb + 0x30, b->o.uuid, 16);
     memcpy(sb + 0x40, b->o.volume_name, 15);

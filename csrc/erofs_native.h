@@ -11,7 +11,7 @@
  *   erofs_node_set_file(b, n, path, pathlen, offset, flags)  (data copied at write time)
  *   erofs_node_set_bytes(b, n, data, len)             (symlink target, small data)
  *   erofs_node_set_chunks(b, n, format, entries, count) (caller's chunk indexes, RAFS)
- *   erofs_builder_set_root(b, n); erofs_builder_layout(b);
+ *   erofs_builder_set_root(b, n); erofs_builder_layout(b, &info);
  *   erofs_node_nid(b, n); erofs_builder_write(b, fd) or write_begin/write_step/write_end
  * Every function returning int returns ERN_OK (0) or a negative ERN_* code; the message
  * is then in erofs_builder_error(b).
@@ -50,11 +50,16 @@ struct erofs_opts {
     uint8_t volume_name[16];   /* <= 15 bytes, NUL padded */
     uint32_t devt_slotoff;     /* device table at devt_slotoff*128 (needs devices) */
     uint64_t sb_blocks;        /* 0: image size in blocks; else written as sb.blocks */
+    int32_t stream_data;       /* 1: file data is copied while nodes are added (a worker
+                                  thread; needs erofs_builder_set_output first); data
+                                  blocks come first, the inode area follows them */
+    uint32_t tail_budget_mib;  /* stream mode: memory for inline tails read early */
 };
 
 struct erofs_layout_info {
     uint64_t inodes;
     uint64_t root_nid;
+    uint32_t meta_blkaddr;     /* block of nid 0 (after the data in stream mode) */
     uint64_t meta_start;       /* byte offset of nid 0 */
     uint64_t meta_end;         /* end of the inode area (bytes) */
     uint32_t xattr_blkaddr;    /* 0 when no shared xattrs */
@@ -91,6 +96,11 @@ int erofs_builder_set_root(erofs_builder *b, uint32_t node);
 int erofs_builder_add_device(erofs_builder *b, const char *tag, size_t taglen,
                              uint32_t blocks, uint32_t mapped_blkaddr);
 int erofs_builder_put_bytes(erofs_builder *b, uint64_t offset, const char *data, size_t len);
+
+/* stream mode: the image fd, before any erofs_node_set_file(); the same fd must be
+ * passed to erofs_builder_write(). Xattrs of a file must be added before its data. */
+int erofs_builder_set_output(erofs_builder *b, int fd);
+int erofs_builder_stream_progress(erofs_builder *b, uint64_t *bytes_done);
 
 int erofs_builder_layout(erofs_builder *b, struct erofs_layout_info *info);
 int64_t erofs_node_nid(erofs_builder *b, uint32_t node);

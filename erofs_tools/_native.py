@@ -70,6 +70,8 @@ class BuildOptions:
     volume_name: bytes = b""
     devt_slotoff: int = 0
     sb_blocks: int = 0             # 0: image size in blocks
+    stream_data: bool = False      # copy file data while nodes are added (set_output)
+    tail_budget_mib: int = 64      # stream mode: memory for early-read inline tails
     _extra: dict = field(default_factory=dict, repr=False)
 
     def to_c(self):
@@ -97,6 +99,8 @@ class BuildOptions:
         ffi.memmove(o.volume_name, self.volume_name.ljust(16, b"\0"), 16)
         o.devt_slotoff = self.devt_slotoff
         o.sb_blocks = self.sb_blocks
+        o.stream_data = int(self.stream_data)
+        o.tail_budget_mib = self.tail_budget_mib
         return o
 
 
@@ -104,6 +108,7 @@ class BuildOptions:
 class LayoutInfo:
     inodes: int
     root_nid: int
+    meta_blkaddr: int
     meta_start: int
     meta_end: int
     xattr_blkaddr: int
@@ -137,6 +142,32 @@ class NativeBuilder:
         # hot-path aliases (the directory walk calls these once per entry)
         self._add_node = lib.erofs_node_add
         self._dir_add = lib.erofs_dir_add
+
+    def close(self):
+        """Free the C builder now (stops a stream worker); the object is unusable after."""
+        if self._b is not None:
+            ffi.release(self._b)
+            self._b = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def set_output(self, fd):
+        """Stream mode (BuildOptions.stream_data): the image fd, before any set_file().
+        File data is then copied by a C worker thread while the caller keeps adding
+        nodes; write() must get the same fd. Add a file's xattrs before its data."""
+        r = lib.erofs_builder_set_output(self._b, fd)
+        if r:
+            _raise(self._b, r)
+
+    def stream_progress(self):
+        """Stream mode: bytes copied so far by the worker."""
+        done = ffi.new("uint64_t *")
+        lib.erofs_builder_stream_progress(self._b, done)
+        return done[0]
 
     # -- nodes ---------------------------------------------------------------------
     def add_node(self, mode, uid=0, gid=0, mtime=0, mtime_nsec=0, size=0, rdev_major=0,

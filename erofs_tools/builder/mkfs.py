@@ -52,35 +52,42 @@ def build_options(opts):
         build_time=ts,
         build_time_nsec=0,
         shared_xattrs=opts.shared_xattrs,
+        stream_data=True,
     )
 
 
 def mkfs(image, source, opts=None, progress=None):
-    """Build IMAGE from directory SOURCE. progress: object with .scan(entries, bytes),
-    .write(bytes_done, bytes_total) and .done() (or None). -> summary dict."""
+    """Build IMAGE from directory SOURCE. progress: object with .scan(entries, bytes, copied),
+    .write(inodes_done, inodes_total) and .done() (or None). -> summary dict."""
     opts = opts or MkfsOptions()
     t0 = time.monotonic()
     image = os.fsdecode(os.fspath(image))
     source = os.fsdecode(os.fspath(source))
     check_paths(image, source)
-    nb = NativeBuilder(build_options(opts))
-    walker = TreeWalker(nb, opts, on_entry=progress.scan if progress else None)
-    walker.walk(source)
-    info = nb.layout()
     parent = os.path.dirname(os.path.abspath(image))
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(image) + ".", suffix=".tmp",
                                dir=parent)
+    nb = None
     try:
         try:
+            nb = NativeBuilder(build_options(opts))
+            # file data is copied by a C thread while Python walks the tree
+            nb.set_output(fd)
+            on_entry = None
+            if progress:
+                on_entry = lambda n, nbytes: progress.scan(n, nbytes, nb.stream_progress())  # noqa: E731
+            TreeWalker(nb, opts, on_entry=on_entry).walk(source)
+            info = nb.layout()
             wp = None
             if progress:
-                total = max(info.data_bytes, 1)
-                wp = lambda done, left: progress.write(done, total)  # noqa: E731
+                wp = lambda done, left: progress.write(info.inodes - left, info.inodes)  # noqa: E731
             nb.write(fd, progress=wp)
             umask = os.umask(0)
             os.umask(umask)
             os.fchmod(fd, 0o666 & ~umask)
         finally:
+            if nb is not None:
+                nb.close()          # stops the copy thread before fd is closed
             os.close(fd)
         os.replace(tmp, image)
     except BaseException:

@@ -80,11 +80,11 @@ class TreeWalker:
             maj, mnr = os.major(st.st_rdev), os.minor(st.st_rdev)
         try:
             node = b.add_node(mode, uid, gid, sec, nsec, size, maj, mnr)
+            self._xattrs(path, node)     # before the data (stream mode needs them first)
             if fmt == _S_IFREG and size:
                 b.set_file(node, path, 0, st.st_blocks * 512 < size)
             elif target is not None:
                 b.set_bytes(node, target)
-            self._xattrs(path, node)
         except ErofsToolsError as e:
             raise _with_path(e, path) from None
         self.entries += 1

@@ -13,7 +13,7 @@ def _fmt_bytes(n):
 
 
 class Progress:
-    """scan(entries, bytes) while walking, write(done, total) while writing, done()."""
+    """scan(entries, bytes, copied) while walking, write(done, total) while writing, done()."""
 
     def __init__(self, stream=None, interval=0.1):
         self.stream = stream or sys.stderr
@@ -41,14 +41,15 @@ class Progress:
         self.stream.flush()
         self._shown = True
 
-    def scan(self, entries, nbytes):
-        self._draw(f"scanning: {entries} entries, {_fmt_bytes(nbytes)}")
+    def scan(self, entries, nbytes, copied=None):
+        """While walking: entries seen, their bytes, bytes copied so far."""
+        extra = f", {_fmt_bytes(copied)} copied" if copied is not None else ""
+        self._draw(f"scanning: {entries} entries, {_fmt_bytes(nbytes)}{extra}")
 
-    def write(self, done, total):
+    def write(self, done, total, unit="inodes"):
         frac = min(done / total, 1.0) if total else 1.0
         bar = "#" * int(frac * 30)
-        self._draw(f"writing: [{bar:<30}] {frac * 100:5.1f}% "
-                   f"{_fmt_bytes(done)}/{_fmt_bytes(total)}")
+        self._draw(f"writing: [{bar:<30}] {frac * 100:5.1f}% {done}/{total} {unit}")
 
     def done(self):
         if self._shown:
