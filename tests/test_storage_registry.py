@@ -93,3 +93,31 @@ def test_registry_backend_missing_blob(registry):  # noqa: F811
     with pytest.raises(BackendError):
         be.blob_size("c" * 64)
     be.close()
+
+
+def test_registry_backend_through_a_flaky_mirror(registry, tmp_path):  # noqa: F811
+    """dfdaemon-style registry mirror in front of the registry: every blob read goes
+    through it, its 5xx answers and dropped connections are retried."""
+    from registry_fixtures import FlakyProxy
+    bdir = str(tmp_path / "blobs")
+    blob_id, datas = make_blob(bdir, 10, chunk_size=65536)
+    path = os.path.join(bdir, blob_id)
+    push_blob_image(registry, "lazy/mirror", "v1", [path])
+    mirror = FlakyProxy(registry.host, failures=[503, "drop", 503], match=r"GET .*/blobs/")
+    try:
+        # the reference names a host that does not exist: only the mirror can answer
+        be = open_backend("registry:registry.invalid:5000/lazy/mirror:v1",
+                          mirror=mirror.host, docker_config=False, backoff=0.01)
+        size = os.path.getsize(path)
+        mgr, _ = manager(str(tmp_path / "c"), be, blob_id, size)
+        mgr.fill(0, mgr.size)
+        assert mgr.complete() and mgr.stats.snapshot()["verify_failures"] == 0
+        with open(mgr.cache.path, "rb") as f:
+            for c in mgr.meta.chunks:
+                f.seek(c.uncompressed_offset)
+                assert f.read(c.uncompressed_size) == datas[c.index]
+        assert sum(1 for r in mirror.requests if "/blobs/" in r) >= 4
+        mgr.close()
+        be.close()
+    finally:
+        mirror.stop()
