@@ -27,6 +27,10 @@ own URLs point back through the proxy). Behaviours, per matching request:
     ("unauth",)                       forward without the Authorization header: the
                                       registry itself rejects the request (a token that
                                       expired mid-run)
+    ("delay", seconds)                forward normally after `seconds` (a slow backend)
+
+`on_sent(request)`, if set, is called right after a faulted-or-not matching ranged GET's
+body was sent in full (e.g. to SIGKILL the daemon while it verifies and writes).
 
 `match` is a regex on "METHOD PATH"; only requests with a Range header are faulted when
 `ranged_only` (the daemon's chunk reads, not its manifest/HEAD lookups).
@@ -99,6 +103,7 @@ class FaultProxy:
         self.injected: dict[str, int] = {}
         self._script: list[tuple] = []
         self._always: tuple | None = None
+        self.on_sent = None
         self._lock = threading.Lock()
         proxy = self
 
@@ -115,6 +120,7 @@ class FaultProxy:
 
         self._server = http.server.ThreadingHTTPServer((bind, 0), Handler)
         self._server.daemon_threads = True
+        self._server.handle_error = lambda *a: None     # clients that hang up (killed)
         if tls:
             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             ctx.load_cert_chain(*tls)
@@ -189,6 +195,8 @@ class FaultProxy:
             h.send_header("Content-Length", "0")
             h.end_headers()
             return
+        if kind == "delay":
+            time.sleep(fault[1])
         if kind == "redirect_loop":
             req.status = 307
             h.send_response(307)
@@ -241,8 +249,13 @@ class FaultProxy:
                     time.sleep(piece / rate)
                 return
             h.wfile.write(data)
+            h.wfile.flush()
         except OSError:
             h.close_connection = True
+            return
+        cb = self.on_sent
+        if cb is not None and req.range and self.match.search(f"{req.method} {req.path}"):
+            cb(req)
 
     @staticmethod
     def _abort(h, rst: bool = False) -> None:
