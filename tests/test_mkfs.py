@@ -450,3 +450,74 @@ def test_cli_help_and_version():
     assert p.returncode == 0 and "mkfs" in p.stdout
     p = subprocess.run(["erofs-tools", "mkfs", "--help"], capture_output=True, text=True)
     assert p.returncode == 0 and "--exclude-regex" in p.stdout
+
+
+def test_pre_epoch_and_far_future_mtimes(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    write(src / "old", b"1969")
+    write(src / "future", b"2500")
+    set_mtime(src / "old", -86400 * 365, 5)
+    set_mtime(src / "future", 16_725_225_600, 999_999_999)
+    mkfs_and_check(tmp_path / "m.img", src)
+
+
+def test_unstorable_xattr_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    """A name the format cannot hold (here an xattr outside the EROFS prefixes, as some
+    file systems have) fails with the path named, status 1, nothing left behind."""
+    src = tmp_path / "src"
+    src.mkdir()
+    write(src / "f", b"x")
+    real_list = os.listxattr
+
+    def fake_list(path, follow_symlinks=True):
+        names = real_list(path, follow_symlinks=follow_symlinks)
+        return names + (["system.nfs4_acl"] if os.fsencode(path).endswith(b"/f") else [])
+
+    real_get = os.getxattr
+
+    def fake_get(path, name, follow_symlinks=True):
+        if name == "system.nfs4_acl":
+            return b"acl"
+        return real_get(path, name, follow_symlinks=follow_symlinks)
+
+    monkeypatch.setattr(os, "listxattr", fake_list)
+    monkeypatch.setattr(os, "getxattr", fake_get)
+    from erofs_tools.cli import main
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(SystemExit) as ei:
+        main(["mkfs", str(out / "i.img"), str(src)])
+    assert ei.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert str(src / "f") in err and "nfs4_acl" in err
+    assert os.listdir(out) == []
+
+
+def test_progress_bar_on_a_terminal(basic_tree, tmp_path):
+    """With stdout on a tty a progress bar is drawn (on stderr); --json never draws."""
+    import pty
+    import select
+    img = tmp_path / "p.img"
+    pid, master = pty.fork()
+    if pid == 0:
+        os.execv(sys.executable, [sys.executable, "-m", "erofs_tools", "mkfs", str(img),
+                                  str(basic_tree)])
+    chunks = []
+    while True:
+        r, _, _ = select.select([master], [], [], 30)
+        if not r:
+            break
+        try:
+            data = os.read(master, 65536)
+        except OSError:
+            break
+        if not data:
+            break
+        chunks.append(data)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    text = b"".join(chunks).decode(errors="replace")
+    assert "\r" in text and ("scanning" in text or "writing" in text)
+    assert "inodes" in text
