@@ -247,8 +247,15 @@ class BlobCache:
             raise StorageError(f"{self.path}: cannot open cache file: {e.strerror}") from None
         self._own_fd = fd
         self.write_fd = fd
-        self.state = ChunkState(state_path(directory, self.blob_id), nchunks, self.size, digest)
         st = os.fstat(fd)
+        # The daemon writes a chunk's data before its bit, and the record last of all at
+        # close; a cache file modified after the record was (by anything but us, or by a
+        # daemon killed between a write and its bit) gets its cached chunks re-verified.
+        try:
+            written_after = st.st_mtime_ns > os.stat(state_path(directory, self.blob_id)).st_mtime_ns
+        except FileNotFoundError:
+            written_after = False
+        self.state = ChunkState(state_path(directory, self.blob_id), nchunks, self.size, digest)
         if st.st_size != self.size:
             if st.st_size:
                 log.warning("%s: cache file is %d bytes, blob is %d; resetting", self.path,
@@ -258,6 +265,8 @@ class BlobCache:
             os.ftruncate(fd, self.size)
         elif self.state.count:
             self._check_present()
+            if written_after and self.state.count:
+                self._verify_cached()
 
     def _check_present(self) -> None:
         """Clear bits whose chunk start is a hole in the cache file (a record that
@@ -277,6 +286,24 @@ class BlobCache:
         if bad:
             log.warning("%s: %d chunks recorded as cached are holes; refetching them",
                         self.path, len(bad))
+            self.state.clear(bad)
+
+    def _verify_cached(self) -> None:
+        """Check the digest of every chunk recorded as cached; clear the bad ones."""
+        bad = []
+        for c in self.meta.chunks:
+            if not self.state.has(c.index) or c.digest is None:
+                continue
+            data = os.pread(self._own_fd, c.uncompressed_size, c.uncompressed_offset)
+            try:
+                rblob.decode_chunk(self.meta, c._replace(
+                    compressed=False, compressed_size=c.uncompressed_size), data)
+            except CorruptImageError:
+                bad.append(c.index)
+        log.warning("%s: modified after its chunk record; %d of %d cached chunks fail "
+                    "verification and will be refetched", self.path, len(bad),
+                    self.state.count)
+        if bad:
             self.state.clear(bad)
 
     # -- queries ---------------------------------------------------------------------
