@@ -303,9 +303,14 @@ def test_chunk_dict_unused_blob_not_listed(tmp_path):
     assert [x["blob_id"] for x in r["blobs"]] == [r["blob_id"]]
     validate_rafs_bootstrap(str(ob / "boot"))
     # everything from the dict: no new blob at all
+    if os.geteuid() == 0:
+        mount_and_compare(ob / "boot", blobs, b, ob)
     r = pack(a, ob / "boot2", blobs, PackOptions(chunk_dicts=[str(boota)]))
     assert r["blob_id"] is None and [x["blob_id"] for x in r["blobs"]] == [ra["blob_id"]]
     validate_rafs_bootstrap(str(ob / "boot2"))
+    if os.geteuid() == 0:
+        (ob / "x").mkdir()
+        mount_and_compare(ob / "boot2", blobs, a, ob / "x")
 
 
 def test_chunk_dict_mismatch_rejected(tmp_path):
@@ -313,6 +318,8 @@ def test_chunk_dict_mismatch_rejected(tmp_path):
     a.mkdir()
     (a / "f").write_bytes(b"x" * 5000)
     boot, blobs, _ = do_pack(a, tmp_path, digester="sha256")
+    if os.geteuid() == 0:
+        mount_and_compare(boot, blobs, a, tmp_path)
     r = cli("pack", a, "-B", tmp_path / "b2", "-D", blobs, "--chunk-dict", boot, check=False)
     assert r.returncode == 1 and b"sha256" in r.stderr
     r = cli("pack", a, "-B", tmp_path / "b2", "-D", blobs, "--chunk-dict", boot,
@@ -347,6 +354,9 @@ def test_reproducible(tmp_path, compressor):
         outs.append((open(boot, "rb").read(), r["blob_id"],
                      open(blobs / r["blob_id"], "rb").read()))
     assert outs[0] == outs[1] == outs[2]
+    if os.geteuid() == 0:
+        mount_and_compare(tmp_path / "o3" / "boot", tmp_path / "o3" / "blobs",
+                          tmp_path / "y", tmp_path / "o3")
 
 
 # --- prefetch ------------------------------------------------------------------------------
@@ -388,6 +398,8 @@ def test_prefetch_table_and_blob_order(tmp_path):
     r2 = cli("pack", src, "-B", tmp_path / "boot2", "-D", blobs, "--prefetch-list", "-",
              "--compressor", "none", input=b"/zz\n/usr/bin\n")
     assert open(tmp_path / "boot2", "rb").read() == buf
+    if os.geteuid() == 0:
+        mount_and_compare(tmp_path / "boot", blobs, src, tmp_path)
 
 
 # --- bad input ------------------------------------------------------------------------------
@@ -478,14 +490,6 @@ def test_chunk_info_index_above_16_bits(tmp_path):
     assert r["chunks_new"] == n + 1
     stats = validate_rafs_bootstrap(open(boot, "rb").read())
     assert stats["chunks"] == n + 1
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    cli("mount", boot, mnt, "--blob-dir", blobs, "--cache-dir", tmp_path / "c")
-    try:
-        with open(mnt / "big", "rb") as f:
-            for k in (0, 65535, 65536, 65999, 12345):
-                f.seek(4096 * k)
-                assert f.read(4096) == data[4096 * k:4096 * (k + 1)], k
-        assert (mnt / "after").read_bytes() == b"last chunk of the blob"
-    finally:
-        cli("umount", mnt)
+    # the chunks at 65535/65536/65999 have CI indexes around the 16-bit boundary;
+    # the whole-tree comparison reads every one of them through the kernel
+    mount_and_compare(boot, blobs, src, tmp_path)
