@@ -135,6 +135,7 @@ struct erofs_builder {
     uint32_t root;
     int laid_out;
     uint32_t *order;        /* nid order of node ids */
+    uint32_t *worder;       /* node ids by inode offset (write order) */
     uint32_t norder;
     struct erofs_layout_info info;
     uint32_t *shared_order; /* xattr rec index of each shared xattr, in id order */
@@ -268,6 +269,7 @@ void erofs_builder_free(erofs_builder *b)
         free(b->puts[i].data);
     free(b->puts);
     free(b->order);
+    free(b->worder);
     free(b->shared_order);
     free(b->win);
     free(b->cbuf);
@@ -1042,6 +1044,16 @@ static uint64_t dir_pack(erofs_builder *b, struct node *d, uint32_t self, uint8_
     return size;
 }
 
+#define GAP_MAX 256
+
+static int cmp_meta_off(const void *pa, const void *pb, void *ctx)
+{
+    erofs_builder *b = ctx;
+    uint64_t a = b->nodes[*(const uint32_t *)pa].meta_off;
+    uint64_t c = b->nodes[*(const uint32_t *)pb].meta_off;
+    return a < c ? -1 : a > c;
+}
+
 static uint64_t align_up(uint64_t v, uint64_t a)
 {
     return (v + a - 1) / a * a;
@@ -1342,26 +1354,92 @@ int erofs_builder_layout(erofs_builder *b, struct erofs_layout_info *info)
         first_nid = meta_start >= sb_end ? 1 : (sb_end - meta_start + 31) / 32;
     }
     uint64_t cur = meta_start + first_nid * 32;
+    /* Gaps left when an inline inode had to start a new block are reused first-fit by
+     * later inodes that fit entirely inside them (deterministic: same tree, same
+     * gaps). The write phase then walks inodes in offset order (b->worder). */
+    struct { uint64_t start, end; } gaps[GAP_MAX];
+    uint32_t ngaps = 0;
+    uint64_t maxgap = 0;
     for (uint32_t oi = 0; oi < no; oi++) {
         struct node *n = &b->nodes[b->order[oi]];
         uint64_t base = (n->extended ? 64 : 32) + n->xattr_isize;
         uint64_t off = cur;
         uint64_t extra = 0;
+        uint32_t unit = 0;
         if (n->layout == L_CHUNK) {
             struct chunkset *cs = &b->chunks[n->aux];
-            uint32_t unit = n->dkind == D_SPARSE ? 4 : ((cs->format & CHUNK_INDEXES) ? 8 : 4);
-            extra = align_up(off + base, unit) - (off + base) + (uint64_t)unit * cs->count;
+            unit = n->dkind == D_SPARSE ? 4 : ((cs->format & CHUNK_INDEXES) ? 8 : 4);
+        } else if (n->layout == L_INLINE) {
+            extra = n->tail;
+        }
+        /* try a gap (not for the root, which must come first) */
+        if (oi && ngaps && base + extra <= maxgap && (!unit || base + unit <= maxgap)) {
+            int found = -1;
+            for (uint32_t g = 0; g < ngaps; g++) {
+                uint64_t o = gaps[g].start;
+                uint64_t e = unit ? align_up(o + base, unit) - o +
+                                    (uint64_t)unit * b->chunks[n->aux].count
+                                  : base + extra;
+                if (o + e <= gaps[g].end) {
+                    found = (int)g;
+                    off = o;
+                    extra = e - base;
+                    break;
+                }
+            }
+            if (found >= 0) {
+                n->meta_off = off;
+                n->nid = (off - meta_start) / 32;
+                gaps[found].start = align_up(off + base + extra, 32);
+                if (gaps[found].end - gaps[found].start < 32 + 12) {
+                    gaps[found] = gaps[--ngaps];
+                    maxgap = 0;
+                    for (uint32_t g = 0; g < ngaps; g++)
+                        if (gaps[g].end - gaps[g].start > maxgap)
+                            maxgap = gaps[g].end - gaps[g].start;
+                } else if (maxgap == gaps[found].end - (off)) {
+                    maxgap = 0;
+                    for (uint32_t g = 0; g < ngaps; g++)
+                        if (gaps[g].end - gaps[g].start > maxgap)
+                            maxgap = gaps[g].end - gaps[g].start;
+                }
+                continue;
+            }
+        }
+        if (unit) {
+            extra = align_up(off + base, unit) - (off + base) +
+                    (uint64_t)unit * b->chunks[n->aux].count;
         } else if (n->layout == L_INLINE) {
             /* inode, xattrs and tail in one block: the fast-symlink path measures the
              * tail from the inode's block */
-            if (off % blksz + base + n->tail > blksz)
+            if (off % blksz + base + n->tail > blksz) {
                 off = align_up(off, blksz);
-            extra = n->tail;
+                if (off - cur >= 64 && oi) {
+                    uint32_t slot = ngaps < GAP_MAX ? ngaps++ : 0;
+                    if (slot == 0 && ngaps == GAP_MAX) {
+                        /* full: replace the smallest gap */
+                        for (uint32_t g = 1; g < ngaps; g++)
+                            if (gaps[g].end - gaps[g].start < gaps[slot].end - gaps[slot].start)
+                                slot = g;
+                    }
+                    gaps[slot].start = cur;
+                    gaps[slot].end = off;
+                    if (off - cur > maxgap)
+                        maxgap = off - cur;
+                }
+            }
         }
         n->meta_off = off;
         n->nid = (off - meta_start) / 32;
         cur = align_up(off + base + extra, 32);
     }
+    /* write order: by inode offset */
+    free(b->worder);
+    b->worder = malloc((size_t)(no ? no : 1) * sizeof(uint32_t));
+    if (!b->worder)
+        return fail(b, ERN_ENOMEM, "out of memory");
+    memcpy(b->worder, b->order, (size_t)no * sizeof(uint32_t));
+    qsort_r(b->worder, no, sizeof(uint32_t), cmp_meta_off, b);
     if (b->nodes[b->root].nid > 0xFFFF)
         return fail(b, ERN_ELIMIT, "root nid %llu does not fit in 16 bits",
                     (unsigned long long)b->nodes[b->root].nid);
@@ -1886,7 +1964,7 @@ int64_t erofs_builder_write_step(erofs_builder *b, uint32_t max_nodes, uint64_t 
     if (end > b->norder || end < b->wpos)
         end = b->norder;
     for (; b->wpos < end; b->wpos++) {
-        struct node *n = &b->nodes[b->order[b->wpos]];
+        struct node *n = &b->nodes[b->worder[b->wpos]];
         int r = write_inode(b, n);
         if (!r)
             r = write_node_data(b, n);
