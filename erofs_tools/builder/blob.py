@@ -245,7 +245,10 @@ class BlobWriter:
         except InputError:
             pass
         if self._f is not None:
-            self._f.close()
+            try:
+                self._f.close()     # flushing the buffer fails again on a full disk
+            except OSError:
+                pass
             self._f = None
         try:
             os.unlink(self.tmp_path)
