@@ -1,0 +1,162 @@
+"""Packer faults: `erofs-tools pack` (and `mkfs`) interrupted by SIGINT or SIGKILL at
+random moments, and run out of space on the output file system. Whatever is left under a
+final name (the bootstrap path, a 64-hex blob name, the image path) must be complete and
+valid; everything else must be a clearly temporary file (hidden, `.tmp`), and after
+SIGINT/ENOSPC none may be left at all.
+
+FAULTS_PACK_INTERRUPTS (default 6) sets the interrupts per command."""
+
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from erofs_tools.reader import blob as rblob
+from faults import env_int
+
+INTERRUPTS = env_int("FAULTS_PACK_INTERRUPTS", 6)
+HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    root = tmp_path_factory.mktemp("packsrc")
+    r = random.Random(7)
+    for d in range(8):
+        os.makedirs(root / f"d{d}")
+        for i in range(40):
+            # compressible and incompressible halves: zstd has real work to do
+            size = r.randint(1, 200_000)
+            data = r.randbytes(size // 2) + bytes(size - size // 2)
+            (root / f"d{d}" / f"f{i}").write_bytes(data)
+    (root / "big").write_bytes(r.randbytes(24 << 20))
+    return str(root)
+
+
+def _cmd(kind, src, out):
+    if kind == "pack":
+        os.makedirs(os.path.join(out, "blobs"), exist_ok=True)
+        return [sys.executable, "-m", "erofs_tools", "pack", "-B", os.path.join(out, "app.boot"),
+                "-D", os.path.join(out, "blobs"), "--chunk-size", "0x10000", src]
+    return [sys.executable, "-m", "erofs_tools", "mkfs", os.path.join(out, "app.img"), src]
+
+
+def _leftovers(out):
+    """(final-named files, temporary files) under `out`."""
+    final, temp = [], []
+    for d, _dirs, files in os.walk(out):
+        for n in files:
+            p = os.path.join(d, n)
+            if n in ("app.boot", "app.img") or HEX64.match(n):
+                final.append(p)
+            else:
+                temp.append(p)
+    return final, temp
+
+
+def _check_final(paths):
+    """Every final-named output is complete: blobs parse and every chunk verifies,
+    bootstraps/images pass `erofs-tools check` (with their blobs)."""
+    for p in paths:
+        name = os.path.basename(p)
+        if HEX64.match(name):
+            meta = rblob.open_blob(p, blob_id=name)
+            with open(p, "rb") as f:
+                read_at = rblob.file_reader(f)
+                for c in meta.chunks:
+                    rblob.read_chunk(meta, c, read_at)
+        else:
+            args = [sys.executable, "-m", "erofs_tools", "check", p]
+            blob_dir = os.path.join(os.path.dirname(p), "blobs")
+            if name == "app.boot":
+                args += ["--blob-dir", blob_dir]
+            r = subprocess.run(args, capture_output=True, text=True)
+            assert r.returncode == 0, (p, r.stdout, r.stderr)
+
+
+def _startup_time():
+    t0 = time.monotonic()
+    subprocess.run([sys.executable, "-c", "import erofs_tools.cli, erofs_tools.builder.rafs, "
+                    "erofs_tools.builder.mkfs"], check=True)
+    return time.monotonic() - t0
+
+
+def _full_time(kind, tree, tmp_path):
+    out = str(tmp_path / f"full-{kind}")
+    os.makedirs(out)
+    t0 = time.monotonic()
+    subprocess.run(_cmd(kind, tree, out), check=True, capture_output=True)
+    return time.monotonic() - t0
+
+
+@pytest.mark.parametrize("kind", ["pack", "mkfs"])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
+def test_interrupted(kind, sig, tree, tmp_path):
+    full = _full_time(kind, tree, tmp_path)
+    start = _startup_time()
+    rnd = random.Random(f"{kind}{sig}")
+    summary = {"interrupted": 0, "finished": 0, "temp_left": 0}
+    for n in range(INTERRUPTS):
+        out = str(tmp_path / f"run{n}")
+        os.makedirs(out)
+        p = subprocess.Popen(_cmd(kind, tree, out), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+        # SIGINT during interpreter start-up is Python's business: aim at the work
+        delay = rnd.uniform(start * 1.1, max(start * 1.1, full * 0.95))
+        time.sleep(delay)
+        p.send_signal(sig)
+        stdout, stderr = p.communicate(timeout=120)
+        final, temp = _leftovers(out)
+        if p.returncode == 0:
+            summary["finished"] += 1
+            assert not temp, temp
+        else:
+            summary["interrupted"] += 1
+            if sig == signal.SIGINT:
+                assert p.returncode in (1, 130, -signal.SIGINT), (p.returncode, stderr)
+                assert "Traceback" not in stderr, stderr
+                assert not temp, f"temporary files left after SIGINT: {temp}"
+            else:
+                summary["temp_left"] += bool(temp)
+                for t in temp:        # clearly temporary: hidden and ending in .tmp
+                    b = os.path.basename(t)
+                    assert b.startswith(".") and b.endswith(".tmp"), t
+        # whatever carries a final name is complete (a signal that lands after the last
+        # rename finds a finished image: then it must check clean with all its blobs)
+        if any(os.path.basename(f) in ("app.boot", "app.img") for f in final):
+            summary["complete_before_signal"] = summary.get("complete_before_signal", 0) + 1
+        _check_final(final)
+    print(f"{kind} {signal.Signals(sig).name}: full run {full:.2f}s, {summary}")
+    if kind == "pack":
+        assert summary["interrupted"] >= 1
+
+
+def _small_tmpfs(path, size):
+    os.makedirs(path, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", path], check=True)
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("kind", ["pack", "mkfs"])
+@pytest.mark.parametrize("room", [1 << 20, 8 << 20], ids=["1M", "8M"])
+def test_output_disk_full(kind, room, tree, tmp_path):
+    import helpers
+    helpers.require(helpers.is_root(), "needs root (mount tmpfs)")
+    out = str(tmp_path / "out")
+    _small_tmpfs(out, room)
+    try:
+        r = subprocess.run(_cmd(kind, tree, out), capture_output=True, text=True, timeout=300)
+        assert r.returncode == 1, (r.returncode, r.stderr)
+        assert r.stderr.startswith("error: ") and "Traceback" not in r.stderr, r.stderr
+        assert "No space left on device" in r.stderr or "ENOSPC" in r.stderr, r.stderr
+        final, temp = _leftovers(out)
+        assert not temp, temp
+        assert not any(os.path.basename(f) in ("app.boot", "app.img") for f in final), final
+        _check_final(final)
+    finally:
+        subprocess.run(["umount", out], check=False)
