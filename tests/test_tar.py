@@ -446,3 +446,26 @@ def test_v7_directory_with_trailing_slash(tmp_path):
     assert p.returncode == 0, p.stderr
     with Image(str(tmp_path / "h.boot")) as img:
         assert img.lookup("/olddir").is_dir()
+
+
+def test_sparse_bomb_is_bounded(tmp_path):
+    """A 1 PiB sparse file holding 1 byte: its holes count against --max-size."""
+    def rec(k, v):
+        body = k + b"=" + v + b"\n"
+        n = len(body) + 2
+        while len(str(n).encode()) + 1 + len(body) != n:
+            n += 1
+        return str(n).encode() + b" " + body
+    pax = rec(b"GNU.sparse.size", str(1 << 50).encode()) + rec(b"GNU.sparse.map", b"0,1") \
+        + rec(b"GNU.sparse.name", b"bomb")
+    out = _hdr("./PaxHeaders/b", len(pax), b"x") + pax + bytes(-len(pax) % 512)
+    out += _hdr("GNUSparseFile.0/b", 1) + b"x" + bytes(511) + bytes(1024)
+    _fails(tmp_path, out, ["bomb", "--max-size"], "--max-size", "1M")
+
+
+def test_device_numbers_out_of_range(tmp_path):
+    h = bytearray(_hdr("dev", 0, b"3"))
+    h[329:337] = b"\x80" + (1 << 40).to_bytes(7, "big")
+    s = sum(h[:148]) + 256 + sum(h[156:])
+    h[148:156] = b"%06o\0 " % s
+    _fails(tmp_path, bytes(h) + bytes(1024), ["dev", "device number"])

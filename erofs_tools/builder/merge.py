@@ -28,6 +28,7 @@ from erofs_tools.builder.chunk_dict import BootstrapTables
 from erofs_tools.errors import CorruptImageError, InputError
 from erofs_tools.format import erofs as E
 from erofs_tools.format import rafs as R
+from erofs_tools.builder.tar_source import _show
 from erofs_tools.builder.whiteout import (OPAQUE_XATTR as OPAQUE, classify,
                                           is_opaque, is_overlay_whiteout)
 from erofs_tools.reader.image import Image
@@ -176,7 +177,7 @@ def _merge(layers, output, blob_ids, whiteout_spec, timestamp, RP):
                 old = mdir.children.get(d.name)
                 if ino.is_dir():
                     if d.nid in seen_dirs:
-                        raise CorruptImageError(f"{L.path}: {os.fsdecode(cpath)}: directory "
+                        raise CorruptImageError(f"{L.path}: {_show(cpath)}: directory "
                                                 "linked twice")
                     seen_dirs.add(d.nid)
                     op = is_opaque(img.xattrs(ino))
@@ -234,7 +235,7 @@ def _merge(layers, output, blob_ids, whiteout_spec, timestamp, RP):
                 regular.add(n)
                 per_node[n] = _chunks(L, ino, chunk_bits, scs, file_off, path)
         except (CorruptImageError, InputError) as e:
-            raise type(e)(f"{L.path}: {os.fsdecode(path)}: {e}") from None
+            raise type(e)(f"{L.path}: {_show(path)}: {e}") from None
         if m.children is None:
             ids[key] = n
         return n, True

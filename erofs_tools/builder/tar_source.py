@@ -61,8 +61,13 @@ def _err(msg):
     return InputError(msg)
 
 
-def _show(path):
-    return os.fsdecode(path)
+def _show(path, limit=300):
+    """A name for a one-line message: undecodable bytes and control characters
+    escaped, long names cut."""
+    if isinstance(path, bytes):
+        path = path.decode("utf-8", "backslashreplace")
+    out = "".join(c if c.isprintable() else repr(c)[1:-1] for c in path)
+    return out if len(out) <= limit else out[:limit] + "..."
 
 
 # --- input streams -------------------------------------------------------------------
@@ -567,7 +572,7 @@ class TarReader:
         if e.sparse is not None:
             self._check_sparse(e, what)
         if len(e.name) > MAX_NAME or len(e.link) > MAX_NAME:
-            raise _err(f"{what[:200]}...: name longer than {MAX_NAME} bytes")
+            raise _err(f"{what}: name longer than {MAX_NAME} bytes")
         self.count += 1
         return e
 
@@ -608,6 +613,8 @@ class TarReader:
         e.size = self._left
 
     def _check_sparse(self, e, what):
+        if e.realsize < 0:
+            raise _err(f"{what}: negative sparse file size")
         pos = 0
         total = 0
         for off, num in e.sparse:
@@ -704,7 +711,7 @@ class TarTree:
         elif e.mtime < 0:
             node.mtime, node.nsec = 0, 0              # documented: clamped
         else:
-            node.mtime, node.nsec = min(e.mtime, (1 << 64) - 1), e.mtime_nsec
+            node.mtime, node.nsec = min(e.mtime, (1 << 63) - 1), e.mtime_nsec
         node.xattrs = dict(e.xattrs)
 
     def add(self, e):
@@ -770,6 +777,9 @@ class TarTree:
         elif t in (b"3", b"4"):
             node = TNode((stat.S_IFCHR if t == b"3" else stat.S_IFBLK) | e.mode)
             self._meta(node, e)
+            if not (0 <= e.devmajor <= 0xFFF and 0 <= e.devminor <= 0xFFFFF):
+                raise FormatLimitError(f"{_show(e.name)}: device number "
+                                       f"{e.devmajor}:{e.devminor} out of range")
             node.rdev = (e.devmajor, e.devminor)
         elif t == b"6":
             node = TNode(stat.S_IFIFO | e.mode)
@@ -946,6 +956,7 @@ class StreamPipeline:
 def stream_chunks(reader, tree, chunk_size, on_entry=None):
     """Generator: read every entry, build `tree`, yield chunk items of regular files."""
     cs = chunk_size
+    apparent = 0
     for e in reader:
         node = tree.add(e)
         if on_entry is not None:
@@ -953,6 +964,10 @@ def stream_chunks(reader, tree, chunk_size, on_entry=None):
         if node is None:
             continue
         size = node.size
+        apparent += size          # sparse holes count too: they cost chunk indexes
+        if apparent > reader.r.limit:
+            raise _err(f"{_show(e.name)}: file sizes add up to more than the limit of "
+                       f"{reader.r.limit} bytes (--max-size)")
         key = node.key
         if e.sparse is None:
             off = 0
