@@ -145,3 +145,27 @@ def test_many_layers_replace_and_delete(tmp_path):
         with open(os.path.join(mnt, "shared"), "rb") as f:
             assert f.read() == b"layer 9"
 
+
+
+@pytest.mark.root
+def test_merge_nydus_built_bootstrap_with_ours(tmp_path):
+    """The Nydus test vector (nydus-image 2.2) as the lower layer, one of ours on top."""
+    vec = "/work/shared/testdata/nydus/rafs-v6-2.2.boot"
+    vblobs = "/work/shared/testdata/nydus/blobs"
+    t = BootstrapTables.read(vec)
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    for b in t.blobs:
+        os.symlink(os.path.join(vblobs, b.blob_id), blobs / b.blob_id)
+    with mounted_rafs(vec, blobs) as mnt:
+        names = sorted(os.listdir(mnt))
+    assert names
+    upper = [E(".wh." + names[0]), E("added", data=b"new file")]
+    (tar,) = layer_paths(tmp_path, [upper])
+    pack_tar(tar, tmp_path / "up.boot", blobs, "--digester", t.digester,
+             "--chunk-size", str(t.ext.s_chunk_size))
+    merged, _ = _merge(tmp_path, [vec, str(tmp_path / "up.boot")])
+    with mounted_rafs(merged, blobs) as mnt:
+        assert sorted(os.listdir(mnt)) == sorted(names[1:] + ["added"])
+    p = run_cli("check", merged, "--blob-dir", blobs)
+    assert b"clean" in p.stdout
