@@ -277,3 +277,28 @@ def test_lazy_mount_of_converted_image_through_the_daemon(tmp_path, registry):
         assert set(m["blobs"]) == set(p["blobs"])
     finally:
         d.cleanup()
+
+
+def test_docker_schema2_source(tmp_path, registry):
+    """A Docker (schema 2) manifest with docker layer media types converts too."""
+    import hashlib
+    from erofs_tools.registry import Descriptor, build_manifest
+    tars = layer_paths(tmp_path, sample_layers()[:2])
+    with registry.client() as c:
+        descs = []
+        for t in tars:
+            data = gzip.compress(open(t, "rb").read(), mtime=0)
+            r = c.push_blob("docker/app", data)
+            descs.append(Descriptor(mt.DOCKER_LAYER_TAR_GZIP, r.digest, len(data)))
+        cfg = json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {
+            "type": "layers", "diff_ids": ["sha256:" + hashlib.sha256(
+                open(t, "rb").read()).hexdigest() for t in tars]}}).encode()
+        r = c.push_blob("docker/app", cfg)
+        m = build_manifest(Descriptor(mt.DOCKER_CONFIG, r.digest, len(cfg)), descs,
+                           media_type=mt.DOCKER_MANIFEST)
+        c.put_manifest("docker/app", "v1", m)
+    r = _convert(tmp_path, registry, "docker/app:v1", "nydus/docker:v1")
+    assert len(r["blob_layers"]) == 2
+    out = str(tmp_path / "p")
+    _pull(tmp_path, registry, "nydus/docker:v1", out, "--blobs")
+    assert len(BootstrapTables.read(os.path.join(out, "image.boot")).blobs) == 2
