@@ -46,7 +46,7 @@ from fscache_daemon.errors import DaemonError, FrontendError
 from fscache_daemon.storage import StorageError
 from fscache_daemon.storage import blobcache as bc
 from fscache_daemon.storage.backends import open_backend, parse_backend_spec
-from fscache_daemon.storage.image import load_image
+from fscache_daemon.storage.image import file_runs, load_image
 from fscache_daemon.storage.planner import DEFAULT_BATCH_SIZE, plan
 
 log = logging.getLogger(__name__)
@@ -735,20 +735,26 @@ class Daemon:
             self._maybe_readahead(mgr, offset, length)
 
     def _maybe_readahead(self, mgr, offset: int, length: int) -> None:
-        """Sequential reader detected (the chunk before the range is cached, the range
-        itself had to be fetched): fetch the next `readahead` bytes of chunks in the
-        background at prefetch priority, so the reader's next requests find them cached
-        or in flight. A first read of a file never triggers it."""
+        """After a miss, fetch ahead in the background at prefetch priority (up to
+        `readahead` bytes), so the reader's next requests find the chunks cached or in
+        flight:
+          - the rest of the file the missed range belongs to (file runs from the
+            bootstrap), since readers mostly read whole files;
+          - beyond it only for a sequential reader (the chunk before the range is cached).
+        A first read of a small file fetches only its own chunk."""
         chunks = mgr.meta.chunks_for_range(offset, max(1, length))
         if not chunks:
             return
         first, last = chunks[0], chunks[-1]
-        if first.uncompressed_offset == 0:
+        start = last.uncompressed_end
+        end = min(mgr.run_end(last), start + self.readahead)
+        if end <= start and first.uncompressed_offset > 0:
+            prev = mgr.meta.chunks_for_range(first.uncompressed_offset - 1, 1)
+            if prev and mgr.cache.has(prev[0]):
+                end = start + self.readahead
+        if end <= start:
             return
-        prev = mgr.meta.chunks_for_range(first.uncompressed_offset - 1, 1)
-        if not prev or not mgr.cache.has(prev[0]):
-            return
-        ahead = mgr.missing(last.uncompressed_end, self.readahead)
+        ahead = mgr.missing(start, end - start)
         if ahead:
             self.pool.try_submit_prefetch(self._readahead_batch, mgr, ahead)
 
@@ -833,7 +839,21 @@ class Daemon:
             self._unregister(img)
             raise
         self._queue_prefetch(img)
+        if self.readahead:
+            threading.Thread(target=self._learn_runs, args=(img, mgrs), daemon=True,
+                             name="file-runs").start()
         return img
+
+    def _learn_runs(self, img: Image, mgrs) -> None:
+        try:
+            runs = file_runs(img.bootstrap)
+        except Exception as e:  # noqa: BLE001 - readahead is an optimisation
+            log.warning("%s: no file-aware readahead: %s", img.mountpoint, e)
+            return
+        for i, m in enumerate(mgrs):
+            if runs.get(i):
+                m.add_file_runs(runs[i])
+        log.debug("%s: file runs known for readahead", img.mountpoint)
 
     def _unregister(self, img: Image) -> None:
         released = []

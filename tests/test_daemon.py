@@ -120,7 +120,7 @@ def test_fill_metrics_and_fast_path(daemon, tmp_path):
 def test_restart_picks_up_mounts_and_cache(images, tmp_path):
     cache = str(tmp_path / "cache")
     be = f"localfs:{images['blobs']}"
-    d = Daemon(cache, frontend="none", threads=2)
+    d = Daemon(cache, frontend="none", threads=2, readahead=0)
     d.start()
     d.mount(images["b1"], str(tmp_path / "m1"), be)
     blob = next(iter(d.blobs))
@@ -129,7 +129,7 @@ def test_restart_picks_up_mounts_and_cache(images, tmp_path):
     d.shutdown()
     with open(os.path.join(cache, "mounts.json")) as f:
         assert [m["mountpoint"] for m in json.load(f)["mounts"]] == [str(tmp_path / "m1")]
-    d2 = Daemon(cache, frontend="none", threads=2)
+    d2 = Daemon(cache, frontend="none", threads=2, readahead=0)
     d2.start()
     try:
         assert list(d2.images) == [str(tmp_path / "m1")]
@@ -305,3 +305,31 @@ def test_null_frontend_interface():
         call(None)
     fe.umount(None)
     assert fe.stats() == {}
+
+
+def test_file_aware_readahead(images, tmp_path):
+    """A miss at the start of a file fetches the rest of that file in the background,
+    and nothing of the next file."""
+    d = Daemon(str(tmp_path / "cache"), frontend="none", threads=2, readahead=8 << 20)
+    d.start()
+    try:
+        d.mount(images["b1"], str(tmp_path / "m"), f"localfs:{images['blobs']}")
+        from fscache_daemon.storage.image import file_runs
+        runs = sorted(file_runs(images["b1"])[0])
+        big = max(runs, key=lambda r: r[1] - r[0])          # the 1 MiB file: 16 chunks
+        mgr = next(iter(d.blobs.values()))
+        deadline = time.monotonic() + 10
+        while mgr.run_end(mgr.meta.chunks_for_range(big[0], 1)[0]) == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        d.fill(mgr.blob_id, big[0], 4096)
+        deadline = time.monotonic() + 10
+        while mgr.missing(big[0], big[1] - big[0]) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not mgr.missing(big[0], big[1] - big[0])
+        time.sleep(0.2)
+        cached = [c for c in mgr.meta.chunks if mgr.cache.has(c)]
+        assert all(big[0] <= c.uncompressed_offset < big[1] for c in cached)
+        assert mgr.stats.snapshot()["readahead_bytes"] > 0
+    finally:
+        d.shutdown()

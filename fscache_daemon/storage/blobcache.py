@@ -389,6 +389,25 @@ class BlobManager:
         self._inflight: dict[int, _Flight] = {}
         self._completed_reported = cache.complete()
         self._dirty = False
+        # per chunk position: end of the longest file run starting at or covering it
+        self._run_end = None
+
+    def add_file_runs(self, runs) -> None:
+        """Learn where files' data runs end (image.file_runs) for file-aware readahead."""
+        import array
+        chunks = self.meta.chunks
+        ends = self._run_end or array.array("Q", bytes(8 * len(chunks)))
+        for start, end in runs:
+            for c in self.meta.chunks_for_range(start, max(1, end - start)):
+                pos = c.index
+                if pos < len(ends) and end > ends[pos]:
+                    ends[pos] = end
+        self._run_end = ends
+
+    def run_end(self, chunk) -> int:
+        """End of the file data run that `chunk` belongs to (0 if unknown)."""
+        ends = self._run_end
+        return ends[chunk.index] if ends is not None and chunk.index < len(ends) else 0
 
     @property
     def size(self) -> int:

@@ -97,3 +97,39 @@ def load_image(path: str) -> ImageInfo:
     if not info.blobs:
         raise StorageError(f"{path}: bootstrap names no data blobs (not a RAFS v6 image?)")
     return info
+
+
+def file_runs(path: str, max_inodes: int = 1 << 22) -> dict[int, list[tuple[int, int]]]:
+    """{blob index: [(start, end)]}: the uncompressed ranges where a regular file's data
+    is contiguous in a blob (a whole file, or a piece between deduplicated chunks that
+    live elsewhere). Used for file-aware readahead: a miss at the start of a run can
+    fetch the rest of it. Unreadable entries are skipped."""
+    from erofs_tools.reader.image import open_image
+    runs: dict[int, list[tuple[int, int]]] = {}
+    img = open_image(path)
+    try:
+        seen = set()
+        for _p, _d, ino in img.walk(on_error=lambda _p, _e: None):
+            if len(seen) >= max_inodes:
+                break
+            if not ino.is_reg() or ino.nid in seen:
+                continue
+            seen.add(ino.nid)
+            cur = None
+            try:
+                for _fo, length, device, phys in img.map_data(ino):
+                    if not device:
+                        continue
+                    if cur and cur[0] == device - 1 and cur[2] == phys:
+                        cur[2] = phys + length
+                        continue
+                    if cur:
+                        runs.setdefault(cur[0], []).append((cur[1], cur[2]))
+                    cur = [device - 1, phys, phys + length]
+            except ErofsToolsError:
+                continue
+            if cur:
+                runs.setdefault(cur[0], []).append((cur[1], cur[2]))
+    finally:
+        img.close()
+    return runs
