@@ -61,6 +61,19 @@ def _err(msg):
     return InputError(msg)
 
 
+class _Name:
+    """An entry name shown in a message only when one is raised (escaping costs)."""
+    __slots__ = ("b",)
+
+    def __init__(self, b):
+        self.b = b
+
+    def __str__(self):
+        return _show(self.b)
+
+    __format__ = lambda self, spec: format(str(self), spec)  # noqa: E731
+
+
 def _show(path, limit=300):
     """A name for a one-line message: undecodable bytes and control characters
     escaped, long names cut."""
@@ -405,7 +418,7 @@ class TarReader:
 
     def _finish_current(self):
         if self._cur is not None:
-            what = _show(self._cur.name)
+            what = _Name(self._cur.name)
             if self._left:
                 self.r.skip(self._left, what)
             if self._pad:
@@ -490,7 +503,7 @@ class TarReader:
         e.xattrs = {}
         e.sparse = None
         e.realsize = size
-        what = _show(e.name)
+        what = _Name(e.name)
         if gnu and t == b"S":
             e.realsize = _num(hdr[483:495], "realsize")
             regions = self._gnu_sparse(hdr[386:386 + 96], 4)
@@ -554,6 +567,7 @@ class TarReader:
                     if len(nums) % 2 or len(nums) > 2 * MAX_SPARSE_REGIONS:
                         raise _err(f"{what}: bad GNU.sparse.map")
                     e.sparse = [(nums[i], nums[i + 1]) for i in range(0, len(nums), 2)]
+        what = _Name(e.name)
         if sp_off:
             if any(n is None for _, n in sp_off):
                 raise _err(f"{what}: bad GNU sparse 0.0 map")
