@@ -302,3 +302,31 @@ def test_docker_schema2_source(tmp_path, registry):
     out = str(tmp_path / "p")
     _pull(tmp_path, registry, "nydus/docker:v1", out, "--blobs")
     assert len(BootstrapTables.read(os.path.join(out, "image.boot")).blobs) == 2
+
+
+@pytest.mark.parametrize("same_registry", [True, False])
+def test_merge_platform_index_lists_both(tmp_path, registry, same_registry):
+    """--merge-platform: one index with the source manifest (and its blobs, copied) and
+    the Nydus manifest; pull picks the Nydus one, plain platform selection the other."""
+    from erofs_tools.registry import resolve_manifest
+    if same_registry:
+        _source_image(tmp_path, registry)
+        src = f"{registry.host}/src/app:v1"
+    else:
+        tars = layer_paths(tmp_path, sample_layers())
+        make_oci_layout(str(tmp_path / "layout"), tars)
+        src = f"oci:{tmp_path / 'layout'}:v1"
+    p = run_cli("convert", src, f"{registry.host}/multi/app:v1", "--insecure",
+                "--merge-platform", "--json", env=_docker_env(tmp_path, registry))
+    r = json.loads(p.stdout)
+    with registry.client() as c:
+        idx = c.get_manifest("multi/app", "v1")
+        plain, nydus = idx.manifests()
+        assert nydus.artifact_type == mt.NYDUS_MANIFEST_ARTIFACT and nydus.digest == r["manifest"]
+        assert plain.artifact_type is None and plain.platform["architecture"] == "amd64"
+        m = resolve_manifest(c, "multi/app", "v1", nydus=False)
+        assert m.digest == plain.digest
+        for d in m.blobs():
+            assert c.blob_exists("multi/app", d.digest)
+    pl = _pull(tmp_path, registry, "multi/app:v1", str(tmp_path / "p"))
+    assert pl["manifest"] == r["manifest"]

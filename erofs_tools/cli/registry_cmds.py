@@ -34,10 +34,13 @@ _json_opt = click.option("--json", "as_json", is_flag=True, help="Print a JSON s
               help="Also keep the merged bootstrap (image.boot) and the blobs here.")
 @click.option("--work-dir", type=click.Path(file_okay=False),
               help="Directory for temporary files (layer bootstraps, blobs).")
+@click.option("--merge-platform", is_flag=True,
+              help="Push an index listing both the source manifest (copied) and the Nydus "
+                   "one.")
 @_json_opt
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing on success.")
 def convert_cmd(src_ref, dst_ref, insecure, chunk_dict, platform, chunk_size, digester,
-                compressor, jobs, output, work_dir, as_json, quiet):
+                compressor, jobs, output, work_dir, merge_platform, as_json, quiet):
     """Convert the OCI/Docker image SRC_REF (registry reference or oci:PATH[:TAG]) into a
     Nydus RAFS v6 image pushed to DST_REF."""
     from erofs_tools.builder.rafs import PackOptions
@@ -48,7 +51,7 @@ def convert_cmd(src_ref, dst_ref, insecure, chunk_dict, platform, chunk_size, di
     log = None if (quiet or as_json) else (lambda m: click.echo(m, err=True))
     r = convert(src_ref, dst_ref, insecure=insecure, chunk_dicts=list(chunk_dict),
                 platform=platform, pack_options=opts, output_dir=output, work_dir=work_dir,
-                log=log)
+                log=log, merge_platform=merge_platform)
     if as_json:
         click.echo(json.dumps(r, sort_keys=True))
     elif not quiet:

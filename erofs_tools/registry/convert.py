@@ -22,7 +22,9 @@ bootstrap layer, a gzip tar holding `image/image.boot` (mode 0444), annotated
 is the source config with `rootfs.diff_ids` = blob digests + the sha256 of the
 uncompressed bootstrap tar, and a history entry for the bootstrap layer. If the source
 reference is an index, the destination gets an index too, with the Nydus manifest marked
-by `artifactType` and the `nydus.remoteimage.v1` OS feature.
+by `artifactType` and the `nydus.remoteimage.v1` OS feature. With merge_platform the
+index also lists the source manifest (copied with its blobs, mounted across repositories
+of one registry when it allows), so runtimes without Nydus support pick that one.
 """
 from __future__ import annotations
 
@@ -386,7 +388,7 @@ class Destination:
 
 
 def publish(dest, bootstrap, blobs, blob_dir, config=None, platform=None, as_index=False,
-            index_platform=None):
+            index_platform=None, extra_entries=()):
     """Push blobs (local files in blob_dir named by blob id = digest hex, or already in
     the destination), config, the bootstrap layer and the manifest; -> summary."""
     layer_descs = []
@@ -422,7 +424,7 @@ def publish(dest, bootstrap, blobs, blob_dir, config=None, platform=None, as_ind
         dest.put_manifest(manifest, by_digest=True)
         entry = Descriptor(mt.OCI_MANIFEST, manifest.digest, len(manifest.data),
                            platform=p, artifact_type=mt.NYDUS_MANIFEST_ARTIFACT)
-        index = build_index([entry])
+        index = build_index(list(extra_entries) + [entry])
         dest.put_manifest(index)
         out["index"] = index.digest
     else:
@@ -432,9 +434,38 @@ def publish(dest, bootstrap, blobs, blob_dir, config=None, platform=None, as_ind
 
 # --- convert ---------------------------------------------------------------------------
 
+def copy_source_image(src, dest, work_dir):
+    """Put the source manifest and its blobs into the destination (for an index that
+    lists both); -> the manifest's index entry."""
+    repo = dest.ref.repository if dest.client is not None else None
+    for d in src.manifest.blobs():
+        if dest.has(d.digest):
+            continue
+        if dest.client is not None and src.client is not None and \
+                src.ref.api_host == dest.ref.api_host and \
+                dest.client.mount_blob(repo, d.digest, src.ref.repository):
+            continue
+        if src.layout is not None:
+            dest.push_blob(src.layout.blob_path(d.digest), d.digest, d.media_type)
+            continue
+        fd, tmp = tempfile.mkstemp(prefix=".copy-", dir=work_dir)
+        os.close(fd)
+        try:
+            src.client.pull_blob(src.ref.repository, d.digest, tmp, max_size=d.size)
+            dest.push_blob(tmp, d.digest, d.media_type)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    dest.put_manifest(src.manifest, by_digest=True)
+    plat = dict(src.index_entry.platform) if src.index_entry is not None and \
+        src.index_entry.platform else dict(src.platform)
+    return Descriptor(src.manifest.media_type, src.manifest.digest, len(src.manifest.data),
+                      platform=plat)
+
+
 def convert(src_ref, dst_ref, *, insecure=False, chunk_dicts=(), platform=None,
             pack_options=None, output_dir=None, work_dir=None, client_kw=None,
-            log=None):
+            log=None, merge_platform=False):
     """Convert SRC_REF to a Nydus image at DST_REF; -> summary dict.
 
     output_dir keeps the merged bootstrap (image.boot) and the blobs (named by blob id);
@@ -489,9 +520,11 @@ def convert(src_ref, dst_ref, *, insecure=False, chunk_dicts=(), platform=None,
         if src.index_entry is not None and src.index_entry.platform:
             index_platform = {k: v for k, v in src.index_entry.platform.items()
                               if k != "os.features"}
+        extra = [copy_source_image(src, dest, tmp)] if merge_platform else []
         res = publish(dest, merged, blobs, blob_dir, config=src.config,
-                      platform=src.platform, as_index=src.index is not None,
-                      index_platform=index_platform)
+                      platform=src.platform,
+                      as_index=src.index is not None or merge_platform,
+                      index_platform=index_platform, extra_entries=extra)
         res.update(source=str(src.ref), destination=str(dest.ref), layers=layers,
                    blobs=[b.blob_id for b in blobs], inodes=m["inodes"],
                    tar_bytes=tar_bytes, compressed_layer_bytes=comp_bytes,
