@@ -493,3 +493,28 @@ def test_chunk_info_index_above_16_bits(tmp_path):
     # the chunks at 65535/65536/65999 have CI indexes around the 16-bit boundary;
     # the whole-tree comparison reads every one of them through the kernel
     mount_and_compare(boot, blobs, src, tmp_path)
+
+
+def test_nydus_vector_as_chunk_dict(tmp_path):
+    """A bootstrap built with the nydus-image vector as chunk dict references its blob."""
+    vec = "/work/shared/testdata/nydus"
+    vboot = os.path.join(vec, "rafs-v6-2.2.boot")
+    vid = "be7d77eeb719f70884758d1aa800ed0fb09d701aaec469964e9d54325f0d5fef"
+    if not os.path.exists(vboot):
+        pytest.skip("vector missing")
+    import zstandard
+    raw = open(os.path.join(vec, "blobs", vid), "rb").read()
+    d = zstandard.ZstdDecompressor()
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "lib.rs").write_bytes(d.decompress(raw[0:4828], max_output_size=1 << 20))
+    (src / "sync_io.rs").write_bytes(d.decompress(raw[4828:7802], max_output_size=1 << 20))
+    (src / "copy-of-lib.rs").write_bytes((src / "lib.rs").read_bytes())
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    r = pack(src, tmp_path / "boot", blobs, PackOptions(chunk_dicts=[vboot]))
+    assert r["blob_id"] is None and r["chunks_dict"] == 3 and r["chunks_new"] == 0
+    assert [b["blob_id"] for b in r["blobs"]] == [vid]
+    validate_rafs_bootstrap(str(tmp_path / "boot"), {vid: len(raw)})
+    if os.geteuid() == 0:
+        mount_and_compare(tmp_path / "boot", os.path.join(vec, "blobs"), src, tmp_path)
