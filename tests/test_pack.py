@@ -395,8 +395,8 @@ def test_prefetch_table_and_blob_order(tmp_path):
         assert blob[off:off + len(data)] == data, p
         off += len(data)
     # the same list on stdin
-    r2 = cli("pack", src, "-B", tmp_path / "boot2", "-D", blobs, "--prefetch-list", "-",
-             "--compressor", "none", input=b"/zz\n/usr/bin\n")
+    cli("pack", src, "-B", tmp_path / "boot2", "-D", blobs, "--prefetch-list", "-",
+        "--compressor", "none", input=b"/zz\n/usr/bin\n")
     assert open(tmp_path / "boot2", "rb").read() == buf
     if os.geteuid() == 0:
         mount_and_compare(tmp_path / "boot", blobs, src, tmp_path)

@@ -3,7 +3,6 @@ with the kernel and compare clean (full metadata), pass the nydusd structural ru
 fsck.erofs, and repack byte-identically."""
 import os
 import shutil
-import stat
 import subprocess
 import tempfile
 
