@@ -14,7 +14,7 @@ import pytest
 RUN = Path(__file__).resolve().parent.parent / "vm-tests" / "run"
 CI = os.environ.get("EROFS_TOOLS_CI") == "1"
 
-pytestmark = [pytest.mark.vm, pytest.mark.timeout(3600)]
+pytestmark = pytest.mark.vm
 
 
 @pytest.fixture(scope="module", autouse=True)
