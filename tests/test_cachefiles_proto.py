@@ -225,3 +225,39 @@ def test_writer_pads_tail_block(tmp_path):
             w.write(fd, 100, b"x")
     finally:
         os.close(fd)
+
+
+def test_start_without_device_is_a_clear_error(tmp_path):
+    f = cf.CachefilesFrontend(lambda v, c: None, str(tmp_path / "cache"),
+                              device_path=str(tmp_path / "no-such-device"))
+    with pytest.raises(cf.CachefilesUnsupportedError) as ei:
+        f.start()
+    assert "does not exist" in str(ei.value)
+    assert "\n" not in str(ei.value)
+    f.stop()
+
+
+def test_holder_roundtrip(tmp_path):
+    """The holder keeps an fd and hands a duplicate back; release makes it exit."""
+    import subprocess
+    import sys
+    from fscache_daemon.frontend import cachefiles_holder as h
+    sock = str(tmp_path / "h.sock")
+    r, w = os.pipe()
+    p = subprocess.Popen([sys.executable, "-m", "fscache_daemon.frontend.cachefiles_holder",
+                          sock, str(w)], pass_fds=[w])
+    os.close(w)
+    try:
+        assert _until(lambda: os.path.exists(sock))
+        fd = h.fetch_fd(sock)
+        assert fd is not None
+        os.write(fd, b"x")          # the same pipe: the held fd is its write end
+        os.close(fd)
+        assert os.read(r, 1) == b"x"
+        assert h.release(sock)
+        assert p.wait(10) == 0
+        assert h.fetch_fd(sock) is None
+    finally:
+        if p.poll() is None:
+            p.kill()
+        os.close(r)
