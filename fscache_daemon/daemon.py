@@ -416,9 +416,18 @@ class FanotifyFrontend(Frontend):
             self.blob_complete(mgr)
 
     def blob_complete(self, mgr) -> None:
+        if self._unmark(mgr):
+            log.info("blob %s complete: cache file unmarked, reads stay in the kernel",
+                     mgr.blob_id[:12])
+
+    def release_blob(self, mgr) -> None:
+        if self._unmark(mgr):
+            log.info("blob %s no longer mounted: cache file unmarked", mgr.blob_id[:12])
+
+    def _unmark(self, mgr) -> bool:
         with self._lock:
             if mgr.blob_id not in self._marked:
-                return
+                return False
             self._marked.discard(mgr.blob_id)
             mgr.cache.use_write_fd(None)
             # Remove the kernel mark through the channel but keep the watcher's mapping
@@ -426,11 +435,7 @@ class FanotifyFrontend(Frontend):
             # and must map to the blob (then the fast path allows them); watcher.unmark()
             # would forget the inode and deny them with EIO.
             self.watcher.channel.unmark(mgr.cache.path)
-        log.info("blob %s complete: cache file unmarked, reads stay in the kernel",
-                 mgr.blob_id[:12])
-
-    def release_blob(self, mgr) -> None:
-        self.blob_complete(mgr)
+        return True
 
     def mount(self, image: "Image") -> None:
         devs = [self._daemon.blobs[b].cache.path for b in image.blob_ids]

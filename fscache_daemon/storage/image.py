@@ -12,6 +12,7 @@ import logging
 from dataclasses import dataclass, field
 
 from erofs_tools.errors import ErofsToolsError
+from erofs_tools.reader.image import open_image
 
 from . import StorageError
 
@@ -61,7 +62,6 @@ def _prefetch_ranges(img, nblobs: int) -> list:
 
 
 def _read_image(path: str) -> ImageInfo:
-    from erofs_tools.reader.image import open_image
     img = open_image(path)
     try:
         if not img.is_rafs:
@@ -104,7 +104,6 @@ def file_runs(path: str, max_inodes: int = 1 << 22) -> dict[int, list[tuple[int,
     is contiguous in a blob (a whole file, or a piece between deduplicated chunks that
     live elsewhere). Used for file-aware readahead: a miss at the start of a run can
     fetch the rest of it. Unreadable entries are skipped."""
-    from erofs_tools.reader.image import open_image
     runs: dict[int, list[tuple[int, int]]] = {}
     img = open_image(path)
     try:
