@@ -148,6 +148,9 @@ struct erofs_builder {
     uint8_t *cbuf;
     uint64_t bytes_done;
     int wfailed;
+    uint64_t first_inode_off;
+    int wdone, sb_blocks_set;
+    uint64_t sb_blocks_val;
     /* stream mode */
     int sfd;
     uint64_t scur;          /* next free data block */
@@ -171,6 +174,7 @@ static int x_copy(struct xfer *x, int in, uint64_t in_off, uint64_t out_off, uin
 static int x_copy_sparse(struct xfer *x, int fd, const char *path, uint64_t size,
                          const uint64_t *entries, uint32_t count, uint64_t csz);
 static int stream_stop(erofs_builder *b, int abort);
+static uint64_t align_up(uint64_t v, uint64_t a);
 
 #define WIN_SIZE (1u << 20)
 #define CBUF_SIZE (1u << 20)
@@ -856,11 +860,22 @@ int erofs_builder_add_device(erofs_builder *b, const char *tag, size_t taglen,
 
 int erofs_builder_put_bytes(erofs_builder *b, uint64_t offset, const char *data, size_t len)
 {
-    int r = check_mutable(b);
-    if (r)
-        return r;
+    if (b->wdone)
+        return fail(b, ERN_EINVAL, "image already written");
     if (offset < SB_OFFSET + 128 && offset + len > SB_OFFSET)
         return fail(b, ERN_EINVAL, "bytes would overwrite the superblock");
+    if (b->laid_out) {
+        /* after layout: before the first inode, or appended after the image */
+        if (offset + len > b->first_inode_off && offset < b->info.image_size)
+            return fail(b, ERN_EINVAL, "bytes at %llu overlap what the builder writes",
+                        (unsigned long long)offset);
+        if (offset >= b->info.image_size) {
+            uint64_t end = align_up(offset + len, b->blksz);
+            if (end / b->blksz > 0xFFFFFFFFull)
+                return fail(b, ERN_ELIMIT, "image larger than 2^32 blocks");
+            b->info.image_size = end;
+        }
+    }
     struct putbytes *np = realloc(b->puts, (b->nputs + 1) * sizeof(*np));
     if (!np)
         return fail(b, ERN_ENOMEM, "out of memory");
@@ -873,6 +888,37 @@ int erofs_builder_put_bytes(erofs_builder *b, uint64_t offset, const char *data,
     b->puts[b->nputs].len = len;
     b->puts[b->nputs].data = copy;
     b->nputs++;
+    return 0;
+}
+
+int erofs_builder_set_device(erofs_builder *b, uint32_t device_id, uint32_t blocks,
+                             uint32_t mapped_blkaddr)
+{
+    if (b->wdone)
+        return fail(b, ERN_EINVAL, "image already written");
+    if (device_id < 1 || device_id > b->ndevs)
+        return fail(b, ERN_EINVAL, "no device %u", device_id);
+    b->devs[device_id - 1].blocks = blocks;
+    b->devs[device_id - 1].mapped = mapped_blkaddr;
+    return 0;
+}
+
+int erofs_builder_set_sb_blocks(erofs_builder *b, uint64_t blocks)
+{
+    if (b->wdone)
+        return fail(b, ERN_EINVAL, "image already written");
+    if (blocks > 0xFFFFFFFFull)
+        return fail(b, ERN_ELIMIT, "block count does not fit in 32 bits");
+    b->sb_blocks_set = 1;
+    b->sb_blocks_val = blocks;
+    return 0;
+}
+
+int erofs_builder_info(erofs_builder *b, struct erofs_layout_info *info)
+{
+    if (!b->laid_out)
+        return fail(b, ERN_EINVAL, "not laid out yet");
+    *info = b->info;
     return 0;
 }
 
@@ -1478,6 +1524,7 @@ int erofs_builder_layout(erofs_builder *b, struct erofs_layout_info *info)
                         (unsigned long long)p->off);
     }
 
+    b->first_inode_off = meta_start + first_nid * 32;
     memset(&b->info, 0, sizeof(b->info));
     b->info.inodes = no;
     b->info.meta_blkaddr = (uint32_t)(meta_start / blksz);
@@ -2004,7 +2051,9 @@ int erofs_builder_write_end(erofs_builder *b)
             off += sz;
         }
     }
-    /* caller's reserved bytes, device table */
+    /* caller's reserved and appended bytes, device table */
+    if (ftruncate(b->fd, (off_t)b->info.image_size) < 0)
+        return fail(b, ERN_EIO, "sizing the image: %s", strerror(errno));
     for (uint32_t i = 0; i < b->nputs; i++)
         if ((r = pwrite_all(b, b->puts[i].data, b->puts[i].len, b->puts[i].off)))
             return r;
@@ -2034,8 +2083,9 @@ int erofs_builder_write_end(erofs_builder *b)
     put64(sb + 0x10, b->info.inodes);
     put64(sb + 0x18, (uint64_t)b->info.build_time);
     put32(sb + 0x20, b->info.build_time_nsec);
-    put32(sb + 0x24, b->o.sb_blocks ? (uint32_t)b->o.sb_blocks
-                                    : (uint32_t)(b->info.image_size / blksz));
+    put32(sb + 0x24, b->sb_blocks_set ? (uint32_t)b->sb_blocks_val
+                     : b->o.sb_blocks ? (uint32_t)b->o.sb_blocks
+                                      : (uint32_t)(b->info.image_size / blksz));
     put32(sb + 0x28, b->info.meta_blkaddr);
     put32(sb + 0x2C, b->info.xattr_blkaddr);
     memcpy(sb + 0x30, b->o.uuid, 16);
@@ -2043,12 +2093,13 @@ int erofs_builder_write_end(erofs_builder *b)
     sb[0x40 + 15] = 0;
     put32(sb + 0x50, b->info.feature_incompat);
     put16(sb + 0x56, b->ndevs);
-    put16(sb + 0x58, b->ndevs ? b->o.devt_slotoff : 0);
+    put16(sb + 0x58, b->o.devt_slotoff);
     if (b->o.sb_checksum)
         put32(sb + 0x04, erofs_sb_checksum(blk0, blksz > 1024 ? blksz : 1024 + blksz));
     if ((r = pwrite_all(b, sb, 128, SB_OFFSET)))
         return r;
     b->fd = -1;
+    b->wdone = 1;
     return 0;
 }
 

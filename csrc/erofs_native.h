@@ -48,7 +48,8 @@ struct erofs_opts {
     uint32_t build_time_nsec;
     uint8_t uuid[16];
     uint8_t volume_name[16];   /* <= 15 bytes, NUL padded */
-    uint32_t devt_slotoff;     /* device table at devt_slotoff*128 (needs devices) */
+    uint32_t devt_slotoff;     /* device table at devt_slotoff*128; written to the sb
+                                  even without devices (RAFS wants 11 always) */
     uint64_t sb_blocks;        /* 0: image size in blocks; else written as sb.blocks */
     int32_t stream_data;       /* 1: file data is copied while nodes are added (a worker
                                   thread; needs erofs_builder_set_output first); data
@@ -95,7 +96,15 @@ int erofs_node_set_chunks(erofs_builder *b, uint32_t node, uint32_t chunk_format
 int erofs_builder_set_root(erofs_builder *b, uint32_t node);
 int erofs_builder_add_device(erofs_builder *b, const char *tag, size_t taglen,
                              uint32_t blocks, uint32_t mapped_blkaddr);
+/* raw bytes written at image offset when writing: before layout, only below the inode
+ * area; after layout, also appended at/after the image end (the image grows, block
+ * aligned), e.g. the RAFS chunk-info table. Never over the superblock. */
 int erofs_builder_put_bytes(erofs_builder *b, uint64_t offset, const char *data, size_t len);
+/* change a device slot (1-based id) or sb.blocks until the image is written, e.g. the
+ * RAFS mapped_blkaddr that depends on the final bootstrap size; 0 is written as 0 */
+int erofs_builder_set_device(erofs_builder *b, uint32_t device_id, uint32_t blocks,
+                             uint32_t mapped_blkaddr);
+int erofs_builder_set_sb_blocks(erofs_builder *b, uint64_t blocks);
 
 /* stream mode: the image fd, before any erofs_node_set_file(); the same fd must be
  * passed to erofs_builder_write(). Xattrs of a file must be added before its data. */
@@ -103,6 +112,8 @@ int erofs_builder_set_output(erofs_builder *b, int fd);
 int erofs_builder_stream_progress(erofs_builder *b, uint64_t *bytes_done);
 
 int erofs_builder_layout(erofs_builder *b, struct erofs_layout_info *info);
+/* current layout info (image_size grows with appended put_bytes) */
+int erofs_builder_info(erofs_builder *b, struct erofs_layout_info *info);
 int64_t erofs_node_nid(erofs_builder *b, uint32_t node);
 uint32_t erofs_node_count(erofs_builder *b);
 

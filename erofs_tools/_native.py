@@ -243,12 +243,36 @@ class NativeBuilder:
         return r
 
     def put_bytes(self, offset, data):
-        """Raw bytes written at image `offset` (before the inode area, not over the
-        superblock), e.g. the RAFS extended superblock and blob table."""
+        """Raw bytes written at image `offset` when writing (never over the superblock).
+        Before layout(): only below the inode area (RAFS ext superblock, blob table,
+        prefetch table). After layout(): also below the first inode, or appended at or
+        after the image end (the image grows, block aligned), e.g. the chunk-info table;
+        the new size is in refresh_info().image_size."""
         data = _bytes(data, "data")
         r = lib.erofs_builder_put_bytes(self._b, offset, data, len(data))
         if r:
             _raise(self._b, r)
+
+    def set_device(self, device_id, blocks, mapped_blkaddr=0):
+        """Change device slot `device_id` (1-based) until the image is written."""
+        r = lib.erofs_builder_set_device(self._b, device_id, blocks, mapped_blkaddr)
+        if r:
+            _raise(self._b, r)
+
+    def set_sb_blocks(self, blocks):
+        """Write exactly `blocks` (0 included) as sb.blocks instead of the image size."""
+        r = lib.erofs_builder_set_sb_blocks(self._b, blocks)
+        if r:
+            _raise(self._b, r)
+
+    def refresh_info(self):
+        """Layout info now (image_size grows with bytes appended after layout())."""
+        info = ffi.new("struct erofs_layout_info *")
+        r = lib.erofs_builder_info(self._b, info)
+        if r:
+            _raise(self._b, r)
+        self.info = LayoutInfo(**{k: getattr(info, k) for k in LayoutInfo.__dataclass_fields__})
+        return self.info
 
     @property
     def node_count(self):

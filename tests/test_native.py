@@ -247,3 +247,49 @@ def test_write_errors_name_the_path(tmp_path):
             b.write(fd)
     finally:
         os.close(fd)
+
+
+def test_after_layout_appends_device_updates_and_sb_blocks(tmp_path):
+    """RAFS pack needs: a table appended after the inodes, device slots and sb.blocks
+    fixed up once the bootstrap size is known, devt_slotoff written without devices."""
+    opts = BuildOptions(meta_blkaddr=1, first_nid=128, sb_checksum=False, devt_slotoff=11,
+                        build_time=0)
+    b = NativeBuilder(opts)
+    dev = b.add_device(b"b" * 64, 1, 0)
+    root = b.add_node(DIR)
+    b.set_root(root)
+    info = b.layout()
+    end = info.image_size
+    b.put_bytes(end + 100, b"CHUNKINFO")
+    b.put_bytes(4096 - 8, b"PREFETCH")           # below the first inode (nid 128 of block 1)
+    with pytest.raises(NativeError):
+        b.put_bytes(info.meta_start + 128 * 32, b"x")   # the root inode
+    b.set_device(dev, 7, (end + 8192) // 4096)
+    b.set_sb_blocks(0)
+    assert b.refresh_info().image_size == end + 4096
+    img = tmp_path / "a.img"
+    fd = os.open(img, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    b.write(fd)
+    os.close(fd)
+    data = img.read_bytes()
+    assert len(data) == end + 4096
+    assert data[end + 100:end + 109] == b"CHUNKINFO"
+    assert data[4088:4096] == b"PREFETCH"
+    assert struct.unpack_from("<II", data, 1408 + 64) == (7, (end + 8192) // 4096)
+    assert struct.unpack_from("<I", data, 1024 + 0x24)[0] == 0
+    assert struct.unpack_from("<H", data, 1024 + 0x58)[0] == 11
+    with pytest.raises(NativeError):
+        b.put_bytes(end, b"late")
+
+    b2 = NativeBuilder(BuildOptions(meta_blkaddr=1, first_nid=128, devt_slotoff=11))
+    b2.set_root(b2.add_node(DIR))
+    b2.layout()
+    img2 = tmp_path / "b.img"
+    fd = os.open(img2, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    b2.write(fd)
+    os.close(fd)
+    d2 = img2.read_bytes()
+    assert struct.unpack_from("<HH", d2, 1024 + 0x56) == (0, 11)
+    fsck(img2)
+    with mounted(img2) as mnt:
+        assert os.listdir(mnt) == []
