@@ -15,12 +15,12 @@ Steps:
    after the tables with the root at nid 128, inodes laid out by the C core, then the
    chunk info table at a 4 KiB-aligned offset after everything the C core wrote.
 
-The C core's put_bytes() only accepts bytes before the inode area and takes them before
-layout, so four things are patched into the written image in Python (same bytes the
-C core would write; see the report to the mkfs owner): the chunk info table appended
-at the end, its offset/size in the ext superblock, the prefetch nids, the device slots'
-mapped_blkaddr (which depends on the final bootstrap size), sb.blocks (sum of the blob
-blocks, 0 without blobs) and devt_slotoff when there is no blob.
+Some of the bootstrap depends on the layout (the chunk info table appended after
+everything the C core wrote, its offset in the ext superblock, the prefetch nids, the
+device slots' mapped_blkaddr which follows the final bootstrap size, sb.blocks = sum of
+the blob blocks, 0 without blobs). A C core with put_bytes-after-layout, set_device and
+set_sb_blocks takes them before writing; with an older one they are patched into the
+written file (same bytes; USE_NATIVE_PATCH_API).
 """
 import gc
 import os
