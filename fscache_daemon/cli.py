@@ -198,6 +198,19 @@ def umount(mountpoint, lazy, api_sock):
     click.echo(f"unmounted {os.path.abspath(mountpoint)}")
 
 
+@cli.command()
+@sock_option
+def stop(api_sock):
+    """Stop the daemon (mounts stay; uncached reads wait until a daemon runs again)."""
+    c = _client(api_sock)
+    pid = c.call("GET", "/api/v1/daemon")["pid"]
+    c.call("POST", "/api/v1/shutdown", {})
+    deadline = time.monotonic() + 30
+    while c.answers() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    click.echo(f"stopped fscache-daemon (pid {pid})")
+
+
 def _human(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
