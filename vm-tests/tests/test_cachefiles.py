@@ -499,13 +499,8 @@ def test_two_images_one_domain_share_blob(daemon, scratch):
     # B's own file comes from its own blob
     assert read_all(mnt_b) == read_all(src_b)
     assert daemon.fetched() > fetched_a
-    # the kernel shares the cookie: one cache file for blob A in the domain volume
-    vol = list((daemon.cache / "fscache" / "cache").glob("Ierofs,shared"))
-    assert vol, list((daemon.cache / "fscache" / "cache").iterdir())
-    # four cookies in the volume (two bootstraps, blob A once, blob B), never blob A twice
-    files = sorted(str(p.relative_to(vol[0])) for p in vol[0].rglob("*") if p.is_file())
-    log.info("domain volume holds %s", files)
-    assert 2 <= len(files) <= 4, files
+    # (cachefiles keeps new objects as unlinked tmpfiles while in use, so the domain
+    # volume's directory cannot show the sharing; the zero READs above prove it)
 
 
 def test_sigkill_restart_restore(daemon, scratch, packed):
