@@ -1040,8 +1040,10 @@ def pack_tar(source, bootstrap, blob_dir, opts=None, source_type="auto",
     opts.check()
     t0 = time.monotonic()
     bootstrap, blob_dir = os.fspath(bootstrap), os.fspath(blob_dir)
-    if not os.path.isdir(blob_dir):
-        raise InputError(f"blob directory {blob_dir} does not exist")
+    try:                      # like pack (and nydus-image): create a missing blob dir
+        os.makedirs(blob_dir, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"blob directory {blob_dir}: {e.strerror}") from None
     if whiteout_spec not in WHITEOUT_SPECS:
         raise InputError(f"unknown whiteout spec {whiteout_spec!r} "
                          "(choose oci, overlayfs or none)")
