@@ -410,7 +410,7 @@ def _only_expected(d, allowed):
 
 @pytest.mark.parametrize("case", ["no-source", "source-file", "boot-in-source", "chunk-size",
                                   "bad-dict", "missing-prefetch", "relative-prefetch",
-                                  "no-blob-dir", "compressor"])
+                                  "blob-dir-is-file", "compressor"])
 def test_bad_input_one_line_error(tmp_path, case):
     src = tmp_path / "src"
     src.mkdir()
@@ -437,17 +437,17 @@ def test_bad_input_one_line_error(tmp_path, case):
     elif case == "relative-prefetch":
         args += ["--prefetch-list", "-"]
         stdin = b"f\n"
-    elif case == "no-blob-dir":
-        args[4] = tmp_path / "nodir"
+    elif case == "blob-dir-is-file":
+        args[4] = src / "f"
     elif case == "compressor":
         args += ["--compressor", "lz4"]
     r = cli("pack", *args, input=stdin, check=False)
     err = r.stderr.decode()
-    assert r.returncode in (1, 2), err         # click usage errors exit 2
-    assert len(err.strip().splitlines()) == 1 or case == "compressor", err
-    if r.returncode == 1:
-        assert err.startswith("error: ")
+    assert r.returncode == 1, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: ")
     _only_expected(blobs, [])
+    assert not boot.exists()
     assert not boot.exists() and not (src / "boot").exists()
     _only_expected(tmp_path, ["src", "blobs"] + (["notrafs"] if case == "bad-dict" else []))
     _only_expected(src, ["f"])
@@ -535,3 +535,12 @@ def test_native_patch_api_same_bytes(rich, tmp_path, monkeypatch, prefetch):
         boot, _, _ = do_pack(rich, o, chunk_size=65536, prefetch=prefetch)
         outs.append(open(boot, "rb").read())
     assert outs[0] == outs[1]
+
+
+def test_missing_blob_dir_is_created(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"x" * 5000)
+    blobs = tmp_path / "new" / "blobs"
+    cli("pack", src, "-B", tmp_path / "boot", "-D", blobs, "-q")
+    assert len(os.listdir(blobs)) == 1 and (tmp_path / "boot").stat().st_size % 4096 == 0

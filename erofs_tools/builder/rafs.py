@@ -196,8 +196,11 @@ def _pack(source, bootstrap, blob_dir, opts, progress):
     t0 = time.monotonic()
     source, bootstrap, blob_dir = os.fspath(source), os.fspath(bootstrap), os.fspath(blob_dir)
     check_paths(bootstrap, source)
-    if not os.path.isdir(blob_dir):
-        raise InputError(f"blob directory {blob_dir} does not exist")
+    # Like nydus-image, create the blob directory when it is missing.
+    try:
+        os.makedirs(blob_dir, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"blob directory {blob_dir}: {e.strerror}") from None
     cdict = ChunkDict(opts.chunk_dicts, opts.digester, opts.chunk_size)
 
     mk = MkfsOptions(timestamp=opts.timestamp, shared_xattrs=False)

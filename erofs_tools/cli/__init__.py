@@ -71,8 +71,11 @@ def main(argv=None):
         click.echo("Aborted!", err=True)
         sys.exit(1)
     except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
+        # Usage errors too: one line and status 1, like every other bad input.
+        msg = " ".join(e.format_message().split())
+        hint = " (see --help)" if isinstance(e, click.UsageError) else ""
+        click.echo(f"error: {msg}{hint}", err=True)
+        sys.exit(1)
     except KeyboardInterrupt:
         click.echo("error: interrupted", err=True)
         sys.exit(130)
