@@ -342,6 +342,8 @@ class FanotifyFrontend(Frontend):
         self.holder_sock = holder_sock or os.path.join(cache_dir, "fdholder.sock")
         self.watcher = None
         self._marked: set[str] = set()
+        # blob id -> (FilledMap shared with the fd holder, its store listener)
+        self._filled: dict[str, tuple] = {}
         self._lock = threading.Lock()
 
     def start(self, daemon: "Daemon") -> None:
@@ -388,7 +390,9 @@ class FanotifyFrontend(Frontend):
                     for b in ids:
                         mgr = self._daemon.blobs.get(b)
                         if mgr is not None:
-                            mgr.cache.use_write_fd(nw.mark(mgr.cache.path, b))
+                            fm = self._filled.get(b)
+                            mgr.cache.use_write_fd(nw.mark(mgr.cache.path, b,
+                                                           filled=fm and fm[0]))
                     self.watcher = nw
                 nw.start()
             except (FrontendError, OSError) as e:
@@ -405,11 +409,42 @@ class FanotifyFrontend(Frontend):
         except (FrontendError, OSError):
             pass
 
+    def _new_filled(self, mgr):
+        """The blob's FilledMap for the fd holder: listener first, then the chunks
+        already cached, so a chunk stored meanwhile is set by one or the other."""
+        from fscache_daemon.frontend.fanotify import FilledMap
+        fm = FilledMap.for_file(mgr.cache.fileno())
+
+        def stored(chunks):
+            for c in chunks:
+                fm.set_range(c.uncompressed_offset, c.uncompressed_size)
+
+        mgr.cache.add_store_listener(stored)
+        for c in mgr.meta.chunks:
+            if mgr.cache.has(c):
+                fm.set_range(c.uncompressed_offset, c.uncompressed_size)
+        return fm, stored
+
+    def _drop_filled(self, mgr) -> None:
+        item = self._filled.pop(mgr.blob_id, None)
+        if item is not None:
+            mgr.cache.remove_store_listener(item[1])
+            item[0].close()
+
     def prepare_blob(self, mgr) -> None:
         with self._lock:
             if mgr.blob_id in self._marked:
                 return
-            wfd = self.watcher.mark(mgr.cache.path, mgr.blob_id)
+            fm = None
+            if self.holder:
+                self._drop_filled(mgr)
+                self._filled[mgr.blob_id] = item = self._new_filled(mgr)
+                fm = item[0]
+            try:
+                wfd = self.watcher.mark(mgr.cache.path, mgr.blob_id, filled=fm)
+            except BaseException:
+                self._drop_filled(mgr)
+                raise
             self._marked.add(mgr.blob_id)
         mgr.cache.use_write_fd(wfd)
         if mgr.complete():
@@ -435,6 +470,7 @@ class FanotifyFrontend(Frontend):
             # and must map to the blob (then the fast path allows them); watcher.unmark()
             # would forget the inode and deny them with EIO.
             self.watcher.channel.unmark(mgr.cache.path)
+            self._drop_filled(mgr)
         return True
 
     def mount(self, image: "Image") -> None:
@@ -449,7 +485,17 @@ class FanotifyFrontend(Frontend):
         sys_umount(image.mountpoint, lazy)
 
     def stats(self) -> dict:
-        return dict(self.watcher.stats) if self.watcher else {}
+        if self.watcher is None:
+            return {}
+        out = dict(self.watcher.stats)
+        if self.holder:
+            try:  # events the holder allowed itself (filled ranges) never reach us
+                hs = self.watcher.channel.status().get("stats", {})
+                out["holder_events"] = hs.get("events", 0)
+                out["holder_allowed_filled"] = hs.get("allowed_filled", 0)
+            except (FrontendError, OSError) as e:
+                log.debug("fd holder status failed: %s", e)
+        return out
 
     def stop(self) -> None:
         self._stopping = True

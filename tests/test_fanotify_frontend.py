@@ -605,3 +605,125 @@ def test_holder_resends_backlog_without_deadlock(workdir, monkeypatch):
         if holder.poll() is None:
             holder.kill()
             holder.wait()
+
+
+# ----------------------------------------------------------- holder fast path (filled map)
+
+
+def test_filled_map_matches_a_block_set():
+    import random
+
+    from fscache_daemon.frontend.fanotify import FilledMap, FilledView
+
+    size = 1_000_000 + 123
+    nblocks = -(-size // 4096)
+    fm = FilledMap(size)
+    view = FilledView(os.dup(fm.fd), size)
+    ref: set[int] = set()
+    r = random.Random(3)
+    try:
+        for _ in range(400):
+            if r.random() < 0.3:
+                off, n = r.randrange(size), r.randrange(1, 200_000)
+                fm.set_range(off, n)
+                ref.update(range(off // 4096, min(nblocks, -(-(off + n) // 4096))))
+            off, n = r.randrange(size + 8192), r.randrange(300_000)
+            start, end = min(off, size), min(off + n, size)
+            want = end > start and all(b in ref for b in range(start // 4096,
+                                                                (end - 1) // 4096 + 1))
+            assert view.covers(off, n) == want == fm.covers(off, n), (off, n)
+    finally:
+        view.close()
+        fm.close()
+
+
+def test_filled_view_refuses_unsealed_or_short_memfd():
+    from fscache_daemon.frontend.fanotify import FilledMap, FilledView
+
+    fd = os.memfd_create("unsealed", os.MFD_CLOEXEC)
+    os.ftruncate(fd, 64)
+    with pytest.raises(FrontendError, match="sealed"):
+        FilledView(fd, 4096)  # closes fd
+    fm = FilledMap(4096 * 8)  # one byte
+    try:
+        with pytest.raises(FrontendError, match="needed"):
+            FilledView(os.dup(fm.fd), 4096 * 8 * 4096)
+    finally:
+        fm.close()
+
+
+@pytest.mark.root
+def test_holder_allows_filled_ranges_itself_and_forwards_the_rest(workdir):
+    from fscache_daemon.frontend.fanotify import FilledMap
+    from fscache_daemon.frontend.fdholder import HolderChannel
+
+    data = os.urandom(64 * 1024)
+    blob = workdir / "blob"
+    blob.write_bytes(data)
+    cache = _sparse(workdir / "cache", len(data))
+    sock = workdir / "holder.sock"
+    holder = subprocess.Popen([sys.executable, "-m", "fscache_daemon.frontend.fdholder",
+                               "--sock", str(sock)], env=CHILD_ENV)
+    filler = BlobFiller(blob)
+    fm = None
+    procs = []
+
+    def holder_stats():
+        ch = HolderChannel(str(sock))
+        try:
+            return ch.status()
+        finally:
+            ch.close()
+
+    try:
+        _wait_sock(sock, holder)
+        with ThreadPoolExecutor(2) as pool:
+            w = PreContentWatcher.from_holder(sock, filler, executor=pool)
+            filler.watcher = w
+            with open(cache, "rb") as f:
+                fm = FilledMap.for_file(f.fileno())
+            wfd = w.mark(cache, "k", filled=fm)
+            w.start()
+            assert holder_stats()["filled_maps"] == 1
+            # blocks 0-3 written (through the writer fd), then published
+            os.pwrite(wfd, data[:16384], 0)
+            fm.set_range(0, 16384)
+            for off, n in ((0, 8192), (5000, 100), (12288, 4096)):
+                p = _pread_child(cache, off, n)
+                assert p.communicate(timeout=20)[0] == data[off:off + n]
+            st = holder_stats()
+            assert filler.calls == [] and w.stats["events"] == 0  # the daemon saw nothing
+            assert st["stats"]["allowed_filled"] >= 3 and st["stats"]["forwarded"] == 0
+            # partly filled (block 4 is not): forwarded, filled by the daemon
+            p = _pread_child(cache, 12288, 8192)
+            assert p.communicate(timeout=20)[0] == data[12288:20480]
+            assert filler.calls and all(off + n > 16384 for _, off, n in filler.calls)
+            assert holder_stats()["stats"]["forwarded"] >= 1
+            # the bitmap dies with the daemon's connection: a filled range then waits
+            w.close()
+            assert holder_stats()["filled_maps"] == 0
+            p = _pread_child(cache, 0, 4096)
+            procs.append(p)
+            time.sleep(0.5)
+            assert p.poll() is None, "filled range allowed with no daemon connected"
+            filler.calls.clear()
+            w2 = PreContentWatcher.from_holder(sock, filler, executor=pool)
+            filler.watcher = w2
+            w2.mark(cache, "k")  # no map: every event goes to the daemon
+            w2.start()
+            assert p.communicate(timeout=20)[0] == data[:4096]
+            assert filler.calls == [("k", 0, 4096)]
+            w2.unmark("k")
+            w2.close()
+        holder.send_signal(signal.SIGTERM)
+        assert holder.wait(timeout=10) == 0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        if fm is not None:
+            fm.close()
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()

@@ -8,14 +8,24 @@ has read (with its event fd). A daemon connects over a unix socket:
   control connection (any number, request/reply):
     {"op":"hello"}              -> {"ok":true,"pid":N} + SCM_RIGHTS [dup of the group fd]
     {"op":"mark","path":P}      -> {"ok":true,"new":bool} + [writer fd opened before marking]
+    {"op":"mark","path":P,"filled":{"inode":[dev,ino]}} + [memfd]
+                                -> the same; the holder also maps the file's "filled"
+                                   bitmap (FilledMap), owned by this connection
     {"op":"unmark","path":P[,"inode":[dev,ino]]} -> {"ok":true,"inode":[dev,ino]}
-    {"op":"status"}             -> {"ok":true,"marks":[...],"pending":N,"subscribed":bool}
+    {"op":"status"}             -> {"ok":true,"marks":[...],"pending":N,"subscribed":bool,
+                                    "filled_maps":N,"stats":{...}}
   event connection (at most one, the live daemon):
     {"op":"subscribe"}          -> {"ok":true,"pending":N}, then a stream of
                                    {"op":"events","events":[{id,mask,pid,offset,count}]}
                                    + [event fds]; from the daemon (no replies):
     {"op":"answer","id":N,"response":R}   the holder writes the response, closes the fd
   An event's id is the holder's event fd number (unique while the event is pending).
+
+Fast path: an event whose range is wholly set in its file's filled bitmap is allowed by
+the holder at once, never forwarded (the daemon sets a block's bit only after its verified
+data is in the cache file, and never clears one). A bitmap lives only as long as the
+connection that sent it: when the daemon dies its bitmaps go, and until the next daemon
+sends its own every event is forwarded (waits) as before.
 
 Only the holder writes responses, and only answers from the current subscriber count.
 The kernel matches a response by fd number alone, whoever writes it (measured), so a
@@ -52,7 +62,7 @@ import time
 
 from fscache_daemon.errors import FanotifyUnsupportedError, FrontendError, HolderError
 from fscache_daemon.frontend import fanotify_abi as abi
-from fscache_daemon.frontend.fanotify import MarkTable, PendingEvent
+from fscache_daemon.frontend.fanotify import FilledView, MarkTable, PendingEvent
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +122,9 @@ class FdHolder:
             os.O_RDWR | os.O_LARGEFILE)
         self.marks = MarkTable(self.group_fd)    # with writer fds opened before marking
         self.pending: dict[int, tuple[int, abi.RawEvent]] = {}  # id -> (event fd, event)
+        # inode -> (filled bitmap, the connection that sent it)
+        self.filled: dict[tuple[int, int], tuple[FilledView, socket.socket]] = {}
+        self.stats = {"events": 0, "allowed_filled": 0, "forwarded": 0}
         self.subscriber: socket.socket | None = None
         self.controls: dict[int, socket.socket] = {}
         self.listener = self._listen()
@@ -211,6 +224,9 @@ class FdHolder:
             os.unlink(self.sock_path)
         except FileNotFoundError:
             pass
+        for view, _ in self.filled.values():
+            view.close()
+        self.filled.clear()
         self.marks.close_all()
         os.close(self.group_fd)
 
@@ -246,6 +262,10 @@ class FdHolder:
             if ev.overflow or ev.fd < 0:
                 log.critical("fd holder: fanotify queue overflow; events were lost")
                 continue
+            self.stats["events"] += 1
+            if self.filled and self._allow_filled(ev):
+                continue
+            self.stats["forwarded"] += 1
             # the id is the event fd number: unique while pending (the fd stays open until
             # the daemon is done) and what the kernel matches responses against
             self.pending[ev.fd] = (ev.fd, ev)
@@ -253,6 +273,33 @@ class FdHolder:
         if self.subscriber is not None and fresh:
             self._unsent.extend(fresh)
             self._flush()
+
+    def _allow_filled(self, ev: abi.RawEvent) -> bool:
+        """Allow `ev` here if its whole range is filled (see the module doc); else False:
+        the event goes to the daemon as usual."""
+        if ev.offset is None or ev.count is None:
+            return False
+        try:
+            st = os.fstat(ev.fd)
+        except OSError:
+            return False
+        item = self.filled.get((st.st_dev, st.st_ino))
+        if item is None or not item[0].covers(ev.offset, ev.count):
+            return False
+        try:
+            abi.write_response(self.group_fd, ev.fd, abi.FAN_ALLOW)
+        except FrontendError as exc:
+            log.error("fd holder: %s; forwarding the event instead", exc)
+            return False
+        os.close(ev.fd)
+        self.stats["allowed_filled"] += 1
+        return True
+
+    def _drop_views(self, conn: socket.socket) -> None:
+        """Forget the filled bitmaps `conn` sent (its daemon is gone or replaced them)."""
+        for inode in [i for i, (_, c) in self.filled.items() if c is conn]:
+            view, _ = self.filled.pop(inode)
+            view.close()
 
     def _flush(self) -> None:
         """Send queued events without ever blocking.
@@ -307,6 +354,7 @@ class FdHolder:
             log.warning("fd holder: daemon gone (%s); %d events wait for the next one",
                         why, len(self.pending))
             self._unwatch(self.subscriber.fileno())
+            self._drop_views(self.subscriber)
             self.subscriber.close()
             self.subscriber = None
         self._unsent.clear()
@@ -359,16 +407,21 @@ class FdHolder:
         if self.controls.get(fd) is not conn:
             return  # closed or taken over earlier in this poll round
         try:
-            msg, _ = _recv(conn)
+            msg, fds = _recv(conn, 1)
         except (OSError, HolderError) as exc:
             log.warning("fd holder: control connection error: %s", exc)
-            msg = None
+            msg, fds = None, []
         if msg is None:
             del self.controls[fd]
             self._unwatch(fd)
+            self._drop_views(conn)
             conn.close()
             return
         op = msg.get("op")
+        if fds and not (op == "mark" and msg.get("filled") is not None):
+            for extra in fds:
+                os.close(extra)
+            fds = []
         try:
             if op == "subscribe":
                 del self.controls[fd]
@@ -378,6 +431,8 @@ class FdHolder:
                 _send(conn, {"ok": True, "pid": os.getpid()}, [self.group_fd])
             elif op == "mark":
                 new, wfd = self._mark(str(msg["path"]))
+                if fds:
+                    self._install_view(wfd, fds.pop(), msg["filled"], conn)
                 _send(conn, {"ok": True, "new": new}, [wfd])
             elif op == "unmark":
                 inode = msg.get("inode")
@@ -386,7 +441,8 @@ class FdHolder:
             elif op == "status":
                 _send(conn, {"ok": True, "marks": self.marks.paths(),
                              "pending": len(self.pending),
-                             "subscribed": self.subscriber is not None})
+                             "subscribed": self.subscriber is not None,
+                             "filled_maps": len(self.filled), "stats": self.stats})
             else:
                 _send(conn, {"ok": False, "error": f"unknown op {op!r}"})
         except (FrontendError, OSError, KeyError) as exc:
@@ -395,6 +451,9 @@ class FdHolder:
                              "unsupported": isinstance(exc, FanotifyUnsupportedError)})
             except OSError:
                 pass
+        finally:
+            for extra in fds:
+                os.close(extra)
 
     def _subscribe(self, conn: socket.socket) -> None:
         if self.subscriber is not None:
@@ -404,6 +463,7 @@ class FdHolder:
         if self.subscriber is not None:
             # two daemons answering one group would race on the same events
             _send(conn, {"ok": False, "error": "another daemon is subscribed"})
+            self._drop_views(conn)
             conn.close()
             return
         _send(conn, {"ok": True, "pending": len(self.pending)})
@@ -422,8 +482,32 @@ class FdHolder:
             log.info("fd holder: marked %s", path)
         return new, wfd
 
+    def _install_view(self, wfd: int, map_fd: int, spec, conn: socket.socket) -> None:
+        """Map the filled bitmap (map_fd, ours to close) of the file marked at wfd, in
+        place of any older one. A bitmap for another inode than the one marked (the path
+        was replaced meanwhile) or an unusable memfd is refused: events are forwarded."""
+        st = os.fstat(wfd)
+        inode = (st.st_dev, st.st_ino)
+        want = spec.get("inode") if isinstance(spec, dict) else None
+        if want is not None and tuple(want) != inode:
+            os.close(map_fd)
+            log.warning("fd holder: filled map for inode %r, marked %r; not used", want, inode)
+            return
+        try:
+            view = FilledView(map_fd, st.st_size)
+        except (FrontendError, OSError, ValueError) as exc:
+            log.warning("fd holder: filled map refused: %s", exc)
+            return
+        old = self.filled.pop(inode, None)
+        if old is not None:
+            old[0].close()
+        self.filled[inode] = (view, conn)
+
     def _unmark(self, path: str, inode: tuple[int, int] | None) -> tuple[int, int]:
         done = self.marks.unmark(path, inode)
+        old = self.filled.pop(done, None)
+        if old is not None:
+            old[0].close()
         log.info("fd holder: unmarked %s", path)
         return done
 
@@ -464,10 +548,10 @@ class HolderChannel:
                               f"{exc.strerror or exc}") from exc
         return s
 
-    def _call(self, req: dict, maxfds: int = 0) -> tuple[dict, list[int]]:
+    def _call(self, req: dict, maxfds: int = 0, fds: list[int] = ()) -> tuple[dict, list[int]]:
         with self._lock:
             try:
-                _send(self._ctl, req)
+                _send(self._ctl, req, fds)
                 reply, fds = _recv(self._ctl, maxfds)
             except OSError as exc:
                 raise HolderError(f"{self.sock_path}: fd holder request failed: {exc}") from exc
@@ -526,9 +610,16 @@ class HolderChannel:
         finally:
             os.close(ev.fd)
 
-    def mark(self, path: str) -> int:
+    def mark(self, path: str, filled=None) -> int:
+        """Mark path through the holder; with `filled` (a FilledMap of that file) the
+        holder allows events on filled ranges itself while this channel is open."""
         path = os.path.abspath(path)
-        _, fds = self._call({"op": "mark", "path": path}, maxfds=1)
+        req = {"op": "mark", "path": path}
+        if filled is not None:
+            req["filled"] = {"inode": list(filled.inode) if filled.inode else None}
+            _, fds = self._call(req, maxfds=1, fds=[filled.fd])
+        else:
+            _, fds = self._call(req, maxfds=1)
         if len(fds) != 1:
             raise HolderError(f"{path}: fd holder sent no writer fd")
         st = os.fstat(fds[0])

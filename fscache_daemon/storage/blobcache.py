@@ -247,6 +247,7 @@ class BlobCache:
             raise StorageError(f"{self.path}: cannot open cache file: {e.strerror}") from None
         self._own_fd = fd
         self.write_fd = fd
+        self._store_listeners: list = []
         st = os.fstat(fd)
         # The daemon writes a chunk's data before its bit, and the record last of all at
         # close; a cache file modified after the record was (by anything but us, or by a
@@ -318,6 +319,21 @@ class BlobCache:
         return self.state.count >= self.total_chunks
 
     # -- writes ----------------------------------------------------------------------
+    def fileno(self) -> int:
+        """Our own descriptor of the cache file (for fstat; writes go through write_fd)."""
+        return self._own_fd
+
+    def add_store_listener(self, fn) -> None:
+        """Call fn(chunks) after chunks' verified data was written and recorded (e.g. a
+        front end publishing filled ranges). fn must be quick and must not raise."""
+        self._store_listeners.append(fn)
+
+    def remove_store_listener(self, fn) -> None:
+        try:
+            self._store_listeners.remove(fn)
+        except ValueError:
+            pass
+
     def use_write_fd(self, fd: int | None) -> None:
         """Write through `fd` instead of our own descriptor (a front end may need writes
         to go through an fd that raises no fanotify events); None restores ours."""
@@ -340,6 +356,11 @@ class BlobCache:
                 view = view[n:]
                 off += n
         self.state.set([c.index for c, _ in pieces])
+        for fn in list(self._store_listeners):
+            try:
+                fn([c for c, _ in pieces])
+            except Exception:  # noqa: BLE001 - the data is stored; a listener only lags
+                log.exception("%s: store listener failed", self.path)
 
     def sync_state(self) -> None:
         """fdatasync the cache file, then record what it holds as durable."""
