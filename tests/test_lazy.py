@@ -134,6 +134,31 @@ def test_warm_reads_never_reach_the_daemon(daemon, image, tmp_path):
     assert after["frontend_stats"]["events"] == daemon.metrics()["frontend_stats"]["events"]
 
 
+def test_fd_holder_answers_filled_ranges_without_the_daemon(daemon, image, tmp_path):
+    """A cached range of a blob that is not complete yet, read again after the page cache
+    was dropped: the fd holder allows it from the shared filled bitmap; the daemon never
+    sees the event."""
+    mnt = str(tmp_path / "mnt")
+    daemon.mount(image["boot"], mnt, f"localfs:{image['blobs']}")
+    path = os.path.join(mnt, "small.txt")
+    with open(os.path.join(image["src"], "small.txt"), "rb") as f:
+        want = f.read()
+    with open(path, "rb") as f:
+        assert f.read() == want
+    m = daemon.metrics()
+    assert not m["blobs"][image["blob_id"]]["complete"]  # still marked
+    requests = m["blobs"][image["blob_id"]]["requests"]
+    events = m["frontend_stats"]["events"]
+    allowed = m["frontend_stats"]["holder_allowed_filled"]
+    drop_caches()
+    with open(path, "rb") as f:
+        assert f.read() == want
+    m = daemon.metrics()
+    assert m["frontend_stats"]["holder_allowed_filled"] > allowed, m["frontend_stats"]
+    assert m["frontend_stats"]["events"] == events
+    assert m["blobs"][image["blob_id"]]["requests"] == requests
+
+
 # -- corruption ---------------------------------------------------------------------------
 def test_corrupted_chunk_gives_eio_for_that_file_only(daemon, tmp_path):
     src = write_tree(str(tmp_path / "src"), seed=5, big=(1 << 20,))
