@@ -171,10 +171,12 @@ def main(argv=None):
                           "--log-level", "WARNING"], stdout=logf, stderr=subprocess.STDOUT)
     mnt, nmnt, loops = w / "mnt", w / "native", []
     try:
-        for _ in range(1200):
-            if socket_answers(sock):
-                break
-            time.sleep(0.1)
+        deadline = time.monotonic() + 900
+        while not socket_answers(sock):
+            if p.poll() is not None or time.monotonic() > deadline:
+                sys.stderr.write((w / "daemon.log").read_text(errors="replace")[-4000:])
+                raise SystemExit("fscache-daemon did not come up")
+            time.sleep(0.2)
         mnt.mkdir()
         t_mount, _ = timed(lambda: api(sock, "POST", "/api/v1/mounts", {
             "bootstrap": str(boot), "mountpoint": str(mnt), "backend": f"localfs:{blobs}",
