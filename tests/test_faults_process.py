@@ -4,8 +4,9 @@ tests/faults.FaultProxy, which slows every chunk request down so kills land mid-
 
 Kills alternate between two kinds of moment:
   - "fetch": a random time after the daemon came up (requests in flight at the proxy);
-  - "write": from the proxy's thread, 0-3 ms after it delivered a chunk body in full,
-    i.e. while the daemon decompresses, verifies, pwrites and marks it.
+  - "write": from the proxy's thread, 0-3 ms after it delivered the n-th chunk body
+    (n random in 1..8) in full, i.e. while the daemon decompresses, verifies, pwrites
+    and marks it.
 
 After each kill the chunk-state record is read (the daemon is dead, so it is stable):
 every chunk it says is verified must never be requested from the backend again by any
@@ -105,9 +106,13 @@ def test_sigkill_during_fetch_and_write(tmp_path):
         kill_log = []          # (kind, verified chunks at the kill, proxy log mark at restart)
         armed = threading.Event()
         fired = threading.Event()
+        countdown = [0]
 
         def on_sent(req):
             if armed.is_set():
+                countdown[0] -= 1
+                if countdown[0] > 0:
+                    return
                 armed.clear()
                 time.sleep(rnd.uniform(0, 0.003))
                 d.proc.kill()
@@ -117,10 +122,11 @@ def test_sigkill_during_fetch_and_write(tmp_path):
         for k in range(KILLS):
             kind = "write" if k % 2 else "fetch"
             if kind == "fetch":
-                time.sleep(rnd.uniform(0.2, 1.5))
+                time.sleep(rnd.uniform(0.3, 2.5))
                 d.proc.kill()
             else:
                 fired.clear()
+                countdown[0] = rnd.randint(1, 8)    # right after the n-th body
                 armed.set()
                 if not fired.wait(5):
                     armed.clear()
