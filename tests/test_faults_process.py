@@ -13,7 +13,8 @@ every chunk it says is verified must never be requested from the backend again b
 later daemon (the proxy's request log proves it). Readers run through all the kills and
 must end with the exact bytes of the source (never zeros, never anything else).
 
-FAULTS_KILLS (default 20) sets the number of kills; docs/reliability.md has a longer run.
+FAULTS_KILLS (default 20) sets the number of kills (the image grows with it, so that
+there is still work to interrupt); docs/reliability.md has a longer run.
 """
 
 import os
@@ -50,7 +51,7 @@ def test_sigkill_during_fetch_and_write(tmp_path):
     src = str(tmp_path / "src")
     r = random.Random(5)
     os.makedirs(os.path.join(src, "d"))
-    for i in range(120):                           # 120 x 96 KiB + 4 x 2 MiB, random
+    for i in range(max(120, 6 * KILLS)):           # 120 x 96 KiB + 4 x 2 MiB, random
         with open(os.path.join(src, "d", f"{i:03d}"), "wb") as f:
             f.write(r.randbytes(96 << 10))
     for i in range(4):
