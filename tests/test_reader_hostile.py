@@ -266,3 +266,31 @@ def test_truncations(base, tmp_path):
         except ErofsToolsError:
             pass
     assert os.listdir(base["outside"]) == []
+
+
+def _xattr_name_offset(data):
+    """Offset of the suffix byte 'a' of the (shared) xattr user.a = "1"."""
+    needle = b"\x01\x01\x01\x00a1"
+    assert data.count(needle) == 1
+    return data.index(needle) + 4
+
+
+def test_xattr_name_with_nul(base, tmp_path):
+    """Found by the fuzzer: a NUL inside an xattr name reached setxattr (ValueError)."""
+    data = bytearray(base["plain"])
+    data[_xattr_name_offset(base["plain"])] = 0
+    assert_clean_failure(bytes(data), tmp_path, base, expect="xattr name contains NUL")
+
+
+def test_xattr_name_not_utf8_in_tar(base, tmp_path):
+    """Found by the fuzzer: a non-UTF-8 xattr name broke the PAX header encoder. Such a
+    name is legal (the directory extraction keeps it) but a tar stream cannot hold it."""
+    import io
+    data = bytearray(base["plain"])
+    data[_xattr_name_offset(base["plain"])] = 0xFF
+    img = Image(fix_checksum(bytes(data)))
+    assert dict(img.xattrs(img.lookup("/file1")))[b"user.\xff"] == b"1"
+    with pytest.raises(ErofsToolsError, match="not UTF-8"):
+        unpack_to_tar(img, io.BytesIO())
+    unpack_to_dir(img, tmp_path / "out")
+    assert os.getxattr(tmp_path / "out" / "file1", b"user.\xff") == b"1"

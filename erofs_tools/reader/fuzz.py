@@ -92,6 +92,11 @@ def _small_tree(root):
     for n in ("a.txt", "mid", "dup1", "dup2"):
         os.setxattr(j(root, n), "user.tag", b"shared-value")
     os.setxattr(j(root, "mid"), "user.only", b"x" * 100)
+    # fixed times (and fixed uuids below) keep the corpus, hence every case, reproducible
+    for dirpath, dirnames, filenames in os.walk(root, topdown=False):
+        for n in dirnames + filenames:
+            os.utime(j(dirpath, n), ns=(1_700_000_000_123_456_789,) * 2, follow_symlinks=False)
+    os.utime(root, ns=(1_700_000_000_123_456_789,) * 2)
     return root
 
 
@@ -126,7 +131,8 @@ def build_corpus(work):
             if blobdev:
                 open(dev, "wb").close()
                 extra = [f"--blobdev={dev}"]
-            p = subprocess.run(["mkfs.erofs", "--quiet", *args, *extra, img, src],
+            p = subprocess.run(["mkfs.erofs", "--quiet", "-T1700000000",
+                                "-U00000000-0000-0000-0000-000000000001", *args, *extra, img, src],
                                capture_output=True)
             if p.returncode == 0:
                 seeds.append(Seed(name, open(img, "rb").read(),
@@ -135,7 +141,7 @@ def build_corpus(work):
         from erofs_tools.builder.mkfs import mkfs as our_mkfs
         from erofs_tools.builder.options import MkfsOptions
         img = os.path.join(work, "ours.img")
-        our_mkfs(img, src, MkfsOptions())
+        our_mkfs(img, src, MkfsOptions(uuid=bytes(15) + b"\1"))
         seeds.append(Seed("erofs-tools-mkfs", open(img, "rb").read()))
     except Exception:  # noqa: BLE001 - optional seed; the builder may be mid-work
         pass

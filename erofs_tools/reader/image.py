@@ -624,6 +624,8 @@ class Image:
         if prefix is None:
             raise self._err(f"{what}: unsupported xattr name index {e.e_name_index:#x}")
         suffix = bytes(buf[nstart:nstart + e.e_name_len])
+        if b"\0" in suffix:
+            raise self._err(f"{what}: xattr name contains NUL")
         value = bytes(buf[nstart + e.e_name_len:vend])
         return prefix + suffix, value, _round_up(vend, 4)
 

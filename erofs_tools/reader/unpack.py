@@ -293,7 +293,12 @@ def _tar_one(img, tf, path, ino, done, warnings, budget):
     ti.mtime = ino.mtime
     pax = {"mtime": f"{ino.mtime}.{ino.mtime_nsec:09d}"}
     for xn, xv in img.xattrs(ino):
-        pax["SCHILY.xattr." + os.fsdecode(xn)] = xv.decode("utf-8", "surrogateescape")
+        try:
+            key = "SCHILY.xattr." + xn.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InputError(f"xattr name {xn!r} is not UTF-8 and cannot be stored in a "
+                             "tar stream (unpack to a directory instead)") from None
+        pax[key] = xv.decode("utf-8", "surrogateescape")
     fobj = None
     if not ino.is_dir() and ino.nid in done:
         ti.type = tarfile.LNKTYPE
