@@ -10,6 +10,9 @@ Every measurement starts with `drop_caches`.
 
   cold      read every file once, sequentially, through a fresh lazy mount (the daemon
             fetches, verifies, decompresses and writes every chunk)
+  cold-in-process  the same with the daemon inside the benchmark process, three ways:
+            fd holder with the filled map (shipped), fd holder without it (every event
+            goes to the daemon: the previous design), fanotify group in the daemon
   direct    read and decompress + verify the same chunks straight from the blob in one
             Python loop (the work the daemon cannot avoid, without the kernel round trip)
             goal: cold >= 0.7 x direct
@@ -204,27 +207,39 @@ def main(argv=None) -> int:
         res["daemon_rss_MiB"] = d.metrics()["process"]["rss_bytes"] / 2**20
         res["cold_vs_direct"] = res["cold_MBps"] / res["direct_MBps"]
 
-        # -- cold with the fanotify group in the daemon process (no fd holder) ---------
-        # not crash-safe (fail-open): measured only to show what the holder hop costs
+        fs = d.metrics()["frontend_stats"]
+        res["cold_holder_events"] = fs.get("holder_events")
+        res["cold_holder_allowed_filled"] = fs.get("holder_allowed_filled")
+
+        # -- cold, daemons inside this process (like for like): the shipped setup (fd
+        # holder with the filled map), the fd holder without the filled map (every event
+        # goes to the daemon, as before the holder fast path), and the fanotify group in
+        # the daemon process (no fd holder; not crash-safe, fail-open): measured only to
+        # show what the holder hop costs
         from fscache_daemon.daemon import Daemon, FanotifyFrontend
-        local = []
         mnt_l = str(work / "mnt-local")
         os.makedirs(mnt_l, exist_ok=True)
-        for i in range(args.repeat):
-            lc = str(work / f"local-cache")
-            shutil.rmtree(lc, ignore_errors=True)
-            dl = Daemon(lc, frontend=FanotifyFrontend(lc, holder=False), threads=args.threads)
-            dl.start()
-            try:
-                drop_caches()
-                dl.mount(boot, mnt_l, f"localfs:{blobs}")
-                local.append(timed(read_all, mnt_l, files))
-                dl.umount(mnt_l)
-            finally:
-                dl.shutdown()
-        t, n = min(local)
-        res["cold_local_group_s"], res["cold_local_group_MBps"] = t, n / t / 1e6
-        res["cold_local_group_vs_direct"] = res["cold_local_group_MBps"] / res["direct_MBps"]
+        for name, kw in (("cold_inproc_holder", {}),
+                         ("cold_holder_nomap", {"filled_map": False}),
+                         ("cold_local_group", {"holder": False})):
+            local = []
+            for i in range(args.repeat):
+                lc = str(work / "local-cache")
+                shutil.rmtree(lc, ignore_errors=True)
+                dl = Daemon(lc, frontend=FanotifyFrontend(lc, **kw), threads=args.threads)
+                dl.start()
+                try:
+                    drop_caches()
+                    dl.mount(boot, mnt_l, f"localfs:{blobs}")
+                    local.append(timed(read_all, mnt_l, files))
+                    dl.umount(mnt_l)
+                finally:
+                    dl.shutdown()
+                    release_holder(os.path.join(lc, "fdholder.sock"))
+            t, n = min(local)
+            res[f"{name}_s"], res[f"{name}_MBps"] = t, n / t / 1e6
+            res[f"{name}_vs_direct"] = res[f"{name}_MBps"] / res["direct_MBps"]
+            res[f"{name}_runs_s"] = [round(r[0], 3) for r in local]
 
         # -- warm, same mount (mark removed after completion) --------------------------
         t, n = best(args.repeat, read_all, mnt, files)
@@ -306,9 +321,15 @@ def main(argv=None) -> int:
         release_holder(str(work / "daemon" / "cache" / "fdholder.sock"))
 
     rows = [
-        ("cold read through daemon", f"{res['cold_MBps']:.0f} MB/s", ""),
+        ("cold read through daemon", f"{res['cold_MBps']:.0f} MB/s",
+         f"{res['cold_holder_allowed_filled']} of {res['cold_holder_events']} events "
+         "allowed by the fd holder"),
         ("direct read + decompress + verify", f"{res['direct_MBps']:.0f} MB/s",
          f"cold/direct = {res['cold_vs_direct']:.2f} (goal >= 0.7)"),
+        ("cold, in-process daemon, holder + map", f"{res['cold_inproc_holder_MBps']:.0f} MB/s",
+         f"/direct = {res['cold_inproc_holder_vs_direct']:.2f}"),
+        ("cold, holder without filled map", f"{res['cold_holder_nomap_MBps']:.0f} MB/s",
+         f"/direct = {res['cold_holder_nomap_vs_direct']:.2f} (every event to the daemon)"),
         ("cold, group in daemon (no holder)", f"{res['cold_local_group_MBps']:.0f} MB/s",
          f"/direct = {res['cold_local_group_vs_direct']:.2f} (not crash-safe)"),
         ("warm read, same mount", f"{res['warm_MBps']:.0f} MB/s",

@@ -332,13 +332,17 @@ def spawn_holder(sock: str, log_path: str, timeout: float = 10.0) -> int:
 class FanotifyFrontend(Frontend):
     """File-backed EROFS mounts whose blob devices are cache files marked for
     FAN_PRE_ACCESS (fanotify.py). The group lives in the fd holder process unless
-    `holder=False` (then a daemon exit fails open, so it unmounts everything first)."""
+    `holder=False` (then a daemon exit fails open, so it unmounts everything first).
+    With the holder, each marked blob's FilledMap is shared with it so it allows events
+    on filled ranges itself (`filled_map=False`: every event comes to us, for comparison)."""
 
     name = "fanotify"
 
-    def __init__(self, cache_dir: str, holder_sock: str | None = None, holder: bool = True):
+    def __init__(self, cache_dir: str, holder_sock: str | None = None, holder: bool = True,
+                 filled_map: bool = True):
         self.cache_dir = cache_dir
         self.holder = holder
+        self.filled_map = filled_map
         self.holder_sock = holder_sock or os.path.join(cache_dir, "fdholder.sock")
         self.watcher = None
         self._marked: set[str] = set()
@@ -436,7 +440,7 @@ class FanotifyFrontend(Frontend):
             if mgr.blob_id in self._marked:
                 return
             fm = None
-            if self.holder:
+            if self.holder and self.filled_map:
                 self._drop_filled(mgr)
                 self._filled[mgr.blob_id] = item = self._new_filled(mgr)
                 fm = item[0]
