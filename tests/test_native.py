@@ -293,3 +293,46 @@ def test_after_layout_appends_device_updates_and_sb_blocks(tmp_path):
     fsck(img2)
     with mounted(img2) as mnt:
         assert os.listdir(mnt) == []
+
+
+def test_stream_mode_tail_budget_and_worker_errors(tmp_path):
+    """Stream mode: tails beyond the memory budget are re-read at write time; a file the
+    copy thread cannot read fails the build with its path."""
+    from erofs_tools.builder.options import MkfsOptions
+    from erofs_tools.builder.tree import TreeWalker
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(400):                          # ~1.6 MB of inline tails
+        (src / f"f{i:03d}").write_bytes(os.urandom(4000 + i % 50))
+    img = tmp_path / "s.img"
+    fd = os.open(img, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        b = NativeBuilder(BuildOptions(stream_data=True, tail_budget_mib=1))
+        b.set_output(fd)
+        TreeWalker(b, MkfsOptions()).walk(src)
+        info = b.layout()
+        assert info.meta_blkaddr > 0 and info.data_start == 4096
+        b.write(fd)
+        b.close()
+    finally:
+        os.close(fd)
+    fsck(img)
+    with mounted(img) as mnt:
+        for i in (0, 250, 399):
+            assert open(os.path.join(mnt, f"f{i:03d}"), "rb").read() == \
+                (src / f"f{i:03d}").read_bytes()
+
+    fd = os.open(tmp_path / "e.img", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        b = NativeBuilder(BuildOptions(stream_data=True))
+        b.set_output(fd)
+        root = b.add_node(DIR)
+        b.set_root(root)
+        f = b.add_node(REG, size=10000)
+        b.set_file(f, str(tmp_path / "gone"))
+        b.add_child(root, b"f", f)
+        with pytest.raises(InputError, match="gone"):
+            b.layout()
+        b.close()
+    finally:
+        os.close(fd)
