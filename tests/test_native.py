@@ -336,3 +336,28 @@ def test_stream_mode_tail_budget_and_worker_errors(tmp_path):
         b.close()
     finally:
         os.close(fd)
+
+
+def test_nlink_above_65535_uses_extended_inodes(tmp_path):
+    """One file under 70,000 names and a directory with 66,000 subdirectories: both
+    nlinks exceed the compact 16-bit field and must read back exactly."""
+    b = NativeBuilder(BuildOptions(build_time=0, uuid=bytes(16)))
+    root = b.add_node(DIR)
+    b.set_root(root)
+    f = b.add_node(REG, size=2)
+    b.set_bytes(f, b"hi")
+    links = b.add_node(DIR)
+    b.add_child(root, b"links", links)
+    for i in range(70000):
+        b.add_child(links, b"l%d" % i, f)
+    many = b.add_node(DIR)
+    b.add_child(root, b"many", many)
+    for i in range(66000):
+        b.add_child(many, b"d%d" % i, b.add_node(DIR))
+    img = tmp_path / "n.img"
+    _write(b, img)
+    fsck(img, extract=False)
+    with mounted(img) as mnt:
+        assert os.stat(os.path.join(mnt, "links", "l69999")).st_nlink == 70000
+        assert os.stat(os.path.join(mnt, "many")).st_nlink == 66002
+        assert open(os.path.join(mnt, "links", "l12345"), "rb").read() == b"hi"
