@@ -514,8 +514,12 @@ class FanotifyFrontend(Frontend):
                     holder_pid = ch.holder_pid
             except (FrontendError, OSError, AttributeError):
                 holder_pid = None
-        self.watcher.close()
+        self.watcher.close()  # the holder drops the filled maps this daemon sent
         self.watcher = None
+        with self._lock:
+            for fm, _ in self._filled.values():
+                fm.close()  # a later store finds it closed: set_range does nothing
+            self._filled.clear()
         if holder_pid:
             try:
                 os.kill(holder_pid, 15)
