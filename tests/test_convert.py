@@ -81,6 +81,9 @@ def test_convert_pull_mount(tmp_path, request, auth):
     ref = reference_rootfs(tars, str(tmp_path / "ref"))
     with mounted_rafs(os.path.join(out, "image.boot"), out) as mnt:
         _assert_same(ref, mnt)
+    # blobs renamed to their layer digests still pass the fsck, digests and ids included
+    c = run_cli("check", os.path.join(out, "image.boot"), "--blob-dir", out)
+    assert c.returncode == 0, c.stdout + c.stderr
     if auth == "token":
         assert server.issuer is not None
 
