@@ -133,7 +133,7 @@ if SLOW:
         # 6 attempts x 30 s read timeout per backend read, and the kernel retries the
         # failed range (readahead, then a synchronous read): measured > 430 s
         ("read-timeout-every-attempt", [], ("hold", 40), "eio", 900, 150),
-        ("503-retry-after-3600-every-attempt", [], ("status", 503, 3600), "eio", 400, 100),
+        ("503-retry-after-3600-every-attempt", [], ("status", 503, 3600), "eio", 900, 100),
     ]
 
 
