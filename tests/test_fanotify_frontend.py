@@ -727,3 +727,50 @@ def test_holder_allows_filled_ranges_itself_and_forwards_the_rest(workdir):
         if holder.poll() is None:
             holder.kill()
             holder.wait()
+
+
+@pytest.mark.root
+def test_holder_refuses_filled_map_of_another_inode_or_unsealed(workdir):
+    from fscache_daemon.frontend.fanotify import FilledMap
+    from fscache_daemon.frontend.fdholder import HolderChannel
+
+    cache = _sparse(workdir / "cache", 1 << 20)
+    other = _sparse(workdir / "other", 1 << 20)
+    sock = workdir / "holder.sock"
+    holder = subprocess.Popen([sys.executable, "-m", "fscache_daemon.frontend.fdholder",
+                               "--sock", str(sock)], env=CHILD_ENV)
+    maps = []
+    try:
+        _wait_sock(sock, holder)
+        ch = HolderChannel(str(sock))
+        try:
+            with open(other, "rb") as f:
+                maps.append(FilledMap.for_file(f.fileno()))
+            ch.mark(str(cache), filled=maps[-1])  # the mark stands, the map is refused
+            st = ch.status()
+            assert st["marks"] == [str(cache)] and st["filled_maps"] == 0
+
+            class Unsealed:  # a memfd whose size could change under the holder
+                inode = None
+                fd = os.memfd_create("unsealed", os.MFD_CLOEXEC)
+
+            os.ftruncate(Unsealed.fd, 64)
+            ch.mark(str(cache), filled=Unsealed)
+            os.close(Unsealed.fd)
+            assert ch.status()["filled_maps"] == 0
+            with open(cache, "rb") as f:
+                maps.append(FilledMap.for_file(f.fileno()))
+            ch.mark(str(cache), filled=maps[-1])
+            assert ch.status()["filled_maps"] == 1
+            ch.unmark(str(cache))
+            assert ch.status()["filled_maps"] == 0
+        finally:
+            ch.close()
+        holder.send_signal(signal.SIGTERM)
+        assert holder.wait(timeout=10) == 0
+    finally:
+        for m in maps:
+            m.close()
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
