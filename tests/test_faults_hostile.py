@@ -380,37 +380,27 @@ def _fuzz_worker(conn, blob_bytes, blob_id, entry, digests, expect, cases, seed,
             outcome = "parsed"
             # a map that parses goes through the cache like the daemon's: store what
             # verifies, and the stored bytes must be the original image's bytes
-            if meta.uncompressed_size == expect["usize"]:
-                cache = bc.BlobCache(os.path.join(d, "cache"), meta, durable=False)
-                mgr = bc.BlobManager(meta, cache, be)
-                try:
-                    mgr.fill(0, meta.uncompressed_size)
-                    outcome = "filled"
-                except ErofsToolsError:
-                    outcome = "fill-error"
-                for c in meta.chunks:
-                    if cache.has(c):
-                        got = os.pread(cache._own_fd, c.uncompressed_size,
-                                       c.uncompressed_offset)
-                        want = expect["data"][c.uncompressed_offset:
-                                              c.uncompressed_offset + c.uncompressed_size]
-                        if got != want:
-                            failures.append((n, muts, f"chunk {c.index} stored at "
-                                             f"{c.uncompressed_offset} differs from the "
-                                             "original image's bytes there"))
-                            break
-                mgr.close()
-            # the map written for this blob loads back (the restart path), or is rejected
+            outcome = _fill_and_compare(meta, os.path.join(d, "cache"), be, expect, n, muts,
+                                        failures, "parsed")
+            # the map written for this blob, damaged, loads back (the restart path) or is
+            # rejected; what it stores must still be the original bytes
             mp = bc.map_path(os.path.join(d, "cache"), blob_id)
             if os.path.exists(mp):
                 m = bytearray(open(mp, "rb").read())
                 if m:
-                    m[rnd.randrange(len(m))] ^= 0xFF
+                    i = rnd.randrange(len(m))
+                    m[i] ^= 1 << rnd.randrange(8)
+                    for name in os.listdir(os.path.join(d, "cache")):
+                        os.unlink(os.path.join(d, "cache", name))
                     open(mp, "wb").write(bytes(m))
                     try:
-                        bc.load_or_fetch_meta(os.path.join(d, "cache"), blob_id, be,
-                                              entry=entry, blob_size=len(b) if entry is None
-                                              else entry.compressed_size, digests=digests)
+                        meta2, fetched = bc.load_or_fetch_meta(
+                            os.path.join(d, "cache"), blob_id, be, entry=entry,
+                            blob_size=len(b) if entry is None else entry.compressed_size,
+                            digests=digests)
+                        if fetched == 0:
+                            _fill_and_compare(meta2, os.path.join(d, "cache"), be, expect, n,
+                                              muts + [f"map byte {i}"], failures, "")
                     except ErofsToolsError:
                         pass
         except ErofsToolsError:
@@ -428,6 +418,30 @@ def _fuzz_worker(conn, blob_bytes, blob_id, entry, digests, expect, cases, seed,
         outcomes[outcome] = outcomes.get(outcome, 0) + 1
     conn.send((outcomes, failures))
     conn.close()
+
+
+def _fill_and_compare(meta, cache_dir, be, expect, n, muts, failures, outcome):
+    from fscache_daemon.storage import blobcache as bc
+    if meta.uncompressed_size != expect["usize"]:
+        return outcome
+    cache = bc.BlobCache(cache_dir, meta, durable=False)
+    mgr = bc.BlobManager(meta, cache, be)
+    try:
+        mgr.fill(0, meta.uncompressed_size)
+        outcome = "filled"
+    except ErofsToolsError:
+        outcome = "fill-error"
+    for c in meta.chunks:
+        if cache.has(c):
+            got = os.pread(cache._own_fd, c.uncompressed_size, c.uncompressed_offset)
+            want = expect["data"][c.uncompressed_offset:c.uncompressed_offset +
+                                  c.uncompressed_size]
+            if got != want:
+                failures.append((n, muts, f"chunk {c.index} stored at {c.uncompressed_offset} "
+                                 "differs from the original image's bytes there"))
+                break
+    mgr.close()
+    return outcome
 
 
 def _expected_cache_bytes(blob_path, blob_id, entry, digests):
