@@ -324,7 +324,10 @@ class ApiServer:
         return self
 
     def stop(self) -> None:
-        self.server.shutdown()
+        # shutdown() waits for serve_forever() to notice; it never returns if the server
+        # was never started (e.g. the front end failed before api.start()).
+        if self._thread.is_alive():
+            self.server.shutdown()
         self.server.server_close()
         try:
             os.unlink(self.path)
