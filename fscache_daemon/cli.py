@@ -199,16 +199,24 @@ def umount(mountpoint, lazy, api_sock):
 
 
 @cli.command()
+@click.option("--release-holder", is_flag=True,
+              help="Also let the cachefiles fd holder go (only when no fscache-mode mount "
+                   "is left: a restarted daemon could no longer restore them).")
 @sock_option
-def stop(api_sock):
+def stop(release_holder, api_sock):
     """Stop the daemon (mounts stay; uncached reads wait until a daemon runs again)."""
     c = _client(api_sock)
-    pid = c.call("GET", "/api/v1/daemon")["pid"]
+    info = c.call("GET", "/api/v1/daemon")
     c.call("POST", "/api/v1/shutdown", {})
     deadline = time.monotonic() + 30
     while c.answers() and time.monotonic() < deadline:
         time.sleep(0.05)
-    click.echo(f"stopped fscache-daemon (pid {pid})")
+    click.echo(f"stopped fscache-daemon (pid {info['pid']})")
+    if release_holder:
+        from fscache_daemon.frontend import cachefiles_holder
+        sock = os.path.join(info["cache_dir"], "cachefiles-holder.sock")
+        if cachefiles_holder.release(sock):
+            click.echo("released the cachefiles fd holder")
 
 
 def _human(n: float) -> str:
