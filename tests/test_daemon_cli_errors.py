@@ -2,6 +2,7 @@
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -15,3 +16,23 @@ def test_run_without_cachefiles_exits_with_one_line_error(tmp_path):
     last = r.stderr.decode().strip().splitlines()[-1]
     assert last.startswith("error: ") and "cachefiles" in last
     assert not (tmp_path / "api.sock").exists()
+
+
+def test_stop_ends_a_running_daemon(tmp_path):
+    sock = str(tmp_path / "api.sock")
+    p = subprocess.Popen([sys.executable, "-m", "fscache_daemon.cli", "run", "--frontend",
+                          "none", "--cache-dir", str(tmp_path / "c"), "--api-sock", sock],
+                         stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while not os.path.exists(sock) and p.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        r = subprocess.run([sys.executable, "-m", "fscache_daemon.cli", "stop",
+                            "--release-holder", "--api-sock", sock],
+                           capture_output=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert f"pid {p.pid}" in r.stdout.decode()
+        assert p.wait(timeout=30) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
