@@ -121,7 +121,10 @@ def test_corruption_between_runs_is_reverified(tmp_path):
     mgr.fill(0, mgr.size)
     assert be.reads == []
     mgr.close()
-    # corrupt two chunks while "stopped"
+    # corrupt two chunks while "stopped" (later than the record's last write: the check
+    # compares mtimes, and a write within the same timestamp tick would look as old)
+    import time
+    time.sleep(0.05)
     path = bc.cache_path(cdir, blob_id)
     meta = mgr.meta
     victims = [meta.chunks[3], meta.chunks[20]]
@@ -150,6 +153,8 @@ def test_killed_between_write_and_bit(tmp_path):
     mgr.fill(0, 5 * 65536)
     mgr.sync()
     c = mgr.meta.chunks[9]
+    import time
+    time.sleep(0.05)
     # the write of a sixth chunk lands, the process dies before ChunkState.set
     os.pwrite(mgr.cache._own_fd, datas[c.index], c.uncompressed_offset)
     os.close(mgr.cache.state.fd)              # no close(): nothing else is written
