@@ -61,6 +61,19 @@ def test_retries_are_bounded(registry, flaky):
     assert len(proxy.requests) == 3
 
 
+def test_deadline_bounds_retrying(registry, flaky):
+    """A registry that keeps asking for an hour's patience: the deadline ends it."""
+    d = registry.client().push_blob("r/dl", DATA).digest
+    proxy = flaky([503] * 50, match=r"/blobs/", retry_after="3600")
+    c = registry.client(host=proxy.host, retries=20, max_backoff=2.0, deadline=5.0)
+    t = time.monotonic()
+    with pytest.raises(RegistryError, match="out of time"):
+        c.read_blob_range("r/dl", d, 0, 100)
+    took = time.monotonic() - t
+    assert 3.5 <= took <= 8.0, took
+    assert 2 <= len(proxy.requests) <= 4
+
+
 def test_dropped_connections_during_upload_and_manifests(registry, flaky):
     # Drop the first POST, PUT and manifest GET on the floor; everything still works.
     proxy = flaky(["drop", "drop", "drop"], match=r"^(POST|PUT|GET /v2/r/d/manifests)")

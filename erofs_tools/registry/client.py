@@ -77,6 +77,7 @@ class RegistryClient:
                  docker_config: str | bool | None = None,
                  timeout: float = 30.0, connect_timeout: float = 10.0,
                  retries: int = 5, backoff: float = 0.5, max_backoff: float = 30.0,
+                 deadline: float | None = None,
                  proxy: str | None = None, proxy_headers: dict | None = None,
                  pool_size: int = 8, ca_certs: str | None = None,
                  chunk_size: int = upload.DEFAULT_CHUNK_SIZE):
@@ -91,7 +92,7 @@ class RegistryClient:
         self.transport = Transport(timeout=timeout, connect_timeout=connect_timeout,
                                    pool_size=pool_size, ca_certs=ca_certs, proxy=proxy,
                                    proxy_headers=proxy_headers,
-                                   policy=RetryPolicy(retries, backoff, max_backoff))
+                                   policy=RetryPolicy(retries, backoff, max_backoff, deadline))
         self.auth = Authenticator(host, credentials, self._fetch_token,
                                   allow_http_realm=insecure)
         self._locations: dict[tuple[str, str], str] = {}
@@ -318,15 +319,20 @@ class RegistryClient:
             return b""
         url = self.blob_url(repo, digest)
         headers = {"Range": f"bytes={offset}-{offset + length - 1}"}
-        for attempt in range(self.transport.policy.retries + 1):
+        policy = self.transport.policy
+        started = time.monotonic()
+        for attempt in range(policy.retries + 1):
             resp = self._blob_request("GET", repo, digest, headers)
             try:
                 return self._range_body(resp, url, offset, length)
             except Urllib3Error as e:
                 resp.close()
+                wait = policy.delay(attempt)
+                if policy.out_of_time(started, wait):
+                    break
                 log.info("GET %s range broke (%s), retrying", safe_url(url), type(e).__name__)
                 self.transport.retried += 1
-                time.sleep(self.transport.policy.delay(attempt))
+                time.sleep(wait)
         raise RegistryError(f"GET {safe_url(url)}: connection kept breaking")
 
     def _range_body(self, resp, url: str, offset: int, length: int) -> bytes:

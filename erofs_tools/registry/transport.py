@@ -52,11 +52,18 @@ def one_line(text: str, limit: int = 200) -> str:
 class RetryPolicy:
     """``retries`` extra attempts; the n-th waits a random time in
     [0, min(max_backoff, backoff * 2**n)] ("full jitter", so that many clients hitting
-    one overloaded registry spread out), or what Retry-After asks, capped."""
+    one overloaded registry spread out), or what Retry-After asks, capped.
+    ``deadline`` (seconds, optional) bounds one request across all its attempts: no
+    retry starts whose wait would end past it (the daemon sets it so a reader stuck on a
+    dead registry gets EIO in bounded time)."""
 
     retries: int = 5
     backoff: float = 0.5
     max_backoff: float = 30.0
+    deadline: float | None = None
+
+    def out_of_time(self, started: float, wait: float) -> bool:
+        return self.deadline is not None and time.monotonic() - started + wait > self.deadline
 
     def delay(self, attempt: int, retry_after: str | None = None) -> float:
         asked = parse_retry_after(retry_after)
@@ -115,6 +122,7 @@ class Transport:
         start = body.tell() if _seekable(body) else None
         attempts = self.policy.retries + 1 if retry else 1
         last = ""
+        started = time.monotonic()
         for attempt in range(attempts):
             if attempt:
                 self.retried += 1
@@ -136,6 +144,9 @@ class Transport:
                 drain(resp)
             if body is not None and start is None and not isinstance(body, bytes):
                 break       # a consumed stream cannot be sent again
+            if self.policy.out_of_time(started, wait):
+                last += ", out of time"
+                break
             if attempt + 1 < attempts:
                 log.debug("%s %s: %s, retry %d in %.2fs", method, safe_url(url), last,
                           attempt + 1, wait)

@@ -30,6 +30,9 @@ def check_blob_id(blob_id: str) -> str:
     return blob_id
 
 
+# Seconds one registry read may spend retrying (plus one last attempt's timeout).
+FETCH_RETRY_DEADLINE = 60.0
+
 class Backend:
     """Interface every backend implements."""
 
@@ -161,6 +164,9 @@ class RegistryBackend(Backend):
             if insecure is None:
                 insecure = _is_loopback(host)
             self.repository = ref.repository
+            # A reader waits on every retry: bound one fetch's retrying (the kernel may
+            # retry a failed range once or twice more) so a dead registry means EIO.
+            client_kw.setdefault("deadline", FETCH_RETRY_DEADLINE)
             self._client = reg.RegistryClient(host, insecure=insecure, proxy=proxy,
                                               **client_kw)
         except BackendError:
