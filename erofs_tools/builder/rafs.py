@@ -190,6 +190,29 @@ def pack(source, bootstrap, blob_dir, opts=None, progress=None):
             gc.enable()
 
 
+def place_chunk(r, stored, cdict, writer, stats, file_off):
+    """Where chunk result `r` lives: a chunk this image already stored, one of a chunk
+    dict, or a new one appended to the blob. Counts it in `stats`; -> StoredChunk."""
+    stats["chunks_total"] += 1
+    stats["bytes_total"] += r.size
+    sc = stored.get(r.key)
+    if sc is not None:
+        stats["chunks_dedup"] += 1
+        stats["bytes_dedup"] += r.size
+        return sc
+    sc = cdict.chunks.get(r.key)
+    if sc is not None:
+        stats["chunks_dict"] += 1
+        stats["bytes_dict"] += r.size
+    else:
+        sc = writer.add_chunk(r.stored_bytes(), r.size, r.digest)
+        stored[r.key] = sc
+        stats["chunks_new"] += 1
+        stats["bytes_new"] += r.size
+    file_off.setdefault(id(sc), r.file_offset)
+    return sc
+
+
 def _pack(source, bootstrap, blob_dir, opts, progress):
     opts = opts or PackOptions()
     opts.check()
@@ -244,24 +267,7 @@ def _pack(source, bootstrap, blob_dir, opts, progress):
     done_bytes = 0
     try:
         for r in pipe.run((n, files[n][0], files[n][1], files[n][2]) for n in order):
-            key = r.key
-            stats["chunks_total"] += 1
-            stats["bytes_total"] += r.size
-            sc = stored.get(key)
-            if sc is not None:
-                stats["chunks_dedup"] += 1
-                stats["bytes_dedup"] += r.size
-            else:
-                sc = cdict.chunks.get(key)
-                if sc is not None:
-                    stats["chunks_dict"] += 1
-                    stats["bytes_dict"] += r.size
-                else:
-                    sc = writer.add_chunk(r.stored_bytes(), r.size, r.digest)
-                    stored[key] = sc
-                    stats["chunks_new"] += 1
-                    stats["bytes_new"] += r.size
-                file_off.setdefault(id(sc), r.file_offset)
+            sc = place_chunk(r, stored, cdict, writer, stats, file_off)
             per_node.setdefault(r.file_key, []).append(sc)
             if progress is not None:
                 done_bytes += r.size

@@ -1077,24 +1077,7 @@ def pack_tar(source, bootstrap, blob_dir, opts=None, source_type="auto",
             stream = open_stream(raw, source_type)
             reader = TarReader(stream, max_size)
             for r in pipe.run(stream_chunks(reader, tree, opts.chunk_size)):
-                key = r.key
-                stats["chunks_total"] += 1
-                stats["bytes_total"] += r.size
-                sc = stored.get(key)
-                if sc is not None:
-                    stats["chunks_dedup"] += 1
-                    stats["bytes_dedup"] += r.size
-                else:
-                    sc = cdict.chunks.get(key)
-                    if sc is not None:
-                        stats["chunks_dict"] += 1
-                        stats["bytes_dict"] += r.size
-                    else:
-                        sc = writer.add_chunk(r.stored_bytes(), r.size, r.digest)
-                        stored[key] = sc
-                        stats["chunks_new"] += 1
-                        stats["bytes_new"] += r.size
-                    file_off.setdefault(id(sc), r.file_offset)
+                sc = RP.place_chunk(r, stored, cdict, writer, stats, file_off)
                 per_key.setdefault(r.file_key, []).append(sc)
         finally:
             if hasattr(stream, "close") and isinstance(stream, _Prefetch):
