@@ -91,7 +91,7 @@ def load_image(path: str) -> ImageInfo:
     except StorageError:
         raise
     except ErofsToolsError as e:
-        raise StorageError(f"{path}: cannot use bootstrap: {e}") from None
+        raise StorageError(f"cannot use bootstrap: {e}") from None
     except OSError as e:
         raise StorageError(f"{path}: cannot read bootstrap: {e.strerror}") from None
     if not info.blobs:
