@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-import io
 import struct
+import threading
 from typing import Callable, NamedTuple, Optional
 
 from erofs_tools.errors import CorruptImageError, DigestMismatchError
@@ -67,6 +67,21 @@ def _digest(digester, data):
     raise CorruptImageError(f"unsupported chunk digest algorithm {digester!r}")
 
 
+_tls = threading.local()
+
+
+def _dctx():
+    """This thread's zstd decompression context. A context is reused for every chunk (a
+    new one per chunk allocates its window again) and is not thread-safe, hence one per
+    thread; the one-shot decompress() below also releases the GIL, so the daemon's workers
+    decompress in parallel."""
+    d = getattr(_tls, "dctx", None)
+    if d is None:
+        import zstandard
+        d = _tls.dctx = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW)
+    return d
+
+
 def _zstd_decompress(data, limit, what):
     """Decompress exactly one zstd frame, producing at most `limit` bytes (else error).
 
@@ -80,20 +95,14 @@ def _zstd_decompress(data, limit, what):
         raise CorruptImageError(f"{what}: zstd frame header has reserved bits set")
     try:
         params = zstandard.get_frame_parameters(data)
-        dctx = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW)
-        if params.content_size != zstandard.CONTENTSIZE_UNKNOWN:
-            if params.content_size > limit:
-                raise CorruptImageError(
-                    f"{what}: zstd frame declares {params.content_size} bytes, "
-                    f"more than {limit}")
-            # libzstd refuses to produce more than the declared content size
-            dobj = dctx.decompressobj()
-            out = dobj.decompress(data)
-            if not dobj.eof or dobj.unused_data:
-                raise CorruptImageError(f"{what}: zstd frame incomplete or followed by junk")
-        else:
-            with dctx.stream_reader(io.BytesIO(data), read_across_frames=False) as r:
-                out = r.read(limit + 1)
+        if params.content_size != zstandard.CONTENTSIZE_UNKNOWN and \
+                params.content_size > limit:
+            raise CorruptImageError(f"{what}: zstd frame declares {params.content_size} "
+                                    f"bytes, more than {limit}")
+        # one shot into a buffer of the declared size (or `limit` when undeclared: a frame
+        # producing more fails as "did not decompress full frame"); a truncated frame
+        # fails the same way and bytes after the frame are refused
+        out = _dctx().decompress(data, max_output_size=limit, allow_extra_data=False)
     except zstandard.ZstdError as e:
         raise CorruptImageError(f"{what}: bad zstd data ({e})") from None
     if len(out) > limit:
@@ -103,7 +112,7 @@ def _zstd_decompress(data, limit, what):
 
 def _decompress(compressor, data, size, what):
     if compressor == "zstd" or (compressor is None and data[:4] == ZSTD_MAGIC):
-        out = _zstd_decompress(bytes(data), size, what)
+        out = _zstd_decompress(data, size, what)
     elif compressor in ("none", None):
         out = bytes(data)
     else:

@@ -33,7 +33,8 @@ class Batch:
 
     def slice_of(self, raw: bytes, chunk) -> bytes:
         start = chunk.compressed_offset - self.offset
-        return raw[start:start + chunk.compressed_size]
+        # a view, not a copy: the decoder reads it in place
+        return memoryview(raw)[start:start + chunk.compressed_size]
 
 
 def clamp_range(offset: int, length: int, size: int) -> tuple[int, int]:
