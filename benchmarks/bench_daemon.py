@@ -104,13 +104,9 @@ def timed(fn, *a):
     return time.perf_counter() - t0, r
 
 
-def best(repeat, fn, *a):
-    """Fastest of `repeat` runs, each after drop_caches."""
-    runs = []
-    for _ in range(repeat):
-        drop_caches()
-        runs.append(timed(fn, *a))
-    return min(runs)
+def median(runs):
+    """The median run of (seconds, ...) tuples (the lower middle one for even counts)."""
+    return sorted(runs, key=lambda r: r[0])[(len(runs) - 1) // 2]
 
 
 def direct_decode(blob_path: str, blob_id: str) -> int:
@@ -131,7 +127,12 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", help="keep everything here (default: a temp dir on /var/tmp)")
     ap.add_argument("--threads", type=int, default=4)
     ap.add_argument("--repeat", type=int, default=3,
-                    help="runs per measurement; the best (fastest) run is reported")
+                    help="cold/direct rounds (alternating); medians are reported")
+    ap.add_argument("--warm-rounds", type=int, default=7,
+                    help="warm/native rounds (alternating); medians are reported")
+    ap.add_argument("--frontends", action="store_true",
+                    help="also measure cold reads with in-process daemons: fd holder with "
+                         "and without the filled map, and the group in the daemon")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
@@ -165,21 +166,14 @@ def main(argv=None) -> int:
     d = None
     mounts = []
     try:
-        # -- direct decode -------------------------------------------------------------
-        runs = []
-        for _ in range(args.repeat):
-            drop_caches()
-            runs.append(timed(direct_decode, blob_path, blob_id))
-        t, n = min(runs)
-        res["direct_s"], res["direct_MBps"] = t, n / t / 1e6
-        res["direct_runs_s"] = [round(r[0], 3) for r in runs]
-
-        # -- cold through the daemon (fresh daemon and cache per run) -------------------
+        # -- direct decode and cold reads through the daemon, alternating rounds ---------
         mnt = str(work / "mnt")
         os.makedirs(mnt, exist_ok=True)
         ddir = work / "daemon"
-        cold = []
+        runs, cold = [], []
         for i in range(args.repeat):
+            drop_caches()
+            runs.append(timed(direct_decode, blob_path, blob_id))
             if d is not None:
                 d.umount(mnt)
                 mounts.remove(mnt)
@@ -192,8 +186,11 @@ def main(argv=None) -> int:
             mounts.append(mnt)
             t, n = timed(read_all, mnt, files)
             cold.append((t, n, d.blob_metrics(blob_id)))
+        t, n = median(runs)
+        res["direct_s"], res["direct_MBps"] = t, n / t / 1e6
+        res["direct_runs_s"] = [round(r[0], 3) for r in runs]
         res["cold_runs_s"] = [round(c[0], 3) for c in cold]
-        t, n, m = min(cold, key=lambda c: c[0])
+        t, n, m = median(cold)
         res["cold_s"], res["cold_MBps"] = t, n / t / 1e6
         m = d.blob_metrics(blob_id)
         res["cold_complete"] = m["complete"]
@@ -206,6 +203,7 @@ def main(argv=None) -> int:
         res["fetch_latency_p99_ms"] = m["fetch_latency_p99_ms"]
         res["daemon_rss_MiB"] = d.metrics()["process"]["rss_bytes"] / 2**20
         res["cold_vs_direct"] = res["cold_MBps"] / res["direct_MBps"]
+        res["cold_vs_direct_best"] = min(runs)[0] / min(cold)[0]
 
         fs = d.metrics()["frontend_stats"]
         res["cold_holder_events"] = fs.get("holder_events")
@@ -219,9 +217,10 @@ def main(argv=None) -> int:
         from fscache_daemon.daemon import Daemon, FanotifyFrontend
         mnt_l = str(work / "mnt-local")
         os.makedirs(mnt_l, exist_ok=True)
-        for name, kw in (("cold_inproc_holder", {}),
-                         ("cold_holder_nomap", {"filled_map": False}),
-                         ("cold_local_group", {"holder": False})):
+        variants = (("cold_inproc_holder", {}),
+                    ("cold_holder_nomap", {"filled_map": False}),
+                    ("cold_local_group", {"holder": False})) if args.frontends else ()
+        for name, kw in variants:
             local = []
             for i in range(args.repeat):
                 lc = str(work / "local-cache")
@@ -235,36 +234,39 @@ def main(argv=None) -> int:
                     dl.umount(mnt_l)
                 finally:
                     dl.shutdown()  # with nothing mounted it stops its fd holder too
-            t, n = min(local)
+            t, n = median(local)
             res[f"{name}_s"], res[f"{name}_MBps"] = t, n / t / 1e6
             res[f"{name}_vs_direct"] = res[f"{name}_MBps"] / res["direct_MBps"]
             res[f"{name}_runs_s"] = [round(r[0], 3) for r in local]
 
-        # -- warm, same mount (mark removed after completion) --------------------------
-        t, n = best(args.repeat, read_all, mnt, files)
-        res["warm_s"], res["warm_MBps"] = t, n / t / 1e6
-        res["warm_daemon_requests"] = d.blob_metrics(blob_id)["requests"] - m["requests"]
-
-        # -- warm, a new mount of the complete cache ----------------------------------
+        # -- warm reads: the same mount (mark removed after completion), a new mount of
+        # the complete cache, and a native file-backed mount of a copy of it, in
+        # alternating rounds (page cache dropped before each; medians reported)
         mnt2 = str(work / "mnt2")
         os.makedirs(mnt2, exist_ok=True)
         d.mount(boot, mnt2, f"localfs:{blobs}")
         mounts.append(mnt2)
-        t, n = best(args.repeat, read_all, mnt2, files)
-        res["warm_new_s"], res["warm_new_MBps"] = t, n / t / 1e6
-
-        # -- native file-backed mount of the uncompressed blob -------------------------
         native_dev = str(work / "native.blob")
         if not os.path.exists(native_dev):
             shutil.copyfile(os.path.join(d.cache_dir, "blobs", blob_id + ".blob"), native_dev)
         mnt3 = str(work / "mnt3")
         os.makedirs(mnt3, exist_ok=True)
         helpers.sys_mount(boot, mnt3, "erofs", 1, f"device={native_dev}")
-        try:
-            t, n = best(args.repeat, read_all, mnt3, files)
-            res["native_s"], res["native_MBps"] = t, n / t / 1e6
-        finally:
-            helpers.sys_umount(mnt3)
+        mounts.append(mnt3)
+        before = d.blob_metrics(blob_id)["requests"]
+        warm = {"warm": [], "warm_new": [], "native": []}
+        for i in range(args.warm_rounds):
+            order = [("warm", mnt), ("warm_new", mnt2), ("native", mnt3)]
+            for key, mp in (order if i % 2 == 0 else order[::-1]):
+                drop_caches()
+                warm[key].append(timed(read_all, mp, files))
+        helpers.sys_umount(mnt3)
+        mounts.remove(mnt3)
+        res["warm_daemon_requests"] = d.blob_metrics(blob_id)["requests"] - before
+        for key, rs in warm.items():
+            t, n = median(rs)
+            res[f"{key}_s"], res[f"{key}_MBps"] = t, n / t / 1e6
+            res[f"{key}_runs_s"] = [round(r[0], 3) for r in rs]
         res["warm_vs_native"] = res["warm_MBps"] / res["native_MBps"]
         res["warm_new_vs_native"] = res["warm_new_MBps"] / res["native_MBps"]
 
@@ -324,13 +326,8 @@ def main(argv=None) -> int:
          f"{res['cold_holder_allowed_filled']} of {res['cold_holder_events']} events "
          "allowed by the fd holder"),
         ("direct read + decompress + verify", f"{res['direct_MBps']:.0f} MB/s",
-         f"cold/direct = {res['cold_vs_direct']:.2f} (goal >= 0.7)"),
-        ("cold, in-process daemon, holder + map", f"{res['cold_inproc_holder_MBps']:.0f} MB/s",
-         f"/direct = {res['cold_inproc_holder_vs_direct']:.2f}"),
-        ("cold, holder without filled map", f"{res['cold_holder_nomap_MBps']:.0f} MB/s",
-         f"/direct = {res['cold_holder_nomap_vs_direct']:.2f} (every event to the daemon)"),
-        ("cold, group in daemon (no holder)", f"{res['cold_local_group_MBps']:.0f} MB/s",
-         f"/direct = {res['cold_local_group_vs_direct']:.2f} (not crash-safe)"),
+         f"cold/direct = {res['cold_vs_direct']:.2f} (goal >= 0.7; best runs "
+         f"{res['cold_vs_direct_best']:.2f})"),
         ("warm read, same mount", f"{res['warm_MBps']:.0f} MB/s",
          f"warm/native = {res['warm_vs_native']:.2f} (goal >= 0.95); "
          f"daemon requests {res['warm_daemon_requests']}"),
@@ -347,6 +344,12 @@ def main(argv=None) -> int:
         ("  requests that fetched", f"p50 {res['fetch_latency_p50_ms']:.2f} ms",
          f"p99 {res['fetch_latency_p99_ms']:.2f} ms, {res['cold_fetch_requests']} requests"),
     ]
+    for name, what in (("cold_inproc_holder", "cold, in-process daemon, holder + map"),
+                       ("cold_holder_nomap", "cold, holder without filled map"),
+                       ("cold_local_group", "cold, group in daemon (no holder)")):
+        if f"{name}_MBps" in res:
+            rows.insert(2, (what, f"{res[name + '_MBps']:.0f} MB/s",
+                            f"/direct = {res[name + '_vs_direct']:.2f}"))
     print(f"\nimage: {res['files']} files, {ubytes / 2**20:.0f} MiB uncompressed, "
           f"{res['blob_compressed'] / 2**20:.0f} MiB blob, {res['chunks']} chunks; "
           f"kernel {res['kernel']}, {res['cpus']} CPUs")

@@ -76,8 +76,9 @@ def cli():
               help="Largest merged backend request (bytes; k/M/G suffixes).")
 @click.option("--prefetch-rate", default="64M", show_default=True,
               help="Prefetch bandwidth limit in bytes/s (0: unlimited).")
-@click.option("--readahead", default="2M", show_default=True,
-              help="Chunks fetched ahead of a sequential reader, in bytes (0: off).")
+@click.option("--readahead", default="16M", show_default=True,
+              help="Largest readahead window: data fetched ahead of a reader, in bytes "
+                   "(windows start at 2M and double while the reader keeps up; 0: off).")
 @click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
 def run(cache_dir, api_sock, frontend, threads, batch_size, prefetch_rate, readahead,

@@ -572,7 +572,7 @@ def decode_chunk(meta: BlobMeta, chunk: BlobChunk, raw: bytes, verify: bool = Tr
     if chunk.compressed:
         data = _decompress(meta.compressor, raw, chunk.uncompressed_size, what)
     else:
-        data = bytes(raw)
+        data = raw if isinstance(raw, bytes) else bytes(raw)
         if len(data) != chunk.uncompressed_size:
             raise CorruptImageError(f"{what}: raw chunk size mismatch")
     if verify and chunk.digest is not None:

@@ -442,6 +442,13 @@ class BlobManager:
             length = self.size - offset
         return [c for c in chunks_in_range(self.meta, offset, length) if not self.cache.has(c)]
 
+    def absent(self, offset: int, length: int) -> list:
+        """Chunks of the range neither cached nor being fetched (what readahead adds)."""
+        length = min(length, self.size - offset)
+        with self._lock:
+            return [c for c in chunks_in_range(self.meta, offset, length)
+                    if not self.cache.has(c) and c.index not in self._inflight]
+
     def is_cached(self, offset: int, length: int) -> bool:
         start, n = clamp_range(offset, length, self.size)
         return all(self.cache.has(c) for c in chunks_in_range(self.meta, start, n))

@@ -33,6 +33,8 @@ class Batch:
 
     def slice_of(self, raw: bytes, chunk) -> bytes:
         start = chunk.compressed_offset - self.offset
+        if start == 0 and chunk.compressed_size == len(raw):
+            return raw
         # a view, not a copy: the decoder reads it in place
         return memoryview(raw)[start:start + chunk.compressed_size]
 
