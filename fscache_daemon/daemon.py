@@ -23,8 +23,6 @@ fanotify or /dev/cachefiles itself.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import hashlib
 import itertools
@@ -41,7 +39,7 @@ from concurrent.futures import Executor, Future
 
 import psutil
 
-from fscache_daemon import __version__
+from fscache_daemon import __version__, mounts
 from fscache_daemon.errors import DaemonError, FrontendError
 from fscache_daemon.readahead import BlobReadahead
 from fscache_daemon.storage import StorageError
@@ -81,65 +79,21 @@ class ConflictError(DaemonError):
 
 
 # --------------------------------------------------------------------------- syscalls
-MS_RDONLY = 0x1
-MS_NOSUID = 0x2
-MS_NODEV = 0x4
-MNT_DETACH = 0x2
-_libc = None
-
-
-def _libc_handle():
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        _libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
-        _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
-    return _libc
-
-
 def sys_mount(source: str, target: str, fstype: str, flags: int, data: str) -> None:
-    libc = _libc_handle()
-    if libc.mount(os.fsencode(source), os.fsencode(target), fstype.encode(), flags,
-                  data.encode()) != 0:
-        e = ctypes.get_errno()
-        raise MountError(f"mount {source} on {target} ({fstype}, {data}): {os.strerror(e)}")
+    try:
+        mounts.mount(source, target, fstype, flags, data)
+    except OSError as e:
+        raise MountError(f"mount {source} on {target} ({fstype}, {data}): "
+                         f"{e.strerror}") from None
 
 
 def sys_umount(target: str, lazy: bool = False) -> None:
-    libc = _libc_handle()
-    if libc.umount2(os.fsencode(target), MNT_DETACH if lazy else 0) != 0:
-        e = ctypes.get_errno()
-        if e == errno.EBUSY:
-            raise ConflictError(f"umount {target}: target is busy")
-        raise MountError(f"umount {target}: {os.strerror(e)}")
-
-
-def _unescape_mountinfo(s: str) -> str:
-    out, i = [], 0
-    while i < len(s):
-        if s[i] == "\\" and i + 3 < len(s) and s[i + 1:i + 4].isdigit():
-            out.append(chr(int(s[i + 1:i + 4], 8)))
-            i += 4
-        else:
-            out.append(s[i])
-            i += 1
-    return "".join(out)
-
-
-def mounted_erofs() -> dict[str, str]:
-    """{mount point: source} of every EROFS mount in this namespace."""
-    out = {}
     try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                pre, _, post = line.partition(" - ")
-                fields, pfields = pre.split(), post.split()
-                if len(fields) >= 5 and pfields and pfields[0] == "erofs":
-                    out[_unescape_mountinfo(fields[4])] = _unescape_mountinfo(pfields[1]) \
-                        if len(pfields) > 1 else ""
-    except OSError:
-        pass
-    return out
+        mounts.umount(target, lazy)
+    except OSError as e:
+        if e.errno == errno.EBUSY:
+            raise ConflictError(f"umount {target}: target is busy") from None
+        raise MountError(f"umount {target}: {e.strerror}") from None
 
 
 # --------------------------------------------------------------------------- worker pool
@@ -319,23 +273,9 @@ class NullFrontend(Frontend):
 # Every read EROFS makes of a marked cache file raises a pre-content event that the reader
 # waits on, and EROFS reads in readahead windows (128 KiB by default): a larger window
 # for our mounts means fewer, larger events (1 MiB: 2.4x fewer on the benchmark image).
+# Once every blob of the image is complete (no more events) the default is put back: it
+# reads a complete cache file faster (best warm runs 0.49 s vs 0.57 s per GiB).
 MOUNT_READAHEAD_KB = 1024
-
-
-def _erofs_instances() -> set[str]:
-    """Names of the mounted EROFS instances (/sys/fs/erofs/<s_id>, also their bdi)."""
-    try:
-        return {n for n in os.listdir("/sys/fs/erofs") if n != "features"}
-    except OSError:
-        return set()
-
-
-def _set_readahead(instance: str, kb: int) -> None:
-    try:
-        with open(f"/sys/class/bdi/{instance}/read_ahead_kb", "w") as f:
-            f.write(f"{kb}\n")
-    except OSError as e:  # an optimisation only
-        log.debug("%s: cannot set read_ahead_kb: %s", instance, e)
 
 
 def holder_running(sock: str) -> bool:
@@ -520,6 +460,13 @@ class FanotifyFrontend(Frontend):
         if self._unmark(mgr):
             log.info("blob %s complete: cache file unmarked, reads stay in the kernel",
                      mgr.blob_id[:12])
+        d = self._daemon
+        for img in list(d.images.values()):
+            if img.readahead_restore and mgr.blob_id in img.blob_ids and \
+                    all(b in d.blobs and d.blobs[b].complete() for b in img.blob_ids):
+                # no more events: the kernel's default window reads faster from the cache
+                mounts.set_readahead(*img.readahead_restore)
+                img.readahead_restore = None
 
     def release_blob(self, mgr) -> None:
         if self._unmark(mgr):
@@ -544,14 +491,23 @@ class FanotifyFrontend(Frontend):
         for d in devs:
             if "," in d:
                 raise MountError(f"{d}: cache file paths must not contain ','")
-        before = _erofs_instances()
-        sys_mount(image.bootstrap, image.mountpoint, "erofs",
-                  MS_RDONLY | MS_NODEV | MS_NOSUID, ",".join(f"device={d}" for d in devs))
-        new = _erofs_instances() - before
-        if len(new) == 1:
-            _set_readahead(new.pop(), MOUNT_READAHEAD_KB)
-        else:  # another erofs mount raced with ours: cannot tell which is ours
-            log.debug("%s: kernel readahead left at its default", image.mountpoint)
+        before = mounts.erofs_instances()
+        flags = mounts.MS_RDONLY | mounts.MS_NODEV | mounts.MS_NOSUID
+        sys_mount(image.bootstrap, image.mountpoint, "erofs", flags,
+                  ",".join(f"device={d}" for d in devs))
+        new = mounts.erofs_instances() - before
+        blobs = [self._daemon.blobs[b] for b in image.blob_ids]
+        if all(m.complete() for m in blobs):
+            return
+        if len(new) == 1:   # else another erofs mount raced with ours: leave it alone
+            inst = new.pop()
+            default = mounts.get_readahead(inst)
+            if default is not None:
+                image.readahead_restore = (inst, default)
+                mounts.set_readahead(inst, MOUNT_READAHEAD_KB)
+                if all(m.complete() for m in blobs):   # completed meanwhile
+                    mounts.set_readahead(inst, default)
+                    image.readahead_restore = None
 
     def umount(self, image: "Image", lazy: bool = False) -> None:
         sys_umount(image.mountpoint, lazy)
@@ -695,6 +651,8 @@ class Image:
         self.prefetch_ranges = list(prefetch_ranges)
         self.mounted_at = mounted_at or time.time()
         self.fsid = os.path.basename(bootstrap).split(".")[0]
+        # (EROFS instance, its default read_ahead_kb) while a larger window is set
+        self.readahead_restore = None
 
     def to_json(self) -> dict:
         return {"mountpoint": self.mountpoint, "bootstrap": self.bootstrap,
@@ -794,7 +752,7 @@ class Daemon:
         except (OSError, ValueError) as e:
             log.error("%s: unreadable (%s); starting without mounts", self.state_path, e)
             return
-        live = mounted_erofs() if self.frontend.name != "none" else None
+        live = mounts.mounted_erofs() if self.frontend.name != "none" else None
         for m in state.get("mounts", []):
             mp = m.get("mountpoint")
             if live is not None and mp not in live:

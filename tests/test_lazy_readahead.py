@@ -4,6 +4,7 @@ handful of its reads ever wait for the daemon."""
 
 import os
 import random
+import time
 
 import pytest
 
@@ -27,7 +28,12 @@ def test_sequential_reader_is_kept_ahead_of(tmp_path):
     d = DaemonProc(str(tmp_path / "d"), threads=4).start()
     try:
         mnt = str(tmp_path / "mnt")
+        before = set(os.listdir("/sys/fs/erofs"))
         d.mount(str(tmp_path / "boot"), mnt, f"localfs:{tmp_path / 'blobs'}")
+        (inst,) = set(os.listdir("/sys/fs/erofs")) - before
+        ra_kb = f"/sys/class/bdi/{inst}/read_ahead_kb"
+        # fewer, larger pre-content events while the blob is incomplete
+        assert open(ra_kb).read().strip() == "1024"
         drop_caches()
         got = bytearray()
         with open(os.path.join(mnt, "big.bin"), "rb", buffering=0) as f:
@@ -44,6 +50,13 @@ def test_sequential_reader_is_kept_ahead_of(tmp_path):
         assert b["requests"] <= 20, (b, fs)
         assert b["readahead_bytes"] >= 30 * MiB, b
         assert b["bytes_fetched"] <= 41 * MiB           # nothing fetched twice
+        # once the blob is complete the mount gets the kernel's default window back
+        assert open(os.path.join(mnt, "small.txt"), "rb").read() == b"small\n"
+        deadline = time.monotonic() + 20
+        while open(ra_kb).read().strip() != "128":
+            assert time.monotonic() < deadline, d.blob_metrics(blob_id)
+            time.sleep(0.05)
+        assert d.blob_metrics(blob_id)["complete"]
         d.umount(mnt)
     finally:
         d.cleanup()

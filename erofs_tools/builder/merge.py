@@ -254,8 +254,8 @@ def _merge(layers, output, blob_ids, whiteout_spec, timestamp, RP):
                 stack.append((c, cid, cpath))
 
     opts = RP.PackOptions(chunk_size=chunk_size, digester=digester, compressor=compressor)
-    result = RP._write_bootstrap(nb, _Tree(regular, has_x), output, opts, None, None,
-                                 per_node, file_off, [], build_time, blob_list=blobs)
+    result = RP.write_bootstrap(nb, _Tree(regular, has_x), output, opts, None, None,
+                                per_node, file_off, [], build_time, blob_list=blobs)
     result["layers"] = [L.path for L in layers]
     return result
 

@@ -278,7 +278,7 @@ def _pack(source, bootstrap, blob_dir, opts, progress):
         raise
 
     try:
-        result = _write_bootstrap(nb, walker, bootstrap, opts, cdict, new_info, per_node,
+        result = write_bootstrap(nb, walker, bootstrap, opts, cdict, new_info, per_node,
                                   file_off, prefetch_nodes, ts)
         if new_info is not None:
             writer.commit()
@@ -300,8 +300,10 @@ def _layout_constants(nblobs, nprefetch):
     return blob_off, prefetch_off, meta_addr
 
 
-def _write_bootstrap(nb, walker, bootstrap, opts, cdict, new_info, per_node, file_off,
-                     prefetch_nodes, ts, blob_list=None):
+def write_bootstrap(nb, walker, bootstrap, opts, cdict, new_info, per_node, file_off,
+                    prefetch_nodes, ts, blob_list=None):
+    """Lay out and write the RAFS v6 bootstrap for the node graph `nb` (the last step
+    of pack, of tar ingestion and of merge); `walker` describes the tree source."""
     # -- blob list: referenced dict blobs first, then the new one --------------------
     # (blob_list: the exact final list, chunks' blob_index already final; used by merge)
     if blob_list is not None:

@@ -1108,8 +1108,8 @@ def pack_tar(source, bootstrap, blob_dir, opts=None, source_type="auto",
                 raise InputError(f"prefetch path /{os.fsdecode(rel)} is not in the archive")
             if ids[id(n)] not in prefetch_nodes:
                 prefetch_nodes.append(ids[id(n)])
-        result = RP._write_bootstrap(nb, walker, bootstrap, opts, cdict, new_info, per_node,
-                                     file_off, prefetch_nodes, ts)
+        result = RP.write_bootstrap(nb, walker, bootstrap, opts, cdict, new_info, per_node,
+                                    file_off, prefetch_nodes, ts)
         if new_info is not None:
             writer.commit()
     except BaseException:
@@ -1125,7 +1125,7 @@ def pack_tar(source, bootstrap, blob_dir, opts=None, source_type="auto",
 
 
 class _Emitted:
-    """What rafs._write_bootstrap needs to know of the tree source."""
+    """What rafs.write_bootstrap needs to know of the tree source."""
 
     def __init__(self, regular, has_xattrs):
         self.regular = regular

@@ -26,8 +26,6 @@ protocol events.
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import logging
 import mmap
@@ -42,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 from erofs_tools.errors import MountError
+from fscache_daemon import mounts
 from fscache_daemon.errors import FrontendError
 
 from . import cachefiles_holder
@@ -621,19 +620,6 @@ def _close_quietly(fd: int) -> None:
 
 
 # --- mounting -------------------------------------------------------------------------
-MS_RDONLY = 1
-_libc = None
-
-
-def _mount_call():
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        _libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
-        _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
-    return _libc
-
-
 def mount_options(fsid: str, domain: str | None = None, devices: Iterable[str] = ()) -> str:
     for what, value in (("fsid", fsid), ("domain_id", domain)):
         if value is not None and (not value or any(c in value for c in ",=\0/ \n")):
@@ -652,20 +638,19 @@ def mount_fscache(fsid: str, mountpoint: str, domain: str | None = None,
     The daemon must be serving: the kernel OPENs and READs the bootstrap before mount(2)
     returns, so never call this from the poller thread."""
     opts = mount_options(fsid, domain, devices)
-    libc = _mount_call()
-    if libc.mount(b"none", os.fsencode(mountpoint), b"erofs", MS_RDONLY,
-                  opts.encode()) != 0:
-        e = ctypes.get_errno()
+    try:
+        mounts.mount("none", mountpoint, "erofs", mounts.MS_RDONLY, opts)
+    except OSError as e:
         hint = ""
-        if e == errno.EEXIST:
+        if e.errno == errno.EEXIST:
             hint = " (this fsid is already mounted in that domain)"
-        elif e == errno.EINVAL:
+        elif e.errno == errno.EINVAL:
             hint = " (kernel without CONFIG_EROFS_FS_ONDEMAND, or bad options)"
-        raise MountError(f"mount -t erofs -o {opts} {mountpoint}: {os.strerror(e)}{hint}")
+        raise MountError(f"mount -t erofs -o {opts} {mountpoint}: {e.strerror}{hint}") from None
 
 
 def umount(mountpoint: str, lazy: bool = False) -> None:
-    libc = _mount_call()
-    if libc.umount2(os.fsencode(mountpoint), 2 if lazy else 0) != 0:
-        e = ctypes.get_errno()
-        raise MountError(f"umount {mountpoint}: {os.strerror(e)}")
+    try:
+        mounts.umount(mountpoint, lazy)
+    except OSError as e:
+        raise MountError(f"umount {mountpoint}: {e.strerror}") from None

@@ -1,0 +1,94 @@
+"""mount(2) and umount2(2) for the daemon's front ends, and what /proc and /sys say about
+EROFS mounts. One libc binding for the whole daemon; errors are OSError with the errno,
+which the callers turn into their own messages."""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+MS_RDONLY = 0x1
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
+MNT_DETACH = 0x2
+_libc = None
+
+
+def _libc_handle():
+    global _libc
+    if _libc is None:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
+        libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+        _libc = libc
+    return _libc
+
+
+def mount(source: str, target: str, fstype: str, flags: int, data: str) -> None:
+    if _libc_handle().mount(os.fsencode(source), os.fsencode(target), fstype.encode(),
+                            flags, data.encode()) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+def umount(target: str, lazy: bool = False) -> None:
+    if _libc_handle().umount2(os.fsencode(target), MNT_DETACH if lazy else 0) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+def _unescape_mountinfo(s: str) -> str:
+    out, i = [], 0
+    while i < len(s):
+        if s[i] == "\\" and i + 3 < len(s) and s[i + 1:i + 4].isdigit():
+            out.append(chr(int(s[i + 1:i + 4], 8)))
+            i += 4
+        else:
+            out.append(s[i])
+            i += 1
+    return "".join(out)
+
+
+def mounted_erofs() -> dict[str, str]:
+    """{mount point: source} of every EROFS mount in this namespace."""
+    out = {}
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                pre, _, post = line.partition(" - ")
+                fields, pfields = pre.split(), post.split()
+                if len(fields) >= 5 and pfields and pfields[0] == "erofs":
+                    out[_unescape_mountinfo(fields[4])] = _unescape_mountinfo(pfields[1]) \
+                        if len(pfields) > 1 else ""
+    except OSError:
+        pass
+    return out
+
+
+def erofs_instances() -> set[str]:
+    """Names of the mounted EROFS instances (/sys/fs/erofs/<s_id>, also their bdi)."""
+    try:
+        return {n for n in os.listdir("/sys/fs/erofs") if n != "features"}
+    except OSError:
+        return set()
+
+
+def get_readahead(instance: str) -> int | None:
+    """The kernel readahead window (KiB) of one EROFS instance, or None if unknown."""
+    try:
+        with open(f"/sys/class/bdi/{instance}/read_ahead_kb") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return None
+
+
+def set_readahead(instance: str, kb: int) -> None:
+    """Set the kernel readahead window of one EROFS instance (best effort)."""
+    try:
+        with open(f"/sys/class/bdi/{instance}/read_ahead_kb", "w") as f:
+            f.write(f"{kb}\n")
+    except OSError as e:
+        log.debug("%s: cannot set read_ahead_kb: %s", instance, e)
