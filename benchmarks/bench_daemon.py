@@ -2,26 +2,27 @@
 """fscache-daemon with the fanotify front end on this machine's kernel, side by side in
 one run (root; Linux 6.14+ with file-backed EROFS):
 
-    python3 benchmarks/bench_daemon.py [--mib 1024] [--json out.json]
+    python3 benchmarks/bench_daemon.py [--mib 1024] [--repeat 5] [--warm-rounds 9]
+                                       [--frontends] [--json out.json]
 
 One image packed by `erofs-tools pack` (zstd, 1 MiB chunks, blake3) from a generated
 tree of MIB MiB (half random, half compressible text), served from a localfs backend.
-Every measurement starts with `drop_caches`.
+Every measurement starts with `drop_caches`; measurements compared with each other run
+in alternating rounds and their medians are compared (best runs shown too).
 
-  cold      read every file once, sequentially, through a fresh lazy mount (the daemon
-            fetches, verifies, decompresses and writes every chunk)
-  cold-in-process  the same with the daemon inside the benchmark process, three ways:
-            fd holder with the filled map (shipped), fd holder without it (every event
-            goes to the daemon: the previous design), fanotify group in the daemon
-  direct    read and decompress + verify the same chunks straight from the blob in one
+  direct    read and decompress + verify every chunk straight from the blob in one
             Python loop (the work the daemon cannot avoid, without the kernel round trip)
-            goal: cold >= 0.7 x direct
-  warm      after the cold pass (blob complete, its fanotify mark removed) read everything
+  cold      read every file once, sequentially, through a fresh lazy mount and a fresh
+            daemon (it fetches, verifies, decompresses and writes every chunk);
+            rounds alternate direct and cold. goal: cold >= 0.7 x direct
+  --frontends  also cold reads with the daemon inside the benchmark process, three ways:
+            fd holder with the filled map (shipped), fd holder without it (every event
+            goes to the daemon), fanotify group in the daemon (not crash-safe)
+  warm      after the cold pass (blob complete, its fanotify mark removed) everything
             again through the same mount: the kernel alone serves it
-  warm-new  the same, through a second mount made after the cache was complete (never
-            marked, so kernel readahead is on)
-  native    the bootstrap mounted file-backed with the uncompressed blob (no daemon)
-            goal: warm >= 0.95 x native
+  warm-new  the same through a second mount made after the cache was complete
+  native    the bootstrap mounted file-backed with a copy of the complete cache file (no
+            daemon); rounds alternate warm, warm-new and native. goal: warm >= 0.95 x native
   startup   read a 5% sample of the files: lazily through the daemon (mount + read)
             against pulling everything first (copy the blob from the backend, expand it
             with `erofs-tools mount`, then read the sample); goal lazy <= 0.2 x full
@@ -126,9 +127,9 @@ def main(argv=None) -> int:
     ap.add_argument("--mib", type=int, default=1024, help="source tree size (MiB)")
     ap.add_argument("--workdir", help="keep everything here (default: a temp dir on /var/tmp)")
     ap.add_argument("--threads", type=int, default=4)
-    ap.add_argument("--repeat", type=int, default=3,
+    ap.add_argument("--repeat", type=int, default=5,
                     help="cold/direct rounds (alternating); medians are reported")
-    ap.add_argument("--warm-rounds", type=int, default=7,
+    ap.add_argument("--warm-rounds", type=int, default=9,
                     help="warm/native rounds (alternating); medians are reported")
     ap.add_argument("--frontends", action="store_true",
                     help="also measure cold reads with in-process daemons: fd holder with "
@@ -246,9 +247,9 @@ def main(argv=None) -> int:
         os.makedirs(mnt2, exist_ok=True)
         d.mount(boot, mnt2, f"localfs:{blobs}")
         mounts.append(mnt2)
+        # a fresh copy each run: as new on disk as the cache file it is compared with
         native_dev = str(work / "native.blob")
-        if not os.path.exists(native_dev):
-            shutil.copyfile(os.path.join(d.cache_dir, "blobs", blob_id + ".blob"), native_dev)
+        shutil.copyfile(os.path.join(d.cache_dir, "blobs", blob_id + ".blob"), native_dev)
         mnt3 = str(work / "mnt3")
         os.makedirs(mnt3, exist_ok=True)
         helpers.sys_mount(boot, mnt3, "erofs", 1, f"device={native_dev}")
@@ -269,6 +270,8 @@ def main(argv=None) -> int:
             res[f"{key}_runs_s"] = [round(r[0], 3) for r in rs]
         res["warm_vs_native"] = res["warm_MBps"] / res["native_MBps"]
         res["warm_new_vs_native"] = res["warm_new_MBps"] / res["native_MBps"]
+        res["warm_vs_native_best"] = min(warm["native"])[0] / min(warm["warm"])[0]
+        res["warm_new_vs_native_best"] = min(warm["native"])[0] / min(warm["warm_new"])[0]
 
         for mp in list(mounts):
             d.umount(mp)
@@ -329,10 +332,12 @@ def main(argv=None) -> int:
          f"cold/direct = {res['cold_vs_direct']:.2f} (goal >= 0.7; best runs "
          f"{res['cold_vs_direct_best']:.2f})"),
         ("warm read, same mount", f"{res['warm_MBps']:.0f} MB/s",
-         f"warm/native = {res['warm_vs_native']:.2f} (goal >= 0.95); "
+         f"warm/native = {res['warm_vs_native']:.2f} (goal >= 0.95; best runs "
+         f"{res['warm_vs_native_best']:.2f}); "
          f"daemon requests {res['warm_daemon_requests']}"),
         ("warm read, new mount", f"{res['warm_new_MBps']:.0f} MB/s",
-         f"warm-new/native = {res['warm_new_vs_native']:.2f}"),
+         f"warm-new/native = {res['warm_new_vs_native']:.2f} (best runs "
+         f"{res['warm_new_vs_native_best']:.2f})"),
         ("native file-backed mount", f"{res['native_MBps']:.0f} MB/s", ""),
         (f"startup set ({res['startup_files']} files) lazy", f"{res['startup_lazy_s']:.2f} s",
          f"fetched {res['startup_lazy_fetched'] / 2**20:.1f} MiB"),
