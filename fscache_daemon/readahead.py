@@ -74,8 +74,10 @@ class BlobReadahead:
             pos = first.uncompressed_offset
             prev = meta.chunks_for_range(pos - 1, 1) if pos else []
             if prev and self.mgr.cache.has(prev[0]):
-                if self.size and self.win_start <= pos < self.win_end:
-                    # caught up with the window in flight: the next one, larger, now
+                if self.size and self.win_start <= pos <= self.win_end:
+                    # caught up with the window in flight, or (no marker hit: cachefiles
+                    # asks only for what is missing) just finished it: the next one,
+                    # larger, now
                     return self._sequential(max(self.win_end, last.uncompressed_end),
                                             min(2 * self.size, self.maximum))
                 return self._sequential(last.uncompressed_end, self.initial)

@@ -135,3 +135,20 @@ def test_off_and_reset():
     ra.reset()
     assert log == [("hold", w.marker.index), ("pub", w.marker.index)]
     assert ra.marker is None
+
+
+def test_without_marker_hits_a_miss_at_the_window_end_grows_the_next_window():
+    """cachefiles asks only for missing ranges, so markers are never seen: a sequential
+    reader's miss right after the window still doubles it."""
+    mgr = FakeMgr()
+    ra, _ = make(mgr)
+    mgr.cache.cached.update({0, 1})
+    w = ra.on_request(1 * MiB, 4096, True)
+    assert idx(w) == [2, 3]
+    mgr.fetch(w)
+    mgr.cache.cached.add(4)                   # the reader's own miss at the window end
+    w = ra.on_request(4 * MiB, 4096, True)
+    assert idx(w) == [5, 6, 7, 8]
+    mgr.fetch(w)
+    mgr.cache.cached.add(9)
+    assert idx(ra.on_request(9 * MiB, 4096, True)) == list(range(10, 18))
