@@ -61,6 +61,11 @@ INITIAL_READAHEAD = 2 << 20               # a sequential reader's first window
 # cold read's cache writes compete with its backend reads for the disk (1 GiB image:
 # ~2 s of iowait).
 SYNC_INTERVAL = 30.0
+# A readahead window is split into tasks of about this many stored bytes (each still
+# fetched in backend requests of at most --batch-size): enough tasks for every worker,
+# few enough that per-task overhead stays small (4 MiB: cold reads ~10 % faster than
+# one task per 1 MiB request on the benchmark image)
+READAHEAD_TASK_BYTES = 4 << 20
 PRIO_ONDEMAND = 0
 PRIO_READAHEAD = 5                        # after the reader's own requests, before prefetch
 PRIO_PREFETCH = 10
@@ -825,7 +830,8 @@ class Daemon:
 
     def _readahead(self, blob_id: str, mgr, offset: int, length: int, fetched: bool) -> None:
         """Queue what the readahead plan (fscache_daemon.readahead) says the reader will
-        need next, one backend request per task so that workers fetch in parallel."""
+        need next, in tasks of about READAHEAD_TASK_BYTES so that workers fetch and
+        decode in parallel."""
         ra = self._ra.get(blob_id)
         if ra is None:
             return
@@ -835,8 +841,15 @@ class Daemon:
         start = min(c.compressed_offset for c in w.chunks)
         end = max(c.compressed_offset + c.compressed_size for c in w.chunks)
         mgr.backend.will_need(blob_id, start, end - start)
+        task, size = [], 0
         for batch in plan(w.chunks, self.batch_size):
-            self.pool.submit_readahead(self._readahead_batch, mgr, batch.chunks)
+            task += batch.chunks
+            size += batch.length
+            if size >= READAHEAD_TASK_BYTES:
+                self.pool.submit_readahead(self._readahead_batch, mgr, task)
+                task, size = [], 0
+        if task:
+            self.pool.submit_readahead(self._readahead_batch, mgr, task)
 
     def _readahead_batch(self, mgr, chunks) -> int:
         try:
