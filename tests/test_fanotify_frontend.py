@@ -117,6 +117,15 @@ def _sparse(path: Path, size: int) -> Path:
     return path
 
 
+def _blob_and_cache(workdir: Path, size: int):
+    """Random blob bytes, the blob file, an empty sparse cache file of the same size and
+    a filler copying from the blob."""
+    data = os.urandom(size)
+    blob = workdir / "blob"
+    blob.write_bytes(data)
+    return data, blob, _sparse(workdir / "cache", size), BlobFiller(blob)
+
+
 def _cat(path, timeout=20) -> subprocess.CompletedProcess:
     return subprocess.run(["cat", str(path)], capture_output=True, timeout=timeout)
 
@@ -152,11 +161,7 @@ class BlobFiller:
 
 @pytest.mark.root
 def test_plain_file_event_loop(workdir):
-    data = os.urandom(64 * 1024)
-    blob = workdir / "blob"
-    blob.write_bytes(data)
-    cache = _sparse(workdir / "cache", len(data))
-    filler = BlobFiller(blob)
+    data, blob, cache, filler = _blob_and_cache(workdir, 64 * 1024)
     cached: set[int] = set()
 
     def fast(key, off, length):
@@ -200,11 +205,7 @@ def test_plain_file_event_loop(workdir):
 @pytest.mark.root
 def test_marks_follow_inodes_not_paths(workdir):
     """A cache file replaced at its path is a new file: it gets its own mark and writer."""
-    data = os.urandom(16384)
-    blob = workdir / "blob"
-    blob.write_bytes(data)
-    cache = _sparse(workdir / "cache", len(data))
-    filler = BlobFiller(blob)
+    data, blob, cache, filler = _blob_and_cache(workdir, 16384)
     with PreContentWatcher(filler) as w:
         filler.watcher = w
         w1 = w.mark(cache, "k")
@@ -657,14 +658,10 @@ def test_holder_allows_filled_ranges_itself_and_forwards_the_rest(workdir):
     from fscache_daemon.frontend.fanotify import FilledMap
     from fscache_daemon.frontend.fdholder import HolderChannel
 
-    data = os.urandom(64 * 1024)
-    blob = workdir / "blob"
-    blob.write_bytes(data)
-    cache = _sparse(workdir / "cache", len(data))
+    data, blob, cache, filler = _blob_and_cache(workdir, 64 * 1024)
     sock = workdir / "holder.sock"
     holder = subprocess.Popen([sys.executable, "-m", "fscache_daemon.frontend.fdholder",
                                "--sock", str(sock)], env=CHILD_ENV)
-    filler = BlobFiller(blob)
     fm = None
     procs = []
 
