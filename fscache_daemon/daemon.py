@@ -883,6 +883,17 @@ class Daemon:
             os.replace(tmp, dst)
         return dst
 
+    def _drop_unused_bootstrap(self, boot_copy: str) -> None:
+        """Remove our copy of a bootstrap no mounted image uses (a failed mount must
+        leave nothing behind in the cache directory)."""
+        with self._lock:
+            if any(i.bootstrap == boot_copy for i in self.images.values()):
+                return
+        try:
+            os.unlink(boot_copy)
+        except OSError:
+            pass
+
     def mount(self, bootstrap: str, mountpoint: str, backend: str, *, prefetch: bool = False,
               domain: str | None = None, options: dict | None = None) -> dict:
         if not isinstance(bootstrap, str) or not isinstance(mountpoint, str) or \
@@ -898,13 +909,18 @@ class Daemon:
         with self._mount_lock:
             if mountpoint in self.images:
                 raise ConflictError(f"{mountpoint}: already mounted by this daemon")
+            load_image(bootstrap)   # a bad bootstrap is named as the user gave it
             boot_copy = self._copy_bootstrap(bootstrap)
-            img = self._register(boot_copy, mountpoint, backend, prefetch, domain, options,
-                                 bootstrap)
             try:
-                self.frontend.mount(img)
+                img = self._register(boot_copy, mountpoint, backend, prefetch, domain,
+                                     options, bootstrap)
+                try:
+                    self.frontend.mount(img)
+                except BaseException:
+                    self._unregister(img)
+                    raise
             except BaseException:
-                self._unregister(img)
+                self._drop_unused_bootstrap(boot_copy)
                 raise
             self._save_state()
         log.info("mounted %s on %s (%d blobs, backend %s)", bootstrap, mountpoint,

@@ -81,8 +81,9 @@ def test_mount_errors(daemon, images, tmp_path):
         daemon.mount(images["b1"], str(tmp_path / "m"), f"localfs:{tmp_path}")
     junk = tmp_path / "junk.boot"
     junk.write_bytes(b"\0" * 8192)
-    with pytest.raises(DaemonError):
+    with pytest.raises(DaemonError, match=str(junk)):
         daemon.mount(str(junk), str(tmp_path / "m"), be)
+    assert os.listdir(daemon.boot_dir) == []        # no copy of the bad bootstrap left
     daemon.mount(images["b1"], str(tmp_path / "m"), be)
     with pytest.raises(DaemonError, match="already mounted"):
         daemon.mount(images["b1"], str(tmp_path / "m"), be)
