@@ -1,0 +1,80 @@
+"""File-system helpers shared by every layer: alignment and atomic, race-free output files.
+
+Bottom layer (beside errors.py): imports nothing from erofs_tools but errors. Every tool
+and the daemon write their outputs through `atomic_output` so that a failure, a signal or
+a planted symlink never leaves a half-written file at the final name nor writes through
+a name an attacker controls: the temporary file is created with O_EXCL|O_NOFOLLOW in the
+target's own directory (so the final rename stays on one file system), fsynced, renamed
+over the target and the directory fsynced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from collections.abc import Iterator
+from typing import BinaryIO
+
+__all__ = ["round_up", "create_exclusive", "atomic_output", "atomic_write_bytes", "fsync_dir"]
+
+
+def round_up(n: int, a: int) -> int:
+    """n rounded up to a multiple of a (a > 0, not necessarily a power of two)."""
+    return -(-n // a) * a
+
+
+def fsync_dir(path: str) -> None:
+    """fsync a directory so a rename or unlink in it survives a crash."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def create_exclusive(directory: str, prefix: str, suffix: str = ".tmp",
+                     mode: int = 0o600) -> tuple[int, str]:
+    """A new file in `directory` that did not exist before (O_EXCL|O_NOFOLLOW): (fd, path).
+
+    The name is random, so nobody can plant a symlink there in advance; O_EXCL makes the
+    open fail rather than follow one that appears anyway.
+    """
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    for _ in range(100):
+        path = os.path.join(directory, f"{prefix}{secrets.token_hex(6)}{suffix}")
+        try:
+            return os.open(path, flags, mode), path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{directory}: could not create a temporary file")
+
+
+@contextlib.contextmanager
+def atomic_output(path: str, mode: int = 0o644, fsync: bool = True) -> Iterator[BinaryIO]:
+    """Write `path` atomically: yields a binary file open on a fresh temporary file beside
+    it; on normal exit it is flushed, fsynced, given `mode` and renamed over `path`; on an
+    exception it is removed and `path` is left as it was."""
+    directory = os.path.dirname(os.path.abspath(path))
+    base = os.path.basename(path)
+    fd, tmp = create_exclusive(directory, f".{base}.", ".tmp")
+    try:
+        with os.fdopen(fd, "w+b") as f:
+            yield f
+            f.flush()
+            if fsync:
+                os.fsync(f.fileno())
+            os.fchmod(f.fileno(), mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    if fsync:
+        fsync_dir(directory)
+
+
+def atomic_write_bytes(path: str, data: bytes, mode: int = 0o644, fsync: bool = True) -> None:
+    """Replace `path` with `data` atomically (see atomic_output)."""
+    with atomic_output(path, mode=mode, fsync=fsync) as f:
+        f.write(data)
