@@ -13,12 +13,23 @@ Files in the cache directory, per blob id:
                   cache file, written after it). Same boot: live is trusted (a daemon
                   crash loses no page-cache data); after a reboot only durable bits are.
                   Either way a set bit means verified data in the cache file.
-- `<id>.map`      the chunk map (`BlobMeta.to_bytes()`), so a restart never fetches the
-                  blob's chunk-info table again.
+- `<id>.map`      the chunk map: a header (magic, sha256 of the bootstrap chunk table it
+                  was made for) then `BlobMeta.to_bytes()`, so a restart never fetches
+                  the blob's chunk-info table again.
 
 A record that does not match the map or the cache file (different digest, size, or a set
 bit whose chunk start is a hole per SEEK_DATA) is reset to "nothing cached" rather than
-trusted.
+trusted, and the cache file is replaced by an empty one.
+
+Poisoning: a blob id is public, so any bootstrap may name another image's blob and bring
+its own backend with other bytes under that id. A chunk map is therefore used for a
+bootstrap only if it agrees with every chunk that bootstrap's chunk-info table pins
+(position and digest; `pin_mismatch`); the bootstrap's digests replace the blob's own
+(the blob's `blob.digest` section is whatever its backend served). A map that disagrees
+is rebuilt for the new bootstrap when no mounted image uses it (the cache file starts
+empty), and a mount that would share a blob in use under a disagreeing table is refused
+(`check_shareable`). Bootstraps that agree (the same image twice, or an image made with
+`--chunk-dict` that pins a subset of another's chunks) share one cache file.
 """
 
 from __future__ import annotations
@@ -33,6 +44,7 @@ import time
 import uuid
 
 from erofs_tools.errors import CorruptImageError, ErofsToolsError
+from erofs_tools.fsutil import atomic_write_bytes, create_exclusive
 from erofs_tools.reader import blob as rblob
 
 from . import BackendError, StorageError
@@ -48,15 +60,14 @@ assert STATE_HEADER.size == 96
 STATE_VERSION = 2
 
 
+MAP_MAGIC = b"FSCDMAP2"
+MAP_HEADER = struct.Struct("<8s32s24x")     # magic, sha256 of the bootstrap chunk table
+assert MAP_HEADER.size == 64
+
+
 def _write_atomic(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}.{threading.get_ident()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    """A private file (0600) replaced atomically (erofs_tools.fsutil, O_EXCL temp)."""
+    atomic_write_bytes(path, data, mode=0o600)
 
 
 def map_path(directory: str, blob_id: str) -> str:
@@ -71,22 +82,68 @@ def state_path(directory: str, blob_id: str) -> str:
     return os.path.join(directory, blob_id + ".chunks")
 
 
-def load_or_fetch_meta(directory: str, blob_id: str, backend, entry=None, blob_size=None,
-                       digests=None):
-    """The blob's chunk map: from `<id>.map` if present and valid, else read from the blob
-    through the backend (its CI table) and cached. Returns (meta, backend bytes read)."""
-    path = map_path(directory, blob_id)
+def pin_mismatch(meta, uncompressed_size, pins) -> str | None:
+    """Why `meta` cannot serve a bootstrap whose blob entry says `uncompressed_size` and
+    whose chunk table pins `pins` ({CI index: ChunkPin}); None if it can."""
+    if uncompressed_size is not None and meta.uncompressed_size != uncompressed_size:
+        return (f"chunk map is {meta.uncompressed_size} bytes uncompressed, the bootstrap "
+                f"says {uncompressed_size}")
+    for k, p in (pins or {}).items():
+        try:
+            c = meta.chunk_by_index(k)
+        except CorruptImageError:
+            return f"the chunk map has no chunk {k}"
+        if (c.uncompressed_offset, c.uncompressed_size, c.compressed_offset,
+                c.compressed_size) != p[:4]:
+            return f"chunk {k} lies elsewhere in the chunk map"
+        if c.digest != p.digest:
+            return f"chunk {k} has another digest in the chunk map"
+    return None
+
+
+def _apply_pins(meta, pins, blob_id: str):
+    """`meta` with the bootstrap's digests; StorageError if the blob's chunk-info table
+    places a pinned chunk elsewhere than the bootstrap does."""
+    if not pins:
+        return meta
+    for k, p in pins.items():
+        try:
+            c = meta.chunk_by_index(k)
+        except CorruptImageError:
+            raise StorageError(f"blob {blob_id[:12]}: the bootstrap pins chunk {k}, the "
+                               "blob has no such chunk") from None
+        if (c.uncompressed_offset, c.uncompressed_size, c.compressed_offset,
+                c.compressed_size) != p[:4]:
+            raise StorageError(f"blob {blob_id[:12]}: chunk {k} lies elsewhere in the blob "
+                               "than the bootstrap's chunk table says")
+    return meta.with_digests({k: p.digest for k, p in pins.items()})
+
+
+def _read_map(path: str, blob_id: str):
+    """(table digest, meta) from a chunk-map file, or None if absent or unusable."""
     try:
         with open(path, "rb") as f:
             data = f.read()
-        meta = rblob.BlobMeta.from_bytes(data)
-        if meta.blob_id == blob_id:
-            return meta, 0
-        log.warning("%s: chunk map is for blob %s; refetching", path, meta.blob_id)
     except FileNotFoundError:
-        pass
+        return None
+    if len(data) < MAP_HEADER.size or data[:8] != MAP_MAGIC:
+        log.warning("%s: chunk map in an older or unknown format; refetching", path)
+        return None
+    _magic, table = MAP_HEADER.unpack_from(data, 0)
+    try:
+        meta = rblob.BlobMeta.from_bytes(data[MAP_HEADER.size:])
     except ErofsToolsError as e:
         log.warning("%s: unusable cached chunk map (%s); refetching", path, e)
+        return None
+    if meta.blob_id != blob_id:
+        log.warning("%s: chunk map is for blob %s; refetching", path, meta.blob_id)
+        return None
+    return table, meta
+
+
+def _fetch_meta(blob_id: str, backend, entry, blob_size, digests, pins):
+    """The chunk map read from the blob through `backend`, with the bootstrap's pins
+    applied. Returns (meta, backend bytes read)."""
     fetched = 0
     read = backend.reader(blob_id)
 
@@ -100,11 +157,60 @@ def load_or_fetch_meta(directory: str, blob_id: str, backend, entry=None, blob_s
         blob_size = getattr(entry, "compressed_size", None) or backend.blob_size(blob_id)
     meta = rblob.BlobMeta.from_blob(counting_read, blob_size, blob_id=blob_id, entry=entry,
                                     digests=digests)
+    meta = _apply_pins(meta, pins, blob_id)
     if any(c.digest is None for c in meta.chunks):
         raise StorageError(f"blob {blob_id}: chunks without digests cannot be verified")
-    os.makedirs(directory, exist_ok=True)
-    _write_atomic(path, meta.to_bytes())
     return meta, fetched
+
+
+def load_or_fetch_meta(directory, blob_id, backend, entry=None, blob_size=None,
+                       digests=None, pins=None, table: bytes = b""):
+    """The blob's chunk map for one bootstrap: from `<id>.map` if present, valid and in
+    agreement with the bootstrap, else read from the blob through the backend (its CI
+    table), with the bootstrap's pins applied, and cached. Returns (meta, backend bytes
+    read).
+
+    `pins` ({CI index: ChunkPin}, storage.image) and `table` (their table_digest) come
+    from the bootstrap being mounted; None means a caller without a bootstrap (tools,
+    tests), which takes any valid map of the blob. A bootstrap that pins no chunk of the
+    blob only reuses a map equal to the one its own backend gives."""
+    path = map_path(directory, blob_id)
+    usize = getattr(entry, "uncompressed_size", None)
+    cached = _read_map(path, blob_id)
+    if cached is not None:
+        mtable, meta = cached
+        if pins is None:
+            return meta, 0
+        why = pin_mismatch(meta, usize, pins)
+        if why is None and not pins and mtable != table:
+            fresh, fetched = _fetch_meta(blob_id, backend, entry, blob_size, digests, pins)
+            if fresh.to_bytes() == meta.to_bytes():
+                return meta, fetched
+            why = "the bootstrap pins no chunk and its backend gives another chunk map"
+        if why is None:
+            return meta, 0
+        log.warning("%s: cached chunk map does not fit this bootstrap (%s); rebuilding it",
+                    path, why)
+    meta, fetched = _fetch_meta(blob_id, backend, entry, blob_size, digests, pins)
+    os.makedirs(directory, exist_ok=True)
+    _write_atomic(path, MAP_HEADER.pack(MAP_MAGIC, table or bytes(32)) + meta.to_bytes())
+    return meta, fetched
+
+
+def check_shareable(meta, blob_id: str, backend, entry=None, blob_size=None, digests=None,
+                    pins=None) -> None:
+    """Raise StorageError unless a blob open with chunk map `meta` (in use by mounted
+    images, so its cache file cannot change) may also serve a bootstrap with this blob
+    entry and these pins. One cache file cannot hold two different bytes at one offset,
+    so a disagreeing bootstrap is refused rather than served the other's bytes."""
+    why = pin_mismatch(meta, getattr(entry, "uncompressed_size", None), pins)
+    if why is None and pins is not None and not pins:
+        fresh, _ = _fetch_meta(blob_id, backend, entry, blob_size, digests, pins)
+        if fresh.to_bytes() != meta.to_bytes():
+            why = "the bootstrap pins no chunk and its backend gives another chunk map"
+    if why is not None:
+        raise StorageError(f"blob {blob_id[:12]} is in use by an image whose chunk table "
+                           f"differs from this bootstrap's ({why}); not sharing its cache")
 
 
 def _boot_id() -> bytes:
@@ -144,6 +250,9 @@ class ChunkState:
         self._ident = (STATE_MAGIC, STATE_VERSION, nchunks, usize, map_digest)
         self.bits = bytearray(self.nbytes)
         self.count = 0
+        # True when a record existed but was made for another chunk map (or is damaged):
+        # the cache file's bytes were verified against other digests, if at all
+        self.mismatched = False
         self._lock = threading.Lock()
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self.fd = fd
@@ -155,6 +264,7 @@ class ChunkState:
         if not ok:
             if data:
                 log.warning("%s: chunk state does not match the chunk map; resetting", path)
+                self.mismatched = True
             self.reset()
             return
         live = data[STATE_HEADER.size:STATE_HEADER.size + self.nbytes]
@@ -166,6 +276,7 @@ class ChunkState:
             self.bits[:] = durable
         if nchunks % 8 and self.bits and self.bits[-1] >> (nchunks % 8):
             log.warning("%s: stray bits past the last chunk; resetting", path)
+            self.mismatched = True
             self.reset()
             return
         self.count = sum(bin(b).count("1") for b in self.bits)
@@ -257,17 +368,35 @@ class BlobCache:
         except FileNotFoundError:
             written_after = False
         self.state = ChunkState(state_path(directory, self.blob_id), nchunks, self.size, digest)
-        if st.st_size != self.size:
+        if st.st_size != self.size or (self.state.mismatched and st.st_blocks):
             if st.st_size:
-                log.warning("%s: cache file is %d bytes, blob is %d; resetting", self.path,
+                log.warning("%s: cache file is %d bytes for a blob of %d, or was filled for "
+                            "another chunk map; starting an empty one", self.path,
                             st.st_size, self.size)
             self.state.reset()
-            os.ftruncate(fd, 0)
-            os.ftruncate(fd, self.size)
+            self._fresh_cache_file()
         elif self.state.count:
             self._check_present()
             if written_after and self.state.count:
                 self._verify_cached()
+
+    def _fresh_cache_file(self) -> None:
+        """Replace the cache file by an empty sparse one (a new inode): whatever still has
+        the old one open (a mount of the image it was filled for) keeps its bytes, and
+        none of them reaches a mount of this chunk map."""
+        fd, tmp = create_exclusive(self.directory, f".{self.blob_id[:16]}.", ".tmp")
+        try:
+            os.ftruncate(fd, self.size)
+            os.replace(tmp, self.path)
+        except BaseException:
+            os.close(fd)
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+        os.close(self._own_fd)
+        self._own_fd = self.write_fd = fd
 
     def _check_present(self) -> None:
         """Clear bits whose chunk start is a hole in the cache file (a record that
