@@ -371,8 +371,8 @@ class BlobCache:
         if st.st_size != self.size or (self.state.mismatched and st.st_blocks):
             if st.st_size:
                 log.warning("%s: cache file is %d bytes for a blob of %d, or was filled for "
-                            "another chunk map; starting an empty one", self.path,
-                            st.st_size, self.size)
+                            "another chunk map; resetting (a new, empty cache file)",
+                            self.path, st.st_size, self.size)
             self.state.reset()
             self._fresh_cache_file()
         elif self.state.count:
