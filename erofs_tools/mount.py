@@ -279,17 +279,37 @@ def expand_blob(blob_path, meta, cache_dir):
     return dest
 
 
-def prepare_caches(bootstrap, blob_dir, cache_dir=DEFAULT_CACHE_DIR):
-    """Expand each blob of `bootstrap` into cache_dir; -> cache file paths in device order."""
-    bootstrap, blob_dir, cache_dir = (os.fspath(bootstrap), os.fspath(blob_dir),
-                                      os.fspath(cache_dir))
+@contextlib.contextmanager
+def _cache_lock(cache_dir):
+    """Exclusive use of a cache directory from checking its cache files until mount(2)
+    has opened them, so that another `erofs-tools mount` (of an image with another chunk
+    map for the same blob id) cannot replace a checked file in between."""
+    os.makedirs(cache_dir, mode=0o755, exist_ok=True)
+    fd = os.open(cache_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)   # no lock file
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _plan(bootstrap, blob_dir):
+    """[(blob path, chunk map)] in device order: every input checked before any output."""
     plans = []
     for blob_id, entry, pins in _read_bootstrap(bootstrap):
         path = find_blob(blob_dir, blob_id)
         plans.append((path, blob_chunk_map(path, blob_id, entry, pins)))
-    if plans:
-        os.makedirs(cache_dir, mode=0o755, exist_ok=True)
-    return [expand_blob(path, meta, cache_dir) for path, meta in plans]
+    return plans
+
+
+def prepare_caches(bootstrap, blob_dir, cache_dir=DEFAULT_CACHE_DIR):
+    """Expand each blob of `bootstrap` into cache_dir; -> cache file paths in device order."""
+    cache_dir = os.fspath(cache_dir)
+    plans = _plan(os.fspath(bootstrap), os.fspath(blob_dir))
+    if not plans:
+        return []
+    with _cache_lock(cache_dir):
+        return [expand_blob(path, meta, cache_dir) for path, meta in plans]
 
 
 def mount_rafs(bootstrap, mountpoint, blob_dir, cache_dir=DEFAULT_CACHE_DIR,
@@ -299,9 +319,12 @@ def mount_rafs(bootstrap, mountpoint, blob_dir, cache_dir=DEFAULT_CACHE_DIR,
     bootstrap = os.path.abspath(bootstrap)
     if not os.path.isdir(mountpoint):
         raise MountError(f"mount point {mountpoint} is not a directory")
-    devices = prepare_caches(bootstrap, blob_dir, cache_dir)
+    cache_dir = os.fspath(cache_dir)
+    plans = _plan(bootstrap, os.fspath(blob_dir))
     flags = MS_RDONLY if allow_suid_dev else DEFAULT_FLAGS
-    mount_erofs(bootstrap, mountpoint, devices, flags=flags)
+    with _cache_lock(cache_dir):
+        devices = [expand_blob(path, meta, cache_dir) for path, meta in plans]
+        mount_erofs(bootstrap, mountpoint, devices, flags=flags)
     return devices
 
 
