@@ -19,15 +19,15 @@ Files in the cache directory, per blob id:
 
 A record that does not match the map or the cache file (different digest, size, or a set
 bit whose chunk start is a hole per SEEK_DATA) is reset to "nothing cached" rather than
-trusted, and the cache file is replaced by an empty one.
+trusted, and the cache file is emptied.
 
 Poisoning: a blob id is public, so any bootstrap may name another image's blob and bring
 its own backend with other bytes under that id. A chunk map is therefore used for a
 bootstrap only if it agrees with every chunk that bootstrap's chunk-info table pins
 (position and digest; `pin_mismatch`); the bootstrap's digests replace the blob's own
 (the blob's `blob.digest` section is whatever its backend served). A map that disagrees
-is rebuilt for the new bootstrap when no mounted image uses it (the cache file starts
-empty), and a mount that would share a blob in use under a disagreeing table is refused
+is rebuilt for the new bootstrap when no mounted image uses it (the cache file is
+emptied), and a mount that would share a blob in use under a disagreeing table is refused
 (`check_shareable`). Bootstraps that agree (the same image twice, or an image made with
 `--chunk-dict` that pins a subset of another's chunks) share one cache file.
 """
@@ -44,7 +44,7 @@ import time
 import uuid
 
 from erofs_tools.errors import CorruptImageError, ErofsToolsError
-from erofs_tools.fsutil import atomic_write_bytes, create_exclusive
+from erofs_tools.fsutil import atomic_write_bytes
 from erofs_tools.reader import blob as rblob
 
 from . import BackendError, StorageError
@@ -234,32 +234,22 @@ class BlobCache:
         if st.st_size != self.size or (self.state.mismatched and st.st_blocks):
             if st.st_size:
                 log.warning("%s: cache file is %d bytes for a blob of %d, or was filled for "
-                            "another chunk map; resetting (a new, empty cache file)",
+                            "another chunk map; resetting (emptied)",
                             self.path, st.st_size, self.size)
             self.state.reset()
-            self._fresh_cache_file()
+            self._empty_cache_file()
         elif self.state.count:
             self._check_present()
             if written_after and self.state.count:
                 self._verify_cached()
 
-    def _fresh_cache_file(self) -> None:
-        """Replace the cache file by an empty sparse one (a new inode): whatever still has
-        the old one open (a mount of the image it was filled for) keeps its bytes, and
-        none of them reaches a mount of this chunk map."""
-        fd, tmp = create_exclusive(self.directory, f".{self.blob_id[:16]}.", ".tmp")
-        try:
-            os.ftruncate(fd, self.size)
-            os.replace(tmp, self.path)
-        except BaseException:
-            os.close(fd)
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
-        os.close(self._own_fd)
-        self._own_fd = self.write_fd = fd
+    def _empty_cache_file(self) -> None:
+        """Drop every byte of the cache file, in place. In place, not a new file: a mount
+        that still has this file open (the kernel opened it at mount time) must go on
+        reading the file the daemon fills; with every bit clear, each of its reads is
+        fetched and verified again before it is served."""
+        os.ftruncate(self._own_fd, 0)
+        os.ftruncate(self._own_fd, self.size)
 
     def _check_present(self) -> None:
         """Clear bits whose chunk start is a hole in the cache file (a record that
