@@ -178,16 +178,16 @@ def _read_bootstrap(path):
                 raise CorruptImageError(f"bootstrap {path}: chunk {ci.index} of blob "
                                         f"{ci.blob_index} is given twice, differently")
         out = []
-        for i, e in enumerate(img.blob_entries):
+        for i, entry in enumerate(img.blob_entries):
             blob_id = img.blob_id(i + 1)
             if len(blob_id) != 64 or any(c not in "0123456789abcdef" for c in blob_id) \
-                    or e.blob_index != i:
+                    or entry.blob_index != i:
                 raise CorruptImageError(f"bootstrap {path}: blob {i} has an invalid id or index")
-            if e.uncompressed_size % 4096 or e.uncompressed_size == 0 \
-                    or img.devices[i].blocks * 4096 != e.uncompressed_size:
+            if entry.uncompressed_size % 4096 or entry.uncompressed_size == 0 \
+                    or img.devices[i].blocks * 4096 != entry.uncompressed_size:
                 raise CorruptImageError(f"bootstrap {path}: blob {i} size does not match "
                                         "its device")
-            out.append((blob_id, e, pins[i]))
+            out.append((blob_id, entry, pins[i]))
         return out
     finally:
         img.close()

@@ -8,9 +8,8 @@ import stat
 import subprocess
 import sys
 
-import pytest
-
 import helpers
+import pytest
 from test_daemon_support import file_sha, pack, regular_files
 from test_poisoning import make_attack
 

@@ -12,11 +12,16 @@ import os
 import random
 import shutil
 
-import pytest
-
 import helpers
-from test_daemon_support import (DaemonProc, drop_caches, file_sha, pack, regular_files,
-                                 require_lazy_kernel)
+import pytest
+from test_daemon_support import (
+    DaemonProc,
+    drop_caches,
+    file_sha,
+    pack,
+    regular_files,
+    require_lazy_kernel,
+)
 
 pytestmark = pytest.mark.root
 

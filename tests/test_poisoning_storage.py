@@ -7,12 +7,12 @@ genuine blob id)."""
 import os
 
 import pytest
+from test_poisoning import make_attack
 
 from fscache_daemon.storage import StorageError
 from fscache_daemon.storage import blobcache as bc
 from fscache_daemon.storage.backends import LocalFsBackend
 from fscache_daemon.storage.image import load_image
-from test_poisoning import make_attack
 
 
 @pytest.fixture(scope="module")

@@ -34,6 +34,7 @@ emptied), and a mount that would share a blob in use under a disagreeing table i
 
 from __future__ import annotations
 
+import array
 import errno
 import hashlib
 import logging
@@ -42,16 +43,24 @@ import struct
 import threading
 import time
 import uuid
+from typing import Any
 
 from erofs_tools.errors import CorruptImageError, ErofsToolsError
 from erofs_tools.fsutil import atomic_write_bytes
 from erofs_tools.reader import blob as rblob
 
 from . import BackendError, StorageError
+
 # the chunk map and its ties to bootstraps live in chunkmap; re-exported for callers
-from .chunkmap import (MAP_HEADER, MAP_MAGIC, check_shareable,  # noqa: F401
-                       load_or_fetch_meta, map_path, pin_mismatch)
-from .planner import DEFAULT_BATCH_SIZE, clamp_range, chunks_in_range, plan
+from .chunkmap import (  # noqa: F401
+    MAP_HEADER,
+    MAP_MAGIC,
+    check_shareable,
+    load_or_fetch_meta,
+    map_path,
+    pin_mismatch,
+)
+from .planner import DEFAULT_BATCH_SIZE, chunks_in_range, clamp_range, plan
 from .stats import BlobStats
 
 log = logging.getLogger(__name__)
@@ -172,7 +181,8 @@ class ChunkState:
     def set(self, indexes) -> None:
         """Record chunks whose verified data is in the cache file (live bitmap)."""
         with self._lock:
-            lo = hi = None
+            lo: int | None = None
+            hi: int | None = None
             for i in indexes:
                 if not self.has(i):
                     self.bits[i >> 3] |= 1 << (i & 7)
@@ -180,7 +190,7 @@ class ChunkState:
                 b = i >> 3
                 lo = b if lo is None else min(lo, b)
                 hi = b if hi is None else max(hi, b)
-            if lo is not None:
+            if lo is not None and hi is not None:
                 os.pwrite(self.fd, bytes(self.bits[lo:hi + 1]), STATE_HEADER.size + lo)
 
     def snapshot(self) -> bytes:
@@ -393,11 +403,10 @@ class BlobManager:
         self._completed_reported = cache.complete()
         self._dirty = False
         # per chunk position: end of the longest file run starting at or covering it
-        self._run_end = None
+        self._run_end: array.array | None = None
 
     def add_file_runs(self, runs) -> None:
         """Learn where files' data runs end (image.file_runs) for file-aware readahead."""
-        import array
         chunks = self.meta.chunks
         ends = self._run_end or array.array("Q", bytes(8 * len(chunks)))
         for start, end in runs:
@@ -475,7 +484,7 @@ class BlobManager:
         if not mine and not waits:
             return 0
         fetched = 0
-        failures = []
+        failures: list[tuple[Any, BaseException]] = []
         flights = dict((c.index, f) for c, f in mine)
         try:
             for batch in plan([c for c, _ in mine], self.batch_size):
@@ -497,9 +506,10 @@ class BlobManager:
         if self._completed_now():
             self._report_complete()
         if failures:
-            c, err = failures[0]
+            first, cause = failures[0]
             raise FillError(f"blob {self.blob_id[:12]}: {len(failures)} chunk(s) failed, "
-                            f"first chunk {c.index} at {c.uncompressed_offset}: {err}") from err
+                            f"first chunk {first.index} at {first.uncompressed_offset}: "
+                            f"{cause}") from cause
         return fetched
 
     def _fetch_batch(self, batch, flights, failures, prefetch) -> int:

@@ -89,7 +89,7 @@ MAX_PREFETCH_INODES = 1 << 16
 def _prefetch_ranges(img, nblobs: int) -> list:
     """(blob index, uncompressed offset, length) of the data of the prefetch-table files,
     merged where they touch, in table order."""
-    out = []
+    out: list[tuple[int, int, int]] = []
     for nid in img.prefetch[:MAX_PREFETCH_INODES]:
         try:
             ino = img.inode(nid)
@@ -155,7 +155,7 @@ def file_runs(path: str, max_inodes: int = 1 << 22) -> dict[int, list[tuple[int,
     runs: dict[int, list[tuple[int, int]]] = {}
     img = open_image(path)
     try:
-        seen = set()
+        seen: set[int] = set()
         for _p, _d, ino in img.walk(on_error=lambda _p, _e: None):
             if len(seen) >= max_inodes:
                 break

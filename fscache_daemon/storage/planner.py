@@ -33,7 +33,7 @@ class Batch:
     def length(self) -> int:
         return self.end - self.offset
 
-    def slice_of(self, raw: bytes, chunk) -> bytes:
+    def slice_of(self, raw: bytes, chunk) -> bytes | memoryview:
         start = chunk.compressed_offset - self.offset
         if start == 0 and chunk.compressed_size == len(raw):
             return raw
