@@ -1,27 +1,45 @@
 """Eager local mounting of RAFS v6 images (and umount).
 
-`mount_rafs()` expands every blob the bootstrap lists into its uncompressed cache file
-(builder.cache), then mounts the bootstrap read-only with the kernel's file-backed EROFS
-mode, one `device=` option per blob in device-table order. mount(2) and umount2(2) are
-called through ctypes so no util-linux parsing sits in between. Kernels without
-file-backed EROFS mounts (before 6.12) get read-only auto-clearing loop devices instead.
+`mount_rafs()` expands every blob the bootstrap lists into its uncompressed cache file,
+then mounts the bootstrap read-only, nosuid and nodev (unless asked otherwise) with the
+kernel's file-backed EROFS mode, one `device=` option per blob in device-table order.
+mount(2) and umount2(2) are called through ctypes so no util-linux parsing sits in
+between. Kernels without file-backed EROFS mounts (before 6.12) get read-only
+auto-clearing loop devices instead.
+
+Cache files and poisoning: a cache file is named by blob id, and a blob id is public: a
+bootstrap may name another image's blob and bring a blob of other bytes under that id
+(its own blob directory). So a cache file serves a bootstrap only if it was made for the
+same chunk map: the blob's chunk-info table with the bootstrap's own chunk digests
+(which replace the blob's), every chunk verified against it while expanding. The map's
+sha256 is kept in an xattr of the cache file; without it (a file system without user
+xattrs) every chunk of an existing cache file is verified again before it is reused. A
+cache file that does not fit is replaced by a new one (a new inode, so mounts of the
+image it was made for keep their bytes).
 """
 import contextlib
 import ctypes
 import ctypes.util
 import errno
 import fcntl
+import hashlib
 import os
 import struct
 import time
 
-from erofs_tools.builder.cache import expand_blob, find_blob
-from erofs_tools.builder.chunk_dict import BootstrapTables
-from erofs_tools.errors import MountError
+from erofs_tools.errors import CorruptImageError, InputError, MountError
+from erofs_tools.fsutil import atomic_output
+from erofs_tools.reader import blob as rblob
+from erofs_tools.reader.image import open_image
 
 DEFAULT_CACHE_DIR = "/var/cache/erofs-tools"
 MS_RDONLY = 0x1
+MS_NOSUID = 0x2
 MS_NODEV = 0x4
+# what `erofs-tools mount` uses unless told otherwise: a setuid file or a device node in
+# an image must not give its user more than the image's owner meant
+DEFAULT_FLAGS = MS_RDONLY | MS_NOSUID | MS_NODEV
+MAP_XATTR = "user.erofs-tools.chunk-map"
 MNT_DETACH = 0x2
 
 _libc = None
@@ -91,7 +109,7 @@ def _device_options(paths):
     return ",".join(opts)
 
 
-def mount_erofs(image, mountpoint, devices=(), flags=MS_RDONLY | MS_NODEV, loop=None):
+def mount_erofs(image, mountpoint, devices=(), flags=DEFAULT_FLAGS, loop=None):
     """mount(2) an EROFS image file read-only with extra devices, file-backed or on loops.
 
     loop=None tries a file-backed mount first and falls back to loop devices where the
@@ -128,24 +146,185 @@ def sys_mount(source, target, fstype, flags, data):
         raise OSError(e, os.strerror(e))
 
 
-def prepare_caches(bootstrap, blob_dir, cache_dir=DEFAULT_CACHE_DIR, tables=None):
+def _pin(ci):
+    """Where a chunk-info entry places its chunk, and its digest."""
+    return (ci.uncompressed_offset, ci.uncompressed_size, ci.compressed_offset,
+            ci.compressed_size, bytes(ci.digest))
+
+
+def _read_bootstrap(path):
+    """[(blob id, BlobEntry, {CI index: ChunkInfo})] in device order, through the reader
+    (which treats every byte as untrusted)."""
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise InputError(f"cannot read bootstrap {path}: {e.strerror}") from None
+    img = open_image(path)
+    try:
+        if not img.is_rafs:
+            raise CorruptImageError(f"bootstrap {path}: not a RAFS v6 bootstrap")
+        n = len(img.devices)
+        if len(img.blob_entries) != n:
+            raise CorruptImageError(f"bootstrap {path}: blob table holds "
+                                    f"{len(img.blob_entries)} blobs, device table {n}")
+        pins = [{} for _ in range(n)]
+        for ci in img.chunk_infos:
+            if ci.blob_index >= n:
+                raise CorruptImageError(f"bootstrap {path}: chunk table names blob "
+                                        f"{ci.blob_index}")
+            old = pins[ci.blob_index].setdefault(ci.index, ci)
+            if _pin(old) != _pin(ci):
+                raise CorruptImageError(f"bootstrap {path}: chunk {ci.index} of blob "
+                                        f"{ci.blob_index} is given twice, differently")
+        out = []
+        for i, entry in enumerate(img.blob_entries):
+            blob_id = img.blob_id(i + 1)
+            if len(blob_id) != 64 or any(c not in "0123456789abcdef" for c in blob_id) \
+                    or entry.blob_index != i:
+                raise CorruptImageError(f"bootstrap {path}: blob {i} has an invalid id or index")
+            if entry.uncompressed_size % 4096 or entry.uncompressed_size == 0 \
+                    or img.devices[i].blocks * 4096 != entry.uncompressed_size:
+                raise CorruptImageError(f"bootstrap {path}: blob {i} size does not match "
+                                        "its device")
+            out.append((blob_id, entry, pins[i]))
+        return out
+    finally:
+        img.close()
+
+
+def find_blob(blob_dir, blob_id):
+    p = os.path.join(blob_dir, blob_id)
+    if not os.path.isfile(p):
+        raise InputError(f"blob {blob_id} not found in {blob_dir}")
+    return p
+
+
+def blob_chunk_map(blob_path, blob_id, entry, pins):
+    """The chunk map this bootstrap needs of the blob: the blob's chunk-info table with
+    the bootstrap's digests; CorruptImageError if the blob places a pinned chunk
+    elsewhere or a chunk has no digest to verify it with."""
+    meta = rblob.open_blob(blob_path, blob_id=blob_id, entry=entry,
+                           digests={k: ci.digest for k, ci in pins.items()})
+    for k, ci in pins.items():
+        c = meta.chunk_by_index(k)
+        if (c.uncompressed_offset, c.uncompressed_size, c.compressed_offset,
+                c.compressed_size) != _pin(ci)[:4]:
+            raise CorruptImageError(f"blob {blob_id}: chunk {k} lies elsewhere in the blob "
+                                    "than the bootstrap's chunk table says")
+    meta = meta.with_digests({k: bytes(ci.digest) for k, ci in pins.items()})
+    if any(c.digest is None for c in meta.chunks):
+        raise CorruptImageError(f"blob {blob_id}: chunks without digests cannot be verified")
+    if meta.uncompressed_size != entry.uncompressed_size:
+        raise CorruptImageError(f"blob {blob_id}: {meta.uncompressed_size} bytes "
+                                f"uncompressed, the bootstrap says {entry.uncompressed_size}")
+    return meta
+
+
+def _map_tag(meta):
+    return hashlib.sha256(meta.to_bytes()).hexdigest().encode()
+
+
+def _fits(path, meta):
+    """True if the cache file at `path` was made for `meta` (xattr), or every chunk in it
+    verifies against `meta` (then the xattr is added where the file system allows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    except OSError as e:
+        raise MountError(f"cannot open cache file {path}: {e.strerror}") from None
+    try:
+        if os.fstat(fd).st_size != meta.uncompressed_size:
+            return False
+        tag = _map_tag(meta)
+        try:
+            if os.getxattr(fd, MAP_XATTR) == tag:
+                return True
+        except OSError:
+            pass
+        for c in meta.chunks:
+            data = os.pread(fd, c.uncompressed_size, c.uncompressed_offset)
+            try:
+                rblob.decode_chunk(meta, c._replace(compressed=False,
+                                                    compressed_size=c.uncompressed_size), data)
+            except CorruptImageError:
+                return False
+        with contextlib.suppress(OSError):
+            os.setxattr(fd, MAP_XATTR, tag)
+        return True
+    finally:
+        os.close(fd)
+
+
+def expand_blob(blob_path, meta, cache_dir):
+    """The cache file of one blob for chunk map `meta` (blob_chunk_map): reused if it
+    fits, else written anew beside it, every chunk verified, and renamed into place."""
+    dest = os.path.join(cache_dir, meta.blob_id)
+    if _fits(dest, meta):
+        return dest
+    with open(blob_path, "rb") as src, atomic_output(dest, mode=0o644) as out:
+        read_at = rblob.file_reader(src)
+        fd = out.fileno()
+        os.ftruncate(fd, meta.uncompressed_size)
+        for c in sorted(meta.chunks, key=lambda c: c.compressed_offset):
+            data = rblob.read_chunk(meta, c, read_at)
+            view = memoryview(data)
+            off = c.uncompressed_offset
+            while view:
+                n = os.pwrite(fd, view, off)
+                view, off = view[n:], off + n
+        with contextlib.suppress(OSError):
+            os.setxattr(fd, MAP_XATTR, _map_tag(meta))
+    return dest
+
+
+@contextlib.contextmanager
+def _cache_lock(cache_dir):
+    """Exclusive use of a cache directory from checking its cache files until mount(2)
+    has opened them, so that another `erofs-tools mount` (of an image with another chunk
+    map for the same blob id) cannot replace a checked file in between."""
+    os.makedirs(cache_dir, mode=0o755, exist_ok=True)
+    fd = os.open(cache_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)   # no lock file
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _plan(bootstrap, blob_dir):
+    """[(blob path, chunk map)] in device order: every input checked before any output."""
+    plans = []
+    for blob_id, entry, pins in _read_bootstrap(bootstrap):
+        path = find_blob(blob_dir, blob_id)
+        plans.append((path, blob_chunk_map(path, blob_id, entry, pins)))
+    return plans
+
+
+def prepare_caches(bootstrap, blob_dir, cache_dir=DEFAULT_CACHE_DIR):
     """Expand each blob of `bootstrap` into cache_dir; -> cache file paths in device order."""
-    t = tables or BootstrapTables.read(bootstrap)
-    paths = []
-    for i, info in enumerate(t.blobs):
-        src = find_blob(blob_dir, info.blob_id)
-        paths.append(expand_blob(src, info, cache_dir, t.chunk_digests(i)))
-    return paths
+    cache_dir = os.fspath(cache_dir)
+    plans = _plan(os.fspath(bootstrap), os.fspath(blob_dir))
+    if not plans:
+        return []
+    with _cache_lock(cache_dir):
+        return [expand_blob(path, meta, cache_dir) for path, meta in plans]
 
 
-def mount_rafs(bootstrap, mountpoint, blob_dir, cache_dir=DEFAULT_CACHE_DIR):
-    """Expand the blobs and mount; -> list of cache files used as devices."""
+def mount_rafs(bootstrap, mountpoint, blob_dir, cache_dir=DEFAULT_CACHE_DIR,
+               allow_suid_dev=False):
+    """Expand the blobs and mount (nosuid,nodev unless `allow_suid_dev`); -> list of
+    cache files used as devices."""
     bootstrap = os.path.abspath(bootstrap)
     if not os.path.isdir(mountpoint):
         raise MountError(f"mount point {mountpoint} is not a directory")
-    t = BootstrapTables.read(bootstrap)
-    devices = prepare_caches(bootstrap, blob_dir, cache_dir, t)
-    mount_erofs(bootstrap, mountpoint, devices)
+    cache_dir = os.fspath(cache_dir)
+    plans = _plan(bootstrap, os.fspath(blob_dir))
+    flags = MS_RDONLY if allow_suid_dev else DEFAULT_FLAGS
+    with _cache_lock(cache_dir):
+        devices = [expand_blob(path, meta, cache_dir) for path, meta in plans]
+        mount_erofs(bootstrap, mountpoint, devices, flags=flags)
     return devices
 
 

@@ -787,12 +787,16 @@ class Daemon:
     def _open_blob(self, ref, backend) -> bc.BlobManager:
         with self._lock:
             mgr = self.blobs.get(ref.blob_id)
-            if mgr is not None:
-                return mgr
+        if mgr is not None:
+            bc.check_shareable(mgr.meta, ref.blob_id, backend, entry=ref.entry,
+                               blob_size=ref.compressed_size, digests=ref.digests,
+                               pins=ref.pins)
+            return mgr
         backend.register_blob(ref.blob_id, ref.compressed_size)
         meta, fetched = bc.load_or_fetch_meta(self.blob_dir, ref.blob_id, backend,
                                               entry=ref.entry, blob_size=ref.compressed_size,
-                                              digests=ref.digests)
+                                              digests=ref.digests, pins=ref.pins,
+                                              table=ref.table_digest)
         if meta.uncompressed_size != ref.uncompressed_size:
             raise StorageError(f"blob {ref.blob_id[:12]}: chunk map says "
                                f"{meta.uncompressed_size} bytes, bootstrap "

@@ -190,7 +190,7 @@ class RegistryBackend(Backend):
         self._ref = ref
         self._digests: dict[str, str] = dict(digest_map or {})
         self._sizes: dict[str, int] = {}
-        self._layers = None
+        self._layers: list | None = None
         self._map_lock = threading.Lock()
 
     @property
@@ -203,17 +203,19 @@ class RegistryBackend(Backend):
 
     def _nydus_layers(self) -> list:
         """The image's Nydus blob layers (empty if the reference names no image)."""
-        if self._layers is None:
-            self._layers = []
-            if self._ref.tag or self._ref.digest:
-                from erofs_tools import registry as reg
-                try:
-                    m = reg.resolve_manifest(self._client, self.repository, self._ref.ref)
-                    self._layers = [d for d in m.layers() if d.media_type == reg.NYDUS_BLOB]
-                except ErofsToolsError as e:
-                    log.warning("registry %s: cannot read the image manifest (%s); "
-                                "using blob ids as digests", self.reference, e)
-        return self._layers
+        if self._layers is not None:
+            return self._layers
+        layers: list = []
+        if self._ref.tag or self._ref.digest:
+            from erofs_tools import registry as reg
+            try:
+                m = reg.resolve_manifest(self._client, self.repository, self._ref.ref)
+                layers = [d for d in m.layers() if d.media_type == reg.NYDUS_BLOB]
+            except ErofsToolsError as e:
+                log.warning("registry %s: cannot read the image manifest (%s); "
+                            "using blob ids as digests", self.reference, e)
+        self._layers = layers
+        return layers
 
     def digest_of(self, blob_id: str) -> str:
         """The registry digest holding a blob: an explicit mapping, else the layer whose

@@ -13,16 +13,28 @@ Files in the cache directory, per blob id:
                   cache file, written after it). Same boot: live is trusted (a daemon
                   crash loses no page-cache data); after a reboot only durable bits are.
                   Either way a set bit means verified data in the cache file.
-- `<id>.map`      the chunk map (`BlobMeta.to_bytes()`), so a restart never fetches the
-                  blob's chunk-info table again.
+- `<id>.map`      the chunk map: a header (magic, sha256 of the bootstrap chunk table it
+                  was made for) then `BlobMeta.to_bytes()`, so a restart never fetches
+                  the blob's chunk-info table again.
 
 A record that does not match the map or the cache file (different digest, size, or a set
 bit whose chunk start is a hole per SEEK_DATA) is reset to "nothing cached" rather than
-trusted.
+trusted, and the cache file is emptied.
+
+Poisoning: a blob id is public, so any bootstrap may name another image's blob and bring
+its own backend with other bytes under that id. A chunk map is therefore used for a
+bootstrap only if it agrees with every chunk that bootstrap's chunk-info table pins
+(position and digest; `pin_mismatch`); the bootstrap's digests replace the blob's own
+(the blob's `blob.digest` section is whatever its backend served). A map that disagrees
+is rebuilt for the new bootstrap when no mounted image uses it (the cache file is
+emptied), and a mount that would share a blob in use under a disagreeing table is refused
+(`check_shareable`). Bootstraps that agree (the same image twice, or an image made with
+`--chunk-dict` that pins a subset of another's chunks) share one cache file.
 """
 
 from __future__ import annotations
 
+import array
 import errno
 import hashlib
 import logging
@@ -31,12 +43,24 @@ import struct
 import threading
 import time
 import uuid
+from typing import Any
 
 from erofs_tools.errors import CorruptImageError, ErofsToolsError
+from erofs_tools.fsutil import atomic_write_bytes
 from erofs_tools.reader import blob as rblob
 
 from . import BackendError, StorageError
-from .planner import DEFAULT_BATCH_SIZE, clamp_range, chunks_in_range, plan
+
+# the chunk map and its ties to bootstraps live in chunkmap; re-exported for callers
+from .chunkmap import (  # noqa: F401
+    MAP_HEADER,
+    MAP_MAGIC,
+    check_shareable,
+    load_or_fetch_meta,
+    map_path,
+    pin_mismatch,
+)
+from .planner import DEFAULT_BATCH_SIZE, chunks_in_range, clamp_range, plan
 from .stats import BlobStats
 
 log = logging.getLogger(__name__)
@@ -49,18 +73,8 @@ STATE_VERSION = 2
 
 
 def _write_atomic(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}.{threading.get_ident()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-
-
-def map_path(directory: str, blob_id: str) -> str:
-    return os.path.join(directory, blob_id + ".map")
+    """A private file (0600) replaced atomically (erofs_tools.fsutil, O_EXCL temp)."""
+    atomic_write_bytes(path, data, mode=0o600)
 
 
 def cache_path(directory: str, blob_id: str) -> str:
@@ -69,42 +83,6 @@ def cache_path(directory: str, blob_id: str) -> str:
 
 def state_path(directory: str, blob_id: str) -> str:
     return os.path.join(directory, blob_id + ".chunks")
-
-
-def load_or_fetch_meta(directory: str, blob_id: str, backend, entry=None, blob_size=None,
-                       digests=None):
-    """The blob's chunk map: from `<id>.map` if present and valid, else read from the blob
-    through the backend (its CI table) and cached. Returns (meta, backend bytes read)."""
-    path = map_path(directory, blob_id)
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-        meta = rblob.BlobMeta.from_bytes(data)
-        if meta.blob_id == blob_id:
-            return meta, 0
-        log.warning("%s: chunk map is for blob %s; refetching", path, meta.blob_id)
-    except FileNotFoundError:
-        pass
-    except ErofsToolsError as e:
-        log.warning("%s: unusable cached chunk map (%s); refetching", path, e)
-    fetched = 0
-    read = backend.reader(blob_id)
-
-    def counting_read(offset, length):
-        nonlocal fetched
-        b = read(offset, length)
-        fetched += len(b)
-        return b
-
-    if blob_size is None:
-        blob_size = getattr(entry, "compressed_size", None) or backend.blob_size(blob_id)
-    meta = rblob.BlobMeta.from_blob(counting_read, blob_size, blob_id=blob_id, entry=entry,
-                                    digests=digests)
-    if any(c.digest is None for c in meta.chunks):
-        raise StorageError(f"blob {blob_id}: chunks without digests cannot be verified")
-    os.makedirs(directory, exist_ok=True)
-    _write_atomic(path, meta.to_bytes())
-    return meta, fetched
 
 
 def _boot_id() -> bytes:
@@ -144,6 +122,9 @@ class ChunkState:
         self._ident = (STATE_MAGIC, STATE_VERSION, nchunks, usize, map_digest)
         self.bits = bytearray(self.nbytes)
         self.count = 0
+        # True when a record existed but was made for another chunk map (or is damaged):
+        # the cache file's bytes were verified against other digests, if at all
+        self.mismatched = False
         self._lock = threading.Lock()
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self.fd = fd
@@ -155,6 +136,7 @@ class ChunkState:
         if not ok:
             if data:
                 log.warning("%s: chunk state does not match the chunk map; resetting", path)
+                self.mismatched = True
             self.reset()
             return
         live = data[STATE_HEADER.size:STATE_HEADER.size + self.nbytes]
@@ -166,6 +148,7 @@ class ChunkState:
             self.bits[:] = durable
         if nchunks % 8 and self.bits and self.bits[-1] >> (nchunks % 8):
             log.warning("%s: stray bits past the last chunk; resetting", path)
+            self.mismatched = True
             self.reset()
             return
         self.count = sum(bin(b).count("1") for b in self.bits)
@@ -198,7 +181,8 @@ class ChunkState:
     def set(self, indexes) -> None:
         """Record chunks whose verified data is in the cache file (live bitmap)."""
         with self._lock:
-            lo = hi = None
+            lo: int | None = None
+            hi: int | None = None
             for i in indexes:
                 if not self.has(i):
                     self.bits[i >> 3] |= 1 << (i & 7)
@@ -206,7 +190,7 @@ class ChunkState:
                 b = i >> 3
                 lo = b if lo is None else min(lo, b)
                 hi = b if hi is None else max(hi, b)
-            if lo is not None:
+            if lo is not None and hi is not None:
                 os.pwrite(self.fd, bytes(self.bits[lo:hi + 1]), STATE_HEADER.size + lo)
 
     def snapshot(self) -> bytes:
@@ -257,17 +241,25 @@ class BlobCache:
         except FileNotFoundError:
             written_after = False
         self.state = ChunkState(state_path(directory, self.blob_id), nchunks, self.size, digest)
-        if st.st_size != self.size:
+        if st.st_size != self.size or (self.state.mismatched and st.st_blocks):
             if st.st_size:
-                log.warning("%s: cache file is %d bytes, blob is %d; resetting", self.path,
-                            st.st_size, self.size)
+                log.warning("%s: cache file is %d bytes for a blob of %d, or was filled for "
+                            "another chunk map; resetting (emptied)",
+                            self.path, st.st_size, self.size)
             self.state.reset()
-            os.ftruncate(fd, 0)
-            os.ftruncate(fd, self.size)
+            self._empty_cache_file()
         elif self.state.count:
             self._check_present()
             if written_after and self.state.count:
                 self._verify_cached()
+
+    def _empty_cache_file(self) -> None:
+        """Drop every byte of the cache file, in place. In place, not a new file: a mount
+        that still has this file open (the kernel opened it at mount time) must go on
+        reading the file the daemon fills; with every bit clear, each of its reads is
+        fetched and verified again before it is served."""
+        os.ftruncate(self._own_fd, 0)
+        os.ftruncate(self._own_fd, self.size)
 
     def _check_present(self) -> None:
         """Clear bits whose chunk start is a hole in the cache file (a record that
@@ -411,11 +403,10 @@ class BlobManager:
         self._completed_reported = cache.complete()
         self._dirty = False
         # per chunk position: end of the longest file run starting at or covering it
-        self._run_end = None
+        self._run_end: array.array | None = None
 
     def add_file_runs(self, runs) -> None:
         """Learn where files' data runs end (image.file_runs) for file-aware readahead."""
-        import array
         chunks = self.meta.chunks
         ends = self._run_end or array.array("Q", bytes(8 * len(chunks)))
         for start, end in runs:
@@ -493,7 +484,7 @@ class BlobManager:
         if not mine and not waits:
             return 0
         fetched = 0
-        failures = []
+        failures: list[tuple[Any, BaseException]] = []
         flights = dict((c.index, f) for c, f in mine)
         try:
             for batch in plan([c for c, _ in mine], self.batch_size):
@@ -515,9 +506,10 @@ class BlobManager:
         if self._completed_now():
             self._report_complete()
         if failures:
-            c, err = failures[0]
+            first, cause = failures[0]
             raise FillError(f"blob {self.blob_id[:12]}: {len(failures)} chunk(s) failed, "
-                            f"first chunk {c.index} at {c.uncompressed_offset}: {err}") from err
+                            f"first chunk {first.index} at {first.uncompressed_offset}: "
+                            f"{cause}") from cause
         return fetched
 
     def _fetch_batch(self, batch, flights, failures, prefetch) -> int:

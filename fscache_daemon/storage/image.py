@@ -8,8 +8,10 @@ change of reader API touches only this module.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from erofs_tools.errors import ErofsToolsError
 from erofs_tools.reader.image import open_image
@@ -17,6 +19,17 @@ from erofs_tools.reader.image import open_image
 from . import StorageError
 
 log = logging.getLogger(__name__)
+
+
+class ChunkPin(NamedTuple):
+    """What a bootstrap's chunk-info table says about one chunk of a blob: where it lies
+    and the digest of its bytes. A cached chunk may serve this bootstrap only if the
+    chunk map agrees with its pin."""
+    uncompressed_offset: int
+    uncompressed_size: int
+    compressed_offset: int
+    compressed_size: int
+    digest: bytes
 
 
 @dataclass
@@ -27,6 +40,39 @@ class BlobRef:
     uncompressed_size: int
     entry: object = None       # format.rafs.BlobEntry, for BlobMeta.from_blob
     digests: dict | None = None  # {CI index: digest} from the bootstrap's chunk table
+    pins: dict[int, ChunkPin] = field(default_factory=dict)  # {CI index: pin}
+    table_digest: bytes = b""  # sha256 of the blob entry and the pins (see table_digest)
+
+
+def table_digest(entry, pins: dict[int, ChunkPin]) -> bytes:
+    """sha256 of what one bootstrap says about one blob: its blob-table entry and its
+    chunk pins in index order. A chunk map records the digest of the table it was made
+    for (blobcache.load_or_fetch_meta)."""
+    h = hashlib.sha256(b"fscache-daemon chunk table v1\0")
+    h.update(entry.encode() if entry is not None else b"")
+    for k in sorted(pins):
+        p = pins[k]
+        h.update(b"%d:%d:%d:%d:%d:" % (k, p.uncompressed_offset, p.uncompressed_size,
+                                      p.compressed_offset, p.compressed_size) + p.digest)
+    return h.digest()
+
+
+def _pins(img, path: str, nblobs: int) -> list[dict[int, ChunkPin]]:
+    """Per blob, {CI index: ChunkPin} from the bootstrap's chunk-info table. One index
+    pinned twice with different values makes the bootstrap unusable (which would the
+    kernel read?)."""
+    out: list[dict[int, ChunkPin]] = [{} for _ in range(nblobs)]
+    for ci in img.chunk_infos:
+        if ci.blob_index >= nblobs:
+            raise StorageError(f"{path}: chunk table names blob {ci.blob_index}, "
+                               f"the bootstrap has {nblobs}")
+        pin = ChunkPin(ci.uncompressed_offset, ci.uncompressed_size, ci.compressed_offset,
+                       ci.compressed_size, bytes(ci.digest))
+        old = out[ci.blob_index].setdefault(ci.index, pin)
+        if old != pin:
+            raise StorageError(f"{path}: chunk table gives chunk {ci.index} of blob "
+                               f"{ci.blob_index} twice, differently")
+    return out
 
 
 @dataclass
@@ -43,7 +89,7 @@ MAX_PREFETCH_INODES = 1 << 16
 def _prefetch_ranges(img, nblobs: int) -> list:
     """(blob index, uncompressed offset, length) of the data of the prefetch-table files,
     merged where they touch, in table order."""
-    out = []
+    out: list[tuple[int, int, int]] = []
     for nid in img.prefetch[:MAX_PREFETCH_INODES]:
         try:
             ino = img.inode(nid)
@@ -71,6 +117,7 @@ def _read_image(path: str) -> ImageInfo:
             raise StorageError(f"{path}: blob table holds {len(img.blob_entries)} blobs, "
                                f"device table {n}")
         blobs = []
+        pins = _pins(img, path, n)
         for i, e in enumerate(img.blob_entries):
             blob_id = img.blob_id(i + 1)
             if len(blob_id) != 64 or any(c not in "0123456789abcdef" for c in blob_id):
@@ -78,7 +125,8 @@ def _read_image(path: str) -> ImageInfo:
             if e.uncompressed_size != img.devices[i].blocks * 4096:
                 raise StorageError(f"{path}: blob {i} size does not match its device slot")
             blobs.append(BlobRef(i, blob_id, e.compressed_size, e.uncompressed_size, e,
-                                 img.blob_digests(i) or None))
+                                 {k: p.digest for k, p in pins[i].items()} or None,
+                                 pins[i], table_digest(e, pins[i])))
         return ImageInfo(path, blobs, _prefetch_ranges(img, n))
     finally:
         img.close()
@@ -107,7 +155,7 @@ def file_runs(path: str, max_inodes: int = 1 << 22) -> dict[int, list[tuple[int,
     runs: dict[int, list[tuple[int, int]]] = {}
     img = open_image(path)
     try:
-        seen = set()
+        seen: set[int] = set()
         for _p, _d, ino in img.walk(on_error=lambda _p, _e: None):
             if len(seen) >= max_inodes:
                 break

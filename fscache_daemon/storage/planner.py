@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from erofs_tools.fsutil import round_up
+
 DEFAULT_BATCH_SIZE = 1 << 20
 BLOCK = 4096
 
@@ -31,7 +33,7 @@ class Batch:
     def length(self) -> int:
         return self.end - self.offset
 
-    def slice_of(self, raw: bytes, chunk) -> bytes:
+    def slice_of(self, raw: bytes, chunk) -> bytes | memoryview:
         start = chunk.compressed_offset - self.offset
         if start == 0 and chunk.compressed_size == len(raw):
             return raw
@@ -44,7 +46,7 @@ def clamp_range(offset: int, length: int, size: int) -> tuple[int, int]:
     if offset < 0 or length < 0:
         raise ValueError(f"bad range {offset}+{length}")
     start = offset - offset % BLOCK
-    end = min(size, -(-(offset + length) // BLOCK) * BLOCK)
+    end = min(size, round_up(offset + length, BLOCK))
     if start >= end:
         return start, 0
     return start, end - start

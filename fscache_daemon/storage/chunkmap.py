@@ -1,0 +1,171 @@
+"""Chunk maps and the bootstraps they may serve.
+
+A chunk map (`erofs_tools.reader.blob.BlobMeta`) says where every chunk of a blob lies,
+compressed and uncompressed, and the digest its bytes must have. It is read from the
+blob's chunk-info table through a backend and cached as `<id>.map` beside the cache
+file: a header (magic, sha256 of the bootstrap chunk table it was made for) then
+`BlobMeta.to_bytes()`.
+
+A blob id is public, so a bootstrap may name another image's blob and bring a backend
+with other bytes under that id. A map therefore serves a bootstrap only if it agrees
+with every chunk the bootstrap's chunk-info table pins, place and digest
+(`pin_mismatch`); when a map is made, the bootstrap's digests replace the blob's own
+(its `blob.digest` section is whatever its backend served). See blobcache for what
+happens to the cache file when the map changes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+
+from erofs_tools.errors import CorruptImageError, ErofsToolsError
+from erofs_tools.fsutil import atomic_write_bytes
+from erofs_tools.reader import blob as rblob
+
+from . import StorageError
+
+log = logging.getLogger(__name__)
+
+MAP_MAGIC = b"FSCDMAP2"
+MAP_HEADER = struct.Struct("<8s32s24x")     # magic, sha256 of the bootstrap chunk table
+assert MAP_HEADER.size == 64
+
+
+def map_path(directory: str, blob_id: str) -> str:
+    return os.path.join(directory, blob_id + ".map")
+
+
+def pin_mismatch(meta, uncompressed_size, pins) -> str | None:
+    """Why `meta` cannot serve a bootstrap whose blob entry says `uncompressed_size` and
+    whose chunk table pins `pins` ({CI index: ChunkPin}); None if it can."""
+    if uncompressed_size is not None and meta.uncompressed_size != uncompressed_size:
+        return (f"chunk map is {meta.uncompressed_size} bytes uncompressed, the bootstrap "
+                f"says {uncompressed_size}")
+    for k, p in (pins or {}).items():
+        try:
+            c = meta.chunk_by_index(k)
+        except CorruptImageError:
+            return f"the chunk map has no chunk {k}"
+        if (c.uncompressed_offset, c.uncompressed_size, c.compressed_offset,
+                c.compressed_size) != p[:4]:
+            return f"chunk {k} lies elsewhere in the chunk map"
+        if c.digest != p.digest:
+            return f"chunk {k} has another digest in the chunk map"
+    return None
+
+
+def _apply_pins(meta, pins, blob_id: str):
+    """`meta` with the bootstrap's digests; StorageError if the blob's chunk-info table
+    places a pinned chunk elsewhere than the bootstrap does."""
+    if not pins:
+        return meta
+    for k, p in pins.items():
+        try:
+            c = meta.chunk_by_index(k)
+        except CorruptImageError:
+            raise StorageError(f"blob {blob_id[:12]}: the bootstrap pins chunk {k}, the "
+                               "blob has no such chunk") from None
+        if (c.uncompressed_offset, c.uncompressed_size, c.compressed_offset,
+                c.compressed_size) != p[:4]:
+            raise StorageError(f"blob {blob_id[:12]}: chunk {k} lies elsewhere in the blob "
+                               "than the bootstrap's chunk table says")
+    return meta.with_digests({k: p.digest for k, p in pins.items()})
+
+
+def _read_map(path: str, blob_id: str):
+    """(table digest, meta) from a chunk-map file, or None if absent or unusable."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return None
+    if len(data) < MAP_HEADER.size or data[:8] != MAP_MAGIC:
+        log.warning("%s: chunk map in an older or unknown format; refetching", path)
+        return None
+    _magic, table = MAP_HEADER.unpack_from(data, 0)
+    try:
+        meta = rblob.BlobMeta.from_bytes(data[MAP_HEADER.size:])
+    except ErofsToolsError as e:
+        log.warning("%s: unusable cached chunk map (%s); refetching", path, e)
+        return None
+    if meta.blob_id != blob_id:
+        log.warning("%s: chunk map is for blob %s; refetching", path, meta.blob_id)
+        return None
+    return table, meta
+
+
+def _fetch_meta(blob_id: str, backend, entry, blob_size, digests, pins):
+    """The chunk map read from the blob through `backend`, with the bootstrap's pins
+    applied. Returns (meta, backend bytes read)."""
+    fetched = 0
+    read = backend.reader(blob_id)
+
+    def counting_read(offset, length):
+        nonlocal fetched
+        b = read(offset, length)
+        fetched += len(b)
+        return b
+
+    if blob_size is None:
+        blob_size = getattr(entry, "compressed_size", None) or backend.blob_size(blob_id)
+    meta = rblob.BlobMeta.from_blob(counting_read, blob_size, blob_id=blob_id, entry=entry,
+                                    digests=digests)
+    meta = _apply_pins(meta, pins, blob_id)
+    if any(c.digest is None for c in meta.chunks):
+        raise StorageError(f"blob {blob_id}: chunks without digests cannot be verified")
+    return meta, fetched
+
+
+def load_or_fetch_meta(directory, blob_id, backend, entry=None, blob_size=None,
+                       digests=None, pins=None, table: bytes = b""):
+    """The blob's chunk map for one bootstrap: from `<id>.map` if present, valid and in
+    agreement with the bootstrap, else read from the blob through the backend (its CI
+    table), with the bootstrap's pins applied, and cached. Returns (meta, backend bytes
+    read).
+
+    `pins` ({CI index: ChunkPin}, storage.image) and `table` (their table_digest) come
+    from the bootstrap being mounted; None means a caller without a bootstrap (tools,
+    tests), which takes any valid map of the blob. A bootstrap that pins no chunk of the
+    blob only reuses a map equal to the one its own backend gives."""
+    path = map_path(directory, blob_id)
+    usize = getattr(entry, "uncompressed_size", None)
+    cached = _read_map(path, blob_id)
+    if cached is not None:
+        _table, meta = cached
+        if pins is None:
+            return meta, 0
+        why = pin_mismatch(meta, usize, pins)
+        # a bootstrap pinning nothing trusts its own backend: compare with what that
+        # gives (the table digest alone would not do: a blob entry is easy to copy)
+        if why is None and not pins:
+            fresh, fetched = _fetch_meta(blob_id, backend, entry, blob_size, digests, pins)
+            if fresh.to_bytes() == meta.to_bytes():
+                return meta, fetched
+            why = "the bootstrap pins no chunk and its backend gives another chunk map"
+        if why is None:
+            return meta, 0
+        log.warning("%s: cached chunk map does not fit this bootstrap (%s); rebuilding it",
+                    path, why)
+    meta, fetched = _fetch_meta(blob_id, backend, entry, blob_size, digests, pins)
+    os.makedirs(directory, exist_ok=True)
+    header = MAP_HEADER.pack(MAP_MAGIC, table or bytes(32))
+    atomic_write_bytes(path, header + meta.to_bytes(), mode=0o600)
+    return meta, fetched
+
+
+def check_shareable(meta, blob_id: str, backend, entry=None, blob_size=None, digests=None,
+                    pins=None) -> None:
+    """Raise StorageError unless a blob open with chunk map `meta` (in use by mounted
+    images, so its cache file cannot change) may also serve a bootstrap with this blob
+    entry and these pins. One cache file cannot hold two different bytes at one offset,
+    so a disagreeing bootstrap is refused rather than served the other's bytes."""
+    why = pin_mismatch(meta, getattr(entry, "uncompressed_size", None), pins)
+    if why is None and pins is not None and not pins:
+        fresh, _ = _fetch_meta(blob_id, backend, entry, blob_size, digests, pins)
+        if fresh.to_bytes() != meta.to_bytes():
+            why = "the bootstrap pins no chunk and its backend gives another chunk map"
+    if why is not None:
+        raise StorageError(f"blob {blob_id[:12]} is in use by an image whose chunk table "
+                           f"differs from this bootstrap's ({why}); not sharing its cache")

@@ -1,0 +1,120 @@
+"""The daemon's storage layer against a borrowed blob id (issue 19, item 1), without a
+kernel: chunk maps are tied to the bootstrap that pins them, cache files are replaced,
+shares are refused, and agreeing bootstraps still share. The attack is the one of
+test_poisoning (the project's own pack, the attacker's bootstrap rewritten to name the
+genuine blob id)."""
+
+import os
+
+import pytest
+from test_poisoning import make_attack
+
+from fscache_daemon.storage import StorageError
+from fscache_daemon.storage import blobcache as bc
+from fscache_daemon.storage.backends import LocalFsBackend
+from fscache_daemon.storage.image import load_image
+
+
+@pytest.fixture(scope="module")
+def attack(tmp_path_factory):
+    return make_attack(tmp_path_factory.mktemp("poison-storage"))
+
+
+def _open(cdir, ref, be):
+    meta, fetched = bc.load_or_fetch_meta(cdir, ref.blob_id, be, entry=ref.entry,
+                                          blob_size=ref.compressed_size, digests=ref.digests,
+                                          pins=ref.pins, table=ref.table_digest)
+    return meta, fetched
+
+
+def _fill_all(cdir, meta, be):
+    mgr = bc.BlobManager(meta, bc.BlobCache(cdir, meta, durable=False), be)
+    try:
+        mgr.fill(0, meta.uncompressed_size)
+        with open(mgr.cache.path, "rb") as f:
+            return {c.index: (f.seek(c.uncompressed_offset), f.read(c.uncompressed_size))[1]
+                    for c in meta.chunks}
+    finally:
+        mgr.close()
+
+
+def _expected(boot, blobs):
+    """Chunk bytes of the image's own blob, decoded and verified by the reader."""
+    from erofs_tools.reader import blob as rblob
+    ref = load_image(boot).blobs[0]
+    meta = rblob.open_blob(os.path.join(blobs, ref.blob_id), blob_id=ref.blob_id,
+                           entry=ref.entry, digests=ref.digests)
+    with open(os.path.join(blobs, ref.blob_id), "rb") as f:
+        read = rblob.file_reader(f)
+        return {c.index: rblob.read_chunk(meta, c, read) for c in meta.chunks}
+
+
+def test_attacker_map_on_disk_is_rebuilt_for_the_genuine_bootstrap(attack, tmp_path):
+    a = attack
+    cdir = str(tmp_path / "cache")
+    ga, aa = load_image(a["g_boot"]).blobs[0], load_image(a["a_boot"]).blobs[0]
+    assert ga.blob_id == aa.blob_id and ga.pins and aa.pins
+    assert ga.table_digest != aa.table_digest
+    gbe, abe = LocalFsBackend(a["g_blobs"]), LocalFsBackend(a["a_blobs"])
+    ameta, _ = _open(cdir, aa, abe)
+    assert _fill_all(cdir, ameta, abe) == _expected(a["a_boot"], a["a_blobs"])
+    assert os.stat(bc.cache_path(cdir, ga.blob_id)).st_blocks > 0
+    # the attacker's map, record and full cache file are on disk: the genuine bootstrap
+    # gets a map of its own, and the cache file is emptied
+    gmeta, fetched = _open(cdir, ga, gbe)
+    assert fetched > 0
+    assert bc.pin_mismatch(gmeta, ga.uncompressed_size, ga.pins) is None
+    assert bc.pin_mismatch(ameta, ga.uncompressed_size, ga.pins) is not None
+    cache = bc.BlobCache(cdir, gmeta, durable=False)
+    assert cache.cached_chunks == 0
+    st = os.stat(cache.path)
+    assert st.st_size == gmeta.uncompressed_size and st.st_blocks == 0
+    cache.close()
+    assert _fill_all(cdir, gmeta, gbe) == _expected(a["g_boot"], a["g_blobs"])
+    # the genuine map is reused as it is; the attacker's bootstrap would need a rebuild
+    again, fetched = _open(cdir, ga, gbe)
+    assert fetched == 0 and again.to_bytes() == gmeta.to_bytes()
+    # a blob in use under the genuine map is not shared with the attacker's bootstrap
+    with pytest.raises(StorageError, match="chunk table"):
+        bc.check_shareable(gmeta, aa.blob_id, abe, entry=aa.entry,
+                           blob_size=aa.compressed_size, digests=aa.digests, pins=aa.pins)
+    bc.check_shareable(gmeta, ga.blob_id, gbe, entry=ga.entry, blob_size=ga.compressed_size,
+                       digests=ga.digests, pins=ga.pins)
+
+
+def test_genuine_bootstrap_with_attacker_blob_never_stores_its_bytes(attack, tmp_path):
+    """The genuine bootstrap, the attacker's blob under its id (a hostile mirror): the
+    bootstrap's digests replace the blob's, so no chunk verifies and none is stored."""
+    a = attack
+    cdir = str(tmp_path / "cache")
+    ga = load_image(a["g_boot"]).blobs[0]
+    abe = LocalFsBackend(a["a_blobs"])
+    meta, _ = _open(cdir, ga, abe)
+    mgr = bc.BlobManager(meta, bc.BlobCache(cdir, meta, durable=False), abe)
+    try:
+        with pytest.raises(bc.FillError):
+            mgr.fill(0, meta.uncompressed_size)
+        assert mgr.cache.cached_chunks == 0
+        assert mgr.stats.snapshot()["verify_failures"] == len(meta.chunks)
+    finally:
+        mgr.close()
+
+
+def test_unpinned_bootstrap_compares_with_its_own_backend(attack, tmp_path):
+    """A bootstrap without chunk pins (trusting its blob's own digests) reuses a cached
+    map only if its own backend gives the same one."""
+    a = attack
+    cdir = str(tmp_path / "cache")
+    ga, aa = load_image(a["g_boot"]).blobs[0], load_image(a["a_boot"]).blobs[0]
+    gbe, abe = LocalFsBackend(a["g_blobs"]), LocalFsBackend(a["a_blobs"])
+    ameta, _ = _open(cdir, aa, abe)
+    bare = dict(entry=ga.entry, blob_size=ga.compressed_size, digests=None, pins={},
+                table=b"\1" * 32)
+    meta, fetched = bc.load_or_fetch_meta(cdir, ga.blob_id, gbe, **bare)
+    assert fetched > 0 and meta.to_bytes() != ameta.to_bytes()
+    assert bc.pin_mismatch(meta, ga.uncompressed_size, ga.pins) is None
+    again, _ = bc.load_or_fetch_meta(cdir, ga.blob_id, gbe, **bare)
+    assert again.to_bytes() == meta.to_bytes()
+    with pytest.raises(StorageError, match="chunk table"):
+        bc.check_shareable(ameta, ga.blob_id, gbe, entry=ga.entry,
+                           blob_size=ga.compressed_size, pins={})
