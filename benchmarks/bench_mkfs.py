@@ -10,11 +10,11 @@ benchmarks/anchor.py (the default), or the binary given with --anchor; its versi
 
 Both tools build an uncompressed image of TREE into DIR (default: a temp dir on the
 filesystem of /tmp). One warm-up run of each fills the page cache; then the rounds
-alternate the two tools (mkfs.erofs first, then erofs-tools) so both see the same machine
-state. Wall time is measured around the child process, peak memory is the child's
-ru_maxrss (os.wait4). Reported: median and minimum per tool, the load average before
-each round, and the ratios erofs-tools / mkfs.erofs with each goal (time <= 1.0,
-memory <= 1.0, image size <= 1.0) stated as met or not. mkfs.erofs's output goes to
+alternate the two tools (mkfs.erofs first in odd rounds, erofs-tools first in even
+ones) so both see the same machine state. Wall time is measured around the child process, peak memory is the child's
+peak RSS (GNU time's %M: see benchlib.run_child). Reported: median and minimum per
+tool, the load average before each round, and the ratios erofs-tools / mkfs.erofs with
+each goal (time <= 1.0, memory <= 1.0, image size <= 1.0) stated as met or not. mkfs.erofs's output goes to
 /dev/null; erofs-tools runs with -q.
 """
 import argparse
@@ -27,20 +27,14 @@ import sys
 import tempfile
 import time
 
-from benchlib import REPO, anchor_line, anchors, child_env, default_anchor_mkfs, goal, goal_line
+from benchlib import (REPO, anchor_line, anchors, child_env, default_anchor_mkfs, goal,
+                      goal_line, run_child)
 
 
 def run(cmd):
     """Run cmd with output to /dev/null; -> (seconds, peak RSS KiB)."""
-    with open(os.devnull, "wb") as null:
-        t0 = time.perf_counter()
-        p = subprocess.Popen(cmd, stdout=null, stderr=null, env=child_env(), cwd=REPO)
-        _, status, ru = os.wait4(p.pid, 0)
-        dt = time.perf_counter() - t0
-    p.returncode = os.waitstatus_to_exitcode(status)
-    if p.returncode != 0:
-        raise SystemExit(f"failed ({p.returncode}): {' '.join(cmd)}")
-    return dt, ru.ru_maxrss
+    r = run_child(cmd, stdout=subprocess.DEVNULL, env=child_env(), cwd=REPO)
+    return r["wall"], r["maxrss_mib"] * 1024
 
 
 def count_files(tree):
@@ -76,9 +70,10 @@ def main(argv=None):
     try:
         for cmd in tools.values():      # warm-up: page cache, pyc files
             run(cmd)
-        for _ in range(args.rounds):
+        for i in range(args.rounds):
             loads.append(round(os.getloadavg()[0], 2))
-            for name, cmd in tools.items():
+            for name, cmd in (list(tools.items()) if i % 2 == 0 else
+                              list(tools.items())[::-1]):
                 if os.path.exists(images[name]):
                     os.unlink(images[name])
                 dt, rss = run(cmd)

@@ -70,13 +70,25 @@ def goal_line(g: dict) -> str:
     return f"goal {g['goal']}: {'met' if g['met'] else 'NOT met'} ({g['value']:.3f})"
 
 
+GNU_TIME = "/usr/bin/time"
+
+
 def run_child(cmd: list[str], stdout=None, **kw) -> dict:
-    """Run cmd; -> wall and CPU seconds and peak RSS of that child alone (wait4), and
-    its stdout (unless redirected). A failure ends the benchmark."""
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+    """Run cmd; -> wall and CPU seconds, peak RSS of that child alone, and its stdout
+    (unless redirected). A failure ends the benchmark.
+
+    Peak RSS comes from GNU time (%M) wrapped around the command, not from our own
+    wait4: Linux carries a process's RSS high-water mark across fork and exec, so a
+    child's ru_maxrss starts at the benchmark's own RSS at fork time (tens of MiB of
+    Python, or more), while GNU time forks from a process of ~2 MiB."""
+    if not os.access(GNU_TIME, os.X_OK):
+        raise SystemExit(f"{GNU_TIME} not found (apt-get install time): it measures "
+                         "each child's peak memory")
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, \
+            tempfile.NamedTemporaryFile("r") as rss:
         t0 = time.perf_counter()
-        p = subprocess.Popen(cmd, stdout=stdout if stdout is not None else out,
-                             stderr=err, **kw)
+        p = subprocess.Popen([GNU_TIME, "-f", "%M", "-o", rss.name, *cmd],
+                             stdout=stdout if stdout is not None else out, stderr=err, **kw)
         _, status, ru = os.wait4(p.pid, 0)
         wall = time.perf_counter() - t0
         p.returncode = os.waitstatus_to_exitcode(status)
@@ -86,7 +98,7 @@ def run_child(cmd: list[str], stdout=None, **kw) -> dict:
                              f"{err.read().decode(errors='replace')[-2000:]}")
         out.seek(0)
         return {"wall": wall, "cpu": ru.ru_utime + ru.ru_stime,
-                "maxrss_mib": ru.ru_maxrss / 1024, "stdout": out.read()}
+                "maxrss_mib": int(rss.read().split()[-1]) / 1024, "stdout": out.read()}
 
 
 def child_env() -> dict:
