@@ -31,7 +31,8 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from benchlib import REPO, anchor_line, anchors  # noqa: E402
+
 sys.path.insert(0, str(REPO))
 
 
@@ -232,8 +233,10 @@ def main(argv=None):
         p.wait(60)
         cachefiles_holder.release(str(cache / "cachefiles-holder.sock"))
         logf.close()
+    res["anchors"] = anchors()
     out = json.dumps(res, indent=1)
     print(out)
+    print(anchor_line(res["anchors"]))
     if os.environ.get("VMTEST_OUT"):
         Path(os.environ["VMTEST_OUT"], "bench_cachefiles.json").write_text(out)
     return 0

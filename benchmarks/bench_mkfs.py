@@ -92,6 +92,7 @@ def main(argv=None):
             "min_s": round(min(r["seconds"]), 3),
             "peak_rss_mib": round(max(r["maxrss_kib"]) / 1024, 1),
             "image_bytes": sizes[name],
+            "runs_s": [round(x, 3) for x in r["seconds"]],
         }
     ours, ref = summary["erofs-tools"], summary["mkfs.erofs"]
     summary["time_ratio_median"] = round(ours["median_s"] / ref["median_s"], 3)
