@@ -25,7 +25,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 from benchlib import (REPO, anchor_line, anchors, child_env, default_anchor_mkfs, goal,
                       goal_line, run_child)
