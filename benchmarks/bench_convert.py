@@ -14,7 +14,8 @@ read from the page cache; tar -x reads the same gzip blobs). Each round runs, in
 
 Throughput = MB (10^6 bytes) of uncompressed layer tar per second of wall time;
 medians over the rounds, with the child CPU time and the load average, because the
-machine may be shared.
+machine may be shared. The anchors (kernel; the cached erofs-utils anchor, not compared
+here) are printed with the results.
 """
 import argparse
 import json
@@ -27,8 +28,9 @@ import sys
 import tempfile
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+from benchlib import REPO, anchor_line, anchors
+
+sys.path.insert(0, os.fspath(REPO))
 sys.path.insert(0, os.path.join(REPO, "tests"))
 
 DEFAULT_TREES = ["/usr/share/doc", "/usr/lib/python3.11", "/usr/share/perl"]
@@ -123,8 +125,9 @@ def main():
                "convert_cpu_s": round(statistics.median(res["Ccpu"]), 2),
                "tar_x_cpu_s": round(statistics.median(res["Xcpu"]), 2),
                "ratio_convert_over_tar_x": round(c / x, 2),
-               "cpus": os.cpu_count(), "loadavg": os.getloadavg()}
+               "cpus": os.cpu_count(), "loadavg": os.getloadavg(), "anchors": anchors()}
         print(json.dumps(out, indent=1))
+        print(anchor_line(out["anchors"]))
         if a.json:
             with open(a.json, "w") as f:
                 json.dump(out, f, indent=1)

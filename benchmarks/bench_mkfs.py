@@ -2,14 +2,20 @@
 """Side-by-side benchmark: `erofs-tools mkfs` vs `mkfs.erofs` on the same tree.
 
     python benchmarks/bench_mkfs.py [--tree /usr/share] [--rounds 5] [--out DIR] [--json]
+                                    [--anchor PATH/TO/mkfs.erofs]
+
+mkfs.erofs is the anchor: erofs-utils 1.9.x built from Debian sid's source package by
+benchmarks/anchor.py (the default), or the binary given with --anchor; its version
+(`mkfs.erofs -V`) and the kernel are printed with the results.
 
 Both tools build an uncompressed image of TREE into DIR (default: a temp dir on the
 filesystem of /tmp). One warm-up run of each fills the page cache; then the rounds
-alternate the two tools (mkfs.erofs first, then erofs-tools) so both see the same machine
-state. Wall time is measured around the child process, peak memory is the child's
-ru_maxrss (os.wait4). Reported: median and minimum per tool and the ratios
-erofs-tools / mkfs.erofs (goal: time <= 1.0, memory <= 1.0). mkfs.erofs's per-file
-progress output goes to /dev/null; erofs-tools runs with -q.
+alternate the two tools (mkfs.erofs first in odd rounds, erofs-tools first in even
+ones) so both see the same machine state. Wall time is measured around the child process, peak memory is the child's
+peak RSS (GNU time's %M: see benchlib.run_child). Reported: median and minimum per
+tool, the load average before each round, and the ratios erofs-tools / mkfs.erofs with
+each goal (time <= 1.0, memory <= 1.0, image size <= 1.0) stated as met or not. mkfs.erofs's output goes to
+/dev/null; erofs-tools runs with -q.
 """
 import argparse
 import json
@@ -19,20 +25,15 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
+
+from benchlib import (REPO, anchor_line, anchors, child_env, default_anchor_mkfs, goal,
+                      goal_line, run_child)
 
 
 def run(cmd):
     """Run cmd with output to /dev/null; -> (seconds, peak RSS KiB)."""
-    with open(os.devnull, "wb") as null:
-        t0 = time.perf_counter()
-        p = subprocess.Popen(cmd, stdout=null, stderr=null)
-        _, status, ru = os.wait4(p.pid, 0)
-        dt = time.perf_counter() - t0
-    p.returncode = os.waitstatus_to_exitcode(status)
-    if p.returncode != 0:
-        raise SystemExit(f"failed ({p.returncode}): {' '.join(cmd)}")
-    return dt, ru.ru_maxrss
+    r = run_child(cmd, stdout=subprocess.DEVNULL, env=child_env(), cwd=REPO)
+    return r["wall"], r["maxrss_mib"] * 1024
 
 
 def count_files(tree):
@@ -45,13 +46,17 @@ def count_files(tree):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tree", default="/usr/share")
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", "--repeat", type=int, default=5,
+                    help="alternating rounds (medians reported)")
+    ap.add_argument("--anchor", help="the mkfs.erofs to compare with (default: the "
+                    "erofs-utils 1.9.x build of benchmarks/anchor.py)")
     ap.add_argument("--out", default=None, help="directory for the images")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
-    mkfs_erofs = shutil.which("mkfs.erofs")
-    if not mkfs_erofs:
-        raise SystemExit("mkfs.erofs not found (apt-get install erofs-utils)")
+    mkfs_erofs = os.path.abspath(args.anchor) if args.anchor else default_anchor_mkfs()
+    if not os.access(mkfs_erofs, os.X_OK):
+        raise SystemExit(f"{mkfs_erofs}: not an executable mkfs.erofs")
+    anchor = anchors(mkfs_erofs)
     out = args.out or tempfile.mkdtemp(prefix="bench-mkfs-", dir="/tmp")
     ref_img = os.path.join(out, "ref.img")
     our_img = os.path.join(out, "ours.img")
@@ -60,11 +65,14 @@ def main(argv=None):
     tools = {"mkfs.erofs": ref_cmd, "erofs-tools": ours_cmd}
     images = {"mkfs.erofs": ref_img, "erofs-tools": our_img}
     results = {k: {"seconds": [], "maxrss_kib": []} for k in tools}
+    loads = []
     try:
         for cmd in tools.values():      # warm-up: page cache, pyc files
             run(cmd)
-        for _ in range(args.rounds):
-            for name, cmd in tools.items():
+        for i in range(args.rounds):
+            loads.append(round(os.getloadavg()[0], 2))
+            for name, cmd in (list(tools.items()) if i % 2 == 0 else
+                              list(tools.items())[::-1]):
                 if os.path.exists(images[name]):
                     os.unlink(images[name])
                 dt, rss = run(cmd)
@@ -75,24 +83,31 @@ def main(argv=None):
         if not args.out:
             shutil.rmtree(out, ignore_errors=True)
     summary = {"tree": args.tree, "entries": count_files(args.tree), "rounds": args.rounds,
-               "nproc": os.cpu_count(), "loadavg": os.getloadavg()}
+               "nproc": os.cpu_count(), "anchors": anchor, "loadavg_rounds": loads,
+               "loadavg": os.getloadavg()}
     for name, r in results.items():
         summary[name] = {
             "median_s": round(statistics.median(r["seconds"]), 3),
             "min_s": round(min(r["seconds"]), 3),
             "peak_rss_mib": round(max(r["maxrss_kib"]) / 1024, 1),
             "image_bytes": sizes[name],
+            "runs_s": [round(x, 3) for x in r["seconds"]],
         }
     ours, ref = summary["erofs-tools"], summary["mkfs.erofs"]
     summary["time_ratio_median"] = round(ours["median_s"] / ref["median_s"], 3)
     summary["time_ratio_min"] = round(ours["min_s"] / ref["min_s"], 3)
     summary["memory_ratio"] = round(ours["peak_rss_mib"] / ref["peak_rss_mib"], 3)
     summary["size_ratio"] = round(ours["image_bytes"] / ref["image_bytes"], 3)
+    summary["goals"] = [goal("time ratio (median)", summary["time_ratio_median"], "<=", 1.0),
+                        goal("peak memory ratio", summary["memory_ratio"], "<=", 1.0),
+                        goal("image size ratio", summary["size_ratio"], "<=", 1.0)]
     if args.json:
+        print(anchor_line(anchor), file=sys.stderr)
         print(json.dumps(summary, indent=2))
     else:
+        print(anchor_line(anchor))
         print(f"tree {summary['tree']}: {summary['entries']} entries, {args.rounds} rounds, "
-              f"loadavg {summary['loadavg'][0]:.2f}")
+              f"loadavg per round {loads}, after {summary['loadavg'][0]:.2f}")
         print(f"{'tool':<12} {'median s':>9} {'min s':>7} {'peak RSS MiB':>13} {'image MiB':>10}")
         for name in ("mkfs.erofs", "erofs-tools"):
             r = summary[name]
@@ -101,6 +116,8 @@ def main(argv=None):
         print(f"time ratio (median) {summary['time_ratio_median']:.2f}  (min) "
               f"{summary['time_ratio_min']:.2f}  memory ratio {summary['memory_ratio']:.2f}  "
               f"size ratio {summary['size_ratio']:.3f}")
+        for g in summary["goals"]:
+            print(goal_line(g))
     return 0
 
 

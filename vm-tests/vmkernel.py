@@ -47,12 +47,17 @@ SERIES = {
 }
 DEFAULT_KERNELS = ["6.12", "6.1"]
 
+# The Debian mirror every private apt configuration of the project uses (also
+# benchmarks/anchor.py, which fetches the erofs-utils source package from it).
+MIRROR = "http://deb.debian.org/debian"
+SECURITY_MIRROR = MIRROR + "-security"
+
 SOURCES_LIST = f"""\
-deb [signed-by={KEYRING}] http://deb.debian.org/debian trixie main
-deb [signed-by={KEYRING}] http://deb.debian.org/debian-security trixie-security main
-deb [signed-by={KEYRING}] http://deb.debian.org/debian bookworm main
-deb [signed-by={KEYRING}] http://deb.debian.org/debian bookworm-updates main
-deb [signed-by={KEYRING}] http://deb.debian.org/debian-security bookworm-security main
+deb [signed-by={KEYRING}] {MIRROR} trixie main
+deb [signed-by={KEYRING}] {SECURITY_MIRROR} trixie-security main
+deb [signed-by={KEYRING}] {MIRROR} bookworm main
+deb [signed-by={KEYRING}] {MIRROR} bookworm-updates main
+deb [signed-by={KEYRING}] {SECURITY_MIRROR} bookworm-security main
 """
 
 # Options without which the VM suite is meaningless: the build fails if one is dropped.
@@ -120,12 +125,14 @@ def _run(cmd, **kw):
 
 # ---------------------------------------------------------------- sources
 
-def apt_options() -> list[str]:
-    d = CACHE_ROOT / "apt"
+def apt_options(d: Path | None = None, sources: str = SOURCES_LIST) -> list[str]:
+    """apt-get options for a private configuration in d (own sources list, lists and
+    cache), leaving the machine's apt state untouched."""
+    d = d or CACHE_ROOT / "apt"
     (d / "lists" / "partial").mkdir(parents=True, exist_ok=True)
     (d / "archives" / "partial").mkdir(parents=True, exist_ok=True)
     (d / "empty.d").mkdir(exist_ok=True)
-    (d / "sources.list").write_text(SOURCES_LIST)
+    (d / "sources.list").write_text(sources)
     return [
         "-o", f"Dir::Etc::sourcelist={d / 'sources.list'}",
         "-o", f"Dir::Etc::sourceparts={d / 'empty.d'}",

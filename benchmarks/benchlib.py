@@ -1,0 +1,110 @@
+"""What every benchmark shares: which checkout it measures, the anchors it compares
+with (erofs-utils version, kernel), child processes timed with their own rusage, and
+goals stated as met or not."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+# The checkout whose erofs_tools is measured: this one, unless benchmarks/compare-revs
+# runs this script for another revision (with that revision's venv python).
+REPO = Path(os.environ.get("EROFS_BENCH_REPO") or HERE.parent).resolve()
+
+
+def tool_version(binary: str | os.PathLike) -> str:
+    """First line of `BINARY -V` (e.g. "mkfs.erofs (erofs-utils) 1.9.4")."""
+    try:
+        out = subprocess.run([os.fspath(binary), "-V"], capture_output=True, text=True)
+    except OSError as e:
+        return f"{binary}: {e.strerror}"
+    text = (out.stdout + out.stderr).strip()
+    return text.splitlines()[0] if text else f"{binary}: no version output"
+
+
+def default_anchor_mkfs() -> str:
+    """mkfs.erofs of the cached erofs-utils 1.9.x anchor, built if missing."""
+    import anchor
+    return os.fspath(anchor.default_mkfs())
+
+
+def anchors(mkfs: str | None = None) -> dict:
+    """The anchors of this run: the mkfs.erofs compared with (or, for a benchmark that
+    compares with none, the cached anchor build if there is one) and the kernel."""
+    info = {"kernel": os.uname().release, "mkfs_erofs": mkfs, "erofs_utils": None,
+            "erofs_utils_compared": mkfs is not None}
+    if mkfs is None:
+        try:
+            import anchor
+            builds = anchor.cached_builds()
+        except Exception:  # noqa: BLE001  (e.g. inside the VM guest: no cache there)
+            builds = []
+        if builds:
+            info["mkfs_erofs"] = os.fspath(builds[-1] / "bin" / "mkfs.erofs")
+    if info["mkfs_erofs"]:
+        info["erofs_utils"] = tool_version(info["mkfs_erofs"])
+    return info
+
+
+def anchor_line(info: dict) -> str:
+    if info["erofs_utils"] is None:
+        eu = "erofs-utils: none built (benchmarks/anchor.py), none compared"
+    elif info["erofs_utils_compared"]:
+        eu = f"compared with {info['erofs_utils']} ({info['mkfs_erofs']})"
+    else:
+        eu = f"erofs-utils anchor {info['erofs_utils']} (not compared in this benchmark)"
+    return f"anchors: {eu}; kernel {info['kernel']}; loadavg {os.getloadavg()[0]:.2f}"
+
+
+def goal(name: str, value: float, op: str, target: float) -> dict:
+    """A goal as measured: {"goal", "value", "met"}; op is "<=" or ">="."""
+    met = value <= target if op == "<=" else value >= target
+    return {"goal": f"{name} {op} {target}", "value": round(value, 3), "met": met}
+
+
+def goal_line(g: dict) -> str:
+    return f"goal {g['goal']}: {'met' if g['met'] else 'NOT met'} ({g['value']:.3f})"
+
+
+GNU_TIME = "/usr/bin/time"
+
+
+def run_child(cmd: list[str], stdout=None, **kw) -> dict:
+    """Run cmd; -> wall and CPU seconds, peak RSS of that child alone, and its stdout
+    (unless redirected). A failure ends the benchmark.
+
+    Peak RSS comes from GNU time (%M) wrapped around the command, not from our own
+    wait4: Linux carries a process's RSS high-water mark across fork and exec, so a
+    child's ru_maxrss starts at the benchmark's own RSS at fork time (tens of MiB of
+    Python, or more), while GNU time forks from a process of ~2 MiB."""
+    if not os.access(GNU_TIME, os.X_OK):
+        raise SystemExit(f"{GNU_TIME} not found (apt-get install time): it measures "
+                         "each child's peak memory")
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, \
+            tempfile.NamedTemporaryFile("r") as rss:
+        t0 = time.perf_counter()
+        p = subprocess.Popen([GNU_TIME, "-f", "%M", "-o", rss.name, *cmd],
+                             stdout=stdout if stdout is not None else out, stderr=err, **kw)
+        _, status, ru = os.wait4(p.pid, 0)
+        wall = time.perf_counter() - t0
+        p.returncode = os.waitstatus_to_exitcode(status)
+        if p.returncode != 0:
+            err.seek(0)
+            raise SystemExit(f"{cmd[0]} failed ({p.returncode}): "
+                             f"{err.read().decode(errors='replace')[-2000:]}")
+        out.seek(0)
+        return {"wall": wall, "cpu": ru.ru_utime + ru.ru_stime,
+                "maxrss_mib": int(rss.read().split()[-1]) / 1024, "stdout": out.read()}
+
+
+def child_env() -> dict:
+    """Environment for `python -m erofs_tools` children: REPO's package first."""
+    return dict(os.environ,
+                PYTHONPATH=os.fspath(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+
+sys.path.insert(0, os.fspath(HERE))
