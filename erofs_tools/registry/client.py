@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import time
+from typing import BinaryIO
 
 from urllib3.exceptions import HTTPError as Urllib3Error
 
@@ -56,27 +57,35 @@ class RegistryClient(RegistrySession):
                   max_size: int | None = None) -> int:
         """Stream a whole blob into ``path`` (atomically: a temporary file beside it is
         renamed once the digest checks out). Returns the size."""
-        h = hashlib.sha256()
         with atomic_output(os.fspath(path)) as f:
-            size = self._download(repo, digest, h, f.write, max_size)
-            verify(digest, "sha256:" + h.hexdigest(), f"blob {digest}")
+            return self.stream_blob(repo, digest, f, max_size)
+
+    def stream_blob(self, repo: str, digest: str, f: BinaryIO,
+                    max_size: int | None = None) -> int:
+        """Write a whole blob into the open file ``f`` and check its digest (the caller
+        discards ``f`` on an error). Returns the size."""
+        h = hashlib.sha256()
+        size = self._download(repo, digest, h, f.write, max_size)
+        verify(digest, "sha256:" + h.hexdigest(), f"blob {digest}")
         return size
 
     def _download(self, repo: str, digest: str, h, sink, max_size: int | None) -> int:
         """Stream a blob into ``sink`` and ``h``; a connection that breaks mid-body is
-        resumed with a Range request from the bytes already received."""
+        resumed with a Range request from the bytes already received (from a server
+        that ignores Range, by skipping what we hold in its whole answer)."""
         url = self.blob_url(repo, digest)
         policy = self.transport.policy
         done = 0
         for attempt in range(policy.retries + 1):
             headers = {"Range": f"bytes={done}-"} if done else {}
             resp = self._blob_request("GET", repo, digest, headers)
-            if resp.status != (206 if done else 200):
-                if done and resp.status == 200:
-                    drain(resp)     # Range ignored: the bytes we hold cannot be extended
-                    raise RegistryError(f"GET {safe_url(url)}: cannot resume download")
-                raise self.fail("GET", url, resp)
             try:
+                if resp.status == 206 and done:
+                    _check_range_start(resp, url, done)
+                elif resp.status == 200:
+                    _skip(resp, done)
+                else:
+                    raise self.fail("GET", url, resp)
                 for chunk in resp.stream(STREAM_PIECE):
                     done += len(chunk)
                     if max_size is not None and done > max_size:
@@ -122,30 +131,26 @@ class RegistryClient(RegistrySession):
 
     def _range_body(self, resp, url: str, offset: int, length: int) -> bytes:
         if resp.status == 206:
-            start = _content_range_start(resp.headers.get("Content-Range"))
-            if start != offset:
-                drain(resp)
-                raise RegistryError(f"GET {safe_url(url)}: answered range starting at "
-                                    f"{start}, asked {offset}")
+            _check_range_start(resp, url, offset)
             data = resp.read(length + 1)
+            if len(data) > length:
+                resp.close()
+                raise RegistryError(f"GET {safe_url(url)}: answered more bytes than asked")
         elif resp.status == 200:
-            # The server ignored Range: skip to the offset in the stream.
-            skip = offset
-            while skip:
-                got = resp.read(min(skip, READ_SIZE))
-                if not got:
-                    break
-                skip -= len(got)
-            data = resp.read(length + 1)
+            # The server ignored Range (a cold pull-through mirror answers with the whole
+            # blob): take the asked bytes out of the stream, in bounded pieces, and drop
+            # the connection with the rest of the body unread.
+            _skip(resp, offset)
+            data = resp.read(length)
+            if resp.length_remaining != 0:
+                resp.close()
+                return data
         elif resp.status == 416:
             drain(resp)
             raise RegistryError(f"GET {safe_url(url)}: range {offset}+{length} is beyond "
                                 "the blob's end")
         else:
             raise self.fail("GET", url, resp)
-        if len(data) > length:
-            resp.close()
-            raise RegistryError(f"GET {safe_url(url)}: answered more bytes than asked")
         resp.release_conn()
         return data
 
@@ -249,6 +254,23 @@ class RegistryClient(RegistrySession):
     def mount_blob(self, repo: str, digest: str, from_repo: str) -> bool:
         """Cross-repository mount; True if the registry mounted it."""
         return upload.mount_blob(self, repo, digest, from_repo)
+
+
+def _check_range_start(resp, url: str, offset: int) -> None:
+    start = _content_range_start(resp.headers.get("Content-Range"))
+    if start != offset:
+        drain(resp)
+        raise RegistryError(f"GET {safe_url(url)}: answered range starting at {start}, "
+                            f"asked {offset}")
+
+
+def _skip(resp, n: int) -> None:
+    """Read and drop the first ``n`` bytes of a body, one bounded piece at a time."""
+    while n:
+        got = resp.read(min(n, READ_SIZE))
+        if not got:
+            return          # the blob ends before n: the caller sees a short answer
+        n -= len(got)
 
 
 def _content_range_start(value: str | None) -> int | None:

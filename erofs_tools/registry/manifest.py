@@ -159,3 +159,11 @@ def select_platform(index: Manifest, os: str = "linux", arch: str = "amd64",
             return d
     raise CorruptImageError(f"index {index.digest}: no manifest for {os}/{arch}"
                             + ("" if nydus is None else " (nydus)" if nydus else " (non-nydus)"))
+
+
+def parse_platform(text: str | None) -> tuple[str, str]:
+    """``OS/ARCH[/VARIANT]`` (default linux/amd64) -> (os, arch)."""
+    parts = (text or "linux/amd64").split("/")
+    if len(parts) not in (2, 3) or not all(parts):
+        raise InputError(f"--platform {text!r}: expected OS/ARCH[/VARIANT]")
+    return parts[0], parts[1]

@@ -131,8 +131,13 @@ class Transport:
             try:
                 resp = self._send(method, url, headers, body, via_proxy)
             except SSLError as e:
-                raise RegistryError(f"{method} {safe_url(url)}: TLS error: "
-                                    f"{one_line(str(getattr(e, 'reason', None) or e))}") from None
+                reason = one_line(str(getattr(e, "reason", None) or e))
+                # A handshake answered by something that is not TLS: most likely a
+                # plain-HTTP registry. Say what to do instead of OpenSSL's words only.
+                hint = "" if "certificate" in reason else \
+                    " (a plain-HTTP registry? pass --insecure)"
+                raise RegistryError(f"{method} {safe_url(url)}: TLS error: {reason}"
+                                    f"{hint}") from None
             except Urllib3Error as e:
                 last = f"connection failed ({type(e).__name__})"
                 wait = self.policy.delay(attempt)
