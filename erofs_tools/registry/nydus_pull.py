@@ -81,6 +81,7 @@ def pull_nydus(src_ref: str, out_dir: str, *, blobs: bool = False,
             layer.seek(0)
             with _scratch(out_dir, ".image.boot.") as (boot, boot_path):
                 extract_bootstrap(layer, boot, what, out_dir)
+                _check_superblock(boot, what)             # cheap, before reading it whole
                 t = BootstrapTables.read(boot_path)       # refuses what is no bootstrap
                 boot.seek(0)
                 with atomic_output(path, mode=0o644) as out:
@@ -88,6 +89,14 @@ def pull_nydus(src_ref: str, out_dir: str, *, blobs: bool = False,
         fetched = _pull_blobs(source, str(ref), t.blobs, layers, out_dir) if blobs else []
         return {"manifest": m.digest, "bootstrap": path,
                 "blobs": [b.blob_id for b in t.blobs], "fetched": fetched}
+
+
+def _check_superblock(f: BinaryIO, what: str) -> None:
+    from erofs_tools.format import erofs as E
+    f.seek(0)
+    sb = E.SuperBlock.decode(f.read(E.BLKSZ), E.SUPER_OFFSET, what)
+    if sb.magic != E.MAGIC or not sb.feature_compat & E.FEATURE_COMPAT_RAFS_V6:
+        raise CorruptImageError(f"{what}: image/image.boot is not a RAFS v6 bootstrap")
 
 
 def _pull_blobs(source: "_Source", ref: str, blob_infos, layers: list[Descriptor],
