@@ -257,6 +257,16 @@ def convert(src_ref, dst_ref, *, insecure=None, chunk_dicts=(), platform=None,
     opts.chunk_dicts = list(chunk_dicts)
     src = SourceImage(src_ref, insecure=insecure, platform=platform, client_kw=client_kw)
     dest = None
+    try:
+        # Reach the destination before the work, not after it.
+        dest = Destination(dst_ref, insecure=insecure, client_kw=client_kw)
+        if dest.client is not None:
+            dest.client.ping()
+    except BaseException:
+        src.close()
+        if dest is not None:
+            dest.close()
+        raise
     if output_dir:
         os.makedirs(output_dir, exist_ok=True)
     # Private to this run; inside the output directory unless told otherwise, so that
@@ -297,7 +307,6 @@ def convert(src_ref, dst_ref, *, insecure=None, chunk_dicts=(), platform=None,
         from erofs_tools.builder.chunk_dict import BootstrapTables
         blobs = BootstrapTables.read(merged).blobs
         convert_seconds = time.monotonic() - t0
-        dest = Destination(dst_ref, insecure=insecure, client_kw=client_kw)
         index_platform = None
         if src.index_entry is not None and src.index_entry.platform:
             index_platform = {k: v for k, v in src.index_entry.platform.items()
