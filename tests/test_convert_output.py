@@ -2,7 +2,7 @@
 
 - Four converts into one output directory at the same time all succeed, and the
   directory ends up holding complete files only (image.boot and blobs named by their
-  sha256), no temporary name either of them shared.
+  sha256), no temporary name any two of them share.
 - One rule for plain HTTP in every command, the daemon's: loopback hosts are spoken to in
   plain HTTP by default, every other host over verified HTTPS; --insecure/--secure
   override it, and a TLS handshake with a plain-HTTP server says to pass --insecure.
