@@ -74,17 +74,16 @@ class Manifest:
         return Descriptor.from_json(self.json.get("config"), f"manifest {self.digest} config")
 
     def layers(self) -> list[Descriptor]:
-        layers = self.json.get("layers")
-        if not isinstance(layers, list):
-            raise CorruptImageError(f"manifest {self.digest}: no layer list")
-        return [Descriptor.from_json(x, f"manifest {self.digest} layer {i}")
-                for i, x in enumerate(layers)]
+        return self._descriptors("layers", "manifest", "layer")
 
     def manifests(self) -> list[Descriptor]:
-        entries = self.json.get("manifests")
+        return self._descriptors("manifests", "index", "manifest")
+
+    def _descriptors(self, key: str, kind: str, item: str) -> list[Descriptor]:
+        entries = self.json.get(key)
         if not isinstance(entries, list):
-            raise CorruptImageError(f"index {self.digest}: no manifest list")
-        return [Descriptor.from_json(x, f"index {self.digest} entry {i}")
+            raise CorruptImageError(f"{kind} {self.digest}: no {item} list")
+        return [Descriptor.from_json(x, f"{kind} {self.digest} {item} {i}")
                 for i, x in enumerate(entries)]
 
     def blobs(self) -> list[Descriptor]:
