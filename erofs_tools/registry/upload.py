@@ -63,7 +63,9 @@ def start_upload(client: RegistrySession, repo: str, query: str = "",
     if resp.status not in (201, 202):
         raise client.fail("POST", url, resp)
     drain(resp)
-    return resp.status, _location(client, "POST", url, resp), resp.headers
+    # 201 (mounted): nothing more to send, the Location names the blob and is not used.
+    location = _location(client, "POST", url, resp) if resp.status == 202 else ""
+    return resp.status, location, resp.headers
 
 
 def mount_blob(client: RegistrySession, repo: str, digest: str, from_repo: str) -> bool:
