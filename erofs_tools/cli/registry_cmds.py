@@ -1,7 +1,9 @@
 """`erofs-tools convert | push | pull`: Nydus images in OCI registries (or `oci:PATH`).
 
-Credentials come from docker's config.json ($DOCKER_CONFIG or ~/.docker); --insecure
-talks plain HTTP (test registries).
+Credentials come from docker's config.json ($DOCKER_CONFIG or ~/.docker). Plain HTTP
+or HTTPS follows one rule, the daemon's too: plain HTTP for a loopback registry
+(127.0.0.1, localhost, ::1), HTTPS with certificate verification for every other host;
+--insecure / --secure override it.
 """
 import json
 
@@ -9,8 +11,9 @@ import click
 
 _platform_opt = click.option("--platform", default="linux/amd64", show_default=True,
                              help="OS/ARCH picked from an index.")
-_insecure_opt = click.option("--insecure", is_flag=True,
-                             help="Plain HTTP to the registry (test registries only).")
+_insecure_opt = click.option("--insecure/--secure", default=None,
+                             help="Plain HTTP / HTTPS to the registry (default: plain HTTP "
+                                  "only for loopback hosts).")
 _json_opt = click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
 
 
@@ -72,7 +75,7 @@ def convert_cmd(src_ref, dst_ref, insecure, chunk_dict, platform, chunk_size, di
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing on success.")
 def push_cmd(bootstrap, ref, blob_dir, insecure, platform, as_json, quiet):
     """Push BOOTSTRAP and its blobs as a Nydus image to REF."""
-    from erofs_tools.registry.convert import push_nydus
+    from erofs_tools.registry.nydus_push import push_nydus
     r = push_nydus(bootstrap, blob_dir, ref, insecure=insecure, platform=platform)
     if as_json:
         click.echo(json.dumps(r, sort_keys=True))
@@ -92,7 +95,7 @@ def push_cmd(bootstrap, ref, blob_dir, insecure, platform, as_json, quiet):
 def pull_cmd(ref, out_dir, blobs, insecure, platform, as_json, quiet):
     """Pull the Nydus image REF: its bootstrap as OUTPUT/image.boot, and with --blobs its
     blobs as OUTPUT/<blob id>."""
-    from erofs_tools.registry.convert import pull_nydus
+    from erofs_tools.registry.nydus_pull import pull_nydus
     r = pull_nydus(ref, out_dir, blobs=blobs, insecure=insecure, platform=platform)
     if as_json:
         click.echo(json.dumps(r, sort_keys=True))

@@ -30,11 +30,16 @@ proxy_headers=None, pool_size=8, ca_certs=None, chunk_size=16 MiB) methods:
   -> PushResult(digest, size, how)`` (how: "exists", "mounted", "uploaded");
   ``mount_blob(repo, digest, from_repo) -> bool``; ``delete_blob``
 
-Blob GETs follow redirects to storage (never forwarding the registry's Authorization to
-another host) and remember the storage URL per blob for later range reads. ``proxy`` (an
-HTTP proxy such as Dragonfly's dfdaemon) carries blob GETs only, falling back to direct
-connections when it fails; it sees the registry credentials of plain-HTTP registries, so
-it must be trusted (a local dfdaemon needs them to fetch from the registry anyway).
+Blob GETs follow redirects to storage and uploads follow their session locations under
+one rule (session.py): never the registry's Authorization to another host, never from
+HTTPS to plain HTTP; blob GETs remember the storage URL per blob for later range reads.
+A server that ignores Range (a cold pull-through mirror) gets the asked range taken out
+of its whole answer. ``proxy`` (an HTTP proxy such as Dragonfly's dfdaemon or squid)
+carries blob GETs only, falling back to direct connections when it fails: no connection,
+or an answer that is the proxy's own error (transport.proxy_failed: dfdaemon's and
+squid's marked errors, 407, unmarked 502/503/504), never the registry's answer passed
+on. It sees the registry credentials of plain-HTTP registries, so it must be trusted (a
+local dfdaemon needs them to fetch from the registry anyway).
 Transient failures (429/5xx, broken connections) are retried with exponential backoff
 and jitter, honouring Retry-After; uploads that fail restart in a fresh session.
 

@@ -74,17 +74,16 @@ class Manifest:
         return Descriptor.from_json(self.json.get("config"), f"manifest {self.digest} config")
 
     def layers(self) -> list[Descriptor]:
-        layers = self.json.get("layers")
-        if not isinstance(layers, list):
-            raise CorruptImageError(f"manifest {self.digest}: no layer list")
-        return [Descriptor.from_json(x, f"manifest {self.digest} layer {i}")
-                for i, x in enumerate(layers)]
+        return self._descriptors("layers", "manifest", "layer")
 
     def manifests(self) -> list[Descriptor]:
-        entries = self.json.get("manifests")
+        return self._descriptors("manifests", "index", "manifest")
+
+    def _descriptors(self, key: str, kind: str, item: str) -> list[Descriptor]:
+        entries = self.json.get(key)
         if not isinstance(entries, list):
-            raise CorruptImageError(f"index {self.digest}: no manifest list")
-        return [Descriptor.from_json(x, f"index {self.digest} entry {i}")
+            raise CorruptImageError(f"{kind} {self.digest}: no {item} list")
+        return [Descriptor.from_json(x, f"{kind} {self.digest} {item} {i}")
                 for i, x in enumerate(entries)]
 
     def blobs(self) -> list[Descriptor]:
@@ -159,3 +158,11 @@ def select_platform(index: Manifest, os: str = "linux", arch: str = "amd64",
             return d
     raise CorruptImageError(f"index {index.digest}: no manifest for {os}/{arch}"
                             + ("" if nydus is None else " (nydus)" if nydus else " (non-nydus)"))
+
+
+def parse_platform(text: str | None) -> tuple[str, str]:
+    """``OS/ARCH[/VARIANT]`` (default linux/amd64) -> (os, arch)."""
+    parts = (text or "linux/amd64").split("/")
+    if len(parts) not in (2, 3) or not all(parts):
+        raise InputError(f"--platform {text!r}: expected OS/ARCH[/VARIANT]")
+    return parts[0], parts[1]

@@ -1,9 +1,9 @@
 """OCI image-layout directories (``oci:PATH`` references): ``oci-layout``, ``index.json``
 and content-addressed ``blobs/sha256/<hex>``.
 
-Writes are atomic per file (temporary file in the same directory, then rename), and every
-blob or manifest read back is verified against its digest: a layout directory is input
-we do not trust any more than a registry.
+Writes are atomic per file (fsutil: an O_EXCL temporary file in the same directory,
+then rename), and every blob or manifest read back is verified against its digest: a
+layout directory is input we do not trust any more than a registry.
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from typing import BinaryIO
 
 from ..errors import CorruptImageError, InputError
+from ..fsutil import atomic_write_bytes, create_exclusive
 from . import mediatypes as mt
 from .digest import READ_SIZE, check_digest, digest_hex, verify
 from .manifest import MAX_MANIFEST_SIZE, Descriptor, Manifest, build_index, media_type_of
@@ -22,17 +22,6 @@ from .manifest import MAX_MANIFEST_SIZE, Descriptor, Manifest, build_index, medi
 LAYOUT_FILE = "oci-layout"
 LAYOUT_VERSION = "1.0.0"
 REF_NAME = "org.opencontainers.image.ref.name"
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 class OciLayout:
@@ -43,8 +32,8 @@ class OciLayout:
         marker = os.path.join(self.path, LAYOUT_FILE)
         if create and not os.path.exists(marker):
             os.makedirs(os.path.join(self.path, "blobs", "sha256"), exist_ok=True)
-            _atomic_write(marker, json.dumps({"imageLayoutVersion": LAYOUT_VERSION}).encode())
-            _atomic_write(self._index_path, build_index([]).data)
+            atomic_write_bytes(marker, json.dumps({"imageLayoutVersion": LAYOUT_VERSION}).encode())
+            atomic_write_bytes(self._index_path, build_index([]).data)
         try:
             with open(marker, "rb") as f:
                 version = json.load(f).get("imageLayoutVersion")
@@ -95,7 +84,9 @@ class OciLayout:
                               os.path.getsize(self.blob_path(digest)))
         blobs = os.path.join(self.path, "blobs", "sha256")
         os.makedirs(blobs, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=blobs)
+        # The name follows from the content: written under a fresh O_EXCL name, renamed
+        # once the digest is known.
+        fd, tmp = create_exclusive(blobs, ".blob-")
         try:
             h, size = hashlib.sha256(), 0
             with os.fdopen(fd, "wb") as out:
@@ -103,6 +94,9 @@ class OciLayout:
                     h.update(chunk)
                     out.write(chunk)
                     size += len(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            os.chmod(tmp, 0o644)
             got = "sha256:" + h.hexdigest()
             if digest is not None:
                 verify(digest, got, f"{self.path}: writing blob")
@@ -155,7 +149,7 @@ class OciLayout:
                    if not (tag and d.annotations.get(REF_NAME) == tag)
                    and not (not tag and d.digest == manifest.digest and not d.annotations)]
         annotations = index.json.get("annotations")
-        _atomic_write(self._index_path,
+        atomic_write_bytes(self._index_path,
                       build_index(entries + [desc], annotations=annotations).data)
         return desc
 

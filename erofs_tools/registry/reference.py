@@ -146,3 +146,19 @@ def parse_registry_reference(text: str) -> Reference:
     if tag is None and digest is None:
         tag = DEFAULT_TAG
     return Reference(host, path, tag, digest)
+
+
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host[:port]`` (or ``[v6]:port``) names this machine."""
+    name = host.split("]")[0].lstrip("[") if host.startswith("[") else host.rsplit(":", 1)[0]
+    return name.lower() in LOOPBACK_HOSTS
+
+
+def default_insecure(host: str, insecure: bool | None = None) -> bool:
+    """The one rule for plain HTTP, for every command and the daemon: as asked, else
+    plain HTTP for a loopback registry (test and local registries) and HTTPS with
+    certificate verification for every other host."""
+    return is_loopback(host) if insecure is None else insecure

@@ -6,8 +6,9 @@ What is retried: 429 and 5xx answers (honouring Retry-After) and connection fail
 every other status, which the caller interprets. A request body must be bytes or a
 seekable file (rewound before each attempt), so that a retry resends the same bytes.
 
-An optional HTTP proxy (e.g. Dragonfly's dfdaemon, ecosystem.md §3) serves the requests
-that ask for it; if the proxy itself fails, the request goes direct, as nydus does.
+An optional HTTP proxy (e.g. Dragonfly's dfdaemon, ecosystem.md §3, or squid) serves the
+requests that ask for it; if the proxy itself fails (no connection, or an answer that is
+the proxy's own error: see proxy_failed), the request goes direct, as nydus does.
 """
 
 from __future__ import annotations
@@ -131,8 +132,13 @@ class Transport:
             try:
                 resp = self._send(method, url, headers, body, via_proxy)
             except SSLError as e:
-                raise RegistryError(f"{method} {safe_url(url)}: TLS error: "
-                                    f"{one_line(str(getattr(e, 'reason', None) or e))}") from None
+                reason = one_line(str(getattr(e, "reason", None) or e))
+                # A handshake answered by something that is not TLS: most likely a
+                # plain-HTTP registry. Say what to do instead of OpenSSL's words only.
+                hint = "" if "certificate" in reason else \
+                    " (a plain-HTTP registry? pass --insecure)"
+                raise RegistryError(f"{method} {safe_url(url)}: TLS error: {reason}"
+                                    f"{hint}") from None
             except Urllib3Error as e:
                 last = f"connection failed ({type(e).__name__})"
                 wait = self.policy.delay(attempt)
@@ -164,14 +170,35 @@ class Transport:
                 log.info("proxy failed for %s (%s); going direct", safe_url(url),
                          type(e).__name__)
             else:
-                # dfdaemon marks errors of its own; anything else is the registry's answer.
-                if resp.status < 500 or resp.headers.get("X-Dragonfly-Error-Type") != "proxy":
+                if not proxy_failed(resp):
                     return resp
                 drain(resp)
                 log.info("proxy answered %d for %s; going direct", resp.status, safe_url(url))
             self.proxy_fallbacks += 1
             self._proxy_down_until = time.monotonic() + PROXY_PAUSE
         return self._direct.request(method, url, **kw)
+
+
+def proxy_failed(resp: urllib3.BaseHTTPResponse) -> bool:
+    """Whether an answer through the proxy is the proxy's own failure, not the
+    registry's (or storage's) answer passed on: then the request goes direct.
+
+    - dfdaemon marks its errors (``X-Dragonfly-Error-Type: proxy``), squid its error
+      pages (``X-Squid-Error``, e.g. Debian's stock configuration denying loopback with
+      403, or 502/503 when it cannot connect);
+    - 407: the proxy wants credentials we do not have;
+    - 502/503/504 without the distribution API's header: a gateway error of some other
+      proxy that could not reach the registry (a registry's own 5xx carries the header
+      and is retried as usual).
+    A 403 or 404 without a proxy's mark is the registry's or storage's answer (an expired
+    signed URL is re-resolved by the client).
+    """
+    h = resp.headers
+    if h.get("X-Dragonfly-Error-Type") == "proxy" or h.get("X-Squid-Error"):
+        return True
+    if resp.status == 407:
+        return True
+    return resp.status in (502, 503, 504) and not h.get("Docker-Distribution-Api-Version")
 
 
 def _seekable(body) -> bool:

@@ -23,19 +23,15 @@ import re
 import time
 import urllib.parse
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, BinaryIO
+from typing import BinaryIO
 
 from ..errors import AuthError, InputError, RegistryError
 from .digest import check_digest, file_digest
 from .reference import check_repository
+from .session import DEFAULT_CHUNK_SIZE, RegistrySession, push_scope  # noqa: F401
 from .transport import drain, safe_url
 
-if TYPE_CHECKING:
-    from .client import RegistryClient
-
 log = logging.getLogger(__name__)
-
-DEFAULT_CHUNK_SIZE = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -45,35 +41,34 @@ class PushResult:
     how: str        # "exists", "mounted" or "uploaded"
 
 
-def _push_scope(repo: str) -> str:
-    return f"repository:{repo}:pull,push"
-
-
 def _with_digest(location: str, digest: str) -> str:
     # The location may carry required query parameters: append, never replace.
     sep = "&" if urllib.parse.urlsplit(location).query else "?"
     return f"{location}{sep}digest={urllib.parse.quote(digest, safe=':')}"
 
 
-def _location(client: "RegistryClient", url: str, resp) -> str:
-    loc = resp.headers.get("Location")
-    if not loc:
-        raise RegistryError(f"POST {safe_url(url)}: upload answer without Location")
-    return urllib.parse.urljoin(url, loc)
+def _location(client: RegistrySession, method: str, url: str, resp,
+              default: str | None = None) -> str:
+    """The upload session's next URL, under the rule for URLs the registry hands out
+    (session.py): an HTTPS registry cannot send us, or the blob, to plain HTTP."""
+    loc = resp.headers.get("Location") or default
+    return client.checked_location(method, url, loc, "upload location")[0]
 
 
-def start_upload(client: "RegistryClient", repo: str, query: str = "",
+def start_upload(client: RegistrySession, repo: str, query: str = "",
                  scope: str | None = None) -> tuple[int, str, object]:
     """POST an upload session; returns (status, location, response headers)."""
     url = client.url(f"/v2/{check_repository(repo)}/blobs/uploads/") + query
-    resp = client._send("POST", url, scope or _push_scope(repo), {"Content-Length": "0"}, b"")
+    resp = client.send("POST", url, scope or push_scope(repo), {"Content-Length": "0"}, b"")
     if resp.status not in (201, 202):
         raise client.fail("POST", url, resp)
     drain(resp)
-    return resp.status, _location(client, url, resp), resp.headers
+    # 201 (mounted): nothing more to send, the Location names the blob and is not used.
+    location = _location(client, "POST", url, resp) if resp.status == 202 else ""
+    return resp.status, location, resp.headers
 
 
-def mount_blob(client: "RegistryClient", repo: str, digest: str, from_repo: str) -> bool:
+def mount_blob(client: RegistrySession, repo: str, digest: str, from_repo: str) -> bool:
     status, location, _ = _mount(client, repo, digest, from_repo)
     if status == 202:
         _cancel(client, repo, location)
@@ -84,21 +79,21 @@ def _mount(client, repo, digest, from_repo):
     query = "?" + urllib.parse.urlencode({"mount": check_digest(digest),
                                           "from": check_repository(from_repo)})
     # The registry needs pull on the source too; a token must carry both scopes.
-    scope = f"{_push_scope(repo)} repository:{from_repo}:pull"
+    scope = f"{push_scope(repo)} repository:{from_repo}:pull"
     return start_upload(client, repo, query, scope)
 
 
 def _cancel(client, repo: str, location: str) -> None:
     """Drop an upload session the registry opened when it could not mount."""
-    resp = client._send("DELETE", location, _push_scope(repo))
+    resp = client.send_to("DELETE", location, push_scope(repo))
     drain(resp)
 
 
-def finish_upload(client: "RegistryClient", repo: str, location: str, digest: str,
+def finish_upload(client: RegistrySession, repo: str, location: str, digest: str,
                   body=b"", size: int = 0, retry: bool = False) -> None:
     url = _with_digest(location, digest)
     headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
-    resp = client._send("PUT", url, _push_scope(repo), headers, body, retry=retry)
+    resp = client.send_to("PUT", url, push_scope(repo), headers, body, retry=retry)
     if resp.status not in (201, 204):
         raise client.fail("PUT", url, resp, f"upload of {digest} to {repo}")
     drain(resp)
@@ -139,7 +134,7 @@ def _patch(client, repo: str, location: str, chunk: bytes, offset: int, retry: b
     end = offset + len(chunk) - 1
     headers = {"Content-Type": "application/octet-stream", "Content-Length": str(len(chunk)),
                "Content-Range": f"{offset}-{end}"}
-    resp = client._send("PATCH", location, _push_scope(repo), headers, chunk, retry=retry)
+    resp = client.send_to("PATCH", location, push_scope(repo), headers, chunk, retry=retry)
     if resp.status != 202:
         raise client.fail("PATCH", location, resp, f"chunk {offset}-{end}")
     drain(resp)
@@ -147,7 +142,7 @@ def _patch(client, repo: str, location: str, chunk: bytes, offset: int, retry: b
     if got is not None and got != end:
         raise RegistryError(f"PATCH {safe_url(location)}: registry has bytes 0-{got}, "
                             f"sent up to {end}")
-    return urllib.parse.urljoin(location, resp.headers.get("Location") or location)
+    return _location(client, "PATCH", location, resp, location)
 
 
 def _range_end(value: str | None) -> int | None:
@@ -155,7 +150,7 @@ def _range_end(value: str | None) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def push_blob(client: "RegistryClient", repo: str, source, *, digest: str | None = None,
+def push_blob(client: RegistrySession, repo: str, source, *, digest: str | None = None,
               size: int | None = None, mount_from: str | None = None,
               chunk_size: int | None = None) -> PushResult:
     """See RegistryClient.push_blob."""

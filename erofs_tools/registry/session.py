@@ -1,0 +1,278 @@
+"""RegistrySession: requests to one registry host, the plumbing under RegistryClient and
+the upload protocol (upload.py), which both import it (so neither imports the other).
+
+Every request to the registry goes through ``send``, which adds authorization and
+answers 401s by running the challenge flow (auth.py), and through the Transport, which
+retries transient failures. URLs the registry hands out (blob redirects to storage,
+upload session locations) go through ``send_to``, which applies one rule to all of them:
+the scheme must be HTTPS unless the registry itself is spoken to in plain HTTP, and the
+registry's credentials go only to the registry's own origin (scheme, host, port), never
+to another host.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import urllib.parse
+from typing import BinaryIO
+
+import urllib3
+
+from ..errors import AuthError, InputError, RegistryError
+from .auth import Authenticator, Credentials, load_credentials
+from .digest import check_digest
+from .reference import Reference, check_repository
+from .transport import (REDIRECT_STATUSES, RetryPolicy, Transport, drain, one_line,
+                        safe_url)
+
+log = logging.getLogger(__name__)
+
+MAX_REDIRECTS = 5
+DEFAULT_CHUNK_SIZE = 16 << 20
+# Storage answers that mean "this cached redirect URL is stale" (expired signature,
+# rotated object): resolve the blob through the registry again.
+STALE_LOCATION = frozenset({401, 403, 404, 410})
+
+
+def pull_scope(repo: str) -> str:
+    return f"repository:{repo}:pull"
+
+
+def push_scope(repo: str) -> str:
+    return f"repository:{repo}:pull,push"
+
+
+def origin(url: str) -> tuple:
+    p = urllib.parse.urlsplit(url)
+    port = p.port or (443 if p.scheme == "https" else 80)
+    return (p.scheme, (p.hostname or "").lower(), port)
+
+
+class RegistrySession:
+    """Authorized requests to one registry host (``host[:port]``). Thread-safe.
+
+    ``insecure=True`` talks plain HTTP (test registries); otherwise HTTPS with
+    certificate verification. ``credentials`` default to the docker config.json entry for
+    the host (``docker_config`` names another config file; ``False`` disables the
+    lookup). ``proxy`` is an HTTP proxy URL used for blob reads (e.g. dfdaemon), with a
+    direct fallback when the proxy fails; ``proxy_headers`` go to the proxy only (e.g.
+    ``{"X-Dragonfly-Use-P2P": "true"}``).
+    """
+
+    def __init__(self, host: str, *, insecure: bool = False,
+                 credentials: Credentials | None = None,
+                 docker_config: str | bool | None = None,
+                 timeout: float = 30.0, connect_timeout: float = 10.0,
+                 retries: int = 5, backoff: float = 0.5, max_backoff: float = 30.0,
+                 deadline: float | None = None,
+                 proxy: str | None = None, proxy_headers: dict | None = None,
+                 pool_size: int = 8, ca_certs: str | None = None,
+                 chunk_size: int = DEFAULT_CHUNK_SIZE):
+        if not host or "/" in host:
+            raise InputError(f"invalid registry host {host!r}")
+        self.host = host
+        self.insecure = insecure
+        self.base = f"{'http' if insecure else 'https'}://{host}"
+        self.chunk_size = chunk_size
+        if credentials is None and docker_config is not False:
+            credentials = load_credentials(host, docker_config or None)
+        self.transport = Transport(timeout=timeout, connect_timeout=connect_timeout,
+                                   pool_size=pool_size, ca_certs=ca_certs, proxy=proxy,
+                                   proxy_headers=proxy_headers,
+                                   policy=RetryPolicy(retries, backoff, max_backoff, deadline))
+        self.auth = Authenticator(host, credentials, self._fetch_token,
+                                  allow_http_realm=insecure)
+        self._locations: dict[tuple[str, str], str] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def for_reference(cls, ref: Reference, **kw):
+        return cls(ref.api_host, **kw)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.base})"
+
+    def close(self) -> None:
+        self.transport.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- request plumbing ---------------------------------------------------------
+
+    def url(self, path: str) -> str:
+        return self.base + path
+
+    def _fetch_token(self, method: str, url: str, headers: dict,
+                     body: bytes | None) -> tuple[int, bytes]:
+        resp = self.transport.request(method, url, headers, body)
+        return resp.status, drain(resp, 1 << 20)
+
+    def send(self, method: str, url: str, scope: str, headers: dict | None = None,
+             body: bytes | BinaryIO | None = None, *, via_proxy: bool = False,
+             retry: bool = True) -> urllib3.BaseHTTPResponse:
+        """Send to the registry with authorization; on 401 run the challenge flow and
+        resend. Two rounds at most: the first 401 may just be discovery (we sent
+        nothing), the second means the registry refused what it asked for (an expired
+        token gets renewed once). ``url`` must be the registry's own (see send_to)."""
+        headers = dict(headers or {})
+        start = _position(body)
+        sent = self.auth.authorization(scope)
+        for round_ in range(3):
+            if sent:
+                headers["Authorization"] = sent
+            if round_ and start is not None:
+                body.seek(start)
+            elif round_ and body is not None and not isinstance(body, bytes):
+                raise RegistryError(f"{method} {safe_url(url)}: cannot resend a stream "
+                                    "after an authentication challenge")
+            resp = self.transport.request(method, url, headers, body, via_proxy=via_proxy,
+                                          retry=retry)
+            if resp.status != 401:
+                return resp
+            challenge = resp.headers.get("WWW-Authenticate")
+            drain(resp)
+            if round_ == 2:
+                break
+            self.auth.on_unauthorized(challenge, scope, sent)
+            sent = self.auth.authorization(scope)
+        raise AuthError(f"registry {self.host}: access denied for "
+                        f"{scope or 'the API'} ({method} {safe_url(url)})")
+
+    def checked_location(self, method: str, url: str, location: str | None,
+                         what: str = "redirect") -> tuple[str, bool]:
+        """Resolve a Location the registry answered to ``method url``: (absolute URL,
+        whether it is the registry's own origin). Refuses non-HTTP schemes and a
+        downgrade to plain HTTP from an HTTPS registry: credentials, upload bodies and
+        blob bytes would travel in clear text, or to whoever sits on the path."""
+        if not location:
+            raise RegistryError(f"{method} {safe_url(url)}: {what} without Location")
+        target = urllib.parse.urljoin(url, location.strip())
+        scheme = urllib.parse.urlsplit(target).scheme
+        if scheme not in ("http", "https") or (scheme == "http" and not self.insecure):
+            why = " (plain HTTP from an HTTPS registry)" if scheme == "http" else ""
+            raise RegistryError(f"{method} {safe_url(url)}: refusing {what} to "
+                                f"{safe_url(target)}{why}")
+        return target, origin(target) == origin(self.base)
+
+    def send_to(self, method: str, target: str, scope: str, headers: dict | None = None,
+                body: bytes | BinaryIO | None = None, *, via_proxy: bool = False,
+                retry: bool = True) -> urllib3.BaseHTTPResponse:
+        """Send to a URL the registry handed out (checked by checked_location): with the
+        registry's authorization at its own origin, without it anywhere else."""
+        _, own = self.checked_location(method, target, target, "request")
+        if own:
+            return self.send(method, target, scope, headers, body, via_proxy=via_proxy,
+                             retry=retry)
+        headers = {k: v for k, v in (headers or {}).items() if k.lower() != "authorization"}
+        return self.transport.request(method, target, headers, body, via_proxy=via_proxy,
+                                      retry=retry)
+
+    def fail(self, method: str, url: str, resp: urllib3.BaseHTTPResponse,
+             what: str = "") -> RegistryError:
+        """A one-line RegistryError for an unexpected answer, with the registry's error
+        code and message when it sent them (never headers, never query strings)."""
+        body = drain(resp)
+        codes: list[str] = []
+        detail = ""
+        try:
+            errors = [e for e in json.loads(body).get("errors") or [] if isinstance(e, dict)]
+            codes = [str(e.get("code", "")) for e in errors]
+            detail = "; ".join(f"{e.get('code', '')}: {e.get('message', '')}"
+                               for e in errors[:3])
+        except (ValueError, AttributeError, TypeError):
+            pass
+        msg = f"{method} {safe_url(url)}: HTTP {resp.status}"
+        if what:
+            msg = f"{what}: {msg}"
+        err = RegistryError(one_line(msg + (f" {detail}" if detail else ""), 400))
+        # For callers that decide what to do next (upload restarts); not in the message.
+        err.status, err.codes = resp.status, codes
+        return err
+
+    def found(self, method: str, url: str, resp: urllib3.BaseHTTPResponse) -> bool:
+        """For HEAD-style checks: False on 404, True on 200 (body drained), else the
+        registry's error."""
+        if resp.status not in (200, 404):
+            raise self.fail(method, url, resp)
+        drain(resp)
+        return resp.status == 200
+
+    # --- API version check --------------------------------------------------------
+
+    def ping(self) -> None:
+        """GET /v2/: checks that the host speaks the distribution API and that our
+        credentials (if the registry wants any) work."""
+        url = self.url("/v2/")
+        resp = self.send("GET", url, "")
+        if resp.status != 200:
+            raise self.fail("GET", url, resp, f"registry {self.host}")
+        drain(resp)
+
+    # --- blobs: requests (with redirects) and existence ---------------------------
+
+    def blob_url(self, repo: str, digest: str) -> str:
+        return self.url(f"/v2/{check_repository(repo)}/blobs/{check_digest(digest)}")
+
+    def _blob_request(self, method: str, repo: str, digest: str,
+                      headers: dict | None = None) -> urllib3.BaseHTTPResponse:
+        """GET/HEAD a blob, following redirects to storage, whose URL is remembered per
+        blob so that later range reads go straight there."""
+        key = (repo, digest)
+        # Only data reads go through the proxy (what dfdaemon distributes); HEADs and
+        # everything else talk to the registry directly.
+        proxy = method == "GET"
+        cached = self._locations.get(key)
+        if cached:
+            resp = self.transport.request(method, cached, headers, via_proxy=proxy)
+            if resp.status not in STALE_LOCATION and resp.status not in REDIRECT_STATUSES:
+                return resp
+            drain(resp)
+            log.debug("cached location for %s is stale (HTTP %d)", digest, resp.status)
+            with self._lock:
+                self._locations.pop(key, None)
+        url = self.blob_url(repo, digest)
+        resp = self.send(method, url, pull_scope(repo), headers, via_proxy=proxy)
+        for _ in range(MAX_REDIRECTS):
+            if resp.status not in REDIRECT_STATUSES:
+                return resp
+            location = resp.headers.get("Location")
+            drain(resp)
+            target, own = self.checked_location(method, url, location)
+            if not own:
+                # Another host (object storage): the registry's credentials stay here.
+                with self._lock:
+                    self._locations[key] = target
+            resp = self.send_to(method, target, pull_scope(repo), headers, via_proxy=proxy)
+            url = target
+        raise RegistryError(f"{method} {safe_url(self.blob_url(repo, digest))}: "
+                            "too many redirects")
+
+    def stat_blob(self, repo: str, digest: str) -> int | None:
+        """The blob's size from HEAD, or None if the registry does not have it."""
+        resp = self._blob_request("HEAD", repo, digest)
+        url = self.blob_url(repo, digest)
+        if not self.found("HEAD", url, resp):
+            return None
+        try:
+            return int(resp.headers["Content-Length"])
+        except (KeyError, ValueError):
+            raise RegistryError(f"HEAD {safe_url(url)}: no Content-Length") from None
+
+    def blob_exists(self, repo: str, digest: str) -> bool:
+        return self.stat_blob(repo, digest) is not None
+
+
+def _position(body) -> int | None:
+    """Where a seekable file body starts (to rewind it for a resend), else None."""
+    try:
+        if body is not None and not isinstance(body, bytes) and body.seekable():
+            return body.tell()
+    except (AttributeError, OSError):
+        pass
+    return None
