@@ -202,6 +202,8 @@ INTERNAL int namecmp(const uint8_t *a, size_t al, const uint8_t *b2, size_t bl);
 INTERNAL uint64_t dir_pack(erofs_builder *b, struct node *d, uint8_t *out);
 INTERNAL int is_flat_data(const struct node *n);
 INTERNAL uint32_t xentry_size(const struct xattr_rec *x);
+INTERNAL uint64_t place_sparse_chunks(erofs_builder *b, struct chunkset *cs, uint64_t size,
+                                     uint64_t blk);
 
 static inline uint64_t align_up(uint64_t v, uint64_t a)
 {

@@ -331,18 +331,10 @@ int stream_file(erofs_builder *b, uint32_t node, const char *path, size_t pathle
     j->size = n->size;
     if (n->dkind == D_SPARSE) {
         struct chunkset *cs = &b->chunks[n->aux];
-        uint64_t csz = (uint64_t)blksz << (cs->format & EROFS_CHUNK_FORMAT_BLKBITS_MASK);
-        for (uint32_t c = 0; c < cs->count; c++) {
-            if (!(cs->entries[c] & 1))
-                continue;
-            uint64_t start = (uint64_t)c * csz;
-            uint64_t len = n->size - start < csz ? n->size - start : csz;
-            cs->entries[c] = 1 | (b->scur << 32);
-            b->scur += (len + blksz - 1) / blksz;
-        }
+        b->scur = place_sparse_chunks(b, cs, n->size, b->scur);
         j->sparse = cs->entries;
         j->nchunks = cs->count;
-        j->csz = csz;
+        j->csz = (uint64_t)blksz << (cs->format & EROFS_CHUNK_FORMAT_BLKBITS_MASK);
     } else {
         uint64_t tail = n->size % blksz;
         /* decided before the inode format is known: assume the larger, extended inode */

@@ -205,6 +205,24 @@ int is_flat_data(const struct node *n)
                                                  n->dkind != D_SPARSE);
 }
 
+/* blocks of a sparse file's data chunks from block `blk` on, in chunk order (a chunk
+ * entry becomes 1 | blkaddr << 32; holes stay 0); -> the next free block */
+uint64_t place_sparse_chunks(erofs_builder *b, struct chunkset *cs, uint64_t size,
+                             uint64_t blk)
+{
+    uint32_t blksz = b->blksz;
+    uint64_t csz = (uint64_t)blksz << (cs->format & EROFS_CHUNK_FORMAT_BLKBITS_MASK);
+    for (uint32_t c = 0; c < cs->count; c++) {
+        if (!(cs->entries[c] & 1))
+            continue;
+        uint64_t start = (uint64_t)c * csz;
+        uint64_t len = size - start < csz ? size - start : csz;
+        cs->entries[c] = 1 | (blk << 32);
+        blk += (len + blksz - 1) / blksz;
+    }
+    return blk;
+}
+
 /* data blocks of directories, symlinks and files not streamed, in nid order */
 static int alloc_flat_data(erofs_builder *b, uint64_t *pblk)
 {
@@ -216,18 +234,9 @@ static int alloc_flat_data(erofs_builder *b, uint64_t *pblk)
             continue;
         if (n->layout == L_CHUNK) {
             if (n->dkind == D_SPARSE) {
-                struct chunkset *cs = &b->chunks[n->aux];
-                uint64_t csz = (uint64_t)blksz << (cs->format & EROFS_CHUNK_FORMAT_BLKBITS_MASK);
-                for (uint32_t c = 0; c < cs->count; c++) {
-                    if (!(cs->entries[c] & 1))
-                        continue;
-                    uint64_t start = (uint64_t)c * csz;
-                    uint64_t len = n->size - start < csz ? n->size - start : csz;
-                    cs->entries[c] = 1 | (blk << 32);
-                    blk += (len + blksz - 1) / blksz;
-                    if (blk > 0xFFFFFFFFull)
-                        return fail(b, ERN_ELIMIT, "image larger than 2^32 blocks");
-                }
+                blk = place_sparse_chunks(b, &b->chunks[n->aux], n->size, blk);
+                if (blk > 0xFFFFFFFFull)
+                    return fail(b, ERN_ELIMIT, "image larger than 2^32 blocks");
             }
             continue;
         }

@@ -280,8 +280,11 @@ class NativeBuilder:
 
     def refresh_info(self) -> LayoutInfo:
         """Layout info now (image_size grows with bytes appended after layout())."""
+        return self._get_info(lib.erofs_builder_info)
+
+    def _get_info(self, fn: Callable[[Any, Any], int]) -> LayoutInfo:
         info = ffi.new("struct erofs_layout_info *")
-        r = lib.erofs_builder_info(self._b, info)
+        r = fn(self._b, info)
         if r:
             _raise(self._b, r)
         self.info = LayoutInfo(**{k: getattr(info, k) for k in LayoutInfo.__dataclass_fields__})
@@ -293,12 +296,8 @@ class NativeBuilder:
 
     # -- layout and write ----------------------------------------------------------
     def layout(self) -> LayoutInfo:
-        info = ffi.new("struct erofs_layout_info *")
-        r = lib.erofs_builder_layout(self._b, info)
-        if r:
-            _raise(self._b, r)
-        self.info = LayoutInfo(**{k: getattr(info, k) for k in LayoutInfo.__dataclass_fields__})
-        return self.info
+        """Decide every position (nids, blocks); the node graph is fixed after this."""
+        return self._get_info(lib.erofs_builder_layout)
 
     def nid(self, node: int) -> int:
         r = lib.erofs_node_nid(self._b, node)
@@ -344,14 +343,18 @@ def sb_checksum(block: bytes) -> int:
     return lib.erofs_sb_checksum(block, E.BLKSZ)
 
 
+def _c_table(fn: Callable[[Any], Any]) -> list[Any]:
+    """Rows of a C table returned as (pointer, *count)."""
+    n = ffi.new("uint32_t *")
+    rows = fn(n)
+    return [rows[i] for i in range(n[0])]
+
+
 def format_fields() -> dict[str, dict[str, tuple[int, int]]]:
     """The C core's on-disk structs: {struct: {field: (offset, size)}}, plus the struct
     size under the key "" (csrc/erofs_fs.h, as compiled)."""
-    n = ffi.new("uint32_t *")
-    rows = lib.erofs_fs_fields(n)
     out: dict[str, dict[str, tuple[int, int]]] = {}
-    for i in range(n[0]):
-        r = rows[i]
+    for r in _c_table(lib.erofs_fs_fields):
         fields = out.setdefault(ffi.string(r.structure).decode(), {"": (0, r.struct_size)})
         fields[ffi.string(r.field).decode()] = (r.offset, r.size)
     return out
@@ -359,6 +362,4 @@ def format_fields() -> dict[str, dict[str, tuple[int, int]]]:
 
 def format_constants() -> dict[str, int]:
     """The format constants the C core writes (csrc/erofs_fs.h), by macro name."""
-    n = ffi.new("uint32_t *")
-    rows = lib.erofs_fs_consts(n)
-    return {ffi.string(rows[i].name).decode(): rows[i].value for i in range(n[0])}
+    return {ffi.string(r.name).decode(): r.value for r in _c_table(lib.erofs_fs_consts)}
