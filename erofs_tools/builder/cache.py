@@ -5,26 +5,25 @@ offset (4 KiB aligned), zero padding between, size = the blob's uncompressed siz
 built under a temporary name beside the target, every chunk is checked against its
 digest while expanding, and the finished file is renamed to the blob id, so a file with
 that name and the right size is complete.
+
+The blob's meta and every chunk go through the reader layer (`reader.blob`): one
+blob-meta reader and one chunk decoder for pack, mount and the daemon.
 """
-import hashlib
+from __future__ import annotations
+
 import os
-import tempfile
 
-import blake3
-import zstandard
-
-from erofs_tools.builder.blob import BlobMeta
-from erofs_tools.errors import CorruptImageError, DigestMismatchError, InputError
-
-_DIGEST = {"blake3": lambda b: blake3.blake3(b).digest(),
-           "sha256": lambda b: hashlib.sha256(b).digest()}
+from erofs_tools.builder.blob import BlobInfo, open_blob_file
+from erofs_tools.errors import DigestMismatchError, InputError
+from erofs_tools.fsutil import atomic_output
+from erofs_tools.reader import blob as rblob
 
 
-def cache_path(cache_dir, blob_id):
+def cache_path(cache_dir: str, blob_id: str) -> str:
     return os.path.join(cache_dir, blob_id)
 
 
-def is_complete(path, info):
+def is_complete(path: str, info: BlobInfo) -> bool:
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -32,68 +31,34 @@ def is_complete(path, info):
     return st.st_size == info.uncompressed_size
 
 
-def expand_blob(blob_path, info, cache_dir, chunk_digests=None):
+def expand_blob(blob_path: str, info: BlobInfo, cache_dir: str,
+                chunk_digests: dict[int, bytes] | None = None) -> str:
     """Write the cache file of one blob unless it is already complete; -> its path.
 
     info: BlobInfo from the bootstrap's blob table. chunk_digests: optional {CI index:
     digest} from the bootstrap's chunk info table, used when the blob has no inlined
-    digests (or in addition to them).
+    digests (or in addition to them: then both must agree).
     """
     dest = cache_path(cache_dir, info.blob_id)
     if is_complete(dest, info):
         return dest
     os.makedirs(cache_dir, exist_ok=True)
-    meta = BlobMeta.read(blob_path, info)
-    digest = _DIGEST[info.digester]
-    dctx = zstandard.ZstdDecompressor()
-    fd, tmp = tempfile.mkstemp(prefix=f".{info.blob_id[:16]}-", suffix=".tmp", dir=cache_dir)
-    try:
-        with open(blob_path, "rb") as src, os.fdopen(fd, "wb") as out:
-            order = sorted(range(len(meta.entries)), key=lambda k: meta.entries[k][2])
-            for k in order:
-                uoff, us, coff, cs = meta.entries[k]
-                src.seek(coff)
-                data = src.read(cs)
-                if len(data) != cs:
-                    raise CorruptImageError(f"blob {blob_path}: chunk {k} truncated")
-                if cs != us:
-                    if info.compressor != "zstd":
-                        raise CorruptImageError(
-                            f"blob {blob_path}: unsupported compressor {info.compressor}")
-                    try:
-                        data = dctx.decompress(data, max_output_size=us)
-                    except zstandard.ZstdError as e:
-                        raise CorruptImageError(
-                            f"blob {blob_path}: chunk {k} does not decompress: {e}") from None
-                    if len(data) != us:
-                        raise CorruptImageError(f"blob {blob_path}: chunk {k} has a wrong size")
-                want = []
-                if meta.digests is not None:
-                    want.append(meta.digests[k])
-                if chunk_digests and k in chunk_digests:
-                    want.append(chunk_digests[k])
-                if want:
-                    got = digest(data)
-                    if any(w != got for w in want):
-                        raise DigestMismatchError(
-                            f"blob {info.blob_id}: chunk {k} digest mismatch")
-                out.seek(uoff)
-                out.write(data)
-            out.truncate(info.uncompressed_size)
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, dest)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    # chunks whose blob carries no digest are checked against the bootstrap's
+    meta = open_blob_file(blob_path, info, chunk_digests)
+    with open(blob_path, "rb") as src, atomic_output(dest, mode=0o644) as out:
+        read_at = rblob.file_reader(src)
+        for c in sorted(meta.chunks, key=lambda c: c.compressed_offset):
+            want = (chunk_digests or {}).get(c.index)
+            if want is not None and c.digest is not None and want != c.digest:
+                raise DigestMismatchError(f"blob {info.blob_id}: chunk {c.index} digest mismatch")
+            data = rblob.read_chunk(meta, c, read_at)
+            out.seek(c.uncompressed_offset)
+            out.write(data)
+        out.truncate(info.uncompressed_size)
     return dest
 
 
-def find_blob(blob_dir, blob_id):
+def find_blob(blob_dir: str, blob_id: str) -> str:
     p = os.path.join(blob_dir, blob_id)
     if not os.path.isfile(p):
         raise InputError(f"blob {blob_id} not found in {blob_dir}")

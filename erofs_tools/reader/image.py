@@ -15,15 +15,13 @@ from typing import NamedTuple, Optional
 from erofs_tools.errors import CorruptImageError
 from erofs_tools.format import erofs as E
 from erofs_tools.format import rafs as R
+from erofs_tools.fsutil import round_up
 
 MAX_SYMLINK = 4095
 MAX_BLOCK_BITS = 16        # we read 512 B .. 64 KiB blocks; the kernel stops at PAGE_SIZE
 MIN_BLOCK_BITS = 9
 MAX_CHUNK_BITS = 48
 
-
-def _round_up(x, a):
-    return (x + a - 1) // a * a
 
 
 def _cstr(b):
@@ -384,7 +382,7 @@ class Image:
         csize = 1 << bits
         count = (ino.size + csize - 1) >> bits
         unit = 8 if fmt & E.CHUNK_FORMAT_INDEXES else 4
-        start = _round_up(ino.data_end, unit)
+        start = round_up(ino.data_end, unit)
         if count > (self.size - start) // unit if start <= self.size else True:
             raise self._err(f"inode {ino.nid}: {count} chunk indexes do not fit in the image "
                             f"(size {ino.size}, chunk {csize})")
@@ -627,7 +625,7 @@ class Image:
         if b"\0" in suffix:
             raise self._err(f"{what}: xattr name contains NUL")
         value = bytes(buf[nstart + e.e_name_len:vend])
-        return prefix + suffix, value, _round_up(vend, 4)
+        return prefix + suffix, value, round_up(vend, 4)
 
     def xattrs(self, ino) -> list:
         """[(name, value)] of an inode, shared ones first, as stored."""

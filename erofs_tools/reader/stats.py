@@ -5,11 +5,8 @@ import hashlib
 
 from erofs_tools.errors import ErofsToolsError
 from erofs_tools.format import erofs as E
+from erofs_tools.fsutil import round_up
 from erofs_tools.reader.image import Image
-
-
-def _round_up(x, a):
-    return (x + a - 1) // a * a
 
 
 def image_stats(img: Image):
@@ -106,7 +103,7 @@ def image_stats(img: Image):
     after_dedup = flat_bytes + sum(u["size"] for u in unique.values())
     csizes = [u["csize"] for u in unique.values()]
     after_comp = flat_bytes + sum(csizes) if all(x is not None for x in csizes) else None
-    stored_blocks = sum(_round_up(u["size"], img.blksz) for u in unique.values())
+    stored_blocks = sum(round_up(u["size"], img.blksz) for u in unique.values())
     d = {
         "image": img.name, "kind": "rafs-v6" if img.is_rafs else "erofs",
         "entries": entries, "files": files, "directories": dirs, "symlinks": symlinks,
