@@ -25,7 +25,7 @@ from typing import BinaryIO
 
 import zstandard
 
-from erofs_tools.errors import CorruptImageError, InputError
+from erofs_tools.errors import InputError
 from erofs_tools.format import erofs as E
 from erofs_tools.format import rafs as R
 from erofs_tools.fsutil import create_exclusive, round_up
@@ -303,7 +303,7 @@ class BlobMeta:
     @classmethod
     def read(cls, path: str, info: BlobInfo) -> BlobMeta:
         """Read and check CI table + digests of `path` described by blob table `info`."""
-        meta = open_blob_file(path, info)
+        meta = info.read_meta(path)
         chunks = sorted(meta.chunks, key=lambda c: c.index)
         entries = [(c.uncompressed_offset, c.uncompressed_size, c.compressed_offset,
                     c.compressed_size) for c in chunks]
@@ -311,19 +311,3 @@ class BlobMeta:
         digests = [c.digest for c in chunks] if meta.digest_region is not None else None
         return cls(info, entries, digests)  # type: ignore[arg-type]
 
-
-def open_blob_file(path: str, info: BlobInfo,
-                   digests: dict[int, bytes] | None = None) -> rblob.BlobMeta:
-    """The reader's BlobMeta of blob file `path` that the blob table describes as `info`
-    (its size must be the table's compressed size)."""
-    try:
-        f = open(path, "rb")
-    except OSError as e:
-        raise InputError(f"cannot open blob {path}: {e.strerror}") from None
-    with f:
-        size = os.fstat(f.fileno()).st_size
-        if size != info.compressed_size:
-            raise CorruptImageError(
-                f"blob {path}: size {size} differs from the bootstrap's {info.compressed_size}")
-        return rblob.BlobMeta.from_blob(rblob.file_reader(f), size, info.blob_id,
-                                        info.blob_entry(0), digests=digests)

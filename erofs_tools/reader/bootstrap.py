@@ -16,6 +16,7 @@ from erofs_tools.errors import CorruptImageError, InputError
 from erofs_tools.format import erofs as E
 from erofs_tools.format import rafs as R
 from erofs_tools.fsutil import round_up
+from erofs_tools.reader import blob as rblob
 from erofs_tools.reader.image import Image
 
 MAX_BOOTSTRAP = 1 << 32
@@ -81,6 +82,22 @@ class BlobInfo:
         return cls(blob_id=blob_id, compressor=R.COMPRESSOR_NAMES[e.compression_algo],
                    digester=R.DIGESTER_NAMES[e.digest_algo],
                    **{attr: getattr(e, field) for attr, field in _SAME_VALUE})
+
+    def read_meta(self, path: str, digests: dict[int, bytes] | None = None) -> rblob.BlobMeta:
+        """The meta (CI table, digests) of the blob file `path` this entry describes; its
+        size must be the table's compressed size. `digests` ({CI index: digest}, e.g. the
+        bootstrap's) serve chunks the blob has no digest for."""
+        try:
+            f = open(path, "rb")
+        except OSError as e:
+            raise InputError(f"cannot open blob {path}: {e.strerror}") from None
+        with f:
+            size = os.fstat(f.fileno()).st_size
+            if size != self.compressed_size:
+                raise CorruptImageError(
+                    f"blob {path}: size {size} differs from the bootstrap's {self.compressed_size}")
+            return rblob.BlobMeta.from_blob(rblob.file_reader(f), size, self.blob_id,
+                                            self.blob_entry(0), digests=digests)
 
     def as_dict(self) -> dict[str, Any]:
         return {"blob_id": self.blob_id, "compressed_size": self.compressed_size,
