@@ -10,7 +10,8 @@ from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 HEADER = os.path.join(HERE, "erofs_native.h")
-SOURCES = ["nodes.c", "datastream.c", "layout.c", "write.c", "crc32c.c", "fs_table.c"]
+SOURCES = ["nodes.c", "datastream.c", "dirs.c", "layout.c", "write.c", "crc32c.c",
+           "fs_table.c"]
 
 
 def _cdef_text():

@@ -1,6 +1,7 @@
 /* Internal header of the C core's builder: the node graph and builder state shared by
  * nodes.c (graph construction), datastream.c (file-data copies and the stream worker),
- * layout.c (nids, xattr packing, block allocation) and write.c (serialization).
+ * dirs.c (directory blocks), layout.c (nids, xattr packing, block allocation) and write.c
+ * (serialization).
  *
  * Not part of the API (that is erofs_native.h, also the cffi cdef). Functions declared
  * here are hidden: they link between the core's objects but are not exported from the
@@ -197,9 +198,11 @@ INTERNAL int stream_stop(erofs_builder *b, int abort);
 INTERNAL int stream_file(erofs_builder *b, uint32_t node, const char *path, size_t pathlen,
                          uint64_t offset);
 
-/* layout.c */
+/* dirs.c */
 INTERNAL int namecmp(const uint8_t *a, size_t al, const uint8_t *b2, size_t bl);
 INTERNAL uint64_t dir_pack(erofs_builder *b, struct node *d, uint8_t *out);
+
+/* layout.c */
 INTERNAL int is_flat_data(const struct node *n);
 INTERNAL uint32_t xentry_size(const struct xattr_rec *x);
 INTERNAL uint64_t place_sparse_chunks(erofs_builder *b, struct chunkset *cs, uint64_t size,
