@@ -1,7 +1,8 @@
 """cffi build script (out-of-line API mode): compiles csrc/*.c into erofs_tools._native_cffi.
 
-Run by setuptools at install time (setup.py: cffi_modules). The cdef is the one header
-csrc/erofs_native.h with its preprocessor lines removed.
+Run by setuptools at install time (setup.py: cffi_modules). The cdef is the one API header
+csrc/erofs_native.h with its preprocessor lines removed; erofs_fs.h (on-disk structs)
+and builder_int.h (builder internals) are included by the .c files only.
 """
 import os
 
@@ -9,7 +10,8 @@ from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 HEADER = os.path.join(HERE, "erofs_native.h")
-SOURCES = ["builder.c", "crc32c.c"]
+SOURCES = ["nodes.c", "datastream.c", "dirs.c", "layout.c", "write.c", "crc32c.c",
+           "fs_table.c"]
 
 
 def _cdef_text():

@@ -3,6 +3,7 @@
  * the conventions they need (EROFS superblock: init ~0, no final xor). */
 #include <stdint.h>
 #include <string.h>
+#include "erofs_fs.h"
 #include "erofs_native.h"
 
 static uint32_t crc_tab[8][256];
@@ -83,14 +84,19 @@ uint32_t erofs_crc32c_update(uint32_t crc, const uint8_t *buf, size_t len)
     return crc_sw(crc, buf, len);
 }
 
+/* crc32c (init ~0, no final xor) of the superblock's block from the superblock on, the
+ * checksum field counted as zero; `blksz` is the length of `block` (for blocks below
+ * 1 KiB: the superblock offset plus one block) */
 uint32_t erofs_sb_checksum(const uint8_t *block, size_t blksz)
 {
-    static const uint8_t zero4[4];
-    size_t len = blksz > 1024 ? blksz - 1024 : blksz;
-    const uint8_t *sb = block + 1024;
+    static const uint8_t zero[sizeof(((struct erofs_super_block *)0)->checksum)];
+    const size_t at = offsetof(struct erofs_super_block, checksum);
+    const size_t after = at + sizeof(zero);
+    size_t len = blksz > EROFS_SUPER_OFFSET ? blksz - EROFS_SUPER_OFFSET : blksz;
+    const uint8_t *sb = block + EROFS_SUPER_OFFSET;
     uint32_t crc = 0xFFFFFFFFu;
-    crc = erofs_crc32c_update(crc, sb, 4);
-    crc = erofs_crc32c_update(crc, zero4, 4);
-    crc = erofs_crc32c_update(crc, sb + 8, len - 8);
+    crc = erofs_crc32c_update(crc, sb, at);
+    crc = erofs_crc32c_update(crc, zero, sizeof(zero));
+    crc = erofs_crc32c_update(crc, sb + after, len - after);
     return crc;
 }

@@ -1,5 +1,8 @@
 /* erofs-tools C core: EROFS image builder (node graph -> layout -> write) and crc32c.
  *
+ * The API only; the on-disk structs are in erofs_fs.h, the builder's internals in
+ * builder_int.h (nodes.c, datastream.c, layout.c, write.c).
+ *
  * This header is ALSO the cffi cdef (csrc/build_native.py strips lines starting with
  * '#'), so it may only hold plain C declarations: no macros, no inline code.
  *
@@ -122,9 +125,26 @@ int erofs_builder_write_begin(erofs_builder *b, int fd);
 int64_t erofs_builder_write_step(erofs_builder *b, uint32_t max_nodes, uint64_t *bytes_done);
 int erofs_builder_write_end(erofs_builder *b);
 
+/* the on-disk structs of erofs_fs.h as the core compiled them: one row per named field
+ * (struct name, field name, offset, field size, struct size), and the format constants
+ * it writes; for the test that C and erofs_tools/format agree */
+struct erofs_fs_field {
+    const char *structure;
+    const char *field;
+    uint32_t offset;
+    uint32_t size;
+    uint32_t struct_size;
+};
+struct erofs_fs_const {
+    const char *name;
+    uint64_t value;
+};
+const struct erofs_fs_field *erofs_fs_fields(uint32_t *count);
+const struct erofs_fs_const *erofs_fs_consts(uint32_t *count);
+
 /* raw reflected CRC-32C update: no initial or final inversion */
 uint32_t erofs_crc32c_update(uint32_t crc, const uint8_t *buf, size_t len);
-/* EROFS superblock checksum of one block buffer (field at 1028 treated as zero) */
+/* EROFS superblock checksum of one block buffer (its checksum field treated as zero) */
 uint32_t erofs_sb_checksum(const uint8_t *block, size_t blksz);
 
 #endif

@@ -13,10 +13,15 @@ The C API itself is documented in csrc/erofs_native.h.
     info = b.layout()
     b.write(fd)
 """
+from __future__ import annotations
+
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, NoReturn
 
 from erofs_tools.errors import ErofsToolsError, FormatLimitError, InputError
+from erofs_tools.format import erofs as E
 
 try:
     from erofs_tools._native_cffi import ffi, lib
@@ -27,19 +32,23 @@ except ImportError as e:  # pragma: no cover - only when the package was not ins
 
 ERN_OK = lib.ERN_OK
 FILE_SPARSE = lib.ERN_FILE_SPARSE
-CHUNK_INDEXES = 0x20
+# format constants come from erofs_tools/format (the C core's agree: test_format_agreement)
+CHUNK_INDEXES = E.CHUNK_FORMAT_INDEXES
+FEATURE_COMPAT_SB_CHKSUM = E.FEATURE_COMPAT_SB_CHKSUM
+FEATURE_COMPAT_MTIME = E.FEATURE_COMPAT_MTIME
+FEATURE_INCOMPAT_CHUNKED_FILE = E.FEATURE_INCOMPAT_CHUNKED_FILE
+FEATURE_INCOMPAT_DEVICE_TABLE = E.FEATURE_INCOMPAT_DEVICE_TABLE
+MIN_BLKSZBITS = 9               # the C core builds 512 B .. 4 KiB blocks
+MAX_BLKSZBITS = E.BLKSZ_BITS
 
-FEATURE_COMPAT_SB_CHKSUM = 0x1
-FEATURE_COMPAT_MTIME = 0x2
-FEATURE_INCOMPAT_CHUNKED_FILE = 0x4
-FEATURE_INCOMPAT_DEVICE_TABLE = 0x8
+BytesLike = bytes | bytearray | memoryview | str
 
 
 class NativeError(ErofsToolsError):
     """The C core refused an operation (API misuse); message says why."""
 
 
-def _raise(b, code, what=None):
+def _raise(b: Any, code: int, what: str | None = None) -> NoReturn:
     msg = ffi.string(lib.erofs_builder_error(b)).decode("utf-8", "replace")
     if what:
         msg = f"{what}: {msg}"
@@ -66,7 +75,7 @@ class BuildOptions:
     force_extended: bool = False
     build_time: int | None = None  # None: most common (mtime, nsec) of the tree
     build_time_nsec: int = 0
-    uuid: bytes = bytes(16)
+    uuid: bytes = bytes(E.UUID_SIZE)
     volume_name: bytes = b""
     devt_slotoff: int = 0
     sb_blocks: int = 0             # 0: image size in blocks
@@ -74,15 +83,17 @@ class BuildOptions:
     tail_budget_mib: int = 64      # stream mode: memory for early-read inline tails
     _extra: dict = field(default_factory=dict, repr=False)
 
-    def to_c(self):
+    def to_c(self) -> Any:
         o = ffi.new("struct erofs_opts *")
         lib.erofs_default_opts(o)
-        if not 9 <= self.blkszbits <= 12:
-            raise NativeError(f"block size bits {self.blkszbits} not in 9..12")
-        if len(self.uuid) != 16:
-            raise NativeError("uuid must be 16 bytes")
-        if len(self.volume_name) > 15 or b"\0" in self.volume_name:
-            raise InputError("volume label must be at most 15 bytes without NUL")
+        if not MIN_BLKSZBITS <= self.blkszbits <= MAX_BLKSZBITS:
+            raise NativeError(
+                f"block size bits {self.blkszbits} not in {MIN_BLKSZBITS}..{MAX_BLKSZBITS}")
+        if len(self.uuid) != E.UUID_SIZE:
+            raise NativeError(f"uuid must be {E.UUID_SIZE} bytes")
+        if len(self.volume_name) >= E.VOLUME_NAME_SIZE or b"\0" in self.volume_name:
+            raise InputError(f"volume label must be at most {E.VOLUME_NAME_SIZE - 1} bytes "
+                             "without NUL")
         o.blkszbits = self.blkszbits
         o.meta_blkaddr = self.meta_blkaddr
         o.first_nid = self.first_nid
@@ -95,8 +106,9 @@ class BuildOptions:
         o.auto_build_time = int(self.build_time is None)
         o.build_time = self.build_time or 0
         o.build_time_nsec = self.build_time_nsec
-        ffi.memmove(o.uuid, self.uuid, 16)
-        ffi.memmove(o.volume_name, self.volume_name.ljust(16, b"\0"), 16)
+        ffi.memmove(o.uuid, self.uuid, E.UUID_SIZE)
+        ffi.memmove(o.volume_name, self.volume_name.ljust(E.VOLUME_NAME_SIZE, b"\0"),
+                    E.VOLUME_NAME_SIZE)
         o.devt_slotoff = self.devt_slotoff
         o.sb_blocks = self.sb_blocks
         o.stream_data = int(self.stream_data)
@@ -122,7 +134,7 @@ class LayoutInfo:
     data_bytes: int
 
 
-def _bytes(v, what):
+def _bytes(v: BytesLike, what: str) -> bytes:
     if isinstance(v, str):
         v = os.fsencode(v)
     if not isinstance(v, (bytes, bytearray, memoryview)):
@@ -133,29 +145,29 @@ def _bytes(v, what):
 class NativeBuilder:
     """One image under construction (node graph -> layout -> write)."""
 
-    def __init__(self, options=None):
+    def __init__(self, options: BuildOptions | None = None) -> None:
         self.options = options or BuildOptions()
         self._b = ffi.gc(lib.erofs_builder_new(self.options.to_c()), lib.erofs_builder_free)
         if self._b == ffi.NULL:
             raise MemoryError("erofs_builder_new failed")
-        self.info = None
+        self.info: LayoutInfo | None = None
         # hot-path aliases (the directory walk calls these once per entry)
         self._add_node = lib.erofs_node_add
         self._dir_add = lib.erofs_dir_add
 
-    def close(self):
+    def close(self) -> None:
         """Free the C builder now (stops a stream worker); the object is unusable after."""
         if self._b is not None:
             ffi.release(self._b)
             self._b = None
 
-    def __enter__(self):
+    def __enter__(self) -> NativeBuilder:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def set_output(self, fd):
+    def set_output(self, fd: int) -> None:
         """Stream mode (BuildOptions.stream_data): the image fd, before any set_file().
         File data is then copied by a C worker thread while the caller keeps adding
         nodes; write() must get the same fd. Add a file's xattrs before its data."""
@@ -163,15 +175,16 @@ class NativeBuilder:
         if r:
             _raise(self._b, r)
 
-    def stream_progress(self):
+    def stream_progress(self) -> int:
         """Stream mode: bytes copied so far by the worker."""
         done = ffi.new("uint64_t *")
         lib.erofs_builder_stream_progress(self._b, done)
         return done[0]
 
     # -- nodes ---------------------------------------------------------------------
-    def add_node(self, mode, uid=0, gid=0, mtime=0, mtime_nsec=0, size=0, rdev_major=0,
-                 rdev_minor=0):
+    def add_node(self, mode: int, uid: int = 0, gid: int = 0, mtime: int = 0,
+                 mtime_nsec: int = 0, size: int = 0, rdev_major: int = 0,
+                 rdev_minor: int = 0) -> int:
         """Add an inode; -> node id (0, 1, 2 ... in call order). nlink is computed."""
         if not (0 <= uid < 1 << 32 and 0 <= gid < 1 << 32):
             raise FormatLimitError(f"uid/gid {uid}/{gid} do not fit in 32 bits")
@@ -183,7 +196,7 @@ class NativeBuilder:
             _raise(self._b, r)
         return r
 
-    def add_xattr(self, node, name, value):
+    def add_xattr(self, node: int, name: BytesLike, value: BytesLike) -> None:
         """Add xattr `name` (full name, e.g. b"user.x") with `value` to a node."""
         name = _bytes(name, "xattr name")
         value = _bytes(value, "xattr value")
@@ -191,7 +204,7 @@ class NativeBuilder:
         if r:
             _raise(self._b, r)
 
-    def add_child(self, dir_node, name, child):
+    def add_child(self, dir_node: int, name: BytesLike, child: int) -> None:
         """Add `child` to directory `dir_node` as `name` (bytes, 1..255, no '/' or NUL).
         Adding one non-directory node under several names makes hardlinks."""
         name = _bytes(name, "name")
@@ -199,7 +212,7 @@ class NativeBuilder:
         if r:
             _raise(self._b, r)
 
-    def set_file(self, node, path, offset=0, sparse=False):
+    def set_file(self, node: int, path: BytesLike, offset: int = 0, sparse: bool = False) -> None:
         """Data of a regular file: copied from `path` (at `offset`) when writing. With
         sparse=True, holes found by SEEK_DATA/SEEK_HOLE become chunk holes (never read)."""
         path = _bytes(path, "path")
@@ -208,14 +221,14 @@ class NativeBuilder:
         if r:
             _raise(self._b, r)
 
-    def set_bytes(self, node, data):
+    def set_bytes(self, node: int, data: BytesLike) -> None:
         """In-memory data (symlink target, small files); len must equal the node size."""
         data = _bytes(data, "data")
         r = lib.erofs_node_set_bytes(self._b, node, data, len(data))
         if r:
             _raise(self._b, r)
 
-    def set_chunks(self, node, chunk_format, entries):
+    def set_chunks(self, node: int, chunk_format: int, entries: Sequence[int]) -> None:
         """CHUNK_BASED data given by the caller (RAFS pack). `chunk_format`: low 5 bits =
         log2(chunk size) - blkszbits, 0x20 = 8-byte indexes. `entries`: one int per chunk,
         for indexes `advise | device_id << 16 | blkaddr << 32` (hole: blkaddr 0xFFFFFFFF),
@@ -228,13 +241,13 @@ class NativeBuilder:
         if r:
             _raise(self._b, r)
 
-    def set_root(self, node):
+    def set_root(self, node: int) -> None:
         r = lib.erofs_builder_set_root(self._b, node)
         if r:
             _raise(self._b, r)
 
-    def add_device(self, tag, blocks, mapped_blkaddr=0):
-        """Device-table slot (tag <= 64 bytes); -> device id (1-based, slot index + 1).
+    def add_device(self, tag: BytesLike, blocks: int, mapped_blkaddr: int = 0) -> int:
+        """Device-table slot (tag <= E.DEVICE_TAG_SIZE bytes); -> device id (1-based).
         Needs BuildOptions.devt_slotoff."""
         tag = _bytes(tag, "tag")
         r = lib.erofs_builder_add_device(self._b, tag, len(tag), blocks, mapped_blkaddr)
@@ -242,7 +255,7 @@ class NativeBuilder:
             _raise(self._b, r)
         return r
 
-    def put_bytes(self, offset, data):
+    def put_bytes(self, offset: int, data: BytesLike) -> None:
         """Raw bytes written at image `offset` when writing (never over the superblock).
         Before layout(): only below the inode area (RAFS ext superblock, blob table,
         prefetch table). After layout(): also below the first inode, or appended at or
@@ -253,50 +266,50 @@ class NativeBuilder:
         if r:
             _raise(self._b, r)
 
-    def set_device(self, device_id, blocks, mapped_blkaddr=0):
+    def set_device(self, device_id: int, blocks: int, mapped_blkaddr: int = 0) -> None:
         """Change device slot `device_id` (1-based) until the image is written."""
         r = lib.erofs_builder_set_device(self._b, device_id, blocks, mapped_blkaddr)
         if r:
             _raise(self._b, r)
 
-    def set_sb_blocks(self, blocks):
+    def set_sb_blocks(self, blocks: int) -> None:
         """Write exactly `blocks` (0 included) as sb.blocks instead of the image size."""
         r = lib.erofs_builder_set_sb_blocks(self._b, blocks)
         if r:
             _raise(self._b, r)
 
-    def refresh_info(self):
+    def refresh_info(self) -> LayoutInfo:
         """Layout info now (image_size grows with bytes appended after layout())."""
+        return self._get_info(lib.erofs_builder_info)
+
+    def _get_info(self, fn: Callable[[Any, Any], int]) -> LayoutInfo:
         info = ffi.new("struct erofs_layout_info *")
-        r = lib.erofs_builder_info(self._b, info)
+        r = fn(self._b, info)
         if r:
             _raise(self._b, r)
         self.info = LayoutInfo(**{k: getattr(info, k) for k in LayoutInfo.__dataclass_fields__})
         return self.info
 
     @property
-    def node_count(self):
+    def node_count(self) -> int:
         return lib.erofs_node_count(self._b)
 
     # -- layout and write ----------------------------------------------------------
-    def layout(self):
-        info = ffi.new("struct erofs_layout_info *")
-        r = lib.erofs_builder_layout(self._b, info)
-        if r:
-            _raise(self._b, r)
-        self.info = LayoutInfo(**{k: getattr(info, k) for k in LayoutInfo.__dataclass_fields__})
-        return self.info
+    def layout(self) -> LayoutInfo:
+        """Decide every position (nids, blocks); the node graph is fixed after this."""
+        return self._get_info(lib.erofs_builder_layout)
 
-    def nid(self, node):
+    def nid(self, node: int) -> int:
         r = lib.erofs_node_nid(self._b, node)
         if r < 0:
             _raise(self._b, r)
         return r
 
-    def nids(self, nodes):
+    def nids(self, nodes: Sequence[int]) -> list[int]:
         return [self.nid(n) for n in nodes]
 
-    def write(self, fd, progress=None, step=256):
+    def write(self, fd: int, progress: Callable[[int, int], object] | None = None,
+              step: int = 256) -> None:
         """Serialize the image into fd (truncated first). progress(bytes_done, nodes_left)
         is called every `step` inodes."""
         r = lib.erofs_builder_write_begin(self._b, fd)
@@ -316,15 +329,37 @@ class NativeBuilder:
             _raise(self._b, r)
 
 
-def crc32c(data, crc=0):
+def crc32c(data: bytes, crc: int = 0) -> int:
     """Standard CRC-32C (as zlib-style crc32c libraries: init ~0, final xor)."""
     data = bytes(data)
     return lib.erofs_crc32c_update(crc ^ 0xFFFFFFFF, data, len(data)) ^ 0xFFFFFFFF
 
 
-def sb_checksum(block):
-    """EROFS superblock checksum of an image's first block (checksum field ignored)."""
+def sb_checksum(block: bytes) -> int:
+    """EROFS superblock checksum of an image's first 4 KiB block (checksum field ignored)."""
     block = bytes(block)
-    if len(block) < 4096:
-        raise NativeError("need the first 4096 bytes of the image")
-    return lib.erofs_sb_checksum(block, 4096)
+    if len(block) < E.BLKSZ:
+        raise NativeError(f"need the first {E.BLKSZ} bytes of the image")
+    return lib.erofs_sb_checksum(block, E.BLKSZ)
+
+
+def _c_table(fn: Callable[[Any], Any]) -> list[Any]:
+    """Rows of a C table returned as (pointer, *count)."""
+    n = ffi.new("uint32_t *")
+    rows = fn(n)
+    return [rows[i] for i in range(n[0])]
+
+
+def format_fields() -> dict[str, dict[str, tuple[int, int]]]:
+    """The C core's on-disk structs: {struct: {field: (offset, size)}}, plus the struct
+    size under the key "" (csrc/erofs_fs.h, as compiled)."""
+    out: dict[str, dict[str, tuple[int, int]]] = {}
+    for r in _c_table(lib.erofs_fs_fields):
+        fields = out.setdefault(ffi.string(r.structure).decode(), {"": (0, r.struct_size)})
+        fields[ffi.string(r.field).decode()] = (r.offset, r.size)
+    return out
+
+
+def format_constants() -> dict[str, int]:
+    """The format constants the C core writes (csrc/erofs_fs.h), by macro name."""
+    return {ffi.string(r.name).decode(): r.value for r in _c_table(lib.erofs_fs_consts)}

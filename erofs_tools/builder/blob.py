@@ -15,94 +15,30 @@ Layout written (rafs-v6.md §10, "blob-toc" flavour as nydus-image writes it):
 The blob id is the sha256 of every byte written except the raw digest array (§11); the
 file is built under a temporary name in the blob directory and renamed to the id.
 """
+from __future__ import annotations
+
 import hashlib
 import os
 import queue
-import struct
-import tempfile
 import threading
+from typing import BinaryIO
 
 import zstandard
 
-from erofs_tools.errors import CorruptImageError, DigestMismatchError, InputError
+from erofs_tools.errors import InputError
+from erofs_tools.format import erofs as E
 from erofs_tools.format import rafs as R
+from erofs_tools.fsutil import create_exclusive, round_up
+from erofs_tools.reader import blob as rblob
+# BlobInfo (a decoded blob-table entry) lives in the reader layer, which reads bootstraps
+from erofs_tools.reader.bootstrap import BlobInfo
 
-BLKSZ = 4096
+__all__ = ["BLKSZ", "BlobInfo", "BlobMeta", "BlobWriter", "StoredChunk", "read_toc",
+           "round_up"]
+
+BLKSZ = E.BLKSZ
 CI_ZSTD_LEVEL = 3
 WRITE_BATCH = 4 << 20      # chunks handed to the writer thread in groups of this size
-
-
-def round_up(n, a=BLKSZ):
-    return (n + a - 1) // a * a
-
-
-class BlobInfo:
-    """What the bootstrap needs to know about one blob."""
-
-    def __init__(self, **kw):
-        self.blob_id = kw.pop("blob_id")                 # str, 64 hex chars
-        self.path = kw.pop("path", None)
-        self.chunk_size = kw.pop("chunk_size")
-        self.chunk_count = kw.pop("chunk_count")
-        self.compressor = kw.pop("compressor")           # "zstd" | "none" | ...
-        self.digester = kw.pop("digester")
-        self.features = kw.pop("features", R.BLOB_FEATURES_DEFAULT)
-        self.compressed_size = kw.pop("compressed_size")
-        self.uncompressed_size = kw.pop("uncompressed_size")
-        self.toc_size = kw.pop("toc_size", 0)
-        self.toc_digest = kw.pop("toc_digest", bytes(32))
-        self.ci_compressor = kw.pop("ci_compressor", 0)
-        self.ci_offset = kw.pop("ci_offset", 0)
-        self.ci_compressed_size = kw.pop("ci_compressed_size", 0)
-        self.ci_uncompressed_size = kw.pop("ci_uncompressed_size", 0)
-        self.meta_digest = kw.pop("meta_digest", bytes(32))
-        self.meta_size = kw.pop("meta_size", 0)
-        if kw:
-            raise TypeError(f"unknown BlobInfo fields {sorted(kw)}")
-
-    @property
-    def blocks(self):
-        return self.uncompressed_size // BLKSZ
-
-    def blob_entry(self, blob_index):
-        return R.BlobEntry(
-            blob_id=self.blob_id.encode(), blob_index=blob_index,
-            chunk_size=self.chunk_size, chunk_count=self.chunk_count,
-            compression_algo=R.COMPRESSOR_CODES[self.compressor],
-            digest_algo=R.DIGESTER_CODES[self.digester], features=self.features,
-            compressed_size=self.compressed_size, uncompressed_size=self.uncompressed_size,
-            blob_toc_size=self.toc_size, ci_compressor=self.ci_compressor,
-            ci_offset=self.ci_offset, ci_compressed_size=self.ci_compressed_size,
-            ci_uncompressed_size=self.ci_uncompressed_size,
-            blob_toc_digest=self.toc_digest, blob_meta_digest=self.meta_digest,
-            blob_meta_size=self.meta_size)
-
-    @classmethod
-    def from_entry(cls, e):
-        try:
-            blob_id = e.blob_id.decode("ascii")
-        except UnicodeDecodeError:
-            raise CorruptImageError("blob table: blob id is not ASCII") from None
-        if e.compression_algo not in R.COMPRESSOR_NAMES or e.digest_algo not in R.DIGESTER_NAMES:
-            raise CorruptImageError(f"blob {blob_id}: unknown compression or digest algorithm")
-        return cls(blob_id=blob_id, chunk_size=e.chunk_size, chunk_count=e.chunk_count,
-                   compressor=R.COMPRESSOR_NAMES[e.compression_algo],
-                   digester=R.DIGESTER_NAMES[e.digest_algo], features=e.features,
-                   compressed_size=e.compressed_size, uncompressed_size=e.uncompressed_size,
-                   toc_size=e.blob_toc_size, toc_digest=e.blob_toc_digest,
-                   ci_compressor=e.ci_compressor, ci_offset=e.ci_offset,
-                   ci_compressed_size=e.ci_compressed_size,
-                   ci_uncompressed_size=e.ci_uncompressed_size,
-                   meta_digest=e.blob_meta_digest, meta_size=e.blob_meta_size)
-
-    def as_dict(self):
-        return {"blob_id": self.blob_id, "compressed_size": self.compressed_size,
-                "uncompressed_size": self.uncompressed_size, "chunk_count": self.chunk_count,
-                "compressor": self.compressor, "digester": self.digester}
-
-
-_CHUNK_INFO = struct.Struct("<32sIIIIQQQII")
-assert _CHUNK_INFO.size == R.ChunkInfo.SIZE
 
 
 class StoredChunk:
@@ -110,8 +46,9 @@ class StoredChunk:
     __slots__ = ("digest", "blob_index", "index", "compressed_offset", "compressed_size",
                  "uncompressed_offset", "uncompressed_size")
 
-    def __init__(self, digest, blob_index, index, compressed_offset, compressed_size,
-                 uncompressed_offset, uncompressed_size):
+    def __init__(self, digest: bytes, blob_index: int, index: int, compressed_offset: int,
+                 compressed_size: int, uncompressed_offset: int,
+                 uncompressed_size: int) -> None:
         self.digest = digest
         self.blob_index = blob_index
         self.index = index
@@ -121,25 +58,26 @@ class StoredChunk:
         self.uncompressed_size = uncompressed_size
 
     @property
-    def compressed(self):
+    def compressed(self) -> bool:
         return self.compressed_size != self.uncompressed_size
 
-    def chunk_index_bytes(self):
-        """The 8-byte RafsV6InodeChunkAddr / EROFS chunk index of this chunk (§8)."""
+    def chunk_index_bytes(self) -> bytes:
+        """The 8-byte RafsV6InodeChunkAddr / EROFS chunk index of this chunk (§8): CI
+        index bits 0-15 in advise, device id (blob index + 1) and CI index bits 16-23 in
+        device_id."""
         lo = self.index & 0xFFFF
         hi = ((self.blob_index + 1) & 0xFF) | (((self.index >> 16) & 0xFF) << 8)
-        blk = self.uncompressed_offset // BLKSZ
-        return lo.to_bytes(2, "little") + hi.to_bytes(2, "little") + blk.to_bytes(4, "little")
+        return E.ChunkIndex.pack(lo, hi, self.uncompressed_offset // BLKSZ)
 
-    def chunk_info_bytes(self, blob_index, file_offset=0):
+    def chunk_info_bytes(self, blob_index: int, file_offset: int = 0) -> bytes:
         """The 80-byte RafsV5ChunkInfo of this chunk (fast path of chunk_info().encode())."""
-        return _CHUNK_INFO.pack(
+        return R.ChunkInfo.pack(
             self.digest, blob_index,
             R.CHUNK_FLAG_COMPRESSED if self.compressed_size != self.uncompressed_size else 0,
             self.compressed_size, self.uncompressed_size, self.compressed_offset,
             self.uncompressed_offset, file_offset, self.index, 0)
 
-    def chunk_info(self, file_offset=0):
+    def chunk_info(self, file_offset: int = 0) -> R.ChunkInfo:
         return R.ChunkInfo(
             digest=self.digest, blob_index=self.blob_index,
             flags=R.CHUNK_FLAG_COMPRESSED if self.compressed else 0,
@@ -152,8 +90,8 @@ class StoredChunk:
 class BlobWriter:
     """Append stored chunks, then `finish()` the meta sections and name the file."""
 
-    def __init__(self, blob_dir, chunk_size, compressor="zstd", digester="blake3",
-                 blob_index=0):
+    def __init__(self, blob_dir: str, chunk_size: int, compressor: str = "zstd",
+                 digester: str = "blake3", blob_index: int = 0) -> None:
         if not os.path.isdir(blob_dir):
             raise InputError(f"blob directory {blob_dir} does not exist")
         self.blob_dir = blob_dir
@@ -161,27 +99,28 @@ class BlobWriter:
         self.compressor = compressor
         self.digester = digester
         self.blob_index = blob_index
-        fd, self.tmp_path = tempfile.mkstemp(prefix=".blob-", suffix=".tmp", dir=blob_dir)
-        self._f = os.fdopen(fd, "wb", buffering=1 << 20)
+        fd, self.tmp_path = create_exclusive(blob_dir, ".blob-")
+        self._f: BinaryIO | None = os.fdopen(fd, "wb", buffering=1 << 20)
         self._hash = hashlib.sha256()
         self._pos = 0
         self._upos = 0
         self._ci = bytearray()
         self._digests = bytearray()
         self.count = 0
-        self.info = None
+        self.info: BlobInfo | None = None
         # chunk data is written and hashed (blob id) by a background thread, so the
         # sequential sha256 overlaps with chunking; the queue bounds memory to ~64 MiB
-        self._q = queue.Queue(maxsize=max(2, (64 << 20) // max(WRITE_BATCH, chunk_size)))
-        self._buf = []
+        self._q: queue.Queue[list[bytes] | None] = queue.Queue(maxsize=max(2, (64 << 20) // max(WRITE_BATCH, chunk_size)))
+        self._buf: list[bytes] = []
         self._buf_bytes = 0
-        self._error = None
-        self._thread = threading.Thread(target=self._drain, name="erofs-blob-writer",
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = threading.Thread(target=self._drain, name="erofs-blob-writer",
                                         daemon=True)
         self._thread.start()
 
-    def _drain(self):
+    def _drain(self) -> None:
         f, h = self._f, self._hash
+        assert f is not None
         while True:
             batch = self._q.get()
             if batch is None:
@@ -194,7 +133,7 @@ class BlobWriter:
                 except BaseException as e:   # reported by the next add_chunk / finish
                     self._error = e
 
-    def _sync(self):
+    def _sync(self) -> None:
         """Stop the background writer; later writes are synchronous."""
         if self._thread is not None:
             if self._buf:
@@ -208,7 +147,7 @@ class BlobWriter:
             raise InputError(f"cannot write blob in {self.blob_dir}: "
                              f"{getattr(e, 'strerror', None) or e}") from None
 
-    def _write(self, data, hashed=True):
+    def _write(self, data: bytes, hashed: bool = True) -> None:
         if self._thread is not None and hashed:
             if self._error is not None:
                 self._sync()
@@ -219,12 +158,13 @@ class BlobWriter:
                 self._buf = []
                 self._buf_bytes = 0
         else:
+            assert self._f is not None, "blob already finished"
             self._f.write(data)
             if hashed:
                 self._hash.update(data)
         self._pos += len(data)
 
-    def add_chunk(self, stored, uncompressed_size, digest):
+    def add_chunk(self, stored: bytes, uncompressed_size: int, digest: bytes) -> StoredChunk:
         """Append one chunk's stored bytes; -> StoredChunk."""
         if self.count >= R.MAX_CHUNKS_PER_BLOB:
             raise InputError("too many distinct chunks for one blob (2^24)")
@@ -235,11 +175,11 @@ class BlobWriter:
         self._ci += R.encode_ci_v1(self._upos, uncompressed_size, self._pos, len(stored))
         self._digests += digest
         self._write(stored)
-        self._upos += round_up(uncompressed_size)
+        self._upos += round_up(uncompressed_size, BLKSZ)
         self.count += 1
         return sc
 
-    def abort(self):
+    def abort(self) -> None:
         try:
             self._sync()
         except InputError:
@@ -255,7 +195,7 @@ class BlobWriter:
         except FileNotFoundError:
             pass
 
-    def finish(self, commit=True):
+    def finish(self, commit: bool = True) -> BlobInfo | None:
         """Write the meta sections; -> BlobInfo, or None if no chunk was added.
 
         With commit=False the file stays under its temporary name until `commit()` (so a
@@ -273,12 +213,13 @@ class BlobWriter:
             self.abort()
             raise
 
-    def commit(self):
+    def commit(self) -> None:
         """Rename the finished blob to its id."""
+        assert self.info is not None and self.info.path is not None, "finish() first"
         os.chmod(self.tmp_path, 0o644)
         os.replace(self.tmp_path, self.info.path)
 
-    def _finish(self):
+    def _finish(self) -> BlobInfo:
         self._sync()
         toc = []
         data_size = self._pos
@@ -327,6 +268,7 @@ class BlobWriter:
         toc_bytes = b"".join(e.encode() for e in toc)
         toc_bytes += R.tar_header(R.TOC_NAME_TOC, len(toc_bytes))
         self._write(toc_bytes)
+        assert self._f is not None
         self._f.close()
         self._f = None
         blob_id = self._hash.hexdigest()
@@ -341,86 +283,31 @@ class BlobWriter:
         return self.info
 
 
-# --- reading ------------------------------------------------------------------------------
+# --- reading (views of the reader layer's blob-meta reader) ------------------------------
 
-def read_toc(f, size, toc_size=0):
+def read_toc(f: BinaryIO, size: int, toc_size: int = 0) -> dict[bytes, R.TocEntry]:
     """-> {name: TocEntry} from the blob's tail, or {} if the blob has no TOC."""
-    if size < R.TAR_BLOCK:
-        return {}
-    f.seek(size - R.TAR_BLOCK)
-    parsed = R.parse_tar_header(f.read(R.TAR_BLOCK))
-    if parsed is None or parsed[0] != R.TOC_NAME_TOC:
-        return {}
-    n = parsed[1]
-    if n <= 0 or n % R.TocEntry.SIZE or n + R.TAR_BLOCK > min(size, R.TOC_MAX_SIZE):
-        raise CorruptImageError(f"blob TOC size {n} is invalid")
-    f.seek(size - R.TAR_BLOCK - n)
-    buf = f.read(n)
-    out = {}
-    for k in range(n // R.TocEntry.SIZE):
-        e = R.TocEntry.decode(buf, k * R.TocEntry.SIZE, "TOC entry")
-        out[e.name.rstrip(b"\0")] = e
-    return out
+    toc = rblob.read_toc(rblob.file_reader(f), size, toc_size=toc_size or None)
+    return {} if toc is None else dict(toc.entries)
 
 
 class BlobMeta:
-    """The CI table (and inlined digests, if any) of one blob file."""
+    """The CI table (and inlined digests, if any) of one blob file, in CI order."""
 
-    def __init__(self, info, entries, digests):
+    def __init__(self, info: BlobInfo, entries: list[tuple[int, int, int, int]],
+                 digests: list[bytes] | None) -> None:
         self.info = info
         self.entries = entries        # [(uoff, usize, coff, csize)]
         self.digests = digests        # [bytes32] or None
 
     @classmethod
-    def read(cls, path, info):
+    def read(cls, path: str, info: BlobInfo) -> BlobMeta:
         """Read and check CI table + digests of `path` described by blob table `info`."""
-        try:
-            f = open(path, "rb")
-        except OSError as e:
-            raise InputError(f"cannot open blob {path}: {e.strerror}") from None
-        with f:
-            size = os.fstat(f.fileno()).st_size
-            if size != info.compressed_size:
-                raise CorruptImageError(
-                    f"blob {path}: size {size} differs from the bootstrap's {info.compressed_size}")
-            if info.features & R.BLOB_FEATURES_UNSUPPORTED:
-                raise CorruptImageError(
-                    f"blob {info.blob_id}: unsupported features {info.features:#x}")
-            if info.ci_offset + info.ci_compressed_size > size:
-                raise CorruptImageError(f"blob {path}: CI table beyond end of blob")
-            if info.ci_uncompressed_size != info.chunk_count * R.CI_V1_SIZE:
-                raise CorruptImageError(f"blob {path}: CI table size does not match chunk count")
-            f.seek(info.ci_offset)
-            raw = f.read(info.ci_compressed_size)
-            if info.ci_compressor == 0:
-                ci = raw
-            elif info.ci_compressor == R.COMPRESSOR_CODES["zstd"]:
-                try:
-                    ci = zstandard.ZstdDecompressor().decompress(
-                        raw, max_output_size=info.ci_uncompressed_size)
-                except zstandard.ZstdError as e:
-                    raise CorruptImageError(f"blob {path}: bad CI table: {e}") from None
-            else:
-                raise CorruptImageError(f"blob {path}: unsupported CI compressor")
-            if len(ci) != info.ci_uncompressed_size:
-                raise CorruptImageError(f"blob {path}: CI table truncated")
-            entries = []
-            for k in range(info.chunk_count):
-                uoff, us, coff, cs = R.decode_ci_v1(ci, k * R.CI_V1_SIZE)
-                if (coff + cs > info.ci_offset or cs > us or us > R.CHUNK_SIZE_MAX
-                        or uoff + round_up(us) > info.uncompressed_size):
-                    raise CorruptImageError(f"blob {path}: CI entry {k} out of range")
-                entries.append((uoff, us, coff, cs))
-            digests = None
-            toc = read_toc(f, size, info.toc_size)
-            d = toc.get(R.TOC_NAME_BLOB_DIGEST)
-            if d is not None:
-                if (d.compressed_size != 32 * info.chunk_count
-                        or d.compressed_offset + d.compressed_size > size):
-                    raise CorruptImageError(f"blob {path}: digest array has a wrong size")
-                f.seek(d.compressed_offset)
-                buf = f.read(d.compressed_size)
-                if hashlib.sha256(buf).digest() != d.uncompressed_digest:
-                    raise DigestMismatchError(f"blob {path}: digest array checksum mismatch")
-                digests = [buf[i:i + 32] for i in range(0, len(buf), 32)]
-        return cls(info, entries, digests)
+        meta = info.read_meta(path)
+        chunks = sorted(meta.chunks, key=lambda c: c.index)
+        entries = [(c.uncompressed_offset, c.uncompressed_size, c.compressed_offset,
+                    c.compressed_size) for c in chunks]
+        # digests inlined in the blob (its blob.digest section), not the bootstrap's
+        digests = [c.digest for c in chunks] if meta.digest_region is not None else None
+        return cls(info, entries, digests)  # type: ignore[arg-type]
+

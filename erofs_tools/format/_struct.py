@@ -1,7 +1,13 @@
 """A tiny declarative base for fixed-size little-endian records."""
+from __future__ import annotations
+
 import struct
+from typing import Any, ClassVar, TypeVar
 
 from erofs_tools.errors import CorruptImageError
+
+R = TypeVar("R", bound="Record")
+Buffer = bytes | bytearray | memoryview
 
 
 class Record:
@@ -11,31 +17,44 @@ class Record:
     zeros there, decode skips them.
     """
 
-    FIELDS: tuple = ()
-    _fmt: struct.Struct
-    _names: tuple
+    FIELDS: ClassVar[tuple[tuple[str | None, str], ...]] = ()
+    SIZE: ClassVar[int]
+    _fmt: ClassVar[struct.Struct]
+    _names: ClassVar[tuple[str, ...]]
 
-    def __init_subclass__(cls, **kw):
+    def __init_subclass__(cls, **kw: Any) -> None:
         super().__init_subclass__(**kw)
         cls._fmt = struct.Struct("<" + "".join(code for _, code in cls.FIELDS))
         cls._names = tuple(name for name, code in cls.FIELDS if name is not None)
         cls.SIZE = cls._fmt.size
 
-    def __init__(self, **values):
+    def __init__(self, **values: Any) -> None:
         for name in self._names:
             setattr(self, name, values.pop(name, 0 if not self._is_bytes(name) else b""))
         if values:
             raise TypeError(f"{type(self).__name__}: unknown fields {sorted(values)}")
 
     @classmethod
-    def _is_bytes(cls, name):
+    def _is_bytes(cls, name: str) -> bool:
         for n, code in cls.FIELDS:
             if n == name:
                 return code.endswith("s")
         return False
 
     @classmethod
-    def decode(cls, buf, offset=0, what=None):
+    def field_layout(cls) -> dict[str, tuple[int, int]]:
+        """{field name: (offset, size)} of the named fields (reserved ones left out)."""
+        out = {}
+        off = 0
+        for name, code in cls.FIELDS:
+            size = struct.calcsize("<" + code)
+            if name is not None:
+                out[name] = (off, size)
+            off += size
+        return out
+
+    @classmethod
+    def decode(cls: type[R], buf: Buffer, offset: int = 0, what: str | None = None) -> R:
         if offset < 0 or len(buf) - offset < cls.SIZE:
             raise CorruptImageError(f"{what or cls.__name__} truncated at offset {offset}")
         vals = cls._fmt.unpack_from(buf, offset)
@@ -44,20 +63,30 @@ class Record:
             setattr(obj, name, val)
         return obj
 
-    def encode(self):
+    @classmethod
+    def pack(cls, *values: Any) -> bytes:
+        """Encode the named fields given in FIELDS order, without building a record (the
+        fast path of writers that emit many records)."""
+        return cls._fmt.pack(*values)
+
+    def encode(self) -> bytes:
         return self._fmt.pack(*(getattr(self, n) for n in self._names))
 
-    def as_dict(self):
+    def as_dict(self) -> dict[str, Any]:
         out = {}
         for n in self._names:
             v = getattr(self, n)
             out[n] = v.hex() if isinstance(v, bytes) else v
         return out
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         inner = ", ".join(f"{n}={getattr(self, n)!r}" for n in self._names)
         return f"{type(self).__name__}({inner})"
 
-    def __eq__(self, other):
+    def __eq__(self, other: object) -> bool:
         return type(self) is type(other) and all(
             getattr(self, n) == getattr(other, n) for n in self._names)
+
+    def __getattr__(self, name: str) -> Any:
+        # fields are set per instance from FIELDS; this tells type checkers so
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")

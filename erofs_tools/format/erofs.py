@@ -1,4 +1,10 @@
-"""EROFS on-disk format (uncompressed subset): see shared reference erofs-format.md."""
+"""EROFS on-disk format (uncompressed subset): see shared reference erofs-format.md.
+
+The Python twin of csrc/erofs_fs.h: same structs, same field names (the C core exposes
+its offsets and tests/test_format_agreement.py compares them with these).
+"""
+from __future__ import annotations
+
 import stat as _stat
 
 from erofs_tools.format._struct import Record
@@ -37,10 +43,12 @@ class SuperBlock(Record):
 
 assert SuperBlock.SIZE == 128
 
-CHECKSUM_FIELD = SUPER_OFFSET + 4
+CHECKSUM_FIELD = SUPER_OFFSET + SuperBlock.field_layout()["checksum"][0]
+UUID_SIZE = SuperBlock.field_layout()["uuid"][1]
+VOLUME_NAME_SIZE = SuperBlock.field_layout()["volume_name"][1]   # NUL padded
 
 
-def crc32c_raw(data, crc=0xFFFFFFFF):
+def crc32c_raw(data: bytes, crc: int = 0xFFFFFFFF) -> int:
     """CRC-32C (Castagnoli) with the given seed and no final XOR (the EROFS convention).
 
     Pure-Python fallback used by the reader; the builder uses the C implementation.
@@ -51,10 +59,10 @@ def crc32c_raw(data, crc=0xFFFFFFFF):
     return crc
 
 
-_TABLE = None
+_TABLE: list[int] | None = None
 
 
-def _crc_table():
+def _crc_table() -> list[int]:
     global _TABLE
     if _TABLE is None:
         t = []
@@ -67,12 +75,13 @@ def _crc_table():
     return _TABLE
 
 
-def superblock_checksum(block0):
+def superblock_checksum(block0: bytes) -> int:
     """Checksum over [1024, blksz) of the first block with the checksum field zeroed."""
     blksz = 1 << block0[SUPER_OFFSET + 12]
     end = blksz if blksz > SUPER_OFFSET else SUPER_OFFSET + blksz
     data = bytearray(block0[SUPER_OFFSET:end])
-    data[4:8] = b"\0\0\0\0"
+    at = CHECKSUM_FIELD - SUPER_OFFSET
+    data[at:at + 4] = b"\0\0\0\0"
     return crc32c_raw(bytes(data))
 
 
@@ -91,15 +100,15 @@ LAYOUT_NAMES = {0: "FLAT_PLAIN", 1: "COMPRESSED_FULL", 2: "FLAT_INLINE",
 I_FORMAT_BITS = 0xF  # version + datalayout; higher bits are 6.15+ only, never written
 
 
-def i_format(version, layout):
+def i_format(version: int, layout: int) -> int:
     return version | (layout << 1)
 
 
-def i_format_version(fmt):
+def i_format_version(fmt: int) -> int:
     return fmt & 1
 
 
-def i_format_layout(fmt):
+def i_format_layout(fmt: int) -> int:
     return (fmt >> 1) & 0x7
 
 
@@ -123,9 +132,9 @@ class ExtendedInode(Record):
 assert CompactInode.SIZE == 32 and ExtendedInode.SIZE == 64
 
 
-def xattr_ibody_size(icount):
+def xattr_ibody_size(icount: int) -> int:
     """Bytes of the inline xattr area for a given i_xattr_icount."""
-    return 0 if icount == 0 else 12 + 4 * (icount - 1)
+    return 0 if icount == 0 else XattrIbodyHeader.SIZE + 4 * (icount - 1)
 
 
 # --- chunk-based files ------------------------------------------------------------------
@@ -159,7 +168,7 @@ _FT_BY_IFMT = {
 }
 
 
-def file_type_of_mode(mode):
+def file_type_of_mode(mode: int) -> int:
     return _FT_BY_IFMT.get(_stat.S_IFMT(mode), FT_UNKNOWN)
 
 
@@ -169,7 +178,8 @@ class DeviceSlot(Record):
 
 
 assert DeviceSlot.SIZE == 128
-DEVICE_SLOT_SIZE = 128
+DEVICE_SLOT_SIZE = DeviceSlot.SIZE
+DEVICE_TAG_SIZE = DeviceSlot.field_layout()["tag"][1]
 
 
 # --- xattrs -----------------------------------------------------------------------------
@@ -201,7 +211,7 @@ XATTR_PREFIXES = {
 }
 
 
-def split_xattr_name(name):
+def split_xattr_name(name: bytes) -> tuple[int, bytes] | None:
     """Return (index, suffix) for a full xattr name, or None if it has no short prefix."""
     if name in (b"system.posix_acl_access", b"system.posix_acl_default"):
         return (XATTR_INDEX_POSIX_ACL_ACCESS if name.endswith(b"access")
@@ -214,12 +224,12 @@ def split_xattr_name(name):
 
 
 # --- rdev -------------------------------------------------------------------------------
-def encode_rdev(major, minor):
+def encode_rdev(major: int, minor: int) -> int:
     """Linux 'new' dev_t encoding stored in i_u for device inodes."""
     return (minor & 0xFF) | (major << 8) | ((minor & ~0xFF) << 12)
 
 
-def decode_rdev(value):
+def decode_rdev(value: int) -> tuple[int, int]:
     major = (value >> 8) & 0xFFF
     minor = (value & 0xFF) | ((value >> 12) & 0xFFF00)
     return major, minor

@@ -5,11 +5,14 @@ EROFS extra device whose kernel-visible address space is the uncompressed blob i
 blocks, while the blob file itself holds compressed chunks, a compression-info (CI)
 table, its header, the chunk digests and a TOC, each followed by a tar header.
 """
-from erofs_tools.format._struct import Record
+from __future__ import annotations
+
+from erofs_tools.format._struct import Buffer, Record
+from erofs_tools.format.erofs import DEVICE_SLOT_SIZE
 
 EXT_SUPER_OFFSET = 1152
 DEVT_SLOTOFF = 11            # device table at 11 * 128 = 1408
-DEVT_OFFSET = DEVT_SLOTOFF * 128
+DEVT_OFFSET = DEVT_SLOTOFF * DEVICE_SLOT_SIZE
 ROOT_NID = 128               # one empty block after meta_addr
 MAX_BLOBS = 254
 BLOCK_SEG_ALIGNMENT = 0x8_0000  # mapped_blkaddr alignment of blobs (512 KiB)
@@ -132,7 +135,8 @@ CI_V1_SIZE = 16
 CI_V2_SIZE = 24
 
 
-def encode_ci_v1(uncompressed_offset, uncompressed_size, compressed_offset, compressed_size):
+def encode_ci_v1(uncompressed_offset: int, uncompressed_size: int, compressed_offset: int,
+                 compressed_size: int) -> bytes:
     """16-byte CI v1 entry. Sizes are stored minus one; offsets must be 4 KiB aligned."""
     us = uncompressed_size - 1
     cs = compressed_size - 1
@@ -143,7 +147,7 @@ def encode_ci_v1(uncompressed_offset, uncompressed_size, compressed_offset, comp
     return uncomp.to_bytes(8, "little") + comp.to_bytes(8, "little")
 
 
-def decode_ci_v1(buf, offset=0):
+def decode_ci_v1(buf: Buffer, offset: int = 0) -> tuple[int, int, int, int]:
     """-> (uncompressed_offset, uncompressed_size, compressed_offset, compressed_size)."""
     uncomp = int.from_bytes(buf[offset:offset + 8], "little")
     comp = int.from_bytes(buf[offset + 8:offset + 16], "little")
@@ -154,7 +158,7 @@ def decode_ci_v1(buf, offset=0):
     return uoff, us + 1, coff, cs + 1
 
 
-def decode_ci_v2(buf, offset=0):
+def decode_ci_v2(buf: Buffer, offset: int = 0) -> tuple[int, int, int, int, int]:
     """-> (uncompressed_offset, uncompressed_size, compressed_offset, compressed_size, flags)."""
     uncomp = int.from_bytes(buf[offset:offset + 8], "little")
     comp = int.from_bytes(buf[offset + 8:offset + 16], "little")
@@ -196,7 +200,7 @@ TOC_NAME_BOOTSTRAP = b"image.boot"
 TOC_NAME_TOC = b"rafs.blob.toc"
 
 
-def tar_header(name, size):
+def tar_header(name: bytes, size: int) -> bytes:
     """A 512-byte GNU tar header for the reversed-tar blob sections.
 
     Nydus readers only look at the name and size; we write a complete, checksummed
@@ -216,7 +220,7 @@ def tar_header(name, size):
     return bytes(h)
 
 
-def parse_tar_header(buf):
+def parse_tar_header(buf: Buffer) -> tuple[bytes, int] | None:
     """-> (name, size) of a 512-byte tar header, or None if it is not one."""
     if len(buf) != TAR_BLOCK:
         return None

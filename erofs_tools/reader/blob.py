@@ -18,6 +18,7 @@ from typing import Callable, NamedTuple, Optional
 from erofs_tools.errors import CorruptImageError, DigestMismatchError
 from erofs_tools.format import rafs
 from erofs_tools.format.erofs import BLKSZ
+from erofs_tools.fsutil import round_up
 
 ReadAt = Callable[[int, int], bytes]
 
@@ -47,11 +48,8 @@ class BlobChunk(NamedTuple):
     @property
     def uncompressed_end(self):
         """End of the chunk's 4 KiB-aligned slot in the uncompressed space."""
-        return self.uncompressed_offset + _round_up(self.uncompressed_size, BLKSZ)
+        return self.uncompressed_offset + round_up(self.uncompressed_size, BLKSZ)
 
-
-def _round_up(x, a):
-    return (x + a - 1) // a * a
 
 
 def _blob_name(blob_id):

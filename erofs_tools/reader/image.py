@@ -15,15 +15,13 @@ from typing import NamedTuple, Optional
 from erofs_tools.errors import CorruptImageError
 from erofs_tools.format import erofs as E
 from erofs_tools.format import rafs as R
+from erofs_tools.fsutil import round_up
 
 MAX_SYMLINK = 4095
 MAX_BLOCK_BITS = 16        # we read 512 B .. 64 KiB blocks; the kernel stops at PAGE_SIZE
 MIN_BLOCK_BITS = 9
 MAX_CHUNK_BITS = 48
 
-
-def _round_up(x, a):
-    return (x + a - 1) // a * a
 
 
 def _cstr(b):
@@ -384,7 +382,7 @@ class Image:
         csize = 1 << bits
         count = (ino.size + csize - 1) >> bits
         unit = 8 if fmt & E.CHUNK_FORMAT_INDEXES else 4
-        start = _round_up(ino.data_end, unit)
+        start = round_up(ino.data_end, unit)
         if count > (self.size - start) // unit if start <= self.size else True:
             raise self._err(f"inode {ino.nid}: {count} chunk indexes do not fit in the image "
                             f"(size {ino.size}, chunk {csize})")
@@ -627,7 +625,7 @@ class Image:
         if b"\0" in suffix:
             raise self._err(f"{what}: xattr name contains NUL")
         value = bytes(buf[nstart + e.e_name_len:vend])
-        return prefix + suffix, value, _round_up(vend, 4)
+        return prefix + suffix, value, round_up(vend, 4)
 
     def xattrs(self, ino) -> list:
         """[(name, value)] of an inode, shared ones first, as stored."""
@@ -661,41 +659,10 @@ class Image:
         return out
 
     # -- summaries -------------------------------------------------------------------------
-    def super_dict(self):
-        sb = self.sb
-        d = {"image": self.name, "size": self.size, "kind": "rafs-v6" if self.is_rafs else "erofs",
-             "block_size": self.blksz, "root_nid": sb.root_nid, "inodes": sb.inos,
-             "blocks": sb.blocks, "meta_blkaddr": sb.meta_blkaddr,
-             "xattr_blkaddr": sb.xattr_blkaddr, "build_time": sb.build_time,
-             "build_time_nsec": sb.build_time_nsec,
-             "feature_compat": f"{sb.feature_compat:#x}",
-             "feature_incompat": f"{sb.feature_incompat:#x}",
-             "checksum": f"{sb.checksum:#010x}", "uuid": sb.uuid.hex(),
-             "volume_name": _cstr(sb.volume_name).decode("utf-8", "replace"),
-             "extra_devices": sb.extra_devices, "devt_slotoff": sb.devt_slotoff,
-             "devices": [{"id": i + 1, "tag": _cstr(d.tag).decode("ascii", "replace"),
-                          "blocks": d.blocks, "mapped_blkaddr": d.mapped_blkaddr}
-                         for i, d in enumerate(self.devices)]}
-        if self.is_rafs:
-            ext = self.rafs
-            d["rafs"] = {"flags": f"{ext.s_flags:#x}", "chunk_size": ext.s_chunk_size,
-                         "blob_table": [ext.s_blob_table_offset, ext.s_blob_table_size],
-                         "chunk_table": [ext.s_chunk_table_offset, ext.s_chunk_table_size],
-                         "prefetch_table": [ext.s_prefetch_table_offset,
-                                            ext.s_prefetch_table_size],
-                         "prefetch": self.prefetch,
-                         "chunk_infos": len(self.chunk_infos)}
-            d["blobs"] = [{
-                "index": i, "blob_id": _cstr(b.blob_id).decode("ascii", "replace"),
-                "chunk_size": b.chunk_size, "chunk_count": b.chunk_count,
-                "compressor": R.COMPRESSOR_NAMES.get(b.compression_algo, b.compression_algo),
-                "digester": R.DIGESTER_NAMES.get(b.digest_algo, b.digest_algo),
-                "features": f"{b.features:#x}", "compressed_size": b.compressed_size,
-                "uncompressed_size": b.uncompressed_size, "ci_offset": b.ci_offset,
-                "ci_compressed_size": b.ci_compressed_size,
-                "ci_uncompressed_size": b.ci_uncompressed_size,
-                "blob_toc_size": b.blob_toc_size} for i, b in enumerate(self.blob_entries)]
-        return d
+    def super_dict(self) -> dict:
+        """Superblock, device table and RAFS tables as JSON-ready values (reader.stats)."""
+        from erofs_tools.reader.stats import super_summary
+        return super_summary(self)
 
 
 def open_image(source, blob_dir=None, devices=None, verify=True) -> Image:

@@ -5,11 +5,9 @@ import hashlib
 
 from erofs_tools.errors import ErofsToolsError
 from erofs_tools.format import erofs as E
-from erofs_tools.reader.image import Image
-
-
-def _round_up(x, a):
-    return (x + a - 1) // a * a
+from erofs_tools.format import rafs as R
+from erofs_tools.fsutil import round_up
+from erofs_tools.reader.image import Image, _cstr
 
 
 def image_stats(img: Image):
@@ -106,7 +104,7 @@ def image_stats(img: Image):
     after_dedup = flat_bytes + sum(u["size"] for u in unique.values())
     csizes = [u["csize"] for u in unique.values()]
     after_comp = flat_bytes + sum(csizes) if all(x is not None for x in csizes) else None
-    stored_blocks = sum(_round_up(u["size"], img.blksz) for u in unique.values())
+    stored_blocks = sum(round_up(u["size"], img.blksz) for u in unique.values())
     d = {
         "image": img.name, "kind": "rafs-v6" if img.is_rafs else "erofs",
         "entries": entries, "files": files, "directories": dirs, "symlinks": symlinks,
@@ -171,3 +169,41 @@ def multi_stats(imgs):
                                 for dg in sorted(shared)[:1000]},
     }
     return {"images": per, "total": total}
+
+
+def super_summary(img: Image) -> dict:
+    """Superblock, device table and RAFS tables of `img` as JSON-ready values."""
+    sb = img.sb
+    d = {"image": img.name, "size": img.size, "kind": "rafs-v6" if img.is_rafs else "erofs",
+         "block_size": img.blksz, "root_nid": sb.root_nid, "inodes": sb.inos,
+         "blocks": sb.blocks, "meta_blkaddr": sb.meta_blkaddr,
+         "xattr_blkaddr": sb.xattr_blkaddr, "build_time": sb.build_time,
+         "build_time_nsec": sb.build_time_nsec,
+         "feature_compat": f"{sb.feature_compat:#x}",
+         "feature_incompat": f"{sb.feature_incompat:#x}",
+         "checksum": f"{sb.checksum:#010x}", "uuid": sb.uuid.hex(),
+         "volume_name": _cstr(sb.volume_name).decode("utf-8", "replace"),
+         "extra_devices": sb.extra_devices, "devt_slotoff": sb.devt_slotoff,
+         "devices": [{"id": i + 1, "tag": _cstr(d.tag).decode("ascii", "replace"),
+                      "blocks": d.blocks, "mapped_blkaddr": d.mapped_blkaddr}
+                     for i, d in enumerate(img.devices)]}
+    if img.is_rafs:
+        ext = img.rafs
+        d["rafs"] = {"flags": f"{ext.s_flags:#x}", "chunk_size": ext.s_chunk_size,
+                     "blob_table": [ext.s_blob_table_offset, ext.s_blob_table_size],
+                     "chunk_table": [ext.s_chunk_table_offset, ext.s_chunk_table_size],
+                     "prefetch_table": [ext.s_prefetch_table_offset,
+                                        ext.s_prefetch_table_size],
+                     "prefetch": img.prefetch,
+                     "chunk_infos": len(img.chunk_infos)}
+        d["blobs"] = [{
+            "index": i, "blob_id": _cstr(b.blob_id).decode("ascii", "replace"),
+            "chunk_size": b.chunk_size, "chunk_count": b.chunk_count,
+            "compressor": R.COMPRESSOR_NAMES.get(b.compression_algo, b.compression_algo),
+            "digester": R.DIGESTER_NAMES.get(b.digest_algo, b.digest_algo),
+            "features": f"{b.features:#x}", "compressed_size": b.compressed_size,
+            "uncompressed_size": b.uncompressed_size, "ci_offset": b.ci_offset,
+            "ci_compressed_size": b.ci_compressed_size,
+            "ci_uncompressed_size": b.ci_uncompressed_size,
+            "blob_toc_size": b.blob_toc_size} for i, b in enumerate(img.blob_entries)]
+    return d

@@ -1,0 +1,222 @@
+/* Internal header of the C core's builder: the node graph and builder state shared by
+ * nodes.c (graph construction), datastream.c (file-data copies and the stream worker),
+ * dirs.c (directory blocks), layout.c (nids, xattr packing, block allocation) and write.c
+ * (serialization).
+ *
+ * Not part of the API (that is erofs_native.h, also the cffi cdef). Functions declared
+ * here are hidden: they link between the core's objects but are not exported from the
+ * extension, so no other library's symbol of the same name can interpose them.
+ *
+ * Image map (mkfs defaults): block 0 = superblock at 1024, inodes from byte 1152
+ * (meta_blkaddr 0, root nid 36), then the shared xattr area (block aligned), then data
+ * blocks (directories and files, in nid order). Stream mode puts file data first.
+ */
+#ifndef EROFS_BUILDER_INT_H
+#define EROFS_BUILDER_INT_H
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <unistd.h>
+#include "erofs_fs.h"
+#include "erofs_native.h"
+
+#define INTERNAL __attribute__((visibility("hidden")))
+
+#define NONE32 0xFFFFFFFFu        /* "no node / no index" in the builder's own arrays */
+#define WIN_SIZE (1u << 20)       /* metadata window of the writer */
+#define CBUF_SIZE (1u << 20)      /* copy buffer when copy_file_range cannot be used */
+#define SB_END (EROFS_SUPER_OFFSET + sizeof(struct erofs_super_block))
+
+enum { L_PLAIN = EROFS_INODE_FLAT_PLAIN, L_INLINE = EROFS_INODE_FLAT_INLINE,
+       L_CHUNK = EROFS_INODE_CHUNK_BASED };
+/* where a node's data comes from */
+enum { D_NONE = 0, D_FILE, D_BYTES, D_CHUNKS, D_SPARSE };
+
+struct node {
+    uint64_t size;
+    int64_t mtime;
+    uint64_t nid;
+    uint64_t meta_off;      /* absolute byte offset of the inode */
+    uint64_t data_off;      /* D_FILE: source offset; D_BYTES: arena offset */
+    uint32_t mode, uid, gid, mtime_nsec;
+    uint32_t rdev;          /* new encoding */
+    uint32_t nlink;
+    uint32_t parent;        /* directories: parent node (NONE32 = none yet) */
+    uint32_t path_off, path_len; /* D_FILE / D_SPARSE: source path in arena */
+    uint32_t aux;           /* D_CHUNKS / D_SPARSE: index into b->chunks */
+    uint32_t xa_first, xa_count;  /* after layout: range in sorted xattr array */
+    uint32_t de_first, de_count;  /* after layout: range in sorted dirent array */
+    uint32_t startblk;
+    uint32_t xattr_isize;
+    uint32_t tail;          /* inline tail bytes */
+    uint32_t ino;           /* i_ino (order + 1) */
+    uint32_t xa_max;        /* xattr ibody size if every xattr were inline */
+    uint8_t dkind, layout, extended, placed;
+    uint8_t streamed, stream_inline;
+    uint8_t *tailbuf;       /* stream mode: inline tail read by the worker (or NULL) */
+};
+
+/* a copy job for the stream worker: everything it needs, nothing shared */
+struct job {
+    struct job *next;
+    char *path;
+    uint64_t src_off, out_off, full, tail_src_off, expect_size;
+    uint8_t *tailbuf;
+    uint32_t tail;
+    uint64_t *sparse;       /* D_SPARSE: chunk entries (1 | blk << 32) or NULL */
+    uint32_t nchunks;
+    uint64_t csz, size;
+};
+
+/* data transfer context: one per thread (own buffer, own error message) */
+struct xfer {
+    int out;
+    uint32_t blksz;
+    uint8_t *buf;
+    volatile uint64_t *bytes;
+    int code;
+    char err[600];
+};
+
+struct dirent_rec {
+    uint32_t parent, child;
+    uint32_t name_off;
+    uint16_t name_len;
+};
+
+struct xattr_rec {
+    uint32_t node;
+    uint32_t name_off;      /* suffix in arena */
+    uint32_t val_off;
+    uint16_t val_len;
+    uint8_t index, name_len;
+    uint32_t shared_id;     /* NONE32 = inline */
+};
+
+struct chunkset {
+    uint32_t format;        /* i_u low 16 bits */
+    uint32_t count;
+    uint64_t *entries;      /* D_CHUNKS: raw entries; D_SPARSE: 0 hole / 1 data, then blkaddr */
+};
+
+struct device {
+    uint8_t tag[64];
+    uint32_t blocks, mapped;
+};
+
+struct putbytes {
+    uint64_t off;
+    size_t len;
+    uint8_t *data;
+};
+
+struct erofs_builder {
+    struct erofs_opts o;
+    uint32_t blksz;
+    char err[600];
+    struct node *nodes;
+    uint32_t nnodes, cap_nodes;
+    struct dirent_rec *des;
+    uint32_t nde, cap_de;
+    struct xattr_rec *xas;
+    uint32_t nxa, cap_xa;
+    uint8_t *arena;
+    uint64_t arena_len, arena_cap;
+    struct chunkset *chunks;
+    uint32_t nchunks, cap_chunks;
+    struct device *devs;
+    uint32_t ndevs;
+    struct putbytes *puts;
+    uint32_t nputs;
+    uint32_t root;
+    int laid_out;
+    uint32_t *order;        /* nid order of node ids */
+    uint32_t *worder;       /* node ids by inode offset (write order) */
+    uint32_t norder;
+    struct erofs_layout_info info;
+    uint32_t *shared_order; /* xattr rec index of each shared xattr, in id order */
+    uint32_t nshared;
+    /* write state */
+    int fd;
+    uint32_t wpos;
+    uint8_t *win;
+    uint64_t win_start, win_hi;
+    uint8_t *cbuf;
+    uint64_t bytes_done;
+    int wfailed;
+    uint64_t first_inode_off;
+    int wdone, sb_blocks_set;
+    uint64_t sb_blocks_val;
+    /* stream mode */
+    int sfd;
+    uint64_t scur;          /* next free data block */
+    uint64_t tail_mem;
+    int worker_on, qstop, qabort;
+    pthread_t worker;
+    pthread_mutex_t mu;
+    pthread_cond_t cv_job, cv_space, cv_idle;
+    struct job *qhead, *qtail;
+    uint32_t qlen;
+    int werr_code;
+    char werr[600];
+    volatile uint64_t sbytes;
+};
+
+/* nodes.c */
+INTERNAL int fail(erofs_builder *b, int code, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+INTERNAL void *grow(void *p, uint32_t *cap, uint32_t need, size_t elem);
+INTERNAL int64_t arena_put(erofs_builder *b, const void *data, size_t len);
+INTERNAL int check_mutable(erofs_builder *b);
+
+/* datastream.c: data transfers (any thread) and the stream worker */
+INTERNAL int xfail(struct xfer *x, int code, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+INTERNAL int x_pwrite(struct xfer *x, const void *buf, size_t len, uint64_t off);
+INTERNAL int x_read(struct xfer *x, int fd, uint8_t *buf, size_t len, uint64_t off,
+                    const char *path);
+INTERNAL int x_copy(struct xfer *x, int in, uint64_t in_off, uint64_t out_off, uint64_t len,
+                    const char *path);
+INTERNAL int x_copy_sparse(struct xfer *x, int fd, const char *path, uint64_t size,
+                           const uint64_t *entries, uint32_t count, uint64_t csz);
+INTERNAL void main_xfer(erofs_builder *b, struct xfer *x);
+INTERNAL int read_exact(erofs_builder *b, int fd, uint8_t *buf, size_t len, uint64_t off,
+                        const char *path);
+INTERNAL int copy_range(erofs_builder *b, int in, uint64_t in_off, uint64_t out_off,
+                        uint64_t len, const char *path);
+INTERNAL int stream_stop(erofs_builder *b, int abort);
+INTERNAL int stream_file(erofs_builder *b, uint32_t node, const char *path, size_t pathlen,
+                         uint64_t offset);
+
+/* dirs.c */
+INTERNAL int namecmp(const uint8_t *a, size_t al, const uint8_t *b2, size_t bl);
+INTERNAL uint64_t dir_pack(erofs_builder *b, struct node *d, uint8_t *out);
+
+/* layout.c */
+INTERNAL int is_flat_data(const struct node *n);
+INTERNAL uint32_t xentry_size(const struct xattr_rec *x);
+INTERNAL uint64_t place_sparse_chunks(erofs_builder *b, struct chunkset *cs, uint64_t size,
+                                     uint64_t blk);
+
+static inline uint64_t align_up(uint64_t v, uint64_t a)
+{
+    return (v + a - 1) / a * a;
+}
+
+static inline uint32_t inode_size(const struct node *n)
+{
+    return n->extended ? (uint32_t)sizeof(struct erofs_inode_extended)
+                       : (uint32_t)sizeof(struct erofs_inode_compact);
+}
+
+#endif

@@ -1,0 +1,188 @@
+/* EROFS on-disk structures as the C core writes them: the one C definition of each.
+ *
+ * Internal header (NOT the cffi cdef: that is erofs_native.h). Every multi-byte field is
+ * little-endian on disk; writers fill a zeroed struct with the cpu_to_le* helpers below.
+ * The Python twin of each struct is in erofs_tools/format/erofs.py (same field names);
+ * tests/test_format_agreement.py compares both through erofs_fs_fields(). Offsets are
+ * those of the kernel's erofs_fs.h; learned from it, not copied.
+ */
+#ifndef EROFS_FS_H
+#define EROFS_FS_H
+#include <endian.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define EROFS_SUPER_MAGIC 0xE0F5E1E2u
+#define EROFS_SUPER_OFFSET 1024u
+#define EROFS_SLOT_SIZE 32u            /* nid unit: inode slots of 32 bytes */
+#define EROFS_NULL_ADDR 0xFFFFFFFFu    /* hole / "no block" */
+#define EROFS_NAME_MAX 255u
+
+#define EROFS_FEATURE_COMPAT_SB_CHKSUM 0x1u
+#define EROFS_FEATURE_COMPAT_MTIME 0x2u
+#define EROFS_FEATURE_INCOMPAT_CHUNKED_FILE 0x4u
+#define EROFS_FEATURE_INCOMPAT_DEVICE_TABLE 0x8u
+
+/* i_format: bit 0 version, bits 1..3 data layout */
+#define EROFS_INODE_COMPACT 0u
+#define EROFS_INODE_EXTENDED 1u
+#define EROFS_INODE_FLAT_PLAIN 0u
+#define EROFS_INODE_FLAT_INLINE 2u
+#define EROFS_INODE_CHUNK_BASED 4u
+#define EROFS_I_FORMAT(version, layout) ((uint16_t)((version) | ((layout) << 1)))
+
+/* chunk format (low 16 bits of i_u of a CHUNK_BASED inode) */
+#define EROFS_CHUNK_FORMAT_BLKBITS_MASK 0x1Fu
+#define EROFS_CHUNK_FORMAT_INDEXES 0x20u
+#define EROFS_CHUNK_FORMAT_SUPPORTED 0x3Fu
+
+/* dirent file types */
+enum { EROFS_FT_UNKNOWN, EROFS_FT_REG_FILE, EROFS_FT_DIR, EROFS_FT_CHRDEV, EROFS_FT_BLKDEV,
+       EROFS_FT_FIFO, EROFS_FT_SOCK, EROFS_FT_SYMLINK };
+
+/* superblock: 128 bytes at EROFS_SUPER_OFFSET */
+struct erofs_super_block {
+    uint32_t magic;
+    uint32_t checksum;              /* crc32c of [1024, blksz) with this field zero */
+    uint32_t feature_compat;
+    uint8_t blkszbits;
+    uint8_t sb_extslots;
+    uint16_t root_nid;
+    uint64_t inos;
+    uint64_t build_time;
+    uint32_t build_time_nsec;
+    uint32_t blocks;
+    uint32_t meta_blkaddr;
+    uint32_t xattr_blkaddr;
+    uint8_t uuid[16];
+    uint8_t volume_name[16];
+    uint32_t feature_incompat;
+    uint16_t u1;                    /* available_compr_algs / lz4_max_distance */
+    uint16_t extra_devices;
+    uint16_t devt_slotoff;          /* device table at devt_slotoff * 128 */
+    uint8_t dirblkbits;
+    uint8_t xattr_prefix_count;
+    uint32_t xattr_prefix_start;
+    uint64_t packed_nid;
+    uint8_t xattr_filter_reserved;
+    uint8_t reserved2[23];
+} __attribute__((packed));
+
+/* compact inode: 32 bytes; mtime is the superblock's build time (+ i_mtime on 6.x) */
+struct erofs_inode_compact {
+    uint16_t i_format;
+    uint16_t i_xattr_icount;
+    uint16_t i_mode;
+    uint16_t i_nlink;
+    uint32_t i_size;
+    uint32_t i_mtime;
+    uint32_t i_u;                   /* startblk / rdev / chunk format */
+    uint32_t i_ino;
+    uint16_t i_uid;
+    uint16_t i_gid;
+    uint32_t i_reserved;
+} __attribute__((packed));
+
+/* extended inode: 64 bytes */
+struct erofs_inode_extended {
+    uint16_t i_format;
+    uint16_t i_xattr_icount;
+    uint16_t i_mode;
+    uint16_t i_nb;
+    uint64_t i_size;
+    uint32_t i_u;
+    uint32_t i_ino;
+    uint32_t i_uid;
+    uint32_t i_gid;
+    uint64_t i_mtime;
+    uint32_t i_mtime_nsec;
+    uint32_t i_nlink;
+    uint8_t i_reserved2[16];
+} __attribute__((packed));
+
+/* inline xattr area: this header, then i_xattr_icount - 1 words (shared ids, entries) */
+struct erofs_xattr_ibody_header {
+    uint32_t h_name_filter;
+    uint8_t h_shared_count;
+    uint8_t h_reserved2[7];
+} __attribute__((packed));
+
+/* xattr entry: this header, name suffix, value, padded to 4 bytes */
+struct erofs_xattr_entry {
+    uint8_t e_name_len;
+    uint8_t e_name_index;
+    uint16_t e_value_size;
+} __attribute__((packed));
+
+/* chunk index of CHUNK_BASED inodes with EROFS_CHUNK_FORMAT_INDEXES (else a 4-byte
+ * block map of blkaddrs) */
+struct erofs_inode_chunk_index {
+    uint16_t advise;
+    uint16_t device_id;
+    uint32_t blkaddr;
+} __attribute__((packed));
+
+/* directory block: nameoff-sorted dirents, then the names (not NUL terminated) */
+struct erofs_dirent {
+    uint64_t nid;
+    uint16_t nameoff;
+    uint8_t file_type;
+    uint8_t reserved;
+} __attribute__((packed));
+
+/* device table slot: 128 bytes at devt_slotoff * 128 + 128 * (device_id - 1) */
+struct erofs_deviceslot {
+    uint8_t tag[64];
+    uint32_t blocks;
+    uint32_t mapped_blkaddr;
+    uint8_t reserved[56];
+} __attribute__((packed));
+
+#define EROFS_DEVT_SLOT_SIZE ((uint32_t)sizeof(struct erofs_deviceslot))
+
+#define EROFS_ASSERT_AT(type, field, off) \
+    _Static_assert(offsetof(struct type, field) == (off), #type "." #field " offset")
+
+_Static_assert(sizeof(struct erofs_super_block) == 128, "superblock size");
+EROFS_ASSERT_AT(erofs_super_block, checksum, 0x04);
+EROFS_ASSERT_AT(erofs_super_block, blkszbits, 0x0C);
+EROFS_ASSERT_AT(erofs_super_block, root_nid, 0x0E);
+EROFS_ASSERT_AT(erofs_super_block, inos, 0x10);
+EROFS_ASSERT_AT(erofs_super_block, build_time_nsec, 0x20);
+EROFS_ASSERT_AT(erofs_super_block, blocks, 0x24);
+EROFS_ASSERT_AT(erofs_super_block, meta_blkaddr, 0x28);
+EROFS_ASSERT_AT(erofs_super_block, xattr_blkaddr, 0x2C);
+EROFS_ASSERT_AT(erofs_super_block, uuid, 0x30);
+EROFS_ASSERT_AT(erofs_super_block, volume_name, 0x40);
+EROFS_ASSERT_AT(erofs_super_block, feature_incompat, 0x50);
+EROFS_ASSERT_AT(erofs_super_block, extra_devices, 0x56);
+EROFS_ASSERT_AT(erofs_super_block, devt_slotoff, 0x58);
+EROFS_ASSERT_AT(erofs_super_block, xattr_prefix_start, 0x5C);
+EROFS_ASSERT_AT(erofs_super_block, packed_nid, 0x60);
+_Static_assert(sizeof(struct erofs_inode_compact) == 32, "compact inode size");
+EROFS_ASSERT_AT(erofs_inode_compact, i_size, 0x08);
+EROFS_ASSERT_AT(erofs_inode_compact, i_u, 0x10);
+EROFS_ASSERT_AT(erofs_inode_compact, i_uid, 0x18);
+_Static_assert(sizeof(struct erofs_inode_extended) == 64, "extended inode size");
+EROFS_ASSERT_AT(erofs_inode_extended, i_size, 0x08);
+EROFS_ASSERT_AT(erofs_inode_extended, i_u, 0x10);
+EROFS_ASSERT_AT(erofs_inode_extended, i_uid, 0x18);
+EROFS_ASSERT_AT(erofs_inode_extended, i_mtime, 0x20);
+EROFS_ASSERT_AT(erofs_inode_extended, i_nlink, 0x2C);
+_Static_assert(sizeof(struct erofs_xattr_ibody_header) == 12, "xattr ibody header size");
+EROFS_ASSERT_AT(erofs_xattr_ibody_header, h_shared_count, 0x04);
+_Static_assert(sizeof(struct erofs_xattr_entry) == 4, "xattr entry size");
+EROFS_ASSERT_AT(erofs_xattr_entry, e_value_size, 0x02);
+_Static_assert(sizeof(struct erofs_inode_chunk_index) == 8, "chunk index size");
+EROFS_ASSERT_AT(erofs_inode_chunk_index, blkaddr, 0x04);
+_Static_assert(sizeof(struct erofs_dirent) == 12, "dirent size");
+EROFS_ASSERT_AT(erofs_dirent, file_type, 0x0A);
+_Static_assert(sizeof(struct erofs_deviceslot) == 128, "device slot size");
+EROFS_ASSERT_AT(erofs_deviceslot, mapped_blkaddr, 0x44);
+
+/* little-endian stores into the packed structs (no-ops on little-endian hosts) */
+#define cpu_to_le16(v) htole16((uint16_t)(v))
+#define cpu_to_le32(v) htole32((uint32_t)(v))
+#define cpu_to_le64(v) htole64((uint64_t)(v))
+
+#endif

@@ -1,0 +1,80 @@
+/* The C side of the format agreement check: every field of every on-disk struct in
+ * erofs_fs.h with its offset and size, and the format constants the core writes, so
+ * tests/test_format_agreement.py can compare them with erofs_tools/format. Reserved
+ * fields are left out (the Python records do not name them). */
+#include "erofs_fs.h"
+#include "erofs_native.h"
+
+#define FIELD(type, f) \
+    {#type, #f, (uint32_t)offsetof(struct type, f), \
+     (uint32_t)sizeof(((struct type *)0)->f), (uint32_t)sizeof(struct type)}
+
+static const struct erofs_fs_field fields[] = {
+    FIELD(erofs_super_block, magic), FIELD(erofs_super_block, checksum),
+    FIELD(erofs_super_block, feature_compat), FIELD(erofs_super_block, blkszbits),
+    FIELD(erofs_super_block, sb_extslots), FIELD(erofs_super_block, root_nid),
+    FIELD(erofs_super_block, inos), FIELD(erofs_super_block, build_time),
+    FIELD(erofs_super_block, build_time_nsec), FIELD(erofs_super_block, blocks),
+    FIELD(erofs_super_block, meta_blkaddr), FIELD(erofs_super_block, xattr_blkaddr),
+    FIELD(erofs_super_block, uuid), FIELD(erofs_super_block, volume_name),
+    FIELD(erofs_super_block, feature_incompat), FIELD(erofs_super_block, u1),
+    FIELD(erofs_super_block, extra_devices), FIELD(erofs_super_block, devt_slotoff),
+    FIELD(erofs_super_block, dirblkbits), FIELD(erofs_super_block, xattr_prefix_count),
+    FIELD(erofs_super_block, xattr_prefix_start), FIELD(erofs_super_block, packed_nid),
+    FIELD(erofs_super_block, xattr_filter_reserved),
+
+    FIELD(erofs_inode_compact, i_format), FIELD(erofs_inode_compact, i_xattr_icount),
+    FIELD(erofs_inode_compact, i_mode), FIELD(erofs_inode_compact, i_nlink),
+    FIELD(erofs_inode_compact, i_size), FIELD(erofs_inode_compact, i_mtime),
+    FIELD(erofs_inode_compact, i_u), FIELD(erofs_inode_compact, i_ino),
+    FIELD(erofs_inode_compact, i_uid), FIELD(erofs_inode_compact, i_gid),
+
+    FIELD(erofs_inode_extended, i_format), FIELD(erofs_inode_extended, i_xattr_icount),
+    FIELD(erofs_inode_extended, i_mode), FIELD(erofs_inode_extended, i_nb),
+    FIELD(erofs_inode_extended, i_size), FIELD(erofs_inode_extended, i_u),
+    FIELD(erofs_inode_extended, i_ino), FIELD(erofs_inode_extended, i_uid),
+    FIELD(erofs_inode_extended, i_gid), FIELD(erofs_inode_extended, i_mtime),
+    FIELD(erofs_inode_extended, i_mtime_nsec), FIELD(erofs_inode_extended, i_nlink),
+
+    FIELD(erofs_xattr_ibody_header, h_name_filter),
+    FIELD(erofs_xattr_ibody_header, h_shared_count),
+    FIELD(erofs_xattr_entry, e_name_len), FIELD(erofs_xattr_entry, e_name_index),
+    FIELD(erofs_xattr_entry, e_value_size),
+
+    FIELD(erofs_inode_chunk_index, advise), FIELD(erofs_inode_chunk_index, device_id),
+    FIELD(erofs_inode_chunk_index, blkaddr),
+
+    FIELD(erofs_dirent, nid), FIELD(erofs_dirent, nameoff), FIELD(erofs_dirent, file_type),
+
+    FIELD(erofs_deviceslot, tag), FIELD(erofs_deviceslot, blocks),
+    FIELD(erofs_deviceslot, mapped_blkaddr),
+};
+
+#define CONST(name) {#name, (uint64_t)(name)}
+
+static const struct erofs_fs_const consts[] = {
+    CONST(EROFS_SUPER_MAGIC), CONST(EROFS_SUPER_OFFSET), CONST(EROFS_SLOT_SIZE),
+    CONST(EROFS_NULL_ADDR), CONST(EROFS_NAME_MAX),
+    CONST(EROFS_FEATURE_COMPAT_SB_CHKSUM), CONST(EROFS_FEATURE_COMPAT_MTIME),
+    CONST(EROFS_FEATURE_INCOMPAT_CHUNKED_FILE), CONST(EROFS_FEATURE_INCOMPAT_DEVICE_TABLE),
+    CONST(EROFS_INODE_COMPACT), CONST(EROFS_INODE_EXTENDED),
+    CONST(EROFS_INODE_FLAT_PLAIN), CONST(EROFS_INODE_FLAT_INLINE),
+    CONST(EROFS_INODE_CHUNK_BASED),
+    CONST(EROFS_CHUNK_FORMAT_BLKBITS_MASK), CONST(EROFS_CHUNK_FORMAT_INDEXES),
+    CONST(EROFS_CHUNK_FORMAT_SUPPORTED),
+    CONST(EROFS_FT_UNKNOWN), CONST(EROFS_FT_REG_FILE), CONST(EROFS_FT_DIR),
+    CONST(EROFS_FT_CHRDEV), CONST(EROFS_FT_BLKDEV), CONST(EROFS_FT_FIFO),
+    CONST(EROFS_FT_SOCK), CONST(EROFS_FT_SYMLINK),
+};
+
+const struct erofs_fs_field *erofs_fs_fields(uint32_t *count)
+{
+    *count = (uint32_t)(sizeof(fields) / sizeof(fields[0]));
+    return fields;
+}
+
+const struct erofs_fs_const *erofs_fs_consts(uint32_t *count)
+{
+    *count = (uint32_t)(sizeof(consts) / sizeof(consts[0]));
+    return consts;
+}

@@ -1,0 +1,653 @@
+/* erofs-tools C core, layout: decide every position before anything is written.
+ *
+ * erofs_builder_layout() runs these phases in order:
+ *   check_data_sources  regular files and symlinks have their bytes
+ *   index_dirents       sort entries by (parent, name), per-directory ranges, nlink
+ *   order_nids          nid order: root, then breadth first, children in name order
+ *   size_dirs           directory sizes from packing their dirent blocks
+ *   pack_xattrs         per-node ranges; xattrs on >= 2 inodes go to the shared area
+ *   pick_build_time     given, or the most common (mtime, nsec) of the tree
+ *   choose_formats      compact/extended inodes, FLAT_PLAIN / FLAT_INLINE / CHUNK_BASED
+ *   place_stream_data   stream mode: the data not streamed follows the streamed data
+ *   place_inodes        inode offsets (nids), reusing gaps; write order by offset
+ *   place_after_inodes  shared xattr area, device table check, data blocks, puts check
+ *   fill_info           the erofs_layout_info handed back
+ */
+#include "builder_int.h"
+
+/* what the phases hand each other */
+struct layout_state {
+    uint32_t shared_bytes;      /* size of the shared xattr area */
+    int64_t bt;                 /* build time */
+    uint32_t btn;
+    int have_chunks;
+    uint64_t data_bytes;
+    uint64_t blk;               /* next free block */
+    uint64_t data_start;
+    uint64_t meta_start;        /* byte offset of nid 0 */
+    uint64_t first_nid;
+    uint64_t meta_end;          /* end of the last inode */
+    uint32_t xattr_blkaddr;
+};
+
+static int cmp_dirent(const void *pa, const void *pb, void *ctx)
+{
+    erofs_builder *sort_ctx = ctx;
+    const struct dirent_rec *a = pa, *b2 = pb;
+    if (a->parent != b2->parent)
+        return a->parent < b2->parent ? -1 : 1;
+    return namecmp(sort_ctx->arena + a->name_off, a->name_len,
+                   sort_ctx->arena + b2->name_off, b2->name_len);
+}
+
+static int cmp_xattr_name(erofs_builder *sort_ctx, const struct xattr_rec *a, const struct xattr_rec *b2)
+{
+    if (a->index != b2->index)
+        return a->index < b2->index ? -1 : 1;
+    return namecmp(sort_ctx->arena + a->name_off, a->name_len,
+                   sort_ctx->arena + b2->name_off, b2->name_len);
+}
+
+static int cmp_xattr_content(erofs_builder *sort_ctx, const struct xattr_rec *a, const struct xattr_rec *b2)
+{
+    if (a->index != b2->index)
+        return a->index < b2->index ? -1 : 1;
+    int c = namecmp(sort_ctx->arena + a->name_off, a->name_len,
+                    sort_ctx->arena + b2->name_off, b2->name_len);
+    if (c)
+        return c;
+    return namecmp(sort_ctx->arena + a->val_off, a->val_len,
+                   sort_ctx->arena + b2->val_off, b2->val_len);
+}
+
+static int cmp_xattr_node(const void *pa, const void *pb, void *ctx)
+{
+    const struct xattr_rec *a = pa, *b2 = pb;
+    if (a->node != b2->node)
+        return a->node < b2->node ? -1 : 1;
+    return cmp_xattr_content(ctx, a, b2);
+}
+
+static int cmp_xattr_idx(const void *pa, const void *pb, void *ctx)
+{
+    erofs_builder *sort_ctx = ctx;
+    uint32_t ia = *(const uint32_t *)pa, ib = *(const uint32_t *)pb;
+    int c = cmp_xattr_content(sort_ctx, &sort_ctx->xas[ia], &sort_ctx->xas[ib]);
+    if (c)
+        return c;
+    return ia < ib ? -1 : ia > ib;
+}
+
+struct mt { int64_t s; uint32_t ns; };
+
+static int cmp_mt(const void *pa, const void *pb)
+{
+    const struct mt *a = pa, *b2 = pb;
+    if (a->s != b2->s)
+        return a->s < b2->s ? -1 : 1;
+    return a->ns < b2->ns ? -1 : a->ns > b2->ns;
+}
+
+/* an inline or shared xattr entry: header, name suffix, value, 4-byte aligned */
+uint32_t xentry_size(const struct xattr_rec *x)
+{
+    return ((uint32_t)sizeof(struct erofs_xattr_entry) + x->name_len + x->val_len + 3u) & ~3u;
+}
+
+#define GAP_MAX 256
+
+static int cmp_meta_off(const void *pa, const void *pb, void *ctx)
+{
+    erofs_builder *b = ctx;
+    uint64_t a = b->nodes[*(const uint32_t *)pa].meta_off;
+    uint64_t c = b->nodes[*(const uint32_t *)pb].meta_off;
+    return a < c ? -1 : a > c;
+}
+
+int is_flat_data(const struct node *n)
+{
+    uint32_t fmt = n->mode & S_IFMT;
+    return fmt == S_IFDIR || fmt == S_IFLNK || (fmt == S_IFREG && n->dkind != D_CHUNKS &&
+                                                 n->dkind != D_SPARSE);
+}
+
+/* blocks of a sparse file's data chunks from block `blk` on, in chunk order (a chunk
+ * entry becomes 1 | blkaddr << 32; holes stay 0); -> the next free block */
+uint64_t place_sparse_chunks(erofs_builder *b, struct chunkset *cs, uint64_t size,
+                             uint64_t blk)
+{
+    uint32_t blksz = b->blksz;
+    uint64_t csz = (uint64_t)blksz << (cs->format & EROFS_CHUNK_FORMAT_BLKBITS_MASK);
+    for (uint32_t c = 0; c < cs->count; c++) {
+        if (!(cs->entries[c] & 1))
+            continue;
+        uint64_t start = (uint64_t)c * csz;
+        uint64_t len = size - start < csz ? size - start : csz;
+        cs->entries[c] = 1 | (blk << 32);
+        blk += (len + blksz - 1) / blksz;
+    }
+    return blk;
+}
+
+/* data blocks of directories, symlinks and files not streamed, in nid order */
+static int alloc_flat_data(erofs_builder *b, uint64_t *pblk)
+{
+    uint32_t blksz = b->blksz;
+    uint64_t blk = *pblk;
+    for (uint32_t oi = 0; oi < b->norder; oi++) {
+        struct node *n = &b->nodes[b->order[oi]];
+        if (n->streamed)
+            continue;
+        if (n->layout == L_CHUNK) {
+            if (n->dkind == D_SPARSE) {
+                blk = place_sparse_chunks(b, &b->chunks[n->aux], n->size, blk);
+                if (blk > 0xFFFFFFFFull)
+                    return fail(b, ERN_ELIMIT, "image larger than 2^32 blocks");
+            }
+            continue;
+        }
+        if (!is_flat_data(n))
+            continue;
+        uint64_t nblk = n->layout == L_INLINE ? n->size / blksz : (n->size + blksz - 1) / blksz;
+        if (nblk) {
+            n->startblk = (uint32_t)blk;
+            blk += nblk;
+        } else {
+            n->startblk = n->layout == L_INLINE ? EROFS_NULL_ADDR : 0;
+        }
+        if (blk > 0xFFFFFFFFull)
+            return fail(b, ERN_ELIMIT, "image larger than 2^32 blocks");
+    }
+    *pblk = blk;
+    return 0;
+}
+
+/* regular files and symlinks need a data source unless empty */
+static int check_data_sources(erofs_builder *b)
+{
+    for (uint32_t i = 0; i < b->nnodes; i++) {
+        struct node *n = &b->nodes[i];
+        uint32_t fmt = n->mode & S_IFMT;
+        if ((fmt == S_IFREG || fmt == S_IFLNK) && n->size && n->dkind == D_NONE)
+            return fail(b, ERN_EINVAL, "node %u has size %llu but no data source", i,
+                        (unsigned long long)n->size);
+        if (fmt == S_IFLNK && n->size == 0)
+            return fail(b, ERN_ELIMIT, "empty symlink target");
+    }
+    return 0;
+}
+
+/* directory entries: sort by (parent, name), find ranges, nlink, duplicates */
+static int index_dirents(erofs_builder *b)
+{
+    qsort_r(b->des, b->nde, sizeof(*b->des), cmp_dirent, b);
+    for (uint32_t i = 0; i < b->nnodes; i++) {
+        b->nodes[i].de_first = 0;
+        b->nodes[i].de_count = 0;
+        b->nodes[i].nlink = 0;
+    }
+    for (uint32_t i = 0; i < b->nde; i++) {
+        struct dirent_rec *d = &b->des[i];
+        struct node *p = &b->nodes[d->parent];
+        if (p->de_count == 0)
+            p->de_first = i;
+        p->de_count++;
+        if (i && d->parent == b->des[i - 1].parent &&
+            !namecmp(b->arena + d->name_off, d->name_len, b->arena + b->des[i - 1].name_off,
+                     b->des[i - 1].name_len))
+            return fail(b, ERN_EINVAL, "duplicate name '%.*s' in a directory",
+                        (int)d->name_len, (const char *)b->arena + d->name_off);
+        struct node *c = &b->nodes[d->child];
+        if ((c->mode & S_IFMT) == S_IFDIR)
+            p->nlink++;  /* counted as subdirectories below */
+        else
+            c->nlink++;
+    }
+    for (uint32_t i = 0; i < b->nnodes; i++) {
+        struct node *n = &b->nodes[i];
+        if ((n->mode & S_IFMT) == S_IFDIR)
+            n->nlink += 2;
+    }
+    return 0;
+}
+
+/* nid order: root, then breadth first, children in name order; i_ino follows it */
+static int order_nids(erofs_builder *b)
+{
+    free(b->order);
+    b->order = malloc((size_t)(b->nnodes ? b->nnodes : 1) * sizeof(uint32_t));
+    if (!b->order)
+        return fail(b, ERN_ENOMEM, "out of memory");
+    for (uint32_t i = 0; i < b->nnodes; i++)
+        b->nodes[i].placed = 0;
+    uint32_t no = 0;
+    b->order[no++] = b->root;
+    b->nodes[b->root].placed = 1;
+    for (uint32_t q = 0; q < no; q++) {
+        struct node *d = &b->nodes[b->order[q]];
+        if ((d->mode & S_IFMT) != S_IFDIR)
+            continue;
+        for (uint32_t k = 0; k < d->de_count; k++) {
+            uint32_t c = b->des[d->de_first + k].child;
+            if (!b->nodes[c].placed) {
+                b->nodes[c].placed = 1;
+                b->order[no++] = c;
+            }
+        }
+    }
+    if (no != b->nnodes) {
+        for (uint32_t i = 0; i < b->nnodes; i++)
+            if (!b->nodes[i].placed)
+                return fail(b, ERN_EINVAL, "node %u is not reachable from the root", i);
+    }
+    b->norder = no;
+    for (uint32_t i = 0; i < no; i++) {
+        struct node *n = &b->nodes[b->order[i]];
+        if (n->nlink > 0xFFFFFFFEu)
+            return fail(b, ERN_ELIMIT, "too many links");
+        n->ino = i + 1;
+    }
+    return 0;
+}
+
+static void size_dirs(erofs_builder *b)
+{
+    for (uint32_t i = 0; i < b->nnodes; i++) {
+        struct node *n = &b->nodes[i];
+        if ((n->mode & S_IFMT) == S_IFDIR)
+            n->size = dir_pack(b, n, NULL);
+    }
+}
+
+/* the shared xattr area: an xattr with the same content on >= 2 inodes is stored once,
+ * in content order; its id is its offset / 4 */
+static int share_xattrs(erofs_builder *b, struct layout_state *st)
+{
+    uint32_t *idx = malloc((size_t)b->nxa * sizeof(uint32_t));
+    b->shared_order = malloc((size_t)b->nxa * sizeof(uint32_t));
+    if (!idx || !b->shared_order) {
+        free(idx);
+        return fail(b, ERN_ENOMEM, "out of memory");
+    }
+    for (uint32_t i = 0; i < b->nxa; i++)
+        idx[i] = i;
+    qsort_r(idx, b->nxa, sizeof(uint32_t), cmp_xattr_idx, b);
+    for (uint32_t i = 0; i < b->nxa;) {
+        uint32_t j = i + 1;
+        while (j < b->nxa && !cmp_xattr_content(b, &b->xas[idx[i]], &b->xas[idx[j]]))
+            j++;
+        if (j - i >= 2) {
+            uint64_t id = st->shared_bytes / 4;
+            uint32_t sz = xentry_size(&b->xas[idx[i]]);
+            if ((uint64_t)st->shared_bytes + sz > 0xFFFFFFF0ull) {
+                free(idx);
+                return fail(b, ERN_ELIMIT, "shared xattr area too large");
+            }
+            for (uint32_t k = i; k < j; k++)
+                b->xas[idx[k]].shared_id = (uint32_t)id;
+            b->shared_order[b->nshared++] = idx[i];
+            st->shared_bytes += sz;
+        }
+        i = j;
+    }
+    free(idx);
+    return 0;
+}
+
+/* xattrs: group per node, pick the shared ones, size each inode's inline area */
+static int pack_xattrs(erofs_builder *b, struct layout_state *st)
+{
+    qsort_r(b->xas, b->nxa, sizeof(*b->xas), cmp_xattr_node, b);
+    for (uint32_t i = 0; i < b->nnodes; i++) {
+        b->nodes[i].xa_first = 0;
+        b->nodes[i].xa_count = 0;
+    }
+    for (uint32_t i = 0; i < b->nxa; i++) {
+        struct xattr_rec *x = &b->xas[i];
+        if (i && x->node == b->xas[i - 1].node && !cmp_xattr_name(b, x, &b->xas[i - 1]))
+            return fail(b, ERN_EINVAL, "duplicate xattr name on one node");
+        struct node *n = &b->nodes[x->node];
+        if (n->xa_count == 0)
+            n->xa_first = i;
+        n->xa_count++;
+        x->shared_id = NONE32;
+    }
+    st->shared_bytes = 0;
+    free(b->shared_order);
+    b->shared_order = NULL;
+    b->nshared = 0;
+    if (b->o.shared_xattrs && b->nxa > 1) {
+        int r = share_xattrs(b, st);
+        if (r)
+            return r;
+    }
+    const uint32_t hdr = (uint32_t)sizeof(struct erofs_xattr_ibody_header);
+    for (uint32_t i = 0; i < b->nnodes; i++) {
+        struct node *n = &b->nodes[i];
+        n->xattr_isize = 0;
+        if (!n->xa_count)
+            continue;
+        uint64_t sz = hdr;
+        for (uint32_t k = 0; k < n->xa_count; k++) {
+            struct xattr_rec *x = &b->xas[n->xa_first + k];
+            sz += x->shared_id != NONE32 ? 4 : xentry_size(x);
+        }
+        if ((sz - hdr) / 4 + 1 > 0xFFFF)
+            return fail(b, ERN_ELIMIT, "xattrs of one inode exceed the inline limit");
+        n->xattr_isize = (uint32_t)sz;
+    }
+    return 0;
+}
+
+/* build time: the given one, or the most common (mtime, nsec) so that most inodes can
+ * be compact (a compact inode's mtime is the build time) */
+static int pick_build_time(erofs_builder *b, struct layout_state *st)
+{
+    int64_t bt = b->o.build_time;
+    uint32_t btn = b->o.build_time_nsec;
+    if (b->o.auto_build_time && b->nnodes) {
+        struct mt *m = malloc((size_t)b->nnodes * sizeof(*m));
+        if (!m)
+            return fail(b, ERN_ENOMEM, "out of memory");
+        for (uint32_t i = 0; i < b->nnodes; i++) {
+            m[i].s = b->nodes[i].mtime;
+            m[i].ns = b->nodes[i].mtime_nsec;
+        }
+        qsort(m, b->nnodes, sizeof(*m), cmp_mt);
+        uint32_t best = 0, bestn = 0;
+        for (uint32_t i = 0; i < b->nnodes;) {
+            uint32_t j = i + 1;
+            while (j < b->nnodes && !cmp_mt(&m[i], &m[j]))
+                j++;
+            if (j - i > bestn) {
+                bestn = j - i;
+                best = i;
+            }
+            i = j;
+        }
+        bt = m[best].s;
+        btn = m[best].ns;
+        free(m);
+    }
+    if (bt < 0)
+        bt = 0;
+    st->bt = bt;
+    st->btn = btn;
+    return 0;
+}
+
+/* inode formats and data layouts (independent of positions) */
+static void choose_formats(erofs_builder *b, struct layout_state *st)
+{
+    uint32_t blksz = b->blksz;
+    st->have_chunks = 0;
+    st->data_bytes = 0;
+    for (uint32_t oi = 0; oi < b->norder; oi++) {
+        struct node *n = &b->nodes[b->order[oi]];
+        uint32_t fmt = n->mode & S_IFMT;
+        n->extended = b->o.force_extended || n->uid > 0xFFFF || n->gid > 0xFFFF ||
+                      n->nlink > 0xFFFF || n->size > 0xFFFFFFFFull || n->mtime != st->bt ||
+                      n->mtime_nsec != st->btn;
+        uint64_t base = inode_size(n) + n->xattr_isize;
+        n->tail = 0;
+        st->data_bytes += n->size;
+        if (fmt == S_IFREG && (n->dkind == D_CHUNKS || n->dkind == D_SPARSE)) {
+            n->layout = L_CHUNK;
+            st->have_chunks = 1;
+        } else if (is_flat_data(n)) {
+            uint64_t tail = n->size % blksz;
+            n->layout = L_PLAIN;
+            if (n->streamed) {
+                if (n->stream_inline) {
+                    n->layout = L_INLINE;
+                    n->tail = (uint32_t)tail;
+                }
+            } else if (tail && b->o.inline_data && base + tail <= blksz) {
+                n->layout = L_INLINE;
+                n->tail = (uint32_t)tail;
+            }
+        } else {
+            n->layout = L_PLAIN;
+        }
+    }
+}
+
+/* stream mode: file data already sits from the first block after the superblock up to
+ * scur; the other data (directories, symlinks, in-memory files) follows it, then the
+ * inode area. Otherwise the inode area starts at meta_blkaddr. */
+static int place_stream_data(erofs_builder *b, struct layout_state *st)
+{
+    uint32_t blksz = b->blksz;
+    st->blk = 0;
+    st->data_start = 0;
+    st->meta_start = (uint64_t)b->o.meta_blkaddr * blksz;
+    if (!b->o.stream_data)
+        return 0;
+    if (b->ndevs || b->nputs)
+        return fail(b, ERN_EINVAL, "stream mode does not take devices or reserved bytes");
+    if (!b->worker_on && b->scur == 0)
+        b->scur = (SB_END + blksz - 1) / blksz;
+    st->data_start = (uint64_t)((SB_END + blksz - 1) / blksz) * blksz;
+    st->blk = b->scur;
+    int r = alloc_flat_data(b, &st->blk);
+    if (r)
+        return r;
+    st->meta_start = st->blk * blksz;
+    return 0;
+}
+
+struct gap { uint64_t start, end; };
+
+static uint64_t largest_gap(const struct gap *gaps, uint32_t ngaps)
+{
+    uint64_t maxgap = 0;
+    for (uint32_t g = 0; g < ngaps; g++)
+        if (gaps[g].end - gaps[g].start > maxgap)
+            maxgap = gaps[g].end - gaps[g].start;
+    return maxgap;
+}
+
+/* Inode offsets in nid order, each 32-byte aligned. An inline inode (inode, xattrs and
+ * tail) never crosses a block: the fast-symlink path measures the tail from the inode's
+ * block. Gaps left when one had to start a new block are reused first-fit by later
+ * inodes that fit entirely inside them (deterministic: same tree, same gaps). The write
+ * phase then walks inodes in offset order (b->worder). */
+static int place_inodes(erofs_builder *b, struct layout_state *st)
+{
+    uint32_t blksz = b->blksz;
+    uint64_t meta_start = st->meta_start;
+    uint64_t first_nid = b->o.first_nid;
+    if (!first_nid)
+        first_nid = meta_start >= SB_END ? 1
+                  : (SB_END - meta_start + EROFS_SLOT_SIZE - 1) / EROFS_SLOT_SIZE;
+    st->first_nid = first_nid;
+    uint64_t cur = meta_start + first_nid * EROFS_SLOT_SIZE;
+    struct gap gaps[GAP_MAX];
+    uint32_t ngaps = 0;
+    uint64_t maxgap = 0;
+    for (uint32_t oi = 0; oi < b->norder; oi++) {
+        struct node *n = &b->nodes[b->order[oi]];
+        uint64_t base = inode_size(n) + n->xattr_isize;
+        uint64_t off = cur;
+        uint64_t extra = 0;
+        uint32_t unit = 0;
+        if (n->layout == L_CHUNK) {
+            struct chunkset *cs = &b->chunks[n->aux];
+            unit = n->dkind == D_SPARSE ? 4
+                 : ((cs->format & EROFS_CHUNK_FORMAT_INDEXES)
+                    ? (uint32_t)sizeof(struct erofs_inode_chunk_index) : 4);
+        } else if (n->layout == L_INLINE) {
+            extra = n->tail;
+        }
+        /* try a gap (not for the root, which must come first) */
+        if (oi && ngaps && base + extra <= maxgap && (!unit || base + unit <= maxgap)) {
+            int found = -1;
+            for (uint32_t g = 0; g < ngaps; g++) {
+                uint64_t o = gaps[g].start;
+                uint64_t e = unit ? align_up(o + base, unit) - o +
+                                    (uint64_t)unit * b->chunks[n->aux].count
+                                  : base + extra;
+                if (o + e <= gaps[g].end) {
+                    found = (int)g;
+                    off = o;
+                    extra = e - base;
+                    break;
+                }
+            }
+            if (found >= 0) {
+                n->meta_off = off;
+                n->nid = (off - meta_start) / EROFS_SLOT_SIZE;
+                gaps[found].start = align_up(off + base + extra, EROFS_SLOT_SIZE);
+                if (gaps[found].end - gaps[found].start <
+                    sizeof(struct erofs_inode_compact) + sizeof(struct erofs_xattr_ibody_header)) {
+                    gaps[found] = gaps[--ngaps];
+                    maxgap = largest_gap(gaps, ngaps);
+                } else if (maxgap == gaps[found].end - off) {
+                    maxgap = largest_gap(gaps, ngaps);
+                }
+                continue;
+            }
+        }
+        if (unit) {
+            extra = align_up(off + base, unit) - (off + base) +
+                    (uint64_t)unit * b->chunks[n->aux].count;
+        } else if (n->layout == L_INLINE) {
+            if (off % blksz + base + n->tail > blksz) {
+                off = align_up(off, blksz);
+                if (off - cur >= sizeof(struct erofs_inode_extended) && oi) {
+                    uint32_t slot = ngaps < GAP_MAX ? ngaps++ : 0;
+                    if (slot == 0 && ngaps == GAP_MAX) {
+                        /* full: replace the smallest gap */
+                        for (uint32_t g = 1; g < ngaps; g++)
+                            if (gaps[g].end - gaps[g].start < gaps[slot].end - gaps[slot].start)
+                                slot = g;
+                    }
+                    gaps[slot].start = cur;
+                    gaps[slot].end = off;
+                    if (off - cur > maxgap)
+                        maxgap = off - cur;
+                }
+            }
+        }
+        n->meta_off = off;
+        n->nid = (off - meta_start) / EROFS_SLOT_SIZE;
+        cur = align_up(off + base + extra, EROFS_SLOT_SIZE);
+    }
+    st->meta_end = cur;
+    /* write order: by inode offset */
+    free(b->worder);
+    b->worder = malloc((size_t)(b->norder ? b->norder : 1) * sizeof(uint32_t));
+    if (!b->worder)
+        return fail(b, ERN_ENOMEM, "out of memory");
+    memcpy(b->worder, b->order, (size_t)b->norder * sizeof(uint32_t));
+    qsort_r(b->worder, b->norder, sizeof(uint32_t), cmp_meta_off, b);
+    if (b->nodes[b->root].nid > 0xFFFF)
+        return fail(b, ERN_ELIMIT, "root nid %llu does not fit in 16 bits",
+                    (unsigned long long)b->nodes[b->root].nid);
+    if (b->nodes[b->root].nid == 0)
+        return fail(b, ERN_EINVAL, "root would get nid 0 (set first_nid)");
+    return 0;
+}
+
+/* after the inode area: the shared xattr area, then (not stream mode) the data blocks;
+ * the device table and the caller's reserved bytes must sit below the first inode */
+static int place_after_inodes(erofs_builder *b, struct layout_state *st)
+{
+    uint32_t blksz = b->blksz;
+    uint64_t first_inode_off = st->meta_start + st->first_nid * EROFS_SLOT_SIZE;
+    uint64_t pos = align_up(st->meta_end, blksz);
+    st->xattr_blkaddr = 0;
+    if (st->shared_bytes) {
+        st->xattr_blkaddr = (uint32_t)(pos / blksz);
+        pos = align_up(pos + st->shared_bytes, blksz);
+    }
+    if (b->ndevs && b->o.devt_slotoff) {
+        uint64_t dstart = (uint64_t)b->o.devt_slotoff * EROFS_DEVT_SLOT_SIZE;
+        uint64_t dend = dstart + (uint64_t)EROFS_DEVT_SLOT_SIZE * b->ndevs;
+        if (dstart < SB_END || dend > first_inode_off)
+            return fail(b, ERN_EINVAL, "device table does not fit before the inodes");
+    } else if (b->ndevs) {
+        return fail(b, ERN_EINVAL, "devices given without devt_slotoff");
+    }
+    if (!b->o.stream_data) {
+        st->data_start = pos;
+        st->blk = pos / blksz;
+        int r = alloc_flat_data(b, &st->blk);
+        if (r)
+            return r;
+    } else {
+        st->blk = pos / blksz;
+    }
+    if (st->blk > 0xFFFFFFFFull)
+        return fail(b, ERN_ELIMIT, "image larger than 2^32 blocks");
+    for (uint32_t i = 0; i < b->nputs; i++) {
+        struct putbytes *p = &b->puts[i];
+        if (p->off + p->len > first_inode_off)
+            return fail(b, ERN_EINVAL, "reserved bytes at %llu overlap the inode area",
+                        (unsigned long long)p->off);
+    }
+    b->first_inode_off = first_inode_off;
+    return 0;
+}
+
+static void fill_info(erofs_builder *b, const struct layout_state *st)
+{
+    uint32_t blksz = b->blksz;
+    memset(&b->info, 0, sizeof(b->info));
+    b->info.inodes = b->norder;
+    b->info.meta_blkaddr = (uint32_t)(st->meta_start / blksz);
+    b->info.root_nid = b->nodes[b->root].nid;
+    b->info.meta_start = st->meta_start;
+    b->info.meta_end = st->meta_end;
+    b->info.xattr_blkaddr = st->xattr_blkaddr;
+    b->info.shared_xattr_bytes = st->shared_bytes;
+    b->info.data_start = st->data_start;
+    b->info.image_size = st->blk * blksz;
+    /* a tiny image is still one 4 KiB page (or one block, if larger) */
+    if (b->info.image_size < 2 * (uint64_t)blksz && b->info.image_size < 4096)
+        b->info.image_size = 4096 > blksz ? 4096 : blksz;
+    b->info.build_time = st->bt;
+    b->info.build_time_nsec = st->btn;
+    b->info.feature_compat = b->o.feature_compat |
+                             (b->o.sb_checksum ? EROFS_FEATURE_COMPAT_SB_CHKSUM : 0);
+    b->info.feature_incompat = b->o.feature_incompat |
+                               (st->have_chunks ? EROFS_FEATURE_INCOMPAT_CHUNKED_FILE : 0) |
+                               (b->ndevs ? EROFS_FEATURE_INCOMPAT_DEVICE_TABLE : 0);
+    b->info.data_bytes = st->data_bytes;
+}
+
+int erofs_builder_layout(erofs_builder *b, struct erofs_layout_info *info)
+{
+    if (b->laid_out)
+        return fail(b, ERN_EINVAL, "builder already laid out");
+    if (b->root == NONE32)
+        return fail(b, ERN_EINVAL, "no root directory set");
+    int r = 0;
+    if (b->o.stream_data && (r = stream_stop(b, 0)))
+        return r;
+    struct layout_state st;
+    memset(&st, 0, sizeof(st));
+    if ((r = check_data_sources(b)) || (r = index_dirents(b)) || (r = order_nids(b)))
+        return r;
+    size_dirs(b);
+    if ((r = pack_xattrs(b, &st)) || (r = pick_build_time(b, &st)))
+        return r;
+    choose_formats(b, &st);
+    if ((r = place_stream_data(b, &st)) || (r = place_inodes(b, &st)) ||
+        (r = place_after_inodes(b, &st)))
+        return r;
+    fill_info(b, &st);
+    b->laid_out = 1;
+    if (info)
+        *info = b->info;
+    return 0;
+}
+
+int64_t erofs_node_nid(erofs_builder *b, uint32_t node)
+{
+    if (!b->laid_out)
+        return fail(b, ERN_EINVAL, "not laid out yet");
+    if (node >= b->nnodes)
+        return fail(b, ERN_EINVAL, "no such node %u", node);
+    return (int64_t)b->nodes[node].nid;
+}

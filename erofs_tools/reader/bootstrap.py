@@ -1,0 +1,190 @@
+"""The Nydus tables of a RAFS v6 bootstrap, checked as nydusd checks them.
+
+`BootstrapTables.read()` is the one reader of a bootstrap's superblock, extended
+superblock, device table, blob table and chunk info table for every user that needs
+the blobs of an image (chunk dicts, merge, mount, convert). The tables are decoded once,
+by `reader.image.Image` (which treats every byte as untrusted); this module adds the
+nydusd-level consistency checks between them and turns blob-table entries into
+`BlobInfo`, the form the builder also writes them from.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from erofs_tools.errors import CorruptImageError, InputError
+from erofs_tools.format import erofs as E
+from erofs_tools.format import rafs as R
+from erofs_tools.fsutil import round_up
+from erofs_tools.reader import blob as rblob
+from erofs_tools.reader.image import Image
+
+MAX_BOOTSTRAP = 1 << 32
+_HEX = frozenset("0123456789abcdef")
+
+
+# BlobInfo attribute -> BlobEntry field, for the values stored as they are (blob id,
+# index and algorithm codes are converted; cipher fields are never written)
+_SAME_VALUE = (
+    ("chunk_size", "chunk_size"), ("chunk_count", "chunk_count"), ("features", "features"),
+    ("compressed_size", "compressed_size"), ("uncompressed_size", "uncompressed_size"),
+    ("toc_size", "blob_toc_size"), ("toc_digest", "blob_toc_digest"),
+    ("ci_compressor", "ci_compressor"), ("ci_offset", "ci_offset"),
+    ("ci_compressed_size", "ci_compressed_size"),
+    ("ci_uncompressed_size", "ci_uncompressed_size"),
+    ("meta_digest", "blob_meta_digest"), ("meta_size", "blob_meta_size"),
+)
+
+
+class BlobInfo:
+    """What the bootstrap needs to know about one blob (a blob-table entry, decoded)."""
+
+    def __init__(self, **kw: Any) -> None:
+        self.blob_id: str = kw.pop("blob_id")            # 64 hex chars
+        self.path: str | None = kw.pop("path", None)
+        self.chunk_size: int = kw.pop("chunk_size")
+        self.chunk_count: int = kw.pop("chunk_count")
+        self.compressor: str = kw.pop("compressor")      # "zstd" | "none" | ...
+        self.digester: str = kw.pop("digester")
+        self.features: int = kw.pop("features", R.BLOB_FEATURES_DEFAULT)
+        self.compressed_size: int = kw.pop("compressed_size")
+        self.uncompressed_size: int = kw.pop("uncompressed_size")
+        self.toc_size: int = kw.pop("toc_size", 0)
+        self.toc_digest: bytes = kw.pop("toc_digest", bytes(32))
+        self.ci_compressor: int = kw.pop("ci_compressor", 0)
+        self.ci_offset: int = kw.pop("ci_offset", 0)
+        self.ci_compressed_size: int = kw.pop("ci_compressed_size", 0)
+        self.ci_uncompressed_size: int = kw.pop("ci_uncompressed_size", 0)
+        self.meta_digest: bytes = kw.pop("meta_digest", bytes(32))
+        self.meta_size: int = kw.pop("meta_size", 0)
+        if kw:
+            raise TypeError(f"unknown BlobInfo fields {sorted(kw)}")
+
+    @property
+    def blocks(self) -> int:
+        return self.uncompressed_size // E.BLKSZ
+
+    def blob_entry(self, blob_index: int) -> R.BlobEntry:
+        return R.BlobEntry(
+            blob_id=self.blob_id.encode(), blob_index=blob_index,
+            compression_algo=R.COMPRESSOR_CODES[self.compressor],
+            digest_algo=R.DIGESTER_CODES[self.digester],
+            **{field: getattr(self, attr) for attr, field in _SAME_VALUE})
+
+    @classmethod
+    def from_entry(cls, e: R.BlobEntry) -> BlobInfo:
+        try:
+            blob_id = e.blob_id.decode("ascii")
+        except UnicodeDecodeError:
+            raise CorruptImageError("blob table: blob id is not ASCII") from None
+        if e.compression_algo not in R.COMPRESSOR_NAMES or e.digest_algo not in R.DIGESTER_NAMES:
+            raise CorruptImageError(f"blob {blob_id}: unknown compression or digest algorithm")
+        return cls(blob_id=blob_id, compressor=R.COMPRESSOR_NAMES[e.compression_algo],
+                   digester=R.DIGESTER_NAMES[e.digest_algo],
+                   **{attr: getattr(e, field) for attr, field in _SAME_VALUE})
+
+    def read_meta(self, path: str, digests: dict[int, bytes] | None = None) -> rblob.BlobMeta:
+        """The meta (CI table, digests) of the blob file `path` this entry describes; its
+        size must be the table's compressed size. `digests` ({CI index: digest}, e.g. the
+        bootstrap's) serve chunks the blob has no digest for."""
+        try:
+            f = open(path, "rb")
+        except OSError as e:
+            raise InputError(f"cannot open blob {path}: {e.strerror}") from None
+        with f:
+            size = os.fstat(f.fileno()).st_size
+            if size != self.compressed_size:
+                raise CorruptImageError(
+                    f"blob {path}: size {size} differs from the bootstrap's {self.compressed_size}")
+            return rblob.BlobMeta.from_blob(rblob.file_reader(f), size, self.blob_id,
+                                            self.blob_entry(0), digests=digests)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"blob_id": self.blob_id, "compressed_size": self.compressed_size,
+                "uncompressed_size": self.uncompressed_size, "chunk_count": self.chunk_count,
+                "compressor": self.compressor, "digester": self.digester}
+
+
+class BootstrapTables:
+    """The blob-related tables of one RAFS v6 bootstrap."""
+
+    def __init__(self, path: str, sb: E.SuperBlock, ext: R.ExtSuperBlock,
+                 devices: list[E.DeviceSlot], blobs: list[BlobInfo],
+                 chunks: list[R.ChunkInfo]) -> None:
+        self.path = path
+        self.sb = sb
+        self.ext = ext
+        self.devices = devices      # [DeviceSlot]
+        self.blobs = blobs          # [BlobInfo], blob-index order
+        self.chunks = chunks        # [ChunkInfo]
+
+    @property
+    def digester(self) -> str:
+        f = self.ext.s_flags
+        return "sha256" if f & R.FLAG_DIGEST_SHA256 else "blake3"
+
+    def chunk_digests(self, blob_index: int) -> dict[int, bytes]:
+        """{CI index: digest} for one blob from the chunk info table."""
+        return {c.index: c.digest for c in self.chunks if c.blob_index == blob_index}
+
+    @classmethod
+    def read(cls, path: str) -> BootstrapTables:
+        try:
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size > MAX_BOOTSTRAP:
+                    raise CorruptImageError(f"{path}: bootstrap too large")
+                buf = f.read()
+        except OSError as e:
+            raise InputError(f"cannot read bootstrap {path}: {e.strerror}") from None
+        what = f"bootstrap {path}"
+        if len(buf) < E.BLKSZ or len(buf) % E.BLKSZ:
+            raise CorruptImageError(f"{what}: size {len(buf)} is not a multiple of {E.BLKSZ}")
+        sb = E.SuperBlock.decode(buf, E.SUPER_OFFSET, what)
+        if sb.magic != E.MAGIC:
+            raise CorruptImageError(f"{what}: not an EROFS image (bad magic)")
+        if not sb.feature_compat & E.FEATURE_COMPAT_RAFS_V6:
+            raise CorruptImageError(f"{what}: not a RAFS v6 bootstrap")
+        if sb.blkszbits != E.BLKSZ_BITS:
+            raise CorruptImageError(f"{what}: block size 2^{sb.blkszbits} not supported")
+        if sb.extra_devices and sb.devt_slotoff * E.DEVICE_SLOT_SIZE != R.DEVT_OFFSET:
+            raise CorruptImageError(f"{what}: device table not at slot {R.DEVT_SLOTOFF}")
+        if sb.extra_devices > R.MAX_BLOBS:
+            raise CorruptImageError(f"{what}: too many blobs ({sb.extra_devices})")
+        # the one decoder of the tables (bounds, alignment, overlaps, chunk size)
+        img = Image(buf, name=what)
+        ext = img.rafs
+        assert ext is not None            # RAFS_V6 checked above
+        devices = img.devices
+        n = len(devices)
+        if len(img.blob_entries) != n:
+            raise CorruptImageError(
+                f"{what}: blob table holds {len(img.blob_entries)} blobs, device table {n}")
+        blobs = [cls._check_blob(what, i, e, devices[i])
+                 for i, e in enumerate(img.blob_entries)]
+        chunks = img.chunk_infos
+        for k, c in enumerate(chunks):
+            if c.blob_index >= n:
+                raise CorruptImageError(f"{what}: chunk {k} names blob {c.blob_index}")
+            b = blobs[c.blob_index]
+            if (c.index >= b.chunk_count or c.uncompressed_size == 0
+                    or c.uncompressed_size > R.CHUNK_SIZE_MAX
+                    or c.compressed_size > c.uncompressed_size
+                    or c.uncompressed_offset % E.BLKSZ
+                    or c.uncompressed_offset + round_up(c.uncompressed_size, E.BLKSZ)
+                    > b.uncompressed_size
+                    or c.compressed_offset + c.compressed_size > b.compressed_size):
+                raise CorruptImageError(f"{what}: chunk info entry {k} out of range")
+        return cls(path, sb, ext, devices, blobs, chunks)
+
+    @staticmethod
+    def _check_blob(what: str, i: int, e: R.BlobEntry, device: E.DeviceSlot) -> BlobInfo:
+        """The blob-table entry `i` must name its device slot and fit its size."""
+        info = BlobInfo.from_entry(e)
+        tag = device.tag.rstrip(b"\0")
+        if e.blob_index != i or tag != e.blob_id or len(info.blob_id) != 64 \
+                or not set(info.blob_id) <= _HEX:
+            raise CorruptImageError(f"{what}: blob {i} has an invalid id or index")
+        if info.uncompressed_size % E.BLKSZ or device.blocks != info.blocks or info.blocks == 0:
+            raise CorruptImageError(f"{what}: blob {i} size does not match its device")
+        return info
