@@ -39,9 +39,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-from erofs_tools.errors import MountError
 from fscache_daemon import mounts
-from fscache_daemon.errors import FrontendError
+from fscache_daemon.errors import FrontendError, MountBusyError, MountError
 
 from . import cachefiles_holder
 from .cachefiles_proto import (DEVICE_PATH, CachefilesDevice, CloseMsg, OpenMsg,
@@ -653,4 +652,7 @@ def umount(mountpoint: str, lazy: bool = False) -> None:
     try:
         mounts.umount(mountpoint, lazy)
     except OSError as e:
+        if e.errno == errno.EBUSY:
+            raise MountBusyError(f"umount {mountpoint}: target is busy (open files or a "
+                                 f"process inside); close them, or use --lazy") from None
         raise MountError(f"umount {mountpoint}: {e.strerror}") from None

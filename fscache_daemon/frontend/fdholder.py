@@ -62,7 +62,7 @@ import time
 
 from fscache_daemon.errors import FanotifyUnsupportedError, FrontendError, HolderError
 from fscache_daemon.frontend import fanotify_abi as abi
-from fscache_daemon.frontend.fanotify import FilledView, MarkTable, PendingEvent
+from fscache_daemon.frontend.fanotify_marks import FilledView, MarkTable, PendingEvent
 
 log = logging.getLogger(__name__)
 
