@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -41,6 +42,42 @@ def holder_running(sock: str) -> bool:
         return False
     finally:
         s.close()
+
+
+def find_holder(sock: str) -> int | None:
+    """The pid of a live fd holder started for `sock`, found by its command line (its
+    socket file may be gone: the cache directory was deleted while mounted)."""
+    want = ["-m", "fscache_daemon.frontend.fdholder", "--sock", sock]
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+        except OSError:
+            continue
+        if argv[1:] == want:
+            return int(name)
+    return None
+
+
+def reattach_holder(sock: str, timeout: float = 10.0) -> int | None:
+    """Ask a holder whose socket vanished to listen again (SIGUSR1); its pid if it
+    answers, None if there is none."""
+    pid = find_holder(sock)
+    if pid is None:
+        return None
+    os.kill(pid, signal.SIGUSR1)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if holder_running(sock):
+            log.warning("fanotify fd holder pid %d had lost its socket %s (cache directory "
+                        "deleted?); using it again: its marks and waiting readers are not "
+                        "orphaned", pid, sock)
+            return pid
+        time.sleep(0.05)
+    raise FrontendError(f"fanotify fd holder pid {pid} serves {sock} but does not answer; "
+                        f"not starting a second one")
 
 
 def spawn_holder(sock: str, log_path: str, timeout: float = 10.0) -> int:
@@ -93,7 +130,8 @@ class FanotifyFrontend(Frontend):
         abi.raise_nofile_limit()
         self._daemon = daemon
         self._stopping = False
-        if self.holder and not holder_running(self.holder_sock):
+        if self.holder and not holder_running(self.holder_sock) and \
+                reattach_holder(self.holder_sock) is None:
             spawn_holder(self.holder_sock, os.path.join(self.cache_dir, "fdholder.log"))
         self.watcher = self._new_watcher()
 

@@ -40,7 +40,9 @@ neither re-queued nor answered). When a daemon subscribes it gets every pending 
 again, so a restarted daemon answers what the dead one had been working on.
 
 The holder itself must outlive every mount of a marked file: SIGTERM is refused while marks
-exist, and SIGKILL of the holder fails open (nothing can prevent that in 6.18).
+exist, and SIGKILL of the holder fails open (nothing can prevent that in 6.18). SIGUSR1
+makes it listen again at its socket path if that vanished (cache directory deleted): the
+next daemon finds it by its command line and asks for that rather than starting another.
 
 Run: python -m fscache_daemon.frontend.fdholder --sock PATH
 """
@@ -182,6 +184,9 @@ class FdHolder:
         except BlockingIOError:
             return
         for signum in sigs:
+            if signum == signal.SIGUSR1:
+                self._rebind()
+                continue
             if self.marks:
                 # exiting now would fail open: every hole of every marked file reads zeros
                 log.error("fd holder: refusing %s: %d cache files still marked; unmount "
@@ -190,12 +195,31 @@ class FdHolder:
                 log.info("fd holder: %s, no marks left; exiting", signal.Signals(signum).name)
                 self._stop = True
 
+    def _rebind(self) -> None:
+        """SIGUSR1: listen again at our socket path if it vanished (the cache directory
+        was deleted while mounted). A restarted daemon finds us this way instead of
+        starting a second holder and leaving our readers waiting on an orphan."""
+        if os.path.exists(self.sock_path):
+            return
+        os.makedirs(os.path.dirname(self.sock_path), mode=0o700, exist_ok=True)
+        try:
+            fresh = self._listen()
+        except (OSError, HolderError) as exc:
+            log.error("fd holder: cannot listen again on %s: %s", self.sock_path, exc)
+            return
+        self._unwatch(self.listener.fileno())
+        self.listener.close()
+        self.listener = fresh
+        self._watch(fresh.fileno(), lambda _: self._accept())
+        log.warning("fd holder: socket %s had vanished; listening there again",
+                    self.sock_path)
+
     # -- loop ------------------------------------------------------------------------------
 
     def serve(self) -> None:
         # SIGHUP too: a closing terminal must not take the group (and every mount's data)
         # down with it
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
             signal.signal(sig, self._on_signal)
         log.info("fd holder: pid %d serving %s", os.getpid(), self.sock_path)
         while not self._stop:
