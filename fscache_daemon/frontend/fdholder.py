@@ -40,9 +40,8 @@ neither re-queued nor answered). When a daemon subscribes it gets every pending 
 again, so a restarted daemon answers what the dead one had been working on.
 
 The holder itself must outlive every mount of a marked file: SIGTERM is refused while marks
-exist, and SIGKILL of the holder fails open (nothing can prevent that in 6.18). SIGUSR1
-makes it listen again at its socket path if that vanished (cache directory deleted): the
-next daemon finds it by its command line and asks for that rather than starting another.
+exist, and SIGKILL of the holder fails open (nothing can prevent that in 6.18). SIGUSR1:
+listen again if the socket vanished (a daemon finds us by our command line; no orphan).
 
 Run: python -m fscache_daemon.frontend.fdholder --sock PATH
 """
@@ -196,23 +195,19 @@ class FdHolder:
                 self._stop = True
 
     def _rebind(self) -> None:
-        """SIGUSR1: listen again at our socket path if it vanished (the cache directory
-        was deleted while mounted). A restarted daemon finds us this way instead of
-        starting a second holder and leaving our readers waiting on an orphan."""
+        """SIGUSR1: listen again if our socket vanished (cache directory deleted)."""
         if os.path.exists(self.sock_path):
             return
         os.makedirs(os.path.dirname(self.sock_path), mode=0o700, exist_ok=True)
         try:
             fresh = self._listen()
         except (OSError, HolderError) as exc:
-            log.error("fd holder: cannot listen again on %s: %s", self.sock_path, exc)
-            return
+            return log.error("fd holder: cannot listen on %s: %s", self.sock_path, exc)
         self._unwatch(self.listener.fileno())
         self.listener.close()
         self.listener = fresh
         self._watch(fresh.fileno(), lambda _: self._accept())
-        log.warning("fd holder: socket %s had vanished; listening there again",
-                    self.sock_path)
+        log.warning("fd holder: socket %s had vanished; listening again", self.sock_path)
 
     # -- loop ------------------------------------------------------------------------------
 
