@@ -165,6 +165,49 @@ def test_umount_under_overlay_namespace_and_open_file_never_gives_zeros(daemon, 
     daemon.mounts.remove(mnt)
 
 
+def test_detached_image_survives_daemon_restart(image, tmp_path):
+    """Same rule at shutdown: an image unmounted while an overlay holds it stays marked
+    (recorded as detached) across a daemon stop; a read meanwhile waits, the next daemon
+    serves it exactly and releases the blob when the overlay goes."""
+    require_lazy_kernel()
+    src, blob_id = image["src"], image["blob_id"]
+    d = DaemonProc(str(tmp_path / "d")).start()
+    mnt = str(tmp_path / "mnt")
+    ov = {k: str(tmp_path / k) for k in ("upper", "work", "merged")}
+    for p in ov.values():
+        os.makedirs(p)
+    try:
+        d.mount(image["boot"], mnt, f"localfs:{image['blobs']}")
+        subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
+                        f"lowerdir={mnt},upperdir={ov['upper']},workdir={ov['work']}",
+                        ov["merged"]], check=True)
+        assert d.api.request("POST", "/api/v1/umount", {"mountpoint": mnt})[1]["released"] \
+            is False
+        d.mounts.remove(mnt)
+        d.stop()
+        with open(os.path.join(d.cache_dir, "mounts.json")) as f:
+            assert [m["state"] for m in json.load(f)["mounts"]] == ["detached"]
+        assert cache_file(d, blob_id) in holder_marks(d)
+        files = [r for r in regular_files(src) if os.path.getsize(os.path.join(src, r))]
+        out = {}
+        t = threading.Thread(target=lambda: out.update(
+            {r: file_sha(os.path.join(ov["merged"], r)) for r in files}))
+        t.start()
+        time.sleep(0.5)
+        assert t.is_alive()                        # waits for a daemon, reads no zeros
+        d.start()
+        t.join(120)
+        assert out == {r: file_sha(os.path.join(src, r)) for r in files}
+        assert d.metrics()["detached"] == 1
+        subprocess.run(["umount", ov["merged"]], check=True)
+        wait_for(lambda: released(d, blob_id), what="the blob's release")
+        assert cache_file(d, blob_id) not in holder_marks(d)
+    finally:
+        if os.path.ismount(ov["merged"]):
+            subprocess.run(["umount", "-l", ov["merged"]])
+        d.cleanup()
+
+
 # ------------------------------------------------------------- issue 19, item 2
 def test_lazy_umount_while_readers_read(image, tmp_path):
     """Readers read their first 64 KiB, the mount is lazily unmounted, they read on:
