@@ -267,6 +267,9 @@ def status(as_json, api_sock):
                        f"  p99 {s.get('latency_p99_ms', 0)} ms")
     if not mounts:
         click.echo("no mounts")
+    if info.get("detached"):
+        click.echo(f"{info['detached']} unmounted image(s) still used by the kernel (another "
+                   f"mount namespace, an overlay or open files): blobs served until released")
 
 
 def main(argv=None):
