@@ -35,7 +35,9 @@ from fscache_daemon import __version__
 from fscache_daemon.errors import (ConflictError, DaemonError, FrontendError, MountBusyError,
                                    MountError, NotFoundError)
 from fscache_daemon.frontend.base import Frontend, NullFrontend
+from fscache_daemon.frontend.cachefiles_adapter import CachefilesAdapter
 from fscache_daemon.frontend.factory import fanotify_available, make_frontend
+from fscache_daemon.frontend.fanotify_adapter import FanotifyFrontend
 from fscache_daemon.images import Image
 from fscache_daemon.lifecycle import MountLifecycle
 from fscache_daemon.metrics import ProcessSampler, prometheus_text
@@ -49,7 +51,8 @@ from fscache_daemon.storage.backends import open_backend
 from fscache_daemon.storage.planner import DEFAULT_BATCH_SIZE, plan
 
 # names that moved out of this module, kept importable from here
-__all__ = ["Daemon", "Frontend", "NullFrontend", "Image", "PriorityPool", "TokenBucket",
+__all__ = ["Daemon", "Frontend", "NullFrontend", "FanotifyFrontend", "CachefilesAdapter",
+           "Image", "PriorityPool", "TokenBucket",
            "prometheus_text", "fanotify_available", "make_frontend", "DaemonError", "MountError",
            "MountBusyError", "NotFoundError", "ConflictError", "PRIO_ONDEMAND",
            "PRIO_READAHEAD", "PRIO_PREFETCH"]

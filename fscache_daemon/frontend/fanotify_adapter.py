@@ -324,6 +324,11 @@ class FanotifyFrontend(Frontend):
         if self.watcher is None:
             return
         holder_pid = None
+        if not self.holder and self._daemon.all_images():
+            # the group dies with us: every hole of these mounts will read as zeros
+            log.critical("fanotify-local: stopping with %d images the kernel still uses; "
+                         "their uncached ranges now read as zeros (use the fd holder)",
+                         len(self._daemon.all_images()))
         if self.holder and not self._daemon.all_images():
             # nothing mounted: let the holder go too (it exits only without marks)
             try:
