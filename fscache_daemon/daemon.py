@@ -82,7 +82,7 @@ class Daemon(MountLifecycle):
                  threads: int = 8, batch_size: int = DEFAULT_BATCH_SIZE,
                  prefetch_rate: int = DEFAULT_PREFETCH_RATE, durable: bool = True,
                  readahead: int = DEFAULT_READAHEAD):
-        self.cache_dir = os.path.abspath(cache_dir)
+        self.cache_dir = os.path.realpath(cache_dir)   # mount sources are recorded by it
         self.blob_dir = os.path.join(self.cache_dir, "blobs")
         self.boot_dir = os.path.join(self.cache_dir, "bootstraps")
         for d in (self.cache_dir, self.blob_dir, self.boot_dir):

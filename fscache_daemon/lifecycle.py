@@ -95,7 +95,8 @@ class MountLifecycle:
             return (None, None) if state == MOUNTING else (MOUNTED, None)
         erofs_here = [e for e in entries if e.mountpoint == mp and e.fstype == "erofs"]
         if self.frontend.name == "fanotify":   # file-backed: the source is our copy
-            erofs_here = [e for e in erofs_here if e.source == m.get("bootstrap")]
+            boot = os.path.realpath(str(m.get("bootstrap")))
+            erofs_here = [e for e in erofs_here if os.path.realpath(e.source) == boot]
         mount_id = m.get("mount_id")
         if state == MOUNTING or (state == MOUNTED and mount_id is None):
             if erofs_here:
