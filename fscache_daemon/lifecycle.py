@@ -68,6 +68,7 @@ class MountLifecycle:
         kernel = self.frontend.name != "none"
         entries = mounts.mountinfo() if kernel else []
         live = mounts.erofs_instances() if kernel else set()
+        forgotten = []
         for m in records:
             mp = m.get("mountpoint")
             if not isinstance(mp, str):
@@ -76,7 +77,7 @@ class MountLifecycle:
             state, mount_id = self._reconcile(m, mp, entries, live, kernel)
             if state is None:
                 log.info("%s is no longer mounted; forgetting it", mp)
-                self._drop_unused_bootstrap(m.get("bootstrap", ""))
+                forgotten.append(m.get("bootstrap", ""))
                 continue
             try:
                 self._register(m["bootstrap"], mp, m["backend"], m.get("prefetch", False),
@@ -86,6 +87,8 @@ class MountLifecycle:
                 log.info("picked up %s mount %s", state, mp)
             except (DaemonError, KeyError, OSError) as e:
                 log.error("cannot pick up mount %s: %s", mp, e)
+        for boot in forgotten:      # after the loop: a later record may share the copy
+            self._drop_unused_bootstrap(boot)
         self._save_state()
 
     def _reconcile(self, m: dict, mp: str, entries, live: set[str], kernel: bool):
