@@ -283,3 +283,33 @@ def test_daemon_modules_small_and_without_import_cycles():
     for m, p in mods.items():
         if m.startswith("fscache_daemon.frontend"):
             assert "fscache_daemon.daemon" not in _imports(p, True), m
+
+
+# -------------------------------------------------------------- issue 19, item 13
+def test_restart_forgets_an_unfinished_mount_but_keeps_a_shared_bootstrap(images, tmp_path):
+    """A `mounting` record the kernel never completed is forgotten at restart; its
+    bootstrap copy goes only if no other record uses it."""
+    import json
+    cache = str(tmp_path / "cache")
+    d = Daemon(cache, frontend="none", threads=1, readahead=0)
+    d.start()
+    be = f"localfs:{images['blobs']}"
+    first = d.mount(images["a"], str(tmp_path / "m1"), be)
+    d.mount(images["a"], str(tmp_path / "m2"), be)
+    d.shutdown()
+    path = os.path.join(cache, "mounts.json")
+    with open(path) as f:
+        doc = json.load(f)
+    assert [m["state"] for m in doc["mounts"]] == ["mounted", "mounted"]
+    doc["mounts"][0]["state"] = "mounting"
+    with open(path, "w") as f:
+        json.dump(doc, f)
+    d2 = Daemon(cache, frontend="none", threads=1, readahead=0)
+    d2.start()
+    try:
+        assert list(d2.images) == [str(tmp_path / "m2")]
+        assert os.path.exists(first["bootstrap"])
+        with open(path) as f:
+            assert [m["mountpoint"] for m in json.load(f)["mounts"]] == [str(tmp_path / "m2")]
+    finally:
+        d2.shutdown()
