@@ -41,18 +41,12 @@ import urllib.parse
 
 from erofs_tools import errors as erofs_tools_errors
 from erofs_tools.errors import ErofsToolsError
-from fscache_daemon.errors import (ConflictError, DaemonError, FrontendError, MountError,
-                                   NotFoundError)
+from fscache_daemon.errors import (ApiError, ConflictError, DaemonError, FrontendError,
+                                   MountError, NotFoundError)
 
 log = logging.getLogger(__name__)
 
 MAX_BODY = 1 << 20
-
-
-class ApiError(DaemonError):
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
 
 
 def _status_of(exc: Exception) -> int:

@@ -41,3 +41,20 @@ class MountError(DaemonError, erofs_tools_errors.MountError):
 class MountBusyError(MountError, ConflictError):
     """umount(2) refused (EBUSY) or the mount is still in use: a conflict (API: 409),
     checked before MountError's 500."""
+
+
+class CachefilesUnsupportedError(FrontendError):
+    """This kernel cannot run the cachefiles on-demand front end."""
+
+
+class CachefilesProtocolError(FrontendError):
+    """A message from /dev/cachefiles that does not follow the layout (a bug or a new
+    kernel)."""
+
+
+class ApiError(DaemonError):
+    """A malformed API request, answered with `status` (4xx)."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status

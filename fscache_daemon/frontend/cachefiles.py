@@ -40,7 +40,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 from fscache_daemon import mounts
-from fscache_daemon.errors import FrontendError, MountBusyError, MountError
+from fscache_daemon.errors import (CachefilesUnsupportedError, FrontendError,
+                                   MountBusyError, MountError)
 
 from . import cachefiles_holder
 from .cachefiles_proto import (DEVICE_PATH, CachefilesDevice, CloseMsg, OpenMsg,
@@ -51,10 +52,6 @@ log = logging.getLogger(__name__)
 PAGE = 4096
 WRITE_BUF = 1 << 20          # per-worker page-aligned bounce buffer (mmap)
 ENOBUFS_RETRY_S = 3.0        # writes right after copen may fail with ENOBUFS for a moment
-
-
-class CachefilesUnsupportedError(FrontendError):
-    """This kernel cannot run the cachefiles on-demand front end."""
 
 
 def round_up(n: int, a: int = PAGE) -> int:
