@@ -279,6 +279,12 @@ def test_daemon_modules_small_and_without_import_cycles():
     # watcher, not even lazily
     holder = _imports(mods["fscache_daemon.frontend.fdholder"], False)
     assert "fscache_daemon.frontend.fanotify" not in holder
+    # error classes in one place (storage/ keeps its own StorageError family)
+    for m, p in mods.items():
+        if m != "fscache_daemon.errors":
+            classes = [n.name for n in ast.parse(open(p).read()).body
+                       if isinstance(n, ast.ClassDef) and n.name.endswith("Error")]
+            assert not classes, (m, classes)
     # front ends never import the daemon core at run time
     for m, p in mods.items():
         if m.startswith("fscache_daemon.frontend"):
