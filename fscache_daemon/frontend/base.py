@@ -3,14 +3,35 @@
 from __future__ import annotations
 
 import errno
-from typing import TYPE_CHECKING
+from concurrent.futures import Executor
+from typing import Any, Protocol
 
 from fscache_daemon import mounts
 from fscache_daemon.errors import MountBusyError, MountError
 
-if TYPE_CHECKING:  # the daemon layer sits above the front ends: types only
-    from fscache_daemon.daemon import Daemon
-    from fscache_daemon.images import Image
+
+# What a front end sees of the daemon and its images (the daemon layer sits above the
+# front ends: they know these shapes, not the classes)
+class ImageView(Protocol):
+    mountpoint: str
+    bootstrap: str          # the daemon's copy: the mount source
+    blob_ids: list[str]
+    domain: str | None
+    fsid: str
+    instances: list[str]    # set by Frontend.mount
+    readahead_restore: tuple[str, int] | None
+
+
+class DaemonView(Protocol):
+    blobs: dict[str, Any]   # blob id -> storage.blobcache.BlobManager
+    images: dict[str, Any]  # canonical mount point -> ImageView
+    pool: Executor
+
+    def fill(self, blob_id: str, offset: int, length: int) -> None: ...
+
+    def fast_path(self, blob_id: str, offset: int, length: int) -> bool: ...
+
+    def all_images(self) -> list[Any]: ...
 
 
 def sys_mount(source: str, target: str, fstype: str, flags: int, data: str) -> None:
@@ -55,7 +76,7 @@ class Frontend:
 
     name = "none"
 
-    def start(self, daemon: "Daemon") -> None:
+    def start(self, daemon: DaemonView) -> None:
         pass
 
     def prepare_blob(self, mgr) -> None:
@@ -73,10 +94,10 @@ class Frontend:
     def release_blob(self, mgr) -> None:
         pass
 
-    def mount(self, image: "Image") -> None:
+    def mount(self, image: ImageView) -> None:
         pass
 
-    def umount(self, image: "Image", lazy: bool = False) -> None:
+    def umount(self, image: ImageView, lazy: bool = False) -> None:
         pass
 
     def stats(self) -> dict:

@@ -4,13 +4,8 @@ through /dev/cachefiles on demand (frontend/cachefiles.py)."""
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
 
-from fscache_daemon.frontend.base import Frontend
-
-if TYPE_CHECKING:
-    from fscache_daemon.daemon import Daemon
-    from fscache_daemon.images import Image
+from fscache_daemon.frontend.base import DaemonView, Frontend, ImageView
 
 
 class CachefilesAdapter(Frontend):
@@ -25,7 +20,7 @@ class CachefilesAdapter(Frontend):
         self.holder_sock = holder_sock or os.path.join(cache_dir, "cachefiles-holder.sock")
         self.fe = None
 
-    def start(self, daemon: "Daemon") -> None:
+    def start(self, daemon: DaemonView) -> None:
         from fscache_daemon.frontend import cachefiles as cf
         self._cf = cf
         self._daemon = daemon
@@ -49,12 +44,12 @@ class CachefilesAdapter(Frontend):
 
         return self._cf.CallbackSource(mgr.size, read)
 
-    def mount(self, image: "Image") -> None:
+    def mount(self, image: ImageView) -> None:
         self._cf.mount_fscache(image.fsid, image.mountpoint, image.domain)
         # EROFS names an fscache-mode superblock's sysfs entry "[domain,]fsid"
         image.instances = [f"{image.domain},{image.fsid}" if image.domain else image.fsid]
 
-    def umount(self, image: "Image", lazy: bool = False) -> None:
+    def umount(self, image: ImageView, lazy: bool = False) -> None:
         self._cf.umount(image.mountpoint, lazy)
 
     def stats(self) -> dict:

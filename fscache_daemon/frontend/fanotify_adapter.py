@@ -10,15 +10,10 @@ import subprocess
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING
 
 from fscache_daemon import mounts
 from fscache_daemon.errors import FrontendError, MountError
-from fscache_daemon.frontend.base import Frontend, sys_mount, sys_umount
-
-if TYPE_CHECKING:
-    from fscache_daemon.daemon import Daemon
-    from fscache_daemon.images import Image
+from fscache_daemon.frontend.base import DaemonView, Frontend, ImageView, sys_mount, sys_umount
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +120,7 @@ class FanotifyFrontend(Frontend):
         self._withheld: dict[str, set[int]] = {}
         self._lock = threading.Lock()
 
-    def start(self, daemon: "Daemon") -> None:
+    def start(self, daemon: DaemonView) -> None:
         from fscache_daemon.frontend import fanotify_abi as abi
         abi.raise_nofile_limit()
         self._daemon = daemon
@@ -276,7 +271,7 @@ class FanotifyFrontend(Frontend):
             self._drop_filled(mgr)
         return True
 
-    def mount(self, image: "Image") -> None:
+    def mount(self, image: ImageView) -> None:
         devs = [self._daemon.blobs[b].cache.path for b in image.blob_ids]
         for d in devs:
             if "," in d:
@@ -303,7 +298,7 @@ class FanotifyFrontend(Frontend):
                     mounts.set_readahead(inst, default)
                     image.readahead_restore = None
 
-    def umount(self, image: "Image", lazy: bool = False) -> None:
+    def umount(self, image: ImageView, lazy: bool = False) -> None:
         sys_umount(image.mountpoint, lazy)
 
     def stats(self) -> dict:
