@@ -179,11 +179,20 @@ class MountLifecycle:
     def _mount_id_of(self, img: Image) -> int | None:
         if self.frontend.name == "none":
             return None
-        top = mounts.top_mount(img.mountpoint)
-        if top is None or top.fstype != "erofs":
-            log.warning("%s: our mount is not in /proc/self/mountinfo", img.mountpoint)
-            return None
-        return top.mount_id
+        entries = mounts.mountinfo()
+        top = mounts.top_mount(img.mountpoint, entries)
+        if top is not None and top.fstype == "erofs" and (
+                top.source in (img.bootstrap, "none") or
+                os.path.realpath(top.source) == img.bootstrap):
+            return top.mount_id
+        # someone mounted on top of ours at once: ours is the one EROFS mount of our copy
+        # there (a second one of the same copy would be refused as already mounted)
+        ours = [e for e in entries if e.mountpoint == img.mountpoint and e.fstype == "erofs"
+                and os.path.realpath(e.source) == img.bootstrap]
+        if len(ours) == 1:
+            return ours[0].mount_id
+        log.warning("%s: our mount is not in /proc/self/mountinfo", img.mountpoint)
+        return None
 
     def _register(self, boot_copy, mountpoint, backend_spec, prefetch, domain, options,
                   source_bootstrap, mounted_at=None, state=MOUNTED, mount_id=None,
