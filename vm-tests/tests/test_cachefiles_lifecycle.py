@@ -48,7 +48,9 @@ def wait_for(pred, timeout=60.0, what="condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_umount_under_overlay_and_namespace_never_gives_zeros(daemon, scratch):
+def test_umount_overlay_ns(daemon, scratch):
+    """Never zeros after `fscache-daemon umount` under an overlay and another namespace
+    (short name: the scratch path, and the unix sockets in it, carry it; 108-byte limit)."""
     src = scratch / "src"
     make_tree(src, nfiles=30, seed=13)
     boot = pack(src, scratch / "image.boot", scratch / "blobs", "--chunk-size", "64K")
