@@ -13,9 +13,15 @@ daemon's own uid only, checked with SO_PEERCRED on every connection).
     GET    /metrics                       the same in Prometheus text format 0.0.4
     POST   /api/v1/shutdown               stop the daemon (mounts stay)
 
-Errors are {"error": "<one line>"} with 400 (malformed request), 404 (no such route or
-mount), 405, 409 (already mounted, busy), 411, 413, or 500 (mount(2) or front end
-failure).
+Paths (bootstrap, mountpoint, a localfs backend's directory) must be absolute: the
+daemon's working directory means nothing to a client. A mount point is kept canonical
+(realpath). DELETE/umount answers {"mountpoint","unmounted":true,"released":bool}:
+released false means the kernel still uses the image's superblock (another mount
+namespace, an overlay, a lazily detached mount) and its blobs stay served until it lets go.
+
+Errors are {"error": "<one line>"} with 400 (malformed request, relative path), 404 (no
+such route or mount), 405, 409 (already mounted, busy, another mount covers the image,
+cache directory in use), 411, 413, or 500 (mount(2) or front end failure).
 """
 
 from __future__ import annotations
@@ -30,33 +36,36 @@ import socket
 import socketserver
 import struct
 import threading
+import time
 import urllib.parse
 
+from erofs_tools import errors as erofs_tools_errors
 from erofs_tools.errors import ErofsToolsError
-from fscache_daemon.errors import DaemonError, FrontendError
+from fscache_daemon.errors import (ApiError, ConflictError, DaemonError, FrontendError,
+                                   MountError, NotFoundError)
 
 log = logging.getLogger(__name__)
 
 MAX_BODY = 1 << 20
 
 
-class ApiError(DaemonError):
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-
-
 def _status_of(exc: Exception) -> int:
-    from fscache_daemon import daemon as d
     if isinstance(exc, ApiError):
         return exc.status
-    if isinstance(exc, d.NotFoundError):
+    if isinstance(exc, NotFoundError):
         return 404
-    if isinstance(exc, d.ConflictError):
+    if isinstance(exc, ConflictError):      # before MountError: a busy umount is both
         return 409
-    if isinstance(exc, (d.MountError, FrontendError)):
+    if isinstance(exc, (MountError, erofs_tools_errors.MountError, FrontendError)):
         return 500
     return 400
+
+
+def _absolute(field: str, value: str) -> str:
+    """The daemon's working directory means nothing to a client: paths must be absolute."""
+    if not os.path.isabs(value):
+        raise ApiError(400, f"field {field!r} must be an absolute path, got {value!r}")
+    return value
 
 
 class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
@@ -208,11 +217,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         return self.server.fscache
 
     def get_daemon(self, _q):
+        from fscache_daemon import __version__
         d = self.d
-        self._json(200, {"version": d.metrics()["version"], "pid": os.getpid(),
+        self._json(200, {"version": __version__, "pid": os.getpid(),
                          "frontend": d.frontend.name, "cache_dir": d.cache_dir,
                          "threads": d.pool.threads, "mounts": len(d.images),
-                         "uptime_s": d.metrics()["uptime_s"]})
+                         "detached": len(d.detached),
+                         "uptime_s": round(time.time() - d.started_at, 3)})
 
     def get_mounts(self, _q):
         self._json(200, self.d.list())
@@ -236,12 +247,17 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                             "options"}
         if unknown:
             raise ApiError(400, f"unknown fields {sorted(unknown)}")
+        _absolute("bootstrap", b["bootstrap"])
+        _absolute("mountpoint", b["mountpoint"])
+        if b["backend"].startswith("localfs:"):
+            _absolute("backend", b["backend"][len("localfs:"):])
         self._json(201, self.d.mount(b["bootstrap"], b["mountpoint"], b["backend"],
                                      prefetch=prefetch, domain=domain, options=options))
 
     def _umount(self, mountpoint, lazy):
         if not isinstance(mountpoint, str) or not mountpoint:
             raise ApiError(400, "mountpoint (non-empty string) is required")
+        _absolute("mountpoint", mountpoint)
         self._json(200, self.d.umount(mountpoint, lazy=bool(lazy)))
 
     def delete_mounts(self, q):
@@ -260,7 +276,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self._json(200, self.d.metrics())
 
     def get_prometheus(self, _q):
-        from fscache_daemon.daemon import prometheus_text
+        from fscache_daemon.metrics import prometheus_text
         self._send(200, prometheus_text(self.d.metrics()).encode(),
                    "text/plain; version=0.0.4; charset=utf-8")
 

@@ -179,7 +179,7 @@ def mount(bootstrap, mountpoint, backend, prefetch, domain, proxy, mirror, insec
     if backend.startswith("localfs:"):
         backend = "localfs:" + os.path.abspath(backend[len("localfs:"):])
     res = c.call("POST", "/api/v1/mounts", {
-        "bootstrap": os.path.abspath(bootstrap), "mountpoint": os.path.abspath(mountpoint),
+        "bootstrap": os.path.abspath(bootstrap), "mountpoint": os.path.realpath(mountpoint),
         "backend": backend, "prefetch": prefetch, "domain": domain, "options": options})
     if as_json:
         click.echo(json.dumps(res, indent=1))
@@ -193,10 +193,20 @@ def mount(bootstrap, mountpoint, backend, prefetch, domain, proxy, mirror, insec
 @click.option("--lazy", is_flag=True, help="Detach now, finish when no longer busy.")
 @sock_option
 def umount(mountpoint, lazy, api_sock):
-    """Unmount an image mounted through the daemon."""
-    _client(api_sock).call("POST", "/api/v1/umount",
-                           {"mountpoint": os.path.abspath(mountpoint), "lazy": lazy})
-    click.echo(f"unmounted {os.path.abspath(mountpoint)}")
+    """Unmount an image mounted through the daemon.
+
+    Refused (exit 1) if the mount point is busy (use --lazy) or another mount covers it.
+    If the kernel still uses the image after the unmount (another mount namespace, an
+    overlay, a lazy unmount with readers), the daemon keeps serving its blobs until the
+    kernel lets go, and says so."""
+    res = _client(api_sock).call("POST", "/api/v1/umount",
+                                 {"mountpoint": os.path.realpath(mountpoint), "lazy": lazy})
+    if res.get("released", True):
+        click.echo(f"unmounted {res['mountpoint']}")
+    else:
+        click.echo(f"unmounted {res['mountpoint']}; still in use by the kernel (another "
+                   f"mount namespace, an overlay or open files): its blobs stay served "
+                   f"until it lets go")
 
 
 @cli.command()
@@ -257,6 +267,9 @@ def status(as_json, api_sock):
                        f"  p99 {s.get('latency_p99_ms', 0)} ms")
     if not mounts:
         click.echo("no mounts")
+    if info.get("detached"):
+        click.echo(f"{info['detached']} unmounted image(s) still used by the kernel (another "
+                   f"mount namespace, an overlay or open files): blobs served until released")
 
 
 def main(argv=None):

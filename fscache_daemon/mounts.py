@@ -7,6 +7,7 @@ import ctypes
 import ctypes.util
 import logging
 import os
+from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
 
@@ -52,24 +53,64 @@ def _unescape_mountinfo(s: str) -> str:
     return "".join(out)
 
 
-def mounted_erofs() -> dict[str, str]:
-    """{mount point: source} of every EROFS mount in this namespace."""
-    out = {}
+@dataclass(frozen=True)
+class MountEntry:
+    """One line of /proc/self/mountinfo."""
+    mount_id: int
+    parent_id: int
+    dev: str            # major:minor of the superblock
+    mountpoint: str
+    fstype: str
+    source: str
+
+
+def mountinfo() -> list[MountEntry]:
+    """Every mount of this process's mount namespace, in the kernel's order."""
+    out = []
     try:
         with open("/proc/self/mountinfo") as f:
             for line in f:
                 pre, _, post = line.partition(" - ")
                 fields, pfields = pre.split(), post.split()
-                if len(fields) >= 5 and pfields and pfields[0] == "erofs":
-                    out[_unescape_mountinfo(fields[4])] = _unescape_mountinfo(pfields[1]) \
-                        if len(pfields) > 1 else ""
-    except OSError:
+                if len(fields) < 5 or not pfields:
+                    continue
+                out.append(MountEntry(int(fields[0]), int(fields[1]), fields[2],
+                                      _unescape_mountinfo(fields[4]), pfields[0],
+                                      _unescape_mountinfo(pfields[1]) if len(pfields) > 1
+                                      else ""))
+    except (OSError, ValueError):
         pass
     return out
 
 
+def top_mount(path: str, entries: list[MountEntry] | None = None) -> MountEntry | None:
+    """The mount a lookup of `path` (canonical) lands on: of the mounts stacked on that
+    path, the one no other mount there sits on."""
+    here = [e for e in (entries if entries is not None else mountinfo())
+            if e.mountpoint == path]
+    parents = {e.parent_id for e in here}
+    tops = [e for e in here if e.mount_id not in parents]
+    return tops[-1] if tops else None
+
+
+def find_mount(mount_id: int, entries: list[MountEntry] | None = None) -> MountEntry | None:
+    for e in entries if entries is not None else mountinfo():
+        if e.mount_id == mount_id:
+            return e
+    return None
+
+
+def mounted_erofs() -> dict[str, str]:
+    """{mount point: source} of every EROFS mount in this namespace."""
+    return {e.mountpoint: e.source for e in mountinfo() if e.fstype == "erofs"}
+
+
 def erofs_instances() -> set[str]:
-    """Names of the mounted EROFS instances (/sys/fs/erofs/<s_id>, also their bdi)."""
+    """Names of the live EROFS superblocks (/sys/fs/erofs/<name>): s_id (also the bdi
+    name, "erofs-N", never reused within a boot) for file-backed mounts, "[domain,]fsid"
+    in fscache mode. The entry exists from fill_super to put_super, whichever mounts
+    (other namespaces, overlayfs' private clones, lazily detached ones) hold it, so it
+    says whether the kernel may still read the superblock's blob files."""
     try:
         return {n for n in os.listdir("/sys/fs/erofs") if n != "features"}
     except OSError:

@@ -39,9 +39,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-from erofs_tools.errors import MountError
 from fscache_daemon import mounts
-from fscache_daemon.errors import FrontendError
+from fscache_daemon.errors import (CachefilesUnsupportedError, FrontendError,
+                                   MountBusyError, MountError)
 
 from . import cachefiles_holder
 from .cachefiles_proto import (DEVICE_PATH, CachefilesDevice, CloseMsg, OpenMsg,
@@ -52,10 +52,6 @@ log = logging.getLogger(__name__)
 PAGE = 4096
 WRITE_BUF = 1 << 20          # per-worker page-aligned bounce buffer (mmap)
 ENOBUFS_RETRY_S = 3.0        # writes right after copen may fail with ENOBUFS for a moment
-
-
-class CachefilesUnsupportedError(FrontendError):
-    """This kernel cannot run the cachefiles on-demand front end."""
 
 
 def round_up(n: int, a: int = PAGE) -> int:
@@ -653,4 +649,7 @@ def umount(mountpoint: str, lazy: bool = False) -> None:
     try:
         mounts.umount(mountpoint, lazy)
     except OSError as e:
+        if e.errno == errno.EBUSY:
+            raise MountBusyError(f"umount {mountpoint}: target is busy (open files or a "
+                                 f"process inside); close them, or use --lazy") from None
         raise MountError(f"umount {mountpoint}: {e.strerror}") from None

@@ -20,6 +20,8 @@ import select
 import struct
 from dataclasses import dataclass
 
+from fscache_daemon.errors import CachefilesProtocolError
+
 DEVICE_PATH = "/dev/cachefiles"
 
 OP_OPEN = 0
@@ -48,8 +50,9 @@ assert IOC_READ_COMPLETE == 0x40049801
 COMMAND_MAX = 4095           # one write(), at most PAGE_SIZE - 1 bytes
 
 
-class ProtocolError(Exception):
-    """A message from the kernel that does not follow the layout (a bug or a new kernel)."""
+# A message from the kernel that does not follow the layout (a bug or a new kernel); the
+# class lives with the daemon's other errors
+ProtocolError = CachefilesProtocolError
 
 
 @dataclass(frozen=True)

@@ -20,9 +20,7 @@ mark()/unmark() may be called from any thread.
 from __future__ import annotations
 
 import errno
-import fcntl
 import logging
-import mmap
 import os
 import select
 import threading
@@ -32,226 +30,17 @@ from typing import Callable, Hashable
 
 from fscache_daemon.errors import FrontendError
 from fscache_daemon.frontend import fanotify_abi as abi
+# shared with the fd holder; re-exported here, where callers have always found them
+from fscache_daemon.frontend.fanotify_marks import (FILLED_BLOCK, FilledMap, FilledView,
+                                                    MarkTable, PendingEvent)
+
+__all__ = ["PreContentWatcher", "LocalGroup", "FilledMap", "FilledView", "MarkTable",
+           "PendingEvent", "FILLED_BLOCK"]
 
 log = logging.getLogger(__name__)
 
 FillFn = Callable[[Hashable, int, int], None]
 FastPathFn = Callable[[Hashable, int, int], bool]
-
-
-@dataclass(frozen=True)
-class PendingEvent:
-    """An unanswered pre-content event as a channel hands it to the watcher.
-
-    `fd` is open in this process on the marked file (fstat, or pwrite: it is opened with
-    notifications suppressed). `token` is what the channel needs to answer it.
-    """
-    fd: int
-    mask: int
-    pid: int
-    offset: int | None
-    count: int | None
-    token: int
-
-
-# ---------------------------------------------------------------- shared "filled" bitmap
-
-FILLED_BLOCK = 4096
-
-
-def _covers(mm, nblocks: int, start: int, end: int) -> bool:
-    """Every block of [start, end) (end > start) has its bit set in `mm`."""
-    first, last = start // FILLED_BLOCK, (end - 1) // FILLED_BLOCK
-    if last >= nblocks:
-        return False
-    b0 = first >> 3
-    val = int.from_bytes(mm[b0:(last >> 3) + 1], "little")
-    need = ((1 << (last - first + 1)) - 1) << (first & 7)
-    return val & need == need
-
-
-class FilledMap:
-    """The daemon's side of a cache file's "filled" bitmap, shared with the fd holder.
-
-    One bit per 4 KiB block of the cache file (bit `i & 7` of byte `i >> 3`), in a sealed
-    memfd (its size can never change, so the holder's mapping can never fault) mapped
-    MAP_SHARED by the daemon (read-write) and the holder (read-only). The holder allows an
-    event whose every block is set without asking the daemon.
-
-    Rules that make that safe: a bit is set only after the block's verified data was
-    written into the cache file (the pwrite returned: the data is in the page cache), and
-    bits are never cleared while the holder maps the file. A stale read by the holder can
-    only miss a bit (the event is forwarded), never see one early. Blocks are set whole:
-    the caller guarantees no unfilled data shares a block it sets (RAFS chunks start 4 KiB
-    aligned and never overlap, so a chunk's last partial block holds only its padding).
-    Stores rely on the CPU making the cache-file data visible before the later bit store
-    (x86-64 TSO; see docs/fanotify.md).
-    """
-
-    def __init__(self, size: int, inode: tuple[int, int] | None = None,
-                 name: str = "fscache-filled"):
-        self.size = size
-        self.inode = inode
-        self.nblocks = -(-size // FILLED_BLOCK)
-        nbytes = max(1, -(-self.nblocks // 8))
-        self.fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-        try:
-            os.ftruncate(self.fd, nbytes)
-            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS,
-                        fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
-            self._mm: mmap.mmap | None = mmap.mmap(self.fd, nbytes)
-        except BaseException:
-            os.close(self.fd)
-            raise
-        self._lock = threading.Lock()  # bytes are read-modify-written
-
-    @classmethod
-    def for_file(cls, fd: int) -> "FilledMap":
-        """A map (all blocks unfilled) for the file open at `fd`: its size and inode."""
-        st = os.fstat(fd)
-        return cls(st.st_size, (st.st_dev, st.st_ino))
-
-    def set_range(self, offset: int, length: int) -> None:
-        """Record every block touched by [offset, offset+length) as filled. Call only
-        after that data, verified, was written into the cache file."""
-        if length <= 0:
-            return
-        i = offset // FILLED_BLOCK
-        end = min(self.nblocks, -(-(offset + length) // FILLED_BLOCK))
-        with self._lock:
-            mm = self._mm
-            if mm is None:
-                return
-            while i < end and i & 7:
-                mm[i >> 3] |= 1 << (i & 7)
-                i += 1
-            full = (end - i) >> 3
-            if full > 0:
-                mm[i >> 3:(i >> 3) + full] = b"\xff" * full
-                i += full << 3
-            while i < end:
-                mm[i >> 3] |= 1 << (i & 7)
-                i += 1
-
-    def covers(self, offset: int, length: int) -> bool:
-        end = min(offset + length, self.size)
-        with self._lock:
-            return (self._mm is not None and end > offset
-                    and _covers(self._mm, self.nblocks, offset, end))
-
-    def close(self) -> None:
-        with self._lock:
-            if self._mm is not None:
-                self._mm.close()
-                self._mm = None
-                os.close(self.fd)
-                self.fd = -1
-
-
-class FilledView:
-    """The holder's read-only mapping of a FilledMap, for one marked file of `size` bytes.
-
-    Takes ownership of `fd` (closed here). Refuses a memfd that is too small or whose size
-    is not sealed: a mapping that could shrink under the holder would kill it with SIGBUS,
-    and a dead holder fails open.
-    """
-
-    def __init__(self, fd: int, size: int):
-        try:
-            self.size = size
-            self.nblocks = -(-size // FILLED_BLOCK)
-            nbytes = max(1, -(-self.nblocks // 8))
-            try:
-                seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
-            except OSError as exc:
-                raise FrontendError(f"filled map: not a sealable memfd ({exc.strerror})") \
-                    from exc
-            if not seals & fcntl.F_SEAL_SHRINK:
-                raise FrontendError("filled map: size not sealed against shrinking")
-            if os.fstat(fd).st_size < nbytes:
-                raise FrontendError(f"filled map: {os.fstat(fd).st_size} bytes, "
-                                    f"{nbytes} needed for {size} bytes")
-            self._mm = mmap.mmap(fd, nbytes, mmap.MAP_SHARED, mmap.PROT_READ)
-        finally:
-            os.close(fd)
-
-    def covers(self, offset: int, count: int) -> bool:
-        """The range (clamped to the file size) is non-empty and every block is filled."""
-        start, end = min(offset, self.size), min(offset + count, self.size)
-        return end > start and _covers(self._mm, self.nblocks, start, end)
-
-    def close(self) -> None:
-        self._mm.close()
-
-
-class MarkTable:
-    """Marked cache files, by inode, each with a writer fd opened before its mark.
-
-    Keyed by inode, not path: a cache file replaced at the same path is a new file that
-    needs its own mark, while the old inode may still back a mount and keeps its mark.
-    Not thread-safe; callers lock.
-    """
-
-    def __init__(self, group_fd: int):
-        self.group_fd = group_fd
-        self._marks: dict[tuple[int, int], tuple[str, int]] = {}  # inode -> (path, wfd)
-
-    def __len__(self) -> int:
-        return len(self._marks)
-
-    def paths(self) -> list[str]:
-        return sorted(p for p, _ in self._marks.values())
-
-    def mark(self, path: str) -> tuple[bool, int]:
-        """(newly marked?, writer fd). The writer fd stays owned by the table."""
-        path = os.path.abspath(path)
-        try:
-            st = os.stat(path)
-            known = self._marks.get((st.st_dev, st.st_ino))
-        except FileNotFoundError:
-            known = None
-        if known is not None:
-            self._marks[(st.st_dev, st.st_ino)] = (path, known[1])
-            return False, known[1]
-        # opened *before* marking: an fd opened after the mark would raise events on its
-        # own writes, and a fill could wait on itself
-        wfd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        try:
-            abi.mark_pre_access(self.group_fd, wfd, path)  # by fd: exactly this inode
-        except BaseException:
-            os.close(wfd)
-            raise
-        st = os.fstat(wfd)
-        self._marks[(st.st_dev, st.st_ino)] = (path, wfd)
-        return True, wfd
-
-    def unmark(self, path: str, inode: tuple[int, int] | None = None) -> tuple[int, int]:
-        """Unmark `inode` if given and marked; else the file at path; else (replaced or
-        deleted) the one last marked under path. Returns the inode unmarked."""
-        path = os.path.abspath(path)
-        key = inode if inode in self._marks else None
-        if key is None:
-            try:
-                st = os.stat(path)
-                if (st.st_dev, st.st_ino) in self._marks:
-                    key = (st.st_dev, st.st_ino)
-            except FileNotFoundError:
-                pass
-        if key is None:
-            keys = [k for k, (p, _) in self._marks.items() if p == path]
-            if not keys:
-                raise FrontendError(f"{path}: not marked")
-            key = keys[-1]
-        _, wfd = self._marks[key]
-        abi.unmark_pre_access(self.group_fd, wfd, path)
-        del self._marks[key]
-        os.close(wfd)
-        return key
-
-    def close_all(self) -> None:
-        for _, wfd in self._marks.values():
-            os.close(wfd)
-        self._marks.clear()
 
 
 class LocalGroup:

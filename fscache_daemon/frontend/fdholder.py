@@ -40,7 +40,8 @@ neither re-queued nor answered). When a daemon subscribes it gets every pending 
 again, so a restarted daemon answers what the dead one had been working on.
 
 The holder itself must outlive every mount of a marked file: SIGTERM is refused while marks
-exist, and SIGKILL of the holder fails open (nothing can prevent that in 6.18).
+exist, and SIGKILL of the holder fails open (nothing can prevent that in 6.18). SIGUSR1:
+listen again if the socket vanished (a daemon finds us by our command line; no orphan).
 
 Run: python -m fscache_daemon.frontend.fdholder --sock PATH
 """
@@ -62,7 +63,7 @@ import time
 
 from fscache_daemon.errors import FanotifyUnsupportedError, FrontendError, HolderError
 from fscache_daemon.frontend import fanotify_abi as abi
-from fscache_daemon.frontend.fanotify import FilledView, MarkTable, PendingEvent
+from fscache_daemon.frontend.fanotify_marks import FilledView, MarkTable, PendingEvent
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +183,9 @@ class FdHolder:
         except BlockingIOError:
             return
         for signum in sigs:
+            if signum == signal.SIGUSR1:
+                self._rebind()
+                continue
             if self.marks:
                 # exiting now would fail open: every hole of every marked file reads zeros
                 log.error("fd holder: refusing %s: %d cache files still marked; unmount "
@@ -190,12 +194,27 @@ class FdHolder:
                 log.info("fd holder: %s, no marks left; exiting", signal.Signals(signum).name)
                 self._stop = True
 
+    def _rebind(self) -> None:
+        """SIGUSR1: listen again if our socket vanished (cache directory deleted)."""
+        if os.path.exists(self.sock_path):
+            return
+        os.makedirs(os.path.dirname(self.sock_path), mode=0o700, exist_ok=True)
+        try:
+            fresh = self._listen()
+        except (OSError, HolderError) as exc:
+            return log.error("fd holder: cannot listen on %s: %s", self.sock_path, exc)
+        self._unwatch(self.listener.fileno())
+        self.listener.close()
+        self.listener = fresh
+        self._watch(fresh.fileno(), lambda _: self._accept())
+        log.warning("fd holder: socket %s had vanished; listening again", self.sock_path)
+
     # -- loop ------------------------------------------------------------------------------
 
     def serve(self) -> None:
         # SIGHUP too: a closing terminal must not take the group (and every mount's data)
         # down with it
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
             signal.signal(sig, self._on_signal)
         log.info("fd holder: pid %d serving %s", os.getpid(), self.sock_path)
         while not self._stop:

@@ -1,0 +1,60 @@
+"""The cachefiles front end's adapter: EROFS over fscache, bootstrap and blobs served
+through /dev/cachefiles on demand (frontend/cachefiles.py)."""
+
+from __future__ import annotations
+
+import os
+
+from fscache_daemon.frontend.base import DaemonView, Frontend, ImageView
+
+
+class CachefilesAdapter(Frontend):
+    """EROFS over fscache: the cachefiles front end asks for the bootstrap (cookie = fsid)
+    and blobs (cookie = blob id) through a resolver."""
+
+    name = "cachefiles"
+
+    def __init__(self, cache_dir: str, threads: int, holder_sock: str | None = None):
+        self.cache_dir = cache_dir
+        self.threads = threads
+        self.holder_sock = holder_sock or os.path.join(cache_dir, "cachefiles-holder.sock")
+        self.fe = None
+
+    def start(self, daemon: DaemonView) -> None:
+        from fscache_daemon.frontend import cachefiles as cf
+        self._cf = cf
+        self._daemon = daemon
+        self.fe = cf.CachefilesFrontend(self._resolve, os.path.join(self.cache_dir, "fscache"),
+                                        threads=self.threads, holder_sock=self.holder_sock)
+        self.fe.start()
+
+    def _resolve(self, volume: str, cookie: str):
+        d = self._daemon
+        # unmounted images whose superblock the kernel still holds are asked for too
+        for img in d.all_images():
+            if cookie == img.fsid:
+                return self._cf.FileSource(img.bootstrap)
+        mgr = d.blobs.get(cookie)
+        if mgr is None:
+            return None
+
+        def read(off, length):
+            d.fill(cookie, off, length)
+            return os.pread(mgr.cache._own_fd, length, off)
+
+        return self._cf.CallbackSource(mgr.size, read)
+
+    def mount(self, image: ImageView) -> None:
+        self._cf.mount_fscache(image.fsid, image.mountpoint, image.domain)
+        # EROFS names an fscache-mode superblock's sysfs entry "[domain,]fsid"
+        image.instances = [f"{image.domain},{image.fsid}" if image.domain else image.fsid]
+
+    def umount(self, image: ImageView, lazy: bool = False) -> None:
+        self._cf.umount(image.mountpoint, lazy)
+
+    def stats(self) -> dict:
+        return self.fe.stats.as_dict() if self.fe else {}
+
+    def stop(self) -> None:
+        if self.fe is not None:
+            self.fe.stop()

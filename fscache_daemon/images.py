@@ -1,0 +1,49 @@
+"""An image the daemon mounted (or is about to mount, or that the kernel still uses after
+it was unmounted here), as recorded in mounts.json."""
+
+from __future__ import annotations
+
+import os
+import time
+
+MOUNTING = "mounting"       # intent recorded, mount(2) not known to have succeeded
+MOUNTED = "mounted"         # mounted at `mountpoint` (mount id `mount_id`) in our namespace
+DETACHED = "detached"       # gone from our mount point, its superblock still alive
+
+
+class Image:
+    def __init__(self, mountpoint, bootstrap, source_bootstrap, backend_spec, blob_ids,
+                 prefetch, domain, options, prefetch_ranges=(), mounted_at=None,
+                 state=MOUNTING, mount_id=None, instances=()):
+        self.mountpoint = mountpoint            # canonical (realpath)
+        self.bootstrap = bootstrap              # the daemon's copy, in the cache dir
+        self.source_bootstrap = source_bootstrap
+        self.backend_spec = backend_spec
+        self.blob_ids = list(blob_ids)
+        self.prefetch = prefetch
+        self.domain = domain
+        self.options = dict(options or {})
+        self.prefetch_ranges = list(prefetch_ranges)
+        self.mounted_at = mounted_at or time.time()
+        self.fsid = os.path.basename(bootstrap).split(".")[0]
+        self.state = state
+        self.mount_id: int | None = mount_id
+        # names of the EROFS superblock(s) this mount made (/sys/fs/erofs/<name>)
+        self.instances: list[str] = list(instances)
+        # (EROFS instance, its default read_ahead_kb) while a larger window is set
+        self.readahead_restore = None
+
+    @property
+    def user(self) -> str:
+        """How blob_users names this image: its mount point while mounted there."""
+        if self.state == DETACHED:
+            return f"{self.mountpoint} (detached: {','.join(self.instances) or '?'})"
+        return self.mountpoint
+
+    def to_json(self) -> dict:
+        return {"mountpoint": self.mountpoint, "bootstrap": self.bootstrap,
+                "source_bootstrap": self.source_bootstrap, "backend": self.backend_spec,
+                "blobs": self.blob_ids, "prefetch": self.prefetch, "domain": self.domain,
+                "options": self.options, "mounted_at": self.mounted_at,
+                "state": self.state, "mount_id": self.mount_id,
+                "instances": self.instances}

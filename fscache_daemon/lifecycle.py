@@ -1,0 +1,361 @@
+"""Mount, unmount, restart: when the daemon may let a blob go.
+
+The rule: a blob's cache file is served (marked, filled on demand) until no EROFS
+superblock that reads it is alive, whatever happened to the mount point. umount2(2) of
+our mount point succeeds while overlayfs (its private clone of the lower mount), another
+mount namespace, or a lazily detached mount still hold the superblock; each live
+superblock has /sys/fs/erofs/<name> (mounts.erofs_instances), so after the umount an image
+whose superblock lives on is *detached*: no longer at its mount point, still served, and
+released by the reaper thread once the kernel dropped the superblock (EROFS puts its
+device files when it does). Only then are the cache files unmarked.
+
+Mounts are identified by mount id and canonical path: `umount` refuses when another
+mount covers the image's mount point (it would remove the foreign mount and the image
+would lose its blobs), and never acts on a mount it did not make. mounts.json records a
+mount's intent before mount(2), so a daemon killed between mount(2) and the state save
+finds the mount again in /proc/self/mountinfo when it restarts.
+
+Lives in its own module as a mixin of `Daemon` (daemon.py) to keep the daemon's modules
+small; it uses the Daemon's attributes (images, detached, blobs, blob_users, frontend).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+from fscache_daemon import mounts
+from fscache_daemon.errors import (ConflictError, DaemonError, FrontendError, MountBusyError,
+                                   NotFoundError)
+from fscache_daemon.images import DETACHED, MOUNTED, MOUNTING, Image
+from fscache_daemon.state import copy_bootstrap, load_state, save_state
+from fscache_daemon.storage.backends import parse_backend_spec
+from fscache_daemon.storage.image import file_runs, load_image
+
+log = logging.getLogger(__name__)
+
+# How often the reaper looks whether the kernel let go of a detached image's superblock
+REAP_INTERVAL = 0.2
+
+
+class MountLifecycle:
+    # -- state file ---------------------------------------------------------------------
+    @property
+    def state_path(self) -> str:
+        return os.path.join(self.cache_dir, "mounts.json")
+
+    def all_images(self) -> list[Image]:
+        """Mounted images and detached ones (the kernel still reads their blobs)."""
+        with self._lock:
+            return list(self.images.values()) + list(self.detached)
+
+    def _save_state(self) -> None:
+        save_state(self.state_path, self.frontend.name,
+                   [img.to_json() for img in self.all_images()])
+
+    def _restore(self) -> None:
+        """Pick up what mounts.json records, reconciled with the kernel: a mount is taken
+        back if its mount (by id, at its canonical path) is still there, or -- recorded
+        only as an intent -- if an EROFS mount of its bootstrap copy is on its mount point;
+        an unmounted one whose superblock lives on comes back detached; the rest is
+        forgotten."""
+        try:
+            records = load_state(self.state_path)
+        except DaemonError as e:
+            log.error("%s; starting without mounts", e)
+            records = []
+        kernel = self.frontend.name != "none"
+        entries = mounts.mountinfo() if kernel else []
+        live = mounts.erofs_instances() if kernel else set()
+        forgotten = []
+        for m in records:
+            mp = m.get("mountpoint")
+            if not isinstance(mp, str):
+                continue
+            mp = os.path.realpath(mp)   # older daemons recorded paths as given
+            state, mount_id = self._reconcile(m, mp, entries, live, kernel)
+            if state is None:
+                log.info("%s is no longer mounted; forgetting it", mp)
+                forgotten.append(m.get("bootstrap", ""))
+                continue
+            try:
+                self._register(m["bootstrap"], mp, m["backend"], m.get("prefetch", False),
+                               m.get("domain"), m.get("options"), m.get("source_bootstrap"),
+                               mounted_at=m.get("mounted_at"), state=state,
+                               mount_id=mount_id, instances=m.get("instances") or ())
+                log.info("picked up %s mount %s", state, mp)
+            except (DaemonError, KeyError, OSError) as e:
+                log.error("cannot pick up mount %s: %s", mp, e)
+        for boot in forgotten:      # after the loop: a later record may share the copy
+            self._drop_unused_bootstrap(boot)
+        self._save_state()
+
+    def _reconcile(self, m: dict, mp: str, entries, live: set[str], kernel: bool):
+        """(state, mount id) a recorded mount has now, or (None, None) if it is gone."""
+        state = m.get("state", MOUNTED)
+        if not kernel:
+            return (None, None) if state == MOUNTING else (MOUNTED, None)
+        erofs_here = [e for e in entries if e.mountpoint == mp and e.fstype == "erofs"]
+        if self.frontend.name == "fanotify":   # file-backed: the source is our copy
+            boot = os.path.realpath(str(m.get("bootstrap")))
+            erofs_here = [e for e in erofs_here if os.path.realpath(e.source) == boot]
+        mount_id = m.get("mount_id")
+        if state == MOUNTING or (state == MOUNTED and mount_id is None):
+            if erofs_here:
+                top = mounts.top_mount(mp, erofs_here) or erofs_here[-1]
+                return MOUNTED, top.mount_id
+        elif state == MOUNTED:
+            if any(e.mount_id == mount_id for e in erofs_here):
+                return MOUNTED, mount_id
+        insts = m.get("instances") or []
+        if state != MOUNTING and insts and any(i in live for i in insts):
+            return DETACHED, None
+        return None, None
+
+    # -- mount --------------------------------------------------------------------------
+    def _drop_unused_bootstrap(self, boot_copy: str) -> None:
+        """Remove our copy of a bootstrap no image uses (a failed mount must leave
+        nothing behind in the cache directory)."""
+        if not boot_copy or os.path.dirname(boot_copy) != self.boot_dir:
+            return
+        if any(i.bootstrap == boot_copy for i in self.all_images()):
+            return
+        try:
+            os.unlink(boot_copy)
+        except OSError:
+            pass
+
+    def _validate_copy(self, boot_copy: str, given: str) -> None:
+        """Parse the copy (the bytes that will be mounted), naming the user's path."""
+        try:
+            load_image(boot_copy)
+        except DaemonError as e:
+            msg = str(e).replace(boot_copy, given)
+            if given not in msg:
+                msg = f"{given}: {msg}"
+            raise type(e)(msg) from None
+
+    def mount(self, bootstrap: str, mountpoint: str, backend: str, *, prefetch: bool = False,
+              domain: str | None = None, options: dict | None = None) -> dict:
+        if not isinstance(bootstrap, str) or not isinstance(mountpoint, str) or \
+                not isinstance(backend, str):
+            raise DaemonError("mount needs string bootstrap, mountpoint and backend")
+        parse_backend_spec(backend)
+        given = mountpoint
+        mountpoint = os.path.realpath(mountpoint)
+        bootstrap = os.path.abspath(bootstrap)
+        if not os.path.isfile(bootstrap):
+            raise NotFoundError(f"{bootstrap}: no such bootstrap file")
+        if self.frontend.name != "none" and not os.path.isdir(mountpoint):
+            raise NotFoundError(f"{mountpoint}: mount point is not a directory")
+        with self._mount_lock:
+            if mountpoint in self.images:
+                alias = f" (given as {given})" if os.path.abspath(given) != mountpoint else ""
+                raise ConflictError(f"{mountpoint}: already mounted by this daemon{alias}")
+            boot_copy = copy_bootstrap(bootstrap, self.boot_dir)
+            try:
+                self._validate_copy(boot_copy, bootstrap)
+                img = self._register(boot_copy, mountpoint, backend, prefetch, domain,
+                                     options, bootstrap, state=MOUNTING)
+                try:
+                    self._save_state()      # the intent, before mount(2)
+                    self.frontend.mount(img)
+                except BaseException:
+                    self._unregister(img)
+                    self._save_state()
+                    raise
+                img.mount_id = self._mount_id_of(img)
+                img.state = MOUNTED
+            except BaseException:
+                self._drop_unused_bootstrap(boot_copy)
+                raise
+            self._save_state()
+        log.info("mounted %s on %s (%d blobs, backend %s, mount id %s, superblock %s)",
+                 bootstrap, mountpoint, len(img.blob_ids), backend, img.mount_id,
+                 ",".join(img.instances) or "?")
+        return self.describe(img)
+
+    def _mount_id_of(self, img: Image) -> int | None:
+        if self.frontend.name == "none":
+            return None
+        entries = mounts.mountinfo()
+        top = mounts.top_mount(img.mountpoint, entries)
+        if top is not None and top.fstype == "erofs" and (
+                top.source in (img.bootstrap, "none") or
+                os.path.realpath(top.source) == img.bootstrap):
+            return top.mount_id
+        # someone mounted on top of ours at once: ours is the one EROFS mount of our copy
+        # there (a second one of the same copy would be refused as already mounted)
+        ours = [e for e in entries if e.mountpoint == img.mountpoint and e.fstype == "erofs"
+                and os.path.realpath(e.source) == img.bootstrap]
+        if len(ours) == 1:
+            return ours[0].mount_id
+        log.warning("%s: our mount is not in /proc/self/mountinfo", img.mountpoint)
+        return None
+
+    def _register(self, boot_copy, mountpoint, backend_spec, prefetch, domain, options,
+                  source_bootstrap, mounted_at=None, state=MOUNTED, mount_id=None,
+                  instances=()) -> Image:
+        options = dict(options or {})
+        info = load_image(boot_copy)
+        be = self._backend(backend_spec, options)
+        mgrs = []
+        for ref in info.blobs:
+            mgrs.append(self._open_blob(ref, be))
+        img = Image(mountpoint, boot_copy, source_bootstrap, backend_spec,
+                    [r.blob_id for r in info.blobs], bool(prefetch), domain, options,
+                    info.prefetch, mounted_at, state=state, mount_id=mount_id,
+                    instances=instances)
+        with self._lock:
+            if state == DETACHED:
+                self.detached.append(img)
+            else:
+                self.images[mountpoint] = img
+            for m in mgrs:
+                self.blob_users.setdefault(m.blob_id, set()).add(img.user)
+        try:
+            for m in mgrs:
+                self.frontend.prepare_blob(m)
+        except BaseException:
+            self._unregister(img)
+            raise
+        if state != DETACHED:
+            self._queue_prefetch(img)
+        if self.readahead:
+            threading.Thread(target=self._learn_runs, args=(img, mgrs), daemon=True,
+                             name="file-runs").start()
+        return img
+
+    def _learn_runs(self, img: Image, mgrs) -> None:
+        try:
+            runs = file_runs(img.bootstrap)
+        except Exception as e:  # noqa: BLE001 - readahead is an optimisation
+            log.warning("%s: no file-aware readahead: %s", img.mountpoint, e)
+            return
+        for i, m in enumerate(mgrs):
+            if runs.get(i):
+                m.add_file_runs(runs[i])
+        log.debug("%s: file runs known for readahead", img.mountpoint)
+
+    def _unregister(self, img: Image) -> None:
+        """Forget `img`; release (unmark, close) every blob no other image uses."""
+        released = []
+        with self._lock:
+            if self.images.get(img.mountpoint) is img:
+                del self.images[img.mountpoint]
+            if img in self.detached:
+                self.detached.remove(img)
+            for b in img.blob_ids:
+                users = self.blob_users.get(b)
+                if users is None:
+                    continue
+                users.discard(img.user)
+                if not users:
+                    del self.blob_users[b]
+                    mgr = self.blobs.pop(b, None)
+                    ra = self._ra.pop(b, None)
+                    if ra is not None:
+                        ra.reset()
+                    if mgr is not None:
+                        released.append(mgr)
+        for mgr in released:
+            try:
+                self.frontend.release_blob(mgr)
+            except (FrontendError, OSError) as e:
+                log.warning("blob %s: release failed: %s", mgr.blob_id[:12], e)
+            mgr.sync()
+            mgr.close()
+
+    # -- umount -------------------------------------------------------------------------
+    def umount(self, mountpoint: str, lazy: bool = False) -> dict:
+        mountpoint = os.path.realpath(mountpoint)
+        with self._mount_lock:
+            img = self.images.get(mountpoint)
+            if img is None:
+                raise NotFoundError(f"{mountpoint}: not mounted by this daemon")
+            if self.frontend.name == "none":
+                self._unregister(img)
+                self._save_state()
+                return {"mountpoint": mountpoint, "unmounted": True, "released": True}
+            before = mounts.erofs_instances()
+            if self._still_ours(img):
+                self.frontend.umount(img, lazy)
+            else:
+                log.warning("%s: the image was unmounted behind the daemon's back",
+                            mountpoint)
+            if not img.instances:
+                # superblock not known (a mount recorded only as an intent): ours is the
+                # one that went away, if one did; else keep all that could be it
+                gone = before - mounts.erofs_instances()
+                img.instances = sorted(gone or self._unclaimed_instances(img))
+            in_use = self._superblock_alive(img)
+            if in_use:
+                self._detach(img)
+            else:
+                self._unregister(img)
+            self._save_state()
+        if in_use:
+            log.warning("unmounted %s, but the kernel still uses its superblock %s "
+                        "(another mount namespace, an overlay, a lazily detached mount or "
+                        "open files): its blobs stay served until it lets go", mountpoint,
+                        ",".join(img.instances))
+        else:
+            log.info("unmounted %s", mountpoint)
+        return {"mountpoint": mountpoint, "unmounted": True, "released": not in_use}
+
+    def _still_ours(self, img: Image) -> bool:
+        """True if our mount is on img.mountpoint and nothing covers it; False if it is
+        gone from our namespace; refuses (MountBusyError) if a foreign mount covers it:
+        umount2 would remove that one instead."""
+        if img.mount_id is None:
+            return True     # recorded by an older daemon: unmount by path as it did
+        entries = mounts.mountinfo()
+        ours = mounts.find_mount(img.mount_id, entries)
+        if ours is None or ours.mountpoint != img.mountpoint or ours.fstype != "erofs":
+            return False
+        top = mounts.top_mount(img.mountpoint, entries)
+        if top is not None and top.mount_id != img.mount_id:
+            raise MountBusyError(f"{img.mountpoint}: another mount ({top.fstype} "
+                                 f"{top.source}, mount id {top.mount_id}) covers the "
+                                 f"image; unmount it first")
+        return True
+
+    def _unclaimed_instances(self, img: Image) -> set[str]:
+        claimed = {i for other in self.all_images() if other is not img
+                   for i in other.instances}
+        return mounts.erofs_instances() - claimed
+
+    def _superblock_alive(self, img: Image) -> bool:
+        live = mounts.erofs_instances()
+        return any(i in live for i in img.instances)
+
+    def _detach(self, img: Image) -> None:
+        """img left its mount point but the kernel still reads its blobs: keep serving
+        them under a detached name until the reaper sees the superblock go."""
+        with self._lock:
+            if self.images.get(img.mountpoint) is img:
+                del self.images[img.mountpoint]
+            old = img.user
+            img.state, img.mount_id = DETACHED, None
+            for b in img.blob_ids:
+                users = self.blob_users.setdefault(b, set())
+                users.discard(old)
+                users.add(img.user)
+            self.detached.append(img)
+
+    def _reaper(self) -> None:
+        while not self._stop.wait(REAP_INTERVAL):
+            if not self.detached:
+                continue
+            live = mounts.erofs_instances()
+            for img in list(self.detached):
+                if any(i in live for i in img.instances):
+                    continue
+                with self._mount_lock:
+                    if img not in self.detached:
+                        continue
+                    self._unregister(img)
+                    self._save_state()
+                log.info("%s: the kernel released superblock %s; its blobs are released",
+                         img.mountpoint, ",".join(img.instances))
