@@ -10,7 +10,7 @@ from erofs_tools.errors import CorruptImageError, ErofsToolsError, InputError
 from erofs_tools.reader.data import BlobSource
 from erofs_tools.reader.fsck import check_image
 from erofs_tools.reader.image import Image
-from erofs_tools.reader.stats import multi_stats
+from erofs_tools.reader.stats import multi_stats, super_summary
 from erofs_tools.reader.unpack import unpack_to_dir, unpack_to_tar
 
 _TYPE = {_stat.S_IFREG: "file", _stat.S_IFDIR: "dir", _stat.S_IFLNK: "symlink",
@@ -171,7 +171,7 @@ def inspect_cmd(image, path, blob_dir, devices, as_json):
             else:
                 click.echo(f"{k}: {v}")
         return
-    sd = img.super_dict()
+    sd = super_summary(img)
     tree = []
     for p, _de, ino in img.walk():
         e = {"path": _s(p), "type": _TYPE.get(ino.ftype, "?"), "nid": ino.nid,

@@ -353,7 +353,7 @@ def run_operations(image, blobs, devices, work):
     from erofs_tools.reader.data import BlobSource
     from erofs_tools.reader.fsck import check_image
     from erofs_tools.reader.image import Image
-    from erofs_tools.reader.stats import image_stats
+    from erofs_tools.reader.stats import image_stats, super_summary
     from erofs_tools.reader.unpack import unpack_to_dir, unpack_to_tar
 
     outcomes = []
@@ -398,7 +398,7 @@ def run_operations(image, blobs, devices, work):
     img = img_box[0]
 
     def inspect():
-        json.dumps(img.super_dict())
+        json.dumps(super_summary(img))
         for _p, _d, ino in img.walk():
             ino.as_dict()
             img.xattrs(ino)

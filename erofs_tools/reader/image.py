@@ -658,13 +658,6 @@ class Image:
             out.append((name, value))
         return out
 
-    # -- summaries -------------------------------------------------------------------------
-    def super_dict(self) -> dict:
-        """Superblock, device table and RAFS tables as JSON-ready values (reader.stats)."""
-        from erofs_tools.reader.stats import super_summary
-        return super_summary(self)
-
-
 def open_image(source, blob_dir=None, devices=None, verify=True) -> Image:
     """Open an image; with `blob_dir` / `devices`, file data on extra devices is readable."""
     from erofs_tools.reader.data import BlobSource
