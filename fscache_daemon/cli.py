@@ -256,7 +256,11 @@ def status(as_json, api_sock):
                f"{info['frontend']}, cache {info['cache_dir']}, up {info['uptime_s']:.0f}s, "
                f"RSS {_human(p['rss_bytes'])}, CPU {p['cpu_user_s'] + p['cpu_system_s']:.1f}s")
     for m in mounts:
-        click.echo(f"{m['mountpoint']}  {m['source_bootstrap']}  backend {m['backend']}")
+        opts = m.get("options") or {}
+        # where the bytes come from matters when a mirror or proxy misbehaves: say it here,
+        # not only in --json
+        via = "".join(f"  {k} {opts[k]}" for k in ("mirror", "proxy") if opts.get(k))
+        click.echo(f"{m['mountpoint']}  {m['source_bootstrap']}  backend {m['backend']}{via}")
         for b in m["blobs"]:
             s = metrics["blobs"].get(b["blob_id"], {})
             click.echo(f"  blob {b['blob_id'][:16]}  chunks {b['cached_chunks']}/"

@@ -80,3 +80,23 @@ def test_registry_token_auth_multi_blob(daemon, registry_token, tmp_path):  # no
     daemon.mount(str(tmp_path / "b2"), mnt, f"registry:{registry_token.host}/lazy/multi:v2")
     helpers.assert_same_tree(src, mnt)
     assert daemon.metrics()["totals"]["verify_failures"] == 0
+
+
+def test_status_names_the_mirror_and_proxy(daemon, registry, tmp_path):  # noqa: F811
+    """Plain `status` shows where a mount's bytes come from (mirror, proxy), not only --json."""
+    import subprocess
+    import sys
+    src = write_tree(str(tmp_path / "src"), seed=34, nfiles=3)
+    boot, blobs = str(tmp_path / "boot"), str(tmp_path / "blobs")
+    info = pack(src, boot, blobs)
+    push_blobs(registry, "lazy/st", "v1", blobs, [info["blobs"][0]["blob_id"]])
+    mnt = str(tmp_path / "mnt")
+    # the registry itself as the mirror of a host that does not exist: reads must go there
+    daemon.mount(boot, mnt, "registry:nowhere.invalid/lazy/st:v1",
+                 options={"mirror": registry.host, "insecure": True})
+    helpers.assert_same_tree(src, mnt)
+    out = subprocess.run([sys.executable, "-m", "fscache_daemon.cli", "status", "--api-sock",
+                          daemon.sock], capture_output=True, text=True, check=True).stdout
+    line = next(ln for ln in out.splitlines() if ln.startswith(os.path.realpath(mnt)))
+    assert f"mirror {registry.host}" in line
+    assert "proxy" not in line
