@@ -16,6 +16,7 @@ import re
 import threading
 
 from erofs_tools.errors import ErofsToolsError
+from erofs_tools.registry.reference import default_insecure
 
 from . import BackendError
 
@@ -139,14 +140,6 @@ class LocalFsBackend(Backend):
             self._fds.clear()
 
 
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
-
-
-def _is_loopback(host: str) -> bool:
-    return host.rsplit(":", 1)[0] in LOOPBACK_HOSTS if not host.startswith("[") \
-        else host.split("]")[0] + "]" in LOOPBACK_HOSTS
-
-
 class RegistryBackend(Backend):
     """Blob range reads from an OCI registry repository (`registry:HOST/REPO[:TAG]`).
 
@@ -174,8 +167,8 @@ class RegistryBackend(Backend):
             if not isinstance(ref, reg.Reference):
                 raise BackendError(f"registry backend {reference!r}: not a registry reference")
             host = mirror or ref.api_host
-            if insecure is None:
-                insecure = _is_loopback(host)
+            # one plain-HTTP rule with erofs-tools convert/push/pull: loopback only
+            insecure = default_insecure(host, insecure)
             self.repository = ref.repository
             # A reader waits on every retry: bound one fetch's retrying (the kernel may
             # retry a failed range once or twice more) so a dead registry means EIO.
