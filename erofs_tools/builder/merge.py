@@ -8,7 +8,9 @@ Layers are applied lowest first, as overlayfs would show them (docs/tar.md):
 - a directory with `trusted.overlay.opaque=y` hides everything below it (only the
   layer's own children remain); the xattr itself is not kept in the merged image;
 - a directory over a directory merges the two, with the upper one's metadata and
-  xattrs; anything else replaces what was below (a file over a directory drops the
+  xattrs, unless the upper one is implied (marked IMPLIED_XATTR by the tar source: the
+  layer has no entry of its own for it), which keeps the metadata from below, as
+  extracting the layers in order does; anything else replaces what was below (a file over a directory drops the
   directory's subtree, a directory over a file replaces the file);
 - hardlinks inside one layer stay hardlinks (one inode, nlink = links that survive).
 
@@ -29,7 +31,8 @@ from erofs_tools.errors import CorruptImageError, InputError
 from erofs_tools.format import erofs as E
 from erofs_tools.format import rafs as R
 from erofs_tools.builder.tar_source import _show
-from erofs_tools.builder.whiteout import (OPAQUE_XATTR as OPAQUE, classify,
+from erofs_tools.builder.whiteout import (IMPLIED_XATTR as IMPLIED,
+                                          OPAQUE_XATTR as OPAQUE, classify, is_implied,
                                           is_opaque, is_overlay_whiteout)
 from erofs_tools.reader.image import Image
 
@@ -144,11 +147,13 @@ def _merge(layers, output, blob_ids, whiteout_spec, timestamp, RP):
     # -- the merged tree -----------------------------------------------------------------
     top = layers[-1]
     root = _M(top, top.img.inode(top.img.root_nid), {})
-    for L in layers:
+    for li, L in enumerate(layers):
         img = L.img
         rino = img.inode(img.root_nid)
-        root.layer, root.ino = L, rino
-        if is_opaque(img.xattrs(rino)):
+        rx = img.xattrs(rino)
+        if li == 0 or not is_implied(rx):
+            root.layer, root.ino = L, rino
+        if is_opaque(rx):
             root.children.clear()
         stack = [(root, rino, b"/")]
         seen_dirs = {img.root_nid}
@@ -180,12 +185,18 @@ def _merge(layers, output, blob_ids, whiteout_spec, timestamp, RP):
                         raise CorruptImageError(f"{L.path}: {_show(cpath)}: directory "
                                                 "linked twice")
                     seen_dirs.add(d.nid)
-                    op = is_opaque(img.xattrs(ino))
-                    if old is not None and old.children is not None and not op:
-                        old.layer, old.ino = L, ino
+                    xs = img.xattrs(ino)
+                    op = is_opaque(xs)
+                    below = old is not None and old.children is not None
+                    if below and not op:
+                        if not is_implied(xs):
+                            old.layer, old.ino = L, ino
                         node = old
                     else:
-                        node = _M(L, ino, {})
+                        # an implied directory over one below keeps its metadata, as
+                        # containerd's applier copies it up (docs/tar.md)
+                        meta = (old.layer, old.ino) if below and is_implied(xs) else (L, ino)
+                        node = _M(meta[0], meta[1], {})
                         mdir.children[d.name] = node
                     stack.append((node, ino, cpath))
                 else:
@@ -227,7 +238,7 @@ def _merge(layers, output, blob_ids, whiteout_spec, timestamp, RP):
             if ino.is_lnk():
                 nb.set_bytes(n, img.readlink(ino))
             for xn, xv in img.xattrs(ino):
-                if m.children is not None and xn == OPAQUE:
+                if m.children is not None and xn in (OPAQUE, IMPLIED):
                     continue
                 nb.add_xattr(n, xn, xv)
                 has_x = True

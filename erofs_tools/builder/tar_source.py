@@ -42,7 +42,8 @@ from erofs_tools.builder.blob import BLKSZ, BlobWriter
 from erofs_tools.builder.chunk_dict import ChunkDict
 from erofs_tools.builder.chunker import (BATCH_BYTES, BATCH_CHUNKS, Compressor,
                                          check_chunk_size, digest_function)
-from erofs_tools.builder.whiteout import OPAQUE_VALUE, OPAQUE_XATTR, classify
+from erofs_tools.builder.whiteout import (IMPLIED_VALUE, IMPLIED_XATTR, OPAQUE_VALUE,
+                                          OPAQUE_XATTR, classify)
 from erofs_tools.errors import ErofsToolsError, FormatLimitError, InputError
 from erofs_tools.format import erofs as E
 from erofs_tools.format import rafs as R
@@ -645,7 +646,7 @@ class TarReader:
 
 class TNode:
     __slots__ = ("mode", "uid", "gid", "mtime", "nsec", "size", "rdev", "xattrs",
-                 "target", "children", "key", "opaque")
+                 "target", "children", "key", "opaque", "implied")
 
     def __init__(self, mode, uid=0, gid=0, mtime=0, nsec=0):
         self.mode = mode
@@ -660,6 +661,9 @@ class TNode:
         self.children = {} if stat.S_ISDIR(mode) else None
         self.key = None
         self.opaque = False
+        # a directory with no entry of its own (a parent of entries, or the root without
+        # './'): merge keeps the metadata of the layers below for it (docs/tar.md)
+        self.implied = False
 
     def is_dir(self):
         return self.children is not None
@@ -679,7 +683,7 @@ def _split(path, what):
 class TarTree:
     """Build the image tree from tar entries (see the module docstring for the rules)."""
 
-    def __init__(self, whiteout_spec="oci", timestamp=None):
+    def __init__(self, whiteout_spec="oci", timestamp=None, mark_implied=False):
         if whiteout_spec not in WHITEOUT_SPECS:
             raise InputError(f"unknown whiteout spec {whiteout_spec!r} "
                              "(choose oci, overlayfs or none)")
@@ -687,6 +691,8 @@ class TarTree:
         self.timestamp = timestamp
         t = timestamp or 0
         self.root = TNode(stat.S_IFDIR | 0o755, 0, 0, t, 0)
+        self.root.implied = True
+        self.mark_implied = mark_implied
         self.whiteouts = []        # (parent TNode, name, Entry)
         self.next_key = 0
         self.regular = []          # TNodes with data keys
@@ -698,6 +704,7 @@ class TarTree:
             nxt = cur.children.get(c)
             if nxt is None:
                 nxt = TNode(stat.S_IFDIR | 0o755, 0, 0, self.timestamp or 0, 0)
+                nxt.implied = True
                 cur.children[c] = nxt
             elif not nxt.is_dir():
                 kind = "a symlink" if stat.S_ISLNK(nxt.mode) else "not a directory"
@@ -745,6 +752,7 @@ class TarTree:
                 raise _err(f"{_show(e.name)}: entry would replace the root directory")
             self._meta(self.root, e)
             self.root.mode = stat.S_IFDIR | e.mode
+            self.root.implied = False
             return None
         name = parts[-1]
         if len(name) > 255:
@@ -769,6 +777,7 @@ class TarTree:
                 parent.children[name] = node
             self._meta(node, e)
             node.mode = stat.S_IFDIR | e.mode
+            node.implied = False
             return None
         if t == b"1":
             tparts = _split(e.link, e.name)
@@ -843,8 +852,11 @@ class TarTree:
                                   n.rdev[0], n.rdev[1])
                 if n.target is not None:
                     nb.set_bytes(nid, n.target)
-                for k in sorted(n.xattrs):
-                    nb.add_xattr(nid, k, n.xattrs[k])
+                xattrs = n.xattrs
+                if n.implied and self.mark_implied:
+                    xattrs = {**xattrs, IMPLIED_XATTR: IMPLIED_VALUE}
+                for k in sorted(xattrs):
+                    nb.add_xattr(nid, k, xattrs[k])
                     has_x = True
             except ErofsToolsError as ex:
                 raise type(ex)(f"{_show(path) or '/'}: {ex}") from None
@@ -1030,11 +1042,14 @@ def open_source(source):
 
 
 def pack_tar(source, bootstrap, blob_dir, opts=None, source_type="auto",
-             whiteout_spec="oci", max_size=DEFAULT_MAX_SIZE, progress=None):
+             whiteout_spec="oci", max_size=DEFAULT_MAX_SIZE, progress=None,
+             mark_implied=False):
     """Build BOOTSTRAP and one blob in BLOB_DIR from a tar stream; -> summary dict.
 
     `source`: a path, '-' (stdin) or a binary file object; `source_type`: tar, targz,
-    tarzst or auto (by magic)."""
+    tarzst or auto (by magic). `mark_implied`: give directories that have no entry of
+    their own the IMPLIED_XATTR marker, so that `merge` keeps the lower layers' metadata
+    for them (what `convert` does for every layer)."""
     from erofs_tools.builder import rafs as RP
     opts = opts or RP.PackOptions()
     opts.check()
@@ -1059,7 +1074,7 @@ def pack_tar(source, bootstrap, blob_dir, opts=None, source_type="auto",
         name = os.fsdecode(source)
     else:
         raw, close, name = source, (lambda: None), getattr(source, "name", "<stream>")
-    tree = TarTree(whiteout_spec, timestamp=ts)
+    tree = TarTree(whiteout_spec, timestamp=ts, mark_implied=mark_implied)
     stream = None
     writer = BlobWriter(blob_dir, opts.chunk_size, opts.compressor, opts.digester,
                         blob_index=-1)
