@@ -23,6 +23,7 @@ set_sb_blocks takes them before writing; with an older one they are patched into
 written file (same bytes; USE_NATIVE_PATCH_API).
 """
 import gc
+import itertools
 import os
 import stat
 import tempfile
@@ -173,6 +174,48 @@ class PackResult(dict):
     pass
 
 
+class ChunkRun:
+    """`count` consecutive chunk indexes of one file naming the same stored chunk (a
+    run of hole chunks of a sparse tar entry): one object, however long the run."""
+    __slots__ = ("chunk", "count")
+
+    def __init__(self, chunk, count):
+        self.chunk = chunk
+        self.count = count
+
+
+def _runs(chunks):
+    """(StoredChunk, count) of a file's chunk list, which may hold ChunkRuns."""
+    for c in chunks:
+        if type(c) is ChunkRun:
+            yield c.chunk, c.count
+        else:
+            yield c, 1
+
+
+class _ChunkIndexes:
+    """A file's 8-byte chunk indexes as a sized iterable, made one at a time (a run of
+    a million hole chunks is never a list of a million ints)."""
+
+    def __init__(self, runs, remap):
+        self.runs = runs            # [(StoredChunk, count)]
+        self.remap = remap
+        self.n = sum(c for _, c in runs)
+
+    def __len__(self):
+        return self.n
+
+    def __iter__(self):
+        for sc, count in self.runs:
+            idx = sc.index
+            dev = (self.remap[sc.blob_index] + 1) | (((idx >> 16) & 0xFF) << 8)
+            e = (idx & 0xFFFF) | (dev << 16) | ((sc.uncompressed_offset // BLKSZ) << 32)
+            if count == 1:
+                yield e
+            else:
+                yield from itertools.repeat(e, count)
+
+
 def pack(source, bootstrap, blob_dir, opts=None, progress=None):
     """Build BOOTSTRAP and one blob in BLOB_DIR from directory SOURCE; -> summary dict.
 
@@ -310,8 +353,8 @@ def write_bootstrap(nb, walker, bootstrap, opts, cdict, new_info, per_node, file
         blobs = list(blob_list)
         remap = {i: i for i in range(len(blobs))}
     else:
-        used = sorted({sc.blob_index for chunks in per_node.values() for sc in chunks
-                       if sc.blob_index >= 0})
+        used = sorted({sc.blob_index for chunks in per_node.values()
+                       for sc, _ in _runs(chunks) if sc.blob_index >= 0})
         blobs = [cdict.blobs[i] for i in used]
         remap = {old: new for new, old in enumerate(used)}
     if new_info is not None:
@@ -329,17 +372,13 @@ def write_bootstrap(nb, walker, bootstrap, opts, cdict, new_info, per_node, file
     fmt = E.CHUNK_FORMAT_INDEXES | (chunkbits - 12)
     cinfo = {}
     for node in walker.regular:
-        chunks = per_node.get(node, ())
-        entries = []
-        for sc in chunks:
+        runs = list(_runs(per_node.get(node, ())))
+        for sc, _ in runs:
             bi = remap[sc.blob_index]
-            idx = sc.index
-            dev = (bi + 1) | (((idx >> 16) & 0xFF) << 8)
-            entries.append((idx & 0xFFFF) | (dev << 16) | ((sc.uncompressed_offset // BLKSZ) << 32))
-            k = (sc.digest, bi, idx)
+            k = (sc.digest, bi, sc.index)
             if k not in cinfo:
                 cinfo[k] = (sc, bi)
-        nb.set_chunks(node, fmt, entries)
+        nb.set_chunks(node, fmt, _ChunkIndexes(runs, remap))
 
     # -- tables before the inode area ---------------------------------------------------
     flags = (R.COMPRESSION_FLAGS[opts.compressor] | R.DIGEST_FLAGS[opts.digester]

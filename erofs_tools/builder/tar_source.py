@@ -33,6 +33,7 @@ import sys
 import time
 import zlib
 import base64
+import itertools
 import urllib.parse
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -51,7 +52,8 @@ from erofs_tools.format import rafs as R
 WHITEOUT_SPECS = ("oci", "overlayfs", "none")
 SOURCE_TYPES = ("tar", "targz", "tarzst", "auto")
 BLOCK = 512
-MAX_META = 16 << 20            # PAX header / GNU long name / sparse map bytes per entry
+MAX_META = 16 << 20            # extended headers (PAX, long names, sparse map) per entry
+MAX_GLOBAL = 256 << 10         # PAX global records kept (honoured keys, latest value)
 MAX_NAME = 64 << 10            # path and link target length
 MAX_SPARSE_REGIONS = 1 << 20
 DEFAULT_MAX_SIZE = 1 << 40     # bytes read from the (decompressed) stream, 1 TiB
@@ -341,7 +343,7 @@ class Entry:
 
 
 def _pax_records(data, what):
-    out = []
+    """Yield (key, value) of PAX records, in order."""
     pos, n = 0, len(data)
     while pos < n:
         if data[pos] == 0:          # padding
@@ -359,9 +361,67 @@ def _pax_records(data, what):
         key, eq, value = data[sp + 1:end - 1].partition(b"=")
         if not eq:
             raise _err(f"{what}: bad PAX record")
-        out.append((key, value))
+        yield key, value
         pos = end
-    return out
+
+
+_PAX_KEYS = frozenset((b"path", b"linkpath", b"size", b"uid", b"gid", b"mtime",
+                       b"SCHILY.devmajor", b"SCHILY.devminor"))
+_PAX_XATTR = (b"SCHILY.xattr.", b"LIBARCHIVE.xattr.")
+_SPARSE_00 = (b"GNU.sparse.offset", b"GNU.sparse.numbytes")
+
+
+class PaxRecords:
+    """The PAX records in force: the keys we honour, a later record replacing an
+    earlier one with the same key (so a header of 10^6 records of one key keeps one),
+    others (comment, atime, ...) dropped as they are read. The bytes kept are capped at
+    `limit`, so records that pile up (global headers, stacked 'x' headers) cost bounded
+    memory and bounded work per entry. GNU sparse 0.0 offset/numbytes pairs are a
+    sequence, kept in order as ints (`sparse`), counted against the same cap."""
+
+    __slots__ = ("records", "sparse", "kept", "limit", "is_global")
+
+    def __init__(self, limit, is_global=False):
+        self.records = {}
+        self.sparse = []
+        self.kept = 0
+        self.limit = limit
+        self.is_global = is_global
+
+    def __bool__(self):
+        return bool(self.records or self.sparse)
+
+    def add(self, data, what):
+        records = self.records
+        for key, value in _pax_records(data, what):
+            if key in _SPARSE_00:
+                if self.is_global:
+                    continue
+                v = _pax_int(value, what, key.decode())
+                if key == b"GNU.sparse.offset":
+                    if len(self.sparse) >= MAX_SPARSE_REGIONS:
+                        raise _err(f"{what}: too many sparse regions")
+                    self.sparse.append([v, None])
+                elif not self.sparse or self.sparse[-1][1] is not None:
+                    raise _err(f"{what}: bad GNU sparse 0.0 map")
+                else:
+                    self.sparse[-1][1] = v
+                self.kept += 16
+            elif key in _PAX_KEYS or key.startswith(_PAX_XATTR) or (
+                    not self.is_global and key.startswith(b"GNU.sparse.")):
+                old = records.pop(key, None)        # re-inserted: order of last setting
+                if old is not None:
+                    self.kept -= len(key) + len(old)
+                records[key] = value
+                self.kept += len(key) + len(value)
+            else:
+                continue
+            if self.kept > self.limit:
+                raise _err(f"{what}: extended metadata in force is over the limit of "
+                           f"{self.limit} bytes")
+
+    def items(self):
+        return self.records.items()
 
 
 def _pax_time(value, what):
@@ -391,7 +451,7 @@ class TarReader:
 
     def __init__(self, stream, max_size=DEFAULT_MAX_SIZE):
         self.r = _Reader(stream, max_size)
-        self.globals = []
+        self.globals = PaxRecords(MAX_GLOBAL, is_global=True)
         self._left = 0            # data bytes of the current entry not consumed yet
         self._pad = 0
         self._cur = None
@@ -442,18 +502,19 @@ class TarReader:
 
     def __next__(self):
         self._finish_current()
-        pax = []
+        pax = PaxRecords(MAX_META)
         longname = longlink = None
         start = None
+        ext_bytes = 0             # extended headers before this entry, stacked ones too
         while True:
             hdr = self._block(None if start is None and not pax and longname is None
-                              and longlink is None else "header")
+                              and longlink is None and not ext_bytes else "header")
             if start is None:
                 start = self.r.offset - BLOCK if hdr is not None else self.r.offset
             if hdr is None:
                 raise StopIteration
             if hdr == bytes(BLOCK):
-                if pax or longname is not None or longlink is not None:
+                if pax or longname is not None or longlink is not None or ext_bytes:
                     raise _err("tar stream ends after an extended header")
                 raise StopIteration          # end-of-archive (second zero block unread)
             chk = _num(hdr[148:156], "checksum")
@@ -465,12 +526,17 @@ class TarReader:
             size = _num(hdr[124:136], "size")
             if size < 0:
                 raise _err(f"tar header at byte {self.r.offset - BLOCK}: negative size")
+            if t in (b"x", b"L", b"K"):
+                ext_bytes += size
+                if ext_bytes > MAX_META:
+                    raise _err(f"tar header at byte {self.r.offset - BLOCK}: extended "
+                               f"metadata of one entry is over the limit of {MAX_META} "
+                               "bytes")
             if t == b"x":
-                pax.extend(_pax_records(self._meta(size, "PAX header"), "PAX header"))
+                pax.add(self._meta(size, "PAX header"), "PAX header")
                 continue
             if t == b"g":
-                self.globals.extend(_pax_records(self._meta(size, "PAX global header"),
-                                                 "PAX global header"))
+                self.globals.add(self._meta(size, "PAX global header"), "PAX global header")
                 continue
             if t == b"L":
                 longname = _cstr(self._meta(size, "GNU long name"))
@@ -517,8 +583,8 @@ class TarReader:
                 ext = b[504]
             e.sparse = regions
         sp_major = sp_realsize = None
-        sp_off = []
-        for key, value in self.globals + pax:
+        sp_off = pax.sparse
+        for key, value in itertools.chain(self.globals.items(), pax.items()):
             if key == b"path":
                 e.name = value
             elif key == b"linkpath":
@@ -554,12 +620,6 @@ class TarReader:
                     sp_realsize = _pax_int(value, what, key.decode())
                     if e.sparse is None:
                         e.sparse = []
-                elif k == b"offset":
-                    sp_off.append([_pax_int(value, what, "sparse offset"), None])
-                elif k == b"numbytes":
-                    if not sp_off or sp_off[-1][1] is not None:
-                        raise _err(f"{what}: bad GNU sparse 0.0 map")
-                    sp_off[-1][1] = _pax_int(value, what, "sparse numbytes")
                 elif k == b"map":
                     try:
                         nums = [int(x) for x in value.split(b",")] if value else []
@@ -886,15 +946,17 @@ class TarTree:
 # --- streaming chunk pipeline ------------------------------------------------------------
 
 class StreamChunk:
-    """One chunk of one file, in file order (the pack loop's view of a chunk)."""
-    __slots__ = ("file_key", "file_offset", "size", "digest", "_stored")
+    """One chunk of one file, in file order (the pack loop's view of a chunk); `repeat`
+    > 1: that many identical chunks in a row (a run of hole chunks), one object."""
+    __slots__ = ("file_key", "file_offset", "size", "digest", "_stored", "repeat")
 
-    def __init__(self, file_key, file_offset, size, digest, stored):
+    def __init__(self, file_key, file_offset, size, digest, stored, repeat=1):
         self.file_key = file_key
         self.file_offset = file_offset
         self.size = size
         self.digest = digest
         self._stored = stored
+        self.repeat = repeat
 
     @property
     def key(self):
@@ -909,8 +971,8 @@ class StreamChunk:
 
 class StreamPipeline:
     """Hash and compress chunks already in memory on a thread pool; results come back
-    in submission order. Items: (file_key, offset, data, length); data None = a chunk
-    inside a sparse hole (zeros, never read). A chunk whose key `known()` reports is not
+    in submission order. Items: (file_key, offset, data, length, repeat); data None =
+    `repeat` chunks in a row inside a sparse hole (zeros, never read nor made). A chunk whose key `known()` reports is not
     compressed; two in-flight copies of a new key may both be compressed (the consumer
     keeps the first), which costs time, never correctness, since `known` only grows."""
 
@@ -934,7 +996,7 @@ class StreamPipeline:
 
     def _run_batch(self, batch):
         out = []
-        for key, off, data, length in batch:
+        for key, off, data, length, repeat in batch:
             if data is None:
                 digest = self._zero_digest(length)
             else:
@@ -943,7 +1005,7 @@ class StreamPipeline:
             if not self._known((digest, length)):
                 stored = self.compressor.compress(data if data is not None
                                                   else bytes(length))
-            out.append(StreamChunk(key, off, length, digest, stored))
+            out.append(StreamChunk(key, off, length, digest, stored, repeat))
         return out
 
     @staticmethod
@@ -964,9 +1026,9 @@ class StreamPipeline:
                                 thread_name_prefix="erofs-tarchunk") as pool:
             try:
                 for batch in self._batches(items):
-                    for _, _, data, length in batch:
+                    for _, _, data, length, repeat in batch:
                         if data is None:
-                            self.bytes_hole += length
+                            self.bytes_hole += length * repeat
                         else:
                             self.bytes_read += length
                     pending.append(pool.submit(self._run_batch, batch))
@@ -999,7 +1061,7 @@ def stream_chunks(reader, tree, chunk_size, on_entry=None):
             off = 0
             while off < size:
                 n = min(cs, size - off)
-                yield key, off, reader.read_data(n), n
+                yield key, off, reader.read_data(n), n, 1
                 off += n
             continue
         regions = e.sparse
@@ -1011,7 +1073,12 @@ def stream_chunks(reader, tree, chunk_size, on_entry=None):
             while ri < len(regions) and regions[ri][0] + regions[ri][1] <= off:
                 ri += 1
             if ri >= len(regions) or regions[ri][0] >= end:
-                yield key, off, None, n
+                # in a hole: every whole chunk up to the next data region is one item
+                hole_end = min(regions[ri][0] if ri < len(regions) else size, size)
+                run = (hole_end - off) // cs if n == cs else 1
+                yield key, off, None, n, run
+                off += n * run
+                continue
             else:
                 buf = bytearray(n)
                 j = ri
@@ -1023,7 +1090,7 @@ def stream_chunks(reader, tree, chunk_size, on_entry=None):
                     if a + ln > end:
                         break
                     j += 1
-                yield key, off, bytes(buf), n
+                yield key, off, bytes(buf), n, 1
             off = end
     tree.finish()
 
@@ -1093,6 +1160,13 @@ def pack_tar(source, bootstrap, blob_dir, opts=None, source_type="auto",
             reader = TarReader(stream, max_size)
             for r in pipe.run(stream_chunks(reader, tree, opts.chunk_size)):
                 sc = RP.place_chunk(r, stored, cdict, writer, stats, file_off)
+                if r.repeat > 1:         # the rest of a hole run: dedups of the first
+                    more = r.repeat - 1
+                    stats["chunks_total"] += more
+                    stats["chunks_dedup"] += more
+                    stats["bytes_total"] += more * r.size
+                    stats["bytes_dedup"] += more * r.size
+                    sc = RP.ChunkRun(sc, r.repeat)
                 per_key.setdefault(r.file_key, []).append(sc)
         finally:
             if hasattr(stream, "close") and isinstance(stream, _Prefetch):
