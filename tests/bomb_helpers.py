@@ -8,7 +8,14 @@ from dataclasses import dataclass
 
 _WRAPPER = r"""
 import json, resource, subprocess, sys
-p = subprocess.run(sys.argv[1:], stdin=subprocess.DEVNULL, capture_output=True)
+out = sys.argv[1]
+if out:
+    with open(out, "wb") as f:
+        p = subprocess.run(sys.argv[2:], stdin=subprocess.DEVNULL, stdout=f,
+                           stderr=subprocess.PIPE)
+    p.stdout = b""
+else:
+    p = subprocess.run(sys.argv[2:], stdin=subprocess.DEVNULL, capture_output=True)
 sys.stderr.buffer.write(p.stderr)
 sys.stdout.buffer.write(p.stdout)
 sys.stdout.flush()
@@ -26,9 +33,11 @@ class Bounded:
     seconds: float
 
 
-def run_bounded(argv, timeout=120, cwd=None) -> Bounded:
+def run_bounded(argv, timeout=120, cwd=None, stdout_path="") -> Bounded:
+    """stdout_path: send the command's output there (e.g. /dev/null) instead of
+    capturing it."""
     t0 = time.monotonic()
-    p = subprocess.run([sys.executable, "-c", _WRAPPER, *map(str, argv)],
+    p = subprocess.run([sys.executable, "-c", _WRAPPER, str(stdout_path), *map(str, argv)],
                        capture_output=True, timeout=timeout, cwd=cwd)
     seconds = time.monotonic() - t0
     err, _, tail = p.stderr.rpartition(b"\n@@BOUND@@")

@@ -12,12 +12,25 @@ from erofs_tools.reader.blob import compute_blob_id, decode_chunk
 from erofs_tools.reader.image import Image, _cstr
 
 
+# The kernel keeps inode times as a signed 64-bit count of seconds (timespec64), which
+# is what an extended inode's 64-bit i_mtime is read into; ext4 holds up to 2446 and
+# clamps beyond. So any mtime below 2^63 s is valid, year 2400 included.
+MAX_MTIME = (1 << 63) - 1
+
+
 class Problem(NamedTuple):
     path: str          # inode path, "superblock", "blob <id>", ...
     message: str
 
     def __str__(self):
         return f"{self.path}: {self.message}"
+
+
+def _shown(path: bytes, limit: int = 300) -> str:
+    """A path for a one-line report: its last `limit` bytes at most."""
+    if len(path) > limit:
+        path = b"..." + path[-limit:]
+    return os.fsdecode(path)
 
 
 def _msg(e, name):
@@ -116,7 +129,9 @@ def check_image(img: Image, blobs=None, verify_data=True):
         img.blobs = blobs
     links = {}          # nid -> dirent count
     subdirs = {}        # dir nid -> number of subdirectories
-    first_path = {}
+    # nids seen, not their paths: a tree 30,000 levels deep would hold 30,000 paths of
+    # up to 60 KB each; a path is looked up again only for a problem found at the end
+    first_path = set()
     ci_by_blob_off = {}
     for ci in img.chunk_infos:
         ci_by_blob_off.setdefault((ci.blob_index, ci.uncompressed_offset), ci)
@@ -126,10 +141,10 @@ def check_image(img: Image, blobs=None, verify_data=True):
         blob_problems = check_blobs(img, blobs, bad_chunks)
 
     def on_error(path, e):
-        problems.append(Problem(os.fsdecode(path), _msg(e, name)))
+        problems.append(Problem(_shown(path), _msg(e, name)))
 
     def add(path, m):
-        problems.append(Problem(os.fsdecode(path), m))
+        problems.append(Problem(_shown(path), m))
 
     for path, de, ino in img.walk(on_error=on_error):
         nid = ino.nid
@@ -138,15 +153,15 @@ def check_image(img: Image, blobs=None, verify_data=True):
             if ino.is_dir():
                 add(path, "directory linked twice")
             continue
-        first_path[nid] = path
+        first_path.add(nid)
         if de is not None:
             ft = E.file_type_of_mode(ino.mode)
             if de.file_type != ft:
                 add(path, f"dirent file type {de.file_type} does not match mode {ino.mode:o}")
         if ino.mtime_nsec >= 10**9:
             add(path, f"mtime nanoseconds {ino.mtime_nsec} out of range")
-        elif ino.mtime * 10**9 + ino.mtime_nsec >= 1 << 63:
-            add(path, f"mtime {ino.mtime} beyond what a file system can hold")
+        elif ino.mtime > MAX_MTIME:
+            add(path, f"mtime {ino.mtime} beyond what the kernel can hold")
         if not ino.reserved_ok:
             add(path, "extended inode i_nb (reserved) is not 0")
         try:
@@ -179,7 +194,8 @@ def check_image(img: Image, blobs=None, verify_data=True):
         except ErofsToolsError as e:
             add(path, _msg(e, name))
     # link counts
-    for nid, path in first_path.items():
+    wrong = {}
+    for nid in first_path:
         try:
             ino = img.inode(nid)
         except CorruptImageError:
@@ -189,7 +205,14 @@ def check_image(img: Image, blobs=None, verify_data=True):
         else:
             want = links.get(nid, 0)
         if ino.nlink != want:
-            add(path, f"nlink {ino.nlink}, expected {want}")
+            wrong[nid] = f"nlink {ino.nlink}, expected {want}"
+    if wrong:
+        for path, _de, ino in img.walk(on_error=lambda p, e: None):
+            m = wrong.pop(ino.nid, None)
+            if m is not None:
+                add(path, m)
+            if not wrong:
+                break
     problems.extend(blob_problems)
     return problems
 
