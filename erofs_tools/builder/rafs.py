@@ -26,6 +26,7 @@ import gc
 import itertools
 import os
 import stat
+import struct
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -337,8 +338,8 @@ def _pack(source, bootstrap, blob_dir, opts, progress):
 
 
 def _layout_constants(nblobs, nprefetch):
-    blob_off = round_up(R.DEVT_OFFSET + 128 * nblobs, BLKSZ)
-    prefetch_off = blob_off + 256 * nblobs
+    blob_off = round_up(R.DEVT_OFFSET + E.DeviceSlot.SIZE * nblobs, BLKSZ)
+    prefetch_off = blob_off + R.BlobEntry.SIZE * nblobs
     meta_addr = round_up(prefetch_off + 4 * nprefetch, BLKSZ)
     return blob_off, prefetch_off, meta_addr
 
@@ -369,7 +370,7 @@ def write_bootstrap(nb, walker, bootstrap, opts, cdict, new_info, per_node, file
 
     # -- chunk indexes ------------------------------------------------------------------
     chunkbits = opts.chunk_size.bit_length() - 1
-    fmt = E.CHUNK_FORMAT_INDEXES | (chunkbits - 12)
+    fmt = E.CHUNK_FORMAT_INDEXES | (chunkbits - E.BLKSZ_BITS)
     cinfo = {}
     for node in walker.regular:
         runs = list(_runs(per_node.get(node, ())))
@@ -492,12 +493,27 @@ def _patch_written(fd, nb, ext, prefetch_nodes, prefetch_off, total, blobs, sb_b
     # device slots: mapped_blkaddr 512 KiB-aligned after the bootstrap
     seg = R.BLOCK_SEG_ALIGNMENT
     pos = round_up(total, seg)
+    mapped = field_offset(E.DeviceSlot, "mapped_blkaddr")
     for i, b in enumerate(blobs):
-        os.pwrite(fd, (pos // BLKSZ).to_bytes(4, "little"), R.DEVT_OFFSET + 128 * i + 68)
+        os.pwrite(fd, (pos // BLKSZ).to_bytes(4, "little"),
+                  R.DEVT_OFFSET + E.DeviceSlot.SIZE * i + mapped)
         pos = round_up(pos + b.uncompressed_size, seg)
-    os.pwrite(fd, sb_blocks.to_bytes(4, "little"), E.SUPER_OFFSET + 0x24)
+    os.pwrite(fd, sb_blocks.to_bytes(4, "little"),
+              E.SUPER_OFFSET + field_offset(E.SuperBlock, "blocks"))
     # nydusd wants devt_slotoff 11 even with no device (older C cores write 0 then)
-    os.pwrite(fd, R.DEVT_SLOTOFF.to_bytes(2, "little"), E.SUPER_OFFSET + 0x58)
+    os.pwrite(fd, R.DEVT_SLOTOFF.to_bytes(2, "little"),
+              E.SUPER_OFFSET + field_offset(E.SuperBlock, "devt_slotoff"))
+
+
+def field_offset(record, name: str) -> int:
+    """Byte offset of field `name` in a format Record (from its FIELDS, so no offset is
+    written down twice)."""
+    codes = []
+    for n, code in record.FIELDS:
+        if n == name:
+            return struct.calcsize("<" + "".join(codes))
+        codes.append(code)
+    raise KeyError(f"{record.__name__} has no field {name}")
     if ctable:
         os.pwrite(fd, bytes(ctable), ctable_off)
     os.ftruncate(fd, total)
