@@ -503,6 +503,9 @@ def _patch_written(fd, nb, ext, prefetch_nodes, prefetch_off, total, blobs, sb_b
     # nydusd wants devt_slotoff 11 even with no device (older C cores write 0 then)
     os.pwrite(fd, R.DEVT_SLOTOFF.to_bytes(2, "little"),
               E.SUPER_OFFSET + field_offset(E.SuperBlock, "devt_slotoff"))
+    if ctable:
+        os.pwrite(fd, bytes(ctable), ctable_off)
+    os.ftruncate(fd, total)
 
 
 def field_offset(record, name: str) -> int:
@@ -514,6 +517,3 @@ def field_offset(record, name: str) -> int:
             return struct.calcsize("<" + "".join(codes))
         codes.append(code)
     raise KeyError(f"{record.__name__} has no field {name}")
-    if ctable:
-        os.pwrite(fd, bytes(ctable), ctable_off)
-    os.ftruncate(fd, total)
