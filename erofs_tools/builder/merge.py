@@ -30,7 +30,7 @@ from erofs_tools.builder.chunk_dict import BootstrapTables
 from erofs_tools.errors import CorruptImageError, InputError
 from erofs_tools.format import erofs as E
 from erofs_tools.format import rafs as R
-from erofs_tools.builder.tar_source import _show
+from erofs_tools.builder.tar_reader import _show
 from erofs_tools.builder.whiteout import (IMPLIED_XATTR as IMPLIED,
                                           OPAQUE_XATTR as OPAQUE, classify, is_implied,
                                           is_opaque, is_overlay_whiteout)
