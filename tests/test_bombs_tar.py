@@ -157,3 +157,18 @@ def test_plain_layer_still_packs(tmp_path):
     data = make_tar([E("d", "dir"), E("d/f", data=b"abc", xattrs={"user.a": "1"})])
     res = _pack(tmp_path, data, gz=False)
     assert res.returncode == 0, res.stderr
+
+
+def test_merge_of_a_hole_run_is_bounded(tmp_path):
+    """merge keeps a hole run as one object too. (1 GiB, not 16: the reader's
+    Image.chunks still makes one ChunkRef per chunk index, ~200 bytes each.)"""
+    size = 1 << 30
+    data = _sparse_entry("hole", size, size - 4, b"end\n") + bytes(1024)
+    res = _pack(tmp_path, data, "--chunk-size", "4K", gz=False)
+    assert res.returncode == 0, res.stderr
+    res = run_bounded([sys.executable, "-m", "erofs_tools", "merge", tmp_path / "b.boot",
+                       "-B", tmp_path / "m.boot"])
+    assert res.returncode == 0, res.stderr
+    _bounded(res)
+    with Image(str(tmp_path / "m.boot")) as img:
+        assert img.lookup("/hole").size == size

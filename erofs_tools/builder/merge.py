@@ -24,9 +24,9 @@ is how a blob is named in a registry (rafs-v6.md §11).
 import copy
 import os
 
-from erofs_tools._native import BuildOptions
-from erofs_tools.builder.blob import BLKSZ, StoredChunk
+from erofs_tools.builder.blob import StoredChunk
 from erofs_tools.builder.chunk_dict import BootstrapTables
+from erofs_tools.builder.rafs import ChunkRun
 from erofs_tools.errors import CorruptImageError, InputError
 from erofs_tools.format import erofs as E
 from erofs_tools.format import rafs as R
@@ -203,18 +203,9 @@ def _merge(layers, output, blob_ids, whiteout_spec, timestamp, RP):
                     mdir.children[d.name] = _M(L, ino)
 
     # -- emit ----------------------------------------------------------------------------
-    nblobs = len(blobs)
-    _, _, meta_addr = RP._layout_constants(nblobs, 0)
     build_time = timestamp if timestamp is not None else max(
         L.img.sb.build_time for L in layers)
-    bopts = BuildOptions(
-        meta_blkaddr=meta_addr // BLKSZ, first_nid=RP.ROOT_NID,
-        feature_compat=E.FEATURE_COMPAT_RAFS_V6,
-        feature_incompat=E.FEATURE_INCOMPAT_CHUNKED_FILE | E.FEATURE_INCOMPAT_DEVICE_TABLE,
-        sb_checksum=False, shared_xattrs=False, inline_data=True, force_extended=True,
-        build_time=build_time, build_time_nsec=0, uuid=bytes(16),
-        devt_slotoff=R.DEVT_SLOTOFF)
-    nb = RP._CountingBuilder(bopts)
+    nb = RP.bootstrap_nodes(len(blobs), 0, build_time, force_extended=True)
     chunk_bits = chunk_size.bit_length() - 1
     ids = {}                  # (layer, nid) of non-directories -> node
     scs = {}                  # (merged blob, ci index) -> StoredChunk
@@ -265,7 +256,7 @@ def _merge(layers, output, blob_ids, whiteout_spec, timestamp, RP):
                 stack.append((c, cid, cpath))
 
     opts = RP.PackOptions(chunk_size=chunk_size, digester=digester, compressor=compressor)
-    result = RP.write_bootstrap(nb, _Tree(regular, has_x), output, opts, None, None,
+    result = RP.write_bootstrap(nb, RP.TreeInfo(regular, has_x), output, opts, None, None,
                                 per_node, file_off, [], build_time, blob_list=blobs)
     result["layers"] = [L.path for L in layers]
     return result
@@ -297,11 +288,12 @@ def _chunks(L, ino, chunk_bits, scs, file_off, path):
                                       ci.compressed_size, ci.uncompressed_offset,
                                       ci.uncompressed_size)
             file_off[id(sc)] = ci.file_offset
-        out.append(sc)
+        # a run of one chunk (the zero chunk of a sparse file's hole) stays one object
+        prev = out[-1] if out else None
+        if prev is sc:
+            out[-1] = ChunkRun(sc, 2)
+        elif type(prev) is ChunkRun and prev.chunk is sc:
+            prev.count += 1
+        else:
+            out.append(sc)
     return out
-
-
-class _Tree:
-    def __init__(self, regular, has_xattrs):
-        self.regular = regular
-        self.has_xattrs = has_xattrs

@@ -118,13 +118,39 @@ class _RafsWalker(TreeWalker):
             rec[0] = p           # order hardlinked files by their smallest path
 
 
-class _CountingBuilder(_RafsBuilder):
+class BootstrapNodes(_RafsBuilder):
+    """The node graph of a RAFS v6 bootstrap (the C builder), counting xattrs so that
+    write_bootstrap can set the HAS_XATTR flag."""
+
     def add_xattr(self, node, name, value):
         super().add_xattr(node, name, value)
         self._xattr_count = getattr(self, "_xattr_count", 0) + 1
 
 
-def _normalize_prefetch(paths):
+@dataclass
+class TreeInfo:
+    """What write_bootstrap needs to know of a tree source besides its node graph."""
+    regular: set                 # node ids of regular files (their chunk indexes)
+    has_xattrs: bool
+
+
+def bootstrap_nodes(max_blobs: int, nprefetch: int, build_time: int | None,
+                    force_extended: bool = False) -> BootstrapNodes:
+    """A node graph for a bootstrap that will list at most `max_blobs` blobs and
+    `nprefetch` prefetch entries (their tables sit below the inodes, so they are
+    reserved first). force_extended: every inode extended (full mtimes; tar sources and
+    merge, whose trees have no common mtime)."""
+    _, _, meta_addr = layout_constants(max_blobs, nprefetch)
+    return BootstrapNodes(BuildOptions(
+        meta_blkaddr=meta_addr // BLKSZ, first_nid=ROOT_NID,
+        feature_compat=E.FEATURE_COMPAT_RAFS_V6,
+        feature_incompat=E.FEATURE_INCOMPAT_CHUNKED_FILE | E.FEATURE_INCOMPAT_DEVICE_TABLE,
+        sb_checksum=False, shared_xattrs=False, inline_data=True,
+        force_extended=force_extended, build_time=build_time, build_time_nsec=0,
+        uuid=bytes(16), devt_slotoff=R.DEVT_SLOTOFF))
+
+
+def normalize_prefetch(paths):
     """Image paths -> unique relative byte paths in first-seen order (b"" = root)."""
     out, seen = [], set()
     for p in paths or ():
@@ -272,18 +298,12 @@ def _pack(source, bootstrap, blob_dir, opts, progress):
 
     mk = MkfsOptions(timestamp=opts.timestamp, shared_xattrs=False)
     ts = mk.effective_timestamp()
-    prefetch = _normalize_prefetch(opts.prefetch)
+    prefetch = normalize_prefetch(opts.prefetch)
     # The blob count is known only after chunking but the builder takes meta_blkaddr up
     # front: reserve room for every blob that may be listed (all dict blobs + the new
     # one). Without chunk dicts (or when all dict blobs are used) this is exactly the
     # nydus-image layout; otherwise a few zero bytes stay between tables and inodes.
-    _, _, meta_addr = _layout_constants(len(cdict.blobs) + 1, len(prefetch))
-    bopts = BuildOptions(
-        meta_blkaddr=meta_addr // BLKSZ, first_nid=ROOT_NID, feature_compat=E.FEATURE_COMPAT_RAFS_V6,
-        feature_incompat=E.FEATURE_INCOMPAT_CHUNKED_FILE | E.FEATURE_INCOMPAT_DEVICE_TABLE,
-        sb_checksum=False, shared_xattrs=False, inline_data=True, build_time=ts,
-        build_time_nsec=0, uuid=bytes(16), devt_slotoff=R.DEVT_SLOTOFF)
-    nb = _CountingBuilder(bopts)
+    nb = bootstrap_nodes(len(cdict.blobs) + 1, len(prefetch), ts)
     walker = _RafsWalker(nb, mk, source, track_paths=bool(prefetch),
                          on_entry=progress.scan if progress is not None else None)
     walker.walk(source)
@@ -337,7 +357,8 @@ def _pack(source, bootstrap, blob_dir, opts, progress):
     return result
 
 
-def _layout_constants(nblobs, nprefetch):
+def layout_constants(nblobs, nprefetch):
+    """(blob table, prefetch table, inode area) offsets for NBLOBS and NPREFETCH."""
     blob_off = round_up(R.DEVT_OFFSET + E.DeviceSlot.SIZE * nblobs, BLKSZ)
     prefetch_off = blob_off + R.BlobEntry.SIZE * nblobs
     meta_addr = round_up(prefetch_off + 4 * nprefetch, BLKSZ)
@@ -346,8 +367,10 @@ def _layout_constants(nblobs, nprefetch):
 
 def write_bootstrap(nb, walker, bootstrap, opts, cdict, new_info, per_node, file_off,
                     prefetch_nodes, ts, blob_list=None):
-    """Lay out and write the RAFS v6 bootstrap for the node graph `nb` (the last step
-    of pack, of tar ingestion and of merge); `walker` describes the tree source."""
+    """Lay out and write the RAFS v6 bootstrap for the node graph `nb` (from
+    bootstrap_nodes): the one bootstrap writer of pack, of tar ingestion and of merge.
+    `walker` describes the tree source (a TreeInfo or the directory walker);
+    `per_node`: node -> its chunks in file order (StoredChunk or ChunkRun)."""
     # -- blob list: referenced dict blobs first, then the new one --------------------
     # (blob_list: the exact final list, chunks' blob_index already final; used by merge)
     if blob_list is not None:
@@ -364,7 +387,7 @@ def write_bootstrap(nb, walker, bootstrap, opts, cdict, new_info, per_node, file
     nblobs = len(blobs)
     if nblobs > R.MAX_BLOBS:
         raise InputError(f"image would reference {nblobs} blobs (at most {R.MAX_BLOBS})")
-    blob_off, prefetch_off, meta_addr = _layout_constants(nblobs, len(prefetch_nodes))
+    blob_off, prefetch_off, meta_addr = layout_constants(nblobs, len(prefetch_nodes))
     if meta_addr > nb.options.meta_blkaddr * BLKSZ:
         raise AssertionError("tables overrun the reserved area")
 

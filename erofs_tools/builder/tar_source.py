@@ -29,8 +29,7 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
-from erofs_tools._native import BuildOptions
-from erofs_tools.builder.blob import BLKSZ, BlobWriter
+from erofs_tools.builder.blob import BlobWriter
 from erofs_tools.builder.chunk_dict import ChunkDict
 from erofs_tools.builder.chunker import (BATCH_BYTES, BATCH_CHUNKS, Compressor,
                                          check_chunk_size, digest_function)
@@ -40,8 +39,6 @@ from erofs_tools.builder.tar_stream import (SOURCE_TYPES, _Prefetch,  # noqa: F4
                                             detect_type, open_source, open_stream)
 from erofs_tools.builder.tar_tree import WHITEOUT_SPECS, TarTree  # noqa: F401
 from erofs_tools.errors import InputError
-from erofs_tools.format import erofs as E
-from erofs_tools.format import rafs as R
 
 # the pack driver, plus the names callers have always taken from here
 __all__ = ["pack_tar", "stream_chunks", "StreamPipeline", "StreamChunk", "TarReader",
@@ -225,7 +222,7 @@ def pack_tar(source, bootstrap, blob_dir, opts=None, source_type="auto",
         raise InputError(f"unknown whiteout spec {whiteout_spec!r} "
                          "(choose oci, overlayfs or none)")
     cdict = ChunkDict(opts.chunk_dicts, opts.digester, opts.chunk_size)
-    prefetch = RP._normalize_prefetch(opts.prefetch)
+    prefetch = RP.normalize_prefetch(opts.prefetch)
     ts = opts.timestamp
     if ts is None and os.environ.get("SOURCE_DATE_EPOCH"):
         from erofs_tools.builder.options import parse_timestamp
@@ -273,18 +270,11 @@ def pack_tar(source, bootstrap, blob_dir, opts=None, source_type="auto",
         raise
 
     try:
-        _, _, meta_addr = RP._layout_constants(len(cdict.blobs) + 1, len(prefetch))
-        bopts = BuildOptions(
-            meta_blkaddr=meta_addr // BLKSZ, first_nid=RP.ROOT_NID,
-            feature_compat=E.FEATURE_COMPAT_RAFS_V6,
-            feature_incompat=E.FEATURE_INCOMPAT_CHUNKED_FILE | E.FEATURE_INCOMPAT_DEVICE_TABLE,
-            sb_checksum=False, shared_xattrs=False, inline_data=True, force_extended=True,
-            build_time=ts, build_time_nsec=0, uuid=bytes(16),
-            devt_slotoff=R.DEVT_SLOTOFF)
-        nb = RP._CountingBuilder(bopts)
+        nb = RP.bootstrap_nodes(len(cdict.blobs) + 1, len(prefetch), ts,
+                                force_extended=True)
         ids, keys, has_x = tree.emit(nb)
         per_node = {keys[k]: v for k, v in per_key.items() if k in keys}
-        walker = _Emitted(set(keys.values()), has_x)
+        walker = RP.TreeInfo(set(keys.values()), has_x)
         prefetch_nodes = []
         for rel in prefetch:
             n = tree._lookup(rel.split(b"/")) if rel else tree.root
@@ -306,11 +296,3 @@ def pack_tar(source, bootstrap, blob_dir, opts=None, source_type="auto",
     result["source"] = name
     result["whiteout_spec"] = whiteout_spec
     return result
-
-
-class _Emitted:
-    """What rafs.write_bootstrap needs to know of the tree source."""
-
-    def __init__(self, regular, has_xattrs):
-        self.regular = regular
-        self.has_xattrs = has_xattrs
