@@ -3,14 +3,14 @@
 The tar stream (a file or stdin, plain or gzip) is read once, front to back, by a small
 parser of our own (so every size is bounded before anything is allocated) and never
 extracted: entries build an in-memory tree (`TarTree`), regular file data is cut into
-chunks as it streams past and handed to the chunk pipeline (hash + compress in worker
-threads, then the blob writer), and when the stream ends the tree is emitted into the C
+chunks as it streams past and handed to the chunk pipeline (chunker.ChunkPipeline, the
+same as for directories: hash + compress in worker threads, then the blob writer), and when the stream ends the tree is emitted into the C
 node-graph builder exactly like the directory walk does for `pack`, with chunk indexes
 from the chunks stored. Nothing of the layer is written to disk except the blob.
 
 Modules: `tar_stream` (input streams and decompression), `tar_reader` (the bounded
 tar parser and the formats it reads), `tar_tree` (the in-memory tree and its rules),
-this one (the chunk pipeline of streamed file data and the pack driver).
+this one (cutting streamed file data into chunks, and the pack driver).
 
 Hostile input (see docs/tar.md): leading '/' and '.' components are dropped, '..' is an
 error, paths never traverse symlinks or files (error), duplicate entries: the later one
@@ -26,13 +26,10 @@ entries (aufs metadata) are dropped. "overlayfs" and "none" keep every entry as 
 """
 import os
 import time
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 
 from erofs_tools.builder.blob import BlobWriter
 from erofs_tools.builder.chunk_dict import ChunkDict
-from erofs_tools.builder.chunker import (BATCH_BYTES, BATCH_CHUNKS, Compressor,
-                                         check_chunk_size, digest_function)
+from erofs_tools.builder.chunker import ChunkPipeline
 from erofs_tools.builder.tar_reader import (DEFAULT_MAX_SIZE, TarReader,  # noqa: F401
                                             _err, _show)
 from erofs_tools.builder.tar_stream import (SOURCE_TYPES, _Prefetch,  # noqa: F401
@@ -41,108 +38,12 @@ from erofs_tools.builder.tar_tree import WHITEOUT_SPECS, TarTree  # noqa: F401
 from erofs_tools.errors import InputError
 
 # the pack driver, plus the names callers have always taken from here
-__all__ = ["pack_tar", "stream_chunks", "StreamPipeline", "StreamChunk", "TarReader",
+__all__ = ["pack_tar", "stream_chunks", "TarReader",
            "TarTree", "open_stream", "open_source", "detect_type", "DEFAULT_MAX_SIZE",
            "SOURCE_TYPES", "WHITEOUT_SPECS"]
 
 
-# --- streaming chunk pipeline ------------------------------------------------------------
-
-class StreamChunk:
-    """One chunk of one file, in file order (the pack loop's view of a chunk); `repeat`
-    > 1: that many identical chunks in a row (a run of hole chunks), one object."""
-    __slots__ = ("file_key", "file_offset", "size", "digest", "_stored", "repeat")
-
-    def __init__(self, file_key, file_offset, size, digest, stored, repeat=1):
-        self.file_key = file_key
-        self.file_offset = file_offset
-        self.size = size
-        self.digest = digest
-        self._stored = stored
-        self.repeat = repeat
-
-    @property
-    def key(self):
-        return (self.digest, self.size)
-
-    def stored_bytes(self):
-        data, self._stored = self._stored, None
-        if data is None:
-            raise RuntimeError("chunk bytes not available")
-        return data
-
-
-class StreamPipeline:
-    """Hash and compress chunks already in memory on a thread pool; results come back
-    in submission order. Items: (file_key, offset, data, length, repeat); data None =
-    `repeat` chunks in a row inside a sparse hole (zeros, never read nor made). A chunk whose key `known()` reports is not
-    compressed; two in-flight copies of a new key may both be compressed (the consumer
-    keeps the first), which costs time, never correctness, since `known` only grows."""
-
-    def __init__(self, chunk_size, digester="blake3", compressor="zstd", workers=None,
-                 window=None, known=None):
-        check_chunk_size(chunk_size)
-        self.digest = digest_function(digester)
-        self.compressor = Compressor(compressor)
-        self.workers = workers or os.cpu_count() or 1
-        self.window = window or self.workers * 3
-        self._known = known or (lambda key: False)
-        self._zero = {}
-        self.bytes_read = 0
-        self.bytes_hole = 0
-
-    def _zero_digest(self, n):
-        d = self._zero.get(n)
-        if d is None:
-            d = self._zero[n] = self.digest(bytes(n))
-        return d
-
-    def _run_batch(self, batch):
-        out = []
-        for key, off, data, length, repeat in batch:
-            if data is None:
-                digest = self._zero_digest(length)
-            else:
-                digest = self.digest(data)
-            stored = None
-            if not self._known((digest, length)):
-                stored = self.compressor.compress(data if data is not None
-                                                  else bytes(length))
-            out.append(StreamChunk(key, off, length, digest, stored, repeat))
-        return out
-
-    @staticmethod
-    def _batches(items):
-        batch, nbytes = [], 0
-        for it in items:
-            batch.append(it)
-            nbytes += it[3]
-            if nbytes >= BATCH_BYTES or len(batch) >= BATCH_CHUNKS:
-                yield batch
-                batch, nbytes = [], 0
-        if batch:
-            yield batch
-
-    def run(self, items):
-        pending = deque()
-        with ThreadPoolExecutor(max_workers=self.workers,
-                                thread_name_prefix="erofs-tarchunk") as pool:
-            try:
-                for batch in self._batches(items):
-                    for _, _, data, length, repeat in batch:
-                        if data is None:
-                            self.bytes_hole += length * repeat
-                        else:
-                            self.bytes_read += length
-                    pending.append(pool.submit(self._run_batch, batch))
-                    while len(pending) >= self.window:
-                        yield from pending.popleft().result()
-                while pending:
-                    yield from pending.popleft().result()
-            finally:
-                for f in pending:
-                    f.cancel()
-
+# --- file data cut into chunk items for chunker.ChunkPipeline.run_stream ---------------
 
 def stream_chunks(reader, tree, chunk_size, on_entry=None):
     """Generator: read every entry, build `tree`, yield chunk items of regular files."""
@@ -244,13 +145,13 @@ def pack_tar(source, bootstrap, blob_dir, opts=None, source_type="auto",
     def known(key):
         return key in stored or key in cdict.chunks
 
-    pipe = StreamPipeline(opts.chunk_size, opts.digester, opts.compressor,
-                          workers=opts.workers, known=known)
+    pipe = ChunkPipeline(opts.chunk_size, opts.digester, opts.compressor,
+                         workers=opts.workers, known=known)
     try:
         try:
             stream = open_stream(raw, source_type)
             reader = TarReader(stream, max_size)
-            for r in pipe.run(stream_chunks(reader, tree, opts.chunk_size)):
+            for r in pipe.run_stream(stream_chunks(reader, tree, opts.chunk_size)):
                 sc = RP.place_chunk(r, stored, cdict, writer, stats, file_off)
                 if r.repeat > 1:         # the rest of a hole run: dedups of the first
                     more = r.repeat - 1
