@@ -218,53 +218,77 @@ def check_image(img: Image, blobs=None, verify_data=True):
 
 
 def _check_file(img, path, ino, verify_data, ci_by_blob_off, add, bad_chunks):
+    found = [0]
+
+    def note(p, m):
+        """add, counted: a run of identical chunk references is checked once only
+        while it is found sound."""
+        found[0] += 1
+        add(p, m)
+
     if ino.layout == E.LAYOUT_CHUNK_BASED:
         refs = img.chunks(ino)
         if img.is_rafs:
             bits = _rafs_chunk_bits(img)
             _fmt, kbits = img.chunk_format(ino)
-            rrefs = img.chunks(ino, chunk_bits=bits) if kbits >= bits else refs
+            # the same granularity: one list (a sparse file may have millions)
+            rrefs = img.chunks(ino, chunk_bits=bits) if kbits > bits else refs
+            prev = None
             for c in rrefs:
-                if c.hole:
-                    add(path, f"chunk {c.index}: hole in a RAFS image")
+                # a run of one chunk found sound (a hole's zero chunk) is checked once;
+                # every reference of an unsound one is still reported
+                same = (c.device, c.blkaddr, c.length, c.ci_index, c.hole)
+                if same == prev:
                     continue
-                if c.device == 0 or c.device > len(img.blob_entries):
-                    add(path, f"chunk {c.index}: blob device {c.device} out of range")
-                    continue
-                bi = c.device - 1
-                off = c.blkaddr * 4096
-                ci = ci_by_blob_off.get((bi, off))
-                meta = None
-                if img.blobs is not None:
-                    try:
-                        meta = img.blobs.meta(c.device)
-                    except ErofsToolsError:
-                        meta = None
-                if meta is not None:
-                    bc = meta.chunk_at(off)
-                    if bc is None:
-                        add(path, f"chunk {c.index}: no chunk at offset {off} of blob {meta.blob_id}")
+                mark = found[0]
+                try:
+                    if c.hole:
+                        note(path, f"chunk {c.index}: hole in a RAFS image")
                         continue
-                    if c.ci_index and bc.index != c.ci_index:
-                        add(path, f"chunk {c.index}: index says CI entry {c.ci_index}, blob has {bc.index}")
-                    if bc.uncompressed_size != c.length:
-                        add(path, f"chunk {c.index}: blob chunk is {bc.uncompressed_size} bytes, file needs {c.length}")
-                elif img.chunk_infos:
-                    if ci is None:
-                        add(path, f"chunk {c.index}: blob {bi} offset {off} not in the chunk info table")
-                    elif ci.uncompressed_size != c.length:
-                        add(path, f"chunk {c.index}: chunk info says {ci.uncompressed_size} bytes, file needs {c.length}")
-                    elif c.ci_index and ci.index != c.ci_index:
-                        add(path, f"chunk {c.index}: CI index {c.ci_index} differs from the chunk info table's {ci.index}")
+                    if c.device == 0 or c.device > len(img.blob_entries):
+                        note(path, f"chunk {c.index}: blob device {c.device} out of range")
+                        continue
+                    bi = c.device - 1
+                    off = c.blkaddr * 4096
+                    ci = ci_by_blob_off.get((bi, off))
+                    meta = None
+                    if img.blobs is not None:
+                        try:
+                            meta = img.blobs.meta(c.device)
+                        except ErofsToolsError:
+                            meta = None
+                    if meta is not None:
+                        bc = meta.chunk_at(off)
+                        if bc is None:
+                            note(path, f"chunk {c.index}: no chunk at offset {off} of blob {meta.blob_id}")
+                            continue
+                        if c.ci_index and bc.index != c.ci_index:
+                            note(path, f"chunk {c.index}: index says CI entry {c.ci_index}, blob has {bc.index}")
+                        if bc.uncompressed_size != c.length:
+                            note(path, f"chunk {c.index}: blob chunk is {bc.uncompressed_size} bytes, file needs {c.length}")
+                    elif img.chunk_infos:
+                        if ci is None:
+                            note(path, f"chunk {c.index}: blob {bi} offset {off} not in the chunk info table")
+                        elif ci.uncompressed_size != c.length:
+                            note(path, f"chunk {c.index}: chunk info says {ci.uncompressed_size} bytes, file needs {c.length}")
+                        elif c.ci_index and ci.index != c.ci_index:
+                            note(path, f"chunk {c.index}: CI index {c.ci_index} differs from the chunk info table's {ci.index}")
+                finally:
+                    prev = same if found[0] == mark else None
         # bounds of every mapped chunk; blob chunk digests are verified once per chunk
         # in check_blobs (reading each file would repeat that for every reference)
         bs = img.blksz
+        prev = None
         for c in refs:
             if c.hole:
                 continue
+            same = (c.device, c.blkaddr, c.length)
+            if same == prev:
+                continue
+            mark = found[0]
             if c.device == 0:
                 if c.blkaddr * bs + c.length > img.size:
-                    add(path, f"chunk {c.index}: block {c.blkaddr} outside the image")
+                    note(path, f"chunk {c.index}: block {c.blkaddr} outside the image")
             elif img.blobs is not None:
                 try:
                     d = img.blobs.device(c.device)
@@ -273,13 +297,14 @@ def _check_file(img, path, ino, verify_data, ci_by_blob_off, add, bad_chunks):
                 end = c.blkaddr * bs + c.length
                 size = d.meta.uncompressed_size if d.meta is not None else d.size
                 if end > size:
-                    add(path, f"chunk {c.index}: [{c.blkaddr * bs}, {end}) outside device "
+                    note(path, f"chunk {c.index}: [{c.blkaddr * bs}, {end}) outside device "
                               f"{c.device} ({size} bytes)")
                 elif d.meta is not None:
                     for bc in d.meta.chunks_for_range(c.blkaddr * bs, c.length):
                         if bc.index in bad_chunks.get(c.device, ()):
-                            add(path, f"chunk {c.index}: uses corrupt blob chunk {bc.index} "
+                            note(path, f"chunk {c.index}: uses corrupt blob chunk {bc.index} "
                                       f"of blob {d.meta.blob_id}")
+            prev = same if found[0] == mark else None
         return
     # flat layouts: the reader checks bounds and the inline tail without copying data
     for _ in img.map_data(ino):
