@@ -69,7 +69,8 @@ def _read_prefetch(spec):
               help="Tar sources: oci turns .wh. entries into overlayfs whiteouts; "
                    "overlayfs and none keep entries as they are.")
 @click.option("--max-size", default=None, metavar="BYTES",
-              help="Tar sources: most (decompressed) stream bytes to read (default 1 TiB).")
+              help="Tar sources: most (decompressed) stream bytes to read, e.g. 1G "
+                   "(default 1 TiB; K, M, G, T suffixes).")
 @click.option("--mark-implied-dirs", is_flag=True,
               help="Tar sources: mark directories that have no entry of their own, so that "
                    "merge keeps the lower layers' metadata for them (as convert does).")
