@@ -10,8 +10,9 @@ Layers are applied lowest first, as overlayfs would show them (docs/tar.md):
 - a directory over a directory merges the two, with the upper one's metadata and
   xattrs, unless the upper one is implied (marked IMPLIED_XATTR by the tar source: the
   layer has no entry of its own for it), which keeps the metadata from below, as
-  extracting the layers in order does; anything else replaces what was below (a file over a directory drops the
-  directory's subtree, a directory over a file replaces the file);
+  extracting the layers in order does; anything else replaces what was below (a file
+  over a directory drops the directory's subtree, a directory over a file replaces
+  the file);
 - hardlinks inside one layer stay hardlinks (one inode, nlink = links that survive).
 
 No data is read or copied: every regular file keeps its chunk indexes, only the device

@@ -4,8 +4,9 @@ The tar stream (a file or stdin, plain or gzip) is read once, front to back, by 
 parser of our own (so every size is bounded before anything is allocated) and never
 extracted: entries build an in-memory tree (`TarTree`), regular file data is cut into
 chunks as it streams past and handed to the chunk pipeline (chunker.ChunkPipeline, the
-same as for directories: hash + compress in worker threads, then the blob writer), and when the stream ends the tree is emitted into the C
-node-graph builder exactly like the directory walk does for `pack`, with chunk indexes
+same as for directories: hash + compress in worker threads, then the blob writer), and
+when the stream ends the tree is emitted into the C node-graph builder exactly like
+the directory walk does for `pack`, with chunk indexes
 from the chunks stored. Nothing of the layer is written to disk except the blob.
 
 Modules: `tar_stream` (input streams and decompression), `tar_reader` (the bounded

@@ -95,7 +95,8 @@ def pack(source, bootstrap, blob_dir, chunk_size, digester, compressor, chunk_di
         from erofs_tools.builder.tar_source import DEFAULT_MAX_SIZE, pack_tar
         r = pack_tar(source, bootstrap, blob_dir, opts, source_type=source_type,
                      whiteout_spec=whiteout_spec, mark_implied=mark_implied_dirs,
-                     max_size=_parse_size(max_size, "--max-size") if max_size else DEFAULT_MAX_SIZE)
+                     max_size=(_parse_size(max_size, "--max-size") if max_size
+                               else DEFAULT_MAX_SIZE))
     if as_json:
         click.echo(json.dumps(r, sort_keys=True))
     elif not quiet:

@@ -127,7 +127,8 @@ def _mtime_ns(img, ino):
     """The inode's mtime in ns: any time the kernel holds (seconds below 2^63, year 2400
     included; the target file system clamps what it cannot store, as it does for tar)."""
     if ino.mtime_nsec >= 10**9 or ino.mtime > MAX_MTIME:
-        raise CorruptImageError(f"{img.name}: inode {ino.nid}: mtime {ino.mtime}.{ino.mtime_nsec:09d} "
+        raise CorruptImageError(f"{img.name}: inode {ino.nid}: mtime "
+                                f"{ino.mtime}.{ino.mtime_nsec:09d} "
                                 "out of range")
     return ino.mtime * 10**9 + ino.mtime_nsec
 
