@@ -3,9 +3,14 @@ unpack (directory and tar), stat and the blob-meta parser, each case under a wal
 alarm in a worker whose address space is capped (RLIMIT_AS). Only ErofsToolsError may
 come out. EROFS_TOOLS_FUZZ_CASES overrides the case count (docs/fuzzing.md has a longer
 run)."""
+import importlib.util
 import os
 
-from erofs_tools.reader import fuzz
+# the fuzzer is a tool (tools/fuzz_reader.py), not a library module
+_SPEC = importlib.util.spec_from_file_location(
+    "fuzz_reader", os.path.join(os.path.dirname(__file__), "..", "tools", "fuzz_reader.py"))
+fuzz = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(fuzz)
 
 CASES = int(os.environ.get("EROFS_TOOLS_FUZZ_CASES", "2000"))
 

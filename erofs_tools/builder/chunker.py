@@ -97,16 +97,18 @@ class _Claim:
 
 
 class ChunkResult:
-    """One chunk of one file, in file order."""
-    __slots__ = ("file_key", "file_offset", "size", "digest", "claim", "pipe")
+    """One chunk of one file, in file order; `repeat` > 1: that many identical chunks
+    in a row (a run of hole chunks of a tar entry), one object however long."""
+    __slots__ = ("file_key", "file_offset", "size", "digest", "claim", "pipe", "repeat")
 
-    def __init__(self, file_key, file_offset, size, digest, claim, pipe):
+    def __init__(self, file_key, file_offset, size, digest, claim, pipe, repeat=1):
         self.file_key = file_key
         self.file_offset = file_offset
         self.size = size
         self.digest = digest
         self.claim = claim          # None when the key was already known
         self.pipe = pipe
+        self.repeat = repeat
 
     @property
     def key(self):
@@ -272,13 +274,50 @@ class ChunkPipeline:
         available through `stored_bytes()` (call it once per distinct key: the consumer
         does so the first time it meets the key).
         """
+        return self._run(self._batches(files), self._run_batch)
+
+    # -- chunks already in memory (a tar stream) --------------------------------------------
+    def run_stream(self, items):
+        """Like run, for chunks a stream reader has already cut: items are (file_key,
+        offset, data, length, repeat); data None = `repeat` chunks of zeros in a row (a
+        sparse hole, never materialized but once per size for its digest)."""
+        return self._run(self._stream_batches(items), self._run_stream_batch)
+
+    @staticmethod
+    def _stream_batches(items):
+        batch, nbytes = [], 0
+        for it in items:
+            batch.append(it)
+            nbytes += it[3] if it[2] is not None else 0
+            if nbytes >= BATCH_BYTES or len(batch) >= BATCH_CHUNKS:
+                yield batch
+                batch, nbytes = [], 0
+        if batch:
+            yield batch
+
+    def _run_stream_batch(self, seq, batch):
+        out = []
+        for key, off, data, length, repeat in batch:
+            if data is None:
+                digest = self.zero_digest(length)
+                self.bytes_hole += length * repeat
+            else:
+                digest = self.digest(data)
+                self.bytes_read += length
+            mine, claim = self._claim((digest, length), seq)
+            if mine is not None:
+                self._store(mine, data if data is not None else bytes(length))
+            out.append(ChunkResult(key, off, length, digest, claim, self, repeat))
+        return out
+
+    def _run(self, batches, work):
         pending = deque()
         self._futures = {}
         with ThreadPoolExecutor(max_workers=self.workers,
                                 thread_name_prefix="erofs-chunk") as pool:
             try:
-                for seq, batch in enumerate(self._batches(files)):
-                    fut = pool.submit(self._run_batch, seq, batch)
+                for seq, batch in enumerate(batches):
+                    fut = pool.submit(work, seq, batch)
                     self._futures[seq] = fut
                     pending.append((seq, fut))
                     while len(pending) >= self.window:

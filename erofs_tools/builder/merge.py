@@ -8,8 +8,11 @@ Layers are applied lowest first, as overlayfs would show them (docs/tar.md):
 - a directory with `trusted.overlay.opaque=y` hides everything below it (only the
   layer's own children remain); the xattr itself is not kept in the merged image;
 - a directory over a directory merges the two, with the upper one's metadata and
-  xattrs; anything else replaces what was below (a file over a directory drops the
-  directory's subtree, a directory over a file replaces the file);
+  xattrs, unless the upper one is implied (marked IMPLIED_XATTR by the tar source: the
+  layer has no entry of its own for it), which keeps the metadata from below, as
+  extracting the layers in order does; anything else replaces what was below (a file
+  over a directory drops the directory's subtree, a directory over a file replaces
+  the file);
 - hardlinks inside one layer stay hardlinks (one inode, nlink = links that survive).
 
 No data is read or copied: every regular file keeps its chunk indexes, only the device
@@ -22,14 +25,15 @@ is how a blob is named in a registry (rafs-v6.md §11).
 import copy
 import os
 
-from erofs_tools._native import BuildOptions
-from erofs_tools.builder.blob import BLKSZ, StoredChunk
+from erofs_tools.builder.blob import StoredChunk
 from erofs_tools.builder.chunk_dict import BootstrapTables
+from erofs_tools.builder.rafs import ChunkRun
 from erofs_tools.errors import CorruptImageError, InputError
 from erofs_tools.format import erofs as E
 from erofs_tools.format import rafs as R
-from erofs_tools.builder.tar_source import _show
-from erofs_tools.builder.whiteout import (OPAQUE_XATTR as OPAQUE, classify,
+from erofs_tools.builder.tar_reader import _show
+from erofs_tools.builder.whiteout import (IMPLIED_XATTR as IMPLIED,
+                                          OPAQUE_XATTR as OPAQUE, classify, is_implied,
                                           is_opaque, is_overlay_whiteout)
 from erofs_tools.reader.image import Image
 
@@ -144,11 +148,13 @@ def _merge(layers, output, blob_ids, whiteout_spec, timestamp, RP):
     # -- the merged tree -----------------------------------------------------------------
     top = layers[-1]
     root = _M(top, top.img.inode(top.img.root_nid), {})
-    for L in layers:
+    for li, L in enumerate(layers):
         img = L.img
         rino = img.inode(img.root_nid)
-        root.layer, root.ino = L, rino
-        if is_opaque(img.xattrs(rino)):
+        rx = img.xattrs(rino)
+        if li == 0 or not is_implied(rx):
+            root.layer, root.ino = L, rino
+        if is_opaque(rx):
             root.children.clear()
         stack = [(root, rino, b"/")]
         seen_dirs = {img.root_nid}
@@ -180,30 +186,27 @@ def _merge(layers, output, blob_ids, whiteout_spec, timestamp, RP):
                         raise CorruptImageError(f"{L.path}: {_show(cpath)}: directory "
                                                 "linked twice")
                     seen_dirs.add(d.nid)
-                    op = is_opaque(img.xattrs(ino))
-                    if old is not None and old.children is not None and not op:
-                        old.layer, old.ino = L, ino
+                    xs = img.xattrs(ino)
+                    op = is_opaque(xs)
+                    below = old is not None and old.children is not None
+                    if below and not op:
+                        if not is_implied(xs):
+                            old.layer, old.ino = L, ino
                         node = old
                     else:
-                        node = _M(L, ino, {})
+                        # an implied directory over one below keeps its metadata, as
+                        # containerd's applier copies it up (docs/tar.md)
+                        meta = (old.layer, old.ino) if below and is_implied(xs) else (L, ino)
+                        node = _M(meta[0], meta[1], {})
                         mdir.children[d.name] = node
                     stack.append((node, ino, cpath))
                 else:
                     mdir.children[d.name] = _M(L, ino)
 
     # -- emit ----------------------------------------------------------------------------
-    nblobs = len(blobs)
-    _, _, meta_addr = RP._layout_constants(nblobs, 0)
     build_time = timestamp if timestamp is not None else max(
         L.img.sb.build_time for L in layers)
-    bopts = BuildOptions(
-        meta_blkaddr=meta_addr // BLKSZ, first_nid=RP.ROOT_NID,
-        feature_compat=E.FEATURE_COMPAT_RAFS_V6,
-        feature_incompat=E.FEATURE_INCOMPAT_CHUNKED_FILE | E.FEATURE_INCOMPAT_DEVICE_TABLE,
-        sb_checksum=False, shared_xattrs=False, inline_data=True, force_extended=True,
-        build_time=build_time, build_time_nsec=0, uuid=bytes(16),
-        devt_slotoff=R.DEVT_SLOTOFF)
-    nb = RP._CountingBuilder(bopts)
+    nb = RP.bootstrap_nodes(len(blobs), 0, build_time, force_extended=True)
     chunk_bits = chunk_size.bit_length() - 1
     ids = {}                  # (layer, nid) of non-directories -> node
     scs = {}                  # (merged blob, ci index) -> StoredChunk
@@ -227,7 +230,7 @@ def _merge(layers, output, blob_ids, whiteout_spec, timestamp, RP):
             if ino.is_lnk():
                 nb.set_bytes(n, img.readlink(ino))
             for xn, xv in img.xattrs(ino):
-                if m.children is not None and xn == OPAQUE:
+                if m.children is not None and xn in (OPAQUE, IMPLIED):
                     continue
                 nb.add_xattr(n, xn, xv)
                 has_x = True
@@ -254,7 +257,7 @@ def _merge(layers, output, blob_ids, whiteout_spec, timestamp, RP):
                 stack.append((c, cid, cpath))
 
     opts = RP.PackOptions(chunk_size=chunk_size, digester=digester, compressor=compressor)
-    result = RP.write_bootstrap(nb, _Tree(regular, has_x), output, opts, None, None,
+    result = RP.write_bootstrap(nb, RP.TreeInfo(regular, has_x), output, opts, None, None,
                                 per_node, file_off, [], build_time, blob_list=blobs)
     result["layers"] = [L.path for L in layers]
     return result
@@ -286,11 +289,12 @@ def _chunks(L, ino, chunk_bits, scs, file_off, path):
                                       ci.compressed_size, ci.uncompressed_offset,
                                       ci.uncompressed_size)
             file_off[id(sc)] = ci.file_offset
-        out.append(sc)
+        # a run of one chunk (the zero chunk of a sparse file's hole) stays one object
+        prev = out[-1] if out else None
+        if prev is sc:
+            out[-1] = ChunkRun(sc, 2)
+        elif type(prev) is ChunkRun and prev.chunk is sc:
+            prev.count += 1
+        else:
+            out.append(sc)
     return out
-
-
-class _Tree:
-    def __init__(self, regular, has_xattrs):
-        self.regular = regular
-        self.has_xattrs = has_xattrs

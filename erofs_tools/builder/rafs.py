@@ -23,8 +23,10 @@ set_sb_blocks takes them before writing; with an older one they are patched into
 written file (same bytes; USE_NATIVE_PATCH_API).
 """
 import gc
+import itertools
 import os
 import stat
+import struct
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -116,13 +118,39 @@ class _RafsWalker(TreeWalker):
             rec[0] = p           # order hardlinked files by their smallest path
 
 
-class _CountingBuilder(_RafsBuilder):
+class BootstrapNodes(_RafsBuilder):
+    """The node graph of a RAFS v6 bootstrap (the C builder), counting xattrs so that
+    write_bootstrap can set the HAS_XATTR flag."""
+
     def add_xattr(self, node, name, value):
         super().add_xattr(node, name, value)
         self._xattr_count = getattr(self, "_xattr_count", 0) + 1
 
 
-def _normalize_prefetch(paths):
+@dataclass
+class TreeInfo:
+    """What write_bootstrap needs to know of a tree source besides its node graph."""
+    regular: set                 # node ids of regular files (their chunk indexes)
+    has_xattrs: bool
+
+
+def bootstrap_nodes(max_blobs: int, nprefetch: int, build_time: int | None,
+                    force_extended: bool = False) -> BootstrapNodes:
+    """A node graph for a bootstrap that will list at most `max_blobs` blobs and
+    `nprefetch` prefetch entries (their tables sit below the inodes, so they are
+    reserved first). force_extended: every inode extended (full mtimes; tar sources and
+    merge, whose trees have no common mtime)."""
+    _, _, meta_addr = layout_constants(max_blobs, nprefetch)
+    return BootstrapNodes(BuildOptions(
+        meta_blkaddr=meta_addr // BLKSZ, first_nid=ROOT_NID,
+        feature_compat=E.FEATURE_COMPAT_RAFS_V6,
+        feature_incompat=E.FEATURE_INCOMPAT_CHUNKED_FILE | E.FEATURE_INCOMPAT_DEVICE_TABLE,
+        sb_checksum=False, shared_xattrs=False, inline_data=True,
+        force_extended=force_extended, build_time=build_time, build_time_nsec=0,
+        uuid=bytes(16), devt_slotoff=R.DEVT_SLOTOFF))
+
+
+def normalize_prefetch(paths):
     """Image paths -> unique relative byte paths in first-seen order (b"" = root)."""
     out, seen = [], set()
     for p in paths or ():
@@ -171,6 +199,48 @@ def _prefetch_order(walker, prefetch):
 
 class PackResult(dict):
     pass
+
+
+class ChunkRun:
+    """`count` consecutive chunk indexes of one file naming the same stored chunk (a
+    run of hole chunks of a sparse tar entry): one object, however long the run."""
+    __slots__ = ("chunk", "count")
+
+    def __init__(self, chunk, count):
+        self.chunk = chunk
+        self.count = count
+
+
+def _runs(chunks):
+    """(StoredChunk, count) of a file's chunk list, which may hold ChunkRuns."""
+    for c in chunks:
+        if type(c) is ChunkRun:
+            yield c.chunk, c.count
+        else:
+            yield c, 1
+
+
+class _ChunkIndexes:
+    """A file's 8-byte chunk indexes as a sized iterable, made one at a time (a run of
+    a million hole chunks is never a list of a million ints)."""
+
+    def __init__(self, runs, remap):
+        self.runs = runs            # [(StoredChunk, count)]
+        self.remap = remap
+        self.n = sum(c for _, c in runs)
+
+    def __len__(self):
+        return self.n
+
+    def __iter__(self):
+        for sc, count in self.runs:
+            idx = sc.index
+            dev = (self.remap[sc.blob_index] + 1) | (((idx >> 16) & 0xFF) << 8)
+            e = (idx & 0xFFFF) | (dev << 16) | ((sc.uncompressed_offset // BLKSZ) << 32)
+            if count == 1:
+                yield e
+            else:
+                yield from itertools.repeat(e, count)
 
 
 def pack(source, bootstrap, blob_dir, opts=None, progress=None):
@@ -228,18 +298,12 @@ def _pack(source, bootstrap, blob_dir, opts, progress):
 
     mk = MkfsOptions(timestamp=opts.timestamp, shared_xattrs=False)
     ts = mk.effective_timestamp()
-    prefetch = _normalize_prefetch(opts.prefetch)
+    prefetch = normalize_prefetch(opts.prefetch)
     # The blob count is known only after chunking but the builder takes meta_blkaddr up
     # front: reserve room for every blob that may be listed (all dict blobs + the new
     # one). Without chunk dicts (or when all dict blobs are used) this is exactly the
     # nydus-image layout; otherwise a few zero bytes stay between tables and inodes.
-    _, _, meta_addr = _layout_constants(len(cdict.blobs) + 1, len(prefetch))
-    bopts = BuildOptions(
-        meta_blkaddr=meta_addr // BLKSZ, first_nid=ROOT_NID, feature_compat=E.FEATURE_COMPAT_RAFS_V6,
-        feature_incompat=E.FEATURE_INCOMPAT_CHUNKED_FILE | E.FEATURE_INCOMPAT_DEVICE_TABLE,
-        sb_checksum=False, shared_xattrs=False, inline_data=True, build_time=ts,
-        build_time_nsec=0, uuid=bytes(16), devt_slotoff=R.DEVT_SLOTOFF)
-    nb = _CountingBuilder(bopts)
+    nb = bootstrap_nodes(len(cdict.blobs) + 1, len(prefetch), ts)
     walker = _RafsWalker(nb, mk, source, track_paths=bool(prefetch),
                          on_entry=progress.scan if progress is not None else None)
     walker.walk(source)
@@ -293,25 +357,28 @@ def _pack(source, bootstrap, blob_dir, opts, progress):
     return result
 
 
-def _layout_constants(nblobs, nprefetch):
-    blob_off = round_up(R.DEVT_OFFSET + 128 * nblobs, BLKSZ)
-    prefetch_off = blob_off + 256 * nblobs
+def layout_constants(nblobs, nprefetch):
+    """(blob table, prefetch table, inode area) offsets for NBLOBS and NPREFETCH."""
+    blob_off = round_up(R.DEVT_OFFSET + E.DeviceSlot.SIZE * nblobs, BLKSZ)
+    prefetch_off = blob_off + R.BlobEntry.SIZE * nblobs
     meta_addr = round_up(prefetch_off + 4 * nprefetch, BLKSZ)
     return blob_off, prefetch_off, meta_addr
 
 
 def write_bootstrap(nb, walker, bootstrap, opts, cdict, new_info, per_node, file_off,
                     prefetch_nodes, ts, blob_list=None):
-    """Lay out and write the RAFS v6 bootstrap for the node graph `nb` (the last step
-    of pack, of tar ingestion and of merge); `walker` describes the tree source."""
+    """Lay out and write the RAFS v6 bootstrap for the node graph `nb` (from
+    bootstrap_nodes): the one bootstrap writer of pack, of tar ingestion and of merge.
+    `walker` describes the tree source (a TreeInfo or the directory walker);
+    `per_node`: node -> its chunks in file order (StoredChunk or ChunkRun)."""
     # -- blob list: referenced dict blobs first, then the new one --------------------
     # (blob_list: the exact final list, chunks' blob_index already final; used by merge)
     if blob_list is not None:
         blobs = list(blob_list)
         remap = {i: i for i in range(len(blobs))}
     else:
-        used = sorted({sc.blob_index for chunks in per_node.values() for sc in chunks
-                       if sc.blob_index >= 0})
+        used = sorted({sc.blob_index for chunks in per_node.values()
+                       for sc, _ in _runs(chunks) if sc.blob_index >= 0})
         blobs = [cdict.blobs[i] for i in used]
         remap = {old: new for new, old in enumerate(used)}
     if new_info is not None:
@@ -320,26 +387,22 @@ def write_bootstrap(nb, walker, bootstrap, opts, cdict, new_info, per_node, file
     nblobs = len(blobs)
     if nblobs > R.MAX_BLOBS:
         raise InputError(f"image would reference {nblobs} blobs (at most {R.MAX_BLOBS})")
-    blob_off, prefetch_off, meta_addr = _layout_constants(nblobs, len(prefetch_nodes))
+    blob_off, prefetch_off, meta_addr = layout_constants(nblobs, len(prefetch_nodes))
     if meta_addr > nb.options.meta_blkaddr * BLKSZ:
         raise AssertionError("tables overrun the reserved area")
 
     # -- chunk indexes ------------------------------------------------------------------
     chunkbits = opts.chunk_size.bit_length() - 1
-    fmt = E.CHUNK_FORMAT_INDEXES | (chunkbits - 12)
+    fmt = E.CHUNK_FORMAT_INDEXES | (chunkbits - E.BLKSZ_BITS)
     cinfo = {}
     for node in walker.regular:
-        chunks = per_node.get(node, ())
-        entries = []
-        for sc in chunks:
+        runs = list(_runs(per_node.get(node, ())))
+        for sc, _ in runs:
             bi = remap[sc.blob_index]
-            idx = sc.index
-            dev = (bi + 1) | (((idx >> 16) & 0xFF) << 8)
-            entries.append((idx & 0xFFFF) | (dev << 16) | ((sc.uncompressed_offset // BLKSZ) << 32))
-            k = (sc.digest, bi, idx)
+            k = (sc.digest, bi, sc.index)
             if k not in cinfo:
                 cinfo[k] = (sc, bi)
-        nb.set_chunks(node, fmt, entries)
+        nb.set_chunks(node, fmt, _ChunkIndexes(runs, remap))
 
     # -- tables before the inode area ---------------------------------------------------
     flags = (R.COMPRESSION_FLAGS[opts.compressor] | R.DIGEST_FLAGS[opts.digester]
@@ -453,12 +516,27 @@ def _patch_written(fd, nb, ext, prefetch_nodes, prefetch_off, total, blobs, sb_b
     # device slots: mapped_blkaddr 512 KiB-aligned after the bootstrap
     seg = R.BLOCK_SEG_ALIGNMENT
     pos = round_up(total, seg)
+    mapped = field_offset(E.DeviceSlot, "mapped_blkaddr")
     for i, b in enumerate(blobs):
-        os.pwrite(fd, (pos // BLKSZ).to_bytes(4, "little"), R.DEVT_OFFSET + 128 * i + 68)
+        os.pwrite(fd, (pos // BLKSZ).to_bytes(4, "little"),
+                  R.DEVT_OFFSET + E.DeviceSlot.SIZE * i + mapped)
         pos = round_up(pos + b.uncompressed_size, seg)
-    os.pwrite(fd, sb_blocks.to_bytes(4, "little"), E.SUPER_OFFSET + 0x24)
+    os.pwrite(fd, sb_blocks.to_bytes(4, "little"),
+              E.SUPER_OFFSET + field_offset(E.SuperBlock, "blocks"))
     # nydusd wants devt_slotoff 11 even with no device (older C cores write 0 then)
-    os.pwrite(fd, R.DEVT_SLOTOFF.to_bytes(2, "little"), E.SUPER_OFFSET + 0x58)
+    os.pwrite(fd, R.DEVT_SLOTOFF.to_bytes(2, "little"),
+              E.SUPER_OFFSET + field_offset(E.SuperBlock, "devt_slotoff"))
     if ctable:
         os.pwrite(fd, bytes(ctable), ctable_off)
     os.ftruncate(fd, total)
+
+
+def field_offset(record, name: str) -> int:
+    """Byte offset of field `name` in a format Record (from its FIELDS, so no offset is
+    written down twice)."""
+    codes = []
+    for n, code in record.FIELDS:
+        if n == name:
+            return struct.calcsize("<" + "".join(codes))
+        codes.append(code)
+    raise KeyError(f"{record.__name__} has no field {name}")

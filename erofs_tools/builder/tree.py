@@ -20,13 +20,22 @@ _S_IFCHR = stat.S_IFCHR
 _S_IFBLK = stat.S_IFBLK
 
 
+def shown_path(path, limit: int = 300) -> str:
+    """A path for a one-line message: its last `limit` bytes at most (a path deeper
+    than PATH_MAX would otherwise make a 4 KB line)."""
+    path = os.fsencode(path)
+    if len(path) > limit:
+        path = b"..." + path[-limit:]
+    return os.fsdecode(path)
+
+
 def _oserr(e, path):
-    return InputError(f"{os.fsdecode(path)}: {e.strerror or e}")
+    return InputError(f"{shown_path(path)}: {e.strerror or e}")
 
 
 def _with_path(e, path):
     """Re-raise an ErofsToolsError from the C core with the offending path in front."""
-    return type(e)(f"{os.fsdecode(path)}: {e}")
+    return type(e)(f"{shown_path(path)}: {e}")
 
 
 class TreeWalker:

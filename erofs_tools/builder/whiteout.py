@@ -13,6 +13,11 @@ WH_OPAQUE = b".wh..wh..opq"
 WH_META = b".wh..wh."
 OPAQUE_XATTR = b"trusted.overlay.opaque"
 OPAQUE_VALUE = b"y"
+# Set by `pack --type tar --mark-implied-dirs` (and convert) on a directory that has no
+# entry of its own in the layer; `merge` reads it (the directory keeps the metadata of
+# the layers below, as tar -x and containerd's applier give) and never carries it over.
+IMPLIED_XATTR = b"trusted.erofs-tools.implied"
+IMPLIED_VALUE = b"y"
 
 
 def classify(name):
@@ -29,6 +34,11 @@ def classify(name):
 def is_overlay_whiteout(mode, rdev):
     """A character device 0:0 (overlayfs whiteout)."""
     return stat.S_ISCHR(mode) and tuple(rdev) == (0, 0)
+
+
+def is_implied(xattrs):
+    """xattrs: iterable of (name, value) pairs."""
+    return any(n == IMPLIED_XATTR for n, _ in xattrs)
 
 
 def is_opaque(xattrs):

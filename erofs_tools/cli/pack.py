@@ -1,5 +1,6 @@
 """`erofs-tools pack SOURCE --bootstrap BOOT --blob-dir DIR`: a Nydus RAFS v6 image."""
 import json
+import re
 import sys
 
 import click
@@ -10,18 +11,20 @@ from erofs_tools.cli.progress import Progress
 from erofs_tools.errors import InputError
 
 
-def _parse_size(text):
-    t = str(text).strip().lower()
-    mult = 1
-    for suffix, m in (("k", 1 << 10), ("kib", 1 << 10), ("m", 1 << 20), ("mib", 1 << 20)):
-        if t.endswith(suffix):
-            t, mult = t[: -len(suffix)], m
-            break
-    try:
-        v = int(t, 0) * mult
-    except ValueError:
-        raise InputError(f"--chunk-size: not a size: {text!r}") from None
-    return v
+_SUFFIXES = {"": 1, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20,
+             "g": 1 << 30, "gib": 1 << 30, "t": 1 << 40, "tib": 1 << 40}
+
+
+_SIZE = re.compile(r"(0x[0-9a-f]+|[0-9]+)\s*([kmgt]?|[kmgt]ib)")
+
+
+def _parse_size(text: str, option: str = "--chunk-size") -> int:
+    """'4096', '0x100000', '1M', '1G', '2TiB' -> bytes; an error names OPTION."""
+    m = _SIZE.fullmatch(str(text).strip().lower())
+    if not m:
+        raise InputError(f"{option}: not a size: {text!r} (e.g. 4096, 0x100000, 64K, 1M, "
+                         "1G)")
+    return int(m.group(1), 0) * _SUFFIXES[m.group(2)]
 
 
 def _read_prefetch(spec):
@@ -66,17 +69,21 @@ def _read_prefetch(spec):
               help="Tar sources: oci turns .wh. entries into overlayfs whiteouts; "
                    "overlayfs and none keep entries as they are.")
 @click.option("--max-size", default=None, metavar="BYTES",
-              help="Tar sources: most (decompressed) stream bytes to read (default 1 TiB).")
+              help="Tar sources: most (decompressed) stream bytes to read, e.g. 1G "
+                   "(default 1 TiB; K, M, G, T suffixes).")
+@click.option("--mark-implied-dirs", is_flag=True,
+              help="Tar sources: mark directories that have no entry of their own, so that "
+                   "merge keeps the lower layers' metadata for them (as convert does).")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing on success.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print blob ids, sizes, chunk counts and dedup figures as JSON.")
 def pack(source, bootstrap, blob_dir, chunk_size, digester, compressor, chunk_dict,
-         prefetch_list, timestamp, jobs, source_type, whiteout_spec, max_size, quiet,
-         as_json):
+         prefetch_list, timestamp, jobs, source_type, whiteout_spec, max_size,
+         mark_implied_dirs, quiet, as_json):
     """Pack directory SOURCE (or a tar stream with --type) into a RAFS v6 bootstrap and
     one chunked, deduplicated blob."""
     opts = PackOptions(
-        chunk_size=_parse_size(chunk_size), digester=digester, compressor=compressor,
+        chunk_size=_parse_size(chunk_size, "--chunk-size"), digester=digester, compressor=compressor,
         chunk_dicts=list(chunk_dict),
         prefetch=_read_prefetch(prefetch_list) if prefetch_list else None,
         timestamp=parse_timestamp(timestamp) if timestamp is not None else None,
@@ -87,8 +94,9 @@ def pack(source, bootstrap, blob_dir, chunk_size, digester, compressor, chunk_di
     else:
         from erofs_tools.builder.tar_source import DEFAULT_MAX_SIZE, pack_tar
         r = pack_tar(source, bootstrap, blob_dir, opts, source_type=source_type,
-                     whiteout_spec=whiteout_spec,
-                     max_size=_parse_size(max_size) if max_size else DEFAULT_MAX_SIZE)
+                     whiteout_spec=whiteout_spec, mark_implied=mark_implied_dirs,
+                     max_size=(_parse_size(max_size, "--max-size") if max_size
+                               else DEFAULT_MAX_SIZE))
     if as_json:
         click.echo(json.dumps(r, sort_keys=True))
     elif not quiet:

@@ -7,6 +7,7 @@ import sys
 import click
 
 from erofs_tools.errors import CorruptImageError, ErofsToolsError, InputError
+from erofs_tools.fsutil import atomic_output
 from erofs_tools.reader.data import BlobSource
 from erofs_tools.reader.fsck import check_image
 from erofs_tools.reader.image import Image
@@ -172,19 +173,18 @@ def inspect_cmd(image, path, blob_dir, devices, as_json):
                 click.echo(f"{k}: {v}")
         return
     sd = super_summary(img)
-    tree = []
-    for p, _de, ino in img.walk():
-        e = {"path": _s(p), "type": _TYPE.get(ino.ftype, "?"), "nid": ino.nid,
-             "mode": f"{_stat.S_IMODE(ino.mode):04o}", "uid": ino.uid, "gid": ino.gid,
-             "size": ino.size, "layout": ino.layout_name}
-        if ino.is_lnk():
-            e["target"] = _s(img.readlink(ino))
-        if ino.is_dev():
-            e["rdev"] = list(ino.rdev)
-        tree.append(e)
+    # the tree is printed as it is walked, never held: a deep tree's paths add up to
+    # far more than the tree (30,000 levels: ~1 GB of paths)
     if as_json:
-        sd["tree"] = tree
-        click.echo(json.dumps(sd, indent=1))
+        head = json.dumps({**sd, "tree": []}, indent=1)
+        if not head.endswith('"tree": []\n}'):
+            raise AssertionError("inspect: unexpected JSON layout")
+        click.echo(head[:-len("]\n}")], nl=False)
+        sep = "\n"
+        for e in _tree_entries(img):
+            click.echo(sep + "  " + json.dumps(e), nl=False)
+            sep = ",\n"
+        click.echo("\n ]\n}")
         return
     for k, v in sd.items():
         if k in ("devices", "blobs"):
@@ -196,11 +196,23 @@ def inspect_cmd(image, path, blob_dir, devices, as_json):
         else:
             click.echo(f"{k}: {v}")
     click.echo("tree:")
-    for e in tree:
+    for e in _tree_entries(img):
         extra = f" -> {e['target']}" if "target" in e else ""
         extra += f" rdev={e['rdev'][0]}:{e['rdev'][1]}" if "rdev" in e else ""
         click.echo(f"  {e['type']:7} {e['mode']} {e['uid']}:{e['gid']} {e['size']:>10} "
                    f"nid={e['nid']} {e['layout']} {e['path']}{extra}")
+
+
+def _tree_entries(img):
+    for p, _de, ino in img.walk():
+        e = {"path": _s(p), "type": _TYPE.get(ino.ftype, "?"), "nid": ino.nid,
+             "mode": f"{_stat.S_IMODE(ino.mode):04o}", "uid": ino.uid, "gid": ino.gid,
+             "size": ino.size, "layout": ino.layout_name}
+        if ino.is_lnk():
+            e["target"] = _s(img.readlink(ino))
+        if ino.is_dev():
+            e["rdev"] = list(ino.rdev)
+        yield e
 
 
 @click.command("check")
@@ -240,15 +252,13 @@ def unpack_cmd(image, blob_dir, devices, output, tar_out):
         unpack_to_tar(img, sys.stdout.buffer, warnings)
         sys.stdout.buffer.flush()
     else:
-        tmp = tar_out + ".tmp"
+        # a fresh O_EXCL temporary beside OUT, renamed over it when complete: a symlink
+        # planted at OUT.tmp (or anywhere) is never written through
         try:
-            with open(tmp, "wb") as f:
+            with atomic_output(tar_out, mode=0o644) as f:
                 unpack_to_tar(img, f, warnings)
-            os.replace(tmp, tar_out)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        except OSError as e:
+            raise InputError(f"{tar_out}: {e.strerror or e}") from None
     for w in warnings:
         click.echo(f"warning: {w}", err=True)
 

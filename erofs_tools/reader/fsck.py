@@ -12,12 +12,25 @@ from erofs_tools.reader.blob import compute_blob_id, decode_chunk
 from erofs_tools.reader.image import Image, _cstr
 
 
+# The kernel keeps inode times as a signed 64-bit count of seconds (timespec64), which
+# is what an extended inode's 64-bit i_mtime is read into; ext4 holds up to 2446 and
+# clamps beyond. So any mtime below 2^63 s is valid, year 2400 included.
+MAX_MTIME = (1 << 63) - 1
+
+
 class Problem(NamedTuple):
     path: str          # inode path, "superblock", "blob <id>", ...
     message: str
 
     def __str__(self):
         return f"{self.path}: {self.message}"
+
+
+def _shown(path: bytes, limit: int = 300) -> str:
+    """A path for a one-line report: its last `limit` bytes at most."""
+    if len(path) > limit:
+        path = b"..." + path[-limit:]
+    return os.fsdecode(path)
 
 
 def _msg(e, name):
@@ -116,7 +129,9 @@ def check_image(img: Image, blobs=None, verify_data=True):
         img.blobs = blobs
     links = {}          # nid -> dirent count
     subdirs = {}        # dir nid -> number of subdirectories
-    first_path = {}
+    # nids seen, not their paths: a tree 30,000 levels deep would hold 30,000 paths of
+    # up to 60 KB each; a path is looked up again only for a problem found at the end
+    first_path = set()
     ci_by_blob_off = {}
     for ci in img.chunk_infos:
         ci_by_blob_off.setdefault((ci.blob_index, ci.uncompressed_offset), ci)
@@ -126,10 +141,10 @@ def check_image(img: Image, blobs=None, verify_data=True):
         blob_problems = check_blobs(img, blobs, bad_chunks)
 
     def on_error(path, e):
-        problems.append(Problem(os.fsdecode(path), _msg(e, name)))
+        problems.append(Problem(_shown(path), _msg(e, name)))
 
     def add(path, m):
-        problems.append(Problem(os.fsdecode(path), m))
+        problems.append(Problem(_shown(path), m))
 
     for path, de, ino in img.walk(on_error=on_error):
         nid = ino.nid
@@ -138,15 +153,15 @@ def check_image(img: Image, blobs=None, verify_data=True):
             if ino.is_dir():
                 add(path, "directory linked twice")
             continue
-        first_path[nid] = path
+        first_path.add(nid)
         if de is not None:
             ft = E.file_type_of_mode(ino.mode)
             if de.file_type != ft:
                 add(path, f"dirent file type {de.file_type} does not match mode {ino.mode:o}")
         if ino.mtime_nsec >= 10**9:
             add(path, f"mtime nanoseconds {ino.mtime_nsec} out of range")
-        elif ino.mtime * 10**9 + ino.mtime_nsec >= 1 << 63:
-            add(path, f"mtime {ino.mtime} beyond what a file system can hold")
+        elif ino.mtime > MAX_MTIME:
+            add(path, f"mtime {ino.mtime} beyond what the kernel can hold")
         if not ino.reserved_ok:
             add(path, "extended inode i_nb (reserved) is not 0")
         try:
@@ -179,7 +194,8 @@ def check_image(img: Image, blobs=None, verify_data=True):
         except ErofsToolsError as e:
             add(path, _msg(e, name))
     # link counts
-    for nid, path in first_path.items():
+    wrong = {}
+    for nid in first_path:
         try:
             ino = img.inode(nid)
         except CorruptImageError:
@@ -189,59 +205,90 @@ def check_image(img: Image, blobs=None, verify_data=True):
         else:
             want = links.get(nid, 0)
         if ino.nlink != want:
-            add(path, f"nlink {ino.nlink}, expected {want}")
+            wrong[nid] = f"nlink {ino.nlink}, expected {want}"
+    if wrong:
+        for path, _de, ino in img.walk(on_error=lambda p, e: None):
+            m = wrong.pop(ino.nid, None)
+            if m is not None:
+                add(path, m)
+            if not wrong:
+                break
     problems.extend(blob_problems)
     return problems
 
 
 def _check_file(img, path, ino, verify_data, ci_by_blob_off, add, bad_chunks):
+    found = [0]
+
+    def note(p, m):
+        """add, counted: a run of identical chunk references is checked once only
+        while it is found sound."""
+        found[0] += 1
+        add(p, m)
+
     if ino.layout == E.LAYOUT_CHUNK_BASED:
         refs = img.chunks(ino)
         if img.is_rafs:
             bits = _rafs_chunk_bits(img)
             _fmt, kbits = img.chunk_format(ino)
-            rrefs = img.chunks(ino, chunk_bits=bits) if kbits >= bits else refs
+            # the same granularity: one list (a sparse file may have millions)
+            rrefs = img.chunks(ino, chunk_bits=bits) if kbits > bits else refs
+            prev = None
             for c in rrefs:
-                if c.hole:
-                    add(path, f"chunk {c.index}: hole in a RAFS image")
+                # a run of one chunk found sound (a hole's zero chunk) is checked once;
+                # every reference of an unsound one is still reported
+                same = (c.device, c.blkaddr, c.length, c.ci_index, c.hole)
+                if same == prev:
                     continue
-                if c.device == 0 or c.device > len(img.blob_entries):
-                    add(path, f"chunk {c.index}: blob device {c.device} out of range")
-                    continue
-                bi = c.device - 1
-                off = c.blkaddr * 4096
-                ci = ci_by_blob_off.get((bi, off))
-                meta = None
-                if img.blobs is not None:
-                    try:
-                        meta = img.blobs.meta(c.device)
-                    except ErofsToolsError:
-                        meta = None
-                if meta is not None:
-                    bc = meta.chunk_at(off)
-                    if bc is None:
-                        add(path, f"chunk {c.index}: no chunk at offset {off} of blob {meta.blob_id}")
+                mark = found[0]
+                try:
+                    if c.hole:
+                        note(path, f"chunk {c.index}: hole in a RAFS image")
                         continue
-                    if c.ci_index and bc.index != c.ci_index:
-                        add(path, f"chunk {c.index}: index says CI entry {c.ci_index}, blob has {bc.index}")
-                    if bc.uncompressed_size != c.length:
-                        add(path, f"chunk {c.index}: blob chunk is {bc.uncompressed_size} bytes, file needs {c.length}")
-                elif img.chunk_infos:
-                    if ci is None:
-                        add(path, f"chunk {c.index}: blob {bi} offset {off} not in the chunk info table")
-                    elif ci.uncompressed_size != c.length:
-                        add(path, f"chunk {c.index}: chunk info says {ci.uncompressed_size} bytes, file needs {c.length}")
-                    elif c.ci_index and ci.index != c.ci_index:
-                        add(path, f"chunk {c.index}: CI index {c.ci_index} differs from the chunk info table's {ci.index}")
+                    if c.device == 0 or c.device > len(img.blob_entries):
+                        note(path, f"chunk {c.index}: blob device {c.device} out of range")
+                        continue
+                    bi = c.device - 1
+                    off = c.blkaddr * 4096
+                    ci = ci_by_blob_off.get((bi, off))
+                    meta = None
+                    if img.blobs is not None:
+                        try:
+                            meta = img.blobs.meta(c.device)
+                        except ErofsToolsError:
+                            meta = None
+                    if meta is not None:
+                        bc = meta.chunk_at(off)
+                        if bc is None:
+                            note(path, f"chunk {c.index}: no chunk at offset {off} of blob {meta.blob_id}")
+                            continue
+                        if c.ci_index and bc.index != c.ci_index:
+                            note(path, f"chunk {c.index}: index says CI entry {c.ci_index}, blob has {bc.index}")
+                        if bc.uncompressed_size != c.length:
+                            note(path, f"chunk {c.index}: blob chunk is {bc.uncompressed_size} bytes, file needs {c.length}")
+                    elif img.chunk_infos:
+                        if ci is None:
+                            note(path, f"chunk {c.index}: blob {bi} offset {off} not in the chunk info table")
+                        elif ci.uncompressed_size != c.length:
+                            note(path, f"chunk {c.index}: chunk info says {ci.uncompressed_size} bytes, file needs {c.length}")
+                        elif c.ci_index and ci.index != c.ci_index:
+                            note(path, f"chunk {c.index}: CI index {c.ci_index} differs from the chunk info table's {ci.index}")
+                finally:
+                    prev = same if found[0] == mark else None
         # bounds of every mapped chunk; blob chunk digests are verified once per chunk
         # in check_blobs (reading each file would repeat that for every reference)
         bs = img.blksz
+        prev = None
         for c in refs:
             if c.hole:
                 continue
+            same = (c.device, c.blkaddr, c.length)
+            if same == prev:
+                continue
+            mark = found[0]
             if c.device == 0:
                 if c.blkaddr * bs + c.length > img.size:
-                    add(path, f"chunk {c.index}: block {c.blkaddr} outside the image")
+                    note(path, f"chunk {c.index}: block {c.blkaddr} outside the image")
             elif img.blobs is not None:
                 try:
                     d = img.blobs.device(c.device)
@@ -250,13 +297,14 @@ def _check_file(img, path, ino, verify_data, ci_by_blob_off, add, bad_chunks):
                 end = c.blkaddr * bs + c.length
                 size = d.meta.uncompressed_size if d.meta is not None else d.size
                 if end > size:
-                    add(path, f"chunk {c.index}: [{c.blkaddr * bs}, {end}) outside device "
+                    note(path, f"chunk {c.index}: [{c.blkaddr * bs}, {end}) outside device "
                               f"{c.device} ({size} bytes)")
                 elif d.meta is not None:
                     for bc in d.meta.chunks_for_range(c.blkaddr * bs, c.length):
                         if bc.index in bad_chunks.get(c.device, ()):
-                            add(path, f"chunk {c.index}: uses corrupt blob chunk {bc.index} "
+                            note(path, f"chunk {c.index}: uses corrupt blob chunk {bc.index} "
                                       f"of blob {d.meta.blob_id}")
+            prev = same if found[0] == mark else None
         return
     # flat layouts: the reader checks bounds and the inline tail without copying data
     for _ in img.map_data(ino):

@@ -11,13 +11,12 @@ from __future__ import annotations
 import errno
 import io
 import os
-import shutil
 import stat as _stat
 import tarfile
 import tempfile
-from collections import OrderedDict
 
 from erofs_tools.errors import CorruptImageError, ErofsToolsError, InputError
+from erofs_tools.reader.fsck import MAX_MTIME
 from erofs_tools.reader.image import Image
 
 O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -27,43 +26,15 @@ def _is_root():
     return os.geteuid() == 0
 
 
-class _DirFds:
-    """A small LRU of directory fds by relative path (components are our own dirs)."""
-
-    def __init__(self, root_fd, size=64):
-        self.root = root_fd
-        self.size = size
-        self.fds = OrderedDict()
-
-    def get(self, rel):
-        if rel == b"":
-            return self.root
-        fd = self.fds.get(rel)
-        if fd is not None:
-            self.fds.move_to_end(rel)
-            return fd
-        parent, _, name = rel.rpartition(b"/")
-        pfd = self.get(parent)
-        fd = os.open(name, O_DIR, dir_fd=pfd)
-        self.fds[rel] = fd
-        while len(self.fds) > self.size:
-            _, old = self.fds.popitem(last=False)
-            os.close(old)
-        return fd
-
-    def close(self):
-        for fd in self.fds.values():
-            os.close(fd)
-        self.fds.clear()
-
-
-def _set_xattrs(img, ino, target, follow=True, warnings=None, path=b""):
+def _set_xattrs(img, ino, target, follow=True, warnings=None, where=None):
+    """`where`: a callable giving the entry's path for a warning."""
     for name, value in img.xattrs(ino):
         try:
             os.setxattr(target, name, value, follow_symlinks=follow)
         except OSError as e:
             if warnings is not None:
-                warnings.append(f"{os.fsdecode(path)}: cannot set xattr "
+                shown = _show(where()) if where is not None else "?"
+                warnings.append(f"{shown}: cannot set xattr "
                                 f"{os.fsdecode(name)} ({e.strerror})")
 
 
@@ -106,116 +77,282 @@ def unpack_to_dir(img: Image, target, warnings=None, limit=None):
         raise InputError(f"{target}: {e.strerror or e}") from None
     finally:
         if not ok:
-            shutil.rmtree(tmp, ignore_errors=True)
+            remove_tree(tmp)
 
 
-def _apply_meta(img, ino, fd, path, warnings, root):
-    if root:
-        try:
-            os.fchown(fd, ino.uid, ino.gid)
-        except OSError as e:
-            warnings.append(f"{os.fsdecode(path)}: chown failed ({e.strerror})")
-    os.fchmod(fd, _stat.S_IMODE(ino.mode))
-    _set_xattrs(img, ino, fd, True, warnings, path)
+def remove_tree(path: str) -> None:
+    """Remove the directory tree at `path` (our own partial extraction) iteratively,
+    one name at a time relative to directory fds: trees deeper than PATH_MAX or than
+    the recursion limit go too. Best effort: errors stop it quietly."""
+    try:
+        fd = os.open(path, O_DIR)
+    except OSError:
+        return
+    names = []
+    try:
+        while True:
+            sub = None
+            for e in list(os.scandir(fd)):
+                if e.is_dir(follow_symlinks=False):
+                    sub = e.name
+                    break
+                os.unlink(e.name, dir_fd=fd)
+            if sub is not None:
+                try:        # a directory already given its mode may be 0o000
+                    os.chmod(f"/proc/self/fd/{fd}/{sub}", 0o700)
+                except OSError:
+                    pass
+                nfd = os.open(sub, O_DIR, dir_fd=fd)
+                os.close(fd)
+                fd = nfd
+                names.append(sub)
+                continue
+            if not names:
+                break
+            pfd = os.open("..", O_DIR, dir_fd=fd)
+            os.close(fd)
+            fd = pfd
+            os.rmdir(names.pop(), dir_fd=fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass
 
 
 def _mtime_ns(img, ino):
-    if ino.mtime_nsec >= 10**9 or ino.mtime * 10**9 + ino.mtime_nsec >= 1 << 63:
-        raise CorruptImageError(f"{img.name}: inode {ino.nid}: mtime {ino.mtime}.{ino.mtime_nsec:09d} "
+    """The inode's mtime in ns: any time the kernel holds (seconds below 2^63, year 2400
+    included; the target file system clamps what it cannot store, as it does for tar)."""
+    if ino.mtime_nsec >= 10**9 or ino.mtime > MAX_MTIME:
+        raise CorruptImageError(f"{img.name}: inode {ino.nid}: mtime "
+                                f"{ino.mtime}.{ino.mtime_nsec:09d} "
                                 "out of range")
     return ino.mtime * 10**9 + ino.mtime_nsec
+
+
+def _show(path: bytes, limit: int = 200) -> str:
+    """A path for a one-line message: its last `limit` bytes at most."""
+    if len(path) > limit:
+        path = b"..." + path[-limit:]
+    return os.fsdecode(path)
 
 
 def _with_path(img, path, e):
     msg = str(e)
     if msg.startswith(img.name + ": "):
         msg = msg[len(img.name) + 2:]
-    return type(e)(f"{img.name}: {os.fsdecode(path)}: {msg}")
+    return type(e)(f"{img.name}: {_show(path)}: {msg}")
 
 
-def _extract_one(img, path, ino, dfds, root_fd, done, dirs, warnings, root, budget):
-    rel = path.lstrip(b"/")
-    prel, _, name = rel.rpartition(b"/")
-    pfd = dfds.get(prel)
-    if not ino.is_dir() and ino.nid in done:
-        os.link(done[ino.nid], name, src_dir_fd=root_fd, dst_dir_fd=pfd,
-                follow_symlinks=False)
-        return
-    done.setdefault(ino.nid, rel)
-    mode = _stat.S_IMODE(ino.mode)
-    if ino.is_dir():
-        os.mkdir(name, 0o700, dir_fd=pfd)
-        dirs.append((rel, ino))
-    elif ino.is_reg():
-        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                     | os.O_CLOEXEC, 0o600, dir_fd=pfd)
+# Directory fds kept open on the way down; deeper trees reopen a parent through '..' of
+# its child on the way up (every directory is our own, in a private temporary tree).
+FD_WINDOW = 64
+
+
+class _Frame:
+    """One directory on the current path of the depth-first extraction."""
+    __slots__ = ("ino", "key", "ents", "pos", "fd", "name")
+
+    def __init__(self, ino, key, ents, fd, name):
+        self.ino = ino
+        self.key = key          # index in the directory table
+        self.ents = ents        # its entries, without '.' and '..'
+        self.pos = 0
+        self.fd = fd            # None: closed to bound the open fds
+        self.name = name
+
+
+class _Extraction:
+    """Depth-first, iterative extraction relative to directory fds: no recursion, no
+    path longer than one name is ever passed to the kernel (trees deeper than
+    PATH_MAX work), memory linear in the tree (one name per directory, the entry
+    lists of the directories on the current path, one record per hardlinked inode)."""
+
+    def __init__(self, img: Image, tmp: str, warnings: list, budget):
+        self.img = img
+        self.warnings = warnings
+        self.budget = budget
+        self.root = _is_root()
+        self.root_fd = os.open(tmp, O_DIR)
+        self.dirs = [(-1, b"")]     # directory key -> (parent key, name)
+        self.links = {}             # nid -> (directory key, name) of its first link
+        # (every non-directory: an image's nlink is not trusted to find hardlinks)
+        self.frames = []
+
+    def _children(self, ino, parent_nid):
+        ents = self.img.dirents(ino)
+        dot = [d for d in ents if d.name == b"."]
+        dotdot = [d for d in ents if d.name == b".."]
+        if len(dot) != 1 or dot[0].nid != ino.nid:
+            raise self.img._err(f"directory {ino.nid}: missing or wrong '.'")
+        if len(dotdot) != 1 or dotdot[0].nid != parent_nid:
+            raise self.img._err(f"directory {ino.nid}: missing or wrong '..'")
+        return [d for d in ents if d.name not in (b".", b"..")]
+
+    def path(self, name=None) -> bytes:
+        """The image path of the current directory (or of NAME in it): built only for
+        messages."""
+        parts = [f.name for f in self.frames[1:]]
+        if name is not None:
+            parts.append(name)
+        return b"/" + b"/".join(parts)
+
+    def _dir_fd(self, key):
+        """An fd of extracted directory KEY, opened one name at a time from the root."""
+        names = []
+        while key > 0:
+            key, name = self.dirs[key]
+            names.append(name)
+        fd = os.dup(self.root_fd)
         try:
-            _write_file(img, ino, fd, budget)
-            _apply_meta(img, ino, fd, path, warnings, root)
-            os.utime(fd, ns=(_mtime_ns(img, ino),) * 2)
-        finally:
+            for name in reversed(names):
+                nfd = os.open(name, O_DIR, dir_fd=fd)
+                os.close(fd)
+                fd = nfd
+        except BaseException:
             os.close(fd)
-    elif ino.is_lnk():
-        target = img.readlink(ino)
-        os.symlink(target, name, dir_fd=pfd)
-        if root:
-            os.chown(name, ino.uid, ino.gid, dir_fd=pfd, follow_symlinks=False)
-        _set_xattrs(img, ino, f"/proc/self/fd/{pfd}/{os.fsdecode(name)}", False,
-                    warnings, path)
-        os.utime(name, ns=(_mtime_ns(img, ino),) * 2, dir_fd=pfd,
-                 follow_symlinks=False)
-    else:
-        if ino.is_dev():
-            if not root:
-                warnings.append(f"{os.fsdecode(path)}: device node skipped (not root)")
-                done.pop(ino.nid, None)
-                return
-            dev = os.makedev(*ino.rdev)
-        else:
-            dev = 0
-        os.mknod(name, ino.ftype | 0o600, dev, dir_fd=pfd)
-        fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
-        try:
-            proc = f"/proc/self/fd/{fd}"
-            if root:
-                os.chown(proc, ino.uid, ino.gid)
-            os.chmod(proc, mode)
-            _set_xattrs(img, ino, proc, True, warnings, path)
-            os.utime(proc, ns=(_mtime_ns(img, ino),) * 2)
-        finally:
-            os.close(fd)
+            raise
+        return fd
 
-
-def _extract(img: Image, tmp, warnings, budget):
-    root = _is_root()
-    root_fd = os.open(tmp, O_DIR)
-    dfds = _DirFds(root_fd)
-    done = {}          # nid -> rel path of the first extracted link
-    dirs = []          # (rel, inode) to finish after their children
-    try:
-        for path, de, ino in img.walk():
-            if de is None:
-                dirs.append((b"", ino))
+    def run(self):
+        img = self.img
+        rino = img.inode(img.root_nid)
+        visited = {img.root_nid}
+        frames = self.frames
+        frames.append(_Frame(rino, 0, self._children(rino, img.root_nid),
+                             os.dup(self.root_fd), b""))
+        while frames:
+            f = frames[-1]
+            if f.pos < len(f.ents):
+                d = f.ents[f.pos]
+                f.pos += 1
+                try:
+                    ino = img.inode(d.nid)
+                    if ino.is_dir():
+                        if d.nid in visited:
+                            raise img._err(f"directory nid {d.nid} linked more than once "
+                                           "(loop or hard-linked directory)")
+                        visited.add(d.nid)
+                        self._enter(f, d.name, ino)
+                    else:
+                        self._extract_one(f, d.name, ino)
+                except ErofsToolsError as e:
+                    raise _with_path(img, self.path(d.name), e) from None
                 continue
+            # every child done: up to the parent first (needs search permission on f),
+            # then the directory's own metadata, mtime last
+            frames.pop()
+            if frames and frames[-1].fd is None:
+                frames[-1].fd = os.open("..", O_DIR, dir_fd=f.fd)
             try:
-                _extract_one(img, path, ino, dfds, root_fd, done, dirs, warnings, root, budget)
+                self._apply_meta(f.ino, f.fd, lambda: self.path(f.name))
+                os.utime(f.fd, ns=(_mtime_ns(img, f.ino),) * 2)
             except ErofsToolsError as e:
-                raise _with_path(img, path, e) from None
-        # directories: children first (deepest paths last in walk order -> reverse)
-        for rel, ino in reversed(dirs):
-            fd = os.open(rel or ".", O_DIR, dir_fd=root_fd) if rel else os.dup(root_fd)
+                raise _with_path(img, self.path(f.name), e) from None
+            finally:
+                os.close(f.fd)
+
+    def _enter(self, f, name, ino):
+        os.mkdir(name, 0o700, dir_fd=f.fd)
+        fd = os.open(name, O_DIR, dir_fd=f.fd)
+        try:
+            ents = self._children(ino, f.ino.nid)
+        except BaseException:
+            os.close(fd)
+            raise
+        key = len(self.dirs)
+        self.dirs.append((f.key, name))
+        self.frames.append(_Frame(ino, key, ents, fd, name))
+        if len(self.frames) > FD_WINDOW:
+            old = self.frames[-FD_WINDOW - 1]
+            if old.fd is not None:
+                os.close(old.fd)
+                old.fd = None
+
+    def _apply_meta(self, ino, fd, where):
+        if self.root:
             try:
-                _apply_meta(img, ino, fd, b"/" + rel, warnings, root)
+                os.fchown(fd, ino.uid, ino.gid)
+            except OSError as e:
+                self.warnings.append(f"{_show(where())}: chown failed ({e.strerror})")
+        os.fchmod(fd, _stat.S_IMODE(ino.mode))
+        _set_xattrs(self.img, ino, fd, True, self.warnings, where)
+
+    def _extract_one(self, f, name, ino):
+        img, pfd, root = self.img, f.fd, self.root
+        first = self.links.get(ino.nid)
+        if first is not None:
+            sfd = self._dir_fd(first[0])
+            try:
+                os.link(first[1], name, src_dir_fd=sfd, dst_dir_fd=pfd,
+                        follow_symlinks=False)
+            finally:
+                os.close(sfd)
+            return
+        self.links[ino.nid] = (f.key, name)
+        where = lambda: self.path(name)  # noqa: E731
+        mode = _stat.S_IMODE(ino.mode)
+        if ino.is_reg():
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o600, dir_fd=pfd)
+            try:
+                _write_file(img, ino, fd, self.budget)
+                self._apply_meta(ino, fd, where)
                 os.utime(fd, ns=(_mtime_ns(img, ino),) * 2)
             finally:
                 os.close(fd)
+        elif ino.is_lnk():
+            target = img.readlink(ino)
+            os.symlink(target, name, dir_fd=pfd)
+            if root:
+                os.chown(name, ino.uid, ino.gid, dir_fd=pfd, follow_symlinks=False)
+            _set_xattrs(img, ino, f"/proc/self/fd/{pfd}/{os.fsdecode(name)}", False,
+                        self.warnings, where)
+            os.utime(name, ns=(_mtime_ns(img, ino),) * 2, dir_fd=pfd,
+                     follow_symlinks=False)
+        else:
+            if ino.is_dev():
+                if not root:
+                    self.warnings.append(f"{_show(where())}: device node skipped (not root)")
+                    self.links.pop(ino.nid, None)
+                    return
+                dev = os.makedev(*ino.rdev)
+            else:
+                dev = 0
+            os.mknod(name, ino.ftype | 0o600, dev, dir_fd=pfd)
+            fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+            try:
+                proc = f"/proc/self/fd/{fd}"
+                if root:
+                    os.chown(proc, ino.uid, ino.gid)
+                os.chmod(proc, mode)
+                _set_xattrs(img, ino, proc, True, self.warnings, where)
+                os.utime(proc, ns=(_mtime_ns(img, ino),) * 2)
+            finally:
+                os.close(fd)
+
+    def close(self):
+        for f in self.frames:
+            if f.fd is not None:
+                os.close(f.fd)
+        self.frames.clear()
+        os.close(self.root_fd)
+
+
+def _extract(img: Image, tmp, warnings, budget):
+    x = _Extraction(img, tmp, warnings, budget)
+    try:
+        x.run()
     except OSError as e:
         if e.errno in (errno.EEXIST,):
-            raise ErofsToolsError(f"{img.name}: duplicate name while extracting ({e})") from None
+            raise ErofsToolsError(f"{img.name}: duplicate name while extracting "
+                                  f"({e.strerror})") from None
         raise
     finally:
-        dfds.close()
-        os.close(root_fd)
+        x.close()
 
 
 class _DataReader(io.RawIOBase):
@@ -279,6 +416,9 @@ def unpack_to_tar(img: Image, fileobj, warnings=None, limit=None):
                 _tar_one(img, tf, path, ino, done, warnings, budget)
             except ErofsToolsError as e:
                 raise _with_path(img, path, e) from None
+            # tarfile keeps every TarInfo written (for getmembers); a stream writer
+            # never needs them, and a deep tree's names add up quadratically
+            tf.members.clear()
     return warnings
 
 
@@ -320,7 +460,7 @@ def _tar_one(img, tf, path, ino, done, warnings, budget):
     else:
         warnings.append(f"{os.fsdecode(path)}: socket skipped (tar cannot hold it)")
         return
-    if not ino.is_dir():
-        done.setdefault(ino.nid, name)
+    if not ino.is_dir() and ino.nlink > 1:     # names of deep trees are long: only
+        done.setdefault(ino.nid, name)           # what a later hardlink can name
     ti.pax_headers = pax
     tf.addfile(ti, fobj)

@@ -282,7 +282,7 @@ def convert(src_ref, dst_ref, *, insecure=None, chunk_dicts=(), platform=None,
             stream = src.open_layer(desc)
             try:
                 r = pack_tar(stream, boot, blob_dir, opts, source_type="auto",
-                             whiteout_spec="oci")
+                             whiteout_spec="oci", mark_implied=True)
                 stream.finish()
             finally:
                 stream.close()

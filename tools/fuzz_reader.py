@@ -1,6 +1,9 @@
 """Mutation fuzzer for the reader, check, unpack, inspect and stat.
 
-    python -m erofs_tools.reader.fuzz --cases 20000 --jobs 2 [--seed S] [--json]
+    python tools/fuzz_reader.py --cases 20000 --jobs 2 [--seed S] [--json]
+
+A tool, not part of the library: it drives the builder (seed images) and the reader,
+so it sits above both layers (DEVELOPING.md).
 
 Seeds are small, valid images with their blobs (the Nydus test vectors, mkfs.erofs
 images when erofs-utils is installed, our own mkfs and pack output). Each case applies
@@ -53,7 +56,7 @@ class Seed:
 def _nydus_dir():
     here = os.path.dirname(os.path.abspath(__file__))
     for cand in (os.environ.get("EROFS_TOOLS_NYDUS_TESTDATA"),
-                 os.path.join(here, "..", "..", "..", "shared", "testdata", "nydus"),
+                 os.path.join(here, "..", "..", "shared", "testdata", "nydus"),
                  "/work/shared/testdata/nydus"):
         if cand and os.path.isdir(cand):
             return cand
@@ -512,7 +515,7 @@ def run(cases, jobs=2, seed=0, timeout=10.0, mem=1024, only=None, progress=None)
         def run_range(start, count):
             end = start + count
             while start < end:
-                cmd = [sys.executable, "-m", "erofs_tools.reader.fuzz", "--worker",
+                cmd = [sys.executable, os.path.abspath(__file__), "--worker",
                        "--corpus", corpus, "--start", str(start), "--count", str(end - start),
                        "--seed", str(seed), "--timeout", str(timeout), "--mem", str(mem),
                        "--tmp", tmp]

@@ -1,0 +1,194 @@
+"""Tar layer input streams: plain, gzip (multi-member) or zstd, by magic or by name;
+decompression runs on its own thread a few MiB ahead of the parser (zlib and zstd
+release the GIL). Every read is bounded by the caller (`tar_reader._Reader`)."""
+import os
+import sys
+import zlib
+
+from erofs_tools.errors import ErofsToolsError, InputError
+
+SOURCE_TYPES = ("tar", "targz", "tarzst", "auto")
+
+
+class _Gunzip:
+    """read(n) -> up to n decompressed bytes of a (multi-member) gzip stream."""
+
+    def __init__(self, f):
+        self.f = f
+        self.d = zlib.decompressobj(31)
+        self.tail = b""
+        self.fed = False
+        self.done = False
+
+    def read(self, n):
+        n = max(n, 1)
+        while not self.done:
+            inp = self.tail
+            if not inp:
+                inp = self.f.read(256 << 10)
+                if not inp:
+                    if self.fed:
+                        raise InputError("truncated gzip stream")
+                    self.done = True
+                    break
+            if not self.fed:
+                if self.d_is_padding(inp):
+                    self.tail = b""
+                    continue
+                self.fed = True
+            try:
+                out = self.d.decompress(inp, n)
+            except zlib.error as e:
+                raise InputError(f"bad gzip data: {e}") from None
+            self.tail = self.d.unconsumed_tail
+            if self.d.eof:           # next member (or padding / end)
+                rest = self.d.unused_data
+                self.d = zlib.decompressobj(31)
+                self.fed = False
+                self.tail = rest
+            if out:
+                return out
+        return b""
+
+    @staticmethod
+    def d_is_padding(inp):
+        return not inp.strip(b"\0")
+
+
+class _Unzstd:
+    def __init__(self, f):
+        import zstandard
+        self.r = zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True)
+
+    def read(self, n):
+        try:
+            return self.r.read(max(n, 1))
+        except Exception as e:        # zstandard.ZstdError
+            raise InputError(f"bad zstd data: {e}") from None
+
+
+class _Prefetch:
+    """Run a decompressing stream on its own thread (zlib and zstd release the GIL), a
+    few 1 MiB pieces ahead of the parser; read(n) -> up to n bytes."""
+
+    PIECE = 1 << 20
+
+    def __init__(self, inner, depth=8):
+        import queue
+        import threading
+        self.q = queue.Queue(maxsize=depth)
+        self.buf = b""
+        self.pos = 0
+        self.done = False
+        self.stop = threading.Event()
+        self.t = threading.Thread(target=self._run, args=(inner,), daemon=True,
+                                  name="erofs-untar-inflate")
+        self.t.start()
+
+    def _run(self, inner):
+        import queue
+        try:
+            while not self.stop.is_set():
+                piece = inner.read(self.PIECE)
+                item = piece
+                while not self.stop.is_set():
+                    try:
+                        self.q.put(item, timeout=0.2)
+                        break
+                    except queue.Full:
+                        continue
+                if not piece:
+                    return
+        except BaseException as e:
+            try:
+                self.q.put(e, timeout=5)
+            except Exception:
+                pass
+
+    def read(self, n):
+        if self.pos >= len(self.buf):
+            if self.done:
+                return b""
+            item = self.q.get()
+            if isinstance(item, BaseException):
+                self.done = True
+                if isinstance(item, ErofsToolsError):
+                    raise item
+                raise InputError(f"cannot read the tar stream: {item}") from None
+            if not item:
+                self.done = True
+                return b""
+            self.buf, self.pos = item, 0
+        out = self.buf[self.pos:self.pos + n] if (self.pos or n < len(self.buf)) else self.buf
+        self.pos += len(out)
+        return out
+
+    def close(self):
+        self.stop.set()
+        import queue
+        try:
+            while True:
+                self.q.get_nowait()
+        except queue.Empty:
+            pass
+        # wait for the thread: after close() the caller may read the underlying stream
+        # itself (convert reads the rest of a layer to check its digest)
+        self.t.join()
+
+
+def detect_type(head):
+    if head[:2] == b"\x1f\x8b":
+        return "targz"
+    if head[:4] == b"\x28\xb5\x2f\xfd":
+        return "tarzst"
+    return "tar"
+
+
+class _Peek:
+    """A raw binary stream with its first bytes peeked (for type detection)."""
+
+    def __init__(self, f, n=4):
+        self.f = f
+        self.head = f.read(n)
+
+    def read(self, n=-1):
+        if self.head:
+            h, self.head = self.head, b""
+            if n is None or n < 0:
+                return h + self.f.read()
+            if n <= len(h):
+                self.head = h[n:]
+                return h[:n]
+            return h + self.f.read(n - len(h))
+        return self.f.read(n)
+
+
+def open_stream(f, source_type="auto"):
+    """Wrap a raw binary stream by type -> object with read(n)."""
+    if source_type not in SOURCE_TYPES:
+        raise InputError(f"unknown source type {source_type!r}")
+    if source_type == "auto":
+        f = _Peek(f)
+        source_type = detect_type(f.head)
+    elif source_type == "tar":
+        f = _Peek(f)
+        kind = detect_type(f.head)
+        if kind != "tar":
+            raise InputError(f"input is {'gzip' if kind == 'targz' else 'zstd'}-compressed: "
+                             f"use --type {kind}")
+    if source_type == "targz":
+        return _Prefetch(_Gunzip(f))
+    if source_type == "tarzst":
+        return _Prefetch(_Unzstd(f))
+    return f
+
+
+def open_source(source):
+    """SOURCE path or '-' -> (raw binary stream, closer)."""
+    if source == "-" or source == b"-":
+        return sys.stdin.buffer, (lambda: None)
+    try:
+        f = open(source, "rb")
+    except OSError as e:
+        raise InputError(f"{os.fsdecode(source)}: {e.strerror}") from None
+    return f, f.close

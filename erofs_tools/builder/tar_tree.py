@@ -1,0 +1,252 @@
+"""The in-memory tree of a tar layer: entries placed by the rules of docs/tar.md
+(normalized paths, no traversal through symlinks or files, the later duplicate wins,
+hardlinks to earlier entries, OCI whiteouts and opaque markers, implied parents), then
+emitted into the C node-graph builder."""
+import stat
+
+from erofs_tools.builder.tar_reader import _err, _show
+from erofs_tools.builder.whiteout import (IMPLIED_VALUE, IMPLIED_XATTR, OPAQUE_VALUE,
+                                          OPAQUE_XATTR, classify)
+from erofs_tools.errors import ErofsToolsError, FormatLimitError, InputError
+
+WHITEOUT_SPECS = ("oci", "overlayfs", "none")
+MAX_SYMLINK = 4095
+
+
+class TNode:
+    __slots__ = ("mode", "uid", "gid", "mtime", "nsec", "size", "rdev", "xattrs",
+                 "target", "children", "key", "opaque", "implied")
+
+    def __init__(self, mode, uid=0, gid=0, mtime=0, nsec=0):
+        self.mode = mode
+        self.uid = uid
+        self.gid = gid
+        self.mtime = mtime
+        self.nsec = nsec
+        self.size = 0
+        self.rdev = (0, 0)
+        self.xattrs = {}
+        self.target = None
+        self.children = {} if stat.S_ISDIR(mode) else None
+        self.key = None
+        self.opaque = False
+        # a directory with no entry of its own (a parent of entries, or the root without
+        # './'): merge keeps the metadata of the layers below for it (docs/tar.md)
+        self.implied = False
+
+    def is_dir(self):
+        return self.children is not None
+
+
+def _split(path, what):
+    parts = []
+    for c in path.split(b"/"):
+        if c in (b"", b"."):
+            continue
+        if c == b"..":
+            raise _err(f"{_show(what)}: path contains '..'")
+        parts.append(c)
+    return parts
+
+
+class TarTree:
+    """Build the image tree from tar entries (see the module docstring for the rules)."""
+
+    def __init__(self, whiteout_spec="oci", timestamp=None, mark_implied=False):
+        if whiteout_spec not in WHITEOUT_SPECS:
+            raise InputError(f"unknown whiteout spec {whiteout_spec!r} "
+                             "(choose oci, overlayfs or none)")
+        self.spec = whiteout_spec
+        self.timestamp = timestamp
+        t = timestamp or 0
+        self.root = TNode(stat.S_IFDIR | 0o755, 0, 0, t, 0)
+        self.root.implied = True
+        self.mark_implied = mark_implied
+        self.whiteouts = []        # (parent TNode, name, Entry)
+        self.next_key = 0
+        self.regular = []          # TNodes with data keys
+        self.entries = 0
+
+    def _parent(self, parts, what):
+        cur = self.root
+        for i, c in enumerate(parts):
+            nxt = cur.children.get(c)
+            if nxt is None:
+                nxt = TNode(stat.S_IFDIR | 0o755, 0, 0, self.timestamp or 0, 0)
+                nxt.implied = True
+                cur.children[c] = nxt
+            elif not nxt.is_dir():
+                kind = "a symlink" if stat.S_ISLNK(nxt.mode) else "not a directory"
+                raise _err(f"{_show(what)}: parent {_show(b'/'.join(parts[:i + 1]))} is "
+                           f"{kind}")
+            cur = nxt
+        return cur
+
+    def _lookup(self, parts):
+        cur = self.root
+        for c in parts:
+            if not cur.is_dir():
+                return None
+            cur = cur.children.get(c)
+            if cur is None:
+                return None
+        return cur
+
+    def _meta(self, node, e):
+        node.uid, node.gid = e.uid, e.gid
+        if not (0 <= e.uid < 1 << 32 and 0 <= e.gid < 1 << 32):
+            raise FormatLimitError(f"{_show(e.name)}: uid/gid {e.uid}/{e.gid} out of range")
+        if self.timestamp is not None:
+            node.mtime, node.nsec = self.timestamp, 0
+        elif e.mtime < 0:
+            node.mtime, node.nsec = 0, 0              # documented: clamped
+        else:
+            node.mtime, node.nsec = min(e.mtime, (1 << 63) - 1), e.mtime_nsec
+        node.xattrs = dict(e.xattrs)
+
+    def add(self, e):
+        """Place entry e; -> TNode whose data the caller must stream (regular files),
+        else None."""
+        t = e.type
+        if t in (b"0", b"\0", b"7") and e.name.endswith(b"/"):
+            t = b"5"              # v7 / old GNU: a "file" whose name ends in '/' is a dir
+        parts = _split(e.name, e.name)
+        self.entries += 1
+        if t in (b"V",):
+            return None
+        if t == b"M":
+            raise _err(f"{_show(e.name)}: multi-volume archives are not supported")
+        if not parts:
+            if t not in (b"5", b"D"):
+                raise _err(f"{_show(e.name)}: entry would replace the root directory")
+            self._meta(self.root, e)
+            self.root.mode = stat.S_IFDIR | e.mode
+            self.root.implied = False
+            return None
+        name = parts[-1]
+        if len(name) > 255:
+            raise FormatLimitError(f"{_show(e.name)}: name longer than 255 bytes")
+        kind, target = classify(name) if self.spec == "oci" else (None, None)
+        if self.spec == "oci" and any(classify(c)[0] == "meta" for c in parts[:-1]):
+            return None           # inside aufs metadata (.wh..wh.plnk/...): dropped
+        if kind is not None:
+            parent = self._parent(parts[:-1], e.name)
+            if kind == "opaque":
+                parent.opaque = True
+            elif kind == "whiteout":
+                self.whiteouts.append((parent, target, e))
+            return None
+        parent = self._parent(parts[:-1], e.name)
+        old = parent.children.get(name)
+        if t in (b"5", b"D"):
+            if old is not None and old.is_dir():
+                node = old
+            else:
+                node = TNode(stat.S_IFDIR | e.mode)
+                parent.children[name] = node
+            self._meta(node, e)
+            node.mode = stat.S_IFDIR | e.mode
+            node.implied = False
+            return None
+        if t == b"1":
+            tparts = _split(e.link, e.name)
+            target = self._lookup(tparts)
+            if target is None:
+                raise _err(f"{_show(e.name)}: hardlink target {_show(e.link)} is not in the "
+                           "archive before it")
+            if target.is_dir():
+                raise _err(f"{_show(e.name)}: hardlink to directory {_show(e.link)}")
+            parent.children[name] = target
+            return None
+        if t == b"2":
+            if not e.link or len(e.link) > MAX_SYMLINK:
+                raise _err(f"{_show(e.name)}: symlink target length {len(e.link)} "
+                           f"not in 1..{MAX_SYMLINK}")
+            node = TNode(stat.S_IFLNK | 0o777)
+            self._meta(node, e)
+            node.target = e.link
+            node.size = len(e.link)
+        elif t in (b"3", b"4"):
+            node = TNode((stat.S_IFCHR if t == b"3" else stat.S_IFBLK) | e.mode)
+            self._meta(node, e)
+            if not (0 <= e.devmajor <= 0xFFF and 0 <= e.devminor <= 0xFFFFF):
+                raise FormatLimitError(f"{_show(e.name)}: device number "
+                                       f"{e.devmajor}:{e.devminor} out of range")
+            node.rdev = (e.devmajor, e.devminor)
+        elif t == b"6":
+            node = TNode(stat.S_IFIFO | e.mode)
+            self._meta(node, e)
+        else:                         # '0', '\0', '7', 'S', and unknown (POSIX: regular)
+            node = TNode(stat.S_IFREG | e.mode)
+            self._meta(node, e)
+            node.size = e.realsize
+            node.key = self.next_key
+            self.next_key += 1
+            self.regular.append(node)
+        parent.children[name] = node
+        return node if node.key is not None else None
+
+    def finish(self):
+        """Apply OCI whiteouts and opaque markers (spec "oci")."""
+        done = set()
+        for parent, name, e in self.whiteouts:
+            if name in parent.children or (id(parent), name) in done:
+                continue          # the same layer has NAME: it wins over the whiteout
+            done.add((id(parent), name))
+            wh = TNode(stat.S_IFCHR)
+            self._meta(wh, e)
+            wh.xattrs = {}
+            parent.children[name] = wh
+        # opaque: set on nodes still in the tree
+        stack = [self.root]
+        while stack:
+            n = stack.pop()
+            if n.opaque:
+                n.xattrs[OPAQUE_XATTR] = OPAQUE_VALUE
+            stack.extend(c for c in n.children.values() if c.is_dir())
+
+    def emit(self, nb):
+        """Add the tree to NativeBuilder nb; -> {TNode key: node id}, has_xattrs."""
+        ids = {}
+        keys = {}
+        has_x = False
+
+        def add(n, path):
+            nonlocal has_x
+            nid = ids.get(id(n))
+            if nid is not None:
+                return nid, False
+            try:
+                nid = nb.add_node(n.mode, n.uid, n.gid, n.mtime, n.nsec, n.size,
+                                  n.rdev[0], n.rdev[1])
+                if n.target is not None:
+                    nb.set_bytes(nid, n.target)
+                xattrs = n.xattrs
+                if n.implied and self.mark_implied:
+                    xattrs = {**xattrs, IMPLIED_XATTR: IMPLIED_VALUE}
+                for k in sorted(xattrs):
+                    nb.add_xattr(nid, k, xattrs[k])
+                    has_x = True
+            except ErofsToolsError as ex:
+                raise type(ex)(f"{_show(path) or '/'}: {ex}") from None
+            ids[id(n)] = nid
+            if n.key is not None:
+                keys[n.key] = nid
+            return nid, True
+
+        root, _ = add(self.root, b"/")
+        nb.set_root(root)
+        stack = [(self.root, root, b"")]
+        while stack:
+            d, did, dpath = stack.pop()
+            for name in sorted(d.children):
+                c = d.children[name]
+                path = dpath + b"/" + name
+                cid, new = add(c, path)
+                try:
+                    nb.add_child(did, name, cid)
+                except ErofsToolsError as ex:
+                    raise type(ex)(f"{_show(path)}: {ex}") from None
+                if new and c.is_dir():
+                    stack.append((c, cid, path))
+        return ids, keys, has_x
