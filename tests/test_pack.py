@@ -520,23 +520,6 @@ def test_nydus_vector_as_chunk_dict(tmp_path):
         mount_and_compare(tmp_path / "boot", os.path.join(vec, "blobs"), src, tmp_path)
 
 
-@pytest.mark.parametrize("prefetch", [None, ["/small", "/bigdir"]])
-def test_native_patch_api_same_bytes(rich, tmp_path, monkeypatch, prefetch):
-    """The post-layout tables given to the C core give the same bootstrap as patching
-    them into the written file (the fallback for C cores without that API)."""
-    import erofs_tools.builder.rafs as rafs_mod
-    if not rafs_mod._native_has_patch_api():
-        pytest.skip("C core without put_bytes-after-layout / set_device / set_sb_blocks")
-    outs = []
-    for api in (True, False):
-        monkeypatch.setattr(rafs_mod, "USE_NATIVE_PATCH_API", api)
-        o = tmp_path / f"o{api}"
-        o.mkdir()
-        boot, _, _ = do_pack(rich, o, chunk_size=65536, prefetch=prefetch)
-        outs.append(open(boot, "rb").read())
-    assert outs[0] == outs[1]
-
-
 def test_missing_blob_dir_is_created(tmp_path):
     src = tmp_path / "src"
     src.mkdir()

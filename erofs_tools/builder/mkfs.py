@@ -11,7 +11,6 @@ compact (32 bytes); every other inode is extended and carries its own mtime.
 """
 import os
 import stat
-import tempfile
 import time
 import uuid as _uuid
 
@@ -19,6 +18,7 @@ from erofs_tools._native import BuildOptions, NativeBuilder
 from erofs_tools.builder.options import MkfsOptions
 from erofs_tools.builder.tree import TreeWalker
 from erofs_tools.errors import InputError
+from erofs_tools.fsutil import atomic_output
 
 
 def _inside(path, directory):
@@ -64,11 +64,12 @@ def mkfs(image, source, opts=None, progress=None):
     image = os.fsdecode(os.fspath(image))
     source = os.fsdecode(os.fspath(source))
     check_paths(image, source)
-    parent = os.path.dirname(os.path.abspath(image))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(image) + ".", suffix=".tmp",
-                               dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
     nb = None
-    try:
+    # like mkfs.erofs, no fsync of the image: the rename still never exposes a partial one
+    with atomic_output(image, mode=0o666 & ~umask, fsync=False) as f:
+        fd = f.fileno()
         try:
             nb = NativeBuilder(build_options(opts))
             # file data is copied by a C thread while Python walks the tree
@@ -82,20 +83,9 @@ def mkfs(image, source, opts=None, progress=None):
             if progress:
                 wp = lambda done, left: progress.write(info.inodes - left, info.inodes)  # noqa: E731
             nb.write(fd, progress=wp)
-            umask = os.umask(0)
-            os.umask(umask)
-            os.fchmod(fd, 0o666 & ~umask)
         finally:
             if nb is not None:
                 nb.close()          # stops the copy thread before fd is closed
-            os.close(fd)
-        os.replace(tmp, image)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
     if progress:
         progress.done()
     return {

@@ -18,30 +18,28 @@ Steps:
 Some of the bootstrap depends on the layout (the chunk info table appended after
 everything the C core wrote, its offset in the ext superblock, the prefetch nids, the
 device slots' mapped_blkaddr which follows the final bootstrap size, sb.blocks = sum of
-the blob blocks, 0 without blobs). A C core with put_bytes-after-layout, set_device and
-set_sb_blocks takes them before writing; with an older one they are patched into the
-written file (same bytes; USE_NATIVE_PATCH_API).
+the blob blocks, 0 without blobs): the C core takes them after layout and before
+writing (put_bytes after layout, set_device, set_sb_blocks).
 """
 import gc
 import itertools
 import os
 import stat
 import struct
-import tempfile
 import time
 from dataclasses import dataclass, field
 
 from erofs_tools._native import BuildOptions, NativeBuilder
-from erofs_tools.builder.blob import BLKSZ, BlobWriter, round_up
+from erofs_tools.builder.blob import BLKSZ, BlobWriter
 from erofs_tools.builder.chunk_dict import ChunkDict
-from erofs_tools.builder.chunker import (COMPRESSORS, DIGESTERS, ChunkPipeline,
-                                         check_chunk_size)
+from erofs_tools.builder.chunker import COMPRESSORS, DIGESTERS, ChunkPipeline, check_chunk_size
 from erofs_tools.builder.mkfs import check_paths
 from erofs_tools.builder.options import MkfsOptions
 from erofs_tools.builder.tree import TreeWalker
 from erofs_tools.errors import InputError
 from erofs_tools.format import erofs as E
 from erofs_tools.format import rafs as R
+from erofs_tools.fsutil import atomic_output, round_up
 
 ROOT_NID = R.ROOT_NID
 
@@ -418,9 +416,6 @@ def write_bootstrap(nb, walker, bootstrap, opts, cdict, new_info, per_node, file
         nb.put_bytes(blob_off, blob_table)
     if prefetch_nodes:
         nb.put_bytes(prefetch_off, bytes(4 * len(prefetch_nodes)))
-    api = USE_NATIVE_PATCH_API and _native_has_patch_api()
-    if not api:
-        nb.put_bytes(R.EXT_SUPER_OFFSET, bytes(R.ExtSuperBlock.SIZE))   # patched below
     info = nb.layout()
     if info.root_nid != ROOT_NID:
         raise AssertionError(f"root nid {info.root_nid}, expected {ROOT_NID}")
@@ -443,44 +438,26 @@ def write_bootstrap(nb, walker, bootstrap, opts, cdict, new_info, per_node, file
 
     seg = R.BLOCK_SEG_ALIGNMENT
     sb_blocks = sum(b.blocks for b in blobs)
-    if api:
-        # everything through the C core: tables below the first inode, the chunk info
-        # table appended at the image end, device slots and sb.blocks set after layout
-        nb.put_bytes(R.EXT_SUPER_OFFSET, ext.encode())
-        if prefetch_nodes:
-            nb.put_bytes(prefetch_off,
-                         b"".join(nb.nid(n).to_bytes(4, "little") for n in prefetch_nodes))
-        if ctable:
-            nb.put_bytes(ctable_off, bytes(ctable))
-            if nb.refresh_info().image_size != total:
-                raise AssertionError("C core placed the chunk info table elsewhere")
-        pos = round_up(total, seg)
-        for i, b in enumerate(blobs):
-            nb.set_device(i + 1, b.blocks, pos // BLKSZ)
-            pos = round_up(pos + b.uncompressed_size, seg)
-        nb.set_sb_blocks(sb_blocks)
+    # the tables below the first inode, the chunk info table appended at the image end,
+    # device slots and sb.blocks, all given to the C core after layout
+    nb.put_bytes(R.EXT_SUPER_OFFSET, ext.encode())
+    if prefetch_nodes:
+        nb.put_bytes(prefetch_off,
+                     b"".join(nb.nid(n).to_bytes(4, "little") for n in prefetch_nodes))
+    if ctable:
+        nb.put_bytes(ctable_off, bytes(ctable))
+        if nb.refresh_info().image_size != total:
+            raise AssertionError("C core placed the chunk info table elsewhere")
+    pos = round_up(total, seg)
+    for i, b in enumerate(blobs):
+        nb.set_device(i + 1, b.blocks, pos // BLKSZ)
+        pos = round_up(pos + b.uncompressed_size, seg)
+    nb.set_sb_blocks(sb_blocks)
 
-    parent = os.path.dirname(os.path.abspath(bootstrap))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(bootstrap) + ".", suffix=".tmp",
-                               dir=parent)
-    try:
-        try:
-            nb.write(fd)
-            if not api:
-                _patch_written(fd, nb, ext, prefetch_nodes, prefetch_off, total, blobs,
-                               sb_blocks, ctable, ctable_off)
-            umask = os.umask(0)
-            os.umask(umask)
-            os.fchmod(fd, 0o666 & ~umask)
-        finally:
-            os.close(fd)
-        os.replace(tmp, bootstrap)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    umask = os.umask(0)
+    os.umask(umask)
+    with atomic_output(bootstrap, mode=0o666 & ~umask) as f:
+        nb.write(f.fileno())
     return PackResult(
         bootstrap=bootstrap, bootstrap_size=total, inodes=info.inodes,
         blobs=[dict(b.as_dict(), blob_index=i, new=(b is new_info))
@@ -489,46 +466,6 @@ def write_bootstrap(nb, walker, bootstrap, opts, cdict, new_info, per_node, file
         chunk_size=opts.chunk_size, compressor=opts.compressor, digester=opts.digester,
         chunk_info_entries=len(ctable) // R.ChunkInfo.SIZE,
         prefetch_entries=len(prefetch_nodes))
-
-
-# The C core can take the post-layout parts itself (put_bytes after layout, set_device,
-# set_sb_blocks); older builds of it cannot, and then they are patched into the written
-# file. Both give the same bytes (tests/test_pack.py checks).
-USE_NATIVE_PATCH_API = True
-
-
-def _native_has_patch_api():
-    from erofs_tools import _native
-    lib = getattr(_native, "lib", None)
-    return (all(hasattr(NativeBuilder, m) for m in ("set_device", "set_sb_blocks",
-                                                     "refresh_info"))
-            and lib is not None and hasattr(lib, "erofs_builder_set_device")
-            and hasattr(lib, "erofs_builder_info"))
-
-
-def _patch_written(fd, nb, ext, prefetch_nodes, prefetch_off, total, blobs, sb_blocks,
-                   ctable, ctable_off):
-    """Write the post-layout parts into an image the C core has written."""
-    os.pwrite(fd, ext.encode(), R.EXT_SUPER_OFFSET)
-    if prefetch_nodes:
-        nids = b"".join(nb.nid(n).to_bytes(4, "little") for n in prefetch_nodes)
-        os.pwrite(fd, nids, prefetch_off)
-    # device slots: mapped_blkaddr 512 KiB-aligned after the bootstrap
-    seg = R.BLOCK_SEG_ALIGNMENT
-    pos = round_up(total, seg)
-    mapped = field_offset(E.DeviceSlot, "mapped_blkaddr")
-    for i, b in enumerate(blobs):
-        os.pwrite(fd, (pos // BLKSZ).to_bytes(4, "little"),
-                  R.DEVT_OFFSET + E.DeviceSlot.SIZE * i + mapped)
-        pos = round_up(pos + b.uncompressed_size, seg)
-    os.pwrite(fd, sb_blocks.to_bytes(4, "little"),
-              E.SUPER_OFFSET + field_offset(E.SuperBlock, "blocks"))
-    # nydusd wants devt_slotoff 11 even with no device (older C cores write 0 then)
-    os.pwrite(fd, R.DEVT_SLOTOFF.to_bytes(2, "little"),
-              E.SUPER_OFFSET + field_offset(E.SuperBlock, "devt_slotoff"))
-    if ctable:
-        os.pwrite(fd, bytes(ctable), ctable_off)
-    os.ftruncate(fd, total)
 
 
 def field_offset(record, name: str) -> int:
