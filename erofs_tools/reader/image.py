@@ -10,12 +10,13 @@ from __future__ import annotations
 import mmap
 import os
 import stat as _stat
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 from erofs_tools.errors import CorruptImageError
 from erofs_tools.format import erofs as E
 from erofs_tools.format import rafs as R
 from erofs_tools.fsutil import round_up
+from erofs_tools.reader.chunkrefs import ChunkList, ChunkRef  # noqa: F401 (re-exported)
 
 MAX_SYMLINK = 4095
 MAX_BLOCK_BITS = 16        # we read 512 B .. 64 KiB blocks; the kernel stops at PAGE_SIZE
@@ -26,26 +27,6 @@ MAX_CHUNK_BITS = 48
 
 def _cstr(b):
     return bytes(b).split(b"\0", 1)[0]
-
-
-class ChunkRef(NamedTuple):
-    """One entry of a chunk-based inode's index array, as the kernel maps it."""
-    index: int             # chunk number within the file
-    file_offset: int       # logical start in the file
-    length: int            # logical bytes (the last chunk is short)
-    device: int            # 0 primary, N = device-table slot N-1 (masked as the kernel does)
-    blkaddr: int           # block address on that device; NULL_ADDR = hole
-    raw_device_id: int     # device_id field as stored (nydus packs CI index bits in it)
-    advise: int            # advise field as stored (nydus: CI index bits 0-15)
-
-    @property
-    def hole(self):
-        return self.blkaddr == E.NULL_ADDR
-
-    @property
-    def ci_index(self):
-        """Nydus chunk-info index packed in advise + device_id high byte."""
-        return self.advise | ((self.raw_device_id >> 8) << 16)
 
 
 class Inode:
@@ -387,23 +368,7 @@ class Image:
             raise self._err(f"inode {ino.nid}: {count} chunk indexes do not fit in the image "
                             f"(size {ino.size}, chunk {csize})")
         raw = self.read(start, count * unit, f"inode {ino.nid} chunk indexes")
-        out = []
-        ndev = len(self.devices)
-        for k in range(count):
-            fo = k << bits
-            length = min(csize, ino.size - fo)
-            if unit == 8:
-                advise = int.from_bytes(raw[8 * k:8 * k + 2], "little")
-                devid = int.from_bytes(raw[8 * k + 2:8 * k + 4], "little")
-                blk = int.from_bytes(raw[8 * k + 4:8 * k + 8], "little")
-                dev = devid & self.device_id_mask
-            else:
-                advise = devid = dev = 0
-                blk = int.from_bytes(raw[4 * k:4 * k + 4], "little")
-            if blk != E.NULL_ADDR and dev > ndev:
-                raise self._err(f"inode {ino.nid}: chunk {k} on device {dev}, image has {ndev}")
-            out.append(ChunkRef(k, fo, length, dev, blk, devid, advise))
-        return out
+        return ChunkList(self, ino, raw, unit, bits, count)
 
     def map_data(self, ino):
         """Yield extents (file_offset, length, device, physical_offset) covering the
@@ -439,15 +404,24 @@ class Image:
                 raise self._err(f"inode {ino.nid}: inline data outside the image")
             yield full, tail, 0, toff
         elif ino.layout == E.LAYOUT_CHUNK_BASED:
+            hole_start = hole_len = 0
             for c in self.chunks(ino):
                 if c.hole:
-                    yield c.file_offset, c.length, None, None
+                    # one extent per run of holes: a sparse file may have millions
+                    if not hole_len:
+                        hole_start = c.file_offset
+                    hole_len += c.length
                     continue
+                if hole_len:
+                    yield hole_start, hole_len, None, None
+                    hole_len = 0
                 base = c.blkaddr * bs
                 if c.device == 0 and base + c.length > self.size:
                     raise self._err(
                         f"inode {ino.nid}: chunk {c.index} at block {c.blkaddr} outside the image")
                 yield c.file_offset, c.length, c.device, base
+            if hole_len:
+                yield hole_start, hole_len, None, None
         else:
             raise self._err(f"inode {ino.nid}: unsupported data layout {ino.layout_name}")
 
