@@ -7,6 +7,8 @@ a full-metadata tree comparison, fsck.erofs and mkfs wrappers.
     diffs = compare_trees(src, mnt)   [] when identical (content, mode, uid/gid, mtime ns,
                                    xattrs, hardlink groups, rdev, symlink targets)
     fsck(image)                    fsck.erofs --extract (reads every file), must pass
+    NYDUS_VECTORS                  tests/data/nydus: the Nydus-written test vectors
+                                   (in the repository, with their licences)
 """
 import contextlib
 import ctypes
@@ -14,6 +16,7 @@ import ctypes.util
 import errno
 import hashlib
 import os
+import pathlib
 import shutil
 import stat
 import subprocess
@@ -23,6 +26,8 @@ import tempfile
 import pytest
 
 CI = os.environ.get("EROFS_TOOLS_CI") == "1"
+DATA = pathlib.Path(__file__).resolve().parent / "data"
+NYDUS_VECTORS = DATA / "nydus"
 MS_RDONLY = 0x1
 MNT_DETACH = 0x2
 
