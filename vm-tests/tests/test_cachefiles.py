@@ -33,7 +33,7 @@ if IN_GUEST:
     from fscache_daemon.frontend import cachefiles as cf
 
 REPO = Path(__file__).resolve().parents[2]
-NYDUS = Path("/work/shared/testdata/nydus")
+NYDUS = REPO / "tests" / "data" / "nydus"
 log = logging.getLogger("test_cachefiles")
 
 
