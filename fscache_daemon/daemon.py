@@ -757,6 +757,12 @@ class Daemon:
         except (OSError, ValueError) as e:
             log.error("%s: unreadable (%s); starting without mounts", self.state_path, e)
             return
+        saved = state.get("frontend")
+        if saved and saved != self.frontend.name and state.get("mounts"):
+            # another front end cannot serve them: their readers would wait forever
+            raise DaemonError(f"{self.state_path}: {len(state['mounts'])} mount(s) made with "
+                              f"front end {saved}, this daemon runs {self.frontend.name}; "
+                              f"restart with --frontend {saved} or unmount them first")
         live = mounts.mounted_erofs() if self.frontend.name != "none" else None
         for m in state.get("mounts", []):
             mp = m.get("mountpoint")
