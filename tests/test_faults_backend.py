@@ -192,6 +192,33 @@ def test_registry_fault(env, sid, script, persistent, expect, bound, at_least):
     assert st == 200
 
 
+def test_short_fetch_deadline(env, tmp_path):
+    """`run --fetch-deadline` bounds one fetch's retrying: with Retry-After: 3600 on
+    every attempt (each wait capped at 30 s) a 2 s deadline gives the reader EIO within
+    seconds, where the default 60 s deadline takes minutes (the FAULTS_SLOW scenario)."""
+    img = env.images["a"]
+    d = DaemonProc(str(tmp_path / "d"), threads=4,
+                   extra=["--readahead", "0", "--fetch-deadline", "2"]).start()
+    try:
+        mnt = str(tmp_path / "mnt")
+        d.mount(img["boot"], mnt, f"registry:{env.proxy.host}/{img['repo']}:v1")
+        path, want = _take(env, "a")
+        path = os.path.join(mnt, os.path.relpath(path, env.mnt["a"]))
+        mark = env.proxy.mark()
+        env.proxy.always(("status", 503, 3600))
+        try:
+            r = timed_read(path, want, 120)
+        finally:
+            env.proxy.clear()
+        assert r.kind == "eio", (r, d.log(20))
+        assert r.elapsed < 15, r
+        assert [g for g in env.proxy.blob_gets(mark) if g.fault], "no fault was injected"
+        again = timed_read(path, want, 60)
+        assert again.kind == "ok", again
+    finally:
+        d.cleanup()
+
+
 def test_whole_images_correct_after_faults(env):
     """Runs after the scenarios: every byte of both images equals the source."""
     import helpers
