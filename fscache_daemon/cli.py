@@ -79,10 +79,13 @@ def cli():
 @click.option("--readahead", default="16M", show_default=True,
               help="Largest readahead window: data fetched ahead of a reader, in bytes "
                    "(windows start at 2M and double while the reader keeps up; 0: off).")
+@click.option("--fetch-deadline", type=click.FloatRange(0.1, 3600), default=None,
+              help="Seconds a registry blob read may spend retrying before the reader gets "
+                   "EIO (default 60).")
 @click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
 def run(cache_dir, api_sock, frontend, threads, batch_size, prefetch_rate, readahead,
-        log_level):
+        fetch_deadline, log_level):
     """Run the daemon in the foreground (logs to stderr).
 
     SIGTERM/SIGINT stop it cleanly: the API closes, chunk state is flushed, and mounts
@@ -96,7 +99,8 @@ def run(cache_dir, api_sock, frontend, threads, batch_size, prefetch_rate, reada
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(threadName)s %(name)s: %(message)s")
     d = Daemon(cache_dir, frontend=frontend, threads=threads, batch_size=_size(batch_size),
-               prefetch_rate=_size(prefetch_rate), readahead=_size(readahead))
+               prefetch_rate=_size(prefetch_rate), readahead=_size(readahead),
+               fetch_deadline=fetch_deadline)
     api = ApiServer(d, api_sock)
     stop = threading.Event()
 

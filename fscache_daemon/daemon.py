@@ -81,8 +81,9 @@ class Daemon(MountLifecycle):
     def __init__(self, cache_dir: str = DEFAULT_CACHE_DIR, *, frontend: str | Frontend = "auto",
                  threads: int = 8, batch_size: int = DEFAULT_BATCH_SIZE,
                  prefetch_rate: int = DEFAULT_PREFETCH_RATE, durable: bool = True,
-                 readahead: int = DEFAULT_READAHEAD):
+                 readahead: int = DEFAULT_READAHEAD, fetch_deadline: float | None = None):
         self.cache_dir = os.path.realpath(cache_dir)   # mount sources are recorded by it
+        self.fetch_deadline = fetch_deadline  # registry retrying per fetch (None: default)
         self.blob_dir = os.path.join(self.cache_dir, "blobs")
         self.boot_dir = os.path.join(self.cache_dir, "bootstraps")
         for d in (self.cache_dir, self.blob_dir, self.boot_dir):
@@ -167,6 +168,8 @@ class Daemon(MountLifecycle):
             if be is None:
                 kw = {k: options[k] for k in ("proxy", "mirror", "insecure") if
                       options.get(k) is not None}
+                if self.fetch_deadline is not None:
+                    kw["deadline"] = self.fetch_deadline
                 be = open_backend(spec, **kw)
                 self.backends[key] = be
             return be

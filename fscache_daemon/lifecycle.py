@@ -61,10 +61,15 @@ class MountLifecycle:
         an unmounted one whose superblock lives on comes back detached; the rest is
         forgotten."""
         try:
-            records = load_state(self.state_path)
+            saved, records = load_state(self.state_path)
         except DaemonError as e:
             log.error("%s; starting without mounts", e)
-            records = []
+            saved, records = None, []
+        if saved and saved != self.frontend.name and records:
+            # another front end cannot serve them: their readers would wait forever
+            raise DaemonError(f"{self.state_path}: {len(records)} mount(s) made with "
+                              f"front end {saved}, this daemon runs {self.frontend.name}; "
+                              f"restart with --frontend {saved} or unmount them first")
         kernel = self.frontend.name != "none"
         entries = mounts.mountinfo() if kernel else []
         live = mounts.erofs_instances() if kernel else set()

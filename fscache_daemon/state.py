@@ -113,16 +113,19 @@ def save_state(path: str, frontend: str, records: list[dict]) -> None:
     atomic_write_bytes(path, json.dumps(data, indent=1).encode(), mode=0o600)
 
 
-def load_state(path: str) -> list[dict]:
+def load_state(path: str) -> tuple[str | None, list[dict]]:
+    """(the front end the mounts were made with, the mount records) of mounts.json."""
     try:
         with open(path) as f:
             state = json.load(f)
     except FileNotFoundError:
-        return []
+        return None, []
     except (OSError, ValueError) as e:
         log.error("%s: unreadable (%s); starting without mounts", path, e)
-        return []
+        return None, []
     mounts = state.get("mounts") if isinstance(state, dict) else None
     if not isinstance(mounts, list):
         raise DaemonError(f"{path}: no mount list")
-    return [m for m in mounts if isinstance(m, dict)]
+    frontend = state.get("frontend")
+    return (frontend if isinstance(frontend, str) else None,
+            [m for m in mounts if isinstance(m, dict)])

@@ -60,6 +60,11 @@ _HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgra
         "proxy-authorization", "proxy-authenticate", "content-length"}
 
 
+# FAULTS_DISABLE=1 turns every FaultProxy into a plain proxy: the fault tests must then
+# fail (each asserts its faults happened), which is how that is demonstrated.
+DISABLED = os.environ.get("FAULTS_DISABLE") == "1"
+
+
 def env_int(name: str, default: int) -> int:
     try:
         return int(os.environ.get(name, default))
@@ -139,6 +144,11 @@ class FaultProxy:
         with self._lock:
             self._always = fault
 
+    def pending(self) -> int:
+        """Scripted faults not injected yet (a test asserts 0: every fault happened)."""
+        with self._lock:
+            return len(self._script)
+
     def clear(self) -> None:
         with self._lock:
             self._script.clear()
@@ -164,7 +174,9 @@ class FaultProxy:
         rng = h.headers.get("Range")
         fault = None
         with self._lock:
-            if self.match.search(line) and (rng or not self.ranged_only):
+            if DISABLED:
+                pass        # FAULTS_DISABLE=1: inject nothing (shows the tests notice)
+            elif self.match.search(line) and (rng or not self.ranged_only):
                 if self._script:
                     fault = self._script.pop(0)
                 elif self._always:

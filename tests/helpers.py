@@ -7,6 +7,8 @@ a full-metadata tree comparison, fsck.erofs and mkfs wrappers.
     diffs = compare_trees(src, mnt)   [] when identical (content, mode, uid/gid, mtime ns,
                                    xattrs, hardlink groups, rdev, symlink targets)
     fsck(image)                    fsck.erofs --extract (reads every file), must pass
+    NYDUS_VECTORS                  tests/data/nydus: the Nydus-written test vectors
+                                   (in the repository, with their licences)
 """
 import contextlib
 import ctypes
@@ -14,6 +16,7 @@ import ctypes.util
 import errno
 import hashlib
 import os
+import pathlib
 import shutil
 import stat
 import subprocess
@@ -23,6 +26,8 @@ import tempfile
 import pytest
 
 CI = os.environ.get("EROFS_TOOLS_CI") == "1"
+DATA = pathlib.Path(__file__).resolve().parent / "data"
+NYDUS_VECTORS = DATA / "nydus"
 MS_RDONLY = 0x1
 MNT_DETACH = 0x2
 
@@ -272,3 +277,52 @@ def mkfs_and_check(image, source, *args, ignore=(), content=True, exclude=(), do
         assert_same_tree(source, mnt, ignore=ignore, content=content, exclude=exclude,
                          check_nlink=check_nlink)
     return image
+
+
+# ------------------------------------------------------------ waiting on facts ----
+
+def wait_until(predicate, timeout=30.0, what="the condition", interval=0.005):
+    """Poll `predicate` until it returns a true value (returned); fail after `timeout` s.
+    For waiting on an observable fact instead of sleeping a guessed time."""
+    import time
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+def wchan(pid, tid=None):
+    """The kernel function task `pid` (thread `tid`) sleeps in ('' if running or gone)."""
+    path = f"/proc/{pid}/task/{tid}/wchan" if tid else f"/proc/{pid}/wchan"
+    try:
+        with open(path) as f:
+            w = f.read().strip()
+    except OSError:
+        return ""
+    return "" if w == "0" else w
+
+
+def blocked_in_fanotify(pid, tid=None):
+    """True while the task waits for a fanotify permission/pre-content answer."""
+    return wchan(pid, tid).startswith("fanotify")
+
+
+def holder_status(sock):
+    """The fanotify fd holder's status (its "pending" is the events no daemon answered)."""
+    from fscache_daemon.frontend.fdholder import HolderChannel
+    ch = HolderChannel(os.fspath(sock), timeout=10)
+    try:
+        return ch.status()
+    finally:
+        ch.close()
+
+
+def wait_holder_pending(sock, at_least=1, timeout=30.0):
+    """Wait until the fd holder keeps at least `at_least` unanswered events: a reader is
+    then provably waiting for a daemon."""
+    return wait_until(lambda: holder_status(sock)["pending"] >= at_least, timeout,
+                      f"{at_least} pending event(s) in the fd holder at {sock}")

@@ -14,8 +14,12 @@ Each fixture yields a RegistryServer: ``.host`` ("127.0.0.1:PORT"), ``.url``,
 ``.username``/``.password`` (None without auth), ``.credentials``, ``.storage``,
 ``.blob_data_path(digest)`` (to corrupt stored data), ``.log_tail()``, ``.stop()``;
 ``registry_token`` also has ``.issuer`` (a TokenIssuer: counts requests, can issue
-expired or short-lived tokens). ``start_registry(dir, auth, tls=True)`` starts one
-serving HTTPS with a fresh self-signed certificate (``.ca_cert``). ``FlakyProxy`` sits in
+expired or short-lived tokens, and answers the OAuth2 refresh-token grant: POST /token
+with ``grant_type=refresh_token`` and one of ``.refresh_tokens``). ``start_registry(dir,
+auth, tls=True)`` starts one serving HTTPS with a fresh self-signed certificate
+(``.ca_cert``); ``redirect_to=URL`` makes the registry answer blob GETs with a redirect
+to URL + the blob's storage path (distribution's redirect middleware), e.g. a
+``StorageServer`` on another loopback address serving the registry's storage. ``FlakyProxy`` sits in
 front of a server and fails chosen requests (5xx, 429, dropped connections, lost answers,
 cut bodies) before forwarding; it also works as a forward HTTP proxy.
 
@@ -170,12 +174,17 @@ class TokenIssuer:
         self.actions = {"pull", "push", "delete", "*"}
         self.anonymous = False
         self.requests: list[tuple[str | None, list[str]]] = []
+        self.refresh_tokens: dict[str, str] = {}     # OAuth2 refresh token -> user
+        self.grants: list[dict] = []                 # the OAuth2 forms POSTed
         self._lock = threading.Lock()
         issuer = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):
                 issuer._handle(self)
+
+            def do_POST(self):
+                issuer._handle_oauth2(self)
 
             def log_message(self, *args):
                 pass
@@ -196,6 +205,25 @@ class TokenIssuer:
         ok = scheme == "Basic" and user == self.username and password == self.password
         return user if ok else False
 
+    def _handle_oauth2(self, h: http.server.BaseHTTPRequestHandler):
+        """The OAuth2 token endpoint (RFC 6749 s. 6): a refresh_token grant in a form."""
+        length = int(h.headers.get("Content-Length") or 0)
+        form = {k: v[0] for k, v in
+                urllib.parse.parse_qs(h.rfile.read(length).decode()).items()}
+        with self._lock:
+            self.grants.append(form)
+        user = self.refresh_tokens.get(form.get("refresh_token", ""))
+        if form.get("grant_type") != "refresh_token" or user is None:
+            body = json.dumps({"error": "invalid_grant"}).encode()
+            h.send_response(400)
+            h.send_header("Content-Type", "application/json")
+            h.send_header("Content-Length", str(len(body)))
+            h.end_headers()
+            h.wfile.write(body)
+            return
+        self._reply_token(h, user, form.get("scope", "").split(), form.get("service", ""),
+                          "access_token")
+
     def _handle(self, h: http.server.BaseHTTPRequestHandler):
         query = urllib.parse.parse_qs(urllib.parse.urlsplit(h.path).query)
         scopes = [s for v in query.get("scope", []) for s in v.split()]
@@ -210,13 +238,16 @@ class TokenIssuer:
             h.send_header("Content-Length", "0")
             h.end_headers()
             return
+        self._reply_token(h, user, scopes, query.get("service", [""])[0], "token", expired)
+
+    def _reply_token(self, h, user, scopes, service, key, expired=False):
         now = int(time.time())
         # The registry allows 60 s of clock skew: an "expired" token must be older.
         exp = now - 3600 if expired else now + max(self.expires_in, 1)
-        claims = {"iss": ISSUER, "sub": user or "", "aud": query.get("service", [""])[0],
+        claims = {"iss": ISSUER, "sub": user or "", "aud": service,
                   "exp": exp, "nbf": now - 10, "iat": now, "jti": secrets.token_hex(8),
                   "access": [self._grant(s) for s in scopes if s.startswith("repository:")]}
-        body = json.dumps({"token": self.signer.jwt(claims), "expires_in": self.expires_in,
+        body = json.dumps({key: self.signer.jwt(claims), "expires_in": self.expires_in,
                            "issued_at": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                       time.gmtime(now))}).encode()
         h.send_response(200)
@@ -347,7 +378,8 @@ def _htpasswd(path: str, user: str, password: str) -> None:
 
 
 def start_registry(workdir: str, auth: str = "none", extra_config: dict | None = None,
-                   attempts: int = 3, tls: bool = False) -> RegistryServer:
+                   attempts: int = 3, tls: bool = False,
+                   redirect_to: str | None = None) -> RegistryServer:
     """Start ``docker-registry serve`` on a free loopback port; ``auth`` is "none",
     "basic" (htpasswd) or "token" (Bearer, with a TokenIssuer); ``tls`` serves HTTPS
     with a fresh self-signed certificate (``.ca_cert``)."""
@@ -383,6 +415,9 @@ def start_registry(workdir: str, auth: str = "none", extra_config: dict | None =
             config["auth"] = auth_config
         if tls_cert:
             config["http"]["tls"] = {"certificate": tls_cert[0], "key": tls_cert[1]}
+        if redirect_to:
+            config["middleware"] = {"storage": [{"name": "redirect",
+                                                 "options": {"baseurl": redirect_to}}]}
         config.update(extra_config or {})
         config_path = os.path.join(workdir, "config.yml")
         with open(config_path, "w") as f:
@@ -432,6 +467,67 @@ def registry_token(tmp_path_factory):
     server = _fixture(tmp_path_factory, "token")
     yield server
     server.stop()
+
+
+# --- blob storage on another host ------------------------------------------------------
+
+
+class StorageServer:
+    """Serves a registry's storage directory over plain HTTP (GET/HEAD with one Range),
+    like an object store a registry redirects blob GETs to; binds `bind` (e.g.
+    127.0.0.2: another host as far as a client can tell). ``requests`` records
+    (method, path, Authorization header or None, Range or None)."""
+
+    def __init__(self, root: str, bind: str = "127.0.0.2"):
+        self.root = root
+        self.requests: list[tuple[str, str, str | None, str | None]] = []
+        store = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self):
+                store._serve(self)
+
+            do_HEAD = do_GET
+
+            def log_message(self, *args):
+                pass
+
+        self._server = http.server.ThreadingHTTPServer((bind, 0), Handler)
+        self._server.daemon_threads = True
+        self.url = f"http://{bind}:{self._server.server_address[1]}"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def _serve(self, h):
+        path = urllib.parse.urlsplit(h.path).path
+        self.requests.append((h.command, path, h.headers.get("Authorization"),
+                              h.headers.get("Range")))
+        full = os.path.realpath(os.path.join(self.root, path.lstrip("/")))
+        if not full.startswith(os.path.realpath(self.root) + os.sep) or \
+                not os.path.isfile(full):
+            h.send_response(404)
+            h.send_header("Content-Length", "0")
+            h.end_headers()
+            return
+        with open(full, "rb") as f:
+            data = f.read()
+        status, start, end = 200, 0, len(data)
+        m = re.fullmatch(r"bytes=(\d+)-(\d*)", h.headers.get("Range") or "")
+        if m:
+            status, start = 206, int(m.group(1))
+            end = min(len(data), int(m.group(2)) + 1) if m.group(2) else len(data)
+        h.send_response(status)
+        if status == 206:
+            h.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(data)}")
+        h.send_header("Content-Length", str(end - start))
+        h.end_headers()
+        if h.command == "GET":
+            h.wfile.write(data[start:end])
+
+    def stop(self):
+        self._server.shutdown()
+        self._server.server_close()
 
 
 # --- a proxy that fails on purpose ------------------------------------------------------

@@ -21,9 +21,12 @@ def test_ioctl_number():
     assert proto.IOC_READ_COMPLETE == 0x40049801
 
 
-def test_parse_open_recorded_bytes():
-    # An OPEN as the kernel sends it for `mount -t erofs none -o fsid=meta,domain_id=d1`:
-    # msg_id 3, object 1, volume key "erofs,d1\0" (9), cookie key "meta" (4), fd 7.
+def test_parse_open_bytes_from_uapi_layout():
+    # An OPEN laid out by hand from include/uapi/linux/cachefiles.h (struct
+    # cachefiles_msg + cachefiles_open) as the kernel would send it for `mount -t erofs
+    # none -o fsid=meta,domain_id=d1`: msg_id 3, object 1, volume key "erofs,d1\0" (9),
+    # cookie key "meta" (4), fd 7. Not captured from a kernel: the VM suite
+    # (vm-tests/tests/test_cachefiles.py) parses the kernel's own messages.
     raw = (struct.pack("<IIII", 3, 0, 32 + 9 + 4, 1) + struct.pack("<IIII", 9, 4, 7, 0)
            + b"erofs,d1\0" + b"meta")
     assert raw == proto.build_open(3, 1, b"erofs,d1", b"meta", 7)

@@ -10,7 +10,7 @@ import tarfile
 
 import pytest
 
-from helpers import compare_trees
+from helpers import NYDUS_VECTORS, compare_trees
 from registry_fixtures import registry, registry_basic, registry_token  # noqa: F401
 from test_tar_helpers import (E, layer_paths, make_oci_layout, mounted_rafs, pack_tar,
                               reference_rootfs, run_cli, sample_layers, tar_x, fix_root)
@@ -149,7 +149,7 @@ def test_index_in_index_out(tmp_path, registry):
 def test_push_and_pull_a_packed_layer(tmp_path, registry_basic):
     """pack (blob named by our own id) -> push (renamed to its digest) -> pull -> mount."""
     (tmp_path / "l.tar").write_bytes(
-        open("/work/shared/testdata/nydus/tar/all-entry-type.tar", "rb").read())
+        open(NYDUS_VECTORS / "tar" / "all-entry-type.tar", "rb").read())
     boot, blobs = tmp_path / "l.boot", tmp_path / "blobs"
     pack_tar(tmp_path / "l.tar", boot, blobs, "--whiteout-spec", "none")
     own = BootstrapTables.read(str(boot)).blobs[0].blob_id

@@ -15,6 +15,7 @@ from fscache_daemon.daemon import (Daemon, NullFrontend, PriorityPool, TokenBuck
                                    prometheus_text)
 from fscache_daemon.errors import DaemonError
 
+import helpers
 from test_daemon_support import pack, write_tree
 from test_storage_support import NYDUS_BLOB, NYDUS_BLOB_ID, NYDUS_BOOT
 
@@ -328,7 +329,12 @@ def test_file_aware_readahead(images, tmp_path):
         while mgr.missing(big[0], big[1] - big[0]) and time.monotonic() < deadline:
             time.sleep(0.01)
         assert not mgr.missing(big[0], big[1] - big[0])
-        time.sleep(0.2)
+        # readahead finished: no task queued or running, seen on three polls in a row (a
+        # task between the queue and the running count is invisible for an instant)
+        idle = []
+        helpers.wait_until(lambda: idle.append(d.pool._q.empty()
+                                               and d.pool.ondemand_pending() == 0)
+                           or idle[-3:] == [True] * 3, 10, "an idle worker pool")
         cached = [c for c in mgr.meta.chunks if mgr.cache.has(c)]
         assert all(big[0] <= c.uncompressed_offset < big[1] for c in cached)
         assert mgr.stats.snapshot()["readahead_bytes"] > 0

@@ -240,9 +240,8 @@ def test_writes_through_writer_fd_raise_no_events(workdir):
         wfd = w.mark(cache, "k")
         w.start()
         os.pwrite(wfd, b"a" * 4096, 0)  # opened before the mark: silent
-        time.sleep(0.2)
-        assert seen == []
-        # an fd opened after the mark raises an event for its own write
+        # an fd opened after the mark raises an event for its own write; events arrive
+        # in order, so that one being the only event seen proves the first was silent
         subprocess.run([sys.executable, "-c",
                         "import os,sys; fd=os.open(sys.argv[1],os.O_WRONLY);"
                         "os.pwrite(fd,b'b'*10,8192)", str(cache)], check=True, timeout=10)
@@ -271,9 +270,9 @@ def test_kernel_keeps_inflight_events_of_dead_reader(workdir):
         reader = _pread_child(cache, 0, 8)
         event_fd = int(dead.stdout.readline())
         dead.kill()
-        dead.wait()
-        time.sleep(0.3)
+        dead.wait()         # its group fd is closed by now: a release would have happened
         assert reader.poll() is None, "reader was released when the event reader died"
+        assert helpers.blocked_in_fanotify(reader.pid), helpers.wchan(reader.pid)
         p = select.poll()
         p.register(g, select.POLLIN)
         assert p.poll(300) == [], "event was re-queued"
@@ -503,12 +502,16 @@ def test_holder_keeps_readers_waiting_across_daemon_sigkill(workdir, erofs_image
         # a read that starts while no daemon runs queues in the holder and waits too
         late = subprocess.Popen(["cat", str(mnt / "a.bin")], stdout=subprocess.PIPE)
         procs.append(late)
-        time.sleep(0.5)
+        # both events are held by the holder, unanswered (the first was d1's)
+        helpers.wait_holder_pending(sock, at_least=2)
         assert reader.poll() is None, "reader finished while no daemon ran"
         assert late.poll() is None, "late reader finished while no daemon ran"
         # the holder refuses to exit while the cache file is marked
         holder.send_signal(signal.SIGTERM)
-        time.sleep(0.3)
+        # the holder handles the signal in its poll loop (self-pipe) before it answers
+        # the second request after it: answering both means it refused to exit
+        for _ in range(2):
+            assert helpers.holder_status(sock)["marks"]
         assert holder.poll() is None
         d2 = _spawn_daemon(sock, cache, blob, "ok")
         procs.append(d2)
@@ -701,8 +704,10 @@ def test_holder_allows_filled_ranges_itself_and_forwards_the_rest(workdir):
             assert holder_stats()["filled_maps"] == 0
             p = _pread_child(cache, 0, 4096)
             procs.append(p)
-            time.sleep(0.5)
+            helpers.wait_until(lambda: holder_stats()["pending"] >= 1, 30,
+                               "the filled-range event pending in the holder")
             assert p.poll() is None, "filled range allowed with no daemon connected"
+            assert helpers.blocked_in_fanotify(p.pid), helpers.wchan(p.pid)
             filler.calls.clear()
             w2 = PreContentWatcher.from_holder(sock, filler, executor=pool)
             filler.watcher = w2

@@ -157,6 +157,7 @@ def test_registry_fault(env, sid, script, persistent, expect, bound, at_least):
         t.start()
         r = timed_read(path, want, bound + 30)
         t.join()
+        never_injected = proxy.pending()
     finally:
         proxy.clear()
     gets = proxy.blob_gets(mark)
@@ -171,7 +172,10 @@ def test_registry_fault(env, sid, script, persistent, expect, bound, at_least):
         assert r.kind == expect, (sid, r, d.log(20))
     assert r.elapsed <= bound, (sid, r)
     assert r.elapsed >= at_least, (sid, r)
-    assert faulted or expect == "ok", "no fault was injected"
+    # every scripted fault happened (else an "ok" proves nothing; the proxy faults only
+    # image A's repository), and a persistent one at least once
+    assert never_injected == 0, f"{sid}: {never_injected} scripted fault(s) never injected"
+    assert len(faulted) >= len(script) + (1 if persistent else 0), (sid, len(faulted))
     # the daemon kept serving the other blob, correctly and without waiting for A
     assert other["r"].kind == "ok", other["r"]
     assert other["r"].elapsed < 30, other["r"]
@@ -186,6 +190,33 @@ def test_registry_fault(env, sid, script, persistent, expect, bound, at_least):
         assert after[a_id]["requests_failed"] > before[a_id]["requests_failed"]
     st, _ = d.api.request("GET", "/api/v1/daemon")
     assert st == 200
+
+
+def test_short_fetch_deadline(env, tmp_path):
+    """`run --fetch-deadline` bounds one fetch's retrying: with Retry-After: 3600 on
+    every attempt (each wait capped at 30 s) a 2 s deadline gives the reader EIO within
+    seconds, where the default 60 s deadline takes minutes (the FAULTS_SLOW scenario)."""
+    img = env.images["a"]
+    d = DaemonProc(str(tmp_path / "d"), threads=4,
+                   extra=["--readahead", "0", "--fetch-deadline", "2"]).start()
+    try:
+        mnt = str(tmp_path / "mnt")
+        d.mount(img["boot"], mnt, f"registry:{env.proxy.host}/{img['repo']}:v1")
+        path, want = _take(env, "a")
+        path = os.path.join(mnt, os.path.relpath(path, env.mnt["a"]))
+        mark = env.proxy.mark()
+        env.proxy.always(("status", 503, 3600))
+        try:
+            r = timed_read(path, want, 120)
+        finally:
+            env.proxy.clear()
+        assert r.kind == "eio", (r, d.log(20))
+        assert r.elapsed < 15, r
+        assert [g for g in env.proxy.blob_gets(mark) if g.fault], "no fault was injected"
+        again = timed_read(path, want, 60)
+        assert again.kind == "ok", again
+    finally:
+        d.cleanup()
 
 
 def test_whole_images_correct_after_faults(env):

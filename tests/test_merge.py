@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from helpers import compare_trees
+from helpers import NYDUS_VECTORS, compare_trees
 from test_tar_helpers import (E, layer_paths, mounted_rafs, pack_tar,
                               reference_rootfs, run_cli, sample_layers)
 
@@ -150,8 +150,8 @@ def test_many_layers_replace_and_delete(tmp_path):
 @pytest.mark.root
 def test_merge_nydus_built_bootstrap_with_ours(tmp_path):
     """The Nydus test vector (nydus-image 2.2) as the lower layer, one of ours on top."""
-    vec = "/work/shared/testdata/nydus/rafs-v6-2.2.boot"
-    vblobs = "/work/shared/testdata/nydus/blobs"
+    vec = str(NYDUS_VECTORS / "rafs-v6-2.2.boot")
+    vblobs = str(NYDUS_VECTORS / "blobs")
     t = BootstrapTables.read(vec)
     blobs = tmp_path / "blobs"
     blobs.mkdir()

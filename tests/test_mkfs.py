@@ -1,5 +1,6 @@
 """erofs-tools mkfs: images of hand-made trees, mounted with the host kernel and compared
 with full metadata; fsck.erofs on every image; options, reproducibility, errors."""
+import errno
 import json
 import os
 import stat
@@ -122,9 +123,11 @@ def test_superblock_checksum(basic_tree, tmp_path):
     data[SB + 0x30] ^= 0xFF     # uuid byte
     bad.write_bytes(bytes(data))
     require_root_kernel()
-    with pytest.raises(OSError):
+    with pytest.raises(OSError) as e:
         with mounted(bad):
             pass
+    # EROFS reports a superblock checksum mismatch as EBADMSG (erofs_superblock_csum_verify)
+    assert e.value.errno == errno.EBADMSG, e.value
 
 
 def test_no_shared_xattrs(basic_tree, tmp_path):

@@ -1,28 +1,24 @@
 """Eager mount of RAFS v6 images: the Nydus vector through the kernel, and bad input."""
 import hashlib
 import os
-import shutil
-import subprocess
 
 import pytest
+
+from helpers import NYDUS_VECTORS, fsck, require_root_kernel
 from click.testing import CliRunner
 
 from erofs_tools.cli.mount import mount_cmd, umount_cmd
 from erofs_tools.errors import CorruptImageError, InputError, MountError
 from erofs_tools.mount import mount_rafs, prepare_caches, umount
 
-VEC = "/work/shared/testdata/nydus"
+VEC = str(NYDUS_VECTORS)
 VEC_BOOT = os.path.join(VEC, "rafs-v6-2.2.boot")
 VEC_ID = "be7d77eeb719f70884758d1aa800ed0fb09d701aaec469964e9d54325f0d5fef"
 
-CI = os.environ.get("EROFS_TOOLS_CI") == "1"
 
 
 def _need_root():
-    if os.geteuid() != 0:
-        if CI:
-            pytest.fail("root tests need root in CI")
-        pytest.skip("needs root")
+    require_root_kernel()
 
 
 def _vector_expected():
@@ -56,10 +52,7 @@ def test_mount_nydus_vector(tmp_path):
     finally:
         umount(str(mnt))
     assert os.listdir(mnt) == []
-    if shutil.which("fsck.erofs"):
-        r = subprocess.run(["fsck.erofs", f"--device={devs[0]}", VEC_BOOT],
-                           capture_output=True, text=True)
-        assert r.returncode == 0, r.stderr
+    fsck(VEC_BOOT, extract=False, devices=devs[:1])
 
 
 @pytest.mark.root

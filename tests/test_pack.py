@@ -6,7 +6,6 @@ tree comparison against its source, `erofs-tools umount` and fsck.erofs with the
 uncompressed cache files as devices.
 """
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
@@ -19,26 +18,18 @@ import pytest
 from erofs_tools.builder.chunk_dict import BootstrapTables
 from erofs_tools.builder.rafs import PackOptions, pack
 from erofs_tools.format import rafs as R
+from helpers import NYDUS_VECTORS, assert_same_tree, fsck, is_root, require
 from test_pack_validate import validate_rafs_bootstrap
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TREECMP = "/work/shared/tools/treecmp.py"
-CI = os.environ.get("EROFS_TOOLS_CI") == "1"
 MIB = 1 << 20
-
-
-def _treecmp():
-    spec = importlib.util.spec_from_file_location("treecmp", TREECMP)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+# compare_trees(ignore=...) names -> helpers.compare_trees field names
+_IGNORE = {"mtime": ("mtime_ns",), "content": ("sha256", "target"), "nlink": ("links",),
+           "mode": ("mode", "type")}
 
 
 def need_root():
-    if os.geteuid() != 0:
-        if CI:
-            pytest.fail("root tests need root in CI")
-        pytest.skip("needs root")
+    require(is_root(), "needs root (mount, owners, devices, trusted xattrs)")
 
 
 def cli(*args, input=None, check=True):
@@ -52,9 +43,8 @@ def cli(*args, input=None, check=True):
 
 
 def compare_trees(expected, actual, ignore=()):
-    tc = _treecmp()
-    diffs = tc.compare(tc.scan(str(expected), True), tc.scan(str(actual), True), set(ignore))
-    assert diffs == [], diffs[:20]
+    fields = [f for name in ignore for f in _IGNORE.get(name, (name,))]
+    assert_same_tree(expected, actual, ignore=fields)
 
 
 def mount_and_compare(boot, blob_dir, source, tmp, ignore=()):
@@ -70,10 +60,7 @@ def mount_and_compare(boot, blob_dir, source, tmp, ignore=()):
     finally:
         cli("umount", mnt)
     assert os.listdir(mnt) == []
-    if shutil.which("fsck.erofs"):
-        args = ["fsck.erofs"] + [f"--device={d}" for d in devices] + [str(boot)]
-        f = subprocess.run(args, capture_output=True, text=True)
-        assert f.returncode == 0, f.stdout + f.stderr
+    fsck(boot, extract=False, devices=devices)
     return devices
 
 
@@ -85,6 +72,7 @@ def reader_check(boot, blob_dir):
 
 def build_rich_tree(root, with_devices=True):
     """A tree using every feature pack has to carry through."""
+    need_root()        # owners, devices, trusted/security xattrs are part of the tree
     root.mkdir()
     (root / "empty").write_bytes(b"")
     (root / "small").write_bytes(b"hello world\n")
@@ -100,7 +88,7 @@ def build_rich_tree(root, with_devices=True):
     os.symlink("small", root / "link")
     os.symlink("x" * 3000, root / "longlink")
     os.mkfifo(root / "fifo")
-    if with_devices and os.geteuid() == 0:
+    if with_devices:
         os.mknod(root / "chr", stat.S_IFCHR | 0o600, os.makedev(1, 3))
         os.mknod(root / "blk", stat.S_IFBLK | 0o640, os.makedev(259, 70000))
         os.mknod(root / "whiteout", stat.S_IFCHR | 0o000, os.makedev(0, 0))
@@ -118,12 +106,11 @@ def build_rich_tree(root, with_devices=True):
     os.setxattr(root / "small", "user.note", b"a value")
     os.setxattr(root / "multi", "user.empty", b"")
     os.setxattr(root / "dir with spaces", "user.dir", b"x" * 300)
-    if os.geteuid() == 0:
-        os.setxattr(root / "text", "trusted.overlay.opaque", b"y")
-        os.setxattr(root / "sticky", "security.capability", b"\x01\x00\x00\x02" + bytes(16))
-        os.chown(root / "small", 70000, 80000)
-        os.lchown(root / "link", 1234, 5678)
-        os.chown(root / "dir with spaces", 65536, 3)
+    os.setxattr(root / "text", "trusted.overlay.opaque", b"y")
+    os.setxattr(root / "sticky", "security.capability", b"\x01\x00\x00\x02" + bytes(16))
+    os.chown(root / "small", 70000, 80000)
+    os.lchown(root / "link", 1234, 5678)
+    os.chown(root / "dir with spaces", 65536, 3)
     # a spread of mtimes (nsec precision); dirs last so writes do not move them
     t = 1_600_000_000
     for i, p in enumerate(sorted(root.rglob("*"), key=lambda p: -len(p.parts))):
@@ -226,8 +213,7 @@ def test_many_copies_cost_one(tmp_path):
     meta_overhead = 512 * 4 + 4096 + 16 * 8 + 32 * 8 + 4 * 128   # tar headers, CI, TOC
     assert one_copy <= blob["compressed_size"] <= one_copy + meta_overhead
     assert r["chunks_new"] == 4 and r["chunks_dedup"] == 24 * 4
-    if os.geteuid() == 0:
-        mount_and_compare(boot, blobs, src, tmp_path)
+    mount_and_compare(boot, blobs, src, tmp_path)
 
 
 def _v1_v2(tmp_path, chunk):
@@ -280,11 +266,10 @@ def test_chunk_dict_stores_only_changed_chunks(tmp_path, compressor):
     t = BootstrapTables.read(str(boot2))
     assert [b.blob_id for b in t.blobs] == [r1["blob_id"], r2["blob_id"]]
     reader_check(boot2, blobs)
-    if os.geteuid() == 0:
-        mount_and_compare(boot2, blobs, v2, o2)
-        # v1 still mounts from the same blob dir
-        (o1 / "x").mkdir()
-        mount_and_compare(boot1, blobs, v1, o1 / "x")
+    mount_and_compare(boot2, blobs, v2, o2)
+    # v1 still mounts from the same blob dir
+    (o1 / "x").mkdir()
+    mount_and_compare(boot1, blobs, v1, o1 / "x")
 
 
 def test_chunk_dict_unused_blob_not_listed(tmp_path):
@@ -303,14 +288,12 @@ def test_chunk_dict_unused_blob_not_listed(tmp_path):
     assert [x["blob_id"] for x in r["blobs"]] == [r["blob_id"]]
     validate_rafs_bootstrap(str(ob / "boot"))
     # everything from the dict: no new blob at all
-    if os.geteuid() == 0:
-        mount_and_compare(ob / "boot", blobs, b, ob)
+    mount_and_compare(ob / "boot", blobs, b, ob)
     r = pack(a, ob / "boot2", blobs, PackOptions(chunk_dicts=[str(boota)]))
     assert r["blob_id"] is None and [x["blob_id"] for x in r["blobs"]] == [ra["blob_id"]]
     validate_rafs_bootstrap(str(ob / "boot2"))
-    if os.geteuid() == 0:
-        (ob / "x").mkdir()
-        mount_and_compare(ob / "boot2", blobs, a, ob / "x")
+    (ob / "x").mkdir()
+    mount_and_compare(ob / "boot2", blobs, a, ob / "x")
 
 
 def test_chunk_dict_mismatch_rejected(tmp_path):
@@ -318,8 +301,7 @@ def test_chunk_dict_mismatch_rejected(tmp_path):
     a.mkdir()
     (a / "f").write_bytes(b"x" * 5000)
     boot, blobs, _ = do_pack(a, tmp_path, digester="sha256")
-    if os.geteuid() == 0:
-        mount_and_compare(boot, blobs, a, tmp_path)
+    mount_and_compare(boot, blobs, a, tmp_path)
     r = cli("pack", a, "-B", tmp_path / "b2", "-D", blobs, "--chunk-dict", boot, check=False)
     assert r.returncode == 1 and b"sha256" in r.stderr
     r = cli("pack", a, "-B", tmp_path / "b2", "-D", blobs, "--chunk-dict", boot,
@@ -354,9 +336,8 @@ def test_reproducible(tmp_path, compressor):
         outs.append((open(boot, "rb").read(), r["blob_id"],
                      open(blobs / r["blob_id"], "rb").read()))
     assert outs[0] == outs[1] == outs[2]
-    if os.geteuid() == 0:
-        mount_and_compare(tmp_path / "o3" / "boot", tmp_path / "o3" / "blobs",
-                          tmp_path / "y", tmp_path / "o3")
+    mount_and_compare(tmp_path / "o3" / "boot", tmp_path / "o3" / "blobs",
+                      tmp_path / "y", tmp_path / "o3")
 
 
 # --- prefetch ------------------------------------------------------------------------------
@@ -398,8 +379,7 @@ def test_prefetch_table_and_blob_order(tmp_path):
     cli("pack", src, "-B", tmp_path / "boot2", "-D", blobs, "--prefetch-list", "-",
         "--compressor", "none", input=b"/zz\n/usr/bin\n")
     assert open(tmp_path / "boot2", "rb").read() == buf
-    if os.geteuid() == 0:
-        mount_and_compare(tmp_path / "boot", blobs, src, tmp_path)
+    mount_and_compare(tmp_path / "boot", blobs, src, tmp_path)
 
 
 # --- bad input ------------------------------------------------------------------------------
@@ -497,11 +477,10 @@ def test_chunk_info_index_above_16_bits(tmp_path):
 
 def test_nydus_vector_as_chunk_dict(tmp_path):
     """A bootstrap built with the nydus-image vector as chunk dict references its blob."""
-    vec = "/work/shared/testdata/nydus"
+    vec = str(NYDUS_VECTORS)
     vboot = os.path.join(vec, "rafs-v6-2.2.boot")
     vid = "be7d77eeb719f70884758d1aa800ed0fb09d701aaec469964e9d54325f0d5fef"
-    if not os.path.exists(vboot):
-        pytest.skip("vector missing")
+    assert os.path.exists(vboot), f"test vector missing: {vboot}"
     import zstandard
     raw = open(os.path.join(vec, "blobs", vid), "rb").read()
     d = zstandard.ZstdDecompressor()
@@ -516,8 +495,7 @@ def test_nydus_vector_as_chunk_dict(tmp_path):
     assert r["blob_id"] is None and r["chunks_dict"] == 3 and r["chunks_new"] == 0
     assert [b["blob_id"] for b in r["blobs"]] == [vid]
     validate_rafs_bootstrap(str(tmp_path / "boot"), {vid: len(raw)})
-    if os.geteuid() == 0:
-        mount_and_compare(tmp_path / "boot", os.path.join(vec, "blobs"), src, tmp_path)
+    mount_and_compare(tmp_path / "boot", os.path.join(vec, "blobs"), src, tmp_path)
 
 
 def test_missing_blob_dir_is_created(tmp_path):

@@ -4,14 +4,17 @@ Used by the pack tests on every bootstrap they build; tested here against the Ny
 vector (which must pass) and against mutations of it (which must fail).
 """
 import os
+import re
 import stat
 
 import pytest
 
+from helpers import NYDUS_VECTORS
+
 from erofs_tools.format import erofs as E
 from erofs_tools.format import rafs as R
 
-VEC_BOOT = "/work/shared/testdata/nydus/rafs-v6-2.2.boot"
+VEC_BOOT = str(NYDUS_VECTORS / "rafs-v6-2.2.boot")
 
 
 class RafsInvalid(AssertionError):
@@ -259,8 +262,7 @@ def validate_rafs_bootstrap(path_or_bytes, blob_sizes=None):
 
 
 def test_vector_is_valid():
-    if not os.path.exists(VEC_BOOT):
-        pytest.skip("vector missing")
+    assert os.path.exists(VEC_BOOT), f"test vector missing: {VEC_BOOT}"
     s = validate_rafs_bootstrap(VEC_BOOT)
     paths = s.pop("paths")
     assert s == {"inodes": 3, "chunks": 2, "regular": 2, "blobs": 1}
@@ -279,9 +281,8 @@ def test_vector_is_valid():
     (1408 + 64, b"\0\0\0\0", "device blocks"),
 ])
 def test_vector_mutations_fail(off, val, what):
-    if not os.path.exists(VEC_BOOT):
-        pytest.skip("vector missing")
+    assert os.path.exists(VEC_BOOT), f"test vector missing: {VEC_BOOT}"
     buf = bytearray(open(VEC_BOOT, "rb").read())
     buf[off:off + len(val)] = val
-    with pytest.raises(RafsInvalid):
+    with pytest.raises(RafsInvalid, match=re.escape(what)):
         validate_rafs_bootstrap(bytes(buf))

@@ -12,10 +12,7 @@ from erofs_tools.format import rafs
 from erofs_tools.reader.blob import (BlobChunk, BlobMeta, compute_blob_id, decode_chunk,
                                      open_blob, read_chunk, read_toc, read_toc_section)
 
-NYDUS = pathlib.Path(os.environ.get("EROFS_TOOLS_TESTDATA", "")) if os.environ.get(
-    "EROFS_TOOLS_TESTDATA") else pathlib.Path(__file__).resolve().parents[2] / "shared" / "testdata" / "nydus"
-if not NYDUS.exists():
-    NYDUS = pathlib.Path("/work/shared/testdata/nydus")
+from helpers import NYDUS_VECTORS as NYDUS
 BLOB_ID = "be7d77eeb719f70884758d1aa800ed0fb09d701aaec469964e9d54325f0d5fef"
 BLOB = NYDUS / "blobs" / BLOB_ID
 BOOT = NYDUS / "rafs-v6-2.2.boot"

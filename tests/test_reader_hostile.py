@@ -254,13 +254,20 @@ def test_root_not_a_directory(base, tmp_path):
 
 
 def test_truncations(base, tmp_path):
+    """Every truncated image is reported (opening it fails, or check finds a problem,
+    and so does the CLI), and nothing is written outside the target."""
     data = base["plain"]
     for cut in (0, 100, 1024, 1100, 4095, 4096, len(data) // 2, len(data) - 1):
+        (tmp_path / f"t{cut}.img").write_bytes(data[:cut])
+        r = _cli("check", tmp_path / f"t{cut}.img")
+        assert r.returncode == 1, (cut, r.stdout, r.stderr)
         try:
             img = Image(data[:cut])
-        except ErofsToolsError:
+        except ErofsToolsError as e:
+            assert str(e) and "\n" not in str(e), repr(str(e))
             continue
-        check_image(img)
+        problems = check_image(img)
+        assert problems, f"image cut to {cut} of {len(data)} bytes: check found nothing"
         try:
             unpack_to_dir(img, tmp_path / f"o{cut}")
         except ErofsToolsError:

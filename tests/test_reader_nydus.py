@@ -19,9 +19,7 @@ from erofs_tools.reader.image import Image, open_image
 from erofs_tools.reader.stats import image_stats, multi_stats
 from erofs_tools.reader.unpack import unpack_to_dir, unpack_to_tar
 
-NYDUS = pathlib.Path(__file__).resolve().parents[2] / "shared" / "testdata" / "nydus"
-if not NYDUS.exists():
-    NYDUS = pathlib.Path("/work/shared/testdata/nydus")
+from helpers import NYDUS_VECTORS as NYDUS
 BLOB_ID = "be7d77eeb719f70884758d1aa800ed0fb09d701aaec469964e9d54325f0d5fef"
 BOOT = NYDUS / "rafs-v6-2.2.boot"
 BLOB_DIR = NYDUS / "blobs"

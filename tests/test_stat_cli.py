@@ -4,9 +4,7 @@ import pathlib
 import subprocess
 import sys
 
-NYDUS = pathlib.Path(__file__).resolve().parents[2] / "shared" / "testdata" / "nydus"
-if not NYDUS.exists():
-    NYDUS = pathlib.Path("/work/shared/testdata/nydus")
+from helpers import NYDUS_VECTORS as NYDUS
 BOOT = NYDUS / "rafs-v6-2.2.boot"
 TOC_BLOB = NYDUS / "toc" / "2fa78cad554b75ac91a4a125ed148d0ddeb25efa4aaa8bd80e5dc292690a4dca"
 

@@ -13,7 +13,8 @@ import zstandard
 from erofs_tools.builder.blob import BlobWriter
 from fscache_daemon.storage.backends import LocalFsBackend
 
-NYDUS = "/work/shared/testdata/nydus"
+from helpers import NYDUS_VECTORS
+NYDUS = str(NYDUS_VECTORS)
 NYDUS_BLOB_ID = "be7d77eeb719f70884758d1aa800ed0fb09d701aaec469964e9d54325f0d5fef"
 NYDUS_BLOB = os.path.join(NYDUS, "blobs", NYDUS_BLOB_ID)
 NYDUS_BOOT = os.path.join(NYDUS, "rafs-v6-2.2.boot")

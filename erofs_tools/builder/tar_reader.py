@@ -448,18 +448,21 @@ class TarReader:
 
     def _sparse_1_0(self, e, what):
         """PAX sparse 1.0: the map is at the start of the data, in decimal lines."""
-        buf = b""
+        buf = bytearray()
         used = 0
 
         def line():
-            nonlocal buf, used
-            while b"\n" not in buf:
+            # linear in the map's size: search only the new block, append in place
+            nonlocal used
+            scanned = 0
+            while (nl := buf.find(b"\n", scanned)) < 0:
                 if used >= MAX_META:
                     raise _err(f"{what}: sparse map too large")
-                b = self.read_data(BLOCK)
+                scanned = len(buf)
+                buf.extend(self.read_data(BLOCK))
                 used += BLOCK
-                buf += b
-            ln, _, buf = buf.partition(b"\n")
+            ln = bytes(buf[:nl])
+            del buf[:nl + 1]
             try:
                 return int(ln)
             except ValueError:

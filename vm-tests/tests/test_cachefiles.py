@@ -17,6 +17,7 @@ import hashlib
 import logging
 import os
 import random
+import select
 import shutil
 import subprocess
 import threading
@@ -33,7 +34,7 @@ if IN_GUEST:
     from fscache_daemon.frontend import cachefiles as cf
 
 REPO = Path(__file__).resolve().parents[2]
-NYDUS = Path("/work/shared/testdata/nydus")
+NYDUS = REPO / "tests" / "data" / "nydus"
 log = logging.getLogger("test_cachefiles")
 
 
@@ -298,10 +299,40 @@ class DaemonProc:
             except subprocess.TimeoutExpired:
                 self.p.kill()
                 self.p.wait()
-        # let the device go so that the next test binds afresh
+        # let the device go so that the next test binds afresh: wait until it is free
+        # (single opener: open() fails with EBUSY while the holder still has it)
         from fscache_daemon.frontend import cachefiles_holder
         cachefiles_holder.release(self.holder_sock)
-        time.sleep(0.2)
+        wait_device_free()
+
+
+def wait_device_free(timeout=30.0):
+    """Block until /dev/cachefiles can be opened (no daemon or holder has it)."""
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            fd = os.open("/dev/cachefiles", os.O_RDWR | os.O_CLOEXEC)
+        except OSError as e:
+            if e.errno != errno.EBUSY or time.monotonic() > end:
+                raise
+            time.sleep(0.01)
+            continue
+        os.close(fd)
+        return
+
+
+def wait_request_pending(holder_sock, timeout=120.0):
+    """Block until the held /dev/cachefiles fd has a new read request (POLLIN): a reader
+    is then provably waiting for a daemon, not merely slow to start."""
+    from fscache_daemon.frontend import cachefiles_holder
+    fd = cachefiles_holder.fetch_fd(holder_sock)
+    assert fd is not None, f"no cachefiles holder answers on {holder_sock}"
+    try:
+        p = select.poll()
+        p.register(fd, select.POLLIN)
+        return bool(p.poll(int(timeout * 1000)))
+    finally:
+        os.close(fd)
 
 
 @pytest.fixture
@@ -532,8 +563,8 @@ def test_sigkill_restart_restore(daemon, scratch, packed):
                 results[k] = f"error {e.errno}"
     t = threading.Thread(target=reader)
     t.start()
-    t.join(3)
-    waiting = t.is_alive()
+    pending = wait_request_pending(daemon.holder_sock)
+    waiting = pending and t.is_alive()
     daemon.start()                  # takes the held fd, writes `restore`
     t.join(300)
     assert not t.is_alive()

@@ -1,0 +1,142 @@
+"""fscache-daemon's restore path: what a restarted daemon does with its state file
+(cache/mounts.json) when the world changed while it was down. Real daemon processes,
+the fanotify front end and its fd holder, real EROFS mounts on the host kernel."""
+import json
+import os
+
+import pytest
+
+import helpers
+from test_daemon_support import (DaemonProc, file_sha, pack, require_lazy_kernel,
+                                 write_tree)
+
+pytestmark = pytest.mark.root
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory):
+    require_lazy_kernel()
+    d = tmp_path_factory.mktemp("restore-img")
+    src = write_tree(str(d / "src"), seed=21, nfiles=8, big=(1 << 20,))
+    boot, blobs = str(d / "boot"), str(d / "blobs")
+    pack(src, boot, blobs, "--chunk-size", "0x10000")
+    return {"src": src, "boot": boot, "blobs": blobs}
+
+
+def _state(d):
+    with open(os.path.join(d.cache_dir, "mounts.json")) as f:
+        return json.load(f)
+
+
+def _mounts(d):
+    st, mounts = d.api.request("GET", "/api/v1/mounts")
+    assert st == 200, mounts
+    return [m["mountpoint"] for m in mounts]
+
+
+def _wait_log(d, text):
+    return helpers.wait_until(lambda: text in d.log(400), 30, f"{text!r} in the daemon log")
+
+
+def _mounted_then_stopped(tmp_path, image):
+    """A daemon that mounted the image, read one file, then stopped (SIGTERM: the mount
+    stays); -> (daemon, mountpoint)."""
+    d = DaemonProc(str(tmp_path / "d"))
+    d.start()
+    mnt = str(tmp_path / "mnt")
+    d.mount(image["boot"], mnt, f"localfs:{image['blobs']}")
+    small = os.path.join("small.txt")
+    assert file_sha(os.path.join(mnt, small)) == file_sha(os.path.join(image["src"], small))
+    d.stop()
+    assert d.proc.returncode == 0, d.log()
+    assert os.path.ismount(mnt)
+    assert [m["mountpoint"] for m in _state(d)["mounts"]] == [mnt]
+    return d, mnt
+
+
+def test_unreadable_state_file_starts_without_mounts(tmp_path, image):
+    d = DaemonProc(str(tmp_path / "d"))
+    try:
+        d.start()
+        mnt = str(tmp_path / "mnt")
+        d.mount(image["boot"], mnt, f"localfs:{image['blobs']}")
+        d.umount(mnt)
+        d.stop()
+        state = os.path.join(d.cache_dir, "mounts.json")
+        with open(state, "w") as f:
+            f.write('{"version": 1, "mounts": [')           # cut short: not JSON
+        d.start()
+        _wait_log(d, "unreadable")
+        assert _mounts(d) == []
+        # the daemon works: a new mount serves correct bytes and is saved again
+        d.mount(image["boot"], mnt, f"localfs:{image['blobs']}")
+        helpers.assert_same_tree(image["src"], mnt)
+        assert [m["mountpoint"] for m in _state(d)["mounts"]] == [mnt]
+    finally:
+        d.cleanup()
+
+
+def test_mountpoint_unmounted_while_down_is_forgotten(tmp_path, image):
+    d, mnt = _mounted_then_stopped(tmp_path, image)
+    try:
+        helpers.sys_umount(mnt)               # gone while no daemon ran
+        d.mounts.remove(mnt)
+        d.start()
+        _wait_log(d, "no longer mounted")
+        assert _mounts(d) == []
+        assert _state(d)["mounts"] == []
+        # the same mount point can be used again at once
+        d.mount(image["boot"], mnt, f"localfs:{image['blobs']}")
+        helpers.assert_same_tree(image["src"], mnt)
+    finally:
+        d.cleanup()
+
+
+def test_missing_bootstrap_copy_is_reported_and_not_picked_up(tmp_path, image):
+    d, mnt = _mounted_then_stopped(tmp_path, image)
+    try:
+        copy = _state(d)["mounts"][0]["bootstrap"]
+        assert copy != image["boot"] and os.path.exists(copy)
+        os.unlink(copy)
+        d.start()
+        _wait_log(d, f"cannot pick up mount {mnt}")
+        assert _mounts(d) == []
+        assert _state(d)["mounts"] == []
+    finally:
+        if os.path.ismount(mnt):
+            helpers.sys_umount(mnt, lazy=True)
+        d.mounts.clear()
+        d.cleanup()
+
+
+def test_restart_with_same_frontend_serves_uncached_data(tmp_path, image):
+    """The reference case for the one below: same front end, the mount is picked up."""
+    d, mnt = _mounted_then_stopped(tmp_path, image)
+    try:
+        d.start()
+        assert _mounts(d) == [mnt]
+        helpers.assert_same_tree(image["src"], mnt)
+    finally:
+        d.cleanup()
+
+
+def test_restart_with_another_frontend_is_refused(tmp_path, image):
+    """Mounts made through fanotify cannot be served by another front end: the daemon
+    refuses to start with a one-line error, leaves the state file as it was, and a
+    restart with the right front end picks the mount up and serves it."""
+    d, mnt = _mounted_then_stopped(tmp_path, image)
+    try:
+        before = _state(d)
+        d.frontend = "none"
+        with pytest.raises(AssertionError, match="daemon exited 1"):
+            d.start()
+        last = d.log(5).strip().splitlines()[-1]
+        assert last.startswith("error: ") and "--frontend fanotify" in last, last
+        assert _state(d) == before
+        d.frontend = "fanotify"
+        d.start()
+        assert _mounts(d) == [mnt]
+        helpers.assert_same_tree(image["src"], mnt)
+    finally:
+        d.frontend = "fanotify"
+        d.cleanup()
