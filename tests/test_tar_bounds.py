@@ -10,7 +10,8 @@ import tempfile
 
 import pytest
 
-from erofs_tools.builder import tar_source as T
+from erofs_tools.builder import tar_reader as T
+from erofs_tools.builder.tar_tree import MAX_SYMLINK
 from erofs_tools.builder.tar_source import pack_tar
 from erofs_tools.errors import ErofsToolsError
 from test_pack_validate import validate_rafs_bootstrap
@@ -76,7 +77,7 @@ def _long_path(length):
 
 
 def test_limits_are_the_documented_ones():
-    assert (T.MAX_NAME, T.MAX_SYMLINK, T.MAX_SPARSE_REGIONS, T.MAX_META) == \
+    assert (T.MAX_NAME, MAX_SYMLINK, T.MAX_SPARSE_REGIONS, T.MAX_META) == \
         (64 << 10, 4095, 1 << 20, 16 << 20)
 
 
@@ -94,7 +95,7 @@ def test_hardlink_target_over_64k_rejected(tmp_path):
     _rejected(tmp_path, _tar(_file("f"), (ti, None)), "longer than 65536")
 
 
-@pytest.mark.parametrize("length,ok", [(T.MAX_SYMLINK, True), (T.MAX_SYMLINK + 1, False)])
+@pytest.mark.parametrize("length,ok", [(MAX_SYMLINK, True), (MAX_SYMLINK + 1, False)])
 def test_symlink_target_length(tmp_path, length, ok):
     ti = tarfile.TarInfo("l")
     ti.type = tarfile.SYMTYPE
