@@ -17,8 +17,9 @@ Images and blobs: an image is a mounted bootstrap; its data blobs are BlobManage
 by cache key, shared by every image that names the same blob with an agreeing chunk
 table (one cache file per blob, in the cache directory, whatever image brought it). An
 image whose chunk table for a blob id disagrees with the one in use gets a variant of
-its own (key `<id>@<table digest prefix>`, its own cache file; see `_open_blob`). `mounts.json` in the cache directory
-records the mounts (and a mount about to be made) so that a restarted daemon picks them
+its own (key `<id>@<table digest prefix>`, its own cache file; see `_open_blob`).
+`mounts.json` in the cache directory records the mounts (with their cache keys, and a
+mount about to be made) so that a restarted daemon picks them
 up (the kernel mounts survive a daemon restart; see docs/daemon.md).
 
 Front ends implement the small interface of `frontend.base.Frontend`; the daemon never

@@ -47,7 +47,8 @@ class Image:
     def to_json(self) -> dict:
         return {"mountpoint": self.mountpoint, "bootstrap": self.bootstrap,
                 "source_bootstrap": self.source_bootstrap, "backend": self.backend_spec,
-                "blobs": self.blob_ids, "blob_keys": self.blob_keys, "prefetch": self.prefetch, "domain": self.domain,
+                "blobs": self.blob_ids, "blob_keys": self.blob_keys,
+                "prefetch": self.prefetch, "domain": self.domain,
                 "options": self.options, "mounted_at": self.mounted_at,
                 "state": self.state, "mount_id": self.mount_id,
                 "instances": self.instances}

@@ -13,6 +13,8 @@ neither is refused, so a hostile image cannot deny the genuine one its mount.
 import os
 import random
 import shutil
+import subprocess
+import sys
 
 import helpers
 import pytest
@@ -233,6 +235,12 @@ def test_both_mounted_each_own_bytes_across_restarts_and_release(attack, tmp_pat
         assert m[akey]["mounts"] == [ma] and m[gkey]["mounts"] == [mg]
         assert m[gkey]["blob_id"] == a["blob_id"] and m[gkey]["variant"] == gkey.split("@")[1]
         assert m[akey]["variant"] is None
+        # plain `status` names the variant (blob id prefix @ table digest prefix)
+        out = subprocess.run([sys.executable, "-m", "fscache_daemon.cli", "status",
+                              "--api-sock", d.sock], capture_output=True, text=True,
+                             check=True).stdout
+        assert f"blob {a['blob_id'][:16]}@{gkey.split('@')[1]}  chunks" in out, out
+        assert f"blob {a['blob_id'][:16]}  chunks" in out, out
         for _ in range(2):
             d.stop()
             d.start()
