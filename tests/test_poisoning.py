@@ -267,3 +267,65 @@ def test_both_mounted_each_own_bytes_across_restarts_and_release(attack, tmp_pat
         assert not d.metrics()["blobs"]
     finally:
         d.cleanup()
+
+
+def _holder_status(d):
+    from fscache_daemon.frontend.fdholder import HolderChannel
+    ch = HolderChannel(os.path.join(d.cache_dir, "fdholder.sock"), timeout=5)
+    try:
+        return ch.status()
+    finally:
+        ch.close()
+
+
+def _wait_for(pred, what, timeout=30.0):
+    import time
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_variant_marks_apart_and_released_with_its_last_superblock(attack, tmp_path):
+    """Each variant has its own fanotify mark and filled bitmap in the fd holder (keyed by
+    cache file, not blob id); the genuine image's variant, unmounted while an overlay
+    holds its superblock, stays served (detached) after the attacker's plain cache was
+    released, reads its own bytes, and goes when the overlay goes."""
+    a = attack
+    d = DaemonProc(str(tmp_path / "d"), threads=4).start()
+    ma, mg = str(tmp_path / "ma"), str(tmp_path / "mg")
+    ov = {k: str(tmp_path / k) for k in ("upper", "work", "merged")}
+    for p in ov.values():
+        os.makedirs(p)
+    try:
+        ra = d.mount(a["a_boot"], ma, f"localfs:{a['a_blobs']}")
+        rg = d.mount(a["g_boot"], mg, f"localfs:{a['g_blobs']}")
+        akey, afile = cache_of(ra, a["blob_id"])
+        gkey, gfile = cache_of(rg, a["blob_id"])
+        st = _holder_status(d)
+        assert afile in st["marks"] and gfile in st["marks"], st
+        assert st["filled_maps"] >= 2, st
+        subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
+                        f"lowerdir={mg},upperdir={ov['upper']},workdir={ov['work']}",
+                        ov["merged"]], check=True)
+        st_, res = d.api.request("POST", "/api/v1/umount", {"mountpoint": mg})
+        assert st_ == 200 and res["released"] is False, res
+        d.mounts.remove(mg)
+        d.umount(ma)                               # the attacker's cache goes at once
+        m = d.metrics()
+        assert akey not in m["blobs"] and m["detached"] == 1
+        assert gkey in m["blobs"] and "detached" in m["blobs"][gkey]["mounts"][0]
+        marks = _holder_status(d)["marks"]
+        assert afile not in marks and gfile in marks
+        drop_caches()
+        expect_own_bytes(a["g_src"], ov["merged"])
+        subprocess.run(["umount", ov["merged"]], check=True)
+        _wait_for(lambda: gkey not in d.metrics()["blobs"], "the variant's release")
+        assert gfile not in _holder_status(d)["marks"]
+        assert d.metrics()["detached"] == 0
+    finally:
+        if os.path.ismount(ov["merged"]):
+            subprocess.run(["umount", "-l", ov["merged"]])
+        d.cleanup()
