@@ -209,8 +209,12 @@ class MountLifecycle:
             raise DaemonError(f"{mountpoint}: recorded cache keys do not match its bootstrap")
         be = self._backend(backend_spec, options)
         mgrs = []
-        for i, ref in enumerate(info.blobs):
-            mgrs.append(self._open_blob(ref, be, blob_keys[i] if blob_keys else None))
+        try:
+            for i, ref in enumerate(info.blobs):
+                mgrs.append(self._open_blob(ref, be, blob_keys[i] if blob_keys else None))
+        except BaseException:
+            self._close_unused(mgrs)    # e.g. a later blob's table collides: none kept
+            raise
         img = Image(mountpoint, boot_copy, source_bootstrap, backend_spec,
                     [r.blob_id for r in info.blobs], bool(prefetch), domain, options,
                     info.prefetch, mounted_at, state=state, mount_id=mount_id,
@@ -234,6 +238,18 @@ class MountLifecycle:
             threading.Thread(target=self._learn_runs, args=(img, mgrs), daemon=True,
                              name="file-runs").start()
         return img
+
+    def _close_unused(self, mgrs) -> None:
+        """Close the managers of a failed registration that no image uses."""
+        for m in mgrs:
+            with self._lock:
+                if self.blob_users.get(m.key) or self.blobs.get(m.key) is not m:
+                    continue
+                del self.blobs[m.key]
+                ra = self._ra.pop(m.key, None)
+            if ra is not None:
+                ra.reset()
+            m.close()
 
     def _learn_runs(self, img: Image, mgrs) -> None:
         try:
