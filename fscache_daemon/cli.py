@@ -266,8 +266,10 @@ def status(as_json, api_sock):
         via = "".join(f"  {k} {opts[k]}" for k in ("mirror", "proxy") if opts.get(k))
         click.echo(f"{m['mountpoint']}  {m['source_bootstrap']}  backend {m['backend']}{via}")
         for b in m["blobs"]:
-            s = metrics["blobs"].get(b["blob_id"], {})
-            click.echo(f"  blob {b['blob_id'][:16]}  chunks {b['cached_chunks']}/"
+            s = metrics["blobs"].get(b.get("key", b["blob_id"]), {})
+            # a variant (own cache for a disagreeing chunk table) shows its table digest
+            var = f"@{b['variant']}" if b.get("variant") else ""
+            click.echo(f"  blob {b['blob_id'][:16]}{var}  chunks {b['cached_chunks']}/"
                        f"{b['total_chunks']}  requests {s.get('requests', 0)}  fetched "
                        f"{_human(s.get('bytes_fetched', 0))}  from cache "
                        f"{_human(s.get('bytes_served_from_cache', 0))}  verify failures "

@@ -14,9 +14,12 @@ Threads:
   - the API server thread (api.py).
 
 Images and blobs: an image is a mounted bootstrap; its data blobs are BlobManagers keyed
-by blob id, shared by every image that names the same blob (one cache file per blob, in
-the cache directory, whatever image brought it). `mounts.json` in the cache directory
-records the mounts (and a mount about to be made) so that a restarted daemon picks them
+by cache key, shared by every image that names the same blob with an agreeing chunk
+table (one cache file per blob, in the cache directory, whatever image brought it). An
+image whose chunk table for a blob id disagrees with the one in use gets a variant of
+its own (key `<id>@<table digest prefix>`, its own cache file; see `_open_blob`).
+`mounts.json` in the cache directory records the mounts (with their cache keys, and a
+mount about to be made) so that a restarted daemon picks them
 up (the kernel mounts survive a daemon restart; see docs/daemon.md).
 
 Front ends implement the small interface of `frontend.base.Frontend`; the daemon never
@@ -105,9 +108,9 @@ class Daemon(MountLifecycle):
         self.bucket = TokenBucket(prefetch_rate)
         self.images: dict[str, Image] = {}     # canonical mount point -> mounted image
         self.detached: list[Image] = []         # unmounted, superblock still alive
-        self.blobs: dict[str, bc.BlobManager] = {}
-        self._ra: dict[str, BlobReadahead] = {}
-        self.blob_users: dict[str, set[str]] = {}
+        self.blobs: dict[str, bc.BlobManager] = {}      # cache key -> manager
+        self._ra: dict[str, BlobReadahead] = {}         # cache key -> readahead plan
+        self.blob_users: dict[str, set[str]] = {}       # cache key -> image users
         self.backends: dict[tuple, object] = {}
         self._lock = threading.RLock()        # images/blobs/backends
         self._mount_lock = threading.Lock()   # one mount/umount at a time
@@ -174,34 +177,64 @@ class Daemon(MountLifecycle):
                 self.backends[key] = be
             return be
 
-    def _open_blob(self, ref, backend) -> bc.BlobManager:
+    def _open_blob(self, ref, backend, key: str | None = None) -> bc.BlobManager:
+        """The manager serving blob `ref` for one bootstrap. With `key` (recorded in
+        mounts.json) exactly that cache; else an open cache of the blob whose chunk map
+        agrees with the bootstrap, or a new one: the plain `<id>` files if nothing else
+        uses them and their map (if any) fits, else the variant `<id>@<table digest>` so
+        that another table's cache is neither refused nor overwritten."""
+        if key is not None and bc.key_blob_id(key) != ref.blob_id:
+            raise StorageError(f"cache key {key!r} is not one of blob {ref.blob_id[:12]}")
+        share = dict(entry=ref.entry, blob_size=ref.compressed_size, digests=ref.digests,
+                     pins=ref.pins)
         with self._lock:
-            mgr = self.blobs.get(ref.blob_id)
-        if mgr is not None:
-            bc.check_shareable(mgr.meta, ref.blob_id, backend, entry=ref.entry,
-                               blob_size=ref.compressed_size, digests=ref.digests,
-                               pins=ref.pins)
-            return mgr
+            open_now = [m for m in self.blobs.values() if m.blob_id == ref.blob_id]
+        open_now.sort(key=lambda m: m.key != ref.blob_id)     # the plain cache first
+        for mgr in open_now:
+            if key is not None and mgr.key != key:
+                continue
+            if key is not None:
+                bc.check_shareable(mgr.meta, ref.blob_id, backend, **share)
+                return mgr
+            if bc.share_mismatch(mgr.meta, ref.blob_id, backend, **share) is None:
+                return mgr
         backend.register_blob(ref.blob_id, ref.compressed_size)
-        meta, fetched = bc.load_or_fetch_meta(self.blob_dir, ref.blob_id, backend,
-                                              entry=ref.entry, blob_size=ref.compressed_size,
-                                              digests=ref.digests, pins=ref.pins,
-                                              table=ref.table_digest)
+        taken = {m.key for m in open_now}
+        load = dict(share, table=ref.table_digest)
+        res = None
+        if key is None and ref.blob_id not in taken:
+            res = bc.load_or_fetch_meta(self.blob_dir, ref.blob_id, backend,
+                                        key=ref.blob_id, rebuild=False, **load)
+            if res is not None:
+                key = ref.blob_id
+        if res is None:
+            if key is None:
+                key = bc.variant_key(ref.blob_id, ref.table_digest)
+            if key in taken:    # a table digest prefix shared by two disagreeing tables
+                raise StorageError(f"blob {ref.blob_id[:12]}: cache {key} is in use by an "
+                                   "image whose chunk table differs from this bootstrap's")
+            res = bc.load_or_fetch_meta(self.blob_dir, ref.blob_id, backend, key=key, **load)
+        meta, fetched = res
         if meta.uncompressed_size != ref.uncompressed_size:
             raise StorageError(f"blob {ref.blob_id[:12]}: chunk map says "
                                f"{meta.uncompressed_size} bytes, bootstrap "
                                f"{ref.uncompressed_size}")
-        cache = bc.BlobCache(self.blob_dir, meta, durable=self.durable)
+        cache = bc.BlobCache(self.blob_dir, meta, durable=self.durable, key=key)
         mgr = bc.BlobManager(meta, cache, backend, batch_size=self.batch_size,
                              on_complete=self._blob_complete)
         mgr.meta_bytes_fetched = fetched
+        if mgr.key != ref.blob_id:
+            log.warning("blob %s: this bootstrap's chunk table differs from the one "
+                        "cached under its id; served from its own cache %s",
+                        ref.blob_id[:12], cache.path)
         with self._lock:
-            other = self.blobs.get(ref.blob_id)
+            other = self.blobs.get(mgr.key)
             if other is not None:        # lost a race with another mount
                 mgr.close()
+                bc.check_shareable(other.meta, ref.blob_id, backend, **share)
                 return other
-            self.blobs[ref.blob_id] = mgr
-            self._ra[ref.blob_id] = BlobReadahead(
+            self.blobs[mgr.key] = mgr
+            self._ra[mgr.key] = BlobReadahead(
                 mgr, min(INITIAL_READAHEAD, self.readahead), self.readahead,
                 withhold=lambda c, m=mgr: self.frontend.withhold(m, c),
                 publish=lambda c, m=mgr: self.frontend.publish(m, c))
@@ -215,18 +248,20 @@ class Daemon(MountLifecycle):
             log.error("blob %s: front end completion failed: %s", mgr.blob_id[:12], e)
 
     # -- front end callbacks --------------------------------------------------------------
-    def fill(self, blob_id: str, offset: int, length: int) -> None:
-        mgr = self.blobs.get(blob_id)
+    def fill(self, key: str, offset: int, length: int) -> None:
+        """Make a range of the blob cache named `key` (mgr.key: a blob id or a variant)
+        present."""
+        mgr = self.blobs.get(key)
         if mgr is None:
-            raise NotFoundError(f"no blob {blob_id!r} is open")
+            raise NotFoundError(f"no blob {key!r} is open")
         fetched = mgr.fill(offset, length)
-        self._readahead(blob_id, mgr, offset, length, fetched > 0)
+        self._readahead(key, mgr, offset, length, fetched > 0)
 
-    def _readahead(self, blob_id: str, mgr, offset: int, length: int, fetched: bool) -> None:
+    def _readahead(self, key: str, mgr, offset: int, length: int, fetched: bool) -> None:
         """Queue what the readahead plan (fscache_daemon.readahead) says the reader will
         need next, in tasks of about READAHEAD_TASK_BYTES so that workers fetch and
         decode in parallel."""
-        ra = self._ra.get(blob_id)
+        ra = self._ra.get(key)
         if ra is None:
             return
         w = ra.on_request(offset, length, fetched)
@@ -234,7 +269,7 @@ class Daemon(MountLifecycle):
             return
         start = min(c.compressed_offset for c in w.chunks)
         end = max(c.compressed_offset + c.compressed_size for c in w.chunks)
-        mgr.backend.will_need(blob_id, start, end - start)
+        mgr.backend.will_need(mgr.blob_id, start, end - start)
         task, size = [], 0
         for batch in plan(w.chunks, self.batch_size):
             task += batch.chunks
@@ -255,23 +290,23 @@ class Daemon(MountLifecycle):
         mgr.stats.add(readahead_bytes=n)
         return n
 
-    def fast_path(self, blob_id: str, offset: int, length: int) -> bool:
+    def fast_path(self, key: str, offset: int, length: int) -> bool:
         t0 = time.perf_counter()
-        mgr = self.blobs.get(blob_id)
+        mgr = self.blobs.get(key)
         if mgr is None or not mgr.is_cached(offset, length):
             return False
         mgr.stats.record_request(length, True, time.perf_counter() - t0, False)
-        self._readahead(blob_id, mgr, offset, length, False)
+        self._readahead(key, mgr, offset, length, False)
         return True
 
     # -- prefetch -----------------------------------------------------------------------
     def _queue_prefetch(self, img: Image) -> None:
         jobs = []
         for bindex, off, length in img.prefetch_ranges:
-            if 0 <= bindex < len(img.blob_ids):
-                jobs.append((img.blob_ids[bindex], off, length))
+            if 0 <= bindex < len(img.blob_keys):
+                jobs.append((img.blob_keys[bindex], off, length))
         if img.prefetch:
-            for b in img.blob_ids:
+            for b in img.blob_keys:
                 jobs.append((b, 0, None))
         if jobs:
             self._prefetch_q.put((img.mountpoint, jobs))
@@ -282,22 +317,22 @@ class Daemon(MountLifecycle):
             if item is None:
                 return
             mountpoint, jobs = item
-            for blob_id, off, length in jobs:
+            for key, off, length in jobs:
                 if self._stop.is_set() or mountpoint not in self.images:
                     break
-                mgr = self.blobs.get(blob_id)
+                mgr = self.blobs.get(key)
                 if mgr is None:
                     continue
                 try:
                     self._prefetch_range(mgr, off, length)
                 except Exception:  # noqa: BLE001 - prefetch is best effort
-                    log.exception("prefetch of blob %s failed", blob_id[:12])
+                    log.exception("prefetch of blob %s failed", key[:12])
             log.info("prefetch for %s done", mountpoint)
 
     def _prefetch_range(self, mgr, off: int, length: int | None) -> None:
         missing = mgr.missing(off, length)
         for batch in plan(missing, self.batch_size):
-            if self._stop.is_set() or mgr.blob_id not in self.blobs:
+            if self._stop.is_set() or self.blobs.get(mgr.key) is not mgr:
                 return
             # on-demand work first: back off while any is queued or running
             while self.pool.ondemand_pending() and not self._stop.is_set():
@@ -327,11 +362,13 @@ class Daemon(MountLifecycle):
     def describe(self, img: Image) -> dict:
         d = img.to_json()
         blobs = []
-        for b in img.blob_ids:
-            mgr = self.blobs.get(b)
+        for b, key in zip(img.blob_ids, img.blob_keys):
+            mgr = self.blobs.get(key)
             if mgr is None:
                 continue
-            blobs.append({"blob_id": b, "cache_file": mgr.cache.path,
+            # "variant": the chunk-table digest prefix when served apart (bc.variant_key)
+            blobs.append({"blob_id": b, "key": key, "variant": bc.key_variant(key),
+                          "cache_file": mgr.cache.path,
                           "cached_chunks": mgr.cache.cached_chunks,
                           "total_chunks": mgr.cache.total_chunks,
                           "complete": mgr.complete()})
@@ -350,7 +387,8 @@ class Daemon(MountLifecycle):
         blobs = {}
         for b, m in mgrs:
             s = m.stats.snapshot()
-            s.update(cached_chunks=m.cache.cached_chunks, total_chunks=m.cache.total_chunks,
+            s.update(blob_id=m.blob_id, variant=bc.key_variant(b),
+                     cached_chunks=m.cache.cached_chunks, total_chunks=m.cache.total_chunks,
                      uncompressed_size=m.size, compressed_size=m.meta.compressed_size,
                      complete=m.complete(), meta_bytes_fetched=getattr(m, "meta_bytes_fetched", 0),
                      mounts=users.get(b, []))

@@ -14,12 +14,16 @@ DETACHED = "detached"       # gone from our mount point, its superblock still al
 class Image:
     def __init__(self, mountpoint, bootstrap, source_bootstrap, backend_spec, blob_ids,
                  prefetch, domain, options, prefetch_ranges=(), mounted_at=None,
-                 state=MOUNTING, mount_id=None, instances=()):
+                 state=MOUNTING, mount_id=None, instances=(), blob_keys=None):
         self.mountpoint = mountpoint            # canonical (realpath)
         self.bootstrap = bootstrap              # the daemon's copy, in the cache dir
         self.source_bootstrap = source_bootstrap
         self.backend_spec = backend_spec
         self.blob_ids = list(blob_ids)
+        # per blob, the cache key it is served under (the blob id, or a variant
+        # `<id>@<table digest prefix>` when another image's chunk table for that id
+        # disagrees): recorded so that a restart re-attaches each mount to its own file
+        self.blob_keys = list(blob_keys) if blob_keys else list(self.blob_ids)
         self.prefetch = prefetch
         self.domain = domain
         self.options = dict(options or {})
@@ -43,7 +47,8 @@ class Image:
     def to_json(self) -> dict:
         return {"mountpoint": self.mountpoint, "bootstrap": self.bootstrap,
                 "source_bootstrap": self.source_bootstrap, "backend": self.backend_spec,
-                "blobs": self.blob_ids, "prefetch": self.prefetch, "domain": self.domain,
+                "blobs": self.blob_ids, "blob_keys": self.blob_keys,
+                "prefetch": self.prefetch, "domain": self.domain,
                 "options": self.options, "mounted_at": self.mounted_at,
                 "state": self.state, "mount_id": self.mount_id,
                 "instances": self.instances}

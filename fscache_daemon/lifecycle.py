@@ -88,7 +88,8 @@ class MountLifecycle:
                 self._register(m["bootstrap"], mp, m["backend"], m.get("prefetch", False),
                                m.get("domain"), m.get("options"), m.get("source_bootstrap"),
                                mounted_at=m.get("mounted_at"), state=state,
-                               mount_id=mount_id, instances=m.get("instances") or ())
+                               mount_id=mount_id, instances=m.get("instances") or (),
+                               blob_keys=m.get("blob_keys"))
                 log.info("picked up %s mount %s", state, mp)
             except (DaemonError, KeyError, OSError) as e:
                 log.error("cannot pick up mount %s: %s", mp, e)
@@ -201,24 +202,35 @@ class MountLifecycle:
 
     def _register(self, boot_copy, mountpoint, backend_spec, prefetch, domain, options,
                   source_bootstrap, mounted_at=None, state=MOUNTED, mount_id=None,
-                  instances=()) -> Image:
+                  instances=(), blob_keys=None) -> Image:
+        """Open the image's blobs and make it known. `blob_keys` (from mounts.json) are
+        the cache keys a restarted mount was served under: the kernel keeps reading the
+        files it opened at mount time, so each blob goes back to exactly that cache."""
         options = dict(options or {})
         info = load_image(boot_copy)
+        if blob_keys is not None and (not isinstance(blob_keys, list) or
+                                      len(blob_keys) != len(info.blobs) or
+                                      not all(isinstance(k, str) for k in blob_keys)):
+            raise DaemonError(f"{mountpoint}: recorded cache keys do not match its bootstrap")
         be = self._backend(backend_spec, options)
         mgrs = []
-        for ref in info.blobs:
-            mgrs.append(self._open_blob(ref, be))
+        try:
+            for i, ref in enumerate(info.blobs):
+                mgrs.append(self._open_blob(ref, be, blob_keys[i] if blob_keys else None))
+        except BaseException:
+            self._close_unused(mgrs)    # e.g. a later blob's table collides: none kept
+            raise
         img = Image(mountpoint, boot_copy, source_bootstrap, backend_spec,
                     [r.blob_id for r in info.blobs], bool(prefetch), domain, options,
                     info.prefetch, mounted_at, state=state, mount_id=mount_id,
-                    instances=instances)
+                    instances=instances, blob_keys=[m.key for m in mgrs])
         with self._lock:
             if state == DETACHED:
                 self.detached.append(img)
             else:
                 self.images[mountpoint] = img
             for m in mgrs:
-                self.blob_users.setdefault(m.blob_id, set()).add(img.user)
+                self.blob_users.setdefault(m.key, set()).add(img.user)
         try:
             for m in mgrs:
                 self.frontend.prepare_blob(m)
@@ -231,6 +243,18 @@ class MountLifecycle:
             threading.Thread(target=self._learn_runs, args=(img, mgrs), daemon=True,
                              name="file-runs").start()
         return img
+
+    def _close_unused(self, mgrs) -> None:
+        """Close the managers of a failed registration that no image uses."""
+        for m in mgrs:
+            with self._lock:
+                if self.blob_users.get(m.key) or self.blobs.get(m.key) is not m:
+                    continue
+                del self.blobs[m.key]
+                ra = self._ra.pop(m.key, None)
+            if ra is not None:
+                ra.reset()
+            m.close()
 
     def _learn_runs(self, img: Image, mgrs) -> None:
         try:
@@ -251,7 +275,7 @@ class MountLifecycle:
                 del self.images[img.mountpoint]
             if img in self.detached:
                 self.detached.remove(img)
-            for b in img.blob_ids:
+            for b in set(img.blob_keys):
                 users = self.blob_users.get(b)
                 if users is None:
                     continue
@@ -268,7 +292,7 @@ class MountLifecycle:
             try:
                 self.frontend.release_blob(mgr)
             except (FrontendError, OSError) as e:
-                log.warning("blob %s: release failed: %s", mgr.blob_id[:12], e)
+                log.warning("blob %s: release failed: %s", mgr.key[:12], e)
             mgr.sync()
             mgr.close()
 
@@ -343,7 +367,7 @@ class MountLifecycle:
                 del self.images[img.mountpoint]
             old = img.user
             img.state, img.mount_id = DETACHED, None
-            for b in img.blob_ids:
+            for b in img.blob_keys:
                 users = self.blob_users.setdefault(b, set())
                 users.discard(old)
                 users.add(img.user)

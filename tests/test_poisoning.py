@@ -5,12 +5,16 @@ the same shape (same names and sizes, other bytes, so the blob's uncompressed la
 the same), then rewrites its bootstrap to name the genuine blob id and serves its own
 blob under that id. Blob ids are public, so this needs no secret. Whatever the order of
 mounts, unmounts and daemon restarts, the genuine image must read back its own bytes
-exactly (an error is allowed, other bytes never).
+exactly (other bytes never). Both images mounted at once are both served, each from its
+own cache file (the later one under the variant key `<id>@<table digest prefix>`):
+neither is refused, so a hostile image cannot deny the genuine one its mount.
 """
 
 import os
 import random
 import shutil
+import subprocess
+import sys
 
 import helpers
 import pytest
@@ -92,17 +96,10 @@ def expect_own_bytes(src, mnt, names=None):
     assert not wrong, f"{len(wrong)} files read other bytes, e.g. {wrong[:3]}"
 
 
-def try_mount(d, boot, mnt, backend):
-    """Mount through the API: True if mounted, False if refused with a clear error."""
-    os.makedirs(mnt, exist_ok=True)
-    st, res = d.api.request("POST", "/api/v1/mounts",
-                            {"bootstrap": boot, "mountpoint": mnt, "backend": backend})
-    if st == 201:
-        d.mounts.append(mnt)
-        return True
-    assert 400 <= st < 600 and "chunk table" in str(res), (st, res)
-    assert not os.path.ismount(mnt)
-    return False
+def cache_of(res, blob_id):
+    """(cache key, cache file) of blob_id in a mount's description."""
+    b, = [b for b in res["blobs"] if b["blob_id"] == blob_id]
+    return b["key"], b["cache_file"]
 
 
 def test_attacker_first_then_genuine_then_restart(attack, tmp_path):
@@ -112,10 +109,13 @@ def test_attacker_first_then_genuine_then_restart(attack, tmp_path):
     try:
         d.mount(a["a_boot"], ma, f"localfs:{a['a_blobs']}")
         expect_own_bytes(a["a_src"], ma)           # the attacker's cache is full of its bytes
-        # the genuine image, while the attacker's is mounted: its own bytes or a refusal
-        if try_mount(d, a["g_boot"], mg, f"localfs:{a['g_blobs']}"):
-            expect_own_bytes(a["g_src"], mg)
-            d.umount(mg)
+        # the genuine image, while the attacker's is mounted: served, from its own file
+        rg = d.mount(a["g_boot"], mg, f"localfs:{a['g_blobs']}")
+        gkey, gfile = cache_of(rg, a["blob_id"])
+        assert gkey.startswith(a["blob_id"] + "@") and gfile.endswith(gkey + ".blob")
+        expect_own_bytes(a["g_src"], mg)
+        expect_own_bytes(a["a_src"], ma)
+        d.umount(mg)
         d.umount(ma)
         d.mount(a["g_boot"], mg, f"localfs:{a['g_blobs']}")
         half = NAMES[::2]
@@ -160,23 +160,22 @@ def test_attacker_cache_left_on_disk_across_restart(attack, tmp_path):
 
 
 def test_genuine_first_attacker_cannot_change_its_bytes(attack, tmp_path):
-    """Genuine mounted and half read; the attacker's mount (refused or served apart)
-    must not change what the genuine image reads for its other half."""
+    """Genuine mounted and half read; the attacker's mount is served apart and must not
+    change what the genuine image reads for its other half."""
     a = attack
     d = DaemonProc(str(tmp_path / "d"), threads=4).start()
     ma, mg = str(tmp_path / "ma"), str(tmp_path / "mg")
     try:
-        d.mount(a["g_boot"], mg, f"localfs:{a['g_blobs']}")
+        rg = d.mount(a["g_boot"], mg, f"localfs:{a['g_blobs']}")
         expect_own_bytes(a["g_src"], mg, NAMES[::2])
-        if try_mount(d, a["a_boot"], ma, f"localfs:{a['a_blobs']}"):
-            # whatever the attacker's mount reads, the genuine image keeps its bytes
-            for n in NAMES[1::2]:
-                try:
-                    file_sha(os.path.join(ma, n))
-                except OSError:
-                    pass
+        ra = d.mount(a["a_boot"], ma, f"localfs:{a['a_blobs']}")
+        assert cache_of(rg, a["blob_id"])[0] == a["blob_id"]
+        assert cache_of(ra, a["blob_id"])[0].startswith(a["blob_id"] + "@")
+        # the attacker reads its own bytes; the genuine image keeps its own
+        expect_own_bytes(a["a_src"], ma, NAMES[1::2])
         drop_caches()
         expect_own_bytes(a["g_src"], mg)
+        expect_own_bytes(a["a_src"], ma)
     finally:
         d.cleanup()
 
@@ -214,4 +213,119 @@ def test_images_sharing_a_blob_share_its_cache(tmp_path):
         helpers.assert_same_tree(base, m1)
         helpers.assert_same_tree(src, m2)
     finally:
+        d.cleanup()
+
+
+def test_both_mounted_each_own_bytes_across_restarts_and_release(attack, tmp_path):
+    """Genuine and attacker mounted at once, each half read; two restarts (mounts.json
+    re-attaches each mount to its own cache file); each reads its own bytes exactly;
+    metrics show both variants; unmounting one releases only its variant."""
+    a = attack
+    d = DaemonProc(str(tmp_path / "d"), threads=4).start()
+    ma, mg = str(tmp_path / "ma"), str(tmp_path / "mg")
+    try:
+        ra = d.mount(a["a_boot"], ma, f"localfs:{a['a_blobs']}")
+        rg = d.mount(a["g_boot"], mg, f"localfs:{a['g_blobs']}")
+        akey, afile = cache_of(ra, a["blob_id"])
+        gkey, gfile = cache_of(rg, a["blob_id"])
+        assert akey == a["blob_id"] and gkey.startswith(a["blob_id"] + "@") and afile != gfile
+        expect_own_bytes(a["g_src"], mg, NAMES[::2])
+        expect_own_bytes(a["a_src"], ma, NAMES[1::2])
+        m = d.metrics()["blobs"]
+        assert m[akey]["mounts"] == [ma] and m[gkey]["mounts"] == [mg]
+        assert m[gkey]["blob_id"] == a["blob_id"] and m[gkey]["variant"] == gkey.split("@")[1]
+        assert m[akey]["variant"] is None
+        # plain `status` names the variant (blob id prefix @ table digest prefix)
+        out = subprocess.run([sys.executable, "-m", "fscache_daemon.cli", "status",
+                              "--api-sock", d.sock], capture_output=True, text=True,
+                             check=True).stdout
+        assert f"blob {a['blob_id'][:16]}@{gkey.split('@')[1]}  chunks" in out, out
+        assert f"blob {a['blob_id'][:16]}  chunks" in out, out
+        for _ in range(2):
+            d.stop()
+            d.start()
+            drop_caches()
+            expect_own_bytes(a["g_src"], mg)
+            expect_own_bytes(a["a_src"], ma)
+            st, mounts = d.api.request("GET", "/api/v1/mounts")
+            keys = {x["mountpoint"]: cache_of(x, a["blob_id"]) for x in mounts}
+            assert keys == {ma: (akey, afile), mg: (gkey, gfile)}
+        helpers.assert_same_tree(a["g_src"], mg)
+        helpers.assert_same_tree(a["a_src"], ma)
+        # the attacker's mount goes: only its cache is released, the genuine one serves on
+        d.umount(ma)
+        m = d.metrics()["blobs"]
+        assert akey not in m and m[gkey]["mounts"] == [mg]
+        drop_caches()
+        expect_own_bytes(a["g_src"], mg)
+        # and the attacker again: its plain cache (still on disk, still its own) returns
+        ra = d.mount(a["a_boot"], ma, f"localfs:{a['a_blobs']}")
+        assert cache_of(ra, a["blob_id"]) == (akey, afile)
+        expect_own_bytes(a["a_src"], ma)
+        d.umount(ma)
+        d.umount(mg)
+        assert not d.metrics()["blobs"]
+    finally:
+        d.cleanup()
+
+
+def _holder_status(d):
+    from fscache_daemon.frontend.fdholder import HolderChannel
+    ch = HolderChannel(os.path.join(d.cache_dir, "fdholder.sock"), timeout=5)
+    try:
+        return ch.status()
+    finally:
+        ch.close()
+
+
+def _wait_for(pred, what, timeout=30.0):
+    import time
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_variant_marks_apart_and_released_with_its_last_superblock(attack, tmp_path):
+    """Each variant has its own fanotify mark and filled bitmap in the fd holder (keyed by
+    cache file, not blob id); the genuine image's variant, unmounted while an overlay
+    holds its superblock, stays served (detached) after the attacker's plain cache was
+    released, reads its own bytes, and goes when the overlay goes."""
+    a = attack
+    d = DaemonProc(str(tmp_path / "d"), threads=4).start()
+    ma, mg = str(tmp_path / "ma"), str(tmp_path / "mg")
+    ov = {k: str(tmp_path / k) for k in ("upper", "work", "merged")}
+    for p in ov.values():
+        os.makedirs(p)
+    try:
+        ra = d.mount(a["a_boot"], ma, f"localfs:{a['a_blobs']}")
+        rg = d.mount(a["g_boot"], mg, f"localfs:{a['g_blobs']}")
+        akey, afile = cache_of(ra, a["blob_id"])
+        gkey, gfile = cache_of(rg, a["blob_id"])
+        st = _holder_status(d)
+        assert afile in st["marks"] and gfile in st["marks"], st
+        assert st["filled_maps"] >= 2, st
+        subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
+                        f"lowerdir={mg},upperdir={ov['upper']},workdir={ov['work']}",
+                        ov["merged"]], check=True)
+        st_, res = d.api.request("POST", "/api/v1/umount", {"mountpoint": mg})
+        assert st_ == 200 and res["released"] is False, res
+        d.mounts.remove(mg)
+        d.umount(ma)                               # the attacker's cache goes at once
+        m = d.metrics()
+        assert akey not in m["blobs"] and m["detached"] == 1
+        assert gkey in m["blobs"] and "detached" in m["blobs"][gkey]["mounts"][0]
+        marks = _holder_status(d)["marks"]
+        assert afile not in marks and gfile in marks
+        drop_caches()
+        expect_own_bytes(a["g_src"], ov["merged"])
+        subprocess.run(["umount", ov["merged"]], check=True)
+        _wait_for(lambda: gkey not in d.metrics()["blobs"], "the variant's release")
+        assert gfile not in _holder_status(d)["marks"]
+        assert d.metrics()["detached"] == 0
+    finally:
+        if os.path.ismount(ov["merged"]):
+            subprocess.run(["umount", "-l", ov["merged"]])
         d.cleanup()

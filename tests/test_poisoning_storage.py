@@ -118,3 +118,132 @@ def test_unpinned_bootstrap_compares_with_its_own_backend(attack, tmp_path):
     with pytest.raises(StorageError, match="chunk table"):
         bc.check_shareable(ameta, ga.blob_id, gbe, entry=ga.entry,
                            blob_size=ga.compressed_size, pins={})
+
+
+def _cache_bytes(path, meta):
+    with open(path, "rb") as f:
+        return {c.index: os.pread(f.fileno(), c.uncompressed_size, c.uncompressed_offset)
+                for c in meta.chunks}
+
+
+def test_daemon_serves_both_tables_from_their_own_caches(attack, tmp_path):
+    """No kernel (the daemon's null front end): the attacker's image and the genuine one
+    mounted at once are both served, each from its own cache file with its own bytes;
+    mounts.json records the cache keys, so a restart re-attaches each mount to its own
+    file whatever the order of the records; unmounting one releases only its cache."""
+    import json
+
+    from fscache_daemon.daemon import Daemon
+    from fscache_daemon.frontend.base import NullFrontend
+    a = attack
+    cdir = str(tmp_path / "cache")
+    ma, mg = str(tmp_path / "ma"), str(tmp_path / "mg")
+    d = Daemon(cdir, frontend=NullFrontend(), threads=2, durable=False, readahead=0)
+    d.start()
+    try:
+        ra = d.mount(a["a_boot"], ma, f"localfs:{a['a_blobs']}")
+        rg = d.mount(a["g_boot"], mg, f"localfs:{a['g_blobs']}")
+        (ba,), (bg,) = ra["blobs"], rg["blobs"]
+        assert ba["key"] == a["blob_id"] and ba["variant"] is None
+        assert bg["key"] == bc.variant_key(a["blob_id"], load_image(a["g_boot"]).blobs[0]
+                                           .table_digest)
+        assert bg["variant"] == bg["key"].split("@")[1] and len(bg["variant"]) == 16
+        assert bg["cache_file"] == bc.cache_path(os.path.join(cdir, "blobs"), bg["key"])
+        for b in (ba, bg):
+            mgr = d.blobs[b["key"]]
+            d.fill(b["key"], 0, mgr.size)
+        wa, wg = _expected(a["a_boot"], a["a_blobs"]), _expected(a["g_boot"], a["g_blobs"])
+        assert _cache_bytes(ba["cache_file"], d.blobs[ba["key"]].meta) == wa
+        assert _cache_bytes(bg["cache_file"], d.blobs[bg["key"]].meta) == wg
+        m = d.metrics()["blobs"]
+        assert m[ba["key"]]["mounts"] == [ma] and m[bg["key"]]["mounts"] == [mg]
+        assert m[bg["key"]]["blob_id"] == a["blob_id"]
+    finally:
+        d.shutdown()
+    # restart with the records in the other order: each mount gets its recorded cache
+    path = os.path.join(cdir, "mounts.json")
+    state = json.load(open(path))
+    assert {r["mountpoint"]: r["blob_keys"] for r in state["mounts"]} == \
+        {ma: [ba["key"]], mg: [bg["key"]]}
+    state["mounts"].reverse()
+    open(path, "w").write(json.dumps(state))
+    d = Daemon(cdir, frontend=NullFrontend(), threads=2, durable=False, readahead=0)
+    d.start()
+    try:
+        got = {i.mountpoint: i.blob_keys for i in d.all_images()}
+        assert got == {ma: [ba["key"]], mg: [bg["key"]]}
+        for b, want in ((ba, wa), (bg, wg)):
+            mgr = d.blobs[b["key"]]
+            assert mgr.complete()             # nothing rebuilt, nothing emptied
+            assert mgr.fill(0, mgr.size) == 0
+            assert _cache_bytes(b["cache_file"], mgr.meta) == want
+        d.umount(ma)
+        assert ba["key"] not in d.blobs and set(d.blob_users) == {bg["key"]}
+        # the genuine image a second time shares its variant (same table)
+        mg2 = str(tmp_path / "mg2")
+        r2 = d.mount(a["g_boot"], mg2, f"localfs:{a['g_blobs']}")
+        assert r2["blobs"][0]["key"] == bg["key"]
+        assert d.metrics()["blobs"][bg["key"]]["mounts"] == sorted([mg, mg2])
+    finally:
+        d.shutdown()
+
+
+def test_restore_refuses_cache_keys_of_another_blob(attack, tmp_path):
+    """A mounts.json whose cache key names another blob id is not followed."""
+    import json
+
+    from fscache_daemon.daemon import Daemon
+    from fscache_daemon.frontend.base import NullFrontend
+    a = attack
+    cdir = str(tmp_path / "cache")
+    d = Daemon(cdir, frontend=NullFrontend(), threads=2, durable=False, readahead=0)
+    d.start()
+    try:
+        d.mount(a["g_boot"], str(tmp_path / "mg"), f"localfs:{a['g_blobs']}")
+    finally:
+        d.shutdown()
+    path = os.path.join(cdir, "mounts.json")
+    state = json.load(open(path))
+    state["mounts"][0]["blob_keys"] = ["0" * 64]
+    open(path, "w").write(json.dumps(state))
+    d = Daemon(cdir, frontend=NullFrontend(), threads=2, durable=False, readahead=0)
+    d.start()
+    try:
+        assert not d.all_images() and not d.blobs
+    finally:
+        d.shutdown()
+
+
+def test_failed_mount_keeps_no_blob_open(tmp_path):
+    """A mount whose second blob cannot be opened (here: missing from its backend)
+    leaves none of its blobs open: no cache held for an image that is not there."""
+    import random
+    import shutil
+
+    from test_daemon_support import pack
+    from test_poisoning import CHUNK, NAMES, _tree
+
+    from fscache_daemon.daemon import Daemon
+    from fscache_daemon.errors import DaemonError
+    from fscache_daemon.frontend.base import NullFrontend
+    base = _tree(str(tmp_path / "base"), 3, [100_000 + 997 * i for i in range(len(NAMES))])
+    src = str(tmp_path / "src")
+    shutil.copytree(os.path.join(base, "d0"), os.path.join(src, "d0"))
+    with open(os.path.join(src, "new.bin"), "wb") as f:
+        f.write(random.Random(4).randbytes(200_000))
+    blobs = str(tmp_path / "blobs")
+    pack(base, str(tmp_path / "b1"), blobs, "--chunk-size", CHUNK)
+    i2 = pack(src, str(tmp_path / "b2"), blobs, "--chunk-size", CHUNK, "--chunk-dict",
+              str(tmp_path / "b1"))
+    ids = [b["blob_id"] for b in i2["blobs"]]
+    assert len(ids) == 2
+    os.unlink(os.path.join(blobs, ids[-1]))
+    d = Daemon(str(tmp_path / "cache"), frontend=NullFrontend(), threads=2, durable=False,
+               readahead=0)
+    d.start()
+    try:
+        with pytest.raises(DaemonError):
+            d.mount(str(tmp_path / "b2"), str(tmp_path / "m"), f"localfs:{blobs}")
+        assert not d.blobs and not d.blob_users and not d.all_images()
+    finally:
+        d.shutdown()

@@ -16,6 +16,7 @@ class ImageView(Protocol):
     mountpoint: str
     bootstrap: str          # the daemon's copy: the mount source
     blob_ids: list[str]
+    blob_keys: list[str]    # per blob, the daemon's cache key (blob id or a variant)
     domain: str | None
     fsid: str
     instances: list[str]    # set by Frontend.mount
@@ -23,13 +24,13 @@ class ImageView(Protocol):
 
 
 class DaemonView(Protocol):
-    blobs: dict[str, Any]   # blob id -> storage.blobcache.BlobManager
+    blobs: dict[str, Any]   # cache key -> storage.blobcache.BlobManager (mgr.key)
     images: dict[str, Any]  # canonical mount point -> ImageView
     pool: Executor
 
-    def fill(self, blob_id: str, offset: int, length: int) -> None: ...
+    def fill(self, key: str, offset: int, length: int) -> None: ...
 
-    def fast_path(self, blob_id: str, offset: int, length: int) -> bool: ...
+    def fast_path(self, key: str, offset: int, length: int) -> bool: ...
 
     def all_images(self) -> list[Any]: ...
 
@@ -55,9 +56,9 @@ def sys_umount(target: str, lazy: bool = False) -> None:
 class Frontend:
     """What the daemon needs from a kernel front end.
 
-    start(daemon)          begin serving; call daemon.fill(blob_id, off, len) (blocking,
+    start(daemon)          begin serving; call daemon.fill(mgr.key, off, len) (blocking,
                            raises on failure -> EIO for that reader) and may use
-                           daemon.fast_path(blob_id, off, len) -> bool and daemon.pool
+                           daemon.fast_path(mgr.key, off, len) -> bool and daemon.pool
     prepare_blob(mgr)      before mounting an image that uses the blob (fanotify: mark the
                            cache file and hand the manager a writer fd)
     blob_complete(mgr)     every chunk of the blob is cached (fanotify: remove the mark)

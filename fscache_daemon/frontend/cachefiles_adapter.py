@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+from fscache_daemon.errors import MountError
 from fscache_daemon.frontend.base import DaemonView, Frontend, ImageView
 
 
@@ -34,17 +35,33 @@ class CachefilesAdapter(Frontend):
         for img in d.all_images():
             if cookie == img.fsid:
                 return self._cf.FileSource(img.bootstrap)
-        mgr = d.blobs.get(cookie)
+        # the volume is the image's fsid or its domain: the cache key (blob id or a
+        # variant for a disagreeing chunk table) is the one that image's blob is served by
+        key = next((k for img in d.all_images() if volume in (img.fsid, img.domain)
+                    for b, k in zip(img.blob_ids, img.blob_keys) if b == cookie), None)
+        mgr = d.blobs.get(key) if key is not None else None
         if mgr is None:
             return None
 
         def read(off, length):
-            d.fill(cookie, off, length)
+            d.fill(key, off, length)
             return os.pread(mgr.cache._own_fd, length, off)
 
         return self._cf.CallbackSource(mgr.size, read)
 
     def mount(self, image: ImageView) -> None:
+        if image.domain:
+            # images of one domain share the kernel's cookie of a blob id: they cannot be
+            # served from two caches (variants of one blob id)
+            for other in self._daemon.all_images():
+                if other is image or other.domain != image.domain:
+                    continue
+                mine = dict(zip(image.blob_ids, image.blob_keys))
+                for b, k in zip(other.blob_ids, other.blob_keys):
+                    if b in mine and mine[b] != k:
+                        raise MountError(f"{image.mountpoint}: blob {b[:12]} has another "
+                                         f"chunk table in domain {image.domain} (mounted "
+                                         f"on {other.mountpoint}); use another domain")
         self._cf.mount_fscache(image.fsid, image.mountpoint, image.domain)
         # EROFS names an fscache-mode superblock's sysfs entry "[domain,]fsid"
         image.instances = [f"{image.domain},{image.fsid}" if image.domain else image.fsid]

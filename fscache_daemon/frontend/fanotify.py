@@ -100,6 +100,9 @@ class _Marked:
     path: str
     size: int
     writer_fd: int
+    # the marked file's (st_dev, st_ino), taken at mark time: the writer fd may be closed
+    # (and its number reused) once the mark is gone, so it is never fstat'ed later
+    inode: tuple[int, int] = (0, 0)
 
 
 class PreContentWatcher:
@@ -153,14 +156,15 @@ class PreContentWatcher:
         path = os.path.abspath(os.fspath(path))
         wfd = self._channel.mark(path, filled=filled)
         st = os.fstat(wfd)
-        m = _Marked(key, path, st.st_size, wfd)
+        inode = (st.st_dev, st.st_ino)
+        m = _Marked(key, path, st.st_size, wfd, inode)
         with self._lock:
             old = self._by_key.get(key)
-            if old is not None and old.writer_fd != wfd:
+            if old is not None and old.inode != inode:
                 # the key now names another file (replaced at its path): events on the old
                 # inode must not be "filled" through the new file; they get EIO instead
-                ost = os.fstat(old.writer_fd)
-                self._by_inode.pop((ost.st_dev, ost.st_ino), None)
+                if self._by_inode.get(old.inode) is old:
+                    self._by_inode.pop(old.inode, None)
                 log.warning("fanotify: key %r moved to a new file; the old one stays marked "
                             "and its reads fail with EIO", key)
             self._by_inode[(st.st_dev, st.st_ino)] = m
@@ -174,9 +178,9 @@ class PreContentWatcher:
             m = self._by_key.pop(key, None)
             if m is None:
                 raise FrontendError(f"fanotify: key {key!r} is not marked")
-            st = os.fstat(m.writer_fd)
-            inode = (st.st_dev, st.st_ino)
-            self._by_inode.pop(inode, None)
+            inode = m.inode
+            if self._by_inode.get(inode) is m:
+                self._by_inode.pop(inode, None)
         self._channel.unmark(m.path, inode)
         log.info("fanotify: unmarked %s (key %r)", m.path, key)
 

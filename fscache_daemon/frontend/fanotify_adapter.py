@@ -114,9 +114,13 @@ class FanotifyFrontend(Frontend):
         self.holder_sock = holder_sock or os.path.join(cache_dir, "fdholder.sock")
         self.watcher = None
         self._marked: set[str] = set()
-        # blob id -> (FilledMap shared with the fd holder, its store listener)
+        # Keyed by cache key (mgr.key: the blob id, or a variant `<id>@<table digest>`
+        # with a cache file of its own), never by blob id alone: two images naming one
+        # blob id with different chunk tables have two cache files, each with its own
+        # mark and filled bitmap.
+        # cache key -> (FilledMap shared with the fd holder, its store listener)
         self._filled: dict[str, tuple] = {}
-        # blob id -> indexes of readahead markers whose filled bits are kept back
+        # cache key -> indexes of readahead markers whose filled bits are kept back
         self._withheld: dict[str, set[int]] = {}
         self._lock = threading.Lock()
 
@@ -190,7 +194,7 @@ class FanotifyFrontend(Frontend):
         from fscache_daemon.frontend.fanotify import FilledMap
         fm = FilledMap.for_file(mgr.cache.fileno())
 
-        withheld = self._withheld.setdefault(mgr.blob_id, set())
+        withheld = self._withheld.setdefault(mgr.key, set())
 
         def stored(chunks):
             for c in chunks:
@@ -204,39 +208,39 @@ class FanotifyFrontend(Frontend):
         return fm, stored
 
     def withhold(self, mgr, chunk) -> None:
-        self._withheld.setdefault(mgr.blob_id, set()).add(chunk.index)
+        self._withheld.setdefault(mgr.key, set()).add(chunk.index)
 
     def publish(self, mgr, chunk) -> None:
-        withheld = self._withheld.get(mgr.blob_id)
+        withheld = self._withheld.get(mgr.key)
         if withheld is None:
             return
         withheld.discard(chunk.index)
-        item = self._filled.get(mgr.blob_id)
+        item = self._filled.get(mgr.key)
         if item is not None and mgr.cache.has(chunk):
             item[0].set_range(chunk.uncompressed_offset, chunk.uncompressed_size)
 
     def _drop_filled(self, mgr) -> None:
-        item = self._filled.pop(mgr.blob_id, None)
-        self._withheld.pop(mgr.blob_id, None)
+        item = self._filled.pop(mgr.key, None)
+        self._withheld.pop(mgr.key, None)
         if item is not None:
             mgr.cache.remove_store_listener(item[1])
             item[0].close()
 
     def prepare_blob(self, mgr) -> None:
         with self._lock:
-            if mgr.blob_id in self._marked:
+            if mgr.key in self._marked:
                 return
             fm = None
             if self.holder and self.filled_map:
                 self._drop_filled(mgr)
-                self._filled[mgr.blob_id] = item = self._new_filled(mgr)
+                self._filled[mgr.key] = item = self._new_filled(mgr)
                 fm = item[0]
             try:
-                wfd = self.watcher.mark(mgr.cache.path, mgr.blob_id, filled=fm)
+                wfd = self.watcher.mark(mgr.cache.path, mgr.key, filled=fm)
             except BaseException:
                 self._drop_filled(mgr)
                 raise
-            self._marked.add(mgr.blob_id)
+            self._marked.add(mgr.key)
         mgr.cache.use_write_fd(wfd)
         if mgr.complete():
             self.blob_complete(mgr)
@@ -247,8 +251,8 @@ class FanotifyFrontend(Frontend):
                      mgr.blob_id[:12])
         d = self._daemon
         for img in list(d.images.values()):
-            if img.readahead_restore and mgr.blob_id in img.blob_ids and \
-                    all(b in d.blobs and d.blobs[b].complete() for b in img.blob_ids):
+            if img.readahead_restore and mgr.key in img.blob_keys and \
+                    all(b in d.blobs and d.blobs[b].complete() for b in img.blob_keys):
                 # no more events: the kernel's default window reads faster from the cache
                 mounts.set_readahead(*img.readahead_restore)
                 img.readahead_restore = None
@@ -259,9 +263,9 @@ class FanotifyFrontend(Frontend):
 
     def _unmark(self, mgr) -> bool:
         with self._lock:
-            if mgr.blob_id not in self._marked:
+            if mgr.key not in self._marked:
                 return False
-            self._marked.discard(mgr.blob_id)
+            self._marked.discard(mgr.key)
             mgr.cache.use_write_fd(None)
             # Remove the kernel mark through the channel but keep the watcher's mapping
             # of this cache file: events queued before the mark went away still arrive
@@ -272,7 +276,7 @@ class FanotifyFrontend(Frontend):
         return True
 
     def mount(self, image: ImageView) -> None:
-        devs = [self._daemon.blobs[b].cache.path for b in image.blob_ids]
+        devs = [self._daemon.blobs[k].cache.path for k in image.blob_keys]
         for d in devs:
             if "," in d:
                 raise MountError(f"{d}: cache file paths must not contain ','")
@@ -285,7 +289,7 @@ class FanotifyFrontend(Frontend):
         # moment; then all are kept, and the blobs stay served until every one is gone
         # (later than needed, never too early).
         image.instances = sorted(new)
-        blobs = [self._daemon.blobs[b] for b in image.blob_ids]
+        blobs = [self._daemon.blobs[k] for k in image.blob_keys]
         if all(m.complete() for m in blobs):
             return
         if len(new) == 1:   # else another erofs mount raced with ours: leave it alone

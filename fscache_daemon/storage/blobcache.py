@@ -1,7 +1,7 @@
 """Per-blob cache: the sparse cache file, the persistent chunk-state record, the chunk
 map cached on disk, and the BlobManager that fills ranges on demand.
 
-Files in the cache directory, per blob id:
+Files in the cache directory, per cache key (the blob id, or a variant of it):
 
 - `<id>.blob`     the cache file: sparse, exactly the blob's uncompressed size; every chunk
                   at its (4 KiB aligned) uncompressed offset. This is the file the kernel
@@ -26,10 +26,13 @@ its own backend with other bytes under that id. A chunk map is therefore used fo
 bootstrap only if it agrees with every chunk that bootstrap's chunk-info table pins
 (position and digest; `pin_mismatch`); the bootstrap's digests replace the blob's own
 (the blob's `blob.digest` section is whatever its backend served). A map that disagrees
-is rebuilt for the new bootstrap when no mounted image uses it (the cache file is
-emptied), and a mount that would share a blob in use under a disagreeing table is refused
-(`check_shareable`). Bootstraps that agree (the same image twice, or an image made with
-`--chunk-dict` that pins a subset of another's chunks) share one cache file.
+is rebuilt for the new bootstrap only when it is its own (a cache key is a blob id or a
+variant, see below; the cache file is emptied). Bootstraps that agree (the same image
+twice, or an image made with `--chunk-dict` that pins a subset of another's chunks)
+share one cache file; a bootstrap whose table disagrees with the blob's cache in use or
+on disk gets a cache of its own, named by the *cache key* `<id>@<table digest prefix>`
+(`chunkmap.variant_key`): `<key>.blob`, `<key>.chunks`, `<key>.map`. Both images are then
+served, each from its own file.
 """
 
 from __future__ import annotations
@@ -56,9 +59,13 @@ from .chunkmap import (  # noqa: F401
     MAP_HEADER,
     MAP_MAGIC,
     check_shareable,
+    key_blob_id,
+    key_variant,
     load_or_fetch_meta,
     map_path,
     pin_mismatch,
+    share_mismatch,
+    variant_key,
 )
 from .planner import DEFAULT_BATCH_SIZE, chunks_in_range, clamp_range, plan
 from .stats import BlobStats
@@ -77,12 +84,13 @@ def _write_atomic(path: str, data: bytes) -> None:
     atomic_write_bytes(path, data, mode=0o600)
 
 
-def cache_path(directory: str, blob_id: str) -> str:
-    return os.path.join(directory, blob_id + ".blob")
+def cache_path(directory: str, key: str) -> str:
+    """The cache file of a cache key (a blob id, or a variant: chunkmap.variant_key)."""
+    return os.path.join(directory, key + ".blob")
 
 
-def state_path(directory: str, blob_id: str) -> str:
-    return os.path.join(directory, blob_id + ".chunks")
+def state_path(directory: str, key: str) -> str:
+    return os.path.join(directory, key + ".chunks")
 
 
 def _boot_id() -> bytes:
@@ -209,15 +217,19 @@ class ChunkState:
 
 
 class BlobCache:
-    """The cache file and chunk state of one blob."""
+    """The cache file and chunk state of one blob under one cache key (default: the
+    blob id; a variant key for a disagreeing chunk table)."""
 
-    def __init__(self, directory: str, meta, *, durable: bool = True):
+    def __init__(self, directory: str, meta, *, durable: bool = True, key: str | None = None):
         self.directory = directory
         self.meta = meta
         self.blob_id = meta.blob_id
+        self.key = key or meta.blob_id
+        if key_blob_id(self.key) != self.blob_id:
+            raise StorageError(f"cache key {self.key!r} is not one of blob {self.blob_id}")
         self.size = meta.uncompressed_size
         self.durable = durable
-        self.path = cache_path(directory, self.blob_id)
+        self.path = cache_path(directory, self.key)
         nchunks = max((c.index for c in meta.chunks), default=-1) + 1
         if nchunks > len(meta.chunks) * 4 + 64:
             raise StorageError(f"blob {self.blob_id}: chunk indexes are too sparse")
@@ -237,10 +249,10 @@ class BlobCache:
         # close; a cache file modified after the record was (by anything but us, or by a
         # daemon killed between a write and its bit) gets its cached chunks re-verified.
         try:
-            written_after = st.st_mtime_ns > os.stat(state_path(directory, self.blob_id)).st_mtime_ns
+            written_after = st.st_mtime_ns > os.stat(state_path(directory, self.key)).st_mtime_ns
         except FileNotFoundError:
             written_after = False
-        self.state = ChunkState(state_path(directory, self.blob_id), nchunks, self.size, digest)
+        self.state = ChunkState(state_path(directory, self.key), nchunks, self.size, digest)
         if st.st_size != self.size or (self.state.mismatched and st.st_blocks):
             if st.st_size:
                 log.warning("%s: cache file is %d bytes for a blob of %d, or was filled for "
@@ -392,7 +404,8 @@ class BlobManager:
     def __init__(self, meta, cache: BlobCache, backend, *, batch_size: int = DEFAULT_BATCH_SIZE,
                  on_complete=None):
         self.meta = meta
-        self.blob_id = meta.blob_id
+        self.blob_id = meta.blob_id     # what the backend is asked for
+        self.key = cache.key            # what the daemon and front ends name it by
         self.cache = cache
         self.backend = backend
         self.batch_size = batch_size

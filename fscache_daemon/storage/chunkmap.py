@@ -12,6 +12,12 @@ with every chunk the bootstrap's chunk-info table pins, place and digest
 (`pin_mismatch`); when a map is made, the bootstrap's digests replace the blob's own
 (its `blob.digest` section is whatever its backend served). See blobcache for what
 happens to the cache file when the map changes.
+
+Cache key: the stem of a blob's files. It is the blob id for the first chunk table the
+cache serves, and `<blob id>@<table digest prefix>` (`variant_key`) for a bootstrap whose
+chunk table disagrees with the one already cached or in use under the plain id: two
+images naming one blob id with different tables then each get their own cache file and
+map, and are both served (neither is refused, neither sees the other's bytes).
 """
 
 from __future__ import annotations
@@ -33,8 +39,29 @@ MAP_HEADER = struct.Struct("<8s32s24x")     # magic, sha256 of the bootstrap chu
 assert MAP_HEADER.size == 64
 
 
-def map_path(directory: str, blob_id: str) -> str:
-    return os.path.join(directory, blob_id + ".map")
+# hex digits of the chunk-table digest in a variant's cache key: 64 bits, so that a table
+# crafted to collide with another's needs ~2^64 work; a collision is refused, not served
+VARIANT_HEX = 16
+
+
+def variant_key(blob_id: str, table: bytes) -> str:
+    """The cache key of blob `blob_id` served for a bootstrap whose chunk table has the
+    digest `table` (storage.image.table_digest), apart from the blob's plain cache."""
+    return f"{blob_id}@{table.hex()[:VARIANT_HEX]}"
+
+
+def key_blob_id(key: str) -> str:
+    """The blob id a cache key is for."""
+    return key.split("@", 1)[0]
+
+
+def key_variant(key: str) -> str | None:
+    """The table digest prefix of a variant's cache key; None for a blob's plain cache."""
+    return key.split("@", 1)[1] if "@" in key else None
+
+
+def map_path(directory: str, key: str) -> str:
+    return os.path.join(directory, key + ".map")
 
 
 def pin_mismatch(meta, uncompressed_size, pins) -> str | None:
@@ -119,7 +146,8 @@ def _fetch_meta(blob_id: str, backend, entry, blob_size, digests, pins):
 
 
 def load_or_fetch_meta(directory, blob_id, backend, entry=None, blob_size=None,
-                       digests=None, pins=None, table: bytes = b""):
+                       digests=None, pins=None, table: bytes = b"", *, key: str | None = None,
+                       rebuild: bool = True):
     """The blob's chunk map for one bootstrap: from `<id>.map` if present, valid and in
     agreement with the bootstrap, else read from the blob through the backend (its CI
     table), with the bootstrap's pins applied, and cached. Returns (meta, backend bytes
@@ -128,8 +156,12 @@ def load_or_fetch_meta(directory, blob_id, backend, entry=None, blob_size=None,
     `pins` ({CI index: ChunkPin}, storage.image) and `table` (their table_digest) come
     from the bootstrap being mounted; None means a caller without a bootstrap (tools,
     tests), which takes any valid map of the blob. A bootstrap that pins no chunk of the
-    blob only reuses a map equal to the one its own backend gives."""
-    path = map_path(directory, blob_id)
+    blob only reuses a map equal to the one its own backend gives.
+
+    `key` names the files (default: the blob id). With `rebuild=False` a cached map that
+    does not fit is left alone (another table's cache stays usable) and None is
+    returned."""
+    path = map_path(directory, key or blob_id)
     usize = getattr(entry, "uncompressed_size", None)
     cached = _read_map(path, blob_id)
     if cached is not None:
@@ -146,6 +178,9 @@ def load_or_fetch_meta(directory, blob_id, backend, entry=None, blob_size=None,
             why = "the bootstrap pins no chunk and its backend gives another chunk map"
         if why is None:
             return meta, 0
+        if not rebuild:
+            log.info("%s: made for another chunk table (%s); not this bootstrap's", path, why)
+            return None
         log.warning("%s: cached chunk map does not fit this bootstrap (%s); rebuilding it",
                     path, why)
     meta, fetched = _fetch_meta(blob_id, backend, entry, blob_size, digests, pins)
@@ -155,17 +190,24 @@ def load_or_fetch_meta(directory, blob_id, backend, entry=None, blob_size=None,
     return meta, fetched
 
 
-def check_shareable(meta, blob_id: str, backend, entry=None, blob_size=None, digests=None,
-                    pins=None) -> None:
-    """Raise StorageError unless a blob open with chunk map `meta` (in use by mounted
-    images, so its cache file cannot change) may also serve a bootstrap with this blob
-    entry and these pins. One cache file cannot hold two different bytes at one offset,
-    so a disagreeing bootstrap is refused rather than served the other's bytes."""
+def share_mismatch(meta, blob_id: str, backend, entry=None, blob_size=None, digests=None,
+                   pins=None) -> str | None:
+    """Why a blob open with chunk map `meta` (in use by mounted images, so its cache file
+    cannot change) may not also serve a bootstrap with this blob entry and these pins;
+    None if it may. One cache file cannot hold two different bytes at one offset: a
+    disagreeing bootstrap needs a cache of its own (variant_key)."""
     why = pin_mismatch(meta, getattr(entry, "uncompressed_size", None), pins)
     if why is None and pins is not None and not pins:
         fresh, _ = _fetch_meta(blob_id, backend, entry, blob_size, digests, pins)
         if fresh.to_bytes() != meta.to_bytes():
             why = "the bootstrap pins no chunk and its backend gives another chunk map"
+    return why
+
+
+def check_shareable(meta, blob_id: str, backend, entry=None, blob_size=None, digests=None,
+                    pins=None) -> None:
+    """Raise StorageError unless `meta`'s cache may serve this bootstrap (share_mismatch)."""
+    why = share_mismatch(meta, blob_id, backend, entry, blob_size, digests, pins)
     if why is not None:
         raise StorageError(f"blob {blob_id[:12]} is in use by an image whose chunk table "
                            f"differs from this bootstrap's ({why}); not sharing its cache")
