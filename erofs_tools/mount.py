@@ -30,6 +30,7 @@ import time
 from erofs_tools.errors import CorruptImageError, InputError, MountError
 from erofs_tools.fsutil import atomic_output
 from erofs_tools.reader import blob as rblob
+from erofs_tools.reader.bootstrap import chunk_pins
 from erofs_tools.reader.image import open_image
 
 DEFAULT_CACHE_DIR = "/var/cache/erofs-tools"
@@ -146,14 +147,8 @@ def sys_mount(source, target, fstype, flags, data):
         raise OSError(e, os.strerror(e))
 
 
-def _pin(ci):
-    """Where a chunk-info entry places its chunk, and its digest."""
-    return (ci.uncompressed_offset, ci.uncompressed_size, ci.compressed_offset,
-            ci.compressed_size, bytes(ci.digest))
-
-
 def _read_bootstrap(path):
-    """[(blob id, BlobEntry, {CI index: ChunkInfo})] in device order, through the reader
+    """[(blob id, BlobEntry, {CI index: ChunkPin})] in device order, through the reader
     (which treats every byte as untrusted)."""
     try:
         with open(path, "rb"):
@@ -168,15 +163,7 @@ def _read_bootstrap(path):
         if len(img.blob_entries) != n:
             raise CorruptImageError(f"bootstrap {path}: blob table holds "
                                     f"{len(img.blob_entries)} blobs, device table {n}")
-        pins = [{} for _ in range(n)]
-        for ci in img.chunk_infos:
-            if ci.blob_index >= n:
-                raise CorruptImageError(f"bootstrap {path}: chunk table names blob "
-                                        f"{ci.blob_index}")
-            old = pins[ci.blob_index].setdefault(ci.index, ci)
-            if _pin(old) != _pin(ci):
-                raise CorruptImageError(f"bootstrap {path}: chunk {ci.index} of blob "
-                                        f"{ci.blob_index} is given twice, differently")
+        pins = chunk_pins(img)
         out = []
         for i, entry in enumerate(img.blob_entries):
             blob_id = img.blob_id(i + 1)
@@ -205,14 +192,14 @@ def blob_chunk_map(blob_path, blob_id, entry, pins):
     the bootstrap's digests; CorruptImageError if the blob places a pinned chunk
     elsewhere or a chunk has no digest to verify it with."""
     meta = rblob.open_blob(blob_path, blob_id=blob_id, entry=entry,
-                           digests={k: ci.digest for k, ci in pins.items()})
-    for k, ci in pins.items():
+                           digests={k: pin.digest for k, pin in pins.items()})
+    for k, pin in pins.items():
         c = meta.chunk_by_index(k)
         if (c.uncompressed_offset, c.uncompressed_size, c.compressed_offset,
-                c.compressed_size) != _pin(ci)[:4]:
+                c.compressed_size) != pin[:4]:
             raise CorruptImageError(f"blob {blob_id}: chunk {k} lies elsewhere in the blob "
                                     "than the bootstrap's chunk table says")
-    meta = meta.with_digests({k: bytes(ci.digest) for k, ci in pins.items()})
+    meta = meta.with_digests({k: pin.digest for k, pin in pins.items()})
     if any(c.digest is None for c in meta.chunks):
         raise CorruptImageError(f"blob {blob_id}: chunks without digests cannot be verified")
     if meta.uncompressed_size != entry.uncompressed_size:

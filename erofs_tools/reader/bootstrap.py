@@ -10,7 +10,7 @@ nydusd-level consistency checks between them and turns blob-table entries into
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 from erofs_tools.errors import CorruptImageError, InputError
 from erofs_tools.format import erofs as E
@@ -21,6 +21,35 @@ from erofs_tools.reader.image import Image
 
 MAX_BOOTSTRAP = 1 << 32
 _HEX = frozenset("0123456789abcdef")
+
+
+class ChunkPin(NamedTuple):
+    """What a bootstrap's chunk-info table says about one chunk of a blob: where it lies
+    and the digest of its bytes. A cached chunk may serve this bootstrap only if the
+    chunk map agrees with its pin (the defence against a borrowed blob id)."""
+    uncompressed_offset: int
+    uncompressed_size: int
+    compressed_offset: int
+    compressed_size: int
+    digest: bytes
+
+
+def chunk_pins(img: Image) -> list[dict[int, ChunkPin]]:
+    """Per blob of a RAFS image, {CI index: ChunkPin} from its chunk-info table. The one
+    reader of pins for `erofs-tools mount` and the daemon. An index pinned twice with
+    different values makes the bootstrap unusable (which would the kernel read?)."""
+    n = len(img.devices)
+    out: list[dict[int, ChunkPin]] = [{} for _ in range(n)]
+    for ci in img.chunk_infos:
+        if ci.blob_index >= n:
+            raise CorruptImageError(f"{img.name}: chunk table names blob {ci.blob_index}, "
+                                    f"the bootstrap has {n}")
+        pin = ChunkPin(ci.uncompressed_offset, ci.uncompressed_size, ci.compressed_offset,
+                       ci.compressed_size, bytes(ci.digest))
+        if out[ci.blob_index].setdefault(ci.index, pin) != pin:
+            raise CorruptImageError(f"{img.name}: chunk table gives chunk {ci.index} of blob "
+                                    f"{ci.blob_index} twice, differently")
+    return out
 
 
 # BlobInfo attribute -> BlobEntry field, for the values stored as they are (blob id,

@@ -11,25 +11,14 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
-from erofs_tools.errors import ErofsToolsError
+from erofs_tools.errors import CorruptImageError, ErofsToolsError
+from erofs_tools.reader.bootstrap import ChunkPin, chunk_pins  # noqa: F401 (ChunkPin re-exported)
 from erofs_tools.reader.image import open_image
 
 from . import StorageError
 
 log = logging.getLogger(__name__)
-
-
-class ChunkPin(NamedTuple):
-    """What a bootstrap's chunk-info table says about one chunk of a blob: where it lies
-    and the digest of its bytes. A cached chunk may serve this bootstrap only if the
-    chunk map agrees with its pin."""
-    uncompressed_offset: int
-    uncompressed_size: int
-    compressed_offset: int
-    compressed_size: int
-    digest: bytes
 
 
 @dataclass
@@ -57,22 +46,12 @@ def table_digest(entry, pins: dict[int, ChunkPin]) -> bytes:
     return h.digest()
 
 
-def _pins(img, path: str, nblobs: int) -> list[dict[int, ChunkPin]]:
-    """Per blob, {CI index: ChunkPin} from the bootstrap's chunk-info table. One index
-    pinned twice with different values makes the bootstrap unusable (which would the
-    kernel read?)."""
-    out: list[dict[int, ChunkPin]] = [{} for _ in range(nblobs)]
-    for ci in img.chunk_infos:
-        if ci.blob_index >= nblobs:
-            raise StorageError(f"{path}: chunk table names blob {ci.blob_index}, "
-                               f"the bootstrap has {nblobs}")
-        pin = ChunkPin(ci.uncompressed_offset, ci.uncompressed_size, ci.compressed_offset,
-                       ci.compressed_size, bytes(ci.digest))
-        old = out[ci.blob_index].setdefault(ci.index, pin)
-        if old != pin:
-            raise StorageError(f"{path}: chunk table gives chunk {ci.index} of blob "
-                               f"{ci.blob_index} twice, differently")
-    return out
+def _pins(img, path: str) -> list[dict[int, ChunkPin]]:
+    try:
+        return chunk_pins(img)
+    except CorruptImageError as e:
+        # the reader names the image by its path already
+        raise StorageError(str(e)) from None
 
 
 @dataclass
@@ -117,7 +96,7 @@ def _read_image(path: str) -> ImageInfo:
             raise StorageError(f"{path}: blob table holds {len(img.blob_entries)} blobs, "
                                f"device table {n}")
         blobs = []
-        pins = _pins(img, path, n)
+        pins = _pins(img, path)
         for i, e in enumerate(img.blob_entries):
             blob_id = img.blob_id(i + 1)
             if len(blob_id) != 64 or any(c not in "0123456789abcdef" for c in blob_id):
