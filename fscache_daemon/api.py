@@ -42,7 +42,7 @@ import urllib.parse
 from erofs_tools import errors as erofs_tools_errors
 from erofs_tools.errors import ErofsToolsError
 from fscache_daemon.errors import (ApiError, ConflictError, DaemonError, FrontendError,
-                                   MountError, NotFoundError)
+                                   MountError, NotFoundError, check_unix_socket_path)
 
 log = logging.getLogger(__name__)
 
@@ -312,7 +312,7 @@ class ApiServer:
     """Serves the API for `daemon` on `path` in a background thread."""
 
     def __init__(self, daemon, path: str):
-        self.path = os.path.abspath(path)
+        self.path = check_unix_socket_path(os.path.abspath(path), "API socket")
         parent = os.path.dirname(self.path)
         if not os.path.isdir(parent):
             os.makedirs(parent, mode=0o700)

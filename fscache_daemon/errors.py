@@ -58,3 +58,17 @@ class ApiError(DaemonError):
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status = status
+
+
+# sockaddr_un.sun_path holds 108 bytes with the terminating NUL
+UNIX_PATH_MAX = 107
+
+
+def check_unix_socket_path(path: str, what: str = "socket") -> str:
+    """`path` if a unix socket can be bound or reached there, else a DaemonError that
+    names it (bind(2) would only say "AF_UNIX path too long", deep in a traceback)."""
+    n = len(path.encode())
+    if n > UNIX_PATH_MAX:
+        raise DaemonError(f"{path}: {what} path is {n} bytes, unix sockets allow at most "
+                          f"{UNIX_PATH_MAX}; choose a shorter directory")
+    return path

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from fscache_daemon.errors import MountError
+from fscache_daemon.errors import MountError, check_unix_socket_path
 from fscache_daemon.frontend.base import DaemonView, Frontend, ImageView
 
 
@@ -18,7 +18,8 @@ class CachefilesAdapter(Frontend):
     def __init__(self, cache_dir: str, threads: int, holder_sock: str | None = None):
         self.cache_dir = cache_dir
         self.threads = threads
-        self.holder_sock = holder_sock or os.path.join(cache_dir, "cachefiles-holder.sock")
+        self.holder_sock = check_unix_socket_path(
+            holder_sock or os.path.join(cache_dir, "cachefiles-holder.sock"), "fd holder socket")
         self.fe = None
 
     def start(self, daemon: DaemonView) -> None:

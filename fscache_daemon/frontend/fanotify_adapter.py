@@ -12,7 +12,7 @@ import threading
 import time
 
 from fscache_daemon import mounts
-from fscache_daemon.errors import FrontendError, MountError
+from fscache_daemon.errors import FrontendError, MountError, check_unix_socket_path
 from fscache_daemon.frontend.base import DaemonView, Frontend, ImageView, sys_mount, sys_umount
 
 log = logging.getLogger(__name__)
@@ -111,7 +111,8 @@ class FanotifyFrontend(Frontend):
         self.cache_dir = cache_dir
         self.holder = holder
         self.filled_map = filled_map
-        self.holder_sock = holder_sock or os.path.join(cache_dir, "fdholder.sock")
+        self.holder_sock = check_unix_socket_path(
+            holder_sock or os.path.join(cache_dir, "fdholder.sock"), "fd holder socket")
         self.watcher = None
         self._marked: set[str] = set()
         # Keyed by cache key (mgr.key: the blob id, or a variant `<id>@<table digest>`
