@@ -21,3 +21,23 @@ class FanotifyUnsupportedError(FrontendError):
 
 class HolderError(FrontendError):
     """The fanotify fd holder is unreachable, refused us, or broke its protocol."""
+
+
+class SnapshotError(DaemonError):
+    """A snapshots-service request failed; the subclass says how (gRPC status code)."""
+
+
+class SnapshotNotFoundError(SnapshotError):
+    """The snapshot (or the parent) named in a request does not exist."""
+
+
+class SnapshotExistsError(SnapshotError):
+    """A snapshot with that key or name exists already."""
+
+
+class SnapshotInvalidError(SnapshotError):
+    """A request names a parent of the wrong kind, a bad filter, a bad label or field."""
+
+
+class SnapshotPreconditionError(SnapshotError):
+    """The snapshot is in the wrong state for the request (not active, has children)."""

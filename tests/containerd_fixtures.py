@@ -1,0 +1,245 @@
+"""Real containerd (Debian's 1.6) with a private config, root, state and socket, and the
+project's snapshotter as its proxy plugin, for tests as root.
+
+    snap = Snapshotter(root, sock)      python -m fscache_daemon.snapshotter, a real process
+    ctd = Containerd(workdir, {NAME: sock})
+    ctd.ctr("image", "import", ...)     ctr -a PRIVATE_SOCK -n PRIVATE_NS ...
+    oci_archive(path, layers, ...)      a small OCI image tar (static busybox + files)
+
+Nothing here touches the system's containerd: its own socket, root and state live in
+the test's directories, and containers run in a namespace named for the test run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+
+from helpers import require
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SNAPSHOTTER = "erofs-test"
+
+
+def require_containerd() -> None:
+    require(os.geteuid() == 0, "needs root (containerd, mounts)")
+    for tool in ("containerd", "ctr", "runc", "containerd-shim-runc-v2"):
+        require(shutil.which(tool) is not None,
+                f"{tool} not installed (apt-get install containerd runc)")
+
+
+def short_tmpdir(prefix: str) -> str:
+    """A directory under /tmp: unix socket paths must stay under 108 bytes."""
+    return tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+
+
+def wait_for(cond, timeout: float, what: str, proc: subprocess.Popen | None = None,
+             log: str | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        if proc is not None and proc.poll() is not None:
+            tail = open(log).read()[-3000:] if log else ""
+            raise RuntimeError(f"{what}: process exited with {proc.returncode}\n{tail}")
+        time.sleep(0.05)
+    tail = open(log).read()[-3000:] if log else ""
+    raise RuntimeError(f"{what}: not ready after {timeout}s\n{tail}")
+
+
+class Snapshotter:
+    """The snapshotter as its own process (so a test can SIGKILL it)."""
+
+    def __init__(self, root: str, sock: str) -> None:
+        self.root, self.sock = root, sock
+        self.log = os.path.join(os.path.dirname(sock), "snapshotter.log")
+        self.proc: subprocess.Popen | None = None
+        self.start()
+
+    def start(self) -> None:
+        if os.path.lexists(self.sock):
+            before = os.stat(self.sock).st_ino
+        else:
+            before = None
+        with open(self.log, "a") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "fscache_daemon.snapshotter", "--socket", self.sock,
+                 "--root", self.root, "--log-level", "DEBUG"],
+                stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+
+        def ready() -> bool:
+            return os.path.lexists(self.sock) and os.stat(self.sock).st_ino != before
+        wait_for(ready, 30, "snapshotter", self.proc, self.log)
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def log_tail(self) -> str:
+        return open(self.log).read()[-4000:]
+
+
+# every plugin this test containerd does not need; the opt plugin would use /opt/containerd
+_DISABLED = ["io.containerd.grpc.v1.cri", "io.containerd.internal.v1.opt",
+             "io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs",
+             "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper",
+             "io.containerd.tracing.processor.v1.otlp"]
+
+
+class Containerd:
+    """containerd with a private config, root, state and socket."""
+
+    def __init__(self, workdir: str, proxies: dict[str, str]) -> None:
+        self.dir = workdir
+        self.sock = os.path.join(workdir, "containerd.sock")
+        self.namespace = f"erofs-test-{os.getpid()}-{os.path.basename(workdir)[-6:]}"
+        self.log = os.path.join(workdir, "containerd.log")
+        config = os.path.join(workdir, "config.toml")
+        lines = [
+            "version = 2",
+            f'root = "{workdir}/root"',
+            f'state = "{workdir}/state"',
+            "disabled_plugins = [" + ", ".join(f'"{p}"' for p in _DISABLED) + "]",
+            "[grpc]", f'  address = "{self.sock}"',
+            "[ttrpc]", f'  address = "{self.sock}.ttrpc"',
+            "[debug]", '  address = ""', '  level = "debug"',
+            "[metrics]", '  address = ""',
+        ]
+        for name, address in proxies.items():
+            lines += [f"[proxy_plugins.{name}]", '  type = "snapshot"',
+                      f'  address = "{address}"']
+        with open(config, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        with open(self.log, "w") as out:
+            self.proc = subprocess.Popen(["containerd", "--config", config],
+                                         stdout=out, stderr=subprocess.STDOUT)
+        wait_for(lambda: self.ctr("version", check=False).returncode == 0, 30,
+                 "containerd", self.proc, self.log)
+
+    def ctr(self, *args: str, check: bool = True, timeout: float = 120,
+            input: bytes | None = None) -> subprocess.CompletedProcess:
+        p = subprocess.run(["ctr", "-a", self.sock, "-n", self.namespace, *args],
+                           capture_output=True, timeout=timeout, input=input)
+        if check and p.returncode != 0:
+            raise AssertionError(
+                f"ctr {' '.join(args)} failed ({p.returncode}): "
+                f"{p.stderr.decode(errors='replace')}\ncontainerd log:\n"
+                f"{open(self.log).read()[-3000:]}")
+        return p
+
+    def stop(self) -> None:
+        # containers of this run first, so no shim outlives the test
+        tasks = self.ctr("tasks", "ls", "-q", check=False).stdout.decode().split()
+        for t in tasks:
+            self.ctr("tasks", "kill", "-s", "SIGKILL", t, check=False)
+            self.ctr("tasks", "rm", "-f", t, check=False)
+        self.proc.terminate()
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+# --- a small OCI image -----------------------------------------------------------------
+
+
+def _tar(entries: list[tuple[str, str, bytes | str | None]]) -> bytes:
+    """entries: (path, kind, data): kind "file" (data bytes, mode 0644, or 0755 when
+    the path is under bin/), "dir", "symlink" (data = target)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for path, kind, data in entries:
+            ti = tarfile.TarInfo(path)
+            ti.mtime = 1_700_000_000
+            if kind == "dir":
+                ti.type, ti.mode = tarfile.DIRTYPE, 0o755
+                tf.addfile(ti)
+            elif kind == "symlink":
+                ti.type, ti.linkname, ti.mode = tarfile.SYMTYPE, str(data), 0o777
+                tf.addfile(ti)
+            else:
+                assert isinstance(data, bytes)
+                ti.size, ti.mode = len(data), 0o755 if path.startswith("bin/") else 0o644
+                tf.addfile(ti, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def busybox_layers() -> list[bytes]:
+    """Three layers: static busybox + applet links; /etc files; a whiteout of one
+    layer-2 file and a new file. A container's view shows all three applied."""
+    with open(shutil.which("busybox") or "/bin/busybox", "rb") as f:
+        busybox = f.read()
+    base = [("bin", "dir", None), ("bin/busybox", "file", busybox)]
+    base += [(f"bin/{a}", "symlink", "busybox") for a in ("sh", "cat", "echo", "ls", "test")]
+    base += [("etc", "dir", None), ("tmp", "dir", None), ("proc", "dir", None),
+             ("dev", "dir", None), ("sys", "dir", None)]
+    second = [("etc", "dir", None), ("etc/greeting", "file", b"hello from layer two\n"),
+              ("etc/gone", "file", b"deleted by layer three\n")]
+    third = [("etc", "dir", None), ("etc/.wh.gone", "file", b""),
+             ("etc/third", "file", b"layer three\n")]
+    return [_tar(base), _tar(second), _tar(third)]
+
+
+def _sha(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def oci_archive(path: str, name: str, layers: list[bytes], cmd: list[str]) -> list[str]:
+    """Write an OCI image-layout tar of uncompressed `layers` named `name` (for
+    `ctr image import`); -> the layers' chain ids, bottom first."""
+    blobs: dict[str, bytes] = {}
+
+    def blob(data: bytes) -> dict:
+        d = _sha(data)
+        blobs[d] = data
+        return {"digest": d, "size": len(data)}
+
+    diff_ids = [_sha(layer) for layer in layers]
+    config = json.dumps({
+        "architecture": "amd64", "os": "linux",
+        "config": {"Cmd": cmd, "Env": ["PATH=/bin"]},
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
+    }).encode()
+    manifest = json.dumps({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", **blob(config)},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", **blob(layer)}
+                   for layer in layers],
+    }).encode()
+    index = json.dumps({"schemaVersion": 2, "manifests": [{
+        "mediaType": "application/vnd.oci.image.manifest.v1+json", **blob(manifest),
+        "platform": {"architecture": "amd64", "os": "linux"},
+        "annotations": {"io.containerd.image.name": name,
+                        "org.opencontainers.image.ref.name": name.rsplit(":", 1)[-1]},
+    }]}).encode()
+    with tarfile.open(path, "w") as tf:
+        files = {"oci-layout": b'{"imageLayoutVersion":"1.0.0"}', "index.json": index}
+        files.update({f"blobs/sha256/{d[7:]}": b for d, b in blobs.items()})
+        for fname, data in files.items():
+            ti = tarfile.TarInfo(fname)
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+    chain = [diff_ids[0]]
+    for d in diff_ids[1:]:
+        chain.append(_sha(f"{chain[-1]} {d}".encode()))
+    return chain
