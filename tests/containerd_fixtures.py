@@ -12,6 +12,7 @@ the test's directories, and containers run in a namespace named for the test run
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -32,9 +33,9 @@ SNAPSHOTTER = "erofs-test"
 
 def require_containerd() -> None:
     require(os.geteuid() == 0, "needs root (containerd, mounts)")
-    for tool in ("containerd", "ctr", "runc", "containerd-shim-runc-v2"):
+    for tool in ("containerd", "ctr", "runc", "containerd-shim-runc-v2", "busybox"):
         require(shutil.which(tool) is not None,
-                f"{tool} not installed (apt-get install containerd runc)")
+                f"{tool} not installed (apt-get install containerd runc busybox-static)")
 
 
 def short_tmpdir(prefix: str) -> str:
@@ -158,6 +159,10 @@ class Containerd:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+        # runc's state root for this run's namespace (the shim puts it under /run); empty
+        # once its containers are gone, and named for this run only
+        with contextlib.suppress(OSError):
+            os.rmdir(os.path.join("/run/containerd/runc", self.namespace))
 
 
 # --- a small OCI image -----------------------------------------------------------------
@@ -187,6 +192,7 @@ def _tar(entries: list[tuple[str, str, bytes | str | None]]) -> bytes:
 def busybox_layers() -> list[bytes]:
     """Three layers: static busybox + applet links; /etc files; a whiteout of one
     layer-2 file and a new file. A container's view shows all three applied."""
+    # busybox-static's: the image has no libc for a dynamically linked one
     with open(shutil.which("busybox") or "/bin/busybox", "rb") as f:
         busybox = f.read()
     base = [("bin", "dir", None), ("bin/busybox", "file", busybox)]
