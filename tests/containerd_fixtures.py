@@ -13,6 +13,7 @@ the test's directories, and containers run in a namespace named for the test run
 from __future__ import annotations
 
 import contextlib
+import gzip
 import hashlib
 import io
 import json
@@ -29,6 +30,7 @@ from helpers import require
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SNAPSHOTTER = "erofs-test"
+MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
 
 
 def require_containerd() -> None:
@@ -210,42 +212,65 @@ def _sha(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def oci_archive(path: str, name: str, layers: list[bytes], cmd: list[str]) -> list[str]:
-    """Write an OCI image-layout tar of uncompressed `layers` named `name` (for
-    `ctr image import`); -> the layers' chain ids, bottom first."""
-    blobs: dict[str, bytes] = {}
+class OciImage:
+    """An image's blobs by digest, its manifest bytes and its layers' chain ids."""
 
-    def blob(data: bytes) -> dict:
+    def __init__(self, layers: list[bytes], cmd: list[str], gzipped: bool = False) -> None:
+        self.blobs: dict[str, bytes] = {}
+        diff_ids = [_sha(layer) for layer in layers]
+        config = json.dumps({
+            "architecture": "amd64", "os": "linux",
+            "config": {"Cmd": cmd, "Env": ["PATH=/bin"]},
+            "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        }).encode()
+        layer_type = "application/vnd.oci.image.layer.v1.tar" + ("+gzip" if gzipped else "")
+        stored = [gzip.compress(x, mtime=0) if gzipped else x for x in layers]
+        self.manifest = json.dumps({
+            "schemaVersion": 2, "mediaType": MANIFEST_TYPE,
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                       **self._blob(config)},
+            "layers": [{"mediaType": layer_type, **self._blob(x)} for x in stored],
+        }).encode()
+        self.manifest_digest = _sha(self.manifest)
+        self.chain = [diff_ids[0]]
+        for d in diff_ids[1:]:
+            self.chain.append(_sha(f"{self.chain[-1]} {d}".encode()))
+
+    def _blob(self, data: bytes) -> dict:
         d = _sha(data)
-        blobs[d] = data
+        self.blobs[d] = data
         return {"digest": d, "size": len(data)}
 
-    diff_ids = [_sha(layer) for layer in layers]
-    config = json.dumps({
-        "architecture": "amd64", "os": "linux",
-        "config": {"Cmd": cmd, "Env": ["PATH=/bin"]},
-        "rootfs": {"type": "layers", "diff_ids": diff_ids},
-    }).encode()
-    manifest = json.dumps({
-        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", **blob(config)},
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", **blob(layer)}
-                   for layer in layers],
-    }).encode()
-    index = json.dumps({"schemaVersion": 2, "manifests": [{
-        "mediaType": "application/vnd.oci.image.manifest.v1+json", **blob(manifest),
-        "platform": {"architecture": "amd64", "os": "linux"},
-        "annotations": {"io.containerd.image.name": name,
-                        "org.opencontainers.image.ref.name": name.rsplit(":", 1)[-1]},
-    }]}).encode()
-    with tarfile.open(path, "w") as tf:
-        files = {"oci-layout": b'{"imageLayoutVersion":"1.0.0"}', "index.json": index}
-        files.update({f"blobs/sha256/{d[7:]}": b for d, b in blobs.items()})
-        for fname, data in files.items():
-            ti = tarfile.TarInfo(fname)
-            ti.size = len(data)
-            tf.addfile(ti, io.BytesIO(data))
-    chain = [diff_ids[0]]
-    for d in diff_ids[1:]:
-        chain.append(_sha(f"{chain[-1]} {d}".encode()))
-    return chain
+    def write_archive(self, path: str, name: str) -> None:
+        """An OCI image-layout tar naming the image `name` (for `ctr image import`)."""
+        index = json.dumps({"schemaVersion": 2, "manifests": [{
+            "mediaType": MANIFEST_TYPE, "digest": self.manifest_digest,
+            "size": len(self.manifest),
+            "platform": {"architecture": "amd64", "os": "linux"},
+            "annotations": {"io.containerd.image.name": name,
+                            "org.opencontainers.image.ref.name": name.rsplit(":", 1)[-1]},
+        }]}).encode()
+        files = {"oci-layout": b'{"imageLayoutVersion":"1.0.0"}', "index.json": index,
+                 f"blobs/sha256/{self.manifest_digest[7:]}": self.manifest}
+        files.update({f"blobs/sha256/{d[7:]}": b for d, b in self.blobs.items()})
+        with tarfile.open(path, "w") as tf:
+            for fname, data in files.items():
+                ti = tarfile.TarInfo(fname)
+                ti.size = len(data)
+                tf.addfile(ti, io.BytesIO(data))
+
+    def push(self, client, repo: str, tag: str) -> None:
+        """Upload to a registry through the project's client (erofs_tools.registry)."""
+        from erofs_tools.registry.manifest import Manifest
+        for d, data in self.blobs.items():
+            client.push_blob(repo, data, digest=d)
+        client.put_manifest(repo, tag, Manifest(self.manifest, MANIFEST_TYPE,
+                                                self.manifest_digest))
+
+
+def oci_archive(path: str, name: str, layers: list[bytes], cmd: list[str]) -> list[str]:
+    """Write an OCI image-layout tar of uncompressed `layers` named `name`; -> the
+    layers' chain ids, bottom first."""
+    image = OciImage(layers, cmd)
+    image.write_archive(path, name)
+    return image.chain

@@ -14,6 +14,7 @@ import pytest
 from containerd_fixtures import (
     SNAPSHOTTER,
     Containerd,
+    OciImage,
     Snapshotter,
     busybox_layers,
     oci_archive,
@@ -21,6 +22,7 @@ from containerd_fixtures import (
     short_tmpdir,
     wait_for,
 )
+from registry_fixtures import registry  # noqa: F401
 
 pytestmark = pytest.mark.root
 
@@ -167,3 +169,24 @@ def test_snapshotter_sigkill_restart_keeps_state(env):
     env.ctd.ctr("image", "rm", "--sync", IMAGE)
     wait_for(lambda: env.snapshot_dirs() == [], 30, "snapshot dirs removed")
     assert env.mounts_under_root() == []
+
+
+def test_pull_from_registry_and_run(env, registry):
+    """The way images usually arrive: `ctr image pull` of gzip layers from a real
+    registry (Debian's docker-registry), unpacked by containerd into our snapshots."""
+    image = OciImage(busybox_layers(), ["/bin/sh"], gzipped=True)
+    image.push(registry.client(), "erofs/busybox", "1")
+    ref = f"{registry.host}/erofs/busybox:1"
+    t0 = time.monotonic()
+    env.ctd.ctr("image", "pull", "--plain-http", "--snapshotter", SNAPSHOTTER, ref)
+    t_pull = time.monotonic() - t0
+    rows = {r[0]: r[1:] for r in env.snapshots_ls()}
+    assert rows == {image.chain[0]: ["Committed"],
+                    image.chain[1]: [image.chain[0], "Committed"],
+                    image.chain[2]: [image.chain[1], "Committed"]}
+    out = env.ctd.ctr("run", "--rm", "--snapshotter", SNAPSHOTTER, ref, "pulled",
+                      "/bin/sh", "-c", SCRIPT).stdout
+    assert out == EXPECTED
+    env.ctd.ctr("image", "rm", "--sync", ref)
+    wait_for(lambda: env.snapshot_dirs() == [], 30, "snapshot dirs removed")
+    print(f"pull+unpack {t_pull:.2f}s")
