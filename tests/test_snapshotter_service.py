@@ -358,3 +358,27 @@ def test_sigkill_during_calls_leaves_rows_with_dirs(tmp_path):
     c.channel.close()
     proc.stop()
     shutil.rmtree(sockdir)
+
+
+def test_new_upper_is_owned_like_the_parent(service):
+    _, c, _ = service
+    (m,) = c.prepare("owned-a")
+    os.chown(m.source, 1234, 5678)  # e.g. an image whose root belongs to a user
+    c.commit("owned", "owned-a")
+    (ov,) = c.prepare("child", "owned")
+    upper = dict(o.split("=", 1) for o in ov.options if "=" in o)["upperdir"]
+    st = os.stat(upper)
+    assert (st.st_uid, st.st_gid) == (1234, 5678)
+
+
+def test_entry_point_serves_and_sigterm_removes_socket(tmp_path):
+    sockdir = short_tmpdir("snapsvc-")
+    proc = Snapshotter(str(tmp_path / "root"), os.path.join(sockdir, "snap.sock"))
+    c = Client(proc.sock)
+    c.prepare("k")
+    assert [i.name for i in c.walk()] == ["k"]
+    c.channel.close()
+    proc.stop()
+    assert proc.proc.returncode == 0
+    assert not os.path.exists(proc.sock)
+    shutil.rmtree(sockdir)
