@@ -18,6 +18,7 @@ import hashlib
 import io
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -114,7 +115,8 @@ class Containerd:
     def __init__(self, workdir: str, proxies: dict[str, str]) -> None:
         self.dir = workdir
         self.sock = os.path.join(workdir, "containerd.sock")
-        self.namespace = f"erofs-test-{os.getpid()}-{os.path.basename(workdir)[-6:]}"
+        # containerd namespaces allow [A-Za-z0-9] runs joined by single . _ -
+        self.namespace = f"erofs-test-{os.getpid()}-{secrets.token_hex(4)}"
         self.log = os.path.join(workdir, "containerd.log")
         config = os.path.join(workdir, "config.toml")
         lines = [
@@ -191,9 +193,10 @@ def _tar(entries: list[tuple[str, str, bytes | str | None]]) -> bytes:
     return buf.getvalue()
 
 
-def busybox_layers() -> list[bytes]:
-    """Three layers: static busybox + applet links; /etc files; a whiteout of one
-    layer-2 file and a new file. A container's view shows all three applied."""
+def busybox_layers(greeting: bytes = b"hello from layer two\n") -> list[bytes]:
+    """Three layers: static busybox + applet links; /etc files (/etc/greeting holds
+    `greeting`); a whiteout of one layer-2 file and a new file. A container's view shows
+    all three applied."""
     # busybox-static's: the image has no libc for a dynamically linked one
     with open(shutil.which("busybox") or "/bin/busybox", "rb") as f:
         busybox = f.read()
@@ -201,7 +204,7 @@ def busybox_layers() -> list[bytes]:
     base += [(f"bin/{a}", "symlink", "busybox") for a in ("sh", "cat", "echo", "ls", "test")]
     base += [("etc", "dir", None), ("tmp", "dir", None), ("proc", "dir", None),
              ("dev", "dir", None), ("sys", "dir", None)]
-    second = [("etc", "dir", None), ("etc/greeting", "file", b"hello from layer two\n"),
+    second = [("etc", "dir", None), ("etc/greeting", "file", greeting),
               ("etc/gone", "file", b"deleted by layer three\n")]
     third = [("etc", "dir", None), ("etc/.wh.gone", "file", b""),
              ("etc/third", "file", b"layer three\n")]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import time
 
 import pytest
@@ -190,3 +191,36 @@ def test_pull_from_registry_and_run(env, registry):
     env.ctd.ctr("image", "rm", "--sync", ref)
     wait_for(lambda: env.snapshot_dirs() == [], 30, "snapshot dirs removed")
     print(f"pull+unpack {t_pull:.2f}s")
+
+
+def test_sixteen_containers_from_four_images_at_once(env):
+    """16 `ctr run` at once over 4 images sharing their bottom layer: every container
+    sees its own image's files, and removing everything leaves no directory."""
+    images = []
+    for n in range(4):
+        name = f"example.test/erofs-tools/multi{n}:1"
+        archive = os.path.join(env.dir, f"multi{n}.tar")
+        oci_archive(archive, name, busybox_layers(f"image {n}\n".encode()), ["/bin/sh"])
+        env.ctd.ctr("image", "import", "--snapshotter", SNAPSHOTTER, archive)
+        images.append(name)
+    # one busybox layer shared by all four, then two own layers each
+    assert len(env.snapshots_ls()) == 1 + 4 * 2
+    procs = []
+    t0 = time.monotonic()
+    for i in range(16):
+        n = i % 4
+        cmd = ["ctr", "-a", env.ctd.sock, "-n", env.ctd.namespace, "run", "--rm",
+               "--snapshotter", SNAPSHOTTER, images[n], f"multi-{i}", "/bin/sh", "-c",
+               f"cat /etc/greeting; echo {i} > /tmp/id; cat /tmp/id"]
+        procs.append((n, i, subprocess.Popen(cmd, stdout=subprocess.PIPE,
+                                              stderr=subprocess.PIPE)))
+    for n, i, p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err.decode(errors="replace")
+        assert out == f"image {n}\n{i}\n".encode()
+    elapsed = time.monotonic() - t0
+    for name in images:
+        env.ctd.ctr("image", "rm", "--sync", name)
+    wait_for(lambda: env.snapshot_dirs() == [], 60, "snapshot dirs removed")
+    assert env.mounts_under_root() == []
+    print(f"16 containers from 4 images: {elapsed:.2f}s")
