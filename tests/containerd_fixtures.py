@@ -21,6 +21,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
@@ -63,25 +64,29 @@ def wait_for(cond, timeout: float, what: str, proc: subprocess.Popen | None = No
 class Snapshotter:
     """The snapshotter as its own process (so a test can SIGKILL it)."""
 
-    def __init__(self, root: str, sock: str) -> None:
-        self.root, self.sock = root, sock
+    def __init__(self, root: str, sock: str, extra: tuple[str, ...] = ()) -> None:
+        self.root, self.sock, self.extra = root, sock, extra
         self.log = os.path.join(os.path.dirname(sock), "snapshotter.log")
         self.proc: subprocess.Popen | None = None
         self.start()
 
     def start(self) -> None:
-        if os.path.lexists(self.sock):
-            before = os.stat(self.sock).st_ino
-        else:
-            before = None
+        """Start the process; ready once its socket accepts a connection (a previous,
+        killed process's socket file refuses them; its inode number may be reused)."""
+        assert self.proc is None or self.proc.poll() is not None
         with open(self.log, "a") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "fscache_daemon.snapshotter", "--socket", self.sock,
-                 "--root", self.root, "--log-level", "DEBUG"],
+                 "--root", self.root, "--log-level", "DEBUG", *self.extra],
                 stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
 
         def ready() -> bool:
-            return os.path.lexists(self.sock) and os.stat(self.sock).st_ino != before
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                try:
+                    s.connect(self.sock)
+                except OSError:
+                    return False
+                return True
         wait_for(ready, 30, "snapshotter", self.proc, self.log)
 
     def kill(self) -> None:
@@ -112,7 +117,9 @@ _DISABLED = ["io.containerd.grpc.v1.cri", "io.containerd.internal.v1.opt",
 class Containerd:
     """containerd with a private config, root, state and socket."""
 
-    def __init__(self, workdir: str, proxies: dict[str, str]) -> None:
+    def __init__(self, workdir: str, proxies: dict[str, str],
+                 cri_snapshotter: str | None = None,
+                 plain_http_hosts: tuple[str, ...] = ()) -> None:
         self.dir = workdir
         self.sock = os.path.join(workdir, "containerd.sock")
         # containerd namespaces allow [A-Za-z0-9] runs joined by single . _ -
@@ -123,12 +130,25 @@ class Containerd:
             "version = 2",
             f'root = "{workdir}/root"',
             f'state = "{workdir}/state"',
-            "disabled_plugins = [" + ", ".join(f'"{p}"' for p in _DISABLED) + "]",
+            "disabled_plugins = [" + ", ".join(
+                f'"{p}"' for p in _DISABLED
+                if not (cri_snapshotter and p == "io.containerd.grpc.v1.cri")) + "]",
             "[grpc]", f'  address = "{self.sock}"',
             "[ttrpc]", f'  address = "{self.sock}.ttrpc"',
             "[debug]", '  address = ""', '  level = "debug"',
             "[metrics]", '  address = ""',
         ]
+        if cri_snapshotter:
+            # CRI pulls through the snapshotter with the layer annotations as labels
+            cri = '[plugins."io.containerd.grpc.v1.cri"'
+            lines += [f"{cri}]", '  stream_server_port = "0"',
+                      f"{cri}.containerd]", f'  snapshotter = "{cri_snapshotter}"',
+                      "  disable_snapshot_annotations = false",
+                      f"{cri}.cni]", f'  bin_dir = "{workdir}/cni-bin"',
+                      f'  conf_dir = "{workdir}/cni-conf"']
+            for host in plain_http_hosts:
+                lines += [f'{cri}.registry.mirrors."{host}"]',
+                          f'  endpoint = ["http://{host}"]']
         for name, address in proxies.items():
             lines += [f"[proxy_plugins.{name}]", '  type = "snapshot"',
                       f'  address = "{address}"']
@@ -141,8 +161,8 @@ class Containerd:
                  "containerd", self.proc, self.log)
 
     def ctr(self, *args: str, check: bool = True, timeout: float = 120,
-            input: bytes | None = None) -> subprocess.CompletedProcess:
-        p = subprocess.run(["ctr", "-a", self.sock, "-n", self.namespace, *args],
+            input: bytes | None = None, ns: str | None = None) -> subprocess.CompletedProcess:
+        p = subprocess.run(["ctr", "-a", self.sock, "-n", ns or self.namespace, *args],
                            capture_output=True, timeout=timeout, input=input)
         if check and p.returncode != 0:
             raise AssertionError(
@@ -277,3 +297,30 @@ def oci_archive(path: str, name: str, layers: list[bytes], cmd: list[str]) -> li
     image = OciImage(layers, cmd)
     image.write_archive(path, name)
     return image.chain
+
+
+# --- CRI: PullImage as kubelet calls it -----------------------------------------------
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, n = n & 0x7F, n >> 7
+        out.append(low | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def cri_pull(containerd_sock: str, ref: str, timeout: float = 120) -> None:
+    """runtime.v1.ImageService/PullImage{image: ImageSpec{image: ref}}: two nested
+    length-delimited fields, encoded here rather than from the whole CRI API."""
+    import grpc
+    with grpc.insecure_channel(f"unix:{containerd_sock}") as ch:
+        call = ch.unary_unary("/runtime.v1.ImageService/PullImage",
+                              request_serializer=lambda b: b,
+                              response_deserializer=lambda b: b)
+        call(_field(1, _field(1, ref.encode())), timeout=timeout)

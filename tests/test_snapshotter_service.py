@@ -382,3 +382,65 @@ def test_entry_point_serves_and_sigterm_removes_socket(tmp_path):
     assert proc.proc.returncode == 0
     assert not os.path.exists(proc.sock)
     shutil.rmtree(sockdir)
+
+
+NYDUS_BLOB = {"containerd.io/snapshot/nydus-blob": "true",
+              "containerd.io/snapshot/cri.image-ref": "registry.test/app:1",
+              "containerd.io/snapshot/cri.layer-digest": "sha256:" + "b" * 64}
+
+
+def test_nydus_blob_layer_is_committed_without_download(tmp_path):
+    """What containerd's CRI pull does with a Nydus blob layer: Prepare answers
+    AlreadyExists, and the committed snapshot is found by containerd's own Walk filter
+    (target ref label and parent)."""
+    sockdir = short_tmpdir("snapsvc-")
+    svc = serve(os.path.join(sockdir, "s.sock"), str(tmp_path / "root"),
+                daemon_api=os.path.join(sockdir, "no-daemon.sock"))
+    c = Client(svc.socket_path)
+    try:
+        target = "sha256:" + "1" * 64
+        labels = dict(NYDUS_BLOB, **{"containerd.io/snapshot.ref": target})
+        assert code_of(c.prepare, "ns/1/extract-1 " + target, "", labels) == \
+            grpc.StatusCode.ALREADY_EXISTS
+        (found,) = c.walk(f'labels."containerd.io/snapshot.ref"=={target},parent==""')
+        assert found.kind == pb.COMMITTED and found.name != "ns/1/extract-1 " + target
+        target2 = "sha256:" + "2" * 64
+        labels2 = dict(NYDUS_BLOB, **{"containerd.io/snapshot.ref": target2})
+        assert code_of(c.prepare, "ns/2/extract-2 " + target2, found.name, labels2) == \
+            grpc.StatusCode.ALREADY_EXISTS
+        (second,) = c.walk(f'labels."containerd.io/snapshot.ref"=={target2},'
+                           f'parent=="{found.name}"')
+        assert second.parent == found.name
+        # a container on a chain without a bootstrap is a plain overlay of empty layers
+        (m,) = c.prepare("plain", second.name)
+        assert m.type == "overlay"
+        # the bootstrap layer needs the image reference to find the blobs later
+        boot = {"containerd.io/snapshot/nydus-bootstrap": "true"}
+        assert code_of(c.prepare, "boot", second.name, boot) == \
+            grpc.StatusCode.INVALID_ARGUMENT
+        (m,) = c.prepare("boot", second.name, dict(boot, **{
+            "containerd.io/snapshot/cri.image-ref": "registry.test/app:1"}))
+        os.makedirs(os.path.join(dict(o.split("=", 1) for o in m.options if "=" in o)
+                                 ["upperdir"], "image"))
+        c.commit("boot-c", "boot")
+        # the daemon is unreachable: the container's Prepare fails, naming the cause,
+        # and leaves nothing registered
+        with pytest.raises(grpc.RpcError) as ei:
+            c.prepare("container", "boot-c")
+        assert "cannot reach the daemon" in ei.value.details()
+        assert code_of(c.stat, "container") == grpc.StatusCode.NOT_FOUND
+        c.remove("boot-c")  # no lazy mount left registered on it
+    finally:
+        c.channel.close()
+        svc.stop()
+        shutil.rmtree(sockdir)
+
+
+def test_nydus_layer_without_daemon_is_refused(service):
+    _, c, _ = service
+    labels = dict(NYDUS_BLOB, **{"containerd.io/snapshot.ref": "sha256:" + "3" * 64})
+    with pytest.raises(grpc.RpcError) as ei:
+        c.prepare("x", "", labels)
+    assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "sha256:" + "b" * 64 in ei.value.details() and "--daemon-api" in ei.value.details()
+    assert c.walk() == []

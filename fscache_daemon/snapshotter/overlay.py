@@ -98,6 +98,9 @@ class Layout:
         os.rename(final, doomed)
         shutil.rmtree(doomed)
 
+    def lazy_mountpoint(self, sid: int) -> str:
+        return os.path.join(self.root, "lazy", str(sid))
+
     def orphans(self, ids: set[int]) -> list[str]:
         """Entries of snapshots/ that belong to no registered snapshot."""
         keep = {str(i) for i in ids}
@@ -105,8 +108,17 @@ class Layout:
                       if n not in keep)
 
 
-def mounts(layout: Layout, snap: Snapshot) -> list[Mount]:
-    """The mounts that make `snap`'s tree, as containerd's overlayfs snapshotter gives."""
+def mounts(layout: Layout, snap: Snapshot, lazy_lower: str | None = None) -> list[Mount]:
+    """The mounts that make `snap`'s tree, as containerd's overlayfs snapshotter gives.
+    `lazy_lower`: a lazily loaded image's mount point that stands for the whole parent
+    chain (a Nydus image; see nydus.py)."""
+    if lazy_lower is not None:
+        if snap.kind != Kind.ACTIVE:
+            return [Mount("bind", lazy_lower, ("ro", "rbind"))]
+        return [Mount("overlay", "overlay", (
+            *(("index=off",) if os.path.exists(_INDEX_KNOB) else ()),
+            f"workdir={layout.work(snap.id)}", f"upperdir={layout.fs(snap.id)}",
+            f"lowerdir={lazy_lower}"))]
     if not snap.parent_ids:
         rw = "rw" if snap.kind == Kind.ACTIVE else "ro"
         return [Mount("bind", layout.fs(snap.id), (rw, "rbind"))]

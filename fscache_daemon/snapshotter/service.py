@@ -170,14 +170,17 @@ class SnapshotService:
             os.unlink(self.socket_path)
 
 
-def serve(socket_path: str, root: str, workers: int = 8) -> SnapshotService:
+def serve(socket_path: str, root: str, workers: int = 8, daemon_api: str | None = None,
+          insecure_registries: tuple[str, ...] = ()) -> SnapshotService:
     """Start the snapshots service for snapshots under `root` on unix socket
-    `socket_path` (mode 0600: only its owner, root, may connect)."""
+    `socket_path` (mode 0600: only its owner, root, may connect). `daemon_api`: the
+    daemon's API socket, for Nydus layers (lazy mounts); `insecure_registries`: hosts
+    whose blobs the daemon fetches over plain HTTP."""
     socket_path = os.path.abspath(socket_path)
     parent = os.path.dirname(socket_path)
     os.makedirs(parent, mode=0o700, exist_ok=True)
     _claim_socket(socket_path)
-    sn = Snapshotter(root)
+    sn = Snapshotter(root, daemon_api, tuple(insecure_registries))
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers,
                                                     thread_name_prefix="snapshots"))
     snapshots_pb2_grpc.add_SnapshotsServicer_to_server(SnapshotsServicer(sn), server)

@@ -74,9 +74,14 @@ CREATE TABLE IF NOT EXISTS snapshots (
     updated_ns INTEGER NOT NULL,
     labels TEXT NOT NULL,
     size INTEGER NOT NULL DEFAULT 0,
-    inodes INTEGER NOT NULL DEFAULT 0
+    inodes INTEGER NOT NULL DEFAULT 0,
+    extra TEXT NOT NULL DEFAULT '{}'  -- the snapshotter's own notes (nydus.py), kept on Commit
 );
 CREATE INDEX IF NOT EXISTS snapshots_parent ON snapshots(parent_id);
+CREATE TABLE IF NOT EXISTS lazy_mounts (
+    snapshot_id INTEGER PRIMARY KEY REFERENCES snapshots(id),
+    mountpoint TEXT NOT NULL
+);
 """
 
 
@@ -141,7 +146,8 @@ class MetaStore:
         return tuple(ids)
 
     def create(self, kind: Kind, key: str, parent: str, labels: dict[str, str],
-               make_dir: Callable[[Snapshot], None]) -> Snapshot:
+               make_dir: Callable[[Snapshot], None],
+               extra: dict[str, str] | None = None) -> Snapshot:
         """Register an active or view snapshot of `parent` (a committed snapshot, or ""
         for none). `make_dir` builds its directory inside the transaction: the row is
         committed only after the directory is complete, and not at all if it fails."""
@@ -163,9 +169,10 @@ class MetaStore:
                 parent_id = row[0]
             now = time.time_ns()
             cur = db.execute(
-                "INSERT INTO snapshots (key, kind, parent_id, created_ns, updated_ns, labels)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (key, int(kind), parent_id, now, now, json.dumps(labels)))
+                "INSERT INTO snapshots (key, kind, parent_id, created_ns, updated_ns, labels,"
+                " extra) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (key, int(kind), parent_id, now, now, json.dumps(labels),
+                 json.dumps(extra or {})))
             assert cur.lastrowid is not None
             snap = Snapshot(cur.lastrowid, kind, self._chain(db, parent_id))
             make_dir(snap)
@@ -195,16 +202,46 @@ class MetaStore:
                 " labels = ?, size = ?, inodes = ? WHERE id = ?",
                 (name, int(Kind.COMMITTED), now, now, json.dumps(labels), size, inodes, sid))
 
-    def remove(self, key: str) -> int:
-        """Delete snapshot `key` (which must have no children); -> its directory id, whose
-        directory the caller removes after this returned (the deletion is committed)."""
+    def remove(self, key: str) -> tuple[int, int | None]:
+        """Delete snapshot `key` (which must have no children); -> (its directory id, its
+        parent's id). The caller removes the directory after this returned (the deletion
+        is committed)."""
         with self._tx() as db:
-            sid, _, _ = self._row(db, key)
+            sid, _, parent_id = self._row(db, key)
             if db.execute("SELECT 1 FROM snapshots WHERE parent_id = ? LIMIT 1",
                           (sid,)).fetchone():
                 raise SnapshotPreconditionError(f"cannot remove snapshot {key!r} with a child")
+            if db.execute("SELECT 1 FROM lazy_mounts WHERE snapshot_id = ?",
+                          (sid,)).fetchone():
+                raise SnapshotPreconditionError(
+                    f"snapshot {key!r}: its lazy mount is still registered")
             db.execute("DELETE FROM snapshots WHERE id = ?", (sid,))
-            return int(sid)
+            return int(sid), parent_id
+
+    def extra(self, sid: int) -> dict[str, str]:
+        with self._lock:
+            row = self._db.execute("SELECT extra FROM snapshots WHERE id = ?",
+                                   (sid,)).fetchone()
+        return json.loads(row[0]) if row else {}
+
+    def has_children(self, sid: int) -> bool:
+        with self._lock:
+            return self._db.execute("SELECT 1 FROM snapshots WHERE parent_id = ? LIMIT 1",
+                                    (sid,)).fetchone() is not None
+
+    def lazy_mount(self, sid: int) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT mountpoint FROM lazy_mounts WHERE snapshot_id = ?",
+                                   (sid,)).fetchone()
+        return row[0] if row else None
+
+    def set_lazy_mount(self, sid: int, mountpoint: str | None) -> None:
+        with self._tx() as db:
+            if mountpoint is None:
+                db.execute("DELETE FROM lazy_mounts WHERE snapshot_id = ?", (sid,))
+            else:
+                db.execute("INSERT OR REPLACE INTO lazy_mounts VALUES (?, ?)",
+                           (sid, mountpoint))
 
     def _info(self, row: tuple) -> Info:
         key, kind, parent, created, updated, labels = row
