@@ -192,7 +192,7 @@ class Containerd:
 # --- a small OCI image -----------------------------------------------------------------
 
 
-def _tar(entries: list[tuple[str, str, bytes | str | None]]) -> bytes:
+def tar_layer(entries: list[tuple[str, str, bytes | str | None]]) -> bytes:
     """entries: (path, kind, data): kind "file" (data bytes, mode 0644, or 0755 when
     the path is under bin/), "dir", "symlink" (data = target)."""
     buf = io.BytesIO()
@@ -228,7 +228,7 @@ def busybox_layers(greeting: bytes = b"hello from layer two\n") -> list[bytes]:
               ("etc/gone", "file", b"deleted by layer three\n")]
     third = [("etc", "dir", None), ("etc/.wh.gone", "file", b""),
              ("etc/third", "file", b"layer three\n")]
-    return [_tar(base), _tar(second), _tar(third)]
+    return [tar_layer(base), tar_layer(second), tar_layer(third)]
 
 
 def _sha(data: bytes) -> str:

@@ -6,7 +6,9 @@ lazy mount goes when the last snapshot on it goes."""
 
 from __future__ import annotations
 
+import hashlib
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -23,6 +25,7 @@ from containerd_fixtures import (
     cri_pull,
     require_containerd,
     short_tmpdir,
+    tar_layer,
     wait_for,
 )
 from registry_fixtures import registry  # noqa: F401
@@ -47,7 +50,10 @@ def test_nydus_image_runs_lazily(registry, tmp_path):  # noqa: F811
                            ("--daemon-api", daemon.sock, "--insecure-registry", registry.host))
         ctd = Containerd(d, {SNAPSHOTTER: snap.sock}, cri_snapshotter=SNAPSHOTTER,
                          plain_http_hosts=(registry.host,))
-        image = OciImage(busybox_layers(), ["/bin/sh"], gzipped=True)
+        big = random.Random(7).randbytes(8 << 20)  # incompressible: its own 8 MiB blob
+        image = OciImage(busybox_layers() + [tar_layer([("data", "dir", None),
+                                                       ("data/big", "file", big)])],
+                         ["/bin/sh"], gzipped=True)
         image.push(registry.client(), "src/busybox", "1")
         ref = f"{registry.host}/nydus/busybox:1"
         p = subprocess.run([sys.executable, "-m", "erofs_tools", "convert", "--insecure",
@@ -64,12 +70,13 @@ def test_nydus_image_runs_lazily(registry, tmp_path):  # noqa: F811
         manifest = registry.client().get_manifest("nydus/busybox", "1").json
         blobs = [x["digest"] for x in manifest["layers"]
                  if x.get("annotations", {}).get("containerd.io/snapshot/nydus-blob")]
-        assert len(blobs) == 3
+        assert len(blobs) == 4
+        big_blob = blobs[3].split(":", 1)[1]
         assert not any(b in content for b in blobs), content
         assert manifest["layers"][-1]["digest"] in content
         rows = ctd.ctr("snapshots", "--snapshotter", SNAPSHOTTER, "ls",
                        ns=CRI_NS).stdout.decode().splitlines()[1:]
-        assert len(rows) == 4 and all(r.split()[-1] == "Committed" for r in rows)
+        assert len(rows) == 5 and all(r.split()[-1] == "Committed" for r in rows)
 
         t0 = time.monotonic()
         out = ctd.ctr("run", "--rm", "--snapshotter", SNAPSHOTTER, ref, "lazy1",
@@ -79,8 +86,15 @@ def test_nydus_image_runs_lazily(registry, tmp_path):  # noqa: F811
         lazy = os.path.join(root, "lazy")
         (mp,) = [os.path.join(lazy, n) for n in os.listdir(lazy)]
         assert os.path.ismount(mp)
-        fetched = sum(b["bytes_fetched"] for b in daemon.metrics()["blobs"].values())
-        assert 0 < fetched <= 4 << 20
+        per_blob = {k: b["bytes_fetched"] for k, b in daemon.metrics()["blobs"].items()}
+        fetched = sum(per_blob.values())
+        # busybox ran (about 1 MiB compressed); the 8 MiB file nobody read was not fetched
+        assert 0 < fetched <= 2 << 20 and per_blob[big_blob] == 0, per_blob
+        out = ctd.ctr("run", "--rm", "--snapshotter", SNAPSHOTTER, ref, "reader",
+                      "/bin/busybox", "sha256sum", "/data/big", ns=CRI_NS).stdout
+        assert out.split()[0].decode() == hashlib.sha256(big).hexdigest()
+        big_fetched = daemon.metrics()["blobs"][big_blob]["bytes_fetched"]
+        assert (8 << 20) <= big_fetched <= (8 << 20) + (1 << 20)
         # a container keeps running on the lazy mount while the snapshotter is SIGKILLed
         ctd.ctr("run", "-d", "--snapshotter", SNAPSHOTTER, ref, "long", "/bin/busybox", "sleep",
                 "600", ns=CRI_NS)
@@ -117,7 +131,7 @@ def test_nydus_image_runs_lazily(registry, tmp_path):  # noqa: F811
         st, mounts = daemon.api.request("GET", "/api/v1/mounts")
         assert st == 200 and mounts == []
         print(f"CRI pull {t_pull:.2f}s, first lazy run {t_run:.2f}s, "
-              f"{fetched} blob bytes fetched")
+              f"{fetched} blob bytes fetched for it, {big_fetched} for the 8 MiB file")
     finally:
         if ctd is not None:
             ctd.stop()
