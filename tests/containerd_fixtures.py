@@ -121,6 +121,7 @@ class Containerd:
                  cri_snapshotter: str | None = None,
                  plain_http_hosts: tuple[str, ...] = ()) -> None:
         self.dir = workdir
+        self.cri = cri_snapshotter is not None
         self.sock = os.path.join(workdir, "containerd.sock")
         # containerd namespaces allow [A-Za-z0-9] runs joined by single . _ -
         self.namespace = f"erofs-test-{os.getpid()}-{secrets.token_hex(4)}"
@@ -185,8 +186,9 @@ class Containerd:
             self.proc.wait()
         # runc's state root for this run's namespace (the shim puts it under /run); empty
         # once its containers are gone, and named for this run only
-        with contextlib.suppress(OSError):
-            os.rmdir(os.path.join("/run/containerd/runc", self.namespace))
+        for ns in (self.namespace, "k8s.io") if self.cri else (self.namespace,):
+            with contextlib.suppress(OSError):  # only when empty: never another's state
+                os.rmdir(os.path.join("/run/containerd/runc", ns))
 
 
 # --- a small OCI image -----------------------------------------------------------------
