@@ -60,6 +60,26 @@ class ApiError(DaemonError):
         self.status = status
 
 
+class SnapshotError(DaemonError):
+    """A snapshots-service request failed; the subclass says how (gRPC status code)."""
+
+
+class SnapshotNotFoundError(SnapshotError):
+    """The snapshot (or the parent) named in a request does not exist."""
+
+
+class SnapshotExistsError(SnapshotError):
+    """A snapshot with that key or name exists already."""
+
+
+class SnapshotInvalidError(SnapshotError):
+    """A request names a parent of the wrong kind, a bad filter, a bad label or field."""
+
+
+class SnapshotPreconditionError(SnapshotError):
+    """The snapshot is in the wrong state for the request (not active, has children)."""
+
+
 # sockaddr_un.sun_path holds 108 bytes with the terminating NUL
 UNIX_PATH_MAX = 107
 

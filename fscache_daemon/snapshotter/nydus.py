@@ -1,0 +1,124 @@
+"""Nydus layers: what the snapshotter does differently for an image that `erofs-tools
+convert` (or nydusify) wrote, told apart by the labels containerd's CRI plugin passes
+on Prepare (the layer's annotations, `disable_snapshot_annotations = false`).
+
+  * a data-blob layer (`containerd.io/snapshot/nydus-blob`): nothing is downloaded; the
+    snapshot is committed at once, labelled with containerd's target ref, and Prepare
+    answers AlreadyExists, which makes containerd skip the layer;
+  * the bootstrap layer (`containerd.io/snapshot/nydus-bootstrap`): unpacked by
+    containerd like any tar layer (it is small: `image/image.boot`); the snapshot
+    remembers the image reference so its blobs can be found later;
+  * a container's snapshot on that bootstrap: the image is mounted lazily once through
+    the daemon's JSON API (`POST /api/v1/mounts`) and that mount is the overlay's only
+    lower, shared by every container of the image; it is released (`POST
+    /api/v1/umount`) when the bootstrap snapshot itself is removed (containerd's GC,
+    after the image and its containers are gone).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import logging
+import os
+import socket
+
+from fscache_daemon.errors import DaemonError, SnapshotInvalidError
+
+log = logging.getLogger(__name__)
+
+BLOB_LABEL = "containerd.io/snapshot/nydus-blob"
+BOOTSTRAP_LABEL = "containerd.io/snapshot/nydus-bootstrap"
+TARGET_LABEL = "containerd.io/snapshot.ref"
+IMAGE_REF_LABEL = "containerd.io/snapshot/cri.image-ref"
+LAYER_LABEL = "containerd.io/snapshot/cri.layer-digest"
+BOOTSTRAP_PATH = os.path.join("image", "image.boot")
+
+
+def layer_kind(labels: dict[str, str]) -> str | None:
+    """"blob", "bootstrap" or None (a plain layer or a container's snapshot)."""
+    if labels.get(BLOB_LABEL) == "true":
+        return "blob"
+    if labels.get(BOOTSTRAP_LABEL) == "true":
+        return "bootstrap"
+    return None
+
+
+def image_ref(labels: dict[str, str]) -> str:
+    """The registry reference the blobs come from; a Nydus layer without it (pulled by a
+    client that adds no CRI labels) cannot be served lazily."""
+    ref = labels.get(IMAGE_REF_LABEL, "")
+    if not ref:
+        layer = labels.get(LAYER_LABEL) or labels.get(TARGET_LABEL, "?")
+        raise SnapshotInvalidError(
+            f"nydus layer {layer}: no {IMAGE_REF_LABEL} label (pull through CRI with "
+            "disable_snapshot_annotations = false)")
+    return ref
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(self.timeout)
+        try:
+            s.connect(self._path)
+        except OSError:
+            s.close()
+            raise
+        self.sock = s
+
+
+class DaemonClient:
+    """The daemon's unix-socket JSON API, as a client (mount and umount only)."""
+
+    def __init__(self, path: str, timeout: float = 300.0) -> None:
+        self.path = path
+        self.timeout = timeout
+
+    def _post(self, route: str, body: dict) -> tuple[int, dict]:
+        conn = _UnixHTTPConnection(self.path, self.timeout)
+        try:
+            conn.request("POST", route, body=json.dumps(body).encode(),
+                         headers={"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            payload = resp.read()
+        except OSError as e:
+            raise DaemonError(f"{self.path}: cannot reach the daemon: {e}") from None
+        finally:
+            conn.close()
+        try:
+            answer = json.loads(payload) if payload else {}
+        except ValueError:
+            answer = {"error": payload[:200].decode("utf-8", "replace")}
+        return resp.status, answer if isinstance(answer, dict) else {}
+
+    def mount(self, bootstrap: str, mountpoint: str, backend: str,
+              options: dict[str, object]) -> None:
+        st, res = self._post("/api/v1/mounts", {"bootstrap": bootstrap,
+                                                "mountpoint": mountpoint,
+                                                "backend": backend, "options": options})
+        if st == 409 and "already mounted" in str(res.get("error", "")):
+            return  # ours from before a restart of this process
+        if st != 201:
+            raise DaemonError(f"lazy mount of {bootstrap}: daemon answered {st}: "
+                              f"{res.get('error', res)}")
+
+    def umount(self, mountpoint: str) -> None:
+        st, res = self._post("/api/v1/umount", {"mountpoint": mountpoint, "lazy": True})
+        if st not in (200, 404):
+            raise DaemonError(f"lazy umount of {mountpoint}: daemon answered {st}: "
+                              f"{res.get('error', res)}")
+
+
+def backend_spec(ref: str) -> str:
+    """The daemon's registry backend for an image reference."""
+    return f"registry:{ref}"
+
+
+def backend_options(ref: str, insecure_hosts: frozenset[str]) -> dict[str, object]:
+    host = ref.split("/", 1)[0]
+    return {"insecure": True} if host in insecure_hosts else {}

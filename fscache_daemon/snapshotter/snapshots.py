@@ -1,0 +1,191 @@
+"""The snapshotter's operations, independent of gRPC: containerd's overlayfs snapshotter
+semantics over the SQLite metadata store and the snapshot directories.
+
+  prepare(key, parent)  a new active (writable) snapshot on a committed parent
+  view(key, parent)     a new read-only view of a committed parent
+  commit(name, key)     the active snapshot becomes committed `name` (usage recorded)
+  remove(key)           a snapshot without children goes, with its directory
+  cleanup()             directories that no snapshot owns go (crash leftovers)
+Nydus layers (nydus.py) take other paths in prepare/mounts/remove, each marked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import threading
+
+from fscache_daemon.errors import (
+    DaemonError,
+    SnapshotExistsError,
+    SnapshotInvalidError,
+    SnapshotPreconditionError,
+)
+from fscache_daemon.snapshotter import nydus, overlay
+from fscache_daemon.snapshotter.filters import compile_filters, matches
+from fscache_daemon.snapshotter.overlay import Layout, Mount
+from fscache_daemon.snapshotter.store import Info, Kind, MetaStore, Snapshot
+
+log = logging.getLogger(__name__)
+
+DB_NAME = "metadata.db"
+
+
+class Snapshotter:
+    """Snapshots under one root directory (`root/metadata.db`, `root/snapshots/`)."""
+
+    def __init__(self, root: str, daemon_api: str | None = None,
+                 insecure_registries: tuple[str, ...] = ()) -> None:
+        self.layout = Layout(root)
+        self.store = MetaStore(os.path.join(self.layout.root, DB_NAME))
+        # Nydus layers need the daemon (lazy mounts); without it they are refused
+        self.daemon = nydus.DaemonClient(daemon_api) if daemon_api else None
+        self.insecure = frozenset(insecure_registries)
+        self._lazy_lock = threading.Lock()
+
+    def close(self) -> None:
+        self.store.close()
+
+    def _create(self, kind: Kind, key: str, parent: str,
+                labels: dict[str, str]) -> list[Mount]:
+        layer = nydus.layer_kind(labels)
+        if layer is not None and self.daemon is None:
+            raise SnapshotInvalidError(
+                f"nydus layer {labels.get(nydus.LAYER_LABEL, key)}: this snapshotter has no "
+                "daemon API to mount it lazily (--daemon-api)")
+        if layer == "blob" and kind == Kind.ACTIVE and labels.get(nydus.TARGET_LABEL):
+            self._commit_remote_blob(key, parent, labels)
+        extra = {}
+        if layer == "bootstrap":
+            extra = {"nydus": "bootstrap", "image_ref": nydus.image_ref(labels)}
+        snap = self.store.create(kind, key, parent, labels, self.layout.make, extra)
+        log.info("snapshot %s: %s %r on %r", snap.id, kind.name.lower(), key, parent)
+        try:
+            return self._mounts(snap)
+        except BaseException:
+            # e.g. the daemon refused the lazy mount: containerd gets the error and must
+            # not find the snapshot registered
+            self.remove(key)
+            raise
+
+    def _commit_remote_blob(self, key: str, parent: str, labels: dict[str, str]) -> None:
+        """A Nydus data-blob layer: register it committed (empty: its bytes are read
+        lazily through the bootstrap's mount) and tell containerd it exists, so that
+        containerd neither downloads nor applies it. containerd then finds it by Walk
+        with the target-ref label and the parent."""
+        target = labels[nydus.TARGET_LABEL]
+        name = f"nydus-blob {key}"
+        snap = self.store.create(Kind.COMMITTED, name, parent, labels, self.layout.make)
+        log.info("snapshot %s: nydus blob layer %s committed as %r, not downloaded",
+                 snap.id, labels.get(nydus.LAYER_LABEL, target), name)
+        raise SnapshotExistsError(f"target snapshot {target!r} exists (nydus blob layer)")
+
+    def _lazy_lower(self, snap: Snapshot) -> str | None:
+        """The lazy mount standing for `snap`'s parents when the nearest parent is a
+        Nydus bootstrap layer; mounted through the daemon on first use."""
+        if not snap.parent_ids or self.daemon is None:
+            return None
+        boot_id = snap.parent_ids[0]
+        extra = self.store.extra(boot_id)
+        if extra.get("nydus") != "bootstrap":
+            return None
+        with self._lazy_lock:
+            mp = self.store.lazy_mount(boot_id)
+            if mp is not None and os.path.ismount(mp):
+                return mp
+            mp = self.layout.lazy_mountpoint(boot_id)
+            os.makedirs(mp, mode=0o755, exist_ok=True)
+            ref = extra["image_ref"]
+            # recorded before the mount: a crash in between leaves a row that the next
+            # use re-mounts (the daemon answers "already mounted" if it got that far)
+            self.store.set_lazy_mount(boot_id, mp)
+            try:
+                self.daemon.mount(
+                    os.path.join(self.layout.fs(boot_id), nydus.BOOTSTRAP_PATH), mp,
+                    nydus.backend_spec(ref), nydus.backend_options(ref, self.insecure))
+            except BaseException:
+                if not os.path.ismount(mp):  # else keep the row: release unmounts it
+                    self.store.set_lazy_mount(boot_id, None)
+                raise
+            log.info("snapshot %s: %s mounted lazily on %s", boot_id, ref, mp)
+            return mp
+
+    def _release_lazy(self, boot_id: int) -> None:
+        """Unmount a bootstrap snapshot's lazy mount before the snapshot goes. The mount
+        lives as long as the image's bootstrap snapshot, not only while containers run:
+        the next container of the image starts on a warm mount."""
+        assert self.daemon is not None
+        with self._lazy_lock:
+            mp = self.store.lazy_mount(boot_id)
+            if mp is None or self.store.has_children(boot_id):
+                return  # Remove refuses a snapshot with children anyway
+            try:
+                self.daemon.umount(mp)
+            except DaemonError as e:
+                # a precondition failure: containerd's GC logs it and tries again later
+                raise SnapshotPreconditionError(
+                    f"snapshot {boot_id}: lazy mount {mp} not released: {e}") from None
+            self.store.set_lazy_mount(boot_id, None)
+            with contextlib.suppress(OSError):
+                os.rmdir(mp)
+            log.info("snapshot %s: lazy mount %s released", boot_id, mp)
+
+    def _mounts(self, snap: Snapshot) -> list[Mount]:
+        return overlay.mounts(self.layout, snap, self._lazy_lower(snap))
+
+    def prepare(self, key: str, parent: str, labels: dict[str, str]) -> list[Mount]:
+        return self._create(Kind.ACTIVE, key, parent, labels)
+
+    def view(self, key: str, parent: str, labels: dict[str, str]) -> list[Mount]:
+        return self._create(Kind.VIEW, key, parent, labels)
+
+    def mounts(self, key: str) -> list[Mount]:
+        return self._mounts(self.store.get(key))
+
+    def commit(self, name: str, key: str, labels: dict[str, str]) -> None:
+        snap = self.store.get(key)
+        # measured before the commit, as containerd does: the layer is complete (the
+        # differ applied it) and nothing writes a committed snapshot afterwards
+        size, inodes = overlay.disk_usage(self.layout.fs(snap.id))
+        self.store.commit(key, name, labels, size, inodes)
+        log.info("snapshot %s: committed %r as %r (%d bytes)", snap.id, key, name, size)
+
+    def remove(self, key: str) -> None:
+        if self.daemon is not None:
+            self._release_lazy(self.store.get(key).id)
+        sid, _ = self.store.remove(key)
+        log.info("snapshot %s: removed %r", sid, key)
+        try:
+            self.layout.remove(sid)
+        except OSError as e:
+            # the row is gone; Cleanup retries the directory
+            log.warning("snapshot %s: directory not removed (%s); Cleanup will", sid, e)
+
+    def stat(self, key: str) -> Info:
+        return self.store.stat(key)
+
+    def update(self, info_name: str, labels: dict[str, str], paths: list[str]) -> Info:
+        return self.store.update_labels(info_name, labels, paths)
+
+    def usage(self, key: str) -> tuple[int, int]:
+        """(bytes, inodes): measured now for an active snapshot, recorded otherwise."""
+        kind, sid, size, inodes = self.store.usage(key)
+        if kind == Kind.ACTIVE:
+            return overlay.disk_usage(self.layout.fs(sid))
+        return size, inodes
+
+    def walk(self, filters: list[str]) -> list[Info]:
+        compiled = compile_filters(filters)
+        return [i for i in self.store.walk() if matches(i, compiled)]
+
+    def cleanup(self) -> list[str]:
+        """Remove every directory under snapshots/ that no registered snapshot owns;
+        -> the paths removed."""
+        with self.store.locked():
+            doomed = self.layout.orphans(self.store.ids())
+            for path in doomed:
+                log.info("cleanup: removing orphaned %s", path)
+                shutil.rmtree(path, ignore_errors=True)
+        return doomed
