@@ -82,10 +82,17 @@ def cli():
 @click.option("--fetch-deadline", type=click.FloatRange(0.1, 3600), default=None,
               help="Seconds a registry blob read may spend retrying before the reader gets "
                    "EIO (default 60).")
+@click.option("--snapshotter-socket", type=click.Path(dir_okay=False), default=None,
+              help="Also serve containerd's snapshots API (a proxy plugin) on this unix "
+                   "socket; see docs/snapshotter.md.")
+@click.option("--snapshotter-root", type=click.Path(file_okay=False), default=None,
+              help="Snapshot metadata and directories (default CACHE_DIR/snapshotter).")
+@click.option("--insecure-registry", multiple=True, metavar="HOST",
+              help="Snapshotter: fetch this registry's blobs over plain HTTP (repeatable).")
 @click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
 def run(cache_dir, api_sock, frontend, threads, batch_size, prefetch_rate, readahead,
-        fetch_deadline, log_level):
+        fetch_deadline, snapshotter_socket, snapshotter_root, insecure_registry, log_level):
     """Run the daemon in the foreground (logs to stderr).
 
     SIGTERM/SIGINT stop it cleanly: the API closes, chunk state is flushed, and mounts
@@ -110,12 +117,24 @@ def run(cache_dir, api_sock, frontend, threads, batch_size, prefetch_rate, reada
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    snapshots = None
     try:
         d.start()
         api.start()
+        if snapshotter_socket:
+            # one process holds the mounts, the cache and the snapshot state: the
+            # snapshotter reaches the daemon through its API socket like any client
+            from fscache_daemon.snapshotter import serve
+            snapshots = serve(os.path.abspath(snapshotter_socket),
+                              os.path.abspath(snapshotter_root or
+                                              os.path.join(d.cache_dir, "snapshotter")),
+                              daemon_api=os.path.abspath(api_sock),
+                              insecure_registries=tuple(insecure_registry))
         while not stop.is_set() and not api.shutdown_requested.is_set():
             stop.wait(0.2)
     finally:
+        if snapshots is not None:
+            snapshots.stop()
         api.stop()
         d.shutdown()
     return 0
