@@ -30,6 +30,7 @@ from erofs_tools.format import erofs as E
 from erofs_tools.format import rafs as R
 from erofs_tools.fsutil import create_exclusive, round_up
 from erofs_tools.reader import blob as rblob
+
 # BlobInfo (a decoded blob-table entry) lives in the reader layer, which reads bootstraps
 from erofs_tools.reader.bootstrap import BlobInfo
 

@@ -28,13 +28,13 @@ import os
 from erofs_tools.builder.blob import StoredChunk
 from erofs_tools.builder.chunk_dict import BootstrapTables
 from erofs_tools.builder.rafs import ChunkRun
+from erofs_tools.builder.tar_reader import _show
+from erofs_tools.builder.whiteout import IMPLIED_XATTR as IMPLIED
+from erofs_tools.builder.whiteout import OPAQUE_XATTR as OPAQUE
+from erofs_tools.builder.whiteout import classify, is_implied, is_opaque, is_overlay_whiteout
 from erofs_tools.errors import CorruptImageError, InputError
 from erofs_tools.format import erofs as E
 from erofs_tools.format import rafs as R
-from erofs_tools.builder.tar_reader import _show
-from erofs_tools.builder.whiteout import (IMPLIED_XATTR as IMPLIED,
-                                          OPAQUE_XATTR as OPAQUE, classify, is_implied,
-                                          is_opaque, is_overlay_whiteout)
 from erofs_tools.reader.image import Image
 
 MERGE_WHITEOUT_SPECS = ("overlayfs", "oci")

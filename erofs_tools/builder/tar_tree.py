@@ -5,8 +5,13 @@ emitted into the C node-graph builder."""
 import stat
 
 from erofs_tools.builder.tar_reader import _err, _show
-from erofs_tools.builder.whiteout import (IMPLIED_VALUE, IMPLIED_XATTR, OPAQUE_VALUE,
-                                          OPAQUE_XATTR, classify)
+from erofs_tools.builder.whiteout import (
+    IMPLIED_VALUE,
+    IMPLIED_XATTR,
+    OPAQUE_VALUE,
+    OPAQUE_XATTR,
+    classify,
+)
 from erofs_tools.errors import ErofsToolsError, FormatLimitError, InputError
 
 WHITEOUT_SPECS = ("oci", "overlayfs", "none")

@@ -13,7 +13,8 @@ import bisect
 import hashlib
 import struct
 import threading
-from typing import Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import NamedTuple
 
 from erofs_tools.errors import CorruptImageError, DigestMismatchError
 from erofs_tools.format import rafs
@@ -42,7 +43,7 @@ class BlobChunk(NamedTuple):
     uncompressed_size: int
     compressed_offset: int      # in the blob file
     compressed_size: int
-    digest: Optional[bytes]     # digest of the uncompressed bytes, or None if unknown
+    digest: bytes | None     # digest of the uncompressed bytes, or None if unknown
     compressed: bool
 
     @property
@@ -301,7 +302,7 @@ class BlobMeta:
                 f"blob {_blob_name(self.blob_id)}: no chunk with index {index}")
         return c
 
-    def chunk_at(self, uncompressed_offset: int) -> Optional[BlobChunk]:
+    def chunk_at(self, uncompressed_offset: int) -> BlobChunk | None:
         """The chunk starting exactly at `uncompressed_offset`, or None."""
         i = bisect.bisect_left(self._starts, uncompressed_offset)
         if i < len(self._starts) and self._starts[i] == uncompressed_offset:
@@ -335,7 +336,7 @@ class BlobMeta:
         return b"".join(parts)
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "BlobMeta":
+    def from_bytes(cls, data: bytes) -> BlobMeta:
         data = bytes(data)
         hs = cls._HEAD.size
         if len(data) < hs + 16:
@@ -367,7 +368,7 @@ class BlobMeta:
     # -- parsing a blob ------------------------------------------------------------------
     @classmethod
     def from_blob(cls, read_at: ReadAt, blob_size: int, blob_id=None, entry=None, *,
-                  digests=None, compressor=None, digester=None) -> "BlobMeta":
+                  digests=None, compressor=None, digester=None) -> BlobMeta:
         """Parse a blob's meta from its end (TOC) or through its bootstrap `BlobEntry`.
 
         `read_at(offset, length) -> bytes` reads the blob; `blob_size` is its length.

@@ -11,7 +11,6 @@ from erofs_tools.format import rafs as R
 from erofs_tools.reader.blob import compute_blob_id, decode_chunk
 from erofs_tools.reader.image import Image, _cstr
 
-
 # The kernel keeps inode times as a signed 64-bit count of seconds (timespec64), which
 # is what an extended inode's 64-bit i_mtime is read into; ext4 holds up to 2446 and
 # clamps beyond. So any mtime below 2^63 s is valid, year 2400 included.

@@ -24,8 +24,7 @@ from ..errors import AuthError, InputError, RegistryError
 from .auth import Authenticator, Credentials, load_credentials
 from .digest import check_digest
 from .reference import Reference, check_repository
-from .transport import (REDIRECT_STATUSES, RetryPolicy, Transport, drain, one_line,
-                        safe_url)
+from .transport import REDIRECT_STATUSES, RetryPolicy, Transport, drain, one_line, safe_url
 
 log = logging.getLogger(__name__)
 
