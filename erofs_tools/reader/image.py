@@ -615,7 +615,7 @@ class Image:
         out = []
         if off + 4 * hdr.h_shared_count > len(buf):
             raise self._err(f"{what}: {hdr.h_shared_count} shared xattr ids do not fit")
-        for i in range(hdr.h_shared_count):
+        for _ in range(hdr.h_shared_count):
             xid = int.from_bytes(buf[off:off + 4], "little")
             off += 4
             pos = self.xattr_off + 4 * xid

@@ -9,6 +9,7 @@ target and renamed into place at the end; on any error the temporary tree is rem
 from __future__ import annotations
 
 import errno
+import functools
 import io
 import os
 import stat as _stat
@@ -248,7 +249,8 @@ class _Extraction:
             if frames and frames[-1].fd is None:
                 frames[-1].fd = os.open("..", O_DIR, dir_fd=f.fd)
             try:
-                self._apply_meta(f.ino, f.fd, lambda: self.path(f.name))
+                # partial binds this frame's name now (the call is synchronous either way)
+                self._apply_meta(f.ino, f.fd, functools.partial(self.path, f.name))
                 os.utime(f.fd, ns=(_mtime_ns(img, f.ino),) * 2)
             except ErofsToolsError as e:
                 raise _with_path(img, self.path(f.name), e) from None
@@ -411,7 +413,7 @@ def unpack_to_tar(img: Image, fileobj, warnings=None, limit=None):
     budget = Budget(limit)
     done = {}
     with tarfile.open(fileobj=fileobj, mode="w|", format=tarfile.PAX_FORMAT) as tf:
-        for path, de, ino in img.walk():
+        for path, _de, ino in img.walk():
             try:
                 _tar_one(img, tf, path, ino, done, warnings, budget)
             except ErofsToolsError as e:
