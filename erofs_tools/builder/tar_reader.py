@@ -14,7 +14,7 @@ import base64
 import itertools
 import urllib.parse
 from collections.abc import ItemsView, Iterator
-from typing import BinaryIO, overload
+from typing import Protocol, overload
 
 from erofs_tools.errors import InputError
 
@@ -24,6 +24,12 @@ MAX_GLOBAL = 256 << 10         # PAX global records kept (honoured keys, latest 
 MAX_NAME = 64 << 10            # path and link target length
 MAX_SPARSE_REGIONS = 1 << 20
 DEFAULT_MAX_SIZE = 1 << 40     # bytes read from the (decompressed) stream, 1 TiB
+
+
+class ReadStream(Protocol):
+    """What the parser reads from: read(n) -> up to n bytes, b"" at the end."""
+
+    def read(self, n: int, /) -> bytes: ...
 
 
 def _err(msg: str) -> InputError:
@@ -56,7 +62,7 @@ def _show(path: str | bytes, limit: int = 300) -> str:
 class _Reader:
     """Exact reads over a stream, counting and bounding the bytes taken."""
 
-    def __init__(self, stream: BinaryIO, limit: int) -> None:
+    def __init__(self, stream: ReadStream, limit: int) -> None:
         self._read = stream.read
         self._buf = b""
         self._pos = 0
@@ -255,7 +261,7 @@ class TarReader:
     """Iterate entries of a tar stream; the caller consumes each entry's data
     (`read_data` / `skip_data`) before asking for the next one."""
 
-    def __init__(self, stream: BinaryIO, max_size: int = DEFAULT_MAX_SIZE) -> None:
+    def __init__(self, stream: ReadStream, max_size: int = DEFAULT_MAX_SIZE) -> None:
         self.r = _Reader(stream, max_size)
         self.globals = PaxRecords(MAX_GLOBAL, is_global=True)
         self._left = 0            # data bytes of the current entry not consumed yet
