@@ -18,7 +18,7 @@ import uuid as _uuid
 from typing import TYPE_CHECKING, Any
 
 from erofs_tools._native import BuildOptions, NativeBuilder
-from erofs_tools.builder.options import MkfsOptions
+from erofs_tools.builder.options import MkfsOptions, Progress
 from erofs_tools.builder.tree import TreeWalker
 from erofs_tools.errors import InputError
 from erofs_tools.fsutil import atomic_output
@@ -63,7 +63,7 @@ def build_options(opts: MkfsOptions) -> BuildOptions:
 
 
 def mkfs(image: StrOrBytesPath, source: StrOrBytesPath, opts: MkfsOptions | None = None,
-         progress: Any = None) -> dict[str, Any]:
+         progress: Progress | None = None) -> dict[str, Any]:
     """Build IMAGE from directory SOURCE. progress: object with .scan(entries, bytes, copied),
     .write(inodes_done, inodes_total) and .done() (or None). -> summary dict."""
     opts = opts or MkfsOptions()

@@ -4,6 +4,7 @@ import re
 import uuid as _uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from erofs_tools.errors import InputError
 
@@ -74,3 +75,13 @@ def parse_exclude_regex(text: str) -> re.Pattern[bytes]:
         return re.compile(os.fsencode(text))
     except re.error as e:
         raise InputError(f"--exclude-regex: invalid regular expression {text!r}: {e}") from None
+
+
+class Progress(Protocol):
+    """What mkfs and pack report progress to (cli.progress.Progress)."""
+
+    def scan(self, entries: int, nbytes: int, copied: int | None = None) -> object: ...
+
+    def write(self, done: int, total: int) -> object: ...
+
+    def done(self) -> object: ...
