@@ -310,5 +310,5 @@ class BlobMeta:
                     c.compressed_size) for c in chunks]
         # digests inlined in the blob (its blob.digest section), not the bootstrap's
         digests = [c.digest for c in chunks] if meta.digest_region is not None else None
-        return cls(info, entries, digests)  # type: ignore[arg-type]
+        return cls(info, entries, digests)
 
