@@ -126,15 +126,15 @@ def check_image(img: Image, blobs=None, verify_data=True):
     name = img.name
     if blobs is not None:
         img.blobs = blobs
-    links = {}          # nid -> dirent count
+    links: dict[int, int] = {}          # nid -> dirent count
     subdirs = {}        # dir nid -> number of subdirectories
     # nids seen, not their paths: a tree 30,000 levels deep would hold 30,000 paths of
     # up to 60 KB each; a path is looked up again only for a problem found at the end
     first_path = set()
-    ci_by_blob_off = {}
+    ci_by_blob_off: dict[tuple[int, int], R.ChunkInfo] = {}
     for ci in img.chunk_infos:
         ci_by_blob_off.setdefault((ci.blob_index, ci.uncompressed_offset), ci)
-    bad_chunks = {}         # device -> set of corrupt CI indexes
+    bad_chunks: dict[int, set[int]] = {}         # device -> set of corrupt CI indexes
     blob_problems = []
     if blobs is not None:
         blob_problems = check_blobs(img, blobs, bad_chunks)

@@ -179,9 +179,9 @@ class _Extraction:
         self.root = _is_root()
         self.root_fd = os.open(tmp, O_DIR)
         self.dirs = [(-1, b"")]     # directory key -> (parent key, name)
-        self.links = {}             # nid -> (directory key, name) of its first link
+        self.links: dict[int, tuple[int, bytes]] = {}   # nid -> (dir key, name), 1st link
         # (every non-directory: an image's nlink is not trusted to find hardlinks)
-        self.frames = []
+        self.frames: list[_Frame] = []
 
     def _children(self, ino, parent_nid):
         ents = self.img.dirents(ino)
@@ -411,7 +411,7 @@ def unpack_to_tar(img: Image, fileobj, warnings=None, limit=None):
     `limit` caps the file bytes written (InputError beyond it)."""
     warnings = warnings if warnings is not None else []
     budget = Budget(limit)
-    done = {}
+    done: dict[int, str] = {}          # nid -> tar name of its first link
     with tarfile.open(fileobj=fileobj, mode="w|", format=tarfile.PAX_FORMAT) as tf:
         for path, _de, ino in img.walk():
             try:
@@ -420,7 +420,7 @@ def unpack_to_tar(img: Image, fileobj, warnings=None, limit=None):
                 raise _with_path(img, path, e) from None
             # tarfile keeps every TarInfo written (for getmembers); a stream writer
             # never needs them, and a deep tree's names add up quadratically
-            tf.members.clear()
+            tf.members.clear()  # type: ignore[attr-defined]  # (not in the stubs)
     return warnings
 
 
