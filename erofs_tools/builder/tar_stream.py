@@ -190,7 +190,8 @@ def open_stream(f: BinaryIO, source_type: str = "auto") -> ReadStream:
     return stream
 
 
-def open_source(source: str | bytes) -> tuple[BinaryIO, Callable[[], None]]:
+def open_source(source: str | bytes | os.PathLike[str] | os.PathLike[bytes]
+                ) -> tuple[BinaryIO, Callable[[], None]]:
     """SOURCE path or '-' -> (raw binary stream, closer)."""
     if source == "-" or source == b"-":
         return sys.stdin.buffer, (lambda: None)
