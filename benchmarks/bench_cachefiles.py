@@ -22,7 +22,6 @@ All figures come from an emulated (TCG) machine: compare ratios, not absolute sp
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import random

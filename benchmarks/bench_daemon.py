@@ -181,7 +181,7 @@ def main(argv=None) -> int:
         os.makedirs(mnt, exist_ok=True)
         ddir = work / "daemon"
         runs, cold = [], []
-        for i in range(args.repeat):
+        for _ in range(args.repeat):
             drop_caches()
             runs.append(timed(direct_decode, blob_path, blob_id))
             if d is not None:
@@ -234,7 +234,7 @@ def main(argv=None) -> int:
                     ("cold_local_group", {"holder": False})) if args.frontends else ()
         for name, kw in variants:
             local = []
-            for i in range(args.repeat):
+            for _ in range(args.repeat):
                 lc = str(work / "local-cache")
                 shutil.rmtree(lc, ignore_errors=True)
                 dl = Daemon(lc, frontend=FanotifyFrontend(lc, **kw), threads=args.threads)

@@ -26,8 +26,16 @@ import subprocess
 import sys
 import tempfile
 
-from benchlib import (REPO, anchor_line, anchors, child_env, default_anchor_mkfs, goal,
-                      goal_line, run_child)
+from benchlib import (
+    REPO,
+    anchor_line,
+    anchors,
+    child_env,
+    default_anchor_mkfs,
+    goal,
+    goal_line,
+    run_child,
+)
 
 
 def run(cmd):

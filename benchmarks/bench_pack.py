@@ -34,8 +34,16 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from benchlib import (REPO, anchor_line, anchors, child_env, default_anchor_mkfs, goal,
-                      goal_line, run_child)
+from benchlib import (
+    REPO,
+    anchor_line,
+    anchors,
+    child_env,
+    default_anchor_mkfs,
+    goal,
+    goal_line,
+    run_child,
+)
 
 
 def regular_files(tree):

@@ -16,9 +16,9 @@ The C API itself is documented in csrc/erofs_native.h.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Protocol
 
 from erofs_tools.errors import ErofsToolsError, FormatLimitError, InputError
 from erofs_tools.format import erofs as E
@@ -42,6 +42,15 @@ MIN_BLKSZBITS = 9               # the C core builds 512 B .. 4 KiB blocks
 MAX_BLKSZBITS = E.BLKSZ_BITS
 
 BytesLike = bytes | bytearray | memoryview | str
+
+
+class SizedInts(Protocol):
+    """A count and then the ints themselves (set_chunks: a run of hole chunks is never
+    one list)."""
+
+    def __len__(self) -> int: ...
+
+    def __iter__(self) -> Iterator[int]: ...
 
 
 class NativeError(ErofsToolsError):
@@ -228,7 +237,7 @@ class NativeBuilder:
         if r:
             _raise(self._b, r)
 
-    def set_chunks(self, node: int, chunk_format: int, entries: Sequence[int]) -> None:
+    def set_chunks(self, node: int, chunk_format: int, entries: SizedInts) -> None:
         """CHUNK_BASED data given by the caller (RAFS pack). `chunk_format`: low 5 bits =
         log2(chunk size) - blkszbits, 0x20 = 8-byte indexes. `entries`: one int per chunk,
         for indexes `advise | device_id << 16 | blkaddr << 32` (hole: blkaddr 0xFFFFFFFF),

@@ -29,6 +29,10 @@ class DigestMismatchError(CorruptImageError):
 class RegistryError(ErofsToolsError):
     """A registry request failed (after retries) or returned something invalid."""
 
+    # set by RegistrySession.fail on an HTTP answer (for upload restarts); absent else
+    status: int
+    codes: list[str]
+
 
 class AuthError(RegistryError):
     """The registry refused our credentials or no usable credentials were found."""

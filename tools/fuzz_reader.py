@@ -215,7 +215,7 @@ def field_map(seed):
                     f.append((start + 4 * k, 4, f"inode{ino.nid}.chunk{k}.blkaddr"))
         if ino.is_dir():
             pos = 0
-            for fo, length, dev, phys in img.map_data(ino):
+            for _fo, length, dev, phys in img.map_data(ino):
                 if dev != 0:
                     continue
                 # dirents at the start of each block of directory data
@@ -237,10 +237,10 @@ def field_map(seed):
                 bf += _record_fields(R.TocEntry, base, f"toc[{i}]")
         try:
             from erofs_tools.reader.blob import BlobMeta
-            m = BlobMeta.from_blob(lambda o, k: blob[o:o + k], n)
+            m = BlobMeta.from_blob(lambda o, k, blob=blob: blob[o:o + k], n)
             ci_off = m.chunks[-1].compressed_offset + m.chunks[-1].compressed_size + 512 \
                 if m.chunks else 0
-            for i, c in enumerate(m.chunks[:8]):
+            for c in m.chunks[:8]:
                 bf.append((ci_off + 16 * c.index, 8, f"ci{c.index}.uncomp"))
                 bf.append((ci_off + 16 * c.index + 8, 8, f"ci{c.index}.comp"))
             hdr = ci_off + 16 * len(m.chunks)
@@ -522,7 +522,10 @@ def run(cases, jobs=2, seed=0, timeout=10.0, mem=1024, only=None, progress=None)
                 p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True)
                 errbuf = []
-                t = threading.Thread(target=lambda: errbuf.append(p.stderr.read()), daemon=True)
+                # stream and buffer passed as arguments: bound to this worker, not to
+                # whatever p and errbuf name after a restart
+                t = threading.Thread(target=lambda err, buf: buf.append(err.read()),
+                                     args=(p.stderr, errbuf), daemon=True)
                 t.start()
                 last_started = None
                 done_here = set()

@@ -30,6 +30,7 @@ from erofs_tools.format import erofs as E
 from erofs_tools.format import rafs as R
 from erofs_tools.fsutil import create_exclusive, round_up
 from erofs_tools.reader import blob as rblob
+
 # BlobInfo (a decoded blob-table entry) lives in the reader layer, which reads bootstraps
 from erofs_tools.reader.bootstrap import BlobInfo
 
@@ -309,5 +310,5 @@ class BlobMeta:
                     c.compressed_size) for c in chunks]
         # digests inlined in the blob (its blob.digest section), not the bootstrap's
         digests = [c.digest for c in chunks] if meta.digest_region is not None else None
-        return cls(info, entries, digests)  # type: ignore[arg-type]
+        return cls(info, entries, digests)
 

@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from erofs_tools.builder.blob import BlobInfo, StoredChunk
 from erofs_tools.errors import InputError
 from erofs_tools.format import rafs as R
+
 # BootstrapTables lives in the reader layer; re-exported for the builder's callers
 from erofs_tools.reader.bootstrap import BootstrapTables
 

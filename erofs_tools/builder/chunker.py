@@ -15,15 +15,20 @@ Holes of sparse files are never read: chunks that lie entirely inside a hole (fo
 SEEK_DATA/SEEK_HOLE) are synthesized as zero chunks whose digest is computed once per
 size.
 """
+from __future__ import annotations
+
 import hashlib
 import os
 import threading
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TypeVar
 
 import blake3
 import zstandard
 
+from erofs_tools.builder.tree import shown_path
 from erofs_tools.errors import InputError
 from erofs_tools.format import rafs as R
 
@@ -36,8 +41,16 @@ ZSTD_LEVEL = 3
 BATCH_BYTES = 1 << 20
 BATCH_CHUNKS = 256
 
+Digest = Callable[[bytes], bytes]
+ChunkKey = tuple[bytes, int]                     # (digest, uncompressed size)
+FileItem = tuple[int, str | bytes, int, bool]    # (file_key, path, size, sparse)
+_FileChunk = tuple[int, str | bytes, int, bool, int, int]   # FileItem + (offset, length)
+StreamItem = tuple[int, int, bytes | None, int, int]   # (file_key, offset, data, length,
+                                                       #  repeat)
+_Batch = TypeVar("_Batch")
 
-def digest_function(name):
+
+def digest_function(name: str) -> Digest:
     """-> callable(bytes-like) -> 32-byte digest."""
     if name == "blake3":
         # max_threads is not used: parallelism comes from hashing many chunks at once.
@@ -47,7 +60,7 @@ def digest_function(name):
     raise InputError(f"unknown digester {name!r} (choose blake3 or sha256)")
 
 
-def check_chunk_size(chunk_size):
+def check_chunk_size(chunk_size: int) -> int:
     if (not isinstance(chunk_size, int) or chunk_size < R.CHUNK_SIZE_MIN
             or chunk_size > R.CHUNK_SIZE_MAX or chunk_size & (chunk_size - 1)):
         raise InputError(f"chunk size {chunk_size} is not a power of two between "
@@ -58,14 +71,14 @@ def check_chunk_size(chunk_size):
 class Compressor:
     """Per-chunk compression; a chunk that does not shrink is stored raw."""
 
-    def __init__(self, name, level=ZSTD_LEVEL):
+    def __init__(self, name: str, level: int = ZSTD_LEVEL) -> None:
         if name not in COMPRESSORS:
             raise InputError(f"unknown compressor {name!r} (choose zstd or none)")
         self.name = name
         self.level = level
         self._local = threading.local()
 
-    def compress(self, data):
+    def compress(self, data: bytes) -> bytes:
         """-> bytes to store (compressed, or the data itself when it does not shrink)."""
         if self.name == "none":
             return data
@@ -75,7 +88,7 @@ class Compressor:
         out = c.compress(data)
         return out if len(out) < len(data) else data
 
-    def decompress(self, data, size):
+    def decompress(self, data: bytes, size: int) -> bytes:
         d = getattr(self._local, "d", None)
         if d is None:
             d = self._local.d = zstandard.ZstdDecompressor()
@@ -90,8 +103,8 @@ class _Claim:
     """
     __slots__ = ("data", "seq", "taken")
 
-    def __init__(self, seq):
-        self.data = None
+    def __init__(self, seq: int) -> None:
+        self.data: bytes | None = None
         self.seq = seq
         self.taken = False
 
@@ -101,7 +114,8 @@ class ChunkResult:
     in a row (a run of hole chunks of a tar entry), one object however long."""
     __slots__ = ("file_key", "file_offset", "size", "digest", "claim", "pipe", "repeat")
 
-    def __init__(self, file_key, file_offset, size, digest, claim, pipe, repeat=1):
+    def __init__(self, file_key: int, file_offset: int, size: int, digest: bytes,
+                 claim: _Claim | None, pipe: ChunkPipeline, repeat: int = 1) -> None:
         self.file_key = file_key
         self.file_offset = file_offset
         self.size = size
@@ -111,21 +125,25 @@ class ChunkResult:
         self.repeat = repeat
 
     @property
-    def key(self):
+    def key(self) -> ChunkKey:
         return (self.digest, self.size)
 
-    def stored_bytes(self):
+    def stored_bytes(self) -> bytes:
         """Stored form (compressed or raw) of this chunk; call once per distinct key."""
         c = self.claim
+        if c is None:
+            raise RuntimeError("chunk key was already known: no bytes to take")
         if c.taken:
             raise RuntimeError("chunk bytes already taken")
         if c.data is None:
             self.pipe._wait_batch(c.seq)
         data, c.data, c.taken = c.data, None, True
+        if data is None:                # the claiming batch always fills it, or raises
+            raise RuntimeError("chunk bytes missing after their batch completed")
         return data
 
 
-def _data_ranges(fd, size):
+def _data_ranges(fd: int, size: int) -> list[tuple[int, int]]:
     """Data extents [(start, end)] of a file via SEEK_DATA/SEEK_HOLE (whole file if unknown)."""
     out = []
     pos = 0
@@ -147,7 +165,7 @@ def _data_ranges(fd, size):
     return out
 
 
-def _overlaps(ranges, start, end):
+def _overlaps(ranges: list[tuple[int, int]], start: int, end: int) -> bool:
     for a, b in ranges:
         if a < end and start < b:
             return True
@@ -162,8 +180,10 @@ class ChunkPipeline:
     known: callable(key) -> bool for keys that need no data (already stored or in a dict).
     """
 
-    def __init__(self, chunk_size, digester="blake3", compressor="zstd", workers=None,
-                 window=None, known=None):
+    def __init__(self, chunk_size: int, digester: str = "blake3",
+                 compressor: str | Compressor = "zstd", workers: int | None = None,
+                 window: int | None = None,
+                 known: Callable[[ChunkKey], bool] | None = None) -> None:
         self.chunk_size = check_chunk_size(chunk_size)
         self.digester = digester
         self.digest = digest_function(digester)
@@ -172,21 +192,21 @@ class ChunkPipeline:
         self.workers = workers or os.cpu_count() or 1
         self.window = window or self.workers * 3
         self._known = known or (lambda key: False)
-        self._claims = {}
+        self._claims: dict[ChunkKey, _Claim] = {}
         self._lock = threading.Lock()
-        self._zero_digests = {}
-        self._futures = {}
+        self._zero_digests: dict[int, bytes] = {}
+        self._futures: dict[int, Future[list[ChunkResult]]] = {}
         self.bytes_read = 0
         self.bytes_hole = 0
 
     # -- worker side ---------------------------------------------------------------------
-    def zero_digest(self, size):
+    def zero_digest(self, size: int) -> bytes:
         d = self._zero_digests.get(size)
         if d is None:
             d = self._zero_digests[size] = self.digest(bytes(size))
         return d
 
-    def _claim(self, key, seq):
+    def _claim(self, key: ChunkKey, seq: int) -> tuple[_Claim | None, _Claim | None]:
         """-> (claim if this caller must produce the data else None, claim-or-None)."""
         if self._known(key):
             return None, None
@@ -200,30 +220,31 @@ class ChunkPipeline:
             c = self._claims[key] = _Claim(seq)
             return c, c
 
-    def _store(self, mine, data):
+    def _store(self, mine: _Claim, data: bytes) -> None:
         mine.data = self.compressor.compress(data)
 
-    def _wait_batch(self, seq):
+    def _wait_batch(self, seq: int) -> None:
         fut = self._futures.get(seq)
         if fut is not None:
             fut.result()
 
-    def _run_batch(self, seq, batch):
+    def _run_batch(self, seq: int,
+                   batch: list[_FileChunk]) -> list[ChunkResult]:
         out = []
-        fd = None
+        fd = -1                 # none open
         cur = None
         ranges = None
         try:
             for file_key, path, size, sparse, off, length in batch:
                 if path != cur:
-                    if fd is not None:
+                    if fd >= 0:
                         os.close(fd)
-                        fd = None
+                        fd = -1
                     cur = path
                     try:
                         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
                     except OSError as e:
-                        raise InputError(f"cannot read {path}: {e.strerror}") from None
+                        raise InputError(f"cannot read {shown_path(path)}: {e.strerror}") from None
                     ranges = _data_ranges(fd, size) if sparse else None
                 if ranges is not None and not _overlaps(ranges, off, off + length):
                     digest = self.zero_digest(length)
@@ -235,9 +256,9 @@ class ChunkPipeline:
                     try:
                         data = os.pread(fd, length, off)
                     except OSError as e:
-                        raise InputError(f"cannot read {path}: {e.strerror}") from None
+                        raise InputError(f"cannot read {shown_path(path)}: {e.strerror}") from None
                     if len(data) != length:
-                        raise InputError(f"{path} changed size while being packed")
+                        raise InputError(f"{shown_path(path)} changed size while being packed")
                     self.bytes_read += length
                     digest = self.digest(data)
                     mine, claim = self._claim((digest, length), seq)
@@ -246,14 +267,16 @@ class ChunkPipeline:
                     del data
                 out.append(ChunkResult(file_key, off, length, digest, claim, self))
         finally:
-            if fd is not None:
+            if fd >= 0:
                 os.close(fd)
         return out
 
     # -- consumer side -------------------------------------------------------------------
-    def _batches(self, files):
+    def _batches(self, files: Iterable[FileItem]
+                 ) -> Iterator[list[_FileChunk]]:
         cs = self.chunk_size
-        batch, nbytes = [], 0
+        batch: list[_FileChunk] = []
+        nbytes = 0
         for file_key, path, size, sparse in files:
             off = 0
             while off < size:
@@ -267,7 +290,7 @@ class ChunkPipeline:
         if batch:
             yield batch
 
-    def run(self, files):
+    def run(self, files: Iterable[FileItem]) -> Iterator[ChunkResult]:
         """Yield ChunkResult in (file order, offset order).
 
         A result whose `claim` is not None refers to a chunk whose stored bytes are
@@ -277,15 +300,16 @@ class ChunkPipeline:
         return self._run(self._batches(files), self._run_batch)
 
     # -- chunks already in memory (a tar stream) --------------------------------------------
-    def run_stream(self, items):
+    def run_stream(self, items: Iterable[StreamItem]) -> Iterator[ChunkResult]:
         """Like run, for chunks a stream reader has already cut: items are (file_key,
         offset, data, length, repeat); data None = `repeat` chunks of zeros in a row (a
         sparse hole, never materialized but once per size for its digest)."""
         return self._run(self._stream_batches(items), self._run_stream_batch)
 
     @staticmethod
-    def _stream_batches(items):
-        batch, nbytes = [], 0
+    def _stream_batches(items: Iterable[StreamItem]) -> Iterator[list[StreamItem]]:
+        batch: list[StreamItem] = []
+        nbytes = 0
         for it in items:
             batch.append(it)
             nbytes += it[3] if it[2] is not None else 0
@@ -295,7 +319,7 @@ class ChunkPipeline:
         if batch:
             yield batch
 
-    def _run_stream_batch(self, seq, batch):
+    def _run_stream_batch(self, seq: int, batch: list[StreamItem]) -> list[ChunkResult]:
         out = []
         for key, off, data, length, repeat in batch:
             if data is None:
@@ -310,8 +334,9 @@ class ChunkPipeline:
             out.append(ChunkResult(key, off, length, digest, claim, self, repeat))
         return out
 
-    def _run(self, batches, work):
-        pending = deque()
+    def _run(self, batches: Iterable[_Batch],
+             work: Callable[[int, _Batch], list[ChunkResult]]) -> Iterator[ChunkResult]:
+        pending: deque[tuple[int, Future[list[ChunkResult]]]] = deque()
         self._futures = {}
         with ThreadPoolExecutor(max_workers=self.workers,
                                 thread_name_prefix="erofs-chunk") as pool:
@@ -328,7 +353,8 @@ class ChunkPipeline:
                 for _, f in pending:
                     f.cancel()
 
-    def _pop(self, pending):
+    def _pop(self, pending: deque[tuple[int, Future[list[ChunkResult]]]]
+             ) -> list[ChunkResult]:
         seq, fut = pending.popleft()
         out = fut.result()
         del self._futures[seq]

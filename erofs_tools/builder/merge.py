@@ -22,25 +22,33 @@ image references every layer's blob, including those whose files were all whited
 `blob_ids` renames blobs (old id -> new id), e.g. to the sha256 of the blob file, which
 is how a blob is named in a registry (rafs-v6.md §11).
 """
+from __future__ import annotations
+
 import copy
 import os
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
-from erofs_tools.builder.blob import StoredChunk
+from erofs_tools.builder import rafs as RP
+from erofs_tools.builder.blob import BlobInfo, StoredChunk
 from erofs_tools.builder.chunk_dict import BootstrapTables
-from erofs_tools.builder.rafs import ChunkRun
+from erofs_tools.builder.rafs import ChunkRun, FileChunks
+from erofs_tools.builder.tar_reader import _show
+from erofs_tools.builder.whiteout import IMPLIED_XATTR as IMPLIED
+from erofs_tools.builder.whiteout import OPAQUE_XATTR as OPAQUE
+from erofs_tools.builder.whiteout import classify, is_implied, is_opaque, is_overlay_whiteout
 from erofs_tools.errors import CorruptImageError, InputError
 from erofs_tools.format import erofs as E
 from erofs_tools.format import rafs as R
-from erofs_tools.builder.tar_reader import _show
-from erofs_tools.builder.whiteout import (IMPLIED_XATTR as IMPLIED,
-                                          OPAQUE_XATTR as OPAQUE, classify, is_implied,
-                                          is_opaque, is_overlay_whiteout)
-from erofs_tools.reader.image import Image
+from erofs_tools.reader.image import Image, Inode
+
+if TYPE_CHECKING:
+    from _typeshed import StrPath
 
 MERGE_WHITEOUT_SPECS = ("overlayfs", "oci")
 
 
-def _is_hex_id(s):
+def _is_hex_id(s: str) -> bool:
     return len(s) == 64 and all(c in "0123456789abcdef" for c in s)
 
 
@@ -48,17 +56,24 @@ class _M:
     """A merged entry: metadata source (layer, inode) and, for directories, children."""
     __slots__ = ("layer", "ino", "children")
 
-    def __init__(self, layer, ino, children=None):
+    def __init__(self, layer: _Layer, ino: Inode, children: dict[bytes, _M] | None = None
+                 ) -> None:
         self.layer = layer
         self.ino = ino
         self.children = children
 
 
-def _is_whiteout(ino):
+def _kids(m: _M) -> dict[bytes, _M]:
+    """The children of `m`, an entry the caller knows to be a directory."""
+    assert m.children is not None, "not a directory"
+    return m.children
+
+
+def _is_whiteout(ino: Inode) -> bool:
     return is_overlay_whiteout(ino.mode, ino.rdev if ino.is_dev() else (1, 1))
 
 
-def _compressor_of(flags):
+def _compressor_of(flags: int) -> str:
     for name, bit in R.COMPRESSION_FLAGS.items():
         if flags & bit:
             return name
@@ -66,7 +81,7 @@ def _compressor_of(flags):
 
 
 class _Layer:
-    def __init__(self, index, path):
+    def __init__(self, index: int, path: str) -> None:
         self.index = index
         self.path = path
         self.tables = BootstrapTables.read(path)
@@ -74,19 +89,15 @@ class _Layer:
         if not self.img.is_rafs:
             raise InputError(f"{path}: not a RAFS v6 bootstrap")
         self.chunks = {(c.blob_index, c.index): c for c in self.tables.chunks}
-        self.blob_map = {}          # local blob index -> merged index
-        self.xattr_cache = {}
+        self.blob_map: dict[int, int] = {}          # local blob index -> merged index
 
-    def xattrs(self, ino):
-        return self.img.xattrs(ino)
-
-    def close(self):
+    def close(self) -> None:
         self.img.close()
 
 
-def merge(bootstraps, output, blob_ids=None, whiteout_spec="overlayfs", timestamp=None):
+def merge(bootstraps: Sequence[StrPath], output: str, blob_ids: Mapping[str, str] | None = None,
+          whiteout_spec: str = "overlayfs", timestamp: int | None = None) -> RP.PackResult:
     """Write OUTPUT merged from BOOTSTRAPS (lowest first); -> summary dict."""
-    from erofs_tools.builder import rafs as RP
     if not bootstraps:
         raise InputError("merge needs at least one bootstrap")
     if whiteout_spec not in MERGE_WHITEOUT_SPECS:
@@ -96,41 +107,43 @@ def merge(bootstraps, output, blob_ids=None, whiteout_spec="overlayfs", timestam
         if not _is_hex_id(new):
             raise InputError(f"blob id {new!r} for {old} is not 64 lowercase hex digits")
     out_abs = os.path.abspath(output)
-    layers = []
+    layers: list[_Layer] = []
     try:
         for i, p in enumerate(bootstraps):
             if os.path.abspath(p) == out_abs:
                 raise InputError(f"{output}: output would overwrite an input bootstrap")
             layers.append(_Layer(i, os.fspath(p)))
-        return _merge(layers, output, blob_ids, whiteout_spec, timestamp, RP)
+        return _merge(layers, output, blob_ids, whiteout_spec, timestamp)
     finally:
         for L in layers:
             L.close()
 
 
-def _merge(layers, output, blob_ids, whiteout_spec, timestamp, RP):
+def _merge(layers: list[_Layer], output: str, blob_ids: dict[str, str], whiteout_spec: str,
+           timestamp: int | None) -> RP.PackResult:
     # -- common parameters ---------------------------------------------------------------
-    chunk_size = digester = compressor = None
+    params: tuple[int, str, str] | None = None      # chunk size, digester, compressor
     for L in layers:
         ext = L.tables.ext
         dg = L.tables.digester
         if L.tables.blobs or L.tables.chunks:
-            if chunk_size is None:
-                chunk_size, digester = ext.s_chunk_size, dg
-                compressor = _compressor_of(ext.s_flags)
-            elif ext.s_chunk_size != chunk_size:
+            if params is None:
+                params = (ext.s_chunk_size, dg, _compressor_of(ext.s_flags))
+            elif ext.s_chunk_size != params[0]:
                 raise InputError(f"{L.path}: chunk size {ext.s_chunk_size} differs from "
-                                 f"{chunk_size} of the layers below")
-            elif dg != digester:
-                raise InputError(f"{L.path}: {dg} chunk digests differ from the {digester} "
+                                 f"{params[0]} of the layers below")
+            elif dg != params[1]:
+                raise InputError(f"{L.path}: {dg} chunk digests differ from the {params[1]} "
                                  "of the layers below")
-    if chunk_size is None:
-        chunk_size = layers[-1].tables.ext.s_chunk_size or R.CHUNK_SIZE_DEFAULT
-        digester = layers[-1].tables.digester
-        compressor = _compressor_of(layers[-1].tables.ext.s_flags)
+    if params is None:
+        top_t = layers[-1].tables
+        params = (top_t.ext.s_chunk_size or R.CHUNK_SIZE_DEFAULT, top_t.digester,
+                  _compressor_of(top_t.ext.s_flags))
+    chunk_size, digester, compressor = params
 
     # -- blob table: union in layer order --------------------------------------------------
-    blobs, by_id = [], {}
+    blobs: list[BlobInfo] = []
+    by_id: dict[str, int] = {}          # blob id -> merged index
     for L in layers:
         for i, b in enumerate(L.tables.blobs):
             new_id = blob_ids.get(b.blob_id, b.blob_id)
@@ -155,13 +168,16 @@ def _merge(layers, output, blob_ids, whiteout_spec, timestamp, RP):
         if li == 0 or not is_implied(rx):
             root.layer, root.ino = L, rino
         if is_opaque(rx):
-            root.children.clear()
+            _kids(root).clear()
         stack = [(root, rino, b"/")]
         seen_dirs = {img.root_nid}
         while stack:
             mdir, dino, path = stack.pop()
+            kids = _kids(mdir)
             ents = img.listdir(dino)
-            whiteouts, opaque, keep = [], False, []
+            whiteouts: list[bytes] = []
+            opaque = False
+            keep = []
             for d in ents:
                 ino = img.inode(d.nid)
                 if _is_whiteout(ino):
@@ -170,17 +186,17 @@ def _merge(layers, output, blob_ids, whiteout_spec, timestamp, RP):
                     kind, target = classify(d.name)
                     if kind == "opaque":
                         opaque = True
-                    elif kind == "whiteout":
+                    elif kind == "whiteout" and target is not None:   # always set then
                         whiteouts.append(target)
                 else:
                     keep.append((d, ino))
             if opaque:
-                mdir.children.clear()
+                kids.clear()
             for name in whiteouts:
-                mdir.children.pop(name, None)
+                kids.pop(name, None)
             for d, ino in keep:
                 cpath = path + d.name if path.endswith(b"/") else path + b"/" + d.name
-                old = mdir.children.get(d.name)
+                old = kids.get(d.name)
                 if ino.is_dir():
                     if d.nid in seen_dirs:
                         raise CorruptImageError(f"{L.path}: {_show(cpath)}: directory "
@@ -188,32 +204,36 @@ def _merge(layers, output, blob_ids, whiteout_spec, timestamp, RP):
                     seen_dirs.add(d.nid)
                     xs = img.xattrs(ino)
                     op = is_opaque(xs)
-                    below = old is not None and old.children is not None
-                    if below and not op:
+                    # the directory below, if what is below is one
+                    below = old if old is not None and old.children is not None else None
+                    if below is not None and not op:
                         if not is_implied(xs):
-                            old.layer, old.ino = L, ino
-                        node = old
+                            below.layer, below.ino = L, ino
+                        node = below
                     else:
                         # an implied directory over one below keeps its metadata, as
                         # containerd's applier copies it up (docs/tar.md)
-                        meta = (old.layer, old.ino) if below and is_implied(xs) else (L, ino)
+                        meta = ((below.layer, below.ino) if below is not None and is_implied(xs)
+                                else (L, ino))
                         node = _M(meta[0], meta[1], {})
-                        mdir.children[d.name] = node
+                        kids[d.name] = node
                     stack.append((node, ino, cpath))
                 else:
-                    mdir.children[d.name] = _M(L, ino)
+                    kids[d.name] = _M(L, ino)
 
     # -- emit ----------------------------------------------------------------------------
     build_time = timestamp if timestamp is not None else max(
         L.img.sb.build_time for L in layers)
     nb = RP.bootstrap_nodes(len(blobs), 0, build_time, force_extended=True)
     chunk_bits = chunk_size.bit_length() - 1
-    ids = {}                  # (layer, nid) of non-directories -> node
-    scs = {}                  # (merged blob, ci index) -> StoredChunk
-    per_node, file_off, regular = {}, {}, set()
+    ids: dict[tuple[int, int], int] = {}     # (layer, nid) of non-directories -> node
+    scs: dict[tuple[int, int], StoredChunk] = {}     # (merged blob, ci index) -> chunk
+    per_node: dict[int, FileChunks] = {}
+    file_off: dict[int, int] = {}
+    regular: set[int] = set()
     has_x = False
 
-    def add(m, path):
+    def add(m: _M, path: bytes) -> tuple[int, bool]:
         nonlocal has_x
         L, ino = m.layer, m.ino
         key = (L.index, ino.nid)
@@ -245,16 +265,17 @@ def _merge(layers, output, blob_ids, whiteout_spec, timestamp, RP):
 
     rid, _ = add(root, b"/")
     nb.set_root(rid)
-    stack = [(root, rid, b"")]
-    while stack:
-        m, mid, path = stack.pop()
-        for name in sorted(m.children):
-            c = m.children[name]
+    estack = [(root, rid, b"")]
+    while estack:
+        m, mid, path = estack.pop()
+        kids = _kids(m)
+        for name in sorted(kids):
+            c = kids[name]
             cpath = path + b"/" + name
             cid, new = add(c, cpath)
             nb.add_child(mid, name, cid)
             if c.children is not None:
-                stack.append((c, cid, cpath))
+                estack.append((c, cid, cpath))
 
     opts = RP.PackOptions(chunk_size=chunk_size, digester=digester, compressor=compressor)
     result = RP.write_bootstrap(nb, RP.TreeInfo(regular, has_x), output, opts, None, None,
@@ -263,8 +284,9 @@ def _merge(layers, output, blob_ids, whiteout_spec, timestamp, RP):
     return result
 
 
-def _chunks(L, ino, chunk_bits, scs, file_off, path):
-    out = []
+def _chunks(L: _Layer, ino: Inode, chunk_bits: int, scs: dict[tuple[int, int], StoredChunk],
+            file_off: dict[int, int], path: bytes) -> FileChunks:
+    out: FileChunks = []
     size = ino.size
     if size == 0:
         return out

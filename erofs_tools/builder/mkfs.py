@@ -9,25 +9,31 @@ order, so the same tree with the same -T and -U gives a byte-identical image. Wi
 build time is the most common (mtime, nsec) of the tree, so that most inodes can be
 compact (32 bytes); every other inode is extended and carries its own mtime.
 """
+from __future__ import annotations
+
 import os
 import stat
 import time
 import uuid as _uuid
+from typing import TYPE_CHECKING, Any
 
 from erofs_tools._native import BuildOptions, NativeBuilder
-from erofs_tools.builder.options import MkfsOptions
+from erofs_tools.builder.options import MkfsOptions, Progress
 from erofs_tools.builder.tree import TreeWalker
 from erofs_tools.errors import InputError
 from erofs_tools.fsutil import atomic_output
 
+if TYPE_CHECKING:
+    from _typeshed import StrOrBytesPath
 
-def _inside(path, directory):
+
+def _inside(path: str, directory: str) -> bool:
     path = os.path.realpath(path)
     directory = os.path.realpath(directory)
     return path == directory or path.startswith(directory.rstrip(os.sep) + os.sep)
 
 
-def check_paths(image, source):
+def check_paths(image: str, source: str) -> None:
     try:
         st = os.stat(source)
     except OSError as e:
@@ -44,7 +50,7 @@ def check_paths(image, source):
         raise InputError(f"{image}: the image would be inside SOURCE {source}")
 
 
-def build_options(opts):
+def build_options(opts: MkfsOptions) -> BuildOptions:
     ts = opts.effective_timestamp()
     return BuildOptions(
         uuid=opts.uuid if opts.uuid is not None else _uuid.uuid4().bytes,
@@ -56,7 +62,8 @@ def build_options(opts):
     )
 
 
-def mkfs(image, source, opts=None, progress=None):
+def mkfs(image: StrOrBytesPath, source: StrOrBytesPath, opts: MkfsOptions | None = None,
+         progress: Progress | None = None) -> dict[str, Any]:
     """Build IMAGE from directory SOURCE. progress: object with .scan(entries, bytes, copied),
     .write(inodes_done, inodes_total) and .done() (or None). -> summary dict."""
     opts = opts or MkfsOptions()

@@ -2,7 +2,9 @@
 import os
 import re
 import uuid as _uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from erofs_tools.errors import InputError
 
@@ -15,11 +17,11 @@ class MkfsOptions:
     all_root: bool = False            # uid = gid = 0 everywhere
     force_uid: int | None = None
     force_gid: int | None = None
-    exclude_paths: list = field(default_factory=list)   # relative paths (bytes), exact
-    exclude_regex: list = field(default_factory=list)   # compiled bytes regexes, re.search
+    exclude_paths: list[bytes] = field(default_factory=list)   # relative paths (bytes), exact
+    exclude_regex: list[re.Pattern[bytes]] = field(default_factory=list)   # compiled bytes regexes, re.search
     shared_xattrs: bool = True        # xattrs carried by >= 2 inodes go to the shared area
 
-    def effective_timestamp(self, environ=os.environ):
+    def effective_timestamp(self, environ: Mapping[str, str] = os.environ) -> int | None:
         """-T wins; else SOURCE_DATE_EPOCH (same meaning as -T, as mkfs.erofs)."""
         if self.timestamp is not None:
             return self.timestamp
@@ -29,7 +31,7 @@ class MkfsOptions:
         return None
 
 
-def parse_timestamp(text, what="-T"):
+def parse_timestamp(text: object, what: str = "-T") -> int:
     try:
         v = int(str(text).strip(), 10)
     except ValueError:
@@ -39,7 +41,7 @@ def parse_timestamp(text, what="-T"):
     return v
 
 
-def parse_uuid(text):
+def parse_uuid(text: str) -> bytes | None:
     """UUID string, 'random' or 'clear' (all zero) -> 16 bytes or None (random)."""
     t = text.strip().lower()
     if t == "random":
@@ -52,7 +54,7 @@ def parse_uuid(text):
         raise InputError(f"-U: invalid UUID {text!r}") from None
 
 
-def parse_label(text):
+def parse_label(text: str) -> bytes:
     b = os.fsencode(text)
     if len(b) > 15:
         raise InputError(f"-L: volume label {text!r} is longer than 15 bytes")
@@ -61,15 +63,25 @@ def parse_label(text):
     return b
 
 
-def parse_exclude_path(text):
+def parse_exclude_path(text: str) -> bytes:
     b = os.fsencode(text).strip(b"/")
     while b.startswith(b"./"):
         b = b[2:]
     return b
 
 
-def parse_exclude_regex(text):
+def parse_exclude_regex(text: str) -> re.Pattern[bytes]:
     try:
         return re.compile(os.fsencode(text))
     except re.error as e:
         raise InputError(f"--exclude-regex: invalid regular expression {text!r}: {e}") from None
+
+
+class Progress(Protocol):
+    """What mkfs and pack report progress to (cli.progress.Progress)."""
+
+    def scan(self, entries: int, nbytes: int, copied: int | None = None) -> object: ...
+
+    def write(self, done: int, total: int) -> object: ...
+
+    def done(self) -> object: ...

@@ -21,25 +21,40 @@ device slots' mapped_blkaddr which follows the final bootstrap size, sb.blocks =
 the blob blocks, 0 without blobs): the C core takes them after layout and before
 writing (put_bytes after layout, set_device, set_sb_blocks).
 """
+from __future__ import annotations
+
 import gc
 import itertools
 import os
 import stat
 import struct
 import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
-from erofs_tools._native import BuildOptions, NativeBuilder
-from erofs_tools.builder.blob import BLKSZ, BlobWriter
+from erofs_tools._native import BuildOptions, BytesLike, NativeBuilder
+from erofs_tools.builder.blob import BLKSZ, BlobInfo, BlobWriter, StoredChunk
 from erofs_tools.builder.chunk_dict import ChunkDict
-from erofs_tools.builder.chunker import COMPRESSORS, DIGESTERS, ChunkPipeline, check_chunk_size
+from erofs_tools.builder.chunker import (
+    COMPRESSORS,
+    DIGESTERS,
+    ChunkKey,
+    ChunkPipeline,
+    ChunkResult,
+    check_chunk_size,
+)
 from erofs_tools.builder.mkfs import check_paths
-from erofs_tools.builder.options import MkfsOptions
+from erofs_tools.builder.options import MkfsOptions, Progress
 from erofs_tools.builder.tree import TreeWalker
 from erofs_tools.errors import InputError
 from erofs_tools.format import erofs as E
 from erofs_tools.format import rafs as R
+from erofs_tools.format._struct import Record
 from erofs_tools.fsutil import atomic_output, round_up
+
+if TYPE_CHECKING:
+    from _typeshed import StrPath
 
 ROOT_NID = R.ROOT_NID
 
@@ -49,12 +64,12 @@ class PackOptions:
     chunk_size: int = R.CHUNK_SIZE_DEFAULT
     digester: str = "blake3"
     compressor: str = "zstd"
-    chunk_dicts: list = field(default_factory=list)     # bootstrap paths
-    prefetch: list | None = None                         # image paths ("/a/b")
+    chunk_dicts: list[str] = field(default_factory=list)     # bootstrap paths
+    prefetch: list[str | bytes] | None = None                 # image paths ("/a/b")
     timestamp: int | None = None                         # -T: every mtime + build time
     workers: int | None = None
 
-    def check(self):
+    def check(self) -> None:
         check_chunk_size(self.chunk_size)
         if self.digester not in DIGESTERS:
             raise InputError(f"unknown digester {self.digester!r} (choose blake3 or sha256)")
@@ -62,38 +77,53 @@ class PackOptions:
             raise InputError(f"unknown compressor {self.compressor!r} (choose zstd or none)")
 
 
+class _FileRec:
+    """A regular file to chunk: its (smallest, for hardlinks) path, size, holes."""
+    __slots__ = ("path", "size", "sparse")
+
+    def __init__(self, path: bytes, size: int, sparse: bool) -> None:
+        self.path = path
+        self.size = size
+        self.sparse = sparse
+
+
 class _RafsBuilder(NativeBuilder):
     """NativeBuilder whose regular files are recorded for chunking, not copied."""
 
-    def __init__(self, options):
+    def __init__(self, options: BuildOptions | None) -> None:
         super().__init__(options)
-        self.files = {}          # node -> [path, size, sparse]
+        self.files: dict[int, _FileRec] = {}          # node -> regular file
 
-    def set_file(self, node, path, offset=0, sparse=False):
-        self.files[node] = [os.fsencode(path), None, bool(sparse)]
+    def set_file(self, node: int, path: BytesLike, offset: int = 0,
+                 sparse: bool = False) -> None:
+        p = os.fsencode(path) if isinstance(path, str) else bytes(path)
+        self.files[node] = _FileRec(p, 0, bool(sparse))     # size: set by the walker
 
 
 class _RafsWalker(TreeWalker):
     """The mkfs walker, remembering regular files, every path's node and hardlinks."""
 
-    def __init__(self, builder, options, source, track_paths=False, on_entry=None):
+    def __init__(self, builder: _RafsBuilder, options: MkfsOptions, source: StrPath,
+                 track_paths: bool = False,
+                 on_entry: Callable[[int, int], object] | None = None) -> None:
         super().__init__(builder, options, on_entry=on_entry)
         self.src = os.fsencode(source).rstrip(b"/") or b"/"
         self.track_paths = track_paths   # only the prefetch list needs path -> node
-        self.nodes_by_rel = {}       # b"a/b" -> node
-        self.regular = set()
+        self.b: _RafsBuilder = builder
+        self.nodes_by_rel: dict[bytes, int] = {}       # b"a/b" -> node
+        self.regular: set[int] = set()
 
     @property
-    def has_xattrs(self):
+    def has_xattrs(self) -> bool:
         return getattr(self.b, "_xattr_count", 0) > 0
 
-    def _rel(self, path):
+    def _rel(self, path: str | bytes) -> bytes:
         p = os.fsencode(path)
         if p == self.src:
             return b""
         return p[len(self.src) + 1:] if self.src != b"/" else p[1:]
 
-    def _add(self, path, st):
+    def _add(self, path: bytes, st: os.stat_result) -> int:
         node = super()._add(path, st)
         if self.track_paths:
             self.nodes_by_rel[self._rel(path)] = node
@@ -101,26 +131,26 @@ class _RafsWalker(TreeWalker):
             self.regular.add(node)
             rec = self.b.files.get(node)
             if rec is None:
-                self.b.files[node] = [os.fsencode(path), st.st_size, False]
+                self.b.files[node] = _FileRec(os.fsencode(path), st.st_size, False)
             else:
-                rec[1] = st.st_size
+                rec.size = st.st_size
         return node
 
-    def _link(self, dnode, name, node, path):
+    def _link(self, dnode: int, name: bytes, node: int, path: bytes) -> None:
         super()._link(dnode, name, node, path)
         if self.track_paths:
             self.nodes_by_rel[self._rel(path)] = node
         p = os.fsencode(path)
         rec = self.b.files.get(node)
-        if rec is not None and p < rec[0]:
-            rec[0] = p           # order hardlinked files by their smallest path
+        if rec is not None and p < rec.path:
+            rec.path = p         # order hardlinked files by their smallest path
 
 
 class BootstrapNodes(_RafsBuilder):
     """The node graph of a RAFS v6 bootstrap (the C builder), counting xattrs so that
     write_bootstrap can set the HAS_XATTR flag."""
 
-    def add_xattr(self, node, name, value):
+    def add_xattr(self, node: int, name: BytesLike, value: BytesLike) -> None:
         super().add_xattr(node, name, value)
         self._xattr_count = getattr(self, "_xattr_count", 0) + 1
 
@@ -128,7 +158,7 @@ class BootstrapNodes(_RafsBuilder):
 @dataclass
 class TreeInfo:
     """What write_bootstrap needs to know of a tree source besides its node graph."""
-    regular: set                 # node ids of regular files (their chunk indexes)
+    regular: set[int]            # node ids of regular files (their chunk indexes)
     has_xattrs: bool
 
 
@@ -148,9 +178,10 @@ def bootstrap_nodes(max_blobs: int, nprefetch: int, build_time: int | None,
         uuid=bytes(16), devt_slotoff=R.DEVT_SLOTOFF))
 
 
-def normalize_prefetch(paths):
+def normalize_prefetch(paths: Iterable[str | bytes] | None) -> list[bytes]:
     """Image paths -> unique relative byte paths in first-seen order (b"" = root)."""
-    out, seen = [], set()
+    out: list[bytes] = []
+    seen: set[bytes] = set()
     for p in paths or ():
         rel = os.fsencode(p).strip()
         if not rel:
@@ -167,9 +198,12 @@ def normalize_prefetch(paths):
     return out
 
 
-def _prefetch_order(walker, prefetch):
+def _prefetch_order(walker: _RafsWalker, prefetch: list[bytes]) -> tuple[list[int], list[int]]:
     """-> (nodes for the prefetch table, regular nodes in prefetch order)."""
-    table, files, seen_t, seen_f = [], [], set(), set()
+    table: list[int] = []
+    files: list[int] = []
+    seen_t: set[int] = set()
+    seen_f: set[int] = set()
     if not prefetch:
         return table, files
     rel_items = None
@@ -195,7 +229,7 @@ def _prefetch_order(walker, prefetch):
     return table, files
 
 
-class PackResult(dict):
+class PackResult(dict[str, Any]):
     pass
 
 
@@ -204,15 +238,18 @@ class ChunkRun:
     run of hole chunks of a sparse tar entry): one object, however long the run."""
     __slots__ = ("chunk", "count")
 
-    def __init__(self, chunk, count):
+    def __init__(self, chunk: StoredChunk, count: int) -> None:
         self.chunk = chunk
         self.count = count
 
 
-def _runs(chunks):
+FileChunks = list[StoredChunk | ChunkRun]     # a file's chunks in file order
+
+
+def _runs(chunks: Iterable[StoredChunk | ChunkRun]) -> Iterator[tuple[StoredChunk, int]]:
     """(StoredChunk, count) of a file's chunk list, which may hold ChunkRuns."""
     for c in chunks:
-        if type(c) is ChunkRun:
+        if isinstance(c, ChunkRun):
             yield c.chunk, c.count
         else:
             yield c, 1
@@ -222,15 +259,15 @@ class _ChunkIndexes:
     """A file's 8-byte chunk indexes as a sized iterable, made one at a time (a run of
     a million hole chunks is never a list of a million ints)."""
 
-    def __init__(self, runs, remap):
+    def __init__(self, runs: list[tuple[StoredChunk, int]], remap: dict[int, int]) -> None:
         self.runs = runs            # [(StoredChunk, count)]
         self.remap = remap
         self.n = sum(c for _, c in runs)
 
-    def __len__(self):
+    def __len__(self) -> int:
         return self.n
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[int]:
         for sc, count in self.runs:
             idx = sc.index
             dev = (self.remap[sc.blob_index] + 1) | (((idx >> 16) & 0xFF) << 8)
@@ -241,7 +278,8 @@ class _ChunkIndexes:
                 yield from itertools.repeat(e, count)
 
 
-def pack(source, bootstrap, blob_dir, opts=None, progress=None):
+def pack(source: StrPath, bootstrap: StrPath, blob_dir: StrPath,
+         opts: PackOptions | None = None, progress: Progress | None = None) -> PackResult:
     """Build BOOTSTRAP and one blob in BLOB_DIR from directory SOURCE; -> summary dict.
 
     Nothing is left behind on error: blob and bootstrap are written under temporary
@@ -252,13 +290,16 @@ def pack(source, bootstrap, blob_dir, opts=None, progress=None):
     was_enabled = gc.isenabled()
     gc.disable()
     try:
-        return _pack(source, bootstrap, blob_dir, opts, progress)
+        return _pack(os.fspath(source), os.fspath(bootstrap), os.fspath(blob_dir), opts,
+                     progress)
     finally:
         if was_enabled:
             gc.enable()
 
 
-def place_chunk(r, stored, cdict, writer, stats, file_off):
+def place_chunk(r: ChunkResult, stored: dict[ChunkKey, StoredChunk], cdict: ChunkDict,
+                writer: BlobWriter, stats: dict[str, int], file_off: dict[int, int]
+                ) -> StoredChunk:
     """Where chunk result `r` lives: a chunk this image already stored, one of a chunk
     dict, or a new one appended to the blob. Counts it in `stats`; -> StoredChunk."""
     stats["chunks_total"] += 1
@@ -281,11 +322,11 @@ def place_chunk(r, stored, cdict, writer, stats, file_off):
     return sc
 
 
-def _pack(source, bootstrap, blob_dir, opts, progress):
+def _pack(source: str, bootstrap: str, blob_dir: str, opts: PackOptions | None,
+          progress: Progress | None) -> PackResult:
     opts = opts or PackOptions()
     opts.check()
     t0 = time.monotonic()
-    source, bootstrap, blob_dir = os.fspath(source), os.fspath(bootstrap), os.fspath(blob_dir)
     check_paths(bootstrap, source)
     # Like nydus-image, create the blob directory when it is missing.
     try:
@@ -311,24 +352,24 @@ def _pack(source, bootstrap, blob_dir, opts, progress):
     files = nb.files
     first = set(prefetch_files)
     order = prefetch_files + sorted((n for n in files if n not in first),
-                                    key=lambda n: files[n][0])
+                                    key=lambda n: files[n].path)
     writer = BlobWriter(blob_dir, opts.chunk_size, opts.compressor, opts.digester,
                         blob_index=-1)     # placeholder index, remapped below
-    stored = {}                 # key -> StoredChunk (new blob)
-    per_node = {}               # node -> [StoredChunk]
-    file_off = {}               # id(StoredChunk) -> first file offset
+    stored: dict[ChunkKey, StoredChunk] = {}        # new blob's chunks
+    per_node: dict[int, FileChunks] = {}            # node -> its chunks
+    file_off: dict[int, int] = {}                   # id(StoredChunk) -> first file offset
     stats = {"chunks_total": 0, "chunks_new": 0, "chunks_dedup": 0, "chunks_dict": 0,
              "bytes_total": 0, "bytes_new": 0, "bytes_dict": 0, "bytes_dedup": 0}
 
-    def known(key):
+    def known(key: ChunkKey) -> bool:
         return key in stored or key in cdict.chunks
 
     pipe = ChunkPipeline(opts.chunk_size, opts.digester, opts.compressor,
                          workers=opts.workers, known=known)
-    total_bytes = sum(files[n][1] for n in order) or 1
+    total_bytes = sum(files[n].size for n in order) or 1
     done_bytes = 0
     try:
-        for r in pipe.run((n, files[n][0], files[n][1], files[n][2]) for n in order):
+        for r in pipe.run((n, files[n].path, files[n].size, files[n].sparse) for n in order):
             sc = place_chunk(r, stored, cdict, writer, stats, file_off)
             per_node.setdefault(r.file_key, []).append(sc)
             if progress is not None:
@@ -355,7 +396,7 @@ def _pack(source, bootstrap, blob_dir, opts, progress):
     return result
 
 
-def layout_constants(nblobs, nprefetch):
+def layout_constants(nblobs: int, nprefetch: int) -> tuple[int, int, int]:
     """(blob table, prefetch table, inode area) offsets for NBLOBS and NPREFETCH."""
     blob_off = round_up(R.DEVT_OFFSET + E.DeviceSlot.SIZE * nblobs, BLKSZ)
     prefetch_off = blob_off + R.BlobEntry.SIZE * nblobs
@@ -363,8 +404,11 @@ def layout_constants(nblobs, nprefetch):
     return blob_off, prefetch_off, meta_addr
 
 
-def write_bootstrap(nb, walker, bootstrap, opts, cdict, new_info, per_node, file_off,
-                    prefetch_nodes, ts, blob_list=None):
+def write_bootstrap(nb: NativeBuilder, walker: TreeInfo | _RafsWalker, bootstrap: str,
+                    opts: PackOptions, cdict: ChunkDict | None, new_info: BlobInfo | None,
+                    per_node: dict[int, FileChunks], file_off: dict[int, int],
+                    prefetch_nodes: Sequence[int], ts: int | None,
+                    blob_list: Sequence[BlobInfo] | None = None) -> PackResult:
     """Lay out and write the RAFS v6 bootstrap for the node graph `nb` (from
     bootstrap_nodes): the one bootstrap writer of pack, of tar ingestion and of merge.
     `walker` describes the tree source (a TreeInfo or the directory walker);
@@ -377,7 +421,8 @@ def write_bootstrap(nb, walker, bootstrap, opts, cdict, new_info, per_node, file
     else:
         used = sorted({sc.blob_index for chunks in per_node.values()
                        for sc, _ in _runs(chunks) if sc.blob_index >= 0})
-        blobs = [cdict.blobs[i] for i in used]
+        dict_blobs = cdict.blobs if cdict is not None else []     # merge: none
+        blobs = [dict_blobs[i] for i in used]
         remap = {old: new for new, old in enumerate(used)}
     if new_info is not None:
         remap[-1] = len(blobs)
@@ -392,7 +437,7 @@ def write_bootstrap(nb, walker, bootstrap, opts, cdict, new_info, per_node, file
     # -- chunk indexes ------------------------------------------------------------------
     chunkbits = opts.chunk_size.bit_length() - 1
     fmt = E.CHUNK_FORMAT_INDEXES | (chunkbits - E.BLKSZ_BITS)
-    cinfo = {}
+    cinfo: dict[tuple[bytes, int, int], tuple[StoredChunk, int]] = {}
     for node in walker.regular:
         runs = list(_runs(per_node.get(node, ())))
         for sc, _ in runs:
@@ -468,10 +513,10 @@ def write_bootstrap(nb, walker, bootstrap, opts, cdict, new_info, per_node, file
         prefetch_entries=len(prefetch_nodes))
 
 
-def field_offset(record, name: str) -> int:
+def field_offset(record: type[Record], name: str) -> int:
     """Byte offset of field `name` in a format Record (from its FIELDS, so no offset is
     written down twice)."""
-    codes = []
+    codes: list[str] = []
     for n, code in record.FIELDS:
         if n == name:
             return struct.calcsize("<" + "".join(codes))

@@ -8,9 +8,13 @@ SCHILY.devmajor/devminor, GNU sparse 0.0, 0.1 and 1.0). PAX records in force are
 (`PaxRecords`); truncated streams and bad checksums are errors; the bytes read from the
 (decompressed) stream are bounded by `max_size` (docs/tar.md).
 """
+from __future__ import annotations
+
 import base64
 import itertools
 import urllib.parse
+from collections.abc import ItemsView, Iterator
+from typing import Protocol, overload
 
 from erofs_tools.errors import InputError
 
@@ -22,7 +26,13 @@ MAX_SPARSE_REGIONS = 1 << 20
 DEFAULT_MAX_SIZE = 1 << 40     # bytes read from the (decompressed) stream, 1 TiB
 
 
-def _err(msg):
+class ReadStream(Protocol):
+    """What the parser reads from: read(n) -> up to n bytes, b"" at the end."""
+
+    def read(self, n: int, /) -> bytes: ...
+
+
+def _err(msg: str) -> InputError:
     return InputError(msg)
 
 
@@ -30,16 +40,17 @@ class _Name:
     """An entry name shown in a message only when one is raised (escaping costs)."""
     __slots__ = ("b",)
 
-    def __init__(self, b):
+    def __init__(self, b: bytes) -> None:
         self.b = b
 
-    def __str__(self):
+    def __str__(self) -> str:
         return _show(self.b)
 
-    __format__ = lambda self, spec: format(str(self), spec)  # noqa: E731
+    def __format__(self, spec: str) -> str:
+        return format(str(self), spec)
 
 
-def _show(path, limit=300):
+def _show(path: str | bytes, limit: int = 300) -> str:
     """A name for a one-line message: undecodable bytes and control characters
     escaped, long names cut."""
     if isinstance(path, bytes):
@@ -51,14 +62,14 @@ def _show(path, limit=300):
 class _Reader:
     """Exact reads over a stream, counting and bounding the bytes taken."""
 
-    def __init__(self, stream, limit):
+    def __init__(self, stream: ReadStream, limit: int) -> None:
         self._read = stream.read
         self._buf = b""
         self._pos = 0
         self.offset = 0
         self.limit = limit
 
-    def read(self, n):
+    def read(self, n: int) -> bytes:
         """n bytes, fewer only at the end of the stream."""
         if self.offset + n > self.limit:
             raise _err(f"tar stream is larger than the limit of {self.limit} bytes "
@@ -87,7 +98,7 @@ class _Reader:
         self.offset += len(data)
         return data
 
-    def skip(self, n, what):
+    def skip(self, n: int, what: str | _Name) -> None:
         while n > 0:
             k = min(n, 1 << 20)
             if len(self.read(k)) != k:
@@ -95,7 +106,7 @@ class _Reader:
             n -= k
 
 
-def _num(field, what):
+def _num(field: bytes, what: str) -> int:
     if field and field[0] & 0x80:                 # GNU base-256
         v = int.from_bytes(field[1:], "big")
         if field[0] == 0xFF:
@@ -112,7 +123,7 @@ def _num(field, what):
         raise _err(f"tar header: bad number in {what}") from None
 
 
-def _cstr(b):
+def _cstr(b: bytes) -> bytes:
     return b.split(b"\0", 1)[0]
 
 
@@ -123,11 +134,27 @@ class Entry:
     __slots__ = ("name", "link", "type", "mode", "uid", "gid", "mtime", "mtime_nsec",
                  "size", "devmajor", "devminor", "xattrs", "sparse", "realsize", "offset")
 
-    def __repr__(self):
+    name: bytes
+    link: bytes
+    type: bytes
+    mode: int
+    uid: int
+    gid: int
+    mtime: int
+    mtime_nsec: int
+    size: int
+    devmajor: int
+    devminor: int
+    xattrs: dict[bytes, bytes]
+    sparse: list[tuple[int, int]] | None   # (offset, length) data regions of a sparse file
+    realsize: int
+    offset: int
+
+    def __repr__(self) -> str:
         return f"Entry({self.name!r}, {self.type!r}, size={self.size})"
 
 
-def _pax_records(data, what):
+def _pax_records(data: bytes, what: str) -> Iterator[tuple[bytes, bytes]]:
     """Yield (key, value) of PAX records, in order."""
     pos, n = 0, len(data)
     while pos < n:
@@ -166,17 +193,17 @@ class PaxRecords:
 
     __slots__ = ("records", "sparse", "kept", "limit", "is_global")
 
-    def __init__(self, limit, is_global=False):
-        self.records = {}
-        self.sparse = []
+    def __init__(self, limit: int, is_global: bool = False) -> None:
+        self.records: dict[bytes, bytes] = {}
+        self.sparse: list[list[int | None]] = []    # [offset, numbytes] (None until read)
         self.kept = 0
         self.limit = limit
         self.is_global = is_global
 
-    def __bool__(self):
+    def __bool__(self) -> bool:
         return bool(self.records or self.sparse)
 
-    def add(self, data, what):
+    def add(self, data: bytes, what: str) -> None:
         records = self.records
         for key, value in _pax_records(data, what):
             if key in _SPARSE_00:
@@ -205,11 +232,11 @@ class PaxRecords:
                 raise _err(f"{what}: extended metadata in force is over the limit of "
                            f"{self.limit} bytes")
 
-    def items(self):
+    def items(self) -> ItemsView[bytes, bytes]:
         return self.records.items()
 
 
-def _pax_time(value, what):
+def _pax_time(value: bytes, what: str | _Name) -> tuple[int, int]:
     try:
         s = value.decode("ascii")
         neg = s.startswith("-")
@@ -223,7 +250,7 @@ def _pax_time(value, what):
     return sec, nsec
 
 
-def _pax_int(value, what, key):
+def _pax_int(value: bytes, what: str | _Name, key: str) -> int:
     try:
         return int(value)
     except ValueError:
@@ -234,15 +261,21 @@ class TarReader:
     """Iterate entries of a tar stream; the caller consumes each entry's data
     (`read_data` / `skip_data`) before asking for the next one."""
 
-    def __init__(self, stream, max_size=DEFAULT_MAX_SIZE):
+    def __init__(self, stream: ReadStream, max_size: int = DEFAULT_MAX_SIZE) -> None:
         self.r = _Reader(stream, max_size)
         self.globals = PaxRecords(MAX_GLOBAL, is_global=True)
         self._left = 0            # data bytes of the current entry not consumed yet
         self._pad = 0
-        self._cur = None
+        self._cur: Entry | None = None
         self.count = 0
 
-    def _block(self, what):
+    @overload
+    def _block(self, what: str) -> bytes: ...
+    @overload
+    def _block(self, what: None) -> bytes | None: ...
+
+    def _block(self, what: str | None) -> bytes | None:
+        """One header block; None at a clean end of stream only when `what` is None."""
         b = self.r.read(BLOCK)
         if len(b) != BLOCK:
             if not b and what is None:
@@ -251,7 +284,7 @@ class TarReader:
                        + (f" ({what})" if what else ""))
         return b
 
-    def _meta(self, size, what):
+    def _meta(self, size: int, what: str) -> bytes:
         if size < 0 or size > MAX_META:
             raise _err(f"{what}: {size} bytes of metadata is over the limit")
         data = self.r.read(size)
@@ -262,7 +295,7 @@ class TarReader:
             raise _err(f"truncated tar stream in {what}")
         return data
 
-    def _finish_current(self):
+    def _finish_current(self) -> None:
         if self._cur is not None:
             what = _Name(self._cur.name)
             if self._left:
@@ -272,20 +305,22 @@ class TarReader:
             self._left = self._pad = 0
             self._cur = None
 
-    def read_data(self, n):
+    def read_data(self, n: int) -> bytes:
         """Next n bytes of the current entry's data (exactly n, or an error)."""
+        # no current entry: _left is 0, so any n > 0 is past its data
+        name = _show(self._cur.name) if self._cur is not None else "(no entry)"
         if n > self._left:
-            raise _err(f"{_show(self._cur.name)}: sparse map points past the entry's data")
+            raise _err(f"{name}: sparse map points past the entry's data")
         data = self.r.read(n)
         if len(data) != n:
-            raise _err(f"truncated tar stream in {_show(self._cur.name)}")
+            raise _err(f"truncated tar stream in {name}")
         self._left -= n
         return data
 
-    def __iter__(self):
+    def __iter__(self) -> TarReader:
         return self
 
-    def __next__(self):
+    def __next__(self) -> Entry:
         self._finish_current()
         pax = PaxRecords(MAX_META)
         longname = longlink = None
@@ -331,7 +366,8 @@ class TarReader:
                 continue
             return self._entry(hdr, t, size, pax, longname, longlink, start)
 
-    def _entry(self, hdr, t, size, pax, longname, longlink, start):
+    def _entry(self, hdr: bytes, t: bytes, size: int, pax: PaxRecords, longname: bytes | None,
+               longlink: bytes | None, start: int) -> Entry:
         e = Entry()
         e.offset = start
         magic = hdr[257:265]
@@ -415,9 +451,12 @@ class TarReader:
                     e.sparse = [(nums[i], nums[i + 1]) for i in range(0, len(nums), 2)]
         what = _Name(e.name)
         if sp_off:
-            if any(n is None for _, n in sp_off):
-                raise _err(f"{what}: bad GNU sparse 0.0 map")
-            e.sparse = [tuple(x) for x in sp_off]
+            regions = []
+            for off, num in sp_off:
+                if off is None or num is None:
+                    raise _err(f"{what}: bad GNU sparse 0.0 map")
+                regions.append((off, num))
+            e.sparse = regions
         if e.size < 0:
             raise _err(f"{what}: negative size")
         if sp_realsize is not None:
@@ -436,7 +475,7 @@ class TarReader:
         self.count += 1
         return e
 
-    def _gnu_sparse(self, raw, n):
+    def _gnu_sparse(self, raw: bytes, n: int) -> list[tuple[int, int]]:
         out = []
         for i in range(n):
             off = _num(raw[24 * i:24 * i + 12], "sparse offset")
@@ -446,12 +485,12 @@ class TarReader:
             out.append((off, num))
         return out
 
-    def _sparse_1_0(self, e, what):
+    def _sparse_1_0(self, e: Entry, what: _Name) -> None:
         """PAX sparse 1.0: the map is at the start of the data, in decimal lines."""
         buf = bytearray()
         used = 0
 
-        def line():
+        def line() -> int:
             # linear in the map's size: search only the new block, append in place
             nonlocal used
             scanned = 0
@@ -475,12 +514,12 @@ class TarReader:
         # the map was read in whole blocks; what is left is the data proper
         e.size = self._left
 
-    def _check_sparse(self, e, what):
+    def _check_sparse(self, e: Entry, what: _Name) -> None:
         if e.realsize < 0:
             raise _err(f"{what}: negative sparse file size")
         pos = 0
         total = 0
-        for off, num in e.sparse:
+        for off, num in e.sparse or ():     # the caller checked it is set
             if off < pos or num < 0 or off + num > e.realsize:
                 raise _err(f"{what}: sparse map is not ordered or exceeds the file size")
             pos = off + num

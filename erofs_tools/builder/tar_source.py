@@ -25,18 +25,33 @@ device 0:0 NAME, unless NAME itself is in the same layer, which the OCI spec say
 and `.wh..wh..opq` into `trusted.overlay.opaque=y` on its directory; other `.wh..wh.*`
 entries (aufs metadata) are dropped. "overlayfs" and "none" keep every entry as it is.
 """
+from __future__ import annotations
+
 import os
 import time
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, BinaryIO
 
-from erofs_tools.builder.blob import BlobWriter
+from erofs_tools.builder.blob import BlobWriter, StoredChunk
 from erofs_tools.builder.chunk_dict import ChunkDict
-from erofs_tools.builder.chunker import ChunkPipeline
-from erofs_tools.builder.tar_reader import (DEFAULT_MAX_SIZE, TarReader,  # noqa: F401
-                                            _err, _show)
-from erofs_tools.builder.tar_stream import (SOURCE_TYPES, _Prefetch,  # noqa: F401
-                                            detect_type, open_source, open_stream)
+from erofs_tools.builder.chunker import ChunkKey, ChunkPipeline, StreamItem
+from erofs_tools.builder.tar_reader import DEFAULT_MAX_SIZE, TarReader, _err, _show  # noqa: F401
+from erofs_tools.builder.tar_stream import (  # noqa: F401
+    SOURCE_TYPES,
+    _Prefetch,
+    detect_type,
+    open_source,
+    open_stream,
+)
 from erofs_tools.builder.tar_tree import WHITEOUT_SPECS, TarTree  # noqa: F401
 from erofs_tools.errors import InputError
+
+if TYPE_CHECKING:
+    from _typeshed import StrOrBytesPath, StrPath
+
+    from erofs_tools.builder.options import Progress
+    from erofs_tools.builder.rafs import FileChunks, PackOptions, PackResult
+    from erofs_tools.builder.tar_reader import Entry
 
 # the pack driver, plus the names callers have always taken from here
 __all__ = ["pack_tar", "stream_chunks", "TarReader",
@@ -46,7 +61,8 @@ __all__ = ["pack_tar", "stream_chunks", "TarReader",
 
 # --- file data cut into chunk items for chunker.ChunkPipeline.run_stream ---------------
 
-def stream_chunks(reader, tree, chunk_size, on_entry=None):
+def stream_chunks(reader: TarReader, tree: TarTree, chunk_size: int,
+                  on_entry: Callable[[Entry], object] | None = None) -> Iterator[StreamItem]:
     """Generator: read every entry, build `tree`, yield chunk items of regular files."""
     cs = chunk_size
     apparent = 0
@@ -54,7 +70,7 @@ def stream_chunks(reader, tree, chunk_size, on_entry=None):
         node = tree.add(e)
         if on_entry is not None:
             on_entry(e)
-        if node is None:
+        if node is None or node.key is None:        # add() returns only keyed nodes
             continue
         size = node.size
         apparent += size          # sparse holes count too: they cost chunk indexes
@@ -102,9 +118,10 @@ def stream_chunks(reader, tree, chunk_size, on_entry=None):
 
 # --- pack driver ---------------------------------------------------------------------------
 
-def pack_tar(source, bootstrap, blob_dir, opts=None, source_type="auto",
-             whiteout_spec="oci", max_size=DEFAULT_MAX_SIZE, progress=None,
-             mark_implied=False):
+def pack_tar(source: StrOrBytesPath | BinaryIO, bootstrap: StrPath, blob_dir: StrPath,
+             opts: PackOptions | None = None, source_type: str = "auto",
+             whiteout_spec: str = "oci", max_size: int = DEFAULT_MAX_SIZE,
+             progress: Progress | None = None, mark_implied: bool = False) -> PackResult:
     """Build BOOTSTRAP and one blob in BLOB_DIR from a tar stream; -> summary dict.
 
     `source`: a path, '-' (stdin) or a binary file object; `source_type`: tar, targz,
@@ -139,11 +156,13 @@ def pack_tar(source, bootstrap, blob_dir, opts=None, source_type="auto",
     stream = None
     writer = BlobWriter(blob_dir, opts.chunk_size, opts.compressor, opts.digester,
                         blob_index=-1)
-    stored, per_key, file_off = {}, {}, {}
+    stored: dict[ChunkKey, StoredChunk] = {}
+    per_key: dict[int, FileChunks] = {}
+    file_off: dict[int, int] = {}
     stats = {"chunks_total": 0, "chunks_new": 0, "chunks_dedup": 0, "chunks_dict": 0,
              "bytes_total": 0, "bytes_new": 0, "bytes_dict": 0, "bytes_dedup": 0}
 
-    def known(key):
+    def known(key: ChunkKey) -> bool:
         return key in stored or key in cdict.chunks
 
     pipe = ChunkPipeline(opts.chunk_size, opts.digester, opts.compressor,
@@ -154,14 +173,15 @@ def pack_tar(source, bootstrap, blob_dir, opts=None, source_type="auto",
             reader = TarReader(stream, max_size)
             for r in pipe.run_stream(stream_chunks(reader, tree, opts.chunk_size)):
                 sc = RP.place_chunk(r, stored, cdict, writer, stats, file_off)
+                item: StoredChunk | RP.ChunkRun = sc
                 if r.repeat > 1:         # the rest of a hole run: dedups of the first
                     more = r.repeat - 1
                     stats["chunks_total"] += more
                     stats["chunks_dedup"] += more
                     stats["bytes_total"] += more * r.size
                     stats["bytes_dedup"] += more * r.size
-                    sc = RP.ChunkRun(sc, r.repeat)
-                per_key.setdefault(r.file_key, []).append(sc)
+                    item = RP.ChunkRun(sc, r.repeat)
+                per_key.setdefault(r.file_key, []).append(item)
         finally:
             if hasattr(stream, "close") and isinstance(stream, _Prefetch):
                 stream.close()

@@ -1,10 +1,16 @@
 """Tar layer input streams: plain, gzip (multi-member) or zstd, by magic or by name;
 decompression runs on its own thread a few MiB ahead of the parser (zlib and zstd
 release the GIL). Every read is bounded by the caller (`tar_reader._Reader`)."""
+from __future__ import annotations
+
 import os
+import queue
 import sys
 import zlib
+from collections.abc import Callable
+from typing import BinaryIO
 
+from erofs_tools.builder.tar_reader import ReadStream
 from erofs_tools.errors import ErofsToolsError, InputError
 
 SOURCE_TYPES = ("tar", "targz", "tarzst", "auto")
@@ -13,14 +19,14 @@ SOURCE_TYPES = ("tar", "targz", "tarzst", "auto")
 class _Gunzip:
     """read(n) -> up to n decompressed bytes of a (multi-member) gzip stream."""
 
-    def __init__(self, f):
+    def __init__(self, f: ReadStream) -> None:
         self.f = f
         self.d = zlib.decompressobj(31)
         self.tail = b""
         self.fed = False
         self.done = False
 
-    def read(self, n):
+    def read(self, n: int) -> bytes:
         n = max(n, 1)
         while not self.done:
             inp = self.tail
@@ -51,16 +57,18 @@ class _Gunzip:
         return b""
 
     @staticmethod
-    def d_is_padding(inp):
+    def d_is_padding(inp: bytes) -> bool:
         return not inp.strip(b"\0")
 
 
 class _Unzstd:
-    def __init__(self, f):
+    def __init__(self, f: ReadStream) -> None:
         import zstandard
-        self.r = zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True)
+        # any object with read() will do; the stubs ask for IO[bytes]
+        self.r = zstandard.ZstdDecompressor().stream_reader(
+            f, read_across_frames=True)  # type: ignore[arg-type]
 
-    def read(self, n):
+    def read(self, n: int) -> bytes:
         try:
             return self.r.read(max(n, 1))
         except Exception as e:        # zstandard.ZstdError
@@ -73,10 +81,10 @@ class _Prefetch:
 
     PIECE = 1 << 20
 
-    def __init__(self, inner, depth=8):
-        import queue
+    def __init__(self, inner: ReadStream, depth: int = 8) -> None:
         import threading
-        self.q = queue.Queue(maxsize=depth)
+        # pieces of the stream, b"" at its end, or the exception that stopped the thread
+        self.q: queue.Queue[bytes | BaseException] = queue.Queue(maxsize=depth)
         self.buf = b""
         self.pos = 0
         self.done = False
@@ -85,8 +93,7 @@ class _Prefetch:
                                   name="erofs-untar-inflate")
         self.t.start()
 
-    def _run(self, inner):
-        import queue
+    def _run(self, inner: ReadStream) -> None:
         try:
             while not self.stop.is_set():
                 piece = inner.read(self.PIECE)
@@ -105,7 +112,7 @@ class _Prefetch:
             except Exception:
                 pass
 
-    def read(self, n):
+    def read(self, n: int) -> bytes:
         if self.pos >= len(self.buf):
             if self.done:
                 return b""
@@ -123,9 +130,8 @@ class _Prefetch:
         self.pos += len(out)
         return out
 
-    def close(self):
+    def close(self) -> None:
         self.stop.set()
-        import queue
         try:
             while True:
                 self.q.get_nowait()
@@ -136,7 +142,7 @@ class _Prefetch:
         self.t.join()
 
 
-def detect_type(head):
+def detect_type(head: bytes) -> str:
     if head[:2] == b"\x1f\x8b":
         return "targz"
     if head[:4] == b"\x28\xb5\x2f\xfd":
@@ -147,11 +153,11 @@ def detect_type(head):
 class _Peek:
     """A raw binary stream with its first bytes peeked (for type detection)."""
 
-    def __init__(self, f, n=4):
+    def __init__(self, f: BinaryIO, n: int = 4) -> None:
         self.f = f
         self.head = f.read(n)
 
-    def read(self, n=-1):
+    def read(self, n: int = -1) -> bytes:
         if self.head:
             h, self.head = self.head, b""
             if n is None or n < 0:
@@ -163,27 +169,29 @@ class _Peek:
         return self.f.read(n)
 
 
-def open_stream(f, source_type="auto"):
+def open_stream(f: BinaryIO, source_type: str = "auto") -> ReadStream:
     """Wrap a raw binary stream by type -> object with read(n)."""
     if source_type not in SOURCE_TYPES:
         raise InputError(f"unknown source type {source_type!r}")
+    stream: ReadStream = f
     if source_type == "auto":
-        f = _Peek(f)
-        source_type = detect_type(f.head)
+        stream = peek = _Peek(f)
+        source_type = detect_type(peek.head)
     elif source_type == "tar":
-        f = _Peek(f)
-        kind = detect_type(f.head)
+        stream = peek = _Peek(f)
+        kind = detect_type(peek.head)
         if kind != "tar":
             raise InputError(f"input is {'gzip' if kind == 'targz' else 'zstd'}-compressed: "
                              f"use --type {kind}")
     if source_type == "targz":
-        return _Prefetch(_Gunzip(f))
+        return _Prefetch(_Gunzip(stream))
     if source_type == "tarzst":
-        return _Prefetch(_Unzstd(f))
-    return f
+        return _Prefetch(_Unzstd(stream))
+    return stream
 
 
-def open_source(source):
+def open_source(source: str | bytes | os.PathLike[str] | os.PathLike[bytes]
+                ) -> tuple[BinaryIO, Callable[[], None]]:
     """SOURCE path or '-' -> (raw binary stream, closer)."""
     if source == "-" or source == b"-":
         return sys.stdin.buffer, (lambda: None)

@@ -2,11 +2,19 @@
 (normalized paths, no traversal through symlinks or files, the later duplicate wins,
 hardlinks to earlier entries, OCI whiteouts and opaque markers, implied parents), then
 emitted into the C node-graph builder."""
+from __future__ import annotations
+
 import stat
 
-from erofs_tools.builder.tar_reader import _err, _show
-from erofs_tools.builder.whiteout import (IMPLIED_VALUE, IMPLIED_XATTR, OPAQUE_VALUE,
-                                          OPAQUE_XATTR, classify)
+from erofs_tools._native import NativeBuilder
+from erofs_tools.builder.tar_reader import Entry, _err, _show
+from erofs_tools.builder.whiteout import (
+    IMPLIED_VALUE,
+    IMPLIED_XATTR,
+    OPAQUE_VALUE,
+    OPAQUE_XATTR,
+    classify,
+)
 from erofs_tools.errors import ErofsToolsError, FormatLimitError, InputError
 
 WHITEOUT_SPECS = ("oci", "overlayfs", "none")
@@ -17,7 +25,8 @@ class TNode:
     __slots__ = ("mode", "uid", "gid", "mtime", "nsec", "size", "rdev", "xattrs",
                  "target", "children", "key", "opaque", "implied")
 
-    def __init__(self, mode, uid=0, gid=0, mtime=0, nsec=0):
+    def __init__(self, mode: int, uid: int = 0, gid: int = 0, mtime: int = 0,
+                 nsec: int = 0) -> None:
         self.mode = mode
         self.uid = uid
         self.gid = gid
@@ -25,20 +34,26 @@ class TNode:
         self.nsec = nsec
         self.size = 0
         self.rdev = (0, 0)
-        self.xattrs = {}
-        self.target = None
-        self.children = {} if stat.S_ISDIR(mode) else None
-        self.key = None
+        self.xattrs: dict[bytes, bytes] = {}
+        self.target: bytes | None = None
+        self.children: dict[bytes, TNode] | None = {} if stat.S_ISDIR(mode) else None
+        self.key: int | None = None
         self.opaque = False
         # a directory with no entry of its own (a parent of entries, or the root without
         # './'): merge keeps the metadata of the layers below for it (docs/tar.md)
         self.implied = False
 
-    def is_dir(self):
+    def is_dir(self) -> bool:
         return self.children is not None
 
 
-def _split(path, what):
+def _kids(d: TNode) -> dict[bytes, TNode]:
+    """The children of `d`, a node the caller knows to be a directory."""
+    assert d.children is not None, "not a directory"
+    return d.children
+
+
+def _split(path: bytes, what: bytes) -> list[bytes]:
     parts = []
     for c in path.split(b"/"):
         if c in (b"", b"."):
@@ -52,7 +67,8 @@ def _split(path, what):
 class TarTree:
     """Build the image tree from tar entries (see the module docstring for the rules)."""
 
-    def __init__(self, whiteout_spec="oci", timestamp=None, mark_implied=False):
+    def __init__(self, whiteout_spec: str = "oci", timestamp: int | None = None,
+                 mark_implied: bool = False) -> None:
         if whiteout_spec not in WHITEOUT_SPECS:
             raise InputError(f"unknown whiteout spec {whiteout_spec!r} "
                              "(choose oci, overlayfs or none)")
@@ -62,19 +78,20 @@ class TarTree:
         self.root = TNode(stat.S_IFDIR | 0o755, 0, 0, t, 0)
         self.root.implied = True
         self.mark_implied = mark_implied
-        self.whiteouts = []        # (parent TNode, name, Entry)
+        self.whiteouts: list[tuple[TNode, bytes, Entry]] = []   # (parent, name, entry)
         self.next_key = 0
-        self.regular = []          # TNodes with data keys
+        self.regular: list[TNode] = []          # TNodes with data keys
         self.entries = 0
 
-    def _parent(self, parts, what):
+    def _parent(self, parts: list[bytes], what: bytes) -> TNode:
         cur = self.root
         for i, c in enumerate(parts):
-            nxt = cur.children.get(c)
+            kids = _kids(cur)     # the root, or a node checked below
+            nxt = kids.get(c)
             if nxt is None:
                 nxt = TNode(stat.S_IFDIR | 0o755, 0, 0, self.timestamp or 0, 0)
                 nxt.implied = True
-                cur.children[c] = nxt
+                kids[c] = nxt
             elif not nxt.is_dir():
                 kind = "a symlink" if stat.S_ISLNK(nxt.mode) else "not a directory"
                 raise _err(f"{_show(what)}: parent {_show(b'/'.join(parts[:i + 1]))} is "
@@ -82,17 +99,16 @@ class TarTree:
             cur = nxt
         return cur
 
-    def _lookup(self, parts):
-        cur = self.root
+    def _lookup(self, parts: list[bytes]) -> TNode | None:
+        cur: TNode | None = self.root
         for c in parts:
-            if not cur.is_dir():
+            kids = cur.children if cur is not None else None
+            if kids is None:
                 return None
-            cur = cur.children.get(c)
-            if cur is None:
-                return None
+            cur = kids.get(c)
         return cur
 
-    def _meta(self, node, e):
+    def _meta(self, node: TNode, e: Entry) -> None:
         node.uid, node.gid = e.uid, e.gid
         if not (0 <= e.uid < 1 << 32 and 0 <= e.gid < 1 << 32):
             raise FormatLimitError(f"{_show(e.name)}: uid/gid {e.uid}/{e.gid} out of range")
@@ -104,7 +120,7 @@ class TarTree:
             node.mtime, node.nsec = min(e.mtime, (1 << 63) - 1), e.mtime_nsec
         node.xattrs = dict(e.xattrs)
 
-    def add(self, e):
+    def add(self, e: Entry) -> TNode | None:
         """Place entry e; -> TNode whose data the caller must stream (regular files),
         else None."""
         t = e.type
@@ -133,30 +149,31 @@ class TarTree:
             parent = self._parent(parts[:-1], e.name)
             if kind == "opaque":
                 parent.opaque = True
-            elif kind == "whiteout":
+            elif kind == "whiteout" and target is not None:     # always set for "whiteout"
                 self.whiteouts.append((parent, target, e))
             return None
         parent = self._parent(parts[:-1], e.name)
-        old = parent.children.get(name)
+        siblings = _kids(parent)
+        old = siblings.get(name)
         if t in (b"5", b"D"):
             if old is not None and old.is_dir():
                 node = old
             else:
                 node = TNode(stat.S_IFDIR | e.mode)
-                parent.children[name] = node
+                siblings[name] = node
             self._meta(node, e)
             node.mode = stat.S_IFDIR | e.mode
             node.implied = False
             return None
         if t == b"1":
             tparts = _split(e.link, e.name)
-            target = self._lookup(tparts)
-            if target is None:
+            linked = self._lookup(tparts)
+            if linked is None:
                 raise _err(f"{_show(e.name)}: hardlink target {_show(e.link)} is not in the "
                            "archive before it")
-            if target.is_dir():
+            if linked.is_dir():
                 raise _err(f"{_show(e.name)}: hardlink to directory {_show(e.link)}")
-            parent.children[name] = target
+            siblings[name] = linked
             return None
         if t == b"2":
             if not e.link or len(e.link) > MAX_SYMLINK:
@@ -183,35 +200,35 @@ class TarTree:
             node.key = self.next_key
             self.next_key += 1
             self.regular.append(node)
-        parent.children[name] = node
+        siblings[name] = node
         return node if node.key is not None else None
 
-    def finish(self):
+    def finish(self) -> None:
         """Apply OCI whiteouts and opaque markers (spec "oci")."""
         done = set()
         for parent, name, e in self.whiteouts:
-            if name in parent.children or (id(parent), name) in done:
+            if name in _kids(parent) or (id(parent), name) in done:
                 continue          # the same layer has NAME: it wins over the whiteout
             done.add((id(parent), name))
             wh = TNode(stat.S_IFCHR)
             self._meta(wh, e)
             wh.xattrs = {}
-            parent.children[name] = wh
+            _kids(parent)[name] = wh
         # opaque: set on nodes still in the tree
         stack = [self.root]
         while stack:
             n = stack.pop()
             if n.opaque:
                 n.xattrs[OPAQUE_XATTR] = OPAQUE_VALUE
-            stack.extend(c for c in n.children.values() if c.is_dir())
+            stack.extend(c for c in _kids(n).values() if c.is_dir())
 
-    def emit(self, nb):
+    def emit(self, nb: NativeBuilder) -> tuple[dict[int, int], dict[int, int], bool]:
         """Add the tree to NativeBuilder nb; -> {TNode key: node id}, has_xattrs."""
-        ids = {}
-        keys = {}
+        ids: dict[int, int] = {}        # id(TNode) -> node id
+        keys: dict[int, int] = {}
         has_x = False
 
-        def add(n, path):
+        def add(n: TNode, path: bytes) -> tuple[int, bool]:
             nonlocal has_x
             nid = ids.get(id(n))
             if nid is not None:
@@ -239,8 +256,9 @@ class TarTree:
         stack = [(self.root, root, b"")]
         while stack:
             d, did, dpath = stack.pop()
-            for name in sorted(d.children):
-                c = d.children[name]
+            kids = _kids(d)
+            for name in sorted(kids):
+                c = kids[name]
                 path = dpath + b"/" + name
                 cid, new = add(c, path)
                 try:

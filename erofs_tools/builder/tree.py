@@ -9,7 +9,10 @@ yet seen. Excluded paths are matched against the path relative to SOURCE (no lea
 import errno
 import os
 import stat
+from collections.abc import Callable, Iterable
 
+from erofs_tools._native import NativeBuilder
+from erofs_tools.builder.options import MkfsOptions
 from erofs_tools.errors import ErofsToolsError, InputError
 
 _S_IFMT = 0o170000
@@ -20,7 +23,7 @@ _S_IFCHR = stat.S_IFCHR
 _S_IFBLK = stat.S_IFBLK
 
 
-def shown_path(path, limit: int = 300) -> str:
+def shown_path(path: str | bytes, limit: int = 300) -> str:
     """A path for a one-line message: its last `limit` bytes at most (a path deeper
     than PATH_MAX would otherwise make a 4 KB line)."""
     path = os.fsencode(path)
@@ -29,11 +32,11 @@ def shown_path(path, limit: int = 300) -> str:
     return os.fsdecode(path)
 
 
-def _oserr(e, path):
+def _oserr(e: OSError, path: str | bytes) -> InputError:
     return InputError(f"{shown_path(path)}: {e.strerror or e}")
 
 
-def _with_path(e, path):
+def _with_path(e: ErofsToolsError, path: str | bytes) -> ErofsToolsError:
     """Re-raise an ErofsToolsError from the C core with the offending path in front."""
     return type(e)(f"{shown_path(path)}: {e}")
 
@@ -41,7 +44,9 @@ def _with_path(e, path):
 class TreeWalker:
     """Feed the tree under `source` into a NativeBuilder according to MkfsOptions."""
 
-    def __init__(self, builder, options, skip=(), on_entry=None):
+    def __init__(self, builder: NativeBuilder, options: MkfsOptions,
+                 skip: Iterable[str | bytes] = (),
+                 on_entry: Callable[[int, int], object] | None = None) -> None:
         self.b = builder
         self.o = options
         self.skip = {os.fsencode(s) for s in skip}   # absolute paths never to add
@@ -55,7 +60,7 @@ class TreeWalker:
         self.excl_paths = set(options.exclude_paths)
         self.excl_regex = list(options.exclude_regex)
 
-    def _excluded(self, rel):
+    def _excluded(self, rel: bytes) -> bool:
         if rel in self.excl_paths:
             return True
         for rx in self.excl_regex:
@@ -63,7 +68,7 @@ class TreeWalker:
                 return True
         return False
 
-    def _add(self, path, st):
+    def _add(self, path: bytes, st: os.stat_result) -> int:
         """Add one inode for `path` (lstat result st); -> node id."""
         b = self.b
         mode = st.st_mode
@@ -100,7 +105,7 @@ class TreeWalker:
         self.bytes += size
         return node
 
-    def _xattrs(self, path, node):
+    def _xattrs(self, path: bytes, node: int) -> None:
         try:
             names = os.listxattr(path, follow_symlinks=False)
         except OSError as e:
@@ -118,7 +123,7 @@ class TreeWalker:
                 raise _oserr(e, path) from None
             self.b.add_xattr(node, os.fsencode(name), value)
 
-    def walk(self, source):
+    def walk(self, source: str | bytes) -> int:
         """Walk `source` (a directory); -> root node id."""
         src = os.fsencode(source)
         try:
@@ -129,7 +134,7 @@ class TreeWalker:
             raise InputError(f"{os.fsdecode(src)}: not a directory")
         root = self._add(src, st)
         self.b.set_root(root)
-        links = {}                       # (dev, ino) -> [node, links still expected]
+        links: dict[tuple[int, int], list[int]] = {}   # (dev, ino) -> [node, links still expected]
         stack = [(src, b"", root)]
         add_child = self.b.add_child
         excluding = bool(self.excl_paths or self.excl_regex)
@@ -178,7 +183,7 @@ class TreeWalker:
                     on_entry(self.entries, self.bytes)
         return root
 
-    def _link(self, dnode, name, node, path):
+    def _link(self, dnode: int, name: bytes, node: int, path: bytes) -> None:
         try:
             self.b.add_child(dnode, name, node)
         except ErofsToolsError as e:

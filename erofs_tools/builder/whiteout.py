@@ -7,6 +7,7 @@ uses a character device 0:0 named NAME for a whiteout and the xattr
 `trusted.overlay.opaque=y` on an opaque directory (erofs-format.md §8).
 """
 import stat
+from collections.abc import Iterable
 
 WH_PREFIX = b".wh."
 WH_OPAQUE = b".wh..wh..opq"
@@ -20,7 +21,7 @@ IMPLIED_XATTR = b"trusted.erofs-tools.implied"
 IMPLIED_VALUE = b"y"
 
 
-def classify(name):
+def classify(name: bytes) -> tuple[str | None, bytes | None]:
     """-> ("opaque", None) | ("whiteout", NAME) | ("meta", None) | (None, None)."""
     if not name.startswith(WH_PREFIX):
         return None, None
@@ -31,16 +32,16 @@ def classify(name):
     return "whiteout", name[len(WH_PREFIX):]
 
 
-def is_overlay_whiteout(mode, rdev):
+def is_overlay_whiteout(mode: int, rdev: Iterable[int]) -> bool:
     """A character device 0:0 (overlayfs whiteout)."""
     return stat.S_ISCHR(mode) and tuple(rdev) == (0, 0)
 
 
-def is_implied(xattrs):
+def is_implied(xattrs: Iterable[tuple[bytes, bytes]]) -> bool:
     """xattrs: iterable of (name, value) pairs."""
     return any(n == IMPLIED_XATTR for n, _ in xattrs)
 
 
-def is_opaque(xattrs):
+def is_opaque(xattrs: Iterable[tuple[bytes, bytes]]) -> bool:
     """xattrs: iterable of (name, value) pairs."""
     return any(n == OPAQUE_XATTR and v == OPAQUE_VALUE for n, v in xattrs)

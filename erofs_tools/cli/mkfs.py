@@ -4,9 +4,14 @@ import json
 import click
 
 from erofs_tools.builder.mkfs import mkfs as build_image
-from erofs_tools.builder.options import (MkfsOptions, parse_exclude_path,
-                                         parse_exclude_regex, parse_label, parse_timestamp,
-                                         parse_uuid)
+from erofs_tools.builder.options import (
+    MkfsOptions,
+    parse_exclude_path,
+    parse_exclude_regex,
+    parse_label,
+    parse_timestamp,
+    parse_uuid,
+)
 from erofs_tools.cli.progress import Progress
 
 

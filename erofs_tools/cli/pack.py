@@ -6,10 +6,10 @@ import sys
 import click
 
 from erofs_tools.builder.options import parse_timestamp
-from erofs_tools.builder.rafs import PackOptions, pack as build_rafs
+from erofs_tools.builder.rafs import PackOptions
+from erofs_tools.builder.rafs import pack as build_rafs
 from erofs_tools.cli.progress import Progress
 from erofs_tools.errors import InputError
-
 
 _SUFFIXES = {"": 1, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20,
              "g": 1 << 30, "gib": 1 << 30, "t": 1 << 40, "tib": 1 << 40}

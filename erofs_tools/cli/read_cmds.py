@@ -181,8 +181,8 @@ def inspect_cmd(image, path, blob_dir, devices, as_json):
             raise AssertionError("inspect: unexpected JSON layout")
         click.echo(head[:-len("]\n}")], nl=False)
         sep = "\n"
-        for e in _tree_entries(img):
-            click.echo(sep + "  " + json.dumps(e), nl=False)
+        for ent in _tree_entries(img):
+            click.echo(sep + "  " + json.dumps(ent), nl=False)
             sep = ",\n"
         click.echo("\n ]\n}")
         return
@@ -196,11 +196,11 @@ def inspect_cmd(image, path, blob_dir, devices, as_json):
         else:
             click.echo(f"{k}: {v}")
     click.echo("tree:")
-    for e in _tree_entries(img):
-        extra = f" -> {e['target']}" if "target" in e else ""
-        extra += f" rdev={e['rdev'][0]}:{e['rdev'][1]}" if "rdev" in e else ""
-        click.echo(f"  {e['type']:7} {e['mode']} {e['uid']}:{e['gid']} {e['size']:>10} "
-                   f"nid={e['nid']} {e['layout']} {e['path']}{extra}")
+    for ent in _tree_entries(img):
+        extra = f" -> {ent['target']}" if "target" in ent else ""
+        extra += f" rdev={ent['rdev'][0]}:{ent['rdev'][1]}" if "rdev" in ent else ""
+        click.echo(f"  {ent['type']:7} {ent['mode']} {ent['uid']}:{ent['gid']} "
+                   f"{ent['size']:>10} nid={ent['nid']} {ent['layout']} {ent['path']}{extra}")
 
 
 def _tree_entries(img):

@@ -13,7 +13,8 @@ import bisect
 import hashlib
 import struct
 import threading
-from typing import Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import NamedTuple
 
 from erofs_tools.errors import CorruptImageError, DigestMismatchError
 from erofs_tools.format import rafs
@@ -37,12 +38,13 @@ DIGESTERS = ("blake3", "sha256")
 
 class BlobChunk(NamedTuple):
     """One chunk of a data blob (a CI-table entry plus its digest)."""
-    index: int                  # position in the blob's CI array
+    index: int  # type: ignore[assignment]  # position in the blob's CI array
+    # (shadows tuple.index on purpose: the name the formats use)
     uncompressed_offset: int    # in the kernel-visible (cache-file) address space
     uncompressed_size: int
     compressed_offset: int      # in the blob file
     compressed_size: int
-    digest: Optional[bytes]     # digest of the uncompressed bytes, or None if unknown
+    digest: bytes | None     # digest of the uncompressed bytes, or None if unknown
     compressed: bool
 
     @property
@@ -301,7 +303,7 @@ class BlobMeta:
                 f"blob {_blob_name(self.blob_id)}: no chunk with index {index}")
         return c
 
-    def chunk_at(self, uncompressed_offset: int) -> Optional[BlobChunk]:
+    def chunk_at(self, uncompressed_offset: int) -> BlobChunk | None:
         """The chunk starting exactly at `uncompressed_offset`, or None."""
         i = bisect.bisect_left(self._starts, uncompressed_offset)
         if i < len(self._starts) and self._starts[i] == uncompressed_offset:
@@ -335,7 +337,7 @@ class BlobMeta:
         return b"".join(parts)
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "BlobMeta":
+    def from_bytes(cls, data: bytes) -> BlobMeta:
         data = bytes(data)
         hs = cls._HEAD.size
         if len(data) < hs + 16:
@@ -367,7 +369,7 @@ class BlobMeta:
     # -- parsing a blob ------------------------------------------------------------------
     @classmethod
     def from_blob(cls, read_at: ReadAt, blob_size: int, blob_id=None, entry=None, *,
-                  digests=None, compressor=None, digester=None) -> "BlobMeta":
+                  digests=None, compressor=None, digester=None) -> BlobMeta:
         """Parse a blob's meta from its end (TOC) or through its bootstrap `BlobEntry`.
 
         `read_at(offset, length) -> bytes` reads the blob; `blob_size` is its length.
@@ -381,7 +383,10 @@ class BlobMeta:
             raise CorruptImageError(f"blob {name}: bad blob size {blob_size!r}")
         features = 0
         chunk_size = None
-        ci_offset = ci_csize = ci_usize = ci_comp = None
+        # (CI table offset, compressed size, uncompressed size): the bootstrap's, else the
+        # blob meta header's
+        ci_table: tuple[int, int, int] | None = None
+        ci_comp = None
         uncompressed_size = None
         if entry is not None:
             features = entry.features
@@ -403,8 +408,7 @@ class BlobMeta:
             if digester is None:
                 raise CorruptImageError(f"blob {name}: unknown digest algorithm {entry.digest_algo}")
             chunk_size = entry.chunk_size
-            ci_offset, ci_csize, ci_usize = (entry.ci_offset, entry.ci_compressed_size,
-                                             entry.ci_uncompressed_size)
+            ci_table = (entry.ci_offset, entry.ci_compressed_size, entry.ci_uncompressed_size)
             ci_comp = rafs.COMPRESSOR_NAMES.get(entry.ci_compressor)
             uncompressed_size = entry.uncompressed_size
 
@@ -416,7 +420,7 @@ class BlobMeta:
                 raise CorruptImageError(f"blob {name}: blob table says it has a TOC, none found")
 
         # locate the blob meta header
-        if ci_offset is None:
+        if ci_table is None:
             if toc is not None and rafs.TOC_NAME_BLOB_META in toc.entries:
                 m = toc.entries[rafs.TOC_NAME_BLOB_META]
                 hdr_off = m.compressed_offset + m.compressed_size
@@ -428,23 +432,24 @@ class BlobMeta:
             else:
                 raise CorruptImageError(f"blob {name}: TOC has no blob.meta entry")
         else:
-            hdr_off = ci_offset + ci_csize
+            hdr_off = ci_table[0] + ci_table[1]
         hraw = _read_exact(read_at, hdr_off, rafs.BLOB_META_HEADER_SIZE, blob_size,
                            f"blob {name}: blob meta header")
         hdr = rafs.BlobMetaHeader.decode(hraw)
         if hdr.magic != rafs.BLOB_META_MAGIC or hdr.magic2 != rafs.BLOB_META_MAGIC:
             raise CorruptImageError(f"blob {name}: bad blob meta header magic")
-        if ci_offset is None:
+        if ci_table is None:
             ci_offset, ci_csize, ci_usize = (hdr.ci_offset, hdr.ci_compressed_size,
                                              hdr.ci_uncompressed_size)
             ci_comp = rafs.COMPRESSOR_NAMES.get(hdr.ci_compressor)
             features = hdr.features
             if features & rafs.BLOB_FEATURES_UNSUPPORTED:
                 raise CorruptImageError(f"blob {name}: unsupported blob features {features:#x}")
-        elif (hdr.ci_offset, hdr.ci_compressed_size, hdr.ci_uncompressed_size) != \
-                (ci_offset, ci_csize, ci_usize):
+        elif (hdr.ci_offset, hdr.ci_compressed_size, hdr.ci_uncompressed_size) != ci_table:
             raise CorruptImageError(
                 f"blob {name}: blob meta header disagrees with the bootstrap's blob table")
+        else:
+            ci_offset, ci_csize, ci_usize = ci_table
         if ci_comp is None:
             raise CorruptImageError(f"blob {name}: unknown CI compressor {hdr.ci_compressor}")
         if ci_offset + ci_csize != hdr_off or ci_csize > ci_usize:

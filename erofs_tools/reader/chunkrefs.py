@@ -11,7 +11,8 @@ from erofs_tools.format import erofs as E
 
 class ChunkRef(NamedTuple):
     """One entry of a chunk-based inode's index array, as the kernel maps it."""
-    index: int             # chunk number within the file
+    index: int  # type: ignore[assignment]  # chunk number within the file
+    # (shadows tuple.index on purpose: the name the formats use)
     file_offset: int       # logical start in the file
     length: int            # logical bytes (the last chunk is short)
     device: int            # 0 primary, N = device-table slot N-1 (masked as the kernel does)
@@ -41,7 +42,7 @@ class ChunkList(Sequence):
     def __len__(self) -> int:
         return self._count
 
-    def __getitem__(self, k):  # type: ignore[override]
+    def __getitem__(self, k):
         if isinstance(k, slice):
             return [self._at(i) for i in range(*k.indices(self._count))]
         if k < 0:

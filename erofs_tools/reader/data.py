@@ -44,7 +44,7 @@ class _NydusDevice:
         self.f = f
         self.read_at = file_reader(f)
         self.verify = verify
-        self._cache = OrderedDict()
+        self._cache: OrderedDict[int, bytes] = OrderedDict()     # CI index -> chunk data
 
     def chunk_data(self, c):
         d = self._cache.get(c.index)

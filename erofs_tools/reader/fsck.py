@@ -11,7 +11,6 @@ from erofs_tools.format import rafs as R
 from erofs_tools.reader.blob import compute_blob_id, decode_chunk
 from erofs_tools.reader.image import Image, _cstr
 
-
 # The kernel keeps inode times as a signed 64-bit count of seconds (timespec64), which
 # is what an extended inode's 64-bit i_mtime is read into; ext4 holds up to 2446 and
 # clamps beyond. So any mtime below 2^63 s is valid, year 2400 included.
@@ -127,15 +126,15 @@ def check_image(img: Image, blobs=None, verify_data=True):
     name = img.name
     if blobs is not None:
         img.blobs = blobs
-    links = {}          # nid -> dirent count
+    links: dict[int, int] = {}          # nid -> dirent count
     subdirs = {}        # dir nid -> number of subdirectories
     # nids seen, not their paths: a tree 30,000 levels deep would hold 30,000 paths of
     # up to 60 KB each; a path is looked up again only for a problem found at the end
     first_path = set()
-    ci_by_blob_off = {}
+    ci_by_blob_off: dict[tuple[int, int], R.ChunkInfo] = {}
     for ci in img.chunk_infos:
         ci_by_blob_off.setdefault((ci.blob_index, ci.uncompressed_offset), ci)
-    bad_chunks = {}         # device -> set of corrupt CI indexes
+    bad_chunks: dict[int, set[int]] = {}         # device -> set of corrupt CI indexes
     blob_problems = []
     if blobs is not None:
         blob_problems = check_blobs(img, blobs, bad_chunks)

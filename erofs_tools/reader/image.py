@@ -35,6 +35,25 @@ class Inode:
     __slots__ = ("nid", "offset", "version", "layout", "i_format", "mode", "nlink", "size",
                  "uid", "gid", "mtime", "mtime_nsec", "ino", "i_u", "xattr_icount",
                  "xattr_isize", "inode_size", "reserved_ok", "raw")
+    nid: int
+    offset: int                 # byte offset in the image
+    version: int
+    layout: int
+    i_format: int
+    mode: int
+    nlink: int
+    size: int
+    uid: int
+    gid: int
+    mtime: int
+    mtime_nsec: int
+    ino: int
+    i_u: int
+    xattr_icount: int
+    xattr_isize: int
+    inode_size: int
+    reserved_ok: bool
+    raw: E.CompactInode | E.ExtendedInode
 
     @property
     def ftype(self):
@@ -615,7 +634,7 @@ class Image:
         out = []
         if off + 4 * hdr.h_shared_count > len(buf):
             raise self._err(f"{what}: {hdr.h_shared_count} shared xattr ids do not fit")
-        for i in range(hdr.h_shared_count):
+        for _ in range(hdr.h_shared_count):
             xid = int.from_bytes(buf[off:off + 4], "little")
             off += 4
             pos = self.xattr_off + 4 * xid

@@ -21,7 +21,7 @@ def image_stats(img: Image):
     holes = 0
     hole_bytes = 0
     unique = {}            # key -> dict(size, csize, digest)
-    ci_by_off = {}
+    ci_by_off: dict[tuple[int, int], R.ChunkInfo] = {}
     for ci in img.chunk_infos:
         ci_by_off.setdefault((ci.blob_index, ci.uncompressed_offset), ci)
     rafs_bits = img.rafs.s_chunk_size.bit_length() - 1 if img.is_rafs else None

@@ -9,6 +9,7 @@ target and renamed into place at the end; on any error the temporary tree is rem
 from __future__ import annotations
 
 import errno
+import functools
 import io
 import os
 import stat as _stat
@@ -178,9 +179,9 @@ class _Extraction:
         self.root = _is_root()
         self.root_fd = os.open(tmp, O_DIR)
         self.dirs = [(-1, b"")]     # directory key -> (parent key, name)
-        self.links = {}             # nid -> (directory key, name) of its first link
+        self.links: dict[int, tuple[int, bytes]] = {}   # nid -> (dir key, name), 1st link
         # (every non-directory: an image's nlink is not trusted to find hardlinks)
-        self.frames = []
+        self.frames: list[_Frame] = []
 
     def _children(self, ino, parent_nid):
         ents = self.img.dirents(ino)
@@ -248,7 +249,8 @@ class _Extraction:
             if frames and frames[-1].fd is None:
                 frames[-1].fd = os.open("..", O_DIR, dir_fd=f.fd)
             try:
-                self._apply_meta(f.ino, f.fd, lambda: self.path(f.name))
+                # partial binds this frame's name now (the call is synchronous either way)
+                self._apply_meta(f.ino, f.fd, functools.partial(self.path, f.name))
                 os.utime(f.fd, ns=(_mtime_ns(img, f.ino),) * 2)
             except ErofsToolsError as e:
                 raise _with_path(img, self.path(f.name), e) from None
@@ -409,16 +411,16 @@ def unpack_to_tar(img: Image, fileobj, warnings=None, limit=None):
     `limit` caps the file bytes written (InputError beyond it)."""
     warnings = warnings if warnings is not None else []
     budget = Budget(limit)
-    done = {}
+    done: dict[int, str] = {}          # nid -> tar name of its first link
     with tarfile.open(fileobj=fileobj, mode="w|", format=tarfile.PAX_FORMAT) as tf:
-        for path, de, ino in img.walk():
+        for path, _de, ino in img.walk():
             try:
                 _tar_one(img, tf, path, ino, done, warnings, budget)
             except ErofsToolsError as e:
                 raise _with_path(img, path, e) from None
             # tarfile keeps every TarInfo written (for getmembers); a stream writer
             # never needs them, and a deep tree's names add up quadratically
-            tf.members.clear()
+            tf.members.clear()  # type: ignore[attr-defined]  # (not in the stubs)
     return warnings
 
 

@@ -54,9 +54,15 @@ credentials, tokens or URL query strings.
 from .auth import Credentials, load_credentials
 from .client import RegistryClient
 from .digest import check_digest, digest_hex, sha256_digest
-from .image import (BlobSource, pull_image, pull_to_layout, push_from_layout, push_image,
-                    resolve_manifest)
-from .manifest import (Descriptor, Manifest, build_index, build_manifest, select_platform)
+from .image import (
+    BlobSource,
+    pull_image,
+    pull_to_layout,
+    push_from_layout,
+    push_image,
+    resolve_manifest,
+)
+from .manifest import Descriptor, Manifest, build_index, build_manifest, select_platform
 from .mediatypes import *  # noqa: F401,F403  (media type and annotation constants)
 from .oci_layout import OciLayout
 from .reference import LayoutReference, Reference, parse_reference

@@ -23,8 +23,8 @@ import subprocess
 import threading
 import time
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from ..errors import AuthError
 
@@ -294,7 +294,8 @@ class Authenticator:
         self.token_requests += 1
         log.debug("requesting token from %s for %s", where, " ".join(scopes))
         if self.credentials and self.credentials.identity_token:
-            status, body = self._oauth2_token(ch, realm, scopes)
+            status, body = self._oauth2_token(ch, realm, scopes,
+                                              self.credentials.identity_token)
         else:
             status, body = self._basic_token(ch, realm, parsed, scopes)
         if status in (401, 403):
@@ -316,10 +317,10 @@ class Authenticator:
         url = realm + (sep + urllib.parse.urlencode(query) if query else "")
         return self._fetch("GET", url, headers, None)
 
-    def _oauth2_token(self, ch, realm, scopes) -> tuple[int, bytes]:
+    def _oauth2_token(self, ch, realm, scopes, identity_token: str) -> tuple[int, bytes]:
         """POST an OAuth2 refresh_token grant (what docker does with identity tokens)."""
         form = {"grant_type": "refresh_token", "client_id": "erofs-tools",
-                "refresh_token": self.credentials.identity_token,
+                "refresh_token": identity_token,
                 "service": ch.params.get("service", ""), "scope": " ".join(scopes)}
         headers = {"Accept": "application/json",
                    "Content-Type": "application/x-www-form-urlencoded"}

@@ -26,8 +26,7 @@ from . import upload
 from .digest import check_digest, verify
 from .manifest import MAX_MANIFEST_SIZE, Manifest, media_type_of
 from .reference import check_ref, check_repository
-from .session import (DEFAULT_CHUNK_SIZE, RegistrySession, origin, pull_scope,  # noqa: F401
-                      push_scope)
+from .session import DEFAULT_CHUNK_SIZE, RegistrySession, origin, pull_scope, push_scope  # noqa: F401
 from .transport import drain, safe_url
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from ..errors import InputError
+from ..errors import InputError, RegistryError
 from . import mediatypes as mt
 from .client import RegistryClient
 from .digest import digest_hex, file_digest
@@ -37,6 +37,8 @@ def push_image(client: RegistryClient, repo: str, tag: str, config: BlobSource,
         r = client.push_blob(repo, b.source, digest=b.digest, mount_from=mount_from,
                              chunk_size=chunk_size)
         size = r.size if r.size >= 0 else client.stat_blob(repo, r.digest)
+        if size is None:        # mounted or already there, yet not found by HEAD
+            raise RegistryError(f"{repo}: blob {r.digest} is missing right after its push")
         return Descriptor(b.media_type, r.digest, size, dict(b.annotations))
 
     layer_descs = [push(b) for b in layers]

@@ -38,7 +38,7 @@ class Descriptor:
         return d
 
     @classmethod
-    def from_json(cls, obj, what: str = "descriptor") -> "Descriptor":
+    def from_json(cls, obj, what: str = "descriptor") -> Descriptor:
         try:
             media_type, digest, size = obj["mediaType"], obj["digest"], obj["size"]
             if not isinstance(media_type, str) or type(size) is not int or size < 0:

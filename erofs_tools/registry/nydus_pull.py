@@ -99,7 +99,7 @@ def _check_superblock(f: BinaryIO, what: str) -> None:
         raise CorruptImageError(f"{what}: image/image.boot is not a RAFS v6 bootstrap")
 
 
-def _pull_blobs(source: "_Source", ref: str, blob_infos, layers: list[Descriptor],
+def _pull_blobs(source: _Source, ref: str, blob_infos, layers: list[Descriptor],
                 out_dir: str) -> list[dict]:
     by_digest = {d.digest: d for d in layers if d.media_type == mt.NYDUS_BLOB}
     fetched = []

@@ -46,7 +46,7 @@ class Reference:
         """What goes into ``/v2/<name>/manifests/<ref>``: the digest wins over the tag."""
         return self.digest or self.tag or DEFAULT_TAG
 
-    def with_digest(self, digest: str) -> "Reference":
+    def with_digest(self, digest: str) -> Reference:
         return Reference(self.host, self.repository, self.tag, check_digest(digest))
 
     def __str__(self) -> str:

@@ -24,8 +24,7 @@ from ..errors import AuthError, InputError, RegistryError
 from .auth import Authenticator, Credentials, load_credentials
 from .digest import check_digest
 from .reference import Reference, check_repository
-from .transport import (REDIRECT_STATUSES, RetryPolicy, Transport, drain, one_line,
-                        safe_url)
+from .transport import REDIRECT_STATUSES, RetryPolicy, Transport, drain, one_line, safe_url
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +76,9 @@ class RegistrySession:
         self.base = f"{'http' if insecure else 'https'}://{host}"
         self.chunk_size = chunk_size
         if credentials is None and docker_config is not False:
-            credentials = load_credentials(host, docker_config or None)
+            # a path, or None for the default one (True would be open()ed as fd 1)
+            credentials = load_credentials(
+                host, docker_config if isinstance(docker_config, str) and docker_config else None)
         self.transport = Transport(timeout=timeout, connect_timeout=connect_timeout,
                                    pool_size=pool_size, ca_certs=ca_certs, proxy=proxy,
                                    proxy_headers=proxy_headers,
@@ -121,13 +122,13 @@ class RegistrySession:
         nothing), the second means the registry refused what it asked for (an expired
         token gets renewed once). ``url`` must be the registry's own (see send_to)."""
         headers = dict(headers or {})
-        start = _position(body)
+        rewind = _rewind_point(body)
         sent = self.auth.authorization(scope)
         for round_ in range(3):
             if sent:
                 headers["Authorization"] = sent
-            if round_ and start is not None:
-                body.seek(start)
+            if round_ and rewind is not None:
+                rewind[0].seek(rewind[1])
             elif round_ and body is not None and not isinstance(body, bytes):
                 raise RegistryError(f"{method} {safe_url(url)}: cannot resend a stream "
                                     "after an authentication challenge")
@@ -268,11 +269,11 @@ class RegistrySession:
         return self.stat_blob(repo, digest) is not None
 
 
-def _position(body) -> int | None:
-    """Where a seekable file body starts (to rewind it for a resend), else None."""
+def _rewind_point(body: bytes | BinaryIO | None) -> tuple[BinaryIO, int] | None:
+    """A seekable file body and where it starts (to rewind it for a resend), else None."""
     try:
         if body is not None and not isinstance(body, bytes) and body.seekable():
-            return body.tell()
+            return body, body.tell()
     except (AttributeError, OSError):
         pass
     return None

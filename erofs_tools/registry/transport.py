@@ -19,7 +19,7 @@ import random
 import time
 import urllib.parse
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import Any, BinaryIO, TypeGuard
 
 import urllib3
 from urllib3.exceptions import HTTPError as Urllib3Error
@@ -97,7 +97,7 @@ class Transport:
                  proxy_headers: dict | None = None, user_agent: str = USER_AGENT):
         self.policy = policy or RetryPolicy()
         self.user_agent = user_agent
-        common = dict(timeout=urllib3.Timeout(connect=connect_timeout, read=timeout),
+        common: dict[str, Any] = dict(timeout=urllib3.Timeout(connect=connect_timeout, read=timeout),
                       retries=False, maxsize=pool_size, block=False,
                       cert_reqs="CERT_REQUIRED", ca_certs=ca_certs)
         self._direct = urllib3.PoolManager(num_pools=8, **common)
@@ -120,15 +120,16 @@ class Transport:
         """Send ``method url`` and return the first non-retryable response, or raise
         RegistryError once the retries are spent."""
         headers = {"User-Agent": self.user_agent, **(headers or {})}
-        start = body.tell() if _seekable(body) else None
+        rewind = body if _seekable(body) else None
+        start = rewind.tell() if rewind is not None else None
         attempts = self.policy.retries + 1 if retry else 1
         last = ""
         started = time.monotonic()
         for attempt in range(attempts):
             if attempt:
                 self.retried += 1
-            if start is not None:
-                body.seek(start)
+            if rewind is not None and start is not None:
+                rewind.seek(start)
             try:
                 resp = self._send(method, url, headers, body, via_proxy)
             except SSLError as e:
@@ -201,7 +202,7 @@ def proxy_failed(resp: urllib3.BaseHTTPResponse) -> bool:
     return resp.status in (502, 503, 504) and not h.get("Docker-Distribution-Api-Version")
 
 
-def _seekable(body) -> bool:
+def _seekable(body: bytes | BinaryIO | None) -> TypeGuard[BinaryIO]:
     try:
         return body is not None and not isinstance(body, bytes) and body.seekable()
     except (AttributeError, OSError):

@@ -22,6 +22,7 @@ import os
 import re
 import time
 import urllib.parse
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -56,7 +57,7 @@ def _location(client: RegistrySession, method: str, url: str, resp,
 
 
 def start_upload(client: RegistrySession, repo: str, query: str = "",
-                 scope: str | None = None) -> tuple[int, str, object]:
+                 scope: str | None = None) -> tuple[int, str, Mapping[str, str]]:
     """POST an upload session; returns (status, location, response headers)."""
     url = client.url(f"/v2/{check_repository(repo)}/blobs/uploads/") + query
     resp = client.send("POST", url, scope or push_scope(repo), {"Content-Length": "0"}, b"")
