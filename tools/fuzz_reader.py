@@ -55,9 +55,9 @@ class Seed:
 # --------------------------------------------------------------------------- corpus --
 def _nydus_dir():
     here = os.path.dirname(os.path.abspath(__file__))
+    # the Nydus-written vectors the test suite keeps in the repository
     for cand in (os.environ.get("EROFS_TOOLS_NYDUS_TESTDATA"),
-                 os.path.join(here, "..", "..", "shared", "testdata", "nydus"),
-                 "/work/shared/testdata/nydus"):
+                 os.path.join(here, "..", "tests", "data", "nydus")):
         if cand and os.path.isdir(cand):
             return cand
     return None
