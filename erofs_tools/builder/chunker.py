@@ -88,12 +88,6 @@ class Compressor:
         out = c.compress(data)
         return out if len(out) < len(data) else data
 
-    def decompress(self, data: bytes, size: int) -> bytes:
-        d = getattr(self._local, "d", None)
-        if d is None:
-            d = self._local.d = zstandard.ZstdDecompressor()
-        return d.decompress(data, max_output_size=size)
-
 
 class _Claim:
     """The stored bytes of one distinct chunk, filled in by the batch that claimed it.
