@@ -35,8 +35,14 @@ import threading
 import time
 
 from fscache_daemon import __version__
-from fscache_daemon.errors import (ConflictError, DaemonError, FrontendError, MountBusyError,
-                                   MountError, NotFoundError)
+from fscache_daemon.errors import (
+    ConflictError,
+    DaemonError,
+    FrontendError,
+    MountBusyError,
+    MountError,
+    NotFoundError,
+)
 from fscache_daemon.frontend.base import Frontend, NullFrontend
 from fscache_daemon.frontend.cachefiles_adapter import CachefilesAdapter
 from fscache_daemon.frontend.factory import fanotify_available, make_frontend
@@ -44,8 +50,13 @@ from fscache_daemon.frontend.fanotify_adapter import FanotifyFrontend
 from fscache_daemon.images import Image
 from fscache_daemon.lifecycle import MountLifecycle
 from fscache_daemon.metrics import ProcessSampler, prometheus_text
-from fscache_daemon.pool import (PRIO_ONDEMAND, PRIO_PREFETCH, PRIO_READAHEAD,
-                                 PriorityPool, TokenBucket)
+from fscache_daemon.pool import (
+    PRIO_ONDEMAND,
+    PRIO_PREFETCH,
+    PRIO_READAHEAD,
+    PriorityPool,
+    TokenBucket,
+)
 from fscache_daemon.readahead import BlobReadahead
 from fscache_daemon.state import CacheDirLock
 from fscache_daemon.storage import StorageError

@@ -26,8 +26,13 @@ import os
 import threading
 
 from fscache_daemon import mounts
-from fscache_daemon.errors import (ConflictError, DaemonError, FrontendError, MountBusyError,
-                                   NotFoundError)
+from fscache_daemon.errors import (
+    ConflictError,
+    DaemonError,
+    FrontendError,
+    MountBusyError,
+    NotFoundError,
+)
 from fscache_daemon.images import DETACHED, MOUNTED, MOUNTING, Image
 from fscache_daemon.state import copy_bootstrap, load_state, save_state
 from fscache_daemon.storage.backends import parse_backend_spec

@@ -35,17 +35,28 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
 
 from fscache_daemon import mounts
-from fscache_daemon.errors import (CachefilesUnsupportedError, FrontendError,
-                                   MountBusyError, MountError)
+from fscache_daemon.errors import (
+    CachefilesUnsupportedError,
+    FrontendError,
+    MountBusyError,
+    MountError,
+)
 
 from . import cachefiles_holder
-from .cachefiles_proto import (DEVICE_PATH, CachefilesDevice, CloseMsg, OpenMsg,
-                               ProtocolError, ReadMsg, complete_read)
+from .cachefiles_proto import (
+    DEVICE_PATH,
+    CachefilesDevice,
+    CloseMsg,
+    OpenMsg,
+    ProtocolError,
+    ReadMsg,
+    complete_read,
+)
 
 log = logging.getLogger(__name__)
 

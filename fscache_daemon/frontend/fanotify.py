@@ -24,15 +24,21 @@ import logging
 import os
 import select
 import threading
+from collections.abc import Callable, Hashable
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Callable, Hashable
 
 from fscache_daemon.errors import FrontendError
 from fscache_daemon.frontend import fanotify_abi as abi
+
 # shared with the fd holder; re-exported here, where callers have always found them
-from fscache_daemon.frontend.fanotify_marks import (FILLED_BLOCK, FilledMap, FilledView,
-                                                    MarkTable, PendingEvent)
+from fscache_daemon.frontend.fanotify_marks import (
+    FILLED_BLOCK,
+    FilledMap,
+    FilledView,
+    MarkTable,
+    PendingEvent,
+)
 
 __all__ = ["PreContentWatcher", "LocalGroup", "FilledMap", "FilledView", "MarkTable",
            "PendingEvent", "FILLED_BLOCK"]
@@ -137,7 +143,7 @@ class PreContentWatcher:
 
     @classmethod
     def from_holder(cls, sock_path: str | os.PathLike, fill: FillFn,
-                    **kwargs) -> "PreContentWatcher":
+                    **kwargs) -> PreContentWatcher:
         """A watcher whose group lives in the fd holder at sock_path (crash-safe)."""
         from fscache_daemon.frontend.fdholder import HolderChannel
         return cls(fill, channel=HolderChannel(os.fspath(sock_path)), **kwargs)
@@ -205,7 +211,7 @@ class PreContentWatcher:
 
     # -- event loop --------------------------------------------------------------------
 
-    def start(self) -> "PreContentWatcher":
+    def start(self) -> PreContentWatcher:
         self._thread = threading.Thread(target=self.run, name="fanotify-loop", daemon=True)
         self._thread.start()
         return self
