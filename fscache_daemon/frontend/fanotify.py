@@ -27,6 +27,7 @@ import threading
 from collections.abc import Callable, Hashable
 from concurrent.futures import Executor
 from dataclasses import dataclass
+from typing import Any
 
 from fscache_daemon.errors import FrontendError
 from fscache_daemon.frontend import fanotify_abi as abi
@@ -45,8 +46,10 @@ __all__ = ["PreContentWatcher", "LocalGroup", "FilledMap", "FilledView", "MarkTa
 
 log = logging.getLogger(__name__)
 
-FillFn = Callable[[Hashable, int, int], None]
-FastPathFn = Callable[[Hashable, int, int], bool]
+# called with the key a file was marked with (any Hashable: the daemon's are str cache
+# keys, and a Callable taking str is not one taking every Hashable, hence Any)
+FillFn = Callable[[Any, int, int], None]
+FastPathFn = Callable[[Any, int, int], bool]
 
 
 class LocalGroup:
