@@ -155,11 +155,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         te = self.headers.get("Transfer-Encoding")
         if te:
             raise ApiError(411, "chunked request bodies are not supported; send Content-Length")
-        n = self.headers.get("Content-Length")
-        if n is None:
+        length = self.headers.get("Content-Length")
+        if length is None:
             raise ApiError(411, "Content-Length required")
         try:
-            n = int(n)
+            n = int(length)
         except ValueError:
             raise ApiError(400, "bad Content-Length") from None
         if n < 0:
