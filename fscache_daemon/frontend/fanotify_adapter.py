@@ -278,7 +278,7 @@ class FanotifyFrontend(Frontend):
         with self._lock:
             if mgr.key not in self._marked:
                 return False
-            watcher = self._watcher()   # stopped: the holder keeps the mark
+            watcher = self._watcher()   # stopped: nothing to unmark through
             self._marked.discard(mgr.key)
             mgr.cache.use_write_fd(None)
             # Remove the kernel mark through the channel but keep the watcher's mapping
