@@ -41,8 +41,15 @@ import urllib.parse
 
 from erofs_tools import errors as erofs_tools_errors
 from erofs_tools.errors import ErofsToolsError
-from fscache_daemon.errors import (ApiError, ConflictError, DaemonError, FrontendError,
-                                   MountError, NotFoundError, check_unix_socket_path)
+from fscache_daemon.errors import (
+    ApiError,
+    ConflictError,
+    DaemonError,
+    FrontendError,
+    MountError,
+    NotFoundError,
+    check_unix_socket_path,
+)
 
 log = logging.getLogger(__name__)
 
@@ -148,11 +155,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         te = self.headers.get("Transfer-Encoding")
         if te:
             raise ApiError(411, "chunked request bodies are not supported; send Content-Length")
-        n = self.headers.get("Content-Length")
-        if n is None:
+        length = self.headers.get("Content-Length")
+        if length is None:
             raise ApiError(411, "Content-Length required")
         try:
-            n = int(n)
+            n = int(length)
         except ValueError:
             raise ApiError(400, "bad Content-Length") from None
         if n < 0:
@@ -334,7 +341,7 @@ class ApiServer:
     def shutdown_requested(self) -> threading.Event:
         return self.server.shutdown_requested
 
-    def start(self) -> "ApiServer":
+    def start(self) -> ApiServer:
         self._thread.start()
         log.info("api listening on %s", self.path)
         return self

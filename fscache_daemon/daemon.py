@@ -35,8 +35,14 @@ import threading
 import time
 
 from fscache_daemon import __version__
-from fscache_daemon.errors import (ConflictError, DaemonError, FrontendError, MountBusyError,
-                                   MountError, NotFoundError)
+from fscache_daemon.errors import (
+    ConflictError,
+    DaemonError,
+    FrontendError,
+    MountBusyError,
+    MountError,
+    NotFoundError,
+)
 from fscache_daemon.frontend.base import Frontend, NullFrontend
 from fscache_daemon.frontend.cachefiles_adapter import CachefilesAdapter
 from fscache_daemon.frontend.factory import fanotify_available, make_frontend
@@ -44,13 +50,18 @@ from fscache_daemon.frontend.fanotify_adapter import FanotifyFrontend
 from fscache_daemon.images import Image
 from fscache_daemon.lifecycle import MountLifecycle
 from fscache_daemon.metrics import ProcessSampler, prometheus_text
-from fscache_daemon.pool import (PRIO_ONDEMAND, PRIO_PREFETCH, PRIO_READAHEAD,
-                                 PriorityPool, TokenBucket)
+from fscache_daemon.pool import (
+    PRIO_ONDEMAND,
+    PRIO_PREFETCH,
+    PRIO_READAHEAD,
+    PriorityPool,
+    TokenBucket,
+)
 from fscache_daemon.readahead import BlobReadahead
 from fscache_daemon.state import CacheDirLock
 from fscache_daemon.storage import StorageError
 from fscache_daemon.storage import blobcache as bc
-from fscache_daemon.storage.backends import open_backend
+from fscache_daemon.storage.backends import Backend, open_backend
 from fscache_daemon.storage.planner import DEFAULT_BATCH_SIZE, plan
 
 # names that moved out of this module, kept importable from here
@@ -111,7 +122,7 @@ class Daemon(MountLifecycle):
         self.blobs: dict[str, bc.BlobManager] = {}      # cache key -> manager
         self._ra: dict[str, BlobReadahead] = {}         # cache key -> readahead plan
         self.blob_users: dict[str, set[str]] = {}       # cache key -> image users
-        self.backends: dict[tuple, object] = {}
+        self.backends: dict[tuple, Backend] = {}
         self._lock = threading.RLock()        # images/blobs/backends
         self._mount_lock = threading.Lock()   # one mount/umount at a time
         self._stop = threading.Event()
@@ -164,7 +175,7 @@ class Daemon(MountLifecycle):
         log.info("daemon stopped")
 
     # -- blobs --------------------------------------------------------------------------
-    def _backend(self, spec: str, options: dict):
+    def _backend(self, spec: str, options: dict) -> Backend:
         key = (spec, options.get("proxy"), options.get("mirror"), options.get("insecure"))
         with self._lock:
             be = self.backends.get(key)
@@ -236,8 +247,8 @@ class Daemon(MountLifecycle):
             self.blobs[mgr.key] = mgr
             self._ra[mgr.key] = BlobReadahead(
                 mgr, min(INITIAL_READAHEAD, self.readahead), self.readahead,
-                withhold=lambda c, m=mgr: self.frontend.withhold(m, c),
-                publish=lambda c, m=mgr: self.frontend.publish(m, c))
+                withhold=lambda c: self.frontend.withhold(mgr, c),   # mgr is not rebound
+                publish=lambda c: self.frontend.publish(mgr, c))
             self.meta_bytes_fetched += fetched
         return mgr
 
@@ -301,7 +312,7 @@ class Daemon(MountLifecycle):
 
     # -- prefetch -----------------------------------------------------------------------
     def _queue_prefetch(self, img: Image) -> None:
-        jobs = []
+        jobs: list[tuple[str, int, int | None]] = []     # (cache key, offset, length or all)
         for bindex, off, length in img.prefetch_ranges:
             if 0 <= bindex < len(img.blob_keys):
                 jobs.append((img.blob_keys[bindex], off, length))
@@ -329,7 +340,7 @@ class Daemon(MountLifecycle):
                     log.exception("prefetch of blob %s failed", key[:12])
             log.info("prefetch for %s done", mountpoint)
 
-    def _prefetch_range(self, mgr, off: int, length: int | None) -> None:
+    def _prefetch_range(self, mgr: bc.BlobManager, off: int, length: int | None) -> None:
         missing = mgr.missing(off, length)
         for batch in plan(missing, self.batch_size):
             if self._stop.is_set() or self.blobs.get(mgr.key) is not mgr:
@@ -390,7 +401,7 @@ class Daemon(MountLifecycle):
             s.update(blob_id=m.blob_id, variant=bc.key_variant(b),
                      cached_chunks=m.cache.cached_chunks, total_chunks=m.cache.total_chunks,
                      uncompressed_size=m.size, compressed_size=m.meta.compressed_size,
-                     complete=m.complete(), meta_bytes_fetched=getattr(m, "meta_bytes_fetched", 0),
+                     complete=m.complete(), meta_bytes_fetched=m.meta_bytes_fetched,
                      mounts=users.get(b, []))
             blobs[b] = s
         process = self.sampler.sample()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterable
 
 MOUNTING = "mounting"       # intent recorded, mount(2) not known to have succeeded
 MOUNTED = "mounted"         # mounted at `mountpoint` (mount id `mount_id`) in our namespace
@@ -12,9 +13,13 @@ DETACHED = "detached"       # gone from our mount point, its superblock still al
 
 
 class Image:
-    def __init__(self, mountpoint, bootstrap, source_bootstrap, backend_spec, blob_ids,
-                 prefetch, domain, options, prefetch_ranges=(), mounted_at=None,
-                 state=MOUNTING, mount_id=None, instances=(), blob_keys=None):
+    def __init__(self, mountpoint: str, bootstrap: str, source_bootstrap: str,
+                 backend_spec: str, blob_ids: Iterable[str], prefetch: bool,
+                 domain: str | None, options: dict | None,
+                 prefetch_ranges: Iterable[tuple[int, int, int]] = (),
+                 mounted_at: float | None = None, state: str = MOUNTING,
+                 mount_id: int | None = None, instances: Iterable[str] = (),
+                 blob_keys: Iterable[str] | None = None) -> None:
         self.mountpoint = mountpoint            # canonical (realpath)
         self.bootstrap = bootstrap              # the daemon's copy, in the cache dir
         self.source_bootstrap = source_bootstrap
@@ -35,7 +40,7 @@ class Image:
         # names of the EROFS superblock(s) this mount made (/sys/fs/erofs/<name>)
         self.instances: list[str] = list(instances)
         # (EROFS instance, its default read_ahead_kb) while a larger window is set
-        self.readahead_restore = None
+        self.readahead_restore: tuple[str, int] | None = None
 
     @property
     def user(self) -> str:

@@ -24,14 +24,26 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from typing import TYPE_CHECKING
 
 from fscache_daemon import mounts
-from fscache_daemon.errors import (ConflictError, DaemonError, FrontendError, MountBusyError,
-                                   NotFoundError)
+from fscache_daemon.errors import (
+    ConflictError,
+    DaemonError,
+    FrontendError,
+    MountBusyError,
+    NotFoundError,
+)
 from fscache_daemon.images import DETACHED, MOUNTED, MOUNTING, Image
 from fscache_daemon.state import copy_bootstrap, load_state, save_state
 from fscache_daemon.storage.backends import parse_backend_spec
 from fscache_daemon.storage.image import file_runs, load_image
+
+if TYPE_CHECKING:
+    from fscache_daemon.frontend.base import Frontend
+    from fscache_daemon.readahead import BlobReadahead
+    from fscache_daemon.storage.backends import Backend
+    from fscache_daemon.storage.blobcache import BlobManager
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +52,27 @@ REAP_INTERVAL = 0.2
 
 
 class MountLifecycle:
+    # What this mixin uses of the Daemon, declared for the type checker (no values:
+    # daemon.py sets the attributes in __init__ and defines the methods)
+    cache_dir: str
+    boot_dir: str
+    readahead: int
+    frontend: Frontend
+    images: dict[str, Image]
+    detached: list[Image]
+    blobs: dict[str, BlobManager]
+    blob_users: dict[str, set[str]]
+    _ra: dict[str, BlobReadahead]
+    _lock: threading.RLock
+    _mount_lock: threading.Lock
+    _stop: threading.Event
+
+    if TYPE_CHECKING:
+        def describe(self, img: Image) -> dict: ...
+        def _backend(self, spec: str, options: dict) -> Backend: ...
+        def _open_blob(self, ref, backend, key: str | None = None) -> BlobManager: ...
+        def _queue_prefetch(self, img: Image) -> None: ...
+
     # -- state file ---------------------------------------------------------------------
     @property
     def state_path(self) -> str:
@@ -244,7 +277,7 @@ class MountLifecycle:
                              name="file-runs").start()
         return img
 
-    def _close_unused(self, mgrs) -> None:
+    def _close_unused(self, mgrs: list[BlobManager]) -> None:
         """Close the managers of a failed registration that no image uses."""
         for m in mgrs:
             with self._lock:
@@ -256,7 +289,7 @@ class MountLifecycle:
                 ra.reset()
             m.close()
 
-    def _learn_runs(self, img: Image, mgrs) -> None:
+    def _learn_runs(self, img: Image, mgrs: list[BlobManager]) -> None:
         try:
             runs = file_runs(img.bootstrap)
         except Exception as e:  # noqa: BLE001 - readahead is an optimisation

@@ -40,7 +40,7 @@ class PriorityPool(Executor):
     def _put(self, prio, fn, args, kwargs) -> Future:
         if self._shutdown:
             raise RuntimeError("pool is shut down")
-        fut = Future()
+        fut: Future = Future()
         self._q.put((prio, next(self._seq), fut, fn, args, kwargs))
         return fut
 

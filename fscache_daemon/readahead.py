@@ -22,7 +22,8 @@ publishes markers.
 from __future__ import annotations
 
 import threading
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 # a sequential window never starts further than this many windows past a cached stretch
 MAX_SKIPPED_WINDOWS = 64

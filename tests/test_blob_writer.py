@@ -10,7 +10,6 @@ import os
 import blake3
 import pytest
 import zstandard
-
 from helpers import NYDUS_VECTORS
 
 from erofs_tools.builder.blob import BlobInfo, BlobMeta, BlobWriter, read_toc
@@ -33,7 +32,7 @@ def _vector_chunks():
     meta = BlobMeta.read(VEC_BLOB, info)
     raw = open(VEC_BLOB, "rb").read()
     out = []
-    for k, (uoff, us, coff, cs) in enumerate(meta.entries):
+    for k, (_uoff, us, coff, cs) in enumerate(meta.entries):
         stored = raw[coff:coff + cs]
         data = zstandard.ZstdDecompressor().decompress(stored, max_output_size=us)
         out.append((stored, us, meta.digests[k], data))
@@ -85,7 +84,8 @@ def test_writer_matches_vector_layout(tmp_path):
     assert mine[d.compressed_offset:d.compressed_offset + 64] == \
         vraw[d.compressed_offset:d.compressed_offset + 64]
     # blob id rule (§11): sha256 over everything but the digest payload
-    excl = lambda b: b[:d.compressed_offset] + b[d.compressed_offset + d.compressed_size:]
+    def excl(b):
+        return b[:d.compressed_offset] + b[d.compressed_offset + d.compressed_size:]
     assert hashlib.sha256(excl(vraw)).hexdigest() == VEC_ID
     assert hashlib.sha256(excl(mine)).hexdigest() == info.blob_id
     assert hashlib.sha256(mine).hexdigest() != info.blob_id
@@ -252,7 +252,7 @@ def test_chunker_dedup_and_order(tmp_path, digester):
                  len(open(p, "rb").read()[o:o + 65536]))
                 for p in paths for o in range(0, 300_000, 65536)}
     assert set(stored) == distinct
-    for (d, size), s in stored.items():
+    for (_d, size), s in stored.items():
         assert len(s) <= size
 
 

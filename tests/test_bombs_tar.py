@@ -11,8 +11,7 @@ import os
 import sys
 
 import pytest
-
-from bomb_helpers import run_bounded, pax_rec
+from bomb_helpers import pax_rec, run_bounded
 from test_tar_helpers import E, make_tar
 
 from erofs_tools.reader.image import Image

@@ -244,6 +244,7 @@ def test_holder_roundtrip(tmp_path):
     """The holder keeps an fd and hands a duplicate back; release makes it exit."""
     import subprocess
     import sys
+
     from fscache_daemon.frontend import cachefiles_holder as h
     sock = str(tmp_path / "h.sock")
     r, w = os.pipe()

@@ -9,11 +9,20 @@ import os
 import tarfile
 
 import pytest
-
 from helpers import NYDUS_VECTORS, compare_trees
 from registry_fixtures import registry, registry_basic, registry_token  # noqa: F401
-from test_tar_helpers import (E, layer_paths, make_oci_layout, mounted_rafs, pack_tar,
-                              reference_rootfs, run_cli, sample_layers, tar_x, fix_root)
+from test_tar_helpers import (
+    E,
+    fix_root,
+    layer_paths,
+    make_oci_layout,
+    mounted_rafs,
+    pack_tar,
+    reference_rootfs,
+    run_cli,
+    sample_layers,
+    tar_x,
+)
 
 from erofs_tools.builder.chunk_dict import BootstrapTables
 from erofs_tools.registry import mediatypes as mt
@@ -285,6 +294,7 @@ def test_lazy_mount_of_converted_image_through_the_daemon(tmp_path, registry):
 def test_docker_schema2_source(tmp_path, registry):
     """A Docker (schema 2) manifest with docker layer media types converts too."""
     import hashlib
+
     from erofs_tools.registry import Descriptor, build_manifest
     tars = layer_paths(tmp_path, sample_layers()[:2])
     with registry.client() as c:

@@ -8,16 +8,14 @@ import socket
 import threading
 import time
 
-import pytest
-
-from fscache_daemon.api import ApiClient, ApiServer
-from fscache_daemon.daemon import (Daemon, NullFrontend, PriorityPool, TokenBucket,
-                                   prometheus_text)
-from fscache_daemon.errors import DaemonError
-
 import helpers
+import pytest
 from test_daemon_support import pack, write_tree
 from test_storage_support import NYDUS_BLOB, NYDUS_BLOB_ID, NYDUS_BOOT
+
+from fscache_daemon.api import ApiClient, ApiServer
+from fscache_daemon.daemon import Daemon, NullFrontend, PriorityPool, TokenBucket, prometheus_text
+from fscache_daemon.errors import DaemonError
 
 
 @pytest.fixture
@@ -137,7 +135,7 @@ def test_restart_picks_up_mounts_and_cache(images, tmp_path):
         assert list(d2.images) == [str(tmp_path / "m1")]
         mgr = d2.blobs[blob]
         assert mgr.cache.cached_chunks == cached
-        assert getattr(mgr, "meta_bytes_fetched") == 0     # chunk map from disk
+        assert mgr.meta_bytes_fetched == 0     # chunk map from disk
         d2.fill(blob, 0, 3 * 65536)
         assert mgr.stats.snapshot()["bytes_fetched"] == 0
     finally:

@@ -16,11 +16,17 @@ import textwrap
 import threading
 import time
 
-import pytest
-
 import helpers
-from test_daemon_support import (REPO, DaemonProc, file_sha, pack, regular_files,
-                                 require_lazy_kernel, write_tree)
+import pytest
+from test_daemon_support import (
+    REPO,
+    DaemonProc,
+    file_sha,
+    pack,
+    regular_files,
+    require_lazy_kernel,
+    write_tree,
+)
 
 pytestmark = pytest.mark.root
 

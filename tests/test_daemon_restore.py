@@ -4,11 +4,9 @@ the fanotify front end and its fd holder, real EROFS mounts on the host kernel."
 import json
 import os
 
-import pytest
-
 import helpers
-from test_daemon_support import (DaemonProc, file_sha, pack, require_lazy_kernel,
-                                 write_tree)
+import pytest
+from test_daemon_support import DaemonProc, file_sha, pack, require_lazy_kernel, write_tree
 
 pytestmark = pytest.mark.root
 

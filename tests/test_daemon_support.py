@@ -10,10 +10,10 @@ import subprocess
 import sys
 import time
 
+import helpers
+
 from erofs_tools.reader import blob as rblob
 from fscache_daemon.api import ApiClient, socket_answers
-
-import helpers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -10,7 +10,6 @@ import sys
 import tarfile
 
 import pytest
-
 from bomb_helpers import run_bounded
 
 from erofs_tools._native import BuildOptions, NativeBuilder
@@ -164,9 +163,9 @@ def test_inspect_json_of_a_deep_tree_is_whole(tmp_path):
 def test_unpack_failure_removes_a_deep_partial_tree(tmp_path):
     """An error deep down (the byte budget) leaves no partial temporary tree, however
     deep, and prints one line."""
+    from erofs_tools.errors import InputError
     from erofs_tools.reader.image import Image
     from erofs_tools.reader.unpack import unpack_to_dir
-    from erofs_tools.errors import InputError
     img = _deep_image(str(tmp_path / "deep.img"), 3000)
     with Image(img) as im:
         with pytest.raises(InputError) as ei:

@@ -20,14 +20,13 @@ import json
 import os
 import random
 import shutil
-import time
 
 import pytest
-
-from erofs_tools.registry import NYDUS_BLOB, OCI_CONFIG, BlobSource, push_image
 from faults import FaultProxy, env_int, timed_read
 from registry_fixtures import start_registry
 from test_daemon_support import DaemonProc, pack, require_lazy_kernel
+
+from erofs_tools.registry import NYDUS_BLOB, OCI_CONFIG, BlobSource, push_image
 
 pytestmark = [pytest.mark.root, pytest.mark.registry]
 
@@ -259,7 +258,6 @@ def test_expired_token_mid_run(env):
 def test_localfs_blob_truncated_then_restored(env, tmp_path):
     """localfs: a blob file cut short under the daemon (reads of the missing tail get
     EIO at once), corrupted (EIO, verify failure), then restored (right bytes)."""
-    d = env.d
     img = env.images["b"]
     blobs = str(tmp_path / "blobs")
     shutil.copytree(img["blobs"], blobs)

@@ -8,12 +8,12 @@ import os
 import random
 import shutil
 
-import pytest
-
 import helpers
+import pytest
 from faults import fill_fs, loop_fs, timed_read
-from fscache_daemon.storage import blobcache as bc
 from test_daemon_support import DaemonProc, pack, require_lazy_kernel
+
+from fscache_daemon.storage import blobcache as bc
 
 pytestmark = pytest.mark.root
 

@@ -24,13 +24,13 @@ import time
 import traceback
 
 import pytest
-
-from erofs_tools.errors import ErofsToolsError
 from faults import FaultProxy, env_int
-from fscache_daemon.api import ApiClient, ApiServer
-from fscache_daemon.daemon import Daemon
 from test_daemon_support import DaemonProc, pack, write_tree
 from test_storage_support import NYDUS_BLOB, NYDUS_BLOB_ID, NYDUS_BOOT
+
+from erofs_tools.errors import ErofsToolsError
+from fscache_daemon.api import ApiClient, ApiServer
+from fscache_daemon.daemon import Daemon
 
 FUZZ_CASES = env_int("FAULTS_FUZZ_CASES", 800)
 API_CASES = env_int("FAULTS_API_CASES", 300)
@@ -124,7 +124,7 @@ def _raw(sock_path, data: bytes, timeout=10.0) -> bytes:
             if not b:
                 break
             out += b
-    except (socket.timeout, ConnectionResetError, BrokenPipeError):
+    except (TimeoutError, ConnectionResetError, BrokenPipeError):
         pass
     finally:
         s.close()
@@ -280,9 +280,10 @@ def test_tls_verification_on_by_default(tmp_path):
     """A registry name that is not loopback is spoken to over HTTPS with certificate
     verification: a self-signed certificate is refused, by the client and by the daemon's
     registry backend, before any blob byte is read."""
-    from erofs_tools.registry import RegistryClient
-    from erofs_tools.errors import RegistryError
     from registry_fixtures import make_tls_cert, start_registry
+
+    from erofs_tools.errors import RegistryError
+    from erofs_tools.registry import RegistryClient
     reg = start_registry(str(tmp_path / "reg"))
     cert = make_tls_cert(str(tmp_path))
     try:
@@ -461,6 +462,7 @@ def _expected_cache_bytes(blob_path, blob_id, entry, digests):
 @pytest.mark.parametrize("seed_name", ["packed-toc", "nydus-entry"])
 def test_fuzz_blob_meta_through_daemon_path(seed_name, tmp_path):
     import multiprocessing
+
     from fscache_daemon.storage.image import load_image
     if seed_name == "packed-toc":
         src = write_tree(str(tmp_path / "src"), seed=6, nfiles=12, big=(300_000,), text=True)

@@ -18,9 +18,9 @@ import sys
 import time
 
 import pytest
+from faults import env_int
 
 from erofs_tools.reader import blob as rblob
-from faults import env_int
 
 INTERRUPTS = env_int("FAULTS_PACK_INTERRUPTS", 6)
 HEX64 = re.compile(r"^[0-9a-f]{64}$")

@@ -22,15 +22,15 @@ import random
 import threading
 import time
 
-import pytest
-
 import helpers
-from erofs_tools.reader import blob as rblob
-from erofs_tools.registry import NYDUS_BLOB, OCI_CONFIG, BlobSource, push_image
+import pytest
 from faults import FaultProxy, env_int
-from fscache_daemon.storage import blobcache as bc
 from registry_fixtures import start_registry
 from test_daemon_support import DaemonProc, file_sha, pack, regular_files, require_lazy_kernel
+
+from erofs_tools.reader import blob as rblob
+from erofs_tools.registry import NYDUS_BLOB, OCI_CONFIG, BlobSource, push_image
+from fscache_daemon.storage import blobcache as bc
 
 pytestmark = [pytest.mark.root, pytest.mark.registry]
 
@@ -88,7 +88,7 @@ def test_sigkill_during_fetch_and_write(tmp_path):
 
         def reader(part):
             for rel in part:
-                for attempt in range(3):
+                for _attempt in range(3):
                     try:
                         got = file_sha(os.path.join(mnt, rel))
                     except OSError as e:        # allowed (EIO), never expected here

@@ -10,12 +10,12 @@ import os
 import random
 import threading
 
-from erofs_tools.errors import ErofsToolsError
 from faults import env_int
+from test_storage_support import CountingBackend, make_blob
+
+from erofs_tools.errors import ErofsToolsError
 from fscache_daemon.storage import BackendError
 from fscache_daemon.storage import blobcache as bc
-
-from test_storage_support import CountingBackend, make_blob
 
 ROUNDS = env_int("FAULTS_STORAGE_ROUNDS", 200)
 

@@ -10,11 +10,18 @@ import sys
 import threading
 import time
 
-import pytest
-
 import helpers
-from test_daemon_support import (DaemonProc, chunk_of_file, drop_caches, file_sha, pack,
-                                 regular_files, require_lazy_kernel, write_tree)
+import pytest
+from test_daemon_support import (
+    DaemonProc,
+    chunk_of_file,
+    drop_caches,
+    file_sha,
+    pack,
+    regular_files,
+    require_lazy_kernel,
+    write_tree,
+)
 from test_storage_support import NYDUS_BLOB, NYDUS_BLOB_ID, NYDUS_BOOT
 
 pytestmark = pytest.mark.root

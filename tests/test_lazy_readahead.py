@@ -7,7 +7,6 @@ import random
 import time
 
 import pytest
-
 from test_daemon_support import DaemonProc, drop_caches, pack, require_lazy_kernel
 
 pytestmark = pytest.mark.root

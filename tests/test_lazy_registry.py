@@ -3,12 +3,12 @@ through a real daemon with the fanotify front end."""
 
 import os
 
-import pytest
-
 import helpers
-from erofs_tools.registry import NYDUS_BLOB, OCI_CONFIG, BlobSource, push_image
+import pytest
 from registry_fixtures import registry, registry_token  # noqa: F401
 from test_daemon_support import DaemonProc, pack, require_lazy_kernel, write_tree
+
+from erofs_tools.registry import NYDUS_BLOB, OCI_CONFIG, BlobSource, push_image
 
 pytestmark = [pytest.mark.root, pytest.mark.registry]
 

@@ -15,13 +15,11 @@ import random
 import threading
 import time
 
+import helpers
 import psutil
 import pytest
-
-import helpers
 from faults import env_int, percentile
-from test_daemon_support import DaemonProc, drop_caches, pack, regular_files, \
-    require_lazy_kernel
+from test_daemon_support import DaemonProc, drop_caches, pack, regular_files, require_lazy_kernel
 
 pytestmark = pytest.mark.root
 
@@ -65,7 +63,7 @@ def test_many_readers_over_several_images(tmp_path):
     d = DaemonProc(str(tmp_path / "d"), threads=8, extra=["--readahead", "0"]).start()
     try:
         mnts = []
-        for k, (src, boot) in enumerate(images):
+        for k, (_src, boot) in enumerate(images):
             mnt = str(tmp_path / f"m{k}")
             d.mount(boot, mnt, f"localfs:{blobs}")
             mnts.append(mnt)

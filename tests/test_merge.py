@@ -5,10 +5,16 @@ import json
 import os
 
 import pytest
-
 from helpers import NYDUS_VECTORS, compare_trees
-from test_tar_helpers import (E, layer_paths, mounted_rafs, pack_tar,
-                              reference_rootfs, run_cli, sample_layers)
+from test_tar_helpers import (
+    E,
+    layer_paths,
+    mounted_rafs,
+    pack_tar,
+    reference_rootfs,
+    run_cli,
+    sample_layers,
+)
 
 from erofs_tools.builder.chunk_dict import BootstrapTables
 from erofs_tools.reader.image import Image

@@ -7,11 +7,17 @@ against GNU tar extracting the layers in order with whiteouts applied."""
 import os
 
 import pytest
-
 from helpers import compare_trees
 from registry_fixtures import registry  # noqa: F401
-from test_tar_helpers import (E, MTIME, layer_paths, mounted_rafs, pack_tar,
-                              reference_rootfs, run_cli)
+from test_tar_helpers import (
+    MTIME,
+    E,
+    layer_paths,
+    mounted_rafs,
+    pack_tar,
+    reference_rootfs,
+    run_cli,
+)
 
 from erofs_tools.builder.whiteout import IMPLIED_XATTR
 from erofs_tools.reader.image import Image

@@ -9,9 +9,16 @@ import subprocess
 import sys
 
 import pytest
-
-from helpers import (assert_same_tree, fsck, is_root, mkfs_and_check, mounted, require,
-                     require_root_kernel, run_mkfs)
+from helpers import (
+    assert_same_tree,
+    fsck,
+    is_root,
+    mkfs_and_check,
+    mounted,
+    require,
+    require_root_kernel,
+    run_mkfs,
+)
 
 pytestmark = pytest.mark.root
 

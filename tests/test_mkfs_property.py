@@ -15,12 +15,12 @@ import struct
 import tempfile
 
 import pytest
+from helpers import assert_same_tree, fsck, is_root, mounted, require, require_root_kernel
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from erofs_tools.builder.mkfs import mkfs
 from erofs_tools.builder.options import MkfsOptions
-from helpers import assert_same_tree, fsck, is_root, mounted, require, require_root_kernel
 
 pytestmark = pytest.mark.root
 

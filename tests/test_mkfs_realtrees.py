@@ -4,7 +4,6 @@ import os
 import sysconfig
 
 import pytest
-
 from helpers import assert_same_tree, fsck, mounted, require, run_mkfs
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]

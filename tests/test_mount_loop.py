@@ -1,9 +1,10 @@
 """Mounting on loop devices, the path kernels before 6.12 (no file-backed EROFS) take."""
 import os
 
+from helpers import assert_same_tree, require_root_kernel
+
 from erofs_tools.builder.rafs import pack
 from erofs_tools.mount import mount_erofs, prepare_caches, umount
-from helpers import assert_same_tree, require_root_kernel
 
 
 def _loop_backing_files():

@@ -3,9 +3,8 @@ import hashlib
 import os
 
 import pytest
-
-from helpers import NYDUS_VECTORS, fsck, require_root_kernel
 from click.testing import CliRunner
+from helpers import NYDUS_VECTORS, fsck, require_root_kernel
 
 from erofs_tools.cli.mount import mount_cmd, umount_cmd
 from erofs_tools.errors import CorruptImageError, InputError, MountError

@@ -7,11 +7,11 @@ import struct
 import subprocess
 
 import pytest
+from helpers import fsck, mounted, require_tool
 
 from erofs_tools import _native
 from erofs_tools._native import BuildOptions, NativeBuilder, NativeError
 from erofs_tools.errors import FormatLimitError, InputError
-from helpers import fsck, mounted, require, require_tool
 
 DIR = stat.S_IFDIR | 0o755
 REG = stat.S_IFREG | 0o644

@@ -14,12 +14,12 @@ import subprocess
 import sys
 
 import pytest
+from helpers import NYDUS_VECTORS, assert_same_tree, fsck, is_root, require
+from test_pack_validate import validate_rafs_bootstrap
 
 from erofs_tools.builder.chunk_dict import BootstrapTables
 from erofs_tools.builder.rafs import PackOptions, pack
 from erofs_tools.format import rafs as R
-from helpers import NYDUS_VECTORS, assert_same_tree, fsck, is_root, require
-from test_pack_validate import validate_rafs_bootstrap
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MIB = 1 << 20

@@ -7,14 +7,14 @@ import subprocess
 import tempfile
 
 import pytest
+from helpers import fsck
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_pack import compare_trees, need_root
+from test_pack_validate import validate_rafs_bootstrap
 
 from erofs_tools.builder.rafs import PackOptions, pack
 from erofs_tools.mount import mount_rafs, umount
-from helpers import fsck
-from test_pack import compare_trees, need_root
-from test_pack_validate import validate_rafs_bootstrap
 
 NAMES = st.text(alphabet="abc.-_XYZ\u00e9 ", min_size=1, max_size=12).filter(
     lambda s: s not in (".", ".."))
@@ -83,7 +83,7 @@ def build(root, entries):
                 os.chmod(p, mode)
             os.lchown(p, uid, uid // 2)
             if xa and kind in ("file", "dir"):
-                os.setxattr(p, "user.k%d" % seed, b"v" * (size % 200))
+                os.setxattr(p, f"user.k{seed}", b"v" * (size % 200))
             made.append((p, mt, mtn))
     # mtimes last, deepest first, so later writes do not move directory mtimes
     for p, mt, mtn in sorted(made, key=lambda x: -len(x[0].parts)):

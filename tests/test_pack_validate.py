@@ -8,7 +8,6 @@ import re
 import stat
 
 import pytest
-
 from helpers import NYDUS_VECTORS
 
 from erofs_tools.format import erofs as E
@@ -88,7 +87,7 @@ def validate_rafs_bootstrap(path_or_bytes, blob_sizes=None):
                "prefetch table")
         tables.append((po, po + ps))
     tables.sort()
-    for (a0, a1), (b0, b1) in zip(tables, tables[1:]):
+    for (_a0, a1), (b0, _b1) in zip(tables, tables[1:]):
         _check(a1 <= b0, "tables overlap")
     meta = sb.meta_blkaddr * 4096
     for a0, a1 in tables:

@@ -1,18 +1,24 @@
 """Blob meta reader on the Nydus test vectors and on hostile variants of them."""
 import hashlib
-import os
-import pathlib
 
 import blake3
 import pytest
 import zstandard
+from helpers import NYDUS_VECTORS as NYDUS
 
 from erofs_tools.errors import CorruptImageError, DigestMismatchError, ErofsToolsError
 from erofs_tools.format import rafs
-from erofs_tools.reader.blob import (BlobChunk, BlobMeta, compute_blob_id, decode_chunk,
-                                     open_blob, read_chunk, read_toc, read_toc_section)
+from erofs_tools.reader.blob import (
+    BlobChunk,
+    BlobMeta,
+    compute_blob_id,
+    decode_chunk,
+    open_blob,
+    read_chunk,
+    read_toc,
+    read_toc_section,
+)
 
-from helpers import NYDUS_VECTORS as NYDUS
 BLOB_ID = "be7d77eeb719f70884758d1aa800ed0fb09d701aaec469964e9d54325f0d5fef"
 BLOB = NYDUS / "blobs" / BLOB_ID
 BOOT = NYDUS / "rafs-v6-2.2.boot"

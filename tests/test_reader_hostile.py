@@ -2,12 +2,10 @@
 check and unpack must answer with a one-line ErofsToolsError, never hang, and never write
 outside the target directory."""
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
-
 from helpers import require_tool
 
 from erofs_tools.errors import CorruptImageError, ErofsToolsError
@@ -53,7 +51,7 @@ def base(tmp_path_factory):
 
 def dirent_offset(img, dir_path, name):
     dino = img.lookup(dir_path)
-    for fo, length, dev, phys in img.map_data(dino):
+    for _fo, length, dev, phys in img.map_data(dino):
         assert dev == 0
         for b in range(0, length, img.blksz):
             base = phys + b

@@ -1,25 +1,22 @@
 """The reader, check, unpack and stat on the Nydus test vector, against the kernel."""
 import io
 import os
-import pathlib
 import shutil
 import subprocess
 import sys
 import tarfile
 
 import pytest
-
+from helpers import NYDUS_VECTORS as NYDUS
 from helpers import compare_trees, fsck, mounted, require_root_kernel
 
 from erofs_tools.errors import ErofsToolsError
-from erofs_tools.reader.blob import open_blob, read_chunk, file_reader
+from erofs_tools.reader.blob import file_reader, open_blob, read_chunk
 from erofs_tools.reader.data import BlobSource
 from erofs_tools.reader.fsck import check_image
 from erofs_tools.reader.image import Image, open_image
 from erofs_tools.reader.stats import image_stats, multi_stats
-from erofs_tools.reader.unpack import unpack_to_dir, unpack_to_tar
 
-from helpers import NYDUS_VECTORS as NYDUS
 BLOB_ID = "be7d77eeb719f70884758d1aa800ed0fb09d701aaec469964e9d54325f0d5fef"
 BOOT = NYDUS / "rafs-v6-2.2.boot"
 BLOB_DIR = NYDUS / "blobs"

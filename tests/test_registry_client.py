@@ -9,9 +9,18 @@ import pytest
 from registry_fixtures import registry, sha256  # noqa: F401  (fixture)
 
 from erofs_tools.errors import DigestMismatchError, InputError, RegistryError
-from erofs_tools.registry import (BlobSource, Descriptor, OciLayout, build_index,
-                                  build_manifest, pull_image, pull_to_layout,
-                                  push_from_layout, push_image, resolve_manifest)
+from erofs_tools.registry import (
+    BlobSource,
+    Descriptor,
+    OciLayout,
+    build_index,
+    build_manifest,
+    pull_image,
+    pull_to_layout,
+    push_from_layout,
+    push_image,
+    resolve_manifest,
+)
 from erofs_tools.registry import mediatypes as mt
 from erofs_tools.registry.manifest import Manifest
 

@@ -10,10 +10,10 @@
 import os
 
 import pytest
+from registry_fixtures import StorageServer, sha256, start_registry
 
 from erofs_tools.errors import ErofsToolsError
 from erofs_tools.registry import Credentials
-from registry_fixtures import StorageServer, sha256, start_registry
 
 pytestmark = pytest.mark.registry
 

@@ -1,10 +1,10 @@
 """`erofs-tools stat` and the CLI error contract of the read commands."""
 import json
-import pathlib
 import subprocess
 import sys
 
 from helpers import NYDUS_VECTORS as NYDUS
+
 BOOT = NYDUS / "rafs-v6-2.2.boot"
 TOC_BLOB = NYDUS / "toc" / "2fa78cad554b75ac91a4a125ed148d0ddeb25efa4aaa8bd80e5dc292690a4dca"
 

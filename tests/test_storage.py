@@ -4,15 +4,20 @@ import os
 import threading
 
 import pytest
+from test_storage_support import (
+    NYDUS_BLOB,
+    NYDUS_BLOB_ID,
+    CountingBackend,
+    copy_backend_dir,
+    corrupt,
+    make_blob,
+)
 
 from erofs_tools.reader import blob as rblob
 from fscache_daemon.storage import BackendError, StorageError
 from fscache_daemon.storage import blobcache as bc
 from fscache_daemon.storage.backends import LocalFsBackend, open_backend, parse_backend_spec
 from fscache_daemon.storage.planner import Batch, clamp_range, plan
-
-from test_storage_support import (NYDUS_BLOB, NYDUS_BLOB_ID, CountingBackend, copy_backend_dir,
-                                  corrupt, make_blob)
 
 
 def open_manager(cache_dir, backend, blob_id, **kw):

@@ -4,14 +4,14 @@ import hashlib
 import os
 
 import pytest
+from registry_fixtures import registry, registry_token  # noqa: F401
+from test_storage_support import NYDUS_BLOB as NYDUS_BLOB_PATH
+from test_storage_support import NYDUS_BLOB_ID, make_blob
 
 from erofs_tools.registry import NYDUS_BLOB, OCI_CONFIG, BlobSource, push_image
 from fscache_daemon.storage import BackendError
 from fscache_daemon.storage import blobcache as bc
 from fscache_daemon.storage.backends import RegistryBackend, open_backend
-
-from registry_fixtures import registry, registry_token  # noqa: F401
-from test_storage_support import NYDUS_BLOB as NYDUS_BLOB_PATH, NYDUS_BLOB_ID, make_blob
 
 pytestmark = pytest.mark.registry
 

@@ -9,11 +9,11 @@ import time
 
 import blake3
 import zstandard
+from helpers import NYDUS_VECTORS
 
 from erofs_tools.builder.blob import BlobWriter
 from fscache_daemon.storage.backends import LocalFsBackend
 
-from helpers import NYDUS_VECTORS
 NYDUS = str(NYDUS_VECTORS)
 NYDUS_BLOB_ID = "be7d77eeb719f70884758d1aa800ed0fb09d701aaec469964e9d54325f0d5fef"
 NYDUS_BLOB = os.path.join(NYDUS, "blobs", NYDUS_BLOB_ID)

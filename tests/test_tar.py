@@ -8,10 +8,8 @@ import subprocess
 import tarfile
 
 import pytest
-
 from helpers import NYDUS_VECTORS, compare_trees, is_root, require
-from test_tar_helpers import (E, fix_root, make_tar, mounted_rafs, pack_tar, run_cli,
-                              tar_x)
+from test_tar_helpers import E, fix_root, make_tar, mounted_rafs, pack_tar, run_cli, tar_x
 
 from erofs_tools.reader.image import Image
 

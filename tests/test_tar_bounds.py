@@ -9,12 +9,12 @@ import tarfile
 import tempfile
 
 import pytest
+from test_pack_validate import validate_rafs_bootstrap
 
 from erofs_tools.builder import tar_reader as T
-from erofs_tools.builder.tar_tree import MAX_SYMLINK
 from erofs_tools.builder.tar_source import pack_tar
+from erofs_tools.builder.tar_tree import MAX_SYMLINK
 from erofs_tools.errors import ErofsToolsError
-from test_pack_validate import validate_rafs_bootstrap
 
 BLOCK = 512
 

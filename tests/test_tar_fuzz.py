@@ -6,7 +6,6 @@ import random
 import tarfile
 
 import pytest
-
 from test_pack_validate import validate_rafs_bootstrap
 from test_tar_helpers import E, make_tar
 
@@ -48,7 +47,7 @@ def test_mutated_streams_fail_cleanly(tmp_path, seed):
     blobs = tmp_path / "blobs"
     blobs.mkdir()
     ok = bad = 0
-    for i in range(120):
+    for _i in range(120):
         data = _mutate(rng, rng.choice(seeds))
         boot = tmp_path / "o.boot"
         try:
@@ -114,7 +113,7 @@ def test_mutated_header_fields_fail_cleanly(tmp_path, seed):
     seeds = _seed_tars()[:2]
     blobs = tmp_path / "blobs"
     blobs.mkdir()
-    for i in range(200):
+    for _i in range(200):
         data = _mutate_fields(rng, rng.choice(seeds))
         boot = tmp_path / "o.boot"
         try:

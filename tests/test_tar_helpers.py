@@ -210,7 +210,8 @@ def make_oci_layout(path, layer_tars, gz=True, tag="v1", index=False):
     import gzip as _gzip
     import hashlib
     import json
-    from erofs_tools.registry import OciLayout, build_index, build_manifest, Descriptor
+
+    from erofs_tools.registry import Descriptor, OciLayout, build_index, build_manifest
     from erofs_tools.registry import mediatypes as mt
     lay = OciLayout(path, create=True)
     descs, diff_ids = [], []

@@ -2,16 +2,14 @@
 tree equals the source with full metadata, and check passes."""
 import os
 import shutil
-import stat
 import subprocess
 import sys
 import tempfile
 
 import pytest
+from helpers import compare_trees, is_root, require
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from helpers import compare_trees, is_root, require
 
 from erofs_tools.reader.fsck import check_image
 from erofs_tools.reader.image import open_image

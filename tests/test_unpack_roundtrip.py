@@ -2,7 +2,6 @@
 with the source and with what the kernel shows for the image."""
 import io
 import os
-import shutil
 import socket
 import stat
 import subprocess
@@ -10,9 +9,15 @@ import sys
 import tarfile
 
 import pytest
-
-from helpers import (compare_trees, fsck, is_root, mounted, require, require_root_kernel,
-                     require_tool, scan_tree)
+from helpers import (
+    compare_trees,
+    is_root,
+    mounted,
+    require,
+    require_root_kernel,
+    require_tool,
+    scan_tree,
+)
 
 from erofs_tools.reader.fsck import check_image
 from erofs_tools.reader.image import open_image

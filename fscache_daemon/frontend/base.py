@@ -26,7 +26,9 @@ class ImageView(Protocol):
 class DaemonView(Protocol):
     blobs: dict[str, Any]   # cache key -> storage.blobcache.BlobManager (mgr.key)
     images: dict[str, Any]  # canonical mount point -> ImageView
-    pool: Executor
+
+    @property               # read-only here: the daemon's may be any Executor subclass
+    def pool(self) -> Executor: ...
 
     def fill(self, key: str, offset: int, length: int) -> None: ...
 

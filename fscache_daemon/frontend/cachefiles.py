@@ -35,17 +35,28 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
 
 from fscache_daemon import mounts
-from fscache_daemon.errors import (CachefilesUnsupportedError, FrontendError,
-                                   MountBusyError, MountError)
+from fscache_daemon.errors import (
+    CachefilesUnsupportedError,
+    FrontendError,
+    MountBusyError,
+    MountError,
+)
 
 from . import cachefiles_holder
-from .cachefiles_proto import (DEVICE_PATH, CachefilesDevice, CloseMsg, OpenMsg,
-                               ProtocolError, ReadMsg, complete_read)
+from .cachefiles_proto import (
+    DEVICE_PATH,
+    CachefilesDevice,
+    CloseMsg,
+    OpenMsg,
+    ProtocolError,
+    ReadMsg,
+    complete_read,
+)
 
 log = logging.getLogger(__name__)
 
@@ -293,11 +304,11 @@ class CachefilesFrontend:
             # only a takeover has old mounts whose objects the kernel re-opens at once
             self._grace_until = time.monotonic() + self.startup_grace
             self.dev = CachefilesDevice(fd, self.device_path)
-            self._restore()
+            self._restore(self.dev)
         else:
             self.dev = self._bind()
             if self.holder_sock:
-                self._spawn_holder()
+                self._spawn_holder(self.dev, self.holder_sock)
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="cachefiles-worker")
         self._poller = threading.Thread(target=self._poll_loop, name="cachefiles-poller",
                                         daemon=True)
@@ -340,9 +351,9 @@ class CachefilesFrontend:
         log.info("cachefiles bound in on-demand mode, cache dir %s", self.cache_dir)
         return dev
 
-    def _restore(self) -> None:
+    def _restore(self, dev: CachefilesDevice) -> None:
         try:
-            self.dev.restore()
+            dev.restore()
         except OSError as e:
             # Kernels before 6.8 (without the backport) do not know `restore`: the cache
             # is alive (the holder kept it) and new mounts work, but objects of mounts from
@@ -353,13 +364,13 @@ class CachefilesFrontend:
         self.stats.restored = True
         log.info("took over the held /dev/cachefiles fd and restored pending requests")
 
-    def _spawn_holder(self) -> None:
-        os.makedirs(os.path.dirname(os.path.abspath(self.holder_sock)), exist_ok=True)
-        fd = self.dev.fd
+    def _spawn_holder(self, dev: CachefilesDevice, sock: str) -> None:
+        os.makedirs(os.path.dirname(os.path.abspath(sock)), exist_ok=True)
+        fd = dev.fd
         try:
-            self._holder = subprocess.Popen(
+            holder = self._holder = subprocess.Popen(
                 [sys.executable, "-m", "fscache_daemon.frontend.cachefiles_holder",
-                 self.holder_sock, str(fd)],
+                 sock, str(fd)],
                 pass_fds=[fd], start_new_session=True, stdin=subprocess.DEVNULL)
         except OSError as e:
             log.warning("cannot start the cachefiles fd holder (%s): a daemon crash will "
@@ -367,13 +378,12 @@ class CachefilesFrontend:
             return
         for _ in range(200):
             try:
-                if cachefiles_holder._request(self.holder_sock, b"ping") == b"P":
-                    log.info("cachefiles fd holder pid %d on %s", self._holder.pid,
-                             self.holder_sock)
+                if cachefiles_holder._request(sock, b"ping") == b"P":
+                    log.info("cachefiles fd holder pid %d on %s", holder.pid, sock)
                     return
             except OSError:
                 pass
-            if self._holder.poll() is not None:
+            if holder.poll() is not None:
                 break
             time.sleep(0.025)
         log.warning("cachefiles fd holder did not come up; a daemon crash will kill the cache")
@@ -406,9 +416,13 @@ class CachefilesFrontend:
                 pass
         log.info("cachefiles front end stopped%s", " and released" if release else "")
 
+    def _device(self) -> CachefilesDevice:
+        assert self.dev is not None     # requests come only after start() bound it
+        return self.dev
+
     # -- the poller --
     def _poll_loop(self) -> None:
-        dev = self.dev
+        dev = self._device()
         while not self._stop.is_set():
             try:
                 if not dev.wait(0.5):
@@ -431,10 +445,12 @@ class CachefilesFrontend:
                 log.exception("cachefiles poller: unexpected error")
 
     def _dispatch(self, msg) -> None:
+        pool = self._pool
+        assert pool is not None     # start() makes it before it starts the poller
         if isinstance(msg, OpenMsg):
-            self._pool.submit(self._guard, self._handle_open, msg)
+            pool.submit(self._guard, self._handle_open, msg)
         elif isinstance(msg, ReadMsg):
-            self._pool.submit(self._guard, self._handle_read, msg)
+            pool.submit(self._guard, self._handle_read, msg)
         elif isinstance(msg, CloseMsg):
             self._handle_close(msg)
 
@@ -447,6 +463,7 @@ class CachefilesFrontend:
     # -- requests --
     def _handle_open(self, msg: OpenMsg) -> None:
         volume, cookie = msg.volume_name, msg.cookie_key
+        err = errno.ENOENT      # the OPEN's error if no source is found
         try:
             source = self.resolver(volume, cookie)
             # Right after start (a restart with `restore`), the kernel re-opens objects of
@@ -456,7 +473,6 @@ class CachefilesFrontend:
                     and not self._stop.is_set():
                 time.sleep(0.05)
                 source = self.resolver(volume, cookie)
-            err = None if source is not None else errno.ENOENT
         except Exception as e:
             log.error("cachefiles OPEN %s/%s: resolver failed: %s", volume, cookie, e)
             source, err = None, errno.EIO
@@ -481,7 +497,7 @@ class CachefilesFrontend:
             obj.users += 1
         try:
             try:
-                self.dev.copen(msg.msg_id, source.size)
+                self._device().copen(msg.msg_id, source.size)
             except OSError as e:
                 log.error("cachefiles copen %d for %s/%s failed: %s", msg.msg_id, volume,
                           cookie, e.strerror)
@@ -504,7 +520,7 @@ class CachefilesFrontend:
 
     def _copen(self, msg, value):
         try:
-            self.dev.copen(msg.msg_id, value)
+            self._device().copen(msg.msg_id, value)
         except OSError as e:
             log.error("cachefiles copen %d,%d failed: %s", msg.msg_id, value, e.strerror)
 

@@ -4,9 +4,13 @@ through /dev/cachefiles on demand (frontend/cachefiles.py)."""
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 from fscache_daemon.errors import MountError, check_unix_socket_path
 from fscache_daemon.frontend.base import DaemonView, Frontend, ImageView
+
+if TYPE_CHECKING:   # imported by start(): only a daemon using this front end loads it
+    from fscache_daemon.frontend.cachefiles import CachefilesFrontend
 
 
 class CachefilesAdapter(Frontend):
@@ -20,15 +24,16 @@ class CachefilesAdapter(Frontend):
         self.threads = threads
         self.holder_sock = check_unix_socket_path(
             holder_sock or os.path.join(cache_dir, "cachefiles-holder.sock"), "fd holder socket")
-        self.fe = None
+        self.fe: CachefilesFrontend | None = None
 
     def start(self, daemon: DaemonView) -> None:
         from fscache_daemon.frontend import cachefiles as cf
         self._cf = cf
         self._daemon = daemon
-        self.fe = cf.CachefilesFrontend(self._resolve, os.path.join(self.cache_dir, "fscache"),
-                                        threads=self.threads, holder_sock=self.holder_sock)
-        self.fe.start()
+        fe = self.fe = cf.CachefilesFrontend(
+            self._resolve, os.path.join(self.cache_dir, "fscache"), threads=self.threads,
+            holder_sock=self.holder_sock)
+        fe.start()
 
     def _resolve(self, volume: str, cookie: str):
         d = self._daemon

@@ -174,7 +174,7 @@ class CachefilesDevice:
         self.path = path
 
     @classmethod
-    def open(cls, path: str = DEVICE_PATH) -> "CachefilesDevice":
+    def open(cls, path: str = DEVICE_PATH) -> CachefilesDevice:
         # Opening fails with ENOENT (no CONFIG_CACHEFILES), EBUSY (cachefilesd or another
         # daemon holds it) or EPERM (needs CAP_SYS_ADMIN); callers turn these into errors.
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)

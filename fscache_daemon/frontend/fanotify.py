@@ -24,23 +24,32 @@ import logging
 import os
 import select
 import threading
+from collections.abc import Callable, Hashable
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Callable, Hashable
+from typing import Any
 
 from fscache_daemon.errors import FrontendError
 from fscache_daemon.frontend import fanotify_abi as abi
+
 # shared with the fd holder; re-exported here, where callers have always found them
-from fscache_daemon.frontend.fanotify_marks import (FILLED_BLOCK, FilledMap, FilledView,
-                                                    MarkTable, PendingEvent)
+from fscache_daemon.frontend.fanotify_marks import (
+    FILLED_BLOCK,
+    FilledMap,
+    FilledView,
+    MarkTable,
+    PendingEvent,
+)
 
 __all__ = ["PreContentWatcher", "LocalGroup", "FilledMap", "FilledView", "MarkTable",
            "PendingEvent", "FILLED_BLOCK"]
 
 log = logging.getLogger(__name__)
 
-FillFn = Callable[[Hashable, int, int], None]
-FastPathFn = Callable[[Hashable, int, int], bool]
+# called with the key a file was marked with (any Hashable: the daemon's are str cache
+# keys, and a Callable taking str is not one taking every Hashable, hence Any)
+FillFn = Callable[[Any, int, int], None]
+FastPathFn = Callable[[Any, int, int], bool]
 
 
 class LocalGroup:
@@ -137,7 +146,7 @@ class PreContentWatcher:
 
     @classmethod
     def from_holder(cls, sock_path: str | os.PathLike, fill: FillFn,
-                    **kwargs) -> "PreContentWatcher":
+                    **kwargs) -> PreContentWatcher:
         """A watcher whose group lives in the fd holder at sock_path (crash-safe)."""
         from fscache_daemon.frontend.fdholder import HolderChannel
         return cls(fill, channel=HolderChannel(os.fspath(sock_path)), **kwargs)
@@ -205,7 +214,7 @@ class PreContentWatcher:
 
     # -- event loop --------------------------------------------------------------------
 
-    def start(self) -> "PreContentWatcher":
+    def start(self) -> PreContentWatcher:
         self._thread = threading.Thread(target=self.run, name="fanotify-loop", daemon=True)
         self._thread.start()
         return self

@@ -10,10 +10,16 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from fscache_daemon import mounts
 from fscache_daemon.errors import FrontendError, MountError, check_unix_socket_path
 from fscache_daemon.frontend.base import DaemonView, Frontend, ImageView, sys_mount, sys_umount
+
+if TYPE_CHECKING:   # imported when started: only a daemon using this front end loads it
+    from fscache_daemon.frontend.fanotify import PreContentWatcher
+    from fscache_daemon.frontend.fanotify_marks import FilledMap
 
 log = logging.getLogger(__name__)
 
@@ -113,14 +119,14 @@ class FanotifyFrontend(Frontend):
         self.filled_map = filled_map
         self.holder_sock = check_unix_socket_path(
             holder_sock or os.path.join(cache_dir, "fdholder.sock"), "fd holder socket")
-        self.watcher = None
+        self.watcher: PreContentWatcher | None = None
         self._marked: set[str] = set()
         # Keyed by cache key (mgr.key: the blob id, or a variant `<id>@<table digest>`
         # with a cache file of its own), never by blob id alone: two images naming one
         # blob id with different chunk tables have two cache files, each with its own
         # mark and filled bitmap.
         # cache key -> (FilledMap shared with the fd holder, its store listener)
-        self._filled: dict[str, tuple] = {}
+        self._filled: dict[str, tuple[FilledMap, Callable]] = {}
         # cache key -> indexes of readahead markers whose filled bits are kept back
         self._withheld: dict[str, set[int]] = {}
         self._lock = threading.Lock()
@@ -135,7 +141,7 @@ class FanotifyFrontend(Frontend):
             spawn_holder(self.holder_sock, os.path.join(self.cache_dir, "fdholder.log"))
         self.watcher = self._new_watcher()
 
-    def _new_watcher(self):
+    def _new_watcher(self) -> PreContentWatcher:
         from fscache_daemon.frontend.fanotify import PreContentWatcher
         d = self._daemon
         if self.holder:
@@ -147,11 +153,17 @@ class FanotifyFrontend(Frontend):
         """Start the event loop: after every known blob was prepared (marks are the keys
         the loop maps events with; a restarted daemon gets the holder's pending events
         as soon as it subscribes). A supervisor re-subscribes if the holder drops us."""
-        self.watcher.start()
+        self._watcher().start()
         if self.holder:
             t = threading.Thread(target=self._supervise, name="fanotify-supervisor",
                                  daemon=True)
             t.start()
+
+    def _watcher(self) -> PreContentWatcher:
+        # None after stop(): a blob completing in a fill that outlived stop() lands here
+        if self.watcher is None:
+            raise FrontendError("fanotify front end is stopped")
+        return self.watcher
 
     def _supervise(self) -> None:
         while not self._stopping:
@@ -189,7 +201,7 @@ class FanotifyFrontend(Frontend):
         except (FrontendError, OSError):
             pass
 
-    def _new_filled(self, mgr):
+    def _new_filled(self, mgr) -> tuple[FilledMap, Callable]:
         """The blob's FilledMap for the fd holder: listener first, then the chunks
         already cached, so a chunk stored meanwhile is set by one or the other."""
         from fscache_daemon.frontend.fanotify import FilledMap
@@ -237,7 +249,7 @@ class FanotifyFrontend(Frontend):
                 self._filled[mgr.key] = item = self._new_filled(mgr)
                 fm = item[0]
             try:
-                wfd = self.watcher.mark(mgr.cache.path, mgr.key, filled=fm)
+                wfd = self._watcher().mark(mgr.cache.path, mgr.key, filled=fm)
             except BaseException:
                 self._drop_filled(mgr)
                 raise
@@ -266,13 +278,14 @@ class FanotifyFrontend(Frontend):
         with self._lock:
             if mgr.key not in self._marked:
                 return False
+            watcher = self._watcher()   # stopped: nothing to unmark through
             self._marked.discard(mgr.key)
             mgr.cache.use_write_fd(None)
             # Remove the kernel mark through the channel but keep the watcher's mapping
             # of this cache file: events queued before the mark went away still arrive
             # and must map to the blob (then the fast path allows them); watcher.unmark()
             # would forget the inode and deny them with EIO.
-            self.watcher.channel.unmark(mgr.cache.path)
+            watcher.channel.unmark(mgr.cache.path)
             self._drop_filled(mgr)
         return True
 
@@ -332,7 +345,7 @@ class FanotifyFrontend(Frontend):
         if self.holder and not self._daemon.all_images():
             # nothing mounted: let the holder go too (it exits only without marks)
             try:
-                ch = self.watcher._channel
+                ch = self.watcher.channel
                 if not ch.status().get("marks"):
                     holder_pid = ch.holder_pid
             except (FrontendError, OSError, AttributeError):

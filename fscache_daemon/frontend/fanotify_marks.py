@@ -82,7 +82,7 @@ class FilledMap:
         self._lock = threading.Lock()  # bytes are read-modify-written
 
     @classmethod
-    def for_file(cls, fd: int) -> "FilledMap":
+    def for_file(cls, fd: int) -> FilledMap:
         """A map (all blocks unfilled) for the file open at `fd`: its size and inode."""
         st = os.fstat(fd)
         return cls(st.st_size, (st.st_dev, st.st_ino))

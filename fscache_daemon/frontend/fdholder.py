@@ -49,7 +49,7 @@ Run: python -m fscache_daemon.frontend.fdholder --sock PATH
 from __future__ import annotations
 
 import argparse
-import collections
+import collections.abc
 import json
 import logging
 import os
@@ -76,7 +76,7 @@ SEND_TIMEOUT = 5.0
 SUBSCRIBE_TIMEOUT = 3.0
 
 
-def _send(sock: socket.socket, obj: dict, fds: list[int] = ()) -> None:
+def _send(sock: socket.socket, obj: dict, fds: collections.abc.Sequence[int] = ()) -> None:
     data = json.dumps(obj, separators=(",", ":")).encode()
     if fds:
         socket.send_fds(sock, [data], list(fds))
@@ -133,7 +133,7 @@ class FdHolder:
         self._stop = False
         # fd -> handler; the poller is kept in step by _watch/_unwatch (rebuilding it per
         # event costs more than the event itself)
-        self._handlers: dict[int, object] = {}
+        self._handlers: dict[int, collections.abc.Callable[[int], None]] = {}
         self._poller = select.poll()
         self._unsent: collections.deque[int] = collections.deque()  # ids for the daemon
         self._stuck_since: float | None = None  # when the daemon's socket filled up
@@ -327,7 +327,7 @@ class FdHolder:
         sending us answers that we only read when our loop runs.
         """
         while self._unsent and self.subscriber is not None:
-            batch = []
+            batch: list[int] = []
             while self._unsent and len(batch) < EVENTS_PER_MSG:
                 eid = self._unsent[0]
                 if eid in self.pending:  # skip events answered meanwhile
@@ -402,9 +402,10 @@ class FdHolder:
             if op != "answer":
                 log.warning("fd holder: unexpected message from daemon: %r", op)
                 continue
-            item = self.pending.pop(msg.get("id"), None)
+            eid = msg.get("id")     # from JSON: a list would make pop() raise TypeError
+            item = self.pending.pop(eid, None) if isinstance(eid, int) else None
             if item is None:
-                log.warning("fd holder: %s for unknown event %r", op, msg.get("id"))
+                log.warning("fd holder: %s for unknown event %r", op, eid)
                 continue
             fd, _ = item
             try:
@@ -490,8 +491,7 @@ class FdHolder:
         conn.setblocking(False)
         self.subscriber = conn
         self._watch(conn.fileno(), self._on_subscriber)
-        log.info("fd holder: daemon subscribed; re-sending %d pending events",
-                 len(self.pending))
+        log.info("fd holder: daemon subscribed; re-sending %d pending events", len(self.pending))
         self._unsent.extend(sorted(self.pending))
         self._flush()
 
@@ -567,7 +567,8 @@ class HolderChannel:
                               f"{exc.strerror or exc}") from exc
         return s
 
-    def _call(self, req: dict, maxfds: int = 0, fds: list[int] = ()) -> tuple[dict, list[int]]:
+    def _call(self, req: dict, maxfds: int = 0,
+              fds: collections.abc.Sequence[int] = ()) -> tuple[dict, list[int]]:
         with self._lock:
             try:
                 _send(self._ctl, req, fds)
@@ -605,7 +606,7 @@ class HolderChannel:
         return self._events.fileno()
 
     def receive(self) -> list[PendingEvent]:
-        msg, fds = _recv(self._events, EVENTS_PER_MSG)
+        msg, fds = _recv(self._events, EVENTS_PER_MSG) if self._events is not None else (None, [])
         if msg is None:
             raise HolderError(f"{self.sock_path}: fd holder closed the event connection")
         evs = msg.get("events", [])
@@ -633,7 +634,7 @@ class HolderChannel:
         """Mark path through the holder; with `filled` (a FilledMap of that file) the
         holder allows events on filled ranges itself while this channel is open."""
         path = os.path.abspath(path)
-        req = {"op": "mark", "path": path}
+        req: dict[str, object] = {"op": "mark", "path": path}
         if filled is not None:
             req["filled"] = {"inode": list(filled.inode) if filled.inode else None}
             _, fds = self._call(req, maxfds=1, fds=[filled.fd])
@@ -651,7 +652,7 @@ class HolderChannel:
 
     def unmark(self, path: str, inode: tuple[int, int] | None = None) -> None:
         """Unmark `inode` (as marked under path), or whatever is marked at path."""
-        req = {"op": "unmark", "path": os.path.abspath(path)}
+        req: dict[str, object] = {"op": "unmark", "path": os.path.abspath(path)}
         if inode is not None:
             req["inode"] = list(inode)
         reply, _ = self._call(req)

@@ -388,7 +388,7 @@ class BlobCache:
 class _Flight:
     __slots__ = ("event", "error")
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.event = threading.Event()
         self.error: BaseException | None = None
 
@@ -411,6 +411,7 @@ class BlobManager:
         self.batch_size = batch_size
         self.on_complete = on_complete
         self.stats = BlobStats()
+        self.meta_bytes_fetched = 0     # what opening it fetched of the chunk map (daemon)
         self._lock = threading.Lock()
         self._inflight: dict[int, _Flight] = {}
         self._completed_reported = cache.complete()

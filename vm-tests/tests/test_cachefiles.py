@@ -457,7 +457,7 @@ def test_corrupted_chunk_eio_only_for_that_file(daemon, scratch):
 
 def read_all_tolerant(root: Path) -> dict:
     out = {}
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, _dirnames, filenames in os.walk(root):
         for name in filenames:
             p = Path(dirpath, name)
             if p.is_symlink():

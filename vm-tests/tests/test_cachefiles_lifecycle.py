@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from test_cachefiles import IN_GUEST, DaemonProc, make_tree, pack, scratch  # noqa: F401
 
 pytestmark = pytest.mark.skipif(not IN_GUEST, reason="runs only inside the vm-tests guest")

@@ -19,6 +19,7 @@ pytestmark = pytest.mark.skipif(not IN_GUEST, reason="runs only inside the vm-te
 if IN_GUEST:
     sys.path.insert(0, os.path.join(REPO, "tests"))
     from helpers import assert_same_tree  # noqa: E402
+
     from erofs_tools.builder.rafs import PackOptions, pack  # noqa: E402
     from erofs_tools.mount import mount_erofs, mount_rafs, umount  # noqa: E402
 
