@@ -16,9 +16,8 @@ import socket
 import struct
 import threading
 
-import pytest
-
 import helpers
+import pytest
 from test_daemon_support import DaemonProc, file_sha, pack, require_lazy_kernel, write_tree
 
 pytestmark = pytest.mark.root
