@@ -39,6 +39,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from erofs_tools.fsutil import round_up
 from fscache_daemon import mounts
 from fscache_daemon.errors import (
     CachefilesUnsupportedError,
@@ -63,10 +64,6 @@ log = logging.getLogger(__name__)
 PAGE = 4096
 WRITE_BUF = 1 << 20          # per-worker page-aligned bounce buffer (mmap)
 ENOBUFS_RETRY_S = 3.0        # writes right after copen may fail with ENOBUFS for a moment
-
-
-def round_up(n: int, a: int = PAGE) -> int:
-    return (n + a - 1) // a * a
 
 
 # --- what the daemon core supplies ---------------------------------------------------
@@ -186,12 +183,12 @@ class _Writer:
         while pos < total:
             n = min(total - pos, self.size)
             self.view[:n] = src[pos:pos + n]
-            padded = round_up(n)
+            padded = round_up(n, PAGE)
             if padded > n:
                 self.view[n:padded] = bytes(padded - n)
             _pwrite_all(fd, self.view[:padded], off + pos)
             pos += n
-        return round_up(total)
+        return round_up(total, PAGE)
 
 
 def _pwrite_all(fd: int, view: memoryview, off: int) -> None:
