@@ -10,7 +10,7 @@ the whole cache of a blob or nothing of it (then it fetches again). When the blo
 use alone exceed the limit the cache stays over it: status and metrics say so.
 
 An evictor thread checks once a second and at once when a blob is released. Lives in
-its own module as a mixin of `Daemon` (daemon.py).
+its own module as a base of `MountLifecycle` (lifecycle.py), itself a mixin of `Daemon`.
 """
 
 from __future__ import annotations
