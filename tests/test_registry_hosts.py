@@ -183,3 +183,39 @@ def test_backend_without_pull_host_refused(tmp_path):
     from fscache_daemon.storage import BackendError
     with pytest.raises(BackendError, match="no host with the pull capability"):
         RegistryBackend("reg.example/app:v1", hosts_dir=str(tmp_path))
+
+
+def test_daemon_refuses_mount_on_bad_hosts_file(tmp_path):
+    """A malformed hosts.toml fails the mount with one line naming the file; nothing
+    stays registered or copied."""
+    from test_daemon_support import pack, write_tree
+
+    from fscache_daemon.daemon import Daemon
+    from fscache_daemon.errors import DaemonError
+    src = write_tree(str(tmp_path / "src"), seed=3, nfiles=2, big=(64 << 10,), text=False)
+    pack(src, str(tmp_path / "boot"), str(tmp_path / "blobs"))
+    write_hosts(str(tmp_path / "hosts"), "reg.example", '[host."http://m:1"]\nskip_verify = 1\n')
+    d = Daemon(str(tmp_path / "cache"), frontend="none", threads=2,
+               hosts_dir=str(tmp_path / "hosts"))
+    d.start()
+    try:
+        with pytest.raises(DaemonError) as e:
+            d.mount(str(tmp_path / "boot"), str(tmp_path / "m"), "registry:reg.example/app:v1")
+        msg = str(e.value)
+        assert "hosts.toml" in msg and "skip_verify must be true or false" in msg
+        assert "\n" not in msg
+        assert d.images == {} and d.backends == {}
+        assert os.listdir(d.boot_dir) == []
+    finally:
+        d.shutdown()
+
+
+def test_run_refuses_missing_hosts_dir(tmp_path):
+    import subprocess
+    import sys
+    p = subprocess.run([sys.executable, "-m", "fscache_daemon.cli", "run", "--frontend", "none",
+                        "--hosts-dir", str(tmp_path / "nope"), "--cache-dir",
+                        str(tmp_path / "cache")], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1 and "no such directory" in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+    assert not os.path.exists(tmp_path / "cache")
