@@ -179,3 +179,47 @@ def test_lazy_mounts_evict_past_the_limit(registry, tmp_path):  # noqa: F811
               f"(limit {limit})")
     finally:
         daemon.cleanup()
+
+
+def test_eviction_races_mounts(tmp_path):
+    """An evictor looping with a limit of 0 while images are mounted, filled and
+    unmounted again and again: a mounted blob's files are always in place and complete
+    once filled (the pin covers the window between reading the cache directory and the
+    blob being open); unused ones go."""
+    import threading
+    imgs = [_image(tmp_path, n, 70 + i, 256 << 10) for i, n in enumerate("pq")]
+    d = Daemon(str(tmp_path / "cache"), frontend="none", threads=2, readahead=0)
+    d.start()
+    d.cache_size = 0
+    stop = threading.Event()
+    rounds = [0]
+
+    def evictor():
+        while not stop.is_set():
+            d.evict_once()
+            rounds[0] += 1
+    t = threading.Thread(target=evictor, daemon=True)
+    t.start()
+    try:
+        deadline = time.monotonic() + 4
+        n = 0
+        while time.monotonic() < deadline:
+            _src, boot, blobs, bid = imgs[n % 2]
+            mp = str(tmp_path / f"m{n}")
+            d.mount(boot, mp, f"localfs:{blobs}")
+            mgr = d.blobs[bid]
+            mgr.fill(0, mgr.size)
+            assert mgr.cache.cached_chunks == mgr.cache.total_chunks
+            for suffix in (".blob", ".chunks", ".map"):
+                assert os.path.exists(os.path.join(d.blob_dir, bid + suffix)), (n, suffix)
+            d.umount(mp)
+            n += 1
+        stop.set()
+        t.join(10)
+        assert n >= 4 and rounds[0] > n
+        d.evict_once()
+        assert cachedir.scan(d.blob_dir) == {}
+        assert d.evicted_blobs >= 2
+    finally:
+        stop.set()
+        d.shutdown()
