@@ -219,3 +219,40 @@ def test_run_refuses_missing_hosts_dir(tmp_path):
     assert p.returncode == 1 and "no such directory" in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1
     assert not os.path.exists(tmp_path / "cache")
+
+
+@pytest.mark.registry
+def test_mirror_redirect_to_storage_gets_no_credentials(registry_basic, tmp_path,  # noqa: F811
+                                                        monkeypatch):
+    """A mirror that redirects blob reads to object storage on another host: the mirror
+    gets its credentials, the storage host none, the upstream no blob request."""
+    store = StorageServer(str(tmp_path / "mirror" / "storage"))
+    os.makedirs(tmp_path / "mirror" / "storage")
+    mirror = start_registry(str(tmp_path / "mirror"), "basic", redirect_to=store.url)
+    up = FlakyProxy(registry_basic.host)
+    try:
+        payload = os.urandom(200_000)
+        blob = _push(registry_basic, "lazy/app", payload)
+        _push(mirror, "lazy/app", payload)
+        cfg = tmp_path / "docker"
+        cfg.mkdir()
+        (cfg / "config.json").write_text(json.dumps({"auths": {
+            up.host: {"username": registry_basic.username, "password": registry_basic.password},
+            mirror.host: {"username": mirror.username, "password": mirror.password}}}))
+        monkeypatch.setenv("DOCKER_CONFIG", str(cfg))
+        hosts = str(tmp_path / "hosts")
+        write_hosts(hosts, up.host, f'[host."http://{mirror.host}"]\n'
+                    'capabilities = ["pull", "resolve"]\n')
+        be = RegistryBackend(f"{up.host}/lazy/app:v1", hosts_dir=hosts, backoff=0.01)
+        try:
+            assert be.read(blob, 0, 4096) == payload[:4096]
+            assert be.read(blob, 150_000, 50_000) == payload[150_000:]
+        finally:
+            be.close()
+        gets = [r for r in store.requests if r[0] == "GET"]
+        assert gets and all(r[2] is None for r in store.requests), store.requests
+        assert up.requests == [], up.requests      # manifest and blobs from the mirror
+    finally:
+        up.stop()
+        mirror.stop()
+        store.stop()
