@@ -256,3 +256,40 @@ def test_mirror_redirect_to_storage_gets_no_credentials(registry_basic, tmp_path
         up.stop()
         mirror.stop()
         store.stop()
+
+
+@pytest.mark.registry
+def test_tls_ca_and_skip_verify_from_hosts_file(tmp_path):
+    """A registry serving HTTPS with its own CA: trusted through `ca` (relative to the
+    host's directory), or not checked with `skip_verify`; refused without either."""
+    import shutil
+
+    from fscache_daemon.storage import BackendError
+    os.makedirs(tmp_path / "reg")
+    server = start_registry(str(tmp_path / "reg"), tls=True)
+    try:
+        payload = os.urandom(100_000)
+        blob = _push(server, "tls/app", payload)
+        hosts = str(tmp_path / "hosts")
+        name = server.host.replace(":", "_") + "_"
+        write_hosts(hosts, name, f'server = "https://{server.host}"\nca = "ca.pem"\n')
+        shutil.copy(server.ca_cert, os.path.join(hosts, name, "ca.pem"))
+        for text in (None, f'server = "https://{server.host}"\nskip_verify = true\n'):
+            if text:
+                write_hosts(hosts, name, text)
+            be = RegistryBackend(f"{server.host}/tls/app:v1", hosts_dir=hosts,
+                                 docker_config=False)
+            try:
+                assert be.read(blob, 10, 1000) == payload[10:1010]
+            finally:
+                be.close()
+        write_hosts(hosts, name, f'server = "https://{server.host}"\n')
+        be = RegistryBackend(f"{server.host}/tls/app:v1", hosts_dir=hosts,
+                             docker_config=False, retries=0)
+        try:
+            with pytest.raises(BackendError, match="certificate"):
+                be.read(blob, 10, 1000)
+        finally:
+            be.close()
+    finally:
+        server.stop()
