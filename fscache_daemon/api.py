@@ -1,7 +1,8 @@
 """The management API: JSON over HTTP/1.1 on a unix socket (mode 0600, root or the
 daemon's own uid only, checked with SO_PEERCRED on every connection).
 
-    GET    /api/v1/daemon                 version, pid, front end, cache dir, uptime
+    GET    /api/v1/daemon                 version, pid, front end, cache dir, cache size
+                                          limit, hosts dir, uptime
     GET    /api/v1/mounts                 [mount]
     POST   /api/v1/mounts                 {"bootstrap","mountpoint","backend",
                                            "prefetch"?: bool, "domain"?: str,
@@ -9,7 +10,8 @@ daemon's own uid only, checked with SO_PEERCRED on every connection).
                                           -> 201 mount
     DELETE /api/v1/mounts?mountpoint=P[&lazy=1]   -> 200
     POST   /api/v1/umount                 {"mountpoint", "lazy"?}  (same as DELETE)
-    GET    /api/v1/metrics                per-blob counters, latency p50/p99, process
+    GET    /api/v1/metrics                per-blob counters, latency p50/p99, process,
+                                          cache (bytes, limit, in use, evicted)
     GET    /metrics                       the same in Prometheus text format 0.0.4
     POST   /api/v1/shutdown               stop the daemon (mounts stay)
 
@@ -229,7 +231,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self._json(200, {"version": __version__, "pid": os.getpid(),
                          "frontend": d.frontend.name, "cache_dir": d.cache_dir,
                          "threads": d.pool.threads, "mounts": len(d.images),
-                         "detached": len(d.detached),
+                         "detached": len(d.detached), "cache_size": d.cache_size,
+                         "hosts_dir": d.hosts_dir,
                          "uptime_s": round(time.time() - d.started_at, 3)})
 
     def get_mounts(self, _q):

@@ -26,6 +26,8 @@ from fscache_daemon.errors import DaemonError
 
 DEFAULT_CACHE_DIR = "/var/lib/fscache-daemon"
 DEFAULT_API_SOCK = "/run/fscache-daemon/api.sock"
+# containerd's: one place to say which mirror serves which registry for both
+DEFAULT_HOSTS_DIR = "/etc/containerd/certs.d"
 FRONTENDS = ["auto", "fanotify", "cachefiles", "none"]
 
 log = logging.getLogger("fscache_daemon")
@@ -55,6 +57,15 @@ def _size(text: str) -> int:
     if v < 0:
         raise click.BadParameter(f"negative size {text!r}")
     return v
+
+
+def _hosts_dir(path: str) -> str | None:
+    """The hosts directory to use: none for '', none (quietly) for a missing default."""
+    if not path or (path == DEFAULT_HOSTS_DIR and not os.path.isdir(path)):
+        return None
+    if not os.path.isdir(path):
+        raise click.BadParameter(f"{path}: no such directory", param_hint="--hosts-dir")
+    return os.path.abspath(path)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -89,10 +100,18 @@ def cli():
               help="Snapshot metadata and directories (default CACHE_DIR/snapshotter).")
 @click.option("--insecure-registry", multiple=True, metavar="HOST",
               help="Snapshotter: fetch this registry's blobs over plain HTTP (repeatable).")
+@click.option("--hosts-dir", default=DEFAULT_HOSTS_DIR, show_default=True,
+              type=click.Path(file_okay=False),
+              help="containerd's hosts directory (DIR/<host>/hosts.toml): mirrors, plain "
+                   "HTTP and TLS settings per registry for registry backends ('' : none).")
+@click.option("--cache-size", default=None, metavar="SIZE",
+              help="Limit of the blob cache on disk (k/M/G suffixes): blobs no mounted "
+                   "image uses are evicted, least recently used first (default: no limit).")
 @click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
 def run(cache_dir, api_sock, frontend, threads, batch_size, prefetch_rate, readahead,
-        fetch_deadline, snapshotter_socket, snapshotter_root, insecure_registry, log_level):
+        fetch_deadline, snapshotter_socket, snapshotter_root, insecure_registry, hosts_dir,
+        cache_size, log_level):
     """Run the daemon in the foreground (logs to stderr).
 
     SIGTERM/SIGINT stop it cleanly: the API closes, chunk state is flushed, and mounts
@@ -107,7 +126,8 @@ def run(cache_dir, api_sock, frontend, threads, batch_size, prefetch_rate, reada
                         format="%(asctime)s %(levelname)s %(threadName)s %(name)s: %(message)s")
     d = Daemon(cache_dir, frontend=frontend, threads=threads, batch_size=_size(batch_size),
                prefetch_rate=_size(prefetch_rate), readahead=_size(readahead),
-               fetch_deadline=fetch_deadline)
+               fetch_deadline=fetch_deadline, hosts_dir=_hosts_dir(hosts_dir),
+               cache_size=None if cache_size is None else _size(cache_size))
     api = ApiServer(d, api_sock)
     stop = threading.Event()
 
@@ -283,6 +303,8 @@ def status(as_json, api_sock):
         # where the bytes come from matters when a mirror or proxy misbehaves: say it here,
         # not only in --json
         via = "".join(f"  {k} {opts[k]}" for k in ("mirror", "proxy") if opts.get(k))
+        if len(m.get("endpoints") or []) > 1:     # hosts.toml: mirrors, then the registry
+            via += "  from " + ", ".join(m["endpoints"])
         click.echo(f"{m['mountpoint']}  {m['source_bootstrap']}  backend {m['backend']}{via}")
         for b in m["blobs"]:
             s = metrics["blobs"].get(b.get("key", b["blob_id"]), {})
@@ -296,6 +318,13 @@ def status(as_json, api_sock):
                        f"  p99 {s.get('latency_p99_ms', 0)} ms")
     if not mounts:
         click.echo("no mounts")
+    cache = metrics.get("cache") or {}
+    if cache:
+        limit = "no limit" if cache["limit"] is None else f"limit {_human(cache['limit'])}"
+        over = "  OVER THE LIMIT (in use)" if cache["over_limit"] else ""
+        click.echo(f"cache {_human(cache['bytes'])} ({limit}), in use "
+                   f"{_human(cache['in_use_bytes'])}, evicted {cache['evicted_blobs']} "
+                   f"blob(s) {_human(cache['evicted_bytes'])}{over}")
     if info.get("detached"):
         click.echo(f"{info['detached']} unmounted image(s) still used by the kernel (another "
                    f"mount namespace, an overlay or open files): blobs served until released")

@@ -95,9 +95,12 @@ class Daemon(MountLifecycle):
     def __init__(self, cache_dir: str = DEFAULT_CACHE_DIR, *, frontend: str | Frontend = "auto",
                  threads: int = 8, batch_size: int = DEFAULT_BATCH_SIZE,
                  prefetch_rate: int = DEFAULT_PREFETCH_RATE, durable: bool = True,
-                 readahead: int = DEFAULT_READAHEAD, fetch_deadline: float | None = None):
+                 readahead: int = DEFAULT_READAHEAD, fetch_deadline: float | None = None,
+                 hosts_dir: str | None = None, cache_size: int | None = None):
         self.cache_dir = os.path.realpath(cache_dir)   # mount sources are recorded by it
         self.fetch_deadline = fetch_deadline  # registry retrying per fetch (None: default)
+        # containerd's hosts directory: mirrors, plain HTTP, TLS per registry host
+        self.hosts_dir = hosts_dir
         self.blob_dir = os.path.join(self.cache_dir, "blobs")
         self.boot_dir = os.path.join(self.cache_dir, "bootstraps")
         for d in (self.cache_dir, self.blob_dir, self.boot_dir):
@@ -132,6 +135,7 @@ class Daemon(MountLifecycle):
         self.sampler = ProcessSampler()
         self.meta_bytes_fetched = 0
         self.prefetch_bytes = 0
+        self._init_eviction(cache_size)     # bytes (None: no limit)
 
     # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> None:
@@ -140,8 +144,11 @@ class Daemon(MountLifecycle):
         run_loop = getattr(self.frontend, "run_loop", None)
         if run_loop:
             run_loop()
-        for name, target in (("prefetcher", self._prefetcher), ("syncer", self._syncer),
-                             ("reaper", self._reaper)):
+        loops = [("prefetcher", self._prefetcher), ("syncer", self._syncer),
+                 ("reaper", self._reaper)]
+        if self.cache_size is not None:
+            loops.append(("evictor", self._evictor))
+        for name, target in loops:
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
             self._threads.append(t)
@@ -157,6 +164,7 @@ class Daemon(MountLifecycle):
         log.info("daemon shutting down (%d mounts, %d detached stay)", len(self.images),
                  len(self.detached))
         self._stop.set()
+        self._evict_now.set()
         self._prefetch_q.put(None)
         self.frontend.stop()
         self.pool.shutdown(wait=True)
@@ -184,9 +192,21 @@ class Daemon(MountLifecycle):
                       options.get(k) is not None}
                 if self.fetch_deadline is not None:
                     kw["deadline"] = self.fetch_deadline
+                if not options.get("mirror"):
+                    kw["hosts_dir"] = self.hosts_dir
                 be = open_backend(spec, **kw)
                 self.backends[key] = be
             return be
+
+    def _drop_unused_backends(self) -> None:
+        """Close the backends no open blob reads through, so that the next mount of
+        their image reads the credentials and hosts.toml as they are then."""
+        with self._lock:
+            used = {id(m.backend) for m in self.blobs.values()}
+            unused = [k for k, be in self.backends.items() if id(be) not in used]
+            dropped = [self.backends.pop(k) for k in unused]
+        for be in dropped:
+            be.close()
 
     def _open_blob(self, ref, backend, key: str | None = None) -> bc.BlobManager:
         """The manager serving blob `ref` for one bootstrap. With `key` (recorded in
@@ -384,6 +404,9 @@ class Daemon(MountLifecycle):
                           "total_chunks": mgr.cache.total_chunks,
                           "complete": mgr.complete()})
         d["blobs"] = blobs
+        # where the bytes come from (hosts.toml mirrors first), from the blobs' backend
+        mgr = next((self.blobs.get(k) for k in img.blob_keys if k in self.blobs), None)
+        d["endpoints"] = list(getattr(mgr.backend, "endpoints", [])) if mgr else []
         return d
 
     def list(self) -> list[dict]:
@@ -413,4 +436,5 @@ class Daemon(MountLifecycle):
                 "mounts": len(self.images), "detached": len(self.detached),
                 "blobs": blobs, "totals": totals,
                 "meta_bytes_fetched": self.meta_bytes_fetched,
+                "cache": self.cache_status(),
                 "frontend_stats": self.frontend.stats(), "process": process}

@@ -34,6 +34,7 @@ from fscache_daemon.errors import (
     MountBusyError,
     NotFoundError,
 )
+from fscache_daemon.eviction import CacheEviction
 from fscache_daemon.images import DETACHED, MOUNTED, MOUNTING, Image
 from fscache_daemon.state import copy_bootstrap, load_state, save_state
 from fscache_daemon.storage.backends import parse_backend_spec
@@ -51,7 +52,7 @@ log = logging.getLogger(__name__)
 REAP_INTERVAL = 0.2
 
 
-class MountLifecycle:
+class MountLifecycle(CacheEviction):
     # What this mixin uses of the Daemon, declared for the type checker (no values:
     # daemon.py sets the attributes in __init__ and defines the methods)
     cache_dir: str
@@ -72,6 +73,7 @@ class MountLifecycle:
         def _backend(self, spec: str, options: dict) -> Backend: ...
         def _open_blob(self, ref, backend, key: str | None = None) -> BlobManager: ...
         def _queue_prefetch(self, img: Image) -> None: ...
+        def _drop_unused_backends(self) -> None: ...
 
     # -- state file ---------------------------------------------------------------------
     @property
@@ -208,6 +210,7 @@ class MountLifecycle:
                 img.state = MOUNTED
             except BaseException:
                 self._drop_unused_bootstrap(boot_copy)
+                self._drop_unused_backends()
                 raise
             self._save_state()
         log.info("mounted %s on %s (%d blobs, backend %s, mount id %s, superblock %s)",
@@ -245,6 +248,28 @@ class MountLifecycle:
                                       len(blob_keys) != len(info.blobs) or
                                       not all(isinstance(k, str) for k in blob_keys)):
             raise DaemonError(f"{mountpoint}: recorded cache keys do not match its bootstrap")
+        # pinned: the cache size limit (eviction.py) leaves these blobs' files alone from
+        # before the cache directory is looked at until they are open (then in use)
+        with self.pinned(r.blob_id for r in info.blobs):
+            img, mgrs = self._open_blobs(info, boot_copy, mountpoint, backend_spec, prefetch,
+                                         domain, options, source_bootstrap, mounted_at,
+                                         state, mount_id, instances, blob_keys)
+        try:
+            for m in mgrs:
+                self.frontend.prepare_blob(m)
+        except BaseException:
+            self._unregister(img)
+            raise
+        if state != DETACHED:
+            self._queue_prefetch(img)
+        if self.readahead:
+            threading.Thread(target=self._learn_runs, args=(img, mgrs), daemon=True,
+                             name="file-runs").start()
+        return img
+
+    def _open_blobs(self, info, boot_copy, mountpoint, backend_spec, prefetch, domain,
+                    options, source_bootstrap, mounted_at, state, mount_id, instances,
+                    blob_keys) -> tuple[Image, list[BlobManager]]:
         be = self._backend(backend_spec, options)
         mgrs = []
         try:
@@ -264,18 +289,7 @@ class MountLifecycle:
                 self.images[mountpoint] = img
             for m in mgrs:
                 self.blob_users.setdefault(m.key, set()).add(img.user)
-        try:
-            for m in mgrs:
-                self.frontend.prepare_blob(m)
-        except BaseException:
-            self._unregister(img)
-            raise
-        if state != DETACHED:
-            self._queue_prefetch(img)
-        if self.readahead:
-            threading.Thread(target=self._learn_runs, args=(img, mgrs), daemon=True,
-                             name="file-runs").start()
-        return img
+        return img, mgrs
 
     def _close_unused(self, mgrs: list[BlobManager]) -> None:
         """Close the managers of a failed registration that no image uses."""
@@ -315,6 +329,7 @@ class MountLifecycle:
                 users.discard(img.user)
                 if not users:
                     del self.blob_users[b]
+                    self.blob_released(b)
                     mgr = self.blobs.pop(b, None)
                     ra = self._ra.pop(b, None)
                     if ra is not None:
@@ -328,6 +343,8 @@ class MountLifecycle:
                 log.warning("blob %s: release failed: %s", mgr.key[:12], e)
             mgr.sync()
             mgr.close()
+        if released:
+            self._drop_unused_backends()
 
     # -- umount -------------------------------------------------------------------------
     def umount(self, mountpoint: str, lazy: bool = False) -> dict:

@@ -103,6 +103,14 @@ def prometheus_text(m: dict) -> str:
              "counter", round(p["cpu_user_s"] + p["cpu_system_s"], 6)),
             ("fscache_daemon_process_open_fds", "Open file descriptors", "gauge",
              p["open_fds"]),
-            ("fscache_daemon_uptime_seconds", "Seconds since start", "gauge", m["uptime_s"])):
+            ("fscache_daemon_uptime_seconds", "Seconds since start", "gauge", m["uptime_s"]),
+            ("fscache_daemon_cache_bytes", "Bytes the blob cache occupies on disk", "gauge",
+             m["cache"]["bytes"]),
+            ("fscache_daemon_cache_in_use_bytes", "Cache bytes of blobs in use", "gauge",
+             m["cache"]["in_use_bytes"]),
+            ("fscache_daemon_cache_limit_bytes", "Cache size limit (-1: none)", "gauge",
+             -1 if m["cache"]["limit"] is None else m["cache"]["limit"]),
+            ("fscache_daemon_cache_evicted_bytes_total", "Bytes evicted for the limit",
+             "counter", m["cache"]["evicted_bytes"])):
         out += [f"# HELP {name} {help_}", f"# TYPE {name} {typ}", f"{name} {val}"]
     return "\n".join(out) + "\n"

@@ -317,12 +317,17 @@ def _field(number: int, payload: bytes) -> bytes:
     return _varint(number << 3 | 2) + _varint(len(payload)) + payload
 
 
-def cri_pull(containerd_sock: str, ref: str, timeout: float = 120) -> None:
-    """runtime.v1.ImageService/PullImage{image: ImageSpec{image: ref}}: two nested
-    length-delimited fields, encoded here rather than from the whole CRI API."""
+def cri_pull(containerd_sock: str, ref: str, timeout: float = 120,
+             auth: tuple[str, str] | None = None) -> None:
+    """runtime.v1.ImageService/PullImage{image: ImageSpec{image: ref}, auth?:
+    AuthConfig{username, password}} (what kubelet sends from an image pull secret):
+    nested length-delimited fields, encoded here rather than from the whole CRI API."""
     import grpc
+    request = _field(1, _field(1, ref.encode()))
+    if auth is not None:
+        request += _field(2, _field(1, auth[0].encode()) + _field(2, auth[1].encode()))
     with grpc.insecure_channel(f"unix:{containerd_sock}") as ch:
         call = ch.unary_unary("/runtime.v1.ImageService/PullImage",
                               request_serializer=lambda b: b,
                               response_deserializer=lambda b: b)
-        call(_field(1, _field(1, ref.encode())), timeout=timeout)
+        call(request, timeout=timeout)

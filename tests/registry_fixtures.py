@@ -617,7 +617,9 @@ class FlakyProxy:
         for k, v in resp.getheaders():
             if k.lower() not in _HOP_BY_HOP and k.lower() != "content-length":
                 h.send_header(k, v)
-        h.send_header("Content-Length", str(len(data)))
+        # a HEAD answer has no body: its Content-Length is the registry's, passed on
+        h.send_header("Content-Length", resp.getheader("Content-Length", "0")
+                      if h.command == "HEAD" else str(len(data)))
         h.end_headers()
         if h.command == "HEAD":
             return

@@ -163,7 +163,7 @@ class RegistryClient(RegistrySession):
     # --- manifests and indexes -------------------------------------------------------
 
     def manifest_url(self, repo: str, ref: str) -> str:
-        return self.url(f"/v2/{check_repository(repo)}/manifests/{check_ref(ref)}")
+        return self.pull_url(f"/v2/{check_repository(repo)}/manifests/{check_ref(ref)}")
 
     def get_manifest(self, repo: str, ref: str,
                      accept: tuple[str, ...] = mt.ALL_MANIFEST_TYPES) -> Manifest:

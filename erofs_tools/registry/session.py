@@ -58,6 +58,12 @@ class RegistrySession:
     lookup). ``proxy`` is an HTTP proxy URL used for blob reads (e.g. dfdaemon), with a
     direct fallback when the proxy fails; ``proxy_headers`` go to the proxy only (e.g.
     ``{"X-Dragonfly-Use-P2P": "true"}``).
+
+    An endpoint from a hosts directory (hosts.py) may also give: ``api_root`` (the
+    path the distribution API answers under, "/v2" normally), ``namespace`` (the
+    registry a mirror stands in for: blob and manifest requests carry ``?ns=``),
+    ``headers`` (sent with every request to this host, never to other origins),
+    ``extra_ca``, ``client_cert``, ``skip_verify`` (TLS).
     """
 
     def __init__(self, host: str, *, insecure: bool = False,
@@ -68,12 +74,20 @@ class RegistrySession:
                  deadline: float | None = None,
                  proxy: str | None = None, proxy_headers: dict | None = None,
                  pool_size: int = 8, ca_certs: str | None = None,
-                 chunk_size: int = DEFAULT_CHUNK_SIZE):
+                 chunk_size: int = DEFAULT_CHUNK_SIZE, api_root: str = "/v2",
+                 namespace: str | None = None, headers: tuple[tuple[str, str], ...] = (),
+                 extra_ca: tuple[str, ...] = (), client_cert: tuple[str, str] | None = None,
+                 skip_verify: bool = False):
         if not host or "/" in host:
             raise InputError(f"invalid registry host {host!r}")
+        if not api_root.startswith("/") or "?" in api_root or "#" in api_root:
+            raise InputError(f"invalid registry API path {api_root!r}")
         self.host = host
         self.insecure = insecure
         self.base = f"{'http' if insecure else 'https'}://{host}"
+        self.api_root = api_root.rstrip("/")
+        self._ns = "?" + urllib.parse.urlencode({"ns": namespace}) if namespace else ""
+        self.headers = {k: v for k, v in headers}
         self.chunk_size = chunk_size
         if credentials is None and docker_config is not False:
             # a path, or None for the default one (True would be open()ed as fd 1)
@@ -81,7 +95,8 @@ class RegistrySession:
                 host, docker_config if isinstance(docker_config, str) and docker_config else None)
         self.transport = Transport(timeout=timeout, connect_timeout=connect_timeout,
                                    pool_size=pool_size, ca_certs=ca_certs, proxy=proxy,
-                                   proxy_headers=proxy_headers,
+                                   proxy_headers=proxy_headers, extra_ca=extra_ca,
+                                   client_cert=client_cert, skip_verify=skip_verify,
                                    policy=RetryPolicy(retries, backoff, max_backoff, deadline))
         self.auth = Authenticator(host, credentials, self._fetch_token,
                                   allow_http_realm=insecure)
@@ -107,7 +122,14 @@ class RegistrySession:
     # --- request plumbing ---------------------------------------------------------
 
     def url(self, path: str) -> str:
+        """The URL of an API path ("/v2/..."), under this host's API root."""
+        if self.api_root != "/v2" and path.startswith("/v2"):
+            path = self.api_root + path[3:]
         return self.base + path
+
+    def pull_url(self, path: str) -> str:
+        """url() for a read a mirror answers (blobs, manifests): with ?ns=."""
+        return self.url(path) + self._ns
 
     def _fetch_token(self, method: str, url: str, headers: dict,
                      body: bytes | None) -> tuple[int, bytes]:
@@ -121,7 +143,7 @@ class RegistrySession:
         resend. Two rounds at most: the first 401 may just be discovery (we sent
         nothing), the second means the registry refused what it asked for (an expired
         token gets renewed once). ``url`` must be the registry's own (see send_to)."""
-        headers = dict(headers or {})
+        headers = {**self.headers, **(headers or {})}
         rewind = _rewind_point(body)
         sent = self.auth.authorization(scope)
         for round_ in range(3):
@@ -218,7 +240,7 @@ class RegistrySession:
     # --- blobs: requests (with redirects) and existence ---------------------------
 
     def blob_url(self, repo: str, digest: str) -> str:
-        return self.url(f"/v2/{check_repository(repo)}/blobs/{check_digest(digest)}")
+        return self.pull_url(f"/v2/{check_repository(repo)}/blobs/{check_digest(digest)}")
 
     def _blob_request(self, method: str, repo: str, digest: str,
                       headers: dict | None = None) -> urllib3.BaseHTTPResponse:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import email.utils
 import logging
 import random
+import ssl
 import time
 import urllib.parse
 from dataclasses import dataclass
@@ -94,12 +95,21 @@ class Transport:
     def __init__(self, *, timeout: float = 30.0, connect_timeout: float = 10.0,
                  pool_size: int = 8, ca_certs: str | None = None,
                  policy: RetryPolicy | None = None, proxy: str | None = None,
-                 proxy_headers: dict | None = None, user_agent: str = USER_AGENT):
+                 proxy_headers: dict | None = None, user_agent: str = USER_AGENT,
+                 extra_ca: tuple[str, ...] = (), client_cert: tuple[str, str] | None = None,
+                 skip_verify: bool = False):
         self.policy = policy or RetryPolicy()
         self.user_agent = user_agent
         common: dict[str, Any] = dict(timeout=urllib3.Timeout(connect=connect_timeout, read=timeout),
                       retries=False, maxsize=pool_size, block=False,
                       cert_reqs="CERT_REQUIRED", ca_certs=ca_certs)
+        if extra_ca or client_cert or skip_verify:
+            # a hosts.toml endpoint: its CA files on top of the system's, a client
+            # certificate, or no verification at all (skip_verify)
+            common.pop("ca_certs")
+            common["ssl_context"] = _tls_context(ca_certs, extra_ca, client_cert, skip_verify)
+            if skip_verify:
+                common.update(cert_reqs="CERT_NONE", assert_hostname=False)
         self._direct = urllib3.PoolManager(num_pools=8, **common)
         # Configured per client, never globally, and with a direct pool to fall back on.
         self._proxy = urllib3.ProxyManager(proxy, num_pools=8, **common) if proxy else None
@@ -178,6 +188,24 @@ class Transport:
             self.proxy_fallbacks += 1
             self._proxy_down_until = time.monotonic() + PROXY_PAUSE
         return self._direct.request(method, url, **kw)
+
+
+def _tls_context(ca_certs: str | None, extra_ca: tuple[str, ...],
+                 client_cert: tuple[str, str] | None, skip_verify: bool) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=ca_certs)
+    try:
+        for f in extra_ca:
+            ctx.load_verify_locations(cafile=f)
+        if client_cert:
+            ctx.load_cert_chain(client_cert[0], client_cert[1] or None)
+    except (OSError, ssl.SSLError) as e:
+        what = getattr(e, "filename", None) or (extra_ca + tuple(client_cert or ()))[0]
+        raise RegistryError(f"{what}: cannot load TLS file: "
+                            f"{one_line(getattr(e, 'strerror', None) or str(e))}") from None
+    if skip_verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
 
 
 def proxy_failed(resp: urllib3.BaseHTTPResponse) -> bool:

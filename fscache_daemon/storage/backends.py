@@ -33,6 +33,8 @@ def check_blob_id(blob_id: str) -> str:
 
 # Seconds one registry read may spend retrying (plus one last attempt's timeout).
 FETCH_RETRY_DEADLINE = 60.0
+# ... and on a mirror that is not the last endpoint to ask (then the next one is)
+MIRROR_DEADLINE = 5.0
 
 class Backend:
     """Interface every backend implements."""
@@ -151,58 +153,120 @@ class RegistryBackend(Backend):
     (`127.0.0.1:4001`); `proxy` (`http://HOST:PORT`) is a forward HTTP proxy such as
     dfdaemon's proxy port. Plain HTTP is used for loopback registries unless `insecure`
     says otherwise.
+
+    Without `mirror`, `hosts_dir` (containerd's layout, `erofs_tools.registry.hosts`)
+    may list mirrors for the registry: blob reads go to the endpoints with the `pull`
+    capability in order, the manifest to those with `resolve`, and the first that
+    answers wins (a mirror that fails or lacks the blob costs one quick attempt, then
+    the next is asked). Each endpoint has its own client, so its own host's credentials
+    (docker config): the registry's never reach a mirror.
     """
 
     kind = "registry"
 
     def __init__(self, reference: str, *, proxy: str | None = None,
                  mirror: str | None = None, insecure: bool | None = None,
-                 digest_map: dict | None = None, **client_kw):
+                 digest_map: dict | None = None, hosts_dir: str | None = None,
+                 **client_kw):
         from erofs_tools import registry as reg
+        from erofs_tools.registry.hosts import RegistryHost, registry_hosts
         self.reference = reference
         self.proxy = proxy
         self.mirror = mirror
+        self._clients: list[tuple[RegistryHost, reg.RegistryClient]] = []
         try:
             ref = reg.parse_reference(reference)
             if not isinstance(ref, reg.Reference):
                 raise BackendError(f"registry backend {reference!r}: not a registry reference")
-            host = mirror or ref.api_host
-            # one plain-HTTP rule with erofs-tools convert/push/pull: loopback only
-            insecure = default_insecure(host, insecure)
             self.repository = ref.repository
             # A reader waits on every retry: bound one fetch's retrying (the kernel may
             # retry a failed range once or twice more) so a dead registry means EIO.
             client_kw.setdefault("deadline", FETCH_RETRY_DEADLINE)
-            self._client = reg.RegistryClient(host, insecure=insecure, proxy=proxy,
-                                              **client_kw)
+            if mirror:
+                # one plain-HTTP rule with erofs-tools convert/push/pull: loopback only
+                scheme = "http" if default_insecure(mirror, insecure) else "https"
+                hosts = [RegistryHost(scheme, mirror)]
+            else:
+                default = None if insecure is None else ("http" if insecure else "https")
+                hosts = registry_hosts(hosts_dir, ref.api_host, default)
+            for i, h in enumerate(hosts):
+                self._clients.append((h, self._make_client(reg, ref.api_host, h, proxy,
+                                                           i < len(hosts) - 1, client_kw)))
         except BackendError:
+            self.close()
             raise
         except ErofsToolsError as e:
+            self.close()
             raise BackendError(f"registry backend {reference}: {e}") from None
-        self.host = host
+        self.host = hosts[-1].host
+        self._pull = [c for h, c in self._clients if h.can("pull")]
+        self._resolve = [c for h, c in self._clients if h.can("resolve")]
+        if not self._pull:
+            self.close()
+            raise BackendError(f"registry backend {reference}: no host with the pull "
+                               f"capability for {ref.api_host} in {hosts_dir}")
         self._ref = ref
         self._digests: dict[str, str] = dict(digest_map or {})
         self._sizes: dict[str, int] = {}
         self._layers: list | None = None
         self._map_lock = threading.Lock()
 
+    @staticmethod
+    def _make_client(reg, registry: str, h, proxy, mirror: bool, client_kw: dict):
+        kw = dict(client_kw)
+        if mirror:
+            # not the last resort: one quick attempt, then the next endpoint
+            kw["retries"] = min(kw.get("retries", 1), 1)
+            kw["deadline"] = min(kw["deadline"] or MIRROR_DEADLINE, MIRROR_DEADLINE)
+        return reg.RegistryClient(h.host, insecure=h.insecure, proxy=proxy,
+                                  api_root=h.path,
+                                  namespace=registry if h.is_mirror(registry) else None,
+                                  headers=h.header, extra_ca=h.ca,
+                                  client_cert=_one_pair(h.client), skip_verify=bool(h.skip_verify),
+                                  **kw)
+
     @property
     def spec(self) -> str:
         return f"registry:{self.reference}"
 
+    @property
+    def endpoints(self) -> list[str]:
+        """Where blobs are read from, in order (for status and logs)."""
+        return [c.base + c.api_root for c in self._pull]
+
     def register_blob(self, blob_id: str, size: int | None = None) -> None:
         if size:
             self._sizes[blob_id] = size
+
+    def _first(self, clients: list, what: str, op):
+        """op(client) on each endpoint in turn until one answers (None from op means
+        "not here": the next is asked); raises the first endpoint's error if none did."""
+        first: ErofsToolsError | None = None
+        for i, c in enumerate(clients):
+            try:
+                got = op(c)
+            except ErofsToolsError as e:
+                first = first or e
+                if i + 1 < len(clients):
+                    log.warning("registry %s: %s from %s failed (%s); trying %s",
+                                self.reference, what, c.host, e, clients[i + 1].host)
+                continue
+            if got is not None:
+                return got
+        if first is not None:
+            raise first
+        return None
 
     def _nydus_layers(self) -> list:
         """The image's Nydus blob layers (empty if the reference names no image)."""
         if self._layers is not None:
             return self._layers
         layers: list = []
-        if self._ref.tag or self._ref.digest:
+        if (self._ref.tag or self._ref.digest) and self._resolve:
             from erofs_tools import registry as reg
             try:
-                m = reg.resolve_manifest(self._client, self.repository, self._ref.ref)
+                m = self._first(self._resolve, "the manifest", lambda c: reg.resolve_manifest(
+                    c, self.repository, self._ref.ref))
                 layers = [d for d in m.layers() if d.media_type == reg.NYDUS_BLOB]
             except ErofsToolsError as e:
                 log.warning("registry %s: cannot read the image manifest (%s); "
@@ -235,8 +299,10 @@ class RegistryBackend(Backend):
 
     def blob_size(self, blob_id: str) -> int:
         check_blob_id(blob_id)
+        digest = self.digest_of(blob_id)
         try:
-            size = self._client.stat_blob(self.repository, self.digest_of(blob_id))
+            size = self._first(self._pull, f"blob {blob_id[:12]}",
+                               lambda c: c.stat_blob(self.repository, digest))
         except ErofsToolsError as e:
             raise BackendError(f"registry {self.reference} blob {blob_id[:12]}: {e}") from None
         if size is None:
@@ -245,18 +311,29 @@ class RegistryBackend(Backend):
 
     def read(self, blob_id: str, offset: int, length: int) -> bytes:
         check_blob_id(blob_id)
+        digest = self.digest_of(blob_id)
+
+        def one(c) -> bytes:
+            data = c.read_blob_range(self.repository, digest, offset, length)
+            if len(data) != length:
+                raise BackendError(f"range {offset}+{length} returned {len(data)} bytes "
+                                   f"from {c.host}")
+            return data
         try:
-            data = self._client.read_blob_range(self.repository, self.digest_of(blob_id),
-                                                offset, length)
+            return self._first(self._pull, f"blob {blob_id[:12]}", one)
         except ErofsToolsError as e:
             raise BackendError(f"registry {self.reference} blob {blob_id[:12]}: {e}") from None
-        if len(data) != length:
-            raise BackendError(f"registry {self.reference} blob {blob_id[:12]}: range "
-                               f"{offset}+{length} returned {len(data)} bytes")
-        return data
 
     def close(self) -> None:
-        self._client.close()
+        for _, c in self._clients:
+            c.close()
+
+
+def _one_pair(pairs: tuple) -> tuple[str, str] | None:
+    if len(pairs) > 1:
+        raise BackendError(f"hosts.toml: {len(pairs)} client certificates for one host; "
+                           "one is supported")
+    return pairs[0] if pairs else None
 
 
 def parse_backend_spec(spec: str) -> tuple[str, str]:
@@ -267,8 +344,10 @@ def parse_backend_spec(spec: str) -> tuple[str, str]:
 
 
 def open_backend(spec: str, *, proxy: str | None = None, mirror: str | None = None,
-                 insecure: bool | None = None, **client_kw) -> Backend:
+                 insecure: bool | None = None, hosts_dir: str | None = None,
+                 **client_kw) -> Backend:
     kind, where = parse_backend_spec(spec)
     if kind == "localfs":
         return LocalFsBackend(where)
-    return RegistryBackend(where, proxy=proxy, mirror=mirror, insecure=insecure, **client_kw)
+    return RegistryBackend(where, proxy=proxy, mirror=mirror, insecure=insecure,
+                           hosts_dir=hosts_dir, **client_kw)

@@ -1,0 +1,161 @@
+"""Where the snapshotter's lazy mounts get their bytes, and what they leave in the cache:
+real containerd 1.6 pulls a Nydus image through CRI (kubelet's PullImage, with the pull
+secret's credentials) from a docker-registry that needs htpasswd credentials; the daemon
+(`fscache-daemon run --snapshotter-socket --hosts-dir --cache-size`) reads the blobs
+with credentials from a docker config file, from the mirror that hosts.toml names; the
+upstream's credentials never reach the mirror. Removing the image (`ctr image rm` +
+containerd's GC) leaves no snapshot and no mount, and the cache, over its limit while
+the image was in use, shrinks back under it."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+
+import helpers
+import pytest
+from containerd_fixtures import (
+    SNAPSHOTTER,
+    Containerd,
+    OciImage,
+    busybox_layers,
+    cri_pull,
+    require_containerd,
+    short_tmpdir,
+    tar_layer,
+    wait_for,
+)
+from registry_fixtures import FlakyProxy, registry_basic, start_registry  # noqa: F401
+from test_cache_limit import du
+from test_daemon_support import DaemonProc, require_lazy_kernel
+from test_snapshotter_nydus import CRI_NS, EXPECTED, SCRIPT
+
+pytestmark = [pytest.mark.root, pytest.mark.registry]
+
+LIMIT = 4 << 20
+
+
+def _basic(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+def test_cri_pull_with_credentials_mirror_and_cache_limit(registry_basic,  # noqa: F811
+                                                          monkeypatch):
+    require_containerd()
+    require_lazy_kernel()
+    d = short_tmpdir("snaphc-")
+    os.makedirs(os.path.join(d, "mirror"))
+    mirror = start_registry(os.path.join(d, "mirror"), "basic")  # its own password
+    up, mp = FlakyProxy(registry_basic.host), FlakyProxy(mirror.host)
+    daemon = ctd = None
+    try:
+        # credentials for both hosts in a docker config file, as `docker login` writes it
+        cfg = os.path.join(d, "docker")
+        os.makedirs(cfg)
+        with open(os.path.join(cfg, "config.json"), "w") as f:
+            json.dump({"auths": {
+                up.host: {"auth": base64.b64encode(
+                    f"{registry_basic.username}:{registry_basic.password}".encode()).decode()},
+                mp.host: {"auth": base64.b64encode(
+                    f"{mirror.username}:{mirror.password}".encode()).decode()}}}, f)
+        monkeypatch.setenv("DOCKER_CONFIG", cfg)
+        hosts = os.path.join(d, "hosts")
+        os.makedirs(os.path.join(hosts, up.host))
+        with open(os.path.join(hosts, up.host, "hosts.toml"), "w") as f:
+            f.write(f'server = "http://{up.host}"\n\n[host."http://{mp.host}"]\n'
+                    '  capabilities = ["pull"]\n')
+
+        big = random.Random(11).randbytes(8 << 20)
+        image = OciImage(busybox_layers() + [tar_layer([("data", "dir", None),
+                                                       ("data/big", "file", big)])],
+                         ["/bin/sh"], gzipped=True)
+        image.push(registry_basic.client(), "src/busybox", "1")
+        ref = f"{up.host}/nydus/busybox:1"
+        p = subprocess.run([sys.executable, "-m", "erofs_tools", "convert", "--insecure",
+                            f"{up.host}/src/busybox:1", ref, "--json"],
+                           capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr
+        # the mirror holds the image's data blobs (copied, as a registry mirror would)
+        src, dst = registry_basic.client(), mirror.client()
+        manifest = src.get_manifest("nydus/busybox", "1").json
+        blobs = [x["digest"] for x in manifest["layers"]
+                 if x.get("annotations", {}).get("containerd.io/snapshot/nydus-blob")]
+        for digest in blobs:
+            dst.push_blob("nydus/busybox", src.get_blob("nydus/busybox", digest),
+                          digest=digest)
+        src.close()
+        dst.close()
+        up.requests.clear()
+        up.seen_headers.clear()
+
+        snap_sock = os.path.join(d, "snap.sock")
+        daemon = DaemonProc(os.path.join(d, "daemon"), extra=(
+            "--snapshotter-socket", snap_sock, "--hosts-dir", hosts, "--cache-size", "4M",
+            "--insecure-registry", up.host)).start()
+        wait_for(lambda: os.path.exists(snap_sock), 30, "snapshotter socket")
+        ctd = Containerd(d, {SNAPSHOTTER: snap_sock}, cri_snapshotter=SNAPSHOTTER,
+                         plain_http_hosts=(up.host,))
+        cri_pull(ctd.sock, ref, auth=(registry_basic.username, registry_basic.password))
+        out = ctd.ctr("run", "--rm", "--snapshotter", SNAPSHOTTER, ref, "hc1",
+                      "/bin/sh", "-c", SCRIPT, ns=CRI_NS).stdout
+        assert out == EXPECTED
+        out = ctd.ctr("run", "--rm", "--snapshotter", SNAPSHOTTER, ref, "hc2",
+                      "/bin/busybox", "sha256sum", "/data/big", ns=CRI_NS).stdout
+        assert out.split()[0].decode() == hashlib.sha256(big).hexdigest()
+
+        # the data blobs came from the mirror, none from the upstream
+        data_reads = [r for r in mp.requests if "/blobs/sha256:" in r]
+        assert any(blobs[-1] in r for r in data_reads), mp.requests
+        assert all(f"ns={up.host.replace(':', '%3A')}" in r for r in data_reads)
+        assert not [r for r in up.requests if any(b in r for b in blobs)], up.requests
+        # each host saw its own credentials only
+        up_creds = _basic(registry_basic.username, registry_basic.password)
+        mirror_creds = _basic(mirror.username, mirror.password)
+        assert any(h.get("Authorization") == mirror_creds for h in mp.seen_headers)
+        assert not any(h.get("Authorization") == up_creds for h in mp.seen_headers)
+        assert not any(h.get("Authorization") == mirror_creds for h in up.seen_headers)
+
+        # the image in use holds more than the limit: kept, and reported
+        cache = daemon.metrics()["cache"]
+        assert cache["limit"] == LIMIT and cache["bytes"] > LIMIT and cache["over_limit"]
+        assert cache["in_use_bytes"] == cache["bytes"]
+        blob_dir = os.path.join(daemon.cache_dir, "blobs")
+        before = du(blob_dir)
+
+        names = ctd.ctr("image", "ls", "-q", ns=CRI_NS).stdout.decode().split()
+        ctd.ctr("image", "rm", "--sync", *names, ns=CRI_NS)
+        root = os.path.join(daemon.cache_dir, "snapshotter")
+        wait_for(lambda: os.listdir(os.path.join(root, "snapshots")) == [], 60,
+                 "snapshots removed")
+        rows = ctd.ctr("snapshots", "--snapshotter", SNAPSHOTTER, "ls",
+                       ns=CRI_NS).stdout.decode().splitlines()[1:]
+        assert rows == []
+        st, mounts = daemon.api.request("GET", "/api/v1/mounts")
+        assert st == 200 and mounts == []
+        with open("/proc/self/mounts") as f:
+            assert not [ln for ln in f if os.path.join(root, "lazy") in ln]
+        wait_for(lambda: du(blob_dir) <= LIMIT, 60, "cache space reclaimed")
+        cache = daemon.metrics()["cache"]
+        assert not cache["over_limit"] and cache["evicted_bytes"] >= 8 << 20
+        print(f"cache {before} bytes on disk while the image ran (limit {LIMIT}), "
+              f"{du(blob_dir)} after ctr image rm + GC; evicted {cache['evicted_blobs']} "
+              f"blobs, {cache['evicted_bytes']} bytes; mirror served "
+              f"{len(data_reads)} blob requests, upstream 0")
+    finally:
+        if ctd is not None:
+            ctd.stop()
+        with open("/proc/self/mounts") as f:  # a failed test's leftover lazy mounts
+            for m in [ln.split()[1] for ln in f if ln.split()[1].startswith(d)]:
+                helpers.sys_umount(m, lazy=True)
+        if daemon is not None:
+            daemon.cleanup()
+        up.stop()
+        mp.stop()
+        mirror.stop()
+        shutil.rmtree(d, ignore_errors=True)
