@@ -60,6 +60,7 @@ def assert_nothing_registered(ctd: Containerd, root: str) -> None:
     assert ctd.ctr("image", "ls", "-q").stdout.split() == []
     assert snapshot_rows(ctd) == []
     assert content_digests(ctd) == []
+    assert ctd.ctr("leases", "ls", "-q").stdout.split() == []
     assert os.listdir(os.path.join(root, "snapshots")) == []
 
 
@@ -101,6 +102,23 @@ def test_rpull_runs_lazily_and_goes_with_the_image(registry, tmp_path):  # noqa:
         assert p.returncode == 1 and p.stderr.count("\n") == 1, p.stderr
         assert "no-containerd.sock" in p.stderr and "cannot connect" in p.stderr
         assert_nothing_registered(ctd, root)
+        # a snapshotter that would want the blob layers' bytes: refused, rolled back
+        p = rpull(ctd, ref, "--snapshotter", "overlayfs")
+        assert p.returncode == 1 and p.stderr.count("\n") == 1, p.stderr
+        assert "does not serve Nydus blob layers lazily" in p.stderr
+        assert ctd.ctr("snapshots", "--snapshotter", "overlayfs", "ls").stdout.count(
+            b"\n") <= 1
+        assert_nothing_registered(ctd, root)
+        # the bootstrap layer does not unpack to the config's diff id: after four blob
+        # layers were committed by our snapshotter, all goes again (lease, GC)
+        bad = f"{registry.host}/nydus/busybox:bad-diff-id"
+        push_with_bad_last_diff_id(registry.client(), "nydus/busybox", "1", "bad-diff-id")
+        p = rpull(ctd, bad)
+        assert p.returncode == 1 and p.stderr.count("\n") == 1, p.stderr
+        assert "diff id" in p.stderr
+        wait_for(lambda: os.listdir(os.path.join(root, "snapshots")) == [], 60,
+                 "rolled-back snapshots removed", log=daemon.log_path)
+        assert_nothing_registered(ctd, root)
 
         # -- rpull: no blob layer downloaded, the chain registered ------------------
         p = rpull(ctd, ref, "--json")
@@ -118,6 +136,7 @@ def test_rpull_runs_lazily_and_goes_with_the_image(registry, tmp_path):  # noqa:
         rows = snapshot_rows(ctd)
         assert len(rows) == 5 and all(r[-1] == "Committed" for r in rows)
         assert rows_form_one_chain(rows, res["chain_id"])
+        assert ctd.ctr("leases", "ls", "-q").stdout.split() == []  # kept by the image
         assert daemon.metrics()["totals"]["bytes_fetched"] == 0  # nothing mounted yet
 
         # -- ctr run on the lazy mount ------------------------------------------------
@@ -179,6 +198,19 @@ def test_rpull_runs_lazily_and_goes_with_the_image(registry, tmp_path):  # noqa:
         wait_for(lambda: os.listdir(os.path.join(root, "snapshots")) == [], 60,
                  "snapshots removed", log=daemon.log_path)
         assert_nothing_registered(ctd, root)
+        # a plain OCI image: every layer downloaded and applied, runs the same way
+        plain = f"{registry.host}/src/busybox:1"
+        p = rpull(ctd, plain, "--json")
+        assert p.returncode == 0, p.stderr
+        res_plain = json.loads(p.stdout)
+        assert res_plain["unpacked_layers"] == 4 and res_plain["lazy_layers"] == 0
+        out = ctd.ctr("run", "--rm", "--snapshotter", SNAPSHOTTER, plain, "plain",
+                      "/bin/sh", "-c", SCRIPT).stdout
+        assert out == EXPECTED
+        ctd.ctr("image", "rm", "--sync", plain)
+        wait_for(lambda: os.listdir(os.path.join(root, "snapshots")) == [], 60,
+                 "snapshots removed", log=daemon.log_path)
+        assert_nothing_registered(ctd, root)
         print(f"rpull {t_pull:.2f}s ({res['bytes_fetched']} bytes), first lazy run "
               f"{t_run:.2f}s, {fetched} blob bytes fetched for it, {big_fetched} for the "
               f"8 MiB file")
@@ -204,3 +236,19 @@ def rows_form_one_chain(rows: list[list[str]], top: str) -> bool:
             return False
         key, seen = parent[key], seen + 1
     return seen == len(rows)
+
+
+def push_with_bad_last_diff_id(client, repo: str, tag: str, new_tag: str) -> None:
+    """Push `repo:tag` again as `new_tag` with a config whose last diff id is wrong."""
+    from erofs_tools.registry.manifest import Manifest
+    m = client.get_manifest(repo, tag)
+    doc = json.loads(m.data)
+    config = json.loads(client.get_blob(repo, doc["config"]["digest"]))
+    config["rootfs"]["diff_ids"][-1] = "sha256:" + "0" * 64
+    data = json.dumps(config).encode()
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    client.push_blob(repo, data, digest=digest)
+    doc["config"].update(digest=digest, size=len(data))
+    raw = json.dumps(doc).encode()
+    client.put_manifest(repo, new_tag, Manifest(raw, m.media_type,
+                                                "sha256:" + hashlib.sha256(raw).hexdigest()))
