@@ -46,6 +46,9 @@ DEFAULT_NAMESPACE = "default"
 LEASE_EXPIRE_LABEL = "containerd.io/gc.expire"
 LEASE_TTL = datetime.timedelta(hours=1)
 WRITE_PIECE = 1 << 20
+# bytes/s below which a content write or a layer apply is taken for stuck (on top of
+# the per-call timeout): large plain layers must not time out on a slow disk
+SLOW_DISK = 4 << 20
 T = TypeVar("T")
 
 
@@ -102,10 +105,11 @@ class ContainerdClient:
             md.append(("containerd-lease", self._lease))
         return md
 
-    def call(self, what: str, fn: Callable[..., T], request: Any) -> T:
+    def call(self, what: str, fn: Callable[..., T], request: Any,
+             timeout: float | None = None) -> T:
         """fn(request) with our metadata; a gRPC error becomes one ContainerdError line."""
         try:
-            return fn(request, metadata=self._metadata(), timeout=self.timeout)
+            return fn(request, metadata=self._metadata(), timeout=timeout or self.timeout)
         except grpc.RpcError as e:
             raise ContainerdError(f"containerd {what}: {_details(e)}", _code(e)) from None
 
@@ -175,7 +179,7 @@ class ContainerdClient:
 
         try:
             for _ in self.content.Write(requests(), metadata=self._metadata(),
-                                        timeout=self.timeout):
+                                        timeout=self.timeout + size / SLOW_DISK):
                 pass
         except grpc.RpcError as e:
             if _code(e) != "ALREADY_EXISTS":
@@ -184,6 +188,24 @@ class ContainerdClient:
             self.set_content_labels(digest, labels)
             return False
         return True
+
+    def lease_existing(self, digest: str, size: int) -> bool:
+        """Put content `digest` that the store has into our lease (containerd does that
+        when a writer is opened for content it has, and answers AlreadyExists);
+        -> False if the store no longer has it."""
+        ref = f"fscache-rpull-{digest}"
+        req = content_pb2.WriteContentRequest(action=content_pb2.STAT, ref=ref, total=size,
+                                              expected=digest)
+        try:
+            for _ in self.content.Write(iter([req]), metadata=self._metadata(),
+                                        timeout=self.timeout):
+                pass
+        except grpc.RpcError as e:
+            if _code(e) == "ALREADY_EXISTS":
+                return True
+            raise ContainerdError(f"containerd write {digest}: {_details(e)}",
+                                  _code(e)) from None
+        return False
 
     def set_content_labels(self, digest: str, labels: dict[str, str]) -> None:
         """Set (only) these labels on existing content."""
@@ -229,7 +251,8 @@ class ContainerdClient:
     def apply(self, desc: descriptor_pb2.Descriptor, mounts: list[Any]) -> str:
         """Unpack layer `desc` (in the content store) onto `mounts`; -> its diff id."""
         res = self.call(f"apply layer {desc.digest}", self.diff.Apply,
-                        diff_pb2.ApplyRequest(diff=desc, mounts=mounts))
+                        diff_pb2.ApplyRequest(diff=desc, mounts=mounts),
+                        timeout=self.timeout + desc.size / SLOW_DISK)
         return str(res.applied.digest)
 
     def put_image(self, name: str, target: descriptor_pb2.Descriptor,

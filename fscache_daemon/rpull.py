@@ -177,7 +177,7 @@ class _Puller:
     def _ensure_content(self, layer: Descriptor) -> None:
         """The layer's blob in containerd's content store (downloaded only if absent)."""
         if self.ctd.content_info(layer.digest) is not None and \
-                not self.ctd.write_content(layer.digest, layer.size, b"", {}):
+                self.ctd.lease_existing(layer.digest, layer.size):
             return  # there already (and now in our lease)
         if layer.size > MAX_LAYER:
             raise CorruptImageError(f"layer {layer.digest}: {layer.size} bytes")

@@ -198,12 +198,16 @@ def test_rpull_runs_lazily_and_goes_with_the_image(registry, tmp_path):  # noqa:
         wait_for(lambda: os.listdir(os.path.join(root, "snapshots")) == [], 60,
                  "snapshots removed", log=daemon.log_path)
         assert_nothing_registered(ctd, root)
-        # a plain OCI image: every layer downloaded and applied, runs the same way
+        # a plain OCI image that containerd pulled already for its overlayfs
+        # snapshotter: rpull applies every layer from the content store (nothing
+        # downloaded again), repoints the image record, and it runs the same way
         plain = f"{registry.host}/src/busybox:1"
+        ctd.ctr("image", "pull", "--plain-http", "--snapshotter", "overlayfs", plain)
         p = rpull(ctd, plain, "--json")
         assert p.returncode == 0, p.stderr
         res_plain = json.loads(p.stdout)
         assert res_plain["unpacked_layers"] == 4 and res_plain["lazy_layers"] == 0
+        assert res_plain["bytes_fetched"] < 64 << 10, res_plain
         out = ctd.ctr("run", "--rm", "--snapshotter", SNAPSHOTTER, plain, "plain",
                       "/bin/sh", "-c", SCRIPT).stdout
         assert out == EXPECTED
@@ -211,6 +215,8 @@ def test_rpull_runs_lazily_and_goes_with_the_image(registry, tmp_path):  # noqa:
         wait_for(lambda: os.listdir(os.path.join(root, "snapshots")) == [], 60,
                  "snapshots removed", log=daemon.log_path)
         assert_nothing_registered(ctd, root)
+        assert ctd.ctr("snapshots", "--snapshotter", "overlayfs", "ls").stdout.count(
+            b"\n") <= 1
         print(f"rpull {t_pull:.2f}s ({res['bytes_fetched']} bytes), first lazy run "
               f"{t_run:.2f}s, {fetched} blob bytes fetched for it, {big_fetched} for the "
               f"8 MiB file")
