@@ -101,6 +101,9 @@ def test_rpull_runs_lazily_and_goes_with_the_image(registry, tmp_path):  # noqa:
         p = rpull(ctd, ref, address=os.path.join(d, "no-containerd.sock"))
         assert p.returncode == 1 and p.stderr.count("\n") == 1, p.stderr
         assert "no-containerd.sock" in p.stderr and "cannot connect" in p.stderr
+        p = rpull(ctd, ref, "--snapshotter", "no-such-snapshotter")
+        assert p.returncode == 1 and p.stderr.count("\n") == 1, p.stderr
+        assert "no-such-snapshotter" in p.stderr
         assert_nothing_registered(ctd, root)
         # a snapshotter that would want the blob layers' bytes: refused, rolled back
         p = rpull(ctd, ref, "--snapshotter", "overlayfs")
