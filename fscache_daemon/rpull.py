@@ -29,6 +29,7 @@ removes whatever the pull had created (content and snapshots, through the snapsh
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import re
@@ -67,7 +68,6 @@ _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 def chain_ids(diff_ids: list[str]) -> list[str]:
     """containerd's (OCI's) chain ids: the first layer's diff id, then
     sha256("<parent chain id> <diff id>")."""
-    import hashlib
     out: list[str] = []
     for d in diff_ids:
         out.append(d if not out else
@@ -120,7 +120,7 @@ class _Puller:
             self.bytes_fetched += len(m.data)
             if m.is_index:
                 raise InputError(f"{self.name}: nested index is not supported")
-        if m.media_type not in (mt.OCI_MANIFEST, mt.DOCKER_MANIFEST):
+        if m.media_type not in mt.MANIFEST_TYPES:
             raise InputError(f"{self.name}: unsupported manifest type {m.media_type}")
         return m
 
