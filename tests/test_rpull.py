@@ -51,6 +51,12 @@ def snapshot_rows(ctd: Containerd) -> list[list[str]]:
     return [line.split() for line in out.splitlines()[1:]]
 
 
+def gc(ctd: Containerd) -> None:
+    """Run containerd's garbage collection to its end (deleting a lease with --sync)."""
+    lease = ctd.ctr("leases", "create").stdout.decode().split()[0]
+    ctd.ctr("leases", "delete", "--sync", lease)
+
+
 def content_digests(ctd: Containerd) -> list[str]:
     out = ctd.ctr("content", "ls").stdout.decode()
     return [line.split()[0] for line in out.splitlines()[1:]]
@@ -140,6 +146,8 @@ def test_rpull_runs_lazily_and_goes_with_the_image(registry, tmp_path):  # noqa:
         assert len(rows) == 5 and all(r[-1] == "Committed" for r in rows)
         assert rows_form_one_chain(rows, res["chain_id"])
         assert ctd.ctr("leases", "ls", "-q").stdout.split() == []  # kept by the image
+        gc(ctd)   # a full collection now: the image's labels keep all of it
+        assert snapshot_rows(ctd) == rows and boot_layer["digest"] in content_digests(ctd)
         assert daemon.metrics()["totals"]["bytes_fetched"] == 0  # nothing mounted yet
 
         # -- ctr run on the lazy mount ------------------------------------------------
