@@ -17,6 +17,7 @@ import logging
 import os
 import secrets
 import socket
+import time
 from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO, TypeVar
 
@@ -158,6 +159,8 @@ class ContainerdClient:
         ref = f"fscache-rpull-{digest}"
 
         def requests() -> Iterator[Any]:
+            if not isinstance(source, bytes):
+                source.seek(0)   # again from the start after waiting for a lock
             # the first message names the writer and what must come out of it; offset 0
             # makes containerd drop what an interrupted earlier write left under `ref`
             yield content_pb2.WriteContentRequest(
@@ -177,35 +180,44 @@ class ContainerdClient:
                 action=content_pb2.COMMIT, ref=ref, total=size, expected=digest,
                 offset=off, labels=labels)
 
-        try:
-            for _ in self.content.Write(requests(), metadata=self._metadata(),
-                                        timeout=self.timeout + size / SLOW_DISK):
-                pass
-        except grpc.RpcError as e:
-            if _code(e) != "ALREADY_EXISTS":
-                raise ContainerdError(f"containerd write {digest}: {_details(e)}",
-                                      _code(e)) from None
-            self.set_content_labels(digest, labels)
-            return False
-        return True
+        if self._write(digest, requests, self.timeout + size / SLOW_DISK):
+            return True
+        self.set_content_labels(digest, labels)
+        return False
 
     def lease_existing(self, digest: str, size: int) -> bool:
         """Put content `digest` that the store has into our lease (containerd does that
         when a writer is opened for content it has, and answers AlreadyExists);
         -> False if the store no longer has it."""
-        ref = f"fscache-rpull-{digest}"
-        req = content_pb2.WriteContentRequest(action=content_pb2.STAT, ref=ref, total=size,
-                                              expected=digest)
-        try:
-            for _ in self.content.Write(iter([req]), metadata=self._metadata(),
-                                        timeout=self.timeout):
-                pass
-        except grpc.RpcError as e:
-            if _code(e) == "ALREADY_EXISTS":
+        req = content_pb2.WriteContentRequest(
+            action=content_pb2.STAT, ref=f"fscache-rpull-{digest}", total=size,
+            expected=digest)
+        return not self._write(digest, lambda: iter([req]), self.timeout)
+
+    def _write(self, digest: str, requests: Callable[[], Iterator[Any]],
+               timeout: float) -> bool:
+        """One Write stream; -> True if it ran through, False if containerd has the
+        content (AlreadyExists). While another writer (a concurrent pull) holds the
+        ref, containerd answers Unavailable: wait and try again, as its own clients do;
+        once that writer committed, the answer is AlreadyExists."""
+        deadline = time.monotonic() + timeout
+        pause = 0.02
+        while True:
+            try:
+                for _ in self.content.Write(requests(), metadata=self._metadata(),
+                                            timeout=timeout):
+                    pass
                 return True
-            raise ContainerdError(f"containerd write {digest}: {_details(e)}",
-                                  _code(e)) from None
-        return False
+            except grpc.RpcError as e:
+                code = _code(e)
+                if code == "ALREADY_EXISTS":
+                    return False
+                if code != "UNAVAILABLE" or "locked" not in _details(e) or \
+                        time.monotonic() + pause > deadline:
+                    raise ContainerdError(f"containerd write {digest}: {_details(e)}",
+                                          code) from None
+            time.sleep(pause)
+            pause = min(pause * 2, 1.0)
 
     def set_content_labels(self, digest: str, labels: dict[str, str]) -> None:
         """Set (only) these labels on existing content."""

@@ -164,8 +164,11 @@ class _Puller:
             try:
                 ctd.commit(sn, cid, key, labels)
             except ContainerdError as e:
-                if e.code != "ALREADY_EXISTS":  # else committed by a concurrent pull
+                if e.code != "ALREADY_EXISTS":
                     raise
+                # committed by a concurrent pull meanwhile: ours goes, theirs serves
+                with contextlib.suppress(ContainerdError):
+                    ctd.remove(sn, key)
         except BaseException:
             with contextlib.suppress(ContainerdError):
                 ctd.remove(sn, key)

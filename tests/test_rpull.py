@@ -195,10 +195,19 @@ def test_rpull_runs_lazily_and_goes_with_the_image(registry, tmp_path):  # noqa:
         st, mounts = daemon.api.request("GET", "/api/v1/mounts")
         assert st == 200 and mounts == []
 
-        # -- pulled again after removal: the daemon mounts the image again, its big
-        # blob complete in the cache (the remount that once failed with EBADF) ------
-        p = rpull(ctd, ref, "--json")
-        assert p.returncode == 0, p.stderr
+        # -- pulled again after removal, by two rpulls at once; the daemon mounts the
+        # image again, its big blob complete in the cache (the remount that once
+        # failed with EBADF) ---------------------------------------------------------
+        cmd = [sys.executable, "-m", "fscache_daemon.cli", "rpull", ref, "--address",
+               ctd.sock, "--namespace", ctd.namespace, "--snapshotter", SNAPSHOTTER]
+        procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True, cwd=REPO) for _ in range(2)]
+        for proc in procs:
+            out_, err_ = proc.communicate(timeout=300)
+            assert proc.returncode == 0, err_
+        rows = snapshot_rows(ctd)
+        assert len(rows) == 5 and all(r[-1] == "Committed" for r in rows), rows
+        assert os.listdir(os.path.join(root, "snapshots")).__len__() == 5
         out = ctd.ctr("run", "--rm", "--snapshotter", SNAPSHOTTER, ref, "again",
                       "/bin/busybox", "sha256sum", "/data/big").stdout
         assert out.split()[0].decode() == hashlib.sha256(big).hexdigest()
