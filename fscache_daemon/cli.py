@@ -273,6 +273,42 @@ def stop(release_holder, api_sock):
             click.echo("released the cachefiles fd holder")
 
 
+@cli.command()
+@click.argument("ref")
+@click.option("--address", "-a", envvar="CONTAINERD_ADDRESS",
+              default="/run/containerd/containerd.sock", show_default=True,
+              type=click.Path(dir_okay=False), help="containerd's gRPC socket.")
+@click.option("--namespace", "-n", envvar="CONTAINERD_NAMESPACE", default="default",
+              show_default=True, help="containerd namespace to pull into.")
+@click.option("--snapshotter", envvar="CONTAINERD_SNAPSHOTTER", default="erofs",
+              show_default=True,
+              help="containerd's name for fscache-daemon's snapshotter (its proxy_plugins "
+                   "entry).")
+@click.option("--insecure", "--plain-http", "insecure", is_flag=True, default=None,
+              help="Plain HTTP to the registry (default: only for loopback hosts). The "
+                   "snapshotter's lazy reads follow its own --insecure-registry.")
+@click.option("--json", "as_json", is_flag=True, help="Print what was done as JSON.")
+def rpull(ref, address, namespace, snapshotter, insecure, as_json):
+    """Pull image REF into containerd without downloading its Nydus blob layers.
+
+    Like nydus's `ctr-remote image rpull`: the image record, its content and its
+    snapshots are created through containerd's API, so that a stock
+    `ctr run --snapshotter NAME REF ...` starts it on the daemon's lazy mount. Only the
+    manifest, the config and the small bootstrap layer are downloaded (every layer of
+    a plain OCI image)."""
+    from fscache_daemon.rpull import rpull as do_rpull
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    res = do_rpull(ref, address, namespace, snapshotter, insecure)
+    if as_json:
+        click.echo(json.dumps(res, indent=1))
+    else:
+        click.echo(f"pulled {res['image']} ({res['layers']} layers: {res['lazy_layers']} "
+                   f"lazy, {res['unpacked_layers']} unpacked, {res['present_layers']} "
+                   f"present) into namespace {namespace}, snapshotter {snapshotter}: "
+                   f"{_human(res['bytes_fetched'])} fetched in {res['seconds']:.2f}s")
+
+
 def _human(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":

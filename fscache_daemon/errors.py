@@ -80,6 +80,15 @@ class SnapshotPreconditionError(SnapshotError):
     """The snapshot is in the wrong state for the request (not active, has children)."""
 
 
+class ContainerdError(DaemonError):
+    """containerd (its gRPC API, as a client: `fscache-daemon rpull`) refused a call or
+    could not be reached; the message names the call and containerd's answer."""
+
+    def __init__(self, message: str, code: str = ""):
+        super().__init__(message)
+        self.code = code  # the gRPC status code's name ("NOT_FOUND", ...), if any
+
+
 # sockaddr_un.sun_path holds 108 bytes with the terminating NUL
 UNIX_PATH_MAX = 107
 

@@ -36,3 +36,29 @@ def test_stop_ends_a_running_daemon(tmp_path):
     finally:
         if p.poll() is None:
             p.kill()
+
+
+def _rpull(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fscache_daemon.cli", "rpull", *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_rpull_errors_are_one_line(tmp_path):
+    """Bad input to rpull: `error: ...` on one line, exit 1, before any registry or
+    containerd work (the real-containerd cases are in test_rpull.py)."""
+    import socket
+    stale = str(tmp_path / "stale.sock")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(stale)
+    s.close()               # a socket file nobody listens on: a stopped containerd's
+    cases = [
+        (["UPPER/Case:1", "--address", stale], "UPPER/Case"),
+        (["127.0.0.1:1/a/b:1", "--address", stale], "Connection refused"),
+        (["127.0.0.1:1/a/b:1", "--address", str(tmp_path / "none.sock")],
+         "No such file or directory"),
+    ]
+    for args, needle in cases:
+        r = _rpull(*args)
+        assert r.returncode == 1 and r.stdout == "", (args, r)
+        assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
+        assert needle in r.stderr, r.stderr

@@ -446,3 +446,62 @@ def test_prefetch_list_fetched_after_mount(daemon, tmp_path):
     assert file_sha(os.path.join(mnt, "d1/big1.bin")) == file_sha(os.path.join(src, "d1/big1.bin"))
     b2 = daemon.blob_metrics(blob_id)
     assert b2["bytes_fetched"] == b["bytes_fetched"]
+
+
+
+@pytest.mark.parametrize("how", ["umounted", "detached", "second-mount", "overlay"])
+def test_remount_after_blob_completed(daemon, image, tmp_path, how):
+    """An image whose blob was read completely (its cache file unmarked) mounts again
+    and reads back exact bytes from the cache, nothing fetched twice: after a plain
+    umount, after a lazy umount while a file stays open (the kernel still uses the
+    blob: the daemon keeps it), as a second mount beside the first, and read through
+    an overlay on the mount, lazily unmounted after the overlay went (the snapshotter's
+    sequence)."""
+    mnt = str(tmp_path / "mnt")
+    daemon.mount(image["boot"], mnt, f"localfs:{image['blobs']}")
+    if how == "overlay":
+        ovl = tmp_path / "ovl"
+        for sub in ("upper", "work", "merged"):
+            (ovl / sub).mkdir(parents=True)
+        helpers.sys_mount("overlay", str(ovl / "merged"), "overlay", 0,
+                          f"lowerdir={mnt},upperdir={ovl / 'upper'},workdir={ovl / 'work'}")
+        try:
+            # every file's bytes (the overlay's own root differs in mtime)
+            for rel in regular_files(image["src"]):
+                assert file_sha(os.path.join(ovl / "merged", rel)) == \
+                    file_sha(os.path.join(image["src"], rel)), rel
+        finally:
+            helpers.sys_umount(str(ovl / "merged"))
+    else:
+        assert_tree(image["src"], mnt)
+    assert daemon.blob_metrics(image["blob_id"])["complete"]
+    fetched = daemon.metrics()["totals"]["bytes_fetched"]
+    held = None
+    if how == "detached":
+        held = open(os.path.join(mnt, "small.txt"), "rb")
+        st, res = daemon.api.request("POST", "/api/v1/umount", {"mountpoint": mnt,
+                                                                 "lazy": True})
+        assert st == 200 and res.get("released") is False, res
+        daemon.mounts.remove(mnt)
+    elif how == "overlay":
+        st, res = daemon.api.request("POST", "/api/v1/umount", {"mountpoint": mnt,
+                                                                 "lazy": True})
+        assert st == 200, res
+        daemon.mounts.remove(mnt)
+        mnt2 = mnt     # at once, at the same place
+    elif how == "umounted":
+        daemon.umount(mnt)
+    if how != "overlay":
+        mnt2 = str(tmp_path / "mnt2")
+    try:
+        for _ in range(2):
+            daemon.mount(image["boot"], mnt2, f"localfs:{image['blobs']}")
+            drop_caches()
+            assert_tree(image["src"], mnt2)
+            total = daemon.metrics()["totals"]["bytes_fetched"]
+            # the same blob manager (kept) or a new one reading the complete cache file
+            assert total in (fetched, 0), (total, fetched)
+            daemon.umount(mnt2)
+    finally:
+        if held is not None:
+            held.close()
