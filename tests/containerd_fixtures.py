@@ -172,6 +172,28 @@ class Containerd:
                 f"{open(self.log).read()[-3000:]}")
         return p
 
+    def run_out(self, *args: str, ns: str | None = None, timeout: float = 120) -> bytes:
+        """`ctr run --rm ARGS...` (ARGS = options, image, id, command...) and what the
+        command wrote to its stdout.
+
+        The output goes to a file in a bind-mounted host directory, not through ctr's
+        FIFOs: containerd 1.6's ctr cancels a FIFO copy that has not started yet when the
+        task exits (task.Delete -> io.Cancel), so a quick container on a loaded machine
+        can lose its whole stdout while exiting 0 (seen here once in three runs under a
+        CI load)."""
+        opts, rest = _split_run_args(args)
+        image, cid, argv = rest[0], rest[1], rest[2:]
+        outdir = tempfile.mkdtemp(prefix="ctr-out-", dir=self.dir)
+        try:
+            self.ctr("run", "--rm", *opts, "--mount",
+                     f"type=bind,src={outdir},dst=/.ctr-out,options=rbind:rw",
+                     image, cid, "/bin/sh", "-c", 'exec "$@" >/.ctr-out/stdout', "sh",
+                     *argv, ns=ns, timeout=timeout)
+            with open(os.path.join(outdir, "stdout"), "rb") as f:
+                return f.read()
+        finally:
+            shutil.rmtree(outdir, ignore_errors=True)
+
     def stop(self) -> None:
         # containers of this run first, so no shim outlives the test
         tasks = self.ctr("tasks", "ls", "-q", check=False).stdout.decode().split()
@@ -331,3 +353,19 @@ def cri_pull(containerd_sock: str, ref: str, timeout: float = 120,
                               request_serializer=lambda b: b,
                               response_deserializer=lambda b: b)
         call(request, timeout=timeout)
+
+
+def _split_run_args(args: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """`ctr run` options (those before the image) and the rest; the options these
+    tests use take a value unless they are flags."""
+    flags = {"--rm", "-d", "--detach", "-t", "--tty", "--read-only", "--privileged",
+             "--net-host", "--rootfs"}
+    opts: list[str] = []
+    i = 0
+    while i < len(args) and args[i].startswith("-"):
+        opts.append(args[i])
+        if args[i] not in flags and "=" not in args[i]:
+            i += 1
+            opts.append(args[i])
+        i += 1
+    return opts, list(args[i:])

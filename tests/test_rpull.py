@@ -154,8 +154,8 @@ def test_rpull_runs_lazily_and_goes_with_the_image(registry, tmp_path):  # noqa:
 
         # -- ctr run on the lazy mount ------------------------------------------------
         t0 = time.monotonic()
-        out = ctd.ctr("run", "--rm", "--snapshotter", SNAPSHOTTER, ref, "lazy1",
-                      "/bin/sh", "-c", SCRIPT).stdout
+        out = ctd.run_out("--snapshotter", SNAPSHOTTER, ref, "lazy1",
+                      "/bin/sh", "-c", SCRIPT)
         t_run = time.monotonic() - t0
         assert out == EXPECTED
         lazy = os.path.join(root, "lazy")
@@ -169,8 +169,8 @@ def test_rpull_runs_lazily_and_goes_with_the_image(registry, tmp_path):  # noqa:
         # a second container shares the lazy mount, beside a running one
         ctd.ctr("run", "-d", "--snapshotter", SNAPSHOTTER, ref, "long", "/bin/busybox",
                 "sleep", "600")
-        out = ctd.ctr("run", "--rm", "--snapshotter", SNAPSHOTTER, ref, "reader",
-                      "/bin/busybox", "sha256sum", "/data/big").stdout
+        out = ctd.run_out("--snapshotter", SNAPSHOTTER, ref, "reader",
+                      "/bin/busybox", "sha256sum", "/data/big")
         assert out.split()[0].decode() == hashlib.sha256(big).hexdigest()
         assert os.listdir(lazy) == [os.path.basename(mp)]
         st, mounts = daemon.api.request("GET", "/api/v1/mounts")
@@ -214,11 +214,11 @@ def test_rpull_runs_lazily_and_goes_with_the_image(registry, tmp_path):  # noqa:
         gc(ctd)
         wait_for(lambda: len(os.listdir(os.path.join(root, "snapshots"))) == 5, 60,
                  "the losers' snapshots removed by GC", log=daemon.log_path)
-        out = ctd.ctr("run", "--rm", "--snapshotter", SNAPSHOTTER, ref, "again",
-                      "/bin/busybox", "sha256sum", "/data/big").stdout
+        out = ctd.run_out("--snapshotter", SNAPSHOTTER, ref, "again",
+                      "/bin/busybox", "sha256sum", "/data/big")
         assert out.split()[0].decode() == hashlib.sha256(big).hexdigest()
-        out = ctd.ctr("run", "--rm", "--snapshotter", SNAPSHOTTER, ref, "again2",
-                      "/bin/sh", "-c", SCRIPT).stdout
+        out = ctd.run_out("--snapshotter", SNAPSHOTTER, ref, "again2",
+                      "/bin/sh", "-c", SCRIPT)
         assert out == EXPECTED
         ctd.ctr("image", "rm", "--sync", ref)
         wait_for(lambda: os.listdir(os.path.join(root, "snapshots")) == [], 60,
@@ -234,8 +234,8 @@ def test_rpull_runs_lazily_and_goes_with_the_image(registry, tmp_path):  # noqa:
         res_plain = json.loads(p.stdout)
         assert res_plain["unpacked_layers"] == 4 and res_plain["lazy_layers"] == 0
         assert res_plain["bytes_fetched"] < 64 << 10, res_plain
-        out = ctd.ctr("run", "--rm", "--snapshotter", SNAPSHOTTER, plain, "plain",
-                      "/bin/sh", "-c", SCRIPT).stdout
+        out = ctd.run_out("--snapshotter", SNAPSHOTTER, plain, "plain",
+                      "/bin/sh", "-c", SCRIPT)
         assert out == EXPECTED
         ctd.ctr("image", "rm", "--sync", plain)
         wait_for(lambda: os.listdir(os.path.join(root, "snapshots")) == [], 60,

@@ -5,10 +5,10 @@ containers exist and run."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import shutil
-import subprocess
 import time
 
 import pytest
@@ -47,8 +47,8 @@ class Env:
         self.ctd.ctr("image", "import", "--snapshotter", SNAPSHOTTER, self.archive)
 
     def run(self, cid: str, script: str = SCRIPT) -> bytes:
-        return self.ctd.ctr("run", "--rm", "--snapshotter", SNAPSHOTTER, IMAGE, cid,
-                            "/bin/sh", "-c", script).stdout
+        return self.ctd.run_out("--snapshotter", SNAPSHOTTER, IMAGE, cid,
+                            "/bin/sh", "-c", script)
 
     def snapshots_ls(self) -> list[list[str]]:
         out = self.ctd.ctr("snapshots", "--snapshotter", SNAPSHOTTER, "ls").stdout.decode()
@@ -185,8 +185,8 @@ def test_pull_from_registry_and_run(env, registry):
     assert rows == {image.chain[0]: ["Committed"],
                     image.chain[1]: [image.chain[0], "Committed"],
                     image.chain[2]: [image.chain[1], "Committed"]}
-    out = env.ctd.ctr("run", "--rm", "--snapshotter", SNAPSHOTTER, ref, "pulled",
-                      "/bin/sh", "-c", SCRIPT).stdout
+    out = env.ctd.run_out("--snapshotter", SNAPSHOTTER, ref, "pulled",
+                      "/bin/sh", "-c", SCRIPT)
     assert out == EXPECTED
     env.ctd.ctr("image", "rm", "--sync", ref)
     wait_for(lambda: env.snapshot_dirs() == [], 30, "snapshot dirs removed")
@@ -205,19 +205,17 @@ def test_sixteen_containers_from_four_images_at_once(env):
         images.append(name)
     # one busybox layer shared by all four, then two own layers each
     assert len(env.snapshots_ls()) == 1 + 4 * 2
-    procs = []
     t0 = time.monotonic()
-    for i in range(16):
-        n = i % 4
-        cmd = ["ctr", "-a", env.ctd.sock, "-n", env.ctd.namespace, "run", "--rm",
-               "--snapshotter", SNAPSHOTTER, images[n], f"multi-{i}", "/bin/sh", "-c",
-               f"cat /etc/greeting; echo {i} > /tmp/id; cat /tmp/id"]
-        procs.append((n, i, subprocess.Popen(cmd, stdout=subprocess.PIPE,
-                                              stderr=subprocess.PIPE)))
-    for n, i, p in procs:
-        out, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err.decode(errors="replace")
-        assert out == f"image {n}\n{i}\n".encode()
+
+    def run(i: int) -> tuple[int, bytes]:
+        return i, env.ctd.run_out("--snapshotter", SNAPSHOTTER, images[i % 4], f"multi-{i}",
+                                  "/bin/sh", "-c",
+                                  f"cat /etc/greeting; echo {i} > /tmp/id; cat /tmp/id",
+                                  timeout=300)
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        for i, out in pool.map(run, range(16)):
+            assert out == f"image {i % 4}\n{i}\n".encode()
     elapsed = time.monotonic() - t0
     for name in images:
         env.ctd.ctr("image", "rm", "--sync", name)

@@ -102,11 +102,11 @@ def test_cri_pull_with_credentials_mirror_and_cache_limit(registry_basic,  # noq
         ctd = Containerd(d, {SNAPSHOTTER: snap_sock}, cri_snapshotter=SNAPSHOTTER,
                          plain_http_hosts=(up.host,))
         cri_pull(ctd.sock, ref, auth=(registry_basic.username, registry_basic.password))
-        out = ctd.ctr("run", "--rm", "--snapshotter", SNAPSHOTTER, ref, "hc1",
-                      "/bin/sh", "-c", SCRIPT, ns=CRI_NS).stdout
+        out = ctd.run_out("--snapshotter", SNAPSHOTTER, ref, "hc1",
+                      "/bin/sh", "-c", SCRIPT, ns=CRI_NS)
         assert out == EXPECTED
-        out = ctd.ctr("run", "--rm", "--snapshotter", SNAPSHOTTER, ref, "hc2",
-                      "/bin/busybox", "sha256sum", "/data/big", ns=CRI_NS).stdout
+        out = ctd.run_out("--snapshotter", SNAPSHOTTER, ref, "hc2",
+                      "/bin/busybox", "sha256sum", "/data/big", ns=CRI_NS)
         assert out.split()[0].decode() == hashlib.sha256(big).hexdigest()
 
         # the data blobs came from the mirror, none from the upstream

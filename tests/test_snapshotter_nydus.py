@@ -79,8 +79,8 @@ def test_nydus_image_runs_lazily(registry, tmp_path):  # noqa: F811
         assert len(rows) == 5 and all(r.split()[-1] == "Committed" for r in rows)
 
         t0 = time.monotonic()
-        out = ctd.ctr("run", "--rm", "--snapshotter", SNAPSHOTTER, ref, "lazy1",
-                      "/bin/sh", "-c", SCRIPT, ns=CRI_NS).stdout
+        out = ctd.run_out("--snapshotter", SNAPSHOTTER, ref, "lazy1",
+                      "/bin/sh", "-c", SCRIPT, ns=CRI_NS)
         t_run = time.monotonic() - t0
         assert out == EXPECTED  # no /image: the bootstrap layer's files stay hidden
         lazy = os.path.join(root, "lazy")
@@ -90,8 +90,8 @@ def test_nydus_image_runs_lazily(registry, tmp_path):  # noqa: F811
         fetched = sum(per_blob.values())
         # busybox ran (about 1 MiB compressed); the 8 MiB file nobody read was not fetched
         assert 0 < fetched <= 2 << 20 and per_blob[big_blob] == 0, per_blob
-        out = ctd.ctr("run", "--rm", "--snapshotter", SNAPSHOTTER, ref, "reader",
-                      "/bin/busybox", "sha256sum", "/data/big", ns=CRI_NS).stdout
+        out = ctd.run_out("--snapshotter", SNAPSHOTTER, ref, "reader",
+                      "/bin/busybox", "sha256sum", "/data/big", ns=CRI_NS)
         assert out.split()[0].decode() == hashlib.sha256(big).hexdigest()
         big_fetched = daemon.metrics()["blobs"][big_blob]["bytes_fetched"]
         assert (8 << 20) <= big_fetched <= (8 << 20) + (1 << 20)
@@ -107,8 +107,8 @@ def test_nydus_image_runs_lazily(registry, tmp_path):  # noqa: F811
             return p.returncode == 0 and mp.encode() in p.stdout
         wait_for(answers, 60, "containerd talking to the restarted snapshotter")
         # after the restart a second container shares the same lazy mount
-        out = ctd.ctr("run", "--rm", "--snapshotter", SNAPSHOTTER, ref, "lazy2",
-                      "/bin/sh", "-c", SCRIPT, ns=CRI_NS).stdout
+        out = ctd.run_out("--snapshotter", SNAPSHOTTER, ref, "lazy2",
+                      "/bin/sh", "-c", SCRIPT, ns=CRI_NS)
         assert out == EXPECTED
         assert os.listdir(lazy) == [os.path.basename(mp)]
         out = ctd.ctr("task", "exec", "--exec-id", "e1", "long", "cat", "/etc/third",

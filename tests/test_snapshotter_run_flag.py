@@ -45,8 +45,8 @@ def test_daemon_run_serves_the_snapshots_api():
         archive = os.path.join(d, "image.tar")
         chain = oci_archive(archive, IMAGE, busybox_layers(), ["/bin/sh"])
         ctd.ctr("image", "import", "--snapshotter", SNAPSHOTTER, archive)
-        out = ctd.ctr("run", "--rm", "--snapshotter", SNAPSHOTTER, IMAGE, "c1",
-                      "/bin/sh", "-c", "cat /etc/greeting").stdout
+        out = ctd.run_out("--snapshotter", SNAPSHOTTER, IMAGE, "c1",
+                      "/bin/sh", "-c", "cat /etc/greeting")
         assert out == b"hello from layer two\n"
         listed = ctd.ctr("snapshots", "--snapshotter", SNAPSHOTTER, "ls").stdout.decode()
         assert all(key in listed for key in chain)
