@@ -28,6 +28,7 @@ DEFAULT_CACHE_DIR = "/var/lib/fscache-daemon"
 DEFAULT_API_SOCK = "/run/fscache-daemon/api.sock"
 # containerd's: one place to say which mirror serves which registry for both
 DEFAULT_HOSTS_DIR = "/etc/containerd/certs.d"
+DEFAULT_CONFIG = "/etc/fscache-daemon/config.toml"
 FRONTENDS = ["auto", "fanotify", "cachefiles", "none"]
 
 log = logging.getLogger("fscache_daemon")
@@ -68,6 +69,38 @@ def _hosts_dir(path: str) -> str | None:
     return os.path.abspath(path)
 
 
+def _load_config(ctx: click.Context, _param: click.Parameter, path: str | None) -> None:
+    """`run --config FILE`: a TOML file whose keys are run's long options (`cache-size =
+    "20G"`, `snapshotter-socket = "..."`, `insecure-registry = ["host"]`; `_` or `-`).
+    They become the options' defaults, so a flag on the command line still wins. The
+    default file is read only if it exists; a named one must."""
+    if path is None:
+        if not os.path.exists(DEFAULT_CONFIG):
+            return
+        path = DEFAULT_CONFIG
+    import tomllib
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise click.BadParameter(f"{path}: {e.strerror}", param_hint="--config") from None
+    except tomllib.TOMLDecodeError as e:
+        raise click.BadParameter(f"{path}: {e}", param_hint="--config") from None
+    assert isinstance(ctx.command, click.Command)
+    names = {p.name for p in ctx.command.params if p.name not in (None, "config")}
+    defaults = {}
+    for key, value in data.items():
+        name = key.replace("-", "_")
+        if name not in names:
+            raise click.BadParameter(f"{path}: unknown key {key!r}", param_hint="--config")
+        if isinstance(value, dict):
+            raise click.BadParameter(f"{path}: {key} must be a value, not a table",
+                                     param_hint="--config")
+        defaults[name] = str(value) if isinstance(value, (int, float)) and \
+            not isinstance(value, bool) else value
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="fscache-daemon")
 def cli():
@@ -75,6 +108,11 @@ def cli():
 
 
 @cli.command()
+@click.option("--config", type=click.Path(dir_okay=False), default=None,
+              envvar="FSCACHE_DAEMON_CONFIG", is_eager=True, expose_value=False,
+              callback=_load_config,
+              help=f"TOML file of run's options (keys as the long options); flags win. "
+                   f"Default: {DEFAULT_CONFIG} if it exists.")
 @cache_option
 @sock_option
 @click.option("--frontend", type=click.Choice(FRONTENDS), default="auto", show_default=True,
