@@ -184,6 +184,9 @@ class Daemon(MountLifecycle):
                       options.get(k) is not None}
                 if self.fetch_deadline is not None:
                     kw["deadline"] = self.fetch_deadline
+                    # one read that hangs must not outlast the deadline either (the
+                    # client's default socket timeout is 30 s per attempt)
+                    kw["timeout"] = min(30.0, self.fetch_deadline)
                 be = open_backend(spec, **kw)
                 self.backends[key] = be
             return be

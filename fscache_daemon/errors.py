@@ -80,6 +80,11 @@ class SnapshotPreconditionError(SnapshotError):
     """The snapshot is in the wrong state for the request (not active, has children)."""
 
 
+class SnapshotUnavailableError(SnapshotError):
+    """A Nydus image could not be mounted lazily now: the daemon, or the registry
+    behind it, refused or failed (gRPC Unavailable; containerd's caller may retry)."""
+
+
 # sockaddr_un.sun_path holds 108 bytes with the terminating NUL
 UNIX_PATH_MAX = 107
 

@@ -17,6 +17,7 @@ import pytest
 from containerd_fixtures import Snapshotter, short_tmpdir, wait_for
 from google.protobuf import field_mask_pb2
 from helpers import require, sys_mount, sys_umount
+from test_daemon_support import pack
 
 from fscache_daemon.errors import DaemonError
 from fscache_daemon.snapshotter import serve
@@ -420,8 +421,21 @@ def test_nydus_blob_layer_is_committed_without_download(tmp_path):
             grpc.StatusCode.INVALID_ARGUMENT
         (m,) = c.prepare("boot", second.name, dict(boot, **{
             "containerd.io/snapshot/cri.image-ref": "registry.test/app:1"}))
-        os.makedirs(os.path.join(dict(o.split("=", 1) for o in m.options if "=" in o)
-                                 ["upperdir"], "image"))
+        image_dir = os.path.join(dict(o.split("=", 1) for o in m.options if "=" in o)
+                                 ["upperdir"], "image")
+        os.makedirs(image_dir)
+        # the layer must hold a usable bootstrap: its Commit (the pull) fails otherwise
+        with pytest.raises(grpc.RpcError) as ei:
+            c.commit("boot-c", "boot")
+        assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "nydus bootstrap layer boot: no image/image.boot" in ei.value.details()
+        with open(os.path.join(image_dir, "image.boot"), "wb") as f:
+            f.write(b"\0" * 8192)
+        assert code_of(c.commit, "boot-c", "boot") == grpc.StatusCode.INVALID_ARGUMENT
+        src = tmp_path / "src"
+        src.mkdir()
+        (src / "f").write_bytes(b"x" * 10000)
+        pack(str(src), os.path.join(image_dir, "image.boot"), str(tmp_path / "blobs"))
         c.commit("boot-c", "boot")
         # the daemon is unreachable: the container's Prepare fails, naming the cause,
         # and leaves nothing registered

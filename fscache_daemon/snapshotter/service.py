@@ -32,6 +32,7 @@ from fscache_daemon.errors import (
     SnapshotInvalidError,
     SnapshotNotFoundError,
     SnapshotPreconditionError,
+    SnapshotUnavailableError,
 )
 from fscache_daemon.snapshotter.overlay import Mount
 from fscache_daemon.snapshotter.proto import mount_pb2, snapshots_pb2, snapshots_pb2_grpc
@@ -45,6 +46,7 @@ _CODES: dict[type[SnapshotError], grpc.StatusCode] = {
     SnapshotExistsError: grpc.StatusCode.ALREADY_EXISTS,
     SnapshotInvalidError: grpc.StatusCode.INVALID_ARGUMENT,
     SnapshotPreconditionError: grpc.StatusCode.FAILED_PRECONDITION,
+    SnapshotUnavailableError: grpc.StatusCode.UNAVAILABLE,
 }
 WALK_BATCH = 100  # infos per streamed List reply, bounding one message's size
 

@@ -235,23 +235,25 @@ class RegistryBackend(Backend):
 
     def blob_size(self, blob_id: str) -> int:
         check_blob_id(blob_id)
+        digest = self.digest_of(blob_id)
         try:
-            size = self._client.stat_blob(self.repository, self.digest_of(blob_id))
+            size = self._client.stat_blob(self.repository, digest)
         except ErofsToolsError as e:
-            raise BackendError(f"registry {self.reference} blob {blob_id[:12]}: {e}") from None
+            # the layer digest in full: what the image's manifest and its users name
+            raise BackendError(f"registry {self.reference} layer {digest}: {e}") from None
         if size is None:
-            raise BackendError(f"registry {self.reference}: blob sha256:{blob_id} not found")
+            raise BackendError(f"registry {self.reference}: layer {digest} not found")
         return size
 
     def read(self, blob_id: str, offset: int, length: int) -> bytes:
         check_blob_id(blob_id)
+        digest = self.digest_of(blob_id)
         try:
-            data = self._client.read_blob_range(self.repository, self.digest_of(blob_id),
-                                                offset, length)
+            data = self._client.read_blob_range(self.repository, digest, offset, length)
         except ErofsToolsError as e:
-            raise BackendError(f"registry {self.reference} blob {blob_id[:12]}: {e}") from None
+            raise BackendError(f"registry {self.reference} layer {digest}: {e}") from None
         if len(data) != length:
-            raise BackendError(f"registry {self.reference} blob {blob_id[:12]}: range "
+            raise BackendError(f"registry {self.reference} layer {digest}: range "
                                f"{offset}+{length} returned {len(data)} bytes")
         return data
 
