@@ -130,6 +130,7 @@ def run(cache_dir, api_sock, frontend, threads, batch_size, prefetch_rate, reada
                                               os.path.join(d.cache_dir, "snapshotter")),
                               daemon_api=os.path.abspath(api_sock),
                               insecure_registries=tuple(insecure_registry))
+            d.metric_sources["snapshotter"] = snapshots.metrics
         while not stop.is_set() and not api.shutdown_requested.is_set():
             stop.wait(0.2)
     finally:

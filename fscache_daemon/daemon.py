@@ -33,6 +33,7 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Callable
 
 from fscache_daemon import __version__
 from fscache_daemon.errors import (
@@ -132,6 +133,9 @@ class Daemon(MountLifecycle):
         self.sampler = ProcessSampler()
         self.meta_bytes_fetched = 0
         self.prefetch_bytes = 0
+        # other services in this process add their metrics here (name -> callable), e.g.
+        # the snapshotter's per-call latency under "snapshotter"
+        self.metric_sources: dict[str, Callable[[], dict]] = {}
 
     # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> None:
@@ -411,9 +415,12 @@ class Daemon(MountLifecycle):
         totals = {k: sum(v[k] for v in blobs.values()) for k in
                   ("requests", "bytes_fetched", "bytes_served_from_cache", "verify_failures",
                    "requests_failed", "prefetch_bytes", "readahead_bytes")}
-        return {"version": __version__, "frontend": self.frontend.name,
-                "uptime_s": round(time.time() - self.started_at, 3),
-                "mounts": len(self.images), "detached": len(self.detached),
-                "blobs": blobs, "totals": totals,
-                "meta_bytes_fetched": self.meta_bytes_fetched,
-                "frontend_stats": self.frontend.stats(), "process": process}
+        out = {"version": __version__, "frontend": self.frontend.name,
+               "uptime_s": round(time.time() - self.started_at, 3),
+               "mounts": len(self.images), "detached": len(self.detached),
+               "blobs": blobs, "totals": totals,
+               "meta_bytes_fetched": self.meta_bytes_fetched,
+               "frontend_stats": self.frontend.stats(), "process": process}
+        for name, source in list(self.metric_sources.items()):
+            out[name] = source()
+        return out

@@ -458,3 +458,38 @@ def test_nydus_layer_without_daemon_is_refused(service):
     assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "sha256:" + "b" * 64 in ei.value.details() and "--daemon-api" in ei.value.details()
     assert c.walk() == []
+
+
+def test_call_latency_is_recorded_per_call(service):
+    """Every call is timed, failed ones too (counted as errors); the daemon shows these
+    figures in its metrics, JSON and Prometheus."""
+    svc, c, _ = service
+    c.prepare("a")
+    c.commit("a-c", "a")
+    for _ in range(5):
+        c.stat("a-c")
+    assert code_of(c.stat, "missing") == grpc.StatusCode.NOT_FOUND
+    c.walk()
+    calls = svc.metrics()["calls"]
+    assert calls["Prepare"]["count"] == 1 and calls["Commit"]["count"] == 1
+    assert calls["Stat"]["count"] == 6 and calls["Stat"]["errors"] == 1
+    assert calls["List"]["count"] == 1 and calls["List"]["errors"] == 0
+    s = calls["Stat"]
+    assert 0 < s["p50_ms"] <= s["p99_ms"] <= s["max_ms"] and s["sum_s"] > 0
+    from fscache_daemon.metrics import prometheus_text
+    text = prometheus_text({"blobs": {}, "mounts": 0, "uptime_s": 1.0,
+                            "snapshotter": svc.metrics(),
+                            "process": {"rss_bytes": 1, "cpu_user_s": 0, "cpu_system_s": 0,
+                                        "open_fds": 1}})
+    assert 'fscache_daemon_snapshotter_call_seconds_count{call="Stat"} 6' in text
+    assert 'fscache_daemon_snapshotter_call_seconds{call="Prepare",quantile="0.99"}' in text
+
+
+def test_call_stats_quantiles():
+    from fscache_daemon.snapshotter.callstats import CallStats
+    st = CallStats(window=100)
+    for i in range(1, 201):          # only the last 100 (101..200 ms) are kept
+        st.record("Prepare", i / 1000, failed=i % 50 == 0)
+    p = st.snapshot()["Prepare"]
+    assert (p["count"], p["errors"]) == (200, 4)
+    assert (p["p50_ms"], p["p99_ms"], p["max_ms"]) == (150.0, 199.0, 200.0)
