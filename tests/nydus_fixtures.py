@@ -84,15 +84,17 @@ def _sha(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def bootstrap_tar(boot: bytes, name: str = "image/image.boot") -> tuple[bytes, str]:
-    """A bootstrap layer holding `boot` at `name`: (gzip bytes, diff id)."""
+def bootstrap_tar(boot: bytes, name: str = "image/image.boot",
+                  mtime: int = 0) -> tuple[bytes, str]:
+    """A bootstrap layer holding `boot` at `name`: (gzip bytes, diff id). Another
+    `mtime` gives the same bootstrap in a layer of another digest."""
     raw = io.BytesIO()
     with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tf:
         d = tarfile.TarInfo(os.path.dirname(name))
-        d.type, d.mode = tarfile.DIRTYPE, 0o755
+        d.type, d.mode, d.mtime = tarfile.DIRTYPE, 0o755, mtime
         tf.addfile(d)
         ti = tarfile.TarInfo(name)
-        ti.size, ti.mode = len(boot), 0o444
+        ti.size, ti.mode, ti.mtime = len(boot), 0o444, mtime
         tf.addfile(ti, io.BytesIO(boot))
     tar = raw.getvalue()
     return gzip.compress(tar, mtime=0), _sha(tar)
@@ -128,10 +130,10 @@ def mutate_image(client, repo: str, tag: str, new_tag: str, fn) -> dict:
     return manifest
 
 
-def replace_bootstrap(boot: bytes, name: str = "image/image.boot"):
+def replace_bootstrap(boot: bytes, name: str = "image/image.boot", mtime: int = 0):
     """A mutate_image function: the bootstrap layer holds `boot` instead."""
     def fn(manifest: dict, config: dict, push) -> None:
-        gz, diff_id = bootstrap_tar(boot, name)
+        gz, diff_id = bootstrap_tar(boot, name, mtime)
         layer = manifest["layers"][-1]
         manifest["layers"][-1] = dict(layer, digest=push(gz), size=len(gz))
         config["rootfs"]["diff_ids"][-1] = diff_id

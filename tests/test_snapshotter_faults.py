@@ -162,6 +162,30 @@ def test_unknown_media_type_fails_the_pull(stack, media_type):
     assert stack.state() == before
 
 
+@pytest.mark.parametrize("status", [403, 500])
+def test_registry_refusing_containerd_fails_the_pull(stack, status):
+    """The registry refuses the bootstrap layer to containerd itself (its own fetch,
+    before the snapshotter has anything to do with it): containerd's message names the
+    layer's URL (digest) and the status; nothing stays registered."""
+    client = stack.registry.client()
+    boot = original_bootstrap(client, "nydus/fault", "1")
+    tag = f"refused{status}"
+    manifest = mutate_image(client, "nydus/fault", "1", tag,
+                            replace_bootstrap(boot, mtime=status))   # a layer of its own
+    layer = manifest["layers"][-1]["digest"]
+    stack.proxy.match = re.compile(f"GET .*/blobs/{layer}")
+    stack.proxy.failures = [status] * 1000
+    try:
+        before = stack.state()
+        msg = _pull_error(stack, f"{stack.proxy.host}/nydus/fault:{tag}")
+    finally:
+        stack.proxy.failures = []
+    print(f"pull {status}: {msg}")
+    assert layer in msg and str(status) in msg, msg
+    force_gc(stack.ctd)
+    assert stack.state() == before
+
+
 def _run_error(stack: Stack, name: str) -> tuple[str, float]:
     t0 = time.monotonic()
     p = stack.ctd.ctr("run", "--rm", "--snapshotter", SNAPSHOTTER, stack.ref,
