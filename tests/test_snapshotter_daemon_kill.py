@@ -14,6 +14,7 @@ import secrets
 import shutil
 import signal
 import subprocess
+import time
 
 import helpers
 import pytest
@@ -119,6 +120,78 @@ def test_daemon_sigkill_while_a_container_reads(registry):  # noqa: F811
         if reader is not None and reader.poll() is None:
             reader.send_signal(signal.SIGKILL)
             reader.wait()
+        proxy.stop()
+        if ctd is not None:
+            ctd.stop()
+        daemon.cleanup()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_daemon_sigkill_while_it_mounts_an_image(registry):  # noqa: F811
+    """SIGKILL while a container's Prepare waits for the image's lazy mount (the daemon
+    is reading the blobs' chunk maps from a registry that does not answer yet): the
+    start fails, and after the restart nothing of it stays: containerd's GC removes the
+    snapshot containerd never recorded, the next container mounts the image once and
+    runs, and removing the image leaves nothing."""
+    require_containerd()
+    require_lazy_kernel()
+    d = short_tmpdir("snapkillm-")
+    tag = secrets.token_hex(3)
+    proxy = FlakyProxy(registry.host)
+    daemon = SnapshotterDaemon(os.path.join(d, "daemon"), insecure=(proxy.host,))
+    ctd = starter = None
+    try:
+        daemon.start()
+        ctd = Containerd(d, {SNAPSHOTTER: daemon.snap_sock}, cri_snapshotter=SNAPSHOTTER,
+                         plain_http_hosts=(proxy.host,))
+        ref = push_nydus(registry, "mountkill", busybox_layers(), via=proxy.host)
+        manifest = registry.client().get_manifest("nydus/mountkill", "1").json
+        blobs = [x["digest"] for x in manifest["layers"][:-1]]
+        cri_pull(ctd.sock, ref)
+        before = snapshot_rows(ctd)
+        proxy.match = re.compile("GET .*/blobs/(" + "|".join(blobs) + ")")
+        proxy.failures = ["hold"] * 1000
+        starter = subprocess.Popen(
+            ["ctr", "-a", ctd.sock, "-n", CRI_NS, "run", "--rm", "--snapshotter",
+             SNAPSHOTTER, ref, f"starter-{tag}", "cat", "/etc/greeting"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        wait_for(lambda: proxy.held >= 1, 60, "the lazy mount waiting for the registry",
+                 starter)
+        daemon.kill()
+        proxy.failures = []
+        proxy.release()
+        _, err = starter.communicate(timeout=60)
+        assert starter.returncode != 0, err        # its Prepare's connection went away
+        daemon.start()
+        t0 = time.monotonic()
+        # containerd's proxy client redials with a backoff of at most 3 s
+        wait_for(lambda: ctd.ctr("snapshots", "--snapshotter", SNAPSHOTTER, "ls",
+                                 ns=CRI_NS, check=False).returncode == 0, 30,
+                 "containerd talking to the restarted snapshotter")
+        print(f"containerd reached the restarted snapshotter after "
+              f"{time.monotonic() - t0:.2f}s")
+        assert snapshot_rows(ctd) == before        # containerd recorded nothing of it
+
+        out = ctd.ctr("run", "--rm", "--snapshotter", SNAPSHOTTER, ref, f"next-{tag}",
+                      "cat", "/etc/greeting", ns=CRI_NS).stdout
+        assert out == b"hello from layer two\n"
+        assert len(daemon.lazy_mounts()) == 1
+        # the killed Prepare's snapshot, which containerd never recorded, goes with
+        # containerd's next snapshot GC (the one above's container removal)
+        snaps = os.path.join(daemon.snap_root, "snapshots")
+        wait_for(lambda: len(os.listdir(snaps)) == len(before), 60,
+                 "the orphaned snapshot collected", log=daemon.log_path)
+        names = ctd.ctr("image", "ls", "-q", ns=CRI_NS).stdout.decode().split()
+        ctd.ctr("image", "rm", "--sync", *names, ns=CRI_NS)
+        wait_for(lambda: os.listdir(snaps) == [], 60, "snapshots removed",
+                 log=daemon.log_path)
+        assert snapshot_rows(ctd) == [] and daemon.lazy_mounts() == []
+        st, mounts = daemon.api.request("GET", "/api/v1/mounts")
+        assert st == 200 and mounts == []
+    finally:
+        if starter is not None and starter.poll() is None:
+            starter.send_signal(signal.SIGKILL)
+            starter.wait()
         proxy.stop()
         if ctd is not None:
             ctd.stop()
