@@ -476,11 +476,18 @@ def test_call_latency_is_recorded_per_call(service):
     assert calls["List"]["count"] == 1 and calls["List"]["errors"] == 0
     s = calls["Stat"]
     assert 0 < s["p50_ms"] <= s["p99_ms"] <= s["max_ms"] and s["sum_s"] > 0
+    # what `fscache-daemon run --snapshotter-socket` does: the daemon shows them
+    from fscache_daemon.daemon import Daemon
     from fscache_daemon.metrics import prometheus_text
-    text = prometheus_text({"blobs": {}, "mounts": 0, "uptime_s": 1.0,
-                            "snapshotter": svc.metrics(),
-                            "process": {"rss_bytes": 1, "cpu_user_s": 0, "cpu_system_s": 0,
-                                        "open_fds": 1}})
+    d = Daemon(os.path.join(os.path.dirname(svc.snapshotter.layout.root), "cache"),
+               frontend="none")
+    try:
+        d.metric_sources["snapshotter"] = svc.metrics
+        m = d.metrics()
+        text = prometheus_text(m)
+    finally:
+        d.shutdown()
+    assert m["snapshotter"]["calls"]["Stat"]["count"] == 6
     assert 'fscache_daemon_snapshotter_call_seconds_count{call="Stat"} 6' in text
     assert 'fscache_daemon_snapshotter_call_seconds{call="Prepare",quantile="0.99"}' in text
 
