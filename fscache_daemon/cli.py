@@ -155,7 +155,10 @@ def run(cache_dir, api_sock, frontend, threads, batch_size, prefetch_rate, reada
     SIGTERM/SIGINT stop it cleanly: the API closes, chunk state is flushed, and mounts
     stay mounted. With the fanotify front end the fd holder keeps the mounts safe:
     reads of cached data go on, reads of uncached ranges wait until a daemon runs again
-    (a restarted daemon picks up every mount from CACHE_DIR/mounts.json).
+    (a restarted daemon picks up every mount from CACHE_DIR/mounts.json; there is no
+    separate restore option: after a crash or SIGKILL, start it again with the same
+    options, and with --snapshotter-socket the snapshot state and its lazy mounts come
+    back too).
     """
     from fscache_daemon.api import ApiServer
     from fscache_daemon.daemon import Daemon
@@ -188,6 +191,7 @@ def run(cache_dir, api_sock, frontend, threads, batch_size, prefetch_rate, reada
                                               os.path.join(d.cache_dir, "snapshotter")),
                               daemon_api=os.path.abspath(api_sock),
                               insecure_registries=tuple(insecure_registry))
+            d.metric_sources["snapshotter"] = snapshots.metrics
         while not stop.is_set() and not api.shutdown_requested.is_set():
             stop.wait(0.2)
     finally:

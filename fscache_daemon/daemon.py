@@ -33,6 +33,7 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Callable
 
 from fscache_daemon import __version__
 from fscache_daemon.errors import (
@@ -136,6 +137,9 @@ class Daemon(MountLifecycle):
         self.meta_bytes_fetched = 0
         self.prefetch_bytes = 0
         self._init_eviction(cache_size)     # bytes (None: no limit)
+        # other services in this process add their metrics here (name -> callable), e.g.
+        # the snapshotter's per-call latency under "snapshotter"
+        self.metric_sources: dict[str, Callable[[], dict]] = {}
 
     # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> None:
@@ -192,6 +196,9 @@ class Daemon(MountLifecycle):
                       options.get(k) is not None}
                 if self.fetch_deadline is not None:
                     kw["deadline"] = self.fetch_deadline
+                    # one read that hangs must not outlast the deadline either (the
+                    # client's default socket timeout is 30 s per attempt)
+                    kw["timeout"] = min(30.0, self.fetch_deadline)
                 if not options.get("mirror"):
                     kw["hosts_dir"] = self.hosts_dir
                 be = open_backend(spec, **kw)
@@ -431,10 +438,13 @@ class Daemon(MountLifecycle):
         totals = {k: sum(v[k] for v in blobs.values()) for k in
                   ("requests", "bytes_fetched", "bytes_served_from_cache", "verify_failures",
                    "requests_failed", "prefetch_bytes", "readahead_bytes")}
-        return {"version": __version__, "frontend": self.frontend.name,
-                "uptime_s": round(time.time() - self.started_at, 3),
-                "mounts": len(self.images), "detached": len(self.detached),
-                "blobs": blobs, "totals": totals,
-                "meta_bytes_fetched": self.meta_bytes_fetched,
-                "cache": self.cache_status(),
-                "frontend_stats": self.frontend.stats(), "process": process}
+        out = {"version": __version__, "frontend": self.frontend.name,
+               "uptime_s": round(time.time() - self.started_at, 3),
+               "mounts": len(self.images), "detached": len(self.detached),
+               "blobs": blobs, "totals": totals,
+               "meta_bytes_fetched": self.meta_bytes_fetched,
+               "cache": self.cache_status(),
+               "frontend_stats": self.frontend.stats(), "process": process}
+        for name, source in list(self.metric_sources.items()):
+            out[name] = source()
+        return out

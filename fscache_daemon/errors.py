@@ -80,6 +80,11 @@ class SnapshotPreconditionError(SnapshotError):
     """The snapshot is in the wrong state for the request (not active, has children)."""
 
 
+class SnapshotUnavailableError(SnapshotError):
+    """A Nydus image could not be mounted lazily now: the daemon, or the registry
+    behind it, refused or failed (gRPC Unavailable; containerd's caller may retry)."""
+
+
 class ContainerdError(DaemonError):
     """containerd (its gRPC API, as a client: `fscache-daemon rpull`) refused a call or
     could not be reached; the message names the call and containerd's answer."""

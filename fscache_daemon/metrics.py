@@ -94,6 +94,17 @@ def prometheus_text(m: dict) -> str:
     for b, s in m["blobs"].items():
         ratio = s["cached_chunks"] / s["total_chunks"] if s["total_chunks"] else 1.0
         out.append(f'fscache_daemon_blob_cached_ratio{{blob="{esc(b)}"}} {ratio:.6f}')
+    calls = m.get("snapshotter", {}).get("calls", {})
+    if calls:
+        name = "fscache_daemon_snapshotter_call_seconds"
+        out.append(f"# HELP {name} containerd snapshots API call latency (recent calls)")
+        out.append(f"# TYPE {name} summary")
+        for call, c in sorted(calls.items()):
+            for q, key in (("0.5", "p50_ms"), ("0.99", "p99_ms")):
+                out.append(f'{name}{{call="{esc(call)}",quantile="{q}"}} '
+                           f'{c[key] / 1000:.6f}')
+            out.append(f'{name}_sum{{call="{esc(call)}"}} {c["sum_s"]}')
+            out.append(f'{name}_count{{call="{esc(call)}"}} {c["count"]}')
     p = m["process"]
     for name, help_, typ, val in (
             ("fscache_daemon_mounts", "Mounted images", "gauge", m["mounts"]),

@@ -547,8 +547,11 @@ class FlakyProxy:
     Failures: an int status (e.g. 503, 429; ``retry_after`` sets Retry-After), "drop"
     (close the connection without answering), "lose" (forward, then close without
     relaying the answer: the request took effect but the client cannot know) or "cut"
-    (forward, but close halfway through the answer's body). ``match`` is a regex on "METHOD PATH" selecting the requests
-    that may fail. ``requests`` records "METHOD PATH" of everything received.
+    (forward, but close halfway through the answer's body) or "hold" (accept the request and
+    answer nothing until ``release()``, then forward it: a registry that hangs; ``held``
+    counts the requests that arrived held). ``match`` is a regex on "METHOD PATH"
+    selecting the requests that may fail. ``requests`` records "METHOD PATH" of
+    everything received.
     """
 
     def __init__(self, target: str, failures=(), match: str = ".*",
@@ -559,6 +562,8 @@ class FlakyProxy:
         self.retry_after = retry_after
         self.requests: list[str] = []
         self.seen_headers: list[dict] = []
+        self.held = 0
+        self._released = threading.Event()
         self._lock = threading.Lock()
         proxy = self
 
@@ -566,7 +571,10 @@ class FlakyProxy:
             protocol_version = "HTTP/1.1"
 
             def handle_one(self):
-                proxy._handle(self)
+                try:
+                    proxy._handle(self)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass        # the client went away (e.g. a killed daemon's held read)
 
             do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = handle_one
 
@@ -591,6 +599,10 @@ class FlakyProxy:
         length = int(h.headers.get("Content-Length") or 0)
         body = h.rfile.read(length) if length else b""
         failure = self._next_failure(line)
+        if failure == "hold":
+            with self._lock:
+                self.held += 1
+            self._released.wait()
         if failure == "drop":
             h.close_connection = True
             h.connection.shutdown(socket.SHUT_RDWR)
@@ -631,7 +643,12 @@ class FlakyProxy:
             return
         h.wfile.write(data)
 
+    def release(self) -> None:
+        """Let held requests (and later "hold" failures) through."""
+        self._released.set()
+
     def stop(self):
+        self._released.set()
         self._server.shutdown()
         self._server.server_close()
 

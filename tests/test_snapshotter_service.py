@@ -17,6 +17,7 @@ import pytest
 from containerd_fixtures import Snapshotter, short_tmpdir, wait_for
 from google.protobuf import field_mask_pb2
 from helpers import require, sys_mount, sys_umount
+from test_daemon_support import pack
 
 from fscache_daemon.errors import DaemonError
 from fscache_daemon.snapshotter import serve
@@ -420,8 +421,21 @@ def test_nydus_blob_layer_is_committed_without_download(tmp_path):
             grpc.StatusCode.INVALID_ARGUMENT
         (m,) = c.prepare("boot", second.name, dict(boot, **{
             "containerd.io/snapshot/cri.image-ref": "registry.test/app:1"}))
-        os.makedirs(os.path.join(dict(o.split("=", 1) for o in m.options if "=" in o)
-                                 ["upperdir"], "image"))
+        image_dir = os.path.join(dict(o.split("=", 1) for o in m.options if "=" in o)
+                                 ["upperdir"], "image")
+        os.makedirs(image_dir)
+        # the layer must hold a usable bootstrap: its Commit (the pull) fails otherwise
+        with pytest.raises(grpc.RpcError) as ei:
+            c.commit("boot-c", "boot")
+        assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "nydus bootstrap layer boot: no image/image.boot" in ei.value.details()
+        with open(os.path.join(image_dir, "image.boot"), "wb") as f:
+            f.write(b"\0" * 8192)
+        assert code_of(c.commit, "boot-c", "boot") == grpc.StatusCode.INVALID_ARGUMENT
+        src = tmp_path / "src"
+        src.mkdir()
+        (src / "f").write_bytes(b"x" * 10000)
+        pack(str(src), os.path.join(image_dir, "image.boot"), str(tmp_path / "blobs"))
         c.commit("boot-c", "boot")
         # the daemon is unreachable: the container's Prepare fails, naming the cause,
         # and leaves nothing registered
@@ -444,3 +458,45 @@ def test_nydus_layer_without_daemon_is_refused(service):
     assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "sha256:" + "b" * 64 in ei.value.details() and "--daemon-api" in ei.value.details()
     assert c.walk() == []
+
+
+def test_call_latency_is_recorded_per_call(service):
+    """Every call is timed, failed ones too (counted as errors); the daemon shows these
+    figures in its metrics, JSON and Prometheus."""
+    svc, c, _ = service
+    c.prepare("a")
+    c.commit("a-c", "a")
+    for _ in range(5):
+        c.stat("a-c")
+    assert code_of(c.stat, "missing") == grpc.StatusCode.NOT_FOUND
+    c.walk()
+    calls = svc.metrics()["calls"]
+    assert calls["Prepare"]["count"] == 1 and calls["Commit"]["count"] == 1
+    assert calls["Stat"]["count"] == 6 and calls["Stat"]["errors"] == 1
+    assert calls["List"]["count"] == 1 and calls["List"]["errors"] == 0
+    s = calls["Stat"]
+    assert 0 < s["p50_ms"] <= s["p99_ms"] <= s["max_ms"] and s["sum_s"] > 0
+    # what `fscache-daemon run --snapshotter-socket` does: the daemon shows them
+    from fscache_daemon.daemon import Daemon
+    from fscache_daemon.metrics import prometheus_text
+    d = Daemon(os.path.join(os.path.dirname(svc.snapshotter.layout.root), "cache"),
+               frontend="none")
+    try:
+        d.metric_sources["snapshotter"] = svc.metrics
+        m = d.metrics()
+        text = prometheus_text(m)
+    finally:
+        d.shutdown()
+    assert m["snapshotter"]["calls"]["Stat"]["count"] == 6
+    assert 'fscache_daemon_snapshotter_call_seconds_count{call="Stat"} 6' in text
+    assert 'fscache_daemon_snapshotter_call_seconds{call="Prepare",quantile="0.99"}' in text
+
+
+def test_call_stats_quantiles():
+    from fscache_daemon.snapshotter.callstats import CallStats
+    st = CallStats(window=100)
+    for i in range(1, 201):          # only the last 100 (101..200 ms) are kept
+        st.record("Prepare", i / 1000, failed=i % 50 == 0)
+    p = st.snapshot()["Prepare"]
+    assert (p["count"], p["errors"]) == (200, 4)
+    assert (p["p50_ms"], p["p99_ms"], p["max_ms"]) == (150.0, 199.0, 200.0)

@@ -13,6 +13,12 @@ on Prepare (the layer's annotations, `disable_snapshot_annotations = false`).
     lower, shared by every container of the image; it is released (`POST
     /api/v1/umount`) when the bootstrap snapshot itself is removed (containerd's GC,
     after the image and its containers are gone).
+
+Failures name the layer (digest) and the cause, so that containerd's caller (kubelet,
+`ctr`) can tell which layer of which image failed and why: a bootstrap that is not a
+usable RAFS v6 image fails the Commit of its layer (the pull), a lazy mount the daemon
+cannot make (e.g. the registry refuses or does not answer its blob reads) fails the
+container's Prepare.
 """
 
 from __future__ import annotations
@@ -23,7 +29,9 @@ import logging
 import os
 import socket
 
+from erofs_tools.errors import ErofsToolsError
 from fscache_daemon.errors import DaemonError, SnapshotInvalidError
+from fscache_daemon.storage.image import load_image
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +40,7 @@ BOOTSTRAP_LABEL = "containerd.io/snapshot/nydus-bootstrap"
 TARGET_LABEL = "containerd.io/snapshot.ref"
 IMAGE_REF_LABEL = "containerd.io/snapshot/cri.image-ref"
 LAYER_LABEL = "containerd.io/snapshot/cri.layer-digest"
+FS_VERSION_LABEL = "containerd.io/snapshot/nydus-fs-version"
 BOOTSTRAP_PATH = os.path.join("image", "image.boot")
 
 
@@ -42,6 +51,37 @@ def layer_kind(labels: dict[str, str]) -> str | None:
     if labels.get(BOOTSTRAP_LABEL) == "true":
         return "bootstrap"
     return None
+
+
+def layer_digest(labels: dict[str, str], key: str) -> str:
+    """How messages name a layer: its digest when containerd passed it (CRI), else the
+    snapshot key."""
+    return labels.get(LAYER_LABEL) or labels.get(TARGET_LABEL) or key
+
+
+def check_fs_version(labels: dict[str, str], layer: str) -> None:
+    """Refuse a bootstrap layer of another RAFS version before containerd downloads it
+    (nydusify writes "5" for RAFS v5 images; the daemon mounts RAFS v6 only)."""
+    version = labels.get(FS_VERSION_LABEL, "6")
+    if version != "6":
+        raise SnapshotInvalidError(
+            f"nydus bootstrap layer {layer}: nydus-fs-version {version[:16]!r} is not "
+            "served (RAFS v6 only)")
+
+
+def check_bootstrap(fs_dir: str, layer: str) -> None:
+    """The bootstrap layer as containerd applied it must hold a usable RAFS v6
+    bootstrap: checked when the layer is committed, so that a corrupted one fails the
+    pull (naming the layer) instead of every container start later."""
+    path = os.path.join(fs_dir, BOOTSTRAP_PATH)
+    if not os.path.isfile(path) or os.path.islink(path):
+        raise SnapshotInvalidError(f"nydus bootstrap layer {layer}: no {BOOTSTRAP_PATH} "
+                                   "(regular file) in the layer")
+    try:
+        load_image(path)
+    except (ErofsToolsError, OSError) as e:
+        cause = str(e).replace(path, BOOTSTRAP_PATH)
+        raise SnapshotInvalidError(f"nydus bootstrap layer {layer}: {cause}") from None
 
 
 def image_ref(labels: dict[str, str]) -> str:
@@ -87,7 +127,7 @@ class DaemonClient:
             resp = conn.getresponse()
             payload = resp.read()
         except OSError as e:
-            raise DaemonError(f"{self.path}: cannot reach the daemon: {e}") from None
+            raise DaemonError(f"cannot reach the daemon at {self.path}: {e}") from None
         finally:
             conn.close()
         try:
@@ -104,8 +144,8 @@ class DaemonClient:
         if st == 409 and "already mounted" in str(res.get("error", "")):
             return  # ours from before a restart of this process
         if st != 201:
-            raise DaemonError(f"lazy mount of {bootstrap}: daemon answered {st}: "
-                              f"{res.get('error', res)}")
+            # the caller names the layer and the image; the daemon's message the cause
+            raise DaemonError(f"the daemon refused it ({st}): {res.get('error', res)}")
 
     def umount(self, mountpoint: str) -> None:
         st, res = self._post("/api/v1/umount", {"mountpoint": mountpoint, "lazy": True})

@@ -14,10 +14,12 @@ Errors travel as gRPC status codes that containerd maps back to its errdefs
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import socket
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from typing import Any, TypeVar
@@ -32,7 +34,9 @@ from fscache_daemon.errors import (
     SnapshotInvalidError,
     SnapshotNotFoundError,
     SnapshotPreconditionError,
+    SnapshotUnavailableError,
 )
+from fscache_daemon.snapshotter.callstats import CallStats
 from fscache_daemon.snapshotter.overlay import Mount
 from fscache_daemon.snapshotter.proto import mount_pb2, snapshots_pb2, snapshots_pb2_grpc
 from fscache_daemon.snapshotter.snapshots import Snapshotter
@@ -45,6 +49,7 @@ _CODES: dict[type[SnapshotError], grpc.StatusCode] = {
     SnapshotExistsError: grpc.StatusCode.ALREADY_EXISTS,
     SnapshotInvalidError: grpc.StatusCode.INVALID_ARGUMENT,
     SnapshotPreconditionError: grpc.StatusCode.FAILED_PRECONDITION,
+    SnapshotUnavailableError: grpc.StatusCode.UNAVAILABLE,
 }
 WALK_BATCH = 100  # infos per streamed List reply, bounding one message's size
 
@@ -82,39 +87,61 @@ def _info(i: Info) -> snapshots_pb2.Info:
                               labels=i.labels)
 
 
+def _timed(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Record how long one unary call took, failed or not (CallStats)."""
+    @functools.wraps(method)
+    def run(self: SnapshotsServicer, request: Any, context: grpc.ServicerContext) -> Any:
+        t0, failed = time.perf_counter(), True
+        try:
+            out = method(self, request, context)
+            failed = False
+            return out
+        finally:
+            self.stats.record(method.__name__, time.perf_counter() - t0, failed)
+    return run
+
+
 class SnapshotsServicer(snapshots_pb2_grpc.SnapshotsServicer):
     """The ten calls of containerd.services.snapshots.v1.Snapshots."""
 
-    def __init__(self, sn: Snapshotter) -> None:
+    def __init__(self, sn: Snapshotter, stats: CallStats | None = None) -> None:
         self.sn = sn
+        self.stats = stats or CallStats()
 
+    @_timed
     def Prepare(self, request: Any, context: grpc.ServicerContext) -> Any:
         ms = _call(context, f"prepare {request.key}",
                    lambda: self.sn.prepare(request.key, request.parent, dict(request.labels)))
         return snapshots_pb2.PrepareSnapshotResponse(mounts=_mounts(ms))
 
+    @_timed
     def View(self, request: Any, context: grpc.ServicerContext) -> Any:
         ms = _call(context, f"view {request.key}",
                    lambda: self.sn.view(request.key, request.parent, dict(request.labels)))
         return snapshots_pb2.ViewSnapshotResponse(mounts=_mounts(ms))
 
+    @_timed
     def Mounts(self, request: Any, context: grpc.ServicerContext) -> Any:
         ms = _call(context, f"mounts {request.key}", lambda: self.sn.mounts(request.key))
         return snapshots_pb2.MountsResponse(mounts=_mounts(ms))
 
+    @_timed
     def Commit(self, request: Any, context: grpc.ServicerContext) -> Any:
         _call(context, f"commit {request.key}",
               lambda: self.sn.commit(request.name, request.key, dict(request.labels)))
         return empty_pb2.Empty()
 
+    @_timed
     def Remove(self, request: Any, context: grpc.ServicerContext) -> Any:
         _call(context, f"remove {request.key}", lambda: self.sn.remove(request.key))
         return empty_pb2.Empty()
 
+    @_timed
     def Stat(self, request: Any, context: grpc.ServicerContext) -> Any:
         info = _call(context, f"stat {request.key}", lambda: self.sn.stat(request.key))
         return snapshots_pb2.StatSnapshotResponse(info=_info(info))
 
+    @_timed
     def Update(self, request: Any, context: grpc.ServicerContext) -> Any:
         info = _call(context, f"update {request.info.name}",
                      lambda: self.sn.update(request.info.name, dict(request.info.labels),
@@ -122,16 +149,23 @@ class SnapshotsServicer(snapshots_pb2_grpc.SnapshotsServicer):
         return snapshots_pb2.UpdateSnapshotResponse(info=_info(info))
 
     def List(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-        infos = _call(context, "walk", lambda: self.sn.walk(list(request.filters)))
-        for i in range(0, len(infos), WALK_BATCH):
-            yield snapshots_pb2.ListSnapshotsResponse(
-                info=[_info(x) for x in infos[i:i + WALK_BATCH]])
+        t0, failed = time.perf_counter(), True
+        try:    # a stream: timed until its last batch is handed to gRPC
+            infos = _call(context, "walk", lambda: self.sn.walk(list(request.filters)))
+            for i in range(0, len(infos), WALK_BATCH):
+                yield snapshots_pb2.ListSnapshotsResponse(
+                    info=[_info(x) for x in infos[i:i + WALK_BATCH]])
+            failed = False
+        finally:
+            self.stats.record("List", time.perf_counter() - t0, failed)
 
+    @_timed
     def Usage(self, request: Any, context: grpc.ServicerContext) -> Any:
         size, inodes = _call(context, f"usage {request.key}",
                              lambda: self.sn.usage(request.key))
         return snapshots_pb2.UsageResponse(size=size, inodes=inodes)
 
+    @_timed
     def Cleanup(self, request: Any, context: grpc.ServicerContext) -> Any:
         _call(context, "cleanup", self.sn.cleanup)
         return empty_pb2.Empty()
@@ -155,10 +189,16 @@ def _claim_socket(path: str) -> None:
 class SnapshotService:
     """A running snapshots service: its gRPC server and snapshotter."""
 
-    def __init__(self, server: grpc.Server, sn: Snapshotter, socket_path: str) -> None:
+    def __init__(self, server: grpc.Server, sn: Snapshotter, socket_path: str,
+                 stats: CallStats | None = None) -> None:
         self.server = server
         self.snapshotter = sn
         self.socket_path = socket_path
+        self.stats = stats or CallStats()
+
+    def metrics(self) -> dict:
+        """Per-call latency (see callstats.py), for the daemon's metrics."""
+        return {"socket": self.socket_path, "calls": self.stats.snapshot()}
 
     def wait(self) -> None:
         self.server.wait_for_termination()
@@ -183,7 +223,8 @@ def serve(socket_path: str, root: str, workers: int = 8, daemon_api: str | None 
     sn = Snapshotter(root, daemon_api, tuple(insecure_registries))
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers,
                                                     thread_name_prefix="snapshots"))
-    snapshots_pb2_grpc.add_SnapshotsServicer_to_server(SnapshotsServicer(sn), server)
+    stats = CallStats()
+    snapshots_pb2_grpc.add_SnapshotsServicer_to_server(SnapshotsServicer(sn, stats), server)
     # bound inside a private 0700 directory, made 0600, then renamed into place: the
     # socket is never reachable by anyone else, not even for an instant
     private = tempfile.mkdtemp(prefix=".snapshotter-", dir=parent)
@@ -202,4 +243,4 @@ def serve(socket_path: str, root: str, workers: int = 8, daemon_api: str | None 
         with contextlib.suppress(OSError):
             os.rmdir(private)
     log.info("snapshots service on %s, root %s", socket_path, sn.layout.root)
-    return SnapshotService(server, sn, socket_path)
+    return SnapshotService(server, sn, socket_path, stats)

@@ -19,9 +19,11 @@ import threading
 
 from fscache_daemon.errors import (
     DaemonError,
+    SnapshotError,
     SnapshotExistsError,
     SnapshotInvalidError,
     SnapshotPreconditionError,
+    SnapshotUnavailableError,
 )
 from fscache_daemon.snapshotter import nydus, overlay
 from fscache_daemon.snapshotter.filters import compile_filters, matches
@@ -59,7 +61,10 @@ class Snapshotter:
             self._commit_remote_blob(key, parent, labels)
         extra = {}
         if layer == "bootstrap":
-            extra = {"nydus": "bootstrap", "image_ref": nydus.image_ref(labels)}
+            digest = nydus.layer_digest(labels, key)
+            nydus.check_fs_version(labels, digest)
+            extra = {"nydus": "bootstrap", "image_ref": nydus.image_ref(labels),
+                     "layer": digest}
         snap = self.store.create(kind, key, parent, labels, self.layout.make, extra)
         log.info("snapshot %s: %s %r on %r", snap.id, kind.name.lower(), key, parent)
         try:
@@ -105,9 +110,16 @@ class Snapshotter:
                 self.daemon.mount(
                     os.path.join(self.layout.fs(boot_id), nydus.BOOTSTRAP_PATH), mp,
                     nydus.backend_spec(ref), nydus.backend_options(ref, self.insecure))
-            except BaseException:
+            except BaseException as e:
                 if not os.path.ismount(mp):  # else keep the row: release unmounts it
                     self.store.set_lazy_mount(boot_id, None)
+                    with contextlib.suppress(OSError):
+                        os.rmdir(mp)
+                if isinstance(e, DaemonError) and not isinstance(e, SnapshotError):
+                    layer = extra.get("layer") or f"snapshot {boot_id}"
+                    raise SnapshotUnavailableError(
+                        f"nydus image {ref}, bootstrap layer {layer}: lazy mount failed: "
+                        f"{e}") from None
                 raise
             log.info("snapshot %s: %s mounted lazily on %s", boot_id, ref, mp)
             return mp
@@ -146,6 +158,10 @@ class Snapshotter:
 
     def commit(self, name: str, key: str, labels: dict[str, str]) -> None:
         snap = self.store.get(key)
+        extra = self.store.extra(snap.id)
+        if extra.get("nydus") == "bootstrap" and snap.kind == Kind.ACTIVE:
+            # a corrupted bootstrap fails the pull here, naming its layer
+            nydus.check_bootstrap(self.layout.fs(snap.id), extra.get("layer", key))
         # measured before the commit, as containerd does: the layer is complete (the
         # differ applied it) and nothing writes a committed snapshot afterwards
         size, inodes = overlay.disk_usage(self.layout.fs(snap.id))

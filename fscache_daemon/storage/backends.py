@@ -301,12 +301,13 @@ class RegistryBackend(Backend):
         check_blob_id(blob_id)
         digest = self.digest_of(blob_id)
         try:
-            size = self._first(self._pull, f"blob {blob_id[:12]}",
+            size = self._first(self._pull, f"layer {digest}",
                                lambda c: c.stat_blob(self.repository, digest))
         except ErofsToolsError as e:
-            raise BackendError(f"registry {self.reference} blob {blob_id[:12]}: {e}") from None
+            # the layer digest in full: what the image's manifest and its users name
+            raise BackendError(f"registry {self.reference} layer {digest}: {e}") from None
         if size is None:
-            raise BackendError(f"registry {self.reference}: blob sha256:{blob_id} not found")
+            raise BackendError(f"registry {self.reference}: layer {digest} not found")
         return size
 
     def read(self, blob_id: str, offset: int, length: int) -> bytes:
@@ -320,9 +321,9 @@ class RegistryBackend(Backend):
                                    f"from {c.host}")
             return data
         try:
-            return self._first(self._pull, f"blob {blob_id[:12]}", one)
+            return self._first(self._pull, f"layer {digest}", one)
         except ErofsToolsError as e:
-            raise BackendError(f"registry {self.reference} blob {blob_id[:12]}: {e}") from None
+            raise BackendError(f"registry {self.reference} layer {digest}: {e}") from None
 
     def close(self) -> None:
         for _, c in self._clients:
