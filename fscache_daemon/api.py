@@ -23,7 +23,8 @@ namespace, an overlay, a lazily detached mount) and its blobs stay served until 
 
 Errors are {"error": "<one line>"} with 400 (malformed request, relative path), 404 (no
 such route or mount), 405, 409 (already mounted, busy, another mount covers the image,
-cache directory in use), 411, 413, or 500 (mount(2) or front end failure).
+cache directory in use), 411, 413, 500 (mount(2) or front end failure) or 502 (the
+registry behind a backend refused or failed).
 """
 
 from __future__ import annotations
@@ -67,6 +68,8 @@ def _status_of(exc: Exception) -> int:
         return 409
     if isinstance(exc, (MountError, erofs_tools_errors.MountError, FrontendError)):
         return 500
+    if isinstance(exc, erofs_tools_errors.RegistryError):
+        return 502      # the request was fine; the registry behind the daemon failed
     return 400
 
 

@@ -212,6 +212,7 @@ def test_registry_failure_fails_the_container_start(stack, failure):
     assert any(b in msg for b in blobs), msg
     cause = {401: "authentication", 403: "403", 500: "500", "hold": "timed out|timeout"}[failure]
     assert re.search(cause, msg, re.I), msg
+    assert "the daemon refused it (502)" in msg, msg     # the registry failed, not the request
     assert took < 20 * FETCH_DEADLINE
     assert stack.state() == before
 
