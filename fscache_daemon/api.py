@@ -24,7 +24,7 @@ namespace, an overlay, a lazily detached mount) and its blobs stay served until 
 Errors are {"error": "<one line>"} with 400 (malformed request, relative path), 404 (no
 such route or mount), 405, 409 (already mounted, busy, another mount covers the image,
 cache directory in use), 411, 413, 500 (mount(2) or front end failure) or 502 (the
-registry behind a backend refused or failed).
+registry or blob directory behind a backend refused or failed).
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ from fscache_daemon.errors import (
     NotFoundError,
     check_unix_socket_path,
 )
+from fscache_daemon.storage import BackendUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +69,8 @@ def _status_of(exc: Exception) -> int:
         return 409
     if isinstance(exc, (MountError, erofs_tools_errors.MountError, FrontendError)):
         return 500
-    if isinstance(exc, erofs_tools_errors.RegistryError):
-        return 502      # the request was fine; the registry behind the daemon failed
+    if isinstance(exc, (erofs_tools_errors.RegistryError, BackendUnavailableError)):
+        return 502      # the request was fine; the registry or blob store behind it failed
     return 400
 
 

@@ -16,3 +16,8 @@ class StorageError(DaemonError):
 
 class BackendError(DaemonError):
     """A backend could not deliver the bytes asked for."""
+
+
+class BackendUnavailableError(BackendError):
+    """The store behind a backend (registry, blob directory) refused or failed a read
+    that was well formed: the API answers 502, not 400."""

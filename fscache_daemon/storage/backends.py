@@ -18,7 +18,7 @@ import threading
 from erofs_tools.errors import ErofsToolsError
 from erofs_tools.registry.reference import default_insecure
 
-from . import BackendError
+from . import BackendError, BackendUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ class LocalFsBackend(Backend):
                 try:
                     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
                 except OSError as e:
-                    raise BackendError(f"{path}: cannot open blob: {e.strerror}") from None
+                    raise BackendUnavailableError(f"{path}: cannot open blob: {e.strerror}") from None
                 self._fds[blob_id] = fd
             return fd
 
@@ -117,10 +117,10 @@ class LocalFsBackend(Backend):
             try:
                 b = os.pread(fd, length - got, offset + got)
             except OSError as e:
-                raise BackendError(f"{self.directory}/{blob_id}: read failed at {offset + got}: "
+                raise BackendUnavailableError(f"{self.directory}/{blob_id}: read failed at {offset + got}: "
                                    f"{e.strerror}") from None
             if not b:
-                raise BackendError(f"{self.directory}/{blob_id}: short read: wanted "
+                raise BackendUnavailableError(f"{self.directory}/{blob_id}: short read: wanted "
                                    f"{offset}+{length}, blob ends at {offset + got}")
             parts.append(b)
             got += len(b)
@@ -305,9 +305,9 @@ class RegistryBackend(Backend):
                                lambda c: c.stat_blob(self.repository, digest))
         except ErofsToolsError as e:
             # the layer digest in full: what the image's manifest and its users name
-            raise BackendError(f"registry {self.reference} layer {digest}: {e}") from None
+            raise BackendUnavailableError(f"registry {self.reference} layer {digest}: {e}") from None
         if size is None:
-            raise BackendError(f"registry {self.reference}: layer {digest} not found")
+            raise BackendUnavailableError(f"registry {self.reference}: layer {digest} not found")
         return size
 
     def read(self, blob_id: str, offset: int, length: int) -> bytes:
@@ -317,13 +317,13 @@ class RegistryBackend(Backend):
         def one(c) -> bytes:
             data = c.read_blob_range(self.repository, digest, offset, length)
             if len(data) != length:
-                raise BackendError(f"range {offset}+{length} returned {len(data)} bytes "
+                raise BackendUnavailableError(f"range {offset}+{length} returned {len(data)} bytes "
                                    f"from {c.host}")
             return data
         try:
             return self._first(self._pull, f"layer {digest}", one)
         except ErofsToolsError as e:
-            raise BackendError(f"registry {self.reference} layer {digest}: {e}") from None
+            raise BackendUnavailableError(f"registry {self.reference} layer {digest}: {e}") from None
 
     def close(self) -> None:
         for _, c in self._clients:
