@@ -119,7 +119,8 @@ class Containerd:
 
     def __init__(self, workdir: str, proxies: dict[str, str],
                  cri_snapshotter: str | None = None,
-                 plain_http_hosts: tuple[str, ...] = ()) -> None:
+                 plain_http_hosts: tuple[str, ...] = (),
+                 start_timeout: float = 30.0) -> None:
         self.dir = workdir
         self.cri = cri_snapshotter is not None
         self.sock = os.path.join(workdir, "containerd.sock")
@@ -158,7 +159,7 @@ class Containerd:
         with open(self.log, "w") as out:
             self.proc = subprocess.Popen(["containerd", "--config", config],
                                          stdout=out, stderr=subprocess.STDOUT)
-        wait_for(lambda: self.ctr("version", check=False).returncode == 0, 30,
+        wait_for(lambda: self.ctr("version", check=False).returncode == 0, start_timeout,
                  "containerd", self.proc, self.log)
 
     def ctr(self, *args: str, check: bool = True, timeout: float = 120,

@@ -82,6 +82,14 @@ def test_scratch_is_writable_ext4():
     os.unlink(path)
 
 
+def test_cgroup2_mounted():
+    """runc (vm-tests/tests/test_containerd.py) needs the unified hierarchy; the test
+    kernels have CONFIG_CGROUPS without controllers."""
+    fstype, _ = mount_of("/sys/fs/cgroup")
+    assert fstype == "cgroup2"
+    assert os.path.exists("/sys/fs/cgroup/cgroup.procs")
+
+
 def test_tmp_and_shm_writable():
     for d in ("/tmp", "/run", "/dev/shm"):
         assert mount_of(d)[0] == "tmpfs"
