@@ -63,6 +63,7 @@ from fscache_daemon.storage import StorageError
 from fscache_daemon.storage import blobcache as bc
 from fscache_daemon.storage.backends import Backend, open_backend
 from fscache_daemon.storage.planner import DEFAULT_BATCH_SIZE, plan
+from fscache_daemon.trace import TraceRecorder, find_image
 
 # names that moved out of this module, kept importable from here
 __all__ = ["Daemon", "Frontend", "NullFrontend", "FanotifyFrontend", "CachefilesAdapter",
@@ -132,6 +133,7 @@ class Daemon(MountLifecycle):
         self.sampler = ProcessSampler()
         self.meta_bytes_fetched = 0
         self.prefetch_bytes = 0
+        self.traces = TraceRecorder(self)       # first accesses, per cache key (trace.py)
 
     # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> None:
@@ -265,6 +267,7 @@ class Daemon(MountLifecycle):
         mgr = self.blobs.get(key)
         if mgr is None:
             raise NotFoundError(f"no blob {key!r} is open")
+        self.traces.note(key, mgr, offset, length)
         fetched = mgr.fill(offset, length)
         self._readahead(key, mgr, offset, length, fetched > 0)
 
@@ -304,7 +307,10 @@ class Daemon(MountLifecycle):
     def fast_path(self, key: str, offset: int, length: int) -> bool:
         t0 = time.perf_counter()
         mgr = self.blobs.get(key)
-        if mgr is None or not mgr.is_cached(offset, length):
+        if mgr is None:
+            return False
+        self.traces.note(key, mgr, offset, length)
+        if not mgr.is_cached(offset, length):
             return False
         mgr.stats.record_request(length, True, time.perf_counter() - t0, False)
         self._readahead(key, mgr, offset, length, False)
@@ -385,6 +391,14 @@ class Daemon(MountLifecycle):
                           "complete": mgr.complete()})
         d["blobs"] = blobs
         return d
+
+    def trace(self, mountpoint: str | None = None, bootstrap: str | None = None) -> dict:
+        """The access trace of the image mounted at `mountpoint` or from `bootstrap`."""
+        img = find_image(self.all_images(), mountpoint, bootstrap)
+        if img is None:
+            raise NotFoundError(f"{mountpoint or bootstrap}: no image mounted there by "
+                                "this daemon")
+        return self.traces.export(img)
 
     def list(self) -> list[dict]:
         with self._lock:
