@@ -55,6 +55,7 @@ class TraceRecorder:
     def __init__(self, daemon: Any) -> None:
         self._d = daemon
         self._logs: dict[str, _KeyLog] = {}
+        self._t0: dict[tuple[str, float], int] = {}   # image -> mount time, monotonic ns
         self._lock = threading.Lock()
 
     def note(self, key: str, mgr, offset: int, length: int) -> None:
@@ -98,10 +99,23 @@ class TraceRecorder:
                         out[c.index] = t
         return out
 
+    def _mount_time(self, img) -> int:
+        """The image's mount on the monotonic clock (from its wall-clock mount time, the
+        only one mounts.json keeps), worked out once so that exports agree."""
+        ident = (img.mountpoint, img.mounted_at)
+        with self._lock:
+            t0 = self._t0.get(ident)
+            if t0 is None:
+                if len(self._t0) > 4096:
+                    self._t0.clear()
+                t0 = time.monotonic_ns() - int((time.time() - img.mounted_at) * 1e9)
+                self._t0[ident] = t0
+            return t0
+
     def export(self, img) -> dict:
         """The trace of mounted (or detached) image `img` as a JSON-able dict."""
-        now_ns, now = time.monotonic_ns(), time.time()
-        t0 = now_ns - int((now - img.mounted_at) * 1e9)      # the mount, monotonic
+        now_ns = time.monotonic_ns()
+        t0 = self._mount_time(img)
         chunks: dict[tuple[int, int], tuple[int, Any]] = {}  # (blob, uoff) -> (t, chunk)
         complete, open_blobs = [], []
         for bi, key in enumerate(img.blob_keys):
