@@ -195,3 +195,37 @@ def test_optimize_a_recorded_trace_mounts_identical(image, tmp_path):
     # whole cache files through `erofs-tools mount`, then fsck.erofs on them
     shutil.rmtree(tmp_path / "mnt", ignore_errors=True)
     mount_and_compare(opt, image["blobs"], image["src"], tmp_path)
+
+
+def test_optimize_oci_layout_uploads_only_the_prefetch_blob(image, tmp_path):
+    layout = tmp_path / "layout"
+    cli("push", image["boot"], f"oci:{layout}:v1", "-D", image["blobs"])
+    pulled = tmp_path / "pulled"
+    cli("pull", f"oci:{layout}:v1", "-o", pulled)
+    # the trace of the image as published (blob ids are the blob files' digests)
+    pub = {"boot": str(pulled / "image.boot"),
+           "blob_id": BootstrapTables.read(str(pulled / "image.boot")).blobs[0].blob_id}
+    trace = synthetic_trace(pub, [("/b.bin", [2, 1, 0]), ("/c.bin", [0])])
+    tfile = tmp_path / "trace.json"
+    tfile.write_text(json.dumps(trace))
+    blobs_before = set(os.listdir(layout / "blobs" / "sha256"))
+    res = json.loads(cli("optimize", f"oci:{layout}:v1", f"oci:{layout}:fast", "--trace",
+                         tfile, "--json").stdout)
+    assert res["prefetch_files"] == 2 and res["prefetch_chunks"] == 4
+    added = set(os.listdir(layout / "blobs" / "sha256")) - blobs_before
+    # the prefetch blob, the bootstrap layer, the config and the manifest: no data blob
+    # of the source went in again (it was there), and nothing else was copied
+    assert res["prefetch_blob"] in added and len(added) == 4, (added, res)
+    assert [p["how"] for p in res["pushed"] if p["digest"] == "sha256:" + pub["blob_id"]] \
+        == ["exists"]
+    out = tmp_path / "fast"
+    cli("pull", f"oci:{layout}:fast", "-o", out, "--blobs")
+    assert prefetch_paths(str(out / "image.boot")) == ["/b.bin", "/c.bin"]
+    reader_check(out / "image.boot", out)
+    cli("unpack", out / "image.boot", "--blob-dir", out, "-o", tmp_path / "unpacked")
+    helpers.assert_same_tree(image["src"], str(tmp_path / "unpacked"))
+    # into another layout: the source blob is copied there, the result is complete
+    other = tmp_path / "other"
+    cli("optimize", f"oci:{layout}:v1", f"oci:{other}:fast", "--trace", tfile)
+    cli("pull", f"oci:{other}:fast", "-o", tmp_path / "other-pulled", "--blobs")
+    reader_check(tmp_path / "other-pulled" / "image.boot", tmp_path / "other-pulled")
