@@ -12,6 +12,7 @@ import shutil
 
 import helpers
 import pytest
+from registry_fixtures import registry  # noqa: F401
 from test_daemon_support import DaemonProc, pack, require_lazy_kernel
 from test_pack import cli, mount_and_compare, reader_check
 
@@ -229,3 +230,28 @@ def test_optimize_oci_layout_uploads_only_the_prefetch_blob(image, tmp_path):
     cli("optimize", f"oci:{layout}:v1", f"oci:{other}:fast", "--trace", tfile)
     cli("pull", f"oci:{other}:fast", "-o", tmp_path / "other-pulled", "--blobs")
     reader_check(tmp_path / "other-pulled" / "image.boot", tmp_path / "other-pulled")
+
+
+def test_optimize_registry_reference(image, tmp_path, registry):  # noqa: F811
+    src_ref, dst_ref = f"{registry.host}/app:v1", f"{registry.host}/app:fast"
+    cli("push", image["boot"], src_ref, "-D", image["blobs"])
+    pulled = tmp_path / "pulled"
+    cli("pull", src_ref, "-o", pulled)
+    pub = {"boot": str(pulled / "image.boot"),
+           "blob_id": BootstrapTables.read(str(pulled / "image.boot")).blobs[0].blob_id}
+    trace = synthetic_trace(pub, [("/a.bin", [0, 1]), ("/e.bin", [1])])
+    tfile = tmp_path / "trace.json"
+    tfile.write_text(json.dumps(trace))
+    res = json.loads(cli("optimize", src_ref, dst_ref, "--trace", tfile, "--work-dir",
+                         tmp_path, "--json").stdout)
+    how = {p["digest"]: p["how"] for p in res["pushed"]}
+    assert how["sha256:" + pub["blob_id"]] == "exists"        # never uploaded again
+    assert how["sha256:" + res["prefetch_blob"]] == "uploaded"
+    out = tmp_path / "fast"
+    cli("pull", dst_ref, "-o", out, "--blobs")
+    assert prefetch_paths(str(out / "image.boot")) == ["/a.bin", "/e.bin"]
+    reader_check(out / "image.boot", out)
+    cli("unpack", out / "image.boot", "--blob-dir", out, "-o", tmp_path / "unpacked")
+    helpers.assert_same_tree(image["src"], str(tmp_path / "unpacked"))
+    # the work directory is cleaned up
+    assert not [n for n in os.listdir(tmp_path) if n.startswith("erofs-optimize-")]
