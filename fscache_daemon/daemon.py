@@ -57,6 +57,7 @@ from fscache_daemon.pool import (
     PriorityPool,
     TokenBucket,
 )
+from fscache_daemon.prefetch import stream_table
 from fscache_daemon.readahead import BlobReadahead
 from fscache_daemon.state import CacheDirLock
 from fscache_daemon.storage import StorageError
@@ -334,9 +335,18 @@ class Daemon(MountLifecycle):
             if item is None:
                 return
             mountpoint, jobs = item
+            table = [j for j in jobs if j[2] is not None]
+            if table and mountpoint in self.images:
+                try:    # the prefetch table's files first, streamed (prefetch.py)
+                    self.prefetch_bytes += stream_table(self.pool, self.blobs, table,
+                                                        self._stop)
+                except Exception:  # noqa: BLE001 - prefetch is best effort
+                    log.exception("prefetch of %s's prefetch table failed", mountpoint)
             for key, off, length in jobs:
                 if self._stop.is_set() or mountpoint not in self.images:
                     break
+                if length is not None:
+                    continue            # streamed above
                 mgr = self.blobs.get(key)
                 if mgr is None:
                     continue
