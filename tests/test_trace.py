@@ -200,3 +200,41 @@ def test_touch_log_pages_and_holder_reply():
     assert not FilledView.touches_reply(views, {"inode": "x"})["ok"]
     assert FilledView.touches_reply(views, {"inode": [1, 2], "since": "y"})["next"] == \
         TouchLog.PAGE
+
+
+def test_trace_export_without_a_kernel(tmp_path):
+    """The daemon side alone (front end "none": fills driven directly): first accesses
+    in order, a chunk shared by two files attributed once, files never read absent."""
+    from test_daemon_support import chunk_of_file
+
+    from fscache_daemon.daemon import Daemon
+    src = write_files(str(tmp_path / "src"))
+    with open(os.path.join(src, "z-copy.bin"), "wb") as f, \
+            open(os.path.join(src, "a.bin"), "rb") as g:
+        f.write(g.read())                     # every chunk deduplicated with a.bin
+    boot, blobs = str(tmp_path / "boot"), str(tmp_path / "blobs")
+    pack(src, boot, blobs, "--chunk-size", hex(CHUNK))
+    d = Daemon(str(tmp_path / "cache"), frontend="none", threads=2, prefetch_rate=0,
+               readahead=0)
+    d.start()
+    try:
+        mnt = str(tmp_path / "mnt")
+        d.mount(boot, mnt, f"localfs:{blobs}")
+        for rel, offs in (("sub/d.bin", [0, CHUNK]), ("a.bin", [0]), ("b.bin", [CHUNK]),
+                          ("z-copy.bin", [CHUNK]), ("sub/d.bin", [0])):
+            for off in offs:
+                blob_id, c = chunk_of_file(boot, blobs, rel, off)
+                d.fill(blob_id, c.uncompressed_offset, 4096)
+        t = d.trace(mountpoint=mnt)
+        assert [e["path"] for e in t["entries"]] == ["/sub/d.bin", "/a.bin", "/b.bin"]
+        by = {e["path"]: e for e in t["entries"]}
+        assert by["/sub/d.bin"]["file_ranges"] == [[0, 2 * CHUNK]]
+        # z-copy.bin's second chunk is a.bin's: attributed to the file already traced
+        assert by["/a.bin"]["file_ranges"] == [[0, 2 * CHUNK]]
+        assert by["/b.bin"]["file_ranges"] == [[CHUNK, CHUNK]]
+        assert t["image"]["state"] == "mounted" and t["complete_blobs"] == []
+        assert d.trace(bootstrap=boot)["entries"] == t["entries"]
+        with pytest.raises(Exception, match="no image mounted"):
+            d.trace(mountpoint=str(tmp_path))
+    finally:
+        d.shutdown()
