@@ -255,3 +255,45 @@ def test_optimize_registry_reference(image, tmp_path, registry):  # noqa: F811
     helpers.assert_same_tree(image["src"], str(tmp_path / "unpacked"))
     # the work directory is cleaned up
     assert not [n for n in os.listdir(tmp_path) if n.startswith("erofs-optimize-")]
+
+
+def test_optimize_registry_downloads_only_traced_blobs(tmp_path, registry):  # noqa: F811
+    """A two-blob image (the second built with --chunk-dict): a trace touching only the
+    second blob never downloads the first; the first blob's stored data is corrupted in
+    the registry to prove it (a download would fail its digest check)."""
+    base = write_src(str(tmp_path / "base"))
+    blobs = str(tmp_path / "blobs")
+    pack(base, str(tmp_path / "base.boot"), blobs, "--chunk-size", hex(CHUNK))
+    src = str(tmp_path / "src")
+    shutil.copytree(base, src, symlinks=True)
+    with open(os.path.join(src, "new.bin"), "wb") as f:
+        f.write(random.Random(3).randbytes(900_000))
+    info = pack(src, str(tmp_path / "img.boot"), blobs, "--chunk-size", hex(CHUNK),
+                "--chunk-dict", str(tmp_path / "base.boot"))
+    assert len(info["blobs"]) == 2
+    ref = f"{registry.host}/two/app"
+    cli("push", tmp_path / "img.boot", f"{ref}:v1", "-D", blobs)
+    pulled = tmp_path / "pulled"
+    cli("pull", f"{ref}:v1", "-o", pulled)
+    ids = [b.blob_id for b in BootstrapTables.read(str(pulled / "image.boot")).blobs]
+    pub = {"boot": str(pulled / "image.boot"), "blob_id": ids[1]}
+    trace = synthetic_trace(pub, [("/new.bin", [0, 1])])
+    trace["image"]["blobs"] = ids
+    for e in trace["entries"]:
+        for c in e["chunks"]:
+            c["blob"] = 1
+    tfile = tmp_path / "trace.json"
+    tfile.write_text(json.dumps(trace))
+    with open(registry.blob_data_path("sha256:" + ids[0]), "r+b") as f:
+        f.seek(100)
+        f.write(b"corrupted")
+    res = json.loads(cli("optimize", f"{ref}:v1", f"{ref}:fast", "--trace", tfile,
+                         "--json").stdout)
+    assert res["prefetch_chunks"] == 2
+    how = {p["digest"]: p["how"] for p in res["pushed"]}
+    assert how["sha256:" + ids[0]] == how["sha256:" + ids[1]] == "exists"
+    out = tmp_path / "fast"
+    cli("pull", f"{ref}:fast", "-o", out)
+    assert prefetch_paths(str(out / "image.boot")) == ["/new.bin"]
+    assert [b.blob_id for b in BootstrapTables.read(str(out / "image.boot")).blobs] == \
+        ids + [res["prefetch_blob"]]

@@ -1,8 +1,9 @@
 """`erofs-tools optimize SRC_REF DST_REF --trace FILE`: optimize (builder/optimize.py) a
 Nydus image in an OCI layout (`oci:PATH[:TAG]`) or a registry, and publish the result.
 
-The source bootstrap is pulled; the blobs are read where they are (an OCI layout's blob
-files, linked by blob id) or, from a registry, pulled once into the work directory.
+The source bootstrap is pulled; the blobs holding traced chunks are read where they are
+(an OCI layout's blob files, linked by blob id) or, from a registry, pulled into the work
+directory (only those: the other blobs are never downloaded).
 The result is pushed like `push` does: the new prefetch blob is uploaded, every source
 blob is referenced as it is (already in a destination that is the source repository or
 layout: nothing re-uploaded; copied into another layout).
@@ -32,8 +33,11 @@ def optimize_ref(src_ref: str, dst_ref: str, trace: Trace, *, insecure: bool | N
         blob_dir = os.path.join(tmp, "blobs")
         os.makedirs(blob_dir)
         local = isinstance(ref, LayoutReference)
+        # from a registry, only the blobs holding traced chunks (the others stay where
+        # they are and are referenced, never downloaded)
         pulled = pull_nydus(src_ref, blob_dir, blobs=not local, insecure=insecure,
-                            platform=platform, client_kw=client_kw)
+                            platform=platform, client_kw=client_kw,
+                            only_blobs={b for b, _ in trace.chunks})
         boot = pulled["bootstrap"]
         if isinstance(ref, LayoutReference):
             layout = OciLayout(ref.path)
