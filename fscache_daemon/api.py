@@ -12,6 +12,7 @@ daemon's own uid only, checked with SO_PEERCRED on every connection).
     POST   /api/v1/umount                 {"mountpoint", "lazy"?}  (same as DELETE)
     GET    /api/v1/metrics                per-blob counters, latency p50/p99, process,
                                           cache (bytes, limit, in use, evicted)
+    GET    /api/v1/trace?mountpoint=P|bootstrap=B   the image's access trace (trace.py)
     GET    /metrics                       the same in Prometheus text format 0.0.4
     POST   /api/v1/shutdown               stop the daemon (mounts stay)
 
@@ -286,6 +287,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             raise ApiError(400, "field 'lazy' must be a boolean")
         self._umount(b.get("mountpoint"), lazy)
 
+    def get_trace(self, q):
+        mp, boot = q.get("mountpoint", [None])[0], q.get("bootstrap", [None])[0]
+        if (mp is None) == (boot is None):
+            raise ApiError(400, "give exactly one of mountpoint= and bootstrap=")
+        _absolute("mountpoint" if mp else "bootstrap", mp or boot)
+        self._json(200, self.d.trace(mountpoint=mp, bootstrap=boot))
+
     def get_metrics(self, _q):
         self._json(200, self.d.metrics())
 
@@ -305,6 +313,7 @@ ROUTES = {
                        "DELETE": _Handler.delete_mounts},
     "/api/v1/umount": {"POST": _Handler.post_umount},
     "/api/v1/metrics": {"GET": _Handler.get_metrics},
+    "/api/v1/trace": {"GET": _Handler.get_trace},
     "/metrics": {"GET": _Handler.get_prometheus},
     "/api/v1/shutdown": {"POST": _Handler.post_shutdown},
 }

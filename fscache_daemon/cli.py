@@ -1,5 +1,5 @@
 """fscache-daemon command line: `run` (the daemon, foreground) and the one-liners that talk
-to it over the API socket: `mount`, `umount`, `status`.
+to it over the API socket: `mount`, `umount`, `status`, `trace`.
 
 Every command takes `--api-sock` (env FSCACHE_DAEMON_API_SOCK, default
 /run/fscache-daemon/api.sock); `run` and `mount` take `--cache-dir` (env
@@ -349,6 +349,44 @@ def rpull(ref, address, namespace, snapshotter, insecure, as_json):
                    f"lazy, {res['unpacked_layers']} unpacked, {res['present_layers']} "
                    f"present) into namespace {namespace}, snapshotter {snapshotter}: "
                    f"{_human(res['bytes_fetched'])} fetched in {res['seconds']:.2f}s")
+
+
+@cli.command()
+@click.argument("target", type=click.Path(exists=True))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, allow_dash=True),
+              help="Write the trace (JSON) to this file ('-': stdout).")
+@click.option("--json", "as_json", is_flag=True, help="Print the trace as JSON.")
+@sock_option
+def trace(target, output, as_json, api_sock):
+    """Export the access trace of a mounted image: which files and chunks readers needed
+    first, in order, with the time after the mount (seconds). TARGET is the mount point,
+    or the bootstrap file it was mounted from. Input for `erofs-tools optimize --trace`."""
+    import urllib.parse
+    field = "mountpoint" if os.path.isdir(target) else "bootstrap"
+    query = urllib.parse.urlencode({field: os.path.realpath(target)})
+    res = _client(api_sock).call("GET", f"/api/v1/trace?{query}")
+    text = json.dumps(res, indent=1) + "\n"
+    if output == "-" or (as_json and not output):
+        click.echo(text, nl=False)
+        return
+    if output:
+        from erofs_tools.fsutil import atomic_write_bytes
+        try:
+            atomic_write_bytes(output, text.encode())
+        except OSError as e:
+            raise DaemonError(f"{output}: {e.strerror}") from None
+    entries = res["entries"]
+    click.echo(f"{len(entries)} files, {sum(len(x['chunks']) for x in entries)} chunks "
+               f"first read in {res['recorded_for']:.1f}s since the mount"
+               + (f"; written to {output}" if output else ""), err=bool(output))
+    if not output:
+        for ent in entries:
+            size = sum(c["uncompressed_size"] for c in ent["chunks"])
+            click.echo(f"  {ent['first_access']:9.3f}s  {ent['path']}  {len(ent['chunks'])} "
+                       f"chunks, {_human(size)}")
+    if res.get("complete_blobs"):
+        click.echo(f"note: {len(res['complete_blobs'])} blob(s) were complete in the cache: "
+                   f"their reads never reach the daemon and are not traced", err=True)
 
 
 def _human(n: float) -> str:

@@ -58,12 +58,14 @@ from fscache_daemon.pool import (
     PriorityPool,
     TokenBucket,
 )
+from fscache_daemon.prefetch import stream_table
 from fscache_daemon.readahead import BlobReadahead
 from fscache_daemon.state import CacheDirLock
 from fscache_daemon.storage import StorageError
 from fscache_daemon.storage import blobcache as bc
 from fscache_daemon.storage.backends import Backend, open_backend
 from fscache_daemon.storage.planner import DEFAULT_BATCH_SIZE, plan
+from fscache_daemon.trace import TraceRecorder, find_image
 
 # names that moved out of this module, kept importable from here
 __all__ = ["Daemon", "Frontend", "NullFrontend", "FanotifyFrontend", "CachefilesAdapter",
@@ -140,6 +142,7 @@ class Daemon(MountLifecycle):
         # other services in this process add their metrics here (name -> callable), e.g.
         # the snapshotter's per-call latency under "snapshotter"
         self.metric_sources: dict[str, Callable[[], dict]] = {}
+        self.traces = TraceRecorder(self)       # first accesses, per cache key (trace.py)
 
     # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> None:
@@ -292,6 +295,7 @@ class Daemon(MountLifecycle):
         mgr = self.blobs.get(key)
         if mgr is None:
             raise NotFoundError(f"no blob {key!r} is open")
+        self.traces.note(key, mgr, offset, length)
         fetched = mgr.fill(offset, length)
         self._readahead(key, mgr, offset, length, fetched > 0)
 
@@ -331,7 +335,10 @@ class Daemon(MountLifecycle):
     def fast_path(self, key: str, offset: int, length: int) -> bool:
         t0 = time.perf_counter()
         mgr = self.blobs.get(key)
-        if mgr is None or not mgr.is_cached(offset, length):
+        if mgr is None:
+            return False
+        self.traces.note(key, mgr, offset, length)
+        if not mgr.is_cached(offset, length):
             return False
         mgr.stats.record_request(length, True, time.perf_counter() - t0, False)
         self._readahead(key, mgr, offset, length, False)
@@ -355,9 +362,18 @@ class Daemon(MountLifecycle):
             if item is None:
                 return
             mountpoint, jobs = item
+            table = [j for j in jobs if j[2] is not None]
+            if table and mountpoint in self.images:
+                try:    # the prefetch table's files first, streamed (prefetch.py)
+                    self.prefetch_bytes += stream_table(self.pool, self.blobs, table,
+                                                        self._stop)
+                except Exception:  # noqa: BLE001 - prefetch is best effort
+                    log.exception("prefetch of %s's prefetch table failed", mountpoint)
             for key, off, length in jobs:
                 if self._stop.is_set() or mountpoint not in self.images:
                     break
+                if length is not None:
+                    continue            # streamed above
                 mgr = self.blobs.get(key)
                 if mgr is None:
                     continue
@@ -415,6 +431,14 @@ class Daemon(MountLifecycle):
         mgr = next((self.blobs.get(k) for k in img.blob_keys if k in self.blobs), None)
         d["endpoints"] = list(getattr(mgr.backend, "endpoints", [])) if mgr else []
         return d
+
+    def trace(self, mountpoint: str | None = None, bootstrap: str | None = None) -> dict:
+        """The access trace of the image mounted at `mountpoint` or from `bootstrap`."""
+        img = find_image(self.all_images(), mountpoint, bootstrap)
+        if img is None:
+            raise NotFoundError(f"{mountpoint or bootstrap}: no image mounted there by "
+                                "this daemon")
+        return self.traces.export(img)
 
     def list(self) -> list[dict]:
         with self._lock:

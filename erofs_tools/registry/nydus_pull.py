@@ -49,9 +49,10 @@ _REGULAR = (b"0", b"\0", b"7")
 
 def pull_nydus(src_ref: str, out_dir: str, *, blobs: bool = False,
                insecure: bool | None = None, platform: str | None = None,
-               client_kw: dict | None = None) -> dict:
+               client_kw: dict | None = None, only_blobs=None) -> dict:
     """Fetch a Nydus image's bootstrap into OUT_DIR/image.boot (and its blobs into
-    OUT_DIR/<blob id> with blobs=True, verified, skipping ones already there)."""
+    OUT_DIR/<blob id> with blobs=True, verified, skipping ones already there; with
+    `only_blobs`, a set of blob ids, only those)."""
     from erofs_tools.builder.chunk_dict import BootstrapTables
     os_name, arch = parse_platform(platform)
     ref = parse_reference(src_ref)
@@ -86,7 +87,8 @@ def pull_nydus(src_ref: str, out_dir: str, *, blobs: bool = False,
                 boot.seek(0)
                 with atomic_output(path, mode=0o644) as out:
                     shutil.copyfileobj(boot, out, PIECE)
-        fetched = _pull_blobs(source, str(ref), t.blobs, layers, out_dir) if blobs else []
+        wanted = [b for b in t.blobs if only_blobs is None or b.blob_id in only_blobs]
+        fetched = _pull_blobs(source, str(ref), wanted, layers, out_dir) if blobs else []
         return {"manifest": m.digest, "bootstrap": path,
                 "blobs": [b.blob_id for b in t.blobs], "fetched": fetched}
 

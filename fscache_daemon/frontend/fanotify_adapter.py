@@ -129,6 +129,9 @@ class FanotifyFrontend(Frontend):
         self._filled: dict[str, tuple[FilledMap, Callable]] = {}
         # cache key -> indexes of readahead markers whose filled bits are kept back
         self._withheld: dict[str, set[int]] = {}
+        # cache key -> (next holder record, first accesses the holder allowed itself:
+        # [(offset, length, monotonic ns)]), for access traces (fscache_daemon/trace.py)
+        self._touches: dict[str, tuple[int, list]] = {}
         self._lock = threading.Lock()
 
     def start(self, daemon: DaemonView) -> None:
@@ -273,12 +276,46 @@ class FanotifyFrontend(Frontend):
     def release_blob(self, mgr) -> None:
         if self._unmark(mgr):
             log.info("blob %s no longer mounted: cache file unmarked", mgr.blob_id[:12])
+        with self._lock:
+            self._touches.pop(mgr.key, None)
+
+    def touches(self, mgr) -> list[tuple[int, int, int]]:
+        """First accesses to `mgr`'s cache file that the fd holder allowed from the
+        filled bitmap (the daemon never saw them): [(offset, length, monotonic ns)]."""
+        with self._lock:
+            self._pull_touches(mgr)
+            return list(self._touches.get(mgr.key, (0, []))[1])
+
+    def _pull_touches(self, mgr) -> None:
+        """Fetch the holder's new records for mgr (under self._lock): before an unmark
+        too, since the holder forgets the file's log with its bitmap."""
+        from fscache_daemon.frontend.fanotify_marks import TouchLog
+        if mgr.key not in self._filled or self.watcher is None:
+            return
+        nxt, recs = self._touches.get(mgr.key, (0, []))
+        st = os.fstat(mgr.cache.fileno())
+        while True:
+            try:
+                # HolderChannel's request/reply call (no public wrapper: fdholder.py
+                # is at the module size limit)
+                reply, _ = self.watcher.channel._call(
+                    {"op": "touches", "inode": [st.st_dev, st.st_ino], "since": nxt})
+            except (FrontendError, OSError) as e:
+                log.debug("fd holder touches of %s: %s", mgr.key[:12], e)
+                break
+            got = reply.get("records") or []
+            recs.extend((int(o), int(n), int(t)) for o, n, t in got)
+            nxt = int(reply.get("next", nxt))
+            if len(got) < TouchLog.PAGE:
+                break
+        self._touches[mgr.key] = (nxt, recs)
 
     def _unmark(self, mgr) -> bool:
         with self._lock:
             if mgr.key not in self._marked:
                 return False
             watcher = self._watcher()   # stopped: nothing to unmark through
+            self._pull_touches(mgr)     # the holder forgets them with the mark
             self._marked.discard(mgr.key)
             mgr.cache.use_write_fd(None)
             # Remove the kernel mark through the channel but keep the watcher's mapping

@@ -5,10 +5,12 @@ each other at import time."""
 
 from __future__ import annotations
 
+import array
 import fcntl
 import mmap
 import os
 import threading
+import time
 from dataclasses import dataclass
 
 from fscache_daemon.errors import FrontendError
@@ -44,6 +46,22 @@ def _covers(mm, nblocks: int, start: int, end: int) -> bool:
     val = int.from_bytes(mm[b0:(last >> 3) + 1], "little")
     need = ((1 << (last - first + 1)) - 1) << (first & 7)
     return val & need == need
+
+
+def _set_bits(mm, nblocks: int, offset: int, length: int) -> None:
+    """Set the bit of every block touched by [offset, offset+length) (length > 0)."""
+    i = offset // FILLED_BLOCK
+    end = min(nblocks, -(-(offset + length) // FILLED_BLOCK))
+    while i < end and i & 7:
+        mm[i >> 3] |= 1 << (i & 7)
+        i += 1
+    full = (end - i) >> 3
+    if full > 0:
+        mm[i >> 3:(i >> 3) + full] = b"\xff" * full
+        i += full << 3
+    while i < end:
+        mm[i >> 3] |= 1 << (i & 7)
+        i += 1
 
 
 class FilledMap:
@@ -92,22 +110,9 @@ class FilledMap:
         after that data, verified, was written into the cache file."""
         if length <= 0:
             return
-        i = offset // FILLED_BLOCK
-        end = min(self.nblocks, -(-(offset + length) // FILLED_BLOCK))
         with self._lock:
-            mm = self._mm
-            if mm is None:
-                return
-            while i < end and i & 7:
-                mm[i >> 3] |= 1 << (i & 7)
-                i += 1
-            full = (end - i) >> 3
-            if full > 0:
-                mm[i >> 3:(i >> 3) + full] = b"\xff" * full
-                i += full << 3
-            while i < end:
-                mm[i >> 3] |= 1 << (i & 7)
-                i += 1
+            if self._mm is not None:
+                _set_bits(self._mm, self.nblocks, offset, length)
 
     def covers(self, offset: int, length: int) -> bool:
         end = min(offset + length, self.size)
@@ -150,6 +155,8 @@ class FilledView:
             self._mm = mmap.mmap(fd, nbytes, mmap.MAP_SHARED, mmap.PROT_READ)
         finally:
             os.close(fd)
+        # first accesses the holder answers itself, for the daemon's access traces
+        self.touches = TouchLog(size)
 
     def covers(self, offset: int, count: int) -> bool:
         """The range (clamped to the file size) is non-empty and every block is filled."""
@@ -158,6 +165,66 @@ class FilledView:
 
     def close(self) -> None:
         self._mm.close()
+
+    @staticmethod
+    def touches_reply(views: dict, msg: dict) -> dict:
+        """The holder's answer to {"op": "touches", "inode": [dev, ino], "since": N}:
+        `views` maps inodes to (FilledView, connection)."""
+        inode = msg.get("inode")
+        item = views.get(tuple(inode)) if isinstance(inode, list) else None
+        if item is None:
+            return {"ok": False, "error": f"no filled map for inode {inode!r}"}
+        since = msg.get("since", 0)
+        return item[0].touches.page(since if isinstance(since, int) else 0)
+
+
+class TouchLog:
+    """First accesses of one marked file that the fd holder allowed from the filled
+    bitmap: the daemon never sees those events, but its access traces (trace.py) must
+    list them. Kept by the holder, read by the daemon with the `touches` request.
+
+    Cost per allowed event: one bitmap test (the common case, a block read again after
+    the page cache dropped it, stops there); a first access also sets its bits and
+    appends one record. Memory is bounded by the file: a record is appended only when
+    at least one block is touched for the first time, so at most one per 4 KiB block
+    (16 bytes each), plus one bit per block.
+    """
+
+    # records per `touches` reply: each is ~30 bytes of JSON, replies must stay well
+    # below the holder's 64 KiB message size
+    PAGE = 1024
+
+    def __init__(self, size: int):
+        self.size = size
+        self.nblocks = -(-size // FILLED_BLOCK)
+        self._seen = bytearray(max(1, -(-self.nblocks // 8)))
+        # per record: (first block << 24 | block count), CLOCK_MONOTONIC in ns
+        self._log = array.array("Q")
+
+    def __len__(self) -> int:
+        return len(self._log) // 2
+
+    def note(self, offset: int, count: int) -> None:
+        start, end = min(offset, self.size), min(offset + count, self.size)
+        if end <= start or _covers(self._seen, self.nblocks, start, end):
+            return
+        _set_bits(self._seen, self.nblocks, start, end - start)
+        first = start // FILLED_BLOCK
+        n = min((end - 1) // FILLED_BLOCK - first + 1, (1 << 24) - 1)
+        self._log.append(first << 24 | n)
+        self._log.append(time.monotonic_ns())
+
+    def page(self, since: int) -> dict:
+        """Records from index `since` on, at most PAGE of them: {"records": [[offset,
+        length, monotonic ns]], "next": index after the last one}."""
+        since = max(0, min(int(since), len(self)))
+        stop = min(len(self), since + self.PAGE)
+        recs = []
+        for i in range(since, stop):
+            packed, t = self._log[2 * i], self._log[2 * i + 1]
+            recs.append([(packed >> 24) * FILLED_BLOCK, (packed & 0xFFFFFF) * FILLED_BLOCK,
+                         t])
+        return {"ok": True, "records": recs, "next": stop}
 
 
 class MarkTable:

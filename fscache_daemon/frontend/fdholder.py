@@ -14,6 +14,7 @@ has read (with its event fd). A daemon connects over a unix socket:
     {"op":"unmark","path":P[,"inode":[dev,ino]]} -> {"ok":true,"inode":[dev,ino]}
     {"op":"status"}             -> {"ok":true,"marks":[...],"pending":N,"subscribed":bool,
                                     "filled_maps":N,"stats":{...}}
+    {"op":"touches","inode":[dev,ino],"since":N} -> {"ok":true,"records":[[o,n,ns]],"next":N}
   event connection (at most one, the live daemon):
     {"op":"subscribe"}          -> {"ok":true,"pending":N}, then a stream of
                                    {"op":"events","events":[{id,mask,pid,offset,count}]}
@@ -22,17 +23,12 @@ has read (with its event fd). A daemon connects over a unix socket:
   An event's id is the holder's event fd number (unique while the event is pending).
 
 Fast path: an event whose range is wholly set in its file's filled bitmap is allowed by
-the holder at once, never forwarded (the daemon sets a block's bit only after its verified
-data is in the cache file, and never clears one). A bitmap lives only as long as the
-connection that sent it: when the daemon dies its bitmaps go, and until the next daemon
-sends its own every event is forwarded (waits) as before.
+the holder at once (the daemon sets a block's bit only after its verified data is in the
+cache file, and never clears one), its first access noted for the daemon's traces. A bitmap
+lives only as long as the connection that sent it: then every event is forwarded again.
 
-Only the holder writes responses, and only answers from the current subscriber count.
-The kernel matches a response by fd number alone, whoever writes it (measured), so a
-daemon answering by number itself could, once dropped as hung and woken up later, answer
-a newer event that reused the number: its reader would be allowed before its range was
-filled. (For the same reason nothing here adopts the group after the holder dies: the
-holder's unsent events would share fd numbers with events the daemon reads itself.)
+Only the holder writes responses, and only answers from the current subscriber count
+(the kernel matches a response by fd number alone: docs/fanotify.md says why that matters).
 
 Events the holder has read but no daemon answered stay pending in the holder: the kernel
 keeps their readers blocked (measured on 6.18: events read by a process that dies are
@@ -312,6 +308,7 @@ class FdHolder:
             return False
         os.close(ev.fd)
         self.stats["allowed_filled"] += 1
+        item[0].touches.note(ev.offset, ev.count)   # after the answer: readers go first
         return True
 
     def _drop_views(self, conn: socket.socket) -> None:
@@ -458,6 +455,8 @@ class FdHolder:
                 inode = msg.get("inode")
                 done = self._unmark(str(msg["path"]), tuple(inode) if inode else None)
                 _send(conn, {"ok": True, "inode": list(done)})
+            elif op == "touches":   # first accesses allowed here, for access traces
+                _send(conn, FilledView.touches_reply(self.filled, msg))
             elif op == "status":
                 _send(conn, {"ok": True, "marks": self.marks.paths(),
                              "pending": len(self.pending),
@@ -519,6 +518,7 @@ class FdHolder:
             return
         old = self.filled.pop(inode, None)
         if old is not None:
+            view.touches = old[0].touches   # the same file: keep its first accesses
             old[0].close()
         self.filled[inode] = (view, conn)
 

@@ -478,10 +478,13 @@ class BlobManager:
             raise error
         return fetched
 
-    def fill_chunks(self, chunks, *, prefetch: bool = True) -> int:
-        return self._ensure(chunks, prefetch)
+    def fill_chunks(self, chunks, *, prefetch: bool = True, batch_size: int | None = None
+                    ) -> int:
+        """Fetch `chunks` (those missing) in backend requests of at most `batch_size`
+        bytes (default: the manager's)."""
+        return self._ensure(chunks, prefetch, batch_size)
 
-    def _ensure(self, chunks, prefetch: bool) -> int:
+    def _ensure(self, chunks, prefetch: bool, batch_size: int | None = None) -> int:
         mine = []
         waits = []
         with self._lock:
@@ -501,7 +504,7 @@ class BlobManager:
         failures: list[tuple[Any, BaseException]] = []
         flights = dict((c.index, f) for c, f in mine)
         try:
-            for batch in plan([c for c, _ in mine], self.batch_size):
+            for batch in plan([c for c, _ in mine], batch_size or self.batch_size):
                 fetched += self._fetch_batch(batch, flights, failures, prefetch)
         finally:
             # resolve anything left unresolved by an unexpected exception

@@ -8,8 +8,10 @@ change of reader API touches only this module.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import logging
+import os
 from dataclasses import dataclass, field
 
 from erofs_tools.errors import CorruptImageError, ErofsToolsError
@@ -159,3 +161,42 @@ def file_runs(path: str, max_inodes: int = 1 << 22) -> dict[int, list[tuple[int,
     finally:
         img.close()
     return runs
+
+
+def chunk_owners(path: str, wanted: dict[int, set[int]], max_inodes: int = 1 << 22
+                 ) -> dict[tuple[int, int], list[tuple[str, int, int]]]:
+    """{(blob index, uncompressed offset): [(path, nid, file offset)]} for the chunks of
+    `wanted` ({blob index: {uncompressed offsets of chunk starts}}): which regular files
+    hold them (several for a deduplicated chunk), for access traces (fscache_daemon.trace).
+    Paths are absolute image paths, decoded with os.fsdecode. Unreadable entries are
+    skipped."""
+    out: dict[tuple[int, int], list[tuple[str, int, int]]] = {}
+    if not any(wanted.values()):
+        return out
+    sorted_starts = {b: sorted(s) for b, s in wanted.items()}
+    img = open_image(path)
+    try:
+        seen: set[int] = set()
+        for p, _d, ino in img.walk(on_error=lambda _p, _e: None):
+            if len(seen) >= max_inodes:
+                break
+            if not ino.is_reg() or ino.nid in seen:
+                continue
+            seen.add(ino.nid)
+            name = os.fsdecode(p)
+            try:
+                for fo, length, device, phys in img.map_data(ino):
+                    starts = sorted_starts.get(device - 1) if device else None
+                    if not starts:
+                        continue
+                    # an extent may span several chunks: every wanted start inside it
+                    i = bisect.bisect_left(starts, phys)
+                    while i < len(starts) and starts[i] < phys + length:
+                        out.setdefault((device - 1, starts[i]), []).append(
+                            (name, ino.nid, fo + starts[i] - phys))
+                        i += 1
+            except ErofsToolsError:
+                continue
+    finally:
+        img.close()
+    return out

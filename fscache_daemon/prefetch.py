@@ -1,0 +1,69 @@
+"""Prefetch at mount: the files of the bootstrap's prefetch table, streamed at once.
+
+What a start needs first is listed in the prefetch table (`erofs-tools pack
+--prefetch-list`, or `erofs-tools optimize --trace`, which also puts those chunks back
+to back in a prefetch blob). Right after the mount the daemon fetches them:
+
+- in large backend requests (PREFETCH_REQUEST, 4 MiB: a few requests for the traced
+  region of an optimized image, instead of one per 1 MiB batch);
+- PREFETCH_INFLIGHT requests in flight at once (decoding one while the next arrives);
+- at readahead priority in the worker pool: after every on-demand read (a reader's
+  request queued meanwhile is taken first by the next free worker), before background
+  prefetch (`--prefetch`, paced by the token bucket; this stream is not paced: it is
+  bounded by the table);
+- through the blob's single-flight table: a reader needing a chunk of a request in
+  flight waits for that request instead of fetching the chunk again, and a chunk a
+  reader fetched first is skipped.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Iterable, Mapping
+from concurrent.futures import Future
+from typing import Any
+
+from fscache_daemon.storage.planner import plan
+
+log = logging.getLogger(__name__)
+
+PREFETCH_REQUEST = 4 << 20
+PREFETCH_INFLIGHT = 4
+
+
+def _still_open(blobs: Mapping, key: str, mgr: Any) -> bool:
+    return blobs.get(key) is mgr      # else unmounted (or released and opened again)
+
+
+def stream_table(pool, blobs: Mapping, jobs: Iterable[tuple[str, int, int]],
+                 stop: threading.Event, request: int = PREFETCH_REQUEST,
+                 inflight: int = PREFETCH_INFLIGHT) -> int:
+    """Fetch the missing chunks of `jobs` ((cache key, offset, length) of the prefetch
+    table's files) from `blobs` (cache key -> BlobManager); -> bytes fetched."""
+    per_key: dict[str, tuple[Any, list]] = {}
+    for key, off, length in jobs:
+        m = blobs.get(key)
+        if m is not None:
+            per_key.setdefault(key, (m, []))[1].extend(m.absent(off, length))
+    fetched = 0
+    pending: deque[Future] = deque()
+
+    def wait_one() -> int:
+        try:
+            return pending.popleft().result()
+        except Exception as e:  # noqa: BLE001 - a reader's own request will retry
+            log.warning("prefetch request failed: %s", e)
+            return 0
+
+    for key, (mgr, chunks) in per_key.items():
+        for batch in plan(chunks, request):
+            if stop.is_set() or not _still_open(blobs, key, mgr):
+                break
+            while len(pending) >= inflight:
+                fetched += wait_one()
+            pending.append(pool.submit_readahead(mgr.fill_chunks, batch.chunks,
+                                                 prefetch=True, batch_size=request))
+    while pending:
+        fetched += wait_one()
+    return fetched

@@ -1,0 +1,128 @@
+"""Prefetch at mount (fscache_daemon/prefetch.py) of an optimized image on the kernel:
+the prefetch table's region is fetched in few large requests, never twice; a reader's
+own request is not held up behind it, and a reader of a chunk in flight waits for that
+request instead of asking again."""
+
+import json
+import math
+import os
+import random
+import time
+
+import helpers
+import pytest
+from faults import FaultProxy
+from registry_fixtures import registry  # noqa: F401
+from test_daemon_support import DaemonProc, pack, require_lazy_kernel
+from test_optimize import prefetch_paths, synthetic_trace
+from test_pack import cli
+
+from erofs_tools.builder.chunk_dict import BootstrapTables
+from fscache_daemon.prefetch import PREFETCH_REQUEST
+
+pytestmark = pytest.mark.root
+CHUNK = 0x40000
+MIB = 1 << 20
+
+
+@pytest.fixture
+def optimized(tmp_path):
+    """An image whose prefetch blob holds 4 whole files (~11 MiB, three 4 MiB requests)
+    and whose other files stay in the source blob."""
+    require_lazy_kernel()
+    r = random.Random(5)
+    src = tmp_path / "src"
+    (src / "cold").mkdir(parents=True)
+    for i in range(4):
+        (src / f"hot{i}.bin").write_bytes(r.randbytes(2 * MIB + 700_000))
+    for i in range(6):
+        (src / "cold" / f"c{i}.bin").write_bytes(r.randbytes(MIB + 300_000))
+    boot, blobs = str(tmp_path / "boot"), str(tmp_path / "blobs")
+    info = pack(str(src), boot, blobs, "--chunk-size", hex(CHUNK))
+    image = {"boot": boot, "blobs": blobs, "blob_id": info["blobs"][0]["blob_id"],
+             "src": str(src)}
+    nchunks = -(-(2 * MIB + 700_000) // CHUNK)
+    trace = synthetic_trace(image, [(f"/hot{i}.bin", list(range(nchunks))) for i in (2, 0, 3, 1)])
+    (tmp_path / "trace.json").write_text(json.dumps(trace))
+    res = json.loads(cli("optimize", boot, tmp_path / "opt.boot", "--trace",
+                         tmp_path / "trace.json", "-D", blobs, "--json").stdout)
+    image.update(opt=str(tmp_path / "opt.boot"), prefetch_blob=res["prefetch_blob"],
+                 prefetch_data=res["prefetch_bytes"])
+    assert prefetch_paths(image["opt"]) == ["/hot2.bin", "/hot0.bin", "/hot3.bin",
+                                            "/hot1.bin"]
+    return image
+
+
+def wait_complete(d, key, timeout=60):
+    deadline = time.monotonic() + timeout
+    while not d.metrics()["blobs"][key]["complete"]:
+        assert time.monotonic() < deadline, d.metrics()["blobs"][key]
+        time.sleep(0.05)
+    return d.metrics()["blobs"][key]
+
+
+def test_prefetch_streams_the_table_in_large_requests(optimized, tmp_path):
+    d = DaemonProc(str(tmp_path / "d")).start()
+    try:
+        mnt = str(tmp_path / "mnt")
+        d.mount(optimized["opt"], mnt, f"localfs:{optimized['blobs']}")
+        b = wait_complete(d, optimized["prefetch_blob"])
+        # nothing read yet: all of it is prefetch, in ceil(size / request) requests
+        assert b["requests"] == 0 and b["prefetch_bytes"] == optimized["prefetch_data"]
+        assert 2 <= b["backend_requests"] <= math.ceil(optimized["prefetch_data"]
+                                                       / PREFETCH_REQUEST), b
+        assert b["bytes_fetched"] == optimized["prefetch_data"]       # nothing twice
+        src_blob = d.metrics()["blobs"][optimized["blob_id"]]
+        assert src_blob["bytes_fetched"] == 0     # whole files moved: nothing else needed
+        # reading the prefetched files fetches nothing more, and reads right data
+        for i in range(4):
+            with open(os.path.join(mnt, f"hot{i}.bin"), "rb") as f, \
+                    open(os.path.join(optimized["src"], f"hot{i}.bin"), "rb") as g:
+                assert f.read() == g.read()
+        assert d.metrics()["blobs"][optimized["prefetch_blob"]]["bytes_fetched"] == \
+            optimized["prefetch_data"]
+        helpers.assert_same_tree(optimized["src"], mnt)
+    finally:
+        d.cleanup()
+
+
+def test_reader_goes_first_and_waits_for_requests_in_flight(optimized, tmp_path,
+                                                            registry):  # noqa: F811
+    """Every prefetch-blob request takes 2 s (a slow link): a reader of another blob is
+    answered meanwhile, and a reader of a prefetched file waits for the request in flight
+    rather than asking again."""
+    ref = f"{registry.host}/opt/app:v1"
+    cli("push", optimized["opt"], ref, "-D", optimized["blobs"])
+    pulled = tmp_path / "pulled"
+    cli("pull", ref, "-o", pulled)
+    boot = str(pulled / "image.boot")
+    ids = [b.blob_id for b in BootstrapTables.read(boot).blobs]
+    pf_id, src_id = ids[1], ids[0]
+    proxy = FaultProxy(registry.host, match=rf"^GET /v2/opt/app/blobs/sha256:{pf_id}")
+    proxy.always(("delay", 2.0))
+    d = DaemonProc(str(tmp_path / "d")).start()
+    try:
+        mnt = str(tmp_path / "mnt")
+        d.mount(boot, mnt, f"registry:{proxy.host}/opt/app:v1")
+        t0 = time.monotonic()
+        with open(os.path.join(mnt, "cold", "c3.bin"), "rb") as f, \
+                open(os.path.join(optimized["src"], "cold", "c3.bin"), "rb") as g:
+            assert f.read() == g.read()
+        cold_done = time.monotonic() - t0
+        assert not d.metrics()["blobs"][pf_id]["complete"], "prefetch finished first"
+        assert cold_done < 2.0, cold_done
+        # a prefetched file while its requests are in flight: no request of its own
+        with open(os.path.join(mnt, "hot2.bin"), "rb") as f, \
+                open(os.path.join(optimized["src"], "hot2.bin"), "rb") as g:
+            assert f.read() == g.read()
+        b = wait_complete(d, pf_id)
+        assert b["bytes_fetched"] == optimized["prefetch_data"], b     # nothing twice
+        # data requests (the mount also reads the blob's chunk table, at its end)
+        gets = [r for r in proxy.log if r.method == "GET" and r.range and pf_id in r.path
+                and r.byte_range()[0] < optimized["prefetch_data"]]
+        assert len(gets) == b["backend_requests"] <= math.ceil(
+            optimized["prefetch_data"] / PREFETCH_REQUEST), gets
+        assert d.metrics()["blobs"][src_id]["bytes_fetched"] > 0
+    finally:
+        d.cleanup()
+        proxy.stop()

@@ -1,0 +1,240 @@
+"""Access traces (fscache_daemon/trace.py): a lazily mounted image on this machine's
+kernel, read in a known order; the exported trace lists exactly the files read, in
+first-access order, with the chunks they needed. Plus the fd holder's first-access log
+(fanotify_marks.TouchLog) on its own."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+
+import pytest
+from test_daemon_support import REPO, DaemonProc, drop_caches, pack, require_lazy_kernel
+
+from fscache_daemon.frontend.fanotify_marks import FILLED_BLOCK, FilledView, TouchLog
+
+CHUNK = 0x40000     # 256 KiB chunks: a partial read of a big file stays partial
+SIZES = {"a.bin": 1_300_000, "b.bin": 700_000, "c.bin": 3_000_000, "d.bin": 900_000,
+         "e.bin": 500_000}
+
+
+def write_files(root, seed=7):
+    r = random.Random(seed)
+    os.makedirs(os.path.join(root, "sub"))
+    for name, size in SIZES.items():
+        with open(os.path.join(root, "sub" if name == "d.bin" else "", name), "wb") as f:
+            f.write(r.randbytes(size))
+    with open(os.path.join(root, "tiny.txt"), "wb") as f:
+        f.write(b"one small chunk\n")
+    return root
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    require_lazy_kernel()
+    d = DaemonProc(str(tmp_path / "d")).start()
+    yield d
+    d.cleanup()
+
+
+@pytest.fixture
+def image(tmp_path):
+    require_lazy_kernel()
+    src = write_files(str(tmp_path / "src"))
+    boot, blobs = str(tmp_path / "boot"), str(tmp_path / "blobs")
+    info = pack(src, boot, blobs, "--chunk-size", hex(CHUNK))
+    return {"src": src, "boot": boot, "blobs": blobs, "blob_id": info["blobs"][0]["blob_id"]}
+
+
+def read(path, length=None):
+    with open(path, "rb") as f:
+        return f.read() if length is None else f.read(length)
+
+
+def get_trace(d, **q):
+    import urllib.parse
+    st, res = d.api.request("GET", "/api/v1/trace?" + urllib.parse.urlencode(q))
+    assert st == 200, (st, res)
+    return res
+
+
+@pytest.mark.root
+def test_trace_lists_files_in_first_access_order(daemon, image, tmp_path):
+    mnt = str(tmp_path / "mnt")
+    daemon.mount(image["boot"], mnt, f"localfs:{image['blobs']}")
+    src = image["src"]
+    assert read(os.path.join(mnt, "tiny.txt")) == read(os.path.join(src, "tiny.txt"))
+    assert read(os.path.join(mnt, "b.bin")) == read(os.path.join(src, "b.bin"))
+    time.sleep(0.05)          # distinct first-access times, whatever the clock's grain
+    assert read(os.path.join(mnt, "a.bin")) == read(os.path.join(src, "a.bin"))
+    time.sleep(0.05)
+    assert read(os.path.join(mnt, "c.bin"), 100_000) == read(os.path.join(src, "c.bin"),
+                                                               100_000)
+    # listing and stat'ing everything reads metadata only: nothing traced
+    for dirpath, _dirs, files in os.walk(mnt):
+        for n in files:
+            os.stat(os.path.join(dirpath, n))
+
+    t = get_trace(daemon, mountpoint=mnt)
+    assert t["version"] == 1 and t["image"]["blobs"] == [image["blob_id"]]
+    assert t["image"]["mountpoint"] == os.path.realpath(mnt)
+    assert t["complete_blobs"] == [] and t["unattributed"] == []
+    paths = [e["path"] for e in t["entries"]]
+    # every regular file's data is in the blob, however small (tiny.txt is one chunk)
+    assert paths == ["/tiny.txt", "/b.bin", "/a.bin", "/c.bin"], t["entries"]
+    times = [e["first_access"] for e in t["entries"]]
+    assert 0 <= times[0] <= times[1] < times[2] < times[3] <= t["recorded_for"], times
+    by = {e["path"]: e for e in t["entries"]}
+    # whole files: every chunk, in the file's chunk ranges
+    for name in ("a.bin", "b.bin"):
+        assert by["/" + name]["file_ranges"] == [[0, SIZES[name]]], by["/" + name]
+        assert len(by["/" + name]["chunks"]) == -(-SIZES[name] // CHUNK)
+    # part of C: from its start, far from all of it (the daemon's readahead fetched the
+    # rest of the file; fetching is not reading, so it is not in the trace)
+    c = by["/c.bin"]
+    assert c["file_ranges"][0][0] == 0
+    traced = sum(n for _, n in c["file_ranges"])
+    assert 100_000 <= traced <= (1 << 20) + CHUNK < SIZES["c.bin"], c
+    m = daemon.metrics()["blobs"][image["blob_id"]]
+    assert m["cached_chunks"] * CHUNK > traced + CHUNK  # readahead did fetch more of C
+    for e in t["entries"]:
+        for ch in e["chunks"]:
+            assert ch["blob"] == 0 and ch["uncompressed_offset"] % 4096 == 0
+            assert ch["first_access"] >= e["first_access"]
+            size = os.path.getsize(os.path.join(src, e["path"][1:]))
+            assert ch["uncompressed_size"] == min(CHUNK, size - ch["file_offset"])
+
+    # the same through the command line, by mount point and by bootstrap
+    out = str(tmp_path / "trace.json")
+    env = dict(os.environ, FSCACHE_DAEMON_API_SOCK=daemon.sock)
+    subprocess.run([sys.executable, "-m", "fscache_daemon.cli", "trace", mnt, "-o", out],
+                   check=True, env=env, cwd=REPO, capture_output=True)
+    with open(out) as f:
+        t2 = json.load(f)
+    assert [e["path"] for e in t2["entries"]] == paths
+    assert [e["chunks"] for e in t2["entries"]] == [e["chunks"] for e in t["entries"]]
+    r = subprocess.run([sys.executable, "-m", "fscache_daemon.cli", "trace", image["boot"],
+                        "--json"], check=True, env=env, cwd=REPO, capture_output=True)
+    assert [e["path"] for e in json.loads(r.stdout)["entries"]] == paths
+    # not mounted: one line, exit 1
+    r = subprocess.run([sys.executable, "-m", "fscache_daemon.cli", "trace", str(tmp_path)],
+                       env=env, cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "error:" in r.stderr, r.stderr
+
+
+@pytest.mark.root
+def test_trace_includes_reads_the_fd_holder_answers(daemon, image, tmp_path):
+    """Reads of chunks the daemon had already fetched are answered by the fd holder from
+    the filled bitmap and never reach the daemon; they are first accesses all the same."""
+    mnt = str(tmp_path / "mnt")
+    daemon.mount(image["boot"], mnt, f"localfs:{image['blobs']}")
+    path = os.path.join(mnt, "c.bin")
+    read(path, 4096)                  # a miss: the daemon fetches the rest of c.bin
+    deadline = time.monotonic() + 60
+    need = -(-SIZES["c.bin"] // CHUNK)
+    while daemon.metrics()["blobs"][image["blob_id"]]["cached_chunks"] < need:
+        assert time.monotonic() < deadline, daemon.metrics()
+        time.sleep(0.05)
+    before = daemon.metrics()["frontend_stats"]
+    drop_caches()
+    assert read(path) == read(os.path.join(image["src"], "c.bin"))
+    after = daemon.metrics()["frontend_stats"]
+    assert after["holder_allowed_filled"] > before["holder_allowed_filled"], after
+    t = get_trace(daemon, mountpoint=mnt)
+    assert [e["path"] for e in t["entries"]] == ["/c.bin"]
+    assert t["entries"][0]["file_ranges"] == [[0, SIZES["c.bin"]]], t["entries"][0]
+    # the blob is not complete (a.bin and the rest are not read): still marked, and the
+    # holder's log was pulled while the mark is in place
+    assert not daemon.metrics()["blobs"][image["blob_id"]]["complete"]
+
+
+@pytest.mark.root
+def test_trace_survives_blob_completion(daemon, image, tmp_path):
+    """Reading everything completes the blob, which unmarks its cache file: the holder
+    forgets the file, so its first accesses must be pulled before; all files listed."""
+    mnt = str(tmp_path / "mnt")
+    daemon.mount(image["boot"], mnt, f"localfs:{image['blobs']}")
+    order = ["e.bin", "sub/d.bin", "c.bin", "a.bin", "b.bin"]
+    for name in order:
+        assert read(os.path.join(mnt, name)) == read(os.path.join(image["src"], name))
+    assert daemon.metrics()["blobs"][image["blob_id"]]["complete"]
+    t = get_trace(daemon, mountpoint=mnt)
+    assert [e["path"] for e in t["entries"]] == ["/" + n for n in order]
+    for e in t["entries"]:
+        assert e["file_ranges"] == [[0, SIZES[os.path.basename(e["path"])]]], e
+
+
+def test_touch_log_records_first_accesses_once():
+    log = TouchLog(10 * FILLED_BLOCK + 100)
+    log.note(0, 8192)
+    log.note(4096, 4096)                 # seen: nothing new
+    log.note(4096, 3 * 4096)             # one new block: one record for the range
+    log.note(10 * FILLED_BLOCK, 1 << 20)  # clamped to the file
+    log.note(1 << 30, 4096)              # beyond the file: nothing
+    recs = log.page(0)["records"]
+    assert [r[:2] for r in recs] == [[0, 8192], [4096, 3 * 4096],
+                                     [10 * FILLED_BLOCK, FILLED_BLOCK]]
+    assert recs[0][2] <= recs[1][2] <= recs[2][2]
+    assert log.page(2) == {"ok": True, "records": recs[2:], "next": 3}
+    assert log.page(99)["records"] == [] and log.page(99)["next"] == 3
+
+
+def test_touch_log_pages_and_holder_reply():
+    log = TouchLog((TouchLog.PAGE + 10) * FILLED_BLOCK)
+    for i in range(TouchLog.PAGE + 10):
+        log.note(i * FILLED_BLOCK, 1)
+    p1 = log.page(0)
+    assert len(p1["records"]) == TouchLog.PAGE and p1["next"] == TouchLog.PAGE
+    p2 = log.page(p1["next"])
+    assert len(p2["records"]) == 10 and p2["next"] == TouchLog.PAGE + 10
+    assert len(json.dumps(p1)) < 48 * 1024       # fits the holder's 64 KiB messages
+
+    class View:
+        touches = log
+    views = {(1, 2): (View, None)}
+    assert FilledView.touches_reply(views, {"inode": [1, 2], "since": 5})["next"] == \
+        min(5 + TouchLog.PAGE, TouchLog.PAGE + 10)
+    assert not FilledView.touches_reply(views, {"inode": [1, 3]})["ok"]
+    assert not FilledView.touches_reply(views, {"inode": "x"})["ok"]
+    assert FilledView.touches_reply(views, {"inode": [1, 2], "since": "y"})["next"] == \
+        TouchLog.PAGE
+
+
+def test_trace_export_without_a_kernel(tmp_path):
+    """The daemon side alone (front end "none": fills driven directly): first accesses
+    in order, a chunk shared by two files attributed once, files never read absent."""
+    from test_daemon_support import chunk_of_file
+
+    from fscache_daemon.daemon import Daemon
+    src = write_files(str(tmp_path / "src"))
+    with open(os.path.join(src, "z-copy.bin"), "wb") as f, \
+            open(os.path.join(src, "a.bin"), "rb") as g:
+        f.write(g.read())                     # every chunk deduplicated with a.bin
+    boot, blobs = str(tmp_path / "boot"), str(tmp_path / "blobs")
+    pack(src, boot, blobs, "--chunk-size", hex(CHUNK))
+    d = Daemon(str(tmp_path / "cache"), frontend="none", threads=2, prefetch_rate=0,
+               readahead=0)
+    d.start()
+    try:
+        mnt = str(tmp_path / "mnt")
+        d.mount(boot, mnt, f"localfs:{blobs}")
+        for rel, offs in (("sub/d.bin", [0, CHUNK]), ("a.bin", [0]), ("b.bin", [CHUNK]),
+                          ("z-copy.bin", [CHUNK]), ("sub/d.bin", [0])):
+            for off in offs:
+                blob_id, c = chunk_of_file(boot, blobs, rel, off)
+                d.fill(blob_id, c.uncompressed_offset, 4096)
+        t = d.trace(mountpoint=mnt)
+        assert [e["path"] for e in t["entries"]] == ["/sub/d.bin", "/a.bin", "/b.bin"]
+        by = {e["path"]: e for e in t["entries"]}
+        assert by["/sub/d.bin"]["file_ranges"] == [[0, 2 * CHUNK]]
+        # z-copy.bin's second chunk is a.bin's: attributed to the file already traced
+        assert by["/a.bin"]["file_ranges"] == [[0, 2 * CHUNK]]
+        assert by["/b.bin"]["file_ranges"] == [[CHUNK, CHUNK]]
+        assert t["image"]["state"] == "mounted" and t["complete_blobs"] == []
+        assert d.trace(bootstrap=boot)["entries"] == t["entries"]
+        with pytest.raises(Exception, match="no image mounted"):
+            d.trace(mountpoint=str(tmp_path))
+    finally:
+        d.shutdown()
