@@ -257,6 +257,7 @@ class MountLifecycle(CacheEviction):
         try:
             for m in mgrs:
                 self.frontend.prepare_blob(m)
+                m.cache.verify_now()    # front ends without a writer fd: our own fd
         except BaseException:
             self._unregister(img)
             raise

@@ -22,7 +22,9 @@ ROUNDS = env_int("FAULTS_STORAGE_ROUNDS", 200)
 
 def _open(cdir, be, blob_id):
     meta, _ = bc.load_or_fetch_meta(cdir, blob_id, be)
-    return bc.BlobManager(meta, bc.BlobCache(cdir, meta), be)
+    cache = bc.BlobCache(cdir, meta)
+    cache.verify_now()      # what the daemon does once its front end prepared the blob
+    return bc.BlobManager(meta, cache, be)
 
 
 def _expected(meta, datas):

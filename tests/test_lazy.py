@@ -505,3 +505,55 @@ def test_remount_after_blob_completed(daemon, image, tmp_path, how):
     finally:
         if held is not None:
             held.close()
+
+
+def test_restart_reverifies_a_marked_cache_file_without_hanging(tmp_path):
+    """A cache file written after its chunk record (a SIGKILL between a fill's write and
+    its bit) is re-verified at restart. Under the fanotify front end the file is still
+    marked then (the fd holder kept the mark): verification must read through the writer
+    fd opened before the mark, not through a new descriptor whose reads would wait for
+    this very daemon, not yet listening (it hung for good in state D)."""
+    require_lazy_kernel()
+    src = write_tree(str(tmp_path / "src"), seed=9, nfiles=40, big=(4 << 20,))
+    boot, blobs = str(tmp_path / "boot"), str(tmp_path / "blobs")
+    info = pack(src, boot, blobs, "--chunk-size", "0x10000")
+    blob_id = info["blobs"][0]["blob_id"]
+    # no readahead: what was read is cached, the rest is not
+    d = DaemonProc(str(tmp_path / "d"), threads=2, extra=("--readahead", "0")).start()
+    mnt = str(tmp_path / "mnt")
+    try:
+        d.mount(boot, mnt, f"localfs:{blobs}")
+        files = regular_files(src)
+        for rel in files[:3]:                       # some chunks cached, others not
+            assert file_sha(os.path.join(mnt, rel)) == file_sha(os.path.join(src, rel))
+        cached = d.blob_metrics(blob_id)["cached_chunks"]
+        assert 0 < cached < info["blobs"][0]["chunk_count"]
+        # a clean stop writes the chunk record (a SIGKILL may leave none, and nothing to
+        # verify); the fd holder keeps the mark
+        d.stop()
+        from fscache_daemon.storage import blobcache as bc
+        cache_file = bc.cache_path(os.path.join(d.cache_dir, "blobs"), blob_id)
+        state = bc.state_path(os.path.join(d.cache_dir, "blobs"), blob_id)
+        # the cache file looks written after its record: the restart must verify it
+        assert sum(bin(x).count("1") for x in bc.state_bits(state)) == cached
+        later = os.stat(state).st_mtime_ns + 5_000_000_000
+        os.utime(cache_file, ns=(later, later))
+        t0 = time.monotonic()
+        d.start()                                   # restore: verify, then serve
+        assert time.monotonic() - t0 < 60
+        got: dict[str, str] = {}
+
+        def read_all():
+            for rel in files:
+                got[rel] = file_sha(os.path.join(mnt, rel))
+
+        # a hung daemon hangs its readers: read in a thread, so the test fails instead
+        reader = threading.Thread(target=read_all, daemon=True)
+        reader.start()
+        reader.join(120)
+        assert not reader.is_alive(), "reads hang after the restart"
+        assert got == {rel: file_sha(os.path.join(src, rel)) for rel in files}
+        assert "fail verification" in d.log(4000)   # the check ran (0 chunks bad)
+        assert d.blob_metrics(blob_id)["cached_chunks"] >= cached
+    finally:
+        d.cleanup()

@@ -205,8 +205,8 @@ class FanotifyFrontend(Frontend):
             pass
 
     def _new_filled(self, mgr) -> tuple[FilledMap, Callable]:
-        """The blob's FilledMap for the fd holder: listener first, then the chunks
-        already cached, so a chunk stored meanwhile is set by one or the other."""
+        """The blob's FilledMap for the fd holder, empty, with its listener: chunks
+        stored from now on are set by it, those already cached by _publish_cached."""
         from fscache_daemon.frontend.fanotify import FilledMap
         fm = FilledMap.for_file(mgr.cache.fileno())
 
@@ -218,10 +218,14 @@ class FanotifyFrontend(Frontend):
                     fm.set_range(c.uncompressed_offset, c.uncompressed_size)
 
         mgr.cache.add_store_listener(stored)
+        return fm, stored
+
+    def _publish_cached(self, mgr, fm: FilledMap) -> None:
+        """Set the chunks already cached (and verified) in the holder's FilledMap."""
+        withheld = self._withheld.get(mgr.key, set())
         for c in mgr.meta.chunks:
             if mgr.cache.has(c) and c.index not in withheld:
                 fm.set_range(c.uncompressed_offset, c.uncompressed_size)
-        return fm, stored
 
     def withhold(self, mgr, chunk) -> None:
         self._withheld.setdefault(mgr.key, set()).add(chunk.index)
@@ -257,7 +261,11 @@ class FanotifyFrontend(Frontend):
                 self._drop_filled(mgr)
                 raise
             self._marked.add(mgr.key)
+        # the writer fd raises no events: the cache verifies its chunks through it
+        # (a restart's deferred check) before they are published to the holder
         mgr.cache.use_write_fd(wfd)
+        if fm is not None:
+            self._publish_cached(mgr, fm)
         if mgr.complete():
             self.blob_complete(mgr)
 

@@ -262,8 +262,12 @@ class BlobCache:
             self._empty_cache_file()
         elif self.state.count:
             self._check_present()
-            if written_after and self.state.count:
-                self._verify_cached()
+        # Verification reads the file: at a restart under the fanotify front end the file
+        # is still marked (the fd holder kept the mark), and a read through a descriptor
+        # opened after the mark waits for this very daemon, not yet listening: it hangs.
+        # So it waits for the front end's writer fd (opened before the mark, it raises no
+        # events: use_write_fd) or for verify_now() when the front end has none.
+        self._verify_pending = bool(written_after and self.state.count)
 
     def _empty_cache_file(self) -> None:
         """Drop every byte of the cache file, in place. In place, not a new file: a mount
@@ -293,13 +297,21 @@ class BlobCache:
                         self.path, len(bad))
             self.state.clear(bad)
 
-    def _verify_cached(self) -> None:
+    def verify_now(self) -> None:
+        """Run the verification the constructor deferred (see there), reading through
+        write_fd; a no-op once done. Call before the cached chunks are served or
+        published."""
+        if self._verify_pending:
+            self._verify_pending = False
+            self._verify_cached(self.write_fd)
+
+    def _verify_cached(self, fd: int) -> None:
         """Check the digest of every chunk recorded as cached; clear the bad ones."""
         bad = []
         for c in self.meta.chunks:
             if not self.state.has(c.index) or c.digest is None:
                 continue
-            data = os.pread(self._own_fd, c.uncompressed_size, c.uncompressed_offset)
+            data = os.pread(fd, c.uncompressed_size, c.uncompressed_offset)
             try:
                 rblob.decode_chunk(self.meta, c._replace(
                     compressed=False, compressed_size=c.uncompressed_size), data)
@@ -342,6 +354,7 @@ class BlobCache:
         """Write through `fd` instead of our own descriptor (a front end may need writes
         to go through an fd that raises no fanotify events); None restores ours."""
         self.write_fd = self._own_fd if fd is None else fd
+        self.verify_now()
 
     def store(self, pieces) -> None:
         """Write verified `(chunk, data)` pieces at their uncompressed offsets, then record
