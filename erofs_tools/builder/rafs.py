@@ -297,29 +297,60 @@ def pack(source: StrPath, bootstrap: StrPath, blob_dir: StrPath,
             gc.enable()
 
 
-def place_chunk(r: ChunkResult, stored: dict[ChunkKey, StoredChunk], cdict: ChunkDict,
-                writer: BlobWriter, stats: dict[str, int], file_off: dict[int, int]
-                ) -> StoredChunk:
-    """Where chunk result `r` lives: a chunk this image already stored, one of a chunk
-    dict, or a new one appended to the blob. Counts it in `stats`; -> StoredChunk."""
-    stats["chunks_total"] += 1
-    stats["bytes_total"] += r.size
-    sc = stored.get(r.key)
-    if sc is not None:
-        stats["chunks_dedup"] += 1
-        stats["bytes_dedup"] += r.size
+class ChunkPlacer:
+    """Where the chunks of one pack run go, for every tree source (directory walk, tar
+    stream): the new blob's writer, chunks this image already stored, the chunk dicts,
+    each file's chunk list and the counters of the result."""
+
+    def __init__(self, opts: PackOptions, blob_dir: str, cdict: ChunkDict) -> None:
+        self.cdict = cdict
+        self.writer = BlobWriter(blob_dir, opts.chunk_size, opts.compressor, opts.digester,
+                                 blob_index=-1)     # placeholder index, remapped at write
+        self.stored: dict[ChunkKey, StoredChunk] = {}      # the new blob's chunks
+        self.per_file: dict[int, FileChunks] = {}          # file key -> its chunks
+        self.file_off: dict[int, int] = {}                 # id(StoredChunk) -> file offset
+        self.stats = {"chunks_total": 0, "chunks_new": 0, "chunks_dedup": 0,
+                      "chunks_dict": 0, "bytes_total": 0, "bytes_new": 0, "bytes_dict": 0,
+                      "bytes_dedup": 0}
+        self.pipe = ChunkPipeline(opts.chunk_size, opts.digester, opts.compressor,
+                                  workers=opts.workers, known=self.known)
+
+    def known(self, key: ChunkKey) -> bool:
+        """Stored already: the pipeline need not compress it again."""
+        return key in self.stored or key in self.cdict.chunks
+
+    def place(self, r: ChunkResult) -> StoredChunk:
+        """Where chunk result `r` lives: a chunk this image already stored, one of a chunk
+        dict, or a new one appended to the blob; appended to its file's list and counted.
+        `r.repeat` > 1 (the rest of a hole run) counts the repeats as dedups of the first."""
+        st = self.stats
+        st["chunks_total"] += 1
+        st["bytes_total"] += r.size
+        sc = self.stored.get(r.key)
+        if sc is not None:
+            st["chunks_dedup"] += 1
+            st["bytes_dedup"] += r.size
+        else:
+            sc = self.cdict.chunks.get(r.key)
+            if sc is not None:
+                st["chunks_dict"] += 1
+                st["bytes_dict"] += r.size
+            else:
+                sc = self.writer.add_chunk(r.stored_bytes(), r.size, r.digest)
+                self.stored[r.key] = sc
+                st["chunks_new"] += 1
+                st["bytes_new"] += r.size
+            self.file_off.setdefault(id(sc), r.file_offset)
+        item: StoredChunk | ChunkRun = sc
+        if r.repeat > 1:
+            more = r.repeat - 1
+            st["chunks_total"] += more
+            st["chunks_dedup"] += more
+            st["bytes_total"] += more * r.size
+            st["bytes_dedup"] += more * r.size
+            item = ChunkRun(sc, r.repeat)
+        self.per_file.setdefault(r.file_key, []).append(item)
         return sc
-    sc = cdict.chunks.get(r.key)
-    if sc is not None:
-        stats["chunks_dict"] += 1
-        stats["bytes_dict"] += r.size
-    else:
-        sc = writer.add_chunk(r.stored_bytes(), r.size, r.digest)
-        stored[r.key] = sc
-        stats["chunks_new"] += 1
-        stats["bytes_new"] += r.size
-    file_off.setdefault(id(sc), r.file_offset)
-    return sc
 
 
 def _pack(source: str, bootstrap: str, blob_dir: str, opts: PackOptions | None,
@@ -353,25 +384,14 @@ def _pack(source: str, bootstrap: str, blob_dir: str, opts: PackOptions | None,
     first = set(prefetch_files)
     order = prefetch_files + sorted((n for n in files if n not in first),
                                     key=lambda n: files[n].path)
-    writer = BlobWriter(blob_dir, opts.chunk_size, opts.compressor, opts.digester,
-                        blob_index=-1)     # placeholder index, remapped below
-    stored: dict[ChunkKey, StoredChunk] = {}        # new blob's chunks
-    per_node: dict[int, FileChunks] = {}            # node -> its chunks
-    file_off: dict[int, int] = {}                   # id(StoredChunk) -> first file offset
-    stats = {"chunks_total": 0, "chunks_new": 0, "chunks_dedup": 0, "chunks_dict": 0,
-             "bytes_total": 0, "bytes_new": 0, "bytes_dict": 0, "bytes_dedup": 0}
-
-    def known(key: ChunkKey) -> bool:
-        return key in stored or key in cdict.chunks
-
-    pipe = ChunkPipeline(opts.chunk_size, opts.digester, opts.compressor,
-                         workers=opts.workers, known=known)
+    placer = ChunkPlacer(opts, blob_dir, cdict)
+    writer = placer.writer
     total_bytes = sum(files[n].size for n in order) or 1
     done_bytes = 0
     try:
-        for r in pipe.run((n, files[n].path, files[n].size, files[n].sparse) for n in order):
-            sc = place_chunk(r, stored, cdict, writer, stats, file_off)
-            per_node.setdefault(r.file_key, []).append(sc)
+        for r in placer.pipe.run((n, files[n].path, files[n].size, files[n].sparse)
+                                 for n in order):
+            placer.place(r)
             if progress is not None:
                 done_bytes += r.size
                 progress.write(done_bytes, total_bytes)
@@ -381,8 +401,8 @@ def _pack(source: str, bootstrap: str, blob_dir: str, opts: PackOptions | None,
         raise
 
     try:
-        result = write_bootstrap(nb, walker, bootstrap, opts, cdict, new_info, per_node,
-                                  file_off, prefetch_nodes, ts)
+        result = write_bootstrap(nb, walker, bootstrap, opts, cdict, new_info,
+                                 placer.per_file, placer.file_off, prefetch_nodes, ts)
         if new_info is not None:
             writer.commit()
     except BaseException:
@@ -390,7 +410,7 @@ def _pack(source: str, bootstrap: str, blob_dir: str, opts: PackOptions | None,
         raise
     if progress is not None:
         progress.done()
-    result.update(stats)
+    result.update(placer.stats)
     result["seconds"] = round(time.monotonic() - t0, 3)
     result["source"] = source
     return result

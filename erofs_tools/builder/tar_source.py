@@ -32,9 +32,8 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, BinaryIO
 
-from erofs_tools.builder.blob import BlobWriter, StoredChunk
 from erofs_tools.builder.chunk_dict import ChunkDict
-from erofs_tools.builder.chunker import ChunkKey, ChunkPipeline, StreamItem
+from erofs_tools.builder.chunker import StreamItem
 from erofs_tools.builder.tar_reader import DEFAULT_MAX_SIZE, TarReader, _err, _show  # noqa: F401
 from erofs_tools.builder.tar_stream import (  # noqa: F401
     SOURCE_TYPES,
@@ -50,7 +49,7 @@ if TYPE_CHECKING:
     from _typeshed import StrOrBytesPath, StrPath
 
     from erofs_tools.builder.options import Progress
-    from erofs_tools.builder.rafs import FileChunks, PackOptions, PackResult
+    from erofs_tools.builder.rafs import PackOptions, PackResult
     from erofs_tools.builder.tar_reader import Entry
 
 # the pack driver, plus the names callers have always taken from here
@@ -154,34 +153,14 @@ def pack_tar(source: StrOrBytesPath | BinaryIO, bootstrap: StrPath, blob_dir: St
         raw, close, name = source, (lambda: None), getattr(source, "name", "<stream>")
     tree = TarTree(whiteout_spec, timestamp=ts, mark_implied=mark_implied)
     stream = None
-    writer = BlobWriter(blob_dir, opts.chunk_size, opts.compressor, opts.digester,
-                        blob_index=-1)
-    stored: dict[ChunkKey, StoredChunk] = {}
-    per_key: dict[int, FileChunks] = {}
-    file_off: dict[int, int] = {}
-    stats = {"chunks_total": 0, "chunks_new": 0, "chunks_dedup": 0, "chunks_dict": 0,
-             "bytes_total": 0, "bytes_new": 0, "bytes_dict": 0, "bytes_dedup": 0}
-
-    def known(key: ChunkKey) -> bool:
-        return key in stored or key in cdict.chunks
-
-    pipe = ChunkPipeline(opts.chunk_size, opts.digester, opts.compressor,
-                         workers=opts.workers, known=known)
+    placer = RP.ChunkPlacer(opts, blob_dir, cdict)
+    writer = placer.writer
     try:
         try:
             stream = open_stream(raw, source_type)
             reader = TarReader(stream, max_size)
-            for r in pipe.run_stream(stream_chunks(reader, tree, opts.chunk_size)):
-                sc = RP.place_chunk(r, stored, cdict, writer, stats, file_off)
-                item: StoredChunk | RP.ChunkRun = sc
-                if r.repeat > 1:         # the rest of a hole run: dedups of the first
-                    more = r.repeat - 1
-                    stats["chunks_total"] += more
-                    stats["chunks_dedup"] += more
-                    stats["bytes_total"] += more * r.size
-                    stats["bytes_dedup"] += more * r.size
-                    item = RP.ChunkRun(sc, r.repeat)
-                per_key.setdefault(r.file_key, []).append(item)
+            for r in placer.pipe.run_stream(stream_chunks(reader, tree, opts.chunk_size)):
+                placer.place(r)
         finally:
             if hasattr(stream, "close") and isinstance(stream, _Prefetch):
                 stream.close()
@@ -195,7 +174,7 @@ def pack_tar(source: StrOrBytesPath | BinaryIO, bootstrap: StrPath, blob_dir: St
         nb = RP.bootstrap_nodes(len(cdict.blobs) + 1, len(prefetch), ts,
                                 force_extended=True)
         ids, keys, has_x = tree.emit(nb)
-        per_node = {keys[k]: v for k, v in per_key.items() if k in keys}
+        per_node = {keys[k]: v for k, v in placer.per_file.items() if k in keys}
         walker = RP.TreeInfo(set(keys.values()), has_x)
         prefetch_nodes = []
         for rel in prefetch:
@@ -205,13 +184,13 @@ def pack_tar(source: StrOrBytesPath | BinaryIO, bootstrap: StrPath, blob_dir: St
             if ids[id(n)] not in prefetch_nodes:
                 prefetch_nodes.append(ids[id(n)])
         result = RP.write_bootstrap(nb, walker, bootstrap, opts, cdict, new_info, per_node,
-                                    file_off, prefetch_nodes, ts)
+                                    placer.file_off, prefetch_nodes, ts)
         if new_info is not None:
             writer.commit()
     except BaseException:
         writer.abort()
         raise
-    result.update(stats)
+    result.update(placer.stats)
     result["entries"] = tree.entries
     result["tar_bytes"] = reader.r.offset
     result["seconds"] = round(time.monotonic() - t0, 3)
