@@ -45,6 +45,8 @@ from erofs_tools.reader.image import Image, Inode
 if TYPE_CHECKING:
     from _typeshed import StrPath
 
+    from erofs_tools._native import NativeBuilder
+
 MERGE_WHITEOUT_SPECS = ("overlayfs", "oci")
 
 
@@ -241,19 +243,11 @@ def _merge(layers: list[_Layer], output: str, blob_ids: dict[str, str], whiteout
             n = ids.get(key)
             if n is not None:
                 return n, False
-        img = L.img
         try:
-            rdev = ino.rdev if ino.is_dev() else (0, 0)
-            size = ino.size if (ino.is_reg() or ino.is_lnk()) else 0
-            n = nb.add_node(ino.mode, ino.uid, ino.gid, ino.mtime, ino.mtime_nsec, size,
-                            rdev[0], rdev[1])
-            if ino.is_lnk():
-                nb.set_bytes(n, img.readlink(ino))
-            for xn, xv in img.xattrs(ino):
-                if m.children is not None and xn in (OPAQUE, IMPLIED):
-                    continue
-                nb.add_xattr(n, xn, xv)
-                has_x = True
+            # a merged directory drops its layer's opaque and implied-parent markers
+            n, x = copy_inode(nb, L.img, ino,
+                              _MARKERS if m.children is not None else frozenset())
+            has_x |= x
             if ino.is_reg():
                 regular.add(n)
                 per_node[n] = _chunks(L, ino, chunk_bits, scs, file_off, path)
@@ -282,6 +276,28 @@ def _merge(layers: list[_Layer], output: str, blob_ids: dict[str, str], whiteout
                                 per_node, file_off, [], build_time, blob_list=blobs)
     result["layers"] = [L.path for L in layers]
     return result
+
+
+_MARKERS = frozenset((OPAQUE, IMPLIED))
+
+
+def copy_inode(nb: NativeBuilder, img: Image, ino: Inode,
+               skip_xattrs: frozenset[bytes] = frozenset()) -> tuple[int, bool]:
+    """A node of `nb` with inode `ino` of `img`'s metadata: mode, owner, times, size,
+    device numbers, symlink target and xattrs (but `skip_xattrs`); data and directory
+    entries are the caller's. -> (node, whether it got an xattr)."""
+    rdev = ino.rdev if ino.is_dev() else (0, 0)
+    size = ino.size if (ino.is_reg() or ino.is_lnk()) else 0
+    n = nb.add_node(ino.mode, ino.uid, ino.gid, ino.mtime, ino.mtime_nsec, size,
+                    rdev[0], rdev[1])
+    if ino.is_lnk():
+        nb.set_bytes(n, img.readlink(ino))
+    has_x = False
+    for xn, xv in img.xattrs(ino):
+        if xn not in skip_xattrs:
+            nb.add_xattr(n, xn, xv)
+            has_x = True
+    return n, has_x
 
 
 def _chunks(L: _Layer, ino: Inode, chunk_bits: int, scs: dict[tuple[int, int], StoredChunk],

@@ -27,7 +27,7 @@ from typing import Any
 
 from erofs_tools.builder import rafs as RP
 from erofs_tools.builder.blob import BlobWriter, StoredChunk
-from erofs_tools.builder.merge import _chunks, _compressor_of, _Layer
+from erofs_tools.builder.merge import _chunks, _compressor_of, _Layer, copy_inode
 from erofs_tools.builder.rafs import ChunkRun, FileChunks
 from erofs_tools.errors import CorruptImageError, InputError
 from erofs_tools.reader import blob as rblob
@@ -245,15 +245,8 @@ class _Tree:
             if n is not None:
                 return n
         try:
-            rdev = ino.rdev if ino.is_dev() else (0, 0)
-            size = ino.size if (ino.is_reg() or ino.is_lnk()) else 0
-            n = nb.add_node(ino.mode, ino.uid, ino.gid, ino.mtime, ino.mtime_nsec, size,
-                            rdev[0], rdev[1])
-            if ino.is_lnk():
-                nb.set_bytes(n, img.readlink(ino))
-            for xn, xv in img.xattrs(ino):
-                nb.add_xattr(n, xn, xv)
-                self.has_xattrs = True
+            n, has_x = copy_inode(nb, img, ino)
+            self.has_xattrs |= has_x
             if ino.is_reg():
                 self.regular.add(n)
                 self.per_node[n] = _chunks(self.L, ino, self.chunk_bits, self.scs,
