@@ -129,6 +129,14 @@ uint64_t place_sparse_chunks(erofs_builder *b, struct chunkset *cs, uint64_t siz
     return blk;
 }
 
+/* end of the superblock and the compression records that follow it */
+static uint64_t sb_area_end(const erofs_builder *b)
+{
+    uint32_t cfgs_len;
+    zconf_cfgs(b, &cfgs_len);
+    return SB_END + cfgs_len;
+}
+
 /* data blocks of directories, symlinks and files not streamed, in nid order */
 static int alloc_flat_data(erofs_builder *b, uint64_t *pblk)
 {
@@ -394,6 +402,8 @@ static void choose_formats(erofs_builder *b, struct layout_state *st)
         if (fmt == S_IFREG && (n->dkind == D_CHUNKS || n->dkind == D_SPARSE)) {
             n->layout = L_CHUNK;
             st->have_chunks = 1;
+        } else if (n->zmeta) {
+            n->layout = L_ZFULL;
         } else if (is_flat_data(n)) {
             uint64_t tail = n->size % blksz;
             n->layout = L_PLAIN;
@@ -426,8 +436,8 @@ static int place_stream_data(erofs_builder *b, struct layout_state *st)
     if (b->ndevs || b->nputs)
         return fail(b, ERN_EINVAL, "stream mode does not take devices or reserved bytes");
     if (!b->worker_on && b->scur == 0)
-        b->scur = (SB_END + blksz - 1) / blksz;
-    st->data_start = (uint64_t)((SB_END + blksz - 1) / blksz) * blksz;
+        b->scur = (sb_area_end(b) + blksz - 1) / blksz;
+    st->data_start = (uint64_t)((sb_area_end(b) + blksz - 1) / blksz) * blksz;
     st->blk = b->scur;
     int r = alloc_flat_data(b, &st->blk);
     if (r)
@@ -458,8 +468,8 @@ static int place_inodes(erofs_builder *b, struct layout_state *st)
     uint64_t meta_start = st->meta_start;
     uint64_t first_nid = b->o.first_nid;
     if (!first_nid)
-        first_nid = meta_start >= SB_END ? 1
-                  : (SB_END - meta_start + EROFS_SLOT_SIZE - 1) / EROFS_SLOT_SIZE;
+        first_nid = meta_start >= sb_area_end(b) ? 1
+                  : (sb_area_end(b) - meta_start + EROFS_SLOT_SIZE - 1) / EROFS_SLOT_SIZE;
     st->first_nid = first_nid;
     uint64_t cur = meta_start + first_nid * EROFS_SLOT_SIZE;
     struct gap gaps[GAP_MAX];
@@ -478,6 +488,8 @@ static int place_inodes(erofs_builder *b, struct layout_state *st)
                     ? (uint32_t)sizeof(struct erofs_inode_chunk_index) : 4);
         } else if (n->layout == L_INLINE) {
             extra = n->tail;
+        } else if (n->layout == L_ZFULL) {
+            extra = zmeta_extra(n);
         }
         /* try a gap (not for the root, which must come first) */
         if (oi && ngaps && base + extra <= maxgap && (!unit || base + unit <= maxgap)) {
@@ -564,7 +576,7 @@ static int place_after_inodes(erofs_builder *b, struct layout_state *st)
     if (b->ndevs && b->o.devt_slotoff) {
         uint64_t dstart = (uint64_t)b->o.devt_slotoff * EROFS_DEVT_SLOT_SIZE;
         uint64_t dend = dstart + (uint64_t)EROFS_DEVT_SLOT_SIZE * b->ndevs;
-        if (dstart < SB_END || dend > first_inode_off)
+        if (dstart < sb_area_end(b) || dend > first_inode_off)
             return fail(b, ERN_EINVAL, "device table does not fit before the inodes");
     } else if (b->ndevs) {
         return fail(b, ERN_EINVAL, "devices given without devt_slotoff");
@@ -612,7 +624,8 @@ static void fill_info(erofs_builder *b, const struct layout_state *st)
                              (b->o.sb_checksum ? EROFS_FEATURE_COMPAT_SB_CHKSUM : 0);
     b->info.feature_incompat = b->o.feature_incompat |
                                (st->have_chunks ? EROFS_FEATURE_INCOMPAT_CHUNKED_FILE : 0) |
-                               (b->ndevs ? EROFS_FEATURE_INCOMPAT_DEVICE_TABLE : 0);
+                               (b->ndevs ? EROFS_FEATURE_INCOMPAT_DEVICE_TABLE : 0) |
+                               zconf_incompat(b);
     b->info.data_bytes = st->data_bytes;
 }
 

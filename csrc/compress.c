@@ -1,0 +1,372 @@
+/* erofs-tools C core, compression: the image-wide settings (algorithm, level, pcluster
+ * size, the configuration records after the superblock), the per-file extent
+ * compressor and the full lcluster index of a compressed file.
+ *
+ * Extents (as mkfs.erofs cuts them): from the current position, the algorithm fills one
+ * pcluster with as much input as fits. The extent is kept compressed when its pcluster,
+ * rounded up to blocks, is smaller than the input it took; otherwise one block of input
+ * is stored as is (a PLAIN extent). Compressed bytes sit at the END of their pcluster
+ * (0padding: the reader skips the leading zeros to find the exact compressed size). A
+ * file whose pclusters plus index would not be smaller than the file is stored
+ * uncompressed instead. Every decision depends on the file's bytes and the settings
+ * only, so the result does not depend on which thread compressed it.
+ */
+#include "compress_int.h"
+
+#define READ_CHUNK (1u << 20)
+#define FLUSH_LIMIT (16u << 20)    /* buffered output of one file before flushing */
+#define Z_INDEX_START 16u           /* map header + 8 reserved bytes */
+
+const struct zalg *zalg_by_id(int32_t which)
+{
+    switch (which) {
+    case ERN_Z_LZ4: return &zalg_lz4;
+    case ERN_Z_LZ4HC: return &zalg_lz4hc;
+    case ERN_Z_ZSTD: return &zalg_zstd;
+    case ERN_Z_LZMA: return &zalg_lzma;
+    case ERN_Z_DEFLATE: return &zalg_deflate;
+    default: return NULL;
+    }
+}
+
+static uint32_t log2_floor(uint32_t v)
+{
+    uint32_t r = 0;
+    while (v >>= 1)
+        r++;
+    return r;
+}
+
+/* append one configuration record: le16 length, then the record */
+static void put_cfg(struct zconf *zc, const void *rec, uint16_t len)
+{
+    uint16_t le = cpu_to_le16(len);
+    memcpy(zc->cfgs + zc->cfgs_len, &le, 2);
+    memcpy(zc->cfgs + zc->cfgs_len + 2, rec, len);
+    zc->cfgs_len += 2u + len;
+}
+
+int zconf_setup(erofs_builder *b, struct zconf *zc)
+{
+    memset(zc, 0, sizeof(*zc));
+    const struct zalg *a = zalg_by_id(b->o.compress_alg);
+    if (!a)
+        return fail(b, ERN_EINVAL, "unknown compressor %d", b->o.compress_alg);
+    if (!b->o.stream_data)
+        return fail(b, ERN_EINVAL, "compression needs stream mode");
+    zc->alg = a;
+    int level = b->o.compress_level;
+    if (level < 0) {
+        level = a->default_level;
+    } else if (!a->has_level) {
+        return fail(b, ERN_EINVAL, "%s takes no compression level", a->name);
+    } else if (level < a->min_level || level > a->max_level) {
+        return fail(b, ERN_EINVAL, "%s compression level %d is not in %d..%d", a->name,
+                    level, a->min_level, a->max_level);
+    }
+    zc->level = level;
+    uint32_t blksz = b->blksz;
+    uint32_t ps = b->o.pcluster_size ? b->o.pcluster_size : blksz;
+    if (ps % blksz || ps > Z_EROFS_PCLUSTER_MAX_SIZE)
+        return fail(b, ERN_EINVAL, "pcluster size %u is not a multiple of the block size "
+                    "%u up to %u", ps, blksz, Z_EROFS_PCLUSTER_MAX_SIZE);
+    zc->pclustersize = ps;
+    zc->pclusterblks = ps / blksz;
+    /* the most input one extent takes: enough for a well compressed pcluster, small
+     * enough for a reader to decompress (and for the 11-bit lookback distance) */
+    zc->max_extent = ps * 4 > (1u << 20) ? ps * 4 : (1u << 20);
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    zc->threads = b->o.compress_threads ? b->o.compress_threads : (n > 0 ? (uint32_t)n : 1);
+    if (zc->threads > 64)
+        zc->threads = 64;
+
+    int cfgs = a->id != Z_EROFS_COMPRESSION_LZ4 || zc->pclusterblks > 1;
+    zc->incompat = EROFS_FEATURE_INCOMPAT_ZERO_PADDING |
+                   (cfgs ? EROFS_FEATURE_INCOMPAT_COMPR_CFGS : 0) |
+                   (zc->pclusterblks > 1 ? EROFS_FEATURE_INCOMPAT_BIG_PCLUSTER : 0);
+    switch (a->id) {
+    case Z_EROFS_COMPRESSION_LZ4: {
+        struct z_erofs_lz4_cfgs r;
+        memset(&r, 0, sizeof(r));
+        r.max_distance = cpu_to_le16(65535);
+        r.max_pclusterblks = cpu_to_le16(zc->pclusterblks);
+        if (cfgs)
+            put_cfg(zc, &r, sizeof(r));
+        break;
+    }
+    case Z_EROFS_COMPRESSION_LZMA: {
+        uint32_t d = ps << 2 < 8u * Z_EROFS_PCLUSTER_MAX_SIZE ? ps << 2
+                                                              : 8u * Z_EROFS_PCLUSTER_MAX_SIZE;
+        zc->dict_size = d < 32768 ? 32768 : d;
+        struct z_erofs_lzma_cfgs r;
+        memset(&r, 0, sizeof(r));
+        r.dict_size = cpu_to_le32(zc->dict_size);
+        put_cfg(zc, &r, sizeof(r));
+        break;
+    }
+    case Z_EROFS_COMPRESSION_DEFLATE: {
+        zc->dict_size = 32768;
+        struct z_erofs_deflate_cfgs r;
+        memset(&r, 0, sizeof(r));
+        r.windowbits = (uint8_t)log2_floor(zc->dict_size);
+        put_cfg(zc, &r, sizeof(r));
+        break;
+    }
+    case Z_EROFS_COMPRESSION_ZSTD: {
+        uint32_t d = ps << 3 < Z_EROFS_PCLUSTER_MAX_SIZE ? ps << 3 : Z_EROFS_PCLUSTER_MAX_SIZE;
+        zc->dict_size = 1u << log2_floor(d);
+        struct z_erofs_zstd_cfgs r;
+        memset(&r, 0, sizeof(r));
+        r.windowlog = (uint8_t)(log2_floor(zc->dict_size) - 10);
+        put_cfg(zc, &r, sizeof(r));
+        break;
+    }
+    }
+    zc->sb_u1 = cfgs ? (uint16_t)(1u << a->id) : 65535;
+    /* try the algorithm once here, so a missing feature fails before any work */
+    struct zctx c;
+    if (zctx_init(&c, zc)) {
+        int r = fail(b, ERN_EINVAL, "%s: %s", a->name, c.err);
+        zctx_fini(&c);
+        return r;
+    }
+    zctx_fini(&c);
+    return 0;
+}
+
+uint32_t zconf_incompat(const erofs_builder *b)
+{
+    return b->zc ? b->zc->incompat : 0;
+}
+
+uint16_t zconf_sb_u1(const erofs_builder *b)
+{
+    return b->zc ? b->zc->sb_u1 : 0;
+}
+
+const uint8_t *zconf_cfgs(const erofs_builder *b, uint32_t *len)
+{
+    *len = b->zc ? b->zc->cfgs_len : 0;
+    return b->zc ? b->zc->cfgs : NULL;
+}
+
+int zctx_init(struct zctx *c, const struct zconf *zc)
+{
+    memset(c, 0, sizeof(*c));
+    c->zc = zc;
+    c->in_len = (uint64_t)zc->max_extent + READ_CHUNK;
+    c->in = malloc(c->in_len);
+    c->out = malloc(zc->pclustersize);
+    if (!c->in || !c->out) {
+        snprintf(c->err, sizeof(c->err), "out of memory");
+        return ERN_ENOMEM;
+    }
+    return zc->alg->init(c);
+}
+
+void zctx_fini(struct zctx *c)
+{
+    if (c->zc && c->zc->alg->fini)
+        c->zc->alg->fini(c);
+    free(c->in);
+    free(c->out);
+    free(c->scratch);
+    memset(c, 0, sizeof(*c));
+}
+
+long zsearch_destsize(struct zctx *c, const uint8_t *src, uint32_t *srclen, uint8_t *dst,
+                      uint32_t dstcap, ztrial_fn trial)
+{
+    if (c->scratch_len < dstcap) {
+        free(c->scratch);
+        c->scratch = malloc(dstcap);
+        c->scratch_len = c->scratch ? dstcap : 0;
+        if (!c->scratch) {
+            snprintf(c->err, sizeof(c->err), "out of memory");
+            return ERN_ENOMEM;
+        }
+    }
+    uint32_t len = *srclen;
+    uint32_t fit = 0, nofit = len + 1;   /* prefix lengths known to fit / not to fit */
+    long fit_size = 0;
+    /* first guess: a typical 4:1; then extrapolate from the last ratio that fitted,
+     * bisect after a miss; stop within 1/512 of the answer or with the output full */
+    uint64_t m = (uint64_t)dstcap * 4 < len ? (uint64_t)dstcap * 4 : len;
+    for (int iter = 0; iter < 32; iter++) {
+        long r = trial(c, src, (uint32_t)m, c->scratch, dstcap);
+        if (r < 0)
+            return r;
+        uint64_t next;
+        if (r > 0) {
+            fit = (uint32_t)m;
+            fit_size = r;
+            memcpy(dst, c->scratch, (size_t)r);
+            if (fit == len || (uint32_t)r + 8 >= dstcap)
+                break;
+            next = m * dstcap / (uint64_t)r;
+            if (next >= nofit)
+                next = fit + (nofit - fit) / 2;
+        } else {
+            nofit = (uint32_t)m;
+            next = fit + (nofit - fit) / 2;
+        }
+        if (nofit - fit <= 1 + fit / 512)
+            break;
+        if (next <= fit)
+            next = fit + 1;
+        if (next >= nofit)
+            next = nofit - 1;
+        m = next;
+    }
+    *srclen = fit;
+    return fit ? fit_size : 0;
+}
+
+void zfile_free(struct zfile *zf)
+{
+    free(zf->data);
+    free(zf->ext);
+    memset(zf, 0, sizeof(*zf));
+}
+
+/* room for len more bytes of output */
+static int out_reserve(struct zfile *zf, uint64_t len)
+{
+    uint64_t have = zf->dlen - zf->flushed;
+    if (have + len <= zf->dcap)
+        return 0;
+    uint64_t nc = zf->dcap ? zf->dcap * 2 : 65536;
+    while (nc < have + len)
+        nc *= 2;
+    uint8_t *p = realloc(zf->data, nc);
+    if (!p)
+        return ERN_ENOMEM;
+    zf->data = p;
+    zf->dcap = nc;
+    return 0;
+}
+
+static int add_extent(struct zfile *zf, uint64_t start, uint32_t nblk, int raw)
+{
+    if (zf->next == zf->cap_ext) {
+        uint32_t nc = zf->cap_ext ? zf->cap_ext * 2 : 16;
+        struct zext *p = realloc(zf->ext, (size_t)nc * sizeof(*p));
+        if (!p)
+            return ERN_ENOMEM;
+        zf->ext = p;
+        zf->cap_ext = nc;
+    }
+    zf->ext[zf->next++] = (struct zext){ .start = start, .pblk = zf->nblocks,
+                                         .nblk = (uint16_t)nblk, .raw = (uint8_t)raw };
+    zf->nblocks += nblk;
+    return 0;
+}
+
+int zfile_compress(struct zctx *c, struct xfer *x, int fd, const char *path,
+                   uint64_t offset, uint64_t size, struct zfile *zf,
+                   int (*flush)(void *arg, struct zfile *zf), void *arg)
+{
+    const struct zconf *zc = c->zc;
+    const uint32_t bs = x->blksz, ps = zc->pclustersize, cap = zc->max_extent;
+    uint64_t head = 0, tail = 0;   /* valid input in c->in */
+    uint64_t readpos = 0;          /* file bytes read so far */
+    uint64_t done = 0;             /* file bytes put into extents */
+    int r;
+    memset(zf, 0, sizeof(*zf));
+    zf->size = size;
+    while (done < size) {
+        if (tail - head < cap && readpos < size) {
+            memmove(c->in, c->in + head, tail - head);
+            tail -= head;
+            head = 0;
+            uint64_t want = c->in_len - tail;
+            if (want > size - readpos)
+                want = size - readpos;
+            if ((r = x_read(x, fd, c->in + tail, (size_t)want, offset + readpos, path)))
+                return r;
+            tail += want;
+            readpos += want;
+        }
+        uint64_t avail = tail - head;
+        uint32_t len = avail < cap ? (uint32_t)avail : cap;
+        int final = readpos == size && avail <= cap;
+        long csz = 0;
+        uint32_t took = len;
+        if (!(final && len <= bs)) {
+            csz = zc->alg->destsize(c, c->in + head, &took, c->out, ps);
+            if (csz < 0)
+                return xfail(x, ERN_EIO, "%s: %s compression failed: %s", path,
+                             zc->alg->name, c->err);
+        }
+        uint64_t plen = align_up((uint64_t)csz, bs);
+        if (csz > 0 && plen < took) {
+            if (out_reserve(zf, plen) || add_extent(zf, done, (uint32_t)(plen / bs), 0))
+                return xfail(x, ERN_ENOMEM, "out of memory");
+            uint8_t *d = zf->data + (zf->dlen - zf->flushed);
+            memset(d, 0, plen - (uint64_t)csz);
+            memcpy(d + plen - (uint64_t)csz, c->out, (size_t)csz);
+            zf->dlen += plen;
+        } else {
+            took = avail < bs ? (uint32_t)avail : bs;
+            if (out_reserve(zf, bs) || add_extent(zf, done, 1, 1))
+                return xfail(x, ERN_ENOMEM, "out of memory");
+            uint8_t *d = zf->data + (zf->dlen - zf->flushed);
+            memcpy(d, c->in + head, took);
+            memset(d + took, 0, bs - took);
+            zf->dlen += bs;
+        }
+        head += took;
+        done += took;
+        if (flush && zf->dlen - zf->flushed > FLUSH_LIMIT && (r = flush(arg, zf)))
+            return r;
+    }
+    uint64_t nlc = (size + bs - 1) / bs;
+    zf->plain = (uint64_t)zf->nblocks * bs + Z_INDEX_START + nlc * 8 >= size;
+    return 0;
+}
+
+uint8_t *zfile_index(const struct zfile *zf, const struct zconf *zc, uint32_t blkszbits,
+                     uint32_t base, uint32_t *len)
+{
+    const uint32_t lb = blkszbits;     /* lcluster = one block */
+    const uint64_t mask = (1ull << lb) - 1;
+    uint64_t nlc = (zf->size + mask) >> lb;
+    *len = (uint32_t)(Z_INDEX_START + nlc * sizeof(struct z_erofs_lcluster_index));
+    uint8_t *meta = calloc(1, *len);
+    if (!meta)
+        return NULL;
+    struct z_erofs_map_header h;
+    memset(&h, 0, sizeof(h));
+    int big = zc->pclusterblks > 1;
+    h.h_advise = cpu_to_le16(big ? Z_EROFS_ADVISE_BIG_PCLUSTER_1 : 0);
+    h.h_algorithmtype = (uint8_t)zc->alg->id;
+    h.h_clusterbits = 0;
+    memcpy(meta, &h, sizeof(h));
+    struct z_erofs_lcluster_index *idx = (struct z_erofs_lcluster_index *)(meta + Z_INDEX_START);
+    for (uint32_t i = 0; i < zf->next; i++) {
+        const struct zext *e = &zf->ext[i];
+        int last = i + 1 == zf->next;
+        uint64_t end = last ? zf->size : zf->ext[i + 1].start;
+        uint64_t hl = e->start >> lb, nh = end >> lb;
+        idx[hl].di_advise = cpu_to_le16(e->raw ? Z_EROFS_LCLUSTER_TYPE_PLAIN
+                                               : Z_EROFS_LCLUSTER_TYPE_HEAD1);
+        idx[hl].di_clusterofs = cpu_to_le16(e->start & mask);
+        idx[hl].di_u = cpu_to_le32(base + e->pblk);
+        for (uint64_t l = hl + 1; l < nh && l < nlc; l++) {
+            uint32_t d0 = l - hl > 0x7FF ? 0x7FF : (uint32_t)(l - hl);
+            if (l == hl + 1 && big)
+                d0 = e->nblk | Z_EROFS_LI_D0_CBLKCNT;
+            uint32_t d1 = nh - l > 0xFFFF ? 0xFFFF : (uint32_t)(nh - l);
+            idx[l].di_advise = cpu_to_le16(Z_EROFS_LCLUSTER_TYPE_NONHEAD);
+            idx[l].di_clusterofs = 0;
+            idx[l].di_u = cpu_to_le32(d0 | d1 << 16);
+        }
+        /* the file ends inside a later lcluster: a PLAIN head there marks the end */
+        if (last && nh > hl && nh < nlc) {
+            idx[nh].di_advise = cpu_to_le16(Z_EROFS_LCLUSTER_TYPE_PLAIN);
+            idx[nh].di_clusterofs = cpu_to_le16(zf->size & mask);
+            idx[nh].di_u = 0;
+        }
+    }
+    return meta;
+}
