@@ -60,6 +60,10 @@ int zconf_setup(erofs_builder *b, struct zconf *zc)
         level = a->default_level;
     } else if (!a->has_level) {
         return fail(b, ERN_EINVAL, "%s takes no compression level", a->name);
+    } else if (a->id == Z_EROFS_COMPRESSION_LZMA && level > 9 && level < 100) {
+        /* xz presets 0-9, and 100-109 for the same with the extreme flag */
+        return fail(b, ERN_EINVAL, "lzma compression level %d is not in 0..9 or 100..109",
+                    level);
     } else if (level < a->min_level || level > a->max_level) {
         return fail(b, ERN_EINVAL, "%s compression level %d is not in %d..%d", a->name,
                     level, a->min_level, a->max_level);

@@ -14,6 +14,7 @@ from erofs_tools.builder.options import (
     parse_uuid,
 )
 from erofs_tools.cli.progress import Progress
+from erofs_tools.errors import InputError
 
 
 @click.command("mkfs")
@@ -48,7 +49,7 @@ def mkfs(image, source, timestamp, uuid_text, label, all_root, force_uid, force_
          as_json):
     """Build an EROFS image IMAGE of the directory SOURCE (4 KiB blocks)."""
     if pcluster is not None and compress is None:
-        raise click.UsageError("-C needs -z")
+        raise InputError("-C needs -z")
     opts = MkfsOptions(
         timestamp=parse_timestamp(timestamp) if timestamp is not None else None,
         uuid=parse_uuid(uuid_text) if uuid_text else None,
