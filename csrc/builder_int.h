@@ -38,7 +38,8 @@
 #define SB_END (EROFS_SUPER_OFFSET + sizeof(struct erofs_super_block))
 
 enum { L_PLAIN = EROFS_INODE_FLAT_PLAIN, L_INLINE = EROFS_INODE_FLAT_INLINE,
-       L_CHUNK = EROFS_INODE_CHUNK_BASED, L_ZFULL = EROFS_INODE_COMPRESSED_FULL };
+       L_CHUNK = EROFS_INODE_CHUNK_BASED, L_ZFULL = EROFS_INODE_COMPRESSED_FULL,
+       L_ZCOMPACT = EROFS_INODE_COMPRESSED_COMPACT };
 /* where a node's data comes from */
 enum { D_NONE = 0, D_FILE, D_BYTES, D_CHUNKS, D_SPARSE };
 
@@ -213,6 +214,11 @@ INTERNAL uint32_t zmeta_extra(const struct node *n);
 INTERNAL uint32_t zconf_incompat(const erofs_builder *b);
 INTERNAL uint16_t zconf_sb_u1(const erofs_builder *b);
 INTERNAL const uint8_t *zconf_cfgs(const erofs_builder *b, uint32_t *len);
+/* zindex.c: a full index (map header, 8 reserved, 8-byte entries) to the compact one
+ * (map header, packs of 4-byte and 2-byte entries) of an inode whose index starts mpos
+ * bytes (8-aligned, after the map header) after a 32-byte boundary -> malloc'ed bytes */
+INTERNAL uint8_t *zindex_compact(const uint8_t *full, uint32_t full_len, uint32_t mpos,
+                                 int big, uint32_t *len);
 
 /* dirs.c */
 INTERNAL int namecmp(const uint8_t *a, size_t al, const uint8_t *b2, size_t bl);

@@ -9,13 +9,13 @@
  * (0padding: the reader skips the leading zeros to find the exact compressed size). A
  * file whose pclusters plus index would not be smaller than the file is stored
  * uncompressed instead. Every decision depends on the file's bytes and the settings
- * only, so the result does not depend on which thread compressed it.
+ * only, so the result does not depend on which thread compressed it. The indexes of the
+ * extents are built in zindex.c.
  */
 #include "compress_int.h"
 
 #define READ_CHUNK (1u << 20)
 #define FLUSH_LIMIT (16u << 20)    /* buffered output of one file before flushing */
-#define Z_INDEX_START 16u           /* map header + 8 reserved bytes */
 
 const struct zalg *zalg_by_id(int32_t which)
 {
@@ -327,50 +327,4 @@ int zfile_compress(struct zctx *c, struct xfer *x, int fd, const char *path,
     uint64_t nlc = (size + bs - 1) / bs;
     zf->plain = (uint64_t)zf->nblocks * bs + Z_INDEX_START + nlc * 8 >= size;
     return 0;
-}
-
-uint8_t *zfile_index(const struct zfile *zf, const struct zconf *zc, uint32_t blkszbits,
-                     uint32_t base, uint32_t *len)
-{
-    const uint32_t lb = blkszbits;     /* lcluster = one block */
-    const uint64_t mask = (1ull << lb) - 1;
-    uint64_t nlc = (zf->size + mask) >> lb;
-    *len = (uint32_t)(Z_INDEX_START + nlc * sizeof(struct z_erofs_lcluster_index));
-    uint8_t *meta = calloc(1, *len);
-    if (!meta)
-        return NULL;
-    struct z_erofs_map_header h;
-    memset(&h, 0, sizeof(h));
-    int big = zc->pclusterblks > 1;
-    h.h_advise = cpu_to_le16(big ? Z_EROFS_ADVISE_BIG_PCLUSTER_1 : 0);
-    h.h_algorithmtype = (uint8_t)zc->alg->id;
-    h.h_clusterbits = 0;
-    memcpy(meta, &h, sizeof(h));
-    struct z_erofs_lcluster_index *idx = (struct z_erofs_lcluster_index *)(meta + Z_INDEX_START);
-    for (uint32_t i = 0; i < zf->next; i++) {
-        const struct zext *e = &zf->ext[i];
-        int last = i + 1 == zf->next;
-        uint64_t end = last ? zf->size : zf->ext[i + 1].start;
-        uint64_t hl = e->start >> lb, nh = end >> lb;
-        idx[hl].di_advise = cpu_to_le16(e->raw ? Z_EROFS_LCLUSTER_TYPE_PLAIN
-                                               : Z_EROFS_LCLUSTER_TYPE_HEAD1);
-        idx[hl].di_clusterofs = cpu_to_le16(e->start & mask);
-        idx[hl].di_u = cpu_to_le32(base + e->pblk);
-        for (uint64_t l = hl + 1; l < nh && l < nlc; l++) {
-            uint32_t d0 = l - hl > 0x7FF ? 0x7FF : (uint32_t)(l - hl);
-            if (l == hl + 1 && big)
-                d0 = e->nblk | Z_EROFS_LI_D0_CBLKCNT;
-            uint32_t d1 = nh - l > 0xFFFF ? 0xFFFF : (uint32_t)(nh - l);
-            idx[l].di_advise = cpu_to_le16(Z_EROFS_LCLUSTER_TYPE_NONHEAD);
-            idx[l].di_clusterofs = 0;
-            idx[l].di_u = cpu_to_le32(d0 | d1 << 16);
-        }
-        /* the file ends inside a later lcluster: a PLAIN head there marks the end */
-        if (last && nh > hl && nh < nlc) {
-            idx[nh].di_advise = cpu_to_le16(Z_EROFS_LCLUSTER_TYPE_PLAIN);
-            idx[nh].di_clusterofs = cpu_to_le16(zf->size & mask);
-            idx[nh].di_u = 0;
-        }
-    }
-    return meta;
 }

@@ -77,6 +77,8 @@ struct zfile {
     int plain;               /* compression saves nothing: store the file uncompressed */
 };
 
+#define Z_INDEX_START 16u  /* full index: map header + 8 reserved bytes before the entries */
+
 /* algorithms (compress_*.c) */
 extern const struct zalg zalg_lz4, zalg_lz4hc, zalg_zstd, zalg_lzma, zalg_deflate;
 
@@ -98,8 +100,9 @@ INTERNAL int zfile_compress(struct zctx *c, struct xfer *x, int fd, const char *
                             uint64_t offset, uint64_t size, struct zfile *zf,
                             int (*flush)(void *arg, struct zfile *zf), void *arg);
 INTERNAL void zfile_free(struct zfile *zf);
-/* the map header and full index of a compressed file whose first pcluster is at
- * block base -> malloc'ed bytes (NULL: out of memory) */
+
+/* zindex.c: the map header and full index of a compressed file whose first pcluster is
+ * at block base -> malloc'ed bytes (NULL: out of memory) */
 INTERNAL uint8_t *zfile_index(const struct zfile *zf, const struct zconf *zc, uint32_t blkszbits,
                               uint32_t base, uint32_t *len);
 

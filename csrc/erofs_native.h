@@ -69,6 +69,7 @@ struct erofs_opts {
     int32_t compress_level;    /* -1: the algorithm's default */
     uint32_t pcluster_size;    /* bytes of a physical cluster; 0: one block */
     uint32_t compress_threads; /* 0: one per online CPU; the image is the same */
+    int32_t compress_full_index; /* 1: full (8-byte) lcluster indexes; 0: compact */
 };
 
 struct erofs_layout_info {

@@ -384,8 +384,25 @@ static int pick_build_time(erofs_builder *b, struct layout_state *st)
     return 0;
 }
 
+/* a compressed node's compact index, now that its inode and xattr sizes are known */
+static int compact_zindex(erofs_builder *b, struct node *n)
+{
+    uint32_t mpos = (uint32_t)align_up(inode_size(n) + n->xattr_isize, 8) +
+                    (uint32_t)sizeof(struct z_erofs_map_header);
+    uint32_t len;
+    uint8_t *c = zindex_compact(n->zmeta, n->zmeta_len, mpos, b->o.pcluster_size > b->blksz,
+                                &len);
+    if (!c)
+        return fail(b, ERN_ENOMEM, "out of memory");
+    free(n->zmeta);
+    n->zmeta = c;
+    n->zmeta_len = len;
+    n->layout = L_ZCOMPACT;
+    return 0;
+}
+
 /* inode formats and data layouts (independent of positions) */
-static void choose_formats(erofs_builder *b, struct layout_state *st)
+static int choose_formats(erofs_builder *b, struct layout_state *st)
 {
     uint32_t blksz = b->blksz;
     st->have_chunks = 0;
@@ -404,6 +421,8 @@ static void choose_formats(erofs_builder *b, struct layout_state *st)
             st->have_chunks = 1;
         } else if (n->zmeta) {
             n->layout = L_ZFULL;
+            if (!b->o.compress_full_index && compact_zindex(b, n))
+                return ERN_ENOMEM;
         } else if (is_flat_data(n)) {
             uint64_t tail = n->size % blksz;
             n->layout = L_PLAIN;
@@ -420,6 +439,7 @@ static void choose_formats(erofs_builder *b, struct layout_state *st)
             n->layout = L_PLAIN;
         }
     }
+    return 0;
 }
 
 /* stream mode: file data already sits from the first block after the superblock up to
@@ -488,7 +508,7 @@ static int place_inodes(erofs_builder *b, struct layout_state *st)
                     ? (uint32_t)sizeof(struct erofs_inode_chunk_index) : 4);
         } else if (n->layout == L_INLINE) {
             extra = n->tail;
-        } else if (n->layout == L_ZFULL) {
+        } else if (n->layout == L_ZFULL || n->layout == L_ZCOMPACT) {
             extra = zmeta_extra(n);
         }
         /* try a gap (not for the root, which must come first) */
@@ -645,7 +665,8 @@ int erofs_builder_layout(erofs_builder *b, struct erofs_layout_info *info)
     size_dirs(b);
     if ((r = pack_xattrs(b, &st)) || (r = pick_build_time(b, &st)))
         return r;
-    choose_formats(b, &st);
+    if ((r = choose_formats(b, &st)))
+        return r;
     if ((r = place_stream_data(b, &st)) || (r = place_inodes(b, &st)) ||
         (r = place_after_inodes(b, &st)))
         return r;

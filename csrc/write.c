@@ -77,7 +77,7 @@ static int write_inode(erofs_builder *b, struct node *n)
         iu = n->rdev;
     else if (fmt == S_IFIFO || fmt == S_IFSOCK)
         iu = 0;
-    else if (n->layout == L_ZFULL)
+    else if (n->layout == L_ZFULL || n->layout == L_ZCOMPACT)
         iu = n->zblocks;    /* compressed inodes: blocks of their pclusters */
     else
         iu = n->startblk;
@@ -223,7 +223,7 @@ static int write_node_data(erofs_builder *b, struct node *n)
         free(path);
         return r;
     }
-    if (n->layout == L_ZFULL)   /* pclusters written by the compression pool */
+    if (n->zmeta)   /* pclusters written by the compression pool */
         return win_write(b, align_up(tail_off, 8), n->zmeta, n->zmeta_len);
     if (!is_flat_data(n) || n->size == 0)
         return 0;

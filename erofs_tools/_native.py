@@ -97,6 +97,7 @@ class BuildOptions:
     compress_level: int = -1       # -1: the algorithm's default
     pcluster_size: int = 0         # bytes per physical cluster; 0: one block
     compress_threads: int = 0      # 0: one per CPU (the image does not depend on it)
+    compress_full_index: bool = False  # full 8-byte lcluster indexes (else compact)
     _extra: dict = field(default_factory=dict, repr=False)
 
     def to_c(self) -> Any:
@@ -141,6 +142,7 @@ class BuildOptions:
         o.compress_level = self.compress_level
         o.pcluster_size = self.pcluster_size
         o.compress_threads = self.compress_threads
+        o.compress_full_index = int(self.compress_full_index)
         return o
 
 

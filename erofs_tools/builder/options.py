@@ -2,7 +2,7 @@
 import os
 import re
 import uuid as _uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -15,6 +15,7 @@ class Compression:
     algorithm: str
     level: int | None = None
     pcluster_size: int = 0            # bytes; 0 = one block
+    full_index: bool = False          # -E legacy-compress: 8-byte lcluster indexes
 
 
 @dataclass
@@ -46,7 +47,20 @@ COMPRESSOR_NAMES = ("lz4", "lz4hc", "lzma", "deflate", "zstd")
 PCLUSTER_MAX = 1 << 20
 
 
-def parse_compress(text: str, pcluster: str | None = None) -> Compression:
+def parse_extended(texts: Sequence[str]) -> set[str]:
+    """-E options (comma separated, repeatable); the ones this mkfs knows so far."""
+    known = {"legacy-compress"}
+    out = set()
+    for text in texts:
+        for opt in filter(None, (t.strip() for t in text.split(","))):
+            if opt not in known:
+                raise InputError(f"-E: unsupported extended option {opt!r}")
+            out.add(opt)
+    return out
+
+
+def parse_compress(text: str, pcluster: str | None = None,
+                   full_index: bool = False) -> Compression:
     """mkfs.erofs's -z syntax: ALG[,level=N][,dictsize=...] with one ALG (this slice)."""
     if ":" in text:
         raise InputError(f"-z {text!r}: only one algorithm is supported so far")
@@ -73,7 +87,7 @@ def parse_compress(text: str, pcluster: str | None = None) -> Compression:
             raise InputError(f"-C: not a byte count: {pcluster!r}") from None
         if size <= 0 or size % 4096 or size > PCLUSTER_MAX:
             raise InputError(f"-C {pcluster}: must be a multiple of 4096 up to {PCLUSTER_MAX}")
-    return Compression(name, level, size)
+    return Compression(name, level, size, full_index)
 
 
 def parse_timestamp(text: object, what: str = "-T") -> int:
