@@ -112,14 +112,26 @@ def test_roundtrip(root_kernel, tree, tmp_path, alg):
         assert not incompat & INCOMPAT_COMPR_CFGS and u1 == 65535
     else:
         assert incompat & INCOMPAT_COMPR_CFGS and u1 == 1 << ALG_IDS[alg]
-    # compressible files compressed (full index, layout 1); what cannot save a block is
-    # stored plain (0) or inline (2)
+    # compressible files compressed (compact indexes, layout 3); what cannot save a
+    # block is stored plain (0) or inline (2)
     for path in ("/text3m", "/mixed", "/t8193", "/sparse", "/sub/deeper/zeros"):
-        assert layout_of(img, path) == 1, path
+        assert layout_of(img, path) == 3, path
     for path in ("/rand2m", "/r4097", "/t4096", "/t4095", "/one"):
         assert layout_of(img, path) in (0, 2), path
     assert img.stat().st_size < sum(f.stat().st_size for f in tree.rglob("*")
                                     if f.is_file() and not f.is_symlink()) // 2
+
+
+@pytest.mark.parametrize("alg", ["lz4hc", "zstd", "lzma"])
+def test_full_indexes(root_kernel, tree, tmp_path, alg):
+    """-E legacy-compress: 8-byte lcluster indexes (layout 1), same data."""
+    img = tmp_path / "f.img"
+    mkfs_and_check(img, tree, "-z", alg, "-E", "legacy-compress", check_nlink=True)
+    for path in ("/text3m", "/mixed", "/sparse"):
+        assert layout_of(img, path) == 1, path
+    big = tmp_path / "fc.img"
+    mkfs_and_check(big, tree, "-z", alg, "-C", "32768", "-E", "legacy-compress")
+    assert layout_of(big, "/text3m") == 1
 
 
 @pytest.mark.parametrize("alg,size", [("lz4hc", 16384), ("zstd", 65536), ("lzma", 131072),
@@ -155,7 +167,7 @@ def test_large_output_written_in_place(root_kernel, tmp_path):
     (src / "d-after").write_bytes(text(70000, 3))
     img = tmp_path / "big.img"
     mkfs_and_check(img, src, "-z", "zstd", "--workers", "2")
-    assert layout_of(img, "/b64") == 1
+    assert layout_of(img, "/b64") == 3
     assert layout_of(img, "/c-rand") == 0
 
 
@@ -188,6 +200,7 @@ def test_same_image_whatever_the_threads(tree, tmp_path):
     (["-z", "lz4", "-C", "5000"], "-C 5000"),
     (["-z", "lz4", "-C", "2097152"], "-C 2097152"),
     (["-C", "65536"], "-C needs -z"),
+    (["-z", "lz4", "-E", "ztailpacking"], "unsupported extended option 'ztailpacking'"),
 ])
 def test_bad_options(tree, tmp_path, args, msg):
     img = tmp_path / "bad.img"

@@ -7,9 +7,9 @@ from erofs_tools.builder.mkfs import mkfs as build_image
 from erofs_tools.builder.options import (
     MkfsOptions,
     parse_compress,
-    parse_extended,
     parse_exclude_path,
     parse_exclude_regex,
+    parse_extended,
     parse_label,
     parse_timestamp,
     parse_uuid,
