@@ -52,6 +52,8 @@ struct zctx {
     uint8_t *in;             /* input window of zfile_compress */
     uint64_t in_len;
     uint8_t *out;            /* one pcluster of output */
+    uint32_t hint;           /* input the last extent of this file took (0: none yet);
+                                reset per file, so results never depend on the thread */
     char err[200];
 };
 
