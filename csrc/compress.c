@@ -13,6 +13,7 @@
  * extents are built in zindex.c.
  */
 #include "compress_int.h"
+#include <sys/mman.h>
 
 #define READ_CHUNK (1u << 20)
 /* the prefix search (zstd, deflate) stops when the output is within ZSTOP_BYTES of the
@@ -20,7 +21,12 @@
  * took 0.6 of the CPU time of 8 bytes / 1/512 for 0.5 % more output */
 #define ZSTOP_BYTES 64u
 #define ZSTOP_FRAC 128u
-#define FLUSH_LIMIT (16u << 20)    /* buffered output of one file before flushing */
+#define FLUSH_LIMIT (8u << 20)     /* buffered output of one file before flushing */
+/* output buffers from this size on are mapped memory: grown by mremap and returned to
+ * the system when freed. Through malloc they were grown and freed by different threads
+ * and held on to by malloc's arenas (peak RSS 150-190 MiB on /usr/share with two
+ * workers against 100 MiB with one). */
+#define MAP_MIN (256u << 10)
 
 const struct zalg *zalg_by_id(int32_t which)
 {
@@ -235,9 +241,18 @@ long zsearch_destsize(struct zctx *c, const uint8_t *src, uint32_t *srclen, uint
     return fit ? fit_size : 0;
 }
 
+static void out_release(uint8_t *p, uint64_t cap)
+{
+    if (cap >= MAP_MIN)
+        munmap(p, cap);
+    else
+        free(p);
+}
+
 void zfile_free(struct zfile *zf)
 {
-    free(zf->data);
+    if (zf->data)
+        out_release(zf->data, zf->dcap);
     free(zf->ext);
     memset(zf, 0, sizeof(*zf));
 }
@@ -251,7 +266,20 @@ static int out_reserve(struct zfile *zf, uint64_t len)
     uint64_t nc = zf->dcap ? zf->dcap * 2 : 65536;
     while (nc < have + len)
         nc *= 2;
-    uint8_t *p = realloc(zf->data, nc);
+    uint8_t *p;
+    if (nc < MAP_MIN) {
+        p = realloc(zf->data, nc);
+    } else if (zf->dcap >= MAP_MIN) {
+        p = mremap(zf->data, zf->dcap, nc, MREMAP_MAYMOVE);
+        p = p == MAP_FAILED ? NULL : p;
+    } else {
+        p = mmap(NULL, nc, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        p = p == MAP_FAILED ? NULL : p;
+        if (p && zf->data) {
+            memcpy(p, zf->data, have);
+            free(zf->data);
+        }
+    }
     if (!p)
         return ERN_ENOMEM;
     zf->data = p;

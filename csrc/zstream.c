@@ -12,7 +12,7 @@
 #include "compress_int.h"
 
 #define ZQMAX 4096                   /* submitted files not yet taken by a worker */
-#define PENDING_MAX (256ull << 20)  /* output held by finished, uncommitted files */
+#define PENDING_MAX (32ull << 20)   /* output held by finished, uncommitted files */
 
 struct zjob {
     struct zjob *next;

@@ -156,7 +156,7 @@ def test_levels(root_kernel, tree, tmp_path):
 
 
 def test_large_output_written_in_place(root_kernel, tmp_path):
-    """A file whose compressed form is over the in-memory limit (16 MiB) is written at
+    """A file whose compressed form is over the in-memory limit (8 MiB) is written at
     its final place while it is compressed; an incompressible one of that size is then
     stored plain over the same blocks."""
     src = tmp_path / "src"
