@@ -349,13 +349,21 @@ int zfile_compress(struct zctx *c, struct xfer *x, int fd, const char *path,
             memcpy(d + plen - (uint64_t)csz, c->out, (size_t)csz);
             zf->dlen += plen;
         } else {
-            took = avail < bs ? (uint32_t)avail : bs;
-            if (out_reserve(zf, bs) || add_extent(zf, done, 1, 1))
-                return xfail(x, ERN_ENOMEM, "out of memory");
-            uint8_t *d = zf->data + (zf->dlen - zf->flushed);
-            memcpy(d, c->in + head, took);
-            memset(d + took, 0, bs - took);
-            zf->dlen += bs;
+            /* stored: one block per extent, as many blocks as the failed pcluster
+             * covered (so incompressible data is not tried again block by block) */
+            uint32_t tried = took < ps ? took : ps;
+            uint32_t nraw = tried / bs ? tried / bs : 1;
+            took = 0;
+            for (uint32_t k = 0; k < nraw && avail > took; k++) {
+                uint32_t n = avail - took < bs ? (uint32_t)(avail - took) : bs;
+                if (out_reserve(zf, bs) || add_extent(zf, done + took, 1, 1))
+                    return xfail(x, ERN_ENOMEM, "out of memory");
+                uint8_t *d = zf->data + (zf->dlen - zf->flushed);
+                memcpy(d, c->in + head + took, n);
+                memset(d + n, 0, bs - n);
+                zf->dlen += bs;
+                took += n;
+            }
         }
         head += took;
         done += took;
