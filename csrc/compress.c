@@ -15,7 +15,9 @@
 #include "compress_int.h"
 #include <sys/mman.h>
 
-#define READ_CHUNK (1u << 20)
+#define SEGMENT_SIZE (16ull << 20)
+#define QUEUE_SIZE (8000u << 10)    /* the input window */
+#define REFILL_AT (4000u << 10)
 /* the prefix search (zstd, deflate) stops when the output is within ZSTOP_BYTES of the
  * pcluster or the input is known within 1/ZSTOP_FRAC: on Python's library with zstd this
  * took 0.6 of the CPU time of 8 bytes / 1/512 for 0.5 % more output */
@@ -87,9 +89,6 @@ int zconf_setup(erofs_builder *b, struct zconf *zc)
                     "%u up to %u", ps, blksz, Z_EROFS_PCLUSTER_MAX_SIZE);
     zc->pclustersize = ps;
     zc->pclusterblks = ps / blksz;
-    /* the most input one extent takes: enough for a well compressed pcluster, small
-     * enough for a reader to decompress (and for the 11-bit lookback distance) */
-    zc->max_extent = ps * 4 > (1u << 20) ? ps * 4 : (1u << 20);
     long n = sysconf(_SC_NPROCESSORS_ONLN);
     zc->threads = b->o.compress_threads ? b->o.compress_threads : (n > 0 ? (uint32_t)n : 1);
     if (zc->threads > 64)
@@ -169,7 +168,7 @@ int zctx_init(struct zctx *c, const struct zconf *zc)
 {
     memset(c, 0, sizeof(*c));
     c->zc = zc;
-    c->in_len = (uint64_t)zc->max_extent + READ_CHUNK;
+    c->in_len = QUEUE_SIZE;
     c->in = malloc(c->in_len);
     c->out = malloc(zc->pclustersize);
     if (!c->in || !c->out) {
@@ -303,72 +302,94 @@ static int add_extent(struct zfile *zf, uint64_t start, uint32_t nblk, int raw)
     return 0;
 }
 
+/* one extent from the input window c->in[head, head + len): compressed into one
+ * pcluster, or stored as plain blocks -> input bytes taken (or < 0) */
+static long one_extent(struct zctx *c, struct xfer *x, struct zfile *zf, const char *path,
+                       uint64_t head, uint32_t len, int final, uint64_t done)
+{
+    const struct zconf *zc = c->zc;
+    const uint32_t bs = x->blksz, ps = zc->pclustersize;
+    long csz = 0;
+    uint32_t took = len;
+    if (!(final && len <= bs)) {
+        csz = zc->alg->destsize(c, c->in + head, &took, c->out, ps);
+        if (csz < 0)
+            return xfail(x, ERN_EIO, "%s: %s compression failed: %s", path,
+                         zc->alg->name, c->err);
+    }
+    uint64_t plen = align_up((uint64_t)csz, bs);
+    if (csz > 0 && plen < took) {
+        if (out_reserve(zf, plen) || add_extent(zf, done, (uint32_t)(plen / bs), 0))
+            return xfail(x, ERN_ENOMEM, "out of memory");
+        uint8_t *d = zf->data + (zf->dlen - zf->flushed);
+        memset(d, 0, plen - (uint64_t)csz);
+        memcpy(d + plen - (uint64_t)csz, c->out, (size_t)csz);
+        zf->dlen += plen;
+        return took;
+    }
+    /* stored: one block per extent, as many blocks as the failed pcluster covered (so
+     * incompressible data is not tried again block by block) */
+    uint32_t tried = took < ps ? took : ps;
+    uint32_t nraw = tried / bs ? tried / bs : 1;
+    took = 0;
+    for (uint32_t k = 0; k < nraw && len > took; k++) {
+        uint32_t n = len - took < bs ? len - took : bs;
+        if (out_reserve(zf, bs) || add_extent(zf, done + took, 1, 1))
+            return xfail(x, ERN_ENOMEM, "out of memory");
+        uint8_t *d = zf->data + (zf->dlen - zf->flushed);
+        memcpy(d, c->in + head + took, n);
+        memset(d + n, 0, bs - n);
+        zf->dlen += bs;
+        took += n;
+    }
+    return took;
+}
+
+/* As mkfs.erofs 1.9 cuts a file: in 16 MiB segments compressed independently (its
+ * multi-threaded default), each read through an 8000 KiB window that is shifted and
+ * refilled once half of it is used; an extent may take all the input in the window.
+ * Same cuts, same extents: with the same library the data takes the same blocks. */
 int zfile_compress(struct zctx *c, struct xfer *x, int fd, const char *path,
                    uint64_t offset, uint64_t size, struct zfile *zf,
                    int (*flush)(void *arg, struct zfile *zf), void *arg)
 {
-    const struct zconf *zc = c->zc;
-    const uint32_t bs = x->blksz, ps = zc->pclustersize, cap = zc->max_extent;
-    uint64_t head = 0, tail = 0;   /* valid input in c->in */
-    uint64_t readpos = 0;          /* file bytes read so far */
+    const uint32_t bs = x->blksz, ps = c->zc->pclustersize;
     uint64_t done = 0;             /* file bytes put into extents */
     int r;
     memset(zf, 0, sizeof(*zf));
     zf->size = size;
-    c->hint = 0;
-    while (done < size) {
-        if (tail - head < cap && readpos < size) {
-            memmove(c->in, c->in + head, tail - head);
-            tail -= head;
-            head = 0;
-            uint64_t want = c->in_len - tail;
-            if (want > size - readpos)
-                want = size - readpos;
-            if ((r = x_read(x, fd, c->in + tail, (size_t)want, offset + readpos, path)))
+    for (uint64_t seg = 0; seg < size; seg += SEGMENT_SIZE) {
+        uint64_t remaining = size - seg < SEGMENT_SIZE ? size - seg : SEGMENT_SIZE;
+        uint64_t head = 0, tail = 0, readpos = seg;
+        c->hint = 0;
+        while (remaining) {
+            uint64_t rx = c->in_len - tail < remaining ? c->in_len - tail : remaining;
+            if ((r = x_read(x, fd, c->in + tail, (size_t)rx, offset + readpos, path)))
                 return r;
-            tail += want;
-            readpos += want;
-        }
-        uint64_t avail = tail - head;
-        uint32_t len = avail < cap ? (uint32_t)avail : cap;
-        int final = readpos == size && avail <= cap;
-        long csz = 0;
-        uint32_t took = len;
-        if (!(final && len <= bs)) {
-            csz = zc->alg->destsize(c, c->in + head, &took, c->out, ps);
-            if (csz < 0)
-                return xfail(x, ERN_EIO, "%s: %s compression failed: %s", path,
-                             zc->alg->name, c->err);
-        }
-        uint64_t plen = align_up((uint64_t)csz, bs);
-        if (csz > 0 && plen < took) {
-            if (out_reserve(zf, plen) || add_extent(zf, done, (uint32_t)(plen / bs), 0))
-                return xfail(x, ERN_ENOMEM, "out of memory");
-            uint8_t *d = zf->data + (zf->dlen - zf->flushed);
-            memset(d, 0, plen - (uint64_t)csz);
-            memcpy(d + plen - (uint64_t)csz, c->out, (size_t)csz);
-            zf->dlen += plen;
-        } else {
-            /* stored: one block per extent, as many blocks as the failed pcluster
-             * covered (so incompressible data is not tried again block by block) */
-            uint32_t tried = took < ps ? took : ps;
-            uint32_t nraw = tried / bs ? tried / bs : 1;
-            took = 0;
-            for (uint32_t k = 0; k < nraw && avail > took; k++) {
-                uint32_t n = avail - took < bs ? (uint32_t)(avail - took) : bs;
-                if (out_reserve(zf, bs) || add_extent(zf, done + took, 1, 1))
-                    return xfail(x, ERN_ENOMEM, "out of memory");
-                uint8_t *d = zf->data + (zf->dlen - zf->flushed);
-                memcpy(d, c->in + head + took, n);
-                memset(d + n, 0, bs - n);
-                zf->dlen += bs;
-                took += n;
+            tail += rx;
+            readpos += rx;
+            remaining -= rx;
+            while (tail > head) {
+                uint32_t len = (uint32_t)(tail - head);
+                int final = remaining == 0;
+                if (len <= ps && !final)
+                    break;         /* too little left for a pcluster: read more */
+                long took = one_extent(c, x, zf, path, head, len, final, done);
+                if (took < 0)
+                    return (int)took;
+                head += (uint64_t)took;
+                done += (uint64_t)took;
+                if (flush && zf->dlen - zf->flushed > FLUSH_LIMIT && (r = flush(arg, zf)))
+                    return r;
+                if (!final && head >= REFILL_AT) {
+                    uint64_t keep = head / bs * bs;
+                    memmove(c->in, c->in + keep, tail - keep);
+                    tail -= keep;
+                    head -= keep;
+                    break;
+                }
             }
         }
-        head += took;
-        done += took;
-        if (flush && zf->dlen - zf->flushed > FLUSH_LIMIT && (r = flush(arg, zf)))
-            return r;
     }
     uint64_t nlc = (size + bs - 1) / bs;
     zf->plain = (uint64_t)zf->nblocks * bs + Z_INDEX_START + nlc * 8 >= size;

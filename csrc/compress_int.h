@@ -35,7 +35,6 @@ struct zconf {
     uint32_t pclusterblks;   /* 1: one block per pcluster */
     uint32_t pclustersize;
     uint32_t dict_size;      /* lzma/zstd/deflate window */
-    uint32_t max_extent;     /* most input one extent may take */
     uint32_t threads;
     uint8_t cfgs[64];        /* records written after the superblock (COMPR_CFGS) */
     uint32_t cfgs_len;

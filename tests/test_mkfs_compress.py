@@ -209,3 +209,47 @@ def test_bad_options(tree, tmp_path, args, msg):
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and msg in lines[0], p.stderr
     assert os.listdir(tmp_path) == []       # no image, no temporary file
+
+
+def on_disk_sizes(image, paths):
+    require_tool("dump.erofs")
+    out = {}
+    for p in paths:
+        text_out = subprocess.run(["dump.erofs", f"--path={p}", os.fspath(image)],
+                                  capture_output=True, text=True, check=True).stdout
+        m = re.search(r"On-disk size: (\d+)\s.*\n.*Layout: (\d+)", text_out)
+        assert m, text_out
+        out[p] = (int(m.group(1)), int(m.group(2)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def big_tree(tmp_path_factory):
+    """Files over mkfs.erofs's 16 MiB segments and 8000 KiB window: text, zeros, noise."""
+    root = tmp_path_factory.mktemp("zbig") / "src"
+    root.mkdir()
+    (root / "big").write_bytes(text(9 << 20, 4) + bytes(12 << 20) + noise(3 << 20, 8) +
+                               text(17 << 20, 5))
+    (root / "b64").write_bytes(base64.b64encode(noise(13 << 20, 9)))
+    (root / "small").write_bytes(text(5000))
+    return root
+
+
+@pytest.mark.parametrize("args", [("-z", "lz4hc"), ("-z", "lz4"), ("-z", "lz4hc", "-C", "65536"),
+                                  ("big", "-z", "lz4"), ("big", "-z", "lz4hc", "-C", "131072")])
+def test_same_choices_as_mkfs_erofs(tree, big_tree, tmp_path, args):
+    """With the same liblz4, every file takes as many bytes on disk, in the same layout
+    (compressed or stored plain), as with mkfs.erofs 1.9 (the anchor)."""
+    require_tool("mkfs.erofs")
+    if args[0] == "big":
+        tree, args = big_tree, args[1:]
+    ours, ref = tmp_path / "ours.img", tmp_path / "ref.img"
+    run_mkfs(ours, tree, *args, "-T", "0")
+    subprocess.run(["mkfs.erofs", "-T", "0", *args, os.fspath(ref), os.fspath(tree)],
+                   capture_output=True, check=True)
+    paths = sorted("/" + os.path.relpath(os.path.join(d, f), tree)
+                   for d, _, files in os.walk(tree) for f in files
+                   if not os.path.islink(os.path.join(d, f)))
+    assert len(paths) > 40 or tree == big_tree
+    a, b = on_disk_sizes(ours, paths), on_disk_sizes(ref, paths)
+    assert a == b, {p: (a[p], b[p]) for p in paths if a[p] != b[p]}
