@@ -2,13 +2,13 @@
 """Side-by-side benchmark: `erofs-tools mkfs` vs `mkfs.erofs` on the same tree.
 
     python benchmarks/bench_mkfs.py [--tree /usr/share] [--rounds 5] [--out DIR] [--json]
-                                    [--anchor PATH/TO/mkfs.erofs]
+                                    [--anchor PATH/TO/mkfs.erofs] [-z ALG[,level=N]] [-C SIZE]
 
 mkfs.erofs is the anchor: erofs-utils 1.9.x built from Debian sid's source package by
 benchmarks/anchor.py (the default), or the binary given with --anchor; its version
 (`mkfs.erofs -V`) and the kernel are printed with the results.
 
-Both tools build an uncompressed image of TREE into DIR (default: a temp dir on the
+Both tools build an uncompressed image (or with -z/-C, the same compressed one) of TREE into DIR (default: a temp dir on the
 filesystem of /tmp). One warm-up run of each fills the page cache; then the rounds
 alternate the two tools (mkfs.erofs first in odd rounds, erofs-tools first in even
 ones) so both see the same machine state. Wall time is measured around the child process, peak memory is the child's
@@ -60,6 +60,8 @@ def main(argv=None):
                     "erofs-utils 1.9.x build of benchmarks/anchor.py)")
     ap.add_argument("--out", default=None, help="directory for the images")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("-z", dest="compress", help="-z ALG[,level=N] given to both tools")
+    ap.add_argument("-C", dest="pcluster", help="-C SIZE given to both tools")
     args = ap.parse_args(argv)
     mkfs_erofs = os.path.abspath(args.anchor) if args.anchor else default_anchor_mkfs()
     if not os.access(mkfs_erofs, os.X_OK):
@@ -68,8 +70,11 @@ def main(argv=None):
     out = args.out or tempfile.mkdtemp(prefix="bench-mkfs-", dir="/tmp")
     ref_img = os.path.join(out, "ref.img")
     our_img = os.path.join(out, "ours.img")
-    ours_cmd = [sys.executable, "-m", "erofs_tools", "mkfs", "-q", "-T", "0", our_img, args.tree]
-    ref_cmd = [mkfs_erofs, "-T", "0", ref_img, args.tree]
+    zargs = (["-z", args.compress] if args.compress else []) + \
+        (["-C", args.pcluster] if args.pcluster else [])
+    ours_cmd = [sys.executable, "-m", "erofs_tools", "mkfs", "-q", "-T", "0", *zargs, our_img,
+                args.tree]
+    ref_cmd = [mkfs_erofs, "-T", "0", *zargs, ref_img, args.tree]
     tools = {"mkfs.erofs": ref_cmd, "erofs-tools": ours_cmd}
     images = {"mkfs.erofs": ref_img, "erofs-tools": our_img}
     results = {k: {"seconds": [], "maxrss_kib": []} for k in tools}
@@ -90,7 +95,8 @@ def main(argv=None):
     finally:
         if not args.out:
             shutil.rmtree(out, ignore_errors=True)
-    summary = {"tree": args.tree, "entries": count_files(args.tree), "rounds": args.rounds,
+    summary = {"tree": args.tree, "compress": args.compress, "pcluster": args.pcluster,
+               "entries": count_files(args.tree), "rounds": args.rounds,
                "nproc": os.cpu_count(), "anchors": anchor, "loadavg_rounds": loads,
                "loadavg": os.getloadavg()}
     for name, r in results.items():
@@ -114,7 +120,8 @@ def main(argv=None):
         print(json.dumps(summary, indent=2))
     else:
         print(anchor_line(anchor))
-        print(f"tree {summary['tree']}: {summary['entries']} entries, {args.rounds} rounds, "
+        print(f"tree {summary['tree']}: {summary['entries']} entries, -z {args.compress} "
+              f"-C {args.pcluster}, {args.rounds} rounds, "
               f"loadavg per round {loads}, after {summary['loadavg'][0]:.2f}")
         print(f"{'tool':<12} {'median s':>9} {'min s':>7} {'peak RSS MiB':>13} {'image MiB':>10}")
         for name in ("mkfs.erofs", "erofs-tools"):

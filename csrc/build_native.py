@@ -11,7 +11,10 @@ from cffi import FFI
 HERE = os.path.dirname(os.path.abspath(__file__))
 HEADER = os.path.join(HERE, "erofs_native.h")
 SOURCES = ["nodes.c", "datastream.c", "dirs.c", "layout.c", "write.c", "crc32c.c",
-           "fs_table.c"]
+           "fs_table.c", "compress.c", "compress_lz4.c", "compress_zstd.c", "compress_lzma.c",
+           "compress_deflate.c", "zstream.c", "zindex.c"]
+# the compressors: Debian's liblz4-dev, libzstd-dev, liblzma-dev, libdeflate-dev
+LIBRARIES = ["lz4", "zstd", "lzma", "deflate", "pthread"]
 
 
 def _cdef_text():
@@ -35,6 +38,7 @@ ffibuilder.set_source(
     '#include "erofs_native.h"\n',
     sources=[_rel(os.path.join(HERE, s)) for s in SOURCES],
     include_dirs=[_rel(HERE)],
+    libraries=LIBRARIES,
     extra_compile_args=["-O2", "-std=gnu11", "-Wall"],
 )
 

@@ -38,7 +38,8 @@
 #define SB_END (EROFS_SUPER_OFFSET + sizeof(struct erofs_super_block))
 
 enum { L_PLAIN = EROFS_INODE_FLAT_PLAIN, L_INLINE = EROFS_INODE_FLAT_INLINE,
-       L_CHUNK = EROFS_INODE_CHUNK_BASED };
+       L_CHUNK = EROFS_INODE_CHUNK_BASED, L_ZFULL = EROFS_INODE_COMPRESSED_FULL,
+       L_ZCOMPACT = EROFS_INODE_COMPRESSED_COMPACT };
 /* where a node's data comes from */
 enum { D_NONE = 0, D_FILE, D_BYTES, D_CHUNKS, D_SPARSE };
 
@@ -64,6 +65,8 @@ struct node {
     uint8_t dkind, layout, extended, placed;
     uint8_t streamed, stream_inline;
     uint8_t *tailbuf;       /* stream mode: inline tail read by the worker (or NULL) */
+    uint8_t *zmeta;         /* compressed: map header + lcluster indexes (compress.c) */
+    uint32_t zmeta_len, zblocks;
 };
 
 /* a copy job for the stream worker: everything it needs, nothing shared */
@@ -170,6 +173,9 @@ struct erofs_builder {
     int werr_code;
     char werr[600];
     volatile uint64_t sbytes;
+    /* compression (compress_int.h): settings and, while files come in, the pool */
+    struct zconf *zc;
+    struct zpool *zp;
 };
 
 /* nodes.c */
@@ -197,6 +203,22 @@ INTERNAL int copy_range(erofs_builder *b, int in, uint64_t in_off, uint64_t out_
 INTERNAL int stream_stop(erofs_builder *b, int abort);
 INTERNAL int stream_file(erofs_builder *b, uint32_t node, const char *path, size_t pathlen,
                          uint64_t offset);
+
+/* zstream.c (compression pool; compress_int.h has the rest) */
+INTERNAL int zpool_start(erofs_builder *b);
+INTERNAL int zpool_submit(erofs_builder *b, uint32_t node, const char *path, size_t pathlen,
+                          uint64_t offset);
+INTERNAL int zpool_stop(erofs_builder *b, int abort);
+INTERNAL uint32_t zmeta_extra(const struct node *n);
+/* compress.c: superblock fields of the compression settings (0 / NULL without) */
+INTERNAL uint32_t zconf_incompat(const erofs_builder *b);
+INTERNAL uint16_t zconf_sb_u1(const erofs_builder *b);
+INTERNAL const uint8_t *zconf_cfgs(const erofs_builder *b, uint32_t *len);
+/* zindex.c: a full index (map header, 8 reserved, 8-byte entries) to the compact one
+ * (map header, packs of 4-byte and 2-byte entries) of an inode whose index starts mpos
+ * bytes (8-aligned, after the map header) after a 32-byte boundary -> malloc'ed bytes */
+INTERNAL uint8_t *zindex_compact(const uint8_t *full, uint32_t full_len, uint32_t mpos,
+                                 int big, uint32_t *len);
 
 /* dirs.c */
 INTERNAL int namecmp(const uint8_t *a, size_t al, const uint8_t *b2, size_t bl);

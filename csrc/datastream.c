@@ -237,6 +237,8 @@ static void *worker_main(void *arg)
 /* stop the worker (after it drained the queue, or dropping it when abort) */
 int stream_stop(erofs_builder *b, int abort)
 {
+    if (b->zp)
+        return zpool_stop(b, abort);
     if (!b->worker_on)
         return 0;
     pthread_mutex_lock(&b->mu);
@@ -295,6 +297,8 @@ int erofs_builder_set_output(erofs_builder *b, int fd)
         return fail(b, ERN_EIO, "truncating the image: %s", strerror(errno));
     b->sfd = fd;
     b->scur = (SB_END + b->blksz - 1) / b->blksz;
+    if (b->o.compress_alg)
+        return zpool_start(b);     /* compression threads instead of the copy thread */
     pthread_mutex_init(&b->mu, NULL);
     pthread_cond_init(&b->cv_job, NULL);
     pthread_cond_init(&b->cv_space, NULL);

@@ -20,6 +20,9 @@
 
 #define EROFS_FEATURE_COMPAT_SB_CHKSUM 0x1u
 #define EROFS_FEATURE_COMPAT_MTIME 0x2u
+#define EROFS_FEATURE_INCOMPAT_ZERO_PADDING 0x1u   /* compressed data right-aligned */
+#define EROFS_FEATURE_INCOMPAT_COMPR_CFGS 0x2u     /* per-algorithm records after the sb */
+#define EROFS_FEATURE_INCOMPAT_BIG_PCLUSTER 0x2u   /* same bit: pclusters over 1 block */
 #define EROFS_FEATURE_INCOMPAT_CHUNKED_FILE 0x4u
 #define EROFS_FEATURE_INCOMPAT_DEVICE_TABLE 0x8u
 
@@ -29,6 +32,8 @@
 #define EROFS_INODE_FLAT_PLAIN 0u
 #define EROFS_INODE_FLAT_INLINE 2u
 #define EROFS_INODE_CHUNK_BASED 4u
+#define EROFS_INODE_COMPRESSED_FULL 1u     /* 8-byte lcluster indexes */
+#define EROFS_INODE_COMPRESSED_COMPACT 3u  /* packs of 2/4-byte lcluster indexes */
 #define EROFS_I_FORMAT(version, layout) ((uint16_t)((version) | ((layout) << 1)))
 
 /* chunk format (low 16 bits of i_u of a CHUNK_BASED inode) */
@@ -138,6 +143,63 @@ struct erofs_deviceslot {
     uint8_t reserved[56];
 } __attribute__((packed));
 
+/* ---- compressed files ------------------------------------------------------------
+ * A compressed inode (COMPRESSED_FULL) is followed, at the next 8-byte boundary after
+ * its inline xattrs, by a map header, 8 reserved bytes, then one lcluster index per
+ * logical cluster (lcluster = 1 block here) of the file. An extent starts in a HEAD
+ * (or PLAIN) lcluster at di_clusterofs and runs to the next head; its pcluster
+ * (physical cluster) starts at di_u.blkaddr. NONHEAD lclusters hold delta[0] (distance
+ * back to their head) and delta[1] (distance on to the next head); with big pclusters
+ * the first NONHEAD's delta[0] carries the pcluster's block count | LI_D0_CBLKCNT. */
+enum { Z_EROFS_COMPRESSION_LZ4 = 0, Z_EROFS_COMPRESSION_LZMA = 1,
+       Z_EROFS_COMPRESSION_DEFLATE = 2, Z_EROFS_COMPRESSION_ZSTD = 3 };
+enum { Z_EROFS_LCLUSTER_TYPE_PLAIN = 0, Z_EROFS_LCLUSTER_TYPE_HEAD1 = 1,
+       Z_EROFS_LCLUSTER_TYPE_NONHEAD = 2, Z_EROFS_LCLUSTER_TYPE_HEAD2 = 3 };
+#define Z_EROFS_LI_D0_CBLKCNT 0x800u
+#define Z_EROFS_ADVISE_COMPACTED_2B 0x1u    /* compact: 2-byte packs in the middle */
+#define Z_EROFS_ADVISE_BIG_PCLUSTER_1 0x2u
+#define Z_EROFS_ADVISE_BIG_PCLUSTER_2 0x4u
+#define Z_EROFS_PCLUSTER_MAX_SIZE (1024u * 1024u)
+
+struct z_erofs_map_header {
+    uint16_t h_reserved1;
+    uint16_t h_idata_size;          /* tail-packed pcluster size (ztailpacking) */
+    uint16_t h_advise;
+    uint8_t h_algorithmtype;        /* bits 0-3: HEAD1 algorithm, 4-7: HEAD2 */
+    uint8_t h_clusterbits;          /* bits 0-2: lcluster bits - blkszbits */
+} __attribute__((packed));
+
+struct z_erofs_lcluster_index {
+    uint16_t di_advise;             /* bits 0-1: lcluster type */
+    uint16_t di_clusterofs;         /* HEAD/PLAIN: where the extent starts in it */
+    uint32_t di_u;                  /* HEAD/PLAIN: blkaddr; NONHEAD: delta[0] | delta[1]<<16 */
+} __attribute__((packed));
+
+/* compression configuration records after the superblock (COMPR_CFGS): for each bit of
+ * sb.u1 (available algorithms) in order, a le16 length, then the record */
+struct z_erofs_lz4_cfgs {
+    uint16_t max_distance;
+    uint16_t max_pclusterblks;
+    uint8_t reserved[10];
+} __attribute__((packed));
+
+struct z_erofs_lzma_cfgs {
+    uint32_t dict_size;
+    uint16_t format;
+    uint8_t reserved[8];
+} __attribute__((packed));
+
+struct z_erofs_deflate_cfgs {
+    uint8_t windowbits;
+    uint8_t reserved[5];
+} __attribute__((packed));
+
+struct z_erofs_zstd_cfgs {
+    uint8_t format;
+    uint8_t windowlog;              /* window log - 10 */
+    uint8_t reserved[4];
+} __attribute__((packed));
+
 #define EROFS_DEVT_SLOT_SIZE ((uint32_t)sizeof(struct erofs_deviceslot))
 
 #define EROFS_ASSERT_AT(type, field, off) \
@@ -179,6 +241,21 @@ _Static_assert(sizeof(struct erofs_dirent) == 12, "dirent size");
 EROFS_ASSERT_AT(erofs_dirent, file_type, 0x0A);
 _Static_assert(sizeof(struct erofs_deviceslot) == 128, "device slot size");
 EROFS_ASSERT_AT(erofs_deviceslot, mapped_blkaddr, 0x44);
+
+_Static_assert(sizeof(struct z_erofs_map_header) == 8, "map header size");
+EROFS_ASSERT_AT(z_erofs_map_header, h_idata_size, 0x02);
+EROFS_ASSERT_AT(z_erofs_map_header, h_advise, 0x04);
+EROFS_ASSERT_AT(z_erofs_map_header, h_algorithmtype, 0x06);
+EROFS_ASSERT_AT(z_erofs_map_header, h_clusterbits, 0x07);
+_Static_assert(sizeof(struct z_erofs_lcluster_index) == 8, "lcluster index size");
+EROFS_ASSERT_AT(z_erofs_lcluster_index, di_clusterofs, 0x02);
+EROFS_ASSERT_AT(z_erofs_lcluster_index, di_u, 0x04);
+_Static_assert(sizeof(struct z_erofs_lz4_cfgs) == 14, "lz4 cfgs size");
+_Static_assert(sizeof(struct z_erofs_lzma_cfgs) == 14, "lzma cfgs size");
+EROFS_ASSERT_AT(z_erofs_lzma_cfgs, format, 0x04);
+_Static_assert(sizeof(struct z_erofs_deflate_cfgs) == 6, "deflate cfgs size");
+_Static_assert(sizeof(struct z_erofs_zstd_cfgs) == 6, "zstd cfgs size");
+EROFS_ASSERT_AT(z_erofs_zstd_cfgs, windowlog, 0x01);
 
 /* little-endian stores into the packed structs (no-ops on little-endian hosts) */
 #define cpu_to_le16(v) htole16((uint16_t)(v))

@@ -32,6 +32,12 @@ enum {
     ERN_ENOMEM = -4
 };
 
+/* erofs_opts.compress_alg (mkfs.erofs -z names) */
+enum {
+    ERN_Z_NONE = 0, ERN_Z_LZ4 = 1, ERN_Z_LZ4HC = 2, ERN_Z_LZMA = 3, ERN_Z_DEFLATE = 4,
+    ERN_Z_ZSTD = 5
+};
+
 enum {
     ERN_FILE_SPARSE = 1     /* erofs_node_set_file: scan holes (SEEK_DATA) -> chunk-based */
 };
@@ -58,6 +64,12 @@ struct erofs_opts {
                                   thread; needs erofs_builder_set_output first); data
                                   blocks come first, the inode area follows them */
     uint32_t tail_budget_mib;  /* stream mode: memory for inline tails read early */
+    int32_t compress_alg;      /* ERN_Z_*; stream mode only: regular files compressed
+                                  (stored plain where that saves nothing) */
+    int32_t compress_level;    /* -1: the algorithm's default */
+    uint32_t pcluster_size;    /* bytes of a physical cluster; 0: one block */
+    uint32_t compress_threads; /* 0: one per online CPU; the image is the same */
+    int32_t compress_full_index; /* 1: full (8-byte) lcluster indexes; 0: compact */
 };
 
 struct erofs_layout_info {

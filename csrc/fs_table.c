@@ -48,6 +48,16 @@ static const struct erofs_fs_field fields[] = {
 
     FIELD(erofs_deviceslot, tag), FIELD(erofs_deviceslot, blocks),
     FIELD(erofs_deviceslot, mapped_blkaddr),
+
+    FIELD(z_erofs_map_header, h_reserved1), FIELD(z_erofs_map_header, h_idata_size),
+    FIELD(z_erofs_map_header, h_advise), FIELD(z_erofs_map_header, h_algorithmtype),
+    FIELD(z_erofs_map_header, h_clusterbits),
+    FIELD(z_erofs_lcluster_index, di_advise), FIELD(z_erofs_lcluster_index, di_clusterofs),
+    FIELD(z_erofs_lcluster_index, di_u),
+    FIELD(z_erofs_lz4_cfgs, max_distance), FIELD(z_erofs_lz4_cfgs, max_pclusterblks),
+    FIELD(z_erofs_lzma_cfgs, dict_size), FIELD(z_erofs_lzma_cfgs, format),
+    FIELD(z_erofs_deflate_cfgs, windowbits),
+    FIELD(z_erofs_zstd_cfgs, format), FIELD(z_erofs_zstd_cfgs, windowlog),
 };
 
 #define CONST(name) {#name, (uint64_t)(name)}
@@ -65,6 +75,14 @@ static const struct erofs_fs_const consts[] = {
     CONST(EROFS_FT_UNKNOWN), CONST(EROFS_FT_REG_FILE), CONST(EROFS_FT_DIR),
     CONST(EROFS_FT_CHRDEV), CONST(EROFS_FT_BLKDEV), CONST(EROFS_FT_FIFO),
     CONST(EROFS_FT_SOCK), CONST(EROFS_FT_SYMLINK),
+    CONST(EROFS_FEATURE_INCOMPAT_ZERO_PADDING), CONST(EROFS_FEATURE_INCOMPAT_COMPR_CFGS),
+    CONST(EROFS_INODE_COMPRESSED_FULL), CONST(EROFS_INODE_COMPRESSED_COMPACT),
+    CONST(Z_EROFS_COMPRESSION_LZ4), CONST(Z_EROFS_COMPRESSION_LZMA),
+    CONST(Z_EROFS_COMPRESSION_DEFLATE), CONST(Z_EROFS_COMPRESSION_ZSTD),
+    CONST(Z_EROFS_LCLUSTER_TYPE_PLAIN), CONST(Z_EROFS_LCLUSTER_TYPE_HEAD1),
+    CONST(Z_EROFS_LCLUSTER_TYPE_NONHEAD), CONST(Z_EROFS_LI_D0_CBLKCNT),
+    CONST(Z_EROFS_ADVISE_COMPACTED_2B), CONST(Z_EROFS_ADVISE_BIG_PCLUSTER_1),
+    CONST(Z_EROFS_ADVISE_BIG_PCLUSTER_2),
 };
 
 const struct erofs_fs_field *erofs_fs_fields(uint32_t *count)

@@ -129,6 +129,14 @@ uint64_t place_sparse_chunks(erofs_builder *b, struct chunkset *cs, uint64_t siz
     return blk;
 }
 
+/* end of the superblock and the compression records that follow it */
+static uint64_t sb_area_end(const erofs_builder *b)
+{
+    uint32_t cfgs_len;
+    zconf_cfgs(b, &cfgs_len);
+    return SB_END + cfgs_len;
+}
+
 /* data blocks of directories, symlinks and files not streamed, in nid order */
 static int alloc_flat_data(erofs_builder *b, uint64_t *pblk)
 {
@@ -376,8 +384,25 @@ static int pick_build_time(erofs_builder *b, struct layout_state *st)
     return 0;
 }
 
+/* a compressed node's compact index, now that its inode and xattr sizes are known */
+static int compact_zindex(erofs_builder *b, struct node *n)
+{
+    uint32_t mpos = (uint32_t)align_up(inode_size(n) + n->xattr_isize, 8) +
+                    (uint32_t)sizeof(struct z_erofs_map_header);
+    uint32_t len;
+    uint8_t *c = zindex_compact(n->zmeta, n->zmeta_len, mpos, b->o.pcluster_size > b->blksz,
+                                &len);
+    if (!c)
+        return fail(b, ERN_ENOMEM, "out of memory");
+    free(n->zmeta);
+    n->zmeta = c;
+    n->zmeta_len = len;
+    n->layout = L_ZCOMPACT;
+    return 0;
+}
+
 /* inode formats and data layouts (independent of positions) */
-static void choose_formats(erofs_builder *b, struct layout_state *st)
+static int choose_formats(erofs_builder *b, struct layout_state *st)
 {
     uint32_t blksz = b->blksz;
     st->have_chunks = 0;
@@ -394,6 +419,10 @@ static void choose_formats(erofs_builder *b, struct layout_state *st)
         if (fmt == S_IFREG && (n->dkind == D_CHUNKS || n->dkind == D_SPARSE)) {
             n->layout = L_CHUNK;
             st->have_chunks = 1;
+        } else if (n->zmeta) {
+            n->layout = L_ZFULL;
+            if (!b->o.compress_full_index && compact_zindex(b, n))
+                return ERN_ENOMEM;
         } else if (is_flat_data(n)) {
             uint64_t tail = n->size % blksz;
             n->layout = L_PLAIN;
@@ -410,6 +439,7 @@ static void choose_formats(erofs_builder *b, struct layout_state *st)
             n->layout = L_PLAIN;
         }
     }
+    return 0;
 }
 
 /* stream mode: file data already sits from the first block after the superblock up to
@@ -426,8 +456,8 @@ static int place_stream_data(erofs_builder *b, struct layout_state *st)
     if (b->ndevs || b->nputs)
         return fail(b, ERN_EINVAL, "stream mode does not take devices or reserved bytes");
     if (!b->worker_on && b->scur == 0)
-        b->scur = (SB_END + blksz - 1) / blksz;
-    st->data_start = (uint64_t)((SB_END + blksz - 1) / blksz) * blksz;
+        b->scur = (sb_area_end(b) + blksz - 1) / blksz;
+    st->data_start = (uint64_t)((sb_area_end(b) + blksz - 1) / blksz) * blksz;
     st->blk = b->scur;
     int r = alloc_flat_data(b, &st->blk);
     if (r)
@@ -458,8 +488,8 @@ static int place_inodes(erofs_builder *b, struct layout_state *st)
     uint64_t meta_start = st->meta_start;
     uint64_t first_nid = b->o.first_nid;
     if (!first_nid)
-        first_nid = meta_start >= SB_END ? 1
-                  : (SB_END - meta_start + EROFS_SLOT_SIZE - 1) / EROFS_SLOT_SIZE;
+        first_nid = meta_start >= sb_area_end(b) ? 1
+                  : (sb_area_end(b) - meta_start + EROFS_SLOT_SIZE - 1) / EROFS_SLOT_SIZE;
     st->first_nid = first_nid;
     uint64_t cur = meta_start + first_nid * EROFS_SLOT_SIZE;
     struct gap gaps[GAP_MAX];
@@ -478,6 +508,8 @@ static int place_inodes(erofs_builder *b, struct layout_state *st)
                     ? (uint32_t)sizeof(struct erofs_inode_chunk_index) : 4);
         } else if (n->layout == L_INLINE) {
             extra = n->tail;
+        } else if (n->layout == L_ZFULL || n->layout == L_ZCOMPACT) {
+            extra = zmeta_extra(n);
         }
         /* try a gap (not for the root, which must come first) */
         if (oi && ngaps && base + extra <= maxgap && (!unit || base + unit <= maxgap)) {
@@ -564,7 +596,7 @@ static int place_after_inodes(erofs_builder *b, struct layout_state *st)
     if (b->ndevs && b->o.devt_slotoff) {
         uint64_t dstart = (uint64_t)b->o.devt_slotoff * EROFS_DEVT_SLOT_SIZE;
         uint64_t dend = dstart + (uint64_t)EROFS_DEVT_SLOT_SIZE * b->ndevs;
-        if (dstart < SB_END || dend > first_inode_off)
+        if (dstart < sb_area_end(b) || dend > first_inode_off)
             return fail(b, ERN_EINVAL, "device table does not fit before the inodes");
     } else if (b->ndevs) {
         return fail(b, ERN_EINVAL, "devices given without devt_slotoff");
@@ -612,7 +644,8 @@ static void fill_info(erofs_builder *b, const struct layout_state *st)
                              (b->o.sb_checksum ? EROFS_FEATURE_COMPAT_SB_CHKSUM : 0);
     b->info.feature_incompat = b->o.feature_incompat |
                                (st->have_chunks ? EROFS_FEATURE_INCOMPAT_CHUNKED_FILE : 0) |
-                               (b->ndevs ? EROFS_FEATURE_INCOMPAT_DEVICE_TABLE : 0);
+                               (b->ndevs ? EROFS_FEATURE_INCOMPAT_DEVICE_TABLE : 0) |
+                               zconf_incompat(b);
     b->info.data_bytes = st->data_bytes;
 }
 
@@ -632,7 +665,8 @@ int erofs_builder_layout(erofs_builder *b, struct erofs_layout_info *info)
     size_dirs(b);
     if ((r = pack_xattrs(b, &st)) || (r = pick_build_time(b, &st)))
         return r;
-    choose_formats(b, &st);
+    if ((r = choose_formats(b, &st)))
+        return r;
     if ((r = place_stream_data(b, &st)) || (r = place_inodes(b, &st)) ||
         (r = place_after_inodes(b, &st)))
         return r;

@@ -58,6 +58,7 @@ void erofs_default_opts(struct erofs_opts *o)
     o->shared_xattrs = 1;
     o->inline_data = 1;
     o->auto_build_time = 1;
+    o->compress_level = -1;
 }
 
 erofs_builder *erofs_builder_new(const struct erofs_opts *o)
@@ -83,8 +84,11 @@ void erofs_builder_free(erofs_builder *b)
     if (!b)
         return;
     stream_stop(b, 1);
-    for (uint32_t i = 0; i < b->nnodes; i++)
+    for (uint32_t i = 0; i < b->nnodes; i++) {
         free(b->nodes[i].tailbuf);
+        free(b->nodes[i].zmeta);
+    }
+    free(b->zc);
     free(b->nodes);
     free(b->des);
     free(b->xas);
@@ -368,7 +372,9 @@ int erofs_node_set_file(erofs_builder *b, uint32_t node, const char *path, size_
     n->path_len = (uint32_t)pathlen;
     n->data_off = offset;
     n->dkind = D_FILE;
-    if ((flags & ERN_FILE_SPARSE) && offset == 0 && n->size > b->blksz) {
+    /* compressed images read holes as zeros and compress them (as mkfs.erofs) */
+    if ((flags & ERN_FILE_SPARSE) && !b->o.compress_alg && offset == 0 &&
+        n->size > b->blksz) {
         char *p = strndup(path, pathlen);
         if (!p)
             return fail(b, ERN_ENOMEM, "out of memory");
@@ -389,7 +395,8 @@ int erofs_node_set_file(erofs_builder *b, uint32_t node, const char *path, size_
     if (b->o.stream_data) {
         if (!b->worker_on)
             return fail(b, ERN_EINVAL, "stream mode: call erofs_builder_set_output first");
-        return stream_file(b, node, path, pathlen, offset);
+        return b->zp ? zpool_submit(b, node, path, pathlen, offset)
+                     : stream_file(b, node, path, pathlen, offset);
     }
     return 0;
 }

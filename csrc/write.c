@@ -77,6 +77,8 @@ static int write_inode(erofs_builder *b, struct node *n)
         iu = n->rdev;
     else if (fmt == S_IFIFO || fmt == S_IFSOCK)
         iu = 0;
+    else if (n->layout == L_ZFULL || n->layout == L_ZCOMPACT)
+        iu = n->zblocks;    /* compressed inodes: blocks of their pclusters */
     else
         iu = n->startblk;
     union {
@@ -221,6 +223,8 @@ static int write_node_data(erofs_builder *b, struct node *n)
         free(path);
         return r;
     }
+    if (n->zmeta)   /* pclusters written by the compression pool */
+        return win_write(b, align_up(tail_off, 8), n->zmeta, n->zmeta_len);
     if (!is_flat_data(n) || n->size == 0)
         return 0;
     uint64_t full = n->layout == L_INLINE ? n->size / blksz * blksz : n->size;
@@ -388,6 +392,13 @@ static int write_superblock(erofs_builder *b)
     uint8_t blk0[4096 + EROFS_SUPER_OFFSET];
     size_t b0len = blksz > EROFS_SUPER_OFFSET ? blksz : EROFS_SUPER_OFFSET + blksz;
     memset(blk0, 0, sizeof(blk0));
+    uint32_t cfgs_len;
+    const uint8_t *cfgs = zconf_cfgs(b, &cfgs_len);
+    if (cfgs_len) {
+        int r = pwrite_all(b, cfgs, cfgs_len, SB_END);
+        if (r)
+            return r;
+    }
     ssize_t got = pread(b->fd, blk0, b0len, 0);
     if (got < 0)
         return fail(b, ERN_EIO, "reading back the image: %s", strerror(errno));
@@ -408,6 +419,7 @@ static int write_superblock(erofs_builder *b)
     memcpy(sb.uuid, b->o.uuid, sizeof(sb.uuid));
     memcpy(sb.volume_name, b->o.volume_name, sizeof(sb.volume_name) - 1);
     sb.feature_incompat = cpu_to_le32(b->info.feature_incompat);
+    sb.u1 = cpu_to_le16(zconf_sb_u1(b));
     sb.extra_devices = cpu_to_le16(b->ndevs);
     sb.devt_slotoff = cpu_to_le16(b->o.devt_slotoff);
     memcpy(blk0 + EROFS_SUPER_OFFSET, &sb, sizeof(sb));

@@ -38,6 +38,9 @@ FEATURE_COMPAT_SB_CHKSUM = E.FEATURE_COMPAT_SB_CHKSUM
 FEATURE_COMPAT_MTIME = E.FEATURE_COMPAT_MTIME
 FEATURE_INCOMPAT_CHUNKED_FILE = E.FEATURE_INCOMPAT_CHUNKED_FILE
 FEATURE_INCOMPAT_DEVICE_TABLE = E.FEATURE_INCOMPAT_DEVICE_TABLE
+# -z algorithm names (as mkfs.erofs) -> struct erofs_opts.compress_alg
+COMPRESSORS = {"lz4": lib.ERN_Z_LZ4, "lz4hc": lib.ERN_Z_LZ4HC, "lzma": lib.ERN_Z_LZMA,
+               "deflate": lib.ERN_Z_DEFLATE, "zstd": lib.ERN_Z_ZSTD}
 MIN_BLKSZBITS = 9               # the C core builds 512 B .. 4 KiB blocks
 MAX_BLKSZBITS = E.BLKSZ_BITS
 
@@ -90,6 +93,11 @@ class BuildOptions:
     sb_blocks: int = 0             # 0: image size in blocks
     stream_data: bool = False      # copy file data while nodes are added (set_output)
     tail_budget_mib: int = 64      # stream mode: memory for early-read inline tails
+    compress_alg: int = 0          # a COMPRESSORS value (stream mode only); 0: none
+    compress_level: int = -1       # -1: the algorithm's default
+    pcluster_size: int = 0         # bytes per physical cluster; 0: one block
+    compress_threads: int = 0      # 0: one per CPU (the image does not depend on it)
+    compress_full_index: bool = False  # full 8-byte lcluster indexes (else compact)
     _extra: dict = field(default_factory=dict, repr=False)
 
     def to_c(self) -> Any:
@@ -122,6 +130,19 @@ class BuildOptions:
         o.sb_blocks = self.sb_blocks
         o.stream_data = int(self.stream_data)
         o.tail_budget_mib = self.tail_budget_mib
+        if self.compress_alg and self.compress_alg not in COMPRESSORS.values():
+            raise NativeError(f"unknown compressor code {self.compress_alg}")
+        if self.compress_alg and not self.stream_data:
+            raise NativeError("compression needs stream_data")
+        if not -1 <= self.compress_level < 1 << 31:
+            raise NativeError(f"compression level {self.compress_level} out of range")
+        if not 0 <= self.pcluster_size < 1 << 32 or not 0 <= self.compress_threads < 1 << 32:
+            raise NativeError("pcluster size or thread count out of range")
+        o.compress_alg = self.compress_alg
+        o.compress_level = self.compress_level
+        o.pcluster_size = self.pcluster_size
+        o.compress_threads = self.compress_threads
+        o.compress_full_index = int(self.compress_full_index)
         return o
 
 

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from erofs_tools.builder.mkfs import mkfs
-from erofs_tools.builder.options import MkfsOptions
+from erofs_tools.builder.options import Compression, MkfsOptions
 
 pytestmark = pytest.mark.root
 
@@ -185,6 +185,29 @@ def test_random_trees_roundtrip(spec):
         materialize(src, spec)
         img = os.path.join(work, "t.img")
         mkfs(img, src, MkfsOptions(uuid=bytes(16)))
+        fsck(img)
+        with mounted(img) as mnt:
+            assert_same_tree(src, mnt, check_nlink=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@settings(max_examples=max(EXAMPLES // 3, 5), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                 HealthCheck.large_base_example])
+@given(spec=root_tree, alg=st.sampled_from(["lz4", "lz4hc", "zstd", "lzma", "deflate"]),
+       pcluster=st.sampled_from([0, 0, 16384, 65536]))
+def test_random_trees_roundtrip_compressed(spec, alg, pcluster):
+    """The same trees compressed (-z, and -C big pclusters): the compressed layouts,
+    plain extents and whole-file fallbacks read back exactly through the kernel."""
+    require(is_root(), "needs root (owners, devices, trusted xattrs, mount)")
+    require_root_kernel()
+    work = tempfile.mkdtemp(prefix="erofs-propz-")
+    try:
+        src = os.path.join(os.fsencode(work), b"src")
+        materialize(src, spec)
+        img = os.path.join(work, "t.img")
+        mkfs(img, src, MkfsOptions(uuid=bytes(16), compress=Compression(alg, None, pcluster)))
         fsck(img)
         with mounted(img) as mnt:
             assert_same_tree(src, mnt, check_nlink=True)

@@ -17,7 +17,7 @@ import time
 import uuid as _uuid
 from typing import TYPE_CHECKING, Any
 
-from erofs_tools._native import BuildOptions, NativeBuilder
+from erofs_tools._native import COMPRESSORS, BuildOptions, NativeBuilder
 from erofs_tools.builder.options import MkfsOptions, Progress
 from erofs_tools.builder.tree import TreeWalker
 from erofs_tools.errors import InputError
@@ -52,7 +52,13 @@ def check_paths(image: str, source: str) -> None:
 
 def build_options(opts: MkfsOptions) -> BuildOptions:
     ts = opts.effective_timestamp()
+    z = opts.compress
     return BuildOptions(
+        compress_alg=COMPRESSORS[z.algorithm] if z else 0,
+        compress_level=z.level if z and z.level is not None else -1,
+        pcluster_size=z.pcluster_size if z else 0,
+        compress_full_index=z.full_index if z else False,
+        compress_threads=opts.workers,
         uuid=opts.uuid if opts.uuid is not None else _uuid.uuid4().bytes,
         volume_name=opts.label,
         build_time=ts,

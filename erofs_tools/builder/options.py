@@ -2,11 +2,20 @@
 import os
 import re
 import uuid as _uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from erofs_tools.errors import InputError
+
+
+@dataclass(frozen=True)
+class Compression:
+    """-z ALG[,level=N] and -C SIZE (the C core checks the level's range)."""
+    algorithm: str
+    level: int | None = None
+    pcluster_size: int = 0            # bytes; 0 = one block
+    full_index: bool = False          # -E legacy-compress: 8-byte lcluster indexes
 
 
 @dataclass
@@ -20,6 +29,8 @@ class MkfsOptions:
     exclude_paths: list[bytes] = field(default_factory=list)   # relative paths (bytes), exact
     exclude_regex: list[re.Pattern[bytes]] = field(default_factory=list)   # compiled bytes regexes, re.search
     shared_xattrs: bool = True        # xattrs carried by >= 2 inodes go to the shared area
+    compress: Compression | None = None   # -z / -C
+    workers: int = 0                  # --workers: compression threads, 0 = one per CPU
 
     def effective_timestamp(self, environ: Mapping[str, str] = os.environ) -> int | None:
         """-T wins; else SOURCE_DATE_EPOCH (same meaning as -T, as mkfs.erofs)."""
@@ -29,6 +40,54 @@ class MkfsOptions:
         if sde:
             return parse_timestamp(sde, "SOURCE_DATE_EPOCH")
         return None
+
+
+# the algorithms -z takes, as mkfs.erofs names them
+COMPRESSOR_NAMES = ("lz4", "lz4hc", "lzma", "deflate", "zstd")
+PCLUSTER_MAX = 1 << 20
+
+
+def parse_extended(texts: Sequence[str]) -> set[str]:
+    """-E options (comma separated, repeatable); the ones this mkfs knows so far."""
+    known = {"legacy-compress"}
+    out = set()
+    for text in texts:
+        for opt in filter(None, (t.strip() for t in text.split(","))):
+            if opt not in known:
+                raise InputError(f"-E: unsupported extended option {opt!r}")
+            out.add(opt)
+    return out
+
+
+def parse_compress(text: str, pcluster: str | None = None,
+                   full_index: bool = False) -> Compression:
+    """mkfs.erofs's -z syntax: ALG[,level=N][,dictsize=...] with one ALG (this slice)."""
+    if ":" in text:
+        raise InputError(f"-z {text!r}: only one algorithm is supported so far")
+    name, *params = text.split(",")
+    name = name.strip().lower()
+    if name not in COMPRESSOR_NAMES:
+        raise InputError(f"-z: unknown compressor {name!r} (one of {', '.join(COMPRESSOR_NAMES)})")
+    level = None
+    for p in params:
+        key, sep, value = p.partition("=")
+        if key != "level" or not sep:
+            raise InputError(f"-z {text!r}: unknown option {p!r} (level=N)")
+        try:
+            level = int(value, 10)
+        except ValueError:
+            raise InputError(f"-z {text!r}: level is not an integer: {value!r}") from None
+        if level < 0:
+            raise InputError(f"-z {text!r}: negative level")
+    size = 0
+    if pcluster is not None:
+        try:
+            size = int(pcluster, 10)
+        except ValueError:
+            raise InputError(f"-C: not a byte count: {pcluster!r}") from None
+        if size <= 0 or size % 4096 or size > PCLUSTER_MAX:
+            raise InputError(f"-C {pcluster}: must be a multiple of 4096 up to {PCLUSTER_MAX}")
+    return Compression(name, level, size, full_index)
 
 
 def parse_timestamp(text: object, what: str = "-T") -> int:

@@ -1,4 +1,4 @@
-"""`erofs-tools mkfs IMAGE SOURCE`: a plain, uncompressed EROFS image of a directory."""
+"""`erofs-tools mkfs IMAGE SOURCE`: an EROFS image of a directory (uncompressed or -z)."""
 import json
 
 import click
@@ -6,13 +6,16 @@ import click
 from erofs_tools.builder.mkfs import mkfs as build_image
 from erofs_tools.builder.options import (
     MkfsOptions,
+    parse_compress,
     parse_exclude_path,
     parse_exclude_regex,
+    parse_extended,
     parse_label,
     parse_timestamp,
     parse_uuid,
 )
 from erofs_tools.cli.progress import Progress
+from erofs_tools.errors import InputError
 
 
 @click.command("mkfs")
@@ -33,11 +36,26 @@ from erofs_tools.cli.progress import Progress
               help="Skip paths (relative to SOURCE) matching this regex; repeatable.")
 @click.option("--no-shared-xattrs", is_flag=True,
               help="Keep all xattrs inline (by default xattrs on >= 2 inodes are shared).")
+@click.option("-z", "compress", metavar="ALG[,level=N]",
+              help="Compress regular files: lz4, lz4hc, lzma, deflate or zstd "
+                   "(as mkfs.erofs -z); data that would not save a block is stored plain.")
+@click.option("-C", "pcluster", metavar="SIZE",
+              help="Largest physical cluster in bytes (a multiple of 4096; default 4096).")
+@click.option("-E", "extended", multiple=True, metavar="OPT[,...]",
+              help="Extended options: legacy-compress (full 8-byte lcluster indexes instead "
+                   "of the compact ones).")
+@click.option("--workers", type=click.IntRange(0, 64), default=0,
+              help="Compression threads (default: one per CPU; the image is the same).")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing on success.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 def mkfs(image, source, timestamp, uuid_text, label, all_root, force_uid, force_gid,
-         exclude_path, exclude_regex, no_shared_xattrs, quiet, as_json):
-    """Build an EROFS image IMAGE of the directory SOURCE (4 KiB blocks, uncompressed)."""
+         exclude_path, exclude_regex, no_shared_xattrs, compress, pcluster, extended, workers,
+         quiet,
+         as_json):
+    """Build an EROFS image IMAGE of the directory SOURCE (4 KiB blocks)."""
+    if pcluster is not None and compress is None:
+        raise InputError("-C needs -z")
+    ext = parse_extended(extended)
     opts = MkfsOptions(
         timestamp=parse_timestamp(timestamp) if timestamp is not None else None,
         uuid=parse_uuid(uuid_text) if uuid_text else None,
@@ -48,6 +66,9 @@ def mkfs(image, source, timestamp, uuid_text, label, all_root, force_uid, force_
         exclude_paths=[parse_exclude_path(p) for p in exclude_path],
         exclude_regex=[parse_exclude_regex(r) for r in exclude_regex],
         shared_xattrs=not no_shared_xattrs,
+        compress=(parse_compress(compress, pcluster, "legacy-compress" in ext)
+                  if compress is not None else None),
+        workers=workers,
     )
     progress = Progress.maybe(enabled=not quiet and not as_json)
     summary = build_image(image, source, opts, progress=progress)

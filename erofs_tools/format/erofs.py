@@ -151,6 +151,49 @@ class ChunkIndex(Record):
 assert ChunkIndex.SIZE == 8
 
 
+# --- compressed files (as mkfs -z writes them; the reader does not decode them yet) -------
+FEATURE_INCOMPAT_ZERO_PADDING = 0x1    # compressed bytes right-aligned in their pcluster
+FEATURE_INCOMPAT_COMPR_CFGS = 0x2      # per-algorithm records after the superblock
+FEATURE_INCOMPAT_BIG_PCLUSTER = 0x2    # same bit: pclusters over one block
+COMPRESSION_LZ4, COMPRESSION_LZMA, COMPRESSION_DEFLATE, COMPRESSION_ZSTD = range(4)
+LCLUSTER_TYPE_PLAIN, LCLUSTER_TYPE_HEAD1, LCLUSTER_TYPE_NONHEAD, LCLUSTER_TYPE_HEAD2 = range(4)
+LI_D0_CBLKCNT = 0x800                  # first NONHEAD's delta[0]: pcluster block count
+ADVISE_COMPACTED_2B = 0x1
+ADVISE_BIG_PCLUSTER_1 = 0x2
+ADVISE_BIG_PCLUSTER_2 = 0x4
+
+
+class MapHeader(Record):
+    """At the 8-byte boundary after a compressed inode's xattrs."""
+    FIELDS = (("h_reserved1", "H"), ("h_idata_size", "H"), ("h_advise", "H"),
+              ("h_algorithmtype", "B"), ("h_clusterbits", "B"))
+
+
+class LclusterIndex(Record):
+    """Full index entry; di_u: HEAD/PLAIN blkaddr, NONHEAD delta[0] | delta[1] << 16."""
+    FIELDS = (("di_advise", "H"), ("di_clusterofs", "H"), ("di_u", "I"))
+
+
+class Lz4Cfgs(Record):
+    FIELDS = (("max_distance", "H"), ("max_pclusterblks", "H"), (None, "10x"))
+
+
+class LzmaCfgs(Record):
+    FIELDS = (("dict_size", "I"), ("format", "H"), (None, "8x"))
+
+
+class DeflateCfgs(Record):
+    FIELDS = (("windowbits", "B"), (None, "5x"))
+
+
+class ZstdCfgs(Record):
+    FIELDS = (("format", "B"), ("windowlog", "B"), (None, "4x"))
+
+
+assert MapHeader.SIZE == LclusterIndex.SIZE == 8
+assert Lz4Cfgs.SIZE == LzmaCfgs.SIZE == 14 and DeflateCfgs.SIZE == ZstdCfgs.SIZE == 6
+
+
 # --- directories ------------------------------------------------------------------------
 class Dirent(Record):
     FIELDS = (("nid", "Q"), ("nameoff", "H"), ("file_type", "B"), (None, "x"))

@@ -1,0 +1,397 @@
+/* erofs-tools C core, compression: the image-wide settings (algorithm, level, pcluster
+ * size, the configuration records after the superblock), the per-file extent
+ * compressor and the full lcluster index of a compressed file.
+ *
+ * Extents (as mkfs.erofs cuts them): from the current position, the algorithm fills one
+ * pcluster with as much input as fits. The extent is kept compressed when its pcluster,
+ * rounded up to blocks, is smaller than the input it took; otherwise one block of input
+ * is stored as is (a PLAIN extent). Compressed bytes sit at the END of their pcluster
+ * (0padding: the reader skips the leading zeros to find the exact compressed size). A
+ * file whose pclusters plus index would not be smaller than the file is stored
+ * uncompressed instead. Every decision depends on the file's bytes and the settings
+ * only, so the result does not depend on which thread compressed it. The indexes of the
+ * extents are built in zindex.c.
+ */
+#include "compress_int.h"
+#include <sys/mman.h>
+
+#define SEGMENT_SIZE (16ull << 20)
+#define QUEUE_SIZE (8000u << 10)    /* the input window */
+#define REFILL_AT (4000u << 10)
+/* the prefix search (zstd, deflate) stops when the output is within ZSTOP_BYTES of the
+ * pcluster or the input is known within 1/ZSTOP_FRAC: on Python's library with zstd this
+ * took 0.6 of the CPU time of 8 bytes / 1/512 for 0.5 % more output */
+#define ZSTOP_BYTES 64u
+#define ZSTOP_FRAC 128u
+#define FLUSH_LIMIT (8u << 20)     /* buffered output of one file before flushing */
+/* output buffers from this size on are mapped memory: grown by mremap and returned to
+ * the system when freed. Through malloc they were grown and freed by different threads
+ * and held on to by malloc's arenas (peak RSS 150-190 MiB on /usr/share with two
+ * workers against 100 MiB with one). */
+#define MAP_MIN (256u << 10)
+
+const struct zalg *zalg_by_id(int32_t which)
+{
+    switch (which) {
+    case ERN_Z_LZ4: return &zalg_lz4;
+    case ERN_Z_LZ4HC: return &zalg_lz4hc;
+    case ERN_Z_ZSTD: return &zalg_zstd;
+    case ERN_Z_LZMA: return &zalg_lzma;
+    case ERN_Z_DEFLATE: return &zalg_deflate;
+    default: return NULL;
+    }
+}
+
+static uint32_t log2_floor(uint32_t v)
+{
+    uint32_t r = 0;
+    while (v >>= 1)
+        r++;
+    return r;
+}
+
+/* append one configuration record: le16 length, then the record */
+static void put_cfg(struct zconf *zc, const void *rec, uint16_t len)
+{
+    uint16_t le = cpu_to_le16(len);
+    memcpy(zc->cfgs + zc->cfgs_len, &le, 2);
+    memcpy(zc->cfgs + zc->cfgs_len + 2, rec, len);
+    zc->cfgs_len += 2u + len;
+}
+
+int zconf_setup(erofs_builder *b, struct zconf *zc)
+{
+    memset(zc, 0, sizeof(*zc));
+    const struct zalg *a = zalg_by_id(b->o.compress_alg);
+    if (!a)
+        return fail(b, ERN_EINVAL, "unknown compressor %d", b->o.compress_alg);
+    if (!b->o.stream_data)
+        return fail(b, ERN_EINVAL, "compression needs stream mode");
+    zc->alg = a;
+    int level = b->o.compress_level;
+    if (level < 0) {
+        level = a->default_level;
+    } else if (!a->has_level) {
+        return fail(b, ERN_EINVAL, "%s takes no compression level", a->name);
+    } else if (a->id == Z_EROFS_COMPRESSION_LZMA && level > 9 && level < 100) {
+        /* xz presets 0-9, and 100-109 for the same with the extreme flag */
+        return fail(b, ERN_EINVAL, "lzma compression level %d is not in 0..9 or 100..109",
+                    level);
+    } else if (level < a->min_level || level > a->max_level) {
+        return fail(b, ERN_EINVAL, "%s compression level %d is not in %d..%d", a->name,
+                    level, a->min_level, a->max_level);
+    }
+    zc->level = level;
+    uint32_t blksz = b->blksz;
+    uint32_t ps = b->o.pcluster_size ? b->o.pcluster_size : blksz;
+    if (ps % blksz || ps > Z_EROFS_PCLUSTER_MAX_SIZE)
+        return fail(b, ERN_EINVAL, "pcluster size %u is not a multiple of the block size "
+                    "%u up to %u", ps, blksz, Z_EROFS_PCLUSTER_MAX_SIZE);
+    zc->pclustersize = ps;
+    zc->pclusterblks = ps / blksz;
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    zc->threads = b->o.compress_threads ? b->o.compress_threads : (n > 0 ? (uint32_t)n : 1);
+    if (zc->threads > 64)
+        zc->threads = 64;
+
+    int cfgs = a->id != Z_EROFS_COMPRESSION_LZ4 || zc->pclusterblks > 1;
+    zc->incompat = EROFS_FEATURE_INCOMPAT_ZERO_PADDING |
+                   (cfgs ? EROFS_FEATURE_INCOMPAT_COMPR_CFGS : 0) |
+                   (zc->pclusterblks > 1 ? EROFS_FEATURE_INCOMPAT_BIG_PCLUSTER : 0);
+    switch (a->id) {
+    case Z_EROFS_COMPRESSION_LZ4: {
+        struct z_erofs_lz4_cfgs r;
+        memset(&r, 0, sizeof(r));
+        r.max_distance = cpu_to_le16(65535);
+        r.max_pclusterblks = cpu_to_le16(zc->pclusterblks);
+        if (cfgs)
+            put_cfg(zc, &r, sizeof(r));
+        break;
+    }
+    case Z_EROFS_COMPRESSION_LZMA: {
+        uint32_t d = ps << 2 < 8u * Z_EROFS_PCLUSTER_MAX_SIZE ? ps << 2
+                                                              : 8u * Z_EROFS_PCLUSTER_MAX_SIZE;
+        zc->dict_size = d < 32768 ? 32768 : d;
+        struct z_erofs_lzma_cfgs r;
+        memset(&r, 0, sizeof(r));
+        r.dict_size = cpu_to_le32(zc->dict_size);
+        put_cfg(zc, &r, sizeof(r));
+        break;
+    }
+    case Z_EROFS_COMPRESSION_DEFLATE: {
+        zc->dict_size = 32768;
+        struct z_erofs_deflate_cfgs r;
+        memset(&r, 0, sizeof(r));
+        r.windowbits = (uint8_t)log2_floor(zc->dict_size);
+        put_cfg(zc, &r, sizeof(r));
+        break;
+    }
+    case Z_EROFS_COMPRESSION_ZSTD: {
+        uint32_t d = ps << 3 < Z_EROFS_PCLUSTER_MAX_SIZE ? ps << 3 : Z_EROFS_PCLUSTER_MAX_SIZE;
+        zc->dict_size = 1u << log2_floor(d);
+        struct z_erofs_zstd_cfgs r;
+        memset(&r, 0, sizeof(r));
+        r.windowlog = (uint8_t)(log2_floor(zc->dict_size) - 10);
+        put_cfg(zc, &r, sizeof(r));
+        break;
+    }
+    }
+    zc->sb_u1 = cfgs ? (uint16_t)(1u << a->id) : 65535;
+    /* try the algorithm once here, so a missing feature fails before any work */
+    struct zctx c;
+    if (zctx_init(&c, zc)) {
+        int r = fail(b, ERN_EINVAL, "%s: %s", a->name, c.err);
+        zctx_fini(&c);
+        return r;
+    }
+    zctx_fini(&c);
+    return 0;
+}
+
+uint32_t zconf_incompat(const erofs_builder *b)
+{
+    return b->zc ? b->zc->incompat : 0;
+}
+
+uint16_t zconf_sb_u1(const erofs_builder *b)
+{
+    return b->zc ? b->zc->sb_u1 : 0;
+}
+
+const uint8_t *zconf_cfgs(const erofs_builder *b, uint32_t *len)
+{
+    *len = b->zc ? b->zc->cfgs_len : 0;
+    return b->zc ? b->zc->cfgs : NULL;
+}
+
+int zctx_init(struct zctx *c, const struct zconf *zc)
+{
+    memset(c, 0, sizeof(*c));
+    c->zc = zc;
+    c->in_len = QUEUE_SIZE;
+    c->in = malloc(c->in_len);
+    c->out = malloc(zc->pclustersize);
+    if (!c->in || !c->out) {
+        snprintf(c->err, sizeof(c->err), "out of memory");
+        return ERN_ENOMEM;
+    }
+    return zc->alg->init(c);
+}
+
+void zctx_fini(struct zctx *c)
+{
+    if (c->zc && c->zc->alg->fini)
+        c->zc->alg->fini(c);
+    free(c->in);
+    free(c->out);
+    free(c->scratch);
+    memset(c, 0, sizeof(*c));
+}
+
+long zsearch_destsize(struct zctx *c, const uint8_t *src, uint32_t *srclen, uint8_t *dst,
+                      uint32_t dstcap, ztrial_fn trial)
+{
+    if (c->scratch_len < dstcap) {
+        free(c->scratch);
+        c->scratch = malloc(dstcap);
+        c->scratch_len = c->scratch ? dstcap : 0;
+        if (!c->scratch) {
+            snprintf(c->err, sizeof(c->err), "out of memory");
+            return ERN_ENOMEM;
+        }
+    }
+    uint32_t len = *srclen;
+    uint32_t fit = 0, nofit = len + 1;   /* prefix lengths known to fit / not to fit */
+    long fit_size = 0;
+    /* first guess: what the file's previous extent took (else a typical 4:1); then
+     * extrapolate from the last ratio that fitted, bisect after a miss; stop within
+     * 1/ZSTOP_FRAC of the answer or with the output nearly full */
+    uint64_t m = c->hint ? c->hint : (uint64_t)dstcap * 4;
+    if (m > len)
+        m = len;
+    for (int iter = 0; iter < 32; iter++) {
+        long r = trial(c, src, (uint32_t)m, c->scratch, dstcap);
+        if (r < 0)
+            return r;
+        uint64_t next;
+        if (r > 0) {
+            fit = (uint32_t)m;
+            fit_size = r;
+            memcpy(dst, c->scratch, (size_t)r);
+            if (fit == len || (uint32_t)r + ZSTOP_BYTES >= dstcap)
+                break;
+            next = m * dstcap / (uint64_t)r;
+            if (next >= nofit)
+                next = fit + (nofit - fit) / 2;
+        } else {
+            nofit = (uint32_t)m;
+            next = fit + (nofit - fit) / 2;
+        }
+        if (nofit - fit <= 1 + fit / ZSTOP_FRAC)
+            break;
+        if (next <= fit)
+            next = fit + 1;
+        if (next >= nofit)
+            next = nofit - 1;
+        m = next;
+    }
+    *srclen = fit;
+    c->hint = fit;
+    return fit ? fit_size : 0;
+}
+
+static void out_release(uint8_t *p, uint64_t cap)
+{
+    if (cap >= MAP_MIN)
+        munmap(p, cap);
+    else
+        free(p);
+}
+
+void zfile_free(struct zfile *zf)
+{
+    if (zf->data)
+        out_release(zf->data, zf->dcap);
+    free(zf->ext);
+    memset(zf, 0, sizeof(*zf));
+}
+
+/* room for len more bytes of output */
+static int out_reserve(struct zfile *zf, uint64_t len)
+{
+    uint64_t have = zf->dlen - zf->flushed;
+    if (have + len <= zf->dcap)
+        return 0;
+    uint64_t nc = zf->dcap ? zf->dcap * 2 : 65536;
+    while (nc < have + len)
+        nc *= 2;
+    uint8_t *p;
+    if (nc < MAP_MIN) {
+        p = realloc(zf->data, nc);
+    } else if (zf->dcap >= MAP_MIN) {
+        p = mremap(zf->data, zf->dcap, nc, MREMAP_MAYMOVE);
+        p = p == MAP_FAILED ? NULL : p;
+    } else {
+        p = mmap(NULL, nc, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        p = p == MAP_FAILED ? NULL : p;
+        if (p && zf->data) {
+            memcpy(p, zf->data, have);
+            free(zf->data);
+        }
+    }
+    if (!p)
+        return ERN_ENOMEM;
+    zf->data = p;
+    zf->dcap = nc;
+    return 0;
+}
+
+static int add_extent(struct zfile *zf, uint64_t start, uint32_t nblk, int raw)
+{
+    if (zf->next == zf->cap_ext) {
+        uint32_t nc = zf->cap_ext ? zf->cap_ext * 2 : 16;
+        struct zext *p = realloc(zf->ext, (size_t)nc * sizeof(*p));
+        if (!p)
+            return ERN_ENOMEM;
+        zf->ext = p;
+        zf->cap_ext = nc;
+    }
+    zf->ext[zf->next++] = (struct zext){ .start = start, .pblk = zf->nblocks,
+                                         .nblk = (uint16_t)nblk, .raw = (uint8_t)raw };
+    zf->nblocks += nblk;
+    return 0;
+}
+
+/* one extent from the input window c->in[head, head + len): compressed into one
+ * pcluster, or stored as plain blocks -> input bytes taken (or < 0) */
+static long one_extent(struct zctx *c, struct xfer *x, struct zfile *zf, const char *path,
+                       uint64_t head, uint32_t len, int final, uint64_t done)
+{
+    const struct zconf *zc = c->zc;
+    const uint32_t bs = x->blksz, ps = zc->pclustersize;
+    long csz = 0;
+    uint32_t took = len;
+    if (!(final && len <= bs)) {
+        csz = zc->alg->destsize(c, c->in + head, &took, c->out, ps);
+        if (csz < 0)
+            return xfail(x, ERN_EIO, "%s: %s compression failed: %s", path,
+                         zc->alg->name, c->err);
+    }
+    uint64_t plen = align_up((uint64_t)csz, bs);
+    if (csz > 0 && plen < took) {
+        if (out_reserve(zf, plen) || add_extent(zf, done, (uint32_t)(plen / bs), 0))
+            return xfail(x, ERN_ENOMEM, "out of memory");
+        uint8_t *d = zf->data + (zf->dlen - zf->flushed);
+        memset(d, 0, plen - (uint64_t)csz);
+        memcpy(d + plen - (uint64_t)csz, c->out, (size_t)csz);
+        zf->dlen += plen;
+        return took;
+    }
+    /* stored: one block per extent, as many blocks as the failed pcluster covered (so
+     * incompressible data is not tried again block by block) */
+    uint32_t tried = took < ps ? took : ps;
+    uint32_t nraw = tried / bs ? tried / bs : 1;
+    took = 0;
+    for (uint32_t k = 0; k < nraw && len > took; k++) {
+        uint32_t n = len - took < bs ? len - took : bs;
+        if (out_reserve(zf, bs) || add_extent(zf, done + took, 1, 1))
+            return xfail(x, ERN_ENOMEM, "out of memory");
+        uint8_t *d = zf->data + (zf->dlen - zf->flushed);
+        memcpy(d, c->in + head + took, n);
+        memset(d + n, 0, bs - n);
+        zf->dlen += bs;
+        took += n;
+    }
+    return took;
+}
+
+/* As mkfs.erofs 1.9 cuts a file: in 16 MiB segments compressed independently (its
+ * multi-threaded default), each read through an 8000 KiB window that is shifted and
+ * refilled once half of it is used; an extent may take all the input in the window.
+ * Same cuts, same extents: with the same library the data takes the same blocks. */
+int zfile_compress(struct zctx *c, struct xfer *x, int fd, const char *path,
+                   uint64_t offset, uint64_t size, struct zfile *zf,
+                   int (*flush)(void *arg, struct zfile *zf), void *arg)
+{
+    const uint32_t bs = x->blksz, ps = c->zc->pclustersize;
+    uint64_t done = 0;             /* file bytes put into extents */
+    int r;
+    memset(zf, 0, sizeof(*zf));
+    zf->size = size;
+    for (uint64_t seg = 0; seg < size; seg += SEGMENT_SIZE) {
+        uint64_t remaining = size - seg < SEGMENT_SIZE ? size - seg : SEGMENT_SIZE;
+        uint64_t head = 0, tail = 0, readpos = seg;
+        c->hint = 0;
+        while (remaining) {
+            uint64_t rx = c->in_len - tail < remaining ? c->in_len - tail : remaining;
+            if ((r = x_read(x, fd, c->in + tail, (size_t)rx, offset + readpos, path)))
+                return r;
+            tail += rx;
+            readpos += rx;
+            remaining -= rx;
+            while (tail > head) {
+                uint32_t len = (uint32_t)(tail - head);
+                int final = remaining == 0;
+                if (len <= ps && !final)
+                    break;         /* too little left for a pcluster: read more */
+                long took = one_extent(c, x, zf, path, head, len, final, done);
+                if (took < 0)
+                    return (int)took;
+                head += (uint64_t)took;
+                done += (uint64_t)took;
+                if (flush && zf->dlen - zf->flushed > FLUSH_LIMIT && (r = flush(arg, zf)))
+                    return r;
+                if (!final && head >= REFILL_AT) {
+                    uint64_t keep = head / bs * bs;
+                    memmove(c->in, c->in + keep, tail - keep);
+                    tail -= keep;
+                    head -= keep;
+                    break;
+                }
+            }
+        }
+    }
+    uint64_t nlc = (size + bs - 1) / bs;
+    zf->plain = (uint64_t)zf->nblocks * bs + Z_INDEX_START + nlc * 8 >= size;
+    return 0;
+}

@@ -1,0 +1,111 @@
+/* Internal header of the C core's compression: the algorithms (compress_lz4.c,
+ * compress_zstd.c, compress_lzma.c, compress_deflate.c), the per-file extent compressor
+ * and index builder (compress.c) and the compression thread pool with its ordered
+ * commit (zstream.c).
+ *
+ * EROFS compresses to a fixed output size: each physical cluster (pcluster, 1 block or
+ * -C bytes) is filled with as much input as its compressed form fits in, so every
+ * algorithm here offers "destsize": compress a prefix of the input into at most dstcap
+ * bytes and say how much input that took. A call depends only on its arguments (no
+ * history kept between calls), so the image is the same whatever thread compressed what.
+ */
+#ifndef EROFS_COMPRESS_INT_H
+#define EROFS_COMPRESS_INT_H
+#include "builder_int.h"
+
+struct zctx;
+
+struct zalg {
+    const char *name;        /* as mkfs.erofs -z names it */
+    int id;                  /* Z_EROFS_COMPRESSION_* */
+    int min_level, max_level, default_level;   /* has_level 0: no level accepted */
+    int has_level;
+    int (*init)(struct zctx *c);
+    /* compress a prefix of src[0, *srclen) into dst (<= dstcap bytes): -> compressed
+     * size, *srclen set to the input it took; 0 = nothing fits; < 0 = error (c->err) */
+    long (*destsize)(struct zctx *c, const uint8_t *src, uint32_t *srclen, uint8_t *dst,
+                     uint32_t dstcap);
+    void (*fini)(struct zctx *c);
+};
+
+/* the image-wide compression settings (from erofs_opts) */
+struct zconf {
+    const struct zalg *alg;
+    int level;
+    uint32_t pclusterblks;   /* 1: one block per pcluster */
+    uint32_t pclustersize;
+    uint32_t dict_size;      /* lzma/zstd/deflate window */
+    uint32_t threads;
+    uint8_t cfgs[64];        /* records written after the superblock (COMPR_CFGS) */
+    uint32_t cfgs_len;
+    uint16_t sb_u1;          /* available algorithms, or lz4 max distance */
+    uint32_t incompat;       /* feature bits compression adds */
+};
+
+/* one thread's compressor state */
+struct zctx {
+    const struct zconf *zc;
+    void *priv;
+    uint8_t *scratch;        /* algorithm's own trial buffer */
+    uint32_t scratch_len;
+    uint8_t *in;             /* input window of zfile_compress */
+    uint64_t in_len;
+    uint8_t *out;            /* one pcluster of output */
+    uint32_t hint;           /* input the last extent of this file took (0: none yet);
+                                reset per file, so results never depend on the thread */
+    char err[200];
+};
+
+/* one extent: decompressed bytes [start, next extent's start) in a pcluster of nblk
+ * blocks at block pblk (relative to the file's first pcluster block) */
+struct zext {
+    uint64_t start;
+    uint32_t pblk;
+    uint16_t nblk;
+    uint8_t raw;             /* stored uncompressed (a PLAIN lcluster) */
+};
+
+/* a compressed file before its blocks are placed: the pclusters back to back (each a
+ * block multiple) and its extents; the index is built once the blocks are placed */
+struct zfile {
+    uint64_t size;
+    uint8_t *data;
+    uint64_t dlen, dcap;
+    uint64_t flushed;        /* bytes of data already written at the final place */
+    struct zext *ext;
+    uint32_t next, cap_ext;
+    uint32_t nblocks;        /* pcluster blocks */
+    int plain;               /* compression saves nothing: store the file uncompressed */
+};
+
+#define Z_INDEX_START 16u  /* full index: map header + 8 reserved bytes before the entries */
+
+/* algorithms (compress_*.c) */
+extern const struct zalg zalg_lz4, zalg_lz4hc, zalg_zstd, zalg_lzma, zalg_deflate;
+
+/* compress.c */
+/* destsize for algorithms without one: the largest input prefix whose compressed form
+ * fits, searched with trial(c, src, n, out, cap) -> size, 0 (does not fit), < 0 error */
+typedef long (*ztrial_fn)(struct zctx *c, const uint8_t *src, uint32_t n, uint8_t *out,
+                          uint32_t cap);
+INTERNAL long zsearch_destsize(struct zctx *c, const uint8_t *src, uint32_t *srclen,
+                               uint8_t *dst, uint32_t dstcap, ztrial_fn trial);
+INTERNAL const struct zalg *zalg_by_id(int32_t which);
+INTERNAL int zconf_setup(erofs_builder *b, struct zconf *zc);
+INTERNAL int zctx_init(struct zctx *c, const struct zconf *zc);
+INTERNAL void zctx_fini(struct zctx *c);
+/* compress size bytes of fd from offset; flush(arg, zf) is called when the buffered
+ * output grows over the limit (it may write zf->data[zf->flushed..] out and advance
+ * zf->flushed, dropping those bytes from memory) */
+INTERNAL int zfile_compress(struct zctx *c, struct xfer *x, int fd, const char *path,
+                            uint64_t offset, uint64_t size, struct zfile *zf,
+                            int (*flush)(void *arg, struct zfile *zf), void *arg);
+INTERNAL void zfile_free(struct zfile *zf);
+
+/* zindex.c: the map header and full index of a compressed file whose first pcluster is
+ * at block base -> malloc'ed bytes (NULL: out of memory) */
+INTERNAL uint8_t *zfile_index(const struct zfile *zf, const struct zconf *zc, uint32_t blkszbits,
+                              uint32_t base, uint32_t *len);
+
+
+#endif

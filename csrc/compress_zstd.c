@@ -1,0 +1,66 @@
+/* erofs-tools C core, compression: Zstandard (libzstd), EROFS algorithm 3 (Linux 6.10+).
+ * libzstd has no fixed-output mode: the largest input prefix that fits a pcluster is
+ * searched (compress.c). The window is the configured dictionary size, which the
+ * superblock's zstd record announces to the reader. */
+#include <zstd.h>
+#include <zstd_errors.h>
+#include "compress_int.h"
+
+static uint32_t log2u(uint32_t v)
+{
+    uint32_t r = 0;
+    while (v >>= 1)
+        r++;
+    return r;
+}
+
+static int zstd_init(struct zctx *c)
+{
+    ZSTD_CCtx *cc = ZSTD_createCCtx();
+    if (!cc) {
+        snprintf(c->err, sizeof(c->err), "out of memory");
+        return ERN_ENOMEM;
+    }
+    c->priv = cc;
+    size_t r = ZSTD_CCtx_setParameter(cc, ZSTD_c_compressionLevel, c->zc->level);
+    if (!ZSTD_isError(r))
+        r = ZSTD_CCtx_setParameter(cc, ZSTD_c_windowLog, (int)log2u(c->zc->dict_size));
+    if (!ZSTD_isError(r))
+        r = ZSTD_CCtx_setParameter(cc, ZSTD_c_checksumFlag, 0);
+    if (ZSTD_isError(r)) {
+        snprintf(c->err, sizeof(c->err), "%s", ZSTD_getErrorName(r));
+        return ERN_EINVAL;
+    }
+    return 0;
+}
+
+static long zstd_trial(struct zctx *c, const uint8_t *src, uint32_t n, uint8_t *out,
+                       uint32_t cap)
+{
+    size_t r = ZSTD_compress2(c->priv, out, cap, src, n);
+    if (ZSTD_isError(r)) {
+        if (ZSTD_getErrorCode(r) == ZSTD_error_dstSize_tooSmall)
+            return 0;
+        snprintf(c->err, sizeof(c->err), "%s", ZSTD_getErrorName(r));
+        return ERN_EIO;
+    }
+    return (long)r;
+}
+
+static long zstd_destsize(struct zctx *c, const uint8_t *src, uint32_t *srclen, uint8_t *dst,
+                          uint32_t dstcap)
+{
+    return zsearch_destsize(c, src, srclen, dst, dstcap, zstd_trial);
+}
+
+static void zstd_fini(struct zctx *c)
+{
+    ZSTD_freeCCtx(c->priv);
+    c->priv = NULL;
+}
+
+const struct zalg zalg_zstd = {
+    .name = "zstd", .id = Z_EROFS_COMPRESSION_ZSTD, .has_level = 1,
+    .min_level = 1, .max_level = 22, .default_level = 3,
+    .init = zstd_init, .destsize = zstd_destsize, .fini = zstd_fini,
+};

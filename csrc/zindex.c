@@ -1,0 +1,171 @@
+/* erofs-tools C core, compression: the lcluster indexes of a compressed file.
+ *
+ * The full index (COMPRESSED_FULL) is built from the file's extents once its pclusters
+ * have blocks: one 8-byte entry per lcluster (a block here). The compact index
+ * (COMPRESSED_COMPACT, mkfs.erofs's default) is derived from it when the inode's size is
+ * known: the same entries squeezed to 16 bits (packs of 2 in 8 bytes) or 14 bits (packs
+ * of 16 in 32 bytes), each pack ending with a le32 block address from which the reader
+ * counts the blocks of the pack's pclusters. 4-byte packs come first until the 2-byte
+ * packs are 32-byte aligned, then as many 2-byte packs as fit, then 4-byte packs again.
+ */
+#include "compress_int.h"
+
+uint8_t *zfile_index(const struct zfile *zf, const struct zconf *zc, uint32_t blkszbits,
+                     uint32_t base, uint32_t *len)
+{
+    const uint32_t lb = blkszbits;     /* lcluster = one block */
+    const uint64_t mask = (1ull << lb) - 1;
+    uint64_t nlc = (zf->size + mask) >> lb;
+    *len = (uint32_t)(Z_INDEX_START + nlc * sizeof(struct z_erofs_lcluster_index));
+    uint8_t *meta = calloc(1, *len);
+    if (!meta)
+        return NULL;
+    struct z_erofs_map_header h;
+    memset(&h, 0, sizeof(h));
+    int big = zc->pclusterblks > 1;
+    h.h_advise = cpu_to_le16(big ? Z_EROFS_ADVISE_BIG_PCLUSTER_1 : 0);
+    h.h_algorithmtype = (uint8_t)zc->alg->id;
+    h.h_clusterbits = 0;
+    memcpy(meta, &h, sizeof(h));
+    struct z_erofs_lcluster_index *idx = (struct z_erofs_lcluster_index *)(meta + Z_INDEX_START);
+    for (uint32_t i = 0; i < zf->next; i++) {
+        const struct zext *e = &zf->ext[i];
+        int last = i + 1 == zf->next;
+        uint64_t end = last ? zf->size : zf->ext[i + 1].start;
+        uint64_t hl = e->start >> lb, nh = end >> lb;
+        idx[hl].di_advise = cpu_to_le16(e->raw ? Z_EROFS_LCLUSTER_TYPE_PLAIN
+                                               : Z_EROFS_LCLUSTER_TYPE_HEAD1);
+        idx[hl].di_clusterofs = cpu_to_le16(e->start & mask);
+        idx[hl].di_u = cpu_to_le32(base + e->pblk);
+        for (uint64_t l = hl + 1; l < nh && l < nlc; l++) {
+            uint32_t d0 = l - hl > 0x7FF ? 0x7FF : (uint32_t)(l - hl);
+            if (l == hl + 1 && big)
+                d0 = e->nblk | Z_EROFS_LI_D0_CBLKCNT;
+            uint32_t d1 = nh - l > 0xFFFF ? 0xFFFF : (uint32_t)(nh - l);
+            idx[l].di_advise = cpu_to_le16(Z_EROFS_LCLUSTER_TYPE_NONHEAD);
+            idx[l].di_clusterofs = 0;
+            idx[l].di_u = cpu_to_le32(d0 | d1 << 16);
+        }
+        /* the file ends inside a later lcluster: a PLAIN head there marks the end */
+        if (last && nh > hl && nh < nlc) {
+            idx[nh].di_advise = cpu_to_le16(Z_EROFS_LCLUSTER_TYPE_PLAIN);
+            idx[nh].di_clusterofs = cpu_to_le16(zf->size & mask);
+            idx[nh].di_u = 0;
+        }
+    }
+    return meta;
+}
+
+#define LOBITS 12u           /* the low bits of a compact entry (lcluster bits, >= 12) */
+
+/* one full-index entry, decoded */
+struct lent {
+    uint32_t type, clusterofs, blkaddr, d0, d1;
+};
+
+static struct lent get_entry(const uint8_t *full, uint32_t i)
+{
+    struct z_erofs_lcluster_index di;
+    memcpy(&di, full + Z_INDEX_START + (size_t)i * sizeof(di), sizeof(di));
+    struct lent e;
+    e.type = le16toh(di.di_advise) & 3u;
+    e.clusterofs = le16toh(di.di_clusterofs);
+    e.blkaddr = le32toh(di.di_u);
+    e.d0 = e.blkaddr & 0xFFFF;
+    e.d1 = e.blkaddr >> 16;
+    return e;
+}
+
+/* put v's low `bits` bits at bit position pos (little-endian bit stream) */
+static void put_bits(uint8_t *out, uint32_t pos, uint32_t v, uint32_t bits)
+{
+    for (uint32_t k = 0; k < bits; k++)
+        if (v >> k & 1)
+            out[(pos + k) / 8] |= (uint8_t)(1u << ((pos + k) % 8));
+}
+
+/* one pack of vcnt entries from entry p on (unit bytes per entry) at out; *nextblk is
+ * the block of the next pcluster (non-big pclusters: one block per extent) */
+static void put_pack(uint8_t *out, const uint8_t *full, uint32_t n, uint32_t p, uint32_t vcnt,
+                     uint32_t unit, int big, uint32_t *nextblk)
+{
+    uint32_t encodebits = (vcnt * unit * 8 - 32) / vcnt;
+    uint32_t base = 0, sub = 0;
+    int have_base = 0;
+    if (!big)
+        base = *nextblk - 1;     /* the reader adds 1 + the heads before in the pack */
+    for (uint32_t k = 0; k < vcnt; k++) {
+        uint32_t i = p + k;
+        if (i >= n)
+            break;               /* padding entries stay zero */
+        struct lent e = get_entry(full, i);
+        uint32_t lo;
+        if (e.type == Z_EROFS_LCLUSTER_TYPE_NONHEAD) {
+            if (e.d0 & Z_EROFS_LI_D0_CBLKCNT) {
+                lo = e.d0;
+                if (!have_base)
+                    sub = e.d0 & ~Z_EROFS_LI_D0_CBLKCNT;
+            } else if (k + 1 == vcnt) {
+                lo = e.d1 < Z_EROFS_LI_D0_CBLKCNT ? e.d1 : Z_EROFS_LI_D0_CBLKCNT - 1;
+            } else {
+                lo = e.d0;
+            }
+        } else {
+            lo = e.clusterofs;
+            if (!big) {
+                *nextblk += 1;
+            } else if (!have_base && e.blkaddr) {
+                /* the reader counts the blocks of the extent before the first head
+                 * when its block count entry is in this pack */
+                base = e.blkaddr - sub;
+                have_base = 1;
+            }
+            if (big && e.blkaddr)
+                *nextblk = e.blkaddr;
+        }
+        put_bits(out, k * encodebits, e.type << LOBITS | lo, encodebits);
+    }
+    if (big && !have_base)
+        base = *nextblk;
+    uint32_t le = htole32(base);
+    memcpy(out + vcnt * unit - 4, &le, 4);
+}
+
+uint8_t *zindex_compact(const uint8_t *full, uint32_t full_len, uint32_t mpos, int big,
+                        uint32_t *len)
+{
+    uint32_t n = (full_len - Z_INDEX_START) / (uint32_t)sizeof(struct z_erofs_lcluster_index);
+    uint32_t init4 = (32 - mpos % 32) / 4;
+    if (init4 == 8)
+        init4 = 0;
+    uint32_t n2b, end4;
+    if (init4 > n) {
+        init4 = n2b = 0;
+        end4 = n;
+    } else {
+        n2b = (n - init4) / 16 * 16;
+        end4 = n - init4 - n2b;
+    }
+    *len = (uint32_t)sizeof(struct z_erofs_map_header) + init4 * 4 + n2b * 2 +
+           (end4 + 1) / 2 * 8;
+    uint8_t *out = calloc(1, *len);
+    if (!out)
+        return NULL;
+    struct z_erofs_map_header h;
+    memcpy(&h, full, sizeof(h));
+    uint16_t advise = le16toh(h.h_advise) | Z_EROFS_ADVISE_COMPACTED_2B;
+    if (big)
+        advise |= Z_EROFS_ADVISE_BIG_PCLUSTER_1 | Z_EROFS_ADVISE_BIG_PCLUSTER_2;
+    h.h_advise = htole16(advise);
+    memcpy(out, &h, sizeof(h));
+    uint8_t *o = out + sizeof(h);
+    uint32_t nextblk = n ? get_entry(full, 0).blkaddr : 0;
+    uint32_t p = 0;
+    for (; p < init4; p += 2, o += 8)
+        put_pack(o, full, n, p, 2, 4, big, &nextblk);
+    for (uint32_t e = p + n2b; p < e; p += 16, o += 32)
+        put_pack(o, full, n, p, 16, 2, big, &nextblk);
+    for (; p < n; p += 2, o += 8)
+        put_pack(o, full, n, p, 2, 4, big, &nextblk);
+    return out;
+}

@@ -1,0 +1,403 @@
+/* erofs-tools C core, compression thread pool (stream mode with opts.compress_alg).
+ *
+ * The caller adds files in walk order (zpool_submit); worker threads take them in that
+ * order and compress each into memory (compress.c); the oldest finished file is then
+ * committed: its blocks are placed at the next free block (b->scur) and written, one
+ * commit at a time, in submission order. So block positions, and the image, are the
+ * same whatever the number of threads. A file whose output grows large waits until it
+ * is the oldest, then writes straight to its final place (bounded memory). Results are
+ * moved to the nodes by zpool_stop in the caller's thread (nodes may be reallocated
+ * by the caller meanwhile, so workers never touch b->nodes).
+ */
+#include "compress_int.h"
+
+#define ZQMAX 4096                   /* submitted files not yet taken by a worker */
+#define PENDING_MAX (32ull << 20)   /* output held by finished, uncommitted files */
+
+struct zjob {
+    struct zjob *next;
+    uint32_t node;
+    char *path;
+    uint64_t offset, size;
+    uint32_t tail;            /* inline tail if stored plain (0: none) */
+    int state;                /* 0 queued, 1 taken, 2 finished */
+    int direct;               /* writing at its final place since base */
+    uint64_t base;
+    uint64_t held;            /* output bytes counted in pending */
+    struct zfile zf;
+    /* result */
+    int plain;
+    uint32_t startblk, nblocks, meta_len;
+    uint8_t *meta, *tailbuf;
+};
+
+struct zpool {
+    erofs_builder *b;
+    struct zconf *zc;           /* the builder's (b->zc) */
+    pthread_t th[64];
+    uint32_t nth;
+    pthread_mutex_t mu;
+    pthread_cond_t cv_job, cv_space, cv_turn;
+    struct zjob *head, *tail;       /* uncommitted, oldest first */
+    struct zjob *claim;             /* next one to take */
+    struct zjob *dhead, *dtail;     /* committed, for zpool_stop */
+    uint32_t queued;
+    uint64_t pending;
+    int committing, stop, abort;
+    int err_code;
+    char err[600];
+};
+
+struct flush_arg {
+    struct zpool *p;
+    struct zjob *j;
+    struct xfer *x;
+};
+
+static void set_err(struct zpool *p, int code, const char *msg)
+{
+    if (!p->err_code) {
+        p->err_code = code;
+        snprintf(p->err, sizeof(p->err), "%s", msg);
+    }
+    pthread_cond_broadcast(&p->cv_job);
+    pthread_cond_broadcast(&p->cv_space);
+    pthread_cond_broadcast(&p->cv_turn);
+}
+
+/* a file whose buffered output is large: become the file being placed now (wait until
+ * it is the oldest) and write what it has at its final place */
+static int zflush(void *arg, struct zfile *zf)
+{
+    struct flush_arg *fa = arg;
+    struct zpool *p = fa->p;
+    struct zjob *j = fa->j;
+    erofs_builder *b = p->b;
+    if (!j->direct) {
+        pthread_mutex_lock(&p->mu);
+        while ((p->head != j || p->committing) && !p->err_code && !p->abort)
+            pthread_cond_wait(&p->cv_turn, &p->mu);
+        int bad = p->err_code || p->abort;
+        if (!bad) {
+            /* nobody allocates blocks while the oldest file is unfinished */
+            j->direct = 1;
+            j->base = b->scur;
+        }
+        pthread_mutex_unlock(&p->mu);
+        if (bad)
+            return xfail(fa->x, ERN_EIO, "stopped");
+    }
+    uint64_t n = zf->dlen - zf->flushed;
+    int r = x_pwrite(fa->x, zf->data, n, j->base * b->blksz + zf->flushed);
+    zf->flushed = zf->dlen;
+    return r;
+}
+
+static int open_source(struct xfer *x, struct zjob *j, int *pfd)
+{
+    int fd = open(j->path, O_RDONLY | O_NOCTTY | O_CLOEXEC | O_NOFOLLOW);
+    if (fd < 0)
+        return xfail(x, ERN_EIO, "%s: %s", j->path, strerror(errno));
+    struct stat st;
+    if (j->offset == 0 && fstat(fd, &st) == 0 && S_ISREG(st.st_mode) &&
+        (uint64_t)st.st_size != j->size) {
+        close(fd);
+        return xfail(x, ERN_EIO, "%s: size changed while building the image", j->path);
+    }
+    *pfd = fd;
+    return 0;
+}
+
+/* compress one file into memory (or plain when it cannot save a block) */
+static int run_zjob(struct zpool *p, struct zctx *c, struct xfer *x, struct zjob *j)
+{
+    uint32_t bs = p->b->blksz;
+    uint64_t nlc = (j->size + bs - 1) / bs;
+    /* one pcluster + index is already no smaller than the file */
+    if (j->size <= bs + 16 + nlc * 8) {
+        j->zf.plain = 1;
+        j->zf.size = j->size;
+        return 0;
+    }
+    int fd;
+    int r = open_source(x, j, &fd);
+    if (r)
+        return r;
+    struct flush_arg fa = { p, j, x };
+    r = zfile_compress(c, x, fd, j->path, j->offset, j->size, &j->zf, zflush, &fa);
+    close(fd);
+    return r;
+}
+
+/* place and write the oldest finished file (only one commit runs at a time) */
+static int commit(struct zpool *p, struct zjob *j, struct xfer *x)
+{
+    erofs_builder *b = p->b;
+    uint32_t bs = b->blksz;
+    uint64_t base = j->direct ? j->base : b->scur;
+    int r = 0;
+    if (!j->zf.plain) {
+        uint64_t n = j->zf.dlen - j->zf.flushed;
+        if (n && (r = x_pwrite(x, j->zf.data, n, base * bs + j->zf.flushed)))
+            return r;
+        if (base + j->zf.nblocks > 0xFFFFFFFFull)
+            return xfail(x, ERN_ELIMIT, "image larger than 2^32 blocks");
+        j->meta = zfile_index(&j->zf, p->zc, b->o.blkszbits, (uint32_t)base, &j->meta_len);
+        if (!j->meta)
+            return xfail(x, ERN_ENOMEM, "out of memory");
+        j->nblocks = j->zf.nblocks;
+        j->startblk = (uint32_t)base;
+        b->scur = base + j->zf.nblocks;
+    } else {
+        j->plain = 1;
+        uint64_t full = j->size - j->tail;
+        uint64_t nblk = (full + bs - 1) / bs;
+        if (base + nblk > 0xFFFFFFFFull)
+            return xfail(x, ERN_ELIMIT, "image larger than 2^32 blocks");
+        j->startblk = nblk ? (uint32_t)base : (j->tail ? EROFS_NULL_ADDR : 0);
+        b->scur = base + nblk;
+        if (j->size) {
+            int fd;
+            if ((r = open_source(x, j, &fd)))
+                return r;
+            if (full)
+                r = x_copy(x, fd, j->offset, base * bs, full, j->path);
+            uint64_t budget = (uint64_t)(b->o.tail_budget_mib ? b->o.tail_budget_mib : 64) << 20;
+            if (!r && j->tail && b->tail_mem + j->tail <= budget) {
+                j->tailbuf = malloc(j->tail);
+                if (j->tailbuf) {
+                    b->tail_mem += j->tail;
+                    r = x_read(x, fd, j->tailbuf, j->tail, j->offset + full, j->path);
+                }
+            }
+            close(fd);
+        }
+    }
+    b->sbytes += j->size;
+    return r;
+}
+
+/* with p->mu held: commit finished files from the oldest on */
+static void commit_ready(struct zpool *p, struct xfer *x)
+{
+    while (!p->committing && p->head && p->head->state == 2) {
+        struct zjob *j = p->head;
+        p->committing = 1;
+        int skip = p->err_code || p->abort;
+        pthread_mutex_unlock(&p->mu);
+        int r = skip ? 0 : commit(p, j, x);
+        zfile_free(&j->zf);
+        free(j->path);
+        j->path = NULL;
+        pthread_mutex_lock(&p->mu);
+        p->pending -= j->held;
+        p->head = j->next;
+        if (!p->head)
+            p->tail = NULL;
+        j->next = NULL;
+        if (p->dtail)
+            p->dtail->next = j;
+        else
+            p->dhead = j;
+        p->dtail = j;
+        p->committing = 0;
+        if (r)
+            set_err(p, r, x->err);
+        pthread_cond_broadcast(&p->cv_turn);
+        pthread_cond_broadcast(&p->cv_job);
+    }
+}
+
+static void *zworker(void *arg)
+{
+    struct zpool *p = arg;
+    struct zctx c;
+    struct xfer x;
+    memset(&x, 0, sizeof(x));
+    uint64_t dummy = 0;
+    x.out = p->b->sfd;
+    x.blksz = p->b->blksz;
+    x.bytes = &dummy;
+    x.buf = malloc(CBUF_SIZE);
+    int init = zctx_init(&c, p->zc);
+    pthread_mutex_lock(&p->mu);
+    if (init || !x.buf)
+        set_err(p, ERN_ENOMEM, init ? c.err : "out of memory");
+    for (;;) {
+        while (!p->err_code && !p->abort &&
+               ((!p->claim && !p->stop) || (p->claim && p->pending > PENDING_MAX)))
+            pthread_cond_wait(&p->cv_job, &p->mu);
+        struct zjob *j = p->claim;
+        if (!j || p->abort)
+            break;
+        p->claim = j->next;
+        p->queued--;
+        j->state = 1;
+        pthread_cond_signal(&p->cv_space);
+        int skip = p->err_code != 0;
+        pthread_mutex_unlock(&p->mu);
+        int r = skip ? 0 : run_zjob(p, &c, &x, j);
+        pthread_mutex_lock(&p->mu);
+        if (r)
+            set_err(p, r, x.err);
+        j->state = 2;
+        j->held = j->zf.dlen - j->zf.flushed;
+        p->pending += j->held;
+        commit_ready(p, &x);
+    }
+    /* an error: the finished files still go through commit_ready (skipped) to be freed */
+    commit_ready(p, &x);
+    pthread_mutex_unlock(&p->mu);
+    zctx_fini(&c);
+    free(x.buf);
+    return NULL;
+}
+
+int zpool_start(erofs_builder *b)
+{
+    struct zpool *p = calloc(1, sizeof(*p));
+    if (!p)
+        return fail(b, ERN_ENOMEM, "out of memory");
+    p->b = b;
+    if (!b->zc && !(b->zc = malloc(sizeof(*b->zc)))) {
+        free(p);
+        return fail(b, ERN_ENOMEM, "out of memory");
+    }
+    p->zc = b->zc;
+    int r = zconf_setup(b, p->zc);
+    if (r) {
+        free(p);
+        return r;
+    }
+    pthread_mutex_init(&p->mu, NULL);
+    pthread_cond_init(&p->cv_job, NULL);
+    pthread_cond_init(&p->cv_space, NULL);
+    pthread_cond_init(&p->cv_turn, NULL);
+    b->zp = p;
+    for (uint32_t i = 0; i < p->zc->threads; i++) {
+        if (pthread_create(&p->th[i], NULL, zworker, p) != 0)
+            break;
+        p->nth++;
+    }
+    if (!p->nth) {
+        zpool_stop(b, 1);
+        return fail(b, ERN_ENOMEM, "cannot start the compression threads");
+    }
+    b->worker_on = 1;
+    return 0;
+}
+
+int zpool_submit(erofs_builder *b, uint32_t node, const char *path, size_t pathlen,
+                 uint64_t offset)
+{
+    struct zpool *p = b->zp;
+    struct node *n = &b->nodes[node];
+    uint32_t bs = b->blksz;
+    struct zjob *j = calloc(1, sizeof(*j));
+    if (!j || !(j->path = strndup(path, pathlen))) {
+        free(j);
+        return fail(b, ERN_ENOMEM, "out of memory");
+    }
+    j->node = node;
+    j->offset = offset;
+    j->size = n->size;
+    uint64_t tail = n->size % bs;
+    /* if stored plain: decided before the inode format is known, so assume the larger,
+     * extended inode (as stream_file) */
+    if (b->o.inline_data && tail &&
+        sizeof(struct erofs_inode_extended) + n->xa_max + tail <= bs)
+        j->tail = (uint32_t)tail;
+    n->streamed = 1;
+    pthread_mutex_lock(&p->mu);
+    while (p->queued >= ZQMAX && !p->err_code)
+        pthread_cond_wait(&p->cv_space, &p->mu);
+    int err = p->err_code;
+    if (!err) {
+        if (p->tail)
+            p->tail->next = j;
+        else
+            p->head = j;
+        p->tail = j;
+        if (!p->claim)
+            p->claim = j;
+        p->queued++;
+        pthread_cond_signal(&p->cv_job);
+    } else {
+        memcpy(b->err, p->err, sizeof(b->err));
+    }
+    pthread_mutex_unlock(&p->mu);
+    if (err) {
+        free(j->path);
+        free(j);
+        return err;
+    }
+    return 0;
+}
+
+/* stop the pool (after every file is committed, or dropping them when abort) and move
+ * the results to the nodes */
+int zpool_stop(erofs_builder *b, int abort)
+{
+    struct zpool *p = b->zp;
+    if (!p)
+        return 0;
+    pthread_mutex_lock(&p->mu);
+    p->stop = 1;
+    p->abort = abort;
+    pthread_cond_broadcast(&p->cv_job);
+    pthread_cond_broadcast(&p->cv_turn);
+    pthread_mutex_unlock(&p->mu);
+    for (uint32_t i = 0; i < p->nth; i++)
+        pthread_join(p->th[i], NULL);
+    b->worker_on = 0;
+    int code = p->err_code;
+    if (!code && !abort && p->head)
+        code = fail(b, ERN_EINVAL, "compression stopped with files left");
+    else if (code && !abort)
+        fail(b, code, "%s", p->err);
+    /* committed results to their nodes */
+    for (struct zjob *j = p->dhead; j;) {
+        struct zjob *nx = j->next;
+        if (!code && !abort) {
+            struct node *n = &b->nodes[j->node];
+            n->startblk = j->startblk;
+            if (j->plain) {
+                n->stream_inline = j->tail != 0;
+                n->tailbuf = j->tailbuf;
+                j->tailbuf = NULL;
+            } else {
+                n->zmeta = j->meta;
+                n->zmeta_len = j->meta_len;
+                n->zblocks = j->nblocks;
+                j->meta = NULL;
+            }
+        }
+        free(j->meta);
+        free(j->tailbuf);
+        free(j->path);
+        free(j);
+        j = nx;
+    }
+    for (struct zjob *j = p->head; j;) {
+        struct zjob *nx = j->next;
+        zfile_free(&j->zf);
+        free(j->path);
+        free(j);
+        j = nx;
+    }
+    p->dhead = p->dtail = p->head = p->tail = NULL;
+    pthread_mutex_destroy(&p->mu);
+    pthread_cond_destroy(&p->cv_job);
+    pthread_cond_destroy(&p->cv_space);
+    pthread_cond_destroy(&p->cv_turn);
+    b->zp = NULL;          /* b->zc stays for layout and write */
+    free(p);
+    return code;
+}
+
+/* bytes after the inode and its xattrs: padding to 8, map header, index */
+uint32_t zmeta_extra(const struct node *n)
+{
+    uint32_t end = inode_size(n) + n->xattr_isize;
+    return (uint32_t)(align_up(end, 8) - end) + n->zmeta_len;
+}
