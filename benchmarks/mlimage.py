@@ -85,10 +85,10 @@ class ImageError(Exception):
     pass
 
 
-def apt_mirror() -> str:
+def apt_mirror(etc: Path = Path("/etc/apt")) -> str:
     """The first Debian archive URI of this machine's apt sources (deb822 or one-line)."""
-    files = sorted(Path("/etc/apt/sources.list.d").glob("*.sources")) + \
-        sorted(Path("/etc/apt/sources.list.d").glob("*.list")) + [Path("/etc/apt/sources.list")]
+    files = sorted((etc / "sources.list.d").glob("*.sources")) + \
+        sorted((etc / "sources.list.d").glob("*.list")) + [etc / "sources.list"]
     for f in files:
         try:
             text = f.read_text()
