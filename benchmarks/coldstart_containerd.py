@@ -282,7 +282,8 @@ def has_rpull() -> bool:
 class Round:
     """A fresh containerd (and for lazy a fresh daemon + cache) in its own directory."""
 
-    def __init__(self, workdir: str, kind: str, registry: Registry) -> None:
+    def __init__(self, workdir: str, kind: str, registry: Registry,
+                 daemon_args: tuple[str, ...] = ()) -> None:
         from containerd_fixtures import Containerd
         self.dir = tempfile.mkdtemp(prefix=f"{kind}-", dir=workdir)
         self.kind, self.registry = kind, registry
@@ -297,7 +298,8 @@ class Round:
                     [sys.executable, "-m", "fscache_daemon.cli", "run",
                      "--cache-dir", os.path.join(self.dir, "cache"), "--api-sock", self.api,
                      "--frontend", "fanotify", "--snapshotter-socket", self.snap,
-                     "--insecure-registry", registry.host, "--log-level", "INFO"],
+                     "--insecure-registry", registry.host, "--log-level", "INFO",
+                     *daemon_args],
                     stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=child_env())
             wait_socket(self.api, self.daemon, "fscache-daemon", self.daemon_log)
             wait_socket(self.snap, self.daemon, "fscache-daemon snapshotter",
@@ -315,16 +317,8 @@ class Round:
             raise SystemExit(f"daemon metrics: {st} {m}")
         return m
 
-    def timed(self, ref: str, pull: str) -> dict:
-        """drop caches; pull; run; -> seconds to the output line and what it cost."""
+    def _pull(self, ref: str, pull: str, ns: str) -> None:
         ctd = self.ctd
-        ns = CRI_NS if self.kind == "lazy" else ctd.namespace
-        drop_caches()
-        load = os.getloadavg()[0]
-        mark = self.registry.mark()
-        ctd_cpu0 = cpu_s(ctd.proc.pid)
-        d_cpu0 = cpu_s(self.daemon.pid) if self.daemon else 0.0
-        t0 = time.perf_counter()
         if self.kind == "full":
             ctd.ctr("image", "pull", "--plain-http", ref, ns=ns, timeout=3600)
         elif pull == "rpull":
@@ -337,11 +331,56 @@ class Round:
         else:
             from containerd_fixtures import cri_pull
             cri_pull(ctd.sock, ref, timeout=600)
+
+    def _ctr_run(self, ns: str) -> list[str]:
+        cmd = ["ctr", "-a", self.ctd.sock, "-n", ns, "run", "--rm"]
+        return cmd + ["--snapshotter", SNAPSHOTTER] if self.kind == "lazy" else cmd
+
+    def steps(self, ref: str, pull: str) -> list[dict]:
+        """The cold start in steps, each measured alone (caches dropped once, before
+        the pull; each step finds what the earlier ones fetched): pull, a container
+        running /bin/true (snapshot + lazy mount + runc), `python3 -c pass` (the
+        interpreter's own start), then the app. Times are to the exit of `ctr run --rm`."""
+        ns = CRI_NS if self.kind == "lazy" else self.ctd.namespace
+        drop_caches()
+        out = []
+        todo = [("pull", None), ("run /bin/true", ["/bin/true"]),
+                ("run python3 -c pass", ["python3", "-c", "pass"]), ("run the app", [])]
+        for i, (what, args) in enumerate(todo):
+            mark = self.registry.mark()
+            c0 = cpu_s(self.ctd.proc.pid)
+            d0 = cpu_s(self.daemon.pid) if self.daemon else 0.0
+            r0 = self.daemon_metrics()["totals"]["requests"] if self.daemon else 0
+            t0 = time.perf_counter()
+            if args is None:
+                self._pull(ref, pull, ns)
+            else:
+                p = subprocess.run([*self._ctr_run(ns), ref, f"step{i}", *args],
+                                   capture_output=True, timeout=600)
+                if p.returncode != 0:
+                    raise SystemExit(f"{what} failed: {p.stderr.decode(errors='replace')}")
+            step = {"kind": self.kind, "step": what, "s": time.perf_counter() - t0,
+                    **self.registry.traffic(mark),
+                    "containerd_cpu_s": cpu_s(self.ctd.proc.pid) - c0}
+            if self.daemon:
+                step["daemon_cpu_s"] = cpu_s(self.daemon.pid) - d0
+                step["daemon_requests"] = self.daemon_metrics()["totals"]["requests"] - r0
+            out.append(step)
+        return out
+
+    def timed(self, ref: str, pull: str) -> dict:
+        """drop caches; pull; run; -> seconds to the output line and what it cost."""
+        ctd = self.ctd
+        ns = CRI_NS if self.kind == "lazy" else ctd.namespace
+        drop_caches()
+        load = os.getloadavg()[0]
+        mark = self.registry.mark()
+        ctd_cpu0 = cpu_s(ctd.proc.pid)
+        d_cpu0 = cpu_s(self.daemon.pid) if self.daemon else 0.0
+        t0 = time.perf_counter()
+        self._pull(ref, pull, ns)
         t_pull = time.perf_counter() - t0
-        cmd = ["ctr", "-a", ctd.sock, "-n", ns, "run", "--rm"]
-        if self.kind == "lazy":
-            cmd += ["--snapshotter", SNAPSHOTTER]
-        proc = subprocess.Popen([*cmd, ref, f"cold-{self.kind}"], stdout=subprocess.PIPE,
+        proc = subprocess.Popen([*self._ctr_run(ns), ref, f"cold-{self.kind}"], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE)
         assert proc.stdout is not None
         line = proc.stdout.readline().decode(errors="replace")
@@ -360,9 +399,16 @@ class Round:
                "blob_gets": traffic["blob_gets"], "containerd_cpu_s": ctd_cpu,
                "daemon_cpu_s": d_cpu, "load": load}
         if self.daemon:
-            t = self.daemon_metrics()["totals"]
+            m = self.daemon_metrics()
+            t = m["totals"]
             res.update(daemon_requests=t["requests"], daemon_bytes_fetched=t["bytes_fetched"],
-                       readahead_bytes=t["readahead_bytes"], prefetch_bytes=t["prefetch_bytes"])
+                       readahead_bytes=t["readahead_bytes"], prefetch_bytes=t["prefetch_bytes"],
+                       meta_bytes_fetched=m["meta_bytes_fetched"],
+                       # per blob: requests, fetches, latency quantiles (where time goes)
+                       daemon_blobs={b[:12]: {k: v for k, v in x.items()
+                                              if isinstance(v, (int, float))}
+                                     for b, x in m["blobs"].items()},
+                       frontend_stats=m["frontend_stats"])
         return res
 
     def close(self) -> None:
@@ -413,13 +459,17 @@ def summarize(net: str, rounds: list[dict]) -> dict:
 def print_rounds(rounds: list[dict]) -> None:
     print(f"{'net':8} {'#':>2} {'way':4} {'total s':>8} {'pull s':>7} {'run s':>6} "
           f"{'import s':>8} {'MB pulled':>10} {'reqs':>6} {'ctd cpu':>7} {'daemon cpu':>10} "
-          f"{'load':>5}")
+          f"{'load':>5} {'fetched MB (ahead)':>18} {'events':>6}")
     for r in rounds:
         dcpu = "" if r["daemon_cpu_s"] is None else f"{r['daemon_cpu_s']:.1f}"
         imp = "" if r["app_import_s"] is None else f"{r['app_import_s']:.2f}"
         print(f"{r['net']:8} {r['round']:>2} {r['kind']:4} {r['s']:8.2f} {r['pull_s']:7.2f} "
               f"{r['run_s']:6.2f} {imp:>8} {r['bytes'] / 1e6:10.1f} {r['requests']:6d} "
-              f"{r['containerd_cpu_s']:7.1f} {dcpu:>10} {r['load']:5.1f}")
+              f"{r['containerd_cpu_s']:7.1f} {dcpu:>10} {r['load']:5.1f}", end="")
+        if r["kind"] == "lazy":
+            print(f" {r['daemon_bytes_fetched'] / 1e6:8.1f} ({r['readahead_bytes'] / 1e6:6.1f})"
+                  f" {r['daemon_requests']:6d}", end="")
+        print()
 
 
 def main() -> int:
@@ -432,6 +482,13 @@ def main() -> int:
     ap.add_argument("--pull", choices=("auto", "rpull", "cri"), default="auto",
                     help="lazy pull: fscache-daemon rpull, or CRI PullImage (auto: rpull "
                          "when this checkout has it)")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="after the rounds of each network, one more of each way in steps "
+                         "(pull, /bin/true, python3 -c pass, the app), not in the medians")
+    ap.add_argument("--daemon-arg", action="append", default=[],
+                    help="an extra `fscache-daemon run` argument for the lazy rounds "
+                         "(repeatable; e.g. --daemon-arg=--readahead=2M): the default is "
+                         "the daemon's defaults")
     ap.add_argument("--quick", action="store_true",
                     help="a tiny busybox image instead of the ML image (smoke test)")
     ap.add_argument("--mirror", help="Debian mirror for debootstrap (default: apt's)")
@@ -448,6 +505,7 @@ def main() -> int:
     if not nets or any(n not in ("loopback", "link") for n in nets):
         raise SystemExit(f"error: --net: loopback and/or link, not {args.net!r}")
     pull = args.pull
+    daemon_args = tuple(args.daemon_arg)
     if pull == "auto":
         pull = "rpull" if has_rpull() else "cri"
 
@@ -459,7 +517,8 @@ def main() -> int:
     workdir = tempfile.mkdtemp(prefix="erofs-coldstart-", dir="/var/tmp")
     storage = os.path.join(workdir, "storage")
     result: dict = {"image": {k: v for k, v in info.items() if k not in ("manifest", "recipe")},
-                    "pull": pull, "rounds": [], "nets": {}, "anchors": anchors()}
+                    "pull": pull, "daemon_args": list(daemon_args), "rounds": [],
+                    "nets": {}, "anchors": anchors()}
     registry: Registry | None = None
     link: Link | None = None
     current: Round | None = None
@@ -505,7 +564,7 @@ def main() -> int:
                 order = ("full", "lazy") if i % 2 == 0 else ("lazy", "full")
                 for kind in order:
                     ref = f"{registry.host}/ml/{'src' if kind == 'full' else 'nydus'}:1"
-                    current = Round(workdir, kind, registry)
+                    current = Round(workdir, kind, registry, daemon_args)
                     relay0 = link.relay_cpu_s() if link and net == "link" else None
                     try:
                         r = current.timed(ref, pull)
@@ -521,6 +580,19 @@ def main() -> int:
                         f"{r['requests']} requests; {r['output']}")
             result["rounds"] += rounds
             result["nets"][net] = summarize(net, rounds)
+            if args.breakdown:
+                for kind in ("full", "lazy"):
+                    ref = f"{registry.host}/ml/{'src' if kind == 'full' else 'nydus'}:1"
+                    current = Round(workdir, kind, registry, daemon_args)
+                    try:
+                        for step in current.steps(ref, pull):
+                            step["net"] = net
+                            result.setdefault("steps", []).append(step)
+                            log(f"{net} {kind} step {step['step']}: {step['s']:.2f} s, "
+                                f"{step['bytes'] / 1e6:.1f} MB, {step['requests']} requests")
+                    finally:
+                        current.close()
+                        current = None
     finally:
         if current is not None:
             current.close()
@@ -534,7 +606,8 @@ def main() -> int:
     print()
     print(anchor_line(result["anchors"]))
     print(f"image: {info['entries']} entries, {info['tar_bytes'] / 1e9:.2f} GB tar, "
-          f"{info['gzip_bytes'] / 1e9:.2f} GB gzip; lazy pull via {pull}")
+          f"{info['gzip_bytes'] / 1e9:.2f} GB gzip; lazy pull via {pull}; daemon args "
+          f"{' '.join(daemon_args) or '(defaults)'}")
     print_rounds(result["rounds"])
     goals = []
     for net, s in result["nets"].items():
@@ -544,6 +617,13 @@ def main() -> int:
               f"{s['full_bytes'] / 1e6:.1f} MB = {s['bytes_ratio']:.3f}; daemon CPU "
               f"{s['lazy_daemon_cpu_s']:.1f} s")
         goals += s["goals"]
+    if result.get("steps"):
+        print(f"{'net':8} {'way':4} {'step':22} {'s':>6} {'MB':>8} {'reqs':>5} {'ctd cpu':>7} "
+              f"{'daemon cpu':>10} {'daemon reqs':>11}")
+        for st in result["steps"]:
+            print(f"{st['net']:8} {st['kind']:4} {st['step']:22} {st['s']:6.2f} "
+                  f"{st['bytes'] / 1e6:8.1f} {st['requests']:5d} {st['containerd_cpu_s']:7.1f} "
+                  f"{st.get('daemon_cpu_s', 0):10.1f} {st.get('daemon_requests', 0):11d}")
     for g in goals:
         print(goal_line(g))
     result["goals"] = goals
