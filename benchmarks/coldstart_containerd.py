@@ -76,6 +76,23 @@ def cpu_s(pid: int) -> float:
     return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
 
 
+def holder_pid(cache_dir: str) -> int | None:
+    """The fanotify fd holder the daemon spawned for cache_dir (its own session, so not
+    a child to wait for): found by the socket path on its command line."""
+    needle = os.path.join(cache_dir, "fdholder.sock").encode()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().split(b"\0")
+        except OSError:
+            continue
+        if b"fscache_daemon.frontend.fdholder" in cmd and needle in cmd:
+            return int(pid)
+    return None
+
+
 def wait_socket(path: str, proc: subprocess.Popen, what: str, log_path: str,
                 timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
@@ -351,6 +368,8 @@ class Round:
             c0 = cpu_s(self.ctd.proc.pid)
             d0 = cpu_s(self.daemon.pid) if self.daemon else 0.0
             r0 = self.daemon_metrics()["totals"]["requests"] if self.daemon else 0
+            h0 = holder_pid(os.path.join(self.dir, "cache")) if self.daemon else None
+            h_cpu0 = cpu_s(h0) if h0 else 0.0
             t0 = time.perf_counter()
             if args is None:
                 self._pull(ref, pull, ns)
@@ -365,6 +384,8 @@ class Round:
             if self.daemon:
                 step["daemon_cpu_s"] = cpu_s(self.daemon.pid) - d0
                 step["daemon_requests"] = self.daemon_metrics()["totals"]["requests"] - r0
+                h = holder_pid(os.path.join(self.dir, "cache"))
+                step["holder_cpu_s"] = (cpu_s(h) - (h_cpu0 if h == h0 else 0.0)) if h else 0.0
             out.append(step)
         return out
 
@@ -377,6 +398,9 @@ class Round:
         mark = self.registry.mark()
         ctd_cpu0 = cpu_s(ctd.proc.pid)
         d_cpu0 = cpu_s(self.daemon.pid) if self.daemon else 0.0
+        cache = os.path.join(self.dir, "cache")
+        h0 = holder_pid(cache) if self.daemon else None
+        h_cpu0 = cpu_s(h0) if h0 else 0.0  # started with the first mount otherwise
         t0 = time.perf_counter()
         self._pull(ref, pull, ns)
         t_pull = time.perf_counter() - t0
@@ -388,6 +412,8 @@ class Round:
         traffic = self.registry.traffic(mark)
         ctd_cpu = cpu_s(ctd.proc.pid) - ctd_cpu0
         d_cpu = (cpu_s(self.daemon.pid) - d_cpu0) if self.daemon else None
+        h = holder_pid(cache) if self.daemon else None
+        h_cpu = (cpu_s(h) - (h_cpu0 if h == h0 else 0.0)) if h else None
         rest, err = proc.communicate(timeout=600)
         if proc.returncode != 0 or "result" not in line:
             raise SystemExit(f"ctr run ({self.kind}) failed ({proc.returncode}): {line!r}"
@@ -397,7 +423,7 @@ class Round:
                "app_import_s": float(m.group(1)) if m else None, "output": line.strip(),
                "bytes": traffic["bytes"], "requests": traffic["requests"],
                "blob_gets": traffic["blob_gets"], "containerd_cpu_s": ctd_cpu,
-               "daemon_cpu_s": d_cpu, "load": load}
+               "daemon_cpu_s": d_cpu, "holder_cpu_s": h_cpu, "load": load}
         if self.daemon:
             m = self.daemon_metrics()
             t = m["totals"]
@@ -446,6 +472,7 @@ def summarize(net: str, rounds: list[dict]) -> dict:
         s[f"{name}_containerd_cpu_s"] = median([r["containerd_cpu_s"] for r in rs])
         s[f"{name}_runs_s"] = [round(r["s"], 2) for r in rs]
     s["lazy_daemon_cpu_s"] = median([r["daemon_cpu_s"] for r in lazy])
+    s["lazy_holder_cpu_s"] = median([r.get("holder_cpu_s") or 0.0 for r in lazy])
     s["time_ratio"] = s["lazy_s"] / s["full_s"]
     s["time_ratio_best"] = min(r["s"] for r in lazy) / min(r["s"] for r in full)
     s["bytes_ratio"] = s["lazy_bytes"] / s["full_bytes"]
@@ -459,7 +486,7 @@ def summarize(net: str, rounds: list[dict]) -> dict:
 def print_rounds(rounds: list[dict]) -> None:
     print(f"{'net':8} {'#':>2} {'way':4} {'total s':>8} {'pull s':>7} {'run s':>6} "
           f"{'import s':>8} {'MB pulled':>10} {'reqs':>6} {'ctd cpu':>7} {'daemon cpu':>10} "
-          f"{'load':>5} {'fetched MB (ahead)':>18} {'events':>6}")
+          f"{'load':>5} {'fetched MB (ahead)':>18} {'events':>6} {'holder cpu':>10}")
     for r in rounds:
         dcpu = "" if r["daemon_cpu_s"] is None else f"{r['daemon_cpu_s']:.1f}"
         imp = "" if r["app_import_s"] is None else f"{r['app_import_s']:.2f}"
@@ -468,7 +495,7 @@ def print_rounds(rounds: list[dict]) -> None:
               f"{r['containerd_cpu_s']:7.1f} {dcpu:>10} {r['load']:5.1f}", end="")
         if r["kind"] == "lazy":
             print(f" {r['daemon_bytes_fetched'] / 1e6:8.1f} ({r['readahead_bytes'] / 1e6:6.1f})"
-                  f" {r['daemon_requests']:6d}", end="")
+                  f" {r['daemon_requests']:6d} {r.get('holder_cpu_s') or 0:10.1f}", end="")
         print()
 
 
@@ -615,15 +642,16 @@ def main() -> int:
               f"{args.rounds}); lazy/full {s['time_ratio']:.3f} (best runs "
               f"{s['time_ratio_best']:.3f}); bytes {s['lazy_bytes'] / 1e6:.1f} / "
               f"{s['full_bytes'] / 1e6:.1f} MB = {s['bytes_ratio']:.3f}; daemon CPU "
-              f"{s['lazy_daemon_cpu_s']:.1f} s")
+              f"{s['lazy_daemon_cpu_s']:.1f} s, fd holder CPU {s['lazy_holder_cpu_s']:.1f} s")
         goals += s["goals"]
     if result.get("steps"):
         print(f"{'net':8} {'way':4} {'step':22} {'s':>6} {'MB':>8} {'reqs':>5} {'ctd cpu':>7} "
-              f"{'daemon cpu':>10} {'daemon reqs':>11}")
+              f"{'daemon cpu':>10} {'daemon reqs':>11} {'holder cpu':>10}")
         for st in result["steps"]:
             print(f"{st['net']:8} {st['kind']:4} {st['step']:22} {st['s']:6.2f} "
                   f"{st['bytes'] / 1e6:8.1f} {st['requests']:5d} {st['containerd_cpu_s']:7.1f} "
-                  f"{st.get('daemon_cpu_s', 0):10.1f} {st.get('daemon_requests', 0):11d}")
+                  f"{st.get('daemon_cpu_s', 0):10.1f} {st.get('daemon_requests', 0):11d} "
+                  f"{st.get('holder_cpu_s', 0):10.1f}")
     for g in goals:
         print(goal_line(g))
     result["goals"] = goals
