@@ -164,15 +164,21 @@ class Registry:
             f.seek(since)
             text = f.read().decode(errors="replace")
         n = blob_gets = written = 0
+        busy = 0.0
+        units = {"ns": 1e-9, "µs": 1e-6, "us": 1e-6, "ms": 1e-3, "s": 1.0}
         for line in text.splitlines():
             if "response completed" not in line:
                 continue
             n += 1
             m = re.search(r"http\.response\.written=(\d+)", line)
             written += int(m.group(1)) if m else 0
+            # the registry's own time per request (Go duration: 12.4ms, 1.2s, 950µs)
+            m = re.search(r"http\.response\.duration=([\d.]+)(ns|µs|us|ms|s)\b", line)
+            busy += float(m.group(1)) * units[m.group(2)] if m else 0.0
             if re.search(r'http\.request\.method=GET .*?/blobs/', line):
                 blob_gets += 1
-        return {"requests": n, "blob_gets": blob_gets, "bytes": written}
+        return {"requests": n, "blob_gets": blob_gets, "bytes": written,
+                "registry_busy_s": round(busy, 3)}
 
     def stop(self) -> None:
         stop(self.proc, 10)
@@ -422,6 +428,7 @@ class Round:
         res = {"kind": self.kind, "s": t_out, "pull_s": t_pull, "run_s": t_out - t_pull,
                "app_import_s": float(m.group(1)) if m else None, "output": line.strip(),
                "bytes": traffic["bytes"], "requests": traffic["requests"],
+               "registry_busy_s": traffic["registry_busy_s"],
                "blob_gets": traffic["blob_gets"], "containerd_cpu_s": ctd_cpu,
                "daemon_cpu_s": d_cpu, "holder_cpu_s": h_cpu, "load": load}
         if self.daemon:
@@ -486,13 +493,15 @@ def summarize(net: str, rounds: list[dict]) -> dict:
 def print_rounds(rounds: list[dict]) -> None:
     print(f"{'net':8} {'#':>2} {'way':4} {'total s':>8} {'pull s':>7} {'run s':>6} "
           f"{'import s':>8} {'MB pulled':>10} {'reqs':>6} {'ctd cpu':>7} {'daemon cpu':>10} "
-          f"{'load':>5} {'fetched MB (ahead)':>18} {'events':>6} {'holder cpu':>10}")
+          f"{'load':>5} {'reg busy':>8} {'fetched MB (ahead)':>18} {'events':>6} "
+          f"{'holder cpu':>10}")
     for r in rounds:
         dcpu = "" if r["daemon_cpu_s"] is None else f"{r['daemon_cpu_s']:.1f}"
         imp = "" if r["app_import_s"] is None else f"{r['app_import_s']:.2f}"
         print(f"{r['net']:8} {r['round']:>2} {r['kind']:4} {r['s']:8.2f} {r['pull_s']:7.2f} "
               f"{r['run_s']:6.2f} {imp:>8} {r['bytes'] / 1e6:10.1f} {r['requests']:6d} "
-              f"{r['containerd_cpu_s']:7.1f} {dcpu:>10} {r['load']:5.1f}", end="")
+              f"{r['containerd_cpu_s']:7.1f} {dcpu:>10} {r['load']:5.1f} "
+              f"{r['registry_busy_s']:8.2f}", end="")
         if r["kind"] == "lazy":
             print(f" {r['daemon_bytes_fetched'] / 1e6:8.1f} ({r['readahead_bytes'] / 1e6:6.1f})"
                   f" {r['daemon_requests']:6d} {r.get('holder_cpu_s') or 0:10.1f}", end="")
