@@ -444,7 +444,13 @@ class Round:
                        frontend_stats=m["frontend_stats"])
         return res
 
-    def close(self) -> None:
+    def close(self, keep_logs: str | None = None) -> None:
+        if keep_logs:  # the round's logs, for a look at where the time went
+            dest = os.path.join(keep_logs, os.path.basename(self.dir))
+            os.makedirs(dest, exist_ok=True)
+            for name in ("daemon.log", "containerd.log"):
+                if os.path.exists(os.path.join(self.dir, name)):
+                    shutil.copy(os.path.join(self.dir, name), dest)
         if self.ctd is not None:
             try:
                 self.ctd.stop()
@@ -525,6 +531,8 @@ def main() -> int:
                     help="an extra `fscache-daemon run` argument for the lazy rounds "
                          "(repeatable; e.g. --daemon-arg=--readahead=2M): the default is "
                          "the daemon's defaults")
+    ap.add_argument("--keep-logs", metavar="DIR",
+                    help="copy the registry's, containerd's and the daemon's logs here")
     ap.add_argument("--quick", action="store_true",
                     help="a tiny busybox image instead of the ML image (smoke test)")
     ap.add_argument("--mirror", help="Debian mirror for debootstrap (default: apt's)")
@@ -607,7 +615,7 @@ def main() -> int:
                         if relay0 is not None and link is not None:
                             r["relay_cpu_s"] = (link.relay_cpu_s() or 0.0) - relay0
                     finally:
-                        current.close()
+                        current.close(args.keep_logs)
                         current = None
                     r.update(net=net, round=i + 1)
                     rounds.append(r)
@@ -627,13 +635,18 @@ def main() -> int:
                             log(f"{net} {kind} step {step['step']}: {step['s']:.2f} s, "
                                 f"{step['bytes'] / 1e6:.1f} MB, {step['requests']} requests")
                     finally:
-                        current.close()
+                        current.close(args.keep_logs)
                         current = None
     finally:
         if current is not None:
             current.close()
         if registry is not None:
             registry.stop()
+        if args.keep_logs:
+            os.makedirs(args.keep_logs, exist_ok=True)
+            for name in os.listdir(workdir):
+                if name.endswith(".log"):
+                    shutil.copy(os.path.join(workdir, name), args.keep_logs)
         if link is not None:
             link.remove()
         umount_under(workdir)
