@@ -71,7 +71,9 @@ QUICK_RECIPE = {
     # a tiny image from the host's static busybox: for the smoke test of the benchmark
     "version": 1,
     "quick": True,
-    "app": "echo quick result 42\n",
+    # sleeps first: containerd 1.6's ctr can lose the whole stdout of a task that exits
+    # before ctr's copy from its FIFO started (see the tests' run_out)
+    "app": "sleep 1; echo quick result 42\n",
     "cmd": ["/bin/sh", "/app/run.sh"],
     "gzip_level": 6,
 }
@@ -135,7 +137,7 @@ def _build_trees(recipe: dict, work: Path, mirror: str | None, log) -> list[Path
         for d in ("bin", "etc", "tmp", "proc", "dev", "sys"):
             (base / d).mkdir(parents=True, exist_ok=True)
         shutil.copy(busybox, base / "bin" / "busybox")
-        for a in ("sh", "cat", "echo"):
+        for a in ("sh", "cat", "echo", "sleep"):
             os.symlink("busybox", base / "bin" / a)
         (deps / "lib" / "quick").mkdir(parents=True)
         for i in range(64):
