@@ -91,7 +91,12 @@ def test_daemon_sigkill_while_a_container_reads(registry):  # noqa: F811
         assert "picked up mounted mount " + lazy in open(daemon.log_path).read()
         assert daemon.lazy_mounts() == [lazy]
 
-        # containerd sees the same snapshots, and the snapshotter keeps working
+        # containerd sees the same snapshots, and the snapshotter keeps working (its
+        # proxy client first sees the old connection closed, "unavailable", and redials
+        # with a backoff of at most 3 s)
+        wait_for(lambda: ctd.ctr("snapshots", "--snapshotter", SNAPSHOTTER, "ls",
+                                 ns=CRI_NS, check=False).returncode == 0, 30,
+                 "containerd talking to the restarted snapshotter")
         assert snapshot_rows(ctd) == before
         out = ctd.run_out("--snapshotter", SNAPSHOTTER, ref, f"after-{tag}",
                       "cat", "/etc/third", ns=CRI_NS)
