@@ -199,6 +199,7 @@ def test_cri_pull_ctr_run_gc_on_cachefiles():
         out = ctd.run_out("--snapshotter", SNAPSHOTTER, ref, "c1", "/bin/sh", "-c", script,
                           ns=CRI_NS, timeout=600).decode()
         t["ctr_run"] = time.monotonic() - t0
+        assert len(out.splitlines()) > 2, out
         pid_line, sha_line, *mount_lines = out.splitlines()
         assert pid_line == "pid 1", out                          # its own pid namespace
         assert sha_line == f"{hashlib.sha256(read).hexdigest()}  /data/read.bin", out
