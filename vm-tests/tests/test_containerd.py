@@ -10,8 +10,8 @@ docker-registry on the guest's loopback, `erofs-tools convert`, `fscache-daemon 
 on the ext4 scratch disk), a private containerd (own config with the proxy plugin, root,
 state, socket: tests/containerd_fixtures.py) pulling through its CRI plugin's PullImage
 as kubelet does, and `ctr run` with containerd's default spec: runc in new pid, ipc, uts,
-network and mount namespaces, on the guest's cgroup2 hierarchy with its eBPF device
-filter (what vm-tests/kernel-frag.config gives the tinyconfig kernels for it).
+network and mount namespaces, on the guest's cgroup2 hierarchy with cpu.weight and its
+eBPF device filter (what vm-tests/kernel-frag.config gives the tinyconfig kernels for it).
 """
 from __future__ import annotations
 
