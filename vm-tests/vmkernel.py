@@ -67,6 +67,9 @@ REQUIRED = [
     "VIRTIO_PCI", "NET_9P_VIRTIO", "9P_FS", "VIRTIO_BLK", "BLK_DEV_LOOP", "EXT4_FS",
     "EROFS_FS", "EROFS_FS_XATTR", "EROFS_FS_ONDEMAND", "FSCACHE", "CACHEFILES",
     "CACHEFILES_ONDEMAND", "FANOTIFY", "FANOTIFY_ACCESS_PERMISSIONS",
+    # containerd's default spec (vm-tests/tests/test_containerd.py: `ctr run`)
+    "NAMESPACES", "UTS_NS", "IPC_NS", "PID_NS", "NET_NS", "CGROUPS", "CGROUP_SCHED",
+    "FAIR_GROUP_SCHED", "BPF_SYSCALL", "CGROUP_BPF",
 ]
 
 
