@@ -196,11 +196,15 @@ class Containerd:
             shutil.rmtree(outdir, ignore_errors=True)
 
     def stop(self) -> None:
-        # containers of this run first, so no shim outlives the test
-        tasks = self.ctr("tasks", "ls", "-q", check=False).stdout.decode().split()
-        for t in tasks:
-            self.ctr("tasks", "kill", "-s", "SIGKILL", t, check=False)
-            self.ctr("tasks", "rm", "-f", t, check=False)
+        # containers of this run first, so no shim (nor its rootfs mount) outlives the
+        # test: in the test's namespace and, with CRI, in CRI's (this containerd's own
+        # k8s.io: its root and socket are the test's)
+        namespaces = (self.namespace, "k8s.io") if self.cri else (self.namespace,)
+        for ns in namespaces:
+            tasks = self.ctr("tasks", "ls", "-q", check=False, ns=ns).stdout.decode().split()
+            for t in tasks:
+                self.ctr("tasks", "kill", "-s", "SIGKILL", t, check=False, ns=ns)
+                self.ctr("tasks", "rm", "-f", t, check=False, ns=ns)
         self.proc.terminate()
         try:
             self.proc.wait(20)
@@ -209,7 +213,7 @@ class Containerd:
             self.proc.wait()
         # runc's state root for this run's namespace (the shim puts it under /run); empty
         # once its containers are gone, and named for this run only
-        for ns in (self.namespace, "k8s.io") if self.cri else (self.namespace,):
+        for ns in namespaces:
             with contextlib.suppress(OSError):  # only when empty: never another's state
                 os.rmdir(os.path.join("/run/containerd/runc", ns))
 
