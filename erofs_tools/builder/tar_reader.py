@@ -13,7 +13,7 @@ from __future__ import annotations
 import base64
 import itertools
 import urllib.parse
-from collections.abc import ItemsView, Iterator
+from collections.abc import Callable, ItemsView, Iterator
 from typing import Protocol, overload
 
 from erofs_tools.errors import InputError
@@ -64,6 +64,8 @@ class _Reader:
 
     def __init__(self, stream: ReadStream, limit: int) -> None:
         self._read = stream.read
+        # a seekable plain file (mkfs --tar) skips file data by seeking: n -> False at EOF
+        self._seek: Callable[[int], bool] | None = getattr(stream, "seek_forward", None)
         self._buf = b""
         self._pos = 0
         self.offset = 0
@@ -99,6 +101,16 @@ class _Reader:
         return data
 
     def skip(self, n: int, what: str | _Name) -> None:
+        avail = len(self._buf) - self._pos
+        if self._seek is not None and n > avail:
+            if self.offset + n > self.limit:
+                raise _err(f"tar stream is larger than the limit of {self.limit} bytes "
+                           "(--max-size)")
+            self._buf, self._pos = b"", 0
+            if not self._seek(n - avail):
+                raise _err(f"truncated tar stream in {what}")
+            self.offset += n
+            return
         while n > 0:
             k = min(n, 1 << 20)
             if len(self.read(k)) != k:

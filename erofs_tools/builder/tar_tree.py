@@ -13,17 +13,25 @@ from erofs_tools.builder.whiteout import (
     IMPLIED_XATTR,
     OPAQUE_VALUE,
     OPAQUE_XATTR,
+    WH_OPAQUE,
+    WH_PREFIX,
     classify,
 )
 from erofs_tools.errors import ErofsToolsError, FormatLimitError, InputError
 
 WHITEOUT_SPECS = ("oci", "overlayfs", "none")
+# "aufs" is mkfs --tar --aufs (as mkfs.erofs 1.9): in archive order, `.wh.NAME` puts a
+# whiteout (char 0:0, mode 0) at NAME like any entry (a later NAME replaces it, it
+# replaces an earlier NAME) and marks its directory `trusted.overlay.origin=""` (so that
+# overlayfs does not iterate it directly); `.wh..wh..opq` makes its directory opaque
+TREE_SPECS = WHITEOUT_SPECS + ("aufs",)
+ORIGIN_XATTR = b"trusted.overlay.origin"
 MAX_SYMLINK = 4095
 
 
 class TNode:
     __slots__ = ("mode", "uid", "gid", "mtime", "nsec", "size", "rdev", "xattrs",
-                 "target", "children", "key", "opaque", "implied")
+                 "target", "children", "key", "opaque", "implied", "origin")
 
     def __init__(self, mode: int, uid: int = 0, gid: int = 0, mtime: int = 0,
                  nsec: int = 0) -> None:
@@ -42,6 +50,7 @@ class TNode:
         # a directory with no entry of its own (a parent of entries, or the root without
         # './'): merge keeps the metadata of the layers below for it (docs/tar.md)
         self.implied = False
+        self.origin = False       # aufs: holds a whiteout (trusted.overlay.origin)
 
     def is_dir(self) -> bool:
         return self.children is not None
@@ -69,7 +78,7 @@ class TarTree:
 
     def __init__(self, whiteout_spec: str = "oci", timestamp: int | None = None,
                  mark_implied: bool = False) -> None:
-        if whiteout_spec not in WHITEOUT_SPECS:
+        if whiteout_spec not in TREE_SPECS:
             raise InputError(f"unknown whiteout spec {whiteout_spec!r} "
                              "(choose oci, overlayfs or none)")
         self.spec = whiteout_spec
@@ -142,6 +151,9 @@ class TarTree:
         name = parts[-1]
         if len(name) > 255:
             raise FormatLimitError(f"{_show(e.name)}: name longer than 255 bytes")
+        if self.spec == "aufs" and name.startswith(WH_PREFIX) and name != WH_PREFIX:
+            self._aufs(parts, name, e)
+            return None
         kind, target = classify(name) if self.spec == "oci" else (None, None)
         if self.spec == "oci" and any(classify(c)[0] == "meta" for c in parts[:-1]):
             return None           # inside aufs metadata (.wh..wh.plnk/...): dropped
@@ -203,6 +215,18 @@ class TarTree:
         siblings[name] = node
         return node if node.key is not None else None
 
+    def _aufs(self, parts: list[bytes], name: bytes, e: Entry) -> None:
+        parent = self._parent(parts[:-1], e.name)
+        if name == WH_OPAQUE:
+            parent.opaque = True
+            return
+        target = name[len(WH_PREFIX):]
+        wh = TNode(stat.S_IFCHR)
+        self._meta(wh, e)
+        wh.xattrs = {}
+        _kids(parent)[target] = wh
+        parent.origin = True
+
     def finish(self) -> None:
         """Apply OCI whiteouts and opaque markers (spec "oci")."""
         done = set()
@@ -220,6 +244,8 @@ class TarTree:
             n = stack.pop()
             if n.opaque:
                 n.xattrs[OPAQUE_XATTR] = OPAQUE_VALUE
+            if n.origin:
+                n.xattrs[ORIGIN_XATTR] = b""
             stack.extend(c for c in _kids(n).values() if c.is_dir())
 
     def emit(self, nb: NativeBuilder) -> tuple[dict[int, int], dict[int, int], bool]:

@@ -14,13 +14,15 @@ from erofs_tools.builder.options import (
     parse_timestamp,
     parse_uuid,
 )
+from erofs_tools.cli.mkfs_tar import MkfsCommand, check_tar_flags, run_tar, tar_options
 from erofs_tools.cli.progress import Progress
 from erofs_tools.errors import InputError
 
 
-@click.command("mkfs")
+@click.command("mkfs", cls=MkfsCommand)
 @click.argument("image", type=click.Path(dir_okay=False))
-@click.argument("source", type=click.Path())
+@click.argument("source", type=click.Path(), required=False)
+@tar_options
 @click.option("-T", "--timestamp", metavar="SECONDS",
               help="Set every inode's mtime and the build time to this UNIX time "
                    "(default: SOURCE_DATE_EPOCH if set, else keep the tree's mtimes).")
@@ -50,9 +52,12 @@ from erofs_tools.errors import InputError
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 def mkfs(image, source, timestamp, uuid_text, label, all_root, force_uid, force_gid,
          exclude_path, exclude_regex, no_shared_xattrs, compress, pcluster, extended, workers,
-         quiet,
-         as_json):
-    """Build an EROFS image IMAGE of the directory SOURCE (4 KiB blocks)."""
+         quiet, as_json, tar_mode, aufs, ungzip, ungzip_dump):
+    """Build an EROFS image IMAGE of the directory SOURCE (4 KiB blocks), or with --tar
+    of the tar file SOURCE (- or none: stdin)."""
+    check_tar_flags(tar_mode, aufs, ungzip, ungzip_dump)
+    if source is None and tar_mode is None:
+        raise InputError("missing SOURCE (a directory, or a tar with --tar)")
     if pcluster is not None and compress is None:
         raise InputError("-C needs -z")
     ext = parse_extended(extended)
@@ -71,7 +76,11 @@ def mkfs(image, source, timestamp, uuid_text, label, all_root, force_uid, force_
         workers=workers,
     )
     progress = Progress.maybe(enabled=not quiet and not as_json)
-    summary = build_image(image, source, opts, progress=progress)
+    if tar_mode is not None:
+        summary = run_tar(image, source or "-", opts, tar_mode, aufs, ungzip, ungzip_dump,
+                          progress)
+    else:
+        summary = build_image(image, source, opts, progress=progress)
     if as_json:
         click.echo(json.dumps(summary, sort_keys=True))
     elif not quiet:

@@ -1,0 +1,374 @@
+"""`erofs-tools mkfs --tar=f|i IMAGE TARFILE|-`: an EROFS image of a tar layer.
+
+The tar is parsed once, front to back, by the tar source of `pack` (`tar_reader`,
+`tar_tree`: the same bounds against hostile archives), building the tree in memory
+while file data is *located*, never held: each regular file is remembered as the
+byte offset of its data in an uncompressed tar file. Then the tree is emitted into the C
+builder like the directory walk does:
+
+- `--tar=f` (full image): every file's data is copied into the image by the C core's
+  copy thread (or compressed by its pool with -z) from (tar file, offset), with
+  copy_file_range. A plain tar given as a path is read in place: headers are parsed
+  and file data is skipped by seeking, so Python never touches it. A stream (stdin, or
+  gzip with --ungzip) is first teed, as it is parsed, into a spool file beside IMAGE
+  (or into FILE with --ungzip=FILE, which is kept, as mkfs.erofs dumps it), which is
+  then the tar file. Sparse entries are expanded into a sparse scratch file each (holes
+  stay holes), whose holes become chunk holes.
+- `--tar=i` (index image, what containerd's EROFS differ asks of mkfs.erofs): 512-byte
+  blocks, one extra device (the tar: a device-table slot with its size in blocks and,
+  as mapped_blkaddr, the index's own size, so the tar appended to the index is the same
+  address space), and every regular file CHUNK_BASED with 8-byte chunk indexes
+  pointing at its data in the tar (device 1, block = tar offset / 512). The kernel
+  mounts the index with `-o device=TAR`, or the concatenation index+tar alone.
+
+Whiteouts: kept as they are in the archive (overlayfs char 0:0 devices, opaque xattrs),
+or converted from aufs `.wh.` files with `--aufs` (tar_tree "aufs", as mkfs.erofs 1.9).
+Errors: one line, exit 1; the image (and a --ungzip dump) are written under temporary
+names and renamed at the end, so nothing is left behind.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+import time
+import uuid as _uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+from erofs_tools._native import BuildOptions, NativeBuilder
+from erofs_tools.builder.mkfs import build_options
+from erofs_tools.builder.options import MkfsOptions, Progress
+from erofs_tools.builder.tar_reader import DEFAULT_MAX_SIZE, ReadStream, TarReader, _show
+from erofs_tools.builder.tar_stream import _Gunzip, _Peek, _Prefetch, detect_type
+from erofs_tools.builder.tar_tree import TarTree
+from erofs_tools.errors import InputError
+from erofs_tools.format import erofs as E
+from erofs_tools.fsutil import atomic_output, create_exclusive
+
+TAR_MODES = ("f", "i")
+INDEX_BLKSZBITS = 9             # --tar=i: 512-byte blocks, the tar's own granularity
+_SB_END = E.SUPER_OFFSET + 128  # the device table follows the superblock (slot 9)
+_PIECE = 1 << 20
+
+
+@dataclass
+class TarOptions:
+    mode: str = "f"                   # "f" full image, "i" index image
+    aufs: bool = False                # --aufs: convert .wh. files
+    ungzip: bool = False              # --ungzip: gzip input accepted (plain too)
+    dump: str | None = None           # --ungzip=FILE: the uncompressed tar is kept here
+    max_size: int = DEFAULT_MAX_SIZE  # bound on the bytes read (gzip bombs)
+
+
+class _SeekableTar:
+    """A plain tar file: read() in small pieces (headers), seek_forward() over data."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.size = os.fstat(fd).st_size
+        self.pos = 0
+
+    def read(self, n: int) -> bytes:
+        data = os.read(self.fd, min(n, 16 << 10))
+        self.pos += len(data)
+        return data
+
+    def seek_forward(self, n: int) -> bool:
+        self.pos = os.lseek(self.fd, n, os.SEEK_CUR)
+        return self.pos <= self.size
+
+
+class _Tee:
+    """Every byte read is also written to `fd` (the spool or --ungzip=FILE)."""
+
+    def __init__(self, inner: ReadStream, fd: int) -> None:
+        self.inner = inner
+        self.fd = fd
+
+    def read(self, n: int) -> bytes:
+        data = self.inner.read(n)
+        view = memoryview(data)
+        while view:
+            try:
+                w = os.write(self.fd, view)
+            except OSError as e:
+                raise InputError(f"writing the uncompressed tar: {e.strerror}") from None
+            view = view[w:]
+        return data
+
+
+@dataclass
+class _Data:
+    offset: int                                  # data start in the uncompressed tar
+    sparse: list[tuple[int, int]] | None = None  # data regions of a sparse entry
+    scratch: str | None = None                   # --tar=f sparse: expanded copy
+    name: bytes = b""                            # sparse: for messages
+
+
+def check_tar_paths(image: str, source: str, dump: str | None) -> None:
+    parent = os.path.dirname(os.path.abspath(image)) or "."
+    if not os.path.isdir(parent):
+        raise InputError(f"{image}: directory {parent} does not exist")
+    if os.path.isdir(image):
+        raise InputError(f"{image}: is a directory")
+    for other, what in ((source, "TARFILE"), (dump, "--ungzip FILE")):
+        if other and other != "-" and os.path.exists(image) and os.path.exists(other) \
+                and os.path.samefile(image, other):
+            raise InputError(f"{image}: the image would overwrite {what}")
+    if dump is not None and (os.path.isdir(dump) or (source != "-" and os.path.exists(dump)
+                                                      and os.path.samefile(dump, source))):
+        raise InputError(f"--ungzip={dump}: is a directory or the input itself")
+
+
+@contextlib.contextmanager
+def _scratch(directory: str) -> Iterator[list[str]]:
+    """Temporary files beside the image (spool, sparse copies), removed at the end."""
+    paths: list[str] = []
+    try:
+        yield paths
+    finally:
+        for p in paths:
+            with contextlib.suppress(OSError):
+                os.unlink(p)
+
+
+def _new_scratch(directory: str, paths: list[str], what: str) -> int:
+    fd, path = create_exclusive(directory, f".erofs-tar-{what}.")
+    paths.append(path)
+    return fd
+
+
+def _expand_sparse(reader: TarReader, regions: list[tuple[int, int]], size: int,
+                   fd: int) -> None:
+    """Write the data regions of the current (sparse) entry at their file offsets."""
+    for off, ln in regions:
+        while ln:
+            n = min(ln, _PIECE)
+            data = reader.read_data(n)
+            os.pwrite(fd, data, off)
+            off += n
+            ln -= n
+    os.ftruncate(fd, size)
+
+
+def _open_input(source: str, topts: TarOptions) -> tuple[BinaryIO | None, ReadStream, bool]:
+    """-> (file to close, stream of the uncompressed tar, seekable plain file?)."""
+    if source == "-":
+        import sys
+        raw: BinaryIO = sys.stdin.buffer
+        close = None
+    else:
+        try:
+            raw = close = open(source, "rb")
+        except OSError as e:
+            raise InputError(f"{source}: {e.strerror}") from None
+    peek = _Peek(raw)
+    kind = detect_type(peek.head)
+    if kind == "tarzst":
+        raise InputError(f"{source}: input is zstd-compressed (not supported by mkfs --tar)")
+    if kind == "targz":
+        if not topts.ungzip:
+            raise InputError(f"{source}: input is gzip-compressed: use --ungzip")
+        return close, _Prefetch(_Gunzip(peek)), False
+    if close is not None and stat.S_ISREG(os.fstat(close.fileno()).st_mode):
+        os.lseek(close.fileno(), 0, os.SEEK_SET)     # the peek read through a buffer
+        return close, _SeekableTar(close.fileno()), True
+    return close, peek, False
+
+
+def _chunk_entries(d: _Data, size: int, name: bytes) -> tuple[int, list[int]]:
+    """--tar=i: (chunk format, chunk index entries) of a file whose data is at d."""
+    bits = INDEX_BLKSZBITS
+    dev = 1 << 16
+    if d.sparse is None:
+        cbits = max(bits, (size - 1).bit_length())
+        cbits = min(cbits, bits + E.CHUNK_FORMAT_BLKBITS_MASK)
+        csz = 1 << cbits
+        blk = d.offset >> bits
+        ents = [dev | (blk + (i * csz >> bits)) << 32 for i in range(-(-size // csz))]
+        return E.CHUNK_FORMAT_INDEXES | (cbits - bits), ents
+    # sparse: the largest chunk that every region starts on and (but at EOF) ends on;
+    # the data is then at 512-aligned tar offsets and each chunk is data or hole
+    align = 1 << 40
+    toff = d.offset
+    for off, ln in d.sparse:
+        for v in (off, toff - d.offset) + ((ln,) if off + ln < size else ()):
+            if v:
+                align = min(align, v & -v)
+        toff += ln
+    if align < 1 << bits:
+        raise InputError(f"{_show(name)}: sparse file with data regions not aligned to "
+                         "512 bytes cannot be indexed (use --tar=f)")
+    cbits = min(align.bit_length() - 1, bits + E.CHUNK_FORMAT_BLKBITS_MASK,
+                max(bits, (size - 1).bit_length()))
+    csz = 1 << cbits
+    ents = [0xFFFFFFFF << 32] * (-(-size // csz))       # holes
+    toff = d.offset
+    for off, ln in d.sparse:
+        for c in range(off // csz, -(-(off + ln) // csz)):
+            ents[c] = dev | ((toff + c * csz - off) >> bits) << 32
+        toff += ln
+    return E.CHUNK_FORMAT_INDEXES | (cbits - bits), ents
+
+
+def mkfs_tar(image: str, source: str, opts: MkfsOptions | None = None,
+             topts: TarOptions | None = None,
+             progress: Progress | None = None) -> dict[str, Any]:
+    """Build IMAGE from the tar SOURCE (a path or '-'); -> summary dict."""
+    opts = opts or MkfsOptions()
+    topts = topts or TarOptions()
+    if topts.mode not in TAR_MODES:
+        raise InputError(f"--tar={topts.mode}: unknown mode (f or i)")
+    if topts.mode == "i" and opts.compress is not None:
+        raise InputError("--tar=i keeps file data in the tar: -z does not apply")
+    if opts.exclude_paths or opts.exclude_regex:
+        raise InputError("--exclude-path/--exclude-regex do not apply to --tar")
+    t0 = time.monotonic()
+    check_tar_paths(image, source, topts.dump)
+    directory = os.path.dirname(os.path.abspath(image))
+    umask = os.umask(0)
+    os.umask(umask)
+    with contextlib.ExitStack() as stack:
+        scratch = stack.enter_context(_scratch(directory))
+        dump_fd = None
+        if topts.dump is not None:
+            # like atomic_output, but the C core reads it back by name before the rename
+            ddir = os.path.dirname(os.path.abspath(topts.dump))
+            dump_fd = _new_scratch(ddir, scratch, "dump")
+            dump_tmp = scratch[-1]
+            stack.callback(os.close, dump_fd)
+        f, stream, seekable = _open_input(source, topts)
+        if f is not None:
+            stack.callback(f.close)
+        if isinstance(stream, _Prefetch):
+            stack.callback(stream.close)
+        data_path = source
+        if dump_fd is not None:
+            stream = _Tee(stream, dump_fd)
+            data_path = dump_tmp
+        elif topts.mode == "f" and not seekable:
+            fd = _new_scratch(directory, scratch, "spool")
+            stack.callback(os.close, fd)
+            stream = _Tee(stream, fd)
+            data_path = scratch[-1]
+        reader = TarReader(stream, topts.max_size)
+        tree = TarTree("aufs" if topts.aufs else "none", timestamp=opts.effective_timestamp())
+        files = _parse(reader, tree, topts.mode, directory, scratch, progress)
+        tar_end = reader.r.offset
+        info, uuid = _build(image, tree, files, data_path, tar_end, opts, topts, umask,
+                            progress)
+        if dump_fd is not None and topts.dump is not None:
+            os.fchmod(dump_fd, 0o666 & ~umask)
+            os.replace(dump_tmp, topts.dump)
+    if progress:
+        progress.done()
+    return {
+        "image": image, "source": source, "mode": topts.mode,
+        "inodes": info.inodes, "blocks": info.image_size >> (
+            INDEX_BLKSZBITS if topts.mode == "i" else 12),
+        "bytes": info.image_size, "data_bytes": info.data_bytes,
+        "tar_bytes": tar_end, "entries": tree.entries, "root_nid": info.root_nid,
+        "build_time": info.build_time, "uuid": str(_uuid.UUID(bytes=uuid)),
+        "seconds": round(time.monotonic() - t0, 3),
+    }
+
+
+def _parse(reader: TarReader, tree: TarTree, mode: str, directory: str,
+           scratch: list[str], progress: Progress | None) -> dict[int, _Data]:
+    """Read every entry into `tree`; -> {TNode key: where its data is}."""
+    files: dict[int, _Data] = {}
+    apparent = 0
+    nbytes = 0
+    for e in reader:
+        node = tree.add(e)
+        if node is not None and node.key is not None:
+            apparent += node.size          # sparse holes cost chunk indexes
+            if apparent > reader.r.limit:
+                raise InputError(f"{_show(e.name)}: file sizes add up to more than the "
+                                 f"limit of {reader.r.limit} bytes (--max-size)")
+            d = _Data(reader.r.offset, e.sparse, None, e.name if e.sparse else b"")
+            if e.sparse is not None and mode == "f":
+                fd = _new_scratch(directory, scratch, "sparse")
+                try:
+                    _expand_sparse(reader, e.sparse, node.size, fd)
+                finally:
+                    os.close(fd)
+                d.scratch = scratch[-1]
+            files[node.key] = d
+            nbytes += node.size
+        if progress:
+            progress.scan(tree.entries, nbytes)
+    tree.finish()
+    return files
+
+
+def _build(image: str, tree: TarTree, files: dict[int, _Data], data_path: str,
+           tar_end: int, opts: MkfsOptions, topts: TarOptions, umask: int,
+           progress: Progress | None) -> tuple[Any, bytes]:
+    index = topts.mode == "i"
+    if index:
+        bo = BuildOptions(blkszbits=INDEX_BLKSZBITS, devt_slotoff=_SB_END // E.DEVICE_SLOT_SIZE,
+                          first_nid=(_SB_END + E.DEVICE_SLOT_SIZE) // E.SLOT_SIZE,
+                          uuid=opts.uuid if opts.uuid is not None else _uuid.uuid4().bytes,
+                          volume_name=opts.label, build_time=opts.effective_timestamp(),
+                          shared_xattrs=opts.shared_xattrs)
+        tar_blocks = -(-tar_end >> INDEX_BLKSZBITS)
+        if tar_blocks > 0xFFFFFFFF:
+            raise InputError("tar larger than 2 TiB cannot be indexed")
+    else:
+        bo = build_options(opts)
+    force_uid = 0 if opts.all_root else opts.force_uid
+    force_gid = 0 if opts.all_root else opts.force_gid
+    with atomic_output(image, mode=0o666 & ~umask, fsync=False) as f:
+        fd = f.fileno()
+        nb = NativeBuilder(bo)
+        try:
+            if not index:
+                nb.set_output(fd)
+            if force_uid is not None or force_gid is not None:
+                _force_ids(tree, force_uid, force_gid)
+            _, keys, _ = tree.emit(nb)
+            path = os.fsencode(data_path)
+            for key in sorted(keys):          # archive order: the tar is read forward
+                d = files[key]
+                node = keys[key]
+                size = tree.regular[key].size
+                if not size:
+                    continue
+                if index:
+                    fmt, ents = _chunk_entries(d, size, d.name)
+                    nb.set_chunks(node, fmt, ents)
+                elif d.scratch is not None:
+                    nb.set_file(node, os.fsencode(d.scratch), 0, True)
+                else:
+                    nb.set_file(node, path, d.offset)
+            if index:
+                nb.add_device(b"", tar_blocks, 0)
+            info = nb.layout()
+            if index:
+                nb.set_device(1, tar_blocks, info.image_size >> INDEX_BLKSZBITS)
+            wp = None
+            if progress:
+                wp = lambda done, left: progress.write(info.inodes - left, info.inodes)  # noqa: E731
+            nb.write(fd, progress=wp)
+        finally:
+            nb.close()
+    return info, nb.options.uuid
+
+
+def _force_ids(tree: TarTree, uid: int | None, gid: int | None) -> None:
+    stack = [tree.root]
+    seen = set()
+    while stack:
+        n = stack.pop()
+        if id(n) in seen:
+            continue
+        seen.add(id(n))
+        if uid is not None:
+            n.uid = uid
+        if gid is not None:
+            n.gid = gid
+        if n.children is not None:
+            stack.extend(n.children.values())

@@ -1,0 +1,57 @@
+"""The tar options of `erofs-tools mkfs` (`--tar=f|i`, `--aufs`, `--ungzip[=FILE]`), kept
+apart from the directory options: a decorator adding them, the command class that
+lets `--ungzip` take an optional `=FILE` as mkfs.erofs does, and the tar branch."""
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from erofs_tools.errors import InputError
+
+
+class MkfsCommand(click.Command):
+    """`--ungzip=FILE` (a value only when glued with '=', as getopt's optional
+    arguments) becomes the hidden `--ungzip-dump FILE`; a bare `--ungzip` stays a flag,
+    so `--ungzip IMAGE TAR` does not swallow IMAGE."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        out = []
+        for i, a in enumerate(args):
+            if a == "--":
+                out.extend(args[i:])
+                break
+            if a.startswith("--ungzip="):
+                out.extend(["--ungzip-dump", a[len("--ungzip="):]])
+            else:
+                out.append(a)
+        return super().parse_args(ctx, out)
+
+
+def tar_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    for opt in reversed((
+        click.option("--tar", "tar_mode", type=click.Choice(["f", "i"]), metavar="f|i",
+                     help="SOURCE is a tar file (or - for stdin): f = full image, "
+                          "i = index image whose file data stays in the tar."),
+        click.option("--aufs", is_flag=True,
+                     help="With --tar: convert aufs .wh. files to overlayfs whiteouts."),
+        click.option("--ungzip", is_flag=True,
+                     help="With --tar: the tar may be gzip-compressed; --ungzip=FILE also "
+                          "keeps the uncompressed tar in FILE."),
+        click.option("--ungzip-dump", hidden=True),
+    )):
+        f = opt(f)
+    return f
+
+
+def check_tar_flags(tar_mode: str | None, aufs: bool, ungzip: bool,
+                    ungzip_dump: str | None) -> None:
+    if tar_mode is None and (aufs or ungzip or ungzip_dump is not None):
+        raise InputError("--aufs and --ungzip need --tar")
+
+
+def run_tar(image: str, source: str, opts: Any, tar_mode: str, aufs: bool, ungzip: bool,
+            ungzip_dump: str | None, progress: Any) -> dict[str, Any]:
+    from erofs_tools.builder.mkfs_tar import TarOptions, mkfs_tar
+    topts = TarOptions(mode=tar_mode, aufs=aufs, ungzip=ungzip or ungzip_dump is not None,
+                       dump=ungzip_dump or None)
+    return mkfs_tar(image, source, opts, topts, progress=progress)
