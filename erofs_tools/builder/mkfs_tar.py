@@ -178,6 +178,16 @@ def _open_input(source: str, topts: TarOptions) -> tuple[BinaryIO | None, ReadSt
     return close, peek, False
 
 
+def _drain(stream: ReadStream, budget: int) -> None:
+    while True:
+        piece = stream.read(_PIECE)
+        if not piece:
+            return
+        budget -= len(piece)
+        if budget < 0:
+            raise InputError("tar stream is larger than the limit (--max-size)")
+
+
 def _chunk_entries(d: _Data, size: int, name: bytes) -> tuple[int, list[int]]:
     """--tar=i: (chunk format, chunk index entries) of a file whose data is at d."""
     bits = INDEX_BLKSZBITS
@@ -257,6 +267,8 @@ def mkfs_tar(image: str, source: str, opts: MkfsOptions | None = None,
         tree = TarTree("aufs" if topts.aufs else "none", timestamp=opts.effective_timestamp())
         files = _parse(reader, tree, topts.mode, directory, scratch, progress)
         tar_end = reader.r.offset
+        if dump_fd is not None:      # the dump is the whole uncompressed input
+            _drain(stream, topts.max_size - tar_end)
         info, uuid = _build(image, tree, files, data_path, tar_end, opts, topts, umask,
                             progress)
         if dump_fd is not None and topts.dump is not None:
