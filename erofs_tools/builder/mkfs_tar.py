@@ -288,9 +288,9 @@ def mkfs_tar(image: str, source: str, opts: MkfsOptions | None = None,
 
 
 def _parse(reader: TarReader, tree: TarTree, mode: str, directory: str,
-           scratch: list[str], progress: Progress | None) -> dict[int, _Data]:
-    """Read every entry into `tree`; -> {TNode key: where its data is}."""
-    files: dict[int, _Data] = {}
+           scratch: list[str], progress: Progress | None) -> dict[int, int | _Data]:
+    """Read every entry into `tree`; -> {TNode key: tar offset of its data, or _Data}."""
+    files: dict[int, int | _Data] = {}
     apparent = 0
     nbytes = 0
     for e in reader:
@@ -300,8 +300,14 @@ def _parse(reader: TarReader, tree: TarTree, mode: str, directory: str,
             if apparent > reader.r.limit:
                 raise InputError(f"{_show(e.name)}: file sizes add up to more than the "
                                  f"limit of {reader.r.limit} bytes (--max-size)")
-            d = _Data(reader.r.offset, e.sparse, None, e.name if e.sparse else b"")
-            if e.sparse is not None and mode == "f":
+            if e.sparse is None:
+                files[node.key] = reader.r.offset      # an int: 53k files, less memory
+                nbytes += node.size
+                if progress:
+                    progress.scan(tree.entries, nbytes)
+                continue
+            d = _Data(reader.r.offset, e.sparse, None, e.name)
+            if mode == "f":
                 fd = _new_scratch(directory, scratch, "sparse")
                 try:
                     _expand_sparse(reader, e.sparse, node.size, fd)
@@ -316,7 +322,7 @@ def _parse(reader: TarReader, tree: TarTree, mode: str, directory: str,
     return files
 
 
-def _build(image: str, tree: TarTree, files: dict[int, _Data], data_path: str,
+def _build(image: str, tree: TarTree, files: dict[int, int | _Data], data_path: str,
            tar_end: int, opts: MkfsOptions, topts: TarOptions, umask: int,
            progress: Progress | None) -> tuple[Any, bytes]:
     index = topts.mode == "i"
@@ -331,6 +337,9 @@ def _build(image: str, tree: TarTree, files: dict[int, _Data], data_path: str,
             raise InputError("tar larger than 2 TiB cannot be indexed")
     else:
         bo = build_options(opts)
+        # inline tails not read ahead by the copy thread are read back from the one tar
+        # at write time (cheap: page cache), so little memory is spent holding them
+        bo.tail_budget_mib = 4
     force_uid = 0 if opts.all_root else opts.force_uid
     force_gid = 0 if opts.all_root else opts.force_gid
     with atomic_output(image, mode=0o666 & ~umask, fsync=False) as f:
@@ -349,6 +358,8 @@ def _build(image: str, tree: TarTree, files: dict[int, _Data], data_path: str,
                 size = tree.regular[key].size
                 if not size:
                     continue
+                if isinstance(d, int):
+                    d = _Data(d)
                 if index:
                     fmt, ents = _chunk_entries(d, size, d.name)
                     nb.set_chunks(node, fmt, ents)
