@@ -87,6 +87,28 @@ def test_index_image_mounts_with_the_tar_as_device_and_appended(tmp_path, rich, 
         _same(ref, mnt)
 
 
+@pytest.mark.parametrize("mode", ["f", "i"])
+@pytest.mark.parametrize("fmt,extra", [("gnu", ()), ("pax", ("--sparse-version=1.0",)),
+                                       ("pax", ("--sparse-version=0.0",))])
+def test_sparse_many_regions_odd_size(tmp_path, mode, fmt, extra):
+    src = tmp_path / "src"
+    src.mkdir()
+    with open(src / "sp", "wb") as f:
+        for i in range(40):                   # > 4 regions: GNU extension headers
+            f.seek(i * 65536)
+            f.write(bytes([i + 1]) * 4096)
+        f.truncate(40 * 65536 + 5)            # a size that is no block multiple
+    with open(src / "hole-only", "wb") as f:
+        f.truncate(3 << 20)
+    tar_path = _tar(src, tmp_path / "s.tar", fmt, extra=extra)
+    img = tmp_path / "s.img"
+    _mkfs(f"--tar={mode}", img, tar_path)
+    fsck(img, devices=[tar_path] if mode == "i" else [])
+    ref = _ref(tar_path, str(tmp_path / "ref"))
+    with mounted(img, f"device={tar_path}" if mode == "i" else None) as mnt:
+        _same(ref, mnt)
+
+
 def test_stdin_gzip_and_dump(tmp_path, rich):
     plain = _tar(rich, tmp_path / "l.tar")
     gz = str(tmp_path / "l.tar.gz")
@@ -253,3 +275,31 @@ def test_root_entry_metadata_and_implied_dirs(tmp_path):
         assert (st.st_mode & 0o7777, st.st_uid, st.st_mtime) == (0o755, 0, 0)
         with open(os.path.join(mnt, "x/y/z"), "rb") as f:
             assert f.read() == b"deep"
+
+
+@pytest.mark.parametrize("regions,size,ok", [
+    ([(0, 4096), (65536, 4096)], 65536 + 4096, True),
+    ([(0, 4096), (65536, 100)], 65536 + 100, True),        # the last region ends at EOF
+    ([(0, 100), (65536, 4096)], 65536 + 4096, False),      # data not 512-aligned in the tar
+    ([(700, 512)], 4096, False),                           # region not on a block
+    ([(1 << 20, 0)], 1 << 20, True),                       # all hole
+])
+def test_index_sparse_mapping(regions, size, ok):
+    from erofs_tools.builder.mkfs_tar import _chunk_entries, _Data
+    from erofs_tools.errors import InputError
+    if not ok:
+        with pytest.raises(InputError, match="--tar=f"):
+            _chunk_entries(_Data(1024, regions), size, b"f")
+        return
+    fmt, ents = _chunk_entries(_Data(1024, regions), size, b"f")
+    csz = 512 << (fmt & 0x1F)
+    toff = 1024
+    for off, ln in regions:       # every data byte maps to its place in the tar
+        for pos in range(off, off + ln, 512):
+            e = ents[pos // csz]
+            assert e >> 16 & 0xFFFF == 1
+            assert (e >> 32) * 512 + pos % csz == toff + pos - off
+        toff += ln
+    holes = [i for i, e in enumerate(ents) if e >> 32 == 0xFFFFFFFF]
+    assert all(not any(o < (i + 1) * csz and o + ln > i * csz for o, ln in regions if ln)
+               for i in holes)

@@ -204,6 +204,8 @@ def _chunk_entries(d: _Data, size: int, name: bytes) -> tuple[int, list[int]]:
     align = 1 << 40
     toff = d.offset
     for off, ln in d.sparse:
+        if not ln:              # GNU's closing (size, 0) region marks the file size
+            continue
         for v in (off, toff - d.offset) + ((ln,) if off + ln < size else ()):
             if v:
                 align = min(align, v & -v)
@@ -217,7 +219,7 @@ def _chunk_entries(d: _Data, size: int, name: bytes) -> tuple[int, list[int]]:
     ents = [0xFFFFFFFF << 32] * (-(-size // csz))       # holes
     toff = d.offset
     for off, ln in d.sparse:
-        for c in range(off // csz, -(-(off + ln) // csz)):
+        for c in range(off // csz, -(-(off + ln) // csz) if ln else 0):
             ents[c] = dev | ((toff + c * csz - off) >> bits) << 32
         toff += ln
     return E.CHUNK_FORMAT_INDEXES | (cbits - bits), ents
