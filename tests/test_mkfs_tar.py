@@ -303,3 +303,27 @@ def test_index_sparse_mapping(regions, size, ok):
     holes = [i for i, e in enumerate(ents) if e >> 32 == 0xFFFFFFFF]
     assert all(not any(o < (i + 1) * csz and o + ln > i * csz for o, ln in regions if ln)
                for i in holes)
+
+
+def test_gzip_bomb_bounded_by_max_size(tmp_path):
+    """A small gzip of a large file: --max-size stops it, nothing written (no spool)."""
+    import io
+    import zlib
+    hdr = _hdr(b"big", 64 << 20)
+    c = zlib.compressobj(9, zlib.DEFLATED, 31)
+    out = io.BytesIO()
+    out.write(c.compress(hdr))
+    zero = bytes(1 << 20)
+    for _ in range(64):
+        out.write(c.compress(zero))
+    out.write(c.compress(bytes(1024)) + c.flush())
+    data = out.getvalue()
+    assert len(data) < 1 << 20
+    before = sorted(os.listdir(tmp_path))
+    p = _mkfs("--tar=f", "--ungzip", "--max-size", "16M", tmp_path / "b.img", "-",
+              input=data, check=False)
+    assert p.returncode == 1 and b"--max-size" in p.stderr, p.stderr
+    assert sorted(os.listdir(tmp_path)) == before
+    _mkfs("--tar=f", "--ungzip", "--max-size", "1G", tmp_path / "b.img", "-", input=data)
+    with mounted(tmp_path / "b.img") as mnt:
+        assert os.path.getsize(os.path.join(mnt, "big")) == 64 << 20

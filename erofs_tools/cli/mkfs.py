@@ -52,10 +52,10 @@ from erofs_tools.errors import InputError
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 def mkfs(image, source, timestamp, uuid_text, label, all_root, force_uid, force_gid,
          exclude_path, exclude_regex, no_shared_xattrs, compress, pcluster, extended, workers,
-         quiet, as_json, tar_mode, aufs, ungzip, ungzip_dump):
+         quiet, as_json, tar_mode, aufs, ungzip, ungzip_dump, max_size):
     """Build an EROFS image IMAGE of the directory SOURCE (4 KiB blocks), or with --tar
     of the tar file SOURCE (- or none: stdin)."""
-    check_tar_flags(tar_mode, aufs, ungzip, ungzip_dump)
+    check_tar_flags(tar_mode, aufs, ungzip, ungzip_dump, max_size)
     if source is None and tar_mode is None:
         raise InputError("missing SOURCE (a directory, or a tar with --tar)")
     if pcluster is not None and compress is None:
@@ -78,7 +78,7 @@ def mkfs(image, source, timestamp, uuid_text, label, all_root, force_uid, force_
     progress = Progress.maybe(enabled=not quiet and not as_json)
     if tar_mode is not None:
         summary = run_tar(image, source or "-", opts, tar_mode, aufs, ungzip, ungzip_dump,
-                          progress)
+                          max_size, progress)
     else:
         summary = build_image(image, source, opts, progress=progress)
     if as_json:

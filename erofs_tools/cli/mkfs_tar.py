@@ -38,20 +38,26 @@ def tar_options(f: Callable[..., Any]) -> Callable[..., Any]:
                      help="With --tar: the tar may be gzip-compressed; --ungzip=FILE also "
                           "keeps the uncompressed tar in FILE."),
         click.option("--ungzip-dump", hidden=True),
+        click.option("--max-size", metavar="BYTES",
+                     help="With --tar: most (decompressed) bytes to read, e.g. 1G (default "
+                          "1 TiB; K, M, G, T suffixes), against gzip bombs."),
     )):
         f = opt(f)
     return f
 
 
 def check_tar_flags(tar_mode: str | None, aufs: bool, ungzip: bool,
-                    ungzip_dump: str | None) -> None:
-    if tar_mode is None and (aufs or ungzip or ungzip_dump is not None):
-        raise InputError("--aufs and --ungzip need --tar")
+                    ungzip_dump: str | None, max_size: str | None) -> None:
+    if tar_mode is None and (aufs or ungzip or ungzip_dump is not None or max_size):
+        raise InputError("--aufs, --ungzip and --max-size need --tar")
 
 
 def run_tar(image: str, source: str, opts: Any, tar_mode: str, aufs: bool, ungzip: bool,
-            ungzip_dump: str | None, progress: Any) -> dict[str, Any]:
+            ungzip_dump: str | None, max_size: str | None, progress: Any) -> dict[str, Any]:
     from erofs_tools.builder.mkfs_tar import TarOptions, mkfs_tar
     topts = TarOptions(mode=tar_mode, aufs=aufs, ungzip=ungzip or ungzip_dump is not None,
                        dump=ungzip_dump or None)
+    if max_size:
+        from erofs_tools.cli.pack import _parse_size
+        topts.max_size = _parse_size(max_size, "--max-size")
     return mkfs_tar(image, source, opts, topts, progress=progress)
