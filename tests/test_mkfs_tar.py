@@ -259,6 +259,12 @@ def test_flags_need_tar_and_z_needs_full(tmp_path):
     p = _mkfs("--tar=i", "-z", "lz4", tmp_path / "x.img", t, check=False)
     assert p.returncode == 1 and b"-z" in p.stderr
     assert not os.path.exists(tmp_path / "x.img")
+    before = t.read_bytes()
+    for args in (["--tar=f", t, t], ["--tar=i", f"--ungzip={t}", tmp_path / "y.img", t],
+                 ["--tar=f", tmp_path / "y.img", tmp_path]):
+        p = _mkfs(*args, check=False)
+        assert p.returncode == 1 and p.stderr.count(b"\n") == 1, p.stderr
+    assert t.read_bytes() == before and not os.path.exists(tmp_path / "y.img")
 
 
 def test_root_entry_metadata_and_implied_dirs(tmp_path):
