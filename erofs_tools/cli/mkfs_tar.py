@@ -10,9 +10,9 @@ from erofs_tools.errors import InputError
 
 
 class MkfsCommand(click.Command):
-    """`--ungzip=FILE` (a value only when glued with '=', as getopt's optional
-    arguments) becomes the hidden `--ungzip-dump FILE`; a bare `--ungzip` stays a flag,
-    so `--ungzip IMAGE TAR` does not swallow IMAGE."""
+    """Optional values as getopt has them (only when glued with '='): `--ungzip=FILE`
+    becomes the hidden `--ungzip-dump FILE` and a bare `--ungzip` stays a flag, so
+    `--ungzip IMAGE TAR` does not swallow IMAGE; a bare `--tar` is `--tar=f`."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         out = []
@@ -22,6 +22,8 @@ class MkfsCommand(click.Command):
                 break
             if a.startswith("--ungzip="):
                 out.extend(["--ungzip-dump", a[len("--ungzip="):]])
+            elif a == "--tar":              # mkfs.erofs: a bare --tar is full mode
+                out.append("--tar=f")
             else:
                 out.append(a)
         return super().parse_args(ctx, out)
