@@ -7,6 +7,7 @@ import gzip
 import os
 import shutil
 import subprocess
+import sys
 import tarfile
 
 import pytest
@@ -334,3 +335,22 @@ def test_gzip_bomb_bounded_by_max_size(tmp_path):
     _mkfs("--tar=f", "--ungzip", "--max-size", "1G", tmp_path / "b.img", "-", input=data)
     with mounted(tmp_path / "b.img") as mnt:
         assert os.path.getsize(os.path.join(mnt, "big")) == 64 << 20
+
+
+def test_tarfile_through_symlinks(tmp_path, rich):
+    """A TARFILE that is a symlink (or /dev/stdin redirected from a file) is read in
+    place although the C core opens data sources with O_NOFOLLOW."""
+    tar_path = _tar(rich, tmp_path / "l.tar")
+    link = tmp_path / "link.tar"
+    link.symlink_to(tar_path)
+    ref = _ref(tar_path, str(tmp_path / "ref"))
+    _mkfs("--tar=f", tmp_path / "a.img", link)
+    with open(tar_path, "rb") as f:
+        p = subprocess.run([sys.executable, "-m", "erofs_tools", "mkfs", "--tar=f",
+                            str(tmp_path / "b.img"), "/dev/stdin"], stdin=f,
+                           capture_output=True)
+    assert p.returncode == 0, p.stderr
+    for img in ("a.img", "b.img"):
+        with mounted(tmp_path / img) as mnt:
+            _same(ref, mnt)
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]   # no spool made

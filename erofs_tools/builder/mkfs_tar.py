@@ -153,8 +153,22 @@ def _expand_sparse(reader: TarReader, regions: list[tuple[int, int]], size: int,
     os.ftruncate(fd, size)
 
 
-def _open_input(source: str, topts: TarOptions) -> tuple[BinaryIO | None, ReadStream, bool]:
-    """-> (file to close, stream of the uncompressed tar, seekable plain file?)."""
+def _same_file_path(source: str, fd: int) -> str | None:
+    """A symlink-free path of the open file fd (the C core opens data sources with
+    O_NOFOLLOW), or None when SOURCE no longer names it (e.g. /dev/stdin of a deleted
+    file): then the input is spooled like a stream."""
+    real = os.path.realpath(source)
+    try:
+        a, b = os.stat(real), os.fstat(fd)
+    except OSError:
+        return None
+    return real if (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino) else None
+
+
+def _open_input(source: str, topts: TarOptions
+                ) -> tuple[BinaryIO | None, ReadStream, str | None]:
+    """-> (file to close, stream of the uncompressed tar, path of the plain tar file
+    when it can be read in place, else None)."""
     if source == "-":
         import sys
         raw: BinaryIO = sys.stdin.buffer
@@ -171,11 +185,13 @@ def _open_input(source: str, topts: TarOptions) -> tuple[BinaryIO | None, ReadSt
     if kind == "targz":
         if not topts.ungzip:
             raise InputError(f"{source}: input is gzip-compressed: use --ungzip")
-        return close, _Prefetch(_Gunzip(peek)), False
+        return close, _Prefetch(_Gunzip(peek)), None
     if close is not None and stat.S_ISREG(os.fstat(close.fileno()).st_mode):
-        os.lseek(close.fileno(), 0, os.SEEK_SET)     # the peek read through a buffer
-        return close, _SeekableTar(close.fileno()), True
-    return close, peek, False
+        path = _same_file_path(source, close.fileno())
+        if path is not None:
+            os.lseek(close.fileno(), 0, os.SEEK_SET)     # the peek read through a buffer
+            return close, _SeekableTar(close.fileno()), path
+    return close, peek, None
 
 
 def _drain(stream: ReadStream, budget: int) -> None:
@@ -251,16 +267,16 @@ def mkfs_tar(image: str, source: str, opts: MkfsOptions | None = None,
             dump_fd = _new_scratch(ddir, scratch, "dump")
             dump_tmp = scratch[-1]
             stack.callback(os.close, dump_fd)
-        f, stream, seekable = _open_input(source, topts)
+        f, stream, in_place = _open_input(source, topts)
         if f is not None:
             stack.callback(f.close)
         if isinstance(stream, _Prefetch):
             stack.callback(stream.close)
-        data_path = source
+        data_path = in_place or source
         if dump_fd is not None:
             stream = _Tee(stream, dump_fd)
             data_path = dump_tmp
-        elif topts.mode == "f" and not seekable:
+        elif topts.mode == "f" and in_place is None:
             fd = _new_scratch(directory, scratch, "spool")
             stack.callback(os.close, fd)
             stream = _Tee(stream, fd)
