@@ -354,3 +354,22 @@ def test_tarfile_through_symlinks(tmp_path, rich):
         with mounted(tmp_path / img) as mnt:
             _same(ref, mnt)
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]   # no spool made
+
+
+@pytest.mark.parametrize("mode", ["f", "i"])
+def test_ownership_time_overrides_and_reproducible(tmp_path, rich, mode):
+    tar_path = _tar(rich, tmp_path / "l.tar")
+    args = [f"--tar={mode}", "-T", "1000", "-U", "clear", "-L", "layer", "--force-uid", "5",
+            "--force-gid", "6"]
+    _mkfs(*args, tmp_path / "a.img", tar_path)
+    with open(tar_path, "rb") as f:
+        _mkfs(*args, tmp_path / "b.img", "-", input=f.read())
+    assert (tmp_path / "a.img").read_bytes() == (tmp_path / "b.img").read_bytes()
+    with mounted(tmp_path / "a.img", f"device={tar_path}" if mode == "i" else None) as mnt:
+        for dirpath, dirs, files in os.walk(mnt):
+            for n in [dirpath] + [os.path.join(dirpath, x) for x in dirs + files]:
+                st = os.lstat(n)
+                assert (st.st_uid, st.st_gid, st.st_mtime) == (5, 6, 1000), n
+    _mkfs(f"--tar={mode}", "--all-root", tmp_path / "c.img", tar_path)
+    with mounted(tmp_path / "c.img", f"device={tar_path}" if mode == "i" else None) as mnt:
+        assert os.lstat(os.path.join(mnt, "small")).st_uid == 0
