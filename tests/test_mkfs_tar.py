@@ -373,3 +373,19 @@ def test_ownership_time_overrides_and_reproducible(tmp_path, rich, mode):
     _mkfs(f"--tar={mode}", "--all-root", tmp_path / "c.img", tar_path)
     with mounted(tmp_path / "c.img", f"device={tar_path}" if mode == "i" else None) as mnt:
         assert os.lstat(os.path.join(mnt, "small")).st_uid == 0
+
+
+def test_containerd_tar_index_invocation(tmp_path, rich):
+    """containerd's EROFS differ (tar index mode): `--tar=i --aufs --quiet IMAGE` with
+    the layer on stdin (teed to a file by the caller), then the tar appended to the
+    index; the result mounts alone."""
+    tar_path = _tar(rich, tmp_path / "l.tar")
+    layer = tmp_path / "layer.erofs"
+    with open(tar_path, "rb") as f:
+        p = _mkfs("--tar=i", "--aufs", "--quiet", layer, input=f.read())
+    assert p.stdout == b"" and p.stderr == b""
+    with open(layer, "ab") as out, open(tar_path, "rb") as f:
+        shutil.copyfileobj(f, out)
+    ref = _ref(tar_path, str(tmp_path / "ref"))
+    with mounted(layer) as mnt:
+        _same(ref, mnt)
