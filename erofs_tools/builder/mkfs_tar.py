@@ -306,9 +306,10 @@ def mkfs_tar(image: str, source: str, opts: MkfsOptions | None = None,
 
 
 def _parse(reader: TarReader, tree: TarTree, mode: str, directory: str,
-           scratch: list[str], progress: Progress | None) -> dict[int, int | _Data]:
-    """Read every entry into `tree`; -> {TNode key: tar offset of its data, or _Data}."""
-    files: dict[int, int | _Data] = {}
+           scratch: list[str], progress: Progress | None) -> list[int | _Data]:
+    """Read every entry into `tree`; -> per TNode key (0, 1, ... in archive order): the
+    tar offset of its data (an int: less memory), or _Data for a sparse entry."""
+    files: list[int | _Data] = []
     apparent = 0
     nbytes = 0
     for e in reader:
@@ -318,8 +319,9 @@ def _parse(reader: TarReader, tree: TarTree, mode: str, directory: str,
             if apparent > reader.r.limit:
                 raise InputError(f"{_show(e.name)}: file sizes add up to more than the "
                                  f"limit of {reader.r.limit} bytes (--max-size)")
+            assert node.key == len(files), "keys are given in archive order"
             if e.sparse is None:
-                files[node.key] = reader.r.offset      # an int: 53k files, less memory
+                files.append(reader.r.offset)
                 nbytes += node.size
                 if progress:
                     progress.scan(tree.entries, nbytes)
@@ -332,7 +334,7 @@ def _parse(reader: TarReader, tree: TarTree, mode: str, directory: str,
                 finally:
                     os.close(fd)
                 d.scratch = scratch[-1]
-            files[node.key] = d
+            files.append(d)
             nbytes += node.size
         if progress:
             progress.scan(tree.entries, nbytes)
@@ -340,7 +342,7 @@ def _parse(reader: TarReader, tree: TarTree, mode: str, directory: str,
     return files
 
 
-def _build(image: str, tree: TarTree, files: dict[int, int | _Data], data_path: str,
+def _build(image: str, tree: TarTree, files: list[int | _Data], data_path: str,
            tar_end: int, opts: MkfsOptions, topts: TarOptions, umask: int,
            progress: Progress | None) -> tuple[Any, bytes]:
     index = topts.mode == "i"

@@ -26,6 +26,9 @@ WHITEOUT_SPECS = ("oci", "overlayfs", "none")
 # overlayfs does not iterate it directly); `.wh..wh..opq` makes its directory opaque
 TREE_SPECS = WHITEOUT_SPECS + ("aufs",)
 ORIGIN_XATTR = b"trusted.overlay.origin"
+# the xattrs of every node that has none: one shared dict, never mutated (nodes that get
+# an xattr later are given a copy), 64 bytes less per entry
+_NO_XATTRS: dict[bytes, bytes] = {}
 MAX_SYMLINK = 4095
 
 
@@ -42,7 +45,7 @@ class TNode:
         self.nsec = nsec
         self.size = 0
         self.rdev = (0, 0)
-        self.xattrs: dict[bytes, bytes] = {}
+        self.xattrs: dict[bytes, bytes] = _NO_XATTRS
         self.target: bytes | None = None
         self.children: dict[bytes, TNode] | None = {} if stat.S_ISDIR(mode) else None
         self.key: int | None = None
@@ -127,7 +130,7 @@ class TarTree:
             node.mtime, node.nsec = 0, 0              # documented: clamped
         else:
             node.mtime, node.nsec = min(e.mtime, (1 << 63) - 1), e.mtime_nsec
-        node.xattrs = dict(e.xattrs)
+        node.xattrs = dict(e.xattrs) if e.xattrs else _NO_XATTRS
 
     def add(self, e: Entry) -> TNode | None:
         """Place entry e; -> TNode whose data the caller must stream (regular files),
@@ -223,7 +226,7 @@ class TarTree:
         target = name[len(WH_PREFIX):]
         wh = TNode(stat.S_IFCHR)
         self._meta(wh, e)
-        wh.xattrs = {}
+        wh.xattrs = _NO_XATTRS
         _kids(parent)[target] = wh
         parent.origin = True
 
@@ -236,16 +239,16 @@ class TarTree:
             done.add((id(parent), name))
             wh = TNode(stat.S_IFCHR)
             self._meta(wh, e)
-            wh.xattrs = {}
+            wh.xattrs = _NO_XATTRS
             _kids(parent)[name] = wh
         # opaque: set on nodes still in the tree
         stack = [self.root]
         while stack:
             n = stack.pop()
             if n.opaque:
-                n.xattrs[OPAQUE_XATTR] = OPAQUE_VALUE
+                n.xattrs = {**n.xattrs, OPAQUE_XATTR: OPAQUE_VALUE}
             if n.origin:
-                n.xattrs[ORIGIN_XATTR] = b""
+                n.xattrs = {**n.xattrs, ORIGIN_XATTR: b""}
             stack.extend(c for c in _kids(n).values() if c.is_dir())
 
     def emit(self, nb: NativeBuilder) -> tuple[dict[int, int], dict[int, int], bool]:
