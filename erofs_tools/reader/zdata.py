@@ -170,3 +170,48 @@ def read_range(img, ino, offset, length, depth=0) -> bytes:
         pos = stop
         i += 1
     return bytes(out)
+
+
+class ZChecker:
+    """`check`'s side: every extent of a compressed inode decodes to exactly its length
+    (each distinct pcluster use once: dedupe shares them), every fragment lies inside
+    the packed inode. Decoding stops after `budget` bytes: an index costs at least 2
+    bytes per lcluster, so no sound image decodes to more than a few thousand times its
+    size, and a crafted one whose inodes share index bytes would otherwise decode
+    without end."""
+
+    def __init__(self, img, budget=None):
+        self.img = img
+        self.seen: set[tuple] = set()
+        self.left = budget if budget is not None else 4096 * img.size + (256 << 20)
+        self.exhausted = False
+
+    def check_inode(self, ino, verify_data=True):
+        """Raise CorruptImageError at the first problem of `ino`'s compressed data."""
+        img = self.img
+        z = state(img)
+        m = z.zmap(ino)
+        what = f"inode {ino.nid}"
+        for ext in m.extents:
+            if ext.kind == FRAGMENT:
+                packed = z.packed()
+                if packed.nid == ino.nid:
+                    raise img._err(f"{what}: the packed inode holds a fragment itself")
+                if ext.pa + ext.llen > packed.size:
+                    raise img._err(f"{what}: fragment [{ext.pa}, {ext.pa + ext.llen}) "
+                                   f"beyond the packed inode ({packed.size} bytes)")
+                continue
+            if not verify_data:
+                continue
+            key = (ext.pa, ext.plen, ext.alg, ext.llen, ext.la % img.blksz, ext.partial)
+            if key in self.seen:
+                continue
+            if ext.llen > self.left:
+                self.exhausted = True
+                return
+            self.left -= ext.llen
+            decode_extent(img, ext, what)
+            self.seen.add(key)
+
+    def stats(self):
+        return len(self.seen)
