@@ -8,13 +8,13 @@ files whose tails they hold), and a fragment is read in pieces.
 """
 from __future__ import annotations
 
-from collections import OrderedDict
 from bisect import bisect_right
+from collections import OrderedDict
 
 from erofs_tools import _native
 from erofs_tools.errors import CorruptImageError
 from erofs_tools.format import erofs as E
-from erofs_tools.reader.zmap import (ALG_INTERLACED, ALG_SHIFTED, FRAGMENT, ZExtent, ZMap)
+from erofs_tools.reader.zmap import ALG_INTERLACED, ALG_SHIFTED, FRAGMENT, ZExtent, ZMap
 
 CACHE_BYTES = 32 << 20          # decoded extents kept per image
 CACHE_MAPS = 64                 # inode maps kept per image
