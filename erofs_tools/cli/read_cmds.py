@@ -12,10 +12,10 @@ from erofs_tools.reader.data import BlobSource
 from erofs_tools.reader.fsck import check_image
 from erofs_tools.reader.image import Image
 from erofs_tools.reader.stats import multi_stats, super_summary
+from erofs_tools.reader.unpack import unpack_to_dir, unpack_to_tar
 from erofs_tools.reader.zdata import is_compressed
 from erofs_tools.reader.zdata import state as zstate
 from erofs_tools.reader.zmap import ALG_NAMES, FRAGMENT
-from erofs_tools.reader.unpack import unpack_to_dir, unpack_to_tar
 
 _ZKIND = {0: "pcluster", 1: "inline", 2: "fragment"}
 
