@@ -55,6 +55,7 @@ def tree(tmp_path_factory):
     fragments), duplicates (dedupe), hardlinks, symlinks, xattrs, an empty file."""
     root = tmp_path_factory.mktemp("zr") / "src"
     (root / "d" / "e").mkdir(parents=True)
+    (root / "p").mkdir()
     files = {
         "empty": b"", "one": b"x", "t4095": text(4095), "t4097": text(4097, 1),
         "t70000": text(70000, 2), "text1m": text(1 << 20, 3), "rand300k": noise(300000),
@@ -62,6 +63,11 @@ def tree(tmp_path_factory):
         "zeros": bytes(600000), "d/small.txt": b"hello\n" * 50,
         "d/dup1": text(50000, 4), "d/e/dup2": text(50000, 4),
         "d/e/dup-tail": text(50000, 4) + b"tail",
+        # dedupe: a prefix and a shifted copy of a longer file share parts of its
+        # pclusters (PARTIAL_REF: decoded partially)
+        "p/a": text(200000, 5), "p/b-prefix": text(200000, 5)[:100000],
+        "p/c-shift": b"123" + text(200000, 5)[:150000],
+        "p/d-mid": noise(5000, 6) + text(200000, 5)[50000:120000],
     }
     for name, data in files.items():
         (root / name).write_bytes(data)
@@ -128,12 +134,13 @@ def test_mkfs_erofs_images(tmp_path, tree, alg, variant):
     img = build(tmp_path, tree, "mkfs.erofs", alg, variant)
     im = _round_trip(tmp_path, tree, img)
     kinds = {k for k, _ in _kinds(im)}
-    assert PCLUSTER in kinds
+    # all-fragments: every file is a fragment, the pclusters are the packed inode's
+    assert kinds == {FRAGMENT} if variant == "all-fragments" else PCLUSTER in kinds
     if "fragments" in variant or "frag" in variant:
         assert FRAGMENT in kinds
     if variant == "ztailpacking":
         assert INLINE in kinds
-    if variant == "dedupe" and alg != "lzma":
+    if variant == "dedupe":
         # the three copies share pclusters; the one with a longer tail uses part of one
         assert (PCLUSTER, True) in _kinds(im)
 
