@@ -27,7 +27,7 @@ def is_compressed(ino) -> bool:
 class ZState:
     """Per-image caches of maps and decoded extents."""
 
-    def __init__(self, img):
+    def __init__(self, img) -> None:
         self.img = img
         self.maps: OrderedDict[int, ZMap] = OrderedDict()
         self.decoded: OrderedDict[tuple, bytes] = OrderedDict()
@@ -117,8 +117,25 @@ def _fragment_pieces(img, ino, ext, start, end, piece):
     pos = start
     while pos < end:
         n = min(piece, end - pos)
-        yield pos, read_range(img, packed, base + pos - ext.la, n, depth=1)
+        if is_compressed(packed):
+            yield pos, read_range(img, packed, base + pos - ext.la, n, depth=1)
+        else:
+            yield pos, _read_flat(img, packed, base + pos - ext.la, n)
         pos += n
+
+
+def _read_flat(img, ino, offset, length) -> bytes:
+    """Bytes of an uncompressed inode (a small packed inode is stored plain or inline)."""
+    out = bytearray(length)
+    end = offset + length
+    for fo, n, dev, phys in img.map_data(ino):
+        a, b = max(offset, fo), min(end, fo + n)
+        if b <= a or dev is None:
+            continue
+        if dev != 0:
+            raise img._err(f"inode {ino.nid}: packed data on device {dev}")
+        out[a - offset:b - offset] = img.read(phys + a - fo, b - a, f"inode {ino.nid} data")
+    return bytes(out)
 
 
 def iter_compressed(img, ino, piece=1 << 20):
@@ -180,7 +197,7 @@ class ZChecker:
     size, and a crafted one whose inodes share index bytes would otherwise decode
     without end."""
 
-    def __init__(self, img, budget=None):
+    def __init__(self, img, budget=None) -> None:
         self.img = img
         self.seen: set[tuple] = set()
         self.left = budget if budget is not None else 4096 * img.size + (256 << 20)

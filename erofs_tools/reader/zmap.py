@@ -103,7 +103,7 @@ class ZMap:
     """The extents of one compressed inode (`extents`), built once by a sequential walk
     over its lcluster indexes."""
 
-    def __init__(self, img, ino):
+    def __init__(self, img, ino) -> None:
         self.img = img
         self.ino = ino
         self.size = ino.size
