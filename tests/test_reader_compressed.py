@@ -31,6 +31,9 @@ REF_VARIANTS = {
     "all-fragments": ["-Eall-fragments", "-C16384"],
     "legacy+big": ["-Elegacy-compress", "-C65536"],
     "dedupe+ztail": ["-Ededupe,ztailpacking"],
+    "fragdedupe": ["-Efragments,fragdedupe"],
+    "small-extents": ["--max-extent-bytes=16384"],
+    "1k-blocks": ["-b", "1024", "-C", "4096"],
 }
 OUR_VARIANTS = {"default": [], "big": ["-C", "65536"], "full-index": ["-E", "legacy-compress"]}
 
@@ -260,3 +263,15 @@ def bytes_file(tmp_path, data):
     p = tmp_path / f"img-{random.randrange(1 << 30)}"
     p.write_bytes(bytes(data))
     return p
+
+
+def test_48bit_layout_refused_in_one_line(tmp_path, tree):
+    """mkfs.erofs -E48bit (extent records, 48-bit block addresses) is not read yet."""
+    require_tool("mkfs.erofs")
+    img = tmp_path / "48.img"
+    p = _run("mkfs.erofs", "--quiet", "-zlz4", "-E48bit", img, tree)
+    assert p.returncode == 0, p.stderr
+    for args in (["check", img], ["unpack", "-o", tmp_path / "o", img], ["stat", img]):
+        p = _cli(*args)
+        assert p.returncode == 1 and p.stderr.startswith("error: "), p.stdout + p.stderr
+        assert len(p.stderr.strip().splitlines()) == 1
