@@ -405,6 +405,9 @@ Z_MAX_DECODED = 12 << 20
 Z_MAX_INPUT = 1 << 20      # Z_EROFS_PCLUSTER_MAX_SIZE
 
 
+_new_noclear = ffi.new_allocator(should_clear_after_alloc=False)
+
+
 def z_decompress(alg: int, data: BytesLike, length: int, partial: bool = False,
                  zero_padding: bool = True, dict_size: int = 0) -> bytes:
     """Decode one pcluster `data` of algorithm `alg` (the on-disk number) into exactly
@@ -419,7 +422,7 @@ def z_decompress(alg: int, data: BytesLike, length: int, partial: bool = False,
         raise CorruptImageError(f"compressed cluster of {len(data)} bytes is too large")
     if not 0 <= dict_size < 1 << 32:
         raise CorruptImageError(f"lzma dictionary size {dict_size} out of range")
-    out = ffi.new("uint8_t[]", length)
+    out = _new_noclear("uint8_t[]", length)     # every byte is written or it fails
     err = ffi.new("char[]", 160)
     flags = (lib.ERN_ZD_PARTIAL if partial else 0) | \
         (lib.ERN_ZD_ZERO_PADDING if zero_padding else 0)

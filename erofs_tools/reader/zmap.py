@@ -109,6 +109,7 @@ class ZMap:
         self.size = ino.size
         self.what = f"inode {ino.nid}"
         self.fragment_off = None       # packed-inode offset of the tail extent
+        self._pack: tuple[int, list[tuple[int, int]], int] | None = None
         self.extents: list[ZExtent] = []
         if ino.layout not in (E.LAYOUT_COMPRESSED_FULL, E.LAYOUT_COMPRESSED_COMPACT):
             raise self._err(f"data layout {ino.layout_name} is not compressed")
@@ -228,15 +229,22 @@ class ZMap:
         base = pos - pos % packsz      # packs are aligned to their size in the image
         if base + packsz > self.img.size:
             raise self._err(f"compact index pack of lcluster {lcn} outside the image")
-        pack = bytes(self.img.data[base:base + packsz]) + b"\0\0\0"
-        lbits = max(self.lbits, 12)       # CBLKCNT (bit 11) needs 12 low bits
-        encbits = ((packsz - 4) * 8) // vcnt
         i = (pos - base) >> shift
-
-        def dec(j):
-            p = encbits * j
-            v = int.from_bytes(pack[p // 8:p // 8 + 4], "little") >> (p & 7)
-            return v & ((1 << lbits) - 1), (v >> lbits) & 3
+        if self._pack is not None and self._pack[0] == base:
+            _b, words, baseblk = self._pack
+        else:
+            # a pack is decoded once: a sequential walk reads each of its entries
+            pack = bytes(self.img.data[base:base + packsz]) + b"\0\0\0"
+            lbits = max(self.lbits, 12)       # CBLKCNT (bit 11) needs 12 low bits
+            encbits = ((packsz - 4) * 8) // vcnt
+            words = []
+            for j in range(vcnt):
+                p = encbits * j
+                v = int.from_bytes(pack[p // 8:p // 8 + 4], "little") >> (p & 7)
+                words.append((v & ((1 << lbits) - 1), (v >> lbits) & 3))
+            baseblk = int.from_bytes(pack[packsz - 4:packsz], "little")
+            self._pack = (base, words, baseblk)
+        dec = words.__getitem__
 
         big = self.big1
         nextpack = base + packsz
@@ -278,7 +286,7 @@ class ZMap:
                 j -= plo - 2
                 continue
             nblk += 1
-        pblk = (int.from_bytes(pack[packsz - 4:packsz], "little") + nblk) & 0xFFFFFFFF
+        pblk = (baseblk + nblk) & 0xFFFFFFFF
         return _Entry(t, lo, 0, pblk, 0, False, nextpack)
 
     # -- extents ------------------------------------------------------------------------
