@@ -117,8 +117,12 @@ static int dec_lzma(const uint8_t *in, size_t inlen, uint8_t *out, size_t outlen
     r = lzma_code(&s, LZMA_FINISH);
     size_t got = outlen - s.avail_out;
     lzma_end(&s);
-    if (r != LZMA_STREAM_END && !(partial && r == LZMA_OK && got == outlen))
+    if (r != LZMA_STREAM_END && !(partial && r == LZMA_OK && got == outlen)) {
+        if (r == LZMA_OK || r == LZMA_BUF_ERROR)
+            return fail(err, errlen, ERN_EIO, "%s: stream ends after %ld bytes", "lzma",
+                        (long)got);
         return fail(err, errlen, ERN_EIO, "%s: corrupt stream (%ld)", "lzma", (long)r);
+    }
     if (got != outlen)
         return fail(err, errlen, ERN_EIO, "%s: stream decodes to %ld bytes", "lzma", (long)got);
     return ERN_OK;
