@@ -275,3 +275,31 @@ def test_48bit_layout_refused_in_one_line(tmp_path, tree):
         p = _cli(*args)
         assert p.returncode == 1 and p.stderr.startswith("error: "), p.stdout + p.stderr
         assert len(p.stderr.strip().splitlines()) == 1
+
+
+def test_inodes_sharing_index_bytes_are_refused(tmp_path, tree):
+    """Many inodes whose maps read the same index bytes (a crafted image) cost at most
+    one lcluster entry per image byte, then a one-line error."""
+    from erofs_tools.reader import zdata
+    img = build(tmp_path, tree, "ours", "lz4", "default")
+    im = open_image(img)
+    ino = im.lookup("/text1m")
+    z = zdata.state(im)
+    z.entries_left = 2 * z.zmap(ino).nlc      # as if the image were this small
+    z.maps.clear()
+    z.built.clear()
+    z.zmap(ino)
+    z.maps.clear()
+    z.zmap(ino)                  # the same inode again: free (an evicted map)
+    clone = im.inode(ino.nid)
+    for nid in (10**6, 10**6 + 1):
+        # another nid, same index bytes
+        clone = type(clone)()
+        for k in type(clone).__slots__:
+            setattr(clone, k, getattr(ino, k))
+        clone.nid = nid
+        if nid == 10**6:
+            z.zmap(clone)
+        else:
+            with pytest.raises(CorruptImageError, match="add up to more than the image"):
+                z.zmap(clone)

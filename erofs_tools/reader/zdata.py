@@ -33,13 +33,27 @@ class ZState:
         self.decoded: OrderedDict[tuple, bytes] = OrderedDict()
         self.decoded_bytes = 0
         self._packed = None
+        # lcluster entries read by first builds of inode maps: sound images hold at most
+        # one per 2 index bytes, so more than one per image byte means inodes share
+        # index bytes (a crafted image whose maps would take quadratic time)
+        self.entries_left = img.size + 4096
+        self.built: set[int] = set()
+
+    def charge(self, nid, entries):
+        if nid in self.built:
+            return          # a map evicted from the cache and built again
+        self.built.add(nid)
+        self.entries_left -= entries
+        if self.entries_left < 0:
+            raise self.img._err(f"inode {nid}: the compressed inodes' lcluster indexes add "
+                                "up to more than the image holds")
 
     def zmap(self, ino) -> ZMap:
         m = self.maps.get(ino.nid)
         if m is not None and m.ino is ino:
             self.maps.move_to_end(ino.nid)
             return m
-        m = ZMap(self.img, ino)
+        m = ZMap(self.img, ino, self)
         self.maps[ino.nid] = m
         if len(self.maps) > CACHE_MAPS:
             self.maps.popitem(last=False)

@@ -103,7 +103,7 @@ class ZMap:
     """The extents of one compressed inode (`extents`), built once by a sequential walk
     over its lcluster indexes."""
 
-    def __init__(self, img, ino) -> None:
+    def __init__(self, img, ino, zstate=None) -> None:
         self.img = img
         self.ino = ino
         self.size = ino.size
@@ -153,6 +153,8 @@ class ZMap:
             self._compact_layout()
         self.nlc = (self.size + (1 << self.lbits) - 1) >> self.lbits
         self._check_fits()
+        if zstate is not None:
+            zstate.charge(ino.nid, self.nlc)
         self._build()
 
     def _err(self, msg):
