@@ -557,11 +557,18 @@ def _load_corpus(path):
     return seeds
 
 
-def run(cases, jobs=2, seed=0, timeout=10.0, mem=1024, only=None, progress=None):
-    """Run the fuzzer; -> summary dict (counts, failures, timing)."""
+def run(cases, jobs=2, seed=0, timeout=10.0, mem=1024, only=None, progress=None,
+        seed_filter=None):
+    """Run the fuzzer; -> summary dict (counts, failures, timing). `seed_filter`: only
+    the seeds whose name holds one of these substrings (cases then differ from an
+    unfiltered run with the same seed)."""
     tmp = tempfile.mkdtemp(prefix="erofs-fuzz-")
     try:
         seeds = build_corpus(os.path.join(tmp, "corpus"))
+        if seed_filter:
+            seeds = [x for x in seeds if any(f in x.name for f in seed_filter)]
+            if not seeds:
+                raise SystemExit(f"no seed matches {seed_filter}")
         corpus = os.path.join(tmp, "corpus.pkl")
         _save_corpus(seeds, corpus)
         ids = [only] if only is not None else list(range(cases))
@@ -667,6 +674,8 @@ def main(argv=None):
     ap.add_argument("--mem", type=int, default=1024, help="RLIMIT_AS per worker, MiB")
     ap.add_argument("--only", type=int, help="run just this case number")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--seeds", help="comma-separated substrings: fuzz only the seeds whose "
+                    "name holds one (e.g. -z,lz4,ztail for the compressed ones)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--corpus", help=argparse.SUPPRESS)
     ap.add_argument("--start", type=int, default=0, help=argparse.SUPPRESS)
@@ -676,7 +685,8 @@ def main(argv=None):
     if args.worker:
         worker(args)
         return 0
-    res = run(args.cases, args.jobs, args.seed, args.timeout, args.mem, args.only)
+    res = run(args.cases, args.jobs, args.seed, args.timeout, args.mem, args.only,
+              seed_filter=args.seeds.split(",") if args.seeds else None)
     if args.json:
         print(json.dumps(res, indent=1))
     else:
