@@ -34,6 +34,7 @@ REF_VARIANTS = {
     "fragdedupe": ["-Efragments,fragdedupe"],
     "small-extents": ["--max-extent-bytes=16384"],
     "1k-blocks": ["-b", "1024", "-C", "4096"],
+    "zdirs": ["--zD", "-Eztailpacking"],
 }
 OUR_VARIANTS = {"default": [], "big": ["-C", "65536"], "full-index": ["-E", "legacy-compress"]}
 
@@ -76,6 +77,9 @@ def tree(tmp_path_factory):
         (root / name).write_bytes(data)
     for i in range(12):
         (root / "d" / f"f{i:02d}").write_bytes(text(i * 911 + 3, 10 + i))
+    (root / "many").mkdir()          # a directory of several blocks
+    for i in range(300):
+        (root / "many" / f"entry-with-a-longer-name-{i:04d}").write_bytes(b"%d" % i)
     os.link(root / "text1m", root / "d" / "hard")
     os.symlink("text1m", root / "sym")
     os.setxattr(root / "t70000", "user.note", b"compressed with xattrs")
@@ -143,6 +147,9 @@ def test_mkfs_erofs_images(tmp_path, tree, alg, variant):
         assert FRAGMENT in kinds
     if variant == "ztailpacking":
         assert INLINE in kinds
+    if variant == "zdirs":
+        # directories compressed too (read through the same maps)
+        assert any(ino.is_dir() and is_compressed(ino) for _p, _d, ino in im.walk())
     if variant == "dedupe":
         # the three copies share pclusters; the one with a longer tail uses part of one
         assert (PCLUSTER, True) in _kinds(im)
