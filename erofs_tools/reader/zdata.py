@@ -243,6 +243,3 @@ class ZChecker:
             self.left -= ext.llen
             decode_extent(img, ext, what)
             self.seen.add(key)
-
-    def stats(self):
-        return len(self.seen)

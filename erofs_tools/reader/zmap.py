@@ -369,7 +369,3 @@ class ZMap:
         if n.delta0 != 1 or not n.cblk:
             raise self._err(f"no block count (CBLKCNT) after the head at lcluster {lcn}")
         return n.cblk
-
-
-def fragment_extents(zmap: ZMap):
-    return [x for x in zmap.extents if x.kind == FRAGMENT]
