@@ -159,4 +159,19 @@ uint32_t erofs_crc32c_update(uint32_t crc, const uint8_t *buf, size_t len);
 /* EROFS superblock checksum of one block buffer (its checksum field treated as zero) */
 uint32_t erofs_sb_checksum(const uint8_t *block, size_t blksz);
 
+/* -- decompression (decompress.c): one EROFS pcluster -------------------------------- */
+/* erofs_z_decompress alg: the on-disk algorithm numbers */
+enum {
+    ERN_ZD_LZ4 = 0, ERN_ZD_LZMA = 1, ERN_ZD_DEFLATE = 2, ERN_ZD_ZSTD = 3
+};
+/* erofs_z_decompress flags */
+enum {
+    ERN_ZD_PARTIAL = 1,        /* the pcluster may decode to more than outlen: stop there */
+    ERN_ZD_ZERO_PADDING = 2    /* skip the zero bytes before the compressed stream */
+};
+/* decode `in` (one pcluster) into exactly `outlen` bytes at `out`; dict_size: MicroLZMA's
+ * dictionary; ERN_OK or a negative ERN_* with a one-line message in err */
+int erofs_z_decompress(int alg, const uint8_t *in, size_t inlen, uint8_t *out, size_t outlen,
+                       int flags, uint32_t dict_size, char *err, size_t errlen);
+
 #endif

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn, Protocol
 
-from erofs_tools.errors import ErofsToolsError, FormatLimitError, InputError
+from erofs_tools.errors import CorruptImageError, ErofsToolsError, FormatLimitError, InputError
 from erofs_tools.format import erofs as E
 
 try:
@@ -393,3 +393,42 @@ def format_fields() -> dict[str, dict[str, tuple[int, int]]]:
 def format_constants() -> dict[str, int]:
     """The format constants the C core writes (csrc/erofs_fs.h), by macro name."""
     return {ffi.string(r.name).decode(): r.value for r in _c_table(lib.erofs_fs_consts)}
+
+
+# -- decompression of one EROFS pcluster (csrc/decompress.c) ------------------------------
+Z_LZ4, Z_LZMA, Z_DEFLATE, Z_ZSTD = (lib.ERN_ZD_LZ4, lib.ERN_ZD_LZMA, lib.ERN_ZD_DEFLATE,
+                                    lib.ERN_ZD_ZSTD)
+Z_ALGORITHM_NAMES = {Z_LZ4: "lz4", Z_LZMA: "lzma", Z_DEFLATE: "deflate", Z_ZSTD: "zstd"}
+# an EROFS pcluster decodes to at most 12 MiB (erofs-utils' Z_EROFS_PCLUSTER_MAX_DSIZE);
+# the cap keeps a hostile index from asking for more memory than that
+Z_MAX_DECODED = 12 << 20
+Z_MAX_INPUT = 1 << 20      # Z_EROFS_PCLUSTER_MAX_SIZE
+
+
+_new_noclear = ffi.new_allocator(should_clear_after_alloc=False)
+
+
+def z_decompress(alg: int, data: BytesLike, length: int, partial: bool = False,
+                 zero_padding: bool = True, dict_size: int = 0) -> bytes:
+    """Decode one pcluster `data` of algorithm `alg` (the on-disk number) into exactly
+    `length` bytes; `partial`: the stream may hold more (a shared or legacy pcluster).
+    A stream that is corrupt or decodes to another length is a CorruptImageError."""
+    data = _bytes(data, "compressed data")
+    if alg not in Z_ALGORITHM_NAMES:
+        raise CorruptImageError(f"unknown compression algorithm {alg}")
+    if not 0 < length <= Z_MAX_DECODED:
+        raise CorruptImageError(f"decoded extent length {length} out of range")
+    if len(data) > Z_MAX_INPUT:
+        raise CorruptImageError(f"compressed cluster of {len(data)} bytes is too large")
+    if not 0 <= dict_size < 1 << 32:
+        raise CorruptImageError(f"lzma dictionary size {dict_size} out of range")
+    out = _new_noclear("uint8_t[]", length)     # every byte is written or it fails
+    err = ffi.new("char[]", 160)
+    flags = (lib.ERN_ZD_PARTIAL if partial else 0) | \
+        (lib.ERN_ZD_ZERO_PADDING if zero_padding else 0)
+    r = lib.erofs_z_decompress(alg, data, len(data), out, length, flags, dict_size, err, 160)
+    if r == lib.ERN_ENOMEM:
+        raise MemoryError(ffi.string(err).decode("utf-8", "replace"))
+    if r != ERN_OK:
+        raise CorruptImageError(ffi.string(err).decode("utf-8", "replace"))
+    return bytes(ffi.buffer(out, length))

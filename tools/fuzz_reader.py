@@ -81,6 +81,12 @@ def _small_tree(root):
     w("mid", bytes(rnd.getrandbits(8) for _ in range(9000)), 0o755)
     w("dup1", b"same" * 5000)
     w("dup2", b"same" * 5000)
+    # compressible text of several clusters (compressed seeds: many extents, a prefix
+    # copy for dedupe's partial references, tails for ztailpacking and fragments)
+    words = [b"erofs ", b"cluster ", b"inode ", b"block ", b"data\n"]
+    text = b"".join(rnd.choice(words) for _ in range(6000))
+    w("text", text)
+    w("text-prefix", text[:11000])
     w("sub/inner/leaf", b"leaf")
     for i in range(40):      # long names: the directory spans two blocks
         w(f"dir/n{i:03d}-{'z' * (100 + i % 20)}", b"%d" % i)
@@ -101,6 +107,14 @@ def _small_tree(root):
             os.utime(j(dirpath, n), ns=(1_700_000_000_123_456_789,) * 2, follow_symlinks=False)
     os.utime(root, ns=(1_700_000_000_123_456_789,) * 2)
     return root
+
+
+ZSEEDS_REF = (("mkfs.erofs-lz4", ["-zlz4"]),
+              ("mkfs.erofs-lz4hc-ztail", ["-zlz4hc", "-Eztailpacking"]),
+              ("mkfs.erofs-lzma-frag-dedupe", ["-zlzma", "-Efragments,dedupe", "-C16384"]),
+              ("mkfs.erofs-zstd-big-full", ["-zzstd", "-C65536", "-Elegacy-compress"]),
+              ("mkfs.erofs-deflate-dedupe", ["-zdeflate", "-Ededupe,ztailpacking"]))
+ZSEEDS_OURS = (("lz4hc", 16384), ("zstd", 0), ("lzma", 0), ("deflate", 0))
 
 
 def build_corpus(work):
@@ -140,12 +154,25 @@ def build_corpus(work):
             if p.returncode == 0:
                 seeds.append(Seed(name, open(img, "rb").read(),
                                   devices=[open(dev, "rb").read()] if blobdev else None))
+        # compressed: every algorithm, and the layouts mkfs.erofs 1.9 writes
+        for name, args in ZSEEDS_REF:
+            img = os.path.join(work, name + ".img")
+            p = subprocess.run(["mkfs.erofs", "--quiet", "-T1700000000",
+                                "-U00000000-0000-0000-0000-000000000001", *args, img, src],
+                               capture_output=True)
+            if p.returncode == 0:
+                seeds.append(Seed(name, open(img, "rb").read()))
     try:
         from erofs_tools.builder.mkfs import mkfs as our_mkfs
-        from erofs_tools.builder.options import MkfsOptions
+        from erofs_tools.builder.options import Compression, MkfsOptions
         img = os.path.join(work, "ours.img")
         our_mkfs(img, src, MkfsOptions(uuid=bytes(15) + b"\1"))
         seeds.append(Seed("erofs-tools-mkfs", open(img, "rb").read()))
+        for alg, pcluster in ZSEEDS_OURS:
+            img = os.path.join(work, f"ours-{alg}.img")
+            our_mkfs(img, src, MkfsOptions(uuid=bytes(15) + b"\1",
+                                           compress=Compression(alg, None, pcluster)))
+            seeds.append(Seed(f"erofs-tools-mkfs-z{alg}", open(img, "rb").read()))
     except Exception:  # noqa: BLE001 - optional seed; the builder may be mid-work
         pass
     try:
@@ -184,6 +211,20 @@ def field_map(seed):
     f = fields["image"]
     f += _record_fields(E.SuperBlock, E.SUPER_OFFSET, "sb")
     img = Image(seed.image)
+    if img.sb.feature_incompat & E.FEATURE_INCOMPAT_COMPR_CFGS:
+        # per-algorithm records after the superblock: le16 length + payload
+        f += [(1152, 2, "zcfg0.len"), (1154, 4, "zcfg0.data"), (1168, 2, "zcfg1.len"),
+              (1170, 4, "zcfg1.data")]
+    if img.sb.packed_nid:
+        try:
+            pino = img.inode(img.sb.packed_nid)
+            cls = E.ExtendedInode if pino.version else E.CompactInode
+            f += _record_fields(cls, pino.offset, "packed")
+            h = (pino.data_end + 7) // 8 * 8
+            f += [(h, 4, "packed.z.fragoff_idata"), (h + 4, 2, "packed.z.advise"),
+                  (h + 8, 8, "packed.z.index0")]
+        except ErofsToolsError:
+            pass
     if img.is_rafs:
         f += _record_fields(R.ExtSuperBlock, R.EXT_SUPER_OFFSET, "ext")
         for i in range(len(img.blob_entries)):
@@ -213,6 +254,23 @@ def field_map(seed):
                     f.append((start + 8 * k + 4, 4, f"inode{ino.nid}.chunk{k}.blkaddr"))
                 else:
                     f.append((start + 4 * k, 4, f"inode{ino.nid}.chunk{k}.blkaddr"))
+        if ino.layout in (E.LAYOUT_COMPRESSED_FULL, E.LAYOUT_COMPRESSED_COMPACT):
+            # map header, then the first index entries (full: 8 bytes; compact: packs)
+            h = (ino.data_end + 7) // 8 * 8
+            f.append((h, 4, f"inode{ino.nid}.z.fragoff_idata"))
+            f.append((h + 4, 2, f"inode{ino.nid}.z.advise"))
+            f.append((h + 6, 1, f"inode{ino.nid}.z.algtype"))
+            f.append((h + 7, 1, f"inode{ino.nid}.z.clusterbits"))
+            if ino.layout == E.LAYOUT_COMPRESSED_FULL:
+                for k in range(8):
+                    b = h + 16 + 8 * k
+                    f.append((b, 2, f"inode{ino.nid}.li{k}.advise"))
+                    f.append((b + 2, 2, f"inode{ino.nid}.li{k}.clusterofs"))
+                    f.append((b + 4, 2, f"inode{ino.nid}.li{k}.delta0"))
+                    f.append((b + 4, 4, f"inode{ino.nid}.li{k}.blkaddr"))
+            else:
+                for k in range(12):
+                    f.append((h + 8 + 2 * k, 2, f"inode{ino.nid}.ci{k}"))
         if ino.is_dir():
             pos = 0
             for _fo, length, dev, phys in img.map_data(ino):
@@ -358,6 +416,8 @@ def run_operations(image, blobs, devices, work):
     from erofs_tools.reader.image import Image
     from erofs_tools.reader.stats import image_stats, super_summary
     from erofs_tools.reader.unpack import unpack_to_dir, unpack_to_tar
+    from erofs_tools.reader.zdata import is_compressed
+    from erofs_tools.reader.zdata import state as zstate
 
     outcomes = []
     bdir = os.path.join(work, "blobs")
@@ -409,6 +469,8 @@ def run_operations(image, blobs, devices, work):
                 img.readlink(ino)
             if ino.layout == E.LAYOUT_CHUNK_BASED:
                 img.chunks(ino)
+            if is_compressed(ino):
+                zstate(img).zmap(ino)
 
     op("inspect", inspect)
     problems = []
@@ -495,11 +557,18 @@ def _load_corpus(path):
     return seeds
 
 
-def run(cases, jobs=2, seed=0, timeout=10.0, mem=1024, only=None, progress=None):
-    """Run the fuzzer; -> summary dict (counts, failures, timing)."""
+def run(cases, jobs=2, seed=0, timeout=10.0, mem=1024, only=None, progress=None,
+        seed_filter=None):
+    """Run the fuzzer; -> summary dict (counts, failures, timing). `seed_filter`: only
+    the seeds whose name holds one of these substrings (cases then differ from an
+    unfiltered run with the same seed)."""
     tmp = tempfile.mkdtemp(prefix="erofs-fuzz-")
     try:
         seeds = build_corpus(os.path.join(tmp, "corpus"))
+        if seed_filter:
+            seeds = [x for x in seeds if any(f in x.name for f in seed_filter)]
+            if not seeds:
+                raise SystemExit(f"no seed matches {seed_filter}")
         corpus = os.path.join(tmp, "corpus.pkl")
         _save_corpus(seeds, corpus)
         ids = [only] if only is not None else list(range(cases))
@@ -605,6 +674,8 @@ def main(argv=None):
     ap.add_argument("--mem", type=int, default=1024, help="RLIMIT_AS per worker, MiB")
     ap.add_argument("--only", type=int, help="run just this case number")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--seeds", help="comma-separated substrings: fuzz only the seeds whose "
+                    "name holds one (e.g. -z,lz4,ztail for the compressed ones)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--corpus", help=argparse.SUPPRESS)
     ap.add_argument("--start", type=int, default=0, help=argparse.SUPPRESS)
@@ -614,7 +685,8 @@ def main(argv=None):
     if args.worker:
         worker(args)
         return 0
-    res = run(args.cases, args.jobs, args.seed, args.timeout, args.mem, args.only)
+    res = run(args.cases, args.jobs, args.seed, args.timeout, args.mem, args.only,
+              seed_filter=args.seeds.split(",") if args.seeds else None)
     if args.json:
         print(json.dumps(res, indent=1))
     else:

@@ -13,6 +13,11 @@ from erofs_tools.reader.fsck import check_image
 from erofs_tools.reader.image import Image
 from erofs_tools.reader.stats import multi_stats, super_summary
 from erofs_tools.reader.unpack import unpack_to_dir, unpack_to_tar
+from erofs_tools.reader.zdata import is_compressed
+from erofs_tools.reader.zdata import state as zstate
+from erofs_tools.reader.zmap import ALG_NAMES, FRAGMENT
+
+_ZKIND = {0: "pcluster", 1: "inline", 2: "fragment"}
 
 _TYPE = {_stat.S_IFREG: "file", _stat.S_IFDIR: "dir", _stat.S_IFLNK: "symlink",
          _stat.S_IFCHR: "chr", _stat.S_IFBLK: "blk", _stat.S_IFIFO: "fifo",
@@ -92,6 +97,12 @@ def _inode_detail(img, path, ino):
     if ino.is_dir():
         d["entries"] = [{"name": _s(e.name), "nid": e.nid, "file_type": e.file_type}
                         for e in img.dirents(ino)]
+    if is_compressed(ino):
+        d["compressed_blocks"] = ino.i_u
+        d["extents"] = [{"offset": x.la, "length": x.llen, "kind": _ZKIND[x.kind],
+                         "algorithm": "-" if x.kind == FRAGMENT else ALG_NAMES[x.alg],
+                         "at": x.pa, "stored": x.plen, "partial": x.partial}
+                        for x in zstate(img).zmap(ino).extents]
     if ino.layout == 4:
         fmt, bits = img.chunk_format(ino)
         d["chunk_format"] = f"{fmt:#x}"
@@ -165,7 +176,7 @@ def inspect_cmd(image, path, blob_dir, devices, as_json):
             click.echo(json.dumps(d, indent=1))
             return
         for k, v in d.items():
-            if k in ("chunks", "entries"):
+            if k in ("chunks", "entries", "extents"):
                 click.echo(f"{k}:")
                 for x in v:
                     click.echo("  " + " ".join(f"{a}={b}" for a, b in x.items()))
@@ -191,8 +202,8 @@ def inspect_cmd(image, path, blob_dir, devices, as_json):
             click.echo(f"{k}:")
             for x in v:
                 click.echo("  " + " ".join(f"{a}={b}" for a, b in x.items()))
-        elif k == "rafs":
-            click.echo("rafs: " + " ".join(f"{a}={b}" for a, b in v.items()))
+        elif k in ("rafs", "compression"):
+            click.echo(f"{k}: " + " ".join(f"{a}={b}" for a, b in v.items()))
         else:
             click.echo(f"{k}: {v}")
     click.echo("tree:")
@@ -282,6 +293,9 @@ def stat_cmd(images, blob_dir, as_json):
             if k == "blobs":
                 for b in v:
                     click.echo("  blob " + " ".join(f"{a}={x}" for a, x in b.items()))
+            elif k == "compression":
+                for alg, a in v.items():
+                    click.echo(f"  compression {alg}: " + " ".join(f"{n}={x}" for n, x in a.items()))
             else:
                 click.echo(f"  {k}: {v}")
     click.echo("total:")

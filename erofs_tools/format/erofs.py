@@ -151,16 +151,33 @@ class ChunkIndex(Record):
 assert ChunkIndex.SIZE == 8
 
 
-# --- compressed files (as mkfs -z writes them; the reader does not decode them yet) -------
+# --- compressed files ------------------------------------------------------------------
 FEATURE_INCOMPAT_ZERO_PADDING = 0x1    # compressed bytes right-aligned in their pcluster
 FEATURE_INCOMPAT_COMPR_CFGS = 0x2      # per-algorithm records after the superblock
 FEATURE_INCOMPAT_BIG_PCLUSTER = 0x2    # same bit: pclusters over one block
+FEATURE_INCOMPAT_ZTAILPACKING = 0x10   # a file's last pcluster inline after its indexes
+FEATURE_INCOMPAT_FRAGMENTS = 0x20      # file tails in the packed inode (sb.packed_nid)
+FEATURE_INCOMPAT_DEDUPE = 0x20         # same bit: pclusters shared, partially referenced
+# what the reader understands of compressed images (on top of FEATURE_INCOMPAT_SUPPORTED)
+FEATURE_INCOMPAT_COMPRESSED = (FEATURE_INCOMPAT_ZERO_PADDING | FEATURE_INCOMPAT_COMPR_CFGS
+                               | FEATURE_INCOMPAT_ZTAILPACKING | FEATURE_INCOMPAT_FRAGMENTS)
 COMPRESSION_LZ4, COMPRESSION_LZMA, COMPRESSION_DEFLATE, COMPRESSION_ZSTD = range(4)
 LCLUSTER_TYPE_PLAIN, LCLUSTER_TYPE_HEAD1, LCLUSTER_TYPE_NONHEAD, LCLUSTER_TYPE_HEAD2 = range(4)
 LI_D0_CBLKCNT = 0x800                  # first NONHEAD's delta[0]: pcluster block count
 ADVISE_COMPACTED_2B = 0x1
 ADVISE_BIG_PCLUSTER_1 = 0x2
 ADVISE_BIG_PCLUSTER_2 = 0x4
+ADVISE_EXTENTS = 0x1                   # COMPRESSED_FULL only: extent records (not read)
+ADVISE_INLINE_PCLUSTER = 0x8           # ztailpacking: the tail pcluster after the indexes
+ADVISE_INTERLACED_PCLUSTER = 0x10      # plain pclusters stored rotated within their block
+ADVISE_FRAGMENT_PCLUSTER = 0x20        # the tail extent lives in the packed inode
+FRAGMENT_INODE_BIT = 7                 # h_clusterbits bit 7: the whole file is a fragment
+LI_PARTIAL_REF = 0x8000                # full index HEAD: the pcluster decodes to more
+LI_TYPE_MASK = 0x3
+FULL_INDEX_PADDING = 8                 # full indexes start 8 bytes after the map header
+PCLUSTER_MAX_SIZE = 1 << 20            # erofs-utils' bounds of one pcluster
+PCLUSTER_MAX_DSIZE = 12 << 20
+LZMA_MAX_DICT_SIZE = 8 * PCLUSTER_MAX_SIZE
 
 
 class MapHeader(Record):

@@ -10,6 +10,7 @@ from erofs_tools.format import erofs as E
 from erofs_tools.format import rafs as R
 from erofs_tools.reader.blob import compute_blob_id, decode_chunk
 from erofs_tools.reader.image import Image, _cstr
+from erofs_tools.reader.zdata import ZChecker, is_compressed
 
 # The kernel keeps inode times as a signed 64-bit count of seconds (timespec64), which
 # is what an extended inode's 64-bit i_mtime is read into; ext4 holds up to 2446 and
@@ -139,6 +140,8 @@ def check_image(img: Image, blobs=None, verify_data=True):
     if blobs is not None:
         blob_problems = check_blobs(img, blobs, bad_chunks)
 
+    zc = ZChecker(img)
+
     def on_error(path, e):
         problems.append(Problem(_shown(path), _msg(e, name)))
 
@@ -183,6 +186,8 @@ def check_image(img: Image, blobs=None, verify_data=True):
                         subdirs[nid] += 1
             elif ino.is_lnk():
                 img.readlink(ino)
+            elif ino.is_reg() and is_compressed(ino):
+                zc.check_inode(ino, verify_data)
             elif ino.is_reg():
                 _check_file(img, path, ino, verify_data, ci_by_blob_off, add, bad_chunks)
             else:
@@ -192,6 +197,7 @@ def check_image(img: Image, blobs=None, verify_data=True):
                     pass
         except ErofsToolsError as e:
             add(path, _msg(e, name))
+    _check_packed(img, zc, verify_data, problems)
     # link counts
     wrong = {}
     for nid in first_path:
@@ -214,6 +220,27 @@ def check_image(img: Image, blobs=None, verify_data=True):
                 break
     problems.extend(blob_problems)
     return problems
+
+
+def _check_packed(img, zc, verify_data, problems):
+    """The packed inode (file tails of -Efragments images) is in no directory: check it
+    on its own, and say when the decode budget stopped the data checks."""
+    nid = img.sb.packed_nid
+    if nid and img.sb.feature_incompat & E.FEATURE_INCOMPAT_FRAGMENTS:
+        try:
+            ino = img.inode(nid)
+            if not ino.is_reg():
+                problems.append(Problem("packed inode", f"nid {nid} is not a regular file"))
+            elif is_compressed(ino):
+                zc.check_inode(ino, verify_data)
+            else:
+                for _ in img.map_data(ino):
+                    pass
+        except ErofsToolsError as e:
+            problems.append(Problem("packed inode", _msg(e, img.name)))
+    if zc.exhausted:
+        problems.append(Problem("compressed data", "decodes to more than 4096 times the "
+                                "image size; the rest was not verified"))
 
 
 def _check_file(img, path, ino, verify_data, ci_by_blob_off, add, bad_chunks):

@@ -17,6 +17,8 @@ from erofs_tools.format import erofs as E
 from erofs_tools.format import rafs as R
 from erofs_tools.fsutil import round_up
 from erofs_tools.reader.chunkrefs import ChunkList, ChunkRef  # noqa: F401 (re-exported)
+from erofs_tools.reader.zdata import is_compressed, iter_compressed
+from erofs_tools.reader.zmap import parse_config
 
 MAX_SYMLINK = 4095
 MAX_BLOCK_BITS = 16        # we read 512 B .. 64 KiB blocks; the kernel stops at PAGE_SIZE
@@ -142,6 +144,8 @@ class Image:
         self.size = len(self.data)
         self.blobs = blobs
         self._inode_cache = {}
+        self._zstate = None         # reader/zdata.py caches (compressed inodes)
+        self.zconfig = None         # ZConfig of a compressed image
         self._parse_super()
 
     def close(self):
@@ -187,9 +191,10 @@ class Image:
         self.blksz = 1 << sb.blkszbits
         if sb.dirblkbits:
             raise self._err(f"dirblkbits {sb.dirblkbits} is not 0")
-        if sb.feature_incompat & ~E.FEATURE_INCOMPAT_SUPPORTED:
+        known = E.FEATURE_INCOMPAT_SUPPORTED | E.FEATURE_INCOMPAT_COMPRESSED
+        if sb.feature_incompat & ~known:
             raise self._err(
-                f"unsupported incompatible features {sb.feature_incompat & ~E.FEATURE_INCOMPAT_SUPPORTED:#x}")
+                f"unsupported incompatible features {sb.feature_incompat & ~known:#x}")
         if sb.sb_extslots:
             raise self._err(f"sb_extslots {sb.sb_extslots} not supported")
         if sb.feature_compat & E.FEATURE_COMPAT_SB_CHKSUM:
@@ -222,6 +227,7 @@ class Image:
             m <<= 1
         self.device_id_mask = m - 1
         self._parse_rafs()
+        self.zconfig = parse_config(self)
         # root
         if self.root_nid == 0:
             raise self._err("root nid is 0")
@@ -353,7 +359,7 @@ class Image:
         ino.xattr_isize = E.xattr_ibody_size(r.i_xattr_icount)
         if ino.ftype not in E._FT_BY_IFMT:
             raise self._err(f"inode {nid}: bad file mode {ino.mode:#o}")
-        if ino.layout not in (E.LAYOUT_FLAT_PLAIN, E.LAYOUT_FLAT_INLINE, E.LAYOUT_CHUNK_BASED):
+        if ino.layout not in E.LAYOUT_NAMES:
             raise self._err(f"inode {nid}: unsupported data layout {ino.layout_name}")
         if ino.data_end > self.size:
             raise self._err(f"inode {nid}: inline xattrs run past the image end")
@@ -422,6 +428,8 @@ class Image:
             if toff + tail > self.size:
                 raise self._err(f"inode {ino.nid}: inline data outside the image")
             yield full, tail, 0, toff
+        elif is_compressed(ino):
+            raise self._err(f"inode {ino.nid}: compressed data has no direct mapping")
         elif ino.layout == E.LAYOUT_CHUNK_BASED:
             hole_start = hole_len = 0
             for c in self.chunks(ino):
@@ -448,6 +456,9 @@ class Image:
         """Yield (file_offset, bytes or None, length) pieces covering the inode's data;
         None = hole (zeros). Raises CorruptImageError on any inconsistency."""
         blobs = blobs if blobs is not None else self.blobs
+        if is_compressed(ino):
+            yield from iter_compressed(self, ino, piece)
+            return
         for fo, length, dev, phys in self.map_data(ino):
             if dev is None:
                 yield fo, None, length
@@ -471,7 +482,8 @@ class Image:
         """All data of an inode as bytes (for directories, symlinks, small files)."""
         if limit is not None and ino.size > limit:
             raise self._err(f"inode {ino.nid}: size {ino.size} exceeds {limit}")
-        if ino.size > self.size and ino.layout != E.LAYOUT_CHUNK_BASED:
+        if ino.size > self.size and ino.layout != E.LAYOUT_CHUNK_BASED and \
+                not is_compressed(ino):
             raise self._err(f"inode {ino.nid}: size {ino.size} larger than the image")
         out = bytearray()
         for _off, data, n in self.iter_data(ino, blobs):

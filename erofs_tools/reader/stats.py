@@ -8,6 +8,8 @@ from erofs_tools.format import erofs as E
 from erofs_tools.format import rafs as R
 from erofs_tools.fsutil import round_up
 from erofs_tools.reader.image import Image, _cstr
+from erofs_tools.reader.zdata import is_compressed, state
+from erofs_tools.reader.zmap import ALG_NAMES, FRAGMENT
 
 
 def image_stats(img: Image):
@@ -27,6 +29,9 @@ def image_stats(img: Image):
     rafs_bits = img.rafs.s_chunk_size.bit_length() - 1 if img.is_rafs else None
     metas = {}
     hash_budget = [(256 << 20) + 4 * img.size]
+    zfiles = zbytes = 0
+    zalg: dict[str, dict[str, int]] = {}
+    zseen: set[tuple[int, int]] = set()
 
     def meta_of(dev):
         if dev not in metas:
@@ -55,6 +60,11 @@ def image_stats(img: Image):
             continue
         files += 1
         logical += ino.size
+        if is_compressed(ino):
+            zfiles += 1
+            zbytes += ino.size
+            _add_compressed(img, ino, zalg, zseen)
+            continue
         if ino.layout != E.LAYOUT_CHUNK_BASED:
             flat_bytes += ino.size
             continue
@@ -101,9 +111,19 @@ def image_stats(img: Image):
                 if data is not None:
                     info["digest"] = hashlib.sha256(data).digest()
             unique[key] = info
-    after_dedup = flat_bytes + sum(u["size"] for u in unique.values())
+    packed = img.sb.packed_nid if img.sb.feature_incompat & E.FEATURE_INCOMPAT_FRAGMENTS else 0
+    if packed:
+        try:
+            pino = img.inode(packed)
+            if is_compressed(pino):
+                _add_compressed(img, pino, zalg, zseen)
+        except ErofsToolsError:
+            pass
+    zstored = sum(a["bytes_stored"] for a in zalg.values())
+    after_dedup = flat_bytes + zbytes + sum(u["size"] for u in unique.values())
     csizes = [u["csize"] for u in unique.values()]
-    after_comp = flat_bytes + sum(csizes) if all(x is not None for x in csizes) else None
+    after_comp = flat_bytes + zstored + sum(csizes) if all(x is not None for x in csizes) \
+        else None
     stored_blocks = sum(round_up(u["size"], img.blksz) for u in unique.values())
     d = {
         "image": img.name, "kind": "rafs-v6" if img.is_rafs else "erofs",
@@ -112,12 +132,18 @@ def image_stats(img: Image):
         "chunks": chunk_refs, "unique_chunks": len(unique), "holes": holes,
         "bytes_logical": logical, "bytes_holes": hole_bytes,
         "bytes_flat": flat_bytes,
-        "bytes_chunks_before_dedup": logical - flat_bytes - hole_bytes,
+        "compressed_files": zfiles, "bytes_compressed_files": zbytes,
+        "bytes_chunks_before_dedup": logical - flat_bytes - zbytes - hole_bytes,
         "bytes_after_dedup": after_dedup,
         "bytes_after_compression": after_comp,
         "bytes_chunk_blocks": stored_blocks,
         "image_bytes": img.size,
     }
+    if zalg:
+        # ratio: decoded / stored bytes (fragments are stored in the packed inode)
+        d["compression"] = {k: {**a, "ratio": round(a["bytes_decoded"] / a["bytes_stored"], 3)
+                                if a["bytes_stored"] else None}
+                            for k, a in sorted(zalg.items())}
     if img.is_rafs:
         blobs = []
         for i, b in enumerate(img.blob_entries):
@@ -135,6 +161,23 @@ def image_stats(img: Image):
         if u["digest"] is not None:
             digests[u["digest"]] = u["size"]
     return d, digests
+
+
+def _add_compressed(img, ino, zalg, zseen):
+    """Per algorithm: extents, decoded bytes and stored bytes (each pcluster once: dedupe
+    shares them; fragments are stored in the packed inode, counted there)."""
+    try:
+        exts = state(img).zmap(ino).extents
+    except ErofsToolsError:
+        return
+    for x in exts:
+        name = "fragment" if x.kind == FRAGMENT else ALG_NAMES.get(x.alg, str(x.alg))
+        a = zalg.setdefault(name, {"extents": 0, "bytes_decoded": 0, "bytes_stored": 0})
+        a["extents"] += 1
+        a["bytes_decoded"] += x.llen
+        if x.kind != FRAGMENT and (x.pa, x.plen) not in zseen:
+            zseen.add((x.pa, x.plen))
+            a["bytes_stored"] += x.plen
 
 
 def multi_stats(imgs):
@@ -162,7 +205,7 @@ def multi_stats(imgs):
         "bytes_logical": sum(p["bytes_logical"] for p in per),
         "bytes_after_dedup_per_image_sum": sum(p["bytes_after_dedup"] for p in per),
         "bytes_after_dedup_across_images": sum(all_digests.values())
-        + sum(p["bytes_flat"] for p in per),
+        + sum(p["bytes_flat"] + p["bytes_compressed_files"] for p in per),
         "shared_chunks": len(shared),
         "shared_bytes": sum(all_digests[dg] for dg in shared),
         "shared_chunk_owners": {dg.hex(): [per[i]["image"] for i in sorted(owners[dg])]
@@ -187,6 +230,14 @@ def super_summary(img: Image) -> dict:
          "devices": [{"id": i + 1, "tag": _cstr(d.tag).decode("ascii", "replace"),
                       "blocks": d.blocks, "mapped_blkaddr": d.mapped_blkaddr}
                      for i, d in enumerate(img.devices)]}
+    z = img.zconfig
+    if z is not None and sb.feature_incompat & E.FEATURE_INCOMPAT_COMPRESSED:
+        d["compression"] = {
+            "algorithms": [ALG_NAMES[a] for a in range(4) if z.algs & (1 << a)],
+            "zero_padding": z.zero_padding, "big_pclusters": z.big_pcluster,
+            "ztailpacking": bool(sb.feature_incompat & E.FEATURE_INCOMPAT_ZTAILPACKING),
+            "fragments_or_dedupe": bool(sb.feature_incompat & E.FEATURE_INCOMPAT_FRAGMENTS),
+            "packed_nid": sb.packed_nid}
     if img.is_rafs:
         ext = img.rafs
         d["rafs"] = {"flags": f"{ext.s_flags:#x}", "chunk_size": ext.s_chunk_size,
