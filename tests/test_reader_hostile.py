@@ -39,11 +39,14 @@ def base(tmp_path_factory):
     os.symlink("file1", src / "lnk")
     os.setxattr(src / "file1", "user.a", b"1")
     os.setxattr(src / "q7", "user.a", b"1")
+    # a fixed UUID and build time: random superblock bytes once held "q7" by chance,
+    # and the name patch below must find the dirent's name exactly once
+    fixed = ["-U", "11111111-2222-3333-4444-555555555555", "-T", "0"]
     plain = d / "plain.img"
-    subprocess.run(["mkfs.erofs", "--quiet", "-x1", str(plain), str(src)], check=True,
+    subprocess.run(["mkfs.erofs", "--quiet", *fixed, "-x1", str(plain), str(src)], check=True,
                    capture_output=True)
     chunked = d / "chunked.img"
-    subprocess.run(["mkfs.erofs", "--quiet", "--chunksize=4096", str(chunked), str(src)],
+    subprocess.run(["mkfs.erofs", "--quiet", *fixed, "--chunksize=4096", str(chunked), str(src)],
                    check=True, capture_output=True)
     return {"dir": d, "outside": outside, "plain": plain.read_bytes(),
             "chunked": chunked.read_bytes()}
