@@ -88,6 +88,7 @@ int zconf_setup(erofs_builder *b, struct zconf *zc)
         return fail(b, ERN_EINVAL, "pcluster size %u is not a multiple of the block size "
                     "%u up to %u", ps, blksz, Z_EROFS_PCLUSTER_MAX_SIZE);
     zc->pclustersize = ps;
+    zc->ztail = b->o.ztailpacking != 0;
     zc->pclusterblks = ps / blksz;
     long n = sysconf(_SC_NPROCESSORS_ONLN);
     zc->threads = b->o.compress_threads ? b->o.compress_threads : (n > 0 ? (uint32_t)n : 1);
@@ -171,7 +172,8 @@ int zctx_init(struct zctx *c, const struct zconf *zc)
     c->in_len = QUEUE_SIZE;
     c->in = malloc(c->in_len);
     c->out = malloc(zc->pclustersize);
-    if (!c->in || !c->out) {
+    c->out2 = malloc(zc->pclustersize);
+    if (!c->in || !c->out || !c->out2) {
         snprintf(c->err, sizeof(c->err), "out of memory");
         return ERN_ENOMEM;
     }
@@ -184,6 +186,7 @@ void zctx_fini(struct zctx *c)
         c->zc->alg->fini(c);
     free(c->in);
     free(c->out);
+    free(c->out2);
     free(c->scratch);
     memset(c, 0, sizeof(*c));
 }
@@ -253,6 +256,7 @@ void zfile_free(struct zfile *zf)
     if (zf->data)
         out_release(zf->data, zf->dcap);
     free(zf->ext);
+    free(zf->idata);
     memset(zf, 0, sizeof(*zf));
 }
 
@@ -286,7 +290,7 @@ static int out_reserve(struct zfile *zf, uint64_t len)
     return 0;
 }
 
-static int add_extent(struct zfile *zf, uint64_t start, uint32_t nblk, int raw)
+static int add_extent(struct zfile *zf, uint64_t start, uint32_t nblk, int raw, int inl)
 {
     if (zf->next == zf->cap_ext) {
         uint32_t nc = zf->cap_ext ? zf->cap_ext * 2 : 16;
@@ -296,30 +300,76 @@ static int add_extent(struct zfile *zf, uint64_t start, uint32_t nblk, int raw)
         zf->ext = p;
         zf->cap_ext = nc;
     }
+    /* the inline tail counts as one block in the index (its address is never read)
+     * but takes none */
     zf->ext[zf->next++] = (struct zext){ .start = start, .pblk = zf->nblocks,
-                                         .nblk = (uint16_t)nblk, .raw = (uint8_t)raw };
-    zf->nblocks += nblk;
+                                         .nblk = (uint16_t)nblk, .raw = (uint8_t)raw,
+                                         .inl = (uint8_t)inl };
+    if (!inl)
+        zf->nblocks += nblk;
     return 0;
+}
+
+/* the file's last extent kept inline after its index (compressed or raw) */
+static long inline_tail(struct xfer *x, struct zfile *zf, const uint8_t *src, uint32_t len,
+                        uint64_t done, int raw, uint32_t took)
+{
+    zf->idata = malloc(len ? len : 1);
+    if (!zf->idata || add_extent(zf, done, 1, raw, 1))
+        return xfail(x, ERN_ENOMEM, "out of memory");
+    memcpy(zf->idata, src, len);
+    zf->idata_len = len;
+    return took;
+}
+
+/* a last extent that ends in a partly used block: compressed again into one block
+ * less, when that leaves less to store after it than the block saved (the rest then
+ * becomes the inline tail) -> the input taken (and c->out holding the result) */
+static uint32_t retry_smaller(struct zctx *c, const uint8_t *src, uint32_t took, long *csz,
+                              uint32_t bs)
+{
+    uint32_t cap = (uint32_t)*csz / bs * bs;
+    if (!cap || (uint32_t)*csz % bs == 0)
+        return took;
+    uint32_t t2 = took;
+    long r = c->zc->alg->destsize(c, src, &t2, c->out2, cap);
+    if (r <= 0 || (uint64_t)r + (took - t2) >= align_up((uint64_t)*csz, bs))
+        return took;
+    memcpy(c->out, c->out2, (size_t)r);
+    *csz = r;
+    return t2;
 }
 
 /* one extent from the input window c->in[head, head + len): compressed into one
  * pcluster, or stored as plain blocks -> input bytes taken (or < 0) */
 static long one_extent(struct zctx *c, struct xfer *x, struct zfile *zf, const char *path,
-                       uint64_t head, uint32_t len, int final, uint64_t done)
+                       uint64_t head, uint32_t len, int final, uint64_t done, int inl)
 {
     const struct zconf *zc = c->zc;
     const uint32_t bs = x->blksz, ps = zc->pclustersize;
     long csz = 0;
     uint32_t took = len;
-    if (!(final && len <= bs)) {
+    if (!(final && len <= bs) || inl) {
         csz = zc->alg->destsize(c, c->in + head, &took, c->out, ps);
         if (csz < 0)
             return xfail(x, ERN_EIO, "%s: %s compression failed: %s", path,
                          zc->alg->name, c->err);
     }
+    /* ztailpacking (inl: the file's last input): the rest of the file whole, in less
+     * than a block, stays inline compressed; a rest that does not compress but is
+     * small stays inline raw (as mkfs.erofs decides) */
+    int whole = inl && took == len;
+    if (whole && csz > 0 && (uint64_t)csz < took && (uint32_t)csz <= ZTAIL_MAX(bs))
+        return inline_tail(x, zf, c->out, (uint32_t)csz, done, 0, took);
     uint64_t plen = align_up((uint64_t)csz, bs);
+    if (inl && len <= ZTAIL_MAX(bs) && (csz <= 0 || plen >= took))
+        return inline_tail(x, zf, c->in + head, len, done, 1, len);
+    if (whole && csz > 0 && plen < took) {
+        took = retry_smaller(c, c->in + head, took, &csz, bs);
+        plen = align_up((uint64_t)csz, bs);
+    }
     if (csz > 0 && plen < took) {
-        if (out_reserve(zf, plen) || add_extent(zf, done, (uint32_t)(plen / bs), 0))
+        if (out_reserve(zf, plen) || add_extent(zf, done, (uint32_t)(plen / bs), 0, 0))
             return xfail(x, ERN_ENOMEM, "out of memory");
         uint8_t *d = zf->data + (zf->dlen - zf->flushed);
         memset(d, 0, plen - (uint64_t)csz);
@@ -334,7 +384,7 @@ static long one_extent(struct zctx *c, struct xfer *x, struct zfile *zf, const c
     took = 0;
     for (uint32_t k = 0; k < nraw && len > took; k++) {
         uint32_t n = len - took < bs ? len - took : bs;
-        if (out_reserve(zf, bs) || add_extent(zf, done + took, 1, 1))
+        if (out_reserve(zf, bs) || add_extent(zf, done + took, 1, 1, 0))
             return xfail(x, ERN_ENOMEM, "out of memory");
         uint8_t *d = zf->data + (zf->dlen - zf->flushed);
         memcpy(d, c->in + head + took, n);
@@ -374,7 +424,9 @@ int zfile_compress(struct zctx *c, struct xfer *x, int fd, const char *path,
                 int final = remaining == 0;
                 if (len <= ps && !final)
                     break;         /* too little left for a pcluster: read more */
-                long took = one_extent(c, x, zf, path, head, len, final, done);
+                /* mkfs.erofs's may_inline: all input read, last segment */
+                int inl = c->zc->ztail && final && seg + SEGMENT_SIZE >= size;
+                long took = one_extent(c, x, zf, path, head, len, final, done, inl);
                 if (took < 0)
                     return (int)took;
                 head += (uint64_t)took;
@@ -392,6 +444,6 @@ int zfile_compress(struct zctx *c, struct xfer *x, int fd, const char *path,
         }
     }
     uint64_t nlc = (size + bs - 1) / bs;
-    zf->plain = (uint64_t)zf->nblocks * bs + Z_INDEX_START + nlc * 8 >= size;
+    zf->plain = (uint64_t)zf->nblocks * bs + Z_INDEX_START + nlc * 8 + zf->idata_len >= size;
     return 0;
 }

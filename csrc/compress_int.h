@@ -40,7 +40,12 @@ struct zconf {
     uint32_t cfgs_len;
     uint16_t sb_u1;          /* available algorithms, or lz4 max distance */
     uint32_t incompat;       /* feature bits compression adds */
+    int ztail;               /* -Eztailpacking: a file's last extent inline */
 };
+
+/* an inline tail is at most this many bytes: then, the index being 8-byte aligned,
+ * some 32-byte aligned inode position keeps it inside one block (the kernel's rule) */
+#define ZTAIL_MAX(blksz) ((blksz) - 32u)
 
 /* one thread's compressor state */
 struct zctx {
@@ -51,6 +56,7 @@ struct zctx {
     uint8_t *in;             /* input window of zfile_compress */
     uint64_t in_len;
     uint8_t *out;            /* one pcluster of output */
+    uint8_t *out2;           /* a second one (recompressing a file's last extent) */
     uint32_t hint;           /* input the last extent of this file took (0: none yet);
                                 reset per file, so results never depend on the thread */
     char err[200];
@@ -63,6 +69,7 @@ struct zext {
     uint32_t pblk;
     uint16_t nblk;
     uint8_t raw;             /* stored uncompressed (a PLAIN lcluster) */
+    uint8_t inl;             /* the inline tail (zfile.idata), no block of its own */
 };
 
 /* a compressed file before its blocks are placed: the pclusters back to back (each a
@@ -76,6 +83,8 @@ struct zfile {
     uint32_t next, cap_ext;
     uint32_t nblocks;        /* pcluster blocks */
     int plain;               /* compression saves nothing: store the file uncompressed */
+    uint8_t *idata;          /* ztailpacking: the last extent's bytes, after the index */
+    uint32_t idata_len;
 };
 
 #define Z_INDEX_START 16u  /* full index: map header + 8 reserved bytes before the entries */

@@ -70,6 +70,8 @@ struct erofs_opts {
     uint32_t pcluster_size;    /* bytes of a physical cluster; 0: one block */
     uint32_t compress_threads; /* 0: one per online CPU; the image is the same */
     int32_t compress_full_index; /* 1: full (8-byte) lcluster indexes; 0: compact */
+    int32_t ztailpacking;      /* 1: a compressed file's last extent inline after its
+                                  index (mkfs.erofs -Eztailpacking) */
 };
 
 struct erofs_layout_info {

@@ -87,6 +87,7 @@ void erofs_builder_free(erofs_builder *b)
     for (uint32_t i = 0; i < b->nnodes; i++) {
         free(b->nodes[i].tailbuf);
         free(b->nodes[i].zmeta);
+        free(b->nodes[i].ztail);
     }
     free(b->zc);
     free(b->nodes);

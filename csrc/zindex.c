@@ -23,7 +23,9 @@ uint8_t *zfile_index(const struct zfile *zf, const struct zconf *zc, uint32_t bl
     struct z_erofs_map_header h;
     memset(&h, 0, sizeof(h));
     int big = zc->pclusterblks > 1;
-    h.h_advise = cpu_to_le16(big ? Z_EROFS_ADVISE_BIG_PCLUSTER_1 : 0);
+    h.h_advise = cpu_to_le16((big ? Z_EROFS_ADVISE_BIG_PCLUSTER_1 : 0) |
+                             (zf->idata ? Z_EROFS_ADVISE_INLINE_PCLUSTER : 0));
+    h.h_idata_size = cpu_to_le16(zf->idata_len);
     h.h_algorithmtype = (uint8_t)zc->alg->id;
     h.h_clusterbits = 0;
     memcpy(meta, &h, sizeof(h));

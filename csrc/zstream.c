@@ -29,6 +29,8 @@ struct zjob {
     int plain;
     uint32_t startblk, nblocks, meta_len;
     uint8_t *meta, *tailbuf;
+    uint8_t *idata;           /* ztailpacking: inline tail after the index */
+    uint32_t idata_len;
 };
 
 struct zpool {
@@ -113,8 +115,9 @@ static int run_zjob(struct zpool *p, struct zctx *c, struct xfer *x, struct zjob
 {
     uint32_t bs = p->b->blksz;
     uint64_t nlc = (j->size + bs - 1) / bs;
-    /* one pcluster + index is already no smaller than the file */
-    if (j->size <= bs + 16 + nlc * 8) {
+    /* one pcluster + index is already no smaller than the file (with ztailpacking, a
+     * small file may still compress inline) */
+    if (j->size <= bs + 16 + nlc * 8 && !p->zc->ztail) {
         j->zf.plain = 1;
         j->zf.size = j->size;
         return 0;
@@ -147,6 +150,11 @@ static int commit(struct zpool *p, struct zjob *j, struct xfer *x)
             return xfail(x, ERN_ENOMEM, "out of memory");
         j->nblocks = j->zf.nblocks;
         j->startblk = (uint32_t)base;
+        j->idata = j->zf.idata;
+        j->idata_len = j->zf.idata_len;
+        j->zf.idata = NULL;
+        if (j->idata)
+            p->zc->incompat |= EROFS_FEATURE_INCOMPAT_ZTAILPACKING;
         b->scur = base + j->zf.nblocks;
     } else {
         j->plain = 1;
@@ -369,10 +377,14 @@ int zpool_stop(erofs_builder *b, int abort)
                 n->zmeta = j->meta;
                 n->zmeta_len = j->meta_len;
                 n->zblocks = j->nblocks;
+                n->ztail = j->idata;
+                n->ztail_len = j->idata_len;
                 j->meta = NULL;
+                j->idata = NULL;
             }
         }
         free(j->meta);
+        free(j->idata);
         free(j->tailbuf);
         free(j->path);
         free(j);
@@ -399,5 +411,5 @@ int zpool_stop(erofs_builder *b, int abort)
 uint32_t zmeta_extra(const struct node *n)
 {
     uint32_t end = inode_size(n) + n->xattr_isize;
-    return (uint32_t)(align_up(end, 8) - end) + n->zmeta_len;
+    return (uint32_t)(align_up(end, 8) - end) + n->zmeta_len + n->ztail_len;
 }

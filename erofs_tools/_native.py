@@ -98,6 +98,7 @@ class BuildOptions:
     pcluster_size: int = 0         # bytes per physical cluster; 0: one block
     compress_threads: int = 0      # 0: one per CPU (the image does not depend on it)
     compress_full_index: bool = False  # full 8-byte lcluster indexes (else compact)
+    ztailpacking: bool = False     # compressed files' last extents inline
     _extra: dict = field(default_factory=dict, repr=False)
 
     def to_c(self) -> Any:
@@ -143,6 +144,7 @@ class BuildOptions:
         o.pcluster_size = self.pcluster_size
         o.compress_threads = self.compress_threads
         o.compress_full_index = int(self.compress_full_index)
+        o.ztailpacking = int(self.ztailpacking)
         return o
 
 

@@ -58,6 +58,7 @@ def build_options(opts: MkfsOptions) -> BuildOptions:
         compress_level=z.level if z and z.level is not None else -1,
         pcluster_size=z.pcluster_size if z else 0,
         compress_full_index=z.full_index if z else False,
+        ztailpacking=z.ztailpacking if z else False,
         compress_threads=opts.workers,
         uuid=opts.uuid if opts.uuid is not None else _uuid.uuid4().bytes,
         volume_name=opts.label,

@@ -16,6 +16,7 @@ class Compression:
     level: int | None = None
     pcluster_size: int = 0            # bytes; 0 = one block
     full_index: bool = False          # -E legacy-compress: 8-byte lcluster indexes
+    ztailpacking: bool = False        # -E ztailpacking: last extents inline
 
 
 @dataclass
@@ -47,20 +48,26 @@ COMPRESSOR_NAMES = ("lz4", "lz4hc", "lzma", "deflate", "zstd")
 PCLUSTER_MAX = 1 << 20
 
 
-def parse_extended(texts: Sequence[str]) -> set[str]:
-    """-E options (comma separated, repeatable); the ones this mkfs knows so far."""
-    known = {"legacy-compress"}
-    out = set()
+# -E options this mkfs knows (mkfs.erofs names), and whether they take =VALUE
+EXTENDED = {"legacy-compress": False, "ztailpacking": False}
+
+
+def parse_extended(texts: Sequence[str]) -> dict[str, str | None]:
+    """-E options (comma separated, repeatable) -> {name: value or None}."""
+    out: dict[str, str | None] = {}
     for text in texts:
         for opt in filter(None, (t.strip() for t in text.split(","))):
-            if opt not in known:
+            name, sep, value = opt.partition("=")
+            if name not in EXTENDED:
                 raise InputError(f"-E: unsupported extended option {opt!r}")
-            out.add(opt)
+            if sep and not EXTENDED[name]:
+                raise InputError(f"-E {name} takes no value")
+            out[name] = value if sep else None
     return out
 
 
 def parse_compress(text: str, pcluster: str | None = None,
-                   full_index: bool = False) -> Compression:
+                   ext: Mapping[str, str | None] | None = None) -> Compression:
     """mkfs.erofs's -z syntax: ALG[,level=N][,dictsize=...] with one ALG (this slice)."""
     if ":" in text:
         raise InputError(f"-z {text!r}: only one algorithm is supported so far")
@@ -87,7 +94,8 @@ def parse_compress(text: str, pcluster: str | None = None,
             raise InputError(f"-C: not a byte count: {pcluster!r}") from None
         if size <= 0 or size % 4096 or size > PCLUSTER_MAX:
             raise InputError(f"-C {pcluster}: must be a multiple of 4096 up to {PCLUSTER_MAX}")
-    return Compression(name, level, size, full_index)
+    ext = ext or {}
+    return Compression(name, level, size, "legacy-compress" in ext, "ztailpacking" in ext)
 
 
 def parse_timestamp(text: object, what: str = "-T") -> int:

@@ -42,8 +42,8 @@ from erofs_tools.errors import InputError
 @click.option("-C", "pcluster", metavar="SIZE",
               help="Largest physical cluster in bytes (a multiple of 4096; default 4096).")
 @click.option("-E", "extended", multiple=True, metavar="OPT[,...]",
-              help="Extended options: legacy-compress (full 8-byte lcluster indexes instead "
-                   "of the compact ones).")
+              help="Extended options (as mkfs.erofs): legacy-compress (full 8-byte lcluster "
+                   "indexes), ztailpacking (last extents inline).")
 @click.option("--workers", type=click.IntRange(0, 64), default=0,
               help="Compression threads (default: one per CPU; the image is the same).")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing on success.")
@@ -66,7 +66,7 @@ def mkfs(image, source, timestamp, uuid_text, label, all_root, force_uid, force_
         exclude_paths=[parse_exclude_path(p) for p in exclude_path],
         exclude_regex=[parse_exclude_regex(r) for r in exclude_regex],
         shared_xattrs=not no_shared_xattrs,
-        compress=(parse_compress(compress, pcluster, "legacy-compress" in ext)
+        compress=(parse_compress(compress, pcluster, ext)
                   if compress is not None else None),
         workers=workers,
     )

