@@ -69,6 +69,7 @@ struct node {
     uint32_t zmeta_len, zblocks;
     uint8_t *ztail;         /* ztailpacking: the inline last extent, after the index */
     uint32_t ztail_len;
+    uint8_t zfull_only;     /* compressed, with a fragment the compact index cannot hold */
 };
 
 /* a copy job for the stream worker: everything it needs, nothing shared */
@@ -178,6 +179,7 @@ struct erofs_builder {
     /* compression (compress_int.h): settings and, while files come in, the pool */
     struct zconf *zc;
     struct zpool *zp;
+    uint32_t packed_node;   /* -Efragments: the packed inode (NONE32: none) */
 };
 
 /* nodes.c */

@@ -89,7 +89,13 @@ int zconf_setup(erofs_builder *b, struct zconf *zc)
                     "%u up to %u", ps, blksz, Z_EROFS_PCLUSTER_MAX_SIZE);
     zc->pclustersize = ps;
     zc->ztail = b->o.ztailpacking != 0;
+    zc->frags = b->o.fragments != 0;
+    zc->packed_ps = b->o.packed_pcluster_size ? b->o.packed_pcluster_size : ps;
+    if (zc->packed_ps % blksz || zc->packed_ps > ps)
+        return fail(b, ERN_EINVAL, "packed file pcluster size %u is not a multiple of the "
+                    "block size %u up to the pcluster size %u", zc->packed_ps, blksz, ps);
     zc->pclusterblks = ps / blksz;
+    zc->big = zc->pclusterblks > 1;
     long n = sysconf(_SC_NPROCESSORS_ONLN);
     zc->threads = b->o.compress_threads ? b->o.compress_threads : (n > 0 ? (uint32_t)n : 1);
     if (zc->threads > 64)
@@ -257,6 +263,7 @@ void zfile_free(struct zfile *zf)
         out_release(zf->data, zf->dcap);
     free(zf->ext);
     free(zf->idata);
+    free(zf->frag);
     memset(zf, 0, sizeof(*zf));
 }
 
@@ -290,7 +297,8 @@ static int out_reserve(struct zfile *zf, uint64_t len)
     return 0;
 }
 
-static int add_extent(struct zfile *zf, uint64_t start, uint32_t nblk, int raw, int inl)
+static int add_extent(struct zfile *zf, uint64_t start, uint32_t nblk, int raw, int inl,
+                      int frag)
 {
     if (zf->next == zf->cap_ext) {
         uint32_t nc = zf->cap_ext ? zf->cap_ext * 2 : 16;
@@ -304,7 +312,7 @@ static int add_extent(struct zfile *zf, uint64_t start, uint32_t nblk, int raw, 
      * but takes none */
     zf->ext[zf->next++] = (struct zext){ .start = start, .pblk = zf->nblocks,
                                          .nblk = (uint16_t)nblk, .raw = (uint8_t)raw,
-                                         .inl = (uint8_t)inl };
+                                         .inl = (uint8_t)inl, .frag = (uint8_t)frag };
     if (!inl)
         zf->nblocks += nblk;
     return 0;
@@ -315,11 +323,24 @@ static long inline_tail(struct xfer *x, struct zfile *zf, const uint8_t *src, ui
                         uint64_t done, int raw, uint32_t took)
 {
     zf->idata = malloc(len ? len : 1);
-    if (!zf->idata || add_extent(zf, done, 1, raw, 1))
+    if (!zf->idata || add_extent(zf, done, 1, raw, 1, 0))
         return xfail(x, ERN_ENOMEM, "out of memory");
     memcpy(zf->idata, src, len);
     zf->idata_len = len;
     return took;
+}
+
+/* the file's last extent kept for the packed inode (uncompressed: the packed inode is
+ * compressed as a whole); its index entry takes no block */
+static long fragment(struct xfer *x, struct zfile *zf, const uint8_t *src, uint32_t len,
+                     uint64_t done)
+{
+    zf->frag = malloc(len ? len : 1);
+    if (!zf->frag || add_extent(zf, done, 0, 0, 0, 1))
+        return xfail(x, ERN_ENOMEM, "out of memory");
+    memcpy(zf->frag, src, len);
+    zf->frag_len = len;
+    return len;
 }
 
 /* a last extent that ends in a partly used block: compressed again into one block
@@ -343,12 +364,16 @@ static uint32_t retry_smaller(struct zctx *c, const uint8_t *src, uint32_t took,
 /* one extent from the input window c->in[head, head + len): compressed into one
  * pcluster, or stored as plain blocks -> input bytes taken (or < 0) */
 static long one_extent(struct zctx *c, struct xfer *x, struct zfile *zf, const char *path,
-                       uint64_t head, uint32_t len, int final, uint64_t done, int inl)
+                       uint64_t head, uint32_t len, int final, uint64_t done, int inl, int frag)
 {
     const struct zconf *zc = c->zc;
     const uint32_t bs = x->blksz, ps = zc->pclustersize;
     long csz = 0;
     uint32_t took = len;
+    /* fragments (frag: the file's last input): the rest of the file, if at most a
+     * pcluster or compressible into less than one, goes to the packed inode */
+    if (frag && len <= ps)
+        return fragment(x, zf, c->in + head, len, done);
     if (!(final && len <= bs) || inl) {
         csz = zc->alg->destsize(c, c->in + head, &took, c->out, ps);
         if (csz < 0)
@@ -358,6 +383,9 @@ static long one_extent(struct zctx *c, struct xfer *x, struct zfile *zf, const c
     /* ztailpacking (inl: the file's last input): the rest of the file whole, in less
      * than a block, stays inline compressed; a rest that does not compress but is
      * small stays inline raw (as mkfs.erofs decides) */
+    if (frag && took == len && csz > 0 && align_up((uint64_t)csz, bs) < took &&
+        (uint32_t)csz < ps)
+        return fragment(x, zf, c->in + head, len, done);
     int whole = inl && took == len;
     if (whole && csz > 0 && (uint64_t)csz < took && (uint32_t)csz <= ZTAIL_MAX(bs))
         return inline_tail(x, zf, c->out, (uint32_t)csz, done, 0, took);
@@ -369,7 +397,7 @@ static long one_extent(struct zctx *c, struct xfer *x, struct zfile *zf, const c
         plen = align_up((uint64_t)csz, bs);
     }
     if (csz > 0 && plen < took) {
-        if (out_reserve(zf, plen) || add_extent(zf, done, (uint32_t)(plen / bs), 0, 0))
+        if (out_reserve(zf, plen) || add_extent(zf, done, (uint32_t)(plen / bs), 0, 0, 0))
             return xfail(x, ERN_ENOMEM, "out of memory");
         uint8_t *d = zf->data + (zf->dlen - zf->flushed);
         memset(d, 0, plen - (uint64_t)csz);
@@ -384,7 +412,7 @@ static long one_extent(struct zctx *c, struct xfer *x, struct zfile *zf, const c
     took = 0;
     for (uint32_t k = 0; k < nraw && len > took; k++) {
         uint32_t n = len - took < bs ? len - took : bs;
-        if (out_reserve(zf, bs) || add_extent(zf, done + took, 1, 1, 0))
+        if (out_reserve(zf, bs) || add_extent(zf, done + took, 1, 1, 0, 0))
             return xfail(x, ERN_ENOMEM, "out of memory");
         uint8_t *d = zf->data + (zf->dlen - zf->flushed);
         memcpy(d, c->in + head + took, n);
@@ -425,8 +453,10 @@ int zfile_compress(struct zctx *c, struct xfer *x, int fd, const char *path,
                 if (len <= ps && !final)
                     break;         /* too little left for a pcluster: read more */
                 /* mkfs.erofs's may_inline: all input read, last segment */
-                int inl = c->zc->ztail && final && seg + SEGMENT_SIZE >= size;
-                long took = one_extent(c, x, zf, path, head, len, final, done, inl);
+                int last = final && seg + SEGMENT_SIZE >= size;
+                int frag = last && c->zc->frags;
+                int inl = last && c->zc->ztail && !frag;
+                long took = one_extent(c, x, zf, path, head, len, final, done, inl, frag);
                 if (took < 0)
                     return (int)took;
                 head += (uint64_t)took;
@@ -444,6 +474,7 @@ int zfile_compress(struct zctx *c, struct xfer *x, int fd, const char *path,
         }
     }
     uint64_t nlc = (size + bs - 1) / bs;
-    zf->plain = (uint64_t)zf->nblocks * bs + Z_INDEX_START + nlc * 8 + zf->idata_len >= size;
+    zf->plain = !zf->frag &&
+                (uint64_t)zf->nblocks * bs + Z_INDEX_START + nlc * 8 + zf->idata_len >= size;
     return 0;
 }

@@ -41,6 +41,9 @@ struct zconf {
     uint16_t sb_u1;          /* available algorithms, or lz4 max distance */
     uint32_t incompat;       /* feature bits compression adds */
     int ztail;               /* -Eztailpacking: a file's last extent inline */
+    int frags;               /* -Efragments: a file's last extent in the packed inode */
+    uint32_t packed_ps;      /* pcluster size of the packed inode (-Efragments=SIZE) */
+    int big;                 /* big pcluster indexes (any pcluster over one block) */
 };
 
 /* an inline tail is at most this many bytes: then, the index being 8-byte aligned,
@@ -70,6 +73,7 @@ struct zext {
     uint16_t nblk;
     uint8_t raw;             /* stored uncompressed (a PLAIN lcluster) */
     uint8_t inl;             /* the inline tail (zfile.idata), no block of its own */
+    uint8_t frag;            /* the fragment (zfile.frag), in the packed inode */
 };
 
 /* a compressed file before its blocks are placed: the pclusters back to back (each a
@@ -85,7 +89,24 @@ struct zfile {
     int plain;               /* compression saves nothing: store the file uncompressed */
     uint8_t *idata;          /* ztailpacking: the last extent's bytes, after the index */
     uint32_t idata_len;
+    uint8_t *frag;           /* fragments: the last extent's bytes (uncompressed) */
+    uint32_t frag_len;
+    uint64_t fragoff;        /* where they are in the packed inode (set at commit) */
 };
+
+/* fragments.c: the packed inode's data while files come in (a temporary file), each
+ * fragment appended once: an identical one already there is shared */
+struct zpacked {
+    int fd;
+    uint64_t len;
+    struct zfragent *tab;    /* open-addressing table of fragments by content hash */
+    uint32_t cap, n;
+};
+INTERNAL int zpacked_open(struct zpacked *pk);
+INTERNAL void zpacked_close(struct zpacked *pk);
+/* the offset of data[0, len) in the packed inode (appended unless already there) */
+INTERNAL int zpacked_add(struct zpacked *pk, struct xfer *x, const uint8_t *data,
+                         uint32_t len, uint64_t *off);
 
 #define Z_INDEX_START 16u  /* full index: map header + 8 reserved bytes before the entries */
 

@@ -72,6 +72,10 @@ struct erofs_opts {
     int32_t compress_full_index; /* 1: full (8-byte) lcluster indexes; 0: compact */
     int32_t ztailpacking;      /* 1: a compressed file's last extent inline after its
                                   index (mkfs.erofs -Eztailpacking) */
+    int32_t fragments;         /* 1: a compressed file's last extent (or a whole small
+                                  file) in the packed inode (-Efragments) */
+    uint32_t packed_pcluster_size; /* the packed inode's pcluster (-Efragments=SIZE);
+                                  0: pcluster_size */
 };
 
 struct erofs_layout_info {

@@ -243,6 +243,11 @@ static int order_nids(erofs_builder *b)
             }
         }
     }
+    /* the packed inode (-Efragments) is in no directory */
+    if (b->packed_node != NONE32 && !b->nodes[b->packed_node].placed) {
+        b->nodes[b->packed_node].placed = 1;
+        b->order[no++] = b->packed_node;
+    }
     if (no != b->nnodes) {
         for (uint32_t i = 0; i < b->nnodes; i++)
             if (!b->nodes[i].placed)

@@ -427,6 +427,8 @@ static int write_superblock(erofs_builder *b)
     sb.u1 = cpu_to_le16(zconf_sb_u1(b));
     sb.extra_devices = cpu_to_le16(b->ndevs);
     sb.devt_slotoff = cpu_to_le16(b->o.devt_slotoff);
+    if (b->packed_node != NONE32)
+        sb.packed_nid = cpu_to_le64(b->nodes[b->packed_node].nid);
     memcpy(blk0 + EROFS_SUPER_OFFSET, &sb, sizeof(sb));
     if (b->o.sb_checksum)
         sb.checksum = cpu_to_le32(erofs_sb_checksum(blk0, b0len));

@@ -11,6 +11,8 @@
 
 int compact_zindex(erofs_builder *b, struct node *n)
 {
+    if (n->zfull_only)
+        return 0;
     uint32_t mpos = (uint32_t)align_up(inode_size(n) + n->xattr_isize, 8) +
                     (uint32_t)sizeof(struct z_erofs_map_header);
     uint32_t len;

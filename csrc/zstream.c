@@ -25,8 +25,10 @@ struct zjob {
     uint64_t base;
     uint64_t held;            /* output bytes counted in pending */
     struct zfile zf;
+    const struct zconf *zc;   /* NULL: the pool's (else the packed inode's) */
+    int srcfd;                /* the packed inode's data: read from this fd (if > 0) */
     /* result */
-    int plain;
+    int plain, zfull;
     uint32_t startblk, nblocks, meta_len;
     uint8_t *meta, *tailbuf;
     uint8_t *idata;           /* ztailpacking: inline tail after the index */
@@ -48,6 +50,7 @@ struct zpool {
     int committing, stop, abort;
     int err_code;
     char err[600];
+    struct zpacked pk;            /* -Efragments: the packed inode's data */
 };
 
 struct flush_arg {
@@ -97,6 +100,10 @@ static int zflush(void *arg, struct zfile *zf)
 
 static int open_source(struct xfer *x, struct zjob *j, int *pfd)
 {
+    if (j->srcfd > 0) {
+        *pfd = fcntl(j->srcfd, F_DUPFD_CLOEXEC, 0);
+        return *pfd < 0 ? xfail(x, ERN_EIO, "%s: %s", j->path, strerror(errno)) : 0;
+    }
     int fd = open(j->path, O_RDONLY | O_NOCTTY | O_CLOEXEC | O_NOFOLLOW);
     if (fd < 0)
         return xfail(x, ERN_EIO, "%s: %s", j->path, strerror(errno));
@@ -115,9 +122,9 @@ static int run_zjob(struct zpool *p, struct zctx *c, struct xfer *x, struct zjob
 {
     uint32_t bs = p->b->blksz;
     uint64_t nlc = (j->size + bs - 1) / bs;
-    /* one pcluster + index is already no smaller than the file (with ztailpacking, a
-     * small file may still compress inline) */
-    if (j->size <= bs + 16 + nlc * 8 && !p->zc->ztail) {
+    /* one pcluster + index is already no smaller than the file (with ztailpacking or
+     * fragments, a small file may still compress inline or into the packed inode) */
+    if (j->size <= bs + 16 + nlc * 8 && !c->zc->ztail && !c->zc->frags) {
         j->zf.plain = 1;
         j->zf.size = j->size;
         return 0;
@@ -145,7 +152,17 @@ static int commit(struct zpool *p, struct zjob *j, struct xfer *x)
             return r;
         if (base + j->zf.nblocks > 0xFFFFFFFFull)
             return xfail(x, ERN_ELIMIT, "image larger than 2^32 blocks");
-        j->meta = zfile_index(&j->zf, p->zc, b->o.blkszbits, (uint32_t)base, &j->meta_len);
+        if (j->zf.frag) {
+            /* appended in commit order: the packed inode does not depend on threads */
+            if ((r = zpacked_add(&p->pk, x, j->zf.frag, j->zf.frag_len, &j->zf.fragoff)))
+                return r;
+            p->zc->incompat |= EROFS_FEATURE_INCOMPAT_FRAGMENTS;
+            /* compact indexes hold 32 bits of the offset; a whole-file fragment has
+             * its own (full) form */
+            j->zfull = j->zf.next == 1 || j->zf.fragoff >> 32;
+        }
+        j->meta = zfile_index(&j->zf, j->zc ? j->zc : p->zc, b->o.blkszbits, (uint32_t)base,
+                              &j->meta_len);
         if (!j->meta)
             return xfail(x, ERN_ENOMEM, "out of memory");
         j->nblocks = j->zf.nblocks;
@@ -277,6 +294,11 @@ int zpool_start(erofs_builder *b)
         free(p);
         return r;
     }
+    p->pk.fd = -1;
+    if (p->zc->frags && zpacked_open(&p->pk)) {
+        free(p);
+        return fail(b, ERN_EIO, "cannot create the packed file: %s", strerror(errno));
+    }
     pthread_mutex_init(&p->mu, NULL);
     pthread_cond_init(&p->cv_job, NULL);
     pthread_cond_init(&p->cv_space, NULL);
@@ -342,6 +364,66 @@ int zpool_submit(erofs_builder *b, uint32_t node, const char *path, size_t pathl
     return 0;
 }
 
+/* -Efragments, once every file is committed: the packed inode, a node of its own (in
+ * no directory), compressed like a file with its own pcluster size and committed
+ * after the others (so it is written in place as it is compressed) */
+static int flush_packed(erofs_builder *b, struct zpool *p)
+{
+    struct zconf pz = *p->zc;
+    pz.pclustersize = pz.packed_ps;
+    pz.pclusterblks = pz.packed_ps / b->blksz;
+    pz.frags = 0;
+    int64_t node = erofs_node_add(b, S_IFREG | 0600, 0, 0, 0, 0, p->pk.len, 0, 0);
+    if (node < 0)
+        return (int)node;
+    struct node *n = &b->nodes[node];
+    n->nlink = 1;
+    n->dkind = D_FILE;
+    n->streamed = 1;
+    b->packed_node = (uint32_t)node;
+    struct zjob *j = calloc(1, sizeof(*j));
+    struct xfer x;
+    memset(&x, 0, sizeof(x));
+    uint64_t dummy = 0;
+    x.out = b->sfd;
+    x.blksz = b->blksz;
+    x.bytes = &dummy;
+    x.buf = malloc(CBUF_SIZE);
+    struct zctx c;
+    int r = zctx_init(&c, &pz);
+    if (!j || !x.buf || r || !(j->path = strdup("packed file"))) {
+        r = r ? fail(b, r, "%s", c.err) : fail(b, ERN_ENOMEM, "out of memory");
+        goto out;
+    }
+    j->node = (uint32_t)node;
+    j->size = p->pk.len;
+    j->srcfd = p->pk.fd;
+    j->zc = &pz;
+    j->state = 1;
+    p->head = p->tail = j;       /* the oldest file: zflush may write it in place */
+    r = run_zjob(p, &c, &x, j);
+    if (!r)
+        r = commit(p, j, &x);
+    p->head = p->tail = NULL;
+    if (r)
+        fail(b, r, "%s", x.err);
+    zfile_free(&j->zf);
+    if (p->dtail)
+        p->dtail->next = j;
+    else
+        p->dhead = j;
+    p->dtail = j;
+    j = NULL;
+out:
+    if (j) {
+        free(j->path);
+        free(j);
+    }
+    zctx_fini(&c);
+    free(x.buf);
+    return r;
+}
+
 /* stop the pool (after every file is committed, or dropping them when abort) and move
  * the results to the nodes */
 int zpool_stop(erofs_builder *b, int abort)
@@ -363,6 +445,10 @@ int zpool_stop(erofs_builder *b, int abort)
         code = fail(b, ERN_EINVAL, "compression stopped with files left");
     else if (code && !abort)
         fail(b, code, "%s", p->err);
+    else if (!abort && p->pk.len)
+        code = flush_packed(b, p);
+    if (p->pk.fd >= 0)
+        zpacked_close(&p->pk);
     /* committed results to their nodes */
     for (struct zjob *j = p->dhead; j;) {
         struct zjob *nx = j->next;
@@ -379,6 +465,7 @@ int zpool_stop(erofs_builder *b, int abort)
                 n->zblocks = j->nblocks;
                 n->ztail = j->idata;
                 n->ztail_len = j->idata_len;
+                n->zfull_only = (uint8_t)j->zfull;
                 j->meta = NULL;
                 j->idata = NULL;
             }

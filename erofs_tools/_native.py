@@ -99,6 +99,8 @@ class BuildOptions:
     compress_threads: int = 0      # 0: one per CPU (the image does not depend on it)
     compress_full_index: bool = False  # full 8-byte lcluster indexes (else compact)
     ztailpacking: bool = False     # compressed files' last extents inline
+    fragments: bool = False        # compressed files' last extents in the packed inode
+    packed_pcluster_size: int = 0  # the packed inode's pcluster bytes; 0: pcluster_size
     _extra: dict = field(default_factory=dict, repr=False)
 
     def to_c(self) -> Any:
@@ -145,6 +147,10 @@ class BuildOptions:
         o.compress_threads = self.compress_threads
         o.compress_full_index = int(self.compress_full_index)
         o.ztailpacking = int(self.ztailpacking)
+        o.fragments = int(self.fragments)
+        if not 0 <= self.packed_pcluster_size < 1 << 32:
+            raise NativeError("packed pcluster size out of range")
+        o.packed_pcluster_size = self.packed_pcluster_size
         return o
 
 

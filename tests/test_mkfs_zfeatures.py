@@ -157,8 +157,41 @@ def test_ztailpacking_big_and_full(root_kernel, tree, tmp_path, args):
     assert sb_incompat(img) & INCOMPAT_ZTAILPACKING
 
 
+def packed_nid(image):
+    with open(image, "rb") as f:
+        f.seek(1024 + 0x60)
+        return struct.unpack("<Q", f.read(8))[0]
+
+
+@pytest.mark.parametrize("alg", ALGS)
+def test_fragments(root_kernel, tree, tmp_path, alg):
+    """Last extents and small files in the packed inode (sb.packed_nid): whole-file
+    fragments (bit 7 of h_clusterbits) and tails (FRAGMENT_PCLUSTER, h_fragmentoff)."""
+    img = tmp_path / "fr.img"
+    mkfs_and_check(img, tree, "-z", alg, "-Efragments", check_nlink=True)
+    assert sb_incompat(img) & INCOMPAT_FRAGMENTS
+    assert packed_nid(img) != 0
+    _, h = map_header(img, "/t3000")
+    assert h[7] & 0x80          # whole file in the packed inode
+    layout, h = map_header(img, "/text5m")
+    assert layout == 3 and struct.unpack_from("<H", h, 4)[0] & 0x20
+
+
+@pytest.mark.parametrize("args", [
+    ("-z", "lz4hc", "-C", "65536", "-Efragments"),
+    ("-z", "zstd", "-C", "131072", "-Efragments=16384"),
+    ("-z", "lzma", "-C", "65536", "-Efragments,ztailpacking"),
+    ("-z", "lz4", "-Efragments,ztailpacking,legacy-compress"),
+    ("-z", "deflate", "-C", "32768", "-Efragments=32768", "-E", "legacy-compress"),
+])
+def test_fragments_combined(root_kernel, tree, tmp_path, args):
+    img = tmp_path / "frc.img"
+    mkfs_and_check(img, tree, *args, check_nlink=True)
+    assert sb_incompat(img) & INCOMPAT_FRAGMENTS and packed_nid(img)
+
+
 def test_same_image_whatever_the_threads(tree, tmp_path):
-    for extra in (("-Eztailpacking",),):
+    for extra in (("-Eztailpacking",), ("-Efragments", "-C", "65536")):
         images = []
         for workers in (1, 2, 3):
             img = tmp_path / f"w{workers}.img"

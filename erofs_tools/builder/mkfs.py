@@ -59,6 +59,8 @@ def build_options(opts: MkfsOptions) -> BuildOptions:
         pcluster_size=z.pcluster_size if z else 0,
         compress_full_index=z.full_index if z else False,
         ztailpacking=z.ztailpacking if z else False,
+        fragments=z.fragments if z else False,
+        packed_pcluster_size=z.packed_pcluster_size if z else 0,
         compress_threads=opts.workers,
         uuid=opts.uuid if opts.uuid is not None else _uuid.uuid4().bytes,
         volume_name=opts.label,

@@ -17,6 +17,8 @@ class Compression:
     pcluster_size: int = 0            # bytes; 0 = one block
     full_index: bool = False          # -E legacy-compress: 8-byte lcluster indexes
     ztailpacking: bool = False        # -E ztailpacking: last extents inline
+    fragments: bool = False           # -E fragments: last extents in the packed inode
+    packed_pcluster_size: int = 0     # -E fragments=SIZE: its pcluster; 0 = as -C
 
 
 @dataclass
@@ -49,7 +51,7 @@ PCLUSTER_MAX = 1 << 20
 
 
 # -E options this mkfs knows (mkfs.erofs names), and whether they take =VALUE
-EXTENDED = {"legacy-compress": False, "ztailpacking": False}
+EXTENDED = {"legacy-compress": False, "ztailpacking": False, "fragments": True}
 
 
 def parse_extended(texts: Sequence[str]) -> dict[str, str | None]:
@@ -86,16 +88,24 @@ def parse_compress(text: str, pcluster: str | None = None,
             raise InputError(f"-z {text!r}: level is not an integer: {value!r}") from None
         if level < 0:
             raise InputError(f"-z {text!r}: negative level")
-    size = 0
-    if pcluster is not None:
-        try:
-            size = int(pcluster, 10)
-        except ValueError:
-            raise InputError(f"-C: not a byte count: {pcluster!r}") from None
-        if size <= 0 or size % 4096 or size > PCLUSTER_MAX:
-            raise InputError(f"-C {pcluster}: must be a multiple of 4096 up to {PCLUSTER_MAX}")
+    size = _pcluster_bytes(pcluster, "-C ") if pcluster is not None else 0
     ext = ext or {}
-    return Compression(name, level, size, "legacy-compress" in ext, "ztailpacking" in ext)
+    packed = ext.get("fragments")
+    psize = _pcluster_bytes(packed, "-E fragments=") if packed is not None else 0
+    if psize > (size or 4096):
+        raise InputError(f"-E fragments={packed}: larger than the pcluster size")
+    return Compression(name, level, size, "legacy-compress" in ext, "ztailpacking" in ext,
+                       "fragments" in ext, psize)
+
+
+def _pcluster_bytes(text: str, what: str) -> int:
+    try:
+        size = int(text, 10)
+    except ValueError:
+        raise InputError(f"{what}{text}: not a byte count") from None
+    if size <= 0 or size % 4096 or size > PCLUSTER_MAX:
+        raise InputError(f"{what}{text}: must be a multiple of 4096 up to {PCLUSTER_MAX}")
+    return size
 
 
 def parse_timestamp(text: object, what: str = "-T") -> int:

@@ -43,7 +43,8 @@ from erofs_tools.errors import InputError
               help="Largest physical cluster in bytes (a multiple of 4096; default 4096).")
 @click.option("-E", "extended", multiple=True, metavar="OPT[,...]",
               help="Extended options (as mkfs.erofs): legacy-compress (full 8-byte lcluster "
-                   "indexes), ztailpacking (last extents inline).")
+                   "indexes), ztailpacking (last extents inline), fragments[=SIZE] (last "
+                   "extents and small files in the packed inode, its pcluster SIZE).")
 @click.option("--workers", type=click.IntRange(0, 64), default=0,
               help="Compression threads (default: one per CPU; the image is the same).")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing on success.")
