@@ -90,6 +90,8 @@ int zconf_setup(erofs_builder *b, struct zconf *zc)
     zc->pclustersize = ps;
     zc->ztail = b->o.ztailpacking != 0;
     zc->frags = b->o.fragments != 0;
+    /* as mkfs.erofs 1.9, whose fragments mode shares identical pclusters too */
+    zc->dedupe = b->o.dedupe || b->o.fragments;
     zc->packed_ps = b->o.packed_pcluster_size ? b->o.packed_pcluster_size : ps;
     if (zc->packed_ps % blksz || zc->packed_ps > ps)
         return fail(b, ERN_EINVAL, "packed file pcluster size %u is not a multiple of the "

@@ -44,6 +44,7 @@ struct zconf {
     int frags;               /* -Efragments: a file's last extent in the packed inode */
     uint32_t packed_ps;      /* pcluster size of the packed inode (-Efragments=SIZE) */
     int big;                 /* big pcluster indexes (any pcluster over one block) */
+    int dedupe;              /* -Ededupe (and -Efragments): identical pclusters shared */
 };
 
 /* an inline tail is at most this many bytes: then, the index being 8-byte aligned,
@@ -74,6 +75,8 @@ struct zext {
     uint8_t raw;             /* stored uncompressed (a PLAIN lcluster) */
     uint8_t inl;             /* the inline tail (zfile.idata), no block of its own */
     uint8_t frag;            /* the fragment (zfile.frag), in the packed inode */
+    uint8_t dup;             /* a pcluster of an earlier file (dedupe) */
+    uint32_t blk;            /* its block in the image (set when the file is placed) */
 };
 
 /* a compressed file before its blocks are placed: the pclusters back to back (each a
@@ -93,6 +96,20 @@ struct zfile {
     uint32_t frag_len;
     uint64_t fragoff;        /* where they are in the packed inode (set at commit) */
 };
+
+/* dedupe.c: the pclusters written so far, by content */
+struct zdedupe {
+    struct zdupent *tab;     /* open-addressing table */
+    uint32_t cap, n;
+};
+INTERNAL uint64_t zhash64(const uint8_t *p, size_t len);
+/* 1: an identical pcluster (nblk blocks at d, raw or not) is at *blk; 0: none (*hash
+ * is then d's hash, for zdedupe_insert); < 0: error (x->err) */
+INTERNAL int zdedupe_find(struct zdedupe *dd, struct xfer *x, int imgfd, const uint8_t *d,
+                          uint32_t nblk, int raw, uint32_t *blk, uint64_t *hash);
+INTERNAL int zdedupe_insert(struct zdedupe *dd, uint64_t hash, uint32_t blk, uint32_t nblk,
+                            int raw);
+INTERNAL void zdedupe_free(struct zdedupe *dd);
 
 /* fragments.c: the packed inode's data while files come in (a temporary file), each
  * fragment appended once: an identical one already there is shared */
@@ -132,10 +149,10 @@ INTERNAL int zfile_compress(struct zctx *c, struct xfer *x, int fd, const char *
                             int (*flush)(void *arg, struct zfile *zf), void *arg);
 INTERNAL void zfile_free(struct zfile *zf);
 
-/* zindex.c: the map header and full index of a compressed file whose first pcluster is
- * at block base -> malloc'ed bytes (NULL: out of memory) */
+/* zindex.c: the map header and full index of a compressed file whose extents have
+ * their blocks (zext.blk) -> malloc'ed bytes (NULL: out of memory) */
 INTERNAL uint8_t *zfile_index(const struct zfile *zf, const struct zconf *zc, uint32_t blkszbits,
-                              uint32_t base, uint32_t *len);
+                              uint32_t *len);
 
 
 #endif

@@ -76,6 +76,7 @@ struct erofs_opts {
                                   file) in the packed inode (-Efragments) */
     uint32_t packed_pcluster_size; /* the packed inode's pcluster (-Efragments=SIZE);
                                   0: pcluster_size */
+    int32_t dedupe;            /* 1: identical pclusters shared between files (-Ededupe) */
 };
 
 struct erofs_layout_info {

@@ -16,15 +16,6 @@ struct zfragent {
     uint32_t len;
 };
 
-/* 64-bit FNV-1a; never 0 (the free-slot mark) */
-static uint64_t frag_hash(const uint8_t *p, uint32_t len)
-{
-    uint64_t h = 0xcbf29ce484222325ull ^ len;
-    for (uint32_t i = 0; i < len; i++)
-        h = (h ^ p[i]) * 0x100000001b3ull;
-    return h ? h : 1;
-}
-
 int zpacked_open(struct zpacked *pk)
 {
     memset(pk, 0, sizeof(*pk));
@@ -100,7 +91,7 @@ int zpacked_add(struct zpacked *pk, struct xfer *x, const uint8_t *data, uint32_
 {
     if ((pk->n + 1) * 2 > pk->cap && grow_table(pk))
         return xfail(x, ERN_ENOMEM, "out of memory");
-    uint64_t h = frag_hash(data, len);
+    uint64_t h = zhash64(data, len);
     uint32_t k = (uint32_t)h & (pk->cap - 1);
     for (; pk->tab[k].hash; k = (k + 1) & (pk->cap - 1)) {
         struct zfragent *e = &pk->tab[k];

@@ -11,7 +11,7 @@
 #include "compress_int.h"
 
 uint8_t *zfile_index(const struct zfile *zf, const struct zconf *zc, uint32_t blkszbits,
-                     uint32_t base, uint32_t *len)
+                     uint32_t *len)
 {
     const uint32_t lb = blkszbits;     /* lcluster = one block */
     const uint64_t mask = (1ull << lb) - 1;
@@ -52,7 +52,7 @@ uint8_t *zfile_index(const struct zfile *zf, const struct zconf *zc, uint32_t bl
         idx[hl].di_advise = cpu_to_le16(e->raw ? Z_EROFS_LCLUSTER_TYPE_PLAIN
                                                : Z_EROFS_LCLUSTER_TYPE_HEAD1);
         idx[hl].di_clusterofs = cpu_to_le16(e->start & mask);
-        idx[hl].di_u = cpu_to_le32(e->frag ? (uint32_t)(zf->fragoff >> 32) : base + e->pblk);
+        idx[hl].di_u = cpu_to_le32(e->frag ? (uint32_t)(zf->fragoff >> 32) : e->blk);
         for (uint64_t l = hl + 1; l < nh && l < nlc; l++) {
             uint32_t d0 = l - hl > 0x7FF ? 0x7FF : (uint32_t)(l - hl);
             if (l == hl + 1 && big)

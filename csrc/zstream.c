@@ -51,6 +51,7 @@ struct zpool {
     int err_code;
     char err[600];
     struct zpacked pk;            /* -Efragments: the packed inode's data */
+    struct zdedupe dd;            /* -Ededupe: the pclusters written so far */
 };
 
 struct flush_arg {
@@ -139,6 +140,62 @@ static int run_zjob(struct zpool *p, struct zctx *c, struct xfer *x, struct zjob
     return r;
 }
 
+/* the pclusters not written yet (all but the ones flushed in place) from block base
+ * on, back to back, each one an earlier file already has (dedupe) left out: sets every
+ * extent's block -> the file's block count */
+static int place_pclusters(struct zpool *p, struct zjob *j, struct xfer *x, uint64_t base,
+                           uint32_t *nblocks)
+{
+    struct zfile *zf = &j->zf;
+    const uint32_t bs = x->blksz;
+    int dedupe = p->zc->dedupe && !j->zc;      /* not the packed inode's */
+    uint32_t nb = (uint32_t)(zf->flushed / bs);
+    uint64_t run = zf->flushed, runlen = 0;    /* bytes of data to write at (base+nb-..) */
+    int r;
+    for (uint32_t i = 0; i < zf->next; i++) {
+        struct zext *e = &zf->ext[i];
+        uint64_t off = (uint64_t)e->pblk * bs;
+        if (e->inl || e->frag) {
+            e->blk = (uint32_t)(base + nb);    /* never read; as mkfs.erofs writes it */
+            continue;
+        }
+        if (off < zf->flushed) {               /* written in place already */
+            e->blk = (uint32_t)(base + e->pblk);
+            continue;
+        }
+        const uint8_t *d = zf->data + (off - zf->flushed);
+        uint64_t hash = 0;
+        uint32_t blk;
+        if (dedupe) {
+            r = zdedupe_find(&p->dd, x, p->b->sfd, d, e->nblk, e->raw, &blk, &hash);
+            if (r < 0)
+                return r;
+            if (r == 1) {
+                if (runlen && (r = x_pwrite(x, zf->data + (run - zf->flushed), runlen,
+                                            (base + nb) * bs - runlen)))
+                    return r;
+                run = off + (uint64_t)e->nblk * bs;
+                runlen = 0;
+                e->blk = blk;
+                e->dup = 1;
+                j->zfull = 1;
+                p->zc->incompat |= EROFS_FEATURE_INCOMPAT_DEDUPE;
+                continue;
+            }
+        }
+        e->blk = (uint32_t)(base + nb);
+        if (dedupe && zdedupe_insert(&p->dd, hash, e->blk, e->nblk, e->raw))
+            return xfail(x, ERN_ENOMEM, "out of memory");
+        nb += e->nblk;
+        runlen += (uint64_t)e->nblk * bs;
+    }
+    if (runlen && (r = x_pwrite(x, zf->data + (run - zf->flushed), runlen,
+                                (base + nb) * bs - runlen)))
+        return r;
+    *nblocks = nb;
+    return 0;
+}
+
 /* place and write the oldest finished file (only one commit runs at a time) */
 static int commit(struct zpool *p, struct zjob *j, struct xfer *x)
 {
@@ -147,11 +204,11 @@ static int commit(struct zpool *p, struct zjob *j, struct xfer *x)
     uint64_t base = j->direct ? j->base : b->scur;
     int r = 0;
     if (!j->zf.plain) {
-        uint64_t n = j->zf.dlen - j->zf.flushed;
-        if (n && (r = x_pwrite(x, j->zf.data, n, base * bs + j->zf.flushed)))
-            return r;
         if (base + j->zf.nblocks > 0xFFFFFFFFull)
             return xfail(x, ERN_ELIMIT, "image larger than 2^32 blocks");
+        uint32_t nblocks;
+        if ((r = place_pclusters(p, j, x, base, &nblocks)))
+            return r;
         if (j->zf.frag) {
             /* appended in commit order: the packed inode does not depend on threads */
             if ((r = zpacked_add(&p->pk, x, j->zf.frag, j->zf.frag_len, &j->zf.fragoff)))
@@ -159,20 +216,19 @@ static int commit(struct zpool *p, struct zjob *j, struct xfer *x)
             p->zc->incompat |= EROFS_FEATURE_INCOMPAT_FRAGMENTS;
             /* compact indexes hold 32 bits of the offset; a whole-file fragment has
              * its own (full) form */
-            j->zfull = j->zf.next == 1 || j->zf.fragoff >> 32;
+            j->zfull |= j->zf.next == 1 || j->zf.fragoff >> 32;
         }
-        j->meta = zfile_index(&j->zf, j->zc ? j->zc : p->zc, b->o.blkszbits, (uint32_t)base,
-                              &j->meta_len);
+        j->meta = zfile_index(&j->zf, j->zc ? j->zc : p->zc, b->o.blkszbits, &j->meta_len);
         if (!j->meta)
             return xfail(x, ERN_ENOMEM, "out of memory");
-        j->nblocks = j->zf.nblocks;
+        j->nblocks = nblocks;
         j->startblk = (uint32_t)base;
         j->idata = j->zf.idata;
         j->idata_len = j->zf.idata_len;
         j->zf.idata = NULL;
         if (j->idata)
             p->zc->incompat |= EROFS_FEATURE_INCOMPAT_ZTAILPACKING;
-        b->scur = base + j->zf.nblocks;
+        b->scur = base + nblocks;
     } else {
         j->plain = 1;
         uint64_t full = j->size - j->tail;
@@ -449,6 +505,7 @@ int zpool_stop(erofs_builder *b, int abort)
         code = flush_packed(b, p);
     if (p->pk.fd >= 0)
         zpacked_close(&p->pk);
+    zdedupe_free(&p->dd);
     /* committed results to their nodes */
     for (struct zjob *j = p->dhead; j;) {
         struct zjob *nx = j->next;

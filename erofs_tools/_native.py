@@ -101,6 +101,7 @@ class BuildOptions:
     ztailpacking: bool = False     # compressed files' last extents inline
     fragments: bool = False        # compressed files' last extents in the packed inode
     packed_pcluster_size: int = 0  # the packed inode's pcluster bytes; 0: pcluster_size
+    dedupe: bool = False           # identical pclusters shared between files
     _extra: dict = field(default_factory=dict, repr=False)
 
     def to_c(self) -> Any:
@@ -151,6 +152,7 @@ class BuildOptions:
         if not 0 <= self.packed_pcluster_size < 1 << 32:
             raise NativeError("packed pcluster size out of range")
         o.packed_pcluster_size = self.packed_pcluster_size
+        o.dedupe = int(self.dedupe)
         return o
 
 

@@ -190,8 +190,43 @@ def test_fragments_combined(root_kernel, tree, tmp_path, args):
     assert sb_incompat(img) & INCOMPAT_FRAGMENTS and packed_nid(img)
 
 
+def on_disk(image, path):
+    return int(re.search(r"On-disk size: (\d+)", dump(image, path)).group(1))
+
+
+@pytest.mark.parametrize("alg", ALGS)
+def test_dedupe(root_kernel, tree, tmp_path, alg):
+    """Identical pclusters stored once: the copies of a file and the shared prefix of
+    another take (almost) no blocks of their own; their indexes are full (layout 1)."""
+    img = tmp_path / "dd.img"
+    mkfs_and_check(img, tree, "-z", alg, "-Ededupe", check_nlink=True)
+    assert sb_incompat(img) & INCOMPAT_FRAGMENTS      # the same bit: DEDUPE
+    one = on_disk(img, "/dup1")
+    assert one > 0
+    assert on_disk(img, "/d/dup2") == 0
+    assert on_disk(img, "/d/e e/dup3") <= 8192      # only the last extent differs
+    assert on_disk(img, "/dup-prefix") < one
+    assert map_header(img, "/d/dup2")[0] == 1
+    plain = tmp_path / "plain.img"
+    run_mkfs(plain, tree, "-z", alg)
+    assert img.stat().st_size < plain.stat().st_size - 2 * one
+
+
+@pytest.mark.parametrize("args", [
+    ("-z", "lz4hc", "-Ededupe,ztailpacking"),
+    ("-z", "zstd", "-C", "65536", "-Ededupe,ztailpacking"),
+    ("-z", "lzma", "-C", "131072", "-Ededupe", "-Efragments=65536"),
+    ("-z", "deflate", "-Ededupe,ztailpacking,fragments,legacy-compress"),
+])
+def test_dedupe_combined(root_kernel, tree, tmp_path, args):
+    img = tmp_path / "ddc.img"
+    mkfs_and_check(img, tree, *args, check_nlink=True)
+    assert on_disk(img, "/d/dup2") == 0
+
+
 def test_same_image_whatever_the_threads(tree, tmp_path):
-    for extra in (("-Eztailpacking",), ("-Efragments", "-C", "65536")):
+    for extra in (("-Eztailpacking",), ("-Efragments", "-C", "65536"),
+                  ("-Ededupe,ztailpacking",)):
         images = []
         for workers in (1, 2, 3):
             img = tmp_path / f"w{workers}.img"

@@ -61,6 +61,7 @@ def build_options(opts: MkfsOptions) -> BuildOptions:
         ztailpacking=z.ztailpacking if z else False,
         fragments=z.fragments if z else False,
         packed_pcluster_size=z.packed_pcluster_size if z else 0,
+        dedupe=z.dedupe if z else False,
         compress_threads=opts.workers,
         uuid=opts.uuid if opts.uuid is not None else _uuid.uuid4().bytes,
         volume_name=opts.label,

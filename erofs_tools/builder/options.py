@@ -19,6 +19,7 @@ class Compression:
     ztailpacking: bool = False        # -E ztailpacking: last extents inline
     fragments: bool = False           # -E fragments: last extents in the packed inode
     packed_pcluster_size: int = 0     # -E fragments=SIZE: its pcluster; 0 = as -C
+    dedupe: bool = False              # -E dedupe: identical pclusters shared
 
 
 @dataclass
@@ -51,7 +52,8 @@ PCLUSTER_MAX = 1 << 20
 
 
 # -E options this mkfs knows (mkfs.erofs names), and whether they take =VALUE
-EXTENDED = {"legacy-compress": False, "ztailpacking": False, "fragments": True}
+EXTENDED = {"legacy-compress": False, "ztailpacking": False, "fragments": True,
+            "dedupe": False}
 
 
 def parse_extended(texts: Sequence[str]) -> dict[str, str | None]:
@@ -95,7 +97,7 @@ def parse_compress(text: str, pcluster: str | None = None,
     if psize > (size or 4096):
         raise InputError(f"-E fragments={packed}: larger than the pcluster size")
     return Compression(name, level, size, "legacy-compress" in ext, "ztailpacking" in ext,
-                       "fragments" in ext, psize)
+                       "fragments" in ext, psize, "dedupe" in ext)
 
 
 def _pcluster_bytes(text: str, what: str) -> int:

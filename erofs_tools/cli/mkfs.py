@@ -44,7 +44,8 @@ from erofs_tools.errors import InputError
 @click.option("-E", "extended", multiple=True, metavar="OPT[,...]",
               help="Extended options (as mkfs.erofs): legacy-compress (full 8-byte lcluster "
                    "indexes), ztailpacking (last extents inline), fragments[=SIZE] (last "
-                   "extents and small files in the packed inode, its pcluster SIZE).")
+                   "extents and small files in the packed inode, its pcluster SIZE), dedupe "
+                   "(identical pclusters shared).")
 @click.option("--workers", type=click.IntRange(0, 64), default=0,
               help="Compression threads (default: one per CPU; the image is the same).")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing on success.")
