@@ -70,6 +70,8 @@ struct node {
     uint8_t *ztail;         /* ztailpacking: the inline last extent, after the index */
     uint32_t ztail_len;
     uint8_t zfull_only;     /* compressed, with a fragment the compact index cannot hold */
+    uint8_t zhint, zalg;    /* --compress-hints: set; algorithm index */
+    uint32_t zps;           /* its pcluster size (0: not compressed) */
 };
 
 /* a copy job for the stream worker: everything it needs, nothing shared */

@@ -59,16 +59,14 @@ static void put_cfg(struct zconf *zc, const void *rec, uint16_t len)
     zc->cfgs_len += 2u + len;
 }
 
-int zconf_setup(erofs_builder *b, struct zconf *zc)
+/* one algorithm of the -z list: its level checked, its window from the largest
+ * pcluster of the image */
+static int alg_conf(erofs_builder *b, struct zconf *zc, int32_t which, int32_t level,
+                    uint32_t max_ps)
 {
-    memset(zc, 0, sizeof(*zc));
-    const struct zalg *a = zalg_by_id(b->o.compress_alg);
+    const struct zalg *a = zalg_by_id(which);
     if (!a)
-        return fail(b, ERN_EINVAL, "unknown compressor %d", b->o.compress_alg);
-    if (!b->o.stream_data)
-        return fail(b, ERN_EINVAL, "compression needs stream mode");
-    zc->alg = a;
-    int level = b->o.compress_level;
+        return fail(b, ERN_EINVAL, "unknown compressor %d", which);
     if (level < 0) {
         level = a->default_level;
     } else if (!a->has_level) {
@@ -81,79 +79,141 @@ int zconf_setup(erofs_builder *b, struct zconf *zc)
         return fail(b, ERN_EINVAL, "%s compression level %d is not in %d..%d", a->name,
                     level, a->min_level, a->max_level);
     }
+    zc->alg = a;
     zc->level = level;
+    uint32_t d = 0;
+    switch (a->id) {
+    case Z_EROFS_COMPRESSION_LZMA:
+        d = max_ps << 2 < 8u * Z_EROFS_PCLUSTER_MAX_SIZE ? max_ps << 2
+                                                         : 8u * Z_EROFS_PCLUSTER_MAX_SIZE;
+        d = d < 32768 ? 32768 : d;
+        break;
+    case Z_EROFS_COMPRESSION_DEFLATE:
+        d = 32768;
+        break;
+    case Z_EROFS_COMPRESSION_ZSTD:
+        d = max_ps << 3 < Z_EROFS_PCLUSTER_MAX_SIZE ? max_ps << 3 : Z_EROFS_PCLUSTER_MAX_SIZE;
+        d = 1u << log2_floor(d);
+        break;
+    }
+    zc->dict_size = d;
+    return 0;
+}
+
+/* the configuration record of algorithm a (le16 length, then the record) */
+static void put_alg_record(struct zconf *zc, const struct zconf *a, uint32_t max_pclusterblks)
+{
+    switch (a->alg->id) {
+    case Z_EROFS_COMPRESSION_LZ4: {
+        struct z_erofs_lz4_cfgs r;
+        memset(&r, 0, sizeof(r));
+        r.max_distance = cpu_to_le16(65535);
+        r.max_pclusterblks = cpu_to_le16(max_pclusterblks);
+        put_cfg(zc, &r, sizeof(r));
+        break;
+    }
+    case Z_EROFS_COMPRESSION_LZMA: {
+        struct z_erofs_lzma_cfgs r;
+        memset(&r, 0, sizeof(r));
+        r.dict_size = cpu_to_le32(a->dict_size);
+        put_cfg(zc, &r, sizeof(r));
+        break;
+    }
+    case Z_EROFS_COMPRESSION_DEFLATE: {
+        struct z_erofs_deflate_cfgs r;
+        memset(&r, 0, sizeof(r));
+        r.windowbits = (uint8_t)log2_floor(a->dict_size);
+        put_cfg(zc, &r, sizeof(r));
+        break;
+    }
+    case Z_EROFS_COMPRESSION_ZSTD: {
+        struct z_erofs_zstd_cfgs r;
+        memset(&r, 0, sizeof(r));
+        r.windowlog = (uint8_t)(log2_floor(a->dict_size) - 10);
+        put_cfg(zc, &r, sizeof(r));
+        break;
+    }
+    }
+}
+
+/* zc: ZALG_MAX entries, one per algorithm of the -z list (zc[0] also holds the
+ * image-wide settings and records; the others are copies with their own algorithm) */
+int zconf_setup(erofs_builder *b, struct zconf *zc)
+{
+    memset(zc, 0, sizeof(*zc) * ZALG_MAX);
+    if (!b->o.stream_data)
+        return fail(b, ERN_EINVAL, "compression needs stream mode");
     uint32_t blksz = b->blksz;
     uint32_t ps = b->o.pcluster_size ? b->o.pcluster_size : blksz;
-    if (ps % blksz || ps > Z_EROFS_PCLUSTER_MAX_SIZE)
+    uint32_t max_ps = b->o.pcluster_max > ps ? b->o.pcluster_max : ps;
+    if (ps % blksz || max_ps % blksz || max_ps > Z_EROFS_PCLUSTER_MAX_SIZE)
         return fail(b, ERN_EINVAL, "pcluster size %u is not a multiple of the block size "
-                    "%u up to %u", ps, blksz, Z_EROFS_PCLUSTER_MAX_SIZE);
+                    "%u up to %u", max_ps % blksz ? max_ps : ps, blksz,
+                    Z_EROFS_PCLUSTER_MAX_SIZE);
+    int32_t ids[ZALG_MAX] = { b->o.compress_alg, b->o.compress_alt_alg[0],
+                              b->o.compress_alt_alg[1], b->o.compress_alt_alg[2] };
+    int32_t levels[ZALG_MAX] = { b->o.compress_level, b->o.compress_alt_level[0],
+                                 b->o.compress_alt_level[1], b->o.compress_alt_level[2] };
+    uint32_t nalgs = 1;
+    while (nalgs < ZALG_MAX && ids[nalgs])
+        nalgs++;
+    int r;
+    for (uint32_t k = 0; k < nalgs; k++)
+        if ((r = alg_conf(b, &zc[k], ids[k], levels[k], max_ps)))
+            return r;
+    zc->nalgs = nalgs;
     zc->pclustersize = ps;
+    zc->max_ps = max_ps;
     zc->ztail = b->o.ztailpacking != 0;
     zc->frags = b->o.fragments != 0;
     /* as mkfs.erofs 1.9, whose fragments mode shares identical pclusters too */
     zc->dedupe = b->o.dedupe || b->o.fragments;
     zc->packed_ps = b->o.packed_pcluster_size ? b->o.packed_pcluster_size : ps;
-    if (zc->packed_ps % blksz || zc->packed_ps > ps)
+    if (zc->packed_ps % blksz || zc->packed_ps > max_ps)
         return fail(b, ERN_EINVAL, "packed file pcluster size %u is not a multiple of the "
-                    "block size %u up to the pcluster size %u", zc->packed_ps, blksz, ps);
+                    "block size %u up to the pcluster size %u", zc->packed_ps, blksz, max_ps);
     zc->pclusterblks = ps / blksz;
-    zc->big = zc->pclusterblks > 1;
+    zc->big = max_ps > blksz;
     long n = sysconf(_SC_NPROCESSORS_ONLN);
     zc->threads = b->o.compress_threads ? b->o.compress_threads : (n > 0 ? (uint32_t)n : 1);
     if (zc->threads > 64)
         zc->threads = 64;
 
-    int cfgs = a->id != Z_EROFS_COMPRESSION_LZ4 || zc->pclusterblks > 1;
+    /* records for each algorithm used, in algorithm order (sb.u1 is their bit mask) */
+    uint32_t mask = 0;
+    for (uint32_t k = 0; k < nalgs; k++)
+        mask |= 1u << zc[k].alg->id;
+    int cfgs = mask != 1u << Z_EROFS_COMPRESSION_LZ4 || zc->big;
     zc->incompat = EROFS_FEATURE_INCOMPAT_ZERO_PADDING |
                    (cfgs ? EROFS_FEATURE_INCOMPAT_COMPR_CFGS : 0) |
-                   (zc->pclusterblks > 1 ? EROFS_FEATURE_INCOMPAT_BIG_PCLUSTER : 0);
-    switch (a->id) {
-    case Z_EROFS_COMPRESSION_LZ4: {
-        struct z_erofs_lz4_cfgs r;
-        memset(&r, 0, sizeof(r));
-        r.max_distance = cpu_to_le16(65535);
-        r.max_pclusterblks = cpu_to_le16(zc->pclusterblks);
-        if (cfgs)
-            put_cfg(zc, &r, sizeof(r));
-        break;
+                   (zc->big ? EROFS_FEATURE_INCOMPAT_BIG_PCLUSTER : 0);
+    for (int id = 0; cfgs && id < 16; id++) {
+        for (uint32_t k = 0; k < nalgs; k++) {
+            if (zc[k].alg->id == id) {
+                put_alg_record(zc, &zc[k], max_ps / blksz);
+                break;
+            }
+        }
     }
-    case Z_EROFS_COMPRESSION_LZMA: {
-        uint32_t d = ps << 2 < 8u * Z_EROFS_PCLUSTER_MAX_SIZE ? ps << 2
-                                                              : 8u * Z_EROFS_PCLUSTER_MAX_SIZE;
-        zc->dict_size = d < 32768 ? 32768 : d;
-        struct z_erofs_lzma_cfgs r;
-        memset(&r, 0, sizeof(r));
-        r.dict_size = cpu_to_le32(zc->dict_size);
-        put_cfg(zc, &r, sizeof(r));
-        break;
+    zc->sb_u1 = cfgs ? (uint16_t)mask : 65535;
+    /* the others: the image-wide settings with their own algorithm */
+    for (uint32_t k = 1; k < nalgs; k++) {
+        struct zconf own = zc[k];
+        zc[k] = zc[0];
+        zc[k].alg = own.alg;
+        zc[k].level = own.level;
+        zc[k].dict_size = own.dict_size;
     }
-    case Z_EROFS_COMPRESSION_DEFLATE: {
-        zc->dict_size = 32768;
-        struct z_erofs_deflate_cfgs r;
-        memset(&r, 0, sizeof(r));
-        r.windowbits = (uint8_t)log2_floor(zc->dict_size);
-        put_cfg(zc, &r, sizeof(r));
-        break;
-    }
-    case Z_EROFS_COMPRESSION_ZSTD: {
-        uint32_t d = ps << 3 < Z_EROFS_PCLUSTER_MAX_SIZE ? ps << 3 : Z_EROFS_PCLUSTER_MAX_SIZE;
-        zc->dict_size = 1u << log2_floor(d);
-        struct z_erofs_zstd_cfgs r;
-        memset(&r, 0, sizeof(r));
-        r.windowlog = (uint8_t)(log2_floor(zc->dict_size) - 10);
-        put_cfg(zc, &r, sizeof(r));
-        break;
-    }
-    }
-    zc->sb_u1 = cfgs ? (uint16_t)(1u << a->id) : 65535;
-    /* try the algorithm once here, so a missing feature fails before any work */
-    struct zctx c;
-    if (zctx_init(&c, zc)) {
-        int r = fail(b, ERN_EINVAL, "%s: %s", a->name, c.err);
+    /* try each algorithm once here, so a missing feature fails before any work */
+    for (uint32_t k = 0; k < nalgs; k++) {
+        struct zctx c;
+        if (zctx_init(&c, &zc[k])) {
+            r = fail(b, ERN_EINVAL, "%s: %s", zc[k].alg->name, c.err);
+            zctx_fini(&c);
+            return r;
+        }
         zctx_fini(&c);
-        return r;
     }
-    zctx_fini(&c);
     return 0;
 }
 
@@ -179,8 +239,8 @@ int zctx_init(struct zctx *c, const struct zconf *zc)
     c->zc = zc;
     c->in_len = QUEUE_SIZE;
     c->in = malloc(c->in_len);
-    c->out = malloc(zc->pclustersize);
-    c->out2 = malloc(zc->pclustersize);
+    c->out = malloc(zc->max_ps);
+    c->out2 = malloc(zc->max_ps);
     if (!c->in || !c->out || !c->out2) {
         snprintf(c->err, sizeof(c->err), "out of memory");
         return ERN_ENOMEM;

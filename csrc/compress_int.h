@@ -15,6 +15,8 @@
 
 struct zctx;
 
+#define ZALG_MAX 4       /* algorithms of one image (-z A:B:C:D) */
+
 struct zalg {
     const char *name;        /* as mkfs.erofs -z names it */
     int id;                  /* Z_EROFS_COMPRESSION_* */
@@ -28,7 +30,8 @@ struct zalg {
     void (*fini)(struct zctx *c);
 };
 
-/* the image-wide compression settings (from erofs_opts) */
+/* the compression settings (from erofs_opts): one per algorithm of the -z list, the
+ * first also holding what is image-wide (records, feature bits) */
 struct zconf {
     const struct zalg *alg;
     int level;
@@ -45,6 +48,8 @@ struct zconf {
     uint32_t packed_ps;      /* pcluster size of the packed inode (-Efragments=SIZE) */
     int big;                 /* big pcluster indexes (any pcluster over one block) */
     int dedupe;              /* -Ededupe (and -Efragments): identical pclusters shared */
+    uint32_t nalgs;          /* algorithms in the -z list (zconf[0..nalgs)) */
+    uint32_t max_ps;         /* the largest pcluster of any file (-C, --compress-hints) */
 };
 
 /* an inline tail is at most this many bytes: then, the index being 8-byte aligned,
@@ -138,7 +143,7 @@ typedef long (*ztrial_fn)(struct zctx *c, const uint8_t *src, uint32_t n, uint8_
 INTERNAL long zsearch_destsize(struct zctx *c, const uint8_t *src, uint32_t *srclen,
                                uint8_t *dst, uint32_t dstcap, ztrial_fn trial);
 INTERNAL const struct zalg *zalg_by_id(int32_t which);
-INTERNAL int zconf_setup(erofs_builder *b, struct zconf *zc);
+INTERNAL int zconf_setup(erofs_builder *b, struct zconf *zc);   /* zc[ZALG_MAX] */
 INTERNAL int zctx_init(struct zctx *c, const struct zconf *zc);
 INTERNAL void zctx_fini(struct zctx *c);
 /* compress size bytes of fd from offset; flush(arg, zf) is called when the buffered

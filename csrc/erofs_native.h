@@ -77,6 +77,10 @@ struct erofs_opts {
     uint32_t packed_pcluster_size; /* the packed inode's pcluster (-Efragments=SIZE);
                                   0: pcluster_size */
     int32_t dedupe;            /* 1: identical pclusters shared between files (-Ededupe) */
+    int32_t compress_alt_alg[3];   /* more algorithms of the -z list (ERN_Z_*; 0: none),
+                                  chosen per file by erofs_node_set_zhint */
+    int32_t compress_alt_level[3]; /* their levels (-1: default) */
+    uint32_t pcluster_max;     /* the largest per-file pcluster (0: pcluster_size) */
 };
 
 struct erofs_layout_info {
@@ -115,6 +119,10 @@ int erofs_node_set_file(erofs_builder *b, uint32_t node, const char *path, size_
 int erofs_node_set_bytes(erofs_builder *b, uint32_t node, const char *data, size_t len);
 int erofs_node_set_chunks(erofs_builder *b, uint32_t node, uint32_t chunk_format,
                           const uint64_t *entries, uint32_t count);
+/* compressed images (--compress-hints), before erofs_node_set_file: this file's pcluster
+ * size (0: store it uncompressed) and algorithm (index in the -z list) */
+int erofs_node_set_zhint(erofs_builder *b, uint32_t node, uint32_t pcluster_size,
+                         uint32_t alg);
 int erofs_builder_set_root(erofs_builder *b, uint32_t node);
 int erofs_builder_add_device(erofs_builder *b, const char *tag, size_t taglen,
                              uint32_t blocks, uint32_t mapped_blkaddr);

@@ -16,7 +16,7 @@ int compact_zindex(erofs_builder *b, struct node *n)
     uint32_t mpos = (uint32_t)align_up(inode_size(n) + n->xattr_isize, 8) +
                     (uint32_t)sizeof(struct z_erofs_map_header);
     uint32_t len;
-    uint8_t *c = zindex_compact(n->zmeta, n->zmeta_len, mpos, b->o.pcluster_size > b->blksz,
+    uint8_t *c = zindex_compact(n->zmeta, n->zmeta_len, mpos, b->zc->big,
                                 &len);
     if (!c)
         return fail(b, ERN_ENOMEM, "out of memory");

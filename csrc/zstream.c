@@ -25,7 +25,9 @@ struct zjob {
     uint64_t base;
     uint64_t held;            /* output bytes counted in pending */
     struct zfile zf;
-    const struct zconf *zc;   /* NULL: the pool's (else the packed inode's) */
+    const struct zconf *zc;   /* its algorithm's settings (the packed inode: its own) */
+    uint32_t ccfg, ps;        /* --compress-hints: algorithm index, pcluster size */
+    int nocomp, packed;       /* stored uncompressed (a hint); the packed inode */
     int srcfd;                /* the packed inode's data: read from this fd (if > 0) */
     /* result */
     int plain, zfull;
@@ -37,7 +39,7 @@ struct zjob {
 
 struct zpool {
     erofs_builder *b;
-    struct zconf *zc;           /* the builder's (b->zc) */
+    struct zconf *zc;           /* the builder's (b->zc[ZALG_MAX]) */
     pthread_t th[64];
     uint32_t nth;
     pthread_mutex_t mu;
@@ -118,14 +120,15 @@ static int open_source(struct xfer *x, struct zjob *j, int *pfd)
     return 0;
 }
 
-/* compress one file into memory (or plain when it cannot save a block) */
+/* compress one file into memory (or plain when it cannot save a block) with c, the
+ * context of its algorithm */
 static int run_zjob(struct zpool *p, struct zctx *c, struct xfer *x, struct zjob *j)
 {
     uint32_t bs = p->b->blksz;
     uint64_t nlc = (j->size + bs - 1) / bs;
     /* one pcluster + index is already no smaller than the file (with ztailpacking or
      * fragments, a small file may still compress inline or into the packed inode) */
-    if (j->size <= bs + 16 + nlc * 8 && !c->zc->ztail && !c->zc->frags) {
+    if (j->nocomp || (j->size <= bs + 16 + nlc * 8 && !c->zc->ztail && !c->zc->frags)) {
         j->zf.plain = 1;
         j->zf.size = j->size;
         return 0;
@@ -134,8 +137,18 @@ static int run_zjob(struct zpool *p, struct zctx *c, struct xfer *x, struct zjob
     int r = open_source(x, j, &fd);
     if (r)
         return r;
+    /* a pcluster size of its own (--compress-hints): the settings with it, this once */
+    const struct zconf *keep = c->zc;
+    struct zconf own;
+    if (j->ps && j->ps != c->zc->pclustersize) {
+        own = *c->zc;
+        own.pclustersize = j->ps;
+        own.pclusterblks = j->ps / bs;
+        c->zc = &own;
+    }
     struct flush_arg fa = { p, j, x };
     r = zfile_compress(c, x, fd, j->path, j->offset, j->size, &j->zf, zflush, &fa);
+    c->zc = keep;
     close(fd);
     return r;
 }
@@ -148,7 +161,7 @@ static int place_pclusters(struct zpool *p, struct zjob *j, struct xfer *x, uint
 {
     struct zfile *zf = &j->zf;
     const uint32_t bs = x->blksz;
-    int dedupe = p->zc->dedupe && !j->zc;      /* not the packed inode's */
+    int dedupe = p->zc->dedupe && !j->packed;
     uint32_t nb = (uint32_t)(zf->flushed / bs);
     uint64_t run = zf->flushed, runlen = 0;    /* bytes of data to write at (base+nb-..) */
     int r;
@@ -218,7 +231,7 @@ static int commit(struct zpool *p, struct zjob *j, struct xfer *x)
              * its own (full) form */
             j->zfull |= j->zf.next == 1 || j->zf.fragoff >> 32;
         }
-        j->meta = zfile_index(&j->zf, j->zc ? j->zc : p->zc, b->o.blkszbits, &j->meta_len);
+        j->meta = zfile_index(&j->zf, j->zc, b->o.blkszbits, &j->meta_len);
         if (!j->meta)
             return xfail(x, ERN_ENOMEM, "out of memory");
         j->nblocks = nblocks;
@@ -292,7 +305,9 @@ static void commit_ready(struct zpool *p, struct xfer *x)
 static void *zworker(void *arg)
 {
     struct zpool *p = arg;
-    struct zctx c;
+    struct zctx cs[ZALG_MAX];      /* one per algorithm, set up when first needed */
+    memset(cs, 0, sizeof(cs));
+    struct zctx *c = &cs[0];
     struct xfer x;
     memset(&x, 0, sizeof(x));
     uint64_t dummy = 0;
@@ -300,10 +315,10 @@ static void *zworker(void *arg)
     x.blksz = p->b->blksz;
     x.bytes = &dummy;
     x.buf = malloc(CBUF_SIZE);
-    int init = zctx_init(&c, p->zc);
+    int init = zctx_init(c, p->zc);
     pthread_mutex_lock(&p->mu);
     if (init || !x.buf)
-        set_err(p, ERN_ENOMEM, init ? c.err : "out of memory");
+        set_err(p, ERN_ENOMEM, init ? c->err : "out of memory");
     for (;;) {
         while (!p->err_code && !p->abort &&
                ((!p->claim && !p->stop) || (p->claim && p->pending > PENDING_MAX)))
@@ -317,7 +332,12 @@ static void *zworker(void *arg)
         pthread_cond_signal(&p->cv_space);
         int skip = p->err_code != 0;
         pthread_mutex_unlock(&p->mu);
-        int r = skip ? 0 : run_zjob(p, &c, &x, j);
+        c = &cs[j->ccfg];
+        int r = 0;
+        if (!skip && !c->zc && zctx_init(c, &p->zc[j->ccfg]))
+            r = xfail(&x, ERN_ENOMEM, "%s", c->err);
+        if (!skip && !r)
+            r = run_zjob(p, c, &x, j);
         pthread_mutex_lock(&p->mu);
         if (r)
             set_err(p, r, x.err);
@@ -329,7 +349,9 @@ static void *zworker(void *arg)
     /* an error: the finished files still go through commit_ready (skipped) to be freed */
     commit_ready(p, &x);
     pthread_mutex_unlock(&p->mu);
-    zctx_fini(&c);
+    for (uint32_t k = 0; k < ZALG_MAX; k++)
+        if (cs[k].zc)
+            zctx_fini(&cs[k]);
     free(x.buf);
     return NULL;
 }
@@ -340,7 +362,7 @@ int zpool_start(erofs_builder *b)
     if (!p)
         return fail(b, ERN_ENOMEM, "out of memory");
     p->b = b;
-    if (!b->zc && !(b->zc = malloc(sizeof(*b->zc)))) {
+    if (!b->zc && !(b->zc = calloc(ZALG_MAX, sizeof(*b->zc)))) {
         free(p);
         return fail(b, ERN_ENOMEM, "out of memory");
     }
@@ -387,6 +409,19 @@ int zpool_submit(erofs_builder *b, uint32_t node, const char *path, size_t pathl
     j->node = node;
     j->offset = offset;
     j->size = n->size;
+    j->zc = p->zc;
+    if (n->zhint) {
+        if (n->zalg >= p->zc->nalgs || n->zps > p->zc->max_ps) {
+            free(j->path);
+            free(j);
+            return fail(b, ERN_EINVAL, "node %u: compression hint (algorithm %u, pcluster "
+                        "%u) beyond the configured ones", node, n->zalg, n->zps);
+        }
+        j->ccfg = n->zalg;
+        j->zc = &p->zc[n->zalg];
+        j->ps = n->zps;
+        j->nocomp = n->zps == 0;
+    }
     uint64_t tail = n->size % bs;
     /* if stored plain: decided before the inode format is known, so assume the larger,
      * extended inode (as stream_file) */
@@ -455,6 +490,7 @@ static int flush_packed(erofs_builder *b, struct zpool *p)
     j->size = p->pk.len;
     j->srcfd = p->pk.fd;
     j->zc = &pz;
+    j->packed = 1;
     j->state = 1;
     p->head = p->tail = j;       /* the oldest file: zflush may write it in place */
     r = run_zjob(p, &c, &x, j);
@@ -549,6 +585,23 @@ int zpool_stop(erofs_builder *b, int abort)
     b->zp = NULL;          /* b->zc stays for layout and write */
     free(p);
     return code;
+}
+
+int erofs_node_set_zhint(erofs_builder *b, uint32_t node, uint32_t pcluster_size,
+                         uint32_t alg)
+{
+    if (node >= b->nnodes)
+        return fail(b, ERN_EINVAL, "no such node %u", node);
+    if (b->laid_out || b->nodes[node].streamed)
+        return fail(b, ERN_EINVAL, "node %u: compression hint after its data", node);
+    if (alg >= ZALG_MAX || pcluster_size % b->blksz || pcluster_size > Z_EROFS_PCLUSTER_MAX_SIZE)
+        return fail(b, ERN_EINVAL, "node %u: bad compression hint (algorithm %u, pcluster "
+                    "%u)", node, alg, pcluster_size);
+    struct node *n = &b->nodes[node];
+    n->zhint = 1;
+    n->zalg = (uint8_t)alg;
+    n->zps = pcluster_size;
+    return 0;
 }
 
 /* bytes after the inode and its xattrs: padding to 8, map header, index */

@@ -224,9 +224,78 @@ def test_dedupe_combined(root_kernel, tree, tmp_path, args):
     assert on_disk(img, "/d/dup2") == 0
 
 
+HINTS = """# pcluster size, algorithm index (in -z), regex on the path below SOURCE
+0 ^r
+65536 1 text5m$
+16384 2 \\.txt$|^mixed
+8192 3 ^d/f[0-3]
+4096 0 ^d/
+"""
+
+
+def alg_of(image, path):
+    layout, h = map_header(image, path)
+    return layout, h[6] & 15
+
+
+@pytest.mark.parametrize("extra", [(), ("-Eztailpacking",), ("-Efragments,dedupe",),
+                                   ("-E", "legacy-compress")])
+def test_compress_hints(root_kernel, tree, tmp_path, extra):
+    """--compress-hints with -z lz4hc:lzma:zstd:deflate: per-file algorithm (the map
+    header's h_algorithmtype) and pcluster size, 0 = stored plain; every algorithm's
+    record in the superblock (u1 = their bit mask)."""
+    hints = tmp_path / "hints"
+    hints.write_text(HINTS)
+    img = tmp_path / "h.img"
+    mkfs_and_check(img, tree, "-z", "lz4hc,level=4:lzma:zstd,level=5:deflate",
+                   "--compress-hints", hints, *extra, check_nlink=True)
+    with open(img, "rb") as f:
+        f.seek(1024 + 0x54)
+        assert struct.unpack("<H", f.read(2))[0] == 0b1111
+    for path in ("/r4097", "/r8000"):
+        assert dump(img, path).count("Layout: 0") + dump(img, path).count("Layout: 2") == 1
+    assert alg_of(img, "/text5m")[1] == 1              # lzma
+    if "-Efragments,dedupe" not in extra:
+        assert alg_of(img, "/mixed")[1] == 3           # zstd
+        assert alg_of(img, "/d/f20")[1] == 2           # deflate (^d/f[0-3])
+    assert alg_of(img, "/d/zeros")[1] == 0             # lz4hc (^d/)
+
+
+def test_compress_hints_big_pcluster(tree, tmp_path):
+    """A hint's pcluster over -C: big pclusters for that file (as with -C itself)."""
+    hints = tmp_path / "hints"
+    hints.write_text("65536 text5m\n")
+    a, b = tmp_path / "a.img", tmp_path / "b.img"
+    run_mkfs(a, tree, "-z", "lz4hc", "--compress-hints", hints, "-T", "0", "-U", "clear")
+    run_mkfs(b, tree, "-z", "lz4hc", "-C", "65536", "-T", "0", "-U", "clear")
+    assert on_disk(a, "/text5m") == on_disk(b, "/text5m")
+    assert on_disk(a, "/mixed") != on_disk(b, "/mixed")
+    fsck(a)
+
+
+@pytest.mark.parametrize("text,msg", [
+    ("4096\n", ":1: no pattern"),
+    ("abc foo\n", "not a pcluster size"),
+    ("5000 foo\n", "pcluster size 5000"),
+    ("4096 2 foo\n", "no algorithm #2"),
+    ("4096 x foo\n", "not an algorithm index"),
+    ("# c\n4096 (\n", ":2: invalid regular expression"),
+])
+def test_bad_hints(tree, tmp_path, text, msg):
+    hints = tmp_path / "hints"
+    hints.write_text(text)
+    img = tmp_path / "out" / "bad.img"
+    img.parent.mkdir()
+    p = run_mkfs(img, tree, "-z", "lz4:zstd", "--compress-hints", hints, check=False)
+    assert p.returncode == 1 and msg in p.stderr and p.stderr.count("\n") == 1, p.stderr
+    assert os.listdir(img.parent) == []
+
+
 def test_same_image_whatever_the_threads(tree, tmp_path):
     for extra in (("-Eztailpacking",), ("-Efragments", "-C", "65536"),
-                  ("-Ededupe,ztailpacking",)):
+                  ("-Ededupe,ztailpacking",),
+                  ("-z", "lzma:lz4", "--compress-hints", tmp_path / "h")):
+        (tmp_path / "h").write_text(HINTS.replace(" 2 ", " 1 ").replace(" 3 ", " 0 "))
         images = []
         for workers in (1, 2, 3):
             img = tmp_path / f"w{workers}.img"
