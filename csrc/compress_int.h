@@ -90,7 +90,9 @@ struct zfile {
     uint64_t size;
     uint8_t *data;
     uint64_t dlen, dcap;
-    uint64_t flushed;        /* bytes of data already written at the final place */
+    uint64_t flushed;        /* bytes of data dropped (written at the final place) */
+    uint32_t placed;         /* extents whose pclusters have their block (zstream.c) */
+    uint32_t wblocks;        /* blocks written at the file's place so far */
     struct zext *ext;
     uint32_t next, cap_ext;
     uint32_t nblocks;        /* pcluster blocks */
@@ -107,11 +109,17 @@ struct zdedupe {
     struct zdupent *tab;     /* open-addressing table */
     uint32_t cap, n;
 };
+/* pclusters placed but not written yet: nblk blocks from block blk, bytes at mem */
+struct zrun {
+    const uint8_t *mem;
+    uint32_t blk, nblk;
+};
 INTERNAL uint64_t zhash64(const uint8_t *p, size_t len);
-/* 1: an identical pcluster (nblk blocks at d, raw or not) is at *blk; 0: none (*hash
- * is then d's hash, for zdedupe_insert); < 0: error (x->err) */
-INTERNAL int zdedupe_find(struct zdedupe *dd, struct xfer *x, int imgfd, const uint8_t *d,
-                          uint32_t nblk, int raw, uint32_t *blk, uint64_t *hash);
+/* 1: an identical pcluster (nblk blocks at d, raw or not) is at *blk (in the image or
+ * in run); 0: none (*hash is then d's hash, for zdedupe_insert); < 0: error (x->err) */
+INTERNAL int zdedupe_find(struct zdedupe *dd, struct xfer *x, int imgfd, const struct zrun *run,
+                          const uint8_t *d, uint32_t nblk, int raw, uint32_t *blk,
+                          uint64_t *hash);
 INTERNAL int zdedupe_insert(struct zdedupe *dd, uint64_t hash, uint32_t blk, uint32_t nblk,
                             int raw);
 INTERNAL void zdedupe_free(struct zdedupe *dd);

@@ -60,10 +60,14 @@ static int grow_table(struct zdedupe *dd)
     return 0;
 }
 
-/* 1: the same bytes are at block blk of the image */
-static int same_on_disk(struct xfer *x, int imgfd, uint32_t blk, const uint8_t *d,
-                        uint32_t len)
+/* 1: the same bytes are at block blk of the image (or of the pending run: blocks not
+ * written yet, in memory) */
+static int same_on_disk(struct xfer *x, int imgfd, const struct zrun *run, uint32_t blk,
+                        const uint8_t *d, uint32_t len)
 {
+    uint32_t nblk = len / x->blksz;
+    if (run && run->nblk && blk >= run->blk && blk + nblk <= run->blk + run->nblk)
+        return !memcmp(run->mem + (size_t)(blk - run->blk) * x->blksz, d, len);
     uint8_t buf[16384];
     for (uint32_t done = 0; done < len;) {
         uint32_t n = len - done < sizeof(buf) ? len - done : (uint32_t)sizeof(buf);
@@ -76,8 +80,8 @@ static int same_on_disk(struct xfer *x, int imgfd, uint32_t blk, const uint8_t *
     return 1;
 }
 
-int zdedupe_find(struct zdedupe *dd, struct xfer *x, int imgfd, const uint8_t *d,
-                 uint32_t nblk, int raw, uint32_t *blk, uint64_t *hash)
+int zdedupe_find(struct zdedupe *dd, struct xfer *x, int imgfd, const struct zrun *run,
+                 const uint8_t *d, uint32_t nblk, int raw, uint32_t *blk, uint64_t *hash)
 {
     uint32_t len = nblk * x->blksz;
     uint32_t key = nblk | (raw ? 1u << 31 : 0);
@@ -89,7 +93,7 @@ int zdedupe_find(struct zdedupe *dd, struct xfer *x, int imgfd, const uint8_t *d
         const struct zdupent *e = &dd->tab[k];
         if (e->hash != *hash || e->nblk != key)
             continue;
-        int same = same_on_disk(x, imgfd, e->blk, d, len);
+        int same = same_on_disk(x, imgfd, run, e->blk, d, len);
         if (same < 0)
             return x->code ? x->code : ERN_EIO;
         if (same) {

@@ -73,6 +73,63 @@ static void set_err(struct zpool *p, int code, const char *msg)
     pthread_cond_broadcast(&p->cv_turn);
 }
 
+/* Place the pclusters of the extents not placed yet (zf->placed on), back to back
+ * after the ones written so far (zf->wblocks) from block base, and write them; one
+ * that an earlier pcluster already holds (dedupe) is referenced instead. Their bytes
+ * are then dropped from the buffer (zf->flushed: bytes dropped from its front). Runs
+ * while the file is the oldest (a large file while compressed, in place, else at its
+ * commit), so the dedupe table has one user at a time. */
+static int place_pclusters(struct zpool *p, struct zjob *j, struct xfer *x)
+{
+    struct zfile *zf = &j->zf;
+    const uint32_t bs = x->blksz;
+    const uint64_t base = j->base;
+    int dedupe = p->zc->dedupe && !j->packed;
+    uint64_t run = zf->flushed, runlen = 0;    /* data bytes to write before base+wblocks */
+    int r;
+    for (; zf->placed < zf->next; zf->placed++) {
+        struct zext *e = &zf->ext[zf->placed];
+        uint64_t off = (uint64_t)e->pblk * bs;
+        if (e->inl || e->frag) {
+            e->blk = (uint32_t)(base + zf->wblocks);   /* never read (as mkfs.erofs) */
+            continue;
+        }
+        const uint8_t *d = zf->data + (off - zf->flushed);
+        uint64_t hash = 0;
+        uint32_t blk;
+        if (dedupe) {
+            struct zrun pending = { zf->data + (run - zf->flushed),
+                                    (uint32_t)(base + zf->wblocks - runlen / bs),
+                                    (uint32_t)(runlen / bs) };
+            r = zdedupe_find(&p->dd, x, p->b->sfd, &pending, d, e->nblk, e->raw, &blk, &hash);
+            if (r < 0)
+                return r;
+            if (r == 1) {
+                if (runlen && (r = x_pwrite(x, zf->data + (run - zf->flushed), runlen,
+                                            (base + zf->wblocks) * bs - runlen)))
+                    return r;
+                run = off + (uint64_t)e->nblk * bs;
+                runlen = 0;
+                e->blk = blk;
+                e->dup = 1;
+                j->zfull = 1;
+                p->zc->incompat |= EROFS_FEATURE_INCOMPAT_DEDUPE;
+                continue;
+            }
+        }
+        e->blk = (uint32_t)(base + zf->wblocks);
+        if (dedupe && zdedupe_insert(&p->dd, hash, e->blk, e->nblk, e->raw))
+            return xfail(x, ERN_ENOMEM, "out of memory");
+        zf->wblocks += e->nblk;
+        runlen += (uint64_t)e->nblk * bs;
+    }
+    if (runlen && (r = x_pwrite(x, zf->data + (run - zf->flushed), runlen,
+                                (base + zf->wblocks) * bs - runlen)))
+        return r;
+    zf->flushed = zf->dlen;
+    return 0;
+}
+
 /* a file whose buffered output is large: become the file being placed now (wait until
  * it is the oldest) and write what it has at its final place */
 static int zflush(void *arg, struct zfile *zf)
@@ -95,9 +152,7 @@ static int zflush(void *arg, struct zfile *zf)
         if (bad)
             return xfail(fa->x, ERN_EIO, "stopped");
     }
-    uint64_t n = zf->dlen - zf->flushed;
-    int r = x_pwrite(fa->x, zf->data, n, j->base * b->blksz + zf->flushed);
-    zf->flushed = zf->dlen;
+    int r = place_pclusters(p, j, fa->x);
     return r;
 }
 
@@ -153,62 +208,6 @@ static int run_zjob(struct zpool *p, struct zctx *c, struct xfer *x, struct zjob
     return r;
 }
 
-/* the pclusters not written yet (all but the ones flushed in place) from block base
- * on, back to back, each one an earlier file already has (dedupe) left out: sets every
- * extent's block -> the file's block count */
-static int place_pclusters(struct zpool *p, struct zjob *j, struct xfer *x, uint64_t base,
-                           uint32_t *nblocks)
-{
-    struct zfile *zf = &j->zf;
-    const uint32_t bs = x->blksz;
-    int dedupe = p->zc->dedupe && !j->packed;
-    uint32_t nb = (uint32_t)(zf->flushed / bs);
-    uint64_t run = zf->flushed, runlen = 0;    /* bytes of data to write at (base+nb-..) */
-    int r;
-    for (uint32_t i = 0; i < zf->next; i++) {
-        struct zext *e = &zf->ext[i];
-        uint64_t off = (uint64_t)e->pblk * bs;
-        if (e->inl || e->frag) {
-            e->blk = (uint32_t)(base + nb);    /* never read; as mkfs.erofs writes it */
-            continue;
-        }
-        if (off < zf->flushed) {               /* written in place already */
-            e->blk = (uint32_t)(base + e->pblk);
-            continue;
-        }
-        const uint8_t *d = zf->data + (off - zf->flushed);
-        uint64_t hash = 0;
-        uint32_t blk;
-        if (dedupe) {
-            r = zdedupe_find(&p->dd, x, p->b->sfd, d, e->nblk, e->raw, &blk, &hash);
-            if (r < 0)
-                return r;
-            if (r == 1) {
-                if (runlen && (r = x_pwrite(x, zf->data + (run - zf->flushed), runlen,
-                                            (base + nb) * bs - runlen)))
-                    return r;
-                run = off + (uint64_t)e->nblk * bs;
-                runlen = 0;
-                e->blk = blk;
-                e->dup = 1;
-                j->zfull = 1;
-                p->zc->incompat |= EROFS_FEATURE_INCOMPAT_DEDUPE;
-                continue;
-            }
-        }
-        e->blk = (uint32_t)(base + nb);
-        if (dedupe && zdedupe_insert(&p->dd, hash, e->blk, e->nblk, e->raw))
-            return xfail(x, ERN_ENOMEM, "out of memory");
-        nb += e->nblk;
-        runlen += (uint64_t)e->nblk * bs;
-    }
-    if (runlen && (r = x_pwrite(x, zf->data + (run - zf->flushed), runlen,
-                                (base + nb) * bs - runlen)))
-        return r;
-    *nblocks = nb;
-    return 0;
-}
-
 /* place and write the oldest finished file (only one commit runs at a time) */
 static int commit(struct zpool *p, struct zjob *j, struct xfer *x)
 {
@@ -219,9 +218,10 @@ static int commit(struct zpool *p, struct zjob *j, struct xfer *x)
     if (!j->zf.plain) {
         if (base + j->zf.nblocks > 0xFFFFFFFFull)
             return xfail(x, ERN_ELIMIT, "image larger than 2^32 blocks");
-        uint32_t nblocks;
-        if ((r = place_pclusters(p, j, x, base, &nblocks)))
+        j->base = base;
+        if ((r = place_pclusters(p, j, x)))
             return r;
+        uint32_t nblocks = j->zf.wblocks;
         if (j->zf.frag) {
             /* appended in commit order: the packed inode does not depend on threads */
             if ((r = zpacked_add(&p->pk, x, j->zf.frag, j->zf.frag_len, &j->zf.fragoff)))

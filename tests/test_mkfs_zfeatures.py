@@ -291,6 +291,32 @@ def test_bad_hints(tree, tmp_path, text, msg):
     assert os.listdir(img.parent) == []
 
 
+@pytest.fixture(scope="module")
+def big_tree(tmp_path_factory):
+    """Files over the 16 MiB segments and the 8 MiB in-memory limit (written in place
+    while compressed), twice (dedupe), ending mid-block."""
+    root = tmp_path_factory.mktemp("zfbig") / "src"
+    root.mkdir()
+    big = text(9 << 20, 4) + bytes(5 << 20) + noise(1 << 20, 8) + text(19 << 20, 5) + b"tail"
+    (root / "big").write_bytes(big)
+    (root / "big-copy").write_bytes(big)
+    (root / "b64").write_bytes(base64.b64encode(noise(15 << 20, 9)) + b"!")
+    (root / "small").write_bytes(text(5000))
+    return root
+
+
+@pytest.mark.parametrize("args", [
+    ("-z", "lz4hc", "-Eztailpacking,dedupe"),
+    ("-z", "zstd", "-C", "131072", "-Efragments"),
+    ("-z", "lz4", "-Efragments=4096,ztailpacking,legacy-compress"),
+])
+def test_big_files(root_kernel, big_tree, tmp_path, args):
+    img = tmp_path / "big.img"
+    mkfs_and_check(img, big_tree, *args, "--workers", "2")
+    # the second copy shares every pcluster (also those written while compressed)
+    assert min(on_disk(img, "/big"), on_disk(img, "/big-copy")) == 0
+
+
 def test_same_image_whatever_the_threads(tree, tmp_path):
     for extra in (("-Eztailpacking",), ("-Efragments", "-C", "65536"),
                   ("-Ededupe,ztailpacking",),
