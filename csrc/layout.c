@@ -537,7 +537,10 @@ static int place_inodes(erofs_builder *b, struct layout_state *st)
                            : off % blksz + base + n->tail > blksz ? align_up(off, blksz) : off;
             if (moved != off) {
                 off = moved;
-                if (off - cur >= sizeof(struct erofs_inode_extended) && oi) {
+                /* the gap left: never past the end of cur's block (an inline inode put
+                 * there must stay in one block; a moved ztail inode may start later) */
+                uint64_t gend = off < align_up(cur + 1, blksz) ? off : align_up(cur + 1, blksz);
+                if (gend - cur >= sizeof(struct erofs_inode_extended) && oi) {
                     uint32_t slot = ngaps < GAP_MAX ? ngaps++ : 0;
                     if (slot == 0 && ngaps == GAP_MAX) {
                         /* full: replace the smallest gap */
@@ -546,9 +549,9 @@ static int place_inodes(erofs_builder *b, struct layout_state *st)
                                 slot = g;
                     }
                     gaps[slot].start = cur;
-                    gaps[slot].end = off;
-                    if (off - cur > maxgap)
-                        maxgap = off - cur;
+                    gaps[slot].end = gend;
+                    if (gend - cur > maxgap)
+                        maxgap = gend - cur;
                 }
             }
         }
