@@ -115,13 +115,14 @@ struct zrun {
     uint32_t blk, nblk;
 };
 INTERNAL uint64_t zhash64(const uint8_t *p, size_t len);
-/* 1: an identical pcluster (nblk blocks at d, raw or not) is at *blk (in the image or
- * in run); 0: none (*hash is then d's hash, for zdedupe_insert); < 0: error (x->err) */
+/* 1: an identical pcluster (nblk blocks at d of kind: the algorithm, -1 stored plain)
+ * is at *blk (in the image or in run); 0: none (*hash is then d's hash, for
+ * zdedupe_insert); < 0: error (x->err) */
 INTERNAL int zdedupe_find(struct zdedupe *dd, struct xfer *x, int imgfd, const struct zrun *run,
-                          const uint8_t *d, uint32_t nblk, int raw, uint32_t *blk,
+                          const uint8_t *d, uint32_t nblk, int kind, uint32_t *blk,
                           uint64_t *hash);
 INTERNAL int zdedupe_insert(struct zdedupe *dd, uint64_t hash, uint32_t blk, uint32_t nblk,
-                            int raw);
+                            int kind);
 INTERNAL void zdedupe_free(struct zdedupe *dd);
 
 /* fragments.c: the packed inode's data while files come in (a temporary file), each

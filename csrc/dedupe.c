@@ -15,7 +15,7 @@
 struct zdupent {
     uint64_t hash;           /* 0: free slot */
     uint32_t blk;
-    uint32_t nblk;           /* blocks | raw << 31 */
+    uint32_t nblk;           /* blocks | (algorithm + 1, 0: stored plain) << 24 */
 };
 
 uint64_t zhash64(const uint8_t *p, size_t len)
@@ -81,10 +81,10 @@ static int same_on_disk(struct xfer *x, int imgfd, const struct zrun *run, uint3
 }
 
 int zdedupe_find(struct zdedupe *dd, struct xfer *x, int imgfd, const struct zrun *run,
-                 const uint8_t *d, uint32_t nblk, int raw, uint32_t *blk, uint64_t *hash)
+                 const uint8_t *d, uint32_t nblk, int kind, uint32_t *blk, uint64_t *hash)
 {
     uint32_t len = nblk * x->blksz;
-    uint32_t key = nblk | (raw ? 1u << 31 : 0);
+    uint32_t key = nblk | (uint32_t)(kind + 1) << 24;
     *hash = zhash64(d, len);
     if (!dd->cap)
         return 0;
@@ -104,7 +104,7 @@ int zdedupe_find(struct zdedupe *dd, struct xfer *x, int imgfd, const struct zru
     return 0;
 }
 
-int zdedupe_insert(struct zdedupe *dd, uint64_t hash, uint32_t blk, uint32_t nblk, int raw)
+int zdedupe_insert(struct zdedupe *dd, uint64_t hash, uint32_t blk, uint32_t nblk, int kind)
 {
     if ((dd->n + 1) * 2 > dd->cap && grow_table(dd))
         return ERN_ENOMEM;
@@ -112,7 +112,7 @@ int zdedupe_insert(struct zdedupe *dd, uint64_t hash, uint32_t blk, uint32_t nbl
     while (dd->tab[k].hash)
         k = (k + 1) & (dd->cap - 1);
     dd->tab[k] = (struct zdupent){ .hash = hash, .blk = blk,
-                                   .nblk = nblk | (raw ? 1u << 31 : 0) };
+                                   .nblk = nblk | (uint32_t)(kind + 1) << 24 };
     dd->n++;
     return 0;
 }

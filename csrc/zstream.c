@@ -85,6 +85,7 @@ static int place_pclusters(struct zpool *p, struct zjob *j, struct xfer *x)
     const uint32_t bs = x->blksz;
     const uint64_t base = j->base;
     int dedupe = p->zc->dedupe && !j->packed;
+    int alg = j->zc->alg->id;     /* compressed pclusters match only with the same algorithm */
     uint64_t run = zf->flushed, runlen = 0;    /* data bytes to write before base+wblocks */
     int r;
     for (; zf->placed < zf->next; zf->placed++) {
@@ -101,7 +102,8 @@ static int place_pclusters(struct zpool *p, struct zjob *j, struct xfer *x)
             struct zrun pending = { zf->data + (run - zf->flushed),
                                     (uint32_t)(base + zf->wblocks - runlen / bs),
                                     (uint32_t)(runlen / bs) };
-            r = zdedupe_find(&p->dd, x, p->b->sfd, &pending, d, e->nblk, e->raw, &blk, &hash);
+            r = zdedupe_find(&p->dd, x, p->b->sfd, &pending, d, e->nblk, e->raw ? -1 : alg,
+                             &blk, &hash);
             if (r < 0)
                 return r;
             if (r == 1) {
@@ -118,7 +120,7 @@ static int place_pclusters(struct zpool *p, struct zjob *j, struct xfer *x)
             }
         }
         e->blk = (uint32_t)(base + zf->wblocks);
-        if (dedupe && zdedupe_insert(&p->dd, hash, e->blk, e->nblk, e->raw))
+        if (dedupe && zdedupe_insert(&p->dd, hash, e->blk, e->nblk, e->raw ? -1 : alg))
             return xfail(x, ERN_ENOMEM, "out of memory");
         zf->wblocks += e->nblk;
         runlen += (uint64_t)e->nblk * bs;
