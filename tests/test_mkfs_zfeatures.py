@@ -333,6 +333,20 @@ def test_inline_inodes_around_tails(root_kernel, tmp_path, seed):
     mkfs_and_check(tmp_path / "g.img", src, "-z", "lz4", "-E", "legacy-compress,ztailpacking")
 
 
+@pytest.mark.parametrize("args,msg", [
+    (["-z", "lz4", "-Efragments=5000"], "-E fragments=5000: must be a multiple of 4096"),
+    (["-z", "lz4", "-C", "16384", "-Efragments=65536"], "larger than the pcluster size"),
+    (["-z", "lz4", "-Ededupe=1"], "-E dedupe takes no value"),
+    (["--compress-hints", "/nonexistent"], "--compress-hints needs -z"),
+])
+def test_bad_feature_options(tree, tmp_path, args, msg):
+    img = tmp_path / "out" / "bad.img"
+    img.parent.mkdir()
+    p = run_mkfs(img, tree, *args, check=False)
+    assert p.returncode == 1 and msg in p.stderr and p.stderr.count("\n") == 1, p.stderr
+    assert os.listdir(img.parent) == []
+
+
 def test_same_image_whatever_the_threads(tree, tmp_path):
     for extra in (("-Eztailpacking",), ("-Efragments", "-C", "65536"),
                   ("-Ededupe,ztailpacking",),
