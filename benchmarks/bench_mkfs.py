@@ -3,6 +3,7 @@
 
     python benchmarks/bench_mkfs.py [--tree /usr/share] [--rounds 5] [--out DIR] [--json]
                                     [--anchor PATH/TO/mkfs.erofs] [-z ALG[,level=N]] [-C SIZE]
+                                    [-E OPT[,...]]...
 
 mkfs.erofs is the anchor: erofs-utils 1.9.x built from Debian sid's source package by
 benchmarks/anchor.py (the default), or the binary given with --anchor; its version
@@ -62,6 +63,8 @@ def main(argv=None):
     ap.add_argument("--json", action="store_true")
     ap.add_argument("-z", dest="compress", help="-z ALG[,level=N] given to both tools")
     ap.add_argument("-C", dest="pcluster", help="-C SIZE given to both tools")
+    ap.add_argument("-E", dest="extended", action="append", default=[],
+                    help="-E OPT (ztailpacking, fragments, dedupe, ...) given to both tools")
     args = ap.parse_args(argv)
     mkfs_erofs = os.path.abspath(args.anchor) if args.anchor else default_anchor_mkfs()
     if not os.access(mkfs_erofs, os.X_OK):
@@ -71,7 +74,8 @@ def main(argv=None):
     ref_img = os.path.join(out, "ref.img")
     our_img = os.path.join(out, "ours.img")
     zargs = (["-z", args.compress] if args.compress else []) + \
-        (["-C", args.pcluster] if args.pcluster else [])
+        (["-C", args.pcluster] if args.pcluster else []) + \
+        [f"-E{e}" for e in args.extended]
     ours_cmd = [sys.executable, "-m", "erofs_tools", "mkfs", "-q", "-T", "0", *zargs, our_img,
                 args.tree]
     ref_cmd = [mkfs_erofs, "-T", "0", *zargs, ref_img, args.tree]
@@ -96,6 +100,7 @@ def main(argv=None):
         if not args.out:
             shutil.rmtree(out, ignore_errors=True)
     summary = {"tree": args.tree, "compress": args.compress, "pcluster": args.pcluster,
+               "extended": args.extended,
                "entries": count_files(args.tree), "rounds": args.rounds,
                "nproc": os.cpu_count(), "anchors": anchor, "loadavg_rounds": loads,
                "loadavg": os.getloadavg()}
@@ -121,7 +126,7 @@ def main(argv=None):
     else:
         print(anchor_line(anchor))
         print(f"tree {summary['tree']}: {summary['entries']} entries, -z {args.compress} "
-              f"-C {args.pcluster}, {args.rounds} rounds, "
+              f"-C {args.pcluster} -E {','.join(args.extended)}, {args.rounds} rounds, "
               f"loadavg per round {loads}, after {summary['loadavg'][0]:.2f}")
         print(f"{'tool':<12} {'median s':>9} {'min s':>7} {'peak RSS MiB':>13} {'image MiB':>10}")
         for name in ("mkfs.erofs", "erofs-tools"):

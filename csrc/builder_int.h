@@ -67,6 +67,11 @@ struct node {
     uint8_t *tailbuf;       /* stream mode: inline tail read by the worker (or NULL) */
     uint8_t *zmeta;         /* compressed: map header + lcluster indexes (compress.c) */
     uint32_t zmeta_len, zblocks;
+    uint8_t *ztail;         /* ztailpacking: the inline last extent, after the index */
+    uint32_t ztail_len;
+    uint8_t zfull_only;     /* compressed, with a fragment the compact index cannot hold */
+    uint8_t zhint, zalg;    /* --compress-hints: set; algorithm index */
+    uint32_t zps;           /* its pcluster size (0: not compressed) */
 };
 
 /* a copy job for the stream worker: everything it needs, nothing shared */
@@ -176,6 +181,7 @@ struct erofs_builder {
     /* compression (compress_int.h): settings and, while files come in, the pool */
     struct zconf *zc;
     struct zpool *zp;
+    uint32_t packed_node;   /* -Efragments: the packed inode (NONE32: none) */
 };
 
 /* nodes.c */
@@ -210,6 +216,10 @@ INTERNAL int zpool_submit(erofs_builder *b, uint32_t node, const char *path, siz
                           uint64_t offset);
 INTERNAL int zpool_stop(erofs_builder *b, int abort);
 INTERNAL uint32_t zmeta_extra(const struct node *n);
+/* zlayout.c: a compressed node's compact index; the first inode offset from off on
+ * (32-byte steps) at which its inline tail stays inside one block */
+INTERNAL int compact_zindex(erofs_builder *b, struct node *n);
+INTERNAL uint64_t ztail_fit(const struct node *n, uint64_t off, uint32_t blksz);
 /* compress.c: superblock fields of the compression settings (0 / NULL without) */
 INTERNAL uint32_t zconf_incompat(const erofs_builder *b);
 INTERNAL uint16_t zconf_sb_u1(const erofs_builder *b);

@@ -59,16 +59,14 @@ static void put_cfg(struct zconf *zc, const void *rec, uint16_t len)
     zc->cfgs_len += 2u + len;
 }
 
-int zconf_setup(erofs_builder *b, struct zconf *zc)
+/* one algorithm of the -z list: its level checked, its window from the largest
+ * pcluster of the image */
+static int alg_conf(erofs_builder *b, struct zconf *zc, int32_t which, int32_t level,
+                    uint32_t max_ps)
 {
-    memset(zc, 0, sizeof(*zc));
-    const struct zalg *a = zalg_by_id(b->o.compress_alg);
+    const struct zalg *a = zalg_by_id(which);
     if (!a)
-        return fail(b, ERN_EINVAL, "unknown compressor %d", b->o.compress_alg);
-    if (!b->o.stream_data)
-        return fail(b, ERN_EINVAL, "compression needs stream mode");
-    zc->alg = a;
-    int level = b->o.compress_level;
+        return fail(b, ERN_EINVAL, "unknown compressor %d", which);
     if (level < 0) {
         level = a->default_level;
     } else if (!a->has_level) {
@@ -81,70 +79,141 @@ int zconf_setup(erofs_builder *b, struct zconf *zc)
         return fail(b, ERN_EINVAL, "%s compression level %d is not in %d..%d", a->name,
                     level, a->min_level, a->max_level);
     }
+    zc->alg = a;
     zc->level = level;
+    uint32_t d = 0;
+    switch (a->id) {
+    case Z_EROFS_COMPRESSION_LZMA:
+        d = max_ps << 2 < 8u * Z_EROFS_PCLUSTER_MAX_SIZE ? max_ps << 2
+                                                         : 8u * Z_EROFS_PCLUSTER_MAX_SIZE;
+        d = d < 32768 ? 32768 : d;
+        break;
+    case Z_EROFS_COMPRESSION_DEFLATE:
+        d = 32768;
+        break;
+    case Z_EROFS_COMPRESSION_ZSTD:
+        d = max_ps << 3 < Z_EROFS_PCLUSTER_MAX_SIZE ? max_ps << 3 : Z_EROFS_PCLUSTER_MAX_SIZE;
+        d = 1u << log2_floor(d);
+        break;
+    }
+    zc->dict_size = d;
+    return 0;
+}
+
+/* the configuration record of algorithm a (le16 length, then the record) */
+static void put_alg_record(struct zconf *zc, const struct zconf *a, uint32_t max_pclusterblks)
+{
+    switch (a->alg->id) {
+    case Z_EROFS_COMPRESSION_LZ4: {
+        struct z_erofs_lz4_cfgs r;
+        memset(&r, 0, sizeof(r));
+        r.max_distance = cpu_to_le16(65535);
+        r.max_pclusterblks = cpu_to_le16(max_pclusterblks);
+        put_cfg(zc, &r, sizeof(r));
+        break;
+    }
+    case Z_EROFS_COMPRESSION_LZMA: {
+        struct z_erofs_lzma_cfgs r;
+        memset(&r, 0, sizeof(r));
+        r.dict_size = cpu_to_le32(a->dict_size);
+        put_cfg(zc, &r, sizeof(r));
+        break;
+    }
+    case Z_EROFS_COMPRESSION_DEFLATE: {
+        struct z_erofs_deflate_cfgs r;
+        memset(&r, 0, sizeof(r));
+        r.windowbits = (uint8_t)log2_floor(a->dict_size);
+        put_cfg(zc, &r, sizeof(r));
+        break;
+    }
+    case Z_EROFS_COMPRESSION_ZSTD: {
+        struct z_erofs_zstd_cfgs r;
+        memset(&r, 0, sizeof(r));
+        r.windowlog = (uint8_t)(log2_floor(a->dict_size) - 10);
+        put_cfg(zc, &r, sizeof(r));
+        break;
+    }
+    }
+}
+
+/* zc: ZALG_MAX entries, one per algorithm of the -z list (zc[0] also holds the
+ * image-wide settings and records; the others are copies with their own algorithm) */
+int zconf_setup(erofs_builder *b, struct zconf *zc)
+{
+    memset(zc, 0, sizeof(*zc) * ZALG_MAX);
+    if (!b->o.stream_data)
+        return fail(b, ERN_EINVAL, "compression needs stream mode");
     uint32_t blksz = b->blksz;
     uint32_t ps = b->o.pcluster_size ? b->o.pcluster_size : blksz;
-    if (ps % blksz || ps > Z_EROFS_PCLUSTER_MAX_SIZE)
+    uint32_t max_ps = b->o.pcluster_max > ps ? b->o.pcluster_max : ps;
+    if (ps % blksz || max_ps % blksz || max_ps > Z_EROFS_PCLUSTER_MAX_SIZE)
         return fail(b, ERN_EINVAL, "pcluster size %u is not a multiple of the block size "
-                    "%u up to %u", ps, blksz, Z_EROFS_PCLUSTER_MAX_SIZE);
+                    "%u up to %u", max_ps % blksz ? max_ps : ps, blksz,
+                    Z_EROFS_PCLUSTER_MAX_SIZE);
+    int32_t ids[ZALG_MAX] = { b->o.compress_alg, b->o.compress_alt_alg[0],
+                              b->o.compress_alt_alg[1], b->o.compress_alt_alg[2] };
+    int32_t levels[ZALG_MAX] = { b->o.compress_level, b->o.compress_alt_level[0],
+                                 b->o.compress_alt_level[1], b->o.compress_alt_level[2] };
+    uint32_t nalgs = 1;
+    while (nalgs < ZALG_MAX && ids[nalgs])
+        nalgs++;
+    int r;
+    for (uint32_t k = 0; k < nalgs; k++)
+        if ((r = alg_conf(b, &zc[k], ids[k], levels[k], max_ps)))
+            return r;
+    zc->nalgs = nalgs;
     zc->pclustersize = ps;
+    zc->max_ps = max_ps;
+    zc->ztail = b->o.ztailpacking != 0;
+    zc->frags = b->o.fragments != 0;
+    /* as mkfs.erofs 1.9, whose fragments mode shares identical pclusters too */
+    zc->dedupe = b->o.dedupe || b->o.fragments;
+    zc->packed_ps = b->o.packed_pcluster_size ? b->o.packed_pcluster_size : ps;
+    if (zc->packed_ps % blksz || zc->packed_ps > max_ps)
+        return fail(b, ERN_EINVAL, "packed file pcluster size %u is not a multiple of the "
+                    "block size %u up to the pcluster size %u", zc->packed_ps, blksz, max_ps);
     zc->pclusterblks = ps / blksz;
+    zc->big = max_ps > blksz;
     long n = sysconf(_SC_NPROCESSORS_ONLN);
     zc->threads = b->o.compress_threads ? b->o.compress_threads : (n > 0 ? (uint32_t)n : 1);
     if (zc->threads > 64)
         zc->threads = 64;
 
-    int cfgs = a->id != Z_EROFS_COMPRESSION_LZ4 || zc->pclusterblks > 1;
+    /* records for each algorithm used, in algorithm order (sb.u1 is their bit mask) */
+    uint32_t mask = 0;
+    for (uint32_t k = 0; k < nalgs; k++)
+        mask |= 1u << zc[k].alg->id;
+    int cfgs = mask != 1u << Z_EROFS_COMPRESSION_LZ4 || zc->big;
     zc->incompat = EROFS_FEATURE_INCOMPAT_ZERO_PADDING |
                    (cfgs ? EROFS_FEATURE_INCOMPAT_COMPR_CFGS : 0) |
-                   (zc->pclusterblks > 1 ? EROFS_FEATURE_INCOMPAT_BIG_PCLUSTER : 0);
-    switch (a->id) {
-    case Z_EROFS_COMPRESSION_LZ4: {
-        struct z_erofs_lz4_cfgs r;
-        memset(&r, 0, sizeof(r));
-        r.max_distance = cpu_to_le16(65535);
-        r.max_pclusterblks = cpu_to_le16(zc->pclusterblks);
-        if (cfgs)
-            put_cfg(zc, &r, sizeof(r));
-        break;
+                   (zc->big ? EROFS_FEATURE_INCOMPAT_BIG_PCLUSTER : 0);
+    for (int id = 0; cfgs && id < 16; id++) {
+        for (uint32_t k = 0; k < nalgs; k++) {
+            if (zc[k].alg->id == id) {
+                put_alg_record(zc, &zc[k], max_ps / blksz);
+                break;
+            }
+        }
     }
-    case Z_EROFS_COMPRESSION_LZMA: {
-        uint32_t d = ps << 2 < 8u * Z_EROFS_PCLUSTER_MAX_SIZE ? ps << 2
-                                                              : 8u * Z_EROFS_PCLUSTER_MAX_SIZE;
-        zc->dict_size = d < 32768 ? 32768 : d;
-        struct z_erofs_lzma_cfgs r;
-        memset(&r, 0, sizeof(r));
-        r.dict_size = cpu_to_le32(zc->dict_size);
-        put_cfg(zc, &r, sizeof(r));
-        break;
+    zc->sb_u1 = cfgs ? (uint16_t)mask : 65535;
+    /* the others: the image-wide settings with their own algorithm */
+    for (uint32_t k = 1; k < nalgs; k++) {
+        struct zconf own = zc[k];
+        zc[k] = zc[0];
+        zc[k].alg = own.alg;
+        zc[k].level = own.level;
+        zc[k].dict_size = own.dict_size;
     }
-    case Z_EROFS_COMPRESSION_DEFLATE: {
-        zc->dict_size = 32768;
-        struct z_erofs_deflate_cfgs r;
-        memset(&r, 0, sizeof(r));
-        r.windowbits = (uint8_t)log2_floor(zc->dict_size);
-        put_cfg(zc, &r, sizeof(r));
-        break;
-    }
-    case Z_EROFS_COMPRESSION_ZSTD: {
-        uint32_t d = ps << 3 < Z_EROFS_PCLUSTER_MAX_SIZE ? ps << 3 : Z_EROFS_PCLUSTER_MAX_SIZE;
-        zc->dict_size = 1u << log2_floor(d);
-        struct z_erofs_zstd_cfgs r;
-        memset(&r, 0, sizeof(r));
-        r.windowlog = (uint8_t)(log2_floor(zc->dict_size) - 10);
-        put_cfg(zc, &r, sizeof(r));
-        break;
-    }
-    }
-    zc->sb_u1 = cfgs ? (uint16_t)(1u << a->id) : 65535;
-    /* try the algorithm once here, so a missing feature fails before any work */
-    struct zctx c;
-    if (zctx_init(&c, zc)) {
-        int r = fail(b, ERN_EINVAL, "%s: %s", a->name, c.err);
+    /* try each algorithm once here, so a missing feature fails before any work */
+    for (uint32_t k = 0; k < nalgs; k++) {
+        struct zctx c;
+        if (zctx_init(&c, &zc[k])) {
+            r = fail(b, ERN_EINVAL, "%s: %s", zc[k].alg->name, c.err);
+            zctx_fini(&c);
+            return r;
+        }
         zctx_fini(&c);
-        return r;
     }
-    zctx_fini(&c);
     return 0;
 }
 
@@ -170,8 +239,9 @@ int zctx_init(struct zctx *c, const struct zconf *zc)
     c->zc = zc;
     c->in_len = QUEUE_SIZE;
     c->in = malloc(c->in_len);
-    c->out = malloc(zc->pclustersize);
-    if (!c->in || !c->out) {
+    c->out = malloc(zc->max_ps);
+    c->out2 = malloc(zc->max_ps);
+    if (!c->in || !c->out || !c->out2) {
         snprintf(c->err, sizeof(c->err), "out of memory");
         return ERN_ENOMEM;
     }
@@ -184,6 +254,7 @@ void zctx_fini(struct zctx *c)
         c->zc->alg->fini(c);
     free(c->in);
     free(c->out);
+    free(c->out2);
     free(c->scratch);
     memset(c, 0, sizeof(*c));
 }
@@ -253,6 +324,8 @@ void zfile_free(struct zfile *zf)
     if (zf->data)
         out_release(zf->data, zf->dcap);
     free(zf->ext);
+    free(zf->idata);
+    free(zf->frag);
     memset(zf, 0, sizeof(*zf));
 }
 
@@ -286,7 +359,8 @@ static int out_reserve(struct zfile *zf, uint64_t len)
     return 0;
 }
 
-static int add_extent(struct zfile *zf, uint64_t start, uint32_t nblk, int raw)
+static int add_extent(struct zfile *zf, uint64_t start, uint32_t nblk, int raw, int inl,
+                      int frag)
 {
     if (zf->next == zf->cap_ext) {
         uint32_t nc = zf->cap_ext ? zf->cap_ext * 2 : 16;
@@ -296,30 +370,96 @@ static int add_extent(struct zfile *zf, uint64_t start, uint32_t nblk, int raw)
         zf->ext = p;
         zf->cap_ext = nc;
     }
+    /* the inline tail counts as one block in the index (its address is never read)
+     * but takes none */
     zf->ext[zf->next++] = (struct zext){ .start = start, .pblk = zf->nblocks,
-                                         .nblk = (uint16_t)nblk, .raw = (uint8_t)raw };
-    zf->nblocks += nblk;
+                                         .nblk = (uint16_t)nblk, .raw = (uint8_t)raw,
+                                         .inl = (uint8_t)inl, .frag = (uint8_t)frag };
+    if (!inl)
+        zf->nblocks += nblk;
     return 0;
+}
+
+/* the file's last extent kept inline after its index (compressed or raw) */
+static long inline_tail(struct xfer *x, struct zfile *zf, const uint8_t *src, uint32_t len,
+                        uint64_t done, int raw, uint32_t took)
+{
+    zf->idata = malloc(len ? len : 1);
+    if (!zf->idata || add_extent(zf, done, 1, raw, 1, 0))
+        return xfail(x, ERN_ENOMEM, "out of memory");
+    memcpy(zf->idata, src, len);
+    zf->idata_len = len;
+    return took;
+}
+
+/* the file's last extent kept for the packed inode (uncompressed: the packed inode is
+ * compressed as a whole); its index entry takes no block */
+static long fragment(struct xfer *x, struct zfile *zf, const uint8_t *src, uint32_t len,
+                     uint64_t done)
+{
+    zf->frag = malloc(len ? len : 1);
+    if (!zf->frag || add_extent(zf, done, 0, 0, 0, 1))
+        return xfail(x, ERN_ENOMEM, "out of memory");
+    memcpy(zf->frag, src, len);
+    zf->frag_len = len;
+    return len;
+}
+
+/* a last extent that ends in a partly used block: compressed again into one block
+ * less, when that leaves less to store after it than the block saved (the rest then
+ * becomes the inline tail) -> the input taken (and c->out holding the result) */
+static uint32_t retry_smaller(struct zctx *c, const uint8_t *src, uint32_t took, long *csz,
+                              uint32_t bs)
+{
+    uint32_t cap = (uint32_t)*csz / bs * bs;
+    if (!cap || (uint32_t)*csz % bs == 0)
+        return took;
+    uint32_t t2 = took;
+    long r = c->zc->alg->destsize(c, src, &t2, c->out2, cap);
+    if (r <= 0 || (uint64_t)r + (took - t2) >= align_up((uint64_t)*csz, bs))
+        return took;
+    memcpy(c->out, c->out2, (size_t)r);
+    *csz = r;
+    return t2;
 }
 
 /* one extent from the input window c->in[head, head + len): compressed into one
  * pcluster, or stored as plain blocks -> input bytes taken (or < 0) */
 static long one_extent(struct zctx *c, struct xfer *x, struct zfile *zf, const char *path,
-                       uint64_t head, uint32_t len, int final, uint64_t done)
+                       uint64_t head, uint32_t len, int final, uint64_t done, int inl, int frag)
 {
     const struct zconf *zc = c->zc;
     const uint32_t bs = x->blksz, ps = zc->pclustersize;
     long csz = 0;
     uint32_t took = len;
-    if (!(final && len <= bs)) {
+    /* fragments (frag: the file's last input): the rest of the file, if at most a
+     * pcluster or compressible into less than one, goes to the packed inode */
+    if (frag && len <= ps)
+        return fragment(x, zf, c->in + head, len, done);
+    if (!(final && len <= bs) || inl) {
         csz = zc->alg->destsize(c, c->in + head, &took, c->out, ps);
         if (csz < 0)
             return xfail(x, ERN_EIO, "%s: %s compression failed: %s", path,
                          zc->alg->name, c->err);
     }
+    /* ztailpacking (inl: the file's last input): the rest of the file whole, in less
+     * than a block, stays inline compressed; a rest that does not compress but is
+     * small stays inline raw (as mkfs.erofs decides) */
+    if (frag && took == len && csz > 0 && align_up((uint64_t)csz, bs) < took &&
+        (uint32_t)csz < ps)
+        return fragment(x, zf, c->in + head, len, done);
+    int whole = inl && took == len;
+    if (whole && csz > 0 && (uint64_t)csz < took && (uint32_t)csz <= ZTAIL_MAX(bs))
+        return inline_tail(x, zf, c->out, (uint32_t)csz, done, 0, took);
     uint64_t plen = align_up((uint64_t)csz, bs);
+    if (inl && len <= ZTAIL_MAX(bs) && (csz <= 0 || plen >= took))
+        return inline_tail(x, zf, c->in + head, len, done, 1, len);
+    if (whole && csz > 0 && plen < took) {
+        took = retry_smaller(c, c->in + head, took, &csz, bs);
+        plen = align_up((uint64_t)csz, bs);
+    }
     if (csz > 0 && plen < took) {
-        if (out_reserve(zf, plen) || add_extent(zf, done, (uint32_t)(plen / bs), 0))
+        if (out_reserve(zf, plen) || add_extent(zf, done, (uint32_t)(plen / bs), 0, 0, 0))
             return xfail(x, ERN_ENOMEM, "out of memory");
         uint8_t *d = zf->data + (zf->dlen - zf->flushed);
         memset(d, 0, plen - (uint64_t)csz);
@@ -334,7 +474,7 @@ static long one_extent(struct zctx *c, struct xfer *x, struct zfile *zf, const c
     took = 0;
     for (uint32_t k = 0; k < nraw && len > took; k++) {
         uint32_t n = len - took < bs ? len - took : bs;
-        if (out_reserve(zf, bs) || add_extent(zf, done + took, 1, 1))
+        if (out_reserve(zf, bs) || add_extent(zf, done + took, 1, 1, 0, 0))
             return xfail(x, ERN_ENOMEM, "out of memory");
         uint8_t *d = zf->data + (zf->dlen - zf->flushed);
         memcpy(d, c->in + head + took, n);
@@ -374,7 +514,11 @@ int zfile_compress(struct zctx *c, struct xfer *x, int fd, const char *path,
                 int final = remaining == 0;
                 if (len <= ps && !final)
                     break;         /* too little left for a pcluster: read more */
-                long took = one_extent(c, x, zf, path, head, len, final, done);
+                /* mkfs.erofs's may_inline: all input read, last segment */
+                int last = final && seg + SEGMENT_SIZE >= size;
+                int frag = last && c->zc->frags;
+                int inl = last && c->zc->ztail && !frag;
+                long took = one_extent(c, x, zf, path, head, len, final, done, inl, frag);
                 if (took < 0)
                     return (int)took;
                 head += (uint64_t)took;
@@ -392,6 +536,7 @@ int zfile_compress(struct zctx *c, struct xfer *x, int fd, const char *path,
         }
     }
     uint64_t nlc = (size + bs - 1) / bs;
-    zf->plain = (uint64_t)zf->nblocks * bs + Z_INDEX_START + nlc * 8 >= size;
+    zf->plain = !zf->frag &&
+                (uint64_t)zf->nblocks * bs + Z_INDEX_START + nlc * 8 + zf->idata_len >= size;
     return 0;
 }

@@ -15,6 +15,8 @@
 
 struct zctx;
 
+#define ZALG_MAX 4       /* algorithms of one image (-z A:B:C:D) */
+
 struct zalg {
     const char *name;        /* as mkfs.erofs -z names it */
     int id;                  /* Z_EROFS_COMPRESSION_* */
@@ -28,7 +30,8 @@ struct zalg {
     void (*fini)(struct zctx *c);
 };
 
-/* the image-wide compression settings (from erofs_opts) */
+/* the compression settings (from erofs_opts): one per algorithm of the -z list, the
+ * first also holding what is image-wide (records, feature bits) */
 struct zconf {
     const struct zalg *alg;
     int level;
@@ -40,7 +43,18 @@ struct zconf {
     uint32_t cfgs_len;
     uint16_t sb_u1;          /* available algorithms, or lz4 max distance */
     uint32_t incompat;       /* feature bits compression adds */
+    int ztail;               /* -Eztailpacking: a file's last extent inline */
+    int frags;               /* -Efragments: a file's last extent in the packed inode */
+    uint32_t packed_ps;      /* pcluster size of the packed inode (-Efragments=SIZE) */
+    int big;                 /* big pcluster indexes (any pcluster over one block) */
+    int dedupe;              /* -Ededupe (and -Efragments): identical pclusters shared */
+    uint32_t nalgs;          /* algorithms in the -z list (zconf[0..nalgs)) */
+    uint32_t max_ps;         /* the largest pcluster of any file (-C, --compress-hints) */
 };
+
+/* an inline tail is at most this many bytes: then, the index being 8-byte aligned,
+ * some 32-byte aligned inode position keeps it inside one block (the kernel's rule) */
+#define ZTAIL_MAX(blksz) ((blksz) - 32u)
 
 /* one thread's compressor state */
 struct zctx {
@@ -51,6 +65,7 @@ struct zctx {
     uint8_t *in;             /* input window of zfile_compress */
     uint64_t in_len;
     uint8_t *out;            /* one pcluster of output */
+    uint8_t *out2;           /* a second one (recompressing a file's last extent) */
     uint32_t hint;           /* input the last extent of this file took (0: none yet);
                                 reset per file, so results never depend on the thread */
     char err[200];
@@ -63,6 +78,10 @@ struct zext {
     uint32_t pblk;
     uint16_t nblk;
     uint8_t raw;             /* stored uncompressed (a PLAIN lcluster) */
+    uint8_t inl;             /* the inline tail (zfile.idata), no block of its own */
+    uint8_t frag;            /* the fragment (zfile.frag), in the packed inode */
+    uint8_t dup;             /* a pcluster of an earlier file (dedupe) */
+    uint32_t blk;            /* its block in the image (set when the file is placed) */
 };
 
 /* a compressed file before its blocks are placed: the pclusters back to back (each a
@@ -71,12 +90,54 @@ struct zfile {
     uint64_t size;
     uint8_t *data;
     uint64_t dlen, dcap;
-    uint64_t flushed;        /* bytes of data already written at the final place */
+    uint64_t flushed;        /* bytes of data dropped (written at the final place) */
+    uint32_t placed;         /* extents whose pclusters have their block (zstream.c) */
+    uint32_t wblocks;        /* blocks written at the file's place so far */
     struct zext *ext;
     uint32_t next, cap_ext;
     uint32_t nblocks;        /* pcluster blocks */
     int plain;               /* compression saves nothing: store the file uncompressed */
+    uint8_t *idata;          /* ztailpacking: the last extent's bytes, after the index */
+    uint32_t idata_len;
+    uint8_t *frag;           /* fragments: the last extent's bytes (uncompressed) */
+    uint32_t frag_len;
+    uint64_t fragoff;        /* where they are in the packed inode (set at commit) */
 };
+
+/* dedupe.c: the pclusters written so far, by content */
+struct zdedupe {
+    struct zdupent *tab;     /* open-addressing table */
+    uint32_t cap, n;
+};
+/* pclusters placed but not written yet: nblk blocks from block blk, bytes at mem */
+struct zrun {
+    const uint8_t *mem;
+    uint32_t blk, nblk;
+};
+INTERNAL uint64_t zhash64(const uint8_t *p, size_t len);
+/* 1: an identical pcluster (nblk blocks at d of kind: the algorithm, -1 stored plain)
+ * is at *blk (in the image or in run); 0: none (*hash is then d's hash, for
+ * zdedupe_insert); < 0: error (x->err) */
+INTERNAL int zdedupe_find(struct zdedupe *dd, struct xfer *x, int imgfd, const struct zrun *run,
+                          const uint8_t *d, uint32_t nblk, int kind, uint32_t *blk,
+                          uint64_t *hash);
+INTERNAL int zdedupe_insert(struct zdedupe *dd, uint64_t hash, uint32_t blk, uint32_t nblk,
+                            int kind);
+INTERNAL void zdedupe_free(struct zdedupe *dd);
+
+/* fragments.c: the packed inode's data while files come in (a temporary file), each
+ * fragment appended once: an identical one already there is shared */
+struct zpacked {
+    int fd;
+    uint64_t len;
+    struct zfragent *tab;    /* open-addressing table of fragments by content hash */
+    uint32_t cap, n;
+};
+INTERNAL int zpacked_open(struct zpacked *pk);
+INTERNAL void zpacked_close(struct zpacked *pk);
+/* the offset of data[0, len) in the packed inode (appended unless already there) */
+INTERNAL int zpacked_add(struct zpacked *pk, struct xfer *x, const uint8_t *data,
+                         uint32_t len, uint64_t *off);
 
 #define Z_INDEX_START 16u  /* full index: map header + 8 reserved bytes before the entries */
 
@@ -91,7 +152,7 @@ typedef long (*ztrial_fn)(struct zctx *c, const uint8_t *src, uint32_t n, uint8_
 INTERNAL long zsearch_destsize(struct zctx *c, const uint8_t *src, uint32_t *srclen,
                                uint8_t *dst, uint32_t dstcap, ztrial_fn trial);
 INTERNAL const struct zalg *zalg_by_id(int32_t which);
-INTERNAL int zconf_setup(erofs_builder *b, struct zconf *zc);
+INTERNAL int zconf_setup(erofs_builder *b, struct zconf *zc);   /* zc[ZALG_MAX] */
 INTERNAL int zctx_init(struct zctx *c, const struct zconf *zc);
 INTERNAL void zctx_fini(struct zctx *c);
 /* compress size bytes of fd from offset; flush(arg, zf) is called when the buffered
@@ -102,10 +163,10 @@ INTERNAL int zfile_compress(struct zctx *c, struct xfer *x, int fd, const char *
                             int (*flush)(void *arg, struct zfile *zf), void *arg);
 INTERNAL void zfile_free(struct zfile *zf);
 
-/* zindex.c: the map header and full index of a compressed file whose first pcluster is
- * at block base -> malloc'ed bytes (NULL: out of memory) */
+/* zindex.c: the map header and full index of a compressed file whose extents have
+ * their blocks (zext.blk) -> malloc'ed bytes (NULL: out of memory) */
 INTERNAL uint8_t *zfile_index(const struct zfile *zf, const struct zconf *zc, uint32_t blkszbits,
-                              uint32_t base, uint32_t *len);
+                              uint32_t *len);
 
 
 #endif

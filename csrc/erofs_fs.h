@@ -25,6 +25,9 @@
 #define EROFS_FEATURE_INCOMPAT_BIG_PCLUSTER 0x2u   /* same bit: pclusters over 1 block */
 #define EROFS_FEATURE_INCOMPAT_CHUNKED_FILE 0x4u
 #define EROFS_FEATURE_INCOMPAT_DEVICE_TABLE 0x8u
+#define EROFS_FEATURE_INCOMPAT_ZTAILPACKING 0x10u  /* compressed tails inline (h_idata_size) */
+#define EROFS_FEATURE_INCOMPAT_FRAGMENTS 0x20u     /* tails in the packed inode */
+#define EROFS_FEATURE_INCOMPAT_DEDUPE 0x20u        /* same bit: pclusters shared by files */
 
 /* i_format: bit 0 version, bits 1..3 data layout */
 #define EROFS_INODE_COMPACT 0u
@@ -159,10 +162,15 @@ enum { Z_EROFS_LCLUSTER_TYPE_PLAIN = 0, Z_EROFS_LCLUSTER_TYPE_HEAD1 = 1,
 #define Z_EROFS_ADVISE_COMPACTED_2B 0x1u    /* compact: 2-byte packs in the middle */
 #define Z_EROFS_ADVISE_BIG_PCLUSTER_1 0x2u
 #define Z_EROFS_ADVISE_BIG_PCLUSTER_2 0x4u
+#define Z_EROFS_ADVISE_INLINE_PCLUSTER 0x8u   /* last extent inline after the index */
+#define Z_EROFS_ADVISE_FRAGMENT_PCLUSTER 0x20u /* last extent in the packed inode */
+/* h_clusterbits bit 7: the whole file is a fragment; the 8-byte map header is then
+ * le64 (fragment offset | 1 << 63) and no index follows */
+#define Z_EROFS_FRAGMENT_INODE_BIT 7u
 #define Z_EROFS_PCLUSTER_MAX_SIZE (1024u * 1024u)
 
 struct z_erofs_map_header {
-    uint16_t h_reserved1;
+    uint16_t h_reserved1;           /* with a fragment: h_fragmentoff, le32 over both */
     uint16_t h_idata_size;          /* tail-packed pcluster size (ztailpacking) */
     uint16_t h_advise;
     uint8_t h_algorithmtype;        /* bits 0-3: HEAD1 algorithm, 4-7: HEAD2 */

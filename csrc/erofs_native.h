@@ -70,6 +70,17 @@ struct erofs_opts {
     uint32_t pcluster_size;    /* bytes of a physical cluster; 0: one block */
     uint32_t compress_threads; /* 0: one per online CPU; the image is the same */
     int32_t compress_full_index; /* 1: full (8-byte) lcluster indexes; 0: compact */
+    int32_t ztailpacking;      /* 1: a compressed file's last extent inline after its
+                                  index (mkfs.erofs -Eztailpacking) */
+    int32_t fragments;         /* 1: a compressed file's last extent (or a whole small
+                                  file) in the packed inode (-Efragments) */
+    uint32_t packed_pcluster_size; /* the packed inode's pcluster (-Efragments=SIZE);
+                                  0: pcluster_size */
+    int32_t dedupe;            /* 1: identical pclusters shared between files (-Ededupe) */
+    int32_t compress_alt_alg[3];   /* more algorithms of the -z list (ERN_Z_*; 0: none),
+                                  chosen per file by erofs_node_set_zhint */
+    int32_t compress_alt_level[3]; /* their levels (-1: default) */
+    uint32_t pcluster_max;     /* the largest per-file pcluster (0: pcluster_size) */
 };
 
 struct erofs_layout_info {
@@ -108,6 +119,10 @@ int erofs_node_set_file(erofs_builder *b, uint32_t node, const char *path, size_
 int erofs_node_set_bytes(erofs_builder *b, uint32_t node, const char *data, size_t len);
 int erofs_node_set_chunks(erofs_builder *b, uint32_t node, uint32_t chunk_format,
                           const uint64_t *entries, uint32_t count);
+/* compressed images (--compress-hints), before erofs_node_set_file: this file's pcluster
+ * size (0: store it uncompressed) and algorithm (index in the -z list) */
+int erofs_node_set_zhint(erofs_builder *b, uint32_t node, uint32_t pcluster_size,
+                         uint32_t alg);
 int erofs_builder_set_root(erofs_builder *b, uint32_t node);
 int erofs_builder_add_device(erofs_builder *b, const char *tag, size_t taglen,
                              uint32_t blocks, uint32_t mapped_blkaddr);

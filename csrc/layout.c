@@ -243,6 +243,11 @@ static int order_nids(erofs_builder *b)
             }
         }
     }
+    /* the packed inode (-Efragments) is in no directory */
+    if (b->packed_node != NONE32 && !b->nodes[b->packed_node].placed) {
+        b->nodes[b->packed_node].placed = 1;
+        b->order[no++] = b->packed_node;
+    }
     if (no != b->nnodes) {
         for (uint32_t i = 0; i < b->nnodes; i++)
             if (!b->nodes[i].placed)
@@ -384,23 +389,6 @@ static int pick_build_time(erofs_builder *b, struct layout_state *st)
     return 0;
 }
 
-/* a compressed node's compact index, now that its inode and xattr sizes are known */
-static int compact_zindex(erofs_builder *b, struct node *n)
-{
-    uint32_t mpos = (uint32_t)align_up(inode_size(n) + n->xattr_isize, 8) +
-                    (uint32_t)sizeof(struct z_erofs_map_header);
-    uint32_t len;
-    uint8_t *c = zindex_compact(n->zmeta, n->zmeta_len, mpos, b->o.pcluster_size > b->blksz,
-                                &len);
-    if (!c)
-        return fail(b, ERN_ENOMEM, "out of memory");
-    free(n->zmeta);
-    n->zmeta = c;
-    n->zmeta_len = len;
-    n->layout = L_ZCOMPACT;
-    return 0;
-}
-
 /* inode formats and data layouts (independent of positions) */
 static int choose_formats(erofs_builder *b, struct layout_state *st)
 {
@@ -519,7 +507,8 @@ static int place_inodes(erofs_builder *b, struct layout_state *st)
                 uint64_t e = unit ? align_up(o + base, unit) - o +
                                     (uint64_t)unit * b->chunks[n->aux].count
                                   : base + extra;
-                if (o + e <= gaps[g].end) {
+                /* (an inline tail must not cross a block there) */
+                if (o + e <= gaps[g].end && (!n->ztail_len || ztail_fit(n, o, blksz) == o)) {
                     found = (int)g;
                     off = o;
                     extra = e - base;
@@ -543,10 +532,15 @@ static int place_inodes(erofs_builder *b, struct layout_state *st)
         if (unit) {
             extra = align_up(off + base, unit) - (off + base) +
                     (uint64_t)unit * b->chunks[n->aux].count;
-        } else if (n->layout == L_INLINE) {
-            if (off % blksz + base + n->tail > blksz) {
-                off = align_up(off, blksz);
-                if (off - cur >= sizeof(struct erofs_inode_extended) && oi) {
+        } else if (n->layout == L_INLINE || n->ztail_len) {
+            uint64_t moved = n->ztail_len ? ztail_fit(n, off, blksz)
+                           : off % blksz + base + n->tail > blksz ? align_up(off, blksz) : off;
+            if (moved != off) {
+                off = moved;
+                /* the gap left: never past the end of cur's block (an inline inode put
+                 * there must stay in one block; a moved ztail inode may start later) */
+                uint64_t gend = off < align_up(cur + 1, blksz) ? off : align_up(cur + 1, blksz);
+                if (gend - cur >= sizeof(struct erofs_inode_extended) && oi) {
                     uint32_t slot = ngaps < GAP_MAX ? ngaps++ : 0;
                     if (slot == 0 && ngaps == GAP_MAX) {
                         /* full: replace the smallest gap */
@@ -555,9 +549,9 @@ static int place_inodes(erofs_builder *b, struct layout_state *st)
                                 slot = g;
                     }
                     gaps[slot].start = cur;
-                    gaps[slot].end = off;
-                    if (off - cur > maxgap)
-                        maxgap = off - cur;
+                    gaps[slot].end = gend;
+                    if (gend - cur > maxgap)
+                        maxgap = gend - cur;
                 }
             }
         }

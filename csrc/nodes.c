@@ -74,6 +74,7 @@ erofs_builder *erofs_builder_new(const struct erofs_opts *o)
         b->o.blkszbits = 12;
     b->blksz = 1u << b->o.blkszbits;
     b->root = NONE32;
+    b->packed_node = NONE32;
     b->fd = -1;
     b->sfd = -1;
     return b;
@@ -87,6 +88,7 @@ void erofs_builder_free(erofs_builder *b)
     for (uint32_t i = 0; i < b->nnodes; i++) {
         free(b->nodes[i].tailbuf);
         free(b->nodes[i].zmeta);
+        free(b->nodes[i].ztail);
     }
     free(b->zc);
     free(b->nodes);

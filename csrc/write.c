@@ -223,8 +223,13 @@ static int write_node_data(erofs_builder *b, struct node *n)
         free(path);
         return r;
     }
-    if (n->zmeta)   /* pclusters written by the compression pool */
-        return win_write(b, align_up(tail_off, 8), n->zmeta, n->zmeta_len);
+    if (n->zmeta) {   /* pclusters written by the compression pool */
+        uint64_t mo = align_up(tail_off, 8);
+        int r = win_write(b, mo, n->zmeta, n->zmeta_len);
+        if (!r && n->ztail_len)
+            r = win_write(b, mo + n->zmeta_len, n->ztail, n->ztail_len);
+        return r;
+    }
     if (!is_flat_data(n) || n->size == 0)
         return 0;
     uint64_t full = n->layout == L_INLINE ? n->size / blksz * blksz : n->size;
@@ -422,6 +427,8 @@ static int write_superblock(erofs_builder *b)
     sb.u1 = cpu_to_le16(zconf_sb_u1(b));
     sb.extra_devices = cpu_to_le16(b->ndevs);
     sb.devt_slotoff = cpu_to_le16(b->o.devt_slotoff);
+    if (b->packed_node != NONE32)
+        sb.packed_nid = cpu_to_le64(b->nodes[b->packed_node].nid);
     memcpy(blk0 + EROFS_SUPER_OFFSET, &sb, sizeof(sb));
     if (b->o.sb_checksum)
         sb.checksum = cpu_to_le32(erofs_sb_checksum(blk0, b0len));

@@ -11,7 +11,7 @@
 #include "compress_int.h"
 
 uint8_t *zfile_index(const struct zfile *zf, const struct zconf *zc, uint32_t blkszbits,
-                     uint32_t base, uint32_t *len)
+                     uint32_t *len)
 {
     const uint32_t lb = blkszbits;     /* lcluster = one block */
     const uint64_t mask = (1ull << lb) - 1;
@@ -22,11 +22,27 @@ uint8_t *zfile_index(const struct zfile *zf, const struct zconf *zc, uint32_t bl
         return NULL;
     struct z_erofs_map_header h;
     memset(&h, 0, sizeof(h));
-    int big = zc->pclusterblks > 1;
-    h.h_advise = cpu_to_le16(big ? Z_EROFS_ADVISE_BIG_PCLUSTER_1 : 0);
+    if (zf->frag && zf->next == 1) {
+        /* the whole file is a fragment: le64 offset | 1 << 63 (bit 7 of h_clusterbits) */
+        uint64_t v = htole64(zf->fragoff | 1ull << 63);
+        memcpy(meta, &v, sizeof(v));
+        *len = Z_INDEX_START;
+        return meta;
+    }
+    int big = zc->big;
+    h.h_advise = cpu_to_le16((big ? Z_EROFS_ADVISE_BIG_PCLUSTER_1 : 0) |
+                             (zf->idata ? Z_EROFS_ADVISE_INLINE_PCLUSTER : 0) |
+                             (zf->frag ? Z_EROFS_ADVISE_FRAGMENT_PCLUSTER : 0));
+    h.h_idata_size = cpu_to_le16(zf->idata_len);
     h.h_algorithmtype = (uint8_t)zc->alg->id;
     h.h_clusterbits = 0;
     memcpy(meta, &h, sizeof(h));
+    if (zf->frag) {
+        /* h_fragmentoff: le32 over h_reserved1 and h_idata_size (the high 32 bits go to
+         * the fragment extent's head, full indexes only) */
+        uint32_t lo = htole32((uint32_t)zf->fragoff);
+        memcpy(meta, &lo, 4);
+    }
     struct z_erofs_lcluster_index *idx = (struct z_erofs_lcluster_index *)(meta + Z_INDEX_START);
     for (uint32_t i = 0; i < zf->next; i++) {
         const struct zext *e = &zf->ext[i];
@@ -36,7 +52,7 @@ uint8_t *zfile_index(const struct zfile *zf, const struct zconf *zc, uint32_t bl
         idx[hl].di_advise = cpu_to_le16(e->raw ? Z_EROFS_LCLUSTER_TYPE_PLAIN
                                                : Z_EROFS_LCLUSTER_TYPE_HEAD1);
         idx[hl].di_clusterofs = cpu_to_le16(e->start & mask);
-        idx[hl].di_u = cpu_to_le32(base + e->pblk);
+        idx[hl].di_u = cpu_to_le32(e->frag ? (uint32_t)(zf->fragoff >> 32) : e->blk);
         for (uint64_t l = hl + 1; l < nh && l < nlc; l++) {
             uint32_t d0 = l - hl > 0x7FF ? 0x7FF : (uint32_t)(l - hl);
             if (l == hl + 1 && big)

@@ -25,15 +25,21 @@ struct zjob {
     uint64_t base;
     uint64_t held;            /* output bytes counted in pending */
     struct zfile zf;
+    const struct zconf *zc;   /* its algorithm's settings (the packed inode: its own) */
+    uint32_t ccfg, ps;        /* --compress-hints: algorithm index, pcluster size */
+    int nocomp, packed;       /* stored uncompressed (a hint); the packed inode */
+    int srcfd;                /* the packed inode's data: read from this fd (if > 0) */
     /* result */
-    int plain;
+    int plain, zfull;
     uint32_t startblk, nblocks, meta_len;
     uint8_t *meta, *tailbuf;
+    uint8_t *idata;           /* ztailpacking: inline tail after the index */
+    uint32_t idata_len;
 };
 
 struct zpool {
     erofs_builder *b;
-    struct zconf *zc;           /* the builder's (b->zc) */
+    struct zconf *zc;           /* the builder's (b->zc[ZALG_MAX]) */
     pthread_t th[64];
     uint32_t nth;
     pthread_mutex_t mu;
@@ -46,6 +52,8 @@ struct zpool {
     int committing, stop, abort;
     int err_code;
     char err[600];
+    struct zpacked pk;            /* -Efragments: the packed inode's data */
+    struct zdedupe dd;            /* -Ededupe: the pclusters written so far */
 };
 
 struct flush_arg {
@@ -63,6 +71,65 @@ static void set_err(struct zpool *p, int code, const char *msg)
     pthread_cond_broadcast(&p->cv_job);
     pthread_cond_broadcast(&p->cv_space);
     pthread_cond_broadcast(&p->cv_turn);
+}
+
+/* Place the pclusters of the extents not placed yet (zf->placed on), back to back
+ * after the ones written so far (zf->wblocks) from block base, and write them; one
+ * that an earlier pcluster already holds (dedupe) is referenced instead. Their bytes
+ * are then dropped from the buffer (zf->flushed: bytes dropped from its front). Runs
+ * while the file is the oldest (a large file while compressed, in place, else at its
+ * commit), so the dedupe table has one user at a time. */
+static int place_pclusters(struct zpool *p, struct zjob *j, struct xfer *x)
+{
+    struct zfile *zf = &j->zf;
+    const uint32_t bs = x->blksz;
+    const uint64_t base = j->base;
+    int dedupe = p->zc->dedupe && !j->packed;
+    int alg = j->zc->alg->id;     /* compressed pclusters match only with the same algorithm */
+    uint64_t run = zf->flushed, runlen = 0;    /* data bytes to write before base+wblocks */
+    int r;
+    for (; zf->placed < zf->next; zf->placed++) {
+        struct zext *e = &zf->ext[zf->placed];
+        uint64_t off = (uint64_t)e->pblk * bs;
+        if (e->inl || e->frag) {
+            e->blk = (uint32_t)(base + zf->wblocks);   /* never read (as mkfs.erofs) */
+            continue;
+        }
+        const uint8_t *d = zf->data + (off - zf->flushed);
+        uint64_t hash = 0;
+        uint32_t blk;
+        if (dedupe) {
+            struct zrun pending = { zf->data + (run - zf->flushed),
+                                    (uint32_t)(base + zf->wblocks - runlen / bs),
+                                    (uint32_t)(runlen / bs) };
+            r = zdedupe_find(&p->dd, x, p->b->sfd, &pending, d, e->nblk, e->raw ? -1 : alg,
+                             &blk, &hash);
+            if (r < 0)
+                return r;
+            if (r == 1) {
+                if (runlen && (r = x_pwrite(x, zf->data + (run - zf->flushed), runlen,
+                                            (base + zf->wblocks) * bs - runlen)))
+                    return r;
+                run = off + (uint64_t)e->nblk * bs;
+                runlen = 0;
+                e->blk = blk;
+                e->dup = 1;
+                j->zfull = 1;
+                p->zc->incompat |= EROFS_FEATURE_INCOMPAT_DEDUPE;
+                continue;
+            }
+        }
+        e->blk = (uint32_t)(base + zf->wblocks);
+        if (dedupe && zdedupe_insert(&p->dd, hash, e->blk, e->nblk, e->raw ? -1 : alg))
+            return xfail(x, ERN_ENOMEM, "out of memory");
+        zf->wblocks += e->nblk;
+        runlen += (uint64_t)e->nblk * bs;
+    }
+    if (runlen && (r = x_pwrite(x, zf->data + (run - zf->flushed), runlen,
+                                (base + zf->wblocks) * bs - runlen)))
+        return r;
+    zf->flushed = zf->dlen;
+    return 0;
 }
 
 /* a file whose buffered output is large: become the file being placed now (wait until
@@ -87,14 +154,16 @@ static int zflush(void *arg, struct zfile *zf)
         if (bad)
             return xfail(fa->x, ERN_EIO, "stopped");
     }
-    uint64_t n = zf->dlen - zf->flushed;
-    int r = x_pwrite(fa->x, zf->data, n, j->base * b->blksz + zf->flushed);
-    zf->flushed = zf->dlen;
+    int r = place_pclusters(p, j, fa->x);
     return r;
 }
 
 static int open_source(struct xfer *x, struct zjob *j, int *pfd)
 {
+    if (j->srcfd > 0) {
+        *pfd = fcntl(j->srcfd, F_DUPFD_CLOEXEC, 0);
+        return *pfd < 0 ? xfail(x, ERN_EIO, "%s: %s", j->path, strerror(errno)) : 0;
+    }
     int fd = open(j->path, O_RDONLY | O_NOCTTY | O_CLOEXEC | O_NOFOLLOW);
     if (fd < 0)
         return xfail(x, ERN_EIO, "%s: %s", j->path, strerror(errno));
@@ -108,13 +177,15 @@ static int open_source(struct xfer *x, struct zjob *j, int *pfd)
     return 0;
 }
 
-/* compress one file into memory (or plain when it cannot save a block) */
+/* compress one file into memory (or plain when it cannot save a block) with c, the
+ * context of its algorithm */
 static int run_zjob(struct zpool *p, struct zctx *c, struct xfer *x, struct zjob *j)
 {
     uint32_t bs = p->b->blksz;
     uint64_t nlc = (j->size + bs - 1) / bs;
-    /* one pcluster + index is already no smaller than the file */
-    if (j->size <= bs + 16 + nlc * 8) {
+    /* one pcluster + index is already no smaller than the file (with ztailpacking or
+     * fragments, a small file may still compress inline or into the packed inode) */
+    if (j->nocomp || (j->size <= bs + 16 + nlc * 8 && !c->zc->ztail && !c->zc->frags)) {
         j->zf.plain = 1;
         j->zf.size = j->size;
         return 0;
@@ -123,8 +194,18 @@ static int run_zjob(struct zpool *p, struct zctx *c, struct xfer *x, struct zjob
     int r = open_source(x, j, &fd);
     if (r)
         return r;
+    /* a pcluster size of its own (--compress-hints): the settings with it, this once */
+    const struct zconf *keep = c->zc;
+    struct zconf own;
+    if (j->ps && j->ps != c->zc->pclustersize) {
+        own = *c->zc;
+        own.pclustersize = j->ps;
+        own.pclusterblks = j->ps / bs;
+        c->zc = &own;
+    }
     struct flush_arg fa = { p, j, x };
     r = zfile_compress(c, x, fd, j->path, j->offset, j->size, &j->zf, zflush, &fa);
+    c->zc = keep;
     close(fd);
     return r;
 }
@@ -137,17 +218,32 @@ static int commit(struct zpool *p, struct zjob *j, struct xfer *x)
     uint64_t base = j->direct ? j->base : b->scur;
     int r = 0;
     if (!j->zf.plain) {
-        uint64_t n = j->zf.dlen - j->zf.flushed;
-        if (n && (r = x_pwrite(x, j->zf.data, n, base * bs + j->zf.flushed)))
-            return r;
         if (base + j->zf.nblocks > 0xFFFFFFFFull)
             return xfail(x, ERN_ELIMIT, "image larger than 2^32 blocks");
-        j->meta = zfile_index(&j->zf, p->zc, b->o.blkszbits, (uint32_t)base, &j->meta_len);
+        j->base = base;
+        if ((r = place_pclusters(p, j, x)))
+            return r;
+        uint32_t nblocks = j->zf.wblocks;
+        if (j->zf.frag) {
+            /* appended in commit order: the packed inode does not depend on threads */
+            if ((r = zpacked_add(&p->pk, x, j->zf.frag, j->zf.frag_len, &j->zf.fragoff)))
+                return r;
+            p->zc->incompat |= EROFS_FEATURE_INCOMPAT_FRAGMENTS;
+            /* compact indexes hold 32 bits of the offset; a whole-file fragment has
+             * its own (full) form */
+            j->zfull |= j->zf.next == 1 || j->zf.fragoff >> 32;
+        }
+        j->meta = zfile_index(&j->zf, j->zc, b->o.blkszbits, &j->meta_len);
         if (!j->meta)
             return xfail(x, ERN_ENOMEM, "out of memory");
-        j->nblocks = j->zf.nblocks;
+        j->nblocks = nblocks;
         j->startblk = (uint32_t)base;
-        b->scur = base + j->zf.nblocks;
+        j->idata = j->zf.idata;
+        j->idata_len = j->zf.idata_len;
+        j->zf.idata = NULL;
+        if (j->idata)
+            p->zc->incompat |= EROFS_FEATURE_INCOMPAT_ZTAILPACKING;
+        b->scur = base + nblocks;
     } else {
         j->plain = 1;
         uint64_t full = j->size - j->tail;
@@ -211,7 +307,9 @@ static void commit_ready(struct zpool *p, struct xfer *x)
 static void *zworker(void *arg)
 {
     struct zpool *p = arg;
-    struct zctx c;
+    struct zctx cs[ZALG_MAX];      /* one per algorithm, set up when first needed */
+    memset(cs, 0, sizeof(cs));
+    struct zctx *c = &cs[0];
     struct xfer x;
     memset(&x, 0, sizeof(x));
     uint64_t dummy = 0;
@@ -219,10 +317,10 @@ static void *zworker(void *arg)
     x.blksz = p->b->blksz;
     x.bytes = &dummy;
     x.buf = malloc(CBUF_SIZE);
-    int init = zctx_init(&c, p->zc);
+    int init = zctx_init(c, p->zc);
     pthread_mutex_lock(&p->mu);
     if (init || !x.buf)
-        set_err(p, ERN_ENOMEM, init ? c.err : "out of memory");
+        set_err(p, ERN_ENOMEM, init ? c->err : "out of memory");
     for (;;) {
         while (!p->err_code && !p->abort &&
                ((!p->claim && !p->stop) || (p->claim && p->pending > PENDING_MAX)))
@@ -236,7 +334,12 @@ static void *zworker(void *arg)
         pthread_cond_signal(&p->cv_space);
         int skip = p->err_code != 0;
         pthread_mutex_unlock(&p->mu);
-        int r = skip ? 0 : run_zjob(p, &c, &x, j);
+        c = &cs[j->ccfg];
+        int r = 0;
+        if (!skip && !c->zc && zctx_init(c, &p->zc[j->ccfg]))
+            r = xfail(&x, ERN_ENOMEM, "%s", c->err);
+        if (!skip && !r)
+            r = run_zjob(p, c, &x, j);
         pthread_mutex_lock(&p->mu);
         if (r)
             set_err(p, r, x.err);
@@ -248,7 +351,9 @@ static void *zworker(void *arg)
     /* an error: the finished files still go through commit_ready (skipped) to be freed */
     commit_ready(p, &x);
     pthread_mutex_unlock(&p->mu);
-    zctx_fini(&c);
+    for (uint32_t k = 0; k < ZALG_MAX; k++)
+        if (cs[k].zc)
+            zctx_fini(&cs[k]);
     free(x.buf);
     return NULL;
 }
@@ -259,7 +364,7 @@ int zpool_start(erofs_builder *b)
     if (!p)
         return fail(b, ERN_ENOMEM, "out of memory");
     p->b = b;
-    if (!b->zc && !(b->zc = malloc(sizeof(*b->zc)))) {
+    if (!b->zc && !(b->zc = calloc(ZALG_MAX, sizeof(*b->zc)))) {
         free(p);
         return fail(b, ERN_ENOMEM, "out of memory");
     }
@@ -268,6 +373,11 @@ int zpool_start(erofs_builder *b)
     if (r) {
         free(p);
         return r;
+    }
+    p->pk.fd = -1;
+    if (p->zc->frags && zpacked_open(&p->pk)) {
+        free(p);
+        return fail(b, ERN_EIO, "cannot create the packed file: %s", strerror(errno));
     }
     pthread_mutex_init(&p->mu, NULL);
     pthread_cond_init(&p->cv_job, NULL);
@@ -301,6 +411,19 @@ int zpool_submit(erofs_builder *b, uint32_t node, const char *path, size_t pathl
     j->node = node;
     j->offset = offset;
     j->size = n->size;
+    j->zc = p->zc;
+    if (n->zhint) {
+        if (n->zalg >= p->zc->nalgs || n->zps > p->zc->max_ps) {
+            free(j->path);
+            free(j);
+            return fail(b, ERN_EINVAL, "node %u: compression hint (algorithm %u, pcluster "
+                        "%u) beyond the configured ones", node, n->zalg, n->zps);
+        }
+        j->ccfg = n->zalg;
+        j->zc = &p->zc[n->zalg];
+        j->ps = n->zps;
+        j->nocomp = n->zps == 0;
+    }
     uint64_t tail = n->size % bs;
     /* if stored plain: decided before the inode format is known, so assume the larger,
      * extended inode (as stream_file) */
@@ -334,6 +457,67 @@ int zpool_submit(erofs_builder *b, uint32_t node, const char *path, size_t pathl
     return 0;
 }
 
+/* -Efragments, once every file is committed: the packed inode, a node of its own (in
+ * no directory), compressed like a file with its own pcluster size and committed
+ * after the others (so it is written in place as it is compressed) */
+static int flush_packed(erofs_builder *b, struct zpool *p)
+{
+    struct zconf pz = *p->zc;
+    pz.pclustersize = pz.packed_ps;
+    pz.pclusterblks = pz.packed_ps / b->blksz;
+    pz.frags = 0;
+    int64_t node = erofs_node_add(b, S_IFREG | 0600, 0, 0, 0, 0, p->pk.len, 0, 0);
+    if (node < 0)
+        return (int)node;
+    struct node *n = &b->nodes[node];
+    n->nlink = 1;
+    n->dkind = D_FILE;
+    n->streamed = 1;
+    b->packed_node = (uint32_t)node;
+    struct zjob *j = calloc(1, sizeof(*j));
+    struct xfer x;
+    memset(&x, 0, sizeof(x));
+    uint64_t dummy = 0;
+    x.out = b->sfd;
+    x.blksz = b->blksz;
+    x.bytes = &dummy;
+    x.buf = malloc(CBUF_SIZE);
+    struct zctx c;
+    int r = zctx_init(&c, &pz);
+    if (!j || !x.buf || r || !(j->path = strdup("packed file"))) {
+        r = r ? fail(b, r, "%s", c.err) : fail(b, ERN_ENOMEM, "out of memory");
+        goto out;
+    }
+    j->node = (uint32_t)node;
+    j->size = p->pk.len;
+    j->srcfd = p->pk.fd;
+    j->zc = &pz;
+    j->packed = 1;
+    j->state = 1;
+    p->head = p->tail = j;       /* the oldest file: zflush may write it in place */
+    r = run_zjob(p, &c, &x, j);
+    if (!r)
+        r = commit(p, j, &x);
+    p->head = p->tail = NULL;
+    if (r)
+        fail(b, r, "%s", x.err);
+    zfile_free(&j->zf);
+    if (p->dtail)
+        p->dtail->next = j;
+    else
+        p->dhead = j;
+    p->dtail = j;
+    j = NULL;
+out:
+    if (j) {
+        free(j->path);
+        free(j);
+    }
+    zctx_fini(&c);
+    free(x.buf);
+    return r;
+}
+
 /* stop the pool (after every file is committed, or dropping them when abort) and move
  * the results to the nodes */
 int zpool_stop(erofs_builder *b, int abort)
@@ -355,6 +539,11 @@ int zpool_stop(erofs_builder *b, int abort)
         code = fail(b, ERN_EINVAL, "compression stopped with files left");
     else if (code && !abort)
         fail(b, code, "%s", p->err);
+    else if (!abort && p->pk.len)
+        code = flush_packed(b, p);
+    if (p->pk.fd >= 0)
+        zpacked_close(&p->pk);
+    zdedupe_free(&p->dd);
     /* committed results to their nodes */
     for (struct zjob *j = p->dhead; j;) {
         struct zjob *nx = j->next;
@@ -369,10 +558,15 @@ int zpool_stop(erofs_builder *b, int abort)
                 n->zmeta = j->meta;
                 n->zmeta_len = j->meta_len;
                 n->zblocks = j->nblocks;
+                n->ztail = j->idata;
+                n->ztail_len = j->idata_len;
+                n->zfull_only = (uint8_t)j->zfull;
                 j->meta = NULL;
+                j->idata = NULL;
             }
         }
         free(j->meta);
+        free(j->idata);
         free(j->tailbuf);
         free(j->path);
         free(j);
@@ -395,9 +589,26 @@ int zpool_stop(erofs_builder *b, int abort)
     return code;
 }
 
+int erofs_node_set_zhint(erofs_builder *b, uint32_t node, uint32_t pcluster_size,
+                         uint32_t alg)
+{
+    if (node >= b->nnodes)
+        return fail(b, ERN_EINVAL, "no such node %u", node);
+    if (b->laid_out || b->nodes[node].streamed)
+        return fail(b, ERN_EINVAL, "node %u: compression hint after its data", node);
+    if (alg >= ZALG_MAX || pcluster_size % b->blksz || pcluster_size > Z_EROFS_PCLUSTER_MAX_SIZE)
+        return fail(b, ERN_EINVAL, "node %u: bad compression hint (algorithm %u, pcluster "
+                    "%u)", node, alg, pcluster_size);
+    struct node *n = &b->nodes[node];
+    n->zhint = 1;
+    n->zalg = (uint8_t)alg;
+    n->zps = pcluster_size;
+    return 0;
+}
+
 /* bytes after the inode and its xattrs: padding to 8, map header, index */
 uint32_t zmeta_extra(const struct node *n)
 {
     uint32_t end = inode_size(n) + n->xattr_isize;
-    return (uint32_t)(align_up(end, 8) - end) + n->zmeta_len;
+    return (uint32_t)(align_up(end, 8) - end) + n->zmeta_len + n->ztail_len;
 }

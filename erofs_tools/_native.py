@@ -98,6 +98,12 @@ class BuildOptions:
     pcluster_size: int = 0         # bytes per physical cluster; 0: one block
     compress_threads: int = 0      # 0: one per CPU (the image does not depend on it)
     compress_full_index: bool = False  # full 8-byte lcluster indexes (else compact)
+    ztailpacking: bool = False     # compressed files' last extents inline
+    fragments: bool = False        # compressed files' last extents in the packed inode
+    packed_pcluster_size: int = 0  # the packed inode's pcluster bytes; 0: pcluster_size
+    dedupe: bool = False           # identical pclusters shared between files
+    compress_alt: tuple[tuple[int, int], ...] = ()   # more (COMPRESSORS value, level) of -z
+    pcluster_max: int = 0          # the largest per-file pcluster (set_zhint); 0: pcluster_size
     _extra: dict = field(default_factory=dict, repr=False)
 
     def to_c(self) -> Any:
@@ -143,6 +149,22 @@ class BuildOptions:
         o.pcluster_size = self.pcluster_size
         o.compress_threads = self.compress_threads
         o.compress_full_index = int(self.compress_full_index)
+        o.ztailpacking = int(self.ztailpacking)
+        o.fragments = int(self.fragments)
+        if not 0 <= self.packed_pcluster_size < 1 << 32:
+            raise NativeError("packed pcluster size out of range")
+        o.packed_pcluster_size = self.packed_pcluster_size
+        o.dedupe = int(self.dedupe)
+        if len(self.compress_alt) > 3:
+            raise NativeError("at most 4 algorithms")
+        for k, (alg, level) in enumerate(self.compress_alt):
+            if alg not in COMPRESSORS.values() or not -1 <= level < 1 << 31:
+                raise NativeError(f"bad algorithm {alg} or level {level}")
+            o.compress_alt_alg[k] = alg
+            o.compress_alt_level[k] = level
+        if not 0 <= self.pcluster_max < 1 << 32:
+            raise NativeError("pcluster size out of range")
+        o.pcluster_max = self.pcluster_max
         return o
 
 
@@ -248,6 +270,15 @@ class NativeBuilder:
         path = _bytes(path, "path")
         r = lib.erofs_node_set_file(self._b, node, path, len(path), offset,
                                     FILE_SPARSE if sparse else 0)
+        if r:
+            _raise(self._b, r)
+
+    def set_zhint(self, node: int, pcluster_size: int, alg: int) -> None:
+        """Compressed images: this file's pcluster size (0: stored uncompressed) and
+        algorithm (index in the -z list); before set_file."""
+        if not 0 <= pcluster_size < 1 << 32 or not 0 <= alg < 4:
+            raise NativeError(f"bad compression hint ({pcluster_size}, {alg})")
+        r = lib.erofs_node_set_zhint(self._b, node, pcluster_size, alg)
         if r:
             _raise(self._b, r)
 

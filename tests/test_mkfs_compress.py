@@ -196,11 +196,13 @@ def test_same_image_whatever_the_threads(tree, tmp_path):
     (["-z", "lz4,level=3"], "lz4 takes no compression level"),
     (["-z", "zstd,level=x"], "level is not an integer"),
     (["-z", "zstd,window=3"], "unknown option"),
-    (["-z", "lz4:lzma"], "only one algorithm"),
+    (["-z", "lz4:lzma:zstd:lz4hc:deflate"], "at most 4 algorithms"),
+    (["-z", "lz4", "--compress-hints", "/nonexistent"], "--compress-hints /nonexistent"),
     (["-z", "lz4", "-C", "5000"], "-C 5000"),
     (["-z", "lz4", "-C", "2097152"], "-C 2097152"),
     (["-C", "65536"], "-C needs -z"),
-    (["-z", "lz4", "-E", "ztailpacking"], "unsupported extended option 'ztailpacking'"),
+    (["-z", "lz4", "-E", "nosuch"], "unsupported extended option 'nosuch'"),
+    (["-z", "lz4", "-E", "ztailpacking=1"], "-E ztailpacking takes no value"),
 ])
 def test_bad_options(tree, tmp_path, args, msg):
     img = tmp_path / "bad.img"

@@ -58,6 +58,13 @@ def build_options(opts: MkfsOptions) -> BuildOptions:
         compress_level=z.level if z and z.level is not None else -1,
         pcluster_size=z.pcluster_size if z else 0,
         compress_full_index=z.full_index if z else False,
+        ztailpacking=z.ztailpacking if z else False,
+        fragments=z.fragments if z else False,
+        packed_pcluster_size=z.packed_pcluster_size if z else 0,
+        dedupe=z.dedupe if z else False,
+        compress_alt=tuple((COMPRESSORS[a], -1 if lv is None else lv) for a, lv in z.more)
+        if z else (),
+        pcluster_max=max((h.pcluster_size for h in opts.compress_hints), default=0),
         compress_threads=opts.workers,
         uuid=opts.uuid if opts.uuid is not None else _uuid.uuid4().bytes,
         volume_name=opts.label,

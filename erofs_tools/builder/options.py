@@ -11,11 +11,25 @@ from erofs_tools.errors import InputError
 
 @dataclass(frozen=True)
 class Compression:
-    """-z ALG[,level=N] and -C SIZE (the C core checks the level's range)."""
+    """-z ALG[,level=N][:ALG2...] and -C SIZE (the C core checks the levels' range)."""
     algorithm: str
     level: int | None = None
     pcluster_size: int = 0            # bytes; 0 = one block
     full_index: bool = False          # -E legacy-compress: 8-byte lcluster indexes
+    ztailpacking: bool = False        # -E ztailpacking: last extents inline
+    fragments: bool = False           # -E fragments: last extents in the packed inode
+    packed_pcluster_size: int = 0     # -E fragments=SIZE: its pcluster; 0 = as -C
+    dedupe: bool = False              # -E dedupe: identical pclusters shared
+    more: tuple[tuple[str, int | None], ...] = ()   # -z A:B:C: the algorithms after the first
+
+
+@dataclass(frozen=True)
+class CompressHint:
+    """One line of --compress-hints: files whose path (relative to SOURCE) matches get
+    this pcluster size (0: not compressed) and algorithm (index in the -z list)."""
+    pcluster_size: int
+    algorithm: int
+    regex: re.Pattern[bytes]
 
 
 @dataclass
@@ -30,6 +44,7 @@ class MkfsOptions:
     exclude_regex: list[re.Pattern[bytes]] = field(default_factory=list)   # compiled bytes regexes, re.search
     shared_xattrs: bool = True        # xattrs carried by >= 2 inodes go to the shared area
     compress: Compression | None = None   # -z / -C
+    compress_hints: list[CompressHint] = field(default_factory=list)   # --compress-hints
     workers: int = 0                  # --workers: compression threads, 0 = one per CPU
 
     def effective_timestamp(self, environ: Mapping[str, str] = os.environ) -> int | None:
@@ -47,24 +62,44 @@ COMPRESSOR_NAMES = ("lz4", "lz4hc", "lzma", "deflate", "zstd")
 PCLUSTER_MAX = 1 << 20
 
 
-def parse_extended(texts: Sequence[str]) -> set[str]:
-    """-E options (comma separated, repeatable); the ones this mkfs knows so far."""
-    known = {"legacy-compress"}
-    out = set()
+# -E options this mkfs knows (mkfs.erofs names), and whether they take =VALUE
+EXTENDED = {"legacy-compress": False, "ztailpacking": False, "fragments": True,
+            "dedupe": False}
+
+
+def parse_extended(texts: Sequence[str]) -> dict[str, str | None]:
+    """-E options (comma separated, repeatable) -> {name: value or None}."""
+    out: dict[str, str | None] = {}
     for text in texts:
         for opt in filter(None, (t.strip() for t in text.split(","))):
-            if opt not in known:
+            name, sep, value = opt.partition("=")
+            if name not in EXTENDED:
                 raise InputError(f"-E: unsupported extended option {opt!r}")
-            out.add(opt)
+            if sep and not EXTENDED[name]:
+                raise InputError(f"-E {name} takes no value")
+            out[name] = value if sep else None
     return out
 
 
 def parse_compress(text: str, pcluster: str | None = None,
-                   full_index: bool = False) -> Compression:
-    """mkfs.erofs's -z syntax: ALG[,level=N][,dictsize=...] with one ALG (this slice)."""
-    if ":" in text:
-        raise InputError(f"-z {text!r}: only one algorithm is supported so far")
-    name, *params = text.split(",")
+                   ext: Mapping[str, str | None] | None = None) -> Compression:
+    """mkfs.erofs's -z syntax: ALG[,level=N][:ALG2[,level=N]...] (at most 4)."""
+    algs = [_parse_alg(part, text) for part in text.split(":")]
+    if len(algs) > 4:
+        raise InputError(f"-z {text!r}: at most 4 algorithms")
+    (name, level), more = algs[0], tuple(algs[1:])
+    size = _pcluster_bytes(pcluster, "-C ") if pcluster is not None else 0
+    ext = ext or {}
+    packed = ext.get("fragments")
+    psize = _pcluster_bytes(packed, "-E fragments=") if packed is not None else 0
+    if psize > (size or 4096):
+        raise InputError(f"-E fragments={packed}: larger than the pcluster size")
+    return Compression(name, level, size, "legacy-compress" in ext, "ztailpacking" in ext,
+                       "fragments" in ext, psize, "dedupe" in ext, more)
+
+
+def _parse_alg(part: str, text: str) -> tuple[str, int | None]:
+    name, *params = part.split(",")
     name = name.strip().lower()
     if name not in COMPRESSOR_NAMES:
         raise InputError(f"-z: unknown compressor {name!r} (one of {', '.join(COMPRESSOR_NAMES)})")
@@ -79,15 +114,58 @@ def parse_compress(text: str, pcluster: str | None = None,
             raise InputError(f"-z {text!r}: level is not an integer: {value!r}") from None
         if level < 0:
             raise InputError(f"-z {text!r}: negative level")
-    size = 0
-    if pcluster is not None:
+    return name, level
+
+
+def parse_compress_hints(path: str, nalgs: int) -> list[CompressHint]:
+    """mkfs.erofs's --compress-hints file: lines `PCLUSTERSIZE [ALGINDEX] REGEX` (POSIX
+    extended regexes there, Python's here, searched in the path relative to SOURCE),
+    `#` comments; the first matching line wins."""
+    try:
+        with open(path, "rb") as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        raise InputError(f"--compress-hints {path}: {e.strerror}") from None
+    hints = []
+    for no, line in enumerate(lines, 1):
+        if not line.strip() or line.startswith(b"#"):
+            continue
+        where = f"--compress-hints {path}:{no}"
+        fields = line.strip().split(None, 2)
+        if len(fields) < 2:
+            raise InputError(f"{where}: no pattern")
+        # as mkfs.erofs: with three fields the second is the algorithm's index
+        alg, pattern = 0, fields[-1]
+        if len(fields) == 3:
+            try:
+                alg = int(fields[1], 10)
+            except ValueError:
+                raise InputError(f"{where}: not an algorithm index: {fields[1]!r}") from None
+            if not 0 <= alg < nalgs:
+                raise InputError(f"{where}: no algorithm #{alg} in -z")
         try:
-            size = int(pcluster, 10)
+            size = int(fields[0], 10)
         except ValueError:
-            raise InputError(f"-C: not a byte count: {pcluster!r}") from None
-        if size <= 0 or size % 4096 or size > PCLUSTER_MAX:
-            raise InputError(f"-C {pcluster}: must be a multiple of 4096 up to {PCLUSTER_MAX}")
-    return Compression(name, level, size, full_index)
+            raise InputError(f"{where}: not a pcluster size: {fields[0]!r}") from None
+        if size < 0 or size % 4096 or size > PCLUSTER_MAX:
+            raise InputError(f"{where}: pcluster size {size} is not a multiple of 4096 up "
+                             f"to {PCLUSTER_MAX}")
+        try:
+            rx = re.compile(pattern)
+        except re.error as e:
+            raise InputError(f"{where}: invalid regular expression: {e}") from None
+        hints.append(CompressHint(size, alg, rx))
+    return hints
+
+
+def _pcluster_bytes(text: str, what: str) -> int:
+    try:
+        size = int(text, 10)
+    except ValueError:
+        raise InputError(f"{what}{text}: not a byte count") from None
+    if size <= 0 or size % 4096 or size > PCLUSTER_MAX:
+        raise InputError(f"{what}{text}: must be a multiple of 4096 up to {PCLUSTER_MAX}")
+    return size
 
 
 def parse_timestamp(text: object, what: str = "-T") -> int:

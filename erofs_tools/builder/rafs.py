@@ -123,8 +123,8 @@ class _RafsWalker(TreeWalker):
             return b""
         return p[len(self.src) + 1:] if self.src != b"/" else p[1:]
 
-    def _add(self, path: bytes, st: os.stat_result) -> int:
-        node = super()._add(path, st)
+    def _add(self, path: bytes, st: os.stat_result, rel: bytes = b"") -> int:
+        node = super()._add(path, st, rel)
         if self.track_paths:
             self.nodes_by_rel[self._rel(path)] = node
         if st.st_mode & 0o170000 == stat.S_IFREG:

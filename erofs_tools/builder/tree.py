@@ -59,6 +59,7 @@ class TreeWalker:
         self.force_gid = 0 if options.all_root else options.force_gid
         self.excl_paths = set(options.exclude_paths)
         self.excl_regex = list(options.exclude_regex)
+        self.hints = list(options.compress_hints) if options.compress else []
 
     def _excluded(self, rel: bytes) -> bool:
         if rel in self.excl_paths:
@@ -68,8 +69,9 @@ class TreeWalker:
                 return True
         return False
 
-    def _add(self, path: bytes, st: os.stat_result) -> int:
-        """Add one inode for `path` (lstat result st); -> node id."""
+    def _add(self, path: bytes, st: os.stat_result, rel: bytes = b"") -> int:
+        """Add one inode for `path` (lstat result st, `rel` relative to the source);
+        -> node id."""
         b = self.b
         mode = st.st_mode
         fmt = mode & _S_IFMT
@@ -96,6 +98,10 @@ class TreeWalker:
             node = b.add_node(mode, uid, gid, sec, nsec, size, maj, mnr)
             self._xattrs(path, node)     # before the data (stream mode needs them first)
             if fmt == _S_IFREG and size:
+                for h in self.hints:      # --compress-hints: the first match
+                    if h.regex.search(rel):
+                        b.set_zhint(node, h.pcluster_size, h.algorithm)
+                        break
                 b.set_file(node, path, 0, st.st_blocks * 512 < size)
             elif target is not None:
                 b.set_bytes(node, target)
@@ -169,10 +175,10 @@ class TreeWalker:
                         if hit[1] <= 0:
                             del links[key]
                         continue
-                    node = self._add(path, st)
+                    node = self._add(path, st, rel)
                     links[key] = [node, st.st_nlink - 1]
                 else:
-                    node = self._add(path, st)
+                    node = self._add(path, st, rel)
                 try:
                     add_child(dnode, name, node)
                 except ErofsToolsError as e:

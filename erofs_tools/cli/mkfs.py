@@ -7,6 +7,7 @@ from erofs_tools.builder.mkfs import mkfs as build_image
 from erofs_tools.builder.options import (
     MkfsOptions,
     parse_compress,
+    parse_compress_hints,
     parse_exclude_path,
     parse_exclude_regex,
     parse_extended,
@@ -44,15 +45,20 @@ from erofs_tools.errors import InputError
 @click.option("-C", "pcluster", metavar="SIZE",
               help="Largest physical cluster in bytes (a multiple of 4096; default 4096).")
 @click.option("-E", "extended", multiple=True, metavar="OPT[,...]",
-              help="Extended options: legacy-compress (full 8-byte lcluster indexes instead "
-                   "of the compact ones).")
+              help="Extended options (as mkfs.erofs): legacy-compress (full 8-byte lcluster "
+                   "indexes), ztailpacking (last extents inline), fragments[=SIZE] (last "
+                   "extents and small files in the packed inode, its pcluster SIZE), dedupe "
+                   "(identical pclusters shared).")
+@click.option("--compress-hints", "hints", metavar="FILE",
+              help="Per-file pcluster size and algorithm: lines 'SIZE [ALGINDEX] REGEX' "
+                   "(as mkfs.erofs; SIZE 0: not compressed).")
 @click.option("--workers", type=click.IntRange(0, 64), default=0,
               help="Compression threads (default: one per CPU; the image is the same).")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing on success.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 def mkfs(image, source, timestamp, uuid_text, label, all_root, force_uid, force_gid,
-         exclude_path, exclude_regex, no_shared_xattrs, compress, pcluster, extended, workers,
-         quiet, as_json, tar_mode, aufs, ungzip, ungzip_dump, max_size):
+         exclude_path, exclude_regex, no_shared_xattrs, compress, pcluster, extended, hints,
+         workers, quiet, as_json, tar_mode, aufs, ungzip, ungzip_dump, max_size):
     """Build an EROFS image IMAGE of the directory SOURCE (4 KiB blocks), or with --tar
     of the tar file SOURCE (- or none: stdin)."""
     check_tar_flags(tar_mode, aufs, ungzip, ungzip_dump, max_size)
@@ -61,6 +67,9 @@ def mkfs(image, source, timestamp, uuid_text, label, all_root, force_uid, force_
     if pcluster is not None and compress is None:
         raise InputError("-C needs -z")
     ext = parse_extended(extended)
+    if hints is not None and compress is None:
+        raise InputError("--compress-hints needs -z")
+    z = parse_compress(compress, pcluster, ext) if compress is not None else None
     opts = MkfsOptions(
         timestamp=parse_timestamp(timestamp) if timestamp is not None else None,
         uuid=parse_uuid(uuid_text) if uuid_text else None,
@@ -71,8 +80,8 @@ def mkfs(image, source, timestamp, uuid_text, label, all_root, force_uid, force_
         exclude_paths=[parse_exclude_path(p) for p in exclude_path],
         exclude_regex=[parse_exclude_regex(r) for r in exclude_regex],
         shared_xattrs=not no_shared_xattrs,
-        compress=(parse_compress(compress, pcluster, "legacy-compress" in ext)
-                  if compress is not None else None),
+        compress=z,
+        compress_hints=parse_compress_hints(hints, 1 + len(z.more)) if z and hints else [],
         workers=workers,
     )
     progress = Progress.maybe(enabled=not quiet and not as_json)

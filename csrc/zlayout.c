@@ -1,0 +1,39 @@
+/* erofs-tools C core, compression in the layout: a compressed inode's compact index
+ * (built once its inode and xattr sizes are known) and where an inode with an inline
+ * tail (ztailpacking) may sit.
+ *
+ * The kernel reads an inline tail as one piece of the block it starts in, so the tail
+ * (right after the index) must not cross a block boundary. The index is 8-byte aligned
+ * and a tail at most ZTAIL_MAX bytes, so moving the inode on by 32-byte steps always
+ * finds a place within the next block.
+ */
+#include "compress_int.h"
+
+int compact_zindex(erofs_builder *b, struct node *n)
+{
+    if (n->zfull_only)
+        return 0;
+    uint32_t mpos = (uint32_t)align_up(inode_size(n) + n->xattr_isize, 8) +
+                    (uint32_t)sizeof(struct z_erofs_map_header);
+    uint32_t len;
+    uint8_t *c = zindex_compact(n->zmeta, n->zmeta_len, mpos, b->zc->big,
+                                &len);
+    if (!c)
+        return fail(b, ERN_ENOMEM, "out of memory");
+    free(n->zmeta);
+    n->zmeta = c;
+    n->zmeta_len = len;
+    n->layout = L_ZCOMPACT;
+    return 0;
+}
+
+uint64_t ztail_fit(const struct node *n, uint64_t off, uint32_t blksz)
+{
+    uint64_t rel = inode_size(n) + n->xattr_isize + zmeta_extra(n) - n->ztail_len;
+    uint64_t t = off + rel;
+    if (t % blksz + n->ztail_len <= blksz)
+        return off;
+    /* the next tail start in the next block that keeps the inode 32-byte aligned */
+    uint64_t t2 = align_up(t, blksz) + rel % EROFS_SLOT_SIZE;
+    return t2 - rel;
+}
