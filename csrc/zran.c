@@ -31,6 +31,7 @@ struct ern_zran_builder {
     uint64_t last_point_out;
     uint32_t npoints;
     int member_done;      /* the current member's trailer was read */
+    int padding;          /* zero bytes after the last member (tar writers pad) */
     int have_pending;
     uint8_t last_byte;    /* the last input byte consumed by an earlier feed call */
     struct ern_zran_point pending;
@@ -93,6 +94,18 @@ int ern_zran_builder_feed(ern_zran_builder *z, const uint8_t *in, size_t in_len,
         uInt ain, aout;
         int ret;
 
+        if (z->member_done && (z->padding || in[used] == 0)) {
+            /* zero padding after the last member, as gzip(1) accepts it; anything
+             * but zeros after that is an error */
+            for (; used < in_len && in[used] == 0; used++)
+                z->total_in++;
+            z->padding = 1;
+            if (used < in_len) {
+                rc = ERN_EIO;
+                break;
+            }
+            continue;
+        }
         if (z->member_done) {
             /* another member follows: zlib reads its header as it did the first */
             if (inflateReset2(s, GZIP_BITS) != Z_OK) {

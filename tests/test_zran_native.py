@@ -73,6 +73,15 @@ def test_multi_member_stream():
     assert _read(ix, gz, start, 1000) == raw[start:start + 1000]
 
 
+def test_zero_padding_after_the_last_member():
+    raw = _data(200_000)
+    gz = gzip.compress(raw) + bytes(5000)
+    ix, out = _index(gz, span=1 << 20, piece=1000)
+    assert out == raw and ix.total_in == len(gz)
+    with pytest.raises(InputError):
+        _index(gz + b"x", span=1 << 20)
+
+
 def test_truncated_and_corrupt_streams():
     raw = _data(500_000)
     gz = gzip.compress(raw)
