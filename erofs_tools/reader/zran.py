@@ -132,6 +132,8 @@ def parse_meta(blob: bytes, entry: rafs.BlobEntry, blob_id: str,
             raise CorruptImageError(f"blob {name}: chunk {i} outside its zran context {k}")
         c = ctxs[k]
         d = dig_list[i] if dig_list[i] is not None else (digests or {}).get(i)
+        if d is None:     # a chunk nothing verifies is never served
+            raise CorruptImageError(f"blob {name}: chunk {i} has no digest")
         chunks.append(rblob.BlobChunk(i, uoff, us, c.point.in_offset, c.in_len, d, True,
                                       k, zoff))
     return rblob.BlobMeta(blob_id, chunks, entry.uncompressed_size, layer_size, "gzip",
