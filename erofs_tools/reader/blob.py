@@ -595,9 +595,27 @@ def decode_chunk(meta: BlobMeta, chunk: BlobChunk, raw: bytes, verify: bool = Tr
 
 def read_chunk(meta: BlobMeta, chunk: BlobChunk, read_at: ReadAt, verify: bool = True) -> bytes:
     """Read one chunk from the blob with `read_at` and decode it."""
+    if meta.zran is not None:
+        return read_zran_chunk(meta, chunk, read_at, verify)
     raw = _read_exact(read_at, chunk.compressed_offset, chunk.compressed_size,
                       meta.compressed_size, f"blob {_blob_name(meta.blob_id)}: chunk {chunk.index}")
     return decode_chunk(meta, chunk, raw, verify)
+
+
+def read_zran_chunk(meta: BlobMeta, chunk: BlobChunk, read_at: ReadAt,
+                    verify: bool = True) -> bytes:
+    """A zran chunk: from its context's inflated bytes when they are at hand, else read
+    the context's compressed bytes and decode; digest-checked either way."""
+    data = meta.zran.cached(chunk)
+    if data is None:
+        raw = _read_exact(read_at, chunk.compressed_offset, chunk.compressed_size,
+                          meta.compressed_size,
+                          f"blob {_blob_name(meta.blob_id)}: chunk {chunk.index}")
+        return decode_chunk(meta, chunk, raw, verify)
+    if verify and chunk.digest is not None and _digest(meta.digester, data) != chunk.digest:
+        raise DigestMismatchError(f"blob {_blob_name(meta.blob_id)}: chunk {chunk.index}: "
+                                  f"digest mismatch ({meta.digester})")
+    return data
 
 
 def compute_blob_id(read_at: ReadAt, blob_size: int, exclude=None, piece=1 << 20) -> str:

@@ -11,7 +11,7 @@ from collections import OrderedDict
 
 from erofs_tools.errors import CorruptImageError, InputError
 from erofs_tools.format import rafs
-from erofs_tools.reader.blob import BlobMeta, decode_chunk, file_reader
+from erofs_tools.reader.blob import BlobMeta, decode_chunk, file_reader, read_zran_chunk
 from erofs_tools.reader.zran import open_meta as open_zran_meta
 
 
@@ -53,8 +53,11 @@ class _NydusDevice:
         if d is not None:
             self._cache.move_to_end(c.index)
             return d
-        raw = self.read_at(c.compressed_offset, c.compressed_size)
-        d = decode_chunk(self.meta, c, raw, self.verify)
+        if self.meta.zran is not None:
+            d = read_zran_chunk(self.meta, c, self.read_at, self.verify)
+        else:
+            raw = self.read_at(c.compressed_offset, c.compressed_size)
+            d = decode_chunk(self.meta, c, raw, self.verify)
         self._cache[c.index] = d
         if len(self._cache) > self.CACHE:
             self._cache.popitem(last=False)

@@ -12,8 +12,10 @@ chunk end in a one-line CorruptImageError.
 """
 from __future__ import annotations
 
+import collections
 import hashlib
 import os
+import threading
 from typing import NamedTuple
 
 from erofs_tools._native import ZranPoint, zran_extract
@@ -32,15 +34,46 @@ class ZranContextInfo(NamedTuple):
 
 
 class ZranContexts:
-    """The contexts of one zran blob, and the chunk decoder over them."""
+    """The contexts of one zran blob, and the chunk decoder over them.
+
+    A context is inflated whole (at most 16 MiB) and the last few are kept: the chunks
+    of one context are usually read together (small files side by side in the layer),
+    and inflating from the access point again for each would cost a span per chunk."""
+
+    KEEP_BYTES = 48 << 20        # a few contexts (each at most 16 MiB)
 
     def __init__(self, contexts: list[ZranContextInfo]) -> None:
         self.contexts = contexts
+        self._lock = threading.Lock()
+        self._kept: collections.OrderedDict[int, bytes] = collections.OrderedDict()
+        self._kept_bytes = 0
 
     def decode(self, meta: rblob.BlobMeta, chunk: rblob.BlobChunk, raw: bytes) -> bytes:
-        """`raw`: the layer's bytes [compressed_offset, +compressed_size) of `chunk`."""
-        ctx = self.contexts[chunk.zran_index]
-        return zran_extract(ctx.point, raw, chunk.zran_offset, chunk.uncompressed_size)
+        """`raw`: the layer's bytes [compressed_offset, +compressed_size) of `chunk`,
+        which are its context's compressed bytes."""
+        k = chunk.zran_index
+        with self._lock:
+            out = self._kept.get(k)
+            if out is not None:
+                self._kept.move_to_end(k)
+        if out is None:
+            ctx = self.contexts[k]
+            out = zran_extract(ctx.point, raw, 0, ctx.out_len)
+            with self._lock:
+                self._kept[k] = out
+                self._kept_bytes += len(out)
+                while self._kept_bytes > self.KEEP_BYTES and len(self._kept) > 1:
+                    self._kept_bytes -= len(self._kept.popitem(last=False)[1])
+        return out[chunk.zran_offset:chunk.zran_offset + chunk.uncompressed_size]
+
+    def cached(self, chunk: rblob.BlobChunk) -> bytes | None:
+        """The chunk's bytes if its context is inflated already (callers then skip
+        reading the compressed bytes; they still verify the digest)."""
+        with self._lock:
+            out = self._kept.get(chunk.zran_index)
+        if out is None:
+            return None
+        return out[chunk.zran_offset:chunk.zran_offset + chunk.uncompressed_size]
 
 
 def _ctx_table(name: str, area: bytes, off: int, size: int, count: int, n_chunks: int,
