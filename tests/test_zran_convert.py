@@ -101,7 +101,10 @@ def test_convert_oci_layout_unpack_equals_layers(tmp_path):
     from erofs_tools.registry import OciLayout
     dl = OciLayout(str(tmp_path / "dst"))
     dm = dl.get_manifest(dl.resolve("z").digest)
-    assert [d.digest for d in dm.layers()[:-1]] == [d.digest for d in m.layers()]
+    n = len(m.layers())
+    assert [d.digest for d in dm.layers()[:n]] == [d.digest for d in m.layers()]
+    assert [d.digest.split(":")[1] for d in dm.layers()[n:-1]] == \
+        [x["meta_blob"] for x in r["layers"]]
     for d in m.layers():
         assert open(dl.blob_path(d.digest), "rb").read() == \
             open(lay.blob_path(d.digest), "rb").read()
@@ -189,7 +192,8 @@ def test_convert_in_one_registry_mounts_layers_and_keeps_source(tmp_path, regist
     with registry.client() as c:
         assert c.get_manifest("src/app", "v1").data == src_manifest
         dm = c.get_manifest("idx/app", "v1")
-        assert [d.digest for d in dm.layers()[:-1]] == [d.digest for d in m.layers()]
+        assert [d.digest for d in dm.layers()[:3]] == [d.digest for d in m.layers()]
+        assert len(dm.layers()) == 3 + 3 + 1           # + meta blobs + bootstrap
         for d in m.layers():       # the layers as they were, read from DST's repository
             c.pull_blob("idx/app", d.digest, os.path.join(out, d.digest.split(":")[1]),
                         max_size=d.size)

@@ -4,18 +4,15 @@ Each gzip layer of SRC is streamed once (registry range reads or an `oci:` layou
 digest verified at the end) through builder/zran.py, which writes the layer's bootstrap
 and its zran meta blob; the layer bootstraps are merged. DST gets a small image whose
 layers are SRC's gzip layers, by digest (already there, mounted across repositories of
-one registry, or copied only when DST is elsewhere), followed by the bootstrap layer: a
-gzip tar of `image/image.boot` and each layer's meta blob as `image/<sha256>.blob.meta`.
-SRC is only read.
+one registry, or copied only when DST is elsewhere), then each layer's meta blob (a Nydus
+blob layer, annotated as zran meta: the daemon's backends fetch it by digest like any
+blob), then the bootstrap layer (`image/image.boot`). SRC is only read.
 """
 from __future__ import annotations
 
-import gzip
 import hashlib
-import io
 import os
 import shutil
-import tarfile
 import tempfile
 import time
 from typing import Any
@@ -25,37 +22,13 @@ from . import mediatypes as mt
 from .convert import SourceImage
 from .digest import digest_hex
 from .manifest import Descriptor, build_manifest
-from .nydus_push import BOOTSTRAP_NAME, Destination, nydus_config
+from .nydus_push import Destination, bootstrap_layer, nydus_config
 
 GZIP_LAYER_TYPES = {mt.OCI_LAYER_TAR_GZIP, mt.DOCKER_LAYER_TAR_GZIP,
                     "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
                     "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"}
-META_SUFFIX = ".blob.meta"
 ANNOTATION_ZRAN = "org.erofs-tools.zran"
-
-
-def meta_member(meta_hex: str) -> str:
-    return f"image/{meta_hex}{META_SUFFIX}"
-
-
-def bootstrap_layer(bootstrap: str, meta_files: list[str]) -> tuple[bytes, str]:
-    """-> (gzip bytes, uncompressed tar digest) of the bootstrap layer (reproducible)."""
-    raw = io.BytesIO()
-    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tf:
-        d = tarfile.TarInfo("image")
-        d.type, d.mode, d.mtime = tarfile.DIRTYPE, 0o755, 0
-        tf.addfile(d)
-        for name, path in [(BOOTSTRAP_NAME, bootstrap)] + \
-                [(meta_member(os.path.basename(p)), p) for p in sorted(meta_files)]:
-            ti = tarfile.TarInfo(name)
-            ti.size, ti.mode, ti.mtime = os.path.getsize(path), 0o444, 0
-            with open(path, "rb") as f:
-                tf.addfile(ti, f)
-    tar = raw.getvalue()
-    gz = io.BytesIO()
-    with gzip.GzipFile(fileobj=gz, mode="wb", mtime=0, compresslevel=6) as g:
-        g.write(tar)
-    return gz.getvalue(), "sha256:" + hashlib.sha256(tar).hexdigest()
+ANNOTATION_ZRAN_META = "org.erofs-tools.zran-meta"
 
 
 def _place_layer(src: SourceImage, dest: Destination, d: Descriptor, work: str) -> str:
@@ -146,8 +119,11 @@ def _run(src: SourceImage, dest: Destination, tmp: str, t0: float, chunk_size: i
     m = merge(boots, merged)
     index_seconds = time.monotonic() - t0
     placed = [_place_layer(src, dest, d, tmp) for d in src.layers]
-    boot_gz, boot_diff = bootstrap_layer(merged, metas)
-    diff_ids = _source_diff_ids(src)
+    meta_descs = [dest.push_blob(p, "sha256:" + os.path.basename(p), mt.NYDUS_BLOB,
+                                 {mt.ANNOTATION_NYDUS_BLOB: "true", ANNOTATION_ZRAN_META: "true"})
+                  for p in metas]
+    boot_gz, boot_diff = bootstrap_layer(merged)
+    diff_ids = _source_diff_ids(src) + [d.digest for d in meta_descs]
     cfg = nydus_config(src.config, diff_ids, boot_diff, src.platform)
     cfg_desc = dest.push_blob(cfg, "sha256:" + hashlib.sha256(cfg).hexdigest(), mt.OCI_CONFIG)
     boot_desc = dest.push_blob(boot_gz, "sha256:" + hashlib.sha256(boot_gz).hexdigest(),
@@ -155,7 +131,8 @@ def _run(src: SourceImage, dest: Destination, tmp: str, t0: float, chunk_size: i
                                {mt.ANNOTATION_NYDUS_BOOTSTRAP: "true",
                                 mt.ANNOTATION_NYDUS_FS_VERSION: "6", ANNOTATION_ZRAN: "true"})
     layer_descs = [Descriptor(d.media_type, d.digest, d.size) for d in src.layers]
-    manifest = build_manifest(cfg_desc, layer_descs + [boot_desc], media_type=mt.OCI_MANIFEST)
+    manifest = build_manifest(cfg_desc, layer_descs + meta_descs + [boot_desc],
+                              media_type=mt.OCI_MANIFEST)
     dest.put_manifest(manifest, src.platform)
     res: dict[str, Any] = {
         "source": str(src.ref), "destination": str(dest.ref), "manifest": manifest.digest,
