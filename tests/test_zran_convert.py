@@ -205,3 +205,40 @@ def test_convert_in_one_registry_mounts_layers_and_keeps_source(tmp_path, regist
     assert not diffs, "\n".join(diffs)
     # the index is small against the image
     assert r["bootstrap_layer_size"] < r["compressed_layer_bytes"] * 0.2, r
+
+
+@pytest.mark.root
+@pytest.mark.registry
+def test_lazy_mount_through_the_daemon(tmp_path, registry):
+    """The fscache daemon mounts the index image lazily with the registry backend: each
+    read fetches the meta blob (once) and its access point's compressed range of the
+    original gzip layer, inflates, verifies and serves; every file equals the layers
+    extracted in order."""
+    from erofs_tools.registry import push_from_layout
+    from test_daemon_support import DaemonProc, require_lazy_kernel
+    require_lazy_kernel()
+    tars, lay, m = _layout(tmp_path)
+    with registry.client() as c:
+        push_from_layout(lay, c, "src/lazy", "v1")
+    out = str(tmp_path / "out")
+    r = _convert(f"{registry.host}/src/lazy:v1", f"{registry.host}/idx/lazy:v1", out,
+                 "--insecure")
+    for x in r["layers"]:                 # only image.boot stays local
+        os.unlink(os.path.join(out, x["meta_blob"]))
+    ref = reference_rootfs(tars, str(tmp_path / "ref"))
+    d = DaemonProc(str(tmp_path / "d")).start()
+    try:
+        mnt = str(tmp_path / "mnt")
+        d.mount(os.path.join(out, "image.boot"), mnt, f"registry:{registry.host}/idx/lazy:v1")
+        layer0 = m.layers()[0].digest.split(":")[1]
+        before = d.blob_metrics(layer0)["bytes_fetched"]
+        with open(os.path.join(mnt, "z-small"), "rb") as f:
+            assert f.read() == b"tail file\n"
+        small = d.blob_metrics(layer0)["bytes_fetched"] - before
+        # one access point's span (64 KiB of output) and the file's chunk, compressed
+        assert 0 < small <= (64 << 10) + 4096, small
+        assert small * 10 < m.layers()[0].size
+        diffs = compare_trees(ref, mnt, check_nlink=True)
+        assert not diffs, "\n".join(diffs)
+    finally:
+        d.cleanup()

@@ -27,6 +27,11 @@ MAX_META_BLOB = 1 << 30
 MAX_CI_AREA = 1 << 30
 
 
+def is_zran_entry(entry: rafs.BlobEntry | None) -> bool:
+    """A blob-table entry of a zran blob (the blob is a gzip layer, its index elsewhere)."""
+    return entry is not None and bool(entry.features & rafs.BLOB_FEATURE_ZRAN)
+
+
 class ZranContextInfo(NamedTuple):
     point: ZranPoint
     in_len: int

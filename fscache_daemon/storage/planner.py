@@ -26,8 +26,8 @@ class Batch:
 
     @property
     def end(self) -> int:
-        last = self.chunks[-1]
-        return last.compressed_offset + last.compressed_size
+        # chunks of a zran blob share their access point's compressed range
+        return max(c.compressed_offset + c.compressed_size for c in self.chunks)
 
     @property
     def length(self) -> int:
@@ -76,9 +76,11 @@ def plan(chunks, batch_size: int = DEFAULT_BATCH_SIZE, max_gap: int = 0) -> list
     cur: Batch | None = None
     for c in ordered:
         if cur is not None:
-            gap = c.compressed_offset - cur.end
-            if 0 <= gap <= max_gap and \
-                    c.compressed_offset + c.compressed_size - cur.offset <= batch_size:
+            end = cur.end
+            gap = c.compressed_offset - end
+            c_end = c.compressed_offset + c.compressed_size
+            # inside the request already (zran: same access point), or next to it
+            if c_end <= end or (gap <= max_gap and c_end - cur.offset <= batch_size):
                 cur.chunks.append(c)
                 continue
         cur = Batch([c])
