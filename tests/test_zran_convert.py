@@ -214,8 +214,9 @@ def test_lazy_mount_through_the_daemon(tmp_path, registry):
     read fetches the meta blob (once) and its access point's compressed range of the
     original gzip layer, inflates, verifies and serves; every file equals the layers
     extracted in order."""
-    from erofs_tools.registry import push_from_layout
     from test_daemon_support import DaemonProc, require_lazy_kernel
+
+    from erofs_tools.registry import push_from_layout
     require_lazy_kernel()
     tars, lay, m = _layout(tmp_path)
     with registry.client() as c:
@@ -240,5 +241,50 @@ def test_lazy_mount_through_the_daemon(tmp_path, registry):
         assert small * 10 < m.layers()[0].size
         diffs = compare_trees(ref, mnt, check_nlink=True)
         assert not diffs, "\n".join(diffs)
+    finally:
+        d.cleanup()
+
+
+@pytest.mark.root
+@pytest.mark.registry
+def test_flipped_byte_in_the_registry_gives_eio_never_wrong_bytes(tmp_path, registry):
+    import errno
+
+    from test_daemon_support import DaemonProc, require_lazy_kernel
+
+    from erofs_tools.registry import push_from_layout
+    require_lazy_kernel()
+    layers = zran_layers()
+    layers[0].append(E("unique", data=os.urandom(64)))      # digests of this test only
+    tars, lay, m = _layout(tmp_path, layers)
+    with registry.client() as c:
+        push_from_layout(lay, c, "src/flip", "v1")
+    out = str(tmp_path / "out")
+    _convert(f"{registry.host}/src/flip:v1", f"{registry.host}/idx/flip:v1", out,
+             "--insecure")
+    hexd = m.layers()[0].digest.split(":")[1]
+    data_file = os.path.join(registry.storage, "docker", "registry", "v2", "blobs", "sha256",
+                             hexd[:2], hexd, "data")
+    buf = bytearray(open(data_file, "rb").read())
+    buf[len(buf) // 2] ^= 0x40                  # inside the big file's deflate data
+    open(data_file, "wb").write(bytes(buf))
+    ref = reference_rootfs(tars, str(tmp_path / "ref"))
+    d = DaemonProc(str(tmp_path / "d")).start()
+    try:
+        mnt = str(tmp_path / "mnt")
+        d.mount(os.path.join(out, "image.boot"), mnt, f"registry:{registry.host}/idx/flip:v1")
+        eio = good = 0
+        for rel in _regular_files(ref):
+            want = open(os.path.join(ref, rel), "rb").read()
+            try:
+                with open(os.path.join(mnt, rel), "rb") as f:
+                    got = f.read()
+            except OSError as e:
+                assert e.errno == errno.EIO, (rel, e)
+                eio += 1
+                continue
+            assert got == want, rel
+            good += 1
+        assert eio >= 1 and good >= 5, (eio, good)
     finally:
         d.cleanup()
