@@ -204,7 +204,24 @@ def test_convert_in_one_registry_mounts_layers_and_keeps_source(tmp_path, regist
     diffs = compare_trees(ref, str(tmp_path / "up"), check_nlink=True)
     assert not diffs, "\n".join(diffs)
     # the index is small against the image
-    assert r["bootstrap_layer_size"] < r["compressed_layer_bytes"] * 0.2, r
+    assert r["bootstrap_layer_size"] + r["meta_bytes"] < r["compressed_layer_bytes"] * 0.2, r
+    # pull --blobs: bootstrap, layers and meta blobs; check, inspect and stat read them
+    pulled = str(tmp_path / "pulled")
+    p = json.loads(run_cli("pull", f"{registry.host}/idx/app:v1", "-o", pulled, "--blobs",
+                           "--insecure", "--json").stdout)
+    assert len(p["fetched"]) == 6
+    boot = os.path.join(pulled, "image.boot")
+    c = run_cli("check", boot, "--blob-dir", pulled, check=False)
+    assert c.returncode == 0, c.stdout + c.stderr
+    i = run_cli("inspect", boot, "--blob-dir", pulled).stdout
+    assert b"compressor=gzip" in i and b"features=0x7000003d" in i
+    i = run_cli("inspect", boot, "/spans", "--blob-dir", pulled).stdout
+    assert b"size: 3000000" in i
+    st = json.loads(run_cli("stat", boot, "--blob-dir", pulled, "--json").stdout)["images"][0]
+    assert st["files"] >= 15 and all(b["zran_access_points"] >= 1 for b in st["blobs"])
+    assert [b["chunk_data_bytes"] for b in st["blobs"]] == [d.size for d in m.layers()]
+    # the chunks' own parts of the layers: no more than the layers (no span counted twice)
+    assert 0 < st["bytes_after_compression"] <= sum(d.size for d in m.layers())
 
 
 @pytest.mark.root

@@ -93,13 +93,17 @@ class GzipIndexStream:
         while len(m) >= 2 and m[1][0] <= before:
             m.popleft()
 
-    def in_start(self, out_pos: int) -> int:
-        best = 0
+    def in_at(self, out_pos: int) -> int:
+        """The input position where output `out_pos` came out, interpolated between
+        the marks around it (informative: the chunk's own part of the layer)."""
+        prev = (0, 0)
         for o, i in self.marks:
-            if o > out_pos:
-                break
-            best = i
-        return best
+            if o >= out_pos:
+                if o == prev[0]:
+                    return i
+                return prev[1] + (i - prev[1]) * (out_pos - prev[0]) // (o - prev[0])
+            prev = (o, i)
+        return prev[1]
 
     def in_end(self, out_pos: int) -> int:
         for o, i in self.marks:
@@ -193,8 +197,8 @@ class ZranPlacer:
                 or ctx.in_end - p.in_offset > 0xFFFF_FFFF:
             raise InputError(f"zran: a deflate block of the layer near byte {p.in_offset} is "
                              "too long for an access point before this chunk")
-        coff = min(s.in_start(start), in_end - 1)
-        csize = in_end - coff
+        coff = min(s.in_at(start), in_end - 1)
+        csize = max(1, min(s.in_at(end), in_end) - coff)
         if csize > R.CI_V2_MAX_SIZE:
             raise InputError(f"zran: chunk at layer byte {start} needs {csize} compressed "
                              "bytes, more than a CI entry holds")

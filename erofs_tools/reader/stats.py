@@ -76,10 +76,12 @@ def image_stats(img: Image):
             if c.device and img.is_rafs:
                 m = meta_of(c.device)
                 bc = m.chunk_at(c.blkaddr * 4096) if m is not None else None
-                if bc is not None:
+                if bc is not None and m.zran is None:
                     info.update(size=bc.uncompressed_size, csize=bc.compressed_size,
                                 digest=bc.digest)
                 else:
+                    # (zran: the chunk map's compressed range is the access point's span;
+                    # the chunk table has the chunk's own part of the layer)
                     ci = ci_by_off.get((c.device - 1, c.blkaddr * 4096))
                     if ci is not None:
                         info.update(size=ci.uncompressed_size, csize=ci.compressed_size,
@@ -125,7 +127,11 @@ def image_stats(img: Image):
                   "chunk_count": b.chunk_count, "compressed_size": b.compressed_size,
                   "uncompressed_size": b.uncompressed_size}
             m = meta_of(i + 1)
-            if m is not None:
+            if m is not None and m.zran is not None:
+                bd["zran_access_points"] = len(m.zran.contexts)
+                bd["chunk_data_bytes"] = b.compressed_size      # the gzip layer
+                bd["chunk_bytes_uncompressed"] = sum(c.uncompressed_size for c in m.chunks)
+            elif m is not None:
                 bd["chunk_data_bytes"] = sum(c.compressed_size for c in m.chunks)
                 bd["chunk_bytes_uncompressed"] = sum(c.uncompressed_size for c in m.chunks)
             blobs.append(bd)
