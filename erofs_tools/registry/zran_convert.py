@@ -130,7 +130,11 @@ def _run(src: SourceImage, dest: Destination, tmp: str, t0: float, chunk_size: i
                                mt.OCI_LAYER_TAR_GZIP,
                                {mt.ANNOTATION_NYDUS_BOOTSTRAP: "true",
                                 mt.ANNOTATION_NYDUS_FS_VERSION: "6", ANNOTATION_ZRAN: "true"})
-    layer_descs = [Descriptor(d.media_type, d.digest, d.size) for d in src.layers]
+    # the layers as they are; annotated as data blobs of the Nydus image (the snapshotter
+    # then commits them without a download and serves them lazily)
+    layer_descs = [Descriptor(d.media_type, d.digest, d.size,
+                              {**d.annotations, mt.ANNOTATION_NYDUS_BLOB: "true",
+                               ANNOTATION_ZRAN: "true"}) for d in src.layers]
     manifest = build_manifest(cfg_desc, layer_descs + meta_descs + [boot_desc],
                               media_type=mt.OCI_MANIFEST)
     dest.put_manifest(manifest, src.platform)
