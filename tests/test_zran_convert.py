@@ -305,3 +305,19 @@ def test_flipped_byte_in_the_registry_gives_eio_never_wrong_bytes(tmp_path, regi
         assert eio >= 1 and good >= 5, (eio, good)
     finally:
         d.cleanup()
+
+
+@pytest.mark.root
+def test_erofs_tools_mount_of_a_zran_image(tmp_path):
+    """`erofs-tools mount` with a local blob directory (the layers and the meta blobs):
+    the kernel reads the expanded cache files; every file equals the layers extracted
+    in order."""
+    from test_tar_helpers import mounted_rafs
+    tars, lay, m = _layout(tmp_path)
+    out = str(tmp_path / "out")
+    _convert(f"oci:{tmp_path / 'src'}:v1", f"oci:{tmp_path / 'dst'}:z", out)
+    bd = _blob_dir(out, lay, m)
+    ref = reference_rootfs(tars, str(tmp_path / "ref"))
+    with mounted_rafs(os.path.join(out, "image.boot"), bd) as mnt:
+        diffs = compare_trees(ref, mnt, check_nlink=True)
+        assert not diffs, "\n".join(diffs)

@@ -576,7 +576,7 @@ def decode_chunk(meta: BlobMeta, chunk: BlobChunk, raw: bytes, verify: bool = Tr
     what = f"blob {name}: chunk {chunk.index}"
     if len(raw) != chunk.compressed_size:
         raise CorruptImageError(f"{what}: got {len(raw)} bytes, expected {chunk.compressed_size}")
-    if meta.zran is not None:
+    if meta.zran is not None and chunk.compressed:
         try:
             data = meta.zran.decode(meta, chunk, raw)
         except CorruptImageError as e:
