@@ -454,7 +454,11 @@ class ZranIndexer:
             pos += self._used[0]
             self.total_in += self._used[0]
             self.total_out += self._made[0]
+            before = len(self.points)
             self._drain()
+            if not (self._used[0] or self._made[0] or len(self.points) > before):
+                # zlib made no progress with input and room for output: never loop on it
+                raise InputError(f"gzip stream stuck at compressed offset {self.total_in}")
             if self._made[0]:
                 yield bytes(ffi.buffer(self._out, self._made[0]))
 
