@@ -321,3 +321,28 @@ def test_erofs_tools_mount_of_a_zran_image(tmp_path):
     with mounted_rafs(os.path.join(out, "image.boot"), bd) as mnt:
         diffs = compare_trees(ref, mnt, check_nlink=True)
         assert not diffs, "\n".join(diffs)
+
+
+def test_refused_sources_leave_no_destination(tmp_path):
+    """Uncompressed layers, a corrupt gzip layer, a bad span: one-line error, exit 1,
+    no destination image."""
+    tars = layer_paths(tmp_path, sample_layers()[:1])
+    make_oci_layout(str(tmp_path / "plain"), tars, gz=False)
+    p = run_cli("convert", "--oci-ref", f"oci:{tmp_path / 'plain'}:v1",
+                f"oci:{tmp_path / 'dst'}:z", check=False)
+    assert p.returncode == 1 and b"not gzip" in p.stderr and p.stderr.count(b"\n") == 1
+    lay, m = make_oci_layout(str(tmp_path / "bad"), tars)
+    path = lay.blob_path(m.layers()[0].digest)
+    data = bytearray(open(path, "rb").read())
+    data[len(data) // 2] ^= 0x55
+    os.chmod(path, 0o644)
+    open(path, "wb").write(bytes(data))
+    p = run_cli("convert", "--oci-ref", f"oci:{tmp_path / 'bad'}:v1",
+                f"oci:{tmp_path / 'dst'}:z", check=False)
+    assert p.returncode == 1 and p.stderr.startswith(b"error: ") \
+        and p.stderr.count(b"\n") == 1, p.stderr
+    p = run_cli("convert", "--oci-ref", f"oci:{tmp_path / 'plain'}:v1",
+                f"oci:{tmp_path / 'dst'}:z", "--zran-span", "1K", check=False)
+    assert p.returncode == 1 and b"span" in p.stderr
+    idx = tmp_path / "dst" / "index.json"
+    assert not idx.exists() or json.loads(idx.read_text())["manifests"] == []
