@@ -209,12 +209,12 @@ def test_planner_unit():
     # it is larger than a batch); a later point's range overlapping it joins the request
     # while the batch size allows
     z = [ch(0, 0, 5000), ch(1, 0, 5000), ch(2, 0, 4000), ch(3, 4500, 1000),
-         ch(4, 9000, 800)]
+         ch(4, 9000, 800), ch(5, 0, 5200)]
     b = plan(z, batch_size=1000)
-    assert [[c.index for c in x.chunks] for x in b] == [[0, 1, 2], [3], [4]]
-    assert (b[0].offset, b[0].length) == (0, 5000)
+    assert [[c.index for c in x.chunks] for x in b] == [[0, 1, 2, 5], [3], [4]]
+    assert (b[0].offset, b[0].length) == (0, 5200)
     b = plan(z, batch_size=6000)
-    assert [[c.index for c in x.chunks] for x in b] == [[0, 1, 2, 3], [4]]
+    assert [[c.index for c in x.chunks] for x in b] == [[0, 1, 2, 5, 3], [4]]
     assert (b[0].offset, b[0].length) == (0, 5500)
 
 

@@ -197,8 +197,11 @@ class ZranPlacer:
                 or ctx.in_end - p.in_offset > 0xFFFF_FFFF:
             raise InputError(f"zran: a deflate block of the layer near byte {p.in_offset} is "
                              "too long for an access point before this chunk")
-        coff = min(s.in_at(start), in_end - 1)
-        csize = max(1, min(s.in_at(end), in_end) - coff)
+        # coff: where the chunk's data starts coming out (interpolated, informative);
+        # coff + csize: input that suffices for all of it (readers inflate from the
+        # access point up to there)
+        coff = max(p.in_offset, min(s.in_at(start), in_end - 1))
+        csize = in_end - coff
         if csize > R.CI_V2_MAX_SIZE:
             raise InputError(f"zran: chunk at layer byte {start} needs {csize} compressed "
                              "bytes, more than a CI entry holds")

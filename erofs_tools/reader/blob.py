@@ -574,9 +574,11 @@ def decode_chunk(meta: BlobMeta, chunk: BlobChunk, raw: bytes, verify: bool = Tr
     chunk.uncompressed_size bytes or raises CorruptImageError / DigestMismatchError."""
     name = _blob_name(meta.blob_id)
     what = f"blob {name}: chunk {chunk.index}"
-    if len(raw) != chunk.compressed_size:
+    zran = meta.zran is not None and chunk.compressed
+    # a zran chunk may be given more: the bytes after its own range (same access point)
+    if len(raw) != chunk.compressed_size and not (zran and len(raw) > chunk.compressed_size):
         raise CorruptImageError(f"{what}: got {len(raw)} bytes, expected {chunk.compressed_size}")
-    if meta.zran is not None and chunk.compressed:
+    if zran:
         try:
             data = meta.zran.decode(meta, chunk, raw)
         except CorruptImageError as e:
@@ -608,8 +610,9 @@ def read_zran_chunk(meta: BlobMeta, chunk: BlobChunk, read_at: ReadAt,
     the context's compressed bytes and decode; digest-checked either way."""
     data = meta.zran.cached(chunk)
     if data is None:
-        raw = _read_exact(read_at, chunk.compressed_offset, chunk.compressed_size,
-                          meta.compressed_size,
+        # the whole context: its other chunks are then inflated by the same pass
+        off, size = meta.zran.context_range(chunk)
+        raw = _read_exact(read_at, off, size, meta.compressed_size,
                           f"blob {_blob_name(meta.blob_id)}: chunk {chunk.index}")
         return decode_chunk(meta, chunk, raw, verify)
     if verify and chunk.digest is not None and _digest(meta.digester, data) != chunk.digest:

@@ -86,6 +86,11 @@ def image_stats(img: Image):
                     if ci is not None:
                         info.update(size=ci.uncompressed_size, csize=ci.compressed_size,
                                     digest=ci.digest)
+                        if m is not None and m.zran is not None:
+                            # zran: chunks' input ranges overlap; counted as a union
+                            info.update(csize=0, crange=(c.device, ci.compressed_offset,
+                                                         ci.compressed_offset
+                                                         + ci.compressed_size))
             else:
                 info["csize"] = c.length
                 hash_budget[0] -= c.length
@@ -106,6 +111,8 @@ def image_stats(img: Image):
     after_dedup = flat_bytes + sum(u["size"] for u in unique.values())
     csizes = [u["csize"] for u in unique.values()]
     after_comp = flat_bytes + sum(csizes) if all(x is not None for x in csizes) else None
+    if after_comp is not None:
+        after_comp += _union_bytes([u["crange"] for u in unique.values() if "crange" in u])
     stored_blocks = sum(round_up(u["size"], img.blksz) for u in unique.values())
     d = {
         "image": img.name, "kind": "rafs-v6" if img.is_rafs else "erofs",
@@ -213,3 +220,18 @@ def super_summary(img: Image) -> dict:
             "ci_uncompressed_size": b.ci_uncompressed_size,
             "blob_toc_size": b.blob_toc_size} for i, b in enumerate(img.blob_entries)]
     return d
+
+
+def _union_bytes(ranges: list[tuple[int, int, int]]) -> int:
+    """Bytes covered by (device, start, end) ranges, overlaps counted once."""
+    total, cur = 0, None
+    for dev, a, b in sorted(ranges):
+        if cur is not None and cur[0] == dev and a <= cur[2]:
+            cur = (dev, cur[1], max(cur[2], b))
+            continue
+        if cur is not None:
+            total += cur[2] - cur[1]
+        cur = (dev, a, b)
+    if cur is not None:
+        total += cur[2] - cur[1]
+    return total

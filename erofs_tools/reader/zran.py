@@ -4,14 +4,15 @@ The blob (the gzip layer, named by its OCI digest) carries no meta of its own; i
 table, zran context table, dictionaries and chunk digests are in a separate meta blob
 named by the blob table's `blob_meta_digest`. `open_meta` parses and checks that meta
 blob and returns a `blob.BlobMeta` whose chunks each cover the compressed bytes from
-their context's access point to the context's end (so `read_at(compressed_offset,
-compressed_size)` + `blob.decode_chunk` serve a zran chunk like any other), with
-`meta.zran` holding the contexts. Every value is untrusted: offsets beyond the layer,
+their context's access point to where their own data has come out (so
+`read_at(compressed_offset, compressed_size)` + `blob.decode_chunk` serve a zran chunk
+like any other), with `meta.zran` holding the contexts. Every value is untrusted: offsets beyond the layer,
 windows over 32 KiB, bit counts over 7, contexts whose output exceeds 16 MiB or misses a
 chunk end in a one-line CorruptImageError.
 """
 from __future__ import annotations
 
+import bisect
 import collections
 import hashlib
 import os
@@ -41,9 +42,11 @@ class ZranContextInfo(NamedTuple):
 class ZranContexts:
     """The contexts of one zran blob, and the chunk decoder over them.
 
-    A context is inflated whole (at most 16 MiB) and the last few are kept: the chunks
-    of one context are usually read together (small files side by side in the layer),
-    and inflating from the access point again for each would cost a span per chunk."""
+    A chunk needs the compressed bytes from its context's access point to where its own
+    data has come out (its BlobChunk range); given more (a request covering several
+    chunks of the context, or the whole context), the decoder inflates as far as the
+    chunks those bytes complete and keeps that output (48 MiB budget), so the chunks of
+    one context are inflated once, not once each."""
 
     KEEP_BYTES = 48 << 20        # a few contexts (each at most 16 MiB)
 
@@ -52,33 +55,71 @@ class ZranContexts:
         self._lock = threading.Lock()
         self._kept: collections.OrderedDict[int, bytes] = collections.OrderedDict()
         self._kept_bytes = 0
+        # per context: chunk input ends (relative to the point, sorted) and the furthest
+        # output those inputs complete
+        self._needs: list[list[int]] = [[] for _ in contexts]
+        self._reach: list[list[int]] = [[] for _ in contexts]
 
-    def decode(self, meta: rblob.BlobMeta, chunk: rblob.BlobChunk, raw: bytes) -> bytes:
-        """`raw`: the layer's bytes [compressed_offset, +compressed_size) of `chunk`,
-        which are its context's compressed bytes."""
-        k = chunk.zran_index
+    def index_chunks(self, chunks: list[rblob.BlobChunk]) -> None:
+        pairs: list[list[tuple[int, int]]] = [[] for _ in self.contexts]
+        for c in chunks:
+            pairs[c.zran_index].append((c.compressed_size, c.zran_offset + c.uncompressed_size))
+        for k, ps in enumerate(pairs):
+            ps.sort()
+            best, reach = 0, []
+            for _need, end in ps:
+                best = max(best, end)
+                reach.append(best)
+            self._needs[k] = [n for n, _ in ps]
+            self._reach[k] = reach
+
+    def _get(self, k: int, end: int) -> bytes | None:
         with self._lock:
             out = self._kept.get(k)
-            if out is not None:
-                self._kept.move_to_end(k)
+            if out is None or len(out) < end:
+                return None
+            self._kept.move_to_end(k)
+            return out
+
+    def decode(self, meta: rblob.BlobMeta, chunk: rblob.BlobChunk, raw: bytes) -> bytes:
+        """`raw`: the layer's bytes from the context's access point on, at least the
+        chunk's range (BlobChunk.compressed_size)."""
+        k = chunk.zran_index
+        end = chunk.zran_offset + chunk.uncompressed_size
+        out = self._get(k, end)
         if out is None:
             ctx = self.contexts[k]
-            out = zran_extract(ctx.point, raw, 0, ctx.out_len)
+            if len(raw) < chunk.compressed_size:
+                raise CorruptImageError(f"got {len(raw)} compressed bytes, the chunk needs "
+                                        f"{chunk.compressed_size}")
+            raw = raw[:ctx.in_len]
+            # as far as the given bytes complete chunks of this context
+            i = bisect.bisect_right(self._needs[k], len(raw)) - 1
+            target = max(end, self._reach[k][i] if i >= 0 else 0)
+            out = zran_extract(ctx.point, raw, 0, min(target, ctx.out_len))
             with self._lock:
+                old = self._kept.pop(k, None)
+                if old is not None:
+                    self._kept_bytes -= len(old)
+                    out = old if len(old) > len(out) else out
                 self._kept[k] = out
                 self._kept_bytes += len(out)
                 while self._kept_bytes > self.KEEP_BYTES and len(self._kept) > 1:
                     self._kept_bytes -= len(self._kept.popitem(last=False)[1])
-        return out[chunk.zran_offset:chunk.zran_offset + chunk.uncompressed_size]
+        return out[chunk.zran_offset:end]
 
     def cached(self, chunk: rblob.BlobChunk) -> bytes | None:
-        """The chunk's bytes if its context is inflated already (callers then skip
-        reading the compressed bytes; they still verify the digest)."""
-        with self._lock:
-            out = self._kept.get(chunk.zran_index)
-        if out is None:
-            return None
-        return out[chunk.zran_offset:chunk.zran_offset + chunk.uncompressed_size]
+        """The chunk's bytes if its context is inflated that far already (callers then
+        skip reading compressed bytes; they still verify the digest)."""
+        end = chunk.zran_offset + chunk.uncompressed_size
+        out = self._get(chunk.zran_index, end)
+        return None if out is None else out[chunk.zran_offset:end]
+
+    def context_range(self, chunk: rblob.BlobChunk) -> tuple[int, int]:
+        """(offset, size) of the whole context's compressed bytes: what a reader with
+        the layer at hand reads, so that the context is inflated once."""
+        ctx = self.contexts[chunk.zran_index]
+        return ctx.point.in_offset, ctx.in_len
 
 
 def _ctx_table(name: str, area: bytes, off: int, size: int, count: int, n_chunks: int,
@@ -159,7 +200,7 @@ def parse_meta(blob: bytes, entry: rafs.BlobEntry, blob_id: str,
         dig_list = [bytes(draw[i * 32:i * 32 + 32]) for i in range(n)]
     chunks = []
     for i in range(n):
-        uoff, us, _coff, _cs, flags = rafs.decode_ci_v2(area, i * rafs.CI_V2_SIZE)
+        uoff, us, coff, cs, flags = rafs.decode_ci_v2(area, i * rafs.CI_V2_SIZE)
         data = rafs.decode_ci_v2_data(area, i * rafs.CI_V2_SIZE)
         if not flags & rafs.CI_V2_FLAG_ZRAN or flags & ~(rafs.CI_V2_FLAG_ZRAN
                                                           | rafs.CI_V2_FLAG_COMPRESSED
@@ -169,14 +210,22 @@ def parse_meta(blob: bytes, entry: rafs.BlobEntry, blob_id: str,
         if k >= len(ctxs) or zoff + us > ctxs[k].out_len:
             raise CorruptImageError(f"blob {name}: chunk {i} outside its zran context {k}")
         c = ctxs[k]
+        # the chunk's data has come out once the layer is read to coff + cs: its range is
+        # from the context's access point to there
+        need = coff + cs - c.point.in_offset
+        if not 0 < need <= c.in_len:
+            raise CorruptImageError(f"blob {name}: chunk {i} ends its compressed range "
+                                    f"outside its zran context {k}")
         d = dig_list[i] if dig_list[i] is not None else (digests or {}).get(i)
         if d is None:     # a chunk nothing verifies is never served
             raise CorruptImageError(f"blob {name}: chunk {i} has no digest")
-        chunks.append(rblob.BlobChunk(i, uoff, us, c.point.in_offset, c.in_len, d, True,
-                                      k, zoff))
+        chunks.append(rblob.BlobChunk(i, uoff, us, c.point.in_offset, need, d, True, k,
+                                      zoff))
+    zc = ZranContexts(ctxs)
+    zc.index_chunks(chunks)
     return rblob.BlobMeta(blob_id, chunks, entry.uncompressed_size, layer_size, "gzip",
                           rafs.DIGESTER_NAMES.get(entry.digest_algo, "?"), entry.chunk_size,
-                          entry.features, None, zran=ZranContexts(ctxs))
+                          entry.features, None, zran=zc)
 
 
 def open_meta(blob_dir: str, entry: rafs.BlobEntry, blob_id: str,

@@ -35,10 +35,14 @@ class Batch:
 
     def slice_of(self, raw: bytes, chunk) -> bytes | memoryview:
         start = chunk.compressed_offset - self.offset
-        if start == 0 and chunk.compressed_size == len(raw):
+        # a zran chunk gets the rest of the request from its access point on: the
+        # decoder inflates the context once for every chunk those bytes complete
+        size = len(raw) - start if getattr(chunk, "zran_index", -1) >= 0 \
+            else chunk.compressed_size
+        if start == 0 and size == len(raw):
             return raw
         # a view, not a copy: the decoder reads it in place
-        return memoryview(raw)[start:start + chunk.compressed_size]
+        return memoryview(raw)[start:start + size]
 
 
 def clamp_range(offset: int, length: int, size: int) -> tuple[int, int]:
@@ -80,7 +84,10 @@ def plan(chunks, batch_size: int = DEFAULT_BATCH_SIZE, max_gap: int = 0) -> list
             gap = c.compressed_offset - end
             c_end = c.compressed_offset + c.compressed_size
             # inside the request already (zran: same access point), or next to it
-            if c_end <= end or (gap <= max_gap and c_end - cur.offset <= batch_size):
+            # (zran: chunks of one access point share its start; the request grows to
+            # the furthest of them, bounded by the context's size)
+            if c_end <= end or c.compressed_offset == cur.offset or \
+                    (gap <= max_gap and c_end - cur.offset <= batch_size):
                 cur.chunks.append(c)
                 continue
         cur = Batch([c])
