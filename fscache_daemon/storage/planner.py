@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from erofs_tools.fsutil import round_up
 
 DEFAULT_BATCH_SIZE = 1 << 20
+OVERLAP_MAX = 8 << 20       # a request grown by overlapping (zran) ranges stops here
 BLOCK = 4096
 
 
@@ -84,10 +85,12 @@ def plan(chunks, batch_size: int = DEFAULT_BATCH_SIZE, max_gap: int = 0) -> list
             gap = c.compressed_offset - end
             c_end = c.compressed_offset + c.compressed_size
             # inside the request already (zran: same access point), or next to it
-            # (zran: chunks of one access point share its start; the request grows to
-            # the furthest of them, bounded by the context's size)
+            # zran: a chunk's range starts at its access point, often inside the request
+            # (the previous chunk's range): fetching the union costs fewer bytes than
+            # fetching the overlap twice, up to OVERLAP_MAX per request
             if c_end <= end or c.compressed_offset == cur.offset or \
-                    (gap <= max_gap and c_end - cur.offset <= batch_size):
+                    (gap <= max_gap and c_end - cur.offset <= batch_size) or \
+                    (gap < 0 and c_end - cur.offset <= max(batch_size, OVERLAP_MAX)):
                 cur.chunks.append(c)
                 continue
         cur = Batch([c])
