@@ -60,7 +60,7 @@ class GzipIndexStream:
 
     `marks` maps output positions to input consumed: (total_out, total_in) after each
     decompressed piece, so `in_end(x)` (the input that suffices to produce output x) and
-    `in_start(x)` (input consumed before output x) are known for positions not yet
+    `in_at(x)` (interpolated: where output x came out) are known for positions not yet
     pruned."""
 
     def __init__(self, raw: ReadStream, span: int) -> None:
