@@ -17,6 +17,8 @@ pair with tc netem on both ends: RATE, RTT/2 each way), rounds alternate the two
   lazy  fscache-daemon (fanotify front end) serving containerd's snapshots API as a
         proxy plugin: `fscache-daemon rpull` (if this checkout has it) or CRI PullImage
         as kubelet calls it, then `ctr run --snapshotter NAME`
+  zran  (with --zran) the same, on the source image indexed with `convert --oci-ref`
+        instead of converted: its original gzip layers read by range (docs/zran.md)
 
 Every round starts from nothing: a fresh containerd (root, state, content store), for
 lazy a fresh daemon and cache; the page cache is dropped right before the timed part,
@@ -57,6 +59,9 @@ SNAPSHOTTER = "erofs-bench"
 CRI_NS = "k8s.io"
 GOALS = {"loopback": 0.3, "link": 0.2}
 BYTES_GOAL = 0.25
+ZRAN_GOALS = {"loopback": 0.35, "link": 0.25}     # issue 16: unconverted image, zran index
+LAZY_KINDS = ("lazy", "zran")                     # the ways through the daemon
+REPOS = {"full": "src", "lazy": "nydus", "zran": "zran"}
 
 
 def log(msg: str) -> None:
@@ -312,7 +317,7 @@ class Round:
         self.kind, self.registry = kind, registry
         self.daemon: subprocess.Popen | None = None
         self.ctd = None
-        if kind == "lazy":
+        if kind in LAZY_KINDS:
             self.api = os.path.join(self.dir, "api.sock")
             self.snap = os.path.join(self.dir, "snap.sock")
             self.daemon_log = os.path.join(self.dir, "daemon.log")
@@ -357,14 +362,14 @@ class Round:
 
     def _ctr_run(self, ns: str) -> list[str]:
         cmd = ["ctr", "-a", self.ctd.sock, "-n", ns, "run", "--rm"]
-        return cmd + ["--snapshotter", SNAPSHOTTER] if self.kind == "lazy" else cmd
+        return cmd + ["--snapshotter", SNAPSHOTTER] if self.kind in LAZY_KINDS else cmd
 
     def steps(self, ref: str, pull: str) -> list[dict]:
         """The cold start in steps, each measured alone (caches dropped once, before
         the pull; each step finds what the earlier ones fetched): pull, a container
         running /bin/true (snapshot + lazy mount + runc), `python3 -c pass` (the
         interpreter's own start), then the app. Times are to the exit of `ctr run --rm`."""
-        ns = CRI_NS if self.kind == "lazy" else self.ctd.namespace
+        ns = CRI_NS if self.kind in LAZY_KINDS else self.ctd.namespace
         drop_caches()
         out = []
         todo = [("pull", None), ("run /bin/true", ["/bin/true"]),
@@ -398,7 +403,7 @@ class Round:
     def timed(self, ref: str, pull: str) -> dict:
         """drop caches; pull; run; -> seconds to the output line and what it cost."""
         ctd = self.ctd
-        ns = CRI_NS if self.kind == "lazy" else ctd.namespace
+        ns = CRI_NS if self.kind in LAZY_KINDS else ctd.namespace
         drop_caches()
         load = os.getloadavg()[0]
         mark = self.registry.mark()
@@ -493,6 +498,16 @@ def summarize(net: str, rounds: list[dict]) -> dict:
                        GOALS.get(net, 0.3)),
                   goal(f"{net}: lazy / full bytes pulled", s["bytes_ratio"], "<=",
                        BYTES_GOAL)]
+    zran = [r for r in rounds if r["kind"] == "zran"]
+    if zran:   # the unconverted image through its zran index (docs/zran.md)
+        s["zran_s"] = median([r["s"] for r in zran])
+        s["zran_bytes"] = median([r["bytes"] for r in zran])
+        s["zran_runs_s"] = [round(r["s"], 2) for r in zran]
+        s["zran_daemon_cpu_s"] = median([r["daemon_cpu_s"] for r in zran])
+        s["zran_time_ratio"] = s["zran_s"] / s["full_s"]
+        s["zran_vs_nydus"] = s["zran_s"] / s["lazy_s"]
+        s["goals"].append(goal(f"{net}: zran / full time, medians", s["zran_time_ratio"],
+                               "<=", ZRAN_GOALS.get(net, 0.35)))
     return s
 
 
@@ -508,7 +523,7 @@ def print_rounds(rounds: list[dict]) -> None:
               f"{r['run_s']:6.2f} {imp:>8} {r['bytes'] / 1e6:10.1f} {r['requests']:6d} "
               f"{r['containerd_cpu_s']:7.1f} {dcpu:>10} {r['load']:5.1f} "
               f"{r['registry_busy_s']:8.2f}", end="")
-        if r["kind"] == "lazy":
+        if r["kind"] in LAZY_KINDS:
             print(f" {r['daemon_bytes_fetched'] / 1e6:8.1f} ({r['readahead_bytes'] / 1e6:6.1f})"
                   f" {r['daemon_requests']:6d} {r.get('holder_cpu_s') or 0:10.1f}", end="")
         print()
@@ -538,7 +553,11 @@ def main() -> int:
     ap.add_argument("--mirror", help="Debian mirror for debootstrap (default: apt's)")
     ap.add_argument("--cache", default=str(mlimage.CACHE), help="image cache directory")
     ap.add_argument("--json", help="also write the JSON document here")
+    ap.add_argument("--zran", action="store_true",
+                    help="also index the source image with `convert --oci-ref` and run it "
+                         "lazily through its zran index (a third way)")
     args = ap.parse_args()
+    ways = ["full", "lazy", "zran"] if args.zran else ["full", "lazy"]
     if os.geteuid() != 0:
         raise SystemExit("error: needs root (containerd, mounts, drop_caches, netns)")
     for tool in ("containerd", "ctr", "runc", "docker-registry", "ip", "tc"):
@@ -590,6 +609,24 @@ def main() -> int:
         log(f"converted in {result['convert_s']} s: "
             f"{sum(x['size'] for x in manifest['layers']) / 1e9:.2f} GB in "
             f"{len(manifest['layers'])} layers")
+        if args.zran:
+            t0 = time.perf_counter()
+            p = subprocess.run([sys.executable, "-m", "erofs_tools", "convert", "--oci-ref",
+                                "--insecure", f"{registry.host}/ml/src:1",
+                                f"{registry.host}/ml/zran:1", "--json"], capture_output=True,
+                               text=True, cwd=REPO, env=child_env())
+            if p.returncode != 0:
+                raise SystemExit(f"convert --oci-ref failed: {p.stderr[-3000:]}")
+            z = json.loads(p.stdout)
+            index = z["meta_bytes"] + z["bootstrap_layer_size"]
+            result["zran"] = {"convert_s": round(time.perf_counter() - t0, 1),
+                              "index_bytes": index, "meta_bytes": z["meta_bytes"],
+                              "bootstrap_layer_bytes": z["bootstrap_layer_size"],
+                              "image_bytes": z["compressed_layer_bytes"],
+                              "index_ratio": index / z["compressed_layer_bytes"],
+                              "layers_placed": z["layers_placed"]}
+            log(f"zran index in {result['zran']['convert_s']} s: {index / 1e6:.2f} MB = "
+                f"{100 * result['zran']['index_ratio']:.2f} % of the image")
         client.close()
         for net in nets:
             if net == "link":
@@ -605,9 +642,9 @@ def main() -> int:
                 log(f"link: {result['link']}")
             rounds = []
             for i in range(args.rounds):
-                order = ("full", "lazy") if i % 2 == 0 else ("lazy", "full")
+                order = ways[i % len(ways):] + ways[:i % len(ways)]
                 for kind in order:
-                    ref = f"{registry.host}/ml/{'src' if kind == 'full' else 'nydus'}:1"
+                    ref = f"{registry.host}/ml/{REPOS[kind]}:1"
                     current = Round(workdir, kind, registry, daemon_args)
                     relay0 = link.relay_cpu_s() if link and net == "link" else None
                     try:
@@ -625,8 +662,8 @@ def main() -> int:
             result["rounds"] += rounds
             result["nets"][net] = summarize(net, rounds)
             if args.breakdown:
-                for kind in ("full", "lazy"):
-                    ref = f"{registry.host}/ml/{'src' if kind == 'full' else 'nydus'}:1"
+                for kind in ways:
+                    ref = f"{registry.host}/ml/{REPOS[kind]}:1"
                     current = Round(workdir, kind, registry, daemon_args)
                     try:
                         for step in current.steps(ref, pull):
@@ -666,6 +703,13 @@ def main() -> int:
               f"{s['full_bytes'] / 1e6:.1f} MB = {s['bytes_ratio']:.3f}; daemon CPU "
               f"{s['lazy_daemon_cpu_s']:.1f} s, fd holder CPU {s['lazy_holder_cpu_s']:.1f} s")
         goals += s["goals"]
+        if "zran_s" in s:
+            print(f"{net}: zran {s['zran_s']:.2f} s (medians); zran/full "
+                  f"{s['zran_time_ratio']:.3f}, zran/nydus {s['zran_vs_nydus']:.3f}; bytes "
+                  f"{s['zran_bytes'] / 1e6:.1f} MB; daemon CPU {s['zran_daemon_cpu_s']:.1f} s")
+    if "zran" in result:
+        goals.append(goal("zran index / image size", result["zran"]["index_ratio"], "<=",
+                          0.03))
     if result.get("steps"):
         print(f"{'net':8} {'way':4} {'step':22} {'s':>6} {'MB':>8} {'reqs':>5} {'ctd cpu':>7} "
               f"{'daemon cpu':>10} {'daemon reqs':>11} {'holder cpu':>10}")

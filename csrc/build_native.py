@@ -32,6 +32,10 @@ def _rel(path):
         return path
 
 
+# zran.c: random access into gzip layers, through zlib (Debian's zlib1g-dev)
+SOURCES.append("zran.c")
+LIBRARIES.append("z")
+
 ffibuilder = FFI()
 ffibuilder.cdef(_cdef_text())
 ffibuilder.set_source(

@@ -189,4 +189,35 @@ enum {
 int erofs_z_decompress(int alg, const uint8_t *in, size_t inlen, uint8_t *out, size_t outlen,
                        int flags, uint32_t dict_size, char *err, size_t errlen);
 
+/* --- zran (zran.c): random access into gzip streams --------------------------------
+ * Index: b = ern_zran_builder_new(span); loop { ern_zran_builder_feed(b, in, out, ...);
+ * while (ern_zran_builder_next_point(b, &p)) keep p; } -- feed stops right after it
+ * records a point (at a deflate block boundary >= span output bytes after the previous
+ * one; the first is at output 0) and does nothing more until that point is taken.
+ * ern_zran_builder_totals: bytes consumed/produced so far, and whether the last gzip
+ * member's trailer was read (the stream may end there).
+ * Extract: ern_zran_extract(point's bits, byte, window, compressed bytes from the
+ * point's in_offset, skip = range start - point's out_offset, out, out_len): ERN_OK,
+ * ERN_EIO (corrupt data), ERN_ELIMIT (input ended first), ERN_EINVAL (bits > 7, window
+ * > 32 KiB). */
+struct ern_zran_point {
+    uint64_t in_offset;
+    uint64_t out_offset;
+    uint32_t window_size;
+    uint8_t bits;
+    uint8_t byte;
+    uint8_t window[32768];
+};
+typedef struct ern_zran_builder ern_zran_builder;
+ern_zran_builder *ern_zran_builder_new(uint64_t span);
+void ern_zran_builder_free(ern_zran_builder *z);
+int ern_zran_builder_feed(ern_zran_builder *z, const uint8_t *in, size_t in_len,
+                          uint8_t *out, size_t out_cap, size_t *consumed, size_t *produced);
+int ern_zran_builder_next_point(ern_zran_builder *z, struct ern_zran_point *p);
+void ern_zran_builder_totals(ern_zran_builder *z, uint64_t *total_in, uint64_t *total_out,
+                             int *member_done);
+int ern_zran_extract(uint8_t bits, uint8_t byte, const uint8_t *window, uint32_t window_size,
+                     const uint8_t *in, size_t in_len, uint64_t skip,
+                     uint8_t *out, size_t out_len);
+
 #endif

@@ -30,6 +30,7 @@ import time
 from erofs_tools.errors import CorruptImageError, InputError, MountError
 from erofs_tools.fsutil import atomic_output
 from erofs_tools.reader import blob as rblob
+from erofs_tools.reader import zran as rzran
 from erofs_tools.reader.bootstrap import chunk_pins
 from erofs_tools.reader.image import open_image
 
@@ -191,12 +192,21 @@ def blob_chunk_map(blob_path, blob_id, entry, pins):
     """The chunk map this bootstrap needs of the blob: the blob's chunk-info table with
     the bootstrap's digests; CorruptImageError if the blob places a pinned chunk
     elsewhere or a chunk has no digest to verify it with."""
-    meta = rblob.open_blob(blob_path, blob_id=blob_id, entry=entry,
-                           digests={k: pin.digest for k, pin in pins.items()})
+    digests = {k: pin.digest for k, pin in pins.items()}
+    if rzran.is_zran_entry(entry):
+        # a gzip layer; its index is the meta blob beside it (docs/zran.md), and a pin
+        # places a zran chunk by its uncompressed range only
+        meta = rzran.open_meta(os.path.dirname(os.path.abspath(blob_path)), entry, blob_id,
+                               digests)
+        if os.path.getsize(blob_path) != entry.compressed_size:
+            raise CorruptImageError(f"blob {blob_id}: layer size differs from the bootstrap's")
+    else:
+        meta = rblob.open_blob(blob_path, blob_id=blob_id, entry=entry, digests=digests)
+    n = 2 if meta.zran is not None else 4
     for k, pin in pins.items():
         c = meta.chunk_by_index(k)
         if (c.uncompressed_offset, c.uncompressed_size, c.compressed_offset,
-                c.compressed_size) != pin[:4]:
+                c.compressed_size)[:n] != pin[:n]:
             raise CorruptImageError(f"blob {blob_id}: chunk {k} lies elsewhere in the blob "
                                     "than the bootstrap's chunk table says")
     meta = meta.with_digests({k: pin.digest for k, pin in pins.items()})

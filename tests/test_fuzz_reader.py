@@ -29,7 +29,7 @@ def test_fuzz_reader_cases():
     assert res["cases"] == CASES
     assert not res["failures"], _report(res)
     # the corpus holds Nydus-written, mkfs.erofs-written and our own images
-    assert {"nydus-vector", "nydus-inline-meta"} <= set(res["seeds"])
+    assert {"nydus-vector", "nydus-inline-meta", "zran"} <= set(res["seeds"])
     # mutations reach deep: some cases still unpack, many are rejected
     o = res["outcomes"]
     assert o.get("unpack:ok", 0) > CASES // 10 and o.get("open:err", 0) > CASES // 20

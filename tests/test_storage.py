@@ -205,6 +205,24 @@ def test_planner_unit():
     assert clamp_range(9000, 10, 8192) == (8192, 0)
     raw = bytes(range(200))
     assert Batch([ch(0, 0, 100), ch(1, 100, 100)]).slice_of(raw, ch(1, 100, 100)) == raw[100:]
+    # zran: chunks of one access point share its compressed range (one request, even when
+    # it is larger than a batch); a later point's range overlapping it joins the request
+    # while the batch size allows
+    z = [ch(0, 0, 5000), ch(1, 0, 5000), ch(2, 0, 4000), ch(3, 4500, 1000),
+         ch(4, 9000, 800), ch(5, 0, 5200)]
+    b = plan(z, batch_size=1000)
+    assert [[c.index for c in x.chunks] for x in b] == [[0, 1, 2, 5, 3], [4]]
+    assert (b[0].offset, b[0].length) == (0, 5500)
+    b = plan(z, batch_size=6000)
+    assert [[c.index for c in x.chunks] for x in b] == [[0, 1, 2, 5, 3], [4]]
+    assert (b[0].offset, b[0].length) == (0, 5500)
+    # a range starting inside the request (the next access point before the previous
+    # chunk's end) joins it whatever the batch size: the overlap is fetched once
+    seq = [ch(i, i * 300_000, 900_000) for i in range(5)]
+    b = plan(seq, batch_size=1 << 20)
+    assert len(b) == 1 and b[0].length == 4 * 300_000 + 900_000
+    far = [ch(0, 0, 900_000), ch(1, 900_000 + 10, 900_000)]     # no overlap: two
+    assert len(plan(far, batch_size=1 << 20)) == 2
 
 
 def test_restart_reloads_state_and_never_refetches(synth):

@@ -186,9 +186,108 @@ def build_corpus(work):
             seeds.append(Seed("erofs-tools-pack", open(boot, "rb").read(), blobs))
     except OSError:
         pass
+    try:
+        seeds.append(_zran_seed(work))
+    except Exception:  # noqa: BLE001 - optional seed; the builder may be mid-work
+        pass
     for s in seeds:
+        resign = s.fields.get("zran-resign")
         s.fields = field_map(s)
+        if resign:
+            s.fields["zran-resign"] = resign
+            s.fields[("blob", resign[1])] = resign[2]
     return seeds
+
+
+def _zran_seed(work):
+    """A gzip tar layer indexed by `convert --oci-ref`'s builder (docs/zran.md), its meta
+    blob stored with a raw CI area so that field mutations reach the zran contexts and
+    CI v2 entries; mutate() re-signs the meta blob (its sha256 in the blob table), as a
+    hostile index author would, so the parser behind the digest check is what is fuzzed."""
+    import gzip
+    import hashlib
+    import tarfile
+
+    from erofs_tools.builder.zran import pack_zran_layer
+    from erofs_tools.reader import blob as rblob
+    from erofs_tools.reader.image import Image
+    rnd = random.Random(16)
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for name, size in (("a.txt", 90_000), ("b.txt", 150_000), ("c", 0), ("d.txt", 5000)):
+            data = bytes(rnd.choice(b"zran fuzz\n") for _ in range(size))
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+    gz = gzip.compress(raw.getvalue(), mtime=0)
+    layer = hashlib.sha256(gz).hexdigest()
+    d = os.path.join(work, "zran")
+    os.makedirs(d, exist_ok=True)
+    boot = os.path.join(d, "l.boot")
+    r = pack_zran_layer(io.BytesIO(gz), "sha256:" + layer, len(gz), boot, d,
+                        chunk_size=0x1000, span=64 << 10)
+    meta = open(os.path.join(d, r["meta_blob"]), "rb").read()
+    image = bytearray(open(boot, "rb").read())
+    img = Image(bytes(image))
+    e = img.blob_entries[0]
+    entry_off = img.rafs.s_blob_table_offset
+    area = rblob._decompress("zstd" if e.ci_compressor else "none",
+                             meta[:e.ci_compressed_size], e.ci_uncompressed_size, "seed")
+    hdr = R.BlobMetaHeader.decode(meta, e.ci_compressed_size)
+    toc = rblob.read_toc(lambda o, n: meta[o:o + n], len(meta))
+    dg = toc.entries[R.TOC_NAME_BLOB_DIGEST]
+    digests = meta[dg.compressed_offset:dg.compressed_offset + dg.compressed_size]
+    hdr.ci_compressor, hdr.ci_compressed_size = 0, len(area)
+    hb = hdr.encode()
+    entries = [R.TocEntry(flags=R.TOC_FLAG_NONE, name=R.TOC_NAME_BLOB_META,
+                          uncompressed_digest=hashlib.sha256(area).digest(),
+                          compressed_offset=0, compressed_size=len(area),
+                          uncompressed_size=len(area)),
+               R.TocEntry(flags=R.TOC_FLAG_NONE, name=R.TOC_NAME_BLOB_DIGEST,
+                          uncompressed_digest=hashlib.sha256(digests).digest(),
+                          compressed_offset=len(area) + len(hb),
+                          compressed_size=len(digests), uncompressed_size=len(digests))]
+    tb = b"".join(t.encode() for t in entries)
+    tb += R.tar_header(R.TOC_NAME_TOC, len(tb))
+    new_meta = bytes(area) + hb + digests + tb
+    e.ci_compressor, e.ci_compressed_size = 0, len(area)
+    e.blob_toc_size, e.blob_toc_digest = len(tb), hashlib.sha256(tb).digest()
+    e.blob_meta_size = len(new_meta)
+    e.blob_meta_digest = hashlib.sha256(new_meta).digest()
+    image[entry_off:entry_off + R.BlobEntry.SIZE] = e.encode()
+    meta_tag = e.blob_meta_digest.hex()
+    fields = [(off, size, label) for off, size, label in
+              _record_fields(R.BlobMetaHeader, len(area), "zbmh")]
+    for k in range(min(hdr.ctx_count, 16)):
+        fields += _record_fields(R.ZranContext, hdr.ctx_offset + k * R.ZranContext.SIZE,
+                                 f"zctx[{k}]")
+    for k in range(min(hdr.ci_entries, 16)):
+        for w, label in ((0, "uncomp"), (8, "comp"), (16, "data")):
+            fields.append((k * R.CI_V2_SIZE + w, 8, f"zci{k}.{label}"))
+            fields.append((k * R.CI_V2_SIZE + w + 4, 4, f"zci{k}.{label}.hi"))
+    s = Seed("zran", bytes(image), {layer: gz, meta_tag: new_meta})
+    s.fields = {"zran-resign": (entry_off, meta_tag, fields)}
+    return s
+
+
+def _resign_zran(seed, image, blobs):
+    """A zran seed's mutated meta blob, renamed to its sha256 and recorded in the blob
+    table (unless the mutation removed it)."""
+    import hashlib
+    entry_off, tag, _fields = seed.fields["zran-resign"]
+    meta = blobs.pop(tag, None)
+    if meta is None:
+        return image
+    new = hashlib.sha256(meta).digest()
+    blobs[new.hex()] = meta
+    buf = bytearray(image)
+    lay = R.BlobEntry.field_layout()
+    for name, value in (("blob_meta_digest", new), ("blob_meta_size",
+                                                    len(meta).to_bytes(8, "little"))):
+        off, size = lay[name]
+        if entry_off + off + size <= len(buf):
+            buf[entry_off + off:entry_off + off + size] = value
+    return bytes(buf)
 
 
 # ------------------------------------------------------------------------ field maps --
@@ -395,6 +494,8 @@ def mutate(seed, rnd):
     image = bytes(bufs[("image", None)])
     blobs = {tag: bytes(bufs[("blob", tag)]) for tag in seed.blobs}
     devices = [bytes(bufs[("device", i)]) for i in range(len(seed.devices))]
+    if "zran-resign" in seed.fields:
+        image = _resign_zran(seed, image, blobs)
     return image, blobs, devices, " ".join(desc)
 
 

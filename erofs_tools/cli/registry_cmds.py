@@ -40,15 +40,26 @@ _json_opt = click.option("--json", "as_json", is_flag=True, help="Print a JSON s
 @click.option("--merge-platform", is_flag=True,
               help="Push an index listing both the source manifest (copied) and the Nydus "
                    "one.")
+@click.option("--oci-ref", is_flag=True,
+              help="Index SRC's gzip layers where they are (zran): DST lists the original "
+                   "layers plus a small bootstrap layer; no layer is converted.")
+@click.option("--zran-span", default="0x200000", show_default=True,
+              help="With --oci-ref: bytes of decompressed layer between access points.")
 @_json_opt
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing on success.")
 def convert_cmd(src_ref, dst_ref, insecure, chunk_dict, platform, chunk_size, digester,
-                compressor, jobs, output, work_dir, merge_platform, as_json, quiet):
+                compressor, jobs, output, work_dir, merge_platform, oci_ref, zran_span,
+                as_json, quiet):
     """Convert the OCI/Docker image SRC_REF (registry reference or oci:PATH[:TAG]) into a
     Nydus RAFS v6 image pushed to DST_REF."""
     from erofs_tools.builder.rafs import PackOptions
     from erofs_tools.cli.pack import _parse_size
     from erofs_tools.registry.convert import convert
+    if oci_ref:
+        _convert_oci_ref(src_ref, dst_ref, insecure, chunk_dict, platform,
+                         _parse_size(chunk_size), digester, compressor, merge_platform,
+                         output, work_dir, _parse_size(zran_span, "--zran-span"), as_json, quiet)
+        return
     opts = PackOptions(chunk_size=_parse_size(chunk_size), digester=digester,
                        compressor=compressor, workers=jobs)
     log = None if (quiet or as_json) else (lambda m: click.echo(m, err=True))
@@ -62,6 +73,26 @@ def convert_cmd(src_ref, dst_ref, insecure, chunk_dict, platform, chunk_size, di
         click.echo(f"{r['destination']}: manifest {r['manifest']}, {len(r['blob_layers'])} "
                    f"blob layer(s) + bootstrap; {up} blob(s) uploaded; "
                    f"{r['tar_bytes']} tar bytes in {r['seconds']:.2f} s")
+
+
+def _convert_oci_ref(src_ref, dst_ref, insecure, chunk_dict, platform, chunk_size,
+                     digester, compressor, merge_platform, output, work_dir, span, as_json,
+                     quiet):
+    from erofs_tools.errors import InputError
+    from erofs_tools.registry.zran_convert import convert_oci_ref
+    if chunk_dict or merge_platform or compressor != "zstd":
+        raise InputError("--oci-ref takes no --chunk-dict, --merge-platform or --compressor "
+                         "(the layers stay as they are)")
+    log = None if (quiet or as_json) else (lambda m: click.echo(m, err=True))
+    r = convert_oci_ref(src_ref, dst_ref, insecure=insecure, platform=platform,
+                        chunk_size=chunk_size, span=span, digester=digester,
+                        output_dir=output, work_dir=work_dir, log=log)
+    if as_json:
+        click.echo(json.dumps(r, sort_keys=True))
+    elif not quiet:
+        click.echo(f"{r['destination']}: manifest {r['manifest']}, {len(r['layers'])} gzip "
+                   f"layer(s) by reference + bootstrap layer of {r['bootstrap_layer_size']} "
+                   f"bytes ({r['meta_bytes']} bytes of zran meta) in {r['seconds']:.2f} s")
 
 
 @click.command("push")

@@ -7,6 +7,8 @@ table, its header, the chunk digests and a TOC, each followed by a tar header.
 """
 from __future__ import annotations
 
+import struct
+
 from erofs_tools.format._struct import Buffer, Record
 from erofs_tools.format.erofs import DEVICE_SLOT_SIZE
 
@@ -171,6 +173,52 @@ def decode_ci_v2(buf: Buffer, offset: int = 0) -> tuple[int, int, int, int, int]
 
 
 CI_V2_FLAG_COMPRESSED = 0x01
+CI_V2_FLAG_ZRAN = 0x02
+CI_V2_FLAG_HAS_CRC32 = 0x10
+CI_V2_MAX_SIZE = 0xFF_FFFF          # 24-bit size fields
+
+
+def encode_ci_v2(uncompressed_offset: int, uncompressed_size: int, compressed_offset: int,
+                 compressed_size: int, flags: int, data: int = 0) -> bytes:
+    """24-byte CI v2 entry: uncompressed offset (4 KiB aligned) >> 12 | (size - 1) << 32 |
+    flags << 56; compressed offset | size << 40 (not minus one); the data word (zran:
+    context index << 32 | offset in the context's output)."""
+    uncomp = ((uncompressed_offset >> 12) & 0xFFFF_FFFF) \
+        | (((uncompressed_size - 1) & 0xFF_FFFF) << 32) | ((flags & 0xFF) << 56)
+    comp = (compressed_offset & 0xFF_FFFF_FFFF) | ((compressed_size & 0xFF_FFFF) << 40)
+    return struct.pack("<QQQ", uncomp, comp, data)
+
+
+def decode_ci_v2_data(buf: Buffer, offset: int = 0) -> int:
+    """The third word of a CI v2 entry (zran: context index << 32 | offset)."""
+    return int.from_bytes(buf[offset + 16:offset + 24], "little")
+
+
+# --- zran (random access into gzip layers; Nydus `ZranInflateContext`) ------------------
+# The uncompressed CI area of a zran blob is: CI v2 table | context table (40 bytes per
+# context) | dictionary table (the contexts' windows back to back); the blob meta header's
+# ctx_offset/ctx_size/ctx_count locate the last two (offset inside that area, size of
+# both, number of contexts). A context lets inflating start at `in_offset` of the gzip
+# layer (the high `ctx_bits` bits of the byte before it first, then the window as
+# dictionary) and yields `out_len` bytes from `in_len` compressed bytes, starting at
+# `out_offset` of the decompressed layer. A zran chunk's data word names its context and
+# the offset of the chunk in that context's output.
+class ZranContext(Record):
+    FIELDS = (
+        ("in_offset", "Q"), ("out_offset", "Q"), ("dict_offset", "Q"),
+        ("in_len", "I"), ("out_len", "I"), ("dict_size", "I"),
+        ("ctx_byte", "B"), ("ctx_bits", "B"), (None, "2x"),
+    )
+
+
+assert ZranContext.SIZE == 40
+ZRAN_WINDOW = 0x8000
+ZRAN_MAX_CONTEXT_OUT = CHUNK_SIZE_MAX    # nydusd's bound on one context's output
+# What a zran blob (the layer itself, meta in a separate RAFS blob) says it is
+BLOB_FEATURES_ZRAN = (BLOB_FEATURE_ALIGNED | BLOB_FEATURE_CHUNK_INFO_V2 | BLOB_FEATURE_ZRAN
+                      | BLOB_FEATURE_SEPARATE | BLOB_FEATURE_INLINED_CHUNK_DIGEST
+                      | BLOB_FEATURE_HAS_TAR_HEADER | BLOB_FEATURE_HAS_TOC
+                      | BLOB_FEATURE_CAP_TAR_TOC)
 
 
 # --- TOC and tar headers ------------------------------------------------------------------

@@ -46,6 +46,8 @@ class BlobChunk(NamedTuple):
     compressed_size: int
     digest: bytes | None     # digest of the uncompressed bytes, or None if unknown
     compressed: bool
+    zran_index: int = -1        # zran blobs (reader/zran.py): the chunk's context
+    zran_offset: int = 0        # and its offset in that context's output
 
     @property
     def uncompressed_end(self):
@@ -200,10 +202,11 @@ class BlobMeta:
     """Where every chunk of one data blob lives, compressed and uncompressed."""
 
     __slots__ = ("blob_id", "chunks", "uncompressed_size", "compressed_size", "compressor",
-                 "digester", "chunk_size", "features", "digest_region", "_starts", "_by_index")
+                 "digester", "chunk_size", "features", "digest_region", "_starts", "_by_index",
+                 "zran")
 
     def __init__(self, blob_id, chunks, uncompressed_size, compressed_size, compressor,
-                 digester, chunk_size, features=0, digest_region=None):
+                 digester, chunk_size, features=0, digest_region=None, zran=None):
         self.blob_id = blob_id
         self.chunks = sorted(chunks, key=lambda c: c.uncompressed_offset)
         self.uncompressed_size = uncompressed_size
@@ -216,6 +219,8 @@ class BlobMeta:
         self.digest_region = digest_region
         self._starts = [c.uncompressed_offset for c in self.chunks]
         self._by_index = None
+        # a zran blob's contexts and chunk decoder (reader/zran.py), else None
+        self.zran = zran
         self._validate()
 
     def __repr__(self):
@@ -226,7 +231,8 @@ class BlobMeta:
     # -- validation ----------------------------------------------------------------------
     def _validate(self):
         name = _blob_name(self.blob_id)
-        if self.compressor not in COMPRESSORS_SUPPORTED:
+        if self.compressor not in COMPRESSORS_SUPPORTED and \
+                not (self.compressor == "gzip" and self.zran is not None):
             raise CorruptImageError(f"blob {name}: unsupported compressor {self.compressor!r}")
         if self.digester not in DIGESTERS:
             raise CorruptImageError(f"blob {name}: unsupported digester {self.digester!r}")
@@ -315,7 +321,7 @@ class BlobMeta:
         chunks = [c._replace(digest=digests.get(c.index, c.digest)) for c in self.chunks]
         return BlobMeta(self.blob_id, chunks, self.uncompressed_size, self.compressed_size,
                         self.compressor, self.digester, self.chunk_size, self.features,
-                        self.digest_region)
+                        self.digest_region, self.zran)
 
     # -- compact cache form --------------------------------------------------------------
     _CACHE_MAGIC = b"ETBMETA1"
@@ -568,9 +574,16 @@ def decode_chunk(meta: BlobMeta, chunk: BlobChunk, raw: bytes, verify: bool = Tr
     chunk.uncompressed_size bytes or raises CorruptImageError / DigestMismatchError."""
     name = _blob_name(meta.blob_id)
     what = f"blob {name}: chunk {chunk.index}"
-    if len(raw) != chunk.compressed_size:
+    zran = meta.zran is not None and chunk.compressed
+    # a zran chunk may be given more: the bytes after its own range (same access point)
+    if len(raw) != chunk.compressed_size and not (zran and len(raw) > chunk.compressed_size):
         raise CorruptImageError(f"{what}: got {len(raw)} bytes, expected {chunk.compressed_size}")
-    if chunk.compressed:
+    if zran:
+        try:
+            data = meta.zran.decode(meta, chunk, raw)
+        except CorruptImageError as e:
+            raise CorruptImageError(f"{what}: {e}") from None
+    elif chunk.compressed:
         data = _decompress(meta.compressor, raw, chunk.uncompressed_size, what)
     else:
         data = raw if isinstance(raw, bytes) else bytes(raw)
@@ -584,9 +597,28 @@ def decode_chunk(meta: BlobMeta, chunk: BlobChunk, raw: bytes, verify: bool = Tr
 
 def read_chunk(meta: BlobMeta, chunk: BlobChunk, read_at: ReadAt, verify: bool = True) -> bytes:
     """Read one chunk from the blob with `read_at` and decode it."""
+    if meta.zran is not None:
+        return read_zran_chunk(meta, chunk, read_at, verify)
     raw = _read_exact(read_at, chunk.compressed_offset, chunk.compressed_size,
                       meta.compressed_size, f"blob {_blob_name(meta.blob_id)}: chunk {chunk.index}")
     return decode_chunk(meta, chunk, raw, verify)
+
+
+def read_zran_chunk(meta: BlobMeta, chunk: BlobChunk, read_at: ReadAt,
+                    verify: bool = True) -> bytes:
+    """A zran chunk: from its context's inflated bytes when they are at hand, else read
+    the context's compressed bytes and decode; digest-checked either way."""
+    data = meta.zran.cached(chunk)
+    if data is None:
+        # the whole context: its other chunks are then inflated by the same pass
+        off, size = meta.zran.context_range(chunk)
+        raw = _read_exact(read_at, off, size, meta.compressed_size,
+                          f"blob {_blob_name(meta.blob_id)}: chunk {chunk.index}")
+        return decode_chunk(meta, chunk, raw, verify)
+    if verify and chunk.digest is not None and _digest(meta.digester, data) != chunk.digest:
+        raise DigestMismatchError(f"blob {_blob_name(meta.blob_id)}: chunk {chunk.index}: "
+                                  f"digest mismatch ({meta.digester})")
+    return data
 
 
 def compute_blob_id(read_at: ReadAt, blob_size: int, exclude=None, piece=1 << 20) -> str:

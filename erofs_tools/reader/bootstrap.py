@@ -198,7 +198,8 @@ class BootstrapTables:
             b = blobs[c.blob_index]
             if (c.index >= b.chunk_count or c.uncompressed_size == 0
                     or c.uncompressed_size > R.CHUNK_SIZE_MAX
-                    or c.compressed_size > c.uncompressed_size
+                    or (c.compressed_size > c.uncompressed_size
+                        and not b.features & R.BLOB_FEATURE_ZRAN)   # gzip's own bytes
                     or c.uncompressed_offset % E.BLKSZ
                     or c.uncompressed_offset + round_up(c.uncompressed_size, E.BLKSZ)
                     > b.uncompressed_size

@@ -10,7 +10,9 @@ import os
 from collections import OrderedDict
 
 from erofs_tools.errors import CorruptImageError, InputError
-from erofs_tools.reader.blob import BlobMeta, decode_chunk, file_reader
+from erofs_tools.format import rafs
+from erofs_tools.reader.blob import BlobMeta, decode_chunk, file_reader, read_zran_chunk
+from erofs_tools.reader.zran import open_meta as open_zran_meta
 
 
 class _RawDevice:
@@ -51,8 +53,11 @@ class _NydusDevice:
         if d is not None:
             self._cache.move_to_end(c.index)
             return d
-        raw = self.read_at(c.compressed_offset, c.compressed_size)
-        d = decode_chunk(self.meta, c, raw, self.verify)
+        if self.meta.zran is not None:
+            d = read_zran_chunk(self.meta, c, self.read_at, self.verify)
+        else:
+            raw = self.read_at(c.compressed_offset, c.compressed_size)
+            d = decode_chunk(self.meta, c, raw, self.verify)
         self._cache[c.index] = d
         if len(self._cache) > self.CACHE:
             self._cache.popitem(last=False)
@@ -92,6 +97,15 @@ def open_nydus_blob(path, image=None, blob_index=None, blob_id=None):
         if image is not None and blob_index is not None and blob_index < len(image.blob_entries):
             entry = image.blob_entries[blob_index]
             digests = image.blob_digests(blob_index)
+        if entry is not None and entry.features & rafs.BLOB_FEATURE_ZRAN:
+            # the layer itself; its index is in the meta blob beside it (reader/zran.py)
+            if size != entry.compressed_size:
+                raise CorruptImageError(f"{path}: {size} bytes, the blob table says "
+                                        f"{entry.compressed_size}")
+            meta = open_zran_meta(os.path.dirname(os.path.abspath(path)), entry,
+                                  blob_id or entry.blob_id.decode("ascii", "replace"),
+                                  digests)
+            return meta, f
         meta = BlobMeta.from_blob(file_reader(f), size, blob_id, entry, digests=digests)
         if digests:
             # the bootstrap's digests must agree with the blob's own

@@ -8,7 +8,7 @@ from typing import NamedTuple
 from erofs_tools.errors import CorruptImageError, ErofsToolsError
 from erofs_tools.format import erofs as E
 from erofs_tools.format import rafs as R
-from erofs_tools.reader.blob import compute_blob_id, decode_chunk
+from erofs_tools.reader.blob import compute_blob_id, decode_chunk, read_zran_chunk
 from erofs_tools.reader.image import Image, _cstr
 from erofs_tools.reader.zdata import ZChecker, is_compressed
 
@@ -356,8 +356,11 @@ def check_blobs(img, blobs, bad_chunks=None):
         bad = 0
         for c in meta.chunks:
             try:
-                raw = d.read_at(c.compressed_offset, c.compressed_size)
-                decode_chunk(meta, c, raw, True)
+                if meta.zran is not None:
+                    read_zran_chunk(meta, c, d.read_at, True)
+                else:
+                    raw = d.read_at(c.compressed_offset, c.compressed_size)
+                    decode_chunk(meta, c, raw, True)
             except ErofsToolsError as e:
                 out.append(Problem(where, f"chunk {c.index}: {str(e).split(': ', 2)[-1]}"))
                 bad_chunks.setdefault(dev, set()).add(c.index)

@@ -86,14 +86,21 @@ def image_stats(img: Image):
             if c.device and img.is_rafs:
                 m = meta_of(c.device)
                 bc = m.chunk_at(c.blkaddr * 4096) if m is not None else None
-                if bc is not None:
+                if bc is not None and m.zran is None:
                     info.update(size=bc.uncompressed_size, csize=bc.compressed_size,
                                 digest=bc.digest)
                 else:
+                    # (zran: the chunk map's compressed range is the access point's span;
+                    # the chunk table has the chunk's own part of the layer)
                     ci = ci_by_off.get((c.device - 1, c.blkaddr * 4096))
                     if ci is not None:
                         info.update(size=ci.uncompressed_size, csize=ci.compressed_size,
                                     digest=ci.digest)
+                        if m is not None and m.zran is not None:
+                            # zran: chunks' input ranges overlap; counted as a union
+                            info.update(csize=0, crange=(c.device, ci.compressed_offset,
+                                                         ci.compressed_offset
+                                                         + ci.compressed_size))
             else:
                 info["csize"] = c.length
                 hash_budget[0] -= c.length
@@ -124,6 +131,8 @@ def image_stats(img: Image):
     csizes = [u["csize"] for u in unique.values()]
     after_comp = flat_bytes + zstored + sum(csizes) if all(x is not None for x in csizes) \
         else None
+    if after_comp is not None:
+        after_comp += _union_bytes([u["crange"] for u in unique.values() if "crange" in u])
     stored_blocks = sum(round_up(u["size"], img.blksz) for u in unique.values())
     d = {
         "image": img.name, "kind": "rafs-v6" if img.is_rafs else "erofs",
@@ -151,7 +160,11 @@ def image_stats(img: Image):
                   "chunk_count": b.chunk_count, "compressed_size": b.compressed_size,
                   "uncompressed_size": b.uncompressed_size}
             m = meta_of(i + 1)
-            if m is not None:
+            if m is not None and m.zran is not None:
+                bd["zran_access_points"] = len(m.zran.contexts)
+                bd["chunk_data_bytes"] = b.compressed_size      # the gzip layer
+                bd["chunk_bytes_uncompressed"] = sum(c.uncompressed_size for c in m.chunks)
+            elif m is not None:
                 bd["chunk_data_bytes"] = sum(c.compressed_size for c in m.chunks)
                 bd["chunk_bytes_uncompressed"] = sum(c.uncompressed_size for c in m.chunks)
             blobs.append(bd)
@@ -258,3 +271,18 @@ def super_summary(img: Image) -> dict:
             "ci_uncompressed_size": b.ci_uncompressed_size,
             "blob_toc_size": b.blob_toc_size} for i, b in enumerate(img.blob_entries)]
     return d
+
+
+def _union_bytes(ranges: list[tuple[int, int, int]]) -> int:
+    """Bytes covered by (device, start, end) ranges, overlaps counted once."""
+    total, cur = 0, None
+    for dev, a, b in sorted(ranges):
+        if cur is not None and cur[0] == dev and a <= cur[2]:
+            cur = (dev, cur[1], max(cur[2], b))
+            continue
+        if cur is not None:
+            total += cur[2] - cur[1]
+        cur = (dev, a, b)
+    if cur is not None:
+        total += cur[2] - cur[1]
+    return total

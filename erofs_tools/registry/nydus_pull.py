@@ -103,23 +103,29 @@ def _check_superblock(f: BinaryIO, what: str) -> None:
 
 def _pull_blobs(source: _Source, ref: str, blob_infos, layers: list[Descriptor],
                 out_dir: str) -> list[dict]:
+    from erofs_tools.format import rafs as R
     by_digest = {d.digest: d for d in layers if d.media_type == mt.NYDUS_BLOB}
-    fetched = []
+    wanted = []
     for b in blob_infos:
-        digest = "sha256:" + b.blob_id
-        size = b.compressed_size            # what the kernel will read: the bootstrap's
+        # what the kernel will read: the bootstrap's size
+        wanted.append((b.blob_id, b.compressed_size))
+        if b.features & R.BLOB_FEATURE_ZRAN:       # a gzip layer; its index (docs/zran.md)
+            wanted.append((b.meta_digest.hex(), b.meta_size))
+    fetched = []
+    for blob_id, size in wanted:
+        digest = "sha256:" + blob_id
         d = by_digest.get(digest)
         if d is not None and d.size != size:
             raise CorruptImageError(f"{ref}: layer {digest} is {d.size} bytes in the "
                                     f"manifest, {size} in the bootstrap")
-        dst = os.path.join(out_dir, b.blob_id)
+        dst = os.path.join(out_dir, blob_id)
         if _have(dst, digest, size):
-            fetched.append({"blob_id": b.blob_id, "how": "exists"})
+            fetched.append({"blob_id": blob_id, "how": "exists"})
             continue
         check_free_space(out_dir, size)
         with atomic_output(dst, mode=0o644) as f:
             source.fetch(Descriptor(mt.NYDUS_BLOB, digest, size), f)
-        fetched.append({"blob_id": b.blob_id, "how": "pulled"})
+        fetched.append({"blob_id": blob_id, "how": "pulled"})
     return fetched
 
 

@@ -22,6 +22,7 @@ map, and are both served (neither is refused, neither sees the other's bytes).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import struct
@@ -29,6 +30,7 @@ import struct
 from erofs_tools.errors import CorruptImageError, ErofsToolsError
 from erofs_tools.fsutil import atomic_write_bytes
 from erofs_tools.reader import blob as rblob
+from erofs_tools.reader import zran as rzran
 
 from . import StorageError
 
@@ -64,6 +66,15 @@ def map_path(directory: str, key: str) -> str:
     return os.path.join(directory, key + ".map")
 
 
+def _place(meta, c, pin=None) -> tuple:
+    """Where chunk `c` (or a pin) lies, as far as a pin can say: for zran blobs only the
+    uncompressed place (the chunk map's compressed range is the chunk's access-point
+    span, the chunk table's the chunk's own part of the layer)."""
+    vals = pin[:4] if pin is not None else (c.uncompressed_offset, c.uncompressed_size,
+                                            c.compressed_offset, c.compressed_size)
+    return tuple(vals[:2]) if meta.zran is not None else tuple(vals)
+
+
 def pin_mismatch(meta, uncompressed_size, pins) -> str | None:
     """Why `meta` cannot serve a bootstrap whose blob entry says `uncompressed_size` and
     whose chunk table pins `pins` ({CI index: ChunkPin}); None if it can."""
@@ -75,8 +86,7 @@ def pin_mismatch(meta, uncompressed_size, pins) -> str | None:
             c = meta.chunk_by_index(k)
         except CorruptImageError:
             return f"the chunk map has no chunk {k}"
-        if (c.uncompressed_offset, c.uncompressed_size, c.compressed_offset,
-                c.compressed_size) != p[:4]:
+        if _place(meta, c) != _place(meta, c, p):
             return f"chunk {k} lies elsewhere in the chunk map"
         if c.digest != p.digest:
             return f"chunk {k} has another digest in the chunk map"
@@ -94,8 +104,7 @@ def _apply_pins(meta, pins, blob_id: str):
         except CorruptImageError:
             raise StorageError(f"blob {blob_id[:12]}: the bootstrap pins chunk {k}, the "
                                "blob has no such chunk") from None
-        if (c.uncompressed_offset, c.uncompressed_size, c.compressed_offset,
-                c.compressed_size) != p[:4]:
+        if _place(meta, c) != _place(meta, c, p):
             raise StorageError(f"blob {blob_id[:12]}: chunk {k} lies elsewhere in the blob "
                                "than the bootstrap's chunk table says")
     return meta.with_digests({k: p.digest for k, p in pins.items()})
@@ -137,12 +146,31 @@ def _fetch_meta(blob_id: str, backend, entry, blob_size, digests, pins):
 
     if blob_size is None:
         blob_size = getattr(entry, "compressed_size", None) or backend.blob_size(blob_id)
-    meta = rblob.BlobMeta.from_blob(counting_read, blob_size, blob_id=blob_id, entry=entry,
-                                    digests=digests)
+    if rzran.is_zran_entry(entry):
+        meta, fetched = _fetch_zran_meta(blob_id, backend, entry, digests)
+    else:
+        meta = rblob.BlobMeta.from_blob(counting_read, blob_size, blob_id=blob_id,
+                                        entry=entry, digests=digests)
     meta = _apply_pins(meta, pins, blob_id)
     if any(c.digest is None for c in meta.chunks):
         raise StorageError(f"blob {blob_id}: chunks without digests cannot be verified")
     return meta, fetched
+
+
+def _fetch_zran_meta(blob_id: str, backend, entry, digests):
+    """A zran blob's chunk map: its meta blob (named by the blob table's
+    blob_meta_digest) fetched through the backend, checked against that digest and
+    parsed (erofs_tools.reader.zran). -> (meta, bytes read)."""
+    meta_hex = bytes(entry.blob_meta_digest).hex()
+    size = entry.blob_meta_size
+    if not 0 < size <= rzran.MAX_META_BLOB:
+        raise StorageError(f"blob {blob_id[:12]}: zran meta blob size {size}")
+    backend.register_blob(meta_hex, size)
+    data = backend.reader(meta_hex)(0, size)
+    if len(data) != size or hashlib.sha256(data).hexdigest() != meta_hex:
+        raise StorageError(f"blob {blob_id[:12]}: zran meta blob {meta_hex[:12]} does not "
+                           "match its digest")
+    return rzran.parse_meta(data, entry, blob_id, digests), len(data)
 
 
 def load_or_fetch_meta(directory, blob_id, backend, entry=None, blob_size=None,
@@ -163,6 +191,10 @@ def load_or_fetch_meta(directory, blob_id, backend, entry=None, blob_size=None,
     returned."""
     path = map_path(directory, key or blob_id)
     usize = getattr(entry, "uncompressed_size", None)
+    if rzran.is_zran_entry(entry):
+        # the map of a zran blob holds its access points: parsed from the meta blob
+        # (small, digest-checked) at every open instead of a `.map` file
+        return _fetch_meta(blob_id, backend, entry, blob_size, digests, pins)
     cached = _read_map(path, blob_id)
     if cached is not None:
         _table, meta = cached

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from erofs_tools.fsutil import round_up
 
 DEFAULT_BATCH_SIZE = 1 << 20
+OVERLAP_MAX = 8 << 20       # a request grown by overlapping (zran) ranges stops here
 BLOCK = 4096
 
 
@@ -26,8 +27,8 @@ class Batch:
 
     @property
     def end(self) -> int:
-        last = self.chunks[-1]
-        return last.compressed_offset + last.compressed_size
+        # chunks of a zran blob share their access point's compressed range
+        return max(c.compressed_offset + c.compressed_size for c in self.chunks)
 
     @property
     def length(self) -> int:
@@ -35,10 +36,14 @@ class Batch:
 
     def slice_of(self, raw: bytes, chunk) -> bytes | memoryview:
         start = chunk.compressed_offset - self.offset
-        if start == 0 and chunk.compressed_size == len(raw):
+        # a zran chunk gets the rest of the request from its access point on: the
+        # decoder inflates the context once for every chunk those bytes complete
+        size = len(raw) - start if getattr(chunk, "zran_index", -1) >= 0 \
+            else chunk.compressed_size
+        if start == 0 and size == len(raw):
             return raw
         # a view, not a copy: the decoder reads it in place
-        return memoryview(raw)[start:start + chunk.compressed_size]
+        return memoryview(raw)[start:start + size]
 
 
 def clamp_range(offset: int, length: int, size: int) -> tuple[int, int]:
@@ -76,9 +81,16 @@ def plan(chunks, batch_size: int = DEFAULT_BATCH_SIZE, max_gap: int = 0) -> list
     cur: Batch | None = None
     for c in ordered:
         if cur is not None:
-            gap = c.compressed_offset - cur.end
-            if 0 <= gap <= max_gap and \
-                    c.compressed_offset + c.compressed_size - cur.offset <= batch_size:
+            end = cur.end
+            gap = c.compressed_offset - end
+            c_end = c.compressed_offset + c.compressed_size
+            # inside the request already (zran: same access point), or next to it
+            # zran: a chunk's range starts at its access point, often inside the request
+            # (the previous chunk's range): fetching the union costs fewer bytes than
+            # fetching the overlap twice, up to OVERLAP_MAX per request
+            if c_end <= end or c.compressed_offset == cur.offset or \
+                    (gap <= max_gap and c_end - cur.offset <= batch_size) or \
+                    (gap < 0 and c_end - cur.offset <= max(batch_size, OVERLAP_MAX)):
                 cur.chunks.append(c)
                 continue
         cur = Batch([c])

@@ -1,0 +1,99 @@
+"""A gzip image indexed with `convert --oci-ref` (zran, docs/zran.md), pulled through
+containerd's CRI plugin from the real docker-registry and run with `ctr run` on the
+snapshotter: containerd downloads none of the original gzip layers (only the bootstrap
+layer), the container's rootfs is an overlay on the daemon's lazy mount, which reads the
+layers by range from their access points; a file nobody read is not fetched."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import shutil
+import subprocess
+import sys
+
+import helpers
+import pytest
+from containerd_fixtures import (
+    SNAPSHOTTER,
+    Containerd,
+    OciImage,
+    Snapshotter,
+    busybox_layers,
+    cri_pull,
+    require_containerd,
+    short_tmpdir,
+    tar_layer,
+)
+from registry_fixtures import registry  # noqa: F401
+from test_daemon_support import DaemonProc, require_lazy_kernel
+
+pytestmark = [pytest.mark.root, pytest.mark.registry]
+
+CRI_NS = "k8s.io"
+SCRIPT = "cat /etc/greeting /etc/third; test -e /etc/gone || echo gone-ok; ls /image || true"
+EXPECTED = b"hello from layer two\nlayer three\ngone-ok\n"
+
+
+def test_zran_image_runs_lazily(registry, tmp_path):  # noqa: F811
+    require_containerd()
+    require_lazy_kernel()
+    d = short_tmpdir("snapzran-")
+    daemon = DaemonProc(os.path.join(d, "daemon")).start()
+    snap = ctd = None
+    try:
+        root = os.path.join(d, "snaproot")
+        snap = Snapshotter(root, os.path.join(d, "snap.sock"),
+                           ("--daemon-api", daemon.sock, "--insecure-registry", registry.host))
+        ctd = Containerd(d, {SNAPSHOTTER: snap.sock}, cri_snapshotter=SNAPSHOTTER,
+                         plain_http_hosts=(registry.host,))
+        big = random.Random(7).randbytes(4 << 20)     # incompressible, read only later
+        image = OciImage(busybox_layers() + [tar_layer([("data", "dir", None),
+                                                       ("data/big", "file", big)])],
+                         ["/bin/sh"], gzipped=True)
+        image.push(registry.client(), "src/zbusy", "1")
+        src_manifest = registry.client().get_manifest("src/zbusy", "1").data
+        ref = f"{registry.host}/zran/zbusy:1"
+        p = subprocess.run([sys.executable, "-m", "erofs_tools", "convert", "--oci-ref",
+                            "--insecure", f"{registry.host}/src/zbusy:1", ref, "--json"],
+                           capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr
+        assert registry.client().get_manifest("src/zbusy", "1").data == src_manifest
+
+        cri_pull(ctd.sock, ref)
+        content = [line.split()[0] for line in
+                   ctd.ctr("content", "ls", ns=CRI_NS).stdout.decode().splitlines()[1:]]
+        manifest = registry.client().get_manifest("zran/zbusy", "1").json
+        src_layers = [x["digest"] for x in
+                      registry.client().get_manifest("src/zbusy", "1").json["layers"]]
+        gz = [x["digest"] for x in manifest["layers"][:len(src_layers)]]
+        assert gz == src_layers                      # the original layers, by digest
+        assert all(x["annotations"]["containerd.io/snapshot/nydus-blob"] == "true"
+                   for x in manifest["layers"][:-1])
+        assert not any(b in content for b in gz), content
+        assert manifest["layers"][-1]["digest"] in content
+
+        out = ctd.run_out("--snapshotter", SNAPSHOTTER, ref, "zran1",
+                          "/bin/sh", "-c", SCRIPT, ns=CRI_NS)
+        assert out == EXPECTED
+        lazy = os.path.join(root, "lazy")
+        (mp,) = [os.path.join(lazy, n) for n in os.listdir(lazy)]
+        assert os.path.ismount(mp)
+        per_blob = {k: b["bytes_fetched"] for k, b in daemon.metrics()["blobs"].items()}
+        big_layer = gz[-1].split(":", 1)[1]
+        assert per_blob.get(big_layer, 0) == 0, per_blob     # nobody read /data/big yet
+        out = ctd.run_out("--snapshotter", SNAPSHOTTER, ref, "zran2",
+                          "/bin/busybox", "sha256sum", "/data/big", ns=CRI_NS)
+        assert out.split()[0].decode() == hashlib.sha256(big).hexdigest()
+        assert daemon.metrics()["blobs"][big_layer]["bytes_fetched"] >= 4 << 20
+    finally:
+        if ctd is not None:
+            ctd.stop()
+        if snap is not None:
+            snap.stop()
+        with open("/proc/self/mounts") as f:  # a failed test's leftover lazy mounts
+            for mp in [line.split()[1] for line in f if line.split()[1].startswith(d)]:
+                helpers.sys_umount(mp, lazy=True)
+        daemon.cleanup()
+        shutil.rmtree(d, ignore_errors=True)
