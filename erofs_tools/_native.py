@@ -462,6 +462,8 @@ def z_decompress(alg: int, data: BytesLike, length: int, partial: bool = False,
         raise MemoryError(ffi.string(err).decode("utf-8", "replace"))
     if r != ERN_OK:
         raise CorruptImageError(ffi.string(err).decode("utf-8", "replace"))
+    return bytes(ffi.buffer(out, length))
+
 
 # --- zran: random access into gzip streams (csrc/zran.c) ---------------------------------
 ZRAN_WINDOW = 32768
