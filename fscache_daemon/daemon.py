@@ -137,7 +137,7 @@ class Daemon(MountLifecycle):
         # outside it, so that one image's slow registry never delays another's mount
         self._mount_lock = threading.Lock()
         self._mountpoints = KeyedLock()       # one mount/umount of a mount point at a time
-        self._blob_opening = KeyedLock()      # one mount at a time opens a given blob id
+        self._blob_opening = KeyedLock()      # per blob id: its cache file opened, marked
         self._state_lock = threading.Lock()   # mounts.json writes, each of the state now
         self._boot_lock = threading.Lock()    # bootstrap copies made vs. dropped
         self._boot_inflight: dict[str, int] = {}    # copy -> mounts between copy and use
@@ -279,30 +279,34 @@ class Daemon(MountLifecycle):
                                    "image whose chunk table differs from this bootstrap's")
             res = bc.load_or_fetch_meta(self.blob_dir, ref.blob_id, backend, key=key, **load)
         meta, fetched = res
+        assert key is not None
         if meta.uncompressed_size != ref.uncompressed_size:
             raise StorageError(f"blob {ref.blob_id[:12]}: chunk map says "
                                f"{meta.uncompressed_size} bytes, bootstrap "
                                f"{ref.uncompressed_size}")
-        cache = bc.BlobCache(self.blob_dir, meta, durable=self.durable, key=key)
-        mgr = bc.BlobManager(meta, cache, backend, batch_size=self.batch_size,
-                             on_complete=self._blob_complete)
-        mgr.meta_bytes_fetched = fetched
+        # The chunk map above may have taken seconds (a slow registry) and ran beside
+        # other mounts of this blob; the cache file is opened by one mount at a time
+        with self._blob_opening.hold(ref.blob_id):
+            with self._lock:
+                other = self.blobs.get(key)
+            if other is not None:        # another mount opened it meanwhile
+                bc.check_shareable(other.meta, ref.blob_id, backend, **share)
+                return other
+            cache = bc.BlobCache(self.blob_dir, meta, durable=self.durable, key=key)
+            mgr = bc.BlobManager(meta, cache, backend, batch_size=self.batch_size,
+                                 on_complete=self._blob_complete)
+            mgr.meta_bytes_fetched = fetched
+            with self._lock:
+                self.blobs[mgr.key] = mgr
+                self._ra[mgr.key] = BlobReadahead(
+                    mgr, min(INITIAL_READAHEAD, self.readahead), self.readahead,
+                    withhold=lambda c: self.frontend.withhold(mgr, c),  # mgr not rebound
+                    publish=lambda c: self.frontend.publish(mgr, c))
+                self.meta_bytes_fetched += fetched
         if mgr.key != ref.blob_id:
             log.warning("blob %s: this bootstrap's chunk table differs from the one "
                         "cached under its id; served from its own cache %s",
                         ref.blob_id[:12], cache.path)
-        with self._lock:
-            other = self.blobs.get(mgr.key)
-            if other is not None:        # lost a race with another mount
-                mgr.close()
-                bc.check_shareable(other.meta, ref.blob_id, backend, **share)
-                return other
-            self.blobs[mgr.key] = mgr
-            self._ra[mgr.key] = BlobReadahead(
-                mgr, min(INITIAL_READAHEAD, self.readahead), self.readahead,
-                withhold=lambda c: self.frontend.withhold(mgr, c),   # mgr is not rebound
-                publish=lambda c: self.frontend.publish(mgr, c))
-            self.meta_bytes_fetched += fetched
         return mgr
 
     def _blob_complete(self, mgr) -> None:

@@ -315,11 +315,7 @@ class MountLifecycle(CacheEviction):
         mgrs = []
         try:
             for i, ref in enumerate(info.blobs):
-                # one mount at a time opens a blob (its chunk map, its cache file); a
-                # second mount of it waits here and shares the first one's manager
-                with self._blob_opening.hold(ref.blob_id):
-                    mgrs.append(self._open_blob(ref, be,
-                                                blob_keys[i] if blob_keys else None))
+                mgrs.append(self._open_blob(ref, be, blob_keys[i] if blob_keys else None))
         except BaseException:
             self._close_unused(mgrs)    # e.g. a later blob's table collides: none kept
             raise
