@@ -122,13 +122,24 @@ def test_quick_run_of_the_benchmark(tmp_path):
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     res = json.loads(out.read_text())
     assert set(res["nets"]) == {"loopback", "link"}
-    assert len(res["rounds"]) == 4
+    assert sorted(r["kind"] for r in res["rounds"]) == ["full", "full", "lazy", "lazy",
+                                                        "optimized", "optimized"]
     for r in res["rounds"]:
         assert r["output"] == "quick result 42", r
         assert r["bytes"] > 0 and r["requests"] > 0
-    lazy = [r for r in res["rounds"] if r["kind"] == "lazy"]
+    lazy = [r for r in res["rounds"] if r["kind"] in ("lazy", "optimized")]
     # the daemon fetched the chunks the container read (busybox), through the registry
     assert all(r["daemon_bytes_fetched"] > 0 for r in lazy)
+    # the optimized image: made from the traced run (busybox, the app script), its
+    # prefetch blob streamed at mount, nothing of it fetched twice
+    opt = res["optimize"]
+    assert opt["trace_entries"] >= 2 and opt["prefetch_files"] >= 2, opt
+    for r in res["rounds"]:
+        if r["kind"] == "optimized":
+            assert r["prefetch_bytes"] > 0, r
+            blob = r["daemon_blobs"][opt["prefetch_blob"][:12]]
+            assert blob["bytes_fetched"] == opt["prefetch_bytes"], (blob, opt)
+    assert {"time_ratio", "opt_time_ratio", "opt_bytes_ratio"} <= set(res["nets"]["link"])
     assert res["link"]["http_rtt_ms"] >= 2.0
     # everything it started is gone
     assert ours() == before

@@ -105,6 +105,12 @@ def test_optimized_image_prefetches_through_the_snapshotter(registry, tmp_path):
         assert p.returncode == 0, p.stderr
         res = json.loads(p.stdout)
         pf_id, pf_bytes = res["prefetch_blob"], res["prefetch_bytes"]
+        # the optimized image runs as the source does: its config's settings are kept
+        client = registry.client()
+        configs = [json.loads(client.get_blob("nydus/pf", client.get_manifest(
+            "nydus/pf", tag).json["config"]["digest"])) for tag in ("1", "opt")]
+        assert configs[1]["config"] == configs[0]["config"]
+        assert configs[1]["config"]["Cmd"] == ["/bin/sh"]
         # the hot files (9 MiB) and busybox: more than one request, fewer than four
         assert 9 * MIB < pf_bytes <= 3 * PREFETCH_REQUEST, res
         proxy.match = re.compile(
