@@ -43,6 +43,7 @@ import argparse
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -135,6 +136,10 @@ class Round:
         self.dir = tempfile.mkdtemp(prefix=f"{kind}-", dir=workdir)
         self.kind, self.registry = kind, registry
         self.lazy = kind in LAZY_WAYS
+        # container ids unique per round: runc keeps its state under /run/containerd/runc/
+        # NAMESPACE/ID, outside the round's containerd, and a round right after another
+        # of the same way found the last one's id still there ("already exists")
+        self.tag = secrets.token_hex(3)
         self.daemon: subprocess.Popen | None = None
         self.ctd = None
         if self.lazy:
@@ -191,7 +196,7 @@ class Round:
         from fscache_daemon.api import ApiClient
         drop_caches()
         self._pull(ref, pull, CRI_NS)
-        p = subprocess.run([*self._ctr_run(CRI_NS), ref, "trace-run"], capture_output=True,
+        p = subprocess.run([*self._ctr_run(CRI_NS), ref, f"trace-run-{self.tag}"], capture_output=True,
                            timeout=600)
         if p.returncode != 0 or b"result" not in p.stdout:
             raise SystemExit(f"traced run failed: {p.stdout!r} {p.stderr!r}")
@@ -225,7 +230,7 @@ class Round:
             if args is None:
                 self._pull(ref, pull, ns)
             else:
-                p = subprocess.run([*self._ctr_run(ns), ref, f"step{i}", *args],
+                p = subprocess.run([*self._ctr_run(ns), ref, f"step{i}-{self.tag}", *args],
                                    capture_output=True, timeout=600)
                 if p.returncode != 0:
                     raise SystemExit(f"{what} failed: {p.stderr.decode(errors='replace')}")
@@ -255,7 +260,7 @@ class Round:
         t0 = time.perf_counter()
         self._pull(ref, pull, ns)
         t_pull = time.perf_counter() - t0
-        proc = subprocess.Popen([*self._ctr_run(ns), ref, f"cold-{self.kind}"], stdout=subprocess.PIPE,
+        proc = subprocess.Popen([*self._ctr_run(ns), ref, f"cold-{self.kind}-{self.tag}"], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE)
         assert proc.stdout is not None
         line = proc.stdout.readline().decode(errors="replace")
