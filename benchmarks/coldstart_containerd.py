@@ -403,7 +403,7 @@ def main() -> int:
     result: dict = {"image": {k: v for k, v in info.items() if k not in ("manifest", "recipe")},
                     "pull": pull, "daemon_args": list(daemon_args), "ways": ways,
                     "rounds": [],
-                    "nets": {}, "anchors": anchors()}
+                    "nets": {}, "anchors": anchors(), "workdir": workdir}
     registry: Registry | None = None
     link: Link | None = None
     current: Round | None = None
@@ -440,7 +440,7 @@ def main() -> int:
                 registry.stop()
                 link = Link(args.rate, args.rtt_ms, workdir)
                 registry = Registry(workdir, storage, link.registry_addr, link.ns, link.host)
-                result["link"] = {"rate": args.rate, "rtt_ms": args.rtt_ms,
+                result["link"] = {"rate": args.rate, "rtt_ms": args.rtt_ms, "netns": link.ns,
                                   "emulation": link.emulation,
                                   "http_rtt_ms": link.http_rtt_ms(),
                                   "blob_get_MBps": round(throughput_mbs(
