@@ -3,22 +3,26 @@
 (root; Linux 6.14+ for the fanotify front end; containerd, runc, docker-registry, tc):
 
     python3 benchmarks/coldstart_containerd.py [--rounds 3] [--net loopback,link]
-        [--rate 1gbit] [--rtt-ms 2] [--pull auto|rpull|cri] [--quick] [--json FILE]
+        [--ways full,lazy,optimized] [--rate 1gbit] [--rtt-ms 2] [--pull auto|rpull|cri]
+        [--quick] [--json FILE]
 
 The image (benchmarks/mlimage.py: Debian 12 minbase + python3, torch CPU, numpy, scipy,
 pandas, scikit-learn, transformers; three gzip layers, about 1.7 GB in 50,000 files)
 is built once and cached under /var/cache/erofs-tools-bench. Each run pushes it to a
 private docker-registry and converts it with `erofs-tools convert` (not timed). Then,
 for each network (the registry on 127.0.0.1, or in a network namespace behind a veth
-pair with tc netem on both ends: RATE, RTT/2 each way), rounds alternate the two ways
-(full, lazy / lazy, full):
+pair with tc netem on both ends: RATE, RTT/2 each way), rounds alternate the ways
+(full, lazy, optimized / optimized, lazy, full):
 
-  full  containerd's overlayfs snapshotter: `ctr image pull` + `ctr run`
-  lazy  fscache-daemon (fanotify front end) serving containerd's snapshots API as a
-        proxy plugin: `fscache-daemon rpull` (if this checkout has it) or CRI PullImage
-        as kubelet calls it, then `ctr run --snapshotter NAME`
-  zran  (with --zran) the same, on the source image indexed with `convert --oci-ref`
-        instead of converted: its original gzip layers read by range (docs/zran.md)
+  full       containerd's overlayfs snapshotter: `ctr image pull` + `ctr run`
+  lazy       fscache-daemon (fanotify front end) serving containerd's snapshots API as
+             a proxy plugin: `fscache-daemon rpull` (if this checkout has it) or CRI
+             PullImage as kubelet calls it, then `ctr run --snapshotter NAME`
+  optimized  the same for the image `erofs-tools optimize` made of the Nydus image with
+             the access trace of one earlier lazy run of the same app (recorded once
+             per run, before the rounds, on loopback, not timed: rpull, ctr run,
+             `GET /api/v1/trace` of its lazy mount); its prefetch table is streamed at
+             mount
 
 Every round starts from nothing: a fresh containerd (root, state, content store), for
 lazy a fresh daemon and cache; the page cache is dropped right before the timed part,
@@ -29,8 +33,9 @@ crossed the (emulated) network for both ways. Everything started here is stopped
 removed at the end (containerd, daemon, registry, mounts, network namespace), also on
 failure.
 
-Prints every round, medians, lazy/full ratios and the goals (lazy/full time <= 0.3 on
-loopback, <= 0.2 on the link; bytes <= 0.25) met or not, and one JSON document.
+Prints every round, medians, lazy/full and optimized/full ratios and the goals
+(lazy/full time <= 0.3 on loopback, <= 0.2 on the link, issue 14; optimized/full <=
+0.12, issue 15; bytes <= 0.25) met or not, and one JSON document.
 """
 from __future__ import annotations
 
@@ -42,7 +47,6 @@ import secrets
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -51,17 +55,16 @@ from pathlib import Path
 
 import mlimage
 from benchlib import REPO, anchor_line, anchors, child_env, goal, goal_line
+from coldstart_net import Link, Registry, cpu_s, stop, throughput_mbs
+from coldstart_report import LAZY_WAYS, print_rounds, print_steps, print_summary, summarize
 
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
 SNAPSHOTTER = "erofs-bench"
 CRI_NS = "k8s.io"
-GOALS = {"loopback": 0.3, "link": 0.2}
-BYTES_GOAL = 0.25
-ZRAN_GOALS = {"loopback": 0.35, "link": 0.25}     # issue 16: unconverted image, zran index
-LAZY_KINDS = ("lazy", "zran")                     # the ways through the daemon
-REPOS = {"full": "src", "lazy": "nydus", "zran": "zran"}
+REPOS = {"full": "ml/src:1", "lazy": "ml/nydus:1", "optimized": "ml/nydus:opt",
+         "zran": "ml/zran:1"}
 
 
 def log(msg: str) -> None:
@@ -72,13 +75,6 @@ def drop_caches() -> None:
     os.sync()
     with open("/proc/sys/vm/drop_caches", "w") as f:
         f.write("3\n")
-
-
-def cpu_s(pid: int) -> float:
-    """user + system CPU seconds of a process and its reaped children."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
 
 
 def holder_pid(cache_dir: str) -> int | None:
@@ -115,187 +111,12 @@ def wait_socket(path: str, proc: subprocess.Popen, what: str, log_path: str,
     raise SystemExit(f"{what}: {path} not answering after {timeout}s")
 
 
-def stop(proc: subprocess.Popen | None, timeout: float = 30) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 def umount_under(path: str) -> None:
     with open("/proc/self/mounts") as f:
         mps = [line.split()[1] for line in f]
     for mp in sorted(mps, key=len, reverse=True):  # overlays before the lazy mounts
         if mp == path or mp.startswith(path + "/"):
             subprocess.run(["umount", "-l", mp], check=False)
-
-
-# --- the registry, on loopback or behind an emulated link -----------------------------
-
-
-class Registry:
-    """docker-registry serving STORAGE on ADDR (run inside NETNS when given); its
-    request log gives the bytes and requests of a time span."""
-
-    def __init__(self, workdir: str, storage: str, addr: str, netns: str | None = None,
-                 host: str | None = None):
-        from registry_fixtures import registry_binary, wait_http
-        self.host = host or addr
-        self.log_path = os.path.join(workdir, f"registry-{addr}.log")
-        config = os.path.join(workdir, f"registry-{addr}.json")
-        with open(config, "w") as f:
-            json.dump({"version": "0.1", "log": {"level": "info"},
-                       "storage": {"filesystem": {"rootdirectory": storage},
-                                   "delete": {"enabled": True}},
-                       "http": {"addr": addr, "secret": secrets.token_hex(8)}}, f)
-        cmd = [registry_binary(), "serve", config]
-        if netns:
-            cmd = ["ip", "netns", "exec", netns, *cmd]
-        with open(self.log_path, "ab") as out:
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL)
-        wait_http(f"http://{self.host}/v2/", proc=self.proc, timeout=30)
-
-    def mark(self) -> int:
-        return os.path.getsize(self.log_path)
-
-    def traffic(self, since: int) -> dict:
-        """Requests and response body bytes logged after `since` (a mark())."""
-        with open(self.log_path, "rb") as f:
-            f.seek(since)
-            text = f.read().decode(errors="replace")
-        n = blob_gets = written = 0
-        busy = 0.0
-        units = {"ns": 1e-9, "µs": 1e-6, "us": 1e-6, "ms": 1e-3, "s": 1.0}
-        for line in text.splitlines():
-            if "response completed" not in line:
-                continue
-            n += 1
-            m = re.search(r"http\.response\.written=(\d+)", line)
-            written += int(m.group(1)) if m else 0
-            # the registry's own time per request (Go duration: 12.4ms, 1.2s, 950µs)
-            m = re.search(r"http\.response\.duration=([\d.]+)(ns|µs|us|ms|s)\b", line)
-            busy += float(m.group(1)) * units[m.group(2)] if m else 0.0
-            if re.search(r'http\.request\.method=GET .*?/blobs/', line):
-                blob_gets += 1
-        return {"requests": n, "blob_gets": blob_gets, "bytes": written,
-                "registry_busy_s": round(busy, 3)}
-
-    def stop(self) -> None:
-        stop(self.proc, 10)
-
-
-class Link:
-    """A network namespace for the registry, joined to the host by a veth pair. With
-    netem in the kernel: netem on both ends (rate, rtt/2 delay each way). Without it
-    (CONFIG_NET_SCH_NETEM unset, as on this project's 6.18 host): tbf at `rate` on both
-    ends and benchmarks/delay_relay.py in the namespace, in front of the registry,
-    holding every chunk rtt/2 each way. Clients use `host`; the registry listens on
-    `registry_addr` inside the namespace."""
-
-    def __init__(self, rate: str, rtt_ms: float, workdir: str) -> None:
-        tag = f"{os.getpid() % 100000}{secrets.token_hex(1)}"
-        self.ns, self.host_if, self.ns_if = f"ecs{tag}", f"ecs{tag}h", f"ecs{tag}n"
-        used = subprocess.run(["ip", "-4", "route"], capture_output=True, text=True).stdout
-        for _ in range(50):
-            net = f"10.{secrets.choice(range(200, 250))}.{secrets.choice(range(256))}"
-            if f"{net}." not in used:
-                break
-        self.host_ip, self.ns_ip = f"{net}.1", f"{net}.2"
-        self.host = f"{self.ns_ip}:5000"
-        self.rate, self.rtt_ms = rate, rtt_ms
-        self.relay: subprocess.Popen | None = None
-        try:
-            self._sh(["ip", "netns", "add", self.ns])
-            self._sh(["ip", "link", "add", self.host_if, "type", "veth", "peer", "name",
-                      self.ns_if])
-            self._sh(["ip", "link", "set", self.ns_if, "netns", self.ns])
-            self._sh(["ip", "addr", "add", f"{self.host_ip}/30", "dev", self.host_if])
-            self._sh(["ip", "link", "set", self.host_if, "up"])
-            self._sh(["ip", "-n", self.ns, "addr", "add", f"{self.ns_ip}/30", "dev",
-                      self.ns_if])
-            self._sh(["ip", "-n", self.ns, "link", "set", self.ns_if, "up"])
-            self._sh(["ip", "-n", self.ns, "link", "set", "lo", "up"])
-            netem = ["netem", "delay", f"{rtt_ms / 2}ms", "rate", rate, "limit", "100000"]
-            if self._qdisc(self.host_if, netem, check=False):
-                self._qdisc(self.ns_if, netem)
-                self.emulation = f"netem delay {rtt_ms / 2} ms + rate {rate} on both ends"
-                self.registry_addr = self.host
-            else:
-                tbf = ["tbf", "rate", rate, "burst", "256kb", "latency", "20ms"]
-                self._qdisc(self.host_if, tbf)
-                self._qdisc(self.ns_if, tbf)
-                self.registry_addr = "127.0.0.1:5001"
-                self.relay = subprocess.Popen(
-                    ["ip", "netns", "exec", self.ns, sys.executable,
-                     str(Path(__file__).with_name("delay_relay.py")), self.host,
-                     self.registry_addr, str(rtt_ms / 2)], stdout=subprocess.PIPE,
-                    stderr=open(os.path.join(workdir, "relay.log"), "ab"))
-                assert self.relay.stdout is not None
-                if self.relay.stdout.readline() != b"listening\n":
-                    raise SystemExit("delay relay did not start (see relay.log)")
-                self.emulation = (f"no netem in this kernel: tbf rate {rate} on both ends "
-                                  f"+ a TCP relay holding data {rtt_ms / 2} ms each way")
-        except BaseException:
-            self.remove()
-            raise
-
-    @staticmethod
-    def _sh(cmd: list[str]) -> None:
-        p = subprocess.run(cmd, capture_output=True, text=True)
-        if p.returncode != 0:
-            raise SystemExit(f"{' '.join(cmd)}: {p.stderr.strip()}")
-
-    def _qdisc(self, dev: str, spec: list[str], check: bool = True) -> bool:
-        cmd = ["tc", "qdisc", "add", "dev", dev, "root", *spec]
-        if dev == self.ns_if:
-            cmd = ["ip", "netns", "exec", self.ns, *cmd]
-        if check:
-            self._sh(cmd)
-            return True
-        return subprocess.run(cmd, capture_output=True).returncode == 0
-
-    def http_rtt_ms(self, n: int = 20) -> float:
-        """Median time of a small request/response over one kept-alive connection."""
-        import http.client
-        conn = http.client.HTTPConnection(self.host, timeout=10)
-        times = []
-        for _ in range(n + 1):
-            t0 = time.perf_counter()
-            conn.request("GET", "/v2/")
-            conn.getresponse().read()
-            times.append((time.perf_counter() - t0) * 1000)
-        conn.close()
-        return round(median(times[1:]), 2)  # the first pays for the connection
-
-    def relay_cpu_s(self) -> float | None:
-        if self.relay is None or self.relay.poll() is not None:
-            return None
-        # ip netns exec execs the relay: same pid
-        return cpu_s(self.relay.pid)
-
-    def remove(self) -> None:
-        if self.relay is not None:
-            stop(self.relay, 5)
-        subprocess.run(["ip", "netns", "del", self.ns], capture_output=True)
-        subprocess.run(["ip", "link", "del", self.host_if], capture_output=True)
-
-
-def throughput_mbs(host: str, repo: str, digest: str, nbytes: int = 256 << 20) -> float:
-    """One ranged blob GET of nbytes through the link: its wall-clock MB/s."""
-    import urllib.request
-    req = urllib.request.Request(f"http://{host}/v2/{repo}/blobs/{digest}",
-                                 headers={"Range": f"bytes=0-{nbytes - 1}"})
-    t0 = time.perf_counter()
-    got = 0
-    with urllib.request.urlopen(req, timeout=120) as r:
-        while chunk := r.read(1 << 20):
-            got += len(chunk)
-    return got / (time.perf_counter() - t0) / 1e6
 
 
 # --- one timed cold start --------------------------------------------------------------
@@ -315,9 +136,14 @@ class Round:
         from containerd_fixtures import Containerd
         self.dir = tempfile.mkdtemp(prefix=f"{kind}-", dir=workdir)
         self.kind, self.registry = kind, registry
+        self.lazy = kind in LAZY_WAYS
+        # container ids unique per round: runc keeps its state under /run/containerd/runc/
+        # NAMESPACE/ID, outside the round's containerd, and a round right after another
+        # of the same way found the last one's id still there ("already exists")
+        self.tag = secrets.token_hex(3)
         self.daemon: subprocess.Popen | None = None
         self.ctd = None
-        if kind in LAZY_KINDS:
+        if self.lazy:
             self.api = os.path.join(self.dir, "api.sock")
             self.snap = os.path.join(self.dir, "snap.sock")
             self.daemon_log = os.path.join(self.dir, "daemon.log")
@@ -362,14 +188,34 @@ class Round:
 
     def _ctr_run(self, ns: str) -> list[str]:
         cmd = ["ctr", "-a", self.ctd.sock, "-n", ns, "run", "--rm"]
-        return cmd + ["--snapshotter", SNAPSHOTTER] if self.kind in LAZY_KINDS else cmd
+        return cmd + ["--snapshotter", SNAPSHOTTER] if self.lazy else cmd
+
+    def record_trace(self, ref: str, pull: str) -> dict:
+        """Pull and run the app once lazily (caches dropped first, not timed); -> the
+        daemon's access trace of the image's lazy mount (what `fscache-daemon trace`
+        exports)."""
+        from fscache_daemon.api import ApiClient
+        drop_caches()
+        self._pull(ref, pull, CRI_NS)
+        p = subprocess.run([*self._ctr_run(CRI_NS), ref, f"trace-run-{self.tag}"], capture_output=True,
+                           timeout=600)
+        if p.returncode != 0 or b"result" not in p.stdout:
+            raise SystemExit(f"traced run failed: {p.stdout!r} {p.stderr!r}")
+        api = ApiClient(self.api, timeout=60)
+        st, mounts = api.request("GET", "/api/v1/mounts")
+        if st != 200 or len(mounts) != 1:
+            raise SystemExit(f"traced run: expected one lazy mount, got {st} {mounts}")
+        st, trace = api.request("GET", "/api/v1/trace?mountpoint=" + mounts[0]["mountpoint"])
+        if st != 200:
+            raise SystemExit(f"trace: {st} {trace}")
+        return trace
 
     def steps(self, ref: str, pull: str) -> list[dict]:
         """The cold start in steps, each measured alone (caches dropped once, before
         the pull; each step finds what the earlier ones fetched): pull, a container
         running /bin/true (snapshot + lazy mount + runc), `python3 -c pass` (the
         interpreter's own start), then the app. Times are to the exit of `ctr run --rm`."""
-        ns = CRI_NS if self.kind in LAZY_KINDS else self.ctd.namespace
+        ns = CRI_NS if self.lazy else self.ctd.namespace
         drop_caches()
         out = []
         todo = [("pull", None), ("run /bin/true", ["/bin/true"]),
@@ -385,7 +231,7 @@ class Round:
             if args is None:
                 self._pull(ref, pull, ns)
             else:
-                p = subprocess.run([*self._ctr_run(ns), ref, f"step{i}", *args],
+                p = subprocess.run([*self._ctr_run(ns), ref, f"step{i}-{self.tag}", *args],
                                    capture_output=True, timeout=600)
                 if p.returncode != 0:
                     raise SystemExit(f"{what} failed: {p.stderr.decode(errors='replace')}")
@@ -403,7 +249,7 @@ class Round:
     def timed(self, ref: str, pull: str) -> dict:
         """drop caches; pull; run; -> seconds to the output line and what it cost."""
         ctd = self.ctd
-        ns = CRI_NS if self.kind in LAZY_KINDS else ctd.namespace
+        ns = CRI_NS if self.lazy else ctd.namespace
         drop_caches()
         load = os.getloadavg()[0]
         mark = self.registry.mark()
@@ -415,7 +261,7 @@ class Round:
         t0 = time.perf_counter()
         self._pull(ref, pull, ns)
         t_pull = time.perf_counter() - t0
-        proc = subprocess.Popen([*self._ctr_run(ns), ref, f"cold-{self.kind}"], stdout=subprocess.PIPE,
+        proc = subprocess.Popen([*self._ctr_run(ns), ref, f"cold-{self.kind}-{self.tag}"], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE)
         assert proc.stdout is not None
         line = proc.stdout.readline().decode(errors="replace")
@@ -473,60 +319,57 @@ class Round:
 # --- the run ----------------------------------------------------------------------------
 
 
-def median(xs: list[float]) -> float:
-    return statistics.median(xs)
+def make_optimized(workdir: str, registry: Registry, pull: str,
+                   daemon_args: tuple[str, ...], keep_logs: str | None) -> dict:
+    """ml/nydus:opt: the Nydus image optimized with the trace of one lazy run of the
+    app (its own fresh containerd and daemon; not timed)."""
+    t0 = time.perf_counter()
+    rnd = Round(workdir, "lazy", registry, daemon_args)
+    try:
+        trace = rnd.record_trace(f"{registry.host}/{REPOS['lazy']}", pull)
+    finally:
+        rnd.close(keep_logs)
+    trace_s = round(time.perf_counter() - t0, 1)
+    tfile = os.path.join(workdir, "trace.json")
+    with open(tfile, "w") as f:
+        json.dump(trace, f)
+    t0 = time.perf_counter()
+    p = subprocess.run([sys.executable, "-m", "erofs_tools", "optimize",
+                        f"{registry.host}/{REPOS['lazy']}",
+                        f"{registry.host}/{REPOS['optimized']}", "--trace", tfile,
+                        "--insecure", "--work-dir", workdir, "--json"], capture_output=True,
+                       text=True, cwd=REPO, env=child_env())
+    if p.returncode != 0:
+        raise SystemExit(f"optimize failed: {p.stderr[-3000:]}")
+    res = json.loads(p.stdout)
+    out = {"trace_entries": len(trace["entries"]), "trace_run_s": trace_s,
+           "optimize_s": round(time.perf_counter() - t0, 1),
+           **{k: res[k] for k in ("prefetch_files", "prefetch_chunks", "prefetch_bytes",
+                                  "reused_chunks", "prefetch_blob")}}
+    log(f"optimized image: {out}")
+    return out
 
 
-def summarize(net: str, rounds: list[dict]) -> dict:
-    full = [r for r in rounds if r["kind"] == "full"]
-    lazy = [r for r in rounds if r["kind"] == "lazy"]
-    s = {"net": net}
-    for name, rs in (("full", full), ("lazy", lazy)):
-        s[f"{name}_s"] = median([r["s"] for r in rs])
-        s[f"{name}_pull_s"] = median([r["pull_s"] for r in rs])
-        s[f"{name}_run_s"] = median([r["run_s"] for r in rs])
-        s[f"{name}_bytes"] = median([r["bytes"] for r in rs])
-        s[f"{name}_requests"] = median([r["requests"] for r in rs])
-        s[f"{name}_containerd_cpu_s"] = median([r["containerd_cpu_s"] for r in rs])
-        s[f"{name}_runs_s"] = [round(r["s"], 2) for r in rs]
-    s["lazy_daemon_cpu_s"] = median([r["daemon_cpu_s"] for r in lazy])
-    s["lazy_holder_cpu_s"] = median([r.get("holder_cpu_s") or 0.0 for r in lazy])
-    s["time_ratio"] = s["lazy_s"] / s["full_s"]
-    s["time_ratio_best"] = min(r["s"] for r in lazy) / min(r["s"] for r in full)
-    s["bytes_ratio"] = s["lazy_bytes"] / s["full_bytes"]
-    s["goals"] = [goal(f"{net}: lazy / full time, medians", s["time_ratio"], "<=",
-                       GOALS.get(net, 0.3)),
-                  goal(f"{net}: lazy / full bytes pulled", s["bytes_ratio"], "<=",
-                       BYTES_GOAL)]
-    zran = [r for r in rounds if r["kind"] == "zran"]
-    if zran:   # the unconverted image through its zran index (docs/zran.md)
-        s["zran_s"] = median([r["s"] for r in zran])
-        s["zran_bytes"] = median([r["bytes"] for r in zran])
-        s["zran_runs_s"] = [round(r["s"], 2) for r in zran]
-        s["zran_daemon_cpu_s"] = median([r["daemon_cpu_s"] for r in zran])
-        s["zran_time_ratio"] = s["zran_s"] / s["full_s"]
-        s["zran_vs_nydus"] = s["zran_s"] / s["lazy_s"]
-        s["goals"].append(goal(f"{net}: zran / full time, medians", s["zran_time_ratio"],
-                               "<=", ZRAN_GOALS.get(net, 0.35)))
-    return s
-
-
-def print_rounds(rounds: list[dict]) -> None:
-    print(f"{'net':8} {'#':>2} {'way':4} {'total s':>8} {'pull s':>7} {'run s':>6} "
-          f"{'import s':>8} {'MB pulled':>10} {'reqs':>6} {'ctd cpu':>7} {'daemon cpu':>10} "
-          f"{'load':>5} {'reg busy':>8} {'fetched MB (ahead)':>18} {'events':>6} "
-          f"{'holder cpu':>10}")
-    for r in rounds:
-        dcpu = "" if r["daemon_cpu_s"] is None else f"{r['daemon_cpu_s']:.1f}"
-        imp = "" if r["app_import_s"] is None else f"{r['app_import_s']:.2f}"
-        print(f"{r['net']:8} {r['round']:>2} {r['kind']:4} {r['s']:8.2f} {r['pull_s']:7.2f} "
-              f"{r['run_s']:6.2f} {imp:>8} {r['bytes'] / 1e6:10.1f} {r['requests']:6d} "
-              f"{r['containerd_cpu_s']:7.1f} {dcpu:>10} {r['load']:5.1f} "
-              f"{r['registry_busy_s']:8.2f}", end="")
-        if r["kind"] in LAZY_KINDS:
-            print(f" {r['daemon_bytes_fetched'] / 1e6:8.1f} ({r['readahead_bytes'] / 1e6:6.1f})"
-                  f" {r['daemon_requests']:6d} {r.get('holder_cpu_s') or 0:10.1f}", end="")
-        print()
+def make_zran(registry: Registry) -> dict:
+    """ml/zran:1: the source image indexed in place by `convert --oci-ref` (its gzip
+    layers cross-mounted, never re-uploaded); not timed."""
+    t0 = time.perf_counter()
+    p = subprocess.run([sys.executable, "-m", "erofs_tools", "convert", "--oci-ref",
+                        "--insecure", f"{registry.host}/{REPOS['full']}",
+                        f"{registry.host}/{REPOS['zran']}", "--json"], capture_output=True,
+                       text=True, cwd=REPO, env=child_env())
+    if p.returncode != 0:
+        raise SystemExit(f"convert --oci-ref failed: {p.stderr[-3000:]}")
+    z = json.loads(p.stdout)
+    index = z["meta_bytes"] + z["bootstrap_layer_size"]
+    out = {"convert_s": round(time.perf_counter() - t0, 1), "index_bytes": index,
+           "meta_bytes": z["meta_bytes"], "bootstrap_layer_bytes": z["bootstrap_layer_size"],
+           "image_bytes": z["compressed_layer_bytes"],
+           "index_ratio": index / z["compressed_layer_bytes"],
+           "layers_placed": z["layers_placed"]}
+    log(f"zran index in {out['convert_s']} s: {index / 1e6:.2f} MB = "
+        f"{100 * out['index_ratio']:.2f} % of the image")
+    return out
 
 
 def main() -> int:
@@ -534,6 +377,9 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3, help="rounds of each way per network")
     ap.add_argument("--net", default="loopback,link",
                     help="networks, comma-separated: loopback, link")
+    ap.add_argument("--ways", default="full,lazy,optimized",
+                    help="ways, comma-separated: full, lazy, optimized, zran (the "
+                         "source image indexed by `convert --oci-ref`, read by range)")
     ap.add_argument("--rate", default="1gbit", help="link rate (tc netem syntax)")
     ap.add_argument("--rtt-ms", type=float, default=2.0, help="link round-trip time")
     ap.add_argument("--pull", choices=("auto", "rpull", "cri"), default="auto",
@@ -553,11 +399,7 @@ def main() -> int:
     ap.add_argument("--mirror", help="Debian mirror for debootstrap (default: apt's)")
     ap.add_argument("--cache", default=str(mlimage.CACHE), help="image cache directory")
     ap.add_argument("--json", help="also write the JSON document here")
-    ap.add_argument("--zran", action="store_true",
-                    help="also index the source image with `convert --oci-ref` and run it "
-                         "lazily through its zran index (a third way)")
     args = ap.parse_args()
-    ways = ["full", "lazy", "zran"] if args.zran else ["full", "lazy"]
     if os.geteuid() != 0:
         raise SystemExit("error: needs root (containerd, mounts, drop_caches, netns)")
     for tool in ("containerd", "ctr", "runc", "docker-registry", "ip", "tc"):
@@ -567,6 +409,9 @@ def main() -> int:
     nets = [n.strip() for n in args.net.split(",") if n.strip()]
     if not nets or any(n not in ("loopback", "link") for n in nets):
         raise SystemExit(f"error: --net: loopback and/or link, not {args.net!r}")
+    ways = [w.strip() for w in args.ways.split(",") if w.strip()]
+    if not ways or any(w not in REPOS for w in ways) or len(set(ways)) != len(ways):
+        raise SystemExit(f"error: --ways: full, lazy, optimized and/or zran, not {args.ways!r}")
     pull = args.pull
     daemon_args = tuple(args.daemon_arg)
     if pull == "auto":
@@ -580,8 +425,9 @@ def main() -> int:
     workdir = tempfile.mkdtemp(prefix="erofs-coldstart-", dir="/var/tmp")
     storage = os.path.join(workdir, "storage")
     result: dict = {"image": {k: v for k, v in info.items() if k not in ("manifest", "recipe")},
-                    "pull": pull, "daemon_args": list(daemon_args), "rounds": [],
-                    "nets": {}, "anchors": anchors()}
+                    "pull": pull, "daemon_args": list(daemon_args), "ways": ways,
+                    "rounds": [],
+                    "nets": {}, "anchors": anchors(), "workdir": workdir}
     registry: Registry | None = None
     link: Link | None = None
     current: Round | None = None
@@ -609,31 +455,18 @@ def main() -> int:
         log(f"converted in {result['convert_s']} s: "
             f"{sum(x['size'] for x in manifest['layers']) / 1e9:.2f} GB in "
             f"{len(manifest['layers'])} layers")
-        if args.zran:
-            t0 = time.perf_counter()
-            p = subprocess.run([sys.executable, "-m", "erofs_tools", "convert", "--oci-ref",
-                                "--insecure", f"{registry.host}/ml/src:1",
-                                f"{registry.host}/ml/zran:1", "--json"], capture_output=True,
-                               text=True, cwd=REPO, env=child_env())
-            if p.returncode != 0:
-                raise SystemExit(f"convert --oci-ref failed: {p.stderr[-3000:]}")
-            z = json.loads(p.stdout)
-            index = z["meta_bytes"] + z["bootstrap_layer_size"]
-            result["zran"] = {"convert_s": round(time.perf_counter() - t0, 1),
-                              "index_bytes": index, "meta_bytes": z["meta_bytes"],
-                              "bootstrap_layer_bytes": z["bootstrap_layer_size"],
-                              "image_bytes": z["compressed_layer_bytes"],
-                              "index_ratio": index / z["compressed_layer_bytes"],
-                              "layers_placed": z["layers_placed"]}
-            log(f"zran index in {result['zran']['convert_s']} s: {index / 1e6:.2f} MB = "
-                f"{100 * result['zran']['index_ratio']:.2f} % of the image")
         client.close()
+        if "zran" in ways:
+            result["zran"] = make_zran(registry)
+        if "optimized" in ways:
+            result["optimize"] = make_optimized(workdir, registry, pull, daemon_args,
+                                                args.keep_logs)
         for net in nets:
             if net == "link":
                 registry.stop()
                 link = Link(args.rate, args.rtt_ms, workdir)
                 registry = Registry(workdir, storage, link.registry_addr, link.ns, link.host)
-                result["link"] = {"rate": args.rate, "rtt_ms": args.rtt_ms,
+                result["link"] = {"rate": args.rate, "rtt_ms": args.rtt_ms, "netns": link.ns,
                                   "emulation": link.emulation,
                                   "http_rtt_ms": link.http_rtt_ms(),
                                   "blob_get_MBps": round(throughput_mbs(
@@ -642,9 +475,9 @@ def main() -> int:
                 log(f"link: {result['link']}")
             rounds = []
             for i in range(args.rounds):
-                order = ways[i % len(ways):] + ways[:i % len(ways)]
+                order = ways if i % 2 == 0 else ways[::-1]
                 for kind in order:
-                    ref = f"{registry.host}/ml/{REPOS[kind]}:1"
+                    ref = f"{registry.host}/{REPOS[kind]}"
                     current = Round(workdir, kind, registry, daemon_args)
                     relay0 = link.relay_cpu_s() if link and net == "link" else None
                     try:
@@ -663,7 +496,7 @@ def main() -> int:
             result["nets"][net] = summarize(net, rounds)
             if args.breakdown:
                 for kind in ways:
-                    ref = f"{registry.host}/ml/{REPOS[kind]}:1"
+                    ref = f"{registry.host}/{REPOS[kind]}"
                     current = Round(workdir, kind, registry, daemon_args)
                     try:
                         for step in current.steps(ref, pull):
@@ -696,28 +529,22 @@ def main() -> int:
           f"{' '.join(daemon_args) or '(defaults)'}")
     print_rounds(result["rounds"])
     goals = []
+    if result.get("optimize"):
+        o = result["optimize"]
+        print(f"optimized image: trace of {o['trace_entries']} files, prefetch blob "
+              f"{o['prefetch_bytes'] / 1e6:.1f} MB ({o['prefetch_files']} files, "
+              f"{o['prefetch_chunks']} chunks); trace run {o['trace_run_s']} s, optimize "
+              f"{o['optimize_s']} s (not timed)")
+    if result.get("zran"):
+        z = result["zran"]
+        print(f"zran index: {z['index_bytes'] / 1e6:.2f} MB = {100 * z['index_ratio']:.2f} % "
+              f"of the image, made in {z['convert_s']} s (not timed)")
+        goals.append(goal("zran index / image size", z["index_ratio"], "<=", 0.03))
     for net, s in result["nets"].items():
-        print(f"{net}: full {s['full_s']:.2f} s, lazy {s['lazy_s']:.2f} s (medians of "
-              f"{args.rounds}); lazy/full {s['time_ratio']:.3f} (best runs "
-              f"{s['time_ratio_best']:.3f}); bytes {s['lazy_bytes'] / 1e6:.1f} / "
-              f"{s['full_bytes'] / 1e6:.1f} MB = {s['bytes_ratio']:.3f}; daemon CPU "
-              f"{s['lazy_daemon_cpu_s']:.1f} s, fd holder CPU {s['lazy_holder_cpu_s']:.1f} s")
+        print_summary(net, s, args.rounds)
         goals += s["goals"]
-        if "zran_s" in s:
-            print(f"{net}: zran {s['zran_s']:.2f} s (medians); zran/full "
-                  f"{s['zran_time_ratio']:.3f}, zran/nydus {s['zran_vs_nydus']:.3f}; bytes "
-                  f"{s['zran_bytes'] / 1e6:.1f} MB; daemon CPU {s['zran_daemon_cpu_s']:.1f} s")
-    if "zran" in result:
-        goals.append(goal("zran index / image size", result["zran"]["index_ratio"], "<=",
-                          0.03))
     if result.get("steps"):
-        print(f"{'net':8} {'way':4} {'step':22} {'s':>6} {'MB':>8} {'reqs':>5} {'ctd cpu':>7} "
-              f"{'daemon cpu':>10} {'daemon reqs':>11} {'holder cpu':>10}")
-        for st in result["steps"]:
-            print(f"{st['net']:8} {st['kind']:4} {st['step']:22} {st['s']:6.2f} "
-                  f"{st['bytes'] / 1e6:8.1f} {st['requests']:5d} {st['containerd_cpu_s']:7.1f} "
-                  f"{st.get('daemon_cpu_s', 0):10.1f} {st.get('daemon_requests', 0):11d} "
-                  f"{st.get('holder_cpu_s', 0):10.1f}")
+        print_steps(result["steps"])
     for g in goals:
         print(goal_line(g))
     result["goals"] = goals

@@ -49,6 +49,7 @@ from fscache_daemon.frontend.cachefiles_adapter import CachefilesAdapter
 from fscache_daemon.frontend.factory import fanotify_available, make_frontend
 from fscache_daemon.frontend.fanotify_adapter import FanotifyFrontend
 from fscache_daemon.images import Image
+from fscache_daemon.keyedlock import KeyedLock
 from fscache_daemon.lifecycle import MountLifecycle
 from fscache_daemon.metrics import ProcessSampler, prometheus_text
 from fscache_daemon.pool import (
@@ -130,7 +131,17 @@ class Daemon(MountLifecycle):
         self.blob_users: dict[str, set[str]] = {}       # cache key -> image users
         self.backends: dict[tuple, Backend] = {}
         self._lock = threading.RLock()        # images/blobs/backends
-        self._mount_lock = threading.Lock()   # one mount/umount at a time
+        # the kernel side of mount/umount, one at a time: a front end names the EROFS
+        # superblock a mount made by what appeared in /sys/fs/erofs meanwhile. Opening an
+        # image's blobs (chunk maps from a registry: seconds when it is slow) happens
+        # outside it, so that one image's slow registry never delays another's mount
+        self._mount_lock = threading.Lock()
+        self._mountpoints = KeyedLock()       # one mount/umount of a mount point at a time
+        self._blob_opening = KeyedLock()      # per blob id: its cache file opened, marked
+        self._state_lock = threading.Lock()   # mounts.json writes, each of the state now
+        self._boot_lock = threading.Lock()    # bootstrap copies made vs. dropped
+        self._boot_inflight: dict[str, int] = {}    # copy -> mounts between copy and use
+        self._backend_inflight: dict[int, int] = {}  # id(backend) -> mounts opening blobs
         self._stop = threading.Event()
         self._prefetch_q: queue.Queue = queue.Queue()
         self._threads: list[threading.Thread] = []
@@ -191,6 +202,8 @@ class Daemon(MountLifecycle):
 
     # -- blobs --------------------------------------------------------------------------
     def _backend(self, spec: str, options: dict) -> Backend:
+        """The backend for `spec`, held for a mount opening its blobs (no other mount's
+        failure closes it meanwhile) until `_release_backend`."""
         key = (spec, options.get("proxy"), options.get("mirror"), options.get("insecure"))
         with self._lock:
             be = self.backends.get(key)
@@ -206,13 +219,23 @@ class Daemon(MountLifecycle):
                     kw["hosts_dir"] = self.hosts_dir
                 be = open_backend(spec, **kw)
                 self.backends[key] = be
+            self._backend_inflight[id(be)] = self._backend_inflight.get(id(be), 0) + 1
             return be
 
-    def _drop_unused_backends(self) -> None:
-        """Close the backends no open blob reads through, so that the next mount of
-        their image reads the credentials and hosts.toml as they are then."""
+    def _release_backend(self, be: Backend) -> None:
         with self._lock:
-            used = {id(m.backend) for m in self.blobs.values()}
+            n = self._backend_inflight.get(id(be), 0) - 1
+            if n > 0:
+                self._backend_inflight[id(be)] = n
+            else:
+                self._backend_inflight.pop(id(be), None)
+
+    def _drop_unused_backends(self) -> None:
+        """Close the backends no open blob reads through and no mount is opening blobs
+        with, so that the next mount of their image reads the credentials and hosts.toml
+        as they are then."""
+        with self._lock:
+            used = {id(m.backend) for m in self.blobs.values()} | set(self._backend_inflight)
             unused = [k for k, be in self.backends.items() if id(be) not in used]
             dropped = [self.backends.pop(k) for k in unused]
         for be in dropped:
@@ -256,30 +279,34 @@ class Daemon(MountLifecycle):
                                    "image whose chunk table differs from this bootstrap's")
             res = bc.load_or_fetch_meta(self.blob_dir, ref.blob_id, backend, key=key, **load)
         meta, fetched = res
+        assert key is not None
         if meta.uncompressed_size != ref.uncompressed_size:
             raise StorageError(f"blob {ref.blob_id[:12]}: chunk map says "
                                f"{meta.uncompressed_size} bytes, bootstrap "
                                f"{ref.uncompressed_size}")
-        cache = bc.BlobCache(self.blob_dir, meta, durable=self.durable, key=key)
-        mgr = bc.BlobManager(meta, cache, backend, batch_size=self.batch_size,
-                             on_complete=self._blob_complete)
-        mgr.meta_bytes_fetched = fetched
+        # The chunk map above may have taken seconds (a slow registry) and ran beside
+        # other mounts of this blob; the cache file is opened by one mount at a time
+        with self._blob_opening.hold(ref.blob_id):
+            with self._lock:
+                other = self.blobs.get(key)
+            if other is not None:        # another mount opened it meanwhile
+                bc.check_shareable(other.meta, ref.blob_id, backend, **share)
+                return other
+            cache = bc.BlobCache(self.blob_dir, meta, durable=self.durable, key=key)
+            mgr = bc.BlobManager(meta, cache, backend, batch_size=self.batch_size,
+                                 on_complete=self._blob_complete)
+            mgr.meta_bytes_fetched = fetched
+            with self._lock:
+                self.blobs[mgr.key] = mgr
+                self._ra[mgr.key] = BlobReadahead(
+                    mgr, min(INITIAL_READAHEAD, self.readahead), self.readahead,
+                    withhold=lambda c: self.frontend.withhold(mgr, c),  # mgr not rebound
+                    publish=lambda c: self.frontend.publish(mgr, c))
+                self.meta_bytes_fetched += fetched
         if mgr.key != ref.blob_id:
             log.warning("blob %s: this bootstrap's chunk table differs from the one "
                         "cached under its id; served from its own cache %s",
                         ref.blob_id[:12], cache.path)
-        with self._lock:
-            other = self.blobs.get(mgr.key)
-            if other is not None:        # lost a race with another mount
-                mgr.close()
-                bc.check_shareable(other.meta, ref.blob_id, backend, **share)
-                return other
-            self.blobs[mgr.key] = mgr
-            self._ra[mgr.key] = BlobReadahead(
-                mgr, min(INITIAL_READAHEAD, self.readahead), self.readahead,
-                withhold=lambda c: self.frontend.withhold(mgr, c),   # mgr is not rebound
-                publish=lambda c: self.frontend.publish(mgr, c))
-            self.meta_bytes_fetched += fetched
         return mgr
 
     def _blob_complete(self, mgr) -> None:

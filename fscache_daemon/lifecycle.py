@@ -36,6 +36,7 @@ from fscache_daemon.errors import (
 )
 from fscache_daemon.eviction import CacheEviction
 from fscache_daemon.images import DETACHED, MOUNTED, MOUNTING, Image
+from fscache_daemon.keyedlock import KeyedLock
 from fscache_daemon.state import copy_bootstrap, load_state, save_state
 from fscache_daemon.storage.backends import parse_backend_spec
 from fscache_daemon.storage.image import ImageInfo, file_runs, load_image
@@ -66,6 +67,11 @@ class MountLifecycle(CacheEviction):
     _ra: dict[str, BlobReadahead]
     _lock: threading.RLock
     _mount_lock: threading.Lock
+    _mountpoints: KeyedLock
+    _blob_opening: KeyedLock
+    _state_lock: threading.Lock
+    _boot_lock: threading.Lock
+    _boot_inflight: dict[str, int]
     _stop: threading.Event
 
     if TYPE_CHECKING:
@@ -74,6 +80,7 @@ class MountLifecycle(CacheEviction):
         def _open_blob(self, ref, backend, key: str | None = None) -> BlobManager: ...
         def _queue_prefetch(self, img: Image) -> None: ...
         def _drop_unused_backends(self) -> None: ...
+        def _release_backend(self, be: Backend) -> None: ...
 
     # -- state file ---------------------------------------------------------------------
     @property
@@ -86,8 +93,11 @@ class MountLifecycle(CacheEviction):
             return list(self.images.values()) + list(self.detached)
 
     def _save_state(self) -> None:
-        save_state(self.state_path, self.frontend.name,
-                   [img.to_json() for img in self.all_images()])
+        # mounts of different images save concurrently: each write is of the state as
+        # it is when the write starts, so the last one written is the latest
+        with self._state_lock:
+            save_state(self.state_path, self.frontend.name,
+                       [img.to_json() for img in self.all_images()])
 
     def _restore(self) -> None:
         """Pick up what mounts.json records, reconciled with the kernel: a mount is taken
@@ -156,16 +166,35 @@ class MountLifecycle(CacheEviction):
 
     # -- mount --------------------------------------------------------------------------
     def _drop_unused_bootstrap(self, boot_copy: str) -> None:
-        """Remove our copy of a bootstrap no image uses (a failed mount must leave
-        nothing behind in the cache directory)."""
+        """Remove our copy of a bootstrap no image uses and no mount is about to use (a
+        failed mount must leave nothing behind in the cache directory)."""
         if not boot_copy or os.path.dirname(boot_copy) != self.boot_dir:
             return
-        if any(i.bootstrap == boot_copy for i in self.all_images()):
-            return
-        try:
-            os.unlink(boot_copy)
-        except OSError:
-            pass
+        with self._boot_lock:
+            if self._boot_inflight.get(boot_copy) or \
+                    any(i.bootstrap == boot_copy for i in self.all_images()):
+                return
+            try:
+                os.unlink(boot_copy)
+            except OSError:
+                pass
+
+    def _take_bootstrap(self, bootstrap: str) -> str:
+        """Our copy of `bootstrap` (named by its content), kept from `_drop_unused_
+        bootstrap` until `_done_with_bootstrap`: another mount of the same bytes that
+        fails meanwhile must not remove it."""
+        with self._boot_lock:
+            boot_copy = copy_bootstrap(bootstrap, self.boot_dir)
+            self._boot_inflight[boot_copy] = self._boot_inflight.get(boot_copy, 0) + 1
+            return boot_copy
+
+    def _done_with_bootstrap(self, boot_copy: str) -> None:
+        with self._boot_lock:
+            n = self._boot_inflight.get(boot_copy, 0) - 1
+            if n > 0:
+                self._boot_inflight[boot_copy] = n
+            else:
+                self._boot_inflight.pop(boot_copy, None)
 
     def _validate_copy(self, boot_copy: str, given: str) -> ImageInfo:
         """Parse the copy (the bytes that will be mounted), naming the user's path."""
@@ -190,29 +219,35 @@ class MountLifecycle(CacheEviction):
             raise NotFoundError(f"{bootstrap}: no such bootstrap file")
         if self.frontend.name != "none" and not os.path.isdir(mountpoint):
             raise NotFoundError(f"{mountpoint}: mount point is not a directory")
-        with self._mount_lock:
+        # Mounts of different mount points run side by side up to the kernel's part
+        # (the slow part, opening the blobs, may wait seconds for a registry); that part
+        # takes the one mount lock
+        with self._mountpoints.hold(mountpoint):
             if mountpoint in self.images:
                 alias = f" (given as {given})" if os.path.abspath(given) != mountpoint else ""
                 raise ConflictError(f"{mountpoint}: already mounted by this daemon{alias}")
-            boot_copy = copy_bootstrap(bootstrap, self.boot_dir)
+            boot_copy = self._take_bootstrap(bootstrap)
             try:
                 # parsed once: a big bootstrap (50,000 files) costs ~0.1 s a parse
                 info = self._validate_copy(boot_copy, bootstrap)
                 img = self._register(boot_copy, mountpoint, backend, prefetch, domain,
                                      options, bootstrap, state=MOUNTING, info=info)
                 try:
-                    self._save_state()      # the intent, before mount(2)
-                    self.frontend.mount(img)
+                    with self._mount_lock:
+                        self._save_state()      # the intent, before mount(2)
+                        self.frontend.mount(img)
+                        img.mount_id = self._mount_id_of(img)
+                        img.state = MOUNTED
                 except BaseException:
                     self._unregister(img)
                     self._save_state()
                     raise
-                img.mount_id = self._mount_id_of(img)
-                img.state = MOUNTED
             except BaseException:
+                self._done_with_bootstrap(boot_copy)
                 self._drop_unused_bootstrap(boot_copy)
                 self._drop_unused_backends()
                 raise
+            self._done_with_bootstrap(boot_copy)
             self._save_state()
         log.info("mounted %s on %s (%d blobs, backend %s, mount id %s, superblock %s)",
                  bootstrap, mountpoint, len(img.blob_ids), backend, img.mount_id,
@@ -258,8 +293,11 @@ class MountLifecycle(CacheEviction):
                                          state, mount_id, instances, blob_keys)
         try:
             for m in mgrs:
-                self.frontend.prepare_blob(m)
-                m.cache.verify_now()    # front ends without a writer fd: our own fd
+                # a blob two mounts share is ready (marked, writer fd) for both once
+                # either returns from here
+                with self._blob_opening.hold(m.blob_id):
+                    self.frontend.prepare_blob(m)
+                    m.cache.verify_now()    # front ends without a writer fd: our own fd
         except BaseException:
             self._unregister(img)
             raise
@@ -281,6 +319,8 @@ class MountLifecycle(CacheEviction):
         except BaseException:
             self._close_unused(mgrs)    # e.g. a later blob's table collides: none kept
             raise
+        finally:
+            self._release_backend(be)
         img = Image(mountpoint, boot_copy, source_bootstrap, backend_spec,
                     [r.blob_id for r in info.blobs], bool(prefetch), domain, options,
                     info.prefetch, mounted_at, state=state, mount_id=mount_id,
@@ -352,7 +392,7 @@ class MountLifecycle(CacheEviction):
     # -- umount -------------------------------------------------------------------------
     def umount(self, mountpoint: str, lazy: bool = False) -> dict:
         mountpoint = os.path.realpath(mountpoint)
-        with self._mount_lock:
+        with self._mountpoints.hold(mountpoint), self._mount_lock:
             img = self.images.get(mountpoint)
             if img is None:
                 raise NotFoundError(f"{mountpoint}: not mounted by this daemon")

@@ -28,6 +28,9 @@ own URLs point back through the proxy). Behaviours, per matching request:
                                       registry itself rejects the request (a token that
                                       expired mid-run)
     ("delay", seconds)                forward normally after `seconds` (a slow backend)
+    ("gate", event, pred)             a request for which pred(Request) is true waits until
+                                      `event` is set (at most 600 s), then is forwarded;
+                                      the others at once (`gated` counts those that waited)
 
 `on_sent(request)`, if set, is called right after a faulted-or-not matching ranged GET's
 body was sent in full (e.g. to SIGKILL the daemon while it verifies and writes).
@@ -109,6 +112,7 @@ class FaultProxy:
         self._script: list[tuple] = []
         self._always: tuple | None = None
         self.on_sent = None
+        self.gated = 0
         self._lock = threading.Lock()
         proxy = self
 
@@ -209,6 +213,10 @@ class FaultProxy:
             return
         if kind == "delay":
             time.sleep(fault[1])
+        if kind == "gate" and fault[2](req):
+            with self._lock:
+                self.gated += 1
+            fault[1].wait(600)
         if kind == "redirect_loop":
             req.status = 307
             h.send_response(307)

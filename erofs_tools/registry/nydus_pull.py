@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import os
 import shutil
 import stat
@@ -38,6 +39,7 @@ from .reference import LayoutReference, default_insecure, parse_reference
 
 BOOTSTRAP_NAME = b"image/image.boot"
 MAX_BOOTSTRAP = 1 << 30
+MAX_CONFIG = 4 << 20           # an image config (JSON) read at most
 # Tar bytes besides the bootstrap's data: headers, PAX records, other entries. A real
 # bootstrap layer has two headers (image/ and image/image.boot).
 META_BUDGET = 1 << 20
@@ -49,10 +51,12 @@ _REGULAR = (b"0", b"\0", b"7")
 
 def pull_nydus(src_ref: str, out_dir: str, *, blobs: bool = False,
                insecure: bool | None = None, platform: str | None = None,
-               client_kw: dict | None = None, only_blobs=None) -> dict:
+               client_kw: dict | None = None, only_blobs=None,
+               with_config: bool = False) -> dict:
     """Fetch a Nydus image's bootstrap into OUT_DIR/image.boot (and its blobs into
     OUT_DIR/<blob id> with blobs=True, verified, skipping ones already there; with
-    `only_blobs`, a set of blob ids, only those)."""
+    `only_blobs`, a set of blob ids, only those; with `with_config`, the image config's
+    bytes under "config")."""
     from erofs_tools.builder.chunk_dict import BootstrapTables
     os_name, arch = parse_platform(platform)
     ref = parse_reference(src_ref)
@@ -90,7 +94,19 @@ def pull_nydus(src_ref: str, out_dir: str, *, blobs: bool = False,
         wanted = [b for b in t.blobs if only_blobs is None or b.blob_id in only_blobs]
         fetched = _pull_blobs(source, str(ref), wanted, layers, out_dir) if blobs else []
         return {"manifest": m.digest, "bootstrap": path,
-                "blobs": [b.blob_id for b in t.blobs], "fetched": fetched}
+                "blobs": [b.blob_id for b in t.blobs], "fetched": fetched,
+                "config": _config(source, m, str(ref)) if with_config else None}
+
+
+def _config(source: _Source, m: Manifest, what: str) -> bytes:
+    """The image config's bytes (digest-checked): what a rewritten image keeps of the
+    source (entrypoint, command, environment, working directory, ...)."""
+    desc = m.config()
+    if desc.size > MAX_CONFIG:
+        raise CorruptImageError(f"{what}: image config of {desc.size} bytes is too large")
+    buf = io.BytesIO()
+    source.fetch(desc, buf)
+    return buf.getvalue()
 
 
 def _check_superblock(f: BinaryIO, what: str) -> None:

@@ -76,6 +76,9 @@ def nydus_config(source_config, blob_digests, bootstrap_diff_id, platform=None):
     hist = cfg.get("history")
     if not isinstance(hist, list):
         hist = []
+    # a Nydus source (optimize) already has one: the bootstrap layer is replaced
+    hist = [h for h in hist if not (isinstance(h, dict) and
+                                    h.get("created_by") == "Nydus Bootstrap Layer")]
     hist.append({"created_by": "Nydus Bootstrap Layer", "comment": "erofs-tools convert"})
     cfg["history"] = hist
     return json.dumps(cfg, sort_keys=True, separators=(",", ":")).encode()
@@ -220,8 +223,9 @@ def publish(dest, bootstrap, blobs, blob_dir, config=None, platform=None, as_ind
 # --- push ----------------------------------------------------------------------
 
 def push_nydus(bootstrap, blob_dir, dst_ref, *, insecure=None, platform=None,
-               client_kw=None, work_dir=None):
-    """Push BOOTSTRAP and its blobs from BLOB_DIR as a Nydus image at DST_REF.
+               client_kw=None, work_dir=None, config=None):
+    """Push BOOTSTRAP and its blobs from BLOB_DIR as a Nydus image at DST_REF (with
+    `config`, the bytes of a source image config, its settings kept: command, env...).
 
     Blobs are pushed under the sha256 of their files; a bootstrap naming a blob
     otherwise (our pack's own id) is pushed with the ids rewritten."""
@@ -253,7 +257,7 @@ def push_nydus(bootstrap, blob_dir, dst_ref, *, insecure=None, platform=None,
             boot = os.path.join(tmp, "image.boot")
             rewrite_blob_ids(bootstrap, boot, mapping)
         blobs = BootstrapTables.read(boot).blobs
-        res = publish(dest, boot, blobs, links, config=None,
+        res = publish(dest, boot, blobs, links, config=config,
                       platform={"os": os_name, "architecture": arch})
         res["blob_ids"] = mapping
         return res

@@ -37,7 +37,7 @@ def optimize_ref(src_ref: str, dst_ref: str, trace: Trace, *, insecure: bool | N
         # they are and are referenced, never downloaded)
         pulled = pull_nydus(src_ref, blob_dir, blobs=not local, insecure=insecure,
                             platform=platform, client_kw=client_kw,
-                            only_blobs={b for b, _ in trace.chunks})
+                            only_blobs={b for b, _ in trace.chunks}, with_config=True)
         boot = pulled["bootstrap"]
         if isinstance(ref, LayoutReference):
             layout = OciLayout(ref.path)
@@ -47,8 +47,9 @@ def optimize_ref(src_ref: str, dst_ref: str, trace: Trace, *, insecure: bool | N
                     os.symlink(os.path.abspath(path), os.path.join(blob_dir, b.blob_id))
         out = os.path.join(tmp, "optimized.boot")
         res = optimize(boot, out, blob_dir, trace)
+        # the source's config: the optimized image runs as the source did
         pushed = push_nydus(out, blob_dir, dst_ref, insecure=insecure, platform=platform,
-                            client_kw=client_kw, work_dir=tmp)
+                            client_kw=client_kw, work_dir=tmp, config=pulled["config"])
         new_id = res["prefetch_blob"]
         pushed.update(source=src_ref, destination=dst_ref,
                       prefetch_files=res["prefetch_files"],

@@ -15,7 +15,6 @@ import contextlib
 import logging
 import os
 import shutil
-import threading
 
 from fscache_daemon.errors import (
     DaemonError,
@@ -25,6 +24,7 @@ from fscache_daemon.errors import (
     SnapshotPreconditionError,
     SnapshotUnavailableError,
 )
+from fscache_daemon.keyedlock import KeyedLock
 from fscache_daemon.snapshotter import nydus, overlay
 from fscache_daemon.snapshotter.filters import compile_filters, matches
 from fscache_daemon.snapshotter.overlay import Layout, Mount
@@ -45,7 +45,9 @@ class Snapshotter:
         # Nydus layers need the daemon (lazy mounts); without it they are refused
         self.daemon = nydus.DaemonClient(daemon_api) if daemon_api else None
         self.insecure = frozenset(insecure_registries)
-        self._lazy_lock = threading.Lock()
+        # per bootstrap snapshot: its lazy mount is made and released one at a time, while
+        # another image's mount (seconds when its registry is slow) goes on beside it
+        self._lazy_locks = KeyedLock()
 
     def close(self) -> None:
         self.store.close()
@@ -96,7 +98,7 @@ class Snapshotter:
         extra = self.store.extra(boot_id)
         if extra.get("nydus") != "bootstrap":
             return None
-        with self._lazy_lock:
+        with self._lazy_locks.hold(boot_id):
             mp = self.store.lazy_mount(boot_id)
             if mp is not None and os.path.ismount(mp):
                 return mp
@@ -129,7 +131,7 @@ class Snapshotter:
         lives as long as the image's bootstrap snapshot, not only while containers run:
         the next container of the image starts on a warm mount."""
         assert self.daemon is not None
-        with self._lazy_lock:
+        with self._lazy_locks.hold(boot_id):
             mp = self.store.lazy_mount(boot_id)
             if mp is None or self.store.has_children(boot_id):
                 return  # Remove refuses a snapshot with children anyway

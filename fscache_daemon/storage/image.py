@@ -67,25 +67,62 @@ class ImageInfo:
 MAX_PREFETCH_INODES = 1 << 16
 
 
-def _prefetch_ranges(img, nblobs: int) -> list:
+def _prefetch_ranges(img, nblobs: int, pins: list | None = None) -> list:
     """(blob index, uncompressed offset, length) of the data of the prefetch-table files,
-    merged where they touch, in table order."""
-    out: list[tuple[int, int, int]] = []
+    merged where they touch, in table order.
+
+    An image `erofs-tools optimize` wrote keeps what its trace saw in a prefetch blob
+    (every chunk of it belongs to a prefetch-table file; `pins`, the chunk-info table,
+    tells) and the rest of a partly read file (most of a big shared library) where it
+    was: of a file with chunks in such a blob only those are listed, the region the
+    trace saw; the rest is read on demand. Files of other images are listed whole."""
+    files: list[list[tuple[int, int, int]]] = []
     for nid in img.prefetch[:MAX_PREFETCH_INODES]:
         try:
             ino = img.inode(nid)
             if not ino.is_reg():
                 continue
-            for _fo, length, device, phys in img.map_data(ino):
-                if device is None or not 1 <= device <= nblobs:
-                    continue
-                if out and out[-1][0] == device - 1 and out[-1][1] + out[-1][2] == phys:
-                    out[-1] = (device - 1, out[-1][1], out[-1][2] + length)
-                else:
-                    out.append((device - 1, phys, length))
+            files.append([(device - 1, phys, length)
+                          for _fo, length, device, phys in img.map_data(ino)
+                          if device is not None and 1 <= device <= nblobs])
         except ErofsToolsError as e:
             log.warning("%s: prefetch entry nid %d unusable: %s", img.name, nid, e)
+    only = _prefetch_blobs(files, pins or [])
+    out: list[tuple[int, int, int]] = []
+    for runs in files:
+        if any(b in only for b, _, _ in runs):
+            runs = [r for r in runs if r[0] in only]
+        for b, phys, length in runs:
+            if out and out[-1][0] == b and out[-1][1] + out[-1][2] == phys:
+                out[-1] = (b, out[-1][1], out[-1][2] + length)
+            else:
+                out.append((b, phys, length))
     return out
+
+
+def _prefetch_blobs(files: list[list[tuple[int, int, int]]], pins: list) -> set[int]:
+    """Blobs every chunk of which (by the chunk-info table) is data of a prefetch-table
+    file, when the table's files also have data in other blobs: an optimized image's
+    prefetch blobs."""
+    spans: dict[int, list[tuple[int, int]]] = {}
+    for runs in files:
+        for b, phys, length in runs:
+            spans.setdefault(b, []).append((phys, phys + length))
+    if len(spans) < 2:
+        return set()
+    only = set()
+    for b, ranges in spans.items():
+        if b >= len(pins) or not pins[b]:
+            continue
+        ranges.sort()
+        starts = [r[0] for r in ranges]
+
+        def covered(off: int, ranges=ranges, starts=starts) -> bool:
+            i = bisect.bisect_right(starts, off) - 1
+            return i >= 0 and ranges[i][0] <= off < ranges[i][1]
+        if all(covered(p.uncompressed_offset) for p in pins[b].values()):
+            only.add(b)
+    return only if len(only) < len(spans) else set()
 
 
 def _read_image(path: str) -> ImageInfo:
@@ -108,7 +145,7 @@ def _read_image(path: str) -> ImageInfo:
             blobs.append(BlobRef(i, blob_id, e.compressed_size, e.uncompressed_size, e,
                                  {k: p.digest for k, p in pins[i].items()} or None,
                                  pins[i], table_digest(e, pins[i])))
-        return ImageInfo(path, blobs, _prefetch_ranges(img, n))
+        return ImageInfo(path, blobs, _prefetch_ranges(img, n, pins))
     finally:
         img.close()
 
