@@ -23,6 +23,8 @@ pair with tc netem on both ends: RATE, RTT/2 each way), rounds alternate the way
              per run, before the rounds, on loopback, not timed: rpull, ctr run,
              `GET /api/v1/trace` of its lazy mount); its prefetch table is streamed at
              mount
+  zran       (--ways ...,zran) the unconverted source image indexed in place with
+             `convert --oci-ref`: its original gzip layers read by range (docs/zran.md)
 
 Every round starts from nothing: a fresh containerd (root, state, content store), for
 lazy a fresh daemon and cache; the page cache is dropped right before the timed part,
