@@ -145,6 +145,7 @@ class Image:
         self.blobs = blobs
         self._inode_cache = {}
         self._zstate = None         # reader/zdata.py caches (compressed inodes)
+        self._xprefixes = None      # long xattr name prefixes, read on first use
         self.zconfig = None         # ZConfig of a compressed image
         self._parse_super()
 
@@ -191,7 +192,8 @@ class Image:
         self.blksz = 1 << sb.blkszbits
         if sb.dirblkbits:
             raise self._err(f"dirblkbits {sb.dirblkbits} is not 0")
-        known = E.FEATURE_INCOMPAT_SUPPORTED | E.FEATURE_INCOMPAT_COMPRESSED
+        known = (E.FEATURE_INCOMPAT_SUPPORTED | E.FEATURE_INCOMPAT_COMPRESSED
+                 | E.FEATURE_INCOMPAT_XATTR_PREFIXES)
         if sb.feature_incompat & ~known:
             raise self._err(
                 f"unsupported incompatible features {sb.feature_incompat & ~known:#x}")
@@ -615,6 +617,46 @@ class Image:
             stack.extend(reversed(subdirs))
 
     # -- xattrs ----------------------------------------------------------------------------
+    def long_xattr_prefixes(self) -> list:
+        """The long xattr name prefixes (full names, bytes), [] without the feature.
+
+        The table is in the packed inode's data when there is one and the image does not
+        say PLAIN_XATTR_PFX (as the kernel reads it), else at an absolute offset."""
+        if self._xprefixes is not None:
+            return self._xprefixes
+        sb = self.sb
+        count = sb.xattr_prefix_count
+        if not count or not sb.feature_incompat & E.FEATURE_INCOMPAT_XATTR_PREFIXES:
+            self._xprefixes = []
+            return self._xprefixes
+        pos = sb.xattr_prefix_start * 4
+        most = count * (2 + 1 + E.NAME_MAX + 3)      # the largest table of `count` entries
+        plain = sb.feature_compat & E.FEATURE_COMPAT_PLAIN_XATTR_PFX
+        if sb.packed_nid and not plain:
+            packed = self.inode(sb.packed_nid)
+            if not packed.is_reg():
+                raise self._err(f"packed inode {sb.packed_nid} is not a regular file")
+            if pos >= packed.size:
+                raise self._err(f"long xattr prefixes at {pos} beyond the packed inode")
+            buf = bytearray()
+            for off, data, n in self.iter_data(packed):
+                if off + n <= pos:
+                    continue
+                piece = data if data is not None else bytes(n)
+                buf += piece[max(0, pos - off):]
+                if len(buf) >= most:
+                    break
+            table = bytes(buf[:most])
+        else:
+            if pos >= self.size:
+                raise self._err(f"long xattr prefixes at {pos} beyond the image")
+            table = bytes(self.data[pos:pos + most])
+        got = E.decode_long_prefixes(table, count)
+        if isinstance(got, str):
+            raise self._err(got)
+        self._xprefixes = got
+        return got
+
     def _xattr_entry(self, buf, off, end, what):
         if off + E.XattrEntry.SIZE > end:
             raise self._err(f"{what}: xattr entry truncated")
@@ -623,7 +665,12 @@ class Image:
         vend = nstart + e.e_name_len + e.e_value_size
         if vend > end:
             raise self._err(f"{what}: xattr entry runs past its area")
-        prefix = E.XATTR_PREFIXES.get(e.e_name_index)
+        if e.e_name_index & E.XATTR_LONG_PREFIX:
+            longs = self.long_xattr_prefixes()
+            i = e.e_name_index & E.XATTR_LONG_PREFIX_MASK
+            prefix = longs[i] if i < len(longs) else None
+        else:
+            prefix = E.XATTR_PREFIXES.get(e.e_name_index)
         if prefix is None:
             raise self._err(f"{what}: unsupported xattr name index {e.e_name_index:#x}")
         suffix = bytes(buf[nstart:nstart + e.e_name_len])
