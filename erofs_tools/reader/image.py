@@ -17,6 +17,7 @@ from erofs_tools.format import erofs as E
 from erofs_tools.format import rafs as R
 from erofs_tools.fsutil import round_up
 from erofs_tools.reader.chunkrefs import ChunkList, ChunkRef  # noqa: F401 (re-exported)
+from erofs_tools.reader.xprefix import read_long_prefixes
 from erofs_tools.reader.zdata import is_compressed, iter_compressed
 from erofs_tools.reader.zmap import parse_config
 
@@ -618,44 +619,10 @@ class Image:
 
     # -- xattrs ----------------------------------------------------------------------------
     def long_xattr_prefixes(self) -> list:
-        """The long xattr name prefixes (full names, bytes), [] without the feature.
-
-        The table is in the packed inode's data when there is one and the image does not
-        say PLAIN_XATTR_PFX (as the kernel reads it), else at an absolute offset."""
-        if self._xprefixes is not None:
-            return self._xprefixes
-        sb = self.sb
-        count = sb.xattr_prefix_count
-        if not count or not sb.feature_incompat & E.FEATURE_INCOMPAT_XATTR_PREFIXES:
-            self._xprefixes = []
-            return self._xprefixes
-        pos = sb.xattr_prefix_start * 4
-        most = count * (2 + 1 + E.NAME_MAX + 3)      # the largest table of `count` entries
-        plain = sb.feature_compat & E.FEATURE_COMPAT_PLAIN_XATTR_PFX
-        if sb.packed_nid and not plain:
-            packed = self.inode(sb.packed_nid)
-            if not packed.is_reg():
-                raise self._err(f"packed inode {sb.packed_nid} is not a regular file")
-            if pos >= packed.size:
-                raise self._err(f"long xattr prefixes at {pos} beyond the packed inode")
-            buf = bytearray()
-            for off, data, n in self.iter_data(packed):
-                if off + n <= pos:
-                    continue
-                piece = data if data is not None else bytes(n)
-                buf += piece[max(0, pos - off):]
-                if len(buf) >= most:
-                    break
-            table = bytes(buf[:most])
-        else:
-            if pos >= self.size:
-                raise self._err(f"long xattr prefixes at {pos} beyond the image")
-            table = bytes(self.data[pos:pos + most])
-        got = E.decode_long_prefixes(table, count)
-        if isinstance(got, str):
-            raise self._err(got)
-        self._xprefixes = got
-        return got
+        """The long xattr name prefixes (full names, bytes), [] without the feature."""
+        if self._xprefixes is None:
+            self._xprefixes = read_long_prefixes(self)
+        return self._xprefixes
 
     def _xattr_entry(self, buf, off, end, what):
         if off + E.XattrEntry.SIZE > end:
