@@ -207,3 +207,35 @@ def test_tar_mode_refused(tmp_path):
     p = run_mkfs(tmp_path / "t.img", tar, "--tar=f", "--xattr-inode-digest", check=False)
     assert p.returncode == 1
     assert p.stderr.strip() == "error: --xattr-inode-digest is not supported with --tar yet"
+
+
+def test_hostile_prefix_table(tree, tmp_path):
+    """A prefix table whose entry size runs past NAME_MAX: check says so in one line."""
+    ours = tmp_path / "ours.img"
+    run_mkfs(ours, tree, "-q", "--xattr-inode-digest=user.digest")
+    data = bytearray(ours.read_bytes())
+    sb = E.SuperBlock.decode(data, E.SUPER_OFFSET)
+    pos = sb.xattr_prefix_start * 4
+    assert data[pos:pos + 9] == b"\x07\x00\x01digest"
+    data[pos:pos + 2] = (300).to_bytes(2, "little")
+    # keep the superblock checksum right, so the table itself is what is refused
+    data[E.CHECKSUM_FIELD:E.CHECKSUM_FIELD + 4] = bytes(4)
+    csum = E.superblock_checksum(bytes(data[:4096]))
+    data[E.CHECKSUM_FIELD:E.CHECKSUM_FIELD + 4] = csum.to_bytes(4, "little")
+    bad = tmp_path / "bad.img"
+    bad.write_bytes(bytes(data))
+    p = erofs_tools("check", bad)
+    assert p.returncode == 1
+    out = (p.stdout + p.stderr).strip().splitlines()
+    assert any("long xattr prefix 0 has a bad size 300" in line for line in out), out
+
+
+def test_long_prefix_encoding_round_trip():
+    for name, base in ((b"erofs.fingerprint.v1", 0), (b"user.digest", E.XATTR_INDEX_USER),
+                       (b"trusted.a.b", E.XATTR_INDEX_TRUSTED),
+                       (b"security.ima2", E.XATTR_INDEX_SECURITY)):
+        got_base, entry = E.encode_long_prefix(name)
+        assert got_base == base and len(entry) % 4 == 0
+        assert E.decode_long_prefixes(entry + entry, 2) == [name, name]
+    assert isinstance(E.decode_long_prefixes(b"\x05\x00\x09abcd", 1), str)   # base 9
+    assert isinstance(E.decode_long_prefixes(b"\x03\x00", 1), str)           # truncated

@@ -65,6 +65,10 @@ class TreeWalker:
         self.hints = list(options.compress_hints) if options.compress else []
         self.digest = options.inode_digest is not None
         if options.inode_digest is not None:
+            if options.compress is not None and options.compress.fragments:
+                # mkfs.erofs then keeps the prefix table in the packed inode; kernels
+                # without plain prefixes would read ours from there
+                raise InputError("--xattr-inode-digest is not supported with -E fragments yet")
             # one long prefix, the whole name; each fingerprint is stored with an empty
             # suffix after it, as erofs-utils 1.9 writes them
             _, entry = encode_long_prefix(options.inode_digest)

@@ -83,10 +83,6 @@ def mkfs(image, source, timestamp, uuid_text, label, all_root, force_uid, force_
         digest = parse_inode_digest(INODE_DIGEST_DEFAULT if digest_name is None else digest_name)
         if tar_mode is not None:
             raise InputError("--xattr-inode-digest is not supported with --tar yet")
-        if z is not None and z.fragments:
-            # mkfs.erofs then keeps the prefix table in the packed inode; kernels before
-            # plain prefixes would read ours from there
-            raise InputError("--xattr-inode-digest is not supported with -E fragments yet")
     opts = MkfsOptions(
         timestamp=parse_timestamp(timestamp) if timestamp is not None else None,
         uuid=parse_uuid(uuid_text) if uuid_text else None,
