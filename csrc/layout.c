@@ -296,7 +296,12 @@ static int share_xattrs(erofs_builder *b, struct layout_state *st)
         uint32_t j = i + 1;
         while (j < b->nxa && !cmp_xattr_content(b, &b->xas[idx[i]], &b->xas[idx[j]]))
             j++;
-        if (j - i >= 2) {
+        /* content fingerprints stay inline, as mkfs.erofs 1.9 writes them (it computes
+         * them after choosing the shared xattrs): two files of the same content keep
+         * their own copy */
+        int fingerprint = b->xpfx_ishare >= 0 &&
+                          b->xas[idx[i]].index == (EROFS_XATTR_LONG_PREFIX | (uint32_t)b->xpfx_ishare);
+        if (j - i >= 2 && !fingerprint) {
             uint64_t id = st->shared_bytes / 4;
             uint32_t sz = xentry_size(&b->xas[idx[i]]);
             if ((uint64_t)st->shared_bytes + sz > 0xFFFFFFF0ull) {

@@ -86,10 +86,14 @@ def expected_digests(tree):
 
 
 def reader_view(image):
-    """-> (superblock, long prefixes, {relative path: {xattr name: value}}) by our reader."""
+    """-> (superblock, long prefixes, {relative path: {xattr name: value}}, {relative
+    path: xattr icount}) by our reader."""
     with open_image(os.fspath(image)) as img:
-        xattrs = {p.lstrip(b"/"): dict(img.xattrs(ino)) for p, _d, ino in img.walk()}
-        return img.sb, img.long_xattr_prefixes(), xattrs
+        xattrs, icounts = {}, {}
+        for p, _d, ino in img.walk():
+            xattrs[p.lstrip(b"/")] = dict(img.xattrs(ino))
+            icounts[p.lstrip(b"/")] = ino.xattr_icount
+        return img.sb, img.long_xattr_prefixes(), xattrs, icounts
 
 
 def kernel_view(mnt):
@@ -110,9 +114,9 @@ def test_default_name_as_mkfs_erofs(tree, tmp_path):
     reader: the kernel shows no xattr outside the known namespaces), same features."""
     ours, ref = both(tmp_path, tree, "--xattr-inode-digest")
     want = expected_digests(tree)
-    got, sbs = {}, {}
+    got, sbs, icounts = {}, {}, {}
     for image in (ours, ref):
-        sb, prefixes, xattrs = reader_view(image)
+        sb, prefixes, xattrs, icounts[image] = reader_view(image)
         assert sb.feature_compat & DIGEST_BITS == DIGEST_BITS, image
         assert sb.feature_incompat & E.FEATURE_INCOMPAT_XATTR_PREFIXES, image
         assert prefixes == [DEFAULT]
@@ -124,6 +128,10 @@ def test_default_name_as_mkfs_erofs(tree, tmp_path):
             else:
                 assert DEFAULT not in xs, (image, rel)
     assert got[ours] == got[ref]
+    # the same inline xattr areas: fingerprints are never shared, even when two files
+    # (d/sub dir/same1 and same2) have the same content
+    assert icounts[ours] == icounts[ref]
+    assert icounts[ours][b"d/sub dir/same1"] == 12      # header + one 39-byte value inline
     # the same superblock feature bits of this feature (not compared: the xattr name
     # filter we do not write, and CHUNKED_FILE: our sparse files are chunk-based)
     compat = DIGEST_BITS | E.FEATURE_COMPAT_SB_CHKSUM | E.FEATURE_COMPAT_MTIME
