@@ -182,7 +182,14 @@ struct erofs_builder {
     struct zconf *zc;
     struct zpool *zp;
     uint32_t packed_node;   /* -Efragments: the packed inode (NONE32: none) */
+    uint8_t *xpfx;          /* long xattr name prefix table, encoded */
+    uint32_t xpfx_len, xpfx_count;
+    int32_t xpfx_ishare;    /* -1: no fingerprint prefix */
 };
+
+/* where the long xattr prefix table starts (4-byte aligned, after the compression
+ * records) and where the superblock area ends */
+INTERNAL uint64_t xpfx_start(const erofs_builder *b);
 
 /* nodes.c */
 INTERNAL int fail(erofs_builder *b, int code, const char *fmt, ...)

@@ -20,6 +20,8 @@
 
 #define EROFS_FEATURE_COMPAT_SB_CHKSUM 0x1u
 #define EROFS_FEATURE_COMPAT_MTIME 0x2u
+#define EROFS_FEATURE_COMPAT_PLAIN_XATTR_PFX 0x10u  /* long prefixes in metadata, not packed */
+#define EROFS_FEATURE_COMPAT_ISHARE_XATTRS 0x20u    /* per-inode content fingerprints */
 #define EROFS_FEATURE_INCOMPAT_ZERO_PADDING 0x1u   /* compressed data right-aligned */
 #define EROFS_FEATURE_INCOMPAT_COMPR_CFGS 0x2u     /* per-algorithm records after the sb */
 #define EROFS_FEATURE_INCOMPAT_BIG_PCLUSTER 0x2u   /* same bit: pclusters over 1 block */
@@ -28,6 +30,13 @@
 #define EROFS_FEATURE_INCOMPAT_ZTAILPACKING 0x10u  /* compressed tails inline (h_idata_size) */
 #define EROFS_FEATURE_INCOMPAT_FRAGMENTS 0x20u     /* tails in the packed inode */
 #define EROFS_FEATURE_INCOMPAT_DEDUPE 0x20u        /* same bit: pclusters shared by files */
+#define EROFS_FEATURE_INCOMPAT_XATTR_PREFIXES 0x40u /* long xattr name prefix table */
+
+/* e_name_index with this bit: the low 7 bits index the long prefix table, whose entries
+ * (at xattr_prefix_start * 4, each 4-byte aligned) are a le16 size, then `size` bytes:
+ * the short prefix index the long one extends (0: none) and the rest of the prefix */
+#define EROFS_XATTR_LONG_PREFIX 0x80u
+#define EROFS_XATTR_LONG_PREFIX_MASK 0x7fu
 
 /* i_format: bit 0 version, bits 1..3 data layout */
 #define EROFS_INODE_COMPACT 0u
@@ -73,7 +82,8 @@ struct erofs_super_block {
     uint32_t xattr_prefix_start;
     uint64_t packed_nid;
     uint8_t xattr_filter_reserved;
-    uint8_t reserved2[23];
+    uint8_t ishare_xattr_prefix_id; /* long prefix (its table index) of the fingerprints */
+    uint8_t reserved2[22];
 } __attribute__((packed));
 
 /* compact inode: 32 bytes; mtime is the superblock's build time (+ i_mtime on 6.x) */

@@ -112,6 +112,15 @@ int64_t erofs_node_add(erofs_builder *b, uint32_t mode, uint32_t uid, uint32_t g
                        uint32_t rdev_major, uint32_t rdev_minor);
 int erofs_node_add_xattr(erofs_builder *b, uint32_t node, const char *name, size_t namelen,
                          const char *value, size_t valuelen);
+/* the long xattr name prefix table (encoded entries, `count` of them, written after the
+ * superblock and compression records, PLAIN_XATTR_PFX); ishare_id: the entry whose
+ * xattrs are content fingerprints (ISHARE_XATTRS), or -1 */
+int erofs_builder_set_xattr_prefixes(erofs_builder *b, const char *table, size_t len,
+                                     uint32_t count, int32_t ishare_id);
+/* an xattr under long prefix `prefix_id` (its table index): name is the suffix after it */
+int erofs_node_add_xattr_long(erofs_builder *b, uint32_t node, uint32_t prefix_id,
+                              const char *name, size_t namelen,
+                              const char *value, size_t valuelen);
 int erofs_dir_add(erofs_builder *b, uint32_t dir, const char *name, size_t namelen,
                   uint32_t child);
 int erofs_node_set_file(erofs_builder *b, uint32_t node, const char *path, size_t pathlen,

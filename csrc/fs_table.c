@@ -22,6 +22,7 @@ static const struct erofs_fs_field fields[] = {
     FIELD(erofs_super_block, dirblkbits), FIELD(erofs_super_block, xattr_prefix_count),
     FIELD(erofs_super_block, xattr_prefix_start), FIELD(erofs_super_block, packed_nid),
     FIELD(erofs_super_block, xattr_filter_reserved),
+    FIELD(erofs_super_block, ishare_xattr_prefix_id),
 
     FIELD(erofs_inode_compact, i_format), FIELD(erofs_inode_compact, i_xattr_icount),
     FIELD(erofs_inode_compact, i_mode), FIELD(erofs_inode_compact, i_nlink),
@@ -83,6 +84,9 @@ static const struct erofs_fs_const consts[] = {
     CONST(Z_EROFS_LCLUSTER_TYPE_NONHEAD), CONST(Z_EROFS_LI_D0_CBLKCNT),
     CONST(Z_EROFS_ADVISE_COMPACTED_2B), CONST(Z_EROFS_ADVISE_BIG_PCLUSTER_1),
     CONST(Z_EROFS_ADVISE_BIG_PCLUSTER_2),
+    CONST(EROFS_FEATURE_COMPAT_PLAIN_XATTR_PFX), CONST(EROFS_FEATURE_COMPAT_ISHARE_XATTRS),
+    CONST(EROFS_FEATURE_INCOMPAT_XATTR_PREFIXES), CONST(EROFS_XATTR_LONG_PREFIX),
+    CONST(EROFS_XATTR_LONG_PREFIX_MASK),
 };
 
 const struct erofs_fs_field *erofs_fs_fields(uint32_t *count)

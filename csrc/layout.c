@@ -129,12 +129,19 @@ uint64_t place_sparse_chunks(erofs_builder *b, struct chunkset *cs, uint64_t siz
     return blk;
 }
 
-/* end of the superblock and the compression records that follow it */
+uint64_t xpfx_start(const erofs_builder *b)
+{
+    uint32_t cfgs_len;
+    zconf_cfgs(b, &cfgs_len);
+    return (SB_END + cfgs_len + 3) & ~(uint64_t)3;
+}
+
+/* end of the superblock, the compression records and the long xattr prefixes after it */
 static uint64_t sb_area_end(const erofs_builder *b)
 {
     uint32_t cfgs_len;
     zconf_cfgs(b, &cfgs_len);
-    return SB_END + cfgs_len;
+    return b->xpfx_count ? xpfx_start(b) + b->xpfx_len : SB_END + cfgs_len;
 }
 
 /* data blocks of directories, symlinks and files not streamed, in nid order */
@@ -289,7 +296,12 @@ static int share_xattrs(erofs_builder *b, struct layout_state *st)
         uint32_t j = i + 1;
         while (j < b->nxa && !cmp_xattr_content(b, &b->xas[idx[i]], &b->xas[idx[j]]))
             j++;
-        if (j - i >= 2) {
+        /* content fingerprints stay inline, as mkfs.erofs 1.9 writes them (it computes
+         * them after choosing the shared xattrs): two files of the same content keep
+         * their own copy */
+        int fingerprint = b->xpfx_ishare >= 0 &&
+                          b->xas[idx[i]].index == (EROFS_XATTR_LONG_PREFIX | (uint32_t)b->xpfx_ishare);
+        if (j - i >= 2 && !fingerprint) {
             uint64_t id = st->shared_bytes / 4;
             uint32_t sz = xentry_size(&b->xas[idx[i]]);
             if ((uint64_t)st->shared_bytes + sz > 0xFFFFFFF0ull) {
@@ -635,8 +647,11 @@ static void fill_info(erofs_builder *b, const struct layout_state *st)
     b->info.build_time = st->bt;
     b->info.build_time_nsec = st->btn;
     b->info.feature_compat = b->o.feature_compat |
-                             (b->o.sb_checksum ? EROFS_FEATURE_COMPAT_SB_CHKSUM : 0);
+                             (b->o.sb_checksum ? EROFS_FEATURE_COMPAT_SB_CHKSUM : 0) |
+                             (b->xpfx_count ? EROFS_FEATURE_COMPAT_PLAIN_XATTR_PFX : 0) |
+                             (b->xpfx_ishare >= 0 ? EROFS_FEATURE_COMPAT_ISHARE_XATTRS : 0);
     b->info.feature_incompat = b->o.feature_incompat |
+                               (b->xpfx_count ? EROFS_FEATURE_INCOMPAT_XATTR_PREFIXES : 0) |
                                (st->have_chunks ? EROFS_FEATURE_INCOMPAT_CHUNKED_FILE : 0) |
                                (b->ndevs ? EROFS_FEATURE_INCOMPAT_DEVICE_TABLE : 0) |
                                zconf_incompat(b);

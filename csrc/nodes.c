@@ -75,6 +75,7 @@ erofs_builder *erofs_builder_new(const struct erofs_opts *o)
     b->blksz = 1u << b->o.blkszbits;
     b->root = NONE32;
     b->packed_node = NONE32;
+    b->xpfx_ishare = -1;
     b->fd = -1;
     b->sfd = -1;
     return b;
@@ -91,6 +92,7 @@ void erofs_builder_free(erofs_builder *b)
         free(b->nodes[i].ztail);
     }
     free(b->zc);
+    free(b->xpfx);
     free(b->nodes);
     free(b->des);
     free(b->xas);
@@ -188,6 +190,42 @@ static const struct {
     {"security.", 9, 6, 0},
 };
 
+static int add_xattr_rec(erofs_builder *b, uint32_t node, uint8_t index,
+                         const char *name, size_t namelen, const char *suffix, size_t sl,
+                         const char *value, size_t valuelen)
+{
+    if (sl > EROFS_NAME_MAX)
+        return fail(b, ERN_ELIMIT, "xattr name too long (%zu bytes)", namelen);
+    if (valuelen > 65535)
+        return fail(b, ERN_ELIMIT, "xattr value too large (%zu bytes)", valuelen);
+    if (memchr(name, 0, namelen))
+        return fail(b, ERN_EINVAL, "xattr name contains NUL");
+    struct xattr_rec *nx = grow(b->xas, &b->cap_xa, b->nxa + 1, sizeof(*nx));
+    if (!nx)
+        return fail(b, ERN_ENOMEM, "out of memory");
+    b->xas = nx;
+    int64_t no = arena_put(b, suffix, sl);
+    if (no < 0)
+        return (int)no;
+    int64_t vo = arena_put(b, value, valuelen);
+    if (vo < 0)
+        return (int)vo;
+    struct node *xn = &b->nodes[node];
+    if (xn->streamed)
+        return fail(b, ERN_EINVAL, "stream mode: add xattrs before the file data");
+    xn->xa_max += (xn->xa_max ? 0 : (uint32_t)sizeof(struct erofs_xattr_ibody_header)) +
+                  (uint32_t)((sizeof(struct erofs_xattr_entry) + sl + valuelen + 3) & ~(size_t)3);
+    struct xattr_rec *x = &b->xas[b->nxa++];
+    x->node = node;
+    x->name_off = (uint32_t)no;
+    x->name_len = (uint8_t)sl;
+    x->val_off = (uint32_t)vo;
+    x->val_len = (uint16_t)valuelen;
+    x->index = index;
+    x->shared_id = NONE32;
+    return 0;
+}
+
 int erofs_node_add_xattr(erofs_builder *b, uint32_t node, const char *name, size_t namelen,
                          const char *value, size_t valuelen)
 {
@@ -206,36 +244,62 @@ int erofs_node_add_xattr(erofs_builder *b, uint32_t node, const char *name, size
     if (idx < 0)
         return fail(b, ERN_ELIMIT, "xattr name '%.*s' has a prefix EROFS cannot store",
                     (int)(namelen > 200 ? 200 : namelen), name);
-    size_t sl = namelen - xprefixes[idx].len;
-    if (sl > EROFS_NAME_MAX)
-        return fail(b, ERN_ELIMIT, "xattr name too long (%zu bytes)", namelen);
-    if (valuelen > 65535)
-        return fail(b, ERN_ELIMIT, "xattr value too large (%zu bytes)", valuelen);
-    if (memchr(name, 0, namelen))
-        return fail(b, ERN_EINVAL, "xattr name contains NUL");
-    struct xattr_rec *nx = grow(b->xas, &b->cap_xa, b->nxa + 1, sizeof(*nx));
-    if (!nx)
+    return add_xattr_rec(b, node, xprefixes[idx].index, name, namelen,
+                         name + xprefixes[idx].len, namelen - xprefixes[idx].len,
+                         value, valuelen);
+}
+
+int erofs_node_add_xattr_long(erofs_builder *b, uint32_t node, uint32_t prefix_id,
+                              const char *name, size_t namelen,
+                              const char *value, size_t valuelen)
+{
+    int r = check_mutable(b);
+    if (r || (r = check_node(b, node)))
+        return r;
+    if (prefix_id >= b->xpfx_count)
+        return fail(b, ERN_EINVAL, "no long xattr prefix %u", prefix_id);
+    return add_xattr_rec(b, node, (uint8_t)(EROFS_XATTR_LONG_PREFIX | prefix_id), name,
+                         namelen, name, namelen, value, valuelen);
+}
+
+/* The table is checked entry by entry as the kernel reads it (sizes 1..256, 4-byte
+ * aligned), so a caller's mistake cannot make an image the kernel refuses to mount. */
+int erofs_builder_set_xattr_prefixes(erofs_builder *b, const char *table, size_t len,
+                                     uint32_t count, int32_t ishare_id)
+{
+    int r = check_mutable(b);
+    if (r)
+        return r;
+    if (b->xpfx_count)
+        return fail(b, ERN_EINVAL, "long xattr prefixes already set");
+    if (count == 0 || count > EROFS_XATTR_LONG_PREFIX_MASK + 1)
+        return fail(b, ERN_ELIMIT, "%u long xattr prefixes (1 to 128)", count);
+    if (ishare_id >= (int32_t)count || ishare_id < -1)
+        return fail(b, ERN_EINVAL, "fingerprint prefix %d not in the table", ishare_id);
+    if (b->nxa)
+        return fail(b, ERN_EINVAL, "long xattr prefixes must be set before any xattr");
+    size_t off = 0;
+    for (uint32_t i = 0; i < count; i++) {
+        if (off + 2 > len)
+            return fail(b, ERN_EINVAL, "long xattr prefix table truncated");
+        size_t sz = (size_t)(uint8_t)table[off] | ((size_t)(uint8_t)table[off + 1] << 8);
+        if (sz < 1 || sz > EROFS_NAME_MAX + 1 || off + 2 + sz > len)
+            return fail(b, ERN_ELIMIT, "long xattr prefix %u has size %zu", i, sz);
+        off = (off + 2 + sz + 3) & ~(size_t)3;
+    }
+    if (off != len)
+        return fail(b, ERN_EINVAL, "long xattr prefix table has %zu stray bytes", len - off);
+    /* stream mode starts file data at the first block after the superblock before the
+     * table is placed: compression records (< 256 bytes) and table must fit before it */
+    if (SB_END + 256 + len > (SB_END + b->blksz - 1) / b->blksz * b->blksz)
+        return fail(b, ERN_ELIMIT, "long xattr prefix table too large (%zu bytes)", len);
+    b->xpfx = malloc(len);
+    if (!b->xpfx)
         return fail(b, ERN_ENOMEM, "out of memory");
-    b->xas = nx;
-    int64_t no = arena_put(b, name + xprefixes[idx].len, sl);
-    if (no < 0)
-        return (int)no;
-    int64_t vo = arena_put(b, value, valuelen);
-    if (vo < 0)
-        return (int)vo;
-    struct node *xn = &b->nodes[node];
-    if (xn->streamed)
-        return fail(b, ERN_EINVAL, "stream mode: add xattrs before the file data");
-    xn->xa_max += (xn->xa_max ? 0 : (uint32_t)sizeof(struct erofs_xattr_ibody_header)) +
-                  (uint32_t)((sizeof(struct erofs_xattr_entry) + sl + valuelen + 3) & ~(size_t)3);
-    struct xattr_rec *x = &b->xas[b->nxa++];
-    x->node = node;
-    x->name_off = (uint32_t)no;
-    x->name_len = (uint8_t)sl;
-    x->val_off = (uint32_t)vo;
-    x->val_len = (uint16_t)valuelen;
-    x->index = xprefixes[idx].index;
-    x->shared_id = NONE32;
+    memcpy(b->xpfx, table, len);
+    b->xpfx_len = (uint32_t)len;
+    b->xpfx_count = count;
+    b->xpfx_ishare = ishare_id;
     return 0;
 }
 

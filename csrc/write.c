@@ -404,6 +404,11 @@ static int write_superblock(erofs_builder *b)
         if (r)
             return r;
     }
+    if (b->xpfx_count) {
+        int r = pwrite_all(b, b->xpfx, b->xpfx_len, xpfx_start(b));
+        if (r)
+            return r;
+    }
     ssize_t got = pread(b->fd, blk0, b0len, 0);
     if (got < 0)
         return fail(b, ERN_EIO, "reading back the image: %s", strerror(errno));
@@ -429,6 +434,12 @@ static int write_superblock(erofs_builder *b)
     sb.devt_slotoff = cpu_to_le16(b->o.devt_slotoff);
     if (b->packed_node != NONE32)
         sb.packed_nid = cpu_to_le64(b->nodes[b->packed_node].nid);
+    if (b->xpfx_count) {
+        sb.xattr_prefix_count = (uint8_t)b->xpfx_count;
+        sb.xattr_prefix_start = cpu_to_le32((uint32_t)(xpfx_start(b) >> 2));
+        if (b->xpfx_ishare >= 0)
+            sb.ishare_xattr_prefix_id = (uint8_t)b->xpfx_ishare;
+    }
     memcpy(blk0 + EROFS_SUPER_OFFSET, &sb, sizeof(sb));
     if (b->o.sb_checksum)
         sb.checksum = cpu_to_le32(erofs_sb_checksum(blk0, b0len));

@@ -256,6 +256,25 @@ class NativeBuilder:
         if r:
             _raise(self._b, r)
 
+    def set_xattr_prefixes(self, table: BytesLike, count: int, ishare_id: int = -1) -> None:
+        """The long xattr name prefix table (`count` encoded entries, see
+        format.erofs.encode_long_prefix); `ishare_id`: the entry of the content
+        fingerprints, or -1. Before any xattr is added."""
+        table = _bytes(table, "xattr prefix table")
+        r = lib.erofs_builder_set_xattr_prefixes(self._b, table, len(table), count, ishare_id)
+        if r:
+            _raise(self._b, r)
+
+    def add_xattr_long(self, node: int, prefix_id: int, name: BytesLike,
+                       value: BytesLike) -> None:
+        """Add an xattr under long prefix `prefix_id`; `name` is the rest after it."""
+        name = _bytes(name, "xattr name")
+        value = _bytes(value, "xattr value")
+        r = lib.erofs_node_add_xattr_long(self._b, node, prefix_id, name, len(name), value,
+                                          len(value))
+        if r:
+            _raise(self._b, r)
+
     def add_child(self, dir_node: int, name: BytesLike, child: int) -> None:
         """Add `child` to directory `dir_node` as `name` (bytes, 1..255, no '/' or NUL).
         Adding one non-directory node under several names makes hardlinks."""

@@ -46,6 +46,7 @@ class MkfsOptions:
     compress: Compression | None = None   # -z / -C
     compress_hints: list[CompressHint] = field(default_factory=list)   # --compress-hints
     workers: int = 0                  # --workers: compression threads, 0 = one per CPU
+    inode_digest: bytes | None = None  # --xattr-inode-digest: the fingerprint xattr's name
 
     def effective_timestamp(self, environ: Mapping[str, str] = os.environ) -> int | None:
         """-T wins; else SOURCE_DATE_EPOCH (same meaning as -T, as mkfs.erofs)."""
@@ -55,6 +56,29 @@ class MkfsOptions:
         if sde:
             return parse_timestamp(sde, "SOURCE_DATE_EPOCH")
         return None
+
+
+# --xattr-inode-digest without a value: the name mkfs.erofs 1.9 (and Linux's page-cache
+# sharing) uses; no namespace prefix, so the kernel keeps it internal (no listxattr)
+INODE_DIGEST_DEFAULT = "erofs.fingerprint.v1"
+
+
+def parse_inode_digest(name: str) -> bytes:
+    """--xattr-inode-digest=NAME: the whole xattr name (it becomes a long name prefix)."""
+    raw = os.fsencode(name)
+    where = f"--xattr-inode-digest={name!r}"
+    if not raw:
+        raise InputError(f"{where}: empty name")
+    if b"\0" in raw:
+        raise InputError(f"{where}: name contains NUL")
+    if len(raw) > 255:
+        raise InputError(f"{where}: name longer than 255 bytes")
+    if raw in (b"user.", b"trusted.", b"security.", b"lustre."):
+        raise InputError(f"{where}: nothing after the namespace")
+    if raw.startswith(b"system."):
+        # the kernel reads system.* as POSIX ACLs: a digest there would be a bad ACL
+        raise InputError(f"{where}: system.* names are reserved for ACLs")
+    return raw
 
 
 # the algorithms -z takes, as mkfs.erofs names them

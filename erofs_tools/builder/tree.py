@@ -1,12 +1,14 @@
 """Directory walk: turns a source tree into nodes of the C builder.
 
 One lstat per entry (os.scandir + DirEntry.stat), listxattr/getxattr, readlink for
-symlinks. Regular file data is never read here: the C core copies it when writing.
+symlinks. Regular file data is not read here (the C core copies it when writing), except
+for --xattr-inode-digest: its sha256 is read here, before the data is queued.
 Hardlinks are detected by (st_dev, st_ino); the table only keeps inodes with links not
 yet seen. Excluded paths are matched against the path relative to SOURCE (no leading
 '/'): --exclude-path exactly, --exclude-regex with re.search.
 """
 import errno
+import hashlib
 import os
 import stat
 from collections.abc import Callable, Iterable
@@ -14,6 +16,7 @@ from collections.abc import Callable, Iterable
 from erofs_tools._native import NativeBuilder
 from erofs_tools.builder.options import MkfsOptions
 from erofs_tools.errors import ErofsToolsError, InputError
+from erofs_tools.format.erofs import encode_long_prefix
 
 _S_IFMT = 0o170000
 _S_IFDIR = stat.S_IFDIR
@@ -60,6 +63,16 @@ class TreeWalker:
         self.excl_paths = set(options.exclude_paths)
         self.excl_regex = list(options.exclude_regex)
         self.hints = list(options.compress_hints) if options.compress else []
+        self.digest = options.inode_digest is not None
+        if options.inode_digest is not None:
+            if options.compress is not None and options.compress.fragments:
+                # mkfs.erofs then keeps the prefix table in the packed inode; kernels
+                # without plain prefixes would read ours from there
+                raise InputError("--xattr-inode-digest is not supported with -E fragments yet")
+            # one long prefix, the whole name; each fingerprint is stored with an empty
+            # suffix after it, as erofs-utils 1.9 writes them
+            _, entry = encode_long_prefix(options.inode_digest)
+            builder.set_xattr_prefixes(entry, 1, ishare_id=0)
 
     def _excluded(self, rel: bytes) -> bool:
         if rel in self.excl_paths:
@@ -97,6 +110,8 @@ class TreeWalker:
         try:
             node = b.add_node(mode, uid, gid, sec, nsec, size, maj, mnr)
             self._xattrs(path, node)     # before the data (stream mode needs them first)
+            if self.digest and fmt == _S_IFREG and size:
+                b.add_xattr_long(node, 0, b"", b"sha256:" + self._sha256(path, size))
             if fmt == _S_IFREG and size:
                 for h in self.hints:      # --compress-hints: the first match
                     if h.regex.search(rel):
@@ -110,6 +125,24 @@ class TreeWalker:
         self.entries += 1
         self.bytes += size
         return node
+
+    @staticmethod
+    def _sha256(path: bytes, size: int) -> bytes:
+        """The content fingerprint of a regular file (its first `size` bytes, the size
+        the inode records: the C core copies no more than that)."""
+        h = hashlib.sha256()
+        try:
+            with open(path, "rb", buffering=0) as f:
+                left = size
+                while left:
+                    chunk = f.read(min(left, 1 << 20))
+                    if not chunk:
+                        raise InputError(f"{shown_path(path)}: file shrank while reading")
+                    h.update(chunk)
+                    left -= len(chunk)
+        except OSError as e:
+            raise _oserr(e, path) from None
+        return h.digest()
 
     def _xattrs(self, path: bytes, node: int) -> None:
         try:

@@ -5,12 +5,14 @@ import click
 
 from erofs_tools.builder.mkfs import mkfs as build_image
 from erofs_tools.builder.options import (
+    INODE_DIGEST_DEFAULT,
     MkfsOptions,
     parse_compress,
     parse_compress_hints,
     parse_exclude_path,
     parse_exclude_regex,
     parse_extended,
+    parse_inode_digest,
     parse_label,
     parse_timestamp,
     parse_uuid,
@@ -52,13 +54,19 @@ from erofs_tools.errors import InputError
 @click.option("--compress-hints", "hints", metavar="FILE",
               help="Per-file pcluster size and algorithm: lines 'SIZE [ALGINDEX] REGEX' "
                    "(as mkfs.erofs; SIZE 0: not compressed).")
+@click.option("--xattr-inode-digest", "digest_flag", is_flag=True,
+              help="Record each regular file's sha256 in an xattr (for the kernel's "
+                   f"page-cache sharing); --xattr-inode-digest=NAME names it (default "
+                   f"{INODE_DIGEST_DEFAULT}).")
+@click.option("--xattr-inode-digest-name", "digest_name", hidden=True)
 @click.option("--workers", type=click.IntRange(0, 64), default=0,
               help="Compression threads (default: one per CPU; the image is the same).")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing on success.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 def mkfs(image, source, timestamp, uuid_text, label, all_root, force_uid, force_gid,
          exclude_path, exclude_regex, no_shared_xattrs, compress, pcluster, extended, hints,
-         workers, quiet, as_json, tar_mode, aufs, ungzip, ungzip_dump, max_size):
+         digest_flag, digest_name, workers, quiet, as_json, tar_mode, aufs, ungzip,
+         ungzip_dump, max_size):
     """Build an EROFS image IMAGE of the directory SOURCE (4 KiB blocks), or with --tar
     of the tar file SOURCE (- or none: stdin)."""
     check_tar_flags(tar_mode, aufs, ungzip, ungzip_dump, max_size)
@@ -70,6 +78,11 @@ def mkfs(image, source, timestamp, uuid_text, label, all_root, force_uid, force_
     if hints is not None and compress is None:
         raise InputError("--compress-hints needs -z")
     z = parse_compress(compress, pcluster, ext) if compress is not None else None
+    digest = None
+    if digest_flag or digest_name is not None:
+        digest = parse_inode_digest(INODE_DIGEST_DEFAULT if digest_name is None else digest_name)
+        if tar_mode is not None:
+            raise InputError("--xattr-inode-digest is not supported with --tar yet")
     opts = MkfsOptions(
         timestamp=parse_timestamp(timestamp) if timestamp is not None else None,
         uuid=parse_uuid(uuid_text) if uuid_text else None,
@@ -83,6 +96,7 @@ def mkfs(image, source, timestamp, uuid_text, label, all_root, force_uid, force_
         compress=z,
         compress_hints=parse_compress_hints(hints, 1 + len(z.more)) if z and hints else [],
         workers=workers,
+        inode_digest=digest,
     )
     progress = Progress.maybe(enabled=not quiet and not as_json)
     if tar_mode is not None:

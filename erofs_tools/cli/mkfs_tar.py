@@ -11,7 +11,8 @@ from erofs_tools.errors import InputError
 
 class MkfsCommand(click.Command):
     """Optional values as getopt has them (only when glued with '='): `--ungzip=FILE`
-    becomes the hidden `--ungzip-dump FILE` and a bare `--ungzip` stays a flag, so
+    becomes the hidden `--ungzip-dump FILE` (`--xattr-inode-digest=NAME` the hidden
+    `--xattr-inode-digest-name NAME`) and a bare `--ungzip` stays a flag, so
     `--ungzip IMAGE TAR` does not swallow IMAGE; a bare `--tar` is `--tar=f`."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
@@ -22,6 +23,8 @@ class MkfsCommand(click.Command):
                 break
             if a.startswith("--ungzip="):
                 out.extend(["--ungzip-dump", a[len("--ungzip="):]])
+            elif a.startswith("--xattr-inode-digest="):
+                out.extend(["--xattr-inode-digest-name", a[len("--xattr-inode-digest="):]])
             elif a == "--tar":              # mkfs.erofs: a bare --tar is full mode
                 out.append("--tar=f")
             else:

@@ -20,6 +20,8 @@ NULL_ADDR = 0xFFFFFFFF  # hole / "no block"
 FEATURE_COMPAT_SB_CHKSUM = 0x1
 FEATURE_COMPAT_MTIME = 0x2
 FEATURE_COMPAT_XATTR_FILTER = 0x4
+FEATURE_COMPAT_PLAIN_XATTR_PFX = 0x10   # the long prefix table in metadata, not the packed inode
+FEATURE_COMPAT_ISHARE_XATTRS = 0x20     # per-inode content fingerprints (page-cache sharing)
 FEATURE_COMPAT_RAFS_V6 = 0x4000_0000
 
 FEATURE_INCOMPAT_CHUNKED_FILE = 0x4
@@ -37,7 +39,8 @@ class SuperBlock(Record):
         ("uuid", "16s"), ("volume_name", "16s"), ("feature_incompat", "I"),
         ("u1", "H"), ("extra_devices", "H"), ("devt_slotoff", "H"),
         ("dirblkbits", "B"), ("xattr_prefix_count", "B"), ("xattr_prefix_start", "I"),
-        ("packed_nid", "Q"), ("xattr_filter_reserved", "B"), (None, "23x"),
+        ("packed_nid", "Q"), ("xattr_filter_reserved", "B"), ("ishare_xattr_prefix_id", "B"),
+        (None, "22x"),
     )
 
 
@@ -161,6 +164,7 @@ FEATURE_INCOMPAT_DEDUPE = 0x20         # same bit: pclusters shared, partially r
 # what the reader understands of compressed images (on top of FEATURE_INCOMPAT_SUPPORTED)
 FEATURE_INCOMPAT_COMPRESSED = (FEATURE_INCOMPAT_ZERO_PADDING | FEATURE_INCOMPAT_COMPR_CFGS
                                | FEATURE_INCOMPAT_ZTAILPACKING | FEATURE_INCOMPAT_FRAGMENTS)
+FEATURE_INCOMPAT_XATTR_PREFIXES = 0x40    # long xattr name prefix table (Linux 6.4+)
 COMPRESSION_LZ4, COMPRESSION_LZMA, COMPRESSION_DEFLATE, COMPRESSION_ZSTD = range(4)
 LCLUSTER_TYPE_PLAIN, LCLUSTER_TYPE_HEAD1, LCLUSTER_TYPE_NONHEAD, LCLUSTER_TYPE_HEAD2 = range(4)
 LI_D0_CBLKCNT = 0x800                  # first NONHEAD's delta[0]: pcluster block count
@@ -269,6 +273,51 @@ XATTR_PREFIXES = {
     XATTR_INDEX_LUSTRE: b"lustre.",
     XATTR_INDEX_SECURITY: b"security.",
 }
+
+
+# e_name_index with XATTR_LONG_PREFIX set: the low bits index the long prefix table.
+# Each table entry (the first at sb.xattr_prefix_start * 4, each 4-byte aligned) is a
+# le16 size, then `size` bytes: the short index it extends (0: none) and the infix.
+XATTR_LONG_PREFIX = 0x80
+XATTR_LONG_PREFIX_MASK = 0x7F
+XATTR_PREFIX_ENTRY_ALIGN = 4
+
+
+def encode_long_prefix(prefix: bytes) -> tuple[int, bytes]:
+    """A long prefix -> (its base index, 0 when it extends none of the short ones; the
+    table entry: le16 size, base index, the rest of the prefix, padded to 4 bytes)."""
+    base, infix = 0, prefix
+    for index, short in sorted(XATTR_PREFIXES.items()):
+        if prefix.startswith(short):
+            base, infix = index, prefix[len(short):]
+            break
+    body = bytes([base]) + infix
+    entry = len(body).to_bytes(2, "little") + body
+    return base, entry + b"\0" * (-len(entry) % XATTR_PREFIX_ENTRY_ALIGN)
+
+
+def decode_long_prefixes(data: bytes | memoryview, count: int) -> list[bytes] | str:
+    """The full prefixes of a long prefix table of `count` entries starting at data[0],
+    or a one-line reason why it is not one."""
+    out = []
+    off = 0
+    for i in range(count):
+        if off + 2 > len(data):
+            return f"long xattr prefix {i} truncated"
+        size = int.from_bytes(data[off:off + 2], "little")
+        if size < 1 or size > 1 + NAME_MAX or off + 2 + size > len(data):
+            return f"long xattr prefix {i} has a bad size {size}"
+        base = data[off + 2]
+        short = XATTR_PREFIXES.get(base, b"") if base else b""
+        if base and not short:
+            return f"long xattr prefix {i} has a bad base index {base}"
+        infix = bytes(data[off + 3:off + 2 + size])
+        if b"\0" in infix:
+            return f"long xattr prefix {i} contains NUL"
+        out.append(short + infix)
+        off += 2 + size
+        off += -off % XATTR_PREFIX_ENTRY_ALIGN
+    return out
 
 
 def split_xattr_name(name: bytes) -> tuple[int, bytes] | None:

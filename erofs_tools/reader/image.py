@@ -17,6 +17,7 @@ from erofs_tools.format import erofs as E
 from erofs_tools.format import rafs as R
 from erofs_tools.fsutil import round_up
 from erofs_tools.reader.chunkrefs import ChunkList, ChunkRef  # noqa: F401 (re-exported)
+from erofs_tools.reader.xprefix import read_long_prefixes
 from erofs_tools.reader.zdata import is_compressed, iter_compressed
 from erofs_tools.reader.zmap import parse_config
 
@@ -145,6 +146,7 @@ class Image:
         self.blobs = blobs
         self._inode_cache = {}
         self._zstate = None         # reader/zdata.py caches (compressed inodes)
+        self._xprefixes = None      # long xattr name prefixes, read on first use
         self.zconfig = None         # ZConfig of a compressed image
         self._parse_super()
 
@@ -191,7 +193,8 @@ class Image:
         self.blksz = 1 << sb.blkszbits
         if sb.dirblkbits:
             raise self._err(f"dirblkbits {sb.dirblkbits} is not 0")
-        known = E.FEATURE_INCOMPAT_SUPPORTED | E.FEATURE_INCOMPAT_COMPRESSED
+        known = (E.FEATURE_INCOMPAT_SUPPORTED | E.FEATURE_INCOMPAT_COMPRESSED
+                 | E.FEATURE_INCOMPAT_XATTR_PREFIXES)
         if sb.feature_incompat & ~known:
             raise self._err(
                 f"unsupported incompatible features {sb.feature_incompat & ~known:#x}")
@@ -615,6 +618,12 @@ class Image:
             stack.extend(reversed(subdirs))
 
     # -- xattrs ----------------------------------------------------------------------------
+    def long_xattr_prefixes(self) -> list:
+        """The long xattr name prefixes (full names, bytes), [] without the feature."""
+        if self._xprefixes is None:
+            self._xprefixes = read_long_prefixes(self)
+        return self._xprefixes
+
     def _xattr_entry(self, buf, off, end, what):
         if off + E.XattrEntry.SIZE > end:
             raise self._err(f"{what}: xattr entry truncated")
@@ -623,7 +632,12 @@ class Image:
         vend = nstart + e.e_name_len + e.e_value_size
         if vend > end:
             raise self._err(f"{what}: xattr entry runs past its area")
-        prefix = E.XATTR_PREFIXES.get(e.e_name_index)
+        if e.e_name_index & E.XATTR_LONG_PREFIX:
+            longs = self.long_xattr_prefixes()
+            i = e.e_name_index & E.XATTR_LONG_PREFIX_MASK
+            prefix = longs[i] if i < len(longs) else None
+        else:
+            prefix = E.XATTR_PREFIXES.get(e.e_name_index)
         if prefix is None:
             raise self._err(f"{what}: unsupported xattr name index {e.e_name_index:#x}")
         suffix = bytes(buf[nstart:nstart + e.e_name_len])

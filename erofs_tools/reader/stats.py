@@ -251,6 +251,12 @@ def super_summary(img: Image) -> dict:
             "ztailpacking": bool(sb.feature_incompat & E.FEATURE_INCOMPAT_ZTAILPACKING),
             "fragments_or_dedupe": bool(sb.feature_incompat & E.FEATURE_INCOMPAT_FRAGMENTS),
             "packed_nid": sb.packed_nid}
+    prefixes = img.long_xattr_prefixes()
+    if prefixes:
+        d["xattr_prefixes"] = [p.decode("utf-8", "backslashreplace") for p in prefixes]
+        if sb.feature_compat & E.FEATURE_COMPAT_ISHARE_XATTRS:
+            # the xattr whose value is each inode's content fingerprint
+            d["ishare_xattr_prefix_id"] = sb.ishare_xattr_prefix_id
     if img.is_rafs:
         ext = img.rafs
         d["rafs"] = {"flags": f"{ext.s_flags:#x}", "chunk_size": ext.s_chunk_size,
