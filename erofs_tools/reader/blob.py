@@ -32,7 +32,7 @@ MAX_COMPRESSED_SIZE = 1 << 40
 # crafted frame header cannot make the decoder allocate much.
 ZSTD_MAX_WINDOW = 1 << 25
 
-COMPRESSORS_SUPPORTED = ("none", "zstd")
+COMPRESSORS_SUPPORTED = ("none", "zstd", "lz4_block")
 DIGESTERS = ("blake3", "sha256")
 
 
@@ -111,6 +111,14 @@ def _zstd_decompress(data, limit, what):
 def _decompress(compressor, data, size, what):
     if compressor == "zstd" or (compressor is None and data[:4] == ZSTD_MAGIC):
         out = _zstd_decompress(data, size, what)
+    elif compressor == "lz4_block":
+        # a raw LZ4 block (no frame, no size prefix: Nydus's lz4_block); the C core's
+        # bounded decoder (csrc/coldpath.c)
+        from erofs_tools import _native
+        dec = _native.cold_decode_one("lz4_block", data, size)
+        if dec is None:
+            raise CorruptImageError(f"{what}: bad lz4 block")
+        out = dec
     elif compressor in ("none", None):
         out = bytes(data)
     else:
