@@ -450,6 +450,9 @@ class ColdChunks:
     def mark_verified(self, i: int) -> None:
         self.arr[i].verified = 1
 
+    def verified(self, i: int) -> bool:
+        return bool(self.arr[i].verified)
+
     def store(self, fd: int, file_size: int, bitmap: bytearray, nbits: int,
               state_fd: int = -1, state_off: int = 0) -> tuple[int, int, int]:
         """Write the verified chunks at their file offsets (GIL released), set their bits

@@ -17,6 +17,7 @@ it, and
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
@@ -67,11 +68,46 @@ class StoreResult(NamedTuple):
     newly: int              # bits that were clear before
 
 
-def store_range(meta: BlobMeta, chunks: Sequence[BlobChunk], raw: bytes | memoryview,
-                raw_offset: int, target: StoreTarget, verify: bool = True) -> StoreResult:
-    """Decode, verify and store `chunks`, whose stored bytes are in `raw` (the blob's
-    bytes from `raw_offset` on). Chunks without a digest are refused (never stored)
-    unless verify is False."""
+class DecodedRange:
+    """The chunks of one range, decoded and verified (`decode_range`), ready to store.
+    Holds this thread's decode buffer: store it from the same thread, before the next
+    decode_range."""
+
+    def __init__(self, meta: BlobMeta, chunks: Sequence[BlobChunk],
+                 cc: _native.ColdChunks, failed: list) -> None:
+        self.meta = meta
+        self.chunks = chunks
+        self.cc = cc
+        self.failed = failed      # (chunk, CorruptImageError): never stored
+
+    def store(self, target: StoreTarget) -> StoreResult:
+        """Write the verified chunks into target.fd and set their bits (one C call)."""
+        cc = self.cc
+        _written, newly, werr = cc.store(target.fd, target.size, target.bitmap, target.nbits,
+                                         target.state_fd, target.state_off)
+        stored = []
+        failed = list(self.failed)
+        name = _blob_name(self.meta.blob_id)
+        for i, c in enumerate(self.chunks):
+            if not cc.verified(i):
+                continue
+            st = cc.status(i)
+            if st == _native.COLD_OK:
+                stored.append(c)
+            elif st == _native.COLD_EWRITE:
+                failed.append((c, OSError(-werr, f"{os.strerror(-werr)} (writing chunk "
+                                                  f"{c.index} into the cache file)")))
+            else:
+                failed.append((c, CorruptImageError(
+                    f"blob {name}: chunk {c.index}: {_native.COLD_ERRORS.get(st, st)}")))
+        return StoreResult(stored, failed, newly)
+
+
+def decode_range(meta: BlobMeta, chunks: Sequence[BlobChunk], raw: bytes | memoryview,
+                 raw_offset: int, verify: bool = True) -> DecodedRange:
+    """Decode and verify `chunks`, whose stored bytes are in `raw` (the blob's bytes from
+    `raw_offset` on). Chunks without a digest are refused (never stored) unless verify
+    is False."""
     name = _blob_name(meta.blob_id)
     n = len(chunks)
     # decoded chunks laid out one after the other, 4 KiB aligned; stored ones stay in raw
@@ -107,16 +143,10 @@ def store_range(meta: BlobMeta, chunks: Sequence[BlobChunk], raw: bytes | memory
                     f"{what}: digest mismatch ({meta.digester})")))
                 continue
         cc.mark_verified(i)
-    _written, newly, werr = cc.store(target.fd, target.size, target.bitmap, target.nbits,
-                                     target.state_fd, target.state_off)
-    stored = []
-    for i, c in enumerate(chunks):
-        st = cc.status(i)
-        if cc.arr[i].verified and st == _native.COLD_OK:
-            stored.append(c)
-        elif st == _native.COLD_EWRITE:
-            failed.append((c, OSError(-werr, f"cache file write failed for chunk {c.index}")))
-        elif cc.arr[i].verified:
-            failed.append((c, CorruptImageError(
-                f"blob {name}: chunk {c.index}: {_native.COLD_ERRORS.get(st, st)}")))
-    return StoreResult(stored, failed, newly)
+    return DecodedRange(meta, chunks, cc, failed)
+
+
+def store_range(meta: BlobMeta, chunks: Sequence[BlobChunk], raw: bytes | memoryview,
+                raw_offset: int, target: StoreTarget, verify: bool = True) -> StoreResult:
+    """decode_range, then store: the whole cold path of one range."""
+    return decode_range(meta, chunks, raw, raw_offset, verify).store(target)
