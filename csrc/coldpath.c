@@ -128,8 +128,10 @@ int ern_cold_decode(const uint8_t *src, size_t srclen, uint8_t *dst, size_t dstl
     return ok;
 }
 
-static int write_all(int fd, struct iovec *iov, int cnt, uint64_t off)
+/* 0 or -errno; *done = bytes written from off on (all of them, or up to the failure) */
+static int write_all(int fd, struct iovec *iov, int cnt, uint64_t off, uint64_t *done)
 {
+    *done = 0;
     while (cnt > 0) {
         ssize_t w = pwritev(fd, iov, cnt, (off_t)off);
         if (w < 0) {
@@ -140,6 +142,7 @@ static int write_all(int fd, struct iovec *iov, int cnt, uint64_t off)
         if (w == 0)
             return -EIO;
         off += (uint64_t)w;
+        *done += (uint64_t)w;
         while (cnt > 0 && (size_t)w >= iov->iov_len) {
             w -= (ssize_t)iov->iov_len;
             iov++;
@@ -182,12 +185,14 @@ int64_t ern_cold_store(int fd, uint64_t file_size, const uint8_t *src, size_t sr
             }
         }
         if (cnt && (!c || c->file_off != run_end || cnt == COLD_IOV_MAX)) {
-            int r = write_all(fd, iov, cnt, run_off);
+            uint64_t done, end = 0;
+            int r = write_all(fd, iov, cnt, run_off, &done);
             for (int k = 0; k < cnt; k++) {
                 struct ern_cold_chunk *w = &chunks[run[k]];
-                if (r) {
+                end += w->ulen;
+                if (end > done) {       /* not (wholly) written: no bit */
                     w->status = ERN_COLD_EWRITE;
-                    err = r;
+                    err = r ? r : -EIO;
                     continue;
                 }
                 uint8_t bit = (uint8_t)(1u << (w->index & 7));

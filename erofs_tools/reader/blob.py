@@ -537,11 +537,12 @@ class BlobMeta:
                 if c.compressed:
                     head = _read_exact(read_at, c.compressed_offset, min(4, c.compressed_size),
                                        blob_size, f"blob {name}: chunk {c.index}")
-                    if head != ZSTD_MAGIC:
+                    compressor = "zstd" if head == ZSTD_MAGIC else _lz4_or_none(
+                        read_at, blob_size, c, digests, dig_list)
+                    if compressor is None:
                         raise CorruptImageError(
                             f"blob {name}: chunk {c.index} is not zstd and no bootstrap "
                             "says which compressor the blob uses")
-                    compressor = "zstd"
                     break
         if digester is None:
             digester = "blake3"
@@ -569,6 +570,22 @@ class BlobMeta:
                 raise CorruptImageError(
                     f"blob {name}: chunks {a.index} and {b.index} overlap in the blob")
         return meta
+
+
+def _lz4_or_none(read_at, blob_size, c, digests, dig_list):
+    """"lz4_block" if chunk `c` (compressed, not zstd) is a raw LZ4 block of data that
+    matches its digest under a known algorithm (LZ4 blocks have no magic to tell them
+    by), else None."""
+    digest = dig_list[c.index] if dig_list is not None else (digests or {}).get(c.index)
+    if digest is None:
+        return None
+    raw = _read_exact(read_at, c.compressed_offset, c.compressed_size, blob_size,
+                      f"chunk {c.index}")
+    from erofs_tools import _native
+    data = _native.cold_decode_one("lz4_block", raw, c.uncompressed_size)
+    if data is not None and any(_digest(alg, data) == digest for alg in DIGESTERS):
+        return "lz4_block"
+    return None
 
 
 def decode_chunk(meta: BlobMeta, chunk: BlobChunk, raw: bytes, verify: bool = True) -> bytes:
