@@ -305,6 +305,15 @@ def _read_pool() -> ThreadPoolExecutor:
         return _pool
 
 
+def _forget_pool() -> None:
+    # a forked child has none of the parent's threads: a new pool on first use
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pool)
+
+
 class _Flight:
     __slots__ = ("event", "error")
 
