@@ -42,9 +42,9 @@ import errno
 import hashlib
 import logging
 import os
+import queue
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from erofs_tools.errors import CorruptImageError, ErofsToolsError
@@ -291,29 +291,6 @@ class BlobCache:
             self._own_fd = -1
 
 
-_pool_lock = threading.Lock()
-_pool: ThreadPoolExecutor | None = None
-# backend requests in flight ahead of the ranges being decoded (_reads), all blobs
-READ_AHEAD_THREADS = 4
-
-
-def _read_pool() -> ThreadPoolExecutor:
-    global _pool
-    with _pool_lock:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(READ_AHEAD_THREADS, thread_name_prefix="fscache-read")
-        return _pool
-
-
-def _forget_pool() -> None:
-    # a forked child has none of the parent's threads: a new pool on first use
-    global _pool, _pool_lock
-    _pool, _pool_lock = None, threading.Lock()
-
-
-os.register_at_fork(after_in_child=_forget_pool)
-
-
 class _Flight:
     __slots__ = ("event", "error")
 
@@ -477,15 +454,47 @@ class BlobManager:
         return raw, None
 
     def _reads(self, batches):
-        """(batch, _read(batch)) in order, the next batch's backend request in flight
-        while the caller decodes and writes this one (pipelining; at most one read
-        ahead, so at most two batches' bytes are held)."""
-        nxt = None
-        for i, b in enumerate(batches):
-            got = nxt.result() if nxt is not None else self._read(b)
-            nxt = _read_pool().submit(self._read, batches[i + 1]) \
-                if self.pipeline and i + 1 < len(batches) else None
-            yield b, got
+        """(batch, _read(batch)) in order; with more than one batch, a reader thread
+        keeps the next backend request in flight while the caller decodes and writes
+        the current one (pipelining). At most one result waits in the queue, so at most
+        three batches' bytes are held. A thread per multi-batch fill, not a shared pool:
+        nothing to go stale in a forked child, and where no thread can be had (limits)
+        the batches are read one after another."""
+        if not self.pipeline or len(batches) < 2:
+            for b in batches:
+                yield b, self._read(b)
+            return
+        q: queue.Queue = queue.Queue(maxsize=1)
+        stop = threading.Event()
+
+        def produce():
+            for b in batches[1:]:
+                if stop.is_set():
+                    return
+                try:
+                    got = self._read(b)
+                except BaseException as e:  # noqa: BLE001 - the consumer must get a result
+                    got = (None, StorageError(f"blob {self.blob_id[:12]}: read failed: {e}"))
+                while not stop.is_set():
+                    try:
+                        q.put((b, got), timeout=0.5)
+                        break
+                    except queue.Full:
+                        continue
+
+        t = threading.Thread(target=produce, name="fscache-read", daemon=True)
+        try:
+            t.start()
+        except RuntimeError:
+            for b in batches:
+                yield b, self._read(b)
+            return
+        try:
+            yield batches[0], self._read(batches[0])
+            for _ in batches[1:]:
+                yield q.get()
+        finally:
+            stop.set()
 
     def _process(self, batch, got, flights, failures, prefetch) -> int:
         raw, err = got
