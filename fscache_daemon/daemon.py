@@ -262,7 +262,7 @@ class Daemon(MountLifecycle):
                                f"{ref.uncompressed_size}")
         cache = bc.BlobCache(self.blob_dir, meta, durable=self.durable, key=key)
         mgr = bc.BlobManager(meta, cache, backend, batch_size=self.batch_size,
-                             on_complete=self._blob_complete)
+                             on_complete=self._blob_complete, pipeline=True)
         mgr.meta_bytes_fetched = fetched
         if mgr.key != ref.blob_id:
             log.warning("blob %s: this bootstrap's chunk table differs from the one "

@@ -81,7 +81,7 @@ def test_exact_bytes_and_every_byte_fetched_once(tmp_path, compressor, monkeypat
         assert sum(comp) >= 20      # the compressed path is the one exercised
     be = CountingBackend(bdir)
     # requests of at most 200 KiB: several batches, each read ahead of the decode
-    mgr = open_mgr(cdir, be, blob_id, batch_size=200 << 10)
+    mgr = open_mgr(cdir, be, blob_id, batch_size=200 << 10, pipeline=True)
     assert mgr.native and mgr.pipeline
     be.reads.clear()
     fetched = mgr.fill(0, mgr.size)

@@ -308,7 +308,7 @@ class BlobManager:
     (concurrent requests for a chunk in flight wait for it)."""
 
     def __init__(self, meta, cache: BlobCache, backend, *, batch_size: int = DEFAULT_BATCH_SIZE,
-                 on_complete=None):
+                 on_complete=None, pipeline: bool = False):
         self.meta = meta
         self.blob_id = meta.blob_id     # what the backend is asked for
         self.key = cache.key            # what the daemon and front ends name it by
@@ -323,10 +323,14 @@ class BlobManager:
         self._completed_reported = cache.complete()
         self._dirty = False
         # the C core's cold path (default) or the Python one (FSCACHE_DAEMON_COLDPATH=
-        # python, kept to measure against); pipelined reads unless "serial" is in it
+        # python, kept to measure against). `pipeline`: the next backend request in
+        # flight while a batch is decoded, from a thread per multi-batch fill (the
+        # daemon asks for it; a process that cannot start threads, e.g. under a tight
+        # RLIMIT_AS, must not: CPython waits forever for a thread that died starting);
+        # "serial" in the variable turns it off
         mode = os.environ.get("FSCACHE_DAEMON_COLDPATH", "native")
         self.native = "python" not in mode
-        self.pipeline = self.native and "serial" not in mode
+        self.pipeline = pipeline and self.native and "serial" not in mode
         # per chunk position: end of the longest file run starting at or covering it
         self._run_end: array.array | None = None
 
