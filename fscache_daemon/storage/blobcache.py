@@ -468,7 +468,7 @@ class BlobManager:
             for b in batches:
                 yield b, self._read(b)
             return
-        q: queue.Queue = queue.Queue(maxsize=1)
+        q = queue.Queue(maxsize=1)
         stop = threading.Event()
 
         def produce():
