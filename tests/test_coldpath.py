@@ -10,6 +10,7 @@ import random
 import resource
 import shutil
 import signal
+import threading
 
 import blake3
 import pytest
@@ -80,6 +81,7 @@ def test_exact_bytes_and_every_byte_fetched_once(tmp_path, compressor, monkeypat
     if compressor != "none":
         assert sum(comp) >= 20      # the compressed path is the one exercised
     be = CountingBackend(bdir)
+    be.pipelined = True     # as a registry backend: the next request read ahead
     # requests of at most 200 KiB: several batches, each read ahead of the decode
     mgr = open_mgr(cdir, be, blob_id, batch_size=200 << 10, pipeline=True)
     assert mgr.native and mgr.pipeline
@@ -99,6 +101,51 @@ def test_exact_bytes_and_every_byte_fetched_once(tmp_path, compressor, monkeypat
     be.reads.clear()
     assert mgr2.fill(0, mgr2.size) == 0 and not be.reads
     mgr2.close()
+
+
+class OverlapBackend(CountingBackend):
+    """The first read waits (up to 20 s) until a second one has started: it returns
+    only if the manager had two requests in flight at once."""
+    pipelined = True
+
+    def __init__(self, directory):
+        super().__init__(directory)
+        self.armed = False
+
+    def arm(self):
+        self.second = threading.Event()
+        self.n = 0
+        self.overlapped = None
+        self.armed = True
+
+    def read(self, blob_id, offset, length):
+        if not self.armed:      # the chunk map's reads
+            return super().read(blob_id, offset, length)
+        with self._rl:
+            self.n += 1
+            first = self.n == 1
+        if first:
+            self.overlapped = self.second.wait(20)
+        else:
+            self.second.set()
+        return super().read(blob_id, offset, length)
+
+
+def test_next_request_in_flight_while_decoding(tmp_path, monkeypatch):
+    monkeypatch.delenv("FSCACHE_DAEMON_COLDPATH", raising=False)
+    bdir, cdir = str(tmp_path / "b"), str(tmp_path / "c")
+    blob_id, datas, _ = make_blob(bdir, 16, "zstd")
+    be = OverlapBackend(bdir)
+    mgr = open_mgr(cdir, be, blob_id, batch_size=100 << 10, pipeline=True)
+    be.arm()
+    mgr.fill(0, mgr.size)
+    assert be.n > 2 and be.overlapped, "the second request did not start before the first returned"
+    with open(mgr.cache.path, "rb") as f:
+        assert f.read() == expected(mgr.meta, datas)
+    # a localfs backend is not pipelined (the kernel reads ahead what will_need asked)
+    assert not open_mgr(str(tmp_path / "c2"), CountingBackend(bdir), blob_id,
+                        pipeline=True).pipeline
+    mgr.close()
 
 
 @pytest.mark.parametrize("compressor", COMPRESSORS)

@@ -40,6 +40,9 @@ class Backend:
     """Interface every backend implements."""
 
     kind = "?"
+    # the daemon keeps a fill's next request in flight while it decodes the current one
+    # (BlobManager pipeline) when a request has latency worth hiding
+    pipelined = True
 
     @property
     def spec(self) -> str:
@@ -72,6 +75,10 @@ class LocalFsBackend(Backend):
     """A directory holding blob files named by their blob id (as nydusd's localfs)."""
 
     kind = "localfs"
+    # a read is a pread; the kernel reads ahead what will_need() announced, so the next
+    # range is already on its way without a thread handing reads over (that handoff cost
+    # more CPU than it hid here)
+    pipelined = False
 
     def __init__(self, directory: str):
         self.directory = os.path.abspath(directory)

@@ -326,11 +326,13 @@ class BlobManager:
         # python, kept to measure against). `pipeline`: the next backend request in
         # flight while a batch is decoded, from a thread per multi-batch fill (the
         # daemon asks for it; a process that cannot start threads, e.g. under a tight
-        # RLIMIT_AS, must not: CPython waits forever for a thread that died starting);
-        # "serial" in the variable turns it off
+        # RLIMIT_AS, must not: CPython waits forever for a thread that died starting),
+        # for backends whose requests have latency to hide (Backend.pipelined); "serial"
+        # in the variable turns it off, "pipelined" on for any backend
         mode = os.environ.get("FSCACHE_DAEMON_COLDPATH", "native")
         self.native = "python" not in mode
-        self.pipeline = pipeline and self.native and "serial" not in mode
+        self.pipeline = pipeline and self.native and "serial" not in mode and (
+            getattr(backend, "pipelined", True) or "pipelined" in mode)
         # per chunk position: end of the longest file run starting at or covering it
         self._run_end: array.array | None = None
 
