@@ -142,9 +142,8 @@ def test_next_request_in_flight_while_decoding(tmp_path, monkeypatch):
     assert be.n > 2 and be.overlapped, "the second request did not start before the first returned"
     with open(mgr.cache.path, "rb") as f:
         assert f.read() == expected(mgr.meta, datas)
-    # a localfs backend is not pipelined (the kernel reads ahead what will_need asked)
-    assert not open_mgr(str(tmp_path / "c2"), CountingBackend(bdir), blob_id,
-                        pipeline=True).pipeline
+    # a manager not asked to pipeline (the default) starts no thread
+    assert not open_mgr(str(tmp_path / "c2"), be, blob_id).pipeline
     mgr.close()
 
 

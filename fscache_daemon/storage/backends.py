@@ -75,10 +75,6 @@ class LocalFsBackend(Backend):
     """A directory holding blob files named by their blob id (as nydusd's localfs)."""
 
     kind = "localfs"
-    # a read is a pread; the kernel reads ahead what will_need() announced, so the next
-    # range is already on its way without a thread handing reads over (that handoff cost
-    # more CPU than it hid here)
-    pipelined = False
 
     def __init__(self, directory: str):
         self.directory = os.path.abspath(directory)

@@ -37,12 +37,12 @@ served, each from its own file.
 
 from __future__ import annotations
 
+import _thread
 import array
 import errno
 import hashlib
 import logging
 import os
-import queue
 import threading
 import time
 from typing import Any
@@ -462,31 +462,43 @@ class BlobManager:
     def _reads(self, batches):
         """(batch, _read(batch)) in order; with more than one batch, a reader thread
         keeps the next backend request in flight while the caller decodes and writes
-        the current one (pipelining). At most one result waits in the queue, so at most
-        three batches' bytes are held. A thread per multi-batch fill, not a shared pool:
+        the current one (pipelining). The reader starts on batch j+1 once the caller took
+        batch j, so at most two batches' bytes are held. A thread per multi-batch fill, not a shared pool:
         nothing to go stale in a forked child, and where no thread can be had (limits)
         the batches are read one after another."""
         if not self.pipeline or len(batches) < 2:
             for b in batches:
                 yield b, self._read(b)
             return
-        q = queue.Queue(maxsize=1)
-        stop = threading.Event()
+        # hand-over by raw locks (no Condition objects: they cost more GIL time than
+        # the read they overlap): ready[j] is released when batch j was read, taken[j]
+        # when the caller took it; batch j+1 is read only after batch j was taken
+        n = len(batches)
+        ready = [_thread.allocate_lock() for _ in range(n)]
+        taken = [_thread.allocate_lock() for _ in range(n)]
+        for lk in ready + taken:
+            lk.acquire()
+        results: list = [None] * n
+        stop = False
+
+        def wait(lock) -> bool:
+            while not lock.acquire(timeout=0.5):
+                if stop:
+                    return False
+            return True
 
         def produce():
-            for b in batches[1:]:
-                if stop.is_set():
+            for j in range(1, n):
+                if j >= 2 and not wait(taken[j - 1]):
+                    return
+                if stop:
                     return
                 try:
-                    got = self._read(b)
+                    results[j] = self._read(batches[j])
                 except BaseException as e:  # noqa: BLE001 - the consumer must get a result
-                    got = (None, StorageError(f"blob {self.blob_id[:12]}: read failed: {e}"))
-                while not stop.is_set():
-                    try:
-                        q.put((b, got), timeout=0.5)
-                        break
-                    except queue.Full:
-                        continue
+                    results[j] = (None, StorageError(
+                        f"blob {self.blob_id[:12]}: read failed: {e}"))
+                ready[j].release()
 
         t = threading.Thread(target=produce, name="fscache-read", daemon=True)
         try:
@@ -497,10 +509,13 @@ class BlobManager:
             return
         try:
             yield batches[0], self._read(batches[0])
-            for _ in batches[1:]:
-                yield q.get()
+            for j in range(1, n):
+                ready[j].acquire()
+                got, results[j] = results[j], None
+                taken[j].release()
+                yield batches[j], got
         finally:
-            stop.set()
+            stop = True
 
     def _process(self, batch, got, flights, failures, prefetch) -> int:
         raw, err = got
