@@ -46,10 +46,11 @@ RANGE = 1 << 20
 TICK = os.sysconf("SC_CLK_TCK")
 
 
-def proc_cpu(pid: int) -> float:
+def proc_cpu(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process so far."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
+    return int(fields[11]) / TICK, int(fields[12]) / TICK
 
 
 def proc_hwm_mib(pid: int) -> float:
@@ -180,9 +181,10 @@ def main(argv=None) -> int:
             d.mount(boot, mnt, f"localfs:{blobs}")
             drop_caches()
             pid = d.proc.pid
-            c0 = proc_cpu(pid)
+            u0, s0 = proc_cpu(pid)
             t, n = timed(read_all, mnt, files)
-            cpu = proc_cpu(pid) - c0
+            u1, s1 = proc_cpu(pid)
+            cpu = (u1 - u0) + (s1 - s0)
             hwm = proc_hwm_mib(pid)
             m = d.blob_metrics(blob_id)
             d.umount(mnt)
@@ -190,7 +192,7 @@ def main(argv=None) -> int:
             d.cleanup()
             release_holder(holder_sock)
         return (t, n, cpu, hwm, m["bytes_fetched"], m["backend_requests"],
-                m["verify_failures"])
+                m["verify_failures"], u1 - u0, s1 - s0)
 
     for i in range(args.repeat):
         order = ways if i % 2 == 0 else ways[::-1]
@@ -202,7 +204,8 @@ def main(argv=None) -> int:
                 runs[w].append(cold(w))
             r = runs[w][-1]
             print(f"round {i + 1} {w}: {r[0]:.2f} s" + (
-                f", daemon CPU {r[2]:.2f} s, peak RSS {r[3]:.1f} MiB" if w != "direct"
+                f", daemon CPU {r[2]:.2f} s (user {r[7]:.2f}, sys {r[8]:.2f}), peak RSS "
+                f"{r[3]:.1f} MiB" if w != "direct"
                 else ""), file=sys.stderr, flush=True)
 
     for w, rs in runs.items():
@@ -213,6 +216,8 @@ def main(argv=None) -> int:
             cpus = sorted(r[2] for r in rs)
             fetched = median(rs)[4]
             res[f"{w}_cpu_runs_s"] = [round(r[2], 2) for r in rs]
+            res[f"{w}_user_runs_s"] = [round(r[7], 2) for r in rs]
+            res[f"{w}_sys_runs_s"] = [round(r[8], 2) for r in rs]
             res[f"{w}_cpu_s"] = cpus[(len(cpus) - 1) // 2]
             res[f"{w}_fetched_bytes"] = fetched
             res[f"{w}_backend_requests"] = median(rs)[5]
