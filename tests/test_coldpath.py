@@ -228,7 +228,7 @@ def test_decoder_refuses_hostile_frames():
     bad[4] |= 0x08                                                      # reserved bit
     assert _decode_one("zstd", bytes(bad), len(data)) is None
     assert _decode_one("zstd", b"\x28\xb5\x2f\xfd", len(data)) is None
-    # a frame without a content size whose window is larger than 32 MiB
+    # a frame that does not declare its content size (streamed) still decodes exactly
     big = zstandard.ZstdCompressor(write_content_size=False, level=1).compressobj()
     unsized = big.compress(data) + big.flush()
     assert _decode_one("zstd", unsized, len(data)) == data
