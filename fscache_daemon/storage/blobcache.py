@@ -479,7 +479,7 @@ class BlobManager:
         taken = [_thread.allocate_lock() for _ in range(n)]
         for lk in ready + taken:
             lk.acquire()
-        results: list = [None] * n
+        results = [None] * n
         stop = False
 
         def wait(lock) -> bool:
