@@ -229,4 +229,40 @@ int ern_zran_extract(uint8_t bits, uint8_t byte, const uint8_t *window, uint32_t
                      const uint8_t *in, size_t in_len, uint64_t skip,
                      uint8_t *out, size_t out_len);
 
+/* ---- the daemon's cold path (coldpath.c): a fetched range of a RAFS v6 blob ----
+ * ern_cold_decode decodes every chunk of the range (zstd, lz4 raw block, or stored),
+ * setting each chunk's status; the caller checks the digests of the good ones (blake3
+ * has no C library on Debian 12: the Python package's SIMD code hashes, without the
+ * GIL) and sets `verified`; ern_cold_store then writes the verified chunks into the cache
+ * file (runs adjacent in the file in one pwritev), sets their bits in the chunk-state
+ * bitmap (atomically; *newly = bits that were clear) and writes the changed bitmap bytes
+ * to state_fd at state_off (if state_fd >= 0). A chunk not verified is never written.
+ * Stored chunks (alg NONE) are used in place in src; the others are decoded into
+ * dst + dst_off. ern_cold_store returns the number of chunks written; a failed write
+ * marks its chunks ERN_COLD_EWRITE and leaves -errno in *werr (else 0). */
+enum { ERN_COLD_NONE = 0, ERN_COLD_ZSTD = 1, ERN_COLD_LZ4 = 2 };
+enum {
+    ERN_COLD_OK = 0, ERN_COLD_EBOUNDS = 1, ERN_COLD_EFRAME = 2, ERN_COLD_ESIZE = 3,
+    ERN_COLD_EDATA = 4, ERN_COLD_ENOMEM = 5, ERN_COLD_EALG = 6, ERN_COLD_EWRITE = 7
+};
+struct ern_cold_chunk {
+    uint64_t src_off;       /* its stored bytes: src[src_off, src_off + src_len) */
+    uint64_t dst_off;       /* its decoded bytes: dst[dst_off, dst_off + ulen) */
+    uint64_t file_off;      /* its uncompressed offset in the cache file */
+    uint32_t src_len;
+    uint32_t ulen;
+    uint32_t index;         /* its bit in the chunk-state bitmap */
+    uint8_t alg;            /* ERN_COLD_NONE / ZSTD / LZ4 */
+    uint8_t verified;       /* set by the caller after its digest matched */
+    int16_t status;         /* ERN_COLD_OK or why it failed */
+};
+int ern_cold_decode(const uint8_t *src, size_t srclen, uint8_t *dst, size_t dstlen,
+                    struct ern_cold_chunk *chunks, uint32_t n);
+int64_t ern_cold_store(int fd, uint64_t file_size, const uint8_t *src, size_t srclen,
+                       const uint8_t *dst, size_t dstlen, struct ern_cold_chunk *chunks,
+                       uint32_t n, uint8_t *bitmap, uint32_t nbits, int state_fd,
+                       uint64_t state_off, uint32_t *newly, int *werr);
+/* one raw LZ4 block (Nydus lz4_block chunks): its size, 0 if it does not fit in cap */
+int64_t ern_lz4_block_compress(const uint8_t *src, size_t n, uint8_t *dst, size_t cap);
+
 #endif

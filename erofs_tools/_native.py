@@ -583,3 +583,100 @@ def zran_extract(point: ZranPoint, compressed: bytes | memoryview, skip: int,
         raise CorruptImageError(f"zran: {_ZRAN_ERRORS.get(r, 'inflate failed')} "
                                 f"(access point at compressed offset {point.in_offset})")
     return bytes(ffi.buffer(out, length))
+
+
+# -- the daemon's cold path (csrc/coldpath.c) --------------------------------------------
+# blob compressor names (format/rafs.py) -> struct ern_cold_chunk.alg
+COLD_ALGS = {"none": lib.ERN_COLD_NONE, "zstd": lib.ERN_COLD_ZSTD,
+             "lz4_block": lib.ERN_COLD_LZ4}
+COLD_OK = lib.ERN_COLD_OK
+COLD_EWRITE = lib.ERN_COLD_EWRITE
+COLD_ERRORS = {
+    lib.ERN_COLD_EBOUNDS: "outside the fetched range or the cache file",
+    lib.ERN_COLD_EFRAME: "not exactly one well-formed zstd frame",
+    lib.ERN_COLD_ESIZE: "decompresses to another size than recorded",
+    lib.ERN_COLD_EDATA: "bad compressed data",
+    lib.ERN_COLD_ENOMEM: "out of memory decoding it",
+    lib.ERN_COLD_EALG: "unknown compressor",
+    lib.ERN_COLD_EWRITE: "writing it into the cache file failed",
+}
+
+
+class ColdChunks:
+    """The chunks of one fetched range for ern_cold_decode / ern_cold_store: `src` the
+    range's stored bytes, `dst` a writable buffer for the decoded ones (see
+    csrc/erofs_native.h). Holds the buffers while the C core uses them."""
+
+    def __init__(self, n: int, src: bytes | bytearray | memoryview,
+                 dst: bytearray | memoryview) -> None:
+        self.n = n
+        self.arr = ffi.new("struct ern_cold_chunk[]", max(1, n))
+        self._src = ffi.from_buffer("uint8_t[]", src)
+        self._dst = ffi.from_buffer("uint8_t[]", dst, require_writable=True)
+        self.src = memoryview(src).cast("B") if not isinstance(src, bytes) else memoryview(src)
+        self.dst = memoryview(dst).cast("B")
+
+    def set(self, i: int, alg: int, src_off: int, src_len: int, ulen: int, dst_off: int,
+            file_off: int, index: int) -> None:
+        c = self.arr[i]
+        c.alg, c.src_off, c.src_len, c.ulen = alg, src_off, src_len, ulen
+        c.dst_off, c.file_off, c.index = dst_off, file_off, index
+
+    def decode(self) -> int:
+        """Decode every chunk (GIL released); the number that decoded."""
+        return int(lib.ern_cold_decode(self._src, len(self._src), self._dst, len(self._dst),
+                                       self.arr, self.n))
+
+    def status(self, i: int) -> int:
+        return int(self.arr[i].status)
+
+    def data(self, i: int) -> memoryview:
+        """The decoded bytes of chunk i (after decode() gave it COLD_OK)."""
+        c = self.arr[i]
+        if c.alg == lib.ERN_COLD_NONE:
+            return self.src[c.src_off:c.src_off + c.ulen]
+        return self.dst[c.dst_off:c.dst_off + c.ulen]
+
+    def mark_verified(self, i: int) -> None:
+        self.arr[i].verified = 1
+
+    def verified(self, i: int) -> bool:
+        return bool(self.arr[i].verified)
+
+    def store(self, fd: int, file_size: int, bitmap: bytearray, nbits: int,
+              state_fd: int = -1, state_off: int = 0) -> tuple[int, int, int]:
+        """Write the verified chunks at their file offsets (GIL released), set their bits
+        in `bitmap` and the changed bitmap bytes at state_fd + state_off. Returns
+        (chunks written, bits newly set, -errno of a failed write or 0)."""
+        if nbits > len(bitmap) * 8:
+            raise NativeError("chunk-state bitmap smaller than its bit count")
+        newly = ffi.new("uint32_t *")
+        werr = ffi.new("int *")
+        bm = ffi.from_buffer("uint8_t[]", bitmap, require_writable=True)
+        written = lib.ern_cold_store(fd, file_size, self._src, len(self._src), self._dst,
+                                     len(self._dst), self.arr, self.n, bm, nbits, state_fd,
+                                     state_off, newly, werr)
+        return int(written), int(newly[0]), int(werr[0])
+
+
+def cold_decode_one(alg: str, raw: bytes | memoryview, ulen: int) -> bytes | None:
+    """One chunk decoded by the cold path's decoder; None if it does not decode."""
+    out = bytearray(ulen)
+    cc = ColdChunks(1, raw, out)
+    cc.set(0, COLD_ALGS[alg], 0, len(raw), ulen, 0, 0, 0)
+    cc.decode()
+    if cc.status(0) != COLD_OK:
+        return None
+    return bytes(cc.data(0))
+
+
+def lz4_block_compress(data: bytes | memoryview) -> bytes | None:
+    """One raw LZ4 block of `data`; None when it would not be smaller."""
+    n = len(data)
+    if n == 0:
+        return None
+    out = ffi.new("uint8_t[]", n)
+    r = lib.ern_lz4_block_compress(ffi.from_buffer("uint8_t[]", data), n, out, n - 1)
+    if r < 0:
+        raise NativeError(f"lz4: cannot compress {n} bytes")
+    return bytes(ffi.buffer(out, r)) if r else None

@@ -294,7 +294,7 @@ class Daemon(MountLifecycle):
                 return other
             cache = bc.BlobCache(self.blob_dir, meta, durable=self.durable, key=key)
             mgr = bc.BlobManager(meta, cache, backend, batch_size=self.batch_size,
-                                 on_complete=self._blob_complete)
+                                 on_complete=self._blob_complete, pipeline=True)
             mgr.meta_bytes_fetched = fetched
             with self._lock:
                 self.blobs[mgr.key] = mgr

@@ -173,8 +173,10 @@ def test_killed_between_write_and_bit(tmp_path):
 
 def test_store_failure_keeps_nothing(tmp_path, monkeypatch):
     """pwrite failing (ENOSPC) mid-batch: the fill fails, no bit is set for the batch,
-    and the next fill (space back) stores the right bytes."""
+    and the next fill (space back) stores the right bytes. (The Python cold path, whose
+    os.pwrite can fail on demand; the C path's: test_coldpath.)"""
     import errno
+    monkeypatch.setenv("FSCACHE_DAEMON_COLDPATH", "python")
     bdir, cdir = str(tmp_path / "backend"), str(tmp_path / "cache")
     blob_id, datas = make_blob(bdir, 8, chunk_size=65536)
     mgr = _open(cdir, CountingBackend(bdir), blob_id)

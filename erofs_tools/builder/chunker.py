@@ -33,7 +33,7 @@ from erofs_tools.errors import InputError
 from erofs_tools.format import rafs as R
 
 DIGESTERS = ("blake3", "sha256")
-COMPRESSORS = ("zstd", "none")
+COMPRESSORS = ("zstd", "lz4_block", "none")
 ZSTD_LEVEL = 3
 
 # Batches group small chunks so that per-task overhead stays small for trees of many
@@ -73,7 +73,7 @@ class Compressor:
 
     def __init__(self, name: str, level: int = ZSTD_LEVEL) -> None:
         if name not in COMPRESSORS:
-            raise InputError(f"unknown compressor {name!r} (choose zstd or none)")
+            raise InputError(f"unknown compressor {name!r} (choose zstd, lz4_block or none)")
         self.name = name
         self.level = level
         self._local = threading.local()
@@ -82,6 +82,11 @@ class Compressor:
         """-> bytes to store (compressed, or the data itself when it does not shrink)."""
         if self.name == "none":
             return data
+        if self.name == "lz4_block":
+            # a raw LZ4 block, as Nydus stores lz4_block chunks (C core, csrc/coldpath.c)
+            from erofs_tools import _native
+            out4 = _native.lz4_block_compress(data)
+            return data if out4 is None else out4
         c = getattr(self._local, "c", None)
         if c is None:
             c = self._local.c = zstandard.ZstdCompressor(level=self.level)

@@ -74,7 +74,8 @@ class PackOptions:
         if self.digester not in DIGESTERS:
             raise InputError(f"unknown digester {self.digester!r} (choose blake3 or sha256)")
         if self.compressor not in COMPRESSORS:
-            raise InputError(f"unknown compressor {self.compressor!r} (choose zstd or none)")
+            raise InputError(f"unknown compressor {self.compressor!r} "
+                             "(choose zstd, lz4_block or none)")
 
 
 class _FileRec:

@@ -49,7 +49,7 @@ def _read_prefetch(spec):
               help="Chunk size: a power of two from 4 KiB to 16 MiB (e.g. 1M, 0x10000).")
 @click.option("--digester", type=click.Choice(["blake3", "sha256"]), default="blake3",
               show_default=True, help="Chunk digest.")
-@click.option("--compressor", type=click.Choice(["zstd", "none"]), default="zstd",
+@click.option("--compressor", type=click.Choice(["zstd", "lz4_block", "none"]), default="zstd",
               show_default=True, help="Per-chunk compression.")
 @click.option("--chunk-dict", multiple=True, type=click.Path(dir_okay=False),
               help="Bootstrap whose chunks are referenced instead of stored; repeatable.")

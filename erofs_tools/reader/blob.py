@@ -32,7 +32,7 @@ MAX_COMPRESSED_SIZE = 1 << 40
 # crafted frame header cannot make the decoder allocate much.
 ZSTD_MAX_WINDOW = 1 << 25
 
-COMPRESSORS_SUPPORTED = ("none", "zstd")
+COMPRESSORS_SUPPORTED = ("none", "zstd", "lz4_block")
 DIGESTERS = ("blake3", "sha256")
 
 
@@ -113,6 +113,14 @@ def _zstd_decompress(data, limit, what):
 def _decompress(compressor, data, size, what):
     if compressor == "zstd" or (compressor is None and data[:4] == ZSTD_MAGIC):
         out = _zstd_decompress(data, size, what)
+    elif compressor == "lz4_block":
+        # a raw LZ4 block (no frame, no size prefix: Nydus's lz4_block); the C core's
+        # bounded decoder (csrc/coldpath.c)
+        from erofs_tools import _native
+        dec = _native.cold_decode_one("lz4_block", data, size)
+        if dec is None:
+            raise CorruptImageError(f"{what}: bad lz4 block")
+        out = dec
     elif compressor in ("none", None):
         out = bytes(data)
     else:
@@ -535,11 +543,12 @@ class BlobMeta:
                 if c.compressed:
                     head = _read_exact(read_at, c.compressed_offset, min(4, c.compressed_size),
                                        blob_size, f"blob {name}: chunk {c.index}")
-                    if head != ZSTD_MAGIC:
+                    compressor = "zstd" if head == ZSTD_MAGIC else _lz4_or_none(
+                        read_at, blob_size, c, digests, dig_list)
+                    if compressor is None:
                         raise CorruptImageError(
                             f"blob {name}: chunk {c.index} is not zstd and no bootstrap "
                             "says which compressor the blob uses")
-                    compressor = "zstd"
                     break
         if digester is None:
             digester = "blake3"
@@ -567,6 +576,22 @@ class BlobMeta:
                 raise CorruptImageError(
                     f"blob {name}: chunks {a.index} and {b.index} overlap in the blob")
         return meta
+
+
+def _lz4_or_none(read_at, blob_size, c, digests, dig_list):
+    """"lz4_block" if chunk `c` (compressed, not zstd) is a raw LZ4 block of data that
+    matches its digest under a known algorithm (LZ4 blocks have no magic to tell them
+    by), else None."""
+    digest = dig_list[c.index] if dig_list is not None else (digests or {}).get(c.index)
+    if digest is None:
+        return None
+    raw = _read_exact(read_at, c.compressed_offset, c.compressed_size, blob_size,
+                      f"chunk {c.index}")
+    from erofs_tools import _native
+    data = _native.cold_decode_one("lz4_block", raw, c.uncompressed_size)
+    if data is not None and any(_digest(alg, data) == digest for alg in DIGESTERS):
+        return "lz4_block"
+    return None
 
 
 def decode_chunk(meta: BlobMeta, chunk: BlobChunk, raw: bytes, verify: bool = True) -> bytes:

@@ -2,9 +2,10 @@
 
 Kernel-independent: front ends (fanotify, cachefiles) ask a `BlobManager` to make a byte
 range of a blob's uncompressed address space present in its cache file; the manager plans
-whole-chunk backend requests, verifies and decompresses every chunk (through
-`erofs_tools.reader.blob.decode_chunk`), writes it at its uncompressed offset and only
-then records it as cached.
+whole-chunk backend requests (the next one in flight while the previous is decoded),
+decompresses and verifies every chunk and writes it at its uncompressed offset, only
+then recording it as cached (`erofs_tools.reader.coldpath`: the C core, releasing the
+GIL; `erofs_tools.reader.blob.decode_chunk` on the Python path kept for comparison).
 """
 
 from fscache_daemon.errors import DaemonError

@@ -40,6 +40,9 @@ class Backend:
     """Interface every backend implements."""
 
     kind = "?"
+    # the daemon keeps a fill's next request in flight while it decodes the current one
+    # (BlobManager pipeline) when a request has latency worth hiding
+    pipelined = True
 
     @property
     def spec(self) -> str:

@@ -37,20 +37,20 @@ served, each from its own file.
 
 from __future__ import annotations
 
+import _thread
 import array
 import errno
 import hashlib
 import logging
 import os
-import struct
 import threading
 import time
-import uuid
 from typing import Any
 
 from erofs_tools.errors import CorruptImageError, ErofsToolsError
 from erofs_tools.fsutil import atomic_write_bytes
 from erofs_tools.reader import blob as rblob
+from erofs_tools.reader import coldpath
 
 from . import BackendError, StorageError
 
@@ -67,16 +67,19 @@ from .chunkmap import (  # noqa: F401
     share_mismatch,
     variant_key,
 )
+
+# the chunk-state record; re-exported for callers and tests
+from .chunkstate import (  # noqa: F401
+    STATE_HEADER,
+    STATE_MAGIC,
+    STATE_VERSION,
+    ChunkState,
+    state_bits,
+)
 from .planner import DEFAULT_BATCH_SIZE, chunks_in_range, clamp_range, plan
 from .stats import BlobStats
 
 log = logging.getLogger(__name__)
-
-STATE_MAGIC = b"FSCDCHK1"
-# magic, version, chunks, uncompressed size, sha256 of the chunk map, boot id
-STATE_HEADER = struct.Struct("<8sIIQ32s16s24x")
-assert STATE_HEADER.size == 96
-STATE_VERSION = 2
 
 
 def _write_atomic(path: str, data: bytes) -> None:
@@ -91,129 +94,6 @@ def cache_path(directory: str, key: str) -> str:
 
 def state_path(directory: str, key: str) -> str:
     return os.path.join(directory, key + ".chunks")
-
-
-def _boot_id() -> bytes:
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            return uuid.UUID(f.read().strip()).bytes
-    except (OSError, ValueError):
-        return bytes(16)
-
-
-def state_bits(path: str) -> bytes:
-    """The live bitmap of a chunk-state file (for tests and tools)."""
-    with open(path, "rb") as f:
-        data = f.read()
-    _m, _v, n, _u, _d, _b = STATE_HEADER.unpack_from(data, 0)
-    nb = (n + 7) // 8
-    return data[STATE_HEADER.size:STATE_HEADER.size + nb]
-
-
-class ChunkState:
-    """The persistent record of verified chunks of one blob: two bitmaps.
-
-    The *live* bitmap gets a chunk's bit right after its verified data was written to
-    the cache file (no fsync: both sit in the page cache, so a daemon crash loses
-    neither). The *durable* bitmap is a copy of the live one taken before an fdatasync
-    of the cache file and written after it (`commit`, once a second and at close), so
-    every durable bit has its data on disk. The header records the boot id: after a
-    reboot (when the page cache, and with it unsynced data, may have been lost) only the
-    durable bitmap is trusted; within one boot the live one is.
-    """
-
-    def __init__(self, path: str, nchunks: int, usize: int, map_digest: bytes):
-        self.path = path
-        self.nchunks = nchunks
-        self.nbytes = (nchunks + 7) // 8
-        self.boot_id = _boot_id()
-        self._ident = (STATE_MAGIC, STATE_VERSION, nchunks, usize, map_digest)
-        self.bits = bytearray(self.nbytes)
-        self.count = 0
-        # True when a record existed but was made for another chunk map (or is damaged):
-        # the cache file's bytes were verified against other digests, if at all
-        self.mismatched = False
-        self._lock = threading.Lock()
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        self.fd = fd
-        data = os.pread(fd, STATE_HEADER.size + 2 * self.nbytes, 0)
-        ok = len(data) == STATE_HEADER.size + 2 * self.nbytes
-        if ok:
-            *ident, boot = STATE_HEADER.unpack_from(data, 0)
-            ok = tuple(ident) == self._ident
-        if not ok:
-            if data:
-                log.warning("%s: chunk state does not match the chunk map; resetting", path)
-                self.mismatched = True
-            self.reset()
-            return
-        live = data[STATE_HEADER.size:STATE_HEADER.size + self.nbytes]
-        durable = data[STATE_HEADER.size + self.nbytes:]
-        if boot == self.boot_id:
-            self.bits[:] = live
-        else:
-            log.info("%s: written before the last reboot; trusting only synced chunks", path)
-            self.bits[:] = durable
-        if nchunks % 8 and self.bits and self.bits[-1] >> (nchunks % 8):
-            log.warning("%s: stray bits past the last chunk; resetting", path)
-            self.mismatched = True
-            self.reset()
-            return
-        self.count = sum(bin(b).count("1") for b in self.bits)
-        os.pwrite(fd, self._header() + bytes(self.bits), 0)
-
-    def _header(self) -> bytes:
-        return STATE_HEADER.pack(*self._ident, self.boot_id)
-
-    def reset(self) -> None:
-        with self._lock:
-            self.bits[:] = bytes(self.nbytes)
-            self.count = 0
-            os.ftruncate(self.fd, 0)
-            os.pwrite(self.fd, self._header() + bytes(2 * self.nbytes), 0)
-            os.fsync(self.fd)
-
-    def has(self, i: int) -> bool:
-        return bool(self.bits[i >> 3] & (1 << (i & 7)))
-
-    def clear(self, indexes) -> None:
-        with self._lock:
-            for i in indexes:
-                if self.has(i):
-                    self.bits[i >> 3] &= ~(1 << (i & 7)) & 0xFF
-                    self.count -= 1
-            snap = bytes(self.bits)
-            os.pwrite(self.fd, snap + snap, STATE_HEADER.size)
-            os.fsync(self.fd)
-
-    def set(self, indexes) -> None:
-        """Record chunks whose verified data is in the cache file (live bitmap)."""
-        with self._lock:
-            lo: int | None = None
-            hi: int | None = None
-            for i in indexes:
-                if not self.has(i):
-                    self.bits[i >> 3] |= 1 << (i & 7)
-                    self.count += 1
-                b = i >> 3
-                lo = b if lo is None else min(lo, b)
-                hi = b if hi is None else max(hi, b)
-            if lo is not None and hi is not None:
-                os.pwrite(self.fd, bytes(self.bits[lo:hi + 1]), STATE_HEADER.size + lo)
-
-    def snapshot(self) -> bytes:
-        with self._lock:
-            return bytes(self.bits)
-
-    def commit(self, snap: bytes) -> None:
-        """Make `snap` (taken before the cache file's fdatasync) the durable bitmap."""
-        os.pwrite(self.fd, snap, STATE_HEADER.size + self.nbytes)
-        os.fdatasync(self.fd)
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
 
 
 class BlobCache:
@@ -379,6 +259,19 @@ class BlobCache:
             except Exception:  # noqa: BLE001 - the data is stored; a listener only lags
                 log.exception("%s: store listener failed", self.path)
 
+    def store_range(self, decoded):
+        """Write a decoded range's verified chunks (erofs_tools.reader.coldpath
+        .decode_range) and record them, as store() does, in one C call; returns its
+        StoreResult (chunks stored; chunks failed, with why)."""
+        res = self.state.store_decoded(decoded, self.write_fd, self.size)
+        if res.stored:
+            for fn in list(self._store_listeners):
+                try:
+                    fn(res.stored)
+                except Exception:  # noqa: BLE001 - the data is stored; a listener only lags
+                    log.exception("%s: store listener failed", self.path)
+        return res
+
     def sync_state(self) -> None:
         """fdatasync the cache file, then record what it holds as durable."""
         snap = self.state.snapshot()
@@ -415,7 +308,7 @@ class BlobManager:
     (concurrent requests for a chunk in flight wait for it)."""
 
     def __init__(self, meta, cache: BlobCache, backend, *, batch_size: int = DEFAULT_BATCH_SIZE,
-                 on_complete=None):
+                 on_complete=None, pipeline: bool = False):
         self.meta = meta
         self.blob_id = meta.blob_id     # what the backend is asked for
         self.key = cache.key            # what the daemon and front ends name it by
@@ -429,6 +322,18 @@ class BlobManager:
         self._inflight: dict[int, _Flight] = {}
         self._completed_reported = cache.complete()
         self._dirty = False
+        # the C core's cold path (default) or the Python one (FSCACHE_DAEMON_COLDPATH=
+        # python, kept to measure against). `pipeline`: the next backend request in
+        # flight while a batch is decoded, from a thread per multi-batch fill (the
+        # daemon asks for it; a process that cannot start threads, e.g. under a tight
+        # RLIMIT_AS, must not: CPython waits forever for a thread that died starting),
+        # if the backend wants it (Backend.pipelined: every one so far; on localfs it
+        # measured 2.2 against 2.8-3.7 s per cold GiB, same CPU); "serial" in the
+        # variable turns it off
+        mode = os.environ.get("FSCACHE_DAEMON_COLDPATH", "native")
+        self.native = "python" not in mode
+        self.pipeline = pipeline and self.native and "serial" not in mode and (
+            getattr(backend, "pipelined", True))
         # per chunk position: end of the longest file run starting at or covering it
         self._run_end: array.array | None = None
 
@@ -517,8 +422,9 @@ class BlobManager:
         failures: list[tuple[Any, BaseException]] = []
         flights = dict((c.index, f) for c, f in mine)
         try:
-            for batch in plan([c for c, _ in mine], batch_size or self.batch_size):
-                fetched += self._fetch_batch(batch, flights, failures, prefetch)
+            batches = plan([c for c, _ in mine], batch_size or self.batch_size)
+            for batch, got in self._reads(batches):
+                fetched += self._process(batch, got, flights, failures, prefetch)
         finally:
             # resolve anything left unresolved by an unexpected exception
             leftover = [(i, f) for i, f in flights.items() if not f.event.is_set()]
@@ -542,7 +448,8 @@ class BlobManager:
                             f"{cause}") from cause
         return fetched
 
-    def _fetch_batch(self, batch, flights, failures, prefetch) -> int:
+    def _read(self, batch):
+        """(stored bytes of the batch, None) or (None, the error); counted in stats."""
         try:
             raw = self.backend.read(self.blob_id, batch.offset, batch.length)
         except (BackendError, ErofsToolsError, OSError) as e:
@@ -550,19 +457,119 @@ class BlobManager:
             log.error("blob %s: backend read %d+%d failed: %s", self.blob_id[:12],
                       batch.offset, batch.length, err)
             self.stats.add(backend_errors=1)
+            return None, err
+        return raw, None
+
+    def _reads(self, batches):
+        """(batch, _read(batch)) in order; with more than one batch, a reader thread
+        keeps the next backend request in flight while the caller decodes and writes
+        the current one (pipelining). The reader starts on batch j+1 once the caller took
+        batch j, so at most two batches' bytes are held. A thread per multi-batch fill, not a shared pool:
+        nothing to go stale in a forked child, and where no thread can be had (limits)
+        the batches are read one after another."""
+        if not self.pipeline or len(batches) < 2:
+            for b in batches:
+                yield b, self._read(b)
+            return
+        # hand-over by raw locks (no Condition objects: they cost more GIL time than
+        # the read they overlap): ready[j] is released when batch j was read, taken[j]
+        # when the caller took it; batch j+1 is read only after batch j was taken
+        n = len(batches)
+        ready = [_thread.allocate_lock() for _ in range(n)]
+        taken = [_thread.allocate_lock() for _ in range(n)]
+        for lk in ready + taken:
+            lk.acquire()
+        results = [None] * n
+        stop = False
+
+        def wait(lock) -> bool:
+            while not lock.acquire(timeout=0.5):
+                if stop:
+                    return False
+            return True
+
+        def produce():
+            for j in range(1, n):
+                if j >= 2 and not wait(taken[j - 1]):
+                    return
+                if stop:
+                    return
+                try:
+                    results[j] = self._read(batches[j])
+                except BaseException as e:  # noqa: BLE001 - the consumer must get a result
+                    results[j] = (None, StorageError(
+                        f"blob {self.blob_id[:12]}: read failed: {e}"))
+                ready[j].release()
+
+        t = threading.Thread(target=produce, name="fscache-read", daemon=True)
+        try:
+            t.start()
+        except RuntimeError:
+            for b in batches:
+                yield b, self._read(b)
+            return
+        try:
+            yield batches[0], self._read(batches[0])
+            for j in range(1, n):
+                ready[j].acquire()
+                got, results[j] = results[j], None
+                taken[j].release()
+                yield batches[j], got
+        finally:
+            stop = True
+
+    def _process(self, batch, got, flights, failures, prefetch) -> int:
+        raw, err = got
+        if err is not None:
             self._resolve(batch.chunks, flights, failures, err)
             return 0
         self.stats.add(bytes_fetched=len(raw), backend_requests=1,
                        prefetch_bytes=len(raw) if prefetch else 0)
+        if self.native:
+            self._decode_store(batch, raw, flights, failures)
+        else:
+            self._decode_store_py(batch, raw, flights, failures)
+        return len(raw)
+
+    def _verify_failed(self, c, e, flights, failures) -> None:
+        log.error("blob %s: chunk %d (uncompressed offset %d) failed verification: %s",
+                  self.blob_id[:12], c.index, c.uncompressed_offset, e)
+        self.stats.add(verify_failures=1)
+        self._resolve([c], flights, failures, e)
+
+    def _decode_store(self, batch, raw, flights, failures) -> None:
+        """The C core's cold path: decode the batch in one call, verify, write the good
+        chunks and set their bits in another (erofs_tools.reader.coldpath)."""
+        decoded = coldpath.decode_range(self.meta, batch.chunks, raw, batch.offset)
+        for c, why in decoded.failed:
+            self._verify_failed(c, why, flights, failures)
+        try:
+            res = self.cache.store_range(decoded)
+        except (OSError, ErofsToolsError) as e:
+            err = e if isinstance(e, StorageError) else \
+                StorageError(f"{self.cache.path}: write failed: {e}")
+            log.error("%s", err)
+            bad = {c.index for c, _ in decoded.failed}
+            self._resolve([c for c in batch.chunks if c.index not in bad], flights,
+                          failures, err)
+            return
+        for c, why in res.failed[len(decoded.failed):]:
+            err = StorageError(f"{self.cache.path}: chunk {c.index} not stored: {why}")
+            log.error("%s", err)
+            self._resolve([c], flights, failures, err)
+        if res.stored:
+            self._dirty = True
+            self.stats.add(chunks_fetched=len(res.stored))
+            self._resolve(res.stored, flights, failures, None)
+
+    def _decode_store_py(self, batch, raw, flights, failures) -> None:
+        """The Python cold path (FSCACHE_DAEMON_COLDPATH=python: for comparison)."""
         good = []
         for c in batch.chunks:
             try:
                 data = rblob.decode_chunk(self.meta, c, batch.slice_of(raw, c))
             except CorruptImageError as e:
-                log.error("blob %s: chunk %d (uncompressed offset %d) failed verification: %s",
-                          self.blob_id[:12], c.index, c.uncompressed_offset, e)
-                self.stats.add(verify_failures=1)
-                self._resolve([c], flights, failures, e)
+                self._verify_failed(c, e, flights, failures)
                 continue
             good.append((c, data))
         if good:
@@ -573,11 +580,10 @@ class BlobManager:
                     StorageError(f"{self.cache.path}: write failed: {e.strerror}")
                 log.error("%s", err)
                 self._resolve([c for c, _ in good], flights, failures, err)
-                return len(raw)
+                return
             self._dirty = True
             self.stats.add(chunks_fetched=len(good))
             self._resolve([c for c, _ in good], flights, failures, None)
-        return len(raw)
 
     def _resolve(self, chunks, flights, failures, error) -> None:
         with self._lock:

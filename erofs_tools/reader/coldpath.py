@@ -1,0 +1,152 @@
+"""The daemon's cold path: the chunks of one fetched range of a blob decoded, verified
+and written into a cache file, with the C core doing the bytes.
+
+`store_range` takes the stored bytes of a range (one backend request) and the chunks in
+it, and
+1. decodes them all in one C call (`ern_cold_decode`: zstd, lz4 raw blocks or stored
+   chunks; every frame checked as strictly as `blob.decode_chunk` does), without the GIL,
+   into a buffer this thread reuses (no fresh allocation, so no page faults, per chunk);
+2. checks each decoded chunk's digest: blake3 has no C library on Debian 12, and the
+   `blake3` package the project uses hashes with SIMD code and without the GIL, several
+   times faster than portable C would;
+3. writes the verified chunks into the cache file and sets their bits in the chunk-state
+   bitmap in a second C call (`ern_cold_store`: pwritev per run of chunks adjacent in
+   the file, the bitmap bytes to the state file). A chunk that failed to decode or to
+   verify is never written.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+from erofs_tools import _native
+from erofs_tools.errors import CorruptImageError, DigestMismatchError
+from erofs_tools.fsutil import round_up
+from erofs_tools.reader.blob import BlobChunk, BlobMeta, _blob_name
+
+# a thread keeps its decode buffer up to this size between ranges (8 threads: 64 MiB at
+# most, but only touched pages count: a range of 1 MiB touches 1 MiB)
+KEEP_BUFFER = 8 << 20
+_tls = threading.local()
+
+
+def _buffer(size: int) -> bytearray:
+    buf = getattr(_tls, "buf", None)
+    if buf is not None and len(buf) >= size:
+        return buf
+    buf = bytearray(max(size, 1))
+    if size <= KEEP_BUFFER:
+        _tls.buf = buf
+    return buf
+
+
+def digester(name: str) -> Callable[[memoryview], bytes]:
+    if name == "blake3":
+        import blake3
+        return lambda data: blake3.blake3(data).digest()
+    if name == "sha256":
+        return lambda data: hashlib.sha256(data).digest()
+    raise CorruptImageError(f"unsupported chunk digest algorithm {name!r}")
+
+
+class StoreTarget(NamedTuple):
+    """Where verified chunks go: the cache file and its chunk-state bitmap."""
+    fd: int             # the cache file, written at each chunk's uncompressed offset
+    size: int           # its size (the blob's uncompressed size)
+    bitmap: bytearray   # one bit per chunk index (bit i & 7 of byte i >> 3)
+    nbits: int
+    state_fd: int = -1  # the changed bitmap bytes are written here at state_off + byte
+    state_off: int = 0
+
+
+class StoreResult(NamedTuple):
+    stored: list            # chunks written and recorded
+    failed: list            # (chunk, CorruptImageError | OSError)
+    newly: int              # bits that were clear before
+
+
+class DecodedRange:
+    """The chunks of one range, decoded and verified (`decode_range`), ready to store.
+    Holds this thread's decode buffer: store it from the same thread, before the next
+    decode_range."""
+
+    def __init__(self, meta: BlobMeta, chunks: Sequence[BlobChunk],
+                 cc: _native.ColdChunks, failed: list) -> None:
+        self.meta = meta
+        self.chunks = chunks
+        self.cc = cc
+        self.failed = failed      # (chunk, CorruptImageError): never stored
+
+    def store(self, target: StoreTarget) -> StoreResult:
+        """Write the verified chunks into target.fd and set their bits (one C call)."""
+        cc = self.cc
+        _written, newly, werr = cc.store(target.fd, target.size, target.bitmap, target.nbits,
+                                         target.state_fd, target.state_off)
+        stored = []
+        failed = list(self.failed)
+        name = _blob_name(self.meta.blob_id)
+        for i, c in enumerate(self.chunks):
+            if not cc.verified(i):
+                continue
+            st = cc.status(i)
+            if st == _native.COLD_OK:
+                stored.append(c)
+            elif st == _native.COLD_EWRITE:
+                failed.append((c, OSError(-werr, f"{os.strerror(-werr)} (writing chunk "
+                                                  f"{c.index} into the cache file)")))
+            else:
+                failed.append((c, CorruptImageError(
+                    f"blob {name}: chunk {c.index}: {_native.COLD_ERRORS.get(st, st)}")))
+        return StoreResult(stored, failed, newly)
+
+
+def decode_range(meta: BlobMeta, chunks: Sequence[BlobChunk], raw: bytes | memoryview,
+                 raw_offset: int, verify: bool = True) -> DecodedRange:
+    """Decode and verify `chunks`, whose stored bytes are in `raw` (the blob's bytes from
+    `raw_offset` on). Chunks without a digest are refused (never stored) unless verify
+    is False."""
+    name = _blob_name(meta.blob_id)
+    n = len(chunks)
+    # decoded chunks laid out one after the other, 4 KiB aligned; stored ones stay in raw
+    dsize = 0
+    offs = []
+    for c in chunks:
+        offs.append(dsize)
+        if c.compressed:
+            dsize += round_up(c.uncompressed_size, 4096)
+    comp = _native.COLD_ALGS.get(meta.compressor)
+    cc = _native.ColdChunks(n, raw, _buffer(dsize))
+    failed: list = []
+    for i, c in enumerate(chunks):
+        alg = comp if c.compressed else _native.COLD_ALGS["none"]
+        if alg is None:
+            alg = 255       # refused by the C core as an unknown compressor
+        cc.set(i, alg, c.compressed_offset - raw_offset, c.compressed_size,
+               c.uncompressed_size, offs[i], c.uncompressed_offset, c.index)
+    cc.decode()
+    hasher = digester(meta.digester) if verify else None
+    for i, c in enumerate(chunks):
+        st = cc.status(i)
+        what = f"blob {name}: chunk {c.index}"
+        if st != _native.COLD_OK:
+            failed.append((c, CorruptImageError(f"{what}: {_native.COLD_ERRORS.get(st, st)}")))
+            continue
+        if hasher is not None:
+            if c.digest is None:
+                failed.append((c, CorruptImageError(f"{what}: no digest to verify it")))
+                continue
+            if hasher(cc.data(i)) != c.digest:
+                failed.append((c, DigestMismatchError(
+                    f"{what}: digest mismatch ({meta.digester})")))
+                continue
+        cc.mark_verified(i)
+    return DecodedRange(meta, chunks, cc, failed)
+
+
+def store_range(meta: BlobMeta, chunks: Sequence[BlobChunk], raw: bytes | memoryview,
+                raw_offset: int, target: StoreTarget, verify: bool = True) -> StoreResult:
+    """decode_range, then store: the whole cold path of one range."""
+    return decode_range(meta, chunks, raw, raw_offset, verify).store(target)

@@ -1,0 +1,360 @@
+"""The daemon's cold path in the C core (csrc/coldpath.c, erofs_tools/reader/coldpath.py):
+exact bytes for zstd, lz4_block and stored blobs, corrupted chunks never written (EIO
+through a real mount, nothing in the cache file, no bit), hostile frames refused by the
+decoder, a real write failure (RLIMIT_FSIZE) reported, and pipelined backend requests
+fetching every byte once."""
+
+import errno
+import os
+import random
+import resource
+import shutil
+import signal
+import threading
+
+import blake3
+import pytest
+import zstandard
+from test_daemon_support import (
+    DaemonProc,
+    chunk_of_file,
+    drop_caches,
+    file_sha,
+    pack,
+    regular_files,
+    require_lazy_kernel,
+    write_tree,
+)
+from test_storage_support import CountingBackend, chunk_bytes
+
+from erofs_tools import _native
+from erofs_tools.builder.blob import BlobWriter
+from erofs_tools.errors import ErofsToolsError
+from erofs_tools.reader import coldpath
+from fscache_daemon.storage import blobcache as bc
+
+COMPRESSORS = ("zstd", "lz4_block", "none")
+
+
+def make_blob(directory, nchunks, compressor, chunk_size=65536, seed=3):
+    """A blob of `nchunks` chunks (half text, half random: each compresses a little; the
+    last one short) -> (blob_id, [chunk data], [compressed?])."""
+    os.makedirs(directory, exist_ok=True)
+    rng = random.Random(seed)
+    w = BlobWriter(directory, chunk_size, compressor=compressor)
+    cctx = zstandard.ZstdCompressor(level=3)
+    datas, comp = [], []
+    for i in range(nchunks):
+        data = chunk_bytes(rng, chunk_size if i < nchunks - 1 else chunk_size // 2 + 123)
+        stored = data
+        if compressor == "zstd":
+            stored = cctx.compress(data)
+        elif compressor == "lz4_block":
+            stored = _native.lz4_block_compress(data) or data
+        if len(stored) >= len(data):
+            stored = data
+        w.add_chunk(stored, len(data), blake3.blake3(data).digest())
+        datas.append(data)
+        comp.append(stored is not data)
+    return w.finish().blob_id, datas, comp
+
+
+def open_mgr(cdir, be, blob_id, **kw):
+    meta, _ = bc.load_or_fetch_meta(cdir, blob_id, be)
+    cache = bc.BlobCache(cdir, meta)
+    cache.verify_now()
+    return bc.BlobManager(meta, cache, be, **kw)
+
+
+def expected(meta, datas):
+    img = bytearray(meta.uncompressed_size)
+    for c in meta.chunks:
+        img[c.uncompressed_offset:c.uncompressed_offset + c.uncompressed_size] = datas[c.index]
+    return bytes(img)
+
+
+@pytest.mark.parametrize("compressor", COMPRESSORS)
+def test_exact_bytes_and_every_byte_fetched_once(tmp_path, compressor, monkeypatch):
+    monkeypatch.delenv("FSCACHE_DAEMON_COLDPATH", raising=False)
+    bdir, cdir = str(tmp_path / "b"), str(tmp_path / "c")
+    blob_id, datas, comp = make_blob(bdir, 24, compressor)
+    if compressor != "none":
+        assert sum(comp) >= 20      # the compressed path is the one exercised
+    be = CountingBackend(bdir)
+    be.pipelined = True     # as a registry backend: the next request read ahead
+    # requests of at most 200 KiB: several batches, each read ahead of the decode
+    mgr = open_mgr(cdir, be, blob_id, batch_size=200 << 10, pipeline=True)
+    assert mgr.native and mgr.pipeline
+    be.reads.clear()
+    fetched = mgr.fill(0, mgr.size)
+    with open(mgr.cache.path, "rb") as f:
+        assert f.read() == expected(mgr.meta, datas)
+    assert mgr.cache.complete() and mgr.cache.cached_chunks == 24
+    # the stored chunks' bytes, each once, in more than one request
+    stored = sum(c.compressed_size for c in mgr.meta.chunks)
+    assert fetched == be.bytes_read == stored and len(be.reads) > 2
+    assert len({r[1] for r in be.reads}) == len(be.reads)
+    mgr.close()
+    # the record on disk says the same after a reopen (live bits written by the C core)
+    mgr2 = open_mgr(cdir, be, blob_id)
+    assert mgr2.cache.cached_chunks == 24
+    be.reads.clear()
+    assert mgr2.fill(0, mgr2.size) == 0 and not be.reads
+    mgr2.close()
+
+
+class OverlapBackend(CountingBackend):
+    """The first read waits (up to 20 s) until a second one has started: it returns
+    only if the manager had two requests in flight at once."""
+    pipelined = True
+
+    def __init__(self, directory):
+        super().__init__(directory)
+        self.armed = False
+
+    def arm(self):
+        self.second = threading.Event()
+        self.n = 0
+        self.overlapped = None
+        self.armed = True
+
+    def read(self, blob_id, offset, length):
+        if not self.armed:      # the chunk map's reads
+            return super().read(blob_id, offset, length)
+        with self._rl:
+            self.n += 1
+            first = self.n == 1
+        if first:
+            self.overlapped = self.second.wait(20)
+        else:
+            self.second.set()
+        return super().read(blob_id, offset, length)
+
+
+def test_next_request_in_flight_while_decoding(tmp_path, monkeypatch):
+    monkeypatch.delenv("FSCACHE_DAEMON_COLDPATH", raising=False)
+    bdir, cdir = str(tmp_path / "b"), str(tmp_path / "c")
+    blob_id, datas, _ = make_blob(bdir, 16, "zstd")
+    be = OverlapBackend(bdir)
+    mgr = open_mgr(cdir, be, blob_id, batch_size=100 << 10, pipeline=True)
+    be.arm()
+    mgr.fill(0, mgr.size)
+    assert be.n > 2 and be.overlapped, "the second request did not start before the first returned"
+    with open(mgr.cache.path, "rb") as f:
+        assert f.read() == expected(mgr.meta, datas)
+    # a manager not asked to pipeline (the default) starts no thread
+    assert not open_mgr(str(tmp_path / "c2"), be, blob_id).pipeline
+    mgr.close()
+
+
+@pytest.mark.parametrize("compressor", COMPRESSORS)
+def test_corrupted_chunk_is_never_written(tmp_path, compressor, monkeypatch):
+    monkeypatch.delenv("FSCACHE_DAEMON_COLDPATH", raising=False)
+    bdir, cdir = str(tmp_path / "b"), str(tmp_path / "c")
+    blob_id, datas, _ = make_blob(bdir, 12, compressor)
+    be = CountingBackend(bdir)
+    mgr = open_mgr(cdir, be, blob_id)
+    victim = mgr.meta.chunk_by_index(5)
+    # one byte flipped in the middle of the chunk's stored bytes: for zstd and lz4 a
+    # decode error or a digest mismatch, for a stored chunk a digest mismatch
+    with open(os.path.join(bdir, blob_id), "r+b") as f:
+        pos = victim.compressed_offset + victim.compressed_size // 2
+        f.seek(pos)
+        b = f.read(1)
+        f.seek(pos)
+        f.write(bytes([b[0] ^ 0x55]))
+    with pytest.raises(bc.FillError) as ei:
+        mgr.fill(0, mgr.size)
+    assert f"chunk {victim.index}" in str(ei.value)
+    assert not mgr.cache.has(victim) and mgr.cache.cached_chunks == 11
+    assert mgr.stats.counters["verify_failures"] == 1
+    with open(mgr.cache.path, "rb") as f:
+        img = f.read()
+    want = expected(mgr.meta, datas)
+    lo, hi = victim.uncompressed_offset, victim.uncompressed_end
+    assert img[lo:hi] == bytes(hi - lo), "a corrupted chunk reached the cache file"
+    assert img[:lo] == want[:lo] and img[hi:] == want[hi:]
+    # nothing was written there at all: the chunk's slot is still a hole
+    fd = mgr.cache.fileno()
+    try:
+        data_at = os.lseek(fd, lo, os.SEEK_DATA)
+    except OSError as e:
+        assert e.errno == errno.ENXIO
+        data_at = mgr.size
+    assert data_at >= hi
+    mgr.close()
+    state = bc.state_bits(bc.state_path(cdir, blob_id))
+    assert not state[victim.index >> 3] & (1 << (victim.index & 7))
+
+
+def test_digest_mismatch_of_a_valid_frame_is_never_written(tmp_path):
+    """A well-formed frame of other bytes (what a hostile backend would serve): decodes,
+    fails its digest, and store() writes nothing even when asked to."""
+    bdir = str(tmp_path / "b")
+    blob_id, datas, _ = make_blob(bdir, 4, "zstd")
+    meta = bc.load_or_fetch_meta(str(tmp_path / "c"), blob_id, CountingBackend(bdir))[0]
+    c = meta.chunk_by_index(1)
+    other = zstandard.ZstdCompressor().compress(bytes(c.uncompressed_size))
+    c = c._replace(compressed_offset=0, compressed_size=len(other), compressed=True)
+    dec = coldpath.decode_range(meta, [c], other, 0)
+    assert len(dec.failed) == 1 and "digest mismatch" in str(dec.failed[0][1])
+    path = str(tmp_path / "cache.bin")
+    with open(path, "wb") as f:
+        f.truncate(meta.uncompressed_size)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        bits = bytearray(1)
+        res = dec.store(coldpath.StoreTarget(fd, meta.uncompressed_size, bits, 4))
+        assert not res.stored and bits == bytearray(1)
+        assert os.pread(fd, meta.uncompressed_size, 0) == bytes(meta.uncompressed_size)
+    finally:
+        os.close(fd)
+
+
+def _decode_one(alg, raw, ulen):
+    return _native.cold_decode_one(alg, raw, ulen)
+
+
+def test_decoder_refuses_hostile_frames():
+    data = b"erofs cold path " * 4096
+    z = zstandard.ZstdCompressor().compress(data)
+    assert _decode_one("zstd", z, len(data)) == data
+    assert _decode_one("zstd", z + b"\0", len(data)) is None            # trailing bytes
+    assert _decode_one("zstd", z + z, len(data)) is None                # two frames
+    assert _decode_one("zstd", z[:-3], len(data)) is None               # truncated
+    assert _decode_one("zstd", z, len(data) - 1) is None                # declares more
+    assert _decode_one("zstd", z, len(data) + 1) is None                # declares less
+    bad = bytearray(z)
+    bad[4] |= 0x08                                                      # reserved bit
+    assert _decode_one("zstd", bytes(bad), len(data)) is None
+    assert _decode_one("zstd", b"\x28\xb5\x2f\xfd", len(data)) is None
+    # a frame that does not declare its content size (streamed) still decodes exactly
+    big = zstandard.ZstdCompressor(write_content_size=False, level=1).compressobj()
+    unsized = big.compress(data) + big.flush()
+    assert _decode_one("zstd", unsized, len(data)) == data
+    l4 = _native.lz4_block_compress(data)
+    assert l4 is not None and len(l4) < len(data)
+    assert _decode_one("lz4_block", l4, len(data)) == data
+    assert _decode_one("lz4_block", l4[:-2], len(data)) is None
+    assert _decode_one("lz4_block", l4, len(data) - 1) is None
+    assert _decode_one("lz4_block", l4, len(data) + 1) is None
+    assert _decode_one("none", data, len(data)) == data
+    assert _decode_one("none", data, len(data) - 1) is None
+    # chunk places outside the fetched range or the output buffer
+    cc = _native.ColdChunks(2, z, bytearray(len(data)))
+    cc.set(0, _native.COLD_ALGS["zstd"], 1, len(z), len(data), 0, 0, 0)
+    cc.set(1, _native.COLD_ALGS["zstd"], 0, len(z), len(data), 4096, 0, 1)
+    assert cc.decode() == 0 and cc.status(0) == cc.status(1) != _native.COLD_OK
+
+
+def test_write_failure_through_the_c_path(tmp_path, monkeypatch):
+    """A real write failure (EFBIG past RLIMIT_FSIZE): the fill fails naming it, the
+    chunks beyond the limit have no bit, those written before it are kept, and with the
+    limit lifted the next fill completes with the right bytes."""
+    monkeypatch.delenv("FSCACHE_DAEMON_COLDPATH", raising=False)
+    bdir, cdir = str(tmp_path / "b"), str(tmp_path / "c")
+    blob_id, datas, _ = make_blob(bdir, 8, "zstd")
+    mgr = open_mgr(cdir, CountingBackend(bdir), blob_id)
+    limit = mgr.meta.chunk_by_index(4).uncompressed_offset
+    old_sig = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    old = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, old[1]))
+    try:
+        with pytest.raises(ErofsToolsError) as ei:
+            mgr.fill(0, mgr.size)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old)
+        signal.signal(signal.SIGXFSZ, old_sig)
+    assert "too large" in str(ei.value)
+    for c in mgr.meta.chunks:
+        assert mgr.cache.has(c) == (c.uncompressed_end <= limit), c.index
+    mgr.fill(0, mgr.size)
+    with open(mgr.cache.path, "rb") as f:
+        assert f.read() == expected(mgr.meta, datas)
+    mgr.close()
+
+
+# -- through a real kernel mount (fanotify front end) ------------------------------------
+
+@pytest.fixture
+def daemon(tmp_path):
+    require_lazy_kernel()
+    d = DaemonProc(str(tmp_path / "d")).start()
+    yield d
+    d.cleanup()
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("compressor", COMPRESSORS)
+def test_mount_reads_exact_bytes(daemon, tmp_path, compressor):
+    src = write_tree(str(tmp_path / "src"), seed=11, big=(3 << 20,))
+    boot, blobs = str(tmp_path / "boot"), str(tmp_path / "blobs")
+    info = pack(src, boot, blobs, "--compressor", compressor, "--chunk-size", "0x40000")
+    assert info["blobs"][0]["compressor"] == compressor
+    mnt = str(tmp_path / "mnt")
+    daemon.mount(boot, mnt, f"localfs:{blobs}")
+    drop_caches()
+    for rel in regular_files(src):
+        assert file_sha(os.path.join(mnt, rel)) == file_sha(os.path.join(src, rel)), rel
+    m = daemon.blob_metrics(info["blobs"][0]["blob_id"])
+    assert m["verify_failures"] == 0 and m["chunks_fetched"] > 0
+
+
+@pytest.mark.root
+def test_mount_corrupted_chunk_gives_eio_and_nothing_cached(daemon, tmp_path):
+    src = write_tree(str(tmp_path / "src"), seed=12, big=(1 << 20,))
+    boot, good = str(tmp_path / "boot"), str(tmp_path / "good")
+    pack(src, boot, good, "--chunk-size", "0x10000")
+    bad = str(tmp_path / "bad")
+    shutil.copytree(good, bad)
+    victim = "d1/big0.bin"
+    blob_id, chunk = chunk_of_file(boot, good, victim, 0x10000 * 3)
+    with open(os.path.join(bad, blob_id), "r+b") as f:
+        f.seek(chunk.compressed_offset + chunk.compressed_size // 2)
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 0x55]))
+    mnt = str(tmp_path / "mnt")
+    daemon.mount(boot, mnt, f"localfs:{bad}")
+    with open(os.path.join(mnt, victim), "rb") as f:
+        head = f.read(0x10000 * 3)      # the chunks before the bad one read fine
+        with pytest.raises(OSError) as ei:
+            f.read(0x10000)
+    assert ei.value.errno == errno.EIO
+    with open(os.path.join(src, victim), "rb") as f:
+        assert head == f.read(0x10000 * 3)
+    assert daemon.blob_metrics(blob_id)["verify_failures"] >= 1
+    cache = os.path.join(daemon.cache_dir, "blobs", blob_id + ".blob")
+    fd = os.open(cache, os.O_RDONLY)
+    try:
+        lo, hi = chunk.uncompressed_offset, chunk.uncompressed_end
+        try:
+            data_at = os.lseek(fd, lo, os.SEEK_DATA)
+        except OSError as e:
+            assert e.errno == errno.ENXIO
+            data_at = hi
+        assert data_at >= hi, "the corrupted chunk's slot holds data"
+    finally:
+        os.close(fd)
+    bits = bc.state_bits(os.path.join(daemon.cache_dir, "blobs", blob_id + ".chunks"))
+    assert not bits[chunk.index >> 3] & (1 << (chunk.index & 7))
+
+
+def test_pack_lz4_block_checks_and_unpacks(tmp_path):
+    """`pack --compressor lz4_block` (Nydus's raw LZ4 blocks): the blob records lz4_block,
+    `check` verifies every chunk, `unpack` gives the tree back byte for byte."""
+    import subprocess
+    import sys
+    src = write_tree(str(tmp_path / "src"), seed=13, nfiles=10, big=(600_000,))
+    boot, blobs = str(tmp_path / "boot"), str(tmp_path / "blobs")
+    info = pack(src, boot, blobs, "--compressor", "lz4_block", "--chunk-size", "0x10000")
+    b = info["blobs"][0]
+    assert b["compressor"] == "lz4_block" and b["compressed_size"] < b["uncompressed_size"]
+    run = [sys.executable, "-m", "erofs_tools"]
+    subprocess.run(run + ["check", boot, "--blob-dir", blobs], check=True,
+                   capture_output=True)
+    out = str(tmp_path / "out")
+    subprocess.run(run + ["unpack", boot, "--blob-dir", blobs, "-o", out], check=True,
+                   capture_output=True)
+    for rel in regular_files(src):
+        assert file_sha(os.path.join(out, rel)) == file_sha(os.path.join(src, rel)), rel
