@@ -525,7 +525,9 @@ class BlobManager:
             return 0
         self.stats.add(bytes_fetched=len(raw), backend_requests=1,
                        prefetch_bytes=len(raw) if prefetch else 0)
-        if self.native:
+        # zran chunks are inflated from their access point (reader/zran.py, zlib in the
+        # C core) by the chunk decoder; the cold path's decoders know zstd, lz4, none
+        if self.native and self.meta.zran is None:
             self._decode_store(batch, raw, flights, failures)
         else:
             self._decode_store_py(batch, raw, flights, failures)
