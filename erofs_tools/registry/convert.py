@@ -213,28 +213,34 @@ class SourceImage:
 
 # --- convert ---------------------------------------------------------------------------
 
+def place_blob(src, dest, d, work_dir) -> str:
+    """Make the destination hold blob `d` of the source unchanged: -> how ("exists",
+    "mounted": cross-repository mount on the same registry, "copied")."""
+    if dest.has(d.digest):
+        return "exists"
+    if dest.client is not None and src.client is not None and \
+            src.ref.api_host == dest.ref.api_host and \
+            dest.client.mount_blob(dest.ref.repository, d.digest, src.ref.repository):
+        return "mounted"
+    if src.layout is not None:
+        dest.push_blob(src.layout.blob_path(d.digest), d.digest, d.media_type)
+        return "copied"
+    # work_dir is this run's private directory: pull_blob writes there atomically.
+    tmp = os.path.join(work_dir, "copy-" + digest_hex(d.digest))
+    try:
+        src.client.pull_blob(src.ref.repository, d.digest, tmp, max_size=d.size)
+        dest.push_blob(tmp, d.digest, d.media_type)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return "copied"
+
+
 def copy_source_image(src, dest, work_dir):
     """Put the source manifest and its blobs into the destination (for an index that
     lists both); -> the manifest's index entry."""
-    repo = dest.ref.repository if dest.client is not None else None
     for d in src.manifest.blobs():
-        if dest.has(d.digest):
-            continue
-        if dest.client is not None and src.client is not None and \
-                src.ref.api_host == dest.ref.api_host and \
-                dest.client.mount_blob(repo, d.digest, src.ref.repository):
-            continue
-        if src.layout is not None:
-            dest.push_blob(src.layout.blob_path(d.digest), d.digest, d.media_type)
-            continue
-        # work_dir is this run's private directory: pull_blob writes there atomically.
-        tmp = os.path.join(work_dir, "copy-" + digest_hex(d.digest))
-        try:
-            src.client.pull_blob(src.ref.repository, d.digest, tmp, max_size=d.size)
-            dest.push_blob(tmp, d.digest, d.media_type)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        place_blob(src, dest, d, work_dir)
     dest.put_manifest(src.manifest, by_digest=True)
     plat = dict(src.index_entry.platform) if src.index_entry is not None and \
         src.index_entry.platform else dict(src.platform)

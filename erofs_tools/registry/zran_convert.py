@@ -19,8 +19,7 @@ from typing import Any
 
 from ..errors import InputError
 from . import mediatypes as mt
-from .convert import SourceImage
-from .digest import digest_hex
+from .convert import SourceImage, place_blob
 from .manifest import Descriptor, build_manifest
 from .nydus_push import Destination, bootstrap_layer, nydus_config
 
@@ -29,28 +28,6 @@ GZIP_LAYER_TYPES = {mt.OCI_LAYER_TAR_GZIP, mt.DOCKER_LAYER_TAR_GZIP,
                     "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"}
 ANNOTATION_ZRAN = "org.erofs-tools.zran"
 ANNOTATION_ZRAN_META = "org.erofs-tools.zran-meta"
-
-
-def _place_layer(src: SourceImage, dest: Destination, d: Descriptor, work: str) -> str:
-    """Make DST hold layer `d` without changing it: -> how (exists, mounted, copied)."""
-    if dest.has(d.digest):
-        return "exists"
-    if dest.client is not None and src.client is not None and \
-            src.ref.api_host == dest.ref.api_host and \
-            dest.client.mount_blob(dest.ref.repository, d.digest, src.ref.repository):
-        return "mounted"
-    if src.layout is not None:
-        dest.push_blob(src.layout.blob_path(d.digest), d.digest, d.media_type)
-        return "copied"
-    assert src.client is not None
-    tmp = os.path.join(work, "copy-" + digest_hex(d.digest))
-    try:
-        src.client.pull_blob(src.ref.repository, d.digest, tmp, max_size=d.size)
-        dest.push_blob(tmp, d.digest, d.media_type)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return "copied"
 
 
 def convert_oci_ref(src_ref: str, dst_ref: str, *, insecure: bool | None = None,
@@ -118,7 +95,7 @@ def _run(src: SourceImage, dest: Destination, tmp: str, t0: float, chunk_size: i
     merged = os.path.join(tmp, "image.boot")
     m = merge(boots, merged)
     index_seconds = time.monotonic() - t0
-    placed = [_place_layer(src, dest, d, tmp) for d in src.layers]
+    placed = [place_blob(src, dest, d, tmp) for d in src.layers]
     meta_descs = [dest.push_blob(p, "sha256:" + os.path.basename(p), mt.NYDUS_BLOB,
                                  {mt.ANNOTATION_NYDUS_BLOB: "true", ANNOTATION_ZRAN_META: "true"})
                   for p in metas]
