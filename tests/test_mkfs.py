@@ -531,3 +531,36 @@ def test_progress_bar_on_a_terminal(basic_tree, tmp_path):
     text = b"".join(chunks).decode(errors="replace")
     assert "\r" in text and ("scanning" in text or "writing" in text)
     assert "inodes" in text
+
+
+def _reg_layouts(image):
+    from erofs_tools.reader.image import Image
+    img = Image(str(image))
+    return {p: ino.layout for p, _d, ino in img.walk() if stat.S_ISREG(ino.mode)}
+
+
+def test_noinline_data_keeps_every_tail_in_whole_blocks(tmp_path):
+    """-E noinline_data (containerd's EROFS differ passes it): no FLAT_INLINE file, the
+    tree still reads back identical; the default image does inline the same tails."""
+    from erofs_tools.format import erofs as E
+    src = tmp_path / "src"
+    src.mkdir()
+    for n in (1, 100, 4095, 4097, 10000, 3 * 4096 - 32):
+        write(src / f"f{n}", os.urandom(n))
+    default = tmp_path / "default.img"
+    mkfs_and_check(default, src)
+    assert E.LAYOUT_FLAT_INLINE in _reg_layouts(default).values()
+    img = tmp_path / "noinline.img"
+    mkfs_and_check(img, src, "-E", "noinline_data")
+    layouts = _reg_layouts(img)
+    assert len(layouts) == 6 and set(layouts.values()) == {E.LAYOUT_FLAT_PLAIN}, layouts
+    assert os.path.getsize(img) > os.path.getsize(default)
+
+
+def test_noinline_data_takes_no_value(tmp_path):
+    (tmp_path / "src").mkdir()
+    p = subprocess.run([sys.executable, "-m", "erofs_tools", "mkfs", "-E", "noinline_data=1",
+                        str(tmp_path / "x.img"), str(tmp_path / "src")],
+                       capture_output=True, text=True)
+    assert p.returncode == 1 and p.stderr.count("\n") == 1 and "noinline_data" in p.stderr
+    assert not (tmp_path / "x.img").exists()

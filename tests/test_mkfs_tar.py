@@ -6,6 +6,7 @@ and hostile archives (one-line error, exit 1, nothing written)."""
 import gzip
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import tarfile
@@ -386,6 +387,26 @@ def test_containerd_tar_index_invocation(tmp_path, rich):
     assert p.stdout == b"" and p.stderr == b""
     with open(layer, "ab") as out, open(tar_path, "rb") as f:
         shutil.copyfileobj(f, out)
+    ref = _ref(tar_path, str(tmp_path / "ref"))
+    with mounted(layer) as mnt:
+        _same(ref, mnt)
+
+
+def test_containerd_full_image_invocation(tmp_path, rich):
+    """containerd's EROFS differ (full image mode): `--tar=f --aufs --quiet
+    -Enoinline_data IMAGE` with the layer on stdin: no file tail inline, the image
+    equals the tar extracted, fsck.erofs passes."""
+    from erofs_tools.format import erofs as FE
+    from erofs_tools.reader.image import Image
+    tar_path = _tar(rich, tmp_path / "l.tar")
+    layer = tmp_path / "layer.erofs"
+    with open(tar_path, "rb") as f:
+        p = _mkfs("--tar=f", "--aufs", "--quiet", "-Enoinline_data", layer, input=f.read())
+    assert p.stdout == b"" and p.stderr == b""
+    img = Image(str(layer))
+    regs = [ino for _p, _d, ino in img.walk() if stat.S_ISREG(ino.mode) and ino.size]
+    assert regs and all(ino.layout != FE.LAYOUT_FLAT_INLINE for ino in regs)
+    fsck(layer)
     ref = _ref(tar_path, str(tmp_path / "ref"))
     with mounted(layer) as mnt:
         _same(ref, mnt)

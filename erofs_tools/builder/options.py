@@ -47,6 +47,8 @@ class MkfsOptions:
     compress_hints: list[CompressHint] = field(default_factory=list)   # --compress-hints
     workers: int = 0                  # --workers: compression threads, 0 = one per CPU
     inode_digest: bytes | None = None  # --xattr-inode-digest: the fingerprint xattr's name
+    inline_data: bool = True          # -E noinline_data: no FLAT_INLINE tails (containerd's
+                                      # EROFS differ asks for it: data blocks stay aligned)
 
     def effective_timestamp(self, environ: Mapping[str, str] = os.environ) -> int | None:
         """-T wins; else SOURCE_DATE_EPOCH (same meaning as -T, as mkfs.erofs)."""
@@ -88,7 +90,7 @@ PCLUSTER_MAX = 1 << 20
 
 # -E options this mkfs knows (mkfs.erofs names), and whether they take =VALUE
 EXTENDED = {"legacy-compress": False, "ztailpacking": False, "fragments": True,
-            "dedupe": False}
+            "dedupe": False, "noinline_data": False}
 
 
 def parse_extended(texts: Sequence[str]) -> dict[str, str | None]:

@@ -50,7 +50,8 @@ from erofs_tools.errors import InputError
               help="Extended options (as mkfs.erofs): legacy-compress (full 8-byte lcluster "
                    "indexes), ztailpacking (last extents inline), fragments[=SIZE] (last "
                    "extents and small files in the packed inode, its pcluster SIZE), dedupe "
-                   "(identical pclusters shared).")
+                   "(identical pclusters shared), noinline_data (no file tail inline after "
+                   "its inode: every uncompressed file's data in whole blocks).")
 @click.option("--compress-hints", "hints", metavar="FILE",
               help="Per-file pcluster size and algorithm: lines 'SIZE [ALGINDEX] REGEX' "
                    "(as mkfs.erofs; SIZE 0: not compressed).")
@@ -93,6 +94,7 @@ def mkfs(image, source, timestamp, uuid_text, label, all_root, force_uid, force_
         exclude_paths=[parse_exclude_path(p) for p in exclude_path],
         exclude_regex=[parse_exclude_regex(r) for r in exclude_regex],
         shared_xattrs=not no_shared_xattrs,
+        inline_data="noinline_data" not in ext,
         compress=z,
         compress_hints=parse_compress_hints(hints, 1 + len(z.more)) if z and hints else [],
         workers=workers,
