@@ -176,7 +176,7 @@ def main(argv=None) -> int:
                 release_holder(holder_sock)
             if fails:
                 raise SystemExit(f"{way}: {fails} chunks failed verification")
-            return (t, n, (u1 - u0) + (s1 - s0), fetched, reqs, hwm)
+            return (t, n, (u1 - u0) + (s1 - s0), fetched, reqs, hwm, u1 - u0, s1 - s0)
 
         for i in range(args.rounds):
             for w in (order0 if i % 2 == 0 else order0[::-1]):
@@ -184,7 +184,7 @@ def main(argv=None) -> int:
                 runs[w].append(r)
                 print(f"round {i + 1} {w}: {r[0]:.2f} s, {r[1] / r[0] / 1e6:.1f} MB/s, "
                       f"fetched {r[3] / 1e6:.1f} MB in {r[4]} requests, daemon CPU "
-                      f"{r[2]:.2f} s, peak RSS {r[5]:.0f} MiB; loadavg "
+                      f"{r[2]:.2f} s (user {r[6]:.2f}, sys {r[7]:.2f}), peak RSS {r[5]:.0f} MiB; loadavg "
                       f"{os.getloadavg()[0]:.2f}", file=sys.stderr, flush=True)
     finally:
         reg.stop()
@@ -192,13 +192,15 @@ def main(argv=None) -> int:
             shutil.rmtree(work, ignore_errors=True)
 
     for w, rs in runs.items():
-        t, n, cpu, fetched, reqs, hwm = median(rs)
+        t, n, cpu, fetched, reqs, hwm = median(rs)[:6]
         res[f"{w}_runs_s"] = [round(r[0], 3) for r in rs]
         res[f"{w}_s"], res[f"{w}_MBps"] = t, n / t / 1e6
         res[f"{w}_read_bytes"] = n
         res[f"{w}_fetched_bytes"] = fetched
         res[f"{w}_backend_requests"] = reqs
         res[f"{w}_cpu_runs_s"] = [round(r[2], 2) for r in rs]
+        res[f"{w}_user_runs_s"] = [round(r[6], 2) for r in rs]
+        res[f"{w}_sys_runs_s"] = [round(r[7], 2) for r in rs]
         res[f"{w}_cpu_s"] = sorted(r[2] for r in rs)[(len(rs) - 1) // 2]
         res[f"{w}_peak_rss_MiB"] = max(r[5] for r in rs)
     print(f"\nimage: {res['files']} files, {res['tar_bytes'] / 1e6:.1f} MB tar, "
