@@ -311,7 +311,9 @@ class Daemon(MountLifecycle):
 
     def _blob_complete(self, mgr) -> None:
         try:
-            self.frontend.blob_complete(mgr)
+            # completed by fetching: keep the front end watching while some chunk was
+            # never read, or those reads would be missing from the access trace
+            self.frontend.blob_complete(mgr, keep_mark=not self.traces.fully_read(mgr))
         except (FrontendError, OSError) as e:
             log.error("blob %s: front end completion failed: %s", mgr.blob_id[:12], e)
 

@@ -99,6 +99,11 @@ class TraceRecorder:
                         out[c.index] = t
         return out
 
+    def fully_read(self, mgr) -> bool:
+        """Every chunk of `mgr`'s blob had its first access: later reads add nothing to
+        a trace (the front end may stop watching the complete blob)."""
+        return len(self.first_accesses(mgr.key, mgr)) >= len(mgr.meta.chunks)
+
     def _mount_time(self, img) -> int:
         """The image's mount on the monotonic clock (from its wall-clock mount time, the
         only one mounts.json keeps), worked out once so that exports agree."""

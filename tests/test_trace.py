@@ -238,3 +238,27 @@ def test_trace_export_without_a_kernel(tmp_path):
             d.trace(mountpoint=str(tmp_path))
     finally:
         d.shutdown()
+
+
+@pytest.mark.root
+def test_trace_lists_reads_after_prefetch_completed_the_blob(daemon, image, tmp_path):
+    """Issue 15: a blob that fetching (here `prefetch`, as readahead or another image can)
+    completed before its files were read: a complete blob's cache file used to be
+    unmarked at once, so those reads raised no event and the trace missed whole files
+    (busybox, executed by a container). The files read must still be listed."""
+    mnt = str(tmp_path / "mnt")
+    daemon.mount(image["boot"], mnt, f"localfs:{image['blobs']}", prefetch=True)
+    deadline = time.monotonic() + 120
+    while not daemon.metrics()["blobs"][image["blob_id"]]["complete"]:
+        assert time.monotonic() < deadline, daemon.metrics()
+        time.sleep(0.05)
+    drop_caches()
+    order = ["b.bin", "sub/d.bin"]
+    for name in order:
+        assert read(os.path.join(mnt, name)) == read(os.path.join(image["src"], name))
+    t = get_trace(daemon, mountpoint=mnt)
+    assert [e["path"] for e in t["entries"]] == ["/" + n for n in order], t
+    for e in t["entries"]:
+        assert e["file_ranges"] == [[0, SIZES[os.path.basename(e["path"])]]], e
+    # read whole: once every chunk was read the trace is complete, nothing else changes
+    assert t["complete_blobs"] == []

@@ -269,8 +269,14 @@ class FanotifyFrontend(Frontend):
         if mgr.complete():
             self.blob_complete(mgr)
 
-    def blob_complete(self, mgr) -> None:
-        if self._unmark(mgr):
+    def blob_complete(self, mgr, keep_mark: bool = False) -> None:
+        if keep_mark:
+            # fetched ahead of its readers (readahead, prefetch): without the mark their
+            # first reads would raise no event and be missing from the access trace; the
+            # holder answers them from the filled bitmap and logs them (release unmarks)
+            log.info("blob %s complete: cache file stays marked, chunks still unread",
+                     mgr.blob_id[:12])
+        elif self._unmark(mgr):
             log.info("blob %s complete: cache file unmarked, reads stay in the kernel",
                      mgr.blob_id[:12])
         d = self._daemon
