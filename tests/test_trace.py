@@ -262,3 +262,58 @@ def test_trace_lists_reads_after_prefetch_completed_the_blob(daemon, image, tmp_
         assert e["file_ranges"] == [[0, SIZES[os.path.basename(e["path"])]]], e
     # read whole: once every chunk was read the trace is complete, nothing else changes
     assert t["complete_blobs"] == []
+
+
+@pytest.mark.root
+def test_trace_of_an_image_sharing_a_blob_read_before_its_mount(daemon, image, tmp_path):
+    """Issue 15: two images share a blob (busybox's layer, say). What a container of the
+    first read before the second was mounted is a first access for the second all the
+    same when its container reads it: the second image's trace lists it."""
+    m1, m2 = str(tmp_path / "m1"), str(tmp_path / "m2")
+    daemon.mount(image["boot"], m1, f"localfs:{image['blobs']}")
+    src = image["src"]
+    for name in ("b.bin", "e.bin"):
+        assert read(os.path.join(m1, name)) == read(os.path.join(src, name))
+    assert not daemon.metrics()["blobs"][image["blob_id"]]["complete"]
+    boot2 = str(tmp_path / "boot2")           # another image naming the same blob
+    with open(image["boot"], "rb") as f, open(boot2, "wb") as g:
+        g.write(f.read())
+    time.sleep(0.05)
+    daemon.mount(boot2, m2, f"localfs:{image['blobs']}")
+    drop_caches()
+    order = ["e.bin", "a.bin", "b.bin"]        # e and b: read through m1 before
+    for name in order:
+        assert read(os.path.join(m2, name)) == read(os.path.join(src, name))
+    t2 = get_trace(daemon, mountpoint=m2)
+    assert [e["path"] for e in t2["entries"]] == ["/" + n for n in order], t2
+    for e in t2["entries"]:
+        assert e["file_ranges"] == [[0, SIZES[os.path.basename(e["path"])]]], e
+    # the first image's trace keeps its own first accesses, in its order
+    t1 = get_trace(daemon, mountpoint=m1)
+    assert [e["path"] for e in t1["entries"]][:2] == ["/b.bin", "/e.bin"], t1
+
+
+def test_touch_log_rearm_records_touches_again():
+    log = TouchLog(4 * FILLED_BLOCK)
+    log.note(0, 2 * FILLED_BLOCK)
+
+    class View:
+        touches = log
+    views = {(1, 2): (View, None)}
+    # a plain request hands records over and changes nothing
+    assert len(FilledView.touches_reply(views, {"inode": [1, 2]})["records"]) == 1
+    log.note(0, FILLED_BLOCK)
+    assert len(log) == 1
+    # rearm (another image mounted): the records so far stay, the next touch is new
+    r = FilledView.touches_reply(views, {"inode": [1, 2], "since": 0, "rearm": True})
+    assert len(r["records"]) == 1 and r["next"] == 1
+    log.note(0, FILLED_BLOCK)
+    log.note(0, FILLED_BLOCK)
+    assert [x[:2] for x in log.page(0)["records"]] == [[0, 2 * FILLED_BLOCK],
+                                                        [0, FILLED_BLOCK]]
+    # rearmed only once the reply handed over every record (all 3 here)
+    log.note(2 * FILLED_BLOCK, FILLED_BLOCK)
+    assert FilledView.touches_reply(views, {"inode": [1, 2], "since": 0,
+                                            "rearm": True})["next"] == 3
+    log.note(2 * FILLED_BLOCK, FILLED_BLOCK)
+    assert len(log) == 3 + 1

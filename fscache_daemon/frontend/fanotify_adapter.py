@@ -300,7 +300,13 @@ class FanotifyFrontend(Frontend):
             self._pull_touches(mgr)
             return list(self._touches.get(mgr.key, (0, []))[1])
 
-    def _pull_touches(self, mgr) -> None:
+    def rearm_touches(self, mgr) -> None:
+        """The holder records the next touch of every block of mgr's file again
+        (trace.TraceRecorder.rearm), after handing over what it has."""
+        with self._lock:
+            self._pull_touches(mgr, rearm=True)
+
+    def _pull_touches(self, mgr, rearm: bool = False) -> None:
         """Fetch the holder's new records for mgr (under self._lock): before an unmark
         too, since the holder forgets the file's log with its bitmap."""
         from fscache_daemon.frontend.fanotify_marks import TouchLog
@@ -313,7 +319,8 @@ class FanotifyFrontend(Frontend):
                 # HolderChannel's request/reply call (no public wrapper: fdholder.py
                 # is at the module size limit)
                 reply, _ = self.watcher.channel._call(
-                    {"op": "touches", "inode": [st.st_dev, st.st_ino], "since": nxt})
+                    {"op": "touches", "inode": [st.st_dev, st.st_ino], "since": nxt,
+                     "rearm": rearm})
             except (FrontendError, OSError) as e:
                 log.debug("fd holder touches of %s: %s", mgr.key[:12], e)
                 break
