@@ -260,8 +260,27 @@ def test_trace_lists_reads_after_prefetch_completed_the_blob(daemon, image, tmp_
     assert [e["path"] for e in t["entries"]] == ["/" + n for n in order], t
     for e in t["entries"]:
         assert e["file_ranges"] == [[0, SIZES[os.path.basename(e["path"])]]], e
-    # read whole: once every chunk was read the trace is complete, nothing else changes
     assert t["complete_blobs"] == []
+    # the mark costs warm readers an event per read: once every chunk was read the
+    # cache file is unmarked (within the daemon's TRACE_UNMARK_INTERVAL)
+    from fscache_daemon.frontend.fdholder import HolderChannel
+
+    def marks():
+        ch = HolderChannel(os.path.join(daemon.cache_dir, "fdholder.sock"), timeout=10)
+        try:
+            return ch.status()["marks"]
+        finally:
+            ch.close()
+    assert len(marks()) == 1
+    for name in ("tiny.txt", "a.bin", "c.bin", "e.bin"):
+        assert read(os.path.join(mnt, name)) == read(os.path.join(image["src"], name))
+    deadline = time.monotonic() + 60
+    while marks():
+        assert time.monotonic() < deadline, "cache file still marked, every chunk read"
+        time.sleep(0.1)
+    t = get_trace(daemon, mountpoint=mnt)
+    assert [e["path"] for e in t["entries"]] == [
+        "/b.bin", "/sub/d.bin", "/tiny.txt", "/a.bin", "/c.bin", "/e.bin"], t
 
 
 @pytest.mark.root
