@@ -361,3 +361,37 @@ def test_trace_of_a_file_whose_readahead_completed_the_blob(daemon, image, tmp_p
     assert [e["path"] for e in t["entries"]] == ["/" + n for n in first] + ["/c.bin"], t
     for e in t["entries"]:
         assert e["file_ranges"] == [[0, SIZES.get(os.path.basename(e["path"]), 16)]], e
+
+
+@pytest.mark.root
+def test_a_complete_blob_is_unwatched_after_the_trace_window(tmp_path, image):
+    """--trace-window bounds how long a blob completed ahead of its readers stays watched
+    for its trace: warm reads of a blob nobody reads whole end up served by the kernel
+    alone (no mark), and the reads made inside the window are in the trace."""
+    from fscache_daemon.frontend.fdholder import HolderChannel
+    d = DaemonProc(str(tmp_path / "d"), extra=("--trace-window", "1")).start()
+    try:
+        def marks():
+            ch = HolderChannel(os.path.join(d.cache_dir, "fdholder.sock"), timeout=10)
+            try:
+                return ch.status()["marks"]
+            finally:
+                ch.close()
+        mnt = str(tmp_path / "mnt")
+        d.mount(image["boot"], mnt, f"localfs:{image['blobs']}", prefetch=True)
+        deadline = time.monotonic() + 120
+        while not d.metrics()["blobs"][image["blob_id"]]["complete"]:
+            assert time.monotonic() < deadline, d.metrics()
+            time.sleep(0.05)
+        drop_caches()
+        assert read(os.path.join(mnt, "b.bin")) == read(os.path.join(image["src"], "b.bin"))
+        deadline = time.monotonic() + 60
+        while marks():
+            assert time.monotonic() < deadline, "still watched after the trace window"
+            time.sleep(0.1)
+        t = get_trace(d, mountpoint=mnt)
+        assert [e["path"] for e in t["entries"]][:1] == ["/b.bin"], t
+        for name in ("a.bin", "c.bin"):      # unwatched now: still the right bytes
+            assert read(os.path.join(mnt, name)) == read(os.path.join(image["src"], name))
+    finally:
+        d.cleanup()
