@@ -145,11 +145,16 @@ def cli():
 @click.option("--cache-size", default=None, metavar="SIZE",
               help="Limit of the blob cache on disk (k/M/G suffixes): blobs no mounted "
                    "image uses are evicted, least recently used first (default: no limit).")
+@click.option("--trace-window", type=click.FloatRange(0, 86400), default=120.0,
+              show_default=True,
+              help="Seconds a blob that fetching completed stays watched for its access "
+                   "trace while some of it was never read (warm reads of a watched blob "
+                   "cost an event each; 0: unwatched at once, traces may miss reads).")
 @click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
 def run(cache_dir, api_sock, frontend, threads, batch_size, prefetch_rate, readahead,
         fetch_deadline, snapshotter_socket, snapshotter_root, insecure_registry, hosts_dir,
-        cache_size, log_level):
+        cache_size, trace_window, log_level):
     """Run the daemon in the foreground (logs to stderr).
 
     SIGTERM/SIGINT stop it cleanly: the API closes, chunk state is flushed, and mounts
@@ -168,7 +173,8 @@ def run(cache_dir, api_sock, frontend, threads, batch_size, prefetch_rate, reada
     d = Daemon(cache_dir, frontend=frontend, threads=threads, batch_size=_size(batch_size),
                prefetch_rate=_size(prefetch_rate), readahead=_size(readahead),
                fetch_deadline=fetch_deadline, hosts_dir=_hosts_dir(hosts_dir),
-               cache_size=None if cache_size is None else _size(cache_size))
+               cache_size=None if cache_size is None else _size(cache_size),
+               trace_window=trace_window)
     api = ApiServer(d, api_sock)
     stop = threading.Event()
 

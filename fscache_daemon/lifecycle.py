@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from fscache_daemon.readahead import BlobReadahead
     from fscache_daemon.storage.backends import Backend
     from fscache_daemon.storage.blobcache import BlobManager
+    from fscache_daemon.trace import TraceRecorder
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ class MountLifecycle(CacheEviction):
     detached: list[Image]
     blobs: dict[str, BlobManager]
     blob_users: dict[str, set[str]]
+    traces: TraceRecorder
     _ra: dict[str, BlobReadahead]
     _lock: threading.RLock
     _mount_lock: threading.Lock
@@ -298,6 +300,8 @@ class MountLifecycle(CacheEviction):
                 with self._blob_opening.hold(m.blob_id):
                     self.frontend.prepare_blob(m)
                     m.cache.verify_now()    # front ends without a writer fd: our own fd
+                if state == MOUNTING and len(self.blob_users.get(m.key, ())) > 1:
+                    self.traces.rearm(m)    # its trace starts afresh for this image
         except BaseException:
             self._unregister(img)
             raise

@@ -18,9 +18,13 @@ Recording at fill time instead would be wrong: the daemon fills what its readahe
 prefetch expect, not what readers read. A blob whose cache was already complete at mount
 is not marked, raises no event and shows nothing (say so: `complete_blobs`); trace a cold
 cache. Timestamps are CLOCK_MONOTONIC in both processes, reported in seconds after the
-image's mount. A blob shared by two mounted images records one first access for both:
-a chunk first read through one image before the other was mounted is absent from the
-second image's trace.
+image's mount. A blob shared by two mounted images: mounting the second re-arms the
+first-access records of the blob (`rearm`, in the holder too), so each image's trace
+lists the first access after its own mount, whichever image read it.
+
+A blob completed by fetching (readahead, prefetch) while some of its chunks were never
+read stays marked (`Frontend.blob_complete(keep_mark=True)`): unmarked, the first reads of
+those chunks would raise no event and be missing from the trace.
 
 The export maps chunks to files (storage.image.chunk_owners): a chunk several files
 share (deduplicated) goes to the one already in the trace, else the first by path.
@@ -83,21 +87,41 @@ class TraceRecorder:
                 kl = self._logs[key] = _KeyLog(mgr)
             return kl
 
-    def first_accesses(self, key: str, mgr) -> dict[int, int]:
-        """{CI index: monotonic ns of its first access} from every source."""
+    def first_accesses(self, key: str, mgr, since: int = 0) -> dict[int, int]:
+        """{CI index: monotonic ns of its first access at or after `since`} from every
+        source."""
         out: dict[int, int] = {}
         kl = self._logs.get(key)
         if kl is not None and kl.mgr is mgr:
             for t, idx in list(kl.log):
-                if idx not in out or t < out[idx]:
+                if t >= since and (idx not in out or t < out[idx]):
                     out[idx] = t
         touches = getattr(self._d.frontend, "touches", None)
         if touches is not None:
             for off, n, t in touches(mgr):
+                if t < since:
+                    continue
                 for c in mgr.meta.chunks_for_range(off, max(1, n)):
                     if c.index not in out or t < out[c.index]:
                         out[c.index] = t
         return out
+
+    def rearm(self, mgr) -> None:
+        """Another image was mounted with `mgr`'s blob: from now on a chunk's next access
+        is recorded again, as the first one for that image (an access to the shared
+        cache file cannot be told to one image; each image's trace keeps the first one
+        after its mount). Earlier records stay, for the images mounted before."""
+        kl = self._logs.get(mgr.key)
+        if kl is not None and kl.mgr is mgr:
+            kl.seen = set()     # a new set: note() may be iterating the old one
+        rearm = getattr(self._d.frontend, "rearm_touches", None)
+        if rearm is not None:
+            rearm(mgr)
+
+    def fully_read(self, mgr) -> bool:
+        """Every chunk of `mgr`'s blob had its first access: later reads add nothing to
+        a trace (the front end may stop watching the complete blob)."""
+        return len(self.first_accesses(mgr.key, mgr)) >= len(mgr.meta.chunks)
 
     def _mount_time(self, img) -> int:
         """The image's mount on the monotonic clock (from its wall-clock mount time, the
@@ -123,12 +147,11 @@ class TraceRecorder:
             if mgr is None:
                 continue
             open_blobs.append(bi)
-            firsts = self.first_accesses(key, mgr)
+            # not what was read through another image before this one was mounted
+            firsts = self.first_accesses(key, mgr, since=t0)
             if not firsts and mgr.complete():
                 complete.append(img.blob_ids[bi])
             for idx, t in firsts.items():
-                if t < t0:      # read through another image before this one was mounted
-                    continue
                 c = mgr.meta.chunk_by_index(idx)
                 chunks[(bi, c.uncompressed_offset)] = (t, c)
         wanted: dict[int, set[int]] = {}

@@ -111,10 +111,12 @@ def test_optimized_image_prefetches_through_the_snapshotter(registry, tmp_path):
             "nydus/pf", tag).json["config"]["digest"])) for tag in ("1", "opt")]
         assert configs[1]["config"] == configs[0]["config"]
         assert configs[1]["config"]["Cmd"] == ["/bin/sh"]
-        # the hot files (9 MiB) and busybox: more than one request, fewer than four. (Not
-        # exactly what was read: a trace sometimes misses a few chunks of a file read
-        # whole, 8.4 MB instead of 10.5 MB once under load; those are read on demand)
-        assert PREFETCH_REQUEST < pf_bytes <= 3 * PREFETCH_REQUEST, res
+        # the hot files (9 MiB) and busybox: more than one request, fewer than four.
+        # Every chunk of the hot files read whole is in it: a trace once missed some
+        # (8.4 MB instead of 10.5 MB under load: readahead completed the blob while h2 was
+        # read, the cache file was unmarked and the rest of h2 raised no event; issue 15)
+        assert sum(len(files[p]) for p in HOT) < pf_bytes <= 3 * PREFETCH_REQUEST, res
+        assert PREFETCH_REQUEST < pf_bytes, res
         proxy.match = re.compile(
             rf"^GET /v2/nydus/pf/blobs/sha256:{pf_id}")
 

@@ -238,3 +238,160 @@ def test_trace_export_without_a_kernel(tmp_path):
             d.trace(mountpoint=str(tmp_path))
     finally:
         d.shutdown()
+
+
+@pytest.mark.root
+def test_trace_lists_reads_after_prefetch_completed_the_blob(daemon, image, tmp_path):
+    """Issue 15: a blob that fetching (here `prefetch`, as readahead or another image can)
+    completed before its files were read: a complete blob's cache file used to be
+    unmarked at once, so those reads raised no event and the trace missed whole files
+    (busybox, executed by a container). The files read must still be listed."""
+    mnt = str(tmp_path / "mnt")
+    daemon.mount(image["boot"], mnt, f"localfs:{image['blobs']}", prefetch=True)
+    deadline = time.monotonic() + 120
+    while not daemon.metrics()["blobs"][image["blob_id"]]["complete"]:
+        assert time.monotonic() < deadline, daemon.metrics()
+        time.sleep(0.05)
+    drop_caches()
+    order = ["b.bin", "sub/d.bin"]
+    for name in order:
+        assert read(os.path.join(mnt, name)) == read(os.path.join(image["src"], name))
+    t = get_trace(daemon, mountpoint=mnt)
+    assert [e["path"] for e in t["entries"]] == ["/" + n for n in order], t
+    for e in t["entries"]:
+        assert e["file_ranges"] == [[0, SIZES[os.path.basename(e["path"])]]], e
+    assert t["complete_blobs"] == []
+    # the mark costs warm readers an event per read: once every chunk was read the
+    # cache file is unmarked (within the daemon's TRACE_UNMARK_INTERVAL)
+    from fscache_daemon.frontend.fdholder import HolderChannel
+
+    def marks():
+        ch = HolderChannel(os.path.join(daemon.cache_dir, "fdholder.sock"), timeout=10)
+        try:
+            return ch.status()["marks"]
+        finally:
+            ch.close()
+    assert len(marks()) == 1
+    for name in ("tiny.txt", "a.bin", "c.bin", "e.bin"):
+        assert read(os.path.join(mnt, name)) == read(os.path.join(image["src"], name))
+    deadline = time.monotonic() + 60
+    while marks():
+        assert time.monotonic() < deadline, "cache file still marked, every chunk read"
+        time.sleep(0.1)
+    t = get_trace(daemon, mountpoint=mnt)
+    assert [e["path"] for e in t["entries"]] == [
+        "/b.bin", "/sub/d.bin", "/tiny.txt", "/a.bin", "/c.bin", "/e.bin"], t
+
+
+@pytest.mark.root
+def test_trace_of_an_image_sharing_a_blob_read_before_its_mount(daemon, image, tmp_path):
+    """Issue 15: two images share a blob (busybox's layer, say). What a container of the
+    first read before the second was mounted is a first access for the second all the
+    same when its container reads it: the second image's trace lists it."""
+    m1, m2 = str(tmp_path / "m1"), str(tmp_path / "m2")
+    daemon.mount(image["boot"], m1, f"localfs:{image['blobs']}")
+    src = image["src"]
+    for name in ("b.bin", "e.bin"):
+        assert read(os.path.join(m1, name)) == read(os.path.join(src, name))
+    assert not daemon.metrics()["blobs"][image["blob_id"]]["complete"]
+    boot2 = str(tmp_path / "boot2")           # another image naming the same blob
+    with open(image["boot"], "rb") as f, open(boot2, "wb") as g:
+        g.write(f.read())
+    time.sleep(0.05)
+    daemon.mount(boot2, m2, f"localfs:{image['blobs']}")
+    drop_caches()
+    order = ["e.bin", "a.bin", "b.bin"]        # e and b: read through m1 before
+    for name in order:
+        assert read(os.path.join(m2, name)) == read(os.path.join(src, name))
+    t2 = get_trace(daemon, mountpoint=m2)
+    assert [e["path"] for e in t2["entries"]] == ["/" + n for n in order], t2
+    for e in t2["entries"]:
+        assert e["file_ranges"] == [[0, SIZES[os.path.basename(e["path"])]]], e
+    # the first image's trace keeps its own first accesses, in its order
+    t1 = get_trace(daemon, mountpoint=m1)
+    assert [e["path"] for e in t1["entries"]][:2] == ["/b.bin", "/e.bin"], t1
+
+
+def test_touch_log_rearm_records_touches_again():
+    log = TouchLog(4 * FILLED_BLOCK)
+    log.note(0, 2 * FILLED_BLOCK)
+
+    class View:
+        touches = log
+    views = {(1, 2): (View, None)}
+    # a plain request hands records over and changes nothing
+    assert len(FilledView.touches_reply(views, {"inode": [1, 2]})["records"]) == 1
+    log.note(0, FILLED_BLOCK)
+    assert len(log) == 1
+    # rearm (another image mounted): the records so far stay, the next touch is new
+    r = FilledView.touches_reply(views, {"inode": [1, 2], "since": 0, "rearm": True})
+    assert len(r["records"]) == 1 and r["next"] == 1
+    log.note(0, FILLED_BLOCK)
+    log.note(0, FILLED_BLOCK)
+    assert [x[:2] for x in log.page(0)["records"]] == [[0, 2 * FILLED_BLOCK],
+                                                        [0, FILLED_BLOCK]]
+    # rearmed only once the reply handed over every record (all 3 here)
+    log.note(2 * FILLED_BLOCK, FILLED_BLOCK)
+    assert FilledView.touches_reply(views, {"inode": [1, 2], "since": 0,
+                                            "rearm": True})["next"] == 3
+    log.note(2 * FILLED_BLOCK, FILLED_BLOCK)
+    assert len(log) == 3 + 1
+
+
+@pytest.mark.root
+def test_trace_of_a_file_whose_readahead_completed_the_blob(daemon, image, tmp_path):
+    """Issue 15 (8.4 MB traced of 10.5 MB read): the reader's first read of the last file
+    makes the daemon's readahead fetch the rest of it, which completes the blob; the rest
+    of the file, read afterwards, must be in the trace all the same."""
+    mnt = str(tmp_path / "mnt")
+    daemon.mount(image["boot"], mnt, f"localfs:{image['blobs']}")
+    src = image["src"]
+    first = ["tiny.txt", "a.bin", "b.bin", "sub/d.bin", "e.bin"]
+    for name in first:
+        assert read(os.path.join(mnt, name)) == read(os.path.join(src, name))
+    path = os.path.join(mnt, "c.bin")
+    assert read(path, 4096) == read(os.path.join(src, "c.bin"), 4096)
+    deadline = time.monotonic() + 60
+    while not daemon.metrics()["blobs"][image["blob_id"]]["complete"]:
+        assert time.monotonic() < deadline, daemon.metrics()
+        time.sleep(0.05)
+    drop_caches()
+    assert read(path) == read(os.path.join(src, "c.bin"))
+    t = get_trace(daemon, mountpoint=mnt)
+    assert [e["path"] for e in t["entries"]] == ["/" + n for n in first] + ["/c.bin"], t
+    for e in t["entries"]:
+        assert e["file_ranges"] == [[0, SIZES.get(os.path.basename(e["path"]), 16)]], e
+
+
+@pytest.mark.root
+def test_a_complete_blob_is_unwatched_after_the_trace_window(tmp_path, image):
+    """--trace-window bounds how long a blob completed ahead of its readers stays watched
+    for its trace: warm reads of a blob nobody reads whole end up served by the kernel
+    alone (no mark), and the reads made inside the window are in the trace."""
+    from fscache_daemon.frontend.fdholder import HolderChannel
+    d = DaemonProc(str(tmp_path / "d"), extra=("--trace-window", "1")).start()
+    try:
+        def marks():
+            ch = HolderChannel(os.path.join(d.cache_dir, "fdholder.sock"), timeout=10)
+            try:
+                return ch.status()["marks"]
+            finally:
+                ch.close()
+        mnt = str(tmp_path / "mnt")
+        d.mount(image["boot"], mnt, f"localfs:{image['blobs']}", prefetch=True)
+        deadline = time.monotonic() + 120
+        while not d.metrics()["blobs"][image["blob_id"]]["complete"]:
+            assert time.monotonic() < deadline, d.metrics()
+            time.sleep(0.05)
+        drop_caches()
+        assert read(os.path.join(mnt, "b.bin")) == read(os.path.join(image["src"], "b.bin"))
+        deadline = time.monotonic() + 60
+        while marks():
+            assert time.monotonic() < deadline, "still watched after the trace window"
+            time.sleep(0.1)
+        t = get_trace(d, mountpoint=mnt)
+        assert [e["path"] for e in t["entries"]][:1] == ["/b.bin"], t
+        for name in ("a.bin", "c.bin"):      # unwatched now: still the right bytes
+            assert read(os.path.join(mnt, name)) == read(os.path.join(image["src"], name))
+    finally:
+        d.cleanup()

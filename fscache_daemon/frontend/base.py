@@ -63,7 +63,9 @@ class Frontend:
                            daemon.fast_path(mgr.key, off, len) -> bool and daemon.pool
     prepare_blob(mgr)      before mounting an image that uses the blob (fanotify: mark the
                            cache file and hand the manager a writer fd)
-    blob_complete(mgr)     every chunk of the blob is cached (fanotify: remove the mark)
+    blob_complete(mgr, keep_mark)  every chunk of the blob is cached (fanotify: remove
+                           the mark, unless keep_mark: readers have chunks still to read
+                           for the first time, which access traces must see)
     withhold(mgr, chunk)   readahead marker: let the first access to this chunk reach
     publish(mgr, chunk)    the daemon even once cached (fanotify with the fd holder: keep
                            its filled bits back); publish() ends that
@@ -85,7 +87,7 @@ class Frontend:
     def prepare_blob(self, mgr) -> None:
         pass
 
-    def blob_complete(self, mgr) -> None:
+    def blob_complete(self, mgr, keep_mark: bool = False) -> None:
         pass
 
     def withhold(self, mgr, chunk) -> None:

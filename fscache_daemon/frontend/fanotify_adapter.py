@@ -269,8 +269,14 @@ class FanotifyFrontend(Frontend):
         if mgr.complete():
             self.blob_complete(mgr)
 
-    def blob_complete(self, mgr) -> None:
-        if self._unmark(mgr):
+    def blob_complete(self, mgr, keep_mark: bool = False) -> None:
+        if keep_mark:
+            # fetched ahead of its readers (readahead, prefetch): without the mark their
+            # first reads would raise no event and be missing from the access trace; the
+            # holder answers them from the filled bitmap and logs them (release unmarks)
+            log.info("blob %s complete: cache file stays marked, chunks still unread",
+                     mgr.blob_id[:12])
+        elif self._unmark(mgr):
             log.info("blob %s complete: cache file unmarked, reads stay in the kernel",
                      mgr.blob_id[:12])
         d = self._daemon
@@ -294,7 +300,13 @@ class FanotifyFrontend(Frontend):
             self._pull_touches(mgr)
             return list(self._touches.get(mgr.key, (0, []))[1])
 
-    def _pull_touches(self, mgr) -> None:
+    def rearm_touches(self, mgr) -> None:
+        """The holder records the next touch of every block of mgr's file again
+        (trace.TraceRecorder.rearm), after handing over what it has."""
+        with self._lock:
+            self._pull_touches(mgr, rearm=True)
+
+    def _pull_touches(self, mgr, rearm: bool = False) -> None:
         """Fetch the holder's new records for mgr (under self._lock): before an unmark
         too, since the holder forgets the file's log with its bitmap."""
         from fscache_daemon.frontend.fanotify_marks import TouchLog
@@ -307,7 +319,8 @@ class FanotifyFrontend(Frontend):
                 # HolderChannel's request/reply call (no public wrapper: fdholder.py
                 # is at the module size limit)
                 reply, _ = self.watcher.channel._call(
-                    {"op": "touches", "inode": [st.st_dev, st.st_ino], "since": nxt})
+                    {"op": "touches", "inode": [st.st_dev, st.st_ino], "since": nxt,
+                     "rearm": rearm})
             except (FrontendError, OSError) as e:
                 log.debug("fd holder touches of %s: %s", mgr.key[:12], e)
                 break

@@ -175,7 +175,11 @@ class FilledView:
         if item is None:
             return {"ok": False, "error": f"no filled map for inode {inode!r}"}
         since = msg.get("since", 0)
-        return item[0].touches.page(since if isinstance(since, int) else 0)
+        log = item[0].touches
+        reply = log.page(since if isinstance(since, int) else 0)
+        if msg.get("rearm") and reply["next"] == len(log):
+            log.rearm()     # every record handed out: the next touch of a block is new
+        return reply
 
 
 class TouchLog:
@@ -213,6 +217,11 @@ class TouchLog:
         n = min((end - 1) // FILLED_BLOCK - first + 1, (1 << 24) - 1)
         self._log.append(first << 24 | n)
         self._log.append(time.monotonic_ns())
+
+    def rearm(self) -> None:
+        """Record every block's next touch again (another image now reads this file);
+        the records so far stay."""
+        self._seen = bytearray(len(self._seen))
 
     def page(self, since: int) -> dict:
         """Records from index `since` on, at most PAGE of them: {"records": [[offset,

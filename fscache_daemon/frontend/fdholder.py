@@ -14,7 +14,7 @@ has read (with its event fd). A daemon connects over a unix socket:
     {"op":"unmark","path":P[,"inode":[dev,ino]]} -> {"ok":true,"inode":[dev,ino]}
     {"op":"status"}             -> {"ok":true,"marks":[...],"pending":N,"subscribed":bool,
                                     "filled_maps":N,"stats":{...}}
-    {"op":"touches","inode":[dev,ino],"since":N} -> {"ok":true,"records":[[o,n,ns]],"next":N}
+    {"op":"touches","inode":[dev,ino],"since":N[,"rearm":B]} -> {"ok":true,"records":[[o,n,ns]],"next":N}
   event connection (at most one, the live daemon):
     {"op":"subscribe"}          -> {"ok":true,"pending":N}, then a stream of
                                    {"op":"events","events":[{id,mask,pid,offset,count}]}
