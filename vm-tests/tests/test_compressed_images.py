@@ -11,6 +11,8 @@ the table is tested in both directions.
 
 Runs inside the guest (vm-tests/run); skipped elsewhere.
 """
+import contextlib
+import errno
 import gzip
 import os
 import random
@@ -153,6 +155,28 @@ def work():
     shutil.rmtree(base, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def kernel_log():
+    """The kernel log lines written while the block runs (/dev/kmsg from its end)."""
+    lines: list[str] = []
+    fd = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        os.lseek(fd, 0, os.SEEK_END)
+        yield lines
+        while True:
+            try:
+                rec = os.read(fd, 8192)
+            except BlockingIOError:
+                break
+            except OSError as e:
+                if e.errno != errno.EPIPE:      # records overwritten meanwhile: go on
+                    raise
+                continue
+            lines.append(rec.decode(errors="replace").split(";", 1)[-1])
+    finally:
+        os.close(fd)
+
+
 def _check(tree, work, args):
     """mkfs in the guest; mounted and equal if the kernel has the algorithm, else
     refused at mount."""
@@ -161,8 +185,10 @@ def _check(tree, work, args):
                    check=True)
     alg = args[args.index("-z") + 1]
     if alg not in supported():
-        with pytest.raises(MountError):
+        with kernel_log() as log, pytest.raises(MountError):
             mount_erofs(img, mnt)
+        # refused for the algorithm (available_compr_algs), not for another reason
+        assert "unidentified algorithms" in "".join(log), log
         return
     mount_erofs(img, mnt)
     try:
