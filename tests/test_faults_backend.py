@@ -118,7 +118,10 @@ SCENARIOS = [
     ("connection-dropped-twice", [("drop",)] * 2, None, "ok", 20, 0),
     ("reset-mid-body", [("reset",)], None, "ok", 20, 0),
     ("short-body", [("short",)], None, "ok", 20, 0),
-    ("short-body-every-attempt", [], ("short",), "eio", 90, 0),
+    # the fetch deadline (60 s) plus the kernel's retry of the failed range: 73-78 s
+    # measured on an idle machine (the same before and after the C cold path), 98.6 s
+    # once with two QEMU guests and two test suites running
+    ("short-body-every-attempt", [], ("short",), "eio", 120, 0),
     ("wrong-bytes", [], ("wrong",), "eio", 20, 0),
     ("wrong-bytes-once", [("wrong",)], None, "eio-or-ok", 20, 0),
     ("longer-body", [], ("longer",), "eio", 20, 0),
