@@ -294,7 +294,7 @@ class Round:
                        daemon_blobs={b[:12]: {k: v for k, v in x.items()
                                               if isinstance(v, (int, float))}
                                      for b, x in m["blobs"].items()},
-                       frontend_stats=m["frontend_stats"])
+                       frontend_stats=m["frontend_stats"], pool=m.get("pool"))
         return res
 
     def close(self, keep_logs: str | None = None) -> None:

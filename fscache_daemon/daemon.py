@@ -527,7 +527,8 @@ class Daemon(MountLifecycle):
                "blobs": blobs, "totals": totals,
                "meta_bytes_fetched": self.meta_bytes_fetched,
                "cache": self.cache_status(),
-               "frontend_stats": self.frontend.stats(), "process": process}
+               "frontend_stats": self.frontend.stats(), "pool": self.pool.stats(),
+               "process": process}
         for name, source in list(self.metric_sources.items()):
             out[name] = source()
         return out

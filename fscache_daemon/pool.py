@@ -3,6 +3,7 @@ token bucket that paces prefetch."""
 
 from __future__ import annotations
 
+import collections
 import itertools
 import queue
 import threading
@@ -12,6 +13,7 @@ from concurrent.futures import Executor, Future
 PRIO_ONDEMAND = 0
 PRIO_READAHEAD = 5                        # after the reader's own requests, before prefetch
 PRIO_PREFETCH = 10
+QUEUE_SAMPLES = 8192                      # on-demand queue waits kept for the percentiles
 
 
 class PriorityPool(Executor):
@@ -32,6 +34,10 @@ class PriorityPool(Executor):
         self._shutdown = False
         self.active_ondemand = 0
         self._lock = threading.Lock()
+        # how long a reader's request waited for a worker (behind readahead tasks
+        # already running): part of its latency that the blobs' stats do not see
+        self._ondemand_waits: collections.deque = collections.deque(maxlen=QUEUE_SAMPLES)
+        self._ondemand_wait_s = 0.0
         self._workers = [threading.Thread(target=self._run, name=f"worker-{i}", daemon=True)
                          for i in range(self.threads)]
         for t in self._workers:
@@ -41,7 +47,7 @@ class PriorityPool(Executor):
         if self._shutdown:
             raise RuntimeError("pool is shut down")
         fut: Future = Future()
-        self._q.put((prio, next(self._seq), fut, fn, args, kwargs))
+        self._q.put((prio, next(self._seq), fut, fn, args, kwargs, time.monotonic()))
         return fut
 
     def submit(self, fn, /, *args, **kwargs) -> Future:
@@ -79,7 +85,7 @@ class PriorityPool(Executor):
 
     def _run(self) -> None:
         while True:
-            prio, _, fut, fn, args, kwargs = self._q.get()
+            prio, _, fut, fn, args, kwargs, queued = self._q.get()
             if fn is None:
                 return
             if not fut.set_running_or_notify_cancel():
@@ -88,6 +94,10 @@ class PriorityPool(Executor):
             if ondemand:
                 with self._lock:
                     self.active_ondemand += 1
+                    if prio == PRIO_ONDEMAND:
+                        waited = time.monotonic() - queued
+                        self._ondemand_waits.append(waited)
+                        self._ondemand_wait_s += waited
             try:
                 fut.set_result(fn(*args, **kwargs))
             except BaseException as e:  # noqa: BLE001 - delivered to the submitter
@@ -97,10 +107,22 @@ class PriorityPool(Executor):
                     with self._lock:
                         self.active_ondemand -= 1
 
+    def stats(self) -> dict:
+        """How long on-demand tasks waited in the queue for a worker."""
+        with self._lock:
+            waits = sorted(self._ondemand_waits)
+            total = self._ondemand_wait_s
+        def q(p: float) -> float:
+            return round(waits[min(len(waits) - 1, int(p * (len(waits) - 1)))] * 1000, 3) \
+                if waits else 0.0
+        return {"threads": self.threads, "ondemand_tasks": len(waits),
+                "ondemand_queue_wait_s": round(total, 6),
+                "ondemand_queue_p50_ms": q(0.5), "ondemand_queue_p99_ms": q(0.99)}
+
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         self._shutdown = True
         for _ in self._workers:
-            self._q.put((1 << 30, next(self._seq), None, None, None, None))
+            self._q.put((1 << 30, next(self._seq), None, None, None, None, 0.0))
         if wait:
             for t in self._workers:
                 t.join(timeout=30)

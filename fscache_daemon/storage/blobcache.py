@@ -386,7 +386,7 @@ class BlobManager:
         error = None
         fetched = 0
         try:
-            fetched = self._ensure(chunks, prefetch)
+            fetched = self._ensure(chunks, prefetch, demand=not prefetch)
         except FillError as e:
             error = e
         if not prefetch:
@@ -402,7 +402,8 @@ class BlobManager:
         bytes (default: the manager's)."""
         return self._ensure(chunks, prefetch, batch_size)
 
-    def _ensure(self, chunks, prefetch: bool, batch_size: int | None = None) -> int:
+    def _ensure(self, chunks, prefetch: bool, batch_size: int | None = None, *,
+                demand: bool = False) -> int:
         mine = []
         waits = []
         with self._lock:
@@ -435,10 +436,13 @@ class BlobManager:
                         f.error = err
                         self._inflight.pop(i, None)
                         f.event.set()
+        t_wait = time.monotonic()
         for c, f in waits:
             f.event.wait()
             if f.error is not None:
                 failures.append((c, f.error))
+        if waits and demand:
+            self.stats.record_flight_wait(time.monotonic() - t_wait)
         if self._completed_now():
             self._report_complete()
         if failures:
@@ -450,8 +454,10 @@ class BlobManager:
 
     def _read(self, batch):
         """(stored bytes of the batch, None) or (None, the error); counted in stats."""
+        t0 = time.monotonic()
         try:
             raw = self.backend.read(self.blob_id, batch.offset, batch.length)
+            self.stats.record_backend_read(time.monotonic() - t0)
         except (BackendError, ErofsToolsError, OSError) as e:
             err = e if isinstance(e, ErofsToolsError) else BackendError(str(e))
             log.error("blob %s: backend read %d+%d failed: %s", self.blob_id[:12],
