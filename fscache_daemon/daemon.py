@@ -341,7 +341,11 @@ class Daemon(MountLifecycle):
         if mgr is None:
             raise NotFoundError(f"no blob {key!r} is open")
         self.traces.note(key, mgr, offset, length)
+        t0 = time.monotonic()
         fetched = mgr.fill(offset, length)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("fill %s %d+%d: fetched %d in %.2f ms", key[:12], offset, length,
+                      fetched, (time.monotonic() - t0) * 1000)
         self._readahead(key, mgr, offset, length, fetched > 0)
 
     def _readahead(self, key: str, mgr, offset: int, length: int, fetched: bool) -> None:
@@ -356,6 +360,11 @@ class Daemon(MountLifecycle):
             return
         start = min(c.compressed_offset for c in w.chunks)
         end = max(c.compressed_offset + c.compressed_size for c in w.chunks)
+        if log.isEnabledFor(logging.DEBUG):
+            first = w.chunks[0]
+            log.debug("readahead %s %s at %d: %d chunks, %d stored bytes (file run end %d)",
+                      key[:12], w.kind, first.uncompressed_offset, len(w.chunks),
+                      sum(c.compressed_size for c in w.chunks), mgr.run_end(first))
         mgr.backend.will_need(mgr.blob_id, start, end - start)
         task, size = [], 0
         for batch in plan(w.chunks, self.batch_size):

@@ -74,6 +74,19 @@ def test_random_miss_fetches_the_rest_of_its_file_only():
     assert log == [] and ra.marker is None
 
 
+def test_random_miss_in_a_file_bigger_than_the_largest_window_reads_around_it():
+    """A large shared library faults in at random places: each miss gets the first
+    window after it, not the largest window of the file."""
+    mgr = FakeMgr(n=64, file_mib=64)          # one 64 MiB file
+    ra, log = make(mgr, initial=2 * MiB, maximum=16 * MiB)
+    mgr.cache.cached.add(17)
+    w = ra.on_request(17 * MiB, 4096, True)
+    assert idx(w) == [18, 19] and w.marker is None and log == []
+    mgr.cache.cached.add(50)                  # 13 MiB left in the file: all of it
+    w = ra.on_request(50 * MiB, 4096, True)
+    assert idx(w) == list(range(51, 64))
+
+
 def test_sequential_miss_opens_a_window_with_a_marker_then_markers_double_it():
     mgr = FakeMgr()
     ra, log = make(mgr)
