@@ -297,6 +297,21 @@ class Round:
                        frontend_stats=m["frontend_stats"], pool=m.get("pool"))
         return res
 
+    def _keep_traces(self, dest: str) -> None:
+        """The access trace of each lazy mount (what the app read, chunk by chunk: set
+        beside the daemon's log of its readahead windows, it tells which were read)."""
+        from fscache_daemon.api import ApiClient
+        try:
+            api = ApiClient(self.api, timeout=60)
+            st, mounts = api.request("GET", "/api/v1/mounts")
+            for i, m in enumerate(mounts if st == 200 else []):
+                st, trace = api.request("GET", "/api/v1/trace?mountpoint=" + m["mountpoint"])
+                if st == 200:
+                    with open(os.path.join(dest, f"trace-{i}.json"), "w") as f:
+                        json.dump(trace, f)
+        except Exception as e:  # noqa: BLE001  (a diagnostic: the round stands without it)
+            log(f"warning: no access trace kept: {e}")
+
     def close(self, keep_logs: str | None = None) -> None:
         if keep_logs:  # the round's logs, for a look at where the time went
             dest = os.path.join(keep_logs, os.path.basename(self.dir))
@@ -304,6 +319,8 @@ class Round:
             for name in ("daemon.log", "containerd.log"):
                 if os.path.exists(os.path.join(self.dir, name)):
                     shutil.copy(os.path.join(self.dir, name), dest)
+            if self.daemon is not None:
+                self._keep_traces(dest)
         if self.ctd is not None:
             try:
                 self.ctd.stop()

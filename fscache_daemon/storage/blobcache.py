@@ -372,6 +372,12 @@ class BlobManager:
             return [c for c in chunks_in_range(self.meta, offset, length)
                     if not self.cache.has(c) and c.index not in self._inflight]
 
+    def will_fetch(self, offset: int, length: int) -> bool:
+        """Whether fill(offset, length) would fetch now: some chunk of the range is
+        neither cached nor in flight."""
+        start, n = clamp_range(offset, length, self.size)
+        return bool(self.absent(start, n)) if n else False
+
     def is_cached(self, offset: int, length: int) -> bool:
         start, n = clamp_range(offset, length, self.size)
         return all(self.cache.has(c) for c in chunks_in_range(self.meta, start, n))
