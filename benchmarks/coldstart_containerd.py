@@ -309,6 +309,9 @@ class Round:
                 if st == 200:
                     with open(os.path.join(dest, f"trace-{i}.json"), "w") as f:
                         json.dump(trace, f)
+                    if os.environ.get("EROFS_BENCH_KEEP_BOOTSTRAP"):
+                        shutil.copy(trace["image"]["bootstrap"],
+                                    os.path.join(dest, f"bootstrap-{i}"))
         except Exception as e:  # noqa: BLE001  (a diagnostic: the round stands without it)
             log(f"warning: no access trace kept: {e}")
 

@@ -105,6 +105,12 @@ TRACE_KEEP_MARKED = 120.0
 # 1 MiB (one request of the default --batch-size per task): a reader waits for one
 # request at most, and a window's requests run side by side on the workers.
 READAHEAD_TASK_BYTES = 1 << 20
+# A readahead request spans gaps of up to this many stored bytes between the chunks it
+# wants (the gap is fetched and dropped): windows leave out files a start rarely reads,
+# and without this the holes they leave split a window into a request per file (ML cold
+# start: 864 registry requests instead of 597). On a 1 Gbit/s link 16 KiB take 0.13 ms,
+# a request's round trip 2-3 ms.
+READAHEAD_MAX_GAP = 16 << 10
 
 
 class Daemon(MountLifecycle):
@@ -378,7 +384,7 @@ class Daemon(MountLifecycle):
                       ",".join(str(c.uncompressed_offset) for c in w.chunks))
         mgr.backend.will_need(mgr.blob_id, start, end - start)
         task, size = [], 0
-        for batch in plan(w.chunks, self.batch_size):
+        for batch in plan(w.chunks, self.batch_size, READAHEAD_MAX_GAP):
             task += batch.chunks
             size += batch.length
             if size >= READAHEAD_TASK_BYTES:
@@ -390,7 +396,7 @@ class Daemon(MountLifecycle):
     def _readahead_batch(self, mgr, chunks) -> int:
         try:
             # prefetch=False: counted as readahead below, not as prefetch
-            n = mgr.fill_chunks(chunks, prefetch=False)
+            n = mgr.fill_chunks(chunks, prefetch=False, max_gap=READAHEAD_MAX_GAP)
         except Exception as e:  # noqa: BLE001 - the reader's own request will retry
             log.debug("readahead of blob %s failed: %s", mgr.blob_id[:12], e)
             return 0

@@ -351,14 +351,15 @@ class MountLifecycle(CacheEviction):
             m.close()
 
     def _learn_runs(self, img: Image, mgrs: list[BlobManager]) -> None:
+        cold: dict[int, list[tuple[int, int]]] = {}
         try:
-            runs = file_runs(img.bootstrap)
+            runs = file_runs(img.bootstrap, cold=cold)
         except Exception as e:  # noqa: BLE001 - readahead is an optimisation
             log.warning("%s: no file-aware readahead: %s", img.mountpoint, e)
             return
         for i, m in enumerate(mgrs):
             if runs.get(i):
-                m.add_file_runs(runs[i])
+                m.add_file_runs(runs[i], cold=cold.get(i, ()))
         log.debug("%s: file runs known for readahead", img.mountpoint)
 
     def _unregister(self, img: Image) -> None:

@@ -24,12 +24,20 @@ publishes markers.
 """
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
 from typing import NamedTuple
 
 # a sequential window never starts further than this many windows past a cached stretch
 MAX_SKIPPED_WINDOWS = 64
+# A window whose chunks average less than this is a stretch of small files. A reader
+# entering it says little about the files after it: on the ML cold start 10 % of the
+# bytes of the windows such marker hits started were ever read, against 54 % in big
+# files. The next window after a small-file window is not grown.
+SMALL_FILES_CHUNK = 256 << 10
+# the sequential test looks back past at most this many chunks of cold files
+MAX_COLD_SKIP = 64
 
 
 class Window(NamedTuple):
@@ -58,6 +66,9 @@ class BlobReadahead:
         self.win_start = 0        # the latest sequential window: [win_start, win_end)
         self.win_end = 0
         self.size = 0
+        self.small = False        # the latest window was a stretch of small files
+        self._keep_until = 0      # end of the file run the current request is in
+        self.small_growth = float(os.environ.get("FSCACHE_RA_SMALL_GROWTH", "1"))
 
     def on_request(self, offset: int, length: int, fetched: bool) -> Window | None:
         """The daemon served [offset, offset+length) (`fetched`: it had to fetch some of
@@ -69,17 +80,24 @@ class BlobReadahead:
         if not chunks:
             return None
         first, last = chunks[0], chunks[-1]
+        # windows leave out files a start rarely reads (sources beside compiled code,
+        # headers: BlobManager.is_cold), except the rest of the one being read
+        keep_until = self.mgr.run_end(last)
         with self._lock:
+            self._keep_until = keep_until
             m = self.marker
             if m is not None and first.index <= m.index <= last.index:
                 self._set_marker(None)
-                return self._sequential(self.win_end, min(2 * self.size, self.maximum),
-                                        "marker")
+                grow = self.small_growth if self.small else 2
+                if not grow:
+                    return None
+                return self._sequential(self.win_end, min(int(grow * self.size),
+                                                          self.maximum), "marker")
             if not fetched:
                 return None
             pos = first.uncompressed_offset
-            prev = meta.chunks_for_range(pos - 1, 1) if pos else []
-            if prev and self.mgr.cache.has(prev[0]):
+            prev = self._previous(first)
+            if prev is not None and self.mgr.cache.has(prev):
                 if self.size and self.win_start <= pos <= self.win_end:
                     # caught up with the window in flight, or (no marker hit: cachefiles
                     # asks only for what is missing) just finished it: the next one,
@@ -96,19 +114,40 @@ class BlobReadahead:
                 return None
             return Window(self.mgr.absent(start, end - start), None)
 
+    def _previous(self, chunk):
+        """The chunk before `chunk`, past chunks the windows leave out (the cold files
+        between two files a sequential reader reads are never fetched)."""
+        meta = self.mgr.meta
+        is_cold = getattr(self.mgr, "is_cold", None)
+        pos = chunk.uncompressed_offset
+        for _ in range(MAX_COLD_SKIP):
+            prev = meta.chunks_for_range(pos - 1, 1) if pos else []
+            if not prev:
+                return None
+            if is_cold is None or not is_cold(prev[0]):
+                return prev[0]
+            pos = prev[0].uncompressed_offset
+        return None
+
     def _sequential(self, start: int, size: int, kind: str = "sequential") -> Window | None:
         size = max(size, self.initial, 1)
         chunks = []
+        is_cold = getattr(self.mgr, "is_cold", None)
         for _ in range(MAX_SKIPPED_WINDOWS):
             if start >= self.mgr.size:
                 break
             chunks = self.mgr.absent(start, size)
             if chunks:
+                if is_cold is not None:
+                    keep = self._keep_until
+                    chunks = [c for c in chunks
+                              if c.uncompressed_offset < keep or not is_cold(c)]
                 break
             start += size   # all there or on its way: look further
         self.win_start, self.win_end, self.size = start, start + size, size
         if not chunks:
             return None
+        self.small = sum(c.uncompressed_size for c in chunks) < SMALL_FILES_CHUNK * len(chunks)
         self._set_marker(chunks[0])
         return Window(chunks, chunks[0], kind)
 

@@ -336,17 +336,31 @@ class BlobManager:
             getattr(backend, "pipelined", True))
         # per chunk position: end of the longest file run starting at or covering it
         self._run_end: array.array | None = None
+        self._cold: bytearray | None = None     # per chunk position: add_file_runs
 
-    def add_file_runs(self, runs) -> None:
-        """Learn where files' data runs end (image.file_runs) for file-aware readahead."""
+    def add_file_runs(self, runs, cold=()) -> None:
+        """Learn where files' data runs end (image.file_runs) for file-aware readahead,
+        and which of them (`cold`, a subset) belong to files a start rarely reads: a chunk
+        is cold when every run it is in is (a chunk deduplicated into a read file is not)."""
         chunks = self.meta.chunks
         ends = self._run_end or array.array("Q", bytes(8 * len(chunks)))
+        cold_set = set(cold)
+        flags = self._cold or bytearray(len(chunks))   # 1 cold, 2 in some other file
         for start, end in runs:
+            mark = 1 if (start, end) in cold_set else 2
             for c in self.meta.chunks_for_range(start, max(1, end - start)):
                 pos = c.index
-                if pos < len(ends) and end > ends[pos]:
-                    ends[pos] = end
+                if pos < len(ends):
+                    if end > ends[pos]:
+                        ends[pos] = end
+                    flags[pos] |= mark
         self._run_end = ends
+        self._cold = flags
+
+    def is_cold(self, chunk) -> bool:
+        """Whether only files a start rarely reads hold `chunk` (add_file_runs)."""
+        flags = self._cold
+        return flags is not None and chunk.index < len(flags) and flags[chunk.index] == 1
 
     def run_end(self, chunk) -> int:
         """End of the file data run that `chunk` belongs to (0 if unknown)."""
@@ -402,14 +416,15 @@ class BlobManager:
             raise error
         return fetched
 
-    def fill_chunks(self, chunks, *, prefetch: bool = True, batch_size: int | None = None
-                    ) -> int:
+    def fill_chunks(self, chunks, *, prefetch: bool = True, batch_size: int | None = None,
+                    max_gap: int = 0) -> int:
         """Fetch `chunks` (those missing) in backend requests of at most `batch_size`
-        bytes (default: the manager's)."""
-        return self._ensure(chunks, prefetch, batch_size)
+        bytes (default: the manager's), one request across gaps of up to `max_gap`
+        stored bytes between them (fetched and dropped: fewer round trips)."""
+        return self._ensure(chunks, prefetch, batch_size, max_gap=max_gap)
 
     def _ensure(self, chunks, prefetch: bool, batch_size: int | None = None, *,
-                demand: bool = False) -> int:
+                demand: bool = False, max_gap: int = 0) -> int:
         mine = []
         waits = []
         with self._lock:
@@ -429,7 +444,7 @@ class BlobManager:
         failures: list[tuple[Any, BaseException]] = []
         flights = dict((c.index, f) for c, f in mine)
         try:
-            batches = plan([c for c, _ in mine], batch_size or self.batch_size)
+            batches = plan([c for c, _ in mine], batch_size or self.batch_size, max_gap)
             for batch, got in self._reads(batches):
                 fetched += self._process(batch, got, flights, failures, prefetch)
         finally:
