@@ -69,6 +69,9 @@ class BlobReadahead:
         self.small = False        # the latest window was a stretch of small files
         self._keep_until = 0      # end of the file run the current request is in
         self.small_growth = float(os.environ.get("FSCACHE_RA_SMALL_GROWTH", "1"))
+        self.around = int(os.environ.get("FSCACHE_RA_AROUND", str(self.initial)))
+        self.neighbours = int(os.environ.get("FSCACHE_RA_NEIGHBOURS", "0"))
+        self.neighbour_chunk = int(os.environ.get("FSCACHE_RA_NEIGHBOUR_CHUNK", str(1 << 40)))
 
     def on_request(self, offset: int, length: int, fetched: bool) -> Window | None:
         """The daemon served [offset, offset+length) (`fetched`: it had to fetch some of
@@ -109,10 +112,22 @@ class BlobReadahead:
             end = self.mgr.run_end(last)
             if end - start > self.maximum:
                 # a big file read at random: read around the miss, not the file
-                end = start + self.initial
+                end = start + self.around
+            elif self.neighbours and end:
+                # a file read whole: the files after it are likely read too (a package's
+                # modules); those a start rarely reads left out
+                return self._neighbours(start, end)
             if end <= start:
                 return None
             return Window(self.mgr.absent(start, end - start), None)
+
+    def _neighbours(self, start: int, end: int) -> Window | None:
+        chunks = self.mgr.absent(start, end - start) if end > start else []
+        is_cold = getattr(self.mgr, "is_cold", None)
+        after = self.mgr.absent(end, self.neighbours)
+        chunks += [c for c in after if (is_cold is None or not is_cold(c))
+                   and c.uncompressed_size < self.neighbour_chunk]
+        return Window(chunks, None, "neighbours") if chunks else None
 
     def _previous(self, chunk):
         """The chunk before `chunk`, past chunks the windows leave out (the cold files

@@ -165,3 +165,124 @@ def test_without_marker_hits_a_miss_at_the_window_end_grows_the_next_window():
     mgr.fetch(w)
     mgr.cache.cached.add(9)
     assert idx(ra.on_request(9 * MiB, 4096, True)) == list(range(10, 18))
+
+
+class ColdMgr(FakeMgr):
+    """FakeMgr whose chunks in `cold` belong to files a start rarely reads."""
+
+    def __init__(self, cold, **kw):
+        super().__init__(**kw)
+        self.cold = set(cold)
+
+    def is_cold(self, c):
+        return c.index in self.cold
+
+
+def test_windows_leave_out_cold_files_but_not_the_rest_of_the_file_being_read():
+    mgr = ColdMgr(cold={3, 4, 9, 10, 11}, file_mib=8)    # files of 8 chunks: 0..7, 8..15
+    ra, _ = make(mgr, initial=4 * MiB)
+    mgr.cache.cached.update({0, 1})
+    w = ra.on_request(1 * MiB, 4096, True)               # sequential in file 0..7
+    # chunks 3 and 4 are of this very file: the reader gets them
+    assert idx(w) == [2, 3, 4, 5] and w.marker.index == 2
+    mgr.fetch(w)
+    w = ra.on_request(2 * MiB, 4096, False)              # marker hit: 6..13
+    assert idx(w) == [6, 7, 8, 12, 13]                   # 9..11: cold, of the next file
+
+
+def test_the_sequential_test_looks_back_past_cold_chunks():
+    """The cold files between two files a reader reads one after the other were never
+    fetched: the reader is still sequential."""
+    mgr = ColdMgr(cold={4, 5}, file_mib=1)                 # a file per chunk
+    ra, _ = make(mgr)
+    mgr.cache.cached.update({3, 6})                      # 3 read before, 6 just fetched
+    w = ra.on_request(6 * MiB, 4096, True)
+    assert w.marker is not None and idx(w)[0] == 7       # a sequential window after it
+    mgr2 = FakeMgr(file_mib=1)
+    ra2, _ = make(mgr2)
+    mgr2.cache.cached.update({3, 6})
+    w2 = ra2.on_request(6 * MiB, 4096, True)             # nothing cold: 5 not cached
+    assert w2 is None or w2.marker is None
+
+
+class SmallMeta(FakeMeta):
+    """64 KiB chunks: a stretch of small files."""
+
+    def __init__(self, n):
+        K = 64 << 10
+        self.chunks = [BlobChunk(i, i * K, K, i * K, K, b"d" * 32, False) for i in range(n)]
+        self._starts = [c.uncompressed_offset for c in self.chunks]
+
+
+def test_a_small_file_window_does_not_grow():
+    mgr = FakeMgr(n=256)
+    mgr.meta = SmallMeta(256)
+    mgr.size = 256 * (64 << 10)
+    mgr.run_end = lambda c: c.uncompressed_end           # a file per chunk
+    ra, _ = make(mgr, initial=1 * MiB)
+    mgr.cache.cached.update({0, 1})
+    w = ra.on_request(1 * (64 << 10), 4096, True)
+    assert len(w.chunks) == 16
+    mgr.fetch(w)
+    w = ra.on_request(w.marker.uncompressed_offset, 4096, False)
+    assert len(w.chunks) == 16                           # not 32: small files
+
+
+COLD_TREE = {"pkg/mod.py": 5000, "pkg/__pycache__/mod.cpython-311.pyc": 6000,
+             "pkg/lonely.py": 7000, "pkg/inc.h": 9000, "pkg/stub.pyi": 3000,
+             "data.bin": 11000}
+
+
+def cold_image(tmp_path) -> str:
+    import random
+
+    from test_daemon_support import pack
+    rnd = random.Random(5)
+    src = tmp_path / "src"
+    for name, size in COLD_TREE.items():
+        p = src / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(rnd.randbytes(size))
+    boot = str(tmp_path / "boot")
+    pack(str(src), boot, str(tmp_path / "blobs"))
+    return boot
+
+
+def test_file_runs_names_the_cold_files(tmp_path):
+    """Sources beside their compiled file and headers are cold; a source without a
+    compiled file and other files are not."""
+    from fscache_daemon.storage.image import chunk_owners, file_runs
+    files = COLD_TREE
+    boot = cold_image(tmp_path)
+    cold: dict = {}
+    runs = file_runs(boot, cold=cold)
+    assert sum(len(r) for r in runs.values()) == len(files)
+    wanted = {b: {s for s, _ in rs} for b, rs in cold.items()}
+    owners = chunk_owners(boot, wanted)
+    names = sorted(o[0][0] for o in owners.values())
+    assert names == ["/pkg/inc.h", "/pkg/mod.py", "/pkg/stub.pyi"]
+    assert file_runs(boot) == runs                     # the same runs without `cold`
+
+
+def test_the_daemon_marks_the_chunks_of_cold_files(tmp_path):
+    """At mount the daemon learns the file runs and which chunks only cold files hold
+    (BlobManager.is_cold): what readahead windows leave out."""
+    import helpers
+
+    from fscache_daemon.daemon import Daemon
+    from fscache_daemon.storage.image import chunk_owners
+    boot = cold_image(tmp_path)
+    d = Daemon(str(tmp_path / "cache"), frontend="none", threads=2)
+    d.start()
+    try:
+        d.mount(boot, str(tmp_path / "m"), f"localfs:{tmp_path / 'blobs'}")
+        mgr = next(iter(d.blobs.values()))
+        helpers.wait_until(lambda: mgr.run_end(mgr.meta.chunks[0]) > 0, 10, "file runs")
+        owners = chunk_owners(boot, {0: {c.uncompressed_offset for c in mgr.meta.chunks}})
+        by_name = {o[0][0]: mgr.is_cold(c) for c in mgr.meta.chunks
+                   for o in [owners[(0, c.uncompressed_offset)]]}
+        assert by_name == {"/pkg/mod.py": True, "/pkg/inc.h": True, "/pkg/stub.pyi": True,
+                           "/pkg/__pycache__/mod.cpython-311.pyc": False,
+                           "/pkg/lonely.py": False, "/data.bin": False}
+    finally:
+        d.shutdown()

@@ -354,8 +354,8 @@ class BlobManager:
                     if end > ends[pos]:
                         ends[pos] = end
                     flags[pos] |= mark
-        self._run_end = ends
         self._cold = flags
+        self._run_end = ends        # last: readers of both look at this one first
 
     def is_cold(self, chunk) -> bool:
         """Whether only files a start rarely reads hold `chunk` (add_file_runs)."""
