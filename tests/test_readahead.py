@@ -75,13 +75,13 @@ def test_random_miss_fetches_the_rest_of_its_file_only():
 
 
 def test_random_miss_in_a_file_bigger_than_the_largest_window_reads_around_it():
-    """A large shared library faults in at random places: each miss gets the first
-    window after it, not the largest window of the file."""
+    """A large shared library faults in at random places: each miss gets 1 MiB after
+    it (AROUND), not the largest window of the file."""
     mgr = FakeMgr(n=64, file_mib=64)          # one 64 MiB file
     ra, log = make(mgr, initial=2 * MiB, maximum=16 * MiB)
     mgr.cache.cached.add(17)
     w = ra.on_request(17 * MiB, 4096, True)
-    assert idx(w) == [18, 19] and w.marker is None and log == []
+    assert idx(w) == [18] and w.marker is None and log == []
     mgr.cache.cached.add(50)                  # 13 MiB left in the file: all of it
     w = ra.on_request(50 * MiB, 4096, True)
     assert idx(w) == list(range(51, 64))
@@ -262,6 +262,26 @@ def test_file_runs_names_the_cold_files(tmp_path):
     names = sorted(o[0][0] for o in owners.values())
     assert names == ["/pkg/inc.h", "/pkg/mod.py", "/pkg/stub.pyi"]
     assert file_runs(boot) == runs                     # the same runs without `cold`
+
+
+def test_a_file_read_whole_brings_the_small_files_after_it_but_not_cold_ones():
+    """A random miss in a small file: the rest of it, and the small files (not cold)
+    within NEIGHBOURS after it; no big file's chunks, no marker."""
+    K = 64 << 10
+    mgr = FakeMgr(n=256)
+    mgr.meta = SmallMeta(256)
+    mgr.size = 256 * K
+    mgr.run_end = lambda c: c.uncompressed_end if c.index != 4 else 6 * K   # 4..5 a file
+    mgr.is_cold = lambda c: c.index in (7, 9)
+    ra, log = make(mgr, initial=2 * MiB)
+    mgr.cache.cached.add(4)
+    w = ra.on_request(4 * K, 4096, True)
+    assert w.marker is None and log == []
+    assert idx(w) == [5, 6, 8] + list(range(10, 22))   # 1 MiB = 16 chunks after 5
+    big = FakeMgr()                                      # 1 MiB chunks: none follow
+    ra2, _ = make(big)
+    big.cache.cached.add(17)
+    assert idx(ra2.on_request(17 * MiB, 4096, True)) == [18, 19, 20, 21, 22, 23]
 
 
 def test_the_daemon_marks_the_chunks_of_cold_files(tmp_path):
