@@ -415,7 +415,9 @@ def main() -> int:
                          "(repeatable; e.g. --daemon-arg=--readahead=2M): the default is "
                          "the daemon's defaults")
     ap.add_argument("--keep-logs", metavar="DIR",
-                    help="copy the registry's, containerd's and the daemon's logs here")
+                    help="copy the registry's, containerd's and the daemon's logs here, "
+                         "and the lazy mounts' access traces (with "
+                         "EROFS_BENCH_KEEP_BOOTSTRAP=1 their bootstraps too)")
     ap.add_argument("--quick", action="store_true",
                     help="a tiny busybox image instead of the ML image (smoke test)")
     ap.add_argument("--mirror", help="Debian mirror for debootstrap (default: apt's)")
