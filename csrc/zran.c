@@ -164,10 +164,12 @@ void ern_zran_builder_totals(ern_zran_builder *z, uint64_t *total_in, uint64_t *
 }
 
 /* Inflate into out[0..want) (or discard it when out is NULL); the stream state persists
- * across calls. Returns ERN_OK, ERN_EIO for corrupt data, ERN_ELIMIT when the input ran
+ * across calls; *made = the bytes that came out (also when it fails). Returns ERN_OK, ERN_EIO for corrupt data, ERN_ELIMIT when the input ran
  * out first. */
-static int pump(z_stream *s, int *gzip_mode, uint8_t *out, size_t want, uint8_t *scratch)
+static int pump(z_stream *s, int *gzip_mode, uint8_t *out, size_t want, uint8_t *scratch,
+                size_t *made)
 {
+    *made = 0;
     while (want) {
         /* a discarded prefix goes through the window-sized scratch buffer */
         size_t cap = out ? (want > UINT32_MAX ? UINT32_MAX : want)
@@ -181,6 +183,7 @@ static int pump(z_stream *s, int *gzip_mode, uint8_t *out, size_t want, uint8_t 
         if (out)
             out += aout - s->avail_out;
         want -= aout - s->avail_out;
+        *made += aout - s->avail_out;
         if (ret == Z_STREAM_END) {
             if (!want)      /* done: what follows (trailer, next member) is not needed */
                 return ERN_OK;
@@ -207,39 +210,101 @@ static int pump(z_stream *s, int *gzip_mode, uint8_t *out, size_t want, uint8_t 
     return ERN_OK;
 }
 
-int ern_zran_extract(uint8_t bits, uint8_t byte, const uint8_t *window, uint32_t window_size,
-                     const uint8_t *in, size_t in_len, uint64_t skip,
-                     uint8_t *out, size_t out_len)
+/* a raw inflater at a point: ERN_OK or an ERN_* error (inflateEnd it either way) */
+static int start_at(z_stream *s, uint8_t bits, uint8_t byte, const uint8_t *window,
+                    uint32_t window_size, const uint8_t *in, size_t in_len)
+{
+    memset(s, 0, sizeof(*s));
+    if (inflateInit2(s, RAW_BITS) != Z_OK)
+        return ERN_ENOMEM;
+    if (bits && inflatePrime(s, bits, byte >> (8 - bits)) != Z_OK)
+        return ERN_EIO;
+    if (window_size && inflateSetDictionary(s, window, window_size) != Z_OK)
+        return ERN_EIO;
+    s->next_in = (Bytef *)in;
+    s->avail_in = (uInt)in_len;
+    return ERN_OK;
+}
+
+/* skip bytes of output discarded, then out_len bytes into out; *made = those of them
+ * that came out before an error */
+static int inflate_from(uint8_t bits, uint8_t byte, const uint8_t *window,
+                        uint32_t window_size, const uint8_t *in, size_t in_len, uint64_t skip,
+                        uint8_t *out, size_t out_len, size_t *made)
 {
     z_stream s;
     uint8_t *scratch = NULL;
     int gzip_mode = 0, rc;
+    size_t skipped;
 
+    *made = 0;
     if (bits > 7 || window_size > WINDOW || in_len > UINT32_MAX)
         return ERN_EINVAL;
-    memset(&s, 0, sizeof(s));
-    if (inflateInit2(&s, RAW_BITS) != Z_OK)
-        return ERN_ENOMEM;
-    rc = ERN_EIO;
-    if (bits && inflatePrime(&s, bits, byte >> (8 - bits)) != Z_OK)
+    rc = start_at(&s, bits, byte, window, window_size, in, in_len);
+    if (rc)
         goto out;
-    if (window_size && inflateSetDictionary(&s, window, window_size) != Z_OK)
-        goto out;
-    s.next_in = (Bytef *)in;
-    s.avail_in = (uInt)in_len;
     if (skip) {
         scratch = malloc(WINDOW);
         if (!scratch) {
             rc = ERN_ENOMEM;
             goto out;
         }
-        rc = pump(&s, &gzip_mode, NULL, skip, scratch);
+        rc = pump(&s, &gzip_mode, NULL, skip, scratch, &skipped);
         if (rc)
             goto out;
     }
-    rc = pump(&s, &gzip_mode, out, out_len, scratch);
+    rc = pump(&s, &gzip_mode, out, out_len, scratch, made);
 out:
     free(scratch);
     inflateEnd(&s);
     return rc;
+}
+
+int ern_zran_extract(uint8_t bits, uint8_t byte, const uint8_t *window, uint32_t window_size,
+                     const uint8_t *in, size_t in_len, uint64_t skip,
+                     uint8_t *out, size_t out_len)
+{
+    size_t made;
+    return inflate_from(bits, byte, window, window_size, in, in_len, skip, out, out_len,
+                        &made);
+}
+
+/* The daemon's cold path for zran blobs (see erofs_native.h): one context inflated into
+ * dst, its chunks judged by what came out. Everything is untrusted: the context's and
+ * every chunk's place are checked against src and dst. */
+int ern_cold_zran(const uint8_t *src, size_t srclen, uint8_t *dst, size_t dstlen,
+                  const struct ern_cold_zctx *ctx, struct ern_cold_chunk *chunks, uint32_t n)
+{
+    size_t made = 0;
+    int rc = ERN_EINVAL, ok = 0;
+    int fits = ctx->src_off <= srclen && ctx->src_len <= srclen - ctx->src_off &&
+               ctx->dst_off <= dstlen && ctx->out_len <= dstlen - ctx->dst_off;
+
+    if (fits)
+        rc = inflate_from(ctx->bits, ctx->byte, ctx->window, ctx->window_size,
+                          src + ctx->src_off, ctx->src_len, ctx->skip, dst + ctx->dst_off,
+                          ctx->out_len, &made);
+    for (uint32_t i = 0; i < n; i++) {
+        struct ern_cold_chunk *c = &chunks[i];
+        c->verified = 0;
+        c->alg = ERN_COLD_ZRAN;
+        /* a chunk is a slice of the context's output: [dst_off, dst_off + ulen) */
+        if (!fits || c->ulen == 0 || c->dst_off < ctx->dst_off ||
+            c->dst_off - ctx->dst_off > ctx->out_len ||
+            c->ulen > ctx->out_len - (c->dst_off - ctx->dst_off)) {
+            c->status = ERN_COLD_EBOUNDS;
+            continue;
+        }
+        if (c->dst_off - ctx->dst_off + c->ulen <= made) {
+            c->status = ERN_COLD_OK;    /* came out before any error; digest still checked */
+            ok++;
+        } else if (rc == ERN_ENOMEM) {
+            c->status = ERN_COLD_ENOMEM;
+        } else if (rc == ERN_ELIMIT) {
+            c->status = ERN_COLD_ESIZE;
+        } else {
+            c->status = ERN_COLD_EDATA;
+        }
+    }
+    return ok;
 }

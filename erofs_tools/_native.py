@@ -627,6 +627,27 @@ class ColdChunks:
         return int(lib.ern_cold_decode(self._src, len(self._src), self._dst, len(self._dst),
                                        self.arr, self.n))
 
+    def zran(self, first: int, count: int, point: ZranPoint, src_off: int, src_len: int,
+             skip: int, dst_off: int, out_len: int) -> int:
+        """Chunks first..first+count-1, all of one zran context (their dst_off inside
+        [dst_off, dst_off + out_len)): inflate src[src_off, src_off + src_len) from
+        `point`, discarding `skip` bytes of output, into dst at dst_off (GIL released).
+        Returns the number of those chunks that came out."""
+        if not 0 <= first <= first + count <= self.n:
+            raise NativeError("zran: chunk slice outside the range's chunks")
+        if not 0 <= point.bits <= 7 or not 0 <= point.byte <= 255 \
+                or len(point.window) > ZRAN_WINDOW or min(src_off, src_len, skip, dst_off,
+                                                          out_len) < 0:
+            raise CorruptImageError("zran: bad access point (bits, byte or window size)")
+        z = ffi.new("struct ern_cold_zctx *")
+        win = ffi.from_buffer("uint8_t[]", point.window)
+        z.src_off, z.src_len, z.skip, z.dst_off, z.out_len = (src_off, src_len, skip,
+                                                              dst_off, out_len)
+        z.window, z.window_size = win, len(point.window)
+        z.bits, z.byte = point.bits, point.byte
+        return int(lib.ern_cold_zran(self._src, len(self._src), self._dst, len(self._dst), z,
+                                     self.arr + first, count))
+
     def status(self, i: int) -> int:
         return int(self.arr[i].status)
 

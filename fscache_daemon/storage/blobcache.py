@@ -525,9 +525,9 @@ class BlobManager:
             return 0
         self.stats.add(bytes_fetched=len(raw), backend_requests=1,
                        prefetch_bytes=len(raw) if prefetch else 0)
-        # zran chunks are inflated from their access point (reader/zran.py, zlib in the
-        # C core) by the chunk decoder; the cold path's decoders know zstd, lz4, none
-        if self.native and self.meta.zran is None:
+        # zran chunks are inflated from their access point by the C core too
+        # (reader/coldpath.py: ern_cold_zran)
+        if self.native:
             self._decode_store(batch, raw, flights, failures)
         else:
             self._decode_store_py(batch, raw, flights, failures)
@@ -542,7 +542,8 @@ class BlobManager:
     def _decode_store(self, batch, raw, flights, failures) -> None:
         """The C core's cold path: decode the batch in one call, verify, write the good
         chunks and set their bits in another (erofs_tools.reader.coldpath)."""
-        decoded = coldpath.decode_range(self.meta, batch.chunks, raw, batch.offset)
+        decoded = coldpath.decode_range(self.meta, batch.chunks + self._zran_extra(batch),
+                                        raw, batch.offset)
         for c, why in decoded.failed:
             self._verify_failed(c, why, flights, failures)
         try:
@@ -563,6 +564,18 @@ class BlobManager:
             self._dirty = True
             self.stats.add(chunks_fetched=len(res.stored))
             self._resolve(res.stored, flights, failures, None)
+
+    def _zran_extra(self, batch) -> list:
+        """Zran: the chunks not cached nor in flight whose output comes out anyway when
+        the batch's chunks are inflated from their access points; stored with them, at
+        no extra fetch or inflate (the neighbours of a read file are often read next)."""
+        if self.meta.zran is None:
+            return []
+        extra = self.meta.zran.inflated_with(batch.chunks)
+        if not extra:
+            return []
+        with self._lock:
+            return [c for c in extra if c.index not in self._inflight and not self.cache.has(c)]
 
     def _decode_store_py(self, batch, raw, flights, failures) -> None:
         """The Python cold path (FSCACHE_DAEMON_COLDPATH=python: for comparison)."""
