@@ -228,6 +228,10 @@ void ern_zran_builder_totals(ern_zran_builder *z, uint64_t *total_in, uint64_t *
 int ern_zran_extract(uint8_t bits, uint8_t byte, const uint8_t *window, uint32_t window_size,
                      const uint8_t *in, size_t in_len, uint64_t skip,
                      uint8_t *out, size_t out_len);
+/* the window bytes the stream after a point copies (used[i] = 1), from the compressed
+ * bytes after the point; *made = output examined (32 KiB + 258 unless the input ended) */
+int ern_zran_window_use(uint8_t bits, uint8_t byte, uint32_t window_size,
+                        const uint8_t *in, size_t in_len, uint8_t *used, size_t *made);
 
 /* ---- the daemon's cold path (coldpath.c): a fetched range of a RAFS v6 blob ----
  * ern_cold_decode decodes every chunk of the range (zstd, lz4 raw block, or stored),

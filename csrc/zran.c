@@ -308,3 +308,57 @@ int ern_cold_zran(const uint8_t *src, size_t srclen, uint8_t *dst, size_t dstlen
     }
     return ok;
 }
+
+/* Which bytes of a point's window the stream after it copies. Only output within 32 KiB
+ * + 258 bytes of the point can reach into the window (deflate distances are at most
+ * 32 KiB, matches at most 258 bytes), so that output is inflated three times from the
+ * point with made-up windows: byte i holding i & 255, then ~i & 255, then i >> 8. An
+ * output byte that differs between the first two came from the window (a copy, or a copy
+ * of a copy), and the three values name the window byte; literals are the same in all.
+ * The symbols deflate decodes do not depend on the window's contents, so the three runs
+ * take the same path as a run with the real window. used[i] = 1 for every byte copied;
+ * *made = output bytes examined (less than the reach only when the input ran out). */
+#define WINDOW_REACH (WINDOW + 258)
+int ern_zran_window_use(uint8_t bits, uint8_t byte, uint32_t window_size,
+                        const uint8_t *in, size_t in_len, uint8_t *used, size_t *made)
+{
+    uint8_t *buf = NULL, *win, *out[3];
+    size_t got[3];
+    int rc = ERN_OK;
+
+    *made = 0;
+    if (window_size > WINDOW || bits > 7)
+        return ERN_EINVAL;
+    memset(used, 0, window_size);
+    if (!window_size)
+        return ERN_OK;
+    buf = malloc(window_size + 3 * (size_t)WINDOW_REACH);
+    if (!buf)
+        return ERN_ENOMEM;
+    win = buf;
+    for (int k = 0; k < 3; k++)
+        out[k] = buf + window_size + (size_t)k * WINDOW_REACH;
+    for (int k = 0; k < 3; k++) {
+        for (uint32_t i = 0; i < window_size; i++)
+            win[i] = (uint8_t)(k == 0 ? i : k == 1 ? ~i : i >> 8);
+        int r = inflate_from(bits, byte, win, window_size, in, in_len, 0, out[k],
+                             WINDOW_REACH, &got[k]);
+        if (r && r != ERN_ELIMIT) {
+            rc = r;
+            goto out;
+        }
+    }
+    size_t n = got[0] < got[1] ? got[0] : got[1];
+    n = n < got[2] ? n : got[2];
+    for (size_t p = 0; p < n; p++) {
+        if (out[0][p] != out[1][p]) {
+            uint32_t i = out[0][p] | (uint32_t)out[2][p] << 8;
+            if (i < window_size)
+                used[i] = 1;
+        }
+    }
+    *made = n;
+out:
+    free(buf);
+    return rc;
+}

@@ -585,6 +585,45 @@ def zran_extract(point: ZranPoint, compressed: bytes | memoryview, skip: int,
     return bytes(ffi.buffer(out, length))
 
 
+ZRAN_WINDOW_REACH = ZRAN_WINDOW + 258    # output after a point that can copy its window
+_USED_TO_MASK = bytes([0, 255] + [0] * 254)
+
+
+def zran_trim_window(point: ZranPoint, compressed: bytes | memoryview,
+                     stream_ends: bool) -> bytes | None:
+    """`point`'s window reduced to the bytes the stream after it copies (the others
+    zeroed, the unused front cut off: a dictionary table that compresses far better and
+    inflates the same), from `compressed` (the stream's bytes from `point.in_offset` on;
+    `stream_ends`: nothing follows them). None when that cannot be told: too little
+    input, or the stream does not inflate."""
+    w = point.window
+    if not w:
+        return w
+    used = ffi.new("uint8_t[]", len(w))
+    made = ffi.new("size_t *")
+    r = lib.ern_zran_window_use(point.bits, point.byte, len(w), ffi.from_buffer(compressed),
+                                len(compressed), used, made)
+    n = int(made[0])
+    if r or (n < ZRAN_WINDOW_REACH and not stream_ends) or n == 0:
+        return None
+    keep = bytes(ffi.buffer(used, len(w)))
+    first = keep.find(1)
+    if first < 0:
+        trimmed = b""
+    else:
+        mask = keep[first:].translate(_USED_TO_MASK)
+        trimmed = (int.from_bytes(w[first:], "big") & int.from_bytes(mask, "big")).to_bytes(
+            len(mask), "big")
+    # the output the window can reach, inflated both ways, must agree
+    try:
+        want = zran_extract(point, compressed, 0, n)
+        got = zran_extract(ZranPoint(point.in_offset, point.out_offset, point.bits,
+                                     point.byte, trimmed), compressed, 0, n)
+    except CorruptImageError:
+        return None
+    return trimmed if got == want else None
+
+
 # -- the daemon's cold path (csrc/coldpath.c) --------------------------------------------
 # blob compressor names (format/rafs.py) -> struct ern_cold_chunk.alg
 COLD_ALGS = {"none": lib.ERN_COLD_NONE, "zstd": lib.ERN_COLD_ZSTD,
