@@ -486,7 +486,8 @@ def z_decompress(alg: int, data: BytesLike, length: int, partial: bool = False,
 
 # --- zran: random access into gzip streams (csrc/zran.c) ---------------------------------
 ZRAN_WINDOW = 32768
-_ZRAN_IN_PIECE = 1 << 16        # compressed bytes handed to zlib per C call
+_ZRAN_IN_PIECE = 1 << 14        # compressed bytes handed to zlib per C call: a chunk's
+# recorded input end (what a reader fetches) is exact to within one piece
 
 
 @dataclass(frozen=True)
