@@ -140,6 +140,17 @@ def _decode_zran(meta: BlobMeta, chunks: Sequence[BlobChunk], raw: bytes | memor
     return ordered, cc
 
 
+def by_context(meta: BlobMeta, chunks: Sequence[BlobChunk]) -> list[list[BlobChunk]]:
+    """The chunks of one range as decode_range calls: all at once, or for a zran blob one
+    access point's chunks per call (the decode buffer then holds one context's output)."""
+    if meta.zran is None:
+        return [list(chunks)]
+    groups: dict[int, list[BlobChunk]] = {}
+    for c in chunks:
+        groups.setdefault(c.zran_index, []).append(c)
+    return list(groups.values())
+
+
 def decode_range(meta: BlobMeta, chunks: Sequence[BlobChunk], raw: bytes | memoryview,
                  raw_offset: int, verify: bool = True) -> DecodedRange:
     """Decode and verify `chunks`, whose stored bytes are in `raw` (the blob's bytes from

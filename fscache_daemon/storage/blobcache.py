@@ -541,9 +541,14 @@ class BlobManager:
 
     def _decode_store(self, batch, raw, flights, failures) -> None:
         """The C core's cold path: decode the batch in one call, verify, write the good
-        chunks and set their bits in another (erofs_tools.reader.coldpath)."""
-        decoded = coldpath.decode_range(self.meta, batch.chunks + self._zran_extra(batch),
-                                        raw, batch.offset)
+        chunks and set their bits in another (erofs_tools.reader.coldpath). Zran: one
+        access point's chunks at a time, so the decode buffer holds one context's output
+        (at most a span and a chunk or so), not a whole merged request's."""
+        for chunks in coldpath.by_context(self.meta, batch.chunks + self._zran_extra(batch)):
+            self._decode_store_chunks(chunks, raw, batch.offset, flights, failures)
+
+    def _decode_store_chunks(self, chunks, raw, raw_offset, flights, failures) -> None:
+        decoded = coldpath.decode_range(self.meta, chunks, raw, raw_offset)
         for c, why in decoded.failed:
             self._verify_failed(c, why, flights, failures)
         try:
@@ -553,7 +558,7 @@ class BlobManager:
                 StorageError(f"{self.cache.path}: write failed: {e}")
             log.error("%s", err)
             bad = {c.index for c, _ in decoded.failed}
-            self._resolve([c for c in batch.chunks if c.index not in bad], flights,
+            self._resolve([c for c in chunks if c.index not in bad], flights,
                           failures, err)
             return
         for c, why in res.failed[len(decoded.failed):]:
