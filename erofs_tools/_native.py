@@ -486,8 +486,7 @@ def z_decompress(alg: int, data: BytesLike, length: int, partial: bool = False,
 
 # --- zran: random access into gzip streams (csrc/zran.c) ---------------------------------
 ZRAN_WINDOW = 32768
-_ZRAN_IN_PIECE = 1 << 14        # compressed bytes handed to zlib per C call: a chunk's
-# recorded input end (what a reader fetches) is exact to within one piece
+_ZRAN_IN_PIECE = 1 << 14        # input per C call: a chunk's recorded need is exact to it
 
 
 @dataclass(frozen=True)
@@ -518,8 +517,7 @@ class ZranIndexer:
         self._out = ffi.new("uint8_t[]", out_cap)
         self._cap = out_cap
         self._point = ffi.new("struct ern_zran_point *")
-        self._used = ffi.new("size_t *")
-        self._made = ffi.new("size_t *")
+        self._used, self._made = ffi.new("size_t *"), ffi.new("size_t *")
         self.points: list[ZranPoint] = []
         self.total_in = 0
         self.total_out = 0
@@ -554,9 +552,7 @@ class ZranIndexer:
 
     def finish(self) -> None:
         """The stream must have ended with a complete gzip member."""
-        tin = ffi.new("uint64_t *")
-        tout = ffi.new("uint64_t *")
-        done = ffi.new("int *")
+        tin, tout, done = ffi.new("uint64_t *"), ffi.new("uint64_t *"), ffi.new("int *")
         lib.ern_zran_builder_totals(self._z, tin, tout, done)
         if not done[0]:
             raise InputError(f"gzip stream truncated at compressed offset {tin[0]}")
@@ -574,8 +570,7 @@ def zran_extract(point: ZranPoint, compressed: bytes | memoryview, skip: int,
     if not 0 <= point.bits <= 7 or not 0 <= point.byte <= 255 \
             or len(point.window) > ZRAN_WINDOW or skip < 0 or length < 0:
         raise CorruptImageError("zran: bad access point (bits, byte or window size)")
-    out = ffi.new("uint8_t[]", max(length, 1))
-    src = ffi.from_buffer(compressed)
+    out, src = ffi.new("uint8_t[]", max(length, 1)), ffi.from_buffer(compressed)
     r = lib.ern_zran_extract(point.bits, point.byte, point.window, len(point.window),
                              src, len(compressed), skip, out, length)
     if r:
@@ -586,49 +581,20 @@ def zran_extract(point: ZranPoint, compressed: bytes | memoryview, skip: int,
     return bytes(ffi.buffer(out, length))
 
 
-ZRAN_WINDOW_REACH = ZRAN_WINDOW + 258    # output after a point that can copy its window
-_USED_TO_MASK = bytes([0, 255] + [0] * 254)
-
-
-def zran_trim_window(point: ZranPoint, compressed: bytes | memoryview,
-                     stream_ends: bool) -> bytes | None:
-    """`point`'s window reduced to the bytes the stream after it copies (the others
-    zeroed, the unused front cut off: a dictionary table that compresses far better and
-    inflates the same), from `compressed` (the stream's bytes from `point.in_offset` on;
-    `stream_ends`: nothing follows them). None when that cannot be told: too little
-    input, or the stream does not inflate."""
-    w = point.window
-    if not w:
-        return w
-    used = ffi.new("uint8_t[]", len(w))
-    made = ffi.new("size_t *")
-    r = lib.ern_zran_window_use(point.bits, point.byte, len(w), ffi.from_buffer(compressed),
+def zran_window_use(point: ZranPoint, compressed: bytes | memoryview) -> tuple[bytes, int]:
+    """(1 per window byte the stream after `point` copies, else 0; output bytes examined)"""
+    used, made, n = ffi.new("uint8_t[]", max(1, len(point.window))), ffi.new("size_t *"), \
+        len(point.window)
+    r = lib.ern_zran_window_use(point.bits, point.byte, n, ffi.from_buffer(compressed),
                                 len(compressed), used, made)
-    n = int(made[0])
-    if r or (n < ZRAN_WINDOW_REACH and not stream_ends) or n == 0:
-        return None
-    keep = bytes(ffi.buffer(used, len(w)))
-    first = keep.find(1)
-    if first < 0:
-        trimmed = b""
-    else:
-        mask = keep[first:].translate(_USED_TO_MASK)
-        trimmed = (int.from_bytes(w[first:], "big") & int.from_bytes(mask, "big")).to_bytes(
-            len(mask), "big")
-    # the output the window can reach, inflated both ways, must agree
-    try:
-        want = zran_extract(point, compressed, 0, n)
-        got = zran_extract(ZranPoint(point.in_offset, point.out_offset, point.bits,
-                                     point.byte, trimmed), compressed, 0, n)
-    except CorruptImageError:
-        return None
-    return trimmed if got == want else None
+    if r:
+        raise CorruptImageError(f"zran: {_ZRAN_ERRORS.get(r, 'inflate failed')}")
+    return bytes(ffi.buffer(used, n)), int(made[0])
 
 
 # -- the daemon's cold path (csrc/coldpath.c) --------------------------------------------
 # blob compressor names (format/rafs.py) -> struct ern_cold_chunk.alg
-COLD_ALGS = {"none": lib.ERN_COLD_NONE, "zstd": lib.ERN_COLD_ZSTD,
-             "lz4_block": lib.ERN_COLD_LZ4}
+COLD_ALGS = {"none": lib.ERN_COLD_NONE, "zstd": lib.ERN_COLD_ZSTD, "lz4_block": lib.ERN_COLD_LZ4}
 COLD_OK = lib.ERN_COLD_OK
 COLD_EWRITE = lib.ERN_COLD_EWRITE
 COLD_ERRORS = {
@@ -667,24 +633,15 @@ class ColdChunks:
         return int(lib.ern_cold_decode(self._src, len(self._src), self._dst, len(self._dst),
                                        self.arr, self.n))
 
-    def zran(self, first: int, count: int, point: ZranPoint, src_off: int, src_len: int,
-             skip: int, dst_off: int, out_len: int) -> int:
-        """Chunks first..first+count-1, all of one zran context (their dst_off inside
-        [dst_off, dst_off + out_len)): inflate src[src_off, src_off + src_len) from
-        `point`, discarding `skip` bytes of output, into dst at dst_off (GIL released).
-        Returns the number of those chunks that came out."""
-        if not 0 <= first <= first + count <= self.n:
-            raise NativeError("zran: chunk slice outside the range's chunks")
-        if not 0 <= point.bits <= 7 or not 0 <= point.byte <= 255 \
-                or len(point.window) > ZRAN_WINDOW or min(src_off, src_len, skip, dst_off,
-                                                          out_len) < 0:
-            raise CorruptImageError("zran: bad access point (bits, byte or window size)")
-        z = ffi.new("struct ern_cold_zctx *")
+    def zran(self, first: int, count: int, point: ZranPoint, place: tuple[int, ...]) -> int:
+        """ern_cold_zran over chunks first..first+count-1 of one context (GIL released);
+        place: (src_off, src_len, skip, dst_off, out_len) of the context"""
+        if not 0 <= first <= first + count <= self.n or len(place) != 5 or min(place) < 0:
+            raise NativeError("zran: chunk slice or place out of range")
         win = ffi.from_buffer("uint8_t[]", point.window)
-        z.src_off, z.src_len, z.skip, z.dst_off, z.out_len = (src_off, src_len, skip,
-                                                              dst_off, out_len)
-        z.window, z.window_size = win, len(point.window)
-        z.bits, z.byte = point.bits, point.byte
+        z = ffi.new("struct ern_cold_zctx *", dict(
+            zip(("src_off", "src_len", "skip", "dst_off", "out_len"), place), window=win,
+            window_size=len(point.window), bits=min(point.bits, 8), byte=point.byte & 0xFF))
         return int(lib.ern_cold_zran(self._src, len(self._src), self._dst, len(self._dst), z,
                                      self.arr + first, count))
 

@@ -30,14 +30,14 @@ from typing import Any
 
 import zstandard
 
-from erofs_tools._native import ZRAN_WINDOW_REACH, ZranIndexer, ZranPoint, zran_trim_window
+from erofs_tools._native import ZranIndexer, ZranPoint, zran_extract, zran_window_use
 from erofs_tools.builder import rafs as RP
 from erofs_tools.builder.blob import BLKSZ, BlobInfo, StoredChunk
 from erofs_tools.builder.chunker import check_chunk_size, digest_function
 from erofs_tools.builder.tar_reader import DEFAULT_MAX_SIZE, Entry, ReadStream, TarReader, _show
 from erofs_tools.builder.tar_source import stream_chunks
 from erofs_tools.builder.tar_tree import TarTree
-from erofs_tools.errors import InputError
+from erofs_tools.errors import CorruptImageError, InputError
 from erofs_tools.format import rafs as R
 from erofs_tools.fsutil import create_exclusive, round_up
 
@@ -49,6 +49,43 @@ SPAN_MIN = 64 << 10
 # and the chunk: within nydusd's 16 MiB per context
 MAX_SPAN_PLUS_CHUNK = 8 << 20
 _IN_PIECE = 256 << 10
+
+
+ZRAN_WINDOW_REACH = 32768 + 258     # output after a point that can copy from its window
+_USED_TO_MASK = bytes([0, 255] + [0] * 254)
+
+
+def trim_window(point: ZranPoint, compressed: bytes | memoryview,
+                stream_ends: bool) -> bytes | None:
+    """`point`'s window reduced to the bytes the stream after it copies (the others
+    zeroed, the unused front cut off: a dictionary table that compresses far better and
+    inflates the same; `_native.zran_window_use`), from `compressed` (the stream's bytes
+    from `point.in_offset` on; `stream_ends`: nothing follows them). None when that
+    cannot be told: too little input, or the stream does not inflate."""
+    w = point.window
+    if not w:
+        return w
+    try:
+        used, n = zran_window_use(point, compressed)
+    except CorruptImageError:
+        return None
+    if (n < ZRAN_WINDOW_REACH and not stream_ends) or n == 0:
+        return None
+    first = used.find(1)
+    if first < 0:
+        trimmed = b""
+    else:
+        mask = used[first:].translate(_USED_TO_MASK)
+        trimmed = (int.from_bytes(w[first:], "big") & int.from_bytes(mask, "big")).to_bytes(
+            len(mask), "big")
+    # the output the window can reach, inflated both ways, must agree
+    try:
+        want = zran_extract(point, compressed, 0, n)
+        got = zran_extract(ZranPoint(point.in_offset, point.out_offset, point.bits,
+                                     point.byte, trimmed), compressed, 0, n)
+    except CorruptImageError:
+        return None
+    return trimmed if got == want else None
 
 
 def check_span(span: int, chunk_size: int) -> None:
@@ -106,8 +143,7 @@ class GzipIndexStream:
 
     def _trim_ready(self) -> None:
         """Trim the windows of the points the stream has gone far enough past: only the
-        bytes the output within a window's reach copies are kept (`_native.
-        zran_trim_window`; typically a quarter of a window's compressed size: the
+        bytes the output within a window's reach copies are kept (`trim_window`; typically a quarter of a window's compressed size: the
         dictionary table is most of an index)."""
         if not self.trim:
             return
@@ -118,7 +154,7 @@ class GzipIndexStream:
         w = self._waiting
         while w and (self.eof or self.ix.total_out >= w[0].out_offset + ZRAN_WINDOW_REACH):
             p = w.popleft()
-            t = zran_trim_window(p, self._input_from(p.in_offset), self.eof)
+            t = trim_window(p, self._input_from(p.in_offset), self.eof)
             self.window_bytes[0] += len(p.window)
             if t is not None:
                 self.windows[p.out_offset] = t

@@ -135,8 +135,8 @@ def _decode_zran(meta: BlobMeta, chunks: Sequence[BlobChunk], raw: bytes | memor
             # index): a place the C core refuses, so every chunk of it fails
             src_off = len(raw) + 1
         # inflating stops at `end` or where the fetched bytes (or the context) end
-        cc.zran(at, len(cs), ctx.point, src_off, max(0, min(ctx.in_len, len(raw) - src_off)),
-                first, base, end - first)
+        cc.zran(at, len(cs), ctx.point, (src_off, max(0, min(ctx.in_len, len(raw) - src_off)),
+                                         first, base, end - first))
     return ordered, cc
 
 
