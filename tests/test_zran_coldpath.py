@@ -128,6 +128,12 @@ def test_flipped_gzip_byte_is_never_stored(tmp_path, zran_blob, monkeypatch):
             failed += 1
             assert not mgr.cache.has(c)
     assert failed >= 1 and mgr.stats.snapshot()["verify_failures"] >= 1
+    # bad bytes are not kept for the next request (storage/rawkeep.py)
+    c = next(c for c in mgr.meta.chunks if not mgr.cache.has(c))
+    be.reads.clear()
+    with pytest.raises(FillError):
+        mgr.fill(c.uncompressed_offset, c.uncompressed_size)
+    assert be.reads and be.reads[0][1] == c.compressed_offset
     # whatever was stored is exact
     with open(mgr.cache.path, "rb") as f:
         data = f.read()
@@ -138,4 +144,34 @@ def test_flipped_gzip_byte_is_never_stored(tmp_path, zran_blob, monkeypatch):
             assert got == _tar_bytes(tar, mgr.meta, c)
             good += 1
     assert good >= 5
+    mgr.close()
+
+
+def test_kept_prefix_is_not_fetched_again(tmp_path, zran_blob, monkeypatch):
+    """A request that starts at an access point inside the range fetched before it
+    (storage/rawkeep.py) fetches only the rest; the bytes are exact."""
+    monkeypatch.delenv("FSCACHE_DAEMON_COLDPATH", raising=False)
+    bdir, hexd, entry, gz, tar = zran_blob
+    be = CountingBackend(bdir)
+    mgr = _mgr(str(tmp_path / "c"), be, hexd, entry)
+    meta = mgr.meta
+    by_ctx: dict[int, list] = {}
+    for c in meta.chunks:
+        by_ctx.setdefault(c.zran_index, []).append(c)
+    cs = max(by_ctx.values(), key=len)
+    cs.sort(key=lambda c: c.compressed_size)
+    first, last = cs[0], cs[-1]
+    assert first.compressed_size < last.compressed_size
+    be.reads.clear()
+    assert mgr.fill(first.uncompressed_offset, 1) == first.compressed_size
+    assert mgr.fill(last.uncompressed_offset, 1) == last.compressed_size
+    p = first.compressed_offset
+    assert be.reads == [(hexd, p, first.compressed_size),
+                        (hexd, p + first.compressed_size,
+                         last.compressed_size - first.compressed_size)]
+    assert mgr.stats.snapshot()["bytes_fetched"] == last.compressed_size
+    with open(mgr.cache.path, "rb") as f:
+        for c in (first, last):
+            f.seek(c.uncompressed_offset)
+            assert f.read(c.uncompressed_size) == _tar_bytes(tar, meta, c)
     mgr.close()

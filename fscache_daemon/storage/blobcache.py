@@ -77,6 +77,7 @@ from .chunkstate import (  # noqa: F401
     state_bits,
 )
 from .planner import DEFAULT_BATCH_SIZE, chunks_in_range, clamp_range, plan
+from .rawkeep import RawKeep
 from .stats import BlobStats
 
 log = logging.getLogger(__name__)
@@ -318,6 +319,8 @@ class BlobManager:
         self.on_complete = on_complete
         self.stats = BlobStats()
         self.meta_bytes_fetched = 0     # what opening it fetched of the chunk map (daemon)
+        # zran: requests start at access points, often inside the last range fetched
+        self._rawkeep = RawKeep() if getattr(meta, "zran", None) is not None else None
         self._lock = threading.Lock()
         self._inflight: dict[int, _Flight] = {}
         self._completed_reported = cache.complete()
@@ -451,7 +454,12 @@ class BlobManager:
     def _read(self, batch):
         """(stored bytes of the batch, None) or (None, the error); counted in stats."""
         try:
-            raw = self.backend.read(self.blob_id, batch.offset, batch.length)
+            if self._rawkeep is not None:
+                raw, batch.fetched = self._rawkeep.read(
+                    lambda off, n: self.backend.read(self.blob_id, off, n), batch.offset,
+                    batch.length)
+            else:
+                raw = self.backend.read(self.blob_id, batch.offset, batch.length)
         except (BackendError, ErofsToolsError, OSError) as e:
             err = e if isinstance(e, ErofsToolsError) else BackendError(str(e))
             log.error("blob %s: backend read %d+%d failed: %s", self.blob_id[:12],
@@ -523,8 +531,10 @@ class BlobManager:
         if err is not None:
             self._resolve(batch.chunks, flights, failures, err)
             return 0
-        self.stats.add(bytes_fetched=len(raw), backend_requests=1,
-                       prefetch_bytes=len(raw) if prefetch else 0)
+        # (zran: what the backend delivered; a kept prefix was not fetched again)
+        n = len(raw) if batch.fetched is None else batch.fetched
+        self.stats.add(bytes_fetched=n, backend_requests=1 if n else 0,
+                       prefetch_bytes=n if prefetch else 0)
         # zran chunks are inflated from their access point by the C core too
         # (reader/coldpath.py: ern_cold_zran)
         if self.native:
@@ -537,6 +547,8 @@ class BlobManager:
         log.error("blob %s: chunk %d (uncompressed offset %d) failed verification: %s",
                   self.blob_id[:12], c.index, c.uncompressed_offset, e)
         self.stats.add(verify_failures=1)
+        if self._rawkeep is not None:   # never decode those bytes again
+            self._rawkeep.clear()
         self._resolve([c], flights, failures, e)
 
     def _decode_store(self, batch, raw, flights, failures) -> None:
