@@ -3,7 +3,7 @@
 in one run (root; Linux 6.14+, fanotify; docker-registry installed):
 
     python3 benchmarks/bench_zran_seq.py [--mib 300] [--rounds 3] [--threads 8]
-                                         [--zran-span 2M] [--workdir DIR] [--json out.json]
+                                         [--zran-span 512K] [--workdir DIR] [--json out.json]
 
 One gzip OCI image (one layer: a tar of /usr/share and /usr/lib/python3 of this machine,
 cut at --mib MiB of file data, gzip -6) pushed to a private docker-registry
@@ -93,7 +93,7 @@ def main(argv=None) -> int:
     ap.add_argument("--mib", type=int, default=300, help="file data in the layer (MiB)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=8, help="daemon worker threads")
-    ap.add_argument("--zran-span", default="2M")
+    ap.add_argument("--zran-span", default="512K")
     ap.add_argument("--ways", default="converted,zran")
     ap.add_argument("--workdir", help="keep the tar here (default: a temp dir on /var/tmp)")
     ap.add_argument("--json", help="also write the results here")

@@ -228,6 +228,10 @@ void ern_zran_builder_totals(ern_zran_builder *z, uint64_t *total_in, uint64_t *
 int ern_zran_extract(uint8_t bits, uint8_t byte, const uint8_t *window, uint32_t window_size,
                      const uint8_t *in, size_t in_len, uint64_t skip,
                      uint8_t *out, size_t out_len);
+/* the window bytes the stream after a point copies (used[i] = 1), from the compressed
+ * bytes after the point; *made = output examined (32 KiB + 258 unless the input ended) */
+int ern_zran_window_use(uint8_t bits, uint8_t byte, uint32_t window_size,
+                        const uint8_t *in, size_t in_len, uint8_t *used, size_t *made);
 
 /* ---- the daemon's cold path (coldpath.c): a fetched range of a RAFS v6 blob ----
  * ern_cold_decode decodes every chunk of the range (zstd, lz4 raw block, or stored),
@@ -262,6 +266,27 @@ int64_t ern_cold_store(int fd, uint64_t file_size, const uint8_t *src, size_t sr
                        const uint8_t *dst, size_t dstlen, struct ern_cold_chunk *chunks,
                        uint32_t n, uint8_t *bitmap, uint32_t nbits, int state_fd,
                        uint64_t state_off, uint32_t *newly, int *werr);
+/* zran blobs (zran.c): the chunks of one access point's context in a fetched range.
+ * ern_cold_zran inflates src[src_off, src_off + src_len) from the point (bits, byte,
+ * window), discards `skip` bytes of output and writes the next out_len into dst at
+ * dst_off; each of the n chunks is the slice dst[dst_off, dst_off + ulen) of that output
+ * (its own dst_off, inside the context's) and gets ERN_COLD_OK when all its bytes came
+ * out before any error (alg set to ERN_COLD_ZRAN: ern_cold_store takes it from dst).
+ * Returns the number of chunks that came out. */
+enum { ERN_COLD_ZRAN = 3 };
+struct ern_cold_zctx {
+    uint64_t src_off;
+    uint64_t src_len;
+    uint64_t skip;
+    uint64_t dst_off;
+    uint64_t out_len;
+    const uint8_t *window;
+    uint32_t window_size;
+    uint8_t bits;
+    uint8_t byte;
+};
+int ern_cold_zran(const uint8_t *src, size_t srclen, uint8_t *dst, size_t dstlen,
+                  const struct ern_cold_zctx *ctx, struct ern_cold_chunk *chunks, uint32_t n);
 /* one raw LZ4 block (Nydus lz4_block chunks): its size, 0 if it does not fit in cap */
 int64_t ern_lz4_block_compress(const uint8_t *src, size_t n, uint8_t *dst, size_t cap);
 

@@ -164,10 +164,12 @@ void ern_zran_builder_totals(ern_zran_builder *z, uint64_t *total_in, uint64_t *
 }
 
 /* Inflate into out[0..want) (or discard it when out is NULL); the stream state persists
- * across calls. Returns ERN_OK, ERN_EIO for corrupt data, ERN_ELIMIT when the input ran
+ * across calls; *made = the bytes that came out (also when it fails). Returns ERN_OK, ERN_EIO for corrupt data, ERN_ELIMIT when the input ran
  * out first. */
-static int pump(z_stream *s, int *gzip_mode, uint8_t *out, size_t want, uint8_t *scratch)
+static int pump(z_stream *s, int *gzip_mode, uint8_t *out, size_t want, uint8_t *scratch,
+                size_t *made)
 {
+    *made = 0;
     while (want) {
         /* a discarded prefix goes through the window-sized scratch buffer */
         size_t cap = out ? (want > UINT32_MAX ? UINT32_MAX : want)
@@ -181,6 +183,7 @@ static int pump(z_stream *s, int *gzip_mode, uint8_t *out, size_t want, uint8_t 
         if (out)
             out += aout - s->avail_out;
         want -= aout - s->avail_out;
+        *made += aout - s->avail_out;
         if (ret == Z_STREAM_END) {
             if (!want)      /* done: what follows (trailer, next member) is not needed */
                 return ERN_OK;
@@ -207,39 +210,155 @@ static int pump(z_stream *s, int *gzip_mode, uint8_t *out, size_t want, uint8_t 
     return ERN_OK;
 }
 
-int ern_zran_extract(uint8_t bits, uint8_t byte, const uint8_t *window, uint32_t window_size,
-                     const uint8_t *in, size_t in_len, uint64_t skip,
-                     uint8_t *out, size_t out_len)
+/* a raw inflater at a point: ERN_OK or an ERN_* error (inflateEnd it either way) */
+static int start_at(z_stream *s, uint8_t bits, uint8_t byte, const uint8_t *window,
+                    uint32_t window_size, const uint8_t *in, size_t in_len)
+{
+    memset(s, 0, sizeof(*s));
+    if (inflateInit2(s, RAW_BITS) != Z_OK)
+        return ERN_ENOMEM;
+    if (bits && inflatePrime(s, bits, byte >> (8 - bits)) != Z_OK)
+        return ERN_EIO;
+    if (window_size && inflateSetDictionary(s, window, window_size) != Z_OK)
+        return ERN_EIO;
+    s->next_in = (Bytef *)in;
+    s->avail_in = (uInt)in_len;
+    return ERN_OK;
+}
+
+/* skip bytes of output discarded, then out_len bytes into out; *made = those of them
+ * that came out before an error */
+static int inflate_from(uint8_t bits, uint8_t byte, const uint8_t *window,
+                        uint32_t window_size, const uint8_t *in, size_t in_len, uint64_t skip,
+                        uint8_t *out, size_t out_len, size_t *made)
 {
     z_stream s;
     uint8_t *scratch = NULL;
     int gzip_mode = 0, rc;
+    size_t skipped;
 
+    *made = 0;
     if (bits > 7 || window_size > WINDOW || in_len > UINT32_MAX)
         return ERN_EINVAL;
-    memset(&s, 0, sizeof(s));
-    if (inflateInit2(&s, RAW_BITS) != Z_OK)
-        return ERN_ENOMEM;
-    rc = ERN_EIO;
-    if (bits && inflatePrime(&s, bits, byte >> (8 - bits)) != Z_OK)
+    rc = start_at(&s, bits, byte, window, window_size, in, in_len);
+    if (rc)
         goto out;
-    if (window_size && inflateSetDictionary(&s, window, window_size) != Z_OK)
-        goto out;
-    s.next_in = (Bytef *)in;
-    s.avail_in = (uInt)in_len;
     if (skip) {
         scratch = malloc(WINDOW);
         if (!scratch) {
             rc = ERN_ENOMEM;
             goto out;
         }
-        rc = pump(&s, &gzip_mode, NULL, skip, scratch);
+        rc = pump(&s, &gzip_mode, NULL, skip, scratch, &skipped);
         if (rc)
             goto out;
     }
-    rc = pump(&s, &gzip_mode, out, out_len, scratch);
+    rc = pump(&s, &gzip_mode, out, out_len, scratch, made);
 out:
     free(scratch);
     inflateEnd(&s);
+    return rc;
+}
+
+int ern_zran_extract(uint8_t bits, uint8_t byte, const uint8_t *window, uint32_t window_size,
+                     const uint8_t *in, size_t in_len, uint64_t skip,
+                     uint8_t *out, size_t out_len)
+{
+    size_t made;
+    return inflate_from(bits, byte, window, window_size, in, in_len, skip, out, out_len,
+                        &made);
+}
+
+/* The daemon's cold path for zran blobs (see erofs_native.h): one context inflated into
+ * dst, its chunks judged by what came out. Everything is untrusted: the context's and
+ * every chunk's place are checked against src and dst. */
+int ern_cold_zran(const uint8_t *src, size_t srclen, uint8_t *dst, size_t dstlen,
+                  const struct ern_cold_zctx *ctx, struct ern_cold_chunk *chunks, uint32_t n)
+{
+    size_t made = 0;
+    int rc = ERN_EINVAL, ok = 0;
+    int fits = ctx->src_off <= srclen && ctx->src_len <= srclen - ctx->src_off &&
+               ctx->dst_off <= dstlen && ctx->out_len <= dstlen - ctx->dst_off;
+
+    if (fits)
+        rc = inflate_from(ctx->bits, ctx->byte, ctx->window, ctx->window_size,
+                          src + ctx->src_off, ctx->src_len, ctx->skip, dst + ctx->dst_off,
+                          ctx->out_len, &made);
+    for (uint32_t i = 0; i < n; i++) {
+        struct ern_cold_chunk *c = &chunks[i];
+        c->verified = 0;
+        c->alg = ERN_COLD_ZRAN;
+        /* a chunk is a slice of the context's output: [dst_off, dst_off + ulen) */
+        if (!fits || c->ulen == 0 || c->dst_off < ctx->dst_off ||
+            c->dst_off - ctx->dst_off > ctx->out_len ||
+            c->ulen > ctx->out_len - (c->dst_off - ctx->dst_off)) {
+            c->status = ERN_COLD_EBOUNDS;
+            continue;
+        }
+        if (c->dst_off - ctx->dst_off + c->ulen <= made) {
+            c->status = ERN_COLD_OK;    /* came out before any error; digest still checked */
+            ok++;
+        } else if (rc == ERN_ENOMEM) {
+            c->status = ERN_COLD_ENOMEM;
+        } else if (rc == ERN_ELIMIT) {
+            c->status = ERN_COLD_ESIZE;
+        } else {
+            c->status = ERN_COLD_EDATA;
+        }
+    }
+    return ok;
+}
+
+/* Which bytes of a point's window the stream after it copies. Only output within 32 KiB
+ * + 258 bytes of the point can reach into the window (deflate distances are at most
+ * 32 KiB, matches at most 258 bytes), so that output is inflated three times from the
+ * point with made-up windows: byte i holding i & 255, then ~i & 255, then i >> 8. An
+ * output byte that differs between the first two came from the window (a copy, or a copy
+ * of a copy), and the three values name the window byte; literals are the same in all.
+ * The symbols deflate decodes do not depend on the window's contents, so the three runs
+ * take the same path as a run with the real window. used[i] = 1 for every byte copied;
+ * *made = output bytes examined (less than the reach only when the input ran out). */
+#define WINDOW_REACH (WINDOW + 258)
+int ern_zran_window_use(uint8_t bits, uint8_t byte, uint32_t window_size,
+                        const uint8_t *in, size_t in_len, uint8_t *used, size_t *made)
+{
+    uint8_t *buf = NULL, *win, *out[3];
+    size_t got[3];
+    int rc = ERN_OK;
+
+    *made = 0;
+    if (window_size > WINDOW || bits > 7)
+        return ERN_EINVAL;
+    memset(used, 0, window_size);
+    if (!window_size)
+        return ERN_OK;
+    buf = malloc(window_size + 3 * (size_t)WINDOW_REACH);
+    if (!buf)
+        return ERN_ENOMEM;
+    win = buf;
+    for (int k = 0; k < 3; k++)
+        out[k] = buf + window_size + (size_t)k * WINDOW_REACH;
+    for (int k = 0; k < 3; k++) {
+        for (uint32_t i = 0; i < window_size; i++)
+            win[i] = (uint8_t)(k == 0 ? i : k == 1 ? ~i : i >> 8);
+        int r = inflate_from(bits, byte, win, window_size, in, in_len, 0, out[k],
+                             WINDOW_REACH, &got[k]);
+        if (r && r != ERN_ELIMIT) {
+            rc = r;
+            goto out;
+        }
+    }
+    size_t n = got[0] < got[1] ? got[0] : got[1];
+    n = n < got[2] ? n : got[2];
+    for (size_t p = 0; p < n; p++) {
+        if (out[0][p] != out[1][p]) {
+            uint32_t i = out[0][p] | (uint32_t)out[2][p] << 8;
+            if (i < window_size)
+                used[i] = 1;
+        }
+    }
+    *made = n;
+out:
+    free(buf);
     return rc;
 }

@@ -486,7 +486,7 @@ def z_decompress(alg: int, data: BytesLike, length: int, partial: bool = False,
 
 # --- zran: random access into gzip streams (csrc/zran.c) ---------------------------------
 ZRAN_WINDOW = 32768
-_ZRAN_IN_PIECE = 1 << 16        # compressed bytes handed to zlib per C call
+_ZRAN_IN_PIECE = 1 << 14        # input per C call: a chunk's recorded need is exact to it
 
 
 @dataclass(frozen=True)
@@ -517,8 +517,7 @@ class ZranIndexer:
         self._out = ffi.new("uint8_t[]", out_cap)
         self._cap = out_cap
         self._point = ffi.new("struct ern_zran_point *")
-        self._used = ffi.new("size_t *")
-        self._made = ffi.new("size_t *")
+        self._used, self._made = ffi.new("size_t *"), ffi.new("size_t *")
         self.points: list[ZranPoint] = []
         self.total_in = 0
         self.total_out = 0
@@ -553,9 +552,7 @@ class ZranIndexer:
 
     def finish(self) -> None:
         """The stream must have ended with a complete gzip member."""
-        tin = ffi.new("uint64_t *")
-        tout = ffi.new("uint64_t *")
-        done = ffi.new("int *")
+        tin, tout, done = ffi.new("uint64_t *"), ffi.new("uint64_t *"), ffi.new("int *")
         lib.ern_zran_builder_totals(self._z, tin, tout, done)
         if not done[0]:
             raise InputError(f"gzip stream truncated at compressed offset {tin[0]}")
@@ -573,8 +570,7 @@ def zran_extract(point: ZranPoint, compressed: bytes | memoryview, skip: int,
     if not 0 <= point.bits <= 7 or not 0 <= point.byte <= 255 \
             or len(point.window) > ZRAN_WINDOW or skip < 0 or length < 0:
         raise CorruptImageError("zran: bad access point (bits, byte or window size)")
-    out = ffi.new("uint8_t[]", max(length, 1))
-    src = ffi.from_buffer(compressed)
+    out, src = ffi.new("uint8_t[]", max(length, 1)), ffi.from_buffer(compressed)
     r = lib.ern_zran_extract(point.bits, point.byte, point.window, len(point.window),
                              src, len(compressed), skip, out, length)
     if r:
@@ -585,10 +581,20 @@ def zran_extract(point: ZranPoint, compressed: bytes | memoryview, skip: int,
     return bytes(ffi.buffer(out, length))
 
 
+def zran_window_use(point: ZranPoint, compressed: bytes | memoryview) -> tuple[bytes, int]:
+    """(1 per window byte the stream after `point` copies, else 0; output bytes examined)"""
+    used, made, n = ffi.new("uint8_t[]", max(1, len(point.window))), ffi.new("size_t *"), \
+        len(point.window)
+    r = lib.ern_zran_window_use(point.bits, point.byte, n, ffi.from_buffer(compressed),
+                                len(compressed), used, made)
+    if r:
+        raise CorruptImageError(f"zran: {_ZRAN_ERRORS.get(r, 'inflate failed')}")
+    return bytes(ffi.buffer(used, n)), int(made[0])
+
+
 # -- the daemon's cold path (csrc/coldpath.c) --------------------------------------------
 # blob compressor names (format/rafs.py) -> struct ern_cold_chunk.alg
-COLD_ALGS = {"none": lib.ERN_COLD_NONE, "zstd": lib.ERN_COLD_ZSTD,
-             "lz4_block": lib.ERN_COLD_LZ4}
+COLD_ALGS = {"none": lib.ERN_COLD_NONE, "zstd": lib.ERN_COLD_ZSTD, "lz4_block": lib.ERN_COLD_LZ4}
 COLD_OK = lib.ERN_COLD_OK
 COLD_EWRITE = lib.ERN_COLD_EWRITE
 COLD_ERRORS = {
@@ -626,6 +632,18 @@ class ColdChunks:
         """Decode every chunk (GIL released); the number that decoded."""
         return int(lib.ern_cold_decode(self._src, len(self._src), self._dst, len(self._dst),
                                        self.arr, self.n))
+
+    def zran(self, first: int, count: int, point: ZranPoint, place: tuple[int, ...]) -> int:
+        """ern_cold_zran over chunks first..first+count-1 of one context (GIL released);
+        place: (src_off, src_len, skip, dst_off, out_len) of the context"""
+        if not 0 <= first <= first + count <= self.n or len(place) != 5 or min(place) < 0:
+            raise NativeError("zran: chunk slice or place out of range")
+        win = ffi.from_buffer("uint8_t[]", point.window)
+        z = ffi.new("struct ern_cold_zctx *", dict(
+            zip(("src_off", "src_len", "skip", "dst_off", "out_len"), place), window=win,
+            window_size=len(point.window), bits=min(point.bits, 8), byte=point.byte & 0xFF))
+        return int(lib.ern_cold_zran(self._src, len(self._src), self._dst, len(self._dst), z,
+                                     self.arr + first, count))
 
     def status(self, i: int) -> int:
         return int(self.arr[i].status)

@@ -43,7 +43,7 @@ _json_opt = click.option("--json", "as_json", is_flag=True, help="Print a JSON s
 @click.option("--oci-ref", is_flag=True,
               help="Index SRC's gzip layers where they are (zran): DST lists the original "
                    "layers plus a small bootstrap layer; no layer is converted.")
-@click.option("--zran-span", default="0x200000", show_default=True,
+@click.option("--zran-span", default="0x80000", show_default=True,
               help="With --oci-ref: bytes of decompressed layer between access points.")
 @_json_opt
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing on success.")

@@ -103,12 +103,64 @@ class DecodedRange:
         return StoreResult(stored, failed, newly)
 
 
+def _decode_zran(meta: BlobMeta, chunks: Sequence[BlobChunk], raw: bytes | memoryview,
+                 raw_offset: int) -> tuple[list[BlobChunk], _native.ColdChunks]:
+    """The chunks of a zran blob: per access point, one C call inflates its context from
+    the point to the furthest of its chunks here (`ern_cold_zran`), the output before
+    the first of them discarded, into this thread's buffer; the chunks are slices of it.
+    -> (the chunks in the order of the C entries, the entries)."""
+    zc = meta.zran
+    groups: dict[int, list[BlobChunk]] = {}
+    for c in chunks:
+        groups.setdefault(c.zran_index, []).append(c)
+    ordered: list[BlobChunk] = []
+    plan = []
+    dsize = 0
+    for k, cs in groups.items():
+        first = min(c.zran_offset for c in cs)
+        end = max(c.zran_offset + c.uncompressed_size for c in cs)
+        plan.append((k, len(ordered), cs, first, end, dsize))
+        ordered.extend(cs)
+        dsize += round_up(end - first, 4096)
+    cc = _native.ColdChunks(len(ordered), raw, _buffer(dsize))
+    for k, at, cs, first, end, base in plan:
+        ctx = zc.contexts[k]
+        for j, c in enumerate(cs):
+            cc.set(at + j, _native.COLD_ALGS["none"], 0, c.compressed_size,
+                   c.uncompressed_size, base + c.zran_offset - first, c.uncompressed_offset,
+                   c.index)
+        src_off = ctx.point.in_offset - raw_offset
+        if src_off < 0:
+            # the access point before the fetched bytes (a planner bug or a hostile
+            # index): a place the C core refuses, so every chunk of it fails
+            src_off = len(raw) + 1
+        # inflating stops at `end` or where the fetched bytes (or the context) end
+        cc.zran(at, len(cs), ctx.point, (src_off, max(0, min(ctx.in_len, len(raw) - src_off)),
+                                         first, base, end - first))
+    return ordered, cc
+
+
+def by_context(meta: BlobMeta, chunks: Sequence[BlobChunk]) -> list[list[BlobChunk]]:
+    """The chunks of one range as decode_range calls: all at once, or for a zran blob one
+    access point's chunks per call (the decode buffer then holds one context's output)."""
+    if meta.zran is None:
+        return [list(chunks)]
+    groups: dict[int, list[BlobChunk]] = {}
+    for c in chunks:
+        groups.setdefault(c.zran_index, []).append(c)
+    return list(groups.values())
+
+
 def decode_range(meta: BlobMeta, chunks: Sequence[BlobChunk], raw: bytes | memoryview,
                  raw_offset: int, verify: bool = True) -> DecodedRange:
     """Decode and verify `chunks`, whose stored bytes are in `raw` (the blob's bytes from
     `raw_offset` on). Chunks without a digest are refused (never stored) unless verify
-    is False."""
+    is False. Zran chunks (meta.zran) are inflated from their access points; their
+    DecodedRange.chunks are in another order than `chunks`."""
     name = _blob_name(meta.blob_id)
+    if meta.zran is not None:
+        chunks, cc = _decode_zran(meta, chunks, raw, raw_offset)
+        return _verify(meta, chunks, cc, verify, name)
     n = len(chunks)
     # decoded chunks laid out one after the other, 4 KiB aligned; stored ones stay in raw
     dsize = 0
@@ -119,7 +171,6 @@ def decode_range(meta: BlobMeta, chunks: Sequence[BlobChunk], raw: bytes | memor
             dsize += round_up(c.uncompressed_size, 4096)
     comp = _native.COLD_ALGS.get(meta.compressor)
     cc = _native.ColdChunks(n, raw, _buffer(dsize))
-    failed: list = []
     for i, c in enumerate(chunks):
         alg = comp if c.compressed else _native.COLD_ALGS["none"]
         if alg is None:
@@ -127,6 +178,12 @@ def decode_range(meta: BlobMeta, chunks: Sequence[BlobChunk], raw: bytes | memor
         cc.set(i, alg, c.compressed_offset - raw_offset, c.compressed_size,
                c.uncompressed_size, offs[i], c.uncompressed_offset, c.index)
     cc.decode()
+    return _verify(meta, chunks, cc, verify, name)
+
+
+def _verify(meta: BlobMeta, chunks: Sequence[BlobChunk], cc: _native.ColdChunks,
+            verify: bool, name: str) -> DecodedRange:
+    failed: list = []
     hasher = digester(meta.digester) if verify else None
     for i, c in enumerate(chunks):
         st = cc.status(i)

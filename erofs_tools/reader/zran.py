@@ -59,6 +59,9 @@ class ZranContexts:
         # output those inputs complete
         self._needs: list[list[int]] = [[] for _ in contexts]
         self._reach: list[list[int]] = [[] for _ in contexts]
+        # per context: its chunks by the end of their output, and those ends
+        self._members: list[list[rblob.BlobChunk]] = [[] for _ in contexts]
+        self._ends: list[list[int]] = [[] for _ in contexts]
 
     def index_chunks(self, chunks: list[rblob.BlobChunk]) -> None:
         pairs: list[list[tuple[int, int]]] = [[] for _ in self.contexts]
@@ -72,6 +75,32 @@ class ZranContexts:
                 reach.append(best)
             self._needs[k] = [n for n, _ in ps]
             self._reach[k] = reach
+        members: list[list[rblob.BlobChunk]] = [[] for _ in self.contexts]
+        for c in chunks:
+            members[c.zran_index].append(c)
+        for k, ms in enumerate(members):
+            ms.sort(key=lambda c: (c.zran_offset + c.uncompressed_size, c.index))
+            self._members[k] = ms
+            self._ends[k] = [c.zran_offset + c.uncompressed_size for c in ms]
+
+    def inflated_with(self, chunks: list[rblob.BlobChunk]) -> list[rblob.BlobChunk]:
+        """The other chunks whose output comes out anyway when `chunks` are inflated
+        from their access points: those of the same contexts ending no later than the
+        furthest of `chunks` there (the daemon stores them too, at no extra fetch or
+        inflate: the files next to a read one in the layer are often read next)."""
+        furthest: dict[int, int] = {}
+        for c in chunks:
+            e = c.zran_offset + c.uncompressed_size
+            if e > furthest.get(c.zran_index, -1):
+                furthest[c.zran_index] = e
+        have = {c.index for c in chunks}
+        out = []
+        for k, end in furthest.items():
+            ms = self._members[k]
+            for c in ms[:bisect.bisect_right(self._ends[k], end)]:
+                if c.index not in have:
+                    out.append(c)
+        return out
 
     def _get(self, k: int, end: int) -> bytes | None:
         with self._lock:

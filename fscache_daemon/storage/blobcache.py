@@ -77,6 +77,7 @@ from .chunkstate import (  # noqa: F401
     state_bits,
 )
 from .planner import DEFAULT_BATCH_SIZE, chunks_in_range, clamp_range, plan
+from .rawkeep import RawKeep
 from .stats import BlobStats
 
 log = logging.getLogger(__name__)
@@ -318,6 +319,8 @@ class BlobManager:
         self.on_complete = on_complete
         self.stats = BlobStats()
         self.meta_bytes_fetched = 0     # what opening it fetched of the chunk map (daemon)
+        # zran: requests start at access points, often inside the last range fetched
+        self._rawkeep = RawKeep() if getattr(meta, "zran", None) is not None else None
         self._lock = threading.Lock()
         self._inflight: dict[int, _Flight] = {}
         self._completed_reported = cache.complete()
@@ -477,7 +480,12 @@ class BlobManager:
         """(stored bytes of the batch, None) or (None, the error); counted in stats."""
         t0 = time.monotonic()
         try:
-            raw = self.backend.read(self.blob_id, batch.offset, batch.length)
+            if self._rawkeep is not None:
+                raw, batch.fetched = self._rawkeep.read(
+                    lambda off, n: self.backend.read(self.blob_id, off, n), batch.offset,
+                    batch.length)
+            else:
+                raw = self.backend.read(self.blob_id, batch.offset, batch.length)
             self.stats.record_backend_read(time.monotonic() - t0)
         except (BackendError, ErofsToolsError, OSError) as e:
             err = e if isinstance(e, ErofsToolsError) else BackendError(str(e))
@@ -550,11 +558,13 @@ class BlobManager:
         if err is not None:
             self._resolve(batch.chunks, flights, failures, err)
             return 0
-        self.stats.add(bytes_fetched=len(raw), backend_requests=1,
-                       prefetch_bytes=len(raw) if prefetch else 0)
-        # zran chunks are inflated from their access point (reader/zran.py, zlib in the
-        # C core) by the chunk decoder; the cold path's decoders know zstd, lz4, none
-        if self.native and self.meta.zran is None:
+        # (zran: what the backend delivered; a kept prefix was not fetched again)
+        n = len(raw) if batch.fetched is None else batch.fetched
+        self.stats.add(bytes_fetched=n, backend_requests=1 if n else 0,
+                       prefetch_bytes=n if prefetch else 0)
+        # zran chunks are inflated from their access point by the C core too
+        # (reader/coldpath.py: ern_cold_zran)
+        if self.native:
             self._decode_store(batch, raw, flights, failures)
         else:
             self._decode_store_py(batch, raw, flights, failures)
@@ -564,12 +574,20 @@ class BlobManager:
         log.error("blob %s: chunk %d (uncompressed offset %d) failed verification: %s",
                   self.blob_id[:12], c.index, c.uncompressed_offset, e)
         self.stats.add(verify_failures=1)
+        if self._rawkeep is not None:   # never decode those bytes again
+            self._rawkeep.clear()
         self._resolve([c], flights, failures, e)
 
     def _decode_store(self, batch, raw, flights, failures) -> None:
         """The C core's cold path: decode the batch in one call, verify, write the good
-        chunks and set their bits in another (erofs_tools.reader.coldpath)."""
-        decoded = coldpath.decode_range(self.meta, batch.chunks, raw, batch.offset)
+        chunks and set their bits in another (erofs_tools.reader.coldpath). Zran: one
+        access point's chunks at a time, so the decode buffer holds one context's output
+        (at most a span and a chunk or so), not a whole merged request's."""
+        for chunks in coldpath.by_context(self.meta, batch.chunks + self._zran_extra(batch)):
+            self._decode_store_chunks(chunks, raw, batch.offset, flights, failures)
+
+    def _decode_store_chunks(self, chunks, raw, raw_offset, flights, failures) -> None:
+        decoded = coldpath.decode_range(self.meta, chunks, raw, raw_offset)
         for c, why in decoded.failed:
             self._verify_failed(c, why, flights, failures)
         try:
@@ -579,7 +597,7 @@ class BlobManager:
                 StorageError(f"{self.cache.path}: write failed: {e}")
             log.error("%s", err)
             bad = {c.index for c, _ in decoded.failed}
-            self._resolve([c for c in batch.chunks if c.index not in bad], flights,
+            self._resolve([c for c in chunks if c.index not in bad], flights,
                           failures, err)
             return
         for c, why in res.failed[len(decoded.failed):]:
@@ -590,6 +608,18 @@ class BlobManager:
             self._dirty = True
             self.stats.add(chunks_fetched=len(res.stored))
             self._resolve(res.stored, flights, failures, None)
+
+    def _zran_extra(self, batch) -> list:
+        """Zran: the chunks not cached nor in flight whose output comes out anyway when
+        the batch's chunks are inflated from their access points; stored with them, at
+        no extra fetch or inflate (the neighbours of a read file are often read next)."""
+        if self.meta.zran is None:
+            return []
+        extra = self.meta.zran.inflated_with(batch.chunks)
+        if not extra:
+            return []
+        with self._lock:
+            return [c for c in extra if c.index not in self._inflight and not self.cache.has(c)]
 
     def _decode_store_py(self, batch, raw, flights, failures) -> None:
         """The Python cold path (FSCACHE_DAEMON_COLDPATH=python: for comparison)."""

@@ -20,6 +20,7 @@ class Batch:
     """One backend request: `[offset, offset + length)` of the stored blob, holding
     `chunks` (sorted by compressed offset)."""
     chunks: list = field(default_factory=list)
+    fetched: int | None = None  # bytes the backend delivered, if not all (storage/rawkeep.py)
 
     @property
     def offset(self) -> int:
