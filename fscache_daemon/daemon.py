@@ -356,7 +356,7 @@ class Daemon(MountLifecycle):
             return
         start = min(c.compressed_offset for c in w.chunks)
         end = max(c.compressed_offset + c.compressed_size for c in w.chunks)
-        mgr.backend.will_need(mgr.blob_id, start, end - start)
+        mgr.will_need(start, end - start)
         task, size = [], 0
         for batch in plan(w.chunks, self.batch_size):
             task += batch.chunks
