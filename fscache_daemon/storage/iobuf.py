@@ -27,7 +27,8 @@ class IOBuffer:
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self.mm = mmap.mmap(-1, size)
+        # private: shared anonymous memory would be shmem pages (slower faults)
+        self.mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
         self.view = memoryview(self.mm)
 
 
