@@ -258,6 +258,12 @@ def test_buffer_pool_aligned_and_bounded():
     pool.put(b)
     assert pool._free == [a]    # b would pass the 2 MiB kept
     assert pool.get(4096) is a and pool.get(4096) is not a
+    # the smallest free buffer that fits is handed out: a large one waits for large reads
+    pool = iobuf.BufferPool(keep_bytes=8 << 20)
+    big, small = pool.get(4 << 20), pool.get(1 << 20)
+    pool.put(big)
+    pool.put(small)
+    assert pool.get(4096) is small and pool.get(3 << 20) is big
 
 
 @pytest.mark.root

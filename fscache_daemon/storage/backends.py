@@ -107,6 +107,7 @@ class LocalFsBackend(Backend):
         self._fds: dict[str, int] = {}
         # blob id -> an O_DIRECT descriptor, or -1 where the file system refuses it
         self._dfds: dict[str, int] = {}
+        self._spent: list[int] = []     # O_DIRECT descriptors given up (see _no_direct)
         self._lock = threading.Lock()
         # a subclass that overrides read() (a wrapper counting or failing reads) is
         # asked through it for every read
@@ -169,10 +170,12 @@ class LocalFsBackend(Backend):
             return False
 
     def _no_direct(self, blob_id: str, fd: int) -> None:
+        # not closed before close(): another thread may be reading through it, and a
+        # closed number could be reused by any file meanwhile
         with self._lock:
             if self._dfds.get(blob_id) == fd:
                 self._dfds[blob_id] = -1
-                os.close(fd)
+                self._spent.append(fd)
 
     def read_pooled(self, blob_id: str, offset: int, length: int,
                     pool: BufferPool) -> tuple[bytes | memoryview, IOBuffer | None]:
@@ -239,11 +242,12 @@ class LocalFsBackend(Backend):
 
     def close(self) -> None:
         with self._lock:
-            for fd in list(self._fds.values()) + list(self._dfds.values()):
+            for fd in list(self._fds.values()) + list(self._dfds.values()) + self._spent:
                 if fd >= 0:
                     os.close(fd)
             self._fds.clear()
             self._dfds.clear()
+            self._spent.clear()
 
 
 class RegistryBackend(Backend):

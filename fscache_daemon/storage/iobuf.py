@@ -42,11 +42,15 @@ class BufferPool:
     def get(self, n: int) -> IOBuffer:
         """A buffer of at least n bytes (reused when one is free)."""
         with self._lock:
+            # the smallest that fits: a large one-off buffer kept stays for large reads
+            best = None
             for i, b in enumerate(self._free):
-                if b.size >= n:
-                    del self._free[i]
-                    self._free_bytes -= b.size
-                    return b
+                if b.size >= n and (best is None or b.size < self._free[best].size):
+                    best = i
+            if best is not None:
+                b = self._free.pop(best)
+                self._free_bytes -= b.size
+                return b
         return IOBuffer(round_up(max(n, 1), GRANULE))
 
     def put(self, buf: IOBuffer) -> None:
