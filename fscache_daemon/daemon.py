@@ -382,7 +382,7 @@ class Daemon(MountLifecycle):
                       len(w.chunks), sum(c.compressed_size for c in w.chunks),
                       mgr.run_end(first), offset, length,
                       ",".join(str(c.uncompressed_offset) for c in w.chunks))
-        mgr.backend.will_need(mgr.blob_id, start, end - start)
+        mgr.will_need(start, end - start)
         task, size = [], 0
         for batch in plan(w.chunks, self.batch_size, READAHEAD_MAX_GAP):
             task += batch.chunks

@@ -1,8 +1,10 @@
 """The daemon's cold path in the C core (csrc/coldpath.c, erofs_tools/reader/coldpath.py):
 exact bytes for zstd, lz4_block and stored blobs, corrupted chunks never written (EIO
 through a real mount, nothing in the cache file, no bit), hostile frames refused by the
-decoder, a real write failure (RLIMIT_FSIZE) reported, and pipelined backend requests
-fetching every byte once."""
+decoder, a real write failure (RLIMIT_FSIZE) reported, pipelined backend requests
+fetching every byte once, and localfs reads with O_DIRECT into reused buffers (exact
+bytes at any offset, short reads refused, a file system without O_DIRECT read through
+its page cache)."""
 
 import errno
 import os
@@ -15,6 +17,7 @@ import threading
 import blake3
 import pytest
 import zstandard
+from helpers import is_root, require, sys_mount, sys_umount
 from test_daemon_support import (
     DaemonProc,
     chunk_of_file,
@@ -31,7 +34,9 @@ from erofs_tools import _native
 from erofs_tools.builder.blob import BlobWriter
 from erofs_tools.errors import ErofsToolsError
 from erofs_tools.reader import coldpath
+from fscache_daemon.storage import BackendUnavailableError, iobuf
 from fscache_daemon.storage import blobcache as bc
+from fscache_daemon.storage.backends import LocalFsBackend
 
 COMPRESSORS = ("zstd", "lz4_block", "none")
 
@@ -147,16 +152,21 @@ def test_next_request_in_flight_while_decoding(tmp_path, monkeypatch):
     mgr.close()
 
 
+@pytest.mark.parametrize("direct", [False, True], ids=["read", "direct"])
 @pytest.mark.parametrize("compressor", COMPRESSORS)
-def test_corrupted_chunk_is_never_written(tmp_path, compressor, monkeypatch):
+def test_corrupted_chunk_is_never_written(tmp_path, compressor, monkeypatch, direct):
     monkeypatch.delenv("FSCACHE_DAEMON_COLDPATH", raising=False)
     bdir, cdir = str(tmp_path / "b"), str(tmp_path / "c")
     blob_id, datas, _ = make_blob(bdir, 12, compressor)
-    be = CountingBackend(bdir)
+    # direct: the daemon's own localfs backend (O_DIRECT where the file system takes
+    # it); else a wrapper whose read() is used as is
+    be = LocalFsBackend(bdir) if direct else CountingBackend(bdir)
     mgr = open_mgr(cdir, be, blob_id)
+    assert mgr._pooled
     victim = mgr.meta.chunk_by_index(5)
     # one byte flipped in the middle of the chunk's stored bytes: for zstd and lz4 a
-    # decode error or a digest mismatch, for a stored chunk a digest mismatch
+    # decode error or a digest mismatch, for a stored chunk a digest mismatch. Written
+    # through the page cache just before the fill: an O_DIRECT read must see it too
     with open(os.path.join(bdir, blob_id), "r+b") as f:
         pos = victim.compressed_offset + victim.compressed_size // 2
         f.seek(pos)
@@ -185,6 +195,97 @@ def test_corrupted_chunk_is_never_written(tmp_path, compressor, monkeypatch):
     mgr.close()
     state = bc.state_bits(bc.state_path(cdir, blob_id))
     assert not state[victim.index >> 3] & (1 << (victim.index & 7))
+
+
+def _direct_works(path):
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
+def test_localfs_direct_reads_exact_bytes_into_reused_buffers(tmp_path):
+    bdir = str(tmp_path / "b")
+    blob_id, _, _ = make_blob(bdir, 8, "zstd")
+    path = os.path.join(bdir, blob_id)
+    with open(path, "rb") as f:
+        raw = f.read()
+    be = LocalFsBackend(bdir)
+    pool = iobuf.BufferPool()
+    assert be.reads_direct(blob_id) == _direct_works(path)
+    size = len(raw)
+    rng = random.Random(7)
+    cases = [(0, size), (1, 4095), (4095, 2), (4096, 4096), (size - 1, 1),
+             (size - 5000, 5000), (size - size % 4096, size % 4096), (100, 0)]
+    cases += [(o, rng.randrange(0, size - o + 1)) for o in
+              (rng.randrange(0, size) for _ in range(40))]
+    bufs = set()
+    for off, n in cases:
+        data, buf = be.read_pooled(blob_id, off, n, pool)
+        assert bytes(data) == raw[off:off + n], (off, n)
+        del data
+        if buf is not None:
+            bufs.add(id(buf))
+            pool.put(buf)
+    if be.reads_direct(blob_id):
+        # one buffer served every read (the pool hands back a free one first)
+        assert len(bufs) == 1
+    else:
+        assert not bufs
+    # past the end: the backend's short-read error, the buffer back in the pool
+    kept = len(pool._free)
+    with pytest.raises(BackendUnavailableError, match="short read"):
+        be.read_pooled(blob_id, size - 10, 20, pool)
+    assert len(pool._free) == kept
+    be.close()
+    # a subclass that overrides read() (fault injection, counting) sees every read
+    cb = CountingBackend(bdir)
+    assert not cb.reads_direct(blob_id)
+    data, buf = cb.read_pooled(blob_id, 10, 100, pool)
+    assert buf is None and bytes(data) == raw[10:110] and cb.reads == [(blob_id, 10, 100)]
+
+
+def test_buffer_pool_aligned_and_bounded():
+    import ctypes
+    pool = iobuf.BufferPool(keep_bytes=2 << 20)
+    a, b = pool.get(1 << 20), pool.get((1 << 20) + 8192)
+    for x in (a, b):
+        assert ctypes.addressof(ctypes.c_char.from_buffer(x.mm)) % 4096 == 0
+    assert a.size >= 1 << 20 and b.size >= (1 << 20) + 8192
+    pool.put(a)
+    pool.put(b)
+    assert pool._free == [a]    # b would pass the 2 MiB kept
+    assert pool.get(4096) is a and pool.get(4096) is not a
+    # the smallest free buffer that fits is handed out: a large one waits for large reads
+    pool = iobuf.BufferPool(keep_bytes=8 << 20)
+    big, small = pool.get(4 << 20), pool.get(1 << 20)
+    pool.put(big)
+    pool.put(small)
+    assert pool.get(4096) is small and pool.get(3 << 20) is big
+
+
+@pytest.mark.root
+def test_localfs_without_o_direct_reads_through_the_page_cache(tmp_path, monkeypatch):
+    """ramfs refuses O_DIRECT opens: the same fill, read through the page cache."""
+    require(is_root(), "needs root (mounts a ramfs)")
+    monkeypatch.delenv("FSCACHE_DAEMON_COLDPATH", raising=False)
+    bdir, cdir = str(tmp_path / "ramfs"), str(tmp_path / "c")
+    os.makedirs(bdir)
+    sys_mount("none", bdir, "ramfs", 0)
+    try:
+        blob_id, datas, _ = make_blob(bdir, 12, "zstd")
+        be = LocalFsBackend(bdir)
+        assert not be.reads_direct(blob_id)
+        mgr = open_mgr(cdir, be, blob_id, batch_size=100 << 10, pipeline=True)
+        mgr.fill(0, mgr.size)
+        with open(mgr.cache.path, "rb") as f:
+            assert f.read() == expected(mgr.meta, datas)
+        mgr.close()
+        be.close()
+    finally:
+        sys_umount(bdir)
 
 
 def test_digest_mismatch_of_a_valid_frame_is_never_written(tmp_path):

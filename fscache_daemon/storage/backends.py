@@ -10,6 +10,7 @@ by every image mounted with the same backend spec.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -19,6 +20,7 @@ from erofs_tools.errors import ErofsToolsError
 from erofs_tools.registry.reference import default_insecure
 
 from . import BackendError, BackendUnavailableError
+from .iobuf import BufferPool, IOBuffer
 
 log = logging.getLogger(__name__)
 
@@ -70,18 +72,46 @@ class Backend:
         """A `read_at(offset, length) -> bytes` closure for one blob."""
         return lambda offset, length: self.read(blob_id, offset, length)
 
+    def reads_direct(self, blob_id: str) -> bool:
+        """read_pooled() of this blob bypasses the page cache (will_need would only
+        fill it with pages nobody reads)."""
+        return False
+
+    def read_pooled(self, blob_id: str, offset: int, length: int,
+                    pool: BufferPool) -> tuple[bytes | memoryview, IOBuffer | None]:
+        """read(), possibly into a buffer of `pool`: (the bytes, the buffer to give back
+        to the pool once nothing uses them, or None). For the cold path, whose use of
+        the bytes ends with the range stored."""
+        return self.read(blob_id, offset, length), None
+
+
+# O_DIRECT offsets, lengths and buffer addresses are aligned to this (any logical block
+# size up to a page)
+DIRECT_ALIGN = 4096
+
 
 class LocalFsBackend(Backend):
-    """A directory holding blob files named by their blob id (as nydusd's localfs)."""
+    """A directory holding blob files named by their blob id (as nydusd's localfs).
+
+    The cold path's reads (read_pooled) use O_DIRECT into reused aligned buffers where
+    the file system takes it: each stored byte is read once, so going through the
+    blob's page cache would only add a page-cache insertion and a copy per byte.
+    """
 
     kind = "localfs"
 
-    def __init__(self, directory: str):
+    def __init__(self, directory: str, *, direct: bool = True):
         self.directory = os.path.abspath(directory)
         if not os.path.isdir(self.directory):
             raise BackendError(f"{self.directory}: localfs backend directory does not exist")
         self._fds: dict[str, int] = {}
+        # blob id -> an O_DIRECT descriptor, or -1 where the file system refuses it
+        self._dfds: dict[str, int] = {}
+        self._spent: list[int] = []     # O_DIRECT descriptors given up (see _no_direct)
         self._lock = threading.Lock()
+        # a subclass that overrides read() (a wrapper counting or failing reads) is
+        # asked through it for every read
+        self.direct = direct and type(self).read is LocalFsBackend.read
 
     @property
     def spec(self) -> str:
@@ -109,6 +139,78 @@ class LocalFsBackend(Backend):
 
     def blob_size(self, blob_id: str) -> int:
         return os.fstat(self._fd(blob_id)).st_size
+
+    def _direct_fd(self, blob_id: str) -> int:
+        """An O_DIRECT descriptor of the blob, or -1 (not supported there, or off)."""
+        if not self.direct:
+            return -1
+        with self._lock:
+            fd = self._dfds.get(blob_id)
+        if fd is not None:
+            return fd
+        path = self._path(blob_id)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise BackendUnavailableError(f"{path}: cannot open blob: {e.strerror}") from None
+            fd = -1
+        with self._lock:
+            if blob_id in self._dfds:       # another thread opened it meanwhile
+                if fd >= 0:
+                    os.close(fd)
+                return self._dfds[blob_id]
+            self._dfds[blob_id] = fd
+        return fd
+
+    def reads_direct(self, blob_id: str) -> bool:
+        try:
+            return self._direct_fd(blob_id) >= 0
+        except BackendError:
+            return False
+
+    def _no_direct(self, blob_id: str, fd: int) -> None:
+        # not closed before close(): another thread may be reading through it, and a
+        # closed number could be reused by any file meanwhile
+        with self._lock:
+            if self._dfds.get(blob_id) == fd:
+                self._dfds[blob_id] = -1
+                self._spent.append(fd)
+
+    def read_pooled(self, blob_id: str, offset: int, length: int,
+                    pool: BufferPool) -> tuple[bytes | memoryview, IOBuffer | None]:
+        if offset < 0 or length < 0:
+            raise BackendError(f"blob {blob_id[:12]}: bad range {offset}+{length}")
+        fd = self._direct_fd(blob_id)
+        if fd < 0:
+            return self.read(blob_id, offset, length), None
+        start = offset - offset % DIRECT_ALIGN
+        end = offset + length
+        total = -(-end // DIRECT_ALIGN) * DIRECT_ALIGN - start
+        buf = pool.get(total)
+        got = 0
+        try:
+            while got < end - start:
+                n = os.preadv(fd, [buf.view[got:total]], start + got)
+                got += n
+                # 0 at the end of the file; an unaligned count ends there too
+                if n == 0 or got % DIRECT_ALIGN:
+                    break
+        except OSError as e:
+            pool.put(buf)
+            if e.errno == errno.EINVAL and got == 0:
+                # the file system takes O_DIRECT opens but not these reads
+                log.info("%s/%s: O_DIRECT reads refused (%s); reading through the page "
+                         "cache", self.directory, blob_id, e.strerror)
+                self._no_direct(blob_id, fd)
+                return self.read(blob_id, offset, length), None
+            raise BackendUnavailableError(f"{self.directory}/{blob_id}: read failed at "
+                                          f"{start + got}: {e.strerror}") from None
+        if got < end - start:
+            pool.put(buf)
+            raise BackendUnavailableError(f"{self.directory}/{blob_id}: short read: wanted "
+                                          f"{offset}+{length}, blob ends at {start + got}")
+        return buf.view[offset - start:end - start], buf
 
     def read(self, blob_id: str, offset: int, length: int) -> bytes:
         if offset < 0 or length < 0:
@@ -140,9 +242,12 @@ class LocalFsBackend(Backend):
 
     def close(self) -> None:
         with self._lock:
-            for fd in self._fds.values():
-                os.close(fd)
+            for fd in list(self._fds.values()) + list(self._dfds.values()) + self._spent:
+                if fd >= 0:
+                    os.close(fd)
             self._fds.clear()
+            self._dfds.clear()
+            self._spent.clear()
 
 
 class RegistryBackend(Backend):

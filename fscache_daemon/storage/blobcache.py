@@ -52,7 +52,7 @@ from erofs_tools.fsutil import atomic_write_bytes
 from erofs_tools.reader import blob as rblob
 from erofs_tools.reader import coldpath
 
-from . import BackendError, StorageError
+from . import BackendError, StorageError, iobuf
 
 # the chunk map and its ties to bootstraps live in chunkmap; re-exported for callers
 from .chunkmap import (  # noqa: F401
@@ -337,6 +337,9 @@ class BlobManager:
         self.native = "python" not in mode
         self.pipeline = pipeline and self.native and "serial" not in mode and (
             getattr(backend, "pipelined", True))
+        # the C cold path's reads go into reused buffers (iobuf; O_DIRECT on localfs):
+        # its use of the bytes ends with the range stored (zran blobs: rawkeep keeps ranges)
+        self._pooled = self.native and meta.zran is None and hasattr(backend, "read_pooled")
         # per chunk position: end of the longest file run starting at or covering it
         self._run_end: array.array | None = None
         self._cold: bytearray | None = None     # per chunk position: add_file_runs
@@ -395,6 +398,13 @@ class BlobManager:
         start, n = clamp_range(offset, length, self.size)
         return bool(self.absent(start, n)) if n else False
 
+    def will_need(self, offset: int, length: int) -> None:
+        """Tell the backend the stored range [offset, offset+length) will be read soon
+        (readahead), unless its reads bypass the page cache anyway."""
+        if self._pooled and self.backend.reads_direct(self.blob_id):
+            return
+        self.backend.will_need(self.blob_id, offset, length)
+
     def is_cached(self, offset: int, length: int) -> bool:
         start, n = clamp_range(offset, length, self.size)
         return all(self.cache.has(c) for c in chunks_in_range(self.meta, start, n))
@@ -449,7 +459,11 @@ class BlobManager:
         try:
             batches = plan([c for c, _ in mine], batch_size or self.batch_size, max_gap)
             for batch, got in self._reads(batches):
-                fetched += self._process(batch, got, flights, failures, prefetch)
+                try:
+                    fetched += self._process(batch, got, flights, failures, prefetch)
+                finally:
+                    if got[2] is not None:      # nothing uses its bytes any more
+                        iobuf.POOL.put(got[2])
         finally:
             # resolve anything left unresolved by an unexpected exception
             leftover = [(i, f) for i, f in flights.items() if not f.event.is_set()]
@@ -477,13 +491,18 @@ class BlobManager:
         return fetched
 
     def _read(self, batch):
-        """(stored bytes of the batch, None) or (None, the error); counted in stats."""
+        """(stored bytes of the batch, None, its iobuf buffer or None) or (None, the
+        error, None); counted in stats."""
         t0 = time.monotonic()
+        buf = None
         try:
             if self._rawkeep is not None:
                 raw, batch.fetched = self._rawkeep.read(
                     lambda off, n: self.backend.read(self.blob_id, off, n), batch.offset,
                     batch.length)
+            elif self._pooled:
+                raw, buf = self.backend.read_pooled(self.blob_id, batch.offset,
+                                                    batch.length, iobuf.POOL)
             else:
                 raw = self.backend.read(self.blob_id, batch.offset, batch.length)
             self.stats.record_backend_read(time.monotonic() - t0)
@@ -492,8 +511,8 @@ class BlobManager:
             log.error("blob %s: backend read %d+%d failed: %s", self.blob_id[:12],
                       batch.offset, batch.length, err)
             self.stats.add(backend_errors=1)
-            return None, err
-        return raw, None
+            return None, err, None
+        return raw, None, buf
 
     def _reads(self, batches):
         """(batch, _read(batch)) in order; with more than one batch, a reader thread
@@ -533,7 +552,7 @@ class BlobManager:
                     results[j] = self._read(batches[j])
                 except BaseException as e:  # noqa: BLE001 - the consumer must get a result
                     results[j] = (None, StorageError(
-                        f"blob {self.blob_id[:12]}: read failed: {e}"))
+                        f"blob {self.blob_id[:12]}: read failed: {e}"), None)
                 ready[j].release()
 
         t = threading.Thread(target=produce, name="fscache-read", daemon=True)
@@ -554,7 +573,7 @@ class BlobManager:
             stop = True
 
     def _process(self, batch, got, flights, failures, prefetch) -> int:
-        raw, err = got
+        raw, err, _buf = got
         if err is not None:
             self._resolve(batch.chunks, flights, failures, err)
             return 0
