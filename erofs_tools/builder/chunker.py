@@ -219,6 +219,12 @@ class ChunkPipeline:
             c = self._claims[key] = _Claim(seq)
             return c, c
 
+    def release(self, key: ChunkKey) -> None:
+        """The consumer stored `key` (its `known` now says so): drop its claim, so that
+        claims do not pile up one per distinct chunk. A worker racing with this may claim
+        the key again and compress it once more; the consumer finds it stored."""
+        self._claims.pop(key, None)
+
     def _store(self, mine: _Claim, data: bytes) -> None:
         mine.data = self.compressor.compress(data)
 
