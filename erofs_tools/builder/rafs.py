@@ -26,8 +26,10 @@ from __future__ import annotations
 import gc
 import itertools
 import os
+import queue
 import stat
 import struct
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -42,6 +44,7 @@ from erofs_tools.builder.chunker import (
     ChunkKey,
     ChunkPipeline,
     ChunkResult,
+    FileItem,
     check_chunk_size,
 )
 from erofs_tools.builder.mkfs import check_paths
@@ -94,11 +97,13 @@ class _RafsBuilder(NativeBuilder):
     def __init__(self, options: BuildOptions | None) -> None:
         super().__init__(options)
         self.files: dict[int, _FileRec] = {}          # node -> regular file
+        self.keep_files = True          # False: the walker streams files, none kept
 
     def set_file(self, node: int, path: BytesLike, offset: int = 0,
                  sparse: bool = False) -> None:
-        p = os.fsencode(path) if isinstance(path, str) else bytes(path)
-        self.files[node] = _FileRec(p, 0, bool(sparse))     # size: set by the walker
+        if self.keep_files:
+            p = os.fsencode(path) if isinstance(path, str) else bytes(path)
+            self.files[node] = _FileRec(p, 0, bool(sparse))     # size: set by the walker
 
 
 class _RafsWalker(TreeWalker):
@@ -113,6 +118,9 @@ class _RafsWalker(TreeWalker):
         self.b: _RafsBuilder = builder
         self.nodes_by_rel: dict[bytes, int] = {}       # b"a/b" -> node
         self.regular: set[int] = set()
+        # set: each regular file with data goes here as (node, path, size, sparse)
+        # when the walk meets it (first path of a hardlinked file), instead of b.files
+        self.emit: Callable[[FileItem], None] | None = None
 
     @property
     def has_xattrs(self) -> bool:
@@ -130,6 +138,11 @@ class _RafsWalker(TreeWalker):
             self.nodes_by_rel[self._rel(path)] = node
         if st.st_mode & 0o170000 == stat.S_IFREG:
             self.regular.add(node)
+            if self.emit is not None:
+                size = st.st_size
+                if size:
+                    self.emit((node, path, size, st.st_blocks * 512 < size))
+                return node
             rec = self.b.files.get(node)
             if rec is None:
                 self.b.files[node] = _FileRec(os.fsencode(path), st.st_size, False)
@@ -141,6 +154,8 @@ class _RafsWalker(TreeWalker):
         super()._link(dnode, name, node, path)
         if self.track_paths:
             self.nodes_by_rel[self._rel(path)] = node
+        if self.emit is not None:
+            return              # streamed already, under the path met first
         p = os.fsencode(path)
         rec = self.b.files.get(node)
         if rec is not None and p < rec.path:
@@ -290,6 +305,72 @@ class _ChunkIndexes:
                 yield from itertools.repeat(e, count)
 
 
+class _Stopped(Exception):
+    """The consumer of a _WalkFeed gave up: the walk thread ends here."""
+
+
+class _WalkFeed:
+    """The directory walk on its own thread, handing regular files to the chunker as it
+    meets them, so chunking (and writing the blob) overlaps the walk.
+
+    The walk visits each directory's entries in name order (TreeWalker.sort_entries), so
+    the file order, hence the blob, is the same whatever the filesystem's readdir order.
+    The walker only calls the node-graph builder; the consumer does not touch it until
+    `close()` has joined the thread.
+    """
+    GROUP = 64          # files handed over at a time (fewer queue operations)
+
+    def __init__(self, walker: _RafsWalker, source: str) -> None:
+        self.walker = walker
+        self.source = source
+        self._q: queue.SimpleQueue[list[FileItem] | BaseException | None] = \
+            queue.SimpleQueue()
+        self._group: list[FileItem] = []
+        self._stop = False
+        walker.sort_entries = True
+        walker.b.keep_files = False
+        walker.emit = self._emit
+        walker.on_entry = self._check
+        self._thread = threading.Thread(target=self._walk, name="erofs-pack-walk",
+                                        daemon=True)
+        self._thread.start()
+
+    def _check(self, entries: int, nbytes: int) -> None:
+        if self._stop:
+            raise _Stopped
+
+    def _emit(self, item: FileItem) -> None:
+        g = self._group
+        g.append(item)
+        if len(g) >= self.GROUP:
+            self._q.put(g)
+            self._group = []
+
+    def _walk(self) -> None:
+        try:
+            self.walker.walk(self.source)
+            if self._group:
+                self._q.put(self._group)
+            self._q.put(None)
+        except BaseException as e:      # raised again in the consumer's thread
+            self._q.put(e)
+
+    def files(self) -> Iterator[FileItem]:
+        """Regular files in walk order; raises what the walk raised."""
+        while True:
+            g = self._q.get()
+            if g is None:
+                return
+            if isinstance(g, BaseException):
+                raise g
+            yield from g
+
+    def close(self) -> None:
+        """Stop the walk (if still going) and wait for its thread."""
+        self._stop = True
+        self._thread.join()
+
+
 def pack(source: StrPath, bootstrap: StrPath, blob_dir: StrPath,
          opts: PackOptions | None = None, progress: Progress | None = None) -> PackResult:
     """Build BOOTSTRAP and one blob in BLOB_DIR from directory SOURCE; -> summary dict.
@@ -402,25 +483,40 @@ def _pack(source: str, bootstrap: str, blob_dir: str, opts: PackOptions | None,
     nb = bootstrap_nodes(len(cdict.blobs) + 1, len(prefetch), ts)
     walker = _RafsWalker(nb, mk, source, track_paths=bool(prefetch),
                          on_entry=progress.scan if progress is not None else None)
-    walker.walk(source)
-    prefetch_nodes, prefetch_files = _prefetch_order(walker, prefetch)
+    feed: _WalkFeed | None = None
+    files_in: Iterable[FileItem]
+    if prefetch:
+        # prefetch files go first: the whole tree must be known before chunking
+        walker.walk(source)
+        prefetch_nodes, prefetch_files = _prefetch_order(walker, prefetch)
+        files = nb.files
+        first = set(prefetch_files)
+        order = prefetch_files + sorted((n for n in files if n not in first),
+                                        key=lambda n: files[n].path)
+        files_in = ((n, files[n].path, files[n].size, files[n].sparse) for n in order)
+    else:
+        # chunked in walk order while the walk goes on
+        prefetch_nodes = []
+        feed = _WalkFeed(walker, source)
+        files_in = feed.files()
 
     # -- chunking ---------------------------------------------------------------------
-    files = nb.files
-    first = set(prefetch_files)
-    order = prefetch_files + sorted((n for n in files if n not in first),
-                                    key=lambda n: files[n].path)
     placer = ChunkPlacer(opts, blob_dir, cdict)
     writer = placer.writer
-    total_bytes = sum(files[n].size for n in order) or 1
     done_bytes = 0
     try:
-        for r in placer.pipe.run((n, files[n].path, files[n].size, files[n].sparse)
-                                 for n in order):
-            placer.place(r)
-            if progress is not None:
-                done_bytes += r.size
-                progress.write(done_bytes, total_bytes)
+        try:
+            for r in placer.pipe.run(files_in):
+                placer.place(r)
+                if progress is not None:
+                    done_bytes += r.size
+                    if feed is not None:
+                        progress.scan(walker.entries, walker.bytes, done_bytes)
+                    else:
+                        progress.write(done_bytes, walker.bytes or 1)
+        finally:
+            if feed is not None:
+                feed.close()
         new_info = writer.finish(commit=False)
     except BaseException:
         writer.abort()
