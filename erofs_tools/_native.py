@@ -15,6 +15,7 @@ The C API itself is documented in csrc/erofs_native.h.
 """
 from __future__ import annotations
 
+import array
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -318,6 +319,24 @@ class NativeBuilder:
         for i, e in enumerate(entries):
             arr[i] = e
         r = lib.erofs_node_set_chunks(self._b, node, chunk_format, arr, n)
+        if r:
+            _raise(self._b, r)
+
+    def set_chunks_many(self, chunk_format: int, nodes: array.array[int],
+                        counts: array.array[int], entries: array.array[int]) -> None:
+        """set_chunks for many nodes in one call: counts[i] entries of nodes[i], back to
+        back in `entries` (arrays of typecodes "I", "I", "Q")."""
+        if (nodes.typecode != "I" or counts.typecode != "I" or entries.typecode != "Q"
+                or nodes.itemsize != 4 or len(nodes) != len(counts)):
+            raise ValueError("set_chunks_many: nodes/counts 'I' arrays of one length, "
+                             "entries a 'Q' array")
+        if not nodes:
+            return
+        n_p = ffi.from_buffer("uint32_t[]", nodes)
+        c_p = ffi.from_buffer("uint32_t[]", counts)
+        e_p = ffi.from_buffer("uint64_t[]", entries) if entries else ffi.NULL
+        r = lib.erofs_nodes_set_chunks(self._b, chunk_format, n_p, c_p, len(nodes), e_p,
+                                       len(entries))
         if r:
             _raise(self._b, r)
 

@@ -23,6 +23,7 @@ writing (put_bytes after layout, set_device, set_sb_blocks).
 """
 from __future__ import annotations
 
+import array
 import gc
 import itertools
 import os
@@ -282,27 +283,69 @@ def _runs(chunks: Iterable[StoredChunk | ChunkRun] | StoredChunk | ChunkRun
             yield c, 1
 
 
-class _ChunkIndexes:
-    """A file's 8-byte chunk indexes as a sized iterable, made one at a time (a run of
-    a million hole chunks is never a list of a million ints)."""
+_FLUSH_ENTRIES = 1 << 20     # chunk indexes handed to the C core at a time (8 MiB)
 
-    def __init__(self, runs: list[tuple[StoredChunk, int]], remap: dict[int, int]) -> None:
-        self.runs = runs            # [(StoredChunk, count)]
-        self.remap = remap
-        self.n = sum(c for _, c in runs)
+def _set_chunk_indexes(nb: NativeBuilder, fmt: int, regular: Iterable[int],
+                       per_node: Mapping[int, NodeChunks], remap: dict[int, int]
+                       ) -> list[StoredChunk]:
+    """Give every regular file its 8-byte chunk indexes (advise = CI index bits 0-15,
+    device_id = blob index + 1 | CI index bits 16-23 << 8, blkaddr = uncompressed offset
+    / 4096), many files per call into the C core, from flat arrays; -> every chunk
+    referenced, once each (the chunk info table's entries)."""
+    used: list[StoredChunk] = []
+    entry_of: dict[int, int] = {}        # id(StoredChunk) -> its index entry
+    nodes, counts, ents = array.array("I"), array.array("I"), array.array("Q")
 
-    def __len__(self) -> int:
-        return self.n
-
-    def __iter__(self) -> Iterator[int]:
-        for sc, count in self.runs:
+    def entry(sc: StoredChunk) -> int:
+        e = entry_of.get(id(sc))
+        if e is None:
             idx = sc.index
-            dev = (self.remap[sc.blob_index] + 1) | (((idx >> 16) & 0xFF) << 8)
-            e = (idx & 0xFFFF) | (dev << 16) | ((sc.uncompressed_offset // BLKSZ) << 32)
-            if count == 1:
-                yield e
-            else:
-                yield from itertools.repeat(e, count)
+            dev = (remap[sc.blob_index] + 1) | (((idx >> 16) & 0xFF) << 8)
+            e = entry_of[id(sc)] = ((idx & 0xFFFF) | (dev << 16)
+                                    | ((sc.uncompressed_offset // BLKSZ) << 32))
+            used.append(sc)
+        return e
+
+    for node in regular:
+        pn = per_node.get(node)
+        nodes.append(node)
+        if pn is None:
+            counts.append(0)
+        elif type(pn) is StoredChunk:
+            ents.append(entry(pn))
+            counts.append(1)
+        else:
+            n = 0
+            for sc, count in _runs(pn):
+                e = entry(sc)
+                if count == 1:
+                    ents.append(e)
+                else:       # a run of hole chunks: C needs them spelled out anyway
+                    ents.extend(itertools.repeat(e, count))
+                n += count
+            counts.append(n)
+        if len(ents) >= _FLUSH_ENTRIES:
+            nb.set_chunks_many(fmt, nodes, counts, ents)
+            nodes, counts, ents = array.array("I"), array.array("I"), array.array("Q")
+    nb.set_chunks_many(fmt, nodes, counts, ents)
+    return used
+
+
+def _chunk_info_table(used: list[StoredChunk], remap: dict[int, int],
+                      file_off: dict[int, int]) -> bytearray:
+    """The chunk info table: one entry per distinct (digest, blob index, CI index),
+    sorted by that key (two StoredChunk objects may name the same chunk)."""
+    def key(sc: StoredChunk) -> tuple[bytes, int, int]:
+        return sc.digest, remap[sc.blob_index], sc.index
+
+    out = bytearray()
+    last = None
+    for sc in sorted(used, key=key):
+        k = key(sc)
+        if k != last:
+            out += sc.chunk_info_bytes(k[1], file_off.get(id(sc), 0))
+            last = k
+    return out
 
 
 class _Stopped(Exception):
@@ -579,15 +622,7 @@ def write_bootstrap(nb: NativeBuilder, walker: TreeInfo | _RafsWalker, bootstrap
     # -- chunk indexes ------------------------------------------------------------------
     chunkbits = opts.chunk_size.bit_length() - 1
     fmt = E.CHUNK_FORMAT_INDEXES | (chunkbits - E.BLKSZ_BITS)
-    cinfo: dict[tuple[bytes, int, int], tuple[StoredChunk, int]] = {}
-    for node in walker.regular:
-        runs = list(_runs(per_node.get(node, ())))
-        for sc, _ in runs:
-            bi = remap[sc.blob_index]
-            k = (sc.digest, bi, sc.index)
-            if k not in cinfo:
-                cinfo[k] = (sc, bi)
-        nb.set_chunks(node, fmt, _ChunkIndexes(runs, remap))
+    referenced = _set_chunk_indexes(nb, fmt, walker.regular, per_node, remap)
 
     # -- tables before the inode area ---------------------------------------------------
     flags = (R.COMPRESSION_FLAGS[opts.compressor] | R.DIGEST_FLAGS[opts.digester]
@@ -608,10 +643,8 @@ def write_bootstrap(nb: NativeBuilder, walker: TreeInfo | _RafsWalker, bootstrap
         raise AssertionError(f"root nid {info.root_nid}, expected {ROOT_NID}")
 
     # -- chunk info table, sorted by (digest, blob_index + 1, index) ---------------------
-    ctable = bytearray()
-    for k in sorted(cinfo):
-        sc, bi = cinfo[k]
-        ctable += sc.chunk_info_bytes(bi, file_off.get(id(sc), 0))
+    ctable = _chunk_info_table(referenced, remap, file_off)
+    del referenced
     ctable_off = info.image_size
     total = round_up(ctable_off + len(ctable), BLKSZ) if ctable else ctable_off
 
@@ -632,7 +665,7 @@ def write_bootstrap(nb: NativeBuilder, walker: TreeInfo | _RafsWalker, bootstrap
         nb.put_bytes(prefetch_off,
                      b"".join(nb.nid(n).to_bytes(4, "little") for n in prefetch_nodes))
     if ctable:
-        nb.put_bytes(ctable_off, bytes(ctable))
+        nb.put_bytes(ctable_off, ctable)
         if nb.refresh_info().image_size != total:
             raise AssertionError("C core placed the chunk info table elsewhere")
     pos = round_up(total, seg)
