@@ -40,8 +40,8 @@ __all__ = ["BLKSZ", "BlobInfo", "BlobMeta", "BlobWriter", "StoredChunk", "read_t
 
 BLKSZ = E.BLKSZ
 CI_ZSTD_LEVEL = 3
-WRITE_BATCH = 4 << 20      # chunks handed to the writer thread in groups of this size
-WRITE_QUEUE_BYTES = 8 << 20    # at most this much queued for the writer thread
+WRITE_BATCH = 2 << 20      # chunks handed to the writer thread in groups of this size
+WRITE_QUEUE_BYTES = 4 << 20    # at most this much queued for the writer thread
 
 
 class StoredChunk:

@@ -189,7 +189,9 @@ class ChunkPipeline:
         self.compressor = compressor if isinstance(compressor, Compressor) \
             else Compressor(compressor)
         self.workers = workers or os.cpu_count() or 1
-        self.window = window or self.workers * 3
+        # two batches per worker: one being worked on, one done and waiting for the
+        # consumer (a third only held memory: ~1 MiB per batch)
+        self.window = window or self.workers * 2
         self._known = known or (lambda key: False)
         self._claims: dict[ChunkKey, _Claim] = {}
         self._lock = threading.Lock()
