@@ -2,10 +2,14 @@
 
 Steps:
 1. Walk SOURCE with the mkfs directory walker into the C node-graph builder; regular
-   files are recorded (path, size, sparse) instead of being given file data.
-2. Chunk, hash and compress every regular file (chunker.ChunkPipeline, parallel, in a
-   deterministic order: prefetch files first, then by path) and append the distinct
-   chunks that no chunk dict holds to a new blob (blob.BlobWriter).
+   files are handed to the chunker (path, size, sparse) instead of being given file
+   data. Without a prefetch list the walk runs on its own thread and the chunker takes
+   each file as the walk meets it (each directory's entries in name order, so the order
+   is the same on every filesystem); with one, the walk ends first and the prefetch
+   files go first, then the rest by path.
+2. Chunk, hash and compress every regular file (chunker.ChunkPipeline, parallel, in
+   that deterministic order) and append the distinct chunks that no chunk dict holds to
+   a new blob (blob.BlobWriter).
 3. Blob list: the chunk-dict blobs that are actually referenced (in dict order) first,
    then the new blob. Every regular file becomes CHUNK_BASED with 8-byte indexes
    (advise = CI index bits 0-15, device_id = blob index + 1 | CI index bits 16-23 << 8,
@@ -27,16 +31,13 @@ import array
 import gc
 import itertools
 import os
-import queue
-import stat
 import struct
-import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from erofs_tools._native import BuildOptions, BytesLike, NativeBuilder
+from erofs_tools._native import BuildOptions, NativeBuilder
 from erofs_tools.builder.blob import BLKSZ, BlobInfo, BlobWriter, StoredChunk
 from erofs_tools.builder.chunk_dict import ChunkDict
 from erofs_tools.builder.chunker import (
@@ -50,7 +51,7 @@ from erofs_tools.builder.chunker import (
 )
 from erofs_tools.builder.mkfs import check_paths
 from erofs_tools.builder.options import MkfsOptions, Progress
-from erofs_tools.builder.tree import TreeWalker
+from erofs_tools.builder.rafs_walk import BootstrapNodes, RafsWalker, WalkFeed
 from erofs_tools.errors import InputError
 from erofs_tools.format import erofs as E
 from erofs_tools.format import rafs as R
@@ -80,96 +81,6 @@ class PackOptions:
         if self.compressor not in COMPRESSORS:
             raise InputError(f"unknown compressor {self.compressor!r} "
                              "(choose zstd, lz4_block or none)")
-
-
-class _FileRec:
-    """A regular file to chunk: its (smallest, for hardlinks) path, size, holes."""
-    __slots__ = ("path", "size", "sparse")
-
-    def __init__(self, path: bytes, size: int, sparse: bool) -> None:
-        self.path = path
-        self.size = size
-        self.sparse = sparse
-
-
-class _RafsBuilder(NativeBuilder):
-    """NativeBuilder whose regular files are recorded for chunking, not copied."""
-
-    def __init__(self, options: BuildOptions | None) -> None:
-        super().__init__(options)
-        self.files: dict[int, _FileRec] = {}          # node -> regular file
-        self.keep_files = True          # False: the walker streams files, none kept
-
-    def set_file(self, node: int, path: BytesLike, offset: int = 0,
-                 sparse: bool = False) -> None:
-        if self.keep_files:
-            p = os.fsencode(path) if isinstance(path, str) else bytes(path)
-            self.files[node] = _FileRec(p, 0, bool(sparse))     # size: set by the walker
-
-
-class _RafsWalker(TreeWalker):
-    """The mkfs walker, remembering regular files, every path's node and hardlinks."""
-
-    def __init__(self, builder: _RafsBuilder, options: MkfsOptions, source: StrPath,
-                 track_paths: bool = False,
-                 on_entry: Callable[[int, int], object] | None = None) -> None:
-        super().__init__(builder, options, on_entry=on_entry)
-        self.src = os.fsencode(source).rstrip(b"/") or b"/"
-        self.track_paths = track_paths   # only the prefetch list needs path -> node
-        self.b: _RafsBuilder = builder
-        self.nodes_by_rel: dict[bytes, int] = {}       # b"a/b" -> node
-        self.regular: set[int] = set()
-        # set: each regular file with data goes here as (node, path, size, sparse)
-        # when the walk meets it (first path of a hardlinked file), instead of b.files
-        self.emit: Callable[[FileItem], None] | None = None
-
-    @property
-    def has_xattrs(self) -> bool:
-        return getattr(self.b, "_xattr_count", 0) > 0
-
-    def _rel(self, path: str | bytes) -> bytes:
-        p = os.fsencode(path)
-        if p == self.src:
-            return b""
-        return p[len(self.src) + 1:] if self.src != b"/" else p[1:]
-
-    def _add(self, path: bytes, st: os.stat_result, rel: bytes = b"") -> int:
-        node = super()._add(path, st, rel)
-        if self.track_paths:
-            self.nodes_by_rel[self._rel(path)] = node
-        if st.st_mode & 0o170000 == stat.S_IFREG:
-            self.regular.add(node)
-            if self.emit is not None:
-                size = st.st_size
-                if size:
-                    self.emit((node, path, size, st.st_blocks * 512 < size))
-                return node
-            rec = self.b.files.get(node)
-            if rec is None:
-                self.b.files[node] = _FileRec(os.fsencode(path), st.st_size, False)
-            else:
-                rec.size = st.st_size
-        return node
-
-    def _link(self, dnode: int, name: bytes, node: int, path: bytes) -> None:
-        super()._link(dnode, name, node, path)
-        if self.track_paths:
-            self.nodes_by_rel[self._rel(path)] = node
-        if self.emit is not None:
-            return              # streamed already, under the path met first
-        p = os.fsencode(path)
-        rec = self.b.files.get(node)
-        if rec is not None and p < rec.path:
-            rec.path = p         # order hardlinked files by their smallest path
-
-
-class BootstrapNodes(_RafsBuilder):
-    """The node graph of a RAFS v6 bootstrap (the C builder), counting xattrs so that
-    write_bootstrap can set the HAS_XATTR flag."""
-
-    def add_xattr(self, node: int, name: BytesLike, value: BytesLike) -> None:
-        super().add_xattr(node, name, value)
-        self._xattr_count = getattr(self, "_xattr_count", 0) + 1
 
 
 @dataclass
@@ -215,7 +126,7 @@ def normalize_prefetch(paths: Iterable[str | bytes] | None) -> list[bytes]:
     return out
 
 
-def _prefetch_order(walker: _RafsWalker, prefetch: list[bytes]) -> tuple[list[int], list[int]]:
+def _prefetch_order(walker: RafsWalker, prefetch: list[bytes]) -> tuple[list[int], list[int]]:
     """-> (nodes for the prefetch table, regular nodes in prefetch order)."""
     table: list[int] = []
     files: list[int] = []
@@ -348,72 +259,6 @@ def _chunk_info_table(used: list[StoredChunk], remap: dict[int, int],
     return out
 
 
-class _Stopped(Exception):
-    """The consumer of a _WalkFeed gave up: the walk thread ends here."""
-
-
-class _WalkFeed:
-    """The directory walk on its own thread, handing regular files to the chunker as it
-    meets them, so chunking (and writing the blob) overlaps the walk.
-
-    The walk visits each directory's entries in name order (TreeWalker.sort_entries), so
-    the file order, hence the blob, is the same whatever the filesystem's readdir order.
-    The walker only calls the node-graph builder; the consumer does not touch it until
-    `close()` has joined the thread.
-    """
-    GROUP = 64          # files handed over at a time (fewer queue operations)
-
-    def __init__(self, walker: _RafsWalker, source: str) -> None:
-        self.walker = walker
-        self.source = source
-        self._q: queue.SimpleQueue[list[FileItem] | BaseException | None] = \
-            queue.SimpleQueue()
-        self._group: list[FileItem] = []
-        self._stop = False
-        walker.sort_entries = True
-        walker.b.keep_files = False
-        walker.emit = self._emit
-        walker.on_entry = self._check
-        self._thread = threading.Thread(target=self._walk, name="erofs-pack-walk",
-                                        daemon=True)
-        self._thread.start()
-
-    def _check(self, entries: int, nbytes: int) -> None:
-        if self._stop:
-            raise _Stopped
-
-    def _emit(self, item: FileItem) -> None:
-        g = self._group
-        g.append(item)
-        if len(g) >= self.GROUP:
-            self._q.put(g)
-            self._group = []
-
-    def _walk(self) -> None:
-        try:
-            self.walker.walk(self.source)
-            if self._group:
-                self._q.put(self._group)
-            self._q.put(None)
-        except BaseException as e:      # raised again in the consumer's thread
-            self._q.put(e)
-
-    def files(self) -> Iterator[FileItem]:
-        """Regular files in walk order; raises what the walk raised."""
-        while True:
-            g = self._q.get()
-            if g is None:
-                return
-            if isinstance(g, BaseException):
-                raise g
-            yield from g
-
-    def close(self) -> None:
-        """Stop the walk (if still going) and wait for its thread."""
-        self._stop = True
-        self._thread.join()
-
-
 def pack(source: StrPath, bootstrap: StrPath, blob_dir: StrPath,
          opts: PackOptions | None = None, progress: Progress | None = None) -> PackResult:
     """Build BOOTSTRAP and one blob in BLOB_DIR from directory SOURCE; -> summary dict.
@@ -524,9 +369,9 @@ def _pack(source: str, bootstrap: str, blob_dir: str, opts: PackOptions | None,
     # one). Without chunk dicts (or when all dict blobs are used) this is exactly the
     # nydus-image layout; otherwise a few zero bytes stay between tables and inodes.
     nb = bootstrap_nodes(len(cdict.blobs) + 1, len(prefetch), ts)
-    walker = _RafsWalker(nb, mk, source, track_paths=bool(prefetch),
+    walker = RafsWalker(nb, mk, source, track_paths=bool(prefetch),
                          on_entry=progress.scan if progress is not None else None)
-    feed: _WalkFeed | None = None
+    feed: WalkFeed | None = None
     files_in: Iterable[FileItem]
     if prefetch:
         # prefetch files go first: the whole tree must be known before chunking
@@ -540,7 +385,7 @@ def _pack(source: str, bootstrap: str, blob_dir: str, opts: PackOptions | None,
     else:
         # chunked in walk order while the walk goes on
         prefetch_nodes = []
-        feed = _WalkFeed(walker, source)
+        feed = WalkFeed(walker, source)
         files_in = feed.files()
 
     # -- chunking ---------------------------------------------------------------------
@@ -589,7 +434,7 @@ def layout_constants(nblobs: int, nprefetch: int) -> tuple[int, int, int]:
     return blob_off, prefetch_off, meta_addr
 
 
-def write_bootstrap(nb: NativeBuilder, walker: TreeInfo | _RafsWalker, bootstrap: str,
+def write_bootstrap(nb: NativeBuilder, walker: TreeInfo | RafsWalker, bootstrap: str,
                     opts: PackOptions, cdict: ChunkDict | None, new_info: BlobInfo | None,
                     per_node: Mapping[int, NodeChunks], file_off: dict[int, int],
                     prefetch_nodes: Sequence[int], ts: int | None,
