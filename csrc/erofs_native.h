@@ -13,7 +13,8 @@
  *   erofs_dir_add(b, dir, name, namelen, child)       (a node under two names = hardlink)
  *   erofs_node_set_file(b, n, path, pathlen, offset, flags)  (data copied at write time)
  *   erofs_node_set_bytes(b, n, data, len)             (symlink target, small data)
- *   erofs_node_set_chunks(b, n, format, entries, count) (caller's chunk indexes, RAFS)
+ *   erofs_node_set_chunks(b, n, format, entries, count) (caller's chunk indexes, RAFS;
+ *   erofs_nodes_set_chunks: many nodes in one call)
  *   erofs_builder_set_root(b, n); erofs_builder_layout(b, &info);
  *   erofs_node_nid(b, n); erofs_builder_write(b, fd) or write_begin/write_step/write_end
  * Every function returning int returns ERN_OK (0) or a negative ERN_* code; the message
@@ -128,6 +129,10 @@ int erofs_node_set_file(erofs_builder *b, uint32_t node, const char *path, size_
 int erofs_node_set_bytes(erofs_builder *b, uint32_t node, const char *data, size_t len);
 int erofs_node_set_chunks(erofs_builder *b, uint32_t node, uint32_t chunk_format,
                           const uint64_t *entries, uint32_t count);
+/* the same for n nodes at once: counts[i] entries of nodes[i], back to back in entries */
+int erofs_nodes_set_chunks(erofs_builder *b, uint32_t chunk_format, const uint32_t *nodes,
+                           const uint32_t *counts, uint32_t n, const uint64_t *entries,
+                           uint64_t nentries);
 /* compressed images (--compress-hints), before erofs_node_set_file: this file's pcluster
  * size (0: store it uncompressed) and algorithm (index in the -z list) */
 int erofs_node_set_zhint(erofs_builder *b, uint32_t node, uint32_t pcluster_size,

@@ -509,6 +509,29 @@ int erofs_node_set_chunks(erofs_builder *b, uint32_t node, uint32_t chunk_format
     return 0;
 }
 
+int erofs_nodes_set_chunks(erofs_builder *b, uint32_t chunk_format, const uint32_t *nodes,
+                           const uint32_t *counts, uint32_t n, const uint64_t *entries,
+                           uint64_t nentries)
+{
+    /* one call for many files (a pack's 48k files: one Python-to-C crossing, not 48k);
+     * the counts are checked against the entries before any node is touched */
+    uint64_t at = 0;
+    for (uint32_t i = 0; i < n; i++)
+        at += counts[i];
+    if (at != nentries)
+        return fail(b, ERN_EINVAL, "%llu chunk entries given, the counts of %u nodes "
+                    "add up to %llu", (unsigned long long)nentries, n,
+                    (unsigned long long)at);
+    at = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        int r = erofs_node_set_chunks(b, nodes[i], chunk_format, entries + at, counts[i]);
+        if (r)
+            return r;
+        at += counts[i];
+    }
+    return 0;
+}
+
 int erofs_builder_set_root(erofs_builder *b, uint32_t node)
 {
     int r = check_mutable(b);

@@ -15,6 +15,7 @@ The C API itself is documented in csrc/erofs_native.h.
 """
 from __future__ import annotations
 
+import array
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -320,6 +321,21 @@ class NativeBuilder:
         r = lib.erofs_node_set_chunks(self._b, node, chunk_format, arr, n)
         if r:
             _raise(self._b, r)
+
+    def set_chunks_many(self, chunk_format: int, nodes: array.array[int],
+                        counts: array.array[int], entries: array.array[int]) -> None:
+        """set_chunks for many nodes at once: counts[i] entries of nodes[i], back to back
+        in `entries` (array typecodes "I", "I", "Q"; "I" is 4 bytes on Linux)."""
+        if (nodes.typecode, counts.typecode, entries.typecode) != ("I", "I", "Q") \
+                or nodes.itemsize != 4 or len(nodes) != len(counts):
+            raise ValueError("set_chunks_many: two 'I' arrays of one length, a 'Q' array")
+        if nodes:
+            e_p = ffi.from_buffer("uint64_t[]", entries) if entries else ffi.NULL
+            r = lib.erofs_nodes_set_chunks(
+                self._b, chunk_format, ffi.from_buffer("uint32_t[]", nodes),
+                ffi.from_buffer("uint32_t[]", counts), len(nodes), e_p, len(entries))
+            if r:
+                _raise(self._b, r)
 
     def set_root(self, node: int) -> None:
         r = lib.erofs_builder_set_root(self._b, node)

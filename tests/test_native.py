@@ -1,6 +1,7 @@
 """The C core through erofs_tools._native: crc32c, argument checks, layout rules, and a
 RAFS-shaped image (reserved area, root nid 128, device table at slot 11, chunk-based
 files on an extra device) mounted by the kernel."""
+import array
 import os
 import stat
 import struct
@@ -231,6 +232,50 @@ def test_chunk_holes_read_as_zero(tmp_path):
     fsck(img)
     with mounted(img) as mnt:
         assert open(os.path.join(mnt, "holes"), "rb").read() == bytes(3 * 4096)
+
+
+def test_set_chunks_many_same_image_as_one_by_one(tmp_path):
+    """set_chunks_many (pack's one call for every file) writes the image set_chunks
+    writes node by node, and refuses entries that do not add up."""
+    sizes = [0, 3 * 4096, 4096, 1, 2 * 4096 + 5]
+    per = [[0xFFFFFFFF] * -(-n // 4096) for n in sizes]     # block map, every chunk a hole
+
+    def build(many):
+        b = NativeBuilder(BuildOptions(build_time=0, uuid=bytes(16)))
+        root = b.add_node(DIR)
+        b.set_root(root)
+        nodes = [b.add_node(REG, size=n) for n in sizes]
+        for i, f in enumerate(nodes):
+            b.add_child(root, b"f%d" % i, f)
+        if many:
+            b.set_chunks_many(0, array.array("I", nodes),
+                              array.array("I", [len(e) for e in per]),
+                              array.array("Q", [x for e in per for x in e]))
+        else:
+            for f, e in zip(nodes, per):
+                b.set_chunks(f, 0, e)
+        img = tmp_path / f"many{int(many)}.img"
+        _write(b, img)
+        return b, nodes, img.read_bytes()
+
+    _, _, one = build(False)
+    b, nodes, many = build(True)
+    assert many == one
+    fsck(tmp_path / "many1.img")
+    b = NativeBuilder(BuildOptions(build_time=0))
+    f = b.add_node(REG, size=2 * 4096)
+    with pytest.raises(NativeError, match="add up to 2"):
+        b.set_chunks_many(0, array.array("I", [f]), array.array("I", [2]),
+                          array.array("Q", [0xFFFFFFFF]))
+    with pytest.raises(NativeError, match="add up to 2"):
+        b.set_chunks_many(0, array.array("I", [f]), array.array("I", [2]),
+                          array.array("Q", [0xFFFFFFFF] * 3))
+    with pytest.raises(NativeError, match="needed"):
+        b.set_chunks_many(0, array.array("I", [f]), array.array("I", [1]),
+                          array.array("Q", [0xFFFFFFFF]))
+    with pytest.raises(ValueError):
+        b.set_chunks_many(0, array.array("I", [f]), array.array("I", [2]),
+                          array.array("L", [0xFFFFFFFF] * 2))
 
 
 def test_write_errors_name_the_path(tmp_path):

@@ -382,6 +382,66 @@ def test_prefetch_table_and_blob_order(tmp_path):
     mount_and_compare(tmp_path / "boot", blobs, src, tmp_path)
 
 
+# --- the walk on its own thread ------------------------------------------------------------
+
+def _many_files(root, n=300):
+    for i in range(n):
+        d = root / f"d{i % 7}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"f{i}").write_bytes(hashlib.sha256(b"%d" % i).digest() * (1 + i % 50))
+
+
+def _walk_threads():
+    import threading
+    return [t for t in threading.enumerate() if t.name == "erofs-pack-walk"]
+
+
+@pytest.mark.parametrize("where", ["walk", "chunking"])
+def test_walk_thread_failure_and_stop(tmp_path, monkeypatch, where):
+    """An error in the walk (its own thread) reaches the caller; an error while chunking
+    stops the walk. Either way the thread is gone and nothing is left behind."""
+    from erofs_tools.builder import rafs as RP
+    from erofs_tools.builder.tree import TreeWalker
+    from erofs_tools.errors import InputError
+    src = tmp_path / "src"
+    _many_files(src)
+    if where == "walk":
+        orig = TreeWalker._xattrs
+
+        def bad(self, path, node):
+            if path.endswith(b"/f150"):
+                raise InputError(f"{os.fsdecode(path)}: planted walk error")
+            return orig(self, path, node)
+        monkeypatch.setattr(TreeWalker, "_xattrs", bad)
+    else:
+        orig_place = RP.ChunkPlacer.place
+
+        def place(self, r):
+            if self.stats["chunks_total"] == 20:
+                raise InputError("planted chunking error")
+            return orig_place(self, r)
+        monkeypatch.setattr(RP.ChunkPlacer, "place", place)
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(InputError, match="planted"):
+        pack(src, out / "boot", out / "blobs", PackOptions(chunk_size=4096))
+    assert not _walk_threads()
+    assert os.listdir(out / "blobs") == [] and os.listdir(out) == ["blobs"]
+
+
+def test_walk_order_is_name_order_per_directory(tmp_path):
+    """Without a prefetch list the blob follows the walk: each directory's files in name
+    order (whatever order they were created in)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    names = ["c", "a", "b"]
+    for n in names:
+        (src / n).write_bytes(n.encode() * 5000)
+    boot, blobs, r = do_pack(src, tmp_path, compressor="none", chunk_size=4096)
+    blob = open(blobs / r["blob_id"], "rb").read()
+    assert blob[:15000] == b"a" * 5000 + b"b" * 5000 + b"c" * 5000
+
+
 # --- bad input ------------------------------------------------------------------------------
 
 def _only_expected(d, allowed):

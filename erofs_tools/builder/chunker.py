@@ -189,7 +189,9 @@ class ChunkPipeline:
         self.compressor = compressor if isinstance(compressor, Compressor) \
             else Compressor(compressor)
         self.workers = workers or os.cpu_count() or 1
-        self.window = window or self.workers * 3
+        # two batches per worker: one being worked on, one done and waiting for the
+        # consumer (a third only held memory: ~1 MiB per batch)
+        self.window = window or self.workers * 2
         self._known = known or (lambda key: False)
         self._claims: dict[ChunkKey, _Claim] = {}
         self._lock = threading.Lock()
@@ -218,6 +220,12 @@ class ChunkPipeline:
                 return None, c
             c = self._claims[key] = _Claim(seq)
             return c, c
+
+    def release(self, key: ChunkKey) -> None:
+        """The consumer stored `key` (its `known` now says so): drop its claim, so that
+        claims do not pile up one per distinct chunk. A worker racing with this may claim
+        the key again and compress it once more; the consumer finds it stored."""
+        self._claims.pop(key, None)
 
     def _store(self, mine: _Claim, data: bytes) -> None:
         mine.data = self.compressor.compress(data)

@@ -2,10 +2,14 @@
 
 Steps:
 1. Walk SOURCE with the mkfs directory walker into the C node-graph builder; regular
-   files are recorded (path, size, sparse) instead of being given file data.
-2. Chunk, hash and compress every regular file (chunker.ChunkPipeline, parallel, in a
-   deterministic order: prefetch files first, then by path) and append the distinct
-   chunks that no chunk dict holds to a new blob (blob.BlobWriter).
+   files are handed to the chunker (path, size, sparse) instead of being given file
+   data. Without a prefetch list the walk runs on its own thread and the chunker takes
+   each file as the walk meets it (each directory's entries in name order, so the order
+   is the same on every filesystem); with one, the walk ends first and the prefetch
+   files go first, then the rest by path.
+2. Chunk, hash and compress every regular file (chunker.ChunkPipeline, parallel, in
+   that deterministic order) and append the distinct chunks that no chunk dict holds to
+   a new blob (blob.BlobWriter).
 3. Blob list: the chunk-dict blobs that are actually referenced (in dict order) first,
    then the new blob. Every regular file becomes CHUNK_BASED with 8-byte indexes
    (advise = CI index bits 0-15, device_id = blob index + 1 | CI index bits 16-23 << 8,
@@ -23,17 +27,17 @@ writing (put_bytes after layout, set_device, set_sb_blocks).
 """
 from __future__ import annotations
 
+import array
 import gc
 import itertools
 import os
-import stat
 import struct
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from erofs_tools._native import BuildOptions, BytesLike, NativeBuilder
+from erofs_tools._native import BuildOptions, NativeBuilder
 from erofs_tools.builder.blob import BLKSZ, BlobInfo, BlobWriter, StoredChunk
 from erofs_tools.builder.chunk_dict import ChunkDict
 from erofs_tools.builder.chunker import (
@@ -42,11 +46,12 @@ from erofs_tools.builder.chunker import (
     ChunkKey,
     ChunkPipeline,
     ChunkResult,
+    FileItem,
     check_chunk_size,
 )
 from erofs_tools.builder.mkfs import check_paths
 from erofs_tools.builder.options import MkfsOptions, Progress
-from erofs_tools.builder.tree import TreeWalker
+from erofs_tools.builder.rafs_walk import BootstrapNodes, RafsWalker, WalkFeed
 from erofs_tools.errors import InputError
 from erofs_tools.format import erofs as E
 from erofs_tools.format import rafs as R
@@ -76,84 +81,6 @@ class PackOptions:
         if self.compressor not in COMPRESSORS:
             raise InputError(f"unknown compressor {self.compressor!r} "
                              "(choose zstd, lz4_block or none)")
-
-
-class _FileRec:
-    """A regular file to chunk: its (smallest, for hardlinks) path, size, holes."""
-    __slots__ = ("path", "size", "sparse")
-
-    def __init__(self, path: bytes, size: int, sparse: bool) -> None:
-        self.path = path
-        self.size = size
-        self.sparse = sparse
-
-
-class _RafsBuilder(NativeBuilder):
-    """NativeBuilder whose regular files are recorded for chunking, not copied."""
-
-    def __init__(self, options: BuildOptions | None) -> None:
-        super().__init__(options)
-        self.files: dict[int, _FileRec] = {}          # node -> regular file
-
-    def set_file(self, node: int, path: BytesLike, offset: int = 0,
-                 sparse: bool = False) -> None:
-        p = os.fsencode(path) if isinstance(path, str) else bytes(path)
-        self.files[node] = _FileRec(p, 0, bool(sparse))     # size: set by the walker
-
-
-class _RafsWalker(TreeWalker):
-    """The mkfs walker, remembering regular files, every path's node and hardlinks."""
-
-    def __init__(self, builder: _RafsBuilder, options: MkfsOptions, source: StrPath,
-                 track_paths: bool = False,
-                 on_entry: Callable[[int, int], object] | None = None) -> None:
-        super().__init__(builder, options, on_entry=on_entry)
-        self.src = os.fsencode(source).rstrip(b"/") or b"/"
-        self.track_paths = track_paths   # only the prefetch list needs path -> node
-        self.b: _RafsBuilder = builder
-        self.nodes_by_rel: dict[bytes, int] = {}       # b"a/b" -> node
-        self.regular: set[int] = set()
-
-    @property
-    def has_xattrs(self) -> bool:
-        return getattr(self.b, "_xattr_count", 0) > 0
-
-    def _rel(self, path: str | bytes) -> bytes:
-        p = os.fsencode(path)
-        if p == self.src:
-            return b""
-        return p[len(self.src) + 1:] if self.src != b"/" else p[1:]
-
-    def _add(self, path: bytes, st: os.stat_result, rel: bytes = b"") -> int:
-        node = super()._add(path, st, rel)
-        if self.track_paths:
-            self.nodes_by_rel[self._rel(path)] = node
-        if st.st_mode & 0o170000 == stat.S_IFREG:
-            self.regular.add(node)
-            rec = self.b.files.get(node)
-            if rec is None:
-                self.b.files[node] = _FileRec(os.fsencode(path), st.st_size, False)
-            else:
-                rec.size = st.st_size
-        return node
-
-    def _link(self, dnode: int, name: bytes, node: int, path: bytes) -> None:
-        super()._link(dnode, name, node, path)
-        if self.track_paths:
-            self.nodes_by_rel[self._rel(path)] = node
-        p = os.fsencode(path)
-        rec = self.b.files.get(node)
-        if rec is not None and p < rec.path:
-            rec.path = p         # order hardlinked files by their smallest path
-
-
-class BootstrapNodes(_RafsBuilder):
-    """The node graph of a RAFS v6 bootstrap (the C builder), counting xattrs so that
-    write_bootstrap can set the HAS_XATTR flag."""
-
-    def add_xattr(self, node: int, name: BytesLike, value: BytesLike) -> None:
-        super().add_xattr(node, name, value)
-        self._xattr_count = getattr(self, "_xattr_count", 0) + 1
 
 
 @dataclass
@@ -199,7 +126,7 @@ def normalize_prefetch(paths: Iterable[str | bytes] | None) -> list[bytes]:
     return out
 
 
-def _prefetch_order(walker: _RafsWalker, prefetch: list[bytes]) -> tuple[list[int], list[int]]:
+def _prefetch_order(walker: RafsWalker, prefetch: list[bytes]) -> tuple[list[int], list[int]]:
     """-> (nodes for the prefetch table, regular nodes in prefetch order)."""
     table: list[int] = []
     files: list[int] = []
@@ -245,10 +172,21 @@ class ChunkRun:
 
 
 FileChunks = list[StoredChunk | ChunkRun]     # a file's chunks in file order
+# what a node maps to: its chunk list, or (most files: one chunk) the one item itself,
+# which saves a list per file (~90 bytes x 48k files of /usr/share)
+NodeChunks = FileChunks | StoredChunk | ChunkRun
 
 
-def _runs(chunks: Iterable[StoredChunk | ChunkRun]) -> Iterator[tuple[StoredChunk, int]]:
-    """(StoredChunk, count) of a file's chunk list, which may hold ChunkRuns."""
+def _runs(chunks: Iterable[StoredChunk | ChunkRun] | StoredChunk | ChunkRun
+          ) -> Iterator[tuple[StoredChunk, int]]:
+    """(StoredChunk, count) of a file's chunks: a list which may hold ChunkRuns, or one
+    StoredChunk or ChunkRun alone."""
+    if isinstance(chunks, StoredChunk):
+        yield chunks, 1
+        return
+    if isinstance(chunks, ChunkRun):
+        yield chunks.chunk, chunks.count
+        return
     for c in chunks:
         if isinstance(c, ChunkRun):
             yield c.chunk, c.count
@@ -256,27 +194,69 @@ def _runs(chunks: Iterable[StoredChunk | ChunkRun]) -> Iterator[tuple[StoredChun
             yield c, 1
 
 
-class _ChunkIndexes:
-    """A file's 8-byte chunk indexes as a sized iterable, made one at a time (a run of
-    a million hole chunks is never a list of a million ints)."""
+_FLUSH_ENTRIES = 1 << 20     # chunk indexes handed to the C core at a time (8 MiB)
 
-    def __init__(self, runs: list[tuple[StoredChunk, int]], remap: dict[int, int]) -> None:
-        self.runs = runs            # [(StoredChunk, count)]
-        self.remap = remap
-        self.n = sum(c for _, c in runs)
+def _set_chunk_indexes(nb: NativeBuilder, fmt: int, regular: Iterable[int],
+                       per_node: Mapping[int, NodeChunks], remap: dict[int, int]
+                       ) -> list[StoredChunk]:
+    """Give every regular file its 8-byte chunk indexes (advise = CI index bits 0-15,
+    device_id = blob index + 1 | CI index bits 16-23 << 8, blkaddr = uncompressed offset
+    / 4096), many files per call into the C core, from flat arrays; -> every chunk
+    referenced, once each (the chunk info table's entries)."""
+    used: list[StoredChunk] = []
+    entry_of: dict[int, int] = {}        # id(StoredChunk) -> its index entry
+    nodes, counts, ents = array.array("I"), array.array("I"), array.array("Q")
 
-    def __len__(self) -> int:
-        return self.n
-
-    def __iter__(self) -> Iterator[int]:
-        for sc, count in self.runs:
+    def entry(sc: StoredChunk) -> int:
+        e = entry_of.get(id(sc))
+        if e is None:
             idx = sc.index
-            dev = (self.remap[sc.blob_index] + 1) | (((idx >> 16) & 0xFF) << 8)
-            e = (idx & 0xFFFF) | (dev << 16) | ((sc.uncompressed_offset // BLKSZ) << 32)
-            if count == 1:
-                yield e
-            else:
-                yield from itertools.repeat(e, count)
+            dev = (remap[sc.blob_index] + 1) | (((idx >> 16) & 0xFF) << 8)
+            e = entry_of[id(sc)] = ((idx & 0xFFFF) | (dev << 16)
+                                    | ((sc.uncompressed_offset // BLKSZ) << 32))
+            used.append(sc)
+        return e
+
+    for node in regular:
+        pn = per_node.get(node)
+        nodes.append(node)
+        if pn is None:
+            counts.append(0)
+        elif type(pn) is StoredChunk:
+            ents.append(entry(pn))
+            counts.append(1)
+        else:
+            n = 0
+            for sc, count in _runs(pn):
+                e = entry(sc)
+                if count == 1:
+                    ents.append(e)
+                else:       # a run of hole chunks: C needs them spelled out anyway
+                    ents.extend(itertools.repeat(e, count))
+                n += count
+            counts.append(n)
+        if len(ents) >= _FLUSH_ENTRIES:
+            nb.set_chunks_many(fmt, nodes, counts, ents)
+            nodes, counts, ents = array.array("I"), array.array("I"), array.array("Q")
+    nb.set_chunks_many(fmt, nodes, counts, ents)
+    return used
+
+
+def _chunk_info_table(used: list[StoredChunk], remap: dict[int, int],
+                      file_off: dict[int, int]) -> bytearray:
+    """The chunk info table: one entry per distinct (digest, blob index, CI index),
+    sorted by that key (two StoredChunk objects may name the same chunk)."""
+    def key(sc: StoredChunk) -> tuple[bytes, int, int]:
+        return sc.digest, remap[sc.blob_index], sc.index
+
+    out = bytearray()
+    last = None
+    for sc in sorted(used, key=key):
+        k = key(sc)
+        if k != last:
+            out += sc.chunk_info_bytes(k[1], file_off.get(id(sc), 0))
+            last = k
+    return out
 
 
 def pack(source: StrPath, bootstrap: StrPath, blob_dir: StrPath,
@@ -308,8 +288,9 @@ class ChunkPlacer:
         self.writer = BlobWriter(blob_dir, opts.chunk_size, opts.compressor, opts.digester,
                                  blob_index=-1)     # placeholder index, remapped at write
         self.stored: dict[ChunkKey, StoredChunk] = {}      # the new blob's chunks
-        self.per_file: dict[int, FileChunks] = {}          # file key -> its chunks
-        self.file_off: dict[int, int] = {}                 # id(StoredChunk) -> file offset
+        self.per_file: dict[int, NodeChunks] = {}          # file key -> its chunks
+        # id(StoredChunk) -> file offset of its first use, when not 0 (most are 0)
+        self.file_off: dict[int, int] = {}
         self.stats = {"chunks_total": 0, "chunks_new": 0, "chunks_dedup": 0,
                       "chunks_dict": 0, "bytes_total": 0, "bytes_new": 0, "bytes_dict": 0,
                       "bytes_dedup": 0}
@@ -336,12 +317,18 @@ class ChunkPlacer:
             if sc is not None:
                 st["chunks_dict"] += 1
                 st["bytes_dict"] += r.size
+                # met again and again (never in `stored`): the first use's offset wins
+                self.file_off.setdefault(id(sc), r.file_offset)
             else:
+                key = r.key
                 sc = self.writer.add_chunk(r.stored_bytes(), r.size, r.digest)
-                self.stored[r.key] = sc
+                self.stored[key] = sc
+                # stored now answers `known`: the pipeline's claim is no longer needed
+                self.pipe.release(key)
                 st["chunks_new"] += 1
                 st["bytes_new"] += r.size
-            self.file_off.setdefault(id(sc), r.file_offset)
+                if r.file_offset:       # its first use; absent means 0
+                    self.file_off[id(sc)] = r.file_offset
         item: StoredChunk | ChunkRun = sc
         if r.repeat > 1:
             more = r.repeat - 1
@@ -350,7 +337,14 @@ class ChunkPlacer:
             st["bytes_total"] += more * r.size
             st["bytes_dedup"] += more * r.size
             item = ChunkRun(sc, r.repeat)
-        self.per_file.setdefault(r.file_key, []).append(item)
+        pf = self.per_file
+        cur = pf.get(r.file_key)
+        if cur is None:
+            pf[r.file_key] = item
+        elif type(cur) is list:
+            cur.append(item)
+        else:
+            pf[r.file_key] = [cur, item]       # type: ignore[list-item]
         return sc
 
 
@@ -375,27 +369,42 @@ def _pack(source: str, bootstrap: str, blob_dir: str, opts: PackOptions | None,
     # one). Without chunk dicts (or when all dict blobs are used) this is exactly the
     # nydus-image layout; otherwise a few zero bytes stay between tables and inodes.
     nb = bootstrap_nodes(len(cdict.blobs) + 1, len(prefetch), ts)
-    walker = _RafsWalker(nb, mk, source, track_paths=bool(prefetch),
+    walker = RafsWalker(nb, mk, source, track_paths=bool(prefetch),
                          on_entry=progress.scan if progress is not None else None)
-    walker.walk(source)
-    prefetch_nodes, prefetch_files = _prefetch_order(walker, prefetch)
+    feed: WalkFeed | None = None
+    files_in: Iterable[FileItem]
+    if prefetch:
+        # prefetch files go first: the whole tree must be known before chunking
+        walker.walk(source)
+        prefetch_nodes, prefetch_files = _prefetch_order(walker, prefetch)
+        files = nb.files
+        first = set(prefetch_files)
+        order = prefetch_files + sorted((n for n in files if n not in first),
+                                        key=lambda n: files[n].path)
+        files_in = ((n, files[n].path, files[n].size, files[n].sparse) for n in order)
+    else:
+        # chunked in walk order while the walk goes on
+        prefetch_nodes = []
+        feed = WalkFeed(walker, source)
+        files_in = feed.files()
 
     # -- chunking ---------------------------------------------------------------------
-    files = nb.files
-    first = set(prefetch_files)
-    order = prefetch_files + sorted((n for n in files if n not in first),
-                                    key=lambda n: files[n].path)
     placer = ChunkPlacer(opts, blob_dir, cdict)
     writer = placer.writer
-    total_bytes = sum(files[n].size for n in order) or 1
     done_bytes = 0
     try:
-        for r in placer.pipe.run((n, files[n].path, files[n].size, files[n].sparse)
-                                 for n in order):
-            placer.place(r)
-            if progress is not None:
-                done_bytes += r.size
-                progress.write(done_bytes, total_bytes)
+        try:
+            for r in placer.pipe.run(files_in):
+                placer.place(r)
+                if progress is not None:
+                    done_bytes += r.size
+                    if feed is not None:
+                        progress.scan(walker.entries, walker.bytes, done_bytes)
+                    else:
+                        progress.write(done_bytes, walker.bytes or 1)
+        finally:
+            if feed is not None:
+                feed.close()
         new_info = writer.finish(commit=False)
     except BaseException:
         writer.abort()
@@ -425,9 +434,9 @@ def layout_constants(nblobs: int, nprefetch: int) -> tuple[int, int, int]:
     return blob_off, prefetch_off, meta_addr
 
 
-def write_bootstrap(nb: NativeBuilder, walker: TreeInfo | _RafsWalker, bootstrap: str,
+def write_bootstrap(nb: NativeBuilder, walker: TreeInfo | RafsWalker, bootstrap: str,
                     opts: PackOptions, cdict: ChunkDict | None, new_info: BlobInfo | None,
-                    per_node: dict[int, FileChunks], file_off: dict[int, int],
+                    per_node: Mapping[int, NodeChunks], file_off: dict[int, int],
                     prefetch_nodes: Sequence[int], ts: int | None,
                     blob_list: Sequence[BlobInfo] | None = None) -> PackResult:
     """Lay out and write the RAFS v6 bootstrap for the node graph `nb` (from
@@ -458,15 +467,7 @@ def write_bootstrap(nb: NativeBuilder, walker: TreeInfo | _RafsWalker, bootstrap
     # -- chunk indexes ------------------------------------------------------------------
     chunkbits = opts.chunk_size.bit_length() - 1
     fmt = E.CHUNK_FORMAT_INDEXES | (chunkbits - E.BLKSZ_BITS)
-    cinfo: dict[tuple[bytes, int, int], tuple[StoredChunk, int]] = {}
-    for node in walker.regular:
-        runs = list(_runs(per_node.get(node, ())))
-        for sc, _ in runs:
-            bi = remap[sc.blob_index]
-            k = (sc.digest, bi, sc.index)
-            if k not in cinfo:
-                cinfo[k] = (sc, bi)
-        nb.set_chunks(node, fmt, _ChunkIndexes(runs, remap))
+    referenced = _set_chunk_indexes(nb, fmt, walker.regular, per_node, remap)
 
     # -- tables before the inode area ---------------------------------------------------
     flags = (R.COMPRESSION_FLAGS[opts.compressor] | R.DIGEST_FLAGS[opts.digester]
@@ -487,10 +488,8 @@ def write_bootstrap(nb: NativeBuilder, walker: TreeInfo | _RafsWalker, bootstrap
         raise AssertionError(f"root nid {info.root_nid}, expected {ROOT_NID}")
 
     # -- chunk info table, sorted by (digest, blob_index + 1, index) ---------------------
-    ctable = bytearray()
-    for k in sorted(cinfo):
-        sc, bi = cinfo[k]
-        ctable += sc.chunk_info_bytes(bi, file_off.get(id(sc), 0))
+    ctable = _chunk_info_table(referenced, remap, file_off)
+    del referenced
     ctable_off = info.image_size
     total = round_up(ctable_off + len(ctable), BLKSZ) if ctable else ctable_off
 
@@ -511,7 +510,7 @@ def write_bootstrap(nb: NativeBuilder, walker: TreeInfo | _RafsWalker, bootstrap
         nb.put_bytes(prefetch_off,
                      b"".join(nb.nid(n).to_bytes(4, "little") for n in prefetch_nodes))
     if ctable:
-        nb.put_bytes(ctable_off, bytes(ctable))
+        nb.put_bytes(ctable_off, ctable)
         if nb.refresh_info().image_size != total:
             raise AssertionError("C core placed the chunk info table elsewhere")
     pos = round_up(total, seg)

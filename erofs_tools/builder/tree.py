@@ -44,6 +44,10 @@ def _with_path(e: ErofsToolsError, path: str | bytes) -> ErofsToolsError:
     return type(e)(f"{shown_path(path)}: {e}")
 
 
+def _entry_name(ent: os.DirEntry[bytes]) -> bytes:
+    return ent.name
+
+
 class TreeWalker:
     """Feed the tree under `source` into a NativeBuilder according to MkfsOptions."""
 
@@ -54,6 +58,9 @@ class TreeWalker:
         self.o = options
         self.skip = {os.fsencode(s) for s in skip}   # absolute paths never to add
         self.on_entry = on_entry
+        # entries of each directory in name order: the walk order is then the same on
+        # every filesystem (pack streams regular files to its chunker in walk order)
+        self.sort_entries = False
         self.entries = 0
         self.bytes = 0
         ts = options.effective_timestamp()
@@ -186,6 +193,8 @@ class TreeWalker:
                     ents = list(it)
             except OSError as e:
                 raise _oserr(e, dpath) from None
+            if self.sort_entries:
+                ents.sort(key=_entry_name)
             for ent in ents:
                 name = ent.name
                 path = ent.path

@@ -1,0 +1,175 @@
+"""The directory source of `erofs-tools pack`: the mkfs walker feeding the C node-graph
+builder, with each regular file recorded or handed to the chunker instead of being given
+file data (WalkFeed: the walk on its own thread, overlapping chunking)."""
+from __future__ import annotations
+
+import os
+import queue
+import stat
+import threading
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+from erofs_tools._native import BuildOptions, BytesLike, NativeBuilder
+from erofs_tools.builder.chunker import FileItem
+from erofs_tools.builder.options import MkfsOptions
+from erofs_tools.builder.tree import TreeWalker
+
+if TYPE_CHECKING:
+    from _typeshed import StrPath
+
+
+class _FileRec:
+    """A regular file to chunk: its (smallest, for hardlinks) path, size, holes."""
+    __slots__ = ("path", "size", "sparse")
+
+    def __init__(self, path: bytes, size: int, sparse: bool) -> None:
+        self.path = path
+        self.size = size
+        self.sparse = sparse
+
+
+class _RafsBuilder(NativeBuilder):
+    """NativeBuilder whose regular files are recorded for chunking, not copied."""
+
+    def __init__(self, options: BuildOptions | None) -> None:
+        super().__init__(options)
+        self.files: dict[int, _FileRec] = {}          # node -> regular file
+        self.keep_files = True          # False: the walker streams files, none kept
+
+    def set_file(self, node: int, path: BytesLike, offset: int = 0,
+                 sparse: bool = False) -> None:
+        if self.keep_files:
+            p = os.fsencode(path) if isinstance(path, str) else bytes(path)
+            self.files[node] = _FileRec(p, 0, bool(sparse))     # size: set by the walker
+
+
+class RafsWalker(TreeWalker):
+    """The mkfs walker, remembering regular files, every path's node and hardlinks."""
+
+    def __init__(self, builder: _RafsBuilder, options: MkfsOptions, source: StrPath,
+                 track_paths: bool = False,
+                 on_entry: Callable[[int, int], object] | None = None) -> None:
+        super().__init__(builder, options, on_entry=on_entry)
+        self.src = os.fsencode(source).rstrip(b"/") or b"/"
+        self.track_paths = track_paths   # only the prefetch list needs path -> node
+        self.b: _RafsBuilder = builder
+        self.nodes_by_rel: dict[bytes, int] = {}       # b"a/b" -> node
+        self.regular: set[int] = set()
+        # set: each regular file with data goes here as (node, path, size, sparse)
+        # when the walk meets it (first path of a hardlinked file), instead of b.files
+        self.emit: Callable[[FileItem], None] | None = None
+
+    @property
+    def has_xattrs(self) -> bool:
+        return getattr(self.b, "_xattr_count", 0) > 0
+
+    def _rel(self, path: str | bytes) -> bytes:
+        p = os.fsencode(path)
+        if p == self.src:
+            return b""
+        return p[len(self.src) + 1:] if self.src != b"/" else p[1:]
+
+    def _add(self, path: bytes, st: os.stat_result, rel: bytes = b"") -> int:
+        node = super()._add(path, st, rel)
+        if self.track_paths:
+            self.nodes_by_rel[self._rel(path)] = node
+        if st.st_mode & 0o170000 == stat.S_IFREG:
+            self.regular.add(node)
+            if self.emit is not None:
+                size = st.st_size
+                if size:
+                    self.emit((node, path, size, st.st_blocks * 512 < size))
+                return node
+            rec = self.b.files.get(node)
+            if rec is None:
+                self.b.files[node] = _FileRec(os.fsencode(path), st.st_size, False)
+            else:
+                rec.size = st.st_size
+        return node
+
+    def _link(self, dnode: int, name: bytes, node: int, path: bytes) -> None:
+        super()._link(dnode, name, node, path)
+        if self.track_paths:
+            self.nodes_by_rel[self._rel(path)] = node
+        if self.emit is not None:
+            return              # streamed already, under the path met first
+        p = os.fsencode(path)
+        rec = self.b.files.get(node)
+        if rec is not None and p < rec.path:
+            rec.path = p         # order hardlinked files by their smallest path
+
+
+class BootstrapNodes(_RafsBuilder):
+    """The node graph of a RAFS v6 bootstrap (the C builder), counting xattrs so that
+    write_bootstrap can set the HAS_XATTR flag."""
+
+    def add_xattr(self, node: int, name: BytesLike, value: BytesLike) -> None:
+        super().add_xattr(node, name, value)
+        self._xattr_count = getattr(self, "_xattr_count", 0) + 1
+
+
+class _Stopped(Exception):
+    """The consumer of a WalkFeed gave up: the walk thread ends here."""
+
+
+class WalkFeed:
+    """The directory walk on its own thread, handing regular files to the chunker as it
+    meets them, so chunking (and writing the blob) overlaps the walk.
+
+    The walk visits each directory's entries in name order (TreeWalker.sort_entries), so
+    the file order, hence the blob, is the same whatever the filesystem's readdir order.
+    The walker only calls the node-graph builder; the consumer does not touch it until
+    `close()` has joined the thread.
+    """
+    GROUP = 64          # files handed over at a time (fewer queue operations)
+
+    def __init__(self, walker: RafsWalker, source: str) -> None:
+        self.walker = walker
+        self.source = source
+        self._q: queue.SimpleQueue[list[FileItem] | BaseException | None] = \
+            queue.SimpleQueue()
+        self._group: list[FileItem] = []
+        self._stop = False
+        walker.sort_entries = True
+        walker.b.keep_files = False
+        walker.emit = self._emit
+        walker.on_entry = self._check
+        self._thread = threading.Thread(target=self._walk, name="erofs-pack-walk",
+                                        daemon=True)
+        self._thread.start()
+
+    def _check(self, entries: int, nbytes: int) -> None:
+        if self._stop:
+            raise _Stopped
+
+    def _emit(self, item: FileItem) -> None:
+        g = self._group
+        g.append(item)
+        if len(g) >= self.GROUP:
+            self._q.put(g)
+            self._group = []
+
+    def _walk(self) -> None:
+        try:
+            self.walker.walk(self.source)
+            if self._group:
+                self._q.put(self._group)
+            self._q.put(None)
+        except BaseException as e:      # raised again in the consumer's thread
+            self._q.put(e)
+
+    def files(self) -> Iterator[FileItem]:
+        """Regular files in walk order; raises what the walk raised."""
+        while True:
+            g = self._q.get()
+            if g is None:
+                return
+            if isinstance(g, BaseException):
+                raise g
+            yield from g
+
+    def close(self) -> None:
+        """Stop the walk (if still going) and wait for its thread."""
+        self._stop = True
+        self._thread.join()
