@@ -10,7 +10,7 @@ import zlib
 
 import pytest
 
-from erofs_tools._native import ZranIndexer, ZranPoint, zran_extract
+from erofs_tools._native_zran import ZranIndexer, ZranPoint, zran_extract
 from erofs_tools.errors import CorruptImageError, InputError
 
 

@@ -1,6 +1,6 @@
 """`convert --oci-ref`: a gzip tar layer indexed where it is (Nydus's zran mode).
 
-The layer is read once, front to back: the C core inflates it (`_native.ZranIndexer`) and
+The layer is read once, front to back: the C core inflates it (`_native_zran.ZranIndexer`) and
 records an access point at a deflate block boundary every `span` bytes of output; the
 decompressed bytes feed the tar ingestion (tar_reader, tar_tree, tar_source.stream_chunks)
 unchanged. A regular file's data in a tar is contiguous in the decompressed stream, so
@@ -30,7 +30,7 @@ from typing import Any
 
 import zstandard
 
-from erofs_tools._native import ZranIndexer, ZranPoint, zran_extract, zran_window_use
+from erofs_tools._native_zran import ZranIndexer, ZranPoint, zran_extract, zran_window_use
 from erofs_tools.builder import rafs as RP
 from erofs_tools.builder.blob import BLKSZ, BlobInfo, StoredChunk
 from erofs_tools.builder.chunker import check_chunk_size, digest_function
@@ -59,7 +59,7 @@ def trim_window(point: ZranPoint, compressed: bytes | memoryview,
                 stream_ends: bool) -> bytes | None:
     """`point`'s window reduced to the bytes the stream after it copies (the others
     zeroed, the unused front cut off: a dictionary table that compresses far better and
-    inflates the same; `_native.zran_window_use`), from `compressed` (the stream's bytes
+    inflates the same; `_native_zran.zran_window_use`), from `compressed` (the stream's bytes
     from `point.in_offset` on; `stream_ends`: nothing follows them). None when that
     cannot be told: too little input, or the stream does not inflate."""
     w = point.window

@@ -19,7 +19,7 @@ import os
 import threading
 from typing import NamedTuple
 
-from erofs_tools._native import ZranPoint, zran_extract
+from erofs_tools._native_zran import ZranPoint, zran_extract
 from erofs_tools.errors import CorruptImageError, DigestMismatchError, InputError
 from erofs_tools.format import rafs
 from erofs_tools.reader import blob as rblob
