@@ -19,13 +19,10 @@ import array
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, NoReturn, Protocol
+from typing import Any, NoReturn, Protocol
 
 from erofs_tools.errors import CorruptImageError, ErofsToolsError, FormatLimitError, InputError
 from erofs_tools.format import erofs as E
-
-if TYPE_CHECKING:
-    from erofs_tools._native_zran import ZranPoint
 
 try:
     from erofs_tools._native_cffi import ffi, lib
@@ -501,6 +498,19 @@ def z_decompress(alg: int, data: BytesLike, length: int, partial: bool = False,
     if r != ERN_OK:
         raise CorruptImageError(ffi.string(err).decode("utf-8", "replace"))
     return bytes(ffi.buffer(out, length))
+
+
+# a zran access point (the wrappers using it: _native_zran.py; the cold path: below)
+@dataclass(frozen=True)
+class ZranPoint:
+    """Where inflating can start: the compressed offset of the first whole byte, the
+    unread high `bits` of the byte before it (`byte`), the uncompressed offset, and the
+    window (the up to 32 KiB of output before the point)."""
+    in_offset: int
+    out_offset: int
+    bits: int
+    byte: int
+    window: bytes
 
 
 # -- the daemon's cold path (csrc/coldpath.c) --------------------------------------------

@@ -4,26 +4,15 @@ _native.py only to keep each module small; the cffi module still comes through i
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 
-from erofs_tools._native import NativeError, ffi, lib
+from erofs_tools._native import NativeError, ZranPoint, ffi, lib
 from erofs_tools.errors import CorruptImageError, InputError
+
+__all__ = ["ZRAN_WINDOW", "ZranIndexer", "ZranPoint", "zran_extract", "zran_window_use"]
 
 # --- zran: random access into gzip streams (csrc/zran.c) ---------------------------------
 ZRAN_WINDOW = 32768
 _ZRAN_IN_PIECE = 1 << 14        # input per C call: a chunk's recorded need is exact to it
-
-
-@dataclass(frozen=True)
-class ZranPoint:
-    """Where inflating can start: the compressed offset of the first whole byte, the
-    unread high `bits` of the byte before it (`byte`), the uncompressed offset, and the
-    window (the up to 32 KiB of output before the point)."""
-    in_offset: int
-    out_offset: int
-    bits: int
-    byte: int
-    window: bytes
 
 
 class ZranIndexer:

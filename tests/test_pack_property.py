@@ -52,7 +52,8 @@ def build(root, entries):
         parent = root
         for c in comps[:-1]:
             parent = parent / c
-            if parent.exists() and not parent.is_dir() or parent.is_symlink():
+            # lstat first: a symlink made earlier may point at a name too long to stat
+            if parent.is_symlink() or os.path.lexists(parent) and not parent.is_dir():
                 break
             parent.mkdir(exist_ok=True)
         else:

@@ -337,8 +337,7 @@ class BlobManager:
         self.native = "python" not in mode
         self.pipeline = pipeline and self.native and "serial" not in mode and (
             getattr(backend, "pipelined", True))
-        # the C cold path's reads go into reused buffers (iobuf; O_DIRECT on localfs):
-        # its use of the bytes ends with the range stored (zran blobs: rawkeep keeps ranges)
+        # cold-path reads into reused buffers (iobuf; O_DIRECT on localfs): zran's are kept
         self._pooled = self.native and meta.zran is None and hasattr(backend, "read_pooled")
         # per chunk position: end of the longest file run starting at or covering it
         self._run_end: array.array | None = None
