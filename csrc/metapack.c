@@ -1,0 +1,183 @@
+/* erofs-tools C core: packing inode records into the blocks of the inode area.
+ *
+ * Every block of the area is a bin with free room at its end (records start 32-byte
+ * aligned). A record that fits in one block goes to the fullest block it fits in
+ * (best fit); a record that fits in none opens a new block at the end of the area, and
+ * one larger than a block starts at the end of the last block and runs on. The bins sit
+ * in buckets by free 32-byte slots with a bitmap of non-empty buckets, so a search is a
+ * scan of blksz / 32 / 64 words. Everything depends on the records and their order
+ * only: the same tree gives the same offsets.
+ */
+#include "builder_int.h"
+
+#define NOBLK UINT32_MAX
+
+int mpack_init(struct mpack *m, uint64_t start, uint32_t blksz)
+{
+    memset(m, 0, sizeof(*m));
+    m->blksz = blksz;
+    m->nbuckets = blksz / EROFS_SLOT_SIZE + 1;
+    m->head = malloc((size_t)m->nbuckets * sizeof(uint32_t));
+    m->bits = calloc((m->nbuckets + 63) / 64, sizeof(uint64_t));
+    if (!m->head || !m->bits)
+        return ERN_ENOMEM;
+    for (uint32_t k = 0; k < m->nbuckets; k++)
+        m->head[k] = NOBLK;
+    m->base = start / blksz;
+    m->end = start;
+    return 0;
+}
+
+void mpack_free(struct mpack *m)
+{
+    free(m->head);
+    free(m->bits);
+    free(m->fill);
+    free(m->next);
+    free(m->prev);
+    memset(m, 0, sizeof(*m));
+}
+
+static uint32_t bucket_of(const struct mpack *m, uint32_t blk)
+{
+    return (m->blksz - m->fill[blk]) / EROFS_SLOT_SIZE;
+}
+
+static void unlink_blk(struct mpack *m, uint32_t blk)
+{
+    uint32_t k = bucket_of(m, blk);
+    if (m->prev[blk] == NOBLK && m->head[k] != blk)
+        return;     /* in no bucket (full) */
+    if (m->prev[blk] != NOBLK)
+        m->next[m->prev[blk]] = m->next[blk];
+    else
+        m->head[k] = m->next[blk];
+    if (m->next[blk] != NOBLK)
+        m->prev[m->next[blk]] = m->prev[blk];
+    if (m->head[k] == NOBLK)
+        m->bits[k / 64] &= ~(1ull << (k % 64));
+}
+
+/* a block with free room goes into its bucket (a full one into none) */
+static void link_blk(struct mpack *m, uint32_t blk)
+{
+    uint32_t k = bucket_of(m, blk);
+    m->prev[blk] = m->next[blk] = NOBLK;
+    if (k == 0)
+        return;
+    m->next[blk] = m->head[k];
+    if (m->head[k] != NOBLK)
+        m->prev[m->head[k]] = blk;
+    m->head[k] = blk;
+    m->bits[k / 64] |= 1ull << (k % 64);
+}
+
+/* blocks [0, upto] of the area exist */
+static int grow_blocks(struct mpack *m, uint64_t upto)
+{
+    if (upto < m->nblk)
+        return 0;
+    if (upto >= m->cap) {
+        uint64_t cap = m->cap ? m->cap * 2 : 1024;
+        while (cap <= upto)
+            cap *= 2;
+        if (cap > UINT32_MAX - 1)
+            return ERN_ELIMIT;
+        uint32_t *f = realloc(m->fill, cap * sizeof(uint32_t));
+        if (!f)
+            return ERN_ENOMEM;
+        m->fill = f;
+        uint32_t *nx = realloc(m->next, cap * sizeof(uint32_t));
+        if (!nx)
+            return ERN_ENOMEM;
+        m->next = nx;
+        uint32_t *pv = realloc(m->prev, cap * sizeof(uint32_t));
+        if (!pv)
+            return ERN_ENOMEM;
+        m->prev = pv;
+        m->cap = cap;
+    }
+    for (uint64_t i = m->nblk; i <= upto; i++) {
+        m->fill[i] = 0;
+        m->prev[i] = m->next[i] = NOBLK;
+    }
+    m->nblk = upto + 1;
+    return 0;
+}
+
+/* the space [off, off + len) is taken; the blocks it touches leave or change bucket */
+static int take(struct mpack *m, uint64_t off, uint64_t len)
+{
+    uint64_t last = (off + len - 1) / m->blksz - m->base;
+    uint64_t first = off / m->blksz - m->base;
+    uint64_t oldn = m->nblk;
+    int r = grow_blocks(m, last);
+    if (r)
+        return r;
+    for (uint64_t i = first; i <= last; i++) {
+        if (i < oldn)
+            unlink_blk(m, (uint32_t)i);
+        uint64_t bstart = (m->base + i) * m->blksz;
+        uint64_t e = off + len < bstart + m->blksz ? off + len : bstart + m->blksz;
+        m->fill[i] = (uint32_t)align_up(e - bstart, EROFS_SLOT_SIZE);
+        if (m->fill[i] > m->blksz)
+            m->fill[i] = m->blksz;
+        link_blk(m, (uint32_t)i);
+    }
+    if (off + len > m->end)
+        m->end = off + len;
+    return 0;
+}
+
+/* the fullest block with at least `len` bytes free; NOBLK if none */
+static uint32_t best_fit(const struct mpack *m, uint64_t len)
+{
+    uint64_t k = (len + EROFS_SLOT_SIZE - 1) / EROFS_SLOT_SIZE;
+    if (k == 0)
+        k = 1;
+    if (k >= m->nbuckets)
+        return NOBLK;
+    uint32_t nw = (m->nbuckets + 63) / 64;
+    for (uint32_t w = (uint32_t)(k / 64); w < nw; w++) {
+        uint64_t bits = m->bits[w];
+        if (w == k / 64)
+            bits &= ~0ull << (k % 64);
+        if (bits)
+            return m->head[w * 64 + (uint32_t)__builtin_ctzll(bits)];
+    }
+    return NOBLK;
+}
+
+/* where a record of `len` bytes goes. may_cross: it may run over a block boundary
+ * (no inline tail); fit(ctx, off) -> the offset at or after off where the record's
+ * constraints hold (NULL: off itself). The first record starts at the area's start. */
+int mpack_place(struct mpack *m, uint64_t len, int may_cross,
+                uint64_t (*fit)(const void *ctx, uint64_t off), const void *ctx,
+                uint64_t *pout)
+{
+    uint64_t off;
+    if (!m->placed_any) {
+        off = m->end;
+        if (fit)
+            off = fit(ctx, off);
+    } else {
+        uint32_t blk = len <= m->blksz ? best_fit(m, len) : NOBLK;
+        if (blk != NOBLK) {
+            off = (m->base + blk) * m->blksz + m->fill[blk];
+        } else {
+            /* the end of the area: the free room of the last block if the record may
+             * run over into the next, else a new block */
+            off = align_up(m->end, EROFS_SLOT_SIZE);
+            if (fit)
+                off = fit(ctx, off);
+            else if (!may_cross && off % m->blksz + len > m->blksz)
+                off = align_up(off, m->blksz);
+        }
+    }
+    int r = take(m, off, len ? len : 1);
+    if (r)
+        return r;
+    m->placed_any = 1;
+    *pout = off;
+    return 0;
+}
