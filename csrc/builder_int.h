@@ -247,7 +247,7 @@ struct mpack {
     uint64_t base;              /* block number of the area's first block */
     uint64_t end;               /* end of the last record so far */
     uint64_t nblk, cap;
-    uint32_t *fill;             /* per block: bytes taken from its start, 32-aligned */
+    uint32_t *lo, *hi;          /* per block: its free range, 32-aligned */
     uint32_t *next, *prev;      /* per block: its bucket's list */
     uint32_t *head;             /* per bucket (free 32-byte slots): first block */
     uint64_t *bits;             /* non-empty buckets */

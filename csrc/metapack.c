@@ -1,9 +1,11 @@
 /* erofs-tools C core: packing inode records into the blocks of the inode area.
  *
- * Every block of the area is a bin with free room at its end (records start 32-byte
- * aligned). A record that fits in one block goes to the fullest block it fits in
- * (best fit); a record that fits in none opens a new block at the end of the area, and
- * one larger than a block starts at the end of the last block and runs on. The bins sit
+ * Every block of the area is a bin with one free range (records start 32-byte aligned):
+ * at first its end; the range before a record that had to start later (so that its
+ * inline tail stays in one block) and then runs into the next block, or the larger of
+ * the two ranges a record splits. A record that fits in one block goes to the fullest
+ * block it fits in (best fit); a record that fits in none starts at the end of the area
+ * (in a new block if it may not run over a block boundary). The bins sit
  * in buckets by free 32-byte slots with a bitmap of non-empty buckets, so a search is a
  * scan of blksz / 32 / 64 words. Everything depends on the records and their order
  * only: the same tree gives the same offsets.
@@ -11,6 +13,8 @@
 #include "builder_int.h"
 
 #define NOBLK UINT32_MAX
+
+static int grow_blocks(struct mpack *m, uint64_t upto);
 
 int mpack_init(struct mpack *m, uint64_t start, uint32_t blksz)
 {
@@ -25,6 +29,9 @@ int mpack_init(struct mpack *m, uint64_t start, uint32_t blksz)
         m->head[k] = NOBLK;
     m->base = start / blksz;
     m->end = start;
+    if (grow_blocks(m, 0))
+        return ERN_ENOMEM;
+    m->lo[0] = (uint32_t)(start % blksz);
     return 0;
 }
 
@@ -32,7 +39,8 @@ void mpack_free(struct mpack *m)
 {
     free(m->head);
     free(m->bits);
-    free(m->fill);
+    free(m->lo);
+    free(m->hi);
     free(m->next);
     free(m->prev);
     memset(m, 0, sizeof(*m));
@@ -40,7 +48,7 @@ void mpack_free(struct mpack *m)
 
 static uint32_t bucket_of(const struct mpack *m, uint32_t blk)
 {
-    return (m->blksz - m->fill[blk]) / EROFS_SLOT_SIZE;
+    return (m->hi[blk] - m->lo[blk]) / EROFS_SLOT_SIZE;
 }
 
 static void unlink_blk(struct mpack *m, uint32_t blk)
@@ -83,10 +91,14 @@ static int grow_blocks(struct mpack *m, uint64_t upto)
             cap *= 2;
         if (cap > UINT32_MAX - 1)
             return ERN_ELIMIT;
-        uint32_t *f = realloc(m->fill, cap * sizeof(uint32_t));
+        uint32_t *f = realloc(m->lo, cap * sizeof(uint32_t));
         if (!f)
             return ERN_ENOMEM;
-        m->fill = f;
+        m->lo = f;
+        f = realloc(m->hi, cap * sizeof(uint32_t));
+        if (!f)
+            return ERN_ENOMEM;
+        m->hi = f;
         uint32_t *nx = realloc(m->next, cap * sizeof(uint32_t));
         if (!nx)
             return ERN_ENOMEM;
@@ -98,7 +110,8 @@ static int grow_blocks(struct mpack *m, uint64_t upto)
         m->cap = cap;
     }
     for (uint64_t i = m->nblk; i <= upto; i++) {
-        m->fill[i] = 0;
+        m->lo[i] = 0;
+        m->hi[i] = m->blksz;
         m->prev[i] = m->next[i] = NOBLK;
     }
     m->nblk = upto + 1;
@@ -117,11 +130,19 @@ static int take(struct mpack *m, uint64_t off, uint64_t len)
     for (uint64_t i = first; i <= last; i++) {
         if (i < oldn)
             unlink_blk(m, (uint32_t)i);
+        /* [s, e) of this block is taken: the larger free range left stays */
         uint64_t bstart = (m->base + i) * m->blksz;
-        uint64_t e = off + len < bstart + m->blksz ? off + len : bstart + m->blksz;
-        m->fill[i] = (uint32_t)align_up(e - bstart, EROFS_SLOT_SIZE);
-        if (m->fill[i] > m->blksz)
-            m->fill[i] = m->blksz;
+        uint32_t s = off > bstart ? (uint32_t)(off - bstart) : 0;
+        uint64_t e = off + len - bstart;
+        e = e > m->blksz ? m->blksz : align_up(e, EROFS_SLOT_SIZE);
+        uint32_t lo = m->lo[i], hi = m->hi[i];
+        uint32_t before = s > lo ? (s < hi ? s : hi) - lo : 0;
+        uint32_t after = hi > e ? hi - (e > lo ? (uint32_t)e : lo) : 0;
+        if (before > after) {
+            m->hi[i] = lo + before;
+        } else {
+            m->lo[i] = hi - after;
+        }
         link_blk(m, (uint32_t)i);
     }
     if (off + len > m->end)
@@ -150,29 +171,23 @@ static uint32_t best_fit(const struct mpack *m, uint64_t len)
 
 /* where a record of `len` bytes goes. may_cross: it may run over a block boundary
  * (no inline tail); fit(ctx, off) -> the offset at or after off where the record's
- * constraints hold (NULL: off itself). The first record starts at the area's start. */
+ * constraints hold (NULL: off itself). The first record starts at the area's start if it can. */
 int mpack_place(struct mpack *m, uint64_t len, int may_cross,
                 uint64_t (*fit)(const void *ctx, uint64_t off), const void *ctx,
                 uint64_t *pout)
 {
     uint64_t off;
-    if (!m->placed_any) {
-        off = m->end;
+    uint32_t blk = m->placed_any && len <= m->blksz ? best_fit(m, len) : NOBLK;
+    if (blk != NOBLK) {
+        off = (m->base + blk) * m->blksz + m->lo[blk];
+    } else {
+        /* the end of the area: the free room of the last block if the record may run
+         * over into the next, else a new block */
+        off = align_up(m->end, EROFS_SLOT_SIZE);
         if (fit)
             off = fit(ctx, off);
-    } else {
-        uint32_t blk = len <= m->blksz ? best_fit(m, len) : NOBLK;
-        if (blk != NOBLK) {
-            off = (m->base + blk) * m->blksz + m->fill[blk];
-        } else {
-            /* the end of the area: the free room of the last block if the record may
-             * run over into the next, else a new block */
-            off = align_up(m->end, EROFS_SLOT_SIZE);
-            if (fit)
-                off = fit(ctx, off);
-            else if (!may_cross && off % m->blksz + len > m->blksz)
-                off = align_up(off, m->blksz);
-        }
+        else if (!may_cross && off % m->blksz + len > m->blksz)
+            off = align_up(off, m->blksz);
     }
     int r = take(m, off, len ? len : 1);
     if (r)
