@@ -251,9 +251,9 @@ struct mpack {
     uint32_t *next, *prev;      /* per block: its bucket's list */
     uint32_t *head;             /* per bucket (free 32-byte slots): first block */
     uint64_t *bits;             /* non-empty buckets */
-    int placed_any;
+    int pre;                    /* index 0 is block 0 (room after the superblock) */
 };
-INTERNAL int mpack_init(struct mpack *m, uint64_t start, uint32_t blksz);
+INTERNAL int mpack_init(struct mpack *m, uint64_t start, uint32_t blksz, uint32_t pre_lo);
 INTERNAL void mpack_free(struct mpack *m);
 INTERNAL int mpack_place(struct mpack *m, uint64_t len, int may_cross,
                          uint64_t (*fit)(const void *ctx, uint64_t off), const void *ctx,

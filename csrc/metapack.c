@@ -5,7 +5,9 @@
  * inline tail stays in one block) and then runs into the next block, or the larger of
  * the two ranges a record splits. A record that fits in one block goes to the fullest
  * block it fits in (best fit); a record that fits in none starts at the end of the area
- * (in a new block if it may not run over a block boundary). The bins sit
+ * (in a new block if it may not run over a block boundary). With a pre bin, the room
+ * after the superblock in block 0 is one more bin (as mkfs.erofs, whose inodes start
+ * there). The bins sit
  * in buckets by free 32-byte slots with a bitmap of non-empty buckets, so a search is a
  * scan of blksz / 32 / 64 words. Everything depends on the records and their order
  * only: the same tree gives the same offsets.
@@ -15,8 +17,21 @@
 #define NOBLK UINT32_MAX
 
 static int grow_blocks(struct mpack *m, uint64_t upto);
+static void link_blk(struct mpack *m, uint32_t blk);
 
-int mpack_init(struct mpack *m, uint64_t start, uint32_t blksz)
+/* block number <-> index of the per-block arrays (index 0 is block 0 with a pre bin) */
+static uint64_t blk_of(const struct mpack *m, uint64_t i)
+{
+    return m->pre ? (i == 0 ? 0 : m->base + i - 1) : m->base + i;
+}
+
+static uint64_t idx_of(const struct mpack *m, uint64_t blk)
+{
+    return m->pre ? (blk == 0 ? 0 : blk - m->base + 1) : blk - m->base;
+}
+
+/* the area starts at `start`; pre_lo: block 0 from pre_lo on is free too (0: not) */
+int mpack_init(struct mpack *m, uint64_t start, uint32_t blksz, uint32_t pre_lo)
 {
     memset(m, 0, sizeof(*m));
     m->blksz = blksz;
@@ -29,9 +44,14 @@ int mpack_init(struct mpack *m, uint64_t start, uint32_t blksz)
         m->head[k] = NOBLK;
     m->base = start / blksz;
     m->end = start;
-    if (grow_blocks(m, 0))
+    m->pre = pre_lo != 0;
+    if (grow_blocks(m, m->pre))
         return ERN_ENOMEM;
-    m->lo[0] = (uint32_t)(start % blksz);
+    m->lo[m->pre] = (uint32_t)(start % blksz);
+    if (m->pre) {
+        m->lo[0] = pre_lo;
+        link_blk(m, 0);
+    }
     return 0;
 }
 
@@ -121,8 +141,8 @@ static int grow_blocks(struct mpack *m, uint64_t upto)
 /* the space [off, off + len) is taken; the blocks it touches leave or change bucket */
 static int take(struct mpack *m, uint64_t off, uint64_t len)
 {
-    uint64_t last = (off + len - 1) / m->blksz - m->base;
-    uint64_t first = off / m->blksz - m->base;
+    uint64_t last = idx_of(m, (off + len - 1) / m->blksz);
+    uint64_t first = idx_of(m, off / m->blksz);
     uint64_t oldn = m->nblk;
     int r = grow_blocks(m, last);
     if (r)
@@ -131,7 +151,7 @@ static int take(struct mpack *m, uint64_t off, uint64_t len)
         if (i < oldn)
             unlink_blk(m, (uint32_t)i);
         /* [s, e) of this block is taken: the larger free range left stays */
-        uint64_t bstart = (m->base + i) * m->blksz;
+        uint64_t bstart = blk_of(m, i) * m->blksz;
         uint32_t s = off > bstart ? (uint32_t)(off - bstart) : 0;
         uint64_t e = off + len - bstart;
         e = e > m->blksz ? m->blksz : align_up(e, EROFS_SLOT_SIZE);
@@ -171,15 +191,15 @@ static uint32_t best_fit(const struct mpack *m, uint64_t len)
 
 /* where a record of `len` bytes goes. may_cross: it may run over a block boundary
  * (no inline tail); fit(ctx, off) -> the offset at or after off where the record's
- * constraints hold (NULL: off itself). The first record starts at the area's start if it can. */
+ * constraints hold (NULL: off itself). */
 int mpack_place(struct mpack *m, uint64_t len, int may_cross,
                 uint64_t (*fit)(const void *ctx, uint64_t off), const void *ctx,
                 uint64_t *pout)
 {
     uint64_t off;
-    uint32_t blk = m->placed_any && len <= m->blksz ? best_fit(m, len) : NOBLK;
+    uint32_t blk = len <= m->blksz ? best_fit(m, len) : NOBLK;
     if (blk != NOBLK) {
-        off = (m->base + blk) * m->blksz + m->lo[blk];
+        off = blk_of(m, blk) * m->blksz + m->lo[blk];
     } else {
         /* the end of the area: the free room of the last block if the record may run
          * over into the next, else a new block */
@@ -192,7 +212,6 @@ int mpack_place(struct mpack *m, uint64_t len, int may_cross,
     int r = take(m, off, len ? len : 1);
     if (r)
         return r;
-    m->placed_any = 1;
     *pout = off;
     return 0;
 }
