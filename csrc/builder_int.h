@@ -258,6 +258,8 @@ INTERNAL void mpack_free(struct mpack *m);
 INTERNAL int mpack_place(struct mpack *m, uint64_t len, int may_cross,
                          uint64_t (*fit)(const void *ctx, uint64_t off), const void *ctx,
                          uint64_t *pout);
+INTERNAL uint64_t mpack_record_len(const erofs_builder *b, const struct node *n,
+                                   int *may_cross);
 
 /* layout.c */
 INTERNAL int is_flat_data(const struct node *n);

@@ -477,29 +477,6 @@ static uint64_t zfit(const void *ctx, uint64_t off)
     return ztail_fit(z->n, off, z->blksz);
 }
 
-/* the bytes of a node's record in the inode area; *may_cross: it may run over a block
- * boundary (no inline tail) */
-static uint64_t record_len(const erofs_builder *b, const struct node *n, int *may_cross)
-{
-    uint64_t base = inode_size(n) + n->xattr_isize;
-    *may_cross = 1;
-    if (n->layout == L_CHUNK) {
-        const struct chunkset *cs = &b->chunks[n->aux];
-        uint32_t unit = n->dkind == D_SPARSE ? 4
-                      : ((cs->format & EROFS_CHUNK_FORMAT_INDEXES)
-                         ? (uint32_t)sizeof(struct erofs_inode_chunk_index) : 4);
-        /* (records start 32-byte aligned: the padding depends on base only) */
-        return align_up(base, unit) + (uint64_t)unit * cs->count;
-    }
-    if (n->layout == L_INLINE) {
-        *may_cross = 0;
-        return base + n->tail;
-    }
-    if (n->layout == L_ZFULL || n->layout == L_ZCOMPACT)
-        return base + zmeta_extra(n);
-    return base;
-}
-
 /* a record to place: its length and its node's position in nid order */
 struct prec { uint64_t len; uint32_t oi; };
 
@@ -532,7 +509,7 @@ static int place_inodes(erofs_builder *b, struct layout_state *st)
     if (b->o.stream_data && !b->o.first_nid && meta_start >= blksz) {
         uint64_t lo = align_up(sb_area_end(b), EROFS_SLOT_SIZE);
         int mc;
-        if (lo < blksz && record_len(b, &b->nodes[b->root], &mc) <= blksz - lo) {
+        if (lo < blksz && mpack_record_len(b, &b->nodes[b->root], &mc) <= blksz - lo) {
             pre_lo = (uint32_t)lo;
             area_start = meta_start;
             meta_start = st->meta_start = 0;
@@ -552,7 +529,7 @@ static int place_inodes(erofs_builder *b, struct layout_state *st)
     }
     for (uint32_t oi = 0; oi < b->norder; oi++) {
         int mc;
-        pr[oi].len = record_len(b, &b->nodes[b->order[oi]], &mc);
+        pr[oi].len = mpack_record_len(b, &b->nodes[b->order[oi]], &mc);
         pr[oi].oi = oi;
     }
     /* best fit decreasing: the larger records first (then nid order), the root first of
@@ -563,7 +540,7 @@ static int place_inodes(erofs_builder *b, struct layout_state *st)
     for (uint32_t pi = 0; pi < b->norder; pi++) {
         struct node *n = &b->nodes[b->order[pr[pi].oi]];
         int may_cross;
-        uint64_t len = record_len(b, n, &may_cross);
+        uint64_t len = mpack_record_len(b, n, &may_cross);
         struct zfit_ctx zc = { n, blksz };
         uint64_t off;
         int r = mpack_place(&m, len, may_cross, n->ztail_len ? zfit : NULL, &zc, &off);

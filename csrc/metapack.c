@@ -215,3 +215,26 @@ int mpack_place(struct mpack *m, uint64_t len, int may_cross,
     *pout = off;
     return 0;
 }
+
+/* the bytes of a node's record in the inode area; *may_cross: it may run over a block
+ * boundary (no inline tail) */
+uint64_t mpack_record_len(const erofs_builder *b, const struct node *n, int *may_cross)
+{
+    uint64_t base = inode_size(n) + n->xattr_isize;
+    *may_cross = 1;
+    if (n->layout == L_CHUNK) {
+        const struct chunkset *cs = &b->chunks[n->aux];
+        uint32_t unit = n->dkind == D_SPARSE ? 4
+                      : ((cs->format & EROFS_CHUNK_FORMAT_INDEXES)
+                         ? (uint32_t)sizeof(struct erofs_inode_chunk_index) : 4);
+        /* (records start 32-byte aligned: the padding depends on base only) */
+        return align_up(base, unit) + (uint64_t)unit * cs->count;
+    }
+    if (n->layout == L_INLINE) {
+        *may_cross = 0;
+        return base + n->tail;
+    }
+    if (n->layout == L_ZFULL || n->layout == L_ZCOMPACT)
+        return base + zmeta_extra(n);
+    return base;
+}
