@@ -7,6 +7,7 @@ Hardlinks are detected by (st_dev, st_ino); the table only keeps inodes with lin
 yet seen. Excluded paths are matched against the path relative to SOURCE (no leading
 '/'): --exclude-path exactly, --exclude-regex with re.search.
 """
+import collections
 import errno
 import hashlib
 import os
@@ -43,6 +44,10 @@ def _with_path(e: ErofsToolsError, path: str | bytes) -> ErofsToolsError:
     """Re-raise an ErofsToolsError from the C core with the offending path in front."""
     return type(e)(f"{shown_path(path)}: {e}")
 
+
+
+def _entry_name(ent: "os.DirEntry[bytes]") -> bytes:
+    return ent.name
 
 class TreeWalker:
     """Feed the tree under `source` into a NativeBuilder according to MkfsOptions."""
@@ -174,16 +179,18 @@ class TreeWalker:
         root = self._add(src, st)
         self.b.set_root(root)
         links: dict[tuple[int, int], list[int]] = {}   # (dev, ino) -> [node, links still expected]
-        stack = [(src, b"", root)]
+        stack = collections.deque([(src, b"", root)])
         add_child = self.b.add_child
         excluding = bool(self.excl_paths or self.excl_regex)
         skip = self.skip
         on_entry = self.on_entry
         while stack:
-            dpath, drel, dnode = stack.pop()
+            dpath, drel, dnode = stack.popleft()
             try:
+                # in name order, not readdir's: the data (and -Efragments' packed
+                # inode) then follow the names as in mkfs.erofs, whatever the source fs
                 with os.scandir(dpath) as it:
-                    ents = list(it)
+                    ents = sorted(it, key=_entry_name)
             except OSError as e:
                 raise _oserr(e, dpath) from None
             for ent in ents:
