@@ -241,6 +241,26 @@ INTERNAL uint8_t *zindex_compact(const uint8_t *full, uint32_t full_len, uint32_
 INTERNAL int namecmp(const uint8_t *a, size_t al, const uint8_t *b2, size_t bl);
 INTERNAL uint64_t dir_pack(erofs_builder *b, struct node *d, uint8_t *out);
 
+/* metapack.c: inode records packed into the blocks of the inode area, best fit */
+struct mpack {
+    uint32_t blksz, nbuckets;
+    uint64_t base;              /* block number of the area's first block */
+    uint64_t end;               /* end of the last record so far */
+    uint64_t nblk, cap;
+    uint32_t *lo, *hi;          /* per block: its free range, 32-aligned */
+    uint32_t *next, *prev;      /* per block: its bucket's list */
+    uint32_t *head;             /* per bucket (free 32-byte slots): first block */
+    uint64_t *bits;             /* non-empty buckets */
+    int pre;                    /* index 0 is block 0 (room after the superblock) */
+};
+INTERNAL int mpack_init(struct mpack *m, uint64_t start, uint32_t blksz, uint32_t pre_lo);
+INTERNAL void mpack_free(struct mpack *m);
+INTERNAL int mpack_place(struct mpack *m, uint64_t len, int may_cross,
+                         uint64_t (*fit)(const void *ctx, uint64_t off), const void *ctx,
+                         uint64_t *pout);
+INTERNAL uint64_t mpack_record_len(const erofs_builder *b, const struct node *n,
+                                   int *may_cross);
+
 /* layout.c */
 INTERNAL int is_flat_data(const struct node *n);
 INTERNAL uint32_t xentry_size(const struct xattr_rec *x);
@@ -256,6 +276,19 @@ static inline uint32_t inode_size(const struct node *n)
 {
     return n->extended ? (uint32_t)sizeof(struct erofs_inode_extended)
                        : (uint32_t)sizeof(struct erofs_inode_compact);
+}
+
+/* the inode size a streamed file will get, decided before the layout: compact when
+ * nothing known so far needs the extended inode (the build time is fixed and is the
+ * file's mtime). Only the link count is not known yet: choose_formats checks it. */
+static inline uint32_t stream_inode_size(const erofs_builder *b, const struct node *n)
+{
+    int ext = b->o.force_extended || b->o.auto_build_time || n->uid > 0xFFFF ||
+              n->gid > 0xFFFF || n->size > 0xFFFFFFFFull ||
+              n->mtime != (b->o.build_time < 0 ? 0 : b->o.build_time) ||
+              n->mtime_nsec != b->o.build_time_nsec;
+    return ext ? (uint32_t)sizeof(struct erofs_inode_extended)
+               : (uint32_t)sizeof(struct erofs_inode_compact);
 }
 
 #endif

@@ -341,9 +341,9 @@ int stream_file(erofs_builder *b, uint32_t node, const char *path, size_t pathle
         j->csz = (uint64_t)blksz << (cs->format & EROFS_CHUNK_FORMAT_BLKBITS_MASK);
     } else {
         uint64_t tail = n->size % blksz;
-        /* decided before the inode format is known: assume the larger, extended inode */
+        /* decided before the layout: the inode size as far as known now */
         int inl = b->o.inline_data && tail &&
-                  sizeof(struct erofs_inode_extended) + n->xa_max + tail <= blksz;
+                  stream_inode_size(b, n) + n->xa_max + tail <= blksz;
         uint64_t full = inl ? n->size - tail : n->size;
         uint64_t nblk = (full + blksz - 1) / blksz;
         n->startblk = nblk ? (uint32_t)b->scur : (inl ? EROFS_NULL_ADDR : 0);

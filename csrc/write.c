@@ -33,7 +33,11 @@ static int win_flush(erofs_builder *b)
 /* pointer to [off, off+len) of the metadata stream; len <= WIN_SIZE - blksz */
 static uint8_t *win_ptr(erofs_builder *b, uint64_t off, size_t len)
 {
-    if (off < b->win_start || off + len > b->win_start + WIN_SIZE) {
+    /* (inodes in block 0, after the superblock: the file data follows that block in
+     * stream mode, so the window moves on to the inode area rather than spanning it) */
+    if (off < b->win_start || off + len > b->win_start + WIN_SIZE ||
+        (b->win_start < b->blksz && off >= b->blksz && b->info.meta_start == 0 &&
+         b->o.stream_data)) {
         if (win_flush(b))
             return NULL;
         b->win_start = off;

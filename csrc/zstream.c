@@ -425,10 +425,9 @@ int zpool_submit(erofs_builder *b, uint32_t node, const char *path, size_t pathl
         j->nocomp = n->zps == 0;
     }
     uint64_t tail = n->size % bs;
-    /* if stored plain: decided before the inode format is known, so assume the larger,
-     * extended inode (as stream_file) */
-    if (b->o.inline_data && tail &&
-        sizeof(struct erofs_inode_extended) + n->xa_max + tail <= bs)
+    /* if stored plain: decided before the layout, with the inode size as far as known
+     * now (as stream_file) */
+    if (b->o.inline_data && tail && stream_inode_size(b, n) + n->xa_max + tail <= bs)
         j->tail = (uint32_t)tail;
     n->streamed = 1;
     pthread_mutex_lock(&p->mu);

@@ -108,7 +108,7 @@ def test_basic_tree_mounts_and_matches(basic_tree, tmp_path):
     sb = sb_fields(img)
     assert sb["magic"] == 0xE0F5E1E2
     assert sb["blkszbits"] == 12
-    assert 0 < sb["root_nid"] <= 65535       # data first, inodes after: root nid 1
+    assert 0 < sb["root_nid"] <= 65535       # block 0 after the superblock or nid 1
     assert sb["compat"] & 1
     assert sb["incompat"] == 0
     assert os.path.getsize(img) % 4096 == 0
@@ -166,6 +166,19 @@ def test_tails_of_every_size_pack_without_crossing_blocks(tmp_path):
         write(src / f"t{n:05d}", os.urandom(n))
         write(src / f"u{n:05d}", os.urandom(4096 + n))
     mkfs_and_check(tmp_path / "t.img", src)
+
+
+@pytest.mark.parametrize("nfiles, root_nid", [(3, 36), (30, 1)])
+def test_root_in_block_0_when_it_fits(tmp_path, nfiles, root_nid):
+    """The root goes into the room after the superblock (nid 36, as mkfs.erofs) when its
+    inode and inline dirents fit there; a larger root starts the inode area (nid 1)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(nfiles):                     # 112-byte dirents: 30 -> a 3.4 KB tail
+        write(src / f"{i:03d}{'n' * 97}", b"x" * (i * 37))
+    img = tmp_path / "r.img"
+    mkfs_and_check(img, src, "-T", "0", ignore=("mtime_ns",))
+    assert sb_fields(img)["root_nid"] == root_nid
 
 
 def test_big_directories_and_long_odd_names(tmp_path):

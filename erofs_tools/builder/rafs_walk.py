@@ -117,7 +117,7 @@ class WalkFeed:
     """The directory walk on its own thread, handing regular files to the chunker as it
     meets them, so chunking (and writing the blob) overlaps the walk.
 
-    The walk visits each directory's entries in name order (TreeWalker.sort_entries), so
+    The walk visits the tree breadth first, each directory in name order (TreeWalker), so
     the file order, hence the blob, is the same whatever the filesystem's readdir order.
     The walker only calls the node-graph builder; the consumer does not touch it until
     `close()` has joined the thread.
@@ -131,7 +131,6 @@ class WalkFeed:
             queue.SimpleQueue()
         self._group: list[FileItem] = []
         self._stop = False
-        walker.sort_entries = True
         walker.b.keep_files = False
         walker.emit = self._emit
         walker.on_entry = self._check

@@ -1,12 +1,15 @@
 """Directory walk: turns a source tree into nodes of the C builder.
 
 One lstat per entry (os.scandir + DirEntry.stat), listxattr/getxattr, readlink for
-symlinks. Regular file data is not read here (the C core copies it when writing), except
+symlinks. The tree is walked breadth first, each directory in name order (as
+mkfs.erofs; the order the data is placed in, whatever the source fs's readdir order).
+Regular file data is not read here (the C core copies it when writing), except
 for --xattr-inode-digest: its sha256 is read here, before the data is queued.
 Hardlinks are detected by (st_dev, st_ino); the table only keeps inodes with links not
 yet seen. Excluded paths are matched against the path relative to SOURCE (no leading
 '/'): --exclude-path exactly, --exclude-regex with re.search.
 """
+import collections
 import errno
 import hashlib
 import os
@@ -60,7 +63,6 @@ class TreeWalker:
         self.on_entry = on_entry
         # entries of each directory in name order: the walk order is then the same on
         # every filesystem (pack streams regular files to its chunker in walk order)
-        self.sort_entries = False
         self.entries = 0
         self.bytes = 0
         ts = options.effective_timestamp()
@@ -181,20 +183,20 @@ class TreeWalker:
         root = self._add(src, st)
         self.b.set_root(root)
         links: dict[tuple[int, int], list[int]] = {}   # (dev, ino) -> [node, links still expected]
-        stack = [(src, b"", root)]
+        pending = collections.deque([(src, b"", root)])   # breadth first
         add_child = self.b.add_child
         excluding = bool(self.excl_paths or self.excl_regex)
         skip = self.skip
         on_entry = self.on_entry
-        while stack:
-            dpath, drel, dnode = stack.pop()
+        while pending:
+            dpath, drel, dnode = pending.popleft()
             try:
+                # in name order, not readdir's: the data (and -Efragments' packed
+                # inode) then follow the names as in mkfs.erofs, whatever the source fs
                 with os.scandir(dpath) as it:
-                    ents = list(it)
+                    ents = sorted(it, key=_entry_name)
             except OSError as e:
                 raise _oserr(e, dpath) from None
-            if self.sort_entries:
-                ents.sort(key=_entry_name)
             for ent in ents:
                 name = ent.name
                 path = ent.path
@@ -226,7 +228,7 @@ class TreeWalker:
                 except ErofsToolsError as e:
                     raise _with_path(e, path) from None
                 if (mode & _S_IFMT) == _S_IFDIR:
-                    stack.append((path, rel, node))
+                    pending.append((path, rel, node))
                 if on_entry is not None:
                     on_entry(self.entries, self.bytes)
         return root
