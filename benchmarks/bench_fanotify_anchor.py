@@ -6,8 +6,10 @@ EROFS; docker-registry; issue 15):
     python3 benchmarks/bench_fanotify_anchor.py [--mib 1024] [--rounds 3]
                                                 [--startup-pct 5] [--json out.json]
 
-One generated tree (bench_daemon's: files of 16 KiB .. 3 MiB, half random, half text) in
-a private docker-registry on 127.0.0.1, twice:
+One tree in a private docker-registry on 127.0.0.1, twice. The tree (--tree usr, the
+default) is a reproducible selection of this machine's /usr files (benchlib.usr_tree:
+~20,000 files for 1 GiB, most of them small), or (--tree generated) bench_daemon's
+generated files of 16 KiB .. 3 MiB, half random, half text.
 
   theirs  `mkfs.erofs -E^inline_data` (erofs-utils 1.9.4 built with OCI + fanotify by
           `benchmarks/anchor.py --fanotify`) pushed as a single-layer OCI image, mounted
@@ -36,13 +38,14 @@ import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from benchlib import REPO, anchor_line, anchors, child_env, goal, goal_line
+from benchlib import REPO, anchor_line, anchors, child_env, goal, goal_line, usr_tree
 
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
@@ -259,6 +262,8 @@ def check_same_bytes(src: Path, mnt: str, files: list[str]) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--mib", type=int, default=1024, help="source tree size (MiB)")
+    ap.add_argument("--tree", choices=["usr", "generated"], default="usr",
+                    help="what the tree holds (see above)")
     ap.add_argument("--rounds", type=int, default=3, help="rounds of each (alternating)")
     ap.add_argument("--startup-pct", type=float, default=5.0,
                     help="percentage of the files the startup set reads")
@@ -270,6 +275,8 @@ def main(argv=None) -> int:
     if os.geteuid() != 0:
         print("bench_fanotify_anchor: needs root (mount, drop_caches)", file=sys.stderr)
         return 2
+    # SIGTERM ends the run through the finally clauses (mounts, workers, registry)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     import anchor as anchor_build
     from registry_fixtures import start_registry
     fan = anchor_build.ensure_fanotify_anchor()
@@ -284,7 +291,7 @@ def main(argv=None) -> int:
         server = start_registry(str(work / "reg"), "none")
         src = work / "src"
         if not src.exists():
-            make_tree(src, a.mib)
+            (usr_tree if a.tree == "usr" else make_tree)(src, a.mib)
         files = files_of(src)
         rnd = random.Random(42)
         sample = rnd.sample(files, max(1, int(len(files) * a.startup_pct / 100)))

@@ -214,6 +214,7 @@ class MountLifecycle(CacheEviction):
                 not isinstance(backend, str):
             raise DaemonError("mount needs string bootstrap, mountpoint and backend")
         parse_backend_spec(backend)
+        log.debug("mount request: %s on %s (backend %s)", bootstrap, mountpoint, backend)
         given = mountpoint
         mountpoint = os.path.realpath(mountpoint)
         bootstrap = os.path.abspath(bootstrap)

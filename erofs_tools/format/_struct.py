@@ -64,6 +64,33 @@ class Record:
         return obj
 
     @classmethod
+    def decode_many(cls: type[R], buf: Buffer, offset: int, count: int,
+                    what: str | None = None) -> list[R]:
+        """`count` records back to back from `offset`: decode's result, one table unpack
+        (bootstrap tables hold tens of thousands of entries)."""
+        end = offset + count * cls.SIZE
+        if offset < 0 or count < 0 or len(buf) < end:
+            raise CorruptImageError(f"{what or cls.__name__} table truncated at offset "
+                                    f"{offset}")
+        names, new = cls._names, cls.__new__
+        out = []
+        for vals in cls._fmt.iter_unpack(memoryview(buf)[offset:end]):
+            obj = new(cls)
+            obj.__dict__.update(zip(names, vals))
+            out.append(obj)
+        return out
+
+    @classmethod
+    def iter_rows(cls, buf: Buffer, offset: int, count: int, what: str | None = None):
+        """The field tuples (FIELDS order, reserved ones left out) of `count` records
+        back to back from `offset`, without building records."""
+        end = offset + count * cls.SIZE
+        if offset < 0 or count < 0 or len(buf) < end:
+            raise CorruptImageError(f"{what or cls.__name__} table truncated at offset "
+                                    f"{offset}")
+        return cls._fmt.iter_unpack(memoryview(buf)[offset:end])
+
+    @classmethod
     def pack(cls, *values: Any) -> bytes:
         """Encode the named fields given in FIELDS order, without building a record (the
         fast path of writers that emit many records)."""

@@ -41,10 +41,10 @@ def table_digest(entry, pins: dict[int, ChunkPin]) -> bytes:
     for (blobcache.load_or_fetch_meta)."""
     h = hashlib.sha256(b"fscache-daemon chunk table v1\0")
     h.update(entry.encode() if entry is not None else b"")
-    for k in sorted(pins):
-        p = pins[k]
-        h.update(b"%d:%d:%d:%d:%d:" % (k, p.uncompressed_offset, p.uncompressed_size,
-                                      p.compressed_offset, p.compressed_size) + p.digest)
+    # the same bytes as one update per pin, hashed in one call (a cold mount's pins)
+    h.update(b"".join(b"%d:%d:%d:%d:%d:" % (k, p.uncompressed_offset, p.uncompressed_size,
+                                            p.compressed_offset, p.compressed_size)
+                      + p.digest for k, p in sorted(pins.items())))
     return h.digest()
 
 
