@@ -22,11 +22,14 @@ publishes markers.
 from __future__ import annotations
 
 import threading
+from collections import deque
 from collections.abc import Callable
 from typing import NamedTuple
 
 # a sequential window never starts further than this many windows past a cached stretch
 MAX_SKIPPED_WINDOWS = 64
+# requests remembered to tell a sequential reader's miss from a random one
+RECENT_REQUESTS = 32
 
 
 class Window(NamedTuple):
@@ -54,6 +57,9 @@ class BlobReadahead:
         self.win_start = 0        # the latest sequential window: [win_start, win_end)
         self.win_end = 0
         self.size = 0
+        # the last chunks of the latest requests that reached us: a miss right after
+        # one of them is a sequential reader's (several readers interleave)
+        self._recent: deque[int] = deque(maxlen=RECENT_REQUESTS)
 
     def on_request(self, offset: int, length: int, fetched: bool) -> Window | None:
         """The daemon served [offset, offset+length) (`fetched`: it had to fetch some of
@@ -66,6 +72,7 @@ class BlobReadahead:
             return None
         first, last = chunks[0], chunks[-1]
         with self._lock:
+            self._recent.append(last.index)
             m = self.marker
             if m is not None and first.index <= m.index <= last.index:
                 self._set_marker(None)
@@ -81,7 +88,12 @@ class BlobReadahead:
                     # larger, now
                     return self._sequential(max(self.win_end, last.uncompressed_end),
                                             min(2 * self.size, self.maximum))
-                return self._sequential(last.uncompressed_end, self.initial)
+                if prev[0].index in self._recent:
+                    return self._sequential(last.uncompressed_end, self.initial)
+                # the chunk before is there, but no reader asked for it lately (another
+                # window or reader brought it): a random read (a program's start reading
+                # scattered small files), not the next step of a sequential one; windows
+                # there would fetch several times what is read (issue 15's startup set)
             start = last.uncompressed_end
             end = min(self.mgr.run_end(last), start + self.maximum)
             if end <= start:

@@ -78,6 +78,7 @@ def test_sequential_miss_opens_a_window_with_a_marker_then_markers_double_it():
     mgr = FakeMgr()
     ra, log = make(mgr)
     mgr.cache.cached.update({0, 1})           # chunk 0 read before, chunk 1 just fetched
+    assert ra.on_request(0, 4096, False) is None   # the reader read chunk 0
     w = ra.on_request(1 * MiB, 4096, True)
     assert idx(w) == [2, 3] and w.marker.index == 2
     assert log == [("hold", 2)]
@@ -102,6 +103,7 @@ def test_catching_up_with_the_window_in_flight_grows_the_next_one():
     mgr = FakeMgr()
     ra, log = make(mgr)
     mgr.cache.cached.update({0, 1})
+    assert ra.on_request(0, 4096, False) is None   # the reader read chunk 0
     w = ra.on_request(1 * MiB, 4096, True)
     assert idx(w) == [2, 3]
     mgr.inflight.update(idx(w))
@@ -119,6 +121,7 @@ def test_windows_skip_what_is_cached_or_in_flight():
     ra, _ = make(mgr)
     mgr.cache.cached.update({0, 1, 2, 3, 4, 5, 6, 7, 9})
     mgr.inflight.add(8)
+    assert ra.on_request(0, 4096, False) is None   # the reader read chunk 0
     w = ra.on_request(1 * MiB, 4096, True)     # window 2..3 all cached: look further
     assert idx(w) == [10, 11] and w.marker.index == 10
     mgr.cache.cached.update(range(64))
@@ -131,6 +134,7 @@ def test_off_and_reset():
     mgr.cache.cached.update({0, 1})
     assert ra.on_request(1 * MiB, 4096, True) is None
     ra, log = make(mgr)
+    assert ra.on_request(0, 4096, False) is None   # the reader read chunk 0
     w = ra.on_request(1 * MiB, 4096, True)
     ra.reset()
     assert log == [("hold", w.marker.index), ("pub", w.marker.index)]
@@ -143,6 +147,7 @@ def test_without_marker_hits_a_miss_at_the_window_end_grows_the_next_window():
     mgr = FakeMgr()
     ra, _ = make(mgr)
     mgr.cache.cached.update({0, 1})
+    assert ra.on_request(0, 4096, False) is None   # the reader read chunk 0
     w = ra.on_request(1 * MiB, 4096, True)
     assert idx(w) == [2, 3]
     mgr.fetch(w)
@@ -152,3 +157,19 @@ def test_without_marker_hits_a_miss_at_the_window_end_grows_the_next_window():
     mgr.fetch(w)
     mgr.cache.cached.add(9)
     assert idx(ra.on_request(9 * MiB, 4096, True)) == list(range(10, 18))
+
+
+def test_miss_after_a_chunk_no_reader_asked_for_is_random():
+    """Scattered small reads (a program's start): a miss whose preceding chunk is cached
+    only because a window or another file brought it opens no window (it would fetch
+    several times what is read); after a chunk a reader did ask for, it does."""
+    mgr = FakeMgr()
+    ra, _ = make(mgr)
+    mgr.cache.cached.update({4, 5})               # brought by someone else
+    w = ra.on_request(5 * MiB, 4096, True)
+    assert w is None or all(c.index < 8 for c in w.chunks)   # the rest of its file only
+    assert ra.marker is None
+    assert ra.on_request(5 * MiB, 4096, False) is None        # the reader read chunk 5
+    mgr.cache.cached.add(6)
+    w = ra.on_request(6 * MiB, 4096, True)
+    assert idx(w) == [7, 8] and w.marker.index == 7

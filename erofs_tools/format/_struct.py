@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 from typing import Any, ClassVar, TypeVar
 
 from erofs_tools.errors import CorruptImageError
@@ -81,7 +82,8 @@ class Record:
         return out
 
     @classmethod
-    def iter_rows(cls, buf: Buffer, offset: int, count: int, what: str | None = None):
+    def iter_rows(cls, buf: Buffer, offset: int, count: int,
+                  what: str | None = None) -> Iterator[tuple[Any, ...]]:
         """The field tuples (FIELDS order, reserved ones left out) of `count` records
         back to back from `offset`, without building records."""
         end = offset + count * cls.SIZE
