@@ -228,7 +228,8 @@ def full_round(side, files: list[str]) -> dict:
         if n2 != n:
             raise SystemExit(f"{side.name}: warm read {n2} bytes, cold {n}")
         return {"mount_s": mount_s, "cold_s": cold, "warm_s": warm, "bytes": n,
-                "peak_rss_mib": side.hwm(), "backend_requests": reqs}
+                "peak_rss_mib": side.hwm(), "backend_requests": reqs,
+                "load1": os.getloadavg()[0]}
     finally:
         side.umount()
 
@@ -241,7 +242,7 @@ def startup_round(side, sample: list[str]) -> dict:
         n = read_all(side.mnt, sample)
         secs = time.perf_counter() - t0
         return {"mount_s": mount_s, "startup_s": secs, "bytes": n,
-                "backend_requests": side.requests()}
+                "backend_requests": side.requests(), "load1": os.getloadavg()[0]}
     finally:
         side.umount()
 
@@ -283,6 +284,7 @@ def main(argv=None) -> int:
     mkfs, mount_bin = str(fan / "bin" / "mkfs.erofs"), str(fan / "sbin" / "mount.erofs")
     info = anchors(mkfs)
     print(anchor_line(info), file=sys.stderr, flush=True)
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     work = Path(a.workdir or tempfile.mkdtemp(prefix="fanotify-anchor-", dir="/var/tmp"))
     work.mkdir(parents=True, exist_ok=True)
     server = None
@@ -349,6 +351,9 @@ def main(argv=None) -> int:
             res["rows"][key] = {"theirs": vals["theirs"], "ours": vals["ours"],
                                 "ours_vs_theirs": vals["ours"] / vals["theirs"]}
         res["load"] = os.getloadavg()
+        loads = [r["load1"] for side in runs.values() for kind in side.values() for r in kind]
+        res["load1_range"] = [min(loads), max(loads)]
+        res["utc"] = [started, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())]
         rr = res["rows"]
         # issue 15: faster in every timed row; memory has its own bound (a Python
         # daemon with a chunk map against a C loop with one buffer)
@@ -361,7 +366,9 @@ def main(argv=None) -> int:
         print(f"tree {a.mib} MiB, {len(files)} files; startup set {len(sample)} files, "
               f"{res['startup_bytes'] / 2**20:.1f} MiB; their image "
               f"{res['image_bytes'] / 2**20:.0f} MiB ({theirs.meta_bytes / 2**20:.2f} MiB "
-              f"metadata seeded); {a.rounds} rounds (medians; RSS: max)")
+              f"metadata seeded); {a.rounds} rounds (medians; RSS: max); 1-minute load "
+              f"{res['load1_range'][0]:.1f}-{res['load1_range'][1]:.1f} ({res['utc'][0]} - "
+              f"{res['utc'][1]})")
         print(f"{'row':<14}{'theirs':>10}{'ours':>10}{'ours/theirs':>13}")
         for k, v in rr.items():
             print(f"{k:<14}{v['theirs']:>10.3f}{v['ours']:>10.3f}{v['ours_vs_theirs']:>13.2f}")

@@ -520,24 +520,12 @@ class BlobMeta:
                 uncompressed_size = b.uncompressed_size
 
         chunks = []
-        # whole-table unpack (a cold mount decodes tens of thousands of entries); the
-        # field arithmetic is rafs.decode_ci_v1/v2's
-        words = struct.iter_unpack("<QQ", memoryview(ci)[:n * 16]) if not v2 else \
-            (struct.unpack_from("<QQ", ci, i * esize) for i in range(n))
-        for i, (uncomp, compw) in enumerate(words):
-            coff = compw & 0xFF_FFFF_FFFF
+        for i, (uoff, us, coff, cs, flags) in enumerate(rafs.decode_ci_table(ci, n, v2)):
             if v2:
-                uoff = (uncomp & 0xFFFF_FFFF) << 12
-                us = ((uncomp >> 32) & 0xFF_FFFF) + 1
-                flags = (uncomp >> 56) & 0xFF
-                cs = (compw >> 40) & 0xFF_FFFF
                 comp = bool(flags & rafs.CI_V2_FLAG_COMPRESSED)
                 if flags & ~(rafs.CI_V2_FLAG_COMPRESSED | 0x10):
                     raise CorruptImageError(f"blob {name}: chunk {i} has unsupported flags {flags:#x}")
             else:
-                us = ((((uncomp >> 8) & 0xF) << 20) | ((uncomp >> 44) & 0xFFFFF)) + 1
-                uoff = uncomp & 0x0FFF_FFFF_F000
-                cs = ((((compw >> 40) & 0xF) << 20) | ((compw >> 44) & 0xFFFFF)) + 1
                 comp = cs != us
             if coff + cs > data_end:
                 raise CorruptImageError(

@@ -241,8 +241,7 @@ class Image:
     def _parse_rafs(self):
         self.rafs = None
         self.blob_entries = []
-        self._chunk_table = (0, 0)     # (offset, entries): decoded on first use
-        self._chunk_infos = None
+        self._chunk_table, self._chunk_infos = (0, 0), None   # (offset, entries); lazy
         self.prefetch = []
         sb = self.sb
         if not sb.feature_compat & E.FEATURE_COMPAT_RAFS_V6:
@@ -289,17 +288,14 @@ class Image:
 
     @property
     def chunk_infos(self) -> list:
-        """The RAFS chunk-info table as R.ChunkInfo records (decoded on first use: a
-        mount reads it as chunk_info_rows)."""
+        """The RAFS chunk-info table as R.ChunkInfo records (decoded on first use)."""
         if self._chunk_infos is None:
             off, n = self._chunk_table
             self._chunk_infos = R.ChunkInfo.decode_many(self.data, off, n) if n else []
         return self._chunk_infos
 
     def chunk_info_rows(self):
-        """The chunk-info table as plain tuples in R.ChunkInfo field order (digest,
-        blob_index, flags, compressed_size, uncompressed_size, compressed_offset,
-        uncompressed_offset, file_offset, index, crc32), without building records."""
+        """The chunk-info table as tuples in R.ChunkInfo field order, no records."""
         off, n = self._chunk_table
         if not n:
             return iter(())
