@@ -187,7 +187,7 @@ def _fetch_meta(blob_id: str, backend, entry, blob_size, digests, pins):
             # proxies and mirrors serve as they serve the rest) instead of the table's
             # reads: a blob missing or cut short still fails the mount, not later reads
             end = entry.compressed_size
-            if end and len(backend.read(blob_id, end - 1, 1)) != 1:
+            if end and len(backend.reader(blob_id)(end - 1, 1)) != 1:
                 raise StorageError(f"blob {blob_id[:12]} is shorter than the "
                                    f"{end} bytes the bootstrap says")
             return meta, 1 if end else 0
