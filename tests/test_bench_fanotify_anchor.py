@@ -101,7 +101,7 @@ def test_quick_run_of_the_benchmark(tmp_path):
         assert row["theirs"] > 0 and row["ours"] > 0
     runs = res["runs"]
     # both read every byte of the tree, and the same startup set
-    assert runs["theirs"]["full"][0]["bytes"] == runs["ours"]["full"][0]["bytes"] > 8 << 20
+    assert runs["theirs"]["full"][0]["bytes"] == runs["ours"]["full"][0]["bytes"] >= 8 << 20
     assert runs["theirs"]["startup"][0]["bytes"] == runs["ours"]["startup"][0]["bytes"] > 0
     assert res["theirs_seeded_metadata_bytes"] > 0
     assert runs["ours"]["full"][0]["backend_requests"] > 0
