@@ -15,7 +15,13 @@ Cache layout (root: $EROFS_ANCHOR_CACHE or /var/cache/erofs-tools-anchor):
     erofs-utils-<version>/bin/    mkfs.erofs, fsck.erofs, dump.erofs
     erofs-utils-<version>/info.json  Debian version, `mkfs.erofs -V`, build time
 
-Command line:  benchmarks/anchor.py [--refresh] [--force] [--print bin|mkfs|version]
+    fanotify/erofs-utils-<version>/  the --fanotify variant: the same source built with
+                                  OCI + fanotify (mount.erofs -t erofs.fanotify) into
+                                  bin/ and sbin/; a subdirectory, so the plain anchor's
+                                  glob (erofs-utils-1.9.*) never picks it up
+
+Command line:  benchmarks/anchor.py [--fanotify] [--refresh] [--force]
+                                    [--print bin|mkfs|mount|version]
 prints the anchor's bin directory (default) and logs its version on stderr. A cached
 build is used without touching the network; --refresh asks sid for a newer version.
 """
@@ -56,6 +62,14 @@ CONFIGURE_FLAGS = ["--enable-lz4", "--enable-lzma", "--enable-multithreading",
                    "--disable-fanotify", "--without-libnl3", "--disable-ublk",
                    "--disable-oci", "--disable-s3"]
 TOOLS = ["mkfs.erofs", "fsck.erofs", "dump.erofs"]
+
+# The fanotify variant (issue 15's other lazy implementation): OCI registry input and the
+# fanotify pre-content backend need libcurl and json-c; everything else as above.
+FANOTIFY_DIR = "fanotify"
+FANOTIFY_BUILD_DEPS = ["libcurl4-openssl-dev", "libjson-c-dev"]
+FANOTIFY_CONFIGURE_FLAGS = [
+    f for f in CONFIGURE_FLAGS if f not in ("--disable-fanotify", "--disable-oci")
+] + ["--enable-oci", "--enable-fanotify", "--with-libcurl", "--with-json-c"]
 
 
 class AnchorError(Exception):
@@ -99,9 +113,9 @@ def cached_builds() -> list[Path]:
     return sorted(found, key=lambda d: _version_key(d.name[len(PACKAGE) + 1:]))
 
 
-def missing_build_deps() -> list[str]:
+def missing_build_deps(deps: list[str] = BUILD_DEPS) -> list[str]:
     missing = []
-    for pkg in BUILD_DEPS:
+    for pkg in deps:
         out = subprocess.run(["dpkg-query", "-W", "-f=${Status}", pkg],
                              capture_output=True, text=True)
         if "install ok installed" not in out.stdout:
@@ -109,8 +123,8 @@ def missing_build_deps() -> list[str]:
     return missing
 
 
-def install_build_deps() -> None:
-    missing = missing_build_deps()
+def install_build_deps(deps: list[str] = BUILD_DEPS) -> None:
+    missing = missing_build_deps(deps)
     if not missing:
         return
     log("apt-get install " + " ".join(missing))
@@ -119,8 +133,10 @@ def install_build_deps() -> None:
          env=env, stdout=subprocess.DEVNULL)
 
 
-def fetch_source() -> tuple[Path, str]:
-    """Download sid's erofs-utils source package and unpack it; (tree, Debian version)."""
+def fetch_source(suffix: str = "") -> tuple[Path, str]:
+    """Download sid's erofs-utils source package and unpack it; (tree, Debian version).
+    suffix names a separate tree (src/erofs-utils-<version><suffix>) for a variant, so
+    the plain anchor's in-tree build is left alone."""
     opts = vmkernel.apt_options(CACHE_ROOT / "apt", SOURCES_LIST)
     log(f"apt-get update (private lists in {CACHE_ROOT / 'apt'})")
     _run(["apt-get", *opts, "update"], stdout=subprocess.DEVNULL)
@@ -135,7 +151,7 @@ def fetch_source() -> tuple[Path, str]:
         raise AnchorError(f"{SUITE} ships {PACKAGE} {debversion}, not the {SERIES}x series")
     srcdir = CACHE_ROOT / "src"
     srcdir.mkdir(parents=True, exist_ok=True)
-    tree = srcdir / f"{PACKAGE}-{upstream}"
+    tree = srcdir / f"{PACKAGE}-{upstream}{suffix}"
     dsc = srcdir / f"{PACKAGE}_{debversion.split(':')[-1]}.dsc"
     if not dsc.exists():
         log(f"apt-get source --download-only {PACKAGE}={debversion} ({SUITE})")
@@ -153,17 +169,19 @@ def fetch_source() -> tuple[Path, str]:
     return tree, debversion
 
 
-def build(tree: Path, debversion: str) -> Path:
+def build(tree: Path, debversion: str, fanotify: bool = False) -> Path:
     """autogen + configure + make; install into the cache; return the install dir."""
-    upstream = tree.name[len(PACKAGE) + 1:]
-    out = CACHE_ROOT / f"{PACKAGE}-{upstream}"
+    upstream = debversion.split(":")[-1].rsplit("-", 1)[0]
+    out = (CACHE_ROOT / FANOTIFY_DIR if fanotify else CACHE_ROOT) / f"{PACKAGE}-{upstream}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    flags = FANOTIFY_CONFIGURE_FLAGS if fanotify else CONFIGURE_FLAGS
     logpath = tree / ".anchor-build.log"
     jobs = str((os.cpu_count() or 1) + 1)
     t0 = time.monotonic()
     with open(logpath, "w") as logf, tempfile.TemporaryDirectory(dir=CACHE_ROOT) as tmp:
         try:
             for cmd in (["./autogen.sh"],
-                        ["./configure", f"--prefix={out}", *CONFIGURE_FLAGS],
+                        ["./configure", f"--prefix={out}", *flags],
                         ["nice", "-n", "10", "make", f"-j{jobs}"],
                         ["make", "install", f"DESTDIR={tmp}"]):
                 log(" ".join(cmd[:3]) + (" ..." if len(cmd) > 3 else ""))
@@ -177,6 +195,8 @@ def build(tree: Path, debversion: str) -> Path:
         for t in TOOLS:
             if not (staged / "bin" / t).exists():
                 raise AnchorError(f"build installed no {t} (log {logpath})")
+        if fanotify and not (staged / "sbin" / "mount.erofs").exists():
+            raise AnchorError(f"build installed no sbin/mount.erofs (log {logpath})")
         version = tool_version(staged / "bin" / "mkfs.erofs")
         if upstream not in version:
             raise AnchorError(f"built mkfs.erofs says {version!r}, expected {upstream}")
@@ -185,7 +205,7 @@ def build(tree: Path, debversion: str) -> Path:
             "suite": SUITE,
             "debian_version": debversion,
             "version": version,
-            "configure_flags": CONFIGURE_FLAGS,
+            "configure_flags": flags,
             "build_seconds": round(time.monotonic() - t0, 1),
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
@@ -216,6 +236,51 @@ def ensure_anchor(refresh: bool = False, force: bool = False) -> Path:
         return build(tree, debversion)
 
 
+def cached_fanotify_builds() -> list[Path]:
+    """Complete cached builds of the fanotify variant, newest version last."""
+    found = [d for d in (CACHE_ROOT / FANOTIFY_DIR).glob(f"{PACKAGE}-{SERIES}*")
+             if (d / "info.json").exists() and (d / "sbin" / "mount.erofs").exists()
+             and all((d / "bin" / t).exists() for t in TOOLS)]
+    return sorted(found, key=lambda d: _version_key(d.name[len(PACKAGE) + 1:]))
+
+
+def ensure_fanotify_anchor(force: bool = False) -> Path:
+    """The fanotify variant's install dir (bin/, sbin/mount.erofs), built once from the
+    same sid source as the plain anchor (which it builds first if there is none)."""
+    if not force:
+        builds = cached_fanotify_builds()
+        if builds:
+            return builds[-1]
+    plain = ensure_anchor()
+    with locked():
+        builds = cached_fanotify_builds()
+        if builds and not force:
+            return builds[-1]
+        install_build_deps(BUILD_DEPS + FANOTIFY_BUILD_DEPS)
+        debversion = json.loads((plain / "info.json").read_text())["debian_version"]
+        tree, debversion = fetch_source(suffix="-fanotify") if force else \
+            _unpack_cached(debversion, "-fanotify")
+        return build(tree, debversion, fanotify=True)
+
+
+def _unpack_cached(debversion: str, suffix: str) -> tuple[Path, str]:
+    """Unpack the already downloaded .dsc of debversion into its own tree (no network);
+    falls back to fetch_source when the .dsc is gone."""
+    srcdir = CACHE_ROOT / "src"
+    dsc = srcdir / f"{PACKAGE}_{debversion.split(':')[-1]}.dsc"
+    if not dsc.exists():
+        return fetch_source(suffix)
+    upstream = debversion.split(":")[-1].rsplit("-", 1)[0]
+    tree = srcdir / f"{PACKAGE}-{upstream}{suffix}"
+    if tree.exists():
+        shutil.rmtree(tree)
+    unpack = subprocess.run(["dpkg-source", "-x", dsc.name, tree.name], cwd=srcdir,
+                            capture_output=True, text=True)
+    if unpack.returncode:
+        raise AnchorError(f"dpkg-source -x {dsc.name} failed: {unpack.stderr.strip()}")
+    return tree, debversion
+
+
 def default_mkfs() -> Path:
     """mkfs.erofs of the newest cached anchor build (builds it if there is none)."""
     return ensure_anchor() / "bin" / "mkfs.erofs"
@@ -226,18 +291,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--refresh", action="store_true",
                     help=f"ask {SUITE} for a newer version even if one is cached")
     ap.add_argument("--force", action="store_true", help="rebuild even if cached")
-    ap.add_argument("--print", choices=["bin", "mkfs", "version"], default="bin",
+    ap.add_argument("--fanotify", action="store_true",
+                    help="the variant built with OCI + fanotify (mount.erofs "
+                         "-t erofs.fanotify), in its own cache directory")
+    ap.add_argument("--print", choices=["bin", "mkfs", "mount", "version"], default="bin",
                     dest="what", help="what to print on stdout (default: the bin dir)")
     args = ap.parse_args(argv)
     try:
-        out = ensure_anchor(refresh=args.refresh, force=args.force)
+        if args.fanotify:
+            out = ensure_fanotify_anchor(force=args.force or args.refresh)
+        else:
+            out = ensure_anchor(refresh=args.refresh, force=args.force)
     except (AnchorError, subprocess.CalledProcessError, OSError) as e:
         log(f"error: {e}")
         return 1
     version = tool_version(out / "bin" / "mkfs.erofs")
     log(f"{version} ({out / 'bin'})")
     print({"bin": out / "bin", "mkfs": out / "bin" / "mkfs.erofs",
-           "version": version}[args.what], flush=True)
+           "mount": out / "sbin" / "mount.erofs", "version": version}[args.what],
+          flush=True)
     return 0
 
 

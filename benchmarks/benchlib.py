@@ -108,3 +108,40 @@ def child_env() -> dict:
 
 
 sys.path.insert(0, os.fspath(HERE))
+
+
+def usr_tree(root: Path, mib: int, base: str = "/usr") -> int:
+    """Copy a reproducible selection of this machine's BASE files (regular files of at
+    most 64 MiB, ranked by the sha256 of their path, taken in that order until MIB MiB)
+    to ROOT, keeping their relative paths: a real mix of sizes (many small files, a few
+    big ones) that a generated tree lacks. The same machine gives the same tree; another
+    machine, another tree of the same kind. Returns the number of files."""
+    import hashlib
+    import shutil
+    import stat
+    found = []
+    for d, _ds, fs in os.walk(base):
+        for n in fs:
+            p = os.path.join(d, n)
+            try:
+                st = os.lstat(p)
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode) and st.st_size <= 64 << 20:
+                found.append((hashlib.sha256(p.encode(errors="surrogateescape")).digest(),
+                              p, st.st_size))
+    found.sort()
+    total, n, target = 0, 0, mib << 20
+    root.mkdir(parents=True)
+    for _h, p, size in found:
+        if total >= target:
+            break
+        dst = root / os.path.relpath(p, base)
+        try:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(p, dst)
+        except OSError:
+            continue
+        total += size
+        n += 1
+    return n

@@ -167,7 +167,9 @@ def run(cache_dir, api_sock, frontend, threads, batch_size, prefetch_rate, reada
     """
     from fscache_daemon.api import ApiServer
     from fscache_daemon.daemon import Daemon
+    from fscache_daemon.memory import bound_heap_arenas
 
+    bound_heap_arenas()     # before the worker threads allocate anything
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(threadName)s %(name)s: %(message)s")
     d = Daemon(cache_dir, frontend=frontend, threads=threads, batch_size=_size(batch_size),

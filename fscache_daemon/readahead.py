@@ -35,6 +35,7 @@ publishes markers.
 from __future__ import annotations
 
 import threading
+from collections import deque
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -53,6 +54,8 @@ AROUND = 1 << 20
 # A random miss in a file read whole: the small files (chunks under SMALL_FILES_CHUNK)
 # within this many bytes after it come too
 NEIGHBOURS = 1 << 20
+# requests remembered to tell a sequential reader's miss from a random one
+RECENT_REQUESTS = 32
 
 
 class Window(NamedTuple):
@@ -87,6 +90,9 @@ class BlobReadahead:
         self.size = 0
         self.small = False        # the latest window was a stretch of small files
         self._keep_until = 0      # end of the file run the current request is in
+        # the last chunks of the latest requests that reached us: a miss right after
+        # one of them is a sequential reader's (several readers interleave)
+        self._recent: deque[int] = deque(maxlen=RECENT_REQUESTS)
 
     def on_request(self, offset: int, length: int, fetched: bool) -> Window | None:
         """The daemon served [offset, offset+length) (`fetched`: it had to fetch some of
@@ -101,6 +107,7 @@ class BlobReadahead:
         keep_until = self.mgr.run_end(last)
         with self._lock:
             self._keep_until = keep_until
+            self._recent.append(last.index)
             m = self.marker
             if m is not None and first.index <= m.index <= last.index:
                 self._set_marker(None)
@@ -117,7 +124,12 @@ class BlobReadahead:
                     # larger, now
                     return self._sequential(max(self.win_end, last.uncompressed_end),
                                             min(2 * self.size, self.maximum))
-                return self._sequential(last.uncompressed_end, self.initial)
+                if prev.index in self._recent:
+                    return self._sequential(last.uncompressed_end, self.initial)
+                # the chunk before is there, but no reader asked for it lately (another
+                # window or reader brought it): a random read (a program's start reading
+                # scattered small files), not the next step of a sequential one; windows
+                # there would fetch several times what is read (issue 15's startup set)
             start = last.uncompressed_end
             end = self.mgr.run_end(last)
             if end - start > self.maximum:

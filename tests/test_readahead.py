@@ -91,6 +91,7 @@ def test_sequential_miss_opens_a_window_with_a_marker_then_markers_double_it():
     mgr = FakeMgr()
     ra, log = make(mgr)
     mgr.cache.cached.update({0, 1})           # chunk 0 read before, chunk 1 just fetched
+    assert ra.on_request(0, 4096, False) is None   # the reader read chunk 0
     w = ra.on_request(1 * MiB, 4096, True)
     assert idx(w) == [2, 3] and w.marker.index == 2
     assert log == [("hold", 2)]
@@ -115,6 +116,7 @@ def test_catching_up_with_the_window_in_flight_grows_the_next_one():
     mgr = FakeMgr()
     ra, log = make(mgr)
     mgr.cache.cached.update({0, 1})
+    assert ra.on_request(0, 4096, False) is None   # the reader read chunk 0
     w = ra.on_request(1 * MiB, 4096, True)
     assert idx(w) == [2, 3]
     mgr.inflight.update(idx(w))
@@ -132,6 +134,7 @@ def test_windows_skip_what_is_cached_or_in_flight():
     ra, _ = make(mgr)
     mgr.cache.cached.update({0, 1, 2, 3, 4, 5, 6, 7, 9})
     mgr.inflight.add(8)
+    assert ra.on_request(0, 4096, False) is None   # the reader read chunk 0
     w = ra.on_request(1 * MiB, 4096, True)     # window 2..3 all cached: look further
     assert idx(w) == [10, 11] and w.marker.index == 10
     mgr.cache.cached.update(range(64))
@@ -144,6 +147,7 @@ def test_off_and_reset():
     mgr.cache.cached.update({0, 1})
     assert ra.on_request(1 * MiB, 4096, True) is None
     ra, log = make(mgr)
+    assert ra.on_request(0, 4096, False) is None   # the reader read chunk 0
     w = ra.on_request(1 * MiB, 4096, True)
     ra.reset()
     assert log == [("hold", w.marker.index), ("pub", w.marker.index)]
@@ -156,6 +160,7 @@ def test_without_marker_hits_a_miss_at_the_window_end_grows_the_next_window():
     mgr = FakeMgr()
     ra, _ = make(mgr)
     mgr.cache.cached.update({0, 1})
+    assert ra.on_request(0, 4096, False) is None   # the reader read chunk 0
     w = ra.on_request(1 * MiB, 4096, True)
     assert idx(w) == [2, 3]
     mgr.fetch(w)
@@ -182,6 +187,7 @@ def test_windows_leave_out_cold_files_but_not_the_rest_of_the_file_being_read():
     mgr = ColdMgr(cold={3, 4, 9, 10, 11}, file_mib=8)    # files of 8 chunks: 0..7, 8..15
     ra, _ = make(mgr, initial=4 * MiB)
     mgr.cache.cached.update({0, 1})
+    assert ra.on_request(0, 4096, False) is None          # the reader read chunk 0
     w = ra.on_request(1 * MiB, 4096, True)               # sequential in file 0..7
     # chunks 3 and 4 are of this very file: the reader gets them
     assert idx(w) == [2, 3, 4, 5] and w.marker.index == 2
@@ -196,6 +202,7 @@ def test_the_sequential_test_looks_back_past_cold_chunks():
     mgr = ColdMgr(cold={4, 5}, file_mib=1)                 # a file per chunk
     ra, _ = make(mgr)
     mgr.cache.cached.update({3, 6})                      # 3 read before, 6 just fetched
+    assert ra.on_request(3 * MiB, 4096, False) is None   # the reader read chunk 3
     w = ra.on_request(6 * MiB, 4096, True)
     assert w.marker is not None and idx(w)[0] == 7       # a sequential window after it
     mgr2 = FakeMgr(file_mib=1)
@@ -221,6 +228,7 @@ def test_a_small_file_window_does_not_grow():
     mgr.run_end = lambda c: c.uncompressed_end           # a file per chunk
     ra, _ = make(mgr, initial=1 * MiB)
     mgr.cache.cached.update({0, 1})
+    assert ra.on_request(0, 4096, False) is None          # the reader read chunk 0
     w = ra.on_request(1 * (64 << 10), 4096, True)
     assert len(w.chunks) == 16
     mgr.fetch(w)
@@ -306,3 +314,19 @@ def test_the_daemon_marks_the_chunks_of_cold_files(tmp_path):
                            "/pkg/lonely.py": False, "/data.bin": False}
     finally:
         d.shutdown()
+
+
+def test_miss_after_a_chunk_no_reader_asked_for_is_random():
+    """Scattered small reads (a program's start): a miss whose preceding chunk is cached
+    only because a window or another file brought it opens no window (it would fetch
+    several times what is read); after a chunk a reader did ask for, it does."""
+    mgr = FakeMgr()
+    ra, _ = make(mgr)
+    mgr.cache.cached.update({4, 5})               # brought by someone else
+    w = ra.on_request(5 * MiB, 4096, True)
+    assert w is None or all(c.index < 8 for c in w.chunks)   # the rest of its file only
+    assert ra.marker is None
+    assert ra.on_request(5 * MiB, 4096, False) is None        # the reader read chunk 5
+    mgr.cache.cached.add(6)
+    w = ra.on_request(6 * MiB, 4096, True)
+    assert idx(w) == [7, 8] and w.marker.index == 7

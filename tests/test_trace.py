@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import helpers
 import pytest
 from test_daemon_support import REPO, DaemonProc, drop_caches, pack, require_lazy_kernel
 
@@ -130,6 +131,9 @@ def test_trace_includes_reads_the_fd_holder_answers(daemon, image, tmp_path):
     the filled bitmap and never reach the daemon; they are first accesses all the same."""
     mnt = str(tmp_path / "mnt")
     daemon.mount(image["boot"], mnt, f"localfs:{image['blobs']}")
+    # file-aware readahead needs the file runs, learnt by a walk after the mount
+    helpers.wait_until(lambda: "file runs known for readahead" in daemon.log(tail=400), 30,
+                       "the daemon's file runs")
     path = os.path.join(mnt, "c.bin")
     read(path, 4096)                  # a miss: the daemon fetches the rest of c.bin
     deadline = time.monotonic() + 60

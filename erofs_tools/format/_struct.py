@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 from typing import Any, ClassVar, TypeVar
 
 from erofs_tools.errors import CorruptImageError
@@ -62,6 +63,34 @@ class Record:
         for name, val in zip(cls._names, vals):
             setattr(obj, name, val)
         return obj
+
+    @classmethod
+    def decode_many(cls: type[R], buf: Buffer, offset: int, count: int,
+                    what: str | None = None) -> list[R]:
+        """`count` records back to back from `offset`: decode's result, one table unpack
+        (bootstrap tables hold tens of thousands of entries)."""
+        end = offset + count * cls.SIZE
+        if offset < 0 or count < 0 or len(buf) < end:
+            raise CorruptImageError(f"{what or cls.__name__} table truncated at offset "
+                                    f"{offset}")
+        names, new = cls._names, cls.__new__
+        out = []
+        for vals in cls._fmt.iter_unpack(memoryview(buf)[offset:end]):
+            obj = new(cls)
+            obj.__dict__.update(zip(names, vals))
+            out.append(obj)
+        return out
+
+    @classmethod
+    def iter_rows(cls, buf: Buffer, offset: int, count: int,
+                  what: str | None = None) -> Iterator[tuple[Any, ...]]:
+        """The field tuples (FIELDS order, reserved ones left out) of `count` records
+        back to back from `offset`, without building records."""
+        end = offset + count * cls.SIZE
+        if offset < 0 or count < 0 or len(buf) < end:
+            raise CorruptImageError(f"{what or cls.__name__} table truncated at offset "
+                                    f"{offset}")
+        return cls._fmt.iter_unpack(memoryview(buf)[offset:end])
 
     @classmethod
     def pack(cls, *values: Any) -> bytes:

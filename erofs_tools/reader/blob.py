@@ -211,7 +211,7 @@ class BlobMeta:
 
     __slots__ = ("blob_id", "chunks", "uncompressed_size", "compressed_size", "compressor",
                  "digester", "chunk_size", "features", "digest_region", "_starts", "_by_index",
-                 "zran")
+                 "zran", "_bytes")
 
     def __init__(self, blob_id, chunks, uncompressed_size, compressed_size, compressor,
                  digester, chunk_size, features=0, digest_region=None, zran=None):
@@ -229,6 +229,7 @@ class BlobMeta:
         self._by_index = None
         # a zran blob's contexts and chunk decoder (reader/zran.py), else None
         self.zran = zran
+        self._bytes = None
         self._validate()
 
     def __repr__(self):
@@ -337,6 +338,12 @@ class BlobMeta:
     _ENTRY = struct.Struct("<IQIQIB")          # index, uoff, usize, coff, csize, flags
 
     def to_bytes(self) -> bytes:
+        # made once: a mount needs it twice (the map file, the cache's chunk-map digest)
+        if self._bytes is None:
+            self._bytes = self._encode()
+        return self._bytes
+
+    def _encode(self) -> bytes:
         algos = (rafs.COMPRESSOR_CODES[self.compressor] << 8) | rafs.DIGESTER_CODES[self.digester]
         dr_off, dr_size = self.digest_region or (0, 0)
         head = self._HEAD.pack(self._CACHE_MAGIC, (self.blob_id or "").encode(),
@@ -513,14 +520,12 @@ class BlobMeta:
                 uncompressed_size = b.uncompressed_size
 
         chunks = []
-        for i in range(n):
+        for i, (uoff, us, coff, cs, flags) in enumerate(rafs.decode_ci_table(ci, n, v2)):
             if v2:
-                uoff, us, coff, cs, flags = rafs.decode_ci_v2(ci, i * esize)
                 comp = bool(flags & rafs.CI_V2_FLAG_COMPRESSED)
                 if flags & ~(rafs.CI_V2_FLAG_COMPRESSED | 0x10):
                     raise CorruptImageError(f"blob {name}: chunk {i} has unsupported flags {flags:#x}")
             else:
-                uoff, us, coff, cs = rafs.decode_ci_v1(ci, i * esize)
                 comp = cs != us
             if coff + cs > data_end:
                 raise CorruptImageError(

@@ -32,6 +32,8 @@ class ChunkPin(NamedTuple):
     compressed_offset: int
     compressed_size: int
     digest: bytes
+    # the chunk-info flag: its bytes in the blob are compressed (None: not known)
+    compressed: bool | None = None
 
 
 def chunk_pins(img: Image) -> list[dict[int, ChunkPin]]:
@@ -40,15 +42,17 @@ def chunk_pins(img: Image) -> list[dict[int, ChunkPin]]:
     different values makes the bootstrap unusable (which would the kernel read?)."""
     n = len(img.devices)
     out: list[dict[int, ChunkPin]] = [{} for _ in range(n)]
-    for ci in img.chunk_infos:
-        if ci.blob_index >= n:
-            raise CorruptImageError(f"{img.name}: chunk table names blob {ci.blob_index}, "
+    # raw rows, not ChunkInfo records: a cold mount reads tens of thousands of them
+    for digest, blob, flags, csize, usize, coff, uoff, _fo, index, _crc in \
+            img.chunk_info_rows():
+        if blob >= n:
+            raise CorruptImageError(f"{img.name}: chunk table names blob {blob}, "
                                     f"the bootstrap has {n}")
-        pin = ChunkPin(ci.uncompressed_offset, ci.uncompressed_size, ci.compressed_offset,
-                       ci.compressed_size, bytes(ci.digest))
-        if out[ci.blob_index].setdefault(ci.index, pin) != pin:
-            raise CorruptImageError(f"{img.name}: chunk table gives chunk {ci.index} of blob "
-                                    f"{ci.blob_index} twice, differently")
+        pin = ChunkPin(uoff, usize, coff, csize, digest,
+                       bool(flags & R.CHUNK_FLAG_COMPRESSED))
+        if out[blob].setdefault(index, pin) != pin:
+            raise CorruptImageError(f"{img.name}: chunk table gives chunk {index} of blob "
+                                    f"{blob} twice, differently")
     return out
 
 

@@ -241,7 +241,7 @@ class Image:
     def _parse_rafs(self):
         self.rafs = None
         self.blob_entries = []
-        self.chunk_infos = []
+        self._chunk_table, self._chunk_infos = (0, 0), None   # (offset, entries); lazy
         self.prefetch = []
         sb = self.sb
         if not sb.feature_compat & E.FEATURE_COMPAT_RAFS_V6:
@@ -280,12 +280,26 @@ class Image:
             be = R.BlobEntry.decode(self.data, ext.s_blob_table_offset + i * R.BlobEntry.SIZE)
             self.blob_entries.append(be)
         if ext.s_chunk_table_size:
-            off = ext.s_chunk_table_offset
-            for i in range(ext.s_chunk_table_size // R.ChunkInfo.SIZE):
-                self.chunk_infos.append(R.ChunkInfo.decode(self.data, off + i * R.ChunkInfo.SIZE))
+            self._chunk_table = (ext.s_chunk_table_offset,
+                                 ext.s_chunk_table_size // R.ChunkInfo.SIZE)
         if ext.s_prefetch_table_offset and ext.s_prefetch_table_size:
             raw = self.read(ext.s_prefetch_table_offset, ext.s_prefetch_table_size, "prefetch table")
             self.prefetch = [int.from_bytes(raw[i:i + 4], "little") for i in range(0, len(raw), 4)]
+
+    @property
+    def chunk_infos(self) -> list:
+        """The RAFS chunk-info table as R.ChunkInfo records (decoded on first use)."""
+        if self._chunk_infos is None:
+            off, n = self._chunk_table
+            self._chunk_infos = R.ChunkInfo.decode_many(self.data, off, n) if n else []
+        return self._chunk_infos
+
+    def chunk_info_rows(self):
+        """The chunk-info table as tuples in R.ChunkInfo field order, no records."""
+        off, n = self._chunk_table
+        if not n:
+            return iter(())
+        return R.ChunkInfo.iter_rows(self.data, off, n)
 
     @property
     def is_rafs(self):

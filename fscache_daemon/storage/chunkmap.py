@@ -28,6 +28,7 @@ import os
 import struct
 
 from erofs_tools.errors import CorruptImageError, ErofsToolsError
+from erofs_tools.format import rafs
 from erofs_tools.fsutil import atomic_write_bytes
 from erofs_tools.reader import blob as rblob
 from erofs_tools.reader import zran as rzran
@@ -98,16 +99,22 @@ def _apply_pins(meta, pins, blob_id: str):
     places a pinned chunk elsewhere than the bootstrap does."""
     if not pins:
         return meta
+    # one pass over tens of thousands of chunks at every cold mount: plain tuple slices
+    # (BlobChunk fields 1..4 and ChunkPin fields 0..3 are the same four places)
+    width = 2 if meta.zran is not None else 4
+    changed = False
     for k, p in pins.items():
         try:
             c = meta.chunk_by_index(k)
         except CorruptImageError:
             raise StorageError(f"blob {blob_id[:12]}: the bootstrap pins chunk {k}, the "
                                "blob has no such chunk") from None
-        if _place(meta, c) != _place(meta, c, p):
+        if c[1:1 + width] != p[:width]:
             raise StorageError(f"blob {blob_id[:12]}: chunk {k} lies elsewhere in the blob "
                                "than the bootstrap's chunk table says")
-    return meta.with_digests({k: p.digest for k, p in pins.items()})
+        changed = changed or c.digest != p.digest
+    # a blob whose own digest section agrees with the bootstrap needs no copy
+    return meta.with_digests({k: p.digest for k, p in pins.items()}) if changed else meta
 
 
 def _read_map(path: str, blob_id: str):
@@ -132,9 +139,58 @@ def _read_map(path: str, blob_id: str):
     return table, meta
 
 
+def _meta_from_pins(blob_id: str, entry, blob_size: int, pins) -> rblob.BlobMeta | None:
+    """The chunk map as the bootstrap alone gives it, when its chunk-info table pins
+    every chunk of the blob (what `erofs-tools pack` writes): places, sizes, flags and
+    digests are all there, so a cold mount needs no round trip for the blob's own table
+    and no parse of it. The blob's table could only agree with these pins (_apply_pins
+    refuses any other), and every chunk fetched is still verified against its pinned
+    digest. None when the pins do not cover the blob or it needs its own table (zran,
+    unknown algorithms or features)."""
+    n = getattr(entry, "chunk_count", 0)
+    if entry is None or not pins or len(pins) != n or rzran.is_zran_entry(entry):
+        return None
+    if entry.features & rafs.BLOB_FEATURES_UNSUPPORTED:
+        return None
+    compressor = rafs.COMPRESSOR_NAMES.get(entry.compression_algo)
+    digester = rafs.DIGESTER_NAMES.get(entry.digest_algo)
+    if compressor is None or digester is None or \
+            any(k < 0 or k >= n or p.compressed is None for k, p in pins.items()):
+        return None
+    chunks = [rblob.BlobChunk(k, p.uncompressed_offset, p.uncompressed_size,
+                              p.compressed_offset, p.compressed_size, p.digest, p.compressed)
+              for k, p in pins.items()]
+    try:
+        meta = rblob.BlobMeta(blob_id, chunks, entry.uncompressed_size, blob_size,
+                              compressor, digester, entry.chunk_size, entry.features)
+    except CorruptImageError as e:
+        log.info("blob %s: bootstrap chunk table unusable as a chunk map (%s); reading "
+                 "the blob's own", blob_id[:12], e)
+        return None
+    by_c = sorted(chunks, key=lambda c: c.compressed_offset)
+    if any(a.compressed_offset + a.compressed_size > b.compressed_offset
+           for a, b in zip(by_c, by_c[1:])):
+        return None
+    return meta
+
+
 def _fetch_meta(blob_id: str, backend, entry, blob_size, digests, pins):
     """The chunk map read from the blob through `backend`, with the bootstrap's pins
-    applied. Returns (meta, backend bytes read)."""
+    applied (or made from the pins alone when they cover the blob: _meta_from_pins).
+    Returns (meta, backend bytes read)."""
+    if blob_size is None and entry is not None and entry.compressed_size:
+        blob_size = entry.compressed_size
+    if blob_size is not None:
+        meta = _meta_from_pins(blob_id, entry, blob_size, pins)
+        if meta is not None:
+            # one byte, the data's last, read as data is (a registry: a range GET, which
+            # proxies and mirrors serve as they serve the rest) instead of the table's
+            # reads: a blob missing or cut short still fails the mount, not later reads
+            end = entry.compressed_size
+            if end and len(backend.reader(blob_id)(end - 1, 1)) != 1:
+                raise StorageError(f"blob {blob_id[:12]} is shorter than the "
+                                   f"{end} bytes the bootstrap says")
+            return meta, 1 if end else 0
     fetched = 0
     read = backend.reader(blob_id)
 
