@@ -47,11 +47,14 @@ def _read_all(src, mnt, timeout=60):
     return out
 
 
-def test_cache_disk_full(image):
+def test_cache_disk_full(image, tmp_path):
     """The cache's file system fills up: fills fail (EIO for those readers, the rest read
     correctly), the daemon stays up; once space is freed every file reads correctly."""
     with loop_fs(24 << 20) as fs:
-        d = DaemonProc(os.path.join(fs, "d"), extra=["--readahead", "0"]).start()
+        d = DaemonProc(os.path.join(fs, "d"), extra=["--readahead", "0"])
+        # the log elsewhere: on the full file system its lines about the fault were cut
+        d.log_path = str(tmp_path / "daemon.log")
+        d.start()
         mnt = os.path.join(fs, "mnt")
         try:
             d.mount(image["boot"], mnt, f"localfs:{image['blobs']}")
