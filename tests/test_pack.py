@@ -500,15 +500,17 @@ def test_unreadable_file_leaves_nothing(tmp_path, monkeypatch):
         (src / f"f{i}").write_bytes(os.urandom(50000))
     blobs = tmp_path / "blobs"
     blobs.mkdir()
-    # make one file vanish between the walk and the chunk read
-    import erofs_tools.builder.rafs as rafs_mod
-    real = rafs_mod.ChunkPipeline.run
+    # make one file vanish between the walk and the chunk read: when the walk (on its
+    # own thread, beside the chunker) hands it over, after it was seen and recorded
+    import erofs_tools.builder.rafs_walk as walk_mod
+    real = walk_mod.WalkFeed._emit
 
-    def run(self, files):
-        os.unlink(src / "f17")
-        return real(self, files)
+    def emit(self, item):
+        if os.path.basename(os.fsdecode(item[1])) == "f17":
+            os.unlink(src / "f17")
+        return real(self, item)
 
-    monkeypatch.setattr(rafs_mod.ChunkPipeline, "run", run)
+    monkeypatch.setattr(walk_mod.WalkFeed, "_emit", emit)
     from erofs_tools.errors import InputError
     with pytest.raises(InputError, match="f17"):
         pack(src, tmp_path / "boot", blobs, PackOptions())
