@@ -238,6 +238,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                          "threads": d.pool.threads, "mounts": len(d.images),
                          "detached": len(d.detached), "cache_size": d.cache_size,
                          "hosts_dir": d.hosts_dir,
+                         "containerd_config": d.containerd_config,
                          "uptime_s": round(time.time() - d.started_at, 3)})
 
     def get_mounts(self, _q):

@@ -69,6 +69,25 @@ def _hosts_dir(path: str) -> str | None:
     return os.path.abspath(path)
 
 
+def _containerd_config(path: str, hosts: str | None) -> tuple[str, str | None]:
+    """Check containerd's config file now (a broken one is a start-up error, not a
+    failed mount later); its `config_path` is the hosts directory unless `--hosts-dir`
+    was given (on the command line or in the daemon's config file)."""
+    from erofs_tools.registry.cri_config import load_cri_config
+    path = os.path.abspath(path)
+    try:
+        cfg = load_cri_config(path)
+    except ErofsToolsError as e:
+        raise click.BadParameter(str(e), param_hint="--containerd-config") from None
+    ctx = click.get_current_context()
+    if cfg.config_path and ctx.get_parameter_source("hosts_dir") == \
+            click.core.ParameterSource.DEFAULT:
+        hosts = cfg.config_path
+    log.info("registry credentials for %d host(s) from %s; hosts directory %s",
+             len(cfg.auths), path, hosts or "none")
+    return path, hosts
+
+
 def _load_config(ctx: click.Context, _param: click.Parameter, path: str | None) -> None:
     """`run --config FILE`: a TOML file whose keys are run's long options (`cache-size =
     "20G"`, `snapshotter-socket = "..."`, `insecure-registry = ["host"]`; `_` or `-`).
@@ -142,6 +161,11 @@ def cli():
               type=click.Path(file_okay=False),
               help="containerd's hosts directory (DIR/<host>/hosts.toml): mirrors, plain "
                    "HTTP and TLS settings per registry for registry backends ('' : none).")
+@click.option("--containerd-config", default="", metavar="PATH",
+              type=click.Path(dir_okay=False),
+              help="containerd's config.toml: registry credentials of its CRI plugin "
+                   "(registry.configs.\"HOST\".auth) for the hosts they name, and its "
+                   "config_path as the hosts directory unless --hosts-dir is given.")
 @click.option("--cache-size", default=None, metavar="SIZE",
               help="Limit of the blob cache on disk (k/M/G suffixes): blobs no mounted "
                    "image uses are evicted, least recently used first (default: no limit).")
@@ -154,7 +178,7 @@ def cli():
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
 def run(cache_dir, api_sock, frontend, threads, batch_size, prefetch_rate, readahead,
         fetch_deadline, snapshotter_socket, snapshotter_root, insecure_registry, hosts_dir,
-        cache_size, trace_window, log_level):
+        containerd_config, cache_size, trace_window, log_level):
     """Run the daemon in the foreground (logs to stderr).
 
     SIGTERM/SIGINT stop it cleanly: the API closes, chunk state is flushed, and mounts
@@ -172,11 +196,14 @@ def run(cache_dir, api_sock, frontend, threads, batch_size, prefetch_rate, reada
     bound_heap_arenas()     # before the worker threads allocate anything
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(threadName)s %(name)s: %(message)s")
+    hosts = _hosts_dir(hosts_dir)
+    if containerd_config:
+        containerd_config, hosts = _containerd_config(containerd_config, hosts)
     d = Daemon(cache_dir, frontend=frontend, threads=threads, batch_size=_size(batch_size),
                prefetch_rate=_size(prefetch_rate), readahead=_size(readahead),
-               fetch_deadline=fetch_deadline, hosts_dir=_hosts_dir(hosts_dir),
+               fetch_deadline=fetch_deadline, hosts_dir=hosts,
                cache_size=None if cache_size is None else _size(cache_size),
-               trace_window=trace_window)
+               trace_window=trace_window, containerd_config=containerd_config or None)
     api = ApiServer(d, api_sock)
     stop = threading.Event()
 

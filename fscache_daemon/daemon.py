@@ -119,12 +119,15 @@ class Daemon(MountLifecycle):
                  prefetch_rate: int = DEFAULT_PREFETCH_RATE, durable: bool = True,
                  readahead: int = DEFAULT_READAHEAD, fetch_deadline: float | None = None,
                  hosts_dir: str | None = None, cache_size: int | None = None,
-                 trace_window: float = TRACE_KEEP_MARKED):
+                 trace_window: float = TRACE_KEEP_MARKED,
+                 containerd_config: str | None = None):
         self.trace_window = trace_window
         self.cache_dir = os.path.realpath(cache_dir)   # mount sources are recorded by it
         self.fetch_deadline = fetch_deadline  # registry retrying per fetch (None: default)
         # containerd's hosts directory: mirrors, plain HTTP, TLS per registry host
         self.hosts_dir = hosts_dir
+        # containerd's config.toml: registry credentials per host (read per backend)
+        self.containerd_config = containerd_config
         self.blob_dir = os.path.join(self.cache_dir, "blobs")
         self.boot_dir = os.path.join(self.cache_dir, "bootstraps")
         for d in (self.cache_dir, self.blob_dir, self.boot_dir):
@@ -239,6 +242,7 @@ class Daemon(MountLifecycle):
                     kw["timeout"] = min(30.0, self.fetch_deadline)
                 if not options.get("mirror"):
                     kw["hosts_dir"] = self.hosts_dir
+                kw["containerd_config"] = self.containerd_config
                 be = open_backend(spec, **kw)
                 self.backends[key] = be
             self._backend_inflight[id(be)] = self._backend_inflight.get(id(be), 0) + 1

@@ -71,18 +71,21 @@ class RegistryHost:
 
 
 def host_dir(root: str, host: str) -> str | None:
-    """The directory holding `host`'s configuration, or None."""
+    """The directory holding `host`'s configuration, or None. `root` may list several
+    directories separated by ':' (containerd's `config_path`): the first that has one
+    for the host wins."""
     names = []
     name, sep, port = host.rpartition(":")
     if sep and name and port.isdigit():
         names.append(f"{name}_{port}_")
     names += [host, "_default"]
-    for n in names:
-        if "/" in n or n in (".", ".."):
-            continue
-        p = os.path.join(root, n)
-        if os.path.isdir(p):
-            return p
+    for r in (x for x in root.split(os.pathsep) if x):
+        for n in names:
+            if "/" in n or n in (".", ".."):
+                continue
+            p = os.path.join(r, n)
+            if os.path.isdir(p):
+                return p
     return None
 
 

@@ -15,12 +15,17 @@ import logging
 import os
 import re
 import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from erofs_tools.errors import ErofsToolsError
 from erofs_tools.registry.reference import default_insecure
 
 from . import BackendError, BackendUnavailableError
 from .iobuf import BufferPool, IOBuffer
+
+if TYPE_CHECKING:
+    from erofs_tools.registry.auth import Credentials
 
 log = logging.getLogger(__name__)
 
@@ -266,8 +271,10 @@ class RegistryBackend(Backend):
     may list mirrors for the registry: blob reads go to the endpoints with the `pull`
     capability in order, the manifest to those with `resolve`, and the first that
     answers wins (a mirror that fails or lacks the blob costs one quick attempt, then
-    the next is asked). Each endpoint has its own client, so its own host's credentials
-    (docker config): the registry's never reach a mirror.
+    the next is asked). Each endpoint has its own client, so its own host's credentials:
+    `credentials(host)` (containerd's CRI registry configs, `open_backend`'s
+    `containerd_config`) if it has an entry for exactly that `host[:port]`, else the
+    docker config's: the registry's never reach a mirror.
     """
 
     kind = "registry"
@@ -275,6 +282,7 @@ class RegistryBackend(Backend):
     def __init__(self, reference: str, *, proxy: str | None = None,
                  mirror: str | None = None, insecure: bool | None = None,
                  digest_map: dict | None = None, hosts_dir: str | None = None,
+                 credentials: Callable[[str], Credentials | None] | None = None,
                  **client_kw):
         from erofs_tools import registry as reg
         from erofs_tools.registry.hosts import RegistryHost, registry_hosts
@@ -298,8 +306,12 @@ class RegistryBackend(Backend):
                 default = None if insecure is None else ("http" if insecure else "https")
                 hosts = registry_hosts(hosts_dir, ref.api_host, default)
             for i, h in enumerate(hosts):
+                kw = dict(client_kw)
+                creds = credentials(h.host) if credentials else None
+                if creds is not None:
+                    kw["credentials"] = creds
                 self._clients.append((h, self._make_client(reg, ref.api_host, h, proxy,
-                                                           i < len(hosts) - 1, client_kw)))
+                                                           i < len(hosts) - 1, kw)))
         except BackendError:
             self.close()
             raise
@@ -454,9 +466,18 @@ def parse_backend_spec(spec: str) -> tuple[str, str]:
 
 def open_backend(spec: str, *, proxy: str | None = None, mirror: str | None = None,
                  insecure: bool | None = None, hosts_dir: str | None = None,
-                 **client_kw) -> Backend:
+                 containerd_config: str | None = None, **client_kw) -> Backend:
+    """A backend for `spec`. `containerd_config` (containerd's config.toml) is read now,
+    so a registry backend sees the credentials the file holds when the mount opens it."""
     kind, where = parse_backend_spec(spec)
     if kind == "localfs":
         return LocalFsBackend(where)
+    credentials = None
+    if containerd_config:
+        from erofs_tools.registry.cri_config import load_cri_config
+        try:
+            credentials = load_cri_config(containerd_config).credentials
+        except ErofsToolsError as e:
+            raise BackendError(f"registry backend {where}: {e}") from None
     return RegistryBackend(where, proxy=proxy, mirror=mirror, insecure=insecure,
-                           hosts_dir=hosts_dir, **client_kw)
+                           hosts_dir=hosts_dir, credentials=credentials, **client_kw)
