@@ -120,7 +120,7 @@ class Containerd:
     def __init__(self, workdir: str, proxies: dict[str, str],
                  cri_snapshotter: str | None = None,
                  plain_http_hosts: tuple[str, ...] = (),
-                 start_timeout: float = 30.0) -> None:
+                 start_timeout: float = 30.0, extra_config: str = "") -> None:
         self.dir = workdir
         self.cri = cri_snapshotter is not None
         self.sock = os.path.join(workdir, "containerd.sock")
@@ -154,8 +154,10 @@ class Containerd:
         for name, address in proxies.items():
             lines += [f"[proxy_plugins.{name}]", '  type = "snapshot"',
                       f'  address = "{address}"']
+        self.config = config
         with open(config, "w") as f:
-            f.write("\n".join(lines) + "\n")
+            # extra_config: more TOML tables (e.g. the CRI plugin's registry settings)
+            f.write("\n".join(lines) + "\n" + extra_config)
         with open(self.log, "w") as out:
             self.proc = subprocess.Popen(["containerd", "--config", config],
                                          stdout=out, stderr=subprocess.STDOUT)

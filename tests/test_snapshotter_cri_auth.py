@@ -1,0 +1,146 @@
+"""One configuration file for both: real containerd 1.6 pulls a Nydus image through CRI
+(PullImage without a pull secret) from a docker-registry that needs htpasswd
+credentials, with the credentials and the hosts directory its own config.toml holds
+(`registry.config_path`, `registry.configs."HOST".auth`); the daemon, started with
+`--containerd-config` on that same file (no `--hosts-dir`, an empty docker config),
+reads the image's blobs lazily from the mirror hosts.toml names, with the mirror's own
+credentials; the upstream's never reach the mirror, the mirror's never the upstream."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+
+import helpers
+import pytest
+from containerd_fixtures import (
+    SNAPSHOTTER,
+    Containerd,
+    OciImage,
+    busybox_layers,
+    cri_pull,
+    require_containerd,
+    short_tmpdir,
+    tar_layer,
+    wait_for,
+)
+from registry_fixtures import FlakyProxy, registry_basic, start_registry  # noqa: F401
+from test_daemon_support import DaemonProc, require_lazy_kernel
+from test_snapshotter_nydus import CRI_NS, EXPECTED, SCRIPT
+
+pytestmark = [pytest.mark.root, pytest.mark.registry]
+
+CRI = 'plugins."io.containerd.grpc.v1.cri".registry'
+
+
+def _basic(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+def test_cri_pull_and_lazy_reads_with_containerd_credentials(registry_basic,  # noqa: F811
+                                                             monkeypatch):
+    require_containerd()
+    require_lazy_kernel()
+    d = short_tmpdir("snapcri-")
+    os.makedirs(os.path.join(d, "mirror"))
+    mirror = start_registry(os.path.join(d, "mirror"), "basic")  # its own password
+    up, mp = FlakyProxy(registry_basic.host), FlakyProxy(mirror.host)
+    daemon = ctd = None
+    try:
+        empty = os.path.join(d, "docker")
+        os.makedirs(empty)
+        monkeypatch.setenv("DOCKER_CONFIG", empty)   # no credentials but containerd's
+        hosts = os.path.join(d, "certs.d")
+        os.makedirs(os.path.join(hosts, up.host))
+        with open(os.path.join(hosts, up.host, "hosts.toml"), "w") as f:
+            f.write(f'server = "http://{up.host}"\n\n[host."http://{mp.host}"]\n'
+                    '  capabilities = ["pull"]\n')
+
+        big = random.Random(12).randbytes(4 << 20)
+        image = OciImage(busybox_layers() + [tar_layer([("data", "dir", None),
+                                                       ("data/big", "file", big)])],
+                         ["/bin/sh"], gzipped=True)
+        image.push(registry_basic.client(), "src/busybox", "1")
+        ref = f"{up.host}/nydus/busybox:1"
+        p = subprocess.run([sys.executable, "-m", "erofs_tools", "convert", "--insecure",
+                            f"{up.host}/src/busybox:1", ref, "--json"],
+                           capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "DOCKER_CONFIG": _docker_config(
+                               d, up.host, registry_basic)})
+        assert p.returncode == 0, p.stderr
+        src, dst = registry_basic.client(), mirror.client()
+        manifest = src.get_manifest("nydus/busybox", "1").json
+        blobs = [x["digest"] for x in manifest["layers"]
+                 if x.get("annotations", {}).get("containerd.io/snapshot/nydus-blob")]
+        for digest in blobs:
+            dst.push_blob("nydus/busybox", src.get_blob("nydus/busybox", digest),
+                          digest=digest)
+        src.close()
+        dst.close()
+        up.requests.clear()
+        up.seen_headers.clear()
+
+        # containerd's own registry settings: hosts directory and credentials per host
+        registry = (f"[{CRI}]\n  config_path = \"{hosts}\"\n"
+                    f'[{CRI}.configs."{up.host}".auth]\n'
+                    f'  username = "{registry_basic.username}"\n'
+                    f'  password = "{registry_basic.password}"\n'
+                    f'[{CRI}.configs."{mp.host}".auth]\n'
+                    f'  auth = "{_basic(mirror.username, mirror.password)[6:]}"\n')
+        snap_sock = os.path.join(d, "snap.sock")
+        ctd = Containerd(d, {SNAPSHOTTER: snap_sock}, cri_snapshotter=SNAPSHOTTER,
+                         extra_config=registry)
+        daemon = DaemonProc(os.path.join(d, "daemon"), extra=(
+            "--snapshotter-socket", snap_sock, "--containerd-config", ctd.config)).start()
+        wait_for(lambda: os.path.exists(snap_sock), 30, "snapshotter socket")
+        st, info = daemon.api.request("GET", "/api/v1/daemon")
+        assert st == 200 and info["hosts_dir"] == hosts, info
+        cri_pull(ctd.sock, ref)          # no pull secret: containerd's configs
+        out = ctd.run_out("--snapshotter", SNAPSHOTTER, ref, "cri1",
+                          "/bin/busybox", "sha256sum", "/data/big", ns=CRI_NS)
+        assert out.split()[0].decode() == hashlib.sha256(big).hexdigest()
+        out = ctd.run_out("--snapshotter", SNAPSHOTTER, ref, "cri2",
+                          "/bin/sh", "-c", SCRIPT, ns=CRI_NS)
+        assert out == EXPECTED
+
+        # the data blobs came from the mirror, each host saw its own credentials only
+        data_reads = [r for r in mp.requests if "/blobs/sha256:" in r]
+        assert any(blobs[-1] in r for r in data_reads), mp.requests
+        assert not [r for r in up.requests if any(b in r for b in blobs)], up.requests
+        up_creds = _basic(registry_basic.username, registry_basic.password)
+        mirror_creds = _basic(mirror.username, mirror.password)
+        assert any(h.get("Authorization") == mirror_creds for h in mp.seen_headers)
+        assert any(h.get("Authorization") == up_creds for h in up.seen_headers)
+        assert not any(h.get("Authorization") == up_creds for h in mp.seen_headers)
+        assert not any(h.get("Authorization") == mirror_creds for h in up.seen_headers)
+        # nothing in the daemon's log shows a secret
+        log = open(daemon.log_path, errors="replace").read()
+        assert registry_basic.password not in log and mirror.password not in log
+    finally:
+        if ctd is not None:
+            ctd.stop()
+        with open("/proc/self/mounts") as f:  # a failed test's leftover lazy mounts
+            for m in [ln.split()[1] for ln in f if ln.split()[1].startswith(d)]:
+                helpers.sys_umount(m, lazy=True)
+        if daemon is not None:
+            daemon.cleanup()
+        up.stop()
+        mp.stop()
+        mirror.stop()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _docker_config(d: str, host: str, server) -> str:
+    """A docker config for the convert step only (the test's own upload)."""
+    path = os.path.join(d, "convert-docker")
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump({"auths": {host: {"username": server.username,
+                                    "password": server.password}}}, f)
+    return path
