@@ -14,24 +14,20 @@ import json
 import os
 import random
 import shutil
-import subprocess
-import sys
 
 import helpers
 import pytest
 from containerd_fixtures import (
     SNAPSHOTTER,
     Containerd,
-    OciImage,
-    busybox_layers,
     cri_pull,
     require_containerd,
     short_tmpdir,
-    tar_layer,
     wait_for,
 )
 from registry_fixtures import FlakyProxy, registry_basic, start_registry  # noqa: F401
 from test_daemon_support import DaemonProc, require_lazy_kernel
+from test_snapshotter_hosts_cache import nydus_image_on_mirror
 from test_snapshotter_nydus import CRI_NS, EXPECTED, SCRIPT
 
 pytestmark = [pytest.mark.root, pytest.mark.registry]
@@ -63,26 +59,9 @@ def test_cri_pull_and_lazy_reads_with_containerd_credentials(registry_basic,  # 
                     '  capabilities = ["pull"]\n')
 
         big = random.Random(12).randbytes(4 << 20)
-        image = OciImage(busybox_layers() + [tar_layer([("data", "dir", None),
-                                                       ("data/big", "file", big)])],
-                         ["/bin/sh"], gzipped=True)
-        image.push(registry_basic.client(), "src/busybox", "1")
-        ref = f"{up.host}/nydus/busybox:1"
-        p = subprocess.run([sys.executable, "-m", "erofs_tools", "convert", "--insecure",
-                            f"{up.host}/src/busybox:1", ref, "--json"],
-                           capture_output=True, text=True, timeout=300,
-                           env={**os.environ, "DOCKER_CONFIG": _docker_config(
-                               d, up.host, registry_basic)})
-        assert p.returncode == 0, p.stderr
-        src, dst = registry_basic.client(), mirror.client()
-        manifest = src.get_manifest("nydus/busybox", "1").json
-        blobs = [x["digest"] for x in manifest["layers"]
-                 if x.get("annotations", {}).get("containerd.io/snapshot/nydus-blob")]
-        for digest in blobs:
-            dst.push_blob("nydus/busybox", src.get_blob("nydus/busybox", digest),
-                          digest=digest)
-        src.close()
-        dst.close()
+        ref, blobs = nydus_image_on_mirror(
+            registry_basic, up.host, mirror, big,
+            env={**os.environ, "DOCKER_CONFIG": _docker_config(d, up.host, registry_basic)})
         up.requests.clear()
         up.seen_headers.clear()
 

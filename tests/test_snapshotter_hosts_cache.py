@@ -45,6 +45,35 @@ def _basic(user: str, password: str) -> str:
     return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
 
 
+def nydus_image_on_mirror(server, up_host: str, mirror, big: bytes,
+                          env: dict | None = None) -> tuple[str, list[str]]:
+    """busybox plus /data/big pushed to `server`, converted (`erofs-tools convert`
+    through `up_host`, the server or its proxy; `env` for its credentials) into the Nydus
+    image UP_HOST/nydus/busybox:1, whose data blobs `mirror` holds too (copied, as a
+    registry mirror would). -> (the Nydus image's reference, its data blob digests)"""
+    image = OciImage(busybox_layers() + [tar_layer([("data", "dir", None),
+                                                   ("data/big", "file", big)])],
+                     ["/bin/sh"], gzipped=True)
+    image.push(server.client(), "src/busybox", "1")
+    ref = f"{up_host}/nydus/busybox:1"
+    p = subprocess.run([sys.executable, "-m", "erofs_tools", "convert", "--insecure",
+                        f"{up_host}/src/busybox:1", ref, "--json"],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 0, p.stderr
+    src, dst = server.client(), mirror.client()
+    try:
+        manifest = src.get_manifest("nydus/busybox", "1").json
+        blobs = [x["digest"] for x in manifest["layers"]
+                 if x.get("annotations", {}).get("containerd.io/snapshot/nydus-blob")]
+        for digest in blobs:
+            dst.push_blob("nydus/busybox", src.get_blob("nydus/busybox", digest),
+                          digest=digest)
+    finally:
+        src.close()
+        dst.close()
+    return ref, blobs
+
+
 def test_cri_pull_with_credentials_mirror_and_cache_limit(registry_basic,  # noqa: F811
                                                           monkeypatch):
     require_containerd()
@@ -72,25 +101,7 @@ def test_cri_pull_with_credentials_mirror_and_cache_limit(registry_basic,  # noq
                     '  capabilities = ["pull"]\n')
 
         big = random.Random(11).randbytes(8 << 20)
-        image = OciImage(busybox_layers() + [tar_layer([("data", "dir", None),
-                                                       ("data/big", "file", big)])],
-                         ["/bin/sh"], gzipped=True)
-        image.push(registry_basic.client(), "src/busybox", "1")
-        ref = f"{up.host}/nydus/busybox:1"
-        p = subprocess.run([sys.executable, "-m", "erofs_tools", "convert", "--insecure",
-                            f"{up.host}/src/busybox:1", ref, "--json"],
-                           capture_output=True, text=True, timeout=300)
-        assert p.returncode == 0, p.stderr
-        # the mirror holds the image's data blobs (copied, as a registry mirror would)
-        src, dst = registry_basic.client(), mirror.client()
-        manifest = src.get_manifest("nydus/busybox", "1").json
-        blobs = [x["digest"] for x in manifest["layers"]
-                 if x.get("annotations", {}).get("containerd.io/snapshot/nydus-blob")]
-        for digest in blobs:
-            dst.push_blob("nydus/busybox", src.get_blob("nydus/busybox", digest),
-                          digest=digest)
-        src.close()
-        dst.close()
+        ref, blobs = nydus_image_on_mirror(registry_basic, up.host, mirror, big)
         up.requests.clear()
         up.seen_headers.clear()
 

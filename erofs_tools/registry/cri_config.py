@@ -30,12 +30,12 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
-import tomllib
 import urllib.parse
 from dataclasses import dataclass, field
 
 from ..errors import AuthError, InputError
 from .auth import Credentials
+from .hosts import read_toml
 
 log = logging.getLogger(__name__)
 
@@ -61,18 +61,7 @@ class CriRegistryConfig:
 def load_cri_config(path: str) -> CriRegistryConfig:
     """Read containerd's config file; a clear one-line error (naming the file and the
     key, never a secret) if it cannot be used."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_CONFIG_FILE + 1)
-    except OSError as e:
-        raise InputError(f"{path}: cannot read containerd config: {e.strerror}") from None
-    if len(data) > MAX_CONFIG_FILE:
-        raise InputError(f"{path}: larger than {MAX_CONFIG_FILE} bytes")
-    try:
-        doc = tomllib.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
-        # tomllib's messages give the line and column, not the text
-        raise InputError(f"{path}: not valid TOML: {' '.join(str(e).split())}") from None
+    doc = read_toml(path, MAX_CONFIG_FILE, " containerd config")
     registry, where = _registry_table(path, doc)
     if registry is None:
         return CriRegistryConfig(path)

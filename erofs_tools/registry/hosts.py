@@ -139,18 +139,25 @@ def _endpoint(cfg: dict) -> RegistryHost:
                         cfg.get("skip_verify"), tuple(cfg.get("header") or ()))
 
 
-def _parse_file(path: str, base: str) -> tuple[list[dict], dict]:
+def read_toml(path: str, limit: int, what: str = "") -> dict:
+    """A TOML file of at most `limit` bytes, or an InputError naming the file (and
+    `what` it is meant to be): tomllib's messages give the line and column, never the
+    text, so no secret a file holds reaches a message."""
     try:
         with open(path, "rb") as f:
-            data = f.read(MAX_HOSTS_FILE + 1)
+            data = f.read(limit + 1)
     except OSError as e:
-        raise InputError(f"{path}: cannot read: {e.strerror}") from None
-    if len(data) > MAX_HOSTS_FILE:
-        raise InputError(f"{path}: larger than {MAX_HOSTS_FILE} bytes")
+        raise InputError(f"{path}: cannot read{what}: {e.strerror}") from None
+    if len(data) > limit:
+        raise InputError(f"{path}: larger than {limit} bytes")
     try:
-        doc = tomllib.loads(data.decode("utf-8"))
+        return tomllib.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
         raise InputError(f"{path}: not valid TOML: {' '.join(str(e).split())}") from None
+
+
+def _parse_file(path: str, base: str) -> tuple[list[dict], dict]:
+    doc = read_toml(path, MAX_HOSTS_FILE)
     tables = doc.get("host", {})
     if not isinstance(tables, dict):
         raise InputError(f"{path}: 'host' must be a table of [host.\"URL\"] tables")
