@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 from bench_daemon import drop_caches, files_of, make_tree, median, read_all, timed
-from benchlib import REPO, anchor_line, anchors, goal, goal_line  # noqa: E402
+from benchlib import REPO, announce_anchors, close_report, goal, is_root  # noqa: E402
 
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
@@ -126,15 +126,13 @@ def main(argv=None) -> int:
     ap.add_argument("--ways", default="direct,native,python")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
-    if os.geteuid() != 0:
-        print("bench_coldpath: needs root (mount, drop_caches)", file=sys.stderr)
+    if not is_root("bench_coldpath"):
         return 2
     from test_daemon_support import DaemonProc, pack, release_holder
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-coldpath-", dir="/var/tmp"))
     work.mkdir(parents=True, exist_ok=True)
-    anchor = anchors()
-    print(anchor_line(anchor), file=sys.stderr, flush=True)
+    anchor = announce_anchors()
     src = work / "src"
     if not src.exists():
         t, nfiles = timed(make_tree, src, args.mib)
@@ -250,14 +248,7 @@ def main(argv=None) -> int:
         if "direct" in runs:
             res["goals"].append(goal("cold / direct, medians", res["native_vs_direct"], ">=",
                                      0.9))
-    print(anchor_line(anchor))
-    for g in res["goals"]:
-        print(goal_line(g))
-    doc = json.dumps(res, indent=1, sort_keys=True)
-    print(doc)
-    if args.json:
-        Path(args.json).write_text(doc)
-    return 0
+    return close_report(res, args.json, anchor)
 
 
 if __name__ == "__main__":

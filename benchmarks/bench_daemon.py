@@ -47,7 +47,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import REPO, anchor_line, anchors, goal, goal_line  # noqa: E402
+from benchlib import REPO, announce_anchors, close_report, goal, is_root  # noqa: E402
 
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
@@ -142,8 +142,7 @@ def main(argv=None) -> int:
                          "and without the filled map, and the group in the daemon")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
-    if os.geteuid() != 0:
-        print("bench_daemon: needs root (mount, drop_caches)", file=sys.stderr)
+    if not is_root("bench_daemon"):
         return 2
 
     import helpers
@@ -151,8 +150,7 @@ def main(argv=None) -> int:
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-daemon-", dir="/var/tmp"))
     work.mkdir(parents=True, exist_ok=True)
-    anchor = anchors()
-    print(anchor_line(anchor), file=sys.stderr, flush=True)
+    anchor = announce_anchors()
     res = {"mib": args.mib, "kernel": os.uname().release, "cpus": os.cpu_count(),
            "anchors": anchor}
     src = work / "src"
@@ -396,14 +394,7 @@ def main(argv=None) -> int:
         goal("cold / direct (single-threaded loop), medians", res["cold_vs_direct"], ">=", 0.7),
         goal("warm / native, medians", res["warm_vs_native"], ">=", 0.95),
         goal("startup lazy / full, medians", res["startup_lazy_vs_full"], "<=", 0.2)]
-    print(anchor_line(anchor))
-    for g in res["goals"]:
-        print(goal_line(g))
-    doc = json.dumps(res, indent=1, sort_keys=True)
-    print(doc)
-    if args.json:
-        Path(args.json).write_text(doc)
-    return 0
+    return close_report(res, args.json, anchor)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import json
 import os
 import random
 import shutil
@@ -45,7 +44,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import REPO, anchor_line, anchors, child_env, goal, goal_line, usr_tree
+from benchlib import (
+    REPO,
+    anchor_line,
+    announce_anchors,
+    child_env,
+    close_report,
+    goal,
+    is_root,
+    usr_tree,
+)
 
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
@@ -273,8 +281,7 @@ def main(argv=None) -> int:
                     "on /var/tmp, removed at the end)")
     ap.add_argument("--json", help="write the results here too")
     a = ap.parse_args(argv)
-    if os.geteuid() != 0:
-        print("bench_fanotify_anchor: needs root (mount, drop_caches)", file=sys.stderr)
+    if not is_root("bench_fanotify_anchor"):
         return 2
     # SIGTERM ends the run through the finally clauses (mounts, workers, registry)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -282,8 +289,7 @@ def main(argv=None) -> int:
     from registry_fixtures import start_registry
     fan = anchor_build.ensure_fanotify_anchor()
     mkfs, mount_bin = str(fan / "bin" / "mkfs.erofs"), str(fan / "sbin" / "mount.erofs")
-    info = anchors(mkfs)
-    print(anchor_line(info), file=sys.stderr, flush=True)
+    info = announce_anchors(mkfs)
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     work = Path(a.workdir or tempfile.mkdtemp(prefix="fanotify-anchor-", dir="/var/tmp"))
     work.mkdir(parents=True, exist_ok=True)
@@ -372,10 +378,7 @@ def main(argv=None) -> int:
         print(f"{'row':<14}{'theirs':>10}{'ours':>10}{'ours/theirs':>13}")
         for k, v in rr.items():
             print(f"{k:<14}{v['theirs']:>10.3f}{v['ours']:>10.3f}{v['ours_vs_theirs']:>13.2f}")
-        for g in res["goals"]:
-            print(goal_line(g))
-        if a.json:
-            Path(a.json).write_text(json.dumps(res, indent=1))
+        close_report(res, a.json, print_json=False, sort_keys=False)
     finally:
         for s in sides:
             s.umount()

@@ -31,7 +31,14 @@ from pathlib import Path
 
 from bench_coldpath import proc_cpu, proc_hwm_mib
 from bench_daemon import drop_caches, median, read_all, timed
-from benchlib import REPO, anchor_line, anchors, child_env, goal, goal_line  # noqa: E402
+from benchlib import (  # noqa: E402
+    REPO,
+    announce_anchors,
+    child_env,
+    close_report,
+    goal,
+    is_root,
+)
 
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
@@ -98,8 +105,7 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", help="keep the tar here (default: a temp dir on /var/tmp)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
-    if os.geteuid() != 0:
-        print("bench_zran_seq: needs root (mount, drop_caches)", file=sys.stderr)
+    if not is_root("bench_zran_seq"):
         return 2
     from registry_fixtures import start_registry
     from test_daemon_support import DaemonProc, release_holder
@@ -110,8 +116,7 @@ def main(argv=None) -> int:
     keep = args.workdir is not None
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-zranseq-", dir="/var/tmp"))
     work.mkdir(parents=True, exist_ok=True)
-    anchor = anchors()
-    print(anchor_line(anchor), file=sys.stderr, flush=True)
+    anchor = announce_anchors()
     t, (tar, regular) = timed(make_tar, work, args.mib)
     print(f"tar: {len(regular)} files, {tar.stat().st_size / 1e6:.1f} MB in {t:.1f} s",
           file=sys.stderr, flush=True)
@@ -216,14 +221,7 @@ def main(argv=None) -> int:
         res["zran_vs_converted"] = res["zran_MBps"] / res["converted_MBps"]
         res["goals"].append(goal("zran / converted cold sequential throughput, medians",
                                  res["zran_vs_converted"], ">=", 0.5))
-    print(anchor_line(anchor))
-    for g in res["goals"]:
-        print(goal_line(g))
-    doc = json.dumps(res, indent=1, sort_keys=True)
-    print(doc)
-    if args.json:
-        Path(args.json).write_text(doc)
-    return 0
+    return close_report(res, args.json, anchor)
 
 
 if __name__ == "__main__":

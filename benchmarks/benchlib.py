@@ -3,6 +3,7 @@ with (erofs-utils version, kernel), child processes timed with their own rusage,
 goals stated as met or not."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -68,6 +69,39 @@ def goal(name: str, value: float, op: str, target: float) -> dict:
 
 def goal_line(g: dict) -> str:
     return f"goal {g['goal']}: {'met' if g['met'] else 'NOT met'} ({g['value']:.3f})"
+
+
+def is_root(prog: str) -> bool:
+    """Whether we run as root (mounts, drop_caches); if not, says so on stderr and the
+    benchmark returns 2."""
+    if os.geteuid() != 0:
+        print(f"{prog}: needs root (mount, drop_caches)", file=sys.stderr)
+        return False
+    return True
+
+
+def announce_anchors(mkfs: str | None = None) -> dict:
+    """anchors(), with its line on stderr first thing: a run's log says what it
+    compared with and how loaded the machine was when it started."""
+    info = anchors(mkfs)
+    print(anchor_line(info), file=sys.stderr, flush=True)
+    return info
+
+
+def close_report(res: dict, json_path: str | None, anchor: dict | None = None, *,
+                 print_json: bool = True, sort_keys: bool = True) -> int:
+    """A benchmark's last lines: the anchor line (when given), a line per goal of
+    res["goals"], the results as JSON on stdout (print_json) and in json_path. -> 0"""
+    if anchor is not None:
+        print(anchor_line(anchor))
+    for g in res["goals"]:
+        print(goal_line(g))
+    doc = json.dumps(res, indent=1, sort_keys=sort_keys)
+    if print_json:
+        print(doc)
+    if json_path:
+        Path(json_path).write_text(doc)
+    return 0
 
 
 GNU_TIME = "/usr/bin/time"
