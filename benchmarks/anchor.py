@@ -149,14 +149,27 @@ def fetch_source(suffix: str = "") -> tuple[Path, str]:
     upstream = debversion.split(":")[-1].rsplit("-", 1)[0]
     if not upstream.startswith(SERIES):
         raise AnchorError(f"{SUITE} ships {PACKAGE} {debversion}, not the {SERIES}x series")
-    srcdir = CACHE_ROOT / "src"
+    srcdir, dsc, _ = _source_paths(debversion, suffix)
     srcdir.mkdir(parents=True, exist_ok=True)
-    tree = srcdir / f"{PACKAGE}-{upstream}{suffix}"
-    dsc = srcdir / f"{PACKAGE}_{debversion.split(':')[-1]}.dsc"
     if not dsc.exists():
         log(f"apt-get source --download-only {PACKAGE}={debversion} ({SUITE})")
         _run(["apt-get", *opts, "source", "--download-only", f"{PACKAGE}={debversion}"],
              cwd=srcdir, stdout=subprocess.DEVNULL)
+    return _unpack(debversion, suffix)
+
+
+def _source_paths(debversion: str, suffix: str) -> tuple[Path, Path, Path]:
+    """(source dir, the version's .dsc, the tree it unpacks into for the variant)."""
+    srcdir = CACHE_ROOT / "src"
+    upstream = debversion.split(":")[-1].rsplit("-", 1)[0]
+    return (srcdir, srcdir / f"{PACKAGE}_{debversion.split(':')[-1]}.dsc",
+            srcdir / f"{PACKAGE}-{upstream}{suffix}")
+
+
+def _unpack(debversion: str, suffix: str) -> tuple[Path, str]:
+    """Unpack the downloaded .dsc of debversion into a fresh tree of its own;
+    (tree, Debian version)."""
+    srcdir, dsc, tree = _source_paths(debversion, suffix)
     if tree.exists():
         shutil.rmtree(tree)
     # apt verified the .dsc and tarballs against the signed InRelease; dpkg-source
@@ -266,19 +279,9 @@ def ensure_fanotify_anchor(force: bool = False) -> Path:
 def _unpack_cached(debversion: str, suffix: str) -> tuple[Path, str]:
     """Unpack the already downloaded .dsc of debversion into its own tree (no network);
     falls back to fetch_source when the .dsc is gone."""
-    srcdir = CACHE_ROOT / "src"
-    dsc = srcdir / f"{PACKAGE}_{debversion.split(':')[-1]}.dsc"
-    if not dsc.exists():
+    if not _source_paths(debversion, suffix)[1].exists():
         return fetch_source(suffix)
-    upstream = debversion.split(":")[-1].rsplit("-", 1)[0]
-    tree = srcdir / f"{PACKAGE}-{upstream}{suffix}"
-    if tree.exists():
-        shutil.rmtree(tree)
-    unpack = subprocess.run(["dpkg-source", "-x", dsc.name, tree.name], cwd=srcdir,
-                            capture_output=True, text=True)
-    if unpack.returncode:
-        raise AnchorError(f"dpkg-source -x {dsc.name} failed: {unpack.stderr.strip()}")
-    return tree, debversion
+    return _unpack(debversion, suffix)
 
 
 def default_mkfs() -> Path:
