@@ -54,6 +54,15 @@ def read(path, length=None):
         return f.read() if length is None else f.read(length)
 
 
+def wait_blob(d, blob_id, done=lambda b: b["complete"], timeout=120.0):
+    """Until `done` holds for the blob's metrics in the daemon (by default: fetching
+    completed the blob); the metrics in the failure's message."""
+    deadline = time.monotonic() + timeout
+    while not done(d.metrics()["blobs"][blob_id]):
+        assert time.monotonic() < deadline, d.metrics()
+        time.sleep(0.05)
+
+
 def get_trace(d, **q):
     import urllib.parse
     st, res = d.api.request("GET", "/api/v1/trace?" + urllib.parse.urlencode(q))
@@ -136,11 +145,8 @@ def test_trace_includes_reads_the_fd_holder_answers(daemon, image, tmp_path):
                        "the daemon's file runs")
     path = os.path.join(mnt, "c.bin")
     read(path, 4096)                  # a miss: the daemon fetches the rest of c.bin
-    deadline = time.monotonic() + 60
     need = -(-SIZES["c.bin"] // CHUNK)
-    while daemon.metrics()["blobs"][image["blob_id"]]["cached_chunks"] < need:
-        assert time.monotonic() < deadline, daemon.metrics()
-        time.sleep(0.05)
+    wait_blob(daemon, image["blob_id"], lambda b: b["cached_chunks"] >= need, 60)
     before = daemon.metrics()["frontend_stats"]
     drop_caches()
     assert read(path) == read(os.path.join(image["src"], "c.bin"))
@@ -252,10 +258,7 @@ def test_trace_lists_reads_after_prefetch_completed_the_blob(daemon, image, tmp_
     (busybox, executed by a container). The files read must still be listed."""
     mnt = str(tmp_path / "mnt")
     daemon.mount(image["boot"], mnt, f"localfs:{image['blobs']}", prefetch=True)
-    deadline = time.monotonic() + 120
-    while not daemon.metrics()["blobs"][image["blob_id"]]["complete"]:
-        assert time.monotonic() < deadline, daemon.metrics()
-        time.sleep(0.05)
+    wait_blob(daemon, image["blob_id"])
     drop_caches()
     order = ["b.bin", "sub/d.bin"]
     for name in order:
@@ -367,10 +370,7 @@ def test_trace_of_a_file_whose_readahead_completed_the_blob(daemon, image, tmp_p
         assert read(os.path.join(mnt, name)) == read(os.path.join(src, name))
     path = os.path.join(mnt, "c.bin")
     assert read(path, 4096) == read(os.path.join(src, "c.bin"), 4096)
-    deadline = time.monotonic() + 60
-    while not daemon.metrics()["blobs"][image["blob_id"]]["complete"]:
-        assert time.monotonic() < deadline, daemon.metrics()
-        time.sleep(0.05)
+    wait_blob(daemon, image["blob_id"], timeout=60)
     drop_caches()
     assert read(path) == read(os.path.join(src, "c.bin"))
     t = get_trace(daemon, mountpoint=mnt)
@@ -395,10 +395,7 @@ def test_a_complete_blob_is_unwatched_after_the_trace_window(tmp_path, image):
                 ch.close()
         mnt = str(tmp_path / "mnt")
         d.mount(image["boot"], mnt, f"localfs:{image['blobs']}", prefetch=True)
-        deadline = time.monotonic() + 120
-        while not d.metrics()["blobs"][image["blob_id"]]["complete"]:
-            assert time.monotonic() < deadline, d.metrics()
-            time.sleep(0.05)
+        wait_blob(d, image["blob_id"])
         drop_caches()
         assert read(os.path.join(mnt, "b.bin")) == read(os.path.join(image["src"], "b.bin"))
         deadline = time.monotonic() + 60
