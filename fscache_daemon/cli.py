@@ -364,8 +364,12 @@ def stop(release_holder, api_sock):
 @click.option("--insecure", "--plain-http", "insecure", is_flag=True, default=None,
               help="Plain HTTP to the registry (default: only for loopback hosts). The "
                    "snapshotter's lazy reads follow its own --insecure-registry.")
+@click.option("--containerd-config", default=None, metavar="PATH",
+              type=click.Path(dir_okay=False),
+              help="containerd's config.toml: the registry's credentials from its CRI "
+                   "plugin's registry configs (else the docker config's).")
 @click.option("--json", "as_json", is_flag=True, help="Print what was done as JSON.")
-def rpull(ref, address, namespace, snapshotter, insecure, as_json):
+def rpull(ref, address, namespace, snapshotter, insecure, containerd_config, as_json):
     """Pull image REF into containerd without downloading its Nydus blob layers.
 
     Like nydus's `ctr-remote image rpull`: the image record, its content and its
@@ -376,7 +380,7 @@ def rpull(ref, address, namespace, snapshotter, insecure, as_json):
     from fscache_daemon.rpull import rpull as do_rpull
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
-    res = do_rpull(ref, address, namespace, snapshotter, insecure)
+    res = do_rpull(ref, address, namespace, snapshotter, insecure, containerd_config)
     if as_json:
         click.echo(json.dumps(res, indent=1))
     else:

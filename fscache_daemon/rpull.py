@@ -41,6 +41,7 @@ from typing import Any
 from erofs_tools.errors import CorruptImageError, InputError
 from erofs_tools.registry import mediatypes as mt
 from erofs_tools.registry.client import RegistryClient
+from erofs_tools.registry.cri_config import load_cri_config
 from erofs_tools.registry.manifest import Descriptor, Manifest, parse_platform
 from erofs_tools.registry.nydus_pull import nydus_entry
 from erofs_tools.registry.reference import default_insecure, parse_registry_reference
@@ -195,14 +196,20 @@ class _Puller:
 
 
 def rpull(ref_text: str, address: str, namespace: str,
-          snapshotter: str = DEFAULT_SNAPSHOTTER, insecure: bool | None = None) -> dict:
-    """Pull `ref_text` into containerd (see the module doc); -> what was done."""
+          snapshotter: str = DEFAULT_SNAPSHOTTER, insecure: bool | None = None,
+          containerd_config: str | None = None) -> dict:
+    """Pull `ref_text` into containerd (see the module doc); -> what was done. The
+    registry's credentials: its entry in containerd's config file `containerd_config`
+    (the CRI plugin's registry configs) if it has one, else the docker config's."""
     t0 = time.monotonic()
     ref = parse_registry_reference(ref_text)
     name = str(ref)
+    credentials = None
+    if containerd_config:
+        credentials = load_cri_config(containerd_config).credentials(ref.api_host)
     with ContainerdClient(address, namespace) as ctd:   # unreachable: fail before fetching
         registry = RegistryClient.for_reference(
-            ref, insecure=default_insecure(ref.api_host, insecure))
+            ref, insecure=default_insecure(ref.api_host, insecure), credentials=credentials)
         with contextlib.closing(registry):
             p = _Puller(ctd, registry, ref.repository, name, snapshotter)
             m = p.manifest(ref.ref)

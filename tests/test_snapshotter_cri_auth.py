@@ -4,7 +4,9 @@ credentials, with the credentials and the hosts directory its own config.toml ho
 (`registry.config_path`, `registry.configs."HOST".auth`); the daemon, started with
 `--containerd-config` on that same file (no `--hosts-dir`, an empty docker config),
 reads the image's blobs lazily from the mirror hosts.toml names, with the mirror's own
-credentials; the upstream's never reach the mirror, the mirror's never the upstream."""
+credentials; the upstream's never reach the mirror, the mirror's never the upstream.
+`fscache-daemon rpull --containerd-config` reads the registry with the same file's
+entry."""
 
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from containerd_fixtures import (
 )
 from registry_fixtures import FlakyProxy, registry_basic, start_registry  # noqa: F401
 from test_daemon_support import DaemonProc, require_lazy_kernel
+from test_rpull import rpull
 from test_snapshotter_hosts_cache import nydus_image_on_mirror
 from test_snapshotter_nydus import CRI_NS, EXPECTED, SCRIPT
 
@@ -98,6 +101,14 @@ def test_cri_pull_and_lazy_reads_with_containerd_credentials(registry_basic,  # 
         assert any(h.get("Authorization") == up_creds for h in up.seen_headers)
         assert not any(h.get("Authorization") == up_creds for h in mp.seen_headers)
         assert not any(h.get("Authorization") == mirror_creds for h in up.seen_headers)
+        # rpull reads the registry with its entry of the same file (none: refused)
+        p = rpull(ctd, ref)
+        assert p.returncode == 1 and p.stderr.count("\n") == 1, p.stderr
+        assert "no credentials" in p.stderr
+        p = rpull(ctd, ref, "--containerd-config", ctd.config, "--json")
+        assert p.returncode == 0, p.stderr
+        assert json.loads(p.stdout)["lazy_layers"] == len(blobs)
+        assert ref in ctd.ctr("image", "ls", "-q").stdout.decode().split()
         # nothing in the daemon's log shows a secret
         log = open(daemon.log_path, errors="replace").read()
         assert registry_basic.password not in log and mirror.password not in log
