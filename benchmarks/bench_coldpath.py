@@ -28,7 +28,6 @@ daemon peak RSS <= 96 MiB, cold (native) / direct >= 0.9 (medians).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -36,7 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_daemon import drop_caches, files_of, make_tree, median, read_all, timed
+from bench_daemon import drop_caches, median, packed_tree, read_all, timed
 from benchlib import REPO, announce_anchors, close_report, goal, is_root  # noqa: E402
 
 sys.path.insert(0, str(REPO))
@@ -133,20 +132,7 @@ def main(argv=None) -> int:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-coldpath-", dir="/var/tmp"))
     work.mkdir(parents=True, exist_ok=True)
     anchor = announce_anchors()
-    src = work / "src"
-    if not src.exists():
-        t, nfiles = timed(make_tree, src, args.mib)
-        print(f"tree: {nfiles} files, {args.mib} MiB in {t:.1f}s", file=sys.stderr)
-    files = files_of(src)
-    boot, blobs = str(work / "boot"), str(work / "blobs")
-    if not os.path.exists(boot):
-        shutil.rmtree(blobs, ignore_errors=True)
-        t, info = timed(pack, str(src), boot, blobs)
-        (work / "pack.json").write_text(json.dumps(info))
-        print(f"pack: {t:.1f}s", file=sys.stderr)
-    info = json.loads((work / "pack.json").read_text())
-    b = info["blobs"][0]
-    blob_id, blob_path = b["blob_id"], os.path.join(blobs, b["blob_id"])
+    files, boot, blobs, b, blob_id, blob_path = packed_tree(work, args.mib, pack)
     res: dict = {"mib": args.mib, "kernel": os.uname().release, "cpus": os.cpu_count(),
                  "anchors": anchor, "files": len(files), "chunks": b["chunk_count"],
                  "blob_compressed": b["compressed_size"],

@@ -46,6 +46,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from benchlib import REPO, announce_anchors, close_report, goal, is_root  # noqa: E402
 
@@ -109,6 +110,33 @@ def timed(fn, *a):
     return time.perf_counter() - t0, r
 
 
+class Packed(NamedTuple):
+    files: list[str]       # the tree's files, relative
+    boot: str
+    blobs: str             # the blob directory
+    blob: dict             # pack's record of the (one) blob
+    blob_id: str
+    blob_path: str
+
+
+def packed_tree(work: Path, mib: int, pack) -> Packed:
+    """The benchmark's tree of `mib` MiB under work/src and its image packed with `pack`
+    (test_daemon_support's): made once per work directory, reused by a kept --workdir."""
+    src = work / "src"
+    if not src.exists():
+        t, nfiles = timed(make_tree, src, mib)
+        print(f"tree: {nfiles} files, {mib} MiB in {t:.1f}s", file=sys.stderr)
+    files = files_of(src)
+    boot, blobs = str(work / "boot"), str(work / "blobs")
+    if not os.path.exists(boot):
+        shutil.rmtree(blobs, ignore_errors=True)
+        t, info = timed(pack, str(src), boot, blobs)
+        (work / "pack.json").write_text(json.dumps(info))
+        print(f"pack: {t:.1f}s", file=sys.stderr)
+    b = json.loads((work / "pack.json").read_text())["blobs"][0]
+    return Packed(files, boot, blobs, b, b["blob_id"], os.path.join(blobs, b["blob_id"]))
+
+
 def median(runs):
     """The median run of (seconds, ...) tuples (the lower middle one for even counts)."""
     return sorted(runs, key=lambda r: r[0])[(len(runs) - 1) // 2]
@@ -153,20 +181,7 @@ def main(argv=None) -> int:
     anchor = announce_anchors()
     res = {"mib": args.mib, "kernel": os.uname().release, "cpus": os.cpu_count(),
            "anchors": anchor}
-    src = work / "src"
-    if not src.exists():
-        t, nfiles = timed(make_tree, src, args.mib)
-        print(f"tree: {nfiles} files, {args.mib} MiB in {t:.1f}s", file=sys.stderr)
-    files = files_of(src)
-    boot, blobs = str(work / "boot"), str(work / "blobs")
-    if not os.path.exists(boot):
-        shutil.rmtree(blobs, ignore_errors=True)
-        t, info = timed(pack, str(src), boot, blobs)
-        (work / "pack.json").write_text(json.dumps(info))
-        print(f"pack: {t:.1f}s", file=sys.stderr)
-    info = json.loads((work / "pack.json").read_text())
-    b = info["blobs"][0]
-    blob_id, blob_path = b["blob_id"], os.path.join(blobs, b["blob_id"])
+    files, boot, blobs, b, blob_id, blob_path = packed_tree(work, args.mib, pack)
     res.update(files=len(files), blob_compressed=b["compressed_size"],
                blob_uncompressed=b["uncompressed_size"], chunks=b["chunk_count"])
     ubytes = b["uncompressed_size"]
