@@ -272,7 +272,7 @@ class RegistryBackend(Backend):
     capability in order, the manifest to those with `resolve`, and the first that
     answers wins (a mirror that fails or lacks the blob costs one quick attempt, then
     the next is asked). Each endpoint has its own client, so its own host's credentials:
-    `credentials(host)` (containerd's CRI registry configs, `open_backend`'s
+    `credentials_for(host)` (containerd's CRI registry configs, `open_backend`'s
     `containerd_config`) if it has an entry for exactly that `host[:port]`, else the
     docker config's: the registry's never reach a mirror.
     """
@@ -282,7 +282,7 @@ class RegistryBackend(Backend):
     def __init__(self, reference: str, *, proxy: str | None = None,
                  mirror: str | None = None, insecure: bool | None = None,
                  digest_map: dict | None = None, hosts_dir: str | None = None,
-                 credentials: Callable[[str], Credentials | None] | None = None,
+                 credentials_for: Callable[[str], Credentials | None] | None = None,
                  **client_kw):
         from erofs_tools import registry as reg
         from erofs_tools.registry.hosts import RegistryHost, registry_hosts
@@ -307,7 +307,7 @@ class RegistryBackend(Backend):
                 hosts = registry_hosts(hosts_dir, ref.api_host, default)
             for i, h in enumerate(hosts):
                 kw = dict(client_kw)
-                creds = credentials(h.host) if credentials else None
+                creds = credentials_for(h.host) if credentials_for else None
                 if creds is not None:
                     kw["credentials"] = creds
                 self._clients.append((h, self._make_client(reg, ref.api_host, h, proxy,
@@ -472,12 +472,13 @@ def open_backend(spec: str, *, proxy: str | None = None, mirror: str | None = No
     kind, where = parse_backend_spec(spec)
     if kind == "localfs":
         return LocalFsBackend(where)
-    credentials = None
+    credentials_for = None
     if containerd_config:
         from erofs_tools.registry.cri_config import load_cri_config
         try:
-            credentials = load_cri_config(containerd_config).credentials
+            credentials_for = load_cri_config(containerd_config).credentials
         except ErofsToolsError as e:
             raise BackendError(f"registry backend {where}: {e}") from None
     return RegistryBackend(where, proxy=proxy, mirror=mirror, insecure=insecure,
-                           hosts_dir=hosts_dir, credentials=credentials, **client_kw)
+                           hosts_dir=hosts_dir, credentials_for=credentials_for,
+                           **client_kw)
