@@ -10,27 +10,23 @@ entry."""
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import os
 import random
-import shutil
 
-import helpers
 import pytest
 from containerd_fixtures import (
     SNAPSHOTTER,
     Containerd,
     cri_pull,
     require_containerd,
-    short_tmpdir,
     wait_for,
 )
-from registry_fixtures import FlakyProxy, registry_basic, start_registry  # noqa: F401
+from registry_fixtures import registry_basic  # noqa: F401
 from test_daemon_support import DaemonProc, require_lazy_kernel
 from test_rpull import rpull
-from test_snapshotter_hosts_cache import nydus_image_on_mirror
+from test_snapshotter_hosts_cache import basic_auth, nydus_image_on_mirror, upstream_with_mirror
 from test_snapshotter_nydus import CRI_NS, EXPECTED, SCRIPT
 
 pytestmark = [pytest.mark.root, pytest.mark.registry]
@@ -38,28 +34,15 @@ pytestmark = [pytest.mark.root, pytest.mark.registry]
 CRI = 'plugins."io.containerd.grpc.v1.cri".registry'
 
 
-def _basic(user: str, password: str) -> str:
-    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
-
-
 def test_cri_pull_and_lazy_reads_with_containerd_credentials(registry_basic,  # noqa: F811
                                                              monkeypatch):
     require_containerd()
     require_lazy_kernel()
-    d = short_tmpdir("snapcri-")
-    os.makedirs(os.path.join(d, "mirror"))
-    mirror = start_registry(os.path.join(d, "mirror"), "basic")  # its own password
-    up, mp = FlakyProxy(registry_basic.host), FlakyProxy(mirror.host)
-    daemon = ctd = None
-    try:
+    with upstream_with_mirror(registry_basic, "snapcri-") as s:
+        d, mirror, up, mp, hosts = s.d, s.mirror, s.up, s.mp, s.hosts
         empty = os.path.join(d, "docker")
         os.makedirs(empty)
         monkeypatch.setenv("DOCKER_CONFIG", empty)   # no credentials but containerd's
-        hosts = os.path.join(d, "certs.d")
-        os.makedirs(os.path.join(hosts, up.host))
-        with open(os.path.join(hosts, up.host, "hosts.toml"), "w") as f:
-            f.write(f'server = "http://{up.host}"\n\n[host."http://{mp.host}"]\n'
-                    '  capabilities = ["pull"]\n')
 
         big = random.Random(12).randbytes(4 << 20)
         ref, blobs = nydus_image_on_mirror(
@@ -74,11 +57,11 @@ def test_cri_pull_and_lazy_reads_with_containerd_credentials(registry_basic,  # 
                     f'  username = "{registry_basic.username}"\n'
                     f'  password = "{registry_basic.password}"\n'
                     f'[{CRI}.configs."{mp.host}".auth]\n'
-                    f'  auth = "{_basic(mirror.username, mirror.password)[6:]}"\n')
+                    f'  auth = "{basic_auth(mirror.username, mirror.password)[6:]}"\n')
         snap_sock = os.path.join(d, "snap.sock")
-        ctd = Containerd(d, {SNAPSHOTTER: snap_sock}, cri_snapshotter=SNAPSHOTTER,
+        s.ctd = ctd = Containerd(d, {SNAPSHOTTER: snap_sock}, cri_snapshotter=SNAPSHOTTER,
                          extra_config=registry)
-        daemon = DaemonProc(os.path.join(d, "daemon"), extra=(
+        s.daemon = daemon = DaemonProc(os.path.join(d, "daemon"), extra=(
             "--snapshotter-socket", snap_sock, "--containerd-config", ctd.config)).start()
         wait_for(lambda: os.path.exists(snap_sock), 30, "snapshotter socket")
         st, info = daemon.api.request("GET", "/api/v1/daemon")
@@ -95,8 +78,8 @@ def test_cri_pull_and_lazy_reads_with_containerd_credentials(registry_basic,  # 
         data_reads = [r for r in mp.requests if "/blobs/sha256:" in r]
         assert any(blobs[-1] in r for r in data_reads), mp.requests
         assert not [r for r in up.requests if any(b in r for b in blobs)], up.requests
-        up_creds = _basic(registry_basic.username, registry_basic.password)
-        mirror_creds = _basic(mirror.username, mirror.password)
+        up_creds = basic_auth(registry_basic.username, registry_basic.password)
+        mirror_creds = basic_auth(mirror.username, mirror.password)
         assert any(h.get("Authorization") == mirror_creds for h in mp.seen_headers)
         assert any(h.get("Authorization") == up_creds for h in up.seen_headers)
         assert not any(h.get("Authorization") == up_creds for h in mp.seen_headers)
@@ -112,18 +95,6 @@ def test_cri_pull_and_lazy_reads_with_containerd_credentials(registry_basic,  # 
         # nothing in the daemon's log shows a secret
         log = open(daemon.log_path, errors="replace").read()
         assert registry_basic.password not in log and mirror.password not in log
-    finally:
-        if ctd is not None:
-            ctd.stop()
-        with open("/proc/self/mounts") as f:  # a failed test's leftover lazy mounts
-            for m in [ln.split()[1] for ln in f if ln.split()[1].startswith(d)]:
-                helpers.sys_umount(m, lazy=True)
-        if daemon is not None:
-            daemon.cleanup()
-        up.stop()
-        mp.stop()
-        mirror.stop()
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def _docker_config(d: str, host: str, server) -> str:

@@ -10,6 +10,8 @@ the image was in use, shrinks back under it."""
 from __future__ import annotations
 
 import base64
+import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -31,7 +33,12 @@ from containerd_fixtures import (
     tar_layer,
     wait_for,
 )
-from registry_fixtures import FlakyProxy, registry_basic, start_registry  # noqa: F401
+from registry_fixtures import (  # noqa: F401
+    FlakyProxy,
+    RegistryServer,
+    registry_basic,
+    start_registry,
+)
 from test_cache_limit import du
 from test_daemon_support import DaemonProc, require_lazy_kernel
 from test_snapshotter_nydus import CRI_NS, EXPECTED, SCRIPT
@@ -41,8 +48,52 @@ pytestmark = [pytest.mark.root, pytest.mark.registry]
 LIMIT = 4 << 20
 
 
-def _basic(user: str, password: str) -> str:
+def basic_auth(user: str, password: str) -> str:
     return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+@dataclasses.dataclass
+class MirrorSetup:
+    """A registry's stand-in `up` (a recording proxy in front of it) and a mirror with
+    its own password behind the recording proxy `mp`; `hosts`: a hosts directory naming
+    mp as the `pull` mirror of up (plain HTTP). The test sets `ctd` and `daemon`."""
+
+    d: str
+    mirror: RegistryServer
+    up: FlakyProxy
+    mp: FlakyProxy
+    hosts: str
+    ctd: Containerd | None = None
+    daemon: DaemonProc | None = None
+
+
+@contextlib.contextmanager
+def upstream_with_mirror(server, prefix: str):
+    """A MirrorSetup for `server`; stops everything (containerd and its containers
+    first, lazy mounts a failed test left, the daemon, proxies, the mirror) at the end."""
+    d = short_tmpdir(prefix)
+    os.makedirs(os.path.join(d, "mirror"))
+    mirror = start_registry(os.path.join(d, "mirror"), "basic")  # its own password
+    s = MirrorSetup(d, mirror, FlakyProxy(server.host), FlakyProxy(mirror.host),
+                    os.path.join(d, "certs.d"))
+    try:
+        os.makedirs(os.path.join(s.hosts, s.up.host))
+        with open(os.path.join(s.hosts, s.up.host, "hosts.toml"), "w") as f:
+            f.write(f'server = "http://{s.up.host}"\n\n[host."http://{s.mp.host}"]\n'
+                    '  capabilities = ["pull"]\n')
+        yield s
+    finally:
+        if s.ctd is not None:
+            s.ctd.stop()
+        with open("/proc/self/mounts") as f:
+            for m in [ln.split()[1] for ln in f if ln.split()[1].startswith(d)]:
+                helpers.sys_umount(m, lazy=True)
+        if s.daemon is not None:
+            s.daemon.cleanup()
+        s.up.stop()
+        s.mp.stop()
+        mirror.stop()
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def nydus_image_on_mirror(server, up_host: str, mirror, big: bytes,
@@ -78,12 +129,8 @@ def test_cri_pull_with_credentials_mirror_and_cache_limit(registry_basic,  # noq
                                                           monkeypatch):
     require_containerd()
     require_lazy_kernel()
-    d = short_tmpdir("snaphc-")
-    os.makedirs(os.path.join(d, "mirror"))
-    mirror = start_registry(os.path.join(d, "mirror"), "basic")  # its own password
-    up, mp = FlakyProxy(registry_basic.host), FlakyProxy(mirror.host)
-    daemon = ctd = None
-    try:
+    with upstream_with_mirror(registry_basic, "snaphc-") as s:
+        d, mirror, up, mp, hosts = s.d, s.mirror, s.up, s.mp, s.hosts
         # credentials for both hosts in a docker config file, as `docker login` writes it
         cfg = os.path.join(d, "docker")
         os.makedirs(cfg)
@@ -94,11 +141,6 @@ def test_cri_pull_with_credentials_mirror_and_cache_limit(registry_basic,  # noq
                 mp.host: {"auth": base64.b64encode(
                     f"{mirror.username}:{mirror.password}".encode()).decode()}}}, f)
         monkeypatch.setenv("DOCKER_CONFIG", cfg)
-        hosts = os.path.join(d, "hosts")
-        os.makedirs(os.path.join(hosts, up.host))
-        with open(os.path.join(hosts, up.host, "hosts.toml"), "w") as f:
-            f.write(f'server = "http://{up.host}"\n\n[host."http://{mp.host}"]\n'
-                    '  capabilities = ["pull"]\n')
 
         big = random.Random(11).randbytes(8 << 20)
         ref, blobs = nydus_image_on_mirror(registry_basic, up.host, mirror, big)
@@ -106,11 +148,11 @@ def test_cri_pull_with_credentials_mirror_and_cache_limit(registry_basic,  # noq
         up.seen_headers.clear()
 
         snap_sock = os.path.join(d, "snap.sock")
-        daemon = DaemonProc(os.path.join(d, "daemon"), extra=(
+        s.daemon = daemon = DaemonProc(os.path.join(d, "daemon"), extra=(
             "--snapshotter-socket", snap_sock, "--hosts-dir", hosts, "--cache-size", "4M",
             "--insecure-registry", up.host)).start()
         wait_for(lambda: os.path.exists(snap_sock), 30, "snapshotter socket")
-        ctd = Containerd(d, {SNAPSHOTTER: snap_sock}, cri_snapshotter=SNAPSHOTTER,
+        s.ctd = ctd = Containerd(d, {SNAPSHOTTER: snap_sock}, cri_snapshotter=SNAPSHOTTER,
                          plain_http_hosts=(up.host,))
         cri_pull(ctd.sock, ref, auth=(registry_basic.username, registry_basic.password))
         out = ctd.run_out("--snapshotter", SNAPSHOTTER, ref, "hc1",
@@ -126,8 +168,8 @@ def test_cri_pull_with_credentials_mirror_and_cache_limit(registry_basic,  # noq
         assert all(f"ns={up.host.replace(':', '%3A')}" in r for r in data_reads)
         assert not [r for r in up.requests if any(b in r for b in blobs)], up.requests
         # each host saw its own credentials only
-        up_creds = _basic(registry_basic.username, registry_basic.password)
-        mirror_creds = _basic(mirror.username, mirror.password)
+        up_creds = basic_auth(registry_basic.username, registry_basic.password)
+        mirror_creds = basic_auth(mirror.username, mirror.password)
         assert any(h.get("Authorization") == mirror_creds for h in mp.seen_headers)
         assert not any(h.get("Authorization") == up_creds for h in mp.seen_headers)
         assert not any(h.get("Authorization") == mirror_creds for h in up.seen_headers)
@@ -158,15 +200,3 @@ def test_cri_pull_with_credentials_mirror_and_cache_limit(registry_basic,  # noq
               f"{du(blob_dir)} after ctr image rm + GC; evicted {cache['evicted_blobs']} "
               f"blobs, {cache['evicted_bytes']} bytes; mirror served "
               f"{len(data_reads)} blob requests, upstream 0")
-    finally:
-        if ctd is not None:
-            ctd.stop()
-        with open("/proc/self/mounts") as f:  # a failed test's leftover lazy mounts
-            for m in [ln.split()[1] for ln in f if ln.split()[1].startswith(d)]:
-                helpers.sys_umount(m, lazy=True)
-        if daemon is not None:
-            daemon.cleanup()
-        up.stop()
-        mp.stop()
-        mirror.stop()
-        shutil.rmtree(d, ignore_errors=True)
