@@ -295,4 +295,17 @@ int ern_cold_zran(const uint8_t *src, size_t srclen, uint8_t *dst, size_t dstlen
 /* one raw LZ4 block (Nydus lz4_block chunks): its size, 0 if it does not fit in cap */
 int64_t ern_lz4_block_compress(const uint8_t *src, size_t n, uint8_t *dst, size_t cap);
 
+/* ---- pack's chunk reader (chunkread.c): a batch of file pieces into one buffer ----
+ * Chunk i: len[i] bytes at file_off[i] of the file named by the NUL-terminated string
+ * at names + name_off[i] (opened O_NOFOLLOW; consecutive chunks of one name share the
+ * open file), read to buf + buf_off[i]. ERN_CHUNKS_OK, or why chunk *fail_index failed
+ * (errno in *fail_errno for EOPEN/EREAD; ESHORT: the file ended before the chunk). */
+enum {
+    ERN_CHUNKS_OK = 0, ERN_CHUNKS_EOPEN = 1, ERN_CHUNKS_EREAD = 2, ERN_CHUNKS_ESHORT = 3,
+    ERN_CHUNKS_EINVAL = 4
+};
+int ern_chunks_read(const char *names, const uint32_t *name_off, const uint64_t *file_off,
+                    const uint32_t *len, const uint64_t *buf_off, uint32_t n, uint8_t *buf,
+                    uint64_t cap, uint32_t *fail_index, int32_t *fail_errno);
+
 #endif

@@ -93,7 +93,7 @@ class StoredChunk:
 _IOV_MAX = 512       # buffers per writev(2) call (Linux allows 1024)
 
 
-def _writev_all(fd: int, bufs: list[bytes]) -> None:
+def _writev_all(fd: int, bufs: list[bytes | memoryview]) -> None:
     """Write every buffer of `bufs` in order at the fd's offset (short writes retried)."""
     for i in range(0, len(bufs), _IOV_MAX):
         part = bufs[i:i + _IOV_MAX]
@@ -138,9 +138,9 @@ class BlobWriter:
         # sequential sha256 overlaps with chunking. Two queued groups keep the thread
         # busy; more only hold memory (64 MiB of queue was a third of pack's peak RSS
         # with --compressor none, at no gain in time)
-        self._q: queue.Queue[list[bytes] | None] = queue.Queue(
+        self._q: queue.Queue[list[bytes | memoryview] | None] = queue.Queue(
             maxsize=max(2, (WRITE_QUEUE_BYTES) // max(WRITE_BATCH, chunk_size)))
-        self._buf: list[bytes] = []
+        self._buf: list[bytes | memoryview] = []
         self._buf_bytes = 0
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = threading.Thread(target=self._drain, name="erofs-blob-writer",
@@ -180,7 +180,7 @@ class BlobWriter:
             raise InputError(f"cannot write blob in {self.blob_dir}: "
                              f"{getattr(e, 'strerror', None) or e}") from None
 
-    def _write(self, data: bytes, hashed: bool = True) -> None:
+    def _write(self, data: bytes | memoryview, hashed: bool = True) -> None:
         if self._thread is not None and hashed:
             if self._error is not None:
                 self._sync()
@@ -197,7 +197,8 @@ class BlobWriter:
                 self._hash.update(data)
         self._pos += len(data)
 
-    def add_chunk(self, stored: bytes, uncompressed_size: int, digest: bytes) -> StoredChunk:
+    def add_chunk(self, stored: bytes | memoryview, uncompressed_size: int,
+                  digest: bytes) -> StoredChunk:
         """Append one chunk's stored bytes; -> StoredChunk."""
         if self.count >= R.MAX_CHUNKS_PER_BLOB:
             raise InputError("too many distinct chunks for one blob (2^24)")

@@ -1,0 +1,53 @@
+"""Checked wrapper of pack's chunk reader (csrc/chunkread.c): the pieces of a batch of
+chunks read into one buffer in one C call, without the GIL. Apart from _native.py only
+to keep each module small; the cffi module still comes through it."""
+from __future__ import annotations
+
+import array
+import os
+
+from erofs_tools._native import ffi, lib
+
+__all__ = ["ChunkReadError", "read_chunks"]
+
+
+class ChunkReadError(OSError):
+    """Reading chunk `index` of a batch failed: errno set for open/read errors, 0 when
+    the file ended before the chunk (it shrank)."""
+
+    def __init__(self, index: int, err: int, what: str) -> None:
+        super().__init__(err, os.strerror(err) if err else what)
+        self.index = index
+        self.what = what
+
+
+def read_chunks(names: bytes, name_off: array.array[int], file_off: array.array[int],
+                lengths: array.array[int], buf_off: array.array[int],
+                buf: bytearray) -> None:
+    """Read chunk i (lengths[i] bytes at file_off[i] of the file whose NUL-terminated
+    name starts at names[name_off[i]]) into buf[buf_off[i]:]; raises ChunkReadError."""
+    n = len(lengths)
+    if not (len(name_off) == len(file_off) == len(buf_off) == n):
+        raise ValueError("read_chunks: arrays of different lengths")
+    if name_off.itemsize != 4 or lengths.itemsize != 4 or file_off.itemsize != 8 \
+            or buf_off.itemsize != 8:
+        raise ValueError("read_chunks: arrays of the wrong item size")
+    if n and (not names.endswith(b"\0") or max(name_off) >= len(names)):
+        raise ValueError("read_chunks: names not NUL-terminated where the offsets say")
+    if n == 0:
+        return
+    fail = ffi.new("uint32_t *")
+    err = ffi.new("int32_t *")
+    rc = lib.ern_chunks_read(
+        ffi.from_buffer("char[]", names), ffi.from_buffer("uint32_t[]", name_off),
+        ffi.from_buffer("uint64_t[]", file_off), ffi.from_buffer("uint32_t[]", lengths),
+        ffi.from_buffer("uint64_t[]", buf_off), n, ffi.from_buffer("uint8_t[]", buf),
+        len(buf), fail, err)
+    if rc == lib.ERN_CHUNKS_OK:
+        return
+    if rc == lib.ERN_CHUNKS_EINVAL:
+        raise ValueError("read_chunks: a chunk does not fit in the buffer")
+    what = {lib.ERN_CHUNKS_EOPEN: "open", lib.ERN_CHUNKS_EREAD: "read",
+            lib.ERN_CHUNKS_ESHORT: "short"}.get(rc, "read")
+    raise ChunkReadError(fail[0], err[0] if rc != lib.ERN_CHUNKS_ESHORT else 0, what)
+

@@ -1,0 +1,171 @@
+"""Pack's batch path: the C chunk reader (csrc/chunkread.c), the batch compressor and
+the pipeline built on them (one read and one compress call per batch, each worker
+reusing its read buffer): the same digests and stored bytes as hashing and compressing
+each chunk alone, whatever the worker count."""
+import array
+import errno
+import os
+
+import blake3
+import pytest
+import zstandard
+
+from erofs_tools._native import cold_decode_one
+from erofs_tools._native_chunkio import ChunkReadError, read_chunks
+from erofs_tools.builder import chunker
+from erofs_tools.builder.chunker import ChunkPipeline, Compressor
+from erofs_tools.errors import InputError
+
+
+def _args(pieces):
+    """pieces: [(path, file offset, length)] -> read_chunks arguments, buffer gaps of 3
+    bytes between pieces (offsets need not be contiguous)."""
+    names = bytearray()
+    where = {}
+    name_off, file_off = array.array("I"), array.array("Q")
+    lengths, buf_off = array.array("I"), array.array("Q")
+    pos = 0
+    for path, off, n in pieces:
+        p = os.fsencode(path)
+        if p not in where:
+            where[p] = len(names)
+            names += p + b"\0"
+        name_off.append(where[p])
+        file_off.append(off)
+        lengths.append(n)
+        buf_off.append(pos)
+        pos += n + 3
+    return bytes(names), name_off, file_off, lengths, buf_off, bytearray(b"\xee" * pos)
+
+
+def test_read_chunks_reads_each_piece_where_asked(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    da, db = os.urandom(100_000), os.urandom(5000)
+    a.write_bytes(da)
+    b.write_bytes(db)
+    pieces = [(a, 0, 65536), (a, 65536, 100_000 - 65536), (b, 0, 5000), (a, 10, 7)]
+    args = _args(pieces)
+    read_chunks(*args)
+    buf, buf_off = args[5], args[4]
+    for i, (path, off, n) in enumerate(pieces):
+        want = (da if path == a else db)[off:off + n]
+        assert bytes(buf[buf_off[i]:buf_off[i] + n]) == want
+        assert bytes(buf[buf_off[i] + n:buf_off[i] + n + 3]) == b"\xee" * 3   # gap intact
+
+
+def test_read_chunks_errors_name_the_chunk(tmp_path):
+    f = tmp_path / "f"
+    f.write_bytes(b"x" * 100)
+    (tmp_path / "link").symlink_to(f)
+    with pytest.raises(ChunkReadError) as e:
+        read_chunks(*_args([(f, 0, 100), (tmp_path / "gone", 0, 10)]))
+    assert e.value.index == 1 and e.value.errno == errno.ENOENT
+    with pytest.raises(ChunkReadError) as e:         # never follows a symlink
+        read_chunks(*_args([(tmp_path / "link", 0, 10)]))
+    assert e.value.index == 0 and e.value.errno == errno.ELOOP
+    with pytest.raises(ChunkReadError) as e:         # the file is shorter than the chunk
+        read_chunks(*_args([(f, 0, 50), (f, 50, 51)]))
+    assert e.value.index == 1 and e.value.what == "short"
+
+
+def test_read_chunks_rejects_bad_arguments(tmp_path):
+    f = tmp_path / "f"
+    f.write_bytes(b"x" * 100)
+    names, no, fo, ln, bo, buf = _args([(f, 0, 100)])
+    with pytest.raises(ValueError, match="NUL"):
+        read_chunks(names[:-1], no, fo, ln, bo, buf)
+    with pytest.raises(ValueError, match="lengths"):
+        read_chunks(names, no, fo, ln, array.array("Q"), buf)
+    with pytest.raises(ValueError, match="fit"):
+        read_chunks(names, no, fo, ln, bo, bytearray(99))
+    with pytest.raises(ValueError, match="item size"):
+        read_chunks(names, no, fo, array.array("Q", [100]), bo, buf)
+
+
+@pytest.mark.parametrize("name", ["zstd", "lz4_block", "none"])
+def test_compress_many_is_compress_one_by_one(name):
+    text = b"the quick brown fox jumps over the lazy dog " * 2000
+    buf = bytearray(text + os.urandom(30_000) + bytes(50_000))
+    pieces = [(0, 88_000), (88_000, 30_000), (118_000, 50_000), (5, 1), (100, 4096)]
+    c = Compressor(name)
+    many = c.compress_many(buf, pieces)
+    one = [c.compress(bytes(buf[o:o + n])) for o, n in pieces]
+    assert [bytes(x) for x in many] == [bytes(x) for x in one]
+    assert bytes(many[1]) == bytes(buf[88_000:118_000])     # incompressible: raw
+    if name == "zstd":
+        assert zstandard.ZstdDecompressor().decompress(bytes(many[0])) == text[:88_000]
+    if name == "lz4_block":
+        assert cold_decode_one("lz4_block", bytes(many[0]), 88_000) == text[:88_000]
+    if name != "none":
+        buf[:] = bytes(len(buf))         # the caller reuses its buffer: results own theirs
+        assert [bytes(x) for x in many] == [bytes(x) for x in one]
+
+
+def _tree(tmp_path):
+    """Files of many sizes (so batches close on bytes and on chunk count), duplicates,
+    incompressible and sparse ones."""
+    rnd = os.urandom(200_000)
+    files = []
+    for i in range(300):
+        p = tmp_path / f"f{i:03d}"
+        if i % 7 == 0:
+            data = rnd[:(i * 997) % 150_000 + 1]             # incompressible
+        elif i % 11 == 0:
+            data = b"dup" * 30_000                            # the same in several files
+        else:
+            data = (b"%d-" % i) * ((i * 131) % 40_000 + 1)
+        p.write_bytes(data)
+        files.append(p)
+    sp = tmp_path / "sparse"
+    with open(sp, "wb") as f:
+        f.truncate(1 << 20)
+        f.seek(300_000)
+        f.write(b"data" * 100)
+    files.append(sp)
+    out = []
+    for k, p in enumerate(files):
+        st = os.stat(p)
+        out.append((k, os.fsencode(p), st.st_size, st.st_blocks * 512 < st.st_size))
+    return out
+
+
+def _run(pipe, files):
+    stored, order = {}, []
+    for r in pipe.run(files):
+        order.append((r.file_key, r.file_offset, r.size, r.digest))
+        if r.claim is not None and r.key not in stored:
+            stored[r.key] = bytes(r.stored_bytes())
+    return order, stored
+
+
+@pytest.mark.parametrize("name", ["zstd", "none"])
+def test_pipeline_same_result_whatever_the_workers(tmp_path, monkeypatch, name):
+    monkeypatch.setattr(chunker, "BATCH_BYTES", 100_000)     # many batches per worker
+    monkeypatch.setattr(chunker, "BATCH_CHUNKS", 9)
+    files = _tree(tmp_path)
+    first = None
+    for workers, window in ((1, 1), (2, 4), (5, 3)):
+        got = _run(ChunkPipeline(65536, "blake3", name, workers=workers, window=window),
+                   files)
+        if first is None:
+            first = got
+        assert got == first
+    order, stored = first
+    c = Compressor(name)
+    for k, path, size, _sparse in files:
+        data = open(path, "rb").read()
+        rs = [o for o in order if o[0] == k]
+        assert [o[1] for o in rs] == list(range(0, size, 65536))
+        for _k, off, n, digest in rs:
+            piece = data[off:off + n]
+            assert digest == blake3.blake3(piece).digest()
+            assert stored[(digest, n)] == c.compress(piece)      # the per-chunk frames
+
+
+def test_pipeline_symlink_swapped_in_is_not_followed(tmp_path):
+    f = tmp_path / "f"
+    f.write_bytes(b"x" * 100)
+    (tmp_path / "l").symlink_to(f)
+    pipe = ChunkPipeline(4096)
+    with pytest.raises(InputError, match="cannot read .*l"):
+        list(pipe.run([(0, str(tmp_path / "l"), 100, False)]))
