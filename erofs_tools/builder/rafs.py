@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from erofs_tools._native import BuildOptions, NativeBuilder
+from erofs_tools._native_put import put_buffer
 from erofs_tools.builder.blob import BLKSZ, BlobInfo, BlobWriter, StoredChunk
 from erofs_tools.builder.chunk_dict import ChunkDict
 from erofs_tools.builder.chunk_refs import ChunkRefs
@@ -504,13 +505,14 @@ def write_bootstrap(nb: NativeBuilder, walker: TreeInfo | RafsWalker, bootstrap:
         ctable = _chunk_info_table(referenced, remap, file_off)
         del referenced
     ctable_off = info.image_size
-    total = round_up(ctable_off + len(ctable), BLKSZ) if ctable else ctable_off
+    ctable_len = len(ctable)
+    total = round_up(ctable_off + ctable_len, BLKSZ) if ctable else ctable_off
 
     ext = R.ExtSuperBlock(
         s_flags=flags, s_blob_table_offset=blob_off, s_blob_table_size=len(blob_table),
         s_chunk_size=opts.chunk_size,
         s_chunk_table_offset=ctable_off if ctable else 0,
-        s_chunk_table_size=len(ctable),
+        s_chunk_table_size=ctable_len,
         s_prefetch_table_offset=prefetch_off if prefetch_nodes else 0,
         s_prefetch_table_size=4 * len(prefetch_nodes))
 
@@ -523,7 +525,8 @@ def write_bootstrap(nb: NativeBuilder, walker: TreeInfo | RafsWalker, bootstrap:
         nb.put_bytes(prefetch_off,
                      b"".join(nb.nid(n).to_bytes(4, "little") for n in prefetch_nodes))
     if ctable:
-        nb.put_bytes(ctable_off, ctable)
+        put_buffer(nb, ctable_off, ctable)      # the C core keeps its own copy
+        ctable = bytearray()
         if nb.refresh_info().image_size != total:
             raise AssertionError("C core placed the chunk info table elsewhere")
     pos = round_up(total, seg)
@@ -542,7 +545,7 @@ def write_bootstrap(nb: NativeBuilder, walker: TreeInfo | RafsWalker, bootstrap:
                for i, b in enumerate(blobs)],
         blob_id=new_info.blob_id if new_info else None,
         chunk_size=opts.chunk_size, compressor=opts.compressor, digester=opts.digester,
-        chunk_info_entries=len(ctable) // R.ChunkInfo.SIZE,
+        chunk_info_entries=ctable_len // R.ChunkInfo.SIZE,
         prefetch_entries=len(prefetch_nodes))
 
 
