@@ -10,7 +10,6 @@ GIL held, so one arena costs no measurable lock contention.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 
 M_ARENA_MAX = -8        # glibc's mallopt(3) parameter
 
@@ -18,9 +17,10 @@ M_ARENA_MAX = -8        # glibc's mallopt(3) parameter
 def bound_heap_arenas(arenas: int = 1) -> bool:
     """Cap the malloc arenas of this process (glibc only; before threads start, or
     arenas already made stay); True if applied."""
-    name = ctypes.util.find_library("c")
     try:
-        mallopt = getattr(ctypes.CDLL(name), "mallopt", None) if name else None
+        # the symbols already loaded (libc's among them): no find_library, which runs
+        # ldconfig in a subprocess
+        mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
     except OSError:
         mallopt = None
     return mallopt is not None and mallopt(M_ARENA_MAX, arenas) == 1
