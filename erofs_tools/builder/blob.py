@@ -130,7 +130,7 @@ class BlobWriter:
         self.blob_index = blob_index
         fd, self.tmp_path = create_exclusive(blob_dir, ".blob-")
         try:
-            self._start(fd)
+            self._start(fd, chunk_size)
         except BaseException:       # e.g. SIGINT while the thread starts: no temp left
             t = getattr(self, "_thread", None)
             if t is not None and t.is_alive():
@@ -146,7 +146,7 @@ class BlobWriter:
             os.unlink(self.tmp_path)
             raise
 
-    def _start(self, fd: int) -> None:
+    def _start(self, fd: int, chunk_size: int) -> None:
         self._f: BinaryIO | None = os.fdopen(fd, "wb", buffering=1 << 20)
         self._hash = hashlib.sha256()
         self._pos = 0
@@ -160,7 +160,7 @@ class BlobWriter:
         # busy; more only hold memory (64 MiB of queue was a third of pack's peak RSS
         # with --compressor none, at no gain in time)
         self._q: queue.Queue[list[bytes] | None] = queue.Queue(
-            maxsize=max(2, (WRITE_QUEUE_BYTES) // max(WRITE_BATCH, self.chunk_size)))
+            maxsize=max(2, (WRITE_QUEUE_BYTES) // max(WRITE_BATCH, chunk_size)))
         self._buf: list[bytes] = []
         self._buf_bytes = 0
         self._error: BaseException | None = None

@@ -35,8 +35,10 @@ class DigestTable:
 
     def __init__(self) -> None:
         self.digests = bytearray()
-        self._slots = array.array("i", [-1]) * 1024
-        self._mask = 1023
+        # 256 KiB to start with: a big tree's table is rebuilt fewer times (each
+        # rebuild hashes every digest again, in Python)
+        self._slots = array.array("i", [-1]) * (1 << 16)
+        self._mask = (1 << 16) - 1
         self.n = 0
 
     def digest(self, i: int) -> bytes:
