@@ -155,6 +155,11 @@ class ChunkRefs:
             self.repeat[len(self.refs)] = repeat
         self.refs.append(ref)
 
+    def clear(self) -> None:
+        """Free the records (once the bootstrap has what it needs of them): the heap they
+        held serves the bootstrap's write, so pack's peak does not rise there."""
+        self.__init__()     # type: ignore[misc]
+
     # -- writing the bootstrap --------------------------------------------------------------
     def _files(self, node_of: Callable[[int], int | None]
                ) -> Iterable[tuple[int, int, int]]:

@@ -441,7 +441,7 @@ def write_bootstrap(nb: NativeBuilder, walker: TreeInfo | RafsWalker, bootstrap:
     `per_node`: node -> its chunks in file order (StoredChunk or ChunkRun), with
     `file_off` (id(StoredChunk) -> file offset of its first use when not 0); or the
     ChunkRefs of a ChunkPlacer, whose file keys are nodes or, given `node_of`, keys of
-    it (files whose key it lacks are left out)."""
+    it (files whose key it lacks are left out); they are used up (cleared) here."""
     refs = per_node if isinstance(per_node, ChunkRefs) else None
     key_node: Callable[[int], int | None] = \
         (lambda k: k) if node_of is None else node_of.get
@@ -501,6 +501,7 @@ def write_bootstrap(nb: NativeBuilder, walker: TreeInfo | RafsWalker, bootstrap:
     if refs is not None:
         ctable = refs.chunk_info_table(refs_used, remap)
         del refs_used
+        refs.clear()        # the caller's records are used up (ChunkPlacer.refs)
     else:
         ctable = _chunk_info_table(referenced, remap, file_off)
         del referenced
