@@ -498,21 +498,31 @@ def write_bootstrap(nb: NativeBuilder, walker: TreeInfo | RafsWalker, bootstrap:
         raise AssertionError(f"root nid {info.root_nid}, expected {ROOT_NID}")
 
     # -- chunk info table, sorted by (digest, blob_index + 1, index) ---------------------
+    # appended after everything the C core wrote, piece after piece (each but the last a
+    # BLKSZ multiple, so that the next one starts at the image's new end)
+    ctable_off = info.image_size
     if refs is not None:
-        ctable = refs.chunk_info_table(refs_used, remap)
+        pieces: Iterable[bytearray] = refs.chunk_info_table(refs_used, remap)
+    else:
+        pieces = [_chunk_info_table(referenced, remap, file_off)]
+        del referenced
+    ctable_len = 0
+    for piece in pieces:
+        if piece:
+            put_buffer(nb, ctable_off + ctable_len, piece)   # the C core keeps a copy
+            ctable_len += len(piece)
+    del pieces
+    if refs is not None:
         del refs_used
         refs.clear()        # the caller's records are used up (ChunkPlacer.refs)
-    else:
-        ctable = _chunk_info_table(referenced, remap, file_off)
-        del referenced
-    ctable_off = info.image_size
-    ctable_len = len(ctable)
-    total = round_up(ctable_off + ctable_len, BLKSZ) if ctable else ctable_off
+    total = round_up(ctable_off + ctable_len, BLKSZ) if ctable_len else ctable_off
+    if nb.refresh_info().image_size != total:
+        raise AssertionError("C core placed the chunk info table elsewhere")
 
     ext = R.ExtSuperBlock(
         s_flags=flags, s_blob_table_offset=blob_off, s_blob_table_size=len(blob_table),
         s_chunk_size=opts.chunk_size,
-        s_chunk_table_offset=ctable_off if ctable else 0,
+        s_chunk_table_offset=ctable_off if ctable_len else 0,
         s_chunk_table_size=ctable_len,
         s_prefetch_table_offset=prefetch_off if prefetch_nodes else 0,
         s_prefetch_table_size=4 * len(prefetch_nodes))
@@ -525,11 +535,6 @@ def write_bootstrap(nb: NativeBuilder, walker: TreeInfo | RafsWalker, bootstrap:
     if prefetch_nodes:
         nb.put_bytes(prefetch_off,
                      b"".join(nb.nid(n).to_bytes(4, "little") for n in prefetch_nodes))
-    if ctable:
-        put_buffer(nb, ctable_off, ctable)      # the C core keeps its own copy
-        ctable = bytearray()
-        if nb.refresh_info().image_size != total:
-            raise AssertionError("C core placed the chunk info table elsewhere")
     pos = round_up(total, seg)
     for i, b in enumerate(blobs):
         nb.set_device(i + 1, b.blocks, pos // BLKSZ)
