@@ -33,13 +33,15 @@ import itertools
 import os
 import struct
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from erofs_tools._native import BuildOptions, NativeBuilder
+from erofs_tools._native_put import put_buffer
 from erofs_tools.builder.blob import BLKSZ, BlobInfo, BlobWriter, StoredChunk
 from erofs_tools.builder.chunk_dict import ChunkDict
+from erofs_tools.builder.chunk_refs import ChunkRefs
 from erofs_tools.builder.chunker import (
     COMPRESSORS,
     DIGESTERS,
@@ -86,7 +88,7 @@ class PackOptions:
 @dataclass
 class TreeInfo:
     """What write_bootstrap needs to know of a tree source besides its node graph."""
-    regular: set[int]            # node ids of regular files (their chunk indexes)
+    regular: Collection[int]     # node ids of regular files (their chunk indexes)
     has_xattrs: bool
 
 
@@ -285,67 +287,58 @@ class ChunkPlacer:
 
     def __init__(self, opts: PackOptions, blob_dir: str, cdict: ChunkDict) -> None:
         self.cdict = cdict
-        self.writer = BlobWriter(blob_dir, opts.chunk_size, opts.compressor, opts.digester,
-                                 blob_index=-1)     # placeholder index, remapped at write
-        self.stored: dict[ChunkKey, StoredChunk] = {}      # the new blob's chunks
-        self.per_file: dict[int, NodeChunks] = {}          # file key -> its chunks
-        # id(StoredChunk) -> file offset of its first use, when not 0 (most are 0)
-        self.file_off: dict[int, int] = {}
+        self.refs = ChunkRefs()          # the new blob's chunks, each file's chunks
         self.stats = {"chunks_total": 0, "chunks_new": 0, "chunks_dedup": 0,
                       "chunks_dict": 0, "bytes_total": 0, "bytes_new": 0, "bytes_dict": 0,
                       "bytes_dedup": 0}
         self.pipe = ChunkPipeline(opts.chunk_size, opts.digester, opts.compressor,
                                   workers=opts.workers, known=self.known)
+        # last: the blob's temporary file is the one thing the caller must abort()
+        self.writer = BlobWriter(blob_dir, opts.chunk_size, opts.compressor, opts.digester,
+                                 blob_index=-1)     # placeholder index, remapped at write
 
     def known(self, key: ChunkKey) -> bool:
         """Stored already: the pipeline need not compress it again."""
-        return key in self.stored or key in self.cdict.chunks
+        return self.refs.find_new(*key) is not None or key in self.cdict.chunks
 
-    def place(self, r: ChunkResult) -> StoredChunk:
+    def place(self, r: ChunkResult) -> None:
         """Where chunk result `r` lives: a chunk this image already stored, one of a chunk
-        dict, or a new one appended to the blob; appended to its file's list and counted.
-        `r.repeat` > 1 (the rest of a hole run) counts the repeats as dedups of the first."""
+        dict, or a new one appended to the blob; appended to its file's chunks and
+        counted. `r.repeat` > 1 (the rest of a hole run) counts the repeats as dedups of
+        the first."""
         st = self.stats
+        refs = self.refs
+        size = r.size
         st["chunks_total"] += 1
-        st["bytes_total"] += r.size
-        sc = self.stored.get(r.key)
-        if sc is not None:
+        st["bytes_total"] += size
+        ref = refs.find_new(r.digest, size)
+        if ref is not None:
             st["chunks_dedup"] += 1
-            st["bytes_dedup"] += r.size
+            st["bytes_dedup"] += size
         else:
-            sc = self.cdict.chunks.get(r.key)
+            key = (r.digest, size)
+            sc = self.cdict.chunks.get(key) if self.cdict.chunks else None
             if sc is not None:
                 st["chunks_dict"] += 1
-                st["bytes_dict"] += r.size
-                # met again and again (never in `stored`): the first use's offset wins
-                self.file_off.setdefault(id(sc), r.file_offset)
+                st["bytes_dict"] += size
+                # met again and again: the first use's offset wins
+                ref = refs.dict_ref(sc, r.file_offset)
             else:
-                key = r.key
-                sc = self.writer.add_chunk(r.stored_bytes(), r.size, r.digest)
-                self.stored[key] = sc
+                ref = refs.add_new(r.digest, size,
+                                   self.writer.add_chunk(r.stored_bytes(), size, r.digest))
                 # stored now answers `known`: the pipeline's claim is no longer needed
                 self.pipe.release(key)
                 st["chunks_new"] += 1
-                st["bytes_new"] += r.size
+                st["bytes_new"] += size
                 if r.file_offset:       # its first use; absent means 0
-                    self.file_off[id(sc)] = r.file_offset
-        item: StoredChunk | ChunkRun = sc
+                    refs.file_off[ref] = r.file_offset
         if r.repeat > 1:
             more = r.repeat - 1
             st["chunks_total"] += more
             st["chunks_dedup"] += more
-            st["bytes_total"] += more * r.size
-            st["bytes_dedup"] += more * r.size
-            item = ChunkRun(sc, r.repeat)
-        pf = self.per_file
-        cur = pf.get(r.file_key)
-        if cur is None:
-            pf[r.file_key] = item
-        elif type(cur) is list:
-            cur.append(item)
-        else:
-            pf[r.file_key] = [cur, item]       # type: ignore[list-item]
-        return sc
+            st["bytes_total"] += more * size
+            st["bytes_dedup"] += more * size
+        refs.append(r.file_key, ref, r.repeat)
 
 
 def _pack(source: str, bootstrap: str, blob_dir: str, opts: PackOptions | None,
@@ -389,11 +382,11 @@ def _pack(source: str, bootstrap: str, blob_dir: str, opts: PackOptions | None,
         files_in = feed.files()
 
     # -- chunking ---------------------------------------------------------------------
-    placer = ChunkPlacer(opts, blob_dir, cdict)
-    writer = placer.writer
     done_bytes = 0
+    placer: ChunkPlacer | None = None
     try:
         try:
+            placer = ChunkPlacer(opts, blob_dir, cdict)
             for r in placer.pipe.run(files_in):
                 placer.place(r)
                 if progress is not None:
@@ -405,14 +398,16 @@ def _pack(source: str, bootstrap: str, blob_dir: str, opts: PackOptions | None,
         finally:
             if feed is not None:
                 feed.close()
+        writer = placer.writer
         new_info = writer.finish(commit=False)
     except BaseException:
-        writer.abort()
+        if placer is not None:
+            placer.writer.abort()
         raise
 
     try:
         result = write_bootstrap(nb, walker, bootstrap, opts, cdict, new_info,
-                                 placer.per_file, placer.file_off, prefetch_nodes, ts)
+                                 placer.refs, {}, prefetch_nodes, ts)
         if new_info is not None:
             writer.commit()
     except BaseException:
@@ -436,21 +431,32 @@ def layout_constants(nblobs: int, nprefetch: int) -> tuple[int, int, int]:
 
 def write_bootstrap(nb: NativeBuilder, walker: TreeInfo | RafsWalker, bootstrap: str,
                     opts: PackOptions, cdict: ChunkDict | None, new_info: BlobInfo | None,
-                    per_node: Mapping[int, NodeChunks], file_off: dict[int, int],
+                    per_node: Mapping[int, NodeChunks] | ChunkRefs, file_off: dict[int, int],
                     prefetch_nodes: Sequence[int], ts: int | None,
-                    blob_list: Sequence[BlobInfo] | None = None) -> PackResult:
+                    blob_list: Sequence[BlobInfo] | None = None,
+                    node_of: Mapping[int, int] | None = None) -> PackResult:
     """Lay out and write the RAFS v6 bootstrap for the node graph `nb` (from
     bootstrap_nodes): the one bootstrap writer of pack, of tar ingestion and of merge.
     `walker` describes the tree source (a TreeInfo or the directory walker);
-    `per_node`: node -> its chunks in file order (StoredChunk or ChunkRun)."""
+    `per_node`: node -> its chunks in file order (StoredChunk or ChunkRun), with
+    `file_off` (id(StoredChunk) -> file offset of its first use when not 0); or the
+    ChunkRefs of a ChunkPlacer, whose file keys are nodes or, given `node_of`, keys of
+    it (files whose key it lacks are left out); they are used up (cleared) here."""
+    refs = per_node if isinstance(per_node, ChunkRefs) else None
+    key_node: Callable[[int], int | None] = \
+        (lambda k: k) if node_of is None else node_of.get
     # -- blob list: referenced dict blobs first, then the new one --------------------
     # (blob_list: the exact final list, chunks' blob_index already final; used by merge)
     if blob_list is not None:
         blobs = list(blob_list)
         remap = {i: i for i in range(len(blobs))}
     else:
-        used = sorted({sc.blob_index for chunks in per_node.values()
-                       for sc, _ in _runs(chunks) if sc.blob_index >= 0})
+        if refs is not None:
+            used = sorted(refs.used_dict_blobs(key_node))
+        else:
+            assert not isinstance(per_node, ChunkRefs)
+            used = sorted({sc.blob_index for chunks in per_node.values()
+                           for sc, _ in _runs(chunks) if sc.blob_index >= 0})
         dict_blobs = cdict.blobs if cdict is not None else []     # merge: none
         blobs = [dict_blobs[i] for i in used]
         remap = {old: new for new, old in enumerate(used)}
@@ -467,7 +473,11 @@ def write_bootstrap(nb: NativeBuilder, walker: TreeInfo | RafsWalker, bootstrap:
     # -- chunk indexes ------------------------------------------------------------------
     chunkbits = opts.chunk_size.bit_length() - 1
     fmt = E.CHUNK_FORMAT_INDEXES | (chunkbits - E.BLKSZ_BITS)
-    referenced = _set_chunk_indexes(nb, fmt, walker.regular, per_node, remap)
+    if refs is not None:
+        refs_used = refs.set_indexes(nb, fmt, walker.regular, key_node, remap)
+    else:
+        assert not isinstance(per_node, ChunkRefs)
+        referenced = _set_chunk_indexes(nb, fmt, walker.regular, per_node, remap)
 
     # -- tables before the inode area ---------------------------------------------------
     flags = (R.COMPRESSION_FLAGS[opts.compressor] | R.DIGEST_FLAGS[opts.digester]
@@ -488,16 +498,32 @@ def write_bootstrap(nb: NativeBuilder, walker: TreeInfo | RafsWalker, bootstrap:
         raise AssertionError(f"root nid {info.root_nid}, expected {ROOT_NID}")
 
     # -- chunk info table, sorted by (digest, blob_index + 1, index) ---------------------
-    ctable = _chunk_info_table(referenced, remap, file_off)
-    del referenced
+    # appended after everything the C core wrote, piece after piece (each but the last a
+    # BLKSZ multiple, so that the next one starts at the image's new end)
     ctable_off = info.image_size
-    total = round_up(ctable_off + len(ctable), BLKSZ) if ctable else ctable_off
+    if refs is not None:
+        pieces: Iterable[bytearray] = refs.chunk_info_table(refs_used, remap)
+    else:
+        pieces = [_chunk_info_table(referenced, remap, file_off)]
+        del referenced
+    ctable_len = 0
+    for piece in pieces:
+        if piece:
+            put_buffer(nb, ctable_off + ctable_len, piece)   # the C core keeps a copy
+            ctable_len += len(piece)
+    del pieces
+    if refs is not None:
+        del refs_used
+        refs.clear()        # the caller's records are used up (ChunkPlacer.refs)
+    total = round_up(ctable_off + ctable_len, BLKSZ) if ctable_len else ctable_off
+    if nb.refresh_info().image_size != total:
+        raise AssertionError("C core placed the chunk info table elsewhere")
 
     ext = R.ExtSuperBlock(
         s_flags=flags, s_blob_table_offset=blob_off, s_blob_table_size=len(blob_table),
         s_chunk_size=opts.chunk_size,
-        s_chunk_table_offset=ctable_off if ctable else 0,
-        s_chunk_table_size=len(ctable),
+        s_chunk_table_offset=ctable_off if ctable_len else 0,
+        s_chunk_table_size=ctable_len,
         s_prefetch_table_offset=prefetch_off if prefetch_nodes else 0,
         s_prefetch_table_size=4 * len(prefetch_nodes))
 
@@ -509,10 +535,6 @@ def write_bootstrap(nb: NativeBuilder, walker: TreeInfo | RafsWalker, bootstrap:
     if prefetch_nodes:
         nb.put_bytes(prefetch_off,
                      b"".join(nb.nid(n).to_bytes(4, "little") for n in prefetch_nodes))
-    if ctable:
-        nb.put_bytes(ctable_off, ctable)
-        if nb.refresh_info().image_size != total:
-            raise AssertionError("C core placed the chunk info table elsewhere")
     pos = round_up(total, seg)
     for i, b in enumerate(blobs):
         nb.set_device(i + 1, b.blocks, pos // BLKSZ)
@@ -529,7 +551,7 @@ def write_bootstrap(nb: NativeBuilder, walker: TreeInfo | RafsWalker, bootstrap:
                for i, b in enumerate(blobs)],
         blob_id=new_info.blob_id if new_info else None,
         chunk_size=opts.chunk_size, compressor=opts.compressor, digester=opts.digester,
-        chunk_info_entries=len(ctable) // R.ChunkInfo.SIZE,
+        chunk_info_entries=ctable_len // R.ChunkInfo.SIZE,
         prefetch_entries=len(prefetch_nodes))
 
 

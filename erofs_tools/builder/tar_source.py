@@ -174,7 +174,6 @@ def pack_tar(source: StrOrBytesPath | BinaryIO, bootstrap: StrPath, blob_dir: St
         nb = RP.bootstrap_nodes(len(cdict.blobs) + 1, len(prefetch), ts,
                                 force_extended=True)
         ids, keys, has_x = tree.emit(nb)
-        per_node = {keys[k]: v for k, v in placer.per_file.items() if k in keys}
         walker = RP.TreeInfo(set(keys.values()), has_x)
         prefetch_nodes = []
         for rel in prefetch:
@@ -183,8 +182,8 @@ def pack_tar(source: StrOrBytesPath | BinaryIO, bootstrap: StrPath, blob_dir: St
                 raise InputError(f"prefetch path /{os.fsdecode(rel)} is not in the archive")
             if ids[id(n)] not in prefetch_nodes:
                 prefetch_nodes.append(ids[id(n)])
-        result = RP.write_bootstrap(nb, walker, bootstrap, opts, cdict, new_info, per_node,
-                                    placer.file_off, prefetch_nodes, ts)
+        result = RP.write_bootstrap(nb, walker, bootstrap, opts, cdict, new_info,
+                                    placer.refs, {}, prefetch_nodes, ts, node_of=keys)
         if new_info is not None:
             writer.commit()
     except BaseException:

@@ -193,20 +193,21 @@ class TreeWalker:
             try:
                 # in name order, not readdir's: the data (and -Efragments' packed
                 # inode) then follow the names as in mkfs.erofs, whatever the source fs
-                with os.scandir(dpath) as it:
-                    ents = sorted(it, key=_entry_name)
+                # names only: a DirEntry per entry of a big directory, all alive until
+                # it is done, was the walk's peak (4 MiB for man1's 18k entries)
+                names = sorted(os.listdir(dpath))
             except OSError as e:
                 raise _oserr(e, dpath) from None
-            for ent in ents:
-                name = ent.name
-                path = ent.path
+            sep = b"" if dpath.endswith(b"/") else b"/"
+            for name in names:
+                path = dpath + sep + name
                 rel = drel + b"/" + name if drel else name
                 if excluding and self._excluded(rel):
                     continue
                 if path in skip:
                     continue
                 try:
-                    st = ent.stat(follow_symlinks=False)
+                    st = os.lstat(path)
                 except OSError as e:
                     raise _oserr(e, path) from None
                 mode = st.st_mode

@@ -5,6 +5,7 @@ import sys
 
 import click
 
+from erofs_tools.builder.heap import bound_heap_arenas
 from erofs_tools.builder.options import parse_timestamp
 from erofs_tools.builder.rafs import PackOptions
 from erofs_tools.builder.rafs import pack as build_rafs
@@ -89,6 +90,8 @@ def pack(source, bootstrap, blob_dir, chunk_size, digester, compressor, chunk_di
         timestamp=parse_timestamp(timestamp) if timestamp is not None else None,
         workers=jobs)
     progress = Progress.maybe(enabled=not quiet and not as_json)
+    # a process of its own: one malloc arena for all of pack's threads (builder/heap.py)
+    bound_heap_arenas()
     if source_type == "dir":
         r = build_rafs(source, bootstrap, blob_dir, opts, progress=progress)
     else:

@@ -1,0 +1,19 @@
+"""Bytes handed to the C builder straight from a Python buffer (no intermediate bytes
+copy): a pack's chunk info table is ~4 MiB (80 bytes per chunk), and NativeBuilder.
+put_bytes would copy it once more before the C core takes its own copy. Apart from
+_native.py only to keep each module small; the cffi module still comes through it."""
+from __future__ import annotations
+
+from erofs_tools._native import NativeBuilder, _raise, ffi, lib
+
+__all__ = ["put_buffer"]
+
+
+def put_buffer(nb: NativeBuilder, offset: int, data: bytearray | memoryview) -> None:
+    """NativeBuilder.put_bytes(offset, data) without copying `data` in Python."""
+    if nb._b is None:
+        raise ValueError("builder closed")
+    n = len(data) if isinstance(data, bytearray) else data.nbytes
+    r = lib.erofs_builder_put_bytes(nb._b, offset, ffi.from_buffer(data), n)
+    if r:
+        _raise(nb._b, r)
