@@ -31,6 +31,7 @@ from erofs_tools.errors import CorruptImageError, ErofsToolsError
 from erofs_tools.format import rafs
 from erofs_tools.fsutil import atomic_write_bytes
 from erofs_tools.reader import blob as rblob
+from erofs_tools.reader.bootstrap import PinTable
 from erofs_tools.reader import zran as rzran
 
 from . import StorageError
@@ -154,8 +155,20 @@ def _meta_from_pins(blob_id: str, entry, blob_size: int, pins) -> rblob.BlobMeta
         return None
     compressor = rafs.COMPRESSOR_NAMES.get(entry.compression_algo)
     digester = rafs.DIGESTER_NAMES.get(entry.digest_algo)
-    if compressor is None or digester is None or \
-            any(k < 0 or k >= n or p.compressed is None for k, p in pins.items()):
+    if compressor is None or digester is None:
+        return None
+    if isinstance(pins, PinTable):
+        # the C core checks and orders the chunks as BlobMeta and the loop below do
+        made = pins.chunk_map(n, entry.uncompressed_size, blob_size, entry.chunk_size,
+                              compressor == "none")
+        if made is not None:
+            try:
+                return rblob.BlobMeta(blob_id, made[1], entry.uncompressed_size, blob_size,
+                                      compressor, digester, entry.chunk_size,
+                                      entry.features, checked=made[0])
+            except CorruptImageError:
+                pass        # the Python path below names the problem
+    if any(k < 0 or k >= n or p.compressed is None for k, p in pins.items()):
         return None
     chunks = [rblob.BlobChunk(k, p.uncompressed_offset, p.uncompressed_size,
                               p.compressed_offset, p.compressed_size, p.digest, p.compressed)
