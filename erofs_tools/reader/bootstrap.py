@@ -108,8 +108,10 @@ class PinTable(Mapping[int, ChunkPin]):
 
 def chunk_pin_tables(img: Image) -> list[PinTable]:
     """chunk_pins() made by the C core: per blob, its PinTable (same pins, same errors)."""
-    n = len(img.devices)
-    table = img.chunk_table_bytes()
+    n, ext = len(img.devices), img.rafs
+    # the table's place and size were checked when the image was opened
+    table = img.read(ext.s_chunk_table_offset, ext.s_chunk_table_size,
+                     "chunk info table") if ext is not None and ext.s_chunk_table_size else b""
     return [PinTable(cmap.ci_pins(table, n, b, img.name)) for b in range(n)]
 
 
