@@ -20,6 +20,7 @@ from erofs_tools.errors import CorruptImageError, DigestMismatchError
 from erofs_tools.format import rafs
 from erofs_tools.format.erofs import BLKSZ
 from erofs_tools.fsutil import round_up
+from erofs_tools.reader.blobid import compute_blob_id  # noqa: F401 (its old home)
 
 ReadAt = Callable[[int, int], bytes]
 
