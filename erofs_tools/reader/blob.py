@@ -230,10 +230,10 @@ class BlobMeta:
         # (offset, size) of the raw blob.digest payload (excluded from the blob id), or None
         self.digest_region = digest_region
         self._starts = [c.uncompressed_offset for c in self.chunks]
-        self._by_index = None
+        self._by_index: dict[int, BlobChunk] | None = None
         # a zran blob's contexts and chunk decoder (reader/zran.py), else None
         self.zran = zran
-        self._bytes = None
+        self._bytes: bytes | None = None
         self._validate_head()
         if checked is None:
             self._validate_chunks()

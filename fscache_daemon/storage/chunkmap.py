@@ -31,8 +31,8 @@ from erofs_tools.errors import CorruptImageError, ErofsToolsError
 from erofs_tools.format import rafs
 from erofs_tools.fsutil import atomic_write_bytes
 from erofs_tools.reader import blob as rblob
-from erofs_tools.reader.bootstrap import PinTable
 from erofs_tools.reader import zran as rzran
+from erofs_tools.reader.bootstrap import PinTable
 
 from . import StorageError
 
