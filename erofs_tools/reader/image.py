@@ -294,11 +294,6 @@ class Image:
             self._chunk_infos = R.ChunkInfo.decode_many(self.data, off, n) if n else []
         return self._chunk_infos
 
-    def chunk_table_bytes(self) -> bytes:
-        """The chunk-info table's raw 80-byte rows (bounds checked, not decoded)."""
-        off, n = self._chunk_table
-        return self.read(off, n * R.ChunkInfo.SIZE, "chunk info table") if n else b""
-
     def chunk_info_rows(self):
         """The chunk-info table as tuples in R.ChunkInfo field order, no records."""
         off, n = self._chunk_table
