@@ -9,6 +9,7 @@ nydusd-level consistency checks between them and turns blob-table entries into
 """
 from __future__ import annotations
 
+import functools
 import os
 import struct
 from collections.abc import Iterator, Mapping
@@ -86,8 +87,8 @@ class PinTable(Mapping[int, ChunkPin]):
     def __iter__(self) -> Iterator[int]:
         return iter(self._pins())
 
-    def digests(self) -> dict[int, bytes]:
-        return {k: p.digest for k, p in self._pins().items()}
+    def digests(self) -> PinDigests:
+        return PinDigests(self)
 
     def table_text(self) -> bytes:
         """"index:uoff:usize:coff:csize:" + digest per pin, in index order."""
@@ -102,8 +103,28 @@ class PinTable(Mapping[int, ChunkPin]):
         if got is None:
             return None
         entries, recs = got
-        return entries, list(map(rblob.BlobChunk._make,
-                                 struct.iter_unpack(cmap.CHUNK_FORMAT, recs)))
+        # tuple.__new__ straight from the unpacked rows: no Python call per chunk
+        make = functools.partial(tuple.__new__, rblob.BlobChunk)
+        return entries, list(map(make, struct.iter_unpack(cmap.CHUNK_FORMAT, recs)))
+
+
+class PinDigests(Mapping[int, bytes]):
+    """{CI index: digest} of a PinTable, a view: the chunk map made from the pins never
+    looks into it (a blob read through its own table does)."""
+
+    __slots__ = ("pins",)
+
+    def __init__(self, pins: PinTable) -> None:
+        self.pins = pins
+
+    def __len__(self) -> int:
+        return len(self.pins)
+
+    def __getitem__(self, index: int) -> bytes:
+        return self.pins[index].digest
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.pins)
 
 
 def chunk_pin_tables(img: Image) -> list[PinTable]:

@@ -44,12 +44,12 @@ class BlobRef:
         self.entry = entry
         self.pins: Mapping[int, ChunkPin] = pins if pins is not None else {}
         self.table_digest = table_digest
-        self._digests: dict | None = None
+        self._digests: Mapping[int, bytes] | None = None
 
     @property
-    def digests(self) -> dict | None:
-        """{CI index: digest} from the bootstrap's chunk table (None: it pins nothing),
-        made when first asked for (a cold mount whose pins are its chunk map never does)."""
+    def digests(self) -> Mapping[int, bytes] | None:
+        """{CI index: digest} from the bootstrap's chunk table (None: it pins nothing); of
+        a PinTable a view (a cold mount whose pins are its chunk map never looks)."""
         if self._digests is None and self.pins:
             self._digests = self.pins.digests() if isinstance(self.pins, PinTable) else \
                 {k: p.digest for k, p in self.pins.items()}
