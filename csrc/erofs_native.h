@@ -308,4 +308,23 @@ int ern_chunks_read(const char *names, const uint32_t *name_off, const uint64_t 
                     const uint32_t *len, const uint64_t *buf_off, uint32_t n, uint8_t *buf,
                     uint64_t cap, uint32_t *fail_index, int32_t *fail_errno);
 
+/* ---- a blob's chunk map from a bootstrap's chunk-info table (chunkmap.c) ----
+ * ern_ci_pins: the pins of blob `blob` among the nrows 80-byte rows of `table`, as
+ * 61-byte records <IQIQI32s? (CI index, uncompressed offset and size, compressed offset
+ * and size, digest, compressed flag) in index order, exact repeats dropped; out has room
+ * for nrows records. Returns their count, -1 (a row names blob *detail >= nblobs), -2
+ * (index *detail pinned twice differently) or -3 (no memory).
+ * ern_ci_table_text: the text storage/image.py's table digest hashes for these pins
+ * ("index:uoff:usize:coff:csize:" + digest each); its length or -1 (cap too small).
+ * ern_ci_map: when the pins cover the blob's chunk_count chunks and pass BlobMeta's
+ * checks, the chunk map's entries in uncompressed order (map_out: the map file's
+ * <IQIQIB32s records; chunks_out: 77-byte <IQIQI32s?qQ records, reader/blob.py's
+ * BlobChunk fields with zran index -1 and offset 0) and 0; else a reason code > 0. */
+int64_t ern_ci_pins(const uint8_t *table, uint64_t nrows, uint32_t nblobs, uint32_t blob,
+                    uint8_t *out, uint64_t *detail);
+int64_t ern_ci_table_text(const uint8_t *pins, uint64_t count, uint8_t *out, uint64_t cap);
+int ern_ci_map(const uint8_t *pins, uint64_t count, uint64_t chunk_count, uint64_t usize,
+               uint64_t csize, uint32_t chunk_size, int raw_only, uint8_t *map_out,
+               uint8_t *chunks_out);
+
 #endif

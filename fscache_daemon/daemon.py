@@ -182,6 +182,10 @@ class Daemon(MountLifecycle):
 
     # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> None:
+        # what a first mount would import midway (from disk, if the page cache was just
+        # dropped): the reader's blob source (open_image), registry hosts.toml
+        import erofs_tools.reader.data  # noqa: F401
+        import erofs_tools.registry.hosts  # noqa: F401
         self.frontend.start(self)
         self._restore()
         run_loop = getattr(self.frontend, "run_loop", None)

@@ -223,6 +223,17 @@ class MountLifecycle(CacheEviction):
             raise NotFoundError(f"{bootstrap}: no such bootstrap file")
         if self.frontend.name != "none" and not os.path.isdir(mountpoint):
             raise NotFoundError(f"{mountpoint}: mount point is not a directory")
+        # the backend's first round trips (a registry's manifest) run while the
+        # bootstrap is copied and parsed; errors are left to the mount's own use of it
+        warm = _Warmer(self, backend, options or {})
+        try:
+            return self._mount(bootstrap, mountpoint, backend, given, prefetch, domain,
+                               options)
+        finally:
+            warm.done()
+
+    def _mount(self, bootstrap, mountpoint, backend, given, prefetch, domain,
+               options) -> dict:
         # Mounts of different mount points run side by side up to the kernel's part
         # (the slow part, opening the blobs, may wait seconds for a registry); that part
         # takes the one mount lock
@@ -495,3 +506,44 @@ class MountLifecycle(CacheEviction):
                     self._save_state()
                 log.info("%s: the kernel released superblock %s; its blobs are released",
                          img.mountpoint, ",".join(img.instances))
+
+
+class _Warmer:
+    """Warms the mount's backend (Backend.warm) on a thread of its own and holds it until
+    the mount is over (no other mount's failure closes it meanwhile); a mount that ends
+    first does not wait for it."""
+
+    def __init__(self, owner, spec: str, options: dict):
+        self.owner = owner
+        self._lock = threading.Lock()
+        self._over = False
+        self._held = None
+        threading.Thread(target=self._run, args=(spec, options), daemon=True,
+                         name="backend-warm").start()
+
+    def _run(self, spec: str, options: dict) -> None:
+        try:
+            be = self.owner._backend(spec, options)
+        except Exception as e:  # noqa: BLE001 - the mount meets it again and reports it
+            log.debug("backend %s: not warmed: %s", spec, e)
+            return
+        try:
+            be.warm()
+        except Exception as e:  # noqa: BLE001 - as above
+            log.debug("backend %s: not warmed: %s", spec, e)
+        with self._lock:
+            if not self._over:
+                self._held = be
+                return
+        self._release(be)
+
+    def _release(self, be) -> None:
+        self.owner._release_backend(be)
+        self.owner._drop_unused_backends()
+
+    def done(self) -> None:
+        with self._lock:
+            self._over = True
+            be, self._held = self._held, None
+        if be is not None:
+            self._release(be)

@@ -202,3 +202,29 @@ def test_store_failure_keeps_nothing(tmp_path, monkeypatch):
     with open(mgr.cache.path, "rb") as f:
         assert f.read() == _expected(mgr.meta, dict(enumerate(datas)))
     mgr.close()
+
+
+def test_chunk_state_reset_is_synced_whenever_bits_could_come_back(tmp_path, monkeypatch):
+    """A reset that clears bits a crash could bring back (set, stored, committed, or read
+    from an existing record) is fsynced before it returns; a new record's resets, which
+    clear nothing on disk, are not (a cold mount's two)."""
+    from fscache_daemon.storage import chunkstate
+    synced = []
+    monkeypatch.setattr(chunkstate.os, "fsync", lambda fd: synced.append(fd))
+    path = str(tmp_path / "blob.chunks")
+    st = chunkstate.ChunkState(path, 64, 64 << 12, b"d" * 32)
+    st.reset()
+    assert synced == []
+    st.set([3, 5])
+    st.reset()
+    assert synced == [st.fd] and st.count == 0
+    st.reset()
+    assert synced == [st.fd]
+    st.set([7])
+    fd = st.fd
+    st.close()
+    # an existing record with a bit set: its reset (another map) must be durable
+    again = chunkstate.ChunkState(path, 64, 64 << 12, b"e" * 32)
+    assert again.mismatched and again.count == 0
+    assert len(synced) == 2 and synced[0] == fd
+    again.close()

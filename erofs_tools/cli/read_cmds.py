@@ -66,7 +66,8 @@ def _open(image, blob_dir=None, devices=()):
 
 def _blob_summary(path):
     """inspect of a Nydus data blob without a bootstrap: TOC and chunk table."""
-    from erofs_tools.reader.blob import compute_blob_id, file_reader, open_blob
+    from erofs_tools.reader.blob import file_reader, open_blob
+    from erofs_tools.reader.blobid import compute_blob_id
     meta = open_blob(path)
     _boot, toc = _inline_bootstrap(path)
     with open(path, "rb") as f:

@@ -7,12 +7,12 @@ bootstrap's blob and chunk tables; the builder, mount, convert and the daemon us
 from erofs_tools.reader.blob import (
     BlobChunk,
     BlobMeta,
-    compute_blob_id,
     decode_chunk,
     open_blob,
     read_chunk,
     read_toc,
 )
+from erofs_tools.reader.blobid import compute_blob_id
 from erofs_tools.reader.bootstrap import BlobInfo, BootstrapTables
 
 __all__ = ["BlobChunk", "BlobInfo", "BlobMeta", "BootstrapTables", "compute_blob_id",

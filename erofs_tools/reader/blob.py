@@ -20,6 +20,7 @@ from erofs_tools.errors import CorruptImageError, DigestMismatchError
 from erofs_tools.format import rafs
 from erofs_tools.format.erofs import BLKSZ
 from erofs_tools.fsutil import round_up
+from erofs_tools.reader.blobid import compute_blob_id  # noqa: F401 (its old home)
 
 ReadAt = Callable[[int, int], bytes]
 
@@ -214,9 +215,12 @@ class BlobMeta:
                  "zran", "_bytes")
 
     def __init__(self, blob_id, chunks, uncompressed_size, compressed_size, compressor,
-                 digester, chunk_size, features=0, digest_region=None, zran=None):
+                 digester, chunk_size, features=0, digest_region=None, zran=None, *,
+                 checked: bytes | None = None):
+        # checked: chunks checked and ordered by the C core, and their compact form
         self.blob_id = blob_id
-        self.chunks = sorted(chunks, key=lambda c: c.uncompressed_offset)
+        self.chunks = chunks if checked is not None else \
+            sorted(chunks, key=lambda c: c.uncompressed_offset)
         self.uncompressed_size = uncompressed_size
         self.compressed_size = compressed_size
         self.compressor = compressor
@@ -226,11 +230,15 @@ class BlobMeta:
         # (offset, size) of the raw blob.digest payload (excluded from the blob id), or None
         self.digest_region = digest_region
         self._starts = [c.uncompressed_offset for c in self.chunks]
-        self._by_index = None
+        self._by_index: dict[int, BlobChunk] | None = None
         # a zran blob's contexts and chunk decoder (reader/zran.py), else None
         self.zran = zran
-        self._bytes = None
-        self._validate()
+        self._bytes: bytes | None = None
+        self._validate_head()
+        if checked is None:
+            self._validate_chunks()
+        else:
+            self._bytes = self._encode_head() + checked
 
     def __repr__(self):
         return (f"BlobMeta({self.blob_id!r}, {len(self.chunks)} chunks, "
@@ -238,7 +246,7 @@ class BlobMeta:
                 f"{self.compressor}/{self.digester}, chunk_size={self.chunk_size})")
 
     # -- validation ----------------------------------------------------------------------
-    def _validate(self):
+    def _validate_head(self):
         name = _blob_name(self.blob_id)
         if self.compressor not in COMPRESSORS_SUPPORTED and \
                 not (self.compressor == "gzip" and self.zran is not None):
@@ -254,6 +262,10 @@ class BlobMeta:
             raise CorruptImageError(f"blob {name}: bad compressed size {self.compressed_size}")
         if len(self.chunks) > rafs.MAX_CHUNKS_PER_BLOB:
             raise CorruptImageError(f"blob {name}: too many chunks ({len(self.chunks)})")
+
+    def _validate_chunks(self):
+        name = _blob_name(self.blob_id)
+        cs = self.chunk_size
         prev_end = 0
         seen = set()
         for c in self.chunks:
@@ -343,13 +355,16 @@ class BlobMeta:
             self._bytes = self._encode()
         return self._bytes
 
-    def _encode(self) -> bytes:
+    def _encode_head(self) -> bytes:
         algos = (rafs.COMPRESSOR_CODES[self.compressor] << 8) | rafs.DIGESTER_CODES[self.digester]
         dr_off, dr_size = self.digest_region or (0, 0)
         head = self._HEAD.pack(self._CACHE_MAGIC, (self.blob_id or "").encode(),
                                self.uncompressed_size, self.compressed_size, self.chunk_size,
                                len(self.chunks), algos, self.features, 0, 0)
-        parts = [head, struct.pack("<QQ", dr_off, dr_size)]
+        return head + struct.pack("<QQ", dr_off, dr_size)
+
+    def _encode(self) -> bytes:
+        parts = [self._encode_head()]
         for c in self.chunks:
             flags = (1 if c.compressed else 0) | (2 if c.digest is not None else 0)
             parts.append(self._ENTRY.pack(c.index, c.uncompressed_offset, c.uncompressed_size,
@@ -649,26 +664,6 @@ def read_zran_chunk(meta: BlobMeta, chunk: BlobChunk, read_at: ReadAt,
         raise DigestMismatchError(f"blob {_blob_name(meta.blob_id)}: chunk {chunk.index}: "
                                   f"digest mismatch ({meta.digester})")
     return data
-
-
-def compute_blob_id(read_at: ReadAt, blob_size: int, exclude=None, piece=1 << 20) -> str:
-    """Nydus blob id: sha256 of the blob bytes except the raw blob.digest payload
-    (`exclude` = (offset, size), e.g. BlobMeta.digest_region)."""
-    h = hashlib.sha256()
-    ranges = [(0, blob_size)]
-    if exclude:
-        eo, es = exclude
-        ranges = [(0, eo), (eo + es, blob_size)]
-    for start, end in ranges:
-        pos = start
-        while pos < end:
-            n = min(piece, end - pos)
-            data = read_at(pos, n)
-            if len(data) != n:
-                raise CorruptImageError(f"blob: short read at {pos}")
-            h.update(data)
-            pos += n
-    return h.hexdigest()
 
 
 def file_reader(f):

@@ -9,9 +9,13 @@ nydusd-level consistency checks between them and turns blob-table entries into
 """
 from __future__ import annotations
 
+import functools
 import os
+import struct
+from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
 
+from erofs_tools import _native_chunkmap as cmap
 from erofs_tools.errors import CorruptImageError, InputError
 from erofs_tools.format import erofs as E
 from erofs_tools.format import rafs as R
@@ -54,6 +58,82 @@ def chunk_pins(img: Image) -> list[dict[int, ChunkPin]]:
             raise CorruptImageError(f"{img.name}: chunk table gives chunk {index} of blob "
                                     f"{blob} twice, differently")
     return out
+
+
+class PinTable(Mapping[int, ChunkPin]):
+    """{CI index: ChunkPin} of one blob, kept as the C core's packed records
+    (csrc/chunkmap.c): a cold mount needs only their table digest text and the chunk
+    map they make, both made in C; the dict is built on first use as a mapping (a
+    cached map compared with the pins, a blob that needs its own table)."""
+
+    __slots__ = ("records", "_dict")
+
+    def __init__(self, records: bytes) -> None:
+        self.records = records
+        self._dict: dict[int, ChunkPin] | None = None
+
+    def _pins(self) -> dict[int, ChunkPin]:
+        if self._dict is None:
+            self._dict = {r[0]: ChunkPin(r[1], r[2], r[3], r[4], r[5], r[6])
+                          for r in struct.iter_unpack(cmap.PIN_FORMAT, self.records)}
+        return self._dict
+
+    def __len__(self) -> int:
+        return len(self.records) // cmap.PIN_REC
+
+    def __getitem__(self, index: int) -> ChunkPin:
+        return self._pins()[index]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._pins())
+
+    def digests(self) -> PinDigests:
+        return PinDigests(self)
+
+    def table_text(self) -> bytes:
+        """"index:uoff:usize:coff:csize:" + digest per pin, in index order."""
+        return cmap.ci_table_text(self.records)
+
+    def chunk_map(self, chunk_count: int, uncompressed_size: int, compressed_size: int,
+                  chunk_size: int, raw_only: bool) -> tuple[bytes, list[rblob.BlobChunk]] | None:
+        """(the map file's entries, the chunks in uncompressed order) when these pins are
+        the whole blob's chunk map and pass BlobMeta's chunk checks; else None."""
+        got = cmap.ci_map(self.records, chunk_count, uncompressed_size, compressed_size,
+                          chunk_size, raw_only)
+        if got is None:
+            return None
+        entries, recs = got
+        # tuple.__new__ straight from the unpacked rows: no Python call per chunk
+        make = functools.partial(tuple.__new__, rblob.BlobChunk)
+        return entries, list(map(make, struct.iter_unpack(cmap.CHUNK_FORMAT, recs)))
+
+
+class PinDigests(Mapping[int, bytes]):
+    """{CI index: digest} of a PinTable, a view: the chunk map made from the pins never
+    looks into it (a blob read through its own table does)."""
+
+    __slots__ = ("pins",)
+
+    def __init__(self, pins: PinTable) -> None:
+        self.pins = pins
+
+    def __len__(self) -> int:
+        return len(self.pins)
+
+    def __getitem__(self, index: int) -> bytes:
+        return self.pins[index].digest
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.pins)
+
+
+def chunk_pin_tables(img: Image) -> list[PinTable]:
+    """chunk_pins() made by the C core: per blob, its PinTable (same pins, same errors)."""
+    n, ext = len(img.devices), img.rafs
+    # the table's place and size were checked when the image was opened
+    table = img.read(ext.s_chunk_table_offset, ext.s_chunk_table_size,
+                     "chunk info table") if ext is not None and ext.s_chunk_table_size else b""
+    return [PinTable(cmap.ci_pins(table, n, b, img.name)) for b in range(n)]
 
 
 # BlobInfo attribute -> BlobEntry field, for the values stored as they are (blob id,

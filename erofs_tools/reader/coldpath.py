@@ -48,12 +48,22 @@ def _buffer(size: int) -> memoryview:
     return buf
 
 
+_DIGESTERS: dict[str, Callable[[memoryview], bytes]] = {}
+
+
 def digester(name: str) -> Callable[[memoryview], bytes]:
+    d = _DIGESTERS.get(name)     # made once: asked for once per fetched range
+    if d is not None:
+        return d
     if name == "blake3":
         import blake3
-        return lambda data: blake3.blake3(data).digest()
+        b3 = blake3.blake3
+        d = _DIGESTERS[name] = lambda data: b3(data).digest()
+        return d
     if name == "sha256":
-        return lambda data: hashlib.sha256(data).digest()
+        sha = hashlib.sha256
+        d = _DIGESTERS[name] = lambda data: sha(data).digest()
+        return d
     raise CorruptImageError(f"unsupported chunk digest algorithm {name!r}")
 
 
@@ -92,14 +102,16 @@ class DecodedRange:
                                          target.state_fd, target.state_off)
         stored = []
         failed = list(self.failed)
-        name = _blob_name(self.meta.blob_id)
+        ok = _native.COLD_OK
         for i, c in enumerate(self.chunks):
             if not cc.verified(i):
                 continue
             st = cc.status(i)
-            if st == _native.COLD_OK:
+            if st == ok:
                 stored.append(c)
-            elif st == _native.COLD_EWRITE:
+                continue
+            name = _blob_name(self.meta.blob_id)
+            if st == _native.COLD_EWRITE:
                 failed.append((c, OSError(-werr, f"{os.strerror(-werr)} (writing chunk "
                                                   f"{c.index} into the cache file)")))
             else:
@@ -175,13 +187,14 @@ def decode_range(meta: BlobMeta, chunks: Sequence[BlobChunk], raw: bytes | memor
         if c.compressed:
             dsize += round_up(c.uncompressed_size, 4096)
     comp = _native.COLD_ALGS.get(meta.compressor)
+    if comp is None:
+        comp = 255          # refused by the C core as an unknown compressor
+    stored = _native.COLD_ALGS["none"]
     cc = _native.ColdChunks(n, raw, _buffer(dsize))
     for i, c in enumerate(chunks):
-        alg = comp if c.compressed else _native.COLD_ALGS["none"]
-        if alg is None:
-            alg = 255       # refused by the C core as an unknown compressor
-        cc.set(i, alg, c.compressed_offset - raw_offset, c.compressed_size,
-               c.uncompressed_size, offs[i], c.uncompressed_offset, c.index)
+        cc.set(i, comp if c.compressed else stored, c.compressed_offset - raw_offset,
+               c.compressed_size, c.uncompressed_size, offs[i], c.uncompressed_offset,
+               c.index)
     cc.decode()
     return _verify(meta, chunks, cc, verify, name)
 
@@ -190,19 +203,21 @@ def _verify(meta: BlobMeta, chunks: Sequence[BlobChunk], cc: _native.ColdChunks,
             verify: bool, name: str) -> DecodedRange:
     failed: list = []
     hasher = digester(meta.digester) if verify else None
+    ok = _native.COLD_OK
     for i, c in enumerate(chunks):
         st = cc.status(i)
-        what = f"blob {name}: chunk {c.index}"
-        if st != _native.COLD_OK:
-            failed.append((c, CorruptImageError(f"{what}: {_native.COLD_ERRORS.get(st, st)}")))
+        if st != ok:
+            failed.append((c, CorruptImageError(f"blob {name}: chunk {c.index}: "
+                                                f"{_native.COLD_ERRORS.get(st, st)}")))
             continue
         if hasher is not None:
             if c.digest is None:
-                failed.append((c, CorruptImageError(f"{what}: no digest to verify it")))
+                failed.append((c, CorruptImageError(f"blob {name}: chunk {c.index}: no "
+                                                    "digest to verify it")))
                 continue
             if hasher(cc.data(i)) != c.digest:
                 failed.append((c, DigestMismatchError(
-                    f"{what}: digest mismatch ({meta.digester})")))
+                    f"blob {name}: chunk {c.index}: digest mismatch ({meta.digester})")))
                 continue
         cc.mark_verified(i)
     return DecodedRange(meta, chunks, cc, failed)

@@ -8,7 +8,8 @@ from typing import NamedTuple
 from erofs_tools.errors import CorruptImageError, ErofsToolsError
 from erofs_tools.format import erofs as E
 from erofs_tools.format import rafs as R
-from erofs_tools.reader.blob import compute_blob_id, decode_chunk, read_zran_chunk
+from erofs_tools.reader.blob import decode_chunk, read_zran_chunk
+from erofs_tools.reader.blobid import compute_blob_id
 from erofs_tools.reader.image import Image, _cstr
 from erofs_tools.reader.zdata import ZChecker, is_compressed
 

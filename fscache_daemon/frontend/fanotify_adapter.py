@@ -222,6 +222,9 @@ class FanotifyFrontend(Frontend):
 
     def _publish_cached(self, mgr, fm: FilledMap) -> None:
         """Set the chunks already cached (and verified) in the holder's FilledMap."""
+        if not mgr.cache.cached_chunks:
+            return      # a cold mount: no walk over its 27,000 chunks (stored ones from
+            # now on reach the map through the store listener)
         withheld = self._withheld.get(mgr.key, set())
         for c in mgr.meta.chunks:
             if mgr.cache.has(c) and c.index not in withheld:

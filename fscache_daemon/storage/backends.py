@@ -73,6 +73,10 @@ class Backend:
         """Tell the backend about a blob it will be asked for (its stored size, from the
         bootstrap's blob table), before the first read."""
 
+    def warm(self) -> None:
+        """Do now what the first read would do once (a registry: resolve the image's
+        manifest), so that a mount overlaps it with reading its bootstrap."""
+
     def reader(self, blob_id: str):
         """A `read_at(offset, length) -> bytes` closure for one blob."""
         return lambda offset, length: self.read(blob_id, offset, length)
@@ -376,6 +380,10 @@ class RegistryBackend(Backend):
         if first is not None:
             raise first
         return None
+
+    def warm(self) -> None:
+        with self._map_lock:        # digest_of waits for it rather than asking again
+            self._nydus_layers()
 
     def _nydus_layers(self) -> list:
         """The image's Nydus blob layers (empty if the reference names no image)."""

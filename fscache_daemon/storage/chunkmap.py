@@ -32,6 +32,7 @@ from erofs_tools.format import rafs
 from erofs_tools.fsutil import atomic_write_bytes
 from erofs_tools.reader import blob as rblob
 from erofs_tools.reader import zran as rzran
+from erofs_tools.reader.bootstrap import PinTable
 
 from . import StorageError
 
@@ -154,8 +155,20 @@ def _meta_from_pins(blob_id: str, entry, blob_size: int, pins) -> rblob.BlobMeta
         return None
     compressor = rafs.COMPRESSOR_NAMES.get(entry.compression_algo)
     digester = rafs.DIGESTER_NAMES.get(entry.digest_algo)
-    if compressor is None or digester is None or \
-            any(k < 0 or k >= n or p.compressed is None for k, p in pins.items()):
+    if compressor is None or digester is None:
+        return None
+    if isinstance(pins, PinTable):
+        # the C core checks and orders the chunks as BlobMeta and the loop below do
+        made = pins.chunk_map(n, entry.uncompressed_size, blob_size, entry.chunk_size,
+                              compressor == "none")
+        if made is not None:
+            try:
+                return rblob.BlobMeta(blob_id, made[1], entry.uncompressed_size, blob_size,
+                                      compressor, digester, entry.chunk_size,
+                                      entry.features, checked=made[0])
+            except CorruptImageError:
+                pass        # the Python path below names the problem
+    if any(k < 0 or k >= n or p.compressed is None for k, p in pins.items()):
         return None
     chunks = [rblob.BlobChunk(k, p.uncompressed_offset, p.uncompressed_size,
                               p.compressed_offset, p.compressed_size, p.digest, p.compressed)
@@ -274,7 +287,10 @@ def load_or_fetch_meta(directory, blob_id, backend, entry=None, blob_size=None,
     meta, fetched = _fetch_meta(blob_id, backend, entry, blob_size, digests, pins)
     os.makedirs(directory, exist_ok=True)
     header = MAP_HEADER.pack(MAP_MAGIC, table or bytes(32))
-    atomic_write_bytes(path, header + meta.to_bytes(), mode=0o600)
+    # a map the bootstrap's pins fix whole is made again, the same, if a crash loses it
+    # (and a torn one fails its checks): no fsync (two per cold mount)
+    whole = pins is not None and len(pins) == len(meta.chunks) > 0
+    atomic_write_bytes(path, header + meta.to_bytes(), mode=0o600, fsync=not whole)
     return meta, fetched
 
 

@@ -63,6 +63,9 @@ class ChunkState:
         # True when a record existed but was made for another chunk map (or is damaged):
         # the cache file's bytes were verified against other digests, if at all
         self.mismatched = False
+        # whether the file may hold set bits that a crash could bring back after a reset
+        # (a new file holds none: its reset needs no fsync, ~2 per cold mount)
+        self._maybe_bits = True
         self._lock = threading.Lock()
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self.fd = fd
@@ -75,6 +78,7 @@ class ChunkState:
             if data:
                 log.warning("%s: chunk state does not match the chunk map; resetting", path)
                 self.mismatched = True
+            self._maybe_bits = bool(data)
             self.reset()
             return
         live = data[STATE_HEADER.size:STATE_HEADER.size + self.nbytes]
@@ -101,7 +105,9 @@ class ChunkState:
             self.count = 0
             os.ftruncate(self.fd, 0)
             os.pwrite(self.fd, self._header() + bytes(2 * self.nbytes), 0)
-            os.fsync(self.fd)
+            if self._maybe_bits:
+                os.fsync(self.fd)
+                self._maybe_bits = False
 
     def has(self, i: int) -> bool:
         return bool(self.bits[i >> 3] & (1 << (i & 7)))
@@ -119,6 +125,7 @@ class ChunkState:
     def set(self, indexes) -> None:
         """Record chunks whose verified data is in the cache file (live bitmap)."""
         with self._lock:
+            self._maybe_bits = True
             lo: int | None = None
             hi: int | None = None
             for i in indexes:
@@ -139,6 +146,7 @@ class ChunkState:
         target = coldpath.StoreTarget(fd, size, self.bits, self.nchunks, self.fd,
                                       STATE_HEADER.size)
         with self._lock:
+            self._maybe_bits = True
             res = decoded.store(target)
             self.count += res.newly
         return res
@@ -149,6 +157,7 @@ class ChunkState:
 
     def commit(self, snap: bytes) -> None:
         """Make `snap` (taken before the cache file's fdatasync) the durable bitmap."""
+        self._maybe_bits = True
         os.pwrite(self.fd, snap, STATE_HEADER.size + self.nbytes)
         os.fdatasync(self.fd)
 

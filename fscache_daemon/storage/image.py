@@ -13,10 +13,11 @@ import hashlib
 import logging
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from erofs_tools.errors import CorruptImageError, ErofsToolsError
-from erofs_tools.reader.bootstrap import ChunkPin, chunk_pins  # noqa: F401 (ChunkPin re-exported)
+from erofs_tools.reader.bootstrap import ChunkPin, PinTable, chunk_pin_tables
 from erofs_tools.reader.image import open_image
 
 from . import StorageError
@@ -24,24 +25,49 @@ from . import StorageError
 log = logging.getLogger(__name__)
 
 
-@dataclass
 class BlobRef:
-    index: int                 # device slot = blob_index; EROFS device id = index + 1
-    blob_id: str
-    compressed_size: int
-    uncompressed_size: int
-    entry: object = None       # format.rafs.BlobEntry, for BlobMeta.from_blob
-    digests: dict | None = None  # {CI index: digest} from the bootstrap's chunk table
-    pins: dict[int, ChunkPin] = field(default_factory=dict)  # {CI index: pin}
-    table_digest: bytes = b""  # sha256 of the blob entry and the pins (see table_digest)
+    """One blob of the bootstrap: device slot (= blob_index; EROFS device id = index +
+    1), id, stored and uncompressed sizes, blob-table entry (format.rafs.BlobEntry, for
+    BlobMeta.from_blob), its pins from the chunk-info table ({CI index: ChunkPin}, a
+    PinTable: packed until looked into) and their table digest (table_digest)."""
+
+    __slots__ = ("index", "blob_id", "compressed_size", "uncompressed_size", "entry",
+                 "pins", "table_digest", "_digests")
+
+    def __init__(self, index: int, blob_id: str, compressed_size: int,
+                 uncompressed_size: int, entry=None, pins: Mapping[int, ChunkPin] | None = None,
+                 table_digest: bytes = b""):
+        self.index = index
+        self.blob_id = blob_id
+        self.compressed_size = compressed_size
+        self.uncompressed_size = uncompressed_size
+        self.entry = entry
+        self.pins: Mapping[int, ChunkPin] = pins if pins is not None else {}
+        self.table_digest = table_digest
+        self._digests: Mapping[int, bytes] | None = None
+
+    @property
+    def digests(self) -> Mapping[int, bytes] | None:
+        """{CI index: digest} from the bootstrap's chunk table (None: it pins nothing); of
+        a PinTable a view (a cold mount whose pins are its chunk map never looks)."""
+        if self._digests is None and self.pins:
+            self._digests = self.pins.digests() if isinstance(self.pins, PinTable) else \
+                {k: p.digest for k, p in self.pins.items()}
+        return self._digests
 
 
-def table_digest(entry, pins: dict[int, ChunkPin]) -> bytes:
+_TABLE_TAG = b"fscache-daemon chunk table v1\0"
+
+
+def table_digest(entry, pins: Mapping[int, ChunkPin]) -> bytes:
     """sha256 of what one bootstrap says about one blob: its blob-table entry and its
     chunk pins in index order. A chunk map records the digest of the table it was made
     for (blobcache.load_or_fetch_meta)."""
-    h = hashlib.sha256(b"fscache-daemon chunk table v1\0")
+    h = hashlib.sha256(_TABLE_TAG)
     h.update(entry.encode() if entry is not None else b"")
+    if isinstance(pins, PinTable):      # the same text, made by the C core
+        h.update(pins.table_text())
+        return h.digest()
     # the same bytes as one update per pin, hashed in one call (a cold mount's pins)
     h.update(b"".join(b"%d:%d:%d:%d:%d:" % (k, p.uncompressed_offset, p.uncompressed_size,
                                             p.compressed_offset, p.compressed_size)
@@ -49,9 +75,9 @@ def table_digest(entry, pins: dict[int, ChunkPin]) -> bytes:
     return h.digest()
 
 
-def _pins(img, path: str) -> list[dict[int, ChunkPin]]:
+def _pins(img, path: str) -> list[PinTable]:
     try:
-        return chunk_pins(img)
+        return chunk_pin_tables(img)
     except CorruptImageError as e:
         # the reader names the image by its path already
         raise StorageError(str(e)) from None
@@ -144,7 +170,6 @@ def _read_image(path: str) -> ImageInfo:
             if e.uncompressed_size != img.devices[i].blocks * 4096:
                 raise StorageError(f"{path}: blob {i} size does not match its device slot")
             blobs.append(BlobRef(i, blob_id, e.compressed_size, e.uncompressed_size, e,
-                                 {k: p.digest for k, p in pins[i].items()} or None,
                                  pins[i], table_digest(e, pins[i])))
         return ImageInfo(path, blobs, _prefetch_ranges(img, n, pins))
     finally:

@@ -1,0 +1,137 @@
+"""The chunk map a cold mount makes in the C core (csrc/chunkmap.c through
+reader.bootstrap.PinTable) is the one the Python path makes: the same pins, table digest,
+chunks and map bytes, the same errors for a corrupt chunk-info table, the same refusals;
+and a read right after a mount returns the source's bytes."""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import helpers
+import pytest
+from test_daemon_support import (
+    DaemonProc,
+    drop_caches,
+    pack,
+    regular_files,
+    require_lazy_kernel,
+    write_tree,
+)
+
+from erofs_tools.errors import CorruptImageError
+from erofs_tools.reader.bootstrap import PinTable, chunk_pin_tables, chunk_pins
+from erofs_tools.reader.image import open_image
+from fscache_daemon.storage import chunkmap
+from fscache_daemon.storage.image import load_image, table_digest
+
+ROW = 80
+
+
+def _image(tmp_path, compressor="zstd"):
+    src = write_tree(str(tmp_path / "src"), seed=9, nfiles=40, big=(3 << 20, 1 << 20))
+    boot, blobs = str(tmp_path / "boot"), str(tmp_path / "blobs")
+    pack(src, boot, blobs, "--compressor", compressor, "--chunk-size", "0x40000")
+    return src, boot, blobs
+
+
+def _both(boot):
+    """(Python pins, C pin tables) of the bootstrap, or the error each raised."""
+    out = []
+    for fn in (chunk_pins, chunk_pin_tables):
+        img = open_image(boot)
+        try:
+            out.append(fn(img))
+        except CorruptImageError as e:
+            out.append(str(e))
+        finally:
+            img.close()
+    return out
+
+
+def _maps(boot):
+    img = open_image(boot)
+    try:
+        e, blob_id = img.blob_entries[0], img.blob_id(1)
+    finally:
+        img.close()
+    py, c = _both(boot)
+    assert isinstance(c[0], PinTable) and dict(c[0]) == py[0]
+    assert table_digest(e, c[0]) == table_digest(e, py[0])
+    return (chunkmap._meta_from_pins(blob_id, e, e.compressed_size, py[0]),
+            chunkmap._meta_from_pins(blob_id, e, e.compressed_size, c[0]))
+
+
+def _patch_row(boot, row, off, fmt, value):
+    img = open_image(boot)
+    base = img.rafs.s_chunk_table_offset
+    img.close()
+    with open(boot, "r+b") as f:
+        f.seek(base + row * ROW + off)
+        f.write(struct.pack(fmt, value))
+
+
+@pytest.mark.parametrize("compressor", ["none", "zstd"])
+def test_c_chunk_map_equals_python(tmp_path, compressor):
+    _src, boot, _blobs = _image(tmp_path, compressor)
+    py, c = _maps(boot)
+    assert py is not None and c is not None and len(c.chunks) > 10
+    assert c.chunks == py.chunks and c.to_bytes() == py.to_bytes()
+    assert c.chunk_at(c.chunks[3].uncompressed_offset) == py.chunks[3]
+    ref = load_image(boot).blobs[0]
+    assert isinstance(ref.pins, PinTable)
+    assert ref.digests == {k: p.digest for k, p in chunk_pins(open_image(boot))[0].items()}
+
+
+def test_corrupt_tables_fail_alike(tmp_path):
+    _src, boot, _blobs = _image(tmp_path)
+    good = open(boot, "rb").read()
+
+    def fresh():
+        with open(boot, "wb") as f:
+            f.write(good)
+    # a row naming a blob the bootstrap does not have
+    _patch_row(boot, 2, 32, "<I", 7)
+    py, c = _both(boot)
+    assert isinstance(py, str) and py == c and "names blob 7" in py
+    # an index pinned twice, differently
+    fresh()
+    img = open_image(boot)
+    rows = list(img.chunk_info_rows())
+    img.close()
+    assert rows[0][8] != rows[1][8]
+    _patch_row(boot, 1, 72, "<I", rows[0][8])
+    py, c = _both(boot)
+    assert isinstance(py, str) and py == c and "twice, differently" in py
+    # chunks that overlap, or a missing chunk: no map from the pins, either way
+    fresh()
+    _patch_row(boot, 1, 56, "<Q", rows[0][6])
+    assert _maps(boot) == (None, None)
+    fresh()
+    _patch_row(boot, 1, 72, "<I", 1 << 20)
+    assert _maps(boot) == (None, None)
+    # a stored chunk whose sizes differ
+    fresh()
+    _patch_row(boot, 0, 36, "<I", rows[0][2] & ~1)
+    _patch_row(boot, 0, 40, "<I", rows[0][4] + 4096)
+    py, c = _maps(boot)
+    assert py is None and c is None
+
+
+@pytest.mark.root
+def test_read_right_after_mount_returns_the_source(tmp_path):
+    """No pause between the mount's return and the reads: every file, page cache
+    dropped, equals its source (the chunk map is ready before the mount returns)."""
+    helpers.require_root_kernel()
+    require_lazy_kernel()
+    src, boot, blobs = _image(tmp_path)
+    d = DaemonProc(str(tmp_path / "d"), threads=2).start()
+    try:
+        mnt = str(tmp_path / "mnt")
+        drop_caches()
+        d.mount(boot, mnt, f"localfs:{blobs}")
+        for rel in regular_files(src):
+            with open(os.path.join(mnt, rel), "rb") as a, open(os.path.join(src, rel), "rb") as b:
+                assert a.read() == b.read(), rel
+    finally:
+        d.cleanup()
