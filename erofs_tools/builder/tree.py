@@ -11,7 +11,6 @@ yet seen. Excluded paths are matched against the path relative to SOURCE (no lea
 """
 import collections
 import errno
-import hashlib
 import os
 import stat
 from collections.abc import Callable, Iterable
@@ -150,6 +149,7 @@ class TreeWalker:
     def _sha256(path: bytes, size: int) -> bytes:
         """The content fingerprint of a regular file (its first `size` bytes, the size
         the inode records: the C core copies no more than that)."""
+        import hashlib  # here: plain mkfs never needs it (3 ms of startup)
         h = hashlib.sha256()
         try:
             with open(path, "rb", buffering=0) as f:
