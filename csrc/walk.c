@@ -11,11 +11,22 @@
  */
 #include "builder_int.h"
 #include <dirent.h>
+#include <sys/syscall.h>
 #include <sys/sysmacros.h>
 #include <sys/xattr.h>
 
+/* listxattrat(2) (Linux 6.13): the names relative to the directory fd, without
+ * resolving the whole path again; glibc has no wrapper yet. The number is the same on
+ * every architecture with the generic syscall table. */
+#if defined(SYS_listxattrat)
+#define NR_LISTXATTRAT SYS_listxattrat
+#elif defined(__x86_64__) || defined(__aarch64__)
+#define NR_LISTXATTRAT 465
+#endif
+
 #define SHOWN 300                 /* bytes of a path shown in a message */
 #define XVAL_MAX 65536            /* XATTR_SIZE_MAX */
+#define DENTS_BUF 32768           /* getdents64 buffer */
 
 struct wdir {                     /* a directory waiting for its entries to be read */
     char *path;
@@ -54,6 +65,7 @@ struct erofs_walk {
     uint32_t nlinks, cap_links;
     char *xnames, *xval, *lnk;
     const char **xlist;           /* the names of one llistxattr */
+    char *dents;                  /* getdents64 buffer */
     size_t xcap, lcap;
     uint64_t entries, bytes;
 };
@@ -93,8 +105,9 @@ erofs_walk *erofs_walk_new(erofs_builder *b, const char *src, size_t srclen,
     w->xnames = malloc(XVAL_MAX);
     w->xval = malloc(XVAL_MAX);
     w->xlist = malloc(XVAL_MAX / 2 * sizeof(*w->xlist));
+    w->dents = malloc(DENTS_BUF);
     w->xcap = XVAL_MAX;
-    if (!w->src || !w->xnames || !w->xval || !w->xlist) {
+    if (!w->src || !w->xnames || !w->xval || !w->xlist || !w->dents) {
         erofs_walk_free(w);
         return NULL;
     }
@@ -119,6 +132,7 @@ void erofs_walk_free(erofs_walk *w)
     free(w->xnames);
     free(w->xval);
     free(w->xlist);
+    free(w->dents);
     free(w->lnk);
     free(w->src);
     free(w);
@@ -205,9 +219,29 @@ static int link_put(erofs_walk *w, uint64_t dev, uint64_t ino, uint32_t node, ui
 
 /* ------------------------------------------------------------------ entries ---- */
 
-static int add_xattrs(erofs_walk *w, const char *path, uint32_t node)
+static int no_listxattrat;
+
+static ssize_t list_names(erofs_walk *w, int dfd, const char *name, const char *path)
 {
-    ssize_t n = llistxattr(path, w->xnames, XVAL_MAX);
+#ifdef NR_LISTXATTRAT
+    if (!no_listxattrat && dfd != AT_FDCWD) {
+        long n = syscall(NR_LISTXATTRAT, dfd, name, AT_SYMLINK_NOFOLLOW, w->xnames,
+                         (size_t)XVAL_MAX);
+        if (n >= 0 || (errno != ENOSYS && errno != EPERM))
+            return n;
+        no_listxattrat = 1;      /* an older kernel (or a seccomp filter) */
+    }
+#else
+    (void)dfd;
+    (void)name;
+#endif
+    return llistxattr(path, w->xnames, XVAL_MAX);
+}
+
+static int add_xattrs(erofs_walk *w, int dfd, const char *name, const char *path,
+                      uint32_t node)
+{
+    ssize_t n = list_names(w, dfd, name, path);
     if (n < 0) {
         if (errno == ENOTSUP || errno == EOPNOTSUPP)
             return 0;
@@ -293,7 +327,7 @@ static int64_t add_inode(erofs_walk *w, int dfd, const char *name, const char *p
     int64_t node = erofs_node_add(w->b, st->st_mode, uid, gid, sec, nsec, size, maj, mnr);
     if (node < 0)
         return wrap(w, path, (int)node);
-    int r = add_xattrs(w, path, (uint32_t)node);   /* before the data (stream mode) */
+    int r = add_xattrs(w, dfd, name, path, (uint32_t)node);   /* before the data */
     if (r)
         return r;
     if (fmt == S_IFREG && size) {
@@ -333,60 +367,45 @@ static int open_next_dir(erofs_walk *w)
     int fd = open(w->cur.path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     if (fd < 0)
         return werr(w, w->cur.path, errno);
-    DIR *d = fdopendir(fd);
-    if (!d) {
-        int e = errno;
-        close(fd);
-        return werr(w, w->cur.path, e);
-    }
+    w->dfd = fd;                  /* kept for fstatat/readlinkat of the entries */
     w->nnames = 0;
     w->names_len = 0;
     w->next = 0;
+    /* getdents64 straight into our buffer: no DIR (its 32 KiB buffer, fcntl, dup) */
     for (;;) {
-        errno = 0;
-        struct dirent *de = readdir(d);
-        if (!de) {
-            if (errno) {
-                int e = errno;
-                closedir(d);
-                return werr(w, w->cur.path, e);
-            }
+        ssize_t got = getdents64(fd, w->dents, DENTS_BUF);
+        if (got < 0)
+            return werr(w, w->cur.path, errno);
+        if (got == 0)
             break;
-        }
-        const char *nm = de->d_name;
-        if (nm[0] == '.' && (!nm[1] || (nm[1] == '.' && !nm[2])))
-            continue;
-        size_t l = strlen(nm) + 1;
-        if (w->names_len + l > w->names_cap) {
-            size_t ncap = w->names_cap ? w->names_cap * 2 : 65536;
-            while (ncap < w->names_len + l)
-                ncap *= 2;
-            char *p = realloc(w->names, ncap);
-            if (!p || ncap > 0xFFFFFFFFu) {
-                if (p)
-                    w->names = p;
-                closedir(d);
-                return nomem(w);
+        for (ssize_t pos = 0; pos < got;) {
+            const struct dirent64 *de = (const struct dirent64 *)(w->dents + pos);
+            pos += de->d_reclen;
+            const char *nm = de->d_name;
+            if (nm[0] == '.' && (!nm[1] || (nm[1] == '.' && !nm[2])))
+                continue;
+            size_t l = strlen(nm) + 1;
+            if (w->names_len + l > w->names_cap) {
+                size_t ncap = w->names_cap ? w->names_cap * 2 : 65536;
+                while (ncap < w->names_len + l)
+                    ncap *= 2;
+                if (ncap > 0xFFFFFFFFu)
+                    return nomem(w);
+                char *p = realloc(w->names, ncap);
+                if (!p)
+                    return nomem(w);
+                w->names = p;
+                w->names_cap = ncap;
             }
-            w->names = p;
-            w->names_cap = ncap;
+            uint32_t *offs = grow(w->offs, &w->cap_names, w->nnames + 1, sizeof(*offs));
+            if (!offs)
+                return nomem(w);
+            w->offs = offs;
+            memcpy(w->names + w->names_len, nm, l);
+            w->offs[w->nnames++] = (uint32_t)w->names_len;
+            w->names_len += l;
         }
-        uint32_t *offs = grow(w->offs, &w->cap_names, w->nnames + 1, sizeof(*offs));
-        if (!offs) {
-            closedir(d);
-            return nomem(w);
-        }
-        w->offs = offs;
-        memcpy(w->names + w->names_len, nm, l);
-        w->offs[w->nnames++] = (uint32_t)w->names_len;
-        w->names_len += l;
     }
-    /* keep the fd for fstatat/readlinkat of the entries */
-    w->dfd = dup(fd);
-    int e = errno;
-    closedir(d);
-    if (w->dfd < 0)
-        return werr(w, w->cur.path, e);
     qsort_r(w->offs, w->nnames, sizeof(*w->offs), namesort_cmp, w->names);
     return 1;
 }
