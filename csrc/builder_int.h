@@ -170,7 +170,8 @@ struct erofs_builder {
     uint64_t scur;          /* next free data block */
     uint64_t tail_mem;
     int worker_on, qstop, qabort;
-    pthread_t worker;
+    pthread_t workers[2];   /* the copy threads (COPY_THREADS) */
+    int nworkers;
     pthread_mutex_t mu;
     pthread_cond_t cv_job, cv_space, cv_idle;
     struct job *qhead, *qtail;

@@ -126,11 +126,11 @@ INTERNAL int zdedupe_insert(struct zdedupe *dd, uint64_t hash, uint32_t blk, uin
 INTERNAL void zdedupe_free(struct zdedupe *dd);
 
 /* fragments.c: the packed inode's data while files come in (a temporary file), each
- * fragment appended once: an identical one already there is shared */
+ * fragment appended once: one that ends an earlier fragment points into it */
 struct zpacked {
     int fd;
     uint64_t len;
-    struct zfragent *tab;    /* open-addressing table of fragments by content hash */
+    struct zfragent *tab;    /* open-addressing table of fragments by tail hash */
     uint32_t cap, n;
 };
 INTERNAL int zpacked_open(struct zpacked *pk);

@@ -2,9 +2,10 @@
  *
  * A struct xfer carries what one thread needs to copy (output fd, buffer, progress
  * counter, its own error text), so the same copy code runs in the writer and in the
- * stream worker: copy_file_range with a pread/pwrite fallback, holes of sparse files
- * never read. In stream mode (opts.stream_data) a worker thread copies each file's data
- * while the caller keeps adding nodes; its blocks are allocated here, in call order.
+ * stream workers: copy_file_range with a pread/pwrite fallback, holes of sparse files
+ * never read. In stream mode (opts.stream_data) copy threads (two on two CPUs) copy
+ * each file's data while the caller keeps adding nodes; its blocks are allocated here,
+ * in call order, so the image does not depend on which thread copies what.
  */
 #include "builder_int.h"
 
@@ -81,7 +82,7 @@ int x_copy(struct xfer *x, int in, uint64_t in_off, uint64_t out_off, uint64_t l
         in_off += (uint64_t)r;
         out_off += (uint64_t)r;
         len -= (uint64_t)r;
-        *x->bytes += (uint64_t)r;
+        __atomic_fetch_add(x->bytes, (uint64_t)r, __ATOMIC_RELAXED);
     }
     while (len) {
         size_t n = len > CBUF_SIZE ? CBUF_SIZE : (size_t)len;
@@ -94,7 +95,7 @@ int x_copy(struct xfer *x, int in, uint64_t in_off, uint64_t out_off, uint64_t l
         in_off += n;
         out_off += n;
         len -= n;
-        *x->bytes += n;
+        __atomic_fetch_add(x->bytes, (uint64_t)n, __ATOMIC_RELAXED);
     }
     return 0;
 }
@@ -165,6 +166,7 @@ int copy_range(erofs_builder *b, int in, uint64_t in_off, uint64_t out_off,
 /* ---------------------------------------------------------- stream worker ---- */
 
 #define QMAX 4096
+#define COPY_THREADS 2       /* at most (see erofs_builder_set_output) */
 
 static int run_job(struct xfer *x, struct job *j)
 {
@@ -183,7 +185,7 @@ static int run_job(struct xfer *x, struct job *j)
             r = x_copy(x, fd, j->src_off, j->out_off, j->full, j->path);
         if (!r && j->tail && j->tailbuf) {
             r = x_read(x, fd, j->tailbuf, j->tail, j->tail_src_off, j->path);
-            *x->bytes += j->tail;
+            __atomic_fetch_add(x->bytes, (uint64_t)j->tail, __ATOMIC_RELAXED);
         }
     }
     close(fd);
@@ -246,7 +248,9 @@ int stream_stop(erofs_builder *b, int abort)
     b->qabort = abort;
     pthread_cond_broadcast(&b->cv_job);
     pthread_mutex_unlock(&b->mu);
-    pthread_join(b->worker, NULL);
+    for (int i = 0; i < b->nworkers; i++)
+        pthread_join(b->workers[i], NULL);
+    b->nworkers = 0;
     b->worker_on = 0;
     pthread_mutex_destroy(&b->mu);
     pthread_cond_destroy(&b->cv_job);
@@ -293,7 +297,11 @@ int erofs_builder_set_output(erofs_builder *b, int fd)
         return fail(b, ERN_EINVAL, "set_output needs stream_data");
     if (b->worker_on)
         return fail(b, ERN_EINVAL, "output already set");
-    if (ftruncate(fd, 0) < 0)
+    /* only a file with bytes in it: on ext4 truncating to 0 (even an empty file) marks
+     * the file for a flush of all its dirty pages at close (auto_da_alloc, for files
+     * replaced by truncate and rewrite), a third of mkfs's time on /usr/share */
+    struct stat st;
+    if ((fstat(fd, &st) < 0 || st.st_size != 0) && ftruncate(fd, 0) < 0)
         return fail(b, ERN_EIO, "truncating the image: %s", strerror(errno));
     b->sfd = fd;
     b->scur = (SB_END + b->blksz - 1) / b->blksz;
@@ -304,8 +312,26 @@ int erofs_builder_set_output(erofs_builder *b, int fd)
     pthread_cond_init(&b->cv_space, NULL);
     pthread_cond_init(&b->cv_idle, NULL);
     b->qstop = b->qabort = 0;
-    if (pthread_create(&b->worker, NULL, worker_main, b) != 0)
+    /* copying is mostly the kernel's memcpy: on two or more CPUs two threads keep the
+     * copy from being the build's critical path (each job has its own blocks, so the
+     * order they finish in does not matter); compress_threads caps them */
+    long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+    int want = ncpu >= 2 ? COPY_THREADS : 1;
+    if (b->o.compress_threads && (int)b->o.compress_threads < want)
+        want = (int)b->o.compress_threads;
+    b->nworkers = 0;
+    for (int i = 0; i < want; i++) {
+        if (pthread_create(&b->workers[i], NULL, worker_main, b) != 0)
+            break;
+        b->nworkers++;
+    }
+    if (!b->nworkers) {
+        pthread_mutex_destroy(&b->mu);
+        pthread_cond_destroy(&b->cv_job);
+        pthread_cond_destroy(&b->cv_space);
+        pthread_cond_destroy(&b->cv_idle);
         return fail(b, ERN_ENOMEM, "cannot start the copy thread");
+    }
     b->worker_on = 1;
     return 0;
 }

@@ -155,6 +155,23 @@ int erofs_builder_set_sb_blocks(erofs_builder *b, uint64_t blocks);
 int erofs_builder_set_output(erofs_builder *b, int fd);
 int erofs_builder_stream_progress(erofs_builder *b, uint64_t *bytes_done);
 
+/* -- directory walk (walk.c): a source tree into nodes, as mkfs's TreeWalker ---------- */
+struct erofs_walk_opts {
+    int32_t fixed_mtime_set;   /* 1: every inode gets fixed_mtime (nsec 0) */
+    int64_t fixed_mtime;
+    int64_t force_uid;         /* -1: the file's own */
+    int64_t force_gid;
+};
+typedef struct erofs_walk erofs_walk;
+/* NULL: out of memory. The root is added by the first step. */
+erofs_walk *erofs_walk_new(erofs_builder *b, const char *src, size_t srclen,
+                           const struct erofs_walk_opts *o);
+/* walk at most max_entries more entries: 1 more to come, 0 done, < 0 ERN_* (message in
+ * erofs_builder_error); *entries, *bytes: inodes added and their file bytes so far */
+int erofs_walk_step(erofs_walk *w, uint32_t max_entries, uint64_t *entries, uint64_t *bytes);
+int64_t erofs_walk_root(erofs_walk *w);
+void erofs_walk_free(erofs_walk *w);
+
 int erofs_builder_layout(erofs_builder *b, struct erofs_layout_info *info);
 /* current layout info (image_size grows with appended put_bytes) */
 int erofs_builder_info(erofs_builder *b, struct erofs_layout_info *info);

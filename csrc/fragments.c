@@ -4,14 +4,19 @@
  * inode, a file of its own reached only through sb.packed_nid, compressed once every
  * other file is placed; the file's map header then holds the fragment's offset in it.
  * Fragments are appended in commit order (the walk order), so the packed inode, and the
- * image, do not depend on the thread count. A fragment equal to one already appended
- * (same length and bytes: duplicate small files, common tails) is not appended again;
- * its offset is shared.
+ * image, do not depend on the thread count. A fragment equal to the end of one already
+ * appended (duplicate small files, common tails, a short file that is the tail of a
+ * longer one) is not appended again: it points into that one. Fragments are found by
+ * a hash of their last TAIL_KEY bytes (all of them when shorter), so a match is a
+ * suffix of an earlier fragment at least as long.
  */
 #include "compress_int.h"
 
+#define TAIL_KEY 32u             /* bytes at a fragment's end that its key hashes */
+#define MAX_PROBES 64u           /* candidates compared per fragment (common tails) */
+
 struct zfragent {
-    uint64_t hash;           /* 0: free slot */
+    uint64_t hash;           /* 0: free slot; the hash of the last TAIL_KEY bytes */
     uint64_t off;
     uint32_t len;
 };
@@ -91,20 +96,30 @@ int zpacked_add(struct zpacked *pk, struct xfer *x, const uint8_t *data, uint32_
 {
     if ((pk->n + 1) * 2 > pk->cap && grow_table(pk))
         return xfail(x, ERN_ENOMEM, "out of memory");
-    uint64_t h = zhash64(data, len);
+    uint32_t kl = len < TAIL_KEY ? len : TAIL_KEY;
+    uint64_t h = zhash64(data + (len - kl), kl);
     uint32_t k = (uint32_t)h & (pk->cap - 1);
+    uint32_t probes = 0;
     for (; pk->tab[k].hash; k = (k + 1) & (pk->cap - 1)) {
         struct zfragent *e = &pk->tab[k];
-        if (e->hash != h || e->len != len)
+        /* the same key: an earlier fragment ending in these kl bytes; only as long or
+         * longer ones can hold this one at their end (a key over fewer than TAIL_KEY
+         * bytes is the whole fragment: then only the same length) */
+        if (e->hash != h || e->len < len || (kl < TAIL_KEY && e->len != len))
             continue;
-        int same = same_bytes(pk, x, e->off, data, len);
+        if (probes++ >= MAX_PROBES)
+            break;
+        uint64_t at = e->off + e->len - len;
+        int same = same_bytes(pk, x, at, data, len);
         if (same < 0)
             return x->code ? x->code : ERN_EIO;
         if (same) {
-            *off = e->off;
+            *off = at;
             return 0;
         }
     }
+    while (pk->tab[k].hash)         /* after a MAX_PROBES stop: the free slot */
+        k = (k + 1) & (pk->cap - 1);
     int r = write_at(pk, x, data, len, pk->len);
     if (r)
         return r;

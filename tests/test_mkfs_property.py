@@ -19,6 +19,7 @@ from helpers import assert_same_tree, fsck, is_root, mounted, require, require_r
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from erofs_tools.builder import tree as tree_mod
 from erofs_tools.builder.mkfs import mkfs
 from erofs_tools.builder.options import Compression, MkfsOptions
 from erofs_tools.reader.fsck import check_image
@@ -188,6 +189,14 @@ def test_random_trees_roundtrip(spec):
         materialize(src, spec)
         img = os.path.join(work, "t.img")
         mkfs(img, src, MkfsOptions(uuid=bytes(16)))
+        # the C walk (mkfs's) and the Python walk give the same bytes
+        tree_mod.NATIVE_WALK = False
+        try:
+            mkfs(os.path.join(work, "py.img"), src, MkfsOptions(uuid=bytes(16)))
+        finally:
+            tree_mod.NATIVE_WALK = True
+        with open(img, "rb") as a, open(os.path.join(work, "py.img"), "rb") as b:
+            assert a.read() == b.read()
         fsck(img)
         with mounted(img) as mnt:
             assert_same_tree(src, mnt, check_nlink=True)

@@ -177,6 +177,37 @@ def test_fragments(root_kernel, tree, tmp_path, alg):
     assert layout == 3 and struct.unpack_from("<H", h, 4)[0] & 0x20
 
 
+@pytest.mark.parametrize("alg", ["lz4hc", "zstd"])
+def test_fragment_suffix_shared(root_kernel, tmp_path, alg):
+    """A fragment that ends an earlier one points into it (no bytes appended): small
+    files that are tails of an earlier small file, and a big file's tail; one shorter
+    than the 32-byte key is appended (only exact copies of it are shared)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    rnd = random.Random(17)
+    a = bytes(rnd.getrandbits(8) for _ in range(3000))
+    (src / "a").write_bytes(a)                       # names in walk order: a first
+    (src / "b").write_bytes(a[-1000:])
+    (src / "c").write_bytes(a[-40:])
+    (src / "d").write_bytes(a[-10:])
+    (src / "e").write_bytes(a)                       # an exact copy still shared
+    big = bytes(rnd.getrandbits(8) for _ in range(3 * 4096)) + a[-2500:]
+    (src / "f").write_bytes(big)                     # tail (2500 B) shared too
+    img = tmp_path / "sfx.img"
+    mkfs_and_check(img, src, "-z", alg, "-Efragments")
+
+    def fragoff(path):
+        return struct.unpack_from("<I", map_header(img, path)[1], 0)[0]
+    base = fragoff("/a")
+    assert fragoff("/b") == base + 2000
+    assert fragoff("/c") == base + 2960
+    assert fragoff("/e") == base
+    assert fragoff("/d") >= base + 3000               # appended after a
+    layout, h = map_header(img, "/f")
+    assert struct.unpack_from("<H", h, 4)[0] & 0x20     # its tail in the packed inode
+    assert fragoff("/f") == base + 500
+
+
 @pytest.mark.parametrize("args", [
     ("-z", "lz4hc", "-C", "65536", "-Efragments"),
     ("-z", "zstd", "-C", "131072", "-Efragments=16384"),

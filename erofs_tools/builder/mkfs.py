@@ -89,7 +89,7 @@ def mkfs(image: StrOrBytesPath, source: StrOrBytesPath, opts: MkfsOptions | None
     os.umask(umask)
     nb = None
     # like mkfs.erofs, no fsync of the image: the rename still never exposes a partial one
-    with atomic_output(image, mode=0o666 & ~umask, fsync=False) as f:
+    with atomic_output(image, mode=0o666 & ~umask, fsync=False, unlink_first=True) as f:
         fd = f.fileno()
         try:
             nb = NativeBuilder(build_options(opts))

@@ -362,7 +362,7 @@ def _build(image: str, tree: TarTree, files: list[int | _Data], data_path: str,
         bo.tail_budget_mib = 4
     force_uid = 0 if opts.all_root else opts.force_uid
     force_gid = 0 if opts.all_root else opts.force_gid
-    with atomic_output(image, mode=0o666 & ~umask, fsync=False) as f:
+    with atomic_output(image, mode=0o666 & ~umask, fsync=False, unlink_first=True) as f:
         fd = f.fileno()
         nb = NativeBuilder(bo)
         try:

@@ -11,15 +11,18 @@ yet seen. Excluded paths are matched against the path relative to SOURCE (no lea
 """
 import collections
 import errno
-import hashlib
 import os
 import stat
 from collections.abc import Callable, Iterable
 
 from erofs_tools._native import NativeBuilder
+from erofs_tools._native_walk import native_walk
 from erofs_tools.builder.options import MkfsOptions
 from erofs_tools.errors import ErofsToolsError, InputError
 from erofs_tools.format.erofs import encode_long_prefix
+
+# the C walk when the options allow (tests turn it off to reach the Python walk)
+NATIVE_WALK = True
 
 _S_IFMT = 0o170000
 _S_IFDIR = stat.S_IFDIR
@@ -52,11 +55,18 @@ def _entry_name(ent: os.DirEntry[bytes]) -> bytes:
 
 
 class TreeWalker:
-    """Feed the tree under `source` into a NativeBuilder according to MkfsOptions."""
+    """Feed the tree under `source` into a NativeBuilder according to MkfsOptions.
+
+    Without per-entry choices (excludes, skip, compress hints, digests) and unless
+    `native` is False, the walk runs in the C core (csrc/walk.c: the same nodes in the
+    same order, without a Python object per entry); subclasses that override the
+    per-entry methods always get this Python walk."""
 
     def __init__(self, builder: NativeBuilder, options: MkfsOptions,
                  skip: Iterable[str | bytes] = (),
-                 on_entry: Callable[[int, int], object] | None = None) -> None:
+                 on_entry: Callable[[int, int], object] | None = None,
+                 native: bool = True) -> None:
+        self.native = native
         self.b = builder
         self.o = options
         self.skip = {os.fsencode(s) for s in skip}   # absolute paths never to add
@@ -139,6 +149,7 @@ class TreeWalker:
     def _sha256(path: bytes, size: int) -> bytes:
         """The content fingerprint of a regular file (its first `size` bytes, the size
         the inode records: the C core copies no more than that)."""
+        import hashlib  # here: plain mkfs never needs it (3 ms of startup)
         h = hashlib.sha256()
         try:
             with open(path, "rb", buffering=0) as f:
@@ -174,6 +185,17 @@ class TreeWalker:
     def walk(self, source: str | bytes) -> int:
         """Walk `source` (a directory); -> root node id."""
         src = os.fsencode(source)
+        if (self.native and NATIVE_WALK and type(self) is TreeWalker and not self.skip and not self.hints
+                and not self.digest and not self.excl_paths and not self.excl_regex):
+            on_entry = self.on_entry
+
+            def counted(entries: int, nbytes: int) -> None:
+                self.entries, self.bytes = entries, nbytes
+                if on_entry is not None:
+                    on_entry(entries, nbytes)
+            return native_walk(self.b, src, fixed_mtime=self.fixed_mtime,
+                               force_uid=self.force_uid, force_gid=self.force_gid,
+                               on_entry=counted)
         try:
             st = os.lstat(src)
         except OSError as e:
