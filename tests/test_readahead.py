@@ -351,9 +351,10 @@ class SizedMeta(FakeMeta):
 def test_before_the_bootstrap_walk_a_run_ends_at_its_first_short_chunk():
     """Until the file runs are known (mgr.run_end 0) a file is guessed from the chunk
     map: full chunks, then a short last one. A miss in a file of 3 chunks gets the rest
-    of that file and its small neighbours; a miss in a file longer than the largest
-    window is a big file (AROUND only)."""
-    kib = [1024, 1024, 200, 8, 12, 1024] + [1024] * 40 + [4]
+    of that file only (not a small file); one in a small file its small neighbours, within
+    NEIGHBOURS_BEFORE on both sides (the cold files are not known yet); one in a file
+    longer than the largest window is a big file's (AROUND only)."""
+    kib = [1024, 1024, 200, 8, 12, 100, 60, 100, 1024] + [1024] * 40 + [4]
     mgr = FakeMgr(n=len(kib))
     mgr.meta = SizedMeta(kib)
     mgr.size = sum(kib) << 10
@@ -361,9 +362,12 @@ def test_before_the_bootstrap_walk_a_run_ends_at_its_first_short_chunk():
     ra, _ = make(mgr, initial=2 * MiB, maximum=16 * MiB)
     mgr.cache.cached.add(0)
     w = ra.on_request(0, 4096, True)
-    assert idx(w)[:2] == [1, 2]                            # the rest of file 0..2
-    assert 3 in idx(w) and 4 in idx(w) and 5 not in idx(w)   # small files after it
+    assert idx(w) == [1, 2] and w.marker is None          # the rest of file 0..2
+    mgr.cache.cached.add(4)
+    w = ra.on_request(mgr.meta.chunks[4].uncompressed_offset, 4096, True)
+    # 256 KiB before 4 reach into 1 (a full chunk: no small file), after it 5, 6, 7
+    assert idx(w) == [2, 3, 5, 6, 7]
     mgr.fetch(w)
-    mgr.cache.cached.add(20)                              # in the 41 MiB file 5..46
+    mgr.cache.cached.add(20)                              # in the 41 MiB file 8..49
     w = ra.on_request(mgr.meta.chunks[20].uncompressed_offset, 4096, True)
     assert idx(w) == [21] and w.marker is None
