@@ -361,9 +361,13 @@ class MountLifecycle(CacheEviction):
                 break
             time.sleep(0.01)
         cold: dict[int, list[tuple[int, int]]] = {}
+        modules: dict[int, list[tuple[int, int]]] = {}
         try:
-            runs = file_runs(img.bootstrap, cold=cold, pause_every=64)
+            runs = file_runs(img.bootstrap, cold=cold, modules=modules, pause_every=64)
             for i, m in enumerate(mgrs):
+                ra = self._ra.get(m.key)
+                if ra is not None:      # before the runs: a module's miss is told apart
+                    ra.add_modules(modules.get(i, ()))
                 if runs.get(i):
                     m.add_file_runs(runs[i], cold=cold.get(i, ()))
         except Exception as e:  # noqa: BLE001 - readahead is an optimisation

@@ -30,6 +30,10 @@ One policy, decided per request that reaches the daemon, in this order:
      access trace). Before the cold files are known, NEIGHBOURS_BEFORE on both sides:
      with 1 MiB after, a quarter of those windows' bytes were read (the files beside
      /etc/group, a locale, a .pth file are no modules).
+     Once the bootstrap is walked, only a miss in a Python module (.pyc, or a .py that
+     is not cold) brings neighbours: those of other small files (entry_points.txt of
+     each dist-info, /etc/group, a .pth file, small libraries) were 5.6 of 22.6 MB of
+     neighbours fetched on the ML cold start, and a tenth of them was read.
    - a file read whole (its run no bigger than the largest window): the rest of it. The
      files beside a bigger file (a shared library, an executable) were rarely read: 9
      neighbour windows of such files on the ML cold start fetched 10.6 MB, half unread.
@@ -116,6 +120,8 @@ class BlobReadahead:
         self.size = 0
         self.small = False        # the latest window was a stretch of small files
         self._keep_until = 0      # end of the file run the current request is in
+        # per chunk position, 1 if a Python module holds it (add_modules); None: not known
+        self._modules: bytearray | None = None
         # the last chunks of the latest requests that reached us: a miss right after
         # one of them is a sequential reader's (several readers interleave)
         self._recent: deque[int] = deque(maxlen=RECENT_REQUESTS)
@@ -157,7 +163,8 @@ class BlobReadahead:
             start = last.uncompressed_end
             if run_end - start > self.maximum:
                 end = start + self.around
-            elif run_end - first.uncompressed_offset <= SMALL_FILES_CHUNK and self.neighbours:
+            elif run_end - first.uncompressed_offset <= SMALL_FILES_CHUNK and \
+                    self.neighbours and self._module(first):
                 return self._with_neighbours(first.uncompressed_offset, start, run_end,
                                              guessed=not self.mgr.run_end(last))
             else:
@@ -165,6 +172,21 @@ class BlobReadahead:
             if end <= start:
                 return None
             return Window(self.mgr.absent(start, end - start), None)
+
+    def add_modules(self, runs) -> None:
+        """Learn which chunks Python modules hold (image.file_runs `modules`): from then
+        on only a miss in one of them brings its neighbours."""
+        flags = bytearray(len(self.mgr.meta.chunks))
+        for start, end in runs:
+            for c in self.mgr.meta.chunks_for_range(start, max(1, end - start)):
+                if c.index < len(flags):
+                    flags[c.index] = 1
+        self._modules = flags
+
+    def _module(self, chunk) -> bool:
+        """Whether `chunk` may be a Python module's (True while that is not known)."""
+        flags = self._modules
+        return flags is None or (chunk.index < len(flags) and flags[chunk.index] == 1)
 
     def _run_end(self, chunk) -> int:
         """End of the file data run `chunk` is in: the bootstrap's (mgr.run_end) once the

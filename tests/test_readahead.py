@@ -270,6 +270,11 @@ def test_file_runs_names_the_cold_files(tmp_path):
     names = sorted(o[0][0] for o in owners.values())
     assert names == ["/pkg/inc.h", "/pkg/mod.py", "/pkg/stub.pyi"]
     assert file_runs(boot) == runs                     # the same runs without `cold`
+    modules: dict = {}
+    assert file_runs(boot, modules=modules) == runs
+    owners = chunk_owners(boot, {b: {s for s, _ in rs} for b, rs in modules.items()})
+    assert sorted(o[0][0] for o in owners.values()) == \
+        ["/pkg/__pycache__/mod.cpython-311.pyc", "/pkg/lonely.py", "/pkg/mod.py"]
 
 
 def test_a_file_read_whole_brings_the_small_files_after_it_but_not_cold_ones():
@@ -371,3 +376,20 @@ def test_before_the_bootstrap_walk_a_run_ends_at_its_first_short_chunk():
     mgr.cache.cached.add(20)                              # in the 41 MiB file 8..49
     w = ra.on_request(mgr.meta.chunks[20].uncompressed_offset, 4096, True)
     assert idx(w) == [21] and w.marker is None
+
+
+def test_once_the_modules_are_known_only_a_module_miss_brings_neighbours():
+    """entry_points.txt, /etc/group, small libraries: their neighbours were rarely read.
+    After add_modules a miss in another small file gets only the rest of it."""
+    K = 64 << 10
+    mgr = FakeMgr(n=64)
+    mgr.meta = SmallMeta(64)
+    mgr.size = 64 * K
+    mgr.run_end = lambda c: c.uncompressed_end           # a file per chunk
+    ra, _ = make(mgr, initial=2 * MiB)
+    ra.add_modules([(10 * K, 12 * K)])                   # chunks 10 and 11: modules
+    mgr.cache.cached.add(4)
+    assert ra.on_request(4 * K, 4096, True) is None      # no module: nothing around it
+    mgr.cache.cached.add(10)
+    w = ra.on_request(10 * K, 4096, True)
+    assert w.kind == "neighbours" and 11 in idx(w) and 9 in idx(w)
