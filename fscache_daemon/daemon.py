@@ -34,6 +34,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 
 from fscache_daemon import __version__
 from fscache_daemon.errors import (
@@ -151,6 +152,7 @@ class Daemon(MountLifecycle):
         self.detached: list[Image] = []         # unmounted, superblock still alive
         self.blobs: dict[str, bc.BlobManager] = {}      # cache key -> manager
         self._ra: dict[str, BlobReadahead] = {}         # cache key -> readahead plan
+        self._walks: dict[tuple[str, str], Future] = {}  # bootstrap walks begun at mount
         self.blob_users: dict[str, set[str]] = {}       # cache key -> image users
         self.backends: dict[tuple, Backend] = {}
         self._lock = threading.RLock()        # images/blobs/backends

@@ -1,28 +1,52 @@
 """Readahead: which chunks of a blob to fetch before the kernel asks for them.
 
-The daemon sees only the requests that reach it, so readahead is driven by two kinds:
+One policy, decided per request that reaches the daemon, in this order:
 
-- a miss (the range had to be fetched).
-  - A reader that is not sequential, in a file no bigger than the largest window (the
-    file runs come from the bootstrap), gets the rest of that file (readers mostly read
-    whole files) and the small files after it, up to NEIGHBOURS: a program's start reads
-    a package's modules together, and without this each of them was a miss of its own
-    (ML cold start: 204 of 333 misses were first reads of .pyc files; 88 with it).
-  - In a bigger file (a large shared library, whose mmap'ed pages fault in at random
-    places) it gets only AROUND after the range: when each such miss got 16 MiB of its
-    file, 15 misses fetched 54 of the 129 MB of readahead of the ML cold start.
-  - A sequential reader (the chunk before the range is cached, past cold files) starts a
-    window beyond the range, or, when it caught up with the window in flight, a window
-    twice as large after it.
-- a marker hit. The first chunk each sequential window fetches is its marker. With the
-  fanotify front end the marker's "filled" bits are withheld from the fd holder, so the
-  reader's first access to it comes to the daemon although the data is already there:
-  that access means the reader has entered the window, and the next one (twice the size,
-  up to the maximum; not grown after a stretch of small files) is started at once. This
-  is the kernel's PG_readahead scheme: a sequential reader stays a window ahead and never
-  waits for a fetch, while a reader that stops costs at most the window in flight.
-  Without a marker hit (cachefiles only asks for what is missing) a sequential reader
-  still gets a window per miss.
+1. Marker hit. The first chunk each sequential window fetches is its marker. With the
+   fanotify front end the marker's "filled" bits are withheld from the fd holder, so the
+   reader's first access to it comes to the daemon although the data is already there:
+   that access means the reader has entered the window, and the next one (twice the size,
+   up to the maximum; not grown after a stretch of small files) is started at once. This
+   is the kernel's PG_readahead scheme: a sequential reader stays a window ahead and never
+   waits for a fetch, while a reader that stops costs at most the window in flight.
+2. A request that fetched nothing plans nothing more.
+3. A miss is then classified by what came before it (the chunk before the range, past
+   cold chunks, `_previous`) and by the file it is in (its data run, `_run_end`):
+   - sequential: the chunk before is cached and a reader asked for it lately (one of the
+     last RECENT_REQUESTS requests; several readers interleave). Inside or at the end of
+     the window in flight it starts the next window, larger (without marker hits --
+     cachefiles asks only for what is missing -- this is how a window grows); elsewhere
+     a first window of `initial` bytes after the range.
+     A chunk before that is cached only because a window or another file brought it
+     does not make a reader sequential: that is a program's start reading scattered
+     small files, and windows there fetched several times what was read (issue 15's
+     startup set).
+   - a small file (its run at most SMALL_FILES_CHUNK from the miss): the rest of it,
+     and its neighbours, the small files (chunks under SMALL_FILES_CHUNK) that are not
+     cold within NEIGHBOURS after it and NEIGHBOURS_BEFORE before it. A program's start
+     reads a package's modules together, in import order, not blob order: without
+     neighbours 204 of 333 misses of the ML cold start were first reads of .pyc files
+     (88 with those after; the ones before take ~17 % of the rest, simulated on its
+     access trace). Before the cold files are known, NEIGHBOURS_BEFORE on both sides:
+     with 1 MiB after, a quarter of those windows' bytes were read (the files beside
+     /etc/group, a locale, a .pth file are no modules).
+     Once the bootstrap is walked, only a miss in a Python module (.pyc, or a .py that
+     is not cold) brings neighbours: those of other small files (entry_points.txt of
+     each dist-info, /etc/group, a .pth file, small libraries) were 5.6 of 22.6 MB of
+     neighbours fetched on the ML cold start, and a tenth of them was read.
+   - a file read whole (its run no bigger than the largest window): the rest of it. The
+     files beside a bigger file (a shared library, an executable) were rarely read: 9
+     neighbour windows of such files on the ML cold start fetched 10.6 MB, half unread.
+   - a big file (a large shared library, whose mmap'ed pages fault in at random places):
+     only AROUND after the range. When each such miss got 16 MiB of its file, 15 misses
+     fetched 54 of the 129 MB of readahead of the ML cold start.
+
+The file runs come from the bootstrap (image.file_runs), walked after the mount; that
+walk takes ~0.5 s of CPU for 30,000 files, and up to seconds on a loaded machine, while
+the program's start is already reading. Until then a run is guessed from the chunk map
+alone: a file's chunks are full-sized (the blob's chunk size) but its last, so the run
+ends at the first chunk shorter than that (`_run_end`); a file of an exact multiple of
+the chunk size is taken for one with the next file, which at worst fetches that file.
 
 Windows leave out the chunks of files a program's start rarely reads (the manager's
 `is_cold`: sources beside their compiled Python, headers, stubs; image.file_runs), except
@@ -54,6 +78,10 @@ AROUND = 1 << 20
 # A random miss in a file read whole: the small files (chunks under SMALL_FILES_CHUNK)
 # within this many bytes after it come too
 NEIGHBOURS = 1 << 20
+# ... and within this many bytes before it (imports do not follow blob order; simulated
+# on the ML cold start's trace: 161 -> 133 first reads missing, +9.5 MB of files fetched
+# that were never read, against +14 MB for 1 MiB more after it)
+NEIGHBOURS_BEFORE = 256 << 10
 # requests remembered to tell a sequential reader's miss from a random one
 RECENT_REQUESTS = 32
 
@@ -75,12 +103,14 @@ class BlobReadahead:
     def __init__(self, mgr, initial: int, maximum: int,
                  withhold: Callable[[object], None] = lambda c: None,
                  publish: Callable[[object], None] = lambda c: None, *,
-                 around: int = AROUND, neighbours: int = NEIGHBOURS):
+                 around: int = AROUND, neighbours: int = NEIGHBOURS,
+                 neighbours_before: int = NEIGHBOURS_BEFORE):
         self.mgr = mgr
         self.maximum = max(0, maximum)
         self.initial = min(max(0, initial), self.maximum)
         self.around = min(max(0, around), self.maximum)
         self.neighbours = min(max(0, neighbours), self.maximum)
+        self.neighbours_before = min(max(0, neighbours_before), self.maximum)
         self._withhold = withhold
         self._publish = publish
         self._lock = threading.Lock()
@@ -90,13 +120,15 @@ class BlobReadahead:
         self.size = 0
         self.small = False        # the latest window was a stretch of small files
         self._keep_until = 0      # end of the file run the current request is in
+        # per chunk position, 1 if a Python module holds it (add_modules); None: not known
+        self._modules: bytearray | None = None
         # the last chunks of the latest requests that reached us: a miss right after
         # one of them is a sequential reader's (several readers interleave)
         self._recent: deque[int] = deque(maxlen=RECENT_REQUESTS)
 
     def on_request(self, offset: int, length: int, fetched: bool) -> Window | None:
         """The daemon served [offset, offset+length) (`fetched`: it had to fetch some of
-        it). Returns what to fetch next, if anything."""
+        it). Returns what to fetch next, if anything (the policy: module docstring)."""
         if not self.maximum:
             return None
         meta = self.mgr.meta
@@ -104,49 +136,90 @@ class BlobReadahead:
         if not chunks:
             return None
         first, last = chunks[0], chunks[-1]
-        keep_until = self.mgr.run_end(last)
+        run_end = self._run_end(last)
         with self._lock:
-            self._keep_until = keep_until
+            self._keep_until = run_end
             self._recent.append(last.index)
+            # 1. marker hit
             m = self.marker
             if m is not None and first.index <= m.index <= last.index:
                 self._set_marker(None)
                 size = self.size if self.small else 2 * self.size
                 return self._sequential(self.win_end, min(size, self.maximum), "marker")
+            # 2. nothing fetched
             if not fetched:
                 return None
-            pos = first.uncompressed_offset
+            # 3. a miss: sequential ...
             prev = self._previous(first)
             if prev is not None and self.mgr.cache.has(prev):
+                pos = first.uncompressed_offset
                 if self.size and self.win_start <= pos <= self.win_end:
-                    # caught up with the window in flight, or (no marker hit: cachefiles
-                    # asks only for what is missing) just finished it: the next one,
-                    # larger, now
+                    # caught up with the window in flight, or just finished it
                     return self._sequential(max(self.win_end, last.uncompressed_end),
                                             min(2 * self.size, self.maximum))
                 if prev.index in self._recent:
                     return self._sequential(last.uncompressed_end, self.initial)
-                # the chunk before is there, but no reader asked for it lately (another
-                # window or reader brought it): a random read (a program's start reading
-                # scattered small files), not the next step of a sequential one; windows
-                # there would fetch several times what is read (issue 15's startup set)
+            # ... a file read whole, or a big file
             start = last.uncompressed_end
-            end = self.mgr.run_end(last)
-            if end - start > self.maximum:
-                # a big file read at random: read around the miss, not the file
+            if run_end - start > self.maximum:
                 end = start + self.around
-            elif end and self.neighbours:
-                return self._with_neighbours(start, end)
+            elif run_end - first.uncompressed_offset <= SMALL_FILES_CHUNK and \
+                    self.neighbours and self._module(first):
+                return self._with_neighbours(first.uncompressed_offset, start, run_end,
+                                             guessed=not self.mgr.run_end(last))
+            else:
+                end = run_end
             if end <= start:
                 return None
             return Window(self.mgr.absent(start, end - start), None)
 
-    def _with_neighbours(self, start: int, end: int) -> Window | None:
-        """The rest of a file read whole, and the small files after it that are not cold."""
+    def add_modules(self, runs) -> None:
+        """Learn which chunks Python modules hold (image.file_runs `modules`): from then
+        on only a miss in one of them brings its neighbours."""
+        flags = bytearray(len(self.mgr.meta.chunks))
+        for start, end in runs:
+            for c in self.mgr.meta.chunks_for_range(start, max(1, end - start)):
+                if c.index < len(flags):
+                    flags[c.index] = 1
+        self._modules = flags
+
+    def _module(self, chunk) -> bool:
+        """Whether `chunk` may be a Python module's (True while that is not known)."""
+        flags = self._modules
+        return flags is None or (chunk.index < len(flags) and flags[chunk.index] == 1)
+
+    def _run_end(self, chunk) -> int:
+        """End of the file data run `chunk` is in: the bootstrap's (mgr.run_end) once the
+        walk is done, before that guessed from the chunk map (module docstring)."""
+        end = self.mgr.run_end(chunk)
+        if end:
+            return end
+        meta = self.mgr.meta
+        full = getattr(meta, "chunk_size", 0)
+        if not full:
+            return 0
+        c, end = chunk, chunk.uncompressed_end
+        limit = chunk.uncompressed_end + self.maximum + full   # past it: a big file
+        while c.uncompressed_size == full and end < limit:
+            nxt = [x for x in meta.chunks_for_range(end, full) if x.uncompressed_offset >= end]
+            if not nxt:
+                break
+            c = nxt[0]
+            end = c.uncompressed_end
+        return end
+
+    def _with_neighbours(self, miss: int, start: int, end: int,
+                         guessed: bool = False) -> Window | None:
+        """The rest of a small file read whole, and the small files around it that are
+        not cold: NEIGHBOURS after it, NEIGHBOURS_BEFORE before the miss (`guessed`, the
+        cold files not known yet: NEIGHBOURS_BEFORE on both sides)."""
         chunks = self.mgr.absent(start, end - start) if end > start else []
         is_cold = getattr(self.mgr, "is_cold", None)
-        chunks += [c for c in self.mgr.absent(end, self.neighbours)
-                   if c.uncompressed_size < SMALL_FILES_CHUNK
+        lo = max(0, miss - self.neighbours_before)
+        after = self.neighbours_before if guessed else self.neighbours
+        around = (self.mgr.absent(lo, miss - lo) if miss > lo else []) + \
+            self.mgr.absent(end, after)
+        chunks += [c for c in around if c.uncompressed_size < SMALL_FILES_CHUNK
                    and (is_cold is None or not is_cold(c))]
         return Window(chunks, None, "neighbours") if chunks else None
 

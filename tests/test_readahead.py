@@ -270,11 +270,17 @@ def test_file_runs_names_the_cold_files(tmp_path):
     names = sorted(o[0][0] for o in owners.values())
     assert names == ["/pkg/inc.h", "/pkg/mod.py", "/pkg/stub.pyi"]
     assert file_runs(boot) == runs                     # the same runs without `cold`
+    modules: dict = {}
+    assert file_runs(boot, modules=modules) == runs
+    owners = chunk_owners(boot, {b: {s for s, _ in rs} for b, rs in modules.items()})
+    assert sorted(o[0][0] for o in owners.values()) == \
+        ["/pkg/__pycache__/mod.cpython-311.pyc", "/pkg/lonely.py", "/pkg/mod.py"]
 
 
 def test_a_file_read_whole_brings_the_small_files_after_it_but_not_cold_ones():
     """A random miss in a small file: the rest of it, and the small files (not cold)
-    within NEIGHBOURS after it; no big file's chunks, no marker."""
+    within NEIGHBOURS after it and NEIGHBOURS_BEFORE before it; no big file's chunks, no
+    marker."""
     K = 64 << 10
     mgr = FakeMgr(n=256)
     mgr.meta = SmallMeta(256)
@@ -282,10 +288,12 @@ def test_a_file_read_whole_brings_the_small_files_after_it_but_not_cold_ones():
     mgr.run_end = lambda c: c.uncompressed_end if c.index != 4 else 6 * K   # 4..5 a file
     mgr.is_cold = lambda c: c.index in (7, 9)
     ra, log = make(mgr, initial=2 * MiB)
-    mgr.cache.cached.add(4)
+    mgr.cache.cached.update({4, 1})
     w = ra.on_request(4 * K, 4096, True)
     assert w.marker is None and log == []
-    assert idx(w) == [5, 6, 8] + list(range(10, 22))   # 1 MiB = 16 chunks after 5
+    # before it (NEIGHBOURS_BEFORE = 256 KiB = 4 chunks, 1 cached): 0, 2, 3; the rest of
+    # its file: 5; after it 1 MiB = 16 chunks after 5, less the cold ones
+    assert idx(w) == [5, 0, 2, 3, 6, 8] + list(range(10, 22))
     big = FakeMgr()                                      # 1 MiB chunks: none follow
     ra2, _ = make(big)
     big.cache.cached.add(17)
@@ -330,3 +338,58 @@ def test_miss_after_a_chunk_no_reader_asked_for_is_random():
     mgr.cache.cached.add(6)
     w = ra.on_request(6 * MiB, 4096, True)
     assert idx(w) == [7, 8] and w.marker.index == 7
+
+
+class SizedMeta(FakeMeta):
+    """Chunks of the given sizes (KiB) back to back, 4 KiB aligned; chunk size 1 MiB."""
+
+    chunk_size = MiB
+
+    def __init__(self, kib):
+        self.chunks, off = [], 0
+        for i, k in enumerate(kib):
+            self.chunks.append(BlobChunk(i, off, k << 10, off, k << 10, b"d" * 32, False))
+            off += k << 10
+        self._starts = [c.uncompressed_offset for c in self.chunks]
+
+
+def test_before_the_bootstrap_walk_a_run_ends_at_its_first_short_chunk():
+    """Until the file runs are known (mgr.run_end 0) a file is guessed from the chunk
+    map: full chunks, then a short last one. A miss in a file of 3 chunks gets the rest
+    of that file only (not a small file); one in a small file its small neighbours, within
+    NEIGHBOURS_BEFORE on both sides (the cold files are not known yet); one in a file
+    longer than the largest window is a big file's (AROUND only)."""
+    kib = [1024, 1024, 200, 8, 12, 100, 60, 100, 1024] + [1024] * 40 + [4]
+    mgr = FakeMgr(n=len(kib))
+    mgr.meta = SizedMeta(kib)
+    mgr.size = sum(kib) << 10
+    mgr.run_end = lambda c: 0                             # the walk is not done yet
+    ra, _ = make(mgr, initial=2 * MiB, maximum=16 * MiB)
+    mgr.cache.cached.add(0)
+    w = ra.on_request(0, 4096, True)
+    assert idx(w) == [1, 2] and w.marker is None          # the rest of file 0..2
+    mgr.cache.cached.add(4)
+    w = ra.on_request(mgr.meta.chunks[4].uncompressed_offset, 4096, True)
+    # 256 KiB before 4 reach into 1 (a full chunk: no small file), after it 5, 6, 7
+    assert idx(w) == [2, 3, 5, 6, 7]
+    mgr.fetch(w)
+    mgr.cache.cached.add(20)                              # in the 41 MiB file 8..49
+    w = ra.on_request(mgr.meta.chunks[20].uncompressed_offset, 4096, True)
+    assert idx(w) == [21] and w.marker is None
+
+
+def test_once_the_modules_are_known_only_a_module_miss_brings_neighbours():
+    """entry_points.txt, /etc/group, small libraries: their neighbours were rarely read.
+    After add_modules a miss in another small file gets only the rest of it."""
+    K = 64 << 10
+    mgr = FakeMgr(n=64)
+    mgr.meta = SmallMeta(64)
+    mgr.size = 64 * K
+    mgr.run_end = lambda c: c.uncompressed_end           # a file per chunk
+    ra, _ = make(mgr, initial=2 * MiB)
+    ra.add_modules([(10 * K, 12 * K)])                   # chunks 10 and 11: modules
+    mgr.cache.cached.add(4)
+    assert ra.on_request(4 * K, 4096, True) is None      # no module: nothing around it
+    mgr.cache.cached.add(10)
+    w = ra.on_request(10 * K, 4096, True)
+    assert w.kind == "neighbours" and 11 in idx(w) and 9 in idx(w)

@@ -207,13 +207,15 @@ def _cold_py_sources(py: dict, pyc: set) -> list:
 
 def file_runs(path: str, max_inodes: int = 1 << 22, *,
               cold: dict[int, list[tuple[int, int]]] | None = None,
+              modules: dict[int, list[tuple[int, int]]] | None = None,
               pause_every: int = 0) -> dict[int, list[tuple[int, int]]]:
     """{blob index: [(start, end)]}: the uncompressed ranges where a regular file's data
     is contiguous in a blob (a whole file, or a piece between deduplicated chunks that
     live elsewhere). Used for file-aware readahead: a miss at the start of a run can
     fetch the rest of it. Unreadable entries are skipped. With `cold` (a dict), the runs
     of files a start rarely reads (COLD_SUFFIXES, compiled Python sources) also go there,
-    by blob index. With `pause_every`, the walk lets other threads run every that many
+    by blob index; with `modules` (a dict), the runs of Python modules (.pyc files, and
+    .py files that are not cold), whose neighbours readahead fetches. With `pause_every`, the walk lets other threads run every that many
     inodes (it takes ~0.5 s of CPU for 30,000 files, beside the daemon's workers
     answering reads)."""
     runs: dict[int, list[tuple[int, int]]] = {}
@@ -248,6 +250,9 @@ def file_runs(path: str, max_inodes: int = 1 << 22, *,
                 mine.append((cur[0], cur[1], cur[2]))
             for b, start, end in mine:
                 runs.setdefault(b, []).append((start, end))
+            if modules is not None and p.endswith((b".pyc", b".py")):
+                for b, start, end in mine:
+                    modules.setdefault(b, []).append((start, end))
             if cold is None or not mine:
                 continue
             if p.endswith(COLD_SUFFIXES):
