@@ -50,10 +50,6 @@ def _with_path(e: ErofsToolsError, path: str | bytes) -> ErofsToolsError:
     return type(e)(f"{shown_path(path)}: {e}")
 
 
-def _entry_name(ent: os.DirEntry[bytes]) -> bytes:
-    return ent.name
-
-
 class TreeWalker:
     """Feed the tree under `source` into a NativeBuilder according to MkfsOptions.
 
