@@ -132,8 +132,9 @@ class BlobWriter:
         try:
             self._start(fd, chunk_size)
         except BaseException:       # e.g. SIGINT while the thread starts: no temp left
-            t = getattr(self, "_thread", None)
-            if t is not None and t.is_alive():
+            # the stop marker even if start() was interrupted before the thread showed
+            # alive: it may still run, and must find the marker, not a closed file
+            if getattr(self, "_thread", None) is not None:
                 self._q.put(None)
             f = getattr(self, "_f", None)
             try:
@@ -164,16 +165,17 @@ class BlobWriter:
         self._buf: list[bytes | memoryview] = []
         self._buf_bytes = 0
         self._error: BaseException | None = None
-        self._thread: threading.Thread | None = threading.Thread(target=self._drain, name="erofs-blob-writer",
-                                        daemon=True)
+        # the fd handed over now: a SIGINT during start() closes self._f before the
+        # thread may have looked at it (it then only waits for the stop marker)
+        self._thread: threading.Thread | None = threading.Thread(
+            target=self._drain, args=(self._f.fileno(),), name="erofs-blob-writer",
+            daemon=True)
         self._thread.start()
 
-    def _drain(self) -> None:
-        f, h = self._f, self._hash
-        assert f is not None
+    def _drain(self, fd: int) -> None:
+        h = self._hash
         # straight to the fd, a group per writev(2): no copy through the file's buffer
         # (which is empty while this thread runs: only _write's synchronous path uses it)
-        fd = f.fileno()
         while True:
             batch = self._q.get()
             if batch is None:
