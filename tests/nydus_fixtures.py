@@ -7,21 +7,39 @@ snapshotter's fault and load tests (real containerd 1.6 through containerd_fixtu
                                                            applied (blobs pushed, diff ids kept)
     force_gc(ctd)                                         containerd's GC, synchronously
     snapshot_rows(ctd, ns)                                `ctr snapshots ls` as sorted rows
+    with separate_stack("prefix-", registry) as st:      daemon, snapshotter process and
+                                                           containerd (st.daemon, st.snap,
+                                                           st.ctd, st.root), torn down after
+    busybox_with_file(size)                               busybox + /data/big: (layers, bytes)
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import gzip
 import hashlib
 import io
 import json
 import os
+import random
+import shutil
 import subprocess
 import sys
 import tarfile
+from collections.abc import Iterator
 
 import helpers
-from containerd_fixtures import SNAPSHOTTER, OciImage, wait_for
+from containerd_fixtures import (
+    SNAPSHOTTER,
+    Containerd,
+    OciImage,
+    Snapshotter,
+    busybox_layers,
+    short_tmpdir,
+    tar_layer,
+    wait_for,
+)
 from test_daemon_support import DaemonProc, socket_answers
 
 CRI_NS = "k8s.io"
@@ -62,6 +80,54 @@ class SnapshotterDaemon(DaemonProc):
         for mp in reversed([p for p in points if p.startswith(self.workdir + "/")]):
             helpers.sys_umount(mp, lazy=True)
         super().cleanup()
+
+
+@dataclasses.dataclass
+class Stack:
+    """A daemon, the snapshotter as its own process on the daemon's API (so a test can
+    SIGKILL it alone) and a private containerd using it for CRI."""
+    dir: str
+    root: str
+    daemon: DaemonProc
+    snap: Snapshotter
+    ctd: Containerd
+
+
+@contextlib.contextmanager
+def separate_stack(prefix: str, registry, keep_log: str | None = None) -> Iterator[Stack]:
+    """Start the three against `registry` (plain HTTP) and tear them down whatever the
+    test did: containerd, the snapshotter, the lazy mounts a failed test left, the daemon.
+    `keep_log`: copy the daemon's log there afterwards."""
+    d = short_tmpdir(prefix)
+    daemon = DaemonProc(os.path.join(d, "daemon")).start()
+    snap = ctd = None
+    try:
+        root = os.path.join(d, "snaproot")
+        snap = Snapshotter(root, os.path.join(d, "snap.sock"),
+                           ("--daemon-api", daemon.sock, "--insecure-registry", registry.host))
+        ctd = Containerd(d, {SNAPSHOTTER: snap.sock}, cri_snapshotter=SNAPSHOTTER,
+                         plain_http_hosts=(registry.host,))
+        yield Stack(d, root, daemon, snap, ctd)
+    finally:
+        if ctd is not None:
+            ctd.stop()
+        if snap is not None:
+            snap.stop()
+        with open("/proc/self/mounts") as f:  # a failed test's leftover lazy mounts
+            for mp in [line.split()[1] for line in f if line.split()[1].startswith(d)]:
+                helpers.sys_umount(mp, lazy=True)
+        daemon.cleanup()
+        if keep_log:
+            shutil.copy(daemon.log_path, keep_log)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def busybox_with_file(size: int) -> tuple[list[bytes], bytes]:
+    """busybox's layers plus one holding /data/big: `size` incompressible bytes (a blob
+    or layer of its own that a test can watch being fetched, or not)."""
+    big = random.Random(7).randbytes(size)
+    return busybox_layers() + [tar_layer([("data", "dir", None),
+                                          ("data/big", "file", big)])], big
 
 
 def convert(src_ref: str, dst_ref: str) -> dict:

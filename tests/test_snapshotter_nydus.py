@@ -8,28 +8,21 @@ from __future__ import annotations
 
 import hashlib
 import os
-import random
-import shutil
 import subprocess
 import sys
 import time
 
-import helpers
 import pytest
 from containerd_fixtures import (
     SNAPSHOTTER,
-    Containerd,
     OciImage,
-    Snapshotter,
-    busybox_layers,
     cri_pull,
     require_containerd,
-    short_tmpdir,
-    tar_layer,
     wait_for,
 )
+from nydus_fixtures import busybox_with_file, separate_stack
 from registry_fixtures import registry  # noqa: F401
-from test_daemon_support import DaemonProc, require_lazy_kernel
+from test_daemon_support import require_lazy_kernel
 
 pytestmark = [pytest.mark.root, pytest.mark.registry]
 
@@ -41,19 +34,10 @@ EXPECTED = b"hello from layer two\nlayer three\ngone-ok\n"
 def test_nydus_image_runs_lazily(registry, tmp_path):  # noqa: F811
     require_containerd()
     require_lazy_kernel()
-    d = short_tmpdir("snapnyd-")
-    daemon = DaemonProc(os.path.join(d, "daemon")).start()
-    snap = ctd = None
-    try:
-        root = os.path.join(d, "snaproot")
-        snap = Snapshotter(root, os.path.join(d, "snap.sock"),
-                           ("--daemon-api", daemon.sock, "--insecure-registry", registry.host))
-        ctd = Containerd(d, {SNAPSHOTTER: snap.sock}, cri_snapshotter=SNAPSHOTTER,
-                         plain_http_hosts=(registry.host,))
-        big = random.Random(7).randbytes(8 << 20)  # incompressible: its own 8 MiB blob
-        image = OciImage(busybox_layers() + [tar_layer([("data", "dir", None),
-                                                       ("data/big", "file", big)])],
-                         ["/bin/sh"], gzipped=True)
+    with separate_stack("snapnyd-", registry, keep_log=os.environ.get("SNAP_KEEP_LOG")) as st:
+        daemon, snap, ctd, root = st.daemon, st.snap, st.ctd, st.root
+        layers, big = busybox_with_file(8 << 20)
+        image = OciImage(layers, ["/bin/sh"], gzipped=True)
         image.push(registry.client(), "src/busybox", "1")
         ref = f"{registry.host}/nydus/busybox:1"
         p = subprocess.run([sys.executable, "-m", "erofs_tools", "convert", "--insecure",
@@ -132,15 +116,3 @@ def test_nydus_image_runs_lazily(registry, tmp_path):  # noqa: F811
         assert st == 200 and mounts == []
         print(f"CRI pull {t_pull:.2f}s, first lazy run {t_run:.2f}s, "
               f"{fetched} blob bytes fetched for it, {big_fetched} for the 8 MiB file")
-    finally:
-        if ctd is not None:
-            ctd.stop()
-        if snap is not None:
-            snap.stop()
-        with open("/proc/self/mounts") as f:  # a failed test's leftover lazy mounts
-            for mp in [line.split()[1] for line in f if line.split()[1].startswith(d)]:
-                helpers.sys_umount(mp, lazy=True)
-        daemon.cleanup()
-        if os.environ.get("SNAP_KEEP_LOG"):
-            shutil.copy(daemon.log_path, os.environ["SNAP_KEEP_LOG"])
-        shutil.rmtree(d, ignore_errors=True)

@@ -8,26 +8,19 @@ from __future__ import annotations
 
 import hashlib
 import os
-import random
-import shutil
 import subprocess
 import sys
 
-import helpers
 import pytest
 from containerd_fixtures import (
     SNAPSHOTTER,
-    Containerd,
     OciImage,
-    Snapshotter,
-    busybox_layers,
     cri_pull,
     require_containerd,
-    short_tmpdir,
-    tar_layer,
 )
+from nydus_fixtures import busybox_with_file, separate_stack
 from registry_fixtures import registry  # noqa: F401
-from test_daemon_support import DaemonProc, require_lazy_kernel
+from test_daemon_support import require_lazy_kernel
 
 pytestmark = [pytest.mark.root, pytest.mark.registry]
 
@@ -39,19 +32,10 @@ EXPECTED = b"hello from layer two\nlayer three\ngone-ok\n"
 def test_zran_image_runs_lazily(registry, tmp_path):  # noqa: F811
     require_containerd()
     require_lazy_kernel()
-    d = short_tmpdir("snapzran-")
-    daemon = DaemonProc(os.path.join(d, "daemon")).start()
-    snap = ctd = None
-    try:
-        root = os.path.join(d, "snaproot")
-        snap = Snapshotter(root, os.path.join(d, "snap.sock"),
-                           ("--daemon-api", daemon.sock, "--insecure-registry", registry.host))
-        ctd = Containerd(d, {SNAPSHOTTER: snap.sock}, cri_snapshotter=SNAPSHOTTER,
-                         plain_http_hosts=(registry.host,))
-        big = random.Random(7).randbytes(4 << 20)     # incompressible, read only later
-        image = OciImage(busybox_layers() + [tar_layer([("data", "dir", None),
-                                                       ("data/big", "file", big)])],
-                         ["/bin/sh"], gzipped=True)
+    with separate_stack("snapzran-", registry) as st:
+        daemon, ctd, root = st.daemon, st.ctd, st.root
+        layers, big = busybox_with_file(4 << 20)
+        image = OciImage(layers, ["/bin/sh"], gzipped=True)
         image.push(registry.client(), "src/zbusy", "1")
         src_manifest = registry.client().get_manifest("src/zbusy", "1").data
         ref = f"{registry.host}/zran/zbusy:1"
@@ -87,13 +71,3 @@ def test_zran_image_runs_lazily(registry, tmp_path):  # noqa: F811
                           "/bin/busybox", "sha256sum", "/data/big", ns=CRI_NS)
         assert out.split()[0].decode() == hashlib.sha256(big).hexdigest()
         assert daemon.metrics()["blobs"][big_layer]["bytes_fetched"] >= 4 << 20
-    finally:
-        if ctd is not None:
-            ctd.stop()
-        if snap is not None:
-            snap.stop()
-        with open("/proc/self/mounts") as f:  # a failed test's leftover lazy mounts
-            for mp in [line.split()[1] for line in f if line.split()[1].startswith(d)]:
-                helpers.sys_umount(mp, lazy=True)
-        daemon.cleanup()
-        shutil.rmtree(d, ignore_errors=True)
