@@ -129,6 +129,39 @@ def test_missing_or_huge_file(tmp_path):
         load_cri_config(str(p))
 
 
+def test_imports_merged_as_containerd_does(tmp_path):
+    """`imports`: breadth first, each file once (a cycle ends), relative to the importing
+    file, globs in name order; a later file's CRI plugin section replaces the earlier
+    one whole (containerd merges plugins by name, not inside one)."""
+    conf_d = tmp_path / "conf.d"
+    conf_d.mkdir()
+    main = cri_config(tmp_path / "config.toml", {"a.example": {"username": "main"}},
+                      header='version = 2\nimports = ["conf.d/*.toml", "extra.toml"]\n')
+    # no CRI section: the main file's stays
+    (tmp_path / "extra.toml").write_text('version = 2\nimports = ["config.toml"]\n'
+                                         '[plugins."io.containerd.gc.v1.scheduler"]\n'
+                                         '  pause_threshold = 0.02\n')
+    cfg = load_cri_config(main)
+    assert _creds(cfg, "a.example") == ("main", "", None) and cfg.path == main
+    # 10-... then 20-... (name order): the last CRI section wins, as a whole
+    cri_config(conf_d / "20-late.toml", {"b.example": {"username": "late"}},
+               config_path="/late/certs.d")
+    cri_config(conf_d / "10-early.toml", {"a.example": {"username": "early"}})
+    cfg = load_cri_config(main)
+    assert _creds(cfg, "b.example") == ("late", "", None)
+    assert cfg.credentials("a.example") is None and cfg.config_path == "/late/certs.d"
+    # a broken entry is named with the file that holds it
+    (conf_d / "30-bad.toml").write_text(f'[{CRI}.configs."a.example".auth]\nuser = "x"\n')
+    with pytest.raises(InputError, match="30-bad.toml: .*unknown key 'user'"):
+        load_cri_config(main)
+    (conf_d / "30-bad.toml").write_text('imports = "x.toml"\n')
+    with pytest.raises(InputError, match="30-bad.toml: 'imports' must be a list"):
+        load_cri_config(main)
+    (conf_d / "30-bad.toml").write_text('imports = ["missing.toml"]\n')
+    with pytest.raises(InputError, match="missing.toml: cannot read containerd config"):
+        load_cri_config(main)
+
+
 def test_hosts_dir_roots_searched_in_order(tmp_path):
     from erofs_tools.registry.hosts import registry_hosts
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
