@@ -166,6 +166,14 @@ def cli():
               help="containerd's config.toml: registry credentials of its CRI plugin "
                    "(registry.configs.\"HOST\".auth) for the hosts they name, and its "
                    "config_path as the hosts directory unless --hosts-dir is given.")
+@click.option("--image-service-socket", type=click.Path(dir_okay=False), default=None,
+              help="Also serve the Kubernetes CRI image service on this unix socket, "
+                   "forwarded to containerd (--cri-address), keeping the pull secrets "
+                   "kubelet sends for the lazy reads of those images (kubelet's "
+                   "--image-service-endpoint); see docs/snapshotter.md.")
+@click.option("--cri-address", default="/run/containerd/containerd.sock", show_default=True,
+              type=click.Path(dir_okay=False),
+              help="containerd's socket the image service is forwarded to.")
 @click.option("--cache-size", default=None, metavar="SIZE",
               help="Limit of the blob cache on disk (k/M/G suffixes): blobs no mounted "
                    "image uses are evicted, least recently used first (default: no limit).")
@@ -178,7 +186,8 @@ def cli():
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
 def run(cache_dir, api_sock, frontend, threads, batch_size, prefetch_rate, readahead,
         fetch_deadline, snapshotter_socket, snapshotter_root, insecure_registry, hosts_dir,
-        containerd_config, cache_size, trace_window, log_level):
+        containerd_config, image_service_socket, cri_address, cache_size, trace_window,
+        log_level):
     """Run the daemon in the foreground (logs to stderr).
 
     SIGTERM/SIGINT stop it cleanly: the API closes, chunk state is flushed, and mounts
@@ -213,10 +222,13 @@ def run(cache_dir, api_sock, frontend, threads, batch_size, prefetch_rate, reada
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    snapshots = None
+    snapshots = proxy = None
     try:
         d.start()
         api.start()
+        if image_service_socket:
+            from fscache_daemon.snapshotter.image_proxy import serve_image_proxy
+            proxy = serve_image_proxy(image_service_socket, cri_address, d.keychain)
         if snapshotter_socket:
             # one process holds the mounts, the cache and the snapshot state: the
             # snapshotter reaches the daemon through its API socket like any client
@@ -230,6 +242,8 @@ def run(cache_dir, api_sock, frontend, threads, batch_size, prefetch_rate, reada
         while not stop.is_set() and not api.shutdown_requested.is_set():
             stop.wait(0.2)
     finally:
+        if proxy is not None:
+            proxy.stop()
         if snapshots is not None:
             snapshots.stop()
         api.stop()

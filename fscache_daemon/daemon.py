@@ -66,6 +66,7 @@ from fscache_daemon.state import CacheDirLock
 from fscache_daemon.storage import StorageError
 from fscache_daemon.storage import blobcache as bc
 from fscache_daemon.storage.backends import Backend, open_backend
+from fscache_daemon.storage.keychain import Keychain
 from fscache_daemon.storage.planner import DEFAULT_BATCH_SIZE, plan
 from fscache_daemon.trace import TraceRecorder, find_image
 
@@ -136,6 +137,8 @@ class Daemon(MountLifecycle):
         # before anything else touches the cache directory (and before a front end starts
         # an fd holder for it): one daemon per cache directory
         self._dir_lock = CacheDirLock(self.cache_dir)
+        # kubelet's pull secrets, recorded by the CRI image-service proxy if it runs
+        self.keychain = Keychain(self.cache_dir)
         self.threads = threads
         self.batch_size = batch_size
         self.durable = durable
@@ -249,7 +252,7 @@ class Daemon(MountLifecycle):
                 if not options.get("mirror"):
                     kw["hosts_dir"] = self.hosts_dir
                 kw["containerd_config"] = self.containerd_config
-                be = open_backend(spec, **kw)
+                be = open_backend(spec, keychain=self.keychain, **kw)
                 self.backends[key] = be
             self._backend_inflight[id(be)] = self._backend_inflight.get(id(be), 0) + 1
             return be

@@ -17,8 +17,6 @@ import contextlib
 import functools
 import logging
 import os
-import socket
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
@@ -28,7 +26,6 @@ import grpc
 from google.protobuf import empty_pb2, timestamp_pb2
 
 from fscache_daemon.errors import (
-    DaemonError,
     SnapshotError,
     SnapshotExistsError,
     SnapshotInvalidError,
@@ -37,6 +34,7 @@ from fscache_daemon.errors import (
     SnapshotUnavailableError,
 )
 from fscache_daemon.snapshotter.callstats import CallStats
+from fscache_daemon.snapshotter.grpcsock import claim_socket, listen_private
 from fscache_daemon.snapshotter.overlay import Mount
 from fscache_daemon.snapshotter.proto import mount_pb2, snapshots_pb2, snapshots_pb2_grpc
 from fscache_daemon.snapshotter.snapshots import Snapshotter
@@ -171,21 +169,6 @@ class SnapshotsServicer(snapshots_pb2_grpc.SnapshotsServicer):
         return empty_pb2.Empty()
 
 
-def _claim_socket(path: str) -> None:
-    """Refuse a socket path another server answers on; remove a stale one."""
-    if not os.path.lexists(path):
-        return
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-    except OSError:
-        os.unlink(path)  # nobody listens: left by a killed process
-        return
-    finally:
-        probe.close()
-    raise DaemonError(f"{path}: another snapshotter is listening there")
-
-
 class SnapshotService:
     """A running snapshots service: its gRPC server and snapshotter."""
 
@@ -217,30 +200,18 @@ def serve(socket_path: str, root: str, workers: int = 8, daemon_api: str | None 
     daemon's API socket, for Nydus layers (lazy mounts); `insecure_registries`: hosts
     whose blobs the daemon fetches over plain HTTP."""
     socket_path = os.path.abspath(socket_path)
-    parent = os.path.dirname(socket_path)
-    os.makedirs(parent, mode=0o700, exist_ok=True)
-    _claim_socket(socket_path)
+    os.makedirs(os.path.dirname(socket_path), mode=0o700, exist_ok=True)
+    claim_socket(socket_path, "snapshotter")     # before the store opens its database
     sn = Snapshotter(root, daemon_api, tuple(insecure_registries))
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers,
                                                     thread_name_prefix="snapshots"))
     stats = CallStats()
     snapshots_pb2_grpc.add_SnapshotsServicer_to_server(SnapshotsServicer(sn, stats), server)
-    # bound inside a private 0700 directory, made 0600, then renamed into place: the
-    # socket is never reachable by anyone else, not even for an instant
-    private = tempfile.mkdtemp(prefix=".snapshotter-", dir=parent)
     try:
-        tmp_sock = os.path.join(private, "s")
-        if server.add_insecure_port(f"unix:{tmp_sock}") == 0:
-            raise DaemonError(f"{socket_path}: cannot listen")
-        server.start()
-        os.chmod(tmp_sock, 0o600)
-        os.rename(tmp_sock, socket_path)
+        listen_private(server, socket_path, "snapshotter")
     except BaseException:
         server.stop(None)
         sn.close()
         raise
-    finally:
-        with contextlib.suppress(OSError):
-            os.rmdir(private)
     log.info("snapshots service on %s, root %s", socket_path, sn.layout.root)
     return SnapshotService(server, sn, socket_path, stats)

@@ -27,6 +27,8 @@ from .iobuf import BufferPool, IOBuffer
 if TYPE_CHECKING:
     from erofs_tools.registry.auth import Credentials
 
+    from .keychain import Keychain
+
 log = logging.getLogger(__name__)
 
 _BLOB_ID = re.compile(r"^[0-9a-f]{64}$")
@@ -474,19 +476,39 @@ def parse_backend_spec(spec: str) -> tuple[str, str]:
 
 def open_backend(spec: str, *, proxy: str | None = None, mirror: str | None = None,
                  insecure: bool | None = None, hosts_dir: str | None = None,
-                 containerd_config: str | None = None, **client_kw) -> Backend:
+                 containerd_config: str | None = None, keychain: Keychain | None = None,
+                 **client_kw) -> Backend:
     """A backend for `spec`. `containerd_config` (containerd's config.toml) is read now,
-    so a registry backend sees the credentials the file holds when the mount opens it."""
+    so a registry backend sees the credentials the file holds when the mount opens it.
+    `keychain`: the pull secrets kubelet sent (keychain.py); one recorded for this
+    image's registry host and repository comes first, for that host only."""
     kind, where = parse_backend_spec(spec)
     if kind == "localfs":
         return LocalFsBackend(where)
-    credentials_for = None
+    sources: list[Callable[[str], Credentials | None]] = []
+    if keychain is not None:
+        from erofs_tools import registry as reg
+        try:
+            ref = reg.parse_reference(where)
+        except ErofsToolsError as e:
+            raise BackendError(f"registry backend {where}: {e}") from None
+        if isinstance(ref, reg.Reference):
+            repository = ref.repository
+            sources.append(lambda host: keychain.credentials(host, repository))
     if containerd_config:
         from erofs_tools.registry.cri_config import load_cri_config
         try:
-            credentials_for = load_cri_config(containerd_config).credentials
+            sources.append(load_cri_config(containerd_config).credentials)
         except ErofsToolsError as e:
             raise BackendError(f"registry backend {where}: {e}") from None
+
+    def credentials_for(host: str) -> Credentials | None:
+        for source in sources:
+            creds = source(host)
+            if creds is not None:
+                return creds
+        return None
     return RegistryBackend(where, proxy=proxy, mirror=mirror, insecure=insecure,
-                           hosts_dir=hosts_dir, credentials_for=credentials_for,
+                           hosts_dir=hosts_dir,
+                           credentials_for=credentials_for if sources else None,
                            **client_kw)
