@@ -21,7 +21,7 @@ def test_reads_run_on_a_few_long_lived_threads():
         idents.add(threading.get_ident())
         return i * i
 
-    for rnd in range(50):
+    for _ in range(50):
         pend = [rt.submit(job, i, lambda e: None) for i in range(3)]
         assert [p.get() for p in pend] == [0, 1, 4]
     # 150 reads, never on the caller's thread, on at most two threads (made once)
