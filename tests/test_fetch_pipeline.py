@@ -6,6 +6,7 @@ its own, and a process that cannot start a thread reading its batches itself."""
 import _thread
 import os
 import threading
+import time
 
 from test_coldpath import expected, make_blob, open_mgr
 from test_storage_support import CountingBackend
@@ -27,6 +28,34 @@ def test_reads_run_on_a_few_long_lived_threads():
     # 150 reads, never on the caller's thread, on at most two threads (made once)
     assert threading.get_ident() not in idents
     assert 1 <= len(idents) <= 2
+
+
+def test_a_slow_read_holds_up_no_other_fill():
+    """Reads in flight at once each get a thread (one more is made whenever every one is
+    busy); past max_threads a read waits for the next thread to finish."""
+    rt = pipeline.ReadThreads(max_threads=3)
+    started = threading.Semaphore(0)
+    go = threading.Event()
+
+    def slow(i):
+        started.release()
+        assert go.wait(20)
+        return i
+
+    pend = [rt.submit(slow, i, lambda e: None) for i in range(3)]
+    for _ in range(3):      # all three run at once: none waits behind another
+        assert started.acquire(timeout=20)
+    fourth = rt.submit(lambda x: x, 3, lambda e: None)
+    assert not fourth.ready()       # every thread busy: it waits for one of them
+    go.set()
+    assert [p.get() for p in pend] + [fourth.get()] == [0, 1, 2, 3]
+    # the threads are idle again and taken before any new one is made
+    assert [rt.submit(lambda x: -x, i, lambda e: None).get() for i in range(5)] == \
+        [0, -1, -2, -3, -4]
+    deadline = time.monotonic() + 20     # the last one marks itself idle after its result
+    while rt._idle < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert rt._threads == 3 and rt._idle == 3 and rt._backlog == 0
 
 
 def test_an_exception_is_the_fill_s_result():

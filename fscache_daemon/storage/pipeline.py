@@ -9,9 +9,10 @@ The threads live as long as the process: a thread started per fill cost a clone,
 mapping and, worse, a wait for the new thread to get the GIL before the fill could go on
 (on a cold sequential GiB most readahead tasks are two requests: ~400 thread starts,
 the costliest line under the GIL in the daemon's fetch path). They are made on demand,
-one more whenever every one is busy, up to MAX_THREADS (a fill waits for at most one
-read at a time, so a few cover the daemon's workers); a job waits for a free thread past
-that. A forked child starts its own (none of the parent's threads survives a fork), and
+one more whenever every one is busy: a fill has at most one read handed over at a time,
+so their number follows the fills running at once (the daemon's workers: 4 on a cold
+sequential read), and a slow backend read of one fill does not hold up another's. Past
+MAX_THREADS a job waits for a free thread. A forked child starts its own (none of the parent's threads survives a fork), and
 where no thread can be had (limits: CPython waits forever for a thread that died
 starting) `submit` says so and the fill reads its batches itself.
 """
@@ -26,7 +27,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-MAX_THREADS = 4
+MAX_THREADS = 16
 
 
 class Pending:
@@ -67,7 +68,8 @@ class ReadThreads:
         self._lock = _thread.allocate_lock()
         self._q: queue.SimpleQueue = queue.SimpleQueue()
         self._threads = 0
-        self._idle = 0
+        self._idle = 0          # threads waiting for a job no one has claimed yet
+        self._backlog = 0       # jobs queued for a thread that is still busy
 
     def submit(self, fn: Callable[[Any], Any], arg: Any,
                on_error: Callable[[BaseException], Any]) -> Pending | None:
@@ -76,9 +78,16 @@ class ReadThreads:
         p = Pending()
         with self._lock:
             q = self._q
-            start = self._idle == 0 and self._threads < self.max_threads
-            if start:
+            # each job is matched with a thread that will take it: an idle one, a new
+            # one, or past MAX_THREADS the next one to finish (counted in _backlog)
+            start = False
+            if self._idle:
+                self._idle -= 1
+            elif self._threads < self.max_threads:
                 self._threads += 1
+                start = True
+            else:
+                self._backlog += 1
         if start:
             try:
                 _thread.start_new_thread(self._run, (q,))
@@ -86,6 +95,8 @@ class ReadThreads:
                 with self._lock:
                     self._threads -= 1
                     none_left = self._threads == 0
+                    if not none_left:
+                        self._backlog += 1      # an existing thread will take it
                 if none_left:
                     log.debug("no reader thread: %s; reading in the fill's thread", e)
                     return None
@@ -93,18 +104,20 @@ class ReadThreads:
         return p
 
     def _run(self, q: queue.SimpleQueue) -> None:
+        # started for a job: the first one it takes is that one
         while True:
-            with self._lock:
-                self._idle += 1
-            job = q.get()
-            with self._lock:
-                self._idle -= 1
-            fn, arg, on_error, p = job
+            fn, arg, on_error, p = q.get()
             try:
                 p.result = fn(arg)
             except BaseException as e:  # noqa: BLE001 - the fill must get a result
                 p.result = on_error(e)
             p._done.release()
+            del p, fn, arg, on_error    # nothing of the job kept while idle
+            with self._lock:
+                if self._backlog:       # a job queued for the next thread to finish
+                    self._backlog -= 1
+                else:
+                    self._idle += 1
 
 
 # the daemon's one set of reader threads: every blob's fills share them
