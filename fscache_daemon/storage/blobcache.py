@@ -341,8 +341,9 @@ class BlobManager:
         # the C core's cold path (default) or the Python one (FSCACHE_DAEMON_COLDPATH=
         # python, kept to measure against). `pipeline`: the next backend request in
         # flight while a batch is decoded, read by the process's reader threads
-        # (storage/pipeline.py; the daemon asks for it; a process that cannot start threads, e.g. under a tight
-        # RLIMIT_AS, must not: CPython waits forever for a thread that died starting),
+        # (storage/pipeline.py; the daemon asks for it; a process that cannot start
+        # threads, e.g. under a tight RLIMIT_AS, must not: CPython waits forever for a
+        # thread that died starting),
         # if the backend wants it (Backend.pipelined: every one so far; on localfs it
         # measured 2.2 against 2.8-3.7 s per cold GiB, same CPU); "serial" in the
         # variable turns it off
