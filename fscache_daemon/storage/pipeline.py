@@ -12,9 +12,11 @@ the costliest line under the GIL in the daemon's fetch path). They are made on d
 one more whenever every one is busy: a fill has at most one read handed over at a time,
 so their number follows the fills running at once (the daemon's workers: 4 on a cold
 sequential read), and a slow backend read of one fill does not hold up another's. Past
-MAX_THREADS a job waits for a free thread. A forked child starts its own (none of the parent's threads survives a fork), and
-where no thread can be had (limits: CPython waits forever for a thread that died
-starting) `submit` says so and the fill reads its batches itself.
+MAX_THREADS a job waits for a free thread. A forked child starts its own (none of the
+parent's threads survives a fork), and where no thread can be started (limits)
+`submit` says so and the fill reads its batches itself. Threads are started with
+`_thread`, not `threading.Thread`, whose start() waits for the new thread to run (and,
+for one that died starting, forever).
 """
 from __future__ import annotations
 
