@@ -52,7 +52,7 @@ from erofs_tools.fsutil import atomic_write_bytes
 from erofs_tools.reader import blob as rblob
 from erofs_tools.reader import coldpath
 
-from . import BackendError, StorageError, iobuf
+from . import BackendError, StorageError, iobuf, pipeline
 
 # the chunk map and its ties to bootstraps live in chunkmap; re-exported for callers
 from .chunkmap import (  # noqa: F401
@@ -293,11 +293,24 @@ class BlobCache:
 
 
 class _Flight:
-    __slots__ = ("event", "error")
+    """One chunk being fetched: waiters block until it is resolved (raw lock: cheaper
+    than an Event, one per fetched chunk)."""
+    __slots__ = ("_lock", "done", "error")
 
     def __init__(self) -> None:
-        self.event = threading.Event()
+        self._lock = _thread.allocate_lock()
+        self._lock.acquire()
+        self.done = False
         self.error: BaseException | None = None
+
+    def set(self) -> None:
+        if not self.done:       # resolved once (under the manager's lock)
+            self.done = True
+            self._lock.release()
+
+    def wait(self) -> None:
+        self._lock.acquire()
+        self._lock.release()
 
 
 class FillError(StorageError):
@@ -327,9 +340,10 @@ class BlobManager:
         self._dirty = False
         # the C core's cold path (default) or the Python one (FSCACHE_DAEMON_COLDPATH=
         # python, kept to measure against). `pipeline`: the next backend request in
-        # flight while a batch is decoded, from a thread per multi-batch fill (the
-        # daemon asks for it; a process that cannot start threads, e.g. under a tight
-        # RLIMIT_AS, must not: CPython waits forever for a thread that died starting),
+        # flight while a batch is decoded, read by the process's reader threads
+        # (storage/pipeline.py; the daemon asks for it; a process that cannot start
+        # threads, e.g. under a tight RLIMIT_AS, must not: CPython waits forever for a
+        # thread that died starting),
         # if the backend wants it (Backend.pipelined: every one so far; on localfs it
         # measured 2.2 against 2.8-3.7 s per cold GiB, same CPU); "serial" in the
         # variable turns it off
@@ -465,17 +479,17 @@ class BlobManager:
                         iobuf.POOL.put(got[2])
         finally:
             # resolve anything left unresolved by an unexpected exception
-            leftover = [(i, f) for i, f in flights.items() if not f.event.is_set()]
+            leftover = [(i, f) for i, f in flights.items() if not f.done]
             if leftover:
                 err = StorageError(f"blob {self.blob_id[:12]}: fill aborted")
                 with self._lock:
                     for i, f in leftover:
                         f.error = err
                         self._inflight.pop(i, None)
-                        f.event.set()
+                        f.set()
         t_wait = time.monotonic()
         for c, f in waits:
-            f.event.wait()
+            f.wait()
             if f.error is not None:
                 failures.append((c, f.error))
         if waits and demand:
@@ -515,61 +529,34 @@ class BlobManager:
 
     def _reads(self, batches):
         """(batch, _read(batch)) in order; with more than one batch, a reader thread
-        keeps the next backend request in flight while the caller decodes and writes
-        the current one (pipelining). The reader starts on batch j+1 once the caller took
-        batch j, so at most two batches' bytes are held. A thread per multi-batch fill, not a shared pool:
-        nothing to go stale in a forked child, and where no thread can be had (limits)
-        the batches are read one after another."""
-        if not self.pipeline or len(batches) < 2:
-            for b in batches:
-                yield b, self._read(b)
-            return
-        # hand-over by raw locks (no Condition objects: they cost more GIL time than
-        # the read they overlap): ready[j] is released when batch j was read, taken[j]
-        # when the caller took it; batch j+1 is read only after batch j was taken
+        (storage/pipeline.py) reads batch j+1 while the caller decodes and writes batch
+        j, asked for once batch j was taken: at most two batches' bytes held per fill.
+        Where no reader thread can be had the batches are read one after another."""
         n = len(batches)
-        ready = [_thread.allocate_lock() for _ in range(n)]
-        taken = [_thread.allocate_lock() for _ in range(n)]
-        for lk in ready + taken:
-            lk.acquire()
-        results = [None] * n
-        stop = False
-
-        def wait(lock) -> bool:
-            while not lock.acquire(timeout=0.5):
-                if stop:
-                    return False
-            return True
-
-        def produce():
-            for j in range(1, n):
-                if j >= 2 and not wait(taken[j - 1]):
-                    return
-                if stop:
-                    return
-                try:
-                    results[j] = self._read(batches[j])
-                except BaseException as e:  # noqa: BLE001 - the consumer must get a result
-                    results[j] = (None, StorageError(
-                        f"blob {self.blob_id[:12]}: read failed: {e}"), None)
-                ready[j].release()
-
-        t = threading.Thread(target=produce, name="fscache-read", daemon=True)
-        try:
-            t.start()
-        except RuntimeError:
+        ahead = None
+        if self.pipeline and n > 1:
+            ahead = pipeline.READS.submit(self._read, batches[1], self._read_failed)
+        if ahead is None:
             for b in batches:
                 yield b, self._read(b)
             return
         try:
             yield batches[0], self._read(batches[0])
             for j in range(1, n):
-                ready[j].acquire()
-                got, results[j] = results[j], None
-                taken[j].release()
+                got = ahead.get() if ahead is not None else self._read(batches[j])
+                ahead = None
+                if j + 1 < n:
+                    ahead = pipeline.READS.submit(self._read, batches[j + 1],
+                                                  self._read_failed)
                 yield batches[j], got
         finally:
-            stop = True
+            # a fill given up: a read still in flight is dropped (its buffer unmapped
+            # once done); one that is in goes back to the pool
+            if ahead is not None and ahead.ready() and ahead.result[2] is not None:
+                iobuf.POOL.put(ahead.result[2])
+
+    def _read_failed(self, e: BaseException):
+        return None, StorageError(f"blob {self.blob_id[:12]}: read failed: {e}"), None
 
     def _process(self, batch, got, flights, failures, prefetch) -> int:
         raw, err, _buf = got
@@ -670,7 +657,7 @@ class BlobManager:
                     continue
                 f.error = error
                 self._inflight.pop(c.index, None)
-                f.event.set()
+                f.set()
                 if error is not None:
                     failures.append((c, error))
 
