@@ -161,6 +161,8 @@ struct erofs_walk_opts {
     int64_t fixed_mtime;
     int64_t force_uid;         /* -1: the file's own */
     int64_t force_gid;
+    int32_t list_files;        /* 1: regular files (of every size) are listed for the
+                                * caller (erofs_walk_files), not given file data */
 };
 typedef struct erofs_walk erofs_walk;
 /* NULL: out of memory. The root is added by the first step. */
@@ -170,6 +172,11 @@ erofs_walk *erofs_walk_new(erofs_builder *b, const char *src, size_t srclen,
  * erofs_builder_error); *entries, *bytes: inodes added and their file bytes so far */
 int erofs_walk_step(erofs_walk *w, uint32_t max_entries, uint64_t *entries, uint64_t *bytes);
 int64_t erofs_walk_root(erofs_walk *w);
+/* list_files: the regular files met by the last step, records back to back, each
+ * u32 node, u32 path length | 1 << 31 if sparse (st_blocks * 512 < size), u64 size,
+ * the path, zeros to a multiple of 8 bytes; -> their length in bytes (*buf valid until
+ * the next step). *xattrs: xattrs added so far. */
+size_t erofs_walk_files(erofs_walk *w, const uint8_t **buf, uint64_t *xattrs);
 void erofs_walk_free(erofs_walk *w);
 
 int erofs_builder_layout(erofs_builder *b, struct erofs_layout_info *info);
