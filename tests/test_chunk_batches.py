@@ -169,3 +169,27 @@ def test_pipeline_symlink_swapped_in_is_not_followed(tmp_path):
     pipe = ChunkPipeline(4096)
     with pytest.raises(InputError, match="cannot read .*l"):
         list(pipe.run([(0, str(tmp_path / "l"), 100, False)]))
+
+
+@pytest.mark.parametrize("name", ["zstd", "none"])
+def test_claims_of_stored_chunks_are_dropped(tmp_path, monkeypatch, name):
+    """A worker that claims a key just before the consumer stores its first copy (its
+    `known` said no) compresses it again; the consumer then finds the key stored and
+    must drop that claim, or its bytes (with "none": the batch's whole read buffer) stay
+    held to the end. Forced here: the workers' `known` always says no."""
+    from erofs_tools.builder.chunk_dict import ChunkDict
+    from erofs_tools.builder.rafs import ChunkPlacer, PackOptions
+    monkeypatch.setattr(chunker, "BATCH_CHUNKS", 4)
+    files = _tree(tmp_path)
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    placer = ChunkPlacer(PackOptions(chunk_size=65536, compressor=name, workers=2),
+                         str(blobs), ChunkDict())
+    placer.pipe._known = lambda key: False
+    try:
+        for r in placer.pipe.run(files):
+            placer.place(r)
+        assert placer.stats["chunks_dedup"] > 0
+        assert placer.pipe._claims == {}
+    finally:
+        placer.writer.abort()

@@ -315,6 +315,11 @@ class ChunkPlacer:
         if ref is not None:
             st["chunks_dedup"] += 1
             st["bytes_dedup"] += size
+            if r.claim is not None:
+                # claimed again by a worker that checked `known` just before the first
+                # copy was stored: its bytes are never taken, and the claim would keep
+                # them (with "none", its batch's whole buffer) until the end
+                self.pipe.release((r.digest, size))
         else:
             key = (r.digest, size)
             sc = self.cdict.chunks.get(key) if self.cdict.chunks else None
