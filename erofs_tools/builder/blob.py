@@ -22,18 +22,25 @@ import hashlib
 import os
 import queue
 import threading
-from typing import BinaryIO
-
-import zstandard
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from erofs_tools.errors import InputError
 from erofs_tools.format import erofs as E
 from erofs_tools.format import rafs as R
 from erofs_tools.fsutil import create_exclusive, round_up
-from erofs_tools.reader import blob as rblob
 
-# BlobInfo (a decoded blob-table entry) lives in the reader layer, which reads bootstraps
-from erofs_tools.reader.bootstrap import BlobInfo
+if TYPE_CHECKING:
+    # BlobInfo (a decoded blob-table entry) lives in the reader layer, which reads
+    # bootstraps; imported when first used (pack needs it only at the end, and the
+    # reader's modules are ~2 MiB of pack's RSS)
+    from erofs_tools.reader.bootstrap import BlobInfo
+
+
+def __getattr__(name: str) -> Any:
+    if name == "BlobInfo":          # re-exported for the builder's modules
+        from erofs_tools.reader.bootstrap import BlobInfo
+        return BlobInfo
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = ["BLKSZ", "BlobInfo", "BlobMeta", "BlobWriter", "StoredChunk", "read_toc",
            "round_up"]
@@ -291,6 +298,7 @@ class BlobWriter:
         ci_raw = bytes(self._ci)
         ci_stored, ci_comp = ci_raw, 0
         if self.compressor == "zstd":
+            import zstandard
             z = zstandard.ZstdCompressor(level=CI_ZSTD_LEVEL).compress(ci_raw)
             if len(z) < len(ci_raw):
                 ci_stored, ci_comp = z, R.COMPRESSOR_CODES["zstd"]
@@ -330,6 +338,7 @@ class BlobWriter:
         self._f = None
         blob_id = self._hash.hexdigest()
         path = os.path.join(self.blob_dir, blob_id)
+        from erofs_tools.reader.bootstrap import BlobInfo
         self.info = BlobInfo(
             blob_id=blob_id, path=path, chunk_size=self.chunk_size, chunk_count=self.count,
             compressor=self.compressor, digester=self.digester, features=features,
@@ -344,6 +353,7 @@ class BlobWriter:
 
 def read_toc(f: BinaryIO, size: int, toc_size: int = 0) -> dict[bytes, R.TocEntry]:
     """-> {name: TocEntry} from the blob's tail, or {} if the blob has no TOC."""
+    from erofs_tools.reader import blob as rblob
     toc = rblob.read_toc(rblob.file_reader(f), size, toc_size=toc_size or None)
     return {} if toc is None else dict(toc.entries)
 

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from erofs_tools._native import BuildOptions, NativeBuilder
 from erofs_tools._native_put import put_buffer
-from erofs_tools.builder.blob import BLKSZ, BlobInfo, BlobWriter, StoredChunk
+from erofs_tools.builder.blob import BLKSZ, BlobWriter, StoredChunk
 from erofs_tools.builder.chunk_dict import ChunkDict
 from erofs_tools.builder.chunk_refs import ChunkRefs
 from erofs_tools.builder.chunker import (
@@ -62,6 +62,8 @@ from erofs_tools.fsutil import atomic_output, round_up
 
 if TYPE_CHECKING:
     from _typeshed import StrPath
+
+    from erofs_tools.reader.bootstrap import BlobInfo
 
 ROOT_NID = R.ROOT_NID
 
