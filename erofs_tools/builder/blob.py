@@ -230,18 +230,27 @@ class BlobWriter:
     def add_chunk(self, stored: bytes | memoryview, uncompressed_size: int,
                   digest: bytes) -> StoredChunk:
         """Append one chunk's stored bytes; -> StoredChunk."""
-        if self.count >= R.MAX_CHUNKS_PER_BLOB:
+        index, coff, uoff = self.append_chunk(stored, uncompressed_size, digest)
+        return StoredChunk(digest, self.blob_index, index, coff, len(stored), uoff,
+                           uncompressed_size)
+
+    def append_chunk(self, stored: bytes | memoryview, uncompressed_size: int,
+                     digest: bytes) -> tuple[int, int, int]:
+        """add_chunk without the StoredChunk (pack's per-chunk path, which keeps arrays);
+        -> (CI index, compressed offset, uncompressed offset)."""
+        index = self.count
+        if index >= R.MAX_CHUNKS_PER_BLOB:
             raise InputError("too many distinct chunks for one blob (2^24)")
-        if len(stored) > uncompressed_size:
+        n = len(stored)
+        if n > uncompressed_size:
             raise ValueError("stored chunk larger than its data")
-        sc = StoredChunk(digest, self.blob_index, self.count, self._pos, len(stored),
-                         self._upos, uncompressed_size)
-        self._ci += R.encode_ci_v1(self._upos, uncompressed_size, self._pos, len(stored))
+        coff, uoff = self._pos, self._upos
+        self._ci += R.encode_ci_v1(uoff, uncompressed_size, coff, n)
         self._digests += digest
         self._write(stored)
-        self._upos += round_up(uncompressed_size, BLKSZ)
-        self.count += 1
-        return sc
+        self._upos = uoff + round_up(uncompressed_size, BLKSZ)
+        self.count = index + 1
+        return index, coff, uoff
 
     def abort(self) -> None:
         try:

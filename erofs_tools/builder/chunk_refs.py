@@ -117,20 +117,23 @@ class ChunkRefs:
             return i
         return self.other.get((digest, size)) if self.other else None
 
-    def add_new(self, digest: bytes, size: int, sc: StoredChunk) -> int:
-        """Record the chunk the blob writer just appended (its StoredChunk is dropped)."""
+    def add_new(self, digest: bytes, size: int, index: int, coff: int, csize: int,
+                uoff: int, absent: bool = False) -> int:
+        """Record the chunk the blob writer just appended as CI `index` (compressed at
+        `coff`, `csize` bytes; uncompressed at `uoff`). absent: the caller knows
+        `digest` is not in the table yet (one lookup less)."""
         i = len(self.usize)
-        if sc.index != i:
-            raise AssertionError(f"blob chunk {sc.index} recorded as {i}")
+        if index != i:
+            raise AssertionError(f"blob chunk {index} recorded as {i}")
         # index in the table == CI index: every new chunk's digest is there, in order
-        if self.new.get(digest) is not None:
+        if not absent and self.new.get(digest) is not None:
             self.other[(digest, size)] = i
             self.new.add(digest, find=False)
         else:
             self.new.add(digest)
-        self.coff.append(sc.compressed_offset)
-        self.csize.append(sc.compressed_size)
-        self.uoff.append(sc.uncompressed_offset)
+        self.coff.append(coff)
+        self.csize.append(csize)
+        self.uoff.append(uoff)
         self.usize.append(size)
         return i
 

@@ -307,13 +307,21 @@ class ChunkPlacer:
         """Where chunk result `r` lives: a chunk this image already stored, one of a chunk
         dict, or a new one appended to the blob; appended to its file's chunks and
         counted. `r.repeat` > 1 (the rest of a hole run) counts the repeats as dedups of
-        the first."""
+        the first. Once per chunk with the GIL held: the common cases first, with as few
+        lookups and calls as they need."""
         st = self.stats
         refs = self.refs
         size = r.size
+        digest = r.digest
         st["chunks_total"] += 1
         st["bytes_total"] += size
-        ref = refs.find_new(r.digest, size)
+        # refs.find_new inlined: one table lookup, whose answer add_new reuses
+        ref = refs.new.get(digest)
+        absent = ref is None
+        if ref is not None and refs.usize[ref] != size:
+            ref = None
+        if ref is None and refs.other:
+            ref = refs.other.get((digest, size))
         if ref is not None:
             st["chunks_dedup"] += 1
             st["bytes_dedup"] += size
@@ -321,9 +329,9 @@ class ChunkPlacer:
                 # claimed again by a worker that checked `known` just before the first
                 # copy was stored: its bytes are never taken, and the claim would keep
                 # them (with "none", its batch's whole buffer) until the end
-                self.pipe.release((r.digest, size))
+                self.pipe.release((digest, size))
         else:
-            key = (r.digest, size)
+            key = (digest, size)
             sc = self.cdict.chunks.get(key) if self.cdict.chunks else None
             if sc is not None:
                 st["chunks_dict"] += 1
@@ -331,8 +339,9 @@ class ChunkPlacer:
                 # met again and again: the first use's offset wins
                 ref = refs.dict_ref(sc, r.file_offset)
             else:
-                ref = refs.add_new(r.digest, size,
-                                   self.writer.add_chunk(r.stored_bytes(), size, r.digest))
+                stored = r.stored_bytes()
+                index, coff, uoff = self.writer.append_chunk(stored, size, digest)
+                ref = refs.add_new(digest, size, index, coff, len(stored), uoff, absent)
                 # stored now answers `known`: the pipeline's claim is no longer needed
                 self.pipe.release(key)
                 st["chunks_new"] += 1
