@@ -65,3 +65,16 @@ int ern_chunks_read(const char *names, const uint32_t *name_off, const uint64_t 
     *fail_index = i;
     return rc;
 }
+
+int ern_gather(uint8_t *const *src, const uint64_t *len, uint32_t n, uint8_t *dst,
+               uint64_t cap)
+{
+    uint64_t pos = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        if (len[i] > cap - pos)
+            return ERN_CHUNKS_EINVAL;
+        memcpy(dst + pos, src[i], len[i]);
+        pos += len[i];
+    }
+    return ERN_CHUNKS_OK;
+}

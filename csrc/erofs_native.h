@@ -331,6 +331,11 @@ enum {
 int ern_chunks_read(const char *names, const uint32_t *name_off, const uint64_t *file_off,
                     const uint32_t *len, const uint64_t *buf_off, uint32_t n, uint8_t *buf,
                     uint64_t cap, uint32_t *fail_index, int32_t *fail_errno);
+/* the n pieces src[i] (len[i] bytes each) back to back into dst (cap bytes): the blob
+ * writer's group of stored chunks made one buffer to hash and write, copied without the
+ * GIL. ERN_CHUNKS_OK, or ERN_CHUNKS_EINVAL if they do not fit. */
+int ern_gather(uint8_t *const *src, const uint64_t *len, uint32_t n, uint8_t *dst,
+               uint64_t cap);
 
 /* ---- a blob's chunk map from a bootstrap's chunk-info table (chunkmap.c) ----
  * ern_ci_pins: the pins of blob `blob` among the nrows 80-byte rows of `table`, as

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import array
 import os
+from collections.abc import Sequence
 
 from erofs_tools._native import ffi, lib
 
-__all__ = ["ChunkReadError", "read_chunks"]
+__all__ = ["ChunkReadError", "gather", "read_chunks"]
 
 
 class ChunkReadError(OSError):
@@ -51,3 +52,25 @@ def read_chunks(names: bytes, name_off: array.array[int], file_off: array.array[
             lib.ERN_CHUNKS_ESHORT: "short"}.get(rc, "read")
     raise ChunkReadError(fail[0], err[0] if rc != lib.ERN_CHUNKS_ESHORT else 0, what)
 
+
+
+def gather(pieces: Sequence[bytes | bytearray | memoryview], dst: bytearray) -> int:
+    """Copy `pieces` back to back to the start of `dst` in one C call (no GIL while it
+    copies); -> the bytes copied."""
+    n = len(pieces)
+    srcs = ffi.new("uint8_t *[]", n)
+    lens = array.array("Q", bytes(8 * n))
+    keep = []           # the cdata views must live until the call returns
+    total = 0
+    for i, p in enumerate(pieces):
+        c = ffi.from_buffer("uint8_t[]", p)
+        keep.append(c)
+        srcs[i] = c
+        lens[i] = k = len(c)
+        total += k
+    if total > len(dst):
+        raise ValueError("gather: the pieces do not fit in the buffer")
+    if n and lib.ern_gather(srcs, ffi.from_buffer("uint64_t[]", lens), n,
+                            ffi.from_buffer("uint8_t[]", dst), len(dst)):
+        raise ValueError("gather: the pieces do not fit in the buffer")
+    return total

@@ -193,3 +193,18 @@ def test_claims_of_stored_chunks_are_dropped(tmp_path, monkeypatch, name):
         assert placer.pipe._claims == {}
     finally:
         placer.writer.abort()
+
+
+def test_gather_copies_pieces_back_to_back():
+    """The blob writer's group copy (csrc/chunkread.c ern_gather): bytes, views of
+    bytearrays and empty pieces, in order; a buffer too small is refused, not overrun."""
+    from erofs_tools._native_chunkio import gather
+    src = bytearray(os.urandom(5000))
+    pieces = [b"abc", memoryview(src)[100:4100], b"", memoryview(b"xyz")[1:], bytes(src[:7])]
+    want = b"".join(bytes(p) for p in pieces)
+    dst = bytearray(b"\xee" * (len(want) + 10))
+    assert gather(pieces, dst) == len(want)
+    assert dst[:len(want)] == want and dst[len(want):] == b"\xee" * 10
+    with pytest.raises(ValueError):
+        gather(pieces, bytearray(len(want) - 1))
+    assert gather([], bytearray()) == 0

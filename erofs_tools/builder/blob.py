@@ -24,6 +24,7 @@ import queue
 import threading
 from typing import TYPE_CHECKING, Any, BinaryIO
 
+from erofs_tools._native_chunkio import gather
 from erofs_tools.errors import InputError
 from erofs_tools.format import erofs as E
 from erofs_tools.format import rafs as R
@@ -100,27 +101,14 @@ class StoredChunk:
             index=self.index, crc32=0)
 
 
-_IOV_MAX = 512       # buffers per writev(2) call (Linux allows 1024)
-
-
-def _writev_all(fd: int, bufs: list[bytes | memoryview]) -> None:
-    """Write every buffer of `bufs` in order at the fd's offset (short writes retried)."""
-    for i in range(0, len(bufs), _IOV_MAX):
-        part = bufs[i:i + _IOV_MAX]
-        n = os.writev(fd, part)
-        if n == sum(map(len, part)):
-            continue
-        for b in part:              # a short write: the rest one buffer at a time
-            if n >= len(b):
-                n -= len(b)
-                continue
-            mv = memoryview(b)[n:]
-            n = 0
-            while mv:
-                k = os.write(fd, mv)
-                if k <= 0:
-                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-                mv = mv[k:]
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    """Write all of `data` at the fd's offset (short writes retried)."""
+    mv = memoryview(data)
+    while mv:
+        k = os.write(fd, mv)
+        if k <= 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        mv = mv[k:]
 
 
 class BlobWriter:
@@ -181,18 +169,27 @@ class BlobWriter:
 
     def _drain(self, fd: int) -> None:
         h = self._hash
-        # straight to the fd, a group per writev(2): no copy through the file's buffer
-        # (which is empty while this thread runs: only _write's synchronous path uses it)
+        group = bytearray()       # reused: a group's chunks back to back
         while True:
             batch = self._q.get()
             if batch is None:
                 return
             if self._error is None:
                 try:
-                    _writev_all(fd, batch)
-                    # one update per group: the GIL is dropped and taken back once, not
-                    # once per chunk (47k times for /usr/share), at the cost of a copy
-                    h.update(batch[0] if len(batch) == 1 else b"".join(batch))
+                    if len(batch) == 1:
+                        data: bytes | memoryview = batch[0]
+                    else:
+                        # one buffer per group, so that the hash drops the GIL once per
+                        # group, not once per chunk (47k times for /usr/share); copied
+                        # in C without the GIL (b"".join held it for ~0.1 s of a pack)
+                        need = sum(map(len, batch))
+                        if len(group) < need:
+                            group = bytearray(need)
+                        data = memoryview(group)[:gather(batch, group)]
+                    del batch
+                    _write_all(fd, data)
+                    h.update(data)
+                    del data
                 except BaseException as e:   # reported by the next add_chunk / finish
                     self._error = e
 
