@@ -336,6 +336,17 @@ int ern_chunks_read(const char *names, const uint32_t *name_off, const uint64_t 
  * GIL. ERN_CHUNKS_OK, or ERN_CHUNKS_EINVAL if they do not fit. */
 int ern_gather(uint8_t *const *src, const uint64_t *len, uint32_t n, uint8_t *dst,
                uint64_t cap);
+/* pack's chunk info table (the new blob's chunks, each digest once): ern_ci_order puts
+ * the indexes i < n with used[i] into order, sorted by their 32-byte digests (digests +
+ * 32 i), -> how many; ern_ci_entries writes the 80-byte RafsV5ChunkInfo entries of
+ * order[start .. start + count) to out: chunk i of blob `blob_index`, compressed
+ * (flag 1) when csize[i] != usize[i], file_off[i] the offset of its first use. */
+uint32_t ern_ci_order(const uint8_t *digests, const uint8_t *used, uint32_t n,
+                      uint32_t *order);
+void ern_ci_entries(const uint8_t *digests, const uint32_t *order, uint32_t start,
+                    uint32_t count, uint32_t blob_index, const uint64_t *coff,
+                    const uint32_t *csize, const uint64_t *uoff, const uint32_t *usize,
+                    const uint64_t *file_off, uint8_t *out);
 
 /* ---- a blob's chunk map from a bootstrap's chunk-info table (chunkmap.c) ----
  * ern_ci_pins: the pins of blob `blob` among the nrows 80-byte rows of `table`, as

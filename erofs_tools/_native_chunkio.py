@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from erofs_tools._native import ffi, lib
 
-__all__ = ["ChunkReadError", "gather", "read_chunks"]
+__all__ = ["ChunkInfoTable", "ChunkReadError", "gather", "read_chunks"]
 
 
 class ChunkReadError(OSError):
@@ -74,3 +74,42 @@ def gather(pieces: Sequence[bytes | bytearray | memoryview], dst: bytearray) -> 
                             ffi.from_buffer("uint8_t[]", dst), len(dst)):
         raise ValueError("gather: the pieces do not fit in the buffer")
     return total
+
+
+class ChunkInfoTable:
+    """pack's chunk info table of the new blob's chunks (each digest once), made in C:
+    the used chunks sorted by digest, then their 80-byte entries a piece at a time.
+    digests: 32 bytes per chunk, back to back; the arrays one item per chunk (coff,
+    uoff, file_off: "Q"; csize, usize: "I"); used: one byte per chunk."""
+
+    def __init__(self, digests: bytearray, used: bytearray, coff: array.array[int],
+                 csize: array.array[int], uoff: array.array[int],
+                 usize: array.array[int], file_off: array.array[int],
+                 blob_index: int) -> None:
+        n = len(usize)
+        if not (len(digests) == 32 * n and len(used) == len(coff) == len(csize)
+                == len(uoff) == len(file_off) == n):
+            raise ValueError("ChunkInfoTable: arrays of different lengths")
+        if coff.itemsize != 8 or uoff.itemsize != 8 or file_off.itemsize != 8 \
+                or csize.itemsize != 4 or usize.itemsize != 4:
+            raise ValueError("ChunkInfoTable: arrays of the wrong item size")
+        self._keep = (digests, coff, csize, uoff, usize, file_off)
+        self._c = (ffi.from_buffer("uint8_t[]", digests), ffi.from_buffer("uint64_t[]", coff),
+                   ffi.from_buffer("uint32_t[]", csize), ffi.from_buffer("uint64_t[]", uoff),
+                   ffi.from_buffer("uint32_t[]", usize),
+                   ffi.from_buffer("uint64_t[]", file_off))
+        self._order = array.array("I", bytes(4 * n))
+        self.count = int(lib.ern_ci_order(self._c[0], ffi.from_buffer("uint8_t[]", used), n,
+                                          ffi.from_buffer("uint32_t[]", self._order)))
+        self.blob_index = blob_index
+
+    def entries(self, start: int, count: int) -> bytearray:
+        """The entries of sorted positions [start, start + count)."""
+        if start < 0 or count < 0 or start + count > self.count:
+            raise ValueError("ChunkInfoTable: entries out of range")
+        out = bytearray(80 * count)
+        d, coff, csize, uoff, usize, foff = self._c
+        lib.ern_ci_entries(d, ffi.from_buffer("uint32_t[]", self._order), start, count,
+                           self.blob_index, coff, csize, uoff, usize, foff,
+                           ffi.from_buffer("uint8_t[]", out))
+        return out

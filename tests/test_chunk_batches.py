@@ -208,3 +208,30 @@ def test_gather_copies_pieces_back_to_back():
     with pytest.raises(ValueError):
         gather(pieces, bytearray(len(want) - 1))
     assert gather([], bytearray()) == 0
+
+
+def test_chunk_info_table_in_c_is_the_format_encoding():
+    """The C chunk info table (ern_ci_order + ern_ci_entries): the used chunks sorted by
+    digest, each entry R.ChunkInfo's encoding; pieces whole blocks but the last."""
+    from erofs_tools.builder.chunk_refs import TABLE_PIECE, ChunkRefs
+    from erofs_tools.format import rafs as R
+    refs = ChunkRefs()
+    n = 30_000                          # three pieces
+    for i in range(n):
+        d = blake3.blake3(b"%d" % i).digest()
+        us = 4096 * (1 + i % 7)
+        refs.add_new(d, us, i, 1000 * i, us - (i % 3), 4096 * 8 * i, absent=True)
+        if i % 5 == 1:
+            refs.file_off[i] = 65536 * (i % 11)
+    used = bytearray(b"\1" * n)
+    used[7] = used[12_345] = 0
+    pieces = list(refs.chunk_info_table((used, bytearray()), {-1: 3}))
+    assert len(pieces) == 3 and all(len(p) % 4096 == 0 for p in pieces[:-1])
+    assert all(len(p) <= TABLE_PIECE for p in pieces)
+    want = b"".join(
+        R.ChunkInfo.pack(refs.new.digest(i), 3,
+                         R.CHUNK_FLAG_COMPRESSED if refs.csize[i] != refs.usize[i] else 0,
+                         refs.csize[i], refs.usize[i], refs.coff[i], refs.uoff[i],
+                         refs.file_off.get(i, 0), i, 0)
+        for i in sorted((i for i in range(n) if used[i]), key=refs.new.digest))
+    assert b"".join(pieces) == want

@@ -15,6 +15,7 @@ import array
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
+from erofs_tools._native_chunkio import ChunkInfoTable
 from erofs_tools.builder.blob import BLKSZ, StoredChunk
 from erofs_tools.format import rafs as R
 
@@ -243,6 +244,20 @@ class ChunkRefs:
         blob index, CI index), sorted by that key; in pieces of TABLE_PIECE bytes (the
         last one shorter), each given to the C core before the next is made (the whole
         table, 80 bytes a chunk, and the C core's copy of it were pack's peak)."""
+        new_used, dict_used = used
+        if self.usize and not self.other and not any(dict_used):
+            # the common case, new chunks only, one per digest: sorted and encoded in C
+            # (in Python: ~0.1 s of a /usr/share pack, with one core idle)
+            foff = array.array("Q", bytes(8 * len(self.usize)))
+            for i, off in self.file_off.items():
+                foff[i] = off
+            table = ChunkInfoTable(self.new.digests, new_used, self.coff, self.csize,
+                                   self.uoff, self.usize, foff, remap[-1])
+            # pieces of whole blocks but the last: 256 entries are 5 blocks
+            step = TABLE_PIECE // (256 * R.ChunkInfo.SIZE) * 256
+            for start in range(0, table.count, step):
+                yield table.entries(start, min(step, table.count - start))
+            return
         piece = bytearray()
         for entry in self._table_entries(used, remap):
             piece += entry
