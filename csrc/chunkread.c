@@ -136,3 +136,17 @@ void ern_ci_entries(const uint8_t *digests, const uint32_t *order, uint32_t star
         put32(out + 76, 0);                                 /* crc32: none */
     }
 }
+
+int ern_chunk_indexes(const uint32_t *refs, uint32_t n, const uint64_t *uoff,
+                      uint32_t nchunks, uint32_t dev, uint64_t *out, uint8_t *used)
+{
+    for (uint32_t k = 0; k < n; k++) {
+        uint32_t r = refs[k];
+        if (r >= nchunks || r >= (1u << 24))
+            return -1;
+        uint64_t devid = (dev & 0xFF) | (((r >> 16) & 0xFF) << 8);
+        out[k] = (r & 0xFFFF) | (devid << 16) | ((uoff[r] / 4096) << 32);
+        used[r] = 1;
+    }
+    return 0;
+}

@@ -347,6 +347,11 @@ void ern_ci_entries(const uint8_t *digests, const uint32_t *order, uint32_t star
                     uint32_t count, uint32_t blob_index, const uint64_t *coff,
                     const uint32_t *csize, const uint64_t *uoff, const uint32_t *usize,
                     const uint64_t *file_off, uint8_t *out);
+/* pack's 8-byte chunk indexes of n references to the new blob's chunks (CI indexes
+ * refs[k] < nchunks): advise = index bits 0-15, device_id = dev | index bits 16-23 << 8,
+ * blkaddr = uoff[index] / 4096, into out[k]; used[index] = 1. -> 0, -1: a bad index. */
+int ern_chunk_indexes(const uint32_t *refs, uint32_t n, const uint64_t *uoff,
+                      uint32_t nchunks, uint32_t dev, uint64_t *out, uint8_t *used);
 
 /* ---- a blob's chunk map from a bootstrap's chunk-info table (chunkmap.c) ----
  * ern_ci_pins: the pins of blob `blob` among the nrows 80-byte rows of `table`, as

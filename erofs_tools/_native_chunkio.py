@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from erofs_tools._native import ffi, lib
 
-__all__ = ["ChunkInfoTable", "ChunkReadError", "gather", "read_chunks"]
+__all__ = ["ChunkInfoTable", "ChunkReadError", "chunk_indexes", "gather", "read_chunks"]
 
 
 class ChunkReadError(OSError):
@@ -113,3 +113,20 @@ class ChunkInfoTable:
                            self.blob_index, coff, csize, uoff, usize, foff,
                            ffi.from_buffer("uint8_t[]", out))
         return out
+
+
+def chunk_indexes(refs: array.array[int], uoff: array.array[int], dev: int,
+                  used: bytearray) -> array.array[int]:
+    """The 8-byte chunk indexes of `refs` (CI indexes of the new blob, whose
+    uncompressed offsets are `uoff`) on device `dev`; marks each index in `used`."""
+    n = len(refs)
+    if refs.itemsize != 4 or uoff.itemsize != 8 or len(used) != len(uoff) \
+            or not 0 < dev < 256:
+        raise ValueError("chunk_indexes: bad arguments")
+    out = array.array("Q", bytes(8 * n))
+    if n and lib.ern_chunk_indexes(
+            ffi.from_buffer("uint32_t[]", refs), n, ffi.from_buffer("uint64_t[]", uoff),
+            len(uoff), dev, ffi.from_buffer("uint64_t[]", out),
+            ffi.from_buffer("uint8_t[]", used)):
+        raise ValueError("chunk_indexes: a reference past the blob's chunks")
+    return out

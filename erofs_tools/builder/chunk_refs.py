@@ -15,7 +15,7 @@ import array
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
-from erofs_tools._native_chunkio import ChunkInfoTable
+from erofs_tools._native_chunkio import ChunkInfoTable, chunk_indexes
 from erofs_tools.builder.blob import BLKSZ, StoredChunk
 from erofs_tools.format import rafs as R
 
@@ -25,6 +25,10 @@ if TYPE_CHECKING:
 DICT_REF = 1 << 31
 _FLUSH_ENTRIES = 1 << 20     # chunk indexes handed to the C core at a time (8 MiB)
 TABLE_PIECE = 1 << 20        # chunk info table bytes handed over at a time (BLKSZ multiple)
+
+
+def _same(key: int) -> int | None:
+    return key
 
 
 class DigestTable:
@@ -188,16 +192,40 @@ class ChunkRefs:
                     out.add(dc[ref & ~DICT_REF].blob_index)
         return out
 
+    def _set_new_indexes(self, nb: NativeBuilder, fmt: int, regular: Iterable[int],
+                         new_dev: int, new_used: bytearray) -> None:
+        ents = chunk_indexes(self.refs, self.uoff, new_dev, new_used)
+        nb.set_chunks_many(fmt, self.files, self.nrefs, ents)
+        del ents
+        files = self.files
+        with_chunks = bytearray(max(files) + 1 if files else 0)
+        for node in files:
+            with_chunks[node] = 1
+        nodes, counts = array.array("I"), array.array("I")
+        for node in regular:
+            if node >= len(with_chunks) or not with_chunks[node]:
+                nodes.append(node)
+                counts.append(0)
+        nb.set_chunks_many(fmt, nodes, counts, array.array("Q"))
+
     def set_indexes(self, nb: NativeBuilder, fmt: int, regular: Iterable[int],
-                    node_of: Callable[[int], int | None], remap: Mapping[int, int]
+                    node_of: Callable[[int], int | None] | None, remap: Mapping[int, int]
                     ) -> tuple[bytearray, bytearray]:
         """Give every regular file its 8-byte chunk indexes (advise = CI index bits 0-15,
         device_id = blob index + 1 | CI index bits 16-23 << 8, blkaddr = uncompressed
         offset / 4096), many files per C call; regular files without chunks get none.
+        node_of None: the file keys are the nodes.
         -> (flags of the new chunks referenced, flags of the dict chunks referenced)."""
         new_used = bytearray(len(self.usize))
         dict_used = bytearray(len(self.dict_chunks))
         new_dev = remap[-1] + 1 if self.usize else 0
+        if node_of is None and not self.dict_chunks and not self.repeat and self.usize:
+            # the common case (a directory pack: file keys are nodes, new chunks only,
+            # no hole runs): every entry made in C, the files' arrays as they are
+            self._set_new_indexes(nb, fmt, regular, new_dev, new_used)
+            return new_used, dict_used
+        if node_of is None:
+            node_of = _same
         uoff, refs, repeat, dc = self.uoff, self.refs, self.repeat, self.dict_chunks
         nodes, counts, ents = array.array("I"), array.array("I"), array.array("Q")
         with_chunks = bytearray()        # one byte per node

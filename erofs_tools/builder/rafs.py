@@ -490,7 +490,8 @@ def write_bootstrap(nb: NativeBuilder, walker: TreeInfo | RafsWalker, bootstrap:
     chunkbits = opts.chunk_size.bit_length() - 1
     fmt = E.CHUNK_FORMAT_INDEXES | (chunkbits - E.BLKSZ_BITS)
     if refs is not None:
-        refs_used = refs.set_indexes(nb, fmt, walker.regular, key_node, remap)
+        refs_used = refs.set_indexes(nb, fmt, walker.regular,
+                                     None if node_of is None else node_of.get, remap)
     else:
         assert not isinstance(per_node, ChunkRefs)
         referenced = _set_chunk_indexes(nb, fmt, walker.regular, per_node, remap)
