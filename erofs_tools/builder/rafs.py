@@ -3,7 +3,8 @@
 Steps:
 1. Walk SOURCE with the mkfs directory walker into the C node-graph builder; regular
    files are handed to the chunker (path, size, sparse) instead of being given file
-   data. Without a prefetch list the walk runs on its own thread and the chunker takes
+   data. Without a prefetch list the walk is the C one (csrc/walk.c, listing the regular
+   files it meets), runs on its own thread and the chunker takes
    each file as the walk meets it (each directory's entries in name order, so the order
    is the same on every filesystem); with one, the walk ends first and the prefetch
    files go first, then the rest by path.
