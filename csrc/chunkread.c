@@ -3,9 +3,15 @@
  * around it, so the pack's workers read in parallel and a batch costs one GIL hand-off
  * instead of an open, a pread and a close per chunk (most files of a tree are one small
  * chunk). The chunks of one file come one after another: the file stays open between
- * them. */
+ * them. Also pack's other per-chunk loops that need no Python: the blob writer's group
+ * gathered into one buffer, the bootstrap's chunk info table sorted and encoded. */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE               /* qsort_r */
+#endif
+#include <endian.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -64,4 +70,83 @@ int ern_chunks_read(const char *names, const uint32_t *name_off, const uint64_t 
         close(fd);
     *fail_index = i;
     return rc;
+}
+
+int ern_gather(uint8_t *const *src, const uint64_t *len, uint32_t n, uint8_t *dst,
+               uint64_t cap)
+{
+    uint64_t pos = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        if (len[i] > cap - pos)
+            return ERN_CHUNKS_EINVAL;
+        memcpy(dst + pos, src[i], len[i]);
+        pos += len[i];
+    }
+    return ERN_CHUNKS_OK;
+}
+
+/* ---- the chunk info table: sorted by digest, entries in the on-disk layout ---- */
+
+static int digest_cmp(const void *a, const void *b, void *ctx)
+{
+    const uint8_t *d = ctx;
+    return memcmp(d + (size_t)*(const uint32_t *)a * 32, d + (size_t)*(const uint32_t *)b * 32,
+                  32);
+}
+
+uint32_t ern_ci_order(const uint8_t *digests, const uint8_t *used, uint32_t n,
+                      uint32_t *order)
+{
+    uint32_t m = 0;
+    for (uint32_t i = 0; i < n; i++)
+        if (used[i])
+            order[m++] = i;
+    qsort_r(order, m, sizeof(*order), digest_cmp, (void *)digests);
+    return m;
+}
+
+static void put32(uint8_t *p, uint32_t v)
+{
+    v = htole32(v);
+    memcpy(p, &v, 4);
+}
+
+static void put64(uint8_t *p, uint64_t v)
+{
+    v = htole64(v);
+    memcpy(p, &v, 8);
+}
+
+void ern_ci_entries(const uint8_t *digests, const uint32_t *order, uint32_t start,
+                    uint32_t count, uint32_t blob_index, const uint64_t *coff,
+                    const uint32_t *csize, const uint64_t *uoff, const uint32_t *usize,
+                    const uint64_t *file_off, uint8_t *out)
+{
+    for (uint32_t k = 0; k < count; k++, out += 80) {
+        uint32_t i = order[start + k];
+        memcpy(out, digests + (size_t)i * 32, 32);          /* digest */
+        put32(out + 32, blob_index);
+        put32(out + 36, csize[i] != usize[i] ? 1 : 0);      /* flags: compressed */
+        put32(out + 40, csize[i]);
+        put32(out + 44, usize[i]);
+        put64(out + 48, coff[i]);
+        put64(out + 56, uoff[i]);
+        put64(out + 64, file_off[i]);
+        put32(out + 72, i);                                 /* index in the blob */
+        put32(out + 76, 0);                                 /* crc32: none */
+    }
+}
+
+int ern_chunk_indexes(const uint32_t *refs, uint32_t n, const uint64_t *uoff,
+                      uint32_t nchunks, uint32_t dev, uint64_t *out, uint8_t *used)
+{
+    for (uint32_t k = 0; k < n; k++) {
+        uint32_t r = refs[k];
+        if (r >= nchunks || r >= (1u << 24))
+            return -1;
+        uint64_t devid = (dev & 0xFF) | (((r >> 16) & 0xFF) << 8);
+        out[k] = (r & 0xFFFF) | (devid << 16) | ((uoff[r] / 4096) << 32);
+        used[r] = 1;
+    }
+    return 0;
 }

@@ -161,6 +161,8 @@ struct erofs_walk_opts {
     int64_t fixed_mtime;
     int64_t force_uid;         /* -1: the file's own */
     int64_t force_gid;
+    int32_t list_files;        /* 1: regular files (of every size) are listed for the
+                                * caller (erofs_walk_files), not given file data */
 };
 typedef struct erofs_walk erofs_walk;
 /* NULL: out of memory. The root is added by the first step. */
@@ -170,6 +172,11 @@ erofs_walk *erofs_walk_new(erofs_builder *b, const char *src, size_t srclen,
  * erofs_builder_error); *entries, *bytes: inodes added and their file bytes so far */
 int erofs_walk_step(erofs_walk *w, uint32_t max_entries, uint64_t *entries, uint64_t *bytes);
 int64_t erofs_walk_root(erofs_walk *w);
+/* list_files: the regular files met by the last step, records back to back, each
+ * u32 node, u32 path length | 1 << 31 if sparse (st_blocks * 512 < size), u64 size,
+ * the path, zeros to a multiple of 8 bytes; -> their length in bytes (*buf valid until
+ * the next step). *xattrs: xattrs added so far. */
+size_t erofs_walk_files(erofs_walk *w, const uint8_t **buf, uint64_t *xattrs);
 void erofs_walk_free(erofs_walk *w);
 
 int erofs_builder_layout(erofs_builder *b, struct erofs_layout_info *info);
@@ -324,6 +331,27 @@ enum {
 int ern_chunks_read(const char *names, const uint32_t *name_off, const uint64_t *file_off,
                     const uint32_t *len, const uint64_t *buf_off, uint32_t n, uint8_t *buf,
                     uint64_t cap, uint32_t *fail_index, int32_t *fail_errno);
+/* the n pieces src[i] (len[i] bytes each) back to back into dst (cap bytes): the blob
+ * writer's group of stored chunks made one buffer to hash and write, copied without the
+ * GIL. ERN_CHUNKS_OK, or ERN_CHUNKS_EINVAL if they do not fit. */
+int ern_gather(uint8_t *const *src, const uint64_t *len, uint32_t n, uint8_t *dst,
+               uint64_t cap);
+/* pack's chunk info table (the new blob's chunks, each digest once): ern_ci_order puts
+ * the indexes i < n with used[i] into order, sorted by their 32-byte digests (digests +
+ * 32 i), -> how many; ern_ci_entries writes the 80-byte RafsV5ChunkInfo entries of
+ * order[start .. start + count) to out: chunk i of blob `blob_index`, compressed
+ * (flag 1) when csize[i] != usize[i], file_off[i] the offset of its first use. */
+uint32_t ern_ci_order(const uint8_t *digests, const uint8_t *used, uint32_t n,
+                      uint32_t *order);
+void ern_ci_entries(const uint8_t *digests, const uint32_t *order, uint32_t start,
+                    uint32_t count, uint32_t blob_index, const uint64_t *coff,
+                    const uint32_t *csize, const uint64_t *uoff, const uint32_t *usize,
+                    const uint64_t *file_off, uint8_t *out);
+/* pack's 8-byte chunk indexes of n references to the new blob's chunks (CI indexes
+ * refs[k] < nchunks): advise = index bits 0-15, device_id = dev | index bits 16-23 << 8,
+ * blkaddr = uoff[index] / 4096, into out[k]; used[index] = 1. -> 0, -1: a bad index. */
+int ern_chunk_indexes(const uint32_t *refs, uint32_t n, const uint64_t *uoff,
+                      uint32_t nchunks, uint32_t dev, uint64_t *out, uint8_t *used);
 
 /* ---- a blob's chunk map from a bootstrap's chunk-info table (chunkmap.c) ----
  * ern_ci_pins: the pins of blob `blob` among the nrows 80-byte rows of `table`, as

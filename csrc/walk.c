@@ -67,7 +67,10 @@ struct erofs_walk {
     const char **xlist;           /* the names of one llistxattr */
     char *dents;                  /* getdents64 buffer */
     size_t xcap, lcap;
-    uint64_t entries, bytes;
+    uint64_t entries, bytes, xattrs;
+    /* list_files: this step's regular files (erofs_walk_files) */
+    uint8_t *files;
+    size_t files_len, files_cap;
 };
 
 static const char *shown(const char *path)
@@ -135,6 +138,7 @@ void erofs_walk_free(erofs_walk *w)
     free(w->dents);
     free(w->lnk);
     free(w->src);
+    free(w->files);
     free(w);
 }
 
@@ -272,8 +276,46 @@ static int add_xattrs(erofs_walk *w, int dfd, const char *name, const char *path
                                      (size_t)v);
         if (r)
             return wrap(w, path, r);
+        w->xattrs++;
     }
     return 0;
+}
+
+/* a regular file for the caller (list_files): its record appended to w->files */
+static int list_file(erofs_walk *w, uint32_t node, const char *path, uint64_t size,
+                     int sparse)
+{
+    size_t plen = strlen(path);
+    if (plen >= (1u << 31))
+        return werr(w, path, ENAMETOOLONG);
+    size_t rec = 16 + ((plen + 7) & ~(size_t)7);
+    if (w->files_len + rec > w->files_cap) {
+        size_t ncap = w->files_cap ? w->files_cap * 2 : 65536;
+        while (ncap < w->files_len + rec)
+            ncap *= 2;
+        uint8_t *p = realloc(w->files, ncap);
+        if (!p)
+            return nomem(w);
+        w->files = p;
+        w->files_cap = ncap;
+    }
+    uint8_t *p = w->files + w->files_len;
+    uint32_t lenf = (uint32_t)plen | (sparse ? 1u << 31 : 0);
+    memcpy(p, &node, 4);
+    memcpy(p + 4, &lenf, 4);
+    memcpy(p + 8, &size, 8);
+    memcpy(p + 16, path, plen);
+    memset(p + 16 + plen, 0, rec - 16 - plen);
+    w->files_len += rec;
+    return 0;
+}
+
+size_t erofs_walk_files(erofs_walk *w, const uint8_t **buf, uint64_t *xattrs)
+{
+    *buf = w->files;
+    if (xattrs)
+        *xattrs = w->xattrs;
+    return w->files_len;
 }
 
 /* readlinkat of the entry: its target in w->lnk, -> length or < 0 */
@@ -330,7 +372,11 @@ static int64_t add_inode(erofs_walk *w, int dfd, const char *name, const char *p
     int r = add_xattrs(w, dfd, name, path, (uint32_t)node);   /* before the data */
     if (r)
         return r;
-    if (fmt == S_IFREG && size) {
+    if (fmt == S_IFREG && w->o.list_files) {
+        r = list_file(w, (uint32_t)node, path, size, (uint64_t)st->st_blocks * 512 < size);
+        if (r)
+            return r;
+    } else if (fmt == S_IFREG && size) {
         int sparse = (uint64_t)st->st_blocks * 512 < size;
         r = erofs_node_set_file(w->b, (uint32_t)node, path, strlen(path), 0,
                                 sparse ? ERN_FILE_SPARSE : 0);
@@ -471,6 +517,7 @@ static int walk_entry(erofs_walk *w, const char *name)
 int erofs_walk_step(erofs_walk *w, uint32_t max_entries, uint64_t *entries, uint64_t *bytes)
 {
     int r = 0;
+    w->files_len = 0;             /* the last step's files were taken */
     if (!w->started) {
         w->started = 1;
         struct stat st;

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import array
 import os
+from collections.abc import Sequence
 
 from erofs_tools._native import ffi, lib
 
-__all__ = ["ChunkReadError", "read_chunks"]
+__all__ = ["ChunkInfoTable", "ChunkReadError", "chunk_indexes", "gather", "read_chunks"]
 
 
 class ChunkReadError(OSError):
@@ -51,3 +52,81 @@ def read_chunks(names: bytes, name_off: array.array[int], file_off: array.array[
             lib.ERN_CHUNKS_ESHORT: "short"}.get(rc, "read")
     raise ChunkReadError(fail[0], err[0] if rc != lib.ERN_CHUNKS_ESHORT else 0, what)
 
+
+
+def gather(pieces: Sequence[bytes | bytearray | memoryview], dst: bytearray) -> int:
+    """Copy `pieces` back to back to the start of `dst` in one C call (no GIL while it
+    copies); -> the bytes copied."""
+    n = len(pieces)
+    srcs = ffi.new("uint8_t *[]", n)
+    lens = array.array("Q", bytes(8 * n))
+    keep = []           # the cdata views must live until the call returns
+    total = 0
+    for i, p in enumerate(pieces):
+        c = ffi.from_buffer("uint8_t[]", p)
+        keep.append(c)
+        srcs[i] = c
+        lens[i] = k = len(c)
+        total += k
+    if total > len(dst):
+        raise ValueError("gather: the pieces do not fit in the buffer")
+    if n and lib.ern_gather(srcs, ffi.from_buffer("uint64_t[]", lens), n,
+                            ffi.from_buffer("uint8_t[]", dst), len(dst)):
+        raise ValueError("gather: the pieces do not fit in the buffer")
+    return total
+
+
+class ChunkInfoTable:
+    """pack's chunk info table of the new blob's chunks (each digest once), made in C:
+    the used chunks sorted by digest, then their 80-byte entries a piece at a time.
+    digests: 32 bytes per chunk, back to back; the arrays one item per chunk (coff,
+    uoff, file_off: "Q"; csize, usize: "I"); used: one byte per chunk."""
+
+    def __init__(self, digests: bytearray, used: bytearray, coff: array.array[int],
+                 csize: array.array[int], uoff: array.array[int],
+                 usize: array.array[int], file_off: array.array[int],
+                 blob_index: int) -> None:
+        n = len(usize)
+        if not (len(digests) == 32 * n and len(used) == len(coff) == len(csize)
+                == len(uoff) == len(file_off) == n):
+            raise ValueError("ChunkInfoTable: arrays of different lengths")
+        if coff.itemsize != 8 or uoff.itemsize != 8 or file_off.itemsize != 8 \
+                or csize.itemsize != 4 or usize.itemsize != 4:
+            raise ValueError("ChunkInfoTable: arrays of the wrong item size")
+        self._keep = (digests, coff, csize, uoff, usize, file_off)
+        self._c = (ffi.from_buffer("uint8_t[]", digests), ffi.from_buffer("uint64_t[]", coff),
+                   ffi.from_buffer("uint32_t[]", csize), ffi.from_buffer("uint64_t[]", uoff),
+                   ffi.from_buffer("uint32_t[]", usize),
+                   ffi.from_buffer("uint64_t[]", file_off))
+        self._order = array.array("I", bytes(4 * n))
+        self.count = int(lib.ern_ci_order(self._c[0], ffi.from_buffer("uint8_t[]", used), n,
+                                          ffi.from_buffer("uint32_t[]", self._order)))
+        self.blob_index = blob_index
+
+    def entries(self, start: int, count: int) -> bytearray:
+        """The entries of sorted positions [start, start + count)."""
+        if start < 0 or count < 0 or start + count > self.count:
+            raise ValueError("ChunkInfoTable: entries out of range")
+        out = bytearray(80 * count)
+        d, coff, csize, uoff, usize, foff = self._c
+        lib.ern_ci_entries(d, ffi.from_buffer("uint32_t[]", self._order), start, count,
+                           self.blob_index, coff, csize, uoff, usize, foff,
+                           ffi.from_buffer("uint8_t[]", out))
+        return out
+
+
+def chunk_indexes(refs: array.array[int], uoff: array.array[int], dev: int,
+                  used: bytearray) -> array.array[int]:
+    """The 8-byte chunk indexes of `refs` (CI indexes of the new blob, whose
+    uncompressed offsets are `uoff`) on device `dev`; marks each index in `used`."""
+    n = len(refs)
+    if refs.itemsize != 4 or uoff.itemsize != 8 or len(used) != len(uoff) \
+            or not 0 < dev < 256:
+        raise ValueError("chunk_indexes: bad arguments")
+    out = array.array("Q", bytes(8 * n))
+    if n and lib.ern_chunk_indexes(
+            ffi.from_buffer("uint32_t[]", refs), n, ffi.from_buffer("uint64_t[]", uoff),
+            len(uoff), dev, ffi.from_buffer("uint64_t[]", out),
+            ffi.from_buffer("uint8_t[]", used)):
+        raise ValueError("chunk_indexes: a reference past the blob's chunks")
+    return out

@@ -5,11 +5,12 @@ each module small; the cffi module still comes through it."""
 from __future__ import annotations
 
 import os
+import struct
 from collections.abc import Callable
 
 from erofs_tools._native import NativeBuilder, _raise, ffi, lib
 
-__all__ = ["native_walk"]
+__all__ = ["FileWalk", "native_walk"]
 
 # entries per C call: the walk returns to Python this often (progress, signals)
 _STEP = 2048
@@ -44,3 +45,64 @@ def native_walk(builder: NativeBuilder, source: str | bytes, *,
                 return int(lib.erofs_walk_root(w))
     finally:
         lib.erofs_walk_free(w)
+
+
+_REC = struct.Struct("<IIQ")         # node, path length | sparse << 31, size
+
+
+class FileWalk:
+    """The C walk for pack: regular files are listed, not given file data. Each
+    `step()` walks at most `max_entries` more entries and returns the regular files it
+    met, (node, path, size, sparse) in walk order (every size: a file of size 0 has a
+    node but no chunks)."""
+
+    def __init__(self, builder: NativeBuilder, source: str | bytes, *,
+                 fixed_mtime: int | None = None, force_uid: int | None = None,
+                 force_gid: int | None = None) -> None:
+        src = os.fsencode(source)
+        o = ffi.new("struct erofs_walk_opts *")
+        o.fixed_mtime_set = fixed_mtime is not None
+        o.fixed_mtime = fixed_mtime or 0
+        o.force_uid = -1 if force_uid is None else force_uid
+        o.force_gid = -1 if force_gid is None else force_gid
+        o.list_files = 1
+        self._b = builder._b
+        w = lib.erofs_walk_new(self._b, src, len(src), o)
+        if w == ffi.NULL:
+            raise MemoryError("erofs_walk_new failed")
+        self._w = ffi.gc(w, lib.erofs_walk_free)
+        self._out = ffi.new("uint64_t[3]")       # entries, bytes, xattrs
+        self._buf = ffi.new("const uint8_t **")
+        self.done = False
+        self.entries = self.bytes = self.xattrs = 0
+
+    def step(self, max_entries: int = _STEP) -> list[tuple[int, bytes, int, bool]]:
+        """Walk on; -> the regular files met. Sets `done` after the last entry."""
+        out = self._out
+        r = lib.erofs_walk_step(self._w, max_entries, out, out + 1)
+        if r < 0:
+            _raise(self._b, r)
+        self.done = r == 0
+        n = lib.erofs_walk_files(self._w, self._buf, out + 2)
+        self.entries, self.bytes, self.xattrs = out[0], out[1], out[2]
+        if not n:
+            return []
+        data = ffi.buffer(self._buf[0], n)[:]
+        files = []
+        unpack = _REC.unpack_from
+        pos = 0
+        while pos < n:
+            node, plen, size = unpack(data, pos)
+            sparse = plen >> 31
+            plen &= 0x7FFFFFFF
+            files.append((node, data[pos + 16:pos + 16 + plen], size, bool(sparse)))
+            pos += 16 + ((plen + 7) & ~7)
+        return files
+
+    @property
+    def root(self) -> int:
+        return int(lib.erofs_walk_root(self._w))
+
+    def close(self) -> None:
+        """Free the C walk now (its open directory, buffers)."""
+        ffi.release(self._w)

@@ -169,3 +169,69 @@ def test_pipeline_symlink_swapped_in_is_not_followed(tmp_path):
     pipe = ChunkPipeline(4096)
     with pytest.raises(InputError, match="cannot read .*l"):
         list(pipe.run([(0, str(tmp_path / "l"), 100, False)]))
+
+
+@pytest.mark.parametrize("name", ["zstd", "none"])
+def test_claims_of_stored_chunks_are_dropped(tmp_path, monkeypatch, name):
+    """A worker that claims a key just before the consumer stores its first copy (its
+    `known` said no) compresses it again; the consumer then finds the key stored and
+    must drop that claim, or its bytes (with "none": the batch's whole read buffer) stay
+    held to the end. Forced here: the workers' `known` always says no."""
+    from erofs_tools.builder.chunk_dict import ChunkDict
+    from erofs_tools.builder.rafs import ChunkPlacer, PackOptions
+    monkeypatch.setattr(chunker, "BATCH_CHUNKS", 4)
+    files = _tree(tmp_path)
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    placer = ChunkPlacer(PackOptions(chunk_size=65536, compressor=name, workers=2),
+                         str(blobs), ChunkDict())
+    placer.pipe._known = lambda key: False
+    try:
+        for r in placer.pipe.run(files):
+            placer.place(r)
+        assert placer.stats["chunks_dedup"] > 0
+        assert placer.pipe._claims == {}
+    finally:
+        placer.writer.abort()
+
+
+def test_gather_copies_pieces_back_to_back():
+    """The blob writer's group copy (csrc/chunkread.c ern_gather): bytes, views of
+    bytearrays and empty pieces, in order; a buffer too small is refused, not overrun."""
+    from erofs_tools._native_chunkio import gather
+    src = bytearray(os.urandom(5000))
+    pieces = [b"abc", memoryview(src)[100:4100], b"", memoryview(b"xyz")[1:], bytes(src[:7])]
+    want = b"".join(bytes(p) for p in pieces)
+    dst = bytearray(b"\xee" * (len(want) + 10))
+    assert gather(pieces, dst) == len(want)
+    assert dst[:len(want)] == want and dst[len(want):] == b"\xee" * 10
+    with pytest.raises(ValueError):
+        gather(pieces, bytearray(len(want) - 1))
+    assert gather([], bytearray()) == 0
+
+
+def test_chunk_info_table_in_c_is_the_format_encoding():
+    """The C chunk info table (ern_ci_order + ern_ci_entries): the used chunks sorted by
+    digest, each entry R.ChunkInfo's encoding; pieces whole blocks but the last."""
+    from erofs_tools.builder.chunk_refs import TABLE_PIECE, ChunkRefs
+    from erofs_tools.format import rafs as R
+    refs = ChunkRefs()
+    n = 30_000                          # three pieces
+    for i in range(n):
+        d = blake3.blake3(b"%d" % i).digest()
+        us = 4096 * (1 + i % 7)
+        refs.add_new(d, us, i, 1000 * i, us - (i % 3), 4096 * 8 * i, absent=True)
+        if i % 5 == 1:
+            refs.file_off[i] = 65536 * (i % 11)
+    used = bytearray(b"\1" * n)
+    used[7] = used[12_345] = 0
+    pieces = list(refs.chunk_info_table((used, bytearray()), {-1: 3}))
+    assert len(pieces) == 3 and all(len(p) % 4096 == 0 for p in pieces[:-1])
+    assert all(len(p) <= TABLE_PIECE for p in pieces)
+    want = b"".join(
+        R.ChunkInfo.pack(refs.new.digest(i), 3,
+                         R.CHUNK_FLAG_COMPRESSED if refs.csize[i] != refs.usize[i] else 0,
+                         refs.csize[i], refs.usize[i], refs.coff[i], refs.uoff[i],
+                         refs.file_off.get(i, 0), i, 0)
+        for i in sorted((i for i in range(n) if used[i]), key=refs.new.digest))
+    assert b"".join(pieces) == want

@@ -340,6 +340,28 @@ def test_reproducible(tmp_path, compressor):
                       tmp_path / "y", tmp_path / "o3")
 
 
+@pytest.mark.root
+@pytest.mark.parametrize("compressor", ["zstd", "none"])
+def test_native_walk_same_image_as_python_walk(rich, tmp_path, monkeypatch, compressor):
+    """pack's C walk (csrc/walk.c listing files) gives the bytes the Python walk gives:
+    xattrs (the HAS_XATTR flag), hardlinks, empty and sparse files, devices; whatever the
+    worker count; and the image mounts clean."""
+    outs = []
+    for native, workers in ((True, 1), (True, 3), (False, 2)):
+        monkeypatch.setattr("erofs_tools.builder.tree.NATIVE_WALK", native)
+        o = tmp_path / f"{native}-{workers}"
+        o.mkdir()
+        boot, blobs, r = do_pack(rich, o, compressor=compressor, chunk_size=64 * 1024,
+                                 workers=workers)
+        outs.append((open(boot, "rb").read(), r["blob_id"],
+                     open(blobs / r["blob_id"], "rb").read()))
+    assert outs[0] == outs[1] == outs[2]
+    t = BootstrapTables.read(str(tmp_path / "True-1" / "boot"))
+    assert t.ext.s_flags & R.FLAG_HAS_XATTR
+    mount_and_compare(tmp_path / "True-1" / "boot", tmp_path / "True-1" / "blobs", rich,
+                      tmp_path / "True-1")
+
+
 # --- prefetch ------------------------------------------------------------------------------
 
 def test_prefetch_table_and_blob_order(tmp_path):
@@ -396,16 +418,30 @@ def _walk_threads():
     return [t for t in threading.enumerate() if t.name == "erofs-pack-walk"]
 
 
-@pytest.mark.parametrize("where", ["walk", "chunking"])
+@pytest.mark.parametrize("where", ["walk", "native walk", "chunking"])
 def test_walk_thread_failure_and_stop(tmp_path, monkeypatch, where):
-    """An error in the walk (its own thread) reaches the caller; an error while chunking
-    stops the walk. Either way the thread is gone and nothing is left behind."""
+    """An error in the walk (its own thread; the Python walk and the C one) reaches the
+    caller; an error while chunking stops the walk. Either way the thread is gone and
+    nothing is left behind."""
     from erofs_tools.builder import rafs as RP
+    from erofs_tools.builder import rafs_walk
     from erofs_tools.builder.tree import TreeWalker
     from erofs_tools.errors import InputError
     src = tmp_path / "src"
     _many_files(src)
-    if where == "walk":
+    if where == "native walk":
+        orig_step = rafs_walk.FileWalk.step
+        steps = []
+
+        def bad_step(self, max_entries):
+            steps.append(max_entries)
+            if len(steps) == 2:     # the first step's files already queued
+                raise InputError("planted walk error in C")
+            return orig_step(self, max_entries)
+        monkeypatch.setattr(rafs_walk.FileWalk, "step", bad_step)
+        monkeypatch.setattr(rafs_walk.RafsWalker, "STEP", 64)
+    elif where == "walk":
+        monkeypatch.setattr("erofs_tools.builder.tree.NATIVE_WALK", False)
         orig = TreeWalker._xattrs
 
         def bad(self, path, node):

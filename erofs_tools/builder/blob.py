@@ -22,18 +22,26 @@ import hashlib
 import os
 import queue
 import threading
-from typing import BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
-import zstandard
-
+from erofs_tools._native_chunkio import gather
 from erofs_tools.errors import InputError
 from erofs_tools.format import erofs as E
 from erofs_tools.format import rafs as R
 from erofs_tools.fsutil import create_exclusive, round_up
-from erofs_tools.reader import blob as rblob
 
-# BlobInfo (a decoded blob-table entry) lives in the reader layer, which reads bootstraps
-from erofs_tools.reader.bootstrap import BlobInfo
+if TYPE_CHECKING:
+    # BlobInfo (a decoded blob-table entry) lives in the reader layer, which reads
+    # bootstraps; imported when first used (pack needs it only at the end, and the
+    # reader's modules are ~2 MiB of pack's RSS)
+    from erofs_tools.reader.bootstrap import BlobInfo
+
+
+def __getattr__(name: str) -> Any:
+    if name == "BlobInfo":          # re-exported for the builder's modules
+        from erofs_tools.reader.bootstrap import BlobInfo
+        return BlobInfo
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = ["BLKSZ", "BlobInfo", "BlobMeta", "BlobWriter", "StoredChunk", "read_toc",
            "round_up"]
@@ -93,27 +101,14 @@ class StoredChunk:
             index=self.index, crc32=0)
 
 
-_IOV_MAX = 512       # buffers per writev(2) call (Linux allows 1024)
-
-
-def _writev_all(fd: int, bufs: list[bytes | memoryview]) -> None:
-    """Write every buffer of `bufs` in order at the fd's offset (short writes retried)."""
-    for i in range(0, len(bufs), _IOV_MAX):
-        part = bufs[i:i + _IOV_MAX]
-        n = os.writev(fd, part)
-        if n == sum(map(len, part)):
-            continue
-        for b in part:              # a short write: the rest one buffer at a time
-            if n >= len(b):
-                n -= len(b)
-                continue
-            mv = memoryview(b)[n:]
-            n = 0
-            while mv:
-                k = os.write(fd, mv)
-                if k <= 0:
-                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-                mv = mv[k:]
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    """Write all of `data` at the fd's offset (short writes retried)."""
+    mv = memoryview(data)
+    while mv:
+        k = os.write(fd, mv)
+        if k <= 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        mv = mv[k:]
 
 
 class BlobWriter:
@@ -174,18 +169,27 @@ class BlobWriter:
 
     def _drain(self, fd: int) -> None:
         h = self._hash
-        # straight to the fd, a group per writev(2): no copy through the file's buffer
-        # (which is empty while this thread runs: only _write's synchronous path uses it)
+        group = bytearray()       # reused: a group's chunks back to back
         while True:
             batch = self._q.get()
             if batch is None:
                 return
             if self._error is None:
                 try:
-                    _writev_all(fd, batch)
-                    # one update per group: the GIL is dropped and taken back once, not
-                    # once per chunk (47k times for /usr/share), at the cost of a copy
-                    h.update(batch[0] if len(batch) == 1 else b"".join(batch))
+                    if len(batch) == 1:
+                        data: bytes | memoryview = batch[0]
+                    else:
+                        # one buffer per group, so that the hash drops the GIL once per
+                        # group, not once per chunk (47k times for /usr/share); copied
+                        # in C without the GIL (b"".join held it for ~0.1 s of a pack)
+                        need = sum(map(len, batch))
+                        if len(group) < need:
+                            group = bytearray(need)
+                        data = memoryview(group)[:gather(batch, group)]
+                    del batch
+                    _write_all(fd, data)
+                    h.update(data)
+                    del data
                 except BaseException as e:   # reported by the next add_chunk / finish
                     self._error = e
 
@@ -223,18 +227,27 @@ class BlobWriter:
     def add_chunk(self, stored: bytes | memoryview, uncompressed_size: int,
                   digest: bytes) -> StoredChunk:
         """Append one chunk's stored bytes; -> StoredChunk."""
-        if self.count >= R.MAX_CHUNKS_PER_BLOB:
+        index, coff, uoff = self.append_chunk(stored, uncompressed_size, digest)
+        return StoredChunk(digest, self.blob_index, index, coff, len(stored), uoff,
+                           uncompressed_size)
+
+    def append_chunk(self, stored: bytes | memoryview, uncompressed_size: int,
+                     digest: bytes) -> tuple[int, int, int]:
+        """add_chunk without the StoredChunk (pack's per-chunk path, which keeps arrays);
+        -> (CI index, compressed offset, uncompressed offset)."""
+        index = self.count
+        if index >= R.MAX_CHUNKS_PER_BLOB:
             raise InputError("too many distinct chunks for one blob (2^24)")
-        if len(stored) > uncompressed_size:
+        n = len(stored)
+        if n > uncompressed_size:
             raise ValueError("stored chunk larger than its data")
-        sc = StoredChunk(digest, self.blob_index, self.count, self._pos, len(stored),
-                         self._upos, uncompressed_size)
-        self._ci += R.encode_ci_v1(self._upos, uncompressed_size, self._pos, len(stored))
+        coff, uoff = self._pos, self._upos
+        self._ci += R.encode_ci_v1(uoff, uncompressed_size, coff, n)
         self._digests += digest
         self._write(stored)
-        self._upos += round_up(uncompressed_size, BLKSZ)
-        self.count += 1
-        return sc
+        self._upos = uoff + round_up(uncompressed_size, BLKSZ)
+        self.count = index + 1
+        return index, coff, uoff
 
     def abort(self) -> None:
         try:
@@ -291,6 +304,7 @@ class BlobWriter:
         ci_raw = bytes(self._ci)
         ci_stored, ci_comp = ci_raw, 0
         if self.compressor == "zstd":
+            import zstandard
             z = zstandard.ZstdCompressor(level=CI_ZSTD_LEVEL).compress(ci_raw)
             if len(z) < len(ci_raw):
                 ci_stored, ci_comp = z, R.COMPRESSOR_CODES["zstd"]
@@ -330,6 +344,7 @@ class BlobWriter:
         self._f = None
         blob_id = self._hash.hexdigest()
         path = os.path.join(self.blob_dir, blob_id)
+        from erofs_tools.reader.bootstrap import BlobInfo
         self.info = BlobInfo(
             blob_id=blob_id, path=path, chunk_size=self.chunk_size, chunk_count=self.count,
             compressor=self.compressor, digester=self.digester, features=features,
@@ -344,6 +359,7 @@ class BlobWriter:
 
 def read_toc(f: BinaryIO, size: int, toc_size: int = 0) -> dict[bytes, R.TocEntry]:
     """-> {name: TocEntry} from the blob's tail, or {} if the blob has no TOC."""
+    from erofs_tools.reader import blob as rblob
     toc = rblob.read_toc(rblob.file_reader(f), size, toc_size=toc_size or None)
     return {} if toc is None else dict(toc.entries)
 

@@ -7,13 +7,24 @@ numbered first in the new image.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
-from erofs_tools.builder.blob import BlobInfo, StoredChunk
+from erofs_tools.builder.blob import StoredChunk
 from erofs_tools.errors import InputError
 from erofs_tools.format import rafs as R
 
-# BootstrapTables lives in the reader layer; re-exported for the builder's callers
-from erofs_tools.reader.bootstrap import BootstrapTables
+if TYPE_CHECKING:
+    from erofs_tools.reader.bootstrap import BlobInfo, BootstrapTables
+
+
+def __getattr__(name: str) -> Any:
+    # BootstrapTables lives in the reader layer; re-exported for the builder's callers,
+    # imported when first used (pack without chunk dicts never reads a bootstrap: the
+    # reader's modules are ~2 MiB of its RSS)
+    if name == "BootstrapTables":
+        from erofs_tools.reader.bootstrap import BootstrapTables
+        return BootstrapTables
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = ["BootstrapTables", "ChunkDict"]
 
@@ -30,8 +41,10 @@ class ChunkDict:
         self.blobs: list[BlobInfo] = []
         self._blob_index: dict[str, int] = {}                       # blob id -> new index
         self.chunks: dict[tuple[bytes, int], StoredChunk] = {}     # (digest, size) -> chunk
-        for p in paths:
-            self._add(BootstrapTables.read(p), digester, chunk_size)
+        if paths:
+            from erofs_tools.reader.bootstrap import BootstrapTables
+            for p in paths:
+                self._add(BootstrapTables.read(p), digester, chunk_size)
 
     def _add(self, t: BootstrapTables, digester: str, chunk_size: int | None) -> None:
         if t.digester != digester:

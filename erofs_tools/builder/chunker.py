@@ -27,7 +27,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, TypeVar, cast
 
 import blake3
-import zstandard
 
 from erofs_tools._native_chunkio import ChunkReadError, read_chunks
 from erofs_tools.builder.tree import shown_path
@@ -35,6 +34,8 @@ from erofs_tools.errors import InputError
 from erofs_tools.format import rafs as R
 
 if TYPE_CHECKING:
+    from types import ModuleType
+
     from typing_extensions import Buffer
 
 DIGESTERS = ("blake3", "sha256")
@@ -53,8 +54,19 @@ _FileChunk = tuple[int, str | bytes, int, bool, int, int]   # FileItem + (offset
 StreamItem = tuple[int, int, bytes | None, int, int]   # (file_key, offset, data, length,
                                                        #  repeat)
 _Batch = TypeVar("_Batch")
-# python-zstandard's C backend compresses many inputs in one call (its cffi one cannot)
-_MULTI_COMPRESS = getattr(zstandard, "backend", "") == "cext"
+
+
+def _zstandard() -> ModuleType:
+    """python-zstandard, imported when first needed (pack --compressor none never
+    loads it: ~1 MiB of pack's RSS)."""
+    import zstandard
+    return zstandard
+
+
+def _multi_compress() -> bool:
+    """python-zstandard's C backend compresses many inputs in one call (its cffi one
+    cannot)."""
+    return getattr(_zstandard(), "backend", "") == "cext"
 
 
 def digest_function(name: str) -> Digest:
@@ -84,6 +96,8 @@ class Compressor:
         self.name = name
         self.level = level
         self._local = threading.local()
+        self._z = _zstandard() if name == "zstd" else None
+        self._multi = name == "zstd" and _multi_compress()
 
     def compress(self, data: bytes) -> bytes:
         """-> bytes to store (compressed, or the data itself when it does not shrink)."""
@@ -96,7 +110,8 @@ class Compressor:
             return data if out4 is None else out4
         c = getattr(self._local, "c", None)
         if c is None:
-            c = self._local.c = zstandard.ZstdCompressor(level=self.level)
+            assert self._z is not None
+            c = self._local.c = self._z.ZstdCompressor(level=self.level)
         out = c.compress(data)
         return out if len(out) < len(data) else data
 
@@ -110,22 +125,25 @@ class Compressor:
         if self.name == "none":
             mv = memoryview(buf)
             return [mv[o:o + n] for o, n in pieces]
-        if self.name == "zstd" and _MULTI_COMPRESS and pieces:
+        if self._multi and pieces:
+            z = self._z
+            assert z is not None
             c = getattr(self._local, "c", None)
             if c is None:
-                c = self._local.c = zstandard.ZstdCompressor(level=self.level)
+                c = self._local.c = z.ZstdCompressor(level=self.level)
             segs = array.array("Q")
             for o, n in pieces:
                 segs.append(o)
                 segs.append(n)
             res = c.multi_compress_to_buffer(
-                zstandard.BufferWithSegments(buf, segs.tobytes()), threads=1)
+                z.BufferWithSegments(buf, segs.tobytes()), threads=1)
             out: list[bytes | memoryview] = []
             for i, (o, n) in enumerate(pieces):
-                z = res[i]
+                zc = res[i]
                 # incompressible: the data, copied (a view would keep the whole batch
                 # buffer alive until this chunk is written)
-                out.append(memoryview(cast("Buffer", z)) if len(z) < n else bytes(buf[o:o + n]))
+                out.append(memoryview(cast("Buffer", zc)) if len(zc) < n
+                           else bytes(buf[o:o + n]))
             return out
         return [self.compress(bytes(buf[o:o + n])) for o, n in pieces]
 
@@ -315,7 +333,7 @@ class ChunkPipeline:
         self.bytes_read += total
         mv = memoryview(buf)
         hasher = self._hasher
-        known, claimed, lock = self._known, self._claims, self._lock
+        claim_key = self._claim
         out = []
         claims: list[_Claim] = []
         pieces: list[tuple[int, int]] = []
@@ -328,19 +346,10 @@ class ChunkPipeline:
                     self._store(mine, bytes(length))
             else:
                 digest = hasher(mv[at:at + length]).digest()
-                key = (digest, length)
-                # _claim inlined: one call per chunk less (most keys are new)
-                if known(key):
-                    claim = None
-                else:
-                    claim = claimed.get(key)        # fast path without the lock
-                    if claim is None:
-                        with lock:
-                            claim = claimed.get(key)
-                            if claim is None:
-                                claim = claimed[key] = _Claim(seq)
-                                claims.append(claim)
-                                pieces.append((at, length))
+                mine, claim = claim_key((digest, length), seq)
+                if mine is not None:        # compressed below, all in one call
+                    claims.append(mine)
+                    pieces.append((at, length))
             out.append(ChunkResult(file_key, off, length, digest, claim, self))
         del mv
         for mine, stored in zip(claims, self.compressor.compress_many(buf, pieces)):
@@ -351,7 +360,9 @@ class ChunkPipeline:
         """A buffer of at least `size` bytes for one batch's data. Each worker reuses
         its own (a new 1 MiB bytearray per batch cost a memset and the page faults of
         fresh pages: ~5 % of the pack's CPU time), except without compression, where
-        the stored chunks are views of the batch's buffer."""
+        the stored chunks are views of the batch's buffer. (A pool of such buffers,
+        reused once no view was left, saved little under the GIL and held ~5 MiB more
+        at the peak.)"""
         if self.compressor.name == "none":
             return bytearray(size)
         buf: bytearray | None = getattr(self._tls, "buf", None)

@@ -3,7 +3,8 @@
 Steps:
 1. Walk SOURCE with the mkfs directory walker into the C node-graph builder; regular
    files are handed to the chunker (path, size, sparse) instead of being given file
-   data. Without a prefetch list the walk runs on its own thread and the chunker takes
+   data. Without a prefetch list the walk is the C one (csrc/walk.c, listing the regular
+   files it meets), runs on its own thread and the chunker takes
    each file as the walk meets it (each directory's entries in name order, so the order
    is the same on every filesystem); with one, the walk ends first and the prefetch
    files go first, then the rest by path.
@@ -39,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 from erofs_tools._native import BuildOptions, NativeBuilder
 from erofs_tools._native_put import put_buffer
-from erofs_tools.builder.blob import BLKSZ, BlobInfo, BlobWriter, StoredChunk
+from erofs_tools.builder.blob import BLKSZ, BlobWriter, StoredChunk
 from erofs_tools.builder.chunk_dict import ChunkDict
 from erofs_tools.builder.chunk_refs import ChunkRefs
 from erofs_tools.builder.chunker import (
@@ -62,6 +63,8 @@ from erofs_tools.fsutil import atomic_output, round_up
 
 if TYPE_CHECKING:
     from _typeshed import StrPath
+
+    from erofs_tools.reader.bootstrap import BlobInfo
 
 ROOT_NID = R.ROOT_NID
 
@@ -305,18 +308,31 @@ class ChunkPlacer:
         """Where chunk result `r` lives: a chunk this image already stored, one of a chunk
         dict, or a new one appended to the blob; appended to its file's chunks and
         counted. `r.repeat` > 1 (the rest of a hole run) counts the repeats as dedups of
-        the first."""
+        the first. Once per chunk with the GIL held: the common cases first, with as few
+        lookups and calls as they need."""
         st = self.stats
         refs = self.refs
         size = r.size
+        digest = r.digest
         st["chunks_total"] += 1
         st["bytes_total"] += size
-        ref = refs.find_new(r.digest, size)
+        # refs.find_new inlined: one table lookup, whose answer add_new reuses
+        ref = refs.new.get(digest)
+        absent = ref is None
+        if ref is not None and refs.usize[ref] != size:
+            ref = None
+        if ref is None and refs.other:
+            ref = refs.other.get((digest, size))
         if ref is not None:
             st["chunks_dedup"] += 1
             st["bytes_dedup"] += size
+            if r.claim is not None:
+                # claimed again by a worker that checked `known` just before the first
+                # copy was stored: its bytes are never taken, and the claim would keep
+                # them (with "none", its batch's whole buffer) until the end
+                self.pipe.release((digest, size))
         else:
-            key = (r.digest, size)
+            key = (digest, size)
             sc = self.cdict.chunks.get(key) if self.cdict.chunks else None
             if sc is not None:
                 st["chunks_dict"] += 1
@@ -324,8 +340,9 @@ class ChunkPlacer:
                 # met again and again: the first use's offset wins
                 ref = refs.dict_ref(sc, r.file_offset)
             else:
-                ref = refs.add_new(r.digest, size,
-                                   self.writer.add_chunk(r.stored_bytes(), size, r.digest))
+                stored = r.stored_bytes()
+                index, coff, uoff = self.writer.append_chunk(stored, size, digest)
+                ref = refs.add_new(digest, size, index, coff, len(stored), uoff, absent)
                 # stored now answers `known`: the pipeline's claim is no longer needed
                 self.pipe.release(key)
                 st["chunks_new"] += 1
@@ -474,7 +491,8 @@ def write_bootstrap(nb: NativeBuilder, walker: TreeInfo | RafsWalker, bootstrap:
     chunkbits = opts.chunk_size.bit_length() - 1
     fmt = E.CHUNK_FORMAT_INDEXES | (chunkbits - E.BLKSZ_BITS)
     if refs is not None:
-        refs_used = refs.set_indexes(nb, fmt, walker.regular, key_node, remap)
+        refs_used = refs.set_indexes(nb, fmt, walker.regular,
+                                     None if node_of is None else node_of.get, remap)
     else:
         assert not isinstance(per_node, ChunkRefs)
         referenced = _set_chunk_indexes(nb, fmt, walker.regular, per_node, remap)

@@ -11,6 +11,8 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from erofs_tools._native import BuildOptions, BytesLike, NativeBuilder
+from erofs_tools._native_walk import FileWalk
+from erofs_tools.builder import tree
 from erofs_tools.builder.chunker import FileItem
 from erofs_tools.builder.options import MkfsOptions
 from erofs_tools.builder.tree import TreeWalker
@@ -70,6 +72,7 @@ class _RafsBuilder(NativeBuilder):
         super().__init__(options)
         self.files: dict[int, _FileRec] = {}          # node -> regular file
         self.keep_files = True          # False: the walker streams files, none kept
+        self._xattr_count = 0
 
     def set_file(self, node: int, path: BytesLike, offset: int = 0,
                  sparse: bool = False) -> None:
@@ -94,9 +97,40 @@ class RafsWalker(TreeWalker):
         # when the walk meets it (first path of a hardlinked file), instead of b.files
         self.emit: Callable[[FileItem], None] | None = None
 
+    # entries per step of the C walk: its files come back per step, so this bounds what
+    # the walk holds beyond the feed's queue
+    STEP = 256
+
     @property
     def has_xattrs(self) -> bool:
         return getattr(self.b, "_xattr_count", 0) > 0
+
+    def walk(self, source: str | bytes) -> int:
+        """Walk `source`; when streaming files without per-path records (no prefetch
+        list) and without per-entry choices, in the C core (csrc/walk.c: the same nodes
+        in the same order, without Python per entry, the GIL released meanwhile)."""
+        emit = self.emit
+        if (emit is None or self.track_paths or not tree.NATIVE_WALK or self.skip
+                or self.hints or self.digest or self.excl_paths or self.excl_regex):
+            return super().walk(source)
+        fw = FileWalk(self.b, source, fixed_mtime=self.fixed_mtime,
+                      force_uid=self.force_uid, force_gid=self.force_gid)
+        regular = self.regular
+        try:
+            while True:
+                for item in fw.step(self.STEP):
+                    regular.add(item[0])
+                    if item[2]:
+                        emit(item)
+                self.entries, self.bytes = fw.entries, fw.bytes
+                if self.on_entry is not None:
+                    self.on_entry(self.entries, self.bytes)
+                if fw.done:
+                    break
+            self.b._xattr_count = fw.xattrs
+            return fw.root
+        finally:
+            fw.close()
 
     def _rel(self, path: str | bytes) -> bytes:
         p = os.fsencode(path)
