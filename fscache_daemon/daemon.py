@@ -57,6 +57,7 @@ from fscache_daemon.pool import (
     PRIO_ONDEMAND,
     PRIO_PREFETCH,
     PRIO_READAHEAD,
+    TASK,
     PriorityPool,
     TokenBucket,
 )
@@ -112,6 +113,12 @@ READAHEAD_TASK_BYTES = 1 << 20
 # start: 864 registry requests instead of 597). On a 1 Gbit/s link 16 KiB take 0.13 ms,
 # a request's round trip 2-3 ms.
 READAHEAD_MAX_GAP = 16 << 10
+# Readahead tasks (backend requests) running at once. Each shares the registry, the link
+# and the CPU with the readers' own requests: on the ML cold start over the emulated
+# 1 Gbit/s link a reader's small request took a median 11.3 ms with up to 7 readahead
+# requests beside it, 5.6 ms with none (the registry's own time per request 6.1 against
+# 2.7 ms). A few at once still fill the link (a 1 MiB request: ~8 ms of transfer).
+READAHEAD_WORKERS = 3
 
 
 class Daemon(MountLifecycle):
@@ -146,7 +153,8 @@ class Daemon(MountLifecycle):
         except BaseException:
             self._dir_lock.release()
             raise
-        self.pool = PriorityPool(threads, prefetch_workers=max(1, threads // 4))
+        self.pool = PriorityPool(threads, prefetch_workers=max(1, threads // 4),
+                                 readahead_workers=READAHEAD_WORKERS)
         self.bucket = TokenBucket(prefetch_rate)
         self.images: dict[str, Image] = {}     # canonical mount point -> mounted image
         self.detached: list[Image] = []         # unmounted, superblock still alive
@@ -362,27 +370,44 @@ class Daemon(MountLifecycle):
             raise NotFoundError(f"no blob {key!r} is open")
         self.traces.note(key, mgr, offset, length)
         t0 = time.monotonic()
-        # The window the plan gives for this request is queued before the request's own
-        # fetch, not after it: other workers fetch it beside that fetch, so a reader that
-        # goes on into the window finds it there (or in flight) one backend round trip
-        # earlier. The window never holds the requested chunks (it starts after them),
-        # so the reader's own fetch stays small and waits for none of it.
-        self._readahead(key, mgr, offset, length, mgr.will_fetch(offset, length))
-        fetched = mgr.fill(offset, length)
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("fill %s %d+%d: fetched %d in %.2f ms", key[:12], offset, length,
-                      fetched, (time.monotonic() - t0) * 1000)
+        debug = log.isEnabledFor(logging.DEBUG)
+        if debug:
+            bc.FILL_TIMES.__dict__.clear()
+        # The window the plan gives for this request: what the reader most likely reads
+        # next (the next chunks of its file, of a sequential window) is queued before
+        # the request's own fetch, so other workers fetch it beside that fetch and a
+        # reader that goes on finds it there (or in flight) one round trip earlier; the
+        # rest once the request's own chunks are in (Window.first: requests side by
+        # side slow each other down). The window never holds the requested chunks (it
+        # starts after them), so the reader's own fetch waits for none of it.
+        later = self._readahead(key, mgr, offset, length, mgr.will_fetch(offset, length))
+        t1 = time.monotonic()
+        try:
+            fetched = mgr.fill(offset, length)
+        finally:
+            if later:
+                self._submit_window(mgr, later)
+        if debug:
+            times = bc.FILL_TIMES.__dict__
+            log.debug("fill %s %d+%d: fetched %d in %.2f ms (queued %.2f, plan %.2f, "
+                      "backend %.2f, decode %.2f, flight wait %.2f)", key[:12], offset,
+                      length, fetched, (time.monotonic() - t0) * 1000,
+                      getattr(TASK, "waited", 0.0) * 1000, (t1 - t0) * 1000,
+                      times.get("backend", 0.0) * 1000, times.get("decode", 0.0) * 1000,
+                      times.get("flight", 0.0) * 1000)
 
-    def _readahead(self, key: str, mgr, offset: int, length: int, fetched: bool) -> None:
+    def _readahead(self, key: str, mgr, offset: int, length: int, fetched: bool) -> list:
         """Queue what the readahead plan (fscache_daemon.readahead) says the reader will
         need next, in tasks of about READAHEAD_TASK_BYTES so that workers fetch and
-        decode in parallel."""
+        decode in parallel. After a fetch (`fetched`) only the part the reader most
+        likely needs first is queued now; the rest is returned, for the caller to
+        queue (_submit_window) once the request's own fetch is done."""
         ra = self._ra.get(key)
         if ra is None:
-            return
+            return []
         w = ra.on_request(offset, length, fetched)
         if w is None or not w.chunks:
-            return
+            return []
         start = min(c.compressed_offset for c in w.chunks)
         end = max(c.compressed_offset + c.compressed_size for c in w.chunks)
         if log.isEnabledFor(logging.DEBUG):
@@ -393,8 +418,13 @@ class Daemon(MountLifecycle):
                       mgr.run_end(first), offset, length,
                       ",".join(str(c.uncompressed_offset) for c in w.chunks))
         mgr.will_need(start, end - start)
+        now, later = w.first(READAHEAD_TASK_BYTES) if fetched else (w.chunks, [])
+        self._submit_window(mgr, now)
+        return later
+
+    def _submit_window(self, mgr, chunks) -> None:
         task, size = [], 0
-        for batch in plan(w.chunks, self.batch_size, READAHEAD_MAX_GAP):
+        for batch in plan(chunks, self.batch_size, READAHEAD_MAX_GAP):
             task += batch.chunks
             size += batch.length
             if size >= READAHEAD_TASK_BYTES:

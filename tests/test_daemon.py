@@ -281,6 +281,37 @@ def test_pool_runs_on_demand_before_queued_prefetch():
     pool.shutdown()
 
 
+def test_pool_bounds_readahead_running_at_once_and_readers_pass():
+    """At most readahead_workers readahead tasks run at once (the rest wait),
+    while a reader's request still gets a free worker at once."""
+    pool = PriorityPool(4, readahead_workers=2)
+    lock = threading.Lock()
+    running, peak, order = [0], [0], []
+    gate = threading.Event()
+
+    def ra(name):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+            order.append(name)                  # the order they start in
+        gate.wait(10)
+        with lock:
+            running[0] -= 1
+
+    futs = [pool.submit_readahead(ra, f"r{i}") for i in range(6)]
+    assert pool.submit(lambda: "reader").result(5) == "reader"   # not behind them
+    deadline = time.monotonic() + 5
+    while running[0] < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.1)
+    assert running[0] == 2 and pool.ondemand_pending() >= 6
+    assert sorted(order) == ["r0", "r1"]        # the first ones; the rest wait
+    gate.set()
+    for f in futs:
+        f.result(5)
+    assert peak[0] == 2 and sorted(order) == [f"r{i}" for i in range(6)]
+    pool.shutdown()
+
 def test_token_bucket_paces():
     stop = threading.Event()
     tb = TokenBucket(1_000_000)

@@ -292,6 +292,16 @@ class BlobCache:
             self._own_fd = -1
 
 
+# Where the time of the current thread's fill went (seconds): backend reads, decode
+# + verify + write, waits for chunks other fills had in flight. Reset by the caller
+# (the daemon's fill, for its DEBUG line); each thread keeps its own.
+FILL_TIMES = threading.local()
+
+
+def _add_time(what: str, dt: float) -> None:
+    setattr(FILL_TIMES, what, getattr(FILL_TIMES, what, 0.0) + dt)
+
+
 class _Flight:
     __slots__ = ("event", "error")
 
@@ -478,6 +488,8 @@ class BlobManager:
             f.event.wait()
             if f.error is not None:
                 failures.append((c, f.error))
+        if waits:
+            _add_time("flight", time.monotonic() - t_wait)
         if waits and demand:
             self.stats.record_flight_wait(time.monotonic() - t_wait)
         if self._completed_now():
@@ -505,6 +517,7 @@ class BlobManager:
             else:
                 raw = self.backend.read(self.blob_id, batch.offset, batch.length)
             self.stats.record_backend_read(time.monotonic() - t0)
+            _add_time("backend", time.monotonic() - t0)
         except (BackendError, ErofsToolsError, OSError) as e:
             err = e if isinstance(e, ErofsToolsError) else BackendError(str(e))
             log.error("blob %s: backend read %d+%d failed: %s", self.blob_id[:12],
@@ -582,10 +595,12 @@ class BlobManager:
                        prefetch_bytes=n if prefetch else 0)
         # zran chunks are inflated from their access point by the C core too
         # (reader/coldpath.py: ern_cold_zran)
+        t0 = time.monotonic()
         if self.native:
             self._decode_store(batch, raw, flights, failures)
         else:
             self._decode_store_py(batch, raw, flights, failures)
+        _add_time("decode", time.monotonic() - t0)
         return len(raw)
 
     def _verify_failed(self, c, e, flights, failures) -> None:
