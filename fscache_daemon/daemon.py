@@ -67,7 +67,12 @@ from fscache_daemon.state import CacheDirLock
 from fscache_daemon.storage import StorageError
 from fscache_daemon.storage import blobcache as bc
 from fscache_daemon.storage.backends import Backend, open_backend
-from fscache_daemon.storage.planner import DEFAULT_BATCH_SIZE, plan
+from fscache_daemon.storage.planner import (
+    DEFAULT_BATCH_SIZE,
+    chunks_in_range,
+    clamp_range,
+    plan,
+)
 from fscache_daemon.trace import TraceRecorder, find_image
 
 # names that moved out of this module, kept importable from here
@@ -113,12 +118,13 @@ READAHEAD_TASK_BYTES = 1 << 20
 # start: 864 registry requests instead of 597). On a 1 Gbit/s link 16 KiB take 0.13 ms,
 # a request's round trip 2-3 ms.
 READAHEAD_MAX_GAP = 16 << 10
-# Readahead tasks (backend requests) running at once. Each shares the registry, the link
-# and the CPU with the readers' own requests: on the ML cold start over the emulated
-# 1 Gbit/s link a reader's small request took a median 11.3 ms with up to 7 readahead
-# requests beside it, 5.6 ms with none (the registry's own time per request 6.1 against
-# 2.7 ms). A few at once still fill the link (a 1 MiB request: ~8 ms of transfer).
-READAHEAD_WORKERS = 3
+# A miss's window chunks whose stored bytes lie next to the missing chunks' come in the
+# miss's own backend request, growing it by at most this many stored bytes (2 ms on a
+# 1 Gbit/s link, against a round trip of 10-15 ms to the registry for a small request
+# on the ML cold start): the import that reads a package's __init__ reads a sibling
+# module next, and on that start 41-60 reads waited for such a chunk while the window's
+# request was still in flight, 3-10 ms each.
+ALONG_BYTES = 256 << 10
 
 
 class Daemon(MountLifecycle):
@@ -153,8 +159,7 @@ class Daemon(MountLifecycle):
         except BaseException:
             self._dir_lock.release()
             raise
-        self.pool = PriorityPool(threads, prefetch_workers=max(1, threads // 4),
-                                 readahead_workers=READAHEAD_WORKERS)
+        self.pool = PriorityPool(threads, prefetch_workers=max(1, threads // 4))
         self.bucket = TokenBucket(prefetch_rate)
         self.images: dict[str, Image] = {}     # canonical mount point -> mounted image
         self.detached: list[Image] = []         # unmounted, superblock still alive
@@ -373,20 +378,22 @@ class Daemon(MountLifecycle):
         debug = log.isEnabledFor(logging.DEBUG)
         if debug:
             bc.FILL_TIMES.__dict__.clear()
-        # The window the plan gives for this request: what the reader most likely reads
-        # next (the next chunks of its file, of a sequential window) is queued before
-        # the request's own fetch, so other workers fetch it beside that fetch and a
-        # reader that goes on finds it there (or in flight) one round trip earlier; the
-        # rest once the request's own chunks are in (Window.first: requests side by
-        # side slow each other down). The window never holds the requested chunks (it
-        # starts after them), so the reader's own fetch waits for none of it.
-        later = self._readahead(key, mgr, offset, length, mgr.will_fetch(offset, length))
+        # The window the plan gives for this request is queued before the request's own
+        # fetch, not after it: other workers fetch it beside that fetch, so a reader that
+        # goes on into the window finds it there (or in flight) one backend round trip
+        # earlier. Its chunks next to the requested ones in the blob (ALONG_BYTES at most)
+        # come in the request's own backend request instead (_along): a package's first
+        # module and the sibling the import reads next cost one round trip, not two.
+        # The window never holds the requested chunks (it starts after them).
+        fetch = mgr.will_fetch(offset, length)
+        rest = self._readahead(key, mgr, offset, length, fetch)
+        along = self._along(mgr, offset, length, rest) if fetch and rest else []
+        if along:
+            taken = {c.index for c in along}
+            rest = [c for c in rest if c.index not in taken]
+        self._submit_window(mgr, rest)
         t1 = time.monotonic()
-        try:
-            fetched = mgr.fill(offset, length)
-        finally:
-            if later:
-                self._submit_window(mgr, later)
+        fetched = mgr.fill(offset, length, along=along, max_gap=READAHEAD_MAX_GAP)
         if debug:
             times = bc.FILL_TIMES.__dict__
             log.debug("fill %s %d+%d: fetched %d in %.2f ms (queued %.2f, plan %.2f, "
@@ -397,11 +404,8 @@ class Daemon(MountLifecycle):
                       times.get("flight", 0.0) * 1000)
 
     def _readahead(self, key: str, mgr, offset: int, length: int, fetched: bool) -> list:
-        """Queue what the readahead plan (fscache_daemon.readahead) says the reader will
-        need next, in tasks of about READAHEAD_TASK_BYTES so that workers fetch and
-        decode in parallel. After a fetch (`fetched`) only the part the reader most
-        likely needs first is queued now; the rest is returned, for the caller to
-        queue (_submit_window) once the request's own fetch is done."""
+        """The chunks the readahead plan (fscache_daemon.readahead) says the reader will
+        need next (to be queued with _submit_window)."""
         ra = self._ra.get(key)
         if ra is None:
             return []
@@ -418,9 +422,36 @@ class Daemon(MountLifecycle):
                       mgr.run_end(first), offset, length,
                       ",".join(str(c.uncompressed_offset) for c in w.chunks))
         mgr.will_need(start, end - start)
-        now, later = w.first(READAHEAD_TASK_BYTES) if fetched else (w.chunks, [])
-        self._submit_window(mgr, now)
-        return later
+        return w.chunks
+
+    def _along(self, mgr, offset: int, length: int, window: list) -> list:
+        """The chunks of `window` whose stored bytes lie next to the requested chunks'
+        (gaps of at most READAHEAD_MAX_GAP), growing the request's one backend request by
+        at most ALONG_BYTES and never past --batch-size."""
+        start, n = clamp_range(offset, length, mgr.size)
+        own = [c for c in chunks_in_range(mgr.meta, start, n) if not mgr.cache.has(c)]
+        if not own:
+            return []
+        lo = min(c.compressed_offset for c in own)
+        hi = max(c.compressed_offset + c.compressed_size for c in own)
+        limit = min(max(self.batch_size, hi - lo), hi - lo + ALONG_BYTES)
+        ordered = sorted(window, key=lambda c: c.compressed_offset)
+        after = [c for c in ordered if c.compressed_offset >= lo]
+        before = [c for c in reversed(ordered) if c.compressed_offset < lo]
+        along = []
+        for c in after:                     # outward from the request, first after it
+            c_end = c.compressed_offset + c.compressed_size
+            if c.compressed_offset - hi > READAHEAD_MAX_GAP or max(hi, c_end) - lo > limit:
+                break
+            along.append(c)
+            hi = max(hi, c_end)
+        for c in before:
+            c_end = c.compressed_offset + c.compressed_size
+            if lo - c_end > READAHEAD_MAX_GAP or hi - c.compressed_offset > limit:
+                break
+            along.append(c)
+            lo = c.compressed_offset
+        return along
 
     def _submit_window(self, mgr, chunks) -> None:
         task, size = [], 0

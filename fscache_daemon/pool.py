@@ -28,16 +28,9 @@ class PriorityPool(Executor):
     occupies more than `prefetch_workers` threads at once.
     """
 
-    def __init__(self, threads: int, prefetch_workers: int = 1,
-                 readahead_workers: int | None = None):
+    def __init__(self, threads: int, prefetch_workers: int = 1):
         self.threads = max(1, threads)
         self.prefetch_workers = max(1, min(prefetch_workers, self.threads))
-        # readahead tasks running at once; the others wait (parked, in order) for one
-        # to end. Each is a backend request, and requests side by side share the
-        # registry and the link with the readers' own: see READAHEAD_WORKERS
-        self.readahead_workers = max(1, min(readahead_workers or self.threads, self.threads))
-        self._ra_running = 0
-        self._ra_parked: collections.deque = collections.deque()
         self._q: queue.PriorityQueue = queue.PriorityQueue()
         self._seq = itertools.count()
         self._prefetch_slots = threading.Semaphore(self.prefetch_workers)
@@ -89,53 +82,34 @@ class PriorityPool(Executor):
         return fut
 
     def ondemand_pending(self) -> int:
-        """On-demand and readahead tasks running or waiting for a readahead slot (the
-        prefetcher backs off while > 0)."""
+        """On-demand and readahead tasks running (the prefetcher backs off while > 0)."""
         with self._lock:
-            return self.active_ondemand + len(self._ra_parked)
+            return self.active_ondemand
 
     def _run(self) -> None:
         while True:
-            item = self._q.get()
-            prio, _, fut, fn, args, kwargs, queued = item
+            prio, _, fut, fn, args, kwargs, queued = self._q.get()
             if fn is None:
                 return
-            if prio == PRIO_READAHEAD:
-                with self._lock:
-                    if self._ra_running >= self.readahead_workers:
-                        self._ra_parked.append(item)
-                        continue
-                    self._ra_running += 1
-            try:
-                self._run_one(prio, fut, fn, args, kwargs, queued)
-            finally:
-                if prio == PRIO_READAHEAD:
-                    with self._lock:
-                        self._ra_running -= 1
-                        nxt = self._ra_parked.popleft() if self._ra_parked else None
-                    if nxt is not None:     # its old sequence number: still in order
-                        self._q.put(nxt)
-
-    def _run_one(self, prio, fut, fn, args, kwargs, queued) -> None:
-        if not fut.set_running_or_notify_cancel():
-            return
-        ondemand = prio < PRIO_PREFETCH
-        TASK.waited = time.monotonic() - queued
-        if ondemand:
-            with self._lock:
-                self.active_ondemand += 1
-                if prio == PRIO_ONDEMAND:
-                    waited = time.monotonic() - queued
-                    self._ondemand_waits.append(waited)
-                    self._ondemand_wait_s += waited
-        try:
-            fut.set_result(fn(*args, **kwargs))
-        except BaseException as e:  # noqa: BLE001 - delivered to the submitter
-            fut.set_exception(e)
-        finally:
+            if not fut.set_running_or_notify_cancel():
+                continue
+            ondemand = prio < PRIO_PREFETCH
+            TASK.waited = time.monotonic() - queued
             if ondemand:
                 with self._lock:
-                    self.active_ondemand -= 1
+                    self.active_ondemand += 1
+                    if prio == PRIO_ONDEMAND:
+                        waited = time.monotonic() - queued
+                        self._ondemand_waits.append(waited)
+                        self._ondemand_wait_s += waited
+            try:
+                fut.set_result(fn(*args, **kwargs))
+            except BaseException as e:  # noqa: BLE001 - delivered to the submitter
+                fut.set_exception(e)
+            finally:
+                if ondemand:
+                    with self._lock:
+                        self.active_ondemand -= 1
 
     def stats(self) -> dict:
         """How long on-demand tasks waited in the queue for a worker."""

@@ -90,26 +90,6 @@ class Window(NamedTuple):
     chunks: list          # chunks to fetch: neither cached nor in flight
     marker: object        # the chunk whose first access starts the next window, or None
     kind: str = "file"    # why: "file", "neighbours", "sequential", "marker" (for logs)
-    file_end: int = 0     # end of the file run the request is in (its rest: `first()`)
-
-    def first(self, task_bytes: int) -> tuple[list, list]:
-        """(the chunks to fetch beside the request's own fetch, the rest: after it).
-        Beside it goes what the reader most likely reads next, at most `task_bytes`
-        stored: the next chunks of a sequential window, or of the file being read.
-        Everything else waits until the request's own chunks are in: requests side by
-        side share the registry, the link and the daemon's CPU, and on the ML cold
-        start a miss whose window went out beside it waited 12.5-13.8 ms for its own
-        backend read against 9.0 ms for one without."""
-        sequential = self.kind in ("sequential", "marker")
-        n, size = 0, 0
-        for c in self.chunks:
-            if not sequential and c.uncompressed_offset >= self.file_end:
-                break
-            if n and size + c.compressed_size > task_bytes:
-                break
-            n += 1
-            size += c.compressed_size
-        return self.chunks[:n], self.chunks[n:]
 
 
 class BlobReadahead:
@@ -151,10 +131,6 @@ class BlobReadahead:
         it). Returns what to fetch next, if anything (the policy: module docstring)."""
         if not self.maximum:
             return None
-        w = self._plan(offset, length, fetched)
-        return w._replace(file_end=self._keep_until) if w is not None else None
-
-    def _plan(self, offset: int, length: int, fetched: bool) -> Window | None:
         meta = self.mgr.meta
         chunks = meta.chunks_for_range(offset, max(1, length))
         if not chunks:

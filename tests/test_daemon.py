@@ -281,37 +281,6 @@ def test_pool_runs_on_demand_before_queued_prefetch():
     pool.shutdown()
 
 
-def test_pool_bounds_readahead_running_at_once_and_readers_pass():
-    """At most readahead_workers readahead tasks run at once (the rest wait),
-    while a reader's request still gets a free worker at once."""
-    pool = PriorityPool(4, readahead_workers=2)
-    lock = threading.Lock()
-    running, peak, order = [0], [0], []
-    gate = threading.Event()
-
-    def ra(name):
-        with lock:
-            running[0] += 1
-            peak[0] = max(peak[0], running[0])
-            order.append(name)                  # the order they start in
-        gate.wait(10)
-        with lock:
-            running[0] -= 1
-
-    futs = [pool.submit_readahead(ra, f"r{i}") for i in range(6)]
-    assert pool.submit(lambda: "reader").result(5) == "reader"   # not behind them
-    deadline = time.monotonic() + 5
-    while running[0] < 2 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    time.sleep(0.1)
-    assert running[0] == 2 and pool.ondemand_pending() >= 6
-    assert sorted(order) == ["r0", "r1"]        # the first ones; the rest wait
-    gate.set()
-    for f in futs:
-        f.result(5)
-    assert peak[0] == 2 and sorted(order) == [f"r{i}" for i in range(6)]
-    pool.shutdown()
-
 def test_token_bucket_paces():
     stop = threading.Event()
     tb = TokenBucket(1_000_000)
@@ -338,6 +307,78 @@ def test_prefetch_rate_limit(images, tmp_path):
         # one second of burst, then 1 MiB/s
         assert took >= (size - (1 << 20)) / (1 << 20) * 0.8, (took, size)
         assert mgr.stats.snapshot()["prefetch_bytes"] > 0
+    finally:
+        d.shutdown()
+
+
+def test_a_miss_brings_the_window_chunks_next_to_it_in_its_own_request(images, tmp_path):
+    """The chunks of a miss's window that lie next to the missing one in the blob come
+    in the miss's own backend request (at most ALONG_BYTES more), so they are there when
+    the reader's request is answered; the rest of the window is fetched beside it."""
+    from fscache_daemon.daemon import ALONG_BYTES, READAHEAD_MAX_GAP
+    d = Daemon(str(tmp_path / "cache"), frontend="none", threads=2, readahead=8 << 20)
+    d.start()
+    try:
+        d.mount(images["b1"], str(tmp_path / "m"), f"localfs:{images['blobs']}")
+        from fscache_daemon.storage.image import file_runs
+        big = max(file_runs(images["b1"])[0], key=lambda r: r[1] - r[0])  # 16 chunks
+        mgr = next(iter(d.blobs.values()))
+        deadline = time.monotonic() + 10
+        while mgr.run_end(mgr.meta.chunks_for_range(big[0], 1)[0]) == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        reads, real = [], mgr._read
+        def counting(batch):
+            reads.append((threading.current_thread().name, [c.index for c in batch.chunks],
+                          batch.length))
+            return real(batch)
+        mgr._read = counting
+        first = mgr.meta.chunks_for_range(big[0], 1)[0]
+        d.fill(mgr.blob_id, big[0], 4096)
+        # the reader's request: its chunk and the next ones of its file, in one request
+        mine = [r for r in reads if first.index in r[1]]
+        assert len(mine) == 1 and mine[0][1][0] == first.index and len(mine[0][1]) > 1
+        assert mine[0][2] <= first.compressed_size + ALONG_BYTES + READAHEAD_MAX_GAP
+        assert all(mgr.cache.has(mgr.meta.chunks[i]) for i in mine[0][1])
+        # the rest of the file still comes, by readahead
+        helpers.wait_until(lambda: not mgr.missing(big[0], big[1] - big[0]), 10,
+                           "the rest of the file")
+        rest = sum(c.compressed_size for c in mgr.meta.chunks_for_range(big[0], big[1] - big[0])
+                   if c.index != first.index)
+        assert mgr.stats.snapshot()["readahead_bytes"] >= rest
+    finally:
+        d.shutdown()
+
+
+def test_a_bad_chunk_that_came_along_is_not_the_readers_error(images, tmp_path):
+    """A window chunk fetched in a reader's request that fails verification is not
+    stored and does not fail that reader's read; its own reader gets the error."""
+    d = Daemon(str(tmp_path / "cache"), frontend="none", threads=2, readahead=8 << 20)
+    d.start()
+    try:
+        d.mount(images["b1"], str(tmp_path / "m"), f"localfs:{images['blobs']}")
+        from fscache_daemon.storage.image import file_runs
+        big = max(file_runs(images["b1"])[0], key=lambda r: r[1] - r[0])
+        mgr = next(iter(d.blobs.values()))
+        deadline = time.monotonic() + 10
+        while mgr.run_end(mgr.meta.chunks_for_range(big[0], 1)[0]) == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        first = mgr.meta.chunks_for_range(big[0], 1)[0]
+        bad = mgr.meta.chunks_for_range(first.uncompressed_end, 1)[0]
+        path = os.path.join(images["blobs"], mgr.blob_id)
+        with open(path, "r+b") as f:
+            f.seek(bad.compressed_offset + bad.compressed_size // 2)
+            b = f.read(1)
+            f.seek(bad.compressed_offset + bad.compressed_size // 2)
+            f.write(bytes([b[0] ^ 0xFF]))
+        d.fill(mgr.blob_id, big[0], 4096)               # no error: its chunk is good
+        assert mgr.cache.has(first) and not mgr.cache.has(bad)
+        helpers.wait_until(lambda: mgr.stats.snapshot()["verify_failures"] >= 1, 10,
+                           "the bad chunk's verification failure")
+        assert not mgr.cache.has(bad)
+        with pytest.raises(Exception, match="chunk"):
+            d.fill(mgr.blob_id, bad.uncompressed_offset, 4096)
     finally:
         d.shutdown()
 

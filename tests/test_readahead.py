@@ -393,20 +393,3 @@ def test_once_the_modules_are_known_only_a_module_miss_brings_neighbours():
     mgr.cache.cached.add(10)
     w = ra.on_request(10 * K, 4096, True)
     assert w.kind == "neighbours" and 11 in idx(w) and 9 in idx(w)
-
-
-def test_window_first_part_goes_beside_the_request_the_rest_after():
-    """Window.first: beside a reader's own fetch only what it reads next (the next
-    chunks of its file, or of a sequential window), at most one task; the rest after."""
-    mgr = FakeMgr(n=64, file_mib=4)
-    ra, _ = make(mgr, maximum=16 * MiB)
-    w = ra.on_request(1 * MiB, 4096, True)      # a miss in a 4 MiB file: its rest
-    assert w is not None and w.file_end == 4 * MiB
-    now, later = w.first(2 * MiB)
-    assert [c.index for c in now] == [2, 3] and later == []
-    now, later = w.first(1 * MiB)
-    assert [c.index for c in now] == [2] and [c.index for c in later] == [3]
-    nb = w._replace(kind="neighbours", file_end=2 * MiB)   # beyond its file: all after
-    assert nb.first(2 * MiB) == ([], w.chunks)
-    seq = w._replace(kind="sequential", file_end=0)        # a sequential window: its start
-    assert [c.index for c in seq.first(1 * MiB)[0]] == [2]

@@ -418,17 +418,21 @@ class BlobManager:
         start, n = clamp_range(offset, length, self.size)
         return all(self.cache.has(c) for c in chunks_in_range(self.meta, start, n))
 
-    def fill(self, offset: int, length: int, *, prefetch: bool = False) -> int:
+    def fill(self, offset: int, length: int, *, prefetch: bool = False, along=(),
+             max_gap: int = 0) -> int:
         """Make [offset, offset+length) present in the cache file. Returns the number of
         backend bytes this call fetched. Raises FillError (after storing every good chunk)
-        if any chunk of the range failed; BackendError/DigestMismatchError are its cause."""
+        if any chunk of the range failed; BackendError/DigestMismatchError are its cause.
+        `along`: more chunks to fetch in the same backend requests, those neither cached
+        nor in flight (never waited for), across gaps of up to `max_gap` stored bytes."""
         t0 = time.monotonic()
         start, n = clamp_range(offset, length, self.size)
         chunks = chunks_in_range(self.meta, start, n)
         error = None
         fetched = 0
         try:
-            fetched = self._ensure(chunks, prefetch, demand=not prefetch)
+            fetched = self._ensure(chunks, prefetch, demand=not prefetch, along=along,
+                                   max_gap=max_gap if along else 0)
         except FillError as e:
             error = e
         if not prefetch:
@@ -446,7 +450,7 @@ class BlobManager:
         return self._ensure(chunks, prefetch, batch_size, max_gap=max_gap)
 
     def _ensure(self, chunks, prefetch: bool, batch_size: int | None = None, *,
-                demand: bool = False, max_gap: int = 0) -> int:
+                demand: bool = False, max_gap: int = 0, along=()) -> int:
         mine = []
         waits = []
         with self._lock:
@@ -460,6 +464,14 @@ class BlobManager:
                     f = _Flight()
                     self._inflight[c.index] = f
                     mine.append((c, f))
+            extra = set()   # along's chunks: fetched, but a failure is not the caller's
+            if mine:        # only beside a fetch of the caller's own
+                for c in along:
+                    if not self.cache.has(c) and c.index not in self._inflight:
+                        f = _Flight()
+                        self._inflight[c.index] = f
+                        mine.append((c, f))
+                        extra.add(c.index)
         if not mine and not waits:
             return 0
         fetched = 0
@@ -494,6 +506,10 @@ class BlobManager:
             self.stats.record_flight_wait(time.monotonic() - t_wait)
         if self._completed_now():
             self._report_complete()
+        if extra:       # readahead that came along (the daemon's window)
+            self.stats.add(readahead_bytes=sum(
+                c.compressed_size for c, f in mine if c.index in extra and f.error is None))
+            failures = [(c, e) for c, e in failures if c.index not in extra]
         if failures:
             first, cause = failures[0]
             raise FillError(f"blob {self.blob_id[:12]}: {len(failures)} chunk(s) failed, "
