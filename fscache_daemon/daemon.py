@@ -387,8 +387,9 @@ class Daemon(MountLifecycle):
         # module and the sibling the import reads next cost one round trip, not two.
         # The window never holds the requested chunks (it starts after them).
         fetch = mgr.will_fetch(offset, length)
-        rest = self._readahead(key, mgr, offset, length, fetch)
-        along = self._along(mgr, offset, length, rest) if fetch and rest else []
+        rest, kind = self._readahead(key, mgr, offset, length, fetch)
+        along = self._along(mgr, offset, length, rest) \
+            if fetch and rest and kind == "neighbours" else []
         if along:
             taken = {c.index for c in along}
             rest = [c for c in rest if c.index not in taken]
@@ -404,15 +405,16 @@ class Daemon(MountLifecycle):
                       times.get("backend", 0.0) * 1000, times.get("decode", 0.0) * 1000,
                       times.get("flight", 0.0) * 1000)
 
-    def _readahead(self, key: str, mgr, offset: int, length: int, fetched: bool) -> list:
+    def _readahead(self, key: str, mgr, offset: int, length: int,
+                   fetched: bool) -> tuple[list, str]:
         """The chunks the readahead plan (fscache_daemon.readahead) says the reader will
-        need next (to be queued with _submit_window)."""
+        need next (to be queued with _submit_window), and the window's kind."""
         ra = self._ra.get(key)
         if ra is None:
-            return []
+            return [], ""
         w = ra.on_request(offset, length, fetched)
         if w is None or not w.chunks:
-            return []
+            return [], ""
         start = min(c.compressed_offset for c in w.chunks)
         end = max(c.compressed_offset + c.compressed_size for c in w.chunks)
         if log.isEnabledFor(logging.DEBUG):
@@ -423,7 +425,7 @@ class Daemon(MountLifecycle):
                       mgr.run_end(first), offset, length,
                       ",".join(str(c.uncompressed_offset) for c in w.chunks))
         mgr.will_need(start, end - start)
-        return w.chunks
+        return w.chunks, w.kind
 
     def _along(self, mgr, offset: int, length: int, window: list) -> list:
         """The chunks of `window` whose stored bytes lie next to the requested chunks'
@@ -490,7 +492,7 @@ class Daemon(MountLifecycle):
         if not mgr.is_cached(offset, length):
             return False
         mgr.stats.record_request(length, True, time.perf_counter() - t0, False)
-        self._readahead(key, mgr, offset, length, False)
+        self._submit_window(mgr, self._readahead(key, mgr, offset, length, False)[0])
         return True
 
     # -- prefetch -----------------------------------------------------------------------
