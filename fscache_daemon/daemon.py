@@ -122,9 +122,10 @@ READAHEAD_MAX_GAP = 16 << 10
 # miss's own backend request, growing it by at most this many stored bytes (1 ms on a
 # 1 Gbit/s link, against a round trip of 10-15 ms to the registry for a small request
 # on the ML cold start): the import that reads a package's __init__ reads a sibling
-# module next, and on that start 41-60 reads waited for such a chunk while the window's
-# request was still in flight, 3-10 ms each (10 with 256 KiB along, but each miss's own
-# request took ~2 ms longer: the sibling read next is mostly within ~50 KB).
+# module next, and on that start 39-60 reads waited for such a chunk while the window's
+# request was still in flight, 3-10 ms each; 23 with this (one run, load 11). The
+# sibling read next mostly lies within ~50 KB; 256 KiB along left 10 waits in one run,
+# not compared for time (each request's transfer and decode grow with it).
 ALONG_BYTES = 128 << 10
 
 
