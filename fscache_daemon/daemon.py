@@ -57,6 +57,7 @@ from fscache_daemon.pool import (
     PRIO_ONDEMAND,
     PRIO_PREFETCH,
     PRIO_READAHEAD,
+    TASK,
     PriorityPool,
     TokenBucket,
 )
@@ -67,7 +68,12 @@ from fscache_daemon.storage import StorageError
 from fscache_daemon.storage import blobcache as bc
 from fscache_daemon.storage.backends import Backend, open_backend
 from fscache_daemon.storage.keychain import Keychain
-from fscache_daemon.storage.planner import DEFAULT_BATCH_SIZE, plan
+from fscache_daemon.storage.planner import (
+    DEFAULT_BATCH_SIZE,
+    chunks_in_range,
+    clamp_range,
+    plan,
+)
 from fscache_daemon.trace import TraceRecorder, find_image
 
 # names that moved out of this module, kept importable from here
@@ -113,6 +119,15 @@ READAHEAD_TASK_BYTES = 1 << 20
 # start: 864 registry requests instead of 597). On a 1 Gbit/s link 16 KiB take 0.13 ms,
 # a request's round trip 2-3 ms.
 READAHEAD_MAX_GAP = 16 << 10
+# A miss's window chunks whose stored bytes lie next to the missing chunks' come in the
+# miss's own backend request, growing it by at most this many stored bytes (1 ms on a
+# 1 Gbit/s link, against a round trip of 10-15 ms to the registry for a small request
+# on the ML cold start): the import that reads a package's __init__ reads a sibling
+# module next, and on that start 39-60 reads waited for such a chunk while the window's
+# request was still in flight, 3-10 ms each; 23 with this (one run, load 11). The
+# sibling read next mostly lies within ~50 KB; 256 KiB along left 10 waits in one run,
+# not compared for time (each request's transfer and decode grow with it).
+ALONG_BYTES = 128 << 10
 
 
 class Daemon(MountLifecycle):
@@ -365,27 +380,45 @@ class Daemon(MountLifecycle):
             raise NotFoundError(f"no blob {key!r} is open")
         self.traces.note(key, mgr, offset, length)
         t0 = time.monotonic()
+        debug = log.isEnabledFor(logging.DEBUG)
+        if debug:
+            bc.FILL_TIMES.__dict__.clear()
         # The window the plan gives for this request is queued before the request's own
         # fetch, not after it: other workers fetch it beside that fetch, so a reader that
         # goes on into the window finds it there (or in flight) one backend round trip
-        # earlier. The window never holds the requested chunks (it starts after them),
-        # so the reader's own fetch stays small and waits for none of it.
-        self._readahead(key, mgr, offset, length, mgr.will_fetch(offset, length))
-        fetched = mgr.fill(offset, length)
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("fill %s %d+%d: fetched %d in %.2f ms", key[:12], offset, length,
-                      fetched, (time.monotonic() - t0) * 1000)
+        # earlier. Its chunks next to the requested ones in the blob (ALONG_BYTES at most)
+        # come in the request's own backend request instead (_along): a package's first
+        # module and the sibling the import reads next cost one round trip, not two.
+        # The window never holds the requested chunks (it starts after them).
+        fetch = mgr.will_fetch(offset, length)
+        rest, kind = self._readahead(key, mgr, offset, length, fetch)
+        along = self._along(mgr, offset, length, rest) \
+            if fetch and rest and kind == "neighbours" else []
+        if along:
+            taken = {c.index for c in along}
+            rest = [c for c in rest if c.index not in taken]
+        self._submit_window(mgr, rest)
+        t1 = time.monotonic()
+        fetched = mgr.fill(offset, length, along=along, max_gap=READAHEAD_MAX_GAP)
+        if debug:
+            times = bc.FILL_TIMES.__dict__
+            log.debug("fill %s %d+%d: fetched %d in %.2f ms (queued %.2f, plan %.2f, "
+                      "backend %.2f, decode %.2f, flight wait %.2f)", key[:12], offset,
+                      length, fetched, (time.monotonic() - t0) * 1000,
+                      getattr(TASK, "waited", 0.0) * 1000, (t1 - t0) * 1000,
+                      times.get("backend", 0.0) * 1000, times.get("decode", 0.0) * 1000,
+                      times.get("flight", 0.0) * 1000)
 
-    def _readahead(self, key: str, mgr, offset: int, length: int, fetched: bool) -> None:
-        """Queue what the readahead plan (fscache_daemon.readahead) says the reader will
-        need next, in tasks of about READAHEAD_TASK_BYTES so that workers fetch and
-        decode in parallel."""
+    def _readahead(self, key: str, mgr, offset: int, length: int,
+                   fetched: bool) -> tuple[list, str]:
+        """The chunks the readahead plan (fscache_daemon.readahead) says the reader will
+        need next (to be queued with _submit_window), and the window's kind."""
         ra = self._ra.get(key)
         if ra is None:
-            return
+            return [], ""
         w = ra.on_request(offset, length, fetched)
         if w is None or not w.chunks:
-            return
+            return [], ""
         start = min(c.compressed_offset for c in w.chunks)
         end = max(c.compressed_offset + c.compressed_size for c in w.chunks)
         if log.isEnabledFor(logging.DEBUG):
@@ -396,8 +429,46 @@ class Daemon(MountLifecycle):
                       mgr.run_end(first), offset, length,
                       ",".join(str(c.uncompressed_offset) for c in w.chunks))
         mgr.will_need(start, end - start)
+        return w.chunks, w.kind
+
+    def _along(self, mgr, offset: int, length: int, window: list) -> list:
+        """The chunks of `window` whose stored bytes lie next to the requested chunks'
+        (gaps of at most READAHEAD_MAX_GAP), growing the request's one backend request by
+        at most ALONG_BYTES and never past --batch-size."""
+        if getattr(mgr.meta, "zran", None) is not None:
+            # zran: the chunks beside come out of the inflate anyway when they share the
+            # access point (BlobManager._zran_extra); the next access point's would cost
+            # inflating its span before the reader's answer (ML cold start: a miss's
+            # decode 2.7 -> 6.9 ms, twice the wall time)
+            return []
+        start, n = clamp_range(offset, length, mgr.size)
+        own = [c for c in chunks_in_range(mgr.meta, start, n) if not mgr.cache.has(c)]
+        if not own:
+            return []
+        lo = min(c.compressed_offset for c in own)
+        hi = max(c.compressed_offset + c.compressed_size for c in own)
+        limit = min(max(self.batch_size, hi - lo), hi - lo + ALONG_BYTES)
+        ordered = sorted(window, key=lambda c: c.compressed_offset)
+        after = [c for c in ordered if c.compressed_offset >= lo]
+        before = [c for c in reversed(ordered) if c.compressed_offset < lo]
+        along = []
+        for c in after:                     # outward from the request, first after it
+            c_end = c.compressed_offset + c.compressed_size
+            if c.compressed_offset - hi > READAHEAD_MAX_GAP or max(hi, c_end) - lo > limit:
+                break
+            along.append(c)
+            hi = max(hi, c_end)
+        for c in before:
+            c_end = c.compressed_offset + c.compressed_size
+            if lo - c_end > READAHEAD_MAX_GAP or hi - c.compressed_offset > limit:
+                break
+            along.append(c)
+            lo = c.compressed_offset
+        return along
+
+    def _submit_window(self, mgr, chunks) -> None:
         task, size = [], 0
-        for batch in plan(w.chunks, self.batch_size, READAHEAD_MAX_GAP):
+        for batch in plan(chunks, self.batch_size, READAHEAD_MAX_GAP):
             task += batch.chunks
             size += batch.length
             if size >= READAHEAD_TASK_BYTES:
@@ -425,7 +496,7 @@ class Daemon(MountLifecycle):
         if not mgr.is_cached(offset, length):
             return False
         mgr.stats.record_request(length, True, time.perf_counter() - t0, False)
-        self._readahead(key, mgr, offset, length, False)
+        self._submit_window(mgr, self._readahead(key, mgr, offset, length, False)[0])
         return True
 
     # -- prefetch -----------------------------------------------------------------------

@@ -14,6 +14,9 @@ PRIO_ONDEMAND = 0
 PRIO_READAHEAD = 5                        # after the reader's own requests, before prefetch
 PRIO_PREFETCH = 10
 QUEUE_SAMPLES = 8192                      # on-demand queue waits kept for the percentiles
+# per worker thread: how long the task it runs waited in the queue (the daemon's DEBUG
+# line of a fill shows it)
+TASK = threading.local()
 
 
 class PriorityPool(Executor):
@@ -91,6 +94,7 @@ class PriorityPool(Executor):
             if not fut.set_running_or_notify_cancel():
                 continue
             ondemand = prio < PRIO_PREFETCH
+            TASK.waited = time.monotonic() - queued
             if ondemand:
                 with self._lock:
                     self.active_ondemand += 1

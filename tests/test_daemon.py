@@ -311,6 +311,104 @@ def test_prefetch_rate_limit(images, tmp_path):
         d.shutdown()
 
 
+@pytest.fixture
+def package(tmp_path_factory):
+    """An image of a Python package: its __init__ and sibling modules, compiled."""
+    import random
+    base = tmp_path_factory.mktemp("pkg")
+    src = base / "src"
+    cache = src / "pkg" / "__pycache__"
+    cache.mkdir(parents=True)
+    r = random.Random(5)
+    for name in ("__init__", "alpha", "beta", "gamma", "delta"):
+        (src / "pkg" / f"{name}.py").write_bytes(b"x = 1\n" * 10)
+        (cache / f"{name}.cpython-311.pyc").write_bytes(r.randbytes(20_000))
+    blobs = str(base / "blobs")
+    pack(str(src), str(base / "boot"), blobs, "--chunk-size", "0x10000")
+    return {"boot": str(base / "boot"), "blobs": blobs}
+
+
+def _module_miss(d, package, tmp_path):
+    """Mount `package`; (its manager, the chunk of __init__'s .pyc) once the walk is in."""
+    d.mount(package["boot"], str(tmp_path / "m"), f"localfs:{package['blobs']}")
+    from fscache_daemon.storage.image import file_runs
+    mgr = next(iter(d.blobs.values()))
+    runs = sorted(file_runs(package["boot"])[0])
+    helpers.wait_until(lambda: d._ra[mgr.key]._modules is not None, 10, "the walk")
+    # the .pyc files: 20,000 bytes each (the .py sources are 60)
+    pycs = [r for r in runs if r[1] - r[0] == 20_000]
+    assert len(pycs) == 5
+    return mgr, mgr.meta.chunks_for_range(pycs[0][0], 1)[0]
+
+
+def test_a_module_miss_brings_its_neighbours_next_to_it_in_its_own_request(
+        package, tmp_path):
+    """The neighbours a miss in a Python module brings (its window) that lie next to it
+    in the blob come in the miss's own backend request (at most ALONG_BYTES more), so
+    they are there when the reader's request is answered."""
+    from fscache_daemon.daemon import ALONG_BYTES, READAHEAD_MAX_GAP
+    d = Daemon(str(tmp_path / "cache"), frontend="none", threads=2, readahead=8 << 20)
+    d.start()
+    try:
+        mgr, first = _module_miss(d, package, tmp_path)
+        reads, real = [], mgr._read
+        def counting(batch):
+            reads.append(([c.index for c in batch.chunks], batch.length))
+            return real(batch)
+        mgr._read = counting
+        d.fill(mgr.blob_id, first.uncompressed_offset, 4096)
+        mine = [r for r in reads if first.index in r[0]]
+        assert len(mine) == 1 and len(mine[0][0]) > 1, reads
+        assert mine[0][1] <= first.compressed_size + ALONG_BYTES + READAHEAD_MAX_GAP
+        assert all(mgr.cache.has(mgr.meta.chunks[i]) for i in mine[0][0])
+        assert mgr.stats.snapshot()["readahead_bytes"] > 0
+    finally:
+        d.shutdown()
+
+
+def test_a_bad_chunk_that_came_along_is_not_the_readers_error(package, tmp_path):
+    """A window chunk fetched in a reader's request that fails verification is not
+    stored and does not fail that reader's read; its own reader gets the error."""
+    d = Daemon(str(tmp_path / "cache"), frontend="none", threads=2, readahead=8 << 20)
+    d.start()
+    try:
+        mgr, first = _module_miss(d, package, tmp_path)
+        after = [c for c in mgr.meta.chunks if c.compressed_offset > first.compressed_offset]
+        bad = min(after, key=lambda c: c.compressed_offset)
+        path = os.path.join(package["blobs"], mgr.blob_id)
+        with open(path, "r+b") as f:
+            f.seek(bad.compressed_offset + bad.compressed_size // 2)
+            b = f.read(1)
+            f.seek(bad.compressed_offset + bad.compressed_size // 2)
+            f.write(bytes([b[0] ^ 0xFF]))
+        d.fill(mgr.blob_id, first.uncompressed_offset, 4096)  # no error: its chunk is good
+        assert mgr.cache.has(first) and not mgr.cache.has(bad)
+        assert mgr.stats.snapshot()["verify_failures"] == 1  # it came along, and failed
+        with pytest.raises(Exception, match="chunk"):
+            d.fill(mgr.blob_id, bad.uncompressed_offset, 4096)
+    finally:
+        d.shutdown()
+
+def test_a_request_served_from_the_cache_still_starts_its_window(images, tmp_path):
+    """fast_path (a request the cache serves: a marker hit) queues the window the
+    readahead plan gives for it."""
+    from fscache_daemon.readahead import Window
+    d = Daemon(str(tmp_path / "cache"), frontend="none", threads=2, readahead=8 << 20)
+    d.start()
+    try:
+        d.mount(images["b1"], str(tmp_path / "m"), f"localfs:{images['blobs']}")
+        mgr = next(iter(d.blobs.values()))
+        d.fill(mgr.blob_id, 0, 4096)
+        first = mgr.meta.chunks_for_range(0, 1)[0]
+        want = [c for c in mgr.meta.chunks[-3:] if not mgr.cache.has(c)]
+        assert want
+        d._ra[mgr.key].on_request = lambda off, n, fetched: Window(want, None, "marker")
+        assert d.fast_path(mgr.key, first.uncompressed_offset, 4096)
+        helpers.wait_until(lambda: all(mgr.cache.has(c) for c in want), 10, "the window")
+    finally:
+        d.shutdown()
+
+
 def test_null_frontend_interface():
     fe = NullFrontend()
     for call in (fe.prepare_blob, fe.blob_complete, fe.release_blob, fe.mount):

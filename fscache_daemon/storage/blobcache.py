@@ -1,38 +1,21 @@
 """Per-blob cache: the sparse cache file, the persistent chunk-state record, the chunk
 map cached on disk, and the BlobManager that fills ranges on demand.
 
-Files in the cache directory, per cache key (the blob id, or a variant of it):
-
-- `<id>.blob`     the cache file: sparse, exactly the blob's uncompressed size; every chunk
-                  at its (4 KiB aligned) uncompressed offset. This is the file the kernel
-                  reads (EROFS `device=` or a cachefiles object is filled from it).
-- `<id>.chunks`   the chunk-state record: a 96-byte header (magic, chunk count,
-                  uncompressed size, sha256 of the chunk map, boot id) then two bitmaps of
-                  one bit per chunk index: *live* (set right after a chunk's verified
-                  data was written) and *durable* (a copy taken before an fdatasync of the
-                  cache file, written after it). Same boot: live is trusted (a daemon
-                  crash loses no page-cache data); after a reboot only durable bits are.
-                  Either way a set bit means verified data in the cache file.
-- `<id>.map`      the chunk map: a header (magic, sha256 of the bootstrap chunk table it
-                  was made for) then `BlobMeta.to_bytes()`, so a restart never fetches
-                  the blob's chunk-info table again.
+Files in the cache directory, per cache key (the blob id, or a variant of it): `<id>.blob`
+(the sparse cache file the kernel reads, every chunk at its 4 KiB aligned uncompressed
+offset), `<id>.chunks` (the chunk-state record: header, *live* and *durable* bitmaps; a
+set bit means verified data in the cache file) and `<id>.map` (the chunk map), as
+docs/daemon.md's "Cache directory" table describes them.
 
 A record that does not match the map or the cache file (different digest, size, or a set
 bit whose chunk start is a hole per SEEK_DATA) is reset to "nothing cached" rather than
 trusted, and the cache file is emptied.
 
-Poisoning: a blob id is public, so any bootstrap may name another image's blob and bring
-its own backend with other bytes under that id. A chunk map is therefore used for a
-bootstrap only if it agrees with every chunk that bootstrap's chunk-info table pins
-(position and digest; `pin_mismatch`); the bootstrap's digests replace the blob's own
-(the blob's `blob.digest` section is whatever its backend served). A map that disagrees
-is rebuilt for the new bootstrap only when it is its own (a cache key is a blob id or a
-variant, see below; the cache file is emptied). Bootstraps that agree (the same image
-twice, or an image made with `--chunk-dict` that pins a subset of another's chunks)
-share one cache file; a bootstrap whose table disagrees with the blob's cache in use or
-on disk gets a cache of its own, named by the *cache key* `<id>@<table digest prefix>`
-(`chunkmap.variant_key`): `<key>.blob`, `<key>.chunks`, `<key>.map`. Both images are then
-served, each from its own file.
+Poisoning: a blob id is public, so a chunk map is used for a bootstrap only if it agrees
+with every chunk that bootstrap's chunk-info table pins (`pin_mismatch`; its digests then
+replace the blob's own); a bootstrap whose table disagrees with the blob's cache gets a
+cache of its own, the *cache key* `<id>@<table digest prefix>` (`chunkmap.variant_key`;
+docs/daemon.md, "A borrowed blob id").
 """
 
 from __future__ import annotations
@@ -78,7 +61,7 @@ from .chunkstate import (  # noqa: F401
 )
 from .planner import DEFAULT_BATCH_SIZE, chunks_in_range, clamp_range, plan
 from .rawkeep import RawKeep
-from .stats import BlobStats
+from .stats import FILL_TIMES, BlobStats, add_fill_time  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -422,17 +405,20 @@ class BlobManager:
         start, n = clamp_range(offset, length, self.size)
         return all(self.cache.has(c) for c in chunks_in_range(self.meta, start, n))
 
-    def fill(self, offset: int, length: int, *, prefetch: bool = False) -> int:
+    def fill(self, offset: int, length: int, *, prefetch: bool = False, along=(),
+             max_gap: int = 0) -> int:
         """Make [offset, offset+length) present in the cache file. Returns the number of
         backend bytes this call fetched. Raises FillError (after storing every good chunk)
-        if any chunk of the range failed; BackendError/DigestMismatchError are its cause."""
+        if any chunk of the range failed; BackendError/DigestMismatchError are its cause.
+        `along`: chunks to fetch with it (if not cached or in flight), gaps <= `max_gap`."""
         t0 = time.monotonic()
         start, n = clamp_range(offset, length, self.size)
         chunks = chunks_in_range(self.meta, start, n)
         error = None
         fetched = 0
         try:
-            fetched = self._ensure(chunks, prefetch, demand=not prefetch)
+            fetched = self._ensure(chunks, prefetch, demand=not prefetch, along=along,
+                                   max_gap=max_gap if along else 0)
         except FillError as e:
             error = e
         if not prefetch:
@@ -450,7 +436,7 @@ class BlobManager:
         return self._ensure(chunks, prefetch, batch_size, max_gap=max_gap)
 
     def _ensure(self, chunks, prefetch: bool, batch_size: int | None = None, *,
-                demand: bool = False, max_gap: int = 0) -> int:
+                demand: bool = False, max_gap: int = 0, along=()) -> int:
         mine = []
         waits = []
         with self._lock:
@@ -464,6 +450,11 @@ class BlobManager:
                     f = _Flight()
                     self._inflight[c.index] = f
                     mine.append((c, f))
+            # along: only beside a fetch of the caller's own; a failure is not the caller's
+            extra = {c.index for c in along if mine and not self.cache.has(c)
+                     and c.index not in self._inflight}
+            mine += [(c, self._inflight.setdefault(c.index, _Flight())) for c in along
+                     if c.index in extra]
         if not mine and not waits:
             return 0
         fetched = 0
@@ -492,10 +483,16 @@ class BlobManager:
             f.wait()
             if f.error is not None:
                 failures.append((c, f.error))
+        if waits:
+            add_fill_time("flight", time.monotonic() - t_wait)
         if waits and demand:
             self.stats.record_flight_wait(time.monotonic() - t_wait)
         if self._completed_now():
             self._report_complete()
+        if extra:       # readahead that came along (the daemon's window)
+            self.stats.add(readahead_bytes=sum(c.compressed_size for c, f in mine
+                                               if c.index in extra and f.error is None))
+            failures = [(c, e) for c, e in failures if c.index not in extra]
         if failures:
             first, cause = failures[0]
             raise FillError(f"blob {self.blob_id[:12]}: {len(failures)} chunk(s) failed, "
@@ -519,6 +516,7 @@ class BlobManager:
             else:
                 raw = self.backend.read(self.blob_id, batch.offset, batch.length)
             self.stats.record_backend_read(time.monotonic() - t0)
+            add_fill_time("backend", time.monotonic() - t0)
         except (BackendError, ErofsToolsError, OSError) as e:
             err = e if isinstance(e, ErofsToolsError) else BackendError(str(e))
             log.error("blob %s: backend read %d+%d failed: %s", self.blob_id[:12],
@@ -569,10 +567,12 @@ class BlobManager:
                        prefetch_bytes=n if prefetch else 0)
         # zran chunks are inflated from their access point by the C core too
         # (reader/coldpath.py: ern_cold_zran)
+        t0 = time.monotonic()
         if self.native:
             self._decode_store(batch, raw, flights, failures)
         else:
             self._decode_store_py(batch, raw, flights, failures)
+        add_fill_time("decode", time.monotonic() - t0)
         return len(raw)
 
     def _verify_failed(self, c, e, flights, failures) -> None:

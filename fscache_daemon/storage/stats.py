@@ -8,6 +8,16 @@ import threading
 LATENCY_SAMPLES = 8192
 
 
+# Where the time of the current thread's fill went (seconds): backend reads, decode
+# + verify + write, waits for chunks other fills had in flight. Reset by the caller
+# (the daemon's fill, for its DEBUG line); each thread keeps its own.
+FILL_TIMES = threading.local()
+
+
+def add_fill_time(what: str, dt: float) -> None:
+    setattr(FILL_TIMES, what, getattr(FILL_TIMES, what, 0.0) + dt)
+
+
 def percentile(sorted_values, q: float) -> float:
     if not sorted_values:
         return 0.0
