@@ -561,6 +561,9 @@ static long roll_step(struct zctx *c, struct xfer *x, struct zfile *zf, uint64_t
     e->dlen = m.dlen;
     zf->refs++;
     *prev = zf->next - 1;
+    /* the prefix search (zstd, deflate) goes on from what the referenced extent took,
+     * as the file it came from did: a copy then gets the same cuts after it */
+    c->hint = m.dlen;
     return (long)(m.q + m.len - done);
 }
 
