@@ -7,8 +7,8 @@
  * alone and caches pclusters by physical address, so files may share one. As the
  * compact index derives a file's pcluster addresses by counting from one base, a file
  * with a shared pcluster keeps the full index. mkfs.erofs 1.9 does this (its
- * "dedupe_ext") with -Efragments; its -Ededupe also matches data shifted against
- * pcluster boundaries, which this does not.
+ * "dedupe_ext") with -Efragments; with -Ededupe, data shifted against pcluster
+ * boundaries is matched too (the second half of this file).
  */
 #include "compress_int.h"
 
