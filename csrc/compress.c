@@ -505,6 +505,37 @@ static void describe_extents(struct zctx *c, struct zfile *zf, uint32_t first, u
     }
 }
 
+/* -Ededupe: the extent pe (the last one) cut at file offset cut: compressed again on its
+ * own when that is not larger, else it keeps its pcluster (a partial reference) */
+static int cut_extent(struct zctx *c, struct xfer *x, struct zfile *zf, struct zext *pe,
+                      uint64_t cut, uint64_t wbase)
+{
+    const uint32_t bs = x->blksz;
+    zf->refs++;
+    if (pe->ref || pe->raw || pe->start < wbase)
+        return 0;
+    uint32_t t2 = (uint32_t)(cut - pe->start), hint = c->hint;
+    long csz = c->zc->alg->destsize(c, c->in + (pe->start - wbase), &t2, c->out2,
+                                    (uint32_t)pe->nblk * bs);
+    c->hint = hint;
+    if (csz < 0)
+        return xfail(x, ERN_EIO, "%s compression failed: %s", c->zc->alg->name, c->err);
+    uint64_t plen = align_up((uint64_t)csz, bs);
+    if (csz > 0 && t2 == cut - pe->start && plen < t2 && pe->pblk + pe->nblk == zf->nblocks &&
+        (uint64_t)pe->pblk * bs >= zf->flushed) {
+        uint8_t *d = zf->data + ((uint64_t)pe->pblk * bs - zf->flushed);
+        memset(d, 0, plen - (uint64_t)csz);
+        memcpy(d + plen - (uint64_t)csz, c->out2, (size_t)csz);
+        uint32_t nb = (uint32_t)(plen / bs);
+        zf->dlen -= (uint64_t)(pe->nblk - nb) * bs;
+        zf->nblocks -= pe->nblk - nb;
+        pe->nblk = (uint16_t)nb;
+        pe->dlen = t2;
+        zf->refs--;                           /* whole again */
+    }
+    return 0;
+}
+
 /* -Ededupe, before the next extent at c->in[head] (file offset done): the input from
  * there (or from inside the previous extent, which is then cut) repeats the output of
  * an earlier pcluster: an extent referencing it -> the input taken after head (0: no
@@ -524,34 +555,39 @@ static long roll_step(struct zctx *c, struct xfer *x, struct zfile *zf, uint64_t
             lo = (pe->start & ~mask) + 2ull * bs;
     }
     struct zmatch m;
-    int r = zroll_find(c->roll, x, x->out, c->in, wbase, wbase + tail, lo, done,
-                       c->zc->alg->id, c->zc->dict_size, &m);
-    if (r <= 0)
+    const int alg = c->zc->alg->id;
+    int r = zroll_find(c->roll, x, x->out, c->in, wbase, wbase + tail, lo, done, alg,
+                       c->zc->dict_size, &m);
+    if (r < 0)
         return r;
-    if (m.q < done && !pe->ref && pe->start >= wbase) {
-        /* the cut extent compressed again on its own: kept when not larger */
-        uint32_t t2 = (uint32_t)(m.q - pe->start), hint = c->hint;
-        uint32_t cap = (uint32_t)pe->nblk * bs;
-        long csz = pe->raw ? 0 : c->zc->alg->destsize(c, c->in + (pe->start - wbase), &t2,
-                                                        c->out2, cap);
-        c->hint = hint;
-        if (csz < 0)
-            return xfail(x, ERN_EIO, "%s compression failed: %s", c->zc->alg->name, c->err);
-        uint64_t plen = align_up((uint64_t)csz, bs);
-        if (csz > 0 && t2 == m.q - pe->start && plen < t2 &&
-            pe->pblk + pe->nblk == zf->nblocks && (uint64_t)pe->pblk * bs >= zf->flushed) {
-            uint8_t *d = zf->data + ((uint64_t)pe->pblk * bs - zf->flushed);
-            memset(d, 0, plen - (uint64_t)csz);
-            memcpy(d + plen - (uint64_t)csz, c->out2, (size_t)csz);
-            uint32_t nb = (uint32_t)(plen / bs);
-            zf->dlen -= (uint64_t)(pe->nblk - nb) * bs;
-            zf->nblocks -= pe->nblk - nb;
-            pe->nblk = (uint16_t)nb;
-            pe->dlen = t2;
-        }
+    uint64_t mid = 0;                         /* a block of input kept before the match */
+    if (!r && pe && !pe->raw) {
+        /* a start less than a block after done (two copies shifted by a few bytes whose
+         * extents are cut alike): the extent before is cut a block before it and that
+         * block stored on its own, when the match is worth more than that block */
+        uint64_t lo2 = lo + bs > done + 1 ? lo + bs : done + 1;
+        r = zroll_find(c->roll, x, x->out, c->in, wbase, wbase + tail, lo2, done + bs - 1,
+                       alg, c->zc->dict_size, &m);
+        if (r < 0)
+            return r;
+        if (r && (m.q <= done || m.q - bs < wbase || m.len < 2 * bs))
+            r = 0;
+        if (r)
+            mid = bs;
     }
-    if (m.q < done)
-        zf->refs++;                           /* the cut one: a partial reference */
+    if (!r)
+        return 0;
+    uint64_t cut = m.q - mid;
+    if (cut < done && (r = cut_extent(c, x, zf, pe, cut, wbase)))
+        return r;
+    if (mid) {
+        uint32_t first = zf->next;
+        if (out_reserve(zf, bs) || add_extent(zf, cut, 1, 1, 0, 0))
+            return xfail(x, ERN_ENOMEM, "out of memory");
+        memcpy(zf->data + (zf->dlen - zf->flushed), c->in + (cut - wbase), bs);
+        zf->dlen += bs;
+        describe_extents(c, zf, first, cut - wbase, cut, bs, bs);
+    }
     if (add_extent(zf, m.q, m.nblk, m.kind < 0, 0, 0))
         return xfail(x, ERN_ENOMEM, "out of memory");
     struct zext *e = &zf->ext[zf->next - 1];
