@@ -12,13 +12,13 @@ import bisect
 import hashlib
 import logging
 import os
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from erofs_tools.errors import CorruptImageError, ErofsToolsError
 from erofs_tools.reader.bootstrap import ChunkPin, PinTable, chunk_pin_tables
 from erofs_tools.reader.image import open_image
+from erofs_tools.reader.runs import data_runs
 
 from . import StorageError
 
@@ -205,6 +205,16 @@ def _cold_py_sources(py: dict, pyc: set) -> list:
     return [r for key, rs in py.items() if key in pyc for r in rs]
 
 
+def is_module(path: bytes) -> bool:
+    """Whether the file at image path `path` is a Python module (compiled or source),
+    whose chunks readahead fetches with their neighbours (fscache_daemon.readahead):
+    the one place this is decided."""
+    return path.endswith(MODULE_SUFFIXES)
+
+
+MODULE_SUFFIXES = (b".pyc", b".py")
+
+
 def file_runs(path: str, max_inodes: int = 1 << 22, *,
               cold: dict[int, list[tuple[int, int]]] | None = None,
               modules: dict[int, list[tuple[int, int]]] | None = None,
@@ -214,46 +224,21 @@ def file_runs(path: str, max_inodes: int = 1 << 22, *,
     live elsewhere). Used for file-aware readahead: a miss at the start of a run can
     fetch the rest of it. Unreadable entries are skipped. With `cold` (a dict), the runs
     of files a start rarely reads (COLD_SUFFIXES, compiled Python sources) also go there,
-    by blob index; with `modules` (a dict), the runs of Python modules (.pyc files, and
-    .py files that are not cold), whose neighbours readahead fetches. With `pause_every`, the walk lets other threads run every that many
-    inodes (it takes ~0.5 s of CPU for 30,000 files, beside the daemon's workers
-    answering reads)."""
+    by blob index; with `modules` (a dict), the runs of Python modules (is_module), whose
+    neighbours readahead fetches. The walk is the C core's (reader.runs, the GIL
+    released); `pause_every` applies to the reader's walk it falls back to."""
     runs: dict[int, list[tuple[int, int]]] = {}
     py: dict[tuple[bytes, bytes], list] = {}  # (dir, stem) -> [(blob, start, end)] of X.py
     pyc: set[tuple[bytes, bytes]] = set()     # (dir, stem) with __pycache__/stem.*.pyc
     img = open_image(path)
     try:
-        seen: set[int] = set()
-        for p, _d, ino in img.walk(on_error=lambda _p, _e: None):
-            if len(seen) >= max_inodes:
-                break
-            if pause_every and len(seen) % pause_every == 0:
-                time.sleep(0)
-            if not ino.is_reg() or ino.nid in seen:
-                continue
-            seen.add(ino.nid)
-            mine: list[tuple[int, int, int]] = []
-            cur = None
-            try:
-                for _fo, length, device, phys in img.map_data(ino):
-                    if not device:
-                        continue
-                    if cur and cur[0] == device - 1 and cur[2] == phys:
-                        cur[2] = phys + length
-                        continue
-                    if cur:
-                        mine.append((cur[0], cur[1], cur[2]))
-                    cur = [device - 1, phys, phys + length]
-            except ErofsToolsError:
-                continue
-            if cur:
-                mine.append((cur[0], cur[1], cur[2]))
+        for p, mine in data_runs(img, max_inodes, pause_every):
             for b, start, end in mine:
                 runs.setdefault(b, []).append((start, end))
-            if modules is not None and p.endswith((b".pyc", b".py")):
+            if modules is not None and is_module(p):
                 for b, start, end in mine:
                     modules.setdefault(b, []).append((start, end))
-            if cold is None or not mine:
+            if cold is None:
                 continue
             if p.endswith(COLD_SUFFIXES):
                 for b, start, end in mine:
