@@ -147,7 +147,10 @@ def _prefetch_blobs(files: list[list[tuple[int, int, int]]], pins: list) -> set[
         def covered(off: int, ranges=ranges, starts=starts) -> bool:
             i = bisect.bisect_right(starts, off) - 1
             return i >= 0 and ranges[i][0] <= off < ranges[i][1]
-        if all(covered(p.uncompressed_offset) for p in pins[b].values()):
+        table = pins[b]
+        offsets = table.uncompressed_offsets() if isinstance(table, PinTable) else \
+            (p.uncompressed_offset for p in table.values())
+        if all(map(covered, offsets)):
             only.add(b)
     return only if len(only) < len(spans) else set()
 
