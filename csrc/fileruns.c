@@ -13,9 +13,11 @@
  * walk, which skips what it refuses. A regular file whose data does not map (as the
  * reader's map_data would raise) has no runs, as in the reader's walk.
  *
- * Output, per regular file with at least one run, in walk order: u32 path length, u32
- * run count, the path (absolute, bytes), then per run u32 blob index (device - 1), u64
- * start, u64 end (uncompressed offsets in the blob), little endian, unaligned.
+ * Output: the paths of the regular files with at least one run, in walk order, each
+ * ended by a NUL (absolute, bytes; a name holds no NUL); then the runs, 24 bytes each:
+ * u32 file (its number in that list), u32 blob index (device - 1), u64 start, u64 end
+ * (uncompressed offsets in the blob), little endian. The Python side turns each part
+ * into its objects with one call (bytes.split, struct.iter_unpack).
  */
 #include <stdlib.h>
 #include <string.h>
@@ -217,9 +219,20 @@ static int dir_ents(const struct img *im, const struct ino *o, struct buf *ents)
 
 /* A regular file's runs appended to out (as map_data's extents merged by file_runs);
  * nothing when its data does not map */
-static int file_runs_of(const struct img *im, const struct ino *o, const uint8_t *path,
-                        uint32_t plen, struct buf *runs, struct buf *out)
+static int put_run(struct buf *runs, uint32_t file, uint32_t b, uint64_t s, uint64_t e)
 {
+    uint8_t r[24];
+    memcpy(r, &file, 4); memcpy(r + 4, &b, 4); memcpy(r + 8, &s, 8); memcpy(r + 16, &e, 8);
+    return put(runs, r, 24);
+}
+
+/* A regular file's runs appended to runs (map_data's extents merged as file_runs
+ * merges them), as file number `file`; *any set if there was one. Nothing when its
+ * data does not map (the reader's map_data would raise). */
+static int file_runs_of(const struct img *im, const struct ino *o, uint32_t file,
+                        struct buf *runs, int *any)
+{
+    *any = 0;
     if (o->layout != 4 || o->size == 0)
         return 0;
     uint32_t fmt = o->i_u & 0xFFFFu;
@@ -234,10 +247,10 @@ static int file_runs_of(const struct img *im, const struct ino *o, const uint8_t
     if (start > im->size || count > (im->size - start) / unit)
         return 0;
     const uint8_t *idx = im->d + start;
+    uint64_t mark = runs->len;
     uint32_t cb = 0;
     uint64_t cs = 0, ce = 0;
     int have = 0;
-    runs->len = 0;
     for (uint64_t k = 0; k < count; k++) {
         uint64_t fo = k << bits, len = o->size - fo < csize ? o->size - fo : csize;
         uint32_t dev, blk;
@@ -250,39 +263,27 @@ static int file_runs_of(const struct img *im, const struct ino *o, const uint8_t
         }
         if (blk == NULLADDR)
             continue;
-        if (dev > im->ndev)
-            return 0;
         uint64_t base = (uint64_t)blk * im->bs;
-        if (dev == 0) {
-            if (base + len > im->size)
-                return 0;
-            continue;
+        if (dev > im->ndev || (dev == 0 && base + len > im->size)) {
+            runs->len = mark;           /* the whole file is skipped */
+            return 0;
         }
+        if (dev == 0)
+            continue;
         if (have && cb == dev - 1 && ce == base) {
             ce = base + len;
             continue;
         }
-        if (have) {
-            uint8_t r[20];
-            memcpy(r, &cb, 4); memcpy(r + 4, &cs, 8); memcpy(r + 12, &ce, 8);
-            if (put(runs, r, 20))
-                return -3;
-        }
+        if (have && put_run(runs, file, cb, cs, ce))
+            return -3;
         have = 1;
         cb = dev - 1;
         cs = base;
         ce = base + len;
     }
-    if (!have)
-        return 0;
-    uint8_t r[20];
-    memcpy(r, &cb, 4); memcpy(r + 4, &cs, 8); memcpy(r + 12, &ce, 8);
-    if (put(runs, r, 20))
+    if (have && put_run(runs, file, cb, cs, ce))
         return -3;
-    uint32_t n = (uint32_t)(runs->len / 20);
-    if (put(out, &plen, 4) || put(out, &n, 4) || put(out, path, plen) ||
-            put(out, runs->p, runs->len))
-        return -3;
+    *any = have;
     return 0;
 }
 
@@ -293,7 +294,8 @@ struct frame {
 
 int64_t ern_file_runs(const uint8_t *image, uint64_t size, uint64_t meta_off,
                       uint32_t blkszbits, uint64_t root_nid, uint32_t devmask,
-                      uint32_t ndevices, uint64_t max_inodes, uint8_t **out)
+                      uint32_t ndevices, uint64_t max_inodes, uint8_t **out,
+                      uint64_t *paths_len)
 {
     *out = NULL;
     if (blkszbits < 9 || blkszbits > 16 || meta_off > size)
@@ -305,6 +307,7 @@ int64_t ern_file_runs(const uint8_t *image, uint64_t size, uint64_t meta_off,
     struct buf res = {0}, ents = {0}, runs = {0}, paths = {0}, stack = {0}, subs = {0};
     int64_t rc = -1;
     uint64_t nseen = 0;
+    uint32_t nfiles = 0;
     if (!dirseen || !regseen) {
         rc = -3;
         goto done;
@@ -385,9 +388,17 @@ int64_t ern_file_runs(const uint8_t *image, uint64_t size, uint64_t meta_off,
                 continue;
             regseen[o.nid / 8] |= (uint8_t)(1u << (o.nid % 8));
             nseen++;
-            if (file_runs_of(&im, &o, paths.p + poff, plen, &runs, &res)) {
+            int any;
+            if (file_runs_of(&im, &o, nfiles, &runs, &any)) {
                 rc = -3;
                 goto done;
+            }
+            if (any) {
+                if (put(&res, paths.p + poff, plen) || put(&res, "", 1)) {
+                    rc = -3;
+                    goto done;
+                }
+                nfiles++;
             }
         }
         /* subdirectories popped in stored order */
@@ -400,6 +411,12 @@ int64_t ern_file_runs(const uint8_t *image, uint64_t size, uint64_t meta_off,
         }
     }
 ok:
+    /* paths, then the runs: the caller splits at *paths_len */
+    *paths_len = res.len;
+    if (runs.len && put(&res, runs.p, runs.len)) {
+        rc = -3;
+        goto done;
+    }
     rc = (int64_t)res.len;
     *out = res.p;
     res.p = NULL;

@@ -9,22 +9,22 @@ import struct
 
 from erofs_tools._native import ffi, lib
 
-__all__ = ["file_runs_walk"]
+__all__ = ["RUN_FORMAT", "file_runs_walk"]
 
-_HEAD = struct.Struct("<II")
-_RUN = struct.Struct("<IQQ")
+RUN_FORMAT = "<IIQQ"            # file number, blob index, start, end
 
 
 def file_runs_walk(data, meta_off: int, blkszbits: int, root_nid: int, devmask: int,
                    ndevices: int, max_inodes: int
-                   ) -> list[tuple[bytes, list[tuple[int, int, int]]]] | None:
-    """[(path, [(blob index, start, end)])] per regular file with data in a blob, in the
-    reader's walk order (Image.walk, a file at its first link), for the image bytes
-    `data`; None where the tree holds something the reader refuses (its walk decides
-    what to skip then)."""
+                   ) -> tuple[list[bytes], list[tuple[int, int, int, int]]] | None:
+    """(paths, runs) of the regular files with data in a blob, in the reader's walk order
+    (Image.walk, a file at its first link), for the image bytes `data`: runs are (file
+    number in paths, blob index, start, end); None where the tree holds something the
+    reader refuses (its walk decides what to skip then)."""
     out = ffi.new("uint8_t **")
+    plen = ffi.new("uint64_t *")
     n = lib.ern_file_runs(ffi.from_buffer(data), len(data), meta_off, blkszbits, root_nid,
-                          devmask, ndevices, max_inodes, out)
+                          devmask, ndevices, max_inodes, out, plen)
     if n == -1:
         return None
     if n < 0:
@@ -33,14 +33,6 @@ def file_runs_walk(data, meta_off: int, blkszbits: int, root_nid: int, devmask: 
         raw = bytes(ffi.buffer(out[0], n)) if n else b""
     finally:
         lib.ern_file_runs_free(out[0])
-    files = []
-    pos, head, run = 0, _HEAD.unpack_from, _RUN.unpack_from
-    while pos < n:
-        plen, nruns = head(raw, pos)
-        pos += 8
-        path = raw[pos:pos + plen]
-        pos += plen
-        runs = [run(raw, pos + 20 * i) for i in range(nruns)]
-        pos += 20 * nruns
-        files.append((path, runs))
-    return files
+    cut = plen[0]
+    paths = raw[:cut].split(b"\0")[:-1]
+    return paths, list(struct.iter_unpack(RUN_FORMAT, memoryview(raw)[cut:]))

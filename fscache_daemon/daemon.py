@@ -189,6 +189,7 @@ class Daemon(MountLifecycle):
         # what the first miss would (blake3, the cold path's digest: ~0.05 s of CPU
         # there, on the ML cold start's first read)
         import blake3  # noqa: F401
+
         import erofs_tools.reader.data  # noqa: F401
         import erofs_tools.registry.hosts  # noqa: F401
         self.frontend.start(self)

@@ -10,30 +10,29 @@ the reader refuses: it skips that one and goes on).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 from erofs_tools._native_runs import file_runs_walk
 from erofs_tools.errors import ErofsToolsError
 
-Run = tuple[int, int, int]      # (blob index: device - 1, start, end), uncompressed
+Runs = tuple[list[bytes], list[tuple[int, int, int, int]]]
 
 
-def data_runs(img, max_inodes: int = 1 << 22, pause_every: int = 0
-              ) -> Iterator[tuple[bytes, list[Run]]]:
-    """(path, runs) per regular file of open image `img` whose data lies in a blob, in
-    walk order, a file at its first link, at most `max_inodes` regular files. Unreadable
-    entries are skipped. `pause_every`: the reader's walk (the fallback) lets other
-    threads run every that many files."""
-    files = file_runs_walk(img.data, img.meta_off, img.blkszbits, img.root_nid,
+def data_runs(img, max_inodes: int = 1 << 22, pause_every: int = 0) -> Runs:
+    """(paths, runs): the regular files of open image `img` whose data lies in a blob,
+    in walk order, a file at its first link, at most `max_inodes` regular files walked;
+    runs are (file number in paths, blob index: device - 1, start, end), uncompressed
+    offsets, in that order too. Unreadable entries are skipped. `pause_every`: the
+    reader's walk (the fallback) lets other threads run every that many files."""
+    found = file_runs_walk(img.data, img.meta_off, img.blkszbits, img.root_nid,
                            img.device_id_mask, len(img.devices), max_inodes)
-    if files is not None:
-        yield from files
-        return
-    yield from _reader_runs(img, max_inodes, pause_every)
+    if found is not None:
+        return found
+    return _reader_runs(img, max_inodes, pause_every)
 
 
-def _reader_runs(img, max_inodes: int, pause_every: int
-                 ) -> Iterator[tuple[bytes, list[Run]]]:
+def _reader_runs(img, max_inodes: int, pause_every: int) -> Runs:
+    paths: list[bytes] = []
+    runs: list[tuple[int, int, int, int]] = []
     seen: set[int] = set()
     for p, _d, ino in img.walk(on_error=lambda _p, _e: None):
         if len(seen) >= max_inodes:
@@ -43,8 +42,9 @@ def _reader_runs(img, max_inodes: int, pause_every: int
         if not ino.is_reg() or ino.nid in seen:
             continue
         seen.add(ino.nid)
-        mine: list[Run] = []
+        mine: list[tuple[int, int, int, int]] = []
         cur = None
+        f = len(paths)
         try:
             for _fo, length, device, phys in img.map_data(ino):
                 if not device:
@@ -53,11 +53,13 @@ def _reader_runs(img, max_inodes: int, pause_every: int
                     cur[2] = phys + length
                     continue
                 if cur:
-                    mine.append((cur[0], cur[1], cur[2]))
+                    mine.append((f, cur[0], cur[1], cur[2]))
                 cur = [device - 1, phys, phys + length]
         except ErofsToolsError:
             continue
         if cur:
-            mine.append((cur[0], cur[1], cur[2]))
+            mine.append((f, cur[0], cur[1], cur[2]))
         if mine:
-            yield p, mine
+            paths.append(p)
+            runs.extend(mine)
+    return paths, runs

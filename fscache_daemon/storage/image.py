@@ -202,10 +202,27 @@ COLD_SUFFIXES = (b".pyi", b".h", b".hpp", b".hxx", b".cuh", b".c", b".cc", b".cp
                  b".cmake", b".pxd", b".pyx")
 
 
-def _cold_py_sources(py: dict, pyc: set) -> list:
-    """The runs of X.py files whose directory has __pycache__/X.<tag>.pyc: Python reads
-    the compiled file, the source only when that is stale."""
-    return [r for key, rs in py.items() if key in pyc for r in rs]
+def _cold_files(paths: list[bytes]) -> bytearray:
+    """1 per path of a file a start rarely reads: COLD_SUFFIXES, and X.py files whose
+    directory has __pycache__/X.<tag>.pyc (Python reads the compiled file, the source
+    only when that is stale)."""
+    flags = bytearray(len(paths))
+    py: dict[tuple[bytes, bytes], int] = {}   # (dir, stem) -> file number of X.py
+    pyc: set[tuple[bytes, bytes]] = set()     # (dir, stem) with __pycache__/stem.*.pyc
+    for i, p in enumerate(paths):
+        if p.endswith(COLD_SUFFIXES):
+            flags[i] = 1
+        elif p.endswith(b".py"):
+            d, _, base = p.rpartition(b"/")
+            py[(d, base[:-3])] = i
+        elif p.endswith(b".pyc"):
+            d, _, base = p.rpartition(b"/")
+            if d.endswith(b"/__pycache__"):
+                pyc.add((d[:-12], base.split(b".", 1)[0]))
+    for key, i in py.items():
+        if key in pyc:
+            flags[i] = 1
+    return flags
 
 
 def is_module(path: bytes) -> bool:
@@ -231,33 +248,24 @@ def file_runs(path: str, max_inodes: int = 1 << 22, *,
     neighbours readahead fetches. The walk is the C core's (reader.runs, the GIL
     released); `pause_every` applies to the reader's walk it falls back to."""
     runs: dict[int, list[tuple[int, int]]] = {}
-    py: dict[tuple[bytes, bytes], list] = {}  # (dir, stem) -> [(blob, start, end)] of X.py
-    pyc: set[tuple[bytes, bytes]] = set()     # (dir, stem) with __pycache__/stem.*.pyc
     img = open_image(path)
     try:
-        for p, mine in data_runs(img, max_inodes, pause_every):
-            for b, start, end in mine:
-                runs.setdefault(b, []).append((start, end))
-            if modules is not None and is_module(p):
-                for b, start, end in mine:
-                    modules.setdefault(b, []).append((start, end))
-            if cold is None:
-                continue
-            if p.endswith(COLD_SUFFIXES):
-                for b, start, end in mine:
-                    cold.setdefault(b, []).append((start, end))
-            elif p.endswith(b".py"):
-                d, _, base = p.rpartition(b"/")
-                py.setdefault((d, base[:-3]), []).extend(mine)
-            elif p.endswith(b".pyc"):
-                d, _, base = p.rpartition(b"/")
-                if d.endswith(b"/__pycache__"):
-                    pyc.add((d[:-12], base.split(b".", 1)[0]))
-        if cold is not None:
-            for b, start, end in _cold_py_sources(py, pyc):
-                cold.setdefault(b, []).append((start, end))
+        paths, found = data_runs(img, max_inodes, pause_every)
     finally:
         img.close()
+    # per file: is_module, and (with `cold`) a file a start rarely reads
+    mod = [is_module(p) for p in paths] if modules is not None else None
+    cold_files = _cold_files(paths) if cold is not None else None
+    for f, b, start, end in found:
+        r = (start, end)
+        lst = runs.get(b)
+        if lst is None:
+            lst = runs[b] = []
+        lst.append(r)
+        if modules is not None and mod is not None and mod[f]:
+            modules.setdefault(b, []).append(r)
+        if cold is not None and cold_files is not None and cold_files[f]:
+            cold.setdefault(b, []).append(r)
     return runs
 
 
