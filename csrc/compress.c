@@ -168,6 +168,7 @@ int zconf_setup(erofs_builder *b, struct zconf *zc)
     zc->frags = b->o.fragments != 0;
     /* as mkfs.erofs 1.9, whose fragments mode shares identical pclusters too */
     zc->dedupe = b->o.dedupe || b->o.fragments;
+    zc->roll = b->o.dedupe != 0;
     zc->packed_ps = b->o.packed_pcluster_size ? b->o.packed_pcluster_size : ps;
     if (zc->packed_ps % blksz || zc->packed_ps > max_ps)
         return fail(b, ERN_EINVAL, "packed file pcluster size %u is not a multiple of the "
@@ -485,6 +486,123 @@ static long one_extent(struct zctx *c, struct xfer *x, struct zfile *zf, const c
     return took;
 }
 
+/* the extents from `first` on, just cut from the input at c->in + head (file offset
+ * done): what each pcluster decodes to and, with -Ededupe, its first block's anchor */
+static void describe_extents(struct zctx *c, struct zfile *zf, uint32_t first, uint64_t head,
+                             uint64_t done, uint64_t took, uint32_t bs)
+{
+    for (uint32_t k = first; k < zf->next; k++) {
+        struct zext *e = &zf->ext[k];
+        if (e->inl || e->frag)
+            continue;
+        uint64_t end = k + 1 < zf->next ? zf->ext[k + 1].start : done + took;
+        e->dlen = (uint32_t)(end - e->start);
+        if (c->roll && e->dlen >= bs) {
+            const uint8_t *p = c->in + head + (e->start - done);
+            e->aoff = zroll_anchor(p, bs, &e->ahash);
+            e->winhash = e->aoff ? zhash64(p, bs) : 0;
+        }
+    }
+}
+
+/* -Ededupe: the extent pe (the last one) cut at file offset cut: compressed again on its
+ * own when that is not larger, else it keeps its pcluster (a partial reference) */
+static int cut_extent(struct zctx *c, struct xfer *x, struct zfile *zf, struct zext *pe,
+                      uint64_t cut, uint64_t wbase)
+{
+    const uint32_t bs = x->blksz;
+    zf->refs++;
+    if (pe->ref || pe->raw || pe->start < wbase)
+        return 0;
+    uint32_t t2 = (uint32_t)(cut - pe->start), hint = c->hint;
+    long csz = c->zc->alg->destsize(c, c->in + (pe->start - wbase), &t2, c->out2,
+                                    (uint32_t)pe->nblk * bs);
+    c->hint = hint;
+    if (csz < 0)
+        return xfail(x, ERN_EIO, "%s compression failed: %s", c->zc->alg->name, c->err);
+    uint64_t plen = align_up((uint64_t)csz, bs);
+    if (csz > 0 && t2 == cut - pe->start && plen < t2 && pe->pblk + pe->nblk == zf->nblocks &&
+        (uint64_t)pe->pblk * bs >= zf->flushed) {
+        uint8_t *d = zf->data + ((uint64_t)pe->pblk * bs - zf->flushed);
+        memset(d, 0, plen - (uint64_t)csz);
+        memcpy(d + plen - (uint64_t)csz, c->out2, (size_t)csz);
+        uint32_t nb = (uint32_t)(plen / bs);
+        zf->dlen -= (uint64_t)(pe->nblk - nb) * bs;
+        zf->nblocks -= pe->nblk - nb;
+        pe->nblk = (uint16_t)nb;
+        pe->dlen = t2;
+        zf->refs--;                           /* whole again */
+    }
+    return 0;
+}
+
+/* -Ededupe, before the next extent at c->in[head] (file offset done): the input from
+ * there (or from inside the previous extent, which is then cut) repeats the output of
+ * an earlier pcluster: an extent referencing it -> the input taken after head (0: no
+ * match, < 0: error). *prev: the extent a match may cut (-1: none) */
+static long roll_step(struct zctx *c, struct xfer *x, struct zfile *zf, uint64_t head,
+                      uint64_t tail, uint64_t done, int64_t *prev)
+{
+    const uint32_t bs = x->blksz;
+    const uint64_t wbase = done - head, mask = bs - 1;
+    uint64_t lo = done + 1;                   /* no start before done */
+    struct zext *pe = *prev >= 0 ? &zf->ext[*prev] : NULL;
+    if (pe) {
+        /* the cut extent keeps at least a block (so each extent has its own head
+         * lcluster), with several blocks its block count's lcluster too */
+        lo = pe->start + bs;
+        if (pe->nblk > 1 && lo < (pe->start & ~mask) + 2ull * bs)
+            lo = (pe->start & ~mask) + 2ull * bs;
+    }
+    struct zmatch m;
+    const int alg = c->zc->alg->id;
+    int r = zroll_find(c->roll, x, x->out, c->in, wbase, wbase + tail, lo, done, alg,
+                       c->zc->dict_size, &m);
+    if (r < 0)
+        return r;
+    uint64_t mid = 0;                         /* a block of input kept before the match */
+    if (!r && pe && !pe->raw) {
+        /* a start less than a block after done (two copies shifted by a few bytes whose
+         * extents are cut alike): the extent before is cut a block before it and that
+         * block stored on its own, when the match is worth more than that block */
+        uint64_t lo2 = lo + bs > done + 1 ? lo + bs : done + 1;
+        r = zroll_find(c->roll, x, x->out, c->in, wbase, wbase + tail, lo2, done + bs - 1,
+                       alg, c->zc->dict_size, &m);
+        if (r < 0)
+            return r;
+        if (r && (m.q <= done || m.q - bs < wbase || m.len < 2 * bs))
+            r = 0;
+        if (r)
+            mid = bs;
+    }
+    if (!r)
+        return 0;
+    uint64_t cut = m.q - mid;
+    if (cut < done && (r = cut_extent(c, x, zf, pe, cut, wbase)))
+        return r;
+    if (mid) {
+        uint32_t first = zf->next;
+        if (out_reserve(zf, bs) || add_extent(zf, cut, 1, 1, 0, 0))
+            return xfail(x, ERN_ENOMEM, "out of memory");
+        memcpy(zf->data + (zf->dlen - zf->flushed), c->in + (cut - wbase), bs);
+        zf->dlen += bs;
+        describe_extents(c, zf, first, cut - wbase, cut, bs, bs);
+    }
+    if (add_extent(zf, m.q, m.nblk, m.kind < 0, 0, 0))
+        return xfail(x, ERN_ENOMEM, "out of memory");
+    struct zext *e = &zf->ext[zf->next - 1];
+    zf->nblocks -= m.nblk;                    /* no pcluster of its own */
+    e->ref = 1;
+    e->blk = m.blk;
+    e->dlen = m.dlen;
+    zf->refs++;
+    *prev = zf->next - 1;
+    /* the prefix search (zstd, deflate) goes on from what the referenced extent took,
+     * as the file it came from did: a copy then gets the same cuts after it */
+    c->hint = m.dlen;
+    return (long)(m.q + m.len - done);
+}
+
 /* As mkfs.erofs 1.9 cuts a file: in 16 MiB segments compressed independently (its
  * multi-threaded default), each read through an 8000 KiB window that is shifted and
  * refilled once half of it is used; an extent may take all the input in the window.
@@ -501,7 +619,10 @@ int zfile_compress(struct zctx *c, struct xfer *x, int fd, const char *path,
     for (uint64_t seg = 0; seg < size; seg += SEGMENT_SIZE) {
         uint64_t remaining = size - seg < SEGMENT_SIZE ? size - seg : SEGMENT_SIZE;
         uint64_t head = 0, tail = 0, readpos = seg;
+        int64_t prev = -1;            /* -Ededupe: the extent a match may cut */
         c->hint = 0;
+        if (c->roll)
+            zroll_reset(c->roll, seg);
         while (remaining) {
             uint64_t rx = c->in_len - tail < remaining ? c->in_len - tail : remaining;
             if ((r = x_read(x, fd, c->in + tail, (size_t)rx, offset + readpos, path)))
@@ -518,12 +639,29 @@ int zfile_compress(struct zctx *c, struct xfer *x, int fd, const char *path,
                 int last = final && seg + SEGMENT_SIZE >= size;
                 int frag = last && c->zc->frags;
                 int inl = last && c->zc->ztail && !frag;
-                long took = one_extent(c, x, zf, path, head, len, final, done, inl, frag);
-                if (took < 0)
-                    return (int)took;
+                long took = 0;
+                if (c->roll) {
+                    zf->hold = 1;
+                    took = roll_step(c, x, zf, head, tail, done, &prev);
+                    if (took < 0)
+                        return (int)took;
+                }
+                if (!took) {
+                    uint32_t first = zf->next;
+                    took = one_extent(c, x, zf, path, head, len, final, done, inl, frag);
+                    if (took < 0)
+                        return (int)took;
+                    describe_extents(c, zf, first, head, done, (uint64_t)took, bs);
+                    const struct zext *le = &zf->ext[zf->next - 1];
+                    prev = zf->next > first && !le->raw && !le->inl && !le->frag
+                               ? (int64_t)zf->next - 1 : -1;
+                }
                 head += (uint64_t)took;
                 done += (uint64_t)took;
-                if (flush && zf->dlen - zf->flushed > FLUSH_LIMIT && (r = flush(arg, zf)))
+                /* -Ededupe: every extent placed at once (but the last, which a match
+                 * may still cut), so that later ones can be matched against it */
+                if (flush && (c->roll || zf->dlen - zf->flushed > FLUSH_LIMIT) &&
+                    (r = flush(arg, zf)))
                     return r;
                 if (!final && head >= REFILL_AT) {
                     uint64_t keep = head / bs * bs;
@@ -535,6 +673,7 @@ int zfile_compress(struct zctx *c, struct xfer *x, int fd, const char *path,
             }
         }
     }
+    zf->hold = 0;
     uint64_t nlc = (size + bs - 1) / bs;
     zf->plain = !zf->frag &&
                 (uint64_t)zf->nblocks * bs + Z_INDEX_START + nlc * 8 + zf->idata_len >= size;

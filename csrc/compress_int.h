@@ -48,6 +48,7 @@ struct zconf {
     uint32_t packed_ps;      /* pcluster size of the packed inode (-Efragments=SIZE) */
     int big;                 /* big pcluster indexes (any pcluster over one block) */
     int dedupe;              /* -Ededupe (and -Efragments): identical pclusters shared */
+    int roll;                /* -Ededupe: repeated data matched at any offset (dedupe.c) */
     uint32_t nalgs;          /* algorithms in the -z list (zconf[0..nalgs)) */
     uint32_t max_ps;         /* the largest pcluster of any file (-C, --compress-hints) */
 };
@@ -68,6 +69,7 @@ struct zctx {
     uint8_t *out2;           /* a second one (recompressing a file's last extent) */
     uint32_t hint;           /* input the last extent of this file took (0: none yet);
                                 reset per file, so results never depend on the thread */
+    struct zroll *roll;      /* -Ededupe: matches against earlier pclusters (NULL: none) */
     char err[200];
 };
 
@@ -81,6 +83,12 @@ struct zext {
     uint8_t inl;             /* the inline tail (zfile.idata), no block of its own */
     uint8_t frag;            /* the fragment (zfile.frag), in the packed inode */
     uint8_t dup;             /* a pcluster of an earlier file (dedupe) */
+    uint8_t ref;             /* -Ededupe: the start of an earlier pcluster's output, blk
+                                and nblk set when found (no pcluster of its own) */
+    uint16_t aoff;           /* -Ededupe: the anchor's offset in the first block (0: none) */
+    uint32_t dlen;           /* what its pcluster decodes to (more than the extent: a
+                                partial reference) */
+    uint64_t ahash, winhash; /* -Ededupe: the anchor's hash, the first block's hash */
     uint32_t blk;            /* its block in the image (set when the file is placed) */
 };
 
@@ -92,6 +100,9 @@ struct zfile {
     uint64_t dlen, dcap;
     uint64_t flushed;        /* bytes of data dropped (written at the final place) */
     uint32_t placed;         /* extents whose pclusters have their block (zstream.c) */
+    uint32_t hold;           /* the last extents not to place yet (-Ededupe may shorten
+                                the last one) */
+    uint32_t refs;           /* -Ededupe: extents referencing (parts of) pclusters */
     uint32_t wblocks;        /* blocks written at the file's place so far */
     struct zext *ext;
     uint32_t next, cap_ext;
@@ -124,6 +135,38 @@ INTERNAL int zdedupe_find(struct zdedupe *dd, struct xfer *x, int imgfd, const s
 INTERNAL int zdedupe_insert(struct zdedupe *dd, uint64_t hash, uint32_t blk, uint32_t nblk,
                             int kind);
 INTERNAL void zdedupe_free(struct zdedupe *dd);
+
+/* dedupe.c, -Ededupe: earlier pclusters found by an anchor (a content-defined position
+ * in the first block of their output); the input scanned for the same anchors */
+struct zroll {
+    struct zrollent *tab;    /* open-addressing table by anchor hash */
+    uint32_t cap, n;
+    uint64_t scan, valid;    /* the next file offset to scan; anchors valid from */
+    uint64_t g;              /* the scan's gear hash (of the last 64 bytes) */
+    struct zanchor *anc;     /* anchors found, in file order, from a0 on */
+    uint32_t nanc, canc, a0;
+    uint8_t *pbuf, *dbuf;    /* a pcluster read back, its output */
+    uint32_t pcap, dcap;
+};
+/* a match: an earlier pcluster whose output's first len bytes are the input at q */
+struct zmatch {
+    uint64_t q;
+    uint32_t len, dlen, blk;
+    uint16_t nblk;
+    int kind;                /* the algorithm, -1: stored plain */
+};
+INTERNAL void zroll_free(struct zroll *r);
+/* the anchor of a pcluster output's first block p[0, blksz): its offset (0: none) */
+INTERNAL uint16_t zroll_anchor(const uint8_t *p, uint32_t blksz, uint64_t *ahash);
+INTERNAL int zroll_insert(struct zroll *r, const struct zext *e, uint32_t blk, int kind);
+/* a new scan of a file (or segment) from file offset pos */
+INTERNAL void zroll_reset(struct zroll *r, uint64_t pos);
+/* the latest q in [lo, h] (or q == h) at which the input (buf holds file offsets [wbase,
+ * end)) starts the output of an earlier pcluster of kind alg or stored plain, for at
+ * least one block and beyond h -> 1 (m set), 0 none, < 0 error (x->err) */
+INTERNAL int zroll_find(struct zroll *r, struct xfer *x, int imgfd, const uint8_t *buf,
+                        uint64_t wbase, uint64_t end, uint64_t lo, uint64_t h, int alg,
+                        uint32_t dict_size, struct zmatch *m);
 
 /* fragments.c: the packed inode's data while files come in (a temporary file), each
  * fragment appended once: one that ends an earlier fragment points into it */

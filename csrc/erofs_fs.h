@@ -169,6 +169,8 @@ enum { Z_EROFS_COMPRESSION_LZ4 = 0, Z_EROFS_COMPRESSION_LZMA = 1,
 enum { Z_EROFS_LCLUSTER_TYPE_PLAIN = 0, Z_EROFS_LCLUSTER_TYPE_HEAD1 = 1,
        Z_EROFS_LCLUSTER_TYPE_NONHEAD = 2, Z_EROFS_LCLUSTER_TYPE_HEAD2 = 3 };
 #define Z_EROFS_LI_D0_CBLKCNT 0x800u
+/* full index HEAD/PLAIN di_advise: the extent is a part (the start) of its pcluster's output */
+#define Z_EROFS_LI_PARTIAL_REF 0x8000u
 #define Z_EROFS_ADVISE_COMPACTED_2B 0x1u    /* compact: 2-byte packs in the middle */
 #define Z_EROFS_ADVISE_BIG_PCLUSTER_1 0x2u
 #define Z_EROFS_ADVISE_BIG_PCLUSTER_2 0x4u

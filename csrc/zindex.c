@@ -49,8 +49,11 @@ uint8_t *zfile_index(const struct zfile *zf, const struct zconf *zc, uint32_t bl
         int last = i + 1 == zf->next;
         uint64_t end = last ? zf->size : zf->ext[i + 1].start;
         uint64_t hl = e->start >> lb, nh = end >> lb;
-        idx[hl].di_advise = cpu_to_le16(e->raw ? Z_EROFS_LCLUSTER_TYPE_PLAIN
-                                               : Z_EROFS_LCLUSTER_TYPE_HEAD1);
+        /* an extent that is the start of its pcluster's output only (-Ededupe) */
+        int partial = e->dlen && end - e->start < e->dlen;
+        idx[hl].di_advise = cpu_to_le16((e->raw ? Z_EROFS_LCLUSTER_TYPE_PLAIN
+                                                : Z_EROFS_LCLUSTER_TYPE_HEAD1) |
+                                        (partial ? Z_EROFS_LI_PARTIAL_REF : 0));
         idx[hl].di_clusterofs = cpu_to_le16(e->start & mask);
         idx[hl].di_u = cpu_to_le32(e->frag ? (uint32_t)(zf->fragoff >> 32) : e->blk);
         for (uint64_t l = hl + 1; l < nh && l < nlc; l++) {

@@ -54,6 +54,7 @@ struct zpool {
     char err[600];
     struct zpacked pk;            /* -Efragments: the packed inode's data */
     struct zdedupe dd;            /* -Ededupe: the pclusters written so far */
+    struct zroll roll;            /* -Ededupe: the same, by their output's first block */
 };
 
 struct flush_arg {
@@ -85,16 +86,19 @@ static int place_pclusters(struct zpool *p, struct zjob *j, struct xfer *x)
     const uint32_t bs = x->blksz;
     const uint64_t base = j->base;
     int dedupe = p->zc->dedupe && !j->packed;
+    int roll = p->zc->roll && !j->packed;
     int alg = j->zc->alg->id;     /* compressed pclusters match only with the same algorithm */
     uint64_t run = zf->flushed, runlen = 0;    /* data bytes to write before base+wblocks */
     int r;
-    for (; zf->placed < zf->next; zf->placed++) {
+    for (; zf->placed + zf->hold < zf->next; zf->placed++) {
         struct zext *e = &zf->ext[zf->placed];
         uint64_t off = (uint64_t)e->pblk * bs;
         if (e->inl || e->frag) {
             e->blk = (uint32_t)(base + zf->wblocks);   /* never read (as mkfs.erofs) */
             continue;
         }
+        if (e->ref)
+            continue;                /* an earlier pcluster, blk set when matched */
         const uint8_t *d = zf->data + (off - zf->flushed);
         uint64_t hash = 0;
         uint32_t blk;
@@ -122,21 +126,26 @@ static int place_pclusters(struct zpool *p, struct zjob *j, struct xfer *x)
         e->blk = (uint32_t)(base + zf->wblocks);
         if (dedupe && zdedupe_insert(&p->dd, hash, e->blk, e->nblk, e->raw ? -1 : alg))
             return xfail(x, ERN_ENOMEM, "out of memory");
+        if (roll && zroll_insert(&p->roll, e, e->blk, e->raw ? -1 : alg))
+            return xfail(x, ERN_ENOMEM, "out of memory");
         zf->wblocks += e->nblk;
         runlen += (uint64_t)e->nblk * bs;
     }
     if (runlen && (r = x_pwrite(x, zf->data + (run - zf->flushed), runlen,
                                 (base + zf->wblocks) * bs - runlen)))
         return r;
-    zf->flushed = zf->dlen;
+    /* drop the bytes placed; those of the extents held stay, moved to the front */
+    uint64_t keep = zf->placed < zf->next ? (uint64_t)zf->ext[zf->placed].pblk * bs : zf->dlen;
+    if (keep < zf->dlen)
+        memmove(zf->data, zf->data + (keep - zf->flushed), zf->dlen - keep);
+    zf->flushed = keep;
     return 0;
 }
 
 /* a file whose buffered output is large: become the file being placed now (wait until
  * it is the oldest) and write what it has at its final place */
-static int zflush(void *arg, struct zfile *zf)
+static int become_oldest(struct flush_arg *fa)
 {
-    struct flush_arg *fa = arg;
     struct zpool *p = fa->p;
     struct zjob *j = fa->j;
     erofs_builder *b = p->b;
@@ -154,8 +163,15 @@ static int zflush(void *arg, struct zfile *zf)
         if (bad)
             return xfail(fa->x, ERN_EIO, "stopped");
     }
-    int r = place_pclusters(p, j, fa->x);
-    return r;
+    return 0;
+}
+
+static int zflush(void *arg, struct zfile *zf)
+{
+    struct flush_arg *fa = arg;
+    (void)zf;
+    int r = become_oldest(fa);
+    return r ? r : place_pclusters(fa->p, fa->j, fa->x);
 }
 
 static int open_source(struct xfer *x, struct zjob *j, int *pfd)
@@ -204,7 +220,18 @@ static int run_zjob(struct zpool *p, struct zctx *c, struct xfer *x, struct zjob
         c->zc = &own;
     }
     struct flush_arg fa = { p, j, x };
+    /* -Ededupe: a file's extents depend on the pclusters of every file before it, so
+     * files are compressed one at a time, in order, each in place (as mkfs.erofs,
+     * whose -Ededupe is single-threaded): the image stays the same whatever the
+     * thread count */
+    c->roll = p->zc->roll && !j->packed ? &p->roll : NULL;
+    if (c->roll && (r = become_oldest(&fa)) != 0) {
+        c->zc = keep;
+        close(fd);
+        return r;
+    }
     r = zfile_compress(c, x, fd, j->path, j->offset, j->size, &j->zf, zflush, &fa);
+    c->roll = NULL;
     c->zc = keep;
     close(fd);
     return r;
@@ -224,6 +251,11 @@ static int commit(struct zpool *p, struct zjob *j, struct xfer *x)
         if ((r = place_pclusters(p, j, x)))
             return r;
         uint32_t nblocks = j->zf.wblocks;
+        if (j->zf.refs) {
+            /* partial references and pclusters of other files: the full index */
+            j->zfull = 1;
+            p->zc->incompat |= EROFS_FEATURE_INCOMPAT_DEDUPE;
+        }
         if (j->zf.frag) {
             /* appended in commit order: the packed inode does not depend on threads */
             if ((r = zpacked_add(&p->pk, x, j->zf.frag, j->zf.frag_len, &j->zf.fragoff)))
@@ -543,6 +575,7 @@ int zpool_stop(erofs_builder *b, int abort)
     if (p->pk.fd >= 0)
         zpacked_close(&p->pk);
     zdedupe_free(&p->dd);
+    zroll_free(&p->roll);
     /* committed results to their nodes */
     for (struct zjob *j = p->dhead; j;) {
         struct zjob *nx = j->next;

@@ -57,6 +57,9 @@ def _maps(boot):
         img.close()
     py, c = _both(boot)
     assert isinstance(c[0], PinTable) and dict(c[0]) == py[0]
+    # the offsets alone (the mount's prefetch-blob test), without making the pins
+    assert list(c[0].uncompressed_offsets()) == \
+        [py[0][i].uncompressed_offset for i in sorted(py[0])]
     assert table_digest(e, c[0]) == table_digest(e, py[0])
     return (chunkmap._meta_from_pins(blob_id, e, e.compressed_size, py[0]),
             chunkmap._meta_from_pins(blob_id, e, e.compressed_size, c[0]))

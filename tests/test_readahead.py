@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import bisect
+import os
+import struct
 
 from erofs_tools.reader.blob import BlobChunk
 from fscache_daemon.readahead import BlobReadahead
@@ -393,3 +395,69 @@ def test_once_the_modules_are_known_only_a_module_miss_brings_neighbours():
     mgr.cache.cached.add(10)
     w = ra.on_request(10 * K, 4096, True)
     assert w.kind == "neighbours" and 11 in idx(w) and 9 in idx(w)
+
+
+def _runs_tree(src) -> None:
+    import random
+    rnd = random.Random(7)
+    shared = rnd.randbytes(3 << 20)                       # deduplicated chunks
+    for d in range(3):
+        sub = src / f"d{d}" / "deeper"
+        sub.mkdir(parents=True)
+        (sub / "big.so").write_bytes(shared + rnd.randbytes(2 << 20))
+        (src / f"d{d}" / "again.so").write_bytes(rnd.randbytes(1 << 20) + shared)
+        (src / f"d{d}" / "empty").write_bytes(b"")
+        os.symlink("deeper/big.so", src / f"d{d}" / "link")
+    many = src / "many"
+    many.mkdir()
+    for i in range(400):                                  # several directory blocks
+        (many / f"module_with_a_long_name_{i:04d}.pyc").write_bytes(rnd.randbytes(100 + i))
+    os.link(many / "module_with_a_long_name_0001.pyc", src / "hardlink.pyc")
+
+
+def test_the_c_walk_finds_the_readers_file_runs(tmp_path):
+    """The C core's bootstrap walk (reader.runs) gives exactly the reader's walk's runs,
+    in its order (hard links: the first path), at every max_inodes; on a tree the
+    reader refuses part of, the reader's walk (which skips that part) decides."""
+    from test_daemon_support import pack
+
+    from erofs_tools._native_runs import file_runs_walk
+    from erofs_tools.reader.image import open_image
+    from erofs_tools.reader.runs import _reader_runs, data_runs
+    src = tmp_path / "src"
+    src.mkdir()
+    _runs_tree(src)
+    boot = str(tmp_path / "boot")
+    pack(str(src), boot, str(tmp_path / "blobs"), "--chunk-size", "0x100000")
+    img = open_image(boot)
+    want_paths, want = _reader_runs(img, 1 << 22, 0)
+    assert len(want_paths) == 3 * 2 + 400                 # empty files have no runs
+    assert (b"/hardlink.pyc" in want_paths) + \
+        (b"/many/module_with_a_long_name_0001.pyc" in want_paths) == 1
+    again = [want_paths.index(p) for p in want_paths if p.endswith(b"again.so")]
+    assert any(sum(r[0] == f for r in want) > 1 for f in again)   # split by dedupe
+    assert file_runs_walk(img.data, img.meta_off, img.blkszbits, img.root_nid,
+                          img.device_id_mask, len(img.devices), 1 << 22) == \
+        (want_paths, want)
+    for m in (0, 1, 7, 100, 1000):
+        assert data_runs(img, m) == _reader_runs(img, m, 0)
+    # a subdirectory whose '..' is wrong: the reader skips it; the C walk leaves it to it
+    sub = img.lookup("/d1/deeper")
+    ents = img.dirents(sub)
+    dotdot = [i for i, d in enumerate(ents) if d.name == b".."][0]
+    assert sub.layout == 2 and sub.size <= img.blksz       # inline: the block at data_end
+    data = bytearray(img.data)
+    img.close()
+    struct.pack_into("<Q", data, sub.data_end + 12 * dotdot, sub.nid)
+    bad = tmp_path / "bad"
+    bad.write_bytes(bytes(data))
+    img = open_image(str(bad))
+    assert file_runs_walk(img.data, img.meta_off, img.blkszbits, img.root_nid,
+                          img.device_id_mask, len(img.devices), 1 << 22) is None
+    paths, got = data_runs(img)
+    assert (paths, got) == _reader_runs(img, 1 << 22, 0)
+    kept = [p for p in want_paths if not p.startswith(b"/d1/deeper/")]
+    assert paths == kept and len(kept) == len(want_paths) - 1
+    assert [(paths[f], b, s, e) for f, b, s, e in got] == \
+        [(want_paths[f], b, s, e) for f, b, s, e in want if want_paths[f] in kept]
+    img.close()

@@ -1,6 +1,7 @@
 """Random trees (hypothesis) -> erofs-tools mkfs / pack / mkfs.erofs -> unpack: the unpacked
 tree equals the source with full metadata, and check passes."""
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -24,9 +25,15 @@ IDS = st.integers(min_value=0, max_value=70000)
 XATTRS = st.dictionaries(
     st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789._-", min_size=1, max_size=20)
     .map(lambda s: "user." + s), st.binary(max_size=64), max_size=3)
+_WORDS = [bytes(random.Random(i).choice(b"abcdefghij") for _ in range(1 + i % 7)) for i in range(64)]
+_rnd = random.Random(99)
+# one compressible text that files hold parts of, at other offsets (-E dedupe)
+SHARED = b" ".join(_rnd.choice(_WORDS) for _ in range(40000))
 DATA = st.one_of(
     st.binary(max_size=9000),
     st.tuples(st.binary(min_size=1, max_size=64), st.integers(1, 3000)).map(lambda t: t[0] * t[1]),
+    st.tuples(st.binary(max_size=3000), st.integers(0, 60000), st.integers(5000, 200000)).map(
+        lambda t: t[0] + SHARED[t[1]:t[1] + t[2]]),
 )
 
 
@@ -167,13 +174,15 @@ def test_random_trees_round_trip(builder):
     run()
 
 
-# compressed layouts: every algorithm, big pclusters, full indexes; for mkfs.erofs also
-# ztailpacking, fragments and dedupe (data repeats in DATA make dedupe and fragments
-# share pclusters)
+# compressed layouts: every algorithm, big pclusters, full indexes, ztailpacking,
+# fragments and dedupe (data repeats in DATA make dedupe and fragments share pclusters,
+# whole or in part)
 Z_ALGS = st.sampled_from(["lz4", "lz4hc", "zstd", "lzma", "deflate"])
 OUR_Z = st.tuples(Z_ALGS, st.sampled_from([[], ["-C", "16384"], ["-C", "65536"],
-                                           ["-E", "legacy-compress"]])).map(
-    lambda t: ["-z", t[0], *t[1]])
+                                           ["-E", "legacy-compress"]]),
+                  st.sampled_from([[], ["-E", "dedupe"], ["-E", "dedupe,ztailpacking"],
+                                   ["-E", "fragments,dedupe"]])).map(
+    lambda t: ["-z", t[0], *t[1], *t[2]])
 REF_Z = st.tuples(Z_ALGS, st.lists(st.sampled_from(["ztailpacking", "fragments", "dedupe",
                                                     "legacy-compress"]), unique=True),
                   st.sampled_from([[], ["-C16384"], ["-C65536"]])).map(

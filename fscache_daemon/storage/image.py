@@ -12,13 +12,13 @@ import bisect
 import hashlib
 import logging
 import os
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from erofs_tools.errors import CorruptImageError, ErofsToolsError
 from erofs_tools.reader.bootstrap import ChunkPin, PinTable, chunk_pin_tables
 from erofs_tools.reader.image import open_image
+from erofs_tools.reader.runs import data_runs
 
 from . import StorageError
 
@@ -147,7 +147,10 @@ def _prefetch_blobs(files: list[list[tuple[int, int, int]]], pins: list) -> set[
         def covered(off: int, ranges=ranges, starts=starts) -> bool:
             i = bisect.bisect_right(starts, off) - 1
             return i >= 0 and ranges[i][0] <= off < ranges[i][1]
-        if all(covered(p.uncompressed_offset) for p in pins[b].values()):
+        table = pins[b]
+        offsets = table.uncompressed_offsets() if isinstance(table, PinTable) else \
+            (p.uncompressed_offset for p in table.values())
+        if all(map(covered, offsets)):
             only.add(b)
     return only if len(only) < len(spans) else set()
 
@@ -199,10 +202,37 @@ COLD_SUFFIXES = (b".pyi", b".h", b".hpp", b".hxx", b".cuh", b".c", b".cc", b".cp
                  b".cmake", b".pxd", b".pyx")
 
 
-def _cold_py_sources(py: dict, pyc: set) -> list:
-    """The runs of X.py files whose directory has __pycache__/X.<tag>.pyc: Python reads
-    the compiled file, the source only when that is stale."""
-    return [r for key, rs in py.items() if key in pyc for r in rs]
+def _cold_files(paths: list[bytes]) -> bytearray:
+    """1 per path of a file a start rarely reads: COLD_SUFFIXES, and X.py files whose
+    directory has __pycache__/X.<tag>.pyc (Python reads the compiled file, the source
+    only when that is stale)."""
+    flags = bytearray(len(paths))
+    py: dict[tuple[bytes, bytes], int] = {}   # (dir, stem) -> file number of X.py
+    pyc: set[tuple[bytes, bytes]] = set()     # (dir, stem) with __pycache__/stem.*.pyc
+    for i, p in enumerate(paths):
+        if p.endswith(COLD_SUFFIXES):
+            flags[i] = 1
+        elif p.endswith(b".py"):
+            d, _, base = p.rpartition(b"/")
+            py[(d, base[:-3])] = i
+        elif p.endswith(b".pyc"):
+            d, _, base = p.rpartition(b"/")
+            if d.endswith(b"/__pycache__"):
+                pyc.add((d[:-12], base.split(b".", 1)[0]))
+    for key, i in py.items():
+        if key in pyc:
+            flags[i] = 1
+    return flags
+
+
+def is_module(path: bytes) -> bool:
+    """Whether the file at image path `path` is a Python module (compiled or source),
+    whose chunks readahead fetches with their neighbours (fscache_daemon.readahead):
+    the one place this is decided."""
+    return path.endswith(MODULE_SUFFIXES)
+
+
+MODULE_SUFFIXES = (b".pyc", b".py")
 
 
 def file_runs(path: str, max_inodes: int = 1 << 22, *,
@@ -214,62 +244,28 @@ def file_runs(path: str, max_inodes: int = 1 << 22, *,
     live elsewhere). Used for file-aware readahead: a miss at the start of a run can
     fetch the rest of it. Unreadable entries are skipped. With `cold` (a dict), the runs
     of files a start rarely reads (COLD_SUFFIXES, compiled Python sources) also go there,
-    by blob index; with `modules` (a dict), the runs of Python modules (.pyc files, and
-    .py files that are not cold), whose neighbours readahead fetches. With `pause_every`, the walk lets other threads run every that many
-    inodes (it takes ~0.5 s of CPU for 30,000 files, beside the daemon's workers
-    answering reads)."""
+    by blob index; with `modules` (a dict), the runs of Python modules (is_module), whose
+    neighbours readahead fetches. The walk is the C core's (reader.runs, the GIL
+    released); `pause_every` applies to the reader's walk it falls back to."""
     runs: dict[int, list[tuple[int, int]]] = {}
-    py: dict[tuple[bytes, bytes], list] = {}  # (dir, stem) -> [(blob, start, end)] of X.py
-    pyc: set[tuple[bytes, bytes]] = set()     # (dir, stem) with __pycache__/stem.*.pyc
     img = open_image(path)
     try:
-        seen: set[int] = set()
-        for p, _d, ino in img.walk(on_error=lambda _p, _e: None):
-            if len(seen) >= max_inodes:
-                break
-            if pause_every and len(seen) % pause_every == 0:
-                time.sleep(0)
-            if not ino.is_reg() or ino.nid in seen:
-                continue
-            seen.add(ino.nid)
-            mine: list[tuple[int, int, int]] = []
-            cur = None
-            try:
-                for _fo, length, device, phys in img.map_data(ino):
-                    if not device:
-                        continue
-                    if cur and cur[0] == device - 1 and cur[2] == phys:
-                        cur[2] = phys + length
-                        continue
-                    if cur:
-                        mine.append((cur[0], cur[1], cur[2]))
-                    cur = [device - 1, phys, phys + length]
-            except ErofsToolsError:
-                continue
-            if cur:
-                mine.append((cur[0], cur[1], cur[2]))
-            for b, start, end in mine:
-                runs.setdefault(b, []).append((start, end))
-            if modules is not None and p.endswith((b".pyc", b".py")):
-                for b, start, end in mine:
-                    modules.setdefault(b, []).append((start, end))
-            if cold is None or not mine:
-                continue
-            if p.endswith(COLD_SUFFIXES):
-                for b, start, end in mine:
-                    cold.setdefault(b, []).append((start, end))
-            elif p.endswith(b".py"):
-                d, _, base = p.rpartition(b"/")
-                py.setdefault((d, base[:-3]), []).extend(mine)
-            elif p.endswith(b".pyc"):
-                d, _, base = p.rpartition(b"/")
-                if d.endswith(b"/__pycache__"):
-                    pyc.add((d[:-12], base.split(b".", 1)[0]))
-        if cold is not None:
-            for b, start, end in _cold_py_sources(py, pyc):
-                cold.setdefault(b, []).append((start, end))
+        paths, found = data_runs(img, max_inodes, pause_every)
     finally:
         img.close()
+    # per file: is_module, and (with `cold`) a file a start rarely reads
+    mod = [is_module(p) for p in paths] if modules is not None else None
+    cold_files = _cold_files(paths) if cold is not None else None
+    for f, b, start, end in found:
+        r = (start, end)
+        lst = runs.get(b)
+        if lst is None:
+            lst = runs[b] = []
+        lst.append(r)
+        if modules is not None and mod is not None and mod[f]:
+            modules.setdefault(b, []).append(r)
+        if cold is not None and cold_files is not None and cold_files[f]:
+            cold.setdefault(b, []).append(r)
     return runs
 
 

@@ -215,3 +215,46 @@ def test_algorithm(tree, work, alg):
 @pytest.mark.parametrize("args", COMBOS, ids=lambda a: " ".join(a))
 def test_features(tree, work, args):
     _check(tree, work, args)
+
+
+@pytest.fixture(scope="module")
+def shifted_tree():
+    """A compressible text behind prefixes of other lengths, and copies of it cut short:
+    -E dedupe references earlier pclusters, some only in part (LI_PARTIAL_REF, 6.1+)."""
+    base = os.path.join(os.environ["VMTEST_SCRATCH"], "shifted-" + os.urandom(4).hex())
+    root = os.path.join(base, "src")
+    os.makedirs(root)
+    rnd = random.Random(23)
+    words = [bytes(rnd.choice(b"abcdefghijklmnopqrstuvwxyz") for _ in range(rnd.randint(2, 9)))
+             for _ in range(400)]
+
+    def words_text(n, seed):
+        r = random.Random(seed)
+        out = bytearray()
+        while len(out) < n:
+            out += r.choice(words) + b" "
+        return bytes(out[:n])
+    shared = words_text(600_000, 1)
+    for i in range(4):
+        with open(os.path.join(root, f"lang{i}.mo"), "wb") as f:
+            f.write(words_text(137 * i + rnd.randint(1, 9000), 100 + i) + shared +
+                    words_text(3000 + i, 200 + i))
+    for k in range(8):
+        with open(os.path.join(root, f"z-cut{k}"), "wb") as f:
+            f.write(words_text(999 + k, 301 + k) + shared[:200_000 + 1777 * k])
+    yield root
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.parametrize("args", [("-z", "lz4hc"), ("-z", "lzma"),
+                                  ("-z", "lz4", "-C", "65536", "-E", "ztailpacking"),
+                                  ("-z", "zstd")], ids=lambda a: " ".join(a))
+def test_dedupe_partial_references(shifted_tree, work, args):
+    from erofs_tools.reader.image import open_image
+    from erofs_tools.reader.zdata import is_compressed, state
+    from erofs_tools.reader.zmap import PCLUSTER
+    _check(shifted_tree, work, (*args, "-E", "dedupe"))
+    with open_image(os.path.join(work, "img")) as im:
+        partial = sum(x.partial for _p, _d, ino in im.walk() if is_compressed(ino)
+                      for x in state(im).zmap(ino).extents if x.kind == PCLUSTER)
+    assert partial > 0
