@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from erofs_tools.errors import ErofsToolsError
 from erofs_tools.registry.reference import default_insecure
 
-from . import BackendError, BackendUnavailableError
+from . import BackendError, BackendUnavailableError, pipeline
 from .iobuf import BufferPool, IOBuffer
 
 if TYPE_CHECKING:
@@ -30,6 +30,8 @@ if TYPE_CHECKING:
     from .keychain import Keychain
 
 log = logging.getLogger(__name__)
+
+POOL_SIZE = 8 + pipeline.MAX_THREADS      # workers (--threads default) + pipeline readers
 
 _BLOB_ID = re.compile(r"^[0-9a-f]{64}$")
 
@@ -304,6 +306,10 @@ class RegistryBackend(Backend):
             # A reader waits on every retry: bound one fetch's retrying (the kernel may
             # retry a failed range once or twice more) so a dead registry means EIO.
             client_kw.setdefault("deadline", FETCH_RETRY_DEADLINE)
+            # a connection per request in flight: the daemon's workers and the fetch
+            # pipeline's reader threads (pipeline.MAX_THREADS); with urllib3's pool of
+            # 8 the connections past it were closed after each request and opened again
+            client_kw.setdefault("pool_size", POOL_SIZE)
             if mirror:
                 # one plain-HTTP rule with erofs-tools convert/push/pull: loopback only
                 scheme = "http" if default_insecure(mirror, insecure) else "https"
