@@ -345,9 +345,12 @@ class ApiServer:
                 raise DaemonError(f"{self.path}: another daemon answers on this socket")
             os.unlink(self.path)
         self.server = _Server(self.path, _Handler, daemon)
+        # bound now (the path is ours), listening only in start(): a client that finds
+        # the socket answering talks to a daemon that started, never to one that is
+        # still restoring its mounts or about to refuse to start and exit (its queued
+        # connections were reset: `start` and the tests took it for up)
         try:
             self.server.server_bind()
-            self.server.server_activate()
         except BaseException:
             self.server.server_close()
             raise
@@ -359,6 +362,7 @@ class ApiServer:
         return self.server.shutdown_requested
 
     def start(self) -> ApiServer:
+        self.server.server_activate()
         self._thread.start()
         log.info("api listening on %s", self.path)
         return self
