@@ -175,6 +175,15 @@ class Containerd:
                 f"{open(self.log).read()[-3000:]}")
         return p
 
+    def wait_snapshotter(self, name: str, timeout: float = 30.0) -> None:
+        """Wait until containerd reaches proxy snapshotter `name`. Needed when containerd
+        started before the snapshotter's socket existed: its gRPC client then backs off
+        between attempts (up to 3 s) and fails calls meanwhile ("dial ...: timeout")."""
+        wait_for(lambda: self.ctr("snapshots", "--snapshotter", name, "ls",
+                                  check=False, timeout=10).returncode == 0,
+                 timeout, f"containerd's connection to snapshotter {name}", self.proc,
+                 self.log)
+
     def run_out(self, *args: str, ns: str | None = None, timeout: float = 120) -> bytes:
         """`ctr run --rm ARGS...` (ARGS = options, image, id, command...) and what the
         command wrote to its stdout.

@@ -326,3 +326,47 @@ def wait_holder_pending(sock, at_least=1, timeout=30.0):
     then provably waiting for a daemon."""
     return wait_until(lambda: holder_status(sock)["pending"] >= at_least, timeout,
                       f"{at_least} pending event(s) in the fd holder at {sock}")
+
+
+SHIFTED_TEXT = 600_000       # bytes of the text every file of the shifted tree repeats
+SHIFTED_CUTS = 8
+
+
+def shifted_cut_len(k):
+    return 200_000 + 1777 * k
+
+
+# copies of the text after the first (lang1-5, twice, the cuts)
+SHIFTED_COPIES = 5 + 2 + sum(shifted_cut_len(k) for k in range(SHIFTED_CUTS)) / SHIFTED_TEXT
+
+
+def write_shifted_tree(root):
+    """Files sharing long runs at differing offsets into directory `root` (as the .mo
+    files of one package in every language, or firmware shifted by a few bytes): a
+    600 KB text behind a prefix of another length in each, one file holding it twice,
+    copies cut short (their ends fall inside earlier pclusters' output: -E dedupe's
+    partial references), and a small piece of it. Host and VM tests share it."""
+    import random
+    rnd = random.Random(23)
+    words = [bytes(rnd.choice(b"abcdefghijklmnopqrstuvwxyz") for _ in range(rnd.randint(2, 9)))
+             for _ in range(400)]
+
+    def words_text(n, seed):
+        r = random.Random(seed)
+        out = bytearray()
+        while len(out) < n:
+            out += r.choice(words) + b" "
+        return bytes(out[:n])
+
+    def put(name, data):
+        with open(os.path.join(root, name), "wb") as f:
+            f.write(data)
+    base = words_text(SHIFTED_TEXT, 1)
+    for i in range(6):
+        pre = words_text(137 * i + rnd.randint(1, 9000), 100 + i)
+        put(f"lang{i}.mo", pre + base + words_text(3000 + i, 200 + i))
+    put("twice", words_text(5000, 300) + base + random.Random(4).randbytes(777) + base)
+    for k in range(SHIFTED_CUTS):
+        put(f"z-cut{k}", words_text(999 + k, 301 + k) + base[:shifted_cut_len(k)])
+    put("small", base[1000:4000])
+

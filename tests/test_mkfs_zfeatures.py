@@ -11,6 +11,7 @@ import subprocess
 
 import pytest
 from helpers import (
+    SHIFTED_COPIES,
     fsck,
     is_root,
     mkfs_and_check,
@@ -18,6 +19,7 @@ from helpers import (
     require_root_kernel,
     require_tool,
     run_mkfs,
+    write_shifted_tree,
 )
 
 pytestmark = pytest.mark.root
@@ -248,41 +250,10 @@ def test_dedupe(root_kernel, tree, tmp_path, alg):
 
 @pytest.fixture(scope="module")
 def shifted_tree(tmp_path_factory):
-    """Files sharing long runs at differing offsets (as the .mo files of one package in
-    every language, or firmware images shifted by a few bytes): a 600 KB text behind a
-    prefix of another length in each, one file holding it twice, a copy cut short."""
     root = tmp_path_factory.mktemp("shifted") / "src"
     root.mkdir()
-    rnd = random.Random(23)
-    words = [bytes(rnd.choice(b"abcdefghijklmnopqrstuvwxyz") for _ in range(rnd.randint(2, 9)))
-             for _ in range(400)]
-
-    def words_text(n, seed):
-        r = random.Random(seed)
-        out = bytearray()
-        while len(out) < n:
-            out += r.choice(words) + b" "
-        return bytes(out[:n])
-    base = words_text(600000, 1)
-    for i in range(6):
-        pre = words_text(137 * i + rnd.randint(1, 9000), 100 + i)
-        (root / f"lang{i}.mo").write_bytes(pre + base + words_text(3000 + i, 200 + i))
-    (root / "twice").write_bytes(words_text(5000, 300) + base + noise(777, 4) + base)
-    for k in range(CUTS):       # copies cut short: ends inside earlier pclusters' output
-        (root / f"z-cut{k}").write_bytes(words_text(999 + k, 301 + k) + base[:cut_len(k)])
-    (root / "small").write_bytes(base[1000:4000])
+    write_shifted_tree(root)
     return root
-
-
-CUTS = 8
-
-
-def cut_len(k):
-    return 200000 + 1777 * k
-
-
-# copies of the text after the first (lang1-5, twice, cut*)
-SHIFTED_COPIES = 5 + 2 + sum(cut_len(k) for k in range(CUTS)) / 600000
 
 
 @pytest.mark.parametrize("args", [("-z", "lz4hc"), ("-z", "lz4"), ("-z", "zstd"),

@@ -64,6 +64,7 @@ def test_cri_pull_and_lazy_reads_with_containerd_credentials(registry_basic,  # 
         s.daemon = daemon = DaemonProc(os.path.join(d, "daemon"), extra=(
             "--snapshotter-socket", snap_sock, "--containerd-config", ctd.config)).start()
         wait_for(lambda: os.path.exists(snap_sock), 30, "snapshotter socket")
+        ctd.wait_snapshotter(SNAPSHOTTER)
         st, info = daemon.api.request("GET", "/api/v1/daemon")
         assert st == 200 and info["hosts_dir"] == hosts, info
         cri_pull(ctd.sock, ref)          # no pull secret: containerd's configs

@@ -122,6 +122,7 @@ def test_kubelet_pull_secret_reaches_lazy_reads(registry_basic, monkeypatch):  #
         daemon = SnapshotterDaemon(workdir, insecure=(server.host,), extra=(
             "--image-service-socket", image_sock, "--cri-address", ctd.sock)).start()
         wait_for(lambda: socket_answers(image_sock), 30, "image service socket")
+        ctd.wait_snapshotter(SNAPSHOTTER)
         assert stat.S_IMODE(os.stat(image_sock).st_mode) == 0o600
         keychain = os.path.join(daemon.cache_dir, kc_mod.FILE_NAME)
 

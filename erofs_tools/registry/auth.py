@@ -75,6 +75,20 @@ def _auth_keys(host: str) -> list[str]:
     return keys
 
 
+def decode_basic_auth(encoded: str) -> tuple[str, str] | None:
+    """(user, password) of an ``auth`` value (base64 of user:password, as docker
+    config files, containerd's CRI config and kubelet's pull secrets carry it), or None
+    if it is not one. Trailing NULs of the password go, as docker and containerd drop
+    them."""
+    try:
+        user, sep, password = base64.b64decode(encoded, validate=True).decode().partition(":")
+    except (ValueError, UnicodeDecodeError):  # binascii.Error is a ValueError
+        return None
+    if not sep or not user:
+        return None
+    return user, password.rstrip("\0")
+
+
 def _entry_credentials(entry: dict, path: str) -> Credentials | None:
     if entry.get("identitytoken"):
         return Credentials(str(entry.get("username") or "<token>"), "",
@@ -84,14 +98,11 @@ def _entry_credentials(entry: dict, path: str) -> Credentials | None:
     encoded = entry.get("auth")
     if not encoded:
         return None
-    try:
-        user, sep, password = base64.b64decode(encoded, validate=True).decode().partition(":")
-    except (ValueError, UnicodeDecodeError):
-        sep, user = "", ""
-    if not sep or not user:
+    pair = decode_basic_auth(encoded)
+    if pair is None:
         # Say which file is broken, never what it holds.
         raise AuthError(f"{path}: malformed 'auth' entry (expected base64 of user:password)")
-    return Credentials(user, password)
+    return Credentials(*pair)
 
 
 def load_credentials(host: str, config_path: str | None = None) -> Credentials | None:

@@ -35,8 +35,6 @@ says so): the hosts directory says the same per host.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import glob
 import logging
 import os
@@ -44,7 +42,7 @@ import urllib.parse
 from dataclasses import dataclass, field
 
 from ..errors import AuthError, InputError
-from .auth import Credentials
+from .auth import Credentials, decode_basic_auth
 from .hosts import read_toml
 
 log = logging.getLogger(__name__)
@@ -195,14 +193,10 @@ def _credentials(path: str, auth: dict, where: str) -> Credentials | None:
     encoded = auth.get("auth")
     if not encoded:
         return None
-    try:
-        user, sep, password = base64.b64decode(encoded, validate=True).decode() \
-            .partition(":")
-    except (binascii.Error, ValueError, UnicodeDecodeError):
-        user, sep, password = "", "", ""
-    if not sep or not user:
+    pair = decode_basic_auth(encoded)
+    if pair is None:
         # which entry is broken, never what it holds
         raise AuthError(f"{path}: {where}.auth is malformed (expected base64 of "
                         "user:password)")
-    return Credentials(user, password.rstrip("\0"))
+    return Credentials(*pair)
 

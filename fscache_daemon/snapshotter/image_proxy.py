@@ -15,8 +15,6 @@ same idea its CRI keychain).
 
 from __future__ import annotations
 
-import base64
-import binascii
 import logging
 import os
 import urllib.parse
@@ -27,7 +25,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from erofs_tools.errors import ErofsToolsError
-from erofs_tools.registry.auth import Credentials
+from erofs_tools.registry.auth import Credentials, decode_basic_auth
 from erofs_tools.registry.reference import DOCKER_HUB, DOCKER_HUB_API, parse_registry_reference
 from fscache_daemon.snapshotter.grpcsock import listen_private
 from fscache_daemon.snapshotter.proto import cri_image_pb2
@@ -67,13 +65,9 @@ def pull_credentials(request: bytes) -> tuple[str, str, Credentials | None] | No
     elif auth.identity_token:
         creds = Credentials("<token>", "", auth.identity_token)
     elif auth.auth:
-        try:
-            user, sep, password = base64.b64decode(auth.auth, validate=True).decode() \
-                .partition(":")
-        except (binascii.Error, ValueError, UnicodeDecodeError):
-            sep = ""
-        if sep and user:
-            creds = Credentials(user, password.rstrip("\0"))
+        pair = decode_basic_auth(auth.auth)
+        if pair is not None:
+            creds = Credentials(*pair)
     if creds is not None and auth.server_address and \
             not _same_registry(auth.server_address, ref.host):
         creds = None

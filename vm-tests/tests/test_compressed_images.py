@@ -29,7 +29,7 @@ pytestmark = pytest.mark.skipif(not IN_GUEST, reason="runs only inside the vm-te
 
 if IN_GUEST:
     sys.path.insert(0, os.path.join(REPO, "tests"))
-    from helpers import assert_same_tree  # noqa: E402
+    from helpers import assert_same_tree, write_shifted_tree  # noqa: E402
 
     from erofs_tools.errors import MountError  # noqa: E402
     from erofs_tools.mount import mount_erofs, umount  # noqa: E402
@@ -219,29 +219,12 @@ def test_features(tree, work, args):
 
 @pytest.fixture(scope="module")
 def shifted_tree():
-    """A compressible text behind prefixes of other lengths, and copies of it cut short:
-    -E dedupe references earlier pclusters, some only in part (LI_PARTIAL_REF, 6.1+)."""
+    """helpers.write_shifted_tree: -E dedupe references earlier pclusters, some only in
+    part (LI_PARTIAL_REF, 6.1+)."""
     base = os.path.join(os.environ["VMTEST_SCRATCH"], "shifted-" + os.urandom(4).hex())
     root = os.path.join(base, "src")
     os.makedirs(root)
-    rnd = random.Random(23)
-    words = [bytes(rnd.choice(b"abcdefghijklmnopqrstuvwxyz") for _ in range(rnd.randint(2, 9)))
-             for _ in range(400)]
-
-    def words_text(n, seed):
-        r = random.Random(seed)
-        out = bytearray()
-        while len(out) < n:
-            out += r.choice(words) + b" "
-        return bytes(out[:n])
-    shared = words_text(600_000, 1)
-    for i in range(4):
-        with open(os.path.join(root, f"lang{i}.mo"), "wb") as f:
-            f.write(words_text(137 * i + rnd.randint(1, 9000), 100 + i) + shared +
-                    words_text(3000 + i, 200 + i))
-    for k in range(8):
-        with open(os.path.join(root, f"z-cut{k}"), "wb") as f:
-            f.write(words_text(999 + k, 301 + k) + shared[:200_000 + 1777 * k])
+    write_shifted_tree(root)
     yield root
     shutil.rmtree(base, ignore_errors=True)
 
