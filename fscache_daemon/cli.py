@@ -20,6 +20,7 @@ import time
 
 import click
 
+from erofs_tools.cli import run_main
 from erofs_tools.errors import ErofsToolsError
 from fscache_daemon import __version__
 from fscache_daemon.errors import DaemonError
@@ -500,22 +501,7 @@ def status(as_json, api_sock):
 
 
 def main(argv=None):
-    try:
-        rv = cli.main(args=argv, prog_name="fscache-daemon", standalone_mode=False)
-    except ErofsToolsError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(1)
-    except click.exceptions.Abort:
-        click.echo("Aborted!", err=True)
-        sys.exit(1)
-    except click.ClickException as e:
-        # Usage errors too: one line and status 1, like every other bad input.
-        msg = " ".join(e.format_message().split())
-        hint = " (see --help)" if isinstance(e, click.UsageError) else ""
-        click.echo(f"error: {msg}{hint}", err=True)
-        sys.exit(1)
-    sys.exit(rv if isinstance(rv, int) else 0)
-
+    run_main(cli, "fscache-daemon", argv)
 
 if __name__ == "__main__":
     main()

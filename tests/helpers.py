@@ -370,3 +370,26 @@ def write_shifted_tree(root):
         put(f"z-cut{k}", words_text(999 + k, 301 + k) + base[:shifted_cut_len(k)])
     put("small", base[1000:4000])
 
+
+# Vocabularies of compressible test text; the trees of the compression tests use one
+# each (their files, and so their images' sizes, stay as the tests were written for).
+TEXT_WORDS = (b"erofs", b"cluster", b"block", b"inode", b"kernel", b"mount", b"data",
+              b"compress", b"the", b"of", b"and", b"\n")
+TAIL_WORDS = TEXT_WORDS[:7] + (b"tail",) + TEXT_WORDS[8:]
+
+
+def text(n, seed=0, words=TEXT_WORDS):
+    """n bytes of compressible text (words from a small vocabulary)."""
+    import random
+    rnd = random.Random(seed)
+    out = bytearray()
+    while len(out) < n:
+        out += rnd.choice(words) + b" "
+    return bytes(out[:n])
+
+
+def noise(n, seed=1):
+    """n incompressible bytes."""
+    import random
+    return random.Random(seed).randbytes(n)
+

@@ -4,7 +4,6 @@ the source tree (full metadata), fsck.erofs --extract on every image, the layout
 option errors."""
 import base64
 import os
-import random
 import re
 import struct
 import subprocess
@@ -14,10 +13,12 @@ from helpers import (
     fsck,
     is_root,
     mkfs_and_check,
+    noise,
     require,
     require_root_kernel,
     require_tool,
     run_mkfs,
+    text,
 )
 
 pytestmark = pytest.mark.root
@@ -27,20 +28,6 @@ INCOMPAT_ZERO_PADDING = 0x1
 INCOMPAT_COMPR_CFGS = 0x2
 ALG_IDS = {"lz4": 0, "lz4hc": 0, "lzma": 1, "deflate": 2, "zstd": 3}
 
-
-def text(n, seed=0):
-    """n bytes of compressible text (words from a small vocabulary)."""
-    rnd = random.Random(seed)
-    words = [b"erofs", b"cluster", b"block", b"inode", b"kernel", b"mount", b"data",
-             b"compress", b"the", b"of", b"and", b"\n"]
-    out = bytearray()
-    while len(out) < n:
-        out += rnd.choice(words) + b" "
-    return bytes(out[:n])
-
-
-def noise(n, seed=1):
-    return random.Random(seed).randbytes(n)
 
 
 @pytest.fixture(scope="module")

@@ -12,14 +12,19 @@ import subprocess
 import pytest
 from helpers import (
     SHIFTED_COPIES,
+    TAIL_WORDS,
     fsck,
     is_root,
     mkfs_and_check,
+    noise,
     require,
     require_root_kernel,
     require_tool,
     run_mkfs,
     write_shifted_tree,
+)
+from helpers import (
+    text as _text,
 )
 
 pytestmark = pytest.mark.root
@@ -30,17 +35,7 @@ INCOMPAT_FRAGMENTS = 0x20
 
 
 def text(n, seed=0):
-    rnd = random.Random(seed)
-    words = [b"erofs", b"cluster", b"block", b"inode", b"kernel", b"mount", b"data",
-             b"tail", b"the", b"of", b"and", b"\n"]
-    out = bytearray()
-    while len(out) < n:
-        out += rnd.choice(words) + b" "
-    return bytes(out[:n])
-
-
-def noise(n, seed=1):
-    return random.Random(seed).randbytes(n)
+    return _text(n, seed, TAIL_WORDS)
 
 
 @pytest.fixture(scope="module")

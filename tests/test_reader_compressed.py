@@ -11,7 +11,15 @@ import subprocess
 import sys
 
 import pytest
-from helpers import compare_trees, is_root, mounted, require_root_kernel, require_tool
+from helpers import (
+    compare_trees,
+    is_root,
+    mounted,
+    noise,
+    require_root_kernel,
+    require_tool,
+    text,
+)
 
 from erofs_tools.errors import CorruptImageError
 from erofs_tools.format import erofs as E
@@ -40,19 +48,6 @@ REF_VARIANTS = {
 }
 OUR_VARIANTS = {"default": [], "big": ["-C", "65536"], "full-index": ["-E", "legacy-compress"]}
 
-
-def text(n, seed=0):
-    rnd = random.Random(seed)
-    words = [b"erofs", b"cluster", b"block", b"inode", b"kernel", b"mount", b"data",
-             b"compress", b"the", b"of", b"and", b"\n"]
-    out = bytearray()
-    while len(out) < n:
-        out += rnd.choice(words) + b" "
-    return bytes(out[:n])
-
-
-def noise(n, seed=1):
-    return random.Random(seed).randbytes(n)
 
 
 @pytest.fixture(scope="module")

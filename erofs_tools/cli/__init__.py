@@ -61,10 +61,12 @@ cli.lazy("push", "erofs_tools.cli.registry_cmds:push_cmd")
 cli.lazy("pull", "erofs_tools.cli.registry_cmds:pull_cmd")
 
 
-def main(argv=None):
-    """Console entry point: ErofsToolsError -> 'error: msg', exit 1."""
+def run_main(group: click.Group, prog_name: str, argv=None):
+    """Run a click group as a console program (erofs-tools, fscache-daemon): an
+    ErofsToolsError or a usage error is one line "error: <message>" on stderr and exit
+    status 1, like every other bad input; ^C is "error: interrupted", status 130."""
     try:
-        rv = cli.main(args=argv, prog_name="erofs-tools", standalone_mode=False)
+        rv = group.main(args=argv, prog_name=prog_name, standalone_mode=False)
     except ErofsToolsError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(1)
@@ -72,7 +74,6 @@ def main(argv=None):
         click.echo("Aborted!", err=True)
         sys.exit(1)
     except click.ClickException as e:
-        # Usage errors too: one line and status 1, like every other bad input.
         msg = " ".join(e.format_message().split())
         hint = " (see --help)" if isinstance(e, click.UsageError) else ""
         click.echo(f"error: {msg}{hint}", err=True)
@@ -81,3 +82,8 @@ def main(argv=None):
         click.echo("error: interrupted", err=True)
         sys.exit(130)
     sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def main(argv=None):
+    """Console entry point of erofs-tools."""
+    run_main(cli, "erofs-tools", argv)

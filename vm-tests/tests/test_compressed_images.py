@@ -15,7 +15,6 @@ import contextlib
 import errno
 import gzip
 import os
-import random
 import re
 import shutil
 import subprocess
@@ -29,7 +28,8 @@ pytestmark = pytest.mark.skipif(not IN_GUEST, reason="runs only inside the vm-te
 
 if IN_GUEST:
     sys.path.insert(0, os.path.join(REPO, "tests"))
-    from helpers import assert_same_tree, write_shifted_tree  # noqa: E402
+    from helpers import TAIL_WORDS, assert_same_tree, noise, write_shifted_tree  # noqa: E402
+    from helpers import text as _text  # noqa: E402
 
     from erofs_tools.errors import MountError  # noqa: E402
     from erofs_tools.mount import mount_erofs, umount  # noqa: E402
@@ -79,17 +79,7 @@ def supported():
 
 
 def text(n, seed=0):
-    rnd = random.Random(seed)
-    words = [b"erofs", b"cluster", b"block", b"inode", b"kernel", b"mount", b"data",
-             b"tail", b"the", b"of", b"and", b"\n"]
-    out = bytearray()
-    while len(out) < n:
-        out += rnd.choice(words) + b" "
-    return bytes(out[:n])
-
-
-def noise(n, seed=1):
-    return random.Random(seed).randbytes(n)
+    return _text(n, seed, TAIL_WORDS)
 
 
 @pytest.fixture(scope="module")
