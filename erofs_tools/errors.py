@@ -2,8 +2,10 @@
 
 Every error a user can cause (bad arguments, bad input trees, corrupt or hostile images,
 registry failures) is an ErofsToolsError whose str() is a one-line message fit to print
-after "error: ". The CLI turns these into exit status 1; anything else is a bug.
+after "error: ". The CLI turns these into exit status 1 (`run_console`, for erofs-tools
+and fscache-daemon); anything else is a bug.
 """
+import sys
 
 
 class ErofsToolsError(Exception):
@@ -40,3 +42,28 @@ class AuthError(RegistryError):
 
 class MountError(ErofsToolsError):
     """mount(2)/umount(2) or the cache setup around them failed."""
+
+
+def run_console(group, prog_name: str, argv=None):
+    """Run a click group as a console program: an ErofsToolsError or a usage error is
+    one line "error: <message>" on stderr and exit status 1, like every other bad
+    input; ^C is "error: interrupted", status 130."""
+    import click  # only the programs need it, not every importer of the errors
+
+    try:
+        rv = group.main(args=argv, prog_name=prog_name, standalone_mode=False)
+    except ErofsToolsError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(1)
+    except click.exceptions.Abort:
+        click.echo("Aborted!", err=True)
+        sys.exit(1)
+    except click.ClickException as e:
+        msg = " ".join(e.format_message().split())
+        hint = " (see --help)" if isinstance(e, click.UsageError) else ""
+        click.echo(f"error: {msg}{hint}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        click.echo("error: interrupted", err=True)
+        sys.exit(130)
+    sys.exit(rv if isinstance(rv, int) else 0)

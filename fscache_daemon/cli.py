@@ -20,8 +20,7 @@ import time
 
 import click
 
-from erofs_tools.cli import run_main
-from erofs_tools.errors import ErofsToolsError
+from erofs_tools.errors import ErofsToolsError, run_console
 from fscache_daemon import __version__
 from fscache_daemon.errors import DaemonError
 
@@ -501,7 +500,7 @@ def status(as_json, api_sock):
 
 
 def main(argv=None):
-    run_main(cli, "fscache-daemon", argv)
+    run_console(cli, "fscache-daemon", argv)
 
 if __name__ == "__main__":
     main()

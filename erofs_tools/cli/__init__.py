@@ -10,12 +10,11 @@ the mkfs benchmark), and one command module cannot break another. An already imp
 click command can still be added eagerly with `cli.add_command(cmd)`.
 """
 import importlib
-import sys
 
 import click
 
 from erofs_tools import __version__
-from erofs_tools.errors import ErofsToolsError
+from erofs_tools.errors import run_console
 
 
 class LazyGroup(click.Group):
@@ -61,29 +60,6 @@ cli.lazy("push", "erofs_tools.cli.registry_cmds:push_cmd")
 cli.lazy("pull", "erofs_tools.cli.registry_cmds:pull_cmd")
 
 
-def run_main(group: click.Group, prog_name: str, argv=None):
-    """Run a click group as a console program (erofs-tools, fscache-daemon): an
-    ErofsToolsError or a usage error is one line "error: <message>" on stderr and exit
-    status 1, like every other bad input; ^C is "error: interrupted", status 130."""
-    try:
-        rv = group.main(args=argv, prog_name=prog_name, standalone_mode=False)
-    except ErofsToolsError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(1)
-    except click.exceptions.Abort:
-        click.echo("Aborted!", err=True)
-        sys.exit(1)
-    except click.ClickException as e:
-        msg = " ".join(e.format_message().split())
-        hint = " (see --help)" if isinstance(e, click.UsageError) else ""
-        click.echo(f"error: {msg}{hint}", err=True)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        click.echo("error: interrupted", err=True)
-        sys.exit(130)
-    sys.exit(rv if isinstance(rv, int) else 0)
-
-
 def main(argv=None):
     """Console entry point of erofs-tools."""
-    run_main(cli, "erofs-tools", argv)
+    run_console(cli, "erofs-tools", argv)
