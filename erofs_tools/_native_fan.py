@@ -6,7 +6,8 @@ Apart from _native.py only to keep each module small; the cffi module still come
 through it."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+import struct
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from erofs_tools._native import ffi, lib
@@ -44,7 +45,7 @@ class FilledAnswerer:
             arr[i].bits = ptr
         self._maps, self._nmaps, self._pins = arr, len(maps), [m[4] for m in maps]
 
-    def allow(self, group_fd: int, buf: bytes) -> tuple[int, int] | None:
+    def allow(self, group_fd: int, buf) -> tuple[int, int] | None:
         """Answer the filled events of `buf` (one read of group_fd): (allowed, events),
         or None if the stream is malformed (nothing answered)."""
         if not self._nmaps:
@@ -60,7 +61,10 @@ class FilledAnswerer:
         """Whether event i of the last buffer was answered (and its fd closed) here."""
         return bool(self._done[i])
 
-    def allowed(self, k: int) -> tuple[int, int, int]:
-        """(map index, offset, count) of the k-th event answered by the last call."""
-        a = self._allowed[k]
-        return a.map, a.offset, a.count
+    def allowed(self, n: int) -> Iterator[tuple[int, int, int, int]]:
+        """(map index, pad, offset, count) of each of the n events answered by the last
+        call (n: what it returned)."""
+        return _ALLOWED.iter_unpack(ffi.buffer(self._allowed, _ALLOWED.size * n))
+
+
+_ALLOWED = struct.Struct("=IIQQ")        # struct ern_fan_allowed

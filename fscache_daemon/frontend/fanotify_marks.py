@@ -205,20 +205,20 @@ class FastAllow:
         self._key: tuple[int, ...] = ()
         self._views: list[FilledView] = []
 
-    def run(self, group_fd: int, buf: bytes, filled: dict) -> tuple[int, int] | None:
+    def run(self, group_fd: int, buf, filled: dict) -> tuple[int, int] | None:
         """Answer the filled events of `buf`; (allowed, events in buf), or None if the
         stream is malformed (nothing answered: the caller's parser reports it).
         `filled`: inode -> (FilledView, connection), the holder's maps."""
-        items = [(inode, v) for inode, (v, _) in filled.items()]
-        key = tuple(v.gen for _, v in items)
+        key = tuple(v.gen for v, _ in filled.values())
         if key != self._key:    # maps added or dropped: a table of the live ones
+            items = [(inode, v) for inode, (v, _) in filled.items()]
             self._c.set_maps([(i[0], i[1], v.size, v.nblocks, v.ptr) for i, v in items])
             self._key, self._views = key, [v for _, v in items]
         got = self._c.allow(group_fd, buf)
-        if got is not None:
-            for k in range(got[0]):     # after every answer: readers go first
-                j, off, count = self._c.allowed(k)
-                self._views[j].touches.note(off, count)
+        if got is not None and got[0]:
+            views = self._views
+            for j, _, off, count in self._c.allowed(got[0]):   # readers went first
+                views[j].touches.note(off, count)
         return got
 
     def done(self, i: int) -> bool:

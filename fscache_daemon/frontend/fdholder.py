@@ -122,6 +122,8 @@ class FdHolder:
         # inode -> (filled bitmap, the connection that sent it)
         self.filled: dict[tuple[int, int], tuple[FilledView, socket.socket]] = {}
         self._fast = FastAllow()
+        self._rbuf = bytearray(abi.READ_BUFFER_SIZE)
+        self._rview = memoryview(self._rbuf)
         self.stats = {"events": 0, "allowed_filled": 0, "forwarded": 0}
         self.subscriber: socket.socket | None = None
         self.controls: dict[int, socket.socket] = {}
@@ -263,8 +265,8 @@ class FdHolder:
     def _read_group(self) -> None:
         # drain the kernel queue even with no daemon: keeps it far from overflowing
         # (an overflow would lose permission events); fds are cheap (RLIMIT raised)
-        try:
-            buf = os.read(self.group_fd, abi.READ_BUFFER_SIZE)
+        try:   # into one buffer kept for the holder's life: no 64 KiB allocation per event
+            buf = self._rview[:os.readv(self.group_fd, [self._rbuf])]
         except BlockingIOError:
             return
         fast = self._fast.run(self.group_fd, buf, self.filled) if self.filled else None
