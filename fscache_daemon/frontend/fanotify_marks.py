@@ -14,7 +14,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from erofs_tools import _native_fan
+from erofs_tools.reader import fanhold
 from fscache_daemon.errors import FrontendError
 from fscache_daemon.frontend import fanotify_abi as abi
 
@@ -159,7 +159,7 @@ class FilledView:
             os.close(fd)
         # the bitmap for the C fast path (FastAllow), released before the unmap; the
         # generation tells FastAllow's table apart from one of a closed view
-        self.ptr = _native_fan.pin(self._mm)
+        self.ptr = fanhold.pin(self._mm)
         self.gen = next(_VIEW_GEN)
         # first accesses the holder answers itself, for the daemon's access traces
         self.touches = TouchLog(size)
@@ -170,7 +170,7 @@ class FilledView:
         return end > start and _covers(self._mm, self.nblocks, start, end)
 
     def close(self) -> None:
-        _native_fan.unpin(self.ptr)
+        fanhold.unpin(self.ptr)
         self._mm.close()
 
     @staticmethod
@@ -201,7 +201,7 @@ class FastAllow:
 
     def __init__(self) -> None:
         # a read of READ_BUFFER_SIZE bytes holds at most this many events
-        self._c = _native_fan.FilledAnswerer(abi.READ_BUFFER_SIZE // abi.METADATA_LEN + 1)
+        self._c = fanhold.FilledAnswerer(abi.READ_BUFFER_SIZE // abi.METADATA_LEN + 1)
         self._key: tuple[int, ...] = ()
         self._views: list[FilledView] = []
 

@@ -1,9 +1,8 @@
-"""Checked wrapper of the fanotify fd holder's fast path in the C core (csrc/fanhold.c):
-the events of one read of the group whose ranges are wholly filled in their cache
-file's bitmap, answered FAN_ALLOW and their fds closed in one call (the holder's
-Python did ~30 us of work per event, one event per ~170 KiB a cold reader reads).
-Apart from _native.py only to keep each module small; the cffi module still comes
-through it."""
+"""The fanotify fd holder's fast path in the C core (csrc/fanhold.c), for the daemon's
+front end as coldpath.py is for its fills: the events of one read of the group whose
+ranges are wholly filled in their cache file's bitmap, answered FAN_ALLOW and their fds
+closed in one call (the holder's Python did ~30 us of work per event, one event per
+~170 KiB a cold reader reads). The cffi module comes through _native.py."""
 from __future__ import annotations
 
 import struct
