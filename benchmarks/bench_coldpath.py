@@ -10,7 +10,8 @@ alternate, each starting with `drop_caches`:
 
   direct    read the blob's chunks straight from the file (pread of ~1 MiB ranges) and
             decode + verify them with the C cold path in this process, one thread: the
-            goal's baseline for a cold read
+            goal's baseline for a cold read (the same chunks and verification; no
+            cache file written, no bytes handed to a reader, no events)
   native    cold sequential read of every file through a fresh daemon (fanotify front
             end, real kernel mount, fresh cache): the C cold path, pipelined requests
   python    the same with FSCACHE_DAEMON_COLDPATH=python (the cold path before: Python
@@ -21,14 +22,18 @@ C (libzstd, one call per ~1 MiB range) and hashed (blake3, the package's SIMD co
 nothing else, its CPU time per GiB fetched.
 
 Per cold round: wall time, the daemon's CPU seconds during the read (utime + stime of
-its process from /proc, before and after), bytes fetched, peak RSS (VmHWM; a fresh
-daemon per round). Goals (issue 15): daemon CPU per fetched GiB <= 2.0 x the floor,
+its process from /proc, before and after), the fd holder's the same way and the reader
+thread's (getrusage; kernel copies out of the mount mostly), bytes fetched, peak RSS
+(VmHWM; a fresh daemon per round). The three together bound the wall time: with
+every CPU busy all along (and the direct way taking just its CPU time), cold / direct
+is at most the direct way's CPU / (their CPU / CPUs), printed beside the measured one. Goals (issue 15): daemon CPU per fetched GiB <= 2.0 x the floor,
 daemon peak RSS <= 96 MiB, cold (native) / direct >= 0.9 (medians).
 """
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import sys
 import tempfile
@@ -50,6 +55,27 @@ def proc_cpu(pid: int) -> tuple[float, float]:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return int(fields[11]) / TICK, int(fields[12]) / TICK
+
+
+def holder_pid(sock: str) -> int | None:
+    """The fd holder serving `sock` (its command line names the socket)."""
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                args = f.read().split(b"\0")
+        except OSError:
+            continue
+        if b"fscache_daemon.frontend.fdholder" in args and sock.encode() in args:
+            return int(d)
+    return None
+
+
+def thread_cpu() -> float:
+    """CPU seconds of the calling thread so far (the reader's, system time mostly)."""
+    r = resource.getrusage(resource.RUSAGE_THREAD)
+    return r.ru_utime + r.ru_stime
 
 
 def proc_hwm_mib(pid: int) -> float:
@@ -165,9 +191,14 @@ def main(argv=None) -> int:
             d.mount(boot, mnt, f"localfs:{blobs}")
             drop_caches()
             pid = d.proc.pid
+            hpid = holder_pid(holder_sock)
             u0, s0 = proc_cpu(pid)
+            h0 = sum(proc_cpu(hpid)) if hpid else 0.0
+            r0 = thread_cpu()
             t, n = timed(read_all, mnt, files)
+            r1 = thread_cpu()
             u1, s1 = proc_cpu(pid)
+            h1 = sum(proc_cpu(hpid)) if hpid else 0.0
             cpu = (u1 - u0) + (s1 - s0)
             hwm = proc_hwm_mib(pid)
             m = d.blob_metrics(blob_id)
@@ -176,32 +207,42 @@ def main(argv=None) -> int:
             d.cleanup()
             release_holder(holder_sock)
         return (t, n, cpu, hwm, m["bytes_fetched"], m["backend_requests"],
-                m["verify_failures"], u1 - u0, s1 - s0)
+                m["verify_failures"], u1 - u0, s1 - s0, h1 - h0, r1 - r0)
 
     for i in range(args.repeat):
         order = ways if i % 2 == 0 else ways[::-1]
         for w in order:
             if w == "direct":
                 drop_caches()
-                runs[w].append(timed(direct, blob_path, blob_id))
+                c0 = thread_cpu()
+                t, n = timed(direct, blob_path, blob_id)
+                runs[w].append((t, n, thread_cpu() - c0))
             else:
                 runs[w].append(cold(w))
             r = runs[w][-1]
             print(f"round {i + 1} {w}: {r[0]:.2f} s" + (
                 f", daemon CPU {r[2]:.2f} s (user {r[7]:.2f}, sys {r[8]:.2f}), peak RSS "
-                f"{r[3]:.1f} MiB" if w != "direct"
+                f"{r[3]:.1f} MiB; holder CPU {r[9]:.2f} s, reader CPU {r[10]:.2f} s"
+                if w != "direct"
                 else ""), file=sys.stderr, flush=True)
 
     for w, rs in runs.items():
         t, n = median(rs)[:2]
         res[f"{w}_s"], res[f"{w}_MBps"] = t, n / t / 1e6
         res[f"{w}_runs_s"] = [round(r[0], 3) for r in rs]
-        if w != "direct":
+        if w == "direct":
+            cpus = sorted(r[2] for r in rs)
+            res["direct_cpu_s"] = cpus[(len(cpus) - 1) // 2]
+        else:
             cpus = sorted(r[2] for r in rs)
             fetched = median(rs)[4]
             res[f"{w}_cpu_runs_s"] = [round(r[2], 2) for r in rs]
             res[f"{w}_user_runs_s"] = [round(r[7], 2) for r in rs]
             res[f"{w}_sys_runs_s"] = [round(r[8], 2) for r in rs]
+            res[f"{w}_holder_cpu_runs_s"] = [round(r[9], 2) for r in rs]
+            res[f"{w}_reader_cpu_runs_s"] = [round(r[10], 2) for r in rs]
+            tot = sorted(r[2] + r[9] + r[10] for r in rs)
+            res[f"{w}_total_cpu_s"] = tot[(len(tot) - 1) // 2]
             res[f"{w}_cpu_s"] = cpus[(len(cpus) - 1) // 2]
             res[f"{w}_fetched_bytes"] = fetched
             res[f"{w}_backend_requests"] = median(rs)[5]
@@ -211,13 +252,18 @@ def main(argv=None) -> int:
             res[f"{w}_verify_failures"] = sum(r[6] for r in rs)
             if "direct" in runs:
                 res[f"{w}_vs_direct"] = res[f"{w}_MBps"] / res["direct_MBps"]
+                # the best cold / direct the CPU work allows: the direct way taking
+                # its CPU time, the cold one every CPU busy all along
+                res[f"{w}_vs_direct_cpu_bound"] = res["direct_cpu_s"] / (
+                    res[f"{w}_total_cpu_s"] / (os.cpu_count() or 1))
     print(f"\nimage: {res['files']} files, {b['uncompressed_size'] / 2**20:.0f} MiB "
           f"uncompressed, {b['compressed_size'] / 2**20:.0f} MiB blob, {res['chunks']} chunks;"
           f" kernel {res['kernel']}, {res['cpus']} CPUs, daemon threads {args.threads}")
     print(f"  floor (in memory: C decode + blake3)     {res['floor_cpu_s_per_GiB']:.2f} "
           "CPU s per fetched GiB")
     if "direct" in runs:
-        print(f"  direct (read + C decode + verify, 1 thread) {res['direct_MBps']:.0f} MB/s")
+        print(f"  direct (read + C decode + verify, 1 thread) {res['direct_MBps']:.0f} MB/s, "
+              f"CPU {res['direct_cpu_s']:.2f} s")
     for w in ways:
         if w == "direct":
             continue
@@ -225,7 +271,10 @@ def main(argv=None) -> int:
               + (f" ({res[w + '_vs_direct']:.2f} x direct)" if "direct" in runs else "")
               + f", daemon CPU {res[w + '_cpu_s']:.2f} s = {res[w + '_cpu_s_per_GiB']:.2f} "
               f"s/GiB = {res[w + '_cpu_vs_floor']:.2f} x floor, peak RSS "
-              f"{res[w + '_peak_rss_MiB']:.1f} MiB, {res[w + '_backend_requests']} requests")
+              f"{res[w + '_peak_rss_MiB']:.1f} MiB, {res[w + '_backend_requests']} requests; "
+              f"daemon + holder + reader CPU {res[w + '_total_cpu_s']:.2f} s"
+              + (f" (cold / direct at best {res[w + '_vs_direct_cpu_bound']:.2f} on "
+                 f"{res['cpus']} CPUs)" if "direct" in runs else ""))
     res["goals"] = []
     if "native" in runs:
         res["goals"].append(goal("daemon CPU per fetched GiB / floor", res["native_cpu_vs_floor"],

@@ -386,4 +386,28 @@ int64_t ern_file_runs(const uint8_t *image, uint64_t size, uint64_t meta_off,
                       uint64_t *paths_len);
 void ern_file_runs_free(uint8_t *p);
 
+/* ---- the fanotify fd holder's fast path (fanhold.c) ----
+ * ern_fan_allow_filled: the events of one read(2) of a fanotify group (buf, len bytes),
+ * walked whole first (-1 if malformed: nothing answered). Each event with an fd and a
+ * range record whose range (clamped to the file's size, non-empty) is wholly set in
+ * the bitmap of its file (maps: by fstat's st_dev/st_ino; one bit per 4 KiB block, bit
+ * b & 7 of byte b >> 3) is answered FAN_ALLOW on group_fd and its fd closed:
+ * done[i] = 1 for it (i: its place in the buffer; done has ndone bytes, -1 if fewer
+ * than the events) and allowed[k] = (its map, offset, count). Returns the number
+ * allowed; *nevents gets the number of events. */
+struct ern_fan_map {
+    uint64_t dev, ino;
+    uint64_t size;              /* the file's size */
+    uint64_t nblocks;           /* bits in the map */
+    const uint8_t *bits;
+};
+struct ern_fan_allowed {
+    uint32_t map, pad;
+    uint64_t offset, count;
+};
+int64_t ern_fan_allow_filled(int group_fd, const uint8_t *buf, size_t len,
+                             const struct ern_fan_map *maps, uint32_t nmaps, uint8_t *done,
+                             uint32_t ndone, struct ern_fan_allowed *allowed,
+                             uint32_t *nevents);
+
 #endif

@@ -142,7 +142,7 @@ class RawEvent:
         return bool(self.mask & FAN_Q_OVERFLOW)
 
 
-def parse_events(buf: bytes) -> list[RawEvent]:
+def parse_events(buf: bytes | memoryview) -> list[RawEvent]:
     """Walk the events of one read(2).
 
     A bad version or event length means the stream cannot be walked any further: that

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import array
 import fcntl
+import itertools
 import mmap
 import os
 import threading
 import time
 from dataclasses import dataclass
 
+from erofs_tools.reader import fanhold
 from fscache_daemon.errors import FrontendError
 from fscache_daemon.frontend import fanotify_abi as abi
 
@@ -155,6 +157,10 @@ class FilledView:
             self._mm = mmap.mmap(fd, nbytes, mmap.MAP_SHARED, mmap.PROT_READ)
         finally:
             os.close(fd)
+        # the bitmap for the C fast path (FastAllow), released before the unmap; the
+        # generation tells FastAllow's table apart from one of a closed view
+        self.ptr = fanhold.pin(self._mm)
+        self.gen = next(_VIEW_GEN)
         # first accesses the holder answers itself, for the daemon's access traces
         self.touches = TouchLog(size)
 
@@ -164,6 +170,7 @@ class FilledView:
         return end > start and _covers(self._mm, self.nblocks, start, end)
 
     def close(self) -> None:
+        fanhold.unpin(self.ptr)
         self._mm.close()
 
     @staticmethod
@@ -180,6 +187,43 @@ class FilledView:
         if msg.get("rearm") and reply["next"] == len(log):
             log.rearm()     # every record handed out: the next touch of a block is new
         return reply
+
+
+_VIEW_GEN = itertools.count(1)
+
+
+class FastAllow:
+    """The holder's answers from the filled bitmaps in the C core (csrc/fanhold.c): the
+    events of one read of the group whose ranges are filled are allowed and their fds
+    closed in one call, then their first accesses noted. On a cold sequential read
+    that is nearly every event (6,232 of 6,320 per GiB), each holding its reader until
+    answered; the Python loop spent ~30 us per event (0.19 s of CPU per cold GiB)."""
+
+    def __init__(self) -> None:
+        # a read of READ_BUFFER_SIZE bytes holds at most this many events
+        self._c = fanhold.FilledAnswerer(abi.READ_BUFFER_SIZE // abi.METADATA_LEN + 1)
+        self._key: tuple[int, ...] = ()
+        self._views: list[FilledView] = []
+
+    def run(self, group_fd: int, buf, filled: dict) -> tuple[int, int] | None:
+        """Answer the filled events of `buf`; (allowed, events in buf), or None if the
+        stream is malformed (nothing answered: the caller's parser reports it).
+        `filled`: inode -> (FilledView, connection), the holder's maps."""
+        key = tuple(v.gen for v, _ in filled.values())
+        if key != self._key:    # maps added or dropped: a table of the live ones
+            items = [(inode, v) for inode, (v, _) in filled.items()]
+            self._c.set_maps([(i[0], i[1], v.size, v.nblocks, v.ptr) for i, v in items])
+            self._key, self._views = key, [v for _, v in items]
+        got = self._c.allow(group_fd, buf)
+        if got is not None and got[0]:
+            views = self._views
+            for j, _, off, count in self._c.allowed(got[0]):   # readers went first
+                views[j].touches.note(off, count)
+        return got
+
+    def done(self, i: int) -> bool:
+        """Whether event i of the last buffer was answered here (its fd closed)."""
+        return self._c.done(i)
 
 
 class TouchLog:
