@@ -53,6 +53,9 @@ CI_ZSTD_LEVEL = 3
 # --compressor none 2 and 4 MiB cost ~8 MiB of pack's peak RSS, at no gain in time
 WRITE_BATCH = 512 << 10
 WRITE_QUEUE_BYTES = 1 << 20
+# gather buffers of the writer and the hasher thread: the writer writes one group while
+# the hasher hashes the one before (more would only hold memory: the write is the slower)
+HASH_BUFFERS = 2
 
 
 class StoredChunk:
@@ -131,6 +134,8 @@ class BlobWriter:
             # alive: it may still run, and must find the marker, not a closed file
             if getattr(self, "_thread", None) is not None:
                 self._q.put(None)
+            elif getattr(self, "_hasher", None) is not None:
+                self._hq.put(None)      # the writer never started: nor will it end it
             f = getattr(self, "_f", None)
             try:
                 if f is not None:
@@ -151,47 +156,85 @@ class BlobWriter:
         self._digests = bytearray()
         self.count = 0
         self.info: BlobInfo | None = None
-        # chunk data is written and hashed (blob id) by a background thread, so the
-        # sequential sha256 overlaps with chunking. Two queued groups keep the thread
-        # busy; more only hold memory (64 MiB of queue was a third of pack's peak RSS
-        # with --compressor none, at no gain in time)
+        # chunk data is written by one background thread and hashed (the blob id) by
+        # another, so that the sequential sha256 overlaps with the page-cache copy of the
+        # write as well as with chunking (one thread doing both was pack's critical path
+        # with --compressor none: ~0.4 s of sha256 after ~1 s of write per 640 MB). Two
+        # queued groups keep the writer busy; more only hold memory (64 MiB of queue was
+        # a third of pack's peak RSS with --compressor none, at no gain in time)
         self._q: queue.Queue[list[bytes | memoryview] | None] = queue.Queue(
             maxsize=max(2, (WRITE_QUEUE_BYTES) // max(WRITE_BATCH, chunk_size)))
+        # written groups on their way to the hasher, in write order (one queued: the
+        # writer is at most a group ahead); the gather buffers come back through _free
+        # once hashed
+        self._hq: queue.Queue[tuple[bytes | memoryview | bytearray, int] | None] = \
+            queue.Queue(maxsize=1)
+        self._free: queue.Queue[bytearray] = queue.Queue()
+        for _ in range(HASH_BUFFERS):
+            self._free.put(bytearray())
         self._buf: list[bytes | memoryview] = []
         self._buf_bytes = 0
         self._error: BaseException | None = None
         # the fd handed over now: a SIGINT during start() closes self._f before the
         # thread may have looked at it (it then only waits for the stop marker)
+        self._hasher: threading.Thread | None = threading.Thread(
+            target=self._hash_groups, name="erofs-blob-hash", daemon=True)
+        self._hasher.start()
         self._thread: threading.Thread | None = threading.Thread(
             target=self._drain, args=(self._f.fileno(),), name="erofs-blob-writer",
             daemon=True)
         self._thread.start()
 
     def _drain(self, fd: int) -> None:
-        h = self._hash
-        group = bytearray()       # reused: a group's chunks back to back
+        try:
+            self._drain_groups(fd)
+        finally:
+            self._hq.put(None)          # the hasher ends after the last written group
+
+    def _drain_groups(self, fd: int) -> None:
         while True:
             batch = self._q.get()
             if batch is None:
                 return
-            if self._error is None:
-                try:
-                    if len(batch) == 1:
-                        data: bytes | memoryview = batch[0]
-                    else:
-                        # one buffer per group, so that the hash drops the GIL once per
-                        # group, not once per chunk (47k times for /usr/share); copied
-                        # in C without the GIL (b"".join held it for ~0.1 s of a pack)
-                        need = sum(map(len, batch))
-                        if len(group) < need:
-                            group = bytearray(need)
-                        data = memoryview(group)[:gather(batch, group)]
-                    del batch
-                    _write_all(fd, data)
-                    h.update(data)
-                    del data
-                except BaseException as e:   # reported by the next add_chunk / finish
-                    self._error = e
+            if self._error is not None:
+                continue
+            try:
+                data: bytes | memoryview | bytearray
+                if len(batch) == 1:
+                    data = batch[0]         # one chunk: written and hashed as it is
+                    n = len(data)
+                else:
+                    # one buffer per group, so that the hash drops the GIL once per
+                    # group, not once per chunk (47k times for /usr/share); copied in C
+                    # without the GIL (b"".join held it for ~0.1 s of a pack)
+                    need = sum(map(len, batch))
+                    data = self._free.get()
+                    if len(data) < need:
+                        data = bytearray(max(need, WRITE_BATCH))
+                    n = gather(batch, data)
+                del batch
+                _write_all(fd, memoryview(data)[:n])
+                self._hq.put((data, n))     # the hasher takes it from here
+                del data
+            except BaseException as e:   # reported by the next add_chunk / finish
+                self._error = e
+
+    def _hash_groups(self) -> None:
+        h = self._hash
+        while True:
+            item = self._hq.get()
+            if item is None:
+                return
+            data, n = item
+            del item
+            try:
+                if self._error is None:
+                    h.update(memoryview(data)[:n])
+            except BaseException as e:
+                self._error = e
+            if isinstance(data, bytearray):
+                self._free.put(data)
+            del data
 
     def _sync(self) -> None:
         """Stop the background writer; later writes are synchronous."""
@@ -202,6 +245,9 @@ class BlobWriter:
             self._q.put(None)
             self._thread.join()
             self._thread = None
+        if self._hasher is not None:
+            self._hasher.join()         # the writer's last act was its stop marker
+            self._hasher = None
         if self._error is not None:
             e = self._error
             raise InputError(f"cannot write blob in {self.blob_dir}: "
