@@ -18,13 +18,12 @@ size.
 from __future__ import annotations
 
 import array
-import hashlib
 import os
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import blake3
 
@@ -63,6 +62,14 @@ def _zstandard() -> ModuleType:
     return zstandard
 
 
+def _sha256() -> Callable[..., Any]:
+    """hashlib.sha256, imported when first needed: with blake3 chunk digests (the
+    default) pack never maps libcrypto (~3.5 MiB of its RSS; the blob id is the C
+    core's sha256)."""
+    import hashlib
+    return hashlib.sha256
+
+
 def _multi_compress() -> bool:
     """python-zstandard's C backend compresses many inputs in one call (its cffi one
     cannot)."""
@@ -75,7 +82,8 @@ def digest_function(name: str) -> Digest:
         # max_threads is not used: parallelism comes from hashing many chunks at once.
         return lambda data: blake3.blake3(data).digest()
     if name == "sha256":
-        return lambda data: hashlib.sha256(data).digest()
+        sha256 = _sha256()
+        return lambda data: sha256(data).digest()
     raise InputError(f"unknown digester {name!r} (choose blake3 or sha256)")
 
 
@@ -240,7 +248,7 @@ class ChunkPipeline:
         self.chunk_size = check_chunk_size(chunk_size)
         self.digester = digester
         self.digest = digest_function(digester)
-        self._hasher = blake3.blake3 if digester == "blake3" else hashlib.sha256
+        self._hasher = blake3.blake3 if digester == "blake3" else _sha256()
         self._tls = threading.local()       # each worker's read buffer
         self.compressor = compressor if isinstance(compressor, Compressor) \
             else Compressor(compressor)
