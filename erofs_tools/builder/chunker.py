@@ -22,13 +22,13 @@ import os
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import blake3
 
 from erofs_tools._native_chunkio import ChunkReadError, read_chunks
 from erofs_tools.builder.tree import shown_path
+from erofs_tools.builder.workpool import Task, WorkPool
 from erofs_tools.errors import InputError
 from erofs_tools.format import rafs as R
 
@@ -265,7 +265,7 @@ class ChunkPipeline:
         self._claims: dict[ChunkKey, _Claim] = {}
         self._lock = threading.Lock()
         self._zero_digests: dict[int, bytes] = {}
-        self._futures: dict[int, Future[list[ChunkResult]]] = {}
+        self._futures: dict[int, Task[list[ChunkResult]]] = {}
         self.bytes_read = 0
         self.bytes_hole = 0
 
@@ -459,10 +459,9 @@ class ChunkPipeline:
 
     def _run(self, batches: Iterable[_Batch],
              work: Callable[[int, _Batch], list[ChunkResult]]) -> Iterator[ChunkResult]:
-        pending: deque[tuple[int, Future[list[ChunkResult]]]] = deque()
+        pending: deque[tuple[int, Task[list[ChunkResult]]]] = deque()
         self._futures = {}
-        with ThreadPoolExecutor(max_workers=self.workers,
-                                thread_name_prefix="erofs-chunk") as pool:
+        with WorkPool(self.workers, "erofs-chunk") as pool:
             try:
                 for seq, batch in enumerate(batches):
                     fut = pool.submit(work, seq, batch)
@@ -476,7 +475,7 @@ class ChunkPipeline:
                 for _, f in pending:
                     f.cancel()
 
-    def _pop(self, pending: deque[tuple[int, Future[list[ChunkResult]]]]
+    def _pop(self, pending: deque[tuple[int, Task[list[ChunkResult]]]]
              ) -> list[ChunkResult]:
         seq, fut = pending.popleft()
         out = fut.result()
