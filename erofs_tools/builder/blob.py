@@ -173,7 +173,7 @@ class BlobWriter:
         # written groups on their way to the hasher, in write order (one queued: the
         # writer is at most a group ahead); the gather buffers come back through _free
         # once hashed
-        self._hq: queue.Queue[tuple[bytes | memoryview | bytearray, int] | None] = \
+        self._hq: queue.Queue[tuple[bytes | memoryview | bytearray, int, bool] | None] = \
             queue.Queue(maxsize=1)
         self._free: queue.Queue[bytearray] = queue.Queue()
         for _ in range(HASH_BUFFERS):
@@ -206,8 +206,11 @@ class BlobWriter:
                 continue
             try:
                 data: bytes | memoryview | bytearray
-                if len(batch) == 1:
-                    data = batch[0]         # one chunk: written and hashed as it is
+                pooled = len(batch) > 1     # data is one of the gather buffers
+                if not pooled:
+                    # one chunk: written and hashed as it is (never pooled, even as a
+                    # bytearray: its owner may still hold it)
+                    data = batch[0]
                     n = len(data)
                 else:
                     # one buffer per group, so that the hash drops the GIL once per
@@ -220,7 +223,7 @@ class BlobWriter:
                     n = gather(batch, data)
                 del batch
                 _write_all(fd, memoryview(data)[:n])
-                self._hq.put((data, n))     # the hasher takes it from here
+                self._hq.put((data, n, pooled))     # the hasher takes it from here
                 del data
             except BaseException as e:   # reported by the next add_chunk / finish
                 self._error = e
@@ -231,14 +234,15 @@ class BlobWriter:
             item = self._hq.get()
             if item is None:
                 return
-            data, n = item
+            data, n, pooled = item
             del item
             try:
                 if self._error is None:
                     h.update(memoryview(data)[:n])
             except BaseException as e:
                 self._error = e
-            if isinstance(data, bytearray):
+            if pooled:
+                assert isinstance(data, bytearray)
                 self._free.put(data)
             del data
 
