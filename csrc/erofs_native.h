@@ -410,4 +410,26 @@ int64_t ern_fan_allow_filled(int group_fd, const uint8_t *buf, size_t len,
                              uint32_t ndone, struct ern_fan_allowed *allowed,
                              uint32_t *nevents);
 
+/* ---- SHA-256 for pack's blob id (sha256.c) ----
+ * hashlib's without libcrypto (~3.5 MiB of pack's RSS): the x86 SHA extensions when
+ * the CPU has them (ern_sha256_accelerated), else portable C (also when init is given
+ * portable != 0: the tests check both). final leaves the state usable (a copy is
+ * finished). */
+struct ern_sha256 {
+    uint32_t h[8];
+    uint64_t len;
+    uint8_t buf[64];
+    uint32_t nbuf;
+    int portable;
+};
+int ern_sha256_accelerated(void);
+void ern_sha256_init(struct ern_sha256 *s, int portable);
+void ern_sha256_update(struct ern_sha256 *s, const uint8_t *p, uint64_t n);
+void ern_sha256_final(const struct ern_sha256 *s, uint8_t out[32]);
+
+/* ern_heap_bound: glibc's mallopt(M_ARENA_MAX, arenas) and (M_MMAP_THRESHOLD,
+ * mmap_threshold) for pack's process (builder/heap.py, without ctypes: ~0.5 MiB of
+ * its RSS); 1 if both applied, 0 (either refused, or not glibc). In sha256.c. */
+int ern_heap_bound(int arenas, int mmap_threshold);
+
 #endif

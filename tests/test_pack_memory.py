@@ -77,3 +77,31 @@ def test_pack_peak_memory_per_entry(tmp_path):
     assert grew <= FIXED + PER_ENTRY * entries, \
         (f"pack's peak RSS grew {grew / MIB:.1f} MiB over the one-file tree for {entries} "
          f"entries (bound {(FIXED + PER_ENTRY * entries) / MIB:.1f} MiB)")
+
+
+# modules a default pack (blake3 digests) must not load: each is RSS for nothing
+# (libcrypto ~3.5 MiB: the blob id is the C core's sha256; ctypes ~0.5 MiB; logging via
+# concurrent.futures ~1.2 MiB; zstandard with --compressor none ~1 MiB)
+_UNWANTED = ("_hashlib", "ctypes", "concurrent.futures", "logging", "zstandard")
+_MODULES = (
+    "import atexit, sys\n"
+    "atexit.register(lambda: sys.stderr.write('MODULES %s\\n' % ' '.join(\n"
+    f"    m for m in {_UNWANTED!r} if m in sys.modules)))\n"
+    "from erofs_tools.cli import main\n"
+    "sys.argv[0] = 'erofs-tools'\n"
+    "main()\n")
+
+
+def test_pack_loads_no_module_it_does_not_use(tmp_path):
+    src = tmp_path / "src"
+    _tree(src, 50, 1)
+    out = tmp_path / "out"
+    os.makedirs(out)
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-c", _MODULES, "pack", str(src), "-B",
+                        str(out / "boot"), "-D", str(out), "--compressor", "none", "-q"],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    line = [x for x in r.stderr.splitlines() if x.startswith("MODULES")]
+    assert line == ["MODULES "], r.stderr
+    assert len(os.listdir(out)) == 2        # the bootstrap and the blob

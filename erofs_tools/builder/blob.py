@@ -18,13 +18,13 @@ file is built under a temporary name in the blob directory and renamed to the id
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import queue
 import threading
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from erofs_tools._native_chunkio import gather
+from erofs_tools._native_sha256 import Sha256
 from erofs_tools.errors import InputError
 from erofs_tools.format import erofs as E
 from erofs_tools.format import rafs as R
@@ -53,6 +53,9 @@ CI_ZSTD_LEVEL = 3
 # --compressor none 2 and 4 MiB cost ~8 MiB of pack's peak RSS, at no gain in time
 WRITE_BATCH = 512 << 10
 WRITE_QUEUE_BYTES = 1 << 20
+# gather buffers of the writer and the hasher thread: the writer writes one group while
+# the hasher hashes the one before (more would only hold memory: the write is the slower)
+HASH_BUFFERS = 2
 
 
 class StoredChunk:
@@ -115,7 +118,11 @@ class BlobWriter:
     """Append stored chunks, then `finish()` the meta sections and name the file."""
 
     def __init__(self, blob_dir: str, chunk_size: int, compressor: str = "zstd",
-                 digester: str = "blake3", blob_index: int = 0) -> None:
+                 digester: str = "blake3", blob_index: int = 0,
+                 digests: bytearray | None = None) -> None:
+        """digests: the caller's buffer that holds every appended chunk's digest in CI
+        order by the time of finish() (pack's ChunkRefs keeps them anyway: a second copy
+        was ~1.5 MiB of its peak on /usr/share); None: the writer keeps its own."""
         if not os.path.isdir(blob_dir):
             raise InputError(f"blob directory {blob_dir} does not exist")
         self.blob_dir = blob_dir
@@ -123,6 +130,8 @@ class BlobWriter:
         self.compressor = compressor
         self.digester = digester
         self.blob_index = blob_index
+        self._own_digests = digests is None
+        self._digests = bytearray() if digests is None else digests
         fd, self.tmp_path = create_exclusive(blob_dir, ".blob-")
         try:
             self._start(fd, chunk_size)
@@ -131,6 +140,8 @@ class BlobWriter:
             # alive: it may still run, and must find the marker, not a closed file
             if getattr(self, "_thread", None) is not None:
                 self._q.put(None)
+            elif getattr(self, "_hasher", None) is not None:
+                self._hq.put(None)      # the writer never started: nor will it end it
             f = getattr(self, "_f", None)
             try:
                 if f is not None:
@@ -144,54 +155,96 @@ class BlobWriter:
 
     def _start(self, fd: int, chunk_size: int) -> None:
         self._f: BinaryIO | None = os.fdopen(fd, "wb", buffering=1 << 20)
-        self._hash = hashlib.sha256()
+        # the blob id; the C core's, not hashlib's: libcrypto was ~3.5 MiB of pack's RSS
+        self._hash = Sha256()
         self._pos = 0
         self._upos = 0
         self._ci = bytearray()
-        self._digests = bytearray()
         self.count = 0
         self.info: BlobInfo | None = None
-        # chunk data is written and hashed (blob id) by a background thread, so the
-        # sequential sha256 overlaps with chunking. Two queued groups keep the thread
-        # busy; more only hold memory (64 MiB of queue was a third of pack's peak RSS
-        # with --compressor none, at no gain in time)
+        # chunk data is written by one background thread and hashed (the blob id) by
+        # another, so that the sequential sha256 overlaps with the page-cache copy of the
+        # write as well as with chunking (one thread doing both was pack's critical path
+        # with --compressor none: ~0.4 s of sha256 after ~1 s of write per 640 MB). Two
+        # queued groups keep the writer busy; more only hold memory (64 MiB of queue was
+        # a third of pack's peak RSS with --compressor none, at no gain in time)
         self._q: queue.Queue[list[bytes | memoryview] | None] = queue.Queue(
             maxsize=max(2, (WRITE_QUEUE_BYTES) // max(WRITE_BATCH, chunk_size)))
+        # written groups on their way to the hasher, in write order (one queued: the
+        # writer is at most a group ahead); the gather buffers come back through _free
+        # once hashed
+        self._hq: queue.Queue[tuple[bytes | memoryview | bytearray, int, bool] | None] = \
+            queue.Queue(maxsize=1)
+        self._free: queue.Queue[bytearray] = queue.Queue()
+        for _ in range(HASH_BUFFERS):
+            self._free.put(bytearray())
         self._buf: list[bytes | memoryview] = []
         self._buf_bytes = 0
         self._error: BaseException | None = None
         # the fd handed over now: a SIGINT during start() closes self._f before the
         # thread may have looked at it (it then only waits for the stop marker)
+        self._hasher: threading.Thread | None = threading.Thread(
+            target=self._hash_groups, name="erofs-blob-hash", daemon=True)
+        self._hasher.start()
         self._thread: threading.Thread | None = threading.Thread(
             target=self._drain, args=(self._f.fileno(),), name="erofs-blob-writer",
             daemon=True)
         self._thread.start()
 
     def _drain(self, fd: int) -> None:
-        h = self._hash
-        group = bytearray()       # reused: a group's chunks back to back
+        try:
+            self._drain_groups(fd)
+        finally:
+            self._hq.put(None)          # the hasher ends after the last written group
+
+    def _drain_groups(self, fd: int) -> None:
         while True:
             batch = self._q.get()
             if batch is None:
                 return
-            if self._error is None:
-                try:
-                    if len(batch) == 1:
-                        data: bytes | memoryview = batch[0]
-                    else:
-                        # one buffer per group, so that the hash drops the GIL once per
-                        # group, not once per chunk (47k times for /usr/share); copied
-                        # in C without the GIL (b"".join held it for ~0.1 s of a pack)
-                        need = sum(map(len, batch))
-                        if len(group) < need:
-                            group = bytearray(need)
-                        data = memoryview(group)[:gather(batch, group)]
-                    del batch
-                    _write_all(fd, data)
-                    h.update(data)
-                    del data
-                except BaseException as e:   # reported by the next add_chunk / finish
-                    self._error = e
+            if self._error is not None:
+                continue
+            try:
+                data: bytes | memoryview | bytearray
+                pooled = len(batch) > 1     # data is one of the gather buffers
+                if not pooled:
+                    # one chunk: written and hashed as it is (never pooled, even as a
+                    # bytearray: its owner may still hold it)
+                    data = batch[0]
+                    n = len(data)
+                else:
+                    # one buffer per group, so that the hash drops the GIL once per
+                    # group, not once per chunk (47k times for /usr/share); copied in C
+                    # without the GIL (b"".join held it for ~0.1 s of a pack)
+                    need = sum(map(len, batch))
+                    data = self._free.get()
+                    if len(data) < need:
+                        data = bytearray(max(need, WRITE_BATCH))
+                    n = gather(batch, data)
+                del batch
+                _write_all(fd, memoryview(data)[:n])
+                self._hq.put((data, n, pooled))     # the hasher takes it from here
+                del data
+            except BaseException as e:   # reported by the next add_chunk / finish
+                self._error = e
+
+    def _hash_groups(self) -> None:
+        h = self._hash
+        while True:
+            item = self._hq.get()
+            if item is None:
+                return
+            data, n, pooled = item
+            del item
+            try:
+                if self._error is None:
+                    h.update(memoryview(data)[:n])
+            except BaseException as e:
+                self._error = e
+            if pooled:
+                assert isinstance(data, bytearray)
+                self._free.put(data)
+            del data
 
     def _sync(self) -> None:
         """Stop the background writer; later writes are synchronous."""
@@ -202,6 +255,9 @@ class BlobWriter:
             self._q.put(None)
             self._thread.join()
             self._thread = None
+        if self._hasher is not None:
+            self._hasher.join()         # the writer's last act was its stop marker
+            self._hasher = None
         if self._error is not None:
             e = self._error
             raise InputError(f"cannot write blob in {self.blob_dir}: "
@@ -243,7 +299,8 @@ class BlobWriter:
             raise ValueError("stored chunk larger than its data")
         coff, uoff = self._pos, self._upos
         self._ci += R.encode_ci_v1(uoff, uncompressed_size, coff, n)
-        self._digests += digest
+        if self._own_digests:
+            self._digests += digest
         self._write(stored)
         self._upos = uoff + round_up(uncompressed_size, BLKSZ)
         self.count = index + 1
@@ -320,20 +377,22 @@ class BlobWriter:
         self._write(R.tar_header(R.TOC_NAME_BLOB_META, len(ci_stored) + len(hdr)))
         toc.append(R.TocEntry(flags=R.TOC_FLAG_ZSTD if ci_comp else R.TOC_FLAG_NONE,
                               name=R.TOC_NAME_BLOB_META,
-                              uncompressed_digest=hashlib.sha256(ci_raw).digest(),
+                              uncompressed_digest=Sha256(ci_raw).digest(),
                               compressed_offset=ci_offset, compressed_size=len(ci_stored),
                               uncompressed_size=len(ci_raw)))
         toc.append(R.TocEntry(flags=R.TOC_FLAG_NONE, name=R.TOC_NAME_BLOB_META_HEADER,
-                              uncompressed_digest=hashlib.sha256(hdr).digest(),
+                              uncompressed_digest=Sha256(hdr).digest(),
                               compressed_offset=hdr_offset, compressed_size=len(hdr),
                               uncompressed_size=len(hdr)))
         # chunk digests: written raw, not part of the blob id (§11)
         digests = bytes(self._digests)
+        if len(digests) != 32 * self.count:
+            raise AssertionError(f"{len(digests) // 32} chunk digests for {self.count} chunks")
         dig_offset = self._pos
         self._write(digests, hashed=False)
         self._write(R.tar_header(R.TOC_NAME_BLOB_DIGEST, len(digests)))
         toc.append(R.TocEntry(flags=R.TOC_FLAG_NONE, name=R.TOC_NAME_BLOB_DIGEST,
-                              uncompressed_digest=hashlib.sha256(digests).digest(),
+                              uncompressed_digest=Sha256(digests).digest(),
                               compressed_offset=dig_offset, compressed_size=len(digests),
                               uncompressed_size=len(digests)))
         toc_bytes = b"".join(e.encode() for e in toc)
@@ -349,7 +408,7 @@ class BlobWriter:
             blob_id=blob_id, path=path, chunk_size=self.chunk_size, chunk_count=self.count,
             compressor=self.compressor, digester=self.digester, features=features,
             compressed_size=self._pos, uncompressed_size=self._upos,
-            toc_size=len(toc_bytes), toc_digest=hashlib.sha256(toc_bytes).digest(),
+            toc_size=len(toc_bytes), toc_digest=Sha256(toc_bytes).digest(),
             ci_compressor=ci_comp, ci_offset=ci_offset, ci_compressed_size=len(ci_stored),
             ci_uncompressed_size=len(ci_raw))
         return self.info

@@ -297,8 +297,11 @@ class ChunkPlacer:
         self.pipe = ChunkPipeline(opts.chunk_size, opts.digester, opts.compressor,
                                   workers=opts.workers, known=self.known)
         # last: the blob's temporary file is the one thing the caller must abort()
+        # placeholder blob index, remapped at write; the chunk digests are the ones
+        # self.refs keeps of the new chunks, in CI order (place() records each chunk the
+        # writer appends)
         self.writer = BlobWriter(blob_dir, opts.chunk_size, opts.compressor, opts.digester,
-                                 blob_index=-1)     # placeholder index, remapped at write
+                                 blob_index=-1, digests=self.refs.new.digests)
 
     def known(self, key: ChunkKey) -> bool:
         """Stored already: the pipeline need not compress it again."""

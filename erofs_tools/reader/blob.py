@@ -10,7 +10,6 @@ uncompressed) and `decode_chunk` (decompress + verify one chunk).
 from __future__ import annotations
 
 import bisect
-import hashlib
 import struct
 import threading
 from collections.abc import Callable
@@ -61,9 +60,16 @@ def _blob_name(blob_id):
     return blob_id if blob_id else "<unknown blob>"
 
 
+def _sha256(data) -> bytes:
+    # hashlib when first needed: pack imports this module for BlobInfo and would map
+    # libcrypto (~3.5 MiB of its RSS) only for that
+    import hashlib
+    return hashlib.sha256(data).digest()
+
+
 def _digest(digester, data):
     if digester == "sha256":
-        return hashlib.sha256(data).digest()
+        return _sha256(data)
     if digester == "blake3":
         import blake3
         return blake3.blake3(data).digest()
@@ -202,7 +208,7 @@ def read_toc_section(read_at, blob_size, toc: TocInfo, section: bytes, blob_id=N
             raise CorruptImageError(f"blob {name}: {sname} size mismatch in the TOC")
     else:
         raise CorruptImageError(f"blob {name}: {sname} has unsupported TOC flags {e.flags:#x}")
-    if e.uncompressed_digest != b"\0" * 32 and hashlib.sha256(data).digest() != e.uncompressed_digest:
+    if e.uncompressed_digest != b"\0" * 32 and _sha256(data) != e.uncompressed_digest:
         raise DigestMismatchError(f"blob {name}: {sname} does not match its TOC digest")
     return data
 
@@ -524,7 +530,7 @@ class BlobMeta:
             draw = _read_exact(read_at, d.compressed_offset, d.compressed_size, blob_size,
                                f"blob {name}: blob.digest")
             if d.uncompressed_digest != b"\0" * 32 and \
-                    hashlib.sha256(draw).digest() != d.uncompressed_digest:
+                    _sha256(draw) != d.uncompressed_digest:
                 raise DigestMismatchError(f"blob {name}: blob.digest does not match its TOC digest")
             dig_list = [bytes(draw[i * 32:(i + 1) * 32]) for i in range(n)]
             digest_region = (d.compressed_offset, d.compressed_size)

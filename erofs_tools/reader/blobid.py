@@ -2,7 +2,6 @@
 payload (apart from blob.py only to keep each module small)."""
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 
 from erofs_tools.errors import CorruptImageError
@@ -13,6 +12,7 @@ ReadAt = Callable[[int, int], bytes]
 def compute_blob_id(read_at: ReadAt, blob_size: int, exclude=None, piece=1 << 20) -> str:
     """Nydus blob id: sha256 of the blob bytes except the raw blob.digest payload
     (`exclude` = (offset, size), e.g. BlobMeta.digest_region)."""
+    import hashlib  # when first needed (pack imports the reader, see blob._sha256)
     h = hashlib.sha256()
     ranges = [(0, blob_size)]
     if exclude:
