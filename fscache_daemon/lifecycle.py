@@ -324,10 +324,22 @@ class MountLifecycle(CacheEviction):
             raise
         if state != DETACHED:
             self._queue_prefetch(img)
-        if self.readahead:
-            threading.Thread(target=self._learn_runs, args=(img, mgrs), daemon=True,
-                             name="file-runs").start()
+        threading.Thread(target=self._after_mount, args=(img, mgrs), daemon=True,
+                         name="after-mount").start()
         return img
+
+    def _after_mount(self, img: Image, mgrs: list[BlobManager]) -> None:
+        """What the blobs need before their first reads but not before the mount: the
+        chunk lists of maps made by the C core (BlobMeta.chunks), then file-aware
+        readahead's runs (_learn_runs)."""
+        for _ in range(3000):
+            if img.state != MOUNTING:
+                break
+            time.sleep(0.01)
+        for m in mgrs:
+            m.meta.chunks   # noqa: B018 - made now, not on the first read's path
+        if self.readahead:
+            self._learn_runs(img, mgrs)
 
     def _open_blobs(self, info, boot_copy, mountpoint, backend_spec, prefetch, domain,
                     options, source_bootstrap, mounted_at, state, mount_id, instances,
@@ -392,10 +404,6 @@ class MountLifecycle(CacheEviction):
         # restored mount) now; applied once the mount is done (the managers are the
         # mount's)
         fut = self._walks.pop((img.bootstrap, img.mountpoint), None)
-        for _ in range(3000):
-            if img.state != MOUNTING:
-                break
-            time.sleep(0.01)
         try:
             runs, cold, modules = fut.result() if fut is not None else \
                 _walk_runs(img.bootstrap)

@@ -112,7 +112,12 @@ def copy_bootstrap(path: str, boot_dir: str) -> str:
 
 def save_state(path: str, frontend: str, records: list[dict]) -> None:
     data = {"version": STATE_VERSION, "frontend": frontend, "mounts": records}
-    atomic_write_bytes(path, json.dumps(data, indent=1).encode(), mode=0o600)
+    # replaced atomically, not fsynced: it is for a daemon that dies while the kernel
+    # (and its mounts) lives on, and the page cache holds it then; a power cut takes the
+    # mounts with it, and a restart reconciles any record (or an unreadable file, which
+    # load_state reports) with the kernel's mounts (two fsyncs a mount, 20-300 ms each
+    # on a busy disk)
+    atomic_write_bytes(path, json.dumps(data, indent=1).encode(), mode=0o600, fsync=False)
 
 
 def load_state(path: str) -> tuple[str | None, list[dict]]:

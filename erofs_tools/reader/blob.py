@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import os
 import struct
 import threading
 from collections.abc import Callable
@@ -118,10 +119,9 @@ def _decompress(compressor, data, size, what):
         # a raw LZ4 block (no frame, no size prefix: Nydus's lz4_block); the C core's
         # bounded decoder (csrc/coldpath.c)
         from erofs_tools import _native
-        dec = _native.cold_decode_one("lz4_block", data, size)
-        if dec is None:
+        out = _native.cold_decode_one("lz4_block", data, size)
+        if out is None:
             raise CorruptImageError(f"{what}: bad lz4 block")
-        out = dec
     elif compressor in ("none", None):
         out = bytes(data)
     else:
@@ -210,17 +210,20 @@ def read_toc_section(read_at, blob_size, toc: TocInfo, section: bytes, blob_id=N
 class BlobMeta:
     """Where every chunk of one data blob lives, compressed and uncompressed."""
 
-    __slots__ = ("blob_id", "chunks", "uncompressed_size", "compressed_size", "compressor",
-                 "digester", "chunk_size", "features", "digest_region", "_starts", "_by_index",
-                 "zran", "_bytes")
+    __slots__ = ("blob_id", "_chunks", "chunk_count", "uncompressed_size", "compressed_size",
+                 "compressor", "digester", "chunk_size", "features", "digest_region",
+                 "_starts", "_by_index", "zran", "_bytes")
 
     def __init__(self, blob_id, chunks, uncompressed_size, compressed_size, compressor,
                  digester, chunk_size, features=0, digest_region=None, zran=None, *,
-                 checked: bytes | None = None):
-        # checked: chunks checked and ordered by the C core, and their compact form
+                 checked: bytes | None = None, count: int | None = None):
+        # checked: chunks checked and ordered by the C core, and their compact form; then
+        # `chunks` may be a function making them on first use and `count` their number
+        # (a cold mount's 27,000 chunks: ~25 ms of Python objects, after the mount)
         self.blob_id = blob_id
-        self.chunks = chunks if checked is not None else \
+        self._chunks = chunks if checked is not None else \
             sorted(chunks, key=lambda c: c.uncompressed_offset)
+        self.chunk_count = len(chunks) if count is None else count
         self.uncompressed_size = uncompressed_size
         self.compressed_size = compressed_size
         self.compressor = compressor
@@ -229,7 +232,7 @@ class BlobMeta:
         self.features = features
         # (offset, size) of the raw blob.digest payload (excluded from the blob id), or None
         self.digest_region = digest_region
-        self._starts = [c.uncompressed_offset for c in self.chunks]
+        self._starts: list[int] | None = None     # made with the chunks
         self._by_index: dict[int, BlobChunk] | None = None
         # a zran blob's contexts and chunk decoder (reader/zran.py), else None
         self.zran = zran
@@ -241,9 +244,17 @@ class BlobMeta:
             self._bytes = self._encode_head() + checked
 
     def __repr__(self):
-        return (f"BlobMeta({self.blob_id!r}, {len(self.chunks)} chunks, "
+        return (f"BlobMeta({self.blob_id!r}, {self.chunk_count} chunks, "
                 f"uncompressed={self.uncompressed_size}, compressed={self.compressed_size}, "
                 f"{self.compressor}/{self.digester}, chunk_size={self.chunk_size})")
+
+    @property
+    def chunks(self) -> list:
+        """The chunks in uncompressed order (made on first use from the C core's)."""
+        if self._starts is None:    # two threads may both make them: equal lists
+            c = self._chunks = self._chunks() if callable(self._chunks) else self._chunks
+            self._starts = [x.uncompressed_offset for x in c]
+        return self._chunks
 
     # -- validation ----------------------------------------------------------------------
     def _validate_head(self):
@@ -260,8 +271,8 @@ class BlobMeta:
             raise CorruptImageError(f"blob {name}: bad uncompressed size {self.uncompressed_size}")
         if not 0 <= self.compressed_size <= MAX_COMPRESSED_SIZE:
             raise CorruptImageError(f"blob {name}: bad compressed size {self.compressed_size}")
-        if len(self.chunks) > rafs.MAX_CHUNKS_PER_BLOB:
-            raise CorruptImageError(f"blob {name}: too many chunks ({len(self.chunks)})")
+        if self.chunk_count > rafs.MAX_CHUNKS_PER_BLOB:
+            raise CorruptImageError(f"blob {name}: too many chunks ({self.chunk_count})")
 
     def _validate_chunks(self):
         name = _blob_name(self.blob_id)
@@ -306,11 +317,9 @@ class BlobMeta:
         if length <= 0 or offset < 0:
             return []
         end = offset + length
-        i = bisect.bisect_right(self._starts, offset) - 1
-        if i < 0:
-            i = 0
-        out = []
         chunks = self.chunks
+        i = max(0, bisect.bisect_right(self._starts, offset) - 1)  # type: ignore[arg-type]
+        out = []
         while i < len(chunks):
             c = chunks[i]
             if c.uncompressed_offset >= end:
@@ -332,10 +341,10 @@ class BlobMeta:
 
     def chunk_at(self, uncompressed_offset: int) -> BlobChunk | None:
         """The chunk starting exactly at `uncompressed_offset`, or None."""
-        i = bisect.bisect_left(self._starts, uncompressed_offset)
-        if i < len(self._starts) and self._starts[i] == uncompressed_offset:
-            return self.chunks[i]
-        return None
+        chunks = self.chunks
+        starts: list[int] = self._starts  # type: ignore[assignment]
+        i = bisect.bisect_left(starts, uncompressed_offset)
+        return chunks[i] if i < len(starts) and starts[i] == uncompressed_offset else None
 
     def with_digests(self, digests):
         """A copy whose chunks take digests from {index: digest} (e.g. the bootstrap's)."""
@@ -360,7 +369,7 @@ class BlobMeta:
         dr_off, dr_size = self.digest_region or (0, 0)
         head = self._HEAD.pack(self._CACHE_MAGIC, (self.blob_id or "").encode(),
                                self.uncompressed_size, self.compressed_size, self.chunk_size,
-                               len(self.chunks), algos, self.features, 0, 0)
+                               self.chunk_count, algos, self.features, 0, 0)
         return head + struct.pack("<QQ", dr_off, dr_size)
 
     def _encode(self) -> bytes:
@@ -634,9 +643,8 @@ def decode_chunk(meta: BlobMeta, chunk: BlobChunk, raw: bytes, verify: bool = Tr
         data = raw if isinstance(raw, bytes) else bytes(raw)
         if len(data) != chunk.uncompressed_size:
             raise CorruptImageError(f"{what}: raw chunk size mismatch")
-    if verify and chunk.digest is not None:
-        if _digest(meta.digester, data) != chunk.digest:
-            raise DigestMismatchError(f"{what}: digest mismatch ({meta.digester})")
+    if verify and chunk.digest is not None and _digest(meta.digester, data) != chunk.digest:
+        raise DigestMismatchError(f"{what}: digest mismatch ({meta.digester})")
     return data
 
 
@@ -668,7 +676,6 @@ def read_zran_chunk(meta: BlobMeta, chunk: BlobChunk, read_at: ReadAt,
 
 def file_reader(f):
     """A read_at(offset, length) over an open binary file (os.pread)."""
-    import os
     fd = f if isinstance(f, int) else f.fileno()
 
     def read_at(offset, length, _keep=f):
@@ -684,7 +691,6 @@ def file_reader(f):
 
 def open_blob(path, blob_id=None, entry=None, **kw) -> BlobMeta:
     """BlobMeta of a blob file on disk."""
-    import os
     if blob_id is None and entry is None:
         base = os.path.basename(os.fspath(path))
         if len(base) == 64 and all(ch in "0123456789abcdef" for ch in base):

@@ -165,7 +165,7 @@ def _meta_from_pins(blob_id: str, entry, blob_size: int, pins) -> rblob.BlobMeta
             try:
                 return rblob.BlobMeta(blob_id, made[1], entry.uncompressed_size, blob_size,
                                       compressor, digester, entry.chunk_size,
-                                      entry.features, checked=made[0])
+                                      entry.features, checked=made[0], count=n)
             except CorruptImageError:
                 pass        # the Python path below names the problem
     if any(k < 0 or k >= n or p.compressed is None for k, p in pins.items()):
@@ -289,7 +289,7 @@ def load_or_fetch_meta(directory, blob_id, backend, entry=None, blob_size=None,
     header = MAP_HEADER.pack(MAP_MAGIC, table or bytes(32))
     # a map the bootstrap's pins fix whole is made again, the same, if a crash loses it
     # (and a torn one fails its checks): no fsync (two per cold mount)
-    whole = pins is not None and len(pins) == len(meta.chunks) > 0
+    whole = pins is not None and len(pins) == meta.chunk_count > 0
     atomic_write_bytes(path, header + meta.to_bytes(), mode=0o600, fsync=not whole)
     return meta, fetched
 
