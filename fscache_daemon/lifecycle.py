@@ -21,6 +21,7 @@ small; it uses the Daemon's attributes (images, detached, blobs, blob_users, fro
 
 from __future__ import annotations
 
+import _thread
 import logging
 import os
 import threading
@@ -55,6 +56,10 @@ log = logging.getLogger(__name__)
 # How often the reaper looks whether the kernel let go of a detached image's superblock
 REAP_INTERVAL = 0.2
 
+# Threads of a mount (the backend's warming, the bootstrap walk, what follows the mount)
+# are started with _thread: threading.Thread.start() waits for the new thread to run, a
+# few ms each when the GIL is busy (the walk's Python parts, other mounts)
+
 
 class MountLifecycle(CacheEviction):
     # What this mixin uses of the Daemon, declared for the type checker (no values:
@@ -82,7 +87,8 @@ class MountLifecycle(CacheEviction):
     if TYPE_CHECKING:
         def describe(self, img: Image) -> dict: ...
         def _backend(self, spec: str, options: dict) -> Backend: ...
-        def _open_blob(self, ref, backend, key: str | None = None) -> BlobManager: ...
+        def _open_blob(self, ref, backend, key: str | None = None,
+                       pending: list | None = None) -> BlobManager: ...
         def _queue_prefetch(self, img: Image) -> None: ...
         def _drop_unused_backends(self) -> None: ...
         def _release_backend(self, be: Backend) -> None: ...
@@ -306,10 +312,13 @@ class MountLifecycle(CacheEviction):
             raise DaemonError(f"{mountpoint}: recorded cache keys do not match its bootstrap")
         # pinned: the cache size limit (eviction.py) leaves these blobs' files alone from
         # before the cache directory is looked at until they are open (then in use)
+        # the blobs' checks (a registry round trip each: chunkmap.PendingCheck) run
+        # beside the cache files' opening and marking, and end before the kernel mount
+        pending: list = []
         with self.pinned(r.blob_id for r in info.blobs):
             img, mgrs = self._open_blobs(info, boot_copy, mountpoint, backend_spec, prefetch,
                                          domain, options, source_bootstrap, mounted_at,
-                                         state, mount_id, instances, blob_keys)
+                                         state, mount_id, instances, blob_keys, pending)
         try:
             for m in mgrs:
                 # a blob two mounts share is ready (marked, writer fd) for both once
@@ -319,13 +328,14 @@ class MountLifecycle(CacheEviction):
                     m.cache.verify_now()    # front ends without a writer fd: our own fd
                 if state == MOUNTING and len(self.blob_users.get(m.key, ())) > 1:
                     self.traces.rearm(m)    # its trace starts afresh for this image
+            for p in pending:
+                p.wait()
         except BaseException:
             self._unregister(img)
             raise
         if state != DETACHED:
             self._queue_prefetch(img)
-        threading.Thread(target=self._after_mount, args=(img, mgrs), daemon=True,
-                         name="after-mount").start()
+        _thread.start_new_thread(self._after_mount, (img, mgrs))
         return img
 
     def _after_mount(self, img: Image, mgrs: list[BlobManager]) -> None:
@@ -343,12 +353,13 @@ class MountLifecycle(CacheEviction):
 
     def _open_blobs(self, info, boot_copy, mountpoint, backend_spec, prefetch, domain,
                     options, source_bootstrap, mounted_at, state, mount_id, instances,
-                    blob_keys) -> tuple[Image, list[BlobManager]]:
+                    blob_keys, pending: list) -> tuple[Image, list[BlobManager]]:
         be = self._backend(backend_spec, options)
         mgrs = []
         try:
             for i, ref in enumerate(info.blobs):
-                mgrs.append(self._open_blob(ref, be, blob_keys[i] if blob_keys else None))
+                mgrs.append(self._open_blob(ref, be, blob_keys[i] if blob_keys else None,
+                                            pending))
         except BaseException:
             self._close_unused(mgrs)    # e.g. a later blob's table collides: none kept
             raise
@@ -397,7 +408,7 @@ class MountLifecycle(CacheEviction):
                 fut.set_result(found)
 
         self._walks[(boot_copy, mountpoint)] = fut
-        threading.Thread(target=walk, daemon=True, name="file-runs-walk").start()
+        _thread.start_new_thread(walk, ())
 
     def _learn_runs(self, img: Image, mgrs: list[BlobManager]) -> None:
         # the bootstrap walk (_walk_runs) begun with the mount (_walk_early), or else (a
@@ -566,8 +577,7 @@ class _Warmer:
         self._lock = threading.Lock()
         self._over = False
         self._held = None
-        threading.Thread(target=self._run, args=(spec, options), daemon=True,
-                         name="backend-warm").start()
+        _thread.start_new_thread(self._run, (spec, options))
 
     def _run(self, spec: str, options: dict) -> None:
         try:

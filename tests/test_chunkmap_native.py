@@ -138,3 +138,50 @@ def test_read_right_after_mount_returns_the_source(tmp_path):
                 assert a.read() == b.read(), rel
     finally:
         d.cleanup()
+
+
+def test_cold_mount_defers_chunks_and_checks_the_blob_before_the_kernel(tmp_path):
+    """A map made from the pins: its chunk objects are made after the mount (not in it),
+    the blob's check runs beside the mount and still fails it for a blob cut short,
+    before anything is mounted or cached as its map; the blob whole again, it mounts and
+    its map file is written."""
+    from fscache_daemon.daemon import Daemon
+    from fscache_daemon.errors import DaemonError
+    _src, boot, blobs = _image(tmp_path)
+    blob = os.path.join(blobs, os.listdir(blobs)[0])
+    good = open(blob, "rb").read()
+    with open(blob, "r+b") as f:
+        f.truncate(len(good) - 1)
+    d = Daemon(str(tmp_path / "cache"), frontend="none", threads=2, prefetch_rate=0)
+    d.start()
+    try:
+        mnt = str(tmp_path / "mnt")
+        with pytest.raises(DaemonError, match="shorter than|short read"):
+            d.mount(boot, mnt, f"localfs:{blobs}")
+        assert d.images == {} and d.blobs == {}
+        assert not [n for n in os.listdir(d.blob_dir) if n.endswith(".map")]
+        with open(blob, "wb") as f:
+            f.write(good)
+        made = []
+        real = PinTable.chunk_map
+
+        def spy(self, *a):
+            got = real(self, *a)
+            made.append(got[1])
+            return got
+        PinTable.chunk_map = spy    # type: ignore[method-assign]
+        try:
+            d.mount(boot, mnt, f"localfs:{blobs}")
+        finally:
+            PinTable.chunk_map = real   # type: ignore[method-assign]
+        assert len(made) == 1
+        (mgr,) = d.blobs.values()
+        assert os.path.exists(chunkmap.map_path(d.blob_dir, mgr.key))
+        # the after-mount thread makes the chunks; a reader would make them itself
+        chunks = mgr.meta.chunks
+        assert len(chunks) == mgr.meta.chunk_count == mgr.cache.total_chunks
+        assert chunks == made[0]()
+        d.fill(mgr.key, 0, mgr.size)        # every chunk fetched and verified
+        assert mgr.complete()
+    finally:
+        d.shutdown()

@@ -22,10 +22,13 @@ map, and are both served (neither is refused, neither sees the other's bytes).
 
 from __future__ import annotations
 
+import _thread
 import hashlib
 import logging
 import os
 import struct
+import threading
+from collections.abc import Callable
 
 from erofs_tools.errors import CorruptImageError, ErofsToolsError
 from erofs_tools.format import rafs
@@ -187,10 +190,41 @@ def _meta_from_pins(blob_id: str, entry, blob_size: int, pins) -> rblob.BlobMeta
     return meta
 
 
-def _fetch_meta(blob_id: str, backend, entry, blob_size, digests, pins):
+class PendingCheck:
+    """A blob's last-byte check (_fetch_meta) on a thread of its own, run beside the rest
+    of a mount (a registry round trip: the cache file opened and marked meanwhile), then
+    what waits for it on that thread: the map file (its table digest, its write), never
+    written for a blob that failed the check (a cached map skips it). `wait()` raises
+    what either raised."""
+
+    def __init__(self, check: Callable[[], None], then: Callable[[], None]):
+        self._error: BaseException | None = None
+        self._done = threading.Event()
+        # not threading.Thread, whose start() waits for the new thread to run (a few ms
+        # of a mount when the GIL is busy)
+        _thread.start_new_thread(self._run, (check, then))
+
+    def _run(self, check: Callable[[], None], then: Callable[[], None]) -> None:
+        try:
+            check()
+            then()
+        except BaseException as e:  # noqa: BLE001 - raised again by wait()
+            self._error = e
+        finally:
+            self._done.set()
+
+    def wait(self) -> None:
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+
+
+def _fetch_meta(blob_id: str, backend, entry, blob_size, digests, pins,
+                checks: list | None = None):
     """The chunk map read from the blob through `backend`, with the bootstrap's pins
     applied (or made from the pins alone when they cover the blob: _meta_from_pins).
-    Returns (meta, backend bytes read)."""
+    Returns (meta, backend bytes read). With `checks` (a list), the check of a map made
+    from pins is put there (a function) instead of run."""
     if blob_size is None and entry is not None and entry.compressed_size:
         blob_size = entry.compressed_size
     if blob_size is not None:
@@ -200,9 +234,15 @@ def _fetch_meta(blob_id: str, backend, entry, blob_size, digests, pins):
             # proxies and mirrors serve as they serve the rest) instead of the table's
             # reads: a blob missing or cut short still fails the mount, not later reads
             end = entry.compressed_size
-            if end and len(backend.reader(blob_id)(end - 1, 1)) != 1:
-                raise StorageError(f"blob {blob_id[:12]} is shorter than the "
-                                   f"{end} bytes the bootstrap says")
+
+            def check() -> None:
+                if end and len(backend.reader(blob_id)(end - 1, 1)) != 1:
+                    raise StorageError(f"blob {blob_id[:12]} is shorter than the "
+                                       f"{end} bytes the bootstrap says")
+            if checks is None:
+                check()
+            else:
+                checks.append(check)
             return meta, 1 if end else 0
     fetched = 0
     read = backend.reader(blob_id)
@@ -243,21 +283,26 @@ def _fetch_zran_meta(blob_id: str, backend, entry, digests):
 
 
 def load_or_fetch_meta(directory, blob_id, backend, entry=None, blob_size=None,
-                       digests=None, pins=None, table: bytes = b"", *, key: str | None = None,
-                       rebuild: bool = True):
+                       digests=None, pins=None, table: bytes | Callable[[], bytes] = b"", *,
+                       key: str | None = None, rebuild: bool = True,
+                       pending: list[PendingCheck] | None = None):
     """The blob's chunk map for one bootstrap: from `<id>.map` if present, valid and in
     agreement with the bootstrap, else read from the blob through the backend (its CI
     table), with the bootstrap's pins applied, and cached. Returns (meta, backend bytes
     read).
 
-    `pins` ({CI index: ChunkPin}, storage.image) and `table` (their table_digest) come
+    `pins` ({CI index: ChunkPin}, storage.image) and `table` (their table_digest, or a
+    function giving it: only a map written needs it) come
     from the bootstrap being mounted; None means a caller without a bootstrap (tools,
     tests), which takes any valid map of the blob. A bootstrap that pins no chunk of the
     blob only reuses a map equal to the one its own backend gives.
 
     `key` names the files (default: the blob id). With `rebuild=False` a cached map that
     does not fit is left alone (another table's cache stays usable) and None is
-    returned."""
+    returned. With `pending` (a list), a map made from the pins is returned before the
+    blob's check ends: a PendingCheck goes there (run on a thread of its own), whose
+    wait() the caller must call before the blob is used (it raises a failed
+    check; the map file is written after the check)."""
     path = map_path(directory, key or blob_id)
     usize = getattr(entry, "uncompressed_size", None)
     if rzran.is_zran_entry(entry):
@@ -284,13 +329,21 @@ def load_or_fetch_meta(directory, blob_id, backend, entry=None, blob_size=None,
             return None
         log.warning("%s: cached chunk map does not fit this bootstrap (%s); rebuilding it",
                     path, why)
-    meta, fetched = _fetch_meta(blob_id, backend, entry, blob_size, digests, pins)
-    os.makedirs(directory, exist_ok=True)
-    header = MAP_HEADER.pack(MAP_MAGIC, table or bytes(32))
-    # a map the bootstrap's pins fix whole is made again, the same, if a crash loses it
-    # (and a torn one fails its checks): no fsync (two per cold mount)
-    whole = pins is not None and len(pins) == meta.chunk_count > 0
-    atomic_write_bytes(path, header + meta.to_bytes(), mode=0o600, fsync=not whole)
+    checks: list | None = [] if pending is not None else None
+    meta, fetched = _fetch_meta(blob_id, backend, entry, blob_size, digests, pins, checks)
+
+    def write() -> None:
+        os.makedirs(directory, exist_ok=True)
+        header = MAP_HEADER.pack(MAP_MAGIC, (table() if callable(table) else table) or
+                                 bytes(32))
+        # a map the bootstrap's pins fix whole is made again, the same, if a crash loses
+        # it (and a torn one fails its checks): no fsync (two per cold mount)
+        whole = pins is not None and len(pins) == meta.chunk_count > 0
+        atomic_write_bytes(path, header + meta.to_bytes(), mode=0o600, fsync=not whole)
+    if checks and pending is not None:
+        pending.append(PendingCheck(checks[0], write))
+    else:
+        write()
     return meta, fetched
 
 
