@@ -386,4 +386,14 @@ int64_t ern_file_runs(const uint8_t *image, uint64_t size, uint64_t meta_off,
                       uint64_t *paths_len);
 void ern_file_runs_free(uint8_t *p);
 
+/* ---- a blob's own chunk-info table as pin records (chunkmap.c) ----
+ * ern_ci_blob_pins: the n entries of CI table `ci` (v2 != 0: 24-byte entries, else
+ * 16-byte v1) as 61-byte pin records in index order into out (n records), each with
+ * the digest of the bootstrap's pin of that index (pins: npins records in index order,
+ * as ern_ci_pins makes them; the pin must give the entry's place) or else the blob's
+ * own (digests: n x 32 bytes, or NULL). Returns 0, or a reason > 0 (a pin past the
+ * table, unknown flags, a pin placed elsewhere, a chunk without a digest). */
+int ern_ci_blob_pins(const uint8_t *ci, uint64_t n, int v2, const uint8_t *digests,
+                     const uint8_t *pins, uint64_t npins, uint8_t *out);
+
 #endif

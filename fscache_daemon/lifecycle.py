@@ -22,6 +22,7 @@ small; it uses the Daemon's attributes (images, detached, blobs, blob_users, fro
 from __future__ import annotations
 
 import _thread
+import gc
 import logging
 import os
 import threading
@@ -350,6 +351,10 @@ class MountLifecycle(CacheEviction):
             m.meta.chunks   # noqa: B018 - made now, not on the first read's path
         if self.readahead:
             self._learn_runs(img, mgrs)
+        # the mount's tables (chunk lists, runs) live as long as it: out of the cyclic
+        # collector's full passes, as what the daemon's start made (cli); _unregister
+        # gives them back to it
+        gc.freeze()
 
     def _open_blobs(self, info, boot_copy, mountpoint, backend_spec, prefetch, domain,
                     options, source_bootstrap, mounted_at, state, mount_id, instances,
@@ -451,6 +456,8 @@ class MountLifecycle(CacheEviction):
                         ra.reset()
                     if mgr is not None:
                         released.append(mgr)
+        if released:
+            gc.unfreeze()   # cycles among what the blobs leave are collected again
         for mgr in released:
             try:
                 self.frontend.release_blob(mgr)

@@ -185,3 +185,49 @@ def test_cold_mount_defers_chunks_and_checks_the_blob_before_the_kernel(tmp_path
         assert mgr.complete()
     finally:
         d.shutdown()
+
+
+class _FileBackend:
+    """The one blob file of a directory, read as the daemon's backends read."""
+
+    def __init__(self, blobs):
+        self.path = os.path.join(blobs, os.listdir(blobs)[0])
+        self.reads = 0
+
+    def reader(self, _blob_id):
+        from erofs_tools.reader.blob import file_reader
+        f = open(self.path, "rb")
+        read = file_reader(f)
+
+        def counted(off, n):
+            self.reads += 1
+            return read(off, n)
+        return counted
+
+
+@pytest.mark.parametrize("compressor", ["none", "zstd"])
+def test_blob_table_map_in_c_equals_python(tmp_path, compressor):
+    """A blob the pins do not cover (an optimized image's original blobs): its own CI
+    table made into the chunk map by the C core equals the Python path's (the table
+    decoded, the pins' places checked and digests taken); a pin placed elsewhere is
+    refused by both, the Python path naming it."""
+    _src, boot, blobs = _image(tmp_path, compressor)
+    ref = load_image(boot).blobs[0]
+    be = _FileBackend(blobs)
+    size = os.path.getsize(be.path)
+    recs = ref.pins.records
+    n = len(ref.pins)
+    half = PinTable(b"".join(recs[i * 61:(i + 1) * 61] for i in range(0, n, 2)))
+    c, _ = chunkmap._fetch_meta(ref.blob_id, be, ref.entry, size, half.digests(), half)
+    py, _ = chunkmap._fetch_meta(ref.blob_id, be, ref.entry, size, dict(half.digests()),
+                                 dict(half))
+    assert callable(c._chunks) and not callable(py._chunks)     # the C core's, made lazily
+    assert len(c.chunks) == n and c.chunks == py.chunks and c.to_bytes() == py.to_bytes()
+    assert c.digest_region == py.digest_region is not None
+    # one pin placed one block further: refused, by the Python path's words
+    r = bytearray(recs[2 * 61:3 * 61])
+    struct.pack_into("<Q", r, 4, struct.unpack_from("<Q", r, 4)[0] + 4096)
+    bad = PinTable(recs[:2 * 61] + bytes(r))
+    assert PinTable.of_blob_table(b"", 0, True, None, None) is not None
+    with pytest.raises(chunkmap.StorageError, match="lies elsewhere"):
+        chunkmap._fetch_meta(ref.blob_id, be, ref.entry, size, bad.digests(), bad)

@@ -4,9 +4,7 @@ Everything read from a blob is untrusted: every offset and size is checked again
 blob size and the format limits before anything is allocated, and every problem is a
 CorruptImageError with a one-line message naming the blob.
 
-The daemon uses this module through `BlobMeta` (where each chunk lives, compressed and
-uncompressed) and `decode_chunk` (decompress + verify one chunk).
-"""
+The daemon uses `BlobMeta` (where each chunk lives) and `decode_chunk` (decode, verify)."""
 from __future__ import annotations
 
 import bisect
@@ -127,8 +125,7 @@ def _decompress(compressor, data, size, what):
     else:
         raise CorruptImageError(f"{what}: unsupported compressor {compressor!r}")
     if len(out) != size:
-        raise CorruptImageError(
-            f"{what}: decompressed to {len(out)} bytes, expected {size}")
+        raise CorruptImageError(f"{what}: decompressed to {len(out)} bytes, expected {size}")
     return out
 
 
@@ -291,8 +288,7 @@ class BlobMeta:
                 raise CorruptImageError(
                     f"blob {name}: chunk {c.index} uncompressed offset not 4 KiB aligned")
             if c.uncompressed_offset < prev_end:
-                raise CorruptImageError(
-                    f"blob {name}: chunk {c.index} overlaps the previous chunk")
+                raise CorruptImageError(f"blob {name}: chunk {c.index} overlaps the previous chunk")
             prev_end = c.uncompressed_end
             if prev_end > self.uncompressed_size:
                 raise CorruptImageError(
@@ -303,8 +299,7 @@ class BlobMeta:
                 raise CorruptImageError(
                     f"blob {name}: chunk {c.index} compressed range outside the blob")
             if not c.compressed and c.compressed_size != c.uncompressed_size:
-                raise CorruptImageError(
-                    f"blob {name}: chunk {c.index} stored raw but sizes differ")
+                raise CorruptImageError(f"blob {name}: chunk {c.index} stored raw but sizes differ")
             if c.compressed and self.compressor == "none":
                 raise CorruptImageError(
                     f"blob {name}: chunk {c.index} compressed in an uncompressed blob")
@@ -335,8 +330,7 @@ class BlobMeta:
             self._by_index = {c.index: c for c in self.chunks}
         c = self._by_index.get(index)
         if c is None:
-            raise CorruptImageError(
-                f"blob {_blob_name(self.blob_id)}: no chunk with index {index}")
+            raise CorruptImageError(f"blob {_blob_name(self.blob_id)}: no chunk with index {index}")
         return c
 
     def chunk_at(self, uncompressed_offset: int) -> BlobChunk | None:
@@ -414,13 +408,15 @@ class BlobMeta:
     # -- parsing a blob ------------------------------------------------------------------
     @classmethod
     def from_blob(cls, read_at: ReadAt, blob_size: int, blob_id=None, entry=None, *,
-                  digests=None, compressor=None, digester=None) -> BlobMeta:
+                  digests=None, compressor=None, digester=None, fast=None) -> BlobMeta:
         """Parse a blob's meta from its end (TOC) or through its bootstrap `BlobEntry`.
 
         `read_at(offset, length) -> bytes` reads the blob; `blob_size` is its length.
         `digests` ({ci_index: digest}) supplies chunk digests when the blob has no
         blob.digest section (they then come from the bootstrap's chunk info table).
-        """
+        With `entry`, `fast(ci table, n, v2, digest section or None, data end, head)`
+        (head: BlobMeta's arguments after the chunks) may make the meta instead of the
+        per-chunk loop below (the daemon's, in C); None: the loop runs."""
         if entry is not None and blob_id is None:
             blob_id = entry.blob_id.split(b"\0", 1)[0].decode("ascii", "replace")
         name = _blob_name(blob_id)
@@ -509,8 +505,7 @@ class BlobMeta:
             raise CorruptImageError(
                 f"blob {name}: {n} CI entries, bootstrap says {entry.chunk_count} chunks")
         if (ci_usize < n * esize if v2 else ci_usize != n * esize):
-            raise CorruptImageError(
-                f"blob {name}: CI table size {ci_usize} does not fit {n} entries")
+            raise CorruptImageError(f"blob {name}: CI table size {ci_usize} does not fit {n} entries")
         if ci_usize > rafs.MAX_CHUNKS_PER_BLOB * rafs.CI_V2_SIZE:
             raise CorruptImageError(f"blob {name}: CI table too large")
         if ci_comp == "none" and ci_csize != ci_usize:
@@ -521,9 +516,7 @@ class BlobMeta:
         if entry is not None:
             data_end = min(data_end, entry.compressed_size)
 
-        # chunk digests: blob.digest section, else caller-supplied
-        digest_region = None
-        dig_list = None
+        digest_region = dig_list = draw = None      # blob.digest, else `digests`
         if toc is not None and rafs.TOC_NAME_BLOB_DIGEST in toc.entries:
             d = toc.entries[rafs.TOC_NAME_BLOB_DIGEST]
             if d.flags & ~rafs.TOC_FLAG_NONE or d.compressed_size != n * DIGEST_SIZE \
@@ -535,8 +528,14 @@ class BlobMeta:
             if d.uncompressed_digest != b"\0" * 32 and \
                     hashlib.sha256(draw).digest() != d.uncompressed_digest:
                 raise DigestMismatchError(f"blob {name}: blob.digest does not match its TOC digest")
-            dig_list = [bytes(draw[i * 32:(i + 1) * 32]) for i in range(n)]
             digest_region = (d.compressed_offset, d.compressed_size)
+        if fast is not None and entry is not None:
+            meta = fast(ci, n, v2, draw, data_end, (uncompressed_size, blob_size, compressor,
+                                                    digester, chunk_size, features, digest_region))
+            if meta is not None:
+                return meta
+        if draw is not None:
+            dig_list = [bytes(draw[i * 32:(i + 1) * 32]) for i in range(n)]
 
         if toc is not None and uncompressed_size is None:
             b = toc.entries.get(rafs.TOC_NAME_BLOB_DATA)

@@ -98,6 +98,16 @@ class PinTable(Mapping[int, ChunkPin]):
         daemon's mount asks this of a 45,000-chunk blob)."""
         return (r[0] for r in struct.iter_unpack(_UOFF_ONLY, self.records))
 
+    @classmethod
+    def of_blob_table(cls, ci: bytes, n: int, v2: bool, digests: bytes | None,
+                      pins: PinTable | None) -> PinTable | None:
+        """Pins for every entry of a blob's own CI table (n entries, v2 or v1), digests
+        from `pins` (the bootstrap's, which must place each chunk as the table does)
+        else from `digests` (the blob's digest section), made by the C core; None if a
+        pin disagrees, a flag is unknown or a chunk has no digest."""
+        recs = cmap.ci_blob_pins(ci, n, v2, digests, pins.records if pins is not None else b"")
+        return None if recs is None else cls(recs)
+
     def table_text(self) -> bytes:
         """"index:uoff:usize:coff:csize:" + digest per pin, in index order."""
         return cmap.ci_table_text(self.records)

@@ -23,6 +23,7 @@ map, and are both served (neither is refused, neither sees the other's bytes).
 from __future__ import annotations
 
 import _thread
+import functools
 import hashlib
 import logging
 import os
@@ -219,6 +220,32 @@ class PendingCheck:
             raise self._error
 
 
+def _meta_from_table(blob_id: str, pins, made: list, ci: bytes, n: int, v2: bool,
+                     digests: bytes | None, data_end: int, head: tuple):
+    """BlobMeta.from_blob's `fast`: the chunk map of a blob's own CI table with the
+    bootstrap's pins applied, made in the C core (csrc/chunkmap.c: the table decoded,
+    the pins checked against it and their digests taken, BlobMeta's checks): an
+    optimized image's original blobs, ~45,000 chunks that the pins do not cover, cost
+    ~0.3 s of Python per mount. None (the Python path then names the problem) for
+    anything it does not take."""
+    if pins is not None and not isinstance(pins, PinTable):
+        return None
+    usize, blob_size, compressor, digester, chunk_size, features, region = head
+    table = PinTable.of_blob_table(bytes(ci), n, v2,
+                                   None if digests is None else bytes(digests), pins)
+    got = table.chunk_map(n, usize, data_end, chunk_size, compressor == "none") \
+        if table is not None and n else None
+    if got is None:
+        return None
+    try:
+        meta = rblob.BlobMeta(blob_id, got[1], usize, blob_size, compressor, digester,
+                              chunk_size, features, region, checked=got[0], count=n)
+    except CorruptImageError:
+        return None
+    made.append(True)
+    return meta
+
+
 def _fetch_meta(blob_id: str, backend, entry, blob_size, digests, pins,
                 checks: list | None = None):
     """The chunk map read from the blob through `backend`, with the bootstrap's pins
@@ -255,11 +282,16 @@ def _fetch_meta(blob_id: str, backend, entry, blob_size, digests, pins,
 
     if blob_size is None:
         blob_size = getattr(entry, "compressed_size", None) or backend.blob_size(blob_id)
+    made: list = []
     if rzran.is_zran_entry(entry):
         meta, fetched = _fetch_zran_meta(blob_id, backend, entry, digests)
     else:
         meta = rblob.BlobMeta.from_blob(counting_read, blob_size, blob_id=blob_id,
-                                        entry=entry, digests=digests)
+                                        entry=entry, digests=digests,
+                                        fast=functools.partial(_meta_from_table, blob_id,
+                                                               pins, made))
+    if made:
+        return meta, fetched    # pins applied and digests checked in the C core
     meta = _apply_pins(meta, pins, blob_id)
     if any(c.digest is None for c in meta.chunks):
         raise StorageError(f"blob {blob_id}: chunks without digests cannot be verified")
