@@ -295,14 +295,12 @@ class Daemon(MountLifecycle):
         for be in dropped:
             be.close()
 
-    def _open_blob(self, ref, backend, key: str | None = None,
-                   pending: list | None = None) -> bc.BlobManager:
+    def _open_blob(self, ref, backend, key: str | None = None) -> bc.BlobManager:
         """The manager serving blob `ref` for one bootstrap. With `key` (recorded in
         mounts.json) exactly that cache; else an open cache of the blob whose chunk map
         agrees with the bootstrap, or a new one: the plain `<id>` files if nothing else
         uses them and their map (if any) fits, else the variant `<id>@<table digest>` so
-        that another table's cache is neither refused nor overwritten. `pending`: see
-        load_or_fetch_meta (the caller waits for the blob's check)."""
+        that another table's cache is neither refused nor overwritten."""
         if key is not None and bc.key_blob_id(key) != ref.blob_id:
             raise StorageError(f"cache key {key!r} is not one of blob {ref.blob_id[:12]}")
         share = dict(entry=ref.entry, blob_size=ref.compressed_size, digests=ref.digests,
@@ -323,7 +321,7 @@ class Daemon(MountLifecycle):
         # the table digest only for a map written (after the blob's check, off the
         # mount's thread) or a variant's key
         load = dict(share, table=lambda: ref.table_digest)
-        ours = len(pending) if pending is not None else 0
+        pending: list = []      # the blob's check (chunkmap.PendingCheck)
         res = None
         if key is None and ref.blob_id not in taken:
             res = bc.load_or_fetch_meta(self.blob_dir, ref.blob_id, backend,
@@ -341,6 +339,11 @@ class Daemon(MountLifecycle):
                                         pending=pending, **load)
         meta, fetched = res
         assert key is not None
+        # the blob's check ends before its cache is open to other mounts: a blob whose
+        # registry hangs must not hold up another image sharing it (that mount opens the
+        # blob itself meanwhile, with its own backend); its map file is written after
+        for p in pending:
+            p.wait()
         if meta.uncompressed_size != ref.uncompressed_size:
             raise StorageError(f"blob {ref.blob_id[:12]}: chunk map says "
                                f"{meta.uncompressed_size} bytes, bootstrap "
@@ -351,8 +354,6 @@ class Daemon(MountLifecycle):
             with self._lock:
                 other = self.blobs.get(key)
             if other is not None:        # another mount opened it meanwhile
-                if pending is not None:
-                    del pending[ours:]  # that mount checked the blob (our map unused)
                 bc.check_shareable(other.meta, ref.blob_id, backend, **share)
                 return other
             cache = bc.BlobCache(self.blob_dir, meta, durable=self.durable, key=key)

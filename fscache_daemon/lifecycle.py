@@ -88,8 +88,7 @@ class MountLifecycle(CacheEviction):
     if TYPE_CHECKING:
         def describe(self, img: Image) -> dict: ...
         def _backend(self, spec: str, options: dict) -> Backend: ...
-        def _open_blob(self, ref, backend, key: str | None = None,
-                       pending: list | None = None) -> BlobManager: ...
+        def _open_blob(self, ref, backend, key: str | None = None) -> BlobManager: ...
         def _queue_prefetch(self, img: Image) -> None: ...
         def _drop_unused_backends(self) -> None: ...
         def _release_backend(self, be: Backend) -> None: ...
@@ -313,13 +312,10 @@ class MountLifecycle(CacheEviction):
             raise DaemonError(f"{mountpoint}: recorded cache keys do not match its bootstrap")
         # pinned: the cache size limit (eviction.py) leaves these blobs' files alone from
         # before the cache directory is looked at until they are open (then in use)
-        # the blobs' checks (a registry round trip each: chunkmap.PendingCheck) run
-        # beside the cache files' opening and marking, and end before the kernel mount
-        pending: list = []
         with self.pinned(r.blob_id for r in info.blobs):
             img, mgrs = self._open_blobs(info, boot_copy, mountpoint, backend_spec, prefetch,
                                          domain, options, source_bootstrap, mounted_at,
-                                         state, mount_id, instances, blob_keys, pending)
+                                         state, mount_id, instances, blob_keys)
         try:
             for m in mgrs:
                 # a blob two mounts share is ready (marked, writer fd) for both once
@@ -329,8 +325,6 @@ class MountLifecycle(CacheEviction):
                     m.cache.verify_now()    # front ends without a writer fd: our own fd
                 if state == MOUNTING and len(self.blob_users.get(m.key, ())) > 1:
                     self.traces.rearm(m)    # its trace starts afresh for this image
-            for p in pending:
-                p.wait()
         except BaseException:
             self._unregister(img)
             raise
@@ -358,13 +352,12 @@ class MountLifecycle(CacheEviction):
 
     def _open_blobs(self, info, boot_copy, mountpoint, backend_spec, prefetch, domain,
                     options, source_bootstrap, mounted_at, state, mount_id, instances,
-                    blob_keys, pending: list) -> tuple[Image, list[BlobManager]]:
+                    blob_keys) -> tuple[Image, list[BlobManager]]:
         be = self._backend(backend_spec, options)
         mgrs = []
         try:
             for i, ref in enumerate(info.blobs):
-                mgrs.append(self._open_blob(ref, be, blob_keys[i] if blob_keys else None,
-                                            pending))
+                mgrs.append(self._open_blob(ref, be, blob_keys[i] if blob_keys else None))
         except BaseException:
             self._close_unused(mgrs)    # e.g. a later blob's table collides: none kept
             raise
