@@ -218,3 +218,56 @@ out:
     free(v);
     return why;
 }
+
+/* A blob's own CI table (v1: 16-byte entries, v2: 24), decoded as format/rafs.py's
+ * decode_ci_table does, into pin records that ern_ci_map checks and orders: what the
+ * daemon's mount of an image whose pins do not cover a blob (an optimized image's
+ * original blobs: ~45,000 chunks) did in Python per chunk (reader/blob.py's from_blob,
+ * then the bootstrap's pins applied). */
+int ern_ci_blob_pins(const uint8_t *ci, uint64_t n, int v2, const uint8_t *digests,
+                     const uint8_t *pins, uint64_t npins, uint8_t *out)
+{
+    uint64_t i, j = 0;
+    struct pin c, p;
+
+    if (npins && ld32(pins + (npins - 1) * PIN_REC) >= n)
+        return 1;                       /* a pin names a chunk the blob has not */
+    for (i = 0; i < n; i++) {
+        uint64_t uncomp, comp;
+        if (v2) {
+            uncomp = ld64(ci + i * 24);
+            comp = ld64(ci + i * 24 + 8);
+            if ((uncomp >> 56) & ~(uint64_t)0x11)
+                return 2;               /* flags other than compressed, has-crc32 */
+            c.uoff = (uncomp & 0xFFFFFFFFull) << 12;
+            c.usize = (uint32_t)(((uncomp >> 32) & 0xFFFFFF) + 1);
+            c.coff = comp & 0xFFFFFFFFFFull;
+            c.csize = (uint32_t)((comp >> 40) & 0xFFFFFF);
+            c.comp = (uint8_t)((uncomp >> 56) & 1);
+        } else {
+            uncomp = ld64(ci + i * 16);
+            comp = ld64(ci + i * 16 + 8);
+            c.uoff = uncomp & 0x0FFFFFFFF000ull;
+            c.usize = (uint32_t)(((((uncomp >> 8) & 0xF) << 20) |
+                                  ((uncomp >> 44) & 0xFFFFF)) + 1);
+            c.coff = comp & 0xFFFFFFFFFFull;
+            c.csize = (uint32_t)(((((comp >> 40) & 0xF) << 20) |
+                                  ((comp >> 44) & 0xFFFFF)) + 1);
+            c.comp = c.csize != c.usize;
+        }
+        c.index = (uint32_t)i;
+        c.digest = digests ? digests + i * 32 : NULL;
+        if (j < npins && ld32(pins + j * PIN_REC) == i) {
+            get_pin(pins + j * PIN_REC, &p);
+            if (p.uoff != c.uoff || p.usize != c.usize || p.coff != c.coff ||
+                p.csize != c.csize)
+                return 3;               /* pinned elsewhere than the blob says */
+            c.digest = p.digest;        /* the bootstrap's digest is the one served */
+            j++;
+        }
+        if (!c.digest)
+            return 4;                   /* nothing to verify the chunk against */
+        put_pin(out + i * PIN_REC, &c);
+    }
+    return 0;
+}

@@ -432,4 +432,14 @@ void ern_sha256_final(const struct ern_sha256 *s, uint8_t out[32]);
  * its RSS); 1 if both applied, 0 (either refused, or not glibc). In sha256.c. */
 int ern_heap_bound(int arenas, int mmap_threshold);
 
+/* ---- a blob's own chunk-info table as pin records (chunkmap.c) ----
+ * ern_ci_blob_pins: the n entries of CI table `ci` (v2 != 0: 24-byte entries, else
+ * 16-byte v1) as 61-byte pin records in index order into out (n records), each with
+ * the digest of the bootstrap's pin of that index (pins: npins records in index order,
+ * as ern_ci_pins makes them; the pin must give the entry's place) or else the blob's
+ * own (digests: n x 32 bytes, or NULL). Returns 0, or a reason > 0 (a pin past the
+ * table, unknown flags, a pin placed elsewhere, a chunk without a digest). */
+int ern_ci_blob_pins(const uint8_t *ci, uint64_t n, int v2, const uint8_t *digests,
+                     const uint8_t *pins, uint64_t npins, uint8_t *out);
+
 #endif

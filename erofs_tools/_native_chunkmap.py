@@ -7,7 +7,8 @@ from __future__ import annotations
 from erofs_tools._native import NativeError, ffi, lib
 from erofs_tools.errors import CorruptImageError
 
-__all__ = ["CHUNK_FORMAT", "CHUNK_REC", "CI_ROW", "PIN_FORMAT", "PIN_REC", "ci_map", "ci_pins", "ci_table_text"]
+__all__ = ["CHUNK_FORMAT", "CHUNK_REC", "CI_ROW", "PIN_FORMAT", "PIN_REC", "ci_blob_pins",
+           "ci_map", "ci_pins", "ci_table_text"]
 
 CI_ROW = 80                     # format.rafs.ChunkInfo.SIZE
 PIN_REC = 61
@@ -66,3 +67,21 @@ def ci_map(pins: bytes, chunk_count: int, uncompressed_size: int, compressed_siz
         return None
     return bytes(ffi.buffer(map_out, count * PIN_REC)), \
         bytes(ffi.buffer(chunks_out, count * CHUNK_REC))
+
+
+def ci_blob_pins(ci: bytes, n: int, v2: bool, digests: bytes | None,
+                 pins: bytes) -> bytes | None:
+    """A blob's own CI table (`n` entries, v2 or v1) as packed pins (PIN_FORMAT, index
+    order; ci_map makes the chunk map of them), each with its digest from `pins` (the
+    bootstrap's packed pins, in index order, which must place it as the table does) or
+    else from `digests` (the blob's digest section, n x 32 bytes); None when a pin is
+    past the table or placed elsewhere, a flag is unknown or a chunk has no digest (the
+    caller's Python path names what is wrong)."""
+    if len(ci) < n * (24 if v2 else 16) or len(pins) % PIN_REC or \
+            (digests is not None and len(digests) != n * 32):
+        raise NativeError("ci_blob_pins: bad table, digest or pin lengths")
+    out = ffi.new("uint8_t[]", max(1, n) * PIN_REC)
+    why = lib.ern_ci_blob_pins(ffi.from_buffer(ci), n, 1 if v2 else 0,
+                               ffi.from_buffer(digests) if digests is not None else ffi.NULL,
+                               ffi.from_buffer(pins or b"\0"), len(pins) // PIN_REC, out)
+    return None if why else bytes(ffi.buffer(out, n * PIN_REC))

@@ -30,6 +30,7 @@ registry or blob directory behind a backend refused or failed).
 
 from __future__ import annotations
 
+import _thread
 import http
 import http.client
 import http.server
@@ -90,6 +91,12 @@ class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         self.fscache = daemon
         self.shutdown_requested = threading.Event()
         super().__init__(path, handler, bind_and_activate=False)
+
+    def process_request(self, request, client_address):
+        # a thread per connection, as ThreadingMixIn's, but not a threading.Thread:
+        # its start() waits for the new thread to run, a few ms of every call (a mount)
+        # when the daemon's GIL is busy
+        _thread.start_new_thread(self.process_request_thread, (request, client_address))
 
     def server_bind(self):
         old = os.umask(0o177)

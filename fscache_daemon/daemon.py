@@ -318,11 +318,15 @@ class Daemon(MountLifecycle):
                 return mgr
         backend.register_blob(ref.blob_id, ref.compressed_size)
         taken = {m.key for m in open_now}
-        load = dict(share, table=ref.table_digest)
+        # the table digest only for a map written (after the blob's check, off the
+        # mount's thread) or a variant's key
+        load = dict(share, table=lambda: ref.table_digest)
+        pending: list = []      # the blob's check (chunkmap.PendingCheck)
         res = None
         if key is None and ref.blob_id not in taken:
             res = bc.load_or_fetch_meta(self.blob_dir, ref.blob_id, backend,
-                                        key=ref.blob_id, rebuild=False, **load)
+                                        key=ref.blob_id, rebuild=False, pending=pending,
+                                        **load)
             if res is not None:
                 key = ref.blob_id
         if res is None:
@@ -331,9 +335,15 @@ class Daemon(MountLifecycle):
             if key in taken:    # a table digest prefix shared by two disagreeing tables
                 raise StorageError(f"blob {ref.blob_id[:12]}: cache {key} is in use by an "
                                    "image whose chunk table differs from this bootstrap's")
-            res = bc.load_or_fetch_meta(self.blob_dir, ref.blob_id, backend, key=key, **load)
+            res = bc.load_or_fetch_meta(self.blob_dir, ref.blob_id, backend, key=key,
+                                        pending=pending, **load)
         meta, fetched = res
         assert key is not None
+        # the blob's check ends before its cache is open to other mounts: a blob whose
+        # registry hangs must not hold up another image sharing it (that mount opens the
+        # blob itself meanwhile, with its own backend); its map file is written after
+        for p in pending:
+            p.wait()
         if meta.uncompressed_size != ref.uncompressed_size:
             raise StorageError(f"blob {ref.blob_id[:12]}: chunk map says "
                                f"{meta.uncompressed_size} bytes, bootstrap "

@@ -21,6 +21,8 @@ small; it uses the Daemon's attributes (images, detached, blobs, blob_users, fro
 
 from __future__ import annotations
 
+import _thread
+import gc
 import logging
 import os
 import threading
@@ -54,6 +56,10 @@ log = logging.getLogger(__name__)
 
 # How often the reaper looks whether the kernel let go of a detached image's superblock
 REAP_INTERVAL = 0.2
+
+# Threads of a mount (the backend's warming, the bootstrap walk, what follows the mount)
+# are started with _thread: threading.Thread.start() waits for the new thread to run, a
+# few ms each when the GIL is busy (the walk's Python parts, other mounts)
 
 
 class MountLifecycle(CacheEviction):
@@ -324,10 +330,25 @@ class MountLifecycle(CacheEviction):
             raise
         if state != DETACHED:
             self._queue_prefetch(img)
-        if self.readahead:
-            threading.Thread(target=self._learn_runs, args=(img, mgrs), daemon=True,
-                             name="file-runs").start()
+        _thread.start_new_thread(self._after_mount, (img, mgrs))
         return img
+
+    def _after_mount(self, img: Image, mgrs: list[BlobManager]) -> None:
+        """What the blobs need before their first reads but not before the mount: the
+        chunk lists of maps made by the C core (BlobMeta.chunks), then file-aware
+        readahead's runs (_learn_runs)."""
+        for _ in range(3000):
+            if img.state != MOUNTING:
+                break
+            time.sleep(0.01)
+        for m in mgrs:
+            m.meta.chunks   # noqa: B018 - made now, not on the first read's path
+        if self.readahead:
+            self._learn_runs(img, mgrs)
+        # the mount's tables (chunk lists, runs) live as long as it: out of the cyclic
+        # collector's full passes, as what the daemon's start made (cli); _unregister
+        # gives them back to it
+        gc.freeze()
 
     def _open_blobs(self, info, boot_copy, mountpoint, backend_spec, prefetch, domain,
                     options, source_bootstrap, mounted_at, state, mount_id, instances,
@@ -385,17 +406,13 @@ class MountLifecycle(CacheEviction):
                 fut.set_result(found)
 
         self._walks[(boot_copy, mountpoint)] = fut
-        threading.Thread(target=walk, daemon=True, name="file-runs-walk").start()
+        _thread.start_new_thread(walk, ())
 
     def _learn_runs(self, img: Image, mgrs: list[BlobManager]) -> None:
         # the bootstrap walk (_walk_runs) begun with the mount (_walk_early), or else (a
         # restored mount) now; applied once the mount is done (the managers are the
         # mount's)
         fut = self._walks.pop((img.bootstrap, img.mountpoint), None)
-        for _ in range(3000):
-            if img.state != MOUNTING:
-                break
-            time.sleep(0.01)
         try:
             runs, cold, modules = fut.result() if fut is not None else \
                 _walk_runs(img.bootstrap)
@@ -432,6 +449,8 @@ class MountLifecycle(CacheEviction):
                         ra.reset()
                     if mgr is not None:
                         released.append(mgr)
+        if released:
+            gc.unfreeze()   # cycles among what the blobs leave are collected again
         for mgr in released:
             try:
                 self.frontend.release_blob(mgr)
@@ -558,8 +577,7 @@ class _Warmer:
         self._lock = threading.Lock()
         self._over = False
         self._held = None
-        threading.Thread(target=self._run, args=(spec, options), daemon=True,
-                         name="backend-warm").start()
+        _thread.start_new_thread(self._run, (spec, options))
 
     def _run(self, spec: str, options: dict) -> None:
         try:

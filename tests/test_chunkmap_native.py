@@ -138,3 +138,98 @@ def test_read_right_after_mount_returns_the_source(tmp_path):
                 assert a.read() == b.read(), rel
     finally:
         d.cleanup()
+
+
+def test_cold_mount_defers_chunks_and_checks_the_blob_before_the_kernel(tmp_path):
+    """A map made from the pins: its chunk objects are made after the mount (not in it);
+    the blob's check still fails the mount for a blob cut short, before anything is
+    mounted or cached as its map; the blob whole again, it mounts and its map file is
+    written (after the check, on its thread)."""
+    from fscache_daemon.daemon import Daemon
+    from fscache_daemon.errors import DaemonError
+    _src, boot, blobs = _image(tmp_path)
+    blob = os.path.join(blobs, os.listdir(blobs)[0])
+    good = open(blob, "rb").read()
+    with open(blob, "r+b") as f:
+        f.truncate(len(good) - 1)
+    d = Daemon(str(tmp_path / "cache"), frontend="none", threads=2, prefetch_rate=0)
+    d.start()
+    try:
+        mnt = str(tmp_path / "mnt")
+        with pytest.raises(DaemonError, match="shorter than|short read"):
+            d.mount(boot, mnt, f"localfs:{blobs}")
+        assert d.images == {} and d.blobs == {}
+        assert not [n for n in os.listdir(d.blob_dir) if n.endswith(".map")]
+        with open(blob, "wb") as f:
+            f.write(good)
+        made = []
+        real = PinTable.chunk_map
+
+        def spy(self, *a):
+            got = real(self, *a)
+            made.append(got[1])
+            return got
+        PinTable.chunk_map = spy    # type: ignore[method-assign]
+        try:
+            d.mount(boot, mnt, f"localfs:{blobs}")
+        finally:
+            PinTable.chunk_map = real   # type: ignore[method-assign]
+        assert len(made) == 1
+        (mgr,) = d.blobs.values()
+        # the map file is written after the check, on its thread
+        helpers.wait_until(lambda: os.path.exists(chunkmap.map_path(d.blob_dir, mgr.key)),
+                           30, "the chunk map file")
+        # the after-mount thread makes the chunks; a reader would make them itself
+        chunks = mgr.meta.chunks
+        assert len(chunks) == mgr.meta.chunk_count == mgr.cache.total_chunks
+        assert chunks == made[0]()
+        d.fill(mgr.key, 0, mgr.size)        # every chunk fetched and verified
+        assert mgr.complete()
+    finally:
+        d.shutdown()
+
+
+class _FileBackend:
+    """The one blob file of a directory, read as the daemon's backends read."""
+
+    def __init__(self, blobs):
+        self.path = os.path.join(blobs, os.listdir(blobs)[0])
+        self.reads = 0
+
+    def reader(self, _blob_id):
+        from erofs_tools.reader.blob import file_reader
+        f = open(self.path, "rb")
+        read = file_reader(f)
+
+        def counted(off, n):
+            self.reads += 1
+            return read(off, n)
+        return counted
+
+
+@pytest.mark.parametrize("compressor", ["none", "zstd"])
+def test_blob_table_map_in_c_equals_python(tmp_path, compressor):
+    """A blob the pins do not cover (an optimized image's original blobs): its own CI
+    table made into the chunk map by the C core equals the Python path's (the table
+    decoded, the pins' places checked and digests taken); a pin placed elsewhere is
+    refused by both, the Python path naming it."""
+    _src, boot, blobs = _image(tmp_path, compressor)
+    ref = load_image(boot).blobs[0]
+    be = _FileBackend(blobs)
+    size = os.path.getsize(be.path)
+    recs = ref.pins.records
+    n = len(ref.pins)
+    half = PinTable(b"".join(recs[i * 61:(i + 1) * 61] for i in range(0, n, 2)))
+    c, _ = chunkmap._fetch_meta(ref.blob_id, be, ref.entry, size, half.digests(), half)
+    py, _ = chunkmap._fetch_meta(ref.blob_id, be, ref.entry, size, dict(half.digests()),
+                                 dict(half))
+    assert callable(c._chunks) and not callable(py._chunks)     # the C core's, made lazily
+    assert len(c.chunks) == n and c.chunks == py.chunks and c.to_bytes() == py.to_bytes()
+    assert c.digest_region == py.digest_region is not None
+    # one pin placed one block further: refused, by the Python path's words
+    r = bytearray(recs[2 * 61:3 * 61])
+    struct.pack_into("<Q", r, 4, struct.unpack_from("<Q", r, 4)[0] + 4096)
+    bad = PinTable(recs[:2 * 61] + bytes(r))
+    assert PinTable.of_blob_table(b"", 0, True, None, None) is not None
+    with pytest.raises(chunkmap.StorageError, match="lies elsewhere"):
+        chunkmap._fetch_meta(ref.blob_id, be, ref.entry, size, bad.digests(), bad)

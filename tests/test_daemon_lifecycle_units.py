@@ -2,11 +2,11 @@
 directory lock, status codes, metrics that mean what they say, and the module layout."""
 
 import ast
-import hashlib
 import os
 import threading
 import time
 
+import blake3
 import helpers
 import pytest
 from test_daemon_support import REPO, pack, write_tree
@@ -30,8 +30,9 @@ def images(tmp_path_factory):
 
 
 def sha(path):
+    """The digest a bootstrap copy is named after (state.copy_bootstrap: BLAKE3)."""
     with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
+        return blake3.blake3(f.read()).hexdigest()
 
 
 # -------------------------------------------------------------- issue 19, item 3

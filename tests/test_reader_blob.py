@@ -11,13 +11,13 @@ from erofs_tools.format import rafs
 from erofs_tools.reader.blob import (
     BlobChunk,
     BlobMeta,
-    compute_blob_id,
     decode_chunk,
     open_blob,
     read_chunk,
     read_toc,
     read_toc_section,
 )
+from erofs_tools.reader.blobid import compute_blob_id
 
 BLOB_ID = "be7d77eeb719f70884758d1aa800ed0fb09d701aaec469964e9d54325f0d5fef"
 BLOB = NYDUS / "blobs" / BLOB_ID

@@ -4,14 +4,12 @@ Everything read from a blob is untrusted: every offset and size is checked again
 blob size and the format limits before anything is allocated, and every problem is a
 CorruptImageError with a one-line message naming the blob.
 
-The daemon uses this module through `BlobMeta` (where each chunk lives, compressed and
-uncompressed) and `decode_chunk` (decompress + verify one chunk).
-"""
+The daemon uses `BlobMeta` (where each chunk lives) and `decode_chunk` (decode, verify)."""
 from __future__ import annotations
 
 import bisect
+import os
 import struct
-import threading
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -19,18 +17,15 @@ from erofs_tools.errors import CorruptImageError, DigestMismatchError
 from erofs_tools.format import rafs
 from erofs_tools.format.erofs import BLKSZ
 from erofs_tools.fsutil import round_up
-from erofs_tools.reader.blobid import compute_blob_id  # noqa: F401 (its old home)
+from erofs_tools.reader.chunkcodec import ZSTD_MAGIC
+from erofs_tools.reader.chunkcodec import decompress as _decompress
 
 ReadAt = Callable[[int, int], bytes]
 
-ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 DIGEST_SIZE = 32
 MAX_CHUNK_SIZE = rafs.CHUNK_SIZE_MAX          # 16 MiB: no chunk is larger
 MAX_UNCOMPRESSED_SIZE = 1 << 44
 MAX_COMPRESSED_SIZE = 1 << 40
-# zstd window bound for chunk frames: enough for any 16 MiB chunk, small enough that a
-# crafted frame header cannot make the decoder allocate much.
-ZSTD_MAX_WINDOW = 1 << 25
 
 COMPRESSORS_SUPPORTED = ("none", "zstd", "lz4_block")
 DIGESTERS = ("blake3", "sha256")
@@ -75,67 +70,6 @@ def _digest(digester, data):
         return blake3.blake3(data).digest()
     raise CorruptImageError(f"unsupported chunk digest algorithm {digester!r}")
 
-
-_tls = threading.local()
-
-
-def _dctx():
-    """This thread's zstd decompression context. A context is reused for every chunk (a
-    new one per chunk allocates its window again) and is not thread-safe, hence one per
-    thread; the one-shot decompress() below also releases the GIL, so the daemon's workers
-    decompress in parallel."""
-    d = getattr(_tls, "dctx", None)
-    if d is None:
-        import zstandard
-        d = _tls.dctx = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW)
-    return d
-
-
-def _zstd_decompress(data, limit, what):
-    """Decompress exactly one zstd frame, producing at most `limit` bytes (else error).
-
-    Strict: the frame must use all of `data` (no trailing bytes, no missing checksum or
-    blocks) and its reserved/unused header bits must be clear.
-    """
-    import zstandard
-    if len(data) < 6 or data[:4] != ZSTD_MAGIC:
-        raise CorruptImageError(f"{what}: not a zstd frame")
-    if data[4] & 0x18:
-        raise CorruptImageError(f"{what}: zstd frame header has reserved bits set")
-    try:
-        params = zstandard.get_frame_parameters(data)
-        if params.content_size != zstandard.CONTENTSIZE_UNKNOWN and \
-                params.content_size > limit:
-            raise CorruptImageError(f"{what}: zstd frame declares {params.content_size} "
-                                    f"bytes, more than {limit}")
-        # one shot into a buffer of the declared size (or `limit` when undeclared: a frame
-        # producing more fails as "did not decompress full frame"); a truncated frame
-        # fails the same way and bytes after the frame are refused
-        out = _dctx().decompress(data, max_output_size=limit, allow_extra_data=False)
-    except zstandard.ZstdError as e:
-        raise CorruptImageError(f"{what}: bad zstd data ({e})") from None
-    return out
-
-
-def _decompress(compressor, data, size, what):
-    if compressor == "zstd" or (compressor is None and data[:4] == ZSTD_MAGIC):
-        out = _zstd_decompress(data, size, what)
-    elif compressor == "lz4_block":
-        # a raw LZ4 block (no frame, no size prefix: Nydus's lz4_block); the C core's
-        # bounded decoder (csrc/coldpath.c)
-        from erofs_tools import _native
-        dec = _native.cold_decode_one("lz4_block", data, size)
-        if dec is None:
-            raise CorruptImageError(f"{what}: bad lz4 block")
-        out = dec
-    elif compressor in ("none", None):
-        out = bytes(data)
-    else:
-        raise CorruptImageError(f"{what}: unsupported compressor {compressor!r}")
-    if len(out) != size:
-        raise CorruptImageError(
-            f"{what}: decompressed to {len(out)} bytes, expected {size}")
-    return out
 
 
 def _read_exact(read_at, offset, length, blob_size, what):
@@ -216,17 +150,20 @@ def read_toc_section(read_at, blob_size, toc: TocInfo, section: bytes, blob_id=N
 class BlobMeta:
     """Where every chunk of one data blob lives, compressed and uncompressed."""
 
-    __slots__ = ("blob_id", "chunks", "uncompressed_size", "compressed_size", "compressor",
-                 "digester", "chunk_size", "features", "digest_region", "_starts", "_by_index",
-                 "zran", "_bytes")
+    __slots__ = ("blob_id", "_chunks", "chunk_count", "uncompressed_size", "compressed_size",
+                 "compressor", "digester", "chunk_size", "features", "digest_region",
+                 "_starts", "_by_index", "zran", "_bytes")
 
     def __init__(self, blob_id, chunks, uncompressed_size, compressed_size, compressor,
                  digester, chunk_size, features=0, digest_region=None, zran=None, *,
-                 checked: bytes | None = None):
-        # checked: chunks checked and ordered by the C core, and their compact form
+                 checked: bytes | None = None, count: int | None = None):
+        # checked: chunks checked and ordered by the C core, and their compact form; then
+        # `chunks` may be a function making them on first use and `count` their number
+        # (a cold mount's 27,000 chunks: ~25 ms of Python objects, after the mount)
         self.blob_id = blob_id
-        self.chunks = chunks if checked is not None else \
+        self._chunks = chunks if checked is not None else \
             sorted(chunks, key=lambda c: c.uncompressed_offset)
+        self.chunk_count = len(chunks) if count is None else count
         self.uncompressed_size = uncompressed_size
         self.compressed_size = compressed_size
         self.compressor = compressor
@@ -235,7 +172,7 @@ class BlobMeta:
         self.features = features
         # (offset, size) of the raw blob.digest payload (excluded from the blob id), or None
         self.digest_region = digest_region
-        self._starts = [c.uncompressed_offset for c in self.chunks]
+        self._starts: list[int] | None = None     # made with the chunks
         self._by_index: dict[int, BlobChunk] | None = None
         # a zran blob's contexts and chunk decoder (reader/zran.py), else None
         self.zran = zran
@@ -247,9 +184,17 @@ class BlobMeta:
             self._bytes = self._encode_head() + checked
 
     def __repr__(self):
-        return (f"BlobMeta({self.blob_id!r}, {len(self.chunks)} chunks, "
+        return (f"BlobMeta({self.blob_id!r}, {self.chunk_count} chunks, "
                 f"uncompressed={self.uncompressed_size}, compressed={self.compressed_size}, "
                 f"{self.compressor}/{self.digester}, chunk_size={self.chunk_size})")
+
+    @property
+    def chunks(self) -> list:
+        """The chunks in uncompressed order (made on first use from the C core's)."""
+        if self._starts is None:    # two threads may both make them: equal lists
+            c = self._chunks = self._chunks() if callable(self._chunks) else self._chunks
+            self._starts = [x.uncompressed_offset for x in c]
+        return self._chunks
 
     # -- validation ----------------------------------------------------------------------
     def _validate_head(self):
@@ -266,8 +211,8 @@ class BlobMeta:
             raise CorruptImageError(f"blob {name}: bad uncompressed size {self.uncompressed_size}")
         if not 0 <= self.compressed_size <= MAX_COMPRESSED_SIZE:
             raise CorruptImageError(f"blob {name}: bad compressed size {self.compressed_size}")
-        if len(self.chunks) > rafs.MAX_CHUNKS_PER_BLOB:
-            raise CorruptImageError(f"blob {name}: too many chunks ({len(self.chunks)})")
+        if self.chunk_count > rafs.MAX_CHUNKS_PER_BLOB:
+            raise CorruptImageError(f"blob {name}: too many chunks ({self.chunk_count})")
 
     def _validate_chunks(self):
         name = _blob_name(self.blob_id)
@@ -286,8 +231,7 @@ class BlobMeta:
                 raise CorruptImageError(
                     f"blob {name}: chunk {c.index} uncompressed offset not 4 KiB aligned")
             if c.uncompressed_offset < prev_end:
-                raise CorruptImageError(
-                    f"blob {name}: chunk {c.index} overlaps the previous chunk")
+                raise CorruptImageError(f"blob {name}: chunk {c.index} overlaps the previous chunk")
             prev_end = c.uncompressed_end
             if prev_end > self.uncompressed_size:
                 raise CorruptImageError(
@@ -298,8 +242,7 @@ class BlobMeta:
                 raise CorruptImageError(
                     f"blob {name}: chunk {c.index} compressed range outside the blob")
             if not c.compressed and c.compressed_size != c.uncompressed_size:
-                raise CorruptImageError(
-                    f"blob {name}: chunk {c.index} stored raw but sizes differ")
+                raise CorruptImageError(f"blob {name}: chunk {c.index} stored raw but sizes differ")
             if c.compressed and self.compressor == "none":
                 raise CorruptImageError(
                     f"blob {name}: chunk {c.index} compressed in an uncompressed blob")
@@ -312,11 +255,9 @@ class BlobMeta:
         if length <= 0 or offset < 0:
             return []
         end = offset + length
-        i = bisect.bisect_right(self._starts, offset) - 1
-        if i < 0:
-            i = 0
-        out = []
         chunks = self.chunks
+        i = max(0, bisect.bisect_right(self._starts, offset) - 1)  # type: ignore[arg-type]
+        out = []
         while i < len(chunks):
             c = chunks[i]
             if c.uncompressed_offset >= end:
@@ -332,16 +273,15 @@ class BlobMeta:
             self._by_index = {c.index: c for c in self.chunks}
         c = self._by_index.get(index)
         if c is None:
-            raise CorruptImageError(
-                f"blob {_blob_name(self.blob_id)}: no chunk with index {index}")
+            raise CorruptImageError(f"blob {_blob_name(self.blob_id)}: no chunk with index {index}")
         return c
 
     def chunk_at(self, uncompressed_offset: int) -> BlobChunk | None:
         """The chunk starting exactly at `uncompressed_offset`, or None."""
-        i = bisect.bisect_left(self._starts, uncompressed_offset)
-        if i < len(self._starts) and self._starts[i] == uncompressed_offset:
-            return self.chunks[i]
-        return None
+        chunks = self.chunks
+        starts: list[int] = self._starts  # type: ignore[assignment]
+        i = bisect.bisect_left(starts, uncompressed_offset)
+        return chunks[i] if i < len(starts) and starts[i] == uncompressed_offset else None
 
     def with_digests(self, digests):
         """A copy whose chunks take digests from {index: digest} (e.g. the bootstrap's)."""
@@ -366,7 +306,7 @@ class BlobMeta:
         dr_off, dr_size = self.digest_region or (0, 0)
         head = self._HEAD.pack(self._CACHE_MAGIC, (self.blob_id or "").encode(),
                                self.uncompressed_size, self.compressed_size, self.chunk_size,
-                               len(self.chunks), algos, self.features, 0, 0)
+                               self.chunk_count, algos, self.features, 0, 0)
         return head + struct.pack("<QQ", dr_off, dr_size)
 
     def _encode(self) -> bytes:
@@ -411,13 +351,15 @@ class BlobMeta:
     # -- parsing a blob ------------------------------------------------------------------
     @classmethod
     def from_blob(cls, read_at: ReadAt, blob_size: int, blob_id=None, entry=None, *,
-                  digests=None, compressor=None, digester=None) -> BlobMeta:
+                  digests=None, compressor=None, digester=None, fast=None) -> BlobMeta:
         """Parse a blob's meta from its end (TOC) or through its bootstrap `BlobEntry`.
 
         `read_at(offset, length) -> bytes` reads the blob; `blob_size` is its length.
         `digests` ({ci_index: digest}) supplies chunk digests when the blob has no
         blob.digest section (they then come from the bootstrap's chunk info table).
-        """
+        With `entry`, `fast(ci table, n, v2, digest section or None, data end, head)`
+        (head: BlobMeta's arguments after the chunks) may make the meta instead of the
+        per-chunk loop below (the daemon's, in C); None: the loop runs."""
         if entry is not None and blob_id is None:
             blob_id = entry.blob_id.split(b"\0", 1)[0].decode("ascii", "replace")
         name = _blob_name(blob_id)
@@ -506,8 +448,7 @@ class BlobMeta:
             raise CorruptImageError(
                 f"blob {name}: {n} CI entries, bootstrap says {entry.chunk_count} chunks")
         if (ci_usize < n * esize if v2 else ci_usize != n * esize):
-            raise CorruptImageError(
-                f"blob {name}: CI table size {ci_usize} does not fit {n} entries")
+            raise CorruptImageError(f"blob {name}: CI table size {ci_usize} does not fit {n} entries")
         if ci_usize > rafs.MAX_CHUNKS_PER_BLOB * rafs.CI_V2_SIZE:
             raise CorruptImageError(f"blob {name}: CI table too large")
         if ci_comp == "none" and ci_csize != ci_usize:
@@ -518,9 +459,7 @@ class BlobMeta:
         if entry is not None:
             data_end = min(data_end, entry.compressed_size)
 
-        # chunk digests: blob.digest section, else caller-supplied
-        digest_region = None
-        dig_list = None
+        digest_region = dig_list = draw = None      # blob.digest, else `digests`
         if toc is not None and rafs.TOC_NAME_BLOB_DIGEST in toc.entries:
             d = toc.entries[rafs.TOC_NAME_BLOB_DIGEST]
             if d.flags & ~rafs.TOC_FLAG_NONE or d.compressed_size != n * DIGEST_SIZE \
@@ -532,8 +471,14 @@ class BlobMeta:
             if d.uncompressed_digest != b"\0" * 32 and \
                     _sha256(draw) != d.uncompressed_digest:
                 raise DigestMismatchError(f"blob {name}: blob.digest does not match its TOC digest")
-            dig_list = [bytes(draw[i * 32:(i + 1) * 32]) for i in range(n)]
             digest_region = (d.compressed_offset, d.compressed_size)
+        if fast is not None and entry is not None:
+            meta = fast(ci, n, v2, draw, data_end, (uncompressed_size, blob_size, compressor,
+                                                    digester, chunk_size, features, digest_region))
+            if meta is not None:
+                return meta
+        if draw is not None:
+            dig_list = [bytes(draw[i * 32:(i + 1) * 32]) for i in range(n)]
 
         if toc is not None and uncompressed_size is None:
             b = toc.entries.get(rafs.TOC_NAME_BLOB_DATA)
@@ -640,9 +585,8 @@ def decode_chunk(meta: BlobMeta, chunk: BlobChunk, raw: bytes, verify: bool = Tr
         data = raw if isinstance(raw, bytes) else bytes(raw)
         if len(data) != chunk.uncompressed_size:
             raise CorruptImageError(f"{what}: raw chunk size mismatch")
-    if verify and chunk.digest is not None:
-        if _digest(meta.digester, data) != chunk.digest:
-            raise DigestMismatchError(f"{what}: digest mismatch ({meta.digester})")
+    if verify and chunk.digest is not None and _digest(meta.digester, data) != chunk.digest:
+        raise DigestMismatchError(f"{what}: digest mismatch ({meta.digester})")
     return data
 
 
@@ -674,7 +618,6 @@ def read_zran_chunk(meta: BlobMeta, chunk: BlobChunk, read_at: ReadAt,
 
 def file_reader(f):
     """A read_at(offset, length) over an open binary file (os.pread)."""
-    import os
     fd = f if isinstance(f, int) else f.fileno()
 
     def read_at(offset, length, _keep=f):
@@ -690,7 +633,6 @@ def file_reader(f):
 
 def open_blob(path, blob_id=None, entry=None, **kw) -> BlobMeta:
     """BlobMeta of a blob file on disk."""
-    import os
     if blob_id is None and entry is None:
         base = os.path.basename(os.fspath(path))
         if len(base) == 64 and all(ch in "0123456789abcdef" for ch in base):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import os
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple
 
 from erofs_tools import _native_chunkmap as cmap
@@ -98,22 +98,38 @@ class PinTable(Mapping[int, ChunkPin]):
         daemon's mount asks this of a 45,000-chunk blob)."""
         return (r[0] for r in struct.iter_unpack(_UOFF_ONLY, self.records))
 
+    @classmethod
+    def of_blob_table(cls, ci: bytes, n: int, v2: bool, digests: bytes | None,
+                      pins: PinTable | None) -> PinTable | None:
+        """Pins for every entry of a blob's own CI table (n entries, v2 or v1), digests
+        from `pins` (the bootstrap's, which must place each chunk as the table does)
+        else from `digests` (the blob's digest section), made by the C core; None if a
+        pin disagrees, a flag is unknown or a chunk has no digest."""
+        recs = cmap.ci_blob_pins(ci, n, v2, digests, pins.records if pins is not None else b"")
+        return None if recs is None else cls(recs)
+
     def table_text(self) -> bytes:
         """"index:uoff:usize:coff:csize:" + digest per pin, in index order."""
         return cmap.ci_table_text(self.records)
 
     def chunk_map(self, chunk_count: int, uncompressed_size: int, compressed_size: int,
-                  chunk_size: int, raw_only: bool) -> tuple[bytes, list[rblob.BlobChunk]] | None:
-        """(the map file's entries, the chunks in uncompressed order) when these pins are
-        the whole blob's chunk map and pass BlobMeta's chunk checks; else None."""
+                  chunk_size: int, raw_only: bool
+                  ) -> tuple[bytes, Callable[[], list[rblob.BlobChunk]]] | None:
+        """(the map file's entries, a function making the chunks in uncompressed order)
+        when these pins are the whole blob's chunk map and pass BlobMeta's chunk checks;
+        else None. The chunks are made when first needed (BlobMeta.chunks): a mount
+        needs only their count and the entries."""
         got = cmap.ci_map(self.records, chunk_count, uncompressed_size, compressed_size,
                           chunk_size, raw_only)
         if got is None:
             return None
         entries, recs = got
-        # tuple.__new__ straight from the unpacked rows: no Python call per chunk
-        make = functools.partial(tuple.__new__, rblob.BlobChunk)
-        return entries, list(map(make, struct.iter_unpack(cmap.CHUNK_FORMAT, recs)))
+
+        def chunks() -> list[rblob.BlobChunk]:
+            # tuple.__new__ straight from the unpacked rows: no Python call per chunk
+            make = functools.partial(tuple.__new__, rblob.BlobChunk)
+            return list(map(make, struct.iter_unpack(cmap.CHUNK_FORMAT, recs)))
+        return entries, chunks
 
 
 class PinDigests(Mapping[int, bytes]):
