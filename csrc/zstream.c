@@ -120,15 +120,16 @@ static int become_oldest(struct flush_arg *fa)
     return 0;
 }
 
-/* a file's output grew large: written at its final place when it is the oldest file,
- * else kept in memory for now (a file or segment holds at most SEGMENT_SIZE of input:
- * waiting here would leave a core idle behind a large file's earlier segments) */
+/* a file's output grew large: written at its final place once it is the oldest file
+ * (waiting for that); a segment of a large file does not wait but keeps its output in
+ * memory until it is the oldest (it holds at most SEGMENT_SIZE of input, and waiting
+ * would leave a core idle behind the file's earlier segments) */
 static int zflush(void *arg, struct zfile *zf)
 {
     struct flush_arg *fa = arg;
     struct zpool *p = fa->p;
     (void)zf;
-    if (!fa->j->direct) {
+    if (!fa->j->direct && (fa->j->first || fa->j->acc)) {
         pthread_mutex_lock(&p->mu);
         int oldest = p->head == fa->j && !p->committing;
         pthread_mutex_unlock(&p->mu);
