@@ -15,7 +15,6 @@
 #include "compress_int.h"
 #include <sys/mman.h>
 
-#define SEGMENT_SIZE (16ull << 20)
 #define QUEUE_SIZE (8000u << 10)    /* the input window */
 #define REFILL_AT (4000u << 10)
 /* the prefix search (zstd, deflate) stops when the output is within ZSTOP_BYTES of the
@@ -608,15 +607,17 @@ static long roll_step(struct zctx *c, struct xfer *x, struct zfile *zf, uint64_t
  * refilled once half of it is used; an extent may take all the input in the window.
  * Same cuts, same extents: with the same library the data takes the same blocks. */
 int zfile_compress(struct zctx *c, struct xfer *x, int fd, const char *path,
-                   uint64_t offset, uint64_t size, struct zfile *zf,
-                   int (*flush)(void *arg, struct zfile *zf), void *arg)
+                   uint64_t offset, uint64_t size, uint64_t from, uint64_t to,
+                   struct zfile *zf, int (*flush)(void *arg, struct zfile *zf), void *arg)
 {
     const uint32_t bs = x->blksz, ps = c->zc->pclustersize;
-    uint64_t done = 0;             /* file bytes put into extents */
+    uint64_t done = from;          /* file bytes put into extents */
     int r;
     memset(zf, 0, sizeof(*zf));
     zf->size = size;
-    for (uint64_t seg = 0; seg < size; seg += SEGMENT_SIZE) {
+    if (to > size)
+        to = size;
+    for (uint64_t seg = from; seg < to; seg += SEGMENT_SIZE) {
         uint64_t remaining = size - seg < SEGMENT_SIZE ? size - seg : SEGMENT_SIZE;
         uint64_t head = 0, tail = 0, readpos = seg;
         int64_t prev = -1;            /* -Ededupe: the extent a match may cut */
@@ -674,8 +675,7 @@ int zfile_compress(struct zctx *c, struct xfer *x, int fd, const char *path,
         }
     }
     zf->hold = 0;
-    uint64_t nlc = (size + bs - 1) / bs;
-    zf->plain = !zf->frag &&
-                (uint64_t)zf->nblocks * bs + Z_INDEX_START + nlc * 8 + zf->idata_len >= size;
+    if (from == 0 && to == size)
+        zf->plain = zfile_plain(zf, bs);
     return 0;
 }

@@ -198,12 +198,24 @@ INTERNAL const struct zalg *zalg_by_id(int32_t which);
 INTERNAL int zconf_setup(erofs_builder *b, struct zconf *zc);   /* zc[ZALG_MAX] */
 INTERNAL int zctx_init(struct zctx *c, const struct zconf *zc);
 INTERNAL void zctx_fini(struct zctx *c);
-/* compress size bytes of fd from offset; flush(arg, zf) is called when the buffered
- * output grows over the limit (it may write zf->data[zf->flushed..] out and advance
- * zf->flushed, dropping those bytes from memory) */
+/* a file is cut in segments of this size compressed independently (as mkfs.erofs 1.9):
+ * the segments of a large file are compressed by different threads (zstream.c) */
+#define SEGMENT_SIZE (16ull << 20)
+/* compress the segments [from, to) (multiples of SEGMENT_SIZE; to clipped to size) of
+ * the size bytes of fd from offset: extents start at their file offset, pclusters count
+ * from the first of from's segment; flush(arg, zf) is called when the buffered output
+ * grows over the limit (it may write zf->data[zf->flushed..] out and advance
+ * zf->flushed, dropping those bytes from memory). zf->plain is decided for a whole file
+ * (from 0 to size) only */
 INTERNAL int zfile_compress(struct zctx *c, struct xfer *x, int fd, const char *path,
-                            uint64_t offset, uint64_t size, struct zfile *zf,
-                            int (*flush)(void *arg, struct zfile *zf), void *arg);
+                            uint64_t offset, uint64_t size, uint64_t from, uint64_t to,
+                            struct zfile *zf, int (*flush)(void *arg, struct zfile *zf),
+                            void *arg);
+/* a segment's extents (placed) appended to those of the file's segments before it;
+ * its inline tail or fragment moved over */
+INTERNAL int zfile_gather(struct zfile *acc, struct zfile *seg);
+/* 1: the file's pclusters and index would not be smaller than the file (store it plain) */
+INTERNAL int zfile_plain(const struct zfile *zf, uint32_t bs);
 INTERNAL void zfile_free(struct zfile *zf);
 
 /* zindex.c: the map header and full index of a compressed file whose extents have
@@ -211,5 +223,59 @@ INTERNAL void zfile_free(struct zfile *zf);
 INTERNAL uint8_t *zfile_index(const struct zfile *zf, const struct zconf *zc, uint32_t blkszbits,
                               uint32_t *len);
 
+
+/* zstream.c: the compression thread pool, its jobs (a file, or a segment of one) */
+#define ZQMAX 4096                   /* submitted files not yet taken by a worker */
+#define PENDING_MAX (32ull << 20)   /* output held by finished, uncommitted files */
+
+struct zjob {
+    struct zjob *next;
+    uint32_t node;
+    char *path;
+    uint64_t offset, size;
+    uint32_t tail;            /* inline tail if stored plain (0: none) */
+    int state;                /* 0 queued, 1 taken, 2 finished */
+    int direct;               /* writing at its final place since base */
+    uint64_t base;
+    uint64_t held;            /* output bytes counted in pending */
+    struct zfile zf;
+    const struct zconf *zc;   /* its algorithm's settings (the packed inode: its own) */
+    uint32_t ccfg, ps;        /* --compress-hints: algorithm index, pcluster size */
+    int nocomp, packed;       /* stored uncompressed (a hint); the packed inode */
+    int srcfd;                /* the packed inode's data: read from this fd (if > 0) */
+    /* a file over SEGMENT_SIZE is one job per segment, taken by any worker and
+     * committed in order like files; the first job gathers their extents (acc), the
+     * last one finishes the file and carries its result */
+    uint64_t from, to;        /* the part of the file this job compresses */
+    struct zjob *first;       /* a later segment: the file's first job */
+    struct zfile *acc;        /* the first job of a file in segments: its extents */
+    int midseg;               /* a segment but the last: no result of its own */
+    /* result */
+    int plain, zfull;
+    uint32_t startblk, nblocks, meta_len;
+    uint8_t *meta, *tailbuf;
+    uint8_t *idata;           /* ztailpacking: inline tail after the index */
+    uint32_t idata_len;
+};
+
+struct zpool {
+    erofs_builder *b;
+    struct zconf *zc;           /* the builder's (b->zc[ZALG_MAX]) */
+    pthread_t th[64];
+    uint32_t nth;
+    pthread_mutex_t mu;
+    pthread_cond_t cv_job, cv_space, cv_turn;
+    struct zjob *head, *tail;       /* uncommitted, oldest first */
+    struct zjob *claim;             /* next one to take */
+    struct zjob *dhead, *dtail;     /* committed, for zpool_stop */
+    uint32_t queued;
+    uint64_t pending;
+    int committing, stop, abort;
+    int err_code;
+    char err[600];
+    struct zpacked pk;            /* -Efragments: the packed inode's data */
+    struct zdedupe dd;            /* -Ededupe: the pclusters written so far */
+    struct zroll roll;            /* -Ededupe: the same, by their output's first block */
+};
 
 #endif

@@ -1,7 +1,8 @@
 /* erofs-tools C core, directory walk: a source tree into builder nodes (mkfs's own walk).
  *
  * The same walk as erofs_tools/builder/tree.py (TreeWalker), without a Python object per
- * entry: breadth first, each directory's entries in bytewise name order; one
+ * entry: depth first (each directory's files, then its subdirectories, as os.walk and
+ * mkfs.erofs place the data), each directory's entries in bytewise name order; one
  * fstatat per entry relative to its directory's fd; llistxattr + lgetxattr (names in
  * byte order), readlinkat for symlinks; hardlinks found by (st_dev, st_ino). Regular
  * file data goes through erofs_node_set_file (the stream worker copies it meanwhile).
@@ -47,9 +48,12 @@ struct erofs_walk {
     size_t srclen;
     int started;
     int64_t root;
-    /* breadth-first queue (ring of directories) */
+    /* directories still to walk, a stack (q[qhead + i], i < qlen; the ring's head
+     * stays put): those a directory found, pushed in name order, are reversed when it
+     * is done so that the first one is walked next */
     struct wdir *q;
     uint32_t qhead, qlen, qcap;
+    uint32_t qmark;               /* qlen when the current directory was taken */
     /* the directory being walked: its fd, entries sorted, the next one */
     struct wdir cur;
     int dfd;
@@ -407,9 +411,14 @@ static int open_next_dir(erofs_walk *w)
     w->cur.path = NULL;
     if (!w->qlen)
         return 0;
-    w->cur = w->q[w->qhead];
-    w->qhead = (w->qhead + 1) % w->qcap;
+    for (uint32_t i = w->qmark, k = w->qlen - 1; i < k; i++, k--) {
+        struct wdir t = w->q[(w->qhead + i) % w->qcap];
+        w->q[(w->qhead + i) % w->qcap] = w->q[(w->qhead + k) % w->qcap];
+        w->q[(w->qhead + k) % w->qcap] = t;
+    }
     w->qlen--;
+    w->cur = w->q[(w->qhead + w->qlen) % w->qcap];
+    w->qmark = w->qlen;
     int fd = open(w->cur.path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     if (fd < 0)
         return werr(w, w->cur.path, errno);

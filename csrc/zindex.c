@@ -7,6 +7,7 @@
  * of 16 in 32 bytes), each pack ending with a le32 block address from which the reader
  * counts the blocks of the pack's pclusters. 4-byte packs come first until the 2-byte
  * packs are 32-byte aligned, then as many 2-byte packs as fit, then 4-byte packs again.
+ * Also the extents of a file's segments gathered, compressed by different threads.
  */
 #include "compress_int.h"
 
@@ -187,4 +188,44 @@ uint8_t *zindex_compact(const uint8_t *full, uint32_t full_len, uint32_t mpos, i
     for (; p < n; p += 2, o += 8)
         put_pack(o, full, n, p, 2, 4, big, &nextblk);
     return out;
+}
+
+int zfile_gather(struct zfile *acc, struct zfile *seg)
+{
+    if (acc->next + seg->next > acc->cap_ext) {
+        uint32_t nc = acc->cap_ext ? acc->cap_ext * 2 : 16;
+        while (nc < acc->next + seg->next)
+            nc *= 2;
+        struct zext *p = realloc(acc->ext, (size_t)nc * sizeof(*p));
+        if (!p)
+            return ERN_ENOMEM;
+        acc->ext = p;
+        acc->cap_ext = nc;
+    }
+    for (uint32_t k = 0; k < seg->next; k++) {
+        acc->ext[acc->next] = seg->ext[k];
+        acc->ext[acc->next++].pblk += acc->nblocks;
+    }
+    acc->size = seg->size;
+    acc->nblocks += seg->nblocks;
+    acc->wblocks += seg->wblocks;
+    acc->refs += seg->refs;
+    if (seg->idata) {
+        acc->idata = seg->idata;
+        acc->idata_len = seg->idata_len;
+        seg->idata = NULL;
+    }
+    if (seg->frag) {
+        acc->frag = seg->frag;
+        acc->frag_len = seg->frag_len;
+        seg->frag = NULL;
+    }
+    return 0;
+}
+
+int zfile_plain(const struct zfile *zf, uint32_t bs)
+{
+    uint64_t nlc = (zf->size + bs - 1) / bs;
+    return !zf->frag &&
+           (uint64_t)zf->nblocks * bs + Z_INDEX_START + nlc * 8 + zf->idata_len >= zf->size;
 }

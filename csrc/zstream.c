@@ -11,52 +11,6 @@
  */
 #include "compress_int.h"
 
-#define ZQMAX 4096                   /* submitted files not yet taken by a worker */
-#define PENDING_MAX (32ull << 20)   /* output held by finished, uncommitted files */
-
-struct zjob {
-    struct zjob *next;
-    uint32_t node;
-    char *path;
-    uint64_t offset, size;
-    uint32_t tail;            /* inline tail if stored plain (0: none) */
-    int state;                /* 0 queued, 1 taken, 2 finished */
-    int direct;               /* writing at its final place since base */
-    uint64_t base;
-    uint64_t held;            /* output bytes counted in pending */
-    struct zfile zf;
-    const struct zconf *zc;   /* its algorithm's settings (the packed inode: its own) */
-    uint32_t ccfg, ps;        /* --compress-hints: algorithm index, pcluster size */
-    int nocomp, packed;       /* stored uncompressed (a hint); the packed inode */
-    int srcfd;                /* the packed inode's data: read from this fd (if > 0) */
-    /* result */
-    int plain, zfull;
-    uint32_t startblk, nblocks, meta_len;
-    uint8_t *meta, *tailbuf;
-    uint8_t *idata;           /* ztailpacking: inline tail after the index */
-    uint32_t idata_len;
-};
-
-struct zpool {
-    erofs_builder *b;
-    struct zconf *zc;           /* the builder's (b->zc[ZALG_MAX]) */
-    pthread_t th[64];
-    uint32_t nth;
-    pthread_mutex_t mu;
-    pthread_cond_t cv_job, cv_space, cv_turn;
-    struct zjob *head, *tail;       /* uncommitted, oldest first */
-    struct zjob *claim;             /* next one to take */
-    struct zjob *dhead, *dtail;     /* committed, for zpool_stop */
-    uint32_t queued;
-    uint64_t pending;
-    int committing, stop, abort;
-    int err_code;
-    char err[600];
-    struct zpacked pk;            /* -Efragments: the packed inode's data */
-    struct zdedupe dd;            /* -Ededupe: the pclusters written so far */
-    struct zroll roll;            /* -Ededupe: the same, by their output's first block */
-};
-
 struct flush_arg {
     struct zpool *p;
     struct zjob *j;
@@ -166,12 +120,24 @@ static int become_oldest(struct flush_arg *fa)
     return 0;
 }
 
+/* a file's output grew large: written at its final place once it is the oldest file
+ * (waiting for that); a segment of a large file does not wait but keeps its output in
+ * memory until it is the oldest (it holds at most SEGMENT_SIZE of input, and waiting
+ * would leave a core idle behind the file's earlier segments) */
 static int zflush(void *arg, struct zfile *zf)
 {
     struct flush_arg *fa = arg;
+    struct zpool *p = fa->p;
     (void)zf;
+    if (!fa->j->direct && (fa->j->first || fa->j->acc)) {
+        pthread_mutex_lock(&p->mu);
+        int oldest = p->head == fa->j && !p->committing;
+        pthread_mutex_unlock(&p->mu);
+        if (!oldest)
+            return 0;
+    }
     int r = become_oldest(fa);
-    return r ? r : place_pclusters(fa->p, fa->j, fa->x);
+    return r ? r : place_pclusters(p, fa->j, fa->x);
 }
 
 static int open_source(struct xfer *x, struct zjob *j, int *pfd)
@@ -230,7 +196,8 @@ static int run_zjob(struct zpool *p, struct zctx *c, struct xfer *x, struct zjob
         close(fd);
         return r;
     }
-    r = zfile_compress(c, x, fd, j->path, j->offset, j->size, &j->zf, zflush, &fa);
+    r = zfile_compress(c, x, fd, j->path, j->offset, j->size, j->from,
+                       j->to ? j->to : j->size, &j->zf, zflush, &fa);
     c->roll = NULL;
     c->zc = keep;
     close(fd);
@@ -243,36 +210,54 @@ static int commit(struct zpool *p, struct zjob *j, struct xfer *x)
     erofs_builder *b = p->b;
     uint32_t bs = b->blksz;
     uint64_t base = j->direct ? j->base : b->scur;
+    struct zfile *zf = &j->zf;
     int r = 0;
-    if (!j->zf.plain) {
-        if (base + j->zf.nblocks > 0xFFFFFFFFull)
+    if (!zf->plain) {
+        if (base + zf->nblocks > 0xFFFFFFFFull)
             return xfail(x, ERN_ELIMIT, "image larger than 2^32 blocks");
         j->base = base;
         if ((r = place_pclusters(p, j, x)))
             return r;
-        uint32_t nblocks = j->zf.wblocks;
-        if (j->zf.refs) {
+        b->scur = base + zf->wblocks;
+    }
+    struct zjob *f = j->first ? j->first : j;
+    if (f->acc) {
+        /* a segment: its extents join the file's, which its last segment finishes
+         * (from the first one's block on, the segments being placed back to back) */
+        if (zfile_gather(f->acc, zf))
+            return xfail(x, ERN_ENOMEM, "out of memory");
+        f->zfull |= j->zfull;
+        if (j->midseg)
+            return 0;
+        j->zfull = f->zfull;
+        zf = f->acc;
+        base = f->base;
+        zf->plain = zfile_plain(zf, bs);
+    }
+    if (!zf->plain) {
+        uint32_t nblocks = zf->wblocks;
+        if (zf->refs) {
             /* partial references and pclusters of other files: the full index */
             j->zfull = 1;
             p->zc->incompat |= EROFS_FEATURE_INCOMPAT_DEDUPE;
         }
-        if (j->zf.frag) {
+        if (zf->frag) {
             /* appended in commit order: the packed inode does not depend on threads */
-            if ((r = zpacked_add(&p->pk, x, j->zf.frag, j->zf.frag_len, &j->zf.fragoff)))
+            if ((r = zpacked_add(&p->pk, x, zf->frag, zf->frag_len, &zf->fragoff)))
                 return r;
             p->zc->incompat |= EROFS_FEATURE_INCOMPAT_FRAGMENTS;
             /* compact indexes hold 32 bits of the offset; a whole-file fragment has
              * its own (full) form */
-            j->zfull |= j->zf.next == 1 || j->zf.fragoff >> 32;
+            j->zfull |= zf->next == 1 || zf->fragoff >> 32;
         }
-        j->meta = zfile_index(&j->zf, j->zc, b->o.blkszbits, &j->meta_len);
+        j->meta = zfile_index(zf, j->zc, b->o.blkszbits, &j->meta_len);
         if (!j->meta)
             return xfail(x, ERN_ENOMEM, "out of memory");
         j->nblocks = nblocks;
         j->startblk = (uint32_t)base;
-        j->idata = j->zf.idata;
-        j->idata_len = j->zf.idata_len;
-        j->zf.idata = NULL;
+        j->idata = zf->idata;
+        j->idata_len = zf->idata_len;
+        zf->idata = NULL;
         if (j->idata)
             p->zc->incompat |= EROFS_FEATURE_INCOMPAT_ZTAILPACKING;
         b->scur = base + nblocks;
@@ -305,6 +290,15 @@ static int commit(struct zpool *p, struct zjob *j, struct xfer *x)
     return r;
 }
 
+static void zjob_drop_acc(struct zjob *f)
+{
+    if (f->acc) {
+        zfile_free(f->acc);
+        free(f->acc);
+        f->acc = NULL;
+    }
+}
+
 /* with p->mu held: commit finished files from the oldest on */
 static void commit_ready(struct zpool *p, struct xfer *x)
 {
@@ -315,6 +309,8 @@ static void commit_ready(struct zpool *p, struct xfer *x)
         pthread_mutex_unlock(&p->mu);
         int r = skip ? 0 : commit(p, j, x);
         zfile_free(&j->zf);
+        if (j->first && !j->midseg)
+            zjob_drop_acc(j->first);
         free(j->path);
         j->path = NULL;
         pthread_mutex_lock(&p->mu);
@@ -429,6 +425,47 @@ int zpool_start(erofs_builder *b)
     return 0;
 }
 
+/* a large file: one job per segment after j (its first), chained by next, so that
+ * both cores work on it (as mkfs.erofs 1.9's workers take segments); not with
+ * -Ededupe, whose files are compressed one at a time -> the chain's last job (NULL: out
+ * of memory, the chain freed) */
+static struct zjob *split_segments(struct zpool *p, struct zjob *j, uint32_t *njobs)
+{
+    *njobs = 1;
+    if (j->nocomp || p->zc->roll || j->size <= SEGMENT_SIZE)
+        return j;
+    if (!(j->acc = calloc(1, sizeof(*j->acc))))
+        return NULL;
+    j->to = SEGMENT_SIZE;
+    j->midseg = 1;
+    struct zjob *last = j;
+    for (uint64_t from = SEGMENT_SIZE; from < j->size; from += SEGMENT_SIZE) {
+        struct zjob *s = malloc(sizeof(*s));
+        if (!s || !(*s = *j, s->path = strdup(j->path))) {
+            free(s);
+            for (struct zjob *k = j->next; k;) {
+                struct zjob *nx = k->next;
+                free(k->path);
+                free(k);
+                k = nx;
+            }
+            j->next = NULL;
+            zjob_drop_acc(j);
+            return NULL;
+        }
+        s->acc = NULL;
+        s->next = NULL;
+        s->first = j;
+        s->from = from;
+        s->to = from + SEGMENT_SIZE;
+        s->midseg = s->to < j->size;
+        last->next = s;
+        last = s;
+        ++*njobs;
+    }
+    return last;
+}
+
 int zpool_submit(erofs_builder *b, uint32_t node, const char *path, size_t pathlen,
                  uint64_t offset)
 {
@@ -462,6 +499,13 @@ int zpool_submit(erofs_builder *b, uint32_t node, const char *path, size_t pathl
     if (b->o.inline_data && tail && stream_inode_size(b, n) + n->xa_max + tail <= bs)
         j->tail = (uint32_t)tail;
     n->streamed = 1;
+    uint32_t njobs;
+    struct zjob *last = split_segments(p, j, &njobs);
+    if (!last) {
+        free(j->path);
+        free(j);
+        return fail(b, ERN_ENOMEM, "out of memory");
+    }
     pthread_mutex_lock(&p->mu);
     while (p->queued >= ZQMAX && !p->err_code)
         pthread_cond_wait(&p->cv_space, &p->mu);
@@ -471,18 +515,23 @@ int zpool_submit(erofs_builder *b, uint32_t node, const char *path, size_t pathl
             p->tail->next = j;
         else
             p->head = j;
-        p->tail = j;
+        p->tail = last;
         if (!p->claim)
             p->claim = j;
-        p->queued++;
-        pthread_cond_signal(&p->cv_job);
+        p->queued += njobs;
+        pthread_cond_broadcast(&p->cv_job);
     } else {
         memcpy(b->err, p->err, sizeof(b->err));
     }
     pthread_mutex_unlock(&p->mu);
     if (err) {
-        free(j->path);
-        free(j);
+        for (struct zjob *k = j; k;) {
+            struct zjob *nx = k->next;
+            zjob_drop_acc(k);
+            free(k->path);
+            free(k);
+            k = nx;
+        }
         return err;
     }
     return 0;
@@ -579,7 +628,8 @@ int zpool_stop(erofs_builder *b, int abort)
     /* committed results to their nodes */
     for (struct zjob *j = p->dhead; j;) {
         struct zjob *nx = j->next;
-        if (!code && !abort) {
+        zjob_drop_acc(j);
+        if (!code && !abort && !j->midseg) {
             struct node *n = &b->nodes[j->node];
             n->startblk = j->startblk;
             if (j->plain) {
@@ -607,6 +657,7 @@ int zpool_stop(erofs_builder *b, int abort)
     for (struct zjob *j = p->head; j;) {
         struct zjob *nx = j->next;
         zfile_free(&j->zf);
+        zjob_drop_acc(j);
         free(j->path);
         free(j);
         j = nx;

@@ -20,7 +20,7 @@ def native_walk(builder: NativeBuilder, source: str | bytes, *,
                 fixed_mtime: int | None = None, force_uid: int | None = None,
                 force_gid: int | None = None,
                 on_entry: Callable[[int, int], object] | None = None) -> int:
-    """Walk directory `source` into `builder` (breadth first, names in byte order) and
+    """Walk directory `source` into `builder` (depth first, names in byte order) and
     set its root; -> the root node. on_entry(entries, bytes) after each step."""
     src = os.fsencode(source)
     o = ffi.new("struct erofs_walk_opts *")

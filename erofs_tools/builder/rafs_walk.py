@@ -185,7 +185,7 @@ class WalkFeed:
     """The directory walk on its own thread, handing regular files to the chunker as it
     meets them, so chunking (and writing the blob) overlaps the walk.
 
-    The walk visits the tree breadth first, each directory in name order (TreeWalker), so
+    The walk visits the tree depth first, each directory in name order (TreeWalker), so
     the file order, hence the blob, is the same whatever the filesystem's readdir order.
     The walker only calls the node-graph builder; the consumer does not touch it until
     `close()` has joined the thread.

@@ -1,15 +1,15 @@
 """Directory walk: turns a source tree into nodes of the C builder.
 
 One lstat per entry (os.scandir + DirEntry.stat), listxattr/getxattr, readlink for
-symlinks. The tree is walked breadth first, each directory in name order (as
-mkfs.erofs; the order the data is placed in, whatever the source fs's readdir order).
+symlinks. The tree is walked depth first, each directory's files before its
+subdirectories, each directory in name order (as mkfs.erofs places the data, and as
+os.walk reads it back; whatever the source fs's readdir order).
 Regular file data is not read here (the C core copies it when writing), except
 for --xattr-inode-digest: its sha256 is read here, before the data is queued.
 Hardlinks are detected by (st_dev, st_ino); the table only keeps inodes with links not
 yet seen. Excluded paths are matched against the path relative to SOURCE (no leading
 '/'): --exclude-path exactly, --exclude-regex with re.search.
 """
-import collections
 import errno
 import os
 import stat
@@ -201,13 +201,17 @@ class TreeWalker:
         root = self._add(src, st)
         self.b.set_root(root)
         links: dict[tuple[int, int], list[int]] = {}   # (dev, ino) -> [node, links still expected]
-        pending = collections.deque([(src, b"", root)])   # breadth first
+        # depth first: each directory's files, then its subdirectories in name order
+        # (as os.walk reads them and mkfs.erofs places the data): a stack, the
+        # subdirectories a directory found reversed once it is done
+        pending = [(src, b"", root)]
         add_child = self.b.add_child
         excluding = bool(self.excl_paths or self.excl_regex)
         skip = self.skip
         on_entry = self.on_entry
         while pending:
-            dpath, drel, dnode = pending.popleft()
+            dpath, drel, dnode = pending.pop()
+            mark = len(pending)
             try:
                 # in name order, not readdir's: the data (and -Efragments' packed
                 # inode) then follow the names as in mkfs.erofs, whatever the source fs
@@ -250,6 +254,7 @@ class TreeWalker:
                     pending.append((path, rel, node))
                 if on_entry is not None:
                     on_entry(self.entries, self.bytes)
+            pending[mark:] = reversed(pending[mark:])
         return root
 
     def _link(self, dnode: int, name: bytes, node: int, path: bytes) -> None:
