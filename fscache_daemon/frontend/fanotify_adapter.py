@@ -81,6 +81,18 @@ def reattach_holder(sock: str, timeout: float = 10.0) -> int | None:
                         f"not starting a second one")
 
 
+def _last_line(log_path: str) -> str:
+    """': <the holder's last log line>' (why it exited, e.g. fanotify_init's error), or
+    '' if there is none to read."""
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - 4096))
+            lines = f.read().decode(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return f": {lines[-1][:300]}" if lines else ""
+
+
 def spawn_holder(sock: str, log_path: str, timeout: float = 10.0) -> int:
     """Start the fanotify fd holder in its own session (it must outlive us)."""
     os.makedirs(os.path.dirname(sock), exist_ok=True)
@@ -97,8 +109,8 @@ def spawn_holder(sock: str, log_path: str, timeout: float = 10.0) -> int:
             log.info("fanotify fd holder started: pid %d, %s", p.pid, sock)
             return p.pid
         if p.poll() is not None:
-            raise FrontendError(f"fanotify fd holder exited with status {p.returncode}; "
-                                f"see {log_path}")
+            raise FrontendError(f"fanotify fd holder exited with status {p.returncode}"
+                                f"{_last_line(log_path)}; see {log_path}")
         time.sleep(0.05)
     raise FrontendError(f"fanotify fd holder did not answer on {sock} within {timeout}s")
 
