@@ -1,5 +1,5 @@
 """The C core parsers' own fuzzer (tools/fuzz_native.py: the fd holder's event-stream
-parser, the chunk-info table's pins and chunk maps) runs with zero failures.
+parser, the chunk-info table's pins and chunk maps, the daemon's cold path) runs with zero failures.
 EROFS_TOOLS_FUZZ_CASES overrides the case count (docs/fuzzing.md has the long runs)."""
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ def test_fuzz_native_cases():
     assert o.get("fanhold:allowed", 0) > CASES // 50
     assert o.get("fanhold:refused (parser too)", 0) > CASES // 50
     assert o.get("ci:pins with maps", 0) > CASES // 50 and o.get("ci:refused", 0) > CASES // 50
+    assert o.get("cold:decoded", 0) > CASES // 50 and o.get("cold:none-decoded", 0) > 0
 
 
 def test_fuzz_native_case_is_reproducible():
