@@ -652,6 +652,8 @@ def _check_pins(img):
             continue
         usize = max(p.uncompressed_offset + p.uncompressed_size for p in w.values())
         csize = max(p.compressed_offset + p.compressed_size for p in w.values())
+        # what the daemon passes: a blob-table entry's u64 and a file size
+        usize, csize = min(usize, (1 << 64) - 4096), min(csize, (1 << 64) - 1)
         for raw in (False, True):
             made = t.chunk_map(len(w), (usize + 4095) // 4096 * 4096, csize, 1 << 20, raw)
             if made is None:
