@@ -407,7 +407,11 @@ def cold_case(rnd: random.Random, tmp: str) -> str:
         for i, (_a, _so, _sl, ul, _do, fo, idx) in enumerate(chunks):
             has = bool(bitmap[idx >> 3] >> (idx & 7) & 1)
             assert has == (i in decoded), f"cold: chunk {i}'s bit is wrong"
-            if has:
+            # a mutated size may make chunks overlap in the file (BlobMeta refuses
+            # that before the cold path): those bytes are the later chunk's
+            alone = all(j == i or fo + ul <= chunks[j][5] or chunks[j][5] + chunks[j][3] <= fo
+                        for j in decoded)
+            if has and alone:
                 assert os.pread(fd, ul, fo) == decoded[i], f"cold: chunk {i} stored wrongly"
     finally:
         os.close(fd)
