@@ -62,6 +62,12 @@ static int decode_zstd(const uint8_t *in, size_t inlen, uint8_t *out, size_t ule
         return ERN_COLD_EFRAME;
     if (declared != ZSTD_CONTENTSIZE_UNKNOWN && declared != ulen)
         return ERN_COLD_ESIZE;
+    /* the window bound here: ZSTD_d_windowLogMax binds streaming only, and the one-shot
+     * decode below would take a frame the reader refuses (blob.ZSTD_MAX_WINDOW) */
+    ZSTD_frameHeader zfh;
+    if (ZSTD_getFrameHeader(&zfh, in, inlen) != 0 ||
+        zfh.windowSize > (1ull << COLD_WINDOW_LOG))
+        return ERN_COLD_EFRAME;
     /* exactly one frame and nothing after it */
     size_t flen = ZSTD_findFrameCompressedSize(in, inlen);
     if (ZSTD_isError(flen) || flen != inlen)

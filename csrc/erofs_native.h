@@ -378,8 +378,8 @@ int ern_ci_map(const uint8_t *pins, uint64_t count, uint64_t chunk_count, uint64
  * devices) as the reader's Image.walk does, up to max_inodes regular files; *out (free
  * with ern_file_runs_free) gets the paths of the regular files with runs, each ended by
  * a NUL (*paths_len bytes), then their runs: u32 file number, u32 blob, u64 start, u64
- * end. Returns the bytes in *out, -1 (the tree holds something the reader refuses: use
- * its walk) or -3 (no memory). */
+ * end. Returns the bytes in *out, -1 (the tree holds something the reader refuses, or
+ * its directories' paths pass 16 x size + 16 MiB: use its walk) or -3 (no memory). */
 int64_t ern_file_runs(const uint8_t *image, uint64_t size, uint64_t meta_off,
                       uint32_t blkszbits, uint64_t root_nid, uint32_t devmask,
                       uint32_t ndevices, uint64_t max_inodes, uint8_t **out,

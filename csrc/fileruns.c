@@ -302,6 +302,11 @@ int64_t ern_file_runs(const uint8_t *image, uint64_t size, uint64_t meta_off,
         return -1;
     struct img im = {image, size, meta_off, 1ull << blkszbits, (size - meta_off) / SLOT,
                      blkszbits, devmask, ndevices};
+    /* The directories' paths stay in `paths` for the whole walk: a deep chain of
+     * directories costs the sum of their path lengths, quadratic in the depth (1.1 MB
+     * image, 12,000 levels: 138 MiB). Past this budget the reader's walk, which holds
+     * only the pending directories' paths, takes the image (-1). */
+    uint64_t path_budget = 16 * size + (16u << 20);
     uint64_t nbits = im.maxnid + 1;
     uint8_t *dirseen = calloc(nbits / 8 + 1, 1), *regseen = calloc(nbits / 8 + 1, 1);
     struct buf res = {0}, ents = {0}, runs = {0}, paths = {0}, stack = {0}, subs = {0};
@@ -360,6 +365,8 @@ int64_t ern_file_runs(const uint8_t *image, uint64_t size, uint64_t meta_off,
             /* the child's path: the parent's, '/' unless it is the root, the name */
             uint64_t poff = paths.len;
             uint32_t plen = f.path_len + (f.path_len > 1 ? 1u : 0u) + e[i].len;
+            if (poff + plen > path_budget)
+                goto done;
             if (reserve(&paths, plen)) {
                 rc = -3;
                 goto done;
@@ -381,6 +388,10 @@ int64_t ern_file_runs(const uint8_t *image, uint64_t size, uint64_t meta_off,
                     goto done;
                 }
             }
+            /* only a directory's path is needed later: the others' bytes are given back
+             * (they stay readable at poff until the next entry's path is written) */
+            if (t != S_DIR)
+                paths.len = poff;
             /* the reader's walk yields the entry here: file_runs stops at max_inodes */
             if (nseen >= max_inodes)
                 goto ok;

@@ -595,9 +595,75 @@ def run_operations(image, blobs, devices, work):
     shutil.rmtree(out, ignore_errors=True)
     op("tar", lambda: unpack_to_tar(img, _Sink(), [], limit=UNPACK_LIMIT))
     op("stat", lambda: image_stats(img))
+    op("runs", lambda: outcomes.append(_check_runs(img)))
+    op("pins", lambda: outcomes.append(_check_pins(img)))
     img.blobs.close()
     img.close()
     return outcomes
+
+
+def _check_runs(img):
+    """The daemon's mount walk (reader.runs.data_runs: the C walk of csrc/fileruns.c)
+    must give what the reader's own walk gives, or leave the image to it."""
+    from erofs_tools._native_runs import file_runs_walk
+    from erofs_tools.reader.runs import _reader_runs
+
+    limit = 1 << 16
+    got = file_runs_walk(img.data, img.meta_off, img.blkszbits, img.root_nid,
+                         img.device_id_mask, len(img.devices), limit)
+    if got is None:
+        _reader_runs(img, limit, 0)
+        return "runs:reader-walk"
+    want = _reader_runs(img, limit, 0)
+    if got != want:
+        raise AssertionError(f"runs: the C walk differs from the reader's: {len(got[0])} "
+                             f"files / {len(got[1])} runs against {len(want[0])} / "
+                             f"{len(want[1])}")
+    return "runs:c-walk" + (" with runs" if got[1] else "")
+
+
+def _check_pins(img):
+    """The C core's pin tables (csrc/chunkmap.c) must equal the reader's chunk_pins, with
+    the same table digest text; the chunk map made from them must hold only pins."""
+    from erofs_tools.reader.bootstrap import chunk_pin_tables, chunk_pins
+
+    try:
+        want = chunk_pins(img)
+    except ErofsToolsError:
+        want = None
+    try:
+        got = chunk_pin_tables(img)
+    except ErofsToolsError:
+        if want is not None:
+            raise AssertionError("pins: the C core refuses a table the reader takes") from None
+        raise
+    if want is None:
+        raise AssertionError("pins: the C core takes a table the reader refuses")
+    maps = 0
+    for b, (t, w) in enumerate(zip(got, want, strict=True)):
+        if dict(t.items()) != w:
+            raise AssertionError(f"pins: blob {b}: C pins differ from the reader's")
+        text = b"".join(b"%d:%d:%d:%d:%d:" % (k, p.uncompressed_offset, p.uncompressed_size,
+                                              p.compressed_offset, p.compressed_size)
+                        + p.digest for k, p in sorted(w.items()))
+        if t.table_text() != text:
+            raise AssertionError(f"pins: blob {b}: table text differs")
+        if not w:
+            continue
+        usize = max(p.uncompressed_offset + p.uncompressed_size for p in w.values())
+        csize = max(p.compressed_offset + p.compressed_size for p in w.values())
+        # what the daemon passes: a blob-table entry's u64 and a file size
+        usize, csize = min(usize, (1 << 64) - 4096), min(csize, (1 << 64) - 1)
+        for raw in (False, True):
+            made = t.chunk_map(len(w), (usize + 4095) // 4096 * 4096, csize, 1 << 20, raw)
+            if made is None:
+                continue
+            entries, chunks = made
+            maps += 1
+            if len(chunks) != len(w) or any(tuple(c[1:7]) != tuple(w[c.index])
+                                             for c in chunks):
+                raise AssertionError(f"pins: blob {b}: chunk map differs from its pins")
+    return f"pins:{'tables' if got else 'none'}" + (" with maps" if maps else "")
 
 
 def _alarm(signum, frame):

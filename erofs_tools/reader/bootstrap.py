@@ -157,6 +157,11 @@ def chunk_pin_tables(img: Image) -> list[PinTable]:
     # the table's place and size were checked when the image was opened
     table = img.read(ext.s_chunk_table_offset, ext.s_chunk_table_size,
                      "chunk info table") if ext is not None and ext.s_chunk_table_size else b""
+    if not n and len(table) >= cmap.CI_ROW:
+        # no blob to pin: every row names one past the table (chunk_pins' first error)
+        blob = struct.unpack_from("<I", table, 32)[0]
+        raise CorruptImageError(f"{img.name}: chunk table names blob {blob}, "
+                                f"the bootstrap has 0")
     return [PinTable(cmap.ci_pins(table, n, b, img.name)) for b in range(n)]
 
 
