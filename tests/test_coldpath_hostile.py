@@ -8,7 +8,8 @@ import zstandard
 
 from erofs_tools import _native
 from erofs_tools.errors import CorruptImageError
-from erofs_tools.reader.blob import ZSTD_MAX_WINDOW, _decompress
+from erofs_tools.reader.chunkcodec import ZSTD_MAX_WINDOW
+from erofs_tools.reader.chunkcodec import decompress as _decompress
 
 
 def _frame(window_log: int, data: bytes) -> bytes:
