@@ -658,7 +658,8 @@ def _check_pins(img):
             made = t.chunk_map(len(w), (usize + 4095) // 4096 * 4096, csize, 1 << 20, raw)
             if made is None:
                 continue
-            entries, chunks = made
+            entries, make_chunks = made
+            chunks = make_chunks()
             maps += 1
             if len(chunks) != len(w) or any(tuple(c[1:7]) != tuple(w[c.index])
                                              for c in chunks):
