@@ -421,8 +421,21 @@ def cold_case(rnd: random.Random, tmp: str) -> str:
 
 def run(cases: int, seed: str = "0", targets=("fanhold", "ci", "cold"), timeout: float = 10.0,
         only: int | None = None, verbose: bool = False) -> dict:
-    signal.signal(signal.SIGALRM, _alarm)
-    logging.getLogger("fscache_daemon").setLevel(logging.ERROR)   # the parser's warnings
+    """The cases; the process's SIGALRM handler and the daemon's log level are put back
+    after them (the suite runs this in-process, beside tests that read those logs)."""
+    daemon_log = logging.getLogger("fscache_daemon")
+    level = daemon_log.level
+    handler = signal.signal(signal.SIGALRM, _alarm)
+    daemon_log.setLevel(logging.ERROR)   # the parser's warnings
+    try:
+        return _run(cases, seed, targets, timeout, only, verbose)
+    finally:
+        daemon_log.setLevel(level)
+        signal.signal(signal.SIGALRM, handler)
+
+
+def _run(cases: int, seed: str, targets, timeout: float, only: int | None,
+         verbose: bool) -> dict:
     outcomes: dict[str, int] = {}
     failures = []
     per_target: dict[str, int] = {}
