@@ -149,6 +149,49 @@ def test_30000_levels_bounded(tmp_path, cmd):
         assert _walk_deep(str(tmp_path / "out"), 30000) == (30000, 3)
 
 
+def _deep_wide_image(path, depth, width):
+    """`depth` levels of 255-byte names, then `width` links to one file at the bottom:
+    2.5 MB whose paths add up to depth x 256 x width bytes (61 GB here)."""
+    nb = NativeBuilder(BuildOptions(build_time=MTIME, uuid=bytes(16)))
+    try:
+        cur = nb.add_node(stat.S_IFDIR | 0o755, 0, 0, MTIME)
+        nb.set_root(cur)
+        for _ in range(depth):
+            d = nb.add_node(stat.S_IFDIR | 0o755, 0, 0, MTIME)
+            nb.add_child(cur, b"d" * 255, d)
+            cur = d
+        f = nb.add_node(stat.S_IFREG | 0o644, 0, 0, MTIME, 0, 0)
+        for i in range(width):
+            nb.add_child(cur, b"%d" % i, f)
+        nb.layout()
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            nb.write(fd)
+        finally:
+            os.close(fd)
+    finally:
+        nb.close()
+    return path
+
+
+@pytest.mark.parametrize("cmd", ["check", "stat", "inspect"])
+def test_deep_and_wide_tree_ends_in_one_line(tmp_path, cmd):
+    """A path per entry costs its length: a deep chain with a wide directory at the
+    bottom would take minutes to walk (quadratic). The walk stops at 2 GiB of paths."""
+    img = _deep_wide_image(str(tmp_path / "dw.img"), 4000, 60000)
+    assert os.path.getsize(img) < 4 << 20
+    res = run_bounded([sys.executable, "-m", "erofs_tools", cmd, img],
+                      stdout_path=os.devnull)
+    assert res.returncode == 1, res.stderr[-2000:]
+    assert b"paths add up to more than 2 GiB" in res.stderr
+    assert res.stderr.strip().count(b"\n") == 0, res.stderr[-2000:]
+    # ~2 s quiet for the 2 GiB of paths (each a fresh mapping of up to 1 MB), minutes
+    # without the bound; inspect prints those paths first
+    limit = 60.0 if cmd == "inspect" else 3 * TIME_LIMIT
+    assert res.seconds < limit, f"{cmd}: {res.seconds:.1f} s"
+    assert res.maxrss < RSS_LIMIT
+
+
 def test_inspect_json_of_a_deep_tree_is_whole(tmp_path):
     import json
     img = _deep_image(str(tmp_path / "deep.img"), 3000)

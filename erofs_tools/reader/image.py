@@ -25,7 +25,7 @@ MAX_SYMLINK = 4095
 MAX_BLOCK_BITS = 16        # we read 512 B .. 64 KiB blocks; the kernel stops at PAGE_SIZE
 MIN_BLOCK_BITS = 9
 MAX_CHUNK_BITS = 48
-
+MAX_WALK_PATH_BYTES = 2 << 30   # all paths of one walk: a deep tree x a wide bottom directory
 
 
 def _cstr(b):
@@ -595,16 +595,14 @@ class Image:
         yield b"/", None, root
         visited = {self.root_nid}
         stack = [(b"/", root, self.root_nid)]
+        spent = 0         # bytes of paths made: their sum grows as depth x entries
         while stack:
             path, dino, parent_nid = stack.pop()
             try:
                 ents = self.dirents(dino)
-                dot = [d for d in ents if d.name == b"."]
-                dotdot = [d for d in ents if d.name == b".."]
-                if len(dot) != 1 or dot[0].nid != dino.nid:
-                    raise self._err(f"directory {dino.nid}: missing or wrong '.'")
-                if len(dotdot) != 1 or dotdot[0].nid != parent_nid:
-                    raise self._err(f"directory {dino.nid}: missing or wrong '..'")
+                for dots, want in ((".", dino.nid), ("..", parent_nid)):
+                    if [d.nid for d in ents if d.name == dots.encode()] != [want]:
+                        raise self._err(f"directory {dino.nid}: missing or wrong '{dots}'")
             except CorruptImageError as e:
                 if on_error is None:
                     raise
@@ -614,6 +612,8 @@ class Image:
             for d in ents:
                 if d.name in (b".", b".."):
                     continue
+                if (spent := spent + len(path) + len(d.name) + 1) > MAX_WALK_PATH_BYTES:
+                    raise self._err("the paths add up to more than 2 GiB (a crafted deep tree?)")
                 cpath = (path if path.endswith(b"/") else path + b"/") + d.name
                 try:
                     ino = self.inode(d.nid)
