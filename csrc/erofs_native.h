@@ -417,8 +417,9 @@ int64_t ern_fan_allow_filled(int group_fd, const uint8_t *buf, size_t len,
  * as ern_fan_allow_filled does, appending them to log (log_ns: CLOCK_MONOTONIC of each
  * answer), *nlog entries in all. Returns 0 (timed out), 1 (fds ready: revents set; if
  * the group was read and some of its events were not answered, *used = the bytes read
- * and done[] / *nevents are that read's), 2 (interrupted by a signal), 3 (the log has
- * less than ndone entries left), or -errno of poll. */
+ * and done[] / *nevents are that read's, *nevents = 0 if it is malformed: nothing in
+ * it answered), 2 (interrupted by a signal), 3 (the log has less than ndone entries
+ * left), or -errno of poll. */
 struct ern_fan_pollfd {
     int32_t fd;
     int16_t events, revents;

@@ -248,9 +248,8 @@ int ern_fan_serve(int group_fd, struct ern_fan_pollfd *fds, uint32_t nfds, int t
         }
         if (k < 0 || (uint64_t)k != nev) {     /* some (or a malformed stream) for it */
             *used = (size_t)n;
-            *nevents = nev;
-            if (k < 0)
-                memset(done, 0, ndone);
+            /* 0 events: nothing answered, the caller's parser takes the whole read */
+            *nevents = k < 0 ? 0 : nev;
             return 1;
         }
         pfd[g].revents = 0;
