@@ -114,8 +114,9 @@ class PollSet:
         self.n = 0
 
     def register(self, fd: int, events: int) -> None:
-        self._events[fd] = events
-        self._stale = True
+        if self._events.get(fd) != events:     # the holder re-sets its socket's often
+            self._events[fd] = events
+            self._stale = True
 
     modify = register
 
