@@ -207,10 +207,12 @@ int ern_fan_serve(int group_fd, struct ern_fan_pollfd *fds, uint32_t nfds, int t
     *used = 0;
     *nlog = 0;
     *nevents = 0;
-    for (;;) {
+    for (int round = 0;; round++) {
         int wait = -1;
         if (timeout_ms >= 0) {
             uint64_t t = now_ns();
+            if (t >= deadline && round)
+                return 0;       /* the caller's timer is due, however busy the group is */
             wait = t >= deadline ? 0 : (int)((deadline - t + 999999u) / 1000000u);
         }
         int r = poll(pfd, nfds, wait);

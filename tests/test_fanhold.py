@@ -215,6 +215,15 @@ def test_serve_loop_answers_filled_events_in_c_until_something_else_comes(tmp_pa
         assert not any(is_open(fd) for fds in sent for fd in fds)
         assert view.touches.page(0)["records"][0][:2] == [0, 4096]
         assert all(t0 <= rec[2] <= time.monotonic_ns() for rec in view.touches.page(0)["records"])
+        # the caller's timer comes first however busy the group is: with no time left,
+        # one read is answered and the call returns
+        sent = [send((0, 4096)), send((4096, 4096))]
+        r, used, nev, n = fast.serve(group.fileno(), polls, 0, buf, filled)
+        assert (r, used, n) == (SERVE_TIMEOUT, 0, 1)
+        assert not is_open(sent[0][0]) and is_open(sent[1][0])
+        r, used, nev, n = fast.serve(group.fileno(), polls, 0, buf, filled)
+        assert (r, n) == (SERVE_TIMEOUT, 1) and not is_open(sent[1][0])
+        assert [RESPONSE.unpack(peer.recv(64))[0] for _ in range(2)] == [sent[0][0], sent[1][0]]
         # a read with an unfilled event: back to the caller with it and the done flags
         fds = send((0, 4096), (size - 4096, 4096))
         r, used, nev, n = fast.serve(group.fileno(), polls, 2000, buf, filled)
