@@ -410,6 +410,26 @@ int64_t ern_fan_allow_filled(int group_fd, const uint8_t *buf, size_t len,
                              uint32_t ndone, struct ern_fan_allowed *allowed,
                              uint32_t *nevents);
 
+/* ern_fan_serve: the holder's poll loop while only filled events come (a cold sequential
+ * read: nearly all of them), without returning to Python per event. poll(2) on fds
+ * (struct pollfd's layout; timeout_ms < 0: none); while the group (group_fd, one of
+ * fds) is the only one ready, read it into buf (cap bytes) and answer its filled events
+ * as ern_fan_allow_filled does, appending them to log (log_ns: CLOCK_MONOTONIC of each
+ * answer), *nlog entries in all. Returns 0 (timed out), 1 (fds ready: revents set; if
+ * the group was read and some of its events were not answered, *used = the bytes read
+ * and done[] / *nevents are that read's, *nevents = 0 if it is malformed: nothing in
+ * it answered), 2 (interrupted by a signal), 3 (the log has less than ndone entries
+ * left), or -errno of poll. */
+struct ern_fan_pollfd {
+    int32_t fd;
+    int16_t events, revents;
+};
+int ern_fan_serve(int group_fd, struct ern_fan_pollfd *fds, uint32_t nfds, int timeout_ms,
+                  uint8_t *buf, size_t cap, size_t *used, const struct ern_fan_map *maps,
+                  uint32_t nmaps, uint8_t *done, uint32_t ndone, uint32_t *nevents,
+                  struct ern_fan_allowed *log, uint64_t *log_ns, uint32_t log_cap,
+                  uint32_t *nlog);
+
 /* ---- SHA-256 for pack's blob id (sha256.c) ----
  * hashlib's without libcrypto (~3.5 MiB of pack's RSS): the x86 SHA extensions when
  * the CPU has them (ern_sha256_accelerated), else portable C (also when init is given

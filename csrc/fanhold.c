@@ -15,7 +15,9 @@
  * event whose answer failed for another reason than ENOENT (answered already).
  */
 #include <errno.h>
+#include <poll.h>
 #include <string.h>
+#include <time.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -176,4 +178,82 @@ int64_t ern_fan_allow_filled(int group_fd, const uint8_t *buf, size_t len,
         k++;
     }
     return k;
+}
+
+_Static_assert(sizeof(struct ern_fan_pollfd) == sizeof(struct pollfd),
+               "struct ern_fan_pollfd is struct pollfd");
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* Per event the Python loop cost a wake-up of the interpreter: poll's list of tuples,
+ * the handler's dispatch, the read, the call here, the notes; ~60 % of the holder's CPU
+ * on a cold read (perf). Here the loop stays in C as long as nothing but filled events
+ * comes; everything else (a control message, an unfilled event, a signal, the
+ * timeout) goes back to the caller, whose state cannot change meanwhile: it is
+ * single-threaded and waiting in this call. */
+int ern_fan_serve(int group_fd, struct ern_fan_pollfd *fds, uint32_t nfds, int timeout_ms,
+                  uint8_t *buf, size_t cap, size_t *used, const struct ern_fan_map *maps,
+                  uint32_t nmaps, uint8_t *done, uint32_t ndone, uint32_t *nevents,
+                  struct ern_fan_allowed *log, uint64_t *log_ns, uint32_t log_cap,
+                  uint32_t *nlog)
+{
+    struct pollfd *pfd = (struct pollfd *)fds;
+    uint64_t deadline = timeout_ms >= 0 ? now_ns() + (uint64_t)timeout_ms * 1000000u : 0;
+    *used = 0;
+    *nlog = 0;
+    *nevents = 0;
+    for (int round = 0;; round++) {
+        int wait = -1;
+        if (timeout_ms >= 0) {
+            uint64_t t = now_ns();
+            if (t >= deadline && round)
+                return 0;       /* the caller's timer is due, however busy the group is */
+            wait = t >= deadline ? 0 : (int)((deadline - t + 999999u) / 1000000u);
+        }
+        int r = poll(pfd, nfds, wait);
+        if (r < 0)
+            return errno == EINTR ? 2 : -errno;
+        if (r == 0)
+            return 0;
+        int64_t g = -1;
+        int others = 0;
+        for (uint32_t i = 0; i < nfds; i++) {
+            if (pfd[i].fd == group_fd)
+                g = i;
+            else if (pfd[i].revents)
+                others = 1;
+        }
+        if (others || g < 0 || pfd[g].revents != POLLIN || !nmaps)
+            return 1;
+        if (log_cap - *nlog < ndone)
+            return 3;
+        ssize_t n = read(group_fd, buf, cap);
+        if (n < 0 && (errno == EAGAIN || errno == EINTR)) {
+            pfd[g].revents = 0;
+            continue;
+        }
+        if (n <= 0)
+            return 1;           /* the caller reads it again and reports the error */
+        uint32_t nev = 0;
+        int64_t k = ern_fan_allow_filled(group_fd, buf, (size_t)n, maps, nmaps, done, ndone,
+                                         log + *nlog, &nev);
+        if (k > 0) {
+            uint64_t t = now_ns();
+            for (int64_t j = 0; j < k; j++)
+                log_ns[*nlog + j] = t;
+            *nlog += (uint32_t)k;
+        }
+        if (k < 0 || (uint64_t)k != nev) {     /* some (or a malformed stream) for it */
+            *used = (size_t)n;
+            /* 0 events: nothing answered, the caller's parser takes the whole read */
+            *nevents = k < 0 ? 0 : nev;
+            return 1;
+        }
+        pfd[g].revents = 0;
+    }
 }

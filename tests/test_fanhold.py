@@ -10,8 +10,15 @@ import os
 import random
 import struct
 
+from erofs_tools.reader.fanhold import SERVE_TIMEOUT
 from fscache_daemon.frontend import fanotify_abi as abi
-from fscache_daemon.frontend.fanotify_marks import FastAllow, FilledMap, FilledView
+from fscache_daemon.frontend.fanotify_marks import (
+    SERVE_READY,
+    FastAllow,
+    FilledMap,
+    FilledView,
+    PollSet,
+)
 
 META = struct.Struct("=IBBHQii")
 RANGE = struct.Struct("=BBHIQQ")
@@ -161,3 +168,90 @@ def test_a_closed_view_leaves_the_table(tmp_path):
         os.close(wr)
         v2.close()
         fm2.close()
+
+
+def test_serve_loop_answers_filled_events_in_c_until_something_else_comes(tmp_path):
+    """FastAllow.serve (ern_fan_serve): while only the group has events and they are all
+    filled, they are answered in C read after read without returning; an unfilled
+    event, another ready fd or the timeout comes back to the caller, with the read it
+    left and which of its events were answered. A SOCK_SEQPACKET pair stands in for the
+    group: one message per read, the answers come out at the other end."""
+    import select
+    import socket
+    import time
+
+    size = 1 << 20
+    path = tmp_path / "cache.blob"
+    path.write_bytes(b"")
+    os.truncate(path, size)
+    st = os.stat(path)
+    fm = FilledMap(size)
+    fm.set_range(0, size // 2)
+    view = FilledView(os.dup(fm.fd), size)
+    filled = {(st.st_dev, st.st_ino): (view, None)}
+    fast = FastAllow()
+    group, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    other_r, other_w = os.pipe()
+    polls = PollSet()
+    for fd in (group.fileno(), other_r):
+        polls.register(fd, select.POLLIN)
+    buf = memoryview(bytearray(abi.READ_BUFFER_SIZE))
+    opened: list[int] = []
+
+    def send(*ranges):
+        fds = [os.open(path, os.O_RDONLY) for _ in ranges]
+        opened.extend(fds)
+        peer.send(b"".join(event(fd, off, n) for fd, (off, n) in zip(fds, ranges)))
+        return fds
+
+    try:
+        # three reads of filled events: all answered in C, then the timeout
+        sent = [send((0, 4096), (8192, 65536)), send((65536, 131072)), send((4096, 4096))]
+        t0 = time.monotonic_ns()
+        r, used, nev, n = fast.serve(group.fileno(), polls, 300, buf, filled)
+        assert (r, used, n) == (SERVE_TIMEOUT, 0, 4)
+        answers = [RESPONSE.unpack(peer.recv(64)) for _ in range(4)]
+        assert answers == [(fd, abi.FAN_ALLOW) for fds in sent for fd in fds]
+        assert not any(is_open(fd) for fds in sent for fd in fds)
+        assert view.touches.page(0)["records"][0][:2] == [0, 4096]
+        assert all(t0 <= rec[2] <= time.monotonic_ns() for rec in view.touches.page(0)["records"])
+        # the caller's timer comes first however busy the group is: with no time left,
+        # one read is answered and the call returns
+        sent = [send((0, 4096)), send((4096, 4096))]
+        r, used, nev, n = fast.serve(group.fileno(), polls, 0, buf, filled)
+        assert (r, used, n) == (SERVE_TIMEOUT, 0, 1)
+        assert not is_open(sent[0][0]) and is_open(sent[1][0])
+        r, used, nev, n = fast.serve(group.fileno(), polls, 0, buf, filled)
+        assert (r, n) == (SERVE_TIMEOUT, 1) and not is_open(sent[1][0])
+        assert [RESPONSE.unpack(peer.recv(64))[0] for _ in range(2)] == [sent[0][0], sent[1][0]]
+        # a read with an unfilled event: back to the caller with it and the done flags
+        fds = send((0, 4096), (size - 4096, 4096))
+        r, used, nev, n = fast.serve(group.fileno(), polls, 2000, buf, filled)
+        assert (r, nev, n) == (SERVE_READY, 2, 1) and used > 0
+        assert polls.ready() == [(group.fileno(), select.POLLIN)]
+        assert fast.done(0) and not fast.done(1)
+        assert not is_open(fds[0]) and is_open(fds[1])
+        assert RESPONSE.unpack(peer.recv(64)) == (fds[0], abi.FAN_ALLOW)
+        # another fd ready: back at once, the group's events not read
+        fds = send((0, 4096))
+        os.write(other_w, b"x")
+        r, used, nev, n = fast.serve(group.fileno(), polls, 2000, buf, filled)
+        assert (r, used, n) == (SERVE_READY, 0, 0)
+        assert dict(polls.ready())[other_r] == select.POLLIN
+        assert is_open(fds[0])
+        # a malformed read: left whole to the caller's parser
+        os.read(other_r, 1)
+        group.recv(64)
+        peer.send(event(fds[0], 0, 4096)[:30])
+        r, used, nev, n = fast.serve(group.fileno(), polls, 2000, buf, filled)
+        assert (r, used, nev, n) == (SERVE_READY, 30, 0, 0) and is_open(fds[0])
+    finally:
+        for fd in opened:
+            if is_open(fd):
+                os.close(fd)
+        group.close()
+        peer.close()
+        os.close(other_r)
+        os.close(other_w)
+        view.close()
+        fm.close()

@@ -5,13 +5,18 @@ closed in one call (the holder's Python did ~30 us of work per event, one event 
 ~170 KiB a cold reader reads). The cffi module comes through _native.py."""
 from __future__ import annotations
 
+import os
 import struct
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 from erofs_tools._native import ffi, lib
 
-__all__ = ["FilledAnswerer", "pin", "unpin"]
+__all__ = ["FilledAnswerer", "PollSet", "pin", "unpin", "SERVE_TIMEOUT", "SERVE_READY",
+           "SERVE_INTR", "SERVE_FULL"]
+
+# ern_fan_serve's returns
+SERVE_TIMEOUT, SERVE_READY, SERVE_INTR, SERVE_FULL = 0, 1, 2, 3
 
 
 def pin(buf) -> Any:
@@ -35,6 +40,11 @@ class FilledAnswerer:
         self._maps = ffi.new("struct ern_fan_map[]", 1)
         self._nmaps = 0
         self._pins: list = []       # the pointers the table holds, kept alive with it
+        # serve(): what it answered (room for two reads' worth), the read it left
+        self._log = ffi.new("struct ern_fan_allowed[]", 2 * max_events)
+        self._log_ns = ffi.new("uint64_t[]", 2 * max_events)
+        self._nlog = ffi.new("uint32_t *")
+        self._used = ffi.new("size_t *")
 
     def set_maps(self, maps: Sequence[tuple[int, int, int, int, Any]]) -> None:
         """The table: (st_dev, st_ino, file size, bits in the map, pin(map)) each."""
@@ -60,6 +70,29 @@ class FilledAnswerer:
         """Whether event i of the last buffer was answered (and its fd closed) here."""
         return bool(self._done[i])
 
+    def serve(self, group_fd: int, fds: PollSet, timeout_ms: int, buf) -> tuple[int, int, int]:
+        """ern_fan_serve: poll `fds`, answering the filled events of the group in C for as
+        long as nothing else comes. (status, bytes of buf holding a read with events left
+        for the caller (done() tells which were answered), events in that read); the
+        answered ones in log(). Raises OSError if poll fails."""
+        fds.sync()
+        r = lib.ern_fan_serve(group_fd, fds.arr, fds.n, timeout_ms, ffi.from_buffer(buf),
+                              len(buf), self._used, self._maps, self._nmaps, self._done,
+                              self.max_events, self._nevents, self._log, self._log_ns,
+                              2 * self.max_events, self._nlog)
+        if r < 0:
+            raise OSError(-r, os.strerror(-r))
+        return r, self._used[0], self._nevents[0]
+
+    def log(self) -> Iterator[tuple[int, int, int, int]]:
+        """(map index, offset, count, CLOCK_MONOTONIC ns) of each event the last serve()
+        answered."""
+        n = self._nlog[0]
+        for (j, _, off, count), (ns,) in zip(
+                _ALLOWED.iter_unpack(ffi.buffer(self._log, _ALLOWED.size * n)),
+                _NS.iter_unpack(ffi.buffer(self._log_ns, 8 * n))):
+            yield j, off, count, ns
+
     def allowed(self, n: int) -> Iterator[tuple[int, int, int, int]]:
         """(map index, pad, offset, count) of each of the n events answered by the last
         call (n: what it returned)."""
@@ -67,3 +100,40 @@ class FilledAnswerer:
 
 
 _ALLOWED = struct.Struct("=IIQQ")        # struct ern_fan_allowed
+_NS = struct.Struct("=Q")
+
+
+class PollSet:
+    """select.poll's register / modify / unregister over a struct pollfd array that
+    FilledAnswerer.serve polls in C; ready() lists what the last serve() found."""
+
+    def __init__(self) -> None:
+        self._events: dict[int, int] = {}
+        self._stale = True
+        self.arr: Any = ffi.new("struct ern_fan_pollfd[]", 1)
+        self.n = 0
+
+    def register(self, fd: int, events: int) -> None:
+        if self._events.get(fd) != events:     # the holder re-sets its socket's often
+            self._events[fd] = events
+            self._stale = True
+
+    modify = register
+
+    def unregister(self, fd: int) -> None:
+        del self._events[fd]
+        self._stale = True
+
+    def sync(self) -> None:
+        """The array in step with the registrations (poll(2) sets every revents)."""
+        if not self._stale:
+            return
+        self.arr = ffi.new("struct ern_fan_pollfd[]", max(1, len(self._events)))
+        self.n = len(self._events)
+        for i, (fd, ev) in enumerate(self._events.items()):
+            self.arr[i].fd, self.arr[i].events, self.arr[i].revents = fd, ev, 0
+        self._stale = False
+
+    def ready(self) -> list[tuple[int, int]]:
+        return [(self.arr[i].fd, self.arr[i].revents) for i in range(self.n)
+                if self.arr[i].revents]

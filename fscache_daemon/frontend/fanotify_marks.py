@@ -39,6 +39,10 @@ class PendingEvent:
 FILLED_BLOCK = 4096
 
 
+# the holder's poll loop in C (FastAllow.serve): select.poll's calls, its statuses
+PollSet = fanhold.PollSet
+SERVE_READY = fanhold.SERVE_READY
+
 def _covers(mm, nblocks: int, start: int, end: int) -> bool:
     """Every block of [start, end) (end > start) has its bit set in `mm`."""
     first, last = start // FILLED_BLOCK, (end - 1) // FILLED_BLOCK
@@ -209,17 +213,34 @@ class FastAllow:
         """Answer the filled events of `buf`; (allowed, events in buf), or None if the
         stream is malformed (nothing answered: the caller's parser reports it).
         `filled`: inode -> (FilledView, connection), the holder's maps."""
-        key = tuple(v.gen for v, _ in filled.values())
-        if key != self._key:    # maps added or dropped: a table of the live ones
-            items = [(inode, v) for inode, (v, _) in filled.items()]
-            self._c.set_maps([(i[0], i[1], v.size, v.nblocks, v.ptr) for i, v in items])
-            self._key, self._views = key, [v for _, v in items]
+        self.sync_maps(filled)
         got = self._c.allow(group_fd, buf)
         if got is not None and got[0]:
             views = self._views
             for j, _, off, count in self._c.allowed(got[0]):   # readers went first
                 views[j].touches.note(off, count)
         return got
+
+    def sync_maps(self, filled: dict) -> None:
+        key = tuple(v.gen for v, _ in filled.values())
+        if key != self._key:    # maps added or dropped: a table of the live ones
+            items = [(inode, v) for inode, (v, _) in filled.items()]
+            self._c.set_maps([(i[0], i[1], v.size, v.nblocks, v.ptr) for i, v in items])
+            self._key, self._views = key, [v for _, v in items]
+
+    def serve(self, group_fd: int, fds: fanhold.PollSet, timeout_ms: int, buf,
+              filled: dict) -> tuple[int, int, int, int]:
+        """Poll `fds` with the filled events of the group answered in C meanwhile
+        (FilledAnswerer.serve; an unanswered one's read left in buf) and their first
+        accesses noted: (status, bytes of buf read, events in them, events answered)."""
+        self.sync_maps(filled)
+        r, used, nev = self._c.serve(group_fd, fds, timeout_ms, buf)
+        n = 0
+        views = self._views
+        for j, off, count, ns in self._c.log():
+            views[j].touches.note(off, count, ns)
+            n += 1
+        return r, used, nev, n
 
     def done(self, i: int) -> bool:
         """Whether event i of the last buffer was answered here (its fd closed)."""
@@ -252,7 +273,8 @@ class TouchLog:
     def __len__(self) -> int:
         return len(self._log) // 2
 
-    def note(self, offset: int, count: int) -> None:
+    def note(self, offset: int, count: int, when: int | None = None) -> None:
+        """A touch of [offset, offset+count) at `when` (CLOCK_MONOTONIC ns; now)."""
         start, end = min(offset, self.size), min(offset + count, self.size)
         if end <= start or _covers(self._seen, self.nblocks, start, end):
             return
@@ -260,7 +282,7 @@ class TouchLog:
         first = start // FILLED_BLOCK
         n = min((end - 1) // FILLED_BLOCK - first + 1, (1 << 24) - 1)
         self._log.append(first << 24 | n)
-        self._log.append(time.monotonic_ns())
+        self._log.append(time.monotonic_ns() if when is None else when)
 
     def rearm(self) -> None:
         """Record every block's next touch again (another image now reads this file);

@@ -59,6 +59,7 @@ import time
 
 from fscache_daemon.errors import FanotifyUnsupportedError, FrontendError, HolderError
 from fscache_daemon.frontend import fanotify_abi as abi
+from fscache_daemon.frontend import fanotify_marks as marks
 from fscache_daemon.frontend.fanotify_marks import FastAllow, FilledView, MarkTable, PendingEvent
 
 log = logging.getLogger(__name__)
@@ -133,7 +134,8 @@ class FdHolder:
         # fd -> handler; the poller is kept in step by _watch/_unwatch (rebuilding it per
         # event costs more than the event itself)
         self._handlers: dict[int, collections.abc.Callable[[int], None]] = {}
-        self._poller = select.poll()
+        self._poller = marks.PollSet()   # select.poll's calls; polled in C (serve)
+        self._left: tuple | None = None  # a read of the group the C loop left to Python
         self._unsent: collections.deque[int] = collections.deque()  # ids for the daemon
         self._stuck_since: float | None = None  # when the daemon's socket filled up
         self._watch(self.listener.fileno(), lambda _: self._accept())
@@ -217,10 +219,14 @@ class FdHolder:
             signal.signal(sig, self._on_signal)
         log.info("fd holder: pid %d serving %s", os.getpid(), self.sock_path)
         while not self._stop:
-            try:
-                ready = self._poller.poll(self._check_stuck())
-            except InterruptedError:
-                continue
+            # filled events are answered in C meanwhile, the rest comes back here
+            t = self._check_stuck()
+            r, used, nev, n = self._fast.serve(self.group_fd, self._poller, -1 if t is None
+                                               else int(t) + 1, self._rview, self.filled)
+            self.stats["events"] += n
+            self.stats["allowed_filled"] += n
+            self._left = (self._rview[:used], (0, nev) if nev else None) if used else None
+            ready = self._poller.ready() if r == marks.SERVE_READY else []
             for fd, revents in ready:
                 handler = self._handlers.get(fd)  # may be gone: closed earlier this round
                 if handler is None:
@@ -265,11 +271,14 @@ class FdHolder:
     def _read_group(self) -> None:
         # drain the kernel queue even with no daemon: keeps it far from overflowing
         # (an overflow would lose permission events); fds are cheap (RLIMIT raised)
-        try:   # into one buffer kept for the holder's life: no 64 KiB allocation per event
-            buf = self._rview[:os.readv(self.group_fd, [self._rbuf])]
-        except BlockingIOError:
-            return
-        fast = self._fast.run(self.group_fd, buf, self.filled) if self.filled else None
+        if self._left is not None:      # read (and its filled events answered) in C
+            (buf, fast), self._left = self._left, None
+        else:
+            try:   # into one buffer kept for the holder's life: no allocation per event
+                buf = self._rview[:os.readv(self.group_fd, [self._rbuf])]
+            except BlockingIOError:
+                return
+            fast = self._fast.run(self.group_fd, buf, self.filled) if self.filled else None
         # the filled ones answered in C (fanotify_marks.FastAllow); the rest (not filled,
         # or the answer failed) go to the daemon
         if fast is not None:
