@@ -22,6 +22,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 
 import pytest
 
@@ -306,9 +307,18 @@ def wchan(pid, tid=None):
     return "" if w == "0" else w
 
 
-def blocked_in_fanotify(pid, tid=None):
-    """True while the task waits for a fanotify permission/pre-content answer."""
-    return wchan(pid, tid).startswith("fanotify")
+def blocked_in_fanotify(pid, tid=None, within=2.0):
+    """True while the task waits for a fanotify permission/pre-content answer. Sampled
+    for up to `within` s: the kernel wakes every waiter of a group when any event of it
+    is answered, and on a loaded machine a woken waiter reads as running ('') until it
+    gets a CPU and sleeps again."""
+    deadline = time.monotonic() + within
+    while True:
+        if wchan(pid, tid).startswith("fanotify"):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.01)
 
 
 def holder_status(sock):
