@@ -420,6 +420,12 @@ class ChunkPipeline:
         available through `stored_bytes()` (call it once per distinct key: the consumer
         does so the first time it meets the key).
         """
+        for batch in self._run(self._batches(files), self._run_batch):
+            yield from batch
+
+    def run_batches(self, files: Iterable[FileItem]) -> Iterator[list[ChunkResult]]:
+        """run's results a batch at a time, in the same order (the consumer's loop per
+        batch, not one generator step per chunk)."""
         return self._run(self._batches(files), self._run_batch)
 
     # -- chunks already in memory (a tar stream) --------------------------------------------
@@ -427,7 +433,8 @@ class ChunkPipeline:
         """Like run, for chunks a stream reader has already cut: items are (file_key,
         offset, data, length, repeat); data None = `repeat` chunks of zeros in a row (a
         sparse hole, never materialized but once per size for its digest)."""
-        return self._run(self._stream_batches(items), self._run_stream_batch)
+        for batch in self._run(self._stream_batches(items), self._run_stream_batch):
+            yield from batch
 
     @staticmethod
     def _stream_batches(items: Iterable[StreamItem]) -> Iterator[list[StreamItem]]:
@@ -458,7 +465,8 @@ class ChunkPipeline:
         return out
 
     def _run(self, batches: Iterable[_Batch],
-             work: Callable[[int, _Batch], list[ChunkResult]]) -> Iterator[ChunkResult]:
+             work: Callable[[int, _Batch], list[ChunkResult]]
+             ) -> Iterator[list[ChunkResult]]:
         pending: deque[tuple[int, Task[list[ChunkResult]]]] = deque()
         self._futures = {}
         with WorkPool(self.workers, "erofs-chunk") as pool:
@@ -468,9 +476,9 @@ class ChunkPipeline:
                     self._futures[seq] = fut
                     pending.append((seq, fut))
                     while len(pending) >= self.window:
-                        yield from self._pop(pending)
+                        yield self._pop(pending)
                 while pending:
-                    yield from self._pop(pending)
+                    yield self._pop(pending)
             finally:
                 for _, f in pending:
                     f.cancel()
