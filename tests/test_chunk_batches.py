@@ -133,7 +133,8 @@ def _run(pipe, files):
     stored, order = {}, []
     for r in pipe.run(files):
         order.append((r.file_key, r.file_offset, r.size, r.digest))
-        if r.claim is not None and r.key not in stored:
+        # bytes come with a claim (compressed) or with the result itself ("none")
+        if (r.claim is not None or r.data is not None) and r.key not in stored:
             stored[r.key] = bytes(r.stored_bytes())
     return order, stored
 
@@ -176,8 +177,8 @@ def test_pipeline_symlink_swapped_in_is_not_followed(tmp_path):
 def test_claims_of_stored_chunks_are_dropped(tmp_path, monkeypatch, name, batched):
     """A worker that claims a key just before the consumer stores its first copy (its
     `known` said no) compresses it again; the consumer then finds the key stored and
-    must drop that claim, or its bytes (with "none": the batch's whole read buffer) stay
-    held to the end. Forced here: the workers' `known` always says no."""
+    must drop that claim, or its bytes stay held to the end. Forced here: the workers'
+    `known` always says no. ("none" makes no claims: each result carries its bytes.)"""
     from erofs_tools.builder.chunk_dict import ChunkDict
     from erofs_tools.builder.rafs import ChunkPlacer, PackOptions
     monkeypatch.setattr(chunker, "BATCH_CHUNKS", 4)

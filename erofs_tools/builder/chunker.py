@@ -173,17 +173,24 @@ class _Claim:
 class ChunkResult:
     """One chunk of one file, in file order; `repeat` > 1: that many identical chunks
     in a row (a run of hole chunks of a tar entry), one object however long."""
-    __slots__ = ("file_key", "file_offset", "size", "digest", "claim", "pipe", "repeat")
+    __slots__ = ("file_key", "file_offset", "size", "digest", "claim", "pipe", "repeat",
+                 "data")
 
     def __init__(self, file_key: int, file_offset: int, size: int, digest: bytes,
-                 claim: _Claim | None, pipe: ChunkPipeline, repeat: int = 1) -> None:
+                 claim: _Claim | None, pipe: ChunkPipeline, repeat: int = 1,
+                 data: bytes | memoryview | None = None) -> None:
         self.file_key = file_key
         self.file_offset = file_offset
         self.size = size
         self.digest = digest
-        self.claim = claim          # None when the key was already known
+        self.claim = claim          # None when the key was already known, or `data` set
         self.pipe = pipe
         self.repeat = repeat
+        # without compression: the chunk's own bytes (a view of its batch's buffer), no
+        # claim: storing a copy costs nothing to produce, and a claim per chunk (the
+        # `known` lookup, the claims dict and its lock, the release) was ~a fifth of the
+        # workers' and the consumer's per-chunk Python
+        self.data = data
 
     @property
     def key(self) -> ChunkKey:
@@ -191,6 +198,10 @@ class ChunkResult:
 
     def stored_bytes(self) -> bytes | memoryview:
         """Stored form (compressed or raw) of this chunk; call once per distinct key."""
+        d = self.data
+        if d is not None:
+            self.data = None
+            return d
         c = self.claim
         if c is None:
             raise RuntimeError("chunk key was already known: no bytes to take")
@@ -265,6 +276,7 @@ class ChunkPipeline:
         self._claims: dict[ChunkKey, _Claim] = {}
         self._lock = threading.Lock()
         self._zero_digests: dict[int, bytes] = {}
+        self._zeros: dict[int, bytes] = {}
         self._futures: dict[int, Task[list[ChunkResult]]] = {}
         self.bytes_read = 0
         self.bytes_hole = 0
@@ -275,6 +287,14 @@ class ChunkPipeline:
         if d is None:
             d = self._zero_digests[size] = self.digest(bytes(size))
         return d
+
+    def _zero_bytes(self, size: int) -> bytes:
+        """`size` zero bytes, one object per size (the stored form of a hole chunk
+        without compression; a sparse file's holes are many chunks of one size)."""
+        z = self._zeros.get(size)
+        if z is None:
+            z = self._zeros[size] = bytes(size)
+        return z
 
     def _claim(self, key: ChunkKey, seq: int) -> tuple[_Claim | None, _Claim | None]:
         """-> (claim if this caller must produce the data else None, claim-or-None)."""
@@ -346,8 +366,20 @@ class ChunkPipeline:
         self.bytes_read += total
         mv = memoryview(buf)
         hasher = self._hasher
-        claim_key = self._claim
         out = []
+        if self.compressor.name == "none":
+            # each result carries its bytes (no claims, see ChunkResult.data)
+            for (file_key, _path, _size, _sparse, off, length), at in zip(batch, where):
+                if at < 0:
+                    digest = self.zero_digest(length)
+                    self.bytes_hole += length
+                    data: bytes | memoryview = self._zero_bytes(length)
+                else:
+                    data = mv[at:at + length]
+                    digest = hasher(data).digest()
+                out.append(ChunkResult(file_key, off, length, digest, None, self, 1, data))
+            return out
+        claim_key = self._claim
         claims: list[_Claim] = []
         pieces: list[tuple[int, int]] = []
         for (file_key, _path, _size, _sparse, off, length), at in zip(batch, where):
