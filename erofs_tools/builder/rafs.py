@@ -434,7 +434,8 @@ class ChunkPlacer:
                     table.add(digest, find=False)
                 new_stored.append(stored)
                 new_sizes.append(size)
-                release((digest, size))
+                if r.claim is not None:     # "none" makes no claims
+                    release((digest, size))
                 new_bytes += size
                 if r.file_offset:       # its first use; absent means 0
                     file_off[ref] = r.file_offset
