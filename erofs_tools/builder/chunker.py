@@ -9,7 +9,8 @@ which bounds memory to a few chunks per worker whatever the file sizes.
 Deduplication is by (digest, uncompressed size). The first task to meet a new key
 "claims" it and compresses the data; every later occurrence (even one consumed earlier in
 order) waits for that claim instead of compressing again. Keys already known (from a
-chunk dict, or stored earlier) are never compressed.
+chunk dict, or stored earlier) are never compressed. Without compression there is nothing
+to share: no claims, each result carries its own bytes (ChunkResult.data).
 
 Holes of sparse files are never read: chunks that lie entirely inside a hole (found with
 SEEK_DATA/SEEK_HOLE) are synthesized as zero chunks whose digest is computed once per
