@@ -133,7 +133,8 @@ def _run(pipe, files):
     stored, order = {}, []
     for r in pipe.run(files):
         order.append((r.file_key, r.file_offset, r.size, r.digest))
-        if r.claim is not None and r.key not in stored:
+        # bytes come with a claim (compressed) or with the result itself ("none")
+        if (r.claim is not None or r.data is not None) and r.key not in stored:
             stored[r.key] = bytes(r.stored_bytes())
     return order, stored
 
@@ -172,11 +173,12 @@ def test_pipeline_symlink_swapped_in_is_not_followed(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["zstd", "none"])
-def test_claims_of_stored_chunks_are_dropped(tmp_path, monkeypatch, name):
+@pytest.mark.parametrize("batched", [False, True])
+def test_claims_of_stored_chunks_are_dropped(tmp_path, monkeypatch, name, batched):
     """A worker that claims a key just before the consumer stores its first copy (its
     `known` said no) compresses it again; the consumer then finds the key stored and
-    must drop that claim, or its bytes (with "none": the batch's whole read buffer) stay
-    held to the end. Forced here: the workers' `known` always says no."""
+    must drop that claim, or its bytes stay held to the end. Forced here: the workers'
+    `known` always says no. ("none" makes no claims: each result carries its bytes.)"""
     from erofs_tools.builder.chunk_dict import ChunkDict
     from erofs_tools.builder.rafs import ChunkPlacer, PackOptions
     monkeypatch.setattr(chunker, "BATCH_CHUNKS", 4)
@@ -187,12 +189,76 @@ def test_claims_of_stored_chunks_are_dropped(tmp_path, monkeypatch, name):
                          str(blobs), ChunkDict())
     placer.pipe._known = lambda key: False
     try:
-        for r in placer.pipe.run(files):
-            placer.place(r)
+        if batched:
+            for batch in placer.pipe.run_batches(files):
+                placer.place_batch(batch)
+        else:
+            for r in placer.pipe.run(files):
+                placer.place(r)
         assert placer.stats["chunks_dedup"] > 0
         assert placer.pipe._claims == {}
     finally:
         placer.writer.abort()
+
+
+@pytest.mark.parametrize("name", ["zstd", "none"])
+def test_place_batch_is_place_one_by_one(tmp_path, monkeypatch, name):
+    """The consumer's batch placement (ChunkPlacer.place_batch: lookups inlined, the
+    new chunks handed to BlobWriter.append_chunks in one call) records what place()
+    records chunk by chunk: the same chunk records, file references, counters, blob
+    bytes and blob id; also across digest-table growth (small tables forced) and for a
+    digest met with two sizes."""
+    from erofs_tools.builder.chunk_dict import ChunkDict
+    from erofs_tools.builder.chunk_refs import DigestTable
+    from erofs_tools.builder.rafs import ChunkPlacer, PackOptions
+    monkeypatch.setattr(chunker, "BATCH_CHUNKS", 5)
+    orig_init = DigestTable.__init__
+
+    def small_init(self):
+        orig_init(self)
+        self._slots = array.array("i", [-1]) * 8      # grown many times over the run
+        self._mask = 7
+    monkeypatch.setattr(DigestTable, "__init__", small_init)
+    files = _tree(tmp_path)
+    # a digest collision cannot be made: give one chunk's digest to a chunk of
+    # another size, as placement sees them (ChunkRefs.other)
+    seen: dict[bytes, int] = {}
+    orig_run = ChunkPipeline._run_batch
+
+    def run_batch(self, seq, batch):
+        out = orig_run(self, seq, batch)
+        for r in out:
+            if r.size != 65536 and r.size % 2 and seen.setdefault(b"odd", r.size) != r.size:
+                r.digest = seen.setdefault(b"d", r.digest)
+        return out
+    monkeypatch.setattr(ChunkPipeline, "_run_batch", run_batch)
+    got = []
+    for batched in (False, True):
+        seen.clear()
+        blobs = tmp_path / f"blobs{int(batched)}"
+        blobs.mkdir()
+        placer = ChunkPlacer(PackOptions(chunk_size=65536, compressor=name, workers=1),
+                             str(blobs), ChunkDict())
+        try:
+            if batched:
+                for batch in placer.pipe.run_batches(files):
+                    placer.place_batch(batch)
+            else:
+                for r in placer.pipe.run(files):
+                    placer.place(r)
+            info = placer.writer.finish()
+        except BaseException:
+            placer.writer.abort()
+            raise
+        refs = placer.refs
+        got.append((dict(placer.stats), bytes(refs.new.digests), refs.other, refs.coff,
+                    refs.csize, refs.uoff, refs.usize, refs.files, refs.nrefs, refs.refs,
+                    refs.file_off, [refs.new.get(refs.new.digest(i))
+                                    for i in range(refs.new.n)],
+                    info.blob_id, (blobs / info.blob_id).read_bytes()))
+    assert got[0][2], "no digest met with two sizes: the test lost its point"
+    assert got[0][0]["chunks_dedup"] > 0 and got[0][0]["chunks_new"] > 0
+    assert got[1] == got[0]
 
 
 def test_gather_copies_pieces_back_to_back():

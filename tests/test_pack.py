@@ -450,13 +450,13 @@ def test_walk_thread_failure_and_stop(tmp_path, monkeypatch, where):
             return orig(self, path, node)
         monkeypatch.setattr(TreeWalker, "_xattrs", bad)
     else:
-        orig_place = RP.ChunkPlacer.place
+        orig_place = RP.ChunkPlacer.place_batch
 
-        def place(self, r):
-            if self.stats["chunks_total"] == 20:
+        def place_batch(self, results):
+            if self.stats["chunks_total"] >= 20:    # a batch after the first
                 raise InputError("planted chunking error")
-            return orig_place(self, r)
-        monkeypatch.setattr(RP.ChunkPlacer, "place", place)
+            return orig_place(self, results)
+        monkeypatch.setattr(RP.ChunkPlacer, "place_batch", place_batch)
     out = tmp_path / "out"
     out.mkdir()
     with pytest.raises(InputError, match="planted"):

@@ -17,10 +17,13 @@ file is built under a temporary name in the blob directory and renamed to the id
 """
 from __future__ import annotations
 
+import array
 import errno
 import os
 import queue
+import struct
 import threading
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from erofs_tools._native_chunkio import gather
@@ -56,6 +59,7 @@ WRITE_QUEUE_BYTES = 1 << 20
 # gather buffers of the writer and the hasher thread: the writer writes one group while
 # the hasher hashes the one before (more would only hold memory: the write is the slower)
 HASH_BUFFERS = 2
+_CI_V1 = struct.Struct("<QQ")        # a CI v1 entry: uncompressed word, compressed word
 
 
 class StoredChunk:
@@ -305,6 +309,58 @@ class BlobWriter:
         self._upos = uoff + round_up(uncompressed_size, BLKSZ)
         self.count = index + 1
         return index, coff, uoff
+
+    def append_chunks(self, stored: Sequence[bytes | memoryview], sizes: Sequence[int],
+                      coff: array.array[int], csize: array.array[int],
+                      uoff: array.array[int]) -> None:
+        """append_chunk for many chunks in a row (pack's placement, a batch at a time:
+        one call instead of one per chunk); their compressed offsets, stored sizes and
+        uncompressed offsets are appended to `coff`, `csize`, `uoff`. Only for a writer
+        given its digests (the caller keeps them)."""
+        if self._own_digests:
+            raise AssertionError("append_chunks: the writer keeps no digests of its own")
+        if len(stored) != len(sizes):
+            raise ValueError("append_chunks: stored and sizes of different lengths")
+        if self.count + len(stored) > R.MAX_CHUNKS_PER_BLOB:
+            raise InputError("too many distinct chunks for one blob (2^24)")
+        pos, upos = self._pos, self._upos
+        ci = self._ci
+        enc = _CI_V1.pack
+        mask = BLKSZ - 1
+        threaded = self._thread is not None
+        if threaded and self._error is not None:
+            self._sync()
+            threaded = False
+        buf, buf_bytes = self._buf, self._buf_bytes
+        for data, us in zip(stored, sizes):
+            n = len(data)
+            if n > us or n <= 0:
+                raise ValueError("stored chunk larger than its data, or empty")
+            # R.encode_ci_v1, inlined (sizes minus one; offsets 4 KiB aligned)
+            u1, c1 = us - 1, n - 1
+            ci += enc((((u1 >> 20) & 0xF) << 8) | (upos & 0x0FFF_FFFF_F000)
+                      | ((u1 & 0xFFFFF) << 44),
+                      (pos & 0xFF_FFFF_FFFF) | (((c1 >> 20) & 0xF) << 40)
+                      | ((c1 & 0xFFFFF) << 44))
+            coff.append(pos)
+            csize.append(n)
+            uoff.append(upos)
+            if threaded:
+                buf.append(data)
+                buf_bytes += n
+                if buf_bytes >= WRITE_BATCH:
+                    self._q.put(buf)
+                    buf = []
+                    buf_bytes = 0
+            else:
+                assert self._f is not None, "blob already finished"
+                self._f.write(data)
+                self._hash.update(data)
+            pos += n
+            upos += (us + mask) & ~mask
+        self._buf, self._buf_bytes = buf, buf_bytes
+        self._pos, self._upos = pos, upos
+        self.count += len(stored)
 
     def abort(self) -> None:
         try:

@@ -130,6 +130,9 @@ class ChunkRefs:
         i = len(self.usize)
         if index != i:
             raise AssertionError(f"blob chunk {index} recorded as {i}")
+        # the size before the digest: a chunk worker's `known` (find_new) may look the
+        # digest up between the two, and reads usize[i] as soon as it finds it
+        self.usize.append(size)
         # index in the table == CI index: every new chunk's digest is there, in order
         if not absent and self.new.get(digest) is not None:
             self.other[(digest, size)] = i
@@ -139,7 +142,6 @@ class ChunkRefs:
         self.coff.append(coff)
         self.csize.append(csize)
         self.uoff.append(uoff)
-        self.usize.append(size)
         return i
 
     def dict_ref(self, sc: StoredChunk, file_offset: int) -> int:

@@ -9,7 +9,8 @@ which bounds memory to a few chunks per worker whatever the file sizes.
 Deduplication is by (digest, uncompressed size). The first task to meet a new key
 "claims" it and compresses the data; every later occurrence (even one consumed earlier in
 order) waits for that claim instead of compressing again. Keys already known (from a
-chunk dict, or stored earlier) are never compressed.
+chunk dict, or stored earlier) are never compressed. Without compression there is nothing
+to share: no claims, each result carries its own bytes (ChunkResult.data).
 
 Holes of sparse files are never read: chunks that lie entirely inside a hole (found with
 SEEK_DATA/SEEK_HOLE) are synthesized as zero chunks whose digest is computed once per
@@ -173,17 +174,24 @@ class _Claim:
 class ChunkResult:
     """One chunk of one file, in file order; `repeat` > 1: that many identical chunks
     in a row (a run of hole chunks of a tar entry), one object however long."""
-    __slots__ = ("file_key", "file_offset", "size", "digest", "claim", "pipe", "repeat")
+    __slots__ = ("file_key", "file_offset", "size", "digest", "claim", "pipe", "repeat",
+                 "data")
 
     def __init__(self, file_key: int, file_offset: int, size: int, digest: bytes,
-                 claim: _Claim | None, pipe: ChunkPipeline, repeat: int = 1) -> None:
+                 claim: _Claim | None, pipe: ChunkPipeline, repeat: int = 1,
+                 data: bytes | memoryview | None = None) -> None:
         self.file_key = file_key
         self.file_offset = file_offset
         self.size = size
         self.digest = digest
-        self.claim = claim          # None when the key was already known
+        self.claim = claim          # None when the key was already known, or `data` set
         self.pipe = pipe
         self.repeat = repeat
+        # without compression: the chunk's own bytes (a view of its batch's buffer), no
+        # claim: storing a copy costs nothing to produce, and a claim per chunk (the
+        # `known` lookup, the claims dict and its lock, the release) was ~a fifth of the
+        # workers' and the consumer's per-chunk Python
+        self.data = data
 
     @property
     def key(self) -> ChunkKey:
@@ -191,6 +199,10 @@ class ChunkResult:
 
     def stored_bytes(self) -> bytes | memoryview:
         """Stored form (compressed or raw) of this chunk; call once per distinct key."""
+        d = self.data
+        if d is not None:
+            self.data = None
+            return d
         c = self.claim
         if c is None:
             raise RuntimeError("chunk key was already known: no bytes to take")
@@ -265,6 +277,7 @@ class ChunkPipeline:
         self._claims: dict[ChunkKey, _Claim] = {}
         self._lock = threading.Lock()
         self._zero_digests: dict[int, bytes] = {}
+        self._zeros: dict[int, bytes] = {}
         self._futures: dict[int, Task[list[ChunkResult]]] = {}
         self.bytes_read = 0
         self.bytes_hole = 0
@@ -275,6 +288,14 @@ class ChunkPipeline:
         if d is None:
             d = self._zero_digests[size] = self.digest(bytes(size))
         return d
+
+    def _zero_bytes(self, size: int) -> bytes:
+        """`size` zero bytes, one object per size (the stored form of a hole chunk
+        without compression; a sparse file's holes are many chunks of one size)."""
+        z = self._zeros.get(size)
+        if z is None:
+            z = self._zeros[size] = bytes(size)
+        return z
 
     def _claim(self, key: ChunkKey, seq: int) -> tuple[_Claim | None, _Claim | None]:
         """-> (claim if this caller must produce the data else None, claim-or-None)."""
@@ -346,8 +367,20 @@ class ChunkPipeline:
         self.bytes_read += total
         mv = memoryview(buf)
         hasher = self._hasher
-        claim_key = self._claim
         out = []
+        if self.compressor.name == "none":
+            # each result carries its bytes (no claims, see ChunkResult.data)
+            for (file_key, _path, _size, _sparse, off, length), at in zip(batch, where):
+                if at < 0:
+                    digest = self.zero_digest(length)
+                    self.bytes_hole += length
+                    data: bytes | memoryview = self._zero_bytes(length)
+                else:
+                    data = mv[at:at + length]
+                    digest = hasher(data).digest()
+                out.append(ChunkResult(file_key, off, length, digest, None, self, 1, data))
+            return out
+        claim_key = self._claim
         claims: list[_Claim] = []
         pieces: list[tuple[int, int]] = []
         for (file_key, _path, _size, _sparse, off, length), at in zip(batch, where):
@@ -420,6 +453,12 @@ class ChunkPipeline:
         available through `stored_bytes()` (call it once per distinct key: the consumer
         does so the first time it meets the key).
         """
+        for batch in self._run(self._batches(files), self._run_batch):
+            yield from batch
+
+    def run_batches(self, files: Iterable[FileItem]) -> Iterator[list[ChunkResult]]:
+        """run's results a batch at a time, in the same order (the consumer's loop per
+        batch, not one generator step per chunk)."""
         return self._run(self._batches(files), self._run_batch)
 
     # -- chunks already in memory (a tar stream) --------------------------------------------
@@ -427,7 +466,8 @@ class ChunkPipeline:
         """Like run, for chunks a stream reader has already cut: items are (file_key,
         offset, data, length, repeat); data None = `repeat` chunks of zeros in a row (a
         sparse hole, never materialized but once per size for its digest)."""
-        return self._run(self._stream_batches(items), self._run_stream_batch)
+        for batch in self._run(self._stream_batches(items), self._run_stream_batch):
+            yield from batch
 
     @staticmethod
     def _stream_batches(items: Iterable[StreamItem]) -> Iterator[list[StreamItem]]:
@@ -458,7 +498,8 @@ class ChunkPipeline:
         return out
 
     def _run(self, batches: Iterable[_Batch],
-             work: Callable[[int, _Batch], list[ChunkResult]]) -> Iterator[ChunkResult]:
+             work: Callable[[int, _Batch], list[ChunkResult]]
+             ) -> Iterator[list[ChunkResult]]:
         pending: deque[tuple[int, Task[list[ChunkResult]]]] = deque()
         self._futures = {}
         with WorkPool(self.workers, "erofs-chunk") as pool:
@@ -468,9 +509,9 @@ class ChunkPipeline:
                     self._futures[seq] = fut
                     pending.append((seq, fut))
                     while len(pending) >= self.window:
-                        yield from self._pop(pending)
+                        yield self._pop(pending)
                 while pending:
-                    yield from self._pop(pending)
+                    yield self._pop(pending)
             finally:
                 for _, f in pending:
                     f.cancel()
