@@ -37,6 +37,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 
 from fscache_daemon import __version__
+from fscache_daemon.blobopen import EarlyChecks
 from fscache_daemon.errors import (
     ConflictError,
     DaemonError,
@@ -295,12 +296,14 @@ class Daemon(MountLifecycle):
         for be in dropped:
             be.close()
 
-    def _open_blob(self, ref, backend, key: str | None = None) -> bc.BlobManager:
+    def _open_blob(self, ref, backend, key: str | None = None,
+                   early: EarlyChecks | None = None) -> bc.BlobManager:
         """The manager serving blob `ref` for one bootstrap. With `key` (recorded in
         mounts.json) exactly that cache; else an open cache of the blob whose chunk map
         agrees with the bootstrap, or a new one: the plain `<id>` files if nothing else
         uses them and their map (if any) fits, else the variant `<id>@<table digest>` so
-        that another table's cache is neither refused nor overwritten."""
+        that another table's cache is neither refused nor overwritten. `early`: the
+        mount's blob checks started before its bootstrap was parsed (blobopen.py)."""
         if key is not None and bc.key_blob_id(key) != ref.blob_id:
             raise StorageError(f"cache key {key!r} is not one of blob {ref.blob_id[:12]}")
         share = dict(entry=ref.entry, blob_size=ref.compressed_size, digests=ref.digests,
@@ -320,7 +323,9 @@ class Daemon(MountLifecycle):
         taken = {m.key for m in open_now}
         # the table digest only for a map written (after the blob's check, off the
         # mount's thread) or a variant's key
-        load = dict(share, table=lambda: ref.table_digest)
+        load = dict(share, table=lambda: ref.table_digest,
+                    early=None if early is None else
+                    lambda end: early.waiter(backend, ref.blob_id, end))
         pending: list = []      # the blob's check (chunkmap.PendingCheck)
         res = None
         if key is None and ref.blob_id not in taken:
