@@ -188,6 +188,8 @@ class Daemon(MountLifecycle):
         self._backend_inflight: dict[int, int] = {}  # id(backend) -> mounts opening blobs
         self._stop = threading.Event()
         self._prefetch_q: queue.Queue = queue.Queue()
+        # mount point -> set once its prefetch table was streamed (lifecycle._after_mount)
+        self._streams: dict[str, threading.Event] = {}
         self._threads: list[threading.Thread] = []
         self.started_at = time.time()
         self.sampler = ProcessSampler()
@@ -238,6 +240,8 @@ class Daemon(MountLifecycle):
         self._stop.set()
         self._evict_now.set()
         self._prefetch_q.put(None)
+        for ev in list(self._streams.values()):
+            ev.set()
         self.frontend.stop()
         self.pool.shutdown(wait=True)
         for t in self._threads:
@@ -528,6 +532,8 @@ class Daemon(MountLifecycle):
             for b in img.blob_keys:
                 jobs.append((b, 0, None))
         if jobs:
+            if any(j[2] is not None for j in jobs):
+                self._streams[img.mountpoint] = threading.Event()
             self._prefetch_q.put((img.mountpoint, jobs))
 
     def _prefetcher(self) -> None:
@@ -543,6 +549,9 @@ class Daemon(MountLifecycle):
                                                         self._stop)
                 except Exception:  # noqa: BLE001 - prefetch is best effort
                     log.exception("prefetch of %s's prefetch table failed", mountpoint)
+            ev = self._streams.pop(mountpoint, None)
+            if ev is not None:
+                ev.set()
             for key, off, length in jobs:
                 if self._stop.is_set() or mountpoint not in self.images:
                     break
