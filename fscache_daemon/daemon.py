@@ -37,6 +37,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 
 from fscache_daemon import __version__
+from fscache_daemon.blobopen import EarlyChecks
 from fscache_daemon.errors import (
     ConflictError,
     DaemonError,
@@ -187,6 +188,8 @@ class Daemon(MountLifecycle):
         self._backend_inflight: dict[int, int] = {}  # id(backend) -> mounts opening blobs
         self._stop = threading.Event()
         self._prefetch_q: queue.Queue = queue.Queue()
+        # mount point -> set once its prefetch table was streamed (lifecycle._after_mount)
+        self._streams: dict[str, threading.Event] = {}
         self._threads: list[threading.Thread] = []
         self.started_at = time.time()
         self.sampler = ProcessSampler()
@@ -237,6 +240,8 @@ class Daemon(MountLifecycle):
         self._stop.set()
         self._evict_now.set()
         self._prefetch_q.put(None)
+        for ev in list(self._streams.values()):
+            ev.set()
         self.frontend.stop()
         self.pool.shutdown(wait=True)
         for t in self._threads:
@@ -295,12 +300,14 @@ class Daemon(MountLifecycle):
         for be in dropped:
             be.close()
 
-    def _open_blob(self, ref, backend, key: str | None = None) -> bc.BlobManager:
+    def _open_blob(self, ref, backend, key: str | None = None,
+                   early: EarlyChecks | None = None) -> bc.BlobManager:
         """The manager serving blob `ref` for one bootstrap. With `key` (recorded in
         mounts.json) exactly that cache; else an open cache of the blob whose chunk map
         agrees with the bootstrap, or a new one: the plain `<id>` files if nothing else
         uses them and their map (if any) fits, else the variant `<id>@<table digest>` so
-        that another table's cache is neither refused nor overwritten."""
+        that another table's cache is neither refused nor overwritten. `early`: the
+        mount's blob checks started before its bootstrap was parsed (blobopen.py)."""
         if key is not None and bc.key_blob_id(key) != ref.blob_id:
             raise StorageError(f"cache key {key!r} is not one of blob {ref.blob_id[:12]}")
         share = dict(entry=ref.entry, blob_size=ref.compressed_size, digests=ref.digests,
@@ -320,7 +327,9 @@ class Daemon(MountLifecycle):
         taken = {m.key for m in open_now}
         # the table digest only for a map written (after the blob's check, off the
         # mount's thread) or a variant's key
-        load = dict(share, table=lambda: ref.table_digest)
+        load = dict(share, table=lambda: ref.table_digest,
+                    early=None if early is None else
+                    lambda end: early.waiter(backend, ref.blob_id, end))
         pending: list = []      # the blob's check (chunkmap.PendingCheck)
         res = None
         if key is None and ref.blob_id not in taken:
@@ -523,6 +532,8 @@ class Daemon(MountLifecycle):
             for b in img.blob_keys:
                 jobs.append((b, 0, None))
         if jobs:
+            if any(j[2] is not None for j in jobs):
+                self._streams[img.mountpoint] = threading.Event()
             self._prefetch_q.put((img.mountpoint, jobs))
 
     def _prefetcher(self) -> None:
@@ -538,6 +549,9 @@ class Daemon(MountLifecycle):
                                                         self._stop)
                 except Exception:  # noqa: BLE001 - prefetch is best effort
                     log.exception("prefetch of %s's prefetch table failed", mountpoint)
+            ev = self._streams.pop(mountpoint, None)
+            if ev is not None:
+                ev.set()
             for key, off, length in jobs:
                 if self._stop.is_set() or mountpoint not in self.images:
                     break

@@ -22,6 +22,7 @@ small; it uses the Daemon's attributes (images, detached, blobs, blob_users, fro
 from __future__ import annotations
 
 import _thread
+import functools
 import gc
 import logging
 import os
@@ -31,6 +32,7 @@ from concurrent.futures import Future
 from typing import TYPE_CHECKING
 
 from fscache_daemon import mounts
+from fscache_daemon.blobopen import EarlyChecks, open_side_by_side
 from fscache_daemon.errors import (
     ConflictError,
     DaemonError,
@@ -76,6 +78,7 @@ class MountLifecycle(CacheEviction):
     traces: TraceRecorder
     _ra: dict[str, BlobReadahead]
     _walks: dict[tuple[str, str], Future]    # (bootstrap copy, mount point) -> its walk
+    _streams: dict[str, threading.Event]     # mount point -> its prefetch table streamed
     _lock: threading.RLock
     _mount_lock: threading.Lock
     _mountpoints: KeyedLock
@@ -88,7 +91,8 @@ class MountLifecycle(CacheEviction):
     if TYPE_CHECKING:
         def describe(self, img: Image) -> dict: ...
         def _backend(self, spec: str, options: dict) -> Backend: ...
-        def _open_blob(self, ref, backend, key: str | None = None) -> BlobManager: ...
+        def _open_blob(self, ref, backend, key: str | None = None,
+                       early: EarlyChecks | None = None) -> BlobManager: ...
         def _queue_prefetch(self, img: Image) -> None: ...
         def _drop_unused_backends(self) -> None: ...
         def _release_backend(self, be: Backend) -> None: ...
@@ -233,15 +237,15 @@ class MountLifecycle(CacheEviction):
             raise NotFoundError(f"{mountpoint}: mount point is not a directory")
         # the backend's first round trips (a registry's manifest) run while the
         # bootstrap is copied and parsed; errors are left to the mount's own use of it
-        warm = _Warmer(self, backend, options or {})
+        warm = _Warmer(self, backend, options or {}, bootstrap)
         try:
             return self._mount(bootstrap, mountpoint, backend, given, prefetch, domain,
-                               options)
+                               options, warm.checks)
         finally:
             warm.done()
 
     def _mount(self, bootstrap, mountpoint, backend, given, prefetch, domain,
-               options) -> dict:
+               options, early: EarlyChecks | None = None) -> dict:
         # Mounts of different mount points run side by side up to the kernel's part
         # (the slow part, opening the blobs, may wait seconds for a registry); that part
         # takes the one mount lock
@@ -253,9 +257,10 @@ class MountLifecycle(CacheEviction):
             try:
                 # parsed once: a big bootstrap (50,000 files) costs ~0.1 s a parse
                 info = self._validate_copy(boot_copy, bootstrap)
-                self._walk_early(boot_copy, mountpoint)
+                self._walk_early(boot_copy, mountpoint, info)
                 img = self._register(boot_copy, mountpoint, backend, prefetch, domain,
-                                     options, bootstrap, state=MOUNTING, info=info)
+                                     options, bootstrap, state=MOUNTING, info=info,
+                                     early=early)
                 try:
                     with self._mount_lock:
                         self._save_state()      # the intent, before mount(2)
@@ -299,7 +304,8 @@ class MountLifecycle(CacheEviction):
 
     def _register(self, boot_copy, mountpoint, backend_spec, prefetch, domain, options,
                   source_bootstrap, mounted_at=None, state=MOUNTED, mount_id=None,
-                  instances=(), blob_keys=None, info: ImageInfo | None = None) -> Image:
+                  instances=(), blob_keys=None, info: ImageInfo | None = None,
+                  early: EarlyChecks | None = None) -> Image:
         """Open the image's blobs and make it known. `blob_keys` (from mounts.json) are
         the cache keys a restarted mount was served under: the kernel keeps reading the
         files it opened at mount time, so each blob goes back to exactly that cache."""
@@ -315,7 +321,7 @@ class MountLifecycle(CacheEviction):
         with self.pinned(r.blob_id for r in info.blobs):
             img, mgrs = self._open_blobs(info, boot_copy, mountpoint, backend_spec, prefetch,
                                          domain, options, source_bootstrap, mounted_at,
-                                         state, mount_id, instances, blob_keys)
+                                         state, mount_id, instances, blob_keys, early)
         try:
             for m in mgrs:
                 # a blob two mounts share is ready (marked, writer fd) for both once
@@ -336,11 +342,18 @@ class MountLifecycle(CacheEviction):
     def _after_mount(self, img: Image, mgrs: list[BlobManager]) -> None:
         """What the blobs need before their first reads but not before the mount: the
         chunk lists of maps made by the C core (BlobMeta.chunks), then file-aware
-        readahead's runs (_learn_runs)."""
+        readahead's runs (_learn_runs). An image with a prefetch table gets them once
+        the table was streamed: its start reads what the stream brings (the holder
+        answers, no miss needs a chunk list or a run), and on two cores this CPU
+        (~0.2-0.3 s for the ML image's 50,000 files and 45,000 chunks) was taken from
+        the container's start; a miss before then makes the chunk list itself."""
         for _ in range(3000):
             if img.state != MOUNTING:
                 break
             time.sleep(0.01)
+        stream = self._streams.get(img.mountpoint)
+        if stream is not None:
+            stream.wait(STREAM_WAIT)
         for m in mgrs:
             m.meta.chunks   # noqa: B018 - made now, not on the first read's path
         if self.readahead:
@@ -352,15 +365,14 @@ class MountLifecycle(CacheEviction):
 
     def _open_blobs(self, info, boot_copy, mountpoint, backend_spec, prefetch, domain,
                     options, source_bootstrap, mounted_at, state, mount_id, instances,
-                    blob_keys) -> tuple[Image, list[BlobManager]]:
+                    blob_keys, early=None) -> tuple[Image, list[BlobManager]]:
         be = self._backend(backend_spec, options)
-        mgrs = []
         try:
-            for i, ref in enumerate(info.blobs):
-                mgrs.append(self._open_blob(ref, be, blob_keys[i] if blob_keys else None))
-        except BaseException:
-            self._close_unused(mgrs)    # e.g. a later blob's table collides: none kept
-            raise
+            mgrs = open_side_by_side(
+                [functools.partial(self._open_blob, ref, be,
+                                   blob_keys[i] if blob_keys else None, early)
+                 for i, ref in enumerate(info.blobs)],
+                self._close_unused)     # e.g. a later blob's table collides: none kept
         finally:
             self._release_backend(be)
         img = Image(mountpoint, boot_copy, source_bootstrap, backend_spec,
@@ -388,12 +400,14 @@ class MountLifecycle(CacheEviction):
                 ra.reset()
             m.close()
 
-    def _walk_early(self, boot_copy: str, mountpoint: str) -> None:
+    def _walk_early(self, boot_copy: str, mountpoint: str, info: ImageInfo) -> None:
         """Start the bootstrap walk of file-aware readahead (_learn_runs) at once, beside
         the rest of the mount: most of a mount is waiting (the registry, mount(2)), and
         a program's start reads before a walk begun after it ends (the ML cold start:
-        2-3 s after the mount on a loaded machine, 40-65 of its misses before it)."""
-        if not self.readahead:
+        2-3 s after the mount on a loaded machine, 40-65 of its misses before it). Not
+        for an image with a prefetch table: its start reads the table's stream, and the
+        walk waits for that (_after_mount)."""
+        if not self.readahead or info.prefetch:
             return
         fut: Future = Future()
 
@@ -567,24 +581,36 @@ def _walk_runs(bootstrap: str) -> tuple[_Runs, _Runs, _Runs]:
     return runs, cold, modules
 
 
+# how long the after-mount work waits for an image's prefetch table to be streamed
+STREAM_WAIT = 30.0
+
+
 class _Warmer:
     """Warms the mount's backend (Backend.warm) on a thread of its own and holds it until
     the mount is over (no other mount's failure closes it meanwhile); a mount that ends
-    first does not wait for it."""
+    first does not wait for it. Before warming, it starts the blobs' last-byte checks
+    from the user's bootstrap (`checks`, blobopen.py)."""
 
-    def __init__(self, owner, spec: str, options: dict):
+    def __init__(self, owner, spec: str, options: dict, bootstrap: str):
         self.owner = owner
         self._lock = threading.Lock()
         self._over = False
         self._held = None
-        _thread.start_new_thread(self._run, (spec, options))
+        self.checks = EarlyChecks()
+        _thread.start_new_thread(self._run, (spec, options, bootstrap))
 
-    def _run(self, spec: str, options: dict) -> None:
+    def _run(self, spec: str, options: dict, bootstrap: str) -> None:
         try:
             be = self.owner._backend(spec, options)
         except Exception as e:  # noqa: BLE001 - the mount meets it again and reports it
             log.debug("backend %s: not warmed: %s", spec, e)
             return
+        try:
+            # each check holds the backend as long as it runs (it may outlive the mount)
+            self.checks.start(be, bootstrap, lambda: self.owner._backend(spec, options),
+                              lambda: self._release(be))
+        except Exception as e:  # noqa: BLE001 - the mount checks the blobs itself
+            log.debug("backend %s: no early blob checks: %s", spec, e)
         try:
             be.warm()
         except Exception as e:  # noqa: BLE001 - as above

@@ -31,7 +31,6 @@ import socket
 
 from erofs_tools.errors import ErofsToolsError
 from fscache_daemon.errors import DaemonError, SnapshotInvalidError
-from fscache_daemon.storage.image import load_image
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +77,8 @@ def check_bootstrap(fs_dir: str, layer: str) -> None:
         raise SnapshotInvalidError(f"nydus bootstrap layer {layer}: no {BOOTSTRAP_PATH} "
                                    "(regular file) in the layer")
     try:
+        # imported here: rpull uses this module for its labels alone (its start counts)
+        from fscache_daemon.storage.image import load_image
         load_image(path)
     except (ErofsToolsError, OSError) as e:
         cause = str(e).replace(path, BOOTSTRAP_PATH)

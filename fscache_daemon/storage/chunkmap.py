@@ -250,26 +250,31 @@ def _meta_from_table(blob_id: str, pins, made: list, ci: bytes, n: int, v2: bool
     return meta
 
 
+def last_byte_check(backend, blob_id: str, end: int) -> None:
+    """The check of a blob whose map the pins made: its last stored byte (`end` - 1),
+    read as data is (a registry: a range GET, which proxies and mirrors serve as they
+    serve the rest) instead of the table's reads: a blob missing or cut short still
+    fails the mount, not later reads."""
+    if end and len(backend.reader(blob_id)(end - 1, 1)) != 1:
+        raise StorageError(f"blob {blob_id[:12]} is shorter than the {end} bytes the "
+                           "bootstrap says")
+
+
 def _fetch_meta(blob_id: str, backend, entry, blob_size, digests, pins,
-                checks: list | None = None):
+                checks: list | None = None, early: Callable | None = None):
     """The chunk map read from the blob through `backend`, with the bootstrap's pins
     applied (or made from the pins alone when they cover the blob: _meta_from_pins).
     Returns (meta, backend bytes read). With `checks` (a list), the check of a map made
-    from pins is put there (a function) instead of run."""
+    from pins is put there (a function) instead of run. `early(end)`: a function waiting
+    for that check already under way (fscache_daemon.blobopen.py), or None."""
     if blob_size is None and entry is not None and entry.compressed_size:
         blob_size = entry.compressed_size
     if blob_size is not None:
         meta = _meta_from_pins(blob_id, entry, blob_size, pins)
         if meta is not None:
-            # one byte, the data's last, read as data is (a registry: a range GET, which
-            # proxies and mirrors serve as they serve the rest) instead of the table's
-            # reads: a blob missing or cut short still fails the mount, not later reads
             end = entry.compressed_size
-
-            def check() -> None:
-                if end and len(backend.reader(blob_id)(end - 1, 1)) != 1:
-                    raise StorageError(f"blob {blob_id[:12]} is shorter than the "
-                                       f"{end} bytes the bootstrap says")
+            check = (early(end) if early is not None else None) or \
+                functools.partial(last_byte_check, backend, blob_id, end)
             if checks is None:
                 check()
             else:
@@ -321,7 +326,8 @@ def _fetch_zran_meta(blob_id: str, backend, entry, digests):
 def load_or_fetch_meta(directory, blob_id, backend, entry=None, blob_size=None,
                        digests=None, pins=None, table: bytes | Callable[[], bytes] = b"", *,
                        key: str | None = None, rebuild: bool = True,
-                       pending: list[PendingCheck] | None = None):
+                       pending: list[PendingCheck] | None = None,
+                       early: Callable | None = None):
     """The blob's chunk map for one bootstrap: from `<id>.map` if present, valid and in
     agreement with the bootstrap, else read from the blob through the backend (its CI
     table), with the bootstrap's pins applied, and cached. Returns (meta, backend bytes
@@ -338,7 +344,7 @@ def load_or_fetch_meta(directory, blob_id, backend, entry=None, blob_size=None,
     returned. With `pending` (a list), a map made from the pins is returned before the
     blob's check ends: a PendingCheck goes there (run on a thread of its own), whose
     wait() the caller must call before the blob is used (it raises a failed check; the
-    map file is written after the check, on that thread)."""
+    map file is written after the check, on that thread). `early`: see _fetch_meta."""
     path = map_path(directory, key or blob_id)
     usize = getattr(entry, "uncompressed_size", None)
     if rzran.is_zran_entry(entry):
@@ -366,7 +372,8 @@ def load_or_fetch_meta(directory, blob_id, backend, entry=None, blob_size=None,
         log.warning("%s: cached chunk map does not fit this bootstrap (%s); rebuilding it",
                     path, why)
     checks: list | None = [] if pending is not None else None
-    meta, fetched = _fetch_meta(blob_id, backend, entry, blob_size, digests, pins, checks)
+    meta, fetched = _fetch_meta(blob_id, backend, entry, blob_size, digests, pins, checks,
+                                early)
 
     def write() -> None:
         os.makedirs(directory, exist_ok=True)
