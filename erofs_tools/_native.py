@@ -510,7 +510,7 @@ class ZranPoint:
     out_offset: int
     bits: int
     byte: int
-    window: bytes
+    window: bytes | memoryview   # a view into a parsed index (reader/zran.py)
 
 
 # -- the daemon's cold path (csrc/coldpath.c) --------------------------------------------

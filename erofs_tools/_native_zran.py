@@ -85,7 +85,9 @@ def zran_extract(point: ZranPoint, compressed: bytes | memoryview, skip: int,
             or len(point.window) > ZRAN_WINDOW or skip < 0 or length < 0:
         raise CorruptImageError("zran: bad access point (bits, byte or window size)")
     out, src = ffi.new("uint8_t[]", max(length, 1)), ffi.from_buffer(compressed)
-    r = lib.ern_zran_extract(point.bits, point.byte, point.window, len(point.window),
+    # the window may be a view into a parsed index (reader/zran.py), not bytes
+    r = lib.ern_zran_extract(point.bits, point.byte, ffi.from_buffer("uint8_t[]", point.window),
+                             len(point.window),
                              src, len(compressed), skip, out, length)
     if r:
         if r == lib.ERN_ENOMEM:

@@ -17,7 +17,7 @@ from erofs_tools.reader import blob as rblob
 from fscache_daemon.storage import BackendError, StorageError
 from fscache_daemon.storage import blobcache as bc
 from fscache_daemon.storage.backends import LocalFsBackend, open_backend, parse_backend_spec
-from fscache_daemon.storage.planner import Batch, clamp_range, plan
+from fscache_daemon.storage.planner import OVERLAP_MAX, Batch, clamp_range, plan
 
 
 def open_manager(cache_dir, backend, blob_id, **kw):
@@ -218,9 +218,14 @@ def test_planner_unit():
     assert (b[0].offset, b[0].length) == (0, 5500)
     # a range starting inside the request (the next access point before the previous
     # chunk's end) joins it whatever the batch size: the overlap is fetched once
-    seq = [ch(i, i * 300_000, 900_000) for i in range(5)]
+    seq = [ch(i, i * 200_000, 900_000) for i in range(5)]
     b = plan(seq, batch_size=1 << 20)
-    assert len(b) == 1 and b[0].length == 4 * 300_000 + 900_000
+    assert len(b) == 1 and b[0].length == 4 * 200_000 + 900_000
+    # up to OVERLAP_MAX: a reader waiting on a chunk in it waits for all of it
+    seq = [ch(i, i * 300_000, 900_000) for i in range(12)]
+    b = plan(seq, batch_size=1 << 20)
+    assert len(b) > 1 and all(x.length <= OVERLAP_MAX for x in b)
+    assert sorted(c.index for x in b for c in x.chunks) == list(range(12))
     far = [ch(0, 0, 900_000), ch(1, 900_000 + 10, 900_000)]     # no overlap: two
     assert len(plan(far, batch_size=1 << 20)) == 2
 

@@ -64,7 +64,7 @@ def trim_window(point: ZranPoint, compressed: bytes | memoryview,
     cannot be told: too little input, or the stream does not inflate."""
     w = point.window
     if not w:
-        return w
+        return b""
     try:
         used, n = zran_window_use(point, compressed)
     except CorruptImageError:
@@ -170,7 +170,8 @@ class GzipIndexStream:
 
     def window_of(self, p: ZranPoint) -> bytes:
         """The window to store for point p: trimmed when that could be told."""
-        return self.windows.get(p.out_offset, p.window)
+        t = self.windows.get(p.out_offset)
+        return t if t is not None else bytes(p.window)     # the indexer's: bytes already
 
     def prune(self, before: int) -> None:
         """Forget marks only positions < `before` need (keep one at or before it)."""

@@ -16,6 +16,7 @@ import bisect
 import collections
 import hashlib
 import os
+import struct
 import threading
 from typing import NamedTuple
 
@@ -26,6 +27,9 @@ from erofs_tools.reader import blob as rblob
 
 MAX_META_BLOB = 1 << 30
 MAX_CI_AREA = 1 << 30
+# rafs.ZranContext as one struct (its fields in order, the 2 reserved bytes skipped)
+_CTX = struct.Struct("<QQQIIIBB2x")
+_CI = struct.Struct("<QQQ")     # a CI v2 entry: rafs.decode_ci_v2 and its data word
 
 
 def is_zran_entry(entry: rafs.BlobEntry | None) -> bool:
@@ -37,6 +41,13 @@ class ZranContextInfo(NamedTuple):
     point: ZranPoint
     in_len: int
     out_len: int
+
+
+class _CtxIndex(NamedTuple):
+    needs: list[int]
+    reach: list[int]
+    members: list[rblob.BlobChunk]
+    ends: list[int]
 
 
 class ZranContexts:
@@ -55,33 +66,36 @@ class ZranContexts:
         self._lock = threading.Lock()
         self._kept: collections.OrderedDict[int, bytes] = collections.OrderedDict()
         self._kept_bytes = 0
-        # per context: chunk input ends (relative to the point, sorted) and the furthest
-        # output those inputs complete
-        self._needs: list[list[int]] = [[] for _ in contexts]
-        self._reach: list[list[int]] = [[] for _ in contexts]
-        # per context: its chunks by the end of their output, and those ends
-        self._members: list[list[rblob.BlobChunk]] = [[] for _ in contexts]
-        self._ends: list[list[int]] = [[] for _ in contexts]
+        # per context: its chunks (index_chunks), and made from them on first use
+        # (_index: a mount parses thousands of contexts, a start reads a few hundred)
+        self._chunks_of: list[list[rblob.BlobChunk]] = [[] for _ in contexts]
+        self._index_of: list[_CtxIndex | None] = [None] * len(contexts)
 
     def index_chunks(self, chunks: list[rblob.BlobChunk]) -> None:
-        pairs: list[list[tuple[int, int]]] = [[] for _ in self.contexts]
+        of: list[list[rblob.BlobChunk]] = [[] for _ in self.contexts]
         for c in chunks:
-            pairs[c.zran_index].append((c.compressed_size, c.zran_offset + c.uncompressed_size))
-        for k, ps in enumerate(pairs):
-            ps.sort()
-            best, reach = 0, []
-            for _need, end in ps:
-                best = max(best, end)
-                reach.append(best)
-            self._needs[k] = [n for n, _ in ps]
-            self._reach[k] = reach
-        members: list[list[rblob.BlobChunk]] = [[] for _ in self.contexts]
-        for c in chunks:
-            members[c.zran_index].append(c)
-        for k, ms in enumerate(members):
-            ms.sort(key=lambda c: (c.zran_offset + c.uncompressed_size, c.index))
-            self._members[k] = ms
-            self._ends[k] = [c.zran_offset + c.uncompressed_size for c in ms]
+            of[c.zran_index].append(c)
+        self._chunks_of = of
+        self._index_of = [None] * len(self.contexts)
+
+    def _index(self, k: int) -> _CtxIndex:
+        """Context k's chunk input ends (relative to the point, sorted) and the furthest
+        output those inputs complete; its chunks by the end of their output, and those
+        ends. Two threads may both make it: equal values."""
+        ix = self._index_of[k]
+        if ix is not None:
+            return ix
+        cs = self._chunks_of[k]
+        ps = sorted((c.compressed_size, c.zran_offset + c.uncompressed_size) for c in cs)
+        best, reach = 0, []
+        for _need, end in ps:
+            best = max(best, end)
+            reach.append(best)
+        ms = sorted(cs, key=lambda c: (c.zran_offset + c.uncompressed_size, c.index))
+        ix = _CtxIndex([n for n, _ in ps], reach, ms,
+                       [c.zran_offset + c.uncompressed_size for c in ms])
+        self._index_of[k] = ix
+        return ix
 
     def inflated_with(self, chunks: list[rblob.BlobChunk]) -> list[rblob.BlobChunk]:
         """The other chunks whose output comes out anyway when `chunks` are inflated
@@ -96,8 +110,8 @@ class ZranContexts:
         have = {c.index for c in chunks}
         out = []
         for k, end in furthest.items():
-            ms = self._members[k]
-            for c in ms[:bisect.bisect_right(self._ends[k], end)]:
+            ix = self._index(k)
+            for c in ix.members[:bisect.bisect_right(ix.ends, end)]:
                 if c.index not in have:
                     out.append(c)
         return out
@@ -123,8 +137,9 @@ class ZranContexts:
                                         f"{chunk.compressed_size}")
             raw = raw[:ctx.in_len]
             # as far as the given bytes complete chunks of this context
-            i = bisect.bisect_right(self._needs[k], len(raw)) - 1
-            target = max(end, self._reach[k][i] if i >= 0 else 0)
+            ix = self._index(k)
+            i = bisect.bisect_right(ix.needs, len(raw)) - 1
+            target = max(end, ix.reach[i] if i >= 0 else 0)
             out = zran_extract(ctx.point, raw, 0, min(target, ctx.out_len))
             with self._lock:
                 old = self._kept.pop(k, None)
@@ -158,25 +173,27 @@ def _ctx_table(name: str, area: bytes, off: int, size: int, count: int, n_chunks
             or size < count * es or off + size > len(area):
         raise CorruptImageError(f"blob {name}: zran context table ({count} at {off}, "
                                 f"{size} bytes) does not fit its CI area")
-    dicts = area[off + count * es:off + size]
+    # the windows stay views into the CI area (no copy of tens of MB at a mount)
+    dicts = memoryview(area)[off + count * es:off + size]
+    ndicts = len(dicts)
     out = []
-    for i in range(count):
-        c = rafs.ZranContext.decode(area, off + i * es)
+    # one table unpack, not a Record per context (a mount parses thousands)
+    for i, (in_off, out_off, d_off, in_len, out_len, d_size, byte, bits) in enumerate(
+            _CTX.iter_unpack(memoryview(area)[off:off + count * es])):
         what = f"blob {name}: zran context {i}"
-        if c.ctx_bits > 7:
-            raise CorruptImageError(f"{what}: {c.ctx_bits} bits of a byte")
-        if c.dict_size > rafs.ZRAN_WINDOW or c.dict_offset + c.dict_size > len(dicts):
+        if bits > 7:
+            raise CorruptImageError(f"{what}: {bits} bits of a byte")
+        if d_size > rafs.ZRAN_WINDOW or d_off + d_size > ndicts:
             raise CorruptImageError(f"{what}: window outside the dictionary table or over "
                                     "32 KiB")
-        if c.in_len == 0 or c.in_offset + c.in_len > layer_size:
-            raise CorruptImageError(f"{what}: compressed range [{c.in_offset}, "
-                                    f"{c.in_offset + c.in_len}) outside the layer "
+        if in_len == 0 or in_off + in_len > layer_size:
+            raise CorruptImageError(f"{what}: compressed range [{in_off}, "
+                                    f"{in_off + in_len}) outside the layer "
                                     f"({layer_size} bytes)")
-        if c.out_len == 0 or c.out_len > rafs.ZRAN_MAX_CONTEXT_OUT:
-            raise CorruptImageError(f"{what}: output size {c.out_len}")
-        window = bytes(dicts[c.dict_offset:c.dict_offset + c.dict_size])
-        p = ZranPoint(c.in_offset, c.out_offset, c.ctx_bits, c.ctx_byte, window)
-        out.append(ZranContextInfo(p, c.in_len, c.out_len))
+        if out_len == 0 or out_len > rafs.ZRAN_MAX_CONTEXT_OUT:
+            raise CorruptImageError(f"{what}: output size {out_len}")
+        p = ZranPoint(in_off, out_off, bits, byte, dicts[d_off:d_off + d_size])
+        out.append(ZranContextInfo(p, in_len, out_len))
     return out
 
 
@@ -228,28 +245,35 @@ def parse_meta(blob: bytes, entry: rafs.BlobEntry, blob_id: str,
             raise DigestMismatchError(f"blob {name}: blob.digest does not match its TOC")
         dig_list = [bytes(draw[i * 32:i * 32 + 32]) for i in range(n)]
     chunks = []
-    for i in range(n):
-        uoff, us, coff, cs, flags = rafs.decode_ci_v2(area, i * rafs.CI_V2_SIZE)
-        data = rafs.decode_ci_v2_data(area, i * rafs.CI_V2_SIZE)
-        if not flags & rafs.CI_V2_FLAG_ZRAN or flags & ~(rafs.CI_V2_FLAG_ZRAN
-                                                          | rafs.CI_V2_FLAG_COMPRESSED
-                                                          | rafs.CI_V2_FLAG_HAS_CRC32):
+    allowed = rafs.CI_V2_FLAG_ZRAN | rafs.CI_V2_FLAG_COMPRESSED | rafs.CI_V2_FLAG_HAS_CRC32
+    extra = digests or {}
+    nctx = len(ctxs)
+    make = rblob.BlobChunk
+    # rafs.decode_ci_v2's arithmetic on one table unpack (tens of thousands of entries
+    # at every cold mount)
+    for i, (uncomp, comp, data) in enumerate(
+            _CI.iter_unpack(memoryview(area)[:n * rafs.CI_V2_SIZE])):
+        flags = (uncomp >> 56) & 0xFF
+        if not flags & rafs.CI_V2_FLAG_ZRAN or flags & ~allowed:
             raise CorruptImageError(f"blob {name}: chunk {i} flags {flags:#x} in a zran blob")
+        us = ((uncomp >> 32) & 0xFF_FFFF) + 1
         k, zoff = data >> 32, data & 0xFFFF_FFFF
-        if k >= len(ctxs) or zoff + us > ctxs[k].out_len:
+        if k >= nctx or zoff + us > ctxs[k].out_len:
             raise CorruptImageError(f"blob {name}: chunk {i} outside its zran context {k}")
         c = ctxs[k]
         # the chunk's data has come out once the layer is read to coff + cs: its range is
         # from the context's access point to there
-        need = coff + cs - c.point.in_offset
+        at = c.point.in_offset
+        need = (comp & 0xFF_FFFF_FFFF) + ((comp >> 40) & 0xFF_FFFF) - at
         if not 0 < need <= c.in_len:
             raise CorruptImageError(f"blob {name}: chunk {i} ends its compressed range "
                                     f"outside its zran context {k}")
-        d = dig_list[i] if dig_list[i] is not None else (digests or {}).get(i)
-        if d is None:     # a chunk nothing verifies is never served
-            raise CorruptImageError(f"blob {name}: chunk {i} has no digest")
-        chunks.append(rblob.BlobChunk(i, uoff, us, c.point.in_offset, need, d, True, k,
-                                      zoff))
+        d = dig_list[i]
+        if d is None:
+            d = extra.get(i)
+            if d is None:     # a chunk nothing verifies is never served
+                raise CorruptImageError(f"blob {name}: chunk {i} has no digest")
+        chunks.append(make(i, (uncomp & 0xFFFF_FFFF) << 12, us, at, need, d, True, k, zoff))
     zc = ZranContexts(ctxs)
     zc.index_chunks(chunks)
     return rblob.BlobMeta(blob_id, chunks, entry.uncompressed_size, layer_size, "gzip",

@@ -11,7 +11,11 @@ from dataclasses import dataclass, field
 from erofs_tools.fsutil import round_up
 
 DEFAULT_BATCH_SIZE = 1 << 20
-OVERLAP_MAX = 8 << 20       # a request grown by overlapping (zran) ranges stops here
+# a request grown by overlapping (zran) ranges stops here: a reader whose chunk is in a
+# readahead request waits for all of it (ML start on the link: 8 MiB let 13 reads wait
+# 1.24 s in all, against 0.20 s for the converted image's 1 MiB requests); the next
+# request starts at its access point, inside this one, and fetches that overlap again
+OVERLAP_MAX = 2 << 20
 BLOCK = 4096
 
 
