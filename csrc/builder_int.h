@@ -74,7 +74,7 @@ struct node {
     uint32_t zps;           /* its pcluster size (0: not compressed) */
     /* plain stream mode (smeta.c): the record's room reserved among the data, in the
      * order a reader walking the tree meets it */
-    uint8_t sres;           /* soff/slen hold a reservation */
+    uint8_t sres;           /* soff/slen hold a reservation (2: the root's in block 0) */
     uint8_t sdir;           /* a directory whose blocks were placed in the stream */
     uint32_t slen;          /* bytes reserved (an upper bound of the record) */
     uint64_t soff;          /* offset in the reserved blocks (smeta.c's virtual area) */
@@ -280,11 +280,13 @@ INTERNAL void smeta_pending(erofs_builder *b, uint32_t upto);
 INTERNAL int smeta_dir(erofs_builder *b, uint32_t node, const char *names,
                        const uint32_t *offs, uint32_t n);
 INTERNAL uint64_t smeta_off(const erofs_builder *b, const struct node *n);
+INTERNAL uint32_t smeta_pre_lo(erofs_builder *b, uint64_t lo);
 INTERNAL void smeta_free(erofs_builder *b);
 INTERNAL uint64_t dir_size_sorted(uint32_t blksz, const char *names, const uint32_t *offs,
                                   uint32_t n);
 
 /* layout.c */
+INTERNAL uint64_t sb_area_end(const erofs_builder *b);
 INTERNAL int is_flat_data(const struct node *n);
 INTERNAL uint32_t xentry_size(const struct xattr_rec *x);
 INTERNAL uint64_t place_sparse_chunks(erofs_builder *b, struct chunkset *cs, uint64_t size,

@@ -135,7 +135,7 @@ uint64_t xpfx_start(const erofs_builder *b)
 }
 
 /* end of the superblock, the compression records and the long xattr prefixes after it */
-static uint64_t sb_area_end(const erofs_builder *b)
+uint64_t sb_area_end(const erofs_builder *b)
 {
     uint32_t cfgs_len;
     zconf_cfgs(b, &cfgs_len);
@@ -519,10 +519,9 @@ static int place_inodes(erofs_builder *b, struct layout_state *st)
         }
     }
     if (b->sm) {
-        /* records among the data (smeta.c): nids count from block 0, whose room after
-         * the superblock is a bin of the area after the data too */
+        /* records among the data (smeta.c): nids count from block 0 */
         uint64_t lo = align_up(sb_area_end(b), EROFS_SLOT_SIZE);
-        pre_lo = lo < blksz ? (uint32_t)lo : 0;
+        pre_lo = smeta_pre_lo(b, lo);
         area_start = meta_start;
         meta_start = st->meta_start = 0;
         first_nid = lo / EROFS_SLOT_SIZE;

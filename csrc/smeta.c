@@ -23,6 +23,7 @@ struct smeta {
     uint64_t *blk;
     uint32_t nblk, cap;
     uint32_t next;              /* nodes below it were looked at by smeta_pending */
+    uint64_t root_off;          /* the root's record in block 0, after the superblock */
 };
 
 /* on once the walk (walk.c) announced the root directory: other sources (tar, the
@@ -146,8 +147,16 @@ int smeta_dir(erofs_builder *b, uint32_t node, const char *names, const uint32_t
     int inl = b->o.inline_data && tail && base + tail <= blksz;
     uint64_t len = align_up(inl ? base + tail : base, EROFS_SLOT_SIZE);
     uint64_t nblk = inl ? size / blksz : (size + blksz - 1) / blksz;
-    if (smeta_reserve(b, node, (uint32_t)(len <= blksz ? len : 0)))
+    uint64_t lo = align_up(sb_area_end(b), EROFS_SLOT_SIZE);
+    if (node == b->root && !n->sres && lo + len <= blksz) {
+        /* the room after the superblock, as mkfs.erofs (nid 36 with 4 KiB blocks) */
+        b->sm->root_off = lo;
+        n->soff = 0;
+        n->slen = (uint32_t)len;
+        n->sres = 2;
+    } else if (smeta_reserve(b, node, (uint32_t)(len <= blksz ? len : 0))) {
         return 0;
+    }
     n = &b->nodes[node];
     n->sdir = 1;
     n->sdir_size = size;
@@ -159,10 +168,23 @@ int smeta_dir(erofs_builder *b, uint32_t node, const char *names, const uint32_t
     return 0;
 }
 
+/* where block 0's room after the superblock (from lo) is free for the inode area after
+ * the data: after the root's record if it sits there */
+uint32_t smeta_pre_lo(erofs_builder *b, uint64_t lo)
+{
+    struct node *rt = &b->nodes[b->root];
+    if (rt->sres == 2 && b->sm->root_off < lo)
+        rt->sres = 0;               /* (the superblock area grew since) */
+    uint64_t pre = rt->sres == 2 ? b->sm->root_off + rt->slen : lo;
+    return pre < b->blksz ? (uint32_t)pre : 0;
+}
+
 /* the image offset of a reserved record */
 uint64_t smeta_off(const erofs_builder *b, const struct node *n)
 {
     const struct smeta *s = b->sm;
+    if (n->sres == 2)
+        return s->root_off;
     return s->blk[n->soff / b->blksz] * b->blksz + n->soff % b->blksz;
 }
 
@@ -198,4 +220,21 @@ uint64_t dir_size_sorted(uint32_t blksz, const char *names, const uint32_t *offs
         used += desz + nl;
     }
     return blk_start + used;
+}
+
+int erofs_builder_dir_names(erofs_builder *b, uint32_t node, const char *names, size_t len,
+                            uint32_t count)
+{
+    if (len > 0xFFFFFFFFu || (len && names[len - 1]))
+        return fail(b, ERN_EINVAL, "bad directory names");
+    uint32_t *offs = malloc(((size_t)count + 1) * sizeof(*offs));
+    if (!offs)
+        return fail(b, ERN_ENOMEM, "out of memory");
+    uint32_t n = 0;
+    for (size_t i = 0; i < len && n < count; i += strlen(names + i) + 1)
+        offs[n++] = (uint32_t)i;
+    int r = n == count ? smeta_dir(b, node, names, offs, n)
+                       : fail(b, ERN_EINVAL, "bad directory names");
+    free(offs);
+    return r;
 }
