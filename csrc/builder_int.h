@@ -72,6 +72,13 @@ struct node {
     uint8_t zfull_only;     /* compressed, with a fragment the compact index cannot hold */
     uint8_t zhint, zalg;    /* --compress-hints: set; algorithm index */
     uint32_t zps;           /* its pcluster size (0: not compressed) */
+    /* plain stream mode (smeta.c): the record's room reserved among the data, in the
+     * order a reader walking the tree meets it */
+    uint8_t sres;           /* soff/slen hold a reservation (2: the root's in block 0) */
+    uint8_t sdir;           /* a directory whose blocks were placed in the stream */
+    uint32_t slen;          /* bytes reserved (an upper bound of the record) */
+    uint64_t soff;          /* offset in the reserved blocks (smeta.c's virtual area) */
+    uint64_t sdir_size;     /* sdir: the directory size its blocks were placed for */
 };
 
 /* a copy job for the stream worker: everything it needs, nothing shared */
@@ -84,6 +91,7 @@ struct job {
     uint64_t *sparse;       /* D_SPARSE: chunk entries (1 | blk << 32) or NULL */
     uint32_t nchunks;
     uint64_t csz, size;
+    uint64_t zero_off, zero_len;  /* smeta: blocks before the data, zeroed first */
 };
 
 /* data transfer context: one per thread (own buffer, own error message) */
@@ -158,6 +166,7 @@ struct erofs_builder {
     int fd;
     uint32_t wpos;
     uint8_t *win;
+    uint8_t *wdirty;        /* smeta: the window's blocks written to */
     uint64_t win_start, win_hi;
     uint8_t *cbuf;
     uint64_t bytes_done;
@@ -179,6 +188,8 @@ struct erofs_builder {
     int werr_code;
     char werr[600];
     volatile uint64_t sbytes;
+    struct smeta *sm;       /* plain stream mode: records reserved among the data */
+    uint64_t szero;         /* smeta: the first block after the last job's data */
     /* compression (compress_int.h): settings and, while files come in, the pool */
     struct zconf *zc;
     struct zpool *zp;
@@ -262,7 +273,20 @@ INTERNAL int mpack_place(struct mpack *m, uint64_t len, int may_cross,
 INTERNAL uint64_t mpack_record_len(const erofs_builder *b, const struct node *n,
                                    int *may_cross);
 
+/* smeta.c: inode records placed among the streamed data, in tree-walk order */
+INTERNAL int smeta_on(const erofs_builder *b);
+INTERNAL int smeta_reserve(erofs_builder *b, uint32_t node, uint32_t len);
+INTERNAL void smeta_pending(erofs_builder *b, uint32_t upto);
+INTERNAL int smeta_dir(erofs_builder *b, uint32_t node, const char *names,
+                       const uint32_t *offs, uint32_t n);
+INTERNAL uint64_t smeta_off(const erofs_builder *b, const struct node *n);
+INTERNAL uint32_t smeta_pre_lo(erofs_builder *b, uint64_t lo);
+INTERNAL void smeta_free(erofs_builder *b);
+INTERNAL uint64_t dir_size_sorted(uint32_t blksz, const char *names, const uint32_t *offs,
+                                  uint32_t n);
+
 /* layout.c */
+INTERNAL uint64_t sb_area_end(const erofs_builder *b);
 INTERNAL int is_flat_data(const struct node *n);
 INTERNAL uint32_t xentry_size(const struct xattr_rec *x);
 INTERNAL uint64_t place_sparse_chunks(erofs_builder *b, struct chunkset *cs, uint64_t size,

@@ -178,6 +178,15 @@ static int run_job(struct xfer *x, struct job *j)
     if (j->expect_size != UINT64_MAX && fstat(fd, &st) == 0 && S_ISREG(st.st_mode) &&
         (uint64_t)st.st_size != j->expect_size)
         r = xfail(x, ERN_EIO, "%s: size changed while building the image", j->path);
+    /* the blocks for records and directories before the data (smeta.c): written now,
+     * in file order with the data, so the image file is not left with holes that the
+     * writer fills later elsewhere on disk */
+    static const uint8_t zeros[65536];
+    for (uint64_t o = j->zero_off, e = j->zero_off + j->zero_len; !r && o < e;) {
+        size_t n = e - o > sizeof(zeros) ? sizeof(zeros) : (size_t)(e - o);
+        r = x_pwrite(x, zeros, n, o);
+        o += n;
+    }
     if (!r && j->sparse) {
         r = x_copy_sparse(x, fd, j->path, j->size, j->sparse, j->nchunks, j->csz);
     } else {
@@ -359,9 +368,14 @@ int stream_file(erofs_builder *b, uint32_t node, const char *path, size_t pathle
     j->src_off = offset;
     j->expect_size = offset == 0 ? n->size : UINT64_MAX;
     j->size = n->size;
+    int sm = smeta_on(b);
+    if (sm)
+        smeta_pending(b, node);
     if (n->dkind == D_SPARSE) {
         struct chunkset *cs = &b->chunks[n->aux];
         b->scur = place_sparse_chunks(b, cs, n->size, b->scur);
+        if (sm)
+            b->szero = b->scur;     /* (never zeroed over by a later job) */
         j->sparse = cs->entries;
         j->nchunks = cs->count;
         j->csz = (uint64_t)blksz << (cs->format & EROFS_CHUNK_FORMAT_BLKBITS_MASK);
@@ -372,8 +386,17 @@ int stream_file(erofs_builder *b, uint32_t node, const char *path, size_t pathle
                   stream_inode_size(b, n) + n->xa_max + tail <= blksz;
         uint64_t full = inl ? n->size - tail : n->size;
         uint64_t nblk = (full + blksz - 1) / blksz;
+        if (sm)     /* the inode (and tail) right before the data (smeta.c) */
+            smeta_reserve(b, node, (uint32_t)align_up(stream_inode_size(b, n) + n->xa_max +
+                                                      (inl ? tail : 0), EROFS_SLOT_SIZE));
         n->startblk = nblk ? (uint32_t)b->scur : (inl ? EROFS_NULL_ADDR : 0);
+        if (sm && nblk && b->szero && b->szero < b->scur) {
+            j->zero_off = b->szero * blksz;
+            j->zero_len = (b->scur - b->szero) * blksz;
+        }
         b->scur += nblk;
+        if (sm && nblk)
+            b->szero = b->scur;
         j->out_off = nblk ? (uint64_t)n->startblk * blksz : 0;
         j->full = full;
         if (inl) {

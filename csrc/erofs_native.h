@@ -138,6 +138,11 @@ int erofs_nodes_set_chunks(erofs_builder *b, uint32_t chunk_format, const uint32
 int erofs_node_set_zhint(erofs_builder *b, uint32_t node, uint32_t pcluster_size,
                          uint32_t alg);
 int erofs_builder_set_root(erofs_builder *b, uint32_t node);
+/* plain stream mode, a walk about to add the entries of directory `node`: their names
+ * (NUL-terminated, back to back, bytewise sorted), so that the directory's inode and
+ * blocks are placed before its files' (smeta.c); a hint (the layout checks it) */
+int erofs_builder_dir_names(erofs_builder *b, uint32_t node, const char *names, size_t len,
+                            uint32_t count);
 int erofs_builder_add_device(erofs_builder *b, const char *tag, size_t taglen,
                              uint32_t blocks, uint32_t mapped_blkaddr);
 /* raw bytes written at image offset when writing: before layout, only below the inode

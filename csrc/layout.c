@@ -135,7 +135,7 @@ uint64_t xpfx_start(const erofs_builder *b)
 }
 
 /* end of the superblock, the compression records and the long xattr prefixes after it */
-static uint64_t sb_area_end(const erofs_builder *b)
+uint64_t sb_area_end(const erofs_builder *b)
 {
     uint32_t cfgs_len;
     zconf_cfgs(b, &cfgs_len);
@@ -149,7 +149,7 @@ static int alloc_flat_data(erofs_builder *b, uint64_t *pblk)
     uint64_t blk = *pblk;
     for (uint32_t oi = 0; oi < b->norder; oi++) {
         struct node *n = &b->nodes[b->order[oi]];
-        if (n->streamed)
+        if (n->streamed || n->sdir)
             continue;
         if (n->layout == L_CHUNK) {
             if (n->dkind == D_SPARSE) {
@@ -424,7 +424,9 @@ static int choose_formats(erofs_builder *b, struct layout_state *st)
         } else if (is_flat_data(n)) {
             uint64_t tail = n->size % blksz;
             n->layout = L_PLAIN;
-            if (n->streamed) {
+            if (n->sdir && (n->size != n->sdir_size || (n->stream_inline && base + tail > blksz)))
+                n->sdir = n->sres = 0;      /* not as reserved (smeta.c): after the data */
+            if (n->streamed || n->sdir) {
                 if (n->stream_inline) {
                     /* streamed as a compact inode with its tail inline; only a link
                      * count over 65535 (not known then) can make it extended now */
@@ -506,7 +508,7 @@ static int place_inodes(erofs_builder *b, struct layout_state *st)
     /* stream mode: the room after the superblock is used too when the root fits there
      * (its nid must fit in 16 bits); nids then count from block 0 */
     uint32_t pre_lo = 0;
-    if (b->o.stream_data && !b->o.first_nid && meta_start >= blksz) {
+    if (!b->sm && b->o.stream_data && !b->o.first_nid && meta_start >= blksz) {
         uint64_t lo = align_up(sb_area_end(b), EROFS_SLOT_SIZE);
         int mc;
         if (lo < blksz && mpack_record_len(b, &b->nodes[b->root], &mc) <= blksz - lo) {
@@ -515,6 +517,14 @@ static int place_inodes(erofs_builder *b, struct layout_state *st)
             meta_start = st->meta_start = 0;
             first_nid = lo / EROFS_SLOT_SIZE;
         }
+    }
+    if (b->sm) {
+        /* records among the data (smeta.c): nids count from block 0 */
+        uint64_t lo = align_up(sb_area_end(b), EROFS_SLOT_SIZE);
+        pre_lo = smeta_pre_lo(b, lo);
+        area_start = meta_start;
+        meta_start = st->meta_start = 0;
+        first_nid = lo / EROFS_SLOT_SIZE;
     }
     st->first_nid = first_nid;
     struct mpack m;
@@ -541,6 +551,12 @@ static int place_inodes(erofs_builder *b, struct layout_state *st)
         struct node *n = &b->nodes[b->order[pr[pi].oi]];
         int may_cross;
         uint64_t len = mpack_record_len(b, n, &may_cross);
+        if (n->sres && len <= n->slen) {
+            n->meta_off = smeta_off(b, n);
+            n->nid = n->meta_off / EROFS_SLOT_SIZE;
+            continue;
+        }
+        n->sres = 0;
         struct zfit_ctx zc = { n, blksz };
         uint64_t off;
         int r = mpack_place(&m, len, may_cross, n->ztail_len ? zfit : NULL, &zc, &off);

@@ -86,6 +86,8 @@ void erofs_builder_free(erofs_builder *b)
     if (!b)
         return;
     stream_stop(b, 1);
+    smeta_free(b);
+    free(b->wdirty);
     for (uint32_t i = 0; i < b->nnodes; i++) {
         free(b->nodes[i].tailbuf);
         free(b->nodes[i].zmeta);

@@ -462,7 +462,9 @@ static int open_next_dir(erofs_walk *w)
         }
     }
     qsort_r(w->offs, w->nnames, sizeof(*w->offs), namesort_cmp, w->names);
-    return 1;
+    /* plain stream mode: the directory's inode and blocks before its files' */
+    int r = smeta_dir(w->b, w->cur.node, w->names, w->offs, w->nnames);
+    return r ? r : 1;
 }
 
 static int entry_path(erofs_walk *w, const char *name)

@@ -20,7 +20,27 @@ static int pwrite_all(erofs_builder *b, const void *buf, size_t len, uint64_t of
 
 static int win_flush(erofs_builder *b)
 {
-    if (b->win_hi > b->win_start) {
+    if (b->win_hi > b->win_start && b->sm) {
+        /* records among the data (smeta.c): only the blocks written to, clipped to
+         * the window, so the data between them stays */
+        uint64_t bs = b->blksz, first = b->win_start / bs, last = (b->win_hi - 1) / bs;
+        for (uint64_t k = first; k <= last;) {
+            if (!b->wdirty[k - first]) {
+                k++;
+                continue;
+            }
+            uint64_t e = k;
+            while (e + 1 <= last && b->wdirty[e + 1 - first])
+                e++;
+            uint64_t lo = k * bs > b->win_start ? k * bs : b->win_start;
+            uint64_t hi = (e + 1) * bs < b->win_hi ? (e + 1) * bs : b->win_hi;
+            int r = pwrite_all(b, b->win + (lo - b->win_start), hi - lo, lo);
+            if (r)
+                return r;
+            k = e + 1;
+        }
+        memset(b->wdirty, 0, WIN_SIZE / 512 + 2);
+    } else if (b->win_hi > b->win_start) {
         int r = pwrite_all(b, b->win, b->win_hi - b->win_start, b->win_start);
         if (r)
             return r;
@@ -45,6 +65,9 @@ static uint8_t *win_ptr(erofs_builder *b, uint64_t off, size_t len)
     }
     if (off + len > b->win_hi)
         b->win_hi = off + len;
+    if (b->sm && len)
+        for (uint64_t k = off / b->blksz; k <= (off + len - 1) / b->blksz; k++)
+            b->wdirty[k - b->win_start / b->blksz] = 1;
     return b->win + (off - b->win_start);
 }
 
@@ -315,6 +338,10 @@ int erofs_builder_write_begin(erofs_builder *b, int fd)
     b->wfailed = 0;
     if (!b->win)
         b->win = calloc(1, WIN_SIZE);
+    if (b->sm && !b->wdirty)
+        b->wdirty = calloc(1, WIN_SIZE / 512 + 2);
+    if (b->sm && !b->wdirty)
+        return fail(b, ERN_ENOMEM, "out of memory");
     if (!b->cbuf)
         b->cbuf = malloc(CBUF_SIZE);
     if (!b->win || !b->cbuf)

@@ -342,6 +342,14 @@ class NativeBuilder:
         if r:
             _raise(self._b, r)
 
+    def dir_names(self, node: int, names: list[bytes]) -> None:
+        """A walk is about to add these entries (bytewise sorted) to directory `node`:
+        stream mode places the directory before its files (a hint)."""
+        blob = b"".join(n + b"\0" for n in names)
+        r = lib.erofs_builder_dir_names(self._b, node, blob, len(blob), len(names))
+        if r:
+            _raise(self._b, r)
+
     def add_device(self, tag: BytesLike, blocks: int, mapped_blkaddr: int = 0) -> int:
         """Device-table slot (tag <= E.DEVICE_TAG_SIZE bytes); -> device id (1-based).
         Needs BuildOptions.devt_slotoff."""

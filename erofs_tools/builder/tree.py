@@ -221,13 +221,14 @@ class TreeWalker:
             except OSError as e:
                 raise _oserr(e, dpath) from None
             sep = b"" if dpath.endswith(b"/") else b"/"
+            if excluding or skip:
+                names = [n for n in names if dpath + sep + n not in skip and not (
+                    excluding and self._excluded(drel + b"/" + n if drel else n))]
+            # stream mode: the directory's inode and blocks go before its files'
+            self.b.dir_names(dnode, names)
             for name in names:
                 path = dpath + sep + name
                 rel = drel + b"/" + name if drel else name
-                if excluding and self._excluded(rel):
-                    continue
-                if path in skip:
-                    continue
                 try:
                     st = os.lstat(path)
                 except OSError as e:

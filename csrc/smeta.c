@@ -1,0 +1,240 @@
+/* erofs-tools C core: inode records among the data (plain stream mode).
+ *
+ * A kernel reading a mounted image reads inodes, inline tails and directories through
+ * the backing file's page cache one block at a time, without readahead; only file data
+ * reads ahead. With every record in an area after the data, a reader walking the tree
+ * (os.walk, tar, cp -a) pays one synchronous 4 KiB read per metadata block (/usr/share:
+ * 17,500 blocks of inodes and inline tails, 26,000-40,000 device reads against
+ * mkfs.erofs's 1,500-2,300). So in plain stream mode each record gets its room when the
+ * caller reaches its node, in the order a reader walking the tree meets it: a
+ * directory's inode and blocks when the walk opens it (smeta_dir), a file's inode
+ * (with its inline tail) right before its data (stream_file), other inodes before the
+ * next of these. The room is packed best fit into blocks taken from the stream as
+ * needed (metapack.c over a virtual area whose blocks map to stream blocks), so the
+ * blocks a reader needs next are those the data's readahead has just brought in.
+ * Reservations are upper bounds decided on the caller's thread in call order (the
+ * image does not depend on threads); the layout keeps a record where it was reserved
+ * when it fits, else places it in the inode area after the data, as before.
+ */
+#include "builder_int.h"
+
+struct smeta {
+    struct mpack m;             /* virtual area: block v is stream block blk[v] */
+    uint64_t *blk;
+    uint32_t nblk, cap;
+    uint32_t next;              /* nodes below it were looked at by smeta_pending */
+    uint64_t root_off;          /* the root's record in block 0, after the superblock */
+};
+
+/* on once the walk (walk.c) announced the root directory: other sources (tar, the
+ * Python walk) keep every record in the inode area */
+int smeta_on(const erofs_builder *b)
+{
+    return b->sm != NULL;
+}
+
+static struct smeta *sm_new(erofs_builder *b)
+{
+    struct smeta *s = calloc(1, sizeof(*s));
+    if (!s)
+        return NULL;
+    if (mpack_init(&s->m, 0, b->blksz, 0)) {
+        mpack_free(&s->m);
+        free(s);
+        return NULL;
+    }
+    b->sm = s;
+    b->szero = b->scur;
+    return s;
+}
+
+void smeta_free(erofs_builder *b)
+{
+    if (!b->sm)
+        return;
+    mpack_free(&b->sm->m);
+    free(b->sm->blk);
+    free(b->sm);
+    b->sm = NULL;
+}
+
+/* room for len bytes (one block at most, not crossing one) for node; a new block of
+ * the virtual area is the stream's next block. -> 0, or 1 when not reserved */
+int smeta_reserve(erofs_builder *b, uint32_t node, uint32_t len)
+{
+    uint32_t blksz = b->blksz;
+    struct node *n = &b->nodes[node];
+    if (n->sres || len == 0 || len > blksz)
+        return 1;
+    struct smeta *s = b->sm;
+    if (!s)
+        return 1;
+    uint64_t off;
+    if (mpack_place(&s->m, len, 0, NULL, NULL, &off))
+        return 1;
+    uint64_t v = off / blksz;
+    while (s->nblk <= v) {
+        if (s->nblk == s->cap) {
+            uint32_t ncap = s->cap ? s->cap * 2 : 1024;
+            uint64_t *p = realloc(s->blk, (size_t)ncap * sizeof(*p));
+            if (!p)
+                return 1;       /* (the virtual block stays unused) */
+            s->blk = p;
+            s->cap = ncap;
+        }
+        s->blk[s->nblk++] = b->scur++;
+    }
+    n->soff = off;
+    n->slen = len;
+    n->sres = 1;
+    return 0;
+}
+
+/* the record of a node that gets no data now, upper bound: inode, every xattr inline,
+ * a symlink's target inline when it fits */
+static uint32_t bare_len(const erofs_builder *b, const struct node *n)
+{
+    uint64_t base = stream_inode_size(b, n) + n->xa_max;
+    uint32_t fmt = n->mode & S_IFMT;
+    if (fmt == S_IFLNK && n->size < b->blksz && b->o.inline_data &&
+        base + n->size <= b->blksz)
+        base += n->size;
+    else if (fmt == S_IFLNK && n->size % b->blksz)
+        return 0;               /* a block of its own: left to the layout */
+    if (fmt == S_IFREG && n->size)
+        return 0;
+    return (uint32_t)align_up(base, EROFS_SLOT_SIZE);
+}
+
+/* nodes made since the last call and below `upto` that get no data from the stream
+ * (symlinks, devices, empty files): their records before what comes next */
+void smeta_pending(erofs_builder *b, uint32_t upto)
+{
+    struct smeta *s = b->sm;
+    if (!s)
+        return;
+    if (upto > b->nnodes)
+        upto = b->nnodes;
+    for (uint32_t i = s->next; i < upto; i++) {
+        struct node *n = &b->nodes[i];
+        if (n->sres || (n->mode & S_IFMT) == S_IFDIR || n->dkind == D_FILE ||
+            n->dkind == D_SPARSE || n->dkind == D_CHUNKS)
+            continue;
+        uint32_t len = bare_len(b, n);
+        if (len)
+            smeta_reserve(b, i, len);
+    }
+    if (upto > s->next)
+        s->next = upto;
+}
+
+/* a directory about to be filled with the n entries names + offs[i] (sorted): its size
+ * is known from the names, so its record and blocks go here, before its files */
+int smeta_dir(erofs_builder *b, uint32_t node, const char *names, const uint32_t *offs,
+              uint32_t cnt)
+{
+    if (!b->sm && node == b->root && b->worker_on && !b->zp && b->o.stream_data &&
+        !b->o.first_nid && !b->o.meta_blkaddr && !b->ndevs && !b->nputs)
+        sm_new(b);
+    if (!b->sm || node >= b->nnodes || cnt > 65000)
+        return 0;
+    uint32_t blksz = b->blksz;
+    smeta_pending(b, b->nnodes);
+    struct node *n = &b->nodes[node];
+    uint64_t size = dir_size_sorted(blksz, names, offs, cnt);
+    uint64_t tail = size % blksz;
+    uint64_t base = stream_inode_size(b, n) + n->xa_max;
+    int inl = b->o.inline_data && tail && base + tail <= blksz;
+    uint64_t len = align_up(inl ? base + tail : base, EROFS_SLOT_SIZE);
+    uint64_t nblk = inl ? size / blksz : (size + blksz - 1) / blksz;
+    uint64_t lo = align_up(sb_area_end(b), EROFS_SLOT_SIZE);
+    if (node == b->root && !n->sres && lo + len <= blksz) {
+        /* the room after the superblock, as mkfs.erofs (nid 36 with 4 KiB blocks) */
+        b->sm->root_off = lo;
+        n->soff = 0;
+        n->slen = (uint32_t)len;
+        n->sres = 2;
+    } else if (smeta_reserve(b, node, (uint32_t)(len <= blksz ? len : 0))) {
+        return 0;
+    }
+    n = &b->nodes[node];
+    n->sdir = 1;
+    n->sdir_size = size;
+    n->stream_inline = (uint8_t)inl;
+    n->startblk = nblk ? (uint32_t)b->scur : (inl ? EROFS_NULL_ADDR : 0);
+    b->scur += nblk;
+    if (b->scur > 0xFFFFFFFFull)
+        return fail(b, ERN_ELIMIT, "image larger than 2^32 blocks");
+    return 0;
+}
+
+/* where block 0's room after the superblock (from lo) is free for the inode area after
+ * the data: after the root's record if it sits there */
+uint32_t smeta_pre_lo(erofs_builder *b, uint64_t lo)
+{
+    struct node *rt = &b->nodes[b->root];
+    if (rt->sres == 2 && b->sm->root_off < lo)
+        rt->sres = 0;               /* (the superblock area grew since) */
+    uint64_t pre = rt->sres == 2 ? b->sm->root_off + rt->slen : lo;
+    return pre < b->blksz ? (uint32_t)pre : 0;
+}
+
+/* the image offset of a reserved record */
+uint64_t smeta_off(const erofs_builder *b, const struct node *n)
+{
+    const struct smeta *s = b->sm;
+    if (n->sres == 2)
+        return s->root_off;
+    return s->blk[n->soff / b->blksz] * b->blksz + n->soff % b->blksz;
+}
+
+/* the size of a directory with these entries (bytewise sorted, without "." and "..")
+ * as dir_pack packs them: as many (dirent + name) per block as fit */
+uint64_t dir_size_sorted(uint32_t blksz, const char *names, const uint32_t *offs,
+                         uint32_t cnt)
+{
+    const uint32_t desz = (uint32_t)sizeof(struct erofs_dirent);
+    static const uint8_t dot[2] = {'.', '.'};
+    uint64_t blk_start = 0;
+    uint32_t used = 0;
+    int dot_done = 0, dd_done = 0;
+    uint32_t ci = 0;
+    while (ci < cnt || !dot_done || !dd_done) {
+        const uint8_t *nm = ci < cnt ? (const uint8_t *)names + offs[ci] : NULL;
+        size_t ml = nm ? strlen((const char *)nm) : 0;
+        uint32_t nl;
+        if (!dot_done && (!nm || namecmp(dot, 1, nm, ml) < 0)) {
+            nl = 1;
+            dot_done = 1;
+        } else if (!dd_done && (!nm || namecmp(dot, 2, nm, ml) < 0)) {
+            nl = 2;
+            dd_done = 1;
+        } else {
+            nl = (uint32_t)ml;
+            ci++;
+        }
+        if (used + desz + nl > blksz) {
+            blk_start += blksz;
+            used = 0;
+        }
+        used += desz + nl;
+    }
+    return blk_start + used;
+}
+
+int erofs_builder_dir_names(erofs_builder *b, uint32_t node, const char *names, size_t len,
+                            uint32_t count)
+{
+    if (len > 0xFFFFFFFFu || (len && names[len - 1]))
+        return fail(b, ERN_EINVAL, "bad directory names");
+    uint32_t *offs = malloc(((size_t)count + 1) * sizeof(*offs));
+    if (!offs)
+        return fail(b, ERN_ENOMEM, "out of memory");
+    uint32_t n = 0;
+    for (size_t i = 0; i < len && n < count; i += strlen(names + i) + 1)
+        offs[n++] = (uint32_t)i;
+    int r = n == count ? smeta_dir(b, node, names, offs, n)
+                       : fail(b, ERN_EINVAL, "bad directory names");
+    free(offs);
+    return r;
+}
