@@ -128,6 +128,13 @@ READAHEAD_MAX_GAP = 16 << 10
 # sibling read next mostly lies within ~50 KB; 256 KiB along left 10 waits in one run,
 # not compared for time (each request's transfer and decode grow with it).
 ALONG_BYTES = 128 << 10
+# Whether a miss's window is queued after its own fetch (1) instead of before it (0):
+# queued before, the window's requests reach the registry beside the miss's and slow it
+# (docker-registry's time for a small range GET on the ML cold start: p50 4.0 ms alone,
+# 6.0 ms beside one other request, 8.5 ms beside two; docs/performance.md, branch
+# linkmiss). FSCACHE_DAEMON_WINDOW_AFTER_MISS=0/1 to compare.
+# 2: only a neighbours window (a module miss's) is queued after.
+WINDOW_AFTER_MISS = int(os.environ.get("FSCACHE_DAEMON_WINDOW_AFTER_MISS", "0") or 0)
 
 
 class Daemon(MountLifecycle):
@@ -411,9 +418,16 @@ class Daemon(MountLifecycle):
         if along:
             taken = {c.index for c in along}
             rest = [c for c in rest if c.index not in taken]
-        self._submit_window(mgr, rest)
+        after = fetch and (WINDOW_AFTER_MISS == 1 or
+                           (WINDOW_AFTER_MISS == 2 and kind == "neighbours"))
+        if not after:
+            self._submit_window(mgr, rest)
         t1 = time.monotonic()
-        fetched = mgr.fill(offset, length, along=along, max_gap=READAHEAD_MAX_GAP)
+        try:
+            fetched = mgr.fill(offset, length, along=along, max_gap=READAHEAD_MAX_GAP)
+        finally:
+            if after:
+                self._submit_window(mgr, rest)
         if debug:
             times = bc.FILL_TIMES.__dict__
             log.debug("fill %s %d+%d: fetched %d in %.2f ms (queued %.2f, plan %.2f, "
