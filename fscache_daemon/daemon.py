@@ -129,6 +129,16 @@ READAHEAD_MAX_GAP = 16 << 10
 # sibling read next mostly lies within ~50 KB; 256 KiB along left 10 waits in one run,
 # not compared for time (each request's transfer and decode grow with it).
 ALONG_BYTES = 128 << 10
+# Where a miss's window is queued: 0 before the miss's own fetch (other workers fetch it
+# beside it; a reader going on into it finds it sooner); 1 after it (the registry serves
+# the miss's request alone: a small range GET on the ML cold start took p50 4.0 ms alone,
+# 6.0 beside one other request, 8.5 beside two); 2 after it for a module miss's
+# neighbours only (a reader goes on into the rest of a file or a sequential window at
+# once: with 1, ~35 more reads waited for a window chunk in flight, with 2 ~7). Under load
+# 5-18 the time could not be judged (docs/performance.md, branch linkmiss): 0 until a
+# quiet run decides; FSCACHE_DAEMON_WINDOW_AFTER_MISS=1/2 to compare.
+_AFTER = os.environ.get("FSCACHE_DAEMON_WINDOW_AFTER_MISS", "0")
+WINDOW_AFTER_MISS = int(_AFTER) if _AFTER in ("0", "1", "2") else 0
 
 
 class Daemon(MountLifecycle):
@@ -420,9 +430,16 @@ class Daemon(MountLifecycle):
         if along:
             taken = {c.index for c in along}
             rest = [c for c in rest if c.index not in taken]
-        self._submit_window(mgr, rest)
+        after = fetch and (WINDOW_AFTER_MISS == 1 or
+                           (WINDOW_AFTER_MISS == 2 and kind == "neighbours"))
+        if not after:
+            self._submit_window(mgr, rest)
         t1 = time.monotonic()
-        fetched = mgr.fill(offset, length, along=along, max_gap=READAHEAD_MAX_GAP)
+        try:
+            fetched = mgr.fill(offset, length, along=along, max_gap=READAHEAD_MAX_GAP)
+        finally:
+            if after:
+                self._submit_window(mgr, rest)
         if debug:
             times = bc.FILL_TIMES.__dict__
             log.debug("fill %s %d+%d: fetched %d in %.2f ms (queued %.2f, plan %.2f, "

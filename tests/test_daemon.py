@@ -328,16 +328,16 @@ def package(tmp_path_factory):
     return {"boot": str(base / "boot"), "blobs": blobs}
 
 
-def _module_miss(d, package, tmp_path):
+def _module_miss(d, package, tmp_path, size=20_000):
     """Mount `package`; (its manager, the chunk of __init__'s .pyc) once the walk is in."""
     d.mount(package["boot"], str(tmp_path / "m"), f"localfs:{package['blobs']}")
     from fscache_daemon.storage.image import file_runs
     mgr = next(iter(d.blobs.values()))
     runs = sorted(file_runs(package["boot"])[0])
     helpers.wait_until(lambda: d._ra[mgr.key]._modules is not None, 10, "the walk")
-    # the .pyc files: 20,000 bytes each (the .py sources are 60)
-    pycs = [r for r in runs if r[1] - r[0] == 20_000]
-    assert len(pycs) == 5
+    # the .pyc files: `size` bytes each (the .py sources are 60)
+    pycs = [r for r in runs if r[1] - r[0] == size]
+    assert len(pycs) >= 5
     return mgr, mgr.meta.chunks_for_range(pycs[0][0], 1)[0]
 
 
@@ -454,5 +454,64 @@ def test_file_aware_readahead(images, tmp_path):
         assert not any(c.uncompressed_offset >= big[1] + NEIGHBOURS or
                        c.uncompressed_offset < big[0] for c in cached)
         assert mgr.stats.snapshot()["readahead_bytes"] > 0
+    finally:
+        d.shutdown()
+
+
+@pytest.fixture
+def big_package(tmp_path_factory):
+    """A package whose modules span more than a miss's request takes along."""
+    import random
+    base = tmp_path_factory.mktemp("bigpkg")
+    src = base / "src"
+    cache = src / "pkg" / "__pycache__"
+    cache.mkdir(parents=True)
+    r = random.Random(7)
+    names = ["__init__"] + [f"mod{i:02d}" for i in range(11)]
+    for name in names:
+        (src / "pkg" / f"{name}.py").write_bytes(b"x = 1\n" * 10)
+        (cache / f"{name}.cpython-311.pyc").write_bytes(r.randbytes(60_000))
+    blobs = str(base / "blobs")
+    pack(str(src), str(base / "boot"), blobs, "--chunk-size", "0x10000")
+    return {"boot": str(base / "boot"), "blobs": blobs}
+
+
+@pytest.mark.parametrize("after", [0, 1, 2])
+def test_a_misss_window_is_queued_after_its_own_fetch_when_asked(
+        big_package, tmp_path, monkeypatch, after):
+    """With WINDOW_AFTER_MISS (1: every window; 2: a module miss's neighbours) the window
+    a miss plans reaches the backend only once the miss's own request is answered (the
+    registry serves that request alone); either way the window is fetched and the miss's
+    request is one."""
+    from fscache_daemon import daemon as dmod
+    monkeypatch.setattr(dmod, "WINDOW_AFTER_MISS", after)
+    d = Daemon(str(tmp_path / "cache"), frontend="none", threads=4, readahead=8 << 20)
+    d.start()
+    try:
+        mgr, first = _module_miss(d, big_package, tmp_path, 60_000)
+        events, lock, real = [], threading.Lock(), mgr._read
+        def logged(batch):
+            idx = [c.index for c in batch.chunks]
+            with lock:
+                events.append(("start", idx))
+            try:
+                return real(batch)
+            finally:
+                with lock:
+                    events.append(("end", idx))
+        mgr._read = logged
+        d.fill(mgr.blob_id, first.uncompressed_offset, 4096)
+        # the window: the other modules (each its own chunk), not all along
+        pycs = [c for c in mgr.meta.chunks if c.uncompressed_size == 60_000]
+        assert len(pycs) == 12
+        helpers.wait_until(lambda: all(mgr.cache.has(c) for c in pycs), 10, "the window")
+        with lock:
+            seen = list(events)
+        starts = [e[1] for e in seen if e[0] == "start"]
+        mine = [s for s in starts if first.index in s]
+        assert len(mine) == 1 and len(starts) >= 2, [(e, len(i)) for e, i in seen]
+        if after:
+            # the miss's request began first and ended before any window request began
+            assert seen[0] == ("start", mine[0]) and seen[1] == ("end", mine[0]), seen
     finally:
         d.shutdown()
