@@ -90,7 +90,8 @@ static int event_range(const uint8_t *ev, uint32_t meta_len, uint32_t event_len,
                 *cnt = rd64(ev + pos + 16);
                 found = 1;
             } else {
-                found = 0;      /* the Python parser keeps the last good one: same */
+                found = 0;      /* stricter than parse_events, which keeps an earlier good
+                                 * record: such an event goes to the daemon */
             }
         }
         pos += rec_len;
