@@ -132,6 +132,19 @@ def run_mkfs(image, source, *args, check=True):
     return p
 
 
+def assert_same_image_for_any_workers(tmp_path, source, *args, workers=(1, 2, 3)):
+    """mkfs `source` with each worker count: the images must be byte-identical (the
+    compression pool commits in order) and pass fsck.erofs; -> the last image's path."""
+    images = []
+    for n in workers:
+        img = tmp_path / f"w{n}.img"
+        run_mkfs(img, source, *args, "-T", "0", "-U", "clear", "--workers", n)
+        images.append(img.read_bytes())
+    assert all(i == images[0] for i in images), args
+    fsck(img)
+    return img
+
+
 # ------------------------------------------------------------------ tree compare ----
 
 def _digest(path, size):
