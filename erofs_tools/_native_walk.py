@@ -16,22 +16,30 @@ __all__ = ["FileWalk", "native_walk"]
 _STEP = 2048
 
 
-def native_walk(builder: NativeBuilder, source: str | bytes, *,
-                fixed_mtime: int | None = None, force_uid: int | None = None,
-                force_gid: int | None = None,
-                on_entry: Callable[[int, int], object] | None = None) -> int:
-    """Walk directory `source` into `builder` (depth first, names in byte order) and
-    set its root; -> the root node. on_entry(entries, bytes) after each step."""
+def _walk_new(b, source: str | bytes, fixed_mtime: int | None, force_uid: int | None,
+              force_gid: int | None, list_files: bool):
+    """A C walk of `source` into builder `b` with these options (freed by the caller)."""
     src = os.fsencode(source)
     o = ffi.new("struct erofs_walk_opts *")
     o.fixed_mtime_set = fixed_mtime is not None
     o.fixed_mtime = fixed_mtime or 0
     o.force_uid = -1 if force_uid is None else force_uid
     o.force_gid = -1 if force_gid is None else force_gid
-    b = builder._b
+    o.list_files = int(list_files)
     w = lib.erofs_walk_new(b, src, len(src), o)
     if w == ffi.NULL:
         raise MemoryError("erofs_walk_new failed")
+    return w
+
+
+def native_walk(builder: NativeBuilder, source: str | bytes, *,
+                fixed_mtime: int | None = None, force_uid: int | None = None,
+                force_gid: int | None = None,
+                on_entry: Callable[[int, int], object] | None = None) -> int:
+    """Walk directory `source` into `builder` (depth first, names in byte order) and
+    set its root; -> the root node. on_entry(entries, bytes) after each step."""
+    b = builder._b
+    w = _walk_new(b, source, fixed_mtime, force_uid, force_gid, list_files=False)
     entries = ffi.new("uint64_t *")
     nbytes = ffi.new("uint64_t *")
     try:
@@ -59,17 +67,8 @@ class FileWalk:
     def __init__(self, builder: NativeBuilder, source: str | bytes, *,
                  fixed_mtime: int | None = None, force_uid: int | None = None,
                  force_gid: int | None = None) -> None:
-        src = os.fsencode(source)
-        o = ffi.new("struct erofs_walk_opts *")
-        o.fixed_mtime_set = fixed_mtime is not None
-        o.fixed_mtime = fixed_mtime or 0
-        o.force_uid = -1 if force_uid is None else force_uid
-        o.force_gid = -1 if force_gid is None else force_gid
-        o.list_files = 1
         self._b = builder._b
-        w = lib.erofs_walk_new(self._b, src, len(src), o)
-        if w == ffi.NULL:
-            raise MemoryError("erofs_walk_new failed")
+        w = _walk_new(self._b, source, fixed_mtime, force_uid, force_gid, list_files=True)
         self._w = ffi.gc(w, lib.erofs_walk_free)
         self._out = ffi.new("uint64_t[3]")       # entries, bytes, xattrs
         self._buf = ffi.new("const uint8_t **")
