@@ -53,7 +53,14 @@ import time
 from pathlib import Path
 
 from bench_daemon import drop_caches, packed_tree, read_all, timed
-from benchlib import REPO, announce_anchors, close_report, goal, is_root  # noqa: E402
+from benchlib import (  # noqa: E402
+    REPO,
+    announce_anchors,
+    close_report,
+    goal,
+    holder_pid,
+    is_root,
+)
 
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
@@ -69,21 +76,6 @@ def proc_cpu(pid: int) -> tuple[float, float]:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return int(fields[11]) / TICK, int(fields[12]) / TICK
-
-
-def holder_pid(sock: str) -> int | None:
-    """The fd holder serving `sock` (its command line names the socket)."""
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/cmdline", "rb") as f:
-                args = f.read().split(b"\0")
-        except OSError:
-            continue
-        if b"fscache_daemon.frontend.fdholder" in args and sock.encode() in args:
-            return int(d)
-    return None
 
 
 def thread_cpu() -> float:

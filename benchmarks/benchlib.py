@@ -179,3 +179,20 @@ def usr_tree(root: Path, mib: int, base: str = "/usr") -> int:
         total += size
         n += 1
     return n
+
+
+def holder_pid(sock: str) -> int | None:
+    """The fanotify fd holder serving socket `sock` (it runs in its own session, so it is
+    not a child to wait for): found by the socket path on its command line."""
+    needle = os.fsencode(sock)
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                args = f.read().split(b"\0")
+        except OSError:
+            continue
+        if b"fscache_daemon.frontend.fdholder" in args and needle in args:
+            return int(d)
+    return None

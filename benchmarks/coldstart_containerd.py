@@ -56,7 +56,7 @@ import time
 from pathlib import Path
 
 import mlimage
-from benchlib import REPO, anchor_line, anchors, child_env, goal, goal_line
+from benchlib import REPO, anchor_line, anchors, child_env, goal, goal_line, holder_pid
 from coldstart_net import Link, Registry, cpu_s, stop, throughput_mbs
 from coldstart_report import LAZY_WAYS, print_rounds, print_steps, print_summary, summarize
 
@@ -77,23 +77,6 @@ def drop_caches() -> None:
     os.sync()
     with open("/proc/sys/vm/drop_caches", "w") as f:
         f.write("3\n")
-
-
-def holder_pid(cache_dir: str) -> int | None:
-    """The fanotify fd holder the daemon spawned for cache_dir (its own session, so not
-    a child to wait for): found by the socket path on its command line."""
-    needle = os.path.join(cache_dir, "fdholder.sock").encode()
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmd = f.read().split(b"\0")
-        except OSError:
-            continue
-        if b"fscache_daemon.frontend.fdholder" in cmd and needle in cmd:
-            return int(pid)
-    return None
 
 
 def wait_socket(path: str, proc: subprocess.Popen, what: str, log_path: str,
@@ -227,7 +210,8 @@ class Round:
             c0 = cpu_s(self.ctd.proc.pid)
             d0 = cpu_s(self.daemon.pid) if self.daemon else 0.0
             r0 = self.daemon_metrics()["totals"]["requests"] if self.daemon else 0
-            h0 = holder_pid(os.path.join(self.dir, "cache")) if self.daemon else None
+            h0 = (holder_pid(os.path.join(self.dir, "cache", "fdholder.sock"))
+                  if self.daemon else None)
             h_cpu0 = cpu_s(h0) if h0 else 0.0
             t0 = time.perf_counter()
             if args is None:
@@ -243,7 +227,7 @@ class Round:
             if self.daemon:
                 step["daemon_cpu_s"] = cpu_s(self.daemon.pid) - d0
                 step["daemon_requests"] = self.daemon_metrics()["totals"]["requests"] - r0
-                h = holder_pid(os.path.join(self.dir, "cache"))
+                h = holder_pid(os.path.join(self.dir, "cache", "fdholder.sock"))
                 step["holder_cpu_s"] = (cpu_s(h) - (h_cpu0 if h == h0 else 0.0)) if h else 0.0
             out.append(step)
         return out
@@ -258,7 +242,7 @@ class Round:
         ctd_cpu0 = cpu_s(ctd.proc.pid)
         d_cpu0 = cpu_s(self.daemon.pid) if self.daemon else 0.0
         cache = os.path.join(self.dir, "cache")
-        h0 = holder_pid(cache) if self.daemon else None
+        h0 = holder_pid(os.path.join(cache, "fdholder.sock")) if self.daemon else None
         h_cpu0 = cpu_s(h0) if h0 else 0.0  # started with the first mount otherwise
         t0 = time.perf_counter()
         self._pull(ref, pull, ns)
@@ -271,7 +255,7 @@ class Round:
         traffic = self.registry.traffic(mark)
         ctd_cpu = cpu_s(ctd.proc.pid) - ctd_cpu0
         d_cpu = (cpu_s(self.daemon.pid) - d_cpu0) if self.daemon else None
-        h = holder_pid(cache) if self.daemon else None
+        h = holder_pid(os.path.join(cache, "fdholder.sock")) if self.daemon else None
         h_cpu = (cpu_s(h) - (h_cpu0 if h == h0 else 0.0)) if h else None
         rest, err = proc.communicate(timeout=600)
         if proc.returncode != 0 or "result" not in line:
