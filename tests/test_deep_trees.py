@@ -3,6 +3,7 @@
 far deeper than PATH_MAX and than Python's recursion limit), then `check`, `inspect`
 and `unpack` measured: < 200 MB peak RSS, < 10 s, no traceback, and the extraction is
 complete and exact."""
+import contextlib
 import os
 import stat
 import subprocess
@@ -32,11 +33,26 @@ def _remove_deep_trees(tmp_path):
             remove_tree(p)
 
 
+@contextlib.contextmanager
+def _built(path, mtime=MTIME):
+    """A NativeBuilder whose image is laid out and written to `path` (new) at the end."""
+    nb = NativeBuilder(BuildOptions(build_time=mtime, uuid=bytes(16)))
+    try:
+        yield nb
+        nb.layout()
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            nb.write(fd)
+        finally:
+            os.close(fd)
+    finally:
+        nb.close()
+
+
 def _deep_image(path, depth, mtime=MTIME, every=1000):
     """Root/dd/dd/... `depth` directories, a file 'f' (with data and a hardlink 'h' to
     the topmost one) every `every` levels and a symlink at the bottom."""
-    nb = NativeBuilder(BuildOptions(build_time=mtime, uuid=bytes(16)))
-    try:
+    with _built(path, mtime) as nb:
         root = nb.add_node(stat.S_IFDIR | 0o755, 0, 0, mtime)
         nb.set_root(root)
         cur = root
@@ -57,14 +73,6 @@ def _deep_image(path, depth, mtime=MTIME, every=1000):
         ln = nb.add_node(stat.S_IFLNK | 0o777, 0, 0, mtime, 0, 3)
         nb.set_bytes(ln, b"../")
         nb.add_child(cur, b"link", ln)
-        nb.layout()
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            nb.write(fd)
-        finally:
-            os.close(fd)
-    finally:
-        nb.close()
     return path
 
 
@@ -152,8 +160,7 @@ def test_30000_levels_bounded(tmp_path, cmd):
 def _deep_wide_image(path, depth, width):
     """`depth` levels of 255-byte names, then `width` links to one file at the bottom:
     2.5 MB whose paths add up to depth x 256 x width bytes (61 GB here)."""
-    nb = NativeBuilder(BuildOptions(build_time=MTIME, uuid=bytes(16)))
-    try:
+    with _built(path) as nb:
         cur = nb.add_node(stat.S_IFDIR | 0o755, 0, 0, MTIME)
         nb.set_root(cur)
         for _ in range(depth):
@@ -163,14 +170,6 @@ def _deep_wide_image(path, depth, width):
         f = nb.add_node(stat.S_IFREG | 0o644, 0, 0, MTIME, 0, 0)
         for i in range(width):
             nb.add_child(cur, b"%d" % i, f)
-        nb.layout()
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            nb.write(fd)
-        finally:
-            os.close(fd)
-    finally:
-        nb.close()
     return path
 
 
