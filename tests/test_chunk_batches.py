@@ -189,16 +189,21 @@ def test_claims_of_stored_chunks_are_dropped(tmp_path, monkeypatch, name, batche
                          str(blobs), ChunkDict())
     placer.pipe._known = lambda key: False
     try:
-        if batched:
-            for batch in placer.pipe.run_batches(files):
-                placer.place_batch(batch)
-        else:
-            for r in placer.pipe.run(files):
-                placer.place(r)
+        _place_all(placer, files, batched)
         assert placer.stats["chunks_dedup"] > 0
         assert placer.pipe._claims == {}
     finally:
         placer.writer.abort()
+
+
+def _place_all(placer, files, batched):
+    """Every chunk of `files` through the placer: a batch at a time or one by one."""
+    if batched:
+        for batch in placer.pipe.run_batches(files):
+            placer.place_batch(batch)
+    else:
+        for r in placer.pipe.run(files):
+            placer.place(r)
 
 
 @pytest.mark.parametrize("name", ["zstd", "none"])
@@ -240,12 +245,7 @@ def test_place_batch_is_place_one_by_one(tmp_path, monkeypatch, name):
         placer = ChunkPlacer(PackOptions(chunk_size=65536, compressor=name, workers=1),
                              str(blobs), ChunkDict())
         try:
-            if batched:
-                for batch in placer.pipe.run_batches(files):
-                    placer.place_batch(batch)
-            else:
-                for r in placer.pipe.run(files):
-                    placer.place(r)
+            _place_all(placer, files, batched)
             info = placer.writer.finish()
         except BaseException:
             placer.writer.abort()
