@@ -311,21 +311,27 @@ def test_prefetch_rate_limit(images, tmp_path):
         d.shutdown()
 
 
-@pytest.fixture
-def package(tmp_path_factory):
-    """An image of a Python package: its __init__ and sibling modules, compiled."""
+def _package_image(tmp_path_factory, what, names, seed, pyc_size):
+    """An image of package `pkg`: each name's .py and a random .pyc of pyc_size bytes."""
     import random
-    base = tmp_path_factory.mktemp("pkg")
+    base = tmp_path_factory.mktemp(what)
     src = base / "src"
     cache = src / "pkg" / "__pycache__"
     cache.mkdir(parents=True)
-    r = random.Random(5)
-    for name in ("__init__", "alpha", "beta", "gamma", "delta"):
+    r = random.Random(seed)
+    for name in names:
         (src / "pkg" / f"{name}.py").write_bytes(b"x = 1\n" * 10)
-        (cache / f"{name}.cpython-311.pyc").write_bytes(r.randbytes(20_000))
+        (cache / f"{name}.cpython-311.pyc").write_bytes(r.randbytes(pyc_size))
     blobs = str(base / "blobs")
     pack(str(src), str(base / "boot"), blobs, "--chunk-size", "0x10000")
     return {"boot": str(base / "boot"), "blobs": blobs}
+
+
+@pytest.fixture
+def package(tmp_path_factory):
+    """An image of a Python package: its __init__ and sibling modules, compiled."""
+    return _package_image(tmp_path_factory, "pkg",
+                          ("__init__", "alpha", "beta", "gamma", "delta"), 5, 20_000)
 
 
 def _module_miss(d, package, tmp_path, size=20_000):
@@ -461,19 +467,8 @@ def test_file_aware_readahead(images, tmp_path):
 @pytest.fixture
 def big_package(tmp_path_factory):
     """A package whose modules span more than a miss's request takes along."""
-    import random
-    base = tmp_path_factory.mktemp("bigpkg")
-    src = base / "src"
-    cache = src / "pkg" / "__pycache__"
-    cache.mkdir(parents=True)
-    r = random.Random(7)
-    names = ["__init__"] + [f"mod{i:02d}" for i in range(11)]
-    for name in names:
-        (src / "pkg" / f"{name}.py").write_bytes(b"x = 1\n" * 10)
-        (cache / f"{name}.cpython-311.pyc").write_bytes(r.randbytes(60_000))
-    blobs = str(base / "blobs")
-    pack(str(src), str(base / "boot"), blobs, "--chunk-size", "0x10000")
-    return {"boot": str(base / "boot"), "blobs": blobs}
+    return _package_image(tmp_path_factory, "bigpkg",
+                          ["__init__"] + [f"mod{i:02d}" for i in range(11)], 7, 60_000)
 
 
 @pytest.mark.parametrize("after", [0, 1, 2])
