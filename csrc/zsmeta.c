@@ -10,8 +10,9 @@
  * reader walking the tree then finds each record in a block right before the data it
  * reads next. Every placement happens at a commit, in submission order, so the image
  * does not depend on the number of threads. A file written in place while compressed
- * (large outputs, segments) keeps its record in the inode area after the data. The
- * results go to the nodes in zpool_stop (workers never touch b->nodes).
+ * (large outputs, segments), or with an inline pcluster, keeps its record in the inode
+ * area after the data. The results go to the nodes in zpool_stop (workers never touch
+ * b->nodes).
  */
 #include "compress_int.h"
 
@@ -61,24 +62,17 @@ static int place_items(erofs_builder *b, struct smitem *it, uint32_t cnt)
 }
 
 /* the compact index's length for nlc lclusters starting at mpos (as zindex_compact
- * lays it out), the largest over the 8-byte aligned starts */
-static uint32_t compact_len_max(uint64_t nlc)
+ * lays it out: 4-byte packs until the 2-byte ones are 32-byte aligned) */
+static uint64_t compact_len(uint64_t nlc, uint32_t mpos)
 {
-    uint64_t best = 0;
-    for (uint32_t m = 0; m < 32; m += 8) {
-        uint64_t init4 = (32 - m) / 4 % 8, n2b = 0, end4 = nlc;
-        if (init4 > nlc)
-            init4 = 0;
-        else {
-            n2b = (nlc - init4) / 16 * 16;
-            end4 = nlc - init4 - n2b;
-        }
-        uint64_t len = sizeof(struct z_erofs_map_header) + init4 * 4 + n2b * 2 +
-                       (end4 + 1) / 2 * 8;
-        if (len > best)
-            best = len;
+    uint64_t init4 = (32 - mpos % 32) / 4 % 8, n2b = 0, end4 = nlc;
+    if (init4 > nlc) {
+        init4 = 0;
+    } else {
+        n2b = (nlc - init4) / 16 * 16;
+        end4 = nlc - init4 - n2b;
     }
-    return best > 0xFFFFFFFFull ? 0xFFFFFFFFu : (uint32_t)best;
+    return sizeof(struct z_erofs_map_header) + init4 * 4 + n2b * 2 + (end4 + 1) / 2 * 8;
 }
 
 /* an upper bound of a finished file's record: inode and xattrs, then the inline tail
@@ -90,10 +84,12 @@ static uint64_t own_len(struct zpool *p, struct zjob *j)
     if (zf->plain)
         return align_up((uint64_t)j->ilen + j->tail, EROFS_SLOT_SIZE);
     uint64_t nlc = (zf->size + b->blksz - 1) / b->blksz;
-    /* (the full index: deduplicated or fragment files may need it, decided later) */
-    int full = b->o.compress_full_index || p->zc->dedupe || zf->frag || zf->refs;
+    int full = b->o.compress_full_index;
+    /* (an inode or xattrs of another size than known now move the index: then the
+     * record outgrows its room and goes to the inode area) */
+    uint32_t mpos = (uint32_t)align_up(j->ilen, 8) + (uint32_t)sizeof(struct z_erofs_map_header);
     uint64_t idx = full ? Z_INDEX_START + nlc * sizeof(struct z_erofs_lcluster_index)
-                        : compact_len_max(nlc);
+                        : compact_len(nlc, mpos);
     return align_up(align_up(j->ilen, 8) + idx + zf->idata_len, EROFS_SLOT_SIZE);
 }
 
@@ -127,8 +123,12 @@ int zsm_commit(struct zpool *p, struct zjob *j, struct xfer *x)
     uint64_t s0 = b->scur;
     if (place_items(b, j->pre, j->npre))
         return xfail(x, ERN_ELIMIT, "image larger than 2^32 blocks");
-    if (!j->direct && !j->first && !j->acc && !j->packed) {
-        uint64_t len = own_len(p, j);
+    /* (not with -Ededupe or -Efragments, whose index form is decided later, nor for
+     * an inline pcluster (-Eztailpacking): those records go to the inode area, packed
+     * best fit decreasing; the online packing here lost 10 blocks of 622 on
+     * /usr/lib/python3.11 -Eztailpacking, which went over mkfs.erofs's image) */
+    if (!j->direct && !j->first && !j->acc && !j->packed && !p->zc->dedupe && !p->zc->frags) {
+        uint64_t len = j->zf.idata_len ? UINT64_MAX : own_len(p, j);
         j->own.node = j->node;
         j->own.len = len <= b->blksz ? (uint32_t)len : 0;
         place_items(b, &j->own, 1);
