@@ -132,6 +132,16 @@ def run_mkfs(image, source, *args, check=True):
     return p
 
 
+def write_native_image(nb, path):
+    """Lay out a NativeBuilder's image and write it to `path`, which must be new."""
+    nb.layout()
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        nb.write(fd)
+    finally:
+        os.close(fd)
+
+
 def assert_same_image_for_any_workers(tmp_path, source, *args, workers=(1, 2, 3)):
     """mkfs `source` with each worker count: the images must be byte-identical (the
     compression pool commits in order) and pass fsck.erofs; -> the last image's path."""

@@ -12,6 +12,7 @@ import tarfile
 
 import pytest
 from bomb_helpers import run_bounded
+from helpers import write_native_image
 
 from erofs_tools._native import BuildOptions, NativeBuilder
 
@@ -39,12 +40,7 @@ def _built(path, mtime=MTIME):
     nb = NativeBuilder(BuildOptions(build_time=mtime, uuid=bytes(16)))
     try:
         yield nb
-        nb.layout()
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            nb.write(fd)
-        finally:
-            os.close(fd)
+        write_native_image(nb, path)
     finally:
         nb.close()
 

@@ -8,7 +8,7 @@ import struct
 import subprocess
 
 import pytest
-from helpers import fsck, mounted, require_tool
+from helpers import fsck, mounted, require_tool, write_native_image
 
 from erofs_tools import _native
 from erofs_tools._native import BuildOptions, NativeBuilder, NativeError
@@ -36,15 +36,6 @@ def test_sb_checksum_matches_mkfs_erofs(tmp_path):
     subprocess.run(["mkfs.erofs", str(img), str(src)], check=True, capture_output=True)
     blk = img.read_bytes()[:4096]
     assert struct.unpack_from("<I", blk, 1028)[0] == _native.sb_checksum(blk)
-
-
-def _write(nb, path):
-    nb.layout()
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        nb.write(fd)
-    finally:
-        os.close(fd)
 
 
 def test_argument_checks():
@@ -129,7 +120,7 @@ def test_dirent_order_matches_reference_example(tmp_path):
     for n in (b"alpha", b"Zed", b"-dash", b"!bang"):
         b.add_child(root, n, b.add_node(REG))
     img = tmp_path / "o.img"
-    _write(b, img)
+    write_native_image(b, img)
     data = img.read_bytes()
     off = 1152  # root inode at nid 36, compact
     assert struct.unpack_from("<H", data, off)[0] == 0x04       # compact FLAT_INLINE
@@ -228,7 +219,7 @@ def test_chunk_holes_read_as_zero(tmp_path):
     b.set_chunks(f, 0, [0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF])
     b.add_child(root, b"holes", f)
     img = tmp_path / "h.img"
-    _write(b, img)
+    write_native_image(b, img)
     fsck(img)
     with mounted(img) as mnt:
         assert open(os.path.join(mnt, "holes"), "rb").read() == bytes(3 * 4096)
@@ -255,7 +246,7 @@ def test_set_chunks_many_same_image_as_one_by_one(tmp_path):
             for f, e in zip(nodes, per):
                 b.set_chunks(f, 0, e)
         img = tmp_path / f"many{int(many)}.img"
-        _write(b, img)
+        write_native_image(b, img)
         return b, nodes, img.read_bytes()
 
     _, _, one = build(False)
@@ -402,7 +393,7 @@ def test_nlink_above_65535_uses_extended_inodes(tmp_path):
     for i in range(66000):
         b.add_child(many, b"d%d" % i, b.add_node(DIR))
     img = tmp_path / "n.img"
-    _write(b, img)
+    write_native_image(b, img)
     fsck(img, extract=False)
     with mounted(img) as mnt:
         assert os.stat(os.path.join(mnt, "links", "l69999")).st_nlink == 70000
