@@ -382,8 +382,8 @@ def stop(release_holder, api_sock):
               help="containerd's name for fscache-daemon's snapshotter (its proxy_plugins "
                    "entry).")
 @click.option("--insecure", "--plain-http", "insecure", is_flag=True, default=None,
-              help="Plain HTTP to the registry (default: only for loopback hosts). The "
-                   "snapshotter's lazy reads follow its own --insecure-registry.")
+              help="Plain HTTP to the registry (default: only for loopback hosts), for "
+                   "the pull and for the snapshotter's lazy reads of this image.")
 @click.option("--containerd-config", default=None, metavar="PATH",
               type=click.Path(dir_okay=False),
               help="containerd's config.toml: the registry's credentials from its CRI "

@@ -104,9 +104,10 @@ def _diff_ids(config: bytes, n_layers: int, what: str) -> list[str]:
 
 class _Puller:
     def __init__(self, ctd: ContainerdClient, registry: RegistryClient, repo: str,
-                 name: str, snapshotter: str) -> None:
+                 name: str, snapshotter: str, plain_http: bool = False) -> None:
         self.ctd, self.registry, self.repo = ctd, registry, repo
         self.name, self.snapshotter = name, snapshotter
+        self.plain_http = plain_http
         self.bytes_fetched = 0
         self.lazy_layers = 0
         self.unpacked_layers = 0
@@ -139,6 +140,8 @@ class _Puller:
         labels.update({nydus.TARGET_LABEL: cid, nydus.IMAGE_REF_LABEL: self.name,
                        nydus.LAYER_LABEL: layer.digest, MANIFEST_LABEL: manifest,
                        IMAGE_LAYERS_LABEL: _image_layers(layers[i:])})
+        if self.plain_http:
+            labels[nydus.PLAIN_HTTP_LABEL] = "true"
         # containerd's unpack key format: "extract-<unique> <chain id>"
         key = f"extract-{time.time_ns()}-{secrets.token_hex(6)} {cid}"
         try:
@@ -211,7 +214,10 @@ def rpull(ref_text: str, address: str, namespace: str,
         registry = RegistryClient.for_reference(
             ref, insecure=default_insecure(ref.api_host, insecure), credentials=credentials)
         with contextlib.closing(registry):
-            p = _Puller(ctd, registry, ref.repository, name, snapshotter)
+            # --insecure given: the snapshotter's lazy reads of this image use plain HTTP
+            # too (a label on its layers), as the user asked for this registry
+            p = _Puller(ctd, registry, ref.repository, name, snapshotter,
+                        plain_http=insecure is True)
             m = p.manifest(ref.ref)
             cdesc = m.config()
             layers = m.layers()

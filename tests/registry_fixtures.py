@@ -555,7 +555,7 @@ class FlakyProxy:
     """
 
     def __init__(self, target: str, failures=(), match: str = ".*",
-                 retry_after: str | None = None):
+                 retry_after: str | None = None, bind: str = "127.0.0.1"):
         self.target = target
         self.failures = list(failures)
         self.match = re.compile(match)
@@ -581,9 +581,10 @@ class FlakyProxy:
             def log_message(self, *args):
                 pass
 
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        # bind "127.0.0.2": a host that is not loopback to the tools' plain-HTTP rule
+        self._server = http.server.ThreadingHTTPServer((bind, 0), Handler)
         self._server.daemon_threads = True
-        self.host = f"127.0.0.1:{self._server.server_address[1]}"
+        self.host = f"{bind}:{self._server.server_address[1]}"
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
 
     def _next_failure(self, line: str):

@@ -29,7 +29,7 @@ from containerd_fixtures import (
     tar_layer,
     wait_for,
 )
-from registry_fixtures import registry  # noqa: F401
+from registry_fixtures import FlakyProxy, registry  # noqa: F401
 from test_daemon_support import DaemonProc, require_lazy_kernel, socket_answers
 
 pytestmark = [pytest.mark.root, pytest.mark.registry]
@@ -285,3 +285,55 @@ def push_with_bad_last_diff_id(client, repo: str, tag: str, new_tag: str) -> Non
     raw = json.dumps(doc).encode()
     client.put_manifest(repo, new_tag, Manifest(raw, m.media_type,
                                                 "sha256:" + hashlib.sha256(raw).hexdigest()))
+
+
+def test_rpull_insecure_reaches_the_lazy_mount(registry):  # noqa: F811
+    """`rpull --insecure` of an image on a registry that is not loopback (127.0.0.2 to
+    the plain-HTTP rule) and speaks plain HTTP only: the pull works, and so do the
+    container's lazy reads, though the daemon was given no --insecure-registry."""
+    require_containerd()
+    require_lazy_kernel()
+    d = short_tmpdir("rpullhttp-")
+    sock = os.path.join(d, "snap.sock")
+    root = os.path.join(d, "daemon", "cache", "snapshotter")
+    daemon = DaemonProc(os.path.join(d, "daemon"),
+                        extra=("--snapshotter-socket", sock)).start()
+    proxy = FlakyProxy(registry.host, bind="127.0.0.2")
+    ctd = None
+    try:
+        wait_for(lambda: socket_answers(sock), 30, "snapshots socket")
+        ctd = Containerd(d, {SNAPSHOTTER: sock})
+        OciImage(busybox_layers(), ["/bin/sh"], gzipped=True).push(
+            registry.client(), "src/plain", "1")
+        p = subprocess.run([sys.executable, "-m", "erofs_tools", "convert", "--insecure",
+                            f"{registry.host}/src/plain:1",
+                            f"{registry.host}/nydus/plain:1"],
+                           capture_output=True, text=True, timeout=300, cwd=REPO)
+        assert p.returncode == 0, p.stderr
+        ref = f"{proxy.host}/nydus/plain:1"
+        # not loopback: verified HTTPS unless asked, and this registry has no TLS
+        p = rpull(ctd, ref)
+        assert p.returncode == 1 and p.stderr.count("\n") == 1, p.stderr
+        assert_nothing_registered(ctd, root)
+        p = rpull(ctd, ref, "--insecure", "--json")
+        assert p.returncode == 0, p.stderr
+        assert json.loads(p.stdout)["lazy_layers"] == 3
+        out = ctd.run_out("--snapshotter", SNAPSHOTTER, ref, "http1",
+                          "/bin/sh", "-c", "cat /etc/greeting")
+        assert out == b"hello from layer two\n"
+        fetched = daemon.metrics()["totals"]["bytes_fetched"]
+        assert fetched > 0
+        # the blobs came through the plain-HTTP host the pull named
+        assert any("/blobs/" in r for r in proxy.requests[-50:]), proxy.requests
+        ctd.ctr("image", "rm", "--sync", ref)
+        wait_for(lambda: os.listdir(os.path.join(root, "snapshots")) == [], 60,
+                 "snapshots removed", log=daemon.log_path)
+        assert_nothing_registered(ctd, root)
+    finally:
+        if ctd is not None:
+            ctd.stop()
+        with open("/proc/self/mounts") as f:
+            for m in [line.split()[1] for line in f if line.split()[1].startswith(d)]:
+                helpers.sys_umount(m, lazy=True)
+        daemon.cleanup()
+        shutil.rmtree(d, ignore_errors=True)

@@ -40,6 +40,10 @@ TARGET_LABEL = "containerd.io/snapshot.ref"
 IMAGE_REF_LABEL = "containerd.io/snapshot/cri.image-ref"
 LAYER_LABEL = "containerd.io/snapshot/cri.layer-digest"
 FS_VERSION_LABEL = "containerd.io/snapshot/nydus-fs-version"
+# set by `fscache-daemon rpull --insecure` on the layers it prepares: the user asked for
+# plain HTTP to this image's registry, so its lazy mount reads the blobs that way too
+# (containerd passes only labels under containerd.io/snapshot/ to a snapshotter)
+PLAIN_HTTP_LABEL = "containerd.io/snapshot/fscache-daemon.plain-http"
 BOOTSTRAP_PATH = os.path.join("image", "image.boot")
 
 
@@ -160,6 +164,9 @@ def backend_spec(ref: str) -> str:
     return f"registry:{ref}"
 
 
-def backend_options(ref: str, insecure_hosts: frozenset[str]) -> dict[str, object]:
+def backend_options(ref: str, insecure_hosts: frozenset[str],
+                    plain_http: bool = False) -> dict[str, object]:
+    """Plain HTTP for the image's registry when the daemon's --insecure-registry names
+    its host or the pull asked for it (PLAIN_HTTP_LABEL)."""
     host = ref.split("/", 1)[0]
-    return {"insecure": True} if host in insecure_hosts else {}
+    return {"insecure": True} if plain_http or host in insecure_hosts else {}

@@ -67,6 +67,8 @@ class Snapshotter:
             nydus.check_fs_version(labels, digest)
             extra = {"nydus": "bootstrap", "image_ref": nydus.image_ref(labels),
                      "layer": digest}
+            if labels.get(nydus.PLAIN_HTTP_LABEL) == "true":
+                extra["plain_http"] = "true"
         snap = self.store.create(kind, key, parent, labels, self.layout.make, extra)
         log.info("snapshot %s: %s %r on %r", snap.id, kind.name.lower(), key, parent)
         try:
@@ -111,7 +113,8 @@ class Snapshotter:
             try:
                 self.daemon.mount(
                     os.path.join(self.layout.fs(boot_id), nydus.BOOTSTRAP_PATH), mp,
-                    nydus.backend_spec(ref), nydus.backend_options(ref, self.insecure))
+                    nydus.backend_spec(ref),
+                    nydus.backend_options(ref, self.insecure, extra.get("plain_http") == "true"))
             except BaseException as e:
                 if not os.path.ismount(mp):  # else keep the row: release unmounts it
                     self.store.set_lazy_mount(boot_id, None)
