@@ -14,8 +14,15 @@ pytestmark = pytest.mark.root
 MiB = 1 << 20
 
 
-def test_sequential_reader_is_kept_ahead_of(tmp_path):
+@pytest.mark.parametrize("window", [None, 0])
+def test_sequential_reader_is_kept_ahead_of(tmp_path, monkeypatch, window):
+    """window: FSCACHE_DAEMON_MOUNT_READAHEAD_KB (None: the default, 1 MiB; 0: the
+    kernel's window is left alone)."""
     require_lazy_kernel()
+    if window is None:
+        monkeypatch.delenv("FSCACHE_DAEMON_MOUNT_READAHEAD_KB", raising=False)
+    else:
+        monkeypatch.setenv("FSCACHE_DAEMON_MOUNT_READAHEAD_KB", str(window))
     src = tmp_path / "src"
     src.mkdir()
     data = random.Random(3).randbytes(40 * MiB)
@@ -31,8 +38,8 @@ def test_sequential_reader_is_kept_ahead_of(tmp_path):
         d.mount(str(tmp_path / "boot"), mnt, f"localfs:{tmp_path / 'blobs'}")
         (inst,) = set(os.listdir("/sys/fs/erofs")) - before
         ra_kb = f"/sys/class/bdi/{inst}/read_ahead_kb"
-        # fewer, larger pre-content events while the blob is incomplete
-        assert open(ra_kb).read().strip() == "1024"
+        # the window asked for while the blob is incomplete, else the kernel's (128 KiB)
+        assert open(ra_kb).read().strip() == ("1024" if window is None else "128")
         drop_caches()
         got = bytearray()
         with open(os.path.join(mnt, "big.bin"), "rb", buffering=0) as f:
@@ -47,7 +54,9 @@ def test_sequential_reader_is_kept_ahead_of(tmp_path):
         # reads of chunks still in flight
         assert fs["holder_events"] >= 40
         assert b["requests"] <= 20, (b, fs)
-        assert b["readahead_bytes"] >= 30 * MiB, b
+        # (with the kernel's 128 KiB window the reader sometimes reaches a window's
+        # chunks first: 27 of 40 MiB fetched ahead in some runs)
+        assert b["readahead_bytes"] >= (30 if window is None else 20) * MiB, (b, fs)
         assert b["bytes_fetched"] <= 41 * MiB           # nothing fetched twice
         # once the blob is complete the mount gets the kernel's default window back
         assert open(os.path.join(mnt, "small.txt"), "rb").read() == b"small\n"

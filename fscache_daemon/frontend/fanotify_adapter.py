@@ -26,10 +26,20 @@ log = logging.getLogger(__name__)
 
 # Every read EROFS makes of a marked cache file raises a pre-content event that the reader
 # waits on, and EROFS reads in readahead windows (128 KiB by default): a larger window
-# for our mounts means fewer, larger events (1 MiB: 2.4x fewer on the benchmark image).
-# Once every blob of the image is complete (no more events) the default is put back: it
-# reads a complete cache file faster (best warm runs 0.49 s vs 0.57 s per GiB).
-MOUNT_READAHEAD_KB = 1024
+# for our mounts means fewer, larger events (1 MiB: 2.4x fewer on the benchmark image
+# when measured; on 6.18, whose readahead grows its folios window by window, 6,500-9,600
+# events per cold GiB against 8,900-9,200 at 128 KiB, and the reader's copies cost it
+# ~0.1 CPU s more per cold GiB: docs/performance.md, branch coldcpu; left for a quiet
+# run to decide). Once every blob of the image is complete (no more events) the default
+# is put back: it reads a complete cache file faster (best warm runs 0.49 s vs 0.57 s
+# per GiB). FSCACHE_DAEMON_MOUNT_READAHEAD_KB=N sets another window; 0 leaves the
+# kernel's alone.
+def _mount_readahead_kb() -> int:
+    v = os.environ.get("FSCACHE_DAEMON_MOUNT_READAHEAD_KB", "1024")
+    return int(v) if v.isdigit() and int(v) <= 1 << 20 else 1024
+
+
+MOUNT_READAHEAD_KB = _mount_readahead_kb()
 
 
 def holder_running(sock: str) -> bool:
@@ -379,7 +389,9 @@ class FanotifyFrontend(Frontend):
         blobs = [self._daemon.blobs[k] for k in image.blob_keys]
         if all(m.complete() for m in blobs):
             return
-        if len(new) == 1:   # else another erofs mount raced with ours: leave it alone
+        if MOUNT_READAHEAD_KB and len(new) == 1:
+            # else (no window asked for, or another erofs mount raced with ours) the
+            # kernel's window is left alone
             inst = next(iter(new))
             default = mounts.get_readahead(inst)
             if default is not None:
