@@ -8,6 +8,11 @@ daemon's own uid only, checked with SO_PEERCRED on every connection).
                                            "prefetch"?: bool, "domain"?: str,
                                            "options"?: {"proxy","mirror","insecure"}}
                                           -> 201 mount
+    POST   /api/v1/warm                   {"bootstrap","backend","options"?} -> 202
+                                          {"zran_blobs": n}: the image's zran meta blobs
+                                          fetched and parsed ahead of its mount
+                                          (zranwarm.py; the snapshotter, at the commit
+                                          of a bootstrap layer)
     DELETE /api/v1/mounts?mountpoint=P[&lazy=1]   -> 200
     POST   /api/v1/umount                 {"mountpoint", "lazy"?}  (same as DELETE)
     GET    /api/v1/metrics                per-blob counters, latency p50/p99, process,
@@ -277,6 +282,23 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self._json(201, self.d.mount(b["bootstrap"], b["mountpoint"], b["backend"],
                                      prefetch=prefetch, domain=domain, options=options))
 
+    def post_warm(self, _q):
+        b = self._body()
+        for k in ("bootstrap", "backend"):
+            if not isinstance(b.get(k), str) or not b[k]:
+                raise ApiError(400, f"field {k!r} (non-empty string) is required")
+        options = b.get("options") or {}
+        if not isinstance(options, dict) or any(k not in ("proxy", "mirror", "insecure")
+                                                for k in options):
+            raise ApiError(400, "field 'options' may hold only proxy, mirror, insecure")
+        unknown = set(b) - {"bootstrap", "backend", "options"}
+        if unknown:
+            raise ApiError(400, f"unknown fields {sorted(unknown)}")
+        _absolute("bootstrap", b["bootstrap"])
+        if b["backend"].startswith("localfs:"):
+            _absolute("backend", b["backend"][len("localfs:"):])
+        self._json(202, self.d.warm(b["bootstrap"], b["backend"], options))
+
     def _umount(self, mountpoint, lazy):
         if not isinstance(mountpoint, str) or not mountpoint:
             raise ApiError(400, "mountpoint (non-empty string) is required")
@@ -320,6 +342,7 @@ ROUTES = {
     "/api/v1/mounts": {"GET": _Handler.get_mounts, "POST": _Handler.post_mounts,
                        "DELETE": _Handler.delete_mounts},
     "/api/v1/umount": {"POST": _Handler.post_umount},
+    "/api/v1/warm": {"POST": _Handler.post_warm},
     "/api/v1/metrics": {"GET": _Handler.get_metrics},
     "/api/v1/trace": {"GET": _Handler.get_trace},
     "/metrics": {"GET": _Handler.get_prometheus},

@@ -31,6 +31,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from erofs_tools.reader.image import open_image
+from erofs_tools.reader.zran import is_zran_entry
 from fscache_daemon.storage.chunkmap import last_byte_check
 
 log = logging.getLogger(__name__)
@@ -39,9 +40,10 @@ MAX_EARLY = 64      # blobs checked early per mount (a hostile table lists thous
 OPEN_WIDTH = 8      # blobs of one mount opened at once
 
 
-def peek_blobs(bootstrap: str) -> list[tuple[str, int]]:
-    """(blob id, stored size) of each blob in the bootstrap's blob table; [] for anything
-    that is not a readable RAFS v6 bootstrap (the mount names the problem itself)."""
+def peek_blobs(bootstrap: str) -> list[tuple[str, int, Any]]:
+    """(blob id, stored size, blob-table entry) of each blob in the bootstrap's blob
+    table; [] for anything that is not a readable RAFS v6 bootstrap (the mount names the
+    problem itself)."""
     try:
         img = open_image(bootstrap)
     except Exception:  # noqa: BLE001 - load_image reports it
@@ -53,7 +55,7 @@ def peek_blobs(bootstrap: str) -> list[tuple[str, int]]:
         for i, e in enumerate(img.blob_entries[:MAX_EARLY]):
             blob_id = img.blob_id(i + 1)
             if len(blob_id) == 64 and e.compressed_size > 0:
-                out.append((blob_id, int(e.compressed_size)))
+                out.append((blob_id, int(e.compressed_size), e))
         return out
     except Exception:  # noqa: BLE001 - as above
         return []
@@ -90,11 +92,16 @@ class EarlyChecks:
         self._checks: dict[tuple[str, int], _Check] = {}
 
     def start(self, backend, bootstrap: str, hold: Callable[[], object],
-              release: Callable[[], None]) -> None:
+              release: Callable[[], None], zran=None) -> None:
         """Peek at `bootstrap`'s blob table and start one check per blob; `hold()` keeps
-        the backend open for a check (a use of it, given back by `release()`)."""
-        for blob_id, end in peek_blobs(bootstrap):
+        the backend open for a check (a use of it, given back by `release()`). A zran
+        blob's map is its meta blob, not its pins (no check waits for its last byte):
+        with `zran` (zranwarm.ZranWarm) its meta blob is fetched and parsed instead."""
+        for blob_id, end, entry in peek_blobs(bootstrap):
             backend.register_blob(blob_id, end)
+            if zran is not None and is_zran_entry(entry):
+                zran.start(backend, blob_id, entry, hold, release)
+                continue
             c = _Check()
             with self._lock:
                 self._backend = backend

@@ -76,6 +76,7 @@ from fscache_daemon.storage.planner import (
     plan,
 )
 from fscache_daemon.trace import TraceRecorder, find_image
+from fscache_daemon.zranwarm import ZranWarm
 
 # names that moved out of this module, kept importable from here
 __all__ = ["Daemon", "Frontend", "NullFrontend", "FanotifyFrontend", "CachefilesAdapter",
@@ -205,10 +206,11 @@ class Daemon(MountLifecycle):
         self.sampler = ProcessSampler()
         self.meta_bytes_fetched = 0
         self.prefetch_bytes = 0
+        self.zran_warm = ZranWarm()     # zran chunk maps fetched before their mount
         self._init_eviction(cache_size)     # bytes (None: no limit)
         # other services in this process add their metrics here (name -> callable), e.g.
         # the snapshotter's per-call latency under "snapshotter"
-        self.metric_sources: dict[str, Callable[[], dict]] = {}
+        self.metric_sources: dict[str, Callable[[], dict]] = {"zran_warm": self.zran_warm.stats}
         self.traces = TraceRecorder(self)       # first accesses, per cache key (trace.py)
         # complete, still marked: key -> (manager, monotonic time to unmark it anyway)
         self._kept_marked: dict[str, tuple[bc.BlobManager, float]] = {}
@@ -256,6 +258,7 @@ class Daemon(MountLifecycle):
         self.pool.shutdown(wait=True)
         for t in self._threads:
             t.join(timeout=10)
+        self.zran_warm.close()
         with self._lock:
             for mgr in self.blobs.values():
                 try:
@@ -339,7 +342,8 @@ class Daemon(MountLifecycle):
         # mount's thread) or a variant's key
         load = dict(share, table=lambda: ref.table_digest,
                     early=None if early is None else
-                    lambda end: early.waiter(backend, ref.blob_id, end))
+                    lambda end: early.waiter(backend, ref.blob_id, end),
+                    warm=lambda entry: self.zran_warm.take(backend, ref.blob_id, entry))
         pending: list = []      # the blob's check (chunkmap.PendingCheck)
         res = None
         if key is None and ref.blob_id not in taken:

@@ -31,8 +31,9 @@ import time
 from concurrent.futures import Future
 from typing import TYPE_CHECKING
 
+from erofs_tools.reader.zran import is_zran_entry
 from fscache_daemon import mounts
-from fscache_daemon.blobopen import EarlyChecks, open_side_by_side
+from fscache_daemon.blobopen import EarlyChecks, open_side_by_side, peek_blobs
 from fscache_daemon.errors import (
     ConflictError,
     DaemonError,
@@ -46,6 +47,7 @@ from fscache_daemon.keyedlock import KeyedLock
 from fscache_daemon.state import copy_bootstrap, load_state, save_state
 from fscache_daemon.storage.backends import parse_backend_spec
 from fscache_daemon.storage.image import ImageInfo, file_runs, load_image
+from fscache_daemon.zranwarm import ZranWarm
 
 if TYPE_CHECKING:
     from fscache_daemon.frontend.base import Frontend
@@ -87,6 +89,7 @@ class MountLifecycle(CacheEviction):
     _boot_lock: threading.Lock
     _boot_inflight: dict[str, int]
     _stop: threading.Event
+    zran_warm: ZranWarm
 
     if TYPE_CHECKING:
         def describe(self, img: Image) -> dict: ...
@@ -243,6 +246,40 @@ class MountLifecycle(CacheEviction):
                                options, warm.checks)
         finally:
             warm.done()
+
+    def warm(self, bootstrap: str, backend: str, options: dict | None = None) -> dict:
+        """Fetch and parse the zran meta blobs of `bootstrap`'s blob table through the
+        backend a mount of it with `backend`/`options` will use, on threads of their own
+        (zranwarm.py): its mount, if it comes within zranwarm.TTL, takes them. ->
+        {"zran_blobs": how many were started}; errors are left to the mount."""
+        if not isinstance(bootstrap, str) or not isinstance(backend, str):
+            raise DaemonError("warm needs string bootstrap and backend")
+        parse_backend_spec(backend)
+        bootstrap = os.path.abspath(bootstrap)
+        if not os.path.isfile(bootstrap):
+            raise NotFoundError(f"{bootstrap}: no such bootstrap file")
+        opts = dict(options or {})
+        zran = [(b, e) for b, _end, e in peek_blobs(bootstrap) if is_zran_entry(e)]
+        if not zran:
+            return {"zran_blobs": 0}
+        be = self._backend(backend, opts)
+        started = 0
+        try:
+            for blob_id, entry in zran:
+                be.register_blob(blob_id, int(entry.compressed_size))
+                started += self.zran_warm.start(
+                    be, blob_id, entry, lambda: self._backend(backend, opts),
+                    functools.partial(self._let_go, be))
+        finally:
+            self._release_backend(be)
+        log.info("warming %d zran meta blob(s) of %s (backend %s)", started, bootstrap,
+                 backend)
+        return {"zran_blobs": started}
+
+    def _let_go(self, be: Backend) -> None:
+        """A backend's use ends; closed if nothing else uses it."""
+        self._release_backend(be)
+        self._drop_unused_backends()
 
     def _mount(self, bootstrap, mountpoint, backend, given, prefetch, domain,
                options, early: EarlyChecks | None = None) -> dict:
@@ -608,7 +645,7 @@ class _Warmer:
         try:
             # each check holds the backend as long as it runs (it may outlive the mount)
             self.checks.start(be, bootstrap, lambda: self.owner._backend(spec, options),
-                              lambda: self._release(be))
+                              lambda: self._release(be), self.owner.zran_warm)
         except Exception as e:  # noqa: BLE001 - the mount checks the blobs itself
             log.debug("backend %s: no early blob checks: %s", spec, e)
         try:

@@ -183,6 +183,16 @@ def test_api_mount_list_metrics_umount(api, images, tmp_path):
     assert st == 404
 
 
+def test_api_warm_of_a_plain_image_starts_nothing(api, images):
+    # zran images: tests/test_zran_warm.py, tests/test_zran_snapshotter.py
+    st, res = api.request("POST", "/api/v1/warm", {
+        "bootstrap": images["b1"], "backend": f"localfs:{images['blobs']}"})
+    assert st == 202 and res == {"zran_blobs": 0}, res
+    st, m = api.request("GET", "/api/v1/metrics")
+    assert st == 200 and m["zran_warm"] == {"started": 0, "taken": 0, "failed": 0,
+                                            "held": 0}
+
+
 @pytest.mark.parametrize("method,path,body,status", [
     ("GET", "/nope", None, 404),
     ("PUT", "/api/v1/mounts", {}, 405),
@@ -204,6 +214,15 @@ def test_api_mount_list_metrics_umount(api, images, tmp_path):
     ("POST", "/api/v1/umount", {"mountpoint": 5}, 400),
     ("POST", "/api/v1/umount", {"mountpoint": "/x", "lazy": "no"}, 400),
     ("DELETE", "/api/v1/mounts", None, 400),
+    ("GET", "/api/v1/warm", None, 405),
+    ("POST", "/api/v1/warm", {}, 400),
+    ("POST", "/api/v1/warm", {"bootstrap": "x", "backend": "localfs:/"}, 400),
+    ("POST", "/api/v1/warm", {"bootstrap": "/x", "backend": "localfs:/", "mountpoint": "/x"},
+     400),
+    ("POST", "/api/v1/warm", {"bootstrap": "/x", "backend": "localfs:/",
+                              "options": {"evil": 1}}, 400),
+    ("POST", "/api/v1/warm", {"bootstrap": "/nonexistent", "backend": "localfs:/"}, 404),
+    ("POST", "/api/v1/warm", {"bootstrap": "/etc/hostname", "backend": "gopher:/"}, 400),
 ])
 def test_api_malformed_requests(api, method, path, body, status):
     raw = body if isinstance(body, bytes) else None

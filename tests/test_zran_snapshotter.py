@@ -1,7 +1,8 @@
 """A gzip image indexed with `convert --oci-ref` (zran, docs/zran.md), pulled through
 containerd's CRI plugin from the real docker-registry and run with `ctr run` on the
 snapshotter: containerd downloads none of the original gzip layers (only the bootstrap
-layer), the container's rootfs is an overlay on the daemon's lazy mount, which reads the
+layer; at its commit the daemon fetches the layers' meta blobs for the coming mount), the
+container's rootfs is an overlay on the daemon's lazy mount, which reads the
 layers by range from their access points; a file nobody read is not fetched."""
 
 from __future__ import annotations
@@ -57,10 +58,15 @@ def test_zran_image_runs_lazily(registry, tmp_path):  # noqa: F811
                    for x in manifest["layers"][:-1])
         assert not any(b in content for b in gz), content
         assert manifest["layers"][-1]["digest"] in content
+        # the bootstrap layer's commit had the daemon fetch and parse the meta blobs
+        # (zranwarm.py); the container's lazy mount takes them below
+        assert daemon.metrics()["zran_warm"]["started"] == len(gz)
 
         out = ctd.run_out("--snapshotter", SNAPSHOTTER, ref, "zran1",
                           "/bin/sh", "-c", SCRIPT, ns=CRI_NS)
         assert out == EXPECTED
+        warm = daemon.metrics()["zran_warm"]
+        assert (warm["taken"], warm["failed"], warm["held"]) == (len(gz), 0, 0), warm
         lazy = os.path.join(root, "lazy")
         (mp,) = [os.path.join(lazy, n) for n in os.listdir(lazy)]
         assert os.path.ismount(mp)

@@ -8,6 +8,9 @@ on Prepare (the layer's annotations, `disable_snapshot_annotations = false`).
   * the bootstrap layer (`containerd.io/snapshot/nydus-bootstrap`): unpacked by
     containerd like any tar layer (it is small: `image/image.boot`); the snapshot
     remembers the image reference so its blobs can be found later;
+    when it is committed, the daemon is asked to fetch what the image's lazy mount will
+    need first (`POST /api/v1/warm`: a zran image's meta blobs) while containerd goes
+    on to the container;
   * a container's snapshot on that bootstrap: the image is mounted lazily once through
     the daemon's JSON API (`POST /api/v1/mounts`) and that mount is the overlay's only
     lower, shared by every container of the image; it is released (`POST
@@ -151,6 +154,14 @@ class DaemonClient:
         if st != 201:
             # the caller names the layer and the image; the daemon's message the cause
             raise DaemonError(f"the daemon refused it ({st}): {res.get('error', res)}")
+
+    def warm(self, bootstrap: str, backend: str, options: dict[str, object]) -> None:
+        """Ask the daemon to fetch what the mount of this bootstrap will need first (its
+        zran meta blobs) now; best effort: the mount does it itself otherwise."""
+        st, res = self._post("/api/v1/warm", {"bootstrap": bootstrap, "backend": backend,
+                                              "options": options})
+        if st != 202:
+            raise DaemonError(f"the daemon did not warm it ({st}): {res.get('error', res)}")
 
     def umount(self, mountpoint: str) -> None:
         st, res = self._post("/api/v1/umount", {"mountpoint": mountpoint, "lazy": True})

@@ -172,6 +172,20 @@ class Snapshotter:
         size, inodes = overlay.disk_usage(self.layout.fs(snap.id))
         self.store.commit(key, name, labels, size, inodes)
         log.info("snapshot %s: committed %r as %r (%d bytes)", snap.id, key, name, size)
+        if extra.get("nydus") == "bootstrap" and snap.kind == Kind.ACTIVE:
+            self._warm(snap.id, extra)
+
+    def _warm(self, boot_id: int, extra: dict) -> None:
+        """The daemon fetches what the image's lazy mount will need first (a zran
+        image's meta blobs) while containerd goes on to the container's snapshot; a
+        failure only costs that head start (the mount fetches and reports itself)."""
+        assert self.daemon is not None
+        ref = extra["image_ref"]
+        try:
+            self.daemon.warm(os.path.join(self.layout.fs(boot_id), nydus.BOOTSTRAP_PATH),
+                             nydus.backend_spec(ref), nydus.backend_options(ref, self.insecure))
+        except DaemonError as e:
+            log.warning("snapshot %s: %s not warmed: %s", boot_id, ref, e)
 
     def remove(self, key: str) -> None:
         if self.daemon is not None:

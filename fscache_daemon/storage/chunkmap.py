@@ -261,12 +261,15 @@ def last_byte_check(backend, blob_id: str, end: int) -> None:
 
 
 def _fetch_meta(blob_id: str, backend, entry, blob_size, digests, pins,
-                checks: list | None = None, early: Callable | None = None):
+                checks: list | None = None, early: Callable | None = None,
+                warm: Callable | None = None):
     """The chunk map read from the blob through `backend`, with the bootstrap's pins
     applied (or made from the pins alone when they cover the blob: _meta_from_pins).
     Returns (meta, backend bytes read). With `checks` (a list), the check of a map made
     from pins is put there (a function) instead of run. `early(end)`: a function waiting
-    for that check already under way (fscache_daemon.blobopen.py), or None."""
+    for that check already under way (fscache_daemon.blobopen.py), or None. `warm(entry)`:
+    a zran blob's (meta, bytes read) as fetch_zran_meta gave it through this backend
+    before the mount asked (fscache_daemon.zranwarm), or None."""
     if blob_size is None and entry is not None and entry.compressed_size:
         blob_size = entry.compressed_size
     if blob_size is not None:
@@ -293,7 +296,9 @@ def _fetch_meta(blob_id: str, backend, entry, blob_size, digests, pins,
         blob_size = getattr(entry, "compressed_size", None) or backend.blob_size(blob_id)
     made: list = []
     if rzran.is_zran_entry(entry):
-        meta, fetched = _fetch_zran_meta(blob_id, backend, entry, digests)
+        got = warm(entry) if warm is not None else None
+        meta, fetched = got if got is not None else \
+            fetch_zran_meta(blob_id, backend, entry, digests)
     else:
         meta = rblob.BlobMeta.from_blob(counting_read, blob_size, blob_id=blob_id,
                                         entry=entry, digests=digests,
@@ -307,10 +312,12 @@ def _fetch_meta(blob_id: str, backend, entry, blob_size, digests, pins,
     return meta, fetched
 
 
-def _fetch_zran_meta(blob_id: str, backend, entry, digests):
+def fetch_zran_meta(blob_id: str, backend, entry, digests):
     """A zran blob's chunk map: its meta blob (named by the blob table's
     blob_meta_digest) fetched through the backend, checked against that digest and
-    parsed (erofs_tools.reader.zran). -> (meta, bytes read)."""
+    parsed (erofs_tools.reader.zran). -> (meta, bytes read). With `digests` None the
+    meta blob's own chunk digests must cover every chunk (the map then is the same
+    whatever the bootstrap's digests are: the pins replace them afterwards)."""
     meta_hex = bytes(entry.blob_meta_digest).hex()
     size = entry.blob_meta_size
     if not 0 < size <= rzran.MAX_META_BLOB:
@@ -327,7 +334,7 @@ def load_or_fetch_meta(directory, blob_id, backend, entry=None, blob_size=None,
                        digests=None, pins=None, table: bytes | Callable[[], bytes] = b"", *,
                        key: str | None = None, rebuild: bool = True,
                        pending: list[PendingCheck] | None = None,
-                       early: Callable | None = None):
+                       early: Callable | None = None, warm: Callable | None = None):
     """The blob's chunk map for one bootstrap: from `<id>.map` if present, valid and in
     agreement with the bootstrap, else read from the blob through the backend (its CI
     table), with the bootstrap's pins applied, and cached. Returns (meta, backend bytes
@@ -350,7 +357,7 @@ def load_or_fetch_meta(directory, blob_id, backend, entry=None, blob_size=None,
     if rzran.is_zran_entry(entry):
         # the map of a zran blob holds its access points: parsed from the meta blob
         # (small, digest-checked) at every open instead of a `.map` file
-        return _fetch_meta(blob_id, backend, entry, blob_size, digests, pins)
+        return _fetch_meta(blob_id, backend, entry, blob_size, digests, pins, warm=warm)
     cached = _read_map(path, blob_id)
     if cached is not None:
         _table, meta = cached
