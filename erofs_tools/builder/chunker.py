@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import blake3
 
-from erofs_tools._native_chunkio import ChunkReadError, read_chunks
+from erofs_tools._native_chunkio import ChunkReadError, batch_buffer, read_chunks
 from erofs_tools.builder.tree import shown_path
 from erofs_tools.builder.workpool import Task, WorkPool
 from erofs_tools.errors import InputError
@@ -46,6 +46,8 @@ ZSTD_LEVEL = 3
 # small files; a batch is closed at this many bytes or chunks.
 BATCH_BYTES = 1 << 20
 BATCH_CHUNKS = 256
+# zstd: chunks of this size and more are compressed one by one (see compress_many)
+REUSE_CONTEXT_MIN = 256 << 10
 
 Digest = Callable[[bytes | memoryview], bytes]
 ChunkKey = tuple[bytes, int]                     # (digest, uncompressed size)
@@ -124,7 +126,7 @@ class Compressor:
         out = c.compress(data)
         return out if len(out) < len(data) else data
 
-    def compress_many(self, buf: bytearray, pieces: list[tuple[int, int]]
+    def compress_many(self, buf: bytearray | memoryview, pieces: list[tuple[int, int]]
                       ) -> list[bytes | memoryview]:
         """Stored forms of the pieces (offset, length) of `buf`, as `compress` gives them
         one by one. zstd: one call for them all (python-zstandard's
@@ -140,15 +142,30 @@ class Compressor:
             c = getattr(self._local, "c", None)
             if c is None:
                 c = self._local.c = z.ZstdCompressor(level=self.level)
+            # big chunks through the worker's own compressor, whose context (tables
+            # sized for up to a chunk) is reused: multi_compress_to_buffer makes a new
+            # one per call, and for a big input its ~1 MiB of tables were mapped,
+            # zeroed and faulted in again each batch (half the page faults of pack
+            # zstd on /usr/share; the same frames)
+            big = REUSE_CONTEXT_MIN
             segs = array.array("Q")
             for o, n in pieces:
-                segs.append(o)
-                segs.append(n)
+                if n < big:
+                    segs.append(o)
+                    segs.append(n)
             res = c.multi_compress_to_buffer(
-                z.BufferWithSegments(buf, segs.tobytes()), threads=1)
+                z.BufferWithSegments(buf, segs.tobytes()), threads=1) if segs else None
+            mvb = memoryview(buf)
             out: list[bytes | memoryview] = []
-            for i, (o, n) in enumerate(pieces):
-                zc = res[i]
+            k = 0
+            for o, n in pieces:
+                if n >= big:
+                    zb = c.compress(mvb[o:o + n])
+                    out.append(zb if len(zb) < n else bytes(mvb[o:o + n]))
+                    continue
+                assert res is not None
+                zc = res[k]
+                k += 1
                 # incompressible: the data, copied (a view would keep the whole batch
                 # buffer alive until this chunk is written)
                 out.append(memoryview(cast("Buffer", zc)) if len(zc) < n
@@ -214,6 +231,18 @@ class ChunkResult:
         if data is None:                # the claiming batch always fills it, or raises
             raise RuntimeError("chunk bytes missing after their batch completed")
         return data
+
+
+class BatchResults(list[ChunkResult]):
+    """One batch's results in order. `buf` (without compression): the batch's read
+    buffer, in which the data of its chunks that were read (holes are not) lie back to
+    back in result order, so that the consumer hands the blob writer a run of new
+    chunks as one piece of it, uncopied; None otherwise."""
+    __slots__ = ("buf",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.buf: memoryview | None = None
 
 
 def _data_ranges(fd: int, size: int) -> list[tuple[int, int]]:
@@ -367,9 +396,11 @@ class ChunkPipeline:
         self.bytes_read += total
         mv = memoryview(buf)
         hasher = self._hasher
-        out = []
+        out: list[ChunkResult] = []
         if self.compressor.name == "none":
             # each result carries its bytes (no claims, see ChunkResult.data)
+            out = BatchResults()
+            out.buf = mv[:total]
             for (file_key, _path, _size, _sparse, off, length), at in zip(batch, where):
                 if at < 0:
                     digest = self.zero_digest(length)
@@ -402,15 +433,16 @@ class ChunkPipeline:
             mine.data = stored
         return out
 
-    def _read_buffer(self, size: int) -> bytearray:
+    def _read_buffer(self, size: int) -> bytearray | memoryview:
         """A buffer of at least `size` bytes for one batch's data. Each worker reuses
         its own (a new 1 MiB bytearray per batch cost a memset and the page faults of
         fresh pages: ~5 % of the pack's CPU time), except without compression, where
-        the stored chunks are views of the batch's buffer. (A pool of such buffers,
-        reused once no view was left, saved little under the GIL and held ~5 MiB more
-        at the peak.)"""
+        the stored chunks are views of the batch's buffer: there one of the C core's
+        pool, back in the pool when the writer has copied the last of its chunks (a
+        bytearray per batch, mapped, zeroed, faulted in and unmapped again, was ~0.3
+        CPU s of a /usr/share pack)."""
         if self.compressor.name == "none":
-            return bytearray(size)
+            return batch_buffer(size)
         buf: bytearray | None = getattr(self._tls, "buf", None)
         if buf is None or len(buf) < size:
             buf = self._tls.buf = bytearray(max(size, BATCH_BYTES))
