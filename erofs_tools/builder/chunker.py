@@ -46,8 +46,6 @@ ZSTD_LEVEL = 3
 # small files; a batch is closed at this many bytes or chunks.
 BATCH_BYTES = 1 << 20
 BATCH_CHUNKS = 256
-# zstd: chunks of this size and more are compressed one by one (see compress_many)
-REUSE_CONTEXT_MIN = 256 << 10
 
 Digest = Callable[[bytes | memoryview], bytes]
 ChunkKey = tuple[bytes, int]                     # (digest, uncompressed size)
@@ -142,34 +140,21 @@ class Compressor:
             c = getattr(self._local, "c", None)
             if c is None:
                 c = self._local.c = z.ZstdCompressor(level=self.level)
-            # big chunks through the worker's own compressor, whose context (tables
-            # sized for up to a chunk) is reused: multi_compress_to_buffer makes a new
-            # one per call, and for a big input its ~1 MiB of tables were mapped,
-            # zeroed and faulted in again each batch (half the page faults of pack
-            # zstd on /usr/share; the same frames)
-            big = REUSE_CONTEXT_MIN
             segs = array.array("Q")
             for o, n in pieces:
-                if n < big:
-                    segs.append(o)
-                    segs.append(n)
+                segs.append(o)
+                segs.append(n)
             res = c.multi_compress_to_buffer(
-                z.BufferWithSegments(buf, segs.tobytes()), threads=1) if segs else None
-            mvb = memoryview(buf)
+                z.BufferWithSegments(buf, segs.tobytes()), threads=1)
+            mv = memoryview(buf)
             out: list[bytes | memoryview] = []
-            k = 0
-            for o, n in pieces:
-                if n >= big:
-                    zb = c.compress(mvb[o:o + n])
-                    out.append(zb if len(zb) < n else bytes(mvb[o:o + n]))
-                    continue
-                assert res is not None
-                zc = res[k]
-                k += 1
-                # incompressible: the data, copied (a view would keep the whole batch
-                # buffer alive until this chunk is written)
+            for i, (o, n) in enumerate(pieces):
+                zc = res[i]
+                # incompressible: the data, copied once from a view (a view kept would
+                # hold the whole batch buffer until this chunk is written; bytes() of a
+                # bytearray slice copied twice)
                 out.append(memoryview(cast("Buffer", zc)) if len(zc) < n
-                           else bytes(buf[o:o + n]))
+                           else bytes(mv[o:o + n]))
             return out
         return [self.compress(bytes(buf[o:o + n])) for o, n in pieces]
 
