@@ -11,6 +11,7 @@
 #include <endian.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -70,6 +71,83 @@ int ern_chunks_read(const char *names, const uint32_t *name_off, const uint64_t 
         close(fd);
     *fail_index = i;
     return rc;
+}
+
+/* ---- the batch buffer pool ---- */
+
+#define BATCHBUF_MAX 8              /* idle buffers kept at most, whatever keep says */
+#define BATCHBUF_HDR 64             /* a header before the buffer: its capacity */
+#define BATCHBUF_ROUND ((size_t)1 << 20)
+
+static pthread_mutex_t batchbuf_mu = PTHREAD_MUTEX_INITIALIZER;
+static void *batchbuf_idle[BATCHBUF_MAX];
+static uint32_t batchbuf_nidle, batchbuf_keep = 1;
+
+static size_t batchbuf_cap(const void *base)
+{
+    size_t cap;
+    memcpy(&cap, base, sizeof(cap));
+    return cap;
+}
+
+void *ern_batchbuf_get(size_t size)
+{
+    void *best = NULL;
+    uint32_t at = 0;
+
+    pthread_mutex_lock(&batchbuf_mu);
+    for (uint32_t i = 0; i < batchbuf_nidle; i++) {
+        size_t cap = batchbuf_cap(batchbuf_idle[i]);
+        if (cap >= size && (!best || cap < batchbuf_cap(best))) {
+            best = batchbuf_idle[i];
+            at = i;
+        }
+    }
+    if (best)
+        batchbuf_idle[at] = batchbuf_idle[--batchbuf_nidle];
+    pthread_mutex_unlock(&batchbuf_mu);
+    if (!best) {
+        /* whole MiBs: a batch is a little over BATCH_BYTES, and a buffer of the next
+         * size serves the next batches (only its touched pages are resident) */
+        if (size > SIZE_MAX - BATCHBUF_HDR - BATCHBUF_ROUND)
+            return NULL;
+        size_t cap = (size + BATCHBUF_ROUND - 1) & ~(BATCHBUF_ROUND - 1);
+        if (cap == 0)
+            cap = BATCHBUF_ROUND;
+        best = malloc(BATCHBUF_HDR + cap);
+        if (!best)
+            return NULL;
+        memcpy(best, &cap, sizeof(cap));
+    }
+    return (uint8_t *)best + BATCHBUF_HDR;
+}
+
+void ern_batchbuf_put(void *p)
+{
+    if (!p)
+        return;
+    void *base = (uint8_t *)p - BATCHBUF_HDR;
+    pthread_mutex_lock(&batchbuf_mu);
+    if (batchbuf_nidle < batchbuf_keep) {
+        batchbuf_idle[batchbuf_nidle++] = base;
+        base = NULL;
+    }
+    pthread_mutex_unlock(&batchbuf_mu);
+    free(base);
+}
+
+void ern_batchbuf_keep(uint32_t n)
+{
+    void *drop[BATCHBUF_MAX];
+    uint32_t ndrop = 0;
+
+    pthread_mutex_lock(&batchbuf_mu);
+    batchbuf_keep = n < BATCHBUF_MAX ? n : BATCHBUF_MAX;
+    while (batchbuf_nidle > batchbuf_keep)
+        drop[ndrop++] = batchbuf_idle[--batchbuf_nidle];
+    pthread_mutex_unlock(&batchbuf_mu);
+    while (ndrop)
+        free(drop[--ndrop]);
 }
 
 int ern_gather(uint8_t *const *src, const uint64_t *len, uint32_t n, uint8_t *dst,

@@ -336,6 +336,14 @@ enum {
 int ern_chunks_read(const char *names, const uint32_t *name_off, const uint64_t *file_off,
                     const uint32_t *len, const uint64_t *buf_off, uint32_t n, uint8_t *buf,
                     uint64_t cap, uint32_t *fail_index, int32_t *fail_errno);
+/* pack's batch read buffers (--compressor none: a batch's chunks are views of its
+ * buffer until the blob writer has copied them): ern_batchbuf_get(size) -> a buffer of
+ * at least size bytes, not zeroed, or NULL; ern_batchbuf_put gives it back. Up to
+ * ern_batchbuf_keep(n) idle buffers are kept for the next batches (the rest freed), so
+ * a pack does not map, fault in, zero and unmap ~1 MiB per batch. Thread-safe. */
+void *ern_batchbuf_get(size_t size);
+void ern_batchbuf_put(void *p);
+void ern_batchbuf_keep(uint32_t n);
 /* the n pieces src[i] (len[i] bytes each) back to back into dst (cap bytes): the blob
  * writer's group of stored chunks made one buffer to hash and write, copied without the
  * GIL. ERN_CHUNKS_OK, or ERN_CHUNKS_EINVAL if they do not fit. */

@@ -9,7 +9,19 @@ from collections.abc import Sequence
 
 from erofs_tools._native import ffi, lib
 
-__all__ = ["ChunkInfoTable", "ChunkReadError", "chunk_indexes", "gather", "read_chunks"]
+__all__ = ["ChunkInfoTable", "ChunkReadError", "batch_buffer", "chunk_indexes", "gather",
+           "read_chunks"]
+
+# cdata of the C pool's buffers: freed (given back to the pool) when the last view of
+# them is gone; not zeroed (read_chunks overwrites every byte a chunk covers)
+_batch_alloc = ffi.new_allocator(alloc=lib.ern_batchbuf_get, free=lib.ern_batchbuf_put,
+                                 should_clear_after_alloc=False)
+
+
+def batch_buffer(size: int) -> memoryview:
+    """A writable buffer of `size` bytes (not zeroed) from the C core's pool: back in
+    the pool, for a later batch, once no view of it is left."""
+    return memoryview(ffi.buffer(_batch_alloc("uint8_t[]", max(size, 1))))[:size]
 
 
 class ChunkReadError(OSError):
@@ -24,7 +36,7 @@ class ChunkReadError(OSError):
 
 def read_chunks(names: bytes, name_off: array.array[int], file_off: array.array[int],
                 lengths: array.array[int], buf_off: array.array[int],
-                buf: bytearray) -> None:
+                buf: bytearray | memoryview) -> None:
     """Read chunk i (lengths[i] bytes at file_off[i] of the file whose NUL-terminated
     name starts at names[name_off[i]]) into buf[buf_off[i]:]; raises ChunkReadError."""
     n = len(lengths)

@@ -261,6 +261,30 @@ def test_place_batch_is_place_one_by_one(tmp_path, monkeypatch, name):
     assert got[1] == got[0]
 
 
+def test_batch_buffers_come_back_to_the_pool_when_no_view_is_left():
+    """pack's batch read buffers (csrc/chunkread.c ern_batchbuf_*): a buffer whose last
+    view is gone serves the next batch as it is (not zeroed, not unmapped); one still
+    viewed is not handed out again."""
+    from erofs_tools._native import ffi
+    from erofs_tools._native_chunkio import batch_buffer
+
+    def addr(mv):
+        return int(ffi.cast("uintptr_t", ffi.from_buffer(mv)))
+    b = batch_buffer(1 << 20)
+    b[:4] = b"\xaa\xbb\xcc\xdd"
+    first = addr(b)
+    del b
+    b = batch_buffer(700_000)           # a smaller batch fits the idle buffer
+    assert addr(b) == first and bytes(b[:4]) == b"\xaa\xbb\xcc\xdd" and len(b) == 700_000
+    view = b[100:200]
+    del b
+    other = batch_buffer(1 << 20)       # the first is still viewed: not reused
+    assert addr(other) != first
+    del other
+    view[:2] = b"ok"                    # still the first buffer's memory, still valid
+    assert bytes(view[:2]) == b"ok" and len(batch_buffer(0)) == 0
+
+
 def test_gather_copies_pieces_back_to_back():
     """The blob writer's group copy (csrc/chunkread.c ern_gather): bytes, views of
     bytearrays and empty pieces, in order; a buffer too small is refused, not overrun."""

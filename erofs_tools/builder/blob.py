@@ -312,13 +312,18 @@ class BlobWriter:
 
     def append_chunks(self, stored: Sequence[bytes | memoryview], sizes: Sequence[int],
                       coff: array.array[int], csize: array.array[int],
-                      uoff: array.array[int]) -> None:
+                      uoff: array.array[int], raw: bool = False) -> None:
         """append_chunk for many chunks in a row (pack's placement, a batch at a time:
         one call instead of one per chunk); their compressed offsets, stored sizes and
         uncompressed offsets are appended to `coff`, `csize`, `uoff`. Only for a writer
-        given its digests (the caller keeps them)."""
+        given its digests (the caller keeps them). raw: the chunks are stored as they
+        are (no compression), `stored` their bytes in order in pieces of one or more
+        chunks each (`sizes` cut them)."""
         if self._own_digests:
             raise AssertionError("append_chunks: the writer keeps no digests of its own")
+        if raw:
+            self._append_raw(stored, sizes, coff, csize, uoff)
+            return
         if len(stored) != len(sizes):
             raise ValueError("append_chunks: stored and sizes of different lengths")
         if self.count + len(stored) > R.MAX_CHUNKS_PER_BLOB:
@@ -361,6 +366,52 @@ class BlobWriter:
         self._buf, self._buf_bytes = buf, buf_bytes
         self._pos, self._upos = pos, upos
         self.count += len(stored)
+
+    def _append_raw(self, pieces: Sequence[bytes | memoryview], sizes: Sequence[int],
+                    coff: array.array[int], csize: array.array[int],
+                    uoff: array.array[int]) -> None:
+        """append_chunks(raw=True): the CI entries from `sizes`, then the pieces queued
+        for the writer thread as they are (a piece of ~1 MiB is written and hashed
+        straight from its batch's buffer)."""
+        if self.count + len(sizes) > R.MAX_CHUNKS_PER_BLOB:
+            raise InputError("too many distinct chunks for one blob (2^24)")
+        if sum(map(len, pieces)) != sum(sizes) or min(sizes, default=1) <= 0:
+            raise ValueError("append_chunks: pieces and sizes disagree, or empty chunks")
+        pos, upos = self._pos, self._upos
+        ci = self._ci
+        enc = _CI_V1.pack
+        mask = BLKSZ - 1
+        for us in sizes:
+            # R.encode_ci_v1, inlined (sizes minus one; offsets 4 KiB aligned); stored
+            # size = size
+            u1 = us - 1
+            hi = (((u1 >> 20) & 0xF) << 8, (u1 & 0xFFFFF) << 44)
+            ci += enc(hi[0] | (upos & 0x0FFF_FFFF_F000) | hi[1],
+                      (pos & 0xFF_FFFF_FFFF) | (hi[0] << 32) | hi[1])
+            coff.append(pos)
+            csize.append(us)
+            uoff.append(upos)
+            pos += us
+            upos += (us + mask) & ~mask
+        if self._thread is not None and self._error is not None:
+            self._sync()
+        if self._thread is not None:
+            buf, buf_bytes = self._buf, self._buf_bytes
+            for data in pieces:
+                buf.append(data)
+                buf_bytes += len(data)
+                if buf_bytes >= WRITE_BATCH:
+                    self._q.put(buf)
+                    buf = []
+                    buf_bytes = 0
+            self._buf, self._buf_bytes = buf, buf_bytes
+        else:
+            assert self._f is not None, "blob already finished"
+            for data in pieces:
+                self._f.write(data)
+                self._hash.update(data)
+        self._pos, self._upos = pos, upos
+        self.count += len(sizes)
 
     def abort(self) -> None:
         try:

@@ -32,7 +32,6 @@ import array
 import gc
 import itertools
 import os
-import struct
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -58,7 +57,6 @@ from erofs_tools.builder.rafs_walk import BootstrapNodes, RafsWalker, WalkFeed
 from erofs_tools.errors import InputError
 from erofs_tools.format import erofs as E
 from erofs_tools.format import rafs as R
-from erofs_tools.format._struct import Record
 from erofs_tools.fsutil import atomic_output, round_up
 
 if TYPE_CHECKING:
@@ -163,7 +161,7 @@ def _prefetch_order(walker: RafsWalker, prefetch: list[bytes]) -> tuple[list[int
 
 
 class PackResult(dict[str, Any]):
-    pass
+    """pack's summary (what --json prints)."""
 
 
 class ChunkRun:
@@ -284,9 +282,8 @@ def pack(source: StrPath, bootstrap: StrPath, blob_dir: StrPath,
 
 
 class ChunkPlacer:
-    """Where the chunks of one pack run go, for every tree source (directory walk, tar
-    stream): the new blob's writer, chunks this image already stored, the chunk dicts,
-    each file's chunk list and the counters of the result."""
+    """Where the chunks of one pack run go (directory walk, tar stream): the new blob's
+    writer, chunks stored already, the chunk dicts, each file's chunks, the counters."""
 
     def __init__(self, opts: PackOptions, blob_dir: str, cdict: ChunkDict) -> None:
         self.cdict = cdict
@@ -367,13 +364,10 @@ class ChunkPlacer:
             st["bytes_dedup"] += more * size
         refs.append(r.file_key, ref, r.repeat)
 
-
     def place_batch(self, results: list[ChunkResult]) -> int:
-        """place() each of `results` in order (a batch of the pipeline); -> the bytes
-        they cover. Without chunk dicts and hole runs (a directory pack) in one loop
-        over the batch, the lookups inlined and the new chunks handed to the blob writer
-        in one call: the consumer's per-chunk Python held the GIL that the chunk
-        workers and the walk wait for (~0.3 s of a /usr/share pack)."""
+        """place() each of `results` (a batch) in order; -> the bytes they cover. Without
+        chunk dicts one loop, lookups inlined, the new chunks to the writer in one call:
+        per-chunk Python held the GIL the workers and the walk wait for."""
         if self.cdict.chunks:
             nbytes = 0
             for r in results:
@@ -392,10 +386,21 @@ class ChunkPlacer:
         new_sizes: list[int] = []
         total = dedup = dedup_bytes = new_bytes = 0
         n_total = len(results)
+        # no compression: new chunks back to back in the batch's read buffer go to the
+        # writer as one uncopied piece of it; `pos`: where the next read chunk starts
+        rbuf: memoryview | None = getattr(results, "buf", None)
+        raw = rbuf is not None
+        rbuf = rbuf if rbuf is not None else memoryview(b"")
+        pos = 0
+        run_start = run_end = -1
         for r in results:
             size = r.size
             digest = r.digest
             total += size
+            at = -1
+            if raw and type(r.data) is memoryview:      # read: not a hole
+                at = pos
+                pos += size
             # DigestTable.get, inlined
             h = hash(digest) & mask
             while True:
@@ -416,7 +421,17 @@ class ChunkPlacer:
                     # first copy was stored (see place)
                     release((digest, size))
             else:
-                stored = r.stored_bytes()
+                if at >= 0:
+                    if at != run_end:
+                        if run_end > run_start:
+                            new_stored.append(rbuf[run_start:run_end])
+                        run_start = at
+                    run_end = at + size
+                else:
+                    if run_end > run_start:
+                        new_stored.append(rbuf[run_start:run_end])
+                        run_start = run_end = -1
+                    new_stored.append(r.stored_bytes())
                 ref = index
                 index += 1
                 # ChunkRefs.add_new without the offsets (append_chunks below adds
@@ -432,7 +447,6 @@ class ChunkPlacer:
                 else:
                     other[(digest, size)] = ref
                     table.add(digest, find=False)
-                new_stored.append(stored)
                 new_sizes.append(size)
                 if r.claim is not None:     # "none" makes no claims
                     release((digest, size))
@@ -454,15 +468,17 @@ class ChunkPlacer:
                 files.append(key)
                 nrefs.append(1)
             rrefs.append(ref)
-        if new_stored:
+        if run_end > run_start:
+            new_stored.append(rbuf[run_start:run_end])
+        if new_sizes:
             self.writer.append_chunks(new_stored, new_sizes, refs.coff, refs.csize,
-                                      refs.uoff)
+                                      refs.uoff, raw=raw)
         st = self.stats
         st["chunks_total"] += n_total
         st["bytes_total"] += total
         st["chunks_dedup"] += dedup
         st["bytes_dedup"] += dedup_bytes
-        st["chunks_new"] += len(new_stored)
+        st["chunks_new"] += len(new_sizes)
         st["bytes_new"] += new_bytes
         return total
 
@@ -682,13 +698,3 @@ def write_bootstrap(nb: NativeBuilder, walker: TreeInfo | RafsWalker, bootstrap:
         chunk_info_entries=ctable_len // R.ChunkInfo.SIZE,
         prefetch_entries=len(prefetch_nodes))
 
-
-def field_offset(record: type[Record], name: str) -> int:
-    """Byte offset of field `name` in a format Record (from its FIELDS, so no offset is
-    written down twice)."""
-    codes: list[str] = []
-    for n, code in record.FIELDS:
-        if n == name:
-            return struct.calcsize("<" + "".join(codes))
-        codes.append(code)
-    raise KeyError(f"{record.__name__} has no field {name}")
