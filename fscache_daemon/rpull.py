@@ -104,9 +104,10 @@ def _diff_ids(config: bytes, n_layers: int, what: str) -> list[str]:
 
 class _Puller:
     def __init__(self, ctd: ContainerdClient, registry: RegistryClient, repo: str,
-                 name: str, snapshotter: str) -> None:
+                 name: str, snapshotter: str, mount_early: bool = True) -> None:
         self.ctd, self.registry, self.repo = ctd, registry, repo
         self.name, self.snapshotter = name, snapshotter
+        self.mount_early = mount_early
         self.bytes_fetched = 0
         self.lazy_layers = 0
         self.unpacked_layers = 0
@@ -139,6 +140,9 @@ class _Puller:
         labels.update({nydus.TARGET_LABEL: cid, nydus.IMAGE_REF_LABEL: self.name,
                        nydus.LAYER_LABEL: layer.digest, MANIFEST_LABEL: manifest,
                        IMAGE_LAYERS_LABEL: _image_layers(layers[i:])})
+        if self.mount_early and not blob:
+            # our snapshotter mounts a bootstrap layer at its commit (others ignore it)
+            labels[nydus.MOUNT_EARLY_LABEL] = "true"
         # containerd's unpack key format: "extract-<unique> <chain id>"
         key = f"extract-{time.time_ns()}-{secrets.token_hex(6)} {cid}"
         try:
@@ -197,10 +201,12 @@ class _Puller:
 
 def rpull(ref_text: str, address: str, namespace: str,
           snapshotter: str = DEFAULT_SNAPSHOTTER, insecure: bool | None = None,
-          containerd_config: str | None = None) -> dict:
+          containerd_config: str | None = None, mount_early: bool = True) -> dict:
     """Pull `ref_text` into containerd (see the module doc); -> what was done. The
     registry's credentials: its entry in containerd's config file `containerd_config`
-    (the CRI plugin's registry configs) if it has one, else the docker config's."""
+    (the CRI plugin's registry configs) if it has one, else the docker config's.
+    `mount_early`: the bootstrap layer's Prepare asks our snapshotter to mount the image
+    as soon as the layer is committed (its prefetch starts while the pull ends)."""
     t0 = time.monotonic()
     ref = parse_registry_reference(ref_text)
     name = str(ref)
@@ -211,7 +217,7 @@ def rpull(ref_text: str, address: str, namespace: str,
         registry = RegistryClient.for_reference(
             ref, insecure=default_insecure(ref.api_host, insecure), credentials=credentials)
         with contextlib.closing(registry):
-            p = _Puller(ctd, registry, ref.repository, name, snapshotter)
+            p = _Puller(ctd, registry, ref.repository, name, snapshotter, mount_early)
             m = p.manifest(ref.ref)
             cdesc = m.config()
             layers = m.layers()

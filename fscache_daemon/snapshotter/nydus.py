@@ -39,6 +39,9 @@ BOOTSTRAP_LABEL = "containerd.io/snapshot/nydus-bootstrap"
 TARGET_LABEL = "containerd.io/snapshot.ref"
 IMAGE_REF_LABEL = "containerd.io/snapshot/cri.image-ref"
 LAYER_LABEL = "containerd.io/snapshot/cri.layer-digest"
+# on a bootstrap layer's Prepare (rpull sets it): mount the image lazily as soon as the
+# layer is committed, not at its first container's Prepare (snapshots.py: _mount_ahead)
+MOUNT_EARLY_LABEL = "containerd.io/snapshot/fscache.mount-early"
 FS_VERSION_LABEL = "containerd.io/snapshot/nydus-fs-version"
 BOOTSTRAP_PATH = os.path.join("image", "image.boot")
 

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 import shutil
+import threading
 
 from fscache_daemon.errors import (
     DaemonError,
@@ -67,6 +68,8 @@ class Snapshotter:
             nydus.check_fs_version(labels, digest)
             extra = {"nydus": "bootstrap", "image_ref": nydus.image_ref(labels),
                      "layer": digest}
+            if labels.get(nydus.MOUNT_EARLY_LABEL) == "true":
+                extra["mount_early"] = "true"
         snap = self.store.create(kind, key, parent, labels, self.layout.make, extra)
         log.info("snapshot %s: %s %r on %r", snap.id, kind.name.lower(), key, parent)
         try:
@@ -95,10 +98,18 @@ class Snapshotter:
         if not snap.parent_ids or self.daemon is None:
             return None
         boot_id = snap.parent_ids[0]
-        extra = self.store.extra(boot_id)
-        if extra.get("nydus") != "bootstrap":
+        if self.store.extra(boot_id).get("nydus") != "bootstrap":
             return None
+        return self._lazy_mount(boot_id)
+
+    def _lazy_mount(self, boot_id: int) -> str | None:
+        """The lazy mount of bootstrap snapshot `boot_id`, made now if not yet; None if
+        the snapshot is gone (a mount ahead of time lost the race with its removal)."""
         with self._lazy_locks.hold(boot_id):
+            # read under the lock: remove() deletes the row while holding it
+            extra = self.store.extra(boot_id)
+            if extra.get("nydus") != "bootstrap":
+                return None
             mp = self.store.lazy_mount(boot_id)
             if mp is not None and os.path.ismount(mp):
                 return mp
@@ -126,25 +137,41 @@ class Snapshotter:
             log.info("snapshot %s: %s mounted lazily on %s", boot_id, ref, mp)
             return mp
 
+    def _mount_ahead(self, boot_id: int) -> None:
+        """The lazy mount made as soon as the bootstrap layer is committed (rpull asks for
+        it with MOUNT_EARLY_LABEL), on a thread of its own: its blobs' opening and the
+        prefetch stream run while the pull finishes and `ctr run` starts, instead of after
+        the container's first Prepare, which then finds the mount made (or waits for it
+        under the same lock). A failure is only logged: that Prepare mounts again and
+        reports it."""
+        try:
+            mp = self._lazy_mount(boot_id)
+        except Exception as e:  # noqa: BLE001 - the container's Prepare retries it
+            log.warning("snapshot %s: lazy mount ahead of the container failed: %s",
+                        boot_id, e)
+        else:
+            if mp is not None:
+                log.info("snapshot %s: mounted ahead of its first container", boot_id)
+
     def _release_lazy(self, boot_id: int) -> None:
-        """Unmount a bootstrap snapshot's lazy mount before the snapshot goes. The mount
-        lives as long as the image's bootstrap snapshot, not only while containers run:
-        the next container of the image starts on a warm mount."""
+        """Unmount a bootstrap snapshot's lazy mount before the snapshot goes (the
+        caller holds the snapshot's lazy lock). The mount lives as long as the image's
+        bootstrap snapshot, not only while containers run: the next container of the
+        image starts on a warm mount."""
         assert self.daemon is not None
-        with self._lazy_locks.hold(boot_id):
-            mp = self.store.lazy_mount(boot_id)
-            if mp is None or self.store.has_children(boot_id):
-                return  # Remove refuses a snapshot with children anyway
-            try:
-                self.daemon.umount(mp)
-            except DaemonError as e:
-                # a precondition failure: containerd's GC logs it and tries again later
-                raise SnapshotPreconditionError(
-                    f"snapshot {boot_id}: lazy mount {mp} not released: {e}") from None
-            self.store.set_lazy_mount(boot_id, None)
-            with contextlib.suppress(OSError):
-                os.rmdir(mp)
-            log.info("snapshot %s: lazy mount %s released", boot_id, mp)
+        mp = self.store.lazy_mount(boot_id)
+        if mp is None or self.store.has_children(boot_id):
+            return  # Remove refuses a snapshot with children anyway
+        try:
+            self.daemon.umount(mp)
+        except DaemonError as e:
+            # a precondition failure: containerd's GC logs it and tries again later
+            raise SnapshotPreconditionError(
+                f"snapshot {boot_id}: lazy mount {mp} not released: {e}") from None
+        self.store.set_lazy_mount(boot_id, None)
+        with contextlib.suppress(OSError):
+            os.rmdir(mp)
+        log.info("snapshot %s: lazy mount %s released", boot_id, mp)
 
     def _mounts(self, snap: Snapshot) -> list[Mount]:
         return overlay.mounts(self.layout, snap, self._lazy_lower(snap))
@@ -169,11 +196,18 @@ class Snapshotter:
         size, inodes = overlay.disk_usage(self.layout.fs(snap.id))
         self.store.commit(key, name, labels, size, inodes)
         log.info("snapshot %s: committed %r as %r (%d bytes)", snap.id, key, name, size)
+        if extra.get("mount_early") and self.daemon is not None:
+            threading.Thread(target=self._mount_ahead, args=(snap.id,), daemon=True,
+                             name=f"mount-ahead-{snap.id}").start()
 
     def remove(self, key: str) -> None:
-        if self.daemon is not None:
-            self._release_lazy(self.store.get(key).id)
-        sid, _ = self.store.remove(key)
+        sid = self.store.get(key).id
+        # one lock over the release and the row's deletion: a mount ahead of time
+        # (_mount_ahead) either ran before (and is released here) or finds no row
+        with self._lazy_locks.hold(sid):
+            if self.daemon is not None:
+                self._release_lazy(sid)
+            sid, _ = self.store.remove(key)
         log.info("snapshot %s: removed %r", sid, key)
         try:
             self.layout.remove(sid)
