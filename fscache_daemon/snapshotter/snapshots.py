@@ -105,6 +105,7 @@ class Snapshotter:
     def _lazy_mount(self, boot_id: int) -> str | None:
         """The lazy mount of bootstrap snapshot `boot_id`, made now if not yet; None if
         the snapshot is gone (a mount ahead of time lost the race with its removal)."""
+        assert self.daemon is not None
         with self._lazy_locks.hold(boot_id):
             # read under the lock: remove() deletes the row while holding it
             extra = self.store.extra(boot_id)
