@@ -388,8 +388,13 @@ def stop(release_holder, api_sock):
               type=click.Path(dir_okay=False),
               help="containerd's config.toml: the registry's credentials from its CRI "
                    "plugin's registry configs (else the docker config's).")
+@click.option("--mount-early/--no-mount-early", default=True, show_default=True,
+              help="Have the snapshotter mount the image lazily (and start its prefetch) "
+                   "as soon as its bootstrap layer is committed, not at the first "
+                   "container's start.")
 @click.option("--json", "as_json", is_flag=True, help="Print what was done as JSON.")
-def rpull(ref, address, namespace, snapshotter, insecure, containerd_config, as_json):
+def rpull(ref, address, namespace, snapshotter, insecure, containerd_config, mount_early,
+          as_json):
     """Pull image REF into containerd without downloading its Nydus blob layers.
 
     Like nydus's `ctr-remote image rpull`: the image record, its content and its
@@ -400,7 +405,8 @@ def rpull(ref, address, namespace, snapshotter, insecure, containerd_config, as_
     from fscache_daemon.rpull import rpull as do_rpull
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
-    res = do_rpull(ref, address, namespace, snapshotter, insecure, containerd_config)
+    res = do_rpull(ref, address, namespace, snapshotter, insecure, containerd_config,
+                   mount_early=mount_early)
     if as_json:
         click.echo(json.dumps(res, indent=1))
     else:

@@ -104,9 +104,11 @@ def _diff_ids(config: bytes, n_layers: int, what: str) -> list[str]:
 
 class _Puller:
     def __init__(self, ctd: ContainerdClient, registry: RegistryClient, repo: str,
-                 name: str, snapshotter: str, plain_http: bool = False) -> None:
+                 name: str, snapshotter: str, mount_early: bool = True,
+                 plain_http: bool = False) -> None:
         self.ctd, self.registry, self.repo = ctd, registry, repo
         self.name, self.snapshotter = name, snapshotter
+        self.mount_early = mount_early
         self.plain_http = plain_http
         self.bytes_fetched = 0
         self.lazy_layers = 0
@@ -142,6 +144,9 @@ class _Puller:
                        IMAGE_LAYERS_LABEL: _image_layers(layers[i:])})
         if self.plain_http:
             labels[nydus.PLAIN_HTTP_LABEL] = "true"
+        if self.mount_early and not blob:
+            # our snapshotter mounts a bootstrap layer at its commit (others ignore it)
+            labels[nydus.MOUNT_EARLY_LABEL] = "true"
         # containerd's unpack key format: "extract-<unique> <chain id>"
         key = f"extract-{time.time_ns()}-{secrets.token_hex(6)} {cid}"
         try:
@@ -200,10 +205,12 @@ class _Puller:
 
 def rpull(ref_text: str, address: str, namespace: str,
           snapshotter: str = DEFAULT_SNAPSHOTTER, insecure: bool | None = None,
-          containerd_config: str | None = None) -> dict:
+          containerd_config: str | None = None, mount_early: bool = True) -> dict:
     """Pull `ref_text` into containerd (see the module doc); -> what was done. The
     registry's credentials: its entry in containerd's config file `containerd_config`
-    (the CRI plugin's registry configs) if it has one, else the docker config's."""
+    (the CRI plugin's registry configs) if it has one, else the docker config's.
+    `mount_early`: the bootstrap layer's Prepare asks our snapshotter to mount the image
+    as soon as the layer is committed (its prefetch starts while the pull ends)."""
     t0 = time.monotonic()
     ref = parse_registry_reference(ref_text)
     name = str(ref)
@@ -216,7 +223,7 @@ def rpull(ref_text: str, address: str, namespace: str,
         with contextlib.closing(registry):
             # --insecure given: the snapshotter's lazy reads of this image use plain HTTP
             # too (a label on its layers), as the user asked for this registry
-            p = _Puller(ctd, registry, ref.repository, name, snapshotter,
+            p = _Puller(ctd, registry, ref.repository, name, snapshotter, mount_early,
                         plain_http=insecure is True)
             m = p.manifest(ref.ref)
             cdesc = m.config()

@@ -150,7 +150,15 @@ def test_rpull_runs_lazily_and_goes_with_the_image(registry, tmp_path):  # noqa:
         assert ctd.ctr("leases", "ls", "-q").stdout.split() == []  # kept by the image
         gc(ctd)   # a full collection now: the image's labels keep all of it
         assert snapshot_rows(ctd) == rows and boot_layer["digest"] in content_digests(ctd)
-        assert daemon.metrics()["totals"]["bytes_fetched"] == 0  # nothing mounted yet
+        # the snapshotter mounted the image when its bootstrap layer was committed
+        # (--mount-early, rpull's default), before any container asked for it
+        lazy = os.path.join(root, "lazy")
+        wait_for(lambda: os.path.isdir(lazy) and len(os.listdir(lazy)) == 1 and
+                 os.path.ismount(os.path.join(lazy, os.listdir(lazy)[0])), 60,
+                 "the lazy mount made at the bootstrap layer's commit",
+                 log=daemon.log_path)
+        (early_mp,) = [os.path.join(lazy, n) for n in os.listdir(lazy)]
+        assert daemon.metrics()["blobs"][big_blob]["bytes_fetched"] == 0
 
         # -- ctr run on the lazy mount ------------------------------------------------
         t0 = time.monotonic()
@@ -158,9 +166,8 @@ def test_rpull_runs_lazily_and_goes_with_the_image(registry, tmp_path):  # noqa:
                       "/bin/sh", "-c", SCRIPT)
         t_run = time.monotonic() - t0
         assert out == EXPECTED
-        lazy = os.path.join(root, "lazy")
         (mp,) = [os.path.join(lazy, n) for n in os.listdir(lazy)]
-        assert os.path.ismount(mp)
+        assert os.path.ismount(mp) and mp == early_mp     # the container used that one
         per_blob = {k: b["bytes_fetched"] for k, b in daemon.metrics()["blobs"].items()}
         fetched = sum(per_blob.values())
         # busybox ran (about 1 MiB compressed); the 8 MiB file nobody read was not fetched
@@ -201,7 +208,8 @@ def test_rpull_runs_lazily_and_goes_with_the_image(registry, tmp_path):  # noqa:
         # image again, its big blob complete in the cache (the remount that once
         # failed with EBADF) ---------------------------------------------------------
         cmd = [sys.executable, "-m", "fscache_daemon.cli", "rpull", ref, "--address",
-               ctd.sock, "--namespace", ctd.namespace, "--snapshotter", SNAPSHOTTER]
+               ctd.sock, "--namespace", ctd.namespace, "--snapshotter", SNAPSHOTTER,
+               "--no-mount-early"]
         procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                   text=True, cwd=REPO) for _ in range(2)]
         for proc in procs:
@@ -214,6 +222,8 @@ def test_rpull_runs_lazily_and_goes_with_the_image(registry, tmp_path):  # noqa:
         gc(ctd)
         wait_for(lambda: len(os.listdir(os.path.join(root, "snapshots"))) == 5, 60,
                  "the losers' snapshots removed by GC", log=daemon.log_path)
+        st, mounts = daemon.api.request("GET", "/api/v1/mounts")
+        assert st == 200 and mounts == []       # --no-mount-early: the first run mounts
         out = ctd.run_out("--snapshotter", SNAPSHOTTER, ref, "again",
                       "/bin/busybox", "sha256sum", "/data/big")
         assert out.split()[0].decode() == hashlib.sha256(big).hexdigest()

@@ -5,6 +5,7 @@ leftovers. containerd itself drives it in test_snapshotter_containerd.py."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import stat
@@ -500,3 +501,89 @@ def test_call_stats_quantiles():
     p = st.snapshot()["Prepare"]
     assert (p["count"], p["errors"]) == (200, 4)
     assert (p["p50_ms"], p["p99_ms"], p["max_ms"]) == (150.0, 199.0, 200.0)
+
+
+class _RecordingDaemonAPI:
+    """A unix socket answering the daemon API's mount request with a refusal, recording
+    each request: what the snapshotter asks the daemon, and when (the real daemon's
+    mounts at a pull are in test_rpull)."""
+
+    def __init__(self, path: str) -> None:
+        import http.server
+        import socketserver
+        self.posts: list[tuple[str, dict]] = []
+        posts = self.posts
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+                n = int(self.headers.get("Content-Length", 0))
+                posts.append((self.path, json.loads(self.rfile.read(n))))
+                body = json.dumps({"error": "refused by the test"}).encode()
+                self.send_response(503)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *a) -> None:
+                pass
+
+        self.server = socketserver.ThreadingUnixStreamServer(path, Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _bootstrap_layer(c: Client, key: str, parent: str, labels: dict, tmp_path) -> None:
+    (m,) = c.prepare(key, parent, labels)
+    image_dir = os.path.join(dict(o.split("=", 1) for o in m.options if "=" in o)
+                             ["upperdir"], "image")
+    os.makedirs(image_dir)
+    src = tmp_path / f"src-{key}"
+    src.mkdir()
+    (src / "f").write_bytes(b"x" * 10000)
+    pack(str(src), os.path.join(image_dir, "image.boot"), str(tmp_path / f"blobs-{key}"))
+
+
+def test_mount_early_label_mounts_at_commit(tmp_path):
+    """A bootstrap layer Prepared with the mount-early label (rpull's) is mounted lazily
+    as soon as it is committed, before any container; one without it is not. The mount
+    made ahead failing is only logged: the container's Prepare asks again and fails
+    with the daemon's answer; Remove then leaves nothing."""
+    from fscache_daemon.snapshotter import nydus
+    sockdir = short_tmpdir("snapsvc-")
+    api = _RecordingDaemonAPI(os.path.join(sockdir, "daemon.sock"))
+    svc = serve(os.path.join(sockdir, "s.sock"), str(tmp_path / "root"),
+                daemon_api=os.path.join(sockdir, "daemon.sock"))
+    c = Client(svc.socket_path)
+    try:
+        target = "sha256:" + "1" * 64
+        labels = dict(NYDUS_BLOB, **{"containerd.io/snapshot.ref": target})
+        assert code_of(c.prepare, "extract-1 " + target, "", labels) == \
+            grpc.StatusCode.ALREADY_EXISTS
+        (blob,) = c.walk()
+        boot = {"containerd.io/snapshot/nydus-bootstrap": "true",
+                "containerd.io/snapshot/cri.image-ref": "registry.test/app:1"}
+        _bootstrap_layer(c, "plain-boot", blob.name, boot, tmp_path)
+        c.commit("plain-c", "plain-boot")
+        _bootstrap_layer(c, "early-boot", blob.name,
+                         dict(boot, **{nydus.MOUNT_EARLY_LABEL: "true"}), tmp_path)
+        c.commit("early-c", "early-boot")
+        wait_for(lambda: len(api.posts) >= 1, 30, "the mount asked for at the commit")
+        ((route, body),) = api.posts        # the one with the label only
+        assert route == "/api/v1/mounts" and body["backend"] == "registry:registry.test/app:1"
+        assert body["bootstrap"].endswith("image/image.boot")
+        # refused: no mount recorded; the container's Prepare asks again, and fails
+        with pytest.raises(grpc.RpcError) as ei:
+            c.prepare("container", "early-c")
+        assert "refused by the test" in ei.value.details()
+        assert len(api.posts) == 2 and api.posts[1][1] == body
+        c.remove("early-c")
+        c.remove("plain-c")
+        assert sorted(i.name for i in c.walk()) == [blob.name]
+    finally:
+        c.channel.close()
+        svc.stop()
+        api.close()
+        shutil.rmtree(sockdir)

@@ -42,6 +42,9 @@ BOOTSTRAP_LABEL = "containerd.io/snapshot/nydus-bootstrap"
 TARGET_LABEL = "containerd.io/snapshot.ref"
 IMAGE_REF_LABEL = "containerd.io/snapshot/cri.image-ref"
 LAYER_LABEL = "containerd.io/snapshot/cri.layer-digest"
+# on a bootstrap layer's Prepare (rpull sets it): mount the image lazily as soon as the
+# layer is committed, not at its first container's Prepare (snapshots.py: _mount_ahead)
+MOUNT_EARLY_LABEL = "containerd.io/snapshot/fscache-daemon.mount-early"
 FS_VERSION_LABEL = "containerd.io/snapshot/nydus-fs-version"
 # set by `fscache-daemon rpull --insecure` on the layers it prepares: the user asked for
 # plain HTTP to this image's registry, so its lazy mount reads the blobs that way too

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 import shutil
+import threading
 
 from fscache_daemon.errors import (
     DaemonError,
@@ -69,6 +70,8 @@ class Snapshotter:
                      "layer": digest}
             if labels.get(nydus.PLAIN_HTTP_LABEL) == "true":
                 extra["plain_http"] = "true"
+            if labels.get(nydus.MOUNT_EARLY_LABEL) == "true":
+                extra["mount_early"] = "true"
         snap = self.store.create(kind, key, parent, labels, self.layout.make, extra)
         log.info("snapshot %s: %s %r on %r", snap.id, kind.name.lower(), key, parent)
         try:
@@ -97,10 +100,19 @@ class Snapshotter:
         if not snap.parent_ids or self.daemon is None:
             return None
         boot_id = snap.parent_ids[0]
-        extra = self.store.extra(boot_id)
-        if extra.get("nydus") != "bootstrap":
+        if self.store.extra(boot_id).get("nydus") != "bootstrap":
             return None
+        return self._lazy_mount(boot_id)
+
+    def _lazy_mount(self, boot_id: int) -> str | None:
+        """The lazy mount of bootstrap snapshot `boot_id`, made now if not yet; None if
+        the snapshot is gone (a mount ahead of time lost the race with its removal)."""
+        assert self.daemon is not None
         with self._lazy_locks.hold(boot_id):
+            # read under the lock: remove() deletes the row while holding it
+            extra = self.store.extra(boot_id)
+            if extra.get("nydus") != "bootstrap":
+                return None
             mp = self.store.lazy_mount(boot_id)
             if mp is not None and os.path.ismount(mp):
                 return mp
@@ -113,8 +125,7 @@ class Snapshotter:
             try:
                 self.daemon.mount(
                     os.path.join(self.layout.fs(boot_id), nydus.BOOTSTRAP_PATH), mp,
-                    nydus.backend_spec(ref),
-                    nydus.backend_options(ref, self.insecure, extra.get("plain_http") == "true"))
+                    nydus.backend_spec(ref), self._backend_options(extra))
             except BaseException as e:
                 if not os.path.ismount(mp):  # else keep the row: release unmounts it
                     self.store.set_lazy_mount(boot_id, None)
@@ -129,25 +140,41 @@ class Snapshotter:
             log.info("snapshot %s: %s mounted lazily on %s", boot_id, ref, mp)
             return mp
 
+    def _mount_ahead(self, boot_id: int) -> None:
+        """The lazy mount made as soon as the bootstrap layer is committed (rpull asks for
+        it with MOUNT_EARLY_LABEL), on a thread of its own: its blobs' opening and the
+        prefetch stream run while the pull finishes and `ctr run` starts, instead of after
+        the container's first Prepare, which then finds the mount made (or waits for it
+        under the same lock). A failure is only logged: that Prepare mounts again and
+        reports it."""
+        try:
+            mp = self._lazy_mount(boot_id)
+        except Exception as e:  # noqa: BLE001 - the container's Prepare retries it
+            log.warning("snapshot %s: lazy mount ahead of the container failed: %s",
+                        boot_id, e)
+        else:
+            if mp is not None:
+                log.info("snapshot %s: mounted ahead of its first container", boot_id)
+
     def _release_lazy(self, boot_id: int) -> None:
-        """Unmount a bootstrap snapshot's lazy mount before the snapshot goes. The mount
-        lives as long as the image's bootstrap snapshot, not only while containers run:
-        the next container of the image starts on a warm mount."""
+        """Unmount a bootstrap snapshot's lazy mount before the snapshot goes (the
+        caller holds the snapshot's lazy lock). The mount lives as long as the image's
+        bootstrap snapshot, not only while containers run: the next container of the
+        image starts on a warm mount."""
         assert self.daemon is not None
-        with self._lazy_locks.hold(boot_id):
-            mp = self.store.lazy_mount(boot_id)
-            if mp is None or self.store.has_children(boot_id):
-                return  # Remove refuses a snapshot with children anyway
-            try:
-                self.daemon.umount(mp)
-            except DaemonError as e:
-                # a precondition failure: containerd's GC logs it and tries again later
-                raise SnapshotPreconditionError(
-                    f"snapshot {boot_id}: lazy mount {mp} not released: {e}") from None
-            self.store.set_lazy_mount(boot_id, None)
-            with contextlib.suppress(OSError):
-                os.rmdir(mp)
-            log.info("snapshot %s: lazy mount %s released", boot_id, mp)
+        mp = self.store.lazy_mount(boot_id)
+        if mp is None or self.store.has_children(boot_id):
+            return  # Remove refuses a snapshot with children anyway
+        try:
+            self.daemon.umount(mp)
+        except DaemonError as e:
+            # a precondition failure: containerd's GC logs it and tries again later
+            raise SnapshotPreconditionError(
+                f"snapshot {boot_id}: lazy mount {mp} not released: {e}") from None
+        self.store.set_lazy_mount(boot_id, None)
+        with contextlib.suppress(OSError):
+            os.rmdir(mp)
+        log.info("snapshot %s: lazy mount %s released", boot_id, mp)
 
     def _mounts(self, snap: Snapshot) -> list[Mount]:
         return overlay.mounts(self.layout, snap, self._lazy_lower(snap))
@@ -173,7 +200,16 @@ class Snapshotter:
         self.store.commit(key, name, labels, size, inodes)
         log.info("snapshot %s: committed %r as %r (%d bytes)", snap.id, key, name, size)
         if extra.get("nydus") == "bootstrap" and snap.kind == Kind.ACTIVE:
-            self._warm(snap.id, extra)
+            if extra.get("mount_early"):
+                # the mount itself starts now (its start warms what _warm would)
+                threading.Thread(target=self._mount_ahead, args=(snap.id,), daemon=True,
+                                 name=f"mount-ahead-{snap.id}").start()
+            else:
+                self._warm(snap.id, extra)
+
+    def _backend_options(self, extra: dict[str, str]) -> dict[str, object]:
+        return nydus.backend_options(extra["image_ref"], self.insecure,
+                                     extra.get("plain_http") == "true")
 
     def _warm(self, boot_id: int, extra: dict) -> None:
         """The daemon fetches what the image's lazy mount will need first (a zran
@@ -183,14 +219,18 @@ class Snapshotter:
         ref = extra["image_ref"]
         try:
             self.daemon.warm(os.path.join(self.layout.fs(boot_id), nydus.BOOTSTRAP_PATH),
-                             nydus.backend_spec(ref), nydus.backend_options(ref, self.insecure))
+                             nydus.backend_spec(ref), self._backend_options(extra))
         except DaemonError as e:
             log.warning("snapshot %s: %s not warmed: %s", boot_id, ref, e)
 
     def remove(self, key: str) -> None:
-        if self.daemon is not None:
-            self._release_lazy(self.store.get(key).id)
-        sid, _ = self.store.remove(key)
+        sid = self.store.get(key).id
+        # one lock over the release and the row's deletion: a mount ahead of time
+        # (_mount_ahead) either ran before (and is released here) or finds no row
+        with self._lazy_locks.hold(sid):
+            if self.daemon is not None:
+                self._release_lazy(sid)
+            sid, _ = self.store.remove(key)
         log.info("snapshot %s: removed %r", sid, key)
         try:
             self.layout.remove(sid)
