@@ -37,6 +37,10 @@ log = logging.getLogger(__name__)
 MAX_WARM = 16                  # maps held (a hostile bootstrap lists thousands of blobs)
 MAX_WARM_AREA = 512 << 20      # their CI areas (the ML image's two: ~70 MB)
 TTL = 120.0                    # seconds a map waits for its mount
+# a mount's own warm can start after that mount took (or found no) map: it would fetch
+# again for nobody and hold the backend for TTL; keys taken this recently are not warmed
+TAKEN_FOR = 30.0
+MAX_TAKEN = 64
 
 
 class _Warm:
@@ -58,6 +62,7 @@ class ZranWarm:
         self._lock = threading.Lock()
         self._items: collections.OrderedDict[tuple, _Warm] = collections.OrderedDict()
         self._area = 0
+        self._taken: collections.OrderedDict[tuple, float] = collections.OrderedDict()
         self.started = self.taken = self.failed = 0
 
     @staticmethod
@@ -76,7 +81,7 @@ class ZranWarm:
         area = int(entry.ci_uncompressed_size)
         with self._lock:
             if key in self._items or len(self._items) >= MAX_WARM or \
-                    self._area + area > MAX_WARM_AREA:
+                    self._area + area > MAX_WARM_AREA or self._taken_lately(key):
                 return False
             w = _Warm(release, area)
             self._items[key] = w
@@ -125,6 +130,10 @@ class ZranWarm:
         entry, waiting for a warm under way; None if there is none or it failed."""
         key = self._key(backend, blob_id, entry)
         with self._lock:
+            self._taken[key] = time.monotonic()
+            self._taken.move_to_end(key)
+            while len(self._taken) > MAX_TAKEN:
+                self._taken.popitem(last=False)
             w = self._items.pop(key, None)      # one mount takes it
             if w is None:
                 return None
@@ -139,6 +148,10 @@ class ZranWarm:
         if release is not None:
             release()
         return w.result if w.error is None else None
+
+    def _taken_lately(self, key: tuple) -> bool:
+        t = self._taken.get(key)
+        return t is not None and time.monotonic() - t < TAKEN_FOR
 
     def stats(self) -> dict:
         """Maps warmed (started), taken by a mount, failed, held now (the API's metrics

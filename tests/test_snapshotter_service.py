@@ -570,15 +570,20 @@ def test_mount_early_label_mounts_at_commit(tmp_path):
         _bootstrap_layer(c, "early-boot", blob.name,
                          dict(boot, **{nydus.MOUNT_EARLY_LABEL: "true"}), tmp_path)
         c.commit("early-c", "early-boot")
-        wait_for(lambda: len(api.posts) >= 1, 30, "the mount asked for at the commit")
-        ((route, body),) = api.posts        # the one with the label only
-        assert route == "/api/v1/mounts" and body["backend"] == "registry:registry.test/app:1"
+        def mounts():
+            return [p for p in api.posts if p[0] == "/api/v1/mounts"]
+        wait_for(lambda: len(mounts()) >= 1, 30, "the mount asked for at the commit")
+        # the one without the label was only warmed (zranwarm), at its own commit
+        assert api.posts[0][0] == "/api/v1/warm", api.posts
+        ((route, body),) = mounts()        # the one with the label only
+        assert body["backend"] == "registry:registry.test/app:1"
         assert body["bootstrap"].endswith("image/image.boot")
         # refused: no mount recorded; the container's Prepare asks again, and fails
         with pytest.raises(grpc.RpcError) as ei:
             c.prepare("container", "early-c")
         assert "refused by the test" in ei.value.details()
-        assert len(api.posts) == 2 and api.posts[1][1] == body
+        assert len(mounts()) == 2 and mounts()[1][1] == body
+        assert [p[0] for p in api.posts].count("/api/v1/warm") == 1
         c.remove("early-c")
         c.remove("plain-c")
         assert sorted(i.name for i in c.walk()) == [blob.name]

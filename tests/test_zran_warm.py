@@ -130,7 +130,24 @@ def test_bounded_and_expiring(zblob, monkeypatch):
     assert h.gone.wait(10)          # nobody took it: dropped after TTL, backend released
     assert w.stats()["held"] == 0 and w.take(be, hexd, entry) is None
     monkeypatch.setattr(zranwarm, "MAX_WARM_AREA", entry.ci_uncompressed_size - 1)
-    assert not w.start(be, hexd, entry, h.hold, h.release)  # over the area bound
+    assert not w.start(CountingBackend(bdir), hexd, entry, h.hold, h.release)  # area
+
+
+def test_no_warm_after_the_mount_took(zblob, monkeypatch):
+    """A mount's own warm that starts after that mount took its map (or found none and
+    fetched itself) would fetch for nobody and hold the backend for TTL: refused."""
+    bdir, hexd, entry = zblob
+    be = CountingBackend(bdir)
+    h = _Holds()
+    w = ZranWarm()
+    assert w.take(be, hexd, entry) is None              # the mount fetches itself
+    assert not w.start(be, hexd, entry, h.hold, h.release)
+    assert w.stats() == {"started": 0, "taken": 0, "failed": 0, "held": 0}
+    assert be.reads == [] and h.n == 0
+    monkeypatch.setattr(zranwarm, "TAKEN_FOR", 0.0)       # a later mount warms again
+    assert w.start(be, hexd, entry, h.hold, h.release)
+    assert w.take(be, hexd, entry) is not None
+    assert h.gone.wait(10)
 
 
 def test_not_zran_is_not_warmed(zblob):
