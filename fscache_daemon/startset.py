@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import posixpath
+import re
 import struct
 import time
 from collections.abc import Callable, Iterable
@@ -136,12 +137,32 @@ class Tree:
             return None
         return "/" + os.fsdecode(b"/".join(done)), ino
 
-    def _at(self, parts: list[bytes]):
+    def listdir(self, path: str) -> list[str]:
+        """Names in directory `path` (symlinks followed); [] if it is none."""
+        parts = [p for p in os.fsencode(path).split(b"/") if p not in (b"", b".")]
+        ino = self.img.inode(self.img.root_nid)
+        for name in parts:
+            child = self._child(ino, name)
+            for _ in range(MAX_SYMLINKS):
+                if child is None or not child.is_lnk():
+                    break
+                target = self.img.readlink(child)
+                if not target.startswith(b"/"):
+                    return []       # relative directory links: not needed here
+                child = self._at([p for p in target.split(b"/") if p not in (b"", b".")],
+                                 strict=True)
+            if child is None or not child.is_dir():
+                return []
+            ino = child
+        return [os.fsdecode(d.name) for d in self.img.dirents(ino)
+                if d.name not in (b".", b"..")]
+
+    def _at(self, parts: list[bytes], strict: bool = False):
         ino = self.img.inode(self.img.root_nid)
         for p in parts:
             ino = self._child(ino, p)
             if ino is None:
-                return self.img.inode(self.img.root_nid)
+                return None if strict else self.img.inode(self.img.root_nid)
         return ino
 
 
@@ -152,6 +173,31 @@ def find_executable(tree: Tree, name: str, path: str) -> str | None:
         if d.startswith("/") and tree.resolve(posixpath.join(d, name)) is not None:
             return posixpath.join(d, name)
     return None
+
+
+PYTHON = re.compile(r"python(3)\.(\d+)$")
+# modules a CPython 3.11+ start reads before the program's first line (the rest of its
+# start is frozen into the executable): the encodings package and the UTF-8 codec
+PYTHON_START = ("encodings/__pycache__/__init__.cpython-{tag}.pyc",
+                "encodings/__pycache__/aliases.cpython-{tag}.pyc",
+                "encodings/__pycache__/utf_8.cpython-{tag}.pyc",
+                "__pycache__/sitecustomize.cpython-{tag}.pyc")
+
+
+def python_start(tree: Tree, exe: str) -> list[str]:
+    """The files CPython's start reads (PYTHON_START, then site's .pth files of each
+    site directory) when `exe` is a CPython executable: its prefix from where it is."""
+    m = PYTHON.search(posixpath.basename(exe))
+    if m is None:
+        return []
+    ver, tag = f"{m[1]}.{m[2]}", f"{m[1]}{m[2]}"
+    prefix = posixpath.dirname(posixpath.dirname(exe))     # /usr/bin/python3 -> /usr
+    stdlib = f"{prefix}/lib/python{ver}"
+    out = [f"{stdlib}/{f.format(tag=tag)}" for f in PYTHON_START]
+    for d in (f"{stdlib}/site-packages", f"{prefix}/local/lib/python{ver}/dist-packages",
+              f"{prefix}/lib/python3/dist-packages", f"{stdlib}/dist-packages"):
+        out += [f"{d}/{n}" for n in sorted(tree.listdir(d)) if n.endswith(".pth")]
+    return out
 
 
 def elf_needs(read: Callable[[int, int], bytes | None]) -> tuple[str | None, list[str],
@@ -294,7 +340,7 @@ class Planner:
         if got is None or got[0] in self.seen or len(self.seen) >= MAX_FILES:
             return None
         real, ino = got
-        if path in GLIBC and ino.size > SMALL:
+        if (path in GLIBC or path.endswith(".pth")) and ino.size > SMALL:
             return None
         self.seen.add(real)
         runs = [(device - 1, phys, length)
@@ -308,6 +354,8 @@ class Planner:
             exe = find_executable(self.tree, argv[0], path)
             if exe:
                 out.append(exe)
+                got = self.tree.resolve(exe)
+                out += python_start(self.tree, got[0] if got else exe)
             # a script the command names (python3 /app/run.py)
             out += [a for a in argv[1:] if a.startswith("/")]
         return out + list(GLIBC)

@@ -87,6 +87,18 @@ def container_tree(root):
         if os.path.basename(real) != soname:
             os.symlink(os.path.basename(real), os.path.join(root, lib.lstrip("/"), soname))
         wanted.add(lib + "/" + os.path.basename(real))
+    # CPython's start: the encodings package and site's .pth files
+    ver = os.path.basename(PYTHON)[len("python"):]
+    tag = ver.replace(".", "")
+    for rel in (f"/usr/lib/python{ver}/encodings/__pycache__/__init__.cpython-{tag}.pyc",
+                f"/usr/local/lib/python{ver}/dist-packages/a.pth"):
+        path = os.path.join(root, rel.lstrip("/"))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(b"x" * 100)
+        wanted.add(rel)
+    with open(os.path.join(root, f"usr/local/lib/python{ver}/dist-packages/b.py"), "w") as f:
+        f.write("# not read at the start\n")
     for name in ("passwd", "group"):
         with open(os.path.join(root, "etc", name), "w") as f:
             f.write(f"root:x:0:0:{name}\n")
