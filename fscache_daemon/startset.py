@@ -27,12 +27,14 @@ its first AROUND bytes (headers: a big executable or library faults in elsewhere
 """
 from __future__ import annotations
 
+import _thread
 import json
 import logging
 import os
 import posixpath
 import re
 import struct
+import threading
 import time
 from collections.abc import Callable, Iterable
 
@@ -97,14 +99,21 @@ class Tree:
 
     def __init__(self, img) -> None:
         self.img = img
+        # directory nid -> {name: nid}: each directory decoded once (the loader's
+        # directories are looked up for every library)
+        self._dirs: dict[int, dict[bytes, int]] = {}
+
+    def _entries(self, ino) -> dict[bytes, int]:
+        got = self._dirs.get(ino.nid)
+        if got is None:
+            got = self._dirs[ino.nid] = {d.name: d.nid for d in self.img.dirents(ino)}
+        return got
 
     def _child(self, ino, name: bytes):
         if not ino.is_dir():
             return None
-        for d in self.img.dirents(ino):
-            if d.name == name:
-                return self.img.inode(d.nid)
-        return None
+        nid = self._entries(ino).get(name)
+        return None if nid is None else self.img.inode(nid)
 
     def resolve(self, path: str):
         parts = [p for p in os.fsencode(path).split(b"/") if p not in (b"", b".")]
@@ -154,8 +163,7 @@ class Tree:
             if child is None or not child.is_dir():
                 return []
             ino = child
-        return [os.fsdecode(d.name) for d in self.img.dirents(ino)
-                if d.name not in (b".", b"..")]
+        return [os.fsdecode(n) for n in self._entries(ino) if n not in (b".", b"..")]
 
     def _at(self, parts: list[bytes], strict: bool = False):
         ino = self.img.inode(self.img.root_nid)
@@ -348,8 +356,11 @@ class Planner:
                 if device is not None and 1 <= device <= self.nblobs]
         return real, runs, ino.size
 
+    def fixed(self) -> list[str]:
+        return list(FIXED) + list(GLIBC)
+
     def first(self, argv: list[str], path: str) -> list[str]:
-        out = list(FIXED)
+        out: list[str] = []
         if argv:
             exe = find_executable(self.tree, argv[0], path)
             if exe:
@@ -358,7 +369,7 @@ class Planner:
                 out += python_start(self.tree, got[0] if got else exe)
             # a script the command names (python3 /app/run.py)
             out += [a for a in argv[1:] if a.startswith("/")]
-        return out + list(GLIBC)
+        return out
 
     def after(self, real: str, read: Callable[[int, int], bytes | None]) -> list[str]:
         """The files the ELF file `real` (its bytes through `read`) needs next."""
@@ -406,41 +417,69 @@ def file_reader(runs: Runs, size: int, pread: Callable[[int, int, int], bytes | 
     return read
 
 
-def plan_rounds(planner: Planner, argv: list[str], path: str,
+def plan_rounds(planner: Planner, command_of: Callable[[], tuple[list[str], str]],
                 fetch: Callable[[Runs], None],
-                pread: Callable[[int, int, int], bytes | None]) -> list[str]:
+                pread: Callable[[int, int, int], bytes | None],
+                times: list[float] | None = None) -> list[str]:
     """Run the rounds: fetch(runs) fetches (and waits for) one round's data runs; ->
-    the files fetched, in order."""
-    fetched: list[str] = []
+    the files fetched, in order. The fixed files are fetched on a thread of their own
+    while `command_of()` (the image config's command: a registry request) is awaited;
+    `times` gets the seconds at which each round ended."""
+    t0 = time.monotonic()
+    fixed = _round(planner, planner.fixed())
+    done = threading.Event()
+
+    def fetch_fixed() -> None:
+        try:
+            fetch([r for _, runs, _ in fixed for r in runs])
+        finally:
+            done.set()
+    if fixed:
+        _thread.start_new_thread(fetch_fixed, ())
+    else:
+        done.set()
+    argv, path = command_of()
     todo = planner.first(argv, path)
+    fetched: list[str] = []
+    waiting = fixed
     for _ in range(MAX_ROUNDS):
-        round_files = []
-        jobs: Runs = []
-        for p in todo:
-            got = planner.runs(p)
-            if got is None:
-                continue
-            real, runs, size = got
-            if size > WHOLE_LIMIT:
-                runs = _head(runs, AROUND)
-            round_files.append((real, runs, size))
-            jobs += runs
+        round_files = _round(planner, todo)
+        if round_files:
+            fetch([r for _, runs, _ in round_files for r in runs])
+        if waiting:
+            done.wait()
+            round_files = waiting + round_files
+            waiting = []
         if not round_files:
             break
-        fetch(jobs)
+        if times is not None:
+            times.append(round(time.monotonic() - t0, 3))
         todo = []
         for real, runs, size in round_files:
             fetched.append(real)
-            read = file_reader(runs, min(size, sum(r[2] for r in runs)), pread)
             if real == "/etc/ld.so.cache":
-                planner.learn_cache(read, size)
+                planner.learn_cache(file_reader(runs, size, pread), size)
         for real, runs, size in round_files:
-            read = file_reader(runs, min(size, sum(r[2] for r in runs)), pread)
             try:
-                todo += planner.after(real, read)
+                todo += planner.after(real, file_reader(runs, size, pread))
             except (struct.error, ErofsToolsError, ValueError) as e:
                 log.debug("start set: %s: %s", real, e)
+    done.wait()
     return fetched
+
+
+def _round(planner: Planner, paths: list[str]) -> list[tuple[str, Runs, int]]:
+    """(resolved path, runs to fetch, readable size) of the files of one round."""
+    out = []
+    for p in paths:
+        got = planner.runs(p)
+        if got is None:
+            continue
+        real, runs, size = got
+        if size > WHOLE_LIMIT:
+            runs = _head(runs, AROUND)
+        out.append((real, runs, min(size, sum(r[2] for r in runs))))
+    return out
 
 
 def _head(runs: Runs, n: int) -> Runs:
@@ -461,22 +500,30 @@ def run(owner, img, mgrs, stop) -> None:
     get_config = getattr(mgrs[0].backend, "image_config", None) if mgrs else None
     if get_config is None:
         return
-    try:
-        config = get_config()
-    except ErofsToolsError as e:
-        log.info("%s: no start set: image config: %s", img.mountpoint, e)
-        return
-    if config is None:
-        return
-    argv, path = command(config)
+    argv: list[str] = []
+
+    def command_of() -> tuple[list[str], str]:
+        try:
+            config = get_config()
+        except ErofsToolsError as e:
+            log.info("%s: start set without a command: image config: %s",
+                     img.mountpoint, e)
+            config = None
+        got = command(config) if config else ([], DEFAULT_PATH)
+        argv[:] = got[0]
+        return got
     keys = list(img.blob_keys)
     fetched_bytes = 0
 
+    lock = threading.Lock()
+
     def fetch(jobs: Runs) -> None:
         nonlocal fetched_bytes
-        fetched_bytes += stream_table(owner.pool, owner.blobs,
+        n = stream_table(owner.pool, owner.blobs,
                                       [(keys[b], off, n) for b, off, n in jobs
                                        if 0 <= b < len(keys)], stop)
+        with lock:      # the fixed files' round runs on a thread of its own
+            fetched_bytes += n
 
     def pread(b: int, off: int, n: int) -> bytes | None:
         m = owner.blobs.get(keys[b]) if 0 <= b < len(keys) else None
@@ -485,10 +532,11 @@ def run(owner, img, mgrs, stop) -> None:
         return os.pread(m.cache.write_fd, n, off)
 
     planner = Planner(img.bootstrap, len(keys))
+    times: list[float] = []
     try:
-        files = plan_rounds(planner, argv, path, fetch, pread)
+        files = plan_rounds(planner, command_of, fetch, pread, times)
     finally:
         planner.close()
-    log.info("%s: start set of %s: %d files, %d bytes fetched in %.3f s: %s",
-             img.mountpoint, argv[:1], len(files), fetched_bytes,
-             time.monotonic() - t0, " ".join(files))
+    log.info("%s: start set of %s: %d files, %d bytes fetched in %.3f s (rounds ended "
+             "at %s s): %s", img.mountpoint, argv[:1], len(files), fetched_bytes,
+             time.monotonic() - t0, times, " ".join(files))

@@ -134,7 +134,7 @@ def test_start_set_fetched_at_mount(registry, tmp_path):  # noqa: F811
         line = None
         while time.monotonic() < deadline and line is None:
             line = re.search(r"start set of .*: (\d+) files, (\d+) bytes fetched in "
-                             r"[0-9.]+ s: (.*)", d.log(tail=400))
+                             r"[0-9.]+ s \(rounds ended at .*? s\): (.*)", d.log(tail=400))
             time.sleep(0.05)
         assert line, d.log()
         files = set(line.group(3).split())
