@@ -208,6 +208,29 @@ def python_start(tree: Tree, exe: str) -> list[str]:
     return out
 
 
+def pth_imports(pth: str, data: bytes | None, tag: str) -> list[str]:
+    """The compiled modules the `import` lines of site's .pth file `pth` import first (a
+    package's __init__ or a module, beside the .pth file)."""
+    if not data or not tag:
+        return []
+    site = posixpath.dirname(pth)
+    out = []
+    for line in data.decode("utf-8", "replace").splitlines():
+        if not line.startswith(("import ", "import\t")):
+            continue
+        # `import a; __import__('b').f()` (setuptools' distutils-precedence.pth)
+        names = [line[6:].strip().split(";")[0].split(",")[0].strip().split(".")[0]]
+        names += PTH_DUNDER_IMPORT.findall(line)
+        for name in names:
+            if name.isidentifier():
+                out += [f"{site}/{name}/__pycache__/__init__.cpython-{tag}.pyc",
+                        f"{site}/__pycache__/{name}.cpython-{tag}.pyc"]
+    return out[:8]
+
+
+PTH_DUNDER_IMPORT = re.compile(r"""__import__\(\s*['"]([A-Za-z_]\w*)""")
+
+
 def elf_needs(read: Callable[[int, int], bytes | None]) -> tuple[str | None, list[str],
                                                                    list[str]] | None:
     """(interpreter, DT_NEEDED names, DT_RUNPATH/DT_RPATH dirs) of an ELF file whose bytes
@@ -338,6 +361,7 @@ class Planner:
         self.nblobs = nblobs
         self.seen: set[str] = set()
         self.cache: dict[str, str] = {}
+        self.tag = ""       # CPython's cache tag ("311") when the command is one
 
     def close(self) -> None:
         self.img.close()
@@ -366,15 +390,23 @@ class Planner:
             if exe:
                 out.append(exe)
                 got = self.tree.resolve(exe)
-                out += python_start(self.tree, got[0] if got else exe)
+                real = got[0] if got else exe
+                out += python_start(self.tree, real)
+                m = PYTHON.search(posixpath.basename(real))
+                self.tag = f"{m[1]}{m[2]}" if m else ""
             # a script the command names (python3 /app/run.py)
             out += [a for a in argv[1:] if a.startswith("/")]
         return out
 
-    def after(self, real: str, read: Callable[[int, int], bytes | None]) -> list[str]:
-        """The files the ELF file `real` (its bytes through `read`) needs next."""
+    def after(self, real: str, read: Callable[[int, int], bytes | None],
+              size: int = 0) -> list[str]:
+        """The files the ELF file `real` (its bytes through `read`) needs next; of a
+        site .pth file, the modules its `import` lines import."""
         if real == "/etc/ld.so.cache":
             return []
+        if real.endswith(".pth"):
+            return pth_imports(real, read(0, size) if 0 < size <= SMALL else None,
+                               self.tag)
         got = elf_needs(read)
         if got is None:
             return []
@@ -461,7 +493,7 @@ def plan_rounds(planner: Planner, command_of: Callable[[], tuple[list[str], str]
                 planner.learn_cache(file_reader(runs, size, pread), size)
         for real, runs, size in round_files:
             try:
-                todo += planner.after(real, file_reader(runs, size, pread))
+                todo += planner.after(real, file_reader(runs, size, pread), size)
             except (struct.error, ErofsToolsError, ValueError) as e:
                 log.debug("start set: %s: %s", real, e)
     done.wait()

@@ -45,6 +45,21 @@ def test_elf_needs_of_real_binaries():
         os.path.realpath("/usr/lib/x86_64-linux-gnu/libc.so.6")
 
 
+def test_pth_imports():
+    pth = "/usr/lib/python3/dist-packages/distutils-precedence.pth"
+    line = (b"import os; var = 'X'; enabled = os.environ.get(var, 'local') == 'local'; "
+            b"enabled and __import__('_distutils_hack').add_shim(); \n# comment\n./extra\n")
+    site = "/usr/lib/python3/dist-packages"
+    assert startset.pth_imports(pth, line, "311") == [
+        f"{site}/os/__pycache__/__init__.cpython-311.pyc",
+        f"{site}/__pycache__/os.cpython-311.pyc",
+        f"{site}/_distutils_hack/__pycache__/__init__.cpython-311.pyc",
+        f"{site}/__pycache__/_distutils_hack.cpython-311.pyc"]
+    assert startset.pth_imports(pth, line, "") == []
+    assert startset.pth_imports(pth, None, "311") == []
+    assert startset.pth_imports(pth, b"import ../../etc\n", "311") == []
+
+
 def test_elf_needs_hostile_bytes():
     good = open(PYTHON, "rb").read()
     assert startset.elf_needs(lambda o, n: None) is None
