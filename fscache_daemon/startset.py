@@ -464,6 +464,8 @@ def plan_rounds(planner: Planner, command_of: Callable[[], tuple[list[str], str]
     def fetch_fixed() -> None:
         try:
             fetch([r for _, runs, _ in fixed for r in runs])
+        except Exception as e:  # noqa: BLE001 - best effort: readers fetch on demand
+            log.warning("start set: fixed files not fetched: %s", e)
         finally:
             done.set()
     if fixed:
@@ -561,7 +563,10 @@ def run(owner, img, mgrs, stop) -> None:
         m = owner.blobs.get(keys[b]) if 0 <= b < len(keys) else None
         if m is None or not m.is_cached(off, n):
             return None
-        return os.pread(m.cache.write_fd, n, off)
+        try:
+            return os.pread(m.cache.write_fd, n, off)
+        except OSError:     # released meanwhile (unmounted): nothing more to plan
+            return None
 
     planner = Planner(img.bootstrap, len(keys))
     times: list[float] = []
