@@ -116,6 +116,13 @@ class Tree:
         return None if nid is None else self.img.inode(nid)
 
     def resolve(self, path: str):
+        got = self._walk(path)
+        if got is None or not got[1].is_reg():
+            return None
+        return got
+
+    def _walk(self, path: str):
+        """(resolved path, inode) of whatever `path` names, symlinks followed."""
         parts = [p for p in os.fsencode(path).split(b"/") if p not in (b"", b".")]
         done: list[bytes] = []
         ino = self.img.inode(self.img.root_nid)
@@ -142,35 +149,21 @@ class Tree:
                 continue
             done.append(name)
             ino = child
-        if not ino.is_reg():
-            return None
         return "/" + os.fsdecode(b"/".join(done)), ino
 
     def listdir(self, path: str) -> list[str]:
         """Names in directory `path` (symlinks followed); [] if it is none."""
-        parts = [p for p in os.fsencode(path).split(b"/") if p not in (b"", b".")]
-        ino = self.img.inode(self.img.root_nid)
-        for name in parts:
-            child = self._child(ino, name)
-            for _ in range(MAX_SYMLINKS):
-                if child is None or not child.is_lnk():
-                    break
-                target = self.img.readlink(child)
-                if not target.startswith(b"/"):
-                    return []       # relative directory links: not needed here
-                child = self._at([p for p in target.split(b"/") if p not in (b"", b".")],
-                                 strict=True)
-            if child is None or not child.is_dir():
-                return []
-            ino = child
-        return [os.fsdecode(n) for n in self._entries(ino) if n not in (b".", b"..")]
+        got = self._walk(path)
+        if got is None or not got[1].is_dir():
+            return []
+        return [os.fsdecode(n) for n in self._entries(got[1]) if n not in (b".", b"..")]
 
-    def _at(self, parts: list[bytes], strict: bool = False):
+    def _at(self, parts: list[bytes]):
         ino = self.img.inode(self.img.root_nid)
         for p in parts:
             ino = self._child(ino, p)
             if ino is None:
-                return None if strict else self.img.inode(self.img.root_nid)
+                return self.img.inode(self.img.root_nid)
         return ino
 
 

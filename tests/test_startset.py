@@ -191,3 +191,39 @@ def test_start_set_off(registry, tmp_path, monkeypatch):  # noqa: F811
         assert "start set" not in d.log(tail=400)
     finally:
         d.cleanup()
+
+
+def test_tree_resolves_as_the_container_sees_it(tmp_path):
+    """Symlinks (absolute, relative, through directories) followed inside the image;
+    loops, dangling links and escapes above / end without a file."""
+    src = tmp_path / "src"
+    (src / "usr/bin").mkdir(parents=True)
+    (src / "etc").mkdir()
+    (src / "etc/passwd").write_text("root:x:0:0\n")
+    (src / "usr/bin/tool").write_bytes(b"#!/bin/sh\n")
+    os.symlink("usr/bin", src / "bin")
+    os.symlink("/bin/tool", src / "usr/bin/abs")
+    os.symlink("../../../../../etc/passwd", src / "usr/bin/up")
+    os.symlink("loop2", src / "loop1")
+    os.symlink("loop1", src / "loop2")
+    os.symlink("/nowhere", src / "dangling")
+    boot, blobs = str(tmp_path / "boot"), str(tmp_path / "blobs")
+    pack(str(src), boot, blobs)
+    planner = startset.Planner(boot, 1)
+    try:
+        tree = planner.tree
+        assert tree.resolve("/bin/tool")[0] == "/usr/bin/tool"
+        assert tree.resolve("/usr/bin/abs")[0] == "/usr/bin/tool"
+        assert tree.resolve("/usr/bin/up")[0] == "/etc/passwd"
+        assert tree.resolve("/etc/../etc/./passwd")[0] == "/etc/passwd"
+        for bad in ("/loop1", "/dangling", "/etc", "/etc/passwd/x", "/missing"):
+            assert tree.resolve(bad) is None, bad
+        assert startset.find_executable(tree, "tool", "/nope:/bin") == "/bin/tool"
+        assert startset.find_executable(tree, "tool", "relative:/nope") is None
+        assert sorted(tree.listdir("/bin")) == ["abs", "tool", "up"]
+        assert tree.listdir("/etc/passwd") == [] and tree.listdir("/loop1") == []
+        # the first round: the fixed files the image has, each once
+        assert [r[0] for r in startset._round(planner, planner.fixed() + ["/etc/passwd"])] \
+            == ["/etc/passwd"]
+    finally:
+        planner.close()
