@@ -32,7 +32,7 @@ from concurrent.futures import Future
 from typing import TYPE_CHECKING
 
 from erofs_tools.reader.zran import is_zran_entry
-from fscache_daemon import mounts
+from fscache_daemon import mounts, startset
 from fscache_daemon.blobopen import EarlyChecks, open_side_by_side, peek_blobs
 from fscache_daemon.errors import (
     ConflictError,
@@ -373,8 +373,16 @@ class MountLifecycle(CacheEviction):
             raise
         if state != DETACHED:
             self._queue_prefetch(img)
+            if state == MOUNTING and startset.ENABLED and not info.prefetch:
+                _thread.start_new_thread(self._start_set, (img, mgrs))
         _thread.start_new_thread(self._after_mount, (img, mgrs))
         return img
+
+    def _start_set(self, img: Image, mgrs: list[BlobManager]) -> None:
+        try:    # what the container's first instructions read (startset.py)
+            startset.run(self, img, mgrs, self._stop)
+        except Exception:  # noqa: BLE001 - an optimisation: readers fetch on demand
+            log.exception("%s: start set failed", img.mountpoint)
 
     def _after_mount(self, img: Image, mgrs: list[BlobManager]) -> None:
         """What the blobs need before their first reads but not before the mount: the

@@ -341,6 +341,7 @@ class RegistryBackend(Backend):
         self._digests: dict[str, str] = dict(digest_map or {})
         self._sizes: dict[str, int] = {}
         self._layers: list | None = None
+        self._config_desc = None          # the image config's descriptor (its manifest's)
         self._map_lock = threading.Lock()
 
     @staticmethod
@@ -404,11 +405,24 @@ class RegistryBackend(Backend):
                 m = self._first(self._resolve, "the manifest", lambda c: reg.resolve_manifest(
                     c, self.repository, self._ref.ref))
                 layers = [d for d in m.layers() if d.media_type == reg.NYDUS_BLOB]
+                self._config_desc = m.config()
             except ErofsToolsError as e:
                 log.warning("registry %s: cannot read the image manifest (%s); "
                             "using blob ids as digests", self.reference, e)
         self._layers = layers
         return layers
+
+    def image_config(self, max_size: int = 1 << 20) -> bytes | None:
+        """The image config blob (its command and environment: startset.py), verified
+        against its digest; None if the reference names no image or it is bigger than
+        `max_size`. One small request (the manifest was read by warm())."""
+        with self._map_lock:
+            self._nydus_layers()
+            desc = self._config_desc
+        if desc is None or desc.size > max_size:
+            return None
+        return self._first(self._resolve, "the image config", lambda c: c.get_blob(
+            self.repository, desc.digest, max_size=desc.size))
 
     def digest_of(self, blob_id: str) -> str:
         """The registry digest holding a blob: an explicit mapping, else the layer whose
