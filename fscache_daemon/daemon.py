@@ -193,6 +193,7 @@ class Daemon(MountLifecycle):
         self._mountpoints = KeyedLock()       # one mount/umount of a mount point at a time
         self._blob_opening = KeyedLock()      # per blob id: its cache file opened, marked
         self._state_lock = threading.Lock()   # mounts.json writes, each of the state now
+        self._state_behind = threading.Event()  # a save left to save_state_later
         self._boot_lock = threading.Lock()    # bootstrap copies made vs. dropped
         self._boot_inflight: dict[str, int] = {}    # copy -> mounts between copy and use
         self._backend_inflight: dict[int, int] = {}  # id(backend) -> mounts opening blobs
@@ -216,13 +217,19 @@ class Daemon(MountLifecycle):
     # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> None:
         # what a first mount would import midway (from disk, if the page cache was just
-        # dropped): the reader's blob source (open_image), registry hosts.toml; and
+        # dropped): the reader's blob source (open_image), registry hosts.toml, the
+        # codec socket.getaddrinfo encodes a host name with (encodings.idna: with
+        # stringprep and unicodedata, ~5-60 ms of the first registry request); and
         # what the first miss would (blake3, the cold path's digest: ~0.05 s of CPU
         # there, on the ML cold start's first read)
+        import encodings.idna  # noqa: F401
+
         import blake3  # noqa: F401
 
         import erofs_tools.reader.data  # noqa: F401
         import erofs_tools.registry.hosts  # noqa: F401
+        from fscache_daemon import mounts
+        mounts.load_libc()      # not in the first mount, just before its mount(2)
         self.frontend.start(self)
         self._restore()
         run_loop = getattr(self.frontend, "run_loop", None)

@@ -45,7 +45,12 @@ from fscache_daemon.images import DETACHED, MOUNTED, MOUNTING, Image
 from fscache_daemon.keyedlock import KeyedLock
 from fscache_daemon.state import copy_bootstrap, load_state, save_state
 from fscache_daemon.storage.backends import parse_backend_spec
-from fscache_daemon.storage.image import ImageInfo, file_runs, load_image
+from fscache_daemon.storage.image import (
+    ImageInfo,
+    group_file_runs,
+    load_image,
+    walk_file_runs,
+)
 
 if TYPE_CHECKING:
     from fscache_daemon.frontend.base import Frontend
@@ -84,6 +89,7 @@ class MountLifecycle(CacheEviction):
     _mountpoints: KeyedLock
     _blob_opening: KeyedLock
     _state_lock: threading.Lock
+    _state_behind: threading.Event
     _boot_lock: threading.Lock
     _boot_inflight: dict[str, int]
     _stop: threading.Event
@@ -113,6 +119,13 @@ class MountLifecycle(CacheEviction):
         with self._state_lock:
             save_state(self.state_path, self.frontend.name,
                        [img.to_json() for img in self.all_images()])
+
+    def save_state_later(self) -> None:
+        """The save a mount made with `state_later` left behind, unless another save
+        (of the state as it is then) came after it."""
+        if self._state_behind.is_set():
+            self._state_behind.clear()      # before the save: it writes the state now
+            self._save_state()
 
     def _restore(self) -> None:
         """Pick up what mounts.json records, reconciled with the kernel: a mount is taken
@@ -222,7 +235,14 @@ class MountLifecycle(CacheEviction):
             raise type(e)(msg) from None
 
     def mount(self, bootstrap: str, mountpoint: str, backend: str, *, prefetch: bool = False,
-              domain: str | None = None, options: dict | None = None) -> dict:
+              domain: str | None = None, options: dict | None = None,
+              state_later: bool = False) -> dict:
+        """Mount the image; its record in mounts.json is saved as an intent before
+        mount(2) and as made after it. With `state_later` the second save is left to
+        save_state_later() (the API calls it once its answer is sent: ~0.5 ms of a
+        quiet mount, tens of ms when the disk is busy, as ext4 starts writing back a
+        file renamed over another); a daemon that dies before then finds the mount again
+        from its intent (_reconcile), as one killed right after mount(2) does."""
         if not isinstance(bootstrap, str) or not isinstance(mountpoint, str) or \
                 not isinstance(backend, str):
             raise DaemonError("mount needs string bootstrap, mountpoint and backend")
@@ -240,12 +260,12 @@ class MountLifecycle(CacheEviction):
         warm = _Warmer(self, backend, options or {}, bootstrap)
         try:
             return self._mount(bootstrap, mountpoint, backend, given, prefetch, domain,
-                               options, warm.checks)
+                               options, warm.checks, state_later)
         finally:
             warm.done()
 
     def _mount(self, bootstrap, mountpoint, backend, given, prefetch, domain,
-               options, early: EarlyChecks | None = None) -> dict:
+               options, early: EarlyChecks | None = None, state_later: bool = False) -> dict:
         # Mounts of different mount points run side by side up to the kernel's part
         # (the slow part, opening the blobs, may wait seconds for a registry); that part
         # takes the one mount lock
@@ -278,7 +298,10 @@ class MountLifecycle(CacheEviction):
                 self._drop_unused_backends()
                 raise
             self._done_with_bootstrap(boot_copy)
-            self._save_state()
+            if state_later:
+                self._state_behind.set()
+            else:
+                self._save_state()
         log.info("mounted %s on %s (%d blobs, backend %s, mount id %s, superblock %s)",
                  bootstrap, mountpoint, len(img.blob_ids), backend, img.mount_id,
                  ",".join(img.instances) or "?")
@@ -404,16 +427,17 @@ class MountLifecycle(CacheEviction):
         """Start the bootstrap walk of file-aware readahead (_learn_runs) at once, beside
         the rest of the mount: most of a mount is waiting (the registry, mount(2)), and
         a program's start reads before a walk begun after it ends (the ML cold start:
-        2-3 s after the mount on a loaded machine, 40-65 of its misses before it). Not
-        for an image with a prefetch table: its start reads the table's stream, and the
-        walk waits for that (_after_mount)."""
+        2-3 s after the mount on a loaded machine, 40-65 of its misses before it). Only
+        the C walk (the GIL released); its Python part waits for the mount to be made
+        (_learn_runs). Not for an image with a prefetch table: its start reads the
+        table's stream, and the walk waits for that (_after_mount)."""
         if not self.readahead or info.prefetch:
             return
         fut: Future = Future()
 
         def walk() -> None:
             try:
-                found = _walk_runs(boot_copy)
+                found = walk_file_runs(boot_copy, pause_every=64)
             except BaseException as e:  # noqa: BLE001 - delivered to _learn_runs
                 fut.set_exception(e)
             else:
@@ -423,13 +447,14 @@ class MountLifecycle(CacheEviction):
         _thread.start_new_thread(walk, ())
 
     def _learn_runs(self, img: Image, mgrs: list[BlobManager]) -> None:
-        # the bootstrap walk (_walk_runs) begun with the mount (_walk_early), or else (a
-        # restored mount) now; applied once the mount is done (the managers are the
+        # the bootstrap walk begun with the mount (_walk_early), or else (a restored
+        # mount) now; grouped and applied once the mount is done (the managers are the
         # mount's)
         fut = self._walks.pop((img.bootstrap, img.mountpoint), None)
         try:
-            runs, cold, modules = fut.result() if fut is not None else \
-                _walk_runs(img.bootstrap)
+            lists = fut.result() if fut is not None else \
+                walk_file_runs(img.bootstrap, pause_every=64)
+            runs, cold, modules = _group_runs(*lists())
             for i, m in enumerate(mgrs):
                 ra = self._ra.get(m.key)
                 if ra is not None:      # before the runs: a module's miss is told apart
@@ -572,12 +597,13 @@ class MountLifecycle(CacheEviction):
 _Runs = dict[int, list[tuple[int, int]]]
 
 
-def _walk_runs(bootstrap: str) -> tuple[_Runs, _Runs, _Runs]:
+def _group_runs(paths: list[bytes], found: list) -> tuple[_Runs, _Runs, _Runs]:
     """(runs, cold runs, module runs) by blob index: what file-aware readahead learns from
-    the bootstrap (storage.image.file_runs; the C core's walk, ~0.1 s for 50,000 files)."""
+    the bootstrap walk (storage.image.walk_file_runs, the C core's, ~0.1 s for 50,000
+    files; then group_file_runs, Python)."""
     cold: _Runs = {}
     modules: _Runs = {}
-    runs = file_runs(bootstrap, cold=cold, modules=modules, pause_every=64)
+    runs = group_file_runs(paths, found, cold=cold, modules=modules)
     return runs, cold, modules
 
 
