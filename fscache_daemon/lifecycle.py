@@ -365,16 +365,21 @@ class MountLifecycle(CacheEviction):
     def _after_mount(self, img: Image, mgrs: list[BlobManager]) -> None:
         """What the blobs need before their first reads but not before the mount: the
         chunk lists of maps made by the C core (BlobMeta.chunks), then file-aware
-        readahead's runs (_learn_runs); then what only a later mount reads (the blobs'
-        map files). An image with a prefetch table gets them once the table was
-        streamed: its start reads what the stream brings (the holder answers, no miss
-        needs a chunk list or a run), and on two cores this CPU (~0.2-0.3 s for the ML
-        image's 50,000 files and 45,000 chunks) was taken from the container's start; a
-        miss before then makes the chunk list itself."""
+        readahead's runs (_learn_runs). An image with a prefetch table gets them once
+        the table was streamed: its start reads what the stream brings (the holder
+        answers, no miss needs a chunk list or a run), and on two cores this CPU
+        (~0.2-0.3 s for the ML image's 50,000 files and 45,000 chunks) was taken from
+        the container's start; a miss before then makes the chunk list itself."""
         for _ in range(3000):
             if img.state != MOUNTING:
                 break
             time.sleep(0.01)
+        for m in mgrs:
+            # the blob's map file (daemon._open_blob); a mount sharing the blob that runs
+            # it too writes the same file again
+            writes, m.after_mount = m.after_mount, []
+            for write in writes:
+                write()
         stream = self._streams.get(img.mountpoint)
         if stream is not None:
             stream.wait(STREAM_WAIT)
@@ -382,12 +387,6 @@ class MountLifecycle(CacheEviction):
             m.meta.chunks   # noqa: B018 - made now, not on the first read's path
         if self.readahead:
             self._learn_runs(img, mgrs)
-        for m in mgrs:
-            # the blob's map file (daemon._open_blob); a mount sharing the blob that runs
-            # it too writes the same file again
-            writes, m.after_mount = m.after_mount, []
-            for write in writes:
-                write()
         # the mount's tables (chunk lists, runs) live as long as it: out of the cyclic
         # collector's full passes, as what the daemon's start made (cli); _unregister
         # gives them back to it
