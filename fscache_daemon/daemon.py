@@ -266,6 +266,7 @@ class Daemon(MountLifecycle):
         with self._lock:
             for mgr in self.blobs.values():
                 try:
+                    mgr.run_after_mount()   # what its mount's thread did not do yet
                     mgr.sync()
                     mgr.close()
                 except OSError as e:

@@ -375,11 +375,7 @@ class MountLifecycle(CacheEviction):
                 break
             time.sleep(0.01)
         for m in mgrs:
-            # the blob's map file (daemon._open_blob); a mount sharing the blob that runs
-            # it too writes the same file again
-            writes, m.after_mount = m.after_mount, []
-            for write in writes:
-                write()
+            m.run_after_mount()     # the blob's map file (daemon._open_blob)
         stream = self._streams.get(img.mountpoint)
         if stream is not None:
             stream.wait(STREAM_WAIT)

@@ -343,6 +343,13 @@ class BlobManager:
         self._run_end: array.array | None = None
         self._cold: bytearray | None = None     # per chunk position: add_file_runs
 
+    def run_after_mount(self) -> None:
+        """Run (once) what waits in after_mount; a second caller at the same time may
+        run it again (the map file, written whole again)."""
+        work, self.after_mount = self.after_mount, []
+        for fn in work:
+            fn()
+
     def add_file_runs(self, runs, cold=()) -> None:
         """Learn where files' data runs end (image.file_runs) for file-aware readahead,
         and which of them (`cold`, a subset) belong to files a start rarely reads: a chunk
