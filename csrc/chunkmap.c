@@ -86,37 +86,91 @@ static void get_pin(const uint8_t *o, struct pin *p)
     p->comp = o[60];
 }
 
+static void row_pin(const uint8_t *r, uint64_t row, struct pin *p)
+{
+    p->digest = r;
+    p->comp = ld32(r + 36) & 1;                 /* CHUNK_FLAG_COMPRESSED */
+    p->csize = ld32(r + 40);
+    p->usize = ld32(r + 44);
+    p->coff = ld64(r + 48);
+    p->uoff = ld64(r + 56);
+    p->index = ld32(r + 72);
+    p->row = (uint32_t)row;
+}
+
+/* ern_ci_pins when every index of the blob is below the row count (pack numbers a blob's
+ * chunks 0..n-1): each row straight to the slot of its index, the first row of an index
+ * kept and any later one compared with it; the same records and errors as the sort
+ * (which cost ~3 ms of a 27,000-row table on the mount's path). */
+static int64_t pins_by_slot(const uint8_t *table, uint64_t nrows, uint32_t blob,
+                            uint32_t maxi, uint8_t *out, uint64_t *detail)
+{
+    uint64_t i, kept = 0, bad = UINT64_MAX;
+    struct pin *slot = malloc(((uint64_t)maxi + 1) * sizeof(*slot));
+    uint8_t *used = calloc((uint64_t)maxi + 1, 1);
+
+    if (!slot || !used) {
+        free(slot);
+        free(used);
+        return -3;
+    }
+    for (i = 0; i < nrows; i++) {
+        const uint8_t *r = table + i * CI_ROW;
+        struct pin p;
+        if (ld32(r + 32) != blob)
+            continue;
+        row_pin(r, i, &p);
+        if (used[p.index]) {
+            if (p.index < bad && !same_pin(&p, &slot[p.index]))
+                bad = p.index;      /* the sort reports the lowest such index */
+            continue;
+        }
+        slot[p.index] = p;
+        used[p.index] = 1;
+    }
+    if (bad == UINT64_MAX)
+        for (i = 0; i <= maxi; i++)
+            if (used[i])
+                put_pin(out + kept++ * PIN_REC, &slot[i]);
+    free(slot);
+    free(used);
+    if (bad != UINT64_MAX) {
+        *detail = bad;
+        return -2;
+    }
+    return (int64_t)kept;
+}
+
 int64_t ern_ci_pins(const uint8_t *table, uint64_t nrows, uint32_t nblobs, uint32_t blob,
                     uint8_t *out, uint64_t *detail)
 {
     uint64_t i, n = 0, kept = 0;
+    uint32_t maxi = 0;
     struct pin *v;
 
     for (i = 0; i < nrows; i++) {
-        uint32_t b = ld32(table + i * CI_ROW + 32);
+        const uint8_t *r = table + i * CI_ROW;
+        uint32_t b = ld32(r + 32);
         if (b >= nblobs) {
             *detail = b;
             return -1;
         }
-        n += b == blob;
+        if (b == blob) {
+            n++;
+            if (ld32(r + 72) > maxi)
+                maxi = ld32(r + 72);
+        }
     }
+    if (n && maxi < nrows)
+        return pins_by_slot(table, nrows, blob, maxi, out, detail);
     v = malloc((n ? n : 1) * sizeof(*v));
     if (!v)
         return -3;
     for (i = 0, n = 0; i < nrows; i++) {
         const uint8_t *r = table + i * CI_ROW;
-        struct pin *p;
         if (ld32(r + 32) != blob)
             continue;
-        p = &v[n++];
-        p->digest = r;
-        p->comp = ld32(r + 36) & 1;             /* CHUNK_FLAG_COMPRESSED */
-        p->csize = ld32(r + 40);
-        p->usize = ld32(r + 44);
-        p->coff = ld64(r + 48);
-        p->uoff = ld64(r + 56);
-        p->index = ld32(r + 72);
-        p->row = (uint32_t)i;
+        row_pin(r, i, &v[n++]);
     }
     qsort(v, n, sizeof(*v), by_index);
     for (i = 0; i < n; i++) {
@@ -157,6 +211,19 @@ int64_t ern_ci_table_text(const uint8_t *pins, uint64_t count, uint8_t *out, uin
     return (int64_t)len;
 }
 
+/* qsort, unless already in that order (a packed blob's chunks by index are by place:
+ * one pass instead of a sort, ~1.5 ms each of a 27,000-chunk mount) */
+static void sort_unless_sorted(struct pin *v, uint64_t n,
+                               int (*cmp)(const void *, const void *))
+{
+    uint64_t i;
+    for (i = 1; i < n; i++)
+        if (cmp(&v[i - 1], &v[i]) > 0) {
+            qsort(v, n, sizeof(*v), cmp);
+            return;
+        }
+}
+
 int ern_ci_map(const uint8_t *pins, uint64_t count, uint64_t chunk_count, uint64_t usize,
                uint64_t csize, uint32_t chunk_size, int raw_only, uint8_t *map_out,
                uint8_t *chunks_out)
@@ -177,7 +244,7 @@ int ern_ci_map(const uint8_t *pins, uint64_t count, uint64_t chunk_count, uint64
         why = 3;
         goto out;
     }
-    qsort(v, count, sizeof(*v), by_uoff);
+    sort_unless_sorted(v, count, by_uoff);
     for (i = 0; i < count && !why; i++) {
         const struct pin *c = &v[i];
         uint64_t end;
@@ -208,7 +275,7 @@ int ern_ci_map(const uint8_t *pins, uint64_t count, uint64_t chunk_count, uint64
     if (why)
         goto out;
     /* the chunks' stored bytes must not overlap either */
-    qsort(v, count, sizeof(*v), by_coff);
+    sort_unless_sorted(v, count, by_coff);
     for (i = 1; i < count; i++)
         if (v[i - 1].coff + v[i - 1].csize > v[i].coff) {
             why = 8;

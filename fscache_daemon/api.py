@@ -279,8 +279,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         _absolute("mountpoint", b["mountpoint"])
         if b["backend"].startswith("localfs:"):
             _absolute("backend", b["backend"][len("localfs:"):])
-        self._json(201, self.d.mount(b["bootstrap"], b["mountpoint"], b["backend"],
-                                     prefetch=prefetch, domain=domain, options=options))
+        # the mount's record saved after the answer (Daemon.mount's state_later)
+        try:
+            self._json(201, self.d.mount(b["bootstrap"], b["mountpoint"], b["backend"],
+                                         prefetch=prefetch, domain=domain, options=options,
+                                         state_later=True))
+        finally:
+            self.d.save_state_later()
 
     def post_warm(self, _q):
         b = self._body()

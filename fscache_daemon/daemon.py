@@ -194,6 +194,7 @@ class Daemon(MountLifecycle):
         self._mountpoints = KeyedLock()       # one mount/umount of a mount point at a time
         self._blob_opening = KeyedLock()      # per blob id: its cache file opened, marked
         self._state_lock = threading.Lock()   # mounts.json writes, each of the state now
+        self._state_behind = threading.Event()  # a save left to save_state_later
         self._boot_lock = threading.Lock()    # bootstrap copies made vs. dropped
         self._boot_inflight: dict[str, int] = {}    # copy -> mounts between copy and use
         self._backend_inflight: dict[int, int] = {}  # id(backend) -> mounts opening blobs
@@ -217,14 +218,17 @@ class Daemon(MountLifecycle):
 
     # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> None:
-        # what a first mount would import midway (from disk, if the page cache was just
-        # dropped): the reader's blob source (open_image), registry hosts.toml; and
-        # what the first miss would (blake3, the cold path's digest: ~0.05 s of CPU
-        # there, on the ML cold start's first read)
+        # imported now, not midway through a first mount (from disk after a drop of
+        # the page cache): getaddrinfo's host name codec (~5-60 ms of the first registry
+        # request), blake3 (the first miss's digest, ~0.05 s CPU), open_image, hosts.toml
+        import encodings.idna  # noqa: F401
+
         import blake3  # noqa: F401
 
         import erofs_tools.reader.data  # noqa: F401
         import erofs_tools.registry.hosts  # noqa: F401
+        from fscache_daemon import mounts
+        mounts.load_libc()      # not in the first mount, just before its mount(2)
         self.frontend.start(self)
         self._restore()
         run_loop = getattr(self.frontend, "run_loop", None)
@@ -262,6 +266,7 @@ class Daemon(MountLifecycle):
         with self._lock:
             for mgr in self.blobs.values():
                 try:
+                    mgr.run_after_mount()   # what its mount's thread did not do yet
                     mgr.sync()
                     mgr.close()
                 except OSError as e:
@@ -383,6 +388,8 @@ class Daemon(MountLifecycle):
             mgr = bc.BlobManager(meta, cache, backend, batch_size=self.batch_size,
                                  on_complete=self._blob_complete, pipeline=True)
             mgr.meta_bytes_fetched = fetched
+            # its map file, made by the mount's after-mount thread (PendingCheck.write)
+            mgr.after_mount.extend(p.write for p in pending)
             with self._lock:
                 self.blobs[mgr.key] = mgr
                 self._ra[mgr.key] = BlobReadahead(

@@ -31,9 +31,8 @@ import time
 from concurrent.futures import Future
 from typing import TYPE_CHECKING
 
-from erofs_tools.reader.zran import is_zran_entry
 from fscache_daemon import mounts, startset
-from fscache_daemon.blobopen import EarlyChecks, open_side_by_side, peek_blobs
+from fscache_daemon.blobopen import EarlyChecks, open_side_by_side
 from fscache_daemon.errors import (
     ConflictError,
     DaemonError,
@@ -46,8 +45,13 @@ from fscache_daemon.images import DETACHED, MOUNTED, MOUNTING, Image
 from fscache_daemon.keyedlock import KeyedLock
 from fscache_daemon.state import copy_bootstrap, load_state, save_state
 from fscache_daemon.storage.backends import parse_backend_spec
-from fscache_daemon.storage.image import ImageInfo, file_runs, load_image
-from fscache_daemon.zranwarm import ZranWarm
+from fscache_daemon.storage.image import (
+    ImageInfo,
+    group_file_runs,
+    load_image,
+    walk_file_runs,
+)
+from fscache_daemon.warming import WarmRoute
 
 if TYPE_CHECKING:
     from fscache_daemon.frontend.base import Frontend
@@ -66,7 +70,7 @@ REAP_INTERVAL = 0.2
 # few ms each when the GIL is busy (the walk's Python parts, other mounts)
 
 
-class MountLifecycle(CacheEviction):
+class MountLifecycle(CacheEviction, WarmRoute):
     # What this mixin uses of the Daemon, declared for the type checker (no values:
     # daemon.py sets the attributes in __init__ and defines the methods)
     cache_dir: str
@@ -86,10 +90,10 @@ class MountLifecycle(CacheEviction):
     _mountpoints: KeyedLock
     _blob_opening: KeyedLock
     _state_lock: threading.Lock
+    _state_behind: threading.Event
     _boot_lock: threading.Lock
     _boot_inflight: dict[str, int]
     _stop: threading.Event
-    zran_warm: ZranWarm
 
     if TYPE_CHECKING:
         def describe(self, img: Image) -> dict: ...
@@ -116,6 +120,13 @@ class MountLifecycle(CacheEviction):
         with self._state_lock:
             save_state(self.state_path, self.frontend.name,
                        [img.to_json() for img in self.all_images()])
+
+    def save_state_later(self) -> None:
+        """The save a mount made with `state_later` left behind, unless another save
+        (of the state as it is then) came after it."""
+        if self._state_behind.is_set():
+            self._state_behind.clear()      # before the save: it writes the state now
+            self._save_state()
 
     def _restore(self) -> None:
         """Pick up what mounts.json records, reconciled with the kernel: a mount is taken
@@ -225,7 +236,14 @@ class MountLifecycle(CacheEviction):
             raise type(e)(msg) from None
 
     def mount(self, bootstrap: str, mountpoint: str, backend: str, *, prefetch: bool = False,
-              domain: str | None = None, options: dict | None = None) -> dict:
+              domain: str | None = None, options: dict | None = None,
+              state_later: bool = False) -> dict:
+        """Mount the image; its record in mounts.json is saved as an intent before
+        mount(2) and as made after it. With `state_later` the second save is left to
+        save_state_later() (the API calls it once its answer is sent: ~0.5 ms of a
+        quiet mount, tens of ms when the disk is busy, as ext4 starts writing back a
+        file renamed over another); a daemon that dies before then finds the mount again
+        from its intent (_reconcile), as one killed right after mount(2) does."""
         if not isinstance(bootstrap, str) or not isinstance(mountpoint, str) or \
                 not isinstance(backend, str):
             raise DaemonError("mount needs string bootstrap, mountpoint and backend")
@@ -243,46 +261,12 @@ class MountLifecycle(CacheEviction):
         warm = _Warmer(self, backend, options or {}, bootstrap)
         try:
             return self._mount(bootstrap, mountpoint, backend, given, prefetch, domain,
-                               options, warm.checks)
+                               options, warm.checks, state_later)
         finally:
             warm.done()
 
-    def warm(self, bootstrap: str, backend: str, options: dict | None = None) -> dict:
-        """Fetch and parse the zran meta blobs of `bootstrap`'s blob table through the
-        backend a mount of it with `backend`/`options` will use, on threads of their own
-        (zranwarm.py): its mount, if it comes within zranwarm.TTL, takes them. ->
-        {"zran_blobs": how many were started}; errors are left to the mount."""
-        if not isinstance(bootstrap, str) or not isinstance(backend, str):
-            raise DaemonError("warm needs string bootstrap and backend")
-        parse_backend_spec(backend)
-        bootstrap = os.path.abspath(bootstrap)
-        if not os.path.isfile(bootstrap):
-            raise NotFoundError(f"{bootstrap}: no such bootstrap file")
-        opts = dict(options or {})
-        zran = [(b, e) for b, _end, e in peek_blobs(bootstrap) if is_zran_entry(e)]
-        if not zran:
-            return {"zran_blobs": 0}
-        be = self._backend(backend, opts)
-        started = 0
-        try:
-            for blob_id, entry in zran:
-                be.register_blob(blob_id, int(entry.compressed_size))
-                started += self.zran_warm.start(
-                    be, blob_id, entry, lambda: self._backend(backend, opts),
-                    functools.partial(self._let_go, be))
-        finally:
-            self._release_backend(be)
-        log.info("warming %d zran meta blob(s) of %s (backend %s)", started, bootstrap,
-                 backend)
-        return {"zran_blobs": started}
-
-    def _let_go(self, be: Backend) -> None:
-        """A backend's use ends; closed if nothing else uses it."""
-        self._release_backend(be)
-        self._drop_unused_backends()
-
     def _mount(self, bootstrap, mountpoint, backend, given, prefetch, domain,
-               options, early: EarlyChecks | None = None) -> dict:
+               options, early: EarlyChecks | None = None, state_later: bool = False) -> dict:
         # Mounts of different mount points run side by side up to the kernel's part
         # (the slow part, opening the blobs, may wait seconds for a registry); that part
         # takes the one mount lock
@@ -315,7 +299,10 @@ class MountLifecycle(CacheEviction):
                 self._drop_unused_backends()
                 raise
             self._done_with_bootstrap(boot_copy)
-            self._save_state()
+            if state_later:
+                self._state_behind.set()
+            else:
+                self._save_state()
         log.info("mounted %s on %s (%d blobs, backend %s, mount id %s, superblock %s)",
                  bootstrap, mountpoint, len(img.blob_ids), backend, img.mount_id,
                  ",".join(img.instances) or "?")
@@ -396,6 +383,8 @@ class MountLifecycle(CacheEviction):
             if img.state != MOUNTING:
                 break
             time.sleep(0.01)
+        for m in mgrs:
+            m.run_after_mount()     # the blob's map file (daemon._open_blob)
         stream = self._streams.get(img.mountpoint)
         if stream is not None:
             stream.wait(STREAM_WAIT)
@@ -449,16 +438,17 @@ class MountLifecycle(CacheEviction):
         """Start the bootstrap walk of file-aware readahead (_learn_runs) at once, beside
         the rest of the mount: most of a mount is waiting (the registry, mount(2)), and
         a program's start reads before a walk begun after it ends (the ML cold start:
-        2-3 s after the mount on a loaded machine, 40-65 of its misses before it). Not
-        for an image with a prefetch table: its start reads the table's stream, and the
-        walk waits for that (_after_mount)."""
+        2-3 s after the mount on a loaded machine, 40-65 of its misses before it). Only
+        the C walk (the GIL released); its Python part waits for the mount to be made
+        (_learn_runs). Not for an image with a prefetch table: its start reads the
+        table's stream, and the walk waits for that (_after_mount)."""
         if not self.readahead or info.prefetch:
             return
         fut: Future = Future()
 
         def walk() -> None:
             try:
-                found = _walk_runs(boot_copy)
+                found = walk_file_runs(boot_copy, pause_every=64)
             except BaseException as e:  # noqa: BLE001 - delivered to _learn_runs
                 fut.set_exception(e)
             else:
@@ -468,13 +458,14 @@ class MountLifecycle(CacheEviction):
         _thread.start_new_thread(walk, ())
 
     def _learn_runs(self, img: Image, mgrs: list[BlobManager]) -> None:
-        # the bootstrap walk (_walk_runs) begun with the mount (_walk_early), or else (a
-        # restored mount) now; applied once the mount is done (the managers are the
+        # the bootstrap walk begun with the mount (_walk_early), or else (a restored
+        # mount) now; grouped and applied once the mount is done (the managers are the
         # mount's)
         fut = self._walks.pop((img.bootstrap, img.mountpoint), None)
         try:
-            runs, cold, modules = fut.result() if fut is not None else \
-                _walk_runs(img.bootstrap)
+            lists = fut.result() if fut is not None else \
+                walk_file_runs(img.bootstrap, pause_every=64)
+            runs, cold, modules = _group_runs(*lists())
             for i, m in enumerate(mgrs):
                 ra = self._ra.get(m.key)
                 if ra is not None:      # before the runs: a module's miss is told apart
@@ -617,12 +608,13 @@ class MountLifecycle(CacheEviction):
 _Runs = dict[int, list[tuple[int, int]]]
 
 
-def _walk_runs(bootstrap: str) -> tuple[_Runs, _Runs, _Runs]:
+def _group_runs(paths: list[bytes], found: list) -> tuple[_Runs, _Runs, _Runs]:
     """(runs, cold runs, module runs) by blob index: what file-aware readahead learns from
-    the bootstrap (storage.image.file_runs; the C core's walk, ~0.1 s for 50,000 files)."""
+    the bootstrap walk (storage.image.walk_file_runs, the C core's, ~0.1 s for 50,000
+    files; then group_file_runs, Python)."""
     cold: _Runs = {}
     modules: _Runs = {}
-    runs = file_runs(bootstrap, cold=cold, modules=modules, pause_every=64)
+    runs = group_file_runs(paths, found, cold=cold, modules=modules)
     return runs, cold, modules
 
 

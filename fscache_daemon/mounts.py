@@ -21,11 +21,22 @@ _libc = None
 def _libc_handle():
     global _libc
     if _libc is None:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        try:
+            # glibc's soname, without find_library: that runs `ldconfig -p` in a child
+            # process (~3-7 ms, more after the page cache was dropped), and the first
+            # call came inside a mount, just before mount(2)
+            libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        except OSError:
+            libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
         libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
         libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
         _libc = libc
     return _libc
+
+
+def load_libc() -> None:
+    """Bind libc now (the daemon's start), not in the first mount."""
+    _libc_handle()
 
 
 def mount(source: str, target: str, fstype: str, flags: int, data: str) -> None:

@@ -41,7 +41,7 @@ One policy, decided per request that reaches the daemon, in this order:
      only AROUND after the range. When each such miss got 16 MiB of its file, 15 misses
      fetched 54 of the 129 MB of readahead of the ML cold start.
 
-The file runs come from the bootstrap (image.file_runs), walked as the mount begins and
+The file runs come from the bootstrap (image.walk_file_runs, then group_file_runs), walked as the mount begins and
 applied once it is done; the walk is the C core's (~0.01 s for the ML image's 50,000
 files, the GIL released; ~0.07 s in all with the Python that files the runs; the
 reader's walk took ~0.7 s), but the program's start may read before it is applied. Until then a run is guessed from the chunk map
@@ -50,7 +50,7 @@ ends at the first chunk shorter than that (`_run_end`); a file of an exact multi
 the chunk size is taken for one with the next file, which at worst fetches that file.
 
 Windows leave out the chunks of files a program's start rarely reads (the manager's
-`is_cold`: sources beside their compiled Python, headers, stubs; image.file_runs), except
+`is_cold`: sources beside their compiled Python, headers, stubs; image.group_file_runs), except
 the rest of the file being read, and except for a reader in a cold file (a tree read
 whole): for it the sequential test does not skip cold chunks and its windows take them: they were 45 % of what the windows fetched on the ML
 cold start, and 12 of their 2,400 chunks were ever read.

@@ -144,7 +144,7 @@ def test_cold_mount_defers_chunks_and_checks_the_blob_before_the_kernel(tmp_path
     """A map made from the pins: its chunk objects are made after the mount (not in it);
     the blob's check still fails the mount for a blob cut short, before anything is
     mounted or cached as its map; the blob whole again, it mounts and its map file is
-    written (after the check, on its thread)."""
+    written (after the mount, by its after-mount thread)."""
     from fscache_daemon.daemon import Daemon
     from fscache_daemon.errors import DaemonError
     _src, boot, blobs = _image(tmp_path)
@@ -176,7 +176,7 @@ def test_cold_mount_defers_chunks_and_checks_the_blob_before_the_kernel(tmp_path
             PinTable.chunk_map = real   # type: ignore[method-assign]
         assert len(made) == 1
         (mgr,) = d.blobs.values()
-        # the map file is written after the check, on its thread
+        # the map file is written after the mount, by its after-mount thread
         helpers.wait_until(lambda: os.path.exists(chunkmap.map_path(d.blob_dir, mgr.key)),
                            30, "the chunk map file")
         # the after-mount thread makes the chunks; a reader would make them itself

@@ -2,9 +2,11 @@
 
 import hashlib
 import os
+import threading
+import time
 
 import pytest
-from registry_fixtures import registry, registry_token  # noqa: F401
+from registry_fixtures import FlakyProxy, registry, registry_token  # noqa: F401
 from test_storage_support import NYDUS_BLOB as NYDUS_BLOB_PATH
 from test_storage_support import NYDUS_BLOB_ID, make_blob
 
@@ -121,3 +123,68 @@ def test_registry_backend_through_a_flaky_mirror(registry, tmp_path):  # noqa: F
         be.close()
     finally:
         mirror.stop()
+
+
+def _read_while_manifest_held(server, repo, path, blob_id):
+    """A registry backend whose image manifest the proxy holds: warm() on a thread, then
+    read() of the blob's last byte (a mount's blob check). -> (byte, requests the proxy
+    saw before the manifest was let through, the requests after)."""
+    push_blob_image(server, repo, "v1", [path])
+    proxy = FlakyProxy(server.host, ["hold"], match=r"^GET /v2/.*/manifests/")
+    be = open_backend(f"registry:{proxy.host}/{repo}:v1", backoff=0.01,
+                      docker_config=False, retries=0)
+    size = os.path.getsize(path)
+    be.register_blob(blob_id, size)
+    try:
+        warm = threading.Thread(target=be.warm)
+        warm.start()
+        deadline = time.monotonic() + 60
+        while not proxy.held:
+            assert time.monotonic() < deadline, proxy.requests
+            time.sleep(0.01)
+        got: list = []
+        reader = threading.Thread(target=lambda: got.append(be.read(blob_id, size - 1, 1)))
+        reader.start()
+        # the read goes out while the manifest is held, then waits for it
+        while len(proxy.requests) < 2:
+            assert time.monotonic() < deadline, proxy.requests
+            time.sleep(0.01)
+        reader.join(0.3)
+        assert reader.is_alive() and not got     # kept only once the manifest says so
+        before = list(proxy.requests)
+        proxy.release()
+        reader.join(60)
+        warm.join(60)
+        with open(path, "rb") as f:
+            f.seek(size - 1)
+            assert got == [f.read(1)]
+        return before, proxy.requests[len(before):]
+    finally:
+        be.close()
+        proxy.stop()
+
+
+def test_a_blob_check_beside_the_held_manifest(registry, tmp_path):  # noqa: F811
+    """A mount's blob check reads sha256:<blob id> (the Nydus convention) while the
+    image's manifest is still on its way, and keeps it once the manifest maps the blob
+    there: no second read."""
+    data = os.urandom(200_000)
+    blob_id = hashlib.sha256(data).hexdigest()
+    path = str(tmp_path / blob_id)
+    with open(path, "wb") as f:
+        f.write(data)
+    before, after = _read_while_manifest_held(registry, "lazy/early", path, blob_id)
+    assert [r.split("?")[0] for r in before] == [
+        "GET /v2/lazy/early/manifests/v1", f"GET /v2/lazy/early/blobs/sha256:{blob_id}"]
+    assert after == []
+
+
+def test_a_blob_check_guessed_wrong_reads_where_the_manifest_says(registry, tmp_path):  # noqa: F811
+    """A blob named by its RAFS id (not its sha256): the early read of sha256:<blob id>
+    finds nothing, and the byte is read from the layer the manifest maps it to."""
+    before, after = _read_while_manifest_held(registry, "lazy/named", NYDUS_BLOB_PATH,
+                                              NYDUS_BLOB_ID)
+    assert [r.split("?")[0] for r in before] == [
+        "GET /v2/lazy/named/manifests/v1", f"GET /v2/lazy/named/blobs/sha256:{NYDUS_BLOB_ID}"]
+    assert [r.split("?")[0] for r in after] == [
+        f"GET /v2/lazy/named/blobs/{sha256_file(NYDUS_BLOB_PATH)}"]

@@ -9,9 +9,11 @@ the reader refuses: it skips that one and goes on).
 """
 from __future__ import annotations
 
+import functools
 import time
+from collections.abc import Callable
 
-from erofs_tools._native_runs import file_runs_walk
+from erofs_tools._native_runs import file_runs_lists, file_runs_raw
 from erofs_tools.errors import ErofsToolsError
 
 Runs = tuple[list[bytes], list[tuple[int, int, int, int]]]
@@ -23,11 +25,20 @@ def data_runs(img, max_inodes: int = 1 << 22, pause_every: int = 0) -> Runs:
     runs are (file number in paths, blob index: device - 1, start, end), uncompressed
     offsets, in that order too. Unreadable entries are skipped. `pause_every`: the
     reader's walk (the fallback) lets other threads run every that many files."""
-    found = file_runs_walk(img.data, img.meta_off, img.blkszbits, img.root_nid,
-                           img.device_id_mask, len(img.devices), max_inodes)
-    if found is not None:
-        return found
-    return _reader_runs(img, max_inodes, pause_every)
+    return data_runs_later(img, max_inodes, pause_every)()
+
+
+def data_runs_later(img, max_inodes: int = 1 << 22, pause_every: int = 0
+                    ) -> Callable[[], Runs]:
+    """data_runs in two steps: the walk now (the C core's, the GIL released), its Python
+    lists when the function returned is called (a caller working beside other threads
+    makes them when those are done). The fallback walk is done whole now."""
+    raw = file_runs_raw(img.data, img.meta_off, img.blkszbits, img.root_nid,
+                        img.device_id_mask, len(img.devices), max_inodes)
+    if raw is not None:
+        return functools.partial(file_runs_lists, *raw)
+    found = _reader_runs(img, max_inodes, pause_every)
+    return lambda: found
 
 
 def _reader_runs(img, max_inodes: int, pause_every: int) -> Runs:

@@ -430,22 +430,25 @@ class RegistryBackend(Backend):
         image with the blob's size (for blobs named by their RAFS id, not their sha256),
         else `sha256:<blob id>`."""
         with self._map_lock:
-            d = self._digests.get(blob_id)
-            if d:
-                return d
-            want = "sha256:" + blob_id
-            d = want
-            layers = self._nydus_layers()
-            if layers and not any(x.digest == want for x in layers):
-                size = self._sizes.get(blob_id)
-                same = [x for x in layers if size and x.size == size]
-                if len(same) == 1:
-                    d = same[0].digest
-                    log.info("registry %s: blob %s is layer %s (matched by size)",
-                             self.reference, blob_id[:12], d)
-            if d != want or blob_id in self._sizes or not layers:
-                self._digests[blob_id] = d
+            return self._digest_locked(blob_id)
+
+    def _digest_locked(self, blob_id: str) -> str:
+        d = self._digests.get(blob_id)
+        if d:
             return d
+        want = "sha256:" + blob_id
+        d = want
+        layers = self._nydus_layers()
+        if layers and not any(x.digest == want for x in layers):
+            size = self._sizes.get(blob_id)
+            same = [x for x in layers if size and x.size == size]
+            if len(same) == 1:
+                d = same[0].digest
+                log.info("registry %s: blob %s is layer %s (matched by size)",
+                         self.reference, blob_id[:12], d)
+        if d != want or blob_id in self._sizes or not layers:
+            self._digests[blob_id] = d
+        return d
 
     def blob_size(self, blob_id: str) -> int:
         check_blob_id(blob_id)
@@ -460,10 +463,44 @@ class RegistryBackend(Backend):
             raise BackendUnavailableError(f"registry {self.reference}: layer {digest} not found")
         return size
 
+    def _digest_now(self, blob_id: str) -> str | None:
+        """digest_of(blob_id) if that does not wait for the image's manifest another
+        thread is reading (warm); else None."""
+        if not self._map_lock.acquire(blocking=False):
+            if self._layers is not None:    # the manifest is known: a short wait
+                return self.digest_of(blob_id)
+            return self._digests.get(blob_id)
+        try:
+            # the manifest is read by now, or read here by this thread (nobody warms)
+            return self._digest_locked(blob_id)
+        finally:
+            self._map_lock.release()
+
     def read(self, blob_id: str, offset: int, length: int) -> bytes:
         check_blob_id(blob_id)
+        digest = self._digest_now(blob_id)
+        if digest is not None:
+            return self._read_at(digest, offset, length)
+        # The manifest is still on its way (a mount's first reads: the blob's check runs
+        # beside the warming): read the layer of the Nydus convention, sha256:<blob id>,
+        # at once, then keep it only if the manifest maps the blob there (it does unless
+        # the blob is named by its RAFS id); else read again where it says. One registry
+        # round trip less on a cold mount's path.
+        guess = "sha256:" + blob_id
+        try:
+            data: bytes | None = self._read_at(guess, offset, length)
+            failed: ErofsToolsError | None = None
+        except ErofsToolsError as e:
+            data, failed = None, e
         digest = self.digest_of(blob_id)
+        if digest != guess:
+            return self._read_at(digest, offset, length)
+        if failed is not None:
+            raise failed
+        assert data is not None
+        return data
 
+    def _read_at(self, digest: str, offset: int, length: int) -> bytes:
         def one(c) -> bytes:
             data = c.read_blob_range(self.repository, digest, offset, length)
             if len(data) != length:

@@ -28,6 +28,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from erofs_tools.errors import CorruptImageError, ErofsToolsError
@@ -315,6 +316,8 @@ class BlobManager:
         self.on_complete = on_complete
         self.stats = BlobStats()
         self.meta_bytes_fetched = 0     # what opening it fetched of the chunk map (daemon)
+        # what the daemon does once the mount that opened it is made (its map file)
+        self.after_mount: list[Callable[[], None]] = []
         # zran: requests start at access points, often inside the last range fetched
         self._rawkeep = RawKeep() if getattr(meta, "zran", None) is not None else None
         self._lock = threading.Lock()
@@ -339,6 +342,13 @@ class BlobManager:
         # per chunk position: end of the longest file run starting at or covering it
         self._run_end: array.array | None = None
         self._cold: bytearray | None = None     # per chunk position: add_file_runs
+
+    def run_after_mount(self) -> None:
+        """Run (once) what waits in after_mount; a second caller at the same time may
+        run it again (the map file, written whole again)."""
+        work, self.after_mount = self.after_mount, []
+        for fn in work:
+            fn()
 
     def add_file_runs(self, runs, cold=()) -> None:
         """Learn where files' data runs end (image.file_runs) for file-aware readahead,

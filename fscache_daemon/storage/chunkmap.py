@@ -192,36 +192,43 @@ def _meta_from_pins(blob_id: str, entry, blob_size: int, pins) -> rblob.BlobMeta
 
 
 class PendingCheck:
-    """A blob's last-byte check (_fetch_meta) on a thread of its own, then, on that
-    thread, the map file (its table digest, its write), never written for a blob that
-    failed the check (a cached map skips it). `wait()` waits for the check alone and
-    raises what it raised: the map file (~20 ms for 27,000 chunks) is written after the
-    mount went on; one that fails to be written is made again by the next mount."""
+    """A blob's last-byte check (_fetch_meta) on a thread of its own. `wait()` waits for
+    it and raises what it raised; `write()` then makes the map file (its table digest,
+    its write: ~5-20 ms of CPU for 27,000 chunks), never for a blob that failed the
+    check. The daemon writes it after the mount (its after-mount thread): on the check's
+    thread it took the GIL from the mount's in the middle of the mount; one not written
+    (the mount failed, a crash) is made again by the next mount."""
 
     def __init__(self, check: Callable[[], None], then: Callable[[], None]):
         self._error: BaseException | None = None
         self._done = threading.Event()
+        self._then: Callable[[], None] | None = then
         # not threading.Thread, whose start() waits for the new thread to run (a few ms
         # of a mount when the GIL is busy)
-        _thread.start_new_thread(self._run, (check, then))
+        _thread.start_new_thread(self._run, (check,))
 
-    def _run(self, check: Callable[[], None], then: Callable[[], None]) -> None:
+    def _run(self, check: Callable[[], None]) -> None:
         try:
             check()
         except BaseException as e:  # noqa: BLE001 - raised again by wait()
             self._error = e
-            return
         finally:
             self._done.set()
-        try:
-            then()
-        except (OSError, ErofsToolsError) as e:
-            log.warning("chunk map not cached: %s", e)
 
     def wait(self) -> None:
         self._done.wait()
         if self._error is not None:
             raise self._error
+
+    def write(self) -> None:
+        """The map file, once (after a successful wait())."""
+        then, self._then = self._then, None
+        if then is None or not self._done.is_set() or self._error is not None:
+            return
+        try:
+            then()
+        except (OSError, ErofsToolsError) as e:
+            log.warning("chunk map not cached: %s", e)
 
 
 def _meta_from_table(blob_id: str, pins, made: list, ci: bytes, n: int, v2: bool,
@@ -350,8 +357,9 @@ def load_or_fetch_meta(directory, blob_id, backend, entry=None, blob_size=None,
     does not fit is left alone (another table's cache stays usable) and None is
     returned. With `pending` (a list), a map made from the pins is returned before the
     blob's check ends: a PendingCheck goes there (run on a thread of its own), whose
-    wait() the caller must call before the blob is used (it raises a failed check; the
-    map file is written after the check, on that thread). `early`: see _fetch_meta."""
+    wait() the caller must call before the blob is used (it raises a failed check), and
+    whose write() makes the map file when the caller chooses. `early`: see
+    _fetch_meta."""
     path = map_path(directory, key or blob_id)
     usize = getattr(entry, "uncompressed_size", None)
     if rzran.is_zran_entry(entry):
