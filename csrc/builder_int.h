@@ -188,7 +188,9 @@ struct erofs_builder {
     int werr_code;
     char werr[600];
     volatile uint64_t sbytes;
-    struct smeta *sm;       /* plain stream mode: records reserved among the data */
+    struct smeta *sm;       /* stream mode: records reserved among the data */
+    struct smitem *smq;     /* compressed (zsmeta.c): records and directories waiting */
+    uint32_t nsmq, capsmq;  /* for the pool's next commit, made on the caller's thread */
     uint64_t szero;         /* smeta: the first block after the last job's data */
     /* compression (compress_int.h): settings and, while files come in, the pool */
     struct zconf *zc;
@@ -273,7 +275,18 @@ INTERNAL int mpack_place(struct mpack *m, uint64_t len, int may_cross,
 INTERNAL uint64_t mpack_record_len(const erofs_builder *b, const struct node *n,
                                    int *may_cross);
 
+/* a record or directory the compression pool places at a commit (zsmeta.c) */
+struct smitem {
+    uint32_t node, len;     /* len: the record's bytes to reserve (0: none) */
+    uint32_t nblk;          /* a directory's blocks */
+    uint32_t startblk;      /* result: the first of them */
+    uint64_t soff;          /* result: the record's room (smeta.c's virtual area) */
+    uint8_t ok;             /* result: soff holds a reservation */
+};
+
 /* smeta.c: inode records placed among the streamed data, in tree-walk order */
+INTERNAL int smeta_room(erofs_builder *b, uint32_t len, uint64_t *poff);
+INTERNAL int zsm_push(erofs_builder *b, uint32_t node, uint32_t len, uint32_t nblk);
 INTERNAL int smeta_on(const erofs_builder *b);
 INTERNAL int smeta_reserve(erofs_builder *b, uint32_t node, uint32_t len);
 INTERNAL void smeta_pending(erofs_builder *b, uint32_t upto);

@@ -256,6 +256,11 @@ struct zjob {
     uint8_t *meta, *tailbuf;
     uint8_t *idata;           /* ztailpacking: inline tail after the index */
     uint32_t idata_len;
+    /* records among the data (zsmeta.c): those queued before this file, placed at its
+     * commit before its data, then its own (ilen: inode and xattrs, upper bound) */
+    struct smitem *pre, own;
+    uint32_t npre, ilen;
+    int smdone;
 };
 
 struct zpool {
@@ -277,5 +282,11 @@ struct zpool {
     struct zdedupe dd;            /* -Ededupe: the pclusters written so far */
     struct zroll roll;            /* -Ededupe: the same, by their output's first block */
 };
+
+/* zsmeta.c: records among the data for compressed images */
+INTERNAL void zsm_submit(erofs_builder *b, struct zjob *j);
+INTERNAL int zsm_commit(struct zpool *p, struct zjob *j, struct xfer *x);
+INTERNAL void zsm_done(erofs_builder *b, struct zjob *j, int ok);
+INTERNAL void zsm_finish(erofs_builder *b, struct zpool *p, int abort);
 
 #endif
