@@ -225,7 +225,10 @@ INTERNAL uint8_t *zfile_index(const struct zfile *zf, const struct zconf *zc, ui
 
 
 /* zstream.c: the compression thread pool, its jobs (a file, or a segment of one) */
-#define ZQMAX 4096                   /* submitted files not yet taken by a worker */
+/* submitted jobs not yet committed: a file stored plain holds no output, so only this
+ * bounds the finished ones waiting behind a slow one (without it /usr/share's 20,000
+ * small man pages waited at once, ~20 MiB of peak memory) */
+#define ZQMAX 4096
 #define PENDING_MAX (32ull << 20)   /* output held by finished, uncommitted files */
 
 struct zjob {

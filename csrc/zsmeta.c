@@ -43,7 +43,11 @@ void zsm_submit(erofs_builder *b, struct zjob *j)
     if (!b->sm)
         return;
     smeta_pending(b, j->node);
-    j->pre = b->smq;
+    /* (exactly as long as needed: every committed job keeps its items until the pool
+     * stops, and the queue's capacity of 64 items per job was 2 KiB each, ~20 MiB of
+     * peak memory on /usr/share) */
+    struct smitem *q = b->nsmq ? realloc(b->smq, (size_t)b->nsmq * sizeof(*q)) : NULL;
+    j->pre = q ? q : b->smq;        /* (a smaller block cannot fail, but if it did) */
     j->npre = b->nsmq;
     b->smq = NULL;
     b->nsmq = b->capsmq = 0;

@@ -317,6 +317,7 @@ static void commit_ready(struct zpool *p, struct xfer *x)
         j->path = NULL;
         pthread_mutex_lock(&p->mu);
         p->pending -= j->held;
+        p->queued--;
         p->head = j->next;
         if (!p->head)
             p->tail = NULL;
@@ -331,6 +332,7 @@ static void commit_ready(struct zpool *p, struct xfer *x)
             set_err(p, r, x->err);
         pthread_cond_broadcast(&p->cv_turn);
         pthread_cond_broadcast(&p->cv_job);
+        pthread_cond_signal(&p->cv_space);
     }
 }
 
@@ -359,9 +361,7 @@ static void *zworker(void *arg)
         if (!j || p->abort)
             break;
         p->claim = j->next;
-        p->queued--;
         j->state = 1;
-        pthread_cond_signal(&p->cv_space);
         int skip = p->err_code != 0;
         pthread_mutex_unlock(&p->mu);
         c = &cs[j->ccfg];
@@ -370,6 +370,14 @@ static void *zworker(void *arg)
             r = xfail(&x, ERN_ENOMEM, "%s", c->err);
         if (!skip && !r)
             r = run_zjob(p, c, &x, j);
+        /* a whole file stored plain: its compressed output is never used (the commit
+         * copies the source), so it goes now, not after waiting for its turn */
+        if (j->zf.plain && !j->first && !j->acc) {
+            uint64_t size = j->zf.size;
+            zfile_free(&j->zf);
+            j->zf.plain = 1;
+            j->zf.size = size;
+        }
         pthread_mutex_lock(&p->mu);
         if (r)
             set_err(p, r, x.err);
