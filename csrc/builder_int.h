@@ -272,6 +272,7 @@ INTERNAL void mpack_free(struct mpack *m);
 INTERNAL int mpack_place(struct mpack *m, uint64_t len, int may_cross,
                          uint64_t (*fit)(const void *ctx, uint64_t off), const void *ctx,
                          uint64_t *pout);
+INTERNAL int mpack_fill(struct mpack *m, uint64_t len, uint64_t *pout);
 INTERNAL uint64_t mpack_record_len(const erofs_builder *b, const struct node *n,
                                    int *may_cross);
 
@@ -292,6 +293,7 @@ INTERNAL int smeta_reserve(erofs_builder *b, uint32_t node, uint32_t len);
 INTERNAL void smeta_pending(erofs_builder *b, uint32_t upto);
 INTERNAL int smeta_dir(erofs_builder *b, uint32_t node, const char *names,
                        const uint32_t *offs, uint32_t n);
+INTERNAL int smeta_fill(erofs_builder *b, struct node *n, uint64_t len);
 INTERNAL uint64_t smeta_off(const erofs_builder *b, const struct node *n);
 INTERNAL uint32_t smeta_pre_lo(erofs_builder *b, uint64_t lo);
 INTERNAL void smeta_free(erofs_builder *b);

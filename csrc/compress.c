@@ -329,6 +329,16 @@ void zfile_free(struct zfile *zf)
     memset(zf, 0, sizeof(*zf));
 }
 
+/* a whole file stored plain: its output and extents dropped (the commit copies the
+ * source; thousands of small files may wait for their commits at once) */
+void zfile_drop_output(struct zfile *zf)
+{
+    uint64_t size = zf->size;
+    zfile_free(zf);
+    zf->plain = 1;
+    zf->size = size;
+}
+
 /* room for len more bytes of output */
 static int out_reserve(struct zfile *zf, uint64_t len)
 {

@@ -217,6 +217,7 @@ INTERNAL int zfile_gather(struct zfile *acc, struct zfile *seg);
 /* 1: the file's pclusters and index would not be smaller than the file (store it plain) */
 INTERNAL int zfile_plain(const struct zfile *zf, uint32_t bs);
 INTERNAL void zfile_free(struct zfile *zf);
+INTERNAL void zfile_drop_output(struct zfile *zf);
 
 /* zindex.c: the map header and full index of a compressed file whose extents have
  * their blocks (zext.blk) -> malloc'ed bytes (NULL: out of memory) */

@@ -370,14 +370,8 @@ static void *zworker(void *arg)
             r = xfail(&x, ERN_ENOMEM, "%s", c->err);
         if (!skip && !r)
             r = run_zjob(p, c, &x, j);
-        /* a whole file stored plain: its compressed output is never used (the commit
-         * copies the source), so it goes now, not after waiting for its turn */
-        if (j->zf.plain && !j->first && !j->acc) {
-            uint64_t size = j->zf.size;
-            zfile_free(&j->zf);
-            j->zf.plain = 1;
-            j->zf.size = size;
-        }
+        if (j->zf.plain && !j->first && !j->acc)
+            zfile_drop_output(&j->zf);      /* now, not after waiting for its commit */
         pthread_mutex_lock(&p->mu);
         if (r)
             set_err(p, r, x.err);
