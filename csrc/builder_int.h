@@ -188,7 +188,9 @@ struct erofs_builder {
     int werr_code;
     char werr[600];
     volatile uint64_t sbytes;
-    struct smeta *sm;       /* plain stream mode: records reserved among the data */
+    struct smeta *sm;       /* stream mode: records reserved among the data */
+    struct smitem *smq;     /* compressed (zsmeta.c): records and directories waiting */
+    uint32_t nsmq, capsmq;  /* for the pool's next commit, made on the caller's thread */
     uint64_t szero;         /* smeta: the first block after the last job's data */
     /* compression (compress_int.h): settings and, while files come in, the pool */
     struct zconf *zc;
@@ -270,15 +272,28 @@ INTERNAL void mpack_free(struct mpack *m);
 INTERNAL int mpack_place(struct mpack *m, uint64_t len, int may_cross,
                          uint64_t (*fit)(const void *ctx, uint64_t off), const void *ctx,
                          uint64_t *pout);
+INTERNAL int mpack_fill(struct mpack *m, uint64_t len, uint64_t *pout);
 INTERNAL uint64_t mpack_record_len(const erofs_builder *b, const struct node *n,
                                    int *may_cross);
 
+/* a record or directory the compression pool places at a commit (zsmeta.c) */
+struct smitem {
+    uint32_t node, len;     /* len: the record's bytes to reserve (0: none) */
+    uint32_t nblk;          /* a directory's blocks */
+    uint32_t startblk;      /* result: the first of them */
+    uint64_t soff;          /* result: the record's room (smeta.c's virtual area) */
+    uint8_t ok;             /* result: soff holds a reservation */
+};
+
 /* smeta.c: inode records placed among the streamed data, in tree-walk order */
+INTERNAL int smeta_room(erofs_builder *b, uint32_t len, uint64_t *poff);
+INTERNAL int zsm_push(erofs_builder *b, uint32_t node, uint32_t len, uint32_t nblk);
 INTERNAL int smeta_on(const erofs_builder *b);
 INTERNAL int smeta_reserve(erofs_builder *b, uint32_t node, uint32_t len);
 INTERNAL void smeta_pending(erofs_builder *b, uint32_t upto);
 INTERNAL int smeta_dir(erofs_builder *b, uint32_t node, const char *names,
                        const uint32_t *offs, uint32_t n);
+INTERNAL int smeta_fill(erofs_builder *b, struct node *n, uint64_t len);
 INTERNAL uint64_t smeta_off(const erofs_builder *b, const struct node *n);
 INTERNAL uint32_t smeta_pre_lo(erofs_builder *b, uint64_t lo);
 INTERNAL void smeta_free(erofs_builder *b);

@@ -329,13 +329,26 @@ void zfile_free(struct zfile *zf)
     memset(zf, 0, sizeof(*zf));
 }
 
+/* a whole file stored plain: its output and extents dropped (the commit copies the
+ * source; thousands of small files may wait for their commits at once) */
+void zfile_drop_output(struct zfile *zf)
+{
+    uint64_t size = zf->size;
+    zfile_free(zf);
+    zf->plain = 1;
+    zf->size = size;
+}
+
 /* room for len more bytes of output */
 static int out_reserve(struct zfile *zf, uint64_t len)
 {
     uint64_t have = zf->dlen - zf->flushed;
     if (have + len <= zf->dcap)
         return 0;
-    uint64_t nc = zf->dcap ? zf->dcap * 2 : 65536;
+    /* (the first buffer no larger than the file's blocks: most files are small, and
+     * thousands may wait for their commit at once) */
+    uint64_t first = zf->size < 65536 ? (zf->size + 4095) / 4096 * 4096 : 65536;
+    uint64_t nc = zf->dcap ? zf->dcap * 2 : (first ? first : 4096);
     while (nc < have + len)
         nc *= 2;
     uint8_t *p;

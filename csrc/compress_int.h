@@ -217,6 +217,7 @@ INTERNAL int zfile_gather(struct zfile *acc, struct zfile *seg);
 /* 1: the file's pclusters and index would not be smaller than the file (store it plain) */
 INTERNAL int zfile_plain(const struct zfile *zf, uint32_t bs);
 INTERNAL void zfile_free(struct zfile *zf);
+INTERNAL void zfile_drop_output(struct zfile *zf);
 
 /* zindex.c: the map header and full index of a compressed file whose extents have
  * their blocks (zext.blk) -> malloc'ed bytes (NULL: out of memory) */
@@ -225,7 +226,10 @@ INTERNAL uint8_t *zfile_index(const struct zfile *zf, const struct zconf *zc, ui
 
 
 /* zstream.c: the compression thread pool, its jobs (a file, or a segment of one) */
-#define ZQMAX 4096                   /* submitted files not yet taken by a worker */
+/* submitted jobs not yet committed: a file stored plain holds no output, so only this
+ * bounds the finished ones waiting behind a slow one (without it /usr/share's 20,000
+ * small man pages waited at once, ~20 MiB of peak memory) */
+#define ZQMAX 4096
 #define PENDING_MAX (32ull << 20)   /* output held by finished, uncommitted files */
 
 struct zjob {
@@ -256,6 +260,11 @@ struct zjob {
     uint8_t *meta, *tailbuf;
     uint8_t *idata;           /* ztailpacking: inline tail after the index */
     uint32_t idata_len;
+    /* records among the data (zsmeta.c): those queued before this file, placed at its
+     * commit before its data, then its own (ilen: inode and xattrs, upper bound) */
+    struct smitem *pre, own;
+    uint32_t npre, ilen;
+    int smdone;
 };
 
 struct zpool {
@@ -277,5 +286,11 @@ struct zpool {
     struct zdedupe dd;            /* -Ededupe: the pclusters written so far */
     struct zroll roll;            /* -Ededupe: the same, by their output's first block */
 };
+
+/* zsmeta.c: records among the data for compressed images */
+INTERNAL void zsm_submit(erofs_builder *b, struct zjob *j);
+INTERNAL int zsm_commit(struct zpool *p, struct zjob *j, struct xfer *x);
+INTERNAL void zsm_done(erofs_builder *b, struct zjob *j, int ok);
+INTERNAL void zsm_finish(erofs_builder *b, struct zpool *p, int abort);
 
 #endif

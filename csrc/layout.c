@@ -559,6 +559,8 @@ static int place_inodes(erofs_builder *b, struct layout_state *st)
         n->sres = 0;
         struct zfit_ctx zc = { n, blksz };
         uint64_t off;
+        if (b->sm && pi && !n->ztail_len && !smeta_fill(b, n, len))
+            continue;       /* (room left among the data; not the root: its nid is small) */
         int r = mpack_place(&m, len, may_cross, n->ztail_len ? zfit : NULL, &zc, &off);
         if (r) {
             mpack_free(&m);

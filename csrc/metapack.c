@@ -216,6 +216,20 @@ int mpack_place(struct mpack *m, uint64_t len, int may_cross,
     return 0;
 }
 
+/* a record of len bytes into the free room of a block taken so far only (best fit; not
+ * at the area's end) -> 0 and *pout, or 1 when none has the room */
+int mpack_fill(struct mpack *m, uint64_t len, uint64_t *pout)
+{
+    uint32_t blk = len && len <= m->blksz ? best_fit(m, len) : NOBLK;
+    if (blk == NOBLK)
+        return 1;
+    uint64_t off = blk_of(m, blk) * m->blksz + m->lo[blk];
+    if (take(m, off, len))
+        return 1;
+    *pout = off;
+    return 0;
+}
+
 /* the bytes of a node's record in the inode area; *may_cross: it may run over a block
  * boundary (no inline tail) */
 uint64_t mpack_record_len(const erofs_builder *b, const struct node *n, int *may_cross)

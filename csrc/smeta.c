@@ -54,6 +54,8 @@ void smeta_free(erofs_builder *b)
         return;
     mpack_free(&b->sm->m);
     free(b->sm->blk);
+    free(b->smq);
+    b->smq = NULL;
     free(b->sm);
     b->sm = NULL;
 }
@@ -62,12 +64,23 @@ void smeta_free(erofs_builder *b)
  * the virtual area is the stream's next block. -> 0, or 1 when not reserved */
 int smeta_reserve(erofs_builder *b, uint32_t node, uint32_t len)
 {
-    uint32_t blksz = b->blksz;
     struct node *n = &b->nodes[node];
-    if (n->sres || len == 0 || len > blksz)
+    uint64_t off;
+    if (n->sres || smeta_room(b, len, &off))
         return 1;
+    n->soff = off;
+    n->slen = len;
+    n->sres = 1;
+    return 0;
+}
+
+/* room for len bytes in the virtual area (without a node: the compression pool's
+ * commit reserves through it, zsmeta.c) -> 0, or 1 when none */
+int smeta_room(erofs_builder *b, uint32_t len, uint64_t *poff)
+{
+    uint32_t blksz = b->blksz;
     struct smeta *s = b->sm;
-    if (!s)
+    if (!s || len == 0 || len > blksz)
         return 1;
     uint64_t off;
     if (mpack_place(&s->m, len, 0, NULL, NULL, &off))
@@ -84,9 +97,7 @@ int smeta_reserve(erofs_builder *b, uint32_t node, uint32_t len)
         }
         s->blk[s->nblk++] = b->scur++;
     }
-    n->soff = off;
-    n->slen = len;
-    n->sres = 1;
+    *poff = off;
     return 0;
 }
 
@@ -121,7 +132,9 @@ void smeta_pending(erofs_builder *b, uint32_t upto)
             n->dkind == D_SPARSE || n->dkind == D_CHUNKS)
             continue;
         uint32_t len = bare_len(b, n);
-        if (len)
+        if (len && b->zp)
+            zsm_push(b, i, len, 0);     /* placed at the pool's next commit */
+        else if (len)
             smeta_reserve(b, i, len);
     }
     if (upto > s->next)
@@ -133,7 +146,7 @@ void smeta_pending(erofs_builder *b, uint32_t upto)
 int smeta_dir(erofs_builder *b, uint32_t node, const char *names, const uint32_t *offs,
               uint32_t cnt)
 {
-    if (!b->sm && node == b->root && b->worker_on && !b->zp && b->o.stream_data &&
+    if (!b->sm && node == b->root && b->worker_on && b->o.stream_data &&
         !b->o.first_nid && !b->o.meta_blkaddr && !b->ndevs && !b->nputs)
         sm_new(b);
     if (!b->sm || node >= b->nnodes || cnt > 65000)
@@ -154,6 +167,12 @@ int smeta_dir(erofs_builder *b, uint32_t node, const char *names, const uint32_t
         n->soff = 0;
         n->slen = (uint32_t)len;
         n->sres = 2;
+        if (b->zp && zsm_push(b, node, 0, (uint32_t)nblk))
+            return 0;
+    } else if (b->zp) {
+        /* compressed: the record and blocks at the pool's next commit (zsmeta.c) */
+        if (zsm_push(b, node, (uint32_t)(len <= blksz ? len : 0), (uint32_t)nblk))
+            return 0;
     } else if (smeta_reserve(b, node, (uint32_t)(len <= blksz ? len : 0))) {
         return 0;
     }
@@ -161,8 +180,10 @@ int smeta_dir(erofs_builder *b, uint32_t node, const char *names, const uint32_t
     n->sdir = 1;
     n->sdir_size = size;
     n->stream_inline = (uint8_t)inl;
-    n->startblk = nblk ? (uint32_t)b->scur : (inl ? EROFS_NULL_ADDR : 0);
-    b->scur += nblk;
+    /* (compressed: a directory's first block is set when the pool placed it) */
+    n->startblk = nblk && !b->zp ? (uint32_t)b->scur : (inl ? EROFS_NULL_ADDR : 0);
+    if (!b->zp)
+        b->scur += nblk;
     if (b->scur > 0xFFFFFFFFull)
         return fail(b, ERN_ELIMIT, "image larger than 2^32 blocks");
     return 0;
@@ -177,6 +198,22 @@ uint32_t smeta_pre_lo(erofs_builder *b, uint64_t lo)
         rt->sres = 0;               /* (the superblock area grew since) */
     uint64_t pre = rt->sres == 2 ? b->sm->root_off + rt->slen : lo;
     return pre < b->blksz ? (uint32_t)pre : 0;
+}
+
+/* at the layout, a record not reserved (or grown past its room): into the room left
+ * free in the blocks taken among the data, if some has it -> 0 (n's offset and nid set).
+ * Packed online in walk order those blocks keep ~2 % free (/usr/share -z lz4hc); what
+ * went to the inode area after the data (files written in place while compressed,
+ * records that outgrew their room) fills part of it */
+int smeta_fill(erofs_builder *b, struct node *n, uint64_t len)
+{
+    struct smeta *s = b->sm;
+    uint64_t off;
+    if (!s || mpack_fill(&s->m, len, &off))
+        return 1;
+    n->meta_off = s->blk[off / b->blksz] * b->blksz + off % b->blksz;
+    n->nid = n->meta_off / EROFS_SLOT_SIZE;     /* (nids count from block 0) */
+    return 0;
 }
 
 /* the image offset of a reserved record */

@@ -108,7 +108,7 @@ static int become_oldest(struct flush_arg *fa)
         while ((p->head != j || p->committing) && !p->err_code && !p->abort)
             pthread_cond_wait(&p->cv_turn, &p->mu);
         int bad = p->err_code || p->abort;
-        if (!bad) {
+        if (!bad && !(bad = zsm_commit(p, j, fa->x))) {
             /* nobody allocates blocks while the oldest file is unfinished */
             j->direct = 1;
             j->base = b->scur;
@@ -209,9 +209,11 @@ static int commit(struct zpool *p, struct zjob *j, struct xfer *x)
 {
     erofs_builder *b = p->b;
     uint32_t bs = b->blksz;
+    int r = zsm_commit(p, j, x);      /* records before the data (zsmeta.c) */
+    if (r)
+        return r;
     uint64_t base = j->direct ? j->base : b->scur;
     struct zfile *zf = &j->zf;
-    int r = 0;
     if (!zf->plain) {
         if (base + zf->nblocks > 0xFFFFFFFFull)
             return xfail(x, ERN_ELIMIT, "image larger than 2^32 blocks");
@@ -315,6 +317,7 @@ static void commit_ready(struct zpool *p, struct xfer *x)
         j->path = NULL;
         pthread_mutex_lock(&p->mu);
         p->pending -= j->held;
+        p->queued--;
         p->head = j->next;
         if (!p->head)
             p->tail = NULL;
@@ -329,6 +332,7 @@ static void commit_ready(struct zpool *p, struct xfer *x)
             set_err(p, r, x->err);
         pthread_cond_broadcast(&p->cv_turn);
         pthread_cond_broadcast(&p->cv_job);
+        pthread_cond_signal(&p->cv_space);
     }
 }
 
@@ -357,9 +361,7 @@ static void *zworker(void *arg)
         if (!j || p->abort)
             break;
         p->claim = j->next;
-        p->queued--;
         j->state = 1;
-        pthread_cond_signal(&p->cv_space);
         int skip = p->err_code != 0;
         pthread_mutex_unlock(&p->mu);
         c = &cs[j->ccfg];
@@ -368,6 +370,8 @@ static void *zworker(void *arg)
             r = xfail(&x, ERN_ENOMEM, "%s", c->err);
         if (!skip && !r)
             r = run_zjob(p, c, &x, j);
+        if (j->zf.plain && !j->first && !j->acc)
+            zfile_drop_output(&j->zf);      /* now, not after waiting for its commit */
         pthread_mutex_lock(&p->mu);
         if (r)
             set_err(p, r, x.err);
@@ -506,6 +510,7 @@ int zpool_submit(erofs_builder *b, uint32_t node, const char *path, size_t pathl
         free(j);
         return fail(b, ERN_ENOMEM, "out of memory");
     }
+    zsm_submit(b, j);      /* (on the first job only: not copied to the segments) */
     pthread_mutex_lock(&p->mu);
     while (p->queued >= ZQMAX && !p->err_code)
         pthread_cond_wait(&p->cv_space, &p->mu);
@@ -528,6 +533,7 @@ int zpool_submit(erofs_builder *b, uint32_t node, const char *path, size_t pathl
         for (struct zjob *k = j; k;) {
             struct zjob *nx = k->next;
             zjob_drop_acc(k);
+            zsm_done(b, k, 0);
             free(k->path);
             free(k);
             k = nx;
@@ -614,6 +620,7 @@ int zpool_stop(erofs_builder *b, int abort)
     for (uint32_t i = 0; i < p->nth; i++)
         pthread_join(p->th[i], NULL);
     b->worker_on = 0;
+    zsm_finish(b, p, abort);        /* records queued after the last file */
     int code = p->err_code;
     if (!code && !abort && p->head)
         code = fail(b, ERN_EINVAL, "compression stopped with files left");
@@ -629,6 +636,7 @@ int zpool_stop(erofs_builder *b, int abort)
     for (struct zjob *j = p->dhead; j;) {
         struct zjob *nx = j->next;
         zjob_drop_acc(j);
+        zsm_done(b, j, !code && !abort);
         if (!code && !abort && !j->midseg) {
             struct node *n = &b->nodes[j->node];
             n->startblk = j->startblk;
@@ -658,6 +666,7 @@ int zpool_stop(erofs_builder *b, int abort)
         struct zjob *nx = j->next;
         zfile_free(&j->zf);
         zjob_drop_acc(j);
+        zsm_done(b, j, 0);
         free(j->path);
         free(j);
         j = nx;
@@ -687,11 +696,4 @@ int erofs_node_set_zhint(erofs_builder *b, uint32_t node, uint32_t pcluster_size
     n->zalg = (uint8_t)alg;
     n->zps = pcluster_size;
     return 0;
-}
-
-/* bytes after the inode and its xattrs: padding to 8, map header, index */
-uint32_t zmeta_extra(const struct node *n)
-{
-    uint32_t end = inode_size(n) + n->xattr_isize;
-    return (uint32_t)(align_up(end, 8) - end) + n->zmeta_len + n->ztail_len;
 }

@@ -56,7 +56,17 @@ def walk_blocks(mnt, blksz=4096):
     return seq
 
 
-def test_plain_image_blocks_in_walk_order(tmp_path):
+def text(size, seed):
+    """Compressible bytes (about 1/3 of their size with lz4hc)."""
+    words = b"%d erofs %x block inode %o" % (seed, seed * 7, seed * 3)
+    out = bytearray()
+    while len(out) < size:
+        out += words + os.urandom(2).hex().encode() + b"\n"
+    return bytes(out[:size])
+
+
+@pytest.mark.parametrize("args", [(), ("-z", "lz4hc")], ids=["plain", "lz4hc"])
+def test_image_blocks_in_walk_order(tmp_path, args):
     require_root_kernel()
     src = tmp_path / "src"
     for d in ("a", "a/x", "a/x/deep", "b", "c"):
@@ -64,14 +74,17 @@ def test_plain_image_blocks_in_walk_order(tmp_path):
     sizes = [0, 17, 900, 3000, 4096, 5000, 9000, 40000, 70001]
     for d in ("", "a", "a/x", "a/x/deep", "b", "c"):
         for i, size in enumerate(sizes * 4):
-            (src / d / f"f{i:03d}").write_bytes(os.urandom(size))
+            data = text(size, i) if args and i % 3 else os.urandom(size)
+            (src / d / f"f{i:03d}").write_bytes(data)
         os.symlink("f001", src / d / "ln")
     for i in range(300):                     # a directory of several blocks
         (src / "c" / f"{'n' * 60}{i:04d}").write_bytes(b"%d" % i)
     img = tmp_path / "p.img"
-    mkfs_and_check(img, src, "-T", "0", ignore=("mtime_ns",))
+    mkfs_and_check(img, src, "-T", "0", *args, ignore=("mtime_ns",))
     with mounted(img) as mnt:
         seq = walk_blocks(mnt)
+    data = sum(p.stat().st_size for p in src.rglob("*") if p.is_file() and not p.is_symlink())
+    assert (img.stat().st_size < 0.8 * data) == bool(args)    # compressed files among them
     seen, last, back = set(), -1, []
     for blocks in seq:
         new = [b for b in blocks if b not in seen]

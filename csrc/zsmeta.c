@@ -1,0 +1,197 @@
+/* erofs-tools C core: inode records among the data for compressed images.
+ *
+ * What smeta.c does for plain stream mode, through the compression pool (zstream.c):
+ * there blocks are placed by the in-order commit on a worker thread, so the caller's
+ * thread does not reserve anything itself. The records and blocks of the directories
+ * it opens and the records of nodes without data (symlinks, devices, empty files) are
+ * queued (zsm_push) and handed to the next file submitted (zsm_submit); its commit
+ * places them first, then the file's own record (its size known then: the inode with
+ * its xattrs as an upper bound, the compact index, the inline tail), then its data. A
+ * reader walking the tree then finds each record in a block right before the data it
+ * reads next. Every placement happens at a commit, in submission order, so the image
+ * does not depend on the number of threads. A file written in place while compressed
+ * (large outputs, segments), or with an inline pcluster, keeps its record in the inode
+ * area after the data. The results go to the nodes in zpool_stop (workers never touch
+ * b->nodes).
+ */
+#include "compress_int.h"
+
+int zsm_push(erofs_builder *b, uint32_t node, uint32_t len, uint32_t nblk)
+{
+    if (!len && !nblk)
+        return 0;
+    if (b->nsmq == b->capsmq) {
+        uint32_t ncap = b->capsmq ? b->capsmq * 2 : 64;
+        struct smitem *q = realloc(b->smq, (size_t)ncap * sizeof(*q));
+        if (!q)
+            return fail(b, ERN_ENOMEM, "out of memory");
+        b->smq = q;
+        b->capsmq = ncap;
+    }
+    struct smitem *it = &b->smq[b->nsmq++];
+    memset(it, 0, sizeof(*it));
+    it->node = node;
+    it->len = len;
+    it->nblk = nblk;
+    return 0;
+}
+
+/* on the caller's thread, before the file's job is queued: what was queued so far
+ * goes with it, and its record's inode part as far as known now */
+void zsm_submit(erofs_builder *b, struct zjob *j)
+{
+    if (!b->sm)
+        return;
+    smeta_pending(b, j->node);
+    /* (exactly as long as needed: every committed job keeps its items until the pool
+     * stops, and the queue's capacity of 64 items per job was 2 KiB each, ~20 MiB of
+     * peak memory on /usr/share) */
+    struct smitem *q = b->nsmq ? realloc(b->smq, (size_t)b->nsmq * sizeof(*q)) : NULL;
+    j->pre = q ? q : b->smq;        /* (a smaller block cannot fail, but if it did) */
+    j->npre = b->nsmq;
+    b->smq = NULL;
+    b->nsmq = b->capsmq = 0;
+    const struct node *n = &b->nodes[j->node];
+    j->ilen = stream_inode_size(b, n) + n->xa_max;
+}
+
+static int place_items(erofs_builder *b, struct smitem *it, uint32_t cnt)
+{
+    for (uint32_t i = 0; i < cnt; i++) {
+        it[i].ok = it[i].len && !smeta_room(b, it[i].len, &it[i].soff);
+        it[i].startblk = (uint32_t)b->scur;
+        b->scur += it[i].nblk;
+    }
+    return b->scur > 0xFFFFFFFFull ? ERN_ELIMIT : 0;
+}
+
+/* the compact index's length for nlc lclusters starting at mpos (as zindex_compact
+ * lays it out: 4-byte packs until the 2-byte ones are 32-byte aligned) */
+static uint64_t compact_len(uint64_t nlc, uint32_t mpos)
+{
+    uint64_t init4 = (32 - mpos % 32) / 4 % 8, n2b = 0, end4 = nlc;
+    if (init4 > nlc) {
+        init4 = 0;
+    } else {
+        n2b = (nlc - init4) / 16 * 16;
+        end4 = nlc - init4 - n2b;
+    }
+    return sizeof(struct z_erofs_map_header) + init4 * 4 + n2b * 2 + (end4 + 1) / 2 * 8;
+}
+
+/* an upper bound of a finished file's record: inode and xattrs, then the inline tail
+ * (stored plain) or the padding to 8, the index and the inline pcluster */
+static uint64_t own_len(struct zpool *p, struct zjob *j)
+{
+    const erofs_builder *b = p->b;
+    const struct zfile *zf = &j->zf;
+    if (zf->plain)
+        return align_up((uint64_t)j->ilen + j->tail, EROFS_SLOT_SIZE);
+    uint64_t nlc = (zf->size + b->blksz - 1) / b->blksz;
+    int full = b->o.compress_full_index;
+    /* (an inode or xattrs of another size than known now move the index: then the
+     * record outgrows its room and goes to the inode area) */
+    uint32_t mpos = (uint32_t)align_up(j->ilen, 8) + (uint32_t)sizeof(struct z_erofs_map_header);
+    uint64_t idx = full ? Z_INDEX_START + nlc * sizeof(struct z_erofs_lcluster_index)
+                        : compact_len(nlc, mpos);
+    return align_up(align_up(j->ilen, 8) + idx + zf->idata_len, EROFS_SLOT_SIZE);
+}
+
+static int write_zeros(struct xfer *x, int fd, uint64_t off, uint64_t len)
+{
+    static const uint8_t zeros[65536];
+    for (uint64_t e = off + len; off < e;) {
+        size_t n = e - off > sizeof(zeros) ? sizeof(zeros) : (size_t)(e - off);
+        if (x) {
+            int r = x_pwrite(x, zeros, n, off);
+            if (r)
+                return r;
+        } else if (pwrite(fd, zeros, n, (off_t)off) != (ssize_t)n) {
+            return ERN_EIO;
+        }
+        off += n;
+    }
+    return 0;
+}
+
+/* at the file's turn to place blocks (its commit, or when it starts writing in place):
+ * the queued records and directories, then its own record when known now. The blocks
+ * taken are written with zeros now, so the image file has no holes the final write
+ * fills later elsewhere on disk */
+int zsm_commit(struct zpool *p, struct zjob *j, struct xfer *x)
+{
+    erofs_builder *b = p->b;
+    if (!b->sm || j->smdone)
+        return 0;
+    j->smdone = 1;
+    uint64_t s0 = b->scur;
+    if (place_items(b, j->pre, j->npre))
+        return xfail(x, ERN_ELIMIT, "image larger than 2^32 blocks");
+    /* (not with -Ededupe or -Efragments, whose index form is decided later, nor for
+     * an inline pcluster (-Eztailpacking): those records go to the inode area, packed
+     * best fit decreasing; the online packing here lost 10 blocks of 622 on
+     * /usr/lib/python3.11 -Eztailpacking, which went over mkfs.erofs's image) */
+    if (!j->direct && !j->first && !j->acc && !j->packed && !p->zc->dedupe && !p->zc->frags) {
+        uint64_t len = j->zf.idata_len ? UINT64_MAX : own_len(p, j);
+        j->own.node = j->node;
+        j->own.len = len <= b->blksz ? (uint32_t)len : 0;
+        place_items(b, &j->own, 1);
+    }
+    return write_zeros(x, -1, s0 * b->blksz, (b->scur - s0) * b->blksz);
+}
+
+static void apply(erofs_builder *b, const struct smitem *it, uint32_t cnt)
+{
+    for (uint32_t i = 0; i < cnt; i++) {
+        struct node *n = &b->nodes[it[i].node];
+        if (it[i].ok && !n->sres) {
+            n->soff = it[i].soff;
+            n->slen = it[i].len;
+            n->sres = 1;
+        }
+        if (it[i].nblk)
+            n->startblk = it[i].startblk;
+    }
+}
+
+/* a job leaving the pool: its results to the nodes (if the build goes on) */
+void zsm_done(erofs_builder *b, struct zjob *j, int ok)
+{
+    if (ok && j->smdone) {
+        apply(b, j->pre, j->npre);
+        apply(b, &j->own, 1);
+    }
+    free(j->pre);
+    j->pre = NULL;
+    j->npre = 0;
+}
+
+/* the pool stopped (every file committed): what was queued after the last file, on
+ * the caller's thread */
+void zsm_finish(erofs_builder *b, struct zpool *p, int abort)
+{
+    if (b->sm && !abort && !p->err_code) {
+        smeta_pending(b, b->nnodes);
+        uint64_t s0 = b->scur;
+        int r = place_items(b, b->smq, b->nsmq);
+        if (!r)
+            r = write_zeros(NULL, b->sfd, s0 * b->blksz, (b->scur - s0) * b->blksz);
+        if (r) {
+            p->err_code = r;
+            snprintf(p->err, sizeof(p->err), "%s", r == ERN_ELIMIT ?
+                     "image larger than 2^32 blocks" : "writing the image failed");
+        } else {
+            apply(b, b->smq, b->nsmq);
+        }
+    }
+    free(b->smq);
+    b->smq = NULL;
+    b->nsmq = b->capsmq = 0;
+}
+
+/* bytes after the inode and its xattrs: padding to 8, map header, index */
+uint32_t zmeta_extra(const struct node *n)
+{
+    uint32_t end = inode_size(n) + n->xattr_isize;
+    return (uint32_t)(align_up(end, 8) - end) + n->zmeta_len + n->ztail_len;
+}
