@@ -64,11 +64,18 @@ def anchor_line(info: dict) -> str:
 def goal(name: str, value: float, op: str, target: float) -> dict:
     """A goal as measured: {"goal", "value", "met"}; op is "<=" or ">="."""
     met = value <= target if op == "<=" else value >= target
-    return {"goal": f"{name} {op} {target}", "value": round(value, 3), "met": met}
+    shown = round(value, 3)
+    # judged on the exact value; shown with the digits that tell why (1.0000094 is not
+    # met, though it rounds to 1.0)
+    if (shown <= target if op == "<=" else shown >= target) != met:
+        shown = round(value, 7)
+    return {"goal": f"{name} {op} {target}", "value": shown, "met": met}
 
 
 def goal_line(g: dict) -> str:
-    return f"goal {g['goal']}: {'met' if g['met'] else 'NOT met'} ({g['value']:.3f})"
+    v = g["value"]
+    shown = f"{v:.3f}" if round(v, 3) == v else f"{v}"
+    return f"goal {g['goal']}: {'met' if g['met'] else 'NOT met'} ({shown})"
 
 
 def is_root(prog: str) -> bool:
