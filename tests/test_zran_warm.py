@@ -3,17 +3,13 @@ the mount gets exactly the map it would have fetched, through the same backend o
 and blob entry only; a warm that failed leaves the mount to fetch and report; bounded
 count and lifetime. The snapshotter's use (warm at the bootstrap layer's commit, taken
 by the container's lazy mount) runs in tests/test_zran_snapshotter.py."""
-import hashlib
-import io
 import os
 import threading
 
 import pytest
 from test_storage_support import CountingBackend
-from test_zran_coldpath import _layer
+from test_zran_coldpath import zran_blob  # noqa: F401
 
-from erofs_tools.builder.zran import pack_zran_layer
-from erofs_tools.reader.image import Image
 from fscache_daemon import zranwarm
 from fscache_daemon.storage import StorageError
 from fscache_daemon.storage import blobcache as bc
@@ -22,17 +18,9 @@ from fscache_daemon.zranwarm import ZranWarm
 
 
 @pytest.fixture
-def zblob(tmp_path):
-    gz, _tar = _layer()
-    hexd = hashlib.sha256(gz).hexdigest()
-    bdir = tmp_path / "blobs"
-    bdir.mkdir()
-    (bdir / hexd).write_bytes(gz)
-    pack_zran_layer(io.BytesIO(gz), "sha256:" + hexd, len(gz), str(tmp_path / "l.boot"),
-                    str(bdir), chunk_size=0x10000, span=128 << 10)
-    with Image(str(tmp_path / "l.boot")) as img:
-        entry = img.blob_entries[0]
-    return str(bdir), hexd, entry
+def zblob(zran_blob):
+    bdir, hexd, entry, _gz, _tar = zran_blob
+    return bdir, hexd, entry
 
 
 class _Holds:
