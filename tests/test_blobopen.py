@@ -70,7 +70,7 @@ def _image(tmp_path):
 
 def test_early_checks_pass_fail_and_hold_the_backend(tmp_path):
     boot, blobs, ref = _image(tmp_path)
-    assert peek_blobs(boot) == [(ref.blob_id, ref.compressed_size)]
+    assert [(b, n) for b, n, _entry in peek_blobs(boot)] == [(ref.blob_id, ref.compressed_size)]
     assert peek_blobs(str(tmp_path / "nothing")) == []
     held = []
 

@@ -210,8 +210,12 @@ def test_eviction_races_mounts(tmp_path):
             mgr = d.blobs[bid]
             mgr.fill(0, mgr.size)
             assert mgr.cache.cached_chunks == mgr.cache.total_chunks
-            for suffix in (".blob", ".chunks", ".map"):
+            for suffix in (".blob", ".chunks"):
                 assert os.path.exists(os.path.join(d.blob_dir, bid + suffix)), (n, suffix)
+            # the map file is written by the mount's after-mount thread, just after it
+            map_file = os.path.join(d.blob_dir, bid + ".map")
+            helpers.wait_until(lambda f=map_file: os.path.exists(f), 10,
+                               f"round {n}: the blob's map file")
             d.umount(mp)
             n += 1
         stop.set()
