@@ -120,13 +120,21 @@ def _work_time(kind, tree, tmp_path):
     return work
 
 
-def _default_sigint():
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+@pytest.fixture
+def sigint_default():
+    """SIGINT as from a terminal even when this run inherited it ignored (a runner started
+    in the background of a non-interactive shell): Python in a child turns it into
+    KeyboardInterrupt only if the child starts with the default disposition, which a
+    handler in this process gives it (an ignored one would be inherited). Set here, not
+    in a preexec_fn: that one runs between fork and exec of a threaded process."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
 
 
 @pytest.mark.parametrize("kind", ["pack", "mkfs"])
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
-def test_interrupted(kind, sig, tree, tmp_path):
+def test_interrupted(kind, sig, tree, tmp_path, sigint_default):
     # the shorter of two runs: a run slowed by other jobs must not set the aim past
     # the end of a faster one (the signal must land in the work phase)
     work = min(_work_time(kind, tree, tmp_path), _work_time(kind, tree, tmp_path))
@@ -135,11 +143,8 @@ def test_interrupted(kind, sig, tree, tmp_path):
     for n in range(INTERRUPTS):
         out = str(tmp_path / f"run{n}")
         os.makedirs(out)
-        # SIGINT as from a terminal even when this run inherited it ignored (a runner
-        # started in the background of a non-interactive shell): Python in the child
-        # turns it into KeyboardInterrupt only if it starts with the default disposition
         p = subprocess.Popen(_cmd(kind, tree, out), stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
+                             stderr=subprocess.PIPE, text=True)
         # SIGINT during interpreter start-up is Python's business: aim at the work, at a
         # random point of its first 25 % (the signal must land before the end)
         _wait_for_work(p, (tree + os.sep, out + os.sep))
