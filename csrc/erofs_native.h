@@ -344,6 +344,18 @@ int ern_chunks_read(const char *names, const uint32_t *name_off, const uint64_t 
 void *ern_batchbuf_get(size_t size);
 void ern_batchbuf_put(void *p);
 void ern_batchbuf_keep(uint32_t n);
+/* pack's zstd chunks (chunkzstd.c): piece i of src (len[i] bytes at off[i]) compressed
+ * into one zstd frame by compress2 (a ZSTD_compress2) with cctx, whose errors is_error
+ * (a ZSTD_isError) tells, the frames back to back into dst, each piece's stored size in
+ * out_len[i]: a frame that does not shrink its piece is replaced by the piece itself
+ * (stored raw). dst needs ern_zstd_chunks_bound(len, n) bytes. ERN_CHUNKS_OK,
+ * ERN_CHUNKS_EINVAL (a piece outside src, dst too small) or ERN_ZSTD_ERROR (zstd
+ * failed), for piece *fail_index. */
+enum { ERN_ZSTD_ERROR = 5 };
+uint64_t ern_zstd_chunks_bound(const uint32_t *len, uint32_t n);
+int ern_zstd_chunks(void *compress2, void *is_error, void *cctx, const uint8_t *src,
+                    uint64_t srclen, const uint64_t *off, const uint32_t *len, uint32_t n,
+                    uint8_t *dst, uint64_t cap, uint32_t *out_len, uint32_t *fail_index);
 /* the n pieces src[i] (len[i] bytes each) back to back into dst (cap bytes): the blob
  * writer's group of stored chunks made one buffer to hash and write, copied without the
  * GIL. ERN_CHUNKS_OK, or ERN_CHUNKS_EINVAL if they do not fit. */

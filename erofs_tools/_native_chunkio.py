@@ -9,8 +9,8 @@ from collections.abc import Sequence
 
 from erofs_tools._native import ffi, lib
 
-__all__ = ["ChunkInfoTable", "ChunkReadError", "batch_buffer", "chunk_indexes", "gather",
-           "read_chunks"]
+__all__ = ["ChunkInfoTable", "ChunkReadError", "batch_buffer", "batch_buffers_kept",
+           "chunk_indexes", "gather", "read_chunks", "zstd_chunks"]
 
 # cdata of the C pool's buffers: freed (given back to the pool) when the last view of
 # them is gone; not zeroed (read_chunks overwrites every byte a chunk covers)
@@ -64,6 +64,44 @@ def read_chunks(names: bytes, name_off: array.array[int], file_off: array.array[
             lib.ERN_CHUNKS_ESHORT: "short"}.get(rc, "read")
     raise ChunkReadError(fail[0], err[0] if rc != lib.ERN_CHUNKS_ESHORT else 0, what)
 
+
+
+def batch_buffers_kept(n: int) -> None:
+    """Keep up to `n` idle buffers of batch_buffer's pool for the next batches (the C
+    core's default: 1)."""
+    lib.ern_batchbuf_keep(max(0, n))
+
+
+def zstd_chunks(compress2: int, is_error: int, cctx: int, src: bytearray | memoryview,
+                off: array.array[int], lengths: array.array[int]
+                ) -> tuple[memoryview, array.array[int]]:
+    """Piece i of `src` (lengths[i] bytes at off[i]) compressed into one zstd frame by
+    `compress2` (the address of a ZSTD_compress2) with context `cctx` (an address of
+    that library's ZSTD_CCtx, used by one thread at a time), `is_error` its
+    ZSTD_isError, in one C call without the GIL; -> (a buffer of batch_buffer's pool
+    holding the stored pieces back to back, their stored sizes). A piece that does not
+    shrink is stored as it is."""
+    n = len(lengths)
+    if len(off) != n or off.itemsize != 8 or lengths.itemsize != 4:
+        raise ValueError("zstd_chunks: bad arrays")
+    if not (compress2 and is_error and cctx):
+        raise ValueError("zstd_chunks: no compressor")
+    out_len = array.array("I", bytes(4 * n))
+    c_len = ffi.from_buffer("uint32_t[]", lengths)
+    out = batch_buffer(int(lib.ern_zstd_chunks_bound(c_len, n)))
+    if n == 0:
+        return out, out_len
+    fail = ffi.new("uint32_t *")
+    rc = lib.ern_zstd_chunks(
+        ffi.cast("void *", compress2), ffi.cast("void *", is_error), ffi.cast("void *", cctx),
+        ffi.from_buffer("uint8_t[]", src), len(src), ffi.from_buffer("uint64_t[]", off),
+        c_len, n, ffi.from_buffer("uint8_t[]", out), len(out),
+        ffi.from_buffer("uint32_t[]", out_len), fail)
+    if rc == lib.ERN_ZSTD_ERROR:
+        raise ValueError(f"zstd_chunks: zstd failed on piece {fail[0]}")
+    if rc != lib.ERN_CHUNKS_OK:
+        raise ValueError(f"zstd_chunks: piece {fail[0]} outside the source, or no room")
+    return out, out_len
 
 
 def gather(pieces: Sequence[bytes | bytearray | memoryview], dst: bytearray) -> int:

@@ -27,7 +27,13 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import blake3
 
-from erofs_tools._native_chunkio import ChunkReadError, batch_buffer, read_chunks
+from erofs_tools._native_chunkio import (
+    ChunkReadError,
+    batch_buffer,
+    batch_buffers_kept,
+    read_chunks,
+    zstd_chunks,
+)
 from erofs_tools.builder.tree import shown_path
 from erofs_tools.builder.workpool import Task, WorkPool
 from erofs_tools.errors import InputError
@@ -78,6 +84,59 @@ def _multi_compress() -> bool:
     return getattr(_zstandard(), "backend", "") == "cext"
 
 
+class _ZstdFns:
+    """python-zstandard's bundled zstd as C function pointers (its cffi module's
+    ZSTD_compress2 and ZSTD_isError) and one compression context per thread, for the C
+    core's batch compressor (_native_chunkio.zstd_chunks): the same library, so the same
+    frames, as its own calls; None of it when that module is missing or holds another
+    zstd than the one python-zstandard uses."""
+
+    def __init__(self, level: int) -> None:
+        z = _zstandard()
+        from zstandard import _cffi  # type: ignore[attr-defined]
+        zl, zf = _cffi.lib, _cffi.ffi
+        v = zl.ZSTD_versionNumber()
+        if (v // 10000, v // 100 % 100, v % 100) != tuple(z.ZSTD_VERSION):
+            raise ImportError("zstandard's cffi module bundles another zstd")
+        self._lib, self._ffi = zl, zf
+        self.level = level
+        self.compress2 = int(zf.cast("uintptr_t", zf.addressof(zl, "ZSTD_compress2")))
+        self.is_error = int(zf.cast("uintptr_t", zf.addressof(zl, "ZSTD_isError")))
+        self._local = threading.local()
+
+    def cctx(self) -> int:
+        """This thread's context (its address), made once and freed with the thread.
+        A static one, in a workspace of its own for any input at this level: a context
+        of ZSTD_createCCtx gives its tables back after ~128 inputs that need far
+        smaller ones (most chunks are small files) and maps them again for the next big
+        one (~0.2 CPU s of a /usr/share pack in page faults, zeroing and munmap)."""
+        addr: int | None = getattr(self._local, "addr", None)
+        if addr is None:
+            zl, zf = self._lib, self._ffi
+            size = zl.ZSTD_estimateCStreamSize(self.level)
+            ws = zf.new("char[]", size)
+            c = zl.ZSTD_initStaticCCtx(ws, size)
+            if c == zf.NULL:
+                raise MemoryError("zstd: no compression context")
+            # a static context starts with every parameter 0 (no content size in the
+            # frame header, unlike ZSTD_createCCtx's and python-zstandard's): the
+            # defaults first, then the level
+            if zl.ZSTD_isError(zl.ZSTD_CCtx_reset(c, zl.ZSTD_reset_session_and_parameters)) \
+                    or zl.ZSTD_isError(zl.ZSTD_CCtx_setParameter(
+                        c, zl.ZSTD_c_compressionLevel, self.level)):
+                raise InputError(f"zstd: cannot set level {self.level}")
+            self._local.ws = ws         # the context lives in it: kept with it
+            addr = self._local.addr = int(zf.cast("uintptr_t", c))
+        return addr
+
+
+def _zstd_fns(level: int) -> _ZstdFns | None:
+    try:
+        return _ZstdFns(level)
+    except (ImportError, AttributeError):
+        return None
+
+
 def digest_function(name: str) -> Digest:
     """-> callable(bytes-like) -> 32-byte digest."""
     if name == "blake3":
@@ -108,6 +167,9 @@ class Compressor:
         self._local = threading.local()
         self._z = _zstandard() if name == "zstd" else None
         self._multi = name == "zstd" and _multi_compress()
+        self._fns = _zstd_fns(level) if name == "zstd" else None
+        # compress_many's stored chunks are buffers of the C core's pool
+        self.pooled = self._fns is not None
 
     def compress(self, data: bytes) -> bytes:
         """-> bytes to store (compressed, or the data itself when it does not shrink)."""
@@ -128,13 +190,30 @@ class Compressor:
     def compress_many(self, buf: bytearray | memoryview, pieces: list[tuple[int, int]]
                       ) -> list[bytes | memoryview]:
         """Stored forms of the pieces (offset, length) of `buf`, as `compress` gives them
-        one by one. zstd: one call for them all (python-zstandard's
-        multi_compress_to_buffer, the GIL released once, not once per chunk; the same
-        frames as `compress`). Only with "none" are they views of `buf`: otherwise the
-        caller may reuse `buf` for the next batch."""
+        one by one. zstd: one call for them all, the GIL released once, not once per
+        chunk: the C core's (_ZstdFns: python-zstandard's zstd, one context per thread
+        for the whole pack; the stored chunks views of one buffer of the C core's pool,
+        back in the pool once the writer has copied them), else python-zstandard's
+        multi_compress_to_buffer (a new context per call); the same frames as
+        `compress`. Only with "none" are they views of `buf`: otherwise the caller may
+        reuse `buf` for the next batch."""
         if self.name == "none":
             mv = memoryview(buf)
             return [mv[o:o + n] for o, n in pieces]
+        fns = self._fns
+        if fns is not None and pieces:
+            off, lengths = array.array("Q"), array.array("I")
+            for o, n in pieces:
+                off.append(o)
+                lengths.append(n)
+            stored, sizes = zstd_chunks(fns.compress2, fns.is_error, fns.cctx(), buf, off,
+                                        lengths)
+            out = []
+            pos = 0
+            for n in sizes:
+                out.append(stored[pos:pos + n])
+                pos += n
+            return out
         if self._multi and pieces:
             z = self._z
             assert z is not None
@@ -528,6 +607,14 @@ class ChunkPipeline:
              ) -> Iterator[list[ChunkResult]]:
         pending: deque[tuple[int, Task[list[ChunkResult]]]] = deque()
         self._futures = {}
+        # compressed batches are buffers of the C core's pool (Compressor.compress_many)
+        # held until the writer copied them: the batches in flight, the writer's queue
+        # (~1 MiB) and the group it gathers. Kept idle for the next batches, not mapped,
+        # faulted in and unmapped again each (~0.1 CPU s of a /usr/share pack); the pool
+        # keeps one (the C core's default) again after
+        pooled = self.compressor.pooled
+        if pooled:
+            batch_buffers_kept(self.window + 4)
         with WorkPool(self.workers, "erofs-chunk") as pool:
             try:
                 for seq, batch in enumerate(batches):
@@ -541,6 +628,8 @@ class ChunkPipeline:
             finally:
                 for _, f in pending:
                     f.cancel()
+                if pooled:
+                    batch_buffers_kept(1)
 
     def _pop(self, pending: deque[tuple[int, Task[list[ChunkResult]]]]
              ) -> list[ChunkResult]:
