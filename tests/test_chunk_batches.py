@@ -101,6 +101,63 @@ def test_compress_many_is_compress_one_by_one(name):
         assert [bytes(x) for x in many] == [bytes(x) for x in one]
 
 
+def test_zstd_batches_are_python_zstandards_frames_whatever_came_before():
+    """pack's zstd batches go through the C core (csrc/chunkzstd.c) with python-
+    zstandard's own zstd and one static context per thread for the whole pack: each
+    frame is python-zstandard's compress() of the piece alone, whatever the pieces
+    compressed before it on that context (many small ones, then big ones, which the
+    context's fixed workspace must hold), and a piece that does not shrink is stored
+    as it is."""
+    c = Compressor("zstd")
+    assert c._fns is not None and c.pooled       # the C path is the one under test
+    ref = zstandard.ZstdCompressor(level=3)
+    text = b"".join(b"line %d of some text, " % i for i in range(200_000))
+    rnd = os.urandom(300_000)
+    buf = bytearray(text[:4 << 20] + rnd)
+    small = [((i * 7919) % 1_000_000, 1 + (i * 131) % 5000) for i in range(300)]
+    big = [(0, 1 << 20), (1 << 20, 3 << 20), (4 << 20, 300_000), (100, 200_000)]
+    for pieces in (small, big, small + big + small):
+        many = c.compress_many(buf, pieces)
+        for (o, n), got in zip(pieces, many):
+            z = ref.compress(bytes(buf[o:o + n]))
+            assert bytes(got) == (z if len(z) < n else bytes(buf[o:o + n]))
+    assert bytes(c.compress_many(buf, [(4 << 20, 300_000)])[0]) == rnd   # raw
+    buf[:] = bytes(len(buf))         # the results are the pool's buffer, not `buf`
+    assert zstandard.ZstdDecompressor().decompress(bytes(many[300])) == text[:1 << 20]
+
+
+def test_zstd_batches_without_the_c_path_are_the_same_frames(monkeypatch):
+    """Without zstandard's cffi module (another build of it) pack falls back to
+    multi_compress_to_buffer: the same frames."""
+    buf = bytearray(b"abc " * 100_000 + os.urandom(5000))
+    pieces = [(0, 65536), (65536, 200_000), (400_000, 5000), (3, 10)]
+    native = [bytes(x) for x in Compressor("zstd").compress_many(buf, pieces)]
+    monkeypatch.setattr(chunker, "_zstd_fns", lambda level: None)
+    c = Compressor("zstd")
+    assert c._fns is None and not c.pooled
+    assert [bytes(x) for x in c.compress_many(buf, pieces)] == native
+
+
+def test_zstd_chunks_rejects_bad_arguments():
+    from erofs_tools._native_chunkio import zstd_chunks
+    fns = Compressor("zstd")._fns
+    assert fns is not None
+    cctx = fns.cctx()
+    src = bytearray(1000)
+    ok = (array.array("Q", [0, 500]), array.array("I", [500, 500]))
+    stored, sizes = zstd_chunks(fns.compress2, fns.is_error, cctx, src, *ok)
+    assert list(sizes) == [len(zstandard.ZstdCompressor(level=3).compress(bytes(500)))] * 2
+    assert bytes(stored[:sizes[0]]) == bytes(stored[sizes[0]:sizes[0] + sizes[1]])
+    with pytest.raises(ValueError, match="outside"):
+        zstd_chunks(fns.compress2, fns.is_error, cctx, src, array.array("Q", [600]),
+                    array.array("I", [500]))
+    with pytest.raises(ValueError, match="bad arrays"):
+        zstd_chunks(fns.compress2, fns.is_error, cctx, src, array.array("I", [0]),
+                    array.array("I", [5]))
+    with pytest.raises(ValueError, match="no compressor"):
+        zstd_chunks(0, fns.is_error, cctx, src, *ok)
+
+
 def _tree(tmp_path):
     """Files of many sizes (so batches close on bytes and on chunk count), duplicates,
     incompressible and sparse ones."""

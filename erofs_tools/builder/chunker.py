@@ -208,12 +208,12 @@ class Compressor:
                 lengths.append(n)
             stored, sizes = zstd_chunks(fns.compress2, fns.is_error, fns.cctx(), buf, off,
                                         lengths)
-            out = []
+            views: list[bytes | memoryview] = []
             pos = 0
             for n in sizes:
-                out.append(stored[pos:pos + n])
+                views.append(stored[pos:pos + n])
                 pos += n
-            return out
+            return views
         if self._multi and pieces:
             z = self._z
             assert z is not None
