@@ -151,6 +151,11 @@ def main():
     scratch = args.out or tempfile.mkdtemp(prefix="bench-pack-", dir="/var/tmp")
     os.makedirs(scratch, exist_ok=True)
     env = child_env()
+    # the package byte-compiled first, as an install leaves it: with
+    # PYTHONDONTWRITEBYTECODE set (this machine's environment) every pack child compiled
+    # its modules at start, ~0.07 s of serial CPU per run that no user pays twice
+    subprocess.run([sys.executable, "-m", "compileall", "-q", os.fspath(REPO / "erofs_tools")],
+                   stdout=subprocess.DEVNULL, check=False)
     mkfs_erofs = None
     if not args.skip_mkfs:
         mkfs_erofs = os.path.abspath(args.anchor) if args.anchor else default_anchor_mkfs()
