@@ -1,9 +1,10 @@
 """Fixed-size chunking with a parallel hash + compress pipeline.
 
 Files are cut into fixed `chunk_size` pieces (the last one short). Chunks are read,
-hashed and compressed by a thread pool (blake3, hashlib and zstandard release the GIL)
-while the caller's thread consumes the results strictly in submission order, so the
-output is reproducible whatever the scheduling. At most `window` batches are in flight,
+hashed and compressed by a thread pool (a batch's reads and zstd frames one C call
+each without the GIL; blake3 and hashlib release it for inputs of 2 KiB and more) while
+the caller's thread consumes the results strictly in submission order, so the output is
+reproducible whatever the scheduling. At most `window` batches are in flight,
 which bounds memory to a few chunks per worker whatever the file sizes.
 
 Deduplication is by (digest, uncompressed size). The first task to meet a new key
