@@ -12,6 +12,7 @@
  */
 #include <errno.h>
 #include <limits.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -201,10 +202,7 @@ int64_t ern_cold_store(int fd, uint64_t file_size, const uint8_t *src, size_t sr
                     err = r ? r : -EIO;
                     continue;
                 }
-                uint8_t bit = (uint8_t)(1u << (w->index & 7));
-                uint8_t old = __atomic_fetch_or(&bitmap[w->index >> 3], bit, __ATOMIC_RELEASE);
-                added += !(old & bit);
-                written++;
+                written++;      /* its bit: below, once every run is written */
                 if (w->index >> 3 < lo)
                     lo = w->index >> 3;
                 if (w->index >> 3 > hi)
@@ -221,18 +219,46 @@ int64_t ern_cold_store(int fd, uint64_t file_size, const uint8_t *src, size_t sr
         run[cnt++] = i;
         run_end += c->ulen;
     }
-    *newly = added;
-    /* the live bitmap's changed bytes into the chunk-state record; no fsync (see
-     * fscache_daemon/storage/blobcache.py: a set bit there is trusted within one boot) */
-    if (state_fd >= 0 && lo <= hi) {
+    /* The chunk-state record first, then the bits in memory: another thread that finds
+     * a chunk's bit set serves it, and a daemon killed right after that must find it in
+     * the record (a served chunk fetched again after a restart). The record's bytes are
+     * the bitmap's changed bytes with the new bits (the caller holds the bitmap's lock:
+     * no one else changes it meanwhile); no fsync (see fscache_daemon/storage/
+     * chunkstate.py: a set bit there is trusted within one boot). */
+    if (lo <= hi) {
         uint64_t len = hi - lo + 1;
-        ssize_t w;
-        do {
-            w = pwrite(state_fd, bitmap + lo, (size_t)len, (off_t)(state_off + lo));
-        } while (w < 0 && errno == EINTR);
-        if (w < 0 && !err)
-            err = -errno;
+        uint8_t *rec = state_fd >= 0 ? malloc((size_t)len) : NULL;
+        if (rec) {
+            memcpy(rec, bitmap + lo, (size_t)len);
+            for (uint32_t i = 0; i < n; i++)
+                if (chunks[i].verified && chunks[i].status == ERN_COLD_OK)
+                    rec[(chunks[i].index >> 3) - lo] |= (uint8_t)(1u << (chunks[i].index & 7));
+            ssize_t w;
+            do {
+                w = pwrite(state_fd, rec, (size_t)len, (off_t)(state_off + lo));
+            } while (w < 0 && errno == EINTR);
+            if (w < 0 && !err)
+                err = -errno;
+            free(rec);
+        }
+        for (uint32_t i = 0; i < n; i++) {
+            struct ern_cold_chunk *c = &chunks[i];
+            if (!c->verified || c->status != ERN_COLD_OK)
+                continue;       /* not written */
+            uint8_t bit = (uint8_t)(1u << (c->index & 7));
+            uint8_t old = __atomic_fetch_or(&bitmap[c->index >> 3], bit, __ATOMIC_RELEASE);
+            added += !(old & bit);
+        }
+        if (state_fd >= 0 && !rec) {    /* no memory for the copy: the bitmap's bytes */
+            ssize_t w;
+            do {
+                w = pwrite(state_fd, bitmap + lo, (size_t)len, (off_t)(state_off + lo));
+            } while (w < 0 && errno == EINTR);
+            if (w < 0 && !err)
+                err = -errno;
+        }
     }
+    *newly = added;
     *werr = err;
     return written;
 }

@@ -272,9 +272,10 @@ int ern_zran_window_use(uint8_t bits, uint8_t byte, uint32_t window_size,
  * setting each chunk's status; the caller checks the digests of the good ones (blake3
  * has no C library on Debian 12: the Python package's SIMD code hashes, without the
  * GIL) and sets `verified`; ern_cold_store then writes the verified chunks into the cache
- * file (runs adjacent in the file in one pwritev), sets their bits in the chunk-state
- * bitmap (atomically; *newly = bits that were clear) and writes the changed bitmap bytes
- * to state_fd at state_off (if state_fd >= 0). A chunk not verified is never written.
+ * file (runs adjacent in the file in one pwritev), writes the bitmap's changed bytes with
+ * their bits to state_fd at state_off (if state_fd >= 0), then sets the bits in the
+ * bitmap (atomically; *newly = bits that were clear): a bit others can see set is in the
+ * record already. A chunk not verified is never written.
  * Stored chunks (alg NONE) are used in place in src; the others are decoded into
  * dst + dst_off. ern_cold_store returns the number of chunks written; a failed write
  * marks its chunks ERN_COLD_EWRITE and leaves -errno in *werr (else 0). */

@@ -388,8 +388,8 @@ class Daemon(MountLifecycle):
             mgr = bc.BlobManager(meta, cache, backend, batch_size=self.batch_size,
                                  on_complete=self._blob_complete, pipeline=True)
             mgr.meta_bytes_fetched = fetched
-            # its map file, made by the mount's after-mount thread (PendingCheck.write)
-            mgr.after_mount.extend(p.write for p in pending)
+            # its map file, by the mount's after-mount thread while the blob is open
+            mgr.after_mount.extend(p.writer(self.while_open(mgr)) for p in pending)
             with self._lock:
                 self.blobs[mgr.key] = mgr
                 self._ra[mgr.key] = BlobReadahead(

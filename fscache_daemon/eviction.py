@@ -22,7 +22,7 @@ from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from fscache_daemon.storage import cachedir
-from fscache_daemon.storage.chunkmap import key_blob_id
+from fscache_daemon.storage.chunkmap import Hold, key_blob_id
 
 if TYPE_CHECKING:
     from fscache_daemon.storage.blobcache import BlobManager
@@ -67,6 +67,16 @@ class CacheEviction:
     def _in_use(self, key: str) -> bool:
         """Under self._lock."""
         return key in self.blobs or key_blob_id(key) in self._pins
+
+    def while_open(self, mgr: BlobManager) -> Hold:
+        """A context manager factory: each one holds the lock eviction takes and says
+        whether `mgr` is still the open manager of its key (a file written under it, e.g.
+        the blob's map, never outlives an eviction of the blob: no stray `<key>.map`)."""
+        @contextlib.contextmanager
+        def hold() -> Iterator[bool]:
+            with self._lock:
+                yield self.blobs.get(mgr.key) is mgr
+        return hold
 
     def blob_released(self, key: str) -> None:
         """A blob left use now (under self._lock): its LRU time, and a prompt check."""

@@ -493,6 +493,11 @@ class MountLifecycle(CacheEviction, WarmRoute):
                 if not users:
                     del self.blob_users[b]
                     self.blob_released(b)
+                    mgr = self.blobs.get(b)
+                    if mgr is not None:
+                        # its map file if the mount's after-mount thread has not written
+                        # it yet (a quick umount): after the pop below it never will
+                        mgr.run_after_mount()
                     mgr = self.blobs.pop(b, None)
                     ra = self._ra.pop(b, None)
                     if ra is not None:

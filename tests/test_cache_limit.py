@@ -227,3 +227,47 @@ def test_eviction_races_mounts(tmp_path):
     finally:
         stop.set()
         d.shutdown()
+
+
+def test_map_file_not_written_for_an_evicted_blob(tmp_path):
+    """The map file the mount's after-mount thread writes (daemon._open_blob): a mount
+    unmounted at once, its blob evicted, gets no `<key>.map` written after the eviction
+    (one stray file would be a cache entry of its own); unmounted before that thread
+    wrote it, the map is written at the release instead (the next mount reads it)."""
+    _src, boot, blobs, bid = _image(tmp_path, "s", 90, 256 << 10)
+    d = Daemon(str(tmp_path / "cache"), frontend="none", threads=2, readahead=0)
+    started = []
+    # the after-mount thread held back: the test plays its part at the chosen moments
+    d._after_mount = lambda img, mgrs: started.append(mgrs)     # type: ignore[method-assign]
+    d.start()
+    map_file = os.path.join(d.blob_dir, bid + ".map")
+    try:
+        # 1. the thread took the map's write just before the umount, and runs it after
+        # the blob was released and evicted: nothing is written
+        mp = str(tmp_path / "m1")
+        d.mount(boot, mp, f"localfs:{blobs}")
+        mgr = d.blobs[bid]
+        d.fill(bid, 0, mgr.size)
+        taken, mgr.after_mount = mgr.after_mount, []
+        assert len(taken) == 1 and not os.path.exists(map_file)
+        d.umount(mp)
+        d.cache_size = 0
+        assert d.evict_once() > 0
+        assert cachedir.scan(d.blob_dir) == {}
+        for fn in taken:
+            fn()
+        assert cachedir.scan(d.blob_dir) == {}, "a stray map file of an evicted blob"
+        assert mgr.run_after_mount() is None and cachedir.scan(d.blob_dir) == {}
+        # 2. unmounted before the thread ran: the release writes the map, with the blob
+        d.cache_size = None
+        mp = str(tmp_path / "m2")
+        d.mount(boot, mp, f"localfs:{blobs}")
+        mgr2 = d.blobs[bid]
+        assert mgr2 is not mgr and mgr2.after_mount and not os.path.exists(map_file)
+        d.umount(mp)
+        assert os.path.exists(map_file) and not mgr2.after_mount
+        assert sorted(blob_files(str(tmp_path / "cache"), bid)) == \
+            sorted(bid + s for s in cachedir.SUFFIXES)
+        assert len(started) == 2
+    finally:
+        d.shutdown()

@@ -7,6 +7,7 @@ paths (missing image, unreachable containerd) with nothing left registered."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -70,10 +71,14 @@ def assert_nothing_registered(ctd: Containerd, root: str) -> None:
     assert os.listdir(os.path.join(root, "snapshots")) == []
 
 
-def test_rpull_runs_lazily_and_goes_with_the_image(registry, tmp_path):  # noqa: F811
-    require_containerd()
-    require_lazy_kernel()
-    d = short_tmpdir("rpull-")
+@contextlib.contextmanager
+def daemon_and_containerd(prefix: str):
+    """The daemon with its snapshotter socket and a containerd using it, in a short
+    temporary directory: -> (that directory, DaemonProc, Containerd, the snapshotter's
+    root). At the end: containerd stopped, a failed test's leftover lazy mounts
+    unmounted, the daemon stopped (its log copied to $RPULL_KEEP_LOG if set), the
+    directory removed."""
+    d = short_tmpdir(prefix)
     sock = os.path.join(d, "snap.sock")
     root = os.path.join(d, "daemon", "cache", "snapshotter")
     daemon = DaemonProc(os.path.join(d, "daemon"),
@@ -82,6 +87,23 @@ def test_rpull_runs_lazily_and_goes_with_the_image(registry, tmp_path):  # noqa:
     try:
         wait_for(lambda: socket_answers(sock), 30, "snapshots socket")
         ctd = Containerd(d, {SNAPSHOTTER: sock})
+        yield d, daemon, ctd, root
+    finally:
+        if ctd is not None:
+            ctd.stop()
+        with open("/proc/self/mounts") as f:
+            for m in [line.split()[1] for line in f if line.split()[1].startswith(d)]:
+                helpers.sys_umount(m, lazy=True)
+        daemon.cleanup()
+        if os.environ.get("RPULL_KEEP_LOG"):
+            shutil.copy(daemon.log_path, os.environ["RPULL_KEEP_LOG"])
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_rpull_runs_lazily_and_goes_with_the_image(registry, tmp_path):  # noqa: F811
+    require_containerd()
+    require_lazy_kernel()
+    with daemon_and_containerd("rpull-") as (d, daemon, ctd, root):
         big = random.Random(11).randbytes(8 << 20)  # incompressible: its own 8 MiB blob
         image = OciImage(busybox_layers() + [tar_layer([("data", "dir", None),
                                                        ("data/big", "file", big)])],
@@ -257,16 +279,6 @@ def test_rpull_runs_lazily_and_goes_with_the_image(registry, tmp_path):  # noqa:
               f"{res['bytes_fetched']} bytes), first lazy run "
               f"{t_run:.2f}s, {fetched} blob bytes fetched for it, {big_fetched} for the "
               f"8 MiB file")
-    finally:
-        if ctd is not None:
-            ctd.stop()
-        with open("/proc/self/mounts") as f:  # a failed test's leftover lazy mounts
-            for m in [line.split()[1] for line in f if line.split()[1].startswith(d)]:
-                helpers.sys_umount(m, lazy=True)
-        daemon.cleanup()
-        if os.environ.get("RPULL_KEEP_LOG"):
-            shutil.copy(daemon.log_path, os.environ["RPULL_KEEP_LOG"])
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def rows_form_one_chain(rows: list[list[str]], top: str) -> bool:
@@ -303,16 +315,8 @@ def test_rpull_insecure_reaches_the_lazy_mount(registry):  # noqa: F811
     container's lazy reads, though the daemon was given no --insecure-registry."""
     require_containerd()
     require_lazy_kernel()
-    d = short_tmpdir("rpullhttp-")
-    sock = os.path.join(d, "snap.sock")
-    root = os.path.join(d, "daemon", "cache", "snapshotter")
-    daemon = DaemonProc(os.path.join(d, "daemon"),
-                        extra=("--snapshotter-socket", sock)).start()
-    proxy = FlakyProxy(registry.host, bind="127.0.0.2")
-    ctd = None
-    try:
-        wait_for(lambda: socket_answers(sock), 30, "snapshots socket")
-        ctd = Containerd(d, {SNAPSHOTTER: sock})
+    with daemon_and_containerd("rpullhttp-") as (d, daemon, ctd, root):
+        proxy = FlakyProxy(registry.host, bind="127.0.0.2")
         OciImage(busybox_layers(), ["/bin/sh"], gzipped=True).push(
             registry.client(), "src/plain", "1")
         p = subprocess.run([sys.executable, "-m", "erofs_tools", "convert", "--insecure",
@@ -339,11 +343,3 @@ def test_rpull_insecure_reaches_the_lazy_mount(registry):  # noqa: F811
         wait_for(lambda: os.listdir(os.path.join(root, "snapshots")) == [], 60,
                  "snapshots removed", log=daemon.log_path)
         assert_nothing_registered(ctd, root)
-    finally:
-        if ctd is not None:
-            ctd.stop()
-        with open("/proc/self/mounts") as f:
-            for m in [line.split()[1] for line in f if line.split()[1].startswith(d)]:
-                helpers.sys_umount(m, lazy=True)
-        daemon.cleanup()
-        shutil.rmtree(d, ignore_errors=True)

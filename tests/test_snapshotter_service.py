@@ -5,6 +5,7 @@ leftovers. containerd itself drives it in test_snapshotter_containerd.py."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -391,25 +392,43 @@ NYDUS_BLOB = {"containerd.io/snapshot/nydus-blob": "true",
               "containerd.io/snapshot/cri.layer-digest": "sha256:" + "b" * 64}
 
 
+@contextlib.contextmanager
+def nydus_service(tmp_path, api_server=None):
+    """The snapshots service on a short socket path, its daemon API at `daemon.sock`
+    beside it (`api_server(path)` serves it, or nothing does): -> (Client, the server)."""
+    sockdir = short_tmpdir("snapsvc-")
+    api_sock = os.path.join(sockdir, "daemon.sock")
+    api = api_server(api_sock) if api_server is not None else None
+    svc = serve(os.path.join(sockdir, "s.sock"), str(tmp_path / "root"), daemon_api=api_sock)
+    c = Client(svc.socket_path)
+    try:
+        yield c, api
+    finally:
+        c.channel.close()
+        svc.stop()
+        if api is not None:
+            api.close()
+        shutil.rmtree(sockdir)
+
+
+def prepare_blob_layer(c: Client, key: str, target: str, parent: str = "") -> None:
+    """Prepare a Nydus blob layer as containerd's CRI pull does: AlreadyExists (the
+    snapshotter commits it at once, nothing is downloaded)."""
+    labels = dict(NYDUS_BLOB, **{"containerd.io/snapshot.ref": target})
+    assert code_of(c.prepare, key, parent, labels) == grpc.StatusCode.ALREADY_EXISTS
+
+
 def test_nydus_blob_layer_is_committed_without_download(tmp_path):
     """What containerd's CRI pull does with a Nydus blob layer: Prepare answers
     AlreadyExists, and the committed snapshot is found by containerd's own Walk filter
     (target ref label and parent)."""
-    sockdir = short_tmpdir("snapsvc-")
-    svc = serve(os.path.join(sockdir, "s.sock"), str(tmp_path / "root"),
-                daemon_api=os.path.join(sockdir, "no-daemon.sock"))
-    c = Client(svc.socket_path)
-    try:
+    with nydus_service(tmp_path) as (c, _):
         target = "sha256:" + "1" * 64
-        labels = dict(NYDUS_BLOB, **{"containerd.io/snapshot.ref": target})
-        assert code_of(c.prepare, "ns/1/extract-1 " + target, "", labels) == \
-            grpc.StatusCode.ALREADY_EXISTS
+        prepare_blob_layer(c, "ns/1/extract-1 " + target, target)
         (found,) = c.walk(f'labels."containerd.io/snapshot.ref"=={target},parent==""')
         assert found.kind == pb.COMMITTED and found.name != "ns/1/extract-1 " + target
         target2 = "sha256:" + "2" * 64
-        labels2 = dict(NYDUS_BLOB, **{"containerd.io/snapshot.ref": target2})
-        assert code_of(c.prepare, "ns/2/extract-2 " + target2, found.name, labels2) == \
-            grpc.StatusCode.ALREADY_EXISTS
+        prepare_blob_layer(c, "ns/2/extract-2 " + target2, target2, found.name)
         (second,) = c.walk(f'labels."containerd.io/snapshot.ref"=={target2},'
                            f'parent=="{found.name}"')
         assert second.parent == found.name
@@ -445,10 +464,6 @@ def test_nydus_blob_layer_is_committed_without_download(tmp_path):
         assert "cannot reach the daemon" in ei.value.details()
         assert code_of(c.stat, "container") == grpc.StatusCode.NOT_FOUND
         c.remove("boot-c")  # no lazy mount left registered on it
-    finally:
-        c.channel.close()
-        svc.stop()
-        shutil.rmtree(sockdir)
 
 
 def test_nydus_layer_without_daemon_is_refused(service):
@@ -552,16 +567,9 @@ def test_mount_early_label_mounts_at_commit(tmp_path):
     made ahead failing is only logged: the container's Prepare asks again and fails
     with the daemon's answer; Remove then leaves nothing."""
     from fscache_daemon.snapshotter import nydus
-    sockdir = short_tmpdir("snapsvc-")
-    api = _RecordingDaemonAPI(os.path.join(sockdir, "daemon.sock"))
-    svc = serve(os.path.join(sockdir, "s.sock"), str(tmp_path / "root"),
-                daemon_api=os.path.join(sockdir, "daemon.sock"))
-    c = Client(svc.socket_path)
-    try:
+    with nydus_service(tmp_path, _RecordingDaemonAPI) as (c, api):
         target = "sha256:" + "1" * 64
-        labels = dict(NYDUS_BLOB, **{"containerd.io/snapshot.ref": target})
-        assert code_of(c.prepare, "extract-1 " + target, "", labels) == \
-            grpc.StatusCode.ALREADY_EXISTS
+        prepare_blob_layer(c, "extract-1 " + target, target)
         (blob,) = c.walk()
         boot = {"containerd.io/snapshot/nydus-bootstrap": "true",
                 "containerd.io/snapshot/cri.image-ref": "registry.test/app:1"}
@@ -587,8 +595,3 @@ def test_mount_early_label_mounts_at_commit(tmp_path):
         c.remove("early-c")
         c.remove("plain-c")
         assert sorted(i.name for i in c.walk()) == [blob.name]
-    finally:
-        c.channel.close()
-        svc.stop()
-        api.close()
-        shutil.rmtree(sockdir)

@@ -430,3 +430,26 @@ def test_state_survives_process_crash_and_reboot_rules(synth):
     mgr3, _ = open_manager(cdir, CountingBackend(bdir), blob_id)
     assert sorted(c.index for c in mgr3.meta.chunks if mgr3.cache.has(c)) == [0, 1, 2, 3]
     mgr3.close()
+
+
+def test_bits_set_only_once_in_the_record(tmp_path, monkeypatch):
+    """A chunk's bit is seen set (and the chunk served) only once the record holds it:
+    a daemon killed right after serving it never fetches it again after a restart.
+    (The C core's store, ern_cold_store, writes the record before the bits the same
+    way; vm-tests' test_sigkill_restart_restore checks what the record holds at a kill.)"""
+    from fscache_daemon.storage import chunkstate
+    st = chunkstate.ChunkState(str(tmp_path / "x.chunks"), 20, 20 * 65536, bytes(32))
+    seen = []
+    real = os.pwrite
+
+    def spy(fd, data, off):
+        n = real(fd, data, off)
+        rec = chunkstate.state_bits(st.path)
+        seen.append(([st.has(i) for i in (3, 17)],
+                     [bool(rec[i >> 3] & (1 << (i & 7))) for i in (3, 17)]))
+        return n
+    monkeypatch.setattr(chunkstate.os, "pwrite", spy)
+    st.set([3, 17])
+    assert seen == [([False, False], [True, True])]
+    assert st.has(3) and st.has(17) and st.count == 2
+    st.close()

@@ -23,6 +23,7 @@ map, and are both served (neither is refused, neither sees the other's bytes).
 from __future__ import annotations
 
 import _thread
+import contextlib
 import functools
 import hashlib
 import logging
@@ -50,6 +51,10 @@ assert MAP_HEADER.size == 64
 # hex digits of the chunk-table digest in a variant's cache key: 64 bits, so that a table
 # crafted to collide with another's needs ~2^64 work; a collision is refused, not served
 VARIANT_HEX = 16
+
+# a context manager factory telling whether a file is still wanted, and keeping it so
+# while it is written (PendingCheck.write)
+Hold = Callable[[], contextlib.AbstractContextManager[bool]]
 
 
 def variant_key(blob_id: str, table: bytes) -> str:
@@ -199,10 +204,10 @@ class PendingCheck:
     thread it took the GIL from the mount's in the middle of the mount; one not written
     (the mount failed, a crash) is made again by the next mount."""
 
-    def __init__(self, check: Callable[[], None], then: Callable[[], None]):
+    def __init__(self, check: Callable[[], None], then: Callable[[Hold | None], None]):
         self._error: BaseException | None = None
         self._done = threading.Event()
-        self._then: Callable[[], None] | None = then
+        self._then: Callable[[Hold | None], None] | None = then
         # not threading.Thread, whose start() waits for the new thread to run (a few ms
         # of a mount when the GIL is busy)
         _thread.start_new_thread(self._run, (check,))
@@ -220,15 +225,22 @@ class PendingCheck:
         if self._error is not None:
             raise self._error
 
-    def write(self) -> None:
-        """The map file, once (after a successful wait())."""
+    def write(self, hold: Hold | None = None) -> None:
+        """The map file, once (after a successful wait()). `hold`: a context manager
+        (made afresh by calling it) that tells whether the map is still wanted and keeps
+        it so while the file is written (the daemon: its blob still open, under the lock
+        eviction takes: a blob released and evicted meanwhile gets no stray map file)."""
         then, self._then = self._then, None
         if then is None or not self._done.is_set() or self._error is not None:
             return
         try:
-            then()
+            then(hold)
         except (OSError, ErofsToolsError) as e:
             log.warning("chunk map not cached: %s", e)
+
+    def writer(self, hold: Hold) -> Callable[[], None]:
+        """write(hold) as a function of no arguments (BlobManager.after_mount)."""
+        return functools.partial(self.write, hold)
 
 
 def _meta_from_table(blob_id: str, pins, made: list, ci: bytes, n: int, v2: bool,
@@ -390,14 +402,19 @@ def load_or_fetch_meta(directory, blob_id, backend, entry=None, blob_size=None,
     meta, fetched = _fetch_meta(blob_id, backend, entry, blob_size, digests, pins, checks,
                                 early)
 
-    def write() -> None:
-        os.makedirs(directory, exist_ok=True)
+    def write(hold: Hold | None = None) -> None:
         header = MAP_HEADER.pack(MAP_MAGIC, (table() if callable(table) else table) or
                                  bytes(32))
+        data = header + meta.to_bytes()     # before `hold`: its lock is for the write
         # a map the bootstrap's pins fix whole is made again, the same, if a crash loses
         # it (and a torn one fails its checks): no fsync (two per cold mount)
         whole = pins is not None and len(pins) == meta.chunk_count > 0
-        atomic_write_bytes(path, header + meta.to_bytes(), mode=0o600, fsync=not whole)
+        with hold() if hold is not None else contextlib.nullcontext(True) as wanted:
+            if not wanted:
+                log.debug("%s: not written: the blob was released meanwhile", path)
+                return
+            os.makedirs(directory, exist_ok=True)
+            atomic_write_bytes(path, data, mode=0o600, fsync=not whole)
     if checks and pending is not None:
         pending.append(PendingCheck(checks[0], write))
     else:

@@ -126,17 +126,21 @@ class ChunkState:
         """Record chunks whose verified data is in the cache file (live bitmap)."""
         with self._lock:
             self._maybe_bits = True
-            lo: int | None = None
-            hi: int | None = None
-            for i in indexes:
+            idx = list(indexes)
+            if not idx:
+                return
+            lo = min(idx) >> 3
+            hi = max(idx) >> 3
+            rec = bytearray(self.bits[lo:hi + 1])
+            for i in idx:
+                rec[(i >> 3) - lo] |= 1 << (i & 7)
+            # the record first, then the bits others read (as the C core's store does):
+            # a chunk served because its bit was seen set is never missing from it
+            os.pwrite(self.fd, rec, STATE_HEADER.size + lo)
+            for i in idx:
                 if not self.has(i):
                     self.bits[i >> 3] |= 1 << (i & 7)
                     self.count += 1
-                b = i >> 3
-                lo = b if lo is None else min(lo, b)
-                hi = b if hi is None else max(hi, b)
-            if lo is not None and hi is not None:
-                os.pwrite(self.fd, bytes(self.bits[lo:hi + 1]), STATE_HEADER.size + lo)
 
     def store_decoded(self, decoded, fd: int, size: int):
         """Write the verified chunks of a decoded range (erofs_tools.reader.coldpath)
