@@ -26,17 +26,23 @@ log = logging.getLogger(__name__)
 
 # Every read EROFS makes of a marked cache file raises a pre-content event that the reader
 # waits on, and EROFS reads in readahead windows (128 KiB by default): a larger window
-# for our mounts means fewer, larger events (1 MiB: 2.4x fewer on the benchmark image
-# when measured; on 6.18, whose readahead grows its folios window by window, 6,500-9,600
-# events per cold GiB against 8,900-9,200 at 128 KiB, and the reader's copies cost it
-# ~0.1 CPU s more per cold GiB: docs/performance.md, branch coldcpu; left for a quiet
-# run to decide). Once every blob of the image is complete (no more events) the default
-# is put back: it reads a complete cache file faster (best warm runs 0.49 s vs 0.57 s
-# per GiB). FSCACHE_DAEMON_MOUNT_READAHEAD_KB=N sets another window; 0 leaves the
-# kernel's alone.
+# for our mounts means fewer, larger events. On 6.18, whose readahead grows its folios
+# window by window (EROFS's file-backed request is 16 folios), 256 KiB gives as few
+# events per cold GiB as 1 MiB on a tree of small and mid-sized files (3.5-3.8 per 1 MiB
+# chunk against 3.5-4.4; 5.4 at 128 KiB) while the reader's copies cost it ~0.1 CPU s
+# less per cold GiB (median 0.40 against 0.49 s; probably the bytes it copies are still
+# in the CPU's caches), and quiet run 17 read the cold GiB through the daemon in 0.89 s
+# against 0.94 s. A big file read whole pays: one event per window once its folios are
+# large (docs/daemon.md; docs/performance.md, branches coldcpu, coldseq). Once every
+# blob of the image is complete (no more events) the default is put back: it reads a
+# complete cache file faster (best warm runs 0.49 s vs 0.57 s per GiB).
+# FSCACHE_DAEMON_MOUNT_READAHEAD_KB=N sets another window; 0 leaves the kernel's alone.
+DEFAULT_MOUNT_READAHEAD_KB = 256
+
+
 def _mount_readahead_kb() -> int:
-    v = os.environ.get("FSCACHE_DAEMON_MOUNT_READAHEAD_KB", "1024")
-    return int(v) if v.isdigit() and int(v) <= 1 << 20 else 1024
+    v = os.environ.get("FSCACHE_DAEMON_MOUNT_READAHEAD_KB", str(DEFAULT_MOUNT_READAHEAD_KB))
+    return int(v) if v.isdigit() and int(v) <= 1 << 20 else DEFAULT_MOUNT_READAHEAD_KB
 
 
 MOUNT_READAHEAD_KB = _mount_readahead_kb()
