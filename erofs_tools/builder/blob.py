@@ -59,6 +59,8 @@ WRITE_QUEUE_BYTES = 1 << 20
 # gather buffers of the writer and the hasher thread: the writer writes one group while
 # the hasher hashes the one before (more would only hold memory: the write is the slower)
 HASH_BUFFERS = 2
+# pieces of a group at least this big are written as they are, not gathered
+GATHER_MAX = WRITE_BATCH // 2
 _CI_V1 = struct.Struct("<QQ")        # a CI v1 entry: uncompressed word, compressed word
 
 
@@ -171,9 +173,12 @@ class BlobWriter:
         # write as well as with chunking (one thread doing both was pack's critical path
         # with --compressor none: ~0.4 s of sha256 after ~1 s of write per 640 MB). Two
         # queued groups keep the writer busy; more only hold memory (64 MiB of queue was
-        # a third of pack's peak RSS with --compressor none, at no gain in time)
+        # a third of pack's peak RSS with --compressor none, at no gain in time).
+        # Uncompressed, one: a queued group is views of the chunker's batch buffers,
+        # each holding its whole ~1 MiB buffer (a second one was ~1.3 MiB of the peak)
         self._q: queue.Queue[list[bytes | memoryview] | None] = queue.Queue(
-            maxsize=max(2, (WRITE_QUEUE_BYTES) // max(WRITE_BATCH, chunk_size)))
+            maxsize=1 if self.compressor == "none"
+            else max(2, (WRITE_QUEUE_BYTES) // max(WRITE_BATCH, chunk_size)))
         # written groups on their way to the hasher, in write order (one queued: the
         # writer is at most a group ahead); the gather buffers come back through _free
         # once hashed
@@ -209,28 +214,44 @@ class BlobWriter:
             if self._error is not None:
                 continue
             try:
-                data: bytes | memoryview | bytearray
-                pooled = len(batch) > 1     # data is one of the gather buffers
-                if not pooled:
-                    # one chunk: written and hashed as it is (never pooled, even as a
-                    # bytearray: its owner may still hold it)
-                    data = batch[0]
-                    n = len(data)
-                else:
-                    # one buffer per group, so that the hash drops the GIL once per
-                    # group, not once per chunk (47k times for /usr/share); copied in C
-                    # without the GIL (b"".join held it for ~0.1 s of a pack)
-                    need = sum(map(len, batch))
-                    data = self._free.get()
-                    if len(data) < need:
-                        data = bytearray(max(need, WRITE_BATCH))
-                    n = gather(batch, data)
-                del batch
-                _write_all(fd, memoryview(data)[:n])
-                self._hq.put((data, n, pooled))     # the hasher takes it from here
-                del data
+                self._write_group(fd, batch)
             except BaseException as e:   # reported by the next add_chunk / finish
                 self._error = e
+            del batch
+
+    def _write_group(self, fd: int, batch: list[bytes | memoryview]) -> None:
+        """Write one group and hand it to the hasher: a piece of GATHER_MAX bytes or
+        more as it is (with --compressor none most pieces are runs of new chunks back to
+        back in a batch's read buffer, up to 1 MiB: never copied), runs of smaller ones
+        gathered into one of the pooled buffers of WRITE_BATCH bytes, so that the hash
+        drops the GIL once per run, not once per chunk (47k times for /usr/share); copied
+        in C without the GIL (b"".join held it for ~0.1 s of a pack). The buffers stay
+        WRITE_BATCH bytes: gathering whole groups (up to WRITE_BATCH + a chunk) grew
+        both to ~1.5 MiB, ~2 MiB of pack's peak."""
+        i, k = 0, len(batch)
+        while i < k:
+            j, size = i, 0
+            while j < k and len(batch[j]) < GATHER_MAX and size + len(batch[j]) <= WRITE_BATCH:
+                size += len(batch[j])
+                j += 1
+            data: bytes | memoryview | bytearray
+            if j <= i + 1:
+                # one piece: written and hashed as it is (never pooled, even as a
+                # bytearray: its owner may still hold it)
+                data = batch[i]
+                n = len(data)
+                pooled = False
+                i += 1
+            else:
+                data = self._free.get()
+                if len(data) < size:
+                    data = bytearray(WRITE_BATCH)
+                n = gather(batch[i:j], data)
+                pooled = True
+                i = j
+            _write_all(fd, memoryview(data)[:n])
+            self._hq.put((data, n, pooled))     # the hasher takes it from here
+            del data
 
     def _hash_groups(self) -> None:
         h = self._hash
