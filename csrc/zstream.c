@@ -686,10 +686,9 @@ int erofs_node_set_zhint(erofs_builder *b, uint32_t node, uint32_t pcluster_size
 {
     if (node >= b->nnodes)
         return fail(b, ERN_EINVAL, "no such node %u", node);
-    if (b->laid_out || b->nodes[node].streamed)
-        return fail(b, ERN_EINVAL, "node %u: compression hint after its data", node);
-    if (!b->nx)
-        return fail(b, ERN_EINVAL, "node %u: compression hints need stream mode", node);
+    if (b->laid_out || b->nodes[node].streamed || !b->nx)     /* b->nx: stream mode */
+        return fail(b, ERN_EINVAL, "node %u: compression hint after its data (or not "
+                    "in stream mode)", node);
     if (alg >= ZALG_MAX || pcluster_size % b->blksz || pcluster_size > Z_EROFS_PCLUSTER_MAX_SIZE)
         return fail(b, ERN_EINVAL, "node %u: bad compression hint (algorithm %u, pcluster "
                     "%u)", node, alg, pcluster_size);
