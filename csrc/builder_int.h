@@ -64,14 +64,21 @@ struct node {
     uint32_t xa_max;        /* xattr ibody size if every xattr were inline */
     uint8_t dkind, layout, extended, placed;
     uint8_t streamed, stream_inline;
+};
+
+/* what only stream mode (opts.stream_data: the data copied, or compressed, while nodes
+ * are added) keeps per node: b->nx, beside b->nodes at the same index; NULL otherwise,
+ * where NXR() reads every field as 0. Out of struct node, which it made 200 bytes
+ * instead of 128: 4 MiB of pack's peak for 56k nodes that never use it */
+struct nodex {
     uint8_t *tailbuf;       /* stream mode: inline tail read by the worker (or NULL) */
     uint8_t *zmeta;         /* compressed: map header + lcluster indexes (compress.c) */
-    uint32_t zmeta_len, zblocks;
     uint8_t *ztail;         /* ztailpacking: the inline last extent, after the index */
+    uint32_t zmeta_len, zblocks;
     uint32_t ztail_len;
+    uint32_t zps;           /* its pcluster size (0: not compressed) */
     uint8_t zfull_only;     /* compressed, with a fragment the compact index cannot hold */
     uint8_t zhint, zalg;    /* --compress-hints: set; algorithm index */
-    uint32_t zps;           /* its pcluster size (0: not compressed) */
     /* plain stream mode (smeta.c): the record's room reserved among the data, in the
      * order a reader walking the tree meets it */
     uint8_t sres;           /* soff/slen hold a reservation (2: the root's in block 0) */
@@ -142,6 +149,8 @@ struct erofs_builder {
     char err[600];
     struct node *nodes;
     uint32_t nnodes, cap_nodes;
+    struct nodex *nx;       /* stream mode only: one per node */
+    uint32_t cap_nx;
     struct dirent_rec *des;
     uint32_t nde, cap_de;
     struct xattr_rec *xas;
@@ -236,11 +245,12 @@ INTERNAL int zpool_start(erofs_builder *b);
 INTERNAL int zpool_submit(erofs_builder *b, uint32_t node, const char *path, size_t pathlen,
                           uint64_t offset);
 INTERNAL int zpool_stop(erofs_builder *b, int abort);
-INTERNAL uint32_t zmeta_extra(const struct node *n);
+INTERNAL uint32_t zmeta_extra(const erofs_builder *b, const struct node *n);
 /* zlayout.c: a compressed node's compact index; the first inode offset from off on
  * (32-byte steps) at which its inline tail stays inside one block */
 INTERNAL int compact_zindex(erofs_builder *b, struct node *n);
-INTERNAL uint64_t ztail_fit(const struct node *n, uint64_t off, uint32_t blksz);
+INTERNAL uint64_t ztail_fit(const erofs_builder *b, const struct node *n, uint64_t off,
+                            uint32_t blksz);
 /* compress.c: superblock fields of the compression settings (0 / NULL without) */
 INTERNAL uint32_t zconf_incompat(const erofs_builder *b);
 INTERNAL uint16_t zconf_sb_u1(const erofs_builder *b);
@@ -310,6 +320,20 @@ INTERNAL uint64_t place_sparse_chunks(erofs_builder *b, struct chunkset *cs, uin
 static inline uint64_t align_up(uint64_t v, uint64_t a)
 {
     return (v + a - 1) / a * a;
+}
+
+INTERNAL extern const struct nodex nodex_zero;
+
+/* node n's stream-mode fields, to change (stream mode only: b->nx is there) */
+static inline struct nodex *NX(const erofs_builder *b, const struct node *n)
+{
+    return &b->nx[n - b->nodes];
+}
+
+/* ... to read: all 0 outside stream mode */
+static inline const struct nodex *NXR(const erofs_builder *b, const struct node *n)
+{
+    return b->nx ? &b->nx[n - b->nodes] : &nodex_zero;
 }
 
 static inline uint32_t inode_size(const struct node *n)

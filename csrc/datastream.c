@@ -404,11 +404,11 @@ int stream_file(erofs_builder *b, uint32_t node, const char *path, size_t pathle
             j->tail = (uint32_t)tail;
             j->tail_src_off = offset + full;
             if (b->tail_mem + tail <= budget) {
-                n->tailbuf = malloc(tail);
-                if (n->tailbuf)
+                NX(b, n)->tailbuf = malloc(tail);
+                if (NX(b, n)->tailbuf)
                     b->tail_mem += tail;
             }
-            j->tailbuf = n->tailbuf;
+            j->tailbuf = NX(b, n)->tailbuf;
         }
         n->stream_inline = (uint8_t)inl;
     }

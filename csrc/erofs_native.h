@@ -147,7 +147,9 @@ int erofs_builder_add_device(erofs_builder *b, const char *tag, size_t taglen,
                              uint32_t blocks, uint32_t mapped_blkaddr);
 /* raw bytes written at image offset when writing: before layout, only below the inode
  * area; after layout, also appended at/after the image end (the image grows, block
- * aligned), e.g. the RAFS chunk-info table. Never over the superblock. */
+ * aligned), e.g. the RAFS chunk-info table. Never over the superblock. data NULL
+ * (appended after layout only): the range is reserved, zeros in the image, for the
+ * caller to write into the file after write(). */
 int erofs_builder_put_bytes(erofs_builder *b, uint64_t offset, const char *data, size_t len);
 /* change a device slot (1-based id) or sb.blocks until the image is written, e.g. the
  * RAFS mapped_blkaddr that depends on the final bootstrap size; 0 is written as 0 */

@@ -149,7 +149,7 @@ static int alloc_flat_data(erofs_builder *b, uint64_t *pblk)
     uint64_t blk = *pblk;
     for (uint32_t oi = 0; oi < b->norder; oi++) {
         struct node *n = &b->nodes[b->order[oi]];
-        if (n->streamed || n->sdir)
+        if (n->streamed || NXR(b, n)->sdir)
             continue;
         if (n->layout == L_CHUNK) {
             if (n->dkind == D_SPARSE) {
@@ -417,16 +417,16 @@ static int choose_formats(erofs_builder *b, struct layout_state *st)
         if (fmt == S_IFREG && (n->dkind == D_CHUNKS || n->dkind == D_SPARSE)) {
             n->layout = L_CHUNK;
             st->have_chunks = 1;
-        } else if (n->zmeta) {
+        } else if (NXR(b, n)->zmeta) {
             n->layout = L_ZFULL;
             if (!b->o.compress_full_index && compact_zindex(b, n))
                 return ERN_ENOMEM;
         } else if (is_flat_data(n)) {
             uint64_t tail = n->size % blksz;
             n->layout = L_PLAIN;
-            if (n->sdir && (n->size != n->sdir_size || (n->stream_inline && base + tail > blksz)))
-                n->sdir = n->sres = 0;      /* not as reserved (smeta.c): after the data */
-            if (n->streamed || n->sdir) {
+            if (NXR(b, n)->sdir && (n->size != NXR(b, n)->sdir_size || (n->stream_inline && base + tail > blksz)))
+                NX(b, n)->sdir = NX(b, n)->sres = 0;      /* not as reserved (smeta.c): after the data */
+            if (n->streamed || NXR(b, n)->sdir) {
                 if (n->stream_inline) {
                     /* streamed as a compact inode with its tail inline; only a link
                      * count over 65535 (not known then) can make it extended now */
@@ -471,12 +471,12 @@ static int place_stream_data(erofs_builder *b, struct layout_state *st)
     return 0;
 }
 
-struct zfit_ctx { const struct node *n; uint32_t blksz; };
+struct zfit_ctx { const erofs_builder *b; const struct node *n; uint32_t blksz; };
 
 static uint64_t zfit(const void *ctx, uint64_t off)
 {
     const struct zfit_ctx *z = ctx;
-    return ztail_fit(z->n, off, z->blksz);
+    return ztail_fit(z->b, z->n, off, z->blksz);
 }
 
 /* a record to place: its length and its node's position in nid order */
@@ -551,17 +551,18 @@ static int place_inodes(erofs_builder *b, struct layout_state *st)
         struct node *n = &b->nodes[b->order[pr[pi].oi]];
         int may_cross;
         uint64_t len = mpack_record_len(b, n, &may_cross);
-        if (n->sres && len <= n->slen) {
+        if (NXR(b, n)->sres && len <= NXR(b, n)->slen) {
             n->meta_off = smeta_off(b, n);
             n->nid = n->meta_off / EROFS_SLOT_SIZE;
             continue;
         }
-        n->sres = 0;
-        struct zfit_ctx zc = { n, blksz };
+        if (b->nx)
+            NX(b, n)->sres = 0;
+        struct zfit_ctx zc = { b, n, blksz };
         uint64_t off;
-        if (b->sm && pi && !n->ztail_len && !smeta_fill(b, n, len))
+        if (b->sm && pi && !NXR(b, n)->ztail_len && !smeta_fill(b, n, len))
             continue;       /* (room left among the data; not the root: its nid is small) */
-        int r = mpack_place(&m, len, may_cross, n->ztail_len ? zfit : NULL, &zc, &off);
+        int r = mpack_place(&m, len, may_cross, NXR(b, n)->ztail_len ? zfit : NULL, &zc, &off);
         if (r) {
             mpack_free(&m);
             free(pr);

@@ -249,6 +249,6 @@ uint64_t mpack_record_len(const erofs_builder *b, const struct node *n, int *may
         return base + n->tail;
     }
     if (n->layout == L_ZFULL || n->layout == L_ZCOMPACT)
-        return base + zmeta_extra(n);
+        return base + zmeta_extra(b, n);
     return base;
 }

@@ -12,6 +12,8 @@ int fail(erofs_builder *b, int code, const char *fmt, ...)
     return code;
 }
 
+const struct nodex nodex_zero;
+
 void *grow(void *p, uint32_t *cap, uint32_t need, size_t elem)
 {
     if (need <= *cap)
@@ -88,11 +90,12 @@ void erofs_builder_free(erofs_builder *b)
     stream_stop(b, 1);
     smeta_free(b);
     free(b->wdirty);
-    for (uint32_t i = 0; i < b->nnodes; i++) {
-        free(b->nodes[i].tailbuf);
-        free(b->nodes[i].zmeta);
-        free(b->nodes[i].ztail);
+    for (uint32_t i = 0; b->nx && i < b->nnodes; i++) {
+        free(b->nx[i].tailbuf);
+        free(b->nx[i].zmeta);
+        free(b->nx[i].ztail);
     }
+    free(b->nx);
     free(b->zc);
     free(b->xpfx);
     free(b->nodes);
@@ -159,6 +162,13 @@ int64_t erofs_node_add(erofs_builder *b, uint32_t mode, uint32_t uid, uint32_t g
     if (!nn)
         return fail(b, ERN_ENOMEM, "out of memory");
     b->nodes = nn;
+    if (b->o.stream_data) {
+        struct nodex *nx = grow(b->nx, &b->cap_nx, b->nnodes + 1, sizeof(*nx));
+        if (!nx)
+            return fail(b, ERN_ENOMEM, "out of memory");
+        b->nx = nx;
+        memset(&nx[b->nnodes], 0, sizeof(*nx));
+    }
     struct node *n = &b->nodes[b->nnodes];
     memset(n, 0, sizeof(*n));
     n->mode = mode;
@@ -575,6 +585,8 @@ int erofs_builder_put_bytes(erofs_builder *b, uint64_t offset, const char *data,
         return fail(b, ERN_EINVAL, "image already written");
     if (offset < SB_END && offset + len > EROFS_SUPER_OFFSET)
         return fail(b, ERN_EINVAL, "bytes would overwrite the superblock");
+    if (!data && (!b->laid_out || offset < b->info.image_size))
+        return fail(b, ERN_EINVAL, "only bytes appended after layout can be reserved");
     if (b->laid_out) {
         /* after layout: before the first inode, or appended after the image */
         if (offset + len > b->first_inode_off && offset < b->info.image_size)
@@ -591,10 +603,16 @@ int erofs_builder_put_bytes(erofs_builder *b, uint64_t offset, const char *data,
     if (!np)
         return fail(b, ERN_ENOMEM, "out of memory");
     b->puts = np;
-    uint8_t *copy = malloc(len ? len : 1);
-    if (!copy)
-        return fail(b, ERN_ENOMEM, "out of memory");
-    memcpy(copy, data, len);
+    /* data NULL: the range is reserved (zeros from the image's ftruncate); the caller
+     * writes it into the image file itself after write(), so no copy is kept here
+     * (pack's chunk info table: ~4 MiB while the node graph was still in memory) */
+    uint8_t *copy = NULL;
+    if (data) {
+        copy = malloc(len ? len : 1);
+        if (!copy)
+            return fail(b, ERN_ENOMEM, "out of memory");
+        memcpy(copy, data, len);
+    }
     b->puts[b->nputs].off = offset;
     b->puts[b->nputs].len = len;
     b->puts[b->nputs].data = copy;

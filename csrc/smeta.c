@@ -66,11 +66,11 @@ int smeta_reserve(erofs_builder *b, uint32_t node, uint32_t len)
 {
     struct node *n = &b->nodes[node];
     uint64_t off;
-    if (n->sres || smeta_room(b, len, &off))
+    if (NX(b, n)->sres || smeta_room(b, len, &off))
         return 1;
-    n->soff = off;
-    n->slen = len;
-    n->sres = 1;
+    NX(b, n)->soff = off;
+    NX(b, n)->slen = len;
+    NX(b, n)->sres = 1;
     return 0;
 }
 
@@ -128,7 +128,7 @@ void smeta_pending(erofs_builder *b, uint32_t upto)
         upto = b->nnodes;
     for (uint32_t i = s->next; i < upto; i++) {
         struct node *n = &b->nodes[i];
-        if (n->sres || (n->mode & S_IFMT) == S_IFDIR || n->dkind == D_FILE ||
+        if (NX(b, n)->sres || (n->mode & S_IFMT) == S_IFDIR || n->dkind == D_FILE ||
             n->dkind == D_SPARSE || n->dkind == D_CHUNKS)
             continue;
         uint32_t len = bare_len(b, n);
@@ -161,12 +161,12 @@ int smeta_dir(erofs_builder *b, uint32_t node, const char *names, const uint32_t
     uint64_t len = align_up(inl ? base + tail : base, EROFS_SLOT_SIZE);
     uint64_t nblk = inl ? size / blksz : (size + blksz - 1) / blksz;
     uint64_t lo = align_up(sb_area_end(b), EROFS_SLOT_SIZE);
-    if (node == b->root && !n->sres && lo + len <= blksz) {
+    if (node == b->root && !NX(b, n)->sres && lo + len <= blksz) {
         /* the room after the superblock, as mkfs.erofs (nid 36 with 4 KiB blocks) */
         b->sm->root_off = lo;
-        n->soff = 0;
-        n->slen = (uint32_t)len;
-        n->sres = 2;
+        NX(b, n)->soff = 0;
+        NX(b, n)->slen = (uint32_t)len;
+        NX(b, n)->sres = 2;
         if (b->zp && zsm_push(b, node, 0, (uint32_t)nblk))
             return 0;
     } else if (b->zp) {
@@ -177,8 +177,8 @@ int smeta_dir(erofs_builder *b, uint32_t node, const char *names, const uint32_t
         return 0;
     }
     n = &b->nodes[node];
-    n->sdir = 1;
-    n->sdir_size = size;
+    NX(b, n)->sdir = 1;
+    NX(b, n)->sdir_size = size;
     n->stream_inline = (uint8_t)inl;
     /* (compressed: a directory's first block is set when the pool placed it) */
     n->startblk = nblk && !b->zp ? (uint32_t)b->scur : (inl ? EROFS_NULL_ADDR : 0);
@@ -194,9 +194,9 @@ int smeta_dir(erofs_builder *b, uint32_t node, const char *names, const uint32_t
 uint32_t smeta_pre_lo(erofs_builder *b, uint64_t lo)
 {
     struct node *rt = &b->nodes[b->root];
-    if (rt->sres == 2 && b->sm->root_off < lo)
-        rt->sres = 0;               /* (the superblock area grew since) */
-    uint64_t pre = rt->sres == 2 ? b->sm->root_off + rt->slen : lo;
+    if (NX(b, rt)->sres == 2 && b->sm->root_off < lo)
+        NX(b, rt)->sres = 0;               /* (the superblock area grew since) */
+    uint64_t pre = NX(b, rt)->sres == 2 ? b->sm->root_off + NX(b, rt)->slen : lo;
     return pre < b->blksz ? (uint32_t)pre : 0;
 }
 
@@ -220,9 +220,9 @@ int smeta_fill(erofs_builder *b, struct node *n, uint64_t len)
 uint64_t smeta_off(const erofs_builder *b, const struct node *n)
 {
     const struct smeta *s = b->sm;
-    if (n->sres == 2)
+    if (NX(b, n)->sres == 2)
         return s->root_off;
-    return s->blk[n->soff / b->blksz] * b->blksz + n->soff % b->blksz;
+    return s->blk[NX(b, n)->soff / b->blksz] * b->blksz + NX(b, n)->soff % b->blksz;
 }
 
 /* the size of a directory with these entries (bytewise sorted, without "." and "..")

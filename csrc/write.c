@@ -105,7 +105,7 @@ static int write_inode(erofs_builder *b, struct node *n)
     else if (fmt == S_IFIFO || fmt == S_IFSOCK)
         iu = 0;
     else if (n->layout == L_ZFULL || n->layout == L_ZCOMPACT)
-        iu = n->zblocks;    /* compressed inodes: blocks of their pclusters */
+        iu = NXR(b, n)->zblocks;    /* compressed inodes: blocks of their pclusters */
     else
         iu = n->startblk;
     union {
@@ -250,11 +250,11 @@ static int write_node_data(erofs_builder *b, struct node *n)
         free(path);
         return r;
     }
-    if (n->zmeta) {   /* pclusters written by the compression pool */
+    if (NXR(b, n)->zmeta) {   /* pclusters written by the compression pool */
         uint64_t mo = align_up(tail_off, 8);
-        int r = win_write(b, mo, n->zmeta, n->zmeta_len);
-        if (!r && n->ztail_len)
-            r = win_write(b, mo + n->zmeta_len, n->ztail, n->ztail_len);
+        int r = win_write(b, mo, NXR(b, n)->zmeta, NXR(b, n)->zmeta_len);
+        if (!r && NXR(b, n)->ztail_len)
+            r = win_write(b, mo + NXR(b, n)->zmeta_len, NXR(b, n)->ztail, NXR(b, n)->ztail_len);
         return r;
     }
     if (!is_flat_data(n) || n->size == 0)
@@ -290,10 +290,10 @@ static int write_node_data(erofs_builder *b, struct node *n)
          * too unless over the memory budget */
         if (!n->tail)
             return 0;
-        if (n->tailbuf) {
-            int r = win_write(b, tail_off, n->tailbuf, n->tail);
-            free(n->tailbuf);
-            n->tailbuf = NULL;
+        if (NXR(b, n)->tailbuf) {
+            int r = win_write(b, tail_off, NXR(b, n)->tailbuf, n->tail);
+            free(NX(b, n)->tailbuf);
+            NX(b, n)->tailbuf = NULL;
             b->bytes_done += n->tail;
             return r;
         }
@@ -488,7 +488,8 @@ int erofs_builder_write_end(erofs_builder *b)
     if (ftruncate(b->fd, (off_t)b->info.image_size) < 0)
         return fail(b, ERN_EIO, "sizing the image: %s", strerror(errno));
     for (uint32_t i = 0; i < b->nputs; i++)
-        if ((r = pwrite_all(b, b->puts[i].data, b->puts[i].len, b->puts[i].off)))
+        if (b->puts[i].data &&
+            (r = pwrite_all(b, b->puts[i].data, b->puts[i].len, b->puts[i].off)))
             return r;
     if ((r = write_device_table(b)) || (r = write_superblock(b)))
         return r;

@@ -11,27 +11,28 @@
 
 int compact_zindex(erofs_builder *b, struct node *n)
 {
-    if (n->zfull_only)
+    if (NX(b, n)->zfull_only)
         return 0;
     uint32_t mpos = (uint32_t)align_up(inode_size(n) + n->xattr_isize, 8) +
                     (uint32_t)sizeof(struct z_erofs_map_header);
     uint32_t len;
-    uint8_t *c = zindex_compact(n->zmeta, n->zmeta_len, mpos, b->zc->big,
+    uint8_t *c = zindex_compact(NX(b, n)->zmeta, NX(b, n)->zmeta_len, mpos, b->zc->big,
                                 &len);
     if (!c)
         return fail(b, ERN_ENOMEM, "out of memory");
-    free(n->zmeta);
-    n->zmeta = c;
-    n->zmeta_len = len;
+    free(NX(b, n)->zmeta);
+    NX(b, n)->zmeta = c;
+    NX(b, n)->zmeta_len = len;
     n->layout = L_ZCOMPACT;
     return 0;
 }
 
-uint64_t ztail_fit(const struct node *n, uint64_t off, uint32_t blksz)
+uint64_t ztail_fit(const erofs_builder *b, const struct node *n, uint64_t off,
+                   uint32_t blksz)
 {
-    uint64_t rel = inode_size(n) + n->xattr_isize + zmeta_extra(n) - n->ztail_len;
+    uint64_t rel = inode_size(n) + n->xattr_isize + zmeta_extra(b, n) - NX(b, n)->ztail_len;
     uint64_t t = off + rel;
-    if (t % blksz + n->ztail_len <= blksz)
+    if (t % blksz + NX(b, n)->ztail_len <= blksz)
         return off;
     /* the next tail start in the next block that keeps the inode 32-byte aligned */
     uint64_t t2 = align_up(t, blksz) + rel % EROFS_SLOT_SIZE;

@@ -144,10 +144,10 @@ static void apply(erofs_builder *b, const struct smitem *it, uint32_t cnt)
 {
     for (uint32_t i = 0; i < cnt; i++) {
         struct node *n = &b->nodes[it[i].node];
-        if (it[i].ok && !n->sres) {
-            n->soff = it[i].soff;
-            n->slen = it[i].len;
-            n->sres = 1;
+        if (it[i].ok && !NX(b, n)->sres) {
+            NX(b, n)->soff = it[i].soff;
+            NX(b, n)->slen = it[i].len;
+            NX(b, n)->sres = 1;
         }
         if (it[i].nblk)
             n->startblk = it[i].startblk;
@@ -190,8 +190,8 @@ void zsm_finish(erofs_builder *b, struct zpool *p, int abort)
 }
 
 /* bytes after the inode and its xattrs: padding to 8, map header, index */
-uint32_t zmeta_extra(const struct node *n)
+uint32_t zmeta_extra(const erofs_builder *b, const struct node *n)
 {
     uint32_t end = inode_size(n) + n->xattr_isize;
-    return (uint32_t)(align_up(end, 8) - end) + n->zmeta_len + n->ztail_len;
+    return (uint32_t)(align_up(end, 8) - end) + NXR(b, n)->zmeta_len + NXR(b, n)->ztail_len;
 }

@@ -485,17 +485,17 @@ int zpool_submit(erofs_builder *b, uint32_t node, const char *path, size_t pathl
     j->offset = offset;
     j->size = n->size;
     j->zc = p->zc;
-    if (n->zhint) {
-        if (n->zalg >= p->zc->nalgs || n->zps > p->zc->max_ps) {
+    if (NX(b, n)->zhint) {
+        if (NX(b, n)->zalg >= p->zc->nalgs || NX(b, n)->zps > p->zc->max_ps) {
             free(j->path);
             free(j);
             return fail(b, ERN_EINVAL, "node %u: compression hint (algorithm %u, pcluster "
-                        "%u) beyond the configured ones", node, n->zalg, n->zps);
+                        "%u) beyond the configured ones", node, NX(b, n)->zalg, NX(b, n)->zps);
         }
-        j->ccfg = n->zalg;
-        j->zc = &p->zc[n->zalg];
-        j->ps = n->zps;
-        j->nocomp = n->zps == 0;
+        j->ccfg = NX(b, n)->zalg;
+        j->zc = &p->zc[NX(b, n)->zalg];
+        j->ps = NX(b, n)->zps;
+        j->nocomp = NX(b, n)->zps == 0;
     }
     uint64_t tail = n->size % bs;
     /* if stored plain: decided before the layout, with the inode size as far as known
@@ -642,15 +642,15 @@ int zpool_stop(erofs_builder *b, int abort)
             n->startblk = j->startblk;
             if (j->plain) {
                 n->stream_inline = j->tail != 0;
-                n->tailbuf = j->tailbuf;
+                NX(b, n)->tailbuf = j->tailbuf;
                 j->tailbuf = NULL;
             } else {
-                n->zmeta = j->meta;
-                n->zmeta_len = j->meta_len;
-                n->zblocks = j->nblocks;
-                n->ztail = j->idata;
-                n->ztail_len = j->idata_len;
-                n->zfull_only = (uint8_t)j->zfull;
+                NX(b, n)->zmeta = j->meta;
+                NX(b, n)->zmeta_len = j->meta_len;
+                NX(b, n)->zblocks = j->nblocks;
+                NX(b, n)->ztail = j->idata;
+                NX(b, n)->ztail_len = j->idata_len;
+                NX(b, n)->zfull_only = (uint8_t)j->zfull;
                 j->meta = NULL;
                 j->idata = NULL;
             }
@@ -686,14 +686,15 @@ int erofs_node_set_zhint(erofs_builder *b, uint32_t node, uint32_t pcluster_size
 {
     if (node >= b->nnodes)
         return fail(b, ERN_EINVAL, "no such node %u", node);
-    if (b->laid_out || b->nodes[node].streamed)
-        return fail(b, ERN_EINVAL, "node %u: compression hint after its data", node);
+    if (b->laid_out || b->nodes[node].streamed || !b->nx)     /* b->nx: stream mode */
+        return fail(b, ERN_EINVAL, "node %u: compression hint after its data (or not "
+                    "in stream mode)", node);
     if (alg >= ZALG_MAX || pcluster_size % b->blksz || pcluster_size > Z_EROFS_PCLUSTER_MAX_SIZE)
         return fail(b, ERN_EINVAL, "node %u: bad compression hint (algorithm %u, pcluster "
                     "%u)", node, alg, pcluster_size);
     struct node *n = &b->nodes[node];
-    n->zhint = 1;
-    n->zalg = (uint8_t)alg;
-    n->zps = pcluster_size;
+    NX(b, n)->zhint = 1;
+    NX(b, n)->zalg = (uint8_t)alg;
+    NX(b, n)->zps = pcluster_size;
     return 0;
 }

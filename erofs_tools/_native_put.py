@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from erofs_tools._native import NativeBuilder, _raise, ffi, lib
 
-__all__ = ["put_buffer"]
+__all__ = ["put_buffer", "reserve_bytes"]
 
 
 def put_buffer(nb: NativeBuilder, offset: int, data: bytearray | memoryview) -> None:
@@ -15,5 +15,17 @@ def put_buffer(nb: NativeBuilder, offset: int, data: bytearray | memoryview) -> 
         raise ValueError("builder closed")
     n = len(data) if isinstance(data, bytearray) else data.nbytes
     r = lib.erofs_builder_put_bytes(nb._b, offset, ffi.from_buffer(data), n)
+    if r:
+        _raise(nb._b, r)
+
+
+def reserve_bytes(nb: NativeBuilder, offset: int, length: int) -> None:
+    """Grow the image by `length` bytes at `offset` (at or after its end, after layout)
+    without handing them over: zeros in the written image, for the caller to pwrite into
+    the file after NativeBuilder.write (pack's chunk info table, so that the C core
+    keeps no copy of it)."""
+    if nb._b is None:
+        raise ValueError("builder closed")
+    r = lib.erofs_builder_put_bytes(nb._b, offset, ffi.NULL, length)
     if r:
         _raise(nb._b, r)

@@ -285,6 +285,34 @@ def test_write_errors_name_the_path(tmp_path):
         os.close(fd)
 
 
+def test_reserved_append_grows_the_image_and_keeps_no_bytes(tmp_path):
+    """pack's chunk info table: room reserved after layout (zeros in the written image,
+    the caller pwrites it afterwards); only after layout and at or after the end."""
+    from erofs_tools._native_put import put_buffer, reserve_bytes
+    b = NativeBuilder(BuildOptions(meta_blkaddr=1, first_nid=128, build_time=0))
+    root = b.add_node(DIR)
+    b.set_root(root)
+    with pytest.raises(NativeError, match="reserved"):
+        reserve_bytes(b, 1 << 20, 80)                # before layout
+    end = b.layout().image_size
+    with pytest.raises(NativeError, match="reserved"):
+        reserve_bytes(b, end - 4096, 80)             # inside what the builder writes
+    reserve_bytes(b, end, 3 * 4096 + 80)
+    put_buffer(b, end + 4 * 4096, bytearray(b"AFTER"))
+    assert b.refresh_info().image_size == end + 5 * 4096
+    img = tmp_path / "r.img"
+    fd = os.open(img, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.pwrite(fd, b"\xff" * 10, end)               # written before: zeroed by write
+        b.write(fd)
+    finally:
+        os.close(fd)
+    data = img.read_bytes()
+    assert len(data) == end + 5 * 4096
+    assert data[end:end + 4 * 4096] == bytes(4 * 4096)
+    assert data[end + 4 * 4096:end + 4 * 4096 + 5] == b"AFTER"
+
+
 def test_after_layout_appends_device_updates_and_sb_blocks(tmp_path):
     """RAFS pack needs: a table appended after the inodes, device slots and sb.blocks
     fixed up once the bootstrap size is known, devt_slotoff written without devices."""

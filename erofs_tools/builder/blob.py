@@ -59,6 +59,8 @@ WRITE_QUEUE_BYTES = 1 << 20
 # gather buffers of the writer and the hasher thread: the writer writes one group while
 # the hasher hashes the one before (more would only hold memory: the write is the slower)
 HASH_BUFFERS = 2
+# pieces of a group at least this big are written as they are, not gathered
+GATHER_MAX = WRITE_BATCH // 2
 _CI_V1 = struct.Struct("<QQ")        # a CI v1 entry: uncompressed word, compressed word
 
 
@@ -164,6 +166,9 @@ class BlobWriter:
         self._pos = 0
         self._upos = 0
         self._ci = bytearray()
+        # raw chunks whose CI entries are not in _ci yet: (coff, csize, uoff, start, end)
+        self._raw_ci: tuple[array.array[int], array.array[int], array.array[int], int,
+                            int] | None = None
         self.count = 0
         self.info: BlobInfo | None = None
         # chunk data is written by one background thread and hashed (the blob id) by
@@ -171,9 +176,12 @@ class BlobWriter:
         # write as well as with chunking (one thread doing both was pack's critical path
         # with --compressor none: ~0.4 s of sha256 after ~1 s of write per 640 MB). Two
         # queued groups keep the writer busy; more only hold memory (64 MiB of queue was
-        # a third of pack's peak RSS with --compressor none, at no gain in time)
+        # a third of pack's peak RSS with --compressor none, at no gain in time).
+        # Uncompressed, one: a queued group is views of the chunker's batch buffers,
+        # each holding its whole ~1 MiB buffer (a second one was ~1.3 MiB of the peak)
         self._q: queue.Queue[list[bytes | memoryview] | None] = queue.Queue(
-            maxsize=max(2, (WRITE_QUEUE_BYTES) // max(WRITE_BATCH, chunk_size)))
+            maxsize=1 if self.compressor == "none"
+            else max(2, (WRITE_QUEUE_BYTES) // max(WRITE_BATCH, chunk_size)))
         # written groups on their way to the hasher, in write order (one queued: the
         # writer is at most a group ahead); the gather buffers come back through _free
         # once hashed
@@ -209,28 +217,44 @@ class BlobWriter:
             if self._error is not None:
                 continue
             try:
-                data: bytes | memoryview | bytearray
-                pooled = len(batch) > 1     # data is one of the gather buffers
-                if not pooled:
-                    # one chunk: written and hashed as it is (never pooled, even as a
-                    # bytearray: its owner may still hold it)
-                    data = batch[0]
-                    n = len(data)
-                else:
-                    # one buffer per group, so that the hash drops the GIL once per
-                    # group, not once per chunk (47k times for /usr/share); copied in C
-                    # without the GIL (b"".join held it for ~0.1 s of a pack)
-                    need = sum(map(len, batch))
-                    data = self._free.get()
-                    if len(data) < need:
-                        data = bytearray(max(need, WRITE_BATCH))
-                    n = gather(batch, data)
-                del batch
-                _write_all(fd, memoryview(data)[:n])
-                self._hq.put((data, n, pooled))     # the hasher takes it from here
-                del data
+                self._write_group(fd, batch)
             except BaseException as e:   # reported by the next add_chunk / finish
                 self._error = e
+            del batch
+
+    def _write_group(self, fd: int, batch: list[bytes | memoryview]) -> None:
+        """Write one group and hand it to the hasher: a piece of GATHER_MAX bytes or
+        more as it is (with --compressor none most pieces are runs of new chunks back to
+        back in a batch's read buffer, up to 1 MiB: never copied), runs of smaller ones
+        gathered into one of the pooled buffers of WRITE_BATCH bytes, so that the hash
+        drops the GIL once per run, not once per chunk (47k times for /usr/share); copied
+        in C without the GIL (b"".join held it for ~0.1 s of a pack). The buffers stay
+        WRITE_BATCH bytes: gathering whole groups (up to WRITE_BATCH + a chunk) grew
+        both to ~1.5 MiB, ~2 MiB of pack's peak."""
+        i, k = 0, len(batch)
+        while i < k:
+            j, size = i, 0
+            while j < k and len(batch[j]) < GATHER_MAX and size + len(batch[j]) <= WRITE_BATCH:
+                size += len(batch[j])
+                j += 1
+            data: bytes | memoryview | bytearray
+            if j <= i + 1:
+                # one piece: written and hashed as it is (never pooled, even as a
+                # bytearray: its owner may still hold it)
+                data = batch[i]
+                n = len(data)
+                pooled = False
+                i += 1
+            else:
+                data = self._free.get()
+                if len(data) < size:
+                    data = bytearray(WRITE_BATCH)
+                n = gather(batch[i:j], data)
+                pooled = True
+                i = j
+            _write_all(fd, memoryview(data)[:n])
+            self._hq.put((data, n, pooled))     # the hasher takes it from here
+            del data
 
     def _hash_groups(self) -> None:
         h = self._hash
@@ -302,6 +326,7 @@ class BlobWriter:
         if n > uncompressed_size:
             raise ValueError("stored chunk larger than its data")
         coff, uoff = self._pos, self._upos
+        self._ci_flush()
         self._ci += R.encode_ci_v1(uoff, uncompressed_size, coff, n)
         if self._own_digests:
             self._digests += digest
@@ -329,6 +354,7 @@ class BlobWriter:
         if self.count + len(stored) > R.MAX_CHUNKS_PER_BLOB:
             raise InputError("too many distinct chunks for one blob (2^24)")
         pos, upos = self._pos, self._upos
+        self._ci_flush()
         ci = self._ci
         enc = _CI_V1.pack
         mask = BLKSZ - 1
@@ -378,16 +404,16 @@ class BlobWriter:
         if sum(map(len, pieces)) != sum(sizes) or min(sizes, default=1) <= 0:
             raise ValueError("append_chunks: pieces and sizes disagree, or empty chunks")
         pos, upos = self._pos, self._upos
-        ci = self._ci
-        enc = _CI_V1.pack
         mask = BLKSZ - 1
+        # their CI entries are encoded from these arrays at finish (_ci_flush): 16 bytes
+        # a chunk held through chunking was ~0.75 MiB of pack's peak on /usr/share
+        start = len(coff)
+        pend = self._raw_ci
+        if pend is not None and (pend[0] is not coff or pend[1] is not csize
+                                 or pend[2] is not uoff or pend[4] != start):
+            self._ci_flush()
+            pend = None
         for us in sizes:
-            # R.encode_ci_v1, inlined (sizes minus one; offsets 4 KiB aligned); stored
-            # size = size
-            u1 = us - 1
-            hi = (((u1 >> 20) & 0xF) << 8, (u1 & 0xFFFFF) << 44)
-            ci += enc(hi[0] | (upos & 0x0FFF_FFFF_F000) | hi[1],
-                      (pos & 0xFF_FFFF_FFFF) | (hi[0] << 32) | hi[1])
             coff.append(pos)
             csize.append(us)
             uoff.append(upos)
@@ -412,6 +438,24 @@ class BlobWriter:
                 self._hash.update(data)
         self._pos, self._upos = pos, upos
         self.count += len(sizes)
+        self._raw_ci = (coff, csize, uoff, start if pend is None else pend[3], len(coff))
+
+    def _ci_flush(self) -> None:
+        """Encode the CI entries of the raw chunks appended since the last call (their
+        offsets and sizes in the caller's arrays) into self._ci."""
+        if self._raw_ci is None:
+            return
+        coff, csize, uoff, start, end = self._raw_ci
+        self._raw_ci = None
+        ci = self._ci
+        enc = _CI_V1.pack
+        for pos, us, upos in zip(coff[start:end], csize[start:end], uoff[start:end]):
+            # R.encode_ci_v1, inlined (sizes minus one; offsets 4 KiB aligned); stored
+            # size = size
+            u1 = us - 1
+            hi = (((u1 >> 20) & 0xF) << 8, (u1 & 0xFFFFF) << 44)
+            ci += enc(hi[0] | (upos & 0x0FFF_FFFF_F000) | hi[1],
+                      (pos & 0xFF_FFFF_FFFF) | (hi[0] << 32) | hi[1])
 
     def abort(self) -> None:
         try:
@@ -465,6 +509,7 @@ class BlobWriter:
                               compressed_offset=data_size, compressed_size=data_size,
                               uncompressed_size=self._upos))
         # CI table, compressed when that is smaller and the blob is compressed
+        self._ci_flush()
         ci_raw = bytes(self._ci)
         ci_stored, ci_comp = ci_raw, 0
         if self.compressor == "zstd":

@@ -274,19 +274,9 @@ class ChunkRefs:
         blob index, CI index), sorted by that key; in pieces of TABLE_PIECE bytes (the
         last one shorter), each given to the C core before the next is made (the whole
         table, 80 bytes a chunk, and the C core's copy of it were pack's peak)."""
-        new_used, dict_used = used
-        if self.usize and not self.other and not any(dict_used):
-            # the common case, new chunks only, one per digest: sorted and encoded in C
-            # (in Python: ~0.1 s of a /usr/share pack, with one core idle)
-            foff = array.array("Q", bytes(8 * len(self.usize)))
-            for i, off in self.file_off.items():
-                foff[i] = off
-            table = ChunkInfoTable(self.new.digests, new_used, self.coff, self.csize,
-                                   self.uoff, self.usize, foff, remap[-1])
-            # pieces of whole blocks but the last: 256 entries are 5 blocks
-            step = TABLE_PIECE // (256 * R.ChunkInfo.SIZE) * 256
-            for start in range(0, table.count, step):
-                yield table.entries(start, min(step, table.count - start))
+        sized = self.sized_chunk_info_table(used, remap)
+        if sized is not None:
+            yield from sized[1]
             return
         piece = bytearray()
         for entry in self._table_entries(used, remap):
@@ -296,6 +286,30 @@ class ChunkRefs:
                 del piece[:TABLE_PIECE]
         if piece:
             yield piece
+
+    def sized_chunk_info_table(self, used: tuple[bytearray, bytearray],
+                               remap: Mapping[int, int]
+                               ) -> tuple[int, Iterator[bytearray]] | None:
+        """In the common case (new chunks only, one per digest): (the table's size in
+        bytes, chunk_info_table's pieces), the size known before any piece is made, so
+        that the table can be written after the rest of the bootstrap; else None."""
+        new_used, dict_used = used
+        if not (self.usize and not self.other and not any(dict_used)):
+            return None
+        # sorted and encoded in C (in Python: ~0.1 s of a /usr/share pack, with one
+        # core idle)
+        foff = array.array("Q", bytes(8 * len(self.usize)))
+        for i, off in self.file_off.items():
+            foff[i] = off
+        table = ChunkInfoTable(self.new.digests, new_used, self.coff, self.csize,
+                               self.uoff, self.usize, foff, remap[-1])
+
+        def pieces() -> Iterator[bytearray]:
+            # pieces of whole blocks but the last: 256 entries are 5 blocks
+            step = TABLE_PIECE // (256 * R.ChunkInfo.SIZE) * 256
+            for start in range(0, table.count, step):
+                yield table.entries(start, min(step, table.count - start))
+        return table.count * R.ChunkInfo.SIZE, pieces()
 
     def _table_entries(self, used: tuple[bytearray, bytearray],
                        remap: Mapping[int, int]) -> Iterator[bytes]:

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 from erofs_tools.builder import rafs as RP
 from erofs_tools.builder.blob import BlobInfo, StoredChunk
 from erofs_tools.builder.chunk_dict import BootstrapTables
-from erofs_tools.builder.rafs import ChunkRun, FileChunks
+from erofs_tools.builder.node_chunks import ChunkRun, FileChunks
 from erofs_tools.builder.tar_reader import _show
 from erofs_tools.builder.whiteout import IMPLIED_XATTR as IMPLIED
 from erofs_tools.builder.whiteout import OPAQUE_XATTR as OPAQUE

@@ -28,7 +28,7 @@ from typing import Any
 from erofs_tools.builder import rafs as RP
 from erofs_tools.builder.blob import BlobWriter, StoredChunk
 from erofs_tools.builder.merge import _chunks, _compressor_of, _Layer, copy_inode
-from erofs_tools.builder.rafs import ChunkRun, FileChunks
+from erofs_tools.builder.node_chunks import ChunkRun, FileChunks
 from erofs_tools.errors import CorruptImageError, InputError
 from erofs_tools.reader import blob as rblob
 from erofs_tools.reader.image import Inode

@@ -28,9 +28,7 @@ writing (put_bytes after layout, set_device, set_sb_blocks).
 """
 from __future__ import annotations
 
-import array
 import gc
-import itertools
 import os
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
@@ -38,8 +36,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from erofs_tools._native import BuildOptions, NativeBuilder
-from erofs_tools._native_put import put_buffer
-from erofs_tools.builder.blob import BLKSZ, BlobWriter, StoredChunk
+from erofs_tools._native_put import put_buffer, reserve_bytes
+from erofs_tools.builder.blob import BLKSZ, BlobWriter
 from erofs_tools.builder.chunk_dict import ChunkDict
 from erofs_tools.builder.chunk_refs import ChunkRefs
 from erofs_tools.builder.chunker import (
@@ -52,6 +50,7 @@ from erofs_tools.builder.chunker import (
     check_chunk_size,
 )
 from erofs_tools.builder.mkfs import check_paths
+from erofs_tools.builder.node_chunks import NodeChunks, chunk_info_table, runs, set_chunk_indexes
 from erofs_tools.builder.options import MkfsOptions, Progress
 from erofs_tools.builder.rafs_walk import BootstrapNodes, RafsWalker, WalkFeed
 from erofs_tools.errors import InputError
@@ -162,104 +161,6 @@ def _prefetch_order(walker: RafsWalker, prefetch: list[bytes]) -> tuple[list[int
 
 class PackResult(dict[str, Any]):
     """pack's summary (what --json prints)."""
-
-
-class ChunkRun:
-    """`count` consecutive chunk indexes of one file naming the same stored chunk (a
-    run of hole chunks of a sparse tar entry): one object, however long the run."""
-    __slots__ = ("chunk", "count")
-
-    def __init__(self, chunk: StoredChunk, count: int) -> None:
-        self.chunk = chunk
-        self.count = count
-
-
-FileChunks = list[StoredChunk | ChunkRun]     # a file's chunks in file order
-# what a node maps to: its chunk list, or (most files: one chunk) the one item itself,
-# which saves a list per file (~90 bytes x 48k files of /usr/share)
-NodeChunks = FileChunks | StoredChunk | ChunkRun
-
-
-def _runs(chunks: Iterable[StoredChunk | ChunkRun] | StoredChunk | ChunkRun
-          ) -> Iterator[tuple[StoredChunk, int]]:
-    """(StoredChunk, count) of a file's chunks: a list which may hold ChunkRuns, or one
-    StoredChunk or ChunkRun alone."""
-    if isinstance(chunks, StoredChunk):
-        yield chunks, 1
-        return
-    if isinstance(chunks, ChunkRun):
-        yield chunks.chunk, chunks.count
-        return
-    for c in chunks:
-        if isinstance(c, ChunkRun):
-            yield c.chunk, c.count
-        else:
-            yield c, 1
-
-
-_FLUSH_ENTRIES = 1 << 20     # chunk indexes handed to the C core at a time (8 MiB)
-
-def _set_chunk_indexes(nb: NativeBuilder, fmt: int, regular: Iterable[int],
-                       per_node: Mapping[int, NodeChunks], remap: dict[int, int]
-                       ) -> list[StoredChunk]:
-    """Give every regular file its 8-byte chunk indexes (advise = CI index bits 0-15,
-    device_id = blob index + 1 | CI index bits 16-23 << 8, blkaddr = uncompressed offset
-    / 4096), many files per call into the C core, from flat arrays; -> every chunk
-    referenced, once each (the chunk info table's entries)."""
-    used: list[StoredChunk] = []
-    entry_of: dict[int, int] = {}        # id(StoredChunk) -> its index entry
-    nodes, counts, ents = array.array("I"), array.array("I"), array.array("Q")
-
-    def entry(sc: StoredChunk) -> int:
-        e = entry_of.get(id(sc))
-        if e is None:
-            idx = sc.index
-            dev = (remap[sc.blob_index] + 1) | (((idx >> 16) & 0xFF) << 8)
-            e = entry_of[id(sc)] = ((idx & 0xFFFF) | (dev << 16)
-                                    | ((sc.uncompressed_offset // BLKSZ) << 32))
-            used.append(sc)
-        return e
-
-    for node in regular:
-        pn = per_node.get(node)
-        nodes.append(node)
-        if pn is None:
-            counts.append(0)
-        elif type(pn) is StoredChunk:
-            ents.append(entry(pn))
-            counts.append(1)
-        else:
-            n = 0
-            for sc, count in _runs(pn):
-                e = entry(sc)
-                if count == 1:
-                    ents.append(e)
-                else:       # a run of hole chunks: C needs them spelled out anyway
-                    ents.extend(itertools.repeat(e, count))
-                n += count
-            counts.append(n)
-        if len(ents) >= _FLUSH_ENTRIES:
-            nb.set_chunks_many(fmt, nodes, counts, ents)
-            nodes, counts, ents = array.array("I"), array.array("I"), array.array("Q")
-    nb.set_chunks_many(fmt, nodes, counts, ents)
-    return used
-
-
-def _chunk_info_table(used: list[StoredChunk], remap: dict[int, int],
-                      file_off: dict[int, int]) -> bytearray:
-    """The chunk info table: one entry per distinct (digest, blob index, CI index),
-    sorted by that key (two StoredChunk objects may name the same chunk)."""
-    def key(sc: StoredChunk) -> tuple[bytes, int, int]:
-        return sc.digest, remap[sc.blob_index], sc.index
-
-    out = bytearray()
-    last = None
-    for sc in sorted(used, key=key):
-        k = key(sc)
-        if k != last:
-            out += sc.chunk_info_bytes(k[1], file_off.get(id(sc), 0))
-            last = k
-    return out
 
 
 def pack(source: StrPath, bootstrap: StrPath, blob_dir: StrPath,
@@ -572,6 +473,23 @@ def layout_constants(nblobs: int, nprefetch: int) -> tuple[int, int, int]:
     return blob_off, prefetch_off, meta_addr
 
 
+def _write_pieces(fd: int, offset: int, length: int, pieces: Iterable[bytearray],
+                  path: str) -> None:
+    """pwrite `pieces` back to back from `offset`; they must make `length` bytes."""
+    pos = offset
+    for piece in pieces:
+        view = memoryview(piece)
+        while view:
+            try:
+                n = os.pwrite(fd, view, pos)
+            except OSError as e:
+                raise InputError(f"cannot write {path}: {e.strerror}") from None
+            view = view[n:]
+            pos += n
+    if pos != offset + length:
+        raise AssertionError(f"chunk info table of {pos - offset} bytes, {length} expected")
+
+
 def write_bootstrap(nb: NativeBuilder, walker: TreeInfo | RafsWalker, bootstrap: str,
                     opts: PackOptions, cdict: ChunkDict | None, new_info: BlobInfo | None,
                     per_node: Mapping[int, NodeChunks] | ChunkRefs, file_off: dict[int, int],
@@ -584,7 +502,8 @@ def write_bootstrap(nb: NativeBuilder, walker: TreeInfo | RafsWalker, bootstrap:
     `per_node`: node -> its chunks in file order (StoredChunk or ChunkRun), with
     `file_off` (id(StoredChunk) -> file offset of its first use when not 0); or the
     ChunkRefs of a ChunkPlacer, whose file keys are nodes or, given `node_of`, keys of
-    it (files whose key it lacks are left out); they are used up (cleared) here."""
+    it (files whose key it lacks are left out); they are used up (cleared) here, and `nb`
+    is closed once written."""
     refs = per_node if isinstance(per_node, ChunkRefs) else None
     key_node: Callable[[int], int | None] = \
         (lambda k: k) if node_of is None else node_of.get
@@ -599,7 +518,7 @@ def write_bootstrap(nb: NativeBuilder, walker: TreeInfo | RafsWalker, bootstrap:
         else:
             assert not isinstance(per_node, ChunkRefs)
             used = sorted({sc.blob_index for chunks in per_node.values()
-                           for sc, _ in _runs(chunks) if sc.blob_index >= 0})
+                           for sc, _ in runs(chunks) if sc.blob_index >= 0})
         dict_blobs = cdict.blobs if cdict is not None else []     # merge: none
         blobs = [dict_blobs[i] for i in used]
         remap = {old: new for new, old in enumerate(used)}
@@ -621,7 +540,7 @@ def write_bootstrap(nb: NativeBuilder, walker: TreeInfo | RafsWalker, bootstrap:
                                      None if node_of is None else node_of.get, remap)
     else:
         assert not isinstance(per_node, ChunkRefs)
-        referenced = _set_chunk_indexes(nb, fmt, walker.regular, per_node, remap)
+        referenced = set_chunk_indexes(nb, fmt, walker.regular, per_node, remap)
 
     # -- tables before the inode area ---------------------------------------------------
     flags = (R.COMPRESSION_FLAGS[opts.compressor] | R.DIGEST_FLAGS[opts.digester]
@@ -645,12 +564,25 @@ def write_bootstrap(nb: NativeBuilder, walker: TreeInfo | RafsWalker, bootstrap:
     # appended after everything the C core wrote, piece after piece (each but the last a
     # BLKSZ multiple, so that the next one starts at the image's new end)
     ctable_off = info.image_size
-    if refs is not None:
-        pieces: Iterable[bytearray] = refs.chunk_info_table(refs_used, remap)
-    else:
-        pieces = [_chunk_info_table(referenced, remap, file_off)]
-        del referenced
     ctable_len = 0
+    # the common case (a directory pack: new chunks only): the table's size is known
+    # first, its room reserved, and its pieces written into the file after the rest
+    # of the bootstrap, once the node graph is freed (the C core's copy of the whole
+    # table, ~4 MiB for /usr/share, beside the graph was pack's peak memory)
+    later: Iterator[bytearray] | None = None
+    if refs is not None:
+        sized = refs.sized_chunk_info_table(refs_used, remap)
+        if sized is not None:
+            ctable_len, later = sized
+            if ctable_len:
+                reserve_bytes(nb, ctable_off, ctable_len)
+            pieces: Iterable[bytearray] = ()
+        else:
+            pieces = refs.chunk_info_table(refs_used, remap)
+        del sized
+    else:
+        pieces = [chunk_info_table(referenced, remap, file_off)]
+        del referenced
     for piece in pieces:
         if piece:
             put_buffer(nb, ctable_off + ctable_len, piece)   # the C core keeps a copy
@@ -658,7 +590,8 @@ def write_bootstrap(nb: NativeBuilder, walker: TreeInfo | RafsWalker, bootstrap:
     del pieces
     if refs is not None:
         del refs_used
-        refs.clear()        # the caller's records are used up (ChunkPlacer.refs)
+        if later is None:
+            refs.clear()        # the caller's records are used up (ChunkPlacer.refs)
     total = round_up(ctable_off + ctable_len, BLKSZ) if ctable_len else ctable_off
     if nb.refresh_info().image_size != total:
         raise AssertionError("C core placed the chunk info table elsewhere")
@@ -689,6 +622,12 @@ def write_bootstrap(nb: NativeBuilder, walker: TreeInfo | RafsWalker, bootstrap:
     os.umask(umask)
     with atomic_output(bootstrap, mode=0o666 & ~umask) as f:
         nb.write(f.fileno())
+        nb.close()          # the graph is written: its memory serves the table
+        if later is not None:
+            assert refs is not None
+            _write_pieces(f.fileno(), ctable_off, ctable_len, later, bootstrap)
+            del later
+            refs.clear()
     return PackResult(
         bootstrap=bootstrap, bootstrap_size=total, inodes=info.inodes,
         blobs=[dict(b.as_dict(), blob_index=i, new=(b is new_info))
