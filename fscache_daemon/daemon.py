@@ -62,7 +62,7 @@ from fscache_daemon.pool import (
     PriorityPool,
     TokenBucket,
 )
-from fscache_daemon.prefetch import stream_table
+from fscache_daemon.prefetch import listed_whole, stream_table
 from fscache_daemon.readahead import BlobReadahead
 from fscache_daemon.state import CacheDirLock
 from fscache_daemon.storage import StorageError
@@ -405,10 +405,10 @@ class Daemon(MountLifecycle):
 
     def _blob_complete(self, mgr) -> None:
         try:
-            # completed by fetching: keep the front end watching while some chunk was
-            # never read, or those reads would be missing from the access trace
+            # completed by fetching: keep the front end watching while some chunk was never
+            # read (for the trace), unless the prefetch table lists it whole (prefetch.py)
             keep = self.frontend.name == "fanotify" and self.trace_window > 0 and \
-                not self.traces.fully_read(mgr)
+                not self.traces.fully_read(mgr) and not listed_whole(mgr)
             if keep:
                 self._kept_marked[mgr.key] = (mgr, time.monotonic() + self.trace_window)
             self.frontend.blob_complete(mgr, keep_mark=keep)

@@ -14,22 +14,43 @@ to back in a prefetch blob). Right after the mount the daemon fetches them:
 - through the blob's single-flight table: a reader needing a chunk of a request in
   flight waits for that request instead of fetching the chunk again, and a chunk a
   reader fetched first is skipped.
+
+A blob the table lists whole (an optimized image's prefetch blob: every chunk of it is
+the data of a table file) is unmarked as soon as the stream completed it, not kept
+marked for the access trace (`Daemon._blob_complete`): the start reads most of its data
+right after, and on a marked cache file each of those reads waits for the fd holder's
+answer (~30 % slower warm reads, docs/daemon.md). The trace of such an image then lacks
+the reads of that blob after its completion; FSCACHE_DAEMON_TRACE_PREFETCH_BLOB=1 keeps it
+marked (to trace an optimized image for another `optimize`).
 """
 from __future__ import annotations
 
 import logging
+import os
 import threading
+import weakref
 from collections import deque
 from collections.abc import Iterable, Mapping
 from concurrent.futures import Future
 from typing import Any
 
-from fscache_daemon.storage.planner import plan
+from fscache_daemon.storage.planner import chunks_in_range, plan
 
 log = logging.getLogger(__name__)
 
 PREFETCH_REQUEST = 4 << 20
 PREFETCH_INFLIGHT = 4
+# FSCACHE_DAEMON_TRACE_PREFETCH_BLOB=1: blobs the table lists whole stay marked when
+# complete, like any other blob completed ahead of its readers (the trace sees them)
+TRACE_TABLE_BLOBS = os.environ.get("FSCACHE_DAEMON_TRACE_PREFETCH_BLOB", "") == "1"
+# the blob managers a stream found listed whole by their image's table
+_LISTED_WHOLE: weakref.WeakSet = weakref.WeakSet()
+
+
+def listed_whole(mgr: Any) -> bool:
+    """Whether `mgr`'s blob is listed whole by a prefetch table streamed for it (its
+    completion then unmarks it at once, see the module doc)."""
+    return not TRACE_TABLE_BLOBS and mgr in _LISTED_WHOLE
 
 
 def _still_open(blobs: Mapping, key: str, mgr: Any) -> bool:
@@ -42,10 +63,16 @@ def stream_table(pool, blobs: Mapping, jobs: Iterable[tuple[str, int, int]],
     """Fetch the missing chunks of `jobs` ((cache key, offset, length) of the prefetch
     table's files) from `blobs` (cache key -> BlobManager); -> bytes fetched."""
     per_key: dict[str, tuple[Any, list]] = {}
+    listed: dict[str, set[int]] = {}
     for key, off, length in jobs:
         m = blobs.get(key)
         if m is not None:
             per_key.setdefault(key, (m, []))[1].extend(m.absent(off, length))
+            n = min(length, m.size - off)
+            listed.setdefault(key, set()).update(c.index for c in chunks_in_range(m.meta, off, n))
+    for key, (m, _chunks) in per_key.items():
+        if len(listed[key]) >= len(m.meta.chunks):
+            _LISTED_WHOLE.add(m)        # before any fill of the stream can complete it
     fetched = 0
     pending: deque[Future] = deque()
 

@@ -43,3 +43,65 @@ def test_prefetch_list_image_prefetches_whole_files(tmp_path):
          "--prefetch-list", str(tmp_path / "list"))
     info = load_image(boot)
     assert sum(n for _, _, n in info.prefetch) == SIZES["c.bin"] + SIZES["e.bin"]
+
+
+class _Chunk:
+    def __init__(self, index, size):
+        self.index = index
+        self.uncompressed_offset = self.compressed_offset = index * size
+        self.compressed_size = size
+
+
+class _Meta:
+    def __init__(self, n, size):
+        self.size = size
+        self.chunks = [_Chunk(i, size) for i in range(n)]
+
+    def chunks_for_range(self, offset, length):
+        first, last = offset // self.size, (offset + length - 1) // self.size
+        return self.chunks[first:min(last + 1, len(self.chunks))]
+
+
+class _Mgr:
+    """What stream_table uses of a BlobManager: nothing cached, fills counted."""
+
+    def __init__(self, n, size=1 << 20):
+        self.meta = _Meta(n, size)
+        self.size = n * size
+        self.filled = []
+
+    def absent(self, offset, length):
+        return self.meta.chunks_for_range(offset, min(length, self.size - offset))
+
+    def fill_chunks(self, chunks, **_kw):
+        self.filled += [c.index for c in chunks]
+        return sum(c.compressed_size for c in chunks)
+
+
+class _Pool:
+    def submit_readahead(self, fn, *args, **kw):
+        from concurrent.futures import Future
+        f = Future()
+        f.set_result(fn(*args, **kw))
+        return f
+
+
+def test_a_blob_the_table_lists_whole_is_told_apart(monkeypatch):
+    """stream_table notes the blobs its table lists whole (an optimized image's prefetch
+    blob: unmarked once complete, prefetch.listed_whole) and not a blob of which it lists
+    a part (a partly read file's source blob), nor one it never streamed."""
+    import threading
+
+    from fscache_daemon import prefetch
+    monkeypatch.setattr(prefetch, "TRACE_TABLE_BLOBS", False)
+    whole, part, other = _Mgr(6), _Mgr(10), _Mgr(3)
+    MIB = 1 << 20
+    # the whole blob in two runs (files back to back), the other in one run of 3 chunks
+    jobs = [("w", 0, 4 * MIB), ("p", 2 * MIB, 3 * MIB), ("w", 4 * MIB, 2 * MIB - 100)]
+    n = prefetch.stream_table(_Pool(), {"w": whole, "p": part, "o": other}, jobs,
+                              threading.Event())
+    assert n == 9 * MIB and sorted(whole.filled) == list(range(6)) and \
+        sorted(part.filled) == [2, 3, 4]
+    assert [prefetch.listed_whole(m) for m in (whole, part, other)] == [True, False, False]
+    monkeypatch.setattr(prefetch, "TRACE_TABLE_BLOBS", True)    # kept marked, as before
+    assert not prefetch.listed_whole(whole)

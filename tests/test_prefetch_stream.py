@@ -126,3 +126,45 @@ def test_reader_goes_first_and_waits_for_requests_in_flight(optimized, tmp_path,
     finally:
         d.cleanup()
         proxy.stop()
+
+
+def _wait_log(d, text, timeout=30):
+    deadline = time.monotonic() + timeout
+    while text not in d.log(tail=100000):
+        assert time.monotonic() < deadline, d.log()
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("trace_it", [False, True])
+def test_a_blob_the_table_lists_whole_is_unmarked_at_completion(optimized, tmp_path,
+                                                                monkeypatch, trace_it):
+    """The prefetch blob, which the table lists whole, is unmarked when the stream
+    completes it, so the start's reads of it raise no event for the fd holder to answer;
+    FSCACHE_DAEMON_TRACE_PREFETCH_BLOB=1 keeps it marked (its reads then reach the trace)."""
+    if trace_it:
+        monkeypatch.setenv("FSCACHE_DAEMON_TRACE_PREFETCH_BLOB", "1")
+    d = DaemonProc(str(tmp_path / "d")).start()
+    try:
+        mnt = str(tmp_path / "mnt")
+        d.mount(optimized["opt"], mnt, f"localfs:{optimized['blobs']}")
+        wait_complete(d, optimized["prefetch_blob"])
+        short = optimized["prefetch_blob"][:12]
+        _wait_log(d, f"blob {short} complete: cache file " +
+                  ("stays marked" if trace_it else "unmarked"))
+        before = d.metrics()["frontend_stats"]
+        for i in range(4):
+            with open(os.path.join(mnt, f"hot{i}.bin"), "rb") as f, \
+                    open(os.path.join(optimized["src"], f"hot{i}.bin"), "rb") as g:
+                assert f.read() == g.read()
+        after = d.metrics()["frontend_stats"]
+        events = after.get("holder_events", 0) - before.get("holder_events", 0)
+        assert (events > 0) if trace_it else (events == 0), (before, after)
+        st, trace = d.api.request("GET", "/api/v1/trace?mountpoint=" + mnt)
+        assert st == 200, trace
+        paths = [e["path"] for e in trace["entries"]]
+        if trace_it:        # every read reached the holder's first-access log
+            assert sorted(paths) == [f"/hot{i}.bin" for i in range(4)], paths
+        else:
+            assert paths == [], paths
+    finally:
+        d.cleanup()
