@@ -8,8 +8,13 @@
  * places them first, then the file's own record (its size known then: the inode with
  * its xattrs as an upper bound, the compact index, the inline tail), then its data. A
  * reader walking the tree then finds each record in a block right before the data it
- * reads next. Every placement happens at a commit, in submission order, so the image
- * does not depend on the number of threads. A file written in place while compressed
+ * reads next. Files are queued in windows of ZWIN (zsm_hold): at the commit of a
+ * window's first file the records known since submit (those queued, and the files
+ * stored plain because small) are packed together best fit decreasing; a block so
+ * packed gets its place in the stream at the commit of the first file using it, so it
+ * still comes before the data of every file whose record it holds. Every placement
+ * happens at a commit, in submission order, so the image does not depend on the
+ * number of threads. A file written in place while compressed
  * (large outputs, segments), or with an inline pcluster, keeps its record in the inode
  * area after the data. The results go to the nodes in zpool_stop (workers never touch
  * b->nodes).
