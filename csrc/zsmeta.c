@@ -265,7 +265,10 @@ int zsm_hold(erofs_builder *b, struct zjob *j, struct zjob *last, uint32_t njobs
     p->htail = last;
     p->hjobs += njobs;
     p->win[p->nwin++] = j;
-    return p->nwin == ZWIN ? zsm_release(b, 0) : 0;
+    pthread_mutex_lock(&p->mu);
+    int failed = p->err_code != 0;      /* (then zpool_link says so now) */
+    pthread_mutex_unlock(&p->mu);
+    return p->nwin == ZWIN || failed ? zsm_release(b, 0) : 0;
 }
 
 /* the files held back to the queue as a window (its first job knows them), or dropped
