@@ -293,10 +293,14 @@ struct smitem {
     uint32_t startblk;      /* result: the first of them */
     uint64_t soff;          /* result: the record's room (smeta.c's virtual area) */
     uint8_t ok;             /* result: soff holds a reservation */
+    uint8_t early;          /* packed with its window (zsmeta.c): its block mapped later */
 };
 
 /* smeta.c: inode records placed among the streamed data, in tree-walk order */
+#define SM_UNMAPPED UINT64_MAX   /* a virtual block without its stream block yet */
 INTERNAL int smeta_room(erofs_builder *b, uint32_t len, uint64_t *poff);
+INTERNAL int smeta_vroom(erofs_builder *b, uint32_t len, int map, uint64_t *poff);
+INTERNAL void smeta_map(erofs_builder *b, uint64_t off);
 INTERNAL int zsm_push(erofs_builder *b, uint32_t node, uint32_t len, uint32_t nblk);
 INTERNAL int smeta_on(const erofs_builder *b);
 INTERNAL int smeta_reserve(erofs_builder *b, uint32_t node, uint32_t len);

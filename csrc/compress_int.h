@@ -231,6 +231,8 @@ INTERNAL uint8_t *zfile_index(const struct zfile *zf, const struct zconf *zc, ui
  * small man pages waited at once, ~20 MiB of peak memory) */
 #define ZQMAX 4096
 #define PENDING_MAX (32ull << 20)   /* output held by finished, uncommitted files */
+/* files whose records known at submit are packed together (best fit decreasing) */
+#define ZWIN 256
 
 struct zjob {
     struct zjob *next;
@@ -265,6 +267,8 @@ struct zjob {
     struct smitem *pre, own;
     uint32_t npre, ilen;
     int smdone;
+    struct zjob **win;        /* the first of a window: its files, packed at its commit */
+    uint32_t nwin;
 };
 
 struct zpool {
@@ -285,6 +289,10 @@ struct zpool {
     struct zpacked pk;            /* -Efragments: the packed inode's data */
     struct zdedupe dd;            /* -Ededupe: the pclusters written so far */
     struct zroll roll;            /* -Ededupe: the same, by their output's first block */
+    /* files submitted but held back until their window is full (zsmeta.c), chained */
+    struct zjob *hhead, *htail;
+    uint32_t hjobs, nwin;
+    struct zjob *win[ZWIN];
 };
 
 /* zsmeta.c: records among the data for compressed images */
@@ -292,5 +300,10 @@ INTERNAL void zsm_submit(erofs_builder *b, struct zjob *j);
 INTERNAL int zsm_commit(struct zpool *p, struct zjob *j, struct xfer *x);
 INTERNAL void zsm_done(erofs_builder *b, struct zjob *j, int ok);
 INTERNAL void zsm_finish(erofs_builder *b, struct zpool *p, int abort);
+INTERNAL int zjob_small_plain(const struct zjob *j, uint32_t bs);
+INTERNAL int zsm_hold(erofs_builder *b, struct zjob *j, struct zjob *last, uint32_t njobs);
+INTERNAL int zsm_release(erofs_builder *b, int abort);
+INTERNAL int zpool_link(erofs_builder *b, struct zjob *j, struct zjob *last, uint32_t njobs);
+INTERNAL void zpool_drop(erofs_builder *b, struct zjob *j);
 
 #endif

@@ -75,8 +75,10 @@ int smeta_reserve(erofs_builder *b, uint32_t node, uint32_t len)
 }
 
 /* room for len bytes in the virtual area (without a node: the compression pool's
- * commit reserves through it, zsmeta.c) -> 0, or 1 when none */
-int smeta_room(erofs_builder *b, uint32_t len, uint64_t *poff)
+ * commit reserves through it, zsmeta.c) -> 0, or 1 when none. map: a new block of the
+ * area is the stream's next block now; else it stays unmapped until smeta_map (a
+ * window of records packed ahead of the commits that place their blocks) */
+int smeta_vroom(erofs_builder *b, uint32_t len, int map, uint64_t *poff)
 {
     uint32_t blksz = b->blksz;
     struct smeta *s = b->sm;
@@ -95,10 +97,26 @@ int smeta_room(erofs_builder *b, uint32_t len, uint64_t *poff)
             s->blk = p;
             s->cap = ncap;
         }
-        s->blk[s->nblk++] = b->scur++;
+        s->blk[s->nblk++] = SM_UNMAPPED;
     }
     *poff = off;
+    if (map)
+        smeta_map(b, off);
     return 0;
+}
+
+int smeta_room(erofs_builder *b, uint32_t len, uint64_t *poff)
+{
+    return smeta_vroom(b, len, 1, poff);
+}
+
+/* the virtual block holding off: the stream's next block if it has none yet */
+void smeta_map(erofs_builder *b, uint64_t off)
+{
+    struct smeta *s = b->sm;
+    uint64_t v = off / b->blksz;
+    if (s && v < s->nblk && s->blk[v] == SM_UNMAPPED)
+        s->blk[v] = b->scur++;
 }
 
 /* the record of a node that gets no data now, upper bound: inode, every xattr inline,
@@ -211,6 +229,8 @@ int smeta_fill(erofs_builder *b, struct node *n, uint64_t len)
     uint64_t off;
     if (!s || mpack_fill(&s->m, len, &off))
         return 1;
+    if (s->blk[off / b->blksz] == SM_UNMAPPED)
+        return 1;       /* (cannot happen: every block packed holds a placed record) */
     n->meta_off = s->blk[off / b->blksz] * b->blksz + off % b->blksz;
     n->nid = n->meta_off / EROFS_SLOT_SIZE;     /* (nids count from block 0) */
     return 0;

@@ -6,6 +6,9 @@
  * (right after the index) must not cross a block boundary. The index is 8-byte aligned
  * and a tail at most ZTAIL_MAX bytes, so moving the inode on by 32-byte steps always
  * finds a place within the next block.
+ *
+ * Also a node's own compression settings (--compress-hints), checked against the
+ * pool's when its file is submitted (zstream.c).
  */
 #include "compress_int.h"
 
@@ -37,4 +40,22 @@ uint64_t ztail_fit(const erofs_builder *b, const struct node *n, uint64_t off,
     /* the next tail start in the next block that keeps the inode 32-byte aligned */
     uint64_t t2 = align_up(t, blksz) + rel % EROFS_SLOT_SIZE;
     return t2 - rel;
+}
+
+int erofs_node_set_zhint(erofs_builder *b, uint32_t node, uint32_t pcluster_size,
+                         uint32_t alg)
+{
+    if (node >= b->nnodes)
+        return fail(b, ERN_EINVAL, "no such node %u", node);
+    if (b->laid_out || b->nodes[node].streamed || !b->nx)     /* b->nx: stream mode */
+        return fail(b, ERN_EINVAL, "node %u: compression hint after its data (or not "
+                    "in stream mode)", node);
+    if (alg >= ZALG_MAX || pcluster_size % b->blksz || pcluster_size > Z_EROFS_PCLUSTER_MAX_SIZE)
+        return fail(b, ERN_EINVAL, "node %u: bad compression hint (algorithm %u, pcluster "
+                    "%u)", node, alg, pcluster_size);
+    struct node *n = &b->nodes[node];
+    NX(b, n)->zhint = 1;
+    NX(b, n)->zalg = (uint8_t)alg;
+    NX(b, n)->zps = pcluster_size;
+    return 0;
 }

@@ -8,8 +8,13 @@
  * places them first, then the file's own record (its size known then: the inode with
  * its xattrs as an upper bound, the compact index, the inline tail), then its data. A
  * reader walking the tree then finds each record in a block right before the data it
- * reads next. Every placement happens at a commit, in submission order, so the image
- * does not depend on the number of threads. A file written in place while compressed
+ * reads next. Files are queued in windows of ZWIN (zsm_hold): at the commit of a
+ * window's first file the records known since submit (those queued, and the files
+ * stored plain because small) are packed together best fit decreasing; a block so
+ * packed gets its place in the stream at the commit of the first file using it, so it
+ * still comes before the data of every file whose record it holds. Every placement
+ * happens at a commit, in submission order, so the image does not depend on the
+ * number of threads. A file written in place while compressed
  * (large outputs, segments), or with an inline pcluster, keeps its record in the inode
  * area after the data. The results go to the nodes in zpool_stop (workers never touch
  * b->nodes).
@@ -55,14 +60,91 @@ void zsm_submit(erofs_builder *b, struct zjob *j)
     j->ilen = stream_inode_size(b, n) + n->xa_max;
 }
 
+/* at a commit: the items' records (a block packed with the window gets its stream block
+ * now if it has none yet, else best fit now) and directory blocks, in order */
 static int place_items(erofs_builder *b, struct smitem *it, uint32_t cnt)
 {
     for (uint32_t i = 0; i < cnt; i++) {
-        it[i].ok = it[i].len && !smeta_room(b, it[i].len, &it[i].soff);
+        if (it[i].early)
+            smeta_map(b, it[i].soff);
+        else
+            it[i].ok = it[i].len && !smeta_room(b, it[i].len, &it[i].soff);
         it[i].startblk = (uint32_t)b->scur;
         b->scur += it[i].nblk;
     }
     return b->scur > 0xFFFFFFFFull ? ERN_ELIMIT : 0;
+}
+
+/* stored plain because small (decided from the size alone, before compressing) */
+int zjob_small_plain(const struct zjob *j, uint32_t bs)
+{
+    uint64_t nlc = (j->size + bs - 1) / bs;
+    /* one pcluster + index is already no smaller than the file (with ztailpacking or
+     * fragments, a small file may still compress inline or into the packed inode) */
+    return j->nocomp || (j->size <= bs + 16 + nlc * 8 && !j->zc->ztail && !j->zc->frags);
+}
+
+/* the job's own record is placed among the data (not in the inode area after it) */
+static int own_among(const struct zpool *p, const struct zjob *j)
+{
+    /* (not with -Ededupe or -Efragments, whose index form is decided later, nor for
+     * an inline pcluster (-Eztailpacking): those records go to the inode area, packed
+     * best fit decreasing; the online packing here lost 10 blocks of 622 on
+     * /usr/lib/python3.11 -Eztailpacking, which went over mkfs.erofs's image) */
+    return !j->direct && !j->first && !j->acc && !j->packed && !p->zc->dedupe &&
+           !p->zc->frags;
+}
+
+struct witem {
+    struct smitem *it;
+    uint32_t len, seq;
+};
+
+static int witem_cmp(const void *pa, const void *pb)
+{
+    const struct witem *a = pa, *c = pb;
+    if (a->len != c->len)
+        return a->len > c->len ? -1 : 1;
+    return a->seq < c->seq ? -1 : a->seq > c->seq;
+}
+
+/* at the commit of a window's first file: the records known since the files' submit
+ * (directories, nodes without data, the files stored plain because small) packed
+ * together, best fit decreasing, into virtual blocks that get their stream block at
+ * the commit of the first file using them. Packed one at a time in walk order, blocks
+ * opened by 1-2.6 KiB records (a small file's inode and inline tail) kept 256-700 B
+ * that later records rarely filled (/usr/share -z lz4hc: ~850 such blocks). The
+ * compressed files' records (their index known at their commit) fill in online */
+static void pack_window(struct zpool *p, struct zjob *j)
+{
+    erofs_builder *b = p->b;
+    size_t cnt = 0, n = 0;
+    for (uint32_t k = 0; k < j->nwin; k++)
+        cnt += j->win[k]->npre + 1;
+    struct witem *a = malloc(cnt * sizeof(*a));
+    for (uint32_t k = 0; a && k < j->nwin; k++) {
+        struct zjob *w = j->win[k];
+        for (uint32_t i = 0; i < w->npre; i++)
+            if (w->pre[i].len)
+                a[n++] = (struct witem){ &w->pre[i], w->pre[i].len, (uint32_t)n };
+        uint64_t len = align_up((uint64_t)w->ilen + w->tail, EROFS_SLOT_SIZE);
+        if (zjob_small_plain(w, b->blksz) && own_among(p, w) && len <= b->blksz) {
+            w->own.node = w->node;
+            w->own.len = (uint32_t)len;
+            a[n++] = (struct witem){ &w->own, (uint32_t)len, (uint32_t)n };
+        }
+    }
+    if (a)
+        qsort(a, n, sizeof(*a), witem_cmp);
+    for (size_t i = 0; a && i < n; i++) {
+        struct smitem *it = a[i].it;
+        /* (else placed online at its commit) */
+        it->early = it->ok = !smeta_vroom(b, it->len, 0, &it->soff);
+    }
+    free(a);
+    free(j->win);
+    j->win = NULL;
+    j->nwin = 0;
 }
 
 /* the compact index's length for nlc lclusters starting at mpos (as zindex_compact
@@ -125,13 +207,13 @@ int zsm_commit(struct zpool *p, struct zjob *j, struct xfer *x)
         return 0;
     j->smdone = 1;
     uint64_t s0 = b->scur;
+    if (j->win)
+        pack_window(p, j);
     if (place_items(b, j->pre, j->npre))
         return xfail(x, ERN_ELIMIT, "image larger than 2^32 blocks");
-    /* (not with -Ededupe or -Efragments, whose index form is decided later, nor for
-     * an inline pcluster (-Eztailpacking): those records go to the inode area, packed
-     * best fit decreasing; the online packing here lost 10 blocks of 622 on
-     * /usr/lib/python3.11 -Eztailpacking, which went over mkfs.erofs's image) */
-    if (!j->direct && !j->first && !j->acc && !j->packed && !p->zc->dedupe && !p->zc->frags) {
+    if (j->own.early) {
+        smeta_map(b, j->own.soff);
+    } else if (own_among(p, j)) {
         uint64_t len = j->zf.idata_len ? UINT64_MAX : own_len(p, j);
         j->own.node = j->node;
         j->own.len = len <= b->blksz ? (uint32_t)len : 0;
@@ -164,6 +246,59 @@ void zsm_done(erofs_builder *b, struct zjob *j, int ok)
     free(j->pre);
     j->pre = NULL;
     j->npre = 0;
+    free(j->win);
+    j->win = NULL;
+    j->nwin = 0;
+}
+
+/* on the caller's thread, a file submitted (j..last, njobs jobs): held back until its
+ * window of ZWIN files is complete, so that the window's first commit knows them all */
+int zsm_hold(erofs_builder *b, struct zjob *j, struct zjob *last, uint32_t njobs)
+{
+    struct zpool *p = b->zp;
+    if (!b->sm)
+        return zpool_link(b, j, last, njobs);
+    if (p->htail)
+        p->htail->next = j;
+    else
+        p->hhead = j;
+    p->htail = last;
+    p->hjobs += njobs;
+    p->win[p->nwin++] = j;
+    pthread_mutex_lock(&p->mu);
+    int failed = p->err_code != 0;      /* (then zpool_link says so now) */
+    pthread_mutex_unlock(&p->mu);
+    return p->nwin == ZWIN || failed ? zsm_release(b, 0) : 0;
+}
+
+/* the files held back to the queue as a window (its first job knows them), or dropped
+ * (abort) */
+int zsm_release(erofs_builder *b, int abort)
+{
+    struct zpool *p = b->zp;
+    struct zjob *h = p->hhead, *t = p->htail;
+    uint32_t njobs = p->hjobs, nwin = p->nwin;
+    p->hhead = p->htail = NULL;
+    p->hjobs = p->nwin = 0;
+    if (!h)
+        return 0;
+    struct zjob **w = abort ? NULL : malloc(nwin * sizeof(*w));
+    if (!w) {
+        zpool_drop(b, h);
+        if (abort)
+            return 0;
+        pthread_mutex_lock(&p->mu);
+        if (!p->err_code) {
+            p->err_code = ERN_ENOMEM;
+            snprintf(p->err, sizeof(p->err), "out of memory");
+        }
+        pthread_mutex_unlock(&p->mu);
+        return fail(b, ERN_ENOMEM, "out of memory");
+    }
+    memcpy(w, p->win, nwin * sizeof(*w));
+    h->win = w;
+    h->nwin = nwin;
+    return zpool_link(b, h, t, njobs);
 }
 
 /* the pool stopped (every file committed): what was queued after the last file, on

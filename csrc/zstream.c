@@ -163,11 +163,7 @@ static int open_source(struct xfer *x, struct zjob *j, int *pfd)
  * context of its algorithm */
 static int run_zjob(struct zpool *p, struct zctx *c, struct xfer *x, struct zjob *j)
 {
-    uint32_t bs = p->b->blksz;
-    uint64_t nlc = (j->size + bs - 1) / bs;
-    /* one pcluster + index is already no smaller than the file (with ztailpacking or
-     * fragments, a small file may still compress inline or into the packed inode) */
-    if (j->nocomp || (j->size <= bs + 16 + nlc * 8 && !c->zc->ztail && !c->zc->frags)) {
+    if (zjob_small_plain(j, p->b->blksz)) {
         j->zf.plain = 1;
         j->zf.size = j->size;
         return 0;
@@ -182,7 +178,7 @@ static int run_zjob(struct zpool *p, struct zctx *c, struct xfer *x, struct zjob
     if (j->ps && j->ps != c->zc->pclustersize) {
         own = *c->zc;
         own.pclustersize = j->ps;
-        own.pclusterblks = j->ps / bs;
+        own.pclusterblks = j->ps / p->b->blksz;
         c->zc = &own;
     }
     struct flush_arg fa = { p, j, x };
@@ -511,6 +507,14 @@ int zpool_submit(erofs_builder *b, uint32_t node, const char *path, size_t pathl
         return fail(b, ERN_ENOMEM, "out of memory");
     }
     zsm_submit(b, j);      /* (on the first job only: not copied to the segments) */
+    return zsm_hold(b, j, last, njobs);     /* (queued with its window, zsmeta.c) */
+}
+
+/* the jobs j..last (njobs of them, chained) to the queue, in order; on an error they
+ * are freed */
+int zpool_link(erofs_builder *b, struct zjob *j, struct zjob *last, uint32_t njobs)
+{
+    struct zpool *p = b->zp;
     pthread_mutex_lock(&p->mu);
     while (p->queued >= ZQMAX && !p->err_code)
         pthread_cond_wait(&p->cv_space, &p->mu);
@@ -529,18 +533,22 @@ int zpool_submit(erofs_builder *b, uint32_t node, const char *path, size_t pathl
         memcpy(b->err, p->err, sizeof(b->err));
     }
     pthread_mutex_unlock(&p->mu);
-    if (err) {
-        for (struct zjob *k = j; k;) {
-            struct zjob *nx = k->next;
-            zjob_drop_acc(k);
-            zsm_done(b, k, 0);
-            free(k->path);
-            free(k);
-            k = nx;
-        }
-        return err;
+    if (err)
+        zpool_drop(b, j);
+    return err;
+}
+
+/* jobs never queued, from j on (chained) */
+void zpool_drop(erofs_builder *b, struct zjob *j)
+{
+    while (j) {
+        struct zjob *nx = j->next;
+        zjob_drop_acc(j);
+        zsm_done(b, j, 0);
+        free(j->path);
+        free(j);
+        j = nx;
     }
-    return 0;
 }
 
 /* -Efragments, once every file is committed: the packed inode, a node of its own (in
@@ -611,6 +619,7 @@ int zpool_stop(erofs_builder *b, int abort)
     struct zpool *p = b->zp;
     if (!p)
         return 0;
+    zsm_release(b, abort);          /* the last window to the queue (or dropped) */
     pthread_mutex_lock(&p->mu);
     p->stop = 1;
     p->abort = abort;
@@ -679,22 +688,4 @@ int zpool_stop(erofs_builder *b, int abort)
     b->zp = NULL;          /* b->zc stays for layout and write */
     free(p);
     return code;
-}
-
-int erofs_node_set_zhint(erofs_builder *b, uint32_t node, uint32_t pcluster_size,
-                         uint32_t alg)
-{
-    if (node >= b->nnodes)
-        return fail(b, ERN_EINVAL, "no such node %u", node);
-    if (b->laid_out || b->nodes[node].streamed || !b->nx)     /* b->nx: stream mode */
-        return fail(b, ERN_EINVAL, "node %u: compression hint after its data (or not "
-                    "in stream mode)", node);
-    if (alg >= ZALG_MAX || pcluster_size % b->blksz || pcluster_size > Z_EROFS_PCLUSTER_MAX_SIZE)
-        return fail(b, ERN_EINVAL, "node %u: bad compression hint (algorithm %u, pcluster "
-                    "%u)", node, alg, pcluster_size);
-    struct node *n = &b->nodes[node];
-    NX(b, n)->zhint = 1;
-    NX(b, n)->zalg = (uint8_t)alg;
-    NX(b, n)->zps = pcluster_size;
-    return 0;
 }
