@@ -574,7 +574,7 @@ class Daemon(MountLifecycle):
             if table and mountpoint in self.images:
                 try:    # the prefetch table's files first, streamed (prefetch.py)
                     self.prefetch_bytes += stream_table(self.pool, self.blobs, table,
-                                                        self._stop)
+                                                        self._stop, image_table=True)
                 except Exception:  # noqa: BLE001 - prefetch is best effort
                     log.exception("prefetch of %s's prefetch table failed", mountpoint)
             ev = self._streams.pop(mountpoint, None)

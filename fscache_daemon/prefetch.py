@@ -59,9 +59,13 @@ def _still_open(blobs: Mapping, key: str, mgr: Any) -> bool:
 
 def stream_table(pool, blobs: Mapping, jobs: Iterable[tuple[str, int, int]],
                  stop: threading.Event, request: int = PREFETCH_REQUEST,
-                 inflight: int = PREFETCH_INFLIGHT) -> int:
+                 inflight: int = PREFETCH_INFLIGHT, image_table: bool = False) -> int:
     """Fetch the missing chunks of `jobs` ((cache key, offset, length) of the prefetch
-    table's files) from `blobs` (cache key -> BlobManager); -> bytes fetched."""
+    table's files) from `blobs` (cache key -> BlobManager); -> bytes fetched.
+    `image_table`: the jobs are the image's own prefetch table, so a blob they list whole
+    is an optimized image's prefetch blob (listed_whole). Other callers (the start set,
+    whose guessed files can cover a tiny image's only blob) leave it False: their blobs
+    stay marked for the access trace."""
     per_key: dict[str, tuple[Any, list]] = {}
     listed: dict[str, set[int]] = {}
     for key, off, length in jobs:
@@ -71,7 +75,7 @@ def stream_table(pool, blobs: Mapping, jobs: Iterable[tuple[str, int, int]],
             n = min(length, m.size - off)
             listed.setdefault(key, set()).update(c.index for c in chunks_in_range(m.meta, off, n))
     for key, (m, _chunks) in per_key.items():
-        if len(listed[key]) >= len(m.meta.chunks):
+        if image_table and len(listed[key]) >= len(m.meta.chunks):
             _LISTED_WHOLE.add(m)        # before any fill of the stream can complete it
     fetched = 0
     pending: deque[Future] = deque()
