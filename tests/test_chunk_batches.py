@@ -138,6 +138,24 @@ def test_zstd_batches_without_the_c_path_are_the_same_frames(monkeypatch):
     assert [bytes(x) for x in c.compress_many(buf, pieces)] == native
 
 
+def test_compress_many_takes_the_callers_arrays_as_pairs():
+    """The batch's own offset/length arrays (Pieces) give the same bytes as the same
+    pieces as (offset, length) pairs, on every path."""
+    buf = bytearray(b"xyz " * 50_000 + os.urandom(3000) + bytes(9000))
+    pairs = [(0, 4096), (4096, 100_000), (200_000, 3000), (203_000, 9000), (1, 1)]
+    arrays = chunker.Pieces(array.array("Q", [o for o, _ in pairs]),
+                            array.array("I", [n for _, n in pairs]))
+    of = chunker.Pieces.of(pairs)
+    assert list(of.off) == list(arrays.off) and list(of.lengths) == list(arrays.lengths)
+    assert list(of.segments()) == [x for p in pairs for x in p]
+    for name in ("zstd", "lz4_block", "none"):
+        c = Compressor(name)
+        assert [bytes(x) for x in c.compress_many(buf, arrays)] == \
+            [bytes(x) for x in c.compress_many(buf, pairs)]
+    with pytest.raises(ValueError, match="as many"):
+        chunker.Pieces(array.array("Q", [0]), array.array("I"))
+
+
 def test_zstd_chunks_rejects_bad_arguments():
     from erofs_tools._native_chunkio import zstd_chunks
     fns = Compressor("zstd")._fns

@@ -23,7 +23,7 @@ import array
 import os
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import blake3
@@ -188,8 +188,8 @@ class Compressor:
         out = c.compress(data)
         return out if len(out) < len(data) else data
 
-    def compress_many(self, buf: bytearray | memoryview, pieces: list[tuple[int, int]]
-                      ) -> list[bytes | memoryview]:
+    def compress_many(self, buf: bytearray | memoryview,
+                      pieces: list[tuple[int, int]] | Pieces) -> list[bytes | memoryview]:
         """Stored forms of the pieces (offset, length) of `buf`, as `compress` gives them
         one by one. zstd: one call for them all, the GIL released once, not once per
         chunk: the C core's (_ZstdFns: python-zstandard's zstd, one context per thread
@@ -197,39 +197,33 @@ class Compressor:
         back in the pool once the writer has copied them), else python-zstandard's
         multi_compress_to_buffer (a new context per call); the same frames as
         `compress`. Only with "none" are they views of `buf`: otherwise the caller may
-        reuse `buf` for the next batch."""
+        reuse `buf` for the next batch. `pieces` as a Pieces: the caller's own arrays,
+        taken as they are."""
+        p = pieces if isinstance(pieces, Pieces) else Pieces.of(pieces)
         if self.name == "none":
             mv = memoryview(buf)
-            return [mv[o:o + n] for o, n in pieces]
+            return [mv[o:o + n] for o, n in zip(p.off, p.lengths)]
         fns = self._fns
-        if fns is not None and pieces:
-            off, lengths = array.array("Q"), array.array("I")
-            for o, n in pieces:
-                off.append(o)
-                lengths.append(n)
-            stored, sizes = zstd_chunks(fns.compress2, fns.is_error, fns.cctx(), buf, off,
-                                        lengths)
+        if fns is not None and len(p.lengths):
+            stored, sizes = zstd_chunks(fns.compress2, fns.is_error, fns.cctx(), buf, p.off,
+                                        p.lengths)
             views: list[bytes | memoryview] = []
             pos = 0
             for n in sizes:
                 views.append(stored[pos:pos + n])
                 pos += n
             return views
-        if self._multi and pieces:
+        if self._multi and len(p.lengths):
             z = self._z
             assert z is not None
             c = getattr(self._local, "c", None)
             if c is None:
                 c = self._local.c = z.ZstdCompressor(level=self.level)
-            segs = array.array("Q")
-            for o, n in pieces:
-                segs.append(o)
-                segs.append(n)
             res = c.multi_compress_to_buffer(
-                z.BufferWithSegments(buf, segs.tobytes()), threads=1)
+                z.BufferWithSegments(buf, p.segments().tobytes()), threads=1)
             mv = memoryview(buf)
             out: list[bytes | memoryview] = []
-            for i, (o, n) in enumerate(pieces):
+            for i, (o, n) in enumerate(zip(p.off, p.lengths)):
                 zc = res[i]
                 # incompressible: the data, copied once from a view (a view kept would
                 # hold the whole batch buffer until this chunk is written; bytes() of a
@@ -237,7 +231,35 @@ class Compressor:
                 out.append(memoryview(cast("Buffer", zc)) if len(zc) < n
                            else bytes(mv[o:o + n]))
             return out
-        return [self.compress(bytes(buf[o:o + n])) for o, n in pieces]
+        return [self.compress(bytes(buf[o:o + n])) for o, n in zip(p.off, p.lengths)]
+
+
+class Pieces:
+    """Pieces of a batch buffer as the C core takes them: offsets (array "Q") and
+    lengths (array "I"), i-th piece lengths[i] bytes at off[i]."""
+    __slots__ = ("lengths", "off")
+
+    def __init__(self, off: array.array[int], lengths: array.array[int]) -> None:
+        if off.typecode != "Q" or lengths.typecode != "I" or len(off) != len(lengths):
+            raise ValueError("Pieces: offsets 'Q' and lengths 'I', as many of each")
+        self.off = off
+        self.lengths = lengths
+
+    @classmethod
+    def of(cls, pieces: Sequence[tuple[int, int]]) -> Pieces:
+        """From (offset, length) pairs, transposed in one call (for 256 pieces ~15 %
+        less time than an append per piece into each array)."""
+        if not pieces:
+            return cls(array.array("Q"), array.array("I"))
+        off, lengths = zip(*pieces)
+        return cls(array.array("Q", off), array.array("I", lengths))
+
+    def segments(self) -> array.array[int]:
+        """offset, length, offset, length, ... (python-zstandard's BufferWithSegments)."""
+        segs = array.array("Q", bytes(16 * len(self.off)))
+        segs[0::2] = self.off
+        segs[1::2] = array.array("Q", self.lengths)
+        return segs
 
 
 class _Claim:
@@ -495,7 +517,9 @@ class ChunkPipeline:
                     pieces.append((at, length))
             out.append(ChunkResult(file_key, off, length, digest, claim, self))
         del mv
-        for mine, stored in zip(claims, self.compressor.compress_many(buf, pieces)):
+        # every chunk read was new (the usual batch): its pieces are the read's own arrays
+        todo = Pieces(buf_off, lengths) if len(pieces) == len(lengths) else Pieces.of(pieces)
+        for mine, stored in zip(claims, self.compressor.compress_many(buf, todo)):
             mine.data = stored
         return out
 
