@@ -138,6 +138,36 @@ def test_zstd_batches_without_the_c_path_are_the_same_frames(monkeypatch):
     assert [bytes(x) for x in c.compress_many(buf, pieces)] == native
 
 
+def test_every_zstd_fallback_gives_the_c_paths_bytes_and_says_which_it_is(monkeypatch,
+                                                                        caplog):
+    """python-zstandard without its cffi module (its import fails: no C core batches),
+    then without multi_compress_to_buffer too (one call per chunk): the same stored
+    bytes as the C path, and a debug line naming the path each one took."""
+    import logging
+    import sys
+    buf = bytearray(b"abc " * 100_000 + os.urandom(5000))
+    pieces = [(0, 65536), (65536, 200_000), (400_000, 5000), (3, 10), (17, 70_000)]
+    caplog.set_level(logging.DEBUG, logger=chunker.__name__)
+    c_path = Compressor("zstd")
+    assert c_path._fns is not None and "C core" in c_path.batch_path()
+    native = [bytes(x) for x in c_path.compress_many(buf, pieces)]
+    assert "zstd batches: C core" in caplog.text
+    caplog.clear()
+    monkeypatch.delattr(zstandard, "_cffi", raising=False)     # its import fails
+    monkeypatch.setitem(sys.modules, "zstandard._cffi", None)
+    multi = Compressor("zstd")
+    assert multi._fns is None and not multi.pooled
+    assert "no C core batches" in caplog.text
+    if chunker._multi_compress():     # python-zstandard's C backend (Debian's)
+        assert "zstd batches: python-zstandard multi_compress_to_buffer" in caplog.text
+        assert [bytes(x) for x in multi.compress_many(buf, pieces)] == native
+    caplog.clear()
+    monkeypatch.setattr(chunker, "_multi_compress", lambda: False)
+    single = Compressor("zstd")
+    assert "zstd batches: python-zstandard, one call per chunk" in caplog.text
+    assert [bytes(x) for x in single.compress_many(buf, pieces)] == native
+
+
 def test_compress_many_takes_the_callers_arrays_as_pairs():
     """The batch's own offset/length arrays (Pieces) give the same bytes as the same
     pieces as (offset, length) pairs, on every path."""

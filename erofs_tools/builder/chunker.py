@@ -20,6 +20,7 @@ size.
 from __future__ import annotations
 
 import array
+import logging
 import os
 import threading
 from collections import deque
@@ -62,6 +63,8 @@ _FileChunk = tuple[int, str | bytes, int, bool, int, int]   # FileItem + (offset
 StreamItem = tuple[int, int, bytes | None, int, int]   # (file_key, offset, data, length,
                                                        #  repeat)
 _Batch = TypeVar("_Batch")
+
+log = logging.getLogger(__name__)
 
 
 def _zstandard() -> ModuleType:
@@ -134,7 +137,8 @@ class _ZstdFns:
 def _zstd_fns(level: int) -> _ZstdFns | None:
     try:
         return _ZstdFns(level)
-    except (ImportError, AttributeError):
+    except (ImportError, AttributeError) as e:
+        log.debug("zstd: no C core batches (python-zstandard's cffi module: %s)", e)
         return None
 
 
@@ -171,6 +175,16 @@ class Compressor:
         self._fns = _zstd_fns(level) if name == "zstd" else None
         # compress_many's stored chunks are buffers of the C core's pool
         self.pooled = self._fns is not None
+        if name == "zstd":      # the same frames each way, not the same speed: say which
+            log.debug("zstd batches: %s", self.batch_path())
+
+    def batch_path(self) -> str:
+        """Which way compress_many compresses zstd batches (each gives the same bytes)."""
+        if self._fns is not None:
+            return "C core (csrc/chunkzstd.c, python-zstandard's zstd)"
+        if self._multi:
+            return "python-zstandard multi_compress_to_buffer"
+        return "python-zstandard, one call per chunk"
 
     def compress(self, data: bytes) -> bytes:
         """-> bytes to store (compressed, or the data itself when it does not shrink)."""
