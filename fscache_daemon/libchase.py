@@ -1,0 +1,165 @@
+"""Libraries chased at their first read: when a miss is a shared object's first bytes (the
+dynamic loader opening it, for dlopen or as another library's DT_NEEDED), the libraries
+it needs are fetched side by side at once, and theirs, round after round.
+
+Without it the loader's chain is one miss per library, each known only once the one before
+is fetched: on the ML cold start over the emulated link, `import torch` loaded ~28 small
+libraries that way (_ctypes -> libffi, _ssl -> libssl -> libcrypto, torch's _C ->
+libtorch_python -> libtorch, libshm, libc10, libgomp, libstdc++, libgcc_s; numpy ->
+openblas -> gfortran -> quadmath), each a serial registry request.
+
+The same bytes the start set reads (startset.py: the ELF headers, DT_NEEDED, RUNPATH with
+$ORIGIN, ld.so.cache, the loader's default directories), for any library a miss opens
+instead of the command's executable alone. Bounded: only libraries a loaded ELF file
+names (the loader maps every one of them unless it is loaded already, then nothing is
+missing), each fetched whole up to the readahead's largest window (what a first miss in
+it would fetch anyway), a bigger one only its headers, its dynamic section and the
+needed names' bytes (what the loader reads of it before its relocations), at most
+MAX_FILES per mount. A wrong guess costs bytes, never data: the reader's own requests go
+first (the fetches go through the pool's readahead priority). Off with
+`FSCACHE_DAEMON_LIB_CHASE=0` (to compare).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import struct
+import threading
+import time
+
+from erofs_tools.errors import ErofsToolsError
+from fscache_daemon import startset
+from fscache_daemon.prefetch import stream_table
+
+log = logging.getLogger(__name__)
+
+ENABLED = os.environ.get("FSCACHE_DAEMON_LIB_CHASE", "1") != "0"
+MAX_FILES = 256
+MAX_ROUNDS = 8
+
+
+def is_library(path: bytes) -> bool:
+    """Whether an image path names a shared object by its name (libX.so, libX.so.1.2,
+    a Python extension's X.cpython-311-x86_64-linux-gnu.so)."""
+    base = path.rsplit(b"/", 1)[-1]
+    return base.endswith(b".so") or b".so." in base
+
+
+def library_starts(paths: list[bytes], found: list) -> dict[int, dict[int, str]]:
+    """{blob index: {uncompressed offset of its first data run: path}} of the shared
+    objects among the bootstrap walk's files (storage.image.walk_file_runs)."""
+    out: dict[int, dict[int, str]] = {}
+    seen: set[int] = set()
+    for f, b, start, _end in found:
+        if f in seen:
+            continue
+        seen.add(f)
+        if is_library(paths[f]):
+            out.setdefault(b, {})[start] = os.fsdecode(paths[f])
+    return out
+
+
+class LibraryChase:
+    """One mount's chase: `on_library(path)` (from the readahead plan, at a miss on a
+    library's first chunk) queues it; one thread works the queue."""
+
+    def __init__(self, owner, img, keys: list[str], whole: int, stop: threading.Event):
+        self.owner, self.img, self.keys = owner, img, keys
+        self.whole = min(max(0, whole), startset.WHOLE_LIMIT)
+        self.stop = stop
+        self.seen: set[str] = set()
+        self.cache: dict[str, str] | None = None
+        self._q: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def on_library(self, path: str) -> None:
+        if path in self.seen:
+            return
+        self._q.put(path)
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="lib-chase",
+                                                daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                path = self._q.get(timeout=30)
+            except queue.Empty:
+                with self._lock:
+                    if self._q.empty():
+                        self._thread = None
+                        return
+                continue
+            try:
+                self.chase(path)
+            except Exception as e:  # noqa: BLE001 - an optimisation: readers fetch on demand
+                log.debug("%s: library chase of %s: %s", self.img.mountpoint, path, e)
+
+    def _pread(self, b: int, off: int, n: int) -> bytes | None:
+        """Bytes of blob `b`, fetched first where missing (waits for chunks in flight)."""
+        m = self.owner.blobs.get(self.keys[b]) if 0 <= b < len(self.keys) else None
+        if m is None:
+            return None
+        try:
+            if not m.is_cached(off, n):
+                m.fill(off, n, prefetch=True)
+            return os.pread(m.cache.write_fd, n, off)
+        except (OSError, ErofsToolsError):
+            return None
+
+    def _fetch(self, jobs: startset.Runs) -> int:
+        return stream_table(self.owner.pool, self.owner.blobs,
+                            [(self.keys[b], off, n) for b, off, n in jobs
+                             if 0 <= b < len(self.keys)], self.stop)
+
+    def chase(self, path: str) -> None:
+        """The rounds from library `path` (already being fetched by the reader's miss)."""
+        if path in self.seen or len(self.seen) >= MAX_FILES:
+            return
+        t0 = time.monotonic()
+        planner = startset.Planner(self.img.bootstrap, len(self.keys))
+        try:
+            planner.seen = self.seen
+            if self.cache is None:
+                got = planner.runs("/etc/ld.so.cache")
+                self.cache = {}
+                if got is not None:
+                    planner.learn_cache(startset.file_reader(got[1], got[2], self._pread),
+                                        got[2])
+                    self.cache = planner.cache
+            planner.cache = self.cache
+            todo = [path]
+            files: list[str] = []
+            fetched = 0
+            for i in range(MAX_ROUNDS):
+                round_files = []
+                for p in todo:
+                    got = planner.runs(p)
+                    if got is not None:
+                        real, runs, size = got
+                        head = runs if size <= self.whole else \
+                            startset._head(runs, startset.AROUND)
+                        round_files.append((real, runs, head, size))
+                if i:   # round 0 is the reader's own library: its miss fetches it
+                    fetched += self._fetch([r for f in round_files for r in f[2]])
+                if self.stop.is_set():
+                    break
+                todo = []
+                for real, runs, _head, size in round_files:
+                    files.append(real)
+                    read = startset.file_reader(runs, size, self._pread)
+                    try:
+                        todo += planner.after(real, read, size)
+                    except (struct.error, ErofsToolsError, ValueError) as e:
+                        log.debug("library chase: %s: %s", real, e)
+                if not todo:
+                    break
+        finally:
+            planner.close()
+        log.debug("%s: library chase from %s: %d files, %d bytes in %.3f s: %s",
+                  self.img.mountpoint, path, len(files), fetched, time.monotonic() - t0,
+                  " ".join(files[1:]))
