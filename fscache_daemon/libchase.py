@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 ENABLED = os.environ.get("FSCACHE_DAEMON_LIB_CHASE", "1") != "0"
 MAX_FILES = 256
 MAX_ROUNDS = 8
+# a big library's writable segment fetched at most this much (libtorch_cpu's: 3.3 MB)
+MAX_SEGMENT = 8 << 20
 
 
 def is_library(path: bytes) -> bool:
@@ -57,6 +59,50 @@ def library_starts(paths: list[bytes], found: list) -> dict[int, dict[int, str]]
         seen.add(f)
         if is_library(paths[f]):
             out.setdefault(b, {})[start] = os.fsdecode(paths[f])
+    return out
+
+
+def writable_segments(read) -> list[tuple[int, int]]:
+    """(file offset, length) of an ELF file's writable PT_LOAD segments (relocation
+    targets: .data.rel.ro, .got, .data), each cut to MAX_SEGMENT; [] if not ELF. The
+    loader writes through all of them before the library's first instruction runs."""
+    head = read(0, 64)
+    if not head or len(head) < 52 or head[:4] != b"\x7fELF" or head[5] not in (1, 2):
+        return []
+    end = "<" if head[5] == 1 else ">"
+    if head[4] == 2:
+        phoff, = struct.unpack_from(end + "Q", head, 32)
+        fmt, size = end + "IIQQQQQQ", 56
+    elif head[4] == 1:
+        phoff, = struct.unpack_from(end + "I", head, 28)
+        fmt, size = end + "IIIIIIII", 32
+    else:
+        return []
+    phentsize, phnum = struct.unpack_from(end + "HH", head, 54 if head[4] == 2 else 42)
+    if phentsize < size or phnum > 512 or phoff + phnum * phentsize > startset.ELF_HEAD:
+        return []
+    table = read(phoff, phnum * phentsize)
+    if table is None:
+        return []
+    out = []
+    for i in range(phnum):
+        f = struct.unpack_from(fmt, table, i * phentsize)
+        ptype, flags, off, filesz = (f[0], f[1], f[2], f[5]) if head[4] == 2 else \
+            (f[0], f[6], f[1], f[4])
+        if ptype == 1 and flags & 2 and filesz:
+            out.append((off, min(filesz, MAX_SEGMENT)))
+    return out
+
+
+def file_slice(runs: startset.Runs, off: int, n: int) -> startset.Runs:
+    """The blob runs of bytes [off, off+n) of a file laid out as `runs`."""
+    out: startset.Runs = []
+    pos = 0
+    for b, phys, length in runs:
+        lo, hi = max(off, pos), min(off + n, pos + length)
+        if lo < hi:
+            out.append((b, phys + lo - pos, hi - lo))
+        pos += length
     return out
 
 
@@ -135,6 +181,7 @@ class LibraryChase:
             todo = [path]
             files: list[str] = []
             fetched = 0
+            data: startset.Runs = []    # the writable segments of the files parsed
             for i in range(MAX_ROUNDS):
                 round_files = []
                 for p in todo:
@@ -144,19 +191,25 @@ class LibraryChase:
                         head = runs if size <= self.whole else \
                             startset._head(runs, startset.AROUND)
                         round_files.append((real, runs, head, size))
-                if i:   # round 0 is the reader's own library: its miss fetches it
-                    fetched += self._fetch([r for f in round_files for r in f[2]])
+                # round 0 is the reader's own library: its miss fetches its head
+                jobs = [r for f in round_files for r in f[2]] if i else []
+                if jobs or data:
+                    fetched += self._fetch(jobs + data)
+                data = []
                 if self.stop.is_set():
                     break
                 todo = []
-                for real, runs, _head, size in round_files:
+                for real, runs, head, size in round_files:
                     files.append(real)
                     read = startset.file_reader(runs, size, self._pread)
                     try:
                         todo += planner.after(real, read, size)
+                        if head is not runs:
+                            data += [r for off, n in writable_segments(read)
+                                     for r in file_slice(runs, off, n)]
                     except (struct.error, ErofsToolsError, ValueError) as e:
                         log.debug("library chase: %s: %s", real, e)
-                if not todo:
+                if not todo and not data:
                     break
         finally:
             planner.close()

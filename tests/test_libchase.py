@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import struct
 import time
 
 import helpers
@@ -52,6 +53,30 @@ def test_elf_needs_reads_big_string_tables_by_name(monkeypatch):
     assert max(asked) <= max(startset.MAX_NAME, startset.MAX_DYNAMIC)
     # names not cached: no names, no exception
     assert startset.elf_needs(lambda o, n: data[o:o + n] if o < 65536 else None)[1] == []
+
+
+def test_writable_segments_and_slices():
+    """The loader's relocation targets of a real library: its RW PT_LOAD, inside the
+    file; nothing for a non-ELF file or a truncated one."""
+    path = os.path.realpath(os.path.join(LIB, "libc.so.6"))
+    data = open(path, "rb").read()
+
+    def read(off, n):
+        return data[off:off + n] if 0 <= off and off + n <= len(data) else None
+    segs = libchase.writable_segments(read)
+    assert segs and all(0 < off and off + n <= len(data) for off, n in segs)
+    # the segment holds PT_DYNAMIC (the loader reads it at once)
+    phoff = struct.unpack_from("<Q", data, 32)[0]
+    phnum = struct.unpack_from("<H", data, 56)[0]
+    dyn = [struct.unpack_from("<IIQ", data, phoff + 56 * i)[2] for i in range(phnum)
+           if struct.unpack_from("<I", data, phoff + 56 * i)[0] == 2]
+    assert dyn and any(off <= dyn[0] < off + n for off, n in segs)
+    assert libchase.writable_segments(lambda o, n: b"not an elf file at all" * 4) == []
+    assert libchase.writable_segments(lambda o, n: data[:40] if o == 0 else None) == []
+    runs = [(0, 100, 50), (1, 1000, 50), (0, 7, 10)]
+    assert libchase.file_slice(runs, 40, 20) == [(0, 140, 10), (1, 1000, 10)]
+    assert libchase.file_slice(runs, 95, 100) == [(1, 1045, 5), (0, 7, 10)]
+    assert libchase.file_slice(runs, 200, 5) == []
 
 
 def _tree(root):
