@@ -16,8 +16,15 @@ missing), each fetched whole up to the readahead's largest window (what a first 
 it would fetch anyway), a bigger one only its headers, its dynamic section and the
 needed names' bytes (what the loader reads of it before its relocations), at most
 MAX_FILES per mount. A wrong guess costs bytes, never data: the reader's own requests go
-first (the fetches go through the pool's readahead priority). Off with
-`FSCACHE_DAEMON_LIB_CHASE=0` (to compare).
+first (the fetches go through the pool's readahead priority).
+
+The same hook serves one Python convention: a miss on a distribution's entry points
+(X.dist-info/entry_points.txt) fetches those of every distribution of its site
+directory side by side (each under MAX_ENTRY_POINTS, MAX_GROUP in all):
+importlib.metadata's entry_points() reads them all, one after another (on the ML cold
+start 18 of the 19 the image has, 16 of them serial misses).
+
+Off with `FSCACHE_DAEMON_LIB_CHASE=0` (to compare).
 """
 from __future__ import annotations
 
@@ -39,6 +46,9 @@ MAX_FILES = 256
 MAX_ROUNDS = 8
 # a big library's writable segment fetched at most this much (libtorch_cpu's: 3.3 MB)
 MAX_SEGMENT = 8 << 20
+# a site directory's entry points fetched together: files up to this size, this much in all
+MAX_ENTRY_POINTS = 64 << 10
+MAX_GROUP = 2 << 20
 
 
 def is_library(path: bytes) -> bool:
@@ -48,18 +58,37 @@ def is_library(path: bytes) -> bool:
     return base.endswith(b".so") or b".so." in base
 
 
-def library_starts(paths: list[bytes], found: list) -> dict[int, dict[int, str]]:
-    """{blob index: {uncompressed offset of its first data run: path}} of the shared
-    objects among the bootstrap walk's files (storage.image.walk_file_runs)."""
+def is_entry_points(path: bytes) -> bool:
+    """Whether an image path is a Python distribution's entry points (X.dist-info/
+    entry_points.txt): importlib.metadata's entry_points() reads every one of a site
+    directory, one after another."""
+    head, _, base = path.rpartition(b"/")
+    return base == b"entry_points.txt" and head.endswith(b".dist-info")
+
+
+def library_starts(paths: list[bytes], found: list
+                   ) -> tuple[dict[int, dict[int, str]], dict[str, startset.Runs]]:
+    """({blob index: {uncompressed offset of its first data run: path}} of the shared
+    objects and entry points among the bootstrap walk's files (storage.image.
+    walk_file_runs), {site directory: the data runs of its entry points})."""
     out: dict[int, dict[int, str]] = {}
+    groups: dict[str, startset.Runs] = {}
+    sizes: dict[str, int] = {}
     seen: set[int] = set()
-    for f, b, start, _end in found:
-        if f in seen:
+    for f, b, start, end in found:
+        p = paths[f]
+        if is_entry_points(p):
+            site = os.fsdecode(p.rsplit(b"/", 2)[0])
+            if end - start <= MAX_ENTRY_POINTS and \
+                    sizes.get(site, 0) + end - start <= MAX_GROUP:
+                groups.setdefault(site, []).append((b, start, end - start))
+                sizes[site] = sizes.get(site, 0) + end - start
+        elif not is_library(p):
             continue
-        seen.add(f)
-        if is_library(paths[f]):
-            out.setdefault(b, {})[start] = os.fsdecode(paths[f])
-    return out
+        if f not in seen:
+            seen.add(f)
+            out.setdefault(b, {})[start] = os.fsdecode(p)
+    return out, groups
 
 
 def writable_segments(read) -> list[tuple[int, int]]:
@@ -110,8 +139,10 @@ class LibraryChase:
     """One mount's chase: `on_library(path)` (from the readahead plan, at a miss on a
     library's first chunk) queues it; one thread works the queue."""
 
-    def __init__(self, owner, img, keys: list[str], whole: int, stop: threading.Event):
+    def __init__(self, owner, img, keys: list[str], whole: int, stop: threading.Event,
+                 groups: dict[str, startset.Runs] | None = None):
         self.owner, self.img, self.keys = owner, img, keys
+        self.groups = groups or {}
         self.whole = min(max(0, whole), startset.WHOLE_LIMIT)
         self.stop = stop
         self.seen: set[str] = set()
@@ -141,7 +172,10 @@ class LibraryChase:
                         return
                 continue
             try:
-                self.chase(path)
+                if path.endswith("/entry_points.txt"):
+                    self.entry_points(path)
+                else:
+                    self.chase(path)
             except Exception as e:  # noqa: BLE001 - an optimisation: readers fetch on demand
                 log.debug("%s: library chase of %s: %s", self.img.mountpoint, path, e)
 
@@ -161,6 +195,17 @@ class LibraryChase:
         return stream_table(self.owner.pool, self.owner.blobs,
                             [(self.keys[b], off, n) for b, off, n in jobs
                              if 0 <= b < len(self.keys)], self.stop)
+
+    def entry_points(self, path: str) -> None:
+        """A distribution's entry points read: those of the other distributions of its
+        site directory are read next (importlib.metadata), fetch them side by side."""
+        site = path.rsplit("/", 2)[0]
+        if site in self.seen:
+            return
+        self.seen.add(site)
+        n = self._fetch(self.groups.get(site, []))
+        log.debug("%s: entry points of %s: %d files, %d bytes", self.img.mountpoint,
+                  site, len(self.groups.get(site, [])), n)
 
     def chase(self, path: str) -> None:
         """The rounds from library `path` (already being fetched by the reader's miss)."""

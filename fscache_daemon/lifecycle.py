@@ -467,9 +467,10 @@ class MountLifecycle(CacheEviction, WarmRoute):
                 walk_file_runs(img.bootstrap, pause_every=64)
             paths, found = lists()
             runs, cold, modules = _group_runs(paths, found)
-            libs = libchase.library_starts(paths, found) if libchase.ENABLED else {}
+            libs, groups = libchase.library_starts(paths, found) if libchase.ENABLED \
+                else ({}, {})
             chase = libchase.LibraryChase(self, img, list(img.blob_keys), self.readahead,
-                                          self._stop)
+                                          self._stop, groups)
             for i, m in enumerate(mgrs):
                 ra = self._ra.get(m.key)
                 if ra is not None:      # before the runs: a module's miss is told apart

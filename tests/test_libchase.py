@@ -27,12 +27,23 @@ def test_is_library_and_starts():
     assert not libchase.is_library(b"/a/so/file.pyc")
     assert not libchase.is_library(b"/a/x.sox")
     assert not libchase.is_library(b"/a/.so.d/x.py")
-    paths = [b"/lib/liba.so.1", b"/x.pyc", b"/lib/libb.so"]
+    assert libchase.is_entry_points(b"/site/a-1.0.dist-info/entry_points.txt")
+    assert not libchase.is_entry_points(b"/site/a/entry_points.txt")
+    assert not libchase.is_entry_points(b"/site/a-1.0.dist-info/METADATA")
+    ep = [b"/s/a-1.dist-info/entry_points.txt", b"/s/b-2.dist-info/entry_points.txt",
+          b"/t/c-3.dist-info/entry_points.txt", b"/s/big-1.dist-info/entry_points.txt"]
+    paths = [b"/lib/liba.so.1", b"/x.pyc", b"/lib/libb.so", *ep]
     # (file, blob, start, end): a file's first run is its start, later runs are not
     found = [(0, 0, 4096, 8192), (0, 0, 65536, 70000), (1, 0, 8192, 9000),
-             (2, 1, 0, 100)]
-    assert libchase.library_starts(paths, found) == {
-        0: {4096: "/lib/liba.so.1"}, 1: {0: "/lib/libb.so"}}
+             (2, 1, 0, 100), (3, 0, 100000, 100300), (4, 1, 4096, 4196),
+             (5, 0, 200000, 200010), (6, 0, 300000, 300000 + (1 << 20))]
+    starts, groups = libchase.library_starts(paths, found)
+    assert starts == {
+        0: {4096: "/lib/liba.so.1", 100000: ep[0].decode(), 200000: ep[2].decode(),
+            300000: ep[3].decode()},
+        1: {0: "/lib/libb.so", 4096: ep[1].decode()}}
+    # a site directory's entry points, each small one (the big one is left out)
+    assert groups == {"/s": [(0, 100000, 300), (1, 4096, 100)], "/t": [(0, 200000, 10)]}
 
 
 def test_elf_needs_reads_big_string_tables_by_name(monkeypatch):
@@ -170,6 +181,63 @@ def test_chase_off(registry, tmp_path, monkeypatch):  # noqa: F811
         assert "library chase" not in d.log(tail=400)
         size = os.path.getsize(os.path.join(src, ctypes_so.lstrip("/")))
         assert d.blob_metrics(blob_id)["bytes_fetched"] <= size + (1 << 20)
+        helpers.assert_same_tree(src, mnt)
+    finally:
+        d.cleanup()
+
+
+@pytest.mark.root
+@pytest.mark.registry
+def test_entry_points_of_a_site_fetched_together(registry, tmp_path, monkeypatch):  # noqa: F811
+    """A miss on one distribution's entry_points.txt fetches those of the others of its
+    site directory (importlib.metadata reads them all, one after another)."""
+    require_lazy_kernel()
+    monkeypatch.setenv("FSCACHE_DAEMON_START_SET", "0")
+    src = str(tmp_path / "src")
+    site = "/usr/lib/python3/dist-packages"
+    eps = []
+    for i in range(6):
+        d = os.path.join(src, site.lstrip("/"), f"pkg{i}-1.0.dist-info")
+        os.makedirs(d)
+        for name in ("entry_points.txt", "METADATA", "RECORD"):
+            with open(os.path.join(d, name), "wb") as f:
+                f.write(os.urandom(3000))   # stored as is: its own chunk
+        # a module between them, so that no readahead window reaches the next one
+        with open(os.path.join(src, site.lstrip("/"), f"zz{i}.bin"), "wb") as f:
+            f.write(os.urandom(3 << 20))
+        eps.append(f"{site}/pkg{i}-1.0.dist-info/entry_points.txt")
+    boot, blobs = str(tmp_path / "boot"), str(tmp_path / "blobs")
+    info = pack(src, boot, blobs)
+    blob_id = info["blobs"][0]["blob_id"]
+    client = registry.client()
+    push_image(client, "chase/ep", "v1",
+               config=BlobSource(json.dumps({"config": {}}).encode(), OCI_CONFIG),
+               layers=[BlobSource(os.path.join(blobs, blob_id), NYDUS_BLOB, {})])
+    client.close()
+    d = DaemonProc(str(tmp_path / "d")).start()
+    try:
+        mnt = str(tmp_path / "mnt")
+        d.mount(boot, mnt, f"registry:{registry.host}/chase/ep:v1")
+        deadline = time.monotonic() + 60
+        while "file runs known for readahead" not in d.log(tail=400):
+            assert time.monotonic() < deadline, d.log()
+            time.sleep(0.05)
+        with open(os.path.join(mnt, eps[0].lstrip("/")), "rb") as f:
+            f.read()
+        line = None
+        while line is None:
+            assert time.monotonic() < deadline, d.log(tail=400)
+            line = re.search(r"entry points of (\S+): (\d+) files, (\d+) bytes",
+                             d.log(tail=400))
+            time.sleep(0.05)
+        assert line.group(1) == site and int(line.group(2)) == len(eps)
+        before = d.blob_metrics(blob_id)["requests"]
+        for p in eps[1:]:
+            with open(os.path.join(mnt, p.lstrip("/")), "rb") as f:
+                f.read()
+        assert d.blob_metrics(blob_id)["requests"] == before
+        # nothing else: the metadata beside them and the big files were not fetched
+        assert d.blob_metrics(blob_id)["bytes_fetched"] <= 6 * 3000 + 6 * 4096 + (1 << 20)
         helpers.assert_same_tree(src, mnt)
     finally:
         d.cleanup()
