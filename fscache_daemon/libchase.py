@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 ENABLED = os.environ.get("FSCACHE_DAEMON_LIB_CHASE", "1") != "0"
 MAX_FILES = 256
 MAX_ROUNDS = 8
+# the chase's thread (and its planner's open bootstrap) ends after this long idle
+IDLE = 30.0
 # a big library's writable segment fetched at most this much (libtorch_cpu's: 3.3 MB)
 MAX_SEGMENT = 8 << 20
 # a site directory's entry points fetched together: files up to this size, this much in all
@@ -149,6 +151,7 @@ class LibraryChase:
         self.cache: dict[str, str] | None = None
         self._q: queue.SimpleQueue[str] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self._planner: startset.Planner | None = None     # the thread's (_run)
         self._lock = threading.Lock()
 
     def on_library(self, path: str) -> None:
@@ -162,9 +165,17 @@ class LibraryChase:
                 self._thread.start()
 
     def _run(self) -> None:
+        try:
+            self._work()
+        finally:
+            if self._planner is not None:
+                self._planner.close()
+                self._planner = None
+
+    def _work(self) -> None:
         while not self.stop.is_set():
             try:
-                path = self._q.get(timeout=30)
+                path = self._q.get(timeout=IDLE)
             except queue.Empty:
                 with self._lock:
                     if self._q.empty():
@@ -212,52 +223,53 @@ class LibraryChase:
         if path in self.seen or len(self.seen) >= MAX_FILES:
             return
         t0 = time.monotonic()
-        planner = startset.Planner(self.img.bootstrap, len(self.keys))
-        try:
-            planner.seen = self.seen
-            if self.cache is None:
-                got = planner.runs("/etc/ld.so.cache")
-                self.cache = {}
+        # one planner while the thread runs: its directories (the loader's, thousands of
+        # entries) and ld.so.cache decoded once, not at every library
+        if self._planner is None:
+            self._planner = startset.Planner(self.img.bootstrap, len(self.keys))
+        planner = self._planner
+        planner.seen = self.seen
+        if self.cache is None:
+            got = planner.runs("/etc/ld.so.cache")
+            self.cache = {}
+            if got is not None:
+                planner.learn_cache(startset.file_reader(got[1], got[2], self._pread),
+                                    got[2])
+                self.cache = planner.cache
+        planner.cache = self.cache
+        todo = [path]
+        files: list[str] = []
+        fetched = 0
+        data: startset.Runs = []    # the writable segments of the files parsed
+        for i in range(MAX_ROUNDS):
+            round_files = []
+            for p in todo:
+                got = planner.runs(p)
                 if got is not None:
-                    planner.learn_cache(startset.file_reader(got[1], got[2], self._pread),
-                                        got[2])
-                    self.cache = planner.cache
-            planner.cache = self.cache
-            todo = [path]
-            files: list[str] = []
-            fetched = 0
-            data: startset.Runs = []    # the writable segments of the files parsed
-            for i in range(MAX_ROUNDS):
-                round_files = []
-                for p in todo:
-                    got = planner.runs(p)
-                    if got is not None:
-                        real, runs, size = got
-                        head = runs if size <= self.whole else \
-                            startset._head(runs, startset.AROUND)
-                        round_files.append((real, runs, head, size))
-                # round 0 is the reader's own library: its miss fetches its head
-                jobs = [r for f in round_files for r in f[2]] if i else []
-                if jobs or data:
-                    fetched += self._fetch(jobs + data)
-                data = []
-                if self.stop.is_set():
-                    break
-                todo = []
-                for real, runs, head, size in round_files:
-                    files.append(real)
-                    read = startset.file_reader(runs, size, self._pread)
-                    try:
-                        todo += planner.after(real, read, size)
-                        if head is not runs:
-                            data += [r for off, n in writable_segments(read)
-                                     for r in file_slice(runs, off, n)]
-                    except (struct.error, ErofsToolsError, ValueError) as e:
-                        log.debug("library chase: %s: %s", real, e)
-                if not todo and not data:
-                    break
-        finally:
-            planner.close()
+                    real, runs, size = got
+                    head = runs if size <= self.whole else \
+                        startset._head(runs, startset.AROUND)
+                    round_files.append((real, runs, head, size))
+            # round 0 is the reader's own library: its miss fetches its head
+            jobs = [r for f in round_files for r in f[2]] if i else []
+            if jobs or data:
+                fetched += self._fetch(jobs + data)
+            data = []
+            if self.stop.is_set():
+                break
+            todo = []
+            for real, runs, head, size in round_files:
+                files.append(real)
+                read = startset.file_reader(runs, size, self._pread)
+                try:
+                    todo += planner.after(real, read, size)
+                    if head is not runs:
+                        data += [r for off, n in writable_segments(read)
+                                 for r in file_slice(runs, off, n)]
+                except (struct.error, ErofsToolsError, ValueError) as e:
+                    log.debug("library chase: %s: %s", real, e)
+            if not todo and not data:
+                break
         log.debug("%s: library chase from %s: %d files, %d bytes in %.3f s: %s",
                   self.img.mountpoint, path, len(files), fetched, time.monotonic() - t0,
                   " ".join(files[1:]))
