@@ -31,7 +31,7 @@ import time
 from concurrent.futures import Future
 from typing import TYPE_CHECKING
 
-from fscache_daemon import mounts, startset
+from fscache_daemon import libchase, mounts, startset
 from fscache_daemon.blobopen import EarlyChecks, open_side_by_side
 from fscache_daemon.errors import (
     ConflictError,
@@ -465,11 +465,17 @@ class MountLifecycle(CacheEviction, WarmRoute):
         try:
             lists = fut.result() if fut is not None else \
                 walk_file_runs(img.bootstrap, pause_every=64)
-            runs, cold, modules = _group_runs(*lists())
+            paths, found = lists()
+            runs, cold, modules = _group_runs(paths, found)
+            libs, groups = libchase.library_starts(paths, found) if libchase.ENABLED \
+                else ({}, {})
+            chase = libchase.LibraryChase(self, img, list(img.blob_keys), self.readahead,
+                                          self._stop, groups)
             for i, m in enumerate(mgrs):
                 ra = self._ra.get(m.key)
                 if ra is not None:      # before the runs: a module's miss is told apart
                     ra.add_modules(modules.get(i, ()))
+                    ra.add_libraries(libs.get(i, {}), chase.on_library)
                 if runs.get(i):
                     m.add_file_runs(runs[i], cold=cold.get(i, ()))
         except Exception as e:  # noqa: BLE001 - readahead is an optimisation

@@ -128,6 +128,9 @@ class BlobReadahead:
         # the last chunks of the latest requests that reached us: a miss right after
         # one of them is a sequential reader's (several readers interleave)
         self._recent: deque[int] = deque(maxlen=RECENT_REQUESTS)
+        # shared objects' first chunks (add_libraries): a miss there is told to libchase
+        self._libs: dict[int, str] = {}
+        self._on_library: Callable[[str], None] = lambda path: None
 
     def on_request(self, offset: int, length: int, fetched: bool) -> Window | None:
         """The daemon served [offset, offset+length) (`fetched`: it had to fetch some of
@@ -155,6 +158,9 @@ class BlobReadahead:
             # 2. nothing fetched
             if not fetched:
                 return None
+            lib = self._libs.get(first.uncompressed_offset) if self._libs else None
+            if lib is not None:     # the loader opens a library: its needs go ahead
+                self._on_library(lib)
             # 3. a miss: sequential ...
             prev = self._previous(first)
             if prev is not None and self.mgr.cache.has(prev):
@@ -188,6 +194,12 @@ class BlobReadahead:
                 if c.index < len(flags):
                     flags[c.index] = 1
         self._modules = flags
+
+    def add_libraries(self, starts: dict[int, str],
+                      on_library: Callable[[str], None]) -> None:
+        """Learn where shared objects begin ({offset: path}, libchase.library_starts):
+        a miss in the first chunk of one calls `on_library(path)` (it must not block)."""
+        self._libs, self._on_library = dict(starts), on_library
 
     def _module(self, chunk) -> bool:
         """Whether `chunk` may be a Python module's (True while that is not known)."""

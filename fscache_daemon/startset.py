@@ -67,6 +67,8 @@ AROUND = 1 << 20
 MAX_SYMLINKS = 40
 ELF_HEAD = 64 << 10       # program headers are read from the first bytes only
 MAX_DYNAMIC = 64 << 10
+MAX_STRINGS = 64 << 10    # a bigger string table: the names wanted read alone
+MAX_NAME = 4096           # a DT_NEEDED or RUNPATH string read alone
 MAX_LDCACHE = 4 << 20
 
 
@@ -285,14 +287,24 @@ def elf_needs(read: Callable[[int, int], bytes | None]) -> tuple[str | None, lis
             strtab = val
         elif tag == 10:
             strsz = val
-    if strtab is None or not strsz or strsz > MAX_DYNAMIC:
+    if strtab is None or not strsz:
         return interp, [], []
     soff = next((off + strtab - va for va, off, sz in loads if va <= strtab < va + sz), None)
-    strings = read(soff, strsz) if soff is not None else None
-    if strings is None:
+    if soff is None:
         return interp, [], []
+    if strsz <= MAX_STRINGS:
+        strings = read(soff, strsz)
+        if strings is None:
+            return interp, [], []
+    else:
+        strings = None      # a big library's (C++ symbols): only the names wanted
 
     def name(v: int) -> str | None:
+        if strings is None:
+            got = read(soff + v, min(MAX_NAME, strsz - v)) if 0 <= v < strsz else None
+            if got is None:
+                return None
+            return got.split(b"\0", 1)[0].decode("utf-8", "replace") or None
         if v >= len(strings):
             return None
         return strings[v:].split(b"\0", 1)[0].decode("utf-8", "replace") or None
