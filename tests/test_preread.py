@@ -30,7 +30,10 @@ def _chain_setup(tmp_path, monkeypatch, nchunks=24, batch=100 << 10):
     blob_id, datas, _ = make_blob(bdir, nchunks, "zstd")
     be = CountingBackend(bdir)
     be.pipelined = True
-    mgr = open_mgr(cdir, be, blob_id, batch_size=batch, pipeline=True)
+    done: list = []
+    mgr = open_mgr(cdir, be, blob_id, batch_size=batch, pipeline=True,
+                   on_complete=done.append)
+    mgr.completions = done
     assert mgr.can_preread()
     chunks = sorted(mgr.meta.chunks, key=lambda c: c.compressed_offset)
     tasks = preread.tasks_of(plan(chunks, batch), 1)     # a request per task
@@ -64,6 +67,9 @@ def test_chain_reads_depth_ahead_and_each_byte_once(tmp_path, monkeypatch):
         # after task k: the reads of tasks up to k + 2 asked for, no more
         assert len(be.reads) <= min(len(tasks), k + 3)
     assert not mgr._inflight and not mgr._prereads
+    # the last task's chunks completed the blob: its hook ran (the front end's window
+    # and mark depend on it)
+    assert mgr.completions == [mgr]
     with open(mgr.cache.path, "rb") as f:
         assert f.read() == expected(mgr.meta, datas)
     # one backend request per task, every stored byte once

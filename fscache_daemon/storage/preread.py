@@ -62,7 +62,7 @@ class PreRead:
 
 class PreReadMixin:
     """BlobManager's pre-reads (the manager's _lock, _inflight, _prereads, _read,
-    _process and _flight_type are used)."""
+    _process, _flight_type and its completion report are used)."""
 
     _lock: threading.Lock
     _inflight: dict
@@ -120,7 +120,10 @@ class PreReadMixin:
         backend bytes they held."""
         with self._lock:
             todo = [pr for pr in prs if self._take(pr)]
-        return self._run_taken(todo, prefetch)
+        n = self._run_taken(todo, prefetch)
+        if self._completed_now():       # the blob's last chunks: its front end's hook
+            self._report_complete()
+        return n
 
     def _run_taken(self, prs, prefetch: bool) -> int:
         fetched = 0
@@ -152,6 +155,12 @@ class PreReadMixin:
         raise NotImplementedError
 
     def _process(self, batch, got, flights, failures, prefetch) -> int:
+        raise NotImplementedError
+
+    def _completed_now(self) -> bool:
+        raise NotImplementedError
+
+    def _report_complete(self) -> None:
         raise NotImplementedError
 
 
