@@ -89,6 +89,9 @@ def test_a_fill_takes_over_a_pre_read_its_task_has_not_run(tmp_path, monkeypatch
     c = tasks[1][-1]
     mgr.fill(c.uncompressed_offset, 4096)
     assert all(mgr.cache.has(x) for x in tasks[1])       # the whole pre-read stored
+    deadline = time.monotonic() + 20                     # task 2's read, after it
+    while len(be.reads) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert len(be.reads) == 3                            # nothing read again
     assert chain.run(1) == 0                             # the task has nothing left
     for k in (0, *range(2, len(tasks))):
@@ -164,7 +167,7 @@ def test_daemon_reads_ahead_for_a_sequential_reader_only(tmp_path, monkeypatch, 
     monkeypatch.setattr(preread.PreReadChain, "__init__", counting_init)
     monkeypatch.setattr(backends.LocalFsBackend, "read_pooled", counting_read)
     monkeypatch.delenv("FSCACHE_DAEMON_COLDPATH", raising=False)
-    assert preread.DEPTH > 0
+    monkeypatch.setattr(preread, "DEPTH", 4)     # FSCACHE_DAEMON_PREREAD=4
     d = Daemon(str(tmp_path / "cache"), frontend="none", threads=4)
     d.start()
     try:

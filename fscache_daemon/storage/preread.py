@@ -9,10 +9,12 @@ the window's next chunk both CPUs could sit idle (quiet runs: 0.1-0.5 s of idle 
 iowait per 1.1-1.3 s cold read).
 
 `PreReadChain` holds one window's tasks (lists of chunks, one backend request each,
-Daemon._submit_window). The reads of its first DEPTH tasks start at once on the reader
-threads (storage/pipeline.py); task k, when a worker takes it, starts the read of task
-k + DEPTH, so at most DEPTH requests per window are read and not yet decoded (bounded
-memory: DEPTH x --batch-size of reused buffers). A pre-read *claims* its chunks (they
+Daemon._submit_window). The reads of its first DEPTH tasks start at once on a reader
+thread (storage/pipeline.py); task k, when a worker takes it and fewer than DEPTH / 2
+tasks after it are read or on their way, starts the reads up to task k + DEPTH, in
+order, as one job (a thread hand-over per two requests: one per request cost ~0.4 more
+context switches per chunk), so at most DEPTH requests per window are read and not yet
+decoded (bounded memory: DEPTH x --batch-size of reused buffers). A pre-read *claims* its chunks (they
 are in flight, so no other fill fetches them again) and is processed exactly once:
 by its task, or by the first fill that needs one of its chunks before the task ran
 (`PreReadMixin._steal`: an on-demand read never waits behind queued readahead; it
@@ -22,6 +24,7 @@ as before, and nothing is read that the window would not have fetched.
 """
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections.abc import Callable
@@ -30,9 +33,14 @@ from typing import Any
 from . import StorageError, iobuf, pipeline
 from .planner import plan
 
-# requests of a sequential window read ahead of its decoding tasks (0: off, every task
-# reads its own request when a worker takes it, as before)
-DEPTH = int(os.environ.get("FSCACHE_DAEMON_PREREAD", "4"))
+# Requests of a sequential window read ahead of its decoding tasks; 0: off, every task
+# reads its own request when a worker takes it. Off by default until a quiet run
+# decides: under load 7-11 (2026-12-06, branch coldpar) neither the cold read's wall
+# time nor the reader's blocked time moved outside the noise, and the daemon's CPU per
+# cold GiB moved -4 % to +10 % between runs; FSCACHE_DAEMON_PREREAD=4 turns it on.
+DEPTH = int(os.environ.get("FSCACHE_DAEMON_PREREAD", "0"))
+
+log = logging.getLogger(__name__)
 
 
 def tasks_of(batches, task_bytes: int) -> list[list]:
@@ -47,6 +55,11 @@ def tasks_of(batches, task_bytes: int) -> list[list]:
         tasks[-1] += b.chunks
         size += b.length
     return tasks
+
+
+def _no_result(e: BaseException) -> None:
+    """_read_each hands every result over itself (and catches what _read raises)."""
+    log.error("pre-read job failed: %s", e)
 
 
 class PreRead:
@@ -77,27 +90,45 @@ class PreReadMixin:
         access points, storage/rawkeep.py) nor without pipelining (the Python path)."""
         return self.pipeline and getattr(self.meta, "zran", None) is None
 
-    def preread(self, chunks, max_gap: int = 0) -> list[PreRead]:
-        """Claim `chunks` (those neither cached nor in flight) and start reading their
-        backend requests on the reader threads (can_preread() must hold)."""
-        prs = []
+    def preread(self, tasks: list[list], max_gap: int = 0) -> list[list[PreRead]]:
+        """Claim the chunks of `tasks` (those neither cached nor in flight) and start
+        reading their backend requests, in order, by one job on the reader threads (one
+        hand-over for them all); per task its pre-reads (can_preread() must hold)."""
+        out: list[list[PreRead]] = []
         with self._lock:
-            mine = {}
-            for c in chunks:
-                if c.index not in self._inflight and not self.cache.has(c):
-                    mine[c.index] = self._inflight[c.index] = self._flight_type()
-            if not mine:
-                return []
-            claimed = [c for c in chunks if c.index in mine]
-            for b in plan(claimed, self.batch_size, max_gap):
-                pr = PreRead(b, {c.index: mine[c.index] for c in b.chunks})
-                # submitted under the lock: a fill that steals it sees its read already
-                # asked for (None: no reader thread; the taker reads it itself)
-                pr.pending = pipeline.READS.submit(self._read, b, self._read_failed)
-                for c in b.chunks:
-                    self._prereads[c.index] = pr
-                prs.append(pr)
-        return prs
+            for chunks in tasks:
+                prs: list[PreRead] = []
+                out.append(prs)
+                mine = {}
+                for c in chunks:
+                    if c.index not in self._inflight and not self.cache.has(c):
+                        mine[c.index] = self._inflight[c.index] = self._flight_type()
+                claimed = [c for c in chunks if c.index in mine]
+                for b in plan(claimed, self.batch_size, max_gap) if claimed else []:
+                    pr = PreRead(b, {c.index: mine[c.index] for c in b.chunks})
+                    pr.pending = pipeline.Pending()
+                    for c in b.chunks:
+                        self._prereads[c.index] = pr
+                    prs.append(pr)
+            todo = [pr for prs in out for pr in prs]
+            # asked for under the lock: a fill that steals one sees its read on its way
+            if todo and pipeline.READS.submit(self._read_each, todo, _no_result) is None:
+                for pr in todo:     # no reader thread: the taker reads it itself
+                    pr.pending = None
+        return out
+
+    def _read_each(self, prs: list[PreRead]) -> None:
+        """The reader thread's job: each pre-read's request in order, each result
+        handed over as soon as it is in (never left without one)."""
+        for pr in prs:
+            p = pr.pending
+            if p is None:
+                continue
+            try:
+                p.result = self._read(pr.batch)
+            except BaseException as e:  # noqa: BLE001 - the taker must get a result
+                p.result = self._read_failed(e)
+            p._done.release()
 
     def _take(self, pr: PreRead) -> bool:
         """Claim `pr` for processing (under self._lock); False if another did."""
@@ -179,13 +210,16 @@ class PreReadChain:
         self.top_up(-1)
 
     def top_up(self, k: int) -> None:
-        """Start the reads of every task up to k + depth not started yet."""
+        """Once fewer than half the depth of tasks after k are read or on their way,
+        start the reads of every task up to k + depth (one reader-thread job for them:
+        a hand-over per two requests, not per request)."""
         with self._lock:    # held while reading is asked for: task k finds its own
             end = min(len(self.tasks), k + 1 + self.depth)
-            while self._next < end:
-                i = self._next
-                self.prs[i] = self.mgr.preread(self.tasks[i], self.max_gap)
-                self._next += 1
+            if self._next >= end or (k >= 0 and self._next - k - 1 > self.depth // 2):
+                return
+            start, self._next = self._next, end
+            got = self.mgr.preread(self.tasks[start:end], self.max_gap)
+            self.prs[start:end] = got
 
     def run(self, k: int) -> int:
         """Task k: start the read depth tasks ahead, then process its own (or fetch
