@@ -328,11 +328,9 @@ class BlobManager(PreReadMixin):
         self._completed_reported = cache.complete()
         self._dirty = False
         # the C core's cold path (default) or the Python one (FSCACHE_DAEMON_COLDPATH=
-        # python, to measure against). `pipeline`: the next backend request in flight
-        # while a batch is decoded, by the reader threads (storage/pipeline.py; asked
-        # for by the daemon: a process that cannot start threads, e.g. under a tight
-        # RLIMIT_AS, must not), if the backend wants it (Backend.pipelined; on localfs
-        # 2.2 against 2.8-3.7 s per cold GiB); "serial" in the variable turns it off
+        # python, to compare). `pipeline`: the next backend request read by the reader
+        # threads (pipeline.py) while a batch is decoded, if the daemon asks (a process
+        # that cannot start threads must not) and Backend.pipelined; "serial" turns it off
         mode = os.environ.get("FSCACHE_DAEMON_COLDPATH", "native")
         self.native = "python" not in mode
         self.pipeline = pipeline and self.native and "serial" not in mode and (
@@ -469,8 +467,7 @@ class BlobManager(PreReadMixin):
                      if c.index in extra]
         if not mine and not waits:
             return 0
-        # read ahead and not taken by its task yet: processed here, not waited for
-        fetched = self._run_taken(stolen, prefetch)
+        fetched = self._run_taken(stolen, prefetch)     # pre-reads no task took yet
         failures: list[tuple[Any, BaseException]] = []
         flights = dict((c.index, f) for c, f in mine)
         try:
