@@ -65,7 +65,7 @@ from fscache_daemon.pool import (
 from fscache_daemon.prefetch import listed_whole, stream_table
 from fscache_daemon.readahead import BlobReadahead
 from fscache_daemon.state import CacheDirLock
-from fscache_daemon.storage import StorageError
+from fscache_daemon.storage import StorageError, preread
 from fscache_daemon.storage import blobcache as bc
 from fscache_daemon.storage.backends import Backend, open_backend
 from fscache_daemon.storage.keychain import Keychain
@@ -106,20 +106,16 @@ TRACE_UNMARK_INTERVAL = 2.0
 # cold start, while warm reads of a blob nobody reads whole must end up served by the
 # kernel alone
 TRACE_KEEP_MARKED = 120.0
-# A readahead window is split into tasks of about this many stored bytes (each still
-# fetched in backend requests of at most --batch-size): enough tasks for every worker,
-# few enough that per-task overhead stays small (4 MiB: cold reads ~10 % faster than
-# one task per 1 MiB request on the benchmark image). But a task claims all its chunks
-# when it starts, and a reader who needs one of them waits for the task's requests
-# before it, one after another: on the ML cold start 44-53 reads waited 0.6 s in all.
-# 1 MiB (one request of the default --batch-size per task): a reader waits for one
-# request at most, and a window's requests run side by side on the workers.
+# A readahead window is split into tasks of about this many stored bytes (backend
+# requests of at most --batch-size). Tasks of 4 MiB read a cold GiB ~10 % faster, but a
+# task claims its chunks when it starts and a reader needing one waited for the task's
+# requests before it (ML cold start: 44-53 reads, 0.6 s in all). 1 MiB: one request per
+# task; a sequential window's are read ahead of their tasks (storage/preread.py).
 READAHEAD_TASK_BYTES = 1 << 20
 # A readahead request spans gaps of up to this many stored bytes between the chunks it
-# wants (the gap is fetched and dropped): windows leave out files a start rarely reads,
-# and without this the holes they leave split a window into a request per file (ML cold
-# start: 864 registry requests instead of 597). On a 1 Gbit/s link 16 KiB take 0.13 ms,
-# a request's round trip 2-3 ms.
+# wants (fetched and dropped): without this the cold files windows leave out split them
+# into a request per file (ML cold start: 864 registry requests instead of 597). On a
+# 1 Gbit/s link 16 KiB take 0.13 ms, a request's round trip 2-3 ms.
 READAHEAD_MAX_GAP = 16 << 10
 # A miss's window chunks whose stored bytes lie next to the missing chunks' come in the
 # miss's own backend request, growing it by at most this many stored bytes (1 ms on a
@@ -444,13 +440,13 @@ class Daemon(MountLifecycle):
         after = fetch and (WINDOW_AFTER_MISS == 1 or
                            (WINDOW_AFTER_MISS == 2 and kind == "neighbours"))
         if not after:
-            self._submit_window(mgr, rest)
+            self._submit_window(mgr, rest, kind)
         t1 = time.monotonic()
         try:
             fetched = mgr.fill(offset, length, along=along, max_gap=READAHEAD_MAX_GAP)
         finally:
             if after:
-                self._submit_window(mgr, rest)
+                self._submit_window(mgr, rest, kind)
         if debug:
             times = bc.FILL_TIMES.__dict__
             log.debug("fill %s %d+%d: fetched %d in %.2f ms (queued %.2f, plan %.2f, "
@@ -517,21 +513,20 @@ class Daemon(MountLifecycle):
             lo = c.compressed_offset
         return along
 
-    def _submit_window(self, mgr, chunks) -> None:
-        task, size = [], 0
-        for batch in plan(chunks, self.batch_size, READAHEAD_MAX_GAP):
-            task += batch.chunks
-            size += batch.length
-            if size >= READAHEAD_TASK_BYTES:
-                self.pool.submit_readahead(self._readahead_batch, mgr, task)
-                task, size = [], 0
-        if task:
-            self.pool.submit_readahead(self._readahead_batch, mgr, task)
+    def _submit_window(self, mgr, chunks, kind: str = "") -> None:
+        tasks = preread.tasks_of(plan(chunks, self.batch_size, READAHEAD_MAX_GAP),
+                                 READAHEAD_TASK_BYTES)
+        # a sequential window's requests are read ahead of its tasks (storage/preread.py)
+        chain = preread.PreReadChain(mgr, tasks, max_gap=READAHEAD_MAX_GAP) if tasks and \
+            kind in ("sequential", "marker") and preread.DEPTH and mgr.can_preread() else None
+        for k, task in enumerate(tasks):
+            self.pool.submit_readahead(self._readahead_batch, mgr, task, chain, k)
 
-    def _readahead_batch(self, mgr, chunks) -> int:
+    def _readahead_batch(self, mgr, chunks, chain=None, k: int = 0) -> int:
         try:
             # prefetch=False: counted as readahead below, not as prefetch
-            n = mgr.fill_chunks(chunks, prefetch=False, max_gap=READAHEAD_MAX_GAP)
+            n = chain.run(k) if chain is not None else \
+                mgr.fill_chunks(chunks, prefetch=False, max_gap=READAHEAD_MAX_GAP)
         except Exception as e:  # noqa: BLE001 - the reader's own request will retry
             log.debug("readahead of blob %s failed: %s", mgr.blob_id[:12], e)
             return 0
@@ -547,7 +542,7 @@ class Daemon(MountLifecycle):
         if not mgr.is_cached(offset, length):
             return False
         mgr.stats.record_request(length, True, time.perf_counter() - t0, False)
-        self._submit_window(mgr, self._readahead(key, mgr, offset, length, False)[0])
+        self._submit_window(mgr, *self._readahead(key, mgr, offset, length, False))
         return True
 
     # -- prefetch -----------------------------------------------------------------------

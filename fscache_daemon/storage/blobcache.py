@@ -61,6 +61,7 @@ from .chunkstate import (  # noqa: F401
     state_bits,
 )
 from .planner import DEFAULT_BATCH_SIZE, chunks_in_range, clamp_range, plan
+from .preread import PreReadMixin
 from .rawkeep import RawKeep
 from .stats import FILL_TIMES, BlobStats, add_fill_time  # noqa: F401
 
@@ -301,9 +302,9 @@ class FillError(StorageError):
     """Some chunk of a requested range could not be fetched or verified."""
 
 
-class BlobManager:
+class BlobManager(PreReadMixin):
     """Fills ranges of one blob's cache file; thread-safe; one fetch per chunk at a time
-    (concurrent requests for a chunk in flight wait for it)."""
+    (requests for a chunk in flight wait for it, or process its pre-read: preread.py)."""
 
     def __init__(self, meta, cache: BlobCache, backend, *, batch_size: int = DEFAULT_BATCH_SIZE,
                  on_complete=None, pipeline: bool = False):
@@ -323,17 +324,14 @@ class BlobManager:
         self._rawkeep = RawKeep() if getattr(meta, "zran", None) is not None else None
         self._lock = threading.Lock()
         self._inflight: dict[int, _Flight] = {}
+        self._prereads: dict = {}       # chunk index -> its PreRead, until taken
+        self._flight_type = _Flight
         self._completed_reported = cache.complete()
         self._dirty = False
         # the C core's cold path (default) or the Python one (FSCACHE_DAEMON_COLDPATH=
-        # python, kept to measure against). `pipeline`: the next backend request in
-        # flight while a batch is decoded, read by the process's reader threads
-        # (storage/pipeline.py; the daemon asks for it; a process that cannot start
-        # threads, e.g. under a tight RLIMIT_AS, must not: CPython waits forever for a
-        # thread that died starting),
-        # if the backend wants it (Backend.pipelined: every one so far; on localfs it
-        # measured 2.2 against 2.8-3.7 s per cold GiB, same CPU); "serial" in the
-        # variable turns it off
+        # python, to compare). `pipeline`: the next backend request read by the reader
+        # threads (pipeline.py) while a batch is decoded, if the daemon asks (a process
+        # that cannot start threads must not) and Backend.pipelined; "serial" turns it off
         mode = os.environ.get("FSCACHE_DAEMON_COLDPATH", "native")
         self.native = "python" not in mode
         self.pipeline = pipeline and self.native and "serial" not in mode and (
@@ -450,6 +448,7 @@ class BlobManager:
                 demand: bool = False, max_gap: int = 0, along=()) -> int:
         mine = []
         waits = []
+        stolen: list = []
         with self._lock:
             for c in chunks:
                 if self.cache.has(c):
@@ -457,6 +456,7 @@ class BlobManager:
                 f = self._inflight.get(c.index)
                 if f is not None:
                     waits.append((c, f))
+                    self._steal(c.index, stolen)
                 else:
                     f = _Flight()
                     self._inflight[c.index] = f
@@ -468,7 +468,7 @@ class BlobManager:
                      if c.index in extra]
         if not mine and not waits:
             return 0
-        fetched = 0
+        fetched = self._run_taken(stolen, prefetch)     # pre-reads no task took yet
         failures: list[tuple[Any, BaseException]] = []
         flights = dict((c.index, f) for c, f in mine)
         try:
