@@ -2,6 +2,9 @@
  * libzstd has no fixed-output mode: the largest input prefix that fits a pcluster is
  * searched (compress.c). The window is the configured dictionary size, which the
  * superblock's zstd record announces to the reader. */
+/* ZSTD_c_literalCompressionMode is in the experimental section: libzstd has taken it
+ * through setParameter since 1.4.5 (a version without it refuses it: an error here) */
+#define ZSTD_STATIC_LINKING_ONLY
 #include <zstd.h>
 #include <zstd_errors.h>
 #include "compress_int.h"
@@ -27,6 +30,8 @@ static int zstd_init(struct zctx *c)
         r = ZSTD_CCtx_setParameter(cc, ZSTD_c_windowLog, (int)log2u(c->zc->dict_size));
     if (!ZSTD_isError(r))
         r = ZSTD_CCtx_setParameter(cc, ZSTD_c_checksumFlag, 0);
+    if (!ZSTD_isError(r) && c->zc->raw_literals)
+        r = ZSTD_CCtx_setParameter(cc, ZSTD_c_literalCompressionMode, ZSTD_ps_disable);
     if (ZSTD_isError(r)) {
         snprintf(c->err, sizeof(c->err), "%s", ZSTD_getErrorName(r));
         return ERN_EINVAL;
