@@ -67,7 +67,7 @@ static int alg_conf(erofs_builder *b, struct zconf *zc, int32_t which, int32_t l
     if (!a)
         return fail(b, ERN_EINVAL, "unknown compressor %d", which);
     if (level < 0) {
-        /* the default, set below */
+        level = a->default_level;
     } else if (!a->has_level) {
         return fail(b, ERN_EINVAL, "%s takes no compression level", a->name);
     } else if (a->id == Z_EROFS_COMPRESSION_LZMA && level > 9 && level < 100) {
@@ -79,16 +79,6 @@ static int alg_conf(erofs_builder *b, struct zconf *zc, int32_t which, int32_t l
                     level, a->min_level, a->max_level);
     }
     zc->alg = a;
-    /* -z zstd without a level: level 3's match finder with its literals stored rather
-     * than Huffman-coded. The kernel decodes each 4 KiB pcluster as a frame of its own,
-     * and a frame's Huffman table and literal decoding cost it more read time (measured
-     * on /usr/share: ~20 % more zstd CPU) than the few percent of image they save; this
-     * is also what mkfs.erofs 1.9's -z zstd writes (it runs libzstd at level -1, whose
-     * literals are raw), here with level 3's matches, so fewer pclusters. An explicit
-     * level is plain libzstd at that level. */
-    zc->raw_literals = a->id == Z_EROFS_COMPRESSION_ZSTD && level < 0;
-    if (level < 0)
-        level = a->default_level;
     zc->level = level;
     uint32_t d = 0;
     switch (a->id) {
@@ -212,7 +202,6 @@ int zconf_setup(erofs_builder *b, struct zconf *zc)
         zc[k] = zc[0];
         zc[k].alg = own.alg;
         zc[k].level = own.level;
-        zc[k].raw_literals = own.raw_literals;
         zc[k].dict_size = own.dict_size;
     }
     /* try each algorithm once here, so a missing feature fails before any work */

@@ -35,7 +35,6 @@ struct zalg {
 struct zconf {
     const struct zalg *alg;
     int level;
-    int raw_literals;        /* zstd: literals stored, not Huffman-coded (default level) */
     uint32_t pclusterblks;   /* 1: one block per pcluster */
     uint32_t pclustersize;
     uint32_t dict_size;      /* lzma/zstd/deflate window */
