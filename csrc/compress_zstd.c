@@ -2,6 +2,9 @@
  * libzstd has no fixed-output mode: the largest input prefix that fits a pcluster is
  * searched (compress.c). The window is the configured dictionary size, which the
  * superblock's zstd record announces to the reader. */
+/* ZSTD_c_literalCompressionMode is in the experimental section: libzstd has taken it
+ * through setParameter since 1.4.5 (a version without it refuses it: an error here) */
+#define ZSTD_STATIC_LINKING_ONLY
 #include <zstd.h>
 #include <zstd_errors.h>
 #include "compress_int.h"
@@ -27,6 +30,8 @@ static int zstd_init(struct zctx *c)
         r = ZSTD_CCtx_setParameter(cc, ZSTD_c_windowLog, (int)log2u(c->zc->dict_size));
     if (!ZSTD_isError(r))
         r = ZSTD_CCtx_setParameter(cc, ZSTD_c_checksumFlag, 0);
+    if (!ZSTD_isError(r) && c->zc->level == 0)
+        r = ZSTD_CCtx_setParameter(cc, ZSTD_c_literalCompressionMode, ZSTD_ps_disable);
     if (ZSTD_isError(r)) {
         snprintf(c->err, sizeof(c->err), "%s", ZSTD_getErrorName(r));
         return ERN_EINVAL;
@@ -61,6 +66,13 @@ static void zstd_fini(struct zctx *c)
 
 const struct zalg zalg_zstd = {
     .name = "zstd", .id = Z_EROFS_COMPRESSION_ZSTD, .has_level = 1,
-    .min_level = 1, .max_level = 22, .default_level = 3,
+    /* -z zstd without a level: 0, libzstd's default (level 3), with its literals stored
+     * rather than Huffman-coded (zstd_init). The kernel decodes each 4 KiB pcluster as a
+     * frame of its own, and a frame's Huffman table and literal decoding cost its read
+     * more (on /usr/share ~20 % more zstd CPU) than the few percent of image they save;
+     * mkfs.erofs 1.9's -z zstd also writes raw literals (it runs libzstd at level -1),
+     * here with level 3's matches, so fewer pclusters. An explicit level (1..22) is
+     * plain libzstd at that level. */
+    .min_level = 1, .max_level = 22, .default_level = 0,
     .init = zstd_init, .destsize = zstd_destsize, .fini = zstd_fini,
 };

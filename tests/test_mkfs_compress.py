@@ -143,6 +143,55 @@ def test_levels(root_kernel, tree, tmp_path):
     assert sizes["zstd,level=19"] <= sizes["zstd,level=1"]
 
 
+def zstd_literal_types(image):
+    """The literals-section type (0 raw, 1 RLE, 2 Huffman, 3 treeless) of every
+    compressed block of every zstd pcluster of image -> {type: count}."""
+    from erofs_tools.format import erofs as E
+    from erofs_tools.reader import zmap
+    from erofs_tools.reader.image import open_image
+
+    types: dict[int, int] = {}
+    data = image.read_bytes()
+    with open_image(os.fspath(image)) as img:
+        for _, _, ino in img.walk():
+            if not ino.is_reg() or ino.layout not in (E.LAYOUT_COMPRESSED_FULL,
+                                                       E.LAYOUT_COMPRESSED_COMPACT):
+                continue
+            for e in zmap.ZMap(img, ino).extents:
+                if e.kind != zmap.PCLUSTER or e.alg != ALG_IDS["zstd"]:
+                    continue
+                b = data[e.pa:e.pa + e.plen]
+                p = b.index(b"\x28\xb5\x2f\xfd") + 4        # 0padding: zeros first
+                fhd = b[p]
+                single, fcs_flag = (fhd >> 5) & 1, fhd >> 6
+                p += 1 + (not single) + (0, 1, 2, 4)[fhd & 3] + \
+                    ((1 if single else 0), 2, 4, 8)[fcs_flag]
+                while True:
+                    h = int.from_bytes(b[p:p + 3], "little")
+                    p += 3
+                    if (h >> 1) & 3 == 2:
+                        types[b[p] & 3] = types.get(b[p] & 3, 0) + 1
+                    p += 1 if (h >> 1) & 3 == 1 else h >> 3
+                    if h & 1:
+                        break
+    return types
+
+
+def test_zstd_default_stores_literals(root_kernel, tree, tmp_path):
+    """-z zstd without a level: level 3's matches, literals stored raw (the kernel
+    decodes a 4 KiB pcluster's frame faster without a Huffman table); an explicit level
+    is plain libzstd, literals Huffman-coded where that pays."""
+    dflt = mkfs_and_check(tmp_path / "d.img", tree, "-z", "zstd")
+    lvl3 = mkfs_and_check(tmp_path / "l3.img", tree, "-z", "zstd,level=3")
+    d, l3 = zstd_literal_types(dflt), zstd_literal_types(lvl3)
+    assert d.get(0, 0) > 10, d
+    assert not d.get(2) and not d.get(3), d
+    assert l3.get(2, 0) > 0, l3
+    assert dflt.stat().st_size >= lvl3.stat().st_size
+    (tmp_path / "w").mkdir()
+    assert_same_image_for_any_workers(tmp_path / "w", tree, "-z", "zstd")
+
+
 def test_large_output_written_in_place(root_kernel, tmp_path):
     """A file whose compressed form is over the in-memory limit (8 MiB) is written at
     its final place while it is compressed; an incompressible one of that size is then
@@ -154,7 +203,9 @@ def test_large_output_written_in_place(root_kernel, tmp_path):
     (src / "c-rand").write_bytes(noise(20 << 20, 6))
     (src / "d-after").write_bytes(text(70000, 3))
     img = tmp_path / "big.img"
-    mkfs_and_check(img, src, "-z", "zstd", "--workers", "2")
+    # an explicit level: base64 compresses only by its literals' Huffman coding, which
+    # the default level leaves out
+    mkfs_and_check(img, src, "-z", "zstd,level=3", "--workers", "2")
     assert layout_of(img, "/b64") == 3
     assert layout_of(img, "/c-rand") == 0
 
