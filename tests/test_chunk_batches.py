@@ -382,3 +382,35 @@ def test_chunk_info_table_in_c_is_the_format_encoding():
                          refs.file_off.get(i, 0), i, 0)
         for i in sorted((i for i in range(n) if used[i]), key=refs.new.digest))
     assert b"".join(pieces) == want
+
+
+@pytest.mark.parametrize("compressor", ["zstd", "none"])
+def test_finish_imports_come_while_chunking_only_when_compressed(tmp_path, compressor):
+    """A compressed pack imports what the blob's finish needs (the reader layer) while
+    its workers still compress, not after the last chunk when a core idles; without
+    compression not before the finish (the modules would count in its peak memory).
+    A fresh interpreter: the test session has imported the reader long ago."""
+    import subprocess
+    import sys
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(24):         # 24 batches of one 1 MiB chunk each
+        (src / f"f{i:02d}").write_bytes(bytes([i]) * 4096 + os.urandom((1 << 20) - 4096))
+    (tmp_path / "blobs").mkdir()
+    code = (
+        "import sys\n"
+        "from erofs_tools.builder import blob, rafs\n"
+        "seen = []\n"
+        "orig = blob.BlobWriter.finish\n"
+        "def finish(self, *a, **k):\n"
+        "    seen.append('erofs_tools.reader.bootstrap' in sys.modules)\n"
+        "    return orig(self, *a, **k)\n"
+        "blob.BlobWriter.finish = finish\n"
+        "assert 'erofs_tools.reader.bootstrap' not in sys.modules\n"
+        f"rafs.pack({str(src)!r}, {str(tmp_path / 'boot')!r}, {str(tmp_path / 'blobs')!r},"
+        f" rafs.PackOptions(compressor={compressor!r}, workers=2))\n"
+        "print(seen)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == ("[True]" if compressor == "zstd" else "[False]")
