@@ -23,7 +23,7 @@ import array
 import os
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import blake3
@@ -188,6 +188,33 @@ class Compressor:
         out = c.compress(data)
         return out if len(out) < len(data) else data
 
+    def _zstd_views(self, buf: bytearray | memoryview, off: array.array[int],
+                    lengths: array.array[int]
+                    ) -> tuple[memoryview, list[bytes | memoryview]]:
+        """The C core's zstd batch (_ZstdFns): -> (the stored buffer, a view of it per
+        piece; the views lie back to back in it, in order)."""
+        fns = self._fns
+        assert fns is not None
+        stored, sizes = zstd_chunks(fns.compress2, fns.is_error, fns.cctx(), buf, off,
+                                    lengths)
+        views: list[bytes | memoryview] = []
+        pos = 0
+        for n in sizes:
+            views.append(stored[pos:pos + n])
+            pos += n
+        return stored, views
+
+    def compress_batch(self, buf: bytearray | memoryview, off: array.array[int],
+                       lengths: array.array[int]
+                       ) -> tuple[memoryview | None, Sequence[bytes | memoryview]]:
+        """compress_many for pieces given as arrays (offsets "Q", lengths "I"); -> (base,
+        stored pieces): base is the one buffer in which the stored pieces lie back to
+        back in order (the C core's path), so that a run of them can be written as one
+        piece of it; None when they do not (then they are what compress_many gives)."""
+        if self._fns is not None and len(off):
+            return self._zstd_views(buf, off, lengths)
+        return None, self.compress_many(buf, list(zip(off, lengths)))
+
     def compress_many(self, buf: bytearray | memoryview, pieces: list[tuple[int, int]]
                       ) -> list[bytes | memoryview]:
         """Stored forms of the pieces (offset, length) of `buf`, as `compress` gives them
@@ -207,14 +234,7 @@ class Compressor:
             for o, n in pieces:
                 off.append(o)
                 lengths.append(n)
-            stored, sizes = zstd_chunks(fns.compress2, fns.is_error, fns.cctx(), buf, off,
-                                        lengths)
-            views: list[bytes | memoryview] = []
-            pos = 0
-            for n in sizes:
-                views.append(stored[pos:pos + n])
-                pos += n
-            return views
+            return self._zstd_views(buf, off, lengths)[1]
         if self._multi and pieces:
             z = self._z
             assert z is not None
@@ -246,12 +266,15 @@ class _Claim:
     No per-claim synchronisation: the consumer that needs the bytes before the owning
     batch was consumed waits for that batch's future (ChunkPipeline._wait_batch).
     """
-    __slots__ = ("data", "seq", "taken")
+    __slots__ = ("data", "seq", "taken", "base", "off")
 
     def __init__(self, seq: int) -> None:
         self.data: bytes | memoryview | None = None
         self.seq = seq
         self.taken = False
+        # `data` is base[off:off + len(data)] (Compressor.compress_batch), or base None
+        self.base: memoryview | None = None
+        self.off = 0
 
 
 class ChunkResult:
@@ -479,7 +502,7 @@ class ChunkPipeline:
             return out
         claim_key = self._claim
         claims: list[_Claim] = []
-        pieces: list[tuple[int, int]] = []
+        z_off, z_len = array.array("Q"), array.array("I")
         for (file_key, _path, _size, _sparse, off, length), at in zip(batch, where):
             if at < 0:
                 digest = self.zero_digest(length)
@@ -492,11 +515,21 @@ class ChunkPipeline:
                 mine, claim = claim_key((digest, length), seq)
                 if mine is not None:        # compressed below, all in one call
                     claims.append(mine)
-                    pieces.append((at, length))
+                    z_off.append(at)
+                    z_len.append(length)
             out.append(ChunkResult(file_key, off, length, digest, claim, self))
         del mv
-        for mine, stored in zip(claims, self.compressor.compress_many(buf, pieces)):
-            mine.data = stored
+        base, stored = self.compressor.compress_batch(buf, z_off, z_len)
+        if base is None:
+            for mine, data in zip(claims, stored):
+                mine.data = data
+        else:
+            pos = 0
+            for mine, data in zip(claims, stored):
+                mine.base = base
+                mine.off = pos
+                mine.data = data
+                pos += len(data)
         return out
 
     def _read_buffer(self, size: int) -> bytearray | memoryview:
