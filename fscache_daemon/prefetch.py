@@ -28,7 +28,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import weakref
 from collections import deque
 from collections.abc import Iterable, Mapping
 from concurrent.futures import Future
@@ -43,14 +42,14 @@ PREFETCH_INFLIGHT = 4
 # FSCACHE_DAEMON_TRACE_PREFETCH_BLOB=1: blobs the table lists whole stay marked when
 # complete, like any other blob completed ahead of its readers (the trace sees them)
 TRACE_TABLE_BLOBS = os.environ.get("FSCACHE_DAEMON_TRACE_PREFETCH_BLOB", "") == "1"
-# the blob managers a stream found listed whole by their image's table
-_LISTED_WHOLE: weakref.WeakSet = weakref.WeakSet()
 
 
 def listed_whole(mgr: Any) -> bool:
     """Whether `mgr`'s blob is listed whole by a prefetch table streamed for it (its
     completion then unmarks it at once, see the module doc)."""
-    return not TRACE_TABLE_BLOBS and mgr in _LISTED_WHOLE
+    # the flag lives on the manager (BlobManager.listed_whole): a blob released and
+    # opened again is a new manager, not listed until its own table's stream says so
+    return not TRACE_TABLE_BLOBS and bool(getattr(mgr, "listed_whole", False))
 
 
 def _still_open(blobs: Mapping, key: str, mgr: Any) -> bool:
@@ -76,7 +75,7 @@ def stream_table(pool, blobs: Mapping, jobs: Iterable[tuple[str, int, int]],
             listed.setdefault(key, set()).update(c.index for c in chunks_in_range(m.meta, off, n))
     for key, (m, _chunks) in per_key.items():
         if image_table and len(listed[key]) >= len(m.meta.chunks):
-            _LISTED_WHOLE.add(m)        # before any fill of the stream can complete it
+            m.listed_whole = True       # before any fill of the stream can complete it
     fetched = 0
     pending: deque[Future] = deque()
 

@@ -1,5 +1,7 @@
 """Run a command and measure it: peak RSS (ru_maxrss of a wrapper's only child, so no
-other test's child counts) and wall time; PAX record builder."""
+other test's child counts), CPU time (its user + system time: what a blow-up costs,
+whatever the machine's load; wall time is what other processes leave it) and wall
+time; PAX record builder."""
 import json
 import subprocess
 import sys
@@ -20,7 +22,8 @@ sys.stderr.buffer.write(p.stderr)
 sys.stdout.buffer.write(p.stdout)
 sys.stdout.flush()
 ru = resource.getrusage(resource.RUSAGE_CHILDREN)
-sys.stderr.write("\n@@BOUND@@" + json.dumps({"rc": p.returncode, "maxrss_kb": ru.ru_maxrss}))
+sys.stderr.write("\n@@BOUND@@" + json.dumps({"rc": p.returncode, "maxrss_kb": ru.ru_maxrss,
+                                           "cpu_s": ru.ru_utime + ru.ru_stime}))
 """
 
 
@@ -30,7 +33,8 @@ class Bounded:
     stdout: bytes
     stderr: bytes
     maxrss: int          # bytes
-    seconds: float
+    seconds: float       # wall time
+    cpu_seconds: float   # the command's user + system time: bound this, not `seconds`
 
 
 def run_bounded(argv, timeout=120, cwd=None, stdout_path="") -> Bounded:
@@ -42,7 +46,8 @@ def run_bounded(argv, timeout=120, cwd=None, stdout_path="") -> Bounded:
     seconds = time.monotonic() - t0
     err, _, tail = p.stderr.rpartition(b"\n@@BOUND@@")
     info = json.loads(tail)
-    return Bounded(info["rc"], p.stdout, err, info["maxrss_kb"] * 1024, seconds)
+    return Bounded(info["rc"], p.stdout, err, info["maxrss_kb"] * 1024, seconds,
+                   info["cpu_s"])
 
 
 def pax_rec(key: bytes, value: bytes) -> bytes:

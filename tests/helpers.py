@@ -305,7 +305,12 @@ def mkfs_and_check(image, source, *args, ignore=(), content=True, exclude=(), do
 
 # ------------------------------------------------------------ waiting on facts ----
 
-def wait_until(predicate, timeout=30.0, what="the condition", interval=0.005):
+# how long a wait on an observable fact may take before it counts as a hang: bounds a
+# hang only, never a speed (a 2-core machine at load 20 runs a test ~10x slower)
+HANG = 120.0
+
+
+def wait_until(predicate, timeout=HANG, what="the condition", interval=0.005):
     """Poll `predicate` until it returns a true value (returned); fail after `timeout` s.
     For waiting on an observable fact instead of sleeping a guessed time."""
     import time

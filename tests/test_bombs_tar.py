@@ -49,7 +49,7 @@ def _pack(tmp_path, data, *args, gz=True):
 
 def _bounded(res):
     assert res.maxrss < RSS_LIMIT, f"peak RSS {res.maxrss >> 20} MiB"
-    assert res.seconds < TIME_LIMIT, f"{res.seconds:.1f} s"
+    assert res.cpu_seconds < TIME_LIMIT, f"{res.cpu_seconds:.1f} CPU s"
 
 
 def test_global_header_of_a_million_records_costs_nothing_per_entry(tmp_path):
@@ -169,11 +169,11 @@ def test_merge_and_check_of_a_16_gib_hole_run_are_bounded(tmp_path):
                        "--blob-dir", tmp_path / "blobs"])
     assert res.returncode == 0, res.stderr
     assert res.maxrss < RSS_LIMIT, f"check: peak RSS {res.maxrss >> 20} MiB"
-    assert res.seconds < 60, f"check: {res.seconds:.1f} s"
+    assert res.cpu_seconds < 60, f"check: {res.cpu_seconds:.1f} CPU s"
     res = run_bounded([sys.executable, "-m", "erofs_tools", "merge", tmp_path / "b.boot",
                        "-B", tmp_path / "m.boot"])
     assert res.returncode == 0, res.stderr
     assert res.maxrss < RSS_LIMIT, f"merge: peak RSS {res.maxrss >> 20} MiB"
-    assert res.seconds < 60, f"merge: {res.seconds:.1f} s"
+    assert res.cpu_seconds < 60, f"merge: {res.cpu_seconds:.1f} CPU s"
     with Image(str(tmp_path / "m.boot")) as img:
         assert img.lookup("/hole").size == size

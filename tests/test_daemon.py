@@ -319,7 +319,7 @@ def test_prefetch_rate_limit(images, tmp_path):
                 prefetch=True)
         mgr = next(iter(d.blobs.values()))
         size = mgr.meta.compressed_size
-        while not mgr.complete() and time.monotonic() - t0 < 60:
+        while not mgr.complete() and time.monotonic() - t0 < helpers.HANG:
             time.sleep(0.05)
         took = time.monotonic() - t0
         assert mgr.complete()
@@ -359,7 +359,7 @@ def _module_miss(d, package, tmp_path, size=20_000):
     from fscache_daemon.storage.image import file_runs
     mgr = next(iter(d.blobs.values()))
     runs = sorted(file_runs(package["boot"])[0])
-    helpers.wait_until(lambda: d._ra[mgr.key]._modules is not None, 10, "the walk")
+    helpers.wait_until(lambda: d._ra[mgr.key]._modules is not None, what="the walk")
     # the .pyc files: `size` bytes each (the .py sources are 60)
     pycs = [r for r in runs if r[1] - r[0] == size]
     assert len(pycs) >= 5
@@ -429,7 +429,7 @@ def test_a_request_served_from_the_cache_still_starts_its_window(images, tmp_pat
         assert want
         d._ra[mgr.key].on_request = lambda off, n, fetched: Window(want, None, "marker")
         assert d.fast_path(mgr.key, first.uncompressed_offset, 4096)
-        helpers.wait_until(lambda: all(mgr.cache.has(c) for c in want), 10, "the window")
+        helpers.wait_until(lambda: all(mgr.cache.has(c) for c in want), what="the window")
     finally:
         d.shutdown()
 
@@ -453,21 +453,17 @@ def test_file_aware_readahead(images, tmp_path):
         runs = sorted(file_runs(images["b1"])[0])
         big = max(runs, key=lambda r: r[1] - r[0])          # the 1 MiB file: 16 chunks
         mgr = next(iter(d.blobs.values()))
-        deadline = time.monotonic() + 10
-        while mgr.run_end(mgr.meta.chunks_for_range(big[0], 1)[0]) == 0:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        helpers.wait_until(lambda: mgr.run_end(mgr.meta.chunks_for_range(big[0], 1)[0]),
+                           what="the file runs")
         d.fill(mgr.blob_id, big[0], 4096)
-        deadline = time.monotonic() + 10
-        while mgr.missing(big[0], big[1] - big[0]) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert not mgr.missing(big[0], big[1] - big[0])
+        helpers.wait_until(lambda: not mgr.missing(big[0], big[1] - big[0]),
+                           what="the rest of the file")
         # readahead finished: no task queued or running, seen on three polls in a row (a
         # task between the queue and the running count is invisible for an instant)
         idle = []
         helpers.wait_until(lambda: idle.append(d.pool._q.empty()
                                                and d.pool.ondemand_pending() == 0)
-                           or idle[-3:] == [True] * 3, 10, "an idle worker pool")
+                           or idle[-3:] == [True] * 3, what="an idle worker pool")
         cached = [c for c in mgr.meta.chunks if mgr.cache.has(c)]
         # the file, and of what follows only small files within NEIGHBOURS after it (a
         # program reads neighbouring modules together: readahead.py)
@@ -491,7 +487,7 @@ def big_package(tmp_path_factory):
 
 
 @pytest.mark.parametrize("after", [0, 1, 2])
-def test_a_misss_window_is_queued_after_its_own_fetch_when_asked(
+def test_a_miss_window_is_queued_after_its_own_fetch_when_asked(
         big_package, tmp_path, monkeypatch, after):
     """With WINDOW_AFTER_MISS (1: every window; 2: a module miss's neighbours) the window
     a miss plans reaches the backend only once the miss's own request is answered (the
@@ -518,7 +514,7 @@ def test_a_misss_window_is_queued_after_its_own_fetch_when_asked(
         # the window: the other modules (each its own chunk), not all along
         pycs = [c for c in mgr.meta.chunks if c.uncompressed_size == 60_000]
         assert len(pycs) == 12
-        helpers.wait_until(lambda: all(mgr.cache.has(c) for c in pycs), 10, "the window")
+        helpers.wait_until(lambda: all(mgr.cache.has(c) for c in pycs), what="the window")
         with lock:
             seen = list(events)
         starts = [e[1] for e in seen if e[0] == "start"]

@@ -69,7 +69,9 @@ def test_a_hanging_backend_does_not_hold_up_another_mount(images, tmp_path):
         mount("b", mp_b)                        # another image: not held up
         took = time.monotonic() - t0
         assert results == [("b", results[0][1])] and isinstance(results[0][1], dict)
-        assert took < 10, took
+        # not held up: b's mount returned while a's still hangs (checked next); the
+        # bound only catches a hang, whatever the load
+        assert took < 60, took
         assert ta.is_alive() and ta2.is_alive()
         assert [m["mountpoint"] for m in d.list()] == [os.path.realpath(mp_b)]
         gate.set()

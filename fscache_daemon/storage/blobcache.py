@@ -316,6 +316,7 @@ class BlobManager:
         self.on_complete = on_complete
         self.stats = BlobStats()
         self.meta_bytes_fetched = 0     # what opening it fetched of the chunk map (daemon)
+        self.listed_whole = False       # by its image's prefetch table (prefetch.py)
         # what the daemon does once the mount that opened it is made (its map file)
         self.after_mount: list[Callable[[], None]] = []
         # zran: requests start at access points, often inside the last range fetched
