@@ -202,30 +202,22 @@ class Compressor:
         out = c.compress(data)
         return out if len(out) < len(data) else data
 
-    def _zstd_views(self, buf: bytearray | memoryview, p: Pieces
-                    ) -> tuple[memoryview, list[bytes | memoryview]]:
-        """The C core's zstd batch (_ZstdFns): -> (the stored buffer, a view of it per
-        piece; the views lie back to back in it, in order)."""
+    def compress_batch(self, buf: bytearray | memoryview, pieces: Pieces
+                       ) -> tuple[memoryview | None, Sequence[bytes | memoryview]]:
+        """compress_many; -> (base, stored pieces): base is the one buffer in which the
+        stored pieces lie back to back in order (the C core's zstd), so that a run of
+        them can be written as one piece of it; None when they do not."""
         fns = self._fns
-        assert fns is not None
-        stored, sizes = zstd_chunks(fns.compress2, fns.is_error, fns.cctx(), buf, p.off,
-                                    p.lengths)
+        if fns is None or not len(pieces.lengths):
+            return None, self.compress_many(buf, pieces)
+        stored, sizes = zstd_chunks(fns.compress2, fns.is_error, fns.cctx(), buf,
+                                    pieces.off, pieces.lengths)
         views: list[bytes | memoryview] = []
         pos = 0
         for n in sizes:
             views.append(stored[pos:pos + n])
             pos += n
         return stored, views
-
-    def compress_batch(self, buf: bytearray | memoryview, pieces: Pieces
-                       ) -> tuple[memoryview | None, Sequence[bytes | memoryview]]:
-        """compress_many; -> (base, stored pieces): base is the one buffer in which the
-        stored pieces lie back to back in order (the C core's path), so that a run of
-        them can be written as one piece of it; None when they do not (then they are
-        what compress_many gives)."""
-        if self.name == "zstd" and self._fns is not None and len(pieces.lengths):
-            return self._zstd_views(buf, pieces)
-        return None, self.compress_many(buf, pieces)
 
     def compress_many(self, buf: bytearray | memoryview,
                       pieces: list[tuple[int, int]] | Pieces) -> list[bytes | memoryview]:
@@ -244,7 +236,7 @@ class Compressor:
             return [mv[o:o + n] for o, n in zip(p.off, p.lengths)]
         fns = self._fns
         if fns is not None and len(p.lengths):
-            return self._zstd_views(buf, p)[1]
+            return list(self.compress_batch(buf, p)[1])
         if self._multi and len(p.lengths):
             z = self._z
             assert z is not None
