@@ -430,3 +430,91 @@ def test_chunk_info_table_in_c_is_the_format_encoding():
                          refs.file_off.get(i, 0), i, 0)
         for i in sorted((i for i in range(n) if used[i]), key=refs.new.digest))
     assert b"".join(pieces) == want
+
+
+@pytest.mark.parametrize("compressor", ["zstd", "none"])
+def test_finish_imports_come_while_chunking_only_when_compressed(tmp_path, compressor):
+    """A compressed pack imports what the blob's finish needs (the reader layer) while
+    its workers still compress, not after the last chunk when a core idles; without
+    compression not before the finish (the modules would count in its peak memory).
+    A fresh interpreter: the test session has imported the reader long ago."""
+    import subprocess
+    import sys
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(24):         # 24 batches of one 1 MiB chunk each
+        (src / f"f{i:02d}").write_bytes(bytes([i]) * 4096 + os.urandom((1 << 20) - 4096))
+    (tmp_path / "blobs").mkdir()
+    code = (
+        "import sys\n"
+        "from erofs_tools.builder import blob, rafs\n"
+        "seen = []\n"
+        "orig = blob.BlobWriter.finish\n"
+        "def finish(self, *a, **k):\n"
+        "    seen.append('erofs_tools.reader.bootstrap' in sys.modules)\n"
+        "    return orig(self, *a, **k)\n"
+        "blob.BlobWriter.finish = finish\n"
+        "assert 'erofs_tools.reader.bootstrap' not in sys.modules\n"
+        f"rafs.pack({str(src)!r}, {str(tmp_path / 'boot')!r}, {str(tmp_path / 'blobs')!r},"
+        f" rafs.PackOptions(compressor={compressor!r}, workers=2))\n"
+        "print(seen)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == ("[True]" if compressor == "zstd" else "[False]")
+
+
+@pytest.mark.parametrize("name", ["zstd", "lz4_block", "none"])
+def test_compress_batch_runs_lie_back_to_back_in_its_base(name):
+    """Compressor.compress_batch: compress_many's stored pieces; with the C core's zstd
+    they lie back to back, in order, in the one buffer it gives as base (a run of them
+    is then one piece for the blob writer); other compressors give no base."""
+    text = b"the quick brown fox jumps over the lazy dog " * 2000
+    buf = bytearray(text + os.urandom(30_000) + bytes(50_000))
+    pieces = [(0, 88_000), (88_000, 30_000), (118_000, 50_000), (5, 1), (100, 4096)]
+    c = Compressor(name)
+    off = array.array("Q", [o for o, _ in pieces])
+    lengths = array.array("I", [n for _, n in pieces])
+    base, stored = c.compress_batch(buf, chunker.Pieces(off, lengths))
+    assert [bytes(x) for x in stored] == [bytes(x) for x in c.compress_many(buf, pieces)]
+    if name == "zstd" and c._fns is not None:
+        assert base is not None
+        assert bytes(base[:sum(map(len, stored))]) == b"".join(bytes(x) for x in stored)
+    else:
+        assert base is None
+    assert c.compress_batch(buf, chunker.Pieces.of([]))[1] == []
+
+
+def test_compressed_batches_go_to_the_writer_in_runs(tmp_path, monkeypatch):
+    """place_batch hands the blob writer a compressed batch's new chunks as runs of its
+    stored buffer (fewer pieces than chunks, each cut by csizes), and the blob is the
+    one the writer makes of the chunks one by one (test_place_batch_is_place_one_by_one
+    compares the whole records)."""
+    from erofs_tools.builder.blob import BlobWriter
+    from erofs_tools.builder.chunk_dict import ChunkDict
+    from erofs_tools.builder.rafs import ChunkPlacer, PackOptions
+    files = _tree(tmp_path)
+    calls = []
+    orig = BlobWriter.append_chunks
+
+    def spy(self, stored, sizes, coff, csize, uoff, raw=False, csizes=None):
+        calls.append((len(stored), len(sizes), csizes is not None))
+        return orig(self, stored, sizes, coff, csize, uoff, raw=raw, csizes=csizes)
+    monkeypatch.setattr(BlobWriter, "append_chunks", spy)
+    out = {}
+    for batched in (True, False):
+        blobs = tmp_path / f"blobs-{batched}"
+        blobs.mkdir()
+        placer = ChunkPlacer(PackOptions(chunk_size=65536, compressor="zstd", workers=2),
+                             str(blobs), ChunkDict())
+        try:
+            _place_all(placer, files, batched)
+            info = placer.writer.finish()
+        except BaseException:
+            placer.writer.abort()
+            raise
+        out[batched] = (info.blob_id, (blobs / info.blob_id).read_bytes())
+    assert out[True] == out[False]
+    if Compressor("zstd")._fns is not None:
+        assert calls and all(runs for _, _, runs in calls)
+        assert sum(p for p, _, _ in calls) < sum(n for _, n, _ in calls)

@@ -337,17 +337,24 @@ class BlobWriter:
 
     def append_chunks(self, stored: Sequence[bytes | memoryview], sizes: Sequence[int],
                       coff: array.array[int], csize: array.array[int],
-                      uoff: array.array[int], raw: bool = False) -> None:
+                      uoff: array.array[int], raw: bool = False,
+                      csizes: Sequence[int] | None = None) -> None:
         """append_chunk for many chunks in a row (pack's placement, a batch at a time:
         one call instead of one per chunk); their compressed offsets, stored sizes and
         uncompressed offsets are appended to `coff`, `csize`, `uoff`. Only for a writer
         given its digests (the caller keeps them). raw: the chunks are stored as they
         are (no compression), `stored` their bytes in order in pieces of one or more
-        chunks each (`sizes` cut them)."""
+        chunks each (`sizes` cut them). csizes: each chunk's stored size, `stored` their
+        stored bytes in order in pieces of one or more chunks each (`csizes` cut them):
+        a run of a compressed batch's chunks goes to the writer as one piece of the
+        batch's buffer, never gathered (copied) again, nor handled chunk by chunk."""
         if self._own_digests:
             raise AssertionError("append_chunks: the writer keeps no digests of its own")
         if raw:
             self._append_raw(stored, sizes, coff, csize, uoff)
+            return
+        if csizes is not None:
+            self._append_runs(stored, sizes, csizes, coff, csize, uoff)
             return
         if len(stored) != len(sizes):
             raise ValueError("append_chunks: stored and sizes of different lengths")
@@ -392,6 +399,57 @@ class BlobWriter:
         self._buf, self._buf_bytes = buf, buf_bytes
         self._pos, self._upos = pos, upos
         self.count += len(stored)
+
+    def _append_runs(self, pieces: Sequence[bytes | memoryview], sizes: Sequence[int],
+                     csizes: Sequence[int], coff: array.array[int],
+                     csize: array.array[int], uoff: array.array[int]) -> None:
+        """append_chunks(csizes=...): the CI entries from `csizes` and `sizes`, then the
+        pieces queued for the writer thread as they are."""
+        k = len(sizes)
+        if len(csizes) != k:
+            raise ValueError("append_chunks: csizes and sizes of different lengths")
+        if self.count + k > R.MAX_CHUNKS_PER_BLOB:
+            raise InputError("too many distinct chunks for one blob (2^24)")
+        if sum(map(len, pieces)) != sum(csizes):
+            raise ValueError("append_chunks: pieces and csizes disagree")
+        pos, upos = self._pos, self._upos
+        self._ci_flush()
+        ci = self._ci
+        enc = _CI_V1.pack
+        mask = BLKSZ - 1
+        for n, us in zip(csizes, sizes):
+            if n > us or n <= 0:
+                raise ValueError("stored chunk larger than its data, or empty")
+            # R.encode_ci_v1, inlined (sizes minus one; offsets 4 KiB aligned)
+            u1, c1 = us - 1, n - 1
+            ci += enc((((u1 >> 20) & 0xF) << 8) | (upos & 0x0FFF_FFFF_F000)
+                      | ((u1 & 0xFFFFF) << 44),
+                      (pos & 0xFF_FFFF_FFFF) | (((c1 >> 20) & 0xF) << 40)
+                      | ((c1 & 0xFFFFF) << 44))
+            coff.append(pos)
+            csize.append(n)
+            uoff.append(upos)
+            pos += n
+            upos += (us + mask) & ~mask
+        if self._thread is not None and self._error is not None:
+            self._sync()
+        if self._thread is not None:
+            buf, buf_bytes = self._buf, self._buf_bytes
+            for data in pieces:
+                buf.append(data)
+                buf_bytes += len(data)
+                if buf_bytes >= WRITE_BATCH:
+                    self._q.put(buf)
+                    buf = []
+                    buf_bytes = 0
+            self._buf, self._buf_bytes = buf, buf_bytes
+        else:
+            assert self._f is not None, "blob already finished"
+            for data in pieces:
+                self._f.write(data)
+                self._hash.update(data)
+        self._pos, self._upos = pos, upos
+        self.count += k
 
     def _append_raw(self, pieces: Sequence[bytes | memoryview], sizes: Sequence[int],
                     coff: array.array[int], csize: array.array[int],

@@ -202,6 +202,23 @@ class Compressor:
         out = c.compress(data)
         return out if len(out) < len(data) else data
 
+    def compress_batch(self, buf: bytearray | memoryview, pieces: Pieces
+                       ) -> tuple[memoryview | None, Sequence[bytes | memoryview]]:
+        """compress_many; -> (base, stored pieces): base is the one buffer in which the
+        stored pieces lie back to back in order (the C core's zstd), so that a run of
+        them can be written as one piece of it; None when they do not."""
+        fns = self._fns
+        if fns is None or not len(pieces.lengths):
+            return None, self.compress_many(buf, pieces)
+        stored, sizes = zstd_chunks(fns.compress2, fns.is_error, fns.cctx(), buf,
+                                    pieces.off, pieces.lengths)
+        views: list[bytes | memoryview] = []
+        pos = 0
+        for n in sizes:
+            views.append(stored[pos:pos + n])
+            pos += n
+        return stored, views
+
     def compress_many(self, buf: bytearray | memoryview,
                       pieces: list[tuple[int, int]] | Pieces) -> list[bytes | memoryview]:
         """Stored forms of the pieces (offset, length) of `buf`, as `compress` gives them
@@ -219,14 +236,7 @@ class Compressor:
             return [mv[o:o + n] for o, n in zip(p.off, p.lengths)]
         fns = self._fns
         if fns is not None and len(p.lengths):
-            stored, sizes = zstd_chunks(fns.compress2, fns.is_error, fns.cctx(), buf, p.off,
-                                        p.lengths)
-            views: list[bytes | memoryview] = []
-            pos = 0
-            for n in sizes:
-                views.append(stored[pos:pos + n])
-                pos += n
-            return views
+            return list(self.compress_batch(buf, p)[1])
         if self._multi and len(p.lengths):
             z = self._z
             assert z is not None
@@ -282,12 +292,15 @@ class _Claim:
     No per-claim synchronisation: the consumer that needs the bytes before the owning
     batch was consumed waits for that batch's future (ChunkPipeline._wait_batch).
     """
-    __slots__ = ("data", "seq", "taken")
+    __slots__ = ("data", "seq", "taken", "base", "off")
 
     def __init__(self, seq: int) -> None:
         self.data: bytes | memoryview | None = None
         self.seq = seq
         self.taken = False
+        # `data` is base[off:off + len(data)] (Compressor.compress_batch), or base None
+        self.base: memoryview | None = None
+        self.off = 0
 
 
 class ChunkResult:
@@ -533,8 +546,17 @@ class ChunkPipeline:
         del mv
         # every chunk read was new (the usual batch): its pieces are the read's own arrays
         todo = Pieces(buf_off, lengths) if len(pieces) == len(lengths) else Pieces.of(pieces)
-        for mine, stored in zip(claims, self.compressor.compress_many(buf, todo)):
-            mine.data = stored
+        base, stored = self.compressor.compress_batch(buf, todo)
+        if base is None:
+            for mine, data in zip(claims, stored):
+                mine.data = data
+        else:
+            pos = 0
+            for mine, data in zip(claims, stored):
+                mine.base = base
+                mine.off = pos
+                mine.data = data
+                pos += len(data)
         return out
 
     def _read_buffer(self, size: int) -> bytearray | memoryview:
