@@ -431,6 +431,13 @@ class BlobWriter:
             uoff.append(upos)
             pos += n
             upos += (us + mask) & ~mask
+        self._write_pieces(pieces)
+        self._pos, self._upos = pos, upos
+        self.count += k
+
+    def _write_pieces(self, pieces: Sequence[bytes | memoryview]) -> None:
+        """The pieces to the writer thread in groups of WRITE_BATCH bytes (or written
+        and hashed here when there is none); a writer error raised first."""
         if self._thread is not None and self._error is not None:
             self._sync()
         if self._thread is not None:
@@ -448,8 +455,6 @@ class BlobWriter:
             for data in pieces:
                 self._f.write(data)
                 self._hash.update(data)
-        self._pos, self._upos = pos, upos
-        self.count += k
 
     def _append_raw(self, pieces: Sequence[bytes | memoryview], sizes: Sequence[int],
                     coff: array.array[int], csize: array.array[int],
@@ -477,23 +482,7 @@ class BlobWriter:
             uoff.append(upos)
             pos += us
             upos += (us + mask) & ~mask
-        if self._thread is not None and self._error is not None:
-            self._sync()
-        if self._thread is not None:
-            buf, buf_bytes = self._buf, self._buf_bytes
-            for data in pieces:
-                buf.append(data)
-                buf_bytes += len(data)
-                if buf_bytes >= WRITE_BATCH:
-                    self._q.put(buf)
-                    buf = []
-                    buf_bytes = 0
-            self._buf, self._buf_bytes = buf, buf_bytes
-        else:
-            assert self._f is not None, "blob already finished"
-            for data in pieces:
-                self._f.write(data)
-                self._hash.update(data)
+        self._write_pieces(pieces)
         self._pos, self._upos = pos, upos
         self.count += len(sizes)
         self._raw_ci = (coff, csize, uoff, start if pend is None else pend[3], len(coff))
