@@ -20,7 +20,6 @@ size.
 from __future__ import annotations
 
 import array
-import logging
 import os
 import threading
 from collections import deque
@@ -64,7 +63,9 @@ StreamItem = tuple[int, int, bytes | None, int, int]   # (file_key, offset, data
                                                        #  repeat)
 _Batch = TypeVar("_Batch")
 
-log = logging.getLogger(__name__)
+def _debug(msg: str, *args: object) -> None:    # zstd only: logging is ~1.2 MiB of RSS
+    import logging  # that pack --compressor none does without (test_pack_memory)
+    logging.getLogger(__name__).debug(msg, *args)
 
 
 def _zstandard() -> ModuleType:
@@ -138,7 +139,7 @@ def _zstd_fns(level: int) -> _ZstdFns | None:
     try:
         return _ZstdFns(level)
     except (ImportError, AttributeError) as e:
-        log.debug("zstd: no C core batches (python-zstandard's cffi module: %s)", e)
+        _debug("zstd: no C core batches (python-zstandard's cffi module: %s)", e)
         return None
 
 
@@ -176,7 +177,7 @@ class Compressor:
         # compress_many's stored chunks are buffers of the C core's pool
         self.pooled = self._fns is not None
         if name == "zstd":      # the same frames each way, not the same speed: say which
-            log.debug("zstd batches: %s", self.batch_path())
+            _debug("zstd batches: %s", self.batch_path())
 
     def batch_path(self) -> str:
         """Which way compress_many compresses zstd batches (each gives the same bytes)."""
@@ -249,9 +250,8 @@ class Compressor:
             out: list[bytes | memoryview] = []
             for i, (o, n) in enumerate(zip(p.off, p.lengths)):
                 zc = res[i]
-                # incompressible: the data, copied once from a view (a view kept would
-                # hold the whole batch buffer until this chunk is written; bytes() of a
-                # bytearray slice copied twice)
+                # incompressible: the data, copied once from a view (a view kept would hold
+                # the batch buffer until this chunk is written; bytes() of a slice: twice)
                 out.append(memoryview(cast("Buffer", zc)) if len(zc) < n
                            else bytes(mv[o:o + n]))
             return out
