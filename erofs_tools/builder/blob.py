@@ -353,52 +353,11 @@ class BlobWriter:
         if raw:
             self._append_raw(stored, sizes, coff, csize, uoff)
             return
-        if csizes is not None:
-            self._append_runs(stored, sizes, csizes, coff, csize, uoff)
-            return
-        if len(stored) != len(sizes):
-            raise ValueError("append_chunks: stored and sizes of different lengths")
-        if self.count + len(stored) > R.MAX_CHUNKS_PER_BLOB:
-            raise InputError("too many distinct chunks for one blob (2^24)")
-        pos, upos = self._pos, self._upos
-        self._ci_flush()
-        ci = self._ci
-        enc = _CI_V1.pack
-        mask = BLKSZ - 1
-        threaded = self._thread is not None
-        if threaded and self._error is not None:
-            self._sync()
-            threaded = False
-        buf, buf_bytes = self._buf, self._buf_bytes
-        for data, us in zip(stored, sizes):
-            n = len(data)
-            if n > us or n <= 0:
-                raise ValueError("stored chunk larger than its data, or empty")
-            # R.encode_ci_v1, inlined (sizes minus one; offsets 4 KiB aligned)
-            u1, c1 = us - 1, n - 1
-            ci += enc((((u1 >> 20) & 0xF) << 8) | (upos & 0x0FFF_FFFF_F000)
-                      | ((u1 & 0xFFFFF) << 44),
-                      (pos & 0xFF_FFFF_FFFF) | (((c1 >> 20) & 0xF) << 40)
-                      | ((c1 & 0xFFFFF) << 44))
-            coff.append(pos)
-            csize.append(n)
-            uoff.append(upos)
-            if threaded:
-                buf.append(data)
-                buf_bytes += n
-                if buf_bytes >= WRITE_BATCH:
-                    self._q.put(buf)
-                    buf = []
-                    buf_bytes = 0
-            else:
-                assert self._f is not None, "blob already finished"
-                self._f.write(data)
-                self._hash.update(data)
-            pos += n
-            upos += (us + mask) & ~mask
-        self._buf, self._buf_bytes = buf, buf_bytes
-        self._pos, self._upos = pos, upos
-        self.count += len(stored)
+        if csizes is None:
+            if len(stored) != len(sizes):
+                raise ValueError("append_chunks: stored and sizes of different lengths")
+            csizes = [len(data) for data in stored]     # one piece per chunk
+        self._append_runs(stored, sizes, csizes, coff, csize, uoff)
 
     def _append_runs(self, pieces: Sequence[bytes | memoryview], sizes: Sequence[int],
                      csizes: Sequence[int], coff: array.array[int],
