@@ -254,6 +254,8 @@ class Daemon(MountLifecycle):
         self._prefetch_q.put(None)
         for ev in list(self._streams.values()):
             ev.set()
+        for img in self.all_images():
+            img.stop.set()      # its start set and library chase end (they hold no lock)
         self.frontend.stop()
         self.pool.shutdown(wait=True)
         for t in self._threads:

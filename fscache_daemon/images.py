@@ -4,8 +4,10 @@ it was unmounted here), as recorded in mounts.json."""
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Iterable
+from typing import Any
 
 MOUNTING = "mounting"       # intent recorded, mount(2) not known to have succeeded
 MOUNTED = "mounted"         # mounted at `mountpoint` (mount id `mount_id`) in our namespace
@@ -41,6 +43,10 @@ class Image:
         self.instances: list[str] = list(instances)
         # (EROFS instance, its default read_ahead_kb) while a larger window is set
         self.readahead_restore: tuple[str, int] | None = None
+        # set once the daemon lets go of the image (its blobs released at umount, or the
+        # daemon stopping): the workers tied to the mount (start set, library chase) end
+        self.stop = threading.Event()
+        self.chase: Any = None     # its libchase.LibraryChase once file runs are known
 
     @property
     def user(self) -> str:

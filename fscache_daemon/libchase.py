@@ -24,28 +24,42 @@ directory side by side (each under MAX_ENTRY_POINTS, MAX_GROUP in all):
 importlib.metadata's entry_points() reads them all, one after another (on the ML cold
 start 18 of the 19 the image has, 16 of them serial misses).
 
-Off with `FSCACHE_DAEMON_LIB_CHASE=0` (to compare).
+Tied to its mount: the image's stop event (Image.stop, set when the daemon releases the
+image's blobs or stops) ends the chase between two fetches and any wait for one (a fetch
+in flight is left to its worker, its result unused), and `close()` wakes an idle thread
+and waits for it briefly; the thread's bootstrap fd (its planner's) is closed as it ends.
+Before, an unmounted image's chase kept its thread and the bootstrap open until its idle
+timeout (IDLE), or as long as a fetch hung.
+
+Off with `FSCACHE_DAEMON_LIB_CHASE=0` (to compare); FSCACHE_DAEMON_LIB_CHASE_IDLE sets IDLE.
 """
 from __future__ import annotations
 
+import _thread
 import logging
 import os
 import queue
 import struct
 import threading
 import time
+from concurrent.futures import Future
 
 from erofs_tools.errors import ErofsToolsError
-from fscache_daemon import startset
-from fscache_daemon.prefetch import stream_table
+from fscache_daemon import mounts, startset
+from fscache_daemon.prefetch import stream_table, wait_stoppable
 
 log = logging.getLogger(__name__)
 
 ENABLED = os.environ.get("FSCACHE_DAEMON_LIB_CHASE", "1") != "0"
 MAX_FILES = 256
 MAX_ROUNDS = 8
-# the chase's thread (and its planner's open bootstrap) ends after this long idle
-IDLE = 30.0
+# the chase's thread (and its planner's open bootstrap) ends after this long idle, or
+# at once when its image is released (FSCACHE_DAEMON_LIB_CHASE_IDLE: seconds)
+IDLE = float(os.environ.get("FSCACHE_DAEMON_LIB_CHASE_IDLE", "30"))
+# how long close() waits for the thread to end: it sees the stop within prefetch.STOP_POLL
+# in a wait for a fetch, or once the bootstrap lookup or ELF parsing it is in returns
+# (CPU, no I/O wait); a thread still running after it ends on its own
+CLOSE_WAIT = 2.0
 # a big library's writable segment fetched at most this much (libtorch_cpu's: 3.3 MB)
 MAX_SEGMENT = 8 << 20
 # a site directory's entry points fetched together: files up to this size, this much in all
@@ -137,9 +151,23 @@ def file_slice(runs: startset.Runs, off: int, n: int) -> startset.Runs:
     return out
 
 
+def _fill(fut: Future, m, off: int, n: int) -> None:
+    """LibraryChase._pread's fill, on its own thread (ends with the fill even when the
+    chase stopped waiting: a released blob's fill fails or ends at the backend's)."""
+    try:
+        fut.set_result(m.fill(off, n, prefetch=True))
+    except BaseException as e:  # noqa: BLE001 - delivered to the waiter
+        fut.set_exception(e)
+
+
+class _Stopped(Exception):
+    """The chase's mount was released while it waited for a fetch."""
+
+
 class LibraryChase:
     """One mount's chase: `on_library(path)` (from the readahead plan, at a miss on a
-    library's first chunk) queues it; one thread works the queue."""
+    library's first chunk) queues it; one thread works the queue until `stop` (the
+    mount's) is set or it is idle for IDLE."""
 
     def __init__(self, owner, img, keys: list[str], whole: int, stop: threading.Event,
                  groups: dict[str, startset.Runs] | None = None):
@@ -149,55 +177,92 @@ class LibraryChase:
         self.stop = stop
         self.seen: set[str] = set()
         self.cache: dict[str, str] | None = None
-        self._q: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self._q: queue.SimpleQueue[str | None] = queue.SimpleQueue()   # None: wake up
         self._thread: threading.Thread | None = None
-        self._planner: startset.Planner | None = None     # the thread's (_run)
         self._lock = threading.Lock()
 
     def on_library(self, path: str) -> None:
-        if path in self.seen:
+        if path in self.seen or self.stop.is_set():
             return
         self._q.put(path)
         with self._lock:
-            if self._thread is None:
+            # under the lock: close() sets the stop before it looks for a thread
+            if self._thread is None and not self.stop.is_set():
                 self._thread = threading.Thread(target=self._run, name="lib-chase",
                                                 daemon=True)
                 self._thread.start()
 
-    def _run(self) -> None:
-        try:
-            self._work()
-        finally:
-            if self._planner is not None:
-                self._planner.close()
-                self._planner = None
+    def close(self, timeout: float = CLOSE_WAIT) -> bool:
+        """The mount is released: stop the chase and wait up to `timeout` for its thread
+        (its bootstrap fd closed); -> whether no thread is left."""
+        self.stop.set()
+        with self._lock:
+            t = self._thread
+        if t is None:
+            return True
+        self._q.put(None)       # an idle thread waits on the queue: wake it
+        if t is not threading.current_thread():
+            t.join(timeout)
+        return not t.is_alive()
 
-    def _work(self) -> None:
+    def _run(self) -> None:
+        mounts.name_thread("lib-chase")
+        # one planner while the thread runs (chase), its own: a thread started after this
+        # one went idle never shares it
+        planners: list[startset.Planner] = []
+        try:
+            self._work(planners)
+        finally:
+            for p in planners:
+                p.close()
+            with self._lock:
+                if self._thread is threading.current_thread():
+                    self._thread = None     # stopped (idle: cleared in _work)
+            log.debug("%s: library chase thread ended", self.img.mountpoint)
+
+    def _work(self, planners: list[startset.Planner]) -> None:
         while not self.stop.is_set():
             try:
                 path = self._q.get(timeout=IDLE)
             except queue.Empty:
                 with self._lock:
+                    # with the check: a path queued after it starts a new thread
                     if self._q.empty():
                         self._thread = None
                         return
+                continue
+            if path is None:
                 continue
             try:
                 if path.endswith("/entry_points.txt"):
                     self.entry_points(path)
                 else:
-                    self.chase(path)
+                    self.chase(path, planners)
+            except _Stopped:
+                log.debug("%s: library chase of %s stopped: the image was released",
+                          self.img.mountpoint, path)
+                return
             except Exception as e:  # noqa: BLE001 - an optimisation: readers fetch on demand
                 log.debug("%s: library chase of %s: %s", self.img.mountpoint, path, e)
 
     def _pread(self, b: int, off: int, n: int) -> bytes | None:
-        """Bytes of blob `b`, fetched first where missing (waits for chunks in flight)."""
+        """Bytes of blob `b`, fetched first where missing (waits for chunks in flight).
+        The fill runs on a thread of its own while this one waits for it or for the
+        stop: a fill's waits (the backend, chunks others fetch) cannot be interrupted.
+        Not on the pool: the round's first read waits for the reader's own fetch, and a
+        worker would sit out that wait (or the chase queue behind the readers)."""
+        if self.stop.is_set():
+            raise _Stopped
         m = self.owner.blobs.get(self.keys[b]) if 0 <= b < len(self.keys) else None
         if m is None:
             return None
         try:
             if not m.is_cached(off, n):
-                m.fill(off, n, prefetch=True)
+                fut: Future = Future()
+                _thread.start_new_thread(_fill, (fut, m, off, n))
+                if not wait_stoppable(fut, self.stop):
+                    raise _Stopped
+                fut.result()
             return os.pread(m.cache.write_fd, n, off)
         except (OSError, ErofsToolsError):
             return None
@@ -218,16 +283,17 @@ class LibraryChase:
         log.debug("%s: entry points of %s: %d files, %d bytes", self.img.mountpoint,
                   site, len(self.groups.get(site, [])), n)
 
-    def chase(self, path: str) -> None:
-        """The rounds from library `path` (already being fetched by the reader's miss)."""
+    def chase(self, path: str, planners: list[startset.Planner]) -> None:
+        """The rounds from library `path` (already being fetched by the reader's miss).
+        `planners`: the thread's planner, if it made one (closed as the thread ends)."""
         if path in self.seen or len(self.seen) >= MAX_FILES:
             return
         t0 = time.monotonic()
         # one planner while the thread runs: its directories (the loader's, thousands of
         # entries) and ld.so.cache decoded once, not at every library
-        if self._planner is None:
-            self._planner = startset.Planner(self.img.bootstrap, len(self.keys))
-        planner = self._planner
+        if not planners:
+            planners.append(startset.Planner(self.img.bootstrap, len(self.keys)))
+        planner = planners[0]
         planner.seen = self.seen
         if self.cache is None:
             got = planner.runs("/etc/ld.so.cache")
@@ -256,7 +322,7 @@ class LibraryChase:
                 fetched += self._fetch(jobs + data)
             data = []
             if self.stop.is_set():
-                break
+                raise _Stopped
             todo = []
             for real, runs, head, size in round_files:
                 files.append(real)

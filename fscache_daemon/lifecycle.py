@@ -367,7 +367,7 @@ class MountLifecycle(CacheEviction, WarmRoute):
 
     def _start_set(self, img: Image, mgrs: list[BlobManager]) -> None:
         try:    # what the container's first instructions read (startset.py)
-            startset.run(self, img, mgrs, self._stop)
+            startset.run(self, img, mgrs, img.stop)
         except Exception:  # noqa: BLE001 - an optimisation: readers fetch on demand
             log.exception("%s: start set failed", img.mountpoint)
 
@@ -469,8 +469,10 @@ class MountLifecycle(CacheEviction, WarmRoute):
             runs, cold, modules = _group_runs(paths, found)
             libs, groups = libchase.library_starts(paths, found) if libchase.ENABLED \
                 else ({}, {})
+            # ends with the image (img.stop: _unregister, the daemon's shutdown)
             chase = libchase.LibraryChase(self, img, list(img.blob_keys), self.readahead,
-                                          self._stop, groups)
+                                          img.stop, groups)
+            img.chase = chase
             for i, m in enumerate(mgrs):
                 ra = self._ra.get(m.key)
                 if ra is not None:      # before the runs: a module's miss is told apart
@@ -484,7 +486,14 @@ class MountLifecycle(CacheEviction, WarmRoute):
         log.debug("%s: file runs known for readahead", img.mountpoint)
 
     def _unregister(self, img: Image) -> None:
-        """Forget `img`; release (unmark, close) every blob no other image uses."""
+        """Forget `img`; release (unmark, close) every blob no other image uses. The
+        image's workers are stopped first (img.stop) and its library chase waited for,
+        briefly: none of them reads a blob or the bootstrap after their release."""
+        img.stop.set()
+        chase = img.chase
+        if chase is not None and not chase.close():
+            log.warning("%s: library chase still running after its release (ends on its "
+                        "own)", img.mountpoint)
         released = []
         with self._lock:
             if self.images.get(img.mountpoint) is img:

@@ -1,5 +1,5 @@
 """mount(2) and umount2(2) for the daemon's front ends, and what /proc and /sys say about
-EROFS mounts. One libc binding for the whole daemon; errors are OSError with the errno,
+EROFS mounts (and a thread's kernel name, prctl(2)). One libc binding for the whole daemon; errors are OSError with the errno,
 which the callers turn into their own messages."""
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ MS_RDONLY = 0x1
 MS_NOSUID = 0x2
 MS_NODEV = 0x4
 MNT_DETACH = 0x2
+PR_SET_NAME = 15
 _libc = None
 
 
@@ -37,6 +38,15 @@ def _libc_handle():
 def load_libc() -> None:
     """Bind libc now (the daemon's start), not in the first mount."""
     _libc_handle()
+
+
+def name_thread(name: str) -> None:
+    """Give the calling thread `name` in the kernel (/proc/PID/task/TID/comm, top -H):
+    Python's thread names are its own. Best effort."""
+    try:
+        _libc_handle().prctl(PR_SET_NAME, name.encode()[:15], 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
 
 
 def mount(source: str, target: str, fstype: str, flags: int, data: str) -> None:

@@ -30,7 +30,7 @@ import os
 import threading
 from collections import deque
 from collections.abc import Iterable, Mapping
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
 from typing import Any
 
 from fscache_daemon.storage.planner import chunks_in_range, plan
@@ -56,6 +56,26 @@ def _still_open(blobs: Mapping, key: str, mgr: Any) -> bool:
     return blobs.get(key) is mgr      # else unmounted (or released and opened again)
 
 
+# how often a wait for a request looks at the stop event (a result is taken as soon as it
+# is there: this bounds only how late a stop is seen while a request is slow)
+STOP_POLL = 0.05
+
+
+def wait_stoppable(fut: Future, stop: threading.Event, poll: float = STOP_POLL) -> bool:
+    """Wait until `fut` is done (-> True) or `stop` is set (-> False, `fut` cancelled if
+    it did not begin: a request in flight is left to its worker)."""
+    while True:
+        try:
+            fut.exception(timeout=poll)
+            return True
+        except TimeoutError:
+            if stop.is_set():
+                fut.cancel()
+                return fut.done() and not fut.cancelled()
+        except CancelledError:
+            return False
+
+
 def stream_table(pool, blobs: Mapping, jobs: Iterable[tuple[str, int, int]],
                  stop: threading.Event, request: int = PREFETCH_REQUEST,
                  inflight: int = PREFETCH_INFLIGHT, image_table: bool = False) -> int:
@@ -64,7 +84,8 @@ def stream_table(pool, blobs: Mapping, jobs: Iterable[tuple[str, int, int]],
     `image_table`: the jobs are the image's own prefetch table, so a blob they list whole
     is an optimized image's prefetch blob (listed_whole). Other callers (the start set,
     whose guessed files can cover a tiny image's only blob) leave it False: their blobs
-    stay marked for the access trace."""
+    stay marked for the access trace. `stop` ends the stream at once, its waits too:
+    requests not begun are cancelled, those in flight are not waited for."""
     per_key: dict[str, tuple[Any, list]] = {}
     listed: dict[str, set[int]] = {}
     for key, off, length in jobs:
@@ -80,8 +101,11 @@ def stream_table(pool, blobs: Mapping, jobs: Iterable[tuple[str, int, int]],
     pending: deque[Future] = deque()
 
     def wait_one() -> int:
+        fut = pending.popleft()
+        if not wait_stoppable(fut, stop):
+            return 0
         try:
-            return pending.popleft().result()
+            return fut.result()
         except Exception as e:  # noqa: BLE001 - a reader's own request will retry
             log.warning("prefetch request failed: %s", e)
             return 0
@@ -90,10 +114,16 @@ def stream_table(pool, blobs: Mapping, jobs: Iterable[tuple[str, int, int]],
         for batch in plan(chunks, request):
             if stop.is_set() or not _still_open(blobs, key, mgr):
                 break
-            while len(pending) >= inflight:
+            while len(pending) >= inflight and not stop.is_set():
                 fetched += wait_one()
+            if stop.is_set():
+                break
             pending.append(pool.submit_readahead(mgr.fill_chunks, batch.chunks,
                                                  prefetch=True, batch_size=request))
     while pending:
+        if stop.is_set():
+            for fut in pending:
+                fut.cancel()
+            break
         fetched += wait_one()
     return fetched

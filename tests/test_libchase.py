@@ -11,7 +11,7 @@ import time
 
 import helpers
 import pytest
-from registry_fixtures import registry  # noqa: F401
+from registry_fixtures import FlakyProxy, registry  # noqa: F401
 from test_daemon_support import DaemonProc, pack, require_lazy_kernel
 
 from erofs_tools.registry import NYDUS_BLOB, OCI_CONFIG, BlobSource, push_image
@@ -240,4 +240,124 @@ def test_entry_points_of_a_site_fetched_together(registry, tmp_path, monkeypatch
         assert d.blob_metrics(blob_id)["bytes_fetched"] <= 6 * 3000 + 6 * 4096 + (1 << 20)
         helpers.assert_same_tree(src, mnt)
     finally:
+        d.cleanup()
+
+
+class _HoldRanges(FlakyProxy):
+    """A registry proxy that, once `held_ranges` is set ([(start, end)] of a blob's stored
+    bytes), holds every range GET overlapping one of them until release()."""
+
+    def __init__(self, target: str):
+        super().__init__(target)
+        self.held_ranges: list[tuple[int, int]] = []
+
+    def _handle(self, h):
+        m = re.fullmatch(r"bytes=(\d+)-(\d+)", h.headers.get("Range", ""))
+        if h.command == "GET" and m and any(int(m[1]) < end and start <= int(m[2])
+                                            for start, end in self.held_ranges):
+            with self._lock:
+                self.held += 1
+            self._released.wait()
+        super()._handle(h)
+
+
+def _stored_extent(boot, blobs, path):
+    """(first, last + 1) stored byte in its blob of image file `path`'s chunks."""
+    from erofs_tools.reader import blob as rblob
+    from erofs_tools.reader.image import open_image
+    img = open_image(boot)
+    try:
+        ino = img.lookup(path)
+        phys = [(p, p + n) for _fo, n, dev, p in img.map_data(ino) if dev is not None]
+        blob_id = img.blob_id(1)
+    finally:
+        img.close()
+    meta = rblob.open_blob(os.path.join(blobs, blob_id), blob_id=blob_id)
+    mine = [c for c in meta.chunks
+            if any(c.uncompressed_offset < e and s < c.uncompressed_end for s, e in phys)]
+    return (min(c.compressed_offset for c in mine),
+            max(c.compressed_offset + c.compressed_size for c in mine))
+
+
+def _chase_threads(d):
+    """Threads of daemon `d` named lib-chase (LibraryChase._run names them)."""
+    out = []
+    for comm in glob.glob(f"/proc/{d.proc.pid}/task/*/comm"):
+        try:
+            with open(comm) as f:
+                if f.read().strip() == "lib-chase":
+                    out.append(comm)
+        except OSError:
+            pass        # the thread ended meanwhile
+    return out
+
+
+def _image_fds(d, blob_id):
+    """The daemon's fds on a bootstrap copy or on blob `blob_id`'s cache files."""
+    boots = os.path.join(d.cache_dir, "bootstraps") + "/"
+    out = []
+    for fd in glob.glob(f"/proc/{d.proc.pid}/fd/*"):
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith(boots) or blob_id in target:
+            out.append(target)
+    return out
+
+
+@pytest.mark.root
+@pytest.mark.registry
+def test_chase_ends_with_its_mount(registry, tmp_path, monkeypatch):  # noqa: F811
+    """A chase whose fetches hang at the registry, and a chase idle after its work, both
+    end when their mount is unmounted: no lib-chase thread is left and no fd of the
+    daemon points at the bootstrap copy or the blob (before, the thread kept the
+    bootstrap open for its idle time or as long as a fetch hung). The idle time is set
+    beyond the test's waits, so only the release can end either thread."""
+    require_lazy_kernel()
+    monkeypatch.setenv("FSCACHE_DAEMON_START_SET", "0")
+    monkeypatch.setenv("FSCACHE_DAEMON_LIB_CHASE_IDLE", "3600")
+    proxy = _HoldRanges(registry.host)
+    d = DaemonProc(str(tmp_path / "d")).start()
+    try:
+        for held in (True, False):
+            # an image each (big.bin differs): the other's blob is cached already
+            name = "held" if held else "idle"
+            src = str(tmp_path / f"src-{name}")
+            ctypes_so, needed = _tree(src)
+            boot, blobs = str(tmp_path / f"boot-{name}"), str(tmp_path / f"blobs-{name}")
+            blob_id = pack(src, boot, blobs)["blobs"][0]["blob_id"]
+            client = registry.client()
+            push_image(client, f"chase/{name}", "v1",
+                       config=BlobSource(json.dumps({"config": {}}).encode(), OCI_CONFIG),
+                       layers=[BlobSource(os.path.join(blobs, blob_id), NYDUS_BLOB, {})])
+            client.close()
+            mnt = str(tmp_path / f"mnt-{name}")
+            d.mount(boot, mnt, f"registry:{proxy.host}/chase/{name}:v1")
+            learnt = 1 if held else 2
+            helpers.wait_until(lambda n=learnt: d.log(tail=400).count(
+                "file runs known for readahead") == n, what="the file runs learnt")
+            if held:    # the needed libraries' bytes hang at the registry from now on
+                proxy.held_ranges = [_stored_extent(boot, blobs, p) for p in needed]
+            with open(os.path.join(mnt, ctypes_so.lstrip("/")), "rb") as f:
+                assert f.read(4) == b"\x7fELF"     # a miss: the chase starts
+            if held:
+                helpers.wait_until(lambda: proxy.held >= 1, what="a chase fetch held")
+            else:
+                helpers.wait_until(lambda: "library chase from" in d.log(tail=400),
+                                   what="the chase done")
+            # the thread is there (working, or idle with its planner's bootstrap open)
+            assert _chase_threads(d)
+            if not held:
+                assert any("/bootstraps/" in t for t in _image_fds(d, blob_id))
+            d.umount(mnt)
+            helpers.wait_until(lambda b=blob_id: not _chase_threads(d) and
+                               not _image_fds(d, b), what="the chase's thread and fds gone after the umount")
+            assert "library chase thread ended" in d.log(tail=400)
+            if held:
+                proxy.held_ranges = []
+                proxy.release()     # the fetches the chase left end in their workers
+        assert d.metrics()["blobs"] is not None      # the daemon serves on
+    finally:
+        proxy.stop()
         d.cleanup()
