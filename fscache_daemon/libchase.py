@@ -263,7 +263,7 @@ class LibraryChase:
                 if not wait_stoppable(fut, self.stop):
                     raise _Stopped
                 fut.result()
-            return os.pread(m.cache.write_fd, n, off)
+            return m.cache.pread(n, off)
         except (OSError, ErofsToolsError):
             return None
 

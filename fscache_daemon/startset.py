@@ -569,8 +569,8 @@ def run(owner, img, mgrs, stop) -> None:
         if m is None or not m.is_cached(off, n):
             return None
         try:
-            return os.pread(m.cache.write_fd, n, off)
-        except OSError:     # released meanwhile (unmounted): nothing more to plan
+            return m.cache.pread(n, off)
+        except (OSError, ErofsToolsError):  # released meanwhile: nothing more to plan
             return None
 
     planner = Planner(img.bootstrap, len(keys))

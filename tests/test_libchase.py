@@ -313,7 +313,8 @@ def test_chase_ends_with_its_mount(registry, tmp_path, monkeypatch):  # noqa: F8
     end when their mount is unmounted: no lib-chase thread is left and no fd of the
     daemon points at the bootstrap copy or the blob (before, the thread kept the
     bootstrap open for its idle time or as long as a fetch hung). The idle time is set
-    beyond the test's waits, so only the release can end either thread."""
+    beyond the test's waits, so only the release can end either thread. The fetches the
+    held chase left behind store nothing once they end."""
     require_lazy_kernel()
     monkeypatch.setenv("FSCACHE_DAEMON_START_SET", "0")
     monkeypatch.setenv("FSCACHE_DAEMON_LIB_CHASE_IDLE", "3600")
@@ -357,6 +358,12 @@ def test_chase_ends_with_its_mount(registry, tmp_path, monkeypatch):  # noqa: F8
             if held:
                 proxy.held_ranges = []
                 proxy.release()     # the fetches the chase left end in their workers
+                # and store nothing: the cache file is closed (not written through its
+                # closed fd number, maybe another file's by then)
+                helpers.wait_until(lambda: "the blob was released" in d.log(tail=400),
+                                   what="the held fetches ended")
+                assert not re.search(r"ERROR .*(not stored|write failed)",
+                                     d.log(tail=400)), d.log(tail=400)
         assert d.metrics()["blobs"] is not None      # the daemon serves on
     finally:
         proxy.stop()

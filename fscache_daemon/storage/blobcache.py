@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import _thread
 import array
-import errno
-import hashlib
 import logging
 import os
 import threading
@@ -37,6 +35,7 @@ from erofs_tools.reader import blob as rblob
 from erofs_tools.reader import coldpath
 
 from . import BackendError, StorageError, iobuf, pipeline
+from .cachefile import BlobCache, ReleasedError, cache_path, state_path  # noqa: F401
 
 # the chunk map and its ties to bootstraps live in chunkmap; re-exported for callers
 from .chunkmap import (  # noqa: F401
@@ -71,210 +70,6 @@ log = logging.getLogger(__name__)
 def _write_atomic(path: str, data: bytes) -> None:
     """A private file (0600) replaced atomically (erofs_tools.fsutil, O_EXCL temp)."""
     atomic_write_bytes(path, data, mode=0o600)
-
-
-def cache_path(directory: str, key: str) -> str:
-    """The cache file of a cache key (a blob id, or a variant: chunkmap.variant_key)."""
-    return os.path.join(directory, key + ".blob")
-
-
-def state_path(directory: str, key: str) -> str:
-    return os.path.join(directory, key + ".chunks")
-
-
-class BlobCache:
-    """The cache file and chunk state of one blob under one cache key (default: the
-    blob id; a variant key for a disagreeing chunk table)."""
-
-    def __init__(self, directory: str, meta, *, durable: bool = True, key: str | None = None):
-        self.directory = directory
-        self.meta = meta
-        self.blob_id = meta.blob_id
-        self.key = key or meta.blob_id
-        if key_blob_id(self.key) != self.blob_id:
-            raise StorageError(f"cache key {self.key!r} is not one of blob {self.blob_id}")
-        self.size = meta.uncompressed_size
-        self.durable = durable
-        self.path = cache_path(directory, self.key)
-        # BlobMeta's checks (or the C core's, for a map made from pins) leave the indexes
-        # exactly 0..n-1: no look at the chunks (made after a cold mount, not in it)
-        nchunks = meta.chunk_count
-        self.nchunks = nchunks
-        self.total_chunks = nchunks
-        digest = hashlib.sha256(meta.to_bytes()).digest()
-        os.makedirs(directory, exist_ok=True)
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except OSError as e:
-            raise StorageError(f"{self.path}: cannot open cache file: {e.strerror}") from None
-        self._own_fd = fd
-        self.write_fd = fd
-        self._store_listeners: list = []
-        st = os.fstat(fd)
-        # The daemon writes a chunk's data before its bit, and the record last of all at
-        # close; a cache file modified after the record was (by anything but us, or by a
-        # daemon killed between a write and its bit) gets its cached chunks re-verified.
-        try:
-            written_after = st.st_mtime_ns > os.stat(state_path(directory, self.key)).st_mtime_ns
-        except FileNotFoundError:
-            written_after = False
-        self.state = ChunkState(state_path(directory, self.key), nchunks, self.size, digest)
-        if st.st_size != self.size or (self.state.mismatched and st.st_blocks):
-            if st.st_size:
-                log.warning("%s: cache file is %d bytes for a blob of %d, or was filled for "
-                            "another chunk map; resetting (emptied)",
-                            self.path, st.st_size, self.size)
-            self.state.reset()
-            self._empty_cache_file()
-        elif self.state.count:
-            self._check_present()
-        # Verification reads the file: at a restart under the fanotify front end the file
-        # is still marked (the fd holder kept the mark), and a read through a descriptor
-        # opened after the mark waits for this very daemon, not yet listening: it hangs.
-        # So it waits for the front end's writer fd (opened before the mark, it raises no
-        # events: use_write_fd) or for verify_now() when the front end has none.
-        self._verify_pending = bool(written_after and self.state.count)
-
-    def _empty_cache_file(self) -> None:
-        """Drop every byte of the cache file, in place. In place, not a new file: a mount
-        that still has this file open (the kernel opened it at mount time) must go on
-        reading the file the daemon fills; with every bit clear, each of its reads is
-        fetched and verified again before it is served."""
-        os.ftruncate(self._own_fd, 0)
-        os.ftruncate(self._own_fd, self.size)
-
-    def _check_present(self) -> None:
-        """Clear bits whose chunk start is a hole in the cache file (a record that
-        outlived its data, e.g. a cache file replaced behind our back)."""
-        bad = []
-        for c in self.meta.chunks:
-            if not self.state.has(c.index):
-                continue
-            try:
-                pos = os.lseek(self._own_fd, c.uncompressed_offset, os.SEEK_DATA)
-            except OSError as e:
-                if e.errno != errno.ENXIO:
-                    raise
-                pos = -1
-            if pos != c.uncompressed_offset:
-                bad.append(c.index)
-        if bad:
-            log.warning("%s: %d chunks recorded as cached are holes; refetching them",
-                        self.path, len(bad))
-            self.state.clear(bad)
-
-    def verify_now(self) -> None:
-        """Run the verification the constructor deferred (see there), reading through
-        write_fd; a no-op once done. Call before the cached chunks are served or
-        published."""
-        if self._verify_pending:
-            self._verify_pending = False
-            self._verify_cached(self.write_fd)
-
-    def _verify_cached(self, fd: int) -> None:
-        """Check the digest of every chunk recorded as cached; clear the bad ones."""
-        bad = []
-        for c in self.meta.chunks:
-            if not self.state.has(c.index) or c.digest is None:
-                continue
-            data = os.pread(fd, c.uncompressed_size, c.uncompressed_offset)
-            try:
-                rblob.decode_chunk(self.meta, c._replace(
-                    compressed=False, compressed_size=c.uncompressed_size), data)
-            except CorruptImageError:
-                bad.append(c.index)
-        log.warning("%s: modified after its chunk record; %d of %d cached chunks fail "
-                    "verification and will be refetched", self.path, len(bad),
-                    self.state.count)
-        if bad:
-            self.state.clear(bad)
-
-    # -- queries ---------------------------------------------------------------------
-    def has(self, chunk) -> bool:
-        return self.state.has(chunk.index)
-
-    @property
-    def cached_chunks(self) -> int:
-        return self.state.count
-
-    def complete(self) -> bool:
-        return self.state.count >= self.total_chunks
-
-    # -- writes ----------------------------------------------------------------------
-    def fileno(self) -> int:
-        """Our own descriptor of the cache file (for fstat; writes go through write_fd)."""
-        return self._own_fd
-
-    def add_store_listener(self, fn) -> None:
-        """Call fn(chunks) after chunks' verified data was written and recorded (e.g. a
-        front end publishing filled ranges). fn must be quick and must not raise."""
-        self._store_listeners.append(fn)
-
-    def remove_store_listener(self, fn) -> None:
-        try:
-            self._store_listeners.remove(fn)
-        except ValueError:
-            pass
-
-    def use_write_fd(self, fd: int | None) -> None:
-        """Write through `fd` instead of our own descriptor (a front end may need writes
-        to go through an fd that raises no fanotify events); None restores ours."""
-        self.write_fd = self._own_fd if fd is None else fd
-        self.verify_now()
-
-    def store(self, pieces) -> None:
-        """Write verified `(chunk, data)` pieces at their uncompressed offsets, then record
-        the chunks as cached (live bitmap; `sync_state` makes them durable)."""
-        if not pieces:
-            return
-        for chunk, data in pieces:
-            if len(data) != chunk.uncompressed_size or \
-                    chunk.uncompressed_offset + len(data) > self.size:
-                raise StorageError(f"blob {self.blob_id}: chunk {chunk.index} does not fit "
-                                   f"the cache file")
-            view = memoryview(data)
-            off = chunk.uncompressed_offset
-            while view:
-                n = os.pwrite(self.write_fd, view, off)
-                view = view[n:]
-                off += n
-        self.state.set([c.index for c, _ in pieces])
-        for fn in list(self._store_listeners):
-            try:
-                fn([c for c, _ in pieces])
-            except Exception:  # noqa: BLE001 - the data is stored; a listener only lags
-                log.exception("%s: store listener failed", self.path)
-
-    def store_range(self, decoded):
-        """Write a decoded range's verified chunks (erofs_tools.reader.coldpath
-        .decode_range) and record them, as store() does, in one C call; returns its
-        StoreResult (chunks stored; chunks failed, with why)."""
-        res = self.state.store_decoded(decoded, self.write_fd, self.size)
-        if res.stored:
-            for fn in list(self._store_listeners):
-                try:
-                    fn(res.stored)
-                except Exception:  # noqa: BLE001 - the data is stored; a listener only lags
-                    log.exception("%s: store listener failed", self.path)
-        return res
-
-    def sync_state(self) -> None:
-        """fdatasync the cache file, then record what it holds as durable."""
-        snap = self.state.snapshot()
-        if self.durable:
-            os.fdatasync(self._own_fd)
-        self.state.commit(snap)
-
-    def close(self) -> None:
-        if self._own_fd >= 0 and self.state.fd >= 0:
-            try:
-                self.sync_state()
-            except OSError as e:
-                log.warning("%s: final sync failed: %s", self.path, e)
-        self.state.close()
-        if self._own_fd >= 0:
-            os.close(self._own_fd)
-            self._own_fd = -1
 
 
 class _Flight:
@@ -611,7 +406,8 @@ class BlobManager(PreReadMixin):
         except (OSError, ErofsToolsError) as e:
             err = e if isinstance(e, StorageError) else \
                 StorageError(f"{self.cache.path}: write failed: {e}")
-            log.error("%s", err)
+            # released: a fetch that outlived its blob's mount (cachefile.py)
+            (log.debug if isinstance(e, ReleasedError) else log.error)("%s", err)
             bad = {c.index for c, _ in decoded.failed}
             self._resolve([c for c in chunks if c.index not in bad], flights,
                           failures, err)
@@ -653,7 +449,7 @@ class BlobManager(PreReadMixin):
             except (OSError, StorageError) as e:
                 err = e if isinstance(e, StorageError) else \
                     StorageError(f"{self.cache.path}: write failed: {e.strerror}")
-                log.error("%s", err)
+                (log.debug if isinstance(e, ReleasedError) else log.error)("%s", err)
                 self._resolve([c for c, _ in good], flights, failures, err)
                 return
             self._dirty = True
