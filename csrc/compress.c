@@ -560,9 +560,11 @@ static long roll_step(struct zctx *c, struct xfer *x, struct zfile *zf, uint64_t
     uint64_t lo = done + 1;                   /* no start before done */
     struct zext *pe = *prev >= 0 ? &zf->ext[*prev] : NULL;
     if (pe) {
-        /* the cut extent keeps at least a block (so each extent has its own head
-         * lcluster), with several blocks its block count's lcluster too */
-        lo = pe->start + bs;
+        /* the cut extent keeps its own head lcluster (no start before the next
+         * lcluster), with several blocks its block count's lcluster too. It may keep
+         * less than a block of input: a block after its start, as before, left copies
+         * shifted a few bytes against each other's cuts without a match all along */
+        lo = (pe->start & ~mask) + bs;
         if (pe->nblk > 1 && lo < (pe->start & ~mask) + 2ull * bs)
             lo = (pe->start & ~mask) + 2ull * bs;
     }
@@ -582,7 +584,7 @@ static long roll_step(struct zctx *c, struct xfer *x, struct zfile *zf, uint64_t
                        alg, c->zc->dict_size, &m);
         if (r < 0)
             return r;
-        if (r && (m.q <= done || m.q - bs < wbase || m.len < 2 * bs))
+        if (r && (m.q <= done || m.q - bs < wbase || !zroll_mid_pays(&m, bs)))
             r = 0;
         if (r)
             mid = bs;

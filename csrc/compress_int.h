@@ -167,6 +167,8 @@ INTERNAL void zroll_reset(struct zroll *r, uint64_t pos);
 INTERNAL int zroll_find(struct zroll *r, struct xfer *x, int imgfd, const uint8_t *buf,
                         uint64_t wbase, uint64_t end, uint64_t lo, uint64_t h, int alg,
                         uint32_t dict_size, struct zmatch *m);
+/* 1: a match a block after the extent before is worth the block stored plain before it */
+INTERNAL int zroll_mid_pays(const struct zmatch *m, uint32_t bs);
 
 /* fragments.c: the packed inode's data while files come in (a temporary file), each
  * fragment appended once: one that ends an earlier fragment points into it */

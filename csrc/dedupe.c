@@ -392,3 +392,21 @@ int zroll_find(struct zroll *r, struct xfer *x, int imgfd, const uint8_t *buf, u
     }
     return 0;
 }
+
+/* A match a block after the extent before (compress.c's roll_step, its "mid") is taken
+ * when it saves more than the block stored plain in front of it costs, both weighed at
+ * the ratio of the pcluster it references: the matched input would take
+ * len * plen / dlen bytes compressed, the plain block takes a block instead of
+ * bs * plen / dlen. So a pcluster of less than two blocks' output (text that compresses
+ * less than 2:1, as zstd's default level with raw literals leaves it) is matched too:
+ * copies of such text shifted against each other's cuts sync there, every extent after
+ * it then matching at its start. (Before, a match had to reach two blocks.) */
+int zroll_mid_pays(const struct zmatch *m, uint32_t bs)
+{
+    if (m->len >= 2ull * bs)
+        return 1;
+    uint64_t plen = (uint64_t)m->nblk * bs;
+    uint64_t saved = plen * m->len / m->dlen;
+    uint64_t packed = plen * bs / m->dlen;          /* the plain block's input compressed */
+    return saved > (packed < bs ? bs - packed : 0);
+}
