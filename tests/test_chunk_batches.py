@@ -68,6 +68,36 @@ def test_read_chunks_errors_name_the_chunk(tmp_path):
     assert e.value.index == 1 and e.value.what == "short"
 
 
+def test_read_chunks_opens_in_and_out_of_each_directory(tmp_path, monkeypatch):
+    """Files of one directory are opened through that directory (csrc/chunkread.c's
+    dir cache): files of other directories, back again, a directory reached through a
+    symlink (followed, as an open by the whole path does), a relative path, a missing
+    directory (the file's own error) all read or fail as opening the path would."""
+    data = {}
+    for d in ("a", "b", "a/sub"):
+        (tmp_path / d).mkdir(exist_ok=True)
+    for name in ("a/x", "a/y", "b/x", "a/sub/z", "a/z"):
+        data[name] = os.urandom(3000 + len(data))
+        (tmp_path / name).write_bytes(data[name])
+    (tmp_path / "via").symlink_to(tmp_path / "a")
+    monkeypatch.chdir(tmp_path)
+    order = ["a/x", "a/y", "b/x", "a/z", "a/sub/z", "via/y", "a/x"]
+    pieces = [(tmp_path / n if i % 2 else n, 0, len(data[n.replace("via", "a")]))
+              for i, n in enumerate(order)]
+    args = _args(pieces)
+    read_chunks(*args)
+    buf, buf_off = args[5], args[4]
+    for i, n in enumerate(order):
+        want = data[n.replace("via", "a")]
+        assert bytes(buf[buf_off[i]:buf_off[i] + len(want)]) == want
+    with pytest.raises(ChunkReadError) as e:
+        read_chunks(*_args([(tmp_path / "a/x", 0, 10), (tmp_path / "nodir/x", 0, 10)]))
+    assert e.value.index == 1 and e.value.errno == errno.ENOENT
+    with pytest.raises(ChunkReadError) as e:        # a file, not a directory, on the way
+        read_chunks(*_args([(tmp_path / "a/x", 0, 10), (tmp_path / "a/x/y", 0, 10)]))
+    assert e.value.index == 1 and e.value.errno == errno.ENOTDIR
+
+
 def test_read_chunks_rejects_bad_arguments(tmp_path):
     f = tmp_path / "f"
     f.write_bytes(b"x" * 100)
