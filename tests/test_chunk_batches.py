@@ -548,3 +548,24 @@ def test_compressed_batches_go_to_the_writer_in_runs(tmp_path, monkeypatch):
     if Compressor("zstd")._fns is not None:
         assert calls and all(runs for _, _, runs in calls)
         assert sum(p for p, _, _ in calls) < sum(n for _, n, _ in calls)
+
+
+def test_regular_files_without_chunks_as_a_node_set_masks_them():
+    """The bootstrap's regular files that get no chunk indexes (chunk_refs._without):
+    through NodeSet.without's big-int mask the same nodes, in the same (ascending)
+    order, as asking each node, whatever the lengths of the set and the mask."""
+    import random
+
+    from erofs_tools.builder.chunk_refs import _without
+    from erofs_tools.builder.rafs_walk import NodeSet
+
+    rnd = random.Random(7)
+    for size, mask_len in [(0, 0), (1, 0), (5000, 100), (5000, 9000), (70_000, 70_000)]:
+        nodes = rnd.sample(range(size), size // 3) if size else []
+        regular = NodeSet(nodes)
+        mask = bytearray(rnd.getrandbits(1) for _ in range(mask_len))
+        want = [n for n in sorted(nodes) if n >= len(mask) or not mask[n]]
+        assert list(regular.without(mask)) == want
+        assert list(_without(regular, mask)) == want
+        assert list(_without(sorted(nodes), mask)) == want       # any iterable
+    assert list(NodeSet([0, 3, 8]).without(b"\x01\x00\x00\x01")) == [8]

@@ -64,6 +64,28 @@ class NodeSet:
     def __len__(self) -> int:
         return self._n
 
+    def without(self, others: bytes | bytearray) -> Iterator[int]:
+        """The nodes of the set whose byte in `others` (one per node) is 0 or past its
+        end, ascending: masked as two big ints in one step, then found a byte search at
+        a time, instead of a generator step and a lookup per node (the regular files
+        without chunks, in the bootstrap's single-threaded tail: ~15 ms of a /usr/share
+        pack for 48k files, a few hundred of them empty)."""
+        bits = self._bits
+        n = len(bits)
+        if not n:
+            return iter(())
+        mask = bytes(others[:n]).ljust(n, b"\0")
+        left = (int.from_bytes(bits, "little") & ~int.from_bytes(mask, "little")
+                ).to_bytes(n, "little")
+        return _ones(left)
+
+
+def _ones(b: bytes) -> Iterator[int]:
+    i = b.find(1)
+    while i >= 0:
+        yield i
+        i = b.find(1, i + 1)
+
 
 class _RafsBuilder(NativeBuilder):
     """NativeBuilder whose regular files are recorded for chunking, not copied."""
