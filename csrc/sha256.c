@@ -97,6 +97,9 @@ static void blocks_ni(uint32_t st[8], const uint8_t *p, size_t nblocks)
         __m128i save0 = abef, save1 = cdgh;
         __m128i m[4];
 
+        /* unrolled whole: m[] then lives in registers (the loop as it was kept it in
+         * memory and ran at ~1.2 GB/s, against OpenSSL's ~1.8 on the same SHA-NI) */
+#pragma GCC unroll 16
         for (int g = 0; g < 16; g++) {
             __m128i w;
             if (g < 4) {

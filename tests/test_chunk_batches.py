@@ -68,6 +68,36 @@ def test_read_chunks_errors_name_the_chunk(tmp_path):
     assert e.value.index == 1 and e.value.what == "short"
 
 
+def test_read_chunks_opens_in_and_out_of_each_directory(tmp_path, monkeypatch):
+    """Files of one directory are opened through that directory (csrc/chunkread.c's
+    dir cache): files of other directories, back again, a directory reached through a
+    symlink (followed, as an open by the whole path does), a relative path, a missing
+    directory (the file's own error) all read or fail as opening the path would."""
+    data = {}
+    for d in ("a", "b", "a/sub"):
+        (tmp_path / d).mkdir(exist_ok=True)
+    for name in ("a/x", "a/y", "b/x", "a/sub/z", "a/z"):
+        data[name] = os.urandom(3000 + len(data))
+        (tmp_path / name).write_bytes(data[name])
+    (tmp_path / "via").symlink_to(tmp_path / "a")
+    monkeypatch.chdir(tmp_path)
+    order = ["a/x", "a/y", "b/x", "a/z", "a/sub/z", "via/y", "a/x"]
+    pieces = [(tmp_path / n if i % 2 else n, 0, len(data[n.replace("via", "a")]))
+              for i, n in enumerate(order)]
+    args = _args(pieces)
+    read_chunks(*args)
+    buf, buf_off = args[5], args[4]
+    for i, n in enumerate(order):
+        want = data[n.replace("via", "a")]
+        assert bytes(buf[buf_off[i]:buf_off[i] + len(want)]) == want
+    with pytest.raises(ChunkReadError) as e:
+        read_chunks(*_args([(tmp_path / "a/x", 0, 10), (tmp_path / "nodir/x", 0, 10)]))
+    assert e.value.index == 1 and e.value.errno == errno.ENOENT
+    with pytest.raises(ChunkReadError) as e:        # a file, not a directory, on the way
+        read_chunks(*_args([(tmp_path / "a/x", 0, 10), (tmp_path / "a/x/y", 0, 10)]))
+    assert e.value.index == 1 and e.value.errno == errno.ENOTDIR
+
+
 def test_read_chunks_rejects_bad_arguments(tmp_path):
     f = tmp_path / "f"
     f.write_bytes(b"x" * 100)
@@ -518,3 +548,24 @@ def test_compressed_batches_go_to_the_writer_in_runs(tmp_path, monkeypatch):
     if Compressor("zstd")._fns is not None:
         assert calls and all(runs for _, _, runs in calls)
         assert sum(p for p, _, _ in calls) < sum(n for _, n, _ in calls)
+
+
+def test_regular_files_without_chunks_as_a_node_set_masks_them():
+    """The bootstrap's regular files that get no chunk indexes (chunk_refs._without):
+    through NodeSet.without's big-int mask the same nodes, in the same (ascending)
+    order, as asking each node, whatever the lengths of the set and the mask."""
+    import random
+
+    from erofs_tools.builder.chunk_refs import _without
+    from erofs_tools.builder.rafs_walk import NodeSet
+
+    rnd = random.Random(7)
+    for size, mask_len in [(0, 0), (1, 0), (5000, 100), (5000, 9000), (70_000, 70_000)]:
+        nodes = rnd.sample(range(size), size // 3) if size else []
+        regular = NodeSet(nodes)
+        mask = bytearray(rnd.getrandbits(1) for _ in range(mask_len))
+        want = [n for n in sorted(nodes) if n >= len(mask) or not mask[n]]
+        assert list(regular.without(mask)) == want
+        assert list(_without(regular, mask)) == want
+        assert list(_without(sorted(nodes), mask)) == want       # any iterable
+    assert list(NodeSet([0, 3, 8]).without(b"\x01\x00\x00\x01")) == [8]

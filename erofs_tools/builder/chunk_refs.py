@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from erofs_tools._native_chunkio import ChunkInfoTable, chunk_indexes
 from erofs_tools.builder.blob import BLKSZ, StoredChunk
+from erofs_tools.builder.rafs_walk import NodeSet
 from erofs_tools.format import rafs as R
 
 if TYPE_CHECKING:
@@ -29,6 +30,15 @@ TABLE_PIECE = 1 << 20        # chunk info table bytes handed over at a time (BLK
 
 def _same(key: int) -> int | None:
     return key
+
+
+def _without(regular: Iterable[int], with_chunks: bytearray) -> Iterable[int]:
+    """The nodes of `regular` whose byte in `with_chunks` is 0 or past its end (the
+    regular files that get no chunk indexes), ascending for a NodeSet."""
+    if isinstance(regular, NodeSet):
+        return regular.without(with_chunks)
+    n = len(with_chunks)
+    return [node for node in regular if node >= n or not with_chunks[node]]
 
 
 class DigestTable:
@@ -203,12 +213,9 @@ class ChunkRefs:
         with_chunks = bytearray(max(files) + 1 if files else 0)
         for node in files:
             with_chunks[node] = 1
-        nodes, counts = array.array("I"), array.array("I")
-        for node in regular:
-            if node >= len(with_chunks) or not with_chunks[node]:
-                nodes.append(node)
-                counts.append(0)
-        nb.set_chunks_many(fmt, nodes, counts, array.array("Q"))
+        nodes = array.array("I", _without(regular, with_chunks))
+        nb.set_chunks_many(fmt, nodes, array.array("I", bytes(4 * len(nodes))),
+                           array.array("Q"))
 
     def set_indexes(self, nb: NativeBuilder, fmt: int, regular: Iterable[int],
                     node_of: Callable[[int], int | None] | None, remap: Mapping[int, int]
@@ -261,10 +268,9 @@ class ChunkRefs:
             if len(ents) >= _FLUSH_ENTRIES:
                 nb.set_chunks_many(fmt, nodes, counts, ents)
                 nodes, counts, ents = array.array("I"), array.array("I"), array.array("Q")
-        for node in regular:
-            if node >= len(with_chunks) or not with_chunks[node]:
-                nodes.append(node)
-                counts.append(0)
+        empty = array.array("I", _without(regular, with_chunks))
+        nodes.extend(empty)
+        counts.extend(array.array("I", bytes(4 * len(empty))))
         nb.set_chunks_many(fmt, nodes, counts, ents)
         return new_used, dict_used
 

@@ -64,6 +64,26 @@ class NodeSet:
     def __len__(self) -> int:
         return self._n
 
+    def without(self, others: bytes | bytearray) -> Iterator[int]:
+        """The nodes of the set whose byte in `others` (one per node) is 0 or past its
+        end, ascending: masked as big ints, 8 KiB of nodes at a time (a bound on the
+        copies: the whole set at once was ~0.4 MiB more of pack none's peak), then
+        found a byte search at a time, instead of a generator step and a lookup per node
+        (the regular files without chunks, in the bootstrap's single-threaded tail:
+        ~7 ms of a /usr/share pack for 48k files, a few hundred of them empty)."""
+        bits = self._bits
+        step = 8192
+        for start in range(0, len(bits), step):
+            part = bits[start:start + step]
+            n = len(part)
+            mask = bytes(others[start:start + n]).ljust(n, b"\0")
+            left = (int.from_bytes(part, "little") & ~int.from_bytes(mask, "little")
+                    ).to_bytes(n, "little")
+            i = left.find(1)
+            while i >= 0:
+                yield start + i
+                i = left.find(1, i + 1)
+
 
 class _RafsBuilder(NativeBuilder):
     """NativeBuilder whose regular files are recorded for chunking, not copied."""
