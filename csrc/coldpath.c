@@ -10,7 +10,11 @@
  * raw block of that size. A chunk that fails is reported in its status and never
  * written: ern_cold_store writes only chunks the caller marked verified.
  */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE               /* fallocate */
+#endif
 #include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
 #include <stdlib.h>
 #include <string.h>
@@ -135,6 +139,28 @@ int ern_cold_decode(const uint8_t *src, size_t srclen, uint8_t *dst, size_t dstl
     return ok;
 }
 
+/* Whether a run's blocks are allocated (fallocate, the file's size kept) before it is
+ * written: on ext4 a buffered write into a hole takes a delayed-allocation reservation
+ * and an extent-status entry per 4 KiB block; into blocks already allocated (unwritten
+ * extents, read as zeros until written) it only maps them. Measured on a cold GiB of 1 MiB
+ * writes (6.18, ext4): 0.20 -> 0.145 CPU s in the writer, the unwritten extents' conversion
+ * at writeback no more than delayed allocation's there. Only verified runs are allocated
+ * (a failed chunk stays a hole), and a failure (a file system without fallocate, no
+ * space) only leaves the write to do it or to fail as it would have.
+ * FSCACHE_DAEMON_COLD_FALLOCATE=0 turns it off (to compare). */
+static int cold_fallocate = -1;
+
+static int use_fallocate(void)
+{
+    int v = __atomic_load_n(&cold_fallocate, __ATOMIC_RELAXED);
+    if (v < 0) {
+        const char *e = getenv("FSCACHE_DAEMON_COLD_FALLOCATE");
+        v = !(e && e[0] == '0');
+        __atomic_store_n(&cold_fallocate, v, __ATOMIC_RELAXED);
+    }
+    return v;
+}
+
 /* 0 or -errno; *done = bytes written from off on (all of them, or up to the failure) */
 static int write_all(int fd, struct iovec *iov, int cnt, uint64_t off, uint64_t *done)
 {
@@ -193,6 +219,9 @@ int64_t ern_cold_store(int fd, uint64_t file_size, const uint8_t *src, size_t sr
         }
         if (cnt && (!c || c->file_off != run_end || cnt == COLD_IOV_MAX)) {
             uint64_t done, end = 0;
+            if (use_fallocate())
+                (void)fallocate(fd, FALLOC_FL_KEEP_SIZE, (off_t)run_off,
+                                (off_t)(run_end - run_off));
             int r = write_all(fd, iov, cnt, run_off, &done);
             for (int k = 0; k < cnt; k++) {
                 struct ern_cold_chunk *w = &chunks[run[k]];
