@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import collections
 import itertools
-import logging
-import os
 import queue
 import threading
 import time
@@ -16,18 +14,6 @@ PRIO_ONDEMAND = 0
 PRIO_READAHEAD = 5                        # after the reader's own requests, before prefetch
 PRIO_PREFETCH = 10
 QUEUE_SAMPLES = 8192                      # on-demand queue waits kept for the percentiles
-# The nice value a worker runs readahead and prefetch tasks at (0: as the daemon). On a
-# cold sequential read the reader, the fd holder and the daemon's four workers share 2
-# CPUs: the reader then waits for a CPU behind the workers decoding windows ahead of it
-# (0.3-0.7 s of run-queue wait per cold GiB), though it alone is on the critical path;
-# a worker niced for work no one waits for yet leaves the CPU to it, and a reader that
-# catches up waits for an on-demand task, run at the daemon's own priority (switching
-# back needs CAP_SYS_NICE, which the daemon has as root; without it the worker stays
-# niced). FSCACHE_DAEMON_READAHEAD_NICE=N (1..19) to compare; off by default until a
-# quiet run decides (this session's machine was too loaded to).
-_NICE = os.environ.get("FSCACHE_DAEMON_READAHEAD_NICE", "0")
-READAHEAD_NICE = int(_NICE) if _NICE.isdigit() and int(_NICE) < 20 else 0
-log = logging.getLogger(__name__)
 # per worker thread: how long the task it runs waited in the queue (the daemon's DEBUG
 # line of a fill shows it)
 TASK = threading.local()
@@ -101,23 +87,12 @@ class PriorityPool(Executor):
             return self.active_ondemand
 
     def _run(self) -> None:
-        nice = 0        # this thread's nice value relative to the daemon's
-        tid = threading.get_native_id()
-        base = os.getpriority(os.PRIO_PROCESS, tid) if READAHEAD_NICE else 0
         while True:
             prio, _, fut, fn, args, kwargs, queued = self._q.get()
             if fn is None:
                 return
             if not fut.set_running_or_notify_cancel():
                 continue
-            if READAHEAD_NICE:
-                want = 0 if prio == PRIO_ONDEMAND else READAHEAD_NICE
-                if want != nice:
-                    try:
-                        os.setpriority(os.PRIO_PROCESS, tid, base + want)
-                        nice = want
-                    except OSError as e:      # no CAP_SYS_NICE to go back: stay niced
-                        log.debug("worker %d: nice %d -> %d: %s", tid, nice, want, e)
             ondemand = prio < PRIO_PREFETCH
             TASK.waited = time.monotonic() - queued
             if ondemand:

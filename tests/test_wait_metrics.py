@@ -71,35 +71,3 @@ def test_the_pool_counts_how_long_readers_waited_for_a_worker():
         assert st["ondemand_queue_p50_ms"] >= 150, st
     finally:
         pool.shutdown()
-
-
-def test_readahead_tasks_run_niced_and_a_readers_request_does_not(monkeypatch):
-    """FSCACHE_DAEMON_READAHEAD_NICE: work no reader waits for yet yields the CPU to the
-    reader; a reader's own request runs at the daemon's priority again (root: lowering a
-    nice value needs CAP_SYS_NICE, else the worker stays niced)."""
-    import os
-
-    from helpers import is_root
-
-    from fscache_daemon import pool as poolmod
-    monkeypatch.setattr(poolmod, "READAHEAD_NICE", 7)
-    pool = PriorityPool(1)
-
-    def nice_now():
-        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-
-    try:
-        base = pool.submit(nice_now).result(10)
-        assert pool.submit_readahead(nice_now).result(10) == min(19, base + 7)
-        assert pool.submit_prefetch(nice_now).result(10) == min(19, base + 7)
-        back = pool.submit(nice_now).result(10)
-        assert back == (base if is_root() else min(19, base + 7))
-    finally:
-        pool.shutdown()
-    # off (the default): never changed
-    monkeypatch.setattr(poolmod, "READAHEAD_NICE", 0)
-    pool = PriorityPool(1)
-    try:
-        assert pool.submit_readahead(nice_now).result(10) == pool.submit(nice_now).result(10)
-    finally:
-        pool.shutdown()
