@@ -280,7 +280,12 @@ int ern_zran_window_use(uint8_t bits, uint8_t byte, uint32_t window_size,
  * record already. A chunk not verified is never written.
  * Stored chunks (alg NONE) are used in place in src; the others are decoded into
  * dst + dst_off. ern_cold_store returns the number of chunks written; a failed write
- * marks its chunks ERN_COLD_EWRITE and leaves -errno in *werr (else 0). */
+ * marks its chunks ERN_COLD_EWRITE and leaves -errno in *werr (else 0).
+ * ern_cold_store is ern_cold_write (the data: the same checks, the same statuses,
+ * *werr; needs no lock, the kernel orders writes to one file) then ern_cold_mark (the
+ * record and the bits of the chunks still verified and OK; -errno of a failed record
+ * write or 0; under the bitmap's lock): a caller that holds that lock only for the
+ * mark does not hold it through the write, nor while it waits for the GIL after it. */
 enum { ERN_COLD_NONE = 0, ERN_COLD_ZSTD = 1, ERN_COLD_LZ4 = 2 };
 enum {
     ERN_COLD_OK = 0, ERN_COLD_EBOUNDS = 1, ERN_COLD_EFRAME = 2, ERN_COLD_ESIZE = 3,
@@ -303,6 +308,11 @@ int64_t ern_cold_store(int fd, uint64_t file_size, const uint8_t *src, size_t sr
                        const uint8_t *dst, size_t dstlen, struct ern_cold_chunk *chunks,
                        uint32_t n, uint8_t *bitmap, uint32_t nbits, int state_fd,
                        uint64_t state_off, uint32_t *newly, int *werr);
+int64_t ern_cold_write(int fd, uint64_t file_size, const uint8_t *src, size_t srclen,
+                       const uint8_t *dst, size_t dstlen, struct ern_cold_chunk *chunks,
+                       uint32_t n, uint32_t nbits, int *werr);
+int ern_cold_mark(struct ern_cold_chunk *chunks, uint32_t n, uint8_t *bitmap,
+                  uint32_t nbits, int state_fd, uint64_t state_off, uint32_t *newly);
 /* zran blobs (zran.c): the chunks of one access point's context in a fetched range.
  * ern_cold_zran inflates src[src_off, src_off + src_len) from the point (bits, byte,
  * window), discards `skip` bytes of output and writes the next out_len into dst at

@@ -605,6 +605,26 @@ class ColdChunks:
                                      state_off, newly, werr)
         return int(written), int(newly[0]), int(werr[0])
 
+    def write(self, fd: int, file_size: int, nbits: int) -> tuple[int, int]:
+        """store()'s first half: the verified chunks written at their file offsets (GIL
+        released; no lock needed). Returns (chunks written, -errno of a failed write or 0)."""
+        werr = ffi.new("int *")
+        written = lib.ern_cold_write(fd, file_size, self._src, len(self._src), self._dst,
+                                     len(self._dst), self.arr, self.n, nbits, werr)
+        return int(written), int(werr[0])
+
+    def mark(self, bitmap: bytearray, nbits: int, state_fd: int = -1,
+             state_off: int = 0) -> tuple[int, int]:
+        """store()'s second half, after write(): the written chunks' bits in `bitmap`
+        and the changed bitmap bytes at state_fd + state_off (under the bitmap's lock).
+        Returns (bits newly set, -errno of a failed record write or 0)."""
+        if nbits > len(bitmap) * 8:
+            raise NativeError("chunk-state bitmap smaller than its bit count")
+        newly = ffi.new("uint32_t *")
+        bm = ffi.from_buffer("uint8_t[]", bitmap, require_writable=True)
+        err = lib.ern_cold_mark(self.arr, self.n, bm, nbits, state_fd, state_off, newly)
+        return int(newly[0]), int(err)
+
 
 def cold_decode_one(alg: str, raw: bytes | memoryview, ulen: int) -> bytes | None:
     """One chunk decoded by the cold path's decoder; None if it does not decode."""

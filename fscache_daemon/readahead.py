@@ -86,6 +86,12 @@ NEIGHBOURS = 1 << 20
 NEIGHBOURS_BEFORE = 256 << 10
 # requests remembered to tell a sequential reader's miss from a random one
 RECENT_REQUESTS = 32
+# A miss in a file of at most this much after it brings the rest of the file, in a bigger
+# one only AROUND (see "a big file" above; capped by the largest window). Kept apart from
+# that largest window, which only sequential windows reach: they grow to 64 MiB by
+# default (daemon.DEFAULT_READAHEAD) while a file miss still fetches at most 16 MiB of
+# its file, as when both were 16 MiB (a shared library's random page faults).
+WHOLE_FILE = 16 << 20
 
 
 class Window(NamedTuple):
@@ -106,9 +112,10 @@ class BlobReadahead:
                  withhold: Callable[[object], None] = lambda c: None,
                  publish: Callable[[object], None] = lambda c: None, *,
                  around: int = AROUND, neighbours: int = NEIGHBOURS,
-                 neighbours_before: int = NEIGHBOURS_BEFORE):
+                 neighbours_before: int = NEIGHBOURS_BEFORE, whole_file: int = WHOLE_FILE):
         self.mgr = mgr
         self.maximum = max(0, maximum)
+        self.whole_file = min(max(0, whole_file), self.maximum)
         self.initial = min(max(0, initial), self.maximum)
         self.around = min(max(0, around), self.maximum)
         self.neighbours = min(max(0, neighbours), self.maximum)
@@ -173,7 +180,7 @@ class BlobReadahead:
                     return self._sequential(last.uncompressed_end, self.initial)
             # ... a file read whole, or a big file
             start = last.uncompressed_end
-            if run_end - start > self.maximum:
+            if run_end - start > self.whole_file:
                 end = start + self.around
             elif run_end - first.uncompressed_offset <= SMALL_FILES_CHUNK and \
                     self.neighbours and self._module(first):
@@ -217,7 +224,7 @@ class BlobReadahead:
         if not full:
             return 0
         c, end = chunk, chunk.uncompressed_end
-        limit = chunk.uncompressed_end + self.maximum + full   # past it: a big file
+        limit = chunk.uncompressed_end + self.whole_file + full   # past it: a big file
         while c.uncompressed_size == full and end < limit:
             nxt = [x for x in meta.chunks_for_range(end, full) if x.uncompressed_offset >= end]
             if not nxt:

@@ -13,6 +13,7 @@ import resource
 import shutil
 import signal
 import threading
+import time
 
 import blake3
 import pytest
@@ -197,6 +198,43 @@ def test_corrupted_chunk_is_never_written(tmp_path, compressor, monkeypatch, dir
     assert not state[victim.index >> 3] & (1 << (victim.index & 7))
 
 
+def test_store_writes_the_data_before_the_bits_and_outside_the_records_lock(tmp_path,
+                                                                            monkeypatch):
+    """ChunkState.store_decoded: the bytes go into the cache file without the record's
+    lock (ern_cold_write), the bits are set under it (ern_cold_mark) and only after the
+    bytes are in the file: while another thread holds the lock the data is there and no
+    bit is set; once it lets go, the bits follow."""
+    monkeypatch.delenv("FSCACHE_DAEMON_COLDPATH", raising=False)
+    bdir, cdir = str(tmp_path / "b"), str(tmp_path / "c")
+    blob_id, datas, _ = make_blob(bdir, 6, "zstd")
+    mgr = open_mgr(cdir, CountingBackend(bdir), blob_id)
+    meta, cache = mgr.meta, mgr.cache
+    chunks = sorted(meta.chunks, key=lambda c: c.compressed_offset)
+    off = chunks[0].compressed_offset
+    with open(os.path.join(bdir, blob_id), "rb") as f:
+        f.seek(off)
+        raw = f.read(chunks[-1].compressed_offset + chunks[-1].compressed_size - off)
+    decoded = coldpath.decode_range(meta, chunks, raw, off)
+    assert not decoded.failed
+    want = expected(meta, datas)
+    got: list = []
+    state = cache.state
+    with state._lock:
+        t = threading.Thread(target=lambda: got.append(
+            state.store_decoded(decoded, cache.write_fd, cache.size)))
+        t.start()
+        deadline = time.monotonic() + 30
+        while os.pread(cache.fileno(), meta.uncompressed_size, 0) != want:
+            assert time.monotonic() < deadline, "the data waited for the record's lock"
+            time.sleep(0.01)
+        assert t.is_alive() and state.count == 0
+        assert not any(cache.has(c) for c in chunks)
+    t.join(30)
+    assert got and len(got[0].stored) == 6 and not got[0].failed
+    assert state.count == 6 and all(cache.has(c) for c in chunks)
+    mgr.close()
+
+
 def _direct_works(path):
     try:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
@@ -254,6 +292,8 @@ def test_buffer_pool_aligned_and_bounded():
     for x in (a, b):
         assert ctypes.addressof(ctypes.c_char.from_buffer(x.mm)) % 4096 == 0
     assert a.size >= 1 << 20 and b.size >= (1 << 20) + 8192
+    # whole huge pages: an O_DIRECT read pins one folio, not hundreds of small pages
+    assert a.size % iobuf.GRANULE == 0 and iobuf.GRANULE == 2 << 20
     pool.put(a)
     pool.put(b)
     assert pool._free == [a]    # b would pass the 2 MiB kept

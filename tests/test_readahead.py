@@ -89,6 +89,28 @@ def test_random_miss_in_a_file_bigger_than_the_largest_window_reads_around_it():
     assert idx(w) == list(range(51, 64))
 
 
+def test_windows_past_the_whole_file_size_still_leave_a_big_file_to_around():
+    """The largest window (64 MiB by default) is reached only by sequential windows: a
+    random miss in a 24 MiB file (bigger than WHOLE_FILE, 16 MiB) gets AROUND, not the
+    rest of the file, while a reader going on sequentially gets windows past 16 MiB."""
+    mgr = FakeMgr(n=128, file_mib=24)
+    ra, _ = make(mgr, initial=2 * MiB, maximum=64 * MiB)
+    mgr.cache.cached.add(25)                  # 25 of the file 24..47: 22 MiB after it
+    assert idx(ra.on_request(25 * MiB, 4096, True)) == [26]
+    mgr.cache.cached.add(40)                  # 7 MiB left: all of it
+    assert idx(ra.on_request(40 * MiB, 4096, True)) == list(range(41, 48))
+    seq = FakeMgr(n=256, file_mib=256)
+    ra, _ = make(seq, initial=2 * MiB, maximum=64 * MiB)
+    seq.cache.cached.update({0, 1})
+    assert ra.on_request(0, 4096, False) is None
+    w = ra.on_request(1 * MiB, 4096, True)
+    sizes = []
+    for _ in range(7):
+        seq.fetch(w)
+        w = ra.on_request(w.marker.uncompressed_offset, 4096, False)
+        sizes.append(len(w.chunks))
+    assert sizes == [4, 8, 16, 32, 64, 64, 64]
+
 def test_sequential_miss_opens_a_window_with_a_marker_then_markers_double_it():
     mgr = FakeMgr()
     ra, log = make(mgr)

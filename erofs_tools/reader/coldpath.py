@@ -97,9 +97,26 @@ class DecodedRange:
 
     def store(self, target: StoreTarget) -> StoreResult:
         """Write the verified chunks into target.fd and set their bits (one C call)."""
+        _written, newly, werr = self.cc.store(target.fd, target.size, target.bitmap,
+                                              target.nbits, target.state_fd, target.state_off)
+        return self.result(newly, werr)
+
+    def write(self, target: StoreTarget) -> int:
+        """store() in two steps, for a caller that locks the bitmap only for the second:
+        the verified chunks' bytes into target.fd (no lock needed); -errno of a failed
+        write or 0. Then mark()."""
+        return self.cc.write(target.fd, target.size, target.nbits)[1]
+
+    def mark(self, target: StoreTarget, werr: int) -> StoreResult:
+        """After write(werr = what it returned): the written chunks' bits, the record
+        first (under the bitmap's lock)."""
+        newly, err = self.cc.mark(target.bitmap, target.nbits, target.state_fd,
+                                  target.state_off)
+        return self.result(newly, werr or err)
+
+    def result(self, newly: int, werr: int) -> StoreResult:
+        """The StoreResult of a store (chunks stored, failed with why)."""
         cc = self.cc
-        _written, newly, werr = cc.store(target.fd, target.size, target.bitmap, target.nbits,
-                                         target.state_fd, target.state_off)
         stored = []
         failed = list(self.failed)
         ok = _native.COLD_OK
