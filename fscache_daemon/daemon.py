@@ -90,11 +90,9 @@ log = logging.getLogger(__name__)
 DEFAULT_CACHE_DIR = "/var/lib/fscache-daemon"
 DEFAULT_API_SOCK = "/run/fscache-daemon/api.sock"
 DEFAULT_PREFETCH_RATE = 64 << 20          # bytes/s
-# Largest readahead window (bytes): a sequential reader's windows double up to it. On 2
-# CPUs a cold sequential GiB read in 0.75-0.78 s with 64 MiB against 0.80-0.85 s with
-# 16 MiB (alternated, load 1.6; CPUs idle 0.17-0.19 vs 0.23-0.29 s): the workers done
-# with a window idled until the reader reached its marker. A file miss still brings at
-# most readahead.WHOLE_FILE of its file.
+# Largest readahead window: a sequential reader's windows double up to it. With 16 MiB
+# the workers idled until the reader reached a window's marker (cold GiB 0.80-0.85 s
+# against 0.75-0.78 s, docs/daemon.md); a file miss still brings <= readahead.WHOLE_FILE.
 DEFAULT_READAHEAD = 64 << 20
 INITIAL_READAHEAD = 2 << 20               # a sequential reader's first window
 # How often the cache files are fdatasync'ed and their chunks recorded as durable. Only a
