@@ -401,16 +401,24 @@ static int namesort_cmp(const void *a, const void *b2, void *arg)
     return strcmp(names + *(const uint32_t *)a, names + *(const uint32_t *)b2);
 }
 
-/* d_type says: an entry that gets no data blocks of its own (symlinks, devices, fifos,
- * sockets) */
-static int bare_dtype(unsigned char t)
+/* an entry that is neither a directory nor a regular file (symlinks, devices, fifos,
+ * sockets), by d_type; lstat when the source fs gives none (as Python's DirEntry) */
+static int bare_entry(erofs_walk *w, const char *nm)
 {
-    return t == DT_LNK || t == DT_CHR || t == DT_BLK || t == DT_FIFO || t == DT_SOCK;
+    unsigned char t = (unsigned char)nm[strlen(nm) + 1];
+    if (t == DT_UNKNOWN) {
+        struct stat st;
+        if (fstatat(w->dfd, nm, &st, AT_SYMLINK_NOFOLLOW) < 0)
+            return 0;       /* (walk_entry reports it) */
+        return !S_ISDIR(st.st_mode) && !S_ISREG(st.st_mode);
+    }
+    return t != DT_DIR && t != DT_REG;
 }
 
-/* plain stream mode: a directory's symlinks (and devices, fifos, sockets) walked before
- * its other entries, names in order within each group, so that their records go right
- * after the directory's (smeta.c places records in the order nodes are made). A reader
+/* a directory's symlinks (and devices, fifos, sockets) walked before its other entries,
+ * names in order within each group (TreeWalker.walk does the same), so that in plain
+ * stream mode their records go right after the directory's (smeta.c places records in
+ * the order nodes are made). A reader
  * listing a directory stats them there: os.walk's is_dir() and ls -l/--color follow
  * each symlink when they list, before reading any file; walked in name order their
  * records landed after the last file's data (or among it), ahead of the data's
@@ -420,8 +428,10 @@ static int bare_first(erofs_walk *w)
 {
     uint32_t nb = 0;
     for (uint32_t i = 0; i < w->nnames; i++) {
-        const char *nm = w->names + w->offs[i];
-        nb += bare_dtype((unsigned char)nm[strlen(nm) + 1]);
+        char *nm = w->names + w->offs[i];
+        int bare = bare_entry(w, nm);
+        nm[strlen(nm) + 1] = (char)bare;    /* (the d_type byte is not needed after) */
+        nb += (uint32_t)bare;
     }
     if (!nb || nb == w->nnames)
         return 0;
@@ -431,7 +441,7 @@ static int bare_first(erofs_walk *w)
     uint32_t a = 0, c = nb;
     for (uint32_t i = 0; i < w->nnames; i++) {
         const char *nm = w->names + w->offs[i];
-        if (bare_dtype((unsigned char)nm[strlen(nm) + 1]))
+        if (nm[strlen(nm) + 1])
             t[a++] = w->offs[i];
         else
             t[c++] = w->offs[i];
@@ -506,7 +516,7 @@ static int open_next_dir(erofs_walk *w)
     qsort_r(w->offs, w->nnames, sizeof(*w->offs), namesort_cmp, w->names);
     /* plain stream mode: the directory's inode and blocks before its files' */
     int r = smeta_dir(w->b, w->cur.node, w->names, w->offs, w->nnames);
-    if (!r && smeta_on(w->b))
+    if (!r)
         r = bare_first(w);
     return r ? r : 1;
 }
