@@ -9,7 +9,8 @@
  * caller reaches its node, in the order a reader walking the tree meets it: a
  * directory's inode and blocks when the walk opens it (smeta_dir), a file's inode
  * (with its inline tail) right before its data (stream_file), other inodes before the
- * next of these. The room is packed best fit into blocks taken from the stream as
+ * next of these (the walks make a directory's symlinks, devices, fifos and sockets
+ * first, walk.c's bare_first: a listing stats them). The room is packed best fit into blocks taken from the stream as
  * needed (metapack.c over a virtual area whose blocks map to stream blocks), so the
  * blocks a reader needs next are those the data's readahead has just brought in.
  * Reservations are upper bounds decided on the caller's thread in call order (the

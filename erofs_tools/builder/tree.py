@@ -215,9 +215,9 @@ class TreeWalker:
             try:
                 # in name order, not readdir's: the data (and -Efragments' packed
                 # inode) then follow the names as in mkfs.erofs, whatever the source fs
-                # names only: a DirEntry per entry of a big directory, all alive until
-                # it is done, was the walk's peak (4 MiB for man1's 18k entries)
-                names = sorted(os.listdir(dpath))
+                # (names only kept: DirEntry objects for man1's 18k entries, all alive
+                # until it is done, were the walk's peak at 4 MiB)
+                names, bare = _list_dir(dpath)
             except OSError as e:
                 raise _oserr(e, dpath) from None
             sep = b"" if dpath.endswith(b"/") else b"/"
@@ -226,6 +226,11 @@ class TreeWalker:
                     excluding and self._excluded(drel + b"/" + n if drel else n))]
             # stream mode: the directory's inode and blocks go before its files'
             self.b.dir_names(dnode, names)
+            if bare and len(bare) < len(names):
+                # symlinks, devices, fifos, sockets first (as csrc/walk.c's bare_first):
+                # their records then sit right after the directory's, where a listing
+                # that follows symlinks (os.walk, ls -l) reads them
+                names = [n for n in names if n in bare] + [n for n in names if n not in bare]
             for name in names:
                 path = dpath + sep + name
                 rel = drel + b"/" + name if drel else name
@@ -263,3 +268,18 @@ class TreeWalker:
             self.b.add_child(dnode, name, node)
         except ErofsToolsError as e:
             raise _with_path(e, path) from None
+
+
+def _list_dir(dpath: bytes) -> tuple[list[bytes], set[bytes]]:
+    """A directory's names sorted, and those neither a directory nor a regular file (by
+    d_type; lstat where the fs has none). The DirEntry objects are not kept: one per
+    entry of a big directory, all alive until it is done, was the walk's peak."""
+    names: list[bytes] = []
+    bare: set[bytes] = set()
+    with os.scandir(dpath) as it:
+        for e in it:
+            names.append(e.name)
+            if not e.is_dir(follow_symlinks=False) and not e.is_file(follow_symlinks=False):
+                bare.add(e.name)
+    names.sort()
+    return names, bare
