@@ -237,6 +237,8 @@ INTERNAL int read_exact(erofs_builder *b, int fd, uint8_t *buf, size_t len, uint
 INTERNAL int copy_range(erofs_builder *b, int in, uint64_t in_off, uint64_t out_off,
                         uint64_t len, const char *path);
 INTERNAL int stream_stop(erofs_builder *b, int abort);
+INTERNAL int stream_place(erofs_builder *b, uint32_t node, struct job *j, uint64_t nblk);
+INTERNAL void stream_job_free(struct job *j);
 INTERNAL int stream_file(erofs_builder *b, uint32_t node, const char *path, size_t pathlen,
                          uint64_t offset);
 
@@ -305,6 +307,9 @@ INTERNAL int zsm_push(erofs_builder *b, uint32_t node, uint32_t len, uint32_t nb
 INTERNAL int smeta_on(const erofs_builder *b);
 INTERNAL int smeta_reserve(erofs_builder *b, uint32_t node, uint32_t len);
 INTERNAL void smeta_pending(erofs_builder *b, uint32_t upto);
+INTERNAL int smeta_defer(erofs_builder *b, uint32_t node, struct job *j, uint32_t len,
+                         uint64_t nblk);
+INTERNAL int smeta_flush(erofs_builder *b);
 INTERNAL int smeta_dir(erofs_builder *b, uint32_t node, const char *names,
                        const uint32_t *offs, uint32_t n);
 INTERNAL int smeta_fill(erofs_builder *b, struct node *n, uint64_t len);

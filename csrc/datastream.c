@@ -252,6 +252,9 @@ int stream_stop(erofs_builder *b, int abort)
         return zpool_stop(b, abort);
     if (!b->worker_on)
         return 0;
+    int fr = abort ? 0 : smeta_flush(b);     /* (the last window's files) */
+    if (fr)
+        abort = 1;
     pthread_mutex_lock(&b->mu);
     b->qstop = 1;
     b->qabort = abort;
@@ -265,6 +268,8 @@ int stream_stop(erofs_builder *b, int abort)
     pthread_cond_destroy(&b->cv_job);
     pthread_cond_destroy(&b->cv_space);
     pthread_cond_destroy(&b->cv_idle);
+    if (fr)
+        return fr;
     if (b->werr_code && !abort)
         return fail(b, b->werr_code, "%s", b->werr);
     return 0;
@@ -352,6 +357,36 @@ int erofs_builder_stream_progress(erofs_builder *b, uint64_t *bytes_done)
     return b->werr_code;
 }
 
+/* a file's data placed at the stream's next block (after the blocks records took since
+ * the last data: the job zeroes them first) and queued for the copy threads */
+int stream_place(erofs_builder *b, uint32_t node, struct job *j, uint64_t nblk)
+{
+    uint32_t blksz = b->blksz;
+    struct node *n = &b->nodes[node];
+    int sm = smeta_on(b);
+    n->startblk = nblk ? (uint32_t)b->scur : (n->stream_inline ? EROFS_NULL_ADDR : 0);
+    if (sm && nblk && b->szero && b->szero < b->scur) {
+        j->zero_off = b->szero * blksz;
+        j->zero_len = (b->scur - b->szero) * blksz;
+    }
+    b->scur += nblk;
+    if (sm && nblk)
+        b->szero = b->scur;
+    j->out_off = nblk ? (uint64_t)n->startblk * blksz : 0;
+    if (b->scur > 0xFFFFFFFFull) {
+        free(j->path);
+        free(j);
+        return fail(b, ERN_ELIMIT, "image larger than 2^32 blocks");
+    }
+    return enqueue(b, j);
+}
+
+void stream_job_free(struct job *j)
+{
+    free(j->path);
+    free(j);
+}
+
 int stream_file(erofs_builder *b, uint32_t node, const char *path, size_t pathlen,
                        uint64_t offset)
 {
@@ -372,6 +407,11 @@ int stream_file(erofs_builder *b, uint32_t node, const char *path, size_t pathle
     if (sm)
         smeta_pending(b, node);
     if (n->dkind == D_SPARSE) {
+        int r = sm ? smeta_flush(b) : 0;    /* (its chunks take the stream's blocks now) */
+        if (r) {
+            stream_job_free(j);
+            return r;
+        }
         struct chunkset *cs = &b->chunks[n->aux];
         b->scur = place_sparse_chunks(b, cs, n->size, b->scur);
         if (sm)
@@ -379,45 +419,36 @@ int stream_file(erofs_builder *b, uint32_t node, const char *path, size_t pathle
         j->sparse = cs->entries;
         j->nchunks = cs->count;
         j->csz = (uint64_t)blksz << (cs->format & EROFS_CHUNK_FORMAT_BLKBITS_MASK);
-    } else {
-        uint64_t tail = n->size % blksz;
-        /* decided before the layout: the inode size as far as known now */
-        int inl = b->o.inline_data && tail &&
-                  stream_inode_size(b, n) + n->xa_max + tail <= blksz;
-        uint64_t full = inl ? n->size - tail : n->size;
-        uint64_t nblk = (full + blksz - 1) / blksz;
-        if (sm)     /* the inode (and tail) right before the data (smeta.c) */
-            smeta_reserve(b, node, (uint32_t)align_up(stream_inode_size(b, n) + n->xa_max +
-                                                      (inl ? tail : 0), EROFS_SLOT_SIZE));
-        n->startblk = nblk ? (uint32_t)b->scur : (inl ? EROFS_NULL_ADDR : 0);
-        if (sm && nblk && b->szero && b->szero < b->scur) {
-            j->zero_off = b->szero * blksz;
-            j->zero_len = (b->scur - b->szero) * blksz;
+        if (b->scur > 0xFFFFFFFFull) {
+            stream_job_free(j);
+            return fail(b, ERN_ELIMIT, "image larger than 2^32 blocks");
         }
-        b->scur += nblk;
-        if (sm && nblk)
-            b->szero = b->scur;
-        j->out_off = nblk ? (uint64_t)n->startblk * blksz : 0;
-        j->full = full;
-        if (inl) {
-            uint64_t budget = (uint64_t)(b->o.tail_budget_mib ? b->o.tail_budget_mib : 64) << 20;
-            j->tail = (uint32_t)tail;
-            j->tail_src_off = offset + full;
-            if (b->tail_mem + tail <= budget) {
-                NX(b, n)->tailbuf = malloc(tail);
-                if (NX(b, n)->tailbuf)
-                    b->tail_mem += tail;
-            }
-            j->tailbuf = NX(b, n)->tailbuf;
+        n->streamed = 1;
+        return enqueue(b, j);
+    }
+    uint64_t tail = n->size % blksz;
+    /* decided before the layout: the inode size as far as known now */
+    int inl = b->o.inline_data && tail &&
+              stream_inode_size(b, n) + n->xa_max + tail <= blksz;
+    uint64_t full = inl ? n->size - tail : n->size;
+    uint64_t nblk = (full + blksz - 1) / blksz;
+    j->full = full;
+    if (inl) {
+        uint64_t budget = (uint64_t)(b->o.tail_budget_mib ? b->o.tail_budget_mib : 64) << 20;
+        j->tail = (uint32_t)tail;
+        j->tail_src_off = offset + full;
+        if (b->tail_mem + tail <= budget) {
+            NX(b, n)->tailbuf = malloc(tail);
+            if (NX(b, n)->tailbuf)
+                b->tail_mem += tail;
         }
-        n->stream_inline = (uint8_t)inl;
+        j->tailbuf = NX(b, n)->tailbuf;
     }
-    if (b->scur > 0xFFFFFFFFull) {
-        free(j->path);
-        free(j);
-        return fail(b, ERN_ELIMIT, "image larger than 2^32 blocks");
-    }
+    n->stream_inline = (uint8_t)inl;
     n->streamed = 1;
-    return enqueue(b, j);
+    if (sm)     /* the inode (and tail) before the data: with its window's (smeta.c) */
+        return smeta_defer(b, node, j, (uint32_t)align_up(stream_inode_size(b, n) + n->xa_max +
+                                                          (inl ? tail : 0), EROFS_SLOT_SIZE),
+                           nblk);
+    return stream_place(b, node, j, nblk);
 }
-

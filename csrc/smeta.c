@@ -10,9 +10,12 @@
  * directory's inode and blocks when the walk opens it (smeta_dir), a file's inode
  * (with its inline tail) right before its data (stream_file), other inodes before the
  * next of these (the walks make a directory's symlinks, devices, fifos and sockets
- * first, walk.c's bare_first: a listing stats them). The room is packed best fit into blocks taken from the stream as
- * needed (metapack.c over a virtual area whose blocks map to stream blocks), so the
- * blocks a reader needs next are those the data's readahead has just brought in.
+ * first, walk.c's bare_first: a listing stats them). The records of a directory's files
+ * wait in a window (up to SM_WINDOW, until the next directory opens) and are packed
+ * best fit decreasing into blocks (metapack.c over a virtual area whose blocks map to
+ * stream blocks); then, in walk order, a record's block is taken from the stream right
+ * before its file's data unless an earlier record's took it, so the blocks a reader needs
+ * next are those the data's readahead has just brought in.
  * Reservations are upper bounds decided on the caller's thread in call order (the
  * image does not depend on threads); the layout keeps a record where it was reserved
  * when it fits, else places it in the inode area after the data, as before.
@@ -25,7 +28,24 @@ struct smeta {
     uint32_t nblk, cap;
     uint32_t next;              /* nodes below it were looked at by smeta_pending */
     uint64_t root_off;          /* the root's record in block 0, after the superblock */
+    struct smwin *w;            /* the window: records waiting to be packed together */
+    uint32_t nw, capw;
+    int err;                    /* a flush from smeta_pending failed */
 };
+
+/* a record waiting in the window: a file's (with its copy job and data blocks, placed
+ * when the window is packed) or one that gets no data (job NULL) */
+struct smwin {
+    struct job *j;
+    uint64_t nblk;
+    uint32_t node, len;
+};
+
+/* records packed together at most: the records of a directory's files are known one
+ * file at a time, and best fit decreasing over a window packs them tighter than best
+ * fit in walk order: /usr/share 17,326 -> ~17,190 blocks of records, each one 4 KiB
+ * read of a reader walking the tree */
+#define SM_WINDOW 256
 
 /* on once the walk (walk.c) announced the root directory: other sources (tar, the
  * Python walk) keep every record in the inode area */
@@ -54,6 +74,10 @@ void smeta_free(erofs_builder *b)
     if (!b->sm)
         return;
     mpack_free(&b->sm->m);
+    for (uint32_t i = 0; i < b->sm->nw; i++)     /* (a build given up) */
+        if (b->sm->w[i].j)
+            stream_job_free(b->sm->w[i].j);
+    free(b->sm->w);
     free(b->sm->blk);
     free(b->smq);
     b->smq = NULL;
@@ -120,6 +144,90 @@ void smeta_map(erofs_builder *b, uint64_t off)
         s->blk[v] = b->scur++;
 }
 
+/* a record into the window (job: a file's copy job, its data nblk blocks after the
+ * record); packed, and the files placed, when the window is full, a directory opens,
+ * a sparse file comes or the stream ends (smeta_flush). -> 0, or an error code (the
+ * job freed) */
+int smeta_defer(erofs_builder *b, uint32_t node, struct job *j, uint32_t len, uint64_t nblk)
+{
+    struct smeta *s = b->sm;
+    if (!s)
+        return j ? stream_place(b, node, j, nblk) : 1;
+    if (s->nw == s->capw) {
+        uint32_t ncap = s->capw ? s->capw * 2 : 64;
+        struct smwin *p = realloc(s->w, (size_t)ncap * sizeof(*p));
+        if (!p) {
+            if (!j)
+                return 1;
+            int r = smeta_flush(b);     /* (out of memory: this one alone) */
+            if (!r)
+                smeta_reserve(b, node, len);
+            return r ? (stream_job_free(j), r) : stream_place(b, node, j, nblk);
+        }
+        s->w = p;
+        s->capw = ncap;
+    }
+    s->w[s->nw++] = (struct smwin){.j = j, .nblk = nblk, .node = node, .len = len};
+    return s->nw >= SM_WINDOW ? smeta_flush(b) : 0;
+}
+
+static int win_cmp(const void *pa, const void *pb)
+{
+    const uint64_t a = *(const uint64_t *)pa, c = *(const uint64_t *)pb;
+    return a < c ? -1 : a > c;
+}
+
+/* the window packed: its records best fit decreasing (equal lengths in walk order) into
+ * the virtual area; then, in walk order, each record's block gets the stream's next
+ * block unless an earlier record's gave it one, and each file's data follows: a
+ * record's block still comes before its file's data, as a reader walking the tree
+ * needs them. -> 0 or an error code */
+int smeta_flush(erofs_builder *b)
+{
+    struct smeta *s = b->sm;
+    if (s && s->err)
+        return s->err;
+    if (!s || !s->nw)
+        return 0;
+    uint32_t nw = s->nw;
+    uint64_t *ord = malloc((size_t)nw * sizeof(*ord));
+    if (ord) {
+        /* key: (blksz - len) << 32 | index, ascending: longest first, walk order within */
+        for (uint32_t i = 0; i < nw; i++)
+            ord[i] = (uint64_t)(b->blksz - (s->w[i].len < b->blksz ? s->w[i].len
+                                                                    : b->blksz)) << 32 | i;
+        qsort(ord, nw, sizeof(*ord), win_cmp);
+    }
+    for (uint32_t k = 0; k < nw; k++) {
+        uint32_t i = ord ? (uint32_t)ord[k] : k;
+        struct smwin *e = &s->w[i];
+        struct node *n = &b->nodes[e->node];
+        uint64_t off;
+        if (!e->len || NX(b, n)->sres || smeta_vroom(b, e->len, 0, &off))
+            continue;
+        NX(b, n)->soff = off;
+        NX(b, n)->slen = e->len;
+        NX(b, n)->sres = 1;
+    }
+    free(ord);
+    s->nw = 0;
+    int r = 0;
+    for (uint32_t i = 0; i < nw; i++) {
+        struct smwin *e = &s->w[i];
+        struct node *n = &b->nodes[e->node];
+        if (r) {
+            if (e->j)
+                stream_job_free(e->j);
+            continue;
+        }
+        if (NX(b, n)->sres == 1)
+            smeta_map(b, NX(b, n)->soff);
+        if (e->j)
+            r = stream_place(b, e->node, e->j, e->nblk);
+    }
+    return r;
+}
+
 /* the record of a node that gets no data now, upper bound: inode, every xattr inline,
  * a symlink's target inline when it fits */
 static uint32_t bare_len(const erofs_builder *b, const struct node *n)
@@ -151,10 +259,14 @@ void smeta_pending(erofs_builder *b, uint32_t upto)
             n->dkind == D_SPARSE || n->dkind == D_CHUNKS)
             continue;
         uint32_t len = bare_len(b, n);
+        int r = 0;
         if (len && b->zp)
             zsm_push(b, i, len, 0);     /* placed at the pool's next commit */
-        else if (len)
-            smeta_reserve(b, i, len);
+        else if (len && (r = smeta_defer(b, i, NULL, len, 0)) == 1)
+            smeta_reserve(b, i, len);   /* (out of memory: now, unpacked) */
+        else if (r < 0 && !s->err)
+            s->err = r;                 /* (a window's files not placed: said at the next
+                                           flush) */
     }
     if (upto > s->next)
         s->next = upto;
@@ -172,6 +284,9 @@ int smeta_dir(erofs_builder *b, uint32_t node, const char *names, const uint32_t
         return 0;
     uint32_t blksz = b->blksz;
     smeta_pending(b, b->nnodes);
+    int r = b->zp ? 0 : smeta_flush(b);
+    if (r)
+        return r;
     struct node *n = &b->nodes[node];
     uint64_t size = dir_size_sorted(blksz, names, offs, cnt);
     uint64_t tail = size % blksz;
