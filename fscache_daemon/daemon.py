@@ -65,7 +65,7 @@ from fscache_daemon.pool import (
 from fscache_daemon.prefetch import listed_whole, stream_table
 from fscache_daemon.readahead import BlobReadahead
 from fscache_daemon.state import CacheDirLock
-from fscache_daemon.storage import StorageError, preread
+from fscache_daemon.storage import StorageError
 from fscache_daemon.storage import blobcache as bc
 from fscache_daemon.storage.backends import Backend, open_backend
 from fscache_daemon.storage.keychain import Keychain
@@ -74,6 +74,7 @@ from fscache_daemon.storage.planner import (
     chunks_in_range,
     clamp_range,
     plan,
+    tasks_of,
 )
 from fscache_daemon.trace import TraceRecorder, find_image
 from fscache_daemon.zranwarm import ZranWarm
@@ -113,7 +114,7 @@ TRACE_KEEP_MARKED = 120.0
 # requests of at most --batch-size). Tasks of 4 MiB read a cold GiB ~10 % faster, but a
 # task claims its chunks when it starts and a reader needing one waited for the task's
 # requests before it (ML cold start: 44-53 reads, 0.6 s in all). 1 MiB: one request per
-# task; a sequential window's are read ahead of their tasks (storage/preread.py).
+# task.
 READAHEAD_TASK_BYTES = 1 << 20
 # A readahead request spans gaps of up to this many stored bytes between the chunks it
 # wants (fetched and dropped): without this the cold files windows leave out split them
@@ -445,13 +446,13 @@ class Daemon(MountLifecycle):
         after = fetch and (WINDOW_AFTER_MISS == 1 or
                            (WINDOW_AFTER_MISS == 2 and kind == "neighbours"))
         if not after:
-            self._submit_window(mgr, rest, kind)
+            self._submit_window(mgr, rest)
         t1 = time.monotonic()
         try:
             fetched = mgr.fill(offset, length, along=along, max_gap=READAHEAD_MAX_GAP)
         finally:
             if after:
-                self._submit_window(mgr, rest, kind)
+                self._submit_window(mgr, rest)
         if debug:
             times = bc.FILL_TIMES.__dict__
             log.debug("fill %s %d+%d: fetched %d in %.2f ms (queued %.2f, plan %.2f, "
@@ -518,20 +519,15 @@ class Daemon(MountLifecycle):
             lo = c.compressed_offset
         return along
 
-    def _submit_window(self, mgr, chunks, kind: str = "") -> None:
-        tasks = preread.tasks_of(plan(chunks, self.batch_size, READAHEAD_MAX_GAP),
-                                 READAHEAD_TASK_BYTES)
-        # a sequential window's requests are read ahead of its tasks (storage/preread.py)
-        chain = preread.PreReadChain(mgr, tasks, max_gap=READAHEAD_MAX_GAP) if tasks and \
-            kind in ("sequential", "marker") and preread.DEPTH and mgr.can_preread() else None
-        for k, task in enumerate(tasks):
-            self.pool.submit_readahead(self._readahead_batch, mgr, task, chain, k)
+    def _submit_window(self, mgr, chunks) -> None:
+        for task in tasks_of(plan(chunks, self.batch_size, READAHEAD_MAX_GAP),
+                             READAHEAD_TASK_BYTES):
+            self.pool.submit_readahead(self._readahead_batch, mgr, task)
 
-    def _readahead_batch(self, mgr, chunks, chain=None, k: int = 0) -> int:
+    def _readahead_batch(self, mgr, chunks) -> int:
         try:
             # prefetch=False: counted as readahead below, not as prefetch
-            n = chain.run(k) if chain is not None else \
-                mgr.fill_chunks(chunks, prefetch=False, max_gap=READAHEAD_MAX_GAP)
+            n = mgr.fill_chunks(chunks, prefetch=False, max_gap=READAHEAD_MAX_GAP)
         except Exception as e:  # noqa: BLE001 - the reader's own request will retry
             log.debug("readahead of blob %s failed: %s", mgr.blob_id[:12], e)
             return 0
@@ -547,7 +543,7 @@ class Daemon(MountLifecycle):
         if not mgr.is_cached(offset, length):
             return False
         mgr.stats.record_request(length, True, time.perf_counter() - t0, False)
-        self._submit_window(mgr, *self._readahead(key, mgr, offset, length, False))
+        self._submit_window(mgr, self._readahead(key, mgr, offset, length, False)[0])
         return True
 
     # -- prefetch -----------------------------------------------------------------------
