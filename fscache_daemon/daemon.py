@@ -98,9 +98,8 @@ DEFAULT_READAHEAD = 64 << 20
 INITIAL_READAHEAD = 2 << 20               # a sequential reader's first window
 # How often the cache files are fdatasync'ed and their chunks recorded as durable. Only a
 # power loss needs this (within one boot the live bitmap is trusted), and the kernel
-# writes dirty data back after ~30 s by itself: syncing every second instead made a
-# cold read's cache writes compete with its backend reads for the disk (1 GiB image:
-# ~2 s of iowait).
+# writes dirty data back after ~30 s by itself: syncing every second instead made a cold
+# read's cache writes compete with its backend reads for the disk (1 GiB: ~2 s of iowait).
 SYNC_INTERVAL = 30.0
 # A blob completed ahead of its readers stays marked for its access trace; this often the
 # daemon looks whether every chunk was read since (then it is unmarked: warm reads of a
@@ -111,11 +110,16 @@ TRACE_UNMARK_INTERVAL = 2.0
 # kernel alone
 TRACE_KEEP_MARKED = 120.0
 # A readahead window is split into tasks of about this many stored bytes (backend
-# requests of at most --batch-size). Tasks of 4 MiB read a cold GiB ~10 % faster, but a
-# task claims its chunks when it starts and a reader needing one waited for the task's
-# requests before it (ML cold start: 44-53 reads, 0.6 s in all). 1 MiB: one request per
-# task.
+# requests of at most --batch-size): a task claims its chunks when it starts, and a
+# reader needing one waits for the task's requests before it (4 MiB tasks: 44-53 reads
+# of the ML cold start waited 0.6 s in all). A sequential window's tasks are 4 MiB: a
+# task's next request is read (storage/pipeline.py) while its last is decoded, so a
+# worker seldom blocks in a read, and a sequential reader wants the first one first
+# anyway (cold GiB, alternated rounds at load 2-6, branch coldrd: wall 0.86-0.93 of
+# 1 MiB tasks', the reader's blocked time 0.7-0.9, daemon CPU 0.94-0.98).
 READAHEAD_TASK_BYTES = 1 << 20
+SEQUENTIAL_TASK_BYTES = 4 << 20
+SEQUENTIAL_KINDS = ("sequential", "marker")    # readahead.Window.kind
 # A readahead request spans gaps of up to this many stored bytes between the chunks it
 # wants (fetched and dropped): without this the cold files windows leave out split them
 # into a request per file (ML cold start: 864 registry requests instead of 597). On a
@@ -446,13 +450,13 @@ class Daemon(MountLifecycle):
         after = fetch and (WINDOW_AFTER_MISS == 1 or
                            (WINDOW_AFTER_MISS == 2 and kind == "neighbours"))
         if not after:
-            self._submit_window(mgr, rest)
+            self._submit_window(mgr, rest, kind)
         t1 = time.monotonic()
         try:
             fetched = mgr.fill(offset, length, along=along, max_gap=READAHEAD_MAX_GAP)
         finally:
             if after:
-                self._submit_window(mgr, rest)
+                self._submit_window(mgr, rest, kind)
         if debug:
             times = bc.FILL_TIMES.__dict__
             log.debug("fill %s %d+%d: fetched %d in %.2f ms (queued %.2f, plan %.2f, "
@@ -519,9 +523,9 @@ class Daemon(MountLifecycle):
             lo = c.compressed_offset
         return along
 
-    def _submit_window(self, mgr, chunks) -> None:
-        for task in tasks_of(plan(chunks, self.batch_size, READAHEAD_MAX_GAP),
-                             READAHEAD_TASK_BYTES):
+    def _submit_window(self, mgr, chunks, kind: str = "") -> None:
+        size = SEQUENTIAL_TASK_BYTES if kind in SEQUENTIAL_KINDS else READAHEAD_TASK_BYTES
+        for task in tasks_of(plan(chunks, self.batch_size, READAHEAD_MAX_GAP), size):
             self.pool.submit_readahead(self._readahead_batch, mgr, task)
 
     def _readahead_batch(self, mgr, chunks) -> int:
@@ -543,7 +547,7 @@ class Daemon(MountLifecycle):
         if not mgr.is_cached(offset, length):
             return False
         mgr.stats.record_request(length, True, time.perf_counter() - t0, False)
-        self._submit_window(mgr, self._readahead(key, mgr, offset, length, False)[0])
+        self._submit_window(mgr, *self._readahead(key, mgr, offset, length, False))
         return True
 
     # -- prefetch -----------------------------------------------------------------------

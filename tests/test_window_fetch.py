@@ -8,10 +8,13 @@ from __future__ import annotations
 import random
 import threading
 import time
+from types import SimpleNamespace
+from typing import NamedTuple
 
 import pytest
 from test_daemon_support import pack
 
+from fscache_daemon import daemon as dmod
 from fscache_daemon.daemon import Daemon
 from fscache_daemon.storage import backends
 from fscache_daemon.storage.planner import tasks_of
@@ -27,6 +30,33 @@ def test_tasks_of_groups_requests():
     bs = [B([i], n) for i, n in enumerate([300, 300, 500, 1200, 100])]
     assert tasks_of(bs, 1000) == [[0, 1, 2], [3], [4]]
     assert tasks_of([], 1000) == []
+
+
+class _Chunk(NamedTuple):
+    index: int
+    compressed_offset: int
+    compressed_size: int
+
+
+@pytest.mark.parametrize("kind", ["marker", "sequential", "file", "neighbours", ""])
+def test_sequential_windows_go_in_larger_tasks(kind):
+    """A sequential window's tasks hold several requests (a worker's next one read while
+    it decodes its last), any other window's one request each."""
+    tasks: list = []
+
+    class Pool:
+        def submit_readahead(self, fn, mgr, task):
+            tasks.append([c.index for c in task])
+
+    fake = SimpleNamespace(batch_size=MiB, pool=Pool(), _readahead_batch=None)
+    chunks = [_Chunk(i, i * (MiB // 2), MiB // 2) for i in range(32)]      # 16 requests
+    Daemon._submit_window(fake, None, chunks, kind)     # type: ignore[arg-type]
+    per = dmod.SEQUENTIAL_TASK_BYTES if kind in ("marker", "sequential") else \
+        dmod.READAHEAD_TASK_BYTES
+    assert per == (4 * MiB if kind in ("marker", "sequential") else MiB)
+    assert len(tasks) == 16 * MiB // per
+    assert all(len(t) == per // (MiB // 2) for t in tasks)
+    assert sorted(i for t in tasks for i in t) == list(range(32))     # each chunk once
 
 
 def _daemon_image(tmp_path):
