@@ -63,7 +63,7 @@ from fscache_daemon.pool import (
     TokenBucket,
 )
 from fscache_daemon.prefetch import listed_whole, stream_table
-from fscache_daemon.readahead import BlobReadahead
+from fscache_daemon.readahead import BlobReadahead, task_bytes
 from fscache_daemon.state import CacheDirLock
 from fscache_daemon.storage import StorageError
 from fscache_daemon.storage import blobcache as bc
@@ -109,17 +109,6 @@ TRACE_UNMARK_INTERVAL = 2.0
 # cold start, while warm reads of a blob nobody reads whole must end up served by the
 # kernel alone
 TRACE_KEEP_MARKED = 120.0
-# A readahead window is split into tasks of about this many stored bytes (backend
-# requests of at most --batch-size): a task claims its chunks when it starts, and a
-# reader needing one waits for the task's requests before it (4 MiB tasks: 44-53 reads
-# of the ML cold start waited 0.6 s in all). A sequential window's tasks are 4 MiB: a
-# task's next request is read (storage/pipeline.py) while its last is decoded, so a
-# worker seldom blocks in a read, and a sequential reader wants the first one first
-# anyway (cold GiB, alternated rounds at load 2-6, branch coldrd: wall 0.86-0.93 of
-# 1 MiB tasks', the reader's blocked time 0.7-0.9, daemon CPU 0.94-0.98).
-READAHEAD_TASK_BYTES = 1 << 20
-SEQUENTIAL_TASK_BYTES = 4 << 20
-SEQUENTIAL_KINDS = ("sequential", "marker")    # readahead.Window.kind
 # A readahead request spans gaps of up to this many stored bytes between the chunks it
 # wants (fetched and dropped): without this the cold files windows leave out split them
 # into a request per file (ML cold start: 864 registry requests instead of 597). On a
@@ -524,7 +513,7 @@ class Daemon(MountLifecycle):
         return along
 
     def _submit_window(self, mgr, chunks, kind: str = "") -> None:
-        size = SEQUENTIAL_TASK_BYTES if kind in SEQUENTIAL_KINDS else READAHEAD_TASK_BYTES
+        size = task_bytes(kind, chunks)     # readahead.py: a long stream's are larger
         for task in tasks_of(plan(chunks, self.batch_size, READAHEAD_MAX_GAP), size):
             self.pool.submit_readahead(self._readahead_batch, mgr, task)
 

@@ -14,7 +14,7 @@ from typing import NamedTuple
 import pytest
 from test_daemon_support import pack
 
-from fscache_daemon import daemon as dmod
+from fscache_daemon import readahead
 from fscache_daemon.daemon import Daemon
 from fscache_daemon.storage import backends
 from fscache_daemon.storage.planner import tasks_of
@@ -36,12 +36,16 @@ class _Chunk(NamedTuple):
     index: int
     compressed_offset: int
     compressed_size: int
+    uncompressed_size: int
 
 
-@pytest.mark.parametrize("kind", ["marker", "sequential", "file", "neighbours", ""])
-def test_sequential_windows_go_in_larger_tasks(kind):
-    """A sequential window's tasks hold several requests (a worker's next one read while
-    it decodes its last), any other window's one request each."""
+@pytest.mark.parametrize("kind,mib,task_mib", [
+    ("marker", 16, 4), ("sequential", 64, 4), ("marker", 8, 1), ("sequential", 2, 1),
+    ("file", 16, 1), ("neighbours", 16, 1), ("", 16, 1)])
+def test_long_streams_windows_go_in_larger_tasks(kind, mib, task_mib):
+    """A long sequential stream's windows are fetched in tasks of several requests (a
+    worker's next one read while it decodes its last), any other window in tasks of one
+    request each."""
     tasks: list = []
 
     class Pool:
@@ -49,14 +53,14 @@ def test_sequential_windows_go_in_larger_tasks(kind):
             tasks.append([c.index for c in task])
 
     fake = SimpleNamespace(batch_size=MiB, pool=Pool(), _readahead_batch=None)
-    chunks = [_Chunk(i, i * (MiB // 2), MiB // 2) for i in range(32)]      # 16 requests
+    # 1 MiB chunks stored in 512 KiB each: a request of 1 MiB holds two of them
+    n = mib
+    chunks = [_Chunk(i, i * (MiB // 2), MiB // 2, MiB) for i in range(n)]
+    assert readahead.task_bytes(kind, chunks) == task_mib * MiB
     Daemon._submit_window(fake, None, chunks, kind)     # type: ignore[arg-type]
-    per = dmod.SEQUENTIAL_TASK_BYTES if kind in ("marker", "sequential") else \
-        dmod.READAHEAD_TASK_BYTES
-    assert per == (4 * MiB if kind in ("marker", "sequential") else MiB)
-    assert len(tasks) == 16 * MiB // per
-    assert all(len(t) == per // (MiB // 2) for t in tasks)
-    assert sorted(i for t in tasks for i in t) == list(range(32))     # each chunk once
+    per = task_mib * 2      # chunks per task
+    assert [len(t) for t in tasks] == [per] * (n // per) + ([n % per] if n % per else [])
+    assert sorted(i for t in tasks for i in t) == list(range(n))     # each chunk once
 
 
 def _daemon_image(tmp_path):
