@@ -98,8 +98,9 @@ DEFAULT_READAHEAD = 64 << 20
 INITIAL_READAHEAD = 2 << 20               # a sequential reader's first window
 # How often the cache files are fdatasync'ed and their chunks recorded as durable. Only a
 # power loss needs this (within one boot the live bitmap is trusted), and the kernel
-# writes dirty data back after ~30 s by itself: syncing every second instead made a cold
-# read's cache writes compete with its backend reads for the disk (1 GiB: ~2 s of iowait).
+# writes dirty data back after ~30 s by itself: syncing every second instead made a
+# cold read's cache writes compete with its backend reads for the disk (1 GiB image:
+# ~2 s of iowait).
 SYNC_INTERVAL = 30.0
 # A blob completed ahead of its readers stays marked for its access trace; this often the
 # daemon looks whether every chunk was read since (then it is unmarked: warm reads of a
