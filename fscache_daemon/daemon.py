@@ -63,9 +63,9 @@ from fscache_daemon.pool import (
     TokenBucket,
 )
 from fscache_daemon.prefetch import listed_whole, stream_table
-from fscache_daemon.readahead import BlobReadahead
+from fscache_daemon.readahead import BlobReadahead, task_bytes
 from fscache_daemon.state import CacheDirLock
-from fscache_daemon.storage import StorageError, preread
+from fscache_daemon.storage import StorageError
 from fscache_daemon.storage import blobcache as bc
 from fscache_daemon.storage.backends import Backend, open_backend
 from fscache_daemon.storage.keychain import Keychain
@@ -74,6 +74,7 @@ from fscache_daemon.storage.planner import (
     chunks_in_range,
     clamp_range,
     plan,
+    tasks_of,
 )
 from fscache_daemon.trace import TraceRecorder, find_image
 from fscache_daemon.zranwarm import ZranWarm
@@ -109,12 +110,6 @@ TRACE_UNMARK_INTERVAL = 2.0
 # cold start, while warm reads of a blob nobody reads whole must end up served by the
 # kernel alone
 TRACE_KEEP_MARKED = 120.0
-# A readahead window is split into tasks of about this many stored bytes (backend
-# requests of at most --batch-size). Tasks of 4 MiB read a cold GiB ~10 % faster, but a
-# task claims its chunks when it starts and a reader needing one waited for the task's
-# requests before it (ML cold start: 44-53 reads, 0.6 s in all). 1 MiB: one request per
-# task; a sequential window's are read ahead of their tasks (storage/preread.py).
-READAHEAD_TASK_BYTES = 1 << 20
 # A readahead request spans gaps of up to this many stored bytes between the chunks it
 # wants (fetched and dropped): without this the cold files windows leave out split them
 # into a request per file (ML cold start: 864 registry requests instead of 597). On a
@@ -519,19 +514,14 @@ class Daemon(MountLifecycle):
         return along
 
     def _submit_window(self, mgr, chunks, kind: str = "") -> None:
-        tasks = preread.tasks_of(plan(chunks, self.batch_size, READAHEAD_MAX_GAP),
-                                 READAHEAD_TASK_BYTES)
-        # a sequential window's requests are read ahead of its tasks (storage/preread.py)
-        chain = preread.PreReadChain(mgr, tasks, max_gap=READAHEAD_MAX_GAP) if tasks and \
-            kind in ("sequential", "marker") and preread.DEPTH and mgr.can_preread() else None
-        for k, task in enumerate(tasks):
-            self.pool.submit_readahead(self._readahead_batch, mgr, task, chain, k)
+        size = task_bytes(kind, chunks)     # readahead.py: a long stream's are larger
+        for task in tasks_of(plan(chunks, self.batch_size, READAHEAD_MAX_GAP), size):
+            self.pool.submit_readahead(self._readahead_batch, mgr, task)
 
-    def _readahead_batch(self, mgr, chunks, chain=None, k: int = 0) -> int:
+    def _readahead_batch(self, mgr, chunks) -> int:
         try:
             # prefetch=False: counted as readahead below, not as prefetch
-            n = chain.run(k) if chain is not None else \
-                mgr.fill_chunks(chunks, prefetch=False, max_gap=READAHEAD_MAX_GAP)
+            n = mgr.fill_chunks(chunks, prefetch=False, max_gap=READAHEAD_MAX_GAP)
         except Exception as e:  # noqa: BLE001 - the reader's own request will retry
             log.debug("readahead of blob %s failed: %s", mgr.blob_id[:12], e)
             return 0

@@ -60,7 +60,6 @@ from .chunkstate import (  # noqa: F401
     state_bits,
 )
 from .planner import DEFAULT_BATCH_SIZE, chunks_in_range, clamp_range, plan
-from .preread import PreReadMixin
 from .rawkeep import RawKeep
 from .stats import FILL_TIMES, BlobStats, add_fill_time  # noqa: F401
 
@@ -97,9 +96,9 @@ class FillError(StorageError):
     """Some chunk of a requested range could not be fetched or verified."""
 
 
-class BlobManager(PreReadMixin):
+class BlobManager:
     """Fills ranges of one blob's cache file; thread-safe; one fetch per chunk at a time
-    (requests for a chunk in flight wait for it, or process its pre-read: preread.py)."""
+    (requests for a chunk in flight wait for it)."""
 
     def __init__(self, meta, cache: BlobCache, backend, *, batch_size: int = DEFAULT_BATCH_SIZE,
                  on_complete=None, pipeline: bool = False):
@@ -119,8 +118,6 @@ class BlobManager(PreReadMixin):
         self._rawkeep = RawKeep() if getattr(meta, "zran", None) is not None else None
         self._lock = threading.Lock()
         self._inflight: dict[int, _Flight] = {}
-        self._prereads: dict = {}       # chunk index -> its PreRead, until taken
-        self._flight_type = _Flight
         self._completed_reported = cache.complete()
         self._dirty = False
         # the C core's cold path (default) or the Python one (FSCACHE_DAEMON_COLDPATH=
@@ -243,7 +240,6 @@ class BlobManager(PreReadMixin):
                 demand: bool = False, max_gap: int = 0, along=()) -> int:
         mine = []
         waits = []
-        stolen: list = []
         with self._lock:
             for c in chunks:
                 if self.cache.has(c):
@@ -251,7 +247,6 @@ class BlobManager(PreReadMixin):
                 f = self._inflight.get(c.index)
                 if f is not None:
                     waits.append((c, f))
-                    self._steal(c.index, stolen)
                 else:
                     f = _Flight()
                     self._inflight[c.index] = f
@@ -263,7 +258,7 @@ class BlobManager(PreReadMixin):
                      if c.index in extra]
         if not mine and not waits:
             return 0
-        fetched = self._run_taken(stolen, prefetch)     # pre-reads no task took yet
+        fetched = 0
         failures: list[tuple[Any, BaseException]] = []
         flights = dict((c.index, f) for c, f in mine)
         try:

@@ -101,3 +101,17 @@ def plan(chunks, batch_size: int = DEFAULT_BATCH_SIZE, max_gap: int = 0) -> list
         cur = Batch([c])
         batches.append(cur)
     return batches
+
+
+def tasks_of(batches, task_bytes: int) -> list[list]:
+    """A window's planned backend requests grouped into tasks of about `task_bytes`
+    stored bytes each (lists of chunks): the daemon's readahead tasks."""
+    tasks: list[list] = []
+    size = task_bytes
+    for b in batches:
+        if size >= task_bytes:
+            tasks.append([])
+            size = 0
+        tasks[-1] += b.chunks
+        size += b.length
+    return tasks
