@@ -12,7 +12,7 @@ import zstandard
 
 from erofs_tools._native import cold_decode_one
 from erofs_tools._native_chunkio import ChunkReadError, read_chunks
-from erofs_tools.builder import chunker
+from erofs_tools.builder import chunker, compressor
 from erofs_tools.builder.chunker import ChunkPipeline, Compressor
 from erofs_tools.errors import InputError
 
@@ -162,7 +162,7 @@ def test_zstd_batches_without_the_c_path_are_the_same_frames(monkeypatch):
     buf = bytearray(b"abc " * 100_000 + os.urandom(5000))
     pieces = [(0, 65536), (65536, 200_000), (400_000, 5000), (3, 10)]
     native = [bytes(x) for x in Compressor("zstd").compress_many(buf, pieces)]
-    monkeypatch.setattr(chunker, "_zstd_fns", lambda level: None)
+    monkeypatch.setattr(compressor, "_zstd_fns", lambda level: None)
     c = Compressor("zstd")
     assert c._fns is None and not c.pooled
     assert [bytes(x) for x in c.compress_many(buf, pieces)] == native
@@ -177,7 +177,7 @@ def test_every_zstd_fallback_gives_the_c_paths_bytes_and_says_which_it_is(monkey
     import sys
     buf = bytearray(b"abc " * 100_000 + os.urandom(5000))
     pieces = [(0, 65536), (65536, 200_000), (400_000, 5000), (3, 10), (17, 70_000)]
-    caplog.set_level(logging.DEBUG, logger=chunker.__name__)
+    caplog.set_level(logging.DEBUG, logger=compressor.__name__)
     c_path = Compressor("zstd")
     assert c_path._fns is not None and "C core" in c_path.batch_path()
     native = [bytes(x) for x in c_path.compress_many(buf, pieces)]
@@ -188,11 +188,11 @@ def test_every_zstd_fallback_gives_the_c_paths_bytes_and_says_which_it_is(monkey
     multi = Compressor("zstd")
     assert multi._fns is None and not multi.pooled
     assert "no C core batches" in caplog.text
-    if chunker._multi_compress():     # python-zstandard's C backend (Debian's)
+    if compressor._multi_compress():     # python-zstandard's C backend (Debian's)
         assert "zstd batches: python-zstandard multi_compress_to_buffer" in caplog.text
         assert [bytes(x) for x in multi.compress_many(buf, pieces)] == native
     caplog.clear()
-    monkeypatch.setattr(chunker, "_multi_compress", lambda: False)
+    monkeypatch.setattr(compressor, "_multi_compress", lambda: False)
     single = Compressor("zstd")
     assert "zstd batches: python-zstandard, one call per chunk" in caplog.text
     assert [bytes(x) for x in single.compress_many(buf, pieces)] == native
@@ -203,9 +203,9 @@ def test_compress_many_takes_the_callers_arrays_as_pairs():
     pieces as (offset, length) pairs, on every path."""
     buf = bytearray(b"xyz " * 50_000 + os.urandom(3000) + bytes(9000))
     pairs = [(0, 4096), (4096, 100_000), (200_000, 3000), (203_000, 9000), (1, 1)]
-    arrays = chunker.Pieces(array.array("Q", [o for o, _ in pairs]),
+    arrays = compressor.Pieces(array.array("Q", [o for o, _ in pairs]),
                             array.array("I", [n for _, n in pairs]))
-    of = chunker.Pieces.of(pairs)
+    of = compressor.Pieces.of(pairs)
     assert list(of.off) == list(arrays.off) and list(of.lengths) == list(arrays.lengths)
     assert list(of.segments()) == [x for p in pairs for x in p]
     for name in ("zstd", "lz4_block", "none"):
@@ -213,7 +213,7 @@ def test_compress_many_takes_the_callers_arrays_as_pairs():
         assert [bytes(x) for x in c.compress_many(buf, arrays)] == \
             [bytes(x) for x in c.compress_many(buf, pairs)]
     with pytest.raises(ValueError, match="as many"):
-        chunker.Pieces(array.array("Q", [0]), array.array("I"))
+        compressor.Pieces(array.array("Q", [0]), array.array("I"))
 
 
 def test_zstd_chunks_rejects_bad_arguments():
@@ -505,14 +505,14 @@ def test_compress_batch_runs_lie_back_to_back_in_its_base(name):
     c = Compressor(name)
     off = array.array("Q", [o for o, _ in pieces])
     lengths = array.array("I", [n for _, n in pieces])
-    base, stored = c.compress_batch(buf, chunker.Pieces(off, lengths))
+    base, stored = c.compress_batch(buf, compressor.Pieces(off, lengths))
     assert [bytes(x) for x in stored] == [bytes(x) for x in c.compress_many(buf, pieces)]
     if name == "zstd" and c._fns is not None:
         assert base is not None
         assert bytes(base[:sum(map(len, stored))]) == b"".join(bytes(x) for x in stored)
     else:
         assert base is None
-    assert c.compress_batch(buf, chunker.Pieces.of([]))[1] == []
+    assert c.compress_batch(buf, compressor.Pieces.of([]))[1] == []
 
 
 def test_compressed_batches_go_to_the_writer_in_runs(tmp_path, monkeypatch):
