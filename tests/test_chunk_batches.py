@@ -569,3 +569,25 @@ def test_regular_files_without_chunks_as_a_node_set_masks_them():
         assert list(_without(regular, mask)) == want
         assert list(_without(sorted(nodes), mask)) == want       # any iterable
     assert list(NodeSet([0, 3, 8]).without(b"\x01\x00\x00\x01")) == [8]
+
+
+def test_ci_v1_append_places_chunks_as_encode_ci_v1_does():
+    """The blob writer's C placement: each chunk's offsets and CI v1 entry as
+    format/rafs.py's encode_ci_v1 gives them, the positions advanced past the run, and
+    a stored size of 0 or over its data's refused."""
+    from erofs_tools._native_chunkio import ci_v1_append
+    from erofs_tools.format import rafs as R
+    cs = array.array("I", [10, 4096, 1 << 20, 1, 70_000, (1 << 24) - 1])
+    us = array.array("I", [20, 4096, 1 << 20, 5000, 1 << 20, 1 << 24])
+    coff, uoff, ci, pos, upos = ci_v1_append(cs, us, (1 << 40) - 7, 8192)
+    want, p, u = b"", (1 << 40) - 7, 8192
+    for c, n in zip(cs, us):
+        assert coff[len(want) // 16] == p and uoff[len(want) // 16] == u
+        want += R.encode_ci_v1(u, n, p, c)
+        p, u = p + c, u + (n + 4095) // 4096 * 4096
+    assert bytes(ci) == want and (pos, upos) == (p, u)
+    assert [R.decode_ci_v1(ci, 16 * i)[1::2] for i in range(len(cs))] == \
+        [(n, c) for c, n in zip(cs, us)]
+    for bad in ([5, 0], [5, 21]):
+        with pytest.raises(ValueError, match=r"larger than its data, or empty \(chunk 1\)"):
+            ci_v1_append(array.array("I", bad), array.array("I", [20, 20]), 0, 0)
