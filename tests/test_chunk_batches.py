@@ -591,3 +591,20 @@ def test_ci_v1_append_places_chunks_as_encode_ci_v1_does():
     for bad in ([5, 0], [5, 21]):
         with pytest.raises(ValueError, match=r"larger than its data, or empty \(chunk 1\)"):
             ci_v1_append(array.array("I", bad), array.array("I", [20, 20]), 0, 0)
+
+
+def test_nodeset_add_many_is_add_of_each():
+    """The C walk's step of nodes added at once: the same members and count as add() of
+    each, repeats and nodes already in the set counted once, the table grown past them."""
+    import random
+    from erofs_tools.builder.rafs_walk import NodeSet
+    rnd = random.Random(7)
+    one, many = NodeSet(), NodeSet()
+    for _ in range(50):
+        step = [rnd.randrange(0, 20_000) for _ in range(rnd.randrange(1, 300))]
+        for n in step:
+            one.add(n)
+        many.add_many(step)
+        assert len(many) == len(one)
+    assert list(many) == list(one) and len(set(one)) == len(one)
+    assert 19_999 not in NodeSet() and 5 in NodeSet([5])

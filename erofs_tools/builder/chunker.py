@@ -211,6 +211,23 @@ class _ChunkBatch:
         self.sparse: dict[int, tuple[str | bytes, int]] = {}
         self.nbytes = 0
 
+    def appender(self) -> tuple[Callable[[int], None], ...]:
+        """The appends of a chunk's name offset, file offset, length, buffer offset and
+        file key (bound once per batch: five attribute lookups a chunk fewer)."""
+        return (self.name_off.append, self.file_off.append, self.lengths.append,
+                self.buf_off.append, self.keys.append)
+
+    def add_name(self, path: str | bytes, size: int, sparse: bool) -> int:
+        """A file's NUL-terminated name appended; -> its offset in `names`."""
+        names = self.names
+        no = len(names)
+        names += path if isinstance(path, bytes) else os.fsencode(path)
+        names.append(0)
+        self.paths.append(path)
+        if sparse:
+            self.sparse[no] = (path, size)
+        return no
+
 
 class ChunkPipeline:
     """Chunk, hash and compress files in parallel; yield results in deterministic order.
@@ -434,6 +451,7 @@ class ChunkPipeline:
         cs = self.chunk_size
         whole = self.compressor.name == "none"
         batch = _ChunkBatch()
+        a_no, a_off, a_len, a_at, a_key = batch.appender()
         nbytes = nchunks = 0
         for file_key, path, size, sparse in files:
             off = 0
@@ -448,21 +466,16 @@ class ChunkPipeline:
                     batch.nbytes = nbytes
                     yield batch
                     batch = _ChunkBatch()
+                    a_no, a_off, a_len, a_at, a_key = batch.appender()
                     nbytes = nchunks = 0
                     no = -1
                 if no < 0:          # the file's name, once per batch it has chunks in
-                    names = batch.names
-                    no = len(names)
-                    names += path if isinstance(path, bytes) else os.fsencode(path)
-                    names.append(0)
-                    batch.paths.append(path)
-                    if sparse:
-                        batch.sparse[no] = (path, size)
-                batch.name_off.append(no)
-                batch.file_off.append(off)
-                batch.lengths.append(length)
-                batch.buf_off.append(nbytes)
-                batch.keys.append(file_key)
+                    no = batch.add_name(path, size, sparse)
+                a_no(no)
+                a_off(off)
+                a_len(length)
+                a_at(nbytes)
+                a_key(file_key)
                 nbytes += length
                 nchunks += 1
                 off += length
@@ -470,6 +483,7 @@ class ChunkPipeline:
                     batch.nbytes = nbytes
                     yield batch
                     batch = _ChunkBatch()
+                    a_no, a_off, a_len, a_at, a_key = batch.appender()
                     nbytes = nchunks = 0
                     no = -1
         if nchunks:
