@@ -597,6 +597,7 @@ def test_nodeset_add_many_is_add_of_each():
     """The C walk's step of nodes added at once: the same members and count as add() of
     each, repeats and nodes already in the set counted once, the table grown past them."""
     import random
+
     from erofs_tools.builder.rafs_walk import NodeSet
     rnd = random.Random(7)
     one, many = NodeSet(), NodeSet()
