@@ -236,6 +236,35 @@ static void put64(uint8_t *p, uint64_t v)
     memcpy(p, &v, 8);
 }
 
+int ern_ci_v1_append(const uint32_t *csize, const uint32_t *usize, uint32_t n,
+                     uint64_t *pos, uint64_t *upos, uint64_t *coff, uint64_t *uoff,
+                     uint8_t *ci, uint32_t *fail_index)
+{
+    uint64_t p = *pos, u = *upos;
+
+    for (uint32_t i = 0; i < n; i++, ci += 16) {
+        uint64_t c1 = (uint64_t)csize[i] - 1, u1 = (uint64_t)usize[i] - 1;
+        if (!csize[i] || csize[i] > usize[i]) {
+            *fail_index = i;
+            *pos = p;
+            *upos = u;
+            return -1;
+        }
+        /* CI v1 (format/rafs.py encode_ci_v1): sizes minus one, offsets 4 KiB aligned */
+        put64(ci, (((u1 >> 20) & 0xF) << 8) | (u & 0x0FFFFFFFF000ull)
+                  | ((u1 & 0xFFFFF) << 44));
+        put64(ci + 8, (p & 0xFFFFFFFFFFull) | (((c1 >> 20) & 0xF) << 40)
+                      | ((c1 & 0xFFFFF) << 44));
+        coff[i] = p;
+        uoff[i] = u;
+        p += csize[i];
+        u += ((uint64_t)usize[i] + 4095) & ~(uint64_t)4095;
+    }
+    *pos = p;
+    *upos = u;
+    return 0;
+}
+
 void ern_ci_entries(const uint8_t *digests, const uint32_t *order, uint32_t start,
                     uint32_t count, uint32_t blob_index, const uint64_t *coff,
                     const uint32_t *csize, const uint64_t *uoff, const uint32_t *usize,

@@ -374,6 +374,14 @@ int ern_zstd_chunks(void *compress2, void *is_error, void *cctx, const uint8_t *
  * GIL. ERN_CHUNKS_OK, or ERN_CHUNKS_EINVAL if they do not fit. */
 int ern_gather(uint8_t *const *src, const uint64_t *len, uint32_t n, uint8_t *dst,
                uint64_t cap);
+/* the blob writer's placement of n chunks appended in a row: chunk i stored as csize[i]
+ * bytes at *pos, its data usize[i] bytes at *upos (then rounded up to 4096); its
+ * compressed and uncompressed offsets to coff[i], uoff[i], its 16-byte CI v1 entry to
+ * ci + 16 i; *pos and *upos advanced past them. -> 0, or -1 with *fail_index set: a
+ * stored size of 0 or over its data's (nothing past that chunk written). */
+int ern_ci_v1_append(const uint32_t *csize, const uint32_t *usize, uint32_t n,
+                     uint64_t *pos, uint64_t *upos, uint64_t *coff, uint64_t *uoff,
+                     uint8_t *ci, uint32_t *fail_index);
 /* pack's chunk info table (the new blob's chunks, each digest once): ern_ci_order puts
  * the indexes i < n with used[i] into order, sorted by their 32-byte digests (digests +
  * 32 i), -> how many; ern_ci_entries writes the 80-byte RafsV5ChunkInfo entries of

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from erofs_tools._native import ffi, lib
 
 __all__ = ["ChunkInfoTable", "ChunkReadError", "batch_buffer", "batch_buffers_kept",
-           "chunk_indexes", "gather", "read_chunks", "zstd_chunks"]
+           "chunk_indexes", "ci_v1_append", "gather", "read_chunks", "zstd_chunks"]
 
 # cdata of the C pool's buffers: freed (given back to the pool) when the last view of
 # them is gone; not zeroed (read_chunks overwrites every byte a chunk covers)
@@ -102,6 +102,29 @@ def zstd_chunks(compress2: int, is_error: int, cctx: int, src: bytearray | memor
     if rc != lib.ERN_CHUNKS_OK:
         raise ValueError(f"zstd_chunks: piece {fail[0]} outside the source, or no room")
     return out, out_len
+
+
+def ci_v1_append(csize: array.array[int], usize: array.array[int], pos: int, upos: int
+                 ) -> tuple[array.array[int], array.array[int], bytearray, int, int]:
+    """The blob writer's placement of chunks appended in a row (ern_ci_v1_append):
+    chunk i stored as csize[i] bytes from `pos`, its data usize[i] bytes from `upos`
+    (4 KiB aligned); -> (compressed offsets, uncompressed offsets, CI v1 entries, pos
+    and upos after them), in one C call instead of a Python step per chunk."""
+    n = len(usize)
+    if len(csize) != n or csize.itemsize != 4 or usize.itemsize != 4:
+        raise ValueError("ci_v1_append: bad arrays")
+    coff = array.array("Q", bytes(8 * n))
+    uoff = array.array("Q", bytes(8 * n))
+    ci = bytearray(16 * n)
+    cpos = ffi.new("uint64_t *", pos)
+    cupos = ffi.new("uint64_t *", upos)
+    fail = ffi.new("uint32_t *")
+    if n and lib.ern_ci_v1_append(
+            ffi.from_buffer("uint32_t[]", csize), ffi.from_buffer("uint32_t[]", usize), n,
+            cpos, cupos, ffi.from_buffer("uint64_t[]", coff),
+            ffi.from_buffer("uint64_t[]", uoff), ffi.from_buffer("uint8_t[]", ci), fail):
+        raise ValueError(f"stored chunk larger than its data, or empty (chunk {fail[0]})")
+    return coff, uoff, ci, int(cpos[0]), int(cupos[0])
 
 
 def gather(pieces: Sequence[bytes | bytearray | memoryview], dst: bytearray) -> int:

@@ -12,7 +12,7 @@ import zstandard
 
 from erofs_tools._native import cold_decode_one
 from erofs_tools._native_chunkio import ChunkReadError, read_chunks
-from erofs_tools.builder import chunker
+from erofs_tools.builder import chunker, compressor
 from erofs_tools.builder.chunker import ChunkPipeline, Compressor
 from erofs_tools.errors import InputError
 
@@ -162,7 +162,7 @@ def test_zstd_batches_without_the_c_path_are_the_same_frames(monkeypatch):
     buf = bytearray(b"abc " * 100_000 + os.urandom(5000))
     pieces = [(0, 65536), (65536, 200_000), (400_000, 5000), (3, 10)]
     native = [bytes(x) for x in Compressor("zstd").compress_many(buf, pieces)]
-    monkeypatch.setattr(chunker, "_zstd_fns", lambda level: None)
+    monkeypatch.setattr(compressor, "_zstd_fns", lambda level: None)
     c = Compressor("zstd")
     assert c._fns is None and not c.pooled
     assert [bytes(x) for x in c.compress_many(buf, pieces)] == native
@@ -177,7 +177,7 @@ def test_every_zstd_fallback_gives_the_c_paths_bytes_and_says_which_it_is(monkey
     import sys
     buf = bytearray(b"abc " * 100_000 + os.urandom(5000))
     pieces = [(0, 65536), (65536, 200_000), (400_000, 5000), (3, 10), (17, 70_000)]
-    caplog.set_level(logging.DEBUG, logger=chunker.__name__)
+    caplog.set_level(logging.DEBUG, logger=compressor.__name__)
     c_path = Compressor("zstd")
     assert c_path._fns is not None and "C core" in c_path.batch_path()
     native = [bytes(x) for x in c_path.compress_many(buf, pieces)]
@@ -188,11 +188,11 @@ def test_every_zstd_fallback_gives_the_c_paths_bytes_and_says_which_it_is(monkey
     multi = Compressor("zstd")
     assert multi._fns is None and not multi.pooled
     assert "no C core batches" in caplog.text
-    if chunker._multi_compress():     # python-zstandard's C backend (Debian's)
+    if compressor._multi_compress():     # python-zstandard's C backend (Debian's)
         assert "zstd batches: python-zstandard multi_compress_to_buffer" in caplog.text
         assert [bytes(x) for x in multi.compress_many(buf, pieces)] == native
     caplog.clear()
-    monkeypatch.setattr(chunker, "_multi_compress", lambda: False)
+    monkeypatch.setattr(compressor, "_multi_compress", lambda: False)
     single = Compressor("zstd")
     assert "zstd batches: python-zstandard, one call per chunk" in caplog.text
     assert [bytes(x) for x in single.compress_many(buf, pieces)] == native
@@ -203,9 +203,9 @@ def test_compress_many_takes_the_callers_arrays_as_pairs():
     pieces as (offset, length) pairs, on every path."""
     buf = bytearray(b"xyz " * 50_000 + os.urandom(3000) + bytes(9000))
     pairs = [(0, 4096), (4096, 100_000), (200_000, 3000), (203_000, 9000), (1, 1)]
-    arrays = chunker.Pieces(array.array("Q", [o for o, _ in pairs]),
+    arrays = compressor.Pieces(array.array("Q", [o for o, _ in pairs]),
                             array.array("I", [n for _, n in pairs]))
-    of = chunker.Pieces.of(pairs)
+    of = compressor.Pieces.of(pairs)
     assert list(of.off) == list(arrays.off) and list(of.lengths) == list(arrays.lengths)
     assert list(of.segments()) == [x for p in pairs for x in p]
     for name in ("zstd", "lz4_block", "none"):
@@ -213,7 +213,7 @@ def test_compress_many_takes_the_callers_arrays_as_pairs():
         assert [bytes(x) for x in c.compress_many(buf, arrays)] == \
             [bytes(x) for x in c.compress_many(buf, pairs)]
     with pytest.raises(ValueError, match="as many"):
-        chunker.Pieces(array.array("Q", [0]), array.array("I"))
+        compressor.Pieces(array.array("Q", [0]), array.array("I"))
 
 
 def test_zstd_chunks_rejects_bad_arguments():
@@ -505,14 +505,14 @@ def test_compress_batch_runs_lie_back_to_back_in_its_base(name):
     c = Compressor(name)
     off = array.array("Q", [o for o, _ in pieces])
     lengths = array.array("I", [n for _, n in pieces])
-    base, stored = c.compress_batch(buf, chunker.Pieces(off, lengths))
+    base, stored = c.compress_batch(buf, compressor.Pieces(off, lengths))
     assert [bytes(x) for x in stored] == [bytes(x) for x in c.compress_many(buf, pieces)]
     if name == "zstd" and c._fns is not None:
         assert base is not None
         assert bytes(base[:sum(map(len, stored))]) == b"".join(bytes(x) for x in stored)
     else:
         assert base is None
-    assert c.compress_batch(buf, chunker.Pieces.of([]))[1] == []
+    assert c.compress_batch(buf, compressor.Pieces.of([]))[1] == []
 
 
 def test_compressed_batches_go_to_the_writer_in_runs(tmp_path, monkeypatch):
@@ -569,3 +569,43 @@ def test_regular_files_without_chunks_as_a_node_set_masks_them():
         assert list(_without(regular, mask)) == want
         assert list(_without(sorted(nodes), mask)) == want       # any iterable
     assert list(NodeSet([0, 3, 8]).without(b"\x01\x00\x00\x01")) == [8]
+
+
+def test_ci_v1_append_places_chunks_as_encode_ci_v1_does():
+    """The blob writer's C placement: each chunk's offsets and CI v1 entry as
+    format/rafs.py's encode_ci_v1 gives them, the positions advanced past the run, and
+    a stored size of 0 or over its data's refused."""
+    from erofs_tools._native_chunkio import ci_v1_append
+    from erofs_tools.format import rafs as R
+    cs = array.array("I", [10, 4096, 1 << 20, 1, 70_000, (1 << 24) - 1])
+    us = array.array("I", [20, 4096, 1 << 20, 5000, 1 << 20, 1 << 24])
+    coff, uoff, ci, pos, upos = ci_v1_append(cs, us, (1 << 40) - 7, 8192)
+    want, p, u = b"", (1 << 40) - 7, 8192
+    for c, n in zip(cs, us):
+        assert coff[len(want) // 16] == p and uoff[len(want) // 16] == u
+        want += R.encode_ci_v1(u, n, p, c)
+        p, u = p + c, u + (n + 4095) // 4096 * 4096
+    assert bytes(ci) == want and (pos, upos) == (p, u)
+    assert [R.decode_ci_v1(ci, 16 * i)[1::2] for i in range(len(cs))] == \
+        [(n, c) for c, n in zip(cs, us)]
+    for bad in ([5, 0], [5, 21]):
+        with pytest.raises(ValueError, match=r"larger than its data, or empty \(chunk 1\)"):
+            ci_v1_append(array.array("I", bad), array.array("I", [20, 20]), 0, 0)
+
+
+def test_nodeset_add_many_is_add_of_each():
+    """The C walk's step of nodes added at once: the same members and count as add() of
+    each, repeats and nodes already in the set counted once, the table grown past them."""
+    import random
+
+    from erofs_tools.builder.rafs_walk import NodeSet
+    rnd = random.Random(7)
+    one, many = NodeSet(), NodeSet()
+    for _ in range(50):
+        step = [rnd.randrange(0, 20_000) for _ in range(rnd.randrange(1, 300))]
+        for n in step:
+            one.add(n)
+        many.add_many(step)
+        assert len(many) == len(one)
+    assert list(many) == list(one) and len(set(one)) == len(one)
+    assert 19_999 not in NodeSet() and 5 in NodeSet([5])

@@ -538,18 +538,32 @@ def test_unreadable_file_leaves_nothing(tmp_path, monkeypatch):
     blobs.mkdir()
     # make one file vanish between the walk and the chunk read: when the walk (on its
     # own thread, beside the chunker) hands it over, after it was seen and recorded
+    # (the C walk hands a step's files over in one _emit_many call, the Python walk each
+    # in an _emit call)
     import erofs_tools.builder.rafs_walk as walk_mod
-    real = walk_mod.WalkFeed._emit
+    real, real_many = walk_mod.WalkFeed._emit, walk_mod.WalkFeed._emit_many
+    met = []
+
+    def vanish(item):
+        if os.path.basename(os.fsdecode(item[1])) == "f17":
+            met.append(item)
+            os.unlink(src / "f17")
 
     def emit(self, item):
-        if os.path.basename(os.fsdecode(item[1])) == "f17":
-            os.unlink(src / "f17")
+        vanish(item)
         return real(self, item)
 
+    def emit_many(self, items):
+        for item in items:
+            vanish(item)
+        return real_many(self, items)
+
     monkeypatch.setattr(walk_mod.WalkFeed, "_emit", emit)
+    monkeypatch.setattr(walk_mod.WalkFeed, "_emit_many", emit_many)
     from erofs_tools.errors import InputError
     with pytest.raises(InputError, match="f17"):
         pack(src, tmp_path / "boot", blobs, PackOptions())
+    assert len(met) == 1
     assert os.listdir(blobs) == []
     assert sorted(os.listdir(tmp_path)) == ["blobs", "src"]
 

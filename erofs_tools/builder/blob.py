@@ -26,7 +26,7 @@ import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from erofs_tools._native_chunkio import gather
+from erofs_tools._native_chunkio import ci_v1_append, gather
 from erofs_tools._native_sha256 import Sha256
 from erofs_tools.errors import InputError
 from erofs_tools.format import erofs as E
@@ -371,25 +371,17 @@ class BlobWriter:
             raise InputError("too many distinct chunks for one blob (2^24)")
         if sum(map(len, pieces)) != sum(csizes):
             raise ValueError("append_chunks: pieces and csizes disagree")
-        pos, upos = self._pos, self._upos
         self._ci_flush()
-        ci = self._ci
-        enc = _CI_V1.pack
-        mask = BLKSZ - 1
-        for n, us in zip(csizes, sizes):
-            if n > us or n <= 0:
-                raise ValueError("stored chunk larger than its data, or empty")
-            # R.encode_ci_v1, inlined (sizes minus one; offsets 4 KiB aligned)
-            u1, c1 = us - 1, n - 1
-            ci += enc((((u1 >> 20) & 0xF) << 8) | (upos & 0x0FFF_FFFF_F000)
-                      | ((u1 & 0xFFFFF) << 44),
-                      (pos & 0xFF_FFFF_FFFF) | (((c1 >> 20) & 0xF) << 40)
-                      | ((c1 & 0xFFFFF) << 44))
-            coff.append(pos)
-            csize.append(n)
-            uoff.append(upos)
-            pos += n
-            upos += (us + mask) & ~mask
+        # offsets and CI entries in one C call (a Python step per chunk was ~2 us of
+        # the consumer's GIL-held time)
+        c_off, u_off, ci, pos, upos = ci_v1_append(
+            csizes if isinstance(csizes, array.array) else array.array("I", csizes),
+            sizes if isinstance(sizes, array.array) else array.array("I", sizes),
+            self._pos, self._upos)
+        self._ci += ci
+        coff.extend(c_off)
+        csize.extend(csizes)
+        uoff.extend(u_off)
         self._write_pieces(pieces)
         self._pos, self._upos = pos, upos
         self.count += k
@@ -454,6 +446,16 @@ class BlobWriter:
         coff, csize, uoff, start, end = self._raw_ci
         self._raw_ci = None
         ci = self._ci
+        if end > start:
+            # in one C call (a Python step per chunk was ~50 ms of pack none's
+            # single-threaded tail on /usr/share): raw chunks appended in a row lie
+            # back to back, which the offsets it gives back confirm
+            sizes = csize[start:end]
+            c_off, u_off, entries, _, _ = ci_v1_append(sizes, sizes, coff[start],
+                                                       uoff[start])
+            if c_off == coff[start:end] and u_off == uoff[start:end]:
+                ci += entries
+                return
         enc = _CI_V1.pack
         for pos, us, upos in zip(coff[start:end], csize[start:end], uoff[start:end]):
             # R.encode_ci_v1, inlined (sizes minus one; offsets 4 KiB aligned); stored

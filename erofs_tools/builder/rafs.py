@@ -203,11 +203,20 @@ class ChunkPlacer:
 
     def known(self, key: ChunkKey) -> bool:
         """Stored already: the pipeline need not compress it again."""
-        # refs.find_new inlined (a chunk worker asks this once per chunk, GIL held)
+        # refs.find_new and DigestTable.get inlined (a chunk worker asks this once per
+        # chunk, GIL held; slots and mask read in one statement: the consumer's _grow
+        # replaces both between two of its own statements, never inside this one)
         refs = self.refs
-        i = refs.new.get(key[0])
-        if i is not None and refs.usize[i] == key[1]:
-            return True
+        table = refs.new
+        digest = key[0]
+        slots, mask, digests = table._slots, table._mask, table.digests
+        h = hash(digest) & mask
+        while (i := slots[h]) >= 0:
+            if digests[i * 32:i * 32 + 32] == digest:
+                if refs.usize[i] == key[1]:
+                    return True
+                break
+            h = (h + 1) & mask
         if refs.other and key in refs.other:
             return True
         return key in self.cdict.chunks if self.cdict.chunks else False
@@ -279,7 +288,8 @@ class ChunkPlacer:
         table = refs.new
         usize, other, file_off = refs.usize, refs.other, refs.file_off
         files, nrefs, rrefs = refs.files, refs.nrefs, refs.refs
-        release = self.pipe.release
+        # ChunkPipeline.release inlined
+        release = self.pipe._claims.pop
         digests = table.digests
         slots, mask = table._slots, table._mask
         index = self.writer.count
@@ -325,7 +335,7 @@ class ChunkPlacer:
                 if r.claim is not None:
                     # claimed again by a worker that checked `known` just before the
                     # first copy was stored (see place)
-                    release((digest, size))
+                    release((digest, size), None)
             else:
                 if at >= 0:
                     if at != run_end:
@@ -342,7 +352,11 @@ class ChunkPlacer:
                     # compressed: chunks back to back in their batch's stored buffer
                     # (the claim's base) make one run, one piece for the writer
                     c = r.claim
-                    data = r.stored_bytes()
+                    if c is not None and c.data is not None and not c.taken:
+                        # ChunkResult.stored_bytes inlined: its batch is done
+                        data, c.data, c.taken = c.data, None, True
+                    else:
+                        data = r.stored_bytes()
                     n = len(data)
                     new_csizes.append(n)
                     zb = c.base if c is not None else None
@@ -375,7 +389,7 @@ class ChunkPlacer:
                     table.add(digest, find=False)
                 new_sizes.append(size)
                 if r.claim is not None:     # "none" makes no claims
-                    release((digest, size))
+                    release((digest, size), None)
                 new_bytes += size
                 if r.file_offset:       # its first use; absent means 0
                     file_off[ref] = r.file_offset

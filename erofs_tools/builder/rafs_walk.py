@@ -50,6 +50,18 @@ class NodeSet:
             bits[node] = 1
             self._n += 1
 
+    def add_many(self, nodes: list[int]) -> None:
+        """add() each of `nodes` (not in the set yet or not, any order): the table grown
+        once, then one byte set per node."""
+        bits = self._bits
+        lo, top = min(nodes), max(nodes)
+        if top >= len(bits):
+            bits.extend(bytes(top + 1 - len(bits) + (len(bits) >> 1)))
+        before = bits.count(1, lo, top + 1)
+        for node in nodes:
+            bits[node] = 1
+        self._n += bits.count(1, lo, top + 1) - before
+
     def __contains__(self, node: object) -> bool:
         return isinstance(node, int) and 0 <= node < len(self._bits) \
             and self._bits[node] == 1
@@ -116,6 +128,8 @@ class RafsWalker(TreeWalker):
         # set: each regular file with data goes here as (node, path, size, sparse)
         # when the walk meets it (first path of a hardlinked file), instead of b.files
         self.emit: Callable[[FileItem], None] | None = None
+        # set too: the C walk hands each step's files with data in one call
+        self.emit_many: Callable[[list[FileItem]], None] | None = None
 
     # entries per step of the C walk: its files come back per step, so this bounds what
     # the walk holds beyond the feed's queue
@@ -136,12 +150,19 @@ class RafsWalker(TreeWalker):
         fw = FileWalk(self.b, source, fixed_mtime=self.fixed_mtime,
                       force_uid=self.force_uid, force_gid=self.force_gid)
         regular = self.regular
+        emit_many = self.emit_many
         try:
             while True:
-                for item in fw.step(self.STEP):
-                    regular.add(item[0])
-                    if item[2]:
-                        emit(item)
+                items = fw.step(self.STEP)
+                if items:
+                    regular.add_many([item[0] for item in items])
+                if emit_many is not None:
+                    # the feed's: the step's files with data in one call, not one each
+                    emit_many([item for item in items if item[2]])
+                else:
+                    for item in items:
+                        if item[2]:
+                            emit(item)
                 self.entries, self.bytes = fw.entries, fw.bytes
                 if self.on_entry is not None:
                     self.on_entry(self.entries, self.bytes)
@@ -223,6 +244,7 @@ class WalkFeed:
         self._stop = False
         walker.b.keep_files = False
         walker.emit = self._emit
+        walker.emit_many = self._emit_many
         walker.on_entry = self._check
         self._thread = threading.Thread(target=self._walk, name="erofs-pack-walk",
                                         daemon=True)
@@ -239,6 +261,16 @@ class WalkFeed:
             self._group = []
             if not self._put(g):
                 raise _Stopped
+
+    def _emit_many(self, items: list[FileItem]) -> None:
+        g = self._group
+        g += items
+        while len(g) >= self.GROUP:
+            self._group = g[self.GROUP:]
+            del g[self.GROUP:]
+            if not self._put(g):
+                raise _Stopped
+            g = self._group
 
     def _put(self, item: list[FileItem] | BaseException | None) -> bool:
         """Queue `item`, waiting for room; False if the consumer stopped meanwhile."""
