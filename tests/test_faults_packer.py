@@ -1,6 +1,6 @@
 """Packer faults: `erofs-tools pack` (and `mkfs`) interrupted by SIGINT or SIGKILL at
-random moments of their work phase (after the process is seen holding a source or output
-file open, before it ends: every run must be interrupted), and run out of space on the
+random points of their work phase (after 1-25 % of the bytes a whole run writes, before
+it ends: every run must be interrupted), and run out of space on the
 output file system. Whatever is left under a
 final name (the bootstrap path, a 64-hex blob name, the image path) must be complete and
 valid; everything else must be a clearly temporary file (hidden, `.tmp`), and after
@@ -37,7 +37,7 @@ def tree(tmp_path_factory):
             size = r.randint(1, 200_000)
             data = r.randbytes(size // 2) + bytes(size - size // 2)
             (root / f"d{d}" / f"f{i}").write_bytes(data)
-    # a work phase long enough (about a second) to aim a signal into it
+    # a work phase long enough to aim a signal into it
     (root / "big").write_bytes(r.randbytes(96 << 20))
     return str(root)
 
@@ -83,41 +83,48 @@ def _check_final(paths):
             assert r.returncode == 0, (p, r.stdout, r.stderr)
 
 
-def _wait_for_work(p, roots, timeout=60.0):
-    """Block until process `p` holds a file under one of `roots` open (it is reading the
-    source tree or writing its output: the work phase has begun); -> seconds waited.
-    Fails if the process ends first."""
-    fd_dir = f"/proc/{p.pid}/fd"
-    t0 = time.monotonic()
-    while p.poll() is None and time.monotonic() - t0 < timeout:
-        try:
-            fds = os.listdir(fd_dir)
-        except FileNotFoundError:
-            break
-        for fd in fds:
+def _written(out):
+    """Bytes stored so far under `out` (blocks allocated to every file, temporary or
+    final): what the run has written, however (mkfs copies file data with
+    copy_file_range, which /proc/PID/io does not count)."""
+    n = 0
+    for d, _dirs, files in os.walk(out):
+        for f in files:
             try:
-                target = os.readlink(os.path.join(fd_dir, fd))
-            except OSError:
-                continue
-            if target.startswith(roots):
-                return time.monotonic() - t0
-        time.sleep(0.002)
-    raise AssertionError(f"{p.args[:4]}: never seen working (exit {p.poll()})")
+                n += os.lstat(os.path.join(d, f)).st_blocks * 512
+            except FileNotFoundError:      # renamed or removed meanwhile
+                pass
+    return n
 
 
-def _work_time(kind, tree, tmp_path):
-    """Seconds from the start of the work phase to the end of an uninterrupted run."""
+def _wait_for_written(p, out, target, timeout=120.0):
+    """Block until process `p` has stored `target` bytes under `out`; fails if it ends
+    first. A point in the work phase given by the work done, not by a clock: a run
+    slowed or sped up by other jobs is still short of its end when the signal goes (CI
+    once saw a signal aimed by time at 25 % of the work land after the last rename)."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if _written(out) >= target:
+            return
+        if p.poll() is not None:
+            break
+        time.sleep(0.001)
+    raise AssertionError(f"{p.args[:4]}: ended or stalled before writing {target} bytes "
+                         f"(exit {p.poll()})")
+
+
+def _output_bytes(kind, tree, tmp_path):
+    """Bytes an uninterrupted run leaves under its final names: what it must write
+    before it can end."""
     out = str(tmp_path / f"full-{kind}")
     os.makedirs(out)
-    p = subprocess.Popen(_cmd(kind, tree, out), stdout=subprocess.DEVNULL,
-                         stderr=subprocess.PIPE, text=True)
-    _wait_for_work(p, (tree + os.sep, out + os.sep))
-    t0 = time.monotonic()
-    _, err = p.communicate(timeout=300)
-    assert p.returncode == 0, err
-    work = time.monotonic() - t0
+    r = subprocess.run(_cmd(kind, tree, out), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    final, temp = _leftovers(out)
+    assert final and not temp, (final, temp)
+    total = sum(os.path.getsize(f) for f in final)
     shutil.rmtree(out)
-    return work
+    return total
 
 
 @pytest.fixture
@@ -135,9 +142,7 @@ def sigint_default():
 @pytest.mark.parametrize("kind", ["pack", "mkfs"])
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
 def test_interrupted(kind, sig, tree, tmp_path, sigint_default):
-    # the shorter of two runs: a run slowed by other jobs must not set the aim past
-    # the end of a faster one (the signal must land in the work phase)
-    work = min(_work_time(kind, tree, tmp_path), _work_time(kind, tree, tmp_path))
+    total = _output_bytes(kind, tree, tmp_path)
     rnd = random.Random(f"{kind}{sig}")
     summary = {"interrupted": 0, "finished": 0, "temp_left": 0}
     for n in range(INTERRUPTS):
@@ -146,10 +151,10 @@ def test_interrupted(kind, sig, tree, tmp_path, sigint_default):
         p = subprocess.Popen(_cmd(kind, tree, out), stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
         # SIGINT during interpreter start-up is Python's business: aim at the work, at a
-        # random point of its first 25 % (the signal must land before the end)
-        _wait_for_work(p, (tree + os.sep, out + os.sep))
-        time.sleep(rnd.uniform(0, work * 0.25))
-        assert p.poll() is None, f"{kind} ended before the signal (work {work:.2f}s)"
+        # random point of its first 25 % by bytes stored (its outputs are renamed to
+        # their final names only after the last byte: the signal lands before the end)
+        _wait_for_written(p, out, int(total * rnd.uniform(0.01, 0.25)))
+        assert p.poll() is None, f"{kind} ended before the signal"
         p.send_signal(sig)
         stdout, stderr = p.communicate(timeout=120)
         final, temp = _leftovers(out)
@@ -173,7 +178,7 @@ def test_interrupted(kind, sig, tree, tmp_path, sigint_default):
             summary["complete_before_signal"] = summary.get("complete_before_signal", 0) + 1
         _check_final(final)
         shutil.rmtree(out)
-    print(f"{kind} {signal.Signals(sig).name}: work phase {work:.2f}s, {summary}")
+    print(f"{kind} {signal.Signals(sig).name}: output {total} bytes, {summary}")
     # every signal landed in the work phase and interrupted it
     assert summary["interrupted"] == INTERRUPTS, summary
 
