@@ -357,6 +357,21 @@ int erofs_builder_stream_progress(erofs_builder *b, uint64_t *bytes_done)
     return b->werr_code;
 }
 
+void stream_job_free(struct job *j)
+{
+    free(j->path);
+    free(j);
+}
+
+/* the stream past the 2^32 blocks an image's block addresses reach: the job dropped */
+static int stream_past_limit(erofs_builder *b, struct job *j)
+{
+    if (b->scur <= 0xFFFFFFFFull)
+        return 0;
+    stream_job_free(j);
+    return fail(b, ERN_ELIMIT, "image larger than 2^32 blocks");
+}
+
 /* a file's data placed at the stream's next block (after the blocks records took since
  * the last data: the job zeroes them first) and queued for the copy threads */
 int stream_place(erofs_builder *b, uint32_t node, struct job *j, uint64_t nblk)
@@ -373,18 +388,8 @@ int stream_place(erofs_builder *b, uint32_t node, struct job *j, uint64_t nblk)
     if (sm && nblk)
         b->szero = b->scur;
     j->out_off = nblk ? (uint64_t)n->startblk * blksz : 0;
-    if (b->scur > 0xFFFFFFFFull) {
-        free(j->path);
-        free(j);
-        return fail(b, ERN_ELIMIT, "image larger than 2^32 blocks");
-    }
-    return enqueue(b, j);
-}
-
-void stream_job_free(struct job *j)
-{
-    free(j->path);
-    free(j);
+    int r = stream_past_limit(b, j);
+    return r ? r : enqueue(b, j);
 }
 
 int stream_file(erofs_builder *b, uint32_t node, const char *path, size_t pathlen,
@@ -419,10 +424,9 @@ int stream_file(erofs_builder *b, uint32_t node, const char *path, size_t pathle
         j->sparse = cs->entries;
         j->nchunks = cs->count;
         j->csz = (uint64_t)blksz << (cs->format & EROFS_CHUNK_FORMAT_BLKBITS_MASK);
-        if (b->scur > 0xFFFFFFFFull) {
-            stream_job_free(j);
-            return fail(b, ERN_ELIMIT, "image larger than 2^32 blocks");
-        }
+        r = stream_past_limit(b, j);
+        if (r)
+            return r;
         n->streamed = 1;
         return enqueue(b, j);
     }
