@@ -198,6 +198,43 @@ def test_every_zstd_fallback_gives_the_c_paths_bytes_and_says_which_it_is(monkey
     assert [bytes(x) for x in single.compress_many(buf, pieces)] == native
 
 
+def test_small_gzip_chunks_are_stored_raw_without_zstd_on_every_path(monkeypatch):
+    """zstd: a chunk of at most 64 KiB that starts as a gzip member is stored raw
+    without trying zstd (deflate's output does not shrink; zstd's set-up and analysis
+    of each small .gz file was ~0.1 CPU s of a /usr/share pack), even where zstd would
+    shrink it; a bigger one, or one that only looks like gzip later, is compressed as
+    before. The C core, multi_compress_to_buffer and the one-by-one path agree."""
+    import gzip
+    import sys
+
+    from erofs_tools._native import lib
+    assert lib.ERN_ZSTD_GZIP_RAW_MAX == compressor.GZIP_RAW_MAX
+    # gzip -0: stored deflate blocks, which zstd would shrink a lot
+    text = b"some text that compresses well " * 4000
+    small = gzip.compress(text[:60_000], compresslevel=0)
+    big = gzip.compress(text, compresslevel=0)
+    assert len(small) <= compressor.GZIP_RAW_MAX < len(big)
+    ref = zstandard.ZstdCompressor(level=3)
+    assert len(ref.compress(small)) < len(small) // 10      # zstd would shrink it
+    buf = bytearray(small + big + b"x" + small)
+    pieces = [(0, len(small)), (len(small), len(big)),
+              (len(small) + len(big), 1 + len(small)), (0, 2), (len(small), 65536),
+              (len(small), 65537)]
+    want = [small, ref.compress(big), ref.compress(b"x" + small), small[:2], big[:65536],
+            ref.compress(big[:65537])]
+    outs = [[bytes(x) for x in Compressor("zstd").compress_many(buf, pieces)]]
+    monkeypatch.delattr(zstandard, "_cffi", raising=False)     # no C core batches
+    monkeypatch.setitem(sys.modules, "zstandard._cffi", None)
+    if compressor._multi_compress():
+        outs.append([bytes(x) for x in Compressor("zstd").compress_many(buf, pieces)])
+    monkeypatch.setattr(compressor, "_multi_compress", lambda: False)
+    one = Compressor("zstd")
+    outs.append([bytes(x) for x in one.compress_many(buf, pieces)])
+    outs.append([bytes(one.compress(bytes(buf[o:o + n]))) for o, n in pieces])
+    for out in outs:
+        assert out == want
+
+
 def test_compress_many_takes_the_callers_arrays_as_pairs():
     """The batch's own offset/length arrays (Pieces) give the same bytes as the same
     pieces as (offset, length) pairs, on every path."""

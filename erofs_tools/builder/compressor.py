@@ -19,6 +19,15 @@ if TYPE_CHECKING:
 
 COMPRESSORS = ("zstd", "lz4_block", "none")
 ZSTD_LEVEL = 3
+# zstd: a chunk of at most this many bytes that starts as a gzip member is stored raw
+# without trying (csrc/chunkzstd.c says why; the C core's ERN_ZSTD_GZIP_RAW_MAX)
+GZIP_RAW_MAX = 64 << 10
+_GZIP_HEAD = b"\x1f\x8b\x08"
+
+
+def gzip_stored_raw(data: bytes | bytearray | memoryview) -> bool:
+    """zstd: `data` is stored raw without trying (a small gzip file)."""
+    return len(data) <= GZIP_RAW_MAX and bytes(data[:3]) == _GZIP_HEAD
 
 def _debug(msg: str, *args: object) -> None:  # only if logging is loaded (configured):
     if (lg := sys.modules.get("logging")) is not None:  # importing it: ~1.2 MiB, ~10 ms
@@ -126,6 +135,8 @@ class Compressor:
             from erofs_tools import _native
             out4 = _native.lz4_block_compress(data)
             return data if out4 is None else out4
+        if gzip_stored_raw(data):
+            return data
         c = getattr(self._local, "c", None)
         if c is None:
             assert self._z is not None
@@ -182,7 +193,8 @@ class Compressor:
                 zc = res[i]
                 # incompressible: the data, copied once from a view (a view kept would hold
                 # the batch buffer until this chunk is written; bytes() of a slice: twice)
-                out.append(memoryview(cast("Buffer", zc)) if len(zc) < n
+                out.append(memoryview(cast("Buffer", zc))
+                           if len(zc) < n and not gzip_stored_raw(mv[o:o + n])
                            else bytes(mv[o:o + n]))
             return out
         return [self.compress(bytes(buf[o:o + n])) for o, n in zip(p.off, p.lengths)]
