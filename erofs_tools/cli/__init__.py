@@ -61,5 +61,8 @@ cli.lazy("pull", "erofs_tools.cli.registry_cmds:pull_cmd")
 
 
 def main(argv=None):
-    """Console entry point of erofs-tools."""
-    run_console(cli, "erofs-tools", argv)
+    """Console entry point of erofs-tools. Run as the program (argv None: the arguments
+    are the process's), the process ends once the command returns, without the
+    interpreter's teardown (errors.exit_now); called with arguments (tests, in-process
+    callers), it raises SystemExit as before."""
+    run_console(cli, "erofs-tools", argv, fast_exit=argv is None)
