@@ -594,6 +594,7 @@ def write_bootstrap(nb: NativeBuilder, walker: TreeInfo | RafsWalker, bootstrap:
     if refs is not None:
         refs_used = refs.set_indexes(nb, fmt, walker.regular,
                                      None if node_of is None else node_of.get, remap)
+        table_job = refs.sized_table_started(refs_used, remap)     # sorted during layout
     else:
         assert not isinstance(per_node, ChunkRefs)
         referenced = set_chunk_indexes(nb, fmt, walker.regular, per_node, remap)
@@ -627,7 +628,7 @@ def write_bootstrap(nb: NativeBuilder, walker: TreeInfo | RafsWalker, bootstrap:
     # table, ~4 MiB for /usr/share, beside the graph was pack's peak memory)
     later: Iterator[bytearray] | None = None
     if refs is not None:
-        sized = refs.sized_chunk_info_table(refs_used, remap)
+        sized = table_job()
         if sized is not None:
             ctable_len, later = sized
             if ctable_len:
