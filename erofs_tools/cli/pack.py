@@ -51,7 +51,10 @@ def _read_prefetch(spec):
 @click.option("--digester", type=click.Choice(["blake3", "sha256"]), default="blake3",
               show_default=True, help="Chunk digest.")
 @click.option("--compressor", type=click.Choice(["zstd", "lz4_block", "none"]), default="zstd",
-              show_default=True, help="Per-chunk compression.")
+              show_default=True,
+              help="Per-chunk compression (a chunk that does not shrink is stored raw; "
+                   "with zstd, so is a chunk of at most 64 KiB that starts as a gzip "
+                   "file, without trying).")
 @click.option("--chunk-dict", multiple=True, type=click.Path(dir_okay=False),
               help="Bootstrap whose chunks are referenced instead of stored; repeatable.")
 @click.option("--prefetch-list", metavar="FILE|-",
