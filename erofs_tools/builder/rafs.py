@@ -52,7 +52,13 @@ from erofs_tools.builder.chunker import (
 from erofs_tools.builder.mkfs import check_paths
 from erofs_tools.builder.node_chunks import NodeChunks, chunk_info_table, runs, set_chunk_indexes
 from erofs_tools.builder.options import MkfsOptions, Progress
-from erofs_tools.builder.rafs_walk import BootstrapNodes, RafsWalker, WalkFeed
+from erofs_tools.builder.rafs_walk import (
+    BootstrapNodes,
+    RafsWalker,
+    WalkFeed,
+    normalize_prefetch,
+    prefetch_order,
+)
 from erofs_tools.errors import InputError
 from erofs_tools.format import erofs as E
 from erofs_tools.format import rafs as R
@@ -106,57 +112,6 @@ def bootstrap_nodes(max_blobs: int, nprefetch: int, build_time: int | None,
         sb_checksum=False, shared_xattrs=False, inline_data=True,
         force_extended=force_extended, build_time=build_time, build_time_nsec=0,
         uuid=bytes(16), devt_slotoff=R.DEVT_SLOTOFF))
-
-
-def normalize_prefetch(paths: Iterable[str | bytes] | None) -> list[bytes]:
-    """Image paths -> unique relative byte paths in first-seen order (b"" = root)."""
-    out: list[bytes] = []
-    seen: set[bytes] = set()
-    for p in paths or ():
-        rel = os.fsencode(p).strip()
-        if not rel:
-            continue
-        if not rel.startswith(b"/"):
-            raise InputError(f"prefetch path {os.fsdecode(rel)} is not absolute")
-        parts = [x for x in rel.split(b"/") if x and x != b"."]
-        if b".." in parts:
-            raise InputError(f"prefetch path {os.fsdecode(rel)} contains '..'")
-        rel = b"/".join(parts)
-        if rel not in seen:
-            seen.add(rel)
-            out.append(rel)
-    return out
-
-
-def _prefetch_order(walker: RafsWalker, prefetch: list[bytes]) -> tuple[list[int], list[int]]:
-    """-> (nodes for the prefetch table, regular nodes in prefetch order)."""
-    table: list[int] = []
-    files: list[int] = []
-    seen_t: set[int] = set()
-    seen_f: set[int] = set()
-    if not prefetch:
-        return table, files
-    rel_items = None
-    for rel in prefetch:
-        node = walker.nodes_by_rel.get(rel)
-        if node is None:
-            raise InputError(f"prefetch path /{os.fsdecode(rel)} is not in the source tree")
-        if node not in seen_t:
-            seen_t.add(node)
-            table.append(node)
-        if node in walker.regular:
-            if node not in seen_f:
-                seen_f.add(node)
-                files.append(node)
-            continue
-        if rel_items is None:
-            rel_items = sorted(walker.nodes_by_rel.items())
-        prefix = rel + b"/" if rel else b""
-        for r, n in rel_items:
-            if r.startswith(prefix) and n in walker.regular and n not in seen_f:
-                seen_f.add(n)
-                files.append(n)
-    return table, files
 
 
 class PackResult(dict[str, Any]):
@@ -455,7 +410,7 @@ def _pack(source: str, bootstrap: str, blob_dir: str, opts: PackOptions | None,
     if prefetch:
         # prefetch files go first: the whole tree must be known before chunking
         walker.walk(source)
-        prefetch_nodes, prefetch_files = _prefetch_order(walker, prefetch)
+        prefetch_nodes, prefetch_files = prefetch_order(walker, prefetch)
         files = nb.files
         first = set(prefetch_files)
         order = prefetch_files + sorted((n for n in files if n not in first),

@@ -1,6 +1,7 @@
 """The directory source of `erofs-tools pack`: the mkfs walker feeding the C node-graph
 builder, with each regular file recorded or handed to the chunker instead of being given
-file data (WalkFeed: the walk on its own thread, overlapping chunking)."""
+file data (WalkFeed: the walk on its own thread, overlapping chunking); the prefetch
+list's paths and the order of its files."""
 from __future__ import annotations
 
 import os
@@ -16,6 +17,7 @@ from erofs_tools.builder import tree
 from erofs_tools.builder.chunker import FileItem
 from erofs_tools.builder.options import MkfsOptions
 from erofs_tools.builder.tree import TreeWalker
+from erofs_tools.errors import InputError
 
 if TYPE_CHECKING:
     from _typeshed import StrPath
@@ -95,6 +97,57 @@ class NodeSet:
             while i >= 0:
                 yield start + i
                 i = left.find(1, i + 1)
+
+
+def normalize_prefetch(paths: Iterable[str | bytes] | None) -> list[bytes]:
+    """Image paths -> unique relative byte paths in first-seen order (b"" = root)."""
+    out: list[bytes] = []
+    seen: set[bytes] = set()
+    for p in paths or ():
+        rel = os.fsencode(p).strip()
+        if not rel:
+            continue
+        if not rel.startswith(b"/"):
+            raise InputError(f"prefetch path {os.fsdecode(rel)} is not absolute")
+        parts = [x for x in rel.split(b"/") if x and x != b"."]
+        if b".." in parts:
+            raise InputError(f"prefetch path {os.fsdecode(rel)} contains '..'")
+        rel = b"/".join(parts)
+        if rel not in seen:
+            seen.add(rel)
+            out.append(rel)
+    return out
+
+
+def prefetch_order(walker: RafsWalker, prefetch: list[bytes]) -> tuple[list[int], list[int]]:
+    """-> (nodes for the prefetch table, regular nodes in prefetch order)."""
+    table: list[int] = []
+    files: list[int] = []
+    seen_t: set[int] = set()
+    seen_f: set[int] = set()
+    if not prefetch:
+        return table, files
+    rel_items = None
+    for rel in prefetch:
+        node = walker.nodes_by_rel.get(rel)
+        if node is None:
+            raise InputError(f"prefetch path /{os.fsdecode(rel)} is not in the source tree")
+        if node not in seen_t:
+            seen_t.add(node)
+            table.append(node)
+        if node in walker.regular:
+            if node not in seen_f:
+                seen_f.add(node)
+                files.append(node)
+            continue
+        if rel_items is None:
+            rel_items = sorted(walker.nodes_by_rel.items())
+        prefix = rel + b"/" if rel else b""
+        for r, n in rel_items:
+            if r.startswith(prefix) and n in walker.regular and n not in seen_f:
+                seen_f.add(n)
+                files.append(n)
+    return table, files
 
 
 class _RafsBuilder(NativeBuilder):

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, BinaryIO
 
 from erofs_tools.builder.chunk_dict import ChunkDict
 from erofs_tools.builder.chunker import StreamItem
+from erofs_tools.builder.rafs_walk import normalize_prefetch
 from erofs_tools.builder.tar_reader import DEFAULT_MAX_SIZE, TarReader, _err, _show  # noqa: F401
 from erofs_tools.builder.tar_stream import (  # noqa: F401
     SOURCE_TYPES,
@@ -140,7 +141,7 @@ def pack_tar(source: StrOrBytesPath | BinaryIO, bootstrap: StrPath, blob_dir: St
         raise InputError(f"unknown whiteout spec {whiteout_spec!r} "
                          "(choose oci, overlayfs or none)")
     cdict = ChunkDict(opts.chunk_dicts, opts.digester, opts.chunk_size)
-    prefetch = RP.normalize_prefetch(opts.prefetch)
+    prefetch = normalize_prefetch(opts.prefetch)
     ts = opts.timestamp
     if ts is None and os.environ.get("SOURCE_DATE_EPOCH"):
         from erofs_tools.builder.options import parse_timestamp
