@@ -23,7 +23,7 @@ import os
 import queue
 import struct
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from erofs_tools._native_chunkio import ci_v1_append, gather
@@ -138,6 +138,7 @@ class BlobWriter:
         self.blob_index = blob_index
         self._own_digests = digests is None
         self._digests = bytearray() if digests is None else digests
+        self._finishing: threading.Thread | None = None     # finish_started's
         fd, self.tmp_path = create_exclusive(blob_dir, ".blob-")
         try:
             self._start(fd, chunk_size)
@@ -466,6 +467,9 @@ class BlobWriter:
                       (pos & 0xFF_FFFF_FFFF) | (hi[0] << 32) | hi[1])
 
     def abort(self) -> None:
+        t = self._finishing
+        if t is not None and t is not threading.current_thread():
+            t.join()            # finish_started's thread: never two at the file at once
         try:
             self._sync()
         except InputError:
@@ -498,6 +502,37 @@ class BlobWriter:
         except BaseException:
             self.abort()
             raise
+
+    def finish_started(self) -> Callable[[], BlobInfo] | None:
+        """finish(commit=False) on a thread of its own; -> the call that waits for it
+        and returns its BlobInfo (or raises what it raised), or None if no chunk was
+        added (finished here). pack's bootstrap sets its chunk indexes meanwhile: the
+        blob's last writes, its CI table compressed and its hashes (~10 ms for
+        /usr/share) were single-threaded tail with one core idle. abort() waits for the
+        thread first."""
+        if self.count == 0:
+            self.finish(commit=False)
+            return None
+        out: list[BlobInfo | None] = []
+        err: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                out.append(self.finish(commit=False))
+            except BaseException as e:      # raised again in the waiting thread
+                err.append(e)
+        t = self._finishing = threading.Thread(target=run, name="erofs-blob-finish",
+                                               daemon=True)
+        t.start()
+
+        def result() -> BlobInfo:
+            t.join()
+            if err:
+                raise err[0]
+            info = out[0]
+            assert info is not None
+            return info
+        return result
 
     def commit(self) -> None:
         """Rename the finished blob to its id."""

@@ -449,7 +449,9 @@ def _pack(source: str, bootstrap: str, blob_dir: str, opts: PackOptions | None,
             if feed is not None:
                 feed.close()
         writer = placer.writer
-        new_info = writer.finish(commit=False)
+        # finished on a thread while the bootstrap sets the chunk indexes (both in the
+        # single-threaded tail)
+        new_info = writer.finish_started()
     except BaseException:
         if placer is not None:
             placer.writer.abort()
@@ -502,7 +504,8 @@ def _write_pieces(fd: int, offset: int, length: int, pieces: Iterable[bytearray]
 
 
 def write_bootstrap(nb: NativeBuilder, walker: TreeInfo | RafsWalker, bootstrap: str,
-                    opts: PackOptions, cdict: ChunkDict | None, new_info: BlobInfo | None,
+                    opts: PackOptions, cdict: ChunkDict | None,
+                    new_info: BlobInfo | Callable[[], BlobInfo] | None,
                     per_node: Mapping[int, NodeChunks] | ChunkRefs, file_off: dict[int, int],
                     prefetch_nodes: Sequence[int], ts: int | None,
                     blob_list: Sequence[BlobInfo] | None = None,
@@ -514,7 +517,8 @@ def write_bootstrap(nb: NativeBuilder, walker: TreeInfo | RafsWalker, bootstrap:
     `file_off` (id(StoredChunk) -> file offset of its first use when not 0); or the
     ChunkRefs of a ChunkPlacer, whose file keys are nodes or, given `node_of`, keys of
     it (files whose key it lacks are left out); they are used up (cleared) here, and `nb`
-    is closed once written."""
+    is closed once written. `new_info`: the new blob, or the call that waits for its
+    finish (BlobWriter.finish_started), made once the chunk indexes are set."""
     refs = per_node if isinstance(per_node, ChunkRefs) else None
     key_node: Callable[[int], int | None] = \
         (lambda k: k) if node_of is None else node_of.get
@@ -535,8 +539,7 @@ def write_bootstrap(nb: NativeBuilder, walker: TreeInfo | RafsWalker, bootstrap:
         remap = {old: new for new, old in enumerate(used)}
     if new_info is not None:
         remap[-1] = len(blobs)
-        blobs.append(new_info)
-    nblobs = len(blobs)
+    nblobs = len(blobs) + (new_info is not None)
     if nblobs > R.MAX_BLOBS:
         raise InputError(f"image would reference {nblobs} blobs (at most {R.MAX_BLOBS})")
     blob_off, prefetch_off, meta_addr = layout_constants(nblobs, len(prefetch_nodes))
@@ -553,6 +556,9 @@ def write_bootstrap(nb: NativeBuilder, walker: TreeInfo | RafsWalker, bootstrap:
     else:
         assert not isinstance(per_node, ChunkRefs)
         referenced = set_chunk_indexes(nb, fmt, walker.regular, per_node, remap)
+    new_blob = new_info() if callable(new_info) else new_info
+    if new_blob is not None:
+        blobs.append(new_blob)
 
     # -- tables before the inode area ---------------------------------------------------
     flags = (R.COMPRESSION_FLAGS[opts.compressor] | R.DIGEST_FLAGS[opts.digester]
@@ -642,9 +648,9 @@ def write_bootstrap(nb: NativeBuilder, walker: TreeInfo | RafsWalker, bootstrap:
             refs.clear()
     return PackResult(
         bootstrap=bootstrap, bootstrap_size=total, inodes=info.inodes,
-        blobs=[dict(b.as_dict(), blob_index=i, new=(b is new_info))
+        blobs=[dict(b.as_dict(), blob_index=i, new=(b is new_blob))
                for i, b in enumerate(blobs)],
-        blob_id=new_info.blob_id if new_info else None,
+        blob_id=new_blob.blob_id if new_blob else None,
         chunk_size=opts.chunk_size, compressor=opts.compressor, digester=opts.digester,
         chunk_info_entries=ctable_len // R.ChunkInfo.SIZE,
         prefetch_entries=len(prefetch_nodes))
