@@ -188,6 +188,44 @@ def test_roundtrip_is_deterministic(tmp_path):
     assert open(a.path, "rb").read() == open(b.path, "rb").read()
 
 
+def test_finish_on_a_thread_is_finish(tmp_path, monkeypatch):
+    """finish_started (pack: the blob finished while the bootstrap sets the chunk
+    indexes) gives finish()'s blob; abort() while it runs waits for it and leaves
+    nothing; with no chunk it finishes at once (None); its error comes out of the
+    wait."""
+    chunks = [bytes([i]) * (1000 * i + 1) for i in range(40)]
+
+    def writer(d):
+        d.mkdir()
+        w = BlobWriter(str(d), 1 << 20)
+        for c in chunks:
+            w.add_chunk(c, len(c), bytes(32))
+        return w
+    a = writer(tmp_path / "a").finish(commit=False)
+    wb = writer(tmp_path / "b")
+    wait = wb.finish_started()
+    assert wait is not None
+    b = wait()
+    wb.commit()
+    assert a is not None and b.blob_id == a.blob_id
+    assert os.listdir(tmp_path / "b") == [b.blob_id]
+    wc = writer(tmp_path / "c")
+    assert wc.finish_started() is not None
+    wc.abort()
+    assert os.listdir(tmp_path / "c") == []
+    assert BlobWriter(str(tmp_path / "c"), 1 << 20).finish_started() is None
+    assert os.listdir(tmp_path / "c") == []
+    wd = writer(tmp_path / "d")
+
+    def fail(self):
+        raise InputError("disk full, say")
+    monkeypatch.setattr(BlobWriter, "_finish", fail)
+    wait = wd.finish_started()
+    with pytest.raises(InputError, match="disk full"):
+        wait()
+    assert os.listdir(tmp_path / "d") == []
+
+
 def test_empty_writer_leaves_nothing(tmp_path):
     w = BlobWriter(str(tmp_path), 1 << 20)
     assert w.finish() is None
