@@ -110,7 +110,7 @@ class DaemonProc:
         self.api = ApiClient(self.sock, timeout=120)
         self.mounts = []
 
-    def start(self, timeout=30):
+    def start(self, timeout=helpers.HANG):      # a hang bound: it fails at once on exit
         os.makedirs(self.workdir, exist_ok=True)
         logf = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
