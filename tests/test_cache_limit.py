@@ -278,6 +278,9 @@ def test_map_file_not_written_for_an_evicted_blob(tmp_path):
         assert os.path.exists(map_file) and not mgr2.after_mount
         assert sorted(blob_files(str(tmp_path / "cache"), bid)) == \
             sorted(bid + s for s in cachedir.SUFFIXES)
+        # each mount started its after-mount thread (the stand-in above): on a thread of
+        # its own, which may not have run yet when umount returned (seen under load 11)
+        helpers.wait_until(lambda: len(started) >= 2, what="both after-mount threads")
         assert len(started) == 2
     finally:
         d.shutdown()
