@@ -126,7 +126,9 @@ class DaemonProc:
             if self.proc.poll() is not None:
                 raise AssertionError(f"daemon exited {self.proc.returncode}:\n{self.log()}")
             time.sleep(0.05)
-        raise AssertionError(f"daemon did not come up:\n{self.log()}")
+        log = self.log()
+        self.cleanup()      # not left running (with its fd holder) into later tests
+        raise AssertionError(f"daemon did not come up:\n{log}")
 
     def log(self, tail=60):
         try:
