@@ -264,8 +264,10 @@ def _client(api_sock):
 
 
 def start_daemon(api_sock: str, cache_dir: str, frontend: str = "auto",
-                 timeout: float = 30.0, extra_args=()) -> int:
-    """Start `fscache-daemon run` in the background, detached; wait for its socket."""
+                 timeout: float = 120.0, extra_args=()) -> int:
+    """Start `fscache-daemon run` in the background, detached; wait for its socket (as
+    long as it lives, up to `timeout` s: its start-up includes the fd holder's, a
+    bound for a hang only)."""
     from fscache_daemon.api import socket_answers
     os.makedirs(cache_dir, mode=0o700, exist_ok=True)
     log_path = os.path.join(cache_dir, "daemon.log")

@@ -8,6 +8,7 @@ import itertools
 import queue
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Executor, Future
 
 PRIO_ONDEMAND = 0
@@ -135,17 +136,18 @@ class PriorityPool(Executor):
 class TokenBucket:
     """Paces prefetch to `rate` bytes/s (0 = unlimited) with a one-second burst."""
 
-    def __init__(self, rate: int):
+    def __init__(self, rate: int, clock: Callable[[], float] = time.monotonic):
         self.rate = rate
+        self._clock = clock             # a test's own clock: pacing checked exactly
         self._tokens = float(rate)
-        self._t = time.monotonic()
+        self._t = clock()
         self._lock = threading.Lock()
 
     def take(self, n: int, stop: threading.Event) -> None:
         if self.rate <= 0:
             return
         with self._lock:
-            now = time.monotonic()
+            now = self._clock()
             self._tokens = min(self.rate, self._tokens + (now - self._t) * self.rate)
             self._t = now
             self._tokens -= n

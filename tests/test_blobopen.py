@@ -10,6 +10,7 @@ import shutil
 import threading
 import time
 
+import helpers
 import pytest
 from test_daemon_support import pack, write_tree
 
@@ -98,11 +99,10 @@ def test_early_checks_pass_fail_and_hold_the_backend(tmp_path):
     assert wait2 is not None
     with pytest.raises(BackendError, match="short read"):
         wait2()
-    for _ in range(500):                            # each check gave its hold back
-        if sum(held) == 0:
-            break
-        time.sleep(0.01)
-    assert held.count(1) == 2 and sum(held) == 0
+    # each check gave its hold back (on its own thread, after the waiter's answer:
+    # waited for, not given 5 s)
+    helpers.wait_until(lambda: held.count(-1) >= 2, what="both holds given back")
+    assert held.count(1) == 2 and sum(held) == 0, held
 
 
 def test_a_mount_of_a_short_blob_fails_with_the_early_check(tmp_path):

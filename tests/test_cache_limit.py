@@ -181,6 +181,9 @@ def test_lazy_mounts_evict_past_the_limit(registry, tmp_path):  # noqa: F811
         daemon.cleanup()
 
 
+MIN_ROUNDS = 8
+
+
 def test_eviction_races_mounts(tmp_path):
     """An evictor looping with a limit of 0 while images are mounted, filled and
     unmounted again and again: a mounted blob's files are always in place and complete
@@ -201,26 +204,33 @@ def test_eviction_races_mounts(tmp_path):
     t = threading.Thread(target=evictor, daemon=True)
     t.start()
     try:
+        # mount rounds for 4 s and at least MIN_ROUNDS (a count, not "4 of them within
+        # 4 s": a bound a loaded machine could miss), each with evictor rounds seen
+        # while the blob is mounted and filled
         deadline = time.monotonic() + 4
         n = 0
-        while time.monotonic() < deadline:
+        while n < MIN_ROUNDS or time.monotonic() < deadline:
             _src, boot, blobs, bid = imgs[n % 2]
             mp = str(tmp_path / f"m{n}")
             d.mount(boot, mp, f"localfs:{blobs}")
             mgr = d.blobs[bid]
             mgr.fill(0, mgr.size)
             assert mgr.cache.cached_chunks == mgr.cache.total_chunks
+            seen = rounds[0]
+            helpers.wait_until(lambda s=seen: rounds[0] >= s + 2,
+                               what=f"round {n}: the evictor running over the mounted blob")
             for suffix in (".blob", ".chunks"):
                 assert os.path.exists(os.path.join(d.blob_dir, bid + suffix)), (n, suffix)
+            assert mgr.cache.cached_chunks == mgr.cache.total_chunks
             # the map file is written by the mount's after-mount thread, just after it
             map_file = os.path.join(d.blob_dir, bid + ".map")
-            helpers.wait_until(lambda f=map_file: os.path.exists(f), 10,
-                               f"round {n}: the blob's map file")
+            helpers.wait_until(lambda f=map_file: os.path.exists(f),
+                               what=f"round {n}: the blob's map file")
             d.umount(mp)
             n += 1
         stop.set()
         t.join(10)
-        assert n >= 4 and rounds[0] > n
+        assert n >= MIN_ROUNDS and rounds[0] > 2 * n
         d.evict_once()
         assert cachedir.scan(d.blob_dir) == {}
         assert d.evicted_blobs >= 2
@@ -268,6 +278,9 @@ def test_map_file_not_written_for_an_evicted_blob(tmp_path):
         assert os.path.exists(map_file) and not mgr2.after_mount
         assert sorted(blob_files(str(tmp_path / "cache"), bid)) == \
             sorted(bid + s for s in cachedir.SUFFIXES)
+        # each mount started its after-mount thread (the stand-in above): on a thread of
+        # its own, which may not have run yet when umount returned (seen under load 11)
+        helpers.wait_until(lambda: len(started) >= 2, what="both after-mount threads")
         assert len(started) == 2
     finally:
         d.shutdown()

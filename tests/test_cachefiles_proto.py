@@ -11,6 +11,7 @@ import threading
 import time
 
 import pytest
+from helpers import HANG
 
 from fscache_daemon.frontend import cachefiles as cf
 from fscache_daemon.frontend import cachefiles_proto as proto
@@ -165,7 +166,9 @@ def fe(tmp_path, monkeypatch):
     f._pool.shutdown()
 
 
-def _until(pred, timeout=5):
+def _until(pred, timeout=HANG):
+    """Poll `pred` until true (-> True) or `timeout` s (-> False): the frontend's
+    threads answer in ms, the bound is for a hang only (was 5 s)."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if pred():

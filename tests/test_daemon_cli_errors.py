@@ -2,8 +2,8 @@
 import os
 import subprocess
 import sys
-import time
 
+import helpers
 import pytest
 
 
@@ -24,9 +24,12 @@ def test_stop_ends_a_running_daemon(tmp_path):
                           "none", "--cache-dir", str(tmp_path / "c"), "--api-sock", sock],
                          stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 30
-        while not os.path.exists(sock) and p.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
+        # until the daemon answers on its socket (the path alone could exist before it
+        # listens; and 30 s without a check ran `stop` against a daemon still starting)
+        from fscache_daemon.api import socket_answers
+        helpers.wait_until(lambda: socket_answers(sock) or p.poll() is not None,
+                           what="the daemon answering", interval=0.05)
+        assert p.poll() is None, f"the daemon exited with {p.returncode} at start"
         r = subprocess.run([sys.executable, "-m", "fscache_daemon.cli", "stop",
                             "--release-holder", "--api-sock", sock],
                            capture_output=True, timeout=60)

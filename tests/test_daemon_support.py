@@ -110,7 +110,7 @@ class DaemonProc:
         self.api = ApiClient(self.sock, timeout=120)
         self.mounts = []
 
-    def start(self, timeout=30):
+    def start(self, timeout=helpers.HANG):      # a hang bound: it fails at once on exit
         os.makedirs(self.workdir, exist_ok=True)
         logf = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
@@ -126,7 +126,9 @@ class DaemonProc:
             if self.proc.poll() is not None:
                 raise AssertionError(f"daemon exited {self.proc.returncode}:\n{self.log()}")
             time.sleep(0.05)
-        raise AssertionError(f"daemon did not come up:\n{self.log()}")
+        log = self.log()
+        self.cleanup()      # not left running (with its fd holder) into later tests
+        raise AssertionError(f"daemon did not come up:\n{log}")
 
     def log(self, tail=60):
         try:

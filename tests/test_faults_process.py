@@ -3,7 +3,10 @@ image (fanotify front end, host kernel, blobs from docker-registry through
 tests/faults.FaultProxy, which slows every chunk request down so kills land mid-fetch).
 
 Kills alternate between two kinds of moment:
-  - "fetch": a random time after the daemon came up (requests in flight at the proxy);
+  - "fetch": 0-3 ms after the daemon verified m more chunks (m random, up to 3/KILLS of
+    the image), while the readers' next requests are in flight at the proxy; aimed by
+    the daemon's progress, so that a fast machine never fetched the whole image before
+    the kills and a slow one is killed after work all the same;
   - "write": from the proxy's thread, 0-3 ms after it delivered the n-th chunk body
     (n random in 1..8) in full, i.e. while the daemon decompresses, verifies, pwrites
     and marks it.
@@ -104,6 +107,9 @@ def test_sigkill_during_fetch_and_write(tmp_path):
         for t in readers:
             t.start()
 
+        def readers_done():
+            return all(not t.is_alive() for t in readers)
+
         kill_log = []          # (kind, verified chunks at the kill, proxy log mark at restart)
         armed = threading.Event()
         fired = threading.Event()
@@ -123,23 +129,35 @@ def test_sigkill_during_fetch_and_write(tmp_path):
         for k in range(KILLS):
             kind = "write" if k % 2 else "fetch"
             if kind == "fetch":
-                time.sleep(rnd.uniform(0.3, 2.5))
+                # aimed by this daemon's progress, not by a clock (0.3-2.5 s after its
+                # start could be all of the image on a fast machine: a kill with nothing
+                # left to do): once it verified m more chunks, m random up to 3/KILLS of
+                # the image, so that the kills spread over all of it
+                m = rnd.randint(1, max(2, 3 * nchunks // KILLS))
+                at = len(_bits(state, nchunks))
+                helpers.wait_until(lambda m=m, at=at: len(_bits(state, nchunks)) >= at + m
+                                   or readers_done(), what=f"{m} more chunks verified",
+                                   interval=0.002)
+                time.sleep(rnd.uniform(0, 0.003))
                 d.proc.kill()
             else:
                 fired.clear()
                 countdown[0] = rnd.randint(1, 8)    # right after the n-th body
                 armed.set()
-                if not fired.wait(5):
+                # waited for, not given 5 s: bodies come as long as readers read
+                helpers.wait_until(lambda: fired.is_set() or readers_done(),
+                                   what="the kill after a chunk body", interval=0.001)
+                if not fired.is_set():
                     armed.clear()
                     d.proc.kill()
-                    kind = "write(timeout)"
+                    kind = "write(readers done)"
             d.proc.wait()
             verified = _bits(state, nchunks)
             time.sleep(rnd.uniform(0, 0.3))       # readers of holes wait meanwhile
             mark = proxy.mark()
             d.start()
             kill_log.append((kind, verified, mark))
-            if all(not t.is_alive() for t in readers):
+            if readers_done():
                 break
         proxy.on_sent = None
         proxy.clear()
@@ -166,7 +184,8 @@ def test_sigkill_during_fetch_and_write(tmp_path):
         kinds = [k for k, _, _ in kill_log]
         cached_at_kills = [len(v) for _, v, _ in kill_log]
         print(f"{len(kill_log)} kills ({kinds.count('fetch')} fetch, {kinds.count('write')} "
-              f"write, {kinds.count('write(timeout)')} write-timeout); verified chunks at "
+              f"write, {kinds.count('write(readers done)')} after the readers); verified "
+              f"chunks at "
               f"kills: {cached_at_kills}; of {nchunks}")
         assert len(kill_log) >= min(KILLS, 5)
         # the kills happened while there was still work to do

@@ -7,11 +7,13 @@ import json
 import math
 import os
 import random
+import subprocess
+import threading
 import time
 
 import helpers
 import pytest
-from faults import FaultProxy
+from faults import FaultProxy, timed_read
 from registry_fixtures import registry  # noqa: F401
 from test_daemon_support import DaemonProc, pack, require_lazy_kernel
 from test_optimize import prefetch_paths, synthetic_trace
@@ -53,7 +55,7 @@ def optimized(tmp_path):
     return image
 
 
-def wait_complete(d, key, timeout=60):
+def wait_complete(d, key, timeout=helpers.HANG):
     deadline = time.monotonic() + timeout
     while not d.metrics()["blobs"][key]["complete"]:
         assert time.monotonic() < deadline, d.metrics()["blobs"][key]
@@ -88,9 +90,9 @@ def test_prefetch_streams_the_table_in_large_requests(optimized, tmp_path):
 
 def test_reader_goes_first_and_waits_for_requests_in_flight(optimized, tmp_path,
                                                             registry):  # noqa: F811
-    """Every prefetch-blob request takes 2 s (a slow link): a reader of another blob is
-    answered meanwhile, and a reader of a prefetched file waits for the request in flight
-    rather than asking again."""
+    """The prefetch blob's data requests are held (a slow link): a reader of another
+    blob is answered meanwhile, and a reader of a prefetched file waits for the request
+    in flight rather than asking again."""
     ref = f"{registry.host}/opt/app:v1"
     cli("push", optimized["opt"], ref, "-D", optimized["blobs"])
     pulled = tmp_path / "pulled"
@@ -99,31 +101,51 @@ def test_reader_goes_first_and_waits_for_requests_in_flight(optimized, tmp_path,
     ids = [b.blob_id for b in BootstrapTables.read(boot).blobs]
     pf_id, src_id = ids[1], ids[0]
     proxy = FaultProxy(registry.host, match=rf"^GET /v2/opt/app/blobs/sha256:{pf_id}")
-    proxy.always(("delay", 2.0))
+
+    def data(r):
+        """A request of the prefetch region (the mount also reads the blob's chunk
+        table, at its end, and its last byte)."""
+        rng = r.byte_range()
+        return rng is not None and rng[0] < optimized["prefetch_data"]
+    # held until the readers below were answered or seen waiting: a 2 s delay instead
+    # made "the cold read took < 2 s" a bound a loaded machine broke
+    gate = threading.Event()
+    proxy.always(("gate", gate, data))
     d = DaemonProc(str(tmp_path / "d")).start()
     try:
         mnt = str(tmp_path / "mnt")
         d.mount(boot, mnt, f"registry:{proxy.host}/opt/app:v1")
-        t0 = time.monotonic()
-        with open(os.path.join(mnt, "cold", "c3.bin"), "rb") as f, \
-                open(os.path.join(optimized["src"], "cold", "c3.bin"), "rb") as g:
-            assert f.read() == g.read()
-        cold_done = time.monotonic() - t0
+        helpers.wait_until(lambda: proxy.gated, what="a prefetch request in flight")
+        with open(os.path.join(optimized["src"], "cold", "c3.bin"), "rb") as g:
+            r = timed_read(os.path.join(mnt, "cold", "c3.bin"), g.read(), helpers.HANG)
+        # answered while every prefetch request is still held: not queued behind them
+        assert r.kind == "ok", (r, d.log())
         assert not d.metrics()["blobs"][pf_id]["complete"], "prefetch finished first"
-        assert cold_done < 2.0, cold_done
-        # a prefetched file while its requests are in flight: no request of its own
-        with open(os.path.join(mnt, "hot2.bin"), "rb") as f, \
-                open(os.path.join(optimized["src"], "hot2.bin"), "rb") as g:
-            assert f.read() == g.read()
+        # a prefetched file while its requests are in flight: no request of its own, the
+        # reader waits for theirs
+        hot = subprocess.Popen(["cat", os.path.join(mnt, "hot2.bin")],
+                               stdout=subprocess.PIPE)
+        try:
+            helpers.wait_until(lambda: helpers.blocked_in_fanotify(hot.pid),
+                               what="the reader of hot2.bin waiting")
+            gate.set()
+            out, _ = hot.communicate(timeout=helpers.HANG)
+        finally:
+            gate.set()
+            if hot.poll() is None:
+                hot.kill()
+                hot.wait()
+        with open(os.path.join(optimized["src"], "hot2.bin"), "rb") as g:
+            assert hot.returncode == 0 and out == g.read()
         b = wait_complete(d, pf_id)
         assert b["bytes_fetched"] == optimized["prefetch_data"], b     # nothing twice
-        # data requests (the mount also reads the blob's chunk table, at its end)
-        gets = [r for r in proxy.log if r.method == "GET" and r.range and pf_id in r.path
-                and r.byte_range()[0] < optimized["prefetch_data"]]
+        # data requests
+        gets = [r for r in proxy.log if r.method == "GET" and data(r)]
         assert len(gets) == b["backend_requests"] <= math.ceil(
             optimized["prefetch_data"] / PREFETCH_REQUEST), gets
         assert d.metrics()["blobs"][src_id]["bytes_fetched"] > 0
     finally:
+        gate.set()
         d.cleanup()
         proxy.stop()
 

@@ -90,8 +90,10 @@ def test_range_out_of_an_endless_200_is_bounded():
         got = c.read_blob_range("x/y", "sha256:" + "a" * 64, off, n)
         seconds = time.monotonic() - t
         assert got == bytes((off + i) % 256 for i in range(n))
-        assert seconds < 10, seconds
-        deadline = time.monotonic() + 10
+        # bounded by what the server sent (below), not by the clock: skipping 64 MiB
+        # of stream took 2.2 s of the 10 s this asserted at load 10 here
+        assert seconds < 120, seconds           # a hang bound only
+        deadline = time.monotonic() + 120
         while not state.get("dropped") and time.monotonic() < deadline:
             time.sleep(0.05)
         assert state.get("dropped")                     # the rest was never read:

@@ -70,8 +70,12 @@ def test_deadline_bounds_retrying(registry, flaky):
     with pytest.raises(RegistryError, match="out of time"):
         c.read_blob_range("r/dl", d, 0, 100)
     took = time.monotonic() - t
-    assert 3.5 <= took <= 8.0, took
-    assert 2 <= len(proxy.requests) <= 4
+    # the deadline, structurally: each wait is 2 s (Retry-After capped), so no attempt
+    # after the third can start within 5 s (20 retries would wait 40 s). The clock only
+    # bounds a hang: a wall-clock bound a few seconds past the deadline (was 8 s) was a
+    # loaded machine's to break
+    assert 2 <= len(proxy.requests) <= 3, proxy.requests
+    assert 3.5 <= took < 20, took
 
 
 def test_dropped_connections_during_upload_and_manifests(registry, flaky):

@@ -384,8 +384,10 @@ def test_trace_of_a_file_whose_readahead_completed_the_blob(daemon, image, tmp_p
 
 # --trace-window of the test below: long enough that the reads it makes right after the
 # blob completed fall inside it on a loaded machine (drop_caches and a read took seconds
-# at load 22 against a window of 1 s), short enough not to idle the suite for long
-TRACE_WINDOW_S = 12
+# at load 22 against a window of 1 s), short enough not to idle the suite for long. A run
+# too slow for it (the read 13.7 s after the mount at nice 10, load 10) proves nothing
+# either way: it runs again with the next, longer window
+TRACE_WINDOWS_S = (12, 36, 108)
 
 
 @pytest.mark.root
@@ -393,9 +395,23 @@ def test_a_complete_blob_is_unwatched_after_the_trace_window(tmp_path, image):
     """--trace-window bounds how long a blob completed ahead of its readers stays watched
     for its trace: warm reads of a blob nobody reads whole end up served by the kernel
     alone (no mark), and the reads made inside the window are in the trace."""
+    too_slow = []
+    for window in TRACE_WINDOWS_S:
+        read_in = _unwatched_after_the_window(tmp_path / f"w{window}", image, window)
+        if read_in is not None:
+            break
+        too_slow.append(window)
+    else:
+        pytest.fail(f"the read never came inside the trace window ({too_slow} s)")
+    print(f"trace window {window} s, the read {read_in:.1f} s after the mount "
+          f"(windows too short for this machine now: {too_slow})")
+
+
+def _unwatched_after_the_window(work, image, window):
+    """The test with --trace-window `window`: -> seconds from the mount to the read, or
+    None (nothing asserted) when the read came too late for the window to tell."""
     from fscache_daemon.frontend.fdholder import HolderChannel
-    d = DaemonProc(str(tmp_path / "d"),
-                   extra=("--trace-window", str(TRACE_WINDOW_S))).start()
+    d = DaemonProc(str(work / "d"), extra=("--trace-window", str(window))).start()
     try:
         def marks():
             ch = HolderChannel(os.path.join(d.cache_dir, "fdholder.sock"), timeout=10)
@@ -403,24 +419,28 @@ def test_a_complete_blob_is_unwatched_after_the_trace_window(tmp_path, image):
                 return ch.status()["marks"]
             finally:
                 ch.close()
-        mnt = str(tmp_path / "mnt")
+        mnt = str(work / "mnt")
+        # what earlier tests left dirty is written now, before the window: drop_caches'
+        # sync inside it then has only this test's cache file to write (the suite's
+        # images and trees, ~600 MB dirty here: 0.4 s on this disk, seconds on a slow one)
+        os.sync()
         t_mount = time.monotonic()          # the blob completes after this, not before
         d.mount(image["boot"], mnt, f"localfs:{image['blobs']}", prefetch=True)
         wait_blob(d, image["blob_id"])
         drop_caches()
         assert read(os.path.join(mnt, "b.bin")) == read(os.path.join(image["src"], "b.bin"))
         read_in = time.monotonic() - t_mount
-        assert read_in < TRACE_WINDOW_S, \
-            f"the read came {read_in:.1f} s after the mount: the machine is too slow for " \
-            f"TRACE_WINDOW_S={TRACE_WINDOW_S}, not a daemon failure"
+        if read_in >= window:
+            return None         # maybe after the window: the machine is too slow for it
         # unmarked once the window is over, and not before (the window counts from the
         # completion, after t_mount; the daemon looks every TRACE_UNMARK_INTERVAL)
-        helpers.wait_until(lambda: not marks(), TRACE_WINDOW_S + helpers.HANG,
+        helpers.wait_until(lambda: not marks(), window + helpers.HANG,
                            "the end of the watch after the trace window", interval=0.1)
-        assert time.monotonic() - t_mount >= TRACE_WINDOW_S, "unwatched inside the window"
+        assert time.monotonic() - t_mount >= window, "unwatched inside the window"
         t = get_trace(d, mountpoint=mnt)
         assert [e["path"] for e in t["entries"]][:1] == ["/b.bin"], t
         for name in ("a.bin", "c.bin"):      # unwatched now: still the right bytes
             assert read(os.path.join(mnt, name)) == read(os.path.join(image["src"], name))
+        return read_in
     finally:
         d.cleanup()

@@ -4,6 +4,7 @@ time, waits for chunks another fill has in flight, and on-demand waits for a wor
 import threading
 import time
 
+from helpers import HANG
 from test_storage_support import make_blob
 
 from fscache_daemon.pool import PriorityPool
@@ -12,34 +13,56 @@ from fscache_daemon.storage.backends import LocalFsBackend
 
 
 class SlowBackend(LocalFsBackend):
-    """Every read takes `delay` s and is announced by `started`."""
+    """Every read is announced by `started`, waits for `gate` (if given), then takes
+    `delay` s more."""
 
-    def __init__(self, directory, delay):
+    def __init__(self, directory, delay, gate=None):
         super().__init__(directory)
         self.delay = delay
+        self.gate = gate
         self.started = threading.Event()
 
     def read(self, blob_id, offset, length):
         self.started.set()
+        if self.gate is not None:
+            assert self.gate.wait(HANG)
         time.sleep(self.delay)
         return super().read(blob_id, offset, length)
 
 
-def test_a_reader_waiting_for_a_chunk_in_flight_is_counted(tmp_path):
+def test_a_reader_waiting_for_a_chunk_in_flight_is_counted(tmp_path, monkeypatch):
     blobs = str(tmp_path / "blobs")
     blob_id, _ = make_blob(blobs, 4)
+    # the readahead's read is held until the reader is seen waiting for its chunk: a
+    # reader slower than a timed read (a loaded machine) found the chunk cached and
+    # waited for nothing (flight_waits 0)
+    gate = threading.Event()
     be = SlowBackend(blobs, 0.3)
     cdir = str(tmp_path / "cache")
     meta, _ = bc.load_or_fetch_meta(cdir, blob_id, be)
     mgr = bc.BlobManager(meta, bc.BlobCache(cdir, meta), be)
     be.started.clear()
+    be.gate = gate                              # the chunk reads from here on
+    waiting = threading.Event()
+    flight_wait = bc._Flight.wait
+
+    def announced_wait(self):
+        waiting.set()
+        flight_wait(self)
+    monkeypatch.setattr(bc._Flight, "wait", announced_wait)
     # readahead holds chunk 0 in flight; a reader then asks for it
     ra = threading.Thread(target=mgr.fill_chunks, args=([meta.chunks[0]],),
                           kwargs={"prefetch": False})
     ra.start()
-    assert be.started.wait(10)
-    assert mgr.fill(0, 4096) == 0               # fetched nothing itself: it waited
-    ra.join()
+    assert be.started.wait(HANG)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(mgr.fill(0, 4096)))
+    reader.start()
+    assert waiting.wait(HANG)                   # the reader waits for the flight
+    gate.set()                                  # which then lasts `delay` s at least
+    reader.join(HANG)
+    ra.join(HANG)
+    assert got == [0]                           # fetched nothing itself: it waited
     s = mgr.stats.snapshot()
     assert s["flight_waits"] == 1 and 0.05 < s["flight_wait_s"] < 10, s
     assert s["backend_requests"] == 1 and s["backend_read_p50_ms"] >= 250, s

@@ -108,14 +108,24 @@ def test_failed_warm_leaves_the_mount_to_report(tmp_path, zblob):
 
 def test_bounded_and_expiring(zblob, monkeypatch):
     bdir, hexd, entry = zblob
-    be = CountingBackend(bdir)
+    gate = threading.Event()
+
+    class GatedBackend(CountingBackend):
+        def read(self, blob_id, offset, length):
+            assert gate.wait(120)
+            return super().read(blob_id, offset, length)
+    # the warm's fetch is held while the bound is checked: its TTL runs from the fetch's
+    # end, and 0.05 s of it could pass before the second start on a loaded machine (the
+    # slot then free again: "full" not seen)
+    be = GatedBackend(bdir)
     monkeypatch.setattr(zranwarm, "MAX_WARM", 1)
     monkeypatch.setattr(zranwarm, "TTL", 0.05)
     h = _Holds()
     w = ZranWarm()
     assert w.start(be, hexd, entry, h.hold, h.release)
     assert not w.start(CountingBackend(bdir), hexd, entry, h.hold, h.release)  # full
-    assert h.gone.wait(10)          # nobody took it: dropped after TTL, backend released
+    gate.set()
+    assert h.gone.wait(120)         # nobody took it: dropped after TTL, backend released
     assert w.stats()["held"] == 0 and w.take(be, hexd, entry) is None
     monkeypatch.setattr(zranwarm, "MAX_WARM_AREA", entry.ci_uncompressed_size - 1)
     assert not w.start(CountingBackend(bdir), hexd, entry, h.hold, h.release)  # area

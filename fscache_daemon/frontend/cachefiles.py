@@ -64,6 +64,7 @@ log = logging.getLogger(__name__)
 PAGE = 4096
 WRITE_BUF = 1 << 20          # per-worker page-aligned bounce buffer (mmap)
 ENOBUFS_RETRY_S = 3.0        # writes right after copen may fail with ENOBUFS for a moment
+HOLDER_START_TIMEOUT = 60.0  # s a live fd holder may take to answer (was 5 s)
 
 
 # --- what the daemon core supplies ---------------------------------------------------
@@ -373,7 +374,10 @@ class CachefilesFrontend:
             log.warning("cannot start the cachefiles fd holder (%s): a daemon crash will "
                         "kill the cache", e)
             return
-        for _ in range(200):
+        # as long as it lives and does not answer, it is starting (a python process: a
+        # loaded machine or an emulated VM takes seconds); the bound is for a hang only
+        deadline = time.monotonic() + HOLDER_START_TIMEOUT
+        while time.monotonic() < deadline:
             try:
                 if cachefiles_holder._request(sock, b"ping") == b"P":
                     log.info("cachefiles fd holder pid %d on %s", holder.pid, sock)

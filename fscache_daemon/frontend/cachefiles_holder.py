@@ -38,13 +38,22 @@ def serve(sock_path: str, devfd: int) -> int:
     except FileNotFoundError:
         pass
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    # bound and listening under a temporary name, then renamed into place: the path
+    # appears only once connecting to it works (a client that saw it between bind and
+    # listen was refused: a loaded machine widened that window enough to hit it)
+    tmp = os.path.join(os.path.dirname(os.path.abspath(sock_path)), f".h{os.getpid()}")
+    try:
+        os.unlink(tmp)
+    except FileNotFoundError:
+        pass
     old = os.umask(0o077)
     try:
-        srv.bind(sock_path)
+        srv.bind(tmp)
     finally:
         os.umask(old)
-    os.chmod(sock_path, 0o600)
+    os.chmod(tmp, 0o600)
     srv.listen(8)
+    os.rename(tmp, sock_path)
     log.info("holding /dev/cachefiles fd %d on %s (pid %d)", devfd, sock_path, os.getpid())
     while True:
         conn, _ = srv.accept()

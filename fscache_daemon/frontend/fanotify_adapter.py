@@ -109,8 +109,11 @@ def _last_line(log_path: str) -> str:
     return f": {lines[-1][:300]}" if lines else ""
 
 
-def spawn_holder(sock: str, log_path: str, timeout: float = 10.0) -> int:
-    """Start the fanotify fd holder in its own session (it must outlive us)."""
+def spawn_holder(sock: str, log_path: str, timeout: float = 60.0) -> int:
+    """Start the fanotify fd holder in its own session (it must outlive us). It is
+    waited for as long as it lives without answering, up to `timeout` s: a python
+    process whose imports took 1.4 s of wall clock (0.2 s of CPU) at load 16, ten times
+    that on an emulated VM; the bound is for a hang only (was 10 s)."""
     os.makedirs(os.path.dirname(sock), exist_ok=True)
     logf = open(log_path, "ab")
     try:
