@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from erofs_tools._native import BuildOptions, NativeBuilder
-from erofs_tools._native_put import put_buffer, reserve_bytes
+from erofs_tools._native_put import put_buffer, reserve_bytes, start_writeback
 from erofs_tools.builder.blob import BLKSZ, BlobWriter
 from erofs_tools.builder.chunk_dict import ChunkDict
 from erofs_tools.builder.chunk_refs import ChunkRefs
@@ -503,19 +503,6 @@ def _write_pieces(fd: int, offset: int, length: int, pieces: Iterable[bytearray]
         raise AssertionError(f"chunk info table of {pos - offset} bytes, {length} expected")
 
 
-def _start_writeback(fd: int) -> None:
-    """Start writing what `fd` holds so far to the disk, without waiting: the final
-    fsync then waits only for the rest (the chunk info table, written meanwhile).
-    Advice only (Linux: POSIX_FADV_DONTNEED writes dirty pages back asynchronously and
-    drops none that are dirty or under writeback); the fsync still makes it durable."""
-    advise = getattr(os, "posix_fadvise", None)
-    if advise is not None:
-        try:
-            advise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        except OSError:
-            pass
-
-
 def write_bootstrap(nb: NativeBuilder, walker: TreeInfo | RafsWalker, bootstrap: str,
                     opts: PackOptions, cdict: ChunkDict | None,
                     new_info: BlobInfo | Callable[[], BlobInfo] | None,
@@ -656,7 +643,9 @@ def write_bootstrap(nb: NativeBuilder, walker: TreeInfo | RafsWalker, bootstrap:
         nb.close()          # the graph is written: its memory serves the table
         if later is not None:
             assert refs is not None
-            _start_writeback(f.fileno())
+            # the disk writes what the C core wrote while the table is written: the
+            # fsync (~8 MiB for /usr/share) then waits only for the rest
+            start_writeback(f.fileno())
             _write_pieces(f.fileno(), ctable_off, ctable_len, later, bootstrap)
             del later
             refs.clear()
