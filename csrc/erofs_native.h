@@ -196,6 +196,10 @@ int erofs_builder_write(erofs_builder *b, int fd);
 int erofs_builder_write_begin(erofs_builder *b, int fd);
 int64_t erofs_builder_write_step(erofs_builder *b, uint32_t max_nodes, uint64_t *bytes_done);
 int erofs_builder_write_end(erofs_builder *b);
+/* start writing fd's dirty pages back to the disk, waiting neither for that nor
+ * dropping them (Linux: sync_file_range(SYNC_FILE_RANGE_WRITE)), so that an fsync that
+ * follows waits for less; advice only: 0, or -errno (-ENOSYS without it) */
+int ern_start_writeback(int fd);
 
 /* the on-disk structs of erofs_fs.h as the core compiled them: one row per named field
  * (struct name, field name, offset, field size, struct size), and the format constants

@@ -7,6 +7,12 @@
  * sits in) follow at write_end. Inodes are visited in offset order (b->worder), so the
  * window moves forward only.
  */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE               /* sync_file_range */
+#endif
+#include <errno.h>
+#include <fcntl.h>
+
 #include "builder_int.h"
 
 /* pwrite of the whole buffer (the copy code's, with the error put on the builder) */
@@ -510,4 +516,14 @@ int erofs_builder_write(erofs_builder *b, int fd)
             return (int)left;
     } while (left > 0);
     return erofs_builder_write_end(b);
+}
+
+int ern_start_writeback(int fd)
+{
+#ifdef SYNC_FILE_RANGE_WRITE
+    return sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE) ? -errno : 0;
+#else
+    (void)fd;
+    return -ENOSYS;
+#endif
 }

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from erofs_tools._native import NativeBuilder, _raise, ffi, lib
 
-__all__ = ["put_buffer", "reserve_bytes"]
+__all__ = ["put_buffer", "reserve_bytes", "start_writeback"]
 
 
 def put_buffer(nb: NativeBuilder, offset: int, data: bytearray | memoryview) -> None:
@@ -29,3 +29,10 @@ def reserve_bytes(nb: NativeBuilder, offset: int, length: int) -> None:
     r = lib.erofs_builder_put_bytes(nb._b, offset, ffi.NULL, length)
     if r:
         _raise(nb._b, r)
+
+
+def start_writeback(fd: int) -> None:
+    """Start writing what `fd` holds so far back to the disk, without waiting for it
+    (pack's bootstrap: its fsync then waits for less). Advice only: a file system or
+    kernel without it is left alone."""
+    lib.ern_start_writeback(fd)
