@@ -37,6 +37,9 @@ class PriorityPool(Executor):
         self._prefetch_slots = threading.Semaphore(self.prefetch_workers)
         self._shutdown = False
         self.active_ondemand = 0
+        # tasks submitted and not finished (queued or running, any priority): 0 means the
+        # pool is idle, which a test waits for to order a reader after the windows
+        self.unfinished = 0
         self._lock = threading.Lock()
         # how long a reader's request waited for a worker (behind readahead tasks
         # already running): part of its latency that the blobs' stats do not see
@@ -51,6 +54,8 @@ class PriorityPool(Executor):
         if self._shutdown:
             raise RuntimeError("pool is shut down")
         fut: Future = Future()
+        with self._lock:
+            self.unfinished += 1
         self._q.put((prio, next(self._seq), fut, fn, args, kwargs, time.monotonic()))
         return fut
 
@@ -93,6 +98,8 @@ class PriorityPool(Executor):
             if fn is None:
                 return
             if not fut.set_running_or_notify_cancel():
+                with self._lock:
+                    self.unfinished -= 1
                 continue
             ondemand = prio < PRIO_PREFETCH
             TASK.waited = time.monotonic() - queued
@@ -108,19 +115,21 @@ class PriorityPool(Executor):
             except BaseException as e:  # noqa: BLE001 - delivered to the submitter
                 fut.set_exception(e)
             finally:
-                if ondemand:
-                    with self._lock:
+                with self._lock:
+                    if ondemand:
                         self.active_ondemand -= 1
+                    self.unfinished -= 1
 
     def stats(self) -> dict:
         """How long on-demand tasks waited in the queue for a worker."""
         with self._lock:
             waits = sorted(self._ondemand_waits)
             total = self._ondemand_wait_s
+            unfinished = self.unfinished
         def q(p: float) -> float:
             return round(waits[min(len(waits) - 1, int(p * (len(waits) - 1)))] * 1000, 3) \
                 if waits else 0.0
-        return {"threads": self.threads, "ondemand_tasks": len(waits),
+        return {"threads": self.threads, "ondemand_tasks": len(waits), "unfinished": unfinished,
                 "ondemand_queue_wait_s": round(total, 6),
                 "ondemand_queue_p50_ms": q(0.5), "ondemand_queue_p99_ms": q(0.99)}
 

@@ -28,7 +28,7 @@ import tarfile
 import tempfile
 import time
 
-from helpers import require
+from helpers import HANG, require
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SNAPSHOTTER = "erofs-test"
@@ -49,16 +49,28 @@ def short_tmpdir(prefix: str) -> str:
 
 def wait_for(cond, timeout: float, what: str, proc: subprocess.Popen | None = None,
              log: str | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
+    """Wait until cond() is true. Every caller waits for something that happens (a
+    process answering, containerd reconnecting, snapshots removed), so `timeout` only
+    bounds a hang and is at least helpers.HANG: a start of containerd, the snapshotter
+    or a container under a CI's load took longer than the 30 s that some callers gave.
+    A cond whose own command timed out (a ctr call on a loaded machine) is not true
+    yet, and cond is asked once more after the deadline (a poll preempted past it is
+    not a failure)."""
+    deadline = time.monotonic() + max(timeout, HANG)
+    while True:
+        try:
+            if cond():
+                return
+        except subprocess.TimeoutExpired:
+            pass
         if proc is not None and proc.poll() is not None:
             tail = open(log).read()[-3000:] if log else ""
             raise RuntimeError(f"{what}: process exited with {proc.returncode}\n{tail}")
+        if time.monotonic() >= deadline:
+            break
         time.sleep(0.05)
     tail = open(log).read()[-3000:] if log else ""
-    raise RuntimeError(f"{what}: not ready after {timeout}s\n{tail}")
+    raise RuntimeError(f"{what}: not ready after {max(timeout, HANG)}s\n{tail}")
 
 
 class Snapshotter:
@@ -87,7 +99,7 @@ class Snapshotter:
                 except OSError:
                     return False
                 return True
-        wait_for(ready, 30, "snapshotter", self.proc, self.log)
+        wait_for(ready, HANG, "snapshotter", self.proc, self.log)
 
     def kill(self) -> None:
         assert self.proc is not None
@@ -120,7 +132,7 @@ class Containerd:
     def __init__(self, workdir: str, proxies: dict[str, str],
                  cri_snapshotter: str | None = None,
                  plain_http_hosts: tuple[str, ...] = (),
-                 start_timeout: float = 30.0, extra_config: str = "") -> None:
+                 start_timeout: float = HANG, extra_config: str = "") -> None:
         self.dir = workdir
         self.cri = cri_snapshotter is not None
         self.sock = os.path.join(workdir, "containerd.sock")
@@ -175,7 +187,7 @@ class Containerd:
                 f"{open(self.log).read()[-3000:]}")
         return p
 
-    def wait_snapshotter(self, name: str, timeout: float = 30.0) -> None:
+    def wait_snapshotter(self, name: str, timeout: float = HANG) -> None:
         """Wait until containerd reaches proxy snapshotter `name`. Needed when containerd
         started before the snapshotter's socket existed: its gRPC client then backs off
         between attempts (up to 3 s) and fails calls meanwhile ("dial ...: timeout")."""

@@ -59,7 +59,7 @@ class SnapshotterDaemon(DaemonProc):
         super().__init__(workdir, extra=(*args, *extra))
         self.snap_root = os.path.join(self.cache_dir, "snapshotter")
 
-    def start(self, timeout: float = 30):
+    def start(self, timeout: float = helpers.HANG):     # a hang bound: fails at once on exit
         super().start(timeout)
         wait_for(lambda: socket_answers(self.snap_sock), timeout, "snapshotter socket",
                  self.proc, self.log_path)

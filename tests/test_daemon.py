@@ -300,6 +300,27 @@ def test_pool_runs_on_demand_before_queued_prefetch():
     pool.shutdown()
 
 
+def test_pool_counts_unfinished_tasks():
+    # stats()["unfinished"]: queued or running, any priority, a cancelled one included
+    # until dropped (test_lazy_readahead waits for 0 to order its reader)
+    pool = PriorityPool(1, prefetch_workers=1)
+    gate = threading.Event()
+    busy = pool.submit(gate.wait)
+    queued = [pool.submit_readahead(int), pool.submit_prefetch(int)]
+    dropped = pool.submit(int)
+    assert dropped.cancel()
+    assert pool.stats()["unfinished"] == 4
+    gate.set()
+    for f in [busy, *queued]:
+        f.result(helpers.HANG)
+    helpers.wait_until(lambda: pool.stats()["unfinished"] == 0, what="the pool idle")
+    err = pool.submit(lambda: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        err.result(helpers.HANG)
+    helpers.wait_until(lambda: pool.stats()["unfinished"] == 0, what="a failed task counted")
+    pool.shutdown()
+
+
 def test_token_bucket_paces():
     # on a clock of its own the waits are exact: the first second's burst, then one
     # second per million bytes (an upper bound on the wall clock was a loaded

@@ -221,6 +221,21 @@ def test_sigkill_mid_read_then_restart(tmp_path):
     src = write_tree(str(tmp_path / "src"), seed=6, nfiles=120, big=(8 << 20,) * 4)
     boot, blobs = str(tmp_path / "boot"), str(tmp_path / "blobs")
     info = pack(src, boot, blobs, "--chunk-size", "0x10000")
+    # The kill is aimed by progress (8 chunks verified) and lands at 8-22 of 478 here,
+    # loaded or not; but between the poll and the kill the readers and the daemon run on,
+    # and a test thread kept off a CPU meanwhile could find every file read (nothing
+    # left for the restart: the kill proves nothing). Such a run is done again with a
+    # fresh daemon and cache instead of failing; a run whose kill left work asserts
+    # everything
+    for attempt in range(3):
+        if _sigkill_mid_read(tmp_path / f"run{attempt}", src, boot, blobs, info):
+            return
+    pytest.fail("the readers read everything before the kill, three times")
+
+
+def _sigkill_mid_read(tmp_path, src, boot, blobs, info) -> bool:
+    """False when every chunk was verified before the kill landed (the run could not
+    tell); True when it could and passed."""
     blob_id = info["blobs"][0]["blob_id"]
     total_chunks = info["blobs"][0]["chunk_count"]
     d = DaemonProc(str(tmp_path / "d"), threads=2).start()
@@ -251,7 +266,12 @@ def test_sigkill_mid_read_then_restart(tmp_path):
         d.kill()                                   # mid-read
         bits = bc.state_bits(bc.state_path(os.path.join(d.cache_dir, "blobs"), blob_id))
         cached_before = sum(bin(x).count("1") for x in bits)
-        assert cached_before < total_chunks, "everything was read before the kill"
+        print(f"killed with {cached_before} of {total_chunks} chunks verified")
+        if cached_before == total_chunks:          # everything was read before the kill
+            d.start()
+            for t in threads:
+                t.join(helpers.HANG)
+            return False
         # readers of holes wait meanwhile: their events are held, unanswered, by the fd
         # holder (a fact, not a guess from sleeping)
         helpers.wait_holder_pending(os.path.join(d.cache_dir, "fdholder.sock"))
@@ -271,6 +291,7 @@ def test_sigkill_mid_read_then_restart(tmp_path):
         assert b["chunks_fetched"] == total_chunks - cached_before, (b, cached_before)
         m = d.metrics()
         assert m["mounts"] == 1
+        return True
     finally:
         d.cleanup()
 

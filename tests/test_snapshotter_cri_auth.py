@@ -24,7 +24,7 @@ from containerd_fixtures import (
     wait_for,
 )
 from registry_fixtures import registry_basic  # noqa: F401
-from test_daemon_support import DaemonProc, require_lazy_kernel
+from test_daemon_support import DaemonProc, require_lazy_kernel, socket_answers
 from test_rpull import rpull
 from test_snapshotter_hosts_cache import basic_auth, nydus_image_on_mirror, upstream_with_mirror
 from test_snapshotter_nydus import CRI_NS, EXPECTED, SCRIPT
@@ -63,7 +63,7 @@ def test_cri_pull_and_lazy_reads_with_containerd_credentials(registry_basic,  # 
                          extra_config=registry)
         s.daemon = daemon = DaemonProc(os.path.join(d, "daemon"), extra=(
             "--snapshotter-socket", snap_sock, "--containerd-config", ctd.config)).start()
-        wait_for(lambda: os.path.exists(snap_sock), 30, "snapshotter socket")
+        wait_for(lambda: socket_answers(snap_sock), 30, "snapshotter socket")  # answers
         ctd.wait_snapshotter(SNAPSHOTTER)
         st, info = daemon.api.request("GET", "/api/v1/daemon")
         assert st == 200 and info["hosts_dir"] == hosts, info

@@ -40,7 +40,7 @@ from registry_fixtures import (  # noqa: F401
     start_registry,
 )
 from test_cache_limit import du
-from test_daemon_support import DaemonProc, require_lazy_kernel
+from test_daemon_support import DaemonProc, require_lazy_kernel, socket_answers
 from test_snapshotter_nydus import CRI_NS, EXPECTED, SCRIPT
 
 pytestmark = [pytest.mark.root, pytest.mark.registry]
@@ -151,9 +151,13 @@ def test_cri_pull_with_credentials_mirror_and_cache_limit(registry_basic,  # noq
         s.daemon = daemon = DaemonProc(os.path.join(d, "daemon"), extra=(
             "--snapshotter-socket", snap_sock, "--hosts-dir", hosts, "--cache-size", "4M",
             "--insecure-registry", up.host)).start()
-        wait_for(lambda: os.path.exists(snap_sock), 30, "snapshotter socket")
+        # a socket that answers, not one whose path exists (bound, maybe not listening
+        # yet), and containerd's client connected before the first call: a refused first
+        # dial backs containerd off for up to 3 s, failing calls meanwhile
+        wait_for(lambda: socket_answers(snap_sock), helpers.HANG, "snapshotter socket")
         s.ctd = ctd = Containerd(d, {SNAPSHOTTER: snap_sock}, cri_snapshotter=SNAPSHOTTER,
                          plain_http_hosts=(up.host,))
+        ctd.wait_snapshotter(SNAPSHOTTER)
         cri_pull(ctd.sock, ref, auth=(registry_basic.username, registry_basic.password))
         out = ctd.run_out("--snapshotter", SNAPSHOTTER, ref, "hc1",
                       "/bin/sh", "-c", SCRIPT, ns=CRI_NS)

@@ -29,10 +29,13 @@ from test_daemon_support import require_lazy_kernel
 
 pytestmark = [pytest.mark.root, pytest.mark.registry]
 
-# how long B's container may take while A's mount waits (a start takes 0.3-3.5 s here,
-# under load). Before, mounts were made one at a time and B waited for A's registry;
-# the two images share their busybox blob, whose chunk map B reads from its own registry
-B_BOUND = 60.0
+# how long the test waits for B's container while A's mount waits (a start takes
+# 0.3-3.5 s here, under load). A's reads are held until release() (and its fetch deadline
+# is 600 s), so what is proved is structural: B's container ran while A's was still
+# held (asserted below); the bound only ends a hang, and 60 s was one a CI's load could
+# break. Before, mounts were made one at a time and B waited for A's registry; the two
+# images share their busybox blob, whose chunk map B reads from its own registry
+B_BOUND = 300.0
 
 
 def test_a_slow_registry_does_not_hold_up_another_images_mount(registry):  # noqa: F811

@@ -18,7 +18,7 @@ import grpc
 import pytest
 from containerd_fixtures import Snapshotter, short_tmpdir, wait_for
 from google.protobuf import field_mask_pb2
-from helpers import require, sys_mount, sys_umount
+from helpers import HANG, require, sys_mount, sys_umount
 from test_daemon_support import pack
 
 from fscache_daemon.errors import DaemonError
@@ -28,6 +28,10 @@ from fscache_daemon.snapshotter.proto import snapshots_pb2_grpc
 
 pytestmark = pytest.mark.root
 
+# a gRPC call's deadline bounds a hang only: 10 s was one that a loaded machine could
+# break (a Prepare mounts, a Remove unmounts and removes a tree)
+CALL = HANG
+
 
 class Client:
     def __init__(self, sock: str) -> None:
@@ -36,40 +40,40 @@ class Client:
 
     def prepare(self, key, parent="", labels=None):
         return list(self.stub.Prepare(pb.PrepareSnapshotRequest(
-            key=key, parent=parent, labels=labels or {}), timeout=10).mounts)
+            key=key, parent=parent, labels=labels or {}), timeout=CALL).mounts)
 
     def view(self, key, parent="", labels=None):
         return list(self.stub.View(pb.ViewSnapshotRequest(
-            key=key, parent=parent, labels=labels or {}), timeout=10).mounts)
+            key=key, parent=parent, labels=labels or {}), timeout=CALL).mounts)
 
     def commit(self, name, key, labels=None):
         self.stub.Commit(pb.CommitSnapshotRequest(name=name, key=key, labels=labels or {}),
-                         timeout=10)
+                         timeout=CALL)
 
     def stat(self, key):
-        return self.stub.Stat(pb.StatSnapshotRequest(key=key), timeout=10).info
+        return self.stub.Stat(pb.StatSnapshotRequest(key=key), timeout=CALL).info
 
     def walk(self, *filters):
         return [i for r in self.stub.List(pb.ListSnapshotsRequest(filters=list(filters)),
-                                          timeout=10) for i in r.info]
+                                          timeout=CALL) for i in r.info]
 
     def remove(self, key):
-        self.stub.Remove(pb.RemoveSnapshotRequest(key=key), timeout=10)
+        self.stub.Remove(pb.RemoveSnapshotRequest(key=key), timeout=CALL)
 
     def usage(self, key):
-        r = self.stub.Usage(pb.UsageRequest(key=key), timeout=10)
+        r = self.stub.Usage(pb.UsageRequest(key=key), timeout=CALL)
         return r.size, r.inodes
 
     def mounts(self, key):
-        return list(self.stub.Mounts(pb.MountsRequest(key=key), timeout=10).mounts)
+        return list(self.stub.Mounts(pb.MountsRequest(key=key), timeout=CALL).mounts)
 
     def update(self, key, labels, paths=()):
         return self.stub.Update(pb.UpdateSnapshotRequest(
             info=pb.Info(name=key, labels=labels),
-            update_mask=field_mask_pb2.FieldMask(paths=list(paths))), timeout=10).info
+            update_mask=field_mask_pb2.FieldMask(paths=list(paths))), timeout=CALL).info
 
     def cleanup(self):
-        self.stub.Cleanup(pb.CleanupRequest(), timeout=10)
+        self.stub.Cleanup(pb.CleanupRequest(), timeout=CALL)
 
 
 @pytest.fixture
