@@ -367,6 +367,9 @@ def _field(number: int, payload: bytes) -> bytes:
     return _varint(number << 3 | 2) + _varint(len(payload)) + payload
 
 
+DIAL_RETRIES = 3
+
+
 def cri_pull(containerd_sock: str, ref: str, timeout: float = 120,
              auth: tuple[str, str] | None = None) -> None:
     """runtime.v1.ImageService/PullImage{image: ImageSpec{image: ref}, auth?:
@@ -376,11 +379,26 @@ def cri_pull(containerd_sock: str, ref: str, timeout: float = 120,
     request = _field(1, _field(1, ref.encode()))
     if auth is not None:
         request += _field(2, _field(1, auth[0].encode()) + _field(2, auth[1].encode()))
-    with grpc.insecure_channel(f"unix:{containerd_sock}") as ch:
-        call = ch.unary_unary("/runtime.v1.ImageService/PullImage",
-                              request_serializer=lambda b: b,
-                              response_deserializer=lambda b: b)
-        call(request, timeout=timeout)
+    # containerd 1.6 dials a proxy snapshotter with a deadline of its gRPC backoff (1 s,
+    # growing to 3 s) and fails calls at once while a dial is in backoff: on a loaded
+    # machine a redial that misses that deadline failed a whole pull ("failed to
+    # prepare extraction snapshot ... Error while dialing ... timeout", CI at load 8)
+    # although the snapshotter answered before and after. PullImage is idempotent: such
+    # a pull is sent again (a bounded number of times), any other error ends the test.
+    for attempt in range(DIAL_RETRIES + 1):
+        with grpc.insecure_channel(f"unix:{containerd_sock}") as ch:
+            call = ch.unary_unary("/runtime.v1.ImageService/PullImage",
+                                  request_serializer=lambda b: b,
+                                  response_deserializer=lambda b: b)
+            try:
+                call(request, timeout=timeout)
+                return
+            except grpc.RpcError as e:
+                dial = (e.code() == grpc.StatusCode.UNAVAILABLE
+                        and "Error while dialing" in (e.details() or ""))
+                if not dial or attempt == DIAL_RETRIES:
+                    raise
+        time.sleep(3.0)     # containerd's longest backoff between dials
 
 
 def _split_run_args(args: tuple[str, ...]) -> tuple[list[str], list[str]]:
