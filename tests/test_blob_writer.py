@@ -6,11 +6,12 @@ computed by the same rule.
 """
 import hashlib
 import os
+import threading
 
 import blake3
 import pytest
 import zstandard
-from helpers import NYDUS_VECTORS
+from helpers import HANG, NYDUS_VECTORS, wait_until
 
 from erofs_tools.builder.blob import BlobInfo, BlobMeta, BlobWriter, read_toc
 from erofs_tools.builder.cache import expand_blob
@@ -188,11 +189,16 @@ def test_roundtrip_is_deterministic(tmp_path):
     assert open(a.path, "rb").read() == open(b.path, "rb").read()
 
 
+def _finish_threads():
+    return [t for t in threading.enumerate() if t.name == "erofs-blob-finish"]
+
+
 def test_finish_on_a_thread_is_finish(tmp_path, monkeypatch):
     """finish_started (pack: the blob finished while the bootstrap sets the chunk
     indexes) gives finish()'s blob; abort() while it runs waits for it and leaves
     nothing; with no chunk it finishes at once (None); its error comes out of the
-    wait."""
+    wait (finish() aborts on its own thread then: abort's wait for the finish thread
+    must not wait for itself). No finish thread outlives its wait."""
     chunks = [bytes([i]) * (1000 * i + 1) for i in range(40)]
 
     def writer(d):
@@ -203,26 +209,46 @@ def test_finish_on_a_thread_is_finish(tmp_path, monkeypatch):
         return w
     a = writer(tmp_path / "a").finish(commit=False)
     wb = writer(tmp_path / "b")
-    wait = wb.finish_started()
-    assert wait is not None
-    b = wait()
+    job = wb.finish_started()
+    assert job is not None
+    b = job.result()
+    assert job.result() is b            # the same, any number of times
+    assert not _finish_threads()
     wb.commit()
     assert a is not None and b.blob_id == a.blob_id
     assert os.listdir(tmp_path / "b") == [b.blob_id]
     wc = writer(tmp_path / "c")
     assert wc.finish_started() is not None
     wc.abort()
+    assert not _finish_threads()
     assert os.listdir(tmp_path / "c") == []
     assert BlobWriter(str(tmp_path / "c"), 1 << 20).finish_started() is None
     assert os.listdir(tmp_path / "c") == []
     wd = writer(tmp_path / "d")
+    aborts = []
+    real_abort = BlobWriter.abort
+    gate = threading.Event()
+
+    def abort(self):
+        aborts.append(self._finishing.running_here())
+        real_abort(self)
 
     def fail(self):
+        gate.wait(HANG)         # until finish_started has returned (its Started kept)
         raise InputError("disk full, say")
     monkeypatch.setattr(BlobWriter, "_finish", fail)
-    wait = wd.finish_started()
+    monkeypatch.setattr(BlobWriter, "abort", abort)
+    job = wd.finish_started()
+    assert job is not None
+    gate.set()
+    # finish() aborts on the finish thread: that abort must not wait for its own thread
+    wait_until(lambda: not _finish_threads(), what="the failed finish thread's end")
     with pytest.raises(InputError, match="disk full"):
-        wait()
+        job.result()
+    assert aborts == [True]
+    assert os.listdir(tmp_path / "d") == []
+    wd.abort()                  # the caller's abort after the failure: nothing to do
+    assert aborts == [True, False]
     assert os.listdir(tmp_path / "d") == []
 
 

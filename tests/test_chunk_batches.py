@@ -235,6 +235,53 @@ def test_small_gzip_chunks_are_stored_raw_without_zstd_on_every_path(monkeypatch
         assert out == want
 
 
+def test_zstd_fallback_batches_never_hand_small_gzip_chunks_to_zstd(monkeypatch):
+    """The multi_compress_to_buffer fallback (no C core batches) skips the small gzip
+    chunks before compressing, as `compress` and the C core do: zstd gets only the
+    other pieces (none at all: no call), and each piece's stored bytes are still what
+    `compress` gives it alone, in order."""
+    import gzip
+
+    from helpers import require
+    monkeypatch.setattr(compressor, "_zstd_fns", lambda level: None)
+    c = Compressor("zstd")
+    require(c._fns is None and "multi_compress_to_buffer" in c.batch_path(),
+            "python-zstandard without its C backend (no multi_compress_to_buffer)")
+    text = b"some text that compresses well, line after line " * 3000
+    gz = [gzip.compress(text[:n], compresslevel=lvl)
+          for n, lvl in ((40_000, 0), (1000, 9), (60_000, 0))]
+    rnd = os.urandom(20_000)
+    big_gz = gzip.compress(text + rnd, compresslevel=0)        # over 64 KiB: compressed
+    parts = [gz[0], text[:50_000], gz[1], rnd, b"\x1f\x8b", gz[2], big_gz, text[7:9000]]
+    buf = bytearray()
+    pieces = []
+    for part in parts:
+        pieces.append((len(buf), len(part)))
+        buf += part + b"gap"
+    raw = [compressor.gzip_stored_raw(part) for part in parts]
+    assert raw == [True, False, True, False, False, True, False, False]
+    handed = []
+    real = zstandard.BufferWithSegments
+
+    def recording(data, segments):
+        segs = array.array("Q", segments)
+        handed.append(list(zip(segs[0::2], segs[1::2])))
+        return real(data, segments)
+    monkeypatch.setattr(zstandard, "BufferWithSegments", recording)
+    one = [c.compress(part) for part in parts]
+    assert one[0] == gz[0] and len(one[1]) < 50_000     # raw; compressed
+    assert [bytes(x) for x in c.compress_many(buf, pieces)] == one
+    assert handed == [[p for p, r in zip(pieces, raw) if not r]]
+    handed.clear()
+    only_gz = [p for p, r in zip(pieces, raw) if r]
+    assert [bytes(x) for x in c.compress_many(buf, only_gz)] == gz
+    assert handed == []
+    no_gz = [p for p, r in zip(pieces, raw) if not r]
+    assert [bytes(x) for x in c.compress_many(buf, compressor.Pieces.of(no_gz))] == \
+        [o for o, r in zip(one, raw) if not r]
+    assert handed == [no_gz]
+
+
 def test_compress_many_takes_the_callers_arrays_as_pairs():
     """The batch's own offset/length arrays (Pieces) give the same bytes as the same
     pieces as (offset, length) pairs, on every path."""

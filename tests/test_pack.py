@@ -465,6 +465,47 @@ def test_walk_thread_failure_and_stop(tmp_path, monkeypatch, where):
     assert os.listdir(out / "blobs") == [] and os.listdir(out) == ["blobs"]
 
 
+@pytest.mark.parametrize("where", [None, "blob finish", "layout"])
+def test_tail_threads_end_with_the_pack(tmp_path, monkeypatch, where):
+    """pack's tail runs the blob's finish and the chunk info table's sort on threads of
+    their own (workpool.started): whether the pack succeeds or fails in either, both
+    threads have ended when it returns, nothing is left behind on failure, and no
+    non-daemon thread is left to cost the program its fast exit (errors.exit_now)."""
+    import threading
+
+    from erofs_tools._native import NativeBuilder
+    from erofs_tools.builder.blob import BlobWriter
+    from erofs_tools.errors import InputError
+    src = tmp_path / "src"
+    _many_files(src)
+    out = tmp_path / "out"
+    out.mkdir()
+    tail = ("erofs-blob-finish", "erofs-pack-table")
+    ran = []
+    if where == "blob finish":
+        def fail(self):
+            ran.append(threading.current_thread().name)
+            raise InputError("planted finish error")
+        monkeypatch.setattr(BlobWriter, "_finish", fail)
+    elif where == "layout":
+        def fail(self):
+            ran.append(threading.current_thread().name)
+            raise InputError("planted layout error")
+        monkeypatch.setattr(NativeBuilder, "layout", fail)
+    before = set(threading.enumerate())
+    if where is None:
+        result = pack(src, out / "boot", out / "blobs", PackOptions(chunk_size=4096))
+        assert os.listdir(out / "blobs") == [result["blob_id"]]
+    else:
+        with pytest.raises(InputError, match="planted"):
+            pack(src, out / "boot", out / "blobs", PackOptions(chunk_size=4096))
+        assert ran == ["erofs-blob-finish" if where == "blob finish" else "MainThread"]
+        assert os.listdir(out / "blobs") == [] and os.listdir(out) == ["blobs"]
+    left = set(threading.enumerate()) - before
+    assert not [t for t in left if t.name in tail]
+    assert not [t for t in left if not t.daemon and t.is_alive()]
+
+
 def test_walk_order_is_name_order_per_directory(tmp_path):
     """Without a prefetch list the blob follows the walk: each directory's files in name
     order (whatever order they were created in)."""

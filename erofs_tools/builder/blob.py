@@ -23,11 +23,12 @@ import os
 import queue
 import struct
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from erofs_tools._native_chunkio import ci_v1_append, gather
 from erofs_tools._native_sha256 import Sha256
+from erofs_tools.builder.workpool import Started, started
 from erofs_tools.errors import InputError
 from erofs_tools.format import erofs as E
 from erofs_tools.format import rafs as R
@@ -138,7 +139,7 @@ class BlobWriter:
         self.blob_index = blob_index
         self._own_digests = digests is None
         self._digests = bytearray() if digests is None else digests
-        self._finishing: threading.Thread | None = None     # finish_started's
+        self._finishing: Started[BlobInfo] | None = None     # finish_started's
         fd, self.tmp_path = create_exclusive(blob_dir, ".blob-")
         try:
             self._start(fd, chunk_size)
@@ -467,9 +468,10 @@ class BlobWriter:
                       (pos & 0xFF_FFFF_FFFF) | (hi[0] << 32) | hi[1])
 
     def abort(self) -> None:
-        t = self._finishing
-        if t is not None and t is not threading.current_thread():
-            t.join()            # finish_started's thread: never two at the file at once
+        if self._finishing is not None:
+            # finish_started's thread: never two at the file at once. Not when this is
+            # that thread (finish() aborts on its own failure): join() returns at once
+            self._finishing.join()
         try:
             self._sync()
         except InputError:
@@ -503,36 +505,23 @@ class BlobWriter:
             self.abort()
             raise
 
-    def finish_started(self) -> Callable[[], BlobInfo] | None:
-        """finish(commit=False) on a thread of its own; -> the call that waits for it
-        and returns its BlobInfo (or raises what it raised), or None if no chunk was
-        added (finished here). pack's bootstrap sets its chunk indexes meanwhile: the
-        blob's last writes, its CI table compressed and its hashes (~10 ms for
-        /usr/share) were single-threaded tail with one core idle. abort() waits for the
-        thread first."""
+    def finish_started(self) -> Started[BlobInfo] | None:
+        """finish(commit=False) on a thread of its own; -> its Started, whose result()
+        waits for it and returns its BlobInfo (or raises what it raised), or None if no
+        chunk was added (finished here). pack's bootstrap sets its chunk indexes
+        meanwhile: the blob's last writes, its CI table compressed and its hashes (~10 ms
+        for /usr/share) were single-threaded tail with one core idle. abort() waits for
+        the thread first."""
         if self.count == 0:
             self.finish(commit=False)
             return None
-        out: list[BlobInfo | None] = []
-        err: list[BaseException] = []
+        job = self._finishing = started(self._finish_uncommitted, name="erofs-blob-finish")
+        return job
 
-        def run() -> None:
-            try:
-                out.append(self.finish(commit=False))
-            except BaseException as e:      # raised again in the waiting thread
-                err.append(e)
-        t = self._finishing = threading.Thread(target=run, name="erofs-blob-finish",
-                                               daemon=True)
-        t.start()
-
-        def result() -> BlobInfo:
-            t.join()
-            if err:
-                raise err[0]
-            info = out[0]
-            assert info is not None
-            return info
-        return result
+    def _finish_uncommitted(self) -> BlobInfo:
+        info = self.finish(commit=False)
+        assert info is not None         # chunks were added (finish_started's check)
+        return info
 
     def commit(self) -> None:
         """Rename the finished blob to its id."""

@@ -12,13 +12,13 @@ chunk is DICT_REF | its position in `dict_chunks`.
 from __future__ import annotations
 
 import array
-import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
 from erofs_tools._native_chunkio import ChunkInfoTable, chunk_indexes
 from erofs_tools.builder.blob import BLKSZ, StoredChunk
 from erofs_tools.builder.rafs_walk import NodeSet
+from erofs_tools.builder.workpool import Started, started
 from erofs_tools.format import rafs as R
 
 if TYPE_CHECKING:
@@ -320,29 +320,13 @@ class ChunkRefs:
 
     def sized_table_started(self, used: tuple[bytearray, bytearray],
                             remap: Mapping[int, int]
-                            ) -> Callable[[], tuple[int, Iterator[bytearray]] | None]:
-        """sized_chunk_info_table on a thread of its own; -> the call that waits for
-        and returns its result. pack's bootstrap sorts the table (C, without the GIL)
-        while the C core lays the inodes out: both in the single-threaded tail, one core
-        idle (/usr/share: ~8 ms of sort beside ~25 ms of layout). The records must not
-        change until the result is taken."""
-        out: list[tuple[int, Iterator[bytearray]] | None] = []
-        err: list[BaseException] = []
-
-        def run() -> None:
-            try:
-                out.append(self.sized_chunk_info_table(used, remap))
-            except BaseException as e:      # raised again in the waiting thread
-                err.append(e)
-        t = threading.Thread(target=run, name="erofs-pack-table", daemon=True)
-        t.start()
-
-        def result() -> tuple[int, Iterator[bytearray]] | None:
-            t.join()
-            if err:
-                raise err[0]
-            return out[0]
-        return result
+                            ) -> Started[tuple[int, Iterator[bytearray]] | None]:
+        """sized_chunk_info_table on a thread of its own; -> its Started, whose result()
+        waits for and returns its result. pack's bootstrap sorts the table (C, without
+        the GIL) while the C core lays the inodes out: both in the single-threaded tail,
+        one core idle (/usr/share: ~8 ms of sort beside ~25 ms of layout). The records
+        must not change until the result is taken (or the thread joined)."""
+        return started(self.sized_chunk_info_table, used, remap, name="erofs-pack-table")
 
     def _table_entries(self, used: tuple[bytearray, bytearray],
                        remap: Mapping[int, int]) -> Iterator[bytes]:

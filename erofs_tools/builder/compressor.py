@@ -185,17 +185,29 @@ class Compressor:
             c = getattr(self._local, "c", None)
             if c is None:
                 c = self._local.c = z.ZstdCompressor(level=self.level)
-            res = c.multi_compress_to_buffer(
-                z.BufferWithSegments(buf, p.segments().tobytes()), threads=1)
             mv = memoryview(buf)
+            # small gzip files are stored raw without trying, as `compress` and the C
+            # core do: only the other pieces go to zstd
+            raw = [gzip_stored_raw(mv[o:o + n]) for o, n in zip(p.off, p.lengths)]
+            todo = p if not any(raw) else Pieces(
+                array.array("Q", (o for o, r in zip(p.off, raw) if not r)),
+                array.array("I", (n for n, r in zip(p.lengths, raw) if not r)))
+            res = c.multi_compress_to_buffer(
+                z.BufferWithSegments(buf, todo.segments().tobytes()), threads=1) \
+                if len(todo.off) else None
             out: list[bytes | memoryview] = []
-            for i, (o, n) in enumerate(zip(p.off, p.lengths)):
-                zc = res[i]
-                # incompressible: the data, copied once from a view (a view kept would hold
+            k = 0
+            for o, n, r in zip(p.off, p.lengths, raw):
+                if not r:
+                    assert res is not None
+                    zc = res[k]
+                    k += 1
+                    if len(zc) < n:
+                        out.append(memoryview(cast("Buffer", zc)))
+                        continue
+                # stored raw: the data, copied once from a view (a view kept would hold
                 # the batch buffer until this chunk is written; bytes() of a slice: twice)
-                out.append(memoryview(cast("Buffer", zc))
-                           if len(zc) < n and not gzip_stored_raw(mv[o:o + n])
-                           else bytes(mv[o:o + n]))
+                out.append(bytes(mv[o:o + n]))
             return out
         return [self.compress(bytes(buf[o:o + n])) for o, n in zip(p.off, p.lengths)]
 

@@ -59,6 +59,7 @@ from erofs_tools.builder.rafs_walk import (
     normalize_prefetch,
     prefetch_order,
 )
+from erofs_tools.builder.workpool import Started
 from erofs_tools.errors import InputError
 from erofs_tools.format import erofs as E
 from erofs_tools.format import rafs as R
@@ -505,7 +506,7 @@ def _write_pieces(fd: int, offset: int, length: int, pieces: Iterable[bytearray]
 
 def write_bootstrap(nb: NativeBuilder, walker: TreeInfo | RafsWalker, bootstrap: str,
                     opts: PackOptions, cdict: ChunkDict | None,
-                    new_info: BlobInfo | Callable[[], BlobInfo] | None,
+                    new_info: BlobInfo | Started[BlobInfo] | None,
                     per_node: Mapping[int, NodeChunks] | ChunkRefs, file_off: dict[int, int],
                     prefetch_nodes: Sequence[int], ts: int | None,
                     blob_list: Sequence[BlobInfo] | None = None,
@@ -517,8 +518,8 @@ def write_bootstrap(nb: NativeBuilder, walker: TreeInfo | RafsWalker, bootstrap:
     `file_off` (id(StoredChunk) -> file offset of its first use when not 0); or the
     ChunkRefs of a ChunkPlacer, whose file keys are nodes or, given `node_of`, keys of
     it (files whose key it lacks are left out); they are used up (cleared) here, and `nb`
-    is closed once written. `new_info`: the new blob, or the call that waits for its
-    finish (BlobWriter.finish_started), made once the chunk indexes are set."""
+    is closed once written. `new_info`: the new blob, or its finish running
+    (BlobWriter.finish_started), waited for once the chunk indexes are set."""
     refs = per_node if isinstance(per_node, ChunkRefs) else None
     key_node: Callable[[int], int | None] = \
         (lambda k: k) if node_of is None else node_of.get
@@ -549,6 +550,7 @@ def write_bootstrap(nb: NativeBuilder, walker: TreeInfo | RafsWalker, bootstrap:
     # -- chunk indexes ------------------------------------------------------------------
     chunkbits = opts.chunk_size.bit_length() - 1
     fmt = E.CHUNK_FORMAT_INDEXES | (chunkbits - E.BLKSZ_BITS)
+    table_job: Started[tuple[int, Iterator[bytearray]] | None] | None = None
     if refs is not None:
         refs_used = refs.set_indexes(nb, fmt, walker.regular,
                                      None if node_of is None else node_of.get, remap)
@@ -556,25 +558,32 @@ def write_bootstrap(nb: NativeBuilder, walker: TreeInfo | RafsWalker, bootstrap:
     else:
         assert not isinstance(per_node, ChunkRefs)
         referenced = set_chunk_indexes(nb, fmt, walker.regular, per_node, remap)
-    new_blob = new_info() if callable(new_info) else new_info
-    if new_blob is not None:
-        blobs.append(new_blob)
+    try:
+        new_blob = new_info.result() if isinstance(new_info, Started) else new_info
+        if new_blob is not None:
+            blobs.append(new_blob)
 
-    # -- tables before the inode area ---------------------------------------------------
-    flags = (R.COMPRESSION_FLAGS[opts.compressor] | R.DIGEST_FLAGS[opts.digester]
-             | R.FLAG_EXPLICIT_UID_GID)
-    if walker.has_xattrs:
-        flags |= R.FLAG_HAS_XATTR
-    if blobs and all(b.features & R.BLOB_FEATURE_INLINED_CHUNK_DIGEST for b in blobs):
-        flags |= R.FLAG_INLINED_CHUNK_DIGEST
-    blob_table = b"".join(b.blob_entry(i).encode() for i, b in enumerate(blobs))
-    for b in blobs:
-        nb.add_device(b.blob_id.encode(), b.blocks, 0)   # mapped_blkaddr patched below
-    if blob_table:
-        nb.put_bytes(blob_off, blob_table)
-    if prefetch_nodes:
-        nb.put_bytes(prefetch_off, bytes(4 * len(prefetch_nodes)))
-    info = nb.layout()
+        # -- tables before the inode area -----------------------------------------------
+        flags = (R.COMPRESSION_FLAGS[opts.compressor] | R.DIGEST_FLAGS[opts.digester]
+                 | R.FLAG_EXPLICIT_UID_GID)
+        if walker.has_xattrs:
+            flags |= R.FLAG_HAS_XATTR
+        if blobs and all(b.features & R.BLOB_FEATURE_INLINED_CHUNK_DIGEST for b in blobs):
+            flags |= R.FLAG_INLINED_CHUNK_DIGEST
+        blob_table = b"".join(b.blob_entry(i).encode() for i, b in enumerate(blobs))
+        for b in blobs:
+            nb.add_device(b.blob_id.encode(), b.blocks, 0)   # mapped_blkaddr patched below
+        if blob_table:
+            nb.put_bytes(blob_off, blob_table)
+        if prefetch_nodes:
+            nb.put_bytes(prefetch_off, bytes(4 * len(prefetch_nodes)))
+        info = nb.layout()
+        sized = None if table_job is None else table_job.result()
+    except BaseException:
+        if table_job is not None:
+            # its thread reads the records: not left running past a failure
+            table_job.join()
+        raise
     if info.root_nid != ROOT_NID:
         raise AssertionError(f"root nid {info.root_nid}, expected {ROOT_NID}")
 
@@ -589,7 +598,6 @@ def write_bootstrap(nb: NativeBuilder, walker: TreeInfo | RafsWalker, bootstrap:
     # table, ~4 MiB for /usr/share, beside the graph was pack's peak memory)
     later: Iterator[bytearray] | None = None
     if refs is not None:
-        sized = table_job()
         if sized is not None:
             ctable_len, later = sized
             if ctable_len:

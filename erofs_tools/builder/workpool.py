@@ -1,7 +1,9 @@
 """A fixed pool of worker threads running tasks in submission order, each task's result
 (or exception) waited for by the caller: what pack's chunk pipeline needs of
 concurrent.futures.ThreadPoolExecutor, without it (concurrent.futures imports logging:
-~1.2 MiB of pack's RSS, against mkfs.erofs's ~45 MiB for the same tree)."""
+~1.2 MiB of pack's RSS, against mkfs.erofs's ~45 MiB for the same tree). And one call
+on a thread of its own (`started`): pack's tail, where the blob's finish and the chunk
+info table's sort run beside the bootstrap's work."""
 from __future__ import annotations
 
 import queue
@@ -47,8 +49,12 @@ class Task(Generic[T]):
         finally:
             self._done.release()
 
-    def cancel(self) -> None:
+    def cancel(self) -> bool:
+        """-> False if it is too late: the call had started (and runs to its end)."""
         self._cancelled = True
+        # _run takes the call (clears _fn) before it looks at _cancelled: either it
+        # sees the flag or the call is gone from here (the GIL orders the two)
+        return self._fn is not None
 
     def result(self) -> T:
         with self._done:
@@ -102,3 +108,53 @@ class WorkPool:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class Started(Generic[T]):
+    """One call running on a thread of its own (`started`): result() waits for it and
+    returns its value or raises what it raised; join() only waits. Either returns once
+    the thread has ended, not only the call: no thread outlives its wait (a live
+    non-daemon one would also cost the program its fast exit, errors.exit_now)."""
+    __slots__ = ("_task", "_thread")
+
+    def __init__(self, task: Task[T], thread: threading.Thread) -> None:
+        self._task = task
+        self._thread = thread
+
+    def running_here(self) -> bool:
+        """The caller is the call's own thread (the call itself, or what it calls)."""
+        return self._thread is threading.current_thread()
+
+    def join(self) -> None:
+        """Wait for the call to end (its outcome left to result()); at once on the
+        call's own thread, which cannot wait for itself: a cleanup that the call may run
+        itself on failure (BlobWriter.abort from its finish) still waits for it from
+        every other thread."""
+        if not self.running_here():
+            self._thread.join()
+
+    def result(self) -> T:
+        """The call's value, or its exception raised here; any number of times, from
+        any thread but its own (RuntimeError there: it would wait for itself)."""
+        self._thread.join()
+        return self._task.result()
+
+
+def started(fn: Callable[..., T], *args: Any, name: str) -> Started[T]:
+    """fn(*args) started on a new thread named `name`. Not a daemon thread: its owner
+    waits for it on every path (result() or join()), and should that wait be cut short
+    (a second Ctrl-C), the interpreter's exit lets the call end rather than freeze it
+    wherever it is (a blob's finish in the middle of its writes, its temporary file
+    left half-written) or, through errors.exit_now, kill it."""
+    task: Task[T] = Task(fn, args)
+    t = threading.Thread(target=task._run, name=name, daemon=False)
+    try:
+        t.start()
+    except BaseException:
+        # an interrupt inside start() may come after the thread began: then the call
+        # either never runs, or it had begun and is waited for here (the caller has no
+        # handle to wait with: a blob's abort would write beside its finish)
+        if not task.cancel():
+            t.join()        # it began, so the thread had started
+        raise
+    return Started(task, t)
