@@ -149,17 +149,28 @@ class Compressor:
         """compress_many; -> (base, stored pieces): base is the one buffer in which the
         stored pieces lie back to back in order (the C core's zstd), so that a run of
         them can be written as one piece of it; None when they do not."""
-        fns = self._fns
-        if fns is None or not len(pieces.lengths):
+        sized = self.compress_batch_sized(buf, pieces)
+        if sized is None:
             return None, self.compress_many(buf, pieces)
-        stored, sizes = zstd_chunks(fns.compress2, fns.is_error, fns.cctx(), buf,
-                                    pieces.off, pieces.lengths)
+        stored, sizes = sized
         views: list[bytes | memoryview] = []
         pos = 0
         for n in sizes:
             views.append(stored[pos:pos + n])
             pos += n
         return stored, views
+
+    def compress_batch_sized(self, buf: bytearray | memoryview, pieces: Pieces
+                             ) -> tuple[memoryview, array.array[int]] | None:
+        """The C core's zstd batch (compress_batch's base): -> (the buffer with the
+        stored pieces back to back, their sizes), so that a caller that needs no list of
+        views takes them in its own loop; None when that path is not the one (another
+        compressor, no C core batches, no pieces): then compress_batch."""
+        fns = self._fns
+        if fns is None or not len(pieces.lengths):
+            return None
+        return zstd_chunks(fns.compress2, fns.is_error, fns.cctx(), buf, pieces.off,
+                           pieces.lengths)
 
     def compress_many(self, buf: bytearray | memoryview,
                       pieces: list[tuple[int, int]] | Pieces) -> list[bytes | memoryview]:
