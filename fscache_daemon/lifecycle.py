@@ -384,7 +384,11 @@ class MountLifecycle(CacheEviction, WarmRoute):
                 break
             time.sleep(0.01)
         for m in mgrs:
-            m.run_after_mount()     # the blob's map file (daemon._open_blob)
+            # the blob's map file (daemon._open_blob), under the lock an umount takes to
+            # run the same work and then drop the blob: taken here and left to wait for
+            # that lock in the write's hold, it found the blob gone and was never written
+            with self._lock:
+                m.run_after_mount()
         stream = self._streams.get(img.mountpoint)
         if stream is not None:
             stream.wait(STREAM_WAIT)

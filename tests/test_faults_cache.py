@@ -92,6 +92,11 @@ def _warm_then_stop(tmp_path, image, read=None):
     assert all(r.kind == "ok" for r in res.values())
     d.umount(mnt)
     d.stop()
+    # the blob's map file is written by the mount's after-mount thread or, if that has
+    # not run yet, by the umount: never lost between the two (CI once saw it missing
+    # when the umount came while that thread waited to write it)
+    mp = bc.map_path(os.path.join(d.cache_dir, "blobs"), image["blob_id"])
+    assert os.path.exists(mp), "the blob's chunk map was not written"
     return d, mnt
 
 
