@@ -400,7 +400,7 @@ class ChunkPipeline:
         todo = Pieces(buf_off, lengths) if len(pieces) == len(lengths) else Pieces.of(pieces)
         sized = self.compressor.compress_batch_sized(buf, todo)
         if sized is None:
-            for mine, data in zip(claims, self.compressor.compress_batch(buf, todo)[1]):
+            for mine, data in zip(claims, self.compressor.compress_many(buf, todo)):
                 mine.data = data
         else:
             # the C core's zstd: the stored pieces back to back in `base`; each claim's
