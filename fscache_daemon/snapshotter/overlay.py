@@ -108,17 +108,20 @@ class Layout:
                       if n not in keep)
 
 
-def mounts(layout: Layout, snap: Snapshot, lazy_lower: str | None = None) -> list[Mount]:
+def mounts(layout: Layout, snap: Snapshot, lazy_lower: str | None = None,
+           lazy_depth: int = 0) -> list[Mount]:
     """The mounts that make `snap`'s tree, as containerd's overlayfs snapshotter gives.
-    `lazy_lower`: a lazily loaded image's mount point that stands for the whole parent
-    chain (a Nydus image; see nydus.py)."""
+    `lazy_lower`: a lazily loaded image's mount point (a Nydus image; see nydus.py) that
+    stands for `snap.parent_ids[lazy_depth]` and every parent below it; the parents
+    above it (layers committed on the image) stay lowers on top of it."""
     if lazy_lower is not None:
-        if snap.kind != Kind.ACTIVE:
+        lowers = [layout.fs(p) for p in snap.parent_ids[:lazy_depth]] + [lazy_lower]
+        if snap.kind != Kind.ACTIVE and len(lowers) == 1:
             return [Mount("bind", lazy_lower, ("ro", "rbind"))]
-        return [Mount("overlay", "overlay", (
-            *(("index=off",) if os.path.exists(_INDEX_KNOB) else ()),
-            f"workdir={layout.work(snap.id)}", f"upperdir={layout.fs(snap.id)}",
-            f"lowerdir={lazy_lower}"))]
+        options = ["index=off"] if os.path.exists(_INDEX_KNOB) else []
+        if snap.kind == Kind.ACTIVE:
+            options += [f"workdir={layout.work(snap.id)}", f"upperdir={layout.fs(snap.id)}"]
+        return [Mount("overlay", "overlay", (*options, "lowerdir=" + ":".join(lowers)))]
     if not snap.parent_ids:
         rw = "rw" if snap.kind == Kind.ACTIVE else "ro"
         return [Mount("bind", layout.fs(snap.id), (rw, "rbind"))]

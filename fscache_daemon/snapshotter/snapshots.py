@@ -94,15 +94,19 @@ class Snapshotter:
                  snap.id, labels.get(nydus.LAYER_LABEL, target), name)
         raise SnapshotExistsError(f"target snapshot {target!r} exists (nydus blob layer)")
 
-    def _lazy_lower(self, snap: Snapshot) -> str | None:
-        """The lazy mount standing for `snap`'s parents when the nearest parent is a
-        Nydus bootstrap layer; mounted through the daemon on first use."""
-        if not snap.parent_ids or self.daemon is None:
+    def _lazy_lower(self, snap: Snapshot) -> tuple[str, int] | None:
+        """(the lazy mount, its depth among `snap`'s parents) when a parent is a Nydus
+        bootstrap layer: that mount stands for it and every parent below it (mounted
+        through the daemon on first use). The whole chain is searched, not only the
+        nearest parent: a layer committed on the image (a container's changes, a
+        build's step) must see the image under it, as with any overlay chain."""
+        if self.daemon is None:
             return None
-        boot_id = snap.parent_ids[0]
-        if self.store.extra(boot_id).get("nydus") != "bootstrap":
-            return None
-        return self._lazy_mount(boot_id)
+        for depth, pid in enumerate(snap.parent_ids):
+            if self.store.extra(pid).get("nydus") == "bootstrap":
+                mp = self._lazy_mount(pid)
+                return None if mp is None else (mp, depth)
+        return None
 
     def _lazy_mount(self, boot_id: int) -> str | None:
         """The lazy mount of bootstrap snapshot `boot_id`, made now if not yet; None if
@@ -177,7 +181,10 @@ class Snapshotter:
         log.info("snapshot %s: lazy mount %s released", boot_id, mp)
 
     def _mounts(self, snap: Snapshot) -> list[Mount]:
-        return overlay.mounts(self.layout, snap, self._lazy_lower(snap))
+        lazy = self._lazy_lower(snap)
+        if lazy is None:
+            return overlay.mounts(self.layout, snap)
+        return overlay.mounts(self.layout, snap, *lazy)
 
     def prepare(self, key: str, parent: str, labels: dict[str, str]) -> list[Mount]:
         return self._create(Kind.ACTIVE, key, parent, labels)
