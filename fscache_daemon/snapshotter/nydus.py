@@ -83,9 +83,15 @@ def check_bootstrap(fs_dir: str, layer: str) -> None:
     bootstrap: checked when the layer is committed, so that a corrupted one fails the
     pull (naming the layer) instead of every container start later."""
     path = os.path.join(fs_dir, BOOTSTRAP_PATH)
-    if not os.path.isfile(path) or os.path.islink(path):
+    # every component, not only the last, must be the layer's own: a symlinked `image`
+    # directory (the image author's to write) would be resolved on the host, and the
+    # daemon would mount a host file (another image's bootstrap) for this image. A
+    # committed layer does not change afterwards, so the check holds for its mounts.
+    inside = os.path.realpath(path) == os.path.join(os.path.realpath(fs_dir),
+                                                    BOOTSTRAP_PATH)
+    if not inside or not os.path.isfile(path):
         raise SnapshotInvalidError(f"nydus bootstrap layer {layer}: no {BOOTSTRAP_PATH} "
-                                   "(regular file) in the layer")
+                                   "(regular file, no symlink on its path) in the layer")
     try:
         # imported here: rpull uses this module for its labels alone (its start counts)
         from fscache_daemon.storage.image import load_image
