@@ -64,6 +64,8 @@ MAX_CONFIG = 8 << 20
 # a layer rpull downloads (a bootstrap layer; plain layers): bounded by its descriptor
 MAX_LAYER = 64 << 30
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+# labels that carry rpull's options to our snapshotter, never taken from a layer
+OWN_LABELS = frozenset({nydus.PLAIN_HTTP_LABEL, nydus.MOUNT_EARLY_LABEL})
 
 
 def chain_ids(diff_ids: list[str]) -> list[str]:
@@ -137,8 +139,11 @@ class _Puller:
         if ctd.stat(sn, cid):
             self.present_layers += 1
             return
+        # the layer's annotations are the image author's: the snapshotter's own options
+        # among them are dropped, else an image would choose plain HTTP (with the
+        # registry's credentials) for its own lazy reads; only our flags set them
         labels = {k: str(v) for k, v in layer.annotations.items()
-                  if k.startswith(INHERITED_PREFIX)}
+                  if k.startswith(INHERITED_PREFIX) and k not in OWN_LABELS}
         labels.update({nydus.TARGET_LABEL: cid, nydus.IMAGE_REF_LABEL: self.name,
                        nydus.LAYER_LABEL: layer.digest, MANIFEST_LABEL: manifest,
                        IMAGE_LAYERS_LABEL: _image_layers(layers[i:])})
