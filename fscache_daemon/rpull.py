@@ -78,6 +78,14 @@ def chain_ids(diff_ids: list[str]) -> list[str]:
     return out
 
 
+def extraction_key(chain_id: str) -> str:
+    """containerd's unpack key format, "extract-<unique> <chain id>", with a unique
+    part that tells our snapshotter the Prepare is rpull's (nydus.RPULL_KEY_PREFIX:
+    only then does it take rpull's option labels; a key is the client's choice, never
+    an image's)."""
+    return f"{nydus.RPULL_KEY_PREFIX}{time.time_ns()}-{secrets.token_hex(6)} {chain_id}"
+
+
 def _image_layers(layers: list[Descriptor]) -> str:
     """Digests of a layer and those above it, comma-separated, cut to fit a label (as
     containerd's CRI plugin does: skipping some only costs the snapshotter speed)."""
@@ -152,8 +160,7 @@ class _Puller:
         if self.mount_early and not blob:
             # our snapshotter mounts a bootstrap layer at its commit (others ignore it)
             labels[nydus.MOUNT_EARLY_LABEL] = "true"
-        # containerd's unpack key format: "extract-<unique> <chain id>"
-        key = f"extract-{time.time_ns()}-{secrets.token_hex(6)} {cid}"
+        key = extraction_key(cid)
         try:
             mounts = ctd.prepare(sn, key, parent, labels)
         except ContainerdError as e:

@@ -54,3 +54,36 @@ def test_bootstrap_reached_through_a_symlink_in_the_layer_is_refused(tmp_path, l
         assert api.posts == []             # the daemon was never pointed at it
         assert code_of(c.stat, "boot-c") == grpc.StatusCode.NOT_FOUND
         c.remove("boot")
+
+
+def test_plain_http_label_is_taken_from_rpull_only(tmp_path):
+    """containerd's CRI pull passes every `containerd.io/snapshot/` annotation of a layer
+    as a label, so the image's author can write the plain-http label too: the
+    snapshotter then asked the daemon for plain HTTP to the image's registry (its
+    credentials in clear to whoever is on the path) because the image said so. Only a
+    Prepare by `fscache-daemon rpull --insecure` (its extraction key, which containerd
+    passes as the client chose it and no image can) may ask for it."""
+    from fscache_daemon import rpull
+    from fscache_daemon.snapshotter import nydus
+    with nydus_service(tmp_path, _RecordingDaemonAPI) as (c, api):
+        target = "sha256:" + "1" * 64
+        prepare_blob_layer(c, "extract-1 " + target, target)
+        (blob,) = c.walk()
+        labels = dict(BOOT, **{nydus.PLAIN_HTTP_LABEL: "true"})
+        cid = "sha256:" + "2" * 64
+        keys = {"cri": f"k8s.io/7/extract-123-AbC_= {cid}",
+                "rpull": f"default/8/{rpull.extraction_key(cid)}"}
+        for who, key in keys.items():
+            (m,) = c.prepare(key, blob.name, labels)
+            upper = dict(o.split("=", 1) for o in m.options if "=" in o)["upperdir"]
+            os.mkdir(os.path.join(upper, "image"))
+            src = tmp_path / f"src-{who}"
+            src.mkdir()
+            (src / "f").write_bytes(b"x" * 10000)
+            pack(str(src), os.path.join(upper, "image", "image.boot"),
+                 str(tmp_path / f"blobs-{who}"))
+            c.commit(f"boot-{who}", key)
+        warms = [body for route, body in api.posts if route == "/api/v1/warm"]
+        assert [w["options"] for w in warms] == [{}, {"insecure": True}]
+        for who in keys:
+            c.remove(f"boot-{who}")

@@ -50,7 +50,18 @@ FS_VERSION_LABEL = "containerd.io/snapshot/nydus-fs-version"
 # plain HTTP to this image's registry, so its lazy mount reads the blobs that way too
 # (containerd passes only labels under containerd.io/snapshot/ to a snapshotter)
 PLAIN_HTTP_LABEL = "containerd.io/snapshot/fscache-daemon.plain-http"
+# how rpull's extraction keys begin (after containerd's "<namespace>/<n>/"); see
+# from_rpull
+RPULL_KEY_PREFIX = "extract-fscache-rpull-"
 BOOTSTRAP_PATH = os.path.join("image", "image.boot")
+
+
+def from_rpull(key: str) -> bool:
+    """Whether a Prepare's key is one rpull chose (containerd's metadata layer passes it
+    as "<namespace>/<n>/<the client's key>"). Labels cannot tell: containerd's CRI pull
+    passes every `containerd.io/snapshot/` annotation of a layer as a label, so an
+    image's author can write any of ours; the key is the client's alone."""
+    return key.split("/", 2)[-1].startswith(RPULL_KEY_PREFIX)
 
 
 def layer_kind(labels: dict[str, str]) -> str | None:

@@ -68,7 +68,9 @@ class Snapshotter:
             nydus.check_fs_version(labels, digest)
             extra = {"nydus": "bootstrap", "image_ref": nydus.image_ref(labels),
                      "layer": digest}
-            if labels.get(nydus.PLAIN_HTTP_LABEL) == "true":
+            if labels.get(nydus.PLAIN_HTTP_LABEL) == "true" and nydus.from_rpull(key):
+                # rpull --insecure only: from an image's annotations (CRI) the label
+                # would send the registry's credentials over plain HTTP on its say-so
                 extra["plain_http"] = "true"
             if labels.get(nydus.MOUNT_EARLY_LABEL) == "true":
                 extra["mount_early"] = "true"
