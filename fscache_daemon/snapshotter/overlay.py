@@ -116,23 +116,19 @@ def mounts(layout: Layout, snap: Snapshot, lazy_lower: str | None = None,
     above it (layers committed on the image) stay lowers on top of it."""
     if lazy_lower is not None:
         lowers = [layout.fs(p) for p in snap.parent_ids[:lazy_depth]] + [lazy_lower]
-        if snap.kind != Kind.ACTIVE and len(lowers) == 1:
-            return [Mount("bind", lazy_lower, ("ro", "rbind"))]
-        options = ["index=off"] if os.path.exists(_INDEX_KNOB) else []
-        if snap.kind == Kind.ACTIVE:
-            options += [f"workdir={layout.work(snap.id)}", f"upperdir={layout.fs(snap.id)}"]
-        return [Mount("overlay", "overlay", (*options, "lowerdir=" + ":".join(lowers)))]
-    if not snap.parent_ids:
+    else:
+        lowers = [layout.fs(p) for p in snap.parent_ids]
+    if not lowers:
         rw = "rw" if snap.kind == Kind.ACTIVE else "ro"
         return [Mount("bind", layout.fs(snap.id), (rw, "rbind"))]
-    if snap.kind != Kind.ACTIVE and len(snap.parent_ids) == 1:
-        return [Mount("bind", layout.fs(snap.parent_ids[0]), ("ro", "rbind"))]
+    if snap.kind != Kind.ACTIVE and len(lowers) == 1:
+        return [Mount("bind", lowers[0], ("ro", "rbind"))]
     options: list[str] = []
     if os.path.exists(_INDEX_KNOB):
         options.append("index=off")
     if snap.kind == Kind.ACTIVE:
         options += [f"workdir={layout.work(snap.id)}", f"upperdir={layout.fs(snap.id)}"]
-    options.append("lowerdir=" + ":".join(layout.fs(p) for p in snap.parent_ids))
+    options.append("lowerdir=" + ":".join(lowers))
     return [Mount("overlay", "overlay", tuple(options))]
 
 
