@@ -38,6 +38,7 @@ class MountingDaemonAPI:
     request."""
 
     tree = ""
+    forgets = False     # umount answered 404, the mount left: a daemon that lost it
 
     def __init__(self, path: str) -> None:
         self.posts: list[tuple[str, dict]] = []
@@ -55,7 +56,7 @@ class MountingDaemonAPI:
                     api.mounted.append(body["mountpoint"])
                     status = 201
                 elif self.path == "/api/v1/umount":
-                    if body["mountpoint"] in api.mounted:
+                    if body["mountpoint"] in api.mounted and not api.forgets:
                         sys_umount(body["mountpoint"], lazy=True)
                         api.mounted.remove(body["mountpoint"])
                         status = 200
@@ -148,3 +149,36 @@ def test_snapshot_above_a_committed_child_of_a_nydus_image_sees_the_image(tmp_pa
         assert [i.name for i in c.walk()] == [blob.name]
         assert [p for p, _ in api.posts].count("/api/v1/mounts") == 1
         assert c.stat(blob.name).kind == pb.COMMITTED
+
+
+def test_lazy_mount_the_daemon_no_longer_knows_goes_with_its_snapshot(tmp_path):
+    """The daemon answers the release of an image's lazy mount with 404 (it does not
+    know the mount: a restart that could not pick it up, logged "cannot pick up mount",
+    or its state lost) while the kernel still has it at ROOT/lazy/<id>. The snapshot
+    went, its row too, and the mount stayed for good (rmdir's EBUSY was ignored): nothing
+    would ever release it, nor the cache files its superblock holds. The snapshotter
+    detaches it itself."""
+    require(os.geteuid() == 0, "needs root (bind mounts)")
+    tree = tmp_path / "image-tree"
+    tree.mkdir()
+    sys_mount("tmpfs", str(tree), "tmpfs", 0, "size=1m")
+    (tree / "f").write_bytes(b"x")
+    MountingDaemonAPI.tree = str(tree)
+    with contextlib.ExitStack() as stack:
+        stack.callback(sys_umount, str(tree), True)
+        stack.callback(setattr, MountingDaemonAPI, "forgets", False)
+        c, api = stack.enter_context(nydus_service(tmp_path, MountingDaemonAPI))
+        target = "sha256:" + "1" * 64
+        prepare_blob_layer(c, "extract-1 " + target, target)
+        (blob,) = c.walk()
+        _bootstrap_layer(c, "boot", blob.name, BOOT, tmp_path)
+        c.commit("boot-c", "boot")
+        (ctr,) = c.prepare("ctr", "boot-c")
+        lazy = _opts(ctr)["lowerdir"]
+        assert os.path.ismount(lazy)
+        c.remove("ctr")
+        MountingDaemonAPI.forgets = True
+        c.remove("boot-c")
+        assert ("/api/v1/umount", {"mountpoint": lazy, "lazy": True}) in api.posts
+        assert not os.path.ismount(lazy) and not os.path.exists(lazy)
+        assert [i.name for i in c.walk()] == [blob.name]

@@ -17,6 +17,7 @@ import os
 import shutil
 import threading
 
+from fscache_daemon import mounts
 from fscache_daemon.errors import (
     DaemonError,
     SnapshotError,
@@ -173,7 +174,14 @@ class Snapshotter:
             return  # Remove refuses a snapshot with children anyway
         try:
             self.daemon.umount(mp)
-        except DaemonError as e:
+            if os.path.ismount(mp):
+                # the daemon does not know it (404: a restart that could not pick it
+                # up, its state lost) and the kernel still has it: nobody else would
+                # ever release it once the row is gone, nor what its superblock holds
+                log.warning("snapshot %s: the daemon did not know lazy mount %s; "
+                            "detaching it", boot_id, mp)
+                mounts.umount(mp, lazy=True)
+        except (DaemonError, OSError) as e:
             # a precondition failure: containerd's GC logs it and tries again later
             raise SnapshotPreconditionError(
                 f"snapshot {boot_id}: lazy mount {mp} not released: {e}") from None
