@@ -64,6 +64,8 @@ MAX_CONFIG = 8 << 20
 # a layer rpull downloads (a bootstrap layer; plain layers): bounded by its descriptor
 MAX_LAYER = 64 << 30
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+# labels that carry rpull's options to our snapshotter, never taken from a layer
+OWN_LABELS = frozenset({nydus.PLAIN_HTTP_LABEL, nydus.MOUNT_EARLY_LABEL})
 
 
 def chain_ids(diff_ids: list[str]) -> list[str]:
@@ -74,6 +76,14 @@ def chain_ids(diff_ids: list[str]) -> list[str]:
         out.append(d if not out else
                    "sha256:" + hashlib.sha256(f"{out[-1]} {d}".encode()).hexdigest())
     return out
+
+
+def extraction_key(chain_id: str) -> str:
+    """containerd's unpack key format, "extract-<unique> <chain id>", with a unique
+    part that tells our snapshotter the Prepare is rpull's (nydus.RPULL_KEY_PREFIX:
+    only then does it take rpull's option labels; a key is the client's choice, never
+    an image's)."""
+    return f"{nydus.RPULL_KEY_PREFIX}{time.time_ns()}-{secrets.token_hex(6)} {chain_id}"
 
 
 def _image_layers(layers: list[Descriptor]) -> str:
@@ -137,8 +147,11 @@ class _Puller:
         if ctd.stat(sn, cid):
             self.present_layers += 1
             return
+        # the layer's annotations are the image author's: the snapshotter's own options
+        # among them are dropped, else an image would choose plain HTTP (with the
+        # registry's credentials) for its own lazy reads; only our flags set them
         labels = {k: str(v) for k, v in layer.annotations.items()
-                  if k.startswith(INHERITED_PREFIX)}
+                  if k.startswith(INHERITED_PREFIX) and k not in OWN_LABELS}
         labels.update({nydus.TARGET_LABEL: cid, nydus.IMAGE_REF_LABEL: self.name,
                        nydus.LAYER_LABEL: layer.digest, MANIFEST_LABEL: manifest,
                        IMAGE_LAYERS_LABEL: _image_layers(layers[i:])})
@@ -147,8 +160,7 @@ class _Puller:
         if self.mount_early and not blob:
             # our snapshotter mounts a bootstrap layer at its commit (others ignore it)
             labels[nydus.MOUNT_EARLY_LABEL] = "true"
-        # containerd's unpack key format: "extract-<unique> <chain id>"
-        key = f"extract-{time.time_ns()}-{secrets.token_hex(6)} {cid}"
+        key = extraction_key(cid)
         try:
             mounts = ctd.prepare(sn, key, parent, labels)
         except ContainerdError as e:

@@ -139,8 +139,15 @@ class ImageServiceProxy:
             pass
 
 
+# Threads for calls in progress, made as calls need them. A forwarded PullImage holds
+# one for as long as containerd pulls (minutes for a large image); kubelet without
+# serialized pulls sends one per image at once: with 8, eight slow pulls held up its
+# ImageStatus, ListImages and ImageFsInfo calls until a pull ended.
+WORKERS = 128
+
+
 def serve_image_proxy(socket_path: str, cri_address: str, keychain: Keychain,
-                      workers: int = 8) -> ImageServiceProxy:
+                      workers: int = WORKERS) -> ImageServiceProxy:
     """Forward the CRI image service on `socket_path` (mode 0600) to containerd's
     socket `cri_address`, recording pull secrets in `keychain`."""
     socket_path = os.path.abspath(socket_path)

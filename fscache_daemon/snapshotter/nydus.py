@@ -50,7 +50,18 @@ FS_VERSION_LABEL = "containerd.io/snapshot/nydus-fs-version"
 # plain HTTP to this image's registry, so its lazy mount reads the blobs that way too
 # (containerd passes only labels under containerd.io/snapshot/ to a snapshotter)
 PLAIN_HTTP_LABEL = "containerd.io/snapshot/fscache-daemon.plain-http"
+# how rpull's extraction keys begin (after containerd's "<namespace>/<n>/"); see
+# from_rpull
+RPULL_KEY_PREFIX = "extract-fscache-rpull-"
 BOOTSTRAP_PATH = os.path.join("image", "image.boot")
+
+
+def from_rpull(key: str) -> bool:
+    """Whether a Prepare's key is one rpull chose (containerd's metadata layer passes it
+    as "<namespace>/<n>/<the client's key>"). Labels cannot tell: containerd's CRI pull
+    passes every `containerd.io/snapshot/` annotation of a layer as a label, so an
+    image's author can write any of ours; the key is the client's alone."""
+    return key.split("/", 2)[-1].startswith(RPULL_KEY_PREFIX)
 
 
 def layer_kind(labels: dict[str, str]) -> str | None:
@@ -83,9 +94,15 @@ def check_bootstrap(fs_dir: str, layer: str) -> None:
     bootstrap: checked when the layer is committed, so that a corrupted one fails the
     pull (naming the layer) instead of every container start later."""
     path = os.path.join(fs_dir, BOOTSTRAP_PATH)
-    if not os.path.isfile(path) or os.path.islink(path):
+    # every component, not only the last, must be the layer's own: a symlinked `image`
+    # directory (the image author's to write) would be resolved on the host, and the
+    # daemon would mount a host file (another image's bootstrap) for this image. A
+    # committed layer does not change afterwards, so the check holds for its mounts.
+    inside = os.path.realpath(path) == os.path.join(os.path.realpath(fs_dir),
+                                                    BOOTSTRAP_PATH)
+    if not inside or not os.path.isfile(path):
         raise SnapshotInvalidError(f"nydus bootstrap layer {layer}: no {BOOTSTRAP_PATH} "
-                                   "(regular file) in the layer")
+                                   "(regular file, no symlink on its path) in the layer")
     try:
         # imported here: rpull uses this module for its labels alone (its start counts)
         from fscache_daemon.storage.image import load_image

@@ -108,28 +108,27 @@ class Layout:
                       if n not in keep)
 
 
-def mounts(layout: Layout, snap: Snapshot, lazy_lower: str | None = None) -> list[Mount]:
+def mounts(layout: Layout, snap: Snapshot, lazy_lower: str | None = None,
+           lazy_depth: int = 0) -> list[Mount]:
     """The mounts that make `snap`'s tree, as containerd's overlayfs snapshotter gives.
-    `lazy_lower`: a lazily loaded image's mount point that stands for the whole parent
-    chain (a Nydus image; see nydus.py)."""
+    `lazy_lower`: a lazily loaded image's mount point (a Nydus image; see nydus.py) that
+    stands for `snap.parent_ids[lazy_depth]` and every parent below it; the parents
+    above it (layers committed on the image) stay lowers on top of it."""
     if lazy_lower is not None:
-        if snap.kind != Kind.ACTIVE:
-            return [Mount("bind", lazy_lower, ("ro", "rbind"))]
-        return [Mount("overlay", "overlay", (
-            *(("index=off",) if os.path.exists(_INDEX_KNOB) else ()),
-            f"workdir={layout.work(snap.id)}", f"upperdir={layout.fs(snap.id)}",
-            f"lowerdir={lazy_lower}"))]
-    if not snap.parent_ids:
+        lowers = [layout.fs(p) for p in snap.parent_ids[:lazy_depth]] + [lazy_lower]
+    else:
+        lowers = [layout.fs(p) for p in snap.parent_ids]
+    if not lowers:
         rw = "rw" if snap.kind == Kind.ACTIVE else "ro"
         return [Mount("bind", layout.fs(snap.id), (rw, "rbind"))]
-    if snap.kind != Kind.ACTIVE and len(snap.parent_ids) == 1:
-        return [Mount("bind", layout.fs(snap.parent_ids[0]), ("ro", "rbind"))]
+    if snap.kind != Kind.ACTIVE and len(lowers) == 1:
+        return [Mount("bind", lowers[0], ("ro", "rbind"))]
     options: list[str] = []
     if os.path.exists(_INDEX_KNOB):
         options.append("index=off")
     if snap.kind == Kind.ACTIVE:
         options += [f"workdir={layout.work(snap.id)}", f"upperdir={layout.fs(snap.id)}"]
-    options.append("lowerdir=" + ":".join(layout.fs(p) for p in snap.parent_ids))
+    options.append("lowerdir=" + ":".join(lowers))
     return [Mount("overlay", "overlay", tuple(options))]
 
 

@@ -193,7 +193,16 @@ class SnapshotService:
             os.unlink(self.socket_path)
 
 
-def serve(socket_path: str, root: str, workers: int = 8, daemon_api: str | None = None,
+# Threads for calls in progress, made as calls need them (ThreadPoolExecutor). A
+# container's Prepare holds one while its image's lazy mount is made or waited for
+# (seconds to minutes on a slow registry, the daemon client's 300 s at most): with 8,
+# eight containers of one such image left every other call (another image's unpack,
+# Stat, containerd's GC) waiting on that registry. Enough for a node's pods starting at
+# once (kubelet's default limit: 110 pods).
+WORKERS = 128
+
+
+def serve(socket_path: str, root: str, workers: int = WORKERS, daemon_api: str | None = None,
           insecure_registries: tuple[str, ...] = ()) -> SnapshotService:
     """Start the snapshots service for snapshots under `root` on unix socket
     `socket_path` (mode 0600: only its owner, root, may connect). `daemon_api`: the

@@ -17,6 +17,7 @@ import os
 import shutil
 import threading
 
+from fscache_daemon import mounts
 from fscache_daemon.errors import (
     DaemonError,
     SnapshotError,
@@ -68,7 +69,9 @@ class Snapshotter:
             nydus.check_fs_version(labels, digest)
             extra = {"nydus": "bootstrap", "image_ref": nydus.image_ref(labels),
                      "layer": digest}
-            if labels.get(nydus.PLAIN_HTTP_LABEL) == "true":
+            if labels.get(nydus.PLAIN_HTTP_LABEL) == "true" and nydus.from_rpull(key):
+                # rpull --insecure only: from an image's annotations (CRI) the label
+                # would send the registry's credentials over plain HTTP on its say-so
                 extra["plain_http"] = "true"
             if labels.get(nydus.MOUNT_EARLY_LABEL) == "true":
                 extra["mount_early"] = "true"
@@ -94,15 +97,19 @@ class Snapshotter:
                  snap.id, labels.get(nydus.LAYER_LABEL, target), name)
         raise SnapshotExistsError(f"target snapshot {target!r} exists (nydus blob layer)")
 
-    def _lazy_lower(self, snap: Snapshot) -> str | None:
-        """The lazy mount standing for `snap`'s parents when the nearest parent is a
-        Nydus bootstrap layer; mounted through the daemon on first use."""
-        if not snap.parent_ids or self.daemon is None:
+    def _lazy_lower(self, snap: Snapshot) -> tuple[str, int] | None:
+        """(the lazy mount, its depth among `snap`'s parents) when a parent is a Nydus
+        bootstrap layer: that mount stands for it and every parent below it (mounted
+        through the daemon on first use). The whole chain is searched, not only the
+        nearest parent: a layer committed on the image (a container's changes, a
+        build's step) must see the image under it, as with any overlay chain."""
+        if self.daemon is None:
             return None
-        boot_id = snap.parent_ids[0]
-        if self.store.extra(boot_id).get("nydus") != "bootstrap":
-            return None
-        return self._lazy_mount(boot_id)
+        for depth, pid in enumerate(snap.parent_ids):
+            if self.store.extra(pid).get("nydus") == "bootstrap":
+                mp = self._lazy_mount(pid)
+                return None if mp is None else (mp, depth)
+        return None
 
     def _lazy_mount(self, boot_id: int) -> str | None:
         """The lazy mount of bootstrap snapshot `boot_id`, made now if not yet; None if
@@ -167,7 +174,14 @@ class Snapshotter:
             return  # Remove refuses a snapshot with children anyway
         try:
             self.daemon.umount(mp)
-        except DaemonError as e:
+            if os.path.ismount(mp):
+                # the daemon does not know it (404: a restart that could not pick it
+                # up, its state lost) and the kernel still has it: nobody else would
+                # ever release it once the row is gone, nor what its superblock holds
+                log.warning("snapshot %s: the daemon did not know lazy mount %s; "
+                            "detaching it", boot_id, mp)
+                mounts.umount(mp, lazy=True)
+        except (DaemonError, OSError) as e:
             # a precondition failure: containerd's GC logs it and tries again later
             raise SnapshotPreconditionError(
                 f"snapshot {boot_id}: lazy mount {mp} not released: {e}") from None
@@ -177,7 +191,10 @@ class Snapshotter:
         log.info("snapshot %s: lazy mount %s released", boot_id, mp)
 
     def _mounts(self, snap: Snapshot) -> list[Mount]:
-        return overlay.mounts(self.layout, snap, self._lazy_lower(snap))
+        lazy = self._lazy_lower(snap)
+        if lazy is None:
+            return overlay.mounts(self.layout, snap)
+        return overlay.mounts(self.layout, snap, *lazy)
 
     def prepare(self, key: str, parent: str, labels: dict[str, str]) -> list[Mount]:
         return self._create(Kind.ACTIVE, key, parent, labels)

@@ -1,0 +1,184 @@
+"""Snapshots above a Nydus image's lazy mount, through the real gRPC service with the
+kernel: a stand-in for the daemon's API bind-mounts a directory (the image's tree) where
+the snapshotter asks for the lazy mount, so that what a container would see can be
+mounted and read."""
+
+from __future__ import annotations
+
+import contextlib
+import http.server
+import json
+import os
+import socketserver
+import threading
+
+import grpc
+import pytest
+from helpers import require, sys_mount, sys_umount
+from test_snapshotter_service import (
+    _bootstrap_layer,
+    code_of,
+    nydus_service,
+    prepare_blob_layer,
+)
+
+from fscache_daemon.snapshotter.proto import snapshots_pb2 as pb
+
+pytestmark = pytest.mark.root
+
+MS_BIND = 0x1000
+BOOT = {"containerd.io/snapshot/nydus-bootstrap": "true",
+        "containerd.io/snapshot/cri.image-ref": "registry.test/app:1"}
+
+
+class MountingDaemonAPI:
+    """Answers the daemon API's mount by bind-mounting `tree` (a tmpfs: a device of its
+    own, as the daemon's EROFS mount has, which the snapshotter's ismount check needs)
+    on the mount point (201) and its umount by detaching it (200), recording every
+    request."""
+
+    tree = ""
+    forgets = False     # umount answered 404, the mount left: a daemon that lost it
+
+    def __init__(self, path: str) -> None:
+        self.posts: list[tuple[str, dict]] = []
+        self.mounted: list[str] = []
+        api = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+                n = int(self.headers.get("Content-Length", 0))
+                body = json.loads(self.rfile.read(n))
+                api.posts.append((self.path, body))
+                status = 202
+                if self.path == "/api/v1/mounts":
+                    sys_mount(api.tree, body["mountpoint"], "none", MS_BIND)
+                    api.mounted.append(body["mountpoint"])
+                    status = 201
+                elif self.path == "/api/v1/umount":
+                    if body["mountpoint"] in api.mounted and not api.forgets:
+                        sys_umount(body["mountpoint"], lazy=True)
+                        api.mounted.remove(body["mountpoint"])
+                        status = 200
+                    else:
+                        status = 404
+                out = b"{}"
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(out)))
+                self.end_headers()
+                self.wfile.write(out)
+
+            def log_message(self, *a) -> None:
+                pass
+
+        self.server = socketserver.ThreadingUnixStreamServer(path, Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        for mp in reversed(self.mounted):
+            with contextlib.suppress(OSError):
+                sys_umount(mp, lazy=True)
+
+
+def _opts(m) -> dict[str, str]:
+    return dict(o.split("=", 1) for o in m.options if "=" in o)
+
+
+@contextlib.contextmanager
+def _mounted(m, where: str, flags: int = 0):
+    sys_mount(m.source, where, m.type, flags | (MS_BIND if m.type == "bind" else 0),
+              None if m.type == "bind" else ",".join(m.options))
+    try:
+        yield
+    finally:
+        sys_umount(where)
+
+
+def test_snapshot_above_a_committed_child_of_a_nydus_image_sees_the_image(tmp_path):
+    """A container's snapshot committed on a Nydus image (nerdctl commit, a build
+    FROM the image) and a snapshot prepared on that: its lower layers are the committed
+    layer over the image's lazy mount, as with containerd's overlayfs snapshotter every
+    parent's content is visible. Before, only the nearest parent was looked at for the
+    bootstrap layer, so this snapshot got the bootstrap layer's own directory (holding
+    image/image.boot) and the empty blob layers as lowers: none of the image's files."""
+    require(os.geteuid() == 0, "needs root (bind and overlay mounts)")
+    tree = tmp_path / "image-tree"
+    tree.mkdir()
+    sys_mount("tmpfs", str(tree), "tmpfs", 0, "size=1m")
+    (tree / "bin").mkdir()
+    (tree / "bin" / "app").write_bytes(b"the image's file\n")
+    MountingDaemonAPI.tree = str(tree)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with contextlib.ExitStack() as stack:
+        stack.callback(sys_umount, str(tree), True)
+        c, api = stack.enter_context(nydus_service(tmp_path, MountingDaemonAPI))
+        target = "sha256:" + "1" * 64
+        prepare_blob_layer(c, "extract-1 " + target, target)
+        (blob,) = c.walk()
+        _bootstrap_layer(c, "boot", blob.name, BOOT, tmp_path)
+        c.commit("boot-c", "boot")
+        (ctr,) = c.prepare("ctr", "boot-c")
+        lazy = _opts(ctr)["lowerdir"]
+        assert lazy in api.mounted
+        with _mounted(ctr, str(mnt)):
+            assert (mnt / "bin" / "app").read_bytes() == b"the image's file\n"
+            (mnt / "added").write_bytes(b"committed on top\n")
+        c.commit("ctr-c", "ctr")
+
+        (top,) = c.prepare("top", "ctr-c")
+        assert top.type == "overlay"
+        assert _opts(top)["lowerdir"].split(":") == [_opts(ctr)["upperdir"], lazy]
+        with _mounted(top, str(mnt)):
+            assert (mnt / "bin" / "app").read_bytes() == b"the image's file\n"
+            assert (mnt / "added").read_bytes() == b"committed on top\n"
+            assert not (mnt / "image").exists()   # the bootstrap layer's own files
+        (view,) = c.view("view", "ctr-c")
+        assert view.type == "overlay" and "upperdir" not in _opts(view)
+        with _mounted(view, str(mnt), flags=1):
+            assert sorted(os.listdir(mnt)) == ["added", "bin"]
+        assert c.mounts("top") == [top]
+
+        # the image's mount stays while anything above it exists, and goes with it
+        assert code_of(c.remove, "boot-c") == grpc.StatusCode.FAILED_PRECONDITION
+        for key in ("view", "top", "ctr-c", "boot-c"):
+            c.remove(key)
+        assert not api.mounted
+        assert [i.name for i in c.walk()] == [blob.name]
+        assert [p for p, _ in api.posts].count("/api/v1/mounts") == 1
+        assert c.stat(blob.name).kind == pb.COMMITTED
+
+
+def test_lazy_mount_the_daemon_no_longer_knows_goes_with_its_snapshot(tmp_path):
+    """The daemon answers the release of an image's lazy mount with 404 (it does not
+    know the mount: a restart that could not pick it up, logged "cannot pick up mount",
+    or its state lost) while the kernel still has it at ROOT/lazy/<id>. The snapshot
+    went, its row too, and the mount stayed for good (rmdir's EBUSY was ignored): nothing
+    would ever release it, nor the cache files its superblock holds. The snapshotter
+    detaches it itself."""
+    require(os.geteuid() == 0, "needs root (bind mounts)")
+    tree = tmp_path / "image-tree"
+    tree.mkdir()
+    sys_mount("tmpfs", str(tree), "tmpfs", 0, "size=1m")
+    (tree / "f").write_bytes(b"x")
+    MountingDaemonAPI.tree = str(tree)
+    with contextlib.ExitStack() as stack:
+        stack.callback(sys_umount, str(tree), True)
+        stack.callback(setattr, MountingDaemonAPI, "forgets", False)
+        c, api = stack.enter_context(nydus_service(tmp_path, MountingDaemonAPI))
+        target = "sha256:" + "1" * 64
+        prepare_blob_layer(c, "extract-1 " + target, target)
+        (blob,) = c.walk()
+        _bootstrap_layer(c, "boot", blob.name, BOOT, tmp_path)
+        c.commit("boot-c", "boot")
+        (ctr,) = c.prepare("ctr", "boot-c")
+        lazy = _opts(ctr)["lowerdir"]
+        assert os.path.ismount(lazy)
+        c.remove("ctr")
+        MountingDaemonAPI.forgets = True
+        c.remove("boot-c")
+        assert ("/api/v1/umount", {"mountpoint": lazy, "lazy": True}) in api.posts
+        assert not os.path.ismount(lazy) and not os.path.exists(lazy)
+        assert [i.name for i in c.walk()] == [blob.name]
