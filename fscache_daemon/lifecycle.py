@@ -51,7 +51,7 @@ from fscache_daemon.storage.image import (
     load_image,
     walk_file_runs,
 )
-from fscache_daemon.warming import WarmRoute
+from fscache_daemon.warming import MountWarmer, WarmRoute
 
 if TYPE_CHECKING:
     from fscache_daemon.frontend.base import Frontend
@@ -258,7 +258,7 @@ class MountLifecycle(CacheEviction, WarmRoute):
             raise NotFoundError(f"{mountpoint}: mount point is not a directory")
         # the backend's first round trips (a registry's manifest) run while the
         # bootstrap is copied and parsed; errors are left to the mount's own use of it
-        warm = _Warmer(self, backend, options or {}, bootstrap)
+        warm = MountWarmer(self, backend, options or {}, bootstrap)
         try:
             return self._mount(bootstrap, mountpoint, backend, given, prefetch, domain,
                                options, warm.checks, state_later)
@@ -644,51 +644,3 @@ def _group_runs(paths: list[bytes], found: list) -> tuple[_Runs, _Runs, _Runs]:
 
 # how long the after-mount work waits for an image's prefetch table to be streamed
 STREAM_WAIT = 30.0
-
-
-class _Warmer:
-    """Warms the mount's backend (Backend.warm) on a thread of its own and holds it until
-    the mount is over (no other mount's failure closes it meanwhile); a mount that ends
-    first does not wait for it. Before warming, it starts the blobs' last-byte checks
-    from the user's bootstrap (`checks`, blobopen.py)."""
-
-    def __init__(self, owner, spec: str, options: dict, bootstrap: str):
-        self.owner = owner
-        self._lock = threading.Lock()
-        self._over = False
-        self._held = None
-        self.checks = EarlyChecks()
-        _thread.start_new_thread(self._run, (spec, options, bootstrap))
-
-    def _run(self, spec: str, options: dict, bootstrap: str) -> None:
-        try:
-            be = self.owner._backend(spec, options)
-        except Exception as e:  # noqa: BLE001 - the mount meets it again and reports it
-            log.debug("backend %s: not warmed: %s", spec, e)
-            return
-        try:
-            # each check holds the backend as long as it runs (it may outlive the mount)
-            self.checks.start(be, bootstrap, lambda: self.owner._backend(spec, options),
-                              lambda: self._release(be), self.owner.zran_warm)
-        except Exception as e:  # noqa: BLE001 - the mount checks the blobs itself
-            log.debug("backend %s: no early blob checks: %s", spec, e)
-        try:
-            be.warm()
-        except Exception as e:  # noqa: BLE001 - as above
-            log.debug("backend %s: not warmed: %s", spec, e)
-        with self._lock:
-            if not self._over:
-                self._held = be
-                return
-        self._release(be)
-
-    def _release(self, be) -> None:
-        self.owner._release_backend(be)
-        self.owner._drop_unused_backends()
-
-    def done(self) -> None:
-        with self._lock:
-            self._over = True
-            be, self._held = self._held, None
-        if be is not None:
-            self._release(be)
