@@ -405,26 +405,44 @@ class MountLifecycle(CacheEviction, WarmRoute):
                     options, source_bootstrap, mounted_at, state, mount_id, instances,
                     blob_keys, early=None) -> tuple[Image, list[BlobManager]]:
         be = self._backend(backend_spec, options)
-        try:
-            mgrs = open_side_by_side(
-                [functools.partial(self._open_blob, ref, be,
+        calls = [functools.partial(self._open_blob, ref, be,
                                    blob_keys[i] if blob_keys else None, early)
-                 for i, ref in enumerate(info.blobs)],
-                self._close_unused)     # e.g. a later blob's table collides: none kept
+                 for i, ref in enumerate(info.blobs)]
+        try:
+            # e.g. a later blob's table collides: none kept
+            mgrs = open_side_by_side(calls, self._close_unused)
+            while True:
+                with self._lock:
+                    # A manager shared with another image (or opened by a mount that
+                    # failed since) has no user of ours until below: that image's umount
+                    # (or _close_unused) may have released it meanwhile, and a mount
+                    # served by a closed manager fails every read. Checked and made a
+                    # user in one hold of the lock the releases take; else opened again
+                    gone = [i for i, m in enumerate(mgrs) if self.blobs.get(m.key) is not m]
+                    if not gone:
+                        img = Image(mountpoint, boot_copy, source_bootstrap, backend_spec,
+                                    [r.blob_id for r in info.blobs], bool(prefetch), domain,
+                                    options, info.prefetch, mounted_at, state=state,
+                                    mount_id=mount_id, instances=instances,
+                                    blob_keys=[m.key for m in mgrs])
+                        if state == DETACHED:
+                            self.detached.append(img)
+                        else:
+                            self.images[mountpoint] = img
+                        for m in mgrs:
+                            self.blob_users.setdefault(m.key, set()).add(img.user)
+                        return img, mgrs
+                log.info("%s: %d blob(s) released while the mount opened them; opening "
+                         "them again", mountpoint, len(gone))
+                try:
+                    again = open_side_by_side([calls[i] for i in gone], self._close_unused)
+                except BaseException:
+                    self._close_unused(mgrs)
+                    raise
+                for i, m in zip(gone, again):
+                    mgrs[i] = m
         finally:
             self._release_backend(be)
-        img = Image(mountpoint, boot_copy, source_bootstrap, backend_spec,
-                    [r.blob_id for r in info.blobs], bool(prefetch), domain, options,
-                    info.prefetch, mounted_at, state=state, mount_id=mount_id,
-                    instances=instances, blob_keys=[m.key for m in mgrs])
-        with self._lock:
-            if state == DETACHED:
-                self.detached.append(img)
-            else:
-                self.images[mountpoint] = img
-            for m in mgrs:
-                self.blob_users.setdefault(m.key, set()).add(img.user)
-        return img, mgrs
 
     def _close_unused(self, mgrs: list[BlobManager]) -> None:
         """Close the managers of a failed registration that no image uses."""

@@ -1,0 +1,107 @@
+"""Work handed between the daemon's threads around a blob's release (lifecycle.py): a
+mount that shares a blob while the blob's last image lets it go, a blob opened again
+while its release is still under way. Each interleaving is injected (a hook at the
+exact step), not waited for."""
+
+import os
+import threading
+
+import pytest
+from test_daemon_support import pack, write_tree
+
+from fscache_daemon.daemon import Daemon
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory):
+    base = tmp_path_factory.mktemp("races")
+    src = write_tree(str(base / "src"), seed=41, nfiles=6, big=(1 << 20,), text=False)
+    info = pack(src, str(base / "a.boot"), str(base / "blobs"), "--chunk-size", "0x10000")
+    return {"src": src, "boot": str(base / "a.boot"), "backend": f"localfs:{base / 'blobs'}",
+            "blob_id": info["blobs"][0]["blob_id"]}
+
+
+def test_mount_sharing_a_blob_its_last_image_releases_meanwhile(image, tmp_path):
+    """Mount 2 finds the blob open (mount 1's) and shares its manager; before mount 2 is
+    registered as a user, mount 1 is unmounted: the blob has no user and is released.
+    Mount 2 must not end up served by that closed manager (every read of it failed:
+    'no blob open')."""
+    d = Daemon(str(tmp_path / "cache"), frontend="none", threads=2, readahead=0)
+    d.start()
+    mp1, mp2 = str(tmp_path / "m1"), str(tmp_path / "m2")
+    real_open = d._open_blob
+    shared: list = []
+
+    def open_blob(ref, backend, key=None, early=None):
+        mgr = real_open(ref, backend, key, early)
+        if not shared:
+            shared.append(mgr)
+            d.umount(mp1)       # the blob's only user goes, before mount 2 is one
+        return mgr
+    try:
+        d.mount(image["boot"], mp1, image["backend"])
+        first = d.blobs[image["blob_id"]]
+        d._open_blob = open_blob
+        d.mount(image["boot"], mp2, image["backend"])
+        assert shared == [first]            # mount 2 did share mount 1's manager
+        key = d.images[os.path.realpath(mp2)].blob_keys[0]
+        assert d.blob_users == {key: {os.path.realpath(mp2)}}
+        mgr = d.blobs.get(key)
+        assert mgr is not None and mgr is not first, "mount 2 is served by a closed blob"
+        d.fill(key, 0, 1 << 16)             # its reads are served
+        assert mgr.cache.cached_chunks >= 1
+        d.umount(mp2)
+        assert d.blobs == {} and d.blob_users == {}
+    finally:
+        d.shutdown()
+
+
+def test_mount_sharing_a_blob_a_failed_mount_closes_meanwhile(image, tmp_path):
+    """The same through a failed mount: mount 1 opened the blob (no user yet) and fails
+    afterwards (_close_unused); mount 2 shared the manager in between."""
+    d = Daemon(str(tmp_path / "cache"), frontend="none", threads=2, readahead=0)
+    d.start()
+    mp1, mp2 = str(tmp_path / "m1"), str(tmp_path / "m2")
+    real_open = d._open_blob
+    opened, shared, go_on = threading.Event(), threading.Event(), threading.Event()
+
+    def open_blob(ref, backend, key=None, early=None):
+        mgr = real_open(ref, backend, key, early)
+        if threading.current_thread().name == "mount-1":
+            opened.set()
+            assert shared.wait(30)
+            # a sibling blob of mount 1 failed: open_side_by_side gives what was opened
+            # beside it to _close_unused, then the mount fails
+            d._close_unused([mgr])
+            raise OSError("mount 1 fails after opening its blob")
+        if not shared.is_set():
+            shared.set()
+            assert go_on.wait(30)       # mount 1 closes what it opened meanwhile
+        return mgr
+    d._open_blob = open_blob
+    errors: list = []
+
+    def mount1():
+        try:
+            d.mount(image["boot"], mp1, image["backend"])
+        except OSError as e:
+            errors.append(e)
+        finally:
+            go_on.set()
+    t = threading.Thread(target=mount1, name="mount-1")
+    try:
+        t.start()
+        assert opened.wait(30)
+        d.mount(image["boot"], mp2, image["backend"])
+        t.join(30)
+        assert len(errors) == 1
+        key = d.images[os.path.realpath(mp2)].blob_keys[0]
+        assert d.blob_users == {key: {os.path.realpath(mp2)}}
+        assert d.blobs.get(key) is not None, "mount 2 is served by a closed blob"
+        d.fill(key, 0, 1 << 16)
+        d.umount(mp2)
+        assert d.blobs == {} and d.blob_users == {}
+    finally:
+        go_on.set()
+        t.join(30)
+        d.shutdown()
