@@ -22,6 +22,7 @@ small; it uses the Daemon's attributes (images, detached, blobs, blob_users, fro
 from __future__ import annotations
 
 import _thread
+import contextlib
 import functools
 import gc
 import logging
@@ -45,6 +46,7 @@ from fscache_daemon.images import DETACHED, MOUNTED, MOUNTING, Image
 from fscache_daemon.keyedlock import KeyedLock
 from fscache_daemon.state import copy_bootstrap, load_state, save_state
 from fscache_daemon.storage.backends import parse_backend_spec
+from fscache_daemon.storage.chunkmap import key_blob_id
 from fscache_daemon.storage.image import (
     ImageInfo,
     group_file_runs,
@@ -447,14 +449,15 @@ class MountLifecycle(CacheEviction, WarmRoute):
     def _close_unused(self, mgrs: list[BlobManager]) -> None:
         """Close the managers of a failed registration that no image uses."""
         for m in mgrs:
-            with self._lock:
-                if self.blob_users.get(m.key) or self.blobs.get(m.key) is not m:
-                    continue
-                del self.blobs[m.key]
-                ra = self._ra.pop(m.key, None)
-            if ra is not None:
-                ra.reset()
-            m.close()
+            with self._blob_opening.hold(m.blob_id):    # closed before opened again
+                with self._lock:
+                    if self.blob_users.get(m.key) or self.blobs.get(m.key) is not m:
+                        continue
+                    del self.blobs[m.key]
+                    ra = self._ra.pop(m.key, None)
+                if ra is not None:
+                    ra.reset()
+                m.close()
 
     def _walk_early(self, boot_copy: str, mountpoint: str, info: ImageInfo) -> None:
         """Start the bootstrap walk of file-aware readahead (_learn_runs) at once, beside
@@ -516,40 +519,49 @@ class MountLifecycle(CacheEviction, WarmRoute):
         if chase is not None and not chase.close():
             log.warning("%s: library chase still running after its release (ends on its "
                         "own)", img.mountpoint)
-        released = []
-        with self._lock:
-            if self.images.get(img.mountpoint) is img:
-                del self.images[img.mountpoint]
-            if img in self.detached:
-                self.detached.remove(img)
-            for b in set(img.blob_keys):
-                users = self.blob_users.get(b)
-                if users is None:
-                    continue
-                users.discard(img.user)
-                if not users:
-                    del self.blob_users[b]
-                    self.blob_released(b)
-                    mgr = self.blobs.get(b)
-                    if mgr is not None:
-                        # its map file if the mount's after-mount thread has not written
-                        # it yet (a quick umount): after the pop below it never will
-                        mgr.run_after_mount()
-                    mgr = self.blobs.pop(b, None)
-                    ra = self._ra.pop(b, None)
-                    if ra is not None:
-                        ra.reset()
-                    if mgr is not None:
-                        released.append(mgr)
-        if released:
-            gc.unfreeze()   # cycles among what the blobs leave are collected again
-        for mgr in released:
-            try:
-                self.frontend.release_blob(mgr)
-            except (FrontendError, OSError) as e:
-                log.warning("blob %s: release failed: %s", mgr.key[:12], e)
-            mgr.sync()
-            mgr.close()
+        # A blob's release (out of Daemon.blobs, then the front end's unmark, the close)
+        # ends before a mount opens the blob again, which it does under the same hold
+        # (_open_blob): opened in between, the new manager found its cache file still
+        # marked under the same key, so the fanotify front end left it unprepared, and
+        # the release's unmark then took the mark it needed: the kernel read the file's
+        # holes as zeros. Sorted: one order for every thread taking more than one
+        with contextlib.ExitStack() as holds:
+            for blob_id in sorted({key_blob_id(k) for k in img.blob_keys}):
+                holds.enter_context(self._blob_opening.hold(blob_id))
+            released = []
+            with self._lock:
+                if self.images.get(img.mountpoint) is img:
+                    del self.images[img.mountpoint]
+                if img in self.detached:
+                    self.detached.remove(img)
+                for b in set(img.blob_keys):
+                    users = self.blob_users.get(b)
+                    if users is None:
+                        continue
+                    users.discard(img.user)
+                    if not users:
+                        del self.blob_users[b]
+                        self.blob_released(b)
+                        mgr = self.blobs.get(b)
+                        if mgr is not None:
+                            # its map file if the mount's after-mount thread has not written
+                            # it yet (a quick umount): after the pop below it never will
+                            mgr.run_after_mount()
+                        mgr = self.blobs.pop(b, None)
+                        ra = self._ra.pop(b, None)
+                        if ra is not None:
+                            ra.reset()
+                        if mgr is not None:
+                            released.append(mgr)
+            if released:
+                gc.unfreeze()   # cycles among what the blobs leave are collected again
+            for mgr in released:
+                try:
+                    self.frontend.release_blob(mgr)
+                except (FrontendError, OSError) as e:
+                    log.warning("blob %s: release failed: %s", mgr.key[:12], e)
+                mgr.sync()
+                mgr.close()
         if released:
             self._drop_unused_backends()
 

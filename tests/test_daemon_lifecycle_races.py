@@ -5,11 +5,14 @@ exact step), not waited for."""
 
 import os
 import threading
+import time
 
 import pytest
-from test_daemon_support import pack, write_tree
+from faults import timed_read
+from test_daemon_support import pack, require_lazy_kernel, write_tree
 
 from fscache_daemon.daemon import Daemon
+from fscache_daemon.frontend.base import sys_umount
 
 
 @pytest.fixture(scope="module")
@@ -104,4 +107,85 @@ def test_mount_sharing_a_blob_a_failed_mount_closes_meanwhile(image, tmp_path):
     finally:
         go_on.set()
         t.join(30)
+        d.shutdown()
+
+
+def _files(src):
+    out = []
+    for root, _dirs, names in os.walk(src):
+        for n in names:
+            p = os.path.join(root, n)
+            if os.path.isfile(p) and not os.path.islink(p) and os.path.getsize(p):
+                out.append(os.path.relpath(p, src))
+    return sorted(out)
+
+
+@pytest.mark.root
+def test_blob_opened_again_while_its_release_unmarks_it(image, tmp_path):
+    """Mount 1's umount releases its blob: the blob leaves Daemon.blobs, then the front
+    end unmarks its cache file. Mount 2 of the same image in between opens the blob
+    again (a new manager, the same cache file): the fanotify front end still had the
+    file marked under that key and left the new manager as it was, then the release
+    removed the mark. Mount 2's kernel then read the never-fetched holes of the cache
+    file as zeros. A blob's release must end before it is opened again."""
+    require_lazy_kernel()
+    d = Daemon(str(tmp_path / "cache"), frontend="fanotify", threads=2, readahead=0)
+    d.start()
+    mp1, mp2 = str(tmp_path / "m1"), str(tmp_path / "m2")
+    os.makedirs(mp1)
+    os.makedirs(mp2)
+    fe = d.frontend
+    real_prepare, real_release = fe.prepare_blob, fe.release_blob
+    prepared, hooked = threading.Event(), threading.Event()
+    errors: list = []
+
+    def mount2():
+        try:
+            d.mount(image["boot"], mp2, image["backend"])
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    t2 = threading.Thread(target=mount2)
+
+    def prepare_blob(mgr):
+        real_prepare(mgr)
+        prepared.set()
+
+    def waits_for_blob():
+        entry = d._blob_opening._locks.get(image["blob_id"])
+        return entry is not None and entry[1] >= 2     # one holds it, mount 2 waits
+
+    def release_blob(mgr):
+        if not hooked.is_set():
+            hooked.set()
+            t2.start()      # mount 2 comes now, in the middle of mount 1's release
+            deadline = time.monotonic() + 60
+            while not (prepared.is_set() or waits_for_blob()):
+                assert time.monotonic() < deadline, "mount 2 neither opened nor waited"
+                time.sleep(0.01)
+        real_release(mgr)
+
+    try:
+        d.mount(image["boot"], mp1, image["backend"])
+        fe.prepare_blob, fe.release_blob = prepare_blob, release_blob
+        d.umount(mp1)
+        deadline = time.monotonic() + 60
+        while not hooked.is_set():      # released by umount, or by the reaper
+            assert time.monotonic() < deadline, "mount 1's blob was never released"
+            time.sleep(0.05)
+        t2.join(60)
+        assert not t2.is_alive() and errors == []
+        assert d.blobs[image["blob_id"]].cache.cached_chunks == 0
+        for rel in _files(image["src"]):
+            with open(os.path.join(image["src"], rel), "rb") as f:
+                want = f.read()
+            got = timed_read(os.path.join(mp2, rel), want, 60)
+            assert got.kind == "ok", (rel, got)
+    finally:
+        for mp in (mp2, mp1):
+            if os.path.ismount(mp):
+                try:
+                    d.umount(mp)
+                except Exception:  # noqa: BLE001
+                    sys_umount(mp, True)
         d.shutdown()
