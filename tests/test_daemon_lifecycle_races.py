@@ -189,3 +189,66 @@ def test_blob_opened_again_while_its_release_unmarks_it(image, tmp_path):
                 except Exception:  # noqa: BLE001
                     sys_umount(mp, True)
         d.shutdown()
+
+
+@pytest.mark.root
+def test_late_completion_of_a_released_blob_leaves_its_successor_marked(image, tmp_path):
+    """A fill completes the blob and calls its completion hook (Daemon._blob_complete,
+    after an fdatasync: a long window) only after the blob was released, its cache file
+    evicted (--cache-size), and a new mount opened the blob again in a new, empty cache
+    file. The late hook unmarked "the blob's key": the new file's mark, through its path,
+    and the new mount read zeros. (Front end fanotify-local: with the fd holder the
+    closed manager's fstat failed first; --trace-window 0: a blob completed ahead of its
+    readers is unmarked at once.)"""
+    require_lazy_kernel()
+    d = Daemon(str(tmp_path / "cache"), frontend="fanotify-local", threads=2, readahead=0,
+               cache_size=1, trace_window=0)
+    real_complete = d._blob_complete
+    completing, go_on, done = threading.Event(), threading.Event(), threading.Event()
+
+    def blob_complete(mgr):     # the first completion waits until mount 2 is made
+        first = not completing.is_set()
+        completing.set()
+        try:
+            if first:
+                assert go_on.wait(60)
+            real_complete(mgr)
+        finally:
+            if first:
+                done.set()
+    d._blob_complete = blob_complete    # before any manager is made with it
+    d.start()
+    mp1, mp2 = str(tmp_path / "m1"), str(tmp_path / "m2")
+    os.makedirs(mp1)
+    os.makedirs(mp2)
+    cache_file = os.path.join(d.blob_dir, image["blob_id"] + ".blob")
+    try:
+        d.mount(image["boot"], mp1, image["backend"], prefetch=True)
+        assert completing.wait(60), "the prefetch never completed the blob"
+        old = d.blobs[image["blob_id"]]
+        d.umount(mp1)
+        assert image["blob_id"] not in d.blobs
+        deadline = time.monotonic() + 60
+        while os.path.exists(cache_file):       # evicted: over the 1-byte limit
+            assert time.monotonic() < deadline, "the released blob was not evicted"
+            d.evict_once()
+            time.sleep(0.05)
+        d.mount(image["boot"], mp2, image["backend"])
+        new = d.blobs[image["blob_id"]]
+        assert new is not old and new.cache.cached_chunks == 0
+        go_on.set()
+        assert done.wait(60)
+        for rel in _files(image["src"]):
+            with open(os.path.join(image["src"], rel), "rb") as f:
+                want = f.read()
+            got = timed_read(os.path.join(mp2, rel), want, 60)
+            assert got.kind == "ok", (rel, got)
+    finally:
+        go_on.set()
+        for mp in (mp2, mp1):
+            if os.path.ismount(mp):
+                try:
+                    d.umount(mp)
+                except Exception:  # noqa: BLE001
+                    sys_umount(mp, True)
+        d.shutdown()
