@@ -22,6 +22,7 @@ small; it uses the Daemon's attributes (images, detached, blobs, blob_users, fro
 from __future__ import annotations
 
 import _thread
+import contextlib
 import functools
 import gc
 import logging
@@ -45,13 +46,14 @@ from fscache_daemon.images import DETACHED, MOUNTED, MOUNTING, Image
 from fscache_daemon.keyedlock import KeyedLock
 from fscache_daemon.state import copy_bootstrap, load_state, save_state
 from fscache_daemon.storage.backends import parse_backend_spec
+from fscache_daemon.storage.chunkmap import key_blob_id
 from fscache_daemon.storage.image import (
     ImageInfo,
     group_file_runs,
     load_image,
     walk_file_runs,
 )
-from fscache_daemon.warming import WarmRoute
+from fscache_daemon.warming import MountWarmer, WarmRoute
 
 if TYPE_CHECKING:
     from fscache_daemon.frontend.base import Frontend
@@ -258,7 +260,7 @@ class MountLifecycle(CacheEviction, WarmRoute):
             raise NotFoundError(f"{mountpoint}: mount point is not a directory")
         # the backend's first round trips (a registry's manifest) run while the
         # bootstrap is copied and parsed; errors are left to the mount's own use of it
-        warm = _Warmer(self, backend, options or {}, bootstrap)
+        warm = MountWarmer(self, backend, options or {}, bootstrap)
         try:
             return self._mount(bootstrap, mountpoint, backend, given, prefetch, domain,
                                options, warm.checks, state_later)
@@ -405,38 +407,57 @@ class MountLifecycle(CacheEviction, WarmRoute):
                     options, source_bootstrap, mounted_at, state, mount_id, instances,
                     blob_keys, early=None) -> tuple[Image, list[BlobManager]]:
         be = self._backend(backend_spec, options)
-        try:
-            mgrs = open_side_by_side(
-                [functools.partial(self._open_blob, ref, be,
+        calls = [functools.partial(self._open_blob, ref, be,
                                    blob_keys[i] if blob_keys else None, early)
-                 for i, ref in enumerate(info.blobs)],
-                self._close_unused)     # e.g. a later blob's table collides: none kept
+                 for i, ref in enumerate(info.blobs)]
+        try:
+            # e.g. a later blob's table collides: none kept
+            mgrs = open_side_by_side(calls, self._close_unused)
+            while True:
+                with self._lock:
+                    # A manager shared with another image (or opened by a mount that
+                    # failed since) has no user of ours until below: that image's umount
+                    # (or _close_unused) may have released it meanwhile, and a mount
+                    # served by a closed manager fails every read. Checked and made a
+                    # user in one hold of the lock the releases take; else opened again
+                    gone = [i for i, m in enumerate(mgrs) if self.blobs.get(m.key) is not m]
+                    if not gone:
+                        img = Image(mountpoint, boot_copy, source_bootstrap, backend_spec,
+                                    [r.blob_id for r in info.blobs], bool(prefetch), domain,
+                                    options, info.prefetch, mounted_at, state=state,
+                                    mount_id=mount_id, instances=instances,
+                                    blob_keys=[m.key for m in mgrs])
+                        if state == DETACHED:
+                            self.detached.append(img)
+                        else:
+                            self.images[mountpoint] = img
+                        for m in mgrs:
+                            self.blob_users.setdefault(m.key, set()).add(img.user)
+                        return img, mgrs
+                log.info("%s: %d blob(s) released while the mount opened them; opening "
+                         "them again", mountpoint, len(gone))
+                try:
+                    again = open_side_by_side([calls[i] for i in gone], self._close_unused)
+                except BaseException:
+                    self._close_unused(mgrs)
+                    raise
+                for i, m in zip(gone, again):
+                    mgrs[i] = m
         finally:
             self._release_backend(be)
-        img = Image(mountpoint, boot_copy, source_bootstrap, backend_spec,
-                    [r.blob_id for r in info.blobs], bool(prefetch), domain, options,
-                    info.prefetch, mounted_at, state=state, mount_id=mount_id,
-                    instances=instances, blob_keys=[m.key for m in mgrs])
-        with self._lock:
-            if state == DETACHED:
-                self.detached.append(img)
-            else:
-                self.images[mountpoint] = img
-            for m in mgrs:
-                self.blob_users.setdefault(m.key, set()).add(img.user)
-        return img, mgrs
 
     def _close_unused(self, mgrs: list[BlobManager]) -> None:
         """Close the managers of a failed registration that no image uses."""
         for m in mgrs:
-            with self._lock:
-                if self.blob_users.get(m.key) or self.blobs.get(m.key) is not m:
-                    continue
-                del self.blobs[m.key]
-                ra = self._ra.pop(m.key, None)
-            if ra is not None:
-                ra.reset()
-            m.close()
+            with self._blob_opening.hold(m.blob_id):    # closed before opened again
+                with self._lock:
+                    if self.blob_users.get(m.key) or self.blobs.get(m.key) is not m:
+                        continue
+                    del self.blobs[m.key]
+                    ra = self._ra.pop(m.key, None)
+                if ra is not None:
+                    ra.reset()
+                m.close()
 
     def _walk_early(self, boot_copy: str, mountpoint: str, info: ImageInfo) -> None:
         """Start the bootstrap walk of file-aware readahead (_learn_runs) at once, beside
@@ -498,40 +519,49 @@ class MountLifecycle(CacheEviction, WarmRoute):
         if chase is not None and not chase.close():
             log.warning("%s: library chase still running after its release (ends on its "
                         "own)", img.mountpoint)
-        released = []
-        with self._lock:
-            if self.images.get(img.mountpoint) is img:
-                del self.images[img.mountpoint]
-            if img in self.detached:
-                self.detached.remove(img)
-            for b in set(img.blob_keys):
-                users = self.blob_users.get(b)
-                if users is None:
-                    continue
-                users.discard(img.user)
-                if not users:
-                    del self.blob_users[b]
-                    self.blob_released(b)
-                    mgr = self.blobs.get(b)
-                    if mgr is not None:
-                        # its map file if the mount's after-mount thread has not written
-                        # it yet (a quick umount): after the pop below it never will
-                        mgr.run_after_mount()
-                    mgr = self.blobs.pop(b, None)
-                    ra = self._ra.pop(b, None)
-                    if ra is not None:
-                        ra.reset()
-                    if mgr is not None:
-                        released.append(mgr)
-        if released:
-            gc.unfreeze()   # cycles among what the blobs leave are collected again
-        for mgr in released:
-            try:
-                self.frontend.release_blob(mgr)
-            except (FrontendError, OSError) as e:
-                log.warning("blob %s: release failed: %s", mgr.key[:12], e)
-            mgr.sync()
-            mgr.close()
+        # A blob's release (out of Daemon.blobs, then the front end's unmark, the close)
+        # ends before a mount opens the blob again, which it does under the same hold
+        # (_open_blob): opened in between, the new manager found its cache file still
+        # marked under the same key, so the fanotify front end left it unprepared, and
+        # the release's unmark then took the mark it needed: the kernel read the file's
+        # holes as zeros. Sorted: one order for every thread taking more than one
+        with contextlib.ExitStack() as holds:
+            for blob_id in sorted({key_blob_id(k) for k in img.blob_keys}):
+                holds.enter_context(self._blob_opening.hold(blob_id))
+            released = []
+            with self._lock:
+                if self.images.get(img.mountpoint) is img:
+                    del self.images[img.mountpoint]
+                if img in self.detached:
+                    self.detached.remove(img)
+                for b in set(img.blob_keys):
+                    users = self.blob_users.get(b)
+                    if users is None:
+                        continue
+                    users.discard(img.user)
+                    if not users:
+                        del self.blob_users[b]
+                        self.blob_released(b)
+                        mgr = self.blobs.get(b)
+                        if mgr is not None:
+                            # its map file if the mount's after-mount thread has not written
+                            # it yet (a quick umount): after the pop below it never will
+                            mgr.run_after_mount()
+                        mgr = self.blobs.pop(b, None)
+                        ra = self._ra.pop(b, None)
+                        if ra is not None:
+                            ra.reset()
+                        if mgr is not None:
+                            released.append(mgr)
+            if released:
+                gc.unfreeze()   # cycles among what the blobs leave are collected again
+            for mgr in released:
+                try:
+                    self.frontend.release_blob(mgr)
+                except (FrontendError, OSError) as e:
+                    log.warning("blob %s: release failed: %s", mgr.key[:12], e)
+                mgr.sync()
+                mgr.close()
         if released:
             self._drop_unused_backends()
 
@@ -644,51 +674,3 @@ def _group_runs(paths: list[bytes], found: list) -> tuple[_Runs, _Runs, _Runs]:
 
 # how long the after-mount work waits for an image's prefetch table to be streamed
 STREAM_WAIT = 30.0
-
-
-class _Warmer:
-    """Warms the mount's backend (Backend.warm) on a thread of its own and holds it until
-    the mount is over (no other mount's failure closes it meanwhile); a mount that ends
-    first does not wait for it. Before warming, it starts the blobs' last-byte checks
-    from the user's bootstrap (`checks`, blobopen.py)."""
-
-    def __init__(self, owner, spec: str, options: dict, bootstrap: str):
-        self.owner = owner
-        self._lock = threading.Lock()
-        self._over = False
-        self._held = None
-        self.checks = EarlyChecks()
-        _thread.start_new_thread(self._run, (spec, options, bootstrap))
-
-    def _run(self, spec: str, options: dict, bootstrap: str) -> None:
-        try:
-            be = self.owner._backend(spec, options)
-        except Exception as e:  # noqa: BLE001 - the mount meets it again and reports it
-            log.debug("backend %s: not warmed: %s", spec, e)
-            return
-        try:
-            # each check holds the backend as long as it runs (it may outlive the mount)
-            self.checks.start(be, bootstrap, lambda: self.owner._backend(spec, options),
-                              lambda: self._release(be), self.owner.zran_warm)
-        except Exception as e:  # noqa: BLE001 - the mount checks the blobs itself
-            log.debug("backend %s: no early blob checks: %s", spec, e)
-        try:
-            be.warm()
-        except Exception as e:  # noqa: BLE001 - as above
-            log.debug("backend %s: not warmed: %s", spec, e)
-        with self._lock:
-            if not self._over:
-                self._held = be
-                return
-        self._release(be)
-
-    def _release(self, be) -> None:
-        self.owner._release_backend(be)
-        self.owner._drop_unused_backends()
-
-    def done(self) -> None:
-        with self._lock:
-            self._over = True
-            be, self._held = self._held, None
-        if be is not None:
-            self._release(be)

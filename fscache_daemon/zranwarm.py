@@ -8,8 +8,8 @@ bootstrap's blob table, so the work can start as soon as a bootstrap is known:
   * at the bootstrap layer's commit (the snapshotter's `POST /api/v1/warm`): a CRI pull
     or rpull ends there, 0.1-0.9 s before containerd's Prepare of the container's
     snapshot asks for the lazy mount;
-  * at the start of every mount, beside the bootstrap's copy and parse (lifecycle's
-    _Warmer), when nothing warmed it before.
+  * at the start of every mount, beside the bootstrap's copy and parse
+    (warming.MountWarmer), when nothing warmed it before.
 
 The mount then takes the parsed map (`take`) instead of fetching it; what it gets is what
 `chunkmap.fetch_zran_meta` would have given it at that moment: the same function on the

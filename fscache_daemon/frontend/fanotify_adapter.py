@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fscache_daemon import mounts
 from fscache_daemon.errors import FrontendError, MountError, check_unix_socket_path
@@ -151,7 +151,12 @@ class FanotifyFrontend(Frontend):
         self.holder_sock = check_unix_socket_path(
             holder_sock or os.path.join(cache_dir, "fdholder.sock"), "fd holder socket")
         self.watcher: PreContentWatcher | None = None
-        self._marked: set[str] = set()
+        # cache key -> the manager whose cache file is marked under it: an unmark is of
+        # that manager's mark only. A fill's completion hook may run for a manager after
+        # its blob was released (its store ended just before the close), its file
+        # evicted and the blob opened again in a new file under the same key: unmarking
+        # "the key" then took the new file's mark, and its mount read zeros
+        self._marked: dict[str, Any] = {}
         # Keyed by cache key (mgr.key: the blob id, or a variant `<id>@<table digest>`
         # with a cache file of its own), never by blob id alone: two images naming one
         # blob id with different chunk tables have two cache files, each with its own
@@ -280,9 +285,13 @@ class FanotifyFrontend(Frontend):
             mgr.cache.remove_store_listener(item[1])
             item[0].close()
 
+    def _marks_this(self, mgr) -> bool:
+        """Whether mgr's cache file is marked for mgr itself (under self._lock)."""
+        return self._marked.get(mgr.key) is mgr
+
     def prepare_blob(self, mgr) -> None:
         with self._lock:
-            if mgr.key in self._marked:
+            if self._marks_this(mgr):
                 return
             fm = None
             if self.holder and self.filled_map:
@@ -294,7 +303,7 @@ class FanotifyFrontend(Frontend):
             except BaseException:
                 self._drop_filled(mgr)
                 raise
-            self._marked.add(mgr.key)
+            self._marked[mgr.key] = mgr
         # the writer fd raises no events: the cache verifies its chunks through it
         # (a restart's deferred check) before they are published to the holder
         mgr.cache.use_write_fd(wfd)
@@ -367,11 +376,11 @@ class FanotifyFrontend(Frontend):
 
     def _unmark(self, mgr) -> bool:
         with self._lock:
-            if mgr.key not in self._marked:
-                return False
+            if not self._marks_this(mgr):
+                return False            # not marked, or marked for another manager
             watcher = self._watcher()   # stopped: nothing to unmark through
             self._pull_touches(mgr)     # the holder forgets them with the mark
-            self._marked.discard(mgr.key)
+            del self._marked[mgr.key]
             mgr.cache.use_write_fd(None)
             # Remove the kernel mark through the channel but keep the watcher's mapping
             # of this cache file: events queued before the mark went away still arrive
