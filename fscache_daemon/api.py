@@ -249,6 +249,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                          "frontend": d.frontend.name, "cache_dir": d.cache_dir,
                          "threads": d.pool.threads, "mounts": len(d.images),
                          "detached": len(d.detached), "cache_size": d.cache_size,
+                         # mounts the kernel has that this daemon could not take back
+                         # after its restart yet (restore.py): retried until it can
+                         "unpicked": [{"mountpoint": u.mountpoint, "error": u.error}
+                                      for u in list(d.unpicked)],
                          "hosts_dir": d.hosts_dir,
                          "containerd_config": d.containerd_config,
                          "uptime_s": round(time.time() - d.started_at, 3)})

@@ -64,6 +64,7 @@ from fscache_daemon.pool import (
 )
 from fscache_daemon.prefetch import listed_whole, stream_table
 from fscache_daemon.readahead import BlobReadahead, task_bytes
+from fscache_daemon.restore import Unpicked
 from fscache_daemon.state import CacheDirLock
 from fscache_daemon.storage import StorageError
 from fscache_daemon.storage import blobcache as bc
@@ -174,6 +175,7 @@ class Daemon(MountLifecycle):
         self.bucket = TokenBucket(prefetch_rate)
         self.images: dict[str, Image] = {}     # canonical mount point -> mounted image
         self.detached: list[Image] = []         # unmounted, superblock still alive
+        self.unpicked: list[Unpicked] = []      # the kernel has them, not served yet
         self.blobs: dict[str, bc.BlobManager] = {}      # cache key -> manager
         self._ra: dict[str, BlobReadahead] = {}         # cache key -> readahead plan
         self._walks: dict[tuple[str, str], Future] = {}  # bootstrap walks begun at mount
@@ -229,7 +231,8 @@ class Daemon(MountLifecycle):
         if run_loop:
             run_loop()
         loops = [("prefetcher", self._prefetcher), ("syncer", self._syncer),
-                 ("reaper", self._reaper), ("trace-unmarker", self._trace_unmarker)]
+                 ("reaper", self._reaper), ("trace-unmarker", self._trace_unmarker),
+                 ("restorer", self._restorer)]
         if self.cache_size is not None:
             loops.append(("evictor", self._evictor))
         for name, target in loops:

@@ -44,7 +44,8 @@ from fscache_daemon.errors import (
 from fscache_daemon.eviction import CacheEviction
 from fscache_daemon.images import DETACHED, MOUNTED, MOUNTING, Image
 from fscache_daemon.keyedlock import KeyedLock
-from fscache_daemon.state import copy_bootstrap, load_state, save_state
+from fscache_daemon.restore import MountRestore
+from fscache_daemon.state import copy_bootstrap, save_state
 from fscache_daemon.storage.backends import parse_backend_spec
 from fscache_daemon.storage.chunkmap import key_blob_id
 from fscache_daemon.storage.image import (
@@ -72,7 +73,7 @@ REAP_INTERVAL = 0.2
 # few ms each when the GIL is busy (the walk's Python parts, other mounts)
 
 
-class MountLifecycle(CacheEviction, WarmRoute):
+class MountLifecycle(CacheEviction, WarmRoute, MountRestore):
     # What this mixin uses of the Daemon, declared for the type checker (no values:
     # daemon.py sets the attributes in __init__ and defines the methods)
     cache_dir: str
@@ -121,7 +122,8 @@ class MountLifecycle(CacheEviction, WarmRoute):
         # it is when the write starts, so the last one written is the latest
         with self._state_lock:
             save_state(self.state_path, self.frontend.name,
-                       [img.to_json() for img in self.all_images()])
+                       [img.to_json() for img in self.all_images()]
+                       + self.unpicked_records())
 
     def save_state_later(self) -> None:
         """The save a mount made with `state_later` left behind, unless another save
@@ -129,71 +131,6 @@ class MountLifecycle(CacheEviction, WarmRoute):
         if self._state_behind.is_set():
             self._state_behind.clear()      # before the save: it writes the state now
             self._save_state()
-
-    def _restore(self) -> None:
-        """Pick up what mounts.json records, reconciled with the kernel: a mount is taken
-        back if its mount (by id, at its canonical path) is still there, or -- recorded
-        only as an intent -- if an EROFS mount of its bootstrap copy is on its mount point;
-        an unmounted one whose superblock lives on comes back detached; the rest is
-        forgotten."""
-        try:
-            saved, records = load_state(self.state_path)
-        except DaemonError as e:
-            log.error("%s; starting without mounts", e)
-            saved, records = None, []
-        if saved and saved != self.frontend.name and records:
-            # another front end cannot serve them: their readers would wait forever
-            raise DaemonError(f"{self.state_path}: {len(records)} mount(s) made with "
-                              f"front end {saved}, this daemon runs {self.frontend.name}; "
-                              f"restart with --frontend {saved} or unmount them first")
-        kernel = self.frontend.name != "none"
-        entries = mounts.mountinfo() if kernel else []
-        live = mounts.erofs_instances() if kernel else set()
-        forgotten = []
-        for m in records:
-            mp = m.get("mountpoint")
-            if not isinstance(mp, str):
-                continue
-            mp = os.path.realpath(mp)   # older daemons recorded paths as given
-            state, mount_id = self._reconcile(m, mp, entries, live, kernel)
-            if state is None:
-                log.info("%s is no longer mounted; forgetting it", mp)
-                forgotten.append(m.get("bootstrap", ""))
-                continue
-            try:
-                self._register(m["bootstrap"], mp, m["backend"], m.get("prefetch", False),
-                               m.get("domain"), m.get("options"), m.get("source_bootstrap"),
-                               mounted_at=m.get("mounted_at"), state=state,
-                               mount_id=mount_id, instances=m.get("instances") or (),
-                               blob_keys=m.get("blob_keys"))
-                log.info("picked up %s mount %s", state, mp)
-            except (DaemonError, KeyError, OSError) as e:
-                log.error("cannot pick up mount %s: %s", mp, e)
-        for boot in forgotten:      # after the loop: a later record may share the copy
-            self._drop_unused_bootstrap(boot)
-        self._save_state()
-
-    def _reconcile(self, m: dict, mp: str, entries, live: set[str], kernel: bool):
-        """(state, mount id) a recorded mount has now, or (None, None) if it is gone."""
-        state = m.get("state", MOUNTED)
-        if not kernel:
-            return (None, None) if state == MOUNTING else (MOUNTED, None)
-        erofs_here = [e for e in entries if e.mountpoint == mp and e.fstype == "erofs"]
-        if self.frontend.name == "fanotify":   # file-backed: the source is our copy
-            boot = os.path.realpath(str(m.get("bootstrap")))
-            erofs_here = [e for e in erofs_here if os.path.realpath(e.source) == boot]
-        mount_id = m.get("mount_id")
-        if state == MOUNTING or (state == MOUNTED and mount_id is None):
-            if erofs_here:
-                top = mounts.top_mount(mp, erofs_here) or erofs_here[-1]
-                return MOUNTED, top.mount_id
-        elif state == MOUNTED:
-            if any(e.mount_id == mount_id for e in erofs_here):
-                return MOUNTED, mount_id
-        insts = m.get("instances") or []
-        if state != MOUNTING and insts and any(i in live for i in insts):
-            return DETACHED, None
-        return None, None
 
     # -- mount --------------------------------------------------------------------------
     def _drop_unused_bootstrap(self, boot_copy: str) -> None:
@@ -203,7 +140,8 @@ class MountLifecycle(CacheEviction, WarmRoute):
             return
         with self._boot_lock:
             if self._boot_inflight.get(boot_copy) or \
-                    any(i.bootstrap == boot_copy for i in self.all_images()):
+                    any(i.bootstrap == boot_copy for i in self.all_images()) or \
+                    self.uses_bootstrap_unpicked(boot_copy):
                 return
             try:
                 os.unlink(boot_copy)

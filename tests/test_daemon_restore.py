@@ -1,8 +1,10 @@
 """fscache-daemon's restore path: what a restarted daemon does with its state file
 (cache/mounts.json) when the world changed while it was down. Real daemon processes,
 the fanotify front end and its fd holder, real EROFS mounts on the host kernel."""
+import glob
 import json
 import os
+import shutil
 
 import helpers
 import pytest
@@ -137,4 +139,47 @@ def test_restart_with_another_frontend_is_refused(tmp_path, image):
         helpers.assert_same_tree(image["src"], mnt)
     finally:
         d.frontend = "fanotify"
+        d.cleanup()
+
+
+def test_mount_whose_backend_is_away_at_restart_is_taken_back_when_it_returns(tmp_path,
+                                                                                image):
+    """A restart during a backend outage (the localfs directory moved away, no chunk map
+    on disk) cannot pick the mount up yet: it stays in mounts.json and in the daemon's
+    `unpicked` list (forgotten, no later restart served it again while its kernel mount
+    lived on), is tried again, and once the backend is back it is taken back and serves
+    data never fetched before."""
+    blobs = str(tmp_path / "blobs")
+    shutil.copytree(image["blobs"], blobs)
+    d = DaemonProc(str(tmp_path / "d"))
+    mnt = str(tmp_path / "mnt")
+    try:
+        d.start()
+        d.mount(image["boot"], mnt, f"localfs:{blobs}")
+        assert file_sha(os.path.join(mnt, "small.txt")) == \
+            file_sha(os.path.join(image["src"], "small.txt"))
+        d.stop()
+        assert d.proc.returncode == 0, d.log()
+        assert os.path.ismount(mnt)
+        maps = glob.glob(os.path.join(d.cache_dir, "blobs", "*.map"))
+        for f in maps:
+            os.unlink(f)
+        os.rename(blobs, blobs + ".away")
+        d.start()
+        _wait_log(d, f"cannot pick up mount {mnt} yet")
+        assert _mounts(d) == []
+        assert [m["mountpoint"] for m in _state(d)["mounts"]] == [mnt]
+        st, info = d.api.request("GET", "/api/v1/daemon")
+        assert st == 200 and [u["mountpoint"] for u in info["unpicked"]] == [mnt], info
+        assert "does not exist" in info["unpicked"][0]["error"]
+        _wait_log(d, f"still cannot pick up mount {mnt}")    # tried again meanwhile
+        os.rename(blobs + ".away", blobs)
+        helpers.wait_until(lambda: _mounts(d) == [mnt], 60, "the mount taken back")
+        helpers.assert_same_tree(image["src"], mnt)
+        st, info = d.api.request("GET", "/api/v1/daemon")
+        assert st == 200 and info["unpicked"] == [], info
+        assert [m["mountpoint"] for m in _state(d)["mounts"]] == [mnt]
+    finally:
+        if os.path.isdir(blobs + ".away"):
+            os.rename(blobs + ".away", blobs)
         d.cleanup()
