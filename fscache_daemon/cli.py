@@ -500,7 +500,10 @@ def status(as_json, api_sock):
                        f"{_human(s.get('bytes_served_from_cache', 0))}  verify failures "
                        f"{s.get('verify_failures', 0)}  p50 {s.get('latency_p50_ms', 0)} ms"
                        f"  p99 {s.get('latency_p99_ms', 0)} ms")
-    if not mounts:
+    for u in info.get("unpicked") or ():
+        # the kernel has it, this daemon does not serve it yet (restore.py)
+        click.echo(f"{u['mountpoint']}  NOT SERVED YET (retrying): {u['error']}")
+    if not mounts and not info.get("unpicked"):
         click.echo("no mounts")
     cache = metrics.get("cache") or {}
     if cache:

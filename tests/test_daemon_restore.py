@@ -5,6 +5,8 @@ import glob
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import helpers
 import pytest
@@ -172,6 +174,9 @@ def test_mount_whose_backend_is_away_at_restart_is_taken_back_when_it_returns(tm
         st, info = d.api.request("GET", "/api/v1/daemon")
         assert st == 200 and [u["mountpoint"] for u in info["unpicked"]] == [mnt], info
         assert "does not exist" in info["unpicked"][0]["error"]
+        shown = subprocess.run([sys.executable, "-m", "fscache_daemon.cli", "status",
+                                "--api-sock", d.sock], capture_output=True, text=True)
+        assert f"{mnt}  NOT SERVED YET" in shown.stdout, (shown.stdout, shown.stderr)
         _wait_log(d, f"still cannot pick up mount {mnt}")    # tried again meanwhile
         os.rename(blobs + ".away", blobs)
         helpers.wait_until(lambda: _mounts(d) == [mnt], 60, "the mount taken back")
