@@ -62,7 +62,7 @@ from fscache_daemon.pool import (
     PriorityPool,
     TokenBucket,
 )
-from fscache_daemon.prefetch import listed_whole, stream_table
+from fscache_daemon.prefetch import PrefetchLoops, listed_whole
 from fscache_daemon.readahead import BlobReadahead, task_bytes
 from fscache_daemon.restore import Unpicked
 from fscache_daemon.state import CacheDirLock
@@ -137,7 +137,7 @@ _AFTER = os.environ.get("FSCACHE_DAEMON_WINDOW_AFTER_MISS", "0")
 WINDOW_AFTER_MISS = int(_AFTER) if _AFTER in ("0", "1", "2") else 0
 
 
-class Daemon(MountLifecycle):
+class Daemon(MountLifecycle, PrefetchLoops):
     def __init__(self, cache_dir: str = DEFAULT_CACHE_DIR, *, frontend: str | Frontend = "auto",
                  threads: int = 8, batch_size: int = DEFAULT_BATCH_SIZE,
                  prefetch_rate: int = DEFAULT_PREFETCH_RATE, durable: bool = True,
@@ -195,7 +195,9 @@ class Daemon(MountLifecycle):
         self._boot_inflight: dict[str, int] = {}    # copy -> mounts between copy and use
         self._backend_inflight: dict[int, int] = {}  # id(backend) -> mounts opening blobs
         self._stop = threading.Event()
-        self._prefetch_q: queue.Queue = queue.Queue()
+        self._prefetch_q: queue.Queue = queue.Queue()   # --prefetch: whole blobs
+        self._table_q: queue.Queue = queue.Queue()      # prefetch tables, streamed
+        self._prefetch_count = threading.Lock()         # prefetch_bytes: two threads add
         # mount point -> set once its prefetch table was streamed (lifecycle._after_mount)
         self._streams: dict[str, threading.Event] = {}
         self._threads: list[threading.Thread] = []
@@ -230,7 +232,8 @@ class Daemon(MountLifecycle):
         run_loop = getattr(self.frontend, "run_loop", None)
         if run_loop:
             run_loop()
-        loops = [("prefetcher", self._prefetcher), ("syncer", self._syncer),
+        loops = [("prefetcher", self._prefetcher), ("table-streamer", self._table_streamer),
+                 ("syncer", self._syncer),
                  ("reaper", self._reaper), ("trace-unmarker", self._trace_unmarker),
                  ("restorer", self._restorer)]
         if self.cache_size is not None:
@@ -253,6 +256,7 @@ class Daemon(MountLifecycle):
         self._stop.set()
         self._evict_now.set()
         self._prefetch_q.put(None)
+        self._table_q.put(None)
         for ev in list(self._streams.values()):
             ev.set()
         for img in self.all_images():
@@ -542,69 +546,6 @@ class Daemon(MountLifecycle):
         mgr.stats.record_request(length, True, time.perf_counter() - t0, False)
         self._submit_window(mgr, *self._readahead(key, mgr, offset, length, False))
         return True
-
-    # -- prefetch -----------------------------------------------------------------------
-    def _queue_prefetch(self, img: Image) -> None:
-        jobs: list[tuple[str, int, int | None]] = []     # (cache key, offset, length or all)
-        for bindex, off, length in img.prefetch_ranges:
-            if 0 <= bindex < len(img.blob_keys):
-                jobs.append((img.blob_keys[bindex], off, length))
-        if img.prefetch:
-            for b in img.blob_keys:
-                jobs.append((b, 0, None))
-        if jobs:
-            if any(j[2] is not None for j in jobs):
-                self._streams[img.mountpoint] = threading.Event()
-            self._prefetch_q.put((img.mountpoint, jobs))
-
-    def _prefetcher(self) -> None:
-        while not self._stop.is_set():
-            item = self._prefetch_q.get()
-            if item is None:
-                return
-            mountpoint, jobs = item
-            table = [j for j in jobs if j[2] is not None]
-            if table and mountpoint in self.images:
-                try:    # the prefetch table's files first, streamed (prefetch.py)
-                    self.prefetch_bytes += stream_table(self.pool, self.blobs, table,
-                                                        self._stop, image_table=True)
-                except Exception:  # noqa: BLE001 - prefetch is best effort
-                    log.exception("prefetch of %s's prefetch table failed", mountpoint)
-            ev = self._streams.pop(mountpoint, None)
-            if ev is not None:
-                ev.set()
-            for key, off, length in jobs:
-                if self._stop.is_set() or mountpoint not in self.images:
-                    break
-                if length is not None:
-                    continue            # streamed above
-                mgr = self.blobs.get(key)
-                if mgr is None:
-                    continue
-                try:
-                    self._prefetch_range(mgr, off, length)
-                except Exception:  # noqa: BLE001 - prefetch is best effort
-                    log.exception("prefetch of blob %s failed", key[:12])
-            log.info("prefetch for %s done", mountpoint)
-
-    def _prefetch_range(self, mgr: bc.BlobManager, off: int, length: int | None) -> None:
-        missing = mgr.missing(off, length)
-        for batch in plan(missing, self.batch_size):
-            if self._stop.is_set() or self.blobs.get(mgr.key) is not mgr:
-                return
-            # on-demand work first: back off while any is queued or running
-            while self.pool.ondemand_pending() and not self._stop.is_set():
-                self._stop.wait(0.002)
-            self.bucket.take(batch.length, self._stop)
-            fut = self.pool.submit_prefetch(self._prefetch_batch, mgr, batch.chunks)
-            try:
-                self.prefetch_bytes += fut.result()
-            except Exception as e:  # noqa: BLE001
-                log.warning("prefetch batch of blob %s failed: %s", mgr.blob_id[:12], e)
-
-    @staticmethod
-    def _prefetch_batch(mgr, chunks) -> int:
-        return mgr.fill_chunks(chunks, prefetch=True)
 
     def _trace_unmarker(self) -> None:
         """Complete blobs kept marked (see _blob_complete): unmarked once fully read or

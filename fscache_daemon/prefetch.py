@@ -27,13 +27,17 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import threading
 from collections import deque
 from collections.abc import Iterable, Mapping
 from concurrent.futures import CancelledError, Future
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fscache_daemon.storage.planner import chunks_in_range, plan
+
+if TYPE_CHECKING:
+    from fscache_daemon.storage.blobcache import BlobManager
 
 log = logging.getLogger(__name__)
 
@@ -127,3 +131,93 @@ def stream_table(pool, blobs: Mapping, jobs: Iterable[tuple[str, int, int]],
             break
         fetched += wait_one()
     return fetched
+
+
+class PrefetchLoops:
+    """The Daemon's prefetch after a mount, on two threads of its own:
+
+    - the table streamer: each image's prefetch table (stream_table), in mount order;
+    - the prefetcher: `--prefetch`, every blob of the image whole, paced by the token
+      bucket, behind on-demand work; an image's blobs after its own table was streamed.
+
+    One thread did both: an image's table (what its start needs first) then waited behind
+    every whole-blob prefetch queued before it (minutes for a large image at the default
+    64 MB/s), and its after-mount work waited STREAM_WAIT for it."""
+    # What this mixin uses of the Daemon (declared for the type checker)
+    pool: Any
+    blobs: dict[str, BlobManager]
+    images: dict[str, Any]
+    bucket: Any
+    batch_size: int
+    prefetch_bytes: int
+    _stop: threading.Event
+    _streams: dict[str, threading.Event]     # mount point -> its table streamed
+    _prefetch_q: queue.Queue
+    _table_q: queue.Queue
+    _prefetch_count: threading.Lock
+
+    def _queue_prefetch(self, img: Any) -> None:
+        table = [(img.blob_keys[b], off, length) for b, off, length in img.prefetch_ranges
+                 if 0 <= b < len(img.blob_keys)]
+        streamed = None
+        if table:
+            streamed = self._streams[img.mountpoint] = threading.Event()
+            self._table_q.put((img.mountpoint, table, streamed))
+        if img.prefetch:
+            self._prefetch_q.put((img.mountpoint, list(img.blob_keys), streamed))
+
+    def _count_prefetched(self, n: int) -> None:
+        with self._prefetch_count:
+            self.prefetch_bytes += n
+
+    def _table_streamer(self) -> None:
+        while (item := self._table_q.get()) is not None:
+            mountpoint, table, streamed = item
+            try:
+                if mountpoint in self.images and not self._stop.is_set():
+                    self._count_prefetched(stream_table(self.pool, self.blobs, table,
+                                                        self._stop, image_table=True))
+            except Exception:  # noqa: BLE001 - prefetch is best effort
+                log.exception("prefetch of %s's prefetch table failed", mountpoint)
+            finally:
+                if self._streams.get(mountpoint) is streamed:
+                    self._streams.pop(mountpoint, None)
+                streamed.set()
+
+    def _prefetcher(self) -> None:
+        while (item := self._prefetch_q.get()) is not None:
+            mountpoint, keys, streamed = item
+            # this image's table first: its blobs whole would only compete with it
+            while streamed is not None and not streamed.wait(STOP_POLL):
+                if self._stop.is_set():
+                    return
+            for key in keys:
+                if self._stop.is_set() or mountpoint not in self.images:
+                    break
+                mgr = self.blobs.get(key)
+                if mgr is None:
+                    continue
+                try:
+                    self._prefetch_range(mgr, 0, None)
+                except Exception:  # noqa: BLE001 - prefetch is best effort
+                    log.exception("prefetch of blob %s failed", key[:12])
+            log.info("prefetch for %s done", mountpoint)
+
+    def _prefetch_range(self, mgr: BlobManager, off: int, length: int | None) -> None:
+        missing = mgr.missing(off, length)
+        for batch in plan(missing, self.batch_size):
+            if self._stop.is_set() or self.blobs.get(mgr.key) is not mgr:
+                return
+            # on-demand work first: back off while any is queued or running
+            while self.pool.ondemand_pending() and not self._stop.is_set():
+                self._stop.wait(0.002)
+            self.bucket.take(batch.length, self._stop)
+            fut = self.pool.submit_prefetch(self._prefetch_batch, mgr, batch.chunks)
+            try:
+                self._count_prefetched(fut.result())
+            except Exception as e:  # noqa: BLE001
+                log.warning("prefetch batch of blob %s failed: %s", mgr.blob_id[:12], e)
+
+    @staticmethod
+    def _prefetch_batch(mgr: Any, chunks: Any) -> int:
+        return mgr.fill_chunks(chunks, prefetch=True)

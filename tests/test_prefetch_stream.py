@@ -190,3 +190,28 @@ def test_a_blob_the_table_lists_whole_is_unmarked_at_completion(optimized, tmp_p
             assert paths == [], paths
     finally:
         d.cleanup()
+
+
+def test_a_table_is_not_held_up_by_another_images_background_prefetch(optimized, tmp_path):
+    """Image A mounted with whole-blob prefetch (`prefetch`, paced at 512 KiB/s: ~32 s for
+    its 16 MiB), then the optimized image B: B's prefetch table (what its start needs
+    first) streams at once while A's background prefetch goes on. One thread did both,
+    and B's table waited for the whole of A's blob."""
+    r = random.Random(9)
+    src_a = tmp_path / "a"
+    src_a.mkdir()
+    (src_a / "big.bin").write_bytes(r.randbytes(16 * MIB))
+    boot_a, blobs_a = str(tmp_path / "a.boot"), str(tmp_path / "a-blobs")
+    blob_a = pack(str(src_a), boot_a, blobs_a, "--chunk-size", hex(CHUNK))["blobs"][0]["blob_id"]
+    d = DaemonProc(str(tmp_path / "d"), extra=["--prefetch-rate", "512K"]).start()
+    try:
+        d.mount(boot_a, str(tmp_path / "mnt-a"), f"localfs:{blobs_a}", prefetch=True)
+        helpers.wait_until(lambda: d.metrics()["blobs"][blob_a]["prefetch_bytes"] > 0,
+                           helpers.HANG, "A's background prefetch under way")
+        d.mount(optimized["opt"], str(tmp_path / "mnt-b"), f"localfs:{optimized['blobs']}")
+        b = wait_complete(d, optimized["prefetch_blob"])
+        assert b["prefetch_bytes"] == optimized["prefetch_data"]
+        a = d.metrics()["blobs"][blob_a]
+        assert not a["complete"] and a["prefetch_bytes"] < 16 * MIB, a
+    finally:
+        d.cleanup()
