@@ -186,11 +186,13 @@ class MountRestore:
             due = [u for u in self.unpicked if u.next_try <= now]
         if not due:
             return
-        entries, live = mounts.mountinfo(), mounts.erofs_instances()
+        kernel = self.frontend.name != "none"
+        entries = mounts.mountinfo() if kernel else []
+        live = mounts.erofs_instances() if kernel else set()
         for u in due:
             mp = u.mountpoint
             with self._mountpoints.hold(mp):    # no mount or umount of mp meanwhile
-                state, mount_id = self._reconcile(u.record, mp, entries, live, True)
+                state, mount_id = self._reconcile(u.record, mp, entries, live, kernel)
                 if state == MOUNTED and mp in self.images:
                     # mounted over since: ours lives on under it, not at the mount point
                     state, mount_id = DETACHED, None

@@ -2,8 +2,10 @@
 fills, metrics, the unix-socket API and its error answers, restart pick-up, the worker
 pool's priorities and the prefetch pacing."""
 
+import glob
 import json
 import os
+import shutil
 import socket
 import threading
 import time
@@ -151,6 +153,43 @@ def test_restart_picks_up_mounts_and_cache(images, tmp_path):
         d2.fill(blob, 0, 3 * 65536)
         assert mgr.stats.snapshot()["bytes_fetched"] == 0
     finally:
+        d2.shutdown()
+
+
+
+def test_restart_retries_a_mount_whose_backend_is_away(images, tmp_path):
+    """Without a kernel (front end "none"): the record of a mount whose backend is away
+    at the restart stays in mounts.json and in `unpicked`, and the restorer thread takes
+    it back once the backend is back (tests/test_daemon_restore.py: the same on the
+    kernel)."""
+    cache, blobs = str(tmp_path / "cache"), str(tmp_path / "blobs")
+    shutil.copytree(images["blobs"], blobs)
+    mp = str(tmp_path / "m1")
+    d = Daemon(cache, frontend="none", threads=2, readahead=0)
+    d.start()
+    d.mount(images["b1"], mp, f"localfs:{blobs}")
+    d.shutdown()
+    for f in glob.glob(os.path.join(cache, "blobs", "*.map")):
+        os.unlink(f)
+    os.rename(blobs, blobs + ".away")
+    d2 = Daemon(cache, frontend="none", threads=2, readahead=0)
+    d2.start()
+    try:
+        assert d2.images == {} and [u.mountpoint for u in d2.unpicked] == [mp]
+        with open(os.path.join(cache, "mounts.json")) as f:
+            assert [m["mountpoint"] for m in json.load(f)["mounts"]] == [mp]
+        os.rename(blobs + ".away", blobs)
+        deadline = time.monotonic() + 30
+        while mp not in d2.images:
+            assert time.monotonic() < deadline, [u.error for u in d2.unpicked]
+            time.sleep(0.05)
+        assert d2.unpicked == []
+        blob = next(iter(d2.blobs))
+        d2.fill(blob, 0, 65536)     # served: the backend is read again
+        assert d2.blobs[blob].stats.snapshot()["bytes_fetched"] > 0
+    finally:
+        if os.path.isdir(blobs + ".away"):
+            os.rename(blobs + ".away", blobs)
         d2.shutdown()
 
 
