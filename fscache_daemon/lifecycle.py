@@ -509,7 +509,10 @@ class MountLifecycle(CacheEviction, WarmRoute, MountRestore):
         with self._mountpoints.hold(mountpoint), self._mount_lock:
             img = self.images.get(mountpoint)
             if img is None:
-                raise NotFoundError(f"{mountpoint}: not mounted by this daemon")
+                done = self.umount_unpicked(mountpoint, lazy)
+                if done is None:
+                    raise NotFoundError(f"{mountpoint}: not mounted by this daemon")
+                return done
             if self.frontend.name == "none":
                 self._unregister(img)
                 self._save_state()

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from erofs_tools.errors import RegistryError
 from fscache_daemon import mounts
-from fscache_daemon.errors import DaemonError
+from fscache_daemon.errors import DaemonError, MountBusyError
 from fscache_daemon.images import DETACHED, MOUNTED, MOUNTING
 from fscache_daemon.keyedlock import KeyedLock
 from fscache_daemon.state import load_state
@@ -214,3 +214,37 @@ class MountRestore:
                 if state is None:
                     self._drop_unused_bootstrap(u.record.get("bootstrap", ""))
                 self._save_state()
+
+    def umount_unpicked(self, mountpoint: str, lazy: bool) -> dict | None:
+        """`umount` of an unpicked mount (the caller holds the mount point): its kernel
+        mount, if still ours and on top, is unmounted and its record dropped, or kept as
+        detached while its superblock lives on (another holder: served once it can be).
+        None if `mountpoint` is not an unpicked one."""
+        with self._lock:
+            u = next((u for u in self.unpicked if u.mountpoint == mountpoint), None)
+        if u is None:
+            return None
+        rec = u.record
+        kernel = self.frontend.name != "none"
+        if kernel and isinstance(rec.get("mount_id"), int):
+            entries = mounts.mountinfo()
+            ours = mounts.find_mount(rec["mount_id"], entries)
+            if ours is not None and ours.mountpoint == mountpoint and ours.fstype == "erofs":
+                top = mounts.top_mount(mountpoint, entries)
+                if top is not None and top.mount_id != ours.mount_id:
+                    raise MountBusyError(f"{mountpoint}: another mount ({top.fstype} "
+                                         f"{top.source}, mount id {top.mount_id}) covers "
+                                         "the image; unmount it first")
+                mounts.umount(mountpoint, lazy)
+        insts = rec.get("instances") or []
+        alive = kernel and any(i in mounts.erofs_instances() for i in insts)
+        with self._lock:
+            if alive:
+                rec.update(state=DETACHED, mount_id=None)
+            else:
+                self.unpicked.remove(u)
+        if not alive:
+            self._drop_unused_bootstrap(rec.get("bootstrap", ""))
+        self._save_state()
+        log.info("unmounted %s (never taken back since the restart)", mountpoint)
+        return {"mountpoint": mountpoint, "unmounted": True, "released": not alive}

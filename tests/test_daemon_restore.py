@@ -188,3 +188,31 @@ def test_mount_whose_backend_is_away_at_restart_is_taken_back_when_it_returns(tm
         if os.path.isdir(blobs + ".away"):
             os.rename(blobs + ".away", blobs)
         d.cleanup()
+
+
+def test_a_mount_not_taken_back_yet_can_be_unmounted(tmp_path, image):
+    """`umount` of a mount the restart could not take back (its backend away) unmounts
+    it and drops its record: nothing is tried again, nothing is left in mounts.json."""
+    blobs = str(tmp_path / "blobs")
+    shutil.copytree(image["blobs"], blobs)
+    d = DaemonProc(str(tmp_path / "d"))
+    mnt = str(tmp_path / "mnt")
+    try:
+        d.start()
+        d.mount(image["boot"], mnt, f"localfs:{blobs}")
+        d.stop()
+        assert d.proc.returncode == 0, d.log()
+        for f in glob.glob(os.path.join(d.cache_dir, "blobs", "*.map")):
+            os.unlink(f)
+        shutil.rmtree(blobs)
+        d.start()
+        _wait_log(d, f"cannot pick up mount {mnt} yet")
+        st, res = d.api.request("POST", "/api/v1/umount", {"mountpoint": mnt})
+        assert st == 200 and res["unmounted"] and res["released"], res
+        assert not os.path.ismount(mnt)
+        d.mounts.remove(mnt)
+        assert _state(d)["mounts"] == []
+        st, info = d.api.request("GET", "/api/v1/daemon")
+        assert st == 200 and info["unpicked"] == [], info
+    finally:
+        d.cleanup()
