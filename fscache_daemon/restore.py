@@ -76,6 +76,7 @@ class MountRestore:
         @property
         def state_path(self) -> str: ...
         def _save_state(self) -> None: ...
+        def all_images(self) -> list[Image]: ...
         def _drop_unused_bootstrap(self, boot_copy: str) -> None: ...
         def _register(self, *args: Any, **kwargs: Any) -> Image: ...
 
@@ -162,7 +163,11 @@ class MountRestore:
     def unpicked_records(self) -> list[dict]:
         """The mounts.json records of the unpicked mounts (saved with the images)."""
         with self._lock:
-            return [u.record for u in self.unpicked]
+            # one taken back a moment ago is saved as its image (not twice: a second
+            # record of one mount point would be taken back twice by the next restart)
+            taken = {(i.mountpoint, i.bootstrap) for i in self.all_images()}
+            return [u.record for u in self.unpicked
+                    if (u.mountpoint, u.record.get("bootstrap")) not in taken]
 
     def uses_bootstrap_unpicked(self, boot_copy: str) -> bool:
         with self._lock:
