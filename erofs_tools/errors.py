@@ -5,6 +5,7 @@ registry failures) is an ErofsToolsError whose str() is a one-line message fit t
 after "error: ". The CLI turns these into exit status 1 (`run_console`, for erofs-tools
 and fscache-daemon); anything else is a bug.
 """
+import os
 import sys
 
 
@@ -44,6 +45,23 @@ class MountError(ErofsToolsError):
     """mount(2)/umount(2) or the cache setup around them failed."""
 
 
+# bytes a name may hold that would break a message's one line (a newline) or the terminal
+_CONTROL = bytes(range(0x20)) + b"\x7f"
+
+
+def shown_path(path: "str | bytes", limit: int = 300) -> str:
+    """A path for a one-line message: its last `limit` bytes at most (a path deeper than
+    PATH_MAX would otherwise make a 4 KB line), control characters as \\xNN: a file name
+    may hold a newline (an image's, a tar's, a source tree's), and the message must stay
+    one line."""
+    path = os.fsencode(path)
+    if len(path) > limit:
+        path = b"..." + path[-limit:]
+    if path.translate(None, _CONTROL) != path:
+        path = b"".join(b"\\x%02x" % c if c in _CONTROL else bytes((c,)) for c in path)
+    return os.fsdecode(path)
+
+
 def run_console(group, prog_name: str, argv=None, fast_exit: bool = False):
     """Run a click group as a console program: an ErofsToolsError or a usage error is
     one line "error: <message>" on stderr and exit status 1, like every other bad
@@ -54,7 +72,8 @@ def run_console(group, prog_name: str, argv=None, fast_exit: bool = False):
     try:
         rv = group.main(args=argv, prog_name=prog_name, standalone_mode=False)
     except ErofsToolsError as e:
-        click.echo(f"error: {e}", err=True)
+        # one line whatever a message holds (a peer's text, a name quoted unescaped)
+        click.echo("error: " + " ".join(str(e).splitlines()), err=True)
         sys.exit(1)
     except click.exceptions.Abort:
         click.echo("Aborted!", err=True)

@@ -53,3 +53,18 @@ def test_main_with_arguments_raises_systemexit_in_process(capsys):
         main(["--version"])
     assert ei.value.code == 0
     assert "erofs-tools" in capsys.readouterr().out
+
+
+def test_a_path_with_control_characters_stays_in_one_line_messages(tmp_path):
+    """A name may hold a newline (a source tree's, a tar's, an image's): the error that
+    names it is still one line (errors.shown_path escapes control characters; the
+    console joins whatever lines a message still has)."""
+    from erofs_tools.errors import shown_path
+    assert shown_path(b"/d/a\nb\x1b[31m") == "/d/a\\x0ab\\x1b[31m"
+    assert shown_path("x" * 400).startswith("...") and len(shown_path("x" * 400)) == 303
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-m", "erofs_tools", "mkfs", str(tmp_path / "o.img"),
+                        str(tmp_path / "no\nsuch")], capture_output=True, env=env)
+    lines = r.stderr.decode().splitlines()
+    assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert not os.path.exists(tmp_path / "o.img")

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 from erofs_tools._native import NativeBuilder
 from erofs_tools._native_walk import native_walk
 from erofs_tools.builder.options import MkfsOptions
-from erofs_tools.errors import ErofsToolsError, InputError
+from erofs_tools.errors import ErofsToolsError, InputError, shown_path  # noqa: F401 (re-exported)
 from erofs_tools.format.erofs import encode_long_prefix
 
 # the C walk when the options allow (tests turn it off to reach the Python walk)
@@ -30,15 +30,6 @@ _S_IFREG = stat.S_IFREG
 _S_IFLNK = stat.S_IFLNK
 _S_IFCHR = stat.S_IFCHR
 _S_IFBLK = stat.S_IFBLK
-
-
-def shown_path(path: str | bytes, limit: int = 300) -> str:
-    """A path for a one-line message: its last `limit` bytes at most (a path deeper
-    than PATH_MAX would otherwise make a 4 KB line)."""
-    path = os.fsencode(path)
-    if len(path) > limit:
-        path = b"..." + path[-limit:]
-    return os.fsdecode(path)
 
 
 def _oserr(e: OSError, path: str | bytes) -> InputError:

@@ -16,7 +16,7 @@ import stat as _stat
 import tarfile
 import tempfile
 
-from erofs_tools.errors import CorruptImageError, ErofsToolsError, InputError
+from erofs_tools.errors import CorruptImageError, ErofsToolsError, InputError, shown_path
 from erofs_tools.reader.fsck import MAX_MTIME
 from erofs_tools.reader.image import Image
 
@@ -134,11 +134,8 @@ def _mtime_ns(img, ino):
     return ino.mtime * 10**9 + ino.mtime_nsec
 
 
-def _show(path: bytes, limit: int = 200) -> str:
-    """A path for a one-line message: its last `limit` bytes at most."""
-    if len(path) > limit:
-        path = b"..." + path[-limit:]
-    return os.fsdecode(path)
+def _show(path: bytes) -> str:
+    return shown_path(path, 200)
 
 
 def _with_path(img, path, e):
