@@ -170,7 +170,7 @@ class RegistryClient(RegistrySession):
         """Fetch a manifest or index by tag or digest. A digest reference is verified
         against the bytes; a tag is checked against Docker-Content-Digest if sent."""
         url = self.manifest_url(repo, ref)
-        resp = self.send("GET", url, pull_scope(repo), {"Accept": ", ".join(accept)})
+        resp = self._manifest_request("GET", url, repo, accept)
         if resp.status != 200:
             raise self.fail("GET", url, resp)
         data = resp.read(MAX_MANIFEST_SIZE + 1)
@@ -188,11 +188,20 @@ class RegistryClient(RegistrySession):
         return Manifest(data, media_type_of(data, resp.headers.get("Content-Type"), what),
                         digest)
 
+    def _manifest_request(self, method: str, url: str, repo: str, accept: tuple[str, ...]):
+        # Redirects are followed as containerd and skopeo do: registry.k8s.io and
+        # cgr.dev answer every manifest request with a 307 to the registry that holds
+        # it (which wants its own anonymous token). The bytes are checked as ever (a
+        # digest reference, Docker-Content-Digest); the credentials stay at our origin.
+        headers = {"Accept": ", ".join(accept)}
+        resp = self.send(method, url, pull_scope(repo), headers)
+        return self.follow(method, url, pull_scope(repo), resp, headers)
+
     def head_manifest(self, repo: str, ref: str,
                       accept: tuple[str, ...] = mt.ALL_MANIFEST_TYPES) -> str | None:
         """The digest of a tag or digest reference, or None if it does not exist."""
         url = self.manifest_url(repo, ref)
-        resp = self.send("HEAD", url, pull_scope(repo), {"Accept": ", ".join(accept)})
+        resp = self._manifest_request("HEAD", url, repo, accept)
         if not self.found("HEAD", url, resp):
             return None
         digest = resp.headers.get("Docker-Content-Digest")

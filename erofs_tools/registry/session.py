@@ -16,6 +16,7 @@ import json
 import logging
 import threading
 import urllib.parse
+from collections.abc import Callable
 from typing import BinaryIO
 
 import urllib3
@@ -100,6 +101,11 @@ class RegistrySession:
                                    policy=RetryPolicy(retries, backoff, max_backoff, deadline))
         self.auth = Authenticator(host, credentials, self._fetch_token,
                                   allow_http_realm=insecure)
+        # Other origins a redirect sends us to (registry.k8s.io's and cgr.dev's manifests
+        # live on another registry, which wants an anonymous token of its own): each
+        # runs its own challenge flow, without credentials, so the registry's never go
+        # there.
+        self._foreign: dict[tuple, Authenticator] = {}
         self._locations: dict[tuple[str, str], str] = {}
         self._lock = threading.Lock()
 
@@ -143,9 +149,16 @@ class RegistrySession:
         resend. Two rounds at most: the first 401 may just be discovery (we sent
         nothing), the second means the registry refused what it asked for (an expired
         token gets renewed once). ``url`` must be the registry's own (see send_to)."""
-        headers = {**self.headers, **(headers or {})}
+        return self._authorized(self.auth, method, url, scope,
+                                {**self.headers, **(headers or {})}, body, via_proxy, retry)
+
+    def _authorized(self, auth: Authenticator, method: str, url: str, scope: str,
+                    headers: dict, body: bytes | BinaryIO | None, via_proxy: bool,
+                    retry: bool) -> urllib3.BaseHTTPResponse:
+        """send()'s challenge flow with ``auth``: the registry's own, or an anonymous one
+        of another origin (send_to)."""
         rewind = _rewind_point(body)
-        sent = self.auth.authorization(scope)
+        sent = auth.authorization(scope)
         for round_ in range(3):
             if sent:
                 headers["Authorization"] = sent
@@ -162,9 +175,9 @@ class RegistrySession:
             drain(resp)
             if round_ == 2:
                 break
-            self.auth.on_unauthorized(challenge, scope, sent)
-            sent = self.auth.authorization(scope)
-        raise AuthError(f"registry {self.host}: access denied for "
+            auth.on_unauthorized(challenge, scope, sent)
+            sent = auth.authorization(scope)
+        raise AuthError(f"registry {auth.host}: access denied for "
                         f"{scope or 'the API'} ({method} {safe_url(url)})")
 
     def checked_location(self, method: str, url: str, location: str | None,
@@ -193,8 +206,40 @@ class RegistrySession:
             return self.send(method, target, scope, headers, body, via_proxy=via_proxy,
                              retry=retry)
         headers = {k: v for k, v in (headers or {}).items() if k.lower() != "authorization"}
-        return self.transport.request(method, target, headers, body, via_proxy=via_proxy,
-                                      retry=retry)
+        return self._authorized(self._foreign_auth(target), method, target, scope, headers,
+                                body, via_proxy, retry)
+
+    def _foreign_auth(self, target: str) -> Authenticator:
+        key = origin(target)
+        with self._lock:
+            auth = self._foreign.get(key)
+            if auth is None:
+                auth = self._foreign[key] = Authenticator(
+                    f"{key[1]}:{key[2]}", None, self._fetch_token,
+                    allow_http_realm=self.insecure)
+            return auth
+
+    def follow(self, method: str, url: str, scope: str, resp: urllib3.BaseHTTPResponse,
+               headers: dict | None = None, *, via_proxy: bool = False,
+               seen: Callable[[str], None] | None = None) -> urllib3.BaseHTTPResponse:
+        """The answer at the end of the redirects ``resp`` starts (at most
+        MAX_REDIRECTS), each hop under the rule of send_to; ``seen(target)`` is told
+        every hop to another origin."""
+        first = url
+        for hop in range(MAX_REDIRECTS + 1):
+            if resp.status not in REDIRECT_STATUSES:
+                return resp
+            if hop == MAX_REDIRECTS:
+                break
+            location = resp.headers.get("Location")
+            drain(resp)
+            target, own = self.checked_location(method, url, location)
+            if not own and seen is not None:
+                seen(target)
+            resp = self.send_to(method, target, scope, headers, via_proxy=via_proxy)
+            url = target
+        drain(resp)
+        raise RegistryError(f"{method} {safe_url(first)}: too many redirects")
 
     def fail(self, method: str, url: str, resp: urllib3.BaseHTTPResponse,
              what: str = "") -> RegistryError:
@@ -260,21 +305,14 @@ class RegistrySession:
             with self._lock:
                 self._locations.pop(key, None)
         url = self.blob_url(repo, digest)
+
+        def remember(target: str) -> None:
+            # Another host (object storage): the registry's credentials stay here.
+            with self._lock:
+                self._locations[key] = target
         resp = self.send(method, url, pull_scope(repo), headers, via_proxy=proxy)
-        for _ in range(MAX_REDIRECTS):
-            if resp.status not in REDIRECT_STATUSES:
-                return resp
-            location = resp.headers.get("Location")
-            drain(resp)
-            target, own = self.checked_location(method, url, location)
-            if not own:
-                # Another host (object storage): the registry's credentials stay here.
-                with self._lock:
-                    self._locations[key] = target
-            resp = self.send_to(method, target, pull_scope(repo), headers, via_proxy=proxy)
-            url = target
-        raise RegistryError(f"{method} {safe_url(self.blob_url(repo, digest))}: "
-                            "too many redirects")
+        return self.follow(method, url, pull_scope(repo), resp, headers, via_proxy=proxy,
+                           seen=remember)
 
     def stat_blob(self, repo: str, digest: str) -> int | None:
         """The blob's size from HEAD, or None if the registry does not have it."""
