@@ -74,6 +74,7 @@ class RegistryClient(RegistrySession):
         that ignores Range, by skipping what we hold in its whole answer)."""
         url = self.blob_url(repo, digest)
         policy = self.transport.policy
+        until = _until(policy)
         done = 0
         for attempt in range(policy.retries + 1):
             headers = {"Range": f"bytes={done}-"} if done else {}
@@ -82,10 +83,10 @@ class RegistryClient(RegistrySession):
                 if resp.status == 206 and done:
                     _check_range_start(resp, url, done)
                 elif resp.status == 200:
-                    _skip(resp, done)
+                    _skip(resp, done, until, url)
                 else:
                     raise self.fail("GET", url, resp)
-                for chunk in resp.stream(STREAM_PIECE):
+                for chunk in _pieces(resp, STREAM_PIECE, until, url):
                     done += len(chunk)
                     if max_size is not None and done > max_size:
                         resp.close()
@@ -114,10 +115,11 @@ class RegistryClient(RegistrySession):
         headers = {"Range": f"bytes={offset}-{offset + length - 1}"}
         policy = self.transport.policy
         started = time.monotonic()
+        until = _until(policy)
         for attempt in range(policy.retries + 1):
             resp = self._blob_request("GET", repo, digest, headers)
             try:
-                return self._range_body(resp, url, offset, length)
+                return self._range_body(resp, url, offset, length, until)
             except Urllib3Error as e:
                 resp.close()
                 wait = policy.delay(attempt)
@@ -128,10 +130,11 @@ class RegistryClient(RegistrySession):
                 time.sleep(wait)
         raise RegistryError(f"GET {safe_url(url)}: connection kept breaking")
 
-    def _range_body(self, resp, url: str, offset: int, length: int) -> bytes:
+    def _range_body(self, resp, url: str, offset: int, length: int,
+                    until: float | None = None) -> bytes:
         if resp.status == 206:
             _check_range_start(resp, url, offset)
-            data = resp.read(length + 1)
+            data = _read(resp, length + 1, until, url)
             if len(data) > length:
                 resp.close()
                 raise RegistryError(f"GET {safe_url(url)}: answered more bytes than asked")
@@ -139,8 +142,8 @@ class RegistryClient(RegistrySession):
             # The server ignored Range (a cold pull-through mirror answers with the whole
             # blob): take the asked bytes out of the stream, in bounded pieces, and drop
             # the connection with the rest of the body unread.
-            _skip(resp, offset)
-            data = resp.read(length)
+            _skip(resp, offset, until, url)
+            data = _read(resp, length, until, url)
             if resp.length_remaining != 0:
                 resp.close()
                 return data
@@ -272,10 +275,53 @@ def _check_range_start(resp, url: str, offset: int) -> None:
                             f"asked {offset}")
 
 
-def _skip(resp, n: int) -> None:
+def _until(policy) -> float | None:
+    """When a body read must be over: the policy's deadline from now, or None."""
+    return None if policy.deadline is None else time.monotonic() + policy.deadline
+
+
+def _in_time(resp, until: float, url: str) -> None:
+    if time.monotonic() > until:
+        resp.close()
+        raise RegistryError(f"GET {safe_url(url)}: body still arriving at the deadline")
+
+
+def _pieces(resp, size: int, until: float | None, url: str):
+    """The body in pieces of at most ``size`` bytes. With a deadline (the daemon's), a
+    piece is what has arrived (read1) and the clock is checked between pieces: the read
+    timeout bounds one wait for bytes, not a body trickled a byte per wait, which would
+    hold the daemon's reader (and the kernel's request) for hours."""
+    if until is None:
+        yield from resp.stream(size)
+        return
+    while True:
+        _in_time(resp, until, url)
+        piece = resp.read1(size)
+        if not piece:
+            return
+        yield piece
+
+
+def _read(resp, n: int, until: float | None, url: str) -> bytes:
+    """Up to ``n`` bytes of the body (fewer at its end), within the deadline."""
+    if until is None:
+        return resp.read(n)
+    parts: list[bytes] = []
+    got = 0
+    while got < n:
+        _in_time(resp, until, url)
+        piece = resp.read1(min(n - got, READ_SIZE))
+        if not piece:
+            break
+        parts.append(piece)
+        got += len(piece)
+    return b"".join(parts)
+
+
+def _skip(resp, n: int, until: float | None = None, url: str = "") -> None:
     """Read and drop the first ``n`` bytes of a body, one bounded piece at a time."""
     while n:
-        got = resp.read(min(n, READ_SIZE))
+        got = _read(resp, min(n, READ_SIZE), until, url)
         if not got:
             return          # the blob ends before n: the caller sees a short answer
         n -= len(got)
