@@ -144,3 +144,61 @@ def test_daemon_backend_read_from_a_trickling_registry_is_bounded(trickler):
         b.close()
     assert kind == "error", (kind, state)
     assert isinstance(value, ErofsToolsError) and "deadline" in str(value), value
+
+
+def _trickling(what: str):
+    """A registry whose manifests (what="manifest") or token realm's reply
+    (what="token") come a byte every 50 ms after headers promising 64 KiB."""
+    stop = threading.Event()
+    state: dict = {"sent": 0}
+    srv: dict = {}
+
+    def slow(h):
+        h.send_response(200)
+        h.send_header("Content-Type", "application/json")
+        h.send_header("Content-Length", str(64 << 10))
+        h.end_headers()
+        h.close_connection = True
+        try:
+            while not stop.wait(0.05):
+                h.wfile.write(b" ")
+                h.wfile.flush()
+                state["sent"] += 1
+        except OSError:
+            state["hung_up"] = True
+
+    def handle(h, _):
+        if what == "token":
+            if h.path.startswith("/token"):
+                return slow(h)
+            realm = f'{srv["s"].url}/token'
+            return _answer(h, 401, {"WWW-Authenticate": f'Bearer realm="{realm}",service="r"'})
+        if "/manifests/" in h.path:
+            return slow(h)
+        _answer(h, 404)
+    srv["s"] = _Server(handle)
+    return srv["s"], stop, state
+
+
+@pytest.mark.parametrize("what", ["manifest", "token"])
+def test_trickled_manifest_or_token_fails_at_the_deadline(what):
+    from fscache_daemon.storage.backends import RegistryBackend
+    srv, stop, state = _trickling(what)
+    try:
+        c = _client(srv)
+        kind, value = _outcome(lambda: c.get_manifest("app", "v1"))
+        assert kind == "error", (kind, state)
+        assert isinstance(value, RegistryError) and "deadline" in str(value), value
+        # the daemon: the image's manifest is read by warm(); a read waits for it and
+        # then fails (no such blob here) instead of hanging with it
+        b = RegistryBackend(f"{srv.host}/app:v1", insecure=True, docker_config=False,
+                            retries=0, timeout=10, deadline=1.0)
+        try:
+            kind, value = _outcome(lambda: (b.warm(), b.read(BLOB_ID, 0, 4096)))
+        finally:
+            b.close()
+        assert kind == "error", (kind, state)
+        assert isinstance(value, ErofsToolsError), value
+    finally:
+        stop.set()
+        srv.stop()

@@ -27,7 +27,7 @@ from .digest import check_digest, verify
 from .manifest import MAX_MANIFEST_SIZE, Manifest, media_type_of
 from .reference import check_ref, check_repository
 from .session import DEFAULT_CHUNK_SIZE, RegistrySession, origin, pull_scope, push_scope  # noqa: F401
-from .transport import drain, safe_url
+from .transport import body_deadline, drain, in_time, read_body, safe_url
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class RegistryClient(RegistrySession):
         that ignores Range, by skipping what we hold in its whole answer)."""
         url = self.blob_url(repo, digest)
         policy = self.transport.policy
-        until = _until(policy)
+        until = body_deadline(policy)
         done = 0
         for attempt in range(policy.retries + 1):
             headers = {"Range": f"bytes={done}-"} if done else {}
@@ -115,7 +115,7 @@ class RegistryClient(RegistrySession):
         headers = {"Range": f"bytes={offset}-{offset + length - 1}"}
         policy = self.transport.policy
         started = time.monotonic()
-        until = _until(policy)
+        until = body_deadline(policy)
         for attempt in range(policy.retries + 1):
             resp = self._blob_request("GET", repo, digest, headers)
             try:
@@ -134,7 +134,7 @@ class RegistryClient(RegistrySession):
                     until: float | None = None) -> bytes:
         if resp.status == 206:
             _check_range_start(resp, url, offset)
-            data = _read(resp, length + 1, until, url)
+            data = read_body(resp, length + 1, until, url)
             if len(data) > length:
                 resp.close()
                 raise RegistryError(f"GET {safe_url(url)}: answered more bytes than asked")
@@ -143,7 +143,7 @@ class RegistryClient(RegistrySession):
             # blob): take the asked bytes out of the stream, in bounded pieces, and drop
             # the connection with the rest of the body unread.
             _skip(resp, offset, until, url)
-            data = _read(resp, length, until, url)
+            data = read_body(resp, length, until, url)
             if resp.length_remaining != 0:
                 resp.close()
                 return data
@@ -176,7 +176,10 @@ class RegistryClient(RegistrySession):
         resp = self._manifest_request("GET", url, repo, accept)
         if resp.status != 200:
             raise self.fail("GET", url, resp)
-        data = resp.read(MAX_MANIFEST_SIZE + 1)
+        # within the daemon's deadline: a trickled manifest would hold its image's
+        # warm(), and every read waiting for the blob map with it
+        data = read_body(resp, MAX_MANIFEST_SIZE + 1, body_deadline(self.transport.policy),
+                         url)
         resp.release_conn()
         what = f"manifest {repo}:{ref}" if not ref.startswith("sha256:") else \
             f"manifest {repo}@{ref}"
@@ -275,17 +278,6 @@ def _check_range_start(resp, url: str, offset: int) -> None:
                             f"asked {offset}")
 
 
-def _until(policy) -> float | None:
-    """When a body read must be over: the policy's deadline from now, or None."""
-    return None if policy.deadline is None else time.monotonic() + policy.deadline
-
-
-def _in_time(resp, until: float, url: str) -> None:
-    if time.monotonic() > until:
-        resp.close()
-        raise RegistryError(f"GET {safe_url(url)}: body still arriving at the deadline")
-
-
 def _pieces(resp, size: int, until: float | None, url: str):
     """The body in pieces of at most ``size`` bytes. With a deadline (the daemon's), a
     piece is what has arrived (read1) and the clock is checked between pieces: the read
@@ -295,33 +287,17 @@ def _pieces(resp, size: int, until: float | None, url: str):
         yield from resp.stream(size)
         return
     while True:
-        _in_time(resp, until, url)
+        in_time(resp, until, url)
         piece = resp.read1(size)
         if not piece:
             return
         yield piece
 
 
-def _read(resp, n: int, until: float | None, url: str) -> bytes:
-    """Up to ``n`` bytes of the body (fewer at its end), within the deadline."""
-    if until is None:
-        return resp.read(n)
-    parts: list[bytes] = []
-    got = 0
-    while got < n:
-        _in_time(resp, until, url)
-        piece = resp.read1(min(n - got, READ_SIZE))
-        if not piece:
-            break
-        parts.append(piece)
-        got += len(piece)
-    return b"".join(parts)
-
-
 def _skip(resp, n: int, until: float | None = None, url: str = "") -> None:
     """Read and drop the first ``n`` bytes of a body, one bounded piece at a time."""
     while n:
-        got = _read(resp, min(n, READ_SIZE), until, url)
+        got = read_body(resp, min(n, READ_SIZE), until, url)
         if not got:
             return          # the blob ends before n: the caller sees a short answer
         n -= len(got)

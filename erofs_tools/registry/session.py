@@ -25,7 +25,16 @@ from ..errors import AuthError, InputError, RegistryError
 from .auth import Authenticator, Credentials, load_credentials
 from .digest import check_digest
 from .reference import Reference, check_repository
-from .transport import REDIRECT_STATUSES, RetryPolicy, Transport, drain, one_line, safe_url
+from .transport import (
+    REDIRECT_STATUSES,
+    RetryPolicy,
+    Transport,
+    body_deadline,
+    drain,
+    one_line,
+    read_body,
+    safe_url,
+)
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +149,13 @@ class RegistrySession:
     def _fetch_token(self, method: str, url: str, headers: dict,
                      body: bytes | None) -> tuple[int, bytes]:
         resp = self.transport.request(method, url, headers, body)
-        return resp.status, drain(resp, 1 << 20)
+        try:
+            # within the deadline: a realm trickling its reply holds every request
+            # waiting for the token
+            return resp.status, read_body(resp, 1 << 20, body_deadline(self.transport.policy),
+                                          url)
+        finally:
+            drain(resp, 0)
 
     def send(self, method: str, url: str, scope: str, headers: dict | None = None,
              body: bytes | BinaryIO | None = None, *, via_proxy: bool = False,
