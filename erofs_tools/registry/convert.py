@@ -29,7 +29,7 @@ from ..fsutil import atomic_output, fsync_dir
 from . import mediatypes as mt
 from .client import RegistryClient
 from .digest import digest_hex, verify
-from .manifest import Descriptor, parse_platform, select_platform
+from .manifest import Descriptor, parse_platform, platform_variant, select_platform
 from .nydus_push import Destination, file_sha256, publish
 from .oci_layout import OciLayout
 from .reference import LayoutReference, default_insecure, parse_reference
@@ -158,6 +158,7 @@ class SourceImage:
     def __init__(self, ref_text, *, insecure=None, platform=None, client_kw=None):
         self.ref = parse_reference(ref_text)
         os_name, arch = parse_platform(platform)
+        variant = platform_variant(platform)
         self.platform = {"os": os_name, "architecture": arch}
         self.index = None
         self.index_entry = None
@@ -168,7 +169,8 @@ class SourceImage:
             m = self.layout.get_manifest(d.digest)
             if m.is_index:
                 self.index = m
-                self.index_entry = select_platform(m, os_name, arch, nydus=False)
+                self.index_entry = select_platform(m, os_name, arch, nydus=False,
+                                                   variant=variant)
                 m = self.layout.get_manifest(self.index_entry.digest)
             self.manifest = m
             cd = m.config()
@@ -182,7 +184,8 @@ class SourceImage:
             m = self.client.get_manifest(repo, self.ref.ref)
             if m.is_index:
                 self.index = m
-                self.index_entry = select_platform(m, os_name, arch, nydus=False)
+                self.index_entry = select_platform(m, os_name, arch, nydus=False,
+                                                   variant=variant)
                 m = self.client.get_manifest(repo, self.index_entry.digest)
                 if m.is_index:
                     raise InputError(f"{self.ref}: nested index is not supported")
