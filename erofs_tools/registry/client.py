@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 from typing import BinaryIO
 
@@ -32,6 +33,8 @@ from .transport import body_deadline, drain, in_time, read_body, safe_url
 log = logging.getLogger(__name__)
 
 READ_SIZE = 1 << 20
+# pages of a tag list followed at most (a registry's endless next links end here)
+MAX_TAG_PAGES = 1000
 # Download pieces: a broken connection loses at most one piece before resuming.
 STREAM_PIECE = 64 << 10
 
@@ -242,16 +245,33 @@ class RegistryClient(RegistrySession):
         drain(resp)
 
     def list_tags(self, repo: str) -> list[str]:
+        """Every tag of the repository. Registries page the list (distribution with
+        ?n=, ghcr.io, ECR, Harbor): the next page is named by a ``Link: <...>;
+        rel="next"`` header, followed (at most MAX_TAG_PAGES, each under the rule of
+        send_to), as containerd and skopeo do; the first page alone was all we gave."""
         url = self.url(f"/v2/{check_repository(repo)}/tags/list")
-        resp = self.send("GET", url, pull_scope(repo))
-        if resp.status != 200:
-            raise self.fail("GET", url, resp)
-        body = resp.read(MAX_MANIFEST_SIZE)
-        resp.release_conn()
-        try:
-            return list(json.loads(body).get("tags") or [])
-        except (ValueError, AttributeError, TypeError):
-            raise RegistryError(f"GET {safe_url(url)}: unreadable tag list") from None
+        first = url
+        tags: list[str] = []
+        for _ in range(MAX_TAG_PAGES):
+            resp = self.send_to("GET", url, pull_scope(repo))
+            if resp.status != 200:
+                raise self.fail("GET", url, resp)
+            body = read_body(resp, MAX_MANIFEST_SIZE + 1, body_deadline(self.transport.policy),
+                             url)
+            link = resp.headers.get("Link")
+            drain(resp)
+            try:
+                got = json.loads(body).get("tags") or []
+                if not isinstance(got, list) or not all(isinstance(t, str) for t in got):
+                    raise TypeError
+            except (ValueError, AttributeError, TypeError):
+                raise RegistryError(f"GET {safe_url(url)}: unreadable tag list") from None
+            tags += got
+            nxt = _next_link(link)
+            if nxt is None:
+                return tags
+            url = self.checked_location("GET", url, nxt, "next page")[0]
+        raise RegistryError(f"GET {safe_url(first)}: more than {MAX_TAG_PAGES} pages of tags")
 
     # --- uploads (upload.py does the protocol) ----------------------------------------
 
@@ -301,6 +321,15 @@ def _skip(resp, n: int, until: float | None = None, url: str = "") -> None:
         if not got:
             return          # the blob ends before n: the caller sees a short answer
         n -= len(got)
+
+
+def _next_link(value: str | None) -> str | None:
+    """The URL of a ``Link`` header's rel="next" entry, or None."""
+    for part in (value or "").split(","):
+        m = re.match(r'\s*<([^>]*)>\s*;(.*)$', part)
+        if m and re.search(r'(?:^|;)\s*rel\s*=\s*"?next"?\s*(?:;|$)', m.group(2)):
+            return m.group(1)
+    return None
 
 
 def _content_range_start(value: str | None) -> int | None:
