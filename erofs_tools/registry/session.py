@@ -204,7 +204,13 @@ class RegistrySession:
         if not location:
             raise RegistryError(f"{method} {safe_url(url)}: {what} without Location")
         target = urllib.parse.urljoin(url, location.strip())
-        scheme = urllib.parse.urlsplit(target).scheme
+        parts = urllib.parse.urlsplit(target)
+        scheme = parts.scheme
+        try:
+            _ = parts.port      # a port out of range or not a number: a ValueError later
+        except ValueError:
+            raise RegistryError(f"{method} {safe_url(url)}: {what} to a malformed URL") \
+                from None
         if scheme not in ("http", "https") or (scheme == "http" and not self.insecure):
             why = " (plain HTTP from an HTTPS registry)" if scheme == "http" else ""
             raise RegistryError(f"{method} {safe_url(url)}: refusing {what} to "
