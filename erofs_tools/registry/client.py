@@ -71,6 +71,12 @@ class RegistryClient(RegistrySession):
         verify(digest, "sha256:" + h.hexdigest(), f"blob {digest}")
         return size
 
+    def read_blob(self, repo: str, digest: str, sink, max_size: int | None = None) -> int:
+        """The whole blob into ``sink(piece)`` through one GET (resumed with Range if the
+        connection breaks), like read_blob_range NOT digest-verified: for a caller that
+        hashes what it reads (convert's layer reader). Returns the size."""
+        return self._download(repo, digest, _NO_HASH, sink, max_size)
+
     def _download(self, repo: str, digest: str, h, sink, max_size: int | None) -> int:
         """Stream a blob into ``sink`` and ``h``; a connection that breaks mid-body is
         resumed with a Range request from the bytes already received (from a server
@@ -96,7 +102,11 @@ class RegistryClient(RegistrySession):
                         raise CorruptImageError(f"blob {digest}: larger than {max_size} "
                                                 "bytes")
                     h.update(chunk)
-                    sink(chunk)
+                    try:
+                        sink(chunk)
+                    except BaseException:
+                        resp.close()        # the sink gave up: drop the rest
+                        raise
                 resp.release_conn()
                 return done
             except Urllib3Error as e:
@@ -288,6 +298,14 @@ class RegistryClient(RegistrySession):
     def mount_blob(self, repo: str, digest: str, from_repo: str) -> bool:
         """Cross-repository mount; True if the registry mounted it."""
         return upload.mount_blob(self, repo, digest, from_repo)
+
+
+class _NoHash:
+    def update(self, data: bytes) -> None:
+        pass
+
+
+_NO_HASH = _NoHash()
 
 
 def _check_range_start(resp, url: str, offset: int) -> None:
