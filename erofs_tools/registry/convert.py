@@ -120,7 +120,7 @@ class _RegistryBlobReader(_VerifyingReader):
         # made a server that ignores Range (a cold pull-through mirror answers 200 with
         # the whole blob) send the layer from its start again for every piece: a 1 GiB
         # layer in 8 MiB pieces was 64 GiB on the wire.
-        held: list[bytes] = []
+        held = []
         size = 0
 
         def sink(chunk):
