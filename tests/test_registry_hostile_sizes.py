@@ -66,3 +66,51 @@ def test_redirect_to_a_malformed_port_is_a_registry_error(location):
             c.get_manifest("app", "v1")
     finally:
         srv.stop()
+
+
+def test_pushed_nydus_manifest_has_the_bootstrap_sizes_of_blobs_already_there(tmp_path):
+    """push/convert with a blob only in the destination (a chunk dict's): the size in
+    the manifest is the bootstrap's, not what the registry's HEAD declares."""
+    import subprocess
+    import sys
+
+    from erofs_tools.builder.chunk_dict import BootstrapTables
+    from erofs_tools.registry.nydus_push import push_nydus
+    tool = os.path.join(os.path.dirname(sys.executable), "erofs-tools")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(DATA)
+    boot, blobs = tmp_path / "boot", tmp_path / "blobs"
+    subprocess.run([tool, "pack", str(src), "-B", str(boot), "-D", str(blobs)], check=True)
+    (blob,) = BootstrapTables.read(str(boot)).blobs
+    there = "sha256:" + blob.blob_id
+    manifests = []
+
+    def handle(h, body):
+        if h.command == "HEAD" and "/blobs/" in h.path:
+            if h.path.endswith(there):
+                h.send_response(200)                # "have it", with a wrong size
+                h.send_header("Content-Length", "3")
+                h.end_headers()
+            else:
+                _answer(h, 404)
+        elif h.command == "POST":
+            _answer(h, 202, {"Location": "/v2/app/blobs/uploads/u1"})
+        elif h.command == "PUT" and "/uploads/" in h.path:
+            _answer(h, 201)
+        elif h.command == "PUT" and "/manifests/" in h.path:
+            manifests.append(body)
+            _answer(h, 201)
+        else:
+            _answer(h, 404)
+    srv = _Server(handle)
+    try:
+        empty = tmp_path / "none"
+        empty.mkdir()
+        push_nydus(str(boot), str(empty), f"{srv.host}/app:v1",
+                   client_kw={"docker_config": False, "retries": 0})
+        layers = json.loads(manifests[-1])["layers"]
+        assert layers[0]["digest"] == there
+        assert layers[0]["size"] == blob.compressed_size > 3
+    finally:
+        srv.stop()
