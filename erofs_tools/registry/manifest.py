@@ -176,6 +176,22 @@ def select_platform(index: Manifest, os: str = "linux", arch: str = "amd64",
                             + ("" if nydus is None else " (nydus)" if nydus else " (non-nydus)"))
 
 
+# platform.machine() -> (GOARCH, variant), the names OCI platforms use
+_MACHINES = {"x86_64": ("amd64", None), "amd64": ("amd64", None),
+             "aarch64": ("arm64", None), "arm64": ("arm64", None),
+             "armv7l": ("arm", "v7"), "armv6l": ("arm", "v6"), "armv5tel": ("arm", "v5"),
+             "i386": ("386", None), "i686": ("386", None), "ppc64le": ("ppc64le", None),
+             "s390x": ("s390x", None), "riscv64": ("riscv64", None)}
+
+
+def host_platform() -> tuple[str, str, str | None]:
+    """(os, arch, variant) of this machine, as containerd picks an index entry for the
+    node it runs on; linux/amd64 for a machine it does not know."""
+    import platform
+    arch, variant = _MACHINES.get(platform.machine().lower(), ("amd64", None))
+    return "linux", arch, variant
+
+
 def platform_variant(text: str | None) -> str | None:
     """The VARIANT of ``OS/ARCH/VARIANT`` (None without one)."""
     parse_platform(text)
