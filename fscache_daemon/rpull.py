@@ -42,7 +42,7 @@ from erofs_tools.errors import CorruptImageError, InputError
 from erofs_tools.registry import mediatypes as mt
 from erofs_tools.registry.client import RegistryClient
 from erofs_tools.registry.cri_config import load_cri_config
-from erofs_tools.registry.manifest import Descriptor, Manifest, parse_platform
+from erofs_tools.registry.manifest import Descriptor, Manifest, host_platform
 from erofs_tools.registry.nydus_pull import nydus_entry
 from erofs_tools.registry.reference import default_insecure, parse_registry_reference
 from fscache_daemon.containerd import ContainerdClient, ContainerdError, descriptor
@@ -129,7 +129,9 @@ class _Puller:
         m = self.registry.get_manifest(self.repo, ref)
         self.bytes_fetched += len(m.data)
         if m.is_index:
-            entry = nydus_entry(m, *parse_platform(None))
+            # the node's platform, as containerd's own pull picks (linux/amd64 was
+            # taken on every node: an arm64 node got the amd64 image)
+            entry = nydus_entry(m, *host_platform())
             m = self.registry.get_manifest(self.repo, entry.digest)
             self.bytes_fetched += len(m.data)
             if m.is_index:

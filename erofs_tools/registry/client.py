@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 from typing import BinaryIO
 
@@ -27,11 +28,13 @@ from .digest import check_digest, verify
 from .manifest import MAX_MANIFEST_SIZE, Manifest, media_type_of
 from .reference import check_ref, check_repository
 from .session import DEFAULT_CHUNK_SIZE, RegistrySession, origin, pull_scope, push_scope  # noqa: F401
-from .transport import drain, safe_url
+from .transport import body_deadline, drain, in_time, read_body, safe_url
 
 log = logging.getLogger(__name__)
 
 READ_SIZE = 1 << 20
+# pages of a tag list followed at most (a registry's endless next links end here)
+MAX_TAG_PAGES = 1000
 # Download pieces: a broken connection loses at most one piece before resuming.
 STREAM_PIECE = 64 << 10
 
@@ -68,12 +71,19 @@ class RegistryClient(RegistrySession):
         verify(digest, "sha256:" + h.hexdigest(), f"blob {digest}")
         return size
 
+    def read_blob(self, repo: str, digest: str, sink, max_size: int | None = None) -> int:
+        """The whole blob into ``sink(piece)`` through one GET (resumed with Range if the
+        connection breaks), like read_blob_range NOT digest-verified: for a caller that
+        hashes what it reads (convert's layer reader). Returns the size."""
+        return self._download(repo, digest, _NO_HASH, sink, max_size)
+
     def _download(self, repo: str, digest: str, h, sink, max_size: int | None) -> int:
         """Stream a blob into ``sink`` and ``h``; a connection that breaks mid-body is
         resumed with a Range request from the bytes already received (from a server
         that ignores Range, by skipping what we hold in its whole answer)."""
         url = self.blob_url(repo, digest)
         policy = self.transport.policy
+        until = body_deadline(policy)
         done = 0
         for attempt in range(policy.retries + 1):
             headers = {"Range": f"bytes={done}-"} if done else {}
@@ -82,17 +92,21 @@ class RegistryClient(RegistrySession):
                 if resp.status == 206 and done:
                     _check_range_start(resp, url, done)
                 elif resp.status == 200:
-                    _skip(resp, done)
+                    _skip(resp, done, until, url)
                 else:
                     raise self.fail("GET", url, resp)
-                for chunk in resp.stream(STREAM_PIECE):
+                for chunk in _pieces(resp, STREAM_PIECE, until, url):
                     done += len(chunk)
                     if max_size is not None and done > max_size:
                         resp.close()
                         raise CorruptImageError(f"blob {digest}: larger than {max_size} "
                                                 "bytes")
                     h.update(chunk)
-                    sink(chunk)
+                    try:
+                        sink(chunk)
+                    except BaseException:
+                        resp.close()        # the sink gave up: drop the rest
+                        raise
                 resp.release_conn()
                 return done
             except Urllib3Error as e:
@@ -114,10 +128,11 @@ class RegistryClient(RegistrySession):
         headers = {"Range": f"bytes={offset}-{offset + length - 1}"}
         policy = self.transport.policy
         started = time.monotonic()
+        until = body_deadline(policy)
         for attempt in range(policy.retries + 1):
             resp = self._blob_request("GET", repo, digest, headers)
             try:
-                return self._range_body(resp, url, offset, length)
+                return self._range_body(resp, url, offset, length, until)
             except Urllib3Error as e:
                 resp.close()
                 wait = policy.delay(attempt)
@@ -128,10 +143,11 @@ class RegistryClient(RegistrySession):
                 time.sleep(wait)
         raise RegistryError(f"GET {safe_url(url)}: connection kept breaking")
 
-    def _range_body(self, resp, url: str, offset: int, length: int) -> bytes:
+    def _range_body(self, resp, url: str, offset: int, length: int,
+                    until: float | None = None) -> bytes:
         if resp.status == 206:
             _check_range_start(resp, url, offset)
-            data = resp.read(length + 1)
+            data = read_body(resp, length + 1, until, url)
             if len(data) > length:
                 resp.close()
                 raise RegistryError(f"GET {safe_url(url)}: answered more bytes than asked")
@@ -139,8 +155,8 @@ class RegistryClient(RegistrySession):
             # The server ignored Range (a cold pull-through mirror answers with the whole
             # blob): take the asked bytes out of the stream, in bounded pieces, and drop
             # the connection with the rest of the body unread.
-            _skip(resp, offset)
-            data = resp.read(length)
+            _skip(resp, offset, until, url)
+            data = read_body(resp, length, until, url)
             if resp.length_remaining != 0:
                 resp.close()
                 return data
@@ -170,10 +186,13 @@ class RegistryClient(RegistrySession):
         """Fetch a manifest or index by tag or digest. A digest reference is verified
         against the bytes; a tag is checked against Docker-Content-Digest if sent."""
         url = self.manifest_url(repo, ref)
-        resp = self.send("GET", url, pull_scope(repo), {"Accept": ", ".join(accept)})
+        resp = self._manifest_request("GET", url, repo, accept)
         if resp.status != 200:
             raise self.fail("GET", url, resp)
-        data = resp.read(MAX_MANIFEST_SIZE + 1)
+        # within the daemon's deadline: a trickled manifest would hold its image's
+        # warm(), and every read waiting for the blob map with it
+        data = read_body(resp, MAX_MANIFEST_SIZE + 1, body_deadline(self.transport.policy),
+                         url)
         resp.release_conn()
         what = f"manifest {repo}:{ref}" if not ref.startswith("sha256:") else \
             f"manifest {repo}@{ref}"
@@ -188,11 +207,20 @@ class RegistryClient(RegistrySession):
         return Manifest(data, media_type_of(data, resp.headers.get("Content-Type"), what),
                         digest)
 
+    def _manifest_request(self, method: str, url: str, repo: str, accept: tuple[str, ...]):
+        # Redirects are followed as containerd and skopeo do: registry.k8s.io and
+        # cgr.dev answer every manifest request with a 307 to the registry that holds
+        # it (which wants its own anonymous token). The bytes are checked as ever (a
+        # digest reference, Docker-Content-Digest); the credentials stay at our origin.
+        headers = {"Accept": ", ".join(accept)}
+        resp = self.send(method, url, pull_scope(repo), headers)
+        return self.follow(method, url, pull_scope(repo), resp, headers)
+
     def head_manifest(self, repo: str, ref: str,
                       accept: tuple[str, ...] = mt.ALL_MANIFEST_TYPES) -> str | None:
         """The digest of a tag or digest reference, or None if it does not exist."""
         url = self.manifest_url(repo, ref)
-        resp = self.send("HEAD", url, pull_scope(repo), {"Accept": ", ".join(accept)})
+        resp = self._manifest_request("HEAD", url, repo, accept)
         if not self.found("HEAD", url, resp):
             return None
         digest = resp.headers.get("Docker-Content-Digest")
@@ -227,16 +255,33 @@ class RegistryClient(RegistrySession):
         drain(resp)
 
     def list_tags(self, repo: str) -> list[str]:
+        """Every tag of the repository. Registries page the list (distribution with
+        ?n=, ghcr.io, ECR, Harbor): the next page is named by a ``Link: <...>;
+        rel="next"`` header, followed (at most MAX_TAG_PAGES, each under the rule of
+        send_to), as containerd and skopeo do; the first page alone was all we gave."""
         url = self.url(f"/v2/{check_repository(repo)}/tags/list")
-        resp = self.send("GET", url, pull_scope(repo))
-        if resp.status != 200:
-            raise self.fail("GET", url, resp)
-        body = resp.read(MAX_MANIFEST_SIZE)
-        resp.release_conn()
-        try:
-            return list(json.loads(body).get("tags") or [])
-        except (ValueError, AttributeError, TypeError):
-            raise RegistryError(f"GET {safe_url(url)}: unreadable tag list") from None
+        first = url
+        tags: list[str] = []
+        for _ in range(MAX_TAG_PAGES):
+            resp = self.send_to("GET", url, pull_scope(repo))
+            if resp.status != 200:
+                raise self.fail("GET", url, resp)
+            body = read_body(resp, MAX_MANIFEST_SIZE + 1, body_deadline(self.transport.policy),
+                             url)
+            link = resp.headers.get("Link")
+            drain(resp)
+            try:
+                got = json.loads(body).get("tags") or []
+                if not isinstance(got, list) or not all(isinstance(t, str) for t in got):
+                    raise TypeError
+            except (ValueError, AttributeError, TypeError):
+                raise RegistryError(f"GET {safe_url(url)}: unreadable tag list") from None
+            tags += got
+            nxt = _next_link(link)
+            if nxt is None:
+                return tags
+            url = self.checked_location("GET", url, nxt, "next page")[0]
+        raise RegistryError(f"GET {safe_url(first)}: more than {MAX_TAG_PAGES} pages of tags")
 
     # --- uploads (upload.py does the protocol) ----------------------------------------
 
@@ -255,6 +300,14 @@ class RegistryClient(RegistrySession):
         return upload.mount_blob(self, repo, digest, from_repo)
 
 
+class _NoHash:
+    def update(self, data: bytes) -> None:
+        pass
+
+
+_NO_HASH = _NoHash()
+
+
 def _check_range_start(resp, url: str, offset: int) -> None:
     start = _content_range_start(resp.headers.get("Content-Range"))
     if start != offset:
@@ -263,13 +316,38 @@ def _check_range_start(resp, url: str, offset: int) -> None:
                             f"asked {offset}")
 
 
-def _skip(resp, n: int) -> None:
+def _pieces(resp, size: int, until: float | None, url: str):
+    """The body in pieces of at most ``size`` bytes. With a deadline (the daemon's), a
+    piece is what has arrived (read1) and the clock is checked between pieces: the read
+    timeout bounds one wait for bytes, not a body trickled a byte per wait, which would
+    hold the daemon's reader (and the kernel's request) for hours."""
+    if until is None:
+        yield from resp.stream(size)
+        return
+    while True:
+        in_time(resp, until, url)
+        piece = resp.read1(size)
+        if not piece:
+            return
+        yield piece
+
+
+def _skip(resp, n: int, until: float | None = None, url: str = "") -> None:
     """Read and drop the first ``n`` bytes of a body, one bounded piece at a time."""
     while n:
-        got = resp.read(min(n, READ_SIZE))
+        got = read_body(resp, min(n, READ_SIZE), until, url)
         if not got:
             return          # the blob ends before n: the caller sees a short answer
         n -= len(got)
+
+
+def _next_link(value: str | None) -> str | None:
+    """The URL of a ``Link`` header's rel="next" entry, or None."""
+    for part in (value or "").split(","):
+        m = re.match(r'\s*<([^>]*)>\s*;(.*)$', part)
+        if m and re.search(r'(?:^|;)\s*rel\s*=\s*"?next"?\s*(?:;|$)', m.group(2)):
+            return m.group(1)
+    return None
 
 
 def _content_range_start(value: str | None) -> int | None:

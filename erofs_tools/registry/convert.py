@@ -29,7 +29,7 @@ from ..fsutil import atomic_output, fsync_dir
 from . import mediatypes as mt
 from .client import RegistryClient
 from .digest import digest_hex, verify
-from .manifest import Descriptor, parse_platform, select_platform
+from .manifest import Descriptor, parse_platform, platform_variant, select_platform
 from .nydus_push import Destination, file_sha256, publish
 from .oci_layout import OciLayout
 from .reference import LayoutReference, default_insecure, parse_reference
@@ -99,8 +99,12 @@ class _LayoutBlobReader(_VerifyingReader):
         self.f.close()
 
 
+class _Stopped(Exception):
+    """The reader closed: the fetch thread stops."""
+
+
 class _RegistryBlobReader(_VerifyingReader):
-    """Sequential range reads on a background thread (one piece ahead)."""
+    """The layer read on a background thread (one piece ahead)."""
 
     def __init__(self, client, repo, desc, piece=STREAM_PIECE):
         super().__init__(desc, f"layer {desc.digest}")
@@ -111,16 +115,31 @@ class _RegistryBlobReader(_VerifyingReader):
         self.t.start()
 
     def _fetch(self, client, repo, desc, piece):
-        off = 0
+        # One GET for the whole layer (resumed with Range if the connection breaks), as
+        # containerd pulls a layer, handed on in pieces. Range reads of one piece each
+        # made a server that ignores Range (a cold pull-through mirror answers 200 with
+        # the whole blob) send the layer from its start again for every piece: a 1 GiB
+        # layer in 8 MiB pieces was 64 GiB on the wire.
+        held = []
+        size = 0
+
+        def sink(chunk):
+            nonlocal size
+            if self.stop.is_set():
+                raise _Stopped
+            held.append(chunk)
+            size += len(chunk)
+            if size >= piece:
+                self._put(b"".join(held))
+                held.clear()
+                size = 0
         try:
-            while off < desc.size and not self.stop.is_set():
-                data = client.read_blob_range(repo, desc.digest, off,
-                                              min(piece, desc.size - off))
-                if not data:
-                    break
-                off += len(data)
-                self._put(data)
+            client.read_blob(repo, desc.digest, sink, max_size=desc.size)
+            if held:
+                self._put(b"".join(held))
             self._put(b"")
+        except _Stopped:
+            pass
         except BaseException as e:          # handed to the reading thread
             self._put(e)
 
@@ -158,6 +177,7 @@ class SourceImage:
     def __init__(self, ref_text, *, insecure=None, platform=None, client_kw=None):
         self.ref = parse_reference(ref_text)
         os_name, arch = parse_platform(platform)
+        variant = platform_variant(platform)
         self.platform = {"os": os_name, "architecture": arch}
         self.index = None
         self.index_entry = None
@@ -168,7 +188,8 @@ class SourceImage:
             m = self.layout.get_manifest(d.digest)
             if m.is_index:
                 self.index = m
-                self.index_entry = select_platform(m, os_name, arch, nydus=False)
+                self.index_entry = select_platform(m, os_name, arch, nydus=False,
+                                                   variant=variant)
                 m = self.layout.get_manifest(self.index_entry.digest)
             self.manifest = m
             cd = m.config()
@@ -182,7 +203,8 @@ class SourceImage:
             m = self.client.get_manifest(repo, self.ref.ref)
             if m.is_index:
                 self.index = m
-                self.index_entry = select_platform(m, os_name, arch, nydus=False)
+                self.index_entry = select_platform(m, os_name, arch, nydus=False,
+                                                   variant=variant)
                 m = self.client.get_manifest(repo, self.index_entry.digest)
                 if m.is_index:
                     raise InputError(f"{self.ref}: nested index is not supported")

@@ -50,11 +50,12 @@ def push_image(client: RegistryClient, repo: str, tag: str, config: BlobSource,
 
 
 def resolve_manifest(client: RegistryClient, repo: str, ref: str, *, os_name: str = "linux",
-                     arch: str = "amd64", nydus: bool | None = None) -> Manifest:
+                     arch: str = "amd64", nydus: bool | None = None,
+                     variant: str | None = None) -> Manifest:
     """Fetch ``ref``; if it is an index, follow the entry for the platform."""
     m = client.get_manifest(repo, ref)
     if m.is_index:
-        d = select_platform(m, os_name, arch, nydus)
+        d = select_platform(m, os_name, arch, nydus, variant)
         m = client.get_manifest(repo, d.digest)
         if m.is_index:
             raise InputError(f"{repo}@{d.digest}: nested index is not supported")

@@ -143,21 +143,60 @@ def build_index(manifests: list[Descriptor], *, media_type: str = mt.OCI_INDEX,
     return Manifest(data, media_type, sha256_digest(data))
 
 
+# containerd's normalization: an entry without a variant is of its architecture's default
+DEFAULT_VARIANT = {"arm": "v7", "arm64": "v8", "amd64": "v1"}
+
+
 def select_platform(index: Manifest, os: str = "linux", arch: str = "amd64",
-                    nydus: bool | None = None) -> Descriptor:
+                    nydus: bool | None = None, variant: str | None = None) -> Descriptor:
     """Pick the index entry for a platform; ``nydus=True`` wants the Nydus manifest
     (artifactType or the old os.features marker), False the other one, None either."""
     def is_nydus(d: Descriptor) -> bool:
         features = (d.platform or {}).get("os.features") or []
         return d.artifact_type == mt.NYDUS_MANIFEST_ARTIFACT or mt.NYDUS_OS_FEATURE in features
 
+    matches = []
     for d in index.manifests():
         p = d.platform or {}
         if p.get("os", os) == os and p.get("architecture", arch) == arch \
                 and (nydus is None or is_nydus(d) == nydus):
-            return d
+            matches.append(d)
+    # The variant counts, as containerd's platform matcher has it: the first entry in
+    # index order was taken whatever its variant, so --platform linux/arm/v6 got the
+    # arm/v7 image where an index lists v7 first (binaries a v6 CPU cannot run), and
+    # linux/amd64 an amd64/v3 one listed before the baseline. An entry of the asked
+    # variant (a missing one read as the architecture's default) comes first; another
+    # variant only where the index has none of it.
+    want = variant or DEFAULT_VARIANT.get(arch)
+    exact = [d for d in matches
+             if ((d.platform or {}).get("variant") or DEFAULT_VARIANT.get(arch)) == want]
+    if exact or matches:
+        return (exact or matches)[0]
     raise CorruptImageError(f"index {index.digest}: no manifest for {os}/{arch}"
                             + ("" if nydus is None else " (nydus)" if nydus else " (non-nydus)"))
+
+
+# platform.machine() -> (GOARCH, variant), the names OCI platforms use
+_MACHINES = {"x86_64": ("amd64", None), "amd64": ("amd64", None),
+             "aarch64": ("arm64", None), "arm64": ("arm64", None),
+             "armv7l": ("arm", "v7"), "armv6l": ("arm", "v6"), "armv5tel": ("arm", "v5"),
+             "i386": ("386", None), "i686": ("386", None), "ppc64le": ("ppc64le", None),
+             "s390x": ("s390x", None), "riscv64": ("riscv64", None)}
+
+
+def host_platform() -> tuple[str, str, str | None]:
+    """(os, arch, variant) of this machine, as containerd picks an index entry for the
+    node it runs on; linux/amd64 for a machine it does not know."""
+    import platform
+    arch, variant = _MACHINES.get(platform.machine().lower(), ("amd64", None))
+    return "linux", arch, variant
+
+
+def platform_variant(text: str | None) -> str | None:
+    """The VARIANT of ``OS/ARCH/VARIANT`` (None without one)."""
+    parse_platform(text)
+    parts = (text or "").split("/")
+    return parts[2] if len(parts) == 3 else None
 
 
 def parse_platform(text: str | None) -> tuple[str, str]:

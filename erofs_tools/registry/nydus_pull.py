@@ -33,7 +33,7 @@ from ..fsutil import atomic_output, create_exclusive
 from . import mediatypes as mt
 from .client import RegistryClient
 from .digest import verify
-from .manifest import Descriptor, Manifest, parse_platform, select_platform
+from .manifest import Descriptor, Manifest, parse_platform, platform_variant, select_platform
 from .oci_layout import OciLayout
 from .reference import LayoutReference, default_insecure, parse_reference
 
@@ -69,7 +69,7 @@ def pull_nydus(src_ref: str, out_dir: str, *, blobs: bool = False,
             ref, insecure=default_insecure(ref.api_host, insecure), **(client_kw or {})),
             ref.repository, ref.ref)
     with contextlib.closing(source):
-        m = source.manifest(os_name, arch)
+        m = source.manifest(os_name, arch, platform_variant(platform))
         layers = m.layers()
         boots = [d for d in layers
                  if d.annotations.get(mt.ANNOTATION_NYDUS_BOOTSTRAP) == "true"]
@@ -244,7 +244,7 @@ def extract_bootstrap(layer: BinaryIO, out: BinaryIO, what: str = "bootstrap lay
 # --- where the image comes from ----------------------------------------------------------
 
 class _Source:
-    def manifest(self, os_name: str, arch: str) -> Manifest:
+    def manifest(self, os_name: str, arch: str, variant: str | None = None) -> Manifest:
         raise NotImplementedError
 
     def fetch(self, desc: Descriptor, f: BinaryIO) -> None:
@@ -259,10 +259,10 @@ class _RegistrySource(_Source):
     def __init__(self, client: RegistryClient, repo: str, ref: str):
         self.client, self.repo, self.ref = client, repo, ref
 
-    def manifest(self, os_name, arch):
+    def manifest(self, os_name, arch, variant=None):
         m = self.client.get_manifest(self.repo, self.ref)
         if m.is_index:
-            m = self.client.get_manifest(self.repo, nydus_entry(m, os_name, arch).digest)
+            m = self.client.get_manifest(self.repo, nydus_entry(m, os_name, arch, variant).digest)
         if m.is_index:
             raise InputError(f"{self.repo}:{self.ref}: nested index is not supported")
         return m
@@ -278,10 +278,10 @@ class _LayoutSource(_Source):
     def __init__(self, layout: OciLayout, tag: str | None):
         self.layout, self.tag = layout, tag
 
-    def manifest(self, os_name, arch):
+    def manifest(self, os_name, arch, variant=None):
         m = self.layout.get_manifest(self.layout.resolve(self.tag).digest)
         if m.is_index:
-            m = self.layout.get_manifest(nydus_entry(m, os_name, arch).digest)
+            m = self.layout.get_manifest(nydus_entry(m, os_name, arch, variant).digest)
         return m
 
     def fetch(self, desc, f):
@@ -298,8 +298,9 @@ class _LayoutSource(_Source):
         verify(desc.digest, "sha256:" + h.hexdigest(), f"blob {desc.digest}")
 
 
-def nydus_entry(index: Manifest, os_name: str, arch: str) -> Descriptor:
+def nydus_entry(index: Manifest, os_name: str, arch: str,
+                variant: str | None = None) -> Descriptor:
     try:
-        return select_platform(index, os_name, arch, nydus=True)
+        return select_platform(index, os_name, arch, nydus=True, variant=variant)
     except CorruptImageError:
-        return select_platform(index, os_name, arch)
+        return select_platform(index, os_name, arch, variant=variant)

@@ -184,10 +184,12 @@ def publish(dest, bootstrap, blobs, blob_dir, config=None, platform=None, as_ind
         if path and os.path.exists(path):
             d = dest.push_blob(path, digest, mt.NYDUS_BLOB, {mt.ANNOTATION_NYDUS_BLOB: "true"})
         else:
-            size = dest.size_of(digest)
-            if size is None:
+            if dest.size_of(digest) is None:
                 raise InputError(f"blob {b.blob_id} is neither in {blob_dir} nor in "
                                  f"{dest.ref}")
+            # the bootstrap's size, which the digest pins: not the HEAD's Content-Length
+            # (a wrong one made a manifest whose layer no runtime can pull)
+            size = b.compressed_size
             d = Descriptor(mt.NYDUS_BLOB, digest, size, {mt.ANNOTATION_NYDUS_BLOB: "true"})
             dest.pushed.append({"digest": digest, "size": size, "how": "exists",
                                 "media_type": mt.NYDUS_BLOB})

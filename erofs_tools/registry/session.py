@@ -16,6 +16,7 @@ import json
 import logging
 import threading
 import urllib.parse
+from collections.abc import Callable
 from typing import BinaryIO
 
 import urllib3
@@ -24,7 +25,16 @@ from ..errors import AuthError, InputError, RegistryError
 from .auth import Authenticator, Credentials, load_credentials
 from .digest import check_digest
 from .reference import Reference, check_repository
-from .transport import REDIRECT_STATUSES, RetryPolicy, Transport, drain, one_line, safe_url
+from .transport import (
+    REDIRECT_STATUSES,
+    RetryPolicy,
+    Transport,
+    body_deadline,
+    drain,
+    one_line,
+    read_body,
+    safe_url,
+)
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +110,11 @@ class RegistrySession:
                                    policy=RetryPolicy(retries, backoff, max_backoff, deadline))
         self.auth = Authenticator(host, credentials, self._fetch_token,
                                   allow_http_realm=insecure)
+        # Other origins a redirect sends us to (registry.k8s.io's and cgr.dev's manifests
+        # live on another registry, which wants an anonymous token of its own): each
+        # runs its own challenge flow, without credentials, so the registry's never go
+        # there.
+        self._foreign: dict[tuple, Authenticator] = {}
         self._locations: dict[tuple[str, str], str] = {}
         self._lock = threading.Lock()
 
@@ -134,7 +149,13 @@ class RegistrySession:
     def _fetch_token(self, method: str, url: str, headers: dict,
                      body: bytes | None) -> tuple[int, bytes]:
         resp = self.transport.request(method, url, headers, body)
-        return resp.status, drain(resp, 1 << 20)
+        try:
+            # within the deadline: a realm trickling its reply holds every request
+            # waiting for the token
+            return resp.status, read_body(resp, 1 << 20, body_deadline(self.transport.policy),
+                                          url)
+        finally:
+            drain(resp, 0)
 
     def send(self, method: str, url: str, scope: str, headers: dict | None = None,
              body: bytes | BinaryIO | None = None, *, via_proxy: bool = False,
@@ -143,9 +164,16 @@ class RegistrySession:
         resend. Two rounds at most: the first 401 may just be discovery (we sent
         nothing), the second means the registry refused what it asked for (an expired
         token gets renewed once). ``url`` must be the registry's own (see send_to)."""
-        headers = {**self.headers, **(headers or {})}
+        return self._authorized(self.auth, method, url, scope,
+                                {**self.headers, **(headers or {})}, body, via_proxy, retry)
+
+    def _authorized(self, auth: Authenticator, method: str, url: str, scope: str,
+                    headers: dict, body: bytes | BinaryIO | None, via_proxy: bool,
+                    retry: bool) -> urllib3.BaseHTTPResponse:
+        """send()'s challenge flow with ``auth``: the registry's own, or an anonymous one
+        of another origin (send_to)."""
         rewind = _rewind_point(body)
-        sent = self.auth.authorization(scope)
+        sent = auth.authorization(scope)
         for round_ in range(3):
             if sent:
                 headers["Authorization"] = sent
@@ -162,9 +190,9 @@ class RegistrySession:
             drain(resp)
             if round_ == 2:
                 break
-            self.auth.on_unauthorized(challenge, scope, sent)
-            sent = self.auth.authorization(scope)
-        raise AuthError(f"registry {self.host}: access denied for "
+            auth.on_unauthorized(challenge, scope, sent)
+            sent = auth.authorization(scope)
+        raise AuthError(f"registry {auth.host}: access denied for "
                         f"{scope or 'the API'} ({method} {safe_url(url)})")
 
     def checked_location(self, method: str, url: str, location: str | None,
@@ -176,7 +204,13 @@ class RegistrySession:
         if not location:
             raise RegistryError(f"{method} {safe_url(url)}: {what} without Location")
         target = urllib.parse.urljoin(url, location.strip())
-        scheme = urllib.parse.urlsplit(target).scheme
+        parts = urllib.parse.urlsplit(target)
+        scheme = parts.scheme
+        try:
+            _ = parts.port      # a port out of range or not a number: a ValueError later
+        except ValueError:
+            raise RegistryError(f"{method} {safe_url(url)}: {what} to a malformed URL") \
+                from None
         if scheme not in ("http", "https") or (scheme == "http" and not self.insecure):
             why = " (plain HTTP from an HTTPS registry)" if scheme == "http" else ""
             raise RegistryError(f"{method} {safe_url(url)}: refusing {what} to "
@@ -193,8 +227,40 @@ class RegistrySession:
             return self.send(method, target, scope, headers, body, via_proxy=via_proxy,
                              retry=retry)
         headers = {k: v for k, v in (headers or {}).items() if k.lower() != "authorization"}
-        return self.transport.request(method, target, headers, body, via_proxy=via_proxy,
-                                      retry=retry)
+        return self._authorized(self._foreign_auth(target), method, target, scope, headers,
+                                body, via_proxy, retry)
+
+    def _foreign_auth(self, target: str) -> Authenticator:
+        key = origin(target)
+        with self._lock:
+            auth = self._foreign.get(key)
+            if auth is None:
+                auth = self._foreign[key] = Authenticator(
+                    f"{key[1]}:{key[2]}", None, self._fetch_token,
+                    allow_http_realm=self.insecure)
+            return auth
+
+    def follow(self, method: str, url: str, scope: str, resp: urllib3.BaseHTTPResponse,
+               headers: dict | None = None, *, via_proxy: bool = False,
+               seen: Callable[[str], None] | None = None) -> urllib3.BaseHTTPResponse:
+        """The answer at the end of the redirects ``resp`` starts (at most
+        MAX_REDIRECTS), each hop under the rule of send_to; ``seen(target)`` is told
+        every hop to another origin."""
+        first = url
+        for hop in range(MAX_REDIRECTS + 1):
+            if resp.status not in REDIRECT_STATUSES:
+                return resp
+            if hop == MAX_REDIRECTS:
+                break
+            location = resp.headers.get("Location")
+            drain(resp)
+            target, own = self.checked_location(method, url, location)
+            if not own and seen is not None:
+                seen(target)
+            resp = self.send_to(method, target, scope, headers, via_proxy=via_proxy)
+            url = target
+        drain(resp)
+        raise RegistryError(f"{method} {safe_url(first)}: too many redirects")
 
     def fail(self, method: str, url: str, resp: urllib3.BaseHTTPResponse,
              what: str = "") -> RegistryError:
@@ -260,21 +326,14 @@ class RegistrySession:
             with self._lock:
                 self._locations.pop(key, None)
         url = self.blob_url(repo, digest)
+
+        def remember(target: str) -> None:
+            # Another host (object storage): the registry's credentials stay here.
+            with self._lock:
+                self._locations[key] = target
         resp = self.send(method, url, pull_scope(repo), headers, via_proxy=proxy)
-        for _ in range(MAX_REDIRECTS):
-            if resp.status not in REDIRECT_STATUSES:
-                return resp
-            location = resp.headers.get("Location")
-            drain(resp)
-            target, own = self.checked_location(method, url, location)
-            if not own:
-                # Another host (object storage): the registry's credentials stay here.
-                with self._lock:
-                    self._locations[key] = target
-            resp = self.send_to(method, target, pull_scope(repo), headers, via_proxy=proxy)
-            url = target
-        raise RegistryError(f"{method} {safe_url(self.blob_url(repo, digest))}: "
-                            "too many redirects")
+        return self.follow(method, url, pull_scope(repo), resp, headers, via_proxy=proxy,
+                           seen=remember)
 
     def stat_blob(self, repo: str, digest: str) -> int | None:
         """The blob's size from HEAD, or None if the registry does not have it."""

@@ -36,6 +36,8 @@ USER_AGENT = "erofs-tools/0.1"
 # After the proxy fails, go direct for this long before trying it again (a dead proxy
 # would otherwise cost a failed connection on every request).
 PROXY_PAUSE = 10.0
+# read_body's largest piece
+BODY_PIECE = 1 << 20
 
 
 def safe_url(url: str) -> str:
@@ -253,3 +255,30 @@ def drain(resp: urllib3.BaseHTTPResponse, limit: int = 1 << 16) -> bytes:
         return b""
     finally:
         resp.release_conn()
+
+
+def body_deadline(policy: RetryPolicy) -> float | None:
+    """When a body read must be over: the policy's deadline from now, or None."""
+    return None if policy.deadline is None else time.monotonic() + policy.deadline
+
+
+def in_time(resp: urllib3.BaseHTTPResponse, until: float, url: str) -> None:
+    if time.monotonic() > until:
+        resp.close()
+        raise RegistryError(f"{safe_url(url)}: answer still arriving at the deadline")
+
+
+def read_body(resp: urllib3.BaseHTTPResponse, n: int, until: float | None, url: str) -> bytes:
+    """Up to ``n`` bytes of the body (fewer at its end), within the deadline."""
+    if until is None:
+        return resp.read(n)
+    parts: list[bytes] = []
+    got = 0
+    while got < n:
+        in_time(resp, until, url)
+        piece = resp.read1(min(n - got, BODY_PIECE))
+        if not piece:
+            break
+        parts.append(piece)
+        got += len(piece)
+    return b"".join(parts)

@@ -262,7 +262,10 @@ def _skip_or_start(client, repo, digest, size, mount_from):
     needs sending, else (upload location, minimum chunk length)."""
     existing = client.stat_blob(repo, digest)
     if existing is not None:
-        return PushResult(digest, existing, "exists")
+        # The size we know (the source's) goes into the manifest, not the one the HEAD
+        # declares: a registry or a CDN answering HEAD with Content-Length 0, or a wrong
+        # one, made a manifest whose layer no runtime can pull.
+        return PushResult(digest, size if size is not None else existing, "exists")
     if mount_from and mount_from != repo:
         status, location, headers = _mount(client, repo, digest, mount_from)
         if status == 201:

@@ -401,9 +401,15 @@ class RegistryBackend(Backend):
         layers: list = []
         if (self._ref.tag or self._ref.digest) and self._resolve:
             from erofs_tools import registry as reg
+            from erofs_tools.registry.manifest import host_platform
+            # the node's platform, as containerd pulls the image for it (linux/amd64
+            # was taken on every node: an arm64 node mapped its blobs by the amd64
+            # manifest and read the amd64 config's command for its start set)
+            os_name, arch, variant = host_platform()
             try:
                 m = self._first(self._resolve, "the manifest", lambda c: reg.resolve_manifest(
-                    c, self.repository, self._ref.ref))
+                    c, self.repository, self._ref.ref, os_name=os_name, arch=arch,
+                    variant=variant))
                 layers = [d for d in m.layers() if d.media_type == reg.NYDUS_BLOB]
                 self._config_desc = m.config()
             except ErofsToolsError as e:
