@@ -153,3 +153,44 @@ def test_pack_max_size_accepts_g_and_names_itself(tmp_path):
     assert len(err.strip().splitlines()) == 1
     p = pack_tar(t, tmp_path / "d.boot", tmp_path / "b", "--max-size", "1K", check=False)
     assert p.returncode == 1 and "--max-size" in p.stderr.decode()
+
+
+def _readd_layers():
+    lower = [
+        E("d", "dir", mode=0o700, uid=5, gid=6), E("d/old", data=b"old"),
+        E("d/sub", "dir"), E("d/sub/deep", data=b"deep"),
+        E("e", "dir"), E("e/old", data=b"old"),
+    ]
+    upper = [
+        # `rm -rf d && mkdir d`: the whiteout before the new directory (what the OCI
+        # spec asks builders to write)
+        E(".wh.d"), E("d", "dir", mode=0o750), E("d/new", data=b"new"),
+        # the same change with the whiteout after the directory: a whiteout applies to
+        # the layers below whatever its place in the layer
+        E("e", "dir", mode=0o711), E("e/new", data=b"new"), E(".wh.e"),
+    ]
+    return [lower, upper]
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("marked", [True, False])
+def test_whiteout_then_readded_directory_hides_the_lower_one(tmp_path, marked):
+    """`.wh.d` and `d/` in one layer: the layer's d replaces the d of the layers below,
+    children and all (umoci raw unpack and containerd's applier remove the lower d,
+    then create the new one). The whiteout was dropped because the same layer has d,
+    so the lower d's entries showed through the new directory."""
+    os.umask(0o022)
+    tars = layer_paths(tmp_path, _readd_layers())
+    boots = []
+    for i, t in enumerate(tars):
+        b = str(tmp_path / f"layer{i}.boot")
+        pack_tar(t, b, tmp_path / "blobs", *(["--mark-implied-dirs"] if marked else []))
+        boots.append(b)
+    out = str(tmp_path / "merged.boot")
+    run_cli("merge", *boots, "-B", out)
+    ref = reference_rootfs(tars, str(tmp_path / "ref"))
+    assert sorted(os.listdir(os.path.join(ref, "d"))) == ["new"]
+    assert sorted(os.listdir(os.path.join(ref, "e"))) == ["new"]
+    with mounted_rafs(out, str(tmp_path / "blobs")) as mnt:
+        diffs = compare_trees(ref, mnt, check_nlink=True)
+        assert not diffs, "\n".join(diffs)

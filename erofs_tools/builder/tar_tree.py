@@ -234,8 +234,15 @@ class TarTree:
         """Apply OCI whiteouts and opaque markers (spec "oci")."""
         done = set()
         for parent, name, e in self.whiteouts:
-            if name in _kids(parent) or (id(parent), name) in done:
-                continue          # the same layer has NAME: it wins over the whiteout
+            same = _kids(parent).get(name)
+            if same is not None or (id(parent), name) in done:
+                # the same layer has NAME: it wins over the whiteout, which still removes
+                # NAME of the layers below (whatever the order of the two in the layer,
+                # as umoci and containerd apply it). A directory NAME must then hide the
+                # lower directory's entries, or they would show through it: opaque
+                if same is not None and same.is_dir():
+                    same.opaque = True
+                continue
             done.add((id(parent), name))
             wh = TNode(stat.S_IFCHR)
             self._meta(wh, e)
