@@ -194,3 +194,56 @@ def test_whiteout_then_readded_directory_hides_the_lower_one(tmp_path, marked):
     with mounted_rafs(out, str(tmp_path / "blobs")) as mnt:
         diffs = compare_trees(ref, mnt, check_nlink=True)
         assert not diffs, "\n".join(diffs)
+
+
+def _symlinked_parent_layers():
+    lower = [
+        E("usr", "dir"), E("usr/lib", "dir", mode=0o750, uid=3, gid=4),
+        E("usr/lib/old", data=b"old"), E("usr/lib/gone", data=b"gone"),
+        E("lib", "symlink", link="usr/lib"),            # merged /usr, as Debian has it
+        E("lib64", "symlink", link="lib"),              # a chain of symlinks
+        E("usr/lib32", "symlink", link="../lib/"),      # '..' and a trailing slash
+        E("abs", "symlink", link="/usr/lib"),           # absolute: inside the rootfs
+        E("opt", "dir"), E("opt/f", data=b"f"),
+    ]
+    upper = [
+        # no entries for lib, lib64, usr/lib32 or abs: the layer writes through them
+        E("lib/new", data=b"new"), E("lib/.wh.gone"),
+        E("lib64/sub/deep", data=b"deep"), E("usr/lib32/l32", data=b"32"),
+        E("abs/a", data=b"a"),
+        # an explicit directory entry still replaces a symlink (as it replaces a file)
+        E("opt2", "dir"), E("opt2/x", data=b"x"),
+    ]
+    lower.append(E("opt2", "symlink", link="opt"))
+    return [lower, upper]
+
+
+@pytest.mark.root
+def test_implied_directory_over_a_lower_symlink_writes_through_it(tmp_path):
+    """A layer with `lib/new` but no entry for lib, over a layer where lib is a symlink
+    to usr/lib (merged /usr): containerd's applier and umoci resolve an entry's parents
+    in the rootfs, symlinks followed (inside it), so new lands in usr/lib and lib stays
+    a symlink. merge made lib a directory holding only new, hiding usr/lib's files
+    behind it."""
+    os.umask(0o022)
+    tars = layer_paths(tmp_path, _symlinked_parent_layers())
+    boots = []
+    for i, t in enumerate(tars):
+        b = str(tmp_path / f"layer{i}.boot")
+        pack_tar(t, b, tmp_path / "blobs", "--mark-implied-dirs")
+        boots.append(b)
+    out = str(tmp_path / "merged.boot")
+    run_cli("merge", *boots, "-B", out)
+    with mounted_rafs(out, str(tmp_path / "blobs")) as mnt:
+        for link, target in (("lib", "usr/lib"), ("lib64", "lib"), ("usr/lib32", "../lib/"),
+                             ("abs", "/usr/lib")):
+            assert os.readlink(os.path.join(mnt, link)) == target
+        lib = os.path.join(mnt, "usr/lib")
+        assert sorted(os.listdir(lib)) == ["a", "l32", "new", "old", "sub"]
+        st = os.lstat(lib)
+        assert (st.st_mode & 0o7777, st.st_uid, st.st_gid) == (0o750, 3, 4)
+        with open(os.path.join(lib, "sub/deep"), "rb") as f:
+            assert f.read() == b"deep"
+        assert os.path.isdir(os.path.join(mnt, "opt2"))
+        assert not os.path.islink(os.path.join(mnt, "opt2"))
+        assert sorted(os.listdir(os.path.join(mnt, "opt2"))) == ["x"]
