@@ -215,6 +215,9 @@ def _symlinked_parent_layers():
         E("opt2", "dir"), E("opt2/x", data=b"x"),
     ]
     lower.append(E("opt2", "symlink", link="opt"))
+    # a whiteout of the symlink, then entries below its name: a new directory
+    lower.append(E("lib2", "symlink", link="usr/lib"))
+    upper += [E(".wh.lib2"), E("lib2/y", data=b"y")]
     return [lower, upper]
 
 
@@ -247,3 +250,5 @@ def test_implied_directory_over_a_lower_symlink_writes_through_it(tmp_path):
         assert os.path.isdir(os.path.join(mnt, "opt2"))
         assert not os.path.islink(os.path.join(mnt, "opt2"))
         assert sorted(os.listdir(os.path.join(mnt, "opt2"))) == ["x"]
+        assert not os.path.islink(os.path.join(mnt, "lib2"))
+        assert sorted(os.listdir(os.path.join(mnt, "lib2"))) == ["y"]

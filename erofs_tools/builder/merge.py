@@ -212,17 +212,17 @@ def _merge(layers: list[_Layer], output: str, blob_ids: dict[str, str], whiteout
                     xs = img.xattrs(ino)
                     op = is_opaque(xs)
                     if old is not None and old.children is None and is_implied(xs) \
-                            and stat.S_ISLNK(old.ino.mode):
+                            and not op and stat.S_ISLNK(old.ino.mode):
                         # the layer has entries below a path a layer below has as a
                         # symlink, and no entry of its own for it: containerd's applier
                         # and umoci resolve an entry's parents in the rootfs, symlinks
                         # followed inside it, so the entries land in the directory the
                         # symlink leads to (merged /usr: lib -> usr/lib) and the symlink
-                        # stays. Leading nowhere or to a non-directory: replaced, as before
+                        # stays. Leading nowhere or to a non-directory: replaced, as
+                        # before; so is an opaque one (the layer whited the symlink out:
+                        # `.wh.lib` then `lib/x` is a new directory lib)
                         found = _resolve(root, real, old.layer.img.readlink(old.ino))
                         if found is not None:
-                            if op:
-                                _kids(found[0]).clear()
                             stack.append((found[0], ino, cpath, found[1]))
                             continue
                     # the directory below, if what is below is one
