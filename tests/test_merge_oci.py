@@ -5,6 +5,7 @@ gets the documented default (0755, 0:0, mtime 0). Checked on `merge` of packed l
 and end to end through the real docker-registry (`convert`, `pull`, a kernel mount),
 against GNU tar extracting the layers in order with whiteouts applied."""
 import os
+import stat
 
 import pytest
 from helpers import compare_trees
@@ -218,6 +219,9 @@ def _symlinked_parent_layers():
     # a whiteout of the symlink, then entries below its name: a new directory
     lower.append(E("lib2", "symlink", link="usr/lib"))
     upper += [E(".wh.lib2"), E("lib2/y", data=b"y")]
+    # a dangling symlink: the directories it names are made
+    lower.append(E("dang", "symlink", link="gone/../made/dir"))
+    upper.append(E("dang/z", data=b"z"))
     return [lower, upper]
 
 
@@ -252,3 +256,9 @@ def test_implied_directory_over_a_lower_symlink_writes_through_it(tmp_path):
         assert sorted(os.listdir(os.path.join(mnt, "opt2"))) == ["x"]
         assert not os.path.islink(os.path.join(mnt, "lib2"))
         assert sorted(os.listdir(os.path.join(mnt, "lib2"))) == ["y"]
+        assert os.readlink(os.path.join(mnt, "dang")) == "gone/../made/dir"
+        assert not os.path.lexists(os.path.join(mnt, "gone"))
+        with open(os.path.join(mnt, "made/dir/z"), "rb") as f:
+            assert f.read() == b"z"
+        st = os.lstat(os.path.join(mnt, "made"))
+        assert (stat.S_ISDIR(st.st_mode), st.st_mode & 0o7777, st.st_uid) == (True, 0o755, 0)

@@ -29,7 +29,7 @@ from __future__ import annotations
 import copy
 import os
 import stat
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from erofs_tools.builder import rafs as RP
@@ -218,10 +218,12 @@ def _merge(layers: list[_Layer], output: str, blob_ids: dict[str, str], whiteout
                         # and umoci resolve an entry's parents in the rootfs, symlinks
                         # followed inside it, so the entries land in the directory the
                         # symlink leads to (merged /usr: lib -> usr/lib) and the symlink
-                        # stays. Leading nowhere or to a non-directory: replaced, as
-                        # before; so is an opaque one (the layer whited the symlink out:
+                        # stays; missing directories on its way are made, with the
+                        # metadata of the layer's implied directory. Leading to a
+                        # non-directory: replaced, as before; so is an opaque one (the layer whited the symlink out:
                         # `.wh.lib` then `lib/x` is a new directory lib)
-                        found = _resolve(root, real, old.layer.img.readlink(old.ino))
+                        found = _resolve(root, real, old.layer.img.readlink(old.ino),
+                                         lambda L=L, ino=ino: _M(L, ino, {}))
                         if found is not None:
                             stack.append((found[0], ino, cpath, found[1]))
                             continue
@@ -301,16 +303,19 @@ _MARKERS = frozenset((OPAQUE, IMPLIED))
 _MAX_SYMLINK_HOPS = 40          # as the kernel's path walk (ELOOP)
 
 
-def _resolve(root: _M, base: list[bytes], target: bytes) -> tuple[_M, list[bytes]] | None:
+def _resolve(root: _M, base: list[bytes], target: bytes, make: Callable[[], _M]
+             ) -> tuple[_M, list[bytes]] | None:
     """The merged directory a symlink in directory `base` (components from the root)
     with `target` leads to, resolved inside the merged tree as containerd's and umoci's
     appliers resolve inside the rootfs: an absolute target starts at the root, '..'
-    stops at it, symlinks on the way are followed. -> (directory, its components), or
-    None when it leads nowhere, to a non-directory, or loops."""
-    chain = [root]
+    stops at it, symlinks on the way are followed, and missing directories are made
+    (`make()`, as their MkdirAll does for a dangling symlink). -> (directory, its
+    components), or None when it leads to a non-directory or loops (nothing made)."""
+    chain: list[_M | None] = [root]      # None: a directory to make
     parts: list[bytes] = []
     for c in base:
-        nxt = _kids(chain[-1]).get(c)
+        cur = chain[-1]
+        nxt = _kids(cur).get(c) if cur is not None else None
         if nxt is None or nxt.children is None:
             return None
         chain.append(nxt)
@@ -328,10 +333,9 @@ def _resolve(root: _M, base: list[bytes], target: bytes) -> tuple[_M, list[bytes
                 chain.pop()
                 parts.pop()
             continue
-        nxt = _kids(chain[-1]).get(c)
-        if nxt is None:
-            return None
-        if nxt.children is not None:
+        cur = chain[-1]
+        nxt = _kids(cur).get(c) if cur is not None else None
+        if nxt is None or nxt.children is not None:
             chain.append(nxt)
             parts.append(c)
             continue
@@ -344,7 +348,13 @@ def _resolve(root: _M, base: list[bytes], target: bytes) -> tuple[_M, list[bytes
         if link.startswith(b"/"):
             del chain[1:], parts[:]
         pending.extend(reversed(link.split(b"/")))
-    return chain[-1], parts
+    made = chain[0]
+    assert made is not None, "the root is never made"
+    for c, m in zip(parts, chain[1:]):
+        if m is None:
+            m = _kids(made)[c] = make()
+        made = m
+    return made, parts
 
 
 def copy_inode(nb: NativeBuilder, img: Image, ino: Inode,
