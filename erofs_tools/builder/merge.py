@@ -223,7 +223,7 @@ def _merge(layers: list[_Layer], output: str, blob_ids: dict[str, str], whiteout
                         # non-directory: replaced, as before; so is an opaque one (the layer whited the symlink out:
                         # `.wh.lib` then `lib/x` is a new directory lib)
                         found = _resolve(root, real, old.layer.img.readlink(old.ino),
-                                         lambda L=L, ino=ino: _M(L, ino, {}))
+                                         _maker(L, ino))
                         if found is not None:
                             stack.append((found[0], ino, cpath, found[1]))
                             continue
@@ -301,6 +301,11 @@ def _merge(layers: list[_Layer], output: str, blob_ids: dict[str, str], whiteout
 
 _MARKERS = frozenset((OPAQUE, IMPLIED))
 _MAX_SYMLINK_HOPS = 40          # as the kernel's path walk (ELOOP)
+
+
+def _maker(layer: _Layer, ino: Inode) -> Callable[[], _M]:
+    """-> a maker of new, empty merged directories with this metadata (each its own)."""
+    return lambda: _M(layer, ino, {})
 
 
 def _resolve(root: _M, base: list[bytes], target: bytes, make: Callable[[], _M]
