@@ -177,3 +177,51 @@ def test_merge_and_check_of_a_16_gib_hole_run_are_bounded(tmp_path):
     assert res.cpu_seconds < 60, f"merge: {res.cpu_seconds:.1f} CPU s"
     with Image(str(tmp_path / "m.boot")) as img:
         assert img.lookup("/hole").size == size
+
+
+def _deep_paths(n, depth):
+    """n entries, each a path of `depth` one-letter directories under its own top
+    directory (PAX path records): every component is a new implied directory."""
+    out = b""
+    for i in range(n):
+        path = f"d{i}/" + "a/" * depth + "f"
+        out += _pax_block(pax_rec(b"path", path.encode())) + _hdr(f"d{i}/f")
+    return out + bytes(1024)
+
+
+@pytest.mark.parametrize("cmd", ["pack", "mkfs"])
+def test_deep_path_bomb_is_bounded(tmp_path, cmd):
+    """Implied parent directories are the only nodes no header pays for: 30 entries of
+    30,000 `a/` components (a 4 KB gzip) made 900,000 of them, ~700 bytes each (0.6 GB
+    peak RSS, 8 s; a few hundred such entries, tens of GB). Their number is bounded by
+    the bytes read: a one-line error, nothing written."""
+    data = _deep_paths(30, 30_000)
+    src = tmp_path / "bomb.tar.gz"
+    src.write_bytes(gzip.compress(data, 6))
+    if cmd == "pack":
+        res = _pack(tmp_path, data)
+        outputs = [tmp_path / "b.boot"]
+    else:
+        outputs = [tmp_path / "bomb.img"]
+        res = run_bounded([sys.executable, "-m", "erofs_tools", "mkfs", "--tar=f",
+                           "--ungzip", str(outputs[0]), str(src)])
+    _bounded(res)
+    assert res.returncode == 1
+    err = res.stderr.decode()
+    assert err.count("\n") == 1 and "implied directories" in err, err
+    assert not any(p.exists() for p in outputs)
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        ["bomb.tar.gz"] + (["blobs"] if cmd == "pack" else []))
+
+
+def test_deep_paths_within_the_bound_pack(tmp_path):
+    """One 64 KiB path of one-letter components (32,767 implied directories) and 20,000
+    header-only entries with four implied parents each stay accepted."""
+    data = _deep_paths(1, 32_766)[:-1024]
+    data += b"".join(_hdr(f"t{i}/u/v/w/f{i}") for i in range(20_000)) + bytes(1024)
+    res = _pack(tmp_path, data)
+    assert res.returncode == 0, res.stderr
+    with Image(str(tmp_path / "b.boot")) as img:
+        assert img.lookup("/t19999/u/v/w/f19999").is_reg()
+        # (the reader's lookup stops at 4096 components: the deep one by its length)
+        assert img.lookup("/d0/" + "a/" * 4000).is_dir()

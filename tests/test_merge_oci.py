@@ -5,6 +5,7 @@ gets the documented default (0755, 0:0, mtime 0). Checked on `merge` of packed l
 and end to end through the real docker-registry (`convert`, `pull`, a kernel mount),
 against GNU tar extracting the layers in order with whiteouts applied."""
 import os
+import stat
 
 import pytest
 from helpers import compare_trees
@@ -153,3 +154,111 @@ def test_pack_max_size_accepts_g_and_names_itself(tmp_path):
     assert len(err.strip().splitlines()) == 1
     p = pack_tar(t, tmp_path / "d.boot", tmp_path / "b", "--max-size", "1K", check=False)
     assert p.returncode == 1 and "--max-size" in p.stderr.decode()
+
+
+def _readd_layers():
+    lower = [
+        E("d", "dir", mode=0o700, uid=5, gid=6), E("d/old", data=b"old"),
+        E("d/sub", "dir"), E("d/sub/deep", data=b"deep"),
+        E("e", "dir"), E("e/old", data=b"old"),
+    ]
+    upper = [
+        # `rm -rf d && mkdir d`: the whiteout before the new directory (what the OCI
+        # spec asks builders to write)
+        E(".wh.d"), E("d", "dir", mode=0o750), E("d/new", data=b"new"),
+        # the same change with the whiteout after the directory: a whiteout applies to
+        # the layers below whatever its place in the layer
+        E("e", "dir", mode=0o711), E("e/new", data=b"new"), E(".wh.e"),
+    ]
+    return [lower, upper]
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("marked", [True, False])
+def test_whiteout_then_readded_directory_hides_the_lower_one(tmp_path, marked):
+    """`.wh.d` and `d/` in one layer: the layer's d replaces the d of the layers below,
+    children and all (umoci raw unpack and containerd's applier remove the lower d,
+    then create the new one). The whiteout was dropped because the same layer has d,
+    so the lower d's entries showed through the new directory."""
+    os.umask(0o022)
+    tars = layer_paths(tmp_path, _readd_layers())
+    boots = []
+    for i, t in enumerate(tars):
+        b = str(tmp_path / f"layer{i}.boot")
+        pack_tar(t, b, tmp_path / "blobs", *(["--mark-implied-dirs"] if marked else []))
+        boots.append(b)
+    out = str(tmp_path / "merged.boot")
+    run_cli("merge", *boots, "-B", out)
+    ref = reference_rootfs(tars, str(tmp_path / "ref"))
+    assert sorted(os.listdir(os.path.join(ref, "d"))) == ["new"]
+    assert sorted(os.listdir(os.path.join(ref, "e"))) == ["new"]
+    with mounted_rafs(out, str(tmp_path / "blobs")) as mnt:
+        diffs = compare_trees(ref, mnt, check_nlink=True)
+        assert not diffs, "\n".join(diffs)
+
+
+def _symlinked_parent_layers():
+    lower = [
+        E("usr", "dir"), E("usr/lib", "dir", mode=0o750, uid=3, gid=4),
+        E("usr/lib/old", data=b"old"), E("usr/lib/gone", data=b"gone"),
+        E("lib", "symlink", link="usr/lib"),            # merged /usr, as Debian has it
+        E("lib64", "symlink", link="lib"),              # a chain of symlinks
+        E("usr/lib32", "symlink", link="../lib/"),      # '..' and a trailing slash
+        E("abs", "symlink", link="/usr/lib"),           # absolute: inside the rootfs
+        E("opt", "dir"), E("opt/f", data=b"f"),
+    ]
+    upper = [
+        # no entries for lib, lib64, usr/lib32 or abs: the layer writes through them
+        E("lib/new", data=b"new"), E("lib/.wh.gone"),
+        E("lib64/sub/deep", data=b"deep"), E("usr/lib32/l32", data=b"32"),
+        E("abs/a", data=b"a"),
+        # an explicit directory entry still replaces a symlink (as it replaces a file)
+        E("opt2", "dir"), E("opt2/x", data=b"x"),
+    ]
+    lower.append(E("opt2", "symlink", link="opt"))
+    # a whiteout of the symlink, then entries below its name: a new directory
+    lower.append(E("lib2", "symlink", link="usr/lib"))
+    upper += [E(".wh.lib2"), E("lib2/y", data=b"y")]
+    # a dangling symlink: the directories it names are made
+    lower.append(E("dang", "symlink", link="gone/../made/dir"))
+    upper.append(E("dang/z", data=b"z"))
+    return [lower, upper]
+
+
+@pytest.mark.root
+def test_implied_directory_over_a_lower_symlink_writes_through_it(tmp_path):
+    """A layer with `lib/new` but no entry for lib, over a layer where lib is a symlink
+    to usr/lib (merged /usr): containerd's applier and umoci resolve an entry's parents
+    in the rootfs, symlinks followed (inside it), so new lands in usr/lib and lib stays
+    a symlink. merge made lib a directory holding only new, hiding usr/lib's files
+    behind it."""
+    os.umask(0o022)
+    tars = layer_paths(tmp_path, _symlinked_parent_layers())
+    boots = []
+    for i, t in enumerate(tars):
+        b = str(tmp_path / f"layer{i}.boot")
+        pack_tar(t, b, tmp_path / "blobs", "--mark-implied-dirs")
+        boots.append(b)
+    out = str(tmp_path / "merged.boot")
+    run_cli("merge", *boots, "-B", out)
+    with mounted_rafs(out, str(tmp_path / "blobs")) as mnt:
+        for link, target in (("lib", "usr/lib"), ("lib64", "lib"), ("usr/lib32", "../lib/"),
+                             ("abs", "/usr/lib")):
+            assert os.readlink(os.path.join(mnt, link)) == target
+        lib = os.path.join(mnt, "usr/lib")
+        assert sorted(os.listdir(lib)) == ["a", "l32", "new", "old", "sub"]
+        st = os.lstat(lib)
+        assert (st.st_mode & 0o7777, st.st_uid, st.st_gid) == (0o750, 3, 4)
+        with open(os.path.join(lib, "sub/deep"), "rb") as f:
+            assert f.read() == b"deep"
+        assert os.path.isdir(os.path.join(mnt, "opt2"))
+        assert not os.path.islink(os.path.join(mnt, "opt2"))
+        assert sorted(os.listdir(os.path.join(mnt, "opt2"))) == ["x"]
+        assert not os.path.islink(os.path.join(mnt, "lib2"))
+        assert sorted(os.listdir(os.path.join(mnt, "lib2"))) == ["y"]
+        assert os.readlink(os.path.join(mnt, "dang")) == "gone/../made/dir"
+        assert not os.path.lexists(os.path.join(mnt, "gone"))
+        with open(os.path.join(mnt, "made/dir/z"), "rb") as f:
+            assert f.read() == b"z"
+        st = os.lstat(os.path.join(mnt, "made"))
+        assert (stat.S_ISDIR(st.st_mode), st.st_mode & 0o7777, st.st_uid) == (True, 0o755, 0)

@@ -176,6 +176,31 @@ def test_gnu_sparse_old_format_data(tmp_path):
     assert data == (src / "sp").read_bytes()
 
 
+
+@pytest.mark.parametrize("version", ["0.0", "0.1", "1.0"])
+def test_pax_sparse_long_name_is_the_real_name(tmp_path, version):
+    """GNU tar's PAX sparse 0.1/1.0 members carry the real name in GNU.sparse.name and
+    a made-up ./GNUSparseFile.PID/NAME in the header, which for a long NAME goes into a
+    `path` record written after GNU.sparse.name: GNU tar, Go's archive/tar and libarchive
+    extract the file under GNU.sparse.name whatever the order; the image had it under
+    GNUSparseFile.PID."""
+    src = tmp_path / "src"
+    (src / "dir").mkdir(parents=True)
+    name = "dir/" + "n" * 120
+    with open(src / name, "wb") as f:
+        f.seek(8192)
+        f.write(b"data")
+        f.truncate(1 << 20)
+    tar_path = str(tmp_path / "s.tar")
+    subprocess.run(["tar", "--format=posix", "--sparse", f"--sparse-version={version}",
+                    "-cf", tar_path, "-C", str(src), "dir"], check=True)
+    boot = tmp_path / "s.boot"
+    pack_tar(tar_path, boot, tmp_path / "blobs", "--chunk-size", "4096")
+    from erofs_tools.reader.image import open_image
+    with open_image(str(boot), blob_dir=str(tmp_path / "blobs")) as img:
+        assert [d.name for d in img.listdir(img.lookup("/dir"))] == [b"n" * 120]
+        assert img.read_data(img.lookup("/" + name)) == (src / name).read_bytes()
+
 def test_stdin_and_file_give_identical_images(tmp_path):
     data = make_tar([E("a", "dir"), E("a/f", data=b"x" * 5000), E("a/l", "symlink", link="f")],
                     gz=True)

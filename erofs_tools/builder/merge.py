@@ -10,9 +10,11 @@ Layers are applied lowest first, as overlayfs would show them (docs/tar.md):
 - a directory over a directory merges the two, with the upper one's metadata and
   xattrs, unless the upper one is implied (marked IMPLIED_XATTR by the tar source: the
   layer has no entry of its own for it), which keeps the metadata from below, as
-  extracting the layers in order does; anything else replaces what was below (a file
-  over a directory drops the directory's subtree, a directory over a file replaces
-  the file);
+  extracting the layers in order does; an implied directory over a symlink that leads
+  to a directory below puts its entries into that directory (the symlink stays), as
+  containerd and umoci resolve an entry's parents; anything else replaces what was
+  below (a file over a directory drops the directory's subtree, a directory over a file
+  replaces the file);
 - hardlinks inside one layer stay hardlinks (one inode, nlink = links that survive).
 
 No data is read or copied: every regular file keeps its chunk indexes, only the device
@@ -26,7 +28,8 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Mapping, Sequence
+import stat
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from erofs_tools.builder import rafs as RP
@@ -171,10 +174,12 @@ def _merge(layers: list[_Layer], output: str, blob_ids: dict[str, str], whiteout
             root.layer, root.ino = L, rino
         if is_opaque(rx):
             _kids(root).clear()
-        stack = [(root, rino, b"/")]
+        # (merged directory, the layer's inode, path in the layer, where the merged
+        # directory is in the merged tree: differs from the path through a symlink)
+        stack: list[tuple[_M, Inode, bytes, list[bytes]]] = [(root, rino, b"/", [])]
         seen_dirs = {img.root_nid}
         while stack:
-            mdir, dino, path = stack.pop()
+            mdir, dino, path, real = stack.pop()
             kids = _kids(mdir)
             ents = img.listdir(dino)
             whiteouts: list[bytes] = []
@@ -206,6 +211,22 @@ def _merge(layers: list[_Layer], output: str, blob_ids: dict[str, str], whiteout
                     seen_dirs.add(d.nid)
                     xs = img.xattrs(ino)
                     op = is_opaque(xs)
+                    if old is not None and old.children is None and is_implied(xs) \
+                            and not op and stat.S_ISLNK(old.ino.mode):
+                        # the layer has entries below a path a layer below has as a
+                        # symlink, and no entry of its own for it: containerd's applier
+                        # and umoci resolve an entry's parents in the rootfs, symlinks
+                        # followed inside it, so the entries land in the directory the
+                        # symlink leads to (merged /usr: lib -> usr/lib) and the symlink
+                        # stays; missing directories on its way are made, with the
+                        # metadata of the layer's implied directory. Leading to a
+                        # non-directory: replaced, as before; so is an opaque one (the layer whited the symlink out:
+                        # `.wh.lib` then `lib/x` is a new directory lib)
+                        found = _resolve(root, real, old.layer.img.readlink(old.ino),
+                                         _maker(L, ino))
+                        if found is not None:
+                            stack.append((found[0], ino, cpath, found[1]))
+                            continue
                     # the directory below, if what is below is one
                     below = old if old is not None and old.children is not None else None
                     if below is not None and not op:
@@ -219,7 +240,7 @@ def _merge(layers: list[_Layer], output: str, blob_ids: dict[str, str], whiteout
                                 else (L, ino))
                         node = _M(meta[0], meta[1], {})
                         kids[d.name] = node
-                    stack.append((node, ino, cpath))
+                    stack.append((node, ino, cpath, real + [d.name]))
                 else:
                     kids[d.name] = _M(L, ino)
 
@@ -279,6 +300,66 @@ def _merge(layers: list[_Layer], output: str, blob_ids: dict[str, str], whiteout
 
 
 _MARKERS = frozenset((OPAQUE, IMPLIED))
+_MAX_SYMLINK_HOPS = 40          # as the kernel's path walk (ELOOP)
+
+
+def _maker(layer: _Layer, ino: Inode) -> Callable[[], _M]:
+    """-> a maker of new, empty merged directories with this metadata (each its own)."""
+    return lambda: _M(layer, ino, {})
+
+
+def _resolve(root: _M, base: list[bytes], target: bytes, make: Callable[[], _M]
+             ) -> tuple[_M, list[bytes]] | None:
+    """The merged directory a symlink in directory `base` (components from the root)
+    with `target` leads to, resolved inside the merged tree as containerd's and umoci's
+    appliers resolve inside the rootfs: an absolute target starts at the root, '..'
+    stops at it, symlinks on the way are followed, and missing directories are made
+    (`make()`, as their MkdirAll does for a dangling symlink). -> (directory, its
+    components), or None when it leads to a non-directory or loops (nothing made)."""
+    chain: list[_M | None] = [root]      # None: a directory to make
+    parts: list[bytes] = []
+    for c in base:
+        cur = chain[-1]
+        nxt = _kids(cur).get(c) if cur is not None else None
+        if nxt is None or nxt.children is None:
+            return None
+        chain.append(nxt)
+        parts.append(c)
+    pending = list(reversed(target.split(b"/")))
+    if target.startswith(b"/"):
+        del chain[1:], parts[:]
+    hops = 0
+    while pending:
+        c = pending.pop()
+        if c in (b"", b"."):
+            continue
+        if c == b"..":
+            if parts:
+                chain.pop()
+                parts.pop()
+            continue
+        cur = chain[-1]
+        nxt = _kids(cur).get(c) if cur is not None else None
+        if nxt is None or nxt.children is not None:
+            chain.append(nxt)
+            parts.append(c)
+            continue
+        if not stat.S_ISLNK(nxt.ino.mode):
+            return None
+        hops += 1
+        if hops > _MAX_SYMLINK_HOPS:
+            return None
+        link = nxt.layer.img.readlink(nxt.ino)
+        if link.startswith(b"/"):
+            del chain[1:], parts[:]
+        pending.extend(reversed(link.split(b"/")))
+    made = chain[0]
+    assert made is not None, "the root is never made"
+    for c, m in zip(parts, chain[1:]):
+        if m is None:
+            m = _kids(made)[c] = make()
+        made = m
+    return made, parts
 
 
 def copy_inode(nb: NativeBuilder, img: Image, ino: Inode,

@@ -416,6 +416,7 @@ class TarReader:
                 ext = b[504]
             e.sparse = regions
         sp_major = sp_realsize = None
+        sp_name: bytes | None = None
         sp_off = pax.sparse
         for key, value in itertools.chain(self.globals.items(), pax.items()):
             if key == b"path":
@@ -448,7 +449,7 @@ class TarReader:
                 if k == b"major":
                     sp_major = _pax_int(value, what, key.decode())
                 elif k == b"name":
-                    e.name = value
+                    sp_name = value
                 elif k in (b"size", b"realsize"):
                     sp_realsize = _pax_int(value, what, key.decode())
                     if e.sparse is None:
@@ -461,6 +462,11 @@ class TarReader:
                     if len(nums) % 2 or len(nums) > 2 * MAX_SPARSE_REGIONS:
                         raise _err(f"{what}: bad GNU.sparse.map")
                     e.sparse = [(nums[i], nums[i + 1]) for i in range(0, len(nums), 2)]
+        if sp_name is not None:
+            # the real name of a sparse member whatever the record order: GNU tar writes
+            # a long ./GNUSparseFile.PID/NAME header name as a `path` record after
+            # GNU.sparse.name (0.1), and GNU tar, Go and libarchive all take this one
+            e.name = sp_name
         what = _Name(e.name)
         if sp_off:
             regions = []

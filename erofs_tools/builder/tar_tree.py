@@ -30,6 +30,13 @@ ORIGIN_XATTR = b"trusted.overlay.origin"
 # an xattr later are given a copy), 64 bytes less per entry
 _NO_XATTRS: dict[bytes, bytes] = {}
 MAX_SYMLINK = 4095
+# Implied parent directories are the only nodes no header pays for: a 64 KiB path of
+# `a/` components makes 32 K of them (~700 bytes of memory each), so a few KB of gzip
+# asked for GBs. Their number is bounded by the (uncompressed) bytes read before the
+# entry, one per IMPLIED_BYTES, plus IMPLIED_SLACK (one longest path's worth, so any
+# single path is accepted): memory stays proportional to the input, as for entries.
+IMPLIED_BYTES = 128
+IMPLIED_SLACK = 1 << 16
 
 
 class TNode:
@@ -94,6 +101,8 @@ class TarTree:
         self.next_key = 0
         self.regular: list[TNode] = []          # TNodes with data keys
         self.entries = 0
+        self.implied = 0                        # implied directories made so far
+        self.implied_limit = IMPLIED_SLACK      # raised as the stream is read (add)
 
     def _parent(self, parts: list[bytes], what: bytes) -> TNode:
         cur = self.root
@@ -101,6 +110,11 @@ class TarTree:
             kids = _kids(cur)     # the root, or a node checked below
             nxt = kids.get(c)
             if nxt is None:
+                self.implied += 1
+                if self.implied > self.implied_limit:
+                    raise _err(f"{_show(what)}: more than {self.implied_limit} implied "
+                               "directories (parents without an entry) for the size of "
+                               "the archive read so far")
                 nxt = TNode(stat.S_IFDIR | 0o755, 0, 0, self.timestamp or 0, 0)
                 nxt.implied = True
                 kids[c] = nxt
@@ -140,6 +154,7 @@ class TarTree:
             t = b"5"              # v7 / old GNU: a "file" whose name ends in '/' is a dir
         parts = _split(e.name, e.name)
         self.entries += 1
+        self.implied_limit = IMPLIED_SLACK + e.offset // IMPLIED_BYTES
         if t in (b"V",):
             return None
         if t == b"M":
@@ -234,8 +249,15 @@ class TarTree:
         """Apply OCI whiteouts and opaque markers (spec "oci")."""
         done = set()
         for parent, name, e in self.whiteouts:
-            if name in _kids(parent) or (id(parent), name) in done:
-                continue          # the same layer has NAME: it wins over the whiteout
+            same = _kids(parent).get(name)
+            if same is not None or (id(parent), name) in done:
+                # the same layer has NAME: it wins over the whiteout, which still removes
+                # NAME of the layers below (whatever the order of the two in the layer,
+                # as umoci and containerd apply it). A directory NAME must then hide the
+                # lower directory's entries, or they would show through it: opaque
+                if same is not None and same.is_dir():
+                    same.opaque = True
+                continue
             done.add((id(parent), name))
             wh = TNode(stat.S_IFCHR)
             self._meta(wh, e)
