@@ -202,3 +202,43 @@ def test_trickled_manifest_or_token_fails_at_the_deadline(what):
     finally:
         stop.set()
         srv.stop()
+
+
+def test_trickled_headers_fail_at_the_deadline():
+    """The status line and headers a byte every 50 ms, each well inside the read
+    timeout: with a deadline (the daemon's) the wait for them ends there too
+    (registry/watchdog.py); the client and the daemon's backend both fail, none hangs."""
+    from fscache_daemon.storage.backends import RegistryBackend
+    stop = threading.Event()
+    state: dict = {"sent": 0}
+
+    def handle(h, _):
+        h.close_connection = True
+        try:
+            for b in b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Slow: " + \
+                    b"y" * 100_000:
+                if stop.wait(0.05):
+                    return
+                h.wfile.write(bytes((b,)))
+                h.wfile.flush()
+                state["sent"] += 1
+        except OSError:
+            state["hung_up"] = True
+
+    srv = _Server(handle)
+    try:
+        c = _client(srv)
+        kind, value = _outcome(lambda: c.get_manifest("app", "v1"))
+        assert kind == "error", (kind, state)
+        assert isinstance(value, RegistryError) and "deadline" in str(value), value
+        b = RegistryBackend(f"{srv.host}/app:v1", insecure=True, docker_config=False,
+                            retries=0, timeout=10, deadline=1.0)
+        try:
+            kind, value = _outcome(lambda: b.read(BLOB_ID, 0, 4096))
+        finally:
+            b.close()
+        assert kind == "error", (kind, state)
+        assert isinstance(value, ErofsToolsError), value
+    finally:
+        stop.set()
+        srv.stop()

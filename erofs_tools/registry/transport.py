@@ -27,6 +27,7 @@ from urllib3.exceptions import HTTPError as Urllib3Error
 from urllib3.exceptions import SSLError
 
 from ..errors import RegistryError
+from . import watchdog
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +116,10 @@ class Transport:
         self._direct = urllib3.PoolManager(num_pools=8, **common)
         # Configured per client, never globally, and with a direct pool to fall back on.
         self._proxy = urllib3.ProxyManager(proxy, num_pools=8, **common) if proxy else None
+        # connections whose wait for an answer's headers a deadline bounds (watchdog.py)
+        for pm in (self._direct, self._proxy):
+            if pm is not None:
+                pm.pool_classes_by_scheme = watchdog.POOL_CLASSES
         # Sent only to the proxy, e.g. {"X-Dragonfly-Use-P2P": "true"}.
         self.proxy_headers = dict(proxy_headers or {})
         self.proxy_fallbacks = 0
@@ -135,27 +140,43 @@ class Transport:
         rewind = body if _seekable(body) else None
         start = rewind.tell() if rewind is not None else None
         attempts = self.policy.retries + 1 if retry else 1
-        last = ""
         started = time.monotonic()
+        # the answer's headers bounded too (a read timeout bounds one read only)
+        prev = watchdog.set_deadline(None if self.policy.deadline is None
+                                     else started + self.policy.deadline)
+        try:
+            return self._attempts(method, url, headers, body, via_proxy, attempts,
+                                  rewind, start, started)
+        finally:
+            watchdog.set_deadline(prev)
+
+    def _attempts(self, method, url, headers, body, via_proxy, attempts, rewind, start,
+                  started) -> urllib3.BaseHTTPResponse:
+        last = ""
         for attempt in range(attempts):
             if attempt:
                 self.retried += 1
             if rewind is not None and start is not None:
                 rewind.seek(start)
+            resp: urllib3.BaseHTTPResponse | None
             try:
                 resp = self._send(method, url, headers, body, via_proxy)
-            except SSLError as e:
-                reason = one_line(str(getattr(e, "reason", None) or e))
-                # A handshake answered by something that is not TLS: most likely a
-                # plain-HTTP registry. Say what to do instead of OpenSSL's words only.
-                hint = "" if "certificate" in reason else \
-                    " (a plain-HTTP registry? pass --insecure)"
-                raise RegistryError(f"{method} {safe_url(url)}: TLS error: {reason}"
-                                    f"{hint}") from None
             except Urllib3Error as e:
+                if watchdog.fired():    # our deadline shut the socket, not the peer
+                    raise RegistryError(f"{method} {safe_url(url)}: answer's headers still "
+                                        "arriving at the deadline") from None
+                if isinstance(e, SSLError):
+                    raise _tls_error(method, url, e) from None
                 last = f"connection failed ({type(e).__name__})"
                 wait = self.policy.delay(attempt)
-            else:
+                resp = None
+            if resp is not None and watchdog.fired():
+                # the headers cut short by our deadline read as complete (an end of
+                # stream ends them): not an answer
+                resp.close()
+                raise RegistryError(f"{method} {safe_url(url)}: answer's headers still "
+                                    "arriving at the deadline")
+            if resp is not None:
                 if resp.status not in RETRY_STATUSES:
                     return resp
                 last = f"HTTP {resp.status}"
@@ -190,6 +211,14 @@ class Transport:
             self.proxy_fallbacks += 1
             self._proxy_down_until = time.monotonic() + PROXY_PAUSE
         return self._direct.request(method, url, **kw)
+
+
+def _tls_error(method: str, url: str, e: SSLError) -> RegistryError:
+    reason = one_line(str(getattr(e, "reason", None) or e))
+    # A handshake answered by something that is not TLS: most likely a plain-HTTP
+    # registry. Say what to do instead of OpenSSL's words only.
+    hint = "" if "certificate" in reason else " (a plain-HTTP registry? pass --insecure)"
+    return RegistryError(f"{method} {safe_url(url)}: TLS error: {reason}{hint}")
 
 
 def _tls_context(ca_certs: str | None, extra_ca: tuple[str, ...],
