@@ -57,7 +57,8 @@ class _Watchdog:
                 self._thread = threading.Thread(target=self._run, daemon=True,
                                                 name="registry-deadlines")
                 self._thread.start()
-            self._cv.notify()
+            if self._heap[0][1] == key:     # due before what the thread waits for
+                self._cv.notify()
         return key
 
     def unwatch(self, key: int) -> bool:
