@@ -10,7 +10,21 @@ import sys
 
 
 class ErofsToolsError(Exception):
-    """Base class; the message is one line a user understands."""
+    """Base class; the message is one line a user understands.
+
+    str() keeps it one line whatever it quotes: a name, blob id or text taken from a
+    hostile image, tar or registry may hold a newline or a terminal escape; control
+    characters come out as \\xNN (shown_path does the same for paths it shortens)."""
+
+    def __str__(self) -> str:
+        msg = super().__str__()
+        if msg.isprintable():
+            return msg
+        return "".join(c if c.isprintable() else _escaped(ord(c)) for c in msg)
+
+
+def _escaped(o: int) -> str:
+    return f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}" if o < 0x10000 else f"\\U{o:08x}"
 
 
 class InputError(ErofsToolsError):

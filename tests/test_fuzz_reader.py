@@ -46,10 +46,12 @@ def test_fuzz_case_is_reproducible():
     assert a["outcomes"] == b["outcomes"]
 
 
-@pytest.mark.parametrize("case", [2194, 39413])
-def test_long_run_findings_stay_fixed(case):
-    """Found by the long run `--seed long5` (60,000 cases): spliced bytes gave a file a
-    name holding newlines, then a bad inode under it; unpack's error quoted the name as
-    it was, in several lines (now escaped: errors.shown_path)."""
-    res = fuzz.run(60000, jobs=1, seed="long5", only=case)
+@pytest.mark.parametrize("seed,cases,case", [("long5", 60000, 2194), ("long5", 60000, 39413),
+                                             ("long6", 40000, 37324)])
+def test_long_run_findings_stay_fixed(seed, cases, case):
+    """Found by the long runs `--seed long5` (60,000 cases) and `long6` (40,000): spliced
+    bytes gave a file a name, or a blob a device-table id, holding a newline; errors that
+    quoted it took several lines (now escaped: errors.shown_path, and ErofsToolsError's
+    str() for whatever else a message quotes)."""
+    res = fuzz.run(cases, jobs=1, seed=seed, only=case)
     assert res["cases"] == 1 and not res["failures"], _report(res)
