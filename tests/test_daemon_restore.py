@@ -144,13 +144,10 @@ def test_restart_with_another_frontend_is_refused(tmp_path, image):
         d.cleanup()
 
 
-def test_mount_whose_backend_is_away_at_restart_is_taken_back_when_it_returns(tmp_path,
-                                                                                image):
-    """A restart during a backend outage (the localfs directory moved away, no chunk map
-    on disk) cannot pick the mount up yet: it stays in mounts.json and in the daemon's
-    `unpicked` list (forgotten, no later restart served it again while its kernel mount
-    lived on), is tried again, and once the backend is back it is taken back and serves
-    data never fetched before."""
+def _restarted_with_backend_away(tmp_path, image):
+    """A daemon that mounted the image from a copy of its blobs and read one file, was
+    stopped, and started again with the copy moved to `<blobs>.away` and the chunk maps
+    gone (the restart needs the backend); -> (daemon, mountpoint, blobs)."""
     blobs = str(tmp_path / "blobs")
     shutil.copytree(image["blobs"], blobs)
     d = DaemonProc(str(tmp_path / "d"))
@@ -163,11 +160,27 @@ def test_mount_whose_backend_is_away_at_restart_is_taken_back_when_it_returns(tm
         d.stop()
         assert d.proc.returncode == 0, d.log()
         assert os.path.ismount(mnt)
-        maps = glob.glob(os.path.join(d.cache_dir, "blobs", "*.map"))
-        for f in maps:
+        for f in glob.glob(os.path.join(d.cache_dir, "blobs", "*.map")):
             os.unlink(f)
         os.rename(blobs, blobs + ".away")
         d.start()
+    except BaseException:
+        if os.path.isdir(blobs + ".away"):
+            os.rename(blobs + ".away", blobs)
+        d.cleanup()
+        raise
+    return d, mnt, blobs
+
+
+def test_mount_whose_backend_is_away_at_restart_is_taken_back_when_it_returns(tmp_path,
+                                                                                image):
+    """A restart during a backend outage (the localfs directory moved away, no chunk map
+    on disk) cannot pick the mount up yet: it stays in mounts.json and in the daemon's
+    `unpicked` list (forgotten, no later restart served it again while its kernel mount
+    lived on), is tried again, and once the backend is back it is taken back and serves
+    data never fetched before."""
+    d, mnt, blobs = _restarted_with_backend_away(tmp_path, image)
+    try:
         _wait_log(d, f"cannot pick up mount {mnt} yet")
         assert _mounts(d) == []
         assert [m["mountpoint"] for m in _state(d)["mounts"]] == [mnt]
@@ -193,19 +206,8 @@ def test_mount_whose_backend_is_away_at_restart_is_taken_back_when_it_returns(tm
 def test_a_mount_not_taken_back_yet_can_be_unmounted(tmp_path, image):
     """`umount` of a mount the restart could not take back (its backend away) unmounts
     it and drops its record: nothing is tried again, nothing is left in mounts.json."""
-    blobs = str(tmp_path / "blobs")
-    shutil.copytree(image["blobs"], blobs)
-    d = DaemonProc(str(tmp_path / "d"))
-    mnt = str(tmp_path / "mnt")
+    d, mnt, blobs = _restarted_with_backend_away(tmp_path, image)
     try:
-        d.start()
-        d.mount(image["boot"], mnt, f"localfs:{blobs}")
-        d.stop()
-        assert d.proc.returncode == 0, d.log()
-        for f in glob.glob(os.path.join(d.cache_dir, "blobs", "*.map")):
-            os.unlink(f)
-        shutil.rmtree(blobs)
-        d.start()
         _wait_log(d, f"cannot pick up mount {mnt} yet")
         st, res = d.api.request("POST", "/api/v1/umount", {"mountpoint": mnt})
         assert st == 200 and res["unmounted"] and res["released"], res
@@ -215,4 +217,5 @@ def test_a_mount_not_taken_back_yet_can_be_unmounted(tmp_path, image):
         st, info = d.api.request("GET", "/api/v1/daemon")
         assert st == 200 and info["unpicked"] == [], info
     finally:
+        shutil.rmtree(blobs + ".away", ignore_errors=True)
         d.cleanup()

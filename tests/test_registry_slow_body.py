@@ -180,25 +180,33 @@ def _trickling(what: str):
     return srv["s"], stop, state
 
 
+def _manifest_and_backend_fail(srv, state, warm: bool) -> None:
+    """The client's manifest request fails at the deadline, and so does a read of the
+    daemon's backend (after its warm(), which reads the image's manifest, if `warm`):
+    neither hangs."""
+    from fscache_daemon.storage.backends import RegistryBackend
+    c = _client(srv)
+    kind, value = _outcome(lambda: c.get_manifest("app", "v1"))
+    assert kind == "error", (kind, state)
+    assert isinstance(value, RegistryError) and "deadline" in str(value), value
+    b = RegistryBackend(f"{srv.host}/app:v1", insecure=True, docker_config=False,
+                        retries=0, timeout=10, deadline=1.0)
+    try:
+        kind, value = _outcome(lambda: (b.warm() if warm else None,
+                                        b.read(BLOB_ID, 0, 4096)))
+    finally:
+        b.close()
+    assert kind == "error", (kind, state)
+    assert isinstance(value, ErofsToolsError), value
+
+
 @pytest.mark.parametrize("what", ["manifest", "token"])
 def test_trickled_manifest_or_token_fails_at_the_deadline(what):
-    from fscache_daemon.storage.backends import RegistryBackend
     srv, stop, state = _trickling(what)
     try:
-        c = _client(srv)
-        kind, value = _outcome(lambda: c.get_manifest("app", "v1"))
-        assert kind == "error", (kind, state)
-        assert isinstance(value, RegistryError) and "deadline" in str(value), value
         # the daemon: the image's manifest is read by warm(); a read waits for it and
         # then fails (no such blob here) instead of hanging with it
-        b = RegistryBackend(f"{srv.host}/app:v1", insecure=True, docker_config=False,
-                            retries=0, timeout=10, deadline=1.0)
-        try:
-            kind, value = _outcome(lambda: (b.warm(), b.read(BLOB_ID, 0, 4096)))
-        finally:
-            b.close()
-        assert kind == "error", (kind, state)
-        assert isinstance(value, ErofsToolsError), value
+        _manifest_and_backend_fail(srv, state, warm=True)
     finally:
         stop.set()
         srv.stop()
@@ -208,7 +216,6 @@ def test_trickled_headers_fail_at_the_deadline():
     """The status line and headers a byte every 50 ms, each well inside the read
     timeout: with a deadline (the daemon's) the wait for them ends there too
     (registry/watchdog.py); the client and the daemon's backend both fail, none hangs."""
-    from fscache_daemon.storage.backends import RegistryBackend
     stop = threading.Event()
     state: dict = {"sent": 0}
 
@@ -227,18 +234,7 @@ def test_trickled_headers_fail_at_the_deadline():
 
     srv = _Server(handle)
     try:
-        c = _client(srv)
-        kind, value = _outcome(lambda: c.get_manifest("app", "v1"))
-        assert kind == "error", (kind, state)
-        assert isinstance(value, RegistryError) and "deadline" in str(value), value
-        b = RegistryBackend(f"{srv.host}/app:v1", insecure=True, docker_config=False,
-                            retries=0, timeout=10, deadline=1.0)
-        try:
-            kind, value = _outcome(lambda: b.read(BLOB_ID, 0, 4096))
-        finally:
-            b.close()
-        assert kind == "error", (kind, state)
-        assert isinstance(value, ErofsToolsError), value
+        _manifest_and_backend_fail(srv, state, warm=False)
     finally:
         stop.set()
         srv.stop()

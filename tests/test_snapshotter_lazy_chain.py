@@ -6,16 +6,13 @@ mounted and read."""
 from __future__ import annotations
 
 import contextlib
-import http.server
-import json
 import os
-import socketserver
-import threading
 
 import grpc
 import pytest
 from helpers import require, sys_mount, sys_umount
 from test_snapshotter_service import (
+    StandInDaemonAPI,
     _bootstrap_layer,
     code_of,
     nydus_service,
@@ -31,7 +28,7 @@ BOOT = {"containerd.io/snapshot/nydus-bootstrap": "true",
         "containerd.io/snapshot/cri.image-ref": "registry.test/app:1"}
 
 
-class MountingDaemonAPI:
+class MountingDaemonAPI(StandInDaemonAPI):
     """Answers the daemon API's mount by bind-mounting `tree` (a tmpfs: a device of its
     own, as the daemon's EROFS mount has, which the snapshotter's ismount check needs)
     on the mount point (201) and its umount by detaching it (200), recording every
@@ -43,40 +40,25 @@ class MountingDaemonAPI:
     def __init__(self, path: str) -> None:
         self.posts: list[tuple[str, dict]] = []
         self.mounted: list[str] = []
-        api = self
+        super().__init__(path)
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server's name
-                n = int(self.headers.get("Content-Length", 0))
-                body = json.loads(self.rfile.read(n))
-                api.posts.append((self.path, body))
-                status = 202
-                if self.path == "/api/v1/mounts":
-                    sys_mount(api.tree, body["mountpoint"], "none", MS_BIND)
-                    api.mounted.append(body["mountpoint"])
-                    status = 201
-                elif self.path == "/api/v1/umount":
-                    if body["mountpoint"] in api.mounted and not api.forgets:
-                        sys_umount(body["mountpoint"], lazy=True)
-                        api.mounted.remove(body["mountpoint"])
-                        status = 200
-                    else:
-                        status = 404
-                out = b"{}"
-                self.send_response(status)
-                self.send_header("Content-Length", str(len(out)))
-                self.end_headers()
-                self.wfile.write(out)
-
-            def log_message(self, *a) -> None:
-                pass
-
-        self.server = socketserver.ThreadingUnixStreamServer(path, Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+    def answer(self, path: str, body: dict) -> tuple[int, dict]:
+        self.posts.append((path, body))
+        mp = body.get("mountpoint")
+        if path == "/api/v1/mounts":
+            sys_mount(self.tree, mp, "none", MS_BIND)
+            self.mounted.append(mp)
+            return 201, {}
+        if path == "/api/v1/umount":
+            if mp in self.mounted and not self.forgets:
+                sys_umount(mp, lazy=True)
+                self.mounted.remove(mp)
+                return 200, {}
+            return 404, {}
+        return 202, {}
 
     def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        super().close()
         for mp in reversed(self.mounted):
             with contextlib.suppress(OSError):
                 sys_umount(mp, lazy=True)

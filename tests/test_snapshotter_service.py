@@ -522,26 +522,25 @@ def test_call_stats_quantiles():
     assert (p["p50_ms"], p["p99_ms"], p["max_ms"]) == (150.0, 199.0, 200.0)
 
 
-class _RecordingDaemonAPI:
-    """A unix socket answering the daemon API's mount request with a refusal, recording
-    each request: what the snapshotter asks the daemon, and when (the real daemon's
-    mounts at a pull are in test_rpull)."""
+class StandInDaemonAPI:
+    """A unix socket in the daemon API's place: each POST's JSON body goes to
+    `answer(path, body)`, whose (status, object) is sent back. Subclasses say what it
+    answers (the real daemon's mounts at a pull are in test_rpull)."""
 
     def __init__(self, path: str) -> None:
         import http.server
         import socketserver
-        self.posts: list[tuple[str, dict]] = []
-        posts = self.posts
+        api = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802 - http.server's name
                 n = int(self.headers.get("Content-Length", 0))
-                posts.append((self.path, json.loads(self.rfile.read(n))))
-                body = json.dumps({"error": "refused by the test"}).encode()
-                self.send_response(503)
-                self.send_header("Content-Length", str(len(body)))
+                status, obj = api.answer(self.path, json.loads(self.rfile.read(n)))
+                out = json.dumps(obj).encode()
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(out)))
                 self.end_headers()
-                self.wfile.write(body)
+                self.wfile.write(out)
 
             def log_message(self, *a) -> None:
                 pass
@@ -549,9 +548,25 @@ class _RecordingDaemonAPI:
         self.server = socketserver.ThreadingUnixStreamServer(path, Handler)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
+    def answer(self, path: str, body: dict) -> tuple[int, dict]:
+        return 503, {"error": "refused by the test"}
+
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+class _RecordingDaemonAPI(StandInDaemonAPI):
+    """Refuses the daemon API's mount request, recording each request: what the
+    snapshotter asks the daemon, and when."""
+
+    def __init__(self, path: str) -> None:
+        self.posts: list[tuple[str, dict]] = []
+        super().__init__(path)
+
+    def answer(self, path: str, body: dict) -> tuple[int, dict]:
+        self.posts.append((path, body))
+        return super().answer(path, body)
 
 
 def _bootstrap_layer(c: Client, key: str, parent: str, labels: dict, tmp_path) -> None:

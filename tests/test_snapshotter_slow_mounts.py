@@ -4,18 +4,20 @@ one of the gRPC server's threads until the mount is made."""
 
 from __future__ import annotations
 
-import http.server
-import json
 import os
 import shutil
-import socketserver
 import threading
 
 import grpc
 import pytest
 from containerd_fixtures import short_tmpdir, wait_for
 from helpers import HANG
-from test_snapshotter_service import Client, _bootstrap_layer, prepare_blob_layer
+from test_snapshotter_service import (
+    Client,
+    StandInDaemonAPI,
+    _bootstrap_layer,
+    prepare_blob_layer,
+)
 
 from fscache_daemon.snapshotter import serve
 from fscache_daemon.snapshotter.proto import snapshots_pb2 as pb
@@ -27,38 +29,24 @@ BOOT = {"containerd.io/snapshot/nydus-bootstrap": "true",
 CONTAINERS = 16     # as many as test_snapshotter_load starts at once
 
 
-class HeldDaemonAPI:
+class HeldDaemonAPI(StandInDaemonAPI):
     """The daemon API, its mount requests held until `release` is set (then refused:
     what matters here is the wait)."""
 
     def __init__(self, path: str) -> None:
         self.release = threading.Event()
         self.mounts = 0
-        api = self
+        super().__init__(path)
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server's name
-                n = int(self.headers.get("Content-Length", 0))
-                json.loads(self.rfile.read(n))
-                if self.path == "/api/v1/mounts":
-                    api.mounts += 1
-                    api.release.wait(HANG)
-                body = json.dumps({"error": "refused by the test"}).encode()
-                self.send_response(503)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *a) -> None:
-                pass
-
-        self.server = socketserver.ThreadingUnixStreamServer(path, Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+    def answer(self, path: str, body: dict) -> tuple[int, dict]:
+        if path == "/api/v1/mounts":
+            self.mounts += 1
+            self.release.wait(HANG)
+        return super().answer(path, body)
 
     def close(self) -> None:
         self.release.set()
-        self.server.shutdown()
-        self.server.server_close()
+        super().close()
 
 
 def test_containers_waiting_for_a_slow_mount_leave_other_calls_answered(tmp_path):
