@@ -163,8 +163,7 @@ class Transport:
                 resp = self._send(method, url, headers, body, via_proxy)
             except Urllib3Error as e:
                 if watchdog.fired():    # our deadline shut the socket, not the peer
-                    raise RegistryError(f"{method} {safe_url(url)}: answer's headers still "
-                                        "arriving at the deadline") from None
+                    raise _headers_late(method, url) from None
                 if isinstance(e, SSLError):
                     raise _tls_error(method, url, e) from None
                 last = f"connection failed ({type(e).__name__})"
@@ -174,8 +173,7 @@ class Transport:
                 # the headers cut short by our deadline read as complete (an end of
                 # stream ends them): not an answer
                 resp.close()
-                raise RegistryError(f"{method} {safe_url(url)}: answer's headers still "
-                                    "arriving at the deadline")
+                raise _headers_late(method, url)
             if resp is not None:
                 if resp.status not in RETRY_STATUSES:
                     return resp
@@ -211,6 +209,12 @@ class Transport:
             self.proxy_fallbacks += 1
             self._proxy_down_until = time.monotonic() + PROXY_PAUSE
         return self._direct.request(method, url, **kw)
+
+
+def _headers_late(method: str, url: str) -> RegistryError:
+    # the same words as a read timeout cut to the deadline: either may end the wait first
+    return RegistryError(f"{method} {safe_url(url)}: timed out waiting for the answer's "
+                         "headers, out of time (the deadline)")
 
 
 def _tls_error(method: str, url: str, e: SSLError) -> RegistryError:
