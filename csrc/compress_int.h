@@ -38,6 +38,8 @@ struct zconf {
     uint32_t pclusterblks;   /* 1: one block per pcluster */
     uint32_t pclustersize;
     uint32_t dict_size;      /* lzma/zstd/deflate window */
+    int8_t lc, lp, pb;       /* lzma's literal context/position and position bits; -1:
+                                the preset's */
     uint32_t threads;
     uint8_t cfgs[64];        /* records written after the superblock (COMPR_CFGS) */
     uint32_t cfgs_len;

@@ -27,6 +27,12 @@ static int lzma_init(struct zctx *c)
         return ERN_EINVAL;
     }
     s->opt.dict_size = c->zc->dict_size;
+    if (c->zc->lc >= 0)
+        s->opt.lc = (uint32_t)c->zc->lc;
+    if (c->zc->lp >= 0)
+        s->opt.lp = (uint32_t)c->zc->lp;
+    if (c->zc->pb >= 0)
+        s->opt.pb = (uint32_t)c->zc->pb;
     return 0;
 }
 

@@ -180,6 +180,11 @@ enum { Z_EROFS_LCLUSTER_TYPE_PLAIN = 0, Z_EROFS_LCLUSTER_TYPE_HEAD1 = 1,
  * le64 (fragment offset | 1 << 63) and no index follows */
 #define Z_EROFS_FRAGMENT_INODE_BIT 7u
 #define Z_EROFS_PCLUSTER_MAX_SIZE (1024u * 1024u)
+/* the largest windows the kernel takes: its lzma and zstd configuration records are
+ * refused above these; DEFLATE's window is at most 32 KiB by the format */
+#define Z_EROFS_LZMA_MAX_DICT_SIZE (8u * Z_EROFS_PCLUSTER_MAX_SIZE)
+#define Z_EROFS_ZSTD_MAX_DICT_SIZE Z_EROFS_PCLUSTER_MAX_SIZE
+#define Z_EROFS_DEFLATE_MAX_DICT_SIZE 32768u
 
 struct z_erofs_map_header {
     uint16_t h_reserved1;           /* with a fragment: h_fragmentoff, le32 over both */

@@ -81,6 +81,12 @@ struct erofs_opts {
     int32_t compress_alt_alg[3];   /* more algorithms of the -z list (ERN_Z_*; 0: none),
                                   chosen per file by erofs_node_set_zhint */
     int32_t compress_alt_level[3]; /* their levels (-1: default) */
+    uint32_t compress_dict_size[4]; /* per -z algorithm (the first, then the others):
+                                  dictsize= in bytes (lzma, zstd, deflate); 0: the
+                                  algorithm's default, from the largest pcluster */
+    int8_t compress_lzma_lc[4];    /* per -z algorithm, lzma's lc= / lp= / pb= (literal */
+    int8_t compress_lzma_lp[4];    /* context, literal position and position bits); */
+    int8_t compress_lzma_pb[4];    /* -1: the preset's */
     uint32_t pcluster_max;     /* the largest per-file pcluster (0: pcluster_size) */
 };
 

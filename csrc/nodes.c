@@ -61,6 +61,9 @@ void erofs_default_opts(struct erofs_opts *o)
     o->inline_data = 1;
     o->auto_build_time = 1;
     o->compress_level = -1;
+    memset(o->compress_lzma_lc, -1, sizeof(o->compress_lzma_lc));
+    memset(o->compress_lzma_lp, -1, sizeof(o->compress_lzma_lp));
+    memset(o->compress_lzma_pb, -1, sizeof(o->compress_lzma_pb));
 }
 
 erofs_builder *erofs_builder_new(const struct erofs_opts *o)

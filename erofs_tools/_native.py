@@ -104,6 +104,9 @@ class BuildOptions:
     packed_pcluster_size: int = 0  # the packed inode's pcluster bytes; 0: pcluster_size
     dedupe: bool = False           # identical pclusters shared between files
     compress_alt: tuple[tuple[int, int], ...] = ()   # more (COMPRESSORS value, level) of -z
+    compress_dict_size: tuple[int, ...] = ()  # per -z algorithm: dictsize= bytes, 0: default
+    compress_lzma_props: tuple[tuple[int, int, int], ...] = ()  # per -z algorithm: lzma's
+                                                # (lc, lp, pb), -1: the preset's
     pcluster_max: int = 0          # the largest per-file pcluster (set_zhint); 0: pcluster_size
     _extra: dict = field(default_factory=dict, repr=False)
 
@@ -166,6 +169,16 @@ class BuildOptions:
         if not 0 <= self.pcluster_max < 1 << 32:
             raise NativeError("pcluster size out of range")
         o.pcluster_max = self.pcluster_max
+        if len(self.compress_dict_size) > 4 or len(self.compress_lzma_props) > 4:
+            raise NativeError("at most 4 algorithms")
+        for k, d in enumerate(self.compress_dict_size):
+            if not 0 <= d < 1 << 32:
+                raise InputError(f"dictionary size {d} out of range")
+            o.compress_dict_size[k] = d
+        for k, props in enumerate(self.compress_lzma_props):
+            if len(props) != 3 or not all(-1 <= v <= 127 for v in props):
+                raise InputError(f"lzma lc/lp/pb {props} out of range")
+            o.compress_lzma_lc[k], o.compress_lzma_lp[k], o.compress_lzma_pb[k] = props
         return o
 
 

@@ -62,8 +62,10 @@ def build_options(opts: MkfsOptions) -> BuildOptions:
         fragments=z.fragments if z else False,
         packed_pcluster_size=z.packed_pcluster_size if z else 0,
         dedupe=z.dedupe if z else False,
-        compress_alt=tuple((COMPRESSORS[a], -1 if lv is None else lv) for a, lv in z.more)
-        if z else (),
+        compress_alt=tuple((COMPRESSORS[a.name], -1 if a.level is None else a.level)
+                           for a in z.more) if z else (),
+        compress_dict_size=tuple(a.dict_size for a in z.algorithms) if z else (),
+        compress_lzma_props=tuple(a.lzma_props for a in z.algorithms) if z else (),
         pcluster_max=max((h.pcluster_size for h in opts.compress_hints), default=0),
         compress_threads=opts.workers,
         uuid=opts.uuid if opts.uuid is not None else _uuid.uuid4().bytes,

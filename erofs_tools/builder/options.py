@@ -10,6 +10,16 @@ from erofs_tools.errors import InputError
 
 
 @dataclass(frozen=True)
+class Algorithm:
+    """One algorithm of -z: ALG[,level=N][,dictsize=N][,lc=N][,lp=N][,pb=N] (the C core
+    checks the ranges)."""
+    name: str
+    level: int | None = None
+    dict_size: int = 0                # bytes; 0 = the algorithm's default
+    lzma_props: tuple[int, int, int] = (-1, -1, -1)   # lzma's lc, lp, pb; -1 = preset's
+
+
+@dataclass(frozen=True)
 class Compression:
     """-z ALG[,level=N][:ALG2...] and -C SIZE (the C core checks the levels' range)."""
     algorithm: str
@@ -20,7 +30,15 @@ class Compression:
     fragments: bool = False           # -E fragments: last extents in the packed inode
     packed_pcluster_size: int = 0     # -E fragments=SIZE: its pcluster; 0 = as -C
     dedupe: bool = False              # -E dedupe: identical pclusters shared
-    more: tuple[tuple[str, int | None], ...] = ()   # -z A:B:C: the algorithms after the first
+    more: tuple[Algorithm, ...] = ()  # -z A:B:C: the algorithms after the first
+    dict_size: int = 0                # the first algorithm's dictsize= (0 = default)
+    lzma_props: tuple[int, int, int] = (-1, -1, -1)   # the first's lc, lp, pb (lzma)
+
+    @property
+    def algorithms(self) -> tuple[Algorithm, ...]:
+        """Every algorithm of the -z list, the first one first."""
+        return (Algorithm(self.algorithm, self.level, self.dict_size, self.lzma_props),
+                *self.more)
 
 
 @dataclass(frozen=True)
@@ -109,38 +127,72 @@ def parse_extended(texts: Sequence[str]) -> dict[str, str | None]:
 
 def parse_compress(text: str, pcluster: str | None = None,
                    ext: Mapping[str, str | None] | None = None) -> Compression:
-    """mkfs.erofs's -z syntax: ALG[,level=N][:ALG2[,level=N]...] (at most 4)."""
+    """mkfs.erofs's -z syntax: ALG[,level=N][,dictsize=N][:ALG2[,...]...] (at most 4;
+    lzma also takes lc=, lp=, pb=)."""
     algs = [_parse_alg(part, text) for part in text.split(":")]
     if len(algs) > 4:
         raise InputError(f"-z {text!r}: at most 4 algorithms")
-    (name, level), more = algs[0], tuple(algs[1:])
+    first, more = algs[0], tuple(algs[1:])
     size = _pcluster_bytes(pcluster, "-C ") if pcluster is not None else 0
     ext = ext or {}
     packed = ext.get("fragments")
     psize = _pcluster_bytes(packed, "-E fragments=") if packed is not None else 0
     if psize > (size or 4096):
         raise InputError(f"-E fragments={packed}: larger than the pcluster size")
-    return Compression(name, level, size, "legacy-compress" in ext, "ztailpacking" in ext,
-                       "fragments" in ext, psize, "dedupe" in ext, more)
+    return Compression(first.name, first.level, size, "legacy-compress" in ext,
+                       "ztailpacking" in ext, "fragments" in ext, psize, "dedupe" in ext,
+                       more, first.dict_size, first.lzma_props)
 
 
-def _parse_alg(part: str, text: str) -> tuple[str, int | None]:
+# mkfs.erofs reads these numbers with strtoul(base 0): 0x hex, a leading 0 octal; its
+# dictsize= also takes a k, m or g suffix
+_NUMBER = re.compile(r"(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)([kKmMgG]?)")
+_SUFFIX = {"": 0, "k": 10, "m": 20, "g": 30}
+
+
+def _parse_number(text: str, value: str, what: str, suffix: bool) -> int:
+    m = _NUMBER.fullmatch(value)
+    if m is None or (m.group(2) and not suffix):
+        raise InputError(f"-z {text!r}: {what} is not a number: {value!r}")
+    digits = m.group(1)
+    base = 16 if digits[:2] in ("0x", "0X") else 8 if digits.startswith("0") else 10
+    n = int(digits, base) << _SUFFIX[m.group(2).lower()]
+    if n >= 1 << 32:
+        raise InputError(f"-z {text!r}: {what} {value} is too large")
+    return n
+
+
+def _parse_alg(part: str, text: str) -> Algorithm:
     name, *params = part.split(",")
     name = name.strip().lower()
     if name not in COMPRESSOR_NAMES:
         raise InputError(f"-z: unknown compressor {name!r} (one of {', '.join(COMPRESSOR_NAMES)})")
     level = None
+    dict_size = 0
+    props = [-1, -1, -1]
     for p in params:
         key, sep, value = p.partition("=")
-        if key != "level" or not sep:
-            raise InputError(f"-z {text!r}: unknown option {p!r} (level=N)")
-        try:
-            level = int(value, 10)
-        except ValueError:
-            raise InputError(f"-z {text!r}: level is not an integer: {value!r}") from None
-        if level < 0:
-            raise InputError(f"-z {text!r}: negative level")
-    return name, level
+        if not sep or key not in ("level", "dictsize", "lc", "lp", "pb"):
+            raise InputError(f"-z {text!r}: unknown option {p!r} "
+                             "(level=N, dictsize=N; lzma: lc=N, lp=N, pb=N)")
+        if key == "level":
+            try:
+                level = int(value, 10)
+            except ValueError:
+                raise InputError(f"-z {text!r}: level is not an integer: {value!r}") \
+                    from None
+            if level < 0:
+                raise InputError(f"-z {text!r}: negative level")
+        elif key == "dictsize":
+            dict_size = _parse_number(text, value, "dictsize", suffix=True)
+            if dict_size == 0:
+                raise InputError(f"-z {text!r}: dictsize 0")
+        else:
+            if name != "lzma":
+                raise InputError(f"-z {text!r}: {key}= is an lzma option, not {name}'s")
+            v = _parse_number(text, value, key, suffix=False)
+            props["lc lp pb".split().index(key)] = min(v, 127)
+    return Algorithm(name, level, dict_size, (props[0], props[1], props[2]))
 
 
 def parse_compress_hints(path: str, nalgs: int) -> list[CompressHint]:

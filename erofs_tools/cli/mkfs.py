@@ -41,9 +41,10 @@ from erofs_tools.errors import InputError
               help="Skip paths (relative to SOURCE) matching this regex; repeatable.")
 @click.option("--no-shared-xattrs", is_flag=True,
               help="Keep all xattrs inline (by default xattrs on >= 2 inodes are shared).")
-@click.option("-z", "compress", metavar="ALG[,level=N]",
+@click.option("-z", "compress", metavar="ALG[,level=N][,dictsize=N]",
               help="Compress regular files: lz4, lz4hc, lzma, deflate or zstd "
-                   "(as mkfs.erofs -z); data that would not save a block is stored plain.")
+                   "(as mkfs.erofs -z, with level=, dictsize= and lzma's lc=, lp=, pb=); data "
+                   "that would not save a block is stored plain.")
 @click.option("-C", "pcluster", metavar="SIZE",
               help="Largest physical cluster in bytes (a multiple of 4096; default 4096).")
 @click.option("-E", "extended", multiple=True, metavar="OPT[,...]",
