@@ -172,6 +172,8 @@ int erofs_builder_stream_progress(erofs_builder *b, uint64_t *bytes_done);
 struct erofs_walk_opts {
     int32_t fixed_mtime_set;   /* 1: every inode gets fixed_mtime (nsec 0) */
     int64_t fixed_mtime;
+    int32_t clamp_mtime;       /* with fixed_mtime_set: only mtimes at or after
+                                * fixed_mtime become it (SOURCE_DATE_EPOCH) */
     int64_t force_uid;         /* -1: the file's own */
     int64_t force_gid;
     int32_t list_files;        /* 1: regular files (of every size) are listed for the

@@ -355,8 +355,10 @@ static int64_t add_inode(erofs_walk *w, int dfd, const char *name, const char *p
     uint32_t fmt = st->st_mode & S_IFMT;
     uint32_t uid = w->o.force_uid >= 0 ? (uint32_t)w->o.force_uid : st->st_uid;
     uint32_t gid = w->o.force_gid >= 0 ? (uint32_t)w->o.force_gid : st->st_gid;
-    int64_t sec = w->o.fixed_mtime_set ? w->o.fixed_mtime : st->st_mtim.tv_sec;
-    uint32_t nsec = w->o.fixed_mtime_set ? 0 : (uint32_t)st->st_mtim.tv_nsec;
+    int fix = w->o.fixed_mtime_set &&
+              (!w->o.clamp_mtime || st->st_mtim.tv_sec >= w->o.fixed_mtime);
+    int64_t sec = fix ? w->o.fixed_mtime : st->st_mtim.tv_sec;
+    uint32_t nsec = fix ? 0 : (uint32_t)st->st_mtim.tv_nsec;
     uint64_t size = 0;
     uint32_t maj = 0, mnr = 0;
     ssize_t tlen = -1;

@@ -17,12 +17,13 @@ _STEP = 2048
 
 
 def _walk_new(b, source: str | bytes, fixed_mtime: int | None, force_uid: int | None,
-              force_gid: int | None, list_files: bool):
+              force_gid: int | None, list_files: bool, clamp_mtime: bool = False):
     """A C walk of `source` into builder `b` with these options (freed by the caller)."""
     src = os.fsencode(source)
     o = ffi.new("struct erofs_walk_opts *")
     o.fixed_mtime_set = fixed_mtime is not None
     o.fixed_mtime = fixed_mtime or 0
+    o.clamp_mtime = int(clamp_mtime)
     o.force_uid = -1 if force_uid is None else force_uid
     o.force_gid = -1 if force_gid is None else force_gid
     o.list_files = int(list_files)
@@ -35,11 +36,13 @@ def _walk_new(b, source: str | bytes, fixed_mtime: int | None, force_uid: int | 
 def native_walk(builder: NativeBuilder, source: str | bytes, *,
                 fixed_mtime: int | None = None, force_uid: int | None = None,
                 force_gid: int | None = None,
-                on_entry: Callable[[int, int], object] | None = None) -> int:
+                on_entry: Callable[[int, int], object] | None = None,
+                clamp_mtime: bool = False) -> int:
     """Walk directory `source` into `builder` (depth first, names in byte order) and
     set its root; -> the root node. on_entry(entries, bytes) after each step."""
     b = builder._b
-    w = _walk_new(b, source, fixed_mtime, force_uid, force_gid, list_files=False)
+    w = _walk_new(b, source, fixed_mtime, force_uid, force_gid, list_files=False,
+                  clamp_mtime=clamp_mtime)
     entries = ffi.new("uint64_t *")
     nbytes = ffi.new("uint64_t *")
     try:
@@ -66,9 +69,10 @@ class FileWalk:
 
     def __init__(self, builder: NativeBuilder, source: str | bytes, *,
                  fixed_mtime: int | None = None, force_uid: int | None = None,
-                 force_gid: int | None = None) -> None:
+                 force_gid: int | None = None, clamp_mtime: bool = False) -> None:
         self._b = builder._b
-        w = _walk_new(self._b, source, fixed_mtime, force_uid, force_gid, list_files=True)
+        w = _walk_new(self._b, source, fixed_mtime, force_uid, force_gid, list_files=True,
+                      clamp_mtime=clamp_mtime)
         self._w = ffi.gc(w, lib.erofs_walk_free)
         self._out = ffi.new("uint64_t[3]")       # entries, bytes, xattrs
         self._buf = ffi.new("const uint8_t **")

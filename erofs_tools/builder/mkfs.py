@@ -75,6 +75,7 @@ def build_options(opts: MkfsOptions) -> BuildOptions:
         shared_xattrs=opts.shared_xattrs,
         inline_data=opts.inline_data,
         stream_data=True,
+        blkszbits=opts.blkszbits,
     )
 
 
@@ -115,7 +116,7 @@ def mkfs(image: StrOrBytesPath, source: StrOrBytesPath, opts: MkfsOptions | None
         "image": image,
         "source": source,
         "inodes": info.inodes,
-        "blocks": info.image_size // 4096,
+        "blocks": info.image_size >> opts.blkszbits,
         "bytes": info.image_size,
         "data_bytes": info.data_bytes,
         "root_nid": info.root_nid,

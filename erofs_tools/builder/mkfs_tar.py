@@ -282,7 +282,10 @@ def mkfs_tar(image: str, source: str, opts: MkfsOptions | None = None,
             stream = _Tee(stream, fd)
             data_path = scratch[-1]
         reader = TarReader(stream, topts.max_size)
-        tree = TarTree("aufs" if topts.aufs else "none", timestamp=opts.effective_timestamp())
+        mtimes = opts.inode_mtimes()
+        tree = TarTree("aufs" if topts.aufs else "none",
+                       timestamp=mtimes.time if mtimes is not None else None,
+                       clamp=mtimes is not None and mtimes.clamp)
         files = _parse(reader, tree, topts.mode, directory, scratch, progress)
         tar_end = reader.r.offset
         if dump_fd is not None:      # the dump is the whole uncompressed input
@@ -297,7 +300,7 @@ def mkfs_tar(image: str, source: str, opts: MkfsOptions | None = None,
     return {
         "image": image, "source": source, "mode": topts.mode,
         "inodes": info.inodes, "blocks": info.image_size >> (
-            INDEX_BLKSZBITS if topts.mode == "i" else 12),
+            INDEX_BLKSZBITS if topts.mode == "i" else opts.blkszbits),
         "bytes": info.image_size, "data_bytes": info.data_bytes,
         "tar_bytes": tar_end, "entries": tree.entries, "root_nid": info.root_nid,
         "build_time": info.build_time, "uuid": str(_uuid.UUID(bytes=uuid)),

@@ -42,6 +42,19 @@ class Compression:
 
 
 @dataclass(frozen=True)
+class MtimePolicy:
+    """Inode mtimes set to `time` (nsec 0): all of them, or with `clamp` only those at
+    or after it (SOURCE_DATE_EPOCH: an mtime from before the release stays as it is)."""
+    time: int
+    clamp: bool = False
+
+    def apply(self, sec: int, nsec: int) -> tuple[int, int]:
+        if self.clamp and sec < self.time:
+            return sec, nsec
+        return self.time, 0
+
+
+@dataclass(frozen=True)
 class CompressHint:
     """One line of --compress-hints: files whose path (relative to SOURCE) matches get
     this pcluster size (0: not compressed) and algorithm (index in the -z list)."""
@@ -67,9 +80,23 @@ class MkfsOptions:
     inode_digest: bytes | None = None  # --xattr-inode-digest: the fingerprint xattr's name
     inline_data: bool = True          # -E noinline_data: no FLAT_INLINE tails (containerd's
                                       # EROFS differ asks for it: data blocks stay aligned)
+    all_time: bool = True             # --all-time (default) / --mkfs-time: -T also sets
+                                      # every inode's mtime, or only the build time
+    blkszbits: int = 12               # -b: log2 of the block size (512 .. 4096)
+
+    def inode_mtimes(self, environ: Mapping[str, str] = os.environ) -> MtimePolicy | None:
+        """What becomes of the inodes' mtimes: -T sets every one (unless --mkfs-time);
+        SOURCE_DATE_EPOCH clamps those after it (the reproducible-builds rule, as
+        mkfs.erofs 1.9); else None, each file keeps its own."""
+        if self.timestamp is not None:
+            return MtimePolicy(self.timestamp, clamp=False) if self.all_time else None
+        sde = environ.get("SOURCE_DATE_EPOCH")
+        if sde and self.all_time:
+            return MtimePolicy(parse_timestamp(sde, "SOURCE_DATE_EPOCH"), clamp=True)
+        return None
 
     def effective_timestamp(self, environ: Mapping[str, str] = os.environ) -> int | None:
-        """-T wins; else SOURCE_DATE_EPOCH (same meaning as -T, as mkfs.erofs)."""
+        """The build time: -T wins; else SOURCE_DATE_EPOCH."""
         if self.timestamp is not None:
             return self.timestamp
         sde = environ.get("SOURCE_DATE_EPOCH")
@@ -254,6 +281,18 @@ def parse_timestamp(text: object, what: str = "-T") -> int:
     if not 0 <= v < 1 << 63:
         raise InputError(f"{what}: timestamp out of range: {text!r}")
     return v
+
+
+def parse_block_size(size: int | None, tar_mode: str | None = None) -> int:
+    """-b SIZE -> log2 of it: a power of two from 512 to 4096 (the page size: the kernel
+    mounts no larger block); --tar=i images have 512-byte blocks, the tar's own."""
+    if size is None:
+        return 9 if tar_mode == "i" else 12
+    if size not in (512, 1024, 2048, 4096):
+        raise InputError(f"-b {size}: the block size must be 512, 1024, 2048 or 4096")
+    if tar_mode == "i" and size != 512:
+        raise InputError(f"-b {size}: --tar=i images have 512-byte blocks (the tar's)")
+    return size.bit_length() - 1
 
 
 def parse_uuid(text: str) -> bytes | None:

@@ -201,7 +201,8 @@ class RafsWalker(TreeWalker):
                 or self.hints or self.digest or self.excl_paths or self.excl_regex):
             return super().walk(source)
         fw = FileWalk(self.b, source, fixed_mtime=self.fixed_mtime,
-                      force_uid=self.force_uid, force_gid=self.force_gid)
+                      force_uid=self.force_uid, force_gid=self.force_gid,
+                      clamp_mtime=self.clamp_mtime)
         regular = self.regular
         emit_many = self.emit_many
         try:

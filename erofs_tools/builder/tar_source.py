@@ -142,17 +142,17 @@ def pack_tar(source: StrOrBytesPath | BinaryIO, bootstrap: StrPath, blob_dir: St
                          "(choose oci, overlayfs or none)")
     cdict = ChunkDict(opts.chunk_dicts, opts.digester, opts.chunk_size)
     prefetch = normalize_prefetch(opts.prefetch)
-    ts = opts.timestamp
-    if ts is None and os.environ.get("SOURCE_DATE_EPOCH"):
-        from erofs_tools.builder.options import parse_timestamp
-        ts = parse_timestamp(os.environ["SOURCE_DATE_EPOCH"], "SOURCE_DATE_EPOCH")
+    from erofs_tools.builder.options import MkfsOptions
+    mtimes = MkfsOptions(timestamp=opts.timestamp).inode_mtimes()
+    ts = mtimes.time if mtimes is not None else None
 
     if isinstance(source, (str, bytes, os.PathLike)):
         raw, close = open_source(source)
         name = os.fsdecode(source)
     else:
         raw, close, name = source, (lambda: None), getattr(source, "name", "<stream>")
-    tree = TarTree(whiteout_spec, timestamp=ts, mark_implied=mark_implied)
+    tree = TarTree(whiteout_spec, timestamp=ts, mark_implied=mark_implied,
+                   clamp=mtimes is not None and mtimes.clamp)
     stream = None
     placer = RP.ChunkPlacer(opts, blob_dir, cdict)
     writer = placer.writer

@@ -87,12 +87,15 @@ class TarTree:
     """Build the image tree from tar entries (see the module docstring for the rules)."""
 
     def __init__(self, whiteout_spec: str = "oci", timestamp: int | None = None,
-                 mark_implied: bool = False) -> None:
+                 mark_implied: bool = False, clamp: bool = False) -> None:
+        """timestamp: every entry's mtime becomes it (nsec 0), or with `clamp` those at
+        or after it (SOURCE_DATE_EPOCH); implied directories get it either way."""
         if whiteout_spec not in TREE_SPECS:
             raise InputError(f"unknown whiteout spec {whiteout_spec!r} "
                              "(choose oci, overlayfs or none)")
         self.spec = whiteout_spec
         self.timestamp = timestamp
+        self.clamp = clamp
         t = timestamp or 0
         self.root = TNode(stat.S_IFDIR | 0o755, 0, 0, t, 0)
         self.root.implied = True
@@ -138,7 +141,7 @@ class TarTree:
         node.uid, node.gid = e.uid, e.gid
         if not (0 <= e.uid < 1 << 32 and 0 <= e.gid < 1 << 32):
             raise FormatLimitError(f"{_show(e.name)}: uid/gid {e.uid}/{e.gid} out of range")
-        if self.timestamp is not None:
+        if self.timestamp is not None and (not self.clamp or e.mtime >= self.timestamp):
             node.mtime, node.nsec = self.timestamp, 0
         elif e.mtime < 0:
             node.mtime, node.nsec = 0, 0              # documented: clamped

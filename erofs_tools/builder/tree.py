@@ -62,8 +62,9 @@ class TreeWalker:
         # every filesystem (pack streams regular files to its chunker in walk order)
         self.entries = 0
         self.bytes = 0
-        ts = options.effective_timestamp()
-        self.fixed_mtime = ts
+        self.mtimes = options.inode_mtimes()
+        self.fixed_mtime = self.mtimes.time if self.mtimes is not None else None
+        self.clamp_mtime = self.mtimes is not None and self.mtimes.clamp
         self.force_uid = 0 if options.all_root else options.force_uid
         self.force_gid = 0 if options.all_root else options.force_gid
         self.excl_paths = set(options.exclude_paths)
@@ -96,10 +97,9 @@ class TreeWalker:
         fmt = mode & _S_IFMT
         uid = st.st_uid if self.force_uid is None else self.force_uid
         gid = st.st_gid if self.force_gid is None else self.force_gid
-        if self.fixed_mtime is not None:
-            sec, nsec = self.fixed_mtime, 0
-        else:
-            sec, nsec = divmod(st.st_mtime_ns, 1_000_000_000)
+        sec, nsec = divmod(st.st_mtime_ns, 1_000_000_000)
+        if self.mtimes is not None:
+            sec, nsec = self.mtimes.apply(sec, nsec)
         size = 0
         target = None
         maj = mnr = 0
@@ -182,7 +182,7 @@ class TreeWalker:
                     on_entry(entries, nbytes)
             return native_walk(self.b, src, fixed_mtime=self.fixed_mtime,
                                force_uid=self.force_uid, force_gid=self.force_gid,
-                               on_entry=counted)
+                               on_entry=counted, clamp_mtime=self.clamp_mtime)
         try:
             st = os.lstat(src)
         except OSError as e:

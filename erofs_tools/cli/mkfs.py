@@ -7,6 +7,7 @@ from erofs_tools.builder.mkfs import mkfs as build_image
 from erofs_tools.builder.options import (
     INODE_DIGEST_DEFAULT,
     MkfsOptions,
+    parse_block_size,
     parse_compress,
     parse_compress_hints,
     parse_exclude_path,
@@ -28,7 +29,17 @@ from erofs_tools.errors import InputError
 @tar_options
 @click.option("-T", "--timestamp", metavar="SECONDS",
               help="Set every inode's mtime and the build time to this UNIX time "
-                   "(default: SOURCE_DATE_EPOCH if set, else keep the tree's mtimes).")
+                   "(default: SOURCE_DATE_EPOCH if set, which is the build time and "
+                   "clamps the mtimes after it; else keep the tree's mtimes).")
+@click.option("--mkfs-time", "all_time", flag_value=False,
+              help="-T (or SOURCE_DATE_EPOCH) is the build time only; files keep their "
+                   "mtimes.")
+@click.option("--all-time", "all_time", flag_value=True, default=True,
+              help="-T also sets every file's mtime (the default); SOURCE_DATE_EPOCH "
+                   "clamps the mtimes after it.")
+@click.option("-b", "block_size", type=int, metavar="SIZE",
+              help="Block size in bytes: 512, 1024, 2048 or 4096 (default); --tar=i "
+                   "images have the tar's 512.")
 @click.option("-U", "--uuid", "uuid_text", metavar="UUID",
               help="Volume UUID, 'random' (default) or 'clear'.")
 @click.option("-L", "--label", default="", help="Volume label (at most 15 bytes).")
@@ -65,10 +76,10 @@ from erofs_tools.errors import InputError
               help="Compression threads (default: one per CPU; the image is the same).")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing on success.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
-def mkfs(image, source, timestamp, uuid_text, label, all_root, force_uid, force_gid,
-         exclude_path, exclude_regex, no_shared_xattrs, compress, pcluster, extended, hints,
-         digest_flag, digest_name, workers, quiet, as_json, tar_mode, aufs, ungzip,
-         ungzip_dump, max_size):
+def mkfs(image, source, timestamp, all_time, block_size, uuid_text, label, all_root,
+         force_uid, force_gid, exclude_path, exclude_regex, no_shared_xattrs, compress,
+         pcluster, extended, hints, digest_flag, digest_name, workers, quiet, as_json,
+         tar_mode, aufs, ungzip, ungzip_dump, sort_order, max_size):
     """Build an EROFS image IMAGE of the directory SOURCE (4 KiB blocks), or with --tar
     of the tar file SOURCE (- or none: stdin)."""
     check_tar_flags(tar_mode, aufs, ungzip, ungzip_dump, max_size)
@@ -80,6 +91,7 @@ def mkfs(image, source, timestamp, uuid_text, label, all_root, force_uid, force_
     if hints is not None and compress is None:
         raise InputError("--compress-hints needs -z")
     z = parse_compress(compress, pcluster, ext) if compress is not None else None
+    blkszbits = parse_block_size(block_size, tar_mode)
     digest = None
     if digest_flag or digest_name is not None:
         digest = parse_inode_digest(INODE_DIGEST_DEFAULT if digest_name is None else digest_name)
@@ -100,6 +112,8 @@ def mkfs(image, source, timestamp, uuid_text, label, all_root, force_uid, force_
         compress_hints=parse_compress_hints(hints, 1 + len(z.more)) if z and hints else [],
         workers=workers,
         inode_digest=digest,
+        all_time=all_time,
+        blkszbits=blkszbits,
     )
     progress = Progress.maybe(enabled=not quiet and not as_json)
     if tar_mode is not None:

@@ -43,6 +43,11 @@ def tar_options(f: Callable[..., Any]) -> Callable[..., Any]:
                      help="With --tar: the tar may be gzip-compressed; --ungzip=FILE also "
                           "keeps the uncompressed tar in FILE."),
         click.option("--ungzip-dump", hidden=True),
+        click.option("--sort", "sort_order", type=click.Choice(["path", "none"]),
+                     default="path", metavar="path|none",
+                     help="Order of the file data (as mkfs.erofs): path; none (tar order, "
+                          "what containerd's EROFS differ asks) is accepted and gives the "
+                          "same image, as mkfs.erofs does with -z or inline data."),
         click.option("--max-size", metavar="BYTES",
                      help="With --tar: most (decompressed) bytes to read, e.g. 1G (default "
                           "1 TiB; K, M, G, T suffixes), against gzip bombs."),

@@ -62,7 +62,8 @@ def _read_prefetch(spec):
                    "(their data goes first in the blob).")
 @click.option("-T", "--timestamp", metavar="SECONDS",
               help="Set every inode's mtime and the build time to this UNIX time "
-                   "(default: SOURCE_DATE_EPOCH if set, else keep the tree's mtimes).")
+                   "(default: SOURCE_DATE_EPOCH if set, which is the build time and "
+                   "clamps the mtimes after it; else keep the tree's mtimes).")
 @click.option("-j", "--jobs", type=click.IntRange(1, 1024),
               help="Hash/compress threads (default: number of CPUs).")
 @click.option("--type", "source_type", type=click.Choice(["dir", "tar", "targz", "tarzst"]),
