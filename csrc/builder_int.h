@@ -323,6 +323,11 @@ INTERNAL uint64_t dir_size_sorted(uint32_t blksz, const char *names, const uint3
 INTERNAL uint64_t sb_area_end(const erofs_builder *b);
 INTERNAL int is_flat_data(const struct node *n);
 INTERNAL uint32_t xentry_size(const struct xattr_rec *x);
+/* xattrs.c: the inode's xattr name filter (EROFS_FEATURE_COMPAT_XATTR_FILTER), and the
+ * layout phase: per-node ranges, the shared area (*shared_bytes), inline sizes;
+ * *filtered set when some inode's filter rules a name out */
+INTERNAL uint32_t xattr_name_filter(const erofs_builder *b, const struct node *n);
+INTERNAL int pack_xattrs(erofs_builder *b, uint32_t *shared_bytes, int *filtered);
 INTERNAL uint64_t place_sparse_chunks(erofs_builder *b, struct chunkset *cs, uint64_t size,
                                      uint64_t blk);
 

@@ -20,6 +20,7 @@
 
 #define EROFS_FEATURE_COMPAT_SB_CHKSUM 0x1u
 #define EROFS_FEATURE_COMPAT_MTIME 0x2u
+#define EROFS_FEATURE_COMPAT_XATTR_FILTER 0x4u  /* xattr name Bloom filters (xattrs.c) */
 #define EROFS_FEATURE_COMPAT_PLAIN_XATTR_PFX 0x10u  /* long prefixes in metadata, not packed */
 #define EROFS_FEATURE_COMPAT_ISHARE_XATTRS 0x20u    /* per-inode content fingerprints */
 #define EROFS_FEATURE_INCOMPAT_ZERO_PADDING 0x1u   /* compressed data right-aligned */
@@ -37,6 +38,8 @@
  * the short prefix index the long one extends (0: none) and the rest of the prefix */
 #define EROFS_XATTR_LONG_PREFIX 0x80u
 #define EROFS_XATTR_LONG_PREFIX_MASK 0x7fu
+#define EROFS_XATTR_FILTER_BITS 32u
+#define EROFS_XATTR_FILTER_SEED 0x25BBE08Fu
 
 /* i_format: bit 0 version, bits 1..3 data layout */
 #define EROFS_INODE_COMPACT 0u

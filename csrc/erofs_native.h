@@ -52,6 +52,8 @@ struct erofs_opts {
     int32_t sb_checksum;       /* 1: crc32c over [1024, blksz) and set SB_CHKSUM */
     int32_t shared_xattrs;     /* 1: an xattr carried by >= 2 inodes goes to the shared area */
     int32_t inline_data;       /* 1: FLAT_INLINE tails when they fit (else FLAT_PLAIN) */
+    int32_t xattr_filter;      /* 1: xattr name filters in the inodes' xattr headers (as
+                                  mkfs.erofs 1.9 writes them; Nydus's bootstraps have none) */
     int32_t force_extended;    /* 1: every inode extended (64 bytes) */
     int32_t auto_build_time;   /* 1: build_time = most common (mtime, nsec) of the tree */
     int64_t build_time;
@@ -230,6 +232,8 @@ const struct erofs_fs_const *erofs_fs_consts(uint32_t *count);
 uint32_t erofs_crc32c_update(uint32_t crc, const uint8_t *buf, size_t len);
 /* EROFS superblock checksum of one block buffer (its checksum field treated as zero) */
 uint32_t erofs_sb_checksum(const uint8_t *block, size_t blksz);
+/* xxHash32 of data (xattrs.c: the xattr name filters hash names with it) */
+uint32_t ern_xxh32(const void *data, size_t len, uint32_t seed);
 
 /* -- decompression (decompress.c): one EROFS pcluster -------------------------------- */
 /* erofs_z_decompress alg: the on-disk algorithm numbers */

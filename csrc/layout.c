@@ -28,6 +28,7 @@ struct layout_state {
     uint64_t first_nid;
     uint64_t meta_end;          /* end of the last inode */
     uint32_t xattr_blkaddr;
+    int xattr_filter;           /* some inode's xattr name filter is not 0 */
 };
 
 static int cmp_dirent(const void *pa, const void *pb, void *ctx)
@@ -40,44 +41,6 @@ static int cmp_dirent(const void *pa, const void *pb, void *ctx)
                    sort_ctx->arena + b2->name_off, b2->name_len);
 }
 
-static int cmp_xattr_name(erofs_builder *sort_ctx, const struct xattr_rec *a, const struct xattr_rec *b2)
-{
-    if (a->index != b2->index)
-        return a->index < b2->index ? -1 : 1;
-    return namecmp(sort_ctx->arena + a->name_off, a->name_len,
-                   sort_ctx->arena + b2->name_off, b2->name_len);
-}
-
-static int cmp_xattr_content(erofs_builder *sort_ctx, const struct xattr_rec *a, const struct xattr_rec *b2)
-{
-    if (a->index != b2->index)
-        return a->index < b2->index ? -1 : 1;
-    int c = namecmp(sort_ctx->arena + a->name_off, a->name_len,
-                    sort_ctx->arena + b2->name_off, b2->name_len);
-    if (c)
-        return c;
-    return namecmp(sort_ctx->arena + a->val_off, a->val_len,
-                   sort_ctx->arena + b2->val_off, b2->val_len);
-}
-
-static int cmp_xattr_node(const void *pa, const void *pb, void *ctx)
-{
-    const struct xattr_rec *a = pa, *b2 = pb;
-    if (a->node != b2->node)
-        return a->node < b2->node ? -1 : 1;
-    return cmp_xattr_content(ctx, a, b2);
-}
-
-static int cmp_xattr_idx(const void *pa, const void *pb, void *ctx)
-{
-    erofs_builder *sort_ctx = ctx;
-    uint32_t ia = *(const uint32_t *)pa, ib = *(const uint32_t *)pb;
-    int c = cmp_xattr_content(sort_ctx, &sort_ctx->xas[ia], &sort_ctx->xas[ib]);
-    if (c)
-        return c;
-    return ia < ib ? -1 : ia > ib;
-}
-
 struct mt { int64_t s; uint32_t ns; };
 
 static int cmp_mt(const void *pa, const void *pb)
@@ -86,12 +49,6 @@ static int cmp_mt(const void *pa, const void *pb)
     if (a->s != b2->s)
         return a->s < b2->s ? -1 : 1;
     return a->ns < b2->ns ? -1 : a->ns > b2->ns;
-}
-
-/* an inline or shared xattr entry: header, name suffix, value, 4-byte aligned */
-uint32_t xentry_size(const struct xattr_rec *x)
-{
-    return ((uint32_t)sizeof(struct erofs_xattr_entry) + x->name_len + x->val_len + 3u) & ~3u;
 }
 
 static int cmp_meta_off(const void *pa, const void *pb, void *ctx)
@@ -279,89 +236,6 @@ static void size_dirs(erofs_builder *b)
 
 /* the shared xattr area: an xattr with the same content on >= 2 inodes is stored once,
  * in content order; its id is its offset / 4 */
-static int share_xattrs(erofs_builder *b, struct layout_state *st)
-{
-    uint32_t *idx = malloc((size_t)b->nxa * sizeof(uint32_t));
-    b->shared_order = malloc((size_t)b->nxa * sizeof(uint32_t));
-    if (!idx || !b->shared_order) {
-        free(idx);
-        return fail(b, ERN_ENOMEM, "out of memory");
-    }
-    for (uint32_t i = 0; i < b->nxa; i++)
-        idx[i] = i;
-    qsort_r(idx, b->nxa, sizeof(uint32_t), cmp_xattr_idx, b);
-    for (uint32_t i = 0; i < b->nxa;) {
-        uint32_t j = i + 1;
-        while (j < b->nxa && !cmp_xattr_content(b, &b->xas[idx[i]], &b->xas[idx[j]]))
-            j++;
-        /* content fingerprints stay inline, as mkfs.erofs 1.9 writes them (it computes
-         * them after choosing the shared xattrs): two files of the same content keep
-         * their own copy */
-        int fingerprint = b->xpfx_ishare >= 0 &&
-                          b->xas[idx[i]].index == (EROFS_XATTR_LONG_PREFIX | (uint32_t)b->xpfx_ishare);
-        if (j - i >= 2 && !fingerprint) {
-            uint64_t id = st->shared_bytes / 4;
-            uint32_t sz = xentry_size(&b->xas[idx[i]]);
-            if ((uint64_t)st->shared_bytes + sz > 0xFFFFFFF0ull) {
-                free(idx);
-                return fail(b, ERN_ELIMIT, "shared xattr area too large");
-            }
-            for (uint32_t k = i; k < j; k++)
-                b->xas[idx[k]].shared_id = (uint32_t)id;
-            b->shared_order[b->nshared++] = idx[i];
-            st->shared_bytes += sz;
-        }
-        i = j;
-    }
-    free(idx);
-    return 0;
-}
-
-/* xattrs: group per node, pick the shared ones, size each inode's inline area */
-static int pack_xattrs(erofs_builder *b, struct layout_state *st)
-{
-    qsort_r(b->xas, b->nxa, sizeof(*b->xas), cmp_xattr_node, b);
-    for (uint32_t i = 0; i < b->nnodes; i++) {
-        b->nodes[i].xa_first = 0;
-        b->nodes[i].xa_count = 0;
-    }
-    for (uint32_t i = 0; i < b->nxa; i++) {
-        struct xattr_rec *x = &b->xas[i];
-        if (i && x->node == b->xas[i - 1].node && !cmp_xattr_name(b, x, &b->xas[i - 1]))
-            return fail(b, ERN_EINVAL, "duplicate xattr name on one node");
-        struct node *n = &b->nodes[x->node];
-        if (n->xa_count == 0)
-            n->xa_first = i;
-        n->xa_count++;
-        x->shared_id = NONE32;
-    }
-    st->shared_bytes = 0;
-    free(b->shared_order);
-    b->shared_order = NULL;
-    b->nshared = 0;
-    if (b->o.shared_xattrs && b->nxa > 1) {
-        int r = share_xattrs(b, st);
-        if (r)
-            return r;
-    }
-    const uint32_t hdr = (uint32_t)sizeof(struct erofs_xattr_ibody_header);
-    for (uint32_t i = 0; i < b->nnodes; i++) {
-        struct node *n = &b->nodes[i];
-        n->xattr_isize = 0;
-        if (!n->xa_count)
-            continue;
-        uint64_t sz = hdr;
-        for (uint32_t k = 0; k < n->xa_count; k++) {
-            struct xattr_rec *x = &b->xas[n->xa_first + k];
-            sz += x->shared_id != NONE32 ? 4 : xentry_size(x);
-        }
-        if ((sz - hdr) / 4 + 1 > 0xFFFF)
-            return fail(b, ERN_ELIMIT, "xattrs of one inode exceed the inline limit");
-        n->xattr_isize = (uint32_t)sz;
-    }
-    return 0;
-}
-
 /* build time: the given one, or the most common (mtime, nsec) so that most inodes can
  * be compact (a compact inode's mtime is the build time) */
 static int pick_build_time(erofs_builder *b, struct layout_state *st)
@@ -651,6 +525,7 @@ static void fill_info(erofs_builder *b, const struct layout_state *st)
     b->info.build_time = st->bt;
     b->info.build_time_nsec = st->btn;
     b->info.feature_compat = b->o.feature_compat |
+                             (st->xattr_filter ? EROFS_FEATURE_COMPAT_XATTR_FILTER : 0) |
                              (b->o.sb_checksum ? EROFS_FEATURE_COMPAT_SB_CHKSUM : 0) |
                              (b->xpfx_count ? EROFS_FEATURE_COMPAT_PLAIN_XATTR_PFX : 0) |
                              (b->xpfx_ishare >= 0 ? EROFS_FEATURE_COMPAT_ISHARE_XATTRS : 0);
@@ -676,7 +551,7 @@ int erofs_builder_layout(erofs_builder *b, struct erofs_layout_info *info)
     if ((r = check_data_sources(b)) || (r = index_dirents(b)) || (r = order_nids(b)))
         return r;
     size_dirs(b);
-    if ((r = pack_xattrs(b, &st)) || (r = pick_build_time(b, &st)))
+    if ((r = pack_xattrs(b, &st.shared_bytes, &st.xattr_filter)) || (r = pick_build_time(b, &st)))
         return r;
     if ((r = choose_formats(b, &st)))
         return r;

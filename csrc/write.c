@@ -163,6 +163,8 @@ static int write_inline_xattrs(erofs_builder *b, const struct node *n, uint64_t 
     struct erofs_xattr_ibody_header hdr;
     memset(&hdr, 0, sizeof(hdr));
     hdr.h_shared_count = (uint8_t)nshared;
+    if (b->o.xattr_filter)
+        hdr.h_name_filter = cpu_to_le32(xattr_name_filter(b, n));
     if ((r = win_write(b, off, &hdr, sizeof(hdr))))
         return r;
     off += sizeof(hdr);

@@ -85,6 +85,7 @@ class BuildOptions:
     sb_checksum: bool = True
     shared_xattrs: bool = True
     inline_data: bool = True
+    xattr_filter: bool = False     # xattr name filters (mkfs, as mkfs.erofs 1.9; not pack)
     force_extended: bool = False
     build_time: int | None = None  # None: most common (mtime, nsec) of the tree
     build_time_nsec: int = 0
@@ -129,6 +130,7 @@ class BuildOptions:
         o.sb_checksum = int(self.sb_checksum)
         o.shared_xattrs = int(self.shared_xattrs)
         o.inline_data = int(self.inline_data)
+        o.xattr_filter = int(self.xattr_filter)
         o.force_extended = int(self.force_extended)
         o.auto_build_time = int(self.build_time is None)
         o.build_time = self.build_time or 0
@@ -458,6 +460,14 @@ def sb_checksum(block: bytes) -> int:
     if len(block) < E.BLKSZ:
         raise NativeError(f"need the first {E.BLKSZ} bytes of the image")
     return lib.erofs_sb_checksum(block, E.BLKSZ)
+
+
+def xxh32(data: bytes, seed: int = 0) -> int:
+    """xxHash32 of data (the hash of EROFS's xattr name filters)."""
+    data = bytes(data)
+    if not 0 <= seed < 1 << 32:
+        raise NativeError(f"xxh32 seed {seed} out of range")
+    return int(lib.ern_xxh32(data, len(data), seed))
 
 
 def _c_table(fn: Callable[[Any], Any]) -> list[Any]:

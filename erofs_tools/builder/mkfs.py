@@ -76,6 +76,9 @@ def build_options(opts: MkfsOptions) -> BuildOptions:
         inline_data=opts.inline_data,
         stream_data=True,
         blkszbits=opts.blkszbits,
+        xattr_filter=opts.xattr_filter,
+        sb_checksum=opts.sb_checksum,
+        force_extended=opts.force_extended,
     )
 
 

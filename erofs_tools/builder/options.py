@@ -83,6 +83,9 @@ class MkfsOptions:
     all_time: bool = True             # --all-time (default) / --mkfs-time: -T also sets
                                       # every inode's mtime, or only the build time
     blkszbits: int = 12               # -b: log2 of the block size (512 .. 4096)
+    xattr_filter: bool = True         # -E ^xattr-name-filter turns the name filters off
+    sb_checksum: bool = True          # -E nosbcrc: no superblock checksum
+    force_extended: bool = False      # -E force-inode-extended: every inode 64 bytes
 
     def inode_mtimes(self, environ: Mapping[str, str] = os.environ) -> MtimePolicy | None:
         """What becomes of the inodes' mtimes: -T sets every one (unless --mkfs-time);
@@ -135,20 +138,38 @@ PCLUSTER_MAX = 1 << 20
 
 # -E options this mkfs knows (mkfs.erofs names), and whether they take =VALUE
 EXTENDED = {"legacy-compress": False, "ztailpacking": False, "fragments": True,
-            "dedupe": False, "noinline_data": False}
+            "dedupe": False, "noinline_data": False, "force-inode-extended": False,
+            "nosbcrc": False}
+# -E options that are on by default, named as mkfs.erofs names them: "^NAME" turns one
+# off, which the result says as the key here
+DEFAULT_ON = {"inline_data": "noinline_data", "xattr-name-filter": "no-xattr-name-filter"}
 
 
 def parse_extended(texts: Sequence[str]) -> dict[str, str | None]:
-    """-E options (comma separated, repeatable) -> {name: value or None}."""
+    """-E options (comma separated, repeatable; "^NAME" turns NAME off, as mkfs.erofs)
+    -> {name: value or None} of those on (a default one turned off as DEFAULT_ON's key)."""
     out: dict[str, str | None] = {}
     for text in texts:
         for opt in filter(None, (t.strip() for t in text.split(","))):
             name, sep, value = opt.partition("=")
+            off = name.startswith("^")
+            name = name[1:] if off else name
+            if name in DEFAULT_ON:
+                if sep:
+                    raise InputError(f"-E {name} takes no value")
+                if off:
+                    out[DEFAULT_ON[name]] = None
+                else:
+                    out.pop(DEFAULT_ON[name], None)
+                continue
             if name not in EXTENDED:
                 raise InputError(f"-E: unsupported extended option {opt!r}")
-            if sep and not EXTENDED[name]:
-                raise InputError(f"-E {name} takes no value")
-            out[name] = value if sep else None
+            if sep and (off or not EXTENDED[name]):
+                raise InputError(f"-E {'^' if off else ''}{name} takes no value")
+            if off:
+                out.pop(name, None)
+            else:
+                out[name] = value if sep else None
     return out
 
 

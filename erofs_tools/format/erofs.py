@@ -181,7 +181,9 @@ LI_TYPE_MASK = 0x3
 FULL_INDEX_PADDING = 8                 # full indexes start 8 bytes after the map header
 PCLUSTER_MAX_SIZE = 1 << 20            # erofs-utils' bounds of one pcluster
 PCLUSTER_MAX_DSIZE = 12 << 20
-LZMA_MAX_DICT_SIZE = 8 * PCLUSTER_MAX_SIZE
+LZMA_MAX_DICT_SIZE = 8 * PCLUSTER_MAX_SIZE  # the largest windows the kernel takes
+ZSTD_MAX_DICT_SIZE = PCLUSTER_MAX_SIZE
+DEFLATE_MAX_DICT_SIZE = 1 << 15
 
 
 class MapHeader(Record):
@@ -280,6 +282,10 @@ XATTR_PREFIXES = {
 # le16 size, then `size` bytes: the short index it extends (0: none) and the infix.
 XATTR_LONG_PREFIX = 0x80
 XATTR_LONG_PREFIX_MASK = 0x7F
+# FEATURE_COMPAT_XATTR_FILTER: h_name_filter bit (xxh32(name after its short prefix,
+# SEED + the prefix's index) % BITS) set = no xattr of the inode has a name hashing there
+XATTR_FILTER_BITS = 32
+XATTR_FILTER_SEED = 0x25BBE08F
 XATTR_PREFIX_ENTRY_ALIGN = 4
 
 

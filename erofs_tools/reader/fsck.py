@@ -40,6 +40,38 @@ def _msg(e, name):
     return s[len(prefix):] if s.startswith(prefix) else s
 
 
+def xattr_name_filter(img: Image, ino) -> int | None:
+    """The inode's xattr name filter (h_name_filter), None without xattrs or without
+    the feature (then every name may be there)."""
+    if not ino.xattr_icount or not img.sb.feature_compat & E.FEATURE_COMPAT_XATTR_FILTER:
+        return None
+    hdr = E.XattrIbodyHeader.decode(img.read(ino.offset + ino.inode_size,
+                                              E.XattrIbodyHeader.SIZE,
+                                              f"inode {ino.nid} xattrs"), 0)
+    return int(hdr.h_name_filter)
+
+
+def filtered_out(img: Image, ino) -> list[bytes]:
+    """The xattr names of `ino` that its name filter (FEATURE_COMPAT_XATTR_FILTER) rules
+    out: none in a sound image. A name hashes as the kernel hashes a lookup: xxh32 of
+    what follows its short prefix, seeded with the filter seed plus the prefix's index."""
+    pairs = img.xattrs(ino)
+    flt = xattr_name_filter(img, ino)
+    if not flt or not pairs:
+        return []
+    from erofs_tools._native import xxh32
+    out = []
+    for name, _ in pairs:
+        index, rest = 0, name
+        for i, prefix in E.XATTR_PREFIXES.items():
+            if name.startswith(prefix):
+                index, rest = i, name[len(prefix):]
+                break
+        if flt >> (xxh32(rest, E.XATTR_FILTER_SEED + index) % E.XATTR_FILTER_BITS) & 1:
+            out.append(name)
+    return out
+
+
 def check_superblock(img: Image):
     out = []
     sb = img.sb
@@ -168,7 +200,10 @@ def check_image(img: Image, blobs=None, verify_data=True):
         if not ino.reserved_ok:
             add(path, "extended inode i_nb (reserved) is not 0")
         try:
-            img.xattrs(ino)
+            hidden = filtered_out(img, ino)
+            if hidden:
+                # the kernel would answer ENODATA for them: the xattr is lost
+                add(path, f"xattr name filter hides {', '.join(map(repr, hidden))}")
         except CorruptImageError as e:
             add(path, _msg(e, name))
         try:
