@@ -57,6 +57,11 @@ class MountingDaemonAPI(StandInDaemonAPI):
             return 404, {}
         return 202, {}
 
+    def answer_get(self, path: str) -> tuple[int, object]:
+        if path == "/api/v1/mounts":    # the snapshotter asks whether it serves a mount
+            return 200, [{"mountpoint": os.path.realpath(mp)} for mp in self.mounted]
+        return super().answer_get(path)
+
     def close(self) -> None:
         super().close()
         for mp in reversed(self.mounted):

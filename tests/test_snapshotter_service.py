@@ -524,8 +524,9 @@ def test_call_stats_quantiles():
 
 class StandInDaemonAPI:
     """A unix socket in the daemon API's place: each POST's JSON body goes to
-    `answer(path, body)`, whose (status, object) is sent back. Subclasses say what it
-    answers (the real daemon's mounts at a pull are in test_rpull)."""
+    `answer(path, body)`, each GET to `answer_get(path)`, whose (status, object) is sent
+    back. Subclasses say what it answers (the real daemon's mounts at a pull are in
+    test_rpull)."""
 
     def __init__(self, path: str) -> None:
         import http.server
@@ -535,7 +536,12 @@ class StandInDaemonAPI:
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802 - http.server's name
                 n = int(self.headers.get("Content-Length", 0))
-                status, obj = api.answer(self.path, json.loads(self.rfile.read(n)))
+                self.send(*api.answer(self.path, json.loads(self.rfile.read(n))))
+
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                self.send(*api.answer_get(self.path))
+
+            def send(self, status: int, obj: object) -> None:
                 out = json.dumps(obj).encode()
                 self.send_response(status)
                 self.send_header("Content-Length", str(len(out)))
@@ -550,6 +556,14 @@ class StandInDaemonAPI:
 
     def answer(self, path: str, body: dict) -> tuple[int, dict]:
         return 503, {"error": "refused by the test"}
+
+    def answer_get(self, path: str) -> tuple[int, object]:
+        """A daemon that serves no mount and has none unpicked."""
+        if path == "/api/v1/mounts":
+            return 200, []
+        if path == "/api/v1/daemon":
+            return 200, {"unpicked": []}
+        return 404, {"error": "no such route"}
 
     def close(self) -> None:
         self.server.shutdown()

@@ -121,11 +121,11 @@ class Snapshotter:
             if extra.get("nydus") != "bootstrap":
                 return None
             mp = self.store.lazy_mount(boot_id)
-            if mp is not None and os.path.ismount(mp):
+            ref = extra["image_ref"]
+            if mp is not None and os.path.ismount(mp) and self._served(boot_id, mp, extra):
                 return mp
             mp = self.layout.lazy_mountpoint(boot_id)
             os.makedirs(mp, mode=0o755, exist_ok=True)
-            ref = extra["image_ref"]
             # recorded before the mount: a crash in between leaves a row that the next
             # use re-mounts (the daemon answers "already mounted" if it got that far)
             self.store.set_lazy_mount(boot_id, mp)
@@ -146,6 +146,39 @@ class Snapshotter:
                 raise
             log.info("snapshot %s: %s mounted lazily on %s", boot_id, ref, mp)
             return mp
+
+    def _served(self, boot_id: int, mp: str, extra: dict[str, str]) -> bool:
+        """Whether lazy mount `mp`, which the kernel has, is one the daemon serves: a
+        mounted path alone is no proof after a daemon restart, and a container given a
+        mount nobody serves gets EIO for every byte not fetched before. Unpicked (the
+        restart could not take it back yet; the daemon retries): the Prepare fails with
+        the daemon's reason. Unknown to the daemon: detached here -> False, and the
+        image is mounted afresh (what still uses the old mount keeps it until it ends).
+        The caller holds the snapshot's lazy lock."""
+        assert self.daemon is not None
+        what = (f"nydus image {extra.get('image_ref')}, bootstrap layer "
+                f"{extra.get('layer') or f'snapshot {boot_id}'}")
+        try:
+            state, why = self.daemon.serving(mp)
+        except DaemonError as e:
+            raise SnapshotUnavailableError(
+                f"{what}: cannot ask the daemon whether it serves lazy mount {mp}: "
+                f"{e}") from None
+        if state == "served":
+            return True
+        if state == "unpicked":
+            raise SnapshotUnavailableError(
+                f"{what}: lazy mount {mp} is not served by the daemon since its restart "
+                f"(it tries again until it can): {why}")
+        log.warning("snapshot %s: the daemon does not serve lazy mount %s; detaching "
+                    "it and mounting the image afresh", boot_id, mp)
+        try:
+            mounts.umount(mp, lazy=True)
+        except OSError as e:
+            raise SnapshotUnavailableError(
+                f"{what}: lazy mount {mp}, which the daemon does not serve, cannot be "
+                f"detached: {e}") from None
+        return False
 
     def _mount_ahead(self, boot_id: int) -> None:
         """The lazy mount made as soon as the bootstrap layer is committed (rpull asks for
