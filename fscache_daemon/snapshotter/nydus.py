@@ -181,13 +181,13 @@ class DaemonClient:
         return answer
 
     def serving(self, mountpoint: str) -> tuple[str, str]:
-        """Whether the daemon serves `mountpoint`: ("served", ""), ("unpicked", why)
-        (a restart could not take it back yet; the daemon retries) or ("unknown", "")
-        (the daemon does not know it: nothing answers its reads)."""
+        """Whether the daemon serves `mountpoint`: ("served", its backend spec),
+        ("unpicked", why) (a restart could not take it back yet; the daemon retries) or
+        ("unknown", "") (the daemon does not know it: nothing answers its reads)."""
         mp = os.path.realpath(mountpoint)   # the daemon keeps mount points canonical
-        mounts = self._get("/api/v1/mounts")
-        if any(isinstance(m, dict) and m.get("mountpoint") == mp for m in mounts):
-            return "served", ""
+        for m in self._get("/api/v1/mounts"):
+            if isinstance(m, dict) and m.get("mountpoint") == mp:
+                return "served", str(m.get("backend", ""))
         info = self._get("/api/v1/daemon")
         unpicked = info.get("unpicked") if isinstance(info, dict) else None
         for u in unpicked or ():
