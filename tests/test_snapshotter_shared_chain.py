@@ -45,9 +45,14 @@ def _run(ctd, ref: str, name: str, *cmd: str):
                    ns=CRI_NS, check=False, timeout=120)
 
 
-@pytest.mark.parametrize("mounted", [False, True])
+@pytest.mark.parametrize("mounted", ["no", "before", "running"])
 def test_image_on_a_shared_chain_outlives_the_first_pullers_repository(registry,  # noqa: F811
                                                                        mounted):
+    """`mounted`: "no", the image was never mounted before (the mount is made with the
+    first puller's reference, 404); "before", a container of the first image mounted it
+    (its reference no image names any more: mounted afresh); "running", one of them
+    still runs on that mount (its blobs' caches, shared with the new mount, read through
+    the second image's backend when the first's fails). Each failed (404 or EIO)."""
     require_containerd()
     require_lazy_kernel()
     d = short_tmpdir("snapshared-")
@@ -69,13 +74,16 @@ def test_image_on_a_shared_chain_outlives_the_first_pullers_repository(registry,
         cri_pull(ctd.sock, second)
         assert snapshot_rows(ctd) == rows           # one chain for both images
 
-        if mounted:     # a container of the first image mounted it with its reference
+        if mounted == "before":     # a container of the first image mounted it
             p = _run(ctd, first, f"first-{tag}", "cat", "/etc/greeting")
             assert p.returncode == 0, p.stderr
+        elif mounted == "running":
+            ctd.ctr("run", "-d", "--snapshotter", SNAPSHOTTER, first, f"long-{tag}",
+                    "/bin/busybox", "sleep", "600", ns=CRI_NS)
         # the first image goes from the node: the chain stays, held by the second
         ctd.ctr("image", "rm", first, ns=CRI_NS)
         force_gc(ctd)
-        assert snapshot_rows(ctd) == rows
+        assert snapshot_rows(ctd) == rows or mounted == "running"   # + the container's
         # ... and its repository from the registry
         proxy.match = re.compile(f"/v2/nydus/staging{tag}/")
         proxy.failures = [404] * 1_000_000
@@ -84,6 +92,12 @@ def test_image_on_a_shared_chain_outlives_the_first_pullers_repository(registry,
         assert p.stdout == b"hello from layer two\nlayer three\n"
         st, mounts = daemon.api.request("GET", "/api/v1/mounts")
         assert st == 200 and [m["backend"] for m in mounts] == [f"registry:{second}"]
+        if mounted == "running":
+            ctd.ctr("task", "kill", "-s", "SIGKILL", f"long-{tag}", ns=CRI_NS)
+            wait_for(lambda: b"RUNNING" not in ctd.ctr("task", "ls", ns=CRI_NS).stdout,
+                     30, "task stopped")
+            ctd.ctr("task", "rm", "-f", f"long-{tag}", ns=CRI_NS, check=False)
+            ctd.ctr("container", "rm", f"long-{tag}", ns=CRI_NS)
 
         names = ctd.ctr("image", "ls", "-q", ns=CRI_NS).stdout.decode().split()
         ctd.ctr("image", "rm", "--sync", *names, ns=CRI_NS)
