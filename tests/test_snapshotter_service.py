@@ -397,13 +397,14 @@ NYDUS_BLOB = {"containerd.io/snapshot/nydus-blob": "true",
 
 
 @contextlib.contextmanager
-def nydus_service(tmp_path, api_server=None):
+def nydus_service(tmp_path, api_server=None, containerd_address=None):
     """The snapshots service on a short socket path, its daemon API at `daemon.sock`
     beside it (`api_server(path)` serves it, or nothing does): -> (Client, the server)."""
     sockdir = short_tmpdir("snapsvc-")
     api_sock = os.path.join(sockdir, "daemon.sock")
     api = api_server(api_sock) if api_server is not None else None
-    svc = serve(os.path.join(sockdir, "s.sock"), str(tmp_path / "root"), daemon_api=api_sock)
+    svc = serve(os.path.join(sockdir, "s.sock"), str(tmp_path / "root"), daemon_api=api_sock,
+                containerd_address=containerd_address)
     c = Client(svc.socket_path)
     try:
         yield c, api

@@ -208,7 +208,7 @@ class Snapshotter:
             self.daemon.umount(mp)
         except DaemonError as e:
             log.warning("snapshot %s: %s; keeping it", boot_id, e)
-        return not os.path.ismount(mp)
+        return os.path.ismount(mp)     # released: mounted afresh; else kept
 
     def _mount_ahead(self, boot_id: int) -> None:
         """The lazy mount made as soon as the bootstrap layer is committed (rpull asks for
