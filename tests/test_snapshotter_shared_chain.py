@@ -80,8 +80,12 @@ def test_image_on_a_shared_chain_outlives_the_first_pullers_repository(registry,
         elif mounted == "running":
             ctd.ctr("run", "-d", "--snapshotter", SNAPSHOTTER, first, f"long-{tag}",
                     "/bin/busybox", "sleep", "600", ns=CRI_NS)
-        # the first image goes from the node: the chain stays, held by the second
-        ctd.ctr("image", "rm", first, ns=CRI_NS)
+        # the first image goes from the node (its tag and CRI's repo@digest name for it;
+        # the image id, sha256:<config>, names both): the chain stays, held by the second
+        names = ctd.ctr("image", "ls", "-q", ns=CRI_NS).stdout.decode().split()
+        gone = [n for n in names if f"/nydus/staging{tag}" in n]
+        assert first in gone and len(gone) == 2, names
+        ctd.ctr("image", "rm", *gone, ns=CRI_NS)
         force_gc(ctd)
         assert snapshot_rows(ctd) == rows or mounted == "running"   # + the container's
         # ... and its repository from the registry

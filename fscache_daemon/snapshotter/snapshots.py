@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import threading
+import time
 
 from fscache_daemon import mounts
 from fscache_daemon.errors import (
@@ -302,7 +303,10 @@ class Snapshotter:
         parts = self.store.name_of(boot_id).split("/", 2)
         if len(parts) != 3:
             return recorded
+        t0 = time.monotonic()
         refs = imagerefs.refs_on_chain(self.containerd, parts[0], parts[2])
+        log.debug("snapshot %s: images on its chain %s (asked in %.1f ms)", boot_id, refs,
+                  (time.monotonic() - t0) * 1000)
         if not refs or recorded in refs:
             return recorded
         log.info("snapshot %s: no image %s on the node any more; the image's lazy mount "
