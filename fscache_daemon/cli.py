@@ -175,7 +175,8 @@ def cli():
                    "--image-service-endpoint); see docs/snapshotter.md.")
 @click.option("--cri-address", default="/run/containerd/containerd.sock", show_default=True,
               type=click.Path(dir_okay=False),
-              help="containerd's socket the image service is forwarded to.")
+              help="containerd's socket: the image service is forwarded to it, and the "
+                   "snapshotter asks it which images stand on a Nydus image's layers.")
 @click.option("--cache-size", default=None, metavar="SIZE",
               help="Limit of the blob cache on disk (k/M/G suffixes): blobs no mounted "
                    "image uses are evicted, least recently used first (default: no limit).")
@@ -239,7 +240,8 @@ def run(cache_dir, api_sock, frontend, threads, batch_size, prefetch_rate, reada
                               os.path.abspath(snapshotter_root or
                                               os.path.join(d.cache_dir, "snapshotter")),
                               daemon_api=os.path.abspath(api_sock),
-                              insecure_registries=tuple(insecure_registry))
+                              insecure_registries=tuple(insecure_registry),
+                              containerd_address=cri_address)
             d.metric_sources["snapshotter"] = snapshots.metrics
         # what starting made (modules, the front end, the servers) lives as long as the
         # process: out of the cyclic collector's full passes (each walked all of it,

@@ -243,6 +243,17 @@ class ContainerdClient:
                   snapshots_pb2.CommitSnapshotRequest(snapshotter=snapshotter, name=name,
                                                       key=key, labels=labels))
 
+    def lease_snapshot(self, snapshotter: str, key: str) -> None:
+        """Put snapshot `key` (there or not: containerd checks nothing) into our lease,
+        so that a collection keeps it (and its parents) from now on. A snapshot found
+        present is held by whatever else refers to it (another image) only as long as
+        that does: containerd's Stat takes no lease."""
+        assert self._lease is not None, "lease_snapshot outside lease()"
+        self.call(f"lease snapshot {key!r} ({snapshotter})", self.leases.AddResource,
+                  leases_pb2.AddResourceRequest(
+                      id=self._lease, resource=leases_pb2.Resource(
+                          id=key, type=f"snapshots/{snapshotter}")))
+
     def stat(self, snapshotter: str, key: str) -> bool:
         """Whether snapshot `key` exists."""
         try:

@@ -280,10 +280,15 @@ class Daemon(MountLifecycle, PrefetchLoops):
         log.info("daemon stopped")
 
     # -- blobs --------------------------------------------------------------------------
+    @staticmethod
+    def _backend_key(spec: str, options: dict | None) -> tuple:
+        options = options or {}
+        return (spec, options.get("proxy"), options.get("mirror"), options.get("insecure"))
+
     def _backend(self, spec: str, options: dict) -> Backend:
         """The backend for `spec`, held for a mount opening its blobs (no other mount's
         failure closes it meanwhile) until `_release_backend`."""
-        key = (spec, options.get("proxy"), options.get("mirror"), options.get("insecure"))
+        key = self._backend_key(spec, options)
         with self._lock:
             be = self.backends.get(key)
             if be is None:
@@ -316,6 +321,7 @@ class Daemon(MountLifecycle, PrefetchLoops):
         as they are then."""
         with self._lock:
             used = {id(m.backend) for m in self.blobs.values()} | set(self._backend_inflight)
+            used |= {id(a) for m in self.blobs.values() for a in m.alternates}
             unused = [k for k, be in self.backends.items() if id(be) not in used]
             dropped = [self.backends.pop(k) for k in unused]
         for be in dropped:

@@ -84,6 +84,7 @@ class MountLifecycle(CacheEviction, WarmRoute, MountRestore):
     detached: list[Image]
     blobs: dict[str, BlobManager]
     blob_users: dict[str, set[str]]
+    backends: dict[tuple, Backend]
     traces: TraceRecorder
     _ra: dict[str, BlobReadahead]
     _walks: dict[tuple[str, str], Future]    # (bootstrap copy, mount point) -> its walk
@@ -105,6 +106,8 @@ class MountLifecycle(CacheEviction, WarmRoute, MountRestore):
                        early: EarlyChecks | None = None) -> BlobManager: ...
         def _queue_prefetch(self, img: Image) -> None: ...
         def _drop_unused_backends(self) -> None: ...
+        @staticmethod
+        def _backend_key(spec: str, options: dict | None) -> tuple: ...
         def _release_backend(self, be: Backend) -> None: ...
 
     # -- state file ---------------------------------------------------------------------
@@ -371,6 +374,8 @@ class MountLifecycle(CacheEviction, WarmRoute, MountRestore):
                             self.images[mountpoint] = img
                         for m in mgrs:
                             self.blob_users.setdefault(m.key, set()).add(img.user)
+                            if m.backend is not be and be not in m.alternates:
+                                m.alternates.append(be)     # see BlobManager.alternates
                         return img, mgrs
                 log.info("%s: %d blob(s) released while the mount opened them; opening "
                          "them again", mountpoint, len(gone))
@@ -472,11 +477,14 @@ class MountLifecycle(CacheEviction, WarmRoute, MountRestore):
                     del self.images[img.mountpoint]
                 if img in self.detached:
                     self.detached.remove(img)
+                rebacked = False
                 for b in set(img.blob_keys):
                     users = self.blob_users.get(b)
                     if users is None:
                         continue
                     users.discard(img.user)
+                    if users:
+                        rebacked |= self._backends_of_users(b)
                     if not users:
                         del self.blob_users[b]
                         self.blob_released(b)
@@ -500,8 +508,29 @@ class MountLifecycle(CacheEviction, WarmRoute, MountRestore):
                     log.warning("blob %s: release failed: %s", mgr.key[:12], e)
                 mgr.sync()
                 mgr.close()
-        if released:
+        if released or rebacked:
             self._drop_unused_backends()
+
+    def _backends_of_users(self, key: str) -> bool:
+        """Blob `key`'s backends again those of the images still using it (the caller
+        holds the lock): the one that opened it may have gone with its image (its
+        repository deleted since), while another image of the blob goes on reading it.
+        -> whether a backend was dropped from it."""
+        mgr = self.blobs.get(key)
+        if mgr is None:
+            return False
+        bes: list = []
+        for i in self.all_images():
+            be = self.backends.get(self._backend_key(i.backend_spec, i.options))
+            if key in i.blob_keys and be is not None and be not in bes:
+                bes.append(be)
+        if not bes:
+            return False
+        before = [mgr.backend, *mgr.alternates]
+        if mgr.backend not in bes:
+            mgr.backend = bes[0]
+        mgr.alternates = [b for b in bes if b is not mgr.backend]
+        return any(b not in bes for b in before)
 
     # -- umount -------------------------------------------------------------------------
     def umount(self, mountpoint: str, lazy: bool = False) -> dict:

@@ -3,7 +3,9 @@ Nydus data-blob layers, so that a stock `ctr run --snapshotter NAME REF` starts 
 the daemon's lazy mount (what nydus's `ctr-remote image rpull` does for nydus-snapshotter).
 
 It plays containerd's client-side pull and unpack through containerd's gRPC API, under
-a lease so that containerd's garbage collector sees nothing half-made:
+a lease so that containerd's garbage collector sees nothing half-made (a layer's
+snapshot joins the lease before rpull looks whether it is present: one another image
+holds may lose that holder meanwhile):
 
   1. the manifest (a Nydus one when REF names an index) and the config, from the
      registry; the layers' chain ids from the config's `rootfs.diff_ids`;
@@ -146,6 +148,11 @@ class _Puller:
         cid = chain[i]
         parent = chain[i - 1] if i else ""
         blob = layer.annotations.get(mt.ANNOTATION_NYDUS_BLOB) == "true"
+        # leased before it is looked at: a chain found present (another image's) was
+        # kept only by that image, and a collection after its removal took it before
+        # our config's gc.ref.snapshot label held it: the image was recorded on a chain
+        # gone (containerd's own unpack has that gap; ours must not)
+        ctd.lease_snapshot(sn, cid)
         if ctd.stat(sn, cid):
             self.present_layers += 1
             return

@@ -19,6 +19,9 @@ class _PrepareOnly:
     def __init__(self) -> None:
         self.labels: list[dict[str, str]] = []
 
+    def lease_snapshot(self, snapshotter: str, key: str) -> None:
+        pass
+
     def stat(self, snapshotter: str, key: str) -> bool:
         return False
 

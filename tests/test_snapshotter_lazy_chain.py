@@ -40,6 +40,7 @@ class MountingDaemonAPI(StandInDaemonAPI):
     def __init__(self, path: str) -> None:
         self.posts: list[tuple[str, dict]] = []
         self.mounted: list[str] = []
+        self.backends: dict[str, str] = {}
         super().__init__(path)
 
     def answer(self, path: str, body: dict) -> tuple[int, dict]:
@@ -48,6 +49,7 @@ class MountingDaemonAPI(StandInDaemonAPI):
         if path == "/api/v1/mounts":
             sys_mount(self.tree, mp, "none", MS_BIND)
             self.mounted.append(mp)
+            self.backends[mp] = body.get("backend", "")
             return 201, {}
         if path == "/api/v1/umount":
             if mp in self.mounted and not self.forgets:
@@ -56,6 +58,12 @@ class MountingDaemonAPI(StandInDaemonAPI):
                 return 200, {}
             return 404, {}
         return 202, {}
+
+    def answer_get(self, path: str) -> tuple[int, object]:
+        if path == "/api/v1/mounts":    # the snapshotter asks whether it serves a mount
+            return 200, [{"mountpoint": os.path.realpath(mp),
+                          "backend": self.backends.get(mp, "")} for mp in self.mounted]
+        return super().answer_get(path)
 
     def close(self) -> None:
         super().close()
@@ -164,3 +172,52 @@ def test_lazy_mount_the_daemon_no_longer_knows_goes_with_its_snapshot(tmp_path):
         assert ("/api/v1/umount", {"mountpoint": lazy, "lazy": True}) in api.posts
         assert not os.path.ismount(lazy) and not os.path.exists(lazy)
         assert [i.name for i in c.walk()] == [blob.name]
+
+
+def test_mount_whose_image_is_gone_is_made_afresh_before_it_is_handed_out(tmp_path,
+                                                                        monkeypatch):
+    """The image's lazy mount reads through a reference no image on the node has any
+    more (containerd lists another image of the same layers): the next container's
+    Prepare releases it and hands out the mount made afresh through the other image's
+    reference. The release once answered the old mount point, unmounted (an empty
+    directory as the container's lower), and only a later Mounts call mounted it."""
+    from fscache_daemon.snapshotter import imagerefs
+    require(os.geteuid() == 0, "needs root (bind mounts)")
+    tree = tmp_path / "image-tree"
+    tree.mkdir()
+    sys_mount("tmpfs", str(tree), "tmpfs", 0, "size=1m")
+    (tree / "f").write_bytes(b"x")
+    MountingDaemonAPI.tree = str(tree)
+    on_chain: list[str] = []
+    asked: list[tuple[str, str]] = []
+
+    def refs_on_chain(address: str, namespace: str, chain_id: str) -> list[str]:
+        asked.append((namespace, chain_id))
+        return list(on_chain)
+    monkeypatch.setattr(imagerefs, "refs_on_chain", refs_on_chain)
+    with contextlib.ExitStack() as stack:
+        stack.callback(sys_umount, str(tree), True)
+        c, api = stack.enter_context(nydus_service(tmp_path, MountingDaemonAPI,
+                                                   containerd_address="/nonexistent"))
+        target = "sha256:" + "1" * 64
+        prepare_blob_layer(c, "extract-1 " + target, target)
+        (blob,) = c.walk()
+        _bootstrap_layer(c, "boot", blob.name, BOOT, tmp_path)
+        chain = "sha256:" + "2" * 64
+        c.commit(f"ns1/8/{chain}", "boot")     # named as containerd's metadata names it
+        (ctr,) = c.prepare("ctr", f"ns1/8/{chain}")     # no image listed: the recorded one
+        lazy = _opts(ctr)["lowerdir"]
+        assert api.backends[lazy] == "registry:registry.test/app:1"
+        on_chain[:] = ["registry.test/app:1", "registry.test/copy:1"]
+        (ctr2,) = c.prepare("ctr2", f"ns1/8/{chain}")   # still listed: kept
+        assert [p for p, _ in api.posts].count("/api/v1/mounts") == 1
+        on_chain[:] = ["registry.test/copy:1"]
+        (ctr3,) = c.prepare("ctr3", f"ns1/8/{chain}")
+        assert _opts(ctr3)["lowerdir"] == lazy and os.path.ismount(lazy)
+        assert api.backends[lazy] == "registry:registry.test/copy:1"
+        assert [p for p, _ in api.posts if p != "/api/v1/warm"] == [
+            "/api/v1/mounts", "/api/v1/umount", "/api/v1/mounts"]
+        assert set(asked) == {("ns1", chain)}
+        for key in ("ctr", "ctr2", "ctr3", f"ns1/8/{chain}"):
+            c.remove(key)
+        assert not api.mounted

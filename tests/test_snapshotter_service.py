@@ -397,13 +397,14 @@ NYDUS_BLOB = {"containerd.io/snapshot/nydus-blob": "true",
 
 
 @contextlib.contextmanager
-def nydus_service(tmp_path, api_server=None):
+def nydus_service(tmp_path, api_server=None, containerd_address=None):
     """The snapshots service on a short socket path, its daemon API at `daemon.sock`
     beside it (`api_server(path)` serves it, or nothing does): -> (Client, the server)."""
     sockdir = short_tmpdir("snapsvc-")
     api_sock = os.path.join(sockdir, "daemon.sock")
     api = api_server(api_sock) if api_server is not None else None
-    svc = serve(os.path.join(sockdir, "s.sock"), str(tmp_path / "root"), daemon_api=api_sock)
+    svc = serve(os.path.join(sockdir, "s.sock"), str(tmp_path / "root"), daemon_api=api_sock,
+                containerd_address=containerd_address)
     c = Client(svc.socket_path)
     try:
         yield c, api
@@ -524,8 +525,9 @@ def test_call_stats_quantiles():
 
 class StandInDaemonAPI:
     """A unix socket in the daemon API's place: each POST's JSON body goes to
-    `answer(path, body)`, whose (status, object) is sent back. Subclasses say what it
-    answers (the real daemon's mounts at a pull are in test_rpull)."""
+    `answer(path, body)`, each GET to `answer_get(path)`, whose (status, object) is sent
+    back. Subclasses say what it answers (the real daemon's mounts at a pull are in
+    test_rpull)."""
 
     def __init__(self, path: str) -> None:
         import http.server
@@ -535,7 +537,12 @@ class StandInDaemonAPI:
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802 - http.server's name
                 n = int(self.headers.get("Content-Length", 0))
-                status, obj = api.answer(self.path, json.loads(self.rfile.read(n)))
+                self.send(*api.answer(self.path, json.loads(self.rfile.read(n))))
+
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                self.send(*api.answer_get(self.path))
+
+            def send(self, status: int, obj: object) -> None:
                 out = json.dumps(obj).encode()
                 self.send_response(status)
                 self.send_header("Content-Length", str(len(out)))
@@ -550,6 +557,14 @@ class StandInDaemonAPI:
 
     def answer(self, path: str, body: dict) -> tuple[int, dict]:
         return 503, {"error": "refused by the test"}
+
+    def answer_get(self, path: str) -> tuple[int, object]:
+        """A daemon that serves no mount and has none unpicked."""
+        if path == "/api/v1/mounts":
+            return 200, []
+        if path == "/api/v1/daemon":
+            return 200, {"unpicked": []}
+        return 404, {"error": "no such route"}
 
     def close(self) -> None:
         self.server.shutdown()

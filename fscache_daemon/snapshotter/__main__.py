@@ -21,13 +21,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--daemon-api", help="fscache-daemon's API socket (Nydus layers)")
     p.add_argument("--insecure-registry", action="append", default=[], metavar="HOST",
                    help="fetch this registry's blobs over plain HTTP (repeatable)")
+    p.add_argument("--containerd-address", default="/run/containerd/containerd.sock",
+                   help="containerd's socket: which images stand on a Nydus image's "
+                        "layers when it is mounted (their registry references)")
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         svc = serve(args.socket, args.root, daemon_api=args.daemon_api,
-                    insecure_registries=tuple(args.insecure_registry))
+                    insecure_registries=tuple(args.insecure_registry),
+                    containerd_address=args.containerd_address)
     except (ErofsToolsError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -141,17 +141,22 @@ class _UnixHTTPConnection(http.client.HTTPConnection):
 
 
 class DaemonClient:
-    """The daemon's unix-socket JSON API, as a client (mount and umount only)."""
+    """The daemon's unix-socket JSON API, as a client (mount, warm, umount, and whether
+    it serves a mount point)."""
 
     def __init__(self, path: str, timeout: float = 300.0) -> None:
         self.path = path
         self.timeout = timeout
 
-    def _post(self, route: str, body: dict) -> tuple[int, dict]:
+    def _request(self, method: str, route: str,
+                 body: dict | None = None) -> tuple[int, dict | list]:
         conn = _UnixHTTPConnection(self.path, self.timeout)
         try:
-            conn.request("POST", route, body=json.dumps(body).encode(),
-                         headers={"Content-Type": "application/json"})
+            if body is None:
+                conn.request(method, route)
+            else:
+                conn.request(method, route, body=json.dumps(body).encode(),
+                             headers={"Content-Type": "application/json"})
             resp = conn.getresponse()
             payload = resp.read()
         except OSError as e:
@@ -162,7 +167,33 @@ class DaemonClient:
             answer = json.loads(payload) if payload else {}
         except ValueError:
             answer = {"error": payload[:200].decode("utf-8", "replace")}
-        return resp.status, answer if isinstance(answer, dict) else {}
+        return resp.status, answer if isinstance(answer, (dict, list)) else {}
+
+    def _post(self, route: str, body: dict) -> tuple[int, dict]:
+        st, answer = self._request("POST", route, body)
+        return st, answer if isinstance(answer, dict) else {}
+
+    def _get(self, route: str) -> dict | list:
+        st, answer = self._request("GET", route)
+        if st != 200:
+            raise DaemonError(f"GET {route}: the daemon answered {st}: "
+                              f"{answer.get('error', answer) if isinstance(answer, dict) else ''}")
+        return answer
+
+    def serving(self, mountpoint: str) -> tuple[str, str]:
+        """Whether the daemon serves `mountpoint`: ("served", its backend spec),
+        ("unpicked", why) (a restart could not take it back yet; the daemon retries) or
+        ("unknown", "") (the daemon does not know it: nothing answers its reads)."""
+        mp = os.path.realpath(mountpoint)   # the daemon keeps mount points canonical
+        for m in self._get("/api/v1/mounts"):
+            if isinstance(m, dict) and m.get("mountpoint") == mp:
+                return "served", str(m.get("backend", ""))
+        info = self._get("/api/v1/daemon")
+        unpicked = info.get("unpicked") if isinstance(info, dict) else None
+        for u in unpicked or ():
+            if isinstance(u, dict) and u.get("mountpoint") == mp:
+                return "unpicked", str(u.get("error", ""))
+        return "unknown", ""
 
     def mount(self, bootstrap: str, mountpoint: str, backend: str,
               options: dict[str, object]) -> None:

@@ -203,15 +203,17 @@ WORKERS = 128
 
 
 def serve(socket_path: str, root: str, workers: int = WORKERS, daemon_api: str | None = None,
-          insecure_registries: tuple[str, ...] = ()) -> SnapshotService:
+          insecure_registries: tuple[str, ...] = (),
+          containerd_address: str | None = None) -> SnapshotService:
     """Start the snapshots service for snapshots under `root` on unix socket
     `socket_path` (mode 0600: only its owner, root, may connect). `daemon_api`: the
     daemon's API socket, for Nydus layers (lazy mounts); `insecure_registries`: hosts
-    whose blobs the daemon fetches over plain HTTP."""
+    whose blobs the daemon fetches over plain HTTP; `containerd_address`: containerd's
+    socket, asked which images stand on a Nydus image's chain when it is mounted."""
     socket_path = os.path.abspath(socket_path)
     os.makedirs(os.path.dirname(socket_path), mode=0o700, exist_ok=True)
     claim_socket(socket_path, "snapshotter")     # before the store opens its database
-    sn = Snapshotter(root, daemon_api, tuple(insecure_registries))
+    sn = Snapshotter(root, daemon_api, tuple(insecure_registries), containerd_address)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers,
                                                     thread_name_prefix="snapshots"))
     stats = CallStats()

@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import threading
+import time
 
 from fscache_daemon import mounts
 from fscache_daemon.errors import (
@@ -27,7 +28,7 @@ from fscache_daemon.errors import (
     SnapshotUnavailableError,
 )
 from fscache_daemon.keyedlock import KeyedLock
-from fscache_daemon.snapshotter import nydus, overlay
+from fscache_daemon.snapshotter import imagerefs, nydus, overlay
 from fscache_daemon.snapshotter.filters import compile_filters, matches
 from fscache_daemon.snapshotter.overlay import Layout, Mount
 from fscache_daemon.snapshotter.store import Info, Kind, MetaStore, Snapshot
@@ -41,12 +42,16 @@ class Snapshotter:
     """Snapshots under one root directory (`root/metadata.db`, `root/snapshots/`)."""
 
     def __init__(self, root: str, daemon_api: str | None = None,
-                 insecure_registries: tuple[str, ...] = ()) -> None:
+                 insecure_registries: tuple[str, ...] = (),
+                 containerd_address: str | None = None) -> None:
         self.layout = Layout(root)
         self.store = MetaStore(os.path.join(self.layout.root, DB_NAME))
         # Nydus layers need the daemon (lazy mounts); without it they are refused
         self.daemon = nydus.DaemonClient(daemon_api) if daemon_api else None
         self.insecure = frozenset(insecure_registries)
+        # containerd's socket: which images stand on a bootstrap's chain when it is
+        # mounted (imagerefs.py); None: the reference recorded at the pull
+        self.containerd = containerd_address
         # per bootstrap snapshot: its lazy mount is made and released one at a time, while
         # another image's mount (seconds when its registry is slow) goes on beside it
         self._lazy_locks = KeyedLock()
@@ -122,17 +127,20 @@ class Snapshotter:
                 return None
             mp = self.store.lazy_mount(boot_id)
             if mp is not None and os.path.ismount(mp):
-                return mp
+                backend = self._served(boot_id, mp, extra)
+                if backend is not None and self._reference_stands(boot_id, mp, extra,
+                                                                  backend):
+                    return mp
             mp = self.layout.lazy_mountpoint(boot_id)
             os.makedirs(mp, mode=0o755, exist_ok=True)
-            ref = extra["image_ref"]
+            ref = self._image_ref(boot_id, extra)
             # recorded before the mount: a crash in between leaves a row that the next
             # use re-mounts (the daemon answers "already mounted" if it got that far)
             self.store.set_lazy_mount(boot_id, mp)
             try:
                 self.daemon.mount(
                     os.path.join(self.layout.fs(boot_id), nydus.BOOTSTRAP_PATH), mp,
-                    nydus.backend_spec(ref), self._backend_options(extra))
+                    nydus.backend_spec(ref), self._backend_options(extra, ref))
             except BaseException as e:
                 if not os.path.ismount(mp):  # else keep the row: release unmounts it
                     self.store.set_lazy_mount(boot_id, None)
@@ -146,6 +154,62 @@ class Snapshotter:
                 raise
             log.info("snapshot %s: %s mounted lazily on %s", boot_id, ref, mp)
             return mp
+
+    def _served(self, boot_id: int, mp: str, extra: dict[str, str]) -> str | None:
+        """Whether lazy mount `mp`, which the kernel has, is one the daemon serves: a
+        mounted path alone is no proof after a daemon restart, and a container given a
+        mount nobody serves gets EIO for every byte not fetched before. Unpicked (the
+        restart could not take it back yet; the daemon retries): the Prepare fails with
+        the daemon's reason. Unknown to the daemon: detached here -> None, and the
+        image is mounted afresh (what still uses the old mount keeps it until it ends).
+        Served: -> its backend. The caller holds the snapshot's lazy lock."""
+        assert self.daemon is not None
+        what = (f"nydus image {extra.get('image_ref')}, bootstrap layer "
+                f"{extra.get('layer') or f'snapshot {boot_id}'}")
+        try:
+            state, why = self.daemon.serving(mp)
+        except DaemonError as e:
+            raise SnapshotUnavailableError(
+                f"{what}: cannot ask the daemon whether it serves lazy mount {mp}: "
+                f"{e}") from None
+        if state == "served":
+            return why
+        if state == "unpicked":
+            raise SnapshotUnavailableError(
+                f"{what}: lazy mount {mp} is not served by the daemon since its restart "
+                f"(it tries again until it can): {why}")
+        log.warning("snapshot %s: the daemon does not serve lazy mount %s; detaching "
+                    "it and mounting the image afresh", boot_id, mp)
+        try:
+            mounts.umount(mp, lazy=True)
+        except OSError as e:
+            raise SnapshotUnavailableError(
+                f"{what}: lazy mount {mp}, which the daemon does not serve, cannot be "
+                f"detached: {e}") from None
+        return None
+
+    def _reference_stands(self, boot_id: int, mp: str, extra: dict[str, str],
+                          backend: str) -> bool:
+        """Whether served lazy mount `mp` reads through the reference of an image the
+        node still has; if another image (of the same layers) is left instead, the mount
+        is released through the daemon -> False (mounted afresh through that one's). Its
+        first puller's tag or repository may be gone from the registry: every byte not
+        fetched before failed with EIO in the next container."""
+        assert self.daemon is not None
+        current = backend.removeprefix("registry:")
+        if current == backend:
+            return True                 # not a registry backend: nothing to choose
+        ref = self._image_ref(boot_id, extra, current)
+        if ref == current:
+            return True
+        log.warning("snapshot %s: lazy mount %s reads through %s, which no image on the "
+                    "node names any more; mounting it afresh through %s", boot_id, mp,
+                    current, ref)
+        try:
+            self.daemon.umount(mp)
+        except DaemonError as e:
+            log.warning("snapshot %s: %s; keeping it", boot_id, e)
+        return os.path.ismount(mp)     # released: mounted afresh; else kept
 
     def _mount_ahead(self, boot_id: int) -> None:
         """The lazy mount made as soon as the bootstrap layer is committed (rpull asks for
@@ -224,8 +288,34 @@ class Snapshotter:
             else:
                 self._warm(snap.id, extra)
 
-    def _backend_options(self, extra: dict[str, str]) -> dict[str, object]:
-        return nydus.backend_options(extra["image_ref"], self.insecure,
+    def _image_ref(self, boot_id: int, extra: dict[str, str],
+                   current: str | None = None) -> str:
+        """The registry reference the image's lazy mount reads through: `current` (the
+        mount's) or else the one recorded at the pull, while an image of that name still
+        stands on the bootstrap's chain, else another image's that does (images of the
+        same layers share the chain: the first puller's may be gone from the node, and
+        its tag or repository from the registry, while the node still runs the other)."""
+        recorded = current or extra["image_ref"]
+        if self.containerd is None:
+            return recorded
+        # the committed bootstrap's name, as containerd's metadata layer gives it:
+        # "<namespace>/<n>/<chain id>"
+        parts = self.store.name_of(boot_id).split("/", 2)
+        if len(parts) != 3:
+            return recorded
+        t0 = time.monotonic()
+        refs = imagerefs.refs_on_chain(self.containerd, parts[0], parts[2])
+        log.debug("snapshot %s: images on its chain %s (asked in %.1f ms)", boot_id, refs,
+                  (time.monotonic() - t0) * 1000)
+        if not refs or recorded in refs:
+            return recorded
+        log.info("snapshot %s: no image %s on the node any more; the image's lazy mount "
+                 "reads through %s (of the same layers)", boot_id, recorded, refs[0])
+        return refs[0]
+
+    def _backend_options(self, extra: dict[str, str],
+                         ref: str | None = None) -> dict[str, object]:
+        return nydus.backend_options(ref or extra["image_ref"], self.insecure,
                                      extra.get("plain_http") == "true")
 
     def _warm(self, boot_id: int, extra: dict) -> None:

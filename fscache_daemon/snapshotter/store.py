@@ -224,6 +224,13 @@ class MetaStore:
                                    (sid,)).fetchone()
         return json.loads(row[0]) if row else {}
 
+    def name_of(self, sid: int) -> str:
+        """Snapshot `sid`'s key (active, view) or name (committed); "" if it is gone."""
+        with self._lock:
+            row = self._db.execute("SELECT key FROM snapshots WHERE id = ?",
+                                   (sid,)).fetchone()
+        return row[0] if row else ""
+
     def has_children(self, sid: int) -> bool:
         with self._lock:
             return self._db.execute("SELECT 1 FROM snapshots WHERE parent_id = ? LIMIT 1",

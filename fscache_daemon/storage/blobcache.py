@@ -107,6 +107,11 @@ class BlobManager:
         self.key = cache.key            # what the daemon and front ends name it by
         self.cache = cache
         self.backend = backend
+        # the other backends of the images sharing this blob (the daemon keeps them, its
+        # users': a blob is the same bytes in every repository), asked in turn when
+        # `backend` fails: that of the mount that opened the cache may be a repository
+        # gone from its registry while another image's still has the blob
+        self.alternates: list = []
         self.batch_size = batch_size
         self.on_complete = on_complete
         self.stats = BlobStats()
@@ -311,7 +316,7 @@ class BlobManager:
                 raw, batch.fetched = self._rawkeep.read(
                     lambda off, n: self.backend.read(self.blob_id, off, n), batch.offset,
                     batch.length)
-            elif self._pooled:
+            elif self._pooled and hasattr(self.backend, "read_pooled"):  # (another's)
                 raw, buf = self.backend.read_pooled(self.blob_id, batch.offset,
                                                     batch.length, iobuf.POOL)
             else:
@@ -323,6 +328,20 @@ class BlobManager:
             log.error("blob %s: backend read %d+%d failed: %s", self.blob_id[:12],
                       batch.offset, batch.length, err)
             self.stats.add(backend_errors=1)
+            for alt in list(self.alternates):
+                if self._rawkeep is not None:
+                    break       # a zran blob's kept range is its backend's; no mixing
+                try:
+                    raw = alt.read(self.blob_id, batch.offset, batch.length)
+                except (BackendError, ErofsToolsError, OSError) as e2:
+                    log.error("blob %s: its other backend %s failed too: %s",
+                              self.blob_id[:12], getattr(alt, "reference", alt), e2)
+                    continue
+                log.warning("blob %s: read %d+%d through another image's backend %s",
+                            self.blob_id[:12], batch.offset, batch.length,
+                            getattr(alt, "reference", alt))
+                self.stats.record_backend_read(time.monotonic() - t0)
+                return raw, None, None
             return None, err, None
         return raw, None, buf
 

@@ -49,6 +49,11 @@ class ContentStub:
                 request_serializer=fscache__daemon_dot_snapshotter_dot_proto_dot_content__pb2.WriteContentRequest.SerializeToString,
                 response_deserializer=fscache__daemon_dot_snapshotter_dot_proto_dot_content__pb2.WriteContentResponse.FromString,
                 _registered_method=True)
+        self.List = channel.unary_stream(
+                '/containerd.services.content.v1.Content/List',
+                request_serializer=fscache__daemon_dot_snapshotter_dot_proto_dot_content__pb2.ListContentRequest.SerializeToString,
+                response_deserializer=fscache__daemon_dot_snapshotter_dot_proto_dot_content__pb2.ListContentResponse.FromString,
+                _registered_method=True)
 
 
 class ContentServicer:
@@ -72,6 +77,12 @@ class ContentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def List(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ContentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -89,6 +100,11 @@ def add_ContentServicer_to_server(servicer, server):
                     servicer.Write,
                     request_deserializer=fscache__daemon_dot_snapshotter_dot_proto_dot_content__pb2.WriteContentRequest.FromString,
                     response_serializer=fscache__daemon_dot_snapshotter_dot_proto_dot_content__pb2.WriteContentResponse.SerializeToString,
+            ),
+            'List': grpc.unary_stream_rpc_method_handler(
+                    servicer.List,
+                    request_deserializer=fscache__daemon_dot_snapshotter_dot_proto_dot_content__pb2.ListContentRequest.FromString,
+                    response_serializer=fscache__daemon_dot_snapshotter_dot_proto_dot_content__pb2.ListContentResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -172,6 +188,33 @@ class Content:
             '/containerd.services.content.v1.Content/Write',
             fscache__daemon_dot_snapshotter_dot_proto_dot_content__pb2.WriteContentRequest.SerializeToString,
             fscache__daemon_dot_snapshotter_dot_proto_dot_content__pb2.WriteContentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def List(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/containerd.services.content.v1.Content/List',
+            fscache__daemon_dot_snapshotter_dot_proto_dot_content__pb2.ListContentRequest.SerializeToString,
+            fscache__daemon_dot_snapshotter_dot_proto_dot_content__pb2.ListContentResponse.FromString,
             options,
             channel_credentials,
             insecure,

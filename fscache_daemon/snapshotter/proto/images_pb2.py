@@ -27,7 +27,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from fscache_daemon.snapshotter.proto import descriptor_pb2 as fscache__daemon_dot_snapshotter_dot_proto_dot_descriptor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n-fscache_daemon/snapshotter/proto/images.proto\x12\x1d\x63ontainerd.services.images.v1\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x31\x66scache_daemon/snapshotter/proto/descriptor.proto\"\x94\x02\n\x05Image\x12\x0c\n\x04name\x18\x01 \x01(\t\x12@\n\x06labels\x18\x02 \x03(\x0b\x32\x30.containerd.services.images.v1.Image.LabelsEntry\x12,\n\x06target\x18\x03 \x01(\x0b\x32\x1c.containerd.types.Descriptor\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x1f\n\x0fGetImageRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"G\n\x10GetImageResponse\x12\x33\n\x05image\x18\x01 \x01(\x0b\x32$.containerd.services.images.v1.Image\"I\n\x12\x43reateImageRequest\x12\x33\n\x05image\x18\x01 \x01(\x0b\x32$.containerd.services.images.v1.Image\"J\n\x13\x43reateImageResponse\x12\x33\n\x05image\x18\x01 \x01(\x0b\x32$.containerd.services.images.v1.Image\"z\n\x12UpdateImageRequest\x12\x33\n\x05image\x18\x01 \x01(\x0b\x32$.containerd.services.images.v1.Image\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"J\n\x13UpdateImageResponse\x12\x33\n\x05image\x18\x01 \x01(\x0b\x32$.containerd.services.images.v1.Image2\xd2\x02\n\x06Images\x12\x66\n\x03Get\x12..containerd.services.images.v1.GetImageRequest\x1a/.containerd.services.images.v1.GetImageResponse\x12o\n\x06\x43reate\x12\x31.containerd.services.images.v1.CreateImageRequest\x1a\x32.containerd.services.images.v1.CreateImageResponse\x12o\n\x06Update\x12\x31.containerd.services.images.v1.UpdateImageRequest\x1a\x32.containerd.services.images.v1.UpdateImageResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n-fscache_daemon/snapshotter/proto/images.proto\x12\x1d\x63ontainerd.services.images.v1\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x31\x66scache_daemon/snapshotter/proto/descriptor.proto\"$\n\x11ListImagesRequest\x12\x0f\n\x07\x66ilters\x18\x01 \x03(\t\"J\n\x12ListImagesResponse\x12\x34\n\x06images\x18\x01 \x03(\x0b\x32$.containerd.services.images.v1.Image\"\x94\x02\n\x05Image\x12\x0c\n\x04name\x18\x01 \x01(\t\x12@\n\x06labels\x18\x02 \x03(\x0b\x32\x30.containerd.services.images.v1.Image.LabelsEntry\x12,\n\x06target\x18\x03 \x01(\x0b\x32\x1c.containerd.types.Descriptor\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x1f\n\x0fGetImageRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"G\n\x10GetImageResponse\x12\x33\n\x05image\x18\x01 \x01(\x0b\x32$.containerd.services.images.v1.Image\"I\n\x12\x43reateImageRequest\x12\x33\n\x05image\x18\x01 \x01(\x0b\x32$.containerd.services.images.v1.Image\"J\n\x13\x43reateImageResponse\x12\x33\n\x05image\x18\x01 \x01(\x0b\x32$.containerd.services.images.v1.Image\"z\n\x12UpdateImageRequest\x12\x33\n\x05image\x18\x01 \x01(\x0b\x32$.containerd.services.images.v1.Image\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"J\n\x13UpdateImageResponse\x12\x33\n\x05image\x18\x01 \x01(\x0b\x32$.containerd.services.images.v1.Image2\xbf\x03\n\x06Images\x12\x66\n\x03Get\x12..containerd.services.images.v1.GetImageRequest\x1a/.containerd.services.images.v1.GetImageResponse\x12o\n\x06\x43reate\x12\x31.containerd.services.images.v1.CreateImageRequest\x1a\x32.containerd.services.images.v1.CreateImageResponse\x12o\n\x06Update\x12\x31.containerd.services.images.v1.UpdateImageRequest\x1a\x32.containerd.services.images.v1.UpdateImageResponse\x12k\n\x04List\x12\x30.containerd.services.images.v1.ListImagesRequest\x1a\x31.containerd.services.images.v1.ListImagesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,22 +36,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_IMAGE_LABELSENTRY']._loaded_options = None
   _globals['_IMAGE_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_IMAGE']._serialized_start=199
-  _globals['_IMAGE']._serialized_end=475
-  _globals['_IMAGE_LABELSENTRY']._serialized_start=430
-  _globals['_IMAGE_LABELSENTRY']._serialized_end=475
-  _globals['_GETIMAGEREQUEST']._serialized_start=477
-  _globals['_GETIMAGEREQUEST']._serialized_end=508
-  _globals['_GETIMAGERESPONSE']._serialized_start=510
-  _globals['_GETIMAGERESPONSE']._serialized_end=581
-  _globals['_CREATEIMAGEREQUEST']._serialized_start=583
-  _globals['_CREATEIMAGEREQUEST']._serialized_end=656
-  _globals['_CREATEIMAGERESPONSE']._serialized_start=658
-  _globals['_CREATEIMAGERESPONSE']._serialized_end=732
-  _globals['_UPDATEIMAGEREQUEST']._serialized_start=734
-  _globals['_UPDATEIMAGEREQUEST']._serialized_end=856
-  _globals['_UPDATEIMAGERESPONSE']._serialized_start=858
-  _globals['_UPDATEIMAGERESPONSE']._serialized_end=932
-  _globals['_IMAGES']._serialized_start=935
-  _globals['_IMAGES']._serialized_end=1273
+  _globals['_LISTIMAGESREQUEST']._serialized_start=198
+  _globals['_LISTIMAGESREQUEST']._serialized_end=234
+  _globals['_LISTIMAGESRESPONSE']._serialized_start=236
+  _globals['_LISTIMAGESRESPONSE']._serialized_end=310
+  _globals['_IMAGE']._serialized_start=313
+  _globals['_IMAGE']._serialized_end=589
+  _globals['_IMAGE_LABELSENTRY']._serialized_start=544
+  _globals['_IMAGE_LABELSENTRY']._serialized_end=589
+  _globals['_GETIMAGEREQUEST']._serialized_start=591
+  _globals['_GETIMAGEREQUEST']._serialized_end=622
+  _globals['_GETIMAGERESPONSE']._serialized_start=624
+  _globals['_GETIMAGERESPONSE']._serialized_end=695
+  _globals['_CREATEIMAGEREQUEST']._serialized_start=697
+  _globals['_CREATEIMAGEREQUEST']._serialized_end=770
+  _globals['_CREATEIMAGERESPONSE']._serialized_start=772
+  _globals['_CREATEIMAGERESPONSE']._serialized_end=846
+  _globals['_UPDATEIMAGEREQUEST']._serialized_start=848
+  _globals['_UPDATEIMAGEREQUEST']._serialized_end=970
+  _globals['_UPDATEIMAGERESPONSE']._serialized_start=972
+  _globals['_UPDATEIMAGERESPONSE']._serialized_end=1046
+  _globals['_IMAGES']._serialized_start=1049
+  _globals['_IMAGES']._serialized_end=1496
 # @@protoc_insertion_point(module_scope)

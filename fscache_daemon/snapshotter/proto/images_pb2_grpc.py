@@ -49,6 +49,11 @@ class ImagesStub:
                 request_serializer=fscache__daemon_dot_snapshotter_dot_proto_dot_images__pb2.UpdateImageRequest.SerializeToString,
                 response_deserializer=fscache__daemon_dot_snapshotter_dot_proto_dot_images__pb2.UpdateImageResponse.FromString,
                 _registered_method=True)
+        self.List = channel.unary_unary(
+                '/containerd.services.images.v1.Images/List',
+                request_serializer=fscache__daemon_dot_snapshotter_dot_proto_dot_images__pb2.ListImagesRequest.SerializeToString,
+                response_deserializer=fscache__daemon_dot_snapshotter_dot_proto_dot_images__pb2.ListImagesResponse.FromString,
+                _registered_method=True)
 
 
 class ImagesServicer:
@@ -72,6 +77,12 @@ class ImagesServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def List(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ImagesServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -89,6 +100,11 @@ def add_ImagesServicer_to_server(servicer, server):
                     servicer.Update,
                     request_deserializer=fscache__daemon_dot_snapshotter_dot_proto_dot_images__pb2.UpdateImageRequest.FromString,
                     response_serializer=fscache__daemon_dot_snapshotter_dot_proto_dot_images__pb2.UpdateImageResponse.SerializeToString,
+            ),
+            'List': grpc.unary_unary_rpc_method_handler(
+                    servicer.List,
+                    request_deserializer=fscache__daemon_dot_snapshotter_dot_proto_dot_images__pb2.ListImagesRequest.FromString,
+                    response_serializer=fscache__daemon_dot_snapshotter_dot_proto_dot_images__pb2.ListImagesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -172,6 +188,33 @@ class Images:
             '/containerd.services.images.v1.Images/Update',
             fscache__daemon_dot_snapshotter_dot_proto_dot_images__pb2.UpdateImageRequest.SerializeToString,
             fscache__daemon_dot_snapshotter_dot_proto_dot_images__pb2.UpdateImageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def List(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/containerd.services.images.v1.Images/List',
+            fscache__daemon_dot_snapshotter_dot_proto_dot_images__pb2.ListImagesRequest.SerializeToString,
+            fscache__daemon_dot_snapshotter_dot_proto_dot_images__pb2.ListImagesResponse.FromString,
             options,
             channel_credentials,
             insecure,
