@@ -176,6 +176,12 @@ struct erofs_walk_opts {
     int64_t fixed_mtime;
     int32_t clamp_mtime;       /* with fixed_mtime_set: only mtimes at or after
                                 * fixed_mtime become it (SOURCE_DATE_EPOCH) */
+    int32_t mark_whiteout_dirs; /* 1: a directory holding an overlayfs whiteout (char
+                                * 0:0) gets trusted.overlay.origin="" (as mkfs.erofs
+                                * 1.9: overlayfs then never iterates it directly, which
+                                * would list its whiteouts) */
+    int32_t ovlfs_strip;       /* 1: whiteouts and trusted.overlay.opaque left out
+                                * (mkfs.erofs --ovlfs-strip=1) */
     int64_t force_uid;         /* -1: the file's own */
     int64_t force_gid;
     int32_t list_files;        /* 1: regular files (of every size) are listed for the

@@ -28,6 +28,8 @@
 #define SHOWN 300                 /* bytes of a path shown in a message */
 #define XVAL_MAX 65536            /* XATTR_SIZE_MAX */
 #define DENTS_BUF 32768           /* getdents64 buffer */
+#define OVL_OPAQUE "trusted.overlay.opaque"
+#define OVL_ORIGIN "trusted.overlay.origin"
 
 struct wdir {                     /* a directory waiting for its entries to be read */
     char *path;
@@ -271,6 +273,8 @@ static int add_xattrs(erofs_walk *w, int dfd, const char *name, const char *path
             names[j - 1] = t;
         }
     for (uint32_t i = 0; i < cnt; i++) {
+        if (w->o.ovlfs_strip && !strcmp(names[i], OVL_OPAQUE))
+            continue;
         ssize_t v = lgetxattr(path, names[i], w->xval, XVAL_MAX);
         if (v < 0) {
             if (errno == ENODATA)
@@ -454,6 +458,38 @@ static int bare_first(erofs_walk *w)
     return 0;
 }
 
+/* entry nm of the current directory is an overlayfs whiteout (char 0:0); d_type first */
+static int is_whiteout(erofs_walk *w, const char *nm)
+{
+    unsigned char t = (unsigned char)nm[strlen(nm) + 1];
+    struct stat st;
+    if (t != DT_CHR && t != DT_UNKNOWN)
+        return 0;
+    if (fstatat(w->dfd, nm, &st, AT_SYMLINK_NOFOLLOW) < 0)
+        return 0;       /* (walk_entry reports it) */
+    return S_ISCHR(st.st_mode) && st.st_rdev == 0;
+}
+
+/* the whiteouts of the directory just read: dropped (--ovlfs-strip), or its node marked
+ * trusted.overlay.origin="" unless the source has it (mkfs.erofs 1.9 does both the
+ * same way). Before smeta_dir: the directory's names and xattrs size its record. */
+static int whiteouts(erofs_walk *w)
+{
+    uint32_t kept = 0, found = 0;
+    for (uint32_t i = 0; i < w->nnames; i++) {
+        int wh = is_whiteout(w, w->names + w->offs[i]);
+        found += (uint32_t)wh;
+        if (!wh || !w->o.ovlfs_strip)
+            w->offs[kept++] = w->offs[i];
+    }
+    w->nnames = kept;
+    if (!found || w->o.ovlfs_strip || !w->o.mark_whiteout_dirs ||
+            lgetxattr(w->cur.path, OVL_ORIGIN, NULL, 0) >= 0)
+        return 0;
+    int r = erofs_node_add_xattr(w->b, w->cur.node, OVL_ORIGIN, strlen(OVL_ORIGIN), "", 0);
+    return r ? wrap(w, w->cur.path, r) : 0;
+}
+
 /* read the next queued directory's names (sorted); -> 1 read, 0 queue empty, < 0 */
 static int open_next_dir(erofs_walk *w)
 {
@@ -517,8 +553,10 @@ static int open_next_dir(erofs_walk *w)
         }
     }
     qsort_r(w->offs, w->nnames, sizeof(*w->offs), namesort_cmp, w->names);
+    int r = w->o.ovlfs_strip || w->o.mark_whiteout_dirs ? whiteouts(w) : 0;
     /* plain stream mode: the directory's inode and blocks before its files' */
-    int r = smeta_dir(w->b, w->cur.node, w->names, w->offs, w->nnames);
+    if (!r)
+        r = smeta_dir(w->b, w->cur.node, w->names, w->offs, w->nnames);
     if (!r)
         r = bare_first(w);
     return r ? r : 1;

@@ -14,16 +14,25 @@ __all__ = ["FileWalk", "native_walk"]
 
 # entries per C call: the walk returns to Python this often (progress, signals)
 _STEP = 2048
+# what the walk does with overlayfs whiteouts (char 0:0) and opaque xattrs: keep them
+# as they are (pack), "mark" a directory holding one trusted.overlay.origin="" (mkfs, as
+# mkfs.erofs 1.9), or "strip" them (--ovlfs-strip)
+WHITEOUT_MODES = ("keep", "mark", "strip")
 
 
 def _walk_new(b, source: str | bytes, fixed_mtime: int | None, force_uid: int | None,
-              force_gid: int | None, list_files: bool, clamp_mtime: bool = False):
+              force_gid: int | None, list_files: bool, clamp_mtime: bool = False,
+              whiteouts: str = "keep"):
     """A C walk of `source` into builder `b` with these options (freed by the caller)."""
     src = os.fsencode(source)
     o = ffi.new("struct erofs_walk_opts *")
     o.fixed_mtime_set = fixed_mtime is not None
     o.fixed_mtime = fixed_mtime or 0
     o.clamp_mtime = int(clamp_mtime)
+    if whiteouts not in WHITEOUT_MODES:
+        raise ValueError(f"whiteouts: one of {WHITEOUT_MODES}")
+    o.mark_whiteout_dirs = int(whiteouts == "mark")
+    o.ovlfs_strip = int(whiteouts == "strip")
     o.force_uid = -1 if force_uid is None else force_uid
     o.force_gid = -1 if force_gid is None else force_gid
     o.list_files = int(list_files)
@@ -37,12 +46,12 @@ def native_walk(builder: NativeBuilder, source: str | bytes, *,
                 fixed_mtime: int | None = None, force_uid: int | None = None,
                 force_gid: int | None = None,
                 on_entry: Callable[[int, int], object] | None = None,
-                clamp_mtime: bool = False) -> int:
+                clamp_mtime: bool = False, whiteouts: str = "keep") -> int:
     """Walk directory `source` into `builder` (depth first, names in byte order) and
     set its root; -> the root node. on_entry(entries, bytes) after each step."""
     b = builder._b
     w = _walk_new(b, source, fixed_mtime, force_uid, force_gid, list_files=False,
-                  clamp_mtime=clamp_mtime)
+                  clamp_mtime=clamp_mtime, whiteouts=whiteouts)
     entries = ffi.new("uint64_t *")
     nbytes = ffi.new("uint64_t *")
     try:

@@ -244,7 +244,7 @@ def test_reproducible_with_T_and_U(basic_tree, tmp_path):
     assert sb["uuid"].hex() == u.replace("-", "")
     fsck(a)
     with mounted(a) as mnt:
-        assert_same_tree(basic_tree, mnt, ignore={"mtime_ns"})
+        assert_same_tree(basic_tree, mnt, ignore={"mtime_ns"}, whiteout_marks=True)
         for dp, dn, fn in os.walk(mnt):
             for n in dn + fn:
                 assert os.lstat(os.path.join(dp, n)).st_mtime_ns == 1700000000 * 10**9
@@ -278,7 +278,7 @@ def test_owner_options(basic_tree, tmp_path):
     run_mkfs(img, basic_tree, "--all-root")
     fsck(img)
     with mounted(img) as mnt:
-        assert_same_tree(basic_tree, mnt, ignore={"uid", "gid"})
+        assert_same_tree(basic_tree, mnt, ignore={"uid", "gid"}, whiteout_marks=True)
         for dp, dn, fn in os.walk(mnt):
             for n in dn + fn:
                 st = os.lstat(os.path.join(dp, n))
@@ -287,7 +287,7 @@ def test_owner_options(basic_tree, tmp_path):
     run_mkfs(img2, basic_tree, "--force-uid", "99999", "--force-gid", "7")
     fsck(img2)
     with mounted(img2) as mnt:
-        assert_same_tree(basic_tree, mnt, ignore={"uid", "gid"})
+        assert_same_tree(basic_tree, mnt, ignore={"uid", "gid"}, whiteout_marks=True)
         st = os.lstat(os.path.join(mnt, "sub"))
         assert (st.st_uid, st.st_gid) == (99999, 7)
 
@@ -314,7 +314,8 @@ def test_exclude_options(basic_tree, tmp_path):
         names = set(os.listdir(mnt))
         assert not names & {"sub", "fifo", "big-owner", "sock", "suid"}
         assert {"a.txt", "hard", "sticky", "sgid", "chr"} <= names
-        assert_same_tree(basic_tree, mnt, exclude={"sub", "fifo", "big-owner", "sock", "suid"},
+        assert_same_tree(basic_tree, mnt, whiteout_marks=True,
+                         exclude={"sub", "fifo", "big-owner", "sock", "suid"},
                          ignore={"links"})
 
 

@@ -285,7 +285,8 @@ def mkfs_tar(image: str, source: str, opts: MkfsOptions | None = None,
         mtimes = opts.inode_mtimes()
         tree = TarTree("aufs" if topts.aufs else "none",
                        timestamp=mtimes.time if mtimes is not None else None,
-                       clamp=mtimes is not None and mtimes.clamp)
+                       clamp=mtimes is not None and mtimes.clamp,
+                       strip=opts.whiteouts == "strip")
         files = _parse(reader, tree, topts.mode, directory, scratch, progress)
         tar_end = reader.r.offset
         if dump_fd is not None:      # the dump is the whole uncompressed input

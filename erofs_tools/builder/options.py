@@ -86,6 +86,10 @@ class MkfsOptions:
     xattr_filter: bool = True         # -E ^xattr-name-filter turns the name filters off
     sb_checksum: bool = True          # -E nosbcrc: no superblock checksum
     force_extended: bool = False      # -E force-inode-extended: every inode 64 bytes
+    whiteouts: str = "mark"           # overlayfs whiteouts (char 0:0) in the source: a
+                                      # directory holding one marked ("mark", as
+                                      # mkfs.erofs 1.9), or left out with the opaque
+                                      # markers ("strip", --ovlfs-strip=1); pack: "keep"
 
     def inode_mtimes(self, environ: Mapping[str, str] = os.environ) -> MtimePolicy | None:
         """What becomes of the inodes' mtimes: -T sets every one (unless --mkfs-time);

@@ -396,7 +396,7 @@ def _pack(source: str, bootstrap: str, blob_dir: str, opts: PackOptions | None,
         raise InputError(f"blob directory {blob_dir}: {e.strerror}") from None
     cdict = ChunkDict(opts.chunk_dicts, opts.digester, opts.chunk_size)
 
-    mk = MkfsOptions(timestamp=opts.timestamp, shared_xattrs=False)
+    mk = MkfsOptions(timestamp=opts.timestamp, shared_xattrs=False, whiteouts="keep")
     ts = mk.effective_timestamp()
     prefetch = normalize_prefetch(opts.prefetch)
     # The blob count is known only after chunking but the builder takes meta_blkaddr up

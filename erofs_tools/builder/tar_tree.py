@@ -13,6 +13,7 @@ from erofs_tools.builder.whiteout import (
     IMPLIED_XATTR,
     OPAQUE_VALUE,
     OPAQUE_XATTR,
+    ORIGIN_XATTR,
     WH_OPAQUE,
     WH_PREFIX,
     classify,
@@ -25,7 +26,6 @@ WHITEOUT_SPECS = ("oci", "overlayfs", "none")
 # replaces an earlier NAME) and marks its directory `trusted.overlay.origin=""` (so that
 # overlayfs does not iterate it directly); `.wh..wh..opq` makes its directory opaque
 TREE_SPECS = WHITEOUT_SPECS + ("aufs",)
-ORIGIN_XATTR = b"trusted.overlay.origin"
 # the xattrs of every node that has none: one shared dict, never mutated (nodes that get
 # an xattr later are given a copy), 64 bytes less per entry
 _NO_XATTRS: dict[bytes, bytes] = {}
@@ -66,6 +66,16 @@ class TNode:
         return self.children is not None
 
 
+def _strip(d: TNode) -> None:
+    """--ovlfs-strip (as mkfs.erofs): directory d without its whiteouts (char 0:0) and
+    its opaque marker."""
+    kids = _kids(d)
+    for name in [k for k, c in kids.items() if stat.S_ISCHR(c.mode) and c.rdev == (0, 0)]:
+        del kids[name]
+    if OPAQUE_XATTR in d.xattrs:
+        d.xattrs = {k: v for k, v in d.xattrs.items() if k != OPAQUE_XATTR}
+
+
 def _kids(d: TNode) -> dict[bytes, TNode]:
     """The children of `d`, a node the caller knows to be a directory."""
     assert d.children is not None, "not a directory"
@@ -87,7 +97,8 @@ class TarTree:
     """Build the image tree from tar entries (see the module docstring for the rules)."""
 
     def __init__(self, whiteout_spec: str = "oci", timestamp: int | None = None,
-                 mark_implied: bool = False, clamp: bool = False) -> None:
+                 mark_implied: bool = False, clamp: bool = False,
+                 strip: bool = False) -> None:
         """timestamp: every entry's mtime becomes it (nsec 0), or with `clamp` those at
         or after it (SOURCE_DATE_EPOCH); implied directories get it either way."""
         if whiteout_spec not in TREE_SPECS:
@@ -96,6 +107,7 @@ class TarTree:
         self.spec = whiteout_spec
         self.timestamp = timestamp
         self.clamp = clamp
+        self.strip = strip      # --ovlfs-strip: whiteouts and opaque markers left out
         t = timestamp or 0
         self.root = TNode(stat.S_IFDIR | 0o755, 0, 0, t, 0)
         self.root.implied = True
@@ -270,10 +282,13 @@ class TarTree:
         stack = [self.root]
         while stack:
             n = stack.pop()
-            if n.opaque:
-                n.xattrs = {**n.xattrs, OPAQUE_XATTR: OPAQUE_VALUE}
-            if n.origin:
-                n.xattrs = {**n.xattrs, ORIGIN_XATTR: b""}
+            if self.strip:
+                _strip(n)
+            else:
+                if n.opaque:
+                    n.xattrs = {**n.xattrs, OPAQUE_XATTR: OPAQUE_VALUE}
+                if n.origin:
+                    n.xattrs = {**n.xattrs, ORIGIN_XATTR: b""}
             stack.extend(c for c in _kids(n).values() if c.is_dir())
 
     def emit(self, nb: NativeBuilder) -> tuple[dict[int, int], dict[int, int], bool]:

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable
 from erofs_tools._native import NativeBuilder
 from erofs_tools._native_walk import native_walk
 from erofs_tools.builder.options import MkfsOptions
+from erofs_tools.builder.whiteout import OPAQUE_XATTR, ORIGIN_XATTR
 from erofs_tools.errors import ErofsToolsError, InputError, shown_path  # noqa: F401 (re-exported)
 from erofs_tools.format.erofs import encode_long_prefix
 
@@ -25,6 +26,7 @@ from erofs_tools.format.erofs import encode_long_prefix
 NATIVE_WALK = True
 
 _S_IFMT = 0o170000
+_OPAQUE_NAME = OPAQUE_XATTR.decode()     # as os.listxattr names it
 _S_IFDIR = stat.S_IFDIR
 _S_IFREG = stat.S_IFREG
 _S_IFLNK = stat.S_IFLNK
@@ -65,6 +67,7 @@ class TreeWalker:
         self.mtimes = options.inode_mtimes()
         self.fixed_mtime = self.mtimes.time if self.mtimes is not None else None
         self.clamp_mtime = self.mtimes is not None and self.mtimes.clamp
+        self.whiteouts = options.whiteouts
         self.force_uid = 0 if options.all_root else options.force_uid
         self.force_gid = 0 if options.all_root else options.force_gid
         self.excl_paths = set(options.exclude_paths)
@@ -161,6 +164,8 @@ class TreeWalker:
         if not names:
             return
         for name in sorted(names):
+            if self.whiteouts == "strip" and name == _OPAQUE_NAME:
+                continue
             try:
                 value = os.getxattr(path, name, follow_symlinks=False)
             except OSError as e:
@@ -182,7 +187,8 @@ class TreeWalker:
                     on_entry(entries, nbytes)
             return native_walk(self.b, src, fixed_mtime=self.fixed_mtime,
                                force_uid=self.force_uid, force_gid=self.force_gid,
-                               on_entry=counted, clamp_mtime=self.clamp_mtime)
+                               on_entry=counted, clamp_mtime=self.clamp_mtime,
+                               whiteouts=self.whiteouts)
         try:
             st = os.lstat(src)
         except OSError as e:
@@ -215,6 +221,8 @@ class TreeWalker:
             if excluding or skip:
                 names = [n for n in names if dpath + sep + n not in skip and not (
                     excluding and self._excluded(drel + b"/" + n if drel else n))]
+            if self.whiteouts != "keep" and bare:
+                names, bare = self._whiteouts(dpath, sep, dnode, names, bare)
             # stream mode: the directory's inode and blocks go before its files'
             self.b.dir_names(dnode, names)
             if bare and len(bare) < len(names):
@@ -253,6 +261,32 @@ class TreeWalker:
                     on_entry(self.entries, self.bytes)
             pending[mark:] = reversed(pending[mark:])
         return root
+
+    def _whiteouts(self, dpath: bytes, sep: bytes, dnode: int, names: list[bytes],
+                   bare: set[bytes]) -> tuple[list[bytes], set[bytes]]:
+        """A directory's overlayfs whiteouts (char 0:0): left out (--ovlfs-strip), or the
+        directory marked trusted.overlay.origin="" unless the source has it (as
+        mkfs.erofs 1.9 and csrc/walk.c). Before dir_names: they size its record."""
+        found = set()
+        for n in bare:
+            try:
+                st = os.lstat(dpath + sep + n)
+            except OSError:
+                continue                  # (the walk reports it)
+            if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+                found.add(n)
+        if not found:
+            return names, bare
+        if self.whiteouts == "strip":
+            return [n for n in names if n not in found], bare - found
+        try:
+            os.getxattr(dpath, ORIGIN_XATTR, follow_symlinks=False)
+        except OSError:
+            try:
+                self.b.add_xattr(dnode, ORIGIN_XATTR, b"")
+            except ErofsToolsError as e:
+                raise _with_path(e, dpath) from None
+        return names, bare
 
     def _link(self, dnode: int, name: bytes, node: int, path: bytes) -> None:
         try:

@@ -13,6 +13,9 @@ WH_PREFIX = b".wh."
 WH_OPAQUE = b".wh..wh..opq"
 WH_META = b".wh..wh."
 OPAQUE_XATTR = b"trusted.overlay.opaque"
+# a directory holding whiteouts, as mkfs.erofs 1.9 marks it: overlayfs never iterates
+# it directly (kernel commit b79e05aaa166), which would list them
+ORIGIN_XATTR = b"trusted.overlay.origin"
 OPAQUE_VALUE = b"y"
 # Set by `pack --type tar --mark-implied-dirs` (and convert) on a directory that has no
 # entry of its own in the layer; `merge` reads it (the directory keeps the metadata of

@@ -37,6 +37,11 @@ from erofs_tools.errors import InputError
 @click.option("--all-time", "all_time", flag_value=True, default=True,
               help="-T also sets every file's mtime (the default); SOURCE_DATE_EPOCH "
                    "clamps the mtimes after it.")
+@click.option("--ovlfs-strip", "ovlfs_strip", type=click.Choice(["0", "1"]), default="0",
+              metavar="0|1",
+              help="1: leave overlayfs whiteouts (char 0:0) and opaque markers out of the "
+                   "image; 0 (default): keep them, and mark a directory holding whiteouts "
+                   "trusted.overlay.origin, as mkfs.erofs.")
 @click.option("-b", "block_size", type=int, metavar="SIZE",
               help="Block size in bytes: 512, 1024, 2048 or 4096 (default); --tar=i "
                    "images have the tar's 512.")
@@ -76,7 +81,8 @@ from erofs_tools.errors import InputError
               help="Compression threads (default: one per CPU; the image is the same).")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing on success.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
-def mkfs(image, source, timestamp, all_time, block_size, uuid_text, label, all_root,
+def mkfs(image, source, timestamp, all_time, ovlfs_strip, block_size, uuid_text, label,
+         all_root,
          force_uid, force_gid, exclude_path, exclude_regex, no_shared_xattrs, compress,
          pcluster, extended, hints, digest_flag, digest_name, workers, quiet, as_json,
          tar_mode, aufs, ungzip, ungzip_dump, sort_order, max_size):
@@ -117,6 +123,7 @@ def mkfs(image, source, timestamp, all_time, block_size, uuid_text, label, all_r
         inode_digest=digest,
         all_time=all_time,
         blkszbits=blkszbits,
+        whiteouts="strip" if ovlfs_strip == "1" else "mark",
     )
     progress = Progress.maybe(enabled=not quiet and not as_json)
     if tar_mode is not None:

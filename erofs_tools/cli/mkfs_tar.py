@@ -13,7 +13,8 @@ class MkfsCommand(click.Command):
     """Optional values as getopt has them (only when glued with '='): `--ungzip=FILE`
     becomes the hidden `--ungzip-dump FILE` (`--xattr-inode-digest=NAME` the hidden
     `--xattr-inode-digest-name NAME`) and a bare `--ungzip` stays a flag, so
-    `--ungzip IMAGE TAR` does not swallow IMAGE; a bare `--tar` is `--tar=f`."""
+    `--ungzip IMAGE TAR` does not swallow IMAGE; a bare `--tar` is `--tar=f`, a bare
+    `--ovlfs-strip` `--ovlfs-strip=1`."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         out = []
@@ -27,6 +28,8 @@ class MkfsCommand(click.Command):
                 out.extend(["--xattr-inode-digest-name", a[len("--xattr-inode-digest="):]])
             elif a == "--tar":              # mkfs.erofs: a bare --tar is full mode
                 out.append("--tar=f")
+            elif a == "--ovlfs-strip":      # and a bare --ovlfs-strip strips
+                out.append("--ovlfs-strip=1")
             else:
                 out.append(a)
         return super().parse_args(ctx, out)
