@@ -157,6 +157,7 @@ class FanotifyFrontend(Frontend):
         # evicted and the blob opened again in a new file under the same key: unmarking
         # "the key" then took the new file's mark, and its mount read zeros
         self._marked: dict[str, Any] = {}
+        self._marked_inode: dict[str, tuple[int, int]] = {}   # cache key -> its file's
         # Keyed by cache key (mgr.key: the blob id, or a variant `<id>@<table digest>`
         # with a cache file of its own), never by blob id alone: two images naming one
         # blob id with different chunk tables have two cache files, each with its own
@@ -304,6 +305,8 @@ class FanotifyFrontend(Frontend):
                 self._drop_filled(mgr)
                 raise
             self._marked[mgr.key] = mgr
+            st = os.fstat(wfd)
+            self._marked_inode[mgr.key] = (st.st_dev, st.st_ino)
         # the writer fd raises no events: the cache verifies its chunks through it
         # (a restart's deferred check) before they are published to the holder
         mgr.cache.use_write_fd(wfd)
@@ -381,6 +384,7 @@ class FanotifyFrontend(Frontend):
             watcher = self._watcher()   # stopped: nothing to unmark through
             self._pull_touches(mgr)     # the holder forgets them with the mark
             del self._marked[mgr.key]
+            self._marked_inode.pop(mgr.key, None)
             mgr.cache.use_write_fd(None)
             # Remove the kernel mark through the channel but keep the watcher's mapping
             # of this cache file: events queued before the mark went away still arrive
@@ -389,6 +393,26 @@ class FanotifyFrontend(Frontend):
             watcher.channel.unmark(mgr.cache.path)
             self._drop_filled(mgr)
         return True
+
+    def release_unused(self) -> list[str]:
+        """Have the fd holder unmark the cache files it marked for no blob of ours that
+        nothing else has open (fdholder's sweep): those of mounts a restart forgot, or
+        did not take back, whose last user the kernel let go since. Kept while any
+        superblock (any mount namespace) or reader has them open: unmarked, their holes
+        would read as zeros; kept forever, they held their marks, their writer fds and,
+        once evicted, their disk space for the holder's life, and the holder (which exits
+        only without marks) itself."""
+        if not self.holder:
+            return []
+        with self._lock:        # no mark of ours is made or removed meanwhile
+            w = self.watcher
+            if w is None:
+                return []
+            done = w.channel.release_unused(self._marked_inode.values())
+        for path in done:
+            log.info("fanotify: %s was marked for no mount of ours and nobody has it "
+                     "open; unmarked", path)
+        return done
 
     def mount(self, image: ImageView) -> None:
         devs = [self._daemon.blobs[k].cache.path for k in image.blob_keys]
@@ -448,6 +472,7 @@ class FanotifyFrontend(Frontend):
         if self.holder and not self._daemon.all_images():
             # nothing mounted: let the holder go too (it exits only without marks)
             try:
+                self.release_unused()
                 ch = self.watcher.channel
                 if not ch.status().get("marks"):
                     holder_pid = ch.holder_pid
