@@ -356,16 +356,21 @@ class FanotifyFrontend(Frontend):
         """Fetch the holder's new records for mgr (under self._lock): before an unmark
         too, since the holder forgets the file's log with its bitmap."""
         from fscache_daemon.frontend.fanotify_marks import TouchLog
-        if mgr.key not in self._filled or self.watcher is None:
+        # Only for the manager marked under its key, by the inode marked: a released
+        # manager's descriptor is closed, its number maybe another file's (a late
+        # completion hook asked; the records of another blob's cache file were taken
+        # into this key's trace, and its position in the holder's log lost)
+        inode = self._marked_inode.get(mgr.key)
+        if mgr.key not in self._filled or self.watcher is None or \
+                not self._marks_this(mgr) or inode is None:
             return
         nxt, recs = self._touches.get(mgr.key, (0, []))
-        st = os.fstat(mgr.cache.fileno())
         while True:
             try:
                 # HolderChannel's request/reply call (no public wrapper: fdholder.py
                 # is at the module size limit)
                 reply, _ = self.watcher.channel._call(
-                    {"op": "touches", "inode": [st.st_dev, st.st_ino], "since": nxt,
+                    {"op": "touches", "inode": list(inode), "since": nxt,
                      "rearm": rearm})
             except (FrontendError, OSError) as e:
                 log.debug("fd holder touches of %s: %s", mgr.key[:12], e)
