@@ -9,11 +9,13 @@ import json
 import os
 import random
 import shutil
+import subprocess
+import sys
 
 import helpers
 import pytest
 from registry_fixtures import registry  # noqa: F401
-from test_daemon_support import DaemonProc, pack, require_lazy_kernel
+from test_daemon_support import REPO, DaemonProc, pack, require_lazy_kernel
 from test_pack import cli, mount_and_compare, reader_check
 
 from erofs_tools.builder.chunk_dict import BootstrapTables
@@ -135,11 +137,25 @@ def test_optimize_with_a_trace_from_the_bootstrap(image, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["other-image", "not-json", "bad-chunk", "missing-file",
-                                  "same-output", "empty"])
+                                  "same-output", "empty", "huge-time", "nan-time",
+                                  "surrogate-path", "deep-nesting"])
 def test_optimize_bad_input_writes_nothing(image, tmp_path, case):
+    """Hostile or stale traces: one line of error, exit 1, nothing written. A time of
+    400 digits (OverflowError) and JSON nested 200,000 deep (RecursionError) ended in a
+    traceback; NaN was taken as a time and sorted the chunks at random. (A path holding
+    a lone surrogate was refused before too, as 'not JSON'.)"""
     trace = synthetic_trace(image, [("/b.bin", [0])])
     out = tmp_path / "opt.boot"
-    if case == "other-image":
+    raw = None
+    if case == "huge-time":
+        trace["entries"][0]["chunks"][0]["first_access"] = 10 ** 400
+    elif case == "nan-time":
+        trace["entries"][0]["chunks"][0]["first_access"] = float("nan")
+    elif case == "surrogate-path":
+        trace["entries"][0]["path"] = "/b.bin\ud800"
+    elif case == "deep-nesting":
+        raw = '{"version": 1, "entries": ' + "[" * 200_000 + "]" * 200_000 + "}"
+    elif case == "other-image":
         trace["image"]["blobs"] = ["ab" * 32]
     elif case == "bad-chunk":
         trace["entries"][0]["chunks"][0]["uncompressed_offset"] = "x"
@@ -150,7 +166,7 @@ def test_optimize_bad_input_writes_nothing(image, tmp_path, case):
     elif case == "empty":
         trace["entries"] = []
     tfile = tmp_path / "trace.json"
-    tfile.write_text("{not json" if case == "not-json" else json.dumps(trace))
+    tfile.write_text(raw or ("{not json" if case == "not-json" else json.dumps(trace)))
     before = sorted(os.listdir(image["blobs"]))
     boot_bytes = open(image["boot"], "rb").read()
     r = cli("optimize", image["boot"], out, "--trace", tfile, "-D", image["blobs"],
@@ -161,6 +177,31 @@ def test_optimize_bad_input_writes_nothing(image, tmp_path, case):
     assert open(image["boot"], "rb").read() == boot_bytes
     if case != "same-output":
         assert not out.exists()
+
+
+def test_optimize_trace_bomb_is_refused_before_parsing(image, tmp_path):
+    """24 MB of empty JSON objects (a trace bomb: parsed, ~27 bytes of memory per byte,
+    ~650 MB here and ~7 GiB at the 256 MiB size limit) is refused from a count of its
+    values, without parsing it: one line of error, nothing written, the process stays
+    small (its peak RSS, not a time)."""
+    from erofs_tools.builder.optimize import MAX_VALUES
+    tfile = tmp_path / "bomb.json"
+    with open(tfile, "wb") as f:
+        f.write(b'{"version": 1, "image": {"blobs": []}, "entries": [' +
+                b"{}," * MAX_VALUES + b"{}]}")
+    out = tmp_path / "opt.boot"
+    probe = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], "
+             "capture_output=True); sys.stdout.write(str(r.returncode) + ' ' + "
+             "str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) + ' '); "
+             "sys.stdout.write(r.stderr.decode())")
+    r = subprocess.run([sys.executable, "-c", probe, sys.executable, "-m", "erofs_tools",
+                        "optimize", image["boot"], str(out), "--trace", str(tfile), "-D",
+                        image["blobs"]], capture_output=True, check=True, cwd=REPO)
+    rc, rss_kib, err = r.stdout.decode().split(" ", 2)
+    assert rc == "1" and err.startswith("error: ") and err.count("\n") == 1, err
+    assert "JSON values" in err, err
+    assert int(rss_kib) < 200 * 1024, f"peak RSS {int(rss_kib) >> 10} MiB"
+    assert not out.exists()
 
 
 @pytest.mark.root
