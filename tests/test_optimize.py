@@ -179,6 +179,36 @@ def test_optimize_bad_input_writes_nothing(image, tmp_path, case):
         assert not out.exists()
 
 
+@pytest.mark.root
+def test_optimize_duplicates_and_aliases_read_back_identical(tmp_path):
+    """What a trace may repeat or name another way is taken once: entries twice, a
+    hardlink's other name, a path without its leading '/', a chunk listed twice and a
+    chunk two files share (their content is the same). The image mounts (kernel),
+    checks and fscks identical to the source; its prefetch table names each file once."""
+    src = write_src(str(tmp_path / "src"))
+    shutil.copy(os.path.join(src, "a.bin"), os.path.join(src, "sub", "a-copy.bin"))
+    boot, blobs = str(tmp_path / "boot"), str(tmp_path / "blobs")
+    info = pack(src, boot, blobs, "--chunk-size", hex(CHUNK))
+    image = {"src": src, "boot": boot, "blobs": blobs,
+             "blob_id": info["blobs"][0]["blob_id"]}
+    trace = synthetic_trace(image, [("/c.bin", [2, 0]), ("/b.bin", [0, 1]),
+                                    ("/sub/a-copy.bin", [0, 1])])
+    e = trace["entries"]
+    e.append(dict(e[0]))                                      # the same entry again
+    e.append({"path": "sub/b-hardlink", "chunks": e[1]["chunks"] * 2})
+    e.append({"path": "/a.bin", "chunks": synthetic_trace(
+        image, [("/a.bin", [0, 1])])["entries"][0]["chunks"]})    # a-copy.bin's chunks
+    tfile = tmp_path / "trace.json"
+    tfile.write_text(json.dumps(trace))
+    out = tmp_path / "opt.boot"
+    res = json.loads(cli("optimize", boot, out, "--trace", tfile, "-D", blobs,
+                         "--json").stdout)
+    assert res["prefetch_chunks"] == 6, res
+    assert prefetch_paths(str(out)) == ["/c.bin", "/b.bin", "/sub/a-copy.bin", "/a.bin"]
+    reader_check(out, blobs)
+    mount_and_compare(out, blobs, src, tmp_path)
+
+
 def test_optimize_trace_bomb_is_refused_before_parsing(image, tmp_path):
     """24 MB of empty JSON objects (a trace bomb: parsed, ~27 bytes of memory per byte,
     ~650 MB here and ~7 GiB at the 256 MiB size limit) is refused from a count of its
