@@ -170,3 +170,30 @@ def test_marks_of_a_forgotten_mount_the_kernel_still_uses_stay_until_it_lets_go(
             helpers.sys_umount(mnt, lazy=True)
         d.mounts.clear()
         d.cleanup()
+
+
+def test_holder_without_a_daemon_ends_on_sigterm_once_no_mount_uses_its_marks(tmp_path,
+                                                                             image):
+    """No daemon runs again after a stop. SIGTERM of the fd holder is refused while the
+    kernel still uses a marked cache file (exiting would fail open: its holes read as
+    zeros); once the last mount is gone it releases the mark and exits. It refused for
+    as long as the mark existed, that is for ever."""
+    import signal
+    d, mnt, cache_file = _mounted_then_stopped(tmp_path, image)
+    holder = _holder_pid(d)
+    try:
+        os.kill(holder, signal.SIGTERM)
+        helpers.wait_until(lambda: "refusing SIGTERM" in _holder_log(d), 30, "a refusal")
+        assert _alive(holder) and _marks(d) == [cache_file]
+        helpers.sys_umount(mnt)
+        d.mounts.remove(mnt)
+        os.kill(holder, signal.SIGTERM)
+        helpers.wait_until(lambda: not _alive(holder), 30, "the holder's exit")
+        assert "no mount uses it any more" in _holder_log(d)
+    finally:
+        d.cleanup()
+
+
+def _holder_log(d):
+    with open(os.path.join(d.cache_dir, "fdholder.log"), errors="replace") as f:
+        return f.read()

@@ -38,9 +38,9 @@ neither re-queued nor answered). When a daemon subscribes it gets every pending 
 again, so a restarted daemon answers what the dead one had been working on.
 
 The holder itself must outlive every mount of a marked file: SIGTERM is refused while marks
-of files in use exist (those nothing else has open are released first), and SIGKILL of the
-holder fails open (nothing can prevent that in 6.18). SIGUSR1:
-listen again if the socket vanished (a daemon finds us by our command line; no orphan).
+of files in use exist (without a daemon, those nothing has open are released first), and
+SIGKILL of the holder fails open (nothing can prevent that in 6.18). SIGUSR1: listen again
+if the socket vanished (a daemon finds us by our command line; no orphan).
 
 Run: python -m fscache_daemon.frontend.fdholder --sock PATH
 """
@@ -157,7 +157,9 @@ class FdHolder:
             if signum == signal.SIGUSR1:
                 self._rebind()
                 continue
-            self._sweep(())     # the files no mount uses any more need no mark
+            if self.subscriber is None and not self.controls:
+                # no daemon (whose marks a sweep must keep: the "keep" of its own sweeps)
+                self._sweep(())     # the files nothing has open need no mark
             if self.marks:
                 # exiting now would fail open: every hole of every marked file reads zeros
                 log.error("fd holder: refusing %s: %d cache files still marked; unmount "
