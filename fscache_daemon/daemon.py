@@ -406,7 +406,7 @@ class Daemon(MountLifecycle, PrefetchLoops):
                         ref.blob_id[:12], cache.path)
         return mgr
 
-    def _blob_complete(self, mgr) -> None:
+    def _blob_complete(self, mgr: bc.BlobManager) -> None:
         # A fill that outlived the blob's release completes it late (its store ended just
         # before the close): by then the blob may be open again under the same key, in a
         # new manager that completed and is kept marked. The released one's entry took
@@ -572,7 +572,7 @@ class Daemon(MountLifecycle, PrefetchLoops):
                 except (FrontendError, OSError) as e:
                     log.error("blob %s: unmarking failed: %s", mgr.blob_id[:12], e)
 
-    def _drop_kept(self, key: str, mgr) -> None:
+    def _drop_kept(self, key: str, mgr: bc.BlobManager) -> None:
         """Forget mgr's kept-marked entry, not a successor's set since it was read."""
         with self._lock:
             if self._kept_marked.get(key, (None,))[0] is mgr:
