@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from fscache_daemon import mounts
-from fscache_daemon.errors import FrontendError, MountError, check_unix_socket_path
+from fscache_daemon.errors import FrontendError, HolderError, MountError, check_unix_socket_path
 from fscache_daemon.frontend.base import DaemonView, Frontend, ImageView, sys_mount, sys_umount
 
 if TYPE_CHECKING:   # imported when started: only a daemon using this front end loads it
@@ -170,6 +170,7 @@ class FanotifyFrontend(Frontend):
         # [(offset, length, monotonic ns)]), for access traces (fscache_daemon/trace.py)
         self._touches: dict[str, tuple[int, list]] = {}
         self._lock = threading.Lock()
+        self._holder_sweeps: bool | None = None    # False: the holder cannot sweep
 
     def start(self, daemon: DaemonView) -> None:
         from fscache_daemon.frontend import fanotify_abi as abi
@@ -407,13 +408,23 @@ class FanotifyFrontend(Frontend):
         would read as zeros; kept forever, they held their marks, their writer fds and,
         once evicted, their disk space for the holder's life, and the holder (which exits
         only without marks) itself."""
-        if not self.holder:
+        if not self.holder or self._holder_sweeps is False:
             return []
         with self._lock:        # no mark of ours is made or removed meanwhile
             w = self.watcher
             if w is None:
                 return []
-            done = w.channel.release_unused(self._marked_inode.values())
+            try:
+                done = w.channel.release_unused(self._marked_inode.values())
+            except HolderError as e:
+                if "unknown op" not in str(e):
+                    raise
+                # a holder started by an older version (it outlives upgrades): asked
+                # once, not every few seconds for the daemon's life
+                log.warning("fanotify: the fd holder predates releasing unused marks "
+                            "(%s); a mark a restart forgot stays until it is restarted", e)
+                self._holder_sweeps = False
+                return []
         for path in done:
             log.info("fanotify: %s was marked for no mount of ours and nobody has it "
                      "open; unmarked", path)

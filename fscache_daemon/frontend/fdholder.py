@@ -428,7 +428,9 @@ class FdHolder:
                 done = self._unmark(str(msg["path"]), tuple(inode) if inode else None)
                 _send(conn, {"ok": True, "inode": list(done)})
             elif op == "sweep":     # marks of files no daemon keeps and nobody has open
-                _send(conn, {"ok": True, "released": self._sweep(msg.get("keep") or ())})
+                keep = msg.get("keep")
+                _send(conn, {"ok": True, "released": self._sweep(
+                    keep if isinstance(keep, list) else ())})
             elif op == "touches":   # first accesses allowed here, for access traces
                 _send(conn, FilledView.touches_reply(self.filled, msg))
             elif op == "status":
