@@ -296,7 +296,20 @@ def test_optimize_oci_layout_uploads_only_the_prefetch_blob(image, tmp_path):
     reader_check(out / "image.boot", out)
     cli("unpack", out / "image.boot", "--blob-dir", out, "-o", tmp_path / "unpacked")
     helpers.assert_same_tree(image["src"], str(tmp_path / "unpacked"))
+    # a trace of another image: one line naming the reference (not the temporary copy
+    # of its bootstrap, gone by then), nothing pushed
+    trace["image"]["blobs"] = ["ab" * 32]
+    tfile.write_text(json.dumps(trace))
+    before = set(os.listdir(layout / "blobs" / "sha256"))
+    r = cli("optimize", f"oci:{layout}:v1", f"oci:{layout}:bad", "--trace", tfile,
+            check=False)
+    err = r.stderr.decode()
+    assert r.returncode == 1 and err.count("\n") == 1, err
+    assert err.startswith(f"error: oci:{layout}:v1: the trace was recorded on another"), err
+    assert set(os.listdir(layout / "blobs" / "sha256")) == before
     # into another layout: the source blob is copied there, the result is complete
+    trace["image"]["blobs"] = [pub["blob_id"]]
+    tfile.write_text(json.dumps(trace))
     other = tmp_path / "other"
     cli("optimize", f"oci:{layout}:v1", f"oci:{other}:fast", "--trace", tfile)
     cli("pull", f"oci:{other}:fast", "-o", tmp_path / "other-pulled", "--blobs")
