@@ -4,6 +4,7 @@ cache files, in any mount namespace; kept, and never read as zeros, while a supe
 still does. Real daemon processes, the fd holder, real EROFS mounts on the host kernel."""
 import os
 import subprocess
+import threading
 
 import helpers
 import pytest
@@ -123,7 +124,19 @@ def test_marks_of_a_forgotten_mount_the_kernel_still_uses_stay_until_it_lets_go(
         ns = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c",
                                "echo ready; exec sleep 600"], stdout=subprocess.PIPE)
         assert ns.stdout.readline() == b"ready\n"
+        # a reader that waits while no daemon runs (its event pending in the holder)
+        big = os.path.join("d1", "big0.bin")
+        with open(os.path.join(image["src"], big), "rb") as f:
+            want_big = f.read()
+        waiting: dict = {}
+        reader = threading.Thread(target=lambda: waiting.update(
+            r=timed_read(os.path.join(mnt, big), want_big, 120)))
+        reader.start()
+        helpers.wait_holder_pending(_holder(d))
         d.start()
+        # the restart forgets the mount: its reader is answered (EIO), not left waiting
+        reader.join(120)
+        assert waiting["r"].kind == "eio", waiting
         helpers.wait_until(lambda: "unreadable" in d.log(400), 30, "the restore")
         # the daemon's sweeps and one of ours (nothing kept) leave it marked: in use
         from fscache_daemon.frontend.fdholder import HolderChannel
