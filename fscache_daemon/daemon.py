@@ -412,14 +412,25 @@ class Daemon(MountLifecycle, PrefetchLoops):
                         ref.blob_id[:12], cache.path)
         return mgr
 
-    def _blob_complete(self, mgr) -> None:
+    def _blob_complete(self, mgr: bc.BlobManager) -> None:
+        # A fill that outlived the blob's release completes it late (its store ended just
+        # before the close): by then the blob may be open again under the same key, in a
+        # new manager that completed and is kept marked. The released one's entry took
+        # the successor's place, was dropped as released, and the successor stayed
+        # marked until its own release (every warm read an event). Its release unmarked
+        # the released one; nothing is left to do for it.
+        if self.blobs.get(mgr.key) is not mgr:
+            return
         try:
             # completed by fetching: keep the front end watching while some chunk was never
             # read (for the trace), unless the prefetch table lists it whole (prefetch.py)
             keep = self.frontend.name == "fanotify" and self.trace_window > 0 and \
                 not self.traces.fully_read(mgr) and not listed_whole(mgr)
             if keep:
-                self._kept_marked[mgr.key] = (mgr, time.monotonic() + self.trace_window)
+                with self._lock:    # released meanwhile: its entry is not set
+                    if self.blobs.get(mgr.key) is mgr:
+                        self._kept_marked[mgr.key] = (mgr, time.monotonic() +
+                                                      self.trace_window)
             self.frontend.blob_complete(mgr, keep_mark=keep)
         except (FrontendError, OSError) as e:
             log.error("blob %s: front end completion failed: %s", mgr.blob_id[:12], e)
@@ -560,12 +571,18 @@ class Daemon(MountLifecycle, PrefetchLoops):
             for key, (mgr, until) in list(self._kept_marked.items()):
                 try:
                     if self.blobs.get(key) is not mgr:
-                        self._kept_marked.pop(key, None)     # released: unmarked then
+                        self._drop_kept(key, mgr)        # released: unmarked then
                     elif time.monotonic() >= until or self.traces.fully_read(mgr):
-                        self._kept_marked.pop(key, None)
+                        self._drop_kept(key, mgr)
                         self.frontend.blob_complete(mgr)
                 except (FrontendError, OSError) as e:
                     log.error("blob %s: unmarking failed: %s", mgr.blob_id[:12], e)
+
+    def _drop_kept(self, key: str, mgr: bc.BlobManager) -> None:
+        """Forget mgr's kept-marked entry, not a successor's set since it was read."""
+        with self._lock:
+            if self._kept_marked.get(key, (None,))[0] is mgr:
+                del self._kept_marked[key]
 
     def _syncer(self) -> None:
         while not self._stop.wait(SYNC_INTERVAL):

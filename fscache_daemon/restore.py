@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 RETRY_FIRST = 1.0
 RETRY_MAX = 30.0
 RETRY_TICK = 0.2        # how often the restorer thread looks whether one is due
+# how often the front end is asked to let go of what no mount of ours uses and nothing
+# else has open (release_unused: the fd holder's marks of mounts a restart forgot)
+RELEASE_INTERVAL = 5.0
 # what may pass (see the module's doc)
 _PASSING = (BackendError, StorageError, RegistryError)
 
@@ -119,6 +122,16 @@ class MountRestore:
         for boot in forgotten:      # after the loop: a later record may share the copy
             self._drop_unused_bootstrap(boot)
         self._save_state()
+        self._release_unused()
+
+    def _release_unused(self) -> None:
+        """What the front end holds for no mount of ours (the fd holder's marks of the
+        mounts forgotten here, or by an earlier restart) goes once nothing uses it; what
+        a live superblock still reads stays (Frontend.release_unused)."""
+        try:
+            self.frontend.release_unused()
+        except Exception as e:  # noqa: BLE001 - kept until the next try: never worse
+            log.warning("cannot release what no mount uses: %s", e)
 
     def _pick_up(self, m: dict, mp: str, state: str, mount_id) -> Exception | None:
         """Register recorded mount `m` as found in the kernel: None, or why not."""
@@ -175,8 +188,13 @@ class MountRestore:
 
     def _restorer(self) -> None:
         """The unpicked mounts' tries, on a thread of their own: one may wait for a slow
-        registry, which must not hold up the reaper's release of detached images."""
+        registry, which must not hold up the reaper's release of detached images; and,
+        every RELEASE_INTERVAL, what no mount of ours uses (_release_unused)."""
+        next_release = time.monotonic() + RELEASE_INTERVAL
         while not self._stop.wait(RETRY_TICK):
+            if time.monotonic() >= next_release:
+                next_release = time.monotonic() + RELEASE_INTERVAL
+                self._release_unused()
             if not self.unpicked:
                 continue
             try:

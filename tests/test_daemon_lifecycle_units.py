@@ -329,3 +329,40 @@ def test_restart_forgets_an_unfinished_mount_but_keeps_a_shared_bootstrap(images
             assert [m["mountpoint"] for m in json.load(f)["mounts"]] == [str(tmp_path / "m2")]
     finally:
         d2.shutdown()
+
+
+def test_release_unused_asks_a_holder_without_sweep_once(tmp_path, caplog):
+    """An fd holder outlives daemon upgrades: one started by a version without the
+    sweep answers 'unknown op'. The daemon asks every few seconds; it must say so once
+    and stop asking, not log a warning every 5 s for its whole life."""
+    from fscache_daemon.errors import HolderError
+    from fscache_daemon.frontend.fanotify_adapter import FanotifyFrontend
+
+    calls = []
+
+    class OldHolder:
+        def release_unused(self, keep):
+            calls.append(list(keep))
+            raise HolderError("unknown op 'sweep'")
+
+    class Watcher:
+        channel = OldHolder()
+
+    fe = FanotifyFrontend(str(tmp_path))
+    fe.watcher = Watcher()
+    assert fe.release_unused() == []
+    assert fe.release_unused() == []
+    assert calls == [[]]
+    assert sum("predates releasing unused marks" in r.message for r in caplog.records) == 1
+    # any other failure is the caller's to report (restore.py logs it and tries again)
+    fe2 = FanotifyFrontend(str(tmp_path))
+
+    class Broken:
+        def release_unused(self, keep):
+            raise HolderError("fd holder closed the connection")
+
+    class Watcher2:
+        channel = Broken()
+    fe2.watcher = Watcher2()
+    with pytest.raises(HolderError):
+        fe2.release_unused()

@@ -9,11 +9,13 @@ import json
 import os
 import random
 import shutil
+import subprocess
+import sys
 
 import helpers
 import pytest
 from registry_fixtures import registry  # noqa: F401
-from test_daemon_support import DaemonProc, pack, require_lazy_kernel
+from test_daemon_support import REPO, DaemonProc, pack, require_lazy_kernel
 from test_pack import cli, mount_and_compare, reader_check
 
 from erofs_tools.builder.chunk_dict import BootstrapTables
@@ -135,11 +137,25 @@ def test_optimize_with_a_trace_from_the_bootstrap(image, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["other-image", "not-json", "bad-chunk", "missing-file",
-                                  "same-output", "empty"])
+                                  "same-output", "empty", "huge-time", "nan-time",
+                                  "surrogate-path", "deep-nesting"])
 def test_optimize_bad_input_writes_nothing(image, tmp_path, case):
+    """Hostile or stale traces: one line of error, exit 1, nothing written. A time of
+    400 digits (OverflowError) and JSON nested 200,000 deep (RecursionError) ended in a
+    traceback; NaN was taken as a time and sorted the chunks at random. (A path holding
+    a lone surrogate was refused before too, as 'not JSON'.)"""
     trace = synthetic_trace(image, [("/b.bin", [0])])
     out = tmp_path / "opt.boot"
-    if case == "other-image":
+    raw = None
+    if case == "huge-time":
+        trace["entries"][0]["chunks"][0]["first_access"] = 10 ** 400
+    elif case == "nan-time":
+        trace["entries"][0]["chunks"][0]["first_access"] = float("nan")
+    elif case == "surrogate-path":
+        trace["entries"][0]["path"] = "/b.bin\ud800"
+    elif case == "deep-nesting":
+        raw = '{"version": 1, "entries": ' + "[" * 200_000 + "]" * 200_000 + "}"
+    elif case == "other-image":
         trace["image"]["blobs"] = ["ab" * 32]
     elif case == "bad-chunk":
         trace["entries"][0]["chunks"][0]["uncompressed_offset"] = "x"
@@ -150,7 +166,7 @@ def test_optimize_bad_input_writes_nothing(image, tmp_path, case):
     elif case == "empty":
         trace["entries"] = []
     tfile = tmp_path / "trace.json"
-    tfile.write_text("{not json" if case == "not-json" else json.dumps(trace))
+    tfile.write_text(raw or ("{not json" if case == "not-json" else json.dumps(trace)))
     before = sorted(os.listdir(image["blobs"]))
     boot_bytes = open(image["boot"], "rb").read()
     r = cli("optimize", image["boot"], out, "--trace", tfile, "-D", image["blobs"],
@@ -161,6 +177,61 @@ def test_optimize_bad_input_writes_nothing(image, tmp_path, case):
     assert open(image["boot"], "rb").read() == boot_bytes
     if case != "same-output":
         assert not out.exists()
+
+
+@pytest.mark.root
+def test_optimize_duplicates_and_aliases_read_back_identical(tmp_path):
+    """What a trace may repeat or name another way is taken once: entries twice, a
+    hardlink's other name, a path without its leading '/', a chunk listed twice and a
+    chunk two files share (their content is the same). The image mounts (kernel),
+    checks and fscks identical to the source; its prefetch table names each file once."""
+    src = write_src(str(tmp_path / "src"))
+    shutil.copy(os.path.join(src, "a.bin"), os.path.join(src, "sub", "a-copy.bin"))
+    boot, blobs = str(tmp_path / "boot"), str(tmp_path / "blobs")
+    info = pack(src, boot, blobs, "--chunk-size", hex(CHUNK))
+    image = {"src": src, "boot": boot, "blobs": blobs,
+             "blob_id": info["blobs"][0]["blob_id"]}
+    trace = synthetic_trace(image, [("/c.bin", [2, 0]), ("/b.bin", [0, 1]),
+                                    ("/sub/a-copy.bin", [0, 1])])
+    e = trace["entries"]
+    e.append(dict(e[0]))                                      # the same entry again
+    e.append({"path": "sub/b-hardlink", "chunks": e[1]["chunks"] * 2})
+    e.append({"path": "/a.bin", "chunks": synthetic_trace(
+        image, [("/a.bin", [0, 1])])["entries"][0]["chunks"]})    # a-copy.bin's chunks
+    tfile = tmp_path / "trace.json"
+    tfile.write_text(json.dumps(trace))
+    out = tmp_path / "opt.boot"
+    res = json.loads(cli("optimize", boot, out, "--trace", tfile, "-D", blobs,
+                         "--json").stdout)
+    assert res["prefetch_chunks"] == 6, res
+    assert prefetch_paths(str(out)) == ["/c.bin", "/b.bin", "/sub/a-copy.bin", "/a.bin"]
+    reader_check(out, blobs)
+    mount_and_compare(out, blobs, src, tmp_path)
+
+
+def test_optimize_trace_bomb_is_refused_before_parsing(image, tmp_path):
+    """24 MB of empty JSON objects (a trace bomb: parsed, ~27 bytes of memory per byte,
+    ~650 MB here and ~7 GiB at the 256 MiB size limit) is refused from a count of its
+    values, without parsing it: one line of error, nothing written, the process stays
+    small (its peak RSS, not a time)."""
+    from erofs_tools.builder.optimize import MAX_VALUES
+    tfile = tmp_path / "bomb.json"
+    with open(tfile, "wb") as f:
+        f.write(b'{"version": 1, "image": {"blobs": []}, "entries": [' +
+                b"{}," * MAX_VALUES + b"{}]}")
+    out = tmp_path / "opt.boot"
+    probe = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], "
+             "capture_output=True); sys.stdout.write(str(r.returncode) + ' ' + "
+             "str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) + ' '); "
+             "sys.stdout.write(r.stderr.decode())")
+    r = subprocess.run([sys.executable, "-c", probe, sys.executable, "-m", "erofs_tools",
+                        "optimize", image["boot"], str(out), "--trace", str(tfile), "-D",
+                        image["blobs"]], capture_output=True, check=True, cwd=REPO)
+    rc, rss_kib, err = r.stdout.decode().split(" ", 2)
+    assert rc == "1" and err.startswith("error: ") and err.count("\n") == 1, err
+    assert "JSON values" in err, err
+    assert int(rss_kib) < 200 * 1024, f"peak RSS {int(rss_kib) >> 10} MiB"
+    assert not out.exists()
 
 
 @pytest.mark.root
@@ -225,7 +296,20 @@ def test_optimize_oci_layout_uploads_only_the_prefetch_blob(image, tmp_path):
     reader_check(out / "image.boot", out)
     cli("unpack", out / "image.boot", "--blob-dir", out, "-o", tmp_path / "unpacked")
     helpers.assert_same_tree(image["src"], str(tmp_path / "unpacked"))
+    # a trace of another image: one line naming the reference (not the temporary copy
+    # of its bootstrap, gone by then), nothing pushed
+    trace["image"]["blobs"] = ["ab" * 32]
+    tfile.write_text(json.dumps(trace))
+    before = set(os.listdir(layout / "blobs" / "sha256"))
+    r = cli("optimize", f"oci:{layout}:v1", f"oci:{layout}:bad", "--trace", tfile,
+            check=False)
+    err = r.stderr.decode()
+    assert r.returncode == 1 and err.count("\n") == 1, err
+    assert err.startswith(f"error: oci:{layout}:v1: the trace was recorded on another"), err
+    assert set(os.listdir(layout / "blobs" / "sha256")) == before
     # into another layout: the source blob is copied there, the result is complete
+    trace["image"]["blobs"] = [pub["blob_id"]]
+    tfile.write_text(json.dumps(trace))
     other = tmp_path / "other"
     cli("optimize", f"oci:{layout}:v1", f"oci:{other}:fast", "--trace", tfile)
     cli("pull", f"oci:{other}:fast", "-o", tmp_path / "other-pulled", "--blobs")

@@ -4,6 +4,7 @@ region the trace saw (its prefetch blob), not the untraced rest of a partly read
 of an image packed with --prefetch-list, the listed files whole."""
 
 import json
+import random
 
 from test_daemon_support import pack
 from test_optimize import CHUNK, SIZES, chunks_of, image, synthetic_trace  # noqa: F401
@@ -34,9 +35,10 @@ def test_optimized_image_prefetches_the_traced_region_only(image, tmp_path):  # 
 def test_prefetch_list_image_prefetches_whole_files(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
+    r = random.Random(3)
     for name, size in SIZES.items():
-        if "/" not in name:
-            (src / name).write_bytes(bytes([len(name)]) * size)
+        if "/" not in name:     # no chunk repeated: a repeated one is listed once
+            (src / name).write_bytes(r.randbytes(size))
     (tmp_path / "list").write_text("/c.bin\n/e.bin\n")
     boot = str(tmp_path / "boot")
     pack(str(src), boot, str(tmp_path / "blobs"), "--chunk-size", hex(CHUNK),
@@ -110,3 +112,32 @@ def test_a_blob_the_table_lists_whole_is_told_apart(monkeypatch):
     assert [prefetch.listed_whole(m) for m in (whole, part, other)] == [True, False, False]
     monkeypatch.setattr(prefetch, "TRACE_TABLE_BLOBS", True)    # kept marked, as before
     assert not prefetch.listed_whole(whole)
+
+
+def test_a_table_repeating_a_file_of_one_repeated_chunk_is_one_range():
+    """A hostile bootstrap's prefetch table lists one nid over and over, and that file's
+    chunks are one deduplicated chunk over and over: every (entry, chunk) was a range,
+    2^30 of them for a table of 65,536 entries and a file of 16,384 chunks (a ~400 KB
+    bootstrap; tens of GB in the daemon at mount). Each inode and each run count once:
+    here 200 x 2,000 runs (400,000 before) give one range, read once from the image."""
+    from fscache_daemon.storage.image import _prefetch_ranges
+
+    class Ino:
+        def is_reg(self):
+            return True
+
+    class Img:
+        name = "hostile"
+        prefetch = [7] * 200
+        maps = 0
+
+        def inode(self, nid):
+            assert nid == 7
+            return Ino()
+
+        def map_data(self, ino):
+            Img.maps += 1
+            return [(k * 4096, 4096, 1, 1 << 20) for k in range(2000)]
+
+    assert _prefetch_ranges(Img(), 1) == [(0, 1 << 20, 4096)]
+    assert Img.maps == 1

@@ -21,6 +21,7 @@ never writes them).
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -34,6 +35,12 @@ from erofs_tools.reader import blob as rblob
 from erofs_tools.reader.image import Inode
 
 MAX_TRACE = 256 << 20          # bytes of trace JSON read at most
+# JSON values a trace may hold, counted before parsing (at most one per separator: ',',
+# ':' or '['). Python pays ~80 bytes for the smallest (an empty object: 16 MiB of "{},"
+# parsed into 445 MiB, so 256 MiB of it into ~7 GiB); a real trace holds one per ~12
+# bytes (a chunk record is ~190 bytes and 16 values), so 8M is a ~100 MiB trace, some
+# 600,000 traced chunks, and bounds a bomb to roughly what such a trace costs.
+MAX_VALUES = 8_000_000
 
 
 class Trace:
@@ -55,10 +62,16 @@ class Trace:
             raise InputError(f"cannot read trace {path}: {e.strerror}") from None
         if len(raw) > MAX_TRACE:
             raise InputError(f"trace {path}: larger than {MAX_TRACE} bytes")
+        if sum(raw.count(c) for c in (b",", b":", b"[")) >= MAX_VALUES:
+            raise InputError(f"trace {path}: more than {MAX_VALUES} JSON values")
         try:
-            return cls.from_json(json.loads(raw))
+            doc = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as e:
             raise InputError(f"trace {path}: not JSON ({e})") from None
+        except RecursionError:
+            raise InputError(f"trace {path}: not a trace (JSON nested too deeply)") from None
+        try:
+            return cls.from_json(doc)
         except InputError as e:
             raise InputError(f"trace {path}: {e}") from None
 
@@ -75,23 +88,29 @@ class Trace:
         entries = doc.get("entries")
         if not isinstance(entries, list):
             raise bad("entries is not a list")
-        paths: list[bytes] = []
+        paths: dict[bytes, None] = {}       # in first-access order, each once
         timed: list[tuple[float, int, str, int]] = []
         for n, e in enumerate(entries):
             if not isinstance(e, dict) or not isinstance(e.get("path"), str) \
                     or not isinstance(e.get("chunks"), list):
                 raise bad(f"entry {n} has no path and chunks")
-            paths.append(os.fsencode(e["path"]))
+            try:
+                paths.setdefault(os.fsencode(e["path"]), None)
+            except UnicodeError:    # a lone surrogate no file name decodes to
+                raise bad(f"entry {n}: its path is no file name") from None
             for c in e["chunks"]:
                 try:
                     b, off, t = c["blob"], c["uncompressed_offset"], c["first_access"]
+                    # a time as float (an integer of 400 digits raised OverflowError
+                    # out of here), finite (json reads NaN and Infinity: unsortable)
                     ok = (isinstance(b, int) and isinstance(off, int) and
-                          isinstance(t, (int, float)) and 0 <= b < len(blob_ids) and off >= 0)
-                except (TypeError, KeyError):
+                          isinstance(t, (int, float)) and 0 <= b < len(blob_ids) and
+                          off >= 0 and math.isfinite(t := float(t)))
+                except (TypeError, KeyError, OverflowError):
                     ok = False
                 if not ok:
                     raise bad(f"entry {n} ({e['path']}) has a malformed chunk")
-                timed.append((float(t), len(timed), blob_ids[b], off))
+                timed.append((t, len(timed), blob_ids[b], off))
         timed.sort()
         seen: set[tuple[str, int]] = set()
         chunks = []
@@ -99,7 +118,7 @@ class Trace:
             if (bid, off) not in seen:
                 seen.add((bid, off))
                 chunks.append((bid, off))
-        return cls(paths, chunks, blob_ids)
+        return cls(list(paths), chunks, blob_ids)
 
 
 def optimize(source: str, output: str, blob_dir: str, trace: Trace,

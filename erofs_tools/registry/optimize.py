@@ -15,6 +15,7 @@ import shutil
 import tempfile
 
 from ..builder.optimize import Trace, optimize
+from ..errors import CorruptImageError, InputError
 from ..reader.bootstrap import BootstrapTables
 from .nydus_pull import pull_nydus
 from .nydus_push import push_nydus
@@ -46,7 +47,14 @@ def optimize_ref(src_ref: str, dst_ref: str, trace: Trace, *, insecure: bool | N
                 if os.path.isfile(path):
                     os.symlink(os.path.abspath(path), os.path.join(blob_dir, b.blob_id))
         out = os.path.join(tmp, "optimized.boot")
-        res = optimize(boot, out, blob_dir, trace)
+        try:
+            res = optimize(boot, out, blob_dir, trace)
+        except (InputError, CorruptImageError) as e:
+            # named by the temporary copy of the bootstrap, gone when the user reads it
+            msg = str(e)
+            if msg.startswith(boot):
+                raise type(e)(src_ref + msg[len(boot):]) from None
+            raise
         # the source's config: the optimized image runs as the source did
         pushed = push_nydus(out, blob_dir, dst_ref, insecure=insecure, platform=platform,
                             client_kw=client_kw, work_dir=tmp, config=pulled["config"])

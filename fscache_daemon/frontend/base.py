@@ -71,6 +71,9 @@ class Frontend:
                            its filled bits back); publish() ends that
     release_blob(mgr)      no superblock uses the blob any more (the kernel let go of
                            every image naming it, not just their mount points)
+    release_unused()       let go of what an earlier daemon left for blobs this one does
+                           not serve, once nothing uses it (fanotify: the holder's marks
+                           of cache files nobody has open); the names of what went
     mount(image)           mount image.bootstrap on image.mountpoint with its blobs and
                            set image.instances to the names of the EROFS superblock it
                            made (/sys/fs/erofs/<name>; see mounts.erofs_instances)
@@ -98,6 +101,9 @@ class Frontend:
 
     def release_blob(self, mgr) -> None:
         pass
+
+    def release_unused(self) -> list[str]:
+        return []
 
     def mount(self, image: ImageView) -> None:
         pass

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from fscache_daemon import mounts
-from fscache_daemon.errors import FrontendError, MountError, check_unix_socket_path
+from fscache_daemon.errors import FrontendError, HolderError, MountError, check_unix_socket_path
 from fscache_daemon.frontend.base import DaemonView, Frontend, ImageView, sys_mount, sys_umount
 
 if TYPE_CHECKING:   # imported when started: only a daemon using this front end loads it
@@ -157,6 +157,7 @@ class FanotifyFrontend(Frontend):
         # evicted and the blob opened again in a new file under the same key: unmarking
         # "the key" then took the new file's mark, and its mount read zeros
         self._marked: dict[str, Any] = {}
+        self._marked_inode: dict[str, tuple[int, int]] = {}   # cache key -> its file's
         # Keyed by cache key (mgr.key: the blob id, or a variant `<id>@<table digest>`
         # with a cache file of its own), never by blob id alone: two images naming one
         # blob id with different chunk tables have two cache files, each with its own
@@ -169,6 +170,7 @@ class FanotifyFrontend(Frontend):
         # [(offset, length, monotonic ns)]), for access traces (fscache_daemon/trace.py)
         self._touches: dict[str, tuple[int, list]] = {}
         self._lock = threading.Lock()
+        self._holder_sweeps: bool | None = None    # False: the holder cannot sweep
 
     def start(self, daemon: DaemonView) -> None:
         from fscache_daemon.frontend import fanotify_abi as abi
@@ -304,6 +306,8 @@ class FanotifyFrontend(Frontend):
                 self._drop_filled(mgr)
                 raise
             self._marked[mgr.key] = mgr
+            st = os.fstat(wfd)
+            self._marked_inode[mgr.key] = (st.st_dev, st.st_ino)
         # the writer fd raises no events: the cache verifies its chunks through it
         # (a restart's deferred check) before they are published to the holder
         mgr.cache.use_write_fd(wfd)
@@ -353,16 +357,21 @@ class FanotifyFrontend(Frontend):
         """Fetch the holder's new records for mgr (under self._lock): before an unmark
         too, since the holder forgets the file's log with its bitmap."""
         from fscache_daemon.frontend.fanotify_marks import TouchLog
-        if mgr.key not in self._filled or self.watcher is None:
+        # Only for the manager marked under its key, by the inode marked: a released
+        # manager's descriptor is closed, its number maybe another file's (a late
+        # completion hook asked; the records of another blob's cache file were taken
+        # into this key's trace, and its position in the holder's log lost)
+        inode = self._marked_inode.get(mgr.key)
+        if mgr.key not in self._filled or self.watcher is None or \
+                not self._marks_this(mgr) or inode is None:
             return
         nxt, recs = self._touches.get(mgr.key, (0, []))
-        st = os.fstat(mgr.cache.fileno())
         while True:
             try:
                 # HolderChannel's request/reply call (no public wrapper: fdholder.py
                 # is at the module size limit)
                 reply, _ = self.watcher.channel._call(
-                    {"op": "touches", "inode": [st.st_dev, st.st_ino], "since": nxt,
+                    {"op": "touches", "inode": list(inode), "since": nxt,
                      "rearm": rearm})
             except (FrontendError, OSError) as e:
                 log.debug("fd holder touches of %s: %s", mgr.key[:12], e)
@@ -381,6 +390,7 @@ class FanotifyFrontend(Frontend):
             watcher = self._watcher()   # stopped: nothing to unmark through
             self._pull_touches(mgr)     # the holder forgets them with the mark
             del self._marked[mgr.key]
+            self._marked_inode.pop(mgr.key, None)
             mgr.cache.use_write_fd(None)
             # Remove the kernel mark through the channel but keep the watcher's mapping
             # of this cache file: events queued before the mark went away still arrive
@@ -389,6 +399,36 @@ class FanotifyFrontend(Frontend):
             watcher.channel.unmark(mgr.cache.path)
             self._drop_filled(mgr)
         return True
+
+    def release_unused(self) -> list[str]:
+        """Have the fd holder unmark the cache files it marked for no blob of ours that
+        nothing else has open (fdholder's sweep): those of mounts a restart forgot, or
+        did not take back, whose last user the kernel let go since. Kept while any
+        superblock (any mount namespace) or reader has them open: unmarked, their holes
+        would read as zeros; kept forever, they held their marks, their writer fds and,
+        once evicted, their disk space for the holder's life, and the holder (which exits
+        only without marks) itself."""
+        if not self.holder or self._holder_sweeps is False:
+            return []
+        with self._lock:        # no mark of ours is made or removed meanwhile
+            w = self.watcher
+            if w is None:
+                return []
+            try:
+                done = w.channel.release_unused(self._marked_inode.values())
+            except HolderError as e:
+                if "unknown op" not in str(e):
+                    raise
+                # a holder started by an older version (it outlives upgrades): asked
+                # once, not every few seconds for the daemon's life
+                log.warning("fanotify: the fd holder predates releasing unused marks "
+                            "(%s); a mark a restart forgot stays until it is restarted", e)
+                self._holder_sweeps = False
+                return []
+        for path in done:
+            log.info("fanotify: %s was marked for no mount of ours and nobody has it "
+                     "open; unmarked", path)
+        return done
 
     def mount(self, image: ImageView) -> None:
         devs = [self._daemon.blobs[k].cache.path for k in image.blob_keys]
@@ -448,6 +488,7 @@ class FanotifyFrontend(Frontend):
         if self.holder and not self._daemon.all_images():
             # nothing mounted: let the holder go too (it exits only without marks)
             try:
+                self.release_unused()
                 ch = self.watcher.channel
                 if not ch.status().get("marks"):
                     holder_pid = ch.holder_pid

@@ -6,17 +6,58 @@ each other at import time."""
 from __future__ import annotations
 
 import array
+import collections.abc
 import fcntl
 import itertools
+import json
 import mmap
 import os
+import signal
+import socket
 import threading
 import time
 from dataclasses import dataclass
 
 from erofs_tools.reader import fanhold
-from fscache_daemon.errors import FrontendError
+from fscache_daemon.errors import FrontendError, HolderError
 from fscache_daemon.frontend import fanotify_abi as abi
+
+# ------------------------------------------------ the fd holder's messages (fdholder.py)
+
+MAX_MSG = 64 * 1024
+
+
+def send_msg(sock: socket.socket, obj: dict, fds: collections.abc.Sequence[int] = ()) -> None:
+    data = json.dumps(obj, separators=(",", ":")).encode()
+    if fds:
+        socket.send_fds(sock, [data], list(fds))
+    else:
+        sock.sendall(data)
+
+
+def recv_msg(sock: socket.socket, maxfds: int = 0) -> tuple[dict | None, list[int]]:
+    """One message; (None, []) at EOF (BlockingIOError on an empty non-blocking socket).
+
+    Received fds belong to the caller.
+    """
+    if maxfds:
+        data, fds, flags, _ = socket.recv_fds(sock, MAX_MSG, maxfds)
+    else:
+        data, fds, flags = sock.recv(MAX_MSG), [], 0
+    if not data:
+        for fd in fds:
+            os.close(fd)
+        return None, []
+    if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+        for fd in fds:
+            os.close(fd)
+        raise HolderError("fd holder: message or fds truncated")
+    try:
+        return json.loads(data), fds
+    except ValueError as exc:
+        for fd in fds:
+            os.close(fd)
+        raise HolderError(f"fd holder: bad message: {exc}") from exc
 
 
 @dataclass(frozen=True)
@@ -365,6 +406,43 @@ class MarkTable:
         del self._marks[key]
         os.close(wfd)
         return key
+
+    def release_unused(self, keep: collections.abc.Container) -> list[tuple[tuple[int, int], str]]:
+        """Unmark every file whose inode is not in `keep` and that nothing but our writer
+        fd has open: [(inode, path)] unmarked.
+
+        The kernel says whether a file is in use: a write lease (F_SETLEASE) is granted
+        only while the inode has no open file but the one asking (fs/locks.c counts every
+        open for reading and for writing, whoever made it). An EROFS superblock holds its
+        device files open from mount to its last user's exit, in any mount namespace,
+        lazily detached or under an overlay; so does an event waiting for its answer (its
+        fd). A file nobody has open has no reader that could see its holes as zeros, and
+        a later mount opens it again only after marking it (before the mount: a file
+        opened before its mark raises no events). The lease is held over the unmark: an
+        open meanwhile waits for it, and so finds the file unmarked.
+
+        Taking a lease makes us the target of a lease-break signal (SIGIO, whose default
+        action ends the process: a holder ended fails open), so this does nothing unless
+        SIGIO is ignored (the holder's serve())."""
+        done: list[tuple[tuple[int, int], str]] = []
+        if signal.getsignal(signal.SIGIO) is not signal.SIG_IGN:
+            return done
+        for inode, (path, wfd) in list(self._marks.items()):
+            if inode in keep:
+                continue
+            try:
+                fcntl.fcntl(wfd, fcntl.F_SETLEASE, fcntl.F_WRLCK)
+            except OSError:
+                continue        # in use (EAGAIN), or no leases here: kept
+            try:
+                abi.unmark_pre_access(self.group_fd, wfd, path)
+            except (FrontendError, OSError):
+                fcntl.fcntl(wfd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+                continue
+            del self._marks[inode]
+            os.close(wfd)       # with the lease
+            done.append((inode, path))
+        return done
 
     def close_all(self) -> None:
         for _, wfd in self._marks.values():

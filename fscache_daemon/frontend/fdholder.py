@@ -12,6 +12,8 @@ has read (with its event fd). A daemon connects over a unix socket:
                                 -> the same; the holder also maps the file's "filled"
                                    bitmap (FilledMap), owned by this connection
     {"op":"unmark","path":P[,"inode":[dev,ino]]} -> {"ok":true,"inode":[dev,ino]}
+    {"op":"sweep","keep":[[dev,ino],...]} -> {"ok":true,"released":[paths]}: unmarks
+                                   the other files that nothing else has open
     {"op":"status"}             -> {"ok":true,"marks":[...],"pending":N,"subscribed":bool,
                                     "filled_maps":N,"stats":{...}}
     {"op":"touches","inode":[dev,ino],"since":N[,"rearm":B]} -> {"ok":true,"records":[[o,n,ns]],"next":N}
@@ -36,8 +38,9 @@ neither re-queued nor answered). When a daemon subscribes it gets every pending 
 again, so a restarted daemon answers what the dead one had been working on.
 
 The holder itself must outlive every mount of a marked file: SIGTERM is refused while marks
-exist, and SIGKILL of the holder fails open (nothing can prevent that in 6.18). SIGUSR1:
-listen again if the socket vanished (a daemon finds us by our command line; no orphan).
+of files in use exist (without a daemon, those nothing has open are released first), and
+SIGKILL of the holder fails open (nothing can prevent that in 6.18). SIGUSR1: listen again
+if the socket vanished (a daemon finds us by our command line; no orphan).
 
 Run: python -m fscache_daemon.frontend.fdholder --sock PATH
 """
@@ -46,7 +49,6 @@ from __future__ import annotations
 
 import argparse
 import collections.abc
-import json
 import logging
 import os
 import select
@@ -61,49 +63,17 @@ from fscache_daemon.errors import FanotifyUnsupportedError, FrontendError, Holde
 from fscache_daemon.frontend import fanotify_abi as abi
 from fscache_daemon.frontend import fanotify_marks as marks
 from fscache_daemon.frontend.fanotify_marks import FastAllow, FilledView, MarkTable, PendingEvent
+from fscache_daemon.frontend.fanotify_marks import recv_msg as _recv
+from fscache_daemon.frontend.fanotify_marks import send_msg as _send
 
 log = logging.getLogger(__name__)
 
-MAX_MSG = 64 * 1024
 # SCM_RIGHTS carries at most 253 fds per message; stay well below
 EVENTS_PER_MSG = 64
 # a daemon that does not drain its socket for this long is treated as hung and dropped
 SEND_TIMEOUT = 5.0
 # how long a new daemon retries while the holder still sees a predecessor subscribed
 SUBSCRIBE_TIMEOUT = 3.0
-
-
-def _send(sock: socket.socket, obj: dict, fds: collections.abc.Sequence[int] = ()) -> None:
-    data = json.dumps(obj, separators=(",", ":")).encode()
-    if fds:
-        socket.send_fds(sock, [data], list(fds))
-    else:
-        sock.sendall(data)
-
-
-def _recv(sock: socket.socket, maxfds: int = 0) -> tuple[dict | None, list[int]]:
-    """One message; (None, []) at EOF (BlockingIOError on an empty non-blocking socket).
-
-    Received fds belong to the caller.
-    """
-    if maxfds:
-        data, fds, flags, _ = socket.recv_fds(sock, MAX_MSG, maxfds)
-    else:
-        data, fds, flags = sock.recv(MAX_MSG), [], 0
-    if not data:
-        for fd in fds:
-            os.close(fd)
-        return None, []
-    if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
-        for fd in fds:
-            os.close(fd)
-        raise HolderError("fd holder: message or fds truncated")
-    try:
-        return json.loads(data), fds
-    except ValueError as exc:
-        for fd in fds:
-            os.close(fd)
-        raise HolderError(f"fd holder: bad message: {exc}") from exc
 
 
 # ------------------------------------------------------------------------------- server
@@ -187,6 +157,9 @@ class FdHolder:
             if signum == signal.SIGUSR1:
                 self._rebind()
                 continue
+            if self.subscriber is None and not self.controls:
+                # no daemon (whose marks a sweep must keep: the "keep" of its own sweeps)
+                self._sweep(())     # the files nothing has open need no mark
             if self.marks:
                 # exiting now would fail open: every hole of every marked file reads zeros
                 log.error("fd holder: refusing %s: %d cache files still marked; unmount "
@@ -217,6 +190,7 @@ class FdHolder:
         # down with it
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
             signal.signal(sig, self._on_signal)
+        signal.signal(signal.SIGIO, signal.SIG_IGN)     # a lease break (_sweep) is no end
         log.info("fd holder: pid %d serving %s", os.getpid(), self.sock_path)
         while not self._stop:
             # filled events are answered in C meanwhile, the rest comes back here
@@ -453,6 +427,10 @@ class FdHolder:
                 inode = msg.get("inode")
                 done = self._unmark(str(msg["path"]), tuple(inode) if inode else None)
                 _send(conn, {"ok": True, "inode": list(done)})
+            elif op == "sweep":     # marks of files no daemon keeps and nobody has open
+                keep = msg.get("keep")
+                _send(conn, {"ok": True, "released": self._sweep(
+                    keep if isinstance(keep, list) else ())})
             elif op == "touches":   # first accesses allowed here, for access traces
                 _send(conn, FilledView.touches_reply(self.filled, msg))
             elif op == "status":
@@ -519,6 +497,17 @@ class FdHolder:
             view.touches = old[0].touches   # the same file: keep its first accesses
             old[0].close()
         self.filled[inode] = (view, conn)
+
+    def _sweep(self, keep) -> list[str]:
+        """Unmark the files whose inode is not in `keep` and that nothing else has open
+        (MarkTable.release_unused): a restart's forgotten mounts, gone since."""
+        done = self.marks.release_unused({tuple(k) for k in keep if isinstance(k, list)})
+        for inode, path in done:
+            old = self.filled.pop(inode, None)
+            if old is not None:
+                old[0].close()
+            log.info("fd holder: released %s: no mount uses it any more", path)
+        return [p for _, p in done]
 
     def _unmark(self, path: str, inode: tuple[int, int] | None) -> tuple[int, int]:
         done = self.marks.unmark(path, inode)
@@ -661,6 +650,12 @@ class HolderChannel:
     def status(self) -> dict:
         reply, _ = self._call({"op": "status"})
         return reply
+
+    def release_unused(self, keep: collections.abc.Iterable[tuple[int, int]]) -> list[str]:
+        """Have the holder unmark the files not in `keep` (inodes) that nothing else has
+        open; the paths it unmarked."""
+        reply, _ = self._call({"op": "sweep", "keep": [list(k) for k in keep]})
+        return list(reply.get("released") or [])
 
     def close(self) -> None:
         """Leaves the group, marks and unanswered events with the holder."""

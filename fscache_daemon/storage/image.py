@@ -112,22 +112,30 @@ def _prefetch_ranges(img, nblobs: int, pins: list | None = None) -> list:
     was: of a file with chunks in such a blob only those are listed, the region the
     trace saw; the rest is read on demand. Files of other images are listed whole."""
     files: list[list[tuple[int, int, int]]] = []
-    for nid in img.prefetch[:MAX_PREFETCH_INODES]:
+    # Each inode once, each run once: a table of 65,536 times one nid whose file is
+    # 16,384 chunks of one deduplicated chunk (a bootstrap of ~400 KB) made 2^30 runs,
+    # tens of GB at mount, killing the daemon; a file's or files' repeated chunk is one
+    # range to fetch, not one per occurrence
+    for nid in dict.fromkeys(img.prefetch[:MAX_PREFETCH_INODES]):
         try:
             ino = img.inode(nid)
             if not ino.is_reg():
                 continue
-            files.append([(device - 1, phys, length)
-                          for _fo, length, device, phys in img.map_data(ino)
-                          if device is not None and 1 <= device <= nblobs])
+            files.append(list(dict.fromkeys(
+                (device - 1, phys, length) for _fo, length, device, phys in img.map_data(ino)
+                if device is not None and 1 <= device <= nblobs)))
         except ErofsToolsError as e:
             log.warning("%s: prefetch entry nid %d unusable: %s", img.name, nid, e)
     only = _prefetch_blobs(files, pins or [])
     out: list[tuple[int, int, int]] = []
+    seen: set[tuple[int, int, int]] = set()     # a run another file listed already
     for runs in files:
         if any(b in only for b, _, _ in runs):
             runs = [r for r in runs if r[0] in only]
         for b, phys, length in runs:
+            if (b, phys, length) in seen:
+                continue
+            seen.add((b, phys, length))
             if out and out[-1][0] == b and out[-1][1] + out[-1][2] == phys:
                 out[-1] = (b, out[-1][1], out[-1][2] + length)
             else:
