@@ -13,6 +13,7 @@ the proxy's own error: see proxy_failed), the request goes direct, as nydus does
 
 from __future__ import annotations
 
+import base64
 import email.utils
 import logging
 import random
@@ -114,14 +115,24 @@ class Transport:
             if skip_verify:
                 common.update(cert_reqs="CERT_NONE", assert_hostname=False)
         self._direct = urllib3.PoolManager(num_pools=8, **common)
+        # Sent to the proxy, e.g. {"X-Dragonfly-Use-P2P": "true"}: on the CONNECT that
+        # opens a tunnel to an HTTPS origin, on the request itself to an HTTP one.
+        self.proxy_headers = dict(proxy_headers or {})
         # Configured per client, never globally, and with a direct pool to fall back on.
-        self._proxy = urllib3.ProxyManager(proxy, num_pools=8, **common) if proxy else None
+        self._proxy = None
+        if proxy:
+            proxy, to_proxy = _proxy_auth(proxy, self.proxy_headers)
+            self._proxy = urllib3.ProxyManager(proxy, num_pools=8, proxy_headers=to_proxy,
+                                               **common)
+        # Inside a tunnel the origin reads the request: the proxy's own headers
+        # (Proxy-Authorization) never go there. Others do too, for a proxy that opens
+        # the tunnel to read the requests (dfdaemon hijacking HTTPS).
+        self._tunnel_headers = {k: v for k, v in self.proxy_headers.items()
+                                if not k.lower().startswith("proxy-")}
         # connections whose wait for an answer's headers a deadline bounds (watchdog.py)
         for pm in (self._direct, self._proxy):
             if pm is not None:
                 pm.pool_classes_by_scheme = watchdog.POOL_CLASSES
-        # Sent only to the proxy, e.g. {"X-Dragonfly-Use-P2P": "true"}.
-        self.proxy_headers = dict(proxy_headers or {})
         self.proxy_fallbacks = 0
         self._proxy_down_until = 0.0
         self.retried = 0
@@ -195,9 +206,11 @@ class Transport:
         # via_proxy is for bodiless reads only, so falling back never resends a body.
         kw = dict(headers=headers, body=body, redirect=False, preload_content=False)
         if via_proxy and self._proxy is not None and time.monotonic() >= self._proxy_down_until:
+            # tunnelled to an HTTPS origin: urllib3 puts the proxy's on the CONNECT
+            via = {**kw, "headers": {**headers, **self._tunnel_headers}} \
+                if url.startswith("https:") else kw
             try:
-                resp = self._proxy.request(method, url, **{
-                    **kw, "headers": {**headers, **self.proxy_headers}})
+                resp = self._proxy.request(method, url, **via)
             except Urllib3Error as e:
                 log.info("proxy failed for %s (%s); going direct", safe_url(url),
                          type(e).__name__)
@@ -209,6 +222,22 @@ class Transport:
             self.proxy_fallbacks += 1
             self._proxy_down_until = time.monotonic() + PROXY_PAUSE
         return self._direct.request(method, url, **kw)
+
+
+def _proxy_auth(proxy: str, headers: dict) -> tuple[str, dict]:
+    """The proxy URL without its userinfo, and the headers for the proxy with a Basic
+    Proxy-Authorization of that userinfo (as curl and Go send it): urllib3 drops a
+    proxy URL's userinfo, so an authenticating proxy answered 407 and every read went
+    direct."""
+    p = urllib.parse.urlsplit(proxy)
+    if "@" not in p.netloc:
+        return proxy, dict(headers)
+    userinfo, _, hostport = p.netloc.rpartition("@")
+    user, _, password = userinfo.partition(":")
+    raw = f"{urllib.parse.unquote(user)}:{urllib.parse.unquote(password)}".encode()
+    auth = {"Proxy-Authorization": "Basic " + base64.b64encode(raw).decode("ascii")}
+    bare = urllib.parse.urlunsplit((p.scheme, hostport, p.path, p.query, p.fragment))
+    return bare, {**headers, **auth}
 
 
 def _headers_late(method: str, url: str) -> RegistryError:
