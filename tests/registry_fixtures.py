@@ -244,7 +244,9 @@ class TokenIssuer:
     def _reply_token(self, h, user, scopes, service, key, expired=False):
         now = int(time.time())
         # The registry allows 60 s of clock skew: an "expired" token must be older.
-        exp = now - 3600 if expired else now + max(self.expires_in, 1)
+        # (an expires_in that is not an int, e.g. NaN, is only claimed: the token is good)
+        life = self.expires_in if isinstance(self.expires_in, int) else 300
+        exp = now - 3600 if expired else now + max(life, 1)
         claims = {"iss": ISSUER, "sub": user or "", "aud": service,
                   "exp": exp, "nbf": now - 10, "iat": now, "jti": secrets.token_hex(8),
                   "access": [self._grant(s) for s in scopes if s.startswith("repository:")]}
