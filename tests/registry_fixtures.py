@@ -271,7 +271,9 @@ class TokenIssuer:
 
 
 def make_tls_cert(workdir: str) -> tuple[str, str]:
-    """A self-signed server certificate for 127.0.0.1/localhost: (cert path, key path)."""
+    """A self-signed server certificate for 127.0.0.1, localhost and registry.test (a
+    name that is not loopback, reached through a proxy in test_registry_proxy_tls):
+    (cert path, key path)."""
     cert_path = os.path.join(workdir, "tls-cert.pem")
     key_path = os.path.join(workdir, "tls-key.pem")
     try:
@@ -286,14 +288,15 @@ def make_tls_cert(workdir: str) -> tuple[str, str]:
         subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
                         "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", key_path,
                         "-out", cert_path, "-days", "30", "-subj", "/CN=127.0.0.1",
-                        "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+                        "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:registry.test"],
                        check=True, capture_output=True)
         return cert_path, key_path
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
     now = datetime.datetime.now(datetime.UTC)
     san = x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-                                       x509.DNSName("localhost")])
+                                       x509.DNSName("localhost"),
+                                       x509.DNSName("registry.test")])
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(days=1))

@@ -22,12 +22,19 @@ import threading
 import pytest
 from registry_fixtures import start_registry
 
+from erofs_tools.errors import InputError, RegistryError
+from erofs_tools.registry.envproxy import EnvProxy
+
 pytestmark = pytest.mark.registry
 
 DATA = os.urandom(200_000)
 
 
 class TunnelReadingProxy:
+    # names only the proxy resolves (a name that is not loopback: Go's rules, and ours,
+    # never send loopback addresses through a proxy)
+    NAMES = {"registry.test": "127.0.0.1"}
+
     def __init__(self, cert: str, key: str, auth: str | None = None):
         self.cert, self.key, self.auth = cert, key, auth
         self.connects: list[dict] = []          # each CONNECT's headers
@@ -65,7 +72,7 @@ class TunnelReadingProxy:
                 conn.sendall(b"HTTP/1.1 405 Method Not Allowed\r\nContent-Length: 0\r\n\r\n")
                 return
             with self._lock:
-                self.connects.append(headers)
+                self.connects.append({**headers, "_target": target})
             if self.auth and headers.get("proxy-authorization") != self.auth:
                 with self._lock:
                     self.refused += 1
@@ -80,8 +87,9 @@ class TunnelReadingProxy:
             host, port = target.rsplit(":", 1)
             try:
                 down = server_ctx.wrap_socket(conn, server_side=True)
-                up = client_ctx.wrap_socket(socket.create_connection((host, int(port))),
-                                            server_hostname=host)
+                up = client_ctx.wrap_socket(
+                    socket.create_connection((self.NAMES.get(host, host), int(port))),
+                    server_hostname=host)
             except (OSError, ssl.SSLError):
                 return
             with down, up:
@@ -174,3 +182,75 @@ def test_status_shows_no_proxy_password():
     assert _no_userinfo("http://pu:s3cr%3At@proxy:3128") == "http://proxy:3128"
     assert _no_userinfo("http://proxy:3128/") == "http://proxy:3128/"
     assert _no_userinfo("127.0.0.1:5000") == "127.0.0.1:5000"
+
+
+def test_environment_proxy_for_a_tls_registry(tls_registry, monkeypatch):
+    """HTTPS_PROXY with credentials (containerd's way to a registry in a network that
+    has no other; was: the variables were not read, every request went direct): every
+    request goes through the tunnel, the proxy's credentials on the CONNECT only;
+    NO_PROXY sends it direct (here to a name only the proxy knows, so direct fails)."""
+    d = tls_registry.client().push_blob("p/e", DATA).digest
+    proxy = _start(tls_registry, auth=_basic("pu", "envpw"))
+    port = tls_registry.host.rsplit(":", 1)[1]
+    for k in ("HTTPS_PROXY", "https_proxy", "NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("https_proxy", f"pu:envpw@{proxy.host}")
+    monkeypatch.setenv("NO_PROXY", "localhost,10.0.0.0/8")
+    try:
+        c = tls_registry.client(host=f"registry.test:{port}")
+        assert c.get_blob("p/e", d) == DATA
+        assert c.blob_exists("p/e", d)                 # HEAD: the same way
+        assert proxy.connects and proxy.refused == 0
+        assert all(h.get("proxy-authorization") == _basic("pu", "envpw")
+                   and h["_target"] == f"registry.test:{port}"
+                   for h in proxy.connects)
+        inner = bytes(proxy.inner).lower()
+        assert b"\r\nauthorization: basic " in inner and b"envpw" not in inner
+        n = len(proxy.connects)
+        for no_proxy in (".test", "registry.test", f"registry.test:{port}", "*"):
+            monkeypatch.setenv("NO_PROXY", no_proxy)
+            direct = tls_registry.client(host=f"registry.test:{port}", retries=0)
+            with pytest.raises(RegistryError, match="connection failed"):
+                direct.ping()
+        assert len(proxy.connects) == n
+    finally:
+        proxy.close()
+
+
+@pytest.mark.parametrize("no_proxy,url,proxied", [
+    ("", "https://r.example.com/v2/", True),
+    ("", "https://127.0.0.1:5000/v2/", False),         # loopback: never
+    ("", "https://localhost/v2/", False),
+    ("", "https://[::1]:5000/v2/", False),
+    ("*", "https://r.example.com/v2/", False),
+    ("example.com", "https://r.example.com/v2/", False),     # the domain and below
+    ("example.com", "https://example.com/v2/", False),
+    ("example.com", "https://badexample.com/v2/", True),
+    (".example.com", "https://example.com/v2/", True),       # below only (curl: both)
+    (".example.com", "https://r.example.com/v2/", False),
+    ("*.example.com", "https://example.com/v2/", True),
+    ("example.com:443", "https://r.example.com/v2/", False),  # the URL's default port
+    ("example.com:5000", "https://r.example.com/v2/", True),
+    ("example.com:5000", "https://r.example.com:5000/v2/", False),
+    ("10.0.0.0/8", "https://10.1.2.3/v2/", False),
+    ("10.0.0.0/8", "https://11.1.2.3/v2/", True),
+    ("10.1.2.3:5000", "https://10.1.2.3:5000/v2/", False),
+    ("10.1.2.3:5000", "https://10.1.2.3/v2/", True),
+    ("fd00::/8", "https://[fd00::1]/v2/", False),
+    ("[fd00::1]:443", "https://[fd00::1]/v2/", False),
+    (" R.Example.COM , other", "https://r.example.com/v2/", False),
+    (":443", "https://r.example.com/v2/", True),            # no host: ignored
+])
+def test_no_proxy_as_go_reads_it(no_proxy, url, proxied):
+    p = EnvProxy({"HTTPS_PROXY": "proxy:3128", "NO_PROXY": no_proxy})
+    assert p.proxy_for(url) == ("http://proxy:3128" if proxied else None)
+
+
+def test_proxy_variables():
+    assert EnvProxy({"HTTP_PROXY": "http://p:1"}).proxy_for("https://r.example/") is None
+    assert EnvProxy({"http_proxy": "p:1"}).proxy_for("http://r.example/") == "http://p:1"
+    # a CGI program's HTTP_PROXY is the client's Proxy header, never a proxy
+    assert EnvProxy({"HTTP_PROXY": "p:1", "REQUEST_METHOD": "GET"}).proxy_for(
+        "http://r.example/") is None
+    with pytest.raises(InputError, match="socks5"):
+        EnvProxy({"HTTPS_PROXY": "socks5://p:1080"})
