@@ -467,6 +467,13 @@ def _human(n: float) -> str:
     return str(n)
 
 
+def _no_userinfo(url: str) -> str:
+    """A proxy URL as shown: without the password (or user) it may carry."""
+    scheme, sep, rest = url.partition("://")
+    netloc, slash, path = rest.partition("/")
+    return scheme + sep + netloc.rpartition("@")[2] + slash + path if sep else url
+
+
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Everything as one JSON document.")
 @sock_option
@@ -488,7 +495,8 @@ def status(as_json, api_sock):
         opts = m.get("options") or {}
         # where the bytes come from matters when a mirror or proxy misbehaves: say it here,
         # not only in --json
-        via = "".join(f"  {k} {opts[k]}" for k in ("mirror", "proxy") if opts.get(k))
+        via = "".join(f"  {k} {_no_userinfo(str(opts[k]))}" for k in ("mirror", "proxy")
+                      if opts.get(k))
         if len(m.get("endpoints") or []) > 1:     # hosts.toml: mirrors, then the registry
             via += "  from " + ", ".join(m["endpoints"])
         click.echo(f"{m['mountpoint']}  {m['source_bootstrap']}  backend {m['backend']}{via}")

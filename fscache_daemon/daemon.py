@@ -597,6 +597,11 @@ class Daemon(MountLifecycle, PrefetchLoops):
     # -- introspection --------------------------------------------------------------------
     def describe(self, img: Image) -> dict:
         d = img.to_json()
+        if d["options"].get("proxy"):
+            # the API's answer (status, status --json) names the proxy without the
+            # password its URL may carry (mounts.json, root's, keeps it for restarts)
+            from erofs_tools.registry.transport import safe_url
+            d["options"] = {**d["options"], "proxy": safe_url(str(d["options"]["proxy"]))}
         blobs = []
         for b, key in zip(img.blob_ids, img.blob_keys):
             mgr = self.blobs.get(key)

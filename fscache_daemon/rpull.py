@@ -44,7 +44,13 @@ from erofs_tools.errors import CorruptImageError, InputError
 from erofs_tools.registry import mediatypes as mt
 from erofs_tools.registry.client import RegistryClient
 from erofs_tools.registry.cri_config import load_cri_config
-from erofs_tools.registry.manifest import Descriptor, Manifest, host_platform
+from erofs_tools.registry.manifest import (
+    CONFIG_LIMIT,
+    Descriptor,
+    Manifest,
+    host_platform,
+    resolve_index,
+)
 from erofs_tools.registry.nydus_pull import nydus_entry
 from erofs_tools.registry.reference import default_insecure, parse_registry_reference
 from fscache_daemon.containerd import ContainerdClient, ContainerdError, descriptor
@@ -128,16 +134,19 @@ class _Puller:
         self.present_layers = 0
 
     def manifest(self, ref: str) -> Manifest:
-        m = self.registry.get_manifest(self.repo, ref)
-        self.bytes_fetched += len(m.data)
-        if m.is_index:
-            # the node's platform, as containerd's own pull picks (linux/amd64 was
-            # taken on every node: an arm64 node got the amd64 image)
-            entry = nydus_entry(m, *host_platform())
-            m = self.registry.get_manifest(self.repo, entry.digest)
+        def get(digest: str) -> Manifest:
+            m = self.registry.get_manifest(self.repo, digest)
             self.bytes_fetched += len(m.data)
-            if m.is_index:
-                raise InputError(f"{self.name}: nested index is not supported")
+            return m
+
+        def config(d: Descriptor) -> bytes:
+            self.bytes_fetched += d.size
+            return self.registry.get_blob(self.repo, d.digest, max_size=CONFIG_LIMIT)
+
+        # the node's platform, as containerd's own pull picks (linux/amd64 was taken on
+        # every node: an arm64 node got the amd64 image); an index may hold another
+        node = host_platform()
+        m = resolve_index(get(ref), lambda i: nydus_entry(i, *node), get, config, node)[1]
         if m.media_type not in mt.MANIFEST_TYPES:
             raise InputError(f"{self.name}: unsupported manifest type {m.media_type}")
         return m

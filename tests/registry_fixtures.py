@@ -244,7 +244,9 @@ class TokenIssuer:
     def _reply_token(self, h, user, scopes, service, key, expired=False):
         now = int(time.time())
         # The registry allows 60 s of clock skew: an "expired" token must be older.
-        exp = now - 3600 if expired else now + max(self.expires_in, 1)
+        # (an expires_in that is not an int, e.g. NaN, is only claimed: the token is good)
+        life = self.expires_in if isinstance(self.expires_in, int) else 300
+        exp = now - 3600 if expired else now + max(life, 1)
         claims = {"iss": ISSUER, "sub": user or "", "aud": service,
                   "exp": exp, "nbf": now - 10, "iat": now, "jti": secrets.token_hex(8),
                   "access": [self._grant(s) for s in scopes if s.startswith("repository:")]}
@@ -269,7 +271,9 @@ class TokenIssuer:
 
 
 def make_tls_cert(workdir: str) -> tuple[str, str]:
-    """A self-signed server certificate for 127.0.0.1/localhost: (cert path, key path)."""
+    """A self-signed server certificate for 127.0.0.1, localhost and registry.test (a
+    name that is not loopback, reached through a proxy in test_registry_proxy_tls):
+    (cert path, key path)."""
     cert_path = os.path.join(workdir, "tls-cert.pem")
     key_path = os.path.join(workdir, "tls-key.pem")
     try:
@@ -284,14 +288,15 @@ def make_tls_cert(workdir: str) -> tuple[str, str]:
         subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
                         "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", key_path,
                         "-out", cert_path, "-days", "30", "-subj", "/CN=127.0.0.1",
-                        "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+                        "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:registry.test"],
                        check=True, capture_output=True)
         return cert_path, key_path
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
     now = datetime.datetime.now(datetime.UTC)
     san = x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-                                       x509.DNSName("localhost")])
+                                       x509.DNSName("localhost"),
+                                       x509.DNSName("registry.test")])
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(days=1))

@@ -101,3 +101,32 @@ def test_status_names_the_mirror_and_proxy(daemon, registry, tmp_path):  # noqa:
     line = next(ln for ln in out.splitlines() if ln.startswith(os.path.realpath(mnt)))
     assert f"mirror {registry.host}" in line
     assert "proxy" not in line
+
+
+def test_status_shows_no_proxy_password(daemon, registry, tmp_path):  # noqa: F811
+    """A proxy URL with credentials: the API (status, status --json) names the proxy
+    without them. The proxy here is dead: reads fall back to the registry."""
+    import json
+    import subprocess
+    import sys
+
+    from registry_fixtures import free_port
+    src = write_tree(str(tmp_path / "src"), seed=35, nfiles=2)
+    boot, blobs = str(tmp_path / "boot"), str(tmp_path / "blobs")
+    info = pack(src, boot, blobs)
+    push_blobs(registry, "lazy/pw", "v1", blobs, [info["blobs"][0]["blob_id"]])
+    mnt = str(tmp_path / "mnt")
+    proxy = f"http://pu:s3cret@127.0.0.1:{free_port()}"
+    daemon.mount(boot, mnt, f"registry:{registry.host}/lazy/pw:v1",
+                 options={"proxy": proxy, "insecure": True})
+    helpers.assert_same_tree(src, mnt)
+    for args in ([], ["--json"]):
+        out = subprocess.run([sys.executable, "-m", "fscache_daemon.cli", "status",
+                              "--api-sock", daemon.sock, *args],
+                             capture_output=True, text=True, check=True).stdout
+        assert "s3cret" not in out and "pu:" not in out
+        assert "127.0.0.1" in out
+    mounts = json.loads(subprocess.run(
+        [sys.executable, "-m", "fscache_daemon.cli", "status", "--api-sock", daemon.sock,
+         "--json"], capture_output=True, text=True, check=True).stdout)["mounts"]
+    assert any(m["options"].get("proxy", "").startswith("http://127.0.0.1:") for m in mounts)

@@ -88,7 +88,7 @@ def test_merge_with_oci_names(tmp_path):
     tars = layer_paths(tmp_path, sample_layers())
     boots = _pack_layers(tmp_path, tars, "--whiteout-spec", "none")
     merged, _ = _merge(tmp_path, boots, "--whiteout-spec", "oci")
-    ref = reference_rootfs(tars, str(tmp_path / "ref"))
+    ref = reference_rootfs(tars, str(tmp_path / "ref"), keep_trusted=True)
     with mounted_rafs(merged, tmp_path / "blobs") as mnt:
         _assert_same(ref, mnt)
 

@@ -127,6 +127,22 @@ def test_token_renewed_when_lifetime_ends(registry_token):
     assert len(issuer.requests) == n + 1     # renewed before use, no 401 round trip
 
 
+@pytest.mark.parametrize("claim", [-5, float("nan"), float("inf")])
+def test_token_lifetime_nonsense_is_the_default(registry_token, claim):
+    """expires_in negative or not a number: the default lifetime (60 s), not a token
+    that is expired on arrival and fetched again for every request."""
+    issuer = registry_token.issuer
+    issuer.expires_in = claim
+    c = registry_token.client()
+    d = c.push_blob("tok/odd", BLOB).digest
+    n = len(issuer.requests)
+    for _ in range(3):
+        assert c.read_blob_range("tok/odd", d, 0, 4) == BLOB[:4]
+    assert len(issuer.requests) <= n + 1
+    tok = next(iter(c.auth._tokens.values()))
+    assert 30 < tok.expires_at - time.monotonic() <= 60
+
+
 def test_token_wrong_credentials(registry_token):
     c = registry_token.client(credentials=Credentials(registry_token.username, "bad-secret"))
     with pytest.raises(AuthError, match="refused the credentials") as e:

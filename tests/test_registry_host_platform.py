@@ -52,3 +52,34 @@ def test_host_platform_names(monkeypatch):
     assert host_platform()[0] == "linux"
     assert host_platform()[1] in ("amd64", "arm64", "arm", "386", "ppc64le", "s390x",
                                   "riscv64")
+
+
+def test_backend_takes_the_nydus_entry_of_a_merged_index(registry, monkeypatch):  # noqa: F811
+    """An index holding the OCI image and its Nydus conversion for the same platform
+    (nydusify --merge-platform lists the OCI one first): the backend maps blobs by the
+    Nydus manifest's layers (was: the first entry, the OCI one, had no Nydus layers)."""
+    from fscache_daemon.storage.backends import RegistryBackend
+    c = registry.client()
+    repo = "multi/merged"
+    descs = []
+    for nydus in (False, True):
+        cfg = json.dumps({"os": "linux", "architecture": "amd64",
+                          "config": {"Cmd": ["/bin/nydus" if nydus else "/bin/oci"]}}).encode()
+        r = c.push_blob(repo, cfg)
+        blob = c.push_blob(repo, b"nydus blob" if nydus else b"oci layer")
+        layer = Descriptor(mt.NYDUS_BLOB if nydus else mt.OCI_LAYER_TAR, blob.digest, blob.size)
+        m = build_manifest(Descriptor(mt.OCI_CONFIG, r.digest, r.size), [layer])
+        c.put_manifest(repo, m.digest, m)
+        plat = {"os": "linux", "architecture": "amd64",
+                **({"os.features": [mt.NYDUS_OS_FEATURE]} if nydus else {})}
+        descs.append(Descriptor(m.media_type, m.digest, len(m.data), platform=plat))
+    c.put_manifest(repo, "v1", build_index(descs))
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    b = RegistryBackend(f"{registry.host}/{repo}:v1", docker_config=False)
+    try:
+        layers = b._nydus_layers()
+        cfg = json.loads(b.image_config())
+    finally:
+        b.close()
+    assert [d.media_type for d in layers] == [mt.NYDUS_BLOB]
+    assert cfg["config"]["Cmd"] == ["/bin/nydus"]

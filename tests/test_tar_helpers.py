@@ -117,7 +117,7 @@ def _rm(path):
         os.unlink(path)
 
 
-def reference_rootfs(layer_tars, dest):
+def reference_rootfs(layer_tars, dest, keep_trusted=False):
     """Extract layer tars in order into DEST with OCI whiteout semantics, independently
     of erofs-tools: whiteouts and opaque markers of a layer remove entries of the layers
     below before the layer is extracted with GNU tar (without its .wh. entries); an
@@ -147,7 +147,18 @@ def reference_rootfs(layer_tars, dest):
                     _rm(full)
         tar_x(path, dest, "--exclude=.wh.*")
     fix_root(dest)
+    if not keep_trusted:        # layers packed as OCI layers (--whiteout-spec oci)
+        _drop_trusted(dest)
     return dest
+
+
+def _drop_trusted(dest):
+    """containerd sets no trusted.* xattr from a layer (GNU tar does)."""
+    for dirpath, dirs, files in os.walk(dest):
+        for n in [dirpath] + [os.path.join(dirpath, f) for f in dirs + files]:
+            for x in os.listxattr(n, follow_symlinks=False):
+                if x.startswith("trusted."):
+                    os.removexattr(n, x, follow_symlinks=False)
 
 
 def layer_paths(tmp_path, layers):

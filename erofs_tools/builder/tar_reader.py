@@ -273,8 +273,17 @@ class TarReader:
     """Iterate entries of a tar stream; the caller consumes each entry's data
     (`read_data` / `skip_data`) before asking for the next one."""
 
-    def __init__(self, stream: ReadStream, max_size: int = DEFAULT_MAX_SIZE) -> None:
+    def __init__(self, stream: ReadStream, max_size: int = DEFAULT_MAX_SIZE,
+                 oci: bool = False) -> None:
         self.r = _Reader(stream, max_size)
+        # An OCI layer read as the runtimes read it (Go's archive/tar, containerd's and
+        # docker's appliers), not as POSIX and GNU tar do, so that a converted image is
+        # the one containerd would run: a global PAX header is an entry of its own they
+        # ignore (not records for every later entry: a global uid, mtime or xattr applied
+        # to every file), xattrs come from SCHILY.xattr. records only (LIBARCHIVE.xattr.
+        # ones never reach the rootfs), and a GNU long name or link wins over a PAX path
+        # or linkpath. mkfs --tar (erofs-utils' reading) keeps the POSIX rules.
+        self.oci = oci
         self.globals = PaxRecords(MAX_GLOBAL, is_global=True)
         self._left = 0            # data bytes of the current entry not consumed yet
         self._pad = 0
@@ -368,7 +377,9 @@ class TarReader:
                 pax.add(self._meta(size, "PAX header"), "PAX header")
                 continue
             if t == b"g":
-                self.globals.add(self._meta(size, "PAX global header"), "PAX global header")
+                records = self._meta(size, "PAX global header")
+                if not self.oci:
+                    self.globals.add(records, "PAX global header")
                 continue
             if t == b"L":
                 longname = _cstr(self._meta(size, "GNU long name"))
@@ -434,7 +445,7 @@ class TarReader:
                 e.mtime, e.mtime_nsec = _pax_time(value, what)
             elif key.startswith(b"SCHILY.xattr."):
                 e.xattrs[key[13:]] = value
-            elif key.startswith(b"LIBARCHIVE.xattr."):
+            elif key.startswith(b"LIBARCHIVE.xattr.") and not self.oci:
                 try:
                     n = urllib.parse.unquote_to_bytes(key[17:])
                     e.xattrs[n] = base64.b64decode(value + b"=" * (-len(value) % 4))
@@ -462,6 +473,11 @@ class TarReader:
                     if len(nums) % 2 or len(nums) > 2 * MAX_SPARSE_REGIONS:
                         raise _err(f"{what}: bad GNU.sparse.map")
                     e.sparse = [(nums[i], nums[i + 1]) for i in range(0, len(nums), 2)]
+        if self.oci:
+            # Go applies the GNU long name and link after the PAX records (and
+            # GNU.sparse.name after both)
+            e.name = longname if longname is not None else e.name
+            e.link = longlink if longlink is not None else e.link
         if sp_name is not None:
             # the real name of a sparse member whatever the record order: GNU tar writes
             # a long ./GNUSparseFile.PID/NAME header name as a `path` record after

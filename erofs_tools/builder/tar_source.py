@@ -159,7 +159,7 @@ def pack_tar(source: StrOrBytesPath | BinaryIO, bootstrap: StrPath, blob_dir: St
     try:
         try:
             stream = open_stream(raw, source_type)
-            reader = TarReader(stream, max_size)
+            reader = TarReader(stream, max_size, oci=whiteout_spec == "oci")
             for r in placer.pipe.run_stream(stream_chunks(reader, tree, opts.chunk_size)):
                 placer.place(r)
         finally:

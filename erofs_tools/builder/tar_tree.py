@@ -159,7 +159,16 @@ class TarTree:
             node.mtime, node.nsec = 0, 0              # documented: clamped
         else:
             node.mtime, node.nsec = min(e.mtime, (1 << 63) - 1), e.mtime_nsec
-        node.xattrs = dict(e.xattrs) if e.xattrs else _NO_XATTRS
+        if e.xattrs and self.spec == "oci":
+            # containerd's applier sets no trusted.* xattr from a layer ("admin attributes
+            # from archive not supported"): a layer's trusted.overlay.opaque would have
+            # made its directory opaque here (merge reads the same xattr), hiding the
+            # lower layers' files that containerd shows, and trusted.overlay.* reach an
+            # overlay mount of the image
+            node.xattrs = {k: v for k, v in e.xattrs.items()
+                           if not k.startswith(b"trusted.")} or _NO_XATTRS
+        else:
+            node.xattrs = dict(e.xattrs) if e.xattrs else _NO_XATTRS
 
     def add(self, e: Entry) -> TNode | None:
         """Place entry e; -> TNode whose data the caller must stream (regular files),
@@ -175,6 +184,12 @@ class TarTree:
         if t == b"M":
             raise _err(f"{_show(e.name)}: multi-volume archives are not supported")
         if not parts:
+            if self.spec == "oci":
+                # containerd's applier ignores an entry that is the root ("resolved to
+                # root"): a layer's ./ of mode 0700 or another owner, as tarring a
+                # mktemp directory gives, left / of the image unreadable to a non-root
+                # user, where containerd's stays 0755 root:root
+                return None
             if t not in (b"5", b"D"):
                 raise _err(f"{_show(e.name)}: entry would replace the root directory")
             self._meta(self.root, e)

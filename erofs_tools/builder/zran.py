@@ -415,7 +415,7 @@ def pack_zran_layer(raw: ReadStream, layer_digest: str, layer_size: int, bootstr
     check_span(span, chunk_size)
     layer_hex = layer_digest.split(":", 1)[-1]
     stream = GzipIndexStream(raw, span)
-    reader = TarReader(stream, max_size)
+    reader = TarReader(stream, max_size, oci=whiteout_spec == "oci")
     tree = TarTree(whiteout_spec, mark_implied=mark_implied)
     placer = ZranPlacer(stream, reader, digester)
     for item in stream_chunks(reader, tree, chunk_size, on_entry=_refuse_sparse):

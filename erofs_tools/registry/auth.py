@@ -346,5 +346,10 @@ class Authenticator:
             raise AuthError(f"{where} sent an unreadable token reply") from None
         if not isinstance(value, str) or not value:
             raise AuthError(f"{where} sent a reply without a token")
+        if not lifetime > 0 or lifetime == float("inf"):
+            # negative, NaN (Python's json reads it) or infinite: no lifetime we can
+            # use; the default, as for a missing one (a token expired on arrival was
+            # fetched again for every request, doubling them)
+            lifetime = DEFAULT_TOKEN_LIFETIME
         margin = min(REFRESH_MARGIN, lifetime / 5)
         return _Token(value, self._clock() + max(lifetime - margin, 0.0))

@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 READ_SIZE = 1 << 20
 # pages of a tag list followed at most (a registry's endless next links end here)
 MAX_TAG_PAGES = 1000
+# all pages of a tag list together (a repository of 10^6 tags is ~40 MB): each page may be
+# up to MAX_MANIFEST_SIZE, and 1000 of them held 4 GB
+MAX_TAG_BYTES = 64 << 20
 # Download pieces: a broken connection loses at most one piece before resuming.
 STREAM_PIECE = 64 << 10
 
@@ -262,6 +265,8 @@ class RegistryClient(RegistrySession):
         url = self.url(f"/v2/{check_repository(repo)}/tags/list")
         first = url
         tags: list[str] = []
+        seen = {url}
+        total = 0
         for _ in range(MAX_TAG_PAGES):
             resp = self.send_to("GET", url, pull_scope(repo))
             if resp.status != 200:
@@ -270,6 +275,10 @@ class RegistryClient(RegistrySession):
                              url)
             link = resp.headers.get("Link")
             drain(resp)
+            total += len(body)
+            if total > MAX_TAG_BYTES:
+                raise RegistryError(f"GET {safe_url(first)}: tag list larger than "
+                                    f"{MAX_TAG_BYTES} bytes")
             try:
                 got = json.loads(body).get("tags") or []
                 if not isinstance(got, list) or not all(isinstance(t, str) for t in got):
@@ -281,6 +290,9 @@ class RegistryClient(RegistrySession):
             if nxt is None:
                 return tags
             url = self.checked_location("GET", url, nxt, "next page")[0]
+            if url in seen:     # a page naming itself or an earlier one: no end
+                raise RegistryError(f"GET {safe_url(first)}: the tag pages loop")
+            seen.add(url)
         raise RegistryError(f"GET {safe_url(first)}: more than {MAX_TAG_PAGES} pages of tags")
 
     # --- uploads (upload.py does the protocol) ----------------------------------------

@@ -29,7 +29,13 @@ from ..fsutil import atomic_output, fsync_dir
 from . import mediatypes as mt
 from .client import RegistryClient
 from .digest import digest_hex, verify
-from .manifest import Descriptor, parse_platform, platform_variant, select_platform
+from .manifest import (
+    Descriptor,
+    parse_platform,
+    platform_variant,
+    resolve_index,
+    select_platform,
+)
 from .nydus_push import Destination, file_sha256, publish
 from .oci_layout import OciLayout
 from .reference import LayoutReference, default_insecure, parse_reference
@@ -188,9 +194,12 @@ class SourceImage:
             m = self.layout.get_manifest(d.digest)
             if m.is_index:
                 self.index = m
-                self.index_entry = select_platform(m, os_name, arch, nydus=False,
-                                                   variant=variant)
-                m = self.layout.get_manifest(self.index_entry.digest)
+                layout = self.layout
+                self.index_entry, m = resolve_index(
+                    m, lambda i: select_platform(i, os_name, arch, nydus=False,
+                                                 variant=variant),
+                    layout.get_manifest, lambda c: layout.read_blob(c.digest, MAX_CONFIG),
+                    (os_name, arch, variant))
             self.manifest = m
             cd = m.config()
             self.config = self.layout.read_blob(cd.digest, MAX_CONFIG)
@@ -203,11 +212,13 @@ class SourceImage:
             m = self.client.get_manifest(repo, self.ref.ref)
             if m.is_index:
                 self.index = m
-                self.index_entry = select_platform(m, os_name, arch, nydus=False,
-                                                   variant=variant)
-                m = self.client.get_manifest(repo, self.index_entry.digest)
-                if m.is_index:
-                    raise InputError(f"{self.ref}: nested index is not supported")
+                client = self.client
+                self.index_entry, m = resolve_index(
+                    m, lambda i: select_platform(i, os_name, arch, nydus=False,
+                                                 variant=variant),
+                    lambda digest: client.get_manifest(repo, digest),
+                    lambda c: client.get_blob(repo, c.digest, max_size=MAX_CONFIG),
+                    (os_name, arch, variant))
             self.manifest = m
             cd = m.config()
             if cd.size > MAX_CONFIG:

@@ -12,7 +12,14 @@ from ..errors import InputError, RegistryError
 from . import mediatypes as mt
 from .client import RegistryClient
 from .digest import digest_hex, file_digest
-from .manifest import Descriptor, Manifest, build_manifest, select_platform
+from .manifest import (
+    CONFIG_LIMIT,
+    Descriptor,
+    Manifest,
+    build_manifest,
+    resolve_index,
+    select_platform,
+)
 from .oci_layout import OciLayout
 
 
@@ -53,13 +60,11 @@ def resolve_manifest(client: RegistryClient, repo: str, ref: str, *, os_name: st
                      arch: str = "amd64", nydus: bool | None = None,
                      variant: str | None = None) -> Manifest:
     """Fetch ``ref``; if it is an index, follow the entry for the platform."""
-    m = client.get_manifest(repo, ref)
-    if m.is_index:
-        d = select_platform(m, os_name, arch, nydus, variant)
-        m = client.get_manifest(repo, d.digest)
-        if m.is_index:
-            raise InputError(f"{repo}@{d.digest}: nested index is not supported")
-    return m
+    return resolve_index(client.get_manifest(repo, ref),
+                         lambda i: select_platform(i, os_name, arch, nydus, variant),
+                         lambda digest: client.get_manifest(repo, digest),
+                         lambda d: client.get_blob(repo, d.digest, max_size=CONFIG_LIMIT),
+                         (os_name, arch, variant))[1]
 
 
 def pull_image(client: RegistryClient, repo: str, ref: str, dest_dir: str | None = None,

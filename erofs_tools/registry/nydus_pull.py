@@ -33,7 +33,14 @@ from ..fsutil import atomic_output, create_exclusive
 from . import mediatypes as mt
 from .client import RegistryClient
 from .digest import verify
-from .manifest import Descriptor, Manifest, parse_platform, platform_variant, select_platform
+from .manifest import (
+    Descriptor,
+    Manifest,
+    parse_platform,
+    platform_variant,
+    resolve_index,
+    select_platform,
+)
 from .oci_layout import OciLayout
 from .reference import LayoutReference, default_insecure, parse_reference
 
@@ -260,12 +267,12 @@ class _RegistrySource(_Source):
         self.client, self.repo, self.ref = client, repo, ref
 
     def manifest(self, os_name, arch, variant=None):
-        m = self.client.get_manifest(self.repo, self.ref)
-        if m.is_index:
-            m = self.client.get_manifest(self.repo, nydus_entry(m, os_name, arch, variant).digest)
-        if m.is_index:
-            raise InputError(f"{self.repo}:{self.ref}: nested index is not supported")
-        return m
+        client, repo = self.client, self.repo
+        return resolve_index(client.get_manifest(repo, self.ref),
+                             lambda i: nydus_entry(i, os_name, arch, variant),
+                             lambda digest: client.get_manifest(repo, digest),
+                             lambda c: client.get_blob(repo, c.digest, max_size=MAX_CONFIG),
+                             (os_name, arch, variant))[1]
 
     def fetch(self, desc, f):
         self.client.stream_blob(self.repo, desc.digest, f, max_size=desc.size)
@@ -279,10 +286,12 @@ class _LayoutSource(_Source):
         self.layout, self.tag = layout, tag
 
     def manifest(self, os_name, arch, variant=None):
-        m = self.layout.get_manifest(self.layout.resolve(self.tag).digest)
-        if m.is_index:
-            m = self.layout.get_manifest(nydus_entry(m, os_name, arch, variant).digest)
-        return m
+        layout = self.layout
+        return resolve_index(layout.get_manifest(layout.resolve(self.tag).digest),
+                             lambda i: nydus_entry(i, os_name, arch, variant),
+                             layout.get_manifest,
+                             lambda c: layout.read_blob(c.digest, MAX_CONFIG),
+                             (os_name, arch, variant))[1]
 
     def fetch(self, desc, f):
         h = hashlib.sha256()

@@ -24,6 +24,7 @@ import urllib3
 from ..errors import AuthError, InputError, RegistryError
 from .auth import Authenticator, Credentials, load_credentials
 from .digest import check_digest
+from .envproxy import EnvProxy
 from .reference import Reference, check_repository
 from .transport import (
     REDIRECT_STATUSES,
@@ -74,6 +75,9 @@ class RegistrySession:
     registry a mirror stands in for: blob and manifest requests carry ``?ns=``),
     ``headers`` (sent with every request to this host, never to other origins),
     ``extra_ca``, ``client_cert``, ``skip_verify`` (TLS).
+
+    Every request goes the way the environment names (HTTPS_PROXY, HTTP_PROXY,
+    NO_PROXY as Go reads them, envproxy.py) unless ``env_proxy`` gives other settings.
     """
 
     def __init__(self, host: str, *, insecure: bool = False,
@@ -87,7 +91,7 @@ class RegistrySession:
                  chunk_size: int = DEFAULT_CHUNK_SIZE, api_root: str = "/v2",
                  namespace: str | None = None, headers: tuple[tuple[str, str], ...] = (),
                  extra_ca: tuple[str, ...] = (), client_cert: tuple[str, str] | None = None,
-                 skip_verify: bool = False):
+                 skip_verify: bool = False, env_proxy: EnvProxy | None = None):
         if not host or "/" in host:
             raise InputError(f"invalid registry host {host!r}")
         if not api_root.startswith("/") or "?" in api_root or "#" in api_root:
@@ -107,7 +111,7 @@ class RegistrySession:
                                    pool_size=pool_size, ca_certs=ca_certs, proxy=proxy,
                                    proxy_headers=proxy_headers, extra_ca=extra_ca,
                                    client_cert=client_cert, skip_verify=skip_verify,
-                                   policy=RetryPolicy(retries, backoff, max_backoff, deadline))
+                                   env_proxy=env_proxy, policy=RetryPolicy(retries, backoff, max_backoff, deadline))
         self.auth = Authenticator(host, credentials, self._fetch_token,
                                   allow_http_realm=insecure)
         # Other origins a redirect sends us to (registry.k8s.io's and cgr.dev's manifests

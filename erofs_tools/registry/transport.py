@@ -9,14 +9,19 @@ seekable file (rewound before each attempt), so that a retry resends the same by
 An optional HTTP proxy (e.g. Dragonfly's dfdaemon, ecosystem.md §3, or squid) serves the
 requests that ask for it; if the proxy itself fails (no connection, or an answer that is
 the proxy's own error: see proxy_failed), the request goes direct, as nydus does.
+"Direct" is the way the environment names (HTTPS_PROXY, HTTP_PROXY, NO_PROXY, read as
+Go reads them: envproxy.py), as containerd's pulls go: without a fallback, since a
+network that names a proxy may have no other way out.
 """
 
 from __future__ import annotations
 
+import base64
 import email.utils
 import logging
 import random
 import ssl
+import threading
 import time
 import urllib.parse
 from dataclasses import dataclass
@@ -28,6 +33,7 @@ from urllib3.exceptions import SSLError
 
 from ..errors import RegistryError
 from . import watchdog
+from .envproxy import EnvProxy
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +106,7 @@ class Transport:
                  policy: RetryPolicy | None = None, proxy: str | None = None,
                  proxy_headers: dict | None = None, user_agent: str = USER_AGENT,
                  extra_ca: tuple[str, ...] = (), client_cert: tuple[str, str] | None = None,
-                 skip_verify: bool = False):
+                 skip_verify: bool = False, env_proxy: EnvProxy | None = None):
         self.policy = policy or RetryPolicy()
         self.user_agent = user_agent
         common: dict[str, Any] = dict(timeout=urllib3.Timeout(connect=connect_timeout, read=timeout),
@@ -114,14 +120,29 @@ class Transport:
             if skip_verify:
                 common.update(cert_reqs="CERT_NONE", assert_hostname=False)
         self._direct = urllib3.PoolManager(num_pools=8, **common)
+        # the environment's proxies (HTTPS_PROXY...), one manager each, made when needed
+        self._env = env_proxy if env_proxy is not None else EnvProxy()
+        self._env_pools: dict[str, urllib3.ProxyManager] = {}
+        self._common = common
+        # Sent to the proxy, e.g. {"X-Dragonfly-Use-P2P": "true"}: on the CONNECT that
+        # opens a tunnel to an HTTPS origin, on the request itself to an HTTP one.
+        self.proxy_headers = dict(proxy_headers or {})
         # Configured per client, never globally, and with a direct pool to fall back on.
-        self._proxy = urllib3.ProxyManager(proxy, num_pools=8, **common) if proxy else None
+        self._proxy = None
+        if proxy:
+            proxy, to_proxy = _proxy_auth(proxy, self.proxy_headers)
+            self._proxy = urllib3.ProxyManager(proxy, num_pools=8, proxy_headers=to_proxy,
+                                               **common)
+        # Inside a tunnel the origin reads the request: the proxy's own headers
+        # (Proxy-Authorization) never go there. Others do too, for a proxy that opens
+        # the tunnel to read the requests (dfdaemon hijacking HTTPS).
+        self._tunnel_headers = {k: v for k, v in self.proxy_headers.items()
+                                if not k.lower().startswith("proxy-")}
         # connections whose wait for an answer's headers a deadline bounds (watchdog.py)
         for pm in (self._direct, self._proxy):
             if pm is not None:
                 pm.pool_classes_by_scheme = watchdog.POOL_CLASSES
-        # Sent only to the proxy, e.g. {"X-Dragonfly-Use-P2P": "true"}.
-        self.proxy_headers = dict(proxy_headers or {})
+        self._env_lock = threading.Lock()
         self.proxy_fallbacks = 0
         self._proxy_down_until = 0.0
         self.retried = 0
@@ -130,6 +151,22 @@ class Transport:
         self._direct.clear()
         if self._proxy:
             self._proxy.clear()
+        for pm in self._env_pools.values():
+            pm.clear()
+
+    def _route(self, url: str) -> urllib3.PoolManager:
+        """The direct way to ``url``: the environment's proxy for it, or none."""
+        proxy = self._env.proxy_for(url)
+        if proxy is None:
+            return self._direct
+        with self._env_lock:
+            pm = self._env_pools.get(proxy)
+            if pm is None:
+                bare, to_proxy = _proxy_auth(proxy, {})
+                pm = self._env_pools[proxy] = urllib3.ProxyManager(
+                    bare, num_pools=8, proxy_headers=to_proxy, **self._common)
+                pm.pool_classes_by_scheme = watchdog.POOL_CLASSES
+            return pm
 
     def request(self, method: str, url: str, headers: dict | None = None,
                 body: bytes | BinaryIO | None = None, *, via_proxy: bool = False,
@@ -195,9 +232,11 @@ class Transport:
         # via_proxy is for bodiless reads only, so falling back never resends a body.
         kw = dict(headers=headers, body=body, redirect=False, preload_content=False)
         if via_proxy and self._proxy is not None and time.monotonic() >= self._proxy_down_until:
+            # tunnelled to an HTTPS origin: urllib3 puts the proxy's on the CONNECT
+            via = {**kw, "headers": {**headers, **self._tunnel_headers}} \
+                if url.startswith("https:") else kw
             try:
-                resp = self._proxy.request(method, url, **{
-                    **kw, "headers": {**headers, **self.proxy_headers}})
+                resp = self._proxy.request(method, url, **via)
             except Urllib3Error as e:
                 log.info("proxy failed for %s (%s); going direct", safe_url(url),
                          type(e).__name__)
@@ -208,7 +247,23 @@ class Transport:
                 log.info("proxy answered %d for %s; going direct", resp.status, safe_url(url))
             self.proxy_fallbacks += 1
             self._proxy_down_until = time.monotonic() + PROXY_PAUSE
-        return self._direct.request(method, url, **kw)
+        return self._route(url).request(method, url, **kw)
+
+
+def _proxy_auth(proxy: str, headers: dict) -> tuple[str, dict]:
+    """The proxy URL without its userinfo, and the headers for the proxy with a Basic
+    Proxy-Authorization of that userinfo (as curl and Go send it): urllib3 drops a
+    proxy URL's userinfo, so an authenticating proxy answered 407 and every read went
+    direct."""
+    p = urllib.parse.urlsplit(proxy)
+    if "@" not in p.netloc:
+        return proxy, dict(headers)
+    userinfo, _, hostport = p.netloc.rpartition("@")
+    user, _, password = userinfo.partition(":")
+    raw = f"{urllib.parse.unquote(user)}:{urllib.parse.unquote(password)}".encode()
+    auth = {"Proxy-Authorization": "Basic " + base64.b64encode(raw).decode("ascii")}
+    bare = urllib.parse.urlunsplit((p.scheme, hostport, p.path, p.query, p.fragment))
+    return bare, {**headers, **auth}
 
 
 def _headers_late(method: str, url: str) -> RegistryError:

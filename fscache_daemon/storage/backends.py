@@ -401,15 +401,23 @@ class RegistryBackend(Backend):
         layers: list = []
         if (self._ref.tag or self._ref.digest) and self._resolve:
             from erofs_tools import registry as reg
-            from erofs_tools.registry.manifest import host_platform
+            from erofs_tools.registry.manifest import CONFIG_LIMIT, host_platform, resolve_index
+            from erofs_tools.registry.nydus_pull import nydus_entry
             # the node's platform, as containerd pulls the image for it (linux/amd64
             # was taken on every node: an arm64 node mapped its blobs by the amd64
-            # manifest and read the amd64 config's command for its start set)
-            os_name, arch, variant = host_platform()
+            # manifest and read the amd64 config's command for its start set), and of
+            # an index holding both (nydusify --merge-platform) the Nydus entry, as rpull
+            # takes it: the OCI one listed first has no Nydus layers to map blobs by
+            node = host_platform()
+            repo = self.repository
+
+            def resolve(c):
+                return resolve_index(
+                    c.get_manifest(repo, self._ref.ref), lambda i: nydus_entry(i, *node),
+                    lambda digest: c.get_manifest(repo, digest),
+                    lambda d: c.get_blob(repo, d.digest, max_size=CONFIG_LIMIT), node)[1]
             try:
-                m = self._first(self._resolve, "the manifest", lambda c: reg.resolve_manifest(
-                    c, self.repository, self._ref.ref, os_name=os_name, arch=arch,
-                    variant=variant))
+                m = self._first(self._resolve, "the manifest", resolve)
                 layers = [d for d in m.layers() if d.media_type == reg.NYDUS_BLOB]
                 self._config_desc = m.config()
             except ErofsToolsError as e:
