@@ -192,3 +192,21 @@ def test_bad_flags(tree, tmp_path, args, msg):
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and msg in lines[0], p.stderr
     assert os.listdir(out) == []
+
+
+def test_extended_options_as_mkfs_erofs_names_them(root_kernel, tree, tmp_path):
+    """-E force-inode-extended, nosbcrc, ^inline_data (= noinline_data), and ^NAME of an
+    option that is off already."""
+    from erofs_tools.format import erofs as E
+    from erofs_tools.reader.image import Image
+    img = mkfs_and_check(tmp_path / "e.img", tree, "-E", "force-inode-extended,nosbcrc",
+                         "-E", "^inline_data,^ztailpacking")
+    with Image(os.fspath(img)) as im:
+        assert not im.sb.feature_compat & E.FEATURE_COMPAT_SB_CHKSUM
+        inodes = [ino for _, _, ino in im.walk()]
+        assert {ino.version for ino in inodes} == {1}                 # all extended
+        assert E.LAYOUT_FLAT_INLINE not in {ino.layout for ino in inodes}
+    again = mkfs_and_check(tmp_path / "i.img", tree, "-E", "noinline_data,^noinline_data")
+    with Image(os.fspath(again)) as im:
+        assert im.sb.feature_compat & E.FEATURE_COMPAT_SB_CHKSUM
+        assert E.LAYOUT_FLAT_INLINE in {ino.layout for _, _, ino in im.walk()}
