@@ -55,3 +55,11 @@ def pytest_make_collect_report(collector):
     if CI and rep.skipped:
         rep.outcome = "failed"
         rep.longrepr = f"module skipped under EROFS_TOOLS_CI=1: {_skip_reason(rep)}"
+
+
+@pytest.fixture
+def root_kernel():
+    """Root and a kernel that mounts EROFS images (file-backed): what mounting needs."""
+    from helpers import is_root, require, require_root_kernel
+    require(is_root(), "needs root (mount)")
+    require_root_kernel()

@@ -132,6 +132,16 @@ def run_mkfs(image, source, *args, check=True):
     return p
 
 
+def run_pack(source, boot, blob_dir, *args, check=True):
+    """Run `erofs-tools pack SOURCE -B BOOT -D BLOB_DIR -q` as a child process."""
+    cmd = [sys.executable, "-m", "erofs_tools", "pack", os.fspath(source), "-B",
+           os.fspath(boot), "-D", os.fspath(blob_dir), "-q", *map(str, args)]
+    p = subprocess.run(cmd, capture_output=True, text=True, errors="replace")
+    if check:
+        assert p.returncode == 0, f"pack failed: {p.stdout}{p.stderr}"
+    return p
+
+
 def write_native_image(nb, path):
     """Lay out a NativeBuilder's image and write it to `path`, which must be new."""
     nb.layout()

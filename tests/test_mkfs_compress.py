@@ -12,11 +12,8 @@ import pytest
 from helpers import (
     assert_same_image_for_any_workers,
     fsck,
-    is_root,
     mkfs_and_check,
     noise,
-    require,
-    require_root_kernel,
     require_tool,
     run_mkfs,
     text,
@@ -82,12 +79,6 @@ def layout_of(image, path):
     m = re.search(r"Layout: (\d+)", out)
     assert m, out
     return int(m.group(1))
-
-
-@pytest.fixture
-def root_kernel():
-    require(is_root(), "needs root (mount)")
-    require_root_kernel()
 
 
 @pytest.mark.parametrize("alg", ALGS)

@@ -9,11 +9,8 @@ import subprocess
 
 import pytest
 from helpers import (
-    is_root,
     mkfs_and_check,
     noise,
-    require,
-    require_root_kernel,
     require_tool,
     run_mkfs,
     text,
@@ -36,12 +33,6 @@ def tree(tmp_path_factory):
     for i in range(12):
         (root / f"f{i}").write_bytes(text(i * 900 + 7, i))
     return root
-
-
-@pytest.fixture
-def root_kernel():
-    require(is_root(), "needs root (mount)")
-    require_root_kernel()
 
 
 def records(image):

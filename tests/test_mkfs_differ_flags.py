@@ -15,11 +15,8 @@ import pytest
 from helpers import (
     assert_same_tree,
     fsck,
-    is_root,
     mkfs_and_check,
     mounted,
-    require,
-    require_root_kernel,
     require_tool,
     run_mkfs,
     text,
@@ -28,12 +25,6 @@ from helpers import (
 pytestmark = pytest.mark.root
 
 OLD, SDE, NEW = 1_000_000_000, 1_500_000_000, 1_700_000_000
-
-
-@pytest.fixture
-def root_kernel():
-    require(is_root(), "needs root (mount)")
-    require_root_kernel()
 
 
 @pytest.fixture(scope="module")

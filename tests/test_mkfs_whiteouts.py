@@ -6,10 +6,9 @@ Compared with mkfs.erofs 1.9.4 on the same trees (both directory walks, and --ta
 --aufs); pack's RAFS bootstraps keep them as nydus-image does."""
 import os
 import subprocess
-import sys
 
 import pytest
-from helpers import fsck, is_root, mounted, require, require_root_kernel, require_tool, run_mkfs
+from helpers import fsck, is_root, mounted, require, require_tool, run_mkfs, run_pack
 
 from erofs_tools.builder.mkfs import mkfs
 from erofs_tools.builder.options import MkfsOptions
@@ -42,12 +41,6 @@ def listing(mnt):
         rel = os.path.relpath(dp, mnt)
         out[rel] = (sorted(dn + fn), {k: os.getxattr(dp, k) for k in os.listxattr(dp)})
     return out
-
-
-@pytest.fixture
-def root_kernel():
-    require(is_root(), "needs root (mount)")
-    require_root_kernel()
 
 
 def test_overlayfs_lists_no_whiteouts_of_a_marked_directory(root_kernel, tree, tmp_path):
@@ -115,10 +108,7 @@ def test_tar_aufs_strip_as_mkfs_erofs(root_kernel, tmp_path):
 
 def test_pack_keeps_whiteouts_unmarked(tree, tmp_path):
     boot = tmp_path / "p.boot"
-    p = subprocess.run([sys.executable, "-m", "erofs_tools", "pack", os.fspath(tree),
-                        "-B", os.fspath(boot), "-D", os.fspath(tmp_path / "blobs"), "-q"],
-                       capture_output=True, text=True)
-    assert p.returncode == 0, p.stderr
+    run_pack(tree, boot, tmp_path / "blobs")
     with Image(os.fspath(boot)) as img:
         d = img.lookup(b"/d")
         assert img.xattrs(d) == []

@@ -14,12 +14,10 @@ import pytest
 from helpers import (
     assert_same_tree,
     fsck,
-    is_root,
     mounted,
-    require,
-    require_root_kernel,
     require_tool,
     run_mkfs,
+    run_pack,
 )
 
 from erofs_tools._native import xxh32
@@ -86,12 +84,6 @@ def read_back(tree, mnt):
             assert e.value.errno == errno.ENODATA
 
 
-@pytest.fixture
-def root_kernel():
-    require(is_root(), "needs root (mount)")
-    require_root_kernel()
-
-
 def test_filters_read_back_and_equal_mkfs_erofs(root_kernel, tree, tmp_path):
     require_tool("mkfs.erofs")
     ours, ref = tmp_path / "o.img", tmp_path / "r.img"
@@ -146,10 +138,7 @@ def test_turned_off_and_pack_has_none(tree, tmp_path):
     with Image(os.fspath(off)) as img:
         assert not img.sb.feature_compat & E.FEATURE_COMPAT_XATTR_FILTER
     boot = tmp_path / "p.boot"
-    p = subprocess.run([sys.executable, "-m", "erofs_tools", "pack", os.fspath(tree),
-                        "-B", os.fspath(boot), "-D", os.fspath(tmp_path / "blobs"), "-q"],
-                       capture_output=True, text=True)
-    assert p.returncode == 0, p.stderr
+    run_pack(tree, boot, tmp_path / "blobs")
     with Image(os.fspath(boot)) as img:
         assert not img.sb.feature_compat & E.FEATURE_COMPAT_XATTR_FILTER
 

@@ -15,11 +15,8 @@ from helpers import (
     TAIL_WORDS,
     assert_same_image_for_any_workers,
     fsck,
-    is_root,
     mkfs_and_check,
     noise,
-    require,
-    require_root_kernel,
     require_tool,
     run_mkfs,
     write_shifted_tree,
@@ -119,12 +116,6 @@ def map_header(image, path):
         pos = meta_blkaddr * 4096 + nid * 32 + isize + xsize
         f.seek((pos + 7) // 8 * 8)
         return fmt >> 1 & 7, f.read(8)
-
-
-@pytest.fixture
-def root_kernel():
-    require(is_root(), "needs root (mount)")
-    require_root_kernel()
 
 
 @pytest.mark.parametrize("alg", ALGS)
