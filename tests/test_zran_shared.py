@@ -1,0 +1,90 @@
+"""Zran layers shared between images, through the fscache daemon (real docker-registry,
+real fanotify lazy mounts): one gzip layer indexed twice with different chunk sizes and
+spans (two meta blobs, two cache-file layouts under one blob id), and an image listing the
+same layer twice. Each image reads back as its layers extracted in order by GNU tar,
+mounted together, one after the other, and after a daemon restart; neither ever sees the
+other's bytes."""
+import json
+import os
+
+import pytest
+from helpers import compare_trees
+from registry_fixtures import registry  # noqa: F401
+from test_tar_helpers import E, layer_paths, make_oci_layout, reference_rootfs, run_cli
+from test_zran_convert import zran_layers
+
+
+def _image(tmp_path, name, layers):
+    d = tmp_path / name
+    d.mkdir()
+    tars = layer_paths(d, layers)
+    lay, m = make_oci_layout(str(d / "src"), tars)
+    return tars, lay, m
+
+
+def _convert(registry, repo, out, chunk, span):
+    p = run_cli("convert", "--oci-ref", f"{registry.host}/src/{repo}:v1",
+                f"{registry.host}/idx/{repo}:v1", "--insecure", "--zran-span", span,
+                "--chunk-size", chunk, "-o", out, "--json")
+    r = json.loads(p.stdout)
+    for x in r["layers"]:              # only image.boot stays local: meta blobs by backend
+        path = os.path.join(out, x["meta_blob"])
+        if os.path.exists(path):
+            os.unlink(path)
+    return r
+
+
+@pytest.mark.root
+@pytest.mark.registry
+def test_shared_layer_two_indexes_and_a_repeated_layer(tmp_path, registry):  # noqa: F811
+    from test_daemon_support import DaemonProc, require_lazy_kernel
+
+    from erofs_tools.registry import push_from_layout
+    require_lazy_kernel()
+    l1, l2, l3 = zran_layers()
+    l1 = l1 + [E("unique-shared", data=os.urandom(70_000))]     # this test's digests
+    l3 = l3 + [E("unique-b", data=os.urandom(100))]
+    ta, la, ma = _image(tmp_path, "a", [l1, l2])
+    tb, lb, mb = _image(tmp_path, "b", [l1, l3, l1])            # l1 twice, over l3
+    shared = ma.layers()[0].digest
+    assert mb.layers()[0].digest == shared == mb.layers()[2].digest
+    with registry.client() as c:
+        push_from_layout(la, c, "src/a", "v1")
+        push_from_layout(lb, c, "src/b", "v1")
+    ra = _convert(registry, "a", str(tmp_path / "out-a"), "0x10000", "64K")
+    rb = _convert(registry, "b", str(tmp_path / "out-b"), "0x40000", "128K")
+    # one layer, two indexes: different meta blobs, different cache-file layouts
+    assert ra["layers"][0]["meta_blob"] != rb["layers"][0]["meta_blob"]
+    assert rb["layers"][0]["meta_blob"] == rb["layers"][2]["meta_blob"]
+    ref_a = reference_rootfs(ta, str(tmp_path / "ref-a"))
+    ref_b = reference_rootfs(tb, str(tmp_path / "ref-b"))
+    boot_a = str(tmp_path / "out-a" / "image.boot")
+    boot_b = str(tmp_path / "out-b" / "image.boot")
+    mnt_a, mnt_b = str(tmp_path / "mnt-a"), str(tmp_path / "mnt-b")
+    d = DaemonProc(str(tmp_path / "d")).start()
+    try:
+        # one after the other: A fills the layer's cache, is released, then B mounts
+        d.mount(boot_a, mnt_a, f"registry:{registry.host}/idx/a:v1")
+        diffs = compare_trees(ref_a, mnt_a, check_nlink=True)
+        assert not diffs, "\n".join(diffs)
+        d.umount(mnt_a)
+        d.mount(boot_b, mnt_b, f"registry:{registry.host}/idx/b:v1")
+        diffs = compare_trees(ref_b, mnt_b, check_nlink=True)
+        assert not diffs, "\n".join(diffs)
+        # both at once (B's cache of the layer in use: A gets one of its own)
+        d.mount(boot_a, mnt_a, f"registry:{registry.host}/idx/a:v1")
+        for ref, mnt in ((ref_a, mnt_a), (ref_b, mnt_b)):
+            diffs = compare_trees(ref, mnt, check_nlink=True)
+            assert not diffs, "\n".join(diffs)
+        caches = os.listdir(os.path.join(d.cache_dir, "blobs"))
+        hexd = shared.split(":")[1]
+        assert f"{hexd}.blob" in caches and any(
+            n.startswith(hexd + "@") and n.endswith(".blob") for n in caches), caches
+        # a restart with both zran mounts: served again, each from its own cache
+        d.stop()
+        d.start()
+        for ref, mnt in ((ref_a, mnt_a), (ref_b, mnt_b)):
+            diffs = compare_trees(ref, mnt, check_nlink=True)
+            assert not diffs, "\n".join(diffs)
+    finally:
+        d.cleanup()
