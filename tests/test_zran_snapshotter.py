@@ -77,3 +77,36 @@ def test_zran_image_runs_lazily(registry, tmp_path):  # noqa: F811
                           "/bin/busybox", "sha256sum", "/data/big", ns=CRI_NS)
         assert out.split()[0].decode() == hashlib.sha256(big).hexdigest()
         assert daemon.metrics()["blobs"][big_layer]["bytes_fetched"] >= 4 << 20
+
+
+def test_source_image_after_its_zran_index_is_whole(registry, tmp_path):  # noqa: F811
+    """SRC pulled after its zran index DST, on the same snapshotter: DST's gzip layers
+    are committed as empty Nydus data-blob snapshots, so DST must not give them SRC's
+    chain IDs (diff_ids), or containerd takes those empty snapshots for SRC's unpacked
+    layers and SRC's containers run on an empty rootfs."""
+    require_containerd()
+    require_lazy_kernel()
+    import json
+    with separate_stack("snapzsrc-", registry) as st:
+        ctd = st.ctd
+        layers, _big = busybox_with_file(1 << 20)
+        image = OciImage(layers, ["/bin/sh"], gzipped=True)
+        image.push(registry.client(), "src/zboth", "1")
+        src = f"{registry.host}/src/zboth:1"
+        ref = f"{registry.host}/zran/zboth:1"
+        p = subprocess.run([sys.executable, "-m", "erofs_tools", "convert", "--oci-ref",
+                            "--insecure", src, ref, "--json"],
+                           capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr
+        c = registry.client()
+        src_ids = json.loads(c.get_blob("src/zboth", c.get_manifest(
+            "src/zboth", "1").json["config"]["digest"]))["rootfs"]["diff_ids"]
+        dst_ids = json.loads(c.get_blob("zran/zboth", c.get_manifest(
+            "zran/zboth", "1").json["config"]["digest"]))["rootfs"]["diff_ids"]
+        assert not set(src_ids) & set(dst_ids), (src_ids, dst_ids)
+        cri_pull(ctd.sock, ref)
+        assert ctd.run_out("--snapshotter", SNAPSHOTTER, ref, "zsrc1", "/bin/sh", "-c",
+                           SCRIPT, ns=CRI_NS) == EXPECTED
+        cri_pull(ctd.sock, src)
+        assert ctd.run_out("--snapshotter", SNAPSHOTTER, src, "zsrc2", "/bin/sh", "-c",
+                           SCRIPT, ns=CRI_NS) == EXPECTED
