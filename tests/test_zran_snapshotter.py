@@ -110,3 +110,48 @@ def test_source_image_after_its_zran_index_is_whole(registry, tmp_path):  # noqa
         cri_pull(ctd.sock, src)
         assert ctd.run_out("--snapshotter", SNAPSHOTTER, src, "zsrc2", "/bin/sh", "-c",
                            SCRIPT, ns=CRI_NS) == EXPECTED
+
+
+def _old_style_index(registry, dst_repo, src_repo):  # noqa: F811
+    """DST re-published with SRC's diff_ids (what convert --oci-ref wrote before its
+    gzip layers got their own digests as diff_ids): -> its reference."""
+    import json
+
+    from erofs_tools.registry import Descriptor, build_manifest
+    c = registry.client()
+    m = c.get_manifest(dst_repo, "1")
+    cfg = json.loads(c.get_blob(dst_repo, m.config().digest))
+    src_ids = json.loads(c.get_blob(src_repo, c.get_manifest(src_repo, "1").config().digest)
+                         )["rootfs"]["diff_ids"]
+    cfg["rootfs"]["diff_ids"][:len(src_ids)] = src_ids
+    data = json.dumps(cfg).encode()
+    d = "sha256:" + hashlib.sha256(data).hexdigest()
+    c.push_blob(dst_repo, data, digest=d)
+    old = build_manifest(Descriptor(m.config().media_type, d, len(data)), m.layers())
+    c.put_manifest(dst_repo, "old", old)
+    return f"{registry.host}/{dst_repo}:old"
+
+
+def test_image_on_empty_blob_layers_is_refused_not_run_empty(registry, tmp_path):  # noqa: F811
+    """An index converted the old way shares SRC's chain IDs; SRC pulled after it finds
+    its layers committed empty (Nydus data blobs). Its container is refused with the
+    cause named, not started on an empty rootfs."""
+    require_containerd()
+    require_lazy_kernel()
+    with separate_stack("snapzold-", registry) as st:
+        ctd = st.ctd
+        layers, _big = busybox_with_file(1 << 20)
+        OciImage(layers, ["/bin/sh"], gzipped=True).push(registry.client(), "src/zold", "1")
+        src = f"{registry.host}/src/zold:1"
+        p = subprocess.run([sys.executable, "-m", "erofs_tools", "convert", "--oci-ref",
+                            "--insecure", src, f"{registry.host}/zran/zold:1", "--json"],
+                           capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr
+        old = _old_style_index(registry, "zran/zold", "src/zold")
+        cri_pull(ctd.sock, old)
+        assert ctd.run_out("--snapshotter", SNAPSHOTTER, old, "zold1", "/bin/sh", "-c",
+                           SCRIPT, ns=CRI_NS) == EXPECTED
+        cri_pull(ctd.sock, src)
+        with pytest.raises(AssertionError, match="Nydus data-blob layer"):
+            ctd.run_out("--snapshotter", SNAPSHOTTER, src, "zold2", "/bin/sh", "-c",
+                        SCRIPT, ns=CRI_NS)
