@@ -88,3 +88,48 @@ def test_shared_layer_two_indexes_and_a_repeated_layer(tmp_path, registry):  # n
             assert not diffs, "\n".join(diffs)
     finally:
         d.cleanup()
+
+
+@pytest.mark.root
+@pytest.mark.registry
+def test_lazy_reads_through_a_cold_mirror_and_a_redirecting_registry(tmp_path,  # noqa: F811
+                                                                     registry):
+    """The daemon's zran range reads through a cold pull-through mirror (it answers
+    Range with 200 and the whole layer) and through a registry that redirects blob GETs
+    to object storage: every file equals the layers extracted in order by GNU tar."""
+    from registry_fixtures import StorageServer, start_registry
+    from test_daemon_support import DaemonProc, require_lazy_kernel
+
+    from erofs_tools.registry import push_from_layout
+    require_lazy_kernel()
+    l1, l2, l3 = zran_layers()
+    l3 = l3 + [E("unique-m", data=os.urandom(5000))]
+    tars, lay, _m = _image(tmp_path, "s", [l1, l2, l3])
+    ref = reference_rootfs(tars, str(tmp_path / "ref"))
+    os.makedirs(tmp_path / "redir" / "storage")
+    store = StorageServer(str(tmp_path / "redir" / "storage"))
+    redir = start_registry(str(tmp_path / "redir"), redirect_to=store.url)
+    mirror = start_registry(str(tmp_path / "mirror"),
+                            extra_config={"proxy": {"remoteurl": registry.url}})
+    d = None
+    try:
+        for reg in (registry, redir):
+            with reg.client() as c:
+                push_from_layout(lay, c, "src/m", "v1")
+            _convert(reg, "m", str(tmp_path / f"out-{reg.host}"), "0x10000", "64K")
+        d = DaemonProc(str(tmp_path / "d")).start()
+        for n, (host, out) in enumerate(((mirror.host, registry.host),
+                                         (redir.host, redir.host))):
+            mnt = str(tmp_path / f"mnt{n}")
+            d.mount(str(tmp_path / f"out-{out}" / "image.boot"), mnt,
+                    f"registry:{host}/idx/m:v1")
+            diffs = compare_trees(ref, mnt, check_nlink=True)
+            assert not diffs, "\n".join(diffs)
+        # the layers were read by range from the object storage
+        assert any(r[3] and "/data" in r[1] for r in store.requests), store.requests[:5]
+    finally:
+        if d is not None:
+            d.cleanup()
+        mirror.stop()
+        redir.stop()
+        store.stop()
