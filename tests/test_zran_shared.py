@@ -133,3 +133,60 @@ def test_lazy_reads_through_a_cold_mirror_and_a_redirecting_registry(tmp_path,  
         mirror.stop()
         redir.stop()
         store.stop()
+
+
+@pytest.mark.root
+@pytest.mark.registry
+def test_corrupt_meta_blob_is_an_error_never_wrong_bytes(tmp_path, registry):  # noqa: F811
+    """A zran meta blob whose stored bytes changed in the registry: the daemon checks it
+    against the bootstrap's blob_meta_digest; no file of that layer is served (EIO, or
+    the mount is refused naming the meta blob), the other layers' files are exact."""
+    import errno
+
+    from test_daemon_support import DaemonProc, require_lazy_kernel
+
+    from erofs_tools.registry import push_from_layout
+    require_lazy_kernel()
+    l1, l2, l3 = zran_layers()
+    l1 = l1 + [E("unique-c", data=os.urandom(5000))]
+    tars, lay, m = _image(tmp_path, "c", [l1, l2, l3])
+    with registry.client() as c:
+        push_from_layout(lay, c, "src/c", "v1")
+    r = _convert(registry, "c", str(tmp_path / "out"), "0x10000", "64K")
+    meta = r["layers"][0]["meta_blob"]
+    path = registry.blob_data_path("sha256:" + meta)
+    data = bytearray(open(path, "rb").read())
+    data[len(data) // 3] ^= 0x01
+    open(path, "wb").write(bytes(data))
+    ref = reference_rootfs(tars, str(tmp_path / "ref"))
+    d = DaemonProc(str(tmp_path / "d")).start()
+    try:
+        mnt = str(tmp_path / "mnt")
+        os.makedirs(mnt)
+        st, res = d.api.request("POST", "/api/v1/mounts", {
+            "bootstrap": str(tmp_path / "out" / "image.boot"), "mountpoint": mnt,
+            "backend": f"registry:{registry.host}/idx/c:v1"})
+        if st != 201:
+            assert meta[:12] in json.dumps(res) and "digest" in json.dumps(res), (st, res)
+            return
+        d.mounts.append(mnt)
+        eio = good = 0
+        for root, _dirs, files in os.walk(ref):
+            for f in files:
+                p = os.path.join(root, f)
+                if os.path.islink(p) or not os.path.isfile(p):
+                    continue
+                rel = os.path.relpath(p, ref)
+                want = open(p, "rb").read()
+                try:
+                    with open(os.path.join(mnt, rel), "rb") as fh:
+                        got = fh.read()
+                except OSError as e:
+                    assert e.errno == errno.EIO, (rel, e)
+                    eio += 1
+                    continue
+                assert got == want, rel
+                good += 1
+        assert eio >= 1 and good >= 1, (eio, good)
+    finally:
+        d.cleanup()
