@@ -28,8 +28,8 @@ def _convert(registry, repo, out, chunk, span):
                 "--chunk-size", chunk, "-o", out, "--json")
     r = json.loads(p.stdout)
     for x in r["layers"]:              # only image.boot stays local: meta blobs by backend
-        path = os.path.join(out, x["meta_blob"])
-        if os.path.exists(path):
+        path = os.path.join(out, x["meta_blob"] or "-")
+        if x["meta_blob"] and os.path.exists(path):
             os.unlink(path)
     return r
 
@@ -188,5 +188,35 @@ def test_corrupt_meta_blob_is_an_error_never_wrong_bytes(tmp_path, registry):  #
                 assert got == want, rel
                 good += 1
         assert eio >= 1 and good >= 1, (eio, good)
+    finally:
+        d.cleanup()
+
+
+@pytest.mark.root
+@pytest.mark.registry
+def test_layers_without_file_data(tmp_path, registry):  # noqa: F811
+    """Layers with no regular file data (an empty tar, as `docker build` wrote for
+    metadata-only steps; directories, links and empty files only) among data layers:
+    no meta blob for them, the image mounts lazily and reads back as GNU tar's."""
+    from test_daemon_support import DaemonProc, require_lazy_kernel
+
+    from erofs_tools.registry import push_from_layout
+    require_lazy_kernel()
+    l1, l2, _l3 = zran_layers()
+    l1 = l1 + [E("unique-e", data=os.urandom(3000))]
+    nodata = [E("etc", "dir"), E("etc/empty", data=b""), E("etc/ln", "symlink", link="x"),
+              E("fifo", "fifo")]
+    tars, lay, m = _image(tmp_path, "e", [l1, [], nodata, l2])
+    with registry.client() as c:
+        push_from_layout(lay, c, "src/e", "v1")
+    r = _convert(registry, "e", str(tmp_path / "out"), "0x10000", "64K")
+    assert [x["meta_blob"] is None for x in r["layers"]] == [False, True, True, False]
+    ref = reference_rootfs(tars, str(tmp_path / "ref"))
+    d = DaemonProc(str(tmp_path / "d")).start()
+    try:
+        mnt = str(tmp_path / "mnt")
+        d.mount(str(tmp_path / "out" / "image.boot"), mnt, f"registry:{registry.host}/idx/e:v1")
+        diffs = compare_trees(ref, mnt, check_nlink=True)
+        assert not diffs, "\n".join(diffs)
     finally:
         d.cleanup()
