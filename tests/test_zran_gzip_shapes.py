@@ -2,8 +2,8 @@
 --oci-ref` from the real docker-registry and read lazily through the fscache daemon
 (real fanotify mounts): members with FEXTRA, FNAME, FCOMMENT and FHCRC, a new member at
 every file's data start and every chunk boundary (so chunks start exactly at member
-starts and access points), zero-length members, trailing zeros, stored (level 0) blocks
-and level-9 streams whose blocks copy from the window right after an access point. Every
+starts and access points) and inside chunks (a chunk's data across two members),
+zero-length members, trailing zeros, stored (level 0) blocks and level-9 streams whose blocks copy from the window right after an access point. Every
 file reads back as the layers extracted in order by GNU tar; the daemon's C cold path
 (ern_cold_zran) and the local reader (check, unpack) both. A layer whose gzip CRC or ISIZE
 is wrong, or with bytes other than zeros after its last member, is refused by convert
@@ -50,13 +50,15 @@ def _member(data, level=6, fancy=False):
 
 
 def _cuts(tar):
-    """Every regular file's data start and each CHUNK boundary inside it."""
+    """Every regular file's data start, each CHUNK boundary inside it, and every
+    100,003 bytes."""
     cuts = set()
     with tarfile.open(fileobj=io.BytesIO(tar)) as tf:
         for m in tf.getmembers():
             if m.isfile():
                 cuts.update(m.offset_data + o for o in range(0, m.size + 1, CHUNK))
-    return sorted(c for c in cuts if 0 < c < len(tar))
+    cuts.update(range(100_003, len(tar), 100_003))      # and inside chunks: a chunk's
+    return sorted(c for c in cuts if 0 < c < len(tar))  # data across two members
 
 
 def _members_at_cuts(tar):
