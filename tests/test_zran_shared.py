@@ -220,3 +220,44 @@ def test_layers_without_file_data(tmp_path, registry):  # noqa: F811
         assert not diffs, "\n".join(diffs)
     finally:
         d.cleanup()
+
+
+@pytest.mark.root
+@pytest.mark.registry
+def test_cache_limit_evicts_zran_blobs_only_when_unused(tmp_path, registry):  # noqa: F811
+    """--cache-size below one zran image: its blobs in use are never evicted while it is
+    read (and read again: exact), and go once it is unmounted; the image mounted again
+    reads exact from the registry."""
+    import time
+
+    import helpers
+    from test_daemon_support import DaemonProc, require_lazy_kernel
+
+    from erofs_tools.registry import push_from_layout
+    require_lazy_kernel()
+    l1, l2, l3 = zran_layers()
+    l1 = l1 + [E("unique-l", data=os.urandom(5000))]
+    tars, lay, m = _image(tmp_path, "l", [l1, l2, l3])
+    with registry.client() as c:
+        push_from_layout(lay, c, "src/l", "v1")
+    _convert(registry, "l", str(tmp_path / "out"), "0x10000", "64K")
+    ref = reference_rootfs(tars, str(tmp_path / "ref"))
+    big = m.layers()[0].digest.split(":")[1]
+    d = DaemonProc(str(tmp_path / "d"), extra=("--cache-size", "1M")).start()
+    blobs = os.path.join(d.cache_dir, "blobs")
+    try:
+        mnt = str(tmp_path / "mnt")
+        for _round in range(2):
+            d.mount(str(tmp_path / "out" / "image.boot"), mnt,
+                    f"registry:{registry.host}/idx/l:v1")
+            diffs = compare_trees(ref, mnt, check_nlink=True)
+            assert not diffs, "\n".join(diffs)
+            time.sleep(2.5)                 # evictor rounds pass; the blob is in use
+            assert f"{big}.blob" in os.listdir(blobs)
+            diffs = compare_trees(ref, mnt, check_nlink=True)
+            assert not diffs, "\n".join(diffs)
+            d.umount(mnt)
+            helpers.wait_until(lambda: f"{big}.blob" not in os.listdir(blobs), 60,
+                               "the zran blob evicted once unmounted")
+    finally:
+        d.cleanup()
