@@ -36,10 +36,15 @@ def _text(n, seed):
     return bytes(out[:n])
 
 
-def _member(data, level=6, fancy=False):
-    """One gzip member; fancy: FEXTRA, FNAME, FCOMMENT and FHCRC in its header."""
+def _member(data, level=6, fancy=False, block_every=0):
+    """One gzip member; fancy: FEXTRA, FNAME, FCOMMENT and FHCRC in its header;
+    block_every: a deflate block ends every that many input bytes (Z_BLOCK: the window
+    is kept, so the next block may copy from before the boundary)."""
     c = zlib.compressobj(level, zlib.DEFLATED, -15)
-    body = c.compress(data) + c.flush()
+    step = block_every or len(data) or 1
+    body = b"".join(c.compress(data[i:i + step]) + (c.flush(zlib.Z_BLOCK) if block_every
+                                                    else b"")
+                    for i in range(0, len(data), step)) + c.flush()
     flags = 2 | 4 | 8 | 16 if fancy else 0
     h = bytearray(b"\x1f\x8b\x08" + bytes([flags]) + bytes(4) + b"\x00\xff")
     if fancy:
@@ -77,11 +82,13 @@ def _layers():
           E("link", "hardlink", link="dir/text"), E("small", data=b"small\n")]
     l2 = [E("rnd", data=random.Random(2).randbytes(300_000)),     # stored blocks
           E("dir/.wh.exact", "file"), E("dir", "dir"), E("more", data=_text(400_000, 3))]
-    l3 = [E("rep", data=(_text(40_000, 4) * 30)),                 # far window copies
+    # random 30,000-byte block repeated: after every access point the output is copies
+    # from up to 30,000 bytes back, nearly the whole window
+    l3 = [E("rep", data=random.Random(4).randbytes(30_000) * 40),
           E("small", data=b"replaced\n")]
     t1, t2, t3 = (make_tar(x) for x in (l1, l2, l3))
     gz = [_members_at_cuts(t1), _member(t2, level=0) + _member(t2[:0]),
-          _member(t3, level=9, fancy=True)]
+          _member(t3, level=9, fancy=True, block_every=50_001)]
     return [t1, t2, t3], gz
 
 
@@ -116,6 +123,14 @@ def test_shapes_are_what_they_claim():
         assert gzip.decompress(g[:-700] if g.endswith(bytes(700)) else g) == t
     assert gzs[0].count(b"\x1f\x8b\x08\x1e") > 10 and gzs[0].endswith(bytes(700))
     assert len(_cuts(tars[0])) > 20
+    # layer 3: access points inside the repeated block (not byte-aligned), windows used
+    from erofs_tools._native_zran import ZranIndexer
+    ix = ZranIndexer(64 << 10)
+    for _piece in ix.feed(gzs[2]):
+        pass
+    ix.finish()
+    inner = [p for p in ix.points if 0 < p.out_offset < len(tars[2]) - (64 << 10)]
+    assert len(inner) >= 8 and any(p.bits for p in inner), inner
 
 
 @pytest.mark.root
