@@ -261,3 +261,31 @@ def test_cache_limit_evicts_zran_blobs_only_when_unused(tmp_path, registry):  # 
                                "the zran blob evicted once unmounted")
     finally:
         d.cleanup()
+
+
+@pytest.mark.registry
+def test_layer_digest_mismatch_after_a_whole_read_publishes_nothing(tmp_path,  # noqa: F811
+                                                                     registry):
+    """The registry serves other bytes for a layer: a valid gzip of the same tar and
+    size (only the header's MTIME differs), so indexing succeeds to the end and only
+    the digest check can tell. convert fails naming the layer; DST gets no manifest."""
+    from erofs_tools.errors import RegistryError
+    from erofs_tools.registry import push_from_layout
+    l1, l2, _l3 = zran_layers()
+    tars, lay, m = _image(tmp_path, "g", [l1, l2])
+    with registry.client() as c:
+        push_from_layout(lay, c, "src/g", "v1")
+    path = registry.blob_data_path(m.layers()[1].digest)
+    data = bytearray(open(path, "rb").read())
+    assert data[:3] == b"\x1f\x8b\x08"
+    data[4:8] = b"\x01\x02\x03\x04"                  # MTIME: same tar, same size
+    open(path, "wb").write(bytes(data))
+    p = run_cli("convert", "--oci-ref", f"{registry.host}/src/g:v1",
+                f"{registry.host}/idx/g:v1", "--insecure", "--zran-span", "64K",
+                check=False)
+    last = p.stderr.splitlines()[-1]
+    assert p.returncode == 1 and last.startswith(b"error: "), p.stderr
+    assert m.layers()[1].digest.encode() in last and b"digest" in last, p.stderr
+    with registry.client() as c:
+        with pytest.raises(RegistryError):
+            c.get_manifest("idx/g", "v1")
