@@ -437,9 +437,14 @@ def test_nydus_blob_layer_is_committed_without_download(tmp_path):
         (second,) = c.walk(f'labels."containerd.io/snapshot.ref"=={target2},'
                            f'parent=="{found.name}"')
         assert second.parent == found.name
-        # a container on a chain without a bootstrap is a plain overlay of empty layers
-        (m,) = c.prepare("plain", second.name)
-        assert m.type == "overlay"
+        # a container (or plain layer) on a chain of blob layers without a bootstrap
+        # would be an overlay of empty layers: an image sharing a Nydus image's chain
+        # IDs, never unpacked (docs/zran.md, diff_ids). Refused, naming why
+        with pytest.raises(grpc.RpcError) as ei:
+            c.prepare("plain", second.name)
+        assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "Nydus data-blob layer" in ei.value.details()
+        assert code_of(c.stat, "plain") == grpc.StatusCode.NOT_FOUND
         # the bootstrap layer needs the image reference to find the blobs later
         boot = {"containerd.io/snapshot/nydus-bootstrap": "true"}
         assert code_of(c.prepare, "boot", second.name, boot) == \

@@ -77,3 +77,81 @@ def test_zran_image_runs_lazily(registry, tmp_path):  # noqa: F811
                           "/bin/busybox", "sha256sum", "/data/big", ns=CRI_NS)
         assert out.split()[0].decode() == hashlib.sha256(big).hexdigest()
         assert daemon.metrics()["blobs"][big_layer]["bytes_fetched"] >= 4 << 20
+
+
+def test_source_image_after_its_zran_index_is_whole(registry, tmp_path):  # noqa: F811
+    """SRC pulled after its zran index DST, on the same snapshotter: DST's gzip layers
+    are committed as empty Nydus data-blob snapshots, so DST must not give them SRC's
+    chain IDs (diff_ids), or containerd takes those empty snapshots for SRC's unpacked
+    layers and SRC's containers run on an empty rootfs."""
+    require_containerd()
+    require_lazy_kernel()
+    import json
+    with separate_stack("snapzsrc-", registry) as st:
+        ctd = st.ctd
+        layers, _big = busybox_with_file(1 << 20)
+        image = OciImage(layers, ["/bin/sh"], gzipped=True)
+        image.push(registry.client(), "src/zboth", "1")
+        src = f"{registry.host}/src/zboth:1"
+        ref = f"{registry.host}/zran/zboth:1"
+        p = subprocess.run([sys.executable, "-m", "erofs_tools", "convert", "--oci-ref",
+                            "--insecure", src, ref, "--json"],
+                           capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr
+        c = registry.client()
+        src_ids = json.loads(c.get_blob("src/zboth", c.get_manifest(
+            "src/zboth", "1").json["config"]["digest"]))["rootfs"]["diff_ids"]
+        dst_ids = json.loads(c.get_blob("zran/zboth", c.get_manifest(
+            "zran/zboth", "1").json["config"]["digest"]))["rootfs"]["diff_ids"]
+        assert not set(src_ids) & set(dst_ids), (src_ids, dst_ids)
+        cri_pull(ctd.sock, ref)
+        assert ctd.run_out("--snapshotter", SNAPSHOTTER, ref, "zsrc1", "/bin/sh", "-c",
+                           SCRIPT, ns=CRI_NS) == EXPECTED
+        cri_pull(ctd.sock, src)
+        assert ctd.run_out("--snapshotter", SNAPSHOTTER, src, "zsrc2", "/bin/sh", "-c",
+                           SCRIPT, ns=CRI_NS) == EXPECTED
+
+
+def _old_style_index(registry, dst_repo, src_repo):  # noqa: F811
+    """DST re-published with SRC's diff_ids (what convert --oci-ref wrote before its
+    gzip layers got their own digests as diff_ids): -> its reference."""
+    import json
+
+    from erofs_tools.registry import Descriptor, build_manifest
+    c = registry.client()
+    m = c.get_manifest(dst_repo, "1")
+    cfg = json.loads(c.get_blob(dst_repo, m.config().digest))
+    src_ids = json.loads(c.get_blob(src_repo, c.get_manifest(src_repo, "1").config().digest)
+                         )["rootfs"]["diff_ids"]
+    cfg["rootfs"]["diff_ids"][:len(src_ids)] = src_ids
+    data = json.dumps(cfg).encode()
+    d = "sha256:" + hashlib.sha256(data).hexdigest()
+    c.push_blob(dst_repo, data, digest=d)
+    old = build_manifest(Descriptor(m.config().media_type, d, len(data)), m.layers())
+    c.put_manifest(dst_repo, "old", old)
+    return f"{registry.host}/{dst_repo}:old"
+
+
+def test_image_on_empty_blob_layers_is_refused_not_run_empty(registry, tmp_path):  # noqa: F811
+    """An index converted the old way shares SRC's chain IDs; SRC pulled after it finds
+    its layers committed empty (Nydus data blobs). Its container is refused with the
+    cause named, not started on an empty rootfs."""
+    require_containerd()
+    require_lazy_kernel()
+    with separate_stack("snapzold-", registry) as st:
+        ctd = st.ctd
+        layers, _big = busybox_with_file(1 << 20)
+        OciImage(layers, ["/bin/sh"], gzipped=True).push(registry.client(), "src/zold", "1")
+        src = f"{registry.host}/src/zold:1"
+        p = subprocess.run([sys.executable, "-m", "erofs_tools", "convert", "--oci-ref",
+                            "--insecure", src, f"{registry.host}/zran/zold:1", "--json"],
+                           capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr
+        old = _old_style_index(registry, "zran/zold", "src/zold")
+        cri_pull(ctd.sock, old)
+        assert ctd.run_out("--snapshotter", SNAPSHOTTER, old, "zold1", "/bin/sh", "-c",
+                           SCRIPT, ns=CRI_NS) == EXPECTED
+        cri_pull(ctd.sock, src)
+        with pytest.raises(AssertionError, match="Nydus data-blob layer"):
+            ctd.run_out("--snapshotter", SNAPSHOTTER, src, "zold2", "/bin/sh", "-c",
+                        SCRIPT, ns=CRI_NS)

@@ -100,7 +100,11 @@ def _run(src: SourceImage, dest: Destination, tmp: str, t0: float, chunk_size: i
                                  {mt.ANNOTATION_NYDUS_BLOB: "true", ANNOTATION_ZRAN_META: "true"})
                   for p in metas]
     boot_gz, boot_diff = bootstrap_layer(merged)
-    diff_ids = _source_diff_ids(src) + [d.digest for d in meta_descs]
+    # the gzip layers' diff_ids are their own digests, as any Nydus data blob's, not
+    # SRC's uncompressed digests: containerd commits them as empty data-blob snapshots
+    # under the chain IDs the diff_ids make, and with SRC's it took those empty
+    # snapshots for SRC's unpacked layers (SRC pulled after DST ran on an empty rootfs)
+    diff_ids = [d.digest for d in src.layers] + [d.digest for d in meta_descs]
     cfg = nydus_config(src.config, diff_ids, boot_diff, src.platform)
     cfg_desc = dest.push_blob(cfg, "sha256:" + hashlib.sha256(cfg).hexdigest(), mt.OCI_CONFIG)
     boot_desc = dest.push_blob(boot_gz, "sha256:" + hashlib.sha256(boot_gz).hexdigest(),
@@ -129,16 +133,3 @@ def _run(src: SourceImage, dest: Destination, tmp: str, t0: float, chunk_size: i
                                    output_dir)
     return res
 
-
-def _source_diff_ids(src: SourceImage) -> list[str]:
-    """The source config's diff_ids (the gzip layers' uncompressed digests)."""
-    import json
-    try:
-        cfg = json.loads(src.config)
-        ids = cfg["rootfs"]["diff_ids"]
-        if isinstance(ids, list) and len(ids) == len(src.layers) and \
-                all(isinstance(x, str) for x in ids):
-            return list(ids)
-    except (ValueError, KeyError, TypeError):
-        pass
-    raise InputError(f"{src.ref}: config has no diff_ids for its {len(src.layers)} layers")

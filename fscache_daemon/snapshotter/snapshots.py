@@ -36,6 +36,8 @@ from fscache_daemon.snapshotter.store import Info, Kind, MetaStore, Snapshot
 log = logging.getLogger(__name__)
 
 DB_NAME = "metadata.db"
+# the name a Nydus data-blob layer is committed under (empty: _commit_remote_blob)
+BLOB_SNAPSHOT_PREFIX = "nydus-blob "
 
 
 class Snapshotter:
@@ -96,7 +98,7 @@ class Snapshotter:
         containerd neither downloads nor applies it. containerd then finds it by Walk
         with the target-ref label and the parent."""
         target = labels[nydus.TARGET_LABEL]
-        name = f"nydus-blob {key}"
+        name = f"{BLOB_SNAPSHOT_PREFIX}{key}"
         snap = self.store.create(Kind.COMMITTED, name, parent, labels, self.layout.make)
         log.info("snapshot %s: nydus blob layer %s committed as %r, not downloaded",
                  snap.id, labels.get(nydus.LAYER_LABEL, target), name)
@@ -257,8 +259,30 @@ class Snapshotter:
     def _mounts(self, snap: Snapshot) -> list[Mount]:
         lazy = self._lazy_lower(snap)
         if lazy is None:
+            self._refuse_bare_blobs(snap)
             return overlay.mounts(self.layout, snap)
         return overlay.mounts(self.layout, snap, *lazy)
+
+    def _refuse_bare_blobs(self, snap: Snapshot) -> None:
+        """A snapshot on Nydus data-blob layers with no bootstrap layer above them has
+        nothing under it: those layers are committed empty (their bytes come through the
+        bootstrap's lazy mount). It is an image whose chain IDs are a Nydus image's,
+        e.g. the source of a zran index converted with the source's diff_ids (before
+        docs/zran.md's diff_ids): its layers were never unpacked, and an overlay of empty
+        directories would run its containers on an empty rootfs. Refused, naming why."""
+        if self.store.extra(snap.id).get("nydus") == "bootstrap":
+            return          # the bootstrap layer itself, being applied
+        for pid in snap.parent_ids:
+            if self.store.extra(pid).get("nydus") == "bootstrap":
+                return
+            name = self.store.name_of(pid)
+            if name.startswith(BLOB_SNAPSHOT_PREFIX):
+                raise SnapshotInvalidError(
+                    f"snapshot {self.store.name_of(snap.id)!r}: its parent {name!r} is a "
+                    "Nydus data-blob layer, committed empty for a Nydus image, with no "
+                    "bootstrap layer above it: this image shares that image's chain IDs "
+                    "(diff_ids) and its layers were never unpacked; remove the Nydus image "
+                    "(or convert it again) and pull this one again")
 
     def prepare(self, key: str, parent: str, labels: dict[str, str]) -> list[Mount]:
         return self._create(Kind.ACTIVE, key, parent, labels)
