@@ -184,6 +184,9 @@ struct erofs_walk_opts {
                                 * (mkfs.erofs --ovlfs-strip=1) */
     int64_t force_uid;         /* -1: the file's own */
     int64_t force_gid;
+    uint32_t uid_offset;       /* added to every uid (after force_uid), as mkfs.erofs
+                                * --uid-offset; a sum past 2^32-1 is an error */
+    uint32_t gid_offset;
     int32_t list_files;        /* 1: regular files (of every size) are listed for the
                                 * caller (erofs_walk_files), not given file data */
 };

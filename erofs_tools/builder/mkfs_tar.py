@@ -42,7 +42,7 @@ from erofs_tools.builder.mkfs import build_options
 from erofs_tools.builder.options import MkfsOptions, Progress
 from erofs_tools.builder.tar_reader import DEFAULT_MAX_SIZE, ReadStream, TarReader, _show
 from erofs_tools.builder.tar_stream import _Gunzip, _Peek, _Prefetch, detect_type
-from erofs_tools.builder.tar_tree import TarTree
+from erofs_tools.builder.tar_tree import TarTree, TNode
 from erofs_tools.errors import InputError
 from erofs_tools.format import erofs as E
 from erofs_tools.fsutil import atomic_output, create_exclusive
@@ -372,8 +372,9 @@ def _build(image: str, tree: TarTree, files: list[int | _Data], data_path: str,
         try:
             if not index:
                 nb.set_output(fd)
-            if force_uid is not None or force_gid is not None:
-                _force_ids(tree, force_uid, force_gid)
+            if (force_uid is not None or force_gid is not None or opts.uid_offset
+                    or opts.gid_offset):
+                _force_ids(tree, force_uid, force_gid, opts.uid_offset, opts.gid_offset)
             _, keys, _ = tree.emit(nb)
             path = os.fsencode(data_path)
             for key in sorted(keys):          # archive order: the tar is read forward
@@ -405,11 +406,15 @@ def _build(image: str, tree: TarTree, files: list[int | _Data], data_path: str,
     return info, nb.options.uuid
 
 
-def _force_ids(tree: TarTree, uid: int | None, gid: int | None) -> None:
-    stack = [tree.root]
+def _force_ids(tree: TarTree, uid: int | None, gid: int | None, uid_offset: int = 0,
+               gid_offset: int = 0) -> None:
+    """--force-uid/--force-gid/--all-root, then the offsets, as mkfs.erofs: added to the
+    archive's entries, not to the root and parents the archive leaves implied (mkfs.erofs
+    gives those the builder's own uid/gid, or its parent's)."""
+    stack: list[tuple[TNode, bytes]] = [(tree.root, b".")]
     seen = set()
     while stack:
-        n = stack.pop()
+        n, name = stack.pop()
         if id(n) in seen:
             continue
         seen.add(id(n))
@@ -417,5 +422,11 @@ def _force_ids(tree: TarTree, uid: int | None, gid: int | None) -> None:
             n.uid = uid
         if gid is not None:
             n.gid = gid
+        if not n.implied:
+            n.uid += uid_offset
+            n.gid += gid_offset
+            if n.uid >= 1 << 32 or n.gid >= 1 << 32:
+                what, v = ("uid", n.uid) if n.uid >= 1 << 32 else ("gid", n.gid)
+                raise InputError(f"{_show(name)}: {what} overflows with the offset ({v})")
         if n.children is not None:
-            stack.extend(n.children.values())
+            stack.extend((c, k) for k, c in n.children.items())

@@ -71,6 +71,8 @@ class MkfsOptions:
     all_root: bool = False            # uid = gid = 0 everywhere
     force_uid: int | None = None
     force_gid: int | None = None
+    uid_offset: int = 0               # --uid-offset: added to every uid (after force_uid)
+    gid_offset: int = 0               # --gid-offset
     exclude_paths: list[bytes] = field(default_factory=list)   # relative paths (bytes), exact
     exclude_regex: list[re.Pattern[bytes]] = field(default_factory=list)   # compiled bytes regexes, re.search
     shared_xattrs: bool = True        # xattrs carried by >= 2 inodes go to the shared area
@@ -305,6 +307,19 @@ def parse_timestamp(text: object, what: str = "-T") -> int:
         raise InputError(f"{what}: not an integer UNIX timestamp: {text!r}") from None
     if not 0 <= v < 1 << 63:
         raise InputError(f"{what}: timestamp out of range: {text!r}")
+    return v
+
+
+def parse_id_offset(text: str, what: str) -> int:
+    """--uid-offset/--gid-offset N: as mkfs.erofs reads it (strtoul, base 0: 0x hex, a
+    leading 0 octal), 0 .. 2^32-1."""
+    m = re.fullmatch(r"0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*", text.strip())
+    if m is None:
+        raise InputError(f"{what}: invalid offset {text!r}")
+    digits = m.group(0)
+    v = int(digits, 16 if digits[:2] in ("0x", "0X") else 8 if digits[0] == "0" else 10)
+    if v >= 1 << 32:
+        raise InputError(f"{what}: offset {text} is larger than 2^32-1")
     return v
 
 

@@ -70,6 +70,8 @@ class TreeWalker:
         self.whiteouts = options.whiteouts
         self.force_uid = 0 if options.all_root else options.force_uid
         self.force_gid = 0 if options.all_root else options.force_gid
+        self.uid_offset = options.uid_offset
+        self.gid_offset = options.gid_offset
         self.excl_paths = set(options.exclude_paths)
         self.excl_regex = list(options.exclude_regex)
         self.hints = list(options.compress_hints) if options.compress else []
@@ -98,8 +100,12 @@ class TreeWalker:
         b = self.b
         mode = st.st_mode
         fmt = mode & _S_IFMT
-        uid = st.st_uid if self.force_uid is None else self.force_uid
-        gid = st.st_gid if self.force_gid is None else self.force_gid
+        uid = (st.st_uid if self.force_uid is None else self.force_uid) + self.uid_offset
+        gid = (st.st_gid if self.force_gid is None else self.force_gid) + self.gid_offset
+        if uid >= 1 << 32 or gid >= 1 << 32:
+            # mkfs.erofs reports it and goes on with the wrapped id: an error here
+            what, v = ("uid", uid) if uid >= 1 << 32 else ("gid", gid)
+            raise InputError(f"{shown_path(path)}: {what} overflows with the offset ({v})")
         sec, nsec = divmod(st.st_mtime_ns, 1_000_000_000)
         if self.mtimes is not None:
             sec, nsec = self.mtimes.apply(sec, nsec)
@@ -188,7 +194,8 @@ class TreeWalker:
             return native_walk(self.b, src, fixed_mtime=self.fixed_mtime,
                                force_uid=self.force_uid, force_gid=self.force_gid,
                                on_entry=counted, clamp_mtime=self.clamp_mtime,
-                               whiteouts=self.whiteouts)
+                               whiteouts=self.whiteouts, uid_offset=self.uid_offset,
+                               gid_offset=self.gid_offset)
         try:
             st = os.lstat(src)
         except OSError as e:

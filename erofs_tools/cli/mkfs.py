@@ -13,6 +13,7 @@ from erofs_tools.builder.options import (
     parse_exclude_path,
     parse_exclude_regex,
     parse_extended,
+    parse_id_offset,
     parse_inode_digest,
     parse_label,
     parse_timestamp,
@@ -51,6 +52,10 @@ from erofs_tools.errors import InputError
 @click.option("--all-root", is_flag=True, help="Make all files owned by root (uid/gid 0).")
 @click.option("--force-uid", type=click.IntRange(0, 2**32 - 1), help="Set every uid to this.")
 @click.option("--force-gid", type=click.IntRange(0, 2**32 - 1), help="Set every gid to this.")
+@click.option("--uid-offset", metavar="N",
+              help="Add N to every uid (after --force-uid/--all-root), as mkfs.erofs.")
+@click.option("--gid-offset", metavar="N",
+              help="Add N to every gid (after --force-gid/--all-root).")
 @click.option("--exclude-path", multiple=True, metavar="PATH",
               help="Skip this path (relative to SOURCE) and what is below it; repeatable.")
 @click.option("--exclude-regex", multiple=True, metavar="REGEX",
@@ -83,7 +88,7 @@ from erofs_tools.errors import InputError
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 def mkfs(image, source, timestamp, all_time, ovlfs_strip, block_size, uuid_text, label,
          all_root,
-         force_uid, force_gid, exclude_path, exclude_regex, no_shared_xattrs, compress,
+         force_uid, force_gid, uid_offset, gid_offset, exclude_path, exclude_regex, no_shared_xattrs, compress,
          pcluster, extended, hints, digest_flag, digest_name, workers, quiet, as_json,
          tar_mode, aufs, ungzip, ungzip_dump, sort_order, max_size):
     """Build an EROFS image IMAGE of the directory SOURCE (4 KiB blocks), or with --tar
@@ -110,6 +115,8 @@ def mkfs(image, source, timestamp, all_time, ovlfs_strip, block_size, uuid_text,
         all_root=all_root,
         force_uid=force_uid,
         force_gid=force_gid,
+        uid_offset=parse_id_offset(uid_offset, "--uid-offset") if uid_offset else 0,
+        gid_offset=parse_id_offset(gid_offset, "--gid-offset") if gid_offset else 0,
         exclude_paths=[parse_exclude_path(p) for p in exclude_path],
         exclude_regex=[parse_exclude_regex(r) for r in exclude_regex],
         shared_xattrs=not no_shared_xattrs,

@@ -1,0 +1,161 @@
+"""More mkfs.erofs 1.9 flags taken by `erofs-tools mkfs` with mkfs.erofs's meaning:
+--uid-offset/--gid-offset (after --force-uid/--force-gid/--all-root), --ignore-mtime /
+--preserve-mtime, --hard-dereference, --mount-point, -x, -d. Each image mounts with
+the host kernel and compares with its source (as the flag changes it) and with
+mkfs.erofs 1.9.4's image of the same tree, through the C walk (csrc/walk.c), the Python
+walk (an exclude takes it) and --tar=f where mkfs.erofs applies the flag there; bad
+values are one `error:` line, exit 1, nothing written."""
+import os
+import subprocess
+import tarfile
+
+import pytest
+from helpers import (
+    assert_same_tree,
+    fsck,
+    is_root,
+    mounted,
+    require,
+    require_root_kernel,
+    require_tool,
+    run_mkfs,
+    scan_tree,
+    text,
+)
+
+pytestmark = pytest.mark.root
+
+T = 1_600_000_000
+# the walks: csrc/walk.c; TreeWalker's own loop (an exclude of nothing takes it); a tar
+WALKS = ["c", "python", "tar"]
+
+
+@pytest.fixture
+def root_kernel():
+    require(is_root(), "needs root (mount, chown)")
+    require_root_kernel()
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    """Owners above 65535 and below, hardlinks, mtimes other than T, xattrs."""
+    require(is_root(), "needs root (chown)")
+    root = tmp_path_factory.mktemp("flags19") / "src"
+    (root / "d" / "e").mkdir(parents=True)
+    for i, name in enumerate(["a", "b", "d/c", "d/e/f"]):
+        (root / name).write_bytes(text(100 + i * 9000, i))
+    os.link(root / "a", root / "d" / "a-link")
+    os.link(root / "a", root / "d" / "e" / "a-link2")
+    os.symlink("a", root / "sym")
+    os.chown(root / "b", 1000, 2000)
+    os.chown(root / "d", 70000, 80000)
+    os.lchown(root / "sym", 5, 6)
+    for name, value in (("a", b"1"), ("b", b"1"), ("d/c", b"1"), ("d", b"2")):
+        os.setxattr(root / name, "user.x", value)
+    os.setxattr(root / "d/e/f", "user.only", b"once")
+    for i, name in enumerate(["a", "b", "d/c", "d/e/f", "d/e", "d", "."]):
+        os.utime(root / name, ns=((T + i * 3) * 10**9 + 5,) * 2)
+    os.utime(root / "sym", ns=(T * 10**9,) * 2, follow_symlinks=False)
+    return root
+
+
+def walk_args(walk):
+    return ["--exclude-path", "no-such-path"] if walk == "python" else []
+
+
+def build(tmp_path, name, tree, walk, *args):
+    """Our image of `tree` through `walk` with these flags; -> path."""
+    img = tmp_path / f"{name}-{walk}.img"
+    if walk == "tar":
+        layer = tmp_path / "layer.tar"
+        if not layer.exists():
+            with tarfile.open(layer, "w", format=tarfile.PAX_FORMAT) as t:
+                t.add(tree, arcname=".")
+        run_mkfs(img, layer, "--tar=f", "-U", "clear", *map(str, args))
+    else:
+        run_mkfs(img, tree, "-U", "clear", *walk_args(walk), *map(str, args))
+    fsck(img)
+    return img
+
+
+def reference(tmp_path, name, tree, *args, tar=False):
+    """mkfs.erofs 1.9.4's image of the same source with the same flags."""
+    require_tool("mkfs.erofs")
+    img = tmp_path / f"{name}-ref.img"
+    src = tree
+    if tar:
+        src = tmp_path / "layer.tar"
+        args = ("--tar=f", *args)
+    p = subprocess.run(["mkfs.erofs", "--quiet", "-U", "clear", *map(str, args),
+                        os.fspath(img), os.fspath(src)], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    return img
+
+
+def owners(mnt):
+    return {rel: (r["uid"], r["gid"]) for rel, r in scan_tree(mnt, content=False).items()}
+
+
+def shifted(tree, du, dg, force_uid=None, force_gid=None):
+    return {rel: ((r["uid"] if force_uid is None else force_uid) + du,
+                  (r["gid"] if force_gid is None else force_gid) + dg)
+            for rel, r in scan_tree(tree, content=False).items()}
+
+
+@pytest.mark.parametrize("walk", WALKS)
+def test_id_offsets(root_kernel, tree, tmp_path, walk):
+    """--uid-offset/--gid-offset add to every owner; after --force-uid/--force-gid and
+    --all-root (mkfs.erofs's order), and the same owners as mkfs.erofs gives."""
+    cases = [
+        (["--uid-offset", "100000", "--gid-offset=0x10"], shifted(tree, 100000, 16)),
+        (["--force-uid", "5", "--uid-offset", "10", "--gid-offset", "010"],
+         shifted(tree, 10, 8, force_uid=5)),
+        (["--all-root", "--gid-offset", "7"], shifted(tree, 0, 7, 0, 0)),
+    ]
+    for k, (args, want) in enumerate(cases):
+        img = build(tmp_path, f"o{k}", tree, walk, *args)
+        ref = reference(tmp_path, f"o{k}", tree, *args, tar=walk == "tar")
+        with mounted(img) as mnt, mounted(ref) as rmnt:
+            # (Python's tar writer keeps no xattrs)
+            assert_same_tree(tree, mnt, ignore={"uid", "gid", "mtime_ns"} |
+                             ({"xattr"} if walk == "tar" else set()))
+            got = owners(mnt)
+            assert got == want       # (the tar's root is its "." entry: offset too)
+            assert got == owners(rmnt)
+
+
+@pytest.mark.parametrize("walk", WALKS)
+def test_id_offset_overflow_is_an_error(root_kernel, tree, tmp_path, walk):
+    """An owner past 2^32-1 with the offset: mkfs.erofs reports it and writes the
+    wrapped id (another owner); here one error line, nothing written."""
+    out = tmp_path / "out"
+    out.mkdir()
+    img = out / "x.img"
+    if walk == "tar":
+        layer = tmp_path / "l.tar"
+        with tarfile.open(layer, "w", format=tarfile.PAX_FORMAT) as t:
+            t.add(tree, arcname=".")
+        p = run_mkfs(img, layer, "--tar=f", "--gid-offset", str(2**32 - 80000), check=False)
+    else:
+        p = run_mkfs(img, tree, *walk_args(walk), "--gid-offset", str(2**32 - 80000),
+                     check=False)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 1 and len(lines) == 1, p
+    assert lines[0].startswith("error:") and "gid overflows with the offset" in lines[0]
+    assert "d" in lines[0]
+    assert os.listdir(out) == []
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--uid-offset", "-1"], "--uid-offset: invalid offset '-1'"),
+    (["--gid-offset", "12x"], "--gid-offset: invalid offset '12x'"),
+    (["--uid-offset", "0x100000000"], "larger than 2^32-1"),
+])
+def test_bad_values(tree, tmp_path, args, msg):
+    out = tmp_path / "out"
+    out.mkdir()
+    p = run_mkfs(out / "bad.img", tree, *args, check=False)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 1 and len(lines) == 1, p
+    assert lines[0].startswith("error:") and msg in lines[0], p.stderr
+    assert os.listdir(out) == []
