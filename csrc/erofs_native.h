@@ -55,6 +55,9 @@ struct erofs_opts {
     int32_t xattr_filter;      /* 1: xattr name filters in the inodes' xattr headers (as
                                   mkfs.erofs 1.9 writes them; Nydus's bootstraps have none) */
     int32_t force_extended;    /* 1: every inode extended (64 bytes) */
+    int32_t ignore_mtime;      /* 1: an inode that would be extended only for its mtime
+                                  is compact, its mtime the build time (mkfs.erofs
+                                  --ignore-mtime) */
     int32_t auto_build_time;   /* 1: build_time = most common (mtime, nsec) of the tree */
     int64_t build_time;
     uint32_t build_time_nsec;

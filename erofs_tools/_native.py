@@ -87,6 +87,8 @@ class BuildOptions:
     inline_data: bool = True
     xattr_filter: bool = False     # xattr name filters (mkfs, as mkfs.erofs 1.9; not pack)
     force_extended: bool = False
+    ignore_mtime: bool = False     # inodes extended only for their mtime: compact, at the
+                                   # build time (mkfs.erofs --ignore-mtime)
     build_time: int | None = None  # None: most common (mtime, nsec) of the tree
     build_time_nsec: int = 0
     uuid: bytes = bytes(E.UUID_SIZE)
@@ -132,6 +134,7 @@ class BuildOptions:
         o.inline_data = int(self.inline_data)
         o.xattr_filter = int(self.xattr_filter)
         o.force_extended = int(self.force_extended)
+        o.ignore_mtime = int(self.ignore_mtime)
         o.auto_build_time = int(self.build_time is None)
         o.build_time = self.build_time or 0
         o.build_time_nsec = self.build_time_nsec

@@ -159,3 +159,86 @@ def test_bad_values(tree, tmp_path, args, msg):
     assert p.returncode == 1 and len(lines) == 1, p
     assert lines[0].startswith("error:") and msg in lines[0], p.stderr
     assert os.listdir(out) == []
+
+
+def mtimes(mnt):
+    return {rel: r["mtime_ns"] for rel, r in scan_tree(mnt, content=False).items()}
+
+
+def inode_versions(img):
+    """{path: 0 compact / 1 extended} of an image, by our reader."""
+    from erofs_tools.reader.image import Image
+    with Image(os.fspath(img)) as im:
+        return {os.fsdecode(p): ino.version for p, _, ino in im.walk()}
+
+
+@pytest.mark.parametrize("walk", WALKS)
+def test_ignore_mtime(root_kernel, tree, tmp_path, walk):
+    """--ignore-mtime: an inode extended only for its mtime is compact, its mtime the
+    build time (-T with --mkfs-time, or SOURCE_DATE_EPOCH after clamping); an inode
+    extended anyway (d: uid 70000) keeps its own. The mtimes mkfs.erofs 1.9.4 gives;
+    --preserve-mtime (the default) after it keeps every mtime."""
+    bt = T + 1
+    img = build(tmp_path, "im", tree, walk, "-T", bt, "--mkfs-time", "--ignore-mtime")
+    ref = reference(tmp_path, "im", tree, "-T", bt, "--mkfs-time", "--ignore-mtime",
+                    tar=walk == "tar")
+    src = mtimes(tree)
+    with mounted(img) as mnt, mounted(ref) as rmnt:
+        assert_same_tree(tree, mnt, ignore={"mtime_ns"} | ({"xattr"} if walk == "tar"
+                                                          else set()))
+        got = mtimes(mnt)
+        assert got == mtimes(rmnt)
+    if walk != "tar":              # (the tar writer keeps microseconds at best)
+        assert got == {k: v if k == b"d" else bt * 10**9 for k, v in src.items()}
+    versions = inode_versions(img)
+    assert versions.pop("/d") == 1 and set(versions.values()) == {0}
+    kept = build(tmp_path, "pm", tree, walk, "-T", bt, "--mkfs-time", "--ignore-mtime",
+                 "--preserve-mtime")
+    with mounted(kept) as mnt:
+        if walk != "tar":
+            assert mtimes(mnt) == src
+        assert len(set(mtimes(mnt).values())) > 2
+
+
+def test_ignore_mtime_compressed(root_kernel, tree, tmp_path):
+    """-z with inline tails (streamed inodes sized before the layout): the same."""
+    bt = T + 1
+    img = build(tmp_path, "iz", tree, "c", "-T", bt, "--mkfs-time", "--ignore-mtime",
+                "-z", "lz4hc", "-E", "ztailpacking")
+    with mounted(img) as mnt:
+        assert_same_tree(tree, mnt, ignore={"mtime_ns"})
+        assert set(mtimes(mnt).values()) == {bt * 10**9, mtimes(tree)[b"d"]}
+
+
+def test_ignore_mtime_with_source_date_epoch(root_kernel, tree, tmp_path):
+    """SOURCE_DATE_EPOCH clamps, then --ignore-mtime puts the earlier mtimes at it too:
+    as mkfs.erofs 1.9.4."""
+    env = dict(os.environ, SOURCE_DATE_EPOCH=str(T + 7))
+    ours, ref = tmp_path / "o.img", tmp_path / "r.img"
+    for cmd in (["python3", "-m", "erofs_tools", "mkfs", "-q", "--ignore-mtime",
+                 os.fspath(ours), os.fspath(tree)],
+                ["mkfs.erofs", "--quiet", "--ignore-mtime", os.fspath(ref),
+                 os.fspath(tree)]):
+        cmd[0] = {"python3": __import__("sys").executable}.get(cmd[0], cmd[0])
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr
+    fsck(ours)
+    with mounted(ours) as mnt, mounted(ref) as rmnt:
+        got = mtimes(mnt)
+        assert got == mtimes(rmnt)
+    src = mtimes(tree)
+    sde = (T + 7) * 10**9        # d (extended for its uid) is only clamped
+    assert got == {k: min(v, sde) if k == b"d" else sde for k, v in src.items()}
+
+
+def test_ignore_mtime_without_build_time(root_kernel, tree, tmp_path):
+    """Without -T the build time is the tree's most common mtime (mkfs.erofs: the
+    current time): every compact inode shows it."""
+    img = build(tmp_path, "nt", tree, "c", "--ignore-mtime")
+    from erofs_tools.reader.image import Image
+    with Image(os.fspath(img)) as im:
+        bt = im.sb.build_time * 10**9 + im.sb.build_time_nsec
+    with mounted(img) as mnt:
+        got = mtimes(mnt)
+    assert got.pop(b"d") == mtimes(tree)[b"d"]
+    assert set(got.values()) == {bt}

@@ -79,6 +79,7 @@ def build_options(opts: MkfsOptions) -> BuildOptions:
         xattr_filter=opts.xattr_filter,
         sb_checksum=opts.sb_checksum,
         force_extended=opts.force_extended,
+        ignore_mtime=opts.ignore_mtime,
     )
 
 

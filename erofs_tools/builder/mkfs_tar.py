@@ -355,7 +355,8 @@ def _build(image: str, tree: TarTree, files: list[int | _Data], data_path: str,
                           first_nid=(_SB_END + E.DEVICE_SLOT_SIZE) // E.SLOT_SIZE,
                           uuid=opts.uuid if opts.uuid is not None else _uuid.uuid4().bytes,
                           volume_name=opts.label, build_time=opts.effective_timestamp(),
-                          shared_xattrs=opts.shared_xattrs, xattr_filter=opts.xattr_filter)
+                          shared_xattrs=opts.shared_xattrs, xattr_filter=opts.xattr_filter,
+                          ignore_mtime=opts.ignore_mtime)
         tar_blocks = -(-tar_end >> INDEX_BLKSZBITS)
         if tar_blocks > 0xFFFFFFFF:
             raise InputError("tar larger than 2 TiB cannot be indexed")

@@ -88,6 +88,8 @@ class MkfsOptions:
     xattr_filter: bool = True         # -E ^xattr-name-filter turns the name filters off
     sb_checksum: bool = True          # -E nosbcrc: no superblock checksum
     force_extended: bool = False      # -E force-inode-extended: every inode 64 bytes
+    ignore_mtime: bool = False        # --ignore-mtime: an inode extended only for its
+                                      # mtime is compact, its mtime the build time
     whiteouts: str = "mark"           # overlayfs whiteouts (char 0:0) in the source: a
                                       # directory holding one marked ("mark", as
                                       # mkfs.erofs 1.9), or left out with the opaque

@@ -38,6 +38,12 @@ from erofs_tools.errors import InputError
 @click.option("--all-time", "all_time", flag_value=True, default=True,
               help="-T also sets every file's mtime (the default); SOURCE_DATE_EPOCH "
                    "clamps the mtimes after it.")
+@click.option("--ignore-mtime", "ignore_mtime", flag_value=True, default=False,
+              help="Files whose mtime is not the build time may still get compact inodes: "
+                   "their mtime becomes the build time (as mkfs.erofs).")
+@click.option("--preserve-mtime", "ignore_mtime", flag_value=False,
+              help="Keep every file's mtime (the default): an mtime other than the build "
+                   "time makes the inode extended.")
 @click.option("--ovlfs-strip", "ovlfs_strip", type=click.Choice(["0", "1"]), default="0",
               metavar="0|1",
               help="1: leave overlayfs whiteouts (char 0:0) and opaque markers out of the "
@@ -86,7 +92,7 @@ from erofs_tools.errors import InputError
               help="Compression threads (default: one per CPU; the image is the same).")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing on success.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
-def mkfs(image, source, timestamp, all_time, ovlfs_strip, block_size, uuid_text, label,
+def mkfs(image, source, timestamp, all_time, ignore_mtime, ovlfs_strip, block_size, uuid_text, label,
          all_root,
          force_uid, force_gid, uid_offset, gid_offset, exclude_path, exclude_regex, no_shared_xattrs, compress,
          pcluster, extended, hints, digest_flag, digest_name, workers, quiet, as_json,
@@ -124,6 +130,7 @@ def mkfs(image, source, timestamp, all_time, ovlfs_strip, block_size, uuid_text,
         xattr_filter="no-xattr-name-filter" not in ext,
         sb_checksum="nosbcrc" not in ext,
         force_extended="force-inode-extended" in ext,
+        ignore_mtime=ignore_mtime,
         compress=z,
         compress_hints=parse_compress_hints(hints, 1 + len(z.more)) if z and hints else [],
         workers=workers,
