@@ -190,6 +190,8 @@ struct erofs_walk_opts {
     uint32_t uid_offset;       /* added to every uid (after force_uid), as mkfs.erofs
                                 * --uid-offset; a sum past 2^32-1 is an error */
     uint32_t gid_offset;
+    int32_t hard_dereference;  /* 1: every link of a file its own inode (mkfs.erofs
+                                * --hard-dereference) */
     int32_t list_files;        /* 1: regular files (of every size) are listed for the
                                 * caller (erofs_walk_files), not given file data */
 };

@@ -605,7 +605,7 @@ static int walk_entry(erofs_walk *w, const char *name)
     if (fstatat(w->dfd, name, &st, AT_SYMLINK_NOFOLLOW) < 0)
         return werr(w, path, errno);
     int64_t node;
-    if (!S_ISDIR(st.st_mode) && st.st_nlink > 1) {
+    if (!S_ISDIR(st.st_mode) && st.st_nlink > 1 && !w->o.hard_dereference) {
         struct link *l = w->cap_links ? &w->links[link_slot(w, st.st_dev, st.st_ino)] : NULL;
         if (l && l->used && l->left) {
             l->left--;

@@ -22,7 +22,8 @@ WHITEOUT_MODES = ("keep", "mark", "strip")
 
 def _walk_new(b, source: str | bytes, fixed_mtime: int | None, force_uid: int | None,
               force_gid: int | None, list_files: bool, clamp_mtime: bool = False,
-              whiteouts: str = "keep", uid_offset: int = 0, gid_offset: int = 0):
+              whiteouts: str = "keep", uid_offset: int = 0, gid_offset: int = 0,
+              hard_dereference: bool = False):
     """A C walk of `source` into builder `b` with these options (freed by the caller)."""
     src = os.fsencode(source)
     o = ffi.new("struct erofs_walk_opts *")
@@ -39,6 +40,7 @@ def _walk_new(b, source: str | bytes, fixed_mtime: int | None, force_uid: int | 
         raise ValueError("uid/gid offsets: 0 .. 2^32-1")
     o.uid_offset = uid_offset
     o.gid_offset = gid_offset
+    o.hard_dereference = int(hard_dereference)
     o.list_files = int(list_files)
     w = lib.erofs_walk_new(b, src, len(src), o)
     if w == ffi.NULL:
@@ -51,13 +53,13 @@ def native_walk(builder: NativeBuilder, source: str | bytes, *,
                 force_gid: int | None = None,
                 on_entry: Callable[[int, int], object] | None = None,
                 clamp_mtime: bool = False, whiteouts: str = "keep", uid_offset: int = 0,
-                gid_offset: int = 0) -> int:
+                gid_offset: int = 0, hard_dereference: bool = False) -> int:
     """Walk directory `source` into `builder` (depth first, names in byte order) and
     set its root; -> the root node. on_entry(entries, bytes) after each step."""
     b = builder._b
     w = _walk_new(b, source, fixed_mtime, force_uid, force_gid, list_files=False,
                   clamp_mtime=clamp_mtime, whiteouts=whiteouts, uid_offset=uid_offset,
-                  gid_offset=gid_offset)
+                  gid_offset=gid_offset, hard_dereference=hard_dereference)
     entries = ffi.new("uint64_t *")
     nbytes = ffi.new("uint64_t *")
     try:

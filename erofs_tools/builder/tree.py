@@ -72,6 +72,7 @@ class TreeWalker:
         self.force_gid = 0 if options.all_root else options.force_gid
         self.uid_offset = options.uid_offset
         self.gid_offset = options.gid_offset
+        self.hard_dereference = options.hard_dereference
         self.excl_paths = set(options.exclude_paths)
         self.excl_regex = list(options.exclude_regex)
         self.hints = list(options.compress_hints) if options.compress else []
@@ -195,7 +196,8 @@ class TreeWalker:
                                force_uid=self.force_uid, force_gid=self.force_gid,
                                on_entry=counted, clamp_mtime=self.clamp_mtime,
                                whiteouts=self.whiteouts, uid_offset=self.uid_offset,
-                               gid_offset=self.gid_offset)
+                               gid_offset=self.gid_offset,
+                               hard_dereference=self.hard_dereference)
         try:
             st = os.lstat(src)
         except OSError as e:
@@ -245,7 +247,8 @@ class TreeWalker:
                 except OSError as e:
                     raise _oserr(e, path) from None
                 mode = st.st_mode
-                if (mode & _S_IFMT) != _S_IFDIR and st.st_nlink > 1:
+                if ((mode & _S_IFMT) != _S_IFDIR and st.st_nlink > 1
+                        and not self.hard_dereference):
                     key = (st.st_dev, st.st_ino)
                     hit = links.get(key)
                     if hit is not None:

@@ -62,6 +62,9 @@ from erofs_tools.errors import InputError
               help="Add N to every uid (after --force-uid/--all-root), as mkfs.erofs.")
 @click.option("--gid-offset", metavar="N",
               help="Add N to every gid (after --force-gid/--all-root).")
+@click.option("--hard-dereference", is_flag=True,
+              help="Each link of a hardlinked file becomes an inode of its own, as "
+                   "mkfs.erofs (--tar: no effect there, as in mkfs.erofs).")
 @click.option("--exclude-path", multiple=True, metavar="PATH",
               help="Skip this path (relative to SOURCE) and what is below it; repeatable.")
 @click.option("--exclude-regex", multiple=True, metavar="REGEX",
@@ -92,9 +95,9 @@ from erofs_tools.errors import InputError
               help="Compression threads (default: one per CPU; the image is the same).")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing on success.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
-def mkfs(image, source, timestamp, all_time, ignore_mtime, ovlfs_strip, block_size, uuid_text, label,
-         all_root,
-         force_uid, force_gid, uid_offset, gid_offset, exclude_path, exclude_regex, no_shared_xattrs, compress,
+def mkfs(image, source, timestamp, all_time, ignore_mtime, ovlfs_strip, block_size,
+         uuid_text, label, all_root, force_uid, force_gid, uid_offset, gid_offset,
+         hard_dereference, exclude_path, exclude_regex, no_shared_xattrs, compress,
          pcluster, extended, hints, digest_flag, digest_name, workers, quiet, as_json,
          tar_mode, aufs, ungzip, ungzip_dump, sort_order, max_size):
     """Build an EROFS image IMAGE of the directory SOURCE (4 KiB blocks), or with --tar
@@ -123,6 +126,7 @@ def mkfs(image, source, timestamp, all_time, ignore_mtime, ovlfs_strip, block_si
         force_gid=force_gid,
         uid_offset=parse_id_offset(uid_offset, "--uid-offset") if uid_offset else 0,
         gid_offset=parse_id_offset(gid_offset, "--gid-offset") if gid_offset else 0,
+        hard_dereference=hard_dereference,
         exclude_paths=[parse_exclude_path(p) for p in exclude_path],
         exclude_regex=[parse_exclude_regex(r) for r in exclude_regex],
         shared_xattrs=not no_shared_xattrs,
