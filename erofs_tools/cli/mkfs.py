@@ -65,6 +65,10 @@ from erofs_tools.errors import InputError
 @click.option("--hard-dereference", is_flag=True,
               help="Each link of a hardlinked file becomes an inode of its own, as "
                    "mkfs.erofs (--tar: no effect there, as in mkfs.erofs).")
+@click.option("--mount-point", metavar="PATH",
+              help="Where the image will be mounted (mkfs.erofs: the prefix of the paths "
+                   "looked up in SELinux file contexts / Android fs-config, which this mkfs "
+                   "does not read): accepted, no effect on the image.")
 @click.option("--exclude-path", multiple=True, metavar="PATH",
               help="Skip this path (relative to SOURCE) and what is below it; repeatable.")
 @click.option("--exclude-regex", multiple=True, metavar="REGEX",
@@ -97,7 +101,8 @@ from erofs_tools.errors import InputError
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 def mkfs(image, source, timestamp, all_time, ignore_mtime, ovlfs_strip, block_size,
          uuid_text, label, all_root, force_uid, force_gid, uid_offset, gid_offset,
-         hard_dereference, exclude_path, exclude_regex, no_shared_xattrs, compress,
+         hard_dereference, mount_point, exclude_path, exclude_regex, no_shared_xattrs,
+         compress,
          pcluster, extended, hints, digest_flag, digest_name, workers, quiet, as_json,
          tar_mode, aufs, ungzip, ungzip_dump, sort_order, max_size):
     """Build an EROFS image IMAGE of the directory SOURCE (4 KiB blocks), or with --tar
@@ -117,6 +122,10 @@ def mkfs(image, source, timestamp, all_time, ignore_mtime, ovlfs_strip, block_si
         digest = parse_inode_digest(INODE_DIGEST_DEFAULT if digest_name is None else digest_name)
         if tar_mode is not None:
             raise InputError("--xattr-inode-digest is not supported with --tar yet")
+    # --mount-point: mkfs.erofs prefixes it to the paths it looks up in SELinux file
+    # contexts (--file-contexts) and Android's fs-config, neither of which this mkfs
+    # reads (nor does a mkfs.erofs built without them): nothing else depends on it
+    del mount_point
     opts = MkfsOptions(
         timestamp=parse_timestamp(timestamp) if timestamp is not None else None,
         uuid=parse_uuid(uuid_text) if uuid_text else None,
