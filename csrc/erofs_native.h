@@ -50,7 +50,9 @@ struct erofs_opts {
     uint32_t feature_compat;   /* written as is, plus SB_CHKSUM when sb_checksum */
     uint32_t feature_incompat; /* written as is, plus CHUNKED_FILE when chunk files exist */
     int32_t sb_checksum;       /* 1: crc32c over [1024, blksz) and set SB_CHKSUM */
-    int32_t shared_xattrs;     /* 1: an xattr carried by >= 2 inodes goes to the shared area */
+    int32_t shared_xattrs;     /* 1: an xattr carried by >= shared_xattr_min inodes goes
+                                  to the shared area */
+    uint32_t shared_xattr_min; /* 0: 2 (mkfs.erofs -x N: N + 1) */
     int32_t inline_data;       /* 1: FLAT_INLINE tails when they fit (else FLAT_PLAIN) */
     int32_t xattr_filter;      /* 1: xattr name filters in the inodes' xattr headers (as
                                   mkfs.erofs 1.9 writes them; Nydus's bootstraps have none) */
@@ -192,6 +194,8 @@ struct erofs_walk_opts {
     uint32_t gid_offset;
     int32_t hard_dereference;  /* 1: every link of a file its own inode (mkfs.erofs
                                 * --hard-dereference) */
+    int32_t no_xattrs;         /* 1: the source's xattrs left out (mkfs.erofs -x -1);
+                                * whiteout marks are still made */
     int32_t list_files;        /* 1: regular files (of every size) are listed for the
                                 * caller (erofs_walk_files), not given file data */
 };

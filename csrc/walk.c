@@ -391,7 +391,8 @@ static int64_t add_inode(erofs_walk *w, int dfd, const char *name, const char *p
                                   size, maj, mnr);
     if (node < 0)
         return wrap(w, path, (int)node);
-    int r = add_xattrs(w, dfd, name, path, (uint32_t)node);   /* before the data */
+    int r = w->o.no_xattrs ? 0 : add_xattrs(w, dfd, name, path, (uint32_t)node);
+                                                        /* before the data */
     if (r)
         return r;
     if (fmt == S_IFREG && w->o.list_files) {
@@ -495,7 +496,7 @@ static int whiteouts(erofs_walk *w)
     }
     w->nnames = kept;
     if (!found || w->o.ovlfs_strip || !w->o.mark_whiteout_dirs ||
-            lgetxattr(w->cur.path, OVL_ORIGIN, NULL, 0) >= 0)
+            (!w->o.no_xattrs && lgetxattr(w->cur.path, OVL_ORIGIN, NULL, 0) >= 0))
         return 0;
     int r = erofs_node_add_xattr(w->b, w->cur.node, OVL_ORIGIN, strlen(OVL_ORIGIN), "", 0);
     return r ? wrap(w, w->cur.path, r) : 0;

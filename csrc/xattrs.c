@@ -155,6 +155,7 @@ static int share_xattrs(erofs_builder *b, uint32_t *shared_bytes)
     for (uint32_t i = 0; i < b->nxa; i++)
         idx[i] = i;
     qsort_r(idx, b->nxa, sizeof(uint32_t), cmp_xattr_idx, b);
+    uint32_t min = b->o.shared_xattr_min ? b->o.shared_xattr_min : 2;
     for (uint32_t i = 0; i < b->nxa;) {
         uint32_t j = i + 1;
         while (j < b->nxa && !cmp_xattr_content(b, &b->xas[idx[i]], &b->xas[idx[j]]))
@@ -164,7 +165,7 @@ static int share_xattrs(erofs_builder *b, uint32_t *shared_bytes)
          * their own copy */
         int fingerprint = b->xpfx_ishare >= 0 &&
                           b->xas[idx[i]].index == (EROFS_XATTR_LONG_PREFIX | (uint32_t)b->xpfx_ishare);
-        if (j - i >= 2 && !fingerprint) {
+        if (j - i >= min && !fingerprint) {
             uint64_t id = *shared_bytes / 4;
             uint32_t sz = xentry_size(&b->xas[idx[i]]);
             if ((uint64_t)*shared_bytes + sz > 0xFFFFFFF0ull) {
@@ -203,7 +204,7 @@ int pack_xattrs(erofs_builder *b, uint32_t *shared_bytes, int *filtered)
     free(b->shared_order);
     b->shared_order = NULL;
     b->nshared = 0;
-    if (b->o.shared_xattrs && b->nxa > 1) {
+    if (b->o.shared_xattrs && b->nxa && b->nxa >= b->o.shared_xattr_min) {
         int r = share_xattrs(b, shared_bytes);
         if (r)
             return r;
@@ -215,8 +216,13 @@ int pack_xattrs(erofs_builder *b, uint32_t *shared_bytes, int *filtered)
         if (!n->xa_count)
             continue;
         uint64_t sz = hdr;
+        uint32_t nshared = 0;
         for (uint32_t k = 0; k < n->xa_count; k++) {
             struct xattr_rec *x = &b->xas[n->xa_first + k];
+            /* an inode lists at most 255 shared ids (a u8 count): the others inline,
+             * as mkfs.erofs keeps them */
+            if (x->shared_id != NONE32 && ++nshared > 255)
+                x->shared_id = NONE32;
             sz += x->shared_id != NONE32 ? 4 : xentry_size(x);
         }
         if ((sz - hdr) / 4 + 1 > 0xFFFF)

@@ -84,6 +84,7 @@ class BuildOptions:
     feature_incompat: int = 0
     sb_checksum: bool = True
     shared_xattrs: bool = True
+    shared_xattr_min: int = 0      # an xattr on this many inodes is shared; 0: 2
     inline_data: bool = True
     xattr_filter: bool = False     # xattr name filters (mkfs, as mkfs.erofs 1.9; not pack)
     force_extended: bool = False
@@ -131,6 +132,9 @@ class BuildOptions:
         o.feature_incompat = self.feature_incompat
         o.sb_checksum = int(self.sb_checksum)
         o.shared_xattrs = int(self.shared_xattrs)
+        if not 0 <= self.shared_xattr_min < 1 << 32:
+            raise NativeError("shared_xattr_min out of range")
+        o.shared_xattr_min = self.shared_xattr_min
         o.inline_data = int(self.inline_data)
         o.xattr_filter = int(self.xattr_filter)
         o.force_extended = int(self.force_extended)

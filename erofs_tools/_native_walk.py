@@ -23,7 +23,7 @@ WHITEOUT_MODES = ("keep", "mark", "strip")
 def _walk_new(b, source: str | bytes, fixed_mtime: int | None, force_uid: int | None,
               force_gid: int | None, list_files: bool, clamp_mtime: bool = False,
               whiteouts: str = "keep", uid_offset: int = 0, gid_offset: int = 0,
-              hard_dereference: bool = False):
+              hard_dereference: bool = False, no_xattrs: bool = False):
     """A C walk of `source` into builder `b` with these options (freed by the caller)."""
     src = os.fsencode(source)
     o = ffi.new("struct erofs_walk_opts *")
@@ -41,6 +41,7 @@ def _walk_new(b, source: str | bytes, fixed_mtime: int | None, force_uid: int | 
     o.uid_offset = uid_offset
     o.gid_offset = gid_offset
     o.hard_dereference = int(hard_dereference)
+    o.no_xattrs = int(no_xattrs)
     o.list_files = int(list_files)
     w = lib.erofs_walk_new(b, src, len(src), o)
     if w == ffi.NULL:
@@ -53,13 +54,15 @@ def native_walk(builder: NativeBuilder, source: str | bytes, *,
                 force_gid: int | None = None,
                 on_entry: Callable[[int, int], object] | None = None,
                 clamp_mtime: bool = False, whiteouts: str = "keep", uid_offset: int = 0,
-                gid_offset: int = 0, hard_dereference: bool = False) -> int:
+                gid_offset: int = 0, hard_dereference: bool = False,
+                no_xattrs: bool = False) -> int:
     """Walk directory `source` into `builder` (depth first, names in byte order) and
     set its root; -> the root node. on_entry(entries, bytes) after each step."""
     b = builder._b
     w = _walk_new(b, source, fixed_mtime, force_uid, force_gid, list_files=False,
                   clamp_mtime=clamp_mtime, whiteouts=whiteouts, uid_offset=uid_offset,
-                  gid_offset=gid_offset, hard_dereference=hard_dereference)
+                  gid_offset=gid_offset, hard_dereference=hard_dereference,
+                  no_xattrs=no_xattrs)
     entries = ffi.new("uint64_t *")
     nbytes = ffi.new("uint64_t *")
     try:

@@ -285,3 +285,84 @@ def test_mount_point_changes_nothing(tree, tmp_path):
                         os.fspath(img), os.fspath(tree)], check=True, capture_output=True)
         ref.append(img.read_bytes())
     assert ref[0] == ref[1]
+
+
+def shared_counts(img):
+    """{path: shared xattr ids in its inode} of the inodes with xattrs."""
+    from erofs_tools.format import erofs as E
+    from erofs_tools.reader.image import Image
+    out = {}
+    with Image(os.fspath(img)) as im:
+        for p, _, ino in im.walk():
+            if ino.xattr_icount:
+                buf = im.read(ino.offset + ino.inode_size, E.XattrIbodyHeader.SIZE, "hdr")
+                out[os.fsdecode(p)] = E.XattrIbodyHeader.decode(buf, 0).h_shared_count
+    return out
+
+
+@pytest.mark.parametrize("walk", ["c", "python"])
+def test_xattr_tolerance(root_kernel, tree, tmp_path, walk):
+    """-x N: an xattr on more than N inodes is shared (user.x=1 is on 3: a, b, d/c);
+    -x 0 shares every xattr, as mkfs.erofs 1.9.4 does; -x 2147483647 none. The kernel
+    reads the same xattrs whatever N."""
+    want = {
+        "0": {"/a": 1, "/b": 1, "/d/c": 1, "/d": 1, "/d/e/f": 1},
+        "2": {"/a": 1, "/b": 1, "/d/c": 1, "/d": 0, "/d/e/f": 0},
+        "3": {"/a": 0, "/b": 0, "/d/c": 0, "/d": 0, "/d/e/f": 0},
+        "0x7fffffff": {"/a": 0, "/b": 0, "/d/c": 0, "/d": 0, "/d/e/f": 0},
+    }
+    for n, counts in want.items():
+        img = build(tmp_path, f"x{n}", tree, walk, "-x", n)
+        got = shared_counts(img)
+        assert {k: got[k] for k in counts} == counts, n
+        with mounted(img) as mnt:
+            assert_same_tree(tree, mnt)
+    ref = reference(tmp_path, "x0", tree, "-x", "0")
+    got = shared_counts(ref)
+    assert {k: got[k] for k in want["0"]} == want["0"]
+
+
+@pytest.mark.parametrize("walk", ["c", "python", "tar"])
+def test_xattr_tolerance_negative_leaves_xattrs_out(root_kernel, tmp_path, walk):
+    """-x -1: the source's xattrs are left out (a directory holding a whiteout is still
+    marked trusted.overlay.origin, its own origin not copied), as mkfs.erofs 1.9.4;
+    --tar keeps the archive's xattrs (mkfs.erofs applies -x to directories only)."""
+    import stat as st
+    require(is_root(), "needs root (mknod, trusted xattrs)")
+    src = tmp_path / "src"
+    (src / "w").mkdir(parents=True)
+    (src / "f").write_bytes(b"data")
+    os.setxattr(src / "f", "user.a", b"1")
+    os.setxattr(src / "w", "trusted.overlay.origin", b"\x00\x01")
+    os.setxattr(src / "w", "user.b", b"2")
+    os.mknod(src / "w" / "gone", 0o600 | st.S_IFCHR, 0)
+    img = build(tmp_path, "xn", src, walk, "-x", "-1")
+    ref = reference(tmp_path, "xn", src, "-x", "-1", tar=walk == "tar")
+    from helpers import compare_trees
+    with mounted(img) as mnt, mounted(ref) as rmnt:
+        assert compare_trees(rmnt, mnt, ignore={"mtime_ns"}) == []
+        xs = {rel: r["xattr"] for rel, r in scan_tree(mnt, content=False).items()}
+    if walk == "tar":   # Python's tar writer keeps no xattrs; a 0:0 entry of a tar
+        assert xs[b"w"] == {}       # is no mark's reason without --aufs (mkfs.erofs)
+    else:
+        assert xs == {b"": {}, b"f": {}, b"w": {"trusted.overlay.origin": b""},
+                      b"w/gone": {}}
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["-x", "two"], "-x: invalid xattr tolerance 'two'"),
+    (["-x", "1.5"], "-x: invalid xattr tolerance"),
+    (["-d", "10"], "-d"),
+    (["-d", "x"], "-d"),
+])
+def test_bad_tolerance_and_debug_level(tree, tmp_path, args, msg):
+    test_bad_values(tree, tmp_path, args, msg)
+
+
+def test_debug_level_changes_nothing(tree, tmp_path):
+    """-d 0..9 (mkfs.erofs's message level) is taken; the output and image stay."""
+    fixed = ["-T", T, "-U", "clear", "-q"]
+    run_mkfs(tmp_path / "a.img", tree, *fixed)
+    p = run_mkfs(tmp_path / "b.img", tree, *fixed, "-d", "9")
+    assert p.stdout == p.stderr == ""
+    assert (tmp_path / "a.img").read_bytes() == (tmp_path / "b.img").read_bytes()

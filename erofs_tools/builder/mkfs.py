@@ -73,6 +73,7 @@ def build_options(opts: MkfsOptions) -> BuildOptions:
         build_time=ts,
         build_time_nsec=0,
         shared_xattrs=opts.shared_xattrs,
+        shared_xattr_min=opts.shared_xattr_min,
         inline_data=opts.inline_data,
         stream_data=True,
         blkszbits=opts.blkszbits,

@@ -77,6 +77,8 @@ class MkfsOptions:
     exclude_paths: list[bytes] = field(default_factory=list)   # relative paths (bytes), exact
     exclude_regex: list[re.Pattern[bytes]] = field(default_factory=list)   # compiled bytes regexes, re.search
     shared_xattrs: bool = True        # xattrs carried by >= 2 inodes go to the shared area
+    shared_xattr_min: int = 0         # -x N: ... by >= N + 1 inodes (0: the default, 2)
+    xattrs: bool = True               # -x -1: the source tree's xattrs left out
     compress: Compression | None = None   # -z / -C
     compress_hints: list[CompressHint] = field(default_factory=list)   # --compress-hints
     workers: int = 0                  # --workers: compression threads, 0 = one per CPU
@@ -324,6 +326,23 @@ def parse_id_offset(text: str, what: str) -> int:
     if v >= 1 << 32:
         raise InputError(f"{what}: offset {text} is larger than 2^32-1")
     return v
+
+
+def parse_xattr_tolerance(text: str) -> tuple[bool, bool, int]:
+    """-x N as mkfs.erofs reads it (strtol, base 0): N < 0 leaves the source's xattrs out,
+    N >= 2^31-1 shares none, else an xattr on more than N inodes is shared. -> (xattrs,
+    shared_xattrs, shared_xattr_min)."""
+    m = re.fullmatch(r"([-+]?)(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)", text.strip())
+    if m is None:
+        raise InputError(f"-x: invalid xattr tolerance {text!r}")
+    digits = m.group(2)
+    v = int(digits, 16 if digits[:2] in ("0x", "0X") else 8 if digits[0] == "0" else 10)
+    v = -v if m.group(1) == "-" else v
+    if v < 0:
+        return False, False, 0
+    if v >= (1 << 31) - 1:
+        return True, False, 0
+    return True, True, v + 1
 
 
 def parse_block_size(size: int | None, tar_mode: str | None = None) -> int:

@@ -73,6 +73,7 @@ class TreeWalker:
         self.uid_offset = options.uid_offset
         self.gid_offset = options.gid_offset
         self.hard_dereference = options.hard_dereference
+        self.xattrs = options.xattrs       # -x -1: the source's xattrs left out
         self.excl_paths = set(options.exclude_paths)
         self.excl_regex = list(options.exclude_regex)
         self.hints = list(options.compress_hints) if options.compress else []
@@ -125,7 +126,8 @@ class TreeWalker:
             maj, mnr = os.major(st.st_rdev), os.minor(st.st_rdev)
         try:
             node = b.add_node(mode, uid, gid, sec, nsec, size, maj, mnr)
-            self._xattrs(path, node)     # before the data (stream mode needs them first)
+            if self.xattrs:
+                self._xattrs(path, node)     # before the data (stream mode needs them first)
             if self.digest and fmt == _S_IFREG and size:
                 b.add_xattr_long(node, 0, b"", b"sha256:" + self._sha256(path, size))
             if fmt == _S_IFREG and size:
@@ -197,7 +199,8 @@ class TreeWalker:
                                on_entry=counted, clamp_mtime=self.clamp_mtime,
                                whiteouts=self.whiteouts, uid_offset=self.uid_offset,
                                gid_offset=self.gid_offset,
-                               hard_dereference=self.hard_dereference)
+                               hard_dereference=self.hard_dereference,
+                               no_xattrs=not self.xattrs)
         try:
             st = os.lstat(src)
         except OSError as e:
@@ -290,6 +293,8 @@ class TreeWalker:
         if self.whiteouts == "strip":
             return [n for n in names if n not in found], bare - found
         try:
+            if not self.xattrs:
+                raise OSError         # (the source's own is not copied)
             os.getxattr(dpath, ORIGIN_XATTR, follow_symlinks=False)
         except OSError:
             try:

@@ -18,6 +18,7 @@ from erofs_tools.builder.options import (
     parse_label,
     parse_timestamp,
     parse_uuid,
+    parse_xattr_tolerance,
 )
 from erofs_tools.cli.mkfs_tar import MkfsCommand, check_tar_flags, run_tar, tar_options
 from erofs_tools.cli.progress import Progress
@@ -75,6 +76,12 @@ from erofs_tools.errors import InputError
               help="Skip paths (relative to SOURCE) matching this regex; repeatable.")
 @click.option("--no-shared-xattrs", is_flag=True,
               help="Keep all xattrs inline (by default xattrs on >= 2 inodes are shared).")
+@click.option("-x", "xattr_tolerance", metavar="N",
+              help="As mkfs.erofs: an xattr on more than N inodes goes to the shared area "
+                   "(default: on 2 or more); N < 0 leaves the source's xattrs out "
+                   "(directories only, as mkfs.erofs: --tar keeps the archive's).")
+@click.option("-d", "debug_level", type=click.IntRange(0, 9), metavar="0-9",
+              help="mkfs.erofs's message level: accepted; the output stays as -q/--json say.")
 @click.option("-z", "compress", metavar="ALG[,level=N][,dictsize=N]",
               help="Compress regular files: lz4, lz4hc, lzma, deflate or zstd "
                    "(as mkfs.erofs -z, with level=, dictsize= and lzma's lc=, lp=, pb=); data "
@@ -102,7 +109,7 @@ from erofs_tools.errors import InputError
 def mkfs(image, source, timestamp, all_time, ignore_mtime, ovlfs_strip, block_size,
          uuid_text, label, all_root, force_uid, force_gid, uid_offset, gid_offset,
          hard_dereference, mount_point, exclude_path, exclude_regex, no_shared_xattrs,
-         compress,
+         xattr_tolerance, debug_level, compress,
          pcluster, extended, hints, digest_flag, digest_name, workers, quiet, as_json,
          tar_mode, aufs, ungzip, ungzip_dump, sort_order, max_size):
     """Build an EROFS image IMAGE of the directory SOURCE (4 KiB blocks), or with --tar
@@ -126,6 +133,13 @@ def mkfs(image, source, timestamp, all_time, ignore_mtime, ovlfs_strip, block_si
     # contexts (--file-contexts) and Android's fs-config, neither of which this mkfs
     # reads (nor does a mkfs.erofs built without them): nothing else depends on it
     del mount_point
+    del debug_level               # (our messages: one summary line, errors, -q, --json)
+    xattrs, shared, shared_min = True, not no_shared_xattrs, 0
+    if xattr_tolerance is not None:
+        xattrs, share_x, shared_min = parse_xattr_tolerance(xattr_tolerance)
+        shared = shared and share_x
+        if tar_mode is not None:           # mkfs.erofs: directory sources only
+            xattrs, shared, shared_min = True, not no_shared_xattrs, 0
     opts = MkfsOptions(
         timestamp=parse_timestamp(timestamp) if timestamp is not None else None,
         uuid=parse_uuid(uuid_text) if uuid_text else None,
@@ -138,7 +152,9 @@ def mkfs(image, source, timestamp, all_time, ignore_mtime, ovlfs_strip, block_si
         hard_dereference=hard_dereference,
         exclude_paths=[parse_exclude_path(p) for p in exclude_path],
         exclude_regex=[parse_exclude_regex(r) for r in exclude_regex],
-        shared_xattrs=not no_shared_xattrs,
+        shared_xattrs=shared,
+        shared_xattr_min=shared_min,
+        xattrs=xattrs,
         inline_data="noinline_data" not in ext,
         xattr_filter="no-xattr-name-filter" not in ext,
         sb_checksum="nosbcrc" not in ext,
