@@ -41,7 +41,16 @@ from erofs_tools._native import BuildOptions, NativeBuilder
 from erofs_tools.builder.mkfs import build_options
 from erofs_tools.builder.options import MkfsOptions, Progress
 from erofs_tools.builder.tar_reader import DEFAULT_MAX_SIZE, ReadStream, TarReader, _show
-from erofs_tools.builder.tar_stream import _Gunzip, _Peek, _Prefetch, detect_type
+from erofs_tools.builder.tar_stream import (
+    LZIP_MAGIC,
+    XZ_MAGIC,
+    _Gunzip,
+    _Peek,
+    _Prefetch,
+    _Unxz,
+    detect_type,
+    is_lzma_alone,
+)
 from erofs_tools.builder.tar_tree import TarTree, TNode
 from erofs_tools.errors import InputError
 from erofs_tools.format import erofs as E
@@ -58,7 +67,9 @@ class TarOptions:
     mode: str = "f"                   # "f" full image, "i" index image
     aufs: bool = False                # --aufs: convert .wh. files
     ungzip: bool = False              # --ungzip: gzip input accepted (plain too)
-    dump: str | None = None           # --ungzip=FILE: the uncompressed tar is kept here
+    unxz: bool = False                # --unxz: xz or .lzma input accepted (plain too)
+    dump: str | None = None           # --ungzip=FILE / --unxz=FILE: the uncompressed tar
+                                      # is kept here
     max_size: int = DEFAULT_MAX_SIZE  # bound on the bytes read (gzip bombs)
 
 
@@ -178,7 +189,7 @@ def _open_input(source: str, topts: TarOptions
             raw = close = open(source, "rb")
         except OSError as e:
             raise InputError(f"{source}: {e.strerror}") from None
-    peek = _Peek(raw)
+    peek = _Peek(raw, 6)
     kind = detect_type(peek.head)
     if kind == "tarzst":
         raise InputError(f"{source}: input is zstd-compressed (not supported by mkfs --tar)")
@@ -186,6 +197,13 @@ def _open_input(source: str, topts: TarOptions
         if not topts.ungzip:
             raise InputError(f"{source}: input is gzip-compressed: use --ungzip")
         return close, _Prefetch(_Gunzip(peek)), None
+    if peek.head.startswith(XZ_MAGIC) or (topts.unxz and is_lzma_alone(peek.head)):
+        if not topts.unxz:
+            raise InputError(f"{source}: input is xz-compressed: use --unxz")
+        # liblzma releases the GIL as zlib does: it decodes ahead on its own thread
+        return close, _Prefetch(_Unxz(peek, alone=not peek.head.startswith(XZ_MAGIC))), None
+    if peek.head.startswith(LZIP_MAGIC) and topts.unxz:
+        raise InputError(f"{source}: input is lzip-compressed (not supported by --unxz here)")
     if close is not None and stat.S_ISREG(os.fstat(close.fileno()).st_mode):
         path = _same_file_path(source, close.fileno())
         if path is not None:

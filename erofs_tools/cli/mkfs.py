@@ -111,10 +111,10 @@ def mkfs(image, source, timestamp, all_time, ignore_mtime, ovlfs_strip, block_si
          hard_dereference, mount_point, exclude_path, exclude_regex, no_shared_xattrs,
          xattr_tolerance, debug_level, compress,
          pcluster, extended, hints, digest_flag, digest_name, workers, quiet, as_json,
-         tar_mode, aufs, ungzip, ungzip_dump, sort_order, max_size):
+         tar_mode, aufs, ungzip, ungzip_dump, unxz, sort_order, max_size):
     """Build an EROFS image IMAGE of the directory SOURCE (4 KiB blocks), or with --tar
     of the tar file SOURCE (- or none: stdin)."""
-    check_tar_flags(tar_mode, aufs, ungzip, ungzip_dump, max_size)
+    check_tar_flags(tar_mode, aufs, ungzip, ungzip_dump, max_size, unxz)
     if source is None and tar_mode is None:
         raise InputError("missing SOURCE (a directory, or a tar with --tar)")
     if pcluster is not None and compress is None:
@@ -171,7 +171,7 @@ def mkfs(image, source, timestamp, all_time, ignore_mtime, ovlfs_strip, block_si
     progress = Progress.maybe(enabled=not quiet and not as_json)
     if tar_mode is not None:
         summary = run_tar(image, source or "-", opts, tar_mode, aufs, ungzip, ungzip_dump,
-                          max_size, progress)
+                          max_size, progress, unxz)
     else:
         summary = build_image(image, source, opts, progress=progress)
     if as_json:
