@@ -328,6 +328,8 @@ INTERNAL uint32_t xentry_size(const struct xattr_rec *x);
  * *filtered set when some inode's filter rules a name out */
 INTERNAL uint32_t xattr_name_filter(const erofs_builder *b, const struct node *n);
 INTERNAL int pack_xattrs(erofs_builder *b, uint32_t *shared_bytes, int *filtered);
+INTERNAL int match_long_prefix(const erofs_builder *b, uint8_t base, const char *rest,
+                               size_t restlen, uint32_t *infix_len);
 INTERNAL uint64_t place_sparse_chunks(erofs_builder *b, struct chunkset *cs, uint64_t size,
                                      uint64_t blk);
 

@@ -74,6 +74,25 @@ static int long_prefix(const erofs_builder *b, uint32_t id, uint8_t *base,
     return -1;
 }
 
+/* the first long prefix of the table (mkfs.erofs --xattr-prefix) that a name, short
+ * prefix `base` then `rest`, starts with: -> its id (*infix_len: its infix's length), or
+ * -1. The first, as mkfs.erofs takes them in order; never the fingerprints' own. */
+int match_long_prefix(const erofs_builder *b, uint8_t base, const char *rest,
+                      size_t restlen, uint32_t *infix_len)
+{
+    uint32_t off = 0;
+    for (uint32_t i = 0; i < b->xpfx_count; i++) {
+        uint32_t sz = (uint32_t)b->xpfx[off] | (uint32_t)b->xpfx[off + 1] << 8;
+        if ((int32_t)i != b->xpfx_ishare && b->xpfx[off + 2] == base && sz - 1 <= restlen &&
+                !memcmp(b->xpfx + off + 3, rest, sz - 1)) {
+            *infix_len = sz - 1;
+            return (int)i;
+        }
+        off = (off + 2 + sz + 3) & ~3u;
+    }
+    return -1;
+}
+
 uint32_t xattr_name_filter(const erofs_builder *b, const struct node *n)
 {
     uint32_t bits = 0;

@@ -455,3 +455,90 @@ def test_unxz_errors(tree, tmp_path):
         assert p.returncode == 1 and len(lines) == 1, (args, p)
         assert lines[0].startswith("error:") and msg in lines[0], (args, p.stderr)
         assert os.listdir(out) == []
+
+
+def entry_indexes(img):
+    """{(path, xattr name): the e_name_index it is stored with} of an image (inline and
+    shared entries), and the image's long prefixes."""
+    from erofs_tools.format import erofs as E
+    from erofs_tools.reader.image import Image
+    out = {}
+    with Image(os.fspath(img)) as im:
+        longs = im.long_xattr_prefixes()
+        for p, _, ino in im.walk():
+            if not ino.xattr_icount:
+                continue
+            buf = im.read(ino.offset + ino.inode_size, ino.xattr_isize, "ibody")
+            hdr = E.XattrIbodyHeader.decode(buf, 0)
+            off = E.XattrIbodyHeader.SIZE
+            entries = []
+            for _ in range(hdr.h_shared_count):
+                xid = int.from_bytes(buf[off:off + 4], "little")
+                entries.append(im.read(im.xattr_off + 4 * xid, 4, "shared")[1])
+                off += 4
+            while off < len(buf):
+                e = E.XattrEntry.decode(buf, off)
+                entries.append(e.e_name_index)
+                off += (E.XattrEntry.SIZE + e.e_name_len + e.e_value_size + 3) & ~3
+            names = [n for n, _ in im.xattrs(ino)]
+            for n, index in zip(names, entries, strict=True):
+                out[(os.fsdecode(p), os.fsdecode(n))] = index
+    return out, longs
+
+
+@pytest.fixture
+def xtree(tmp_path):
+    require(is_root(), "needs root (trusted xattrs)")
+    src = tmp_path / "xsrc"
+    (src / "d").mkdir(parents=True)
+    for name in ("f1", "f2", "d/f3"):
+        (src / name).write_bytes(name.encode() * 100)
+    os.setxattr(src / "f1", "user.myapp.key1", b"v1")
+    os.setxattr(src / "f2", "user.myapp.key1", b"v1")
+    os.setxattr(src / "f1", "user.myapp.key2", b"v2" * 50)
+    os.setxattr(src / "d/f3", "user.myapp.", b"bare")
+    os.setxattr(src / "d", "trusted.x.long.name", b"t")
+    os.setxattr(src / "d/f3", "user.other", b"o")
+    os.setxattr(src / "d/f3", "security.myapp.key1", b"not user.")
+    return src
+
+
+@pytest.mark.parametrize("walk", WALKS)
+def test_xattr_prefix(root_kernel, xtree, tmp_path, walk):
+    """--xattr-prefix: names starting with a long prefix are stored after it (index
+    0x80 | its id; the first one that matches, as mkfs.erofs), others as before; the
+    kernel reads every xattr back by name and list, the table is mkfs.erofs 1.9.4's and
+    so is what the kernel shows."""
+    from helpers import compare_trees
+    args = ["--xattr-prefix=user.myapp.", "--xattr-prefix", "trusted.x.",
+            "--xattr-prefix=user.myapp.key"]
+    if walk == "tar":          # a pax tar with the xattrs (Python's tarfile writes none)
+        layer = tmp_path / "layer.tar"
+        subprocess.run(["tar", "--xattrs", "--xattrs-include=*", "--format=pax", "-C",
+                        os.fspath(xtree), "-cf", os.fspath(layer), "."], check=True)
+    img = build(tmp_path, "xp", xtree, walk, *args)
+    ref = reference(tmp_path, "xp", xtree, *args, tar=walk == "tar")
+    with mounted(img) as mnt, mounted(ref) as rmnt:
+        assert_same_tree(xtree, mnt, ignore={"mtime_ns"} if walk == "tar" else set())
+        assert compare_trees(rmnt, mnt, ignore={"mtime_ns"}) == []
+        assert os.getxattr(os.path.join(mnt, "d/f3"), "user.myapp.") == b"bare"
+    got, longs = entry_indexes(img)
+    want_longs = [b"user.myapp.", b"trusted.x.", b"user.myapp.key"]
+    assert longs == want_longs and entry_indexes(ref)[1] == want_longs
+    assert got == {("/f1", "user.myapp.key1"): 0x80, ("/f1", "user.myapp.key2"): 0x80,
+                   ("/f2", "user.myapp.key1"): 0x80, ("/d/f3", "user.myapp."): 0x80,
+                   ("/d", "trusted.x.long.name"): 0x81, ("/d/f3", "user.other"): 1,
+                   ("/d/f3", "security.myapp.key1"): 6}
+    fsck(img)
+
+
+def test_xattr_prefix_with_digest(root_kernel, xtree, tmp_path):
+    """With --xattr-inode-digest the fingerprints' prefix comes after --xattr-prefix's."""
+    img = build(tmp_path, "xd", xtree, "c", "--xattr-prefix=user.myapp.",
+                "--xattr-inode-digest")
+    got, longs = entry_indexes(img)
+    assert longs == [b"user.myapp.", b"erofs.fingerprint.v1"]
+    assert got[("/f1", "user.myapp.key1")] == 0x80
+    assert got[("/f1", "erofs.fingerprint.v1")] == 0x81
+    with mounted(img) as mnt:
+        assert_same_tree(xtree, mnt)

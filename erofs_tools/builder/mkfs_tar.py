@@ -52,6 +52,7 @@ from erofs_tools.builder.tar_stream import (
     is_lzma_alone,
 )
 from erofs_tools.builder.tar_tree import TarTree, TNode
+from erofs_tools.builder.tree import set_long_prefixes
 from erofs_tools.errors import InputError
 from erofs_tools.format import erofs as E
 from erofs_tools.fsutil import atomic_output, create_exclusive
@@ -391,6 +392,7 @@ def _build(image: str, tree: TarTree, files: list[int | _Data], data_path: str,
         try:
             if not index:
                 nb.set_output(fd)
+            set_long_prefixes(nb, opts)       # --xattr-prefix (before any xattr)
             if (force_uid is not None or force_gid is not None or opts.uid_offset
                     or opts.gid_offset):
                 _force_ids(tree, force_uid, force_gid, opts.uid_offset, opts.gid_offset)

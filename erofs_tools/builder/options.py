@@ -83,6 +83,8 @@ class MkfsOptions:
     compress_hints: list[CompressHint] = field(default_factory=list)   # --compress-hints
     workers: int = 0                  # --workers: compression threads, 0 = one per CPU
     inode_digest: bytes | None = None  # --xattr-inode-digest: the fingerprint xattr's name
+    xattr_prefixes: list[bytes] = field(default_factory=list)  # --xattr-prefix: long xattr
+                                      # name prefixes (Linux 6.4+)
     inline_data: bool = True          # -E noinline_data: no FLAT_INLINE tails (containerd's
                                       # EROFS differ asks for it: data blocks stay aligned)
     all_time: bool = True             # --all-time (default) / --mkfs-time: -T also sets
@@ -122,6 +124,23 @@ class MkfsOptions:
 # --xattr-inode-digest without a value: the name mkfs.erofs 1.9 (and Linux's page-cache
 # sharing) uses; no namespace prefix, so the kernel keeps it internal (no listxattr)
 INODE_DIGEST_DEFAULT = "erofs.fingerprint.v1"
+
+
+def parse_xattr_prefixes(texts: Sequence[str], digest: bool = False) -> list[bytes]:
+    """--xattr-prefix X (repeatable): long xattr name prefixes, as mkfs.erofs takes them
+    (at most 128 with --xattr-inode-digest's, each at most 255 bytes). One extending no
+    namespace (user., trusted., security., ...) is taken but matches no name, as there."""
+    out = []
+    for text in texts:
+        raw = os.fsencode(text)
+        if not raw:
+            raise InputError("--xattr-prefix: empty prefix")
+        if len(raw) > 255:
+            raise InputError(f"--xattr-prefix {text[:40]!r}...: longer than 255 bytes")
+        out.append(raw)
+    if len(out) + digest > 128:
+        raise InputError(f"--xattr-prefix: {len(out) + digest} long prefixes (at most 128)")
+    return out
 
 
 def parse_inode_digest(name: str) -> bytes:

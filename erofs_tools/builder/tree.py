@@ -78,15 +78,7 @@ class TreeWalker:
         self.excl_regex = list(options.exclude_regex)
         self.hints = list(options.compress_hints) if options.compress else []
         self.digest = options.inode_digest is not None
-        if options.inode_digest is not None:
-            if options.compress is not None and options.compress.fragments:
-                # mkfs.erofs then keeps the prefix table in the packed inode; kernels
-                # without plain prefixes would read ours from there
-                raise InputError("--xattr-inode-digest is not supported with -E fragments yet")
-            # one long prefix, the whole name; each fingerprint is stored with an empty
-            # suffix after it, as erofs-utils 1.9 writes them
-            _, entry = encode_long_prefix(options.inode_digest)
-            builder.set_xattr_prefixes(entry, 1, ishare_id=0)
+        self.digest_id = set_long_prefixes(builder, options)
 
     def _excluded(self, rel: bytes) -> bool:
         if rel in self.excl_paths:
@@ -129,7 +121,8 @@ class TreeWalker:
             if self.xattrs:
                 self._xattrs(path, node)     # before the data (stream mode needs them first)
             if self.digest and fmt == _S_IFREG and size:
-                b.add_xattr_long(node, 0, b"", b"sha256:" + self._sha256(path, size))
+                b.add_xattr_long(node, self.digest_id, b"",
+                                 b"sha256:" + self._sha256(path, size))
             if fmt == _S_IFREG and size:
                 for h in self.hints:      # --compress-hints: the first match
                     if h.regex.search(rel):
@@ -308,6 +301,29 @@ class TreeWalker:
             self.b.add_child(dnode, name, node)
         except ErofsToolsError as e:
             raise _with_path(e, path) from None
+
+
+def set_long_prefixes(builder: NativeBuilder, options: MkfsOptions) -> int:
+    """The long xattr name prefixes: those of --xattr-prefix (xattrs starting with one
+    are stored with the rest of their name after it, as mkfs.erofs), then the content
+    fingerprints' (--xattr-inode-digest) -> its id (-1: none)."""
+    prefixes = list(options.xattr_prefixes)
+    digest_id = -1
+    if options.inode_digest is not None:
+        # one long prefix, the whole name; each fingerprint is stored with an empty
+        # suffix after it, as erofs-utils 1.9 writes them
+        digest_id = len(prefixes)
+        prefixes.append(options.inode_digest)
+    if not prefixes:
+        return -1
+    if options.compress is not None and options.compress.fragments:
+        # mkfs.erofs then keeps the prefix table in the packed inode; kernels without
+        # plain prefixes would read ours from there
+        what = "--xattr-inode-digest" if options.inode_digest else "--xattr-prefix"
+        raise InputError(f"{what} is not supported with -E fragments yet")
+    table = b"".join(encode_long_prefix(p)[1] for p in prefixes)
+    builder.set_xattr_prefixes(table, len(prefixes), ishare_id=digest_id)
+    return digest_id
 
 
 def _list_dir(dpath: bytes) -> tuple[list[bytes], set[bytes]]:

@@ -18,6 +18,7 @@ from erofs_tools.builder.options import (
     parse_label,
     parse_timestamp,
     parse_uuid,
+    parse_xattr_prefixes,
     parse_xattr_tolerance,
 )
 from erofs_tools.cli.mkfs_tar import MkfsCommand, check_tar_flags, run_tar, tar_options
@@ -102,6 +103,9 @@ from erofs_tools.errors import InputError
                    f"page-cache sharing); --xattr-inode-digest=NAME names it (default "
                    f"{INODE_DIGEST_DEFAULT}).")
 @click.option("--xattr-inode-digest-name", "digest_name", hidden=True)
+@click.option("--xattr-prefix", "xattr_prefix", multiple=True, metavar="PREFIX",
+              help="A long xattr name prefix (Linux 6.4+; repeatable): xattrs whose names "
+                   "start with it store only the rest, as mkfs.erofs.")
 @click.option("--workers", type=click.IntRange(0, 64), default=0,
               help="Compression threads (default: one per CPU; the image is the same).")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing on success.")
@@ -109,7 +113,7 @@ from erofs_tools.errors import InputError
 def mkfs(image, source, timestamp, all_time, ignore_mtime, ovlfs_strip, block_size,
          uuid_text, label, all_root, force_uid, force_gid, uid_offset, gid_offset,
          hard_dereference, mount_point, exclude_path, exclude_regex, no_shared_xattrs,
-         xattr_tolerance, debug_level, compress,
+         xattr_tolerance, debug_level, xattr_prefix, compress,
          pcluster, extended, hints, digest_flag, digest_name, workers, quiet, as_json,
          tar_mode, aufs, ungzip, ungzip_dump, unxz, sort_order, max_size):
     """Build an EROFS image IMAGE of the directory SOURCE (4 KiB blocks), or with --tar
@@ -164,6 +168,7 @@ def mkfs(image, source, timestamp, all_time, ignore_mtime, ovlfs_strip, block_si
         compress_hints=parse_compress_hints(hints, 1 + len(z.more)) if z and hints else [],
         workers=workers,
         inode_digest=digest,
+        xattr_prefixes=parse_xattr_prefixes(xattr_prefix, digest is not None),
         all_time=all_time,
         blkszbits=blkszbits,
         whiteouts="strip" if ovlfs_strip == "1" else "mark",
