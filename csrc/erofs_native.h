@@ -53,6 +53,9 @@ struct erofs_opts {
     int32_t shared_xattrs;     /* 1: an xattr carried by >= shared_xattr_min inodes goes
                                   to the shared area */
     uint32_t shared_xattr_min; /* 0: 2 (mkfs.erofs -x N: N + 1) */
+    uint32_t root_xattr_isize; /* the root's xattr ibody at least this many bytes (16 ..
+                                  65532, 4-byte multiple; 0: as its xattrs need), zero
+                                  padded (mkfs.erofs --root-xattr-isize) */
     int32_t inline_data;       /* 1: FLAT_INLINE tails when they fit (else FLAT_PLAIN) */
     int32_t xattr_filter;      /* 1: xattr name filters in the inodes' xattr headers (as
                                   mkfs.erofs 1.9 writes them; Nydus's bootstraps have none) */

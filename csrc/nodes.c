@@ -563,6 +563,9 @@ int erofs_builder_set_root(erofs_builder *b, uint32_t node)
         return fail(b, ERN_EINVAL, "root must be a directory");
     if (b->nodes[node].parent != NONE32)
         return fail(b, ERN_EINVAL, "root directory has a parent");
+    /* stream mode reserves records by xa_max: the root's padding on top of it */
+    if (b->o.root_xattr_isize && b->root != node)
+        b->nodes[node].xa_max += b->o.root_xattr_isize;
     b->root = node;
     return 0;
 }

@@ -232,6 +232,13 @@ int pack_xattrs(erofs_builder *b, uint32_t *shared_bytes, int *filtered)
     for (uint32_t i = 0; i < b->nnodes; i++) {
         struct node *n = &b->nodes[i];
         n->xattr_isize = 0;
+        if (i == b->root && b->o.root_xattr_isize) {
+            /* --root-xattr-isize: room kept after the root's xattrs (zeros, which the
+             * kernel reads as entries of no name to skip), as mkfs.erofs pads it */
+            n->xattr_isize = b->o.root_xattr_isize;
+            if (b->o.xattr_filter && !n->xa_count)
+                *filtered = 1;      /* (its header's filter: every name absent) */
+        }
         if (!n->xa_count)
             continue;
         uint64_t sz = hdr;
@@ -246,7 +253,8 @@ int pack_xattrs(erofs_builder *b, uint32_t *shared_bytes, int *filtered)
         }
         if ((sz - hdr) / 4 + 1 > 0xFFFF)
             return fail(b, ERN_ELIMIT, "xattrs of one inode exceed the inline limit");
-        n->xattr_isize = (uint32_t)sz;
+        if (sz > n->xattr_isize)
+            n->xattr_isize = (uint32_t)sz;
         /* the feature is on when some filter rules a name out (as mkfs.erofs) */
         if (b->o.xattr_filter && !*filtered && xattr_name_filter(b, n))
             *filtered = 1;

@@ -85,6 +85,7 @@ class BuildOptions:
     sb_checksum: bool = True
     shared_xattrs: bool = True
     shared_xattr_min: int = 0      # an xattr on this many inodes is shared; 0: 2
+    root_xattr_isize: int = 0      # the root's xattr ibody at least this (16..65532, 4 | it)
     inline_data: bool = True
     xattr_filter: bool = False     # xattr name filters (mkfs, as mkfs.erofs 1.9; not pack)
     force_extended: bool = False
@@ -135,6 +136,10 @@ class BuildOptions:
         if not 0 <= self.shared_xattr_min < 1 << 32:
             raise NativeError("shared_xattr_min out of range")
         o.shared_xattr_min = self.shared_xattr_min
+        if self.root_xattr_isize and not (16 <= self.root_xattr_isize <= 65532
+                                          and self.root_xattr_isize % 4 == 0):
+            raise NativeError("root_xattr_isize: 0 or a multiple of 4 from 16 to 65532")
+        o.root_xattr_isize = self.root_xattr_isize
         o.inline_data = int(self.inline_data)
         o.xattr_filter = int(self.xattr_filter)
         o.force_extended = int(self.force_extended)

@@ -542,3 +542,61 @@ def test_xattr_prefix_with_digest(root_kernel, xtree, tmp_path):
     assert got[("/f1", "erofs.fingerprint.v1")] == 0x81
     with mounted(img) as mnt:
         assert_same_tree(xtree, mnt)
+
+
+def root_ibody(img):
+    from erofs_tools.reader.image import Image
+    with Image(os.fspath(img)) as im:
+        ino = im.inode(im.sb.root_nid)
+        return bytes(im.read(ino.offset + ino.inode_size, ino.xattr_isize, "ibody")), \
+            im.xattrs(ino)
+
+
+@pytest.mark.parametrize("walk", WALKS)
+def test_root_xattr_isize(root_kernel, tmp_path, walk):
+    """--root-xattr-isize N: the root's xattr ibody is at least N bytes (4-byte
+    multiple), its xattrs then zeros; the same ibody bytes as mkfs.erofs 1.9.4 writes,
+    with and without an xattr on the root; more xattrs than N: as they need."""
+    require(is_root(), "needs root")
+    src = tmp_path / "rsrc"
+    src.mkdir()
+    (src / "f").write_bytes(b"x" * 5000)
+    for k, (n, xattr) in enumerate([("13", None), ("0x40", None), ("200", b"v" * 30),
+                                    ("20", b"w" * 100)]):
+        if xattr is not None:
+            os.setxattr(src, "user.root", xattr)
+        img = build(tmp_path, f"r{k}", src, walk, f"--root-xattr-isize={n}")
+        body, xattrs = root_ibody(img)
+        if walk == "tar":        # (Python's tar writer keeps no xattrs)
+            assert xattrs == [] and len(body) == max(16, (int(n, 0) + 3) & ~3)
+        else:
+            ref = reference(tmp_path, f"r{k}", src, f"--root-xattr-isize={n}")
+            assert body == root_ibody(ref)[0], n
+            assert xattrs == ([(b"user.root", xattr)] if xattr else [])
+            assert len(body) >= int(n, 0)
+        with mounted(img) as mnt:
+            assert_same_tree(src, mnt, ignore={"mtime_ns", "xattr"} if walk == "tar"
+                             else set())
+    if walk != "tar":
+        assert len(body) > 20                    # 100 bytes of value: past N
+
+
+def test_root_xattr_isize_largest_compressed(root_kernel, tree, tmp_path):
+    """65532 bytes (the most), with -z and inline tails: the streamed records' room
+    (reserved before the layout) holds the padding."""
+    for extra in ([], ["-z", "lz4hc", "-E", "ztailpacking"]):
+        img = build(tmp_path, f"big{len(extra)}", tree, "c", "--root-xattr-isize=65532",
+                    *extra)
+        assert len(root_ibody(img)[0]) == 65532
+        with mounted(img) as mnt:
+            assert_same_tree(tree, mnt)
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--root-xattr-isize", "65533"], "too large (at most 65532)"),
+    (["--root-xattr-isize", "-4"], "--root-xattr-isize: invalid size '-4'"),
+    (["--xattr-prefix", ""], "--xattr-prefix: empty prefix"),
+    (["--xattr-prefix", "user." + "x" * 300], "longer than 255 bytes"),
+])
+def test_bad_xattr_layout_values(tree, tmp_path, args, msg):
+    test_bad_values(tree, tmp_path, args, msg)

@@ -80,7 +80,8 @@ def _image(tmp_path, name, src, native, **kw):
                                 {"ignore_mtime": True, "timestamp": 5, "all_time": False},
                                 {"hard_dereference": True}, {"xattrs": False},
                                 {"shared_xattr_min": 1},
-                                {"xattr_prefixes": [b"user.a", b"trusted.overlay."]}])
+                                {"xattr_prefixes": [b"user.a", b"trusted.overlay."]},
+                                {"root_xattr_isize": 400}])
 def test_c_walk_equals_python_walk(rich_tree, tmp_path, kw):
     c = _image(tmp_path, "c.img", rich_tree, True, **kw)
     py = _image(tmp_path, "py.img", rich_tree, False, **kw)

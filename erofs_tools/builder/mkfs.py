@@ -74,6 +74,7 @@ def build_options(opts: MkfsOptions) -> BuildOptions:
         build_time_nsec=0,
         shared_xattrs=opts.shared_xattrs,
         shared_xattr_min=opts.shared_xattr_min,
+        root_xattr_isize=opts.root_xattr_isize,
         inline_data=opts.inline_data,
         stream_data=True,
         blkszbits=opts.blkszbits,

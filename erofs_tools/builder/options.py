@@ -79,6 +79,7 @@ class MkfsOptions:
     shared_xattrs: bool = True        # xattrs carried by >= 2 inodes go to the shared area
     shared_xattr_min: int = 0         # -x N: ... by >= N + 1 inodes (0: the default, 2)
     xattrs: bool = True               # -x -1: the source tree's xattrs left out
+    root_xattr_isize: int = 0         # --root-xattr-isize: bytes kept for the root's xattrs
     compress: Compression | None = None   # -z / -C
     compress_hints: list[CompressHint] = field(default_factory=list)   # --compress-hints
     workers: int = 0                  # --workers: compression threads, 0 = one per CPU
@@ -362,6 +363,20 @@ def parse_xattr_tolerance(text: str) -> tuple[bool, bool, int]:
     if v >= (1 << 31) - 1:
         return True, False, 0
     return True, True, v + 1
+
+
+def parse_root_xattr_isize(text: str) -> int:
+    """--root-xattr-isize N (strtoull, base 0, as mkfs.erofs reads it) -> the root's xattr
+    ibody size: N rounded up to 4 bytes, at least 16 (mkfs.erofs fails on 1..11 and
+    writes a header-only ibody, which no reader takes, for 12); at most 65532."""
+    m = re.fullmatch(r"0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*", text.strip())
+    if m is None:
+        raise InputError(f"--root-xattr-isize: invalid size {text!r}")
+    digits = m.group(0)
+    v = int(digits, 16 if digits[:2] in ("0x", "0X") else 8 if digits[0] == "0" else 10)
+    if v > 65532:
+        raise InputError(f"--root-xattr-isize: {text} is too large (at most 65532)")
+    return 0 if v == 0 else max(16, (v + 3) & ~3)
 
 
 def parse_block_size(size: int | None, tar_mode: str | None = None) -> int:

@@ -16,6 +16,7 @@ from erofs_tools.builder.options import (
     parse_id_offset,
     parse_inode_digest,
     parse_label,
+    parse_root_xattr_isize,
     parse_timestamp,
     parse_uuid,
     parse_xattr_prefixes,
@@ -103,6 +104,9 @@ from erofs_tools.errors import InputError
                    f"page-cache sharing); --xattr-inode-digest=NAME names it (default "
                    f"{INODE_DIGEST_DEFAULT}).")
 @click.option("--xattr-inode-digest-name", "digest_name", hidden=True)
+@click.option("--root-xattr-isize", "root_xattr_isize", metavar="N",
+              help="Keep at least N bytes for the root directory's xattrs (zero padded, "
+                   "for adding xattrs to it in place later), as mkfs.erofs.")
 @click.option("--xattr-prefix", "xattr_prefix", multiple=True, metavar="PREFIX",
               help="A long xattr name prefix (Linux 6.4+; repeatable): xattrs whose names "
                    "start with it store only the rest, as mkfs.erofs.")
@@ -113,7 +117,7 @@ from erofs_tools.errors import InputError
 def mkfs(image, source, timestamp, all_time, ignore_mtime, ovlfs_strip, block_size,
          uuid_text, label, all_root, force_uid, force_gid, uid_offset, gid_offset,
          hard_dereference, mount_point, exclude_path, exclude_regex, no_shared_xattrs,
-         xattr_tolerance, debug_level, xattr_prefix, compress,
+         xattr_tolerance, debug_level, xattr_prefix, root_xattr_isize, compress,
          pcluster, extended, hints, digest_flag, digest_name, workers, quiet, as_json,
          tar_mode, aufs, ungzip, ungzip_dump, unxz, sort_order, max_size):
     """Build an EROFS image IMAGE of the directory SOURCE (4 KiB blocks), or with --tar
@@ -159,6 +163,7 @@ def mkfs(image, source, timestamp, all_time, ignore_mtime, ovlfs_strip, block_si
         shared_xattrs=shared,
         shared_xattr_min=shared_min,
         xattrs=xattrs,
+        root_xattr_isize=parse_root_xattr_isize(root_xattr_isize) if root_xattr_isize else 0,
         inline_data="noinline_data" not in ext,
         xattr_filter="no-xattr-name-filter" not in ext,
         sb_checksum="nosbcrc" not in ext,

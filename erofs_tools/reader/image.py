@@ -687,6 +687,11 @@ class Image:
             name, value, _ = self._xattr_entry(sbuf, 0, len(sbuf), f"{what} shared xattr {xid}")
             out.append((name, value))
         while off < len(buf):
+            if not any(buf[off:off + E.XattrEntry.SIZE]):
+                # an entry of no name (index 0): padding the kernel skips, as mkfs
+                # --root-xattr-isize (and mkfs.erofs's) leaves after the root's xattrs
+                off += E.XattrEntry.SIZE
+                continue
             name, value, off = self._xattr_entry(buf, off, len(buf), what)
             out.append((name, value))
         return out
