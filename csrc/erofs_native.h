@@ -63,6 +63,9 @@ struct erofs_opts {
     int32_t ignore_mtime;      /* 1: an inode that would be extended only for its mtime
                                   is compact, its mtime the build time (mkfs.erofs
                                   --ignore-mtime) */
+    int32_t force_compact;     /* 1: an inode that cannot be compact (uid, gid, links
+                                  or size too large) is an error (-E force-inode-compact,
+                                  with ignore_mtime) */
     int32_t auto_build_time;   /* 1: build_time = most common (mtime, nsec) of the tree */
     int64_t build_time;
     uint32_t build_time_nsec;

@@ -292,6 +292,10 @@ static int choose_formats(erofs_builder *b, struct layout_state *st)
                 n->extended = 1;
             }
         }
+        if (n->extended && b->o.force_compact)
+            return fail(b, ERN_ELIMIT, "-E force-inode-compact: an inode (uid %u, gid %u, "
+                        "%u links, %llu bytes) cannot be compact", n->uid, n->gid, n->nlink,
+                        (unsigned long long)n->size);
         uint64_t base = inode_size(n) + n->xattr_isize;
         n->tail = 0;
         st->data_bytes += n->size;

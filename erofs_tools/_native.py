@@ -91,6 +91,7 @@ class BuildOptions:
     force_extended: bool = False
     ignore_mtime: bool = False     # inodes extended only for their mtime: compact, at the
                                    # build time (mkfs.erofs --ignore-mtime)
+    force_compact: bool = False    # an inode that must be extended is an error
     build_time: int | None = None  # None: most common (mtime, nsec) of the tree
     build_time_nsec: int = 0
     uuid: bytes = bytes(E.UUID_SIZE)
@@ -143,7 +144,8 @@ class BuildOptions:
         o.inline_data = int(self.inline_data)
         o.xattr_filter = int(self.xattr_filter)
         o.force_extended = int(self.force_extended)
-        o.ignore_mtime = int(self.ignore_mtime)
+        o.ignore_mtime = int(self.ignore_mtime or self.force_compact)
+        o.force_compact = int(self.force_compact)
         o.auto_build_time = int(self.build_time is None)
         o.build_time = self.build_time or 0
         o.build_time_nsec = self.build_time_nsec

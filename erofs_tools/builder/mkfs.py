@@ -82,6 +82,7 @@ def build_options(opts: MkfsOptions) -> BuildOptions:
         sb_checksum=opts.sb_checksum,
         force_extended=opts.force_extended,
         ignore_mtime=opts.ignore_mtime,
+        force_compact=opts.force_compact,
     )
 
 

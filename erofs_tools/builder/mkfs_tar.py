@@ -375,7 +375,7 @@ def _build(image: str, tree: TarTree, files: list[int | _Data], data_path: str,
                           uuid=opts.uuid if opts.uuid is not None else _uuid.uuid4().bytes,
                           volume_name=opts.label, build_time=opts.effective_timestamp(),
                           shared_xattrs=opts.shared_xattrs, xattr_filter=opts.xattr_filter,
-                          ignore_mtime=opts.ignore_mtime,
+                          ignore_mtime=opts.ignore_mtime, force_compact=opts.force_compact,
                           root_xattr_isize=opts.root_xattr_isize)
         tar_blocks = -(-tar_end >> INDEX_BLKSZBITS)
         if tar_blocks > 0xFFFFFFFF:

@@ -94,6 +94,8 @@ class MkfsOptions:
     xattr_filter: bool = True         # -E ^xattr-name-filter turns the name filters off
     sb_checksum: bool = True          # -E nosbcrc: no superblock checksum
     force_extended: bool = False      # -E force-inode-extended: every inode 64 bytes
+    force_compact: bool = False       # -E force-inode-compact: every inode 32 bytes (mtimes
+                                      # as --ignore-mtime; one that cannot be: an error)
     ignore_mtime: bool = False        # --ignore-mtime: an inode extended only for its
                                       # mtime is compact, its mtime the build time
     whiteouts: str = "mark"           # overlayfs whiteouts (char 0:0) in the source: a
@@ -170,10 +172,16 @@ PCLUSTER_MAX = 1 << 20
 # -E options this mkfs knows (mkfs.erofs names), and whether they take =VALUE
 EXTENDED = {"legacy-compress": False, "ztailpacking": False, "fragments": True,
             "dedupe": False, "noinline_data": False, "force-inode-extended": False,
+            "force-inode-compact": False,
             "nosbcrc": False}
 # -E options that are on by default, named as mkfs.erofs names them: "^NAME" turns one
 # off, which the result says as the key here
 DEFAULT_ON = {"inline_data": "noinline_data", "xattr-name-filter": "no-xattr-name-filter"}
+
+
+# -E force-inode-extended and force-inode-compact set one thing, as in mkfs.erofs
+_INODE_VERSIONS = {"force-inode-extended": "force-inode-compact",
+                   "force-inode-compact": "force-inode-extended"}
 
 
 def parse_extended(texts: Sequence[str]) -> dict[str, str | None]:
@@ -201,6 +209,8 @@ def parse_extended(texts: Sequence[str]) -> dict[str, str | None]:
                 out.pop(name, None)
             else:
                 out[name] = value if sep else None
+                if name in _INODE_VERSIONS:         # the last of the two wins
+                    out.pop(_INODE_VERSIONS[name], None)
     return out
 
 

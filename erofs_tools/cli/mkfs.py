@@ -168,6 +168,7 @@ def mkfs(image, source, timestamp, all_time, ignore_mtime, ovlfs_strip, block_si
         xattr_filter="no-xattr-name-filter" not in ext,
         sb_checksum="nosbcrc" not in ext,
         force_extended="force-inode-extended" in ext,
+        force_compact="force-inode-compact" in ext,
         ignore_mtime=ignore_mtime,
         compress=z,
         compress_hints=parse_compress_hints(hints, 1 + len(z.more)) if z and hints else [],
