@@ -622,3 +622,36 @@ def test_force_inode_compact(root_kernel, tree, tmp_path):
     with mounted(img) as mnt, mounted(ref) as rmnt:
         assert compare_trees(rmnt, mnt) == []
         assert set(mtimes(mnt).values()) == {T * 10**9}
+
+
+def test_more_than_255_shared_xattrs_on_one_inode(root_kernel, tmp_path):
+    """An inode lists at most 255 shared xattr ids (a u8 count): with 300 xattrs that
+    two files share (or -x 0 on one file), 255 are shared and the rest inline, as
+    mkfs.erofs keeps them (this failed: "more than 255 shared xattrs")."""
+    import stat as st
+
+    from helpers import write_native_image
+
+    from erofs_tools._native import BuildOptions, NativeBuilder
+    for k, (files, share_min) in enumerate([(2, 0), (1, 1)]):
+        b = NativeBuilder(BuildOptions(shared_xattr_min=share_min))
+        root = b.add_node(st.S_IFDIR | 0o755)
+        b.set_root(root)
+        names = [b"f%d" % i for i in range(files)]
+        for name in names:
+            f = b.add_node(st.S_IFREG | 0o644, size=1)
+            for i in range(300):
+                b.add_xattr(f, b"user.k%03d" % i, b"v%d" % i)
+            b.set_bytes(f, b"x")
+            b.add_child(root, name, f)
+        img = tmp_path / f"many{k}.img"
+        write_native_image(b, img)
+        fsck(img)
+        counts = shared_counts(img)
+        assert set(counts.values()) == {255}, counts
+        with mounted(img) as mnt:
+            for name in names:
+                p = os.path.join(mnt, os.fsdecode(name))
+                assert len(os.listxattr(p)) == 300
+                assert os.getxattr(p, "user.k299") == b"v299"
+                assert os.getxattr(p, "user.k000") == b"v0"

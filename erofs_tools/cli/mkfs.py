@@ -95,7 +95,9 @@ from erofs_tools.errors import InputError
                    "indexes), ztailpacking (last extents inline), fragments[=SIZE] (last "
                    "extents and small files in the packed inode, its pcluster SIZE), dedupe "
                    "(identical pclusters shared), noinline_data (no file tail inline after "
-                   "its inode: every uncompressed file's data in whole blocks).")
+                   "its inode: every uncompressed file's data in whole blocks), "
+                   "force-inode-extended / force-inode-compact (every inode 64 / 32 "
+                   "bytes), nosbcrc, ^NAME (NAME off).")
 @click.option("--compress-hints", "hints", metavar="FILE",
               help="Per-file pcluster size and algorithm: lines 'SIZE [ALGINDEX] REGEX' "
                    "(as mkfs.erofs; SIZE 0: not compressed).")
