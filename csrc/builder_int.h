@@ -328,6 +328,8 @@ INTERNAL uint32_t xentry_size(const struct xattr_rec *x);
  * *filtered set when some inode's filter rules a name out */
 INTERNAL uint32_t xattr_name_filter(const erofs_builder *b, const struct node *n);
 INTERNAL int pack_xattrs(erofs_builder *b, uint32_t *shared_bytes, int *filtered);
+INTERNAL int match_long_prefix(const erofs_builder *b, uint8_t base, const char *rest,
+                               size_t restlen, uint32_t *infix_len);
 INTERNAL uint64_t place_sparse_chunks(erofs_builder *b, struct chunkset *cs, uint64_t size,
                                      uint64_t blk);
 
@@ -358,13 +360,15 @@ static inline uint32_t inode_size(const struct node *n)
 
 /* the inode size a streamed file will get, decided before the layout: compact when
  * nothing known so far needs the extended inode (the build time is fixed and is the
- * file's mtime). Only the link count is not known yet: choose_formats checks it. */
+ * file's mtime, or --ignore-mtime). Only the link count is not known yet:
+ * choose_formats checks it. */
 static inline uint32_t stream_inode_size(const erofs_builder *b, const struct node *n)
 {
     int ext = b->o.force_extended || b->o.auto_build_time || n->uid > 0xFFFF ||
               n->gid > 0xFFFF || n->size > 0xFFFFFFFFull ||
-              n->mtime != (b->o.build_time < 0 ? 0 : b->o.build_time) ||
-              n->mtime_nsec != b->o.build_time_nsec;
+              (!b->o.ignore_mtime &&
+               (n->mtime != (b->o.build_time < 0 ? 0 : b->o.build_time) ||
+                n->mtime_nsec != b->o.build_time_nsec));
     return ext ? (uint32_t)sizeof(struct erofs_inode_extended)
                : (uint32_t)sizeof(struct erofs_inode_compact);
 }

@@ -50,11 +50,22 @@ struct erofs_opts {
     uint32_t feature_compat;   /* written as is, plus SB_CHKSUM when sb_checksum */
     uint32_t feature_incompat; /* written as is, plus CHUNKED_FILE when chunk files exist */
     int32_t sb_checksum;       /* 1: crc32c over [1024, blksz) and set SB_CHKSUM */
-    int32_t shared_xattrs;     /* 1: an xattr carried by >= 2 inodes goes to the shared area */
+    int32_t shared_xattrs;     /* 1: an xattr carried by >= shared_xattr_min inodes goes
+                                  to the shared area */
+    uint32_t shared_xattr_min; /* 0: 2 (mkfs.erofs -x N: N + 1) */
+    uint32_t root_xattr_isize; /* the root's xattr ibody at least this many bytes (16 ..
+                                  65532, 4-byte multiple; 0: as its xattrs need), zero
+                                  padded (mkfs.erofs --root-xattr-isize) */
     int32_t inline_data;       /* 1: FLAT_INLINE tails when they fit (else FLAT_PLAIN) */
     int32_t xattr_filter;      /* 1: xattr name filters in the inodes' xattr headers (as
                                   mkfs.erofs 1.9 writes them; Nydus's bootstraps have none) */
     int32_t force_extended;    /* 1: every inode extended (64 bytes) */
+    int32_t ignore_mtime;      /* 1: an inode that would be extended only for its mtime
+                                  is compact, its mtime the build time (mkfs.erofs
+                                  --ignore-mtime) */
+    int32_t force_compact;     /* 1: an inode that cannot be compact (uid, gid, links
+                                  or size too large) is an error (-E force-inode-compact,
+                                  with ignore_mtime) */
     int32_t auto_build_time;   /* 1: build_time = most common (mtime, nsec) of the tree */
     int64_t build_time;
     uint32_t build_time_nsec;
@@ -184,6 +195,13 @@ struct erofs_walk_opts {
                                 * (mkfs.erofs --ovlfs-strip=1) */
     int64_t force_uid;         /* -1: the file's own */
     int64_t force_gid;
+    uint32_t uid_offset;       /* added to every uid (after force_uid), as mkfs.erofs
+                                * --uid-offset; a sum past 2^32-1 is an error */
+    uint32_t gid_offset;
+    int32_t hard_dereference;  /* 1: every link of a file its own inode (mkfs.erofs
+                                * --hard-dereference) */
+    int32_t no_xattrs;         /* 1: the source's xattrs left out (mkfs.erofs -x -1);
+                                * whiteout marks are still made */
     int32_t list_files;        /* 1: regular files (of every size) are listed for the
                                 * caller (erofs_walk_files), not given file data */
 };

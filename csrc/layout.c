@@ -283,8 +283,19 @@ static int choose_formats(erofs_builder *b, struct layout_state *st)
         struct node *n = &b->nodes[b->order[oi]];
         uint32_t fmt = n->mode & S_IFMT;
         n->extended = b->o.force_extended || n->uid > 0xFFFF || n->gid > 0xFFFF ||
-                      n->nlink > 0xFFFF || n->size > 0xFFFFFFFFull || n->mtime != st->bt ||
-                      n->mtime_nsec != st->btn;
+                      n->nlink > 0xFFFF || n->size > 0xFFFFFFFFull;
+        if (!n->extended && (n->mtime != st->bt || n->mtime_nsec != st->btn)) {
+            if (b->o.ignore_mtime) {      /* --ignore-mtime: compact, at the build time */
+                n->mtime = st->bt;
+                n->mtime_nsec = st->btn;
+            } else {
+                n->extended = 1;
+            }
+        }
+        if (n->extended && b->o.force_compact)
+            return fail(b, ERN_ELIMIT, "-E force-inode-compact: an inode (uid %u, gid %u, "
+                        "%u links, %llu bytes) cannot be compact", n->uid, n->gid, n->nlink,
+                        (unsigned long long)n->size);
         uint64_t base = inode_size(n) + n->xattr_isize;
         n->tail = 0;
         st->data_bytes += n->size;

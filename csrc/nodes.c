@@ -259,6 +259,13 @@ int erofs_node_add_xattr(erofs_builder *b, uint32_t node, const char *name, size
     if (idx < 0)
         return fail(b, ERN_ELIMIT, "xattr name '%.*s' has a prefix EROFS cannot store",
                     (int)(namelen > 200 ? 200 : namelen), name);
+    size_t pl = xprefixes[idx].len;
+    uint32_t il;
+    int id = b->xpfx_count && !xprefixes[idx].whole ?
+             match_long_prefix(b, xprefixes[idx].index, name + pl, namelen - pl, &il) : -1;
+    if (id >= 0)          /* a long prefix of --xattr-prefix: the rest after it stored */
+        return add_xattr_rec(b, node, (uint8_t)(EROFS_XATTR_LONG_PREFIX | (uint32_t)id), name,
+                             namelen, name + pl + il, namelen - pl - il, value, valuelen);
     return add_xattr_rec(b, node, xprefixes[idx].index, name, namelen,
                          name + xprefixes[idx].len, namelen - xprefixes[idx].len,
                          value, valuelen);
@@ -556,6 +563,9 @@ int erofs_builder_set_root(erofs_builder *b, uint32_t node)
         return fail(b, ERN_EINVAL, "root must be a directory");
     if (b->nodes[node].parent != NONE32)
         return fail(b, ERN_EINVAL, "root directory has a parent");
+    /* stream mode reserves records by xa_max: the root's padding on top of it */
+    if (b->o.root_xattr_isize && b->root != node)
+        b->nodes[node].xa_max += b->o.root_xattr_isize;
     b->root = node;
     return 0;
 }

@@ -357,8 +357,18 @@ static int64_t add_inode(erofs_walk *w, int dfd, const char *name, const char *p
                          const struct stat *st)
 {
     uint32_t fmt = st->st_mode & S_IFMT;
-    uint32_t uid = w->o.force_uid >= 0 ? (uint32_t)w->o.force_uid : st->st_uid;
-    uint32_t gid = w->o.force_gid >= 0 ? (uint32_t)w->o.force_gid : st->st_gid;
+    uint64_t uid = (w->o.force_uid >= 0 ? (uint64_t)w->o.force_uid : st->st_uid) +
+                   w->o.uid_offset;
+    uint64_t gid = (w->o.force_gid >= 0 ? (uint64_t)w->o.force_gid : st->st_gid) +
+                   w->o.gid_offset;
+    /* mkfs.erofs reports the overflow and goes on with the wrapped id (another owner):
+     * an error here */
+    if (uid > 0xFFFFFFFFu || gid > 0xFFFFFFFFu) {
+        size_t n = strlen(path);
+        return fail(w->b, ERN_ELIMIT, "%s%s: %s overflows with the offset (%llu)",
+                    n > SHOWN ? "..." : "", shown(path), uid > 0xFFFFFFFFu ? "uid" : "gid",
+                    (unsigned long long)(uid > 0xFFFFFFFFu ? uid : gid));
+    }
     int fix = w->o.fixed_mtime_set &&
               (!w->o.clamp_mtime || st->st_mtim.tv_sec >= w->o.fixed_mtime);
     int64_t sec = fix ? w->o.fixed_mtime : st->st_mtim.tv_sec;
@@ -377,10 +387,12 @@ static int64_t add_inode(erofs_walk *w, int dfd, const char *name, const char *p
         maj = major(st->st_rdev);
         mnr = minor(st->st_rdev);
     }
-    int64_t node = erofs_node_add(w->b, st->st_mode, uid, gid, sec, nsec, size, maj, mnr);
+    int64_t node = erofs_node_add(w->b, st->st_mode, (uint32_t)uid, (uint32_t)gid, sec, nsec,
+                                  size, maj, mnr);
     if (node < 0)
         return wrap(w, path, (int)node);
-    int r = add_xattrs(w, dfd, name, path, (uint32_t)node);   /* before the data */
+    int r = w->o.no_xattrs ? 0 : add_xattrs(w, dfd, name, path, (uint32_t)node);
+                                                        /* before the data */
     if (r)
         return r;
     if (fmt == S_IFREG && w->o.list_files) {
@@ -484,7 +496,7 @@ static int whiteouts(erofs_walk *w)
     }
     w->nnames = kept;
     if (!found || w->o.ovlfs_strip || !w->o.mark_whiteout_dirs ||
-            lgetxattr(w->cur.path, OVL_ORIGIN, NULL, 0) >= 0)
+            (!w->o.no_xattrs && lgetxattr(w->cur.path, OVL_ORIGIN, NULL, 0) >= 0))
         return 0;
     int r = erofs_node_add_xattr(w->b, w->cur.node, OVL_ORIGIN, strlen(OVL_ORIGIN), "", 0);
     return r ? wrap(w, w->cur.path, r) : 0;
@@ -594,7 +606,7 @@ static int walk_entry(erofs_walk *w, const char *name)
     if (fstatat(w->dfd, name, &st, AT_SYMLINK_NOFOLLOW) < 0)
         return werr(w, path, errno);
     int64_t node;
-    if (!S_ISDIR(st.st_mode) && st.st_nlink > 1) {
+    if (!S_ISDIR(st.st_mode) && st.st_nlink > 1 && !w->o.hard_dereference) {
         struct link *l = w->cap_links ? &w->links[link_slot(w, st.st_dev, st.st_ino)] : NULL;
         if (l && l->used && l->left) {
             l->left--;

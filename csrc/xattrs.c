@@ -74,6 +74,25 @@ static int long_prefix(const erofs_builder *b, uint32_t id, uint8_t *base,
     return -1;
 }
 
+/* the first long prefix of the table (mkfs.erofs --xattr-prefix) that a name, short
+ * prefix `base` then `rest`, starts with: -> its id (*infix_len: its infix's length), or
+ * -1. The first, as mkfs.erofs takes them in order; never the fingerprints' own. */
+int match_long_prefix(const erofs_builder *b, uint8_t base, const char *rest,
+                      size_t restlen, uint32_t *infix_len)
+{
+    uint32_t off = 0;
+    for (uint32_t i = 0; i < b->xpfx_count; i++) {
+        uint32_t sz = (uint32_t)b->xpfx[off] | (uint32_t)b->xpfx[off + 1] << 8;
+        if ((int32_t)i != b->xpfx_ishare && b->xpfx[off + 2] == base && sz - 1 <= restlen &&
+                !memcmp(b->xpfx + off + 3, rest, sz - 1)) {
+            *infix_len = sz - 1;
+            return (int)i;
+        }
+        off = (off + 2 + sz + 3) & ~3u;
+    }
+    return -1;
+}
+
 uint32_t xattr_name_filter(const erofs_builder *b, const struct node *n)
 {
     uint32_t bits = 0;
@@ -155,6 +174,7 @@ static int share_xattrs(erofs_builder *b, uint32_t *shared_bytes)
     for (uint32_t i = 0; i < b->nxa; i++)
         idx[i] = i;
     qsort_r(idx, b->nxa, sizeof(uint32_t), cmp_xattr_idx, b);
+    uint32_t min = b->o.shared_xattr_min ? b->o.shared_xattr_min : 2;
     for (uint32_t i = 0; i < b->nxa;) {
         uint32_t j = i + 1;
         while (j < b->nxa && !cmp_xattr_content(b, &b->xas[idx[i]], &b->xas[idx[j]]))
@@ -164,7 +184,7 @@ static int share_xattrs(erofs_builder *b, uint32_t *shared_bytes)
          * their own copy */
         int fingerprint = b->xpfx_ishare >= 0 &&
                           b->xas[idx[i]].index == (EROFS_XATTR_LONG_PREFIX | (uint32_t)b->xpfx_ishare);
-        if (j - i >= 2 && !fingerprint) {
+        if (j - i >= min && !fingerprint) {
             uint64_t id = *shared_bytes / 4;
             uint32_t sz = xentry_size(&b->xas[idx[i]]);
             if ((uint64_t)*shared_bytes + sz > 0xFFFFFFF0ull) {
@@ -203,7 +223,7 @@ int pack_xattrs(erofs_builder *b, uint32_t *shared_bytes, int *filtered)
     free(b->shared_order);
     b->shared_order = NULL;
     b->nshared = 0;
-    if (b->o.shared_xattrs && b->nxa > 1) {
+    if (b->o.shared_xattrs && b->nxa && b->nxa >= b->o.shared_xattr_min) {
         int r = share_xattrs(b, shared_bytes);
         if (r)
             return r;
@@ -212,16 +232,29 @@ int pack_xattrs(erofs_builder *b, uint32_t *shared_bytes, int *filtered)
     for (uint32_t i = 0; i < b->nnodes; i++) {
         struct node *n = &b->nodes[i];
         n->xattr_isize = 0;
+        if (i == b->root && b->o.root_xattr_isize) {
+            /* --root-xattr-isize: room kept after the root's xattrs (zeros, which the
+             * kernel reads as entries of no name to skip), as mkfs.erofs pads it */
+            n->xattr_isize = b->o.root_xattr_isize;
+            if (b->o.xattr_filter && !n->xa_count)
+                *filtered = 1;      /* (its header's filter: every name absent) */
+        }
         if (!n->xa_count)
             continue;
         uint64_t sz = hdr;
+        uint32_t nshared = 0;
         for (uint32_t k = 0; k < n->xa_count; k++) {
             struct xattr_rec *x = &b->xas[n->xa_first + k];
+            /* an inode lists at most 255 shared ids (a u8 count): the others inline,
+             * as mkfs.erofs keeps them */
+            if (x->shared_id != NONE32 && ++nshared > 255)
+                x->shared_id = NONE32;
             sz += x->shared_id != NONE32 ? 4 : xentry_size(x);
         }
         if ((sz - hdr) / 4 + 1 > 0xFFFF)
             return fail(b, ERN_ELIMIT, "xattrs of one inode exceed the inline limit");
-        n->xattr_isize = (uint32_t)sz;
+        if (sz > n->xattr_isize)
+            n->xattr_isize = (uint32_t)sz;
         /* the feature is on when some filter rules a name out (as mkfs.erofs) */
         if (b->o.xattr_filter && !*filtered && xattr_name_filter(b, n))
             *filtered = 1;

@@ -84,9 +84,14 @@ class BuildOptions:
     feature_incompat: int = 0
     sb_checksum: bool = True
     shared_xattrs: bool = True
+    shared_xattr_min: int = 0      # an xattr on this many inodes is shared; 0: 2
+    root_xattr_isize: int = 0      # the root's xattr ibody at least this (16..65532, 4 | it)
     inline_data: bool = True
     xattr_filter: bool = False     # xattr name filters (mkfs, as mkfs.erofs 1.9; not pack)
     force_extended: bool = False
+    ignore_mtime: bool = False     # inodes extended only for their mtime: compact, at the
+                                   # build time (mkfs.erofs --ignore-mtime)
+    force_compact: bool = False    # an inode that must be extended is an error
     build_time: int | None = None  # None: most common (mtime, nsec) of the tree
     build_time_nsec: int = 0
     uuid: bytes = bytes(E.UUID_SIZE)
@@ -129,9 +134,18 @@ class BuildOptions:
         o.feature_incompat = self.feature_incompat
         o.sb_checksum = int(self.sb_checksum)
         o.shared_xattrs = int(self.shared_xattrs)
+        if not 0 <= self.shared_xattr_min < 1 << 32:
+            raise NativeError("shared_xattr_min out of range")
+        o.shared_xattr_min = self.shared_xattr_min
+        if self.root_xattr_isize and not (16 <= self.root_xattr_isize <= 65532
+                                          and self.root_xattr_isize % 4 == 0):
+            raise NativeError("root_xattr_isize: 0 or a multiple of 4 from 16 to 65532")
+        o.root_xattr_isize = self.root_xattr_isize
         o.inline_data = int(self.inline_data)
         o.xattr_filter = int(self.xattr_filter)
         o.force_extended = int(self.force_extended)
+        o.ignore_mtime = int(self.ignore_mtime or self.force_compact)
+        o.force_compact = int(self.force_compact)
         o.auto_build_time = int(self.build_time is None)
         o.build_time = self.build_time or 0
         o.build_time_nsec = self.build_time_nsec

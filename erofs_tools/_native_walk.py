@@ -22,7 +22,8 @@ WHITEOUT_MODES = ("keep", "mark", "strip")
 
 def _walk_new(b, source: str | bytes, fixed_mtime: int | None, force_uid: int | None,
               force_gid: int | None, list_files: bool, clamp_mtime: bool = False,
-              whiteouts: str = "keep"):
+              whiteouts: str = "keep", uid_offset: int = 0, gid_offset: int = 0,
+              hard_dereference: bool = False, no_xattrs: bool = False):
     """A C walk of `source` into builder `b` with these options (freed by the caller)."""
     src = os.fsencode(source)
     o = ffi.new("struct erofs_walk_opts *")
@@ -35,6 +36,12 @@ def _walk_new(b, source: str | bytes, fixed_mtime: int | None, force_uid: int | 
     o.ovlfs_strip = int(whiteouts == "strip")
     o.force_uid = -1 if force_uid is None else force_uid
     o.force_gid = -1 if force_gid is None else force_gid
+    if not (0 <= uid_offset < 1 << 32 and 0 <= gid_offset < 1 << 32):
+        raise ValueError("uid/gid offsets: 0 .. 2^32-1")
+    o.uid_offset = uid_offset
+    o.gid_offset = gid_offset
+    o.hard_dereference = int(hard_dereference)
+    o.no_xattrs = int(no_xattrs)
     o.list_files = int(list_files)
     w = lib.erofs_walk_new(b, src, len(src), o)
     if w == ffi.NULL:
@@ -46,12 +53,16 @@ def native_walk(builder: NativeBuilder, source: str | bytes, *,
                 fixed_mtime: int | None = None, force_uid: int | None = None,
                 force_gid: int | None = None,
                 on_entry: Callable[[int, int], object] | None = None,
-                clamp_mtime: bool = False, whiteouts: str = "keep") -> int:
+                clamp_mtime: bool = False, whiteouts: str = "keep", uid_offset: int = 0,
+                gid_offset: int = 0, hard_dereference: bool = False,
+                no_xattrs: bool = False) -> int:
     """Walk directory `source` into `builder` (depth first, names in byte order) and
     set its root; -> the root node. on_entry(entries, bytes) after each step."""
     b = builder._b
     w = _walk_new(b, source, fixed_mtime, force_uid, force_gid, list_files=False,
-                  clamp_mtime=clamp_mtime, whiteouts=whiteouts)
+                  clamp_mtime=clamp_mtime, whiteouts=whiteouts, uid_offset=uid_offset,
+                  gid_offset=gid_offset, hard_dereference=hard_dereference,
+                  no_xattrs=no_xattrs)
     entries = ffi.new("uint64_t *")
     nbytes = ffi.new("uint64_t *")
     try:

@@ -75,7 +75,13 @@ def _image(tmp_path, name, src, native, **kw):
 
 @pytest.mark.parametrize("kw", [{}, {"timestamp": 0}, {"all_root": True},
                                 {"force_uid": 7, "force_gid": 9, "timestamp": 12345},
-                                {"inline_data": False, "shared_xattrs": False}])
+                                {"inline_data": False, "shared_xattrs": False},
+                                {"uid_offset": 100000, "gid_offset": 3, "force_uid": 1},
+                                {"ignore_mtime": True, "timestamp": 5, "all_time": False},
+                                {"hard_dereference": True}, {"xattrs": False},
+                                {"shared_xattr_min": 1},
+                                {"xattr_prefixes": [b"user.a", b"trusted.overlay."]},
+                                {"root_xattr_isize": 400}])
 def test_c_walk_equals_python_walk(rich_tree, tmp_path, kw):
     c = _image(tmp_path, "c.img", rich_tree, True, **kw)
     py = _image(tmp_path, "py.img", rich_tree, False, **kw)

@@ -73,12 +73,16 @@ def build_options(opts: MkfsOptions) -> BuildOptions:
         build_time=ts,
         build_time_nsec=0,
         shared_xattrs=opts.shared_xattrs,
+        shared_xattr_min=opts.shared_xattr_min,
+        root_xattr_isize=opts.root_xattr_isize,
         inline_data=opts.inline_data,
         stream_data=True,
         blkszbits=opts.blkszbits,
         xattr_filter=opts.xattr_filter,
         sb_checksum=opts.sb_checksum,
         force_extended=opts.force_extended,
+        ignore_mtime=opts.ignore_mtime,
+        force_compact=opts.force_compact,
     )
 
 

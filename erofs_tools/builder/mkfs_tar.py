@@ -41,8 +41,18 @@ from erofs_tools._native import BuildOptions, NativeBuilder
 from erofs_tools.builder.mkfs import build_options
 from erofs_tools.builder.options import MkfsOptions, Progress
 from erofs_tools.builder.tar_reader import DEFAULT_MAX_SIZE, ReadStream, TarReader, _show
-from erofs_tools.builder.tar_stream import _Gunzip, _Peek, _Prefetch, detect_type
-from erofs_tools.builder.tar_tree import TarTree
+from erofs_tools.builder.tar_stream import (
+    LZIP_MAGIC,
+    XZ_MAGIC,
+    _Gunzip,
+    _Peek,
+    _Prefetch,
+    _Unxz,
+    detect_type,
+    is_lzma_alone,
+)
+from erofs_tools.builder.tar_tree import TarTree, TNode
+from erofs_tools.builder.tree import set_long_prefixes
 from erofs_tools.errors import InputError
 from erofs_tools.format import erofs as E
 from erofs_tools.fsutil import atomic_output, create_exclusive
@@ -58,7 +68,9 @@ class TarOptions:
     mode: str = "f"                   # "f" full image, "i" index image
     aufs: bool = False                # --aufs: convert .wh. files
     ungzip: bool = False              # --ungzip: gzip input accepted (plain too)
-    dump: str | None = None           # --ungzip=FILE: the uncompressed tar is kept here
+    unxz: bool = False                # --unxz: xz or .lzma input accepted (plain too)
+    dump: str | None = None           # --ungzip=FILE / --unxz=FILE: the uncompressed tar
+                                      # is kept here
     max_size: int = DEFAULT_MAX_SIZE  # bound on the bytes read (gzip bombs)
 
 
@@ -178,7 +190,7 @@ def _open_input(source: str, topts: TarOptions
             raw = close = open(source, "rb")
         except OSError as e:
             raise InputError(f"{source}: {e.strerror}") from None
-    peek = _Peek(raw)
+    peek = _Peek(raw, 6)
     kind = detect_type(peek.head)
     if kind == "tarzst":
         raise InputError(f"{source}: input is zstd-compressed (not supported by mkfs --tar)")
@@ -186,6 +198,13 @@ def _open_input(source: str, topts: TarOptions
         if not topts.ungzip:
             raise InputError(f"{source}: input is gzip-compressed: use --ungzip")
         return close, _Prefetch(_Gunzip(peek)), None
+    if peek.head.startswith(XZ_MAGIC) or (topts.unxz and is_lzma_alone(peek.head)):
+        if not topts.unxz:
+            raise InputError(f"{source}: input is xz-compressed: use --unxz")
+        # liblzma releases the GIL as zlib does: it decodes ahead on its own thread
+        return close, _Prefetch(_Unxz(peek, alone=not peek.head.startswith(XZ_MAGIC))), None
+    if peek.head.startswith(LZIP_MAGIC) and topts.unxz:
+        raise InputError(f"{source}: input is lzip-compressed (not supported by --unxz here)")
     if close is not None and stat.S_ISREG(os.fstat(close.fileno()).st_mode):
         path = _same_file_path(source, close.fileno())
         if path is not None:
@@ -355,7 +374,9 @@ def _build(image: str, tree: TarTree, files: list[int | _Data], data_path: str,
                           first_nid=(_SB_END + E.DEVICE_SLOT_SIZE) // E.SLOT_SIZE,
                           uuid=opts.uuid if opts.uuid is not None else _uuid.uuid4().bytes,
                           volume_name=opts.label, build_time=opts.effective_timestamp(),
-                          shared_xattrs=opts.shared_xattrs, xattr_filter=opts.xattr_filter)
+                          shared_xattrs=opts.shared_xattrs, xattr_filter=opts.xattr_filter,
+                          ignore_mtime=opts.ignore_mtime, force_compact=opts.force_compact,
+                          root_xattr_isize=opts.root_xattr_isize)
         tar_blocks = -(-tar_end >> INDEX_BLKSZBITS)
         if tar_blocks > 0xFFFFFFFF:
             raise InputError("tar larger than 2 TiB cannot be indexed")
@@ -372,8 +393,10 @@ def _build(image: str, tree: TarTree, files: list[int | _Data], data_path: str,
         try:
             if not index:
                 nb.set_output(fd)
-            if force_uid is not None or force_gid is not None:
-                _force_ids(tree, force_uid, force_gid)
+            set_long_prefixes(nb, opts)       # --xattr-prefix (before any xattr)
+            if (force_uid is not None or force_gid is not None or opts.uid_offset
+                    or opts.gid_offset):
+                _force_ids(tree, force_uid, force_gid, opts.uid_offset, opts.gid_offset)
             _, keys, _ = tree.emit(nb)
             path = os.fsencode(data_path)
             for key in sorted(keys):          # archive order: the tar is read forward
@@ -405,11 +428,15 @@ def _build(image: str, tree: TarTree, files: list[int | _Data], data_path: str,
     return info, nb.options.uuid
 
 
-def _force_ids(tree: TarTree, uid: int | None, gid: int | None) -> None:
-    stack = [tree.root]
+def _force_ids(tree: TarTree, uid: int | None, gid: int | None, uid_offset: int = 0,
+               gid_offset: int = 0) -> None:
+    """--force-uid/--force-gid/--all-root, then the offsets, as mkfs.erofs: added to the
+    archive's entries, not to the root and parents the archive leaves implied (mkfs.erofs
+    gives those the builder's own uid/gid, or its parent's)."""
+    stack: list[tuple[TNode, bytes]] = [(tree.root, b".")]
     seen = set()
     while stack:
-        n = stack.pop()
+        n, name = stack.pop()
         if id(n) in seen:
             continue
         seen.add(id(n))
@@ -417,5 +444,11 @@ def _force_ids(tree: TarTree, uid: int | None, gid: int | None) -> None:
             n.uid = uid
         if gid is not None:
             n.gid = gid
+        if not n.implied:
+            n.uid += uid_offset
+            n.gid += gid_offset
+            if n.uid >= 1 << 32 or n.gid >= 1 << 32:
+                what, v = ("uid", n.uid) if n.uid >= 1 << 32 else ("gid", n.gid)
+                raise InputError(f"{_show(name)}: {what} overflows with the offset ({v})")
         if n.children is not None:
-            stack.extend(n.children.values())
+            stack.extend((c, k) for k, c in n.children.items())

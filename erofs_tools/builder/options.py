@@ -71,13 +71,21 @@ class MkfsOptions:
     all_root: bool = False            # uid = gid = 0 everywhere
     force_uid: int | None = None
     force_gid: int | None = None
+    uid_offset: int = 0               # --uid-offset: added to every uid (after force_uid)
+    gid_offset: int = 0               # --gid-offset
+    hard_dereference: bool = False    # --hard-dereference: each link its own inode
     exclude_paths: list[bytes] = field(default_factory=list)   # relative paths (bytes), exact
     exclude_regex: list[re.Pattern[bytes]] = field(default_factory=list)   # compiled bytes regexes, re.search
     shared_xattrs: bool = True        # xattrs carried by >= 2 inodes go to the shared area
+    shared_xattr_min: int = 0         # -x N: ... by >= N + 1 inodes (0: the default, 2)
+    xattrs: bool = True               # -x -1: the source tree's xattrs left out
+    root_xattr_isize: int = 0         # --root-xattr-isize: bytes kept for the root's xattrs
     compress: Compression | None = None   # -z / -C
     compress_hints: list[CompressHint] = field(default_factory=list)   # --compress-hints
     workers: int = 0                  # --workers: compression threads, 0 = one per CPU
     inode_digest: bytes | None = None  # --xattr-inode-digest: the fingerprint xattr's name
+    xattr_prefixes: list[bytes] = field(default_factory=list)  # --xattr-prefix: long xattr
+                                      # name prefixes (Linux 6.4+)
     inline_data: bool = True          # -E noinline_data: no FLAT_INLINE tails (containerd's
                                       # EROFS differ asks for it: data blocks stay aligned)
     all_time: bool = True             # --all-time (default) / --mkfs-time: -T also sets
@@ -86,6 +94,10 @@ class MkfsOptions:
     xattr_filter: bool = True         # -E ^xattr-name-filter turns the name filters off
     sb_checksum: bool = True          # -E nosbcrc: no superblock checksum
     force_extended: bool = False      # -E force-inode-extended: every inode 64 bytes
+    force_compact: bool = False       # -E force-inode-compact: every inode 32 bytes (mtimes
+                                      # as --ignore-mtime; one that cannot be: an error)
+    ignore_mtime: bool = False        # --ignore-mtime: an inode extended only for its
+                                      # mtime is compact, its mtime the build time
     whiteouts: str = "mark"           # overlayfs whiteouts (char 0:0) in the source: a
                                       # directory holding one marked ("mark", as
                                       # mkfs.erofs 1.9), or left out with the opaque
@@ -117,6 +129,23 @@ class MkfsOptions:
 INODE_DIGEST_DEFAULT = "erofs.fingerprint.v1"
 
 
+def parse_xattr_prefixes(texts: Sequence[str], digest: bool = False) -> list[bytes]:
+    """--xattr-prefix X (repeatable): long xattr name prefixes, as mkfs.erofs takes them
+    (at most 128 with --xattr-inode-digest's, each at most 255 bytes). One extending no
+    namespace (user., trusted., security., ...) is taken but matches no name, as there."""
+    out = []
+    for text in texts:
+        raw = os.fsencode(text)
+        if not raw:
+            raise InputError("--xattr-prefix: empty prefix")
+        if len(raw) > 255:
+            raise InputError(f"--xattr-prefix {text[:40]!r}...: longer than 255 bytes")
+        out.append(raw)
+    if len(out) + digest > 128:
+        raise InputError(f"--xattr-prefix: {len(out) + digest} long prefixes (at most 128)")
+    return out
+
+
 def parse_inode_digest(name: str) -> bytes:
     """--xattr-inode-digest=NAME: the whole xattr name (it becomes a long name prefix)."""
     raw = os.fsencode(name)
@@ -143,10 +172,16 @@ PCLUSTER_MAX = 1 << 20
 # -E options this mkfs knows (mkfs.erofs names), and whether they take =VALUE
 EXTENDED = {"legacy-compress": False, "ztailpacking": False, "fragments": True,
             "dedupe": False, "noinline_data": False, "force-inode-extended": False,
+            "force-inode-compact": False,
             "nosbcrc": False}
 # -E options that are on by default, named as mkfs.erofs names them: "^NAME" turns one
 # off, which the result says as the key here
 DEFAULT_ON = {"inline_data": "noinline_data", "xattr-name-filter": "no-xattr-name-filter"}
+
+
+# -E force-inode-extended and force-inode-compact set one thing, as in mkfs.erofs
+_INODE_VERSIONS = {"force-inode-extended": "force-inode-compact",
+                   "force-inode-compact": "force-inode-extended"}
 
 
 def parse_extended(texts: Sequence[str]) -> dict[str, str | None]:
@@ -174,6 +209,8 @@ def parse_extended(texts: Sequence[str]) -> dict[str, str | None]:
                 out.pop(name, None)
             else:
                 out[name] = value if sep else None
+                if name in _INODE_VERSIONS:         # the last of the two wins
+                    out.pop(_INODE_VERSIONS[name], None)
     return out
 
 
@@ -306,6 +343,50 @@ def parse_timestamp(text: object, what: str = "-T") -> int:
     if not 0 <= v < 1 << 63:
         raise InputError(f"{what}: timestamp out of range: {text!r}")
     return v
+
+
+def parse_id_offset(text: str, what: str) -> int:
+    """--uid-offset/--gid-offset N: as mkfs.erofs reads it (strtoul, base 0: 0x hex, a
+    leading 0 octal), 0 .. 2^32-1."""
+    m = re.fullmatch(r"0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*", text.strip())
+    if m is None:
+        raise InputError(f"{what}: invalid offset {text!r}")
+    digits = m.group(0)
+    v = int(digits, 16 if digits[:2] in ("0x", "0X") else 8 if digits[0] == "0" else 10)
+    if v >= 1 << 32:
+        raise InputError(f"{what}: offset {text} is larger than 2^32-1")
+    return v
+
+
+def parse_xattr_tolerance(text: str) -> tuple[bool, bool, int]:
+    """-x N as mkfs.erofs reads it (strtol, base 0): N < 0 leaves the source's xattrs out,
+    N >= 2^31-1 shares none, else an xattr on more than N inodes is shared. -> (xattrs,
+    shared_xattrs, shared_xattr_min)."""
+    m = re.fullmatch(r"([-+]?)(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)", text.strip())
+    if m is None:
+        raise InputError(f"-x: invalid xattr tolerance {text!r}")
+    digits = m.group(2)
+    v = int(digits, 16 if digits[:2] in ("0x", "0X") else 8 if digits[0] == "0" else 10)
+    v = -v if m.group(1) == "-" else v
+    if v < 0:
+        return False, False, 0
+    if v >= (1 << 31) - 1:
+        return True, False, 0
+    return True, True, v + 1
+
+
+def parse_root_xattr_isize(text: str) -> int:
+    """--root-xattr-isize N (strtoull, base 0, as mkfs.erofs reads it) -> the root's xattr
+    ibody size: N rounded up to 4 bytes, at least 16 (mkfs.erofs fails on 1..11 and
+    writes a header-only ibody, which no reader takes, for 12); at most 65532."""
+    m = re.fullmatch(r"0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*", text.strip())
+    if m is None:
+        raise InputError(f"--root-xattr-isize: invalid size {text!r}")
+    digits = m.group(0)
+    v = int(digits, 16 if digits[:2] in ("0x", "0X") else 8 if digits[0] == "0" else 10)
+    if v > 65532:
+        raise InputError(f"--root-xattr-isize: {text} is too large (at most 65532)")
+    return 0 if v == 0 else max(16, (v + 3) & ~3)
 
 
 def parse_block_size(size: int | None, tar_mode: str | None = None) -> int:

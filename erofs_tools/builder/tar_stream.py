@@ -1,4 +1,5 @@
-"""Tar layer input streams: plain, gzip (multi-member) or zstd, by magic or by name;
+"""Tar layer input streams: plain, gzip (multi-member), zstd or (mkfs --unxz) xz/lzma, by
+magic or by name;
 decompression runs on its own thread a few MiB ahead of the parser (zlib and zstd
 release the GIL). Every read is bounded by the caller (`tar_reader._Reader`)."""
 from __future__ import annotations
@@ -59,6 +60,67 @@ class _Gunzip:
     @staticmethod
     def d_is_padding(inp: bytes) -> bool:
         return not inp.strip(b"\0")
+
+
+XZ_MAGIC = b"\xfd7zXZ\x00"
+LZIP_MAGIC = b"LZIP"
+
+
+def is_lzma_alone(head: bytes) -> bool:
+    """The header of a .lzma (LZMA_Alone) stream: the properties byte mkfs.erofs's and
+    xz's encoders write (lc=3, lp=0, pb=2) and a power-of-two dictionary from 4 KiB."""
+    if len(head) < 5 or head[0] != 0x5D:
+        return False
+    d = int.from_bytes(head[1:5], "little")
+    return d >= 4096 and d & (d - 1) == 0
+
+
+class _Unxz:
+    """read(n) -> up to n decompressed bytes of xz streams (concatenated, with stream
+    padding) or one .lzma stream (--unxz, as mkfs.erofs's liblzma auto decoder)."""
+
+    def __init__(self, f: ReadStream, alone: bool = False) -> None:
+        import lzma
+        self.lzma = lzma
+        self.fmt = lzma.FORMAT_ALONE if alone else lzma.FORMAT_XZ
+        self.f = f
+        self.d = lzma.LZMADecompressor(self.fmt)
+        self.tail = b""
+        self.fed = False
+        self.done = False
+
+    def read(self, n: int) -> bytes:
+        n = max(n, 1)
+        while not self.done:
+            if self.d.needs_input or not self.fed:
+                inp = self.tail or self.f.read(256 << 10)
+                self.tail = b""
+                if not inp:
+                    if self.fed:
+                        raise InputError("truncated xz/lzma stream")
+                    self.done = True
+                    break
+                if not self.fed and self.fmt == self.lzma.FORMAT_XZ:
+                    inp = inp.lstrip(b"\0")      # stream padding between xz streams
+                    if not inp:
+                        continue
+                self.fed = True
+            else:
+                inp = b""
+            try:
+                out = self.d.decompress(inp, n)
+            except self.lzma.LZMAError as e:
+                raise InputError(f"bad xz/lzma data: {e}") from None
+            if self.d.eof:            # (all its output given: liblzma ends after it)
+                if self.fmt == self.lzma.FORMAT_XZ:
+                    self.tail = self.d.unused_data
+                    self.d = self.lzma.LZMADecompressor(self.fmt)
+                    self.fed = False
+                else:
+                    self.done = True      # one .lzma stream; what follows is ignored
+            if out:
+                return out
+        return b""
 
 
 class _Unzstd:

@@ -70,19 +70,15 @@ class TreeWalker:
         self.whiteouts = options.whiteouts
         self.force_uid = 0 if options.all_root else options.force_uid
         self.force_gid = 0 if options.all_root else options.force_gid
+        self.uid_offset = options.uid_offset
+        self.gid_offset = options.gid_offset
+        self.hard_dereference = options.hard_dereference
+        self.xattrs = options.xattrs       # -x -1: the source's xattrs left out
         self.excl_paths = set(options.exclude_paths)
         self.excl_regex = list(options.exclude_regex)
         self.hints = list(options.compress_hints) if options.compress else []
         self.digest = options.inode_digest is not None
-        if options.inode_digest is not None:
-            if options.compress is not None and options.compress.fragments:
-                # mkfs.erofs then keeps the prefix table in the packed inode; kernels
-                # without plain prefixes would read ours from there
-                raise InputError("--xattr-inode-digest is not supported with -E fragments yet")
-            # one long prefix, the whole name; each fingerprint is stored with an empty
-            # suffix after it, as erofs-utils 1.9 writes them
-            _, entry = encode_long_prefix(options.inode_digest)
-            builder.set_xattr_prefixes(entry, 1, ishare_id=0)
+        self.digest_id = set_long_prefixes(builder, options)
 
     def _excluded(self, rel: bytes) -> bool:
         if rel in self.excl_paths:
@@ -98,8 +94,12 @@ class TreeWalker:
         b = self.b
         mode = st.st_mode
         fmt = mode & _S_IFMT
-        uid = st.st_uid if self.force_uid is None else self.force_uid
-        gid = st.st_gid if self.force_gid is None else self.force_gid
+        uid = (st.st_uid if self.force_uid is None else self.force_uid) + self.uid_offset
+        gid = (st.st_gid if self.force_gid is None else self.force_gid) + self.gid_offset
+        if uid >= 1 << 32 or gid >= 1 << 32:
+            # mkfs.erofs reports it and goes on with the wrapped id: an error here
+            what, v = ("uid", uid) if uid >= 1 << 32 else ("gid", gid)
+            raise InputError(f"{shown_path(path)}: {what} overflows with the offset ({v})")
         sec, nsec = divmod(st.st_mtime_ns, 1_000_000_000)
         if self.mtimes is not None:
             sec, nsec = self.mtimes.apply(sec, nsec)
@@ -118,9 +118,11 @@ class TreeWalker:
             maj, mnr = os.major(st.st_rdev), os.minor(st.st_rdev)
         try:
             node = b.add_node(mode, uid, gid, sec, nsec, size, maj, mnr)
-            self._xattrs(path, node)     # before the data (stream mode needs them first)
+            if self.xattrs:
+                self._xattrs(path, node)     # before the data (stream mode needs them first)
             if self.digest and fmt == _S_IFREG and size:
-                b.add_xattr_long(node, 0, b"", b"sha256:" + self._sha256(path, size))
+                b.add_xattr_long(node, self.digest_id, b"",
+                                 b"sha256:" + self._sha256(path, size))
             if fmt == _S_IFREG and size:
                 for h in self.hints:      # --compress-hints: the first match
                     if h.regex.search(rel):
@@ -188,7 +190,10 @@ class TreeWalker:
             return native_walk(self.b, src, fixed_mtime=self.fixed_mtime,
                                force_uid=self.force_uid, force_gid=self.force_gid,
                                on_entry=counted, clamp_mtime=self.clamp_mtime,
-                               whiteouts=self.whiteouts)
+                               whiteouts=self.whiteouts, uid_offset=self.uid_offset,
+                               gid_offset=self.gid_offset,
+                               hard_dereference=self.hard_dereference,
+                               no_xattrs=not self.xattrs)
         try:
             st = os.lstat(src)
         except OSError as e:
@@ -238,7 +243,8 @@ class TreeWalker:
                 except OSError as e:
                     raise _oserr(e, path) from None
                 mode = st.st_mode
-                if (mode & _S_IFMT) != _S_IFDIR and st.st_nlink > 1:
+                if ((mode & _S_IFMT) != _S_IFDIR and st.st_nlink > 1
+                        and not self.hard_dereference):
                     key = (st.st_dev, st.st_ino)
                     hit = links.get(key)
                     if hit is not None:
@@ -280,6 +286,8 @@ class TreeWalker:
         if self.whiteouts == "strip":
             return [n for n in names if n not in found], bare - found
         try:
+            if not self.xattrs:
+                raise OSError         # (the source's own is not copied)
             os.getxattr(dpath, ORIGIN_XATTR, follow_symlinks=False)
         except OSError:
             try:
@@ -293,6 +301,29 @@ class TreeWalker:
             self.b.add_child(dnode, name, node)
         except ErofsToolsError as e:
             raise _with_path(e, path) from None
+
+
+def set_long_prefixes(builder: NativeBuilder, options: MkfsOptions) -> int:
+    """The long xattr name prefixes: those of --xattr-prefix (xattrs starting with one
+    are stored with the rest of their name after it, as mkfs.erofs), then the content
+    fingerprints' (--xattr-inode-digest) -> its id (-1: none)."""
+    prefixes = list(options.xattr_prefixes)
+    digest_id = -1
+    if options.inode_digest is not None:
+        # one long prefix, the whole name; each fingerprint is stored with an empty
+        # suffix after it, as erofs-utils 1.9 writes them
+        digest_id = len(prefixes)
+        prefixes.append(options.inode_digest)
+    if not prefixes:
+        return -1
+    if options.compress is not None and options.compress.fragments:
+        # mkfs.erofs then keeps the prefix table in the packed inode; kernels without
+        # plain prefixes would read ours from there
+        what = "--xattr-inode-digest" if options.inode_digest else "--xattr-prefix"
+        raise InputError(f"{what} is not supported with -E fragments yet")
+    table = b"".join(encode_long_prefix(p)[1] for p in prefixes)
+    builder.set_xattr_prefixes(table, len(prefixes), ishare_id=digest_id)
+    return digest_id
 
 
 def _list_dir(dpath: bytes) -> tuple[list[bytes], set[bytes]]:

@@ -13,10 +13,14 @@ from erofs_tools.builder.options import (
     parse_exclude_path,
     parse_exclude_regex,
     parse_extended,
+    parse_id_offset,
     parse_inode_digest,
     parse_label,
+    parse_root_xattr_isize,
     parse_timestamp,
     parse_uuid,
+    parse_xattr_prefixes,
+    parse_xattr_tolerance,
 )
 from erofs_tools.cli.mkfs_tar import MkfsCommand, check_tar_flags, run_tar, tar_options
 from erofs_tools.cli.progress import Progress
@@ -37,6 +41,12 @@ from erofs_tools.errors import InputError
 @click.option("--all-time", "all_time", flag_value=True, default=True,
               help="-T also sets every file's mtime (the default); SOURCE_DATE_EPOCH "
                    "clamps the mtimes after it.")
+@click.option("--ignore-mtime", "ignore_mtime", flag_value=True, default=False,
+              help="Files whose mtime is not the build time may still get compact inodes: "
+                   "their mtime becomes the build time (as mkfs.erofs).")
+@click.option("--preserve-mtime", "ignore_mtime", flag_value=False,
+              help="Keep every file's mtime (the default): an mtime other than the build "
+                   "time makes the inode extended.")
 @click.option("--ovlfs-strip", "ovlfs_strip", type=click.Choice(["0", "1"]), default="0",
               metavar="0|1",
               help="1: leave overlayfs whiteouts (char 0:0) and opaque markers out of the "
@@ -51,12 +61,29 @@ from erofs_tools.errors import InputError
 @click.option("--all-root", is_flag=True, help="Make all files owned by root (uid/gid 0).")
 @click.option("--force-uid", type=click.IntRange(0, 2**32 - 1), help="Set every uid to this.")
 @click.option("--force-gid", type=click.IntRange(0, 2**32 - 1), help="Set every gid to this.")
+@click.option("--uid-offset", metavar="N",
+              help="Add N to every uid (after --force-uid/--all-root), as mkfs.erofs.")
+@click.option("--gid-offset", metavar="N",
+              help="Add N to every gid (after --force-gid/--all-root).")
+@click.option("--hard-dereference", is_flag=True,
+              help="Each link of a hardlinked file becomes an inode of its own, as "
+                   "mkfs.erofs (--tar: no effect there, as in mkfs.erofs).")
+@click.option("--mount-point", metavar="PATH",
+              help="Where the image will be mounted (mkfs.erofs: the prefix of the paths "
+                   "looked up in SELinux file contexts / Android fs-config, which this mkfs "
+                   "does not read): accepted, no effect on the image.")
 @click.option("--exclude-path", multiple=True, metavar="PATH",
               help="Skip this path (relative to SOURCE) and what is below it; repeatable.")
 @click.option("--exclude-regex", multiple=True, metavar="REGEX",
               help="Skip paths (relative to SOURCE) matching this regex; repeatable.")
 @click.option("--no-shared-xattrs", is_flag=True,
               help="Keep all xattrs inline (by default xattrs on >= 2 inodes are shared).")
+@click.option("-x", "xattr_tolerance", metavar="N",
+              help="As mkfs.erofs: an xattr on more than N inodes goes to the shared area "
+                   "(default: on 2 or more); N < 0 leaves the source's xattrs out "
+                   "(directories only, as mkfs.erofs: --tar keeps the archive's).")
+@click.option("-d", "debug_level", type=click.IntRange(0, 9), metavar="0-9",
+              help="mkfs.erofs's message level: accepted; the output stays as -q/--json say.")
 @click.option("-z", "compress", metavar="ALG[,level=N][,dictsize=N]",
               help="Compress regular files: lz4, lz4hc, lzma, deflate or zstd "
                    "(as mkfs.erofs -z, with level=, dictsize= and lzma's lc=, lp=, pb=); data "
@@ -68,7 +95,9 @@ from erofs_tools.errors import InputError
                    "indexes), ztailpacking (last extents inline), fragments[=SIZE] (last "
                    "extents and small files in the packed inode, its pcluster SIZE), dedupe "
                    "(identical pclusters shared), noinline_data (no file tail inline after "
-                   "its inode: every uncompressed file's data in whole blocks).")
+                   "its inode: every uncompressed file's data in whole blocks), "
+                   "force-inode-extended / force-inode-compact (every inode 64 / 32 "
+                   "bytes), nosbcrc, ^NAME (NAME off).")
 @click.option("--compress-hints", "hints", metavar="FILE",
               help="Per-file pcluster size and algorithm: lines 'SIZE [ALGINDEX] REGEX' "
                    "(as mkfs.erofs; SIZE 0: not compressed).")
@@ -77,18 +106,25 @@ from erofs_tools.errors import InputError
                    f"page-cache sharing); --xattr-inode-digest=NAME names it (default "
                    f"{INODE_DIGEST_DEFAULT}).")
 @click.option("--xattr-inode-digest-name", "digest_name", hidden=True)
+@click.option("--root-xattr-isize", "root_xattr_isize", metavar="N",
+              help="Keep at least N bytes for the root directory's xattrs (zero padded, "
+                   "for adding xattrs to it in place later), as mkfs.erofs.")
+@click.option("--xattr-prefix", "xattr_prefix", multiple=True, metavar="PREFIX",
+              help="A long xattr name prefix (Linux 6.4+; repeatable): xattrs whose names "
+                   "start with it store only the rest, as mkfs.erofs.")
 @click.option("--workers", type=click.IntRange(0, 64), default=0,
               help="Compression threads (default: one per CPU; the image is the same).")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing on success.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
-def mkfs(image, source, timestamp, all_time, ovlfs_strip, block_size, uuid_text, label,
-         all_root,
-         force_uid, force_gid, exclude_path, exclude_regex, no_shared_xattrs, compress,
+def mkfs(image, source, timestamp, all_time, ignore_mtime, ovlfs_strip, block_size,
+         uuid_text, label, all_root, force_uid, force_gid, uid_offset, gid_offset,
+         hard_dereference, mount_point, exclude_path, exclude_regex, no_shared_xattrs,
+         xattr_tolerance, debug_level, xattr_prefix, root_xattr_isize, compress,
          pcluster, extended, hints, digest_flag, digest_name, workers, quiet, as_json,
-         tar_mode, aufs, ungzip, ungzip_dump, sort_order, max_size):
+         tar_mode, aufs, ungzip, ungzip_dump, unxz, sort_order, max_size):
     """Build an EROFS image IMAGE of the directory SOURCE (4 KiB blocks), or with --tar
     of the tar file SOURCE (- or none: stdin)."""
-    check_tar_flags(tar_mode, aufs, ungzip, ungzip_dump, max_size)
+    check_tar_flags(tar_mode, aufs, ungzip, ungzip_dump, max_size, unxz)
     if source is None and tar_mode is None:
         raise InputError("missing SOURCE (a directory, or a tar with --tar)")
     if pcluster is not None and compress is None:
@@ -103,6 +139,17 @@ def mkfs(image, source, timestamp, all_time, ovlfs_strip, block_size, uuid_text,
         digest = parse_inode_digest(INODE_DIGEST_DEFAULT if digest_name is None else digest_name)
         if tar_mode is not None:
             raise InputError("--xattr-inode-digest is not supported with --tar yet")
+    # --mount-point: mkfs.erofs prefixes it to the paths it looks up in SELinux file
+    # contexts (--file-contexts) and Android's fs-config, neither of which this mkfs
+    # reads (nor does a mkfs.erofs built without them): nothing else depends on it
+    del mount_point
+    del debug_level               # (our messages: one summary line, errors, -q, --json)
+    xattrs, shared, shared_min = True, not no_shared_xattrs, 0
+    if xattr_tolerance is not None:
+        xattrs, share_x, shared_min = parse_xattr_tolerance(xattr_tolerance)
+        shared = shared and share_x
+        if tar_mode is not None:           # mkfs.erofs: directory sources only
+            xattrs, shared, shared_min = True, not no_shared_xattrs, 0
     opts = MkfsOptions(
         timestamp=parse_timestamp(timestamp) if timestamp is not None else None,
         uuid=parse_uuid(uuid_text) if uuid_text else None,
@@ -110,17 +157,26 @@ def mkfs(image, source, timestamp, all_time, ovlfs_strip, block_size, uuid_text,
         all_root=all_root,
         force_uid=force_uid,
         force_gid=force_gid,
+        uid_offset=parse_id_offset(uid_offset, "--uid-offset") if uid_offset else 0,
+        gid_offset=parse_id_offset(gid_offset, "--gid-offset") if gid_offset else 0,
+        hard_dereference=hard_dereference,
         exclude_paths=[parse_exclude_path(p) for p in exclude_path],
         exclude_regex=[parse_exclude_regex(r) for r in exclude_regex],
-        shared_xattrs=not no_shared_xattrs,
+        shared_xattrs=shared,
+        shared_xattr_min=shared_min,
+        xattrs=xattrs,
+        root_xattr_isize=parse_root_xattr_isize(root_xattr_isize) if root_xattr_isize else 0,
         inline_data="noinline_data" not in ext,
         xattr_filter="no-xattr-name-filter" not in ext,
         sb_checksum="nosbcrc" not in ext,
         force_extended="force-inode-extended" in ext,
+        force_compact="force-inode-compact" in ext,
+        ignore_mtime=ignore_mtime,
         compress=z,
         compress_hints=parse_compress_hints(hints, 1 + len(z.more)) if z and hints else [],
         workers=workers,
         inode_digest=digest,
+        xattr_prefixes=parse_xattr_prefixes(xattr_prefix, digest is not None),
         all_time=all_time,
         blkszbits=blkszbits,
         whiteouts="strip" if ovlfs_strip == "1" else "mark",
@@ -128,7 +184,7 @@ def mkfs(image, source, timestamp, all_time, ovlfs_strip, block_size, uuid_text,
     progress = Progress.maybe(enabled=not quiet and not as_json)
     if tar_mode is not None:
         summary = run_tar(image, source or "-", opts, tar_mode, aufs, ungzip, ungzip_dump,
-                          max_size, progress)
+                          max_size, progress, unxz)
     else:
         summary = build_image(image, source, opts, progress=progress)
     if as_json:

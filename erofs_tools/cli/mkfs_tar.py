@@ -24,6 +24,8 @@ class MkfsCommand(click.Command):
                 break
             if a.startswith("--ungzip="):
                 out.extend(["--ungzip-dump", a[len("--ungzip="):]])
+            elif a.startswith("--unxz="):
+                out.extend(["--unxz", "--ungzip-dump", a[len("--unxz="):]])
             elif a.startswith("--xattr-inode-digest="):
                 out.extend(["--xattr-inode-digest-name", a[len("--xattr-inode-digest="):]])
             elif a == "--tar":              # mkfs.erofs: a bare --tar is full mode
@@ -46,6 +48,9 @@ def tar_options(f: Callable[..., Any]) -> Callable[..., Any]:
                      help="With --tar: the tar may be gzip-compressed; --ungzip=FILE also "
                           "keeps the uncompressed tar in FILE."),
         click.option("--ungzip-dump", hidden=True),
+        click.option("--unxz", is_flag=True,
+                     help="With --tar: the tar may be xz- or lzma-compressed (as mkfs.erofs; "
+                          "not lzip); --unxz=FILE also keeps the uncompressed tar in FILE."),
         click.option("--sort", "sort_order", type=click.Choice(["path", "none"]),
                      default="path", metavar="path|none",
                      help="Order of the file data (as mkfs.erofs): path; none (tar order, "
@@ -60,16 +65,19 @@ def tar_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def check_tar_flags(tar_mode: str | None, aufs: bool, ungzip: bool,
-                    ungzip_dump: str | None, max_size: str | None) -> None:
-    if tar_mode is None and (aufs or ungzip or ungzip_dump is not None or max_size):
-        raise InputError("--aufs, --ungzip and --max-size need --tar")
+                    ungzip_dump: str | None, max_size: str | None, unxz: bool = False) -> None:
+    if tar_mode is None and (aufs or ungzip or ungzip_dump is not None or max_size or unxz):
+        raise InputError("--aufs, --ungzip, --unxz and --max-size need --tar")
 
 
 def run_tar(image: str, source: str, opts: Any, tar_mode: str, aufs: bool, ungzip: bool,
-            ungzip_dump: str | None, max_size: str | None, progress: Any) -> dict[str, Any]:
+            ungzip_dump: str | None, max_size: str | None, progress: Any,
+            unxz: bool = False) -> dict[str, Any]:
     from erofs_tools.builder.mkfs_tar import TarOptions, mkfs_tar
-    topts = TarOptions(mode=tar_mode, aufs=aufs, ungzip=ungzip or ungzip_dump is not None,
-                       dump=ungzip_dump or None)
+    # (--unxz=FILE arrives as --unxz --ungzip-dump FILE: the dump is the same either way)
+    topts = TarOptions(mode=tar_mode, aufs=aufs,
+                       ungzip=ungzip or (ungzip_dump is not None and not unxz),
+                       unxz=unxz, dump=ungzip_dump or None)
     if max_size:
         from erofs_tools.cli.pack import _parse_size
         topts.max_size = _parse_size(max_size, "--max-size")

@@ -17,7 +17,7 @@ from erofs_tools.format import erofs as E
 from erofs_tools.format import rafs as R
 from erofs_tools.fsutil import round_up
 from erofs_tools.reader.chunkrefs import ChunkList, ChunkRef  # noqa: F401 (re-exported)
-from erofs_tools.reader.xprefix import read_long_prefixes
+from erofs_tools.reader.xprefix import read_long_prefixes, read_xattrs
 from erofs_tools.reader.zdata import is_compressed, iter_compressed
 from erofs_tools.reader.zmap import parse_config
 
@@ -638,58 +638,10 @@ class Image:
             self._xprefixes = read_long_prefixes(self)
         return self._xprefixes
 
-    def _xattr_entry(self, buf, off, end, what):
-        if off + E.XattrEntry.SIZE > end:
-            raise self._err(f"{what}: xattr entry truncated")
-        e = E.XattrEntry.decode(buf, off)
-        nstart = off + E.XattrEntry.SIZE
-        vend = nstart + e.e_name_len + e.e_value_size
-        if vend > end:
-            raise self._err(f"{what}: xattr entry runs past its area")
-        if e.e_name_index & E.XATTR_LONG_PREFIX:
-            longs = self.long_xattr_prefixes()
-            i = e.e_name_index & E.XATTR_LONG_PREFIX_MASK
-            prefix = longs[i] if i < len(longs) else None
-        else:
-            prefix = E.XATTR_PREFIXES.get(e.e_name_index)
-        if prefix is None:
-            raise self._err(f"{what}: unsupported xattr name index {e.e_name_index:#x}")
-        suffix = bytes(buf[nstart:nstart + e.e_name_len])
-        if b"\0" in suffix:
-            raise self._err(f"{what}: xattr name contains NUL")
-        value = bytes(buf[nstart + e.e_name_len:vend])
-        return prefix + suffix, value, round_up(vend, 4)
-
     def xattrs(self, ino) -> list:
         """[(name, value)] of an inode, shared ones first, as stored."""
-        if ino.xattr_icount == 0:
-            return []
-        what = f"inode {ino.nid}"
-        if ino.xattr_icount == 1:
-            raise self._err(f"{what}: xattr icount 1 (header only) is not supported")
-        start = ino.offset + ino.inode_size
-        buf = self.read(start, ino.xattr_isize, f"{what} xattrs")
-        hdr = E.XattrIbodyHeader.decode(buf, 0)
-        off = E.XattrIbodyHeader.SIZE
-        out = []
-        if off + 4 * hdr.h_shared_count > len(buf):
-            raise self._err(f"{what}: {hdr.h_shared_count} shared xattr ids do not fit")
-        for _ in range(hdr.h_shared_count):
-            xid = int.from_bytes(buf[off:off + 4], "little")
-            off += 4
-            pos = self.xattr_off + 4 * xid
-            if pos >= self.size:
-                raise self._err(f"{what}: shared xattr {xid} outside the image")
-            head = self.read(pos, E.XattrEntry.SIZE, f"{what} shared xattr {xid}")
-            he = E.XattrEntry.decode(head)
-            total = E.XattrEntry.SIZE + he.e_name_len + he.e_value_size
-            sbuf = self.read(pos, total, f"{what} shared xattr {xid}")
-            name, value, _ = self._xattr_entry(sbuf, 0, len(sbuf), f"{what} shared xattr {xid}")
-            out.append((name, value))
-        while off < len(buf):
-            name, value, off = self._xattr_entry(buf, off, len(buf), what)
-            out.append((name, value))
-        return out
+        return read_xattrs(self, ino)
+
 
 def open_image(source, blob_dir=None, devices=None, verify=True) -> Image:
     """Open an image; with `blob_dir` / `devices`, file data on extra devices is readable."""

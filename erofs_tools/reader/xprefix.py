@@ -1,5 +1,6 @@
-"""Long xattr name prefixes (INCOMPAT_XATTR_PREFIXES, Linux 6.4+): the table an xattr
-entry with e_name_index bit 7 set points into, read as the kernel reads it.
+"""An inode's xattrs (its ibody: shared ids, inline entries), and the long xattr name
+prefixes (INCOMPAT_XATTR_PREFIXES, Linux 6.4+): the table an xattr entry with
+e_name_index bit 7 set points into, read as the kernel reads it.
 
 The table is in the packed inode's data when the image has one and does not say
 PLAIN_XATTR_PFX (what mkfs.erofs 1.9 writes with -E fragments), else at an absolute
@@ -11,6 +12,66 @@ from __future__ import annotations
 from typing import Any
 
 from erofs_tools.format import erofs as E
+from erofs_tools.fsutil import round_up
+
+
+def _xattr_entry(img: Any, buf: Any, off: int, end: int, what: str
+                 ) -> tuple[bytes, bytes, int]:
+    if off + E.XattrEntry.SIZE > end:
+        raise img._err(f"{what}: xattr entry truncated")
+    e = E.XattrEntry.decode(buf, off)
+    nstart = off + E.XattrEntry.SIZE
+    vend = nstart + e.e_name_len + e.e_value_size
+    if vend > end:
+        raise img._err(f"{what}: xattr entry runs past its area")
+    if e.e_name_index & E.XATTR_LONG_PREFIX:
+        longs = img.long_xattr_prefixes()
+        i = e.e_name_index & E.XATTR_LONG_PREFIX_MASK
+        prefix = longs[i] if i < len(longs) else None
+    else:
+        prefix = E.XATTR_PREFIXES.get(e.e_name_index)
+    if prefix is None:
+        raise img._err(f"{what}: unsupported xattr name index {e.e_name_index:#x}")
+    suffix = bytes(buf[nstart:nstart + e.e_name_len])
+    if b"\0" in suffix:
+        raise img._err(f"{what}: xattr name contains NUL")
+    value = bytes(buf[nstart + e.e_name_len:vend])
+    return prefix + suffix, value, round_up(vend, 4)
+
+
+def read_xattrs(img: Any, ino: Any) -> list[tuple[bytes, bytes]]:
+    """[(name, value)] of inode `ino` of the Image `img`, shared ones first, as stored."""
+    if ino.xattr_icount == 0:
+        return []
+    what = f"inode {ino.nid}"
+    if ino.xattr_icount == 1:
+        raise img._err(f"{what}: xattr icount 1 (header only) is not supported")
+    buf = img.read(ino.offset + ino.inode_size, ino.xattr_isize, f"{what} xattrs")
+    hdr = E.XattrIbodyHeader.decode(buf, 0)
+    off = E.XattrIbodyHeader.SIZE
+    out = []
+    if off + 4 * hdr.h_shared_count > len(buf):
+        raise img._err(f"{what}: {hdr.h_shared_count} shared xattr ids do not fit")
+    for _ in range(hdr.h_shared_count):
+        xid = int.from_bytes(buf[off:off + 4], "little")
+        off += 4
+        pos = img.xattr_off + 4 * xid
+        if pos >= img.size:
+            raise img._err(f"{what}: shared xattr {xid} outside the image")
+        sw = f"{what} shared xattr {xid}"
+        he = E.XattrEntry.decode(img.read(pos, E.XattrEntry.SIZE, sw))
+        sbuf = img.read(pos, E.XattrEntry.SIZE + he.e_name_len + he.e_value_size, sw)
+        name, value, _ = _xattr_entry(img, sbuf, 0, len(sbuf), sw)
+        out.append((name, value))
+    while off < len(buf):
+        if not any(buf[off:off + E.XattrEntry.SIZE]):
+            # an entry of no name (index 0): padding the kernel skips, as mkfs
+            # --root-xattr-isize (and mkfs.erofs's) leaves after the root's xattrs
+            off += E.XattrEntry.SIZE
+            continue
+        name, value, off = _xattr_entry(img, buf, off, len(buf), what)
+        out.append((name, value))
+    return out
 
 
 def read_long_prefixes(img: Any) -> list[bytes]:
