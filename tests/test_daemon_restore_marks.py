@@ -2,6 +2,7 @@
 FanotifyFrontend.release_unused, the holder's sweep): released once nothing uses their
 cache files, in any mount namespace; kept, and never read as zeros, while a superblock
 still does. Real daemon processes, the fd holder, real EROFS mounts on the host kernel."""
+import contextlib
 import os
 import subprocess
 import threading
@@ -28,17 +29,30 @@ def _holder(d):
     return os.path.join(d.cache_dir, "fdholder.sock")
 
 
+@contextlib.contextmanager
+def _channel(d):
+    """A control connection of our own to the daemon's fd holder."""
+    from fscache_daemon.frontend.fdholder import HolderChannel
+    ch = HolderChannel(_holder(d), timeout=10)
+    try:
+        yield ch
+    finally:
+        ch.close()
+
+
+def _sweep_keeping_nothing(d):
+    """One sweep of our own with an empty keep list: -> the marks the holder released."""
+    with _channel(d) as ch:
+        return ch.release_unused([])
+
+
 def _marks(d):
     return helpers.holder_status(_holder(d))["marks"]
 
 
 def _holder_pid(d):
-    from fscache_daemon.frontend.fdholder import HolderChannel
-    ch = HolderChannel(_holder(d), timeout=10)
-    try:
+    with _channel(d) as ch:
         return ch.holder_pid
-    finally:
-        ch.close()
 
 
 def _held_files(pid, under):
@@ -139,12 +153,7 @@ def test_marks_of_a_forgotten_mount_the_kernel_still_uses_stay_until_it_lets_go(
         assert waiting["r"].kind == "eio", waiting
         helpers.wait_until(lambda: "unreadable" in d.log(400), 30, "the restore")
         # the daemon's sweeps and one of ours (nothing kept) leave it marked: in use
-        from fscache_daemon.frontend.fdholder import HolderChannel
-        ch = HolderChannel(_holder(d), timeout=10)
-        try:
-            assert ch.release_unused([]) == []
-        finally:
-            ch.close()
+        assert _sweep_keeping_nothing(d) == []
         assert _marks(d) == [cache_file]
         outcomes = {}
         for root, _dirs, names in os.walk(image["src"]):
@@ -162,11 +171,7 @@ def test_marks_of_a_forgotten_mount_the_kernel_still_uses_stay_until_it_lets_go(
         # gone from our namespace: the other one still has it, so the mark stays
         helpers.sys_umount(mnt)
         d.mounts.clear()
-        ch = HolderChannel(_holder(d), timeout=10)
-        try:
-            assert ch.release_unused([]) == []
-        finally:
-            ch.close()
+        assert _sweep_keeping_nothing(d) == []
         assert _marks(d) == [cache_file]
         ns.kill()                                # the kernel's last user of it
         ns.wait()
