@@ -45,6 +45,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pytest
@@ -177,15 +178,19 @@ class TokenIssuer:
         self.requests: list[tuple[str | None, list[str]]] = []
         self.refresh_tokens: dict[str, str] = {}     # OAuth2 refresh token -> user
         self.grants: list[dict] = []                 # the OAuth2 forms POSTed
+        self.authorizations: list[str | None] = []   # each request's Authorization, raw
+        self.moved: dict[str, str] = {}              # path -> where a 307 sends it
         self._lock = threading.Lock()
         issuer = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):
-                issuer._handle(self)
+                if not issuer._moved(self):
+                    issuer._handle(self)
 
             def do_POST(self):
-                issuer._handle_oauth2(self)
+                if not issuer._moved(self):
+                    issuer._handle_oauth2(self)
 
             def log_message(self, *args):
                 pass
@@ -206,6 +211,17 @@ class TokenIssuer:
         ok = scheme == "Basic" and user == self.username and password == self.password
         return user if ok else False
 
+    def _moved(self, h: http.server.BaseHTTPRequestHandler) -> bool:
+        """A 307 to ``moved[path]`` (with the query) for a path that moved."""
+        path, _, query = h.path.partition("?")
+        if path not in self.moved:
+            return False
+        h.send_response(307)
+        h.send_header("Location", self.moved[path] + ("?" + query if query else ""))
+        h.send_header("Content-Length", "0")
+        h.end_headers()
+        return True
+
     def _handle_oauth2(self, h: http.server.BaseHTTPRequestHandler):
         """The OAuth2 token endpoint (RFC 6749 s. 6): a refresh_token grant in a form."""
         length = int(h.headers.get("Content-Length") or 0)
@@ -213,6 +229,7 @@ class TokenIssuer:
                 urllib.parse.parse_qs(h.rfile.read(length).decode()).items()}
         with self._lock:
             self.grants.append(form)
+            self.authorizations.append(h.headers.get("Authorization"))
         user = self.refresh_tokens.get(form.get("refresh_token", ""))
         if form.get("grant_type") != "refresh_token" or user is None:
             body = json.dumps({"error": "invalid_grant"}).encode()
@@ -231,6 +248,7 @@ class TokenIssuer:
         user = self._user(h.headers.get("Authorization"))
         with self._lock:
             self.requests.append((user or None, scopes))
+            self.authorizations.append(h.headers.get("Authorization"))
             expired = self.expire_next > 0
             self.expire_next -= expired
         if user is False or (user is None and not self.anonymous):
@@ -386,10 +404,14 @@ def _htpasswd(path: str, user: str, password: str) -> None:
 
 def start_registry(workdir: str, auth: str = "none", extra_config: dict | None = None,
                    attempts: int = 3, tls: bool = False,
-                   redirect_to: str | None = None) -> RegistryServer:
+                   redirect_to: str | None = None,
+                   realm: str | Callable[[str], str] | None = None) -> RegistryServer:
     """Start ``docker-registry serve`` on a free loopback port; ``auth`` is "none",
     "basic" (htpasswd) or "token" (Bearer, with a TokenIssuer); ``tls`` serves HTTPS
-    with a fresh self-signed certificate (``.ca_cert``)."""
+    with a fresh self-signed certificate (``.ca_cert``); ``realm`` is the token realm
+    the registry names in its challenges instead of the issuer's (e.g. a Redirector's
+    URL sending the token requests on to the issuer), or a function of the issuer's
+    URL giving it."""
     binary = registry_binary()
     storage = os.path.join(workdir, "storage")
     os.makedirs(storage, exist_ok=True)
@@ -404,7 +426,8 @@ def start_registry(workdir: str, auth: str = "none", extra_config: dict | None =
         auth_config = {"htpasswd": {"realm": "erofs-test", "path": path}}
     elif auth == "token":
         issuer = TokenIssuer(workdir, username, password)
-        auth_config = {"token": {"realm": issuer.url + "/token", "service": SERVICE,
+        where = realm(issuer.url) if callable(realm) else realm
+        auth_config = {"token": {"realm": where or issuer.url + "/token", "service": SERVICE,
                                  "issuer": ISSUER,
                                  "rootcertbundle": issuer.signer.cert_path}}
     elif auth != "none":
@@ -531,6 +554,43 @@ class StorageServer:
         h.end_headers()
         if h.command == "GET":
             h.wfile.write(data[start:end])
+
+    def stop(self):
+        self._server.shutdown()
+        self._server.server_close()
+
+
+class Redirector:
+    """Answers every request with a redirect (``status``, 307 by default) to
+    ``target`` + the request's path and query, e.g. a token realm that moved; binds
+    ``bind`` (127.0.0.2: another host). ``requests`` records (method, path with query,
+    Authorization or None, body)."""
+
+    def __init__(self, target: str = "", status: int = 307, bind: str = "127.0.0.2"):
+        self.target, self.status = target, status
+        self.requests: list[tuple[str, str, str | None, bytes]] = []
+        red = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                red.requests.append((self.command, self.path,
+                                     self.headers.get("Authorization"),
+                                     self.rfile.read(length)))
+                self.send_response(red.status)
+                self.send_header("Location", red.target + self.path)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            do_POST = do_GET
+
+            def log_message(self, *args):
+                pass
+
+        self._server = http.server.ThreadingHTTPServer((bind, 0), Handler)
+        self._server.daemon_threads = True
+        self.url = f"http://{bind}:{self._server.server_address[1]}"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
 
     def stop(self):
         self._server.shutdown()

@@ -40,6 +40,9 @@ from .transport import (
 log = logging.getLogger(__name__)
 
 MAX_REDIRECTS = 5
+# a token realm's redirects: as many as Go's http.Client follows (containerd fetches
+# tokens with it, without a CheckRedirect of its own)
+TOKEN_MAX_REDIRECTS = 10
 DEFAULT_CHUNK_SIZE = 16 << 20
 # Storage answers that mean "this cached redirect URL is stale" (expired signature,
 # rotated object): resolve the blob through the registry again.
@@ -152,14 +155,42 @@ class RegistrySession:
 
     def _fetch_token(self, method: str, url: str, headers: dict,
                      body: bytes | None) -> tuple[int, bytes]:
-        resp = self.transport.request(method, url, headers, body)
-        try:
-            # within the deadline: a realm trickling its reply holds every request
-            # waiting for the token
-            return resp.status, read_body(resp, 1 << 20, body_deadline(self.transport.policy),
-                                          url)
-        finally:
+        """A request to the token realm, following its redirects as containerd's Go
+        client does (at most TOKEN_MAX_REDIRECTS hops; 301/302 turn a POST and 303 any
+        method into a bodiless GET, 307/308 resend it), each hop under the rule of
+        checked_location. The credentials in it (Basic in Authorization, an OAuth2
+        refresh token in a POST body) are for the realm's origin: a hop to another
+        origin goes without Authorization (and no hop after it gets it back), and a body
+        is never resent there (an AuthError: the grant cannot be made without it)."""
+        first, scoped = url, origin(url)
+        headers = dict(headers)
+        for hop in range(TOKEN_MAX_REDIRECTS + 1):
+            resp = self.transport.request(method, url, headers, body)
+            if resp.status not in REDIRECT_STATUSES:
+                try:
+                    # within the deadline: a realm trickling its reply holds every
+                    # request waiting for the token
+                    return resp.status, read_body(
+                        resp, 1 << 20, body_deadline(self.transport.policy), url)
+                finally:
+                    drain(resp, 0)
+            location = resp.headers.get("Location")
             drain(resp, 0)
+            if hop == TOKEN_MAX_REDIRECTS:
+                break
+            target, _ = self.checked_location(method, url, location, "token redirect")
+            if resp.status == 303 or (resp.status in (301, 302) and method == "POST"):
+                method, body = "GET", None
+                headers = {k: v for k, v in headers.items() if k.lower() != "content-type"}
+            if origin(target) != scoped:
+                if body is not None:
+                    raise AuthError(f"token service {safe_url(first)} redirected a "
+                                    f"{method} carrying credentials to another host "
+                                    f"({safe_url(target)}); not sent there")
+                headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
+            url = target
+        raise AuthError(f"token service {safe_url(first)}: more than "
+                        f"{TOKEN_MAX_REDIRECTS} redirects")
 
     def send(self, method: str, url: str, scope: str, headers: dict | None = None,
              body: bytes | BinaryIO | None = None, *, via_proxy: bool = False,
