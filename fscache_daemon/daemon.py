@@ -599,7 +599,8 @@ class Daemon(MountLifecycle, PrefetchLoops):
         d = img.to_json()
         if d["options"].get("proxy"):
             # the API's answer (status, status --json) names the proxy without the
-            # password its URL may carry (mounts.json, root's, keeps it for restarts)
+            # user name and password its URL may carry (mounts.json keeps the user
+            # only: images.persisted_options)
             from erofs_tools.registry.transport import safe_url
             d["options"] = {**d["options"], "proxy": safe_url(str(d["options"]["proxy"]))}
         blobs = []

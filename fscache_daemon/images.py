@@ -6,12 +6,37 @@ from __future__ import annotations
 import os
 import threading
 import time
+import urllib.parse
 from collections.abc import Iterable
 from typing import Any
 
 MOUNTING = "mounting"       # intent recorded, mount(2) not known to have succeeded
 MOUNTED = "mounted"         # mounted at `mountpoint` (mount id `mount_id`) in our namespace
 DETACHED = "detached"       # gone from our mount point, its superblock still alive
+
+
+def persisted_options(options: dict) -> dict:
+    """A mount's options as mounts.json keeps them: a proxy URL without its userinfo
+    (the user name and password for the proxy).
+
+    The password is kept nowhere, and a restarted daemon cannot read it again: its only
+    source is the mount request (the API call, `fscache-daemon mount --proxy`), which no
+    one repeats at a restart. A mount taken back reads through the proxy without
+    credentials; a proxy that then answers 407 counts as failed and the reads go direct
+    (transport.proxy_failed), as for a dead proxy. Mounting the image again with the
+    proxy's credentials gives them back to its reads. The record says that they were
+    dropped (`proxy_credentials_dropped`), for the restart's log."""
+    proxy = options.get("proxy")
+    if not isinstance(proxy, str) or not proxy_has_userinfo(proxy):
+        return options
+    p = urllib.parse.urlsplit(proxy)
+    bare = urllib.parse.urlunsplit((p.scheme, p.netloc.rpartition("@")[2], p.path,
+                                    p.query, p.fragment))
+    return {**options, "proxy": bare}
+
+
+def proxy_has_userinfo(url: str) -> bool:
+    return "@" in urllib.parse.urlsplit(url).netloc
 
 
 class Image:
@@ -60,6 +85,9 @@ class Image:
                 "source_bootstrap": self.source_bootstrap, "backend": self.backend_spec,
                 "blobs": self.blob_ids, "blob_keys": self.blob_keys,
                 "prefetch": self.prefetch, "domain": self.domain,
-                "options": self.options, "mounted_at": self.mounted_at,
+                "options": persisted_options(self.options),
+                "mounted_at": self.mounted_at,
                 "state": self.state, "mount_id": self.mount_id,
-                "instances": self.instances}
+                "instances": self.instances,
+                **({"proxy_credentials_dropped": True}
+                   if proxy_has_userinfo(str(self.options.get("proxy") or "")) else {})}

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from erofs_tools.errors import RegistryError
 from fscache_daemon import mounts
 from fscache_daemon.errors import DaemonError, MountBusyError
-from fscache_daemon.images import DETACHED, MOUNTED, MOUNTING
+from fscache_daemon.images import DETACHED, MOUNTED, MOUNTING, persisted_options
 from fscache_daemon.keyedlock import KeyedLock
 from fscache_daemon.state import load_state
 from fscache_daemon.storage import BackendError, StorageError
@@ -135,6 +135,11 @@ class MountRestore:
 
     def _pick_up(self, m: dict, mp: str, state: str, mount_id) -> Exception | None:
         """Register recorded mount `m` as found in the kernel: None, or why not."""
+        if m.get("proxy_credentials_dropped"):
+            log.warning("%s: its proxy's credentials were not kept across the restart "
+                        "(images.persisted_options); its reads use the proxy without "
+                        "them, or go direct if it refuses: mount it again to give them",
+                        mp)
         try:
             self._register(m["bootstrap"], mp, m["backend"], m.get("prefetch", False),
                            m.get("domain"), m.get("options"), m.get("source_bootstrap"),
@@ -179,7 +184,9 @@ class MountRestore:
             # one taken back a moment ago is saved as its image (not twice: a second
             # record of one mount point would be taken back twice by the next restart)
             taken = {(i.mountpoint, i.bootstrap) for i in self.all_images()}
-            return [u.record for u in self.unpicked
+            # (a record of an older daemon's file may hold a proxy's password: it is
+            # tried with it, never written back)
+            return [_persisted(u.record) for u in self.unpicked
                     if (u.mountpoint, u.record.get("bootstrap")) not in taken]
 
     def uses_bootstrap_unpicked(self, boot_copy: str) -> bool:
@@ -271,3 +278,13 @@ class MountRestore:
         self._save_state()
         log.info("unmounted %s (never taken back since the restart)", mountpoint)
         return {"mountpoint": mountpoint, "unmounted": True, "released": not alive}
+
+
+def _persisted(record: dict) -> dict:
+    """An unpicked mount's record as saved: a record of an older daemon's file may hold
+    a proxy's password, tried with it here, never written back."""
+    options = record.get("options")
+    if not isinstance(options, dict) or persisted_options(options) is options:
+        return record
+    return {**record, "options": persisted_options(options),
+            "proxy_credentials_dropped": True}

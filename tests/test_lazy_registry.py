@@ -130,3 +130,85 @@ def test_status_shows_no_proxy_password(daemon, registry, tmp_path):  # noqa: F8
         [sys.executable, "-m", "fscache_daemon.cli", "status", "--api-sock", daemon.sock,
          "--json"], capture_output=True, text=True, check=True).stdout)["mounts"]
     assert any(m["options"].get("proxy", "").startswith("http://127.0.0.1:") for m in mounts)
+
+
+def _proxy_auths(proxy, since: int) -> list[str | None]:
+    """The Proxy-Authorization of each blob read the proxy got after the first `since`
+    requests."""
+    return [h.get("Proxy-Authorization") for line, h in
+            list(zip(proxy.requests, proxy.seen_headers))[since:] if "/blobs/" in line]
+
+
+def test_mounts_json_keeps_no_proxy_password(daemon, registry, tmp_path):  # noqa: F811
+    """mounts.json records the proxy without its user name and password; a restart takes
+    the mount back reading through the proxy without them (their only source, the mount
+    request, is not repeated). A file an older daemon wrote with the password is read
+    with it once and rewritten without it. Failed before: mounts.json kept the URL."""
+    import base64
+    import json
+    import subprocess
+    import sys
+
+    from registry_fixtures import FlakyProxy
+    src = write_tree(str(tmp_path / "src"), seed=36, nfiles=2, big=(2 << 20,) * 3,
+                     text=False)
+    boot, blobs = str(tmp_path / "boot"), str(tmp_path / "blobs")
+    info = pack(src, boot, blobs)
+    push_blobs(registry, "lazy/pj", "v1", blobs, [info["blobs"][0]["blob_id"]])
+    proxy = FlakyProxy(registry.host)       # a forward proxy in front of the registry
+    state = os.path.join(daemon.cache_dir, "mounts.json")
+    basic = "Basic " + base64.b64encode(b"pu:s3cret").decode()
+    try:
+        mnt = str(tmp_path / "mnt")
+        daemon.mount(boot, mnt, f"registry:{registry.host}/lazy/pj:v1",
+                     options={"proxy": f"http://pu:s3cret@{proxy.host}", "insecure": True})
+
+        def read(name: str) -> None:
+            with open(os.path.join(mnt, "d1", name), "rb") as f, \
+                    open(os.path.join(src, "d1", name), "rb") as g:
+                assert f.read() == g.read()
+
+        def saved() -> dict:
+            with open(state) as f:
+                text = f.read()
+            assert "s3cret" not in text and "pu:" not in text and "pu@" not in text
+            (rec,) = json.loads(text)["mounts"]
+            assert rec["options"]["proxy"] == f"http://{proxy.host}"
+            return rec
+
+        read("big0.bin")
+        auths = _proxy_auths(proxy, 0)
+        assert auths and set(auths) == {basic}      # the password is used while running
+        assert saved()["proxy_credentials_dropped"] is True
+
+        # an older daemon's file, with the password: used, then never written back
+        daemon.stop()
+        with open(state) as f:
+            old = json.load(f)
+        old["mounts"][0]["options"]["proxy"] = f"http://pu:s3cret@{proxy.host}"
+        old["mounts"][0].pop("proxy_credentials_dropped")
+        with open(state, "w") as f:
+            json.dump(old, f)
+        daemon.start()
+        assert saved()["proxy_credentials_dropped"] is True
+        n = len(proxy.requests)
+        read("big1.bin")
+        assert set(_proxy_auths(proxy, n)) <= {basic}
+
+        # a restart from the file as written now: the proxy without credentials
+        daemon.stop()
+        daemon.start()
+        n = len(proxy.requests)
+        read("big2.bin")
+        auths = _proxy_auths(proxy, n)
+        assert auths and set(auths) == {None}
+        assert "proxy_credentials_dropped" not in saved()   # said once, at this restart
+        assert "credentials were not kept across the restart" in daemon.log(400)
+        helpers.assert_same_tree(src, mnt)
+        for args in ([], ["--json"]):
+            out = subprocess.run([sys.executable, "-m", "fscache_daemon.cli", "status",
+                                  "--api-sock", daemon.sock, *args],
+                                 capture_output=True, text=True, check=True).stdout
+            assert "s3cret" not in out and "pu:" not in out and proxy.host in out
+    finally:
+        proxy.stop()
