@@ -290,12 +290,17 @@ def _fails(tmp_path, data, words, *args):
     return err
 
 
-def test_dotdot_is_an_error(tmp_path):
-    _fails(tmp_path, _raw_tar(("a/../../etc/passwd", b"x", b"0", b"")), ["'..'", "passwd"])
+@pytest.mark.parametrize("spec", ["none", "overlayfs"])
+def test_dotdot_is_an_error(tmp_path, spec):
+    """Outside an OCI layer (test_tar_oci_dotdot.py: clamped to the root there)."""
+    _fails(tmp_path, _raw_tar(("a/../../etc/passwd", b"x", b"0", b"")), ["'..'", "passwd"],
+           "--whiteout-spec", spec)
 
 
-def test_hardlink_target_with_dotdot_is_an_error(tmp_path):
-    _fails(tmp_path, _raw_tar(("f", b"x", b"0", b""), ("l", b"", b"1", b"../f")), ["'..'"])
+@pytest.mark.parametrize("spec", ["none", "overlayfs"])
+def test_hardlink_target_with_dotdot_is_an_error(tmp_path, spec):
+    _fails(tmp_path, _raw_tar(("f", b"x", b"0", b""), ("l", b"", b"1", b"../f")), ["'..'"],
+           "--whiteout-spec", spec)
 
 
 def test_absolute_and_dot_paths_are_normalized(tmp_path):

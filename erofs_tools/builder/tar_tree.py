@@ -82,13 +82,21 @@ def _kids(d: TNode) -> dict[bytes, TNode]:
     return d.children
 
 
-def _split(path: bytes, what: bytes) -> list[bytes]:
-    parts = []
+def _split(path: bytes, what: bytes, clamp: bool = False) -> list[bytes]:
+    """The components of an entry's path. A `..` component is an error, or with `clamp`
+    (an OCI layer) it goes up one component and stays at the root there, as containerd's
+    applier places an entry: Go's filepath.Clean of the name, then its leading `..`
+    kept at the root by continuity's fs.RootPath (`a/../../etc/x` is `etc/x`)."""
+    parts: list[bytes] = []
     for c in path.split(b"/"):
         if c in (b"", b"."):
             continue
         if c == b"..":
-            raise _err(f"{_show(what)}: path contains '..'")
+            if not clamp:
+                raise _err(f"{_show(what)}: path contains '..'")
+            if parts:
+                parts.pop()
+            continue
         parts.append(c)
     return parts
 
@@ -140,6 +148,34 @@ class TarTree:
             cur = nxt
         return cur
 
+    def _link_parts(self, e: Entry) -> list[bytes]:
+        """The components of hardlink `e`'s target. In an OCI layer a `..` is taken as
+        containerd's applier takes it (hardlinkRootPath: the target's directory through
+        fs.RootPath, whose `..` stops at the root): it goes up one component, after a
+        directory, a file or a name not (yet) in the layer alike; after a symlink of
+        the layer, containerd goes up from where the symlink leads, which the layer
+        alone may not tell: an error."""
+        if self.spec != "oci":
+            return _split(e.link, e.name)
+        parts: list[bytes] = []
+        nodes: list[TNode | None] = []
+        for c in e.link.split(b"/"):
+            if c in (b"", b"."):
+                continue
+            if c == b"..":
+                if nodes and nodes[-1] is not None and stat.S_ISLNK(nodes[-1].mode):
+                    raise _err(f"{_show(e.name)}: hardlink target {_show(e.link)} goes "
+                               f"up ('..') from symlink {_show(b'/'.join(parts))}")
+                if parts:
+                    parts.pop()
+                    nodes.pop()
+                continue
+            up = nodes[-1] if nodes else self.root
+            nodes.append(up.children.get(c) if up is not None and up.children is not None
+                         else None)
+            parts.append(c)
+        return parts
+
     def _lookup(self, parts: list[bytes]) -> TNode | None:
         cur: TNode | None = self.root
         for c in parts:
@@ -176,7 +212,7 @@ class TarTree:
         t = e.type
         if t in (b"0", b"\0", b"7") and e.name.endswith(b"/"):
             t = b"5"              # v7 / old GNU: a "file" whose name ends in '/' is a dir
-        parts = _split(e.name, e.name)
+        parts = _split(e.name, e.name, self.spec == "oci")
         self.entries += 1
         self.implied_limit = IMPLIED_SLACK + e.offset // IMPLIED_BYTES
         if t in (b"V",):
@@ -226,8 +262,7 @@ class TarTree:
             node.implied = False
             return None
         if t == b"1":
-            tparts = _split(e.link, e.name)
-            linked = self._lookup(tparts)
+            linked = self._lookup(self._link_parts(e))
             if linked is None:
                 raise _err(f"{_show(e.name)}: hardlink target {_show(e.link)} is not in the "
                            "archive before it")
