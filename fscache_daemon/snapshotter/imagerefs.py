@@ -18,6 +18,18 @@ collector follows):
 Two calls (content List, images List) in the snapshot's namespace, with a short
 deadline; containerd out of reach means the reference recorded at the pull is used, as
 before.
+
+Which one when several images stand on the chain: the pull's own reference while an
+image of that name is there (snapshots.py); else the repository whose image
+containerd's store changed last (`updated_at`: created, moved to the chain or
+relabelled), what a user pulled or tagged most recently being what they mean to run and
+what most likely still exists in the registry. One pull makes several names at once
+(CRI: `repo:tag`, `repo@sha256:<manifest>` and the config digest): the names of one
+repository and target are taken together, at the time of the latest of them, and among
+them the tags first (what the user named; the digest name only pins the same manifest),
+the later first, then by name; names left tied are taken in sorted order, so that the
+choice does not depend on the order containerd lists them in. (Sorted names alone made
+`a-old/app` win over the `prod/app` just pulled.)
 """
 
 from __future__ import annotations
@@ -56,19 +68,31 @@ def names_on_chain(labels: dict[str, dict[str, str]], images: list[tuple[str, st
     return [name for name, target in images if target in manifests | indexes]
 
 
-def registry_refs(names: list[str]) -> list[str]:
+def registry_refs(names: list[str], updated: dict[str, float] | None = None,
+                  targets: dict[str, str] | None = None) -> list[str]:
     """The names that are registry references (CRI also names an image by its config
-    digest, `sha256:...`), sorted."""
-    out = []
+    digest, `sha256:...`), in the order of the module's doc (`updated`: name -> seconds
+    of its last change, `targets`: name -> its target's digest; without them, sorted)."""
+    when, target = updated or {}, targets or {}
+    refs: dict[str, tuple[str, bool]] = {}      # name -> (repository, a digest name)
     for name in names:
         if name.startswith("sha256:"):
             continue
         try:
-            parse_registry_reference(name)
+            ref = parse_registry_reference(name)
         except ErofsToolsError:
             continue
-        out.append(name)
-    return sorted(out)
+        refs[name] = (f"{ref.host}/{ref.repository}", ref.digest is not None)
+    group: dict[tuple[str, str], float] = {}
+    for name, (repo, _) in refs.items():
+        key = (repo, target.get(name, ""))
+        group[key] = max(group.get(key, 0.0), when.get(name, 0.0))
+
+    def order(name: str) -> tuple:
+        repo, by_digest = refs[name]
+        key = (repo, target.get(name, ""))
+        return (-group[key], key, by_digest, -when.get(name, 0.0), name)
+    return sorted(refs, key=order)
 
 
 def refs_on_chain(address: str, namespace: str, chain_id: str,
@@ -94,5 +118,12 @@ def refs_on_chain(address: str, namespace: str, chain_id: str,
         return None
     finally:
         channel.close()
-    return registry_refs(names_on_chain(labels, [(i.name, i.target.digest) for i in images],
-                                        chain_id))
+    updated = {i.name: _seconds(i.updated_at) or _seconds(i.created_at) for i in images}
+    targets = {i.name: i.target.digest for i in images}
+    return registry_refs(names_on_chain(labels, list(targets.items()), chain_id), updated,
+                         targets)
+
+
+def _seconds(ts) -> float:
+    """A protobuf Timestamp in seconds (0 when unset)."""
+    return ts.seconds + ts.nanos / 1e9

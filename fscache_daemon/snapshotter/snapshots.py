@@ -318,7 +318,8 @@ class Snapshotter:
         mount's) or else the one recorded at the pull, while an image of that name still
         stands on the bootstrap's chain, else another image's that does (images of the
         same layers share the chain: the first puller's may be gone from the node, and
-        its tag or repository from the registry, while the node still runs the other)."""
+        its tag or repository from the registry, while the node still runs the other):
+        the one containerd's image store changed last (imagerefs.py says why)."""
         recorded = current or extra["image_ref"]
         if self.containerd is None:
             return recorded
@@ -334,7 +335,8 @@ class Snapshotter:
         if not refs or recorded in refs:
             return recorded
         log.info("snapshot %s: no image %s on the node any more; the image's lazy mount "
-                 "reads through %s (of the same layers)", boot_id, recorded, refs[0])
+                 "reads through %s (of the same layers, the latest of %d)", boot_id,
+                 recorded, refs[0], len(refs))
         return refs[0]
 
     def _backend_options(self, extra: dict[str, str],
