@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from fscache_daemon.snapshotter.imagerefs import registry_refs, refs_on_chain
+from fscache_daemon.snapshotter.imagerefs import refs_on_chain, registry_refs
 
 
 def test_latest_updated_first_then_by_name():
