@@ -204,6 +204,7 @@ def test_mounts_json_keeps_no_proxy_password(daemon, registry, tmp_path):  # noq
         assert auths and set(auths) == {None}
         assert "proxy_credentials_dropped" not in saved()   # said once, at this restart
         assert "credentials were not kept across the restart" in daemon.log(400)
+        assert "s3cret" not in daemon.log(1 << 30)      # nor in the daemon's log
         helpers.assert_same_tree(src, mnt)
         for args in ([], ["--json"]):
             out = subprocess.run([sys.executable, "-m", "fscache_daemon.cli", "status",
