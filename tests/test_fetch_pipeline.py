@@ -53,9 +53,9 @@ def test_a_slow_read_holds_up_no_other_fill():
     assert [rt.submit(lambda x: -x, i, lambda e: None).get() for i in range(5)] == \
         [0, -1, -2, -3, -4]
     deadline = time.monotonic() + 20     # the last one marks itself idle after its result
-    while len(rt._idle) < 3 and time.monotonic() < deadline:
+    while rt._idle < 3 and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert rt._threads == 3 and len(rt._idle) == 3 and rt._backlog == 0
+    assert rt._threads == 3 and rt._idle == 3 and rt._backlog == 0
 
 
 def test_an_exception_is_the_fill_s_result():

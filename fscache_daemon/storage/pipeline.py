@@ -21,9 +21,9 @@ for one that died starting, forever).
 from __future__ import annotations
 
 import _thread
-import collections
 import logging
 import os
+import queue
 from collections.abc import Callable
 from typing import Any
 
@@ -61,22 +61,16 @@ class ReadThreads:
 
     def __init__(self, max_threads: int = MAX_THREADS) -> None:
         self.max_threads = max(1, max_threads)
-        self._idle: list[int] = []
         self._reset()
         # a forked child has none of the parent's threads, and the lock may have been
         # held by one of them at the fork: the child starts afresh
         os.register_at_fork(after_in_child=self._reset)
 
     def _reset(self) -> None:
-        for fd in self._idle:   # a forked child's copies of idle threads' wake-ups
-            try:
-                os.close(fd)
-            except OSError:
-                pass
         self._lock = _thread.allocate_lock()
-        self._jobs: collections.deque = collections.deque()
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
         self._threads = 0
-        self._idle = []         # the wake-up eventfds of threads waiting for a job
+        self._idle = 0          # threads waiting for a job no one has claimed yet
         self._backlog = 0       # jobs queued for a thread that is still busy
 
     def submit(self, fn: Callable[[Any], Any], arg: Any,
@@ -84,64 +78,48 @@ class ReadThreads:
         """Run fn(arg) on a reader thread (on_error(e) is the result if it raises);
         None if no reader thread can be had (the caller runs fn itself)."""
         p = Pending()
-        job = (fn, arg, on_error, p)
-        wake = -1
         with self._lock:
-            jobs = self._jobs
-            # each job is matched with a thread that will take it: an idle one (woken
-            # through its eventfd), a new one (given the job), or past MAX_THREADS the
-            # next one to finish (counted in _backlog); queued jobs are in _jobs first
+            q = self._q
+            # each job is matched with a thread that will take it: an idle one, a new
+            # one, or past MAX_THREADS the next one to finish (counted in _backlog)
             start = False
             if self._idle:
-                wake = self._idle.pop()
-                jobs.append(job)
+                self._idle -= 1
             elif self._threads < self.max_threads:
                 self._threads += 1
                 start = True
             else:
                 self._backlog += 1
-                jobs.append(job)
         if start:
             try:
-                _thread.start_new_thread(self._run, (jobs, job))
+                _thread.start_new_thread(self._run, (q,))
             except RuntimeError as e:
                 with self._lock:
                     self._threads -= 1
                     none_left = self._threads == 0
                     if not none_left:
                         self._backlog += 1      # an existing thread will take it
-                        jobs.append(job)
                 if none_left:
                     log.debug("no reader thread: %s; reading in the fill's thread", e)
                     return None
-        elif wake >= 0:
-            # The wake-up is a syscall made without the GIL (os.eventfd_write lets it
-            # go): a lock or queue released under the GIL woke a thread that, on these
-            # 2 CPUs, often preempted the waker and then waited for the GIL the waker
-            # held while descheduled (py-spy --gil: SimpleQueue.put was the daemon's
-            # costliest line under the GIL on a cold read)
-            os.eventfd_write(wake, 1)
+        q.put((fn, arg, on_error, p))
         return p
 
-    def _run(self, jobs: collections.deque, job) -> None:
-        # started for a job: the first one it runs is that one
-        wake = os.eventfd(0, os.EFD_CLOEXEC)
+    def _run(self, q: queue.SimpleQueue) -> None:
+        # started for a job: the first one it takes is that one
         while True:
-            fn, arg, on_error, p = job
+            fn, arg, on_error, p = q.get()
             try:
                 p.result = fn(arg)
             except BaseException as e:  # noqa: BLE001 - the fill must get a result
                 p.result = on_error(e)
             p._done.release()
-            del p, fn, arg, on_error, job   # nothing of the job kept while idle
+            del p, fn, arg, on_error    # nothing of the job kept while idle
             with self._lock:
                 if self._backlog:       # a job queued for the next thread to finish
                     self._backlog -= 1
-                    job = jobs.popleft()
-                    continue
-                self._idle.append(wake)
-            os.eventfd_read(wake)
-            job = jobs.popleft()
+                else:
+                    self._idle += 1
 
 
 # the daemon's one set of reader threads: every blob's fills share them
