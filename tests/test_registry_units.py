@@ -137,7 +137,8 @@ def test_docker_config_errors_do_not_leak(tmp_path):
 def test_credentials_and_tokens_never_in_repr():
     c = Credentials("alice", "hunter2")
     assert "hunter2" not in repr(c) and "alice" not in repr(c) and "hunter2" not in str(c)
-    replies = iter([(200, json.dumps({"token": "TOKENVALUE", "expires_in": 300}).encode())])
+    replies = iter([(200, json.dumps({"access_token": "TOKENVALUE",
+                                     "expires_in": 300}).encode())])
     a = Authenticator("h", c, lambda m, u, h, b: next(replies), allow_http_realm=True)
     a.on_unauthorized('Bearer realm="http://t/token",service="s"', "repository:x:pull", None)
     assert a.authorization("repository:x:pull") == "Bearer TOKENVALUE"
