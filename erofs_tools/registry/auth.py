@@ -3,12 +3,15 @@
 The flow is driven by the registry: a request without usable credentials gets ``401``
 with a ``WWW-Authenticate`` challenge. ``Basic`` means "send user:password on every
 request"; ``Bearer realm=...,service=...,scope=...`` means "get a token from the realm
-for these scopes and send it". Tokens are cached per (realm, service, scope) and renewed
-shortly before they expire, or at once when the registry refuses one it issued (a token
-can expire mid-run, or the clocks disagree).
+for these scopes and send it" (fetched as containerd's docker authorizer does: the
+OAuth2 POST first when we hold a secret, then the GET; docs/registry.md). Tokens are
+cached per (realm, service, scope) and renewed shortly before they expire, or at once
+when the registry refuses one it issued (a token can expire mid-run, or the clocks
+disagree).
 
-Secrets never leave this module except inside an Authorization header: Credentials and
-tokens have redacting reprs, and no message here contains a user name, password or token.
+Secrets never leave this module except inside an Authorization header or the OAuth2
+form POSTed to the realm: Credentials and tokens have redacting reprs, and no message
+here contains a user name, password or token.
 """
 
 from __future__ import annotations
