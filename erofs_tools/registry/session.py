@@ -185,9 +185,9 @@ class RegistrySession:
                 headers = {k: v for k, v in headers.items() if k.lower() != "content-type"}
             if origin(target) != scoped:
                 if body is not None:
-                    raise RedirectRefused(f"token service {safe_url(first)} redirected a "
-                                    f"{method} carrying credentials to another host "
-                                    f"({safe_url(target)}); not sent there")
+                    raise RedirectRefused(f"token service {safe_url(first)} redirected "
+                                          f"a {method} carrying credentials to another "
+                                          f"host ({safe_url(target)}); not sent there")
                 headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
             url = target
         raise AuthError(f"token service {safe_url(first)}: more than "
