@@ -160,12 +160,24 @@ class _Signer:
 
 
 class TokenIssuer:
-    """GET /token?service=&scope=... with Basic credentials -> {"token", "expires_in"}.
+    """A token server as containerd's docker authorizer meets them: GET
+    /token?service=&scope=... (Basic credentials, or none) -> {"token", "expires_in",
+    "issued_at"}, and the OAuth2 endpoint: POST /token with a form (RFC 6749: a
+    ``password`` grant with ``username``/``password``, or a ``refresh_token`` grant with
+    one of ``.refresh_tokens``) -> {"access_token", ...}.
 
     Knobs for tests: ``expires_in`` (what the reply claims), ``expire_next`` (that many
     next tokens are already expired for the registry, although the reply says they are
-    good: a token expiring mid-run), ``actions`` (granted actions), ``anonymous``
-    (issue tokens without credentials). ``requests`` records (user, scopes) per request.
+    good: a token expiring mid-run), ``actions`` (granted actions), ``denied`` (repositories
+    whose scopes get no actions), ``anonymous`` (issue tokens without credentials),
+    ``refuse_post`` (answer every POST with that status, as registries without the
+    OAuth2 endpoint do: 404, 405, 400, 401), ``issue_refresh`` (replies carry a new
+    refresh token, which the next grant may use), ``get_key``/``post_key`` (the reply's
+    name for the token) and ``reply_extra`` (more fields in every reply).
+
+    Logs: ``methods`` ("GET"/"POST" per request, in order), ``requests`` (user, scopes)
+    per request of either method, ``grants`` (the POSTed forms), ``authorizations``
+    (each request's Authorization, raw), ``issued_refresh`` (refresh tokens handed out).
     """
 
     def __init__(self, workdir: str, username: str | None, password: str | None):
@@ -174,9 +186,16 @@ class TokenIssuer:
         self.expires_in = 300
         self.expire_next = 0
         self.actions = {"pull", "push", "delete", "*"}
+        self.denied: set[str] = set()
         self.anonymous = False
+        self.refuse_post: int | None = None
+        self.issue_refresh = False
+        self.get_key, self.post_key = "token", "access_token"
+        self.reply_extra: dict = {}
+        self.methods: list[str] = []
         self.requests: list[tuple[str | None, list[str]]] = []
         self.refresh_tokens: dict[str, str] = {}     # OAuth2 refresh token -> user
+        self.issued_refresh: list[str] = []
         self.grants: list[dict] = []                 # the OAuth2 forms POSTed
         self.authorizations: list[str | None] = []   # each request's Authorization, raw
         self.moved: dict[str, str] = {}              # path -> where a 307 sends it
@@ -208,6 +227,8 @@ class TokenIssuer:
             user, _, password = base64.b64decode(value).decode().partition(":")
         except ValueError:
             return False
+        if scheme == "Basic" and not user and password in self.refresh_tokens:
+            return self.refresh_tokens[password]    # an identity token as containerd GETs
         ok = scheme == "Basic" and user == self.username and password == self.password
         return user if ok else False
 
@@ -222,42 +243,58 @@ class TokenIssuer:
         h.end_headers()
         return True
 
+    def _log(self, h, method: str, user, scopes: list[str]) -> bool:
+        """Record a request; -> whether its token is issued already expired."""
+        with self._lock:
+            self.methods.append(method)
+            self.requests.append((user or None, scopes))
+            self.authorizations.append(h.headers.get("Authorization"))
+            expired = self.expire_next > 0
+            self.expire_next -= expired
+        return expired
+
+    def _refuse(self, h, status: int, body: bytes = b"", challenge: bool = False):
+        h.send_response(status)
+        if challenge:
+            h.send_header("WWW-Authenticate", 'Basic realm="token"')
+        if body:
+            h.send_header("Content-Type", "application/json")
+        h.send_header("Content-Length", str(len(body)))
+        h.end_headers()
+        h.wfile.write(body)
+
     def _handle_oauth2(self, h: http.server.BaseHTTPRequestHandler):
-        """The OAuth2 token endpoint (RFC 6749 s. 6): a refresh_token grant in a form."""
+        """The OAuth2 token endpoint (RFC 6749 s. 4.3 and 6): a password or
+        refresh_token grant in a form."""
         length = int(h.headers.get("Content-Length") or 0)
         form = {k: v[0] for k, v in
                 urllib.parse.parse_qs(h.rfile.read(length).decode()).items()}
+        grant = form.get("grant_type")
+        user = None
+        if grant == "refresh_token":
+            user = self.refresh_tokens.get(form.get("refresh_token", ""))
+        elif grant == "password" and form.get("username") == self.username and \
+                form.get("password") == self.password:
+            user = self.username
         with self._lock:
             self.grants.append(form)
-            self.authorizations.append(h.headers.get("Authorization"))
-        user = self.refresh_tokens.get(form.get("refresh_token", ""))
-        if form.get("grant_type") != "refresh_token" or user is None:
-            body = json.dumps({"error": "invalid_grant"}).encode()
-            h.send_response(400)
-            h.send_header("Content-Type", "application/json")
-            h.send_header("Content-Length", str(len(body)))
-            h.end_headers()
-            h.wfile.write(body)
-            return
+        expired = self._log(h, "POST", user, form.get("scope", "").split())
+        if self.refuse_post:
+            return self._refuse(h, self.refuse_post)
+        if user is None:
+            return self._refuse(h, 400, json.dumps({"error": "invalid_grant"}).encode())
         self._reply_token(h, user, form.get("scope", "").split(), form.get("service", ""),
-                          "access_token")
+                          self.post_key, expired)
 
     def _handle(self, h: http.server.BaseHTTPRequestHandler):
         query = urllib.parse.parse_qs(urllib.parse.urlsplit(h.path).query)
         scopes = [s for v in query.get("scope", []) for s in v.split()]
         user = self._user(h.headers.get("Authorization"))
-        with self._lock:
-            self.requests.append((user or None, scopes))
-            self.authorizations.append(h.headers.get("Authorization"))
-            expired = self.expire_next > 0
-            self.expire_next -= expired
+        expired = self._log(h, "GET", user, scopes)
         if user is False or (user is None and not self.anonymous):
-            h.send_response(401)
-            h.send_header("WWW-Authenticate", 'Basic realm="token"')
-            h.send_header("Content-Length", "0")
-            h.end_headers()
-            return
-        self._reply_token(h, user, scopes, query.get("service", [""])[0], "token", expired)
+            return self._refuse(h, 401, challenge=True)
+        self._reply_token(h, user, scopes, query.get("service", [""])[0], self.get_key,
+                          expired)
 
     def _reply_token(self, h, user, scopes, service, key, expired=False):
         now = int(time.time())
@@ -268,9 +305,16 @@ class TokenIssuer:
         claims = {"iss": ISSUER, "sub": user or "", "aud": service,
                   "exp": exp, "nbf": now - 10, "iat": now, "jti": secrets.token_hex(8),
                   "access": [self._grant(s) for s in scopes if s.startswith("repository:")]}
-        body = json.dumps({key: self.signer.jwt(claims), "expires_in": self.expires_in,
-                           "issued_at": time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                                      time.gmtime(now))}).encode()
+        reply = {**self.reply_extra, key: self.signer.jwt(claims),
+                 "expires_in": self.expires_in,
+                 "issued_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))}
+        if self.issue_refresh and user:
+            refresh = "RT-issued-" + secrets.token_hex(8)
+            with self._lock:
+                self.refresh_tokens[refresh] = user
+                self.issued_refresh.append(refresh)
+            reply["refresh_token"] = refresh
+        body = json.dumps(reply).encode()
         h.send_response(200)
         h.send_header("Content-Type", "application/json")
         h.send_header("Content-Length", str(len(body)))
@@ -281,7 +325,8 @@ class TokenIssuer:
         kind, _, rest = scope.partition(":")
         name, _, actions = rest.rpartition(":")
         return {"type": kind, "name": name,
-                "actions": [a for a in actions.split(",") if a in self.actions]}
+                "actions": [] if name in self.denied else
+                [a for a in actions.split(",") if a in self.actions]}
 
     def stop(self):
         self._server.shutdown()

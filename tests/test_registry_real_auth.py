@@ -41,19 +41,20 @@ def test_refresh_token_grant_against_real_registry(token_registry):
     server = token_registry
     digest = _push(server)
     server.issuer.refresh_tokens["RT-" + "a" * 20] = server.username
-    before = len(server.issuer.requests)
+    before, grants_before = len(server.issuer.methods), len(server.issuer.grants)
     client = server.client(credentials=Credentials("<token>", "", "RT-" + "a" * 20))
     try:
         assert client.get_blob("real/auth", digest) == DATA
         assert client.read_blob_range("real/auth", digest, 1000, 500) == DATA[1000:1500]
     finally:
         client.close()
-    grants = server.issuer.grants
+    grants = server.issuer.grants[grants_before:]
     assert grants and all(g["grant_type"] == "refresh_token" for g in grants), grants
     assert grants[0]["refresh_token"] == "RT-" + "a" * 20
     assert "repository:real/auth:pull" in grants[0]["scope"].split()
-    # the identity token replaced the password flow entirely
-    assert len(server.issuer.requests) == before
+    # the identity token replaced the password flow entirely: POSTs only, no password
+    assert server.issuer.methods[before:] == ["POST"] * len(grants)
+    assert all("password" not in g for g in grants)
 
 
 def test_refused_refresh_token_is_a_one_line_auth_error(token_registry):

@@ -137,7 +137,8 @@ def test_docker_config_errors_do_not_leak(tmp_path):
 def test_credentials_and_tokens_never_in_repr():
     c = Credentials("alice", "hunter2")
     assert "hunter2" not in repr(c) and "alice" not in repr(c) and "hunter2" not in str(c)
-    replies = iter([(200, json.dumps({"token": "TOKENVALUE", "expires_in": 300}).encode())])
+    replies = iter([(200, json.dumps({"access_token": "TOKENVALUE",
+                                     "expires_in": 300}).encode())])
     a = Authenticator("h", c, lambda m, u, h, b: next(replies), allow_http_realm=True)
     a.on_unauthorized('Bearer realm="http://t/token",service="s"', "repository:x:pull", None)
     assert a.authorization("repository:x:pull") == "Bearer TOKENVALUE"
@@ -266,3 +267,31 @@ def test_client_refuses_bad_names_before_sending():
         with pytest.raises(InputError):
             call()
     assert c.manifest_url("a/b", "v1.0") == "http://127.0.0.1:9/v2/a/b/manifests/v1.0"
+
+
+def test_refresh_token_kept_for_its_realm_and_service_only():
+    """A refresh_token in a realm's answer is the next grant at that realm and service
+    only: another realm, or another service at the same realm, gets the password grant
+    (the real issuer's flow: test_registry_token_fetch)."""
+    import urllib.parse
+    posts = []
+
+    def fetch(method, url, headers, body):
+        form = urllib.parse.parse_qs(body.decode())
+        posts.append((url, form))
+        return 200, json.dumps({"access_token": f"AT{len(posts)}", "expires_in": 300,
+                                "refresh_token": f"RT-of-{url}-{form['service'][0]}"}).encode()
+
+    a = Authenticator("h", Credentials("u", "p"), fetch)
+    for realm, service, repo in [("https://one/token", "s1", "x"),
+                                 ("https://one/token", "s1", "y"),
+                                 ("https://two/token", "s1", "z"),
+                                 ("https://one/token", "s2", "w")]:
+        a.on_unauthorized(f'Bearer realm="{realm}",service="{service}"',
+                          f"repository:{repo}:pull", None)
+    grants = [(url, f["grant_type"][0], f.get("refresh_token", [""])[0]) for url, f in posts]
+    assert grants == [("https://one/token", "password", ""),
+                      ("https://one/token", "refresh_token", "RT-of-https://one/token-s1"),
+                      ("https://two/token", "password", ""),
+                      ("https://one/token", "password", "")]
+    assert all("RT-" not in repr(x) for x in (a, a._tokens))

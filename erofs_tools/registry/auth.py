@@ -3,12 +3,15 @@
 The flow is driven by the registry: a request without usable credentials gets ``401``
 with a ``WWW-Authenticate`` challenge. ``Basic`` means "send user:password on every
 request"; ``Bearer realm=...,service=...,scope=...`` means "get a token from the realm
-for these scopes and send it". Tokens are cached per (realm, service, scope) and renewed
-shortly before they expire, or at once when the registry refuses one it issued (a token
-can expire mid-run, or the clocks disagree).
+for these scopes and send it" (fetched as containerd's docker authorizer does: the
+OAuth2 POST first when we hold a secret, then the GET; docs/registry.md). Tokens are
+cached per (realm, service, scope) and renewed shortly before they expire, or at once
+when the registry refuses one it issued (a token can expire mid-run, or the clocks
+disagree).
 
-Secrets never leave this module except inside an Authorization header: Credentials and
-tokens have redacting reprs, and no message here contains a user name, password or token.
+Secrets never leave this module except inside an Authorization header or the OAuth2
+form POSTed to the realm: Credentials and tokens have redacting reprs, and no message
+here contains a user name, password or token.
 """
 
 from __future__ import annotations
@@ -35,6 +38,10 @@ DEFAULT_TOKEN_LIFETIME = 60.0
 # Renew this long before expiry (capped to a fraction of short lifetimes).
 REFRESH_MARGIN = 20.0
 MAX_TOKEN_REPLY = 1 << 20
+# What a realm without the OAuth2 POST endpoint answers it (containerd falls back to the
+# GET on these; on 405 too when the grant names a user): GCR 404, Artifactory 401, ACR 400.
+OAUTH2_FALLBACK = frozenset({400, 401, 404})
+OAUTH2_CLIENT_ID = "erofs-tools"
 
 
 @dataclass(frozen=True)
@@ -204,6 +211,21 @@ def parse_challenges(header: str) -> list[Challenge]:
 # --- tokens and the authenticator ---------------------------------------------------
 
 
+class RedirectRefused(AuthError):
+    """The token realm redirected a request carrying credentials in its body to another
+    origin; it was not resent there."""
+
+
+def _user_secret(creds: Credentials | None) -> tuple[str, str]:
+    """(user, secret) as containerd's credentials callback gives them: an identity
+    token has no user (CRI's ParseAuth); no secret means anonymous."""
+    if creds is None:
+        return "", ""
+    if creds.identity_token:
+        return "", creds.identity_token
+    return creds.username, creds.password
+
+
 class _Token:
     __slots__ = ("value", "expires_at")
 
@@ -216,7 +238,9 @@ class _Token:
 
 
 # fetch(method, url, headers, body) -> (status, body bytes); supplied by the client so
-# that token requests share its pools, timeouts, TLS settings and retries.
+# that token requests share its pools, timeouts, TLS settings and retries. It raises
+# RedirectRefused when the realm redirects a request with a body (an OAuth2 grant) to
+# another host.
 Fetch = Callable[[str, str, dict, bytes | None], tuple[int, bytes]]
 
 
@@ -234,6 +258,9 @@ class Authenticator:
         self._basic = False
         self._bearer: Challenge | None = None      # realm/service learned from challenges
         self._tokens: dict[tuple, _Token] = {}
+        # (realm, service) -> the refresh token its last answer carried, for the next
+        # POST there (never sent to another realm or service)
+        self._refresh_tokens: dict[tuple[str, str], str] = {}
         self.token_requests = 0                    # for tests and metrics
 
     def __repr__(self) -> str:
@@ -288,11 +315,19 @@ class Authenticator:
             tok = self._tokens.get(key)
             if tok and self._clock() < tok.expires_at:
                 return tok
-            tok = self._request_token(ch, list(dict.fromkeys(s for s in scopes if s)))
+            # sorted and without duplicates, as containerd's GetTokenScopes
+            tok = self._request_token(ch, sorted({s for s in scopes if s}))
             self._tokens[key] = tok
             return tok
 
     def _request_token(self, ch: Challenge, scopes: list[str]) -> _Token:
+        """A token for ``scopes`` as containerd's docker authorizer gets one
+        (remotes/docker/authorizer.go, doBearerAuth): with a secret, the OAuth2 POST
+        first (a password grant, or a refresh_token grant with an identity token or a
+        refresh token this realm+service handed out), then the GET with Basic
+        credentials if the realm answers 400, 401 or 404 (or 405 to a grant naming a
+        user), as registries without the POST endpoint do; without a secret, the GET
+        without Authorization."""
         realm = ch.params["realm"]
         parsed = urllib.parse.urlsplit(realm)
         where = f"token service {parsed.scheme}://{parsed.netloc}{parsed.path}"
@@ -304,48 +339,84 @@ class Authenticator:
                             "(use insecure mode for test registries)")
         self.token_requests += 1
         log.debug("requesting token from %s for %s", where, " ".join(scopes))
-        if self.credentials and self.credentials.identity_token:
-            status, body = self._oauth2_token(ch, realm, scopes,
-                                              self.credentials.identity_token)
+        user, secret = _user_secret(self.credentials)
+        oauth2 = bool(secret)
+        if oauth2:
+            status, body = self._oauth2_token(ch, realm, scopes, user, secret)
+            if status in OAUTH2_FALLBACK or (status == 405 and user):
+                log.debug("%s answered HTTP %d to the OAuth2 POST: GET instead", where,
+                          status)
+                oauth2 = False
+                status, body = self._get_token(ch, realm, parsed, scopes, user, secret)
         else:
-            status, body = self._basic_token(ch, realm, parsed, scopes)
+            status, body = self._get_token(ch, realm, parsed, scopes, "", "")
         if status in (401, 403):
             raise AuthError(f"{where} refused the credentials for {self.host}"
                             if self.credentials else
                             f"{where} requires credentials for {self.host} and none were found")
-        if status != 200:
+        if not 200 <= status < 300:
             raise AuthError(f"{where} answered HTTP {status}")
-        return self._parse_token_reply(body, where)
+        return self._parse_token_reply(body, where, oauth2, (realm, ch.params.get("service", "")))
 
-    def _basic_token(self, ch, realm, parsed, scopes) -> tuple[int, bytes]:
-        """GET realm?service=&scope=..., with Basic credentials if we have them."""
+    def _get_token(self, ch, realm, parsed, scopes, user: str,
+                   secret: str) -> tuple[int, bytes]:
+        """GET realm?service=&scope=..., with Basic credentials if we have a secret."""
         headers = {"Accept": "application/json"}
-        if self.credentials:
-            headers["Authorization"] = self.credentials.basic_header()
+        if secret:
+            raw = f"{user}:{secret}".encode()
+            headers["Authorization"] = "Basic " + base64.b64encode(raw).decode("ascii")
         query = [("service", ch.params["service"])] if ch.params.get("service") else []
         query += [("scope", s) for s in scopes]
         sep = "&" if parsed.query else "?"
         url = realm + (sep + urllib.parse.urlencode(query) if query else "")
         return self._fetch("GET", url, headers, None)
 
-    def _oauth2_token(self, ch, realm, scopes, identity_token: str) -> tuple[int, bytes]:
-        """POST an OAuth2 refresh_token grant (what docker does with identity tokens)."""
-        form = {"grant_type": "refresh_token", "client_id": "erofs-tools",
-                "refresh_token": identity_token,
-                "service": ch.params.get("service", ""), "scope": " ".join(scopes)}
+    def _oauth2_token(self, ch, realm, scopes, user: str, secret: str) -> tuple[int, bytes]:
+        """POST the OAuth2 grant: the refresh token this realm+service handed out, else
+        refresh_token with an identity token (no user), else password. A realm that
+        redirects the POST to another host (its body is not resent there: a
+        RedirectRefused) is a realm without the POST endpoint: HTTP 404."""
+        service = ch.params.get("service", "")
+        form = {"service": service, "client_id": OAUTH2_CLIENT_ID}
+        if scopes:
+            form["scope"] = " ".join(scopes)
+        held = self._refresh_tokens.get((realm, service))
+        if held or not user:
+            form.update(grant_type="refresh_token", refresh_token=held or secret)
+        else:
+            form.update(grant_type="password", username=user, password=secret)
         headers = {"Accept": "application/json",
-                   "Content-Type": "application/x-www-form-urlencoded"}
-        return self._fetch("POST", realm, headers, urllib.parse.urlencode(form).encode())
+                   "Content-Type": "application/x-www-form-urlencoded; charset=utf-8"}
+        try:
+            status, body = self._fetch("POST", realm, headers,
+                                       urllib.parse.urlencode(form).encode())
+        except RedirectRefused as e:
+            log.debug("%s", e)
+            return 404, b""
+        if held and status in (400, 401):
+            # the realm no longer takes it: the user's own credentials next time
+            self._refresh_tokens.pop((realm, service), None)
+        return status, body
 
-    def _parse_token_reply(self, body: bytes, where: str) -> _Token:
+    def _parse_token_reply(self, body: bytes, where: str, oauth2: bool,
+                           realm_service: tuple[str, str]) -> _Token:
+        """The token of a reply: ``access_token`` from the POST (containerd reads no
+        other), ``access_token`` else ``token`` from the GET; ``expires_in`` (the
+        default when missing or not a positive number); ``issued_at`` is not read (as
+        containerd: the lifetime counts from the reply, on our clock). A
+        ``refresh_token`` is kept for the next POST to this realm and service."""
         try:
             reply = json.loads(body[:MAX_TOKEN_REPLY])
-            value = reply.get("token") or reply.get("access_token")
+            value = reply.get("access_token") or (None if oauth2 else reply.get("token"))
             lifetime = float(reply.get("expires_in") or DEFAULT_TOKEN_LIFETIME)
+            refresh = reply.get("refresh_token")
         except (ValueError, AttributeError, TypeError):
             raise AuthError(f"{where} sent an unreadable token reply") from None
         if not isinstance(value, str) or not value:
-            raise AuthError(f"{where} sent a reply without a token")
+            raise AuthError(f"{where} sent a reply without a"
+                            f"{'n access_token' if oauth2 else ' token'}")
+        if isinstance(refresh, str) and refresh and _user_secret(self.credentials)[1]:
+            self._refresh_tokens[realm_service] = refresh
         if not lifetime > 0 or lifetime == float("inf"):
             # negative, NaN (Python's json reads it) or infinite: no lifetime we can
             # use; the default, as for a missing one (a token expired on arrival was

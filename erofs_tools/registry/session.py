@@ -22,7 +22,7 @@ from typing import BinaryIO
 import urllib3
 
 from ..errors import AuthError, InputError, RegistryError
-from .auth import Authenticator, Credentials, load_credentials
+from .auth import Authenticator, Credentials, RedirectRefused, load_credentials
 from .digest import check_digest
 from .envproxy import EnvProxy
 from .reference import Reference, check_repository
@@ -159,9 +159,10 @@ class RegistrySession:
         client does (at most TOKEN_MAX_REDIRECTS hops; 301/302 turn a POST and 303 any
         method into a bodiless GET, 307/308 resend it), each hop under the rule of
         checked_location. The credentials in it (Basic in Authorization, an OAuth2
-        refresh token in a POST body) are for the realm's origin: a hop to another
-        origin goes without Authorization (and no hop after it gets it back), and a body
-        is never resent there (an AuthError: the grant cannot be made without it)."""
+        refresh token or password in a POST body) are for the realm's origin: a hop to
+        another origin goes without Authorization (and no hop after it gets it back),
+        and a body is never resent there (RedirectRefused: the Authenticator takes the
+        realm for one without the POST endpoint and GETs the token)."""
         first, scoped = url, origin(url)
         headers = dict(headers)
         for hop in range(TOKEN_MAX_REDIRECTS + 1):
@@ -184,9 +185,9 @@ class RegistrySession:
                 headers = {k: v for k, v in headers.items() if k.lower() != "content-type"}
             if origin(target) != scoped:
                 if body is not None:
-                    raise AuthError(f"token service {safe_url(first)} redirected a "
-                                    f"{method} carrying credentials to another host "
-                                    f"({safe_url(target)}); not sent there")
+                    raise RedirectRefused(f"token service {safe_url(first)} redirected "
+                                          f"a {method} carrying credentials to another "
+                                          f"host ({safe_url(target)}); not sent there")
                 headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
             url = target
         raise AuthError(f"token service {safe_url(first)}: more than "
