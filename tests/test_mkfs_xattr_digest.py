@@ -197,7 +197,6 @@ def test_inspect_shows_the_prefix_table(tree, tmp_path):
     (["--xattr-inode-digest=user."], "nothing after the namespace"),
     (["--xattr-inode-digest=system.posix_acl_access"], "reserved for ACLs"),
     (["--xattr-inode-digest=" + "n" * 256], "longer than 255 bytes"),
-    (["--xattr-inode-digest", "-z", "lz4", "-E", "fragments"], "-E fragments"),
 ])
 def test_bad_names_and_combinations(tree, tmp_path, args, message):
     image = tmp_path / "bad.img"

@@ -316,11 +316,9 @@ def set_long_prefixes(builder: NativeBuilder, options: MkfsOptions) -> int:
         prefixes.append(options.inode_digest)
     if not prefixes:
         return -1
-    if options.compress is not None and options.compress.fragments:
-        # mkfs.erofs then keeps the prefix table in the packed inode; kernels without
-        # plain prefixes would read ours from there
-        what = "--xattr-inode-digest" if options.inode_digest else "--xattr-prefix"
-        raise InputError(f"{what} is not supported with -E fragments yet")
+    # with -E fragments the C core puts the table at the packed inode's start, as
+    # mkfs.erofs 1.9 does (every kernel since 6.4 reads it there then), else after the
+    # superblock (PLAIN_XATTR_PFX)
     table = b"".join(encode_long_prefix(p)[1] for p in prefixes)
     builder.set_xattr_prefixes(table, len(prefixes), ishare_id=digest_id)
     return digest_id
