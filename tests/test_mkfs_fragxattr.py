@@ -266,3 +266,21 @@ def test_tar_digest_as_mkfs_erofs(tree, tmp_path, combo):
                 assert rec["xattr"]["user.digest"] == want[os.path.normpath(rel)], rel
             else:
                 assert "user.digest" not in rec["xattr"], rel
+
+
+@pytest.mark.parametrize("args", [
+    ("--xattr-inode-digest=user.digest", "--xattr-prefix=user.myapp."),
+    ("--xattr-prefix", "user.myapp.", "--xattr-inode-digest", "--xattr-prefix",
+     "trusted.myapp."),
+    ("--xattr-prefix=user.myapp.", "-z", "lz4", "-E", "fragments", "--xattr-prefix",
+     "trusted.myapp.", "--xattr-inode-digest"),
+], ids=["digest-first", "digest-between", "digest-last-fragments"])
+def test_prefix_table_in_command_line_order(tree, tmp_path, args):
+    """The prefix table in command-line order, the fingerprints' among the others, as
+    mkfs.erofs 1.9.4 (ours put it last whatever the order before)."""
+    ours, ref = both(tmp_path, tree, *args)
+    sb, prefixes, xattrs, _ = reader_view(ours)
+    rsb, rprefixes, rxattrs, _ = reader_view(ref)
+    assert prefixes == rprefixes
+    assert sb.ishare_xattr_prefix_id == rsb.ishare_xattr_prefix_id
+    assert xattrs == rxattrs

@@ -84,6 +84,8 @@ class MkfsOptions:
     compress_hints: list[CompressHint] = field(default_factory=list)   # --compress-hints
     workers: int = 0                  # --workers: compression threads, 0 = one per CPU
     inode_digest: bytes | None = None  # --xattr-inode-digest: the fingerprint xattr's name
+    inode_digest_pos: int | None = None  # its place among the --xattr-prefix ones (the
+                                      # command line's, as mkfs.erofs); None: last
     xattr_prefixes: list[bytes] = field(default_factory=list)  # --xattr-prefix: long xattr
                                       # name prefixes (Linux 6.4+)
     inline_data: bool = True          # -E noinline_data: no FLAT_INLINE tails (containerd's

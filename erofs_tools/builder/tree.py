@@ -305,15 +305,17 @@ class TreeWalker:
 
 def set_long_prefixes(builder: NativeBuilder, options: MkfsOptions) -> int:
     """The long xattr name prefixes: those of --xattr-prefix (xattrs starting with one
-    are stored with the rest of their name after it, as mkfs.erofs), then the content
-    fingerprints' (--xattr-inode-digest) -> its id (-1: none)."""
+    are stored with the rest of their name after it, as mkfs.erofs) and the content
+    fingerprints' (--xattr-inode-digest) where the command line had it (or last) -> its
+    id (-1: none)."""
     prefixes = list(options.xattr_prefixes)
     digest_id = -1
     if options.inode_digest is not None:
         # one long prefix, the whole name; each fingerprint is stored with an empty
         # suffix after it, as erofs-utils 1.9 writes them
-        digest_id = len(prefixes)
-        prefixes.append(options.inode_digest)
+        pos = options.inode_digest_pos
+        digest_id = len(prefixes) if pos is None else min(max(pos, 0), len(prefixes))
+        prefixes.insert(digest_id, options.inode_digest)
     if not prefixes:
         return -1
     # with -E fragments the C core puts the table at the packed inode's start, as

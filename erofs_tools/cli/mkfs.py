@@ -178,6 +178,7 @@ def mkfs(image, source, timestamp, all_time, ignore_mtime, ovlfs_strip, block_si
         compress_hints=parse_compress_hints(hints, 1 + len(z.more)) if z and hints else [],
         workers=workers,
         inode_digest=digest,
+        inode_digest_pos=click.get_current_context().meta.get("digest_pos"),
         xattr_prefixes=parse_xattr_prefixes(xattr_prefix, digest is not None),
         all_time=all_time,
         blkszbits=blkszbits,
