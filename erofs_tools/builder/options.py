@@ -261,6 +261,11 @@ def _parse_alg(part: str, text: str) -> Algorithm:
     level = None
     dict_size = 0
     props = [-1, -1, -1]
+    if params and params[0][:1].isdigit():
+        # mkfs.erofs's old form -z ALG,N: a level; the options after it are ignored there
+        if not params[0].isdigit():
+            raise InputError(f"-z {text!r}: level is not an integer: {params[0]!r}")
+        return Algorithm(name, int(params[0], 10))
     for p in params:
         key, sep, value = p.partition("=")
         if not sep or key not in ("level", "dictsize", "lc", "lp", "pb"):
