@@ -284,3 +284,34 @@ def test_prefix_table_in_command_line_order(tree, tmp_path, args):
     assert prefixes == rprefixes
     assert sb.ishare_xattr_prefix_id == rsb.ishare_xattr_prefix_id
     assert xattrs == rxattrs
+
+
+def test_digest_replaces_a_stale_xattr_of_its_name(tmp_path):
+    """A file that has an xattr of the fingerprint's name: the kernel reads the content's
+    digest (ours kept the stale value first before; mkfs.erofs writes both, the digest
+    first); an empty file keeps its own; directories and --tar=f alike."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"content\n" * 100)
+    (src / "empty").write_bytes(b"")
+    os.setxattr(src / "f", "user.digest", b"stale")
+    os.setxattr(src / "empty", "user.digest", b"own")
+    tar = tmp_path / "t.tar"
+    subprocess.run(["tar", "-C", src, "--xattrs", "--xattrs-include=*", "-cf", tar, "."],
+                   check=True)
+    want = b"sha256:" + hashlib.sha256(b"content\n" * 100).digest()
+    for source, extra in ((src, ()), (src, ("-z", "lz4hc", "-E", "fragments")),
+                          (tar, ("--tar=f",)), (tar, ("--tar=f", "-z", "lz4", "-E", "fragments"))):
+        out = tmp_path / "out"
+        out.mkdir()
+        ours, ref = both(out, source, "--xattr-inode-digest=user.digest", *extra)
+        fsck(ours)
+        _, _, xattrs, _ = reader_view(ours)
+        assert xattrs[b"f"] == {b"user.digest": want}, extra
+        with mounted(ours) as m, mounted(ref) as r:
+            for mnt in (m, r):
+                assert os.getxattr(os.path.join(mnt, "f"), "user.digest") == want
+                assert os.getxattr(os.path.join(mnt, "empty"), "user.digest") == b"own"
+        for p in (ours, ref):
+            p.unlink()
+        out.rmdir()

@@ -399,6 +399,11 @@ def _build(image: str, tree: TarTree, files: list[int | _Data], data_path: str,
             if (force_uid is not None or force_gid is not None or opts.uid_offset
                     or opts.gid_offset):
                 _force_ids(tree, force_uid, force_gid, opts.uid_offset, opts.gid_offset)
+            if digest_id >= 0 and not index:
+                # the fingerprint replaces a file's own xattr of its name (see tree.py)
+                for n in tree.regular:
+                    if n.size and opts.inode_digest in n.xattrs:
+                        n.xattrs = {k: v for k, v in n.xattrs.items() if k != opts.inode_digest}
             _, keys, _ = tree.emit(nb)
             path = os.fsencode(data_path)
             for key in sorted(keys):          # archive order: the tar is read forward

@@ -78,6 +78,7 @@ class TreeWalker:
         self.excl_regex = list(options.exclude_regex)
         self.hints = list(options.compress_hints) if options.compress else []
         self.digest = options.inode_digest is not None
+        self.digest_name = options.inode_digest
         self.digest_id = set_long_prefixes(builder, options)
 
     def _excluded(self, rel: bytes) -> bool:
@@ -118,8 +119,8 @@ class TreeWalker:
             maj, mnr = os.major(st.st_rdev), os.minor(st.st_rdev)
         try:
             node = b.add_node(mode, uid, gid, sec, nsec, size, maj, mnr)
-            if self.xattrs:
-                self._xattrs(path, node)     # before the data (stream mode needs them first)
+            if self.xattrs:                  # before the data (stream mode needs them first)
+                self._xattrs(path, node, self.digest and fmt == _S_IFREG and size > 0)
             if self.digest and fmt == _S_IFREG and size:
                 b.add_xattr_long(node, self.digest_id, b"",
                                  b"sha256:" + self._sha256(path, size))
@@ -156,7 +157,10 @@ class TreeWalker:
             raise _oserr(e, path) from None
         return h.digest()
 
-    def _xattrs(self, path: bytes, node: int) -> None:
+    def _xattrs(self, path: bytes, node: int, fingerprinted: bool = False) -> None:
+        """The source's xattrs of `path` (fingerprinted: not the one of the fingerprint's
+        name, which the content's digest replaces; mkfs.erofs 1.9.4 writes both, the
+        digest first, which the kernel finds first)."""
         try:
             names = os.listxattr(path, follow_symlinks=False)
         except OSError as e:
@@ -167,6 +171,8 @@ class TreeWalker:
             return
         for name in sorted(names):
             if self.whiteouts == "strip" and name == _OPAQUE_NAME:
+                continue
+            if fingerprinted and os.fsencode(name) == self.digest_name:
                 continue
             try:
                 value = os.getxattr(path, name, follow_symlinks=False)
