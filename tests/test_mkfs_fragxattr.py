@@ -315,3 +315,21 @@ def test_digest_replaces_a_stale_xattr_of_its_name(tmp_path):
         for p in (ours, ref):
             p.unlink()
         out.rmdir()
+
+
+def test_plain_xattr_prefixes_with_fragments(tree, tmp_path):
+    """-E plain-xattr-prefixes (was an unknown -E option): the table after the
+    superblock (PLAIN_XATTR_PFX) even with -E fragments, where mkfs.erofs 1.9.4 puts it."""
+    ours, ref = both(tmp_path, tree, "--xattr-prefix=user.myapp.", "--xattr-inode-digest",
+                     "-z", "lz4hc", "-E", "fragments,plain-xattr-prefixes")
+    fsck(ours)
+    sb, prefixes, xattrs, packed = reader_view(ours)
+    rsb, rprefixes, rxattrs, _ = reader_view(ref)
+    for s in (sb, rsb):
+        assert s.feature_compat & E.FEATURE_COMPAT_PLAIN_XATTR_PFX and s.packed_nid
+    assert sb.xattr_prefix_start == rsb.xattr_prefix_start
+    assert prefixes == rprefixes == [b"user.myapp.", DEFAULT]
+    assert xattrs == rxattrs
+    assert not packed[0].startswith(table_of(prefixes)[:4])
+    with mounted(ours) as m:
+        assert os.getxattr(os.path.join(m, "small"), "user.myapp.key") == b"v1"

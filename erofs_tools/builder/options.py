@@ -88,6 +88,8 @@ class MkfsOptions:
                                       # command line's, as mkfs.erofs); None: last
     xattr_prefixes: list[bytes] = field(default_factory=list)  # --xattr-prefix: long xattr
                                       # name prefixes (Linux 6.4+)
+    plain_xattr_prefixes: bool = False  # -E plain-xattr-prefixes: their table after the
+                                      # superblock even with -E fragments
     inline_data: bool = True          # -E noinline_data: no FLAT_INLINE tails (containerd's
                                       # EROFS differ asks for it: data blocks stay aligned)
     all_time: bool = True             # --all-time (default) / --mkfs-time: -T also sets
@@ -174,7 +176,7 @@ PCLUSTER_MAX = 1 << 20
 # -E options this mkfs knows (mkfs.erofs names), and whether they take =VALUE
 EXTENDED = {"legacy-compress": False, "ztailpacking": False, "fragments": True,
             "dedupe": False, "noinline_data": False, "force-inode-extended": False,
-            "force-inode-compact": False,
+            "force-inode-compact": False, "plain-xattr-prefixes": False,
             "nosbcrc": False}
 # -E options that are on by default, named as mkfs.erofs names them: "^NAME" turns one
 # off, which the result says as the key here

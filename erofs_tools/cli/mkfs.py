@@ -97,7 +97,8 @@ from erofs_tools.errors import InputError
                    "(identical pclusters shared), noinline_data (no file tail inline after "
                    "its inode: every uncompressed file's data in whole blocks), "
                    "force-inode-extended / force-inode-compact (every inode 64 / 32 "
-                   "bytes), nosbcrc, ^NAME (NAME off).")
+                   "bytes), nosbcrc, plain-xattr-prefixes (the long xattr prefix table "
+                   "after the superblock even with fragments), ^NAME (NAME off).")
 @click.option("--compress-hints", "hints", metavar="FILE",
               help="Per-file pcluster size and algorithm: lines 'SIZE [ALGINDEX] REGEX' "
                    "(as mkfs.erofs; SIZE 0: not compressed).")
@@ -173,6 +174,7 @@ def mkfs(image, source, timestamp, all_time, ignore_mtime, ovlfs_strip, block_si
         sb_checksum="nosbcrc" not in ext,
         force_extended="force-inode-extended" in ext,
         force_compact="force-inode-compact" in ext,
+        plain_xattr_prefixes="plain-xattr-prefixes" in ext,
         ignore_mtime=ignore_mtime,
         compress=z,
         compress_hints=parse_compress_hints(hints, 1 + len(z.more)) if z and hints else [],
