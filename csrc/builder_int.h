@@ -208,11 +208,15 @@ struct erofs_builder {
     uint8_t *xpfx;          /* long xattr name prefix table, encoded */
     uint32_t xpfx_len, xpfx_count;
     int32_t xpfx_ishare;    /* -1: no fingerprint prefix */
+    uint8_t xpfx_packed;    /* -Efragments: the table heads the packed inode's data */
 };
 
 /* where the long xattr prefix table starts (4-byte aligned, after the compression
  * records) and where the superblock area ends */
 INTERNAL uint64_t xpfx_start(const erofs_builder *b);
+/* fragments.c, -Efragments: the table written at the packed inode's start (once the
+ * pool runs: set_xattr_prefixes or the pool's start, whichever is later) */
+INTERNAL int zpacked_prefixes(erofs_builder *b);
 
 /* nodes.c */
 INTERNAL int fail(erofs_builder *b, int code, const char *fmt, ...)

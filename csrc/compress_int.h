@@ -177,6 +177,7 @@ INTERNAL int zroll_mid_pays(const struct zmatch *m, uint32_t bs);
 struct zpacked {
     int fd;
     uint64_t len;
+    uint64_t bare;           /* the prefix table's end before its last padding (or 0) */
     struct zfragent *tab;    /* open-addressing table of fragments by tail hash */
     uint32_t cap, n;
 };

@@ -101,6 +101,8 @@ struct erofs_opts {
     int8_t compress_lzma_lp[4];    /* context, literal position and position bits); */
     int8_t compress_lzma_pb[4];    /* -1: the preset's */
     uint32_t pcluster_max;     /* the largest per-file pcluster (0: pcluster_size) */
+    int32_t plain_xattr_pfx;   /* 1: the long xattr prefix table after the superblock
+                                  even with fragments (-Eplain-xattr-prefixes) */
 };
 
 struct erofs_layout_info {
@@ -133,7 +135,8 @@ int64_t erofs_node_add(erofs_builder *b, uint32_t mode, uint32_t uid, uint32_t g
 int erofs_node_add_xattr(erofs_builder *b, uint32_t node, const char *name, size_t namelen,
                          const char *value, size_t valuelen);
 /* the long xattr name prefix table (encoded entries, `count` of them, written after the
- * superblock and compression records, PLAIN_XATTR_PFX); ishare_id: the entry whose
+ * superblock and compression records, PLAIN_XATTR_PFX; with fragments, unless
+ * plain_xattr_pfx, at the packed inode's start instead); ishare_id: the entry whose
  * xattrs are content fingerprints (ISHARE_XATTRS), or -1 */
 int erofs_builder_set_xattr_prefixes(erofs_builder *b, const char *table, size_t len,
                                      uint32_t count, int32_t ishare_id);

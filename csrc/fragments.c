@@ -9,6 +9,10 @@
  * longer one) is not appended again: it points into that one. Fragments are found by
  * a hash of their last TAIL_KEY bytes (all of them when shorter), so a match is a
  * suffix of an earlier fragment at least as long.
+ *
+ * With long xattr name prefixes, the packed inode's data starts with their table, as
+ * mkfs.erofs 1.9 writes it with -Efragments (xattr_prefix_start 0, no PLAIN_XATTR_PFX:
+ * every kernel since 6.4 reads the table there when the image has a packed inode).
  */
 #include "compress_int.h"
 
@@ -127,5 +131,27 @@ int zpacked_add(struct zpacked *pk, struct xfer *x, const uint8_t *data, uint32_
     pk->n++;
     *off = pk->len;
     pk->len += len;
+    return 0;
+}
+
+int zpacked_prefixes(erofs_builder *b)
+{
+    struct zpool *p = b->zp;
+    if (!p || !b->xpfx_packed || p->pk.fd < 0)
+        return 0;               /* (the pool not started yet: its start calls this) */
+    if (p->pk.len)
+        return fail(b, ERN_EINVAL, "long xattr prefixes set after a fragment");
+    struct xfer x;
+    memset(&x, 0, sizeof(x));
+    int r = write_at(&p->pk, &x, b->xpfx, b->xpfx_len, 0);
+    if (r)
+        return fail(b, r, "%s", x.err);
+    p->pk.len = b->xpfx_len;
+    for (uint32_t i = 0, off = 0; i < b->xpfx_count; i++) {
+        uint32_t sz = (uint32_t)b->xpfx[off] | (uint32_t)b->xpfx[off + 1] << 8;
+        p->pk.bare = off + 2 + sz;
+        off = (off + 2 + sz + 3) & ~3u;
+    }
+    p->zc->incompat |= EROFS_FEATURE_INCOMPAT_FRAGMENTS;
     return 0;
 }

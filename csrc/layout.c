@@ -96,7 +96,8 @@ uint64_t sb_area_end(const erofs_builder *b)
 {
     uint32_t cfgs_len;
     zconf_cfgs(b, &cfgs_len);
-    return b->xpfx_count ? xpfx_start(b) + b->xpfx_len : SB_END + cfgs_len;
+    return b->xpfx_count && !b->xpfx_packed ? xpfx_start(b) + b->xpfx_len
+                                             : SB_END + cfgs_len;
 }
 
 /* data blocks of directories, symlinks and files not streamed, in nid order */
@@ -274,6 +275,47 @@ static int pick_build_time(erofs_builder *b, struct layout_state *st)
 }
 
 /* inode formats and data layouts (independent of positions) */
+/* a path of `node` in the image ("/a/b", the first link found; control bytes as \xNN,
+ * long paths cut at the front), for a message: a linear search, for errors only */
+static void node_path(const erofs_builder *b, uint32_t node, char *out, size_t cap)
+{
+    if (node == b->packed_node) {
+        snprintf(out, cap, "the packed inode");
+        return;
+    }
+    char tmp[1024];
+    size_t pos = sizeof(tmp) - 1;
+    tmp[pos] = 0;
+    for (uint32_t depth = 0; node != b->root && depth < 4096; depth++) {
+        const struct dirent_rec *d = NULL;
+        for (uint32_t i = 0; i < b->nde && !d; i++)
+            if (b->des[i].child == node)
+                d = &b->des[i];
+        if (!d)
+            break;
+        const uint8_t *name = b->arena + d->name_off;
+        for (uint32_t k = d->name_len; k-- > 0 && pos > 8;) {
+            if (name[k] < 0x20 || name[k] == 0x7f) {
+                static const char hex[] = "0123456789abcdef";
+                tmp[--pos] = hex[name[k] & 15];
+                tmp[--pos] = hex[name[k] >> 4];
+                tmp[--pos] = 'x';
+                tmp[--pos] = '\\';
+            } else {
+                tmp[--pos] = (char)name[k];
+            }
+        }
+        if (pos > 8)
+            tmp[--pos] = '/';
+        node = d->parent;
+    }
+    if (pos == sizeof(tmp) - 1)
+        tmp[--pos] = '/';
+    size_t len = sizeof(tmp) - 1 - pos;
+    snprintf(out, cap, "%s%s", len >= cap ? "..." : "",
+             tmp + pos + (len >= cap ? len - cap + 4 : 0));
+}
+
 static int choose_formats(erofs_builder *b, struct layout_state *st)
 {
     uint32_t blksz = b->blksz;
@@ -292,10 +334,13 @@ static int choose_formats(erofs_builder *b, struct layout_state *st)
                 n->extended = 1;
             }
         }
-        if (n->extended && b->o.force_compact)
-            return fail(b, ERN_ELIMIT, "-E force-inode-compact: an inode (uid %u, gid %u, "
-                        "%u links, %llu bytes) cannot be compact", n->uid, n->gid, n->nlink,
+        if (n->extended && b->o.force_compact) {
+            char path[256];
+            node_path(b, b->order[oi], path, sizeof(path));
+            return fail(b, ERN_ELIMIT, "-E force-inode-compact: %s cannot be compact (uid %u, "
+                        "gid %u, %u links, %llu bytes)", path, n->uid, n->gid, n->nlink,
                         (unsigned long long)n->size);
+        }
         uint64_t base = inode_size(n) + n->xattr_isize;
         n->tail = 0;
         st->data_bytes += n->size;
@@ -538,7 +583,8 @@ static void fill_info(erofs_builder *b, const struct layout_state *st)
     b->info.feature_compat = b->o.feature_compat |
                              (st->xattr_filter ? EROFS_FEATURE_COMPAT_XATTR_FILTER : 0) |
                              (b->o.sb_checksum ? EROFS_FEATURE_COMPAT_SB_CHKSUM : 0) |
-                             (b->xpfx_count ? EROFS_FEATURE_COMPAT_PLAIN_XATTR_PFX : 0) |
+                             (b->xpfx_count && !b->xpfx_packed ?
+                              EROFS_FEATURE_COMPAT_PLAIN_XATTR_PFX : 0) |
                              (b->xpfx_ishare >= 0 ? EROFS_FEATURE_COMPAT_ISHARE_XATTRS : 0);
     b->info.feature_incompat = b->o.feature_incompat |
                                (b->xpfx_count ? EROFS_FEATURE_INCOMPAT_XATTR_PREFIXES : 0) |

@@ -443,7 +443,7 @@ static int write_superblock(erofs_builder *b)
         if (r)
             return r;
     }
-    if (b->xpfx_count) {
+    if (b->xpfx_count && !b->xpfx_packed) {
         int r = pwrite_all(b, b->xpfx, b->xpfx_len, xpfx_start(b));
         if (r)
             return r;
@@ -475,7 +475,9 @@ static int write_superblock(erofs_builder *b)
         sb.packed_nid = cpu_to_le64(b->nodes[b->packed_node].nid);
     if (b->xpfx_count) {
         sb.xattr_prefix_count = (uint8_t)b->xpfx_count;
-        sb.xattr_prefix_start = cpu_to_le32((uint32_t)(xpfx_start(b) >> 2));
+        /* (the packed inode's start: offset 0) */
+        sb.xattr_prefix_start = b->xpfx_packed ? 0 :
+                                cpu_to_le32((uint32_t)(xpfx_start(b) >> 2));
         if (b->xpfx_ishare >= 0)
             sb.ishare_xattr_prefix_id = (uint8_t)b->xpfx_ishare;
     }

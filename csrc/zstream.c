@@ -412,6 +412,10 @@ int zpool_start(erofs_builder *b)
     pthread_cond_init(&p->cv_space, NULL);
     pthread_cond_init(&p->cv_turn, NULL);
     b->zp = p;
+    if ((r = zpacked_prefixes(b))) {
+        zpool_stop(b, 1);
+        return r;
+    }
     for (uint32_t i = 0; i < p->zc->threads; i++) {
         if (pthread_create(&p->th[i], NULL, zworker, p) != 0)
             break;
@@ -560,6 +564,8 @@ static int flush_packed(erofs_builder *b, struct zpool *p)
     pz.pclustersize = pz.packed_ps;
     pz.pclusterblks = pz.packed_ps / b->blksz;
     pz.frags = 0;
+    if (p->pk.bare && p->pk.len == b->xpfx_len)
+        p->pk.len = p->pk.bare;     /* the table alone: unpadded, as mkfs.erofs's */
     int64_t node = erofs_node_add(b, S_IFREG | 0600, 0, 0, 0, 0, p->pk.len, 0, 0);
     if (node < 0)
         return (int)node;

@@ -109,6 +109,8 @@ class BuildOptions:
     fragments: bool = False        # compressed files' last extents in the packed inode
     packed_pcluster_size: int = 0  # the packed inode's pcluster bytes; 0: pcluster_size
     dedupe: bool = False           # identical pclusters shared between files
+    plain_xattr_pfx: bool = False  # long xattr prefixes after the superblock even with
+                                   # fragments (else at the packed inode's start)
     compress_alt: tuple[tuple[int, int], ...] = ()   # more (COMPRESSORS value, level) of -z
     compress_dict_size: tuple[int, ...] = ()  # per -z algorithm: dictsize= bytes, 0: default
     compress_lzma_props: tuple[tuple[int, int, int], ...] = ()  # per -z algorithm: lzma's
@@ -175,6 +177,7 @@ class BuildOptions:
             raise NativeError("packed pcluster size out of range")
         o.packed_pcluster_size = self.packed_pcluster_size
         o.dedupe = int(self.dedupe)
+        o.plain_xattr_pfx = int(self.plain_xattr_pfx)
         if len(self.compress_alt) > 3:
             raise NativeError("at most 4 algorithms")
         for k, (alg, level) in enumerate(self.compress_alt):

@@ -197,7 +197,6 @@ def test_inspect_shows_the_prefix_table(tree, tmp_path):
     (["--xattr-inode-digest=user."], "nothing after the namespace"),
     (["--xattr-inode-digest=system.posix_acl_access"], "reserved for ACLs"),
     (["--xattr-inode-digest=" + "n" * 256], "longer than 255 bytes"),
-    (["--xattr-inode-digest", "-z", "lz4", "-E", "fragments"], "-E fragments"),
 ])
 def test_bad_names_and_combinations(tree, tmp_path, args, message):
     image = tmp_path / "bad.img"
@@ -209,12 +208,16 @@ def test_bad_names_and_combinations(tree, tmp_path, args, message):
     assert os.listdir(tmp_path) == []
 
 
-def test_tar_mode_refused(tmp_path):
+@pytest.mark.parametrize("flag", ["--xattr-inode-digest", "--xattr-prefix=user.a."])
+def test_tar_index_mode_refused(tmp_path, flag):
+    """--tar=i: refused in one line (was: "device table does not fit before the
+    inodes" for --xattr-prefix)."""
     tar = tmp_path / "empty.tar"
     tar.write_bytes(bytes(1024))
-    p = run_mkfs(tmp_path / "t.img", tar, "--tar=f", "--xattr-inode-digest", check=False)
+    p = run_mkfs(tmp_path / "t.img", tar, "--tar=i", flag, check=False)
     assert p.returncode == 1
-    assert p.stderr.strip() == "error: --xattr-inode-digest is not supported with --tar yet"
+    assert p.stderr.strip() == f"error: {flag.split('=')[0]} is not supported with --tar=i yet"
+    assert not (tmp_path / "t.img").exists()
 
 
 def test_hostile_prefix_table(tree, tmp_path):

@@ -83,6 +83,7 @@ def build_options(opts: MkfsOptions) -> BuildOptions:
         force_extended=opts.force_extended,
         ignore_mtime=opts.ignore_mtime,
         force_compact=opts.force_compact,
+        plain_xattr_pfx=opts.plain_xattr_prefixes,
     )
 
 

@@ -29,6 +29,7 @@ names and renamed at the end, so nothing is left behind.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import stat
 import time
@@ -393,10 +394,16 @@ def _build(image: str, tree: TarTree, files: list[int | _Data], data_path: str,
         try:
             if not index:
                 nb.set_output(fd)
-            set_long_prefixes(nb, opts)       # --xattr-prefix (before any xattr)
+            # --xattr-prefix, --xattr-inode-digest (before any xattr)
+            digest_id = set_long_prefixes(nb, opts)
             if (force_uid is not None or force_gid is not None or opts.uid_offset
                     or opts.gid_offset):
                 _force_ids(tree, force_uid, force_gid, opts.uid_offset, opts.gid_offset)
+            if digest_id >= 0 and not index:
+                # the fingerprint replaces a file's own xattr of its name (see tree.py)
+                for n in tree.regular:
+                    if n.size and opts.inode_digest in n.xattrs:
+                        n.xattrs = {k: v for k, v in n.xattrs.items() if k != opts.inode_digest}
             _, keys, _ = tree.emit(nb)
             path = os.fsencode(data_path)
             for key in sorted(keys):          # archive order: the tar is read forward
@@ -410,10 +417,14 @@ def _build(image: str, tree: TarTree, files: list[int | _Data], data_path: str,
                 if index:
                     fmt, ents = _chunk_entries(d, size, d.name)
                     nb.set_chunks(node, fmt, ents)
-                elif d.scratch is not None:
-                    nb.set_file(node, os.fsencode(d.scratch), 0, True)
-                else:
-                    nb.set_file(node, path, d.offset)
+                    continue
+                src, off = ((os.fsencode(d.scratch), 0) if d.scratch is not None
+                            else (path, d.offset))
+                if digest_id >= 0:
+                    # as mkfs.erofs 1.9 --tar=f: each file's fingerprint (not with
+                    # --tar=i, whose data stays in the tar unread, as there)
+                    nb.add_xattr_long(node, digest_id, b"", _sha256_of(src, off, size))
+                nb.set_file(node, src, off, d.scratch is not None)
             if index:
                 nb.add_device(b"", tar_blocks, 0)
             info = nb.layout()
@@ -426,6 +437,20 @@ def _build(image: str, tree: TarTree, files: list[int | _Data], data_path: str,
         finally:
             nb.close()
     return info, nb.options.uuid
+
+
+def _sha256_of(path: bytes, offset: int, size: int) -> bytes:
+    """b"sha256:" + the digest of `size` bytes of the file `path` from `offset`."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(offset)
+        while size:
+            buf = f.read(min(size, 1 << 20))
+            if not buf:
+                raise InputError(f"{os.fsdecode(path)}: ended while reading file data")
+            h.update(buf)
+            size -= len(buf)
+    return b"sha256:" + h.digest()
 
 
 def _force_ids(tree: TarTree, uid: int | None, gid: int | None, uid_offset: int = 0,

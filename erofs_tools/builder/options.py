@@ -84,8 +84,12 @@ class MkfsOptions:
     compress_hints: list[CompressHint] = field(default_factory=list)   # --compress-hints
     workers: int = 0                  # --workers: compression threads, 0 = one per CPU
     inode_digest: bytes | None = None  # --xattr-inode-digest: the fingerprint xattr's name
+    inode_digest_pos: int | None = None  # its place among the --xattr-prefix ones (the
+                                      # command line's, as mkfs.erofs); None: last
     xattr_prefixes: list[bytes] = field(default_factory=list)  # --xattr-prefix: long xattr
                                       # name prefixes (Linux 6.4+)
+    plain_xattr_prefixes: bool = False  # -E plain-xattr-prefixes: their table after the
+                                      # superblock even with -E fragments
     inline_data: bool = True          # -E noinline_data: no FLAT_INLINE tails (containerd's
                                       # EROFS differ asks for it: data blocks stay aligned)
     all_time: bool = True             # --all-time (default) / --mkfs-time: -T also sets
@@ -172,7 +176,7 @@ PCLUSTER_MAX = 1 << 20
 # -E options this mkfs knows (mkfs.erofs names), and whether they take =VALUE
 EXTENDED = {"legacy-compress": False, "ztailpacking": False, "fragments": True,
             "dedupe": False, "noinline_data": False, "force-inode-extended": False,
-            "force-inode-compact": False,
+            "force-inode-compact": False, "plain-xattr-prefixes": False,
             "nosbcrc": False}
 # -E options that are on by default, named as mkfs.erofs names them: "^NAME" turns one
 # off, which the result says as the key here
@@ -259,6 +263,11 @@ def _parse_alg(part: str, text: str) -> Algorithm:
     level = None
     dict_size = 0
     props = [-1, -1, -1]
+    if params and params[0][:1].isdigit():
+        # mkfs.erofs's old form -z ALG,N: a level; the options after it are ignored there
+        if not params[0].isdigit():
+            raise InputError(f"-z {text!r}: level is not an integer: {params[0]!r}")
+        return Algorithm(name, int(params[0], 10))
     for p in params:
         key, sep, value = p.partition("=")
         if not sep or key not in ("level", "dictsize", "lc", "lp", "pb"):

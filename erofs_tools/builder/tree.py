@@ -78,6 +78,7 @@ class TreeWalker:
         self.excl_regex = list(options.exclude_regex)
         self.hints = list(options.compress_hints) if options.compress else []
         self.digest = options.inode_digest is not None
+        self.digest_name = options.inode_digest
         self.digest_id = set_long_prefixes(builder, options)
 
     def _excluded(self, rel: bytes) -> bool:
@@ -118,8 +119,8 @@ class TreeWalker:
             maj, mnr = os.major(st.st_rdev), os.minor(st.st_rdev)
         try:
             node = b.add_node(mode, uid, gid, sec, nsec, size, maj, mnr)
-            if self.xattrs:
-                self._xattrs(path, node)     # before the data (stream mode needs them first)
+            if self.xattrs:                  # before the data (stream mode needs them first)
+                self._xattrs(path, node, self.digest and fmt == _S_IFREG and size > 0)
             if self.digest and fmt == _S_IFREG and size:
                 b.add_xattr_long(node, self.digest_id, b"",
                                  b"sha256:" + self._sha256(path, size))
@@ -156,7 +157,10 @@ class TreeWalker:
             raise _oserr(e, path) from None
         return h.digest()
 
-    def _xattrs(self, path: bytes, node: int) -> None:
+    def _xattrs(self, path: bytes, node: int, fingerprinted: bool = False) -> None:
+        """The source's xattrs of `path` (fingerprinted: not the one of the fingerprint's
+        name, which the content's digest replaces; mkfs.erofs 1.9.4 writes both, the
+        digest first, which the kernel finds first)."""
         try:
             names = os.listxattr(path, follow_symlinks=False)
         except OSError as e:
@@ -167,6 +171,8 @@ class TreeWalker:
             return
         for name in sorted(names):
             if self.whiteouts == "strip" and name == _OPAQUE_NAME:
+                continue
+            if fingerprinted and os.fsencode(name) == self.digest_name:
                 continue
             try:
                 value = os.getxattr(path, name, follow_symlinks=False)
@@ -305,22 +311,22 @@ class TreeWalker:
 
 def set_long_prefixes(builder: NativeBuilder, options: MkfsOptions) -> int:
     """The long xattr name prefixes: those of --xattr-prefix (xattrs starting with one
-    are stored with the rest of their name after it, as mkfs.erofs), then the content
-    fingerprints' (--xattr-inode-digest) -> its id (-1: none)."""
+    are stored with the rest of their name after it, as mkfs.erofs) and the content
+    fingerprints' (--xattr-inode-digest) where the command line had it (or last) -> its
+    id (-1: none)."""
     prefixes = list(options.xattr_prefixes)
     digest_id = -1
     if options.inode_digest is not None:
         # one long prefix, the whole name; each fingerprint is stored with an empty
         # suffix after it, as erofs-utils 1.9 writes them
-        digest_id = len(prefixes)
-        prefixes.append(options.inode_digest)
+        pos = options.inode_digest_pos
+        digest_id = len(prefixes) if pos is None else min(max(pos, 0), len(prefixes))
+        prefixes.insert(digest_id, options.inode_digest)
     if not prefixes:
         return -1
-    if options.compress is not None and options.compress.fragments:
-        # mkfs.erofs then keeps the prefix table in the packed inode; kernels without
-        # plain prefixes would read ours from there
-        what = "--xattr-inode-digest" if options.inode_digest else "--xattr-prefix"
-        raise InputError(f"{what} is not supported with -E fragments yet")
+    # with -E fragments the C core puts the table at the packed inode's start, as
+    # mkfs.erofs 1.9 does (every kernel since 6.4 reads it there then), else after the
+    # superblock (PLAIN_XATTR_PFX)
     table = b"".join(encode_long_prefix(p)[1] for p in prefixes)
     builder.set_xattr_prefixes(table, len(prefixes), ishare_id=digest_id)
     return digest_id

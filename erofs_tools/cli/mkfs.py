@@ -97,7 +97,8 @@ from erofs_tools.errors import InputError
                    "(identical pclusters shared), noinline_data (no file tail inline after "
                    "its inode: every uncompressed file's data in whole blocks), "
                    "force-inode-extended / force-inode-compact (every inode 64 / 32 "
-                   "bytes), nosbcrc, ^NAME (NAME off).")
+                   "bytes), nosbcrc, plain-xattr-prefixes (the long xattr prefix table "
+                   "after the superblock even with fragments), ^NAME (NAME off).")
 @click.option("--compress-hints", "hints", metavar="FILE",
               help="Per-file pcluster size and algorithm: lines 'SIZE [ALGINDEX] REGEX' "
                    "(as mkfs.erofs; SIZE 0: not compressed).")
@@ -137,8 +138,10 @@ def mkfs(image, source, timestamp, all_time, ignore_mtime, ovlfs_strip, block_si
     digest = None
     if digest_flag or digest_name is not None:
         digest = parse_inode_digest(INODE_DIGEST_DEFAULT if digest_name is None else digest_name)
-        if tar_mode is not None:
-            raise InputError("--xattr-inode-digest is not supported with --tar yet")
+    if tar_mode == "i" and (digest is not None or xattr_prefix):
+        # (the table does not fit the index layout's fixed device table yet)
+        raise InputError(f"{'--xattr-inode-digest' if digest else '--xattr-prefix'} is not "
+                         "supported with --tar=i yet")
     # --mount-point: mkfs.erofs prefixes it to the paths it looks up in SELinux file
     # contexts (--file-contexts) and Android's fs-config, neither of which this mkfs
     # reads (nor does a mkfs.erofs built without them): nothing else depends on it
@@ -171,11 +174,13 @@ def mkfs(image, source, timestamp, all_time, ignore_mtime, ovlfs_strip, block_si
         sb_checksum="nosbcrc" not in ext,
         force_extended="force-inode-extended" in ext,
         force_compact="force-inode-compact" in ext,
+        plain_xattr_prefixes="plain-xattr-prefixes" in ext,
         ignore_mtime=ignore_mtime,
         compress=z,
         compress_hints=parse_compress_hints(hints, 1 + len(z.more)) if z and hints else [],
         workers=workers,
         inode_digest=digest,
+        inode_digest_pos=click.get_current_context().meta.get("digest_pos"),
         xattr_prefixes=parse_xattr_prefixes(xattr_prefix, digest is not None),
         all_time=all_time,
         blkszbits=blkszbits,

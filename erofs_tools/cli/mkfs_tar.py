@@ -18,7 +18,15 @@ class MkfsCommand(click.Command):
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         out = []
+        # the long xattr prefixes are in command-line order in mkfs.erofs, the
+        # fingerprints' among those of --xattr-prefix: how many come before it
+        prefixes_before = 0
         for i, a in enumerate(args):
+            if a == "--xattr-prefix" or a.startswith("--xattr-prefix="):
+                prefixes_before += 1
+            elif (a == "--xattr-inode-digest" or a.startswith("--xattr-inode-digest=")) \
+                    and "digest_pos" not in ctx.meta:
+                ctx.meta["digest_pos"] = prefixes_before
             if a == "--":
                 out.extend(args[i:])
                 break
