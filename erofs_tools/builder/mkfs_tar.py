@@ -49,6 +49,7 @@ from erofs_tools.builder.tar_stream import (
     _Prefetch,
     _Unxz,
     detect_type,
+    drain,
     is_lzma_alone,
 )
 from erofs_tools.builder.tar_tree import TarTree, TNode
@@ -213,16 +214,6 @@ def _open_input(source: str, topts: TarOptions
     return close, peek, None
 
 
-def _drain(stream: ReadStream, budget: int) -> None:
-    while True:
-        piece = stream.read(_PIECE)
-        if not piece:
-            return
-        budget -= len(piece)
-        if budget < 0:
-            raise InputError("tar stream is larger than the limit (--max-size)")
-
-
 def _chunk_entries(d: _Data, size: int, name: bytes) -> tuple[int, list[int]]:
     """--tar=i: (chunk format, chunk index entries) of a file whose data is at d."""
     bits = INDEX_BLKSZBITS
@@ -292,6 +283,7 @@ def mkfs_tar(image: str, source: str, opts: MkfsOptions | None = None,
         if isinstance(stream, _Prefetch):
             stack.callback(stream.close)
         data_path = in_place or source
+        decoded = stream            # (before the tee: what is read after the tar's end)
         if dump_fd is not None:
             stream = _Tee(stream, dump_fd)
             data_path = dump_tmp
@@ -309,7 +301,9 @@ def mkfs_tar(image: str, source: str, opts: MkfsOptions | None = None,
         files = _parse(reader, tree, topts.mode, directory, scratch, progress)
         tar_end = reader.r.offset
         if dump_fd is not None:      # the dump is the whole uncompressed input
-            _drain(stream, topts.max_size - tar_end)
+            drain(stream, topts.max_size - tar_end)
+        elif isinstance(decoded, _Prefetch):    # to the compressed stream's checks
+            drain(decoded, topts.max_size - tar_end)
         info, uuid = _build(image, tree, files, data_path, tar_end, opts, topts, umask,
                             progress)
         if dump_fd is not None and topts.dump is not None:

@@ -204,6 +204,21 @@ class _Prefetch:
         self.t.join()
 
 
+def drain(stream: ReadStream, budget: int) -> None:
+    """Read `stream` to its end, at most `budget` more bytes (what --max-size leaves):
+    the parser stops at the tar's end-of-archive record, but a compressed stream's
+    checks come after it (gzip CRC-32 and size, xz block checks and index, zstd frame
+    checksums), so data corrupted inside the tar is caught only by reading on (as GNU
+    tar reads the rest of its pipe and containerd the rest of a layer)."""
+    while True:
+        piece = stream.read(1 << 20)
+        if not piece:
+            return
+        budget -= len(piece)
+        if budget < 0:
+            raise InputError("tar stream is larger than the limit (--max-size)")
+
+
 def detect_type(head: bytes) -> str:
     if head[:2] == b"\x1f\x8b":
         return "targz"
