@@ -76,3 +76,41 @@ def test_intact_padded_streams_still_build(tmp_path):
         src = tmp_path / name
         src.write_bytes(data)
         run_cli("mkfs", "--tar=f", flag, tmp_path / f"{name}.img", src)
+
+
+def test_decoding_error_reaches_a_parser_that_lags():
+    """Before: the decoding thread gave up queueing its error after 5 s with the queue
+    full (the parser busy: a slow disk under the spool, a loaded compression pool),
+    and the parser, having read the queued pieces, waited on the empty queue for
+    ever."""
+    import threading
+    import time
+
+    from erofs_tools.builder.tar_stream import _Prefetch
+    from erofs_tools.errors import InputError
+
+    class Inner:
+        n = 0
+
+        def read(self, size):
+            self.n += 1
+            if self.n > 2:         # the queue (depth 2) full when it fails
+                raise InputError("bad gzip data: boom")
+            return b"x" * size
+
+    pf = _Prefetch(Inner(), depth=2)
+    time.sleep(6)                   # the parser busy while the queue is full
+    out = []
+
+    def consume():
+        try:
+            while pf.read(1 << 20):
+                pass
+        except InputError as e:
+            out.append(str(e))
+
+    t = threading.Thread(target=consume, daemon=True)
+    t.start()
+    t.join(30)
+    pf.close()
+    assert out == ["bad gzip data: boom"], "the parser never got the error"

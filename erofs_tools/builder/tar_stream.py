@@ -155,24 +155,26 @@ class _Prefetch:
                                   name="erofs-untar-inflate")
         self.t.start()
 
+    def _put(self, item: bytes | BaseException) -> None:
+        """Queue item, waiting for room as long as the parser may still read it."""
+        while not self.stop.is_set():
+            try:
+                self.q.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
     def _run(self, inner: ReadStream) -> None:
         try:
             while not self.stop.is_set():
                 piece = inner.read(self.PIECE)
-                item = piece
-                while not self.stop.is_set():
-                    try:
-                        self.q.put(item, timeout=0.2)
-                        break
-                    except queue.Full:
-                        continue
+                self._put(piece)
                 if not piece:
                     return
         except BaseException as e:
-            try:
-                self.q.put(e, timeout=5)
-            except Exception:
-                pass
+            # waits like a piece: an error given up on (the queue full for a while,
+            # the parser busy) left the parser blocked on an empty queue for ever
+            self._put(e)
 
     def read(self, n: int) -> bytes:
         if self.pos >= len(self.buf):
