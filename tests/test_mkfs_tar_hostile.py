@@ -114,3 +114,36 @@ def test_decoding_error_reaches_a_parser_that_lags():
     t.join(30)
     pf.close()
     assert out == ["bad gzip data: boom"], "the parser never got the error"
+
+
+def test_outputs_that_are_the_input_or_each_other(tmp_path):
+    """Before: `--ungzip=X X TAR` (neither existing yet) wrote both outputs to X, one
+    lost, exit 0; `mkfs --tar=f T - < T` replaced the input it was reading."""
+    data = make_tar([E("a", data=b"x" * 3000)])
+    src = tmp_path / "in.tar"
+    src.write_bytes(data)
+    img = tmp_path / "o.img"
+    for flag in ("--ungzip", "--unxz"):
+        p = run_cli("mkfs", "--tar=f", f"{flag}={img}", img, src, check=False)
+        _one_error(p, "would overwrite --ungzip FILE")
+        # the same name spelled through another path of its directory
+        p = run_cli("mkfs", "--tar=f", f"{flag}={tmp_path}/./o.img", img, src, check=False)
+        _one_error(p, "would overwrite")
+    assert sorted(os.listdir(tmp_path)) == ["in.tar"]
+    import subprocess
+    import sys
+    for args in (["--tar=f", src, "-"], ["--tar=i", src, "-"],
+                 ["--tar=f", f"--ungzip={src}", img, "-"]):
+        with open(src, "rb") as f:
+            p = subprocess.run([sys.executable, "-m", "erofs_tools", "mkfs", *map(str, args)],
+                               stdin=f, capture_output=True)
+        _one_error(p)
+        assert src.read_bytes() == data and sorted(os.listdir(tmp_path)) == ["in.tar"]
+    # stdin from another file, or a pipe, is fine
+    with open(src, "rb") as f:
+        p = subprocess.run([sys.executable, "-m", "erofs_tools", "mkfs", "--tar=f", str(img),
+                            "-"], stdin=f, capture_output=True)
+    assert p.returncode == 0, p.stderr
+    p = run_cli("mkfs", "--tar=f", f"--ungzip={tmp_path}/d.tar", tmp_path / "p.img", "-",
+                input=data)
+    assert (tmp_path / "d.tar").read_bytes() == data

@@ -120,6 +120,27 @@ class _Data:
     name: bytes = b""                            # sparse: for messages
 
 
+def _same(a: str, b: str) -> bool:
+    """a and b name one file: the same file now, or the same name in the same
+    directory (an output not created yet)."""
+    if a == "-" or b == "-":
+        # stdin redirected from a file: that file
+        other = b if a == "-" else a
+        try:
+            st = os.fstat(0)
+        except OSError:
+            return False
+        return (stat.S_ISREG(st.st_mode) and os.path.exists(other)
+                and os.path.samestat(st, os.stat(other)))
+    if os.path.exists(a) and os.path.exists(b):
+        return os.path.samefile(a, b)
+
+    def where(p: str) -> str:
+        p = os.path.abspath(p)
+        return os.path.join(os.path.realpath(os.path.dirname(p)), os.path.basename(p))
+    return where(a) == where(b)
+
+
 def check_tar_paths(image: str, source: str, dump: str | None) -> None:
     parent = os.path.dirname(os.path.abspath(image)) or "."
     if not os.path.isdir(parent):
@@ -127,11 +148,10 @@ def check_tar_paths(image: str, source: str, dump: str | None) -> None:
     if os.path.isdir(image):
         raise InputError(f"{image}: is a directory")
     for other, what in ((source, "TARFILE"), (dump, "--ungzip FILE")):
-        if other and other != "-" and os.path.exists(image) and os.path.exists(other) \
-                and os.path.samefile(image, other):
-            raise InputError(f"{image}: the image would overwrite {what}")
-    if dump is not None and (os.path.isdir(dump) or (source != "-" and os.path.exists(dump)
-                                                      and os.path.samefile(dump, source))):
+        if other and _same(image, other):
+            raise InputError(f"{image}: the image would overwrite {what}"
+                             + (" (stdin)" if other == "-" else ""))
+    if dump is not None and (os.path.isdir(dump) or _same(dump, source)):
         raise InputError(f"--ungzip={dump}: is a directory or the input itself")
 
 
