@@ -147,3 +147,72 @@ def test_outputs_that_are_the_input_or_each_other(tmp_path):
     p = run_cli("mkfs", "--tar=f", f"--ungzip={tmp_path}/d.tar", tmp_path / "p.img", "-",
                 input=data)
     assert (tmp_path / "d.tar").read_bytes() == data
+
+
+def _hdr(name, size=0, typ=b"0", fields=None):
+    ti = tarfile.TarInfo(name)
+    ti.size, ti.type, ti.mode, ti.mtime = size, typ, 0o644, 1_600_000_000
+    b = bytearray(ti.tobuf(tarfile.USTAR_FORMAT))
+    for off, v in (fields or {}).items():
+        b[off:off + len(v)] = v
+    b[148:156] = b" " * 8
+    b[148:156] = b"%06o\0 " % sum(b)
+    return bytes(b)
+
+
+def _rec(k, v):
+    body = b" " + k + b"=" + v + b"\n"
+    n = len(body) + 1
+    while len(str(n)) + len(body) != n:
+        n = len(str(n)) + len(body)
+    return str(n).encode() + body
+
+
+def _pax(recs):
+    data = b"".join(_rec(k, v) for k, v in recs)
+    return _hdr("PaxHeaders/a", len(data), b"x") + data + bytes(-len(data) % 512)
+
+
+def _file(name=b"a", data=b"hello", **kw):
+    return _hdr(name.decode(), len(data), **kw) + data + bytes(-len(data) % 512)
+
+
+END = bytes(1024)
+
+
+@pytest.mark.parametrize("case", [
+    "pax-uid-underscore", "pax-uid-space", "pax-mtime-underscore", "pax-size-underscore",
+    "pax-length-underscore", "octal-0o", "octal-underscore", "sparse-map-space",
+    "sparse10-space"])
+def test_numbers_tar_readers_refuse_are_refused(tmp_path, case):
+    """Before: Python's int() read '1_0' as 10, ' 10' as 10, '0o17' (base 8) as 15:
+    images built from numbers GNU tar and Go refuse (a uid, mtime, size or sparse map
+    other than the one a tar extraction sees, or none)."""
+    data = {
+        "pax-uid-underscore": _pax([(b"uid", b"1_0")]) + _file(),
+        "pax-uid-space": _pax([(b"uid", b" 10")]) + _file(),
+        "pax-mtime-underscore": _pax([(b"mtime", b"1_000.5")]) + _file(),
+        "pax-size-underscore": _pax([(b"size", b"0_5")]) + _file(),
+        "pax-length-underscore": _hdr("PaxHeaders/a", 512, b"x")
+        + (b"1_3 uid=1234\n").ljust(512, b"\0") + _file(),
+        "octal-0o": _file(fields={108: b"0o17\0"}),
+        "octal-underscore": _file(fields={108: b"1_7\0"}),
+        "sparse-map-space": _pax([(b"GNU.sparse.size", b"600"), (b"GNU.sparse.map",
+                                                              b"0, 5")]) + _file(),
+        "sparse10-space": _pax([(b"GNU.sparse.major", b"1"), (b"GNU.sparse.minor", b"0"),
+                                (b"GNU.sparse.name", b"a"),
+                                (b"GNU.sparse.realsize", b"600")])
+        + _file(b"GNUSparseFile.0/a", b" 1\n0\n5\n".ljust(512, b"\0") + b"hello"),
+    }[case] + END
+    src = tmp_path / "in.tar"
+    src.write_bytes(data)
+    for mode in ("f", "i"):
+        p = run_cli("mkfs", f"--tar={mode}", tmp_path / "o.img", src, check=False)
+        _one_error(p, "bad")
+    p = run_cli("pack", "--type", "tar", src, "-B", tmp_path / "b.boot", "-D",
+                tmp_path / "blobs", "--whiteout-spec", "none", check=False)
+    _one_error(p, "bad")
+    assert sorted(os.listdir(tmp_path)) == ["blobs", "in.tar"]
+    if case == "pax-uid-underscore":      # the number written as tar writes it
+        src.write_bytes(_pax([(b"uid", b"10")]) + _file() + END)
+        run_cli("mkfs", "--tar=f", tmp_path / "o.img", src)
