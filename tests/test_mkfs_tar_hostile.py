@@ -216,3 +216,43 @@ def test_numbers_tar_readers_refuse_are_refused(tmp_path, case):
     if case == "pax-uid-underscore":      # the number written as tar writes it
         src.write_bytes(_pax([(b"uid", b"10")]) + _file() + END)
         run_cli("mkfs", "--tar=f", tmp_path / "o.img", src)
+
+
+def _mtimes(mnt):
+    return {n: os.lstat(os.path.join(mnt, n)).st_mtime_ns for n in sorted(os.listdir(mnt))}
+
+
+@pytest.mark.parametrize("mode", ["f", "i"])
+def test_negative_mtimes_kept_as_mkfs_erofs(root_kernel, tmp_path, mode):
+    """Before: mkfs --tar clamped mtimes before 1970 to 0, where mkfs.erofs 1.9.4 and
+    our own directory walk keep them (EROFS inodes hold a signed 64-bit mtime). A
+    base-256 mtime below -2^63 is clamped to -2^63 (mkfs.erofs's parser wraps it to 0);
+    pack (RAFS layers) still clamps to 0 as documented."""
+    from helpers import fsck, mounted, require_tool
+    data = (_pax([(b"mtime", b"-100.5")]) + _file(b"a")
+            + _file(b"b", fields={136: b"\xff" * 12})
+            + _hdr("d", 0, b"5", fields={136: b"\xff" * 12})
+            + _file(b"c", fields={136: b"\xff" + bytes(11)}) + END)
+    src = tmp_path / "in.tar"
+    src.write_bytes(data)
+    img = tmp_path / "o.img"
+    run_cli("mkfs", f"--tar={mode}", img, src)
+    dev = [src] if mode == "i" else []
+    fsck(img, devices=dev)
+    want = {"a": -100_500_000_000, "b": -10**9, "c": -(1 << 63) * 10**9, "d": -10**9}
+    with mounted(img, f"device={src}" if mode == "i" else None) as mnt:
+        assert _mtimes(mnt) == want
+    require_tool("mkfs.erofs")
+    theirs = tmp_path / "t.img"
+    import subprocess
+    subprocess.run(["mkfs.erofs", f"--tar={mode}", str(theirs), str(src)], check=True,
+                   capture_output=True)
+    with mounted(theirs, f"device={src}" if mode == "i" else None) as mnt:
+        got = _mtimes(mnt)
+    assert got == {**want, "c": 0}
+    boot = tmp_path / "b.boot"
+    run_cli("pack", "--type", "tar", src, "-B", boot, "-D", tmp_path / "blobs",
+            "--whiteout-spec", "none")
+    from erofs_tools.reader.image import Image
+    with Image(str(boot)) as im:
+        assert {n: im.lookup("/" + n).mtime for n in "abcd"} == dict.fromkeys("abcd", 0)

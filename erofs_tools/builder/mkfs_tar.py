@@ -317,7 +317,7 @@ def mkfs_tar(image: str, source: str, opts: MkfsOptions | None = None,
         tree = TarTree("aufs" if topts.aufs else "none",
                        timestamp=mtimes.time if mtimes is not None else None,
                        clamp=mtimes is not None and mtimes.clamp,
-                       strip=opts.whiteouts == "strip")
+                       strip=opts.whiteouts == "strip", negative_mtimes=True)
         files = _parse(reader, tree, topts.mode, directory, scratch, progress)
         tar_end = reader.r.offset
         if dump_fd is not None:      # the dump is the whole uncompressed input

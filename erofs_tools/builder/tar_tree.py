@@ -98,9 +98,11 @@ class TarTree:
 
     def __init__(self, whiteout_spec: str = "oci", timestamp: int | None = None,
                  mark_implied: bool = False, clamp: bool = False,
-                 strip: bool = False) -> None:
+                 strip: bool = False, negative_mtimes: bool = False) -> None:
         """timestamp: every entry's mtime becomes it (nsec 0), or with `clamp` those at
-        or after it (SOURCE_DATE_EPOCH); implied directories get it either way."""
+        or after it (SOURCE_DATE_EPOCH); implied directories get it either way.
+        negative_mtimes: mtimes before 1970 kept (mkfs --tar, as mkfs.erofs and the
+        directory walk keep them), else clamped to 0 (RAFS layers, docs/tar.md)."""
         if whiteout_spec not in TREE_SPECS:
             raise InputError(f"unknown whiteout spec {whiteout_spec!r} "
                              "(choose oci, overlayfs or none)")
@@ -108,6 +110,7 @@ class TarTree:
         self.timestamp = timestamp
         self.clamp = clamp
         self.strip = strip      # --ovlfs-strip: whiteouts and opaque markers left out
+        self.min_mtime = -(1 << 63) if negative_mtimes else 0
         t = timestamp or 0
         self.root = TNode(stat.S_IFDIR | 0o755, 0, 0, t, 0)
         self.root.implied = True
@@ -155,8 +158,8 @@ class TarTree:
             raise FormatLimitError(f"{_show(e.name)}: uid/gid {e.uid}/{e.gid} out of range")
         if self.timestamp is not None and (not self.clamp or e.mtime >= self.timestamp):
             node.mtime, node.nsec = self.timestamp, 0
-        elif e.mtime < 0:
-            node.mtime, node.nsec = 0, 0              # documented: clamped
+        elif e.mtime < self.min_mtime:
+            node.mtime, node.nsec = self.min_mtime, 0     # documented: clamped
         else:
             node.mtime, node.nsec = min(e.mtime, (1 << 63) - 1), e.mtime_nsec
         if e.xattrs and self.spec == "oci":
