@@ -256,3 +256,29 @@ def test_negative_mtimes_kept_as_mkfs_erofs(root_kernel, tmp_path, mode):
     from erofs_tools.reader.image import Image
     with Image(str(boot)) as im:
         assert {n: im.lookup("/" + n).mtime for n in "abcd"} == dict.fromkeys("abcd", 0)
+
+
+def test_xattr_names_over_255_bytes_refused(root_kernel, tmp_path):
+    """Before: a name of 256 bytes with its prefix (user. + 251) was written (the 251
+    after the prefix fit the entry's one-byte length): the kernel lists it, but
+    getxattr(2) refuses names over 255 bytes (ERANGE), so no reader gets its value
+    (mkfs.erofs 1.9.4 writes it too). 255 bytes are written and read back."""
+    from helpers import mounted
+    src = tmp_path / "in.tar"
+    for n, ok in ((250, True), (251, False)):
+        name = b"user." + b"n" * n
+        src.write_bytes(_pax([(b"SCHILY.xattr." + name, b"v")]) + _file() + END)
+        for mode in ("f", "i"):
+            img = tmp_path / "o.img"
+            p = run_cli("mkfs", f"--tar={mode}", img, src, check=False)
+            if not ok:
+                _one_error(p, "xattr name too long (256 bytes")
+                assert not img.exists()
+                continue
+            assert p.returncode == 0, p.stderr
+            with mounted(img, f"device={src}" if mode == "i" else None) as mnt:
+                assert os.getxattr(os.path.join(mnt, "a"), name.decode()) == b"v"
+            img.unlink()
+        p = run_cli("pack", "--type", "tar", src, "-B", tmp_path / "b.boot", "-D",
+                    tmp_path / "blobs", check=False)
+        assert p.returncode == (0 if ok else 1), p.stderr
