@@ -363,7 +363,9 @@ def _parse(reader: TarReader, tree: TarTree, mode: str, directory: str,
                 if progress:
                     progress.scan(tree.entries, nbytes)
                 continue
-            d = _Data(reader.r.offset, e.sparse, None, e.name)
+            # --tar=f keeps the expanded copy, not the map (a map of 10^6 regions per
+            # entry, kept for every entry to the end, was a memory bomb)
+            d = _Data(reader.r.offset, e.sparse if mode == "i" else None, None, e.name)
             if mode == "f":
                 fd = _new_scratch(directory, scratch, "sparse")
                 try:

@@ -126,6 +126,7 @@ _OCTAL = re.compile(rb"[0-7]+")
 _DECIMAL = re.compile(rb"[+-]?[0-9]+")
 _DIGITS = re.compile(rb"[0-9]+")
 _TIME = re.compile(rb"-?[0-9]*(?:\.[0-9]*)?")
+_MAP = re.compile(rb"[0-9,]*")                # GNU.sparse.map (0.1)
 
 
 def _dec(b: bytes, pattern: re.Pattern[bytes] = _DECIMAL) -> int:
@@ -485,12 +486,16 @@ class TarReader:
                         e.sparse = []
                 elif k == b"map":
                     try:
-                        nums = [_dec(x) for x in value.split(b",")] if value else []
+                        if not _MAP.fullmatch(value):
+                            raise ValueError(value)
+                        # (int(b"") of an empty item fails too)
+                        nums = list(map(int, value.split(b","))) if value else []
                     except ValueError:
                         raise _err(f"{what}: bad GNU.sparse.map") from None
                     if len(nums) % 2 or len(nums) > 2 * MAX_SPARSE_REGIONS:
                         raise _err(f"{what}: bad GNU.sparse.map")
-                    e.sparse = [(nums[i], nums[i + 1]) for i in range(0, len(nums), 2)]
+                    it = iter(nums)
+                    e.sparse = list(zip(it, it))
         if self.oci:
             # Go applies the GNU long name and link after the PAX records (and
             # GNU.sparse.name after both)
@@ -571,11 +576,21 @@ class TarReader:
             raise _err(f"{what}: negative sparse file size")
         pos = 0
         total = 0
+        # regions kept normalized: none empty (GNU's closing (size, 0) only marks the
+        # size, which realsize has), adjacent ones merged (their data is contiguous in
+        # the tar too). A map of 10^6 empty regions, 4 bytes each, was 10^6 tuples.
+        out: list[tuple[int, int]] = []
         for off, num in e.sparse or ():     # the caller checked it is set
             if off < pos or num < 0 or off + num > e.realsize:
                 raise _err(f"{what}: sparse map is not ordered or exceeds the file size")
+            if num:
+                if out and out[-1][0] + out[-1][1] == off:
+                    out[-1] = (out[-1][0], out[-1][1] + num)
+                else:
+                    out.append((off, num))
             pos = off + num
             total += num
+        e.sparse = out
         if total != self._left:
             raise _err(f"{what}: sparse map covers {total} bytes but the entry holds "
                        f"{self._left}")
