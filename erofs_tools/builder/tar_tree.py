@@ -4,6 +4,7 @@ hardlinks to earlier entries, OCI whiteouts and opaque markers, implied parents)
 emitted into the C node-graph builder."""
 from __future__ import annotations
 
+import heapq
 import stat
 
 from erofs_tools._native import NativeBuilder
@@ -74,6 +75,27 @@ def _strip(d: TNode) -> None:
         del kids[name]
     if OPAQUE_XATTR in d.xattrs:
         d.xattrs = {k: v for k, v in d.xattrs.items() if k != OPAQUE_XATTR}
+
+
+# An inode's inline xattrs are at most 4 * 0xFFFE bytes of entries (its u16 count of
+# 4-byte words), and at most 255 others can be shared (4 bytes each inline)
+XATTR_INLINE_MAX = 4 * 0xFFFE
+XATTR_SHARED_MAX = 255
+
+
+def _check_xattr_room(name: bytes, xattrs: dict[bytes, bytes]) -> None:
+    """Refuse, as it is read, an entry whose xattrs no inode can hold (the builder
+    would refuse it only when the whole archive is in memory): each entry takes at
+    least 4 bytes of header plus its value rounded to 4 (its name after a prefix may
+    be empty with --xattr-prefix), the largest 255 may be shared."""
+    sizes = [(len(v) + 7) & ~3 for v in xattrs.values()]
+    total = sum(sizes)
+    if total <= XATTR_INLINE_MAX:
+        return
+    total -= sum(n - 4 for n in heapq.nlargest(XATTR_SHARED_MAX, sizes))
+    if total > XATTR_INLINE_MAX:
+        raise FormatLimitError(f"{_show(name)}: xattrs of one inode exceed the inline "
+                               f"limit ({len(xattrs)} xattrs)")
 
 
 def _kids(d: TNode) -> dict[bytes, TNode]:
@@ -172,6 +194,8 @@ class TarTree:
                            if not k.startswith(b"trusted.")} or _NO_XATTRS
         else:
             node.xattrs = dict(e.xattrs) if e.xattrs else _NO_XATTRS
+        if len(node.xattrs) > 16:
+            _check_xattr_room(e.name, node.xattrs)
 
     def add(self, e: Entry) -> TNode | None:
         """Place entry e; -> TNode whose data the caller must stream (regular files),
