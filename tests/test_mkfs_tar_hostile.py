@@ -336,3 +336,44 @@ def test_xattrs_no_inode_holds_refused_as_read(tmp_path):
     p = run_cli("mkfs", "--tar=f", tmp_path / "o.img", src, check=False)
     _one_error(p, "xattrs of one inode exceed the inline limit")
     assert "300 xattrs" not in p.stderr.decode()
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])
+@pytest.mark.parametrize("cmd", ["mkfs", "pack"])
+def test_killed_while_reading_leaves_nothing(tmp_path, sig, cmd):
+    """`kill PID` of a run reading a tar from a pipe that stalls. Before: the process
+    died at once and left its spool (as large as the tar read so far) or its blob;
+    now it ends with one error line, status 128 + the signal, everything temporary
+    removed."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    out = tmp_path / "out"
+    out.mkdir()
+    argv = ([sys.executable, "-m", "erofs_tools", "mkfs", "--tar=f", str(out / "o.img"), "-"]
+            if cmd == "mkfs" else
+            [sys.executable, "-m", "erofs_tools", "pack", "--type", "tar", "-", "-B",
+             str(out / "b.boot"), "-D", str(out / "blobs")])
+    p = subprocess.Popen(argv, stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        tar = make_tar([E("a", data=os.urandom(8 << 20))])
+        p.stdin.write(tar[:6 << 20])          # the pipe then stalls mid-file
+        p.stdin.flush()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:   # until the spool / blob holds data
+            if any(f.stat().st_size >= 1 << 20 for f in out.rglob("*") if f.is_file()):
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail("nothing spooled")
+        p.send_signal(getattr(signal, sig))
+        _, err = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    signum = getattr(signal, sig)
+    assert (p.returncode, err.decode()) == (128 + signum, f"error: terminated by {sig}\n")
+    left = [f for f in out.rglob("*") if f.is_file()]
+    assert left == [], left
