@@ -33,6 +33,21 @@ class InputError(ErofsToolsError):
     """The user's input (source tree, tar stream, option) cannot be turned into an image."""
 
 
+class CreateFileError(InputError, OSError):
+    """A file cannot be created where an output or temporary file must go (a missing
+    or read-only directory, /proc): an InputError, so the programs print one line, and
+    an OSError, as callers of fsutil.create_exclusive have always caught."""
+
+    def __init__(self, errno: int, message: str) -> None:
+        OSError.__init__(self, errno, message)
+
+    def __str__(self) -> str:
+        msg = self.strerror or ""
+        if msg.isprintable():
+            return msg
+        return "".join(c if c.isprintable() else _escaped(ord(c)) for c in msg)
+
+
 class FormatLimitError(InputError):
     """The input holds something the on-disk format cannot represent."""
 

@@ -377,3 +377,22 @@ def test_killed_while_reading_leaves_nothing(tmp_path, sig, cmd):
     assert (p.returncode, err.decode()) == (128 + signum, f"error: terminated by {sig}\n")
     left = [f for f in out.rglob("*") if f.is_file()]
     assert left == [], left
+
+
+def test_outputs_where_no_file_can_be_created(tmp_path):
+    """Before: a traceback (FileNotFoundError from creating the temporary file), not
+    one error line, for an IMAGE, --ungzip FILE, bootstrap or blob directory where no
+    file can be created (/proc, a directory that does not exist)."""
+    src = tmp_path / "in.tar"
+    src.write_bytes(make_tar([E("a", data=b"x")]))
+    src_dir = tmp_path / "tree"
+    src_dir.mkdir()
+    for args in (["mkfs", "--tar=f", "/proc/o.img", src],
+                 ["mkfs", "--tar=f", f"--ungzip={tmp_path}/nodir/d.tar", tmp_path / "o.img",
+                  src],
+                 ["mkfs", "/proc/o.img", src_dir],
+                 ["pack", "--type", "tar", src, "-B", "/proc/b.boot", "-D", tmp_path / "bl"],
+                 ["pack", "--type", "tar", src, "-B", tmp_path / "b.boot", "-D", "/proc"]):
+        p = run_cli(*args, check=False)
+        _one_error(p, "cannot create a file there")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bl", "in.tar", "tree"]
