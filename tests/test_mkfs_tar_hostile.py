@@ -396,3 +396,31 @@ def test_outputs_where_no_file_can_be_created(tmp_path):
         p = run_cli(*args, check=False)
         _one_error(p, "cannot create a file there")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bl", "in.tar", "tree"]
+
+
+def test_read_errors_of_the_input_are_one_line(tmp_path):
+    """Before: an OSError traceback when reading the tar failed (EIO): /proc/self/mem
+    as TARFILE (its first read), or a stream failing after its first entry."""
+    import errno
+
+    from erofs_tools.builder.tar_source import pack_tar
+    from erofs_tools.errors import InputError
+    for args in (["--tar=f"], ["--tar=i"], ["--tar=f", "--ungzip"]):
+        p = run_cli("mkfs", *args, tmp_path / "o.img", "/proc/self/mem", check=False)
+        _one_error(p, "cannot read the tar stream: Input/output error")
+    data = make_tar([E("a", data=b"x" * 100), E("b", data=b"y" * 100_000)])
+
+    class Failing:
+        pos = 0
+
+        def read(self, n=-1):
+            if self.pos >= 2048:
+                raise OSError(errno.EIO, "Input/output error")
+            n = min(n if n >= 0 else len(data), 2048 - self.pos)
+            self.pos += n
+            return data[self.pos - n:self.pos]
+
+    with pytest.raises(InputError, match="cannot read the tar stream: Input/output error"):
+        pack_tar(Failing(), str(tmp_path / "b.boot"), str(tmp_path / "bl"), source_type="tar")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bl"]
+    assert os.listdir(tmp_path / "bl") == []

@@ -87,7 +87,10 @@ class _Reader:
         need = n - avail
         self._buf, self._pos = b"", 0
         while need > 0:
-            piece = self._read(max(need, 1 << 16))
+            try:
+                piece = self._read(max(need, 1 << 16))
+            except OSError as e:       # EIO of a disk, a file of /proc: one line
+                raise _err(f"cannot read the tar stream: {e.strerror or e}") from None
             if not piece:
                 break
             if len(piece) > need:

@@ -234,7 +234,10 @@ class _Peek:
 
     def __init__(self, f: BinaryIO, n: int = 4) -> None:
         self.f = f
-        self.head = f.read(n)
+        try:
+            self.head = f.read(n)
+        except OSError as e:
+            raise InputError(f"cannot read the tar stream: {e.strerror or e}") from None
 
     def read(self, n: int = -1) -> bytes:
         if self.head:
