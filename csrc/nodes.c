@@ -247,6 +247,10 @@ int erofs_node_add_xattr(erofs_builder *b, uint32_t node, const char *name, size
     int r = check_mutable(b);
     if (r || (r = check_node(b, node)))
         return r;
+    /* the whole name, prefix included, within XATTR_NAME_MAX: the kernel lists a longer
+     * one but getxattr(2) refuses it (ERANGE), so no reader could have its value */
+    if (namelen > EROFS_NAME_MAX)
+        return fail(b, ERN_ELIMIT, "xattr name too long (%zu bytes, at most 255)", namelen);
     int idx = -1;
     for (unsigned i = 0; i < sizeof(xprefixes) / sizeof(xprefixes[0]); i++) {
         size_t pl = xprefixes[i].len;

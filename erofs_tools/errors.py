@@ -5,8 +5,10 @@ registry failures) is an ErofsToolsError whose str() is a one-line message fit t
 after "error: ". The CLI turns these into exit status 1 (`run_console`, for erofs-tools
 and fscache-daemon); anything else is a bug.
 """
+import contextlib
 import os
 import sys
+from collections.abc import Iterator
 
 
 class ErofsToolsError(Exception):
@@ -29,6 +31,21 @@ def _escaped(o: int) -> str:
 
 class InputError(ErofsToolsError):
     """The user's input (source tree, tar stream, option) cannot be turned into an image."""
+
+
+class CreateFileError(InputError, OSError):
+    """A file cannot be created where an output or temporary file must go (a missing
+    or read-only directory, /proc): an InputError, so the programs print one line, and
+    an OSError, as callers of fsutil.create_exclusive have always caught."""
+
+    def __init__(self, errno: int, message: str) -> None:
+        OSError.__init__(self, errno, message)
+
+    def __str__(self) -> str:
+        msg = self.strerror or ""
+        if msg.isprintable():
+            return msg
+        return "".join(c if c.isprintable() else _escaped(ord(c)) for c in msg)
 
 
 class FormatLimitError(InputError):
@@ -100,10 +117,47 @@ def run_console(group, prog_name: str, argv=None, fast_exit: bool = False):
     except KeyboardInterrupt:
         click.echo("error: interrupted", err=True)
         sys.exit(130)
+    except Terminated as e:
+        import signal
+        click.echo(f"error: terminated by {signal.Signals(e.signum).name}", err=True)
+        sys.exit(128 + e.signum)
     code = rv if isinstance(rv, int) else 0
     if fast_exit:
         exit_now(code)
     sys.exit(code)
+
+
+class Terminated(BaseException):
+    """A terminating signal, raised by `terminate_as_interrupt`'s handler (a
+    BaseException, as KeyboardInterrupt: no `except Exception` stops it)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """While the block runs (in the main thread), SIGTERM and SIGHUP raise Terminated,
+    so that the code that removes temporary files runs (mkfs --tar's spool and sparse
+    copies, a half-written image or blob) and the program ends with "error: terminated
+    by SIGTERM", status 128 + the signal's number; before, `kill PID` left them behind
+    (a spool as large as the tar). SIGKILL cannot be caught. Elsewhere: a no-op."""
+    import signal
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise Terminated(signum)
+
+    old = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
 
 
 def exit_now(code: int) -> None:

@@ -47,6 +47,11 @@ def create_exclusive(directory: str, prefix: str, suffix: str = ".tmp",
             return os.open(path, flags, mode), path
         except FileExistsError:
             continue
+        except OSError as e:
+            # one line for the programs, not a traceback (a missing directory, /proc)
+            from erofs_tools.errors import CreateFileError
+            raise CreateFileError(e.errno or 0, f"{directory}: cannot create a file there: "
+                                           f"{e.strerror}") from None
     raise FileExistsError(f"{directory}: could not create a temporary file")
 
 

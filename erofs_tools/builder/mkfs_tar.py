@@ -50,6 +50,7 @@ from erofs_tools.builder.tar_stream import (
     _Prefetch,
     _Unxz,
     detect_type,
+    drain,
     is_lzma_alone,
 )
 from erofs_tools.builder.tar_tree import TarTree, TNode
@@ -120,6 +121,27 @@ class _Data:
     name: bytes = b""                            # sparse: for messages
 
 
+def _same(a: str, b: str) -> bool:
+    """a and b name one file: the same file now, or the same name in the same
+    directory (an output not created yet)."""
+    if a == "-" or b == "-":
+        # stdin redirected from a file: that file
+        other = b if a == "-" else a
+        try:
+            st = os.fstat(0)
+        except OSError:
+            return False
+        return (stat.S_ISREG(st.st_mode) and os.path.exists(other)
+                and os.path.samestat(st, os.stat(other)))
+    if os.path.exists(a) and os.path.exists(b):
+        return os.path.samefile(a, b)
+
+    def where(p: str) -> str:
+        p = os.path.abspath(p)
+        return os.path.join(os.path.realpath(os.path.dirname(p)), os.path.basename(p))
+    return where(a) == where(b)
+
+
 def check_tar_paths(image: str, source: str, dump: str | None) -> None:
     parent = os.path.dirname(os.path.abspath(image)) or "."
     if not os.path.isdir(parent):
@@ -127,11 +149,10 @@ def check_tar_paths(image: str, source: str, dump: str | None) -> None:
     if os.path.isdir(image):
         raise InputError(f"{image}: is a directory")
     for other, what in ((source, "TARFILE"), (dump, "--ungzip FILE")):
-        if other and other != "-" and os.path.exists(image) and os.path.exists(other) \
-                and os.path.samefile(image, other):
-            raise InputError(f"{image}: the image would overwrite {what}")
-    if dump is not None and (os.path.isdir(dump) or (source != "-" and os.path.exists(dump)
-                                                      and os.path.samefile(dump, source))):
+        if other and _same(image, other):
+            raise InputError(f"{image}: the image would overwrite {what}"
+                             + (" (stdin)" if other == "-" else ""))
+    if dump is not None and (os.path.isdir(dump) or _same(dump, source)):
         raise InputError(f"--ungzip={dump}: is a directory or the input itself")
 
 
@@ -214,16 +235,6 @@ def _open_input(source: str, topts: TarOptions
     return close, peek, None
 
 
-def _drain(stream: ReadStream, budget: int) -> None:
-    while True:
-        piece = stream.read(_PIECE)
-        if not piece:
-            return
-        budget -= len(piece)
-        if budget < 0:
-            raise InputError("tar stream is larger than the limit (--max-size)")
-
-
 def _chunk_entries(d: _Data, size: int, name: bytes) -> tuple[int, list[int]]:
     """--tar=i: (chunk format, chunk index entries) of a file whose data is at d."""
     bits = INDEX_BLKSZBITS
@@ -293,6 +304,7 @@ def mkfs_tar(image: str, source: str, opts: MkfsOptions | None = None,
         if isinstance(stream, _Prefetch):
             stack.callback(stream.close)
         data_path = in_place or source
+        decoded = stream            # (before the tee: what is read after the tar's end)
         if dump_fd is not None:
             stream = _Tee(stream, dump_fd)
             data_path = dump_tmp
@@ -306,11 +318,13 @@ def mkfs_tar(image: str, source: str, opts: MkfsOptions | None = None,
         tree = TarTree("aufs" if topts.aufs else "none",
                        timestamp=mtimes.time if mtimes is not None else None,
                        clamp=mtimes is not None and mtimes.clamp,
-                       strip=opts.whiteouts == "strip")
+                       strip=opts.whiteouts == "strip", negative_mtimes=True)
         files = _parse(reader, tree, topts.mode, directory, scratch, progress)
         tar_end = reader.r.offset
         if dump_fd is not None:      # the dump is the whole uncompressed input
-            _drain(stream, topts.max_size - tar_end)
+            drain(stream, topts.max_size - tar_end)
+        elif isinstance(decoded, _Prefetch):    # to the compressed stream's checks
+            drain(decoded, topts.max_size - tar_end)
         info, uuid = _build(image, tree, files, data_path, tar_end, opts, topts, umask,
                             progress)
         if dump_fd is not None and topts.dump is not None:
@@ -350,7 +364,9 @@ def _parse(reader: TarReader, tree: TarTree, mode: str, directory: str,
                 if progress:
                     progress.scan(tree.entries, nbytes)
                 continue
-            d = _Data(reader.r.offset, e.sparse, None, e.name)
+            # --tar=f keeps the expanded copy, not the map (a map of 10^6 regions per
+            # entry, kept for every entry to the end, was a memory bomb)
+            d = _Data(reader.r.offset, e.sparse if mode == "i" else None, None, e.name)
             if mode == "f":
                 fd = _new_scratch(directory, scratch, "sparse")
                 try:

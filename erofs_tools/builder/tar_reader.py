@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import itertools
+import re
 import urllib.parse
 from collections.abc import Callable, ItemsView, Iterator
 from typing import Protocol, overload
@@ -86,7 +87,10 @@ class _Reader:
         need = n - avail
         self._buf, self._pos = b"", 0
         while need > 0:
-            piece = self._read(max(need, 1 << 16))
+            try:
+                piece = self._read(max(need, 1 << 16))
+            except OSError as e:       # EIO of a disk, a file of /proc: one line
+                raise _err(f"cannot read the tar stream: {e.strerror or e}") from None
             if not piece:
                 break
             if len(piece) > need:
@@ -118,6 +122,23 @@ class _Reader:
             n -= k
 
 
+# Numbers as tar readers take them: ASCII digits only. Python's int() also takes '_'
+# between digits, surrounding whitespace and a '0o' prefix (base 8), which GNU tar and
+# Go refuse: a header read as another number here than by the tar that extracts it.
+_OCTAL = re.compile(rb"[0-7]+")
+_DECIMAL = re.compile(rb"[+-]?[0-9]+")
+_DIGITS = re.compile(rb"[0-9]+")
+_TIME = re.compile(rb"-?[0-9]*(?:\.[0-9]*)?")
+_MAP = re.compile(rb"[0-9,]*")                # GNU.sparse.map (0.1)
+
+
+def _dec(b: bytes, pattern: re.Pattern[bytes] = _DECIMAL) -> int:
+    """A decimal number of a PAX record or a sparse map (ValueError if not one)."""
+    if not pattern.fullmatch(b):
+        raise ValueError(b)
+    return int(b)
+
+
 def _num(field: bytes, what: str) -> int:
     if field and field[0] & 0x80:                 # GNU base-256
         v = int.from_bytes(field[1:], "big")
@@ -129,10 +150,9 @@ def _num(field: bytes, what: str) -> int:
     s = field.split(b"\0", 1)[0].strip(b" ")
     if not s:
         return 0
-    try:
-        return int(s, 8)
-    except ValueError:
-        raise _err(f"tar header: bad number in {what}") from None
+    if not _OCTAL.fullmatch(s):
+        raise _err(f"tar header: bad number in {what}")
+    return int(s, 8)
 
 
 def _cstr(b: bytes) -> bytes:
@@ -176,7 +196,7 @@ def _pax_records(data: bytes, what: str) -> Iterator[tuple[bytes, bytes]]:
         if sp < 0:
             raise _err(f"{what}: bad PAX record")
         try:
-            length = int(data[pos:sp])
+            length = _dec(data[pos:sp], _DIGITS)
         except ValueError:
             raise _err(f"{what}: bad PAX record length") from None
         end = pos + length
@@ -250,13 +270,15 @@ class PaxRecords:
 
 def _pax_time(value: bytes, what: str | _Name) -> tuple[int, int]:
     try:
+        if not _TIME.fullmatch(value) or not any(c in b"0123456789" for c in value):
+            raise ValueError(value)
         s = value.decode("ascii")
         neg = s.startswith("-")
         whole, _, frac = s.lstrip("-").partition(".")
         sec = int(whole or "0")
         nsec = int((frac + "000000000")[:9]) if frac else 0
     except (UnicodeDecodeError, ValueError):
-        raise _err(f"{what}: bad PAX mtime {value!r}") from None
+        raise _err(f"{what}: bad PAX mtime {_show(value, 40)}") from None
     if neg:
         return -sec - (1 if nsec else 0), (1_000_000_000 - nsec) % 1_000_000_000
     return sec, nsec
@@ -264,9 +286,9 @@ def _pax_time(value: bytes, what: str | _Name) -> tuple[int, int]:
 
 def _pax_int(value: bytes, what: str | _Name, key: str) -> int:
     try:
-        return int(value)
+        return _dec(value)
     except ValueError:
-        raise _err(f"{what}: bad PAX {key} {value!r}") from None
+        raise _err(f"{what}: bad PAX {key} {_show(value, 40)}") from None
 
 
 class TarReader:
@@ -467,12 +489,16 @@ class TarReader:
                         e.sparse = []
                 elif k == b"map":
                     try:
-                        nums = [int(x) for x in value.split(b",")] if value else []
+                        if not _MAP.fullmatch(value):
+                            raise ValueError(value)
+                        # (int(b"") of an empty item fails too)
+                        nums = list(map(int, value.split(b","))) if value else []
                     except ValueError:
                         raise _err(f"{what}: bad GNU.sparse.map") from None
                     if len(nums) % 2 or len(nums) > 2 * MAX_SPARSE_REGIONS:
                         raise _err(f"{what}: bad GNU.sparse.map")
-                    e.sparse = [(nums[i], nums[i + 1]) for i in range(0, len(nums), 2)]
+                    it = iter(nums)
+                    e.sparse = list(zip(it, it))
         if self.oci:
             # Go applies the GNU long name and link after the PAX records (and
             # GNU.sparse.name after both)
@@ -537,7 +563,7 @@ class TarReader:
             ln = bytes(buf[:nl])
             del buf[:nl + 1]
             try:
-                return int(ln)
+                return _dec(ln, _DIGITS)
             except ValueError:
                 raise _err(f"{what}: bad sparse 1.0 map") from None
 
@@ -553,11 +579,21 @@ class TarReader:
             raise _err(f"{what}: negative sparse file size")
         pos = 0
         total = 0
+        # regions kept normalized: none empty (GNU's closing (size, 0) only marks the
+        # size, which realsize has), adjacent ones merged (their data is contiguous in
+        # the tar too). A map of 10^6 empty regions, 4 bytes each, was 10^6 tuples.
+        out: list[tuple[int, int]] = []
         for off, num in e.sparse or ():     # the caller checked it is set
             if off < pos or num < 0 or off + num > e.realsize:
                 raise _err(f"{what}: sparse map is not ordered or exceeds the file size")
+            if num:
+                if out and out[-1][0] + out[-1][1] == off:
+                    out[-1] = (out[-1][0], out[-1][1] + num)
+                else:
+                    out.append((off, num))
             pos = off + num
             total += num
+        e.sparse = out
         if total != self._left:
             raise _err(f"{what}: sparse map covers {total} bytes but the entry holds "
                        f"{self._left}")

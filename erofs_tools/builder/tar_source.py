@@ -40,6 +40,7 @@ from erofs_tools.builder.tar_stream import (  # noqa: F401
     SOURCE_TYPES,
     _Prefetch,
     detect_type,
+    drain,
     open_source,
     open_stream,
 )
@@ -162,6 +163,8 @@ def pack_tar(source: StrOrBytesPath | BinaryIO, bootstrap: StrPath, blob_dir: St
             reader = TarReader(stream, max_size, oci=whiteout_spec == "oci")
             for r in placer.pipe.run_stream(stream_chunks(reader, tree, opts.chunk_size)):
                 placer.place(r)
+            if isinstance(stream, _Prefetch):   # on to the gzip/zstd checks (tar_stream)
+                drain(stream, max_size - reader.r.offset)
         finally:
             if hasattr(stream, "close") and isinstance(stream, _Prefetch):
                 stream.close()

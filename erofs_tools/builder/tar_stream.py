@@ -155,24 +155,26 @@ class _Prefetch:
                                   name="erofs-untar-inflate")
         self.t.start()
 
+    def _put(self, item: bytes | BaseException) -> None:
+        """Queue item, waiting for room as long as the parser may still read it."""
+        while not self.stop.is_set():
+            try:
+                self.q.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
     def _run(self, inner: ReadStream) -> None:
         try:
             while not self.stop.is_set():
                 piece = inner.read(self.PIECE)
-                item = piece
-                while not self.stop.is_set():
-                    try:
-                        self.q.put(item, timeout=0.2)
-                        break
-                    except queue.Full:
-                        continue
+                self._put(piece)
                 if not piece:
                     return
         except BaseException as e:
-            try:
-                self.q.put(e, timeout=5)
-            except Exception:
-                pass
+            # waits like a piece: an error given up on (the queue full for a while,
+            # the parser busy) left the parser blocked on an empty queue for ever
+            self._put(e)
 
     def read(self, n: int) -> bytes:
         if self.pos >= len(self.buf):
@@ -204,6 +206,21 @@ class _Prefetch:
         self.t.join()
 
 
+def drain(stream: ReadStream, budget: int) -> None:
+    """Read `stream` to its end, at most `budget` more bytes (what --max-size leaves):
+    the parser stops at the tar's end-of-archive record, but a compressed stream's
+    checks come after it (gzip CRC-32 and size, xz block checks and index, zstd frame
+    checksums), so data corrupted inside the tar is caught only by reading on (as GNU
+    tar reads the rest of its pipe and containerd the rest of a layer)."""
+    while True:
+        piece = stream.read(1 << 20)
+        if not piece:
+            return
+        budget -= len(piece)
+        if budget < 0:
+            raise InputError("tar stream is larger than the limit (--max-size)")
+
+
 def detect_type(head: bytes) -> str:
     if head[:2] == b"\x1f\x8b":
         return "targz"
@@ -217,7 +234,10 @@ class _Peek:
 
     def __init__(self, f: BinaryIO, n: int = 4) -> None:
         self.f = f
-        self.head = f.read(n)
+        try:
+            self.head = f.read(n)
+        except OSError as e:
+            raise InputError(f"cannot read the tar stream: {e.strerror or e}") from None
 
     def read(self, n: int = -1) -> bytes:
         if self.head:

@@ -4,6 +4,7 @@ hardlinks to earlier entries, OCI whiteouts and opaque markers, implied parents)
 emitted into the C node-graph builder."""
 from __future__ import annotations
 
+import heapq
 import stat
 
 from erofs_tools._native import NativeBuilder
@@ -76,6 +77,27 @@ def _strip(d: TNode) -> None:
         d.xattrs = {k: v for k, v in d.xattrs.items() if k != OPAQUE_XATTR}
 
 
+# An inode's inline xattrs are at most 4 * 0xFFFE bytes of entries (its u16 count of
+# 4-byte words), and at most 255 others can be shared (4 bytes each inline)
+XATTR_INLINE_MAX = 4 * 0xFFFE
+XATTR_SHARED_MAX = 255
+
+
+def _check_xattr_room(name: bytes, xattrs: dict[bytes, bytes]) -> None:
+    """Refuse, as it is read, an entry whose xattrs no inode can hold (the builder
+    would refuse it only when the whole archive is in memory): each entry takes at
+    least 4 bytes of header plus its value rounded to 4 (its name after a prefix may
+    be empty with --xattr-prefix), the largest 255 may be shared."""
+    sizes = [(len(v) + 7) & ~3 for v in xattrs.values()]
+    total = sum(sizes)
+    if total <= XATTR_INLINE_MAX:
+        return
+    total -= sum(n - 4 for n in heapq.nlargest(XATTR_SHARED_MAX, sizes))
+    if total > XATTR_INLINE_MAX:
+        raise FormatLimitError(f"{_show(name)}: xattrs of one inode exceed the inline "
+                               f"limit ({len(xattrs)} xattrs)")
+
+
 def _kids(d: TNode) -> dict[bytes, TNode]:
     """The children of `d`, a node the caller knows to be a directory."""
     assert d.children is not None, "not a directory"
@@ -106,9 +128,11 @@ class TarTree:
 
     def __init__(self, whiteout_spec: str = "oci", timestamp: int | None = None,
                  mark_implied: bool = False, clamp: bool = False,
-                 strip: bool = False) -> None:
+                 strip: bool = False, negative_mtimes: bool = False) -> None:
         """timestamp: every entry's mtime becomes it (nsec 0), or with `clamp` those at
-        or after it (SOURCE_DATE_EPOCH); implied directories get it either way."""
+        or after it (SOURCE_DATE_EPOCH); implied directories get it either way.
+        negative_mtimes: mtimes before 1970 kept (mkfs --tar, as mkfs.erofs and the
+        directory walk keep them), else clamped to 0 (RAFS layers, docs/tar.md)."""
         if whiteout_spec not in TREE_SPECS:
             raise InputError(f"unknown whiteout spec {whiteout_spec!r} "
                              "(choose oci, overlayfs or none)")
@@ -116,6 +140,7 @@ class TarTree:
         self.timestamp = timestamp
         self.clamp = clamp
         self.strip = strip      # --ovlfs-strip: whiteouts and opaque markers left out
+        self.min_mtime = -(1 << 63) if negative_mtimes else 0
         t = timestamp or 0
         self.root = TNode(stat.S_IFDIR | 0o755, 0, 0, t, 0)
         self.root.implied = True
@@ -191,8 +216,8 @@ class TarTree:
             raise FormatLimitError(f"{_show(e.name)}: uid/gid {e.uid}/{e.gid} out of range")
         if self.timestamp is not None and (not self.clamp or e.mtime >= self.timestamp):
             node.mtime, node.nsec = self.timestamp, 0
-        elif e.mtime < 0:
-            node.mtime, node.nsec = 0, 0              # documented: clamped
+        elif e.mtime < self.min_mtime:
+            node.mtime, node.nsec = self.min_mtime, 0     # documented: clamped
         else:
             node.mtime, node.nsec = min(e.mtime, (1 << 63) - 1), e.mtime_nsec
         if e.xattrs and self.spec == "oci":
@@ -205,6 +230,8 @@ class TarTree:
                            if not k.startswith(b"trusted.")} or _NO_XATTRS
         else:
             node.xattrs = dict(e.xattrs) if e.xattrs else _NO_XATTRS
+        if len(node.xattrs) > 16:
+            _check_xattr_room(e.name, node.xattrs)
 
     def add(self, e: Entry) -> TNode | None:
         """Place entry e; -> TNode whose data the caller must stream (regular files),

@@ -24,7 +24,7 @@ from erofs_tools.builder.options import (
 )
 from erofs_tools.cli.mkfs_tar import MkfsCommand, check_tar_flags, run_tar, tar_options
 from erofs_tools.cli.progress import Progress
-from erofs_tools.errors import InputError
+from erofs_tools.errors import InputError, terminate_as_interrupt
 
 
 @click.command("mkfs", cls=MkfsCommand)
@@ -187,11 +187,12 @@ def mkfs(image, source, timestamp, all_time, ignore_mtime, ovlfs_strip, block_si
         whiteouts="strip" if ovlfs_strip == "1" else "mark",
     )
     progress = Progress.maybe(enabled=not quiet and not as_json)
-    if tar_mode is not None:
-        summary = run_tar(image, source or "-", opts, tar_mode, aufs, ungzip, ungzip_dump,
-                          max_size, progress, unxz)
-    else:
-        summary = build_image(image, source, opts, progress=progress)
+    with terminate_as_interrupt():       # kill PID: temporary files removed
+        if tar_mode is not None:
+            summary = run_tar(image, source or "-", opts, tar_mode, aufs, ungzip,
+                              ungzip_dump, max_size, progress, unxz)
+        else:
+            summary = build_image(image, source, opts, progress=progress)
     if as_json:
         click.echo(json.dumps(summary, sort_keys=True))
     elif not quiet:

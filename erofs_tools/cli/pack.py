@@ -10,7 +10,7 @@ from erofs_tools.builder.options import parse_timestamp
 from erofs_tools.builder.rafs import PackOptions
 from erofs_tools.builder.rafs import pack as build_rafs
 from erofs_tools.cli.progress import Progress
-from erofs_tools.errors import InputError
+from erofs_tools.errors import InputError, terminate_as_interrupt
 
 _SUFFIXES = {"": 1, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20,
              "g": 1 << 30, "gib": 1 << 30, "t": 1 << 40, "tib": 1 << 40}
@@ -96,14 +96,15 @@ def pack(source, bootstrap, blob_dir, chunk_size, digester, compressor, chunk_di
     progress = Progress.maybe(enabled=not quiet and not as_json)
     # a process of its own: one malloc arena for all of pack's threads (builder/heap.py)
     bound_heap_arenas()
-    if source_type == "dir":
-        r = build_rafs(source, bootstrap, blob_dir, opts, progress=progress)
-    else:
-        from erofs_tools.builder.tar_source import DEFAULT_MAX_SIZE, pack_tar
-        r = pack_tar(source, bootstrap, blob_dir, opts, source_type=source_type,
-                     whiteout_spec=whiteout_spec, mark_implied=mark_implied_dirs,
-                     max_size=(_parse_size(max_size, "--max-size") if max_size
-                               else DEFAULT_MAX_SIZE))
+    with terminate_as_interrupt():       # kill PID: temporary files removed
+        if source_type == "dir":
+            r = build_rafs(source, bootstrap, blob_dir, opts, progress=progress)
+        else:
+            from erofs_tools.builder.tar_source import DEFAULT_MAX_SIZE, pack_tar
+            r = pack_tar(source, bootstrap, blob_dir, opts, source_type=source_type,
+                         whiteout_spec=whiteout_spec, mark_implied=mark_implied_dirs,
+                         max_size=(_parse_size(max_size, "--max-size") if max_size
+                                   else DEFAULT_MAX_SIZE))
     if as_json:
         click.echo(json.dumps(r, sort_keys=True))
     elif not quiet:
