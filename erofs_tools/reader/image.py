@@ -603,6 +603,10 @@ class Image:
                 for dots, want in ((".", dino.nid), ("..", parent_nid)):
                     if [d.nid for d in ents if d.name == dots.encode()] != [want]:
                         raise self._err(f"directory {dino.nid}: missing or wrong '{dots}'")
+                if len({d.name for d in ents}) != len(ents):
+                    # a tar stream holding one name twice (a symlink, then a directory
+                    # through it) writes outside the target of a naive extractor
+                    raise self._err(f"directory {dino.nid}: duplicate names")
             except CorruptImageError as e:
                 if on_error is None:
                     raise
