@@ -39,3 +39,37 @@ def test_tar_stream_of_clean_image_extracts_inside(base, tmp_path):  # noqa: F81
     assert len(names) == len(set(names))
     assert all(not n.startswith("/") and ".." not in n.split("/") for n in names)
     assert os.listdir(base["outside"]) == []
+
+
+def _two_blob_bootstrap(tmp_path):
+    from test_tar_helpers import run_cli
+    for i, n in ((1, 300000), (2, 200000)):
+        d = tmp_path / f"l{i}"
+        d.mkdir()
+        (d / f"f{i}").write_bytes(os.urandom(n))
+        run_cli("pack", "-q", "-B", tmp_path / f"l{i}.boot", "-D", tmp_path / "blobs",
+                "--chunk-size", "64K", d)
+    m = tmp_path / "m.boot"
+    run_cli("merge", "-q", "-B", m, tmp_path / "l1.boot", tmp_path / "l2.boot")
+    return m
+
+
+def test_merge_refuses_one_blob_id_for_two_blobs(tmp_path):
+    """A bootstrap whose blob table names blob 1 with blob 0's id: merge mapped both to
+    one entry and wrote (exit 0) a bootstrap whose second file's chunks index the first
+    blob (check then called it corrupt)."""
+    from test_tar_helpers import run_cli
+    m = _two_blob_bootstrap(tmp_path)
+    img = Image(str(m))
+    a, b = (img.blob_id(1).encode(), img.blob_id(2).encode())
+    img.close()
+    bad = tmp_path / "dup.boot"
+    bad.write_bytes(m.read_bytes().replace(b, a))
+    out = tmp_path / "out.boot"
+    p = run_cli("merge", "-q", "-B", out, bad, check=False)
+    assert p.returncode == 1 and p.stderr.count(b"\n") == 1, p.stderr
+    assert b"described differently" in p.stderr
+    assert not out.exists()
+    # the same blob named by two layers alike is still one blob
+    p = run_cli("merge", "-q", "-B", out, m, tmp_path / "l1.boot")
+    assert len(Image(str(out)).devices) == 2
