@@ -7,9 +7,11 @@ once each, and every problem is a CorruptImageError whose message names the inod
 """
 from __future__ import annotations
 
+import array
 import mmap
 import os
 import stat as _stat
+import sys
 from typing import NamedTuple
 
 from erofs_tools.errors import CorruptImageError
@@ -242,7 +244,7 @@ class Image:
         self.rafs = None
         self.blob_entries = []
         self._chunk_table, self._chunk_infos = (0, 0), None   # (offset, entries); lazy
-        self.prefetch = []
+        self._prefetch_table = (0, 0)          # (offset, bytes); decoded on first use
         sb = self.sb
         if not sb.feature_compat & E.FEATURE_COMPAT_RAFS_V6:
             return
@@ -283,8 +285,20 @@ class Image:
             self._chunk_table = (ext.s_chunk_table_offset,
                                  ext.s_chunk_table_size // R.ChunkInfo.SIZE)
         if ext.s_prefetch_table_offset and ext.s_prefetch_table_size:
-            raw = self.read(ext.s_prefetch_table_offset, ext.s_prefetch_table_size, "prefetch table")
-            self.prefetch = [int.from_bytes(raw[i:i + 4], "little") for i in range(0, len(raw), 4)]
+            self._prefetch_table = (ext.s_prefetch_table_offset, ext.s_prefetch_table_size)
+
+    @property
+    def prefetch(self) -> array.array:
+        """The RAFS prefetch table (nids), decoded when first asked for and held as 4-byte
+        integers: a table of 4 GiB is legal, and as a list of ints it cost 9x its size
+        and seconds for every command that opened the image."""
+        off, size = self._prefetch_table
+        out = array.array("I")
+        if size:
+            out.frombytes(self.read(off, size, "prefetch table"))
+            if sys.byteorder != "little":
+                out.byteswap()
+        return out
 
     @property
     def chunk_infos(self) -> list:

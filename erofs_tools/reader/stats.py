@@ -264,7 +264,7 @@ def super_summary(img: Image) -> dict:
                      "chunk_table": [ext.s_chunk_table_offset, ext.s_chunk_table_size],
                      "prefetch_table": [ext.s_prefetch_table_offset,
                                         ext.s_prefetch_table_size],
-                     "prefetch": img.prefetch,
+                     "prefetch": img.prefetch.tolist(),
                      "chunk_infos": len(img.chunk_infos)}
         d["blobs"] = [{
             "index": i, "blob_id": _cstr(b.blob_id).decode("ascii", "replace"),
