@@ -218,3 +218,48 @@ def _liars(tmp_path, E, unpack_to_dir, remove_tree):
     unpack_to_dir(Image(str(_mkfs(tmp_path / "src", tmp_path / "small.img"))),
                   tmp_path / "out2")
     assert os.stat(tmp_path / "out2" / "h2.1").st_nlink == 3
+
+
+def _chunk_bomb(tmp_path):
+    """An image of ~1 MiB whose one file, 256 MiB at 1 MiB chunks, is 1 MiB of data and
+    255 holes; every hole index is then pointed at the data: 256 MiB of output."""
+    import subprocess
+
+    from test_reader_hostile import require_tool
+    require_tool("mkfs.erofs")
+    src = tmp_path / "bsrc"
+    src.mkdir()
+    with open(src / "f", "wb") as f:
+        f.write(os.urandom(1 << 20))
+        f.truncate(256 << 20)
+    plain = tmp_path / "chunked.img"
+    subprocess.run(["mkfs.erofs", "--quiet", "-T0", "--chunksize=1048576", str(plain),
+                    str(src)], check=True, capture_output=True)
+    data = bytearray(plain.read_bytes())
+    img = Image(bytes(data))
+    ino = img.lookup("/f")
+    refs = list(img.chunks(ino))
+    assert len(refs) == 256 and not refs[0].hole and all(c.hole for c in refs[1:])
+    start = -(-ino.data_end // 4) * 4          # 4-byte block-map indexes (mkfs.erofs)
+    first = bytes(data[start:start + 4])
+    assert int.from_bytes(first, "little") == refs[0].blkaddr
+    for k in range(1, 256):
+        data[start + 4 * k:start + 4 * k + 4] = first
+    bomb = tmp_path / "bomb.img"
+    bomb.write_bytes(fix_checksum(bytes(data)))
+    assert not any(c.hole for c in Image(str(bomb)).chunks(ino))
+    return bomb
+
+
+def test_unpack_output_is_bounded(tmp_path):
+    """unpack had no bound on the data it writes: a 1 MiB image wrote 256 MiB (one with
+    1 MiB of indexes and 1 MiB chunks: 256 GiB). --max-size (default 1 TiB) bounds it."""
+    bomb = _chunk_bomb(tmp_path)
+    for how in (["-o", tmp_path / "out"], ["--tar", tmp_path / "out.tar"]):
+        r = _cli("unpack", bomb, "--max-size", "16M", *how)
+        assert r.returncode == 1 and r.stderr.count(b"\n") == 1, r.stderr
+        assert b"limit of 16777216 bytes" in r.stderr
+        assert sorted(os.listdir(tmp_path)) == ["bomb.img", "bsrc", "chunked.img"]
+    r = _cli("unpack", bomb, "--max-size", "300M", "-o", tmp_path / "out")
+    assert r.returncode == 0, r.stderr
+    assert os.path.getsize(tmp_path / "out" / "f") == 256 << 20

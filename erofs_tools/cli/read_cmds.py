@@ -263,23 +263,29 @@ def check_cmd(image, blob_dir, devices, quiet):
 @click.option("-o", "--output", type=click.Path(), help="Extract into this new directory.")
 @click.option("--tar", "tar_out", type=click.Path(allow_dash=True),
               help="Write a PAX tar stream to this file ('-' for stdout).")
-def unpack_cmd(image, blob_dir, devices, output, tar_out):
+@click.option("--max-size", default=None, metavar="BYTES",
+              help="Most file data to write, holes not counted, e.g. 10G (default 1 TiB; "
+                   "K, M, G, T suffixes): a small image can map one block many times.")
+def unpack_cmd(image, blob_dir, devices, output, tar_out, max_size):
     """Extract IMAGE with full metadata into a directory (-o) or a tar stream (--tar)."""
+    from erofs_tools.builder.tar_reader import DEFAULT_MAX_SIZE
+    from erofs_tools.cli.pack import _parse_size
     if (output is None) == (tar_out is None):
         raise InputError("give exactly one of -o DIR and --tar FILE")
+    limit = _parse_size(max_size, "--max-size") if max_size else DEFAULT_MAX_SIZE
     img = _open(image, blob_dir, devices)
     warnings = []
     if output is not None:
-        unpack_to_dir(img, output, warnings)
+        unpack_to_dir(img, output, warnings, limit=limit)
     elif tar_out == "-":
-        unpack_to_tar(img, sys.stdout.buffer, warnings)
+        unpack_to_tar(img, sys.stdout.buffer, warnings, limit=limit)
         sys.stdout.buffer.flush()
     else:
         # a fresh O_EXCL temporary beside OUT, renamed over it when complete: a symlink
         # planted at OUT.tmp (or anywhere) is never written through
         try:
             with atomic_output(tar_out, mode=0o644) as f:
-                unpack_to_tar(img, f, warnings)
+                unpack_to_tar(img, f, warnings, limit=limit)
         except OSError as e:
             raise InputError(f"{tar_out}: {e.strerror or e}") from None
     for w in warnings:
