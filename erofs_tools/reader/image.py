@@ -245,6 +245,7 @@ class Image:
         self.blob_entries = []
         self._chunk_table, self._chunk_infos = (0, 0), None   # (offset, entries); lazy
         self._prefetch_table = (0, 0)          # (offset, bytes); decoded on first use
+        self._prefetch: array.array | None = None
         sb = self.sb
         if not sb.feature_compat & E.FEATURE_COMPAT_RAFS_V6:
             return
@@ -292,13 +293,15 @@ class Image:
         """The RAFS prefetch table (nids), decoded when first asked for and held as 4-byte
         integers: a table of 4 GiB is legal, and as a list of ints it cost 9x its size
         and seconds for every command that opened the image."""
-        off, size = self._prefetch_table
-        out = array.array("I")
-        if size:
-            out.frombytes(self.read(off, size, "prefetch table"))
-            if sys.byteorder != "little":
-                out.byteswap()
-        return out
+        if self._prefetch is None:
+            off, size = self._prefetch_table
+            out = array.array("I")
+            if size:
+                out.frombytes(self.read(off, size, "prefetch table"))
+                if sys.byteorder != "little":
+                    out.byteswap()
+            self._prefetch = out
+        return self._prefetch
 
     @property
     def chunk_infos(self) -> list:
