@@ -245,7 +245,7 @@ class Image:
         self.blob_entries = []
         self._chunk_table, self._chunk_infos = (0, 0), None   # (offset, entries); lazy
         self._prefetch_table = (0, 0)          # (offset, bytes); decoded on first use
-        self._prefetch: array.array | None = None
+        self._prefetch = None           # array.array once decoded
         sb = self.sb
         if not sb.feature_compat & E.FEATURE_COMPAT_RAFS_V6:
             return
