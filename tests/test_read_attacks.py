@@ -263,3 +263,20 @@ def test_unpack_output_is_bounded(tmp_path):
     r = _cli("unpack", bomb, "--max-size", "300M", "-o", tmp_path / "out")
     assert r.returncode == 0, r.stderr
     assert os.path.getsize(tmp_path / "out" / "f") == 256 << 20
+
+
+def test_inspect_text_escapes_control_characters(base, tmp_path):  # noqa: F811
+    """A name holding a newline printed a fake tree line (and ESC, a terminal's escape
+    sequence) in inspect's text output; now \\xNN, as in error messages."""
+    for new, shown in ((b"q\n", b"q\\x0a"), (b"\x1b7", b"\\x1b7")):
+        data = fix_checksum(replace_name(base["plain"], b"q7", new))
+        p = tmp_path / "img"
+        p.write_bytes(data)
+        r = _cli("inspect", p)
+        assert r.returncode == 0, r.stderr
+        tree = r.stdout.split(b"tree:\n", 1)[1]
+        entries = len(list(Image(data).walk()))
+        assert tree.count(b"\n") == entries and b"\x1b" not in tree, tree
+        assert b" /" + shown + b"\n" in tree
+        r = _cli("inspect", p, "/")
+        assert r.returncode == 0 and b"name=" + shown + b" " in r.stdout, r.stdout

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from erofs_tools.errors import CorruptImageError, ErofsToolsError, InputError
+from erofs_tools.errors import CorruptImageError, ErofsToolsError, InputError, shown_path
 from erofs_tools.fsutil import atomic_output
 from erofs_tools.reader.data import BlobSource
 from erofs_tools.reader.fsck import check_image
@@ -88,6 +88,12 @@ def _blob_summary(path):
 
 def _s(b):
     return os.fsdecode(b)
+
+
+def _esc(v):
+    """A name or target for a text line: control characters as \\xNN (an image's name
+    may hold a newline, a fake tree line, or a terminal's escape sequences)."""
+    return shown_path(v, 1 << 62) if isinstance(v, (str, bytes)) else v
 
 
 def _inode_detail(img, path, ino):
@@ -191,9 +197,9 @@ def inspect_cmd(image, path, blob_dir, devices, as_json):
             if k in ("chunks", "entries", "extents"):
                 click.echo(f"{k}:")
                 for x in v:
-                    click.echo("  " + " ".join(f"{a}={b}" for a, b in x.items()))
+                    click.echo("  " + " ".join(f"{a}={_esc(b)}" for a, b in x.items()))
             else:
-                click.echo(f"{k}: {v}")
+                click.echo(f"{k}: {_esc(v)}")
         return
     sd = super_summary(img)
     # the tree is printed as it is walked, never held: a deep tree's paths add up to
@@ -220,10 +226,10 @@ def inspect_cmd(image, path, blob_dir, devices, as_json):
             click.echo(f"{k}: {v}")
     click.echo("tree:")
     for ent in _tree_entries(img):
-        extra = f" -> {ent['target']}" if "target" in ent else ""
+        extra = f" -> {_esc(ent['target'])}" if "target" in ent else ""
         extra += f" rdev={ent['rdev'][0]}:{ent['rdev'][1]}" if "rdev" in ent else ""
         click.echo(f"  {ent['type']:7} {ent['mode']} {ent['uid']}:{ent['gid']} "
-                   f"{ent['size']:>10} nid={ent['nid']} {ent['layout']} {ent['path']}{extra}")
+                   f"{ent['size']:>10} nid={ent['nid']} {ent['layout']} {_esc(ent['path'])}{extra}")
 
 
 def _tree_entries(img):
