@@ -280,3 +280,25 @@ def test_inspect_text_escapes_control_characters(base, tmp_path):  # noqa: F811
         assert b" /" + shown + b"\n" in tree
         r = _cli("inspect", p, "/")
         assert r.returncode == 0 and b"name=" + shown + b" " in r.stdout, r.stdout
+
+
+def test_blob_ids_with_control_characters_stay_on_their_line(tmp_path):
+    """A blob table whose id holds a newline: check printed a second, fake 'error:' line,
+    stat and inspect fake lines; now \\xNN everywhere it is shown."""
+    from test_tar_helpers import run_cli
+    m = _two_blob_bootstrap(tmp_path)
+    img = Image(str(m))
+    old = img.blob_id(2).encode()
+    img.close()
+    new = (old[:8] + b"\nerror: fake" + old[20:])[:64]
+    bad = tmp_path / "nl.boot"
+    bad.write_bytes(m.read_bytes().replace(old, new))
+    for cmd in (["check", bad, "--blob-dir", tmp_path / "blobs"], ["stat", bad],
+                ["inspect", bad], ["unpack", bad, "--blob-dir", tmp_path / "blobs", "-o",
+                                    tmp_path / "out"]):
+        p = run_cli(*cmd, check=False)
+        out = p.stdout + p.stderr
+        assert b"\nerror: fake" not in out, (cmd, out)
+        if cmd[0] in ("check", "unpack"):
+            assert p.returncode == 1
+    assert b"\\x0aerror: fake" in run_cli("inspect", bad).stdout

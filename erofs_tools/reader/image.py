@@ -18,6 +18,7 @@ from erofs_tools.errors import CorruptImageError
 from erofs_tools.format import erofs as E
 from erofs_tools.format import rafs as R
 from erofs_tools.fsutil import round_up
+from erofs_tools.reader.blobid import shown_id
 from erofs_tools.reader.chunkrefs import ChunkList, ChunkRef  # noqa: F401 (re-exported)
 from erofs_tools.reader.xprefix import read_long_prefixes, read_xattrs
 from erofs_tools.reader.zdata import is_compressed, iter_compressed
@@ -328,7 +329,7 @@ class Image:
             tag = _cstr(self.devices[device - 1].tag)
             if not tag and device - 1 < len(self.blob_entries):
                 tag = _cstr(self.blob_entries[device - 1].blob_id)
-            return tag.decode("ascii", "replace")
+            return shown_id(tag)
         raise self._err(f"no device {device}")
 
     def blob_digests(self, blob_index):
