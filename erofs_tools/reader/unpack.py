@@ -185,7 +185,8 @@ class _Extraction:
         # directory beside the tree: its later links cost one link() each, however deep
         # the first one is (reaching it by its path cost its depth: a file 2,000 levels
         # down and 5,000 links at the top took 43 s from a 344 KB image).
-        self.stage = tempfile.mkdtemp(prefix=".links-", dir=os.path.dirname(tmp))
+        self.stage = tempfile.mkdtemp(prefix=os.path.basename(tmp) + ".links-",
+                                      dir=os.path.dirname(tmp))
         self.stage_fd = os.open(self.stage, O_DIR)
         self.walked = 0             # directories opened to reach unannounced first links
         self.frames: list[_Frame] = []
