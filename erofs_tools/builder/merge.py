@@ -124,6 +124,12 @@ def merge(bootstraps: Sequence[StrPath], output: str, blob_ids: Mapping[str, str
             L.close()
 
 
+def _physical(b: BlobInfo) -> tuple:
+    """What every description of one blob must agree on."""
+    return (b.chunk_size, b.chunk_count, b.compressor, b.digester, b.compressed_size,
+            b.uncompressed_size)
+
+
 def _merge(layers: list[_Layer], output: str, blob_ids: dict[str, str], whiteout_spec: str,
            timestamp: int | None) -> RP.PackResult:
     # -- common parameters ---------------------------------------------------------------
@@ -158,6 +164,12 @@ def _merge(layers: list[_Layer], output: str, blob_ids: dict[str, str], whiteout
                 nb_ = copy.copy(b)
                 nb_.blob_id = new_id
                 blobs.append(nb_)
+            elif _physical(blobs[g]) != _physical(b):
+                # one id, two blobs: the chunks of the second would index the first
+                raise CorruptImageError(
+                    f"{L.path}: blob {i} ({new_id[:16]}) is described differently by "
+                    "another blob-table entry of the same id (sizes, chunk count or "
+                    "algorithms)")
             L.blob_map[i] = g
     if len(blobs) > R.MAX_BLOBS:
         raise InputError(f"merged image would reference {len(blobs)} blobs "

@@ -17,6 +17,7 @@ from erofs_tools.errors import CorruptImageError, DigestMismatchError
 from erofs_tools.format import rafs
 from erofs_tools.format.erofs import BLKSZ
 from erofs_tools.fsutil import round_up
+from erofs_tools.reader.blobid import shown_id
 from erofs_tools.reader.chunkcodec import ZSTD_MAGIC
 from erofs_tools.reader.chunkcodec import decompress as _decompress
 
@@ -52,7 +53,7 @@ class BlobChunk(NamedTuple):
 
 
 def _blob_name(blob_id):
-    return blob_id if blob_id else "<unknown blob>"
+    return shown_id(blob_id) if blob_id else "<unknown blob>"
 
 
 def _sha256(data) -> bytes:

@@ -4,9 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from erofs_tools.errors import CorruptImageError
+from erofs_tools.errors import CorruptImageError, shown_path
 
 ReadAt = Callable[[int, int], bytes]
+
+
+def shown_id(raw: bytes | str) -> str:
+    """A blob id or device tag for a message or a listing: up to its first NUL, non-ASCII
+    as U+FFFD, control characters as \\xNN (a hostile blob table's id may hold a
+    newline: a fake line of `check`, or a second line of an error)."""
+    if isinstance(raw, (bytes, bytearray)):
+        raw = bytes(raw).split(b"\0", 1)[0].decode("ascii", "replace")
+    return shown_path(raw, 1 << 62)
 
 
 def compute_blob_id(read_at: ReadAt, blob_size: int, exclude=None, piece=1 << 20) -> str:

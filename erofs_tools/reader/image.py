@@ -7,15 +7,18 @@ once each, and every problem is a CorruptImageError whose message names the inod
 """
 from __future__ import annotations
 
+import array
 import mmap
 import os
 import stat as _stat
+import sys
 from typing import NamedTuple
 
 from erofs_tools.errors import CorruptImageError
 from erofs_tools.format import erofs as E
 from erofs_tools.format import rafs as R
 from erofs_tools.fsutil import round_up
+from erofs_tools.reader.blobid import shown_id
 from erofs_tools.reader.chunkrefs import ChunkList, ChunkRef  # noqa: F401 (re-exported)
 from erofs_tools.reader.xprefix import read_long_prefixes, read_xattrs
 from erofs_tools.reader.zdata import is_compressed, iter_compressed
@@ -242,7 +245,8 @@ class Image:
         self.rafs = None
         self.blob_entries = []
         self._chunk_table, self._chunk_infos = (0, 0), None   # (offset, entries); lazy
-        self.prefetch = []
+        self._prefetch_table = (0, 0)          # (offset, bytes); decoded on first use
+        self._prefetch = None           # array.array once decoded
         sb = self.sb
         if not sb.feature_compat & E.FEATURE_COMPAT_RAFS_V6:
             return
@@ -283,8 +287,22 @@ class Image:
             self._chunk_table = (ext.s_chunk_table_offset,
                                  ext.s_chunk_table_size // R.ChunkInfo.SIZE)
         if ext.s_prefetch_table_offset and ext.s_prefetch_table_size:
-            raw = self.read(ext.s_prefetch_table_offset, ext.s_prefetch_table_size, "prefetch table")
-            self.prefetch = [int.from_bytes(raw[i:i + 4], "little") for i in range(0, len(raw), 4)]
+            self._prefetch_table = (ext.s_prefetch_table_offset, ext.s_prefetch_table_size)
+
+    @property
+    def prefetch(self) -> array.array:
+        """The RAFS prefetch table (nids), decoded when first asked for and held as 4-byte
+        integers: a table of 4 GiB is legal, and as a list of ints it cost 9x its size
+        and seconds for every command that opened the image."""
+        if self._prefetch is None:
+            off, size = self._prefetch_table
+            out = array.array("I")
+            if size:
+                out.frombytes(self.read(off, size, "prefetch table"))
+                if sys.byteorder != "little":
+                    out.byteswap()
+            self._prefetch = out
+        return self._prefetch
 
     @property
     def chunk_infos(self) -> list:
@@ -311,7 +329,7 @@ class Image:
             tag = _cstr(self.devices[device - 1].tag)
             if not tag and device - 1 < len(self.blob_entries):
                 tag = _cstr(self.blob_entries[device - 1].blob_id)
-            return tag.decode("ascii", "replace")
+            return shown_id(tag)
         raise self._err(f"no device {device}")
 
     def blob_digests(self, blob_index):
@@ -603,6 +621,10 @@ class Image:
                 for dots, want in ((".", dino.nid), ("..", parent_nid)):
                     if [d.nid for d in ents if d.name == dots.encode()] != [want]:
                         raise self._err(f"directory {dino.nid}: missing or wrong '{dots}'")
+                if len({d.name for d in ents}) != len(ents):
+                    # a tar stream holding one name twice (a symlink, then a directory
+                    # through it) writes outside the target of a naive extractor
+                    raise self._err(f"directory {dino.nid}: duplicate names")
             except CorruptImageError as e:
                 if on_error is None:
                     raise

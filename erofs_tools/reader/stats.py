@@ -7,6 +7,7 @@ from erofs_tools.errors import ErofsToolsError
 from erofs_tools.format import erofs as E
 from erofs_tools.format import rafs as R
 from erofs_tools.fsutil import round_up
+from erofs_tools.reader.blobid import shown_id
 from erofs_tools.reader.image import Image, _cstr
 from erofs_tools.reader.zdata import is_compressed, state
 from erofs_tools.reader.zmap import ALG_NAMES, FRAGMENT
@@ -156,7 +157,7 @@ def image_stats(img: Image):
     if img.is_rafs:
         blobs = []
         for i, b in enumerate(img.blob_entries):
-            bd = {"blob_id": b.blob_id.split(b"\0", 1)[0].decode("ascii", "replace"),
+            bd = {"blob_id": shown_id(b.blob_id),
                   "chunk_count": b.chunk_count, "compressed_size": b.compressed_size,
                   "uncompressed_size": b.uncompressed_size}
             m = meta_of(i + 1)
@@ -238,9 +239,9 @@ def super_summary(img: Image) -> dict:
          "feature_compat": f"{sb.feature_compat:#x}",
          "feature_incompat": f"{sb.feature_incompat:#x}",
          "checksum": f"{sb.checksum:#010x}", "uuid": sb.uuid.hex(),
-         "volume_name": _cstr(sb.volume_name).decode("utf-8", "replace"),
+         "volume_name": shown_id(_cstr(sb.volume_name).decode("utf-8", "replace")),
          "extra_devices": sb.extra_devices, "devt_slotoff": sb.devt_slotoff,
-         "devices": [{"id": i + 1, "tag": _cstr(d.tag).decode("ascii", "replace"),
+         "devices": [{"id": i + 1, "tag": shown_id(d.tag),
                       "blocks": d.blocks, "mapped_blkaddr": d.mapped_blkaddr}
                      for i, d in enumerate(img.devices)]}
     z = img.zconfig
@@ -264,10 +265,10 @@ def super_summary(img: Image) -> dict:
                      "chunk_table": [ext.s_chunk_table_offset, ext.s_chunk_table_size],
                      "prefetch_table": [ext.s_prefetch_table_offset,
                                         ext.s_prefetch_table_size],
-                     "prefetch": img.prefetch,
+                     "prefetch": img.prefetch.tolist(),
                      "chunk_infos": len(img.chunk_infos)}
         d["blobs"] = [{
-            "index": i, "blob_id": _cstr(b.blob_id).decode("ascii", "replace"),
+            "index": i, "blob_id": shown_id(b.blob_id),
             "chunk_size": b.chunk_size, "chunk_count": b.chunk_count,
             "compressor": R.COMPRESSOR_NAMES.get(b.compression_algo, b.compression_algo),
             "digester": R.DIGESTER_NAMES.get(b.digest_algo, b.digest_algo),
