@@ -4,8 +4,8 @@ Files are cut into fixed `chunk_size` pieces (the last one short). Chunks are re
 hashed and compressed by a thread pool (a batch's reads and zstd frames one C call
 each without the GIL, its chunks of at most SMALL_HASH_MAX bytes hashed with BLAKE3 in
 the read's call; the blake3 package and hashlib release it for inputs of 2 KiB and
-more) while
-the caller's thread consumes the results strictly in submission order, so the output is
+more) while the caller's thread consumes the results strictly in submission order, so
+the output is
 reproducible whatever the scheduling. At most `window` batches are in flight,
 which bounds memory to a few chunks per worker whatever the file sizes.
 
@@ -412,7 +412,8 @@ class ChunkPipeline:
         """The digests of a batch's chunks that were read: dbuf's (the C core's BLAKE3
         of the chunks of at most SMALL_HASH_MAX bytes, hashed in the read's call without
         the GIL), the bigger ones hashed here (the blake3 package's SIMD hashes many
-        1 KiB pieces at once and releases the GIL for them), all with sha256."""
+        1 KiB pieces at once and releases the GIL for them; one hasher for the batch,
+        reset after each chunk); dbuf None (the sha256 digester): every one here."""
         if dbuf is None:
             sha = self._hasher
             return [sha(mv[at:at + n]).digest() for at, n in zip(buf_off, lengths)]
