@@ -5,9 +5,8 @@ hashed and compressed by a thread pool (a batch's reads and zstd frames one C ca
 each without the GIL, its chunks of at most SMALL_HASH_MAX bytes hashed with BLAKE3 in
 the read's call; the blake3 package and hashlib release it for inputs of 2 KiB and
 more) while the caller's thread consumes the results strictly in submission order, so
-the output is
-reproducible whatever the scheduling. At most `window` batches are in flight,
-which bounds memory to a few chunks per worker whatever the file sizes.
+the output is reproducible whatever the scheduling. At most `window` batches are in
+flight, which bounds memory to a few chunks per worker whatever the file sizes.
 
 Deduplication is by (digest, uncompressed size). The first task to meet a new key
 "claims" it and compresses the data; every later occurrence (even one consumed earlier in
