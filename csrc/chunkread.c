@@ -76,7 +76,8 @@ static int open_in_dir(const char *path, struct dir_cache *d)
 
 int ern_chunks_read(const char *names, const uint32_t *name_off, const uint64_t *file_off,
                     const uint32_t *len, const uint64_t *buf_off, uint32_t n, uint8_t *buf,
-                    uint64_t cap, uint32_t *fail_index, int32_t *fail_errno)
+                    uint64_t cap, uint32_t hash_max, uint8_t *digests,
+                    uint32_t *fail_index, int32_t *fail_errno)
 {
     int fd = -1, rc = ERN_CHUNKS_OK;
     uint32_t cur = UINT32_MAX, i;
@@ -105,6 +106,9 @@ int ern_chunks_read(const char *names, const uint32_t *name_off, const uint64_t 
             rc = r < 0 ? ERN_CHUNKS_EREAD : ERN_CHUNKS_ESHORT;
             break;
         }
+        /* hashed while its bytes are still in the cache the read left them in */
+        if (digests && len[i] <= hash_max)
+            ern_blake3(buf + buf_off[i], len[i], digests + (size_t)i * 32);
     }
     if (fd >= 0)
         close(fd);

@@ -383,15 +383,20 @@ int64_t ern_lz4_block_compress(const uint8_t *src, size_t n, uint8_t *dst, size_
 /* ---- pack's chunk reader (chunkread.c): a batch of file pieces into one buffer ----
  * Chunk i: len[i] bytes at file_off[i] of the file named by the NUL-terminated string
  * at names + name_off[i] (opened O_NOFOLLOW; consecutive chunks of one name share the
- * open file), read to buf + buf_off[i]. ERN_CHUNKS_OK, or why chunk *fail_index failed
- * (errno in *fail_errno for EOPEN/EREAD; ESHORT: the file ended before the chunk). */
+ * open file), read to buf + buf_off[i]; with digests, a chunk of at most hash_max bytes
+ * also hashed (ern_blake3) into digests + 32 * i (the others' 32 bytes left as they
+ * are). ERN_CHUNKS_OK, or why chunk *fail_index failed (errno in *fail_errno for
+ * EOPEN/EREAD; ESHORT: the file ended before the chunk). */
 enum {
     ERN_CHUNKS_OK = 0, ERN_CHUNKS_EOPEN = 1, ERN_CHUNKS_EREAD = 2, ERN_CHUNKS_ESHORT = 3,
     ERN_CHUNKS_EINVAL = 4
 };
 int ern_chunks_read(const char *names, const uint32_t *name_off, const uint64_t *file_off,
                     const uint32_t *len, const uint64_t *buf_off, uint32_t n, uint8_t *buf,
-                    uint64_t cap, uint32_t *fail_index, int32_t *fail_errno);
+                    uint64_t cap, uint32_t hash_max, uint8_t *digests,
+                    uint32_t *fail_index, int32_t *fail_errno);
+/* BLAKE3 (hash mode) of len bytes at in: its 32-byte digest (blake3.c; portable C) */
+void ern_blake3(const uint8_t *in, uint64_t len, uint8_t out[32]);
 /* pack's batch read buffers (--compressor none: a batch's chunks are views of its
  * buffer until the blob writer has copied them): ern_batchbuf_get(size) -> a buffer of
  * at least size bytes, not zeroed, or NULL; ern_batchbuf_put gives it back. Up to

@@ -10,7 +10,8 @@ from collections.abc import Sequence
 from erofs_tools._native import ffi, lib
 
 __all__ = ["ChunkInfoTable", "ChunkReadError", "batch_buffer", "batch_buffers_kept",
-           "chunk_indexes", "ci_v1_append", "gather", "read_chunks", "zstd_chunks"]
+           "blake3_digest", "chunk_indexes", "ci_v1_append", "gather", "read_chunks",
+           "zstd_chunks"]
 
 # cdata of the C pool's buffers: freed (given back to the pool) when the last view of
 # them is gone; not zeroed (read_chunks overwrites every byte a chunk covers)
@@ -36,9 +37,13 @@ class ChunkReadError(OSError):
 
 def read_chunks(names: bytes, name_off: array.array[int], file_off: array.array[int],
                 lengths: array.array[int], buf_off: array.array[int],
-                buf: bytearray | memoryview) -> None:
+                buf: bytearray | memoryview, hash_max: int = 0,
+                digests: bytearray | None = None) -> None:
     """Read chunk i (lengths[i] bytes at file_off[i] of the file whose NUL-terminated
-    name starts at names[name_off[i]]) into buf[buf_off[i]:]; raises ChunkReadError."""
+    name starts at names[name_off[i]]) into buf[buf_off[i]:]; raises ChunkReadError.
+    digests (32 bytes per chunk): each chunk of at most hash_max bytes also hashed
+    (BLAKE3, the C core's own: csrc/blake3.c) into digests[32 * i:32 * i + 32] in the
+    same call; the others' bytes are left as they are."""
     n = len(lengths)
     if not (len(name_off) == len(file_off) == len(buf_off) == n):
         raise ValueError("read_chunks: arrays of different lengths")
@@ -47,6 +52,8 @@ def read_chunks(names: bytes, name_off: array.array[int], file_off: array.array[
         raise ValueError("read_chunks: arrays of the wrong item size")
     if n and (not names.endswith(b"\0") or max(name_off) >= len(names)):
         raise ValueError("read_chunks: names not NUL-terminated where the offsets say")
+    if digests is not None and len(digests) < 32 * n:
+        raise ValueError("read_chunks: no room for the digests")
     if n == 0:
         return
     fail = ffi.new("uint32_t *")
@@ -55,7 +62,8 @@ def read_chunks(names: bytes, name_off: array.array[int], file_off: array.array[
         ffi.from_buffer("char[]", names), ffi.from_buffer("uint32_t[]", name_off),
         ffi.from_buffer("uint64_t[]", file_off), ffi.from_buffer("uint32_t[]", lengths),
         ffi.from_buffer("uint64_t[]", buf_off), n, ffi.from_buffer("uint8_t[]", buf),
-        len(buf), fail, err)
+        len(buf), min(max(hash_max, 0), 0xFFFFFFFF),
+        ffi.NULL if digests is None else ffi.from_buffer("uint8_t[]", digests), fail, err)
     if rc == lib.ERN_CHUNKS_OK:
         return
     if rc == lib.ERN_CHUNKS_EINVAL:
@@ -64,6 +72,15 @@ def read_chunks(names: bytes, name_off: array.array[int], file_off: array.array[
             lib.ERN_CHUNKS_ESHORT: "short"}.get(rc, "read")
     raise ChunkReadError(fail[0], err[0] if rc != lib.ERN_CHUNKS_ESHORT else 0, what)
 
+
+
+def blake3_digest(data: bytes | bytearray | memoryview) -> bytes:
+    """BLAKE3 of `data` by the C core's own portable code (csrc/blake3.c), 32 bytes:
+    what read_chunks's digests hold (tests check it against the blake3 package)."""
+    out = bytearray(32)
+    lib.ern_blake3(ffi.from_buffer("uint8_t[]", data), len(data),
+                   ffi.from_buffer("uint8_t[]", out))
+    return bytes(out)
 
 
 def batch_buffers_kept(n: int) -> None:

@@ -2,10 +2,11 @@
 
 Files are cut into fixed `chunk_size` pieces (the last one short). Chunks are read,
 hashed and compressed by a thread pool (a batch's reads and zstd frames one C call
-each without the GIL; blake3 and hashlib release it for inputs of 2 KiB and more) while
-the caller's thread consumes the results strictly in submission order, so the output is
-reproducible whatever the scheduling. At most `window` batches are in flight,
-which bounds memory to a few chunks per worker whatever the file sizes.
+each without the GIL, its chunks of at most SMALL_HASH_MAX bytes hashed with BLAKE3 in
+the read's call; the blake3 package and hashlib release it for inputs of 2 KiB and
+more) while the caller's thread consumes the results strictly in submission order, so
+the output is reproducible whatever the scheduling. At most `window` batches are in
+flight, which bounds memory to a few chunks per worker whatever the file sizes.
 
 Deduplication is by (digest, uncompressed size). The first task to meet a new key
 "claims" it and compresses the data; every later occurrence (even one consumed earlier in
@@ -51,6 +52,12 @@ DIGESTERS = ("blake3", "sha256")
 # most this many, or one bigger chunk) or chunks.
 BATCH_BYTES = 1 << 20
 BATCH_CHUNKS = 256
+# blake3: chunks of at most this many bytes are hashed by the C core's own BLAKE3 in
+# the batch's read call, without the GIL; bigger ones by the blake3 package, whose SIMD
+# hashes 1 KiB pieces side by side (ours hashes ~0.85 GB/s: a 4 KiB chunk ~5 us against
+# the package's ~1.8 us). /usr/share, alternated pairs: 4 KiB faster than 2 KiB in 10 of
+# 12, equal to 16 KiB (docs/performance.md, helper run packc)
+SMALL_HASH_MAX = 4096
 
 Digest = Callable[[bytes | memoryview], bytes]
 ChunkKey = tuple[bytes, int]                     # (digest, uncompressed size)
@@ -85,11 +92,6 @@ def check_chunk_size(chunk_size: int) -> int:
         raise InputError(f"chunk size {chunk_size} is not a power of two between "
                          f"4096 and {R.CHUNK_SIZE_MAX}")
     return chunk_size
-
-
-def _no(*args: object) -> Any:
-    """Stands for the blake3 hasher's methods when chunks are hashed otherwise."""
-    raise AssertionError("no reusable hasher")
 
 
 class _Claim:
@@ -313,8 +315,8 @@ class ChunkPipeline:
             fut.result()
 
     def _run_batch(self, seq: int, batch: _ChunkBatch) -> list[ChunkResult]:
-        """Read the batch in one C call, hash each chunk, claim the new keys and compress
-        the claimed chunks in one call."""
+        """Read the batch in one C call (which also hashes its small chunks), hash the
+        others, claim the new keys and compress the claimed chunks in one call."""
         where: list[int] | array.array[int]
         if batch.sparse:
             where, name_off, file_off, lengths, buf_off, total = self._holes(batch)
@@ -325,8 +327,12 @@ class ChunkPipeline:
             total = batch.nbytes
         names = bytes(batch.names)
         buf = self._read_buffer(total)
+        n = len(lengths)
+        c_hash = self._hasher is blake3.blake3
+        dbuf = bytearray(32 * n) if c_hash else None
         try:
-            read_chunks(names, name_off, file_off, lengths, buf_off, buf)
+            read_chunks(names, name_off, file_off, lengths, buf_off, buf, SMALL_HASH_MAX,
+                        dbuf)
         except ChunkReadError as e:
             failed = names[name_off[e.index]:names.index(0, name_off[e.index])]
             shown = next((p for p in batch.paths if os.fsencode(p) == failed), failed)
@@ -336,32 +342,24 @@ class ChunkPipeline:
             raise InputError(f"cannot read {shown_path(shown)}: {e.strerror}") from None
         self.bytes_read += total
         mv = memoryview(buf)
-        hasher = self._hasher
-        # blake3: one hasher for the batch, reset after each chunk (its constructor was
-        # ~0.9 of the ~2.2 us a 1 KiB chunk's digest took, GIL held: the per-chunk
-        # Python of many small files is what the workers and the consumer wait for)
-        reuse = hasher is blake3.blake3
-        h = blake3.blake3() if reuse else None
-        upd, fin, rst = (h.update, h.digest, h.reset) if h is not None else (_no, _no, _no)
+        digs = self._digests(mv, dbuf, lengths, buf_off)
+        if batch.sparse:        # aligned with the batch's chunks: None for a hole
+            it = iter(digs)
+            digs = [next(it) if at >= 0 else None for at in where]
         out: list[ChunkResult] = []
         keys, offs, sizes = batch.keys, batch.file_off, batch.lengths
+        digest: bytes | None
         if self.compressor.name == "none":
             # each result carries its bytes (no claims, see ChunkResult.data)
             out = BatchResults()
             out.buf = mv[:total]
-            for file_key, off, length, at in zip(keys, offs, sizes, where):
-                if at < 0:
+            for file_key, off, length, at, digest in zip(keys, offs, sizes, where, digs):
+                if digest is None:
                     digest = self.zero_digest(length)
                     self.bytes_hole += length
                     data: bytes | memoryview = self._zero_bytes(length)
                 else:
                     data = mv[at:at + length]
-                    if reuse:
-                        upd(data)
-                        digest = fin()
-                        rst()
-                    else:
-                        digest = hasher(data).digest()
                 out.append(ChunkResult(file_key, off, length, digest, None, self, 1, data))
             return out
         # _claim inlined: one chunk's Python here is most of a small file's cost
@@ -369,20 +367,14 @@ class ChunkPipeline:
         claims_get, claims_set = self._claims.get, self._claims.setdefault
         claims: list[_Claim] = []
         pieces: list[tuple[int, int]] = []
-        for file_key, off, length, at in zip(keys, offs, sizes, where):
-            if at < 0:
+        for file_key, off, length, at, digest in zip(keys, offs, sizes, where, digs):
+            if digest is None:
                 digest = self.zero_digest(length)
                 self.bytes_hole += length
                 mine, claim = self._claim((digest, length), seq)
                 if mine is not None:
                     self._store(mine, bytes(length))
             else:
-                if reuse:
-                    upd(mv[at:at + length])
-                    digest = fin()
-                    rst()
-                else:
-                    digest = hasher(mv[at:at + length]).digest()
                 key = (digest, length)
                 if known(key):
                     claim = None
@@ -413,6 +405,28 @@ class ChunkPipeline:
                 mine.data = base[pos:pos + n]
                 pos += n
         return out
+
+    def _digests(self, mv: memoryview, dbuf: bytearray | None, lengths: array.array[int],
+                 buf_off: array.array[int]) -> list[bytes | None]:
+        """The digests of a batch's chunks that were read: dbuf's (the C core's BLAKE3
+        of the chunks of at most SMALL_HASH_MAX bytes, hashed in the read's call without
+        the GIL), the bigger ones hashed here (the blake3 package's SIMD hashes many
+        1 KiB pieces at once and releases the GIL for them; one hasher for the batch,
+        reset after each chunk); dbuf None (the sha256 digester): every one here."""
+        if dbuf is None:
+            sha = self._hasher
+            return [sha(mv[at:at + n]).digest() for at, n in zip(buf_off, lengths)]
+        d = bytes(dbuf)
+        digs: list[bytes | None] = [d[i:i + 32] for i in range(0, len(d), 32)]
+        if len(lengths) and max(lengths) > SMALL_HASH_MAX:
+            h = blake3.blake3()
+            upd, fin, rst = h.update, h.digest, h.reset
+            for i, (at, n) in enumerate(zip(buf_off, lengths)):
+                if n > SMALL_HASH_MAX:
+                    upd(mv[at:at + n])
+                    digs[i] = fin()
+                    rst()
+        return digs
 
     def _holes(self, batch: _ChunkBatch) -> tuple[
             list[int], array.array[int], array.array[int], array.array[int],
