@@ -444,10 +444,10 @@ def test_walk_thread_failure_and_stop(tmp_path, monkeypatch, where):
         monkeypatch.setattr("erofs_tools.builder.tree.NATIVE_WALK", False)
         orig = TreeWalker._xattrs
 
-        def bad(self, path, node):
+        def bad(self, path, node, *rest):
             if path.endswith(b"/f150"):
                 raise InputError(f"{os.fsdecode(path)}: planted walk error")
-            return orig(self, path, node)
+            return orig(self, path, node, *rest)
         monkeypatch.setattr(TreeWalker, "_xattrs", bad)
     else:
         orig_place = RP.ChunkPlacer.place_batch
