@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 from collections.abc import Iterator
 from typing import BinaryIO
 
-__all__ = ["round_up", "create_exclusive", "atomic_output", "atomic_write_bytes", "fsync_dir"]
+__all__ = ["round_up", "create_exclusive", "atomic_output", "atomic_write_bytes", "fsync_dir",
+           "refuse_special"]
 
 
 def round_up(n: int, a: int) -> int:
@@ -55,18 +57,54 @@ def create_exclusive(directory: str, prefix: str, suffix: str = ".tmp",
     raise FileExistsError(f"{directory}: could not create a temporary file")
 
 
+_SPECIAL = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+            (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"))
+
+
+def _special_kind(path: str) -> str | None:
+    """What `path` is if it exists and is neither a regular file nor a directory (the
+    name followed, as open(2) follows it), else None."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    return next((what for test, what in _SPECIAL if test(mode)), None)
+
+
+def refuse_special(path: str, what: str = "") -> None:
+    """One line (InputError) if `path` is an existing device, FIFO or socket: an output
+    that atomic_output would refuse, checked before the work rather than after it."""
+    special = _special_kind(path)
+    if special is not None:
+        from erofs_tools.errors import InputError
+        raise InputError(f"{what or path}: is {special}, not a file: give a file name "
+                         "(an image is written to a regular file)")
+
+
 @contextlib.contextmanager
 def atomic_output(path: str, mode: int = 0o644, fsync: bool = True,
-                  unlink_first: bool = False) -> Iterator[BinaryIO]:
+                  unlink_first: bool = False, stream: bool = False) -> Iterator[BinaryIO]:
     """Write `path` atomically: yields a binary file open on a fresh temporary file beside
     it; on normal exit it is flushed, fsynced, given `mode` and renamed over `path`; on an
     exception it is removed and `path` is left as it was.
+
+    An existing `path` that is a device, a FIFO or a socket is never replaced (renaming a
+    file over /dev/null, as root, broke the machine's /dev/null): an output written front
+    to back (`stream`: a tar) is written into it in place, any other is refused with one
+    line (an image is written with seeks and truncation that a device does not take).
 
     unlink_first (for big outputs written without fsync): an existing `path` is unlinked
     just before the rename, so the rename does not replace a file. ext4 (auto_da_alloc)
     starts writeback of all of a file's dirty pages when it is renamed over another one,
     which cost mkfs a third of its time on /usr/share. The price: for the instant between
     the two calls `path` does not exist (never a partial file)."""
+    special = _special_kind(path)
+    if special is not None:
+        if not stream:
+            refuse_special(path)
+        with open(path, "wb") as f:
+            yield f
+        return
     directory = os.path.dirname(os.path.abspath(path))
     base = os.path.basename(path)
     fd, tmp = create_exclusive(directory, f".{base}.", ".tmp")
@@ -89,7 +127,8 @@ def atomic_output(path: str, mode: int = 0o644, fsync: bool = True,
         fsync_dir(directory)
 
 
-def atomic_write_bytes(path: str, data: bytes, mode: int = 0o644, fsync: bool = True) -> None:
+def atomic_write_bytes(path: str, data: bytes, mode: int = 0o644, fsync: bool = True,
+                       stream: bool = False) -> None:
     """Replace `path` with `data` atomically (see atomic_output)."""
-    with atomic_output(path, mode=mode, fsync=fsync) as f:
+    with atomic_output(path, mode=mode, fsync=fsync, stream=stream) as f:
         f.write(data)

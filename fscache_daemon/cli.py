@@ -442,7 +442,7 @@ def trace(target, output, as_json, api_sock):
     if output:
         from erofs_tools.fsutil import atomic_write_bytes
         try:
-            atomic_write_bytes(output, text.encode())
+            atomic_write_bytes(output, text.encode(), stream=True)  # /dev/stdout, a FIFO
         except OSError as e:
             raise DaemonError(f"{output}: {e.strerror}") from None
     entries = res["entries"]

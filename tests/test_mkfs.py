@@ -378,8 +378,11 @@ def test_large_dense_file_and_extended_inode(tmp_path):
 # ------------------------------------------------------------------------ errors ----
 
 # import everything first (site-packages may be unreadable for nobody), then drop root
+# every module the run needs is imported before the switch: as nobody, this venv's python
+# finds no further module (not even the standard library's signal)
 AS_NOBODY = (
-    "import os,sys; from erofs_tools.cli import main; import erofs_tools.cli.mkfs;"
+    "import os,sys,signal,threading; from erofs_tools.cli import main;"
+    " import erofs_tools.cli.mkfs;"
     "os.setgroups([]); os.setgid(65534); os.setuid(65534);"
     "main(['mkfs', sys.argv[1], sys.argv[2]])")
 

@@ -21,7 +21,7 @@ from erofs_tools._native import COMPRESSORS, BuildOptions, NativeBuilder
 from erofs_tools.builder.options import MkfsOptions, Progress
 from erofs_tools.builder.tree import TreeWalker
 from erofs_tools.errors import InputError
-from erofs_tools.fsutil import atomic_output
+from erofs_tools.fsutil import atomic_output, refuse_special
 
 if TYPE_CHECKING:
     from _typeshed import StrOrBytesPath
@@ -45,6 +45,7 @@ def check_paths(image: str, source: str) -> None:
         raise InputError(f"{image}: directory {parent} does not exist")
     if os.path.isdir(image):
         raise InputError(f"{image}: is a directory")
+    refuse_special(image)
     real_img = os.path.join(os.path.realpath(parent), os.path.basename(image))
     if _inside(real_img, source):
         raise InputError(f"{image}: the image would be inside SOURCE {source}")

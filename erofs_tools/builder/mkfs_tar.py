@@ -57,7 +57,7 @@ from erofs_tools.builder.tar_tree import TarTree, TNode
 from erofs_tools.builder.tree import set_long_prefixes
 from erofs_tools.errors import InputError
 from erofs_tools.format import erofs as E
-from erofs_tools.fsutil import atomic_output, create_exclusive
+from erofs_tools.fsutil import atomic_output, create_exclusive, refuse_special
 
 TAR_MODES = ("f", "i")
 INDEX_BLKSZBITS = 9             # --tar=i: 512-byte blocks, the tar's own granularity
@@ -148,6 +148,9 @@ def check_tar_paths(image: str, source: str, dump: str | None) -> None:
         raise InputError(f"{image}: directory {parent} does not exist")
     if os.path.isdir(image):
         raise InputError(f"{image}: is a directory")
+    refuse_special(image)
+    if dump is not None:
+        refuse_special(dump, f"--ungzip={dump}")
     for other, what in ((source, "TARFILE"), (dump, "--ungzip FILE")):
         if other and _same(image, other):
             raise InputError(f"{image}: the image would overwrite {what}"

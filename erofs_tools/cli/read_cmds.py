@@ -290,7 +290,7 @@ def unpack_cmd(image, blob_dir, devices, output, tar_out, max_size):
         # a fresh O_EXCL temporary beside OUT, renamed over it when complete: a symlink
         # planted at OUT.tmp (or anywhere) is never written through
         try:
-            with atomic_output(tar_out, mode=0o644) as f:
+            with atomic_output(tar_out, mode=0o644, stream=True) as f:
                 unpack_to_tar(img, f, warnings, limit=limit)
         except OSError as e:
             raise InputError(f"{tar_out}: {e.strerror or e}") from None
