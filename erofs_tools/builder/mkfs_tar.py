@@ -29,7 +29,6 @@ names and renamed at the end, so nothing is left behind.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import stat
 import time
@@ -54,7 +53,7 @@ from erofs_tools.builder.tar_stream import (
     is_lzma_alone,
 )
 from erofs_tools.builder.tar_tree import TarTree, TNode
-from erofs_tools.builder.tree import set_long_prefixes
+from erofs_tools.builder.tree import file_sha256, set_long_prefixes
 from erofs_tools.errors import InputError
 from erofs_tools.format import erofs as E
 from erofs_tools.fsutil import atomic_output, create_exclusive, refuse_special
@@ -460,16 +459,7 @@ def _build(image: str, tree: TarTree, files: list[int | _Data], data_path: str,
 
 def _sha256_of(path: bytes, offset: int, size: int) -> bytes:
     """b"sha256:" + the digest of `size` bytes of the file `path` from `offset`."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        f.seek(offset)
-        while size:
-            buf = f.read(min(size, 1 << 20))
-            if not buf:
-                raise InputError(f"{os.fsdecode(path)}: ended while reading file data")
-            h.update(buf)
-            size -= len(buf)
-    return b"sha256:" + h.digest()
+    return b"sha256:" + file_sha256(path, offset, size)
 
 
 def _force_ids(tree: TarTree, uid: int | None, gid: int | None, uid_offset: int = 0,

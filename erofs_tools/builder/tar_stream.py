@@ -9,10 +9,13 @@ import queue
 import sys
 import zlib
 from collections.abc import Callable
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from erofs_tools.builder.tar_reader import ReadStream
 from erofs_tools.errors import ErofsToolsError, InputError
+
+if TYPE_CHECKING:
+    import threading
 
 SOURCE_TYPES = ("tar", "targz", "tarzst", "auto")
 
@@ -137,6 +140,17 @@ class _Unzstd:
             raise InputError(f"bad zstd data: {e}") from None
 
 
+def put_while_read(q: queue.Queue, item: object, stop: threading.Event) -> None:
+    """Queue `item` from a producer thread, waiting for room as long as the consumer
+    may still read it (`stop` set: it has gone, and the item is dropped)."""
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.2)
+            return
+        except queue.Full:
+            continue
+
+
 class _Prefetch:
     """Run a decompressing stream on its own thread (zlib and zstd release the GIL), a
     few 1 MiB pieces ahead of the parser; read(n) -> up to n bytes."""
@@ -156,13 +170,7 @@ class _Prefetch:
         self.t.start()
 
     def _put(self, item: bytes | BaseException) -> None:
-        """Queue item, waiting for room as long as the parser may still read it."""
-        while not self.stop.is_set():
-            try:
-                self.q.put(item, timeout=0.2)
-                return
-            except queue.Full:
-                continue
+        put_while_read(self.q, item, self.stop)
 
     def _run(self, inner: ReadStream) -> None:
         try:

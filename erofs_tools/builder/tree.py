@@ -43,6 +43,27 @@ def _with_path(e: ErofsToolsError, path: str | bytes) -> ErofsToolsError:
     return type(e)(f"{shown_path(path)}: {e}")
 
 
+def file_sha256(path: bytes, offset: int, size: int) -> bytes:
+    """The sha256 of `size` bytes of the file `path` from `offset` (a source file, or a
+    file's data inside a tar or its spool); one line if it is shorter or unreadable."""
+    import hashlib  # here: plain mkfs never needs it (3 ms of startup)
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb", buffering=0) as f:
+            if offset:
+                f.seek(offset)
+            left = size
+            while left:
+                chunk = f.read(min(left, 1 << 20))
+                if not chunk:
+                    raise InputError(f"{shown_path(path)}: file shrank while reading")
+                h.update(chunk)
+                left -= len(chunk)
+    except OSError as e:
+        raise _oserr(e, path) from None
+    return h.digest()
+
+
 class TreeWalker:
     """Feed the tree under `source` into a NativeBuilder according to MkfsOptions.
 
@@ -142,20 +163,7 @@ class TreeWalker:
     def _sha256(path: bytes, size: int) -> bytes:
         """The content fingerprint of a regular file (its first `size` bytes, the size
         the inode records: the C core copies no more than that)."""
-        import hashlib  # here: plain mkfs never needs it (3 ms of startup)
-        h = hashlib.sha256()
-        try:
-            with open(path, "rb", buffering=0) as f:
-                left = size
-                while left:
-                    chunk = f.read(min(left, 1 << 20))
-                    if not chunk:
-                        raise InputError(f"{shown_path(path)}: file shrank while reading")
-                    h.update(chunk)
-                    left -= len(chunk)
-        except OSError as e:
-            raise _oserr(e, path) from None
-        return h.digest()
+        return file_sha256(path, 0, size)
 
     def _xattrs(self, path: bytes, node: int, fingerprinted: bool = False) -> None:
         """The source's xattrs of `path` (fingerprinted: not the one of the fingerprint's

@@ -24,6 +24,7 @@ import tempfile
 import threading
 import time
 
+from ..builder.tar_stream import put_while_read
 from ..errors import CorruptImageError, ErofsToolsError, InputError, RegistryError
 from ..fsutil import atomic_output, fsync_dir
 from . import mediatypes as mt
@@ -150,12 +151,7 @@ class _RegistryBlobReader(_VerifyingReader):
             self._put(e)
 
     def _put(self, item):
-        while not self.stop.is_set():
-            try:
-                self.q.put(item, timeout=0.2)
-                return
-            except queue.Full:
-                continue
+        put_while_read(self.q, item, self.stop)
 
     def _piece(self):
         item = self.q.get()
