@@ -120,6 +120,26 @@ def _files(src):
     return sorted(out)
 
 
+def _reads_back(src, mp):
+    """Every file of the source tree reads back whole and identical under mp."""
+    for rel in _files(src):
+        with open(os.path.join(src, rel), "rb") as f:
+            want = f.read()
+        got = timed_read(os.path.join(mp, rel), want, 60)
+        assert got.kind == "ok", (rel, got)
+
+
+def _take_down(d, mps):
+    """Unmount what is still mounted (lazily if the daemon cannot), stop the daemon."""
+    for mp in mps:
+        if os.path.ismount(mp):
+            try:
+                d.umount(mp)
+            except Exception:  # noqa: BLE001
+                sys_umount(mp, True)
+    d.shutdown()
+
+
 @pytest.mark.root
 def test_blob_opened_again_while_its_release_unmarks_it(image, tmp_path):
     """Mount 1's umount releases its blob: the blob leaves Daemon.blobs, then the front
@@ -176,19 +196,9 @@ def test_blob_opened_again_while_its_release_unmarks_it(image, tmp_path):
         t2.join(60)
         assert not t2.is_alive() and errors == []
         assert d.blobs[image["blob_id"]].cache.cached_chunks == 0
-        for rel in _files(image["src"]):
-            with open(os.path.join(image["src"], rel), "rb") as f:
-                want = f.read()
-            got = timed_read(os.path.join(mp2, rel), want, 60)
-            assert got.kind == "ok", (rel, got)
+        _reads_back(image["src"], mp2)
     finally:
-        for mp in (mp2, mp1):
-            if os.path.ismount(mp):
-                try:
-                    d.umount(mp)
-                except Exception:  # noqa: BLE001
-                    sys_umount(mp, True)
-        d.shutdown()
+        _take_down(d, (mp2, mp1))
 
 
 @pytest.mark.root
@@ -238,20 +248,10 @@ def test_late_completion_of_a_released_blob_leaves_its_successor_marked(image, t
         assert new is not old and new.cache.cached_chunks == 0
         go_on.set()
         assert done.wait(60)
-        for rel in _files(image["src"]):
-            with open(os.path.join(image["src"], rel), "rb") as f:
-                want = f.read()
-            got = timed_read(os.path.join(mp2, rel), want, 60)
-            assert got.kind == "ok", (rel, got)
+        _reads_back(image["src"], mp2)
     finally:
         go_on.set()
-        for mp in (mp2, mp1):
-            if os.path.ismount(mp):
-                try:
-                    d.umount(mp)
-                except Exception:  # noqa: BLE001
-                    sys_umount(mp, True)
-        d.shutdown()
+        _take_down(d, (mp2, mp1))
 
 
 def _kernel_marks(group_fd):
@@ -318,16 +318,6 @@ def test_late_completion_of_a_released_blob_keeps_its_successors_trace_window(im
             assert time.monotonic() < deadline, \
                 f"the successor stays marked: {d._kept_marked}"
             time.sleep(0.1)
-        for rel in _files(image["src"]):
-            with open(os.path.join(image["src"], rel), "rb") as f:
-                want = f.read()
-            got = timed_read(os.path.join(mp2, rel), want, 60)
-            assert got.kind == "ok", (rel, got)
+        _reads_back(image["src"], mp2)
     finally:
-        for mp in (mp2, mp1):
-            if os.path.ismount(mp):
-                try:
-                    d.umount(mp)
-                except Exception:  # noqa: BLE001
-                    sys_umount(mp, True)
-        d.shutdown()
+        _take_down(d, (mp2, mp1))

@@ -6,6 +6,7 @@ into an `oci:` layout or through the real docker-registry, then read back with `
 and `check`: every file equals the layers extracted in order by GNU tar, the source
 manifest and layers are unchanged, and a flipped byte in a gzip layer is an error for the
 files it covers, never wrong bytes."""
+import errno
 import hashlib
 import json
 import os
@@ -155,6 +156,24 @@ def _regular_files(root):
                 yield os.path.relpath(p, root)
 
 
+def reads_right_or_eio(ref, mnt):
+    """Every regular file of ref read under mnt: (how many failed with EIO, how many read
+    back identical); any other error, or one wrong byte, fails the test."""
+    eio = good = 0
+    for rel in _regular_files(ref):
+        want = open(os.path.join(ref, rel), "rb").read()
+        try:
+            with open(os.path.join(mnt, rel), "rb") as f:
+                got = f.read()
+        except OSError as e:
+            assert e.errno == errno.EIO, (rel, e)
+            eio += 1
+            continue
+        assert got == want, rel
+        good += 1
+    return eio, good
+
+
 def test_small_file_reads_at_most_a_span_and_a_chunk(tmp_path):
     tars, lay, m = _layout(tmp_path)
     out = str(tmp_path / "out")
@@ -265,8 +284,6 @@ def test_lazy_mount_through_the_daemon(tmp_path, registry):
 @pytest.mark.root
 @pytest.mark.registry
 def test_flipped_byte_in_the_registry_gives_eio_never_wrong_bytes(tmp_path, registry):
-    import errno
-
     from test_daemon_support import DaemonProc, require_lazy_kernel
 
     from erofs_tools.registry import push_from_layout
@@ -290,18 +307,7 @@ def test_flipped_byte_in_the_registry_gives_eio_never_wrong_bytes(tmp_path, regi
     try:
         mnt = str(tmp_path / "mnt")
         d.mount(os.path.join(out, "image.boot"), mnt, f"registry:{registry.host}/idx/flip:v1")
-        eio = good = 0
-        for rel in _regular_files(ref):
-            want = open(os.path.join(ref, rel), "rb").read()
-            try:
-                with open(os.path.join(mnt, rel), "rb") as f:
-                    got = f.read()
-            except OSError as e:
-                assert e.errno == errno.EIO, (rel, e)
-                eio += 1
-                continue
-            assert got == want, rel
-            good += 1
+        eio, good = reads_right_or_eio(ref, mnt)
         assert eio >= 1 and good >= 5, (eio, good)
     finally:
         d.cleanup()

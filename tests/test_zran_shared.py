@@ -11,7 +11,7 @@ import pytest
 from helpers import compare_trees
 from registry_fixtures import registry  # noqa: F401
 from test_tar_helpers import E, layer_paths, make_oci_layout, reference_rootfs, run_cli
-from test_zran_convert import zran_layers
+from test_zran_convert import reads_right_or_eio, zran_layers
 
 
 def _image(tmp_path, name, layers):
@@ -141,8 +141,6 @@ def test_corrupt_meta_blob_is_an_error_never_wrong_bytes(tmp_path, registry):  #
     """A zran meta blob whose stored bytes changed in the registry: the daemon checks it
     against the bootstrap's blob_meta_digest; no file of that layer is served (EIO, or
     the mount is refused naming the meta blob), the other layers' files are exact."""
-    import errno
-
     from test_daemon_support import DaemonProc, require_lazy_kernel
 
     from erofs_tools.registry import push_from_layout
@@ -170,23 +168,7 @@ def test_corrupt_meta_blob_is_an_error_never_wrong_bytes(tmp_path, registry):  #
             assert meta[:12] in json.dumps(res) and "digest" in json.dumps(res), (st, res)
             return
         d.mounts.append(mnt)
-        eio = good = 0
-        for root, _dirs, files in os.walk(ref):
-            for f in files:
-                p = os.path.join(root, f)
-                if os.path.islink(p) or not os.path.isfile(p):
-                    continue
-                rel = os.path.relpath(p, ref)
-                want = open(p, "rb").read()
-                try:
-                    with open(os.path.join(mnt, rel), "rb") as fh:
-                        got = fh.read()
-                except OSError as e:
-                    assert e.errno == errno.EIO, (rel, e)
-                    eio += 1
-                    continue
-                assert got == want, rel
-                good += 1
+        eio, good = reads_right_or_eio(ref, mnt)
         assert eio >= 1 and good >= 1, (eio, good)
     finally:
         d.cleanup()
