@@ -92,6 +92,7 @@ void erofs_builder_free(erofs_builder *b)
         return;
     stream_stop(b, 1);
     smeta_free(b);
+    ot_free(b);
     free(b->wdirty);
     for (uint32_t i = 0; b->nx && i < b->nnodes; i++) {
         free(b->nx[i].tailbuf);

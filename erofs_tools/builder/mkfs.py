@@ -1,7 +1,8 @@
 """`erofs-tools mkfs` driver: walk SOURCE, lay out and write IMAGE atomically.
 
 The image is written to a temporary file beside IMAGE and renamed over it at the end;
-any error removes the temporary file, so no partial image is ever left behind.
+any error removes the temporary file, so no partial image is ever left behind. A block
+device is written in place instead, as mkfs.erofs does (builder/output.py).
 
 Reproducibility: children are sorted bytewise and nids follow a fixed breadth-first
 order, so the same tree with the same -T and -U gives a byte-identical image. Without
@@ -19,9 +20,10 @@ from typing import TYPE_CHECKING, Any
 
 from erofs_tools._native import COMPRESSORS, BuildOptions, NativeBuilder
 from erofs_tools.builder.options import MkfsOptions, Progress
+from erofs_tools.builder.output import partly_written, prepare, tree_data_bound
 from erofs_tools.builder.tree import TreeWalker
 from erofs_tools.errors import InputError
-from erofs_tools.fsutil import atomic_output, refuse_special
+from erofs_tools.fsutil import image_output, is_block_device, refuse_special
 
 if TYPE_CHECKING:
     from _typeshed import StrOrBytesPath
@@ -45,7 +47,9 @@ def check_paths(image: str, source: str) -> None:
         raise InputError(f"{image}: directory {parent} does not exist")
     if os.path.isdir(image):
         raise InputError(f"{image}: is a directory")
-    refuse_special(image)
+    refuse_special(image, block_ok=True)
+    if is_block_device(image):
+        return                      # (written in place: no new file in SOURCE)
     real_img = os.path.join(os.path.realpath(parent), os.path.basename(image))
     if _inside(real_img, source):
         raise InputError(f"{image}: the image would be inside SOURCE {source}")
@@ -101,10 +105,17 @@ def mkfs(image: StrOrBytesPath, source: StrOrBytesPath, opts: MkfsOptions | None
     os.umask(umask)
     nb = None
     # like mkfs.erofs, no fsync of the image: the rename still never exposes a partial one
-    with atomic_output(image, mode=0o666 & ~umask, fsync=False, unlink_first=True) as f:
-        fd = f.fileno()
+    # (a block device: written in place, see builder/output.py)
+    with image_output(image, mode=0o666 & ~umask, offset=opts.offset) as target, \
+            partly_written(target, image):
+        fd = target.file.fileno()
         try:
             nb = NativeBuilder(build_options(opts))
+            need = 1 << opts.blkszbits
+            if (target.device and opts.compress is None and not opts.exclude_paths
+                    and not opts.exclude_regex):
+                need += tree_data_bound(source, need, target.limit)
+            prepare(nb, target, need, image)
             # file data is copied by a C thread while Python walks the tree
             nb.set_output(fd)
             on_entry = None
@@ -116,12 +127,15 @@ def mkfs(image: StrOrBytesPath, source: StrOrBytesPath, opts: MkfsOptions | None
             if progress:
                 wp = lambda done, left: progress.write(info.inodes - left, info.inodes)  # noqa: E731
             nb.write(fd, progress=wp)
+            filled = nb.target_filled()
         finally:
             if nb is not None:
                 nb.close()          # stops the copy thread before fd is closed
     if progress:
         progress.done()
+    extra = {"zero_filled": filled} if target.device else {}
     return {
+        **extra,
         "image": image,
         "source": source,
         "inodes": info.inodes,

@@ -74,6 +74,7 @@ class MkfsOptions:
     uid_offset: int = 0               # --uid-offset: added to every uid (after force_uid)
     gid_offset: int = 0               # --gid-offset
     hard_dereference: bool = False    # --hard-dereference: each link its own inode
+    offset: int = 0                   # --offset: the image starts at this byte of IMAGE
     exclude_paths: list[bytes] = field(default_factory=list)   # relative paths (bytes), exact
     exclude_regex: list[re.Pattern[bytes]] = field(default_factory=list)   # compiled bytes regexes, re.search
     shared_xattrs: bool = True        # xattrs carried by >= 2 inodes go to the shared area

@@ -124,7 +124,8 @@ def mkfs(image, source, timestamp, all_time, ignore_mtime, ovlfs_strip, block_si
          pcluster, extended, hints, digest_flag, digest_name, workers, quiet, as_json,
          tar_mode, aufs, ungzip, ungzip_dump, unxz, sort_order, max_size):
     """Build an EROFS image IMAGE of the directory SOURCE (4 KiB blocks), or with --tar
-    of the tar file SOURCE (- or none: stdin)."""
+    of the tar file SOURCE (- or none: stdin). IMAGE may be a block device, written in
+    place (refused when mounted or too small), as mkfs.erofs writes one."""
     check_tar_flags(tar_mode, aufs, ungzip, ungzip_dump, max_size, unxz)
     if source is None and tar_mode is None:
         raise InputError("missing SOURCE (a directory, or a tar with --tar)")
