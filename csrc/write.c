@@ -377,8 +377,6 @@ int erofs_builder_set_target(erofs_builder *b, uint64_t base, uint64_t limit, in
 {
     if (b->fd >= 0 || b->sfd >= 0 || b->ot)
         return fail(b, ERN_EINVAL, "set_target must come before set_output and write");
-    if ((base & 511) || (device && (limit & 511)))
-        return fail(b, ERN_EINVAL, "the output offset must be a multiple of 512");
     b->ot = calloc(1, sizeof(*b->ot));
     if (!b->ot)
         return fail(b, ERN_ENOMEM, "out of memory");

@@ -186,7 +186,72 @@ def test_a_device_outgrown_midway_says_it_was_partly_written(tmp_path, loopdev, 
     assert _read(dev, rest, 4096) != FILL * rest          # (data was written)
 
 
+def test_offset_in_a_file_keeps_the_bytes_before_and_mounts_through_losetup_o(
+        tmp_path, tree):
+    fixed = ["-U", "clear", "-T", "1", "--mkfs-time", "-q"]
+    img = tmp_path / "img"
+    _cli("mkfs", img, tree, *fixed)
+    out = tmp_path / "disk"
+    out.write_bytes(b"P" * 12288 + b"old" * 100000)
+    _cli("mkfs", "--offset=12288", out, tree, *fixed)
+    data = out.read_bytes()
+    assert data[:12288] == b"P" * 12288
+    assert data[12288:] == img.read_bytes()
+    # a new file: zeros before the image
+    new = tmp_path / "new"
+    _cli("mkfs", "--offset=0x1000", new, tree, *fixed)
+    assert new.read_bytes() == bytes(4096) + img.read_bytes()
+    require_tool("fsck.erofs")
+    p = subprocess.run(["fsck.erofs", "--offset=12288", "--extract", out],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout + p.stderr
+    with _loop(out, 12288) as dev, _mounted_dev(dev) as mnt:
+        assert_same_tree(tree, mnt, whiteout_marks=True)
+
+
+@pytest.mark.parametrize("args", [["-zlz4hc", "-Efragments,dedupe"], ["--tar=f"],
+                                  ["--tar=i"]])
+def test_offset_not_block_aligned_with_z_and_tar(tmp_path, tree, args):
+    src = tree
+    if "--tar=f" in args or "--tar=i" in args:
+        src = tmp_path / "l.tar"
+        with tarfile.open(src, "w") as tf:
+            tf.add(tree, arcname=".")
+    out = tmp_path / "disk"
+    out.write_bytes(b"head" * 25)
+    _cli("mkfs", "--offset=100", *args, out, src, "-q")
+    assert out.read_bytes()[:100] == b"head" * 25
+    require_tool("fsck.erofs")
+    dev = [f"--device={src}"] if "--tar=i" in args else []
+    p = subprocess.run(["fsck.erofs", "--offset=100", "--extract", *dev, out],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout + p.stderr
+    if "--tar=i" not in args:
+        with _loop(out, 100) as dev_, _mounted_dev(dev_) as mnt:
+            assert_same_tree(tree, mnt, whiteout_marks=True,
+                             ignore=("mtime_ns",) if "--tar=f" in args else ())
+
+
+@pytest.mark.parametrize("bad", ["abc", "-5", "0x", "9223372036854775808"])
+def test_a_bad_offset_is_one_line(tmp_path, tree, bad):
+    r = _cli("mkfs", f"--offset={bad}", tmp_path / "img", tree, check=False)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "--offset" in r.stderr, r.stderr
+    assert not (tmp_path / "img").exists()
+
+
+def test_offset_in_a_device(tmp_path, loopdev, tree):
+    fixed = ["-U", "clear", "-T", "1", "--mkfs-time", "-q"]
+    img = tmp_path / "img"
+    _cli("mkfs", img, tree, *fixed)
+    dev = loopdev(16 << 20)
+    _cli("mkfs", "--offset=65536", dev, tree, *fixed)
+    assert _read(dev, 65536) == FILL * 65536
+    assert _read(dev, img.stat().st_size, 65536) == img.read_bytes()
+    with _loop(dev, 65536) as inner, _mounted_dev(inner) as mnt:
+        assert_same_tree(tree, mnt, whiteout_marks=True)
+
+
 def test_help_says_a_device_is_written_in_place():
     out = " ".join(_cli("mkfs", "--help").stdout.split())
-    assert "block device" in out
+    assert "--offset" in out and "block device" in out
     assert shutil.which("losetup") or not is_root()

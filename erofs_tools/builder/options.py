@@ -355,6 +355,18 @@ def parse_timestamp(text: object, what: str = "-T") -> int:
     return v
 
 
+def parse_offset(text: str) -> int:
+    """--offset BYTES: as mkfs.erofs reads it (strtoull, base 0), below 2^63."""
+    m = re.fullmatch(r"0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*", text.strip())
+    if m is None:
+        raise InputError(f"--offset: invalid offset {text!r}")
+    digits = m.group(0)
+    v = int(digits, 16 if digits[:2] in ("0x", "0X") else 8 if digits[0] == "0" else 10)
+    if v >= 1 << 63:
+        raise InputError(f"--offset: offset {text} is too large")
+    return v
+
+
 def parse_id_offset(text: str, what: str) -> int:
     """--uid-offset/--gid-offset N: as mkfs.erofs reads it (strtoul, base 0: 0x hex, a
     leading 0 octal), 0 .. 2^32-1."""

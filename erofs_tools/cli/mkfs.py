@@ -16,6 +16,7 @@ from erofs_tools.builder.options import (
     parse_id_offset,
     parse_inode_digest,
     parse_label,
+    parse_offset,
     parse_root_xattr_isize,
     parse_timestamp,
     parse_uuid,
@@ -65,6 +66,9 @@ from erofs_tools.errors import InputError, terminate_as_interrupt
               help="Add N to every uid (after --force-uid/--all-root), as mkfs.erofs.")
 @click.option("--gid-offset", metavar="N",
               help="Add N to every gid (after --force-gid/--all-root).")
+@click.option("--offset", metavar="BYTES",
+              help="Write the image after the first BYTES bytes of IMAGE (a file or a block "
+                   "device), which are kept, as mkfs.erofs --offset.")
 @click.option("--hard-dereference", is_flag=True,
               help="Each link of a hardlinked file becomes an inode of its own, as "
                    "mkfs.erofs (--tar: no effect there, as in mkfs.erofs).")
@@ -118,7 +122,7 @@ from erofs_tools.errors import InputError, terminate_as_interrupt
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing on success.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 def mkfs(image, source, timestamp, all_time, ignore_mtime, ovlfs_strip, block_size,
-         uuid_text, label, all_root, force_uid, force_gid, uid_offset, gid_offset,
+         uuid_text, label, all_root, force_uid, force_gid, uid_offset, gid_offset, offset,
          hard_dereference, mount_point, exclude_path, exclude_regex, no_shared_xattrs,
          xattr_tolerance, debug_level, xattr_prefix, root_xattr_isize, compress,
          pcluster, extended, hints, digest_flag, digest_name, workers, quiet, as_json,
@@ -164,6 +168,7 @@ def mkfs(image, source, timestamp, all_time, ignore_mtime, ovlfs_strip, block_si
         uid_offset=parse_id_offset(uid_offset, "--uid-offset") if uid_offset else 0,
         gid_offset=parse_id_offset(gid_offset, "--gid-offset") if gid_offset else 0,
         hard_dereference=hard_dereference,
+        offset=parse_offset(offset) if offset else 0,
         exclude_paths=[parse_exclude_path(p) for p in exclude_path],
         exclude_regex=[parse_exclude_regex(r) for r in exclude_regex],
         shared_xattrs=shared,
