@@ -18,7 +18,7 @@ import time
 import uuid as _uuid
 from typing import TYPE_CHECKING, Any
 
-from erofs_tools._native import COMPRESSORS, BuildOptions, NativeBuilder
+from erofs_tools._native import COMPRESSORS, BuildOptions, LayoutInfo, NativeBuilder
 from erofs_tools.builder.options import MkfsOptions, Progress
 from erofs_tools.builder.output import partly_written, prepare, tree_data_bound
 from erofs_tools.builder.tree import TreeWalker
@@ -92,6 +92,17 @@ def build_options(opts: MkfsOptions) -> BuildOptions:
     )
 
 
+def fsalign(nb: NativeBuilder, info: LayoutInfo, blocks: int, blkszbits: int) -> LayoutInfo:
+    """--fsalignblks: the image (and sb.blocks) grown to a multiple of `blocks` blocks,
+    zeros after the end, as mkfs.erofs rounds its primary device's block count."""
+    unit = blocks << blkszbits
+    end = -(-info.image_size // unit) * unit
+    if end == info.image_size:
+        return info
+    nb.put_bytes(end - 1, b"\0")
+    return nb.refresh_info()
+
+
 def mkfs(image: StrOrBytesPath, source: StrOrBytesPath, opts: MkfsOptions | None = None,
          progress: Progress | None = None) -> dict[str, Any]:
     """Build IMAGE from directory SOURCE. progress: object with .scan(entries, bytes, copied),
@@ -122,7 +133,7 @@ def mkfs(image: StrOrBytesPath, source: StrOrBytesPath, opts: MkfsOptions | None
             if progress:
                 on_entry = lambda n, nbytes: progress.scan(n, nbytes, nb.stream_progress())  # noqa: E731
             TreeWalker(nb, opts, on_entry=on_entry).walk(source)
-            info = nb.layout()
+            info = fsalign(nb, nb.layout(), opts.fsalignblks, opts.blkszbits)
             wp = None
             if progress:
                 wp = lambda done, left: progress.write(info.inodes - left, info.inodes)  # noqa: E731

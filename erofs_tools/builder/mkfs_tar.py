@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from erofs_tools._native import BuildOptions, NativeBuilder
-from erofs_tools.builder.mkfs import build_options
+from erofs_tools.builder.mkfs import build_options, fsalign
 from erofs_tools.builder.options import MkfsOptions, Progress
 from erofs_tools.builder.output import partly_written, prepare
 from erofs_tools.builder.tar_reader import DEFAULT_MAX_SIZE, ReadStream, TarReader, _show
@@ -455,7 +455,7 @@ def _build(image: str, tree: TarTree, files: list[int | _Data], data_path: str,
                 nb.set_file(node, src, off, d.scratch is not None)
             if index:
                 nb.add_device(b"", tar_blocks, 0)
-            info = nb.layout()
+            info = fsalign(nb, nb.layout(), opts.fsalignblks, bo.blkszbits)
             if index:
                 nb.set_device(1, tar_blocks, info.image_size >> INDEX_BLKSZBITS)
                 prepare(nb, target, info.image_size, image)
