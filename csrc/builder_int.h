@@ -105,12 +105,14 @@ struct job {
  * offset 0 is at `base` in it; a block device (`device`) is never truncated, holds
  * `limit` bytes from base (a write past them fails before it is made), and the ranges
  * written are noted so that what the image leaves unwritten is zero-filled at the end
- * (a file gets those zeros from its truncation; a device would keep its old bytes) */
+ * (a file gets those zeros from its truncation; a device would keep its old bytes);
+ * dsunit: the device's data stripe unit, which file data is aligned to */
 struct outrange {
     uint64_t off, len;
 };
 struct outtarget {
     uint64_t base, limit, filled;
+    uint64_t dsunit;        /* > 1: each file's data starts on a multiple of it (blocks) */
     int device, oom;
     pthread_mutex_t mu;
     struct outrange *w;

@@ -426,6 +426,8 @@ int stream_place(erofs_builder *b, uint32_t node, struct job *j, uint64_t nblk)
     uint32_t blksz = b->blksz;
     struct node *n = &b->nodes[node];
     int sm = smeta_on(b);
+    if (nblk && b->ot && b->ot->dsunit > 1)
+        b->scur = align_up(b->scur, b->ot->dsunit);
     n->startblk = nblk ? (uint32_t)b->scur : (n->stream_inline ? EROFS_NULL_ADDR : 0);
     if (sm && nblk && b->szero && b->szero < b->scur) {
         j->zero_off = b->szero * blksz;
@@ -465,6 +467,8 @@ int stream_file(erofs_builder *b, uint32_t node, const char *path, size_t pathle
             return r;
         }
         struct chunkset *cs = &b->chunks[n->aux];
+        if (b->ot && b->ot->dsunit > 1)
+            b->scur = align_up(b->scur, b->ot->dsunit);
         b->scur = place_sparse_chunks(b, cs, n->size, b->scur);
         if (sm)
             b->szero = b->scur;     /* (never zeroed over by a later job) */

@@ -186,8 +186,11 @@ int erofs_builder_set_output(erofs_builder *b, int fd);
  * before are kept: a file is truncated to base, not 0); device 1: a block device with
  * `limit` bytes from base, never truncated, a write past them failing before it is
  * made, the bytes the image leaves unwritten zero-filled and the device flushed before
- * the superblock is written (last). filled: the zero bytes written so. */
-int erofs_builder_set_target(erofs_builder *b, uint64_t base, uint64_t limit, int device);
+ * the superblock is written (last). filled: the zero bytes written so. dsunit > 1: each
+ * file's data (uncompressed, stream mode) starts on a multiple of dsunit blocks, as
+ * mkfs.erofs --dsunit aligns it. */
+int erofs_builder_set_target(erofs_builder *b, uint64_t base, uint64_t limit, int device,
+                             uint32_t dsunit);
 int erofs_builder_target_filled(erofs_builder *b, uint64_t *bytes);
 int erofs_builder_stream_progress(erofs_builder *b, uint64_t *bytes_done);
 

@@ -373,7 +373,8 @@ int erofs_builder_write_begin(erofs_builder *b, int fd)
     return 0;
 }
 
-int erofs_builder_set_target(erofs_builder *b, uint64_t base, uint64_t limit, int device)
+int erofs_builder_set_target(erofs_builder *b, uint64_t base, uint64_t limit, int device,
+                             uint32_t dsunit)
 {
     if (b->fd >= 0 || b->sfd >= 0 || b->ot)
         return fail(b, ERN_EINVAL, "set_target must come before set_output and write");
@@ -383,6 +384,7 @@ int erofs_builder_set_target(erofs_builder *b, uint64_t base, uint64_t limit, in
     b->ot->base = base;
     b->ot->limit = limit;
     b->ot->device = device;
+    b->ot->dsunit = dsunit;
     pthread_mutex_init(&b->ot->mu, NULL);
     return 0;
 }

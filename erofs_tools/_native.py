@@ -260,9 +260,9 @@ class NativeBuilder:
         if r:
             _raise(self._b, r)
 
-    def set_target(self, base: int, limit: int, device: bool) -> None:
+    def set_target(self, base: int, limit: int, device: bool, dsunit: int = 0) -> None:
         """Before set_output()/write(): see erofs_builder_set_target."""
-        r = lib.erofs_builder_set_target(self._b, base, limit, int(device))
+        r = lib.erofs_builder_set_target(self._b, base, limit, int(device), dsunit)
         if r:
             _raise(self._b, r)
 

@@ -1,10 +1,11 @@
 """mkfs.erofs 1.9's --fsalignblks, --dsunit, --max-extent-bytes and --async-queue-limit.
 
 --fsalignblks is written (the image and sb.blocks rounded up to a power-of-two number of
-blocks, as mkfs.erofs rounds its primary device); the others are accepted only where
-they leave the image as it is (--async-queue-limit is mkfs.erofs's job queue length;
---dsunit 0 or 1 aligns nothing; --max-extent-bytes without -z caps nothing) and refused
-with one line where mkfs.erofs's image would differ from ours."""
+blocks, as mkfs.erofs rounds its primary device), --dsunit too without -z (each file's
+data on a multiple of N blocks); the others are accepted only where they leave the image
+as it is (--async-queue-limit is mkfs.erofs's job queue length; --max-extent-bytes
+without -z caps nothing) and refused with one line where mkfs.erofs's image would differ
+from ours."""
 
 from __future__ import annotations
 
@@ -79,6 +80,50 @@ def test_fsalignblks_with_tar_index_maps_the_tar_after_the_rounded_index(tmp_pat
         assert_same_tree(tree, mnt, ignore=("mtime_ns",))     # (the tar's precision)
 
 
+def _first_blocks(img):
+    """{path: first data block} of every regular file with a whole block of data,
+    as dump.erofs lists their extents."""
+    out = {}
+    for rel in ("big", *(f"d/f{i}" for i in range(30))):
+        p = subprocess.run(["dump.erofs", f"--path=/{rel}", "-e", img], capture_output=True,
+                           text=True, check=True).stdout
+        ext = [ln for ln in p.splitlines() if ln.strip().startswith("0:")]
+        size = int(p.split("Size: ")[1].split()[0])
+        if size >= 4096:
+            out[rel] = int(ext[0].split(":")[2].split("..")[0]) // 4096
+    return out
+
+
+@pytest.mark.parametrize("unit", [4, 3, 16])
+@pytest.mark.parametrize("tar", [False, True])
+def test_dsunit_aligns_each_files_data(tmp_path, tree, unit, tar):
+    (tree / "sparse").write_bytes(b"")
+    with open(tree / "sparse", "wb") as f:        # (chunk-based: aligned too, not listed)
+        f.seek(3 << 20)
+        f.write(b"x" * 10000)
+    src = tree
+    if tar:
+        src = tmp_path / "l.tar"
+        with tarfile.open(src, "w", format=tarfile.GNU_FORMAT) as tf:
+            tf.add(tree, arcname=".")
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    tflag = ["--tar=f"] if tar else []
+    _cli("mkfs", "-q", *tflag, f"--dsunit={unit}", ours, src)
+    require_tool("dump.erofs")
+    firsts = _first_blocks(ours)
+    assert len(firsts) >= 20 and all(b % unit == 0 for b in firsts.values()), firsts
+    fsck(ours)
+    with mounted(ours) as mnt:
+        assert_same_tree(tree, mnt, ignore=("mtime_ns",))
+    require_tool("mkfs.erofs")
+    subprocess.run(["mkfs.erofs", "--quiet", *tflag, f"--dsunit={unit}", theirs, src],
+                   check=True, capture_output=True)
+    assert all(b % unit == 0 for b in _first_blocks(theirs).values())
+    fsck(theirs)
+    with mounted(theirs) as mnt:
+        assert_same_tree(tree, mnt, ignore=("mtime_ns",))
+
+
 def test_tuning_knobs_that_change_nothing_are_accepted(tmp_path, tree):
     base = tmp_path / "base"
     _cli("mkfs", "-q", "-T1", "-Uclear", base, tree)
@@ -90,7 +135,8 @@ def test_tuning_knobs_that_change_nothing_are_accepted(tmp_path, tree):
 
 
 @pytest.mark.parametrize("args,what", [
-    (["--dsunit=4"], "--dsunit"),
+    (["--dsunit=4", "-zlz4"], "--dsunit"),
+    (["--dsunit=x"], "--dsunit"),
     (["--max-extent-bytes=8192", "-zlz4"], "--max-extent-bytes"),
     (["--max-extent-bytes=x"], "--max-extent-bytes"),
     (["--async-queue-limit=3"], "power of two"),

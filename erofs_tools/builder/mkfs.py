@@ -126,7 +126,7 @@ def mkfs(image: StrOrBytesPath, source: StrOrBytesPath, opts: MkfsOptions | None
             if (target.device and opts.compress is None and not opts.exclude_paths
                     and not opts.exclude_regex):
                 need += tree_data_bound(source, need, target.limit)
-            prepare(nb, target, need, image)
+            prepare(nb, target, need, image, opts.dsunit)
             # file data is copied by a C thread while Python walks the tree
             nb.set_output(fd)
             on_entry = None

@@ -420,7 +420,7 @@ def _build(image: str, tree: TarTree, files: list[int | _Data], data_path: str,
                 need = (1 << bo.blkszbits) + (0 if opts.compress or not target.device else sum(
                     n.size >> bo.blkszbits << bo.blkszbits for k, n in enumerate(tree.regular)
                     if isinstance(files[k], int)))
-                prepare(nb, target, need, image)
+                prepare(nb, target, need, image, opts.dsunit)
                 nb.set_output(fd)
             # --xattr-prefix, --xattr-inode-digest (before any xattr)
             digest_id = set_long_prefixes(nb, opts)

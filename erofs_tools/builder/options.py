@@ -77,6 +77,8 @@ class MkfsOptions:
     offset: int = 0                   # --offset: the image starts at this byte of IMAGE
     fsalignblks: int = 1              # --fsalignblks: image size (sb.blocks) a multiple
                                       # of this many blocks (a power of two)
+    dsunit: int = 0                   # --dsunit: each file's data on a multiple of this
+                                      # many blocks (uncompressed; 0, 1: none)
     exclude_paths: list[bytes] = field(default_factory=list)   # relative paths (bytes), exact
     exclude_regex: list[re.Pattern[bytes]] = field(default_factory=list)   # compiled bytes regexes, re.search
     shared_xattrs: bool = True        # xattrs carried by >= 2 inodes go to the shared area
@@ -377,13 +379,15 @@ def parse_fsalignblks(text: str) -> int:
 
 
 def check_tuning(dsunit: str | None, max_extent: str | None, async_limit: str | None,
-                 compressed: bool) -> None:
+                 compressed: bool) -> int:
     """mkfs.erofs's --dsunit, --max-extent-bytes and --async-queue-limit: accepted where
-    they change nothing (the queue length; no alignment; no extent cap without -z),
-    refused with one line where they would change the image."""
-    if dsunit is not None and parse_offset(dsunit, "--dsunit", 32) > 1:
-        raise InputError("--dsunit: aligning file data to more than one block is not "
-                         "implemented")
+    we write them (--dsunit without -z) or they change nothing (the queue length; no
+    extent cap without -z), refused with one line where they would change the image;
+    -> the dsunit."""
+    unit = parse_offset(dsunit, "--dsunit", 32) if dsunit is not None else 0
+    if unit > 1 and compressed:
+        raise InputError("--dsunit with -z is not implemented (compressed data is not "
+                         "aligned)")
     if max_extent is not None:
         try:
             v = int(max_extent, 0)
@@ -399,6 +403,7 @@ def check_tuning(dsunit: str | None, max_extent: str | None, async_limit: str | 
         if n & (n - 1):
             raise InputError(f"--async-queue-limit: {async_limit} is not a power of two "
                              "(mkfs.erofs fails on it too)")
+    return unit
 
 
 def parse_id_offset(text: str, what: str) -> int:

@@ -28,16 +28,16 @@ __all__ = ["prepare", "partly_written", "tree_data_bound"]
 
 
 class _Builder(Protocol):
-    def set_target(self, base: int, limit: int, device: bool) -> None: ...
+    def set_target(self, base: int, limit: int, device: bool, dsunit: int = 0) -> None: ...
 
 
-def prepare(nb: _Builder, target: ImageTarget, need: int, image: str) -> None:
-    """Tell the builder where the image goes; a device: refused (nothing written) when
-    `need` bytes, a lower bound of the image, do not fit; else its old superblock is
-    zeroed."""
-    if not (target.base or target.device):
+def prepare(nb: _Builder, target: ImageTarget, need: int, image: str, dsunit: int = 0) -> None:
+    """Tell the builder where the image goes (and --dsunit, the data alignment); a
+    device: refused (nothing written) when `need` bytes, a lower bound of the image, do
+    not fit; else its old superblock is zeroed."""
+    if not (target.base or target.device or dsunit > 1):
         return
-    nb.set_target(target.base, target.limit, target.device)
+    nb.set_target(target.base, target.limit, target.device, dsunit)
     if target.device:
         if need > target.limit:
             after = f" after --offset={target.base}" if target.base else ""

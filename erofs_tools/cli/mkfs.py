@@ -75,8 +75,8 @@ from erofs_tools.errors import InputError, terminate_as_interrupt
               help="Round the image size (and the superblock's block count) up to a multiple "
                    "of N blocks, N rounded up to a power of two, as mkfs.erofs.")
 @click.option("--dsunit", metavar="N",
-              help="mkfs.erofs: each file's data aligned to N blocks. Not implemented: "
-                   "refused unless N is 0 or 1 (no alignment).")
+              help="Start each file's data on a multiple of N blocks (a RAID stripe unit), "
+                   "as mkfs.erofs; not with -z (refused).")
 @click.option("--max-extent-bytes", "max_extent", metavar="N",
               help="mkfs.erofs: at most N bytes of input per compressed extent. Not "
                    "implemented with -z (refused); without -z accepted, no effect, as there.")
@@ -161,7 +161,7 @@ def mkfs(image, source, timestamp, all_time, ignore_mtime, ovlfs_strip, block_si
         # (the table does not fit the index layout's fixed device table yet)
         raise InputError(f"{'--xattr-inode-digest' if digest else '--xattr-prefix'} is not "
                          "supported with --tar=i yet")
-    check_tuning(dsunit, max_extent, async_limit, compress is not None)
+    data_unit = check_tuning(dsunit, max_extent, async_limit, compress is not None)
     # --mount-point: mkfs.erofs prefixes it to the paths it looks up in SELinux file
     # contexts (--file-contexts) and Android's fs-config, neither of which this mkfs
     # reads (nor does a mkfs.erofs built without them): nothing else depends on it
@@ -185,6 +185,7 @@ def mkfs(image, source, timestamp, all_time, ignore_mtime, ovlfs_strip, block_si
         hard_dereference=hard_dereference,
         offset=parse_offset(offset) if offset else 0,
         fsalignblks=parse_fsalignblks(fsalignblks) if fsalignblks else 1,
+        dsunit=data_unit,
         exclude_paths=[parse_exclude_path(p) for p in exclude_path],
         exclude_regex=[parse_exclude_regex(r) for r in exclude_regex],
         shared_xattrs=shared,
