@@ -393,8 +393,9 @@ def _build(image: str, tree: TarTree, files: list[int | _Data], data_path: str,
            progress: Progress | None) -> tuple[Any, bytes]:
     index = topts.mode == "i"
     if index:
+        # (the root right after the device table, or after the long xattr prefixes that
+        # follow it: the C core's first_nid 0)
         bo = BuildOptions(blkszbits=INDEX_BLKSZBITS, devt_slotoff=_SB_END // E.DEVICE_SLOT_SIZE,
-                          first_nid=(_SB_END + E.DEVICE_SLOT_SIZE) // E.SLOT_SIZE,
                           uuid=opts.uuid if opts.uuid is not None else _uuid.uuid4().bytes,
                           volume_name=opts.label, build_time=opts.effective_timestamp(),
                           shared_xattrs=opts.shared_xattrs, xattr_filter=opts.xattr_filter,

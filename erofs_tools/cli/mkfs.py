@@ -157,10 +157,6 @@ def mkfs(image, source, timestamp, all_time, ignore_mtime, ovlfs_strip, block_si
     digest = None
     if digest_flag or digest_name is not None:
         digest = parse_inode_digest(INODE_DIGEST_DEFAULT if digest_name is None else digest_name)
-    if tar_mode == "i" and (digest is not None or xattr_prefix):
-        # (the table does not fit the index layout's fixed device table yet)
-        raise InputError(f"{'--xattr-inode-digest' if digest else '--xattr-prefix'} is not "
-                         "supported with --tar=i yet")
     data_unit = check_tuning(dsunit, max_extent, async_limit, compress is not None)
     # --mount-point: mkfs.erofs prefixes it to the paths it looks up in SELinux file
     # contexts (--file-contexts) and Android's fs-config, neither of which this mkfs
