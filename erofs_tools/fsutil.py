@@ -20,7 +20,7 @@ from typing import BinaryIO
 
 __all__ = ["round_up", "create_exclusive", "atomic_output", "atomic_write_bytes", "fsync_dir",
            "refuse_special", "is_block_device", "ImageTarget", "image_output",
-           "invalidate_old_image"]
+           "invalidate_old_image", "open_device"]
 
 
 def round_up(n: int, a: int) -> int:
@@ -180,19 +180,29 @@ def image_output(path: str, mode: int = 0o644, offset: int = 0,
             yield ImageTarget(f, offset)
         return
     from erofs_tools.errors import InputError
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_EXCL | os.O_CLOEXEC)
-    except OSError as e:
-        why = (" (mounted, or held by another user of the device)" if e.errno == errno.EBUSY
-               else "")
-        raise InputError(f"{path}: {e.strerror}{why}: nothing written") from None
-    with os.fdopen(fd, "r+b", buffering=0) as f:
-        size = os.lseek(fd, 0, os.SEEK_END)
+    with os.fdopen(open_device(path), "r+b", buffering=0) as f:
+        size = os.lseek(f.fileno(), 0, os.SEEK_END)
         if offset + len(_ZEROS) > size:
             raise InputError(f"{path}: the device holds {size} bytes, too few for an image "
                              f"at offset {offset}: nothing written")
         yield ImageTarget(f, offset, True, size - offset)
-        os.fsync(fd)
+        try:
+            os.fsync(f.fileno())
+        except OSError as e:
+            raise InputError(f"{path}: flushing the device: {e.strerror} (it may hold a "
+                             "partly written image)") from None
+
+
+def open_device(path: str) -> int:
+    """A block device opened for writing, exclusively (O_EXCL: EBUSY when it is mounted
+    or held): the fd, or one line (InputError) saying nothing was written."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_EXCL | os.O_CLOEXEC)
+    except OSError as e:
+        from erofs_tools.errors import InputError
+        why = (" (mounted, or held by another user of the device)" if e.errno == errno.EBUSY
+               else "")
+        raise InputError(f"{path}: {e.strerror}{why}: nothing written") from None
 
 
 def invalidate_old_image(target: ImageTarget) -> None:

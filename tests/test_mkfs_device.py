@@ -158,6 +158,25 @@ def test_a_mounted_device_is_refused(tmp_path, loopdev, tree):
         assert _digest(dev) == before
 
 
+def test_a_mounted_device_is_refused_before_the_tar_is_read(tmp_path, loopdev, tree):
+    dev = loopdev(16 << 20)
+    _cli("mkfs", dev, tree, "-q")
+    with _mounted_dev(dev):
+        # stdin stays open and empty: the refusal must not wait for the tar's end
+        p = subprocess.Popen([sys.executable, "-m", "erofs_tools", "mkfs", "--tar=f", dev,
+                              "-"], stdin=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            p.wait(timeout=60)
+            err = p.stderr.read()
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+            p.stdin.close()
+            p.stderr.close()
+        assert p.returncode == 1 and "busy" in err and err.count("\n") == 1, err
+
+
 def test_a_device_too_small_is_refused_with_nothing_written(tmp_path, loopdev, tree):
     (tree / "more").write_bytes(os.urandom(2 << 20))
     dev = loopdev(1 << 20)

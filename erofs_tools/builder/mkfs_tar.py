@@ -58,7 +58,13 @@ from erofs_tools.builder.tar_tree import TarTree, TNode
 from erofs_tools.builder.tree import file_sha256, set_long_prefixes
 from erofs_tools.errors import InputError
 from erofs_tools.format import erofs as E
-from erofs_tools.fsutil import create_exclusive, image_output, is_block_device, refuse_special
+from erofs_tools.fsutil import (
+    create_exclusive,
+    image_output,
+    is_block_device,
+    open_device,
+    refuse_special,
+)
 
 TAR_MODES = ("f", "i")
 INDEX_BLKSZBITS = 9             # --tar=i: 512-byte blocks, the tar's own granularity
@@ -150,6 +156,8 @@ def check_tar_paths(image: str, source: str, dump: str | None) -> None:
     if os.path.isdir(image):
         raise InputError(f"{image}: is a directory")
     refuse_special(image, block_ok=True)
+    if is_block_device(image):
+        os.close(open_device(image))      # busy: said now, not after reading the tar
     if dump is not None:
         refuse_special(dump, f"--ungzip={dump}")
     for other, what in ((source, "TARFILE"), (dump, "--ungzip FILE")):
