@@ -205,6 +205,41 @@ def test_a_device_outgrown_midway_says_it_was_partly_written(tmp_path, loopdev, 
     assert _read(dev, rest, 4096) != FILL * rest          # (data was written)
 
 
+def test_a_device_build_killed_midway_says_so(tmp_path, tree):
+    import signal
+    import time
+    backing = tmp_path / "dev"
+    with open(backing, "wb") as f:
+        f.truncate(400 << 20)
+    with _loop(backing) as dev:
+        _cli("mkfs", dev, tree, "-q")                  # an image there to be destroyed
+        big = tree / "big"
+        big.mkdir()
+        chunk = os.urandom(1 << 20)
+        for i in range(300):
+            (big / f"f{i}").write_bytes(chunk[i:] + chunk[:i])
+        p = subprocess.Popen([sys.executable, "-m", "erofs_tools", "mkfs", dev, tree],
+                             stderr=subprocess.PIPE, text=True)
+        try:
+            # the old superblock zeroed: the device is being written
+            deadline = time.monotonic() + 120
+            while _read(dev, 4, 1024) != bytes(4) and p.poll() is None:
+                assert time.monotonic() < deadline
+                time.sleep(0.005)
+            p.send_signal(signal.SIGTERM)
+            p.wait(timeout=120)
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        err = p.stderr.read()
+        p.stderr.close()
+        assert p.returncode == 128 + signal.SIGTERM, err
+        assert "terminated by SIGTERM" in err and err.count("\n") == 1, err
+        assert "partly written" in err, err
+        assert _read(dev, 4096) == bytes(4096)        # the old superblock gone
+
+
 def test_offset_in_a_file_keeps_the_bytes_before_and_mounts_through_losetup_o(
         tmp_path, tree):
     fixed = ["-U", "clear", "-T", "1", "--mkfs-time", "-q"]

@@ -21,7 +21,7 @@ import stat
 from collections.abc import Iterator
 from typing import Protocol
 
-from erofs_tools.errors import ErofsToolsError, InputError
+from erofs_tools.errors import ErofsToolsError, InputError, Terminated
 from erofs_tools.fsutil import ImageTarget, invalidate_old_image
 
 __all__ = ["prepare", "partly_written", "tree_data_bound"]
@@ -57,6 +57,10 @@ def partly_written(target: ImageTarget, image: str) -> Iterator[None]:
             raise
         raise InputError(f"{image}: {e} (the device was partly written and holds no EROFS "
                          "image now)") from None
+    except (KeyboardInterrupt, Terminated) as e:
+        if target.device:
+            e.add_note(f"{image} was partly written and holds no EROFS image now")
+        raise
 
 
 def tree_data_bound(source: str, blksz: int, stop: int) -> int:
