@@ -101,9 +101,28 @@ struct job {
     uint64_t zero_off, zero_len;  /* smeta: blocks before the data, zeroed first */
 };
 
+/* the output when it is not a fresh regular file (erofs_builder_set_target): image
+ * offset 0 is at `base` in it; a block device (`device`) is never truncated, holds
+ * `limit` bytes from base (a write past them fails before it is made), and the ranges
+ * written are noted so that what the image leaves unwritten is zero-filled at the end
+ * (a file gets those zeros from its truncation; a device would keep its old bytes);
+ * dsunit: the device's data stripe unit, which file data is aligned to */
+struct outrange {
+    uint64_t off, len;
+};
+struct outtarget {
+    uint64_t base, limit, filled;
+    uint64_t dsunit;        /* > 1: each file's data starts on a multiple of it (blocks) */
+    int device, oom;
+    pthread_mutex_t mu;
+    struct outrange *w;
+    size_t nw, capw;
+};
+
 /* data transfer context: one per thread (own buffer, own error message) */
 struct xfer {
     int out;
+    struct outtarget *ot;   /* NULL: a fresh file, image offset = file offset */
     uint32_t blksz;
     uint8_t *buf;
     volatile uint64_t *bytes;
@@ -172,6 +191,7 @@ struct erofs_builder {
     uint32_t *shared_order; /* xattr rec index of each shared xattr, in id order */
     uint32_t nshared;
     /* write state */
+    struct outtarget *ot;   /* erofs_builder_set_target, else NULL */
     int fd;
     uint32_t wpos;
     uint8_t *win;
@@ -229,6 +249,11 @@ INTERNAL int check_mutable(erofs_builder *b);
 INTERNAL int xfail(struct xfer *x, int code, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 INTERNAL int x_pwrite(struct xfer *x, const void *buf, size_t len, uint64_t off);
+/* a write of [off, off+len) of the image is about to be made: past a device's end it
+ * fails (message in x), else it is noted; -> 0 or an ERN_* code */
+INTERNAL int ot_note(struct xfer *x, uint64_t off, uint64_t len);
+INTERNAL uint64_t ot_base(const struct outtarget *ot);
+INTERNAL void ot_free(erofs_builder *b);    /* write.c */
 INTERNAL int x_read(struct xfer *x, int fd, uint8_t *buf, size_t len, uint64_t off,
                     const char *path);
 INTERNAL int x_copy(struct xfer *x, int in, uint64_t in_off, uint64_t out_off, uint64_t len,

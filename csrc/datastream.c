@@ -19,9 +19,48 @@ int xfail(struct xfer *x, int code, const char *fmt, ...)
     return code;
 }
 
+uint64_t ot_base(const struct outtarget *ot)
+{
+    return ot ? ot->base : 0;
+}
+
+int ot_note(struct xfer *x, uint64_t off, uint64_t len)
+{
+    struct outtarget *ot = x->ot;
+    if (!ot || !ot->device || !len)
+        return 0;
+    if (off > ot->limit || len > ot->limit - off)
+        return xfail(x, ERN_ELIMIT, "the image does not fit on the device: it needs more "
+                     "than the %llu bytes there", (unsigned long long)ot->limit);
+    pthread_mutex_lock(&ot->mu);
+    struct outrange *last = ot->nw ? &ot->w[ot->nw - 1] : NULL;
+    if (last && last->off + last->len == off) {
+        last->len += len;               /* (most writes continue the previous one) */
+    } else if (ot->nw < ot->capw || !ot->oom) {
+        if (ot->nw == ot->capw) {
+            size_t cap = ot->capw ? ot->capw * 2 : 4096;
+            struct outrange *w = realloc(ot->w, cap * sizeof(*w));
+            if (w) {
+                ot->w = w;
+                ot->capw = cap;
+            } else {
+                ot->oom = 1;
+            }
+        }
+        if (ot->nw < ot->capw)
+            ot->w[ot->nw++] = (struct outrange){off, len};
+    }
+    pthread_mutex_unlock(&ot->mu);
+    return 0;
+}
+
 int x_pwrite(struct xfer *x, const void *buf, size_t len, uint64_t off)
 {
     const uint8_t *p = buf;
+    int r = ot_note(x, off, len);
+    if (r)
+        return r;
+    off += ot_base(x->ot);
     while (len) {
         ssize_t w = pwrite(x->out, p, len, (off_t)off);
         if (w < 0) {
@@ -62,8 +101,11 @@ int x_copy(struct xfer *x, int in, uint64_t in_off, uint64_t out_off, uint64_t l
 {
     if (no_cfr < 0)
         no_cfr = getenv("EROFS_NATIVE_NO_COPY_FILE_RANGE") != NULL;
+    int nr = ot_note(x, out_off, len);
+    if (nr)
+        return nr;
     while (len && !no_cfr) {
-        loff_t io = (loff_t)in_off, oo = (loff_t)out_off;
+        loff_t io = (loff_t)in_off, oo = (loff_t)(out_off + ot_base(x->ot));
         size_t chunk = len > (1u << 30) ? (1u << 30) : (size_t)len;
         ssize_t r = copy_file_range(in, &io, x->out, &oo, chunk, 0);
         if (r < 0) {
@@ -137,6 +179,7 @@ int x_copy_sparse(struct xfer *x, int fd, const char *path, uint64_t size,
 void main_xfer(erofs_builder *b, struct xfer *x)
 {
     x->out = b->fd;
+    x->ot = b->ot;
     x->blksz = b->blksz;
     x->buf = b->cbuf;
     x->bytes = &b->bytes_done;
@@ -207,6 +250,7 @@ static void *worker_main(void *arg)
     struct xfer x;
     memset(&x, 0, sizeof(x));
     x.out = b->sfd;
+    x.ot = b->ot;
     x.blksz = b->blksz;
     x.bytes = &b->sbytes;
     x.buf = malloc(CBUF_SIZE);
@@ -315,7 +359,10 @@ int erofs_builder_set_output(erofs_builder *b, int fd)
      * the file for a flush of all its dirty pages at close (auto_da_alloc, for files
      * replaced by truncate and rewrite), a third of mkfs's time on /usr/share */
     struct stat st;
-    if ((fstat(fd, &st) < 0 || st.st_size != 0) && ftruncate(fd, 0) < 0)
+    if (b->ot && b->ot->device)
+        ;                                   /* a device: written over, never resized */
+    else if ((fstat(fd, &st) < 0 || (uint64_t)st.st_size != ot_base(b->ot)) &&
+             ftruncate(fd, (off_t)ot_base(b->ot)) < 0)
         return fail(b, ERN_EIO, "truncating the image: %s", strerror(errno));
     b->sfd = fd;
     b->scur = (SB_END + b->blksz - 1) / b->blksz;
@@ -379,6 +426,8 @@ int stream_place(erofs_builder *b, uint32_t node, struct job *j, uint64_t nblk)
     uint32_t blksz = b->blksz;
     struct node *n = &b->nodes[node];
     int sm = smeta_on(b);
+    if (nblk && b->ot && b->ot->dsunit > 1)
+        b->scur = align_up(b->scur, b->ot->dsunit);
     n->startblk = nblk ? (uint32_t)b->scur : (n->stream_inline ? EROFS_NULL_ADDR : 0);
     if (sm && nblk && b->szero && b->szero < b->scur) {
         j->zero_off = b->szero * blksz;
@@ -418,6 +467,8 @@ int stream_file(erofs_builder *b, uint32_t node, const char *path, size_t pathle
             return r;
         }
         struct chunkset *cs = &b->chunks[n->aux];
+        if (b->ot && b->ot->dsunit > 1)
+            b->scur = align_up(b->scur, b->ot->dsunit);
         b->scur = place_sparse_chunks(b, cs, n->size, b->scur);
         if (sm)
             b->szero = b->scur;     /* (never zeroed over by a later job) */

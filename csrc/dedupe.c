@@ -71,7 +71,8 @@ static int same_on_disk(struct xfer *x, int imgfd, const struct zrun *run, uint3
     uint8_t buf[16384];
     for (uint32_t done = 0; done < len;) {
         uint32_t n = len - done < sizeof(buf) ? len - done : (uint32_t)sizeof(buf);
-        if (x_read(x, imgfd, buf, n, (uint64_t)blk * x->blksz + done, "the image"))
+        if (x_read(x, imgfd, buf, n, ot_base(x->ot) + (uint64_t)blk * x->blksz + done,
+                   "the image"))
             return -1;
         if (memcmp(buf, d + done, n))
             return 0;
@@ -297,7 +298,8 @@ static const uint8_t *roll_decode(struct zroll *r, struct xfer *x, int imgfd,
         *err = xfail(x, ERN_ENOMEM, "out of memory");
         return NULL;
     }
-    if (x_read(x, imgfd, r->pbuf, plen, (uint64_t)t->blk * x->blksz, "the image")) {
+    if (x_read(x, imgfd, r->pbuf, plen, ot_base(x->ot) + (uint64_t)t->blk * x->blksz,
+               "the image")) {
         *err = x->code ? x->code : ERN_EIO;
         return NULL;
     }

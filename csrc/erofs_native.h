@@ -182,6 +182,16 @@ int erofs_builder_set_sb_blocks(erofs_builder *b, uint64_t blocks);
 /* stream mode: the image fd, before any erofs_node_set_file(); the same fd must be
  * passed to erofs_builder_write(). Xattrs of a file must be added before its data. */
 int erofs_builder_set_output(erofs_builder *b, int fd);
+/* before set_output / write: the image goes at byte `base` of the output (the bytes
+ * before are kept: a file is truncated to base, not 0); device 1: a block device with
+ * `limit` bytes from base, never truncated, a write past them failing before it is
+ * made, the bytes the image leaves unwritten zero-filled and the device flushed before
+ * the superblock is written (last). filled: the zero bytes written so. dsunit > 1: each
+ * file's data (uncompressed, stream mode) starts on a multiple of dsunit blocks, as
+ * mkfs.erofs --dsunit aligns it. */
+int erofs_builder_set_target(erofs_builder *b, uint64_t base, uint64_t limit, int device,
+                             uint32_t dsunit);
+int erofs_builder_target_filled(erofs_builder *b, uint64_t *bytes);
 int erofs_builder_stream_progress(erofs_builder *b, uint64_t *bytes_done);
 
 /* -- directory walk (walk.c): a source tree into nodes, as mkfs's TreeWalker ---------- */

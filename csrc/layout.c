@@ -84,20 +84,31 @@ uint64_t place_sparse_chunks(erofs_builder *b, struct chunkset *cs, uint64_t siz
     return blk;
 }
 
-uint64_t xpfx_start(const erofs_builder *b)
+/* end of the superblock and the compression records, and of a device table right after
+ * them (mkfs --tar=i's; RAFS's is further on and stays out of this) */
+static uint64_t sb_devt_end(const erofs_builder *b)
 {
     uint32_t cfgs_len;
     zconf_cfgs(b, &cfgs_len);
-    return (SB_END + cfgs_len + 3) & ~(uint64_t)3;
+    uint64_t s = SB_END + cfgs_len;
+    uint64_t d = (uint64_t)b->o.devt_slotoff * EROFS_DEVT_SLOT_SIZE;
+    if (b->ndevs && d >= s && d <= align_up(s, EROFS_DEVT_SLOT_SIZE))
+        s = d + (uint64_t)EROFS_DEVT_SLOT_SIZE * b->ndevs;
+    return s;
 }
 
-/* end of the superblock, the compression records and the long xattr prefixes after it */
+/* the long xattr prefix table: after those (with a device table, after it, where
+ * mkfs.erofs 1.9 puts it), 4-byte aligned */
+uint64_t xpfx_start(const erofs_builder *b)
+{
+    return (sb_devt_end(b) + 3) & ~(uint64_t)3;
+}
+
+/* end of the superblock, the compression records, an adjacent device table and the
+ * long xattr prefixes after them */
 uint64_t sb_area_end(const erofs_builder *b)
 {
-    uint32_t cfgs_len;
-    zconf_cfgs(b, &cfgs_len);
-    return b->xpfx_count && !b->xpfx_packed ? xpfx_start(b) + b->xpfx_len
-                                             : SB_END + cfgs_len;
+    return b->xpfx_count && !b->xpfx_packed ? xpfx_start(b) + b->xpfx_len : sb_devt_end(b);
 }
 
 /* data blocks of directories, symlinks and files not streamed, in nid order */
@@ -536,7 +547,11 @@ static int place_after_inodes(erofs_builder *b, struct layout_state *st)
     if (b->ndevs && b->o.devt_slotoff) {
         uint64_t dstart = (uint64_t)b->o.devt_slotoff * EROFS_DEVT_SLOT_SIZE;
         uint64_t dend = dstart + (uint64_t)EROFS_DEVT_SLOT_SIZE * b->ndevs;
-        if (dstart < sb_area_end(b) || dend > first_inode_off)
+        uint32_t cfgs_len;
+        zconf_cfgs(b, &cfgs_len);
+        uint64_t xs = xpfx_start(b), xe = b->xpfx_count && !b->xpfx_packed ? xs + b->xpfx_len
+                                                                           : xs;
+        if (dstart < SB_END + cfgs_len || dend > first_inode_off || (dstart < xe && xs < dend))
             return fail(b, ERN_EINVAL, "device table does not fit before the inodes");
     } else if (b->ndevs) {
         return fail(b, ERN_EINVAL, "devices given without devt_slotoff");

@@ -92,6 +92,7 @@ void erofs_builder_free(erofs_builder *b)
         return;
     stream_stop(b, 1);
     smeta_free(b);
+    ot_free(b);
     free(b->wdirty);
     for (uint32_t i = 0; b->nx && i < b->nnodes; i++) {
         free(b->nx[i].tailbuf);
@@ -317,7 +318,7 @@ int erofs_builder_set_xattr_prefixes(erofs_builder *b, const char *table, size_t
         return fail(b, ERN_EINVAL, "long xattr prefix table has %zu stray bytes", len - off);
     /* stream mode starts file data at the first block after the superblock before the
      * table is placed: compression records (< 256 bytes) and table must fit before it */
-    if (SB_END + 256 + len > (SB_END + b->blksz - 1) / b->blksz * b->blksz)
+    if (b->o.stream_data && SB_END + 256 + len > (SB_END + b->blksz - 1) / b->blksz * b->blksz)
         return fail(b, ERN_ELIMIT, "long xattr prefix table too large (%zu bytes)", len);
     b->xpfx = malloc(len);
     if (!b->xpfx)

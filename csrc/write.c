@@ -360,9 +360,89 @@ int erofs_builder_write_begin(erofs_builder *b, int fd)
     b->win_hi = b->win_start;
     if (b->sfd >= 0 && fd != b->sfd)
         return fail(b, ERN_EINVAL, "stream mode: write() needs the fd given to set_output");
-    if ((b->sfd < 0 && ftruncate(fd, 0) < 0) ||
-        ftruncate(fd, (off_t)b->info.image_size) < 0)
+    uint64_t base = ot_base(b->ot);
+    if (b->ot && b->ot->device) {
+        if (b->info.image_size > b->ot->limit)
+            return fail(b, ERN_ELIMIT, "the image (%llu bytes) does not fit on the device "
+                        "(%llu bytes)", (unsigned long long)b->info.image_size,
+                        (unsigned long long)b->ot->limit);
+    } else if ((b->sfd < 0 && ftruncate(fd, (off_t)base) < 0) ||
+               ftruncate(fd, (off_t)(base + b->info.image_size)) < 0) {
         return fail(b, ERN_EIO, "sizing the image: %s", strerror(errno));
+    }
+    return 0;
+}
+
+int erofs_builder_set_target(erofs_builder *b, uint64_t base, uint64_t limit, int device,
+                             uint32_t dsunit)
+{
+    if (b->fd >= 0 || b->sfd >= 0 || b->ot)
+        return fail(b, ERN_EINVAL, "set_target must come before set_output and write");
+    b->ot = calloc(1, sizeof(*b->ot));
+    if (!b->ot)
+        return fail(b, ERN_ENOMEM, "out of memory");
+    b->ot->base = base;
+    b->ot->limit = limit;
+    b->ot->device = device;
+    b->ot->dsunit = dsunit;
+    pthread_mutex_init(&b->ot->mu, NULL);
+    return 0;
+}
+
+void ot_free(erofs_builder *b)
+{
+    if (b->ot) {
+        pthread_mutex_destroy(&b->ot->mu);
+        free(b->ot->w);
+        free(b->ot);
+        b->ot = NULL;
+    }
+}
+
+static int range_cmp(const void *a, const void *b)
+{
+    const struct outrange *x = a, *y = b;
+    return x->off < y->off ? -1 : x->off > y->off;
+}
+
+/* a device: zeros where the image wrote nothing (a file has them from its truncation),
+ * then everything flushed, so that the superblock, written next, is the last write */
+static int ot_fill(erofs_builder *b)
+{
+    struct outtarget *ot = b->ot;
+    if (!ot || !ot->device)
+        return 0;
+    if (ot->oom)
+        return fail(b, ERN_ENOMEM, "out of memory");
+    qsort(ot->w, ot->nw, sizeof(*ot->w), range_cmp);
+    static const uint8_t zeros[65536];
+    uint64_t pos = 0, end = b->info.image_size;
+    for (size_t i = 0; i <= ot->nw && pos < end; i++) {
+        uint64_t next = i < ot->nw ? ot->w[i].off : end;
+        if (next > end)
+            next = end;
+        while (pos < next) {
+            size_t n = next - pos > sizeof(zeros) ? sizeof(zeros) : (size_t)(next - pos);
+            ssize_t w = pwrite(b->fd, zeros, n, (off_t)(ot->base + pos));
+            if (w < 0 && errno == EINTR)
+                continue;
+            if (w <= 0)
+                return fail(b, ERN_EIO, "writing the image: %s",
+                            w < 0 ? strerror(errno) : "short write");
+            pos += (uint64_t)w;
+            ot->filled += (uint64_t)w;
+        }
+        if (i < ot->nw && ot->w[i].off + ot->w[i].len > pos)
+            pos = ot->w[i].off + ot->w[i].len;
+    }
+    if (fsync(b->fd) < 0)
+        return fail(b, ERN_EIO, "flushing the device: %s", strerror(errno));
+    return 0;
+}
+
+int erofs_builder_target_filled(erofs_builder *b, uint64_t *bytes)
+{
+    *bytes = b->ot ? b->ot->filled : 0;
     return 0;
 }
 
@@ -448,7 +528,10 @@ static int write_superblock(erofs_builder *b)
         if (r)
             return r;
     }
-    ssize_t got = pread(b->fd, blk0, b0len, 0);
+    int fr = ot_fill(b);
+    if (fr)
+        return fr;
+    ssize_t got = pread(b->fd, blk0, b0len, (off_t)ot_base(b->ot));
     if (got < 0)
         return fail(b, ERN_EIO, "reading back the image: %s", strerror(errno));
     struct erofs_super_block sb;
@@ -495,7 +578,8 @@ int erofs_builder_write_end(erofs_builder *b)
     if (r || (b->nshared && (r = write_shared_xattrs(b))))
         return r;
     /* caller's reserved and appended bytes, device table */
-    if (ftruncate(b->fd, (off_t)b->info.image_size) < 0)
+    if ((!b->ot || !b->ot->device) &&
+        ftruncate(b->fd, (off_t)(ot_base(b->ot) + b->info.image_size)) < 0)
         return fail(b, ERN_EIO, "sizing the image: %s", strerror(errno));
     for (uint32_t i = 0; i < b->nputs; i++)
         if (b->puts[i].data &&

@@ -179,18 +179,14 @@ static uint64_t own_len(struct zpool *p, struct zjob *j)
     return align_up(align_up(j->ilen, 8) + idx + zf->idata_len, EROFS_SLOT_SIZE);
 }
 
-static int write_zeros(struct xfer *x, int fd, uint64_t off, uint64_t len)
+static int write_zeros(struct xfer *x, uint64_t off, uint64_t len)
 {
     static const uint8_t zeros[65536];
     for (uint64_t e = off + len; off < e;) {
         size_t n = e - off > sizeof(zeros) ? sizeof(zeros) : (size_t)(e - off);
-        if (x) {
-            int r = x_pwrite(x, zeros, n, off);
-            if (r)
-                return r;
-        } else if (pwrite(fd, zeros, n, (off_t)off) != (ssize_t)n) {
-            return ERN_EIO;
-        }
+        int r = x_pwrite(x, zeros, n, off);
+        if (r)
+            return r;
         off += n;
     }
     return 0;
@@ -219,7 +215,7 @@ int zsm_commit(struct zpool *p, struct zjob *j, struct xfer *x)
         j->own.len = len <= b->blksz ? (uint32_t)len : 0;
         place_items(b, &j->own, 1);
     }
-    return write_zeros(x, -1, s0 * b->blksz, (b->scur - s0) * b->blksz);
+    return write_zeros(x, s0 * b->blksz, (b->scur - s0) * b->blksz);
 }
 
 static void apply(erofs_builder *b, const struct smitem *it, uint32_t cnt)
@@ -309,11 +305,17 @@ void zsm_finish(erofs_builder *b, struct zpool *p, int abort)
         smeta_pending(b, b->nnodes);
         uint64_t s0 = b->scur;
         int r = place_items(b, b->smq, b->nsmq);
+        struct xfer x;
+        memset(&x, 0, sizeof(x));
+        uint64_t dummy = 0;
+        x.out = b->sfd;
+        x.ot = b->ot;
+        x.bytes = &dummy;
         if (!r)
-            r = write_zeros(NULL, b->sfd, s0 * b->blksz, (b->scur - s0) * b->blksz);
+            r = write_zeros(&x, s0 * b->blksz, (b->scur - s0) * b->blksz);
         if (r) {
             p->err_code = r;
-            snprintf(p->err, sizeof(p->err), "%s", r == ERN_ELIMIT ?
+            snprintf(p->err, sizeof(p->err), "%s", x.err[0] ? x.err : r == ERN_ELIMIT ?
                      "image larger than 2^32 blocks" : "writing the image failed");
         } else {
             apply(b, b->smq, b->nsmq);

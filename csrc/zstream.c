@@ -342,6 +342,7 @@ static void *zworker(void *arg)
     memset(&x, 0, sizeof(x));
     uint64_t dummy = 0;
     x.out = p->b->sfd;
+    x.ot = p->b->ot;
     x.blksz = p->b->blksz;
     x.bytes = &dummy;
     x.buf = malloc(CBUF_SIZE);
@@ -579,6 +580,7 @@ static int flush_packed(erofs_builder *b, struct zpool *p)
     memset(&x, 0, sizeof(x));
     uint64_t dummy = 0;
     x.out = b->sfd;
+    x.ot = b->ot;
     x.blksz = b->blksz;
     x.bytes = &dummy;
     x.buf = malloc(CBUF_SIZE);

@@ -260,6 +260,17 @@ class NativeBuilder:
         if r:
             _raise(self._b, r)
 
+    def set_target(self, base: int, limit: int, device: bool, dsunit: int = 0) -> None:
+        """Before set_output()/write(): see erofs_builder_set_target."""
+        r = lib.erofs_builder_set_target(self._b, base, limit, int(device), dsunit)
+        if r:
+            _raise(self._b, r)
+
+    def target_filled(self) -> int:      # zero bytes written to a device's gaps
+        n = ffi.new("uint64_t *")
+        lib.erofs_builder_target_filled(self._b, n)
+        return n[0]
+
     def stream_progress(self) -> int:
         """Stream mode: bytes copied so far by the worker."""
         done = ffi.new("uint64_t *")

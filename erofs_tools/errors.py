@@ -114,17 +114,24 @@ def run_console(group, prog_name: str, argv=None, fast_exit: bool = False):
         hint = " (see --help)" if isinstance(e, click.UsageError) else ""
         click.echo(f"error: {msg}{hint}", err=True)
         sys.exit(1)
-    except KeyboardInterrupt:
-        click.echo("error: interrupted", err=True)
+    except KeyboardInterrupt as e:
+        click.echo("error: interrupted" + _notes(e), err=True)
         sys.exit(130)
     except Terminated as e:
         import signal
-        click.echo(f"error: terminated by {signal.Signals(e.signum).name}", err=True)
+        click.echo(f"error: terminated by {signal.Signals(e.signum).name}{_notes(e)}", err=True)
         sys.exit(128 + e.signum)
     code = rv if isinstance(rv, int) else 0
     if fast_exit:
         exit_now(code)
     sys.exit(code)
+
+
+def _notes(e: BaseException) -> str:
+    """What the code the interruption went through added (add_note), on the same line:
+    e.g. mkfs's "the device was partly written"."""
+    notes = getattr(e, "__notes__", None)
+    return f" ({'; '.join(notes)})" if notes else ""
 
 
 class Terminated(BaseException):

@@ -11,13 +11,16 @@ over the target and the directory fsynced.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import BinaryIO
 
 __all__ = ["round_up", "create_exclusive", "atomic_output", "atomic_write_bytes", "fsync_dir",
-           "refuse_special"]
+           "refuse_special", "is_block_device", "ImageTarget", "image_output",
+           "invalidate_old_image", "open_device"]
 
 
 def round_up(n: int, a: int) -> int:
@@ -71,14 +74,24 @@ def _special_kind(path: str) -> str | None:
     return next((what for test, what in _SPECIAL if test(mode)), None)
 
 
-def refuse_special(path: str, what: str = "") -> None:
+def is_block_device(path: str) -> bool:
+    """`path` names (through symlinks) an existing block device."""
+    try:
+        return stat.S_ISBLK(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def refuse_special(path: str, what: str = "", block_ok: bool = False) -> None:
     """One line (InputError) if `path` is an existing device, FIFO or socket: an output
-    that atomic_output would refuse, checked before the work rather than after it."""
+    that atomic_output would refuse, checked before the work rather than after it
+    (block_ok: an image written to a block device by image_output)."""
     special = _special_kind(path)
-    if special is not None:
+    if special is not None and not (block_ok and special == "a block device"):
         from erofs_tools.errors import InputError
         raise InputError(f"{what or path}: is {special}, not a file: give a file name "
-                         "(an image is written to a regular file)")
+                         + ("or a block device" if block_ok else
+                            "(an image is written to a regular file)"))
 
 
 @contextlib.contextmanager
@@ -132,3 +145,91 @@ def atomic_write_bytes(path: str, data: bytes, mode: int = 0o644, fsync: bool = 
     """Replace `path` with `data` atomically (see atomic_output)."""
     with atomic_output(path, mode=mode, fsync=fsync, stream=stream) as f:
         f.write(data)
+
+
+@dataclass
+class ImageTarget:
+    """Where image_output writes: `file` with the image at byte `base` of it; `device`:
+    a block device written in place, with `limit` bytes from base."""
+    file: BinaryIO
+    base: int = 0
+    device: bool = False
+    limit: int = 0
+
+
+_ZEROS = bytes(4096)
+
+
+@contextlib.contextmanager
+def image_output(path: str, mode: int = 0o644, offset: int = 0,
+                 unlink_first: bool = True) -> Iterator[ImageTarget]:
+    """An image output (mkfs, mkfs --tar): the image is written at `offset` of `path`.
+
+    A regular file (or a new name) is written atomically (atomic_output, no fsync, as
+    mkfs.erofs): with an offset, its first `offset` bytes are copied into the new file
+    (zeros where it was shorter or did not exist). A block device is written in place,
+    as mkfs.erofs does: opened O_EXCL (refused with one line when mounted or held), its
+    first block at `offset` zeroed and flushed before anything else (a device written
+    halfway then holds no image rather than an old one with new blocks; the builder
+    writes the superblock last, after a flush), fsynced at the end. The caller checks
+    that the image fits in `limit` and says the device was partly written on failure."""
+    if not is_block_device(path):
+        with atomic_output(path, mode=mode, fsync=False, unlink_first=unlink_first) as f:
+            if offset:
+                _copy_prefix(path, f.fileno(), offset)
+            yield ImageTarget(f, offset)
+        return
+    from erofs_tools.errors import InputError
+    with os.fdopen(open_device(path), "r+b", buffering=0) as f:
+        size = os.lseek(f.fileno(), 0, os.SEEK_END)
+        if offset + len(_ZEROS) > size:
+            raise InputError(f"{path}: the device holds {size} bytes, too few for an image "
+                             f"at offset {offset}: nothing written")
+        yield ImageTarget(f, offset, True, size - offset)
+        try:
+            os.fsync(f.fileno())
+        except OSError as e:
+            raise InputError(f"{path}: flushing the device: {e.strerror} (it may hold a "
+                             "partly written image)") from None
+
+
+def open_device(path: str) -> int:
+    """A block device opened for writing, exclusively (O_EXCL: EBUSY when it is mounted
+    or held): the fd, or one line (InputError) saying nothing was written."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_EXCL | os.O_CLOEXEC)
+    except OSError as e:
+        from erofs_tools.errors import InputError
+        why = (" (mounted, or held by another user of the device)" if e.errno == errno.EBUSY
+               else "")
+        raise InputError(f"{path}: {e.strerror}{why}: nothing written") from None
+
+
+def invalidate_old_image(target: ImageTarget) -> None:
+    """A device: zero the block that holds the superblock and flush it, before the image
+    is written (see image_output)."""
+    os.pwrite(target.file.fileno(), _ZEROS, target.base)
+    os.fsync(target.file.fileno())
+
+
+def _copy_prefix(path: str, out: int, n: int) -> None:
+    """The first n bytes of `path` (as far as it has them) into `out`, which then has n."""
+    try:
+        src = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        src = -1
+    try:
+        done = 0
+        while src >= 0 and done < n:
+            try:
+                got = os.copy_file_range(src, out, n - done, done, done)
+            except OSError:
+                data = os.pread(src, min(n - done, 1 << 20), done)
+                got = os.pwrite(out, data, done) if data else 0
+            if not got:
+                break
+            done += got
+        os.ftruncate(out, n)
+    finally:
+        if src >= 0:
+            os.close(src)

@@ -1,7 +1,8 @@
 """`erofs-tools mkfs` driver: walk SOURCE, lay out and write IMAGE atomically.
 
 The image is written to a temporary file beside IMAGE and renamed over it at the end;
-any error removes the temporary file, so no partial image is ever left behind.
+any error removes the temporary file, so no partial image is ever left behind. A block
+device is written in place instead, as mkfs.erofs does (builder/output.py).
 
 Reproducibility: children are sorted bytewise and nids follow a fixed breadth-first
 order, so the same tree with the same -T and -U gives a byte-identical image. Without
@@ -17,11 +18,12 @@ import time
 import uuid as _uuid
 from typing import TYPE_CHECKING, Any
 
-from erofs_tools._native import COMPRESSORS, BuildOptions, NativeBuilder
+from erofs_tools._native import COMPRESSORS, BuildOptions, LayoutInfo, NativeBuilder
 from erofs_tools.builder.options import MkfsOptions, Progress
+from erofs_tools.builder.output import partly_written, prepare, tree_data_bound
 from erofs_tools.builder.tree import TreeWalker
 from erofs_tools.errors import InputError
-from erofs_tools.fsutil import atomic_output, refuse_special
+from erofs_tools.fsutil import image_output, is_block_device, refuse_special
 
 if TYPE_CHECKING:
     from _typeshed import StrOrBytesPath
@@ -45,7 +47,9 @@ def check_paths(image: str, source: str) -> None:
         raise InputError(f"{image}: directory {parent} does not exist")
     if os.path.isdir(image):
         raise InputError(f"{image}: is a directory")
-    refuse_special(image)
+    refuse_special(image, block_ok=True)
+    if is_block_device(image):
+        return                      # (written in place: no new file in SOURCE)
     real_img = os.path.join(os.path.realpath(parent), os.path.basename(image))
     if _inside(real_img, source):
         raise InputError(f"{image}: the image would be inside SOURCE {source}")
@@ -88,6 +92,17 @@ def build_options(opts: MkfsOptions) -> BuildOptions:
     )
 
 
+def fsalign(nb: NativeBuilder, info: LayoutInfo, blocks: int, blkszbits: int) -> LayoutInfo:
+    """--fsalignblks: the image (and sb.blocks) grown to a multiple of `blocks` blocks,
+    zeros after the end, as mkfs.erofs rounds its primary device's block count."""
+    unit = blocks << blkszbits
+    end = -(-info.image_size // unit) * unit
+    if end == info.image_size:
+        return info
+    nb.put_bytes(end - 1, b"\0")
+    return nb.refresh_info()
+
+
 def mkfs(image: StrOrBytesPath, source: StrOrBytesPath, opts: MkfsOptions | None = None,
          progress: Progress | None = None) -> dict[str, Any]:
     """Build IMAGE from directory SOURCE. progress: object with .scan(entries, bytes, copied),
@@ -101,27 +116,37 @@ def mkfs(image: StrOrBytesPath, source: StrOrBytesPath, opts: MkfsOptions | None
     os.umask(umask)
     nb = None
     # like mkfs.erofs, no fsync of the image: the rename still never exposes a partial one
-    with atomic_output(image, mode=0o666 & ~umask, fsync=False, unlink_first=True) as f:
-        fd = f.fileno()
+    # (a block device: written in place, see builder/output.py)
+    with image_output(image, mode=0o666 & ~umask, offset=opts.offset) as target, \
+            partly_written(target, image):
+        fd = target.file.fileno()
         try:
             nb = NativeBuilder(build_options(opts))
+            need = 1 << opts.blkszbits
+            if (target.device and opts.compress is None and not opts.exclude_paths
+                    and not opts.exclude_regex):
+                need += tree_data_bound(source, need, target.limit)
+            prepare(nb, target, need, image, opts.dsunit)
             # file data is copied by a C thread while Python walks the tree
             nb.set_output(fd)
             on_entry = None
             if progress:
                 on_entry = lambda n, nbytes: progress.scan(n, nbytes, nb.stream_progress())  # noqa: E731
             TreeWalker(nb, opts, on_entry=on_entry).walk(source)
-            info = nb.layout()
+            info = fsalign(nb, nb.layout(), opts.fsalignblks, opts.blkszbits)
             wp = None
             if progress:
                 wp = lambda done, left: progress.write(info.inodes - left, info.inodes)  # noqa: E731
             nb.write(fd, progress=wp)
+            filled = nb.target_filled()
         finally:
             if nb is not None:
                 nb.close()          # stops the copy thread before fd is closed
     if progress:
         progress.done()
+    extra = {"zero_filled": filled} if target.device else {}
     return {
+        **extra,
         "image": image,
         "source": source,
         "inodes": info.inodes,

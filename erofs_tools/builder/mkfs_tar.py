@@ -24,7 +24,8 @@ builder like the directory walk does:
 Whiteouts: kept as they are in the archive (overlayfs char 0:0 devices, opaque xattrs),
 or converted from aufs `.wh.` files with `--aufs` (tar_tree "aufs", as mkfs.erofs 1.9).
 Errors: one line, exit 1; the image (and a --ungzip dump) are written under temporary
-names and renamed at the end, so nothing is left behind.
+names and renamed at the end, so nothing is left behind. A block device IMAGE is written
+in place (builder/output.py; the spool and sparse copies then go to TMPDIR).
 """
 from __future__ import annotations
 
@@ -38,8 +39,9 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from erofs_tools._native import BuildOptions, NativeBuilder
-from erofs_tools.builder.mkfs import build_options
+from erofs_tools.builder.mkfs import build_options, fsalign
 from erofs_tools.builder.options import MkfsOptions, Progress
+from erofs_tools.builder.output import partly_written, prepare
 from erofs_tools.builder.tar_reader import DEFAULT_MAX_SIZE, ReadStream, TarReader, _show
 from erofs_tools.builder.tar_stream import (
     LZIP_MAGIC,
@@ -56,7 +58,13 @@ from erofs_tools.builder.tar_tree import TarTree, TNode
 from erofs_tools.builder.tree import file_sha256, set_long_prefixes
 from erofs_tools.errors import InputError
 from erofs_tools.format import erofs as E
-from erofs_tools.fsutil import atomic_output, create_exclusive, refuse_special
+from erofs_tools.fsutil import (
+    create_exclusive,
+    image_output,
+    is_block_device,
+    open_device,
+    refuse_special,
+)
 
 TAR_MODES = ("f", "i")
 INDEX_BLKSZBITS = 9             # --tar=i: 512-byte blocks, the tar's own granularity
@@ -147,7 +155,9 @@ def check_tar_paths(image: str, source: str, dump: str | None) -> None:
         raise InputError(f"{image}: directory {parent} does not exist")
     if os.path.isdir(image):
         raise InputError(f"{image}: is a directory")
-    refuse_special(image)
+    refuse_special(image, block_ok=True)
+    if is_block_device(image):
+        os.close(open_device(image))      # busy: said now, not after reading the tar
     if dump is not None:
         refuse_special(dump, f"--ungzip={dump}")
     for other, what in ((source, "TARFILE"), (dump, "--ungzip FILE")):
@@ -288,7 +298,9 @@ def mkfs_tar(image: str, source: str, opts: MkfsOptions | None = None,
         raise InputError("--exclude-path/--exclude-regex do not apply to --tar")
     t0 = time.monotonic()
     check_tar_paths(image, source, topts.dump)
-    directory = os.path.dirname(os.path.abspath(image))
+    # (the spool and sparse copies beside the image; a device's: in TMPDIR)
+    directory = (os.environ.get("TMPDIR") or "/var/tmp" if is_block_device(image)
+                 else os.path.dirname(os.path.abspath(image)))
     umask = os.umask(0)
     os.umask(umask)
     with contextlib.ExitStack() as stack:
@@ -389,8 +401,9 @@ def _build(image: str, tree: TarTree, files: list[int | _Data], data_path: str,
            progress: Progress | None) -> tuple[Any, bytes]:
     index = topts.mode == "i"
     if index:
+        # (the root right after the device table, or after the long xattr prefixes that
+        # follow it: the C core's first_nid 0)
         bo = BuildOptions(blkszbits=INDEX_BLKSZBITS, devt_slotoff=_SB_END // E.DEVICE_SLOT_SIZE,
-                          first_nid=(_SB_END + E.DEVICE_SLOT_SIZE) // E.SLOT_SIZE,
                           uuid=opts.uuid if opts.uuid is not None else _uuid.uuid4().bytes,
                           volume_name=opts.label, build_time=opts.effective_timestamp(),
                           shared_xattrs=opts.shared_xattrs, xattr_filter=opts.xattr_filter,
@@ -406,11 +419,17 @@ def _build(image: str, tree: TarTree, files: list[int | _Data], data_path: str,
         bo.tail_budget_mib = 4
     force_uid = 0 if opts.all_root else opts.force_uid
     force_gid = 0 if opts.all_root else opts.force_gid
-    with atomic_output(image, mode=0o666 & ~umask, fsync=False, unlink_first=True) as f:
-        fd = f.fileno()
+    with image_output(image, mode=0o666 & ~umask, offset=opts.offset) as target, \
+            partly_written(target, image):
+        fd = target.file.fileno()
         nb = NativeBuilder(bo)
         try:
             if not index:
+                # (a device: the data's whole blocks at least, as tree_data_bound)
+                need = (1 << bo.blkszbits) + (0 if opts.compress or not target.device else sum(
+                    n.size >> bo.blkszbits << bo.blkszbits for k, n in enumerate(tree.regular)
+                    if isinstance(files[k], int)))
+                prepare(nb, target, need, image, opts.dsunit)
                 nb.set_output(fd)
             # --xattr-prefix, --xattr-inode-digest (before any xattr)
             digest_id = set_long_prefixes(nb, opts)
@@ -445,9 +464,10 @@ def _build(image: str, tree: TarTree, files: list[int | _Data], data_path: str,
                 nb.set_file(node, src, off, d.scratch is not None)
             if index:
                 nb.add_device(b"", tar_blocks, 0)
-            info = nb.layout()
+            info = fsalign(nb, nb.layout(), opts.fsalignblks, bo.blkszbits)
             if index:
                 nb.set_device(1, tar_blocks, info.image_size >> INDEX_BLKSZBITS)
+                prepare(nb, target, info.image_size, image)
             wp = None
             if progress:
                 wp = lambda done, left: progress.write(info.inodes - left, info.inodes)  # noqa: E731

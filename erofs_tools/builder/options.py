@@ -74,6 +74,11 @@ class MkfsOptions:
     uid_offset: int = 0               # --uid-offset: added to every uid (after force_uid)
     gid_offset: int = 0               # --gid-offset
     hard_dereference: bool = False    # --hard-dereference: each link its own inode
+    offset: int = 0                   # --offset: the image starts at this byte of IMAGE
+    fsalignblks: int = 1              # --fsalignblks: image size (sb.blocks) a multiple
+                                      # of this many blocks (a power of two)
+    dsunit: int = 0                   # --dsunit: each file's data on a multiple of this
+                                      # many blocks (uncompressed; 0, 1: none)
     exclude_paths: list[bytes] = field(default_factory=list)   # relative paths (bytes), exact
     exclude_regex: list[re.Pattern[bytes]] = field(default_factory=list)   # compiled bytes regexes, re.search
     shared_xattrs: bool = True        # xattrs carried by >= 2 inodes go to the shared area
@@ -352,6 +357,53 @@ def parse_timestamp(text: object, what: str = "-T") -> int:
     if not 0 <= v < 1 << 63:
         raise InputError(f"{what}: timestamp out of range: {text!r}")
     return v
+
+
+def parse_offset(text: str, what: str = "--offset", bits: int = 63) -> int:
+    """--offset BYTES (and --fsalignblks, --async-queue-limit ...): as mkfs.erofs reads
+    them (strtoul, base 0: 0x hex, a leading 0 octal), below 2^bits."""
+    m = re.fullmatch(r"0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*", text.strip())
+    if m is None:
+        raise InputError(f"{what}: invalid value {text!r}")
+    digits = m.group(0)
+    v = int(digits, 16 if digits[:2] in ("0x", "0X") else 8 if digits[0] == "0" else 10)
+    if v >= 1 << bits:
+        raise InputError(f"{what}: {text} is too large")
+    return v
+
+
+def parse_fsalignblks(text: str) -> int:
+    """--fsalignblks N -> N rounded up to a power of two (0: 1), as mkfs.erofs."""
+    n = parse_offset(text, "--fsalignblks", 32)
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def check_tuning(dsunit: str | None, max_extent: str | None, async_limit: str | None,
+                 compressed: bool) -> int:
+    """mkfs.erofs's --dsunit, --max-extent-bytes and --async-queue-limit: accepted where
+    we write them (--dsunit without -z) or they change nothing (the queue length; no
+    extent cap without -z), refused with one line where they would change the image;
+    -> the dsunit."""
+    unit = parse_offset(dsunit, "--dsunit", 32) if dsunit is not None else 0
+    if unit > 1 and compressed:
+        raise InputError("--dsunit with -z is not implemented (compressed data is not "
+                         "aligned)")
+    if max_extent is not None:
+        try:
+            v = int(max_extent, 0)
+        except ValueError:
+            raise InputError(f"--max-extent-bytes: invalid value {max_extent!r}") from None
+        if not -(1 << 31) <= v < 1 << 31:
+            raise InputError(f"--max-extent-bytes: {max_extent} out of range")
+        if compressed:
+            raise InputError("--max-extent-bytes with -z is not implemented (extents are "
+                             "cut as mkfs.erofs cuts them without it)")
+    if async_limit is not None:
+        n = parse_offset(async_limit, "--async-queue-limit", 32)
+        if n & (n - 1):
+            raise InputError(f"--async-queue-limit: {async_limit} is not a power of two "
+                             "(mkfs.erofs fails on it too)")
+    return unit
 
 
 def parse_id_offset(text: str, what: str) -> int:

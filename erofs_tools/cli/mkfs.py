@@ -7,15 +7,18 @@ from erofs_tools.builder.mkfs import mkfs as build_image
 from erofs_tools.builder.options import (
     INODE_DIGEST_DEFAULT,
     MkfsOptions,
+    check_tuning,
     parse_block_size,
     parse_compress,
     parse_compress_hints,
     parse_exclude_path,
     parse_exclude_regex,
     parse_extended,
+    parse_fsalignblks,
     parse_id_offset,
     parse_inode_digest,
     parse_label,
+    parse_offset,
     parse_root_xattr_isize,
     parse_timestamp,
     parse_uuid,
@@ -65,6 +68,21 @@ from erofs_tools.errors import InputError, terminate_as_interrupt
               help="Add N to every uid (after --force-uid/--all-root), as mkfs.erofs.")
 @click.option("--gid-offset", metavar="N",
               help="Add N to every gid (after --force-gid/--all-root).")
+@click.option("--offset", metavar="BYTES",
+              help="Write the image after the first BYTES bytes of IMAGE (a file or a block "
+                   "device), which are kept, as mkfs.erofs --offset.")
+@click.option("--fsalignblks", metavar="N",
+              help="Round the image size (and the superblock's block count) up to a multiple "
+                   "of N blocks, N rounded up to a power of two, as mkfs.erofs.")
+@click.option("--dsunit", metavar="N",
+              help="Start each file's data on a multiple of N blocks (a RAID stripe unit), "
+                   "as mkfs.erofs; not with -z (refused).")
+@click.option("--max-extent-bytes", "max_extent", metavar="N",
+              help="mkfs.erofs: at most N bytes of input per compressed extent. Not "
+                   "implemented with -z (refused); without -z accepted, no effect, as there.")
+@click.option("--async-queue-limit", "async_limit", metavar="N",
+              help="mkfs.erofs's job queue length (a power of two): accepted, no effect "
+                   "(a tuning knob; the image is the same).")
 @click.option("--hard-dereference", is_flag=True,
               help="Each link of a hardlinked file becomes an inode of its own, as "
                    "mkfs.erofs (--tar: no effect there, as in mkfs.erofs).")
@@ -118,13 +136,14 @@ from erofs_tools.errors import InputError, terminate_as_interrupt
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing on success.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 def mkfs(image, source, timestamp, all_time, ignore_mtime, ovlfs_strip, block_size,
-         uuid_text, label, all_root, force_uid, force_gid, uid_offset, gid_offset,
-         hard_dereference, mount_point, exclude_path, exclude_regex, no_shared_xattrs,
+         uuid_text, label, all_root, force_uid, force_gid, uid_offset, gid_offset, offset,
+         fsalignblks, dsunit, max_extent, async_limit, hard_dereference, mount_point, exclude_path, exclude_regex, no_shared_xattrs,
          xattr_tolerance, debug_level, xattr_prefix, root_xattr_isize, compress,
          pcluster, extended, hints, digest_flag, digest_name, workers, quiet, as_json,
          tar_mode, aufs, ungzip, ungzip_dump, unxz, sort_order, max_size):
     """Build an EROFS image IMAGE of the directory SOURCE (4 KiB blocks), or with --tar
-    of the tar file SOURCE (- or none: stdin)."""
+    of the tar file SOURCE (- or none: stdin). IMAGE may be a block device, written in
+    place (refused when mounted or too small), as mkfs.erofs writes one."""
     check_tar_flags(tar_mode, aufs, ungzip, ungzip_dump, max_size, unxz)
     if source is None and tar_mode is None:
         raise InputError("missing SOURCE (a directory, or a tar with --tar)")
@@ -138,10 +157,7 @@ def mkfs(image, source, timestamp, all_time, ignore_mtime, ovlfs_strip, block_si
     digest = None
     if digest_flag or digest_name is not None:
         digest = parse_inode_digest(INODE_DIGEST_DEFAULT if digest_name is None else digest_name)
-    if tar_mode == "i" and (digest is not None or xattr_prefix):
-        # (the table does not fit the index layout's fixed device table yet)
-        raise InputError(f"{'--xattr-inode-digest' if digest else '--xattr-prefix'} is not "
-                         "supported with --tar=i yet")
+    data_unit = check_tuning(dsunit, max_extent, async_limit, compress is not None)
     # --mount-point: mkfs.erofs prefixes it to the paths it looks up in SELinux file
     # contexts (--file-contexts) and Android's fs-config, neither of which this mkfs
     # reads (nor does a mkfs.erofs built without them): nothing else depends on it
@@ -163,6 +179,9 @@ def mkfs(image, source, timestamp, all_time, ignore_mtime, ovlfs_strip, block_si
         uid_offset=parse_id_offset(uid_offset, "--uid-offset") if uid_offset else 0,
         gid_offset=parse_id_offset(gid_offset, "--gid-offset") if gid_offset else 0,
         hard_dereference=hard_dereference,
+        offset=parse_offset(offset) if offset else 0,
+        fsalignblks=parse_fsalignblks(fsalignblks) if fsalignblks else 1,
+        dsunit=data_unit,
         exclude_paths=[parse_exclude_path(p) for p in exclude_path],
         exclude_regex=[parse_exclude_regex(r) for r in exclude_regex],
         shared_xattrs=shared,
