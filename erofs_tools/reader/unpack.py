@@ -16,7 +16,8 @@ import stat as _stat
 import tarfile
 import tempfile
 
-from erofs_tools.errors import CorruptImageError, ErofsToolsError, InputError, shown_path
+from erofs_tools.errors import (CorruptImageError, ErofsToolsError, ImageChangedError, InputError,
+                                shown_path)
 from erofs_tools.reader.fsck import MAX_MTIME
 from erofs_tools.reader.image import Image
 
@@ -69,7 +70,13 @@ def unpack_to_dir(img: Image, target, warnings=None, limit=None):
     tmp = tempfile.mkdtemp(prefix="." + os.path.basename(target) + ".unpack-", dir=parent)
     ok = False
     try:
-        _extract(img, tmp, warnings if warnings is not None else [], Budget(limit))
+        try:
+            _extract(img, tmp, warnings if warnings is not None else [], Budget(limit))
+        except (ErofsToolsError, OSError) as e:
+            raise img.changed() or e    # errors from bytes that changed: that change
+        # a shrink inside the last page or a rewrite in place faults nothing: the file's
+        # size and mtime, before the tree is committed
+        img.check_unchanged()
         if os.path.lexists(target):
             os.rmdir(target)
         os.rename(tmp, target)
@@ -139,6 +146,8 @@ def _show(path: bytes) -> str:
 
 
 def _with_path(img, path, e):
+    if isinstance(e, ImageChangedError):
+        return e                # about the whole file, not one entry
     msg = str(e)
     if msg.startswith(img.name + ": "):
         msg = msg[len(img.name) + 2:]
@@ -394,6 +403,7 @@ class _DataReader(io.RawIOBase):
     ZERO = bytes(1 << 20)
 
     def __init__(self, img, ino, budget):
+        self.img = img
         self.it = img.iter_data(ino)
         self.buf = b""
         self.zeros = 0
@@ -411,6 +421,9 @@ class _DataReader(io.RawIOBase):
             if data is None:
                 self.zeros = n
             else:
+                # a stream cannot be taken back: the file's size and mtime checked
+                # before its bytes go out (a shrink inside a page faults nothing)
+                self.img.check_unchanged()
                 self.buf = data
         if self.buf:
             n = min(len(b), len(self.buf))
@@ -443,15 +456,21 @@ def unpack_to_tar(img: Image, fileobj, warnings=None, limit=None):
     warnings = warnings if warnings is not None else []
     budget = Budget(limit)
     done: dict[int, str] = {}          # nid -> tar name of its first link
+    # an error inside the with block leaves the stream without its end blocks: a
+    # consumer sees it cut short, whatever was written
     with tarfile.open(fileobj=fileobj, mode="w|", format=tarfile.PAX_FORMAT) as tf:
-        for path, _de, ino in img.walk():
-            try:
-                _tar_one(img, tf, path, ino, done, warnings, budget)
-            except ErofsToolsError as e:
-                raise _with_path(img, path, e) from None
-            # tarfile keeps every TarInfo written (for getmembers); a stream writer
-            # never needs them, and a deep tree's names add up quadratically
-            tf.members.clear()  # type: ignore[attr-defined]  # (not in the stubs)
+        try:
+            for path, _de, ino in img.walk():
+                try:
+                    _tar_one(img, tf, path, ino, done, warnings, budget)
+                except ErofsToolsError as e:
+                    raise _with_path(img, path, e) from None
+                # tarfile keeps every TarInfo written (for getmembers); a stream writer
+                # never needs them, and a deep tree's names add up quadratically
+                tf.members.clear()  # type: ignore[attr-defined]  # (not in the stubs)
+            img.check_unchanged()
+        except ErofsToolsError as e:
+            raise img.changed() or e from None
     return warnings
 
 
@@ -496,4 +515,5 @@ def _tar_one(img, tf, path, ino, done, warnings, budget):
     if not ino.is_dir() and ino.nlink > 1:     # names of deep trees are long: only
         done.setdefault(ino.nid, name)           # what a later hardlink can name
     ti.pax_headers = pax
+    img.check_unchanged()       # the member's metadata, before its header goes out
     tf.addfile(ti, fobj)
