@@ -302,7 +302,7 @@ def unpack_cmd(image, blob_dir, devices, output, tar_out, max_size):
         raise InputError("give exactly one of -o DIR and --tar FILE")
     limit = _parse_size(max_size, "--max-size") if max_size else DEFAULT_MAX_SIZE
     img = _open(image, blob_dir, devices)
-    warnings: list[str] = []
+    warnings = []
     with _reading(img):         # (each output checks the file before it commits)
         _unpack(img, output, tar_out, warnings, limit)
     for w in warnings:

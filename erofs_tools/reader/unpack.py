@@ -16,8 +16,13 @@ import stat as _stat
 import tarfile
 import tempfile
 
-from erofs_tools.errors import (CorruptImageError, ErofsToolsError, ImageChangedError, InputError,
-                                shown_path)
+from erofs_tools.errors import (
+    CorruptImageError,
+    ErofsToolsError,
+    ImageChangedError,
+    InputError,
+    shown_path,
+)
 from erofs_tools.reader.fsck import MAX_MTIME
 from erofs_tools.reader.image import Image
 
