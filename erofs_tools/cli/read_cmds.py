@@ -252,6 +252,21 @@ def _inspect(img, path, as_json):
 
 
 def _tree_entries(img):
+    """The tree's lines, each batch given out once the image file was checked unchanged
+    since it was read (a page's zeroed tail after a shrink faults nothing): a check per
+    line cost 14% of a /usr/share image's `inspect`."""
+    batch = []
+    for e in _tree_walk(img):
+        batch.append(e)
+        if len(batch) == 512:
+            img.check_unchanged()
+            yield from batch
+            batch.clear()
+    img.check_unchanged()
+    yield from batch
+
+
+def _tree_walk(img):
     for p, _de, ino in img.walk():
         e = {"path": _s(p), "type": _TYPE.get(ino.ftype, "?"), "nid": ino.nid,
              "mode": f"{_stat.S_IMODE(ino.mode):04o}", "uid": ino.uid, "gid": ino.gid,
@@ -260,7 +275,6 @@ def _tree_entries(img):
             e["target"] = _s(img.readlink(ino))
         if ino.is_dev():
             e["rdev"] = list(ino.rdev)
-        img.check_unchanged()       # each line printed from the bytes that were opened
         yield e
 
 

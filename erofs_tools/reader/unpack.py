@@ -15,6 +15,7 @@ import os
 import stat as _stat
 import tarfile
 import tempfile
+from typing import Any
 
 from erofs_tools.errors import (
     CorruptImageError,
@@ -408,7 +409,6 @@ class _DataReader(io.RawIOBase):
     ZERO = bytes(1 << 20)
 
     def __init__(self, img, ino, budget):
-        self.img = img
         self.it = img.iter_data(ino)
         self.buf = b""
         self.zeros = 0
@@ -426,9 +426,6 @@ class _DataReader(io.RawIOBase):
             if data is None:
                 self.zeros = n
             else:
-                # a stream cannot be taken back: the file's size and mtime checked
-                # before its bytes go out (a shrink inside a page faults nothing)
-                self.img.check_unchanged()
                 self.buf = data
         if self.buf:
             n = min(len(b), len(self.buf))
@@ -461,9 +458,10 @@ def unpack_to_tar(img: Image, fileobj, warnings=None, limit=None):
     warnings = warnings if warnings is not None else []
     budget = Budget(limit)
     done: dict[int, str] = {}          # nid -> tar name of its first link
+    out: Any = _CheckedOut(img, fileobj)     # (a file object to tarfile: write only)
     # an error inside the with block leaves the stream without its end blocks: a
     # consumer sees it cut short, whatever was written
-    with tarfile.open(fileobj=fileobj, mode="w|", format=tarfile.PAX_FORMAT) as tf:
+    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tf:
         try:
             for path, _de, ino in img.walk():
                 try:
@@ -473,10 +471,38 @@ def unpack_to_tar(img: Image, fileobj, warnings=None, limit=None):
                 # tarfile keeps every TarInfo written (for getmembers); a stream writer
                 # never needs them, and a deep tree's names add up quadratically
                 tf.members.clear()  # type: ignore[attr-defined]  # (not in the stubs)
-            img.check_unchanged()
         except ErofsToolsError as e:
             raise img.changed() or e from None
+    out.flush_checked()         # the last members and the end blocks
     return warnings
+
+
+class _CheckedOut:
+    """The tar stream's bytes held back until the image file was checked unchanged
+    since they were read (Image.check_unchanged: size, mtime, a fault; reader/mapped.py):
+    a stream cannot be taken back, and a shrink inside a page or a rewrite in place
+    faults nothing. One check per MiB written: per member and data piece it cost 3% of
+    a /usr/share image's `unpack --tar` (docs/performance.md, helper run readsafe)."""
+
+    HOLD = 1 << 20
+
+    def __init__(self, img: Image, out) -> None:
+        self.img, self.out, self.buf = img, out, bytearray()
+
+    def write(self, b) -> int:
+        if len(self.buf) + len(b) < self.HOLD:
+            self.buf += b
+            return len(b)
+        self.img.check_unchanged()
+        self.out.write(self.buf)
+        self.out.write(b)
+        self.buf.clear()
+        return len(b)
+
+    def flush_checked(self) -> None:
+        self.img.check_unchanged()
+        self.out.write(self.buf)
+        self.buf.clear()
 
 
 def _tar_one(img, tf, path, ino, done, warnings, budget):
@@ -520,5 +546,4 @@ def _tar_one(img, tf, path, ino, done, warnings, budget):
     if not ino.is_dir() and ino.nlink > 1:     # names of deep trees are long: only
         done.setdefault(ino.nid, name)           # what a later hardlink can name
     ti.pax_headers = pax
-    img.check_unchanged()       # the member's metadata, before its header goes out
     tf.addfile(ti, fobj)
