@@ -278,3 +278,37 @@ def test_guard_on_top_after_faulthandler(work):
     r = subprocess.run([sys.executable, "-c", code, work / "plain.img", work / "one.boot"],
                        capture_output=True, timeout=60)
     assert r.returncode == 0 and r.stdout.startswith(b"ok "), (r.returncode, r.stderr[-2000:])
+
+
+def test_no_guard_slot_left(work):
+    """All 1024 guard slots taken: an image is read into memory instead of mapped (no
+    SIGBUS possible), and a truncation is still caught by the check before a commit."""
+    code = textwrap.dedent("""
+        import mmap, os, sys
+        from erofs_tools._native_guard import MapGuard
+        from erofs_tools.errors import ImageChangedError
+        from erofs_tools.reader.image import Image
+        keep = []
+        while True:
+            m = mmap.mmap(-1, 4096)
+            try:
+                keep.append((m, MapGuard(m)))
+            except OSError:
+                break
+        img = Image(sys.argv[1])
+        assert type(img.data) is bytes and len(keep) == 1024, (type(img.data), len(keep))
+        os.truncate(sys.argv[1], 8192)
+        n = sum(1 for _ in img.walk())
+        try:
+            img.check_unchanged()
+        except ImageChangedError as e:
+            print("ok", n, e)
+        for m, g in keep:
+            m.close()
+            g.release()
+        img2 = Image(sys.argv[2])
+        assert type(img2.data) is not bytes
+    """)
+    r = subprocess.run([sys.executable, "-c", code, work / "plain.img", work / "one.boot"],
+                       capture_output=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.startswith(b"ok 315 "), (r.stdout, r.stderr[-2000:])
