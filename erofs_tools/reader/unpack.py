@@ -487,22 +487,23 @@ class _CheckedOut:
     HOLD = 1 << 20
 
     def __init__(self, img: Image, out) -> None:
-        self.img, self.out, self.buf = img, out, bytearray()
+        # the pieces themselves, not one buffer: a bytearray grown to 1 MiB and cleared
+        # took fresh pages from the kernel every MiB (+0.5 s of system time)
+        self.img, self.out, self.size = img, out, 0
+        self.held: list[bytes] = []
 
     def write(self, b) -> int:
-        if len(self.buf) + len(b) < self.HOLD:
-            self.buf += b
-            return len(b)
-        self.img.check_unchanged()
-        self.out.write(self.buf)
-        self.out.write(b)
-        self.buf.clear()
+        self.held.append(b if type(b) is bytes else bytes(b))
+        self.size += len(b)
+        if self.size >= self.HOLD:
+            self.flush_checked()
         return len(b)
 
     def flush_checked(self) -> None:
         self.img.check_unchanged()
-        self.out.write(self.buf)
-        self.buf.clear()
+        self.out.writelines(self.held)
+        self.held.clear()
+        self.size = 0
 
 
 def _tar_one(img, tf, path, ino, done, warnings, budget):
