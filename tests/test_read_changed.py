@@ -98,7 +98,7 @@ def test_image_api_truncated_after_open(images, tmp_path):
     img.write_bytes((images / "plain.img").read_bytes())
     code = textwrap.dedent(f"""
         import os
-        from erofs_tools.errors import ImageChangedError
+        from erofs_tools.errors import CorruptImageError
         from erofs_tools.reader.image import Image
         img = Image({str(img)!r})
         size = img.size
@@ -115,13 +115,14 @@ def test_image_api_truncated_after_open(images, tmp_path):
                     big = img.inode(img.lookup("/big").nid)
                     for _o, data, n in img.iter_data(big):
                         assert data is None or len(data) == n
-            except ImageChangedError as e:
-                got.append(str(e))
+            except CorruptImageError as e:
+                got.append(type(e).__name__ + " " + str(e))
         print(len(got), got[0])
     """)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
     assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
-    assert r.stdout.startswith(b"3 ") and f"(now {2 * PAGE} bytes)".encode() in r.stdout
+    assert r.stdout.startswith(b"3 ImageChangedError ") and \
+        f"the image file changed while it was read (now {2 * PAGE} bytes)".encode() in r.stdout
 
 
 @pytest.mark.parametrize("how", ["dir", "tar", "tar-stdout"])
@@ -264,7 +265,7 @@ def test_guard_on_top_after_faulthandler(work):
     on top, and a shrink of that image is an error, not faulthandler's death."""
     code = textwrap.dedent(f"""
         import faulthandler, os, sys
-        from erofs_tools.errors import ImageChangedError
+        from erofs_tools.errors import CorruptImageError
         from erofs_tools.reader.image import Image
         Image(sys.argv[2])
         faulthandler.enable()
@@ -272,12 +273,13 @@ def test_guard_on_top_after_faulthandler(work):
         os.truncate(sys.argv[1], {2 * PAGE})
         try:
             img.read(img.size - 10, 10)
-        except ImageChangedError as e:
+        except CorruptImageError as e:
             print("ok", e)
     """)
     r = subprocess.run([sys.executable, "-c", code, work / "plain.img", work / "one.boot"],
                        capture_output=True, timeout=60)
     assert r.returncode == 0 and r.stdout.startswith(b"ok "), (r.returncode, r.stderr[-2000:])
+    assert b"changed while it was read" in r.stdout
 
 
 def test_no_guard_slot_left(work):
