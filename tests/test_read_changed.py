@@ -8,6 +8,7 @@ fails the test instead of killing pytest); the change is real: the file is trunc
 or rewritten by the child at a chosen moment (its Nth inode lookup), no fault is
 simulated."""
 import io
+import json
 import os
 import signal
 import subprocess
@@ -214,6 +215,28 @@ def test_merge_rewritten_in_place(work):
               work / "two.boot", "-B", out)
     _one_error(r)
     assert _left(work) == []
+
+
+@pytest.mark.parametrize("mode", ["truncate", "rewrite"])
+def test_optimize_changed_while_read(images, work, mode):
+    """`optimize`: the source bootstrap truncated, or its inode blocks rewritten, while
+    it is copied: no output bootstrap, no prefetch blob left in the blob directory."""
+    img = Image(work / "one.boot")
+    _fo, _n, dev, phys = next(iter(img.map_data(img.lookup("/big"))))
+    blob_id = img.blob_id(dev)
+    img.close()
+    chunk = {"blob": 0, "uncompressed_offset": phys, "file_offset": 0, "first_access": 0.01}
+    trace = {"version": 1, "image": {"blobs": [blob_id]},
+             "entries": [{"path": "/big", "inode": 0, "first_access": 0.01,
+                          "chunks": [chunk]}]}
+    (work / "trace.json").write_text(json.dumps(trace))
+    blobs = sorted(os.listdir(images / "blobs"))
+    arg = 2 * PAGE
+    r = _tool(work / "one.boot", 250, mode, arg, "optimize", work / "one.boot",
+              work / "opt.boot", "--trace", work / "trace.json", "-D", images / "blobs")
+    _one_error(r)
+    assert _left(work) == ["trace.json"]
+    assert sorted(os.listdir(images / "blobs")) == blobs
 
 
 def test_unchanged_image_reads_as_before(images, work):
