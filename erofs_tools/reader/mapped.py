@@ -8,20 +8,22 @@ out were weighed (docs/reliability.md, "Bugs found and fixed"):
 - reading with pread instead of mapping: every decode of the reader works on one
   buffer (struct decoders, the C walk of csrc/fileruns.c), so a bootstrap would be
   read whole into memory (and a plain image of gigabytes could not be), or every
-  field access would become a system call;
+  field access would become a system call; and `Image.read` and the data pieces
+  alone through pread were no cheaper than the mapping (docs/performance.md, helper
+  run readsafe);
 - a private copy of the file first: a whole extra read and write of the image;
 - keeping the mapping and answering the fault (chosen): csrc/imageguard.c's SIGBUS
   handler maps zero pages over the lost range and sets this mapping's flag; the reader
   checks the flag after each copy out of the mapping (`Image.read`, the data pieces,
   inodes, lcluster indexes) and raises ImageChangedError before any byte read after
-  the shrink reaches an output. Nothing is paid while the file stays as it is: one
-  load of the flag per copy.
+  the shrink reaches an output. While the file stays as it is, that is one load of
+  the flag per copy (36 ns).
 
 A shrink to a size inside a page is not a fault (the page's tail reads as zeros), and
 neither is a rewrite in place: `changed()` compares the file's size and mtime with
-those at open time; the tools call it before they commit an output (and `unpack
---tar` before each member), so such a change fails the command instead of being
-written, as long as the file's mtime moved.
+those at open time; the tools call it before they commit an output (and before
+each MiB of an `unpack --tar` stream, each 512 lines of `inspect`), so such a change
+fails the command instead of being written, as long as the file's size or mtime moved.
 """
 from __future__ import annotations
 
