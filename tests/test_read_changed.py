@@ -337,3 +337,20 @@ def test_no_guard_slot_left(work):
     r = subprocess.run([sys.executable, "-c", code, work / "plain.img", work / "one.boot"],
                        capture_output=True, timeout=60)
     assert r.returncode == 0 and r.stdout.startswith(b"ok 315 "), (r.stdout, r.stderr[-2000:])
+
+
+def test_failed_open_leaves_no_descriptor(tmp_path):
+    """The guard's own descriptor (for the size checks) goes with an Image whose parse
+    failed and that nobody closes: 200 bad opens, no descriptor more."""
+    import gc
+
+    from erofs_tools.errors import CorruptImageError
+    bad = tmp_path / "bad.img"
+    bad.write_bytes(os.urandom(2 * PAGE))
+    gc.collect()
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(200):
+        with pytest.raises(CorruptImageError):
+            Image(bad)
+    gc.collect()
+    assert len(os.listdir("/proc/self/fd")) <= before

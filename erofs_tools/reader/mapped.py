@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import weakref
 
 from erofs_tools._native_guard import MapGuard, guard_flags
 from erofs_tools.errors import CorruptImageError, ImageChangedError
@@ -48,6 +49,9 @@ class MappedFile:
         st = os.fstat(fd)
         self.stamp = (st.st_size, st.st_mtime_ns)
         self.stat_fd = os.dup(fd)
+        # closed with the object too: an Image whose parse failed is not closed (its
+        # mapping goes with the mmap object; this descriptor would stay open for good)
+        self._fin = weakref.finalize(self, os.close, self.stat_fd)
         try:
             if st.st_size == 0:
                 self.data: bytes | mmap.mmap = b""
@@ -101,7 +105,7 @@ class MappedFile:
                     self.guard.release()
             self.mm = None
         if self.stat_fd >= 0:
-            os.close(self.stat_fd)
+            self._fin()         # os.close, once
             self.stat_fd = -1
 
 
