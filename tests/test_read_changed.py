@@ -354,3 +354,25 @@ def test_failed_open_leaves_no_descriptor(tmp_path):
             Image(bad)
     gc.collect()
     assert len(os.listdir("/proc/self/fd")) <= before
+
+
+def test_chunk_pins_of_a_truncated_bootstrap(work):
+    """The chunk-info rows (`erofs-tools mount`'s and the daemon's pins) read after the
+    bootstrap shrank: an ImageChangedError, no pins made of zeros."""
+    code = textwrap.dedent(f"""
+        import os, sys
+        from erofs_tools.errors import CorruptImageError
+        from erofs_tools.reader.bootstrap import chunk_pins
+        from erofs_tools.reader.image import Image
+        img = Image(sys.argv[1])
+        assert img._chunk_table[0] >= {2 * PAGE}, img._chunk_table
+        os.truncate(sys.argv[1], {2 * PAGE})
+        try:
+            chunk_pins(img)
+        except CorruptImageError as e:
+            print(type(e).__name__, e)
+    """)
+    r = subprocess.run([sys.executable, "-c", code, work / "one.boot"], capture_output=True,
+                       timeout=60)
+    assert r.returncode == 0 and r.stdout.startswith(b"ImageChangedError "), \
+        (r.returncode, r.stdout, r.stderr[-2000:])
