@@ -175,7 +175,7 @@ class Image:
         if (e := self.changed()) is not None:
             raise e
 
-    def _torn(self):        # a copy made after the mapping faulted (zeros): never used
+    def _torn(self):        # for a copy made after the mapping faulted (it holds zeros)
         return self.changed() or ImageChangedError(f"{self.name}: the image file changed")
 
     def __enter__(self):
