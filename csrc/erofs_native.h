@@ -567,4 +567,18 @@ int ern_heap_bound(int arenas, int mmap_threshold);
 int ern_ci_blob_pins(const uint8_t *ci, uint64_t n, int v2, const uint8_t *digests,
                      const uint8_t *pins, uint64_t npins, uint8_t *out);
 
+/* ---- the reader's SIGBUS guard over mapped image files (imageguard.c) ----
+ * ern_guard_add: register the mapping [addr, addr + len) of an image file; returns its
+ * slot (0..1023), or -1 (table full, or the handler could not be installed: then the
+ * caller must not map). A fault in a registered range (the file shrank) is answered
+ * with anonymous zero pages from the faulting page to the range's end, and
+ * ern_guard_hit[slot] set to 1 before them: the reader checks it after each copy.
+ * Other SIGBUSes go to the handler installed before (or the default action).
+ * ern_guard_install puts the handler back on top if another one (faulthandler) was
+ * installed since; ern_guard_add calls it. ern_guard_remove: before the munmap. */
+extern uint32_t ern_guard_hit[1024];
+int ern_guard_install(void);
+int ern_guard_add(const void *addr, uint64_t len);
+void ern_guard_remove(int slot);
+
 #endif

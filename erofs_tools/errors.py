@@ -60,6 +60,10 @@ class DigestMismatchError(CorruptImageError):
     """Data does not match the digest recorded for it."""
 
 
+class ImageChangedError(CorruptImageError):
+    """The image file was truncated, grown or rewritten while a reader had it open."""
+
+
 class RegistryError(ErofsToolsError):
     """A registry request failed (after retries) or returned something invalid."""
 

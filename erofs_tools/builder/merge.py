@@ -40,7 +40,7 @@ from erofs_tools.builder.tar_reader import _show
 from erofs_tools.builder.whiteout import IMPLIED_XATTR as IMPLIED
 from erofs_tools.builder.whiteout import OPAQUE_XATTR as OPAQUE
 from erofs_tools.builder.whiteout import classify, is_implied, is_opaque, is_overlay_whiteout
-from erofs_tools.errors import CorruptImageError, InputError
+from erofs_tools.errors import CorruptImageError, ErofsToolsError, InputError
 from erofs_tools.format import erofs as E
 from erofs_tools.format import rafs as R
 from erofs_tools.reader.image import Image, Inode
@@ -89,10 +89,14 @@ class _Layer:
     def __init__(self, index: int, path: str) -> None:
         self.index = index
         self.path = path
-        self.tables = BootstrapTables.read(path)
-        self.img = Image(path)
-        if not self.img.is_rafs:
-            raise InputError(f"{path}: not a RAFS v6 bootstrap")
+        self.img = Image(path)      # first: its check before the commit covers the tables
+        try:
+            self.tables = BootstrapTables.read(path)
+            if not self.img.is_rafs:
+                raise InputError(f"{path}: not a RAFS v6 bootstrap")
+        except BaseException:
+            self.img.close()
+            raise
         self.chunks = {(c.blob_index, c.index): c for c in self.tables.chunks}
         self.blob_map: dict[int, int] = {}          # local blob index -> merged index
 
@@ -119,6 +123,10 @@ def merge(bootstraps: Sequence[StrPath], output: str, blob_ids: Mapping[str, str
                 raise InputError(f"{output}: output would overwrite an input bootstrap")
             layers.append(_Layer(i, os.fspath(p)))
         return _merge(layers, output, blob_ids, whiteout_spec, timestamp)
+    except ErofsToolsError:
+        for L in layers:        # an error from bytes that changed under us: that change
+            L.img.check_unchanged()
+        raise
     finally:
         for L in layers:
             L.close()
@@ -305,6 +313,8 @@ def _merge(layers: list[_Layer], output: str, blob_ids: dict[str, str], whiteout
                 estack.append((c, cid, cpath))
 
     opts = RP.PackOptions(chunk_size=chunk_size, digester=digester, compressor=compressor)
+    for L in layers:    # truncated or rewritten while read (reader/mapped.py): no output
+        L.img.check_unchanged()
     result = RP.write_bootstrap(nb, RP.TreeInfo(regular, has_x), output, opts, None, None,
                                 per_node, file_off, [], build_time, blob_list=blobs)
     result["layers"] = [L.path for L in layers]

@@ -30,7 +30,7 @@ from erofs_tools.builder import rafs as RP
 from erofs_tools.builder.blob import BlobWriter, StoredChunk
 from erofs_tools.builder.merge import _chunks, _compressor_of, _Layer, copy_inode
 from erofs_tools.builder.node_chunks import ChunkRun, FileChunks
-from erofs_tools.errors import CorruptImageError, InputError
+from erofs_tools.errors import CorruptImageError, ErofsToolsError, InputError
 from erofs_tools.reader import blob as rblob
 from erofs_tools.reader.image import Inode
 
@@ -131,6 +131,9 @@ def optimize(source: str, output: str, blob_dir: str, trace: Trace,
     layer = _Layer(0, source)
     try:
         return _optimize(layer, output, blob_dir, out_blob_dir or blob_dir, trace)
+    except ErofsToolsError:
+        layer.img.check_unchanged()     # an error from bytes that changed: that change
+        raise
     finally:
         layer.close()
 
@@ -186,6 +189,7 @@ def _optimize(L: _Layer, output: str, blob_dir: str, out_dir: str,
             tree.per_node[node] = _relocated(chunks, moved, tree.file_off)
         opts = RP.PackOptions(chunk_size=chunk_size, digester=t.digester,
                               compressor=compressor)
+        L.img.check_unchanged()     # truncated or rewritten while read: no output
         result = RP.write_bootstrap(nb, RP.TreeInfo(tree.regular, tree.has_xattrs), output,
                                     opts, None, new_info, tree.per_node, tree.file_off,
                                     prefetch_nodes, L.img.sb.build_time, blob_list=blobs)

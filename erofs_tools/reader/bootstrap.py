@@ -57,6 +57,8 @@ def chunk_pins(img: Image) -> list[dict[int, ChunkPin]]:
         if out[blob].setdefault(index, pin) != pin:
             raise CorruptImageError(f"{img.name}: chunk table gives chunk {index} of blob "
                                     f"{blob} twice, differently")
+    if img._flags[img._slot]:       # rows read after the image file shrank (mapped.py)
+        raise img._torn()
     return out
 
 

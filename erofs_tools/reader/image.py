@@ -8,18 +8,18 @@ once each, and every problem is a CorruptImageError whose message names the inod
 from __future__ import annotations
 
 import array
-import mmap
 import os
 import stat as _stat
 import sys
 from typing import NamedTuple
 
-from erofs_tools.errors import CorruptImageError
+from erofs_tools.errors import CorruptImageError, ImageChangedError
 from erofs_tools.format import erofs as E
 from erofs_tools.format import rafs as R
 from erofs_tools.fsutil import round_up
 from erofs_tools.reader.blobid import shown_id
 from erofs_tools.reader.chunkrefs import ChunkList, ChunkRef  # noqa: F401 (re-exported)
+from erofs_tools.reader.mapped import UNGUARDED, MappedFile
 from erofs_tools.reader.xprefix import read_long_prefixes, read_xattrs
 from erofs_tools.reader.zdata import is_compressed, iter_compressed
 from erofs_tools.reader.zmap import parse_config
@@ -114,8 +114,9 @@ class Image:
     """
 
     def __init__(self, source, blobs=None, name=None):
-        self._mm = None
+        self._map = None            # MappedFile: the mapping and its guard (mapped.py)
         self._file = None
+        self._flags, self._slot = UNGUARDED, 0      # _flags[_slot] set: the file shrank
         if isinstance(source, (bytes, bytearray, memoryview)):
             self.data = bytes(source)
             self.name = name or "<image>"
@@ -137,33 +138,45 @@ class Image:
             if fd is None:
                 f.seek(0)
                 self.data = bytes(f.read())
-            elif os.fstat(fd).st_size == 0:
-                self.data = b""
             else:
                 try:
-                    self._mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
-                except (OSError, ValueError) as e:
-                    raise CorruptImageError(f"{self.name}: cannot map ({e})") from None
-                self.data = self._mm
+                    self._map = MappedFile(fd, self.name)
+                except BaseException:
+                    self.close()
+                    raise
+                self.data = self._map.data
+                self._flags, self._slot = self._map.flags, self._map.slot
         self.size = len(self.data)
         self.blobs = blobs
         self._inode_cache = {}
-        self._zstate = None         # reader/zdata.py caches (compressed inodes)
+        self._zstate = self.zconfig = None      # zdata.py's caches; ZConfig if compressed
         self._xprefixes = None      # long xattr name prefixes, read on first use
-        self.zconfig = None         # ZConfig of a compressed image
-        self._parse_super()
+        try:
+            self._parse_super()
+        except CorruptImageError as e:
+            raise self.changed() or e from None
 
     def close(self):
         self.data = b""
-        if self._mm is not None:
-            try:
-                self._mm.close()
-            except BufferError:
-                pass
-            self._mm = None
+        if self._map is not None:
+            self._map.close()
+            self._map = None
         if self._file is not None:
             self._file.close()
             self._file = None
+
+    def changed(self) -> ImageChangedError | None:
+        """The error when the image file shrank, grew or was rewritten since it was opened
+        (mapped.py), else None: checked before an output is committed, and to explain
+        an error."""
+        return self._map.changed() if self._map is not None else None
+
+    def check_unchanged(self):
+        if (e := self.changed()) is not None:
+            raise e
+
+    def _torn(self):        # for a copy made after the mapping faulted (it holds zeros)
+        return self.changed() or ImageChangedError(f"{self.name}: the image file changed")
 
     def __enter__(self):
         return self
@@ -177,10 +190,14 @@ class Image:
             raise CorruptImageError(
                 f"{self.name}: {what} at [{offset}, {offset + length}) is outside the image "
                 f"({self.size} bytes)")
-        return bytes(self.data[offset:offset + length])
+        out = bytes(self.data[offset:offset + length])
+        if self._flags[self._slot]:
+            raise self._torn()
+        return out
 
     def _err(self, msg):
-        return CorruptImageError(f"{self.name}: {msg}")
+        # an inconsistency in bytes that changed under the reader is that change
+        return self.changed() or CorruptImageError(f"{self.name}: {msg}")
 
     # -- superblock ------------------------------------------------------------------------
     def _parse_super(self):
@@ -309,7 +326,10 @@ class Image:
         """The RAFS chunk-info table as R.ChunkInfo records (decoded on first use)."""
         if self._chunk_infos is None:
             off, n = self._chunk_table
-            self._chunk_infos = R.ChunkInfo.decode_many(self.data, off, n) if n else []
+            infos = R.ChunkInfo.decode_many(self.data, off, n) if n else []
+            if self._flags[self._slot]:
+                raise self._torn()
+            self._chunk_infos = infos
         return self._chunk_infos
 
     def chunk_info_rows(self):
@@ -400,6 +420,8 @@ class Image:
             raise self._err(f"inode {nid}: inline xattrs run past the image end")
         if ino.ftype in (_stat.S_IFREG, _stat.S_IFDIR, _stat.S_IFLNK) and ino.size >= 1 << 63:
             raise self._err(f"inode {nid}: negative size")
+        if self._flags[self._slot]:
+            raise self._torn()
         return ino
 
     # -- data mapping ----------------------------------------------------------------------
@@ -500,7 +522,10 @@ class Image:
             elif dev == 0:
                 for pos in range(0, length, piece):
                     n = min(piece, length - pos)
-                    yield fo + pos, bytes(self.data[phys + pos:phys + pos + n]), n
+                    data = bytes(self.data[phys + pos:phys + pos + n])
+                    if self._flags[self._slot]:
+                        raise self._torn()
+                    yield fo + pos, data, n
             else:
                 if blobs is None:
                     raise self._err(
@@ -626,7 +651,7 @@ class Image:
                     # through it) writes outside the target of a naive extractor
                     raise self._err(f"directory {dino.nid}: duplicate names")
             except CorruptImageError as e:
-                if on_error is None:
+                if on_error is None or isinstance(e, ImageChangedError):
                     raise
                 on_error(path, e)
                 continue
@@ -646,7 +671,7 @@ class Image:
                         visited.add(d.nid)
                         subdirs.append((cpath, ino, dino.nid))
                 except CorruptImageError as e:
-                    if on_error is None:
+                    if on_error is None or isinstance(e, ImageChangedError):
                         raise
                     on_error(cpath, e)
                     continue

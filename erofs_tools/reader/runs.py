@@ -35,6 +35,8 @@ def data_runs_later(img, max_inodes: int = 1 << 22, pause_every: int = 0
     makes them when those are done). The fallback walk is done whole now."""
     raw = file_runs_raw(img.data, img.meta_off, img.blkszbits, img.root_nid,
                         img.device_id_mask, len(img.devices), max_inodes)
+    if img._flags[img._slot]:           # the walk read after the image file shrank
+        raise img._torn()
     if raw is not None:
         return functools.partial(file_runs_lists, *raw)
     found = _reader_runs(img, max_inodes, pause_every)

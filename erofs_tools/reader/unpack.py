@@ -15,8 +15,15 @@ import os
 import stat as _stat
 import tarfile
 import tempfile
+from typing import Any
 
-from erofs_tools.errors import CorruptImageError, ErofsToolsError, InputError, shown_path
+from erofs_tools.errors import (
+    CorruptImageError,
+    ErofsToolsError,
+    ImageChangedError,
+    InputError,
+    shown_path,
+)
 from erofs_tools.reader.fsck import MAX_MTIME
 from erofs_tools.reader.image import Image
 
@@ -69,7 +76,13 @@ def unpack_to_dir(img: Image, target, warnings=None, limit=None):
     tmp = tempfile.mkdtemp(prefix="." + os.path.basename(target) + ".unpack-", dir=parent)
     ok = False
     try:
-        _extract(img, tmp, warnings if warnings is not None else [], Budget(limit))
+        try:
+            _extract(img, tmp, warnings if warnings is not None else [], Budget(limit))
+        except (ErofsToolsError, OSError) as e:
+            raise img.changed() or e    # errors from bytes that changed: that change
+        # a shrink inside the last page or a rewrite in place faults nothing: the file's
+        # size and mtime, before the tree is committed
+        img.check_unchanged()
         if os.path.lexists(target):
             os.rmdir(target)
         os.rename(tmp, target)
@@ -139,6 +152,8 @@ def _show(path: bytes) -> str:
 
 
 def _with_path(img, path, e):
+    if isinstance(e, ImageChangedError):
+        return e                # about the whole file, not one entry
     msg = str(e)
     if msg.startswith(img.name + ": "):
         msg = msg[len(img.name) + 2:]
@@ -443,16 +458,52 @@ def unpack_to_tar(img: Image, fileobj, warnings=None, limit=None):
     warnings = warnings if warnings is not None else []
     budget = Budget(limit)
     done: dict[int, str] = {}          # nid -> tar name of its first link
-    with tarfile.open(fileobj=fileobj, mode="w|", format=tarfile.PAX_FORMAT) as tf:
-        for path, _de, ino in img.walk():
-            try:
-                _tar_one(img, tf, path, ino, done, warnings, budget)
-            except ErofsToolsError as e:
-                raise _with_path(img, path, e) from None
-            # tarfile keeps every TarInfo written (for getmembers); a stream writer
-            # never needs them, and a deep tree's names add up quadratically
-            tf.members.clear()  # type: ignore[attr-defined]  # (not in the stubs)
+    out: Any = _CheckedOut(img, fileobj)     # (a file object to tarfile: write only)
+    # an error inside the with block leaves the stream without its end blocks: a
+    # consumer sees it cut short, whatever was written
+    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tf:
+        try:
+            for path, _de, ino in img.walk():
+                try:
+                    _tar_one(img, tf, path, ino, done, warnings, budget)
+                except ErofsToolsError as e:
+                    raise _with_path(img, path, e) from None
+                # tarfile keeps every TarInfo written (for getmembers); a stream writer
+                # never needs them, and a deep tree's names add up quadratically
+                tf.members.clear()  # type: ignore[attr-defined]  # (not in the stubs)
+        except ErofsToolsError as e:
+            raise img.changed() or e from None
+    out.flush_checked()         # the last members and the end blocks
     return warnings
+
+
+class _CheckedOut:
+    """The tar stream's bytes held back until the image file was checked unchanged
+    since they were read (Image.check_unchanged: size, mtime, a fault; reader/mapped.py):
+    a stream cannot be taken back, and a shrink inside a page or a rewrite in place
+    faults nothing. One check per MiB written: per member and data piece it cost 3% of
+    a /usr/share image's `unpack --tar` (docs/performance.md, helper run readsafe)."""
+
+    HOLD = 1 << 20
+
+    def __init__(self, img: Image, out) -> None:
+        # the pieces themselves, not one buffer: a bytearray grown to 1 MiB and cleared
+        # took fresh pages from the kernel every MiB (+0.5 s of system time)
+        self.img, self.out, self.size = img, out, 0
+        self.held: list[bytes] = []
+
+    def write(self, b) -> int:
+        self.held.append(b if type(b) is bytes else bytes(b))
+        self.size += len(b)
+        if self.size >= self.HOLD:
+            self.flush_checked()
+        return len(b)
+
+    def flush_checked(self) -> None:
+        self.img.check_unchanged()
+        self.out.writelines(self.held)
+        self.held.clear()
+        self.size = 0
 
 
 def _tar_one(img, tf, path, ino, done, warnings, budget):

@@ -101,7 +101,7 @@ def read_long_prefixes(img: Any) -> list[bytes]:
     else:
         if pos >= img.size:
             raise img._err(f"long xattr prefixes at {pos} beyond the image")
-        table = bytes(img.data[pos:pos + most])
+        table = img.read(pos, min(most, img.size - pos), "long xattr prefixes")
     got = E.decode_long_prefixes(table, count)
     if isinstance(got, str):
         raise img._err(got)

@@ -209,6 +209,8 @@ class ZMap:
         if ofs >= 1 << self.lbits:
             raise self._err(f"clusterofs {ofs} of lcluster {lcn} out of range")
         pblk = int.from_bytes(d[pos + 4:pos + 8], "little")
+        if self.img._flags[self.img._slot]:     # read after the image file shrank
+            raise self.img._torn()
         return _Entry(t, ofs, 0, pblk, 0, bool(adv & E.LI_PARTIAL_REF), pos + 8)
 
     def _compact(self, lcn):
@@ -236,7 +238,7 @@ class ZMap:
             _b, words, baseblk = self._pack
         else:
             # a pack is decoded once: a sequential walk reads each of its entries
-            pack = bytes(self.img.data[base:base + packsz]) + b"\0\0\0"
+            pack = self.img.read(base, packsz, "compact index pack") + b"\0\0\0"
             lbits = max(self.lbits, 12)       # CBLKCNT (bit 11) needs 12 low bits
             encbits = ((packsz - 4) * 8) // vcnt
             words = []
