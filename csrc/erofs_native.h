@@ -103,6 +103,11 @@ struct erofs_opts {
     uint32_t pcluster_max;     /* the largest per-file pcluster (0: pcluster_size) */
     int32_t plain_xattr_pfx;   /* 1: the long xattr prefix table after the superblock
                                   even with fragments (-Eplain-xattr-prefixes) */
+    int32_t all_fragments;     /* 1: every compressed file whole in the packed inode
+                                  (-Eall-fragments; implies fragments) */
+    int32_t fragdedupe;        /* fragments equal to (the end of) an earlier one shared:
+                                  0 always (-Efragdedupe=full, the default), 1 only a
+                                  whole file's (=inode), 2 never (^fragdedupe) */
 };
 
 struct erofs_layout_info {

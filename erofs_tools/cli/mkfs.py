@@ -93,7 +93,10 @@ from erofs_tools.errors import InputError, terminate_as_interrupt
 @click.option("-E", "extended", multiple=True, metavar="OPT[,...]",
               help="Extended options (as mkfs.erofs): legacy-compress (full 8-byte lcluster "
                    "indexes), ztailpacking (last extents inline), fragments[=SIZE] (last "
-                   "extents and small files in the packed inode, its pcluster SIZE), dedupe "
+                   "extents and small files in the packed inode, its pcluster SIZE), "
+                   "all-fragments[=SIZE] (every compressed file whole in the packed inode), "
+                   "fragdedupe=full|inode (fragments shared with earlier ones: any that ends "
+                   "one, the default, or whole files only; ^fragdedupe: none), dedupe "
                    "(identical pclusters shared), noinline_data (no file tail inline after "
                    "its inode: every uncompressed file's data in whole blocks), "
                    "force-inode-extended / force-inode-compact (every inode 64 / 32 "
