@@ -108,6 +108,11 @@ struct erofs_opts {
     int32_t fragdedupe;        /* fragments equal to (the end of) an earlier one shared:
                                   0 always (-Efragdedupe=full, the default), 1 only a
                                   whole file's (=inode), 2 never (^fragdedupe) */
+    int32_t sb_48bit;          /* 1: the 48-bit layout (-E48bit, Linux 6.15+): the root nid
+                                  in rootnid_8b, compact inodes with their own mtimes
+                                  (from the superblock's epoch; nsec its fixed one) */
+    int32_t dot_omitted;       /* 1: no "." entry in directories (-Edot-omitted; needs
+                                  sb_48bit) */
 };
 
 struct erofs_layout_info {

@@ -113,6 +113,8 @@ class BuildOptions:
                                    # fragments (else at the packed inode's start)
     all_fragments: bool = False    # every compressed file whole in the packed inode
     fragdedupe: int = 0            # fragments shared: 0 full, 1 whole files only, 2 off
+    sb_48bit: bool = False         # the 48-bit layout (Linux 6.15+)
+    dot_omitted: bool = False      # no "." entries (implies sb_48bit)
     compress_alt: tuple[tuple[int, int], ...] = ()   # more (COMPRESSORS value, level) of -z
     compress_dict_size: tuple[int, ...] = ()  # per -z algorithm: dictsize= bytes, 0: default
     compress_lzma_props: tuple[tuple[int, int, int], ...] = ()  # per -z algorithm: lzma's
@@ -184,6 +186,8 @@ class BuildOptions:
         if self.fragdedupe not in (0, 1, 2):
             raise NativeError(f"fragdedupe mode {self.fragdedupe} not 0, 1 or 2")
         o.fragdedupe = self.fragdedupe
+        o.sb_48bit = int(self.sb_48bit or self.dot_omitted)      # (the one implies it)
+        o.dot_omitted = int(self.dot_omitted)
         if len(self.compress_alt) > 3:
             raise NativeError("at most 4 algorithms")
         for k, (alg, level) in enumerate(self.compress_alt):

@@ -91,6 +91,8 @@ def build_options(opts: MkfsOptions) -> BuildOptions:
         ignore_mtime=opts.ignore_mtime,
         force_compact=opts.force_compact,
         plain_xattr_pfx=opts.plain_xattr_prefixes,
+        sb_48bit=opts.sb_48bit or opts.dot_omitted,
+        dot_omitted=opts.dot_omitted,
     )
 
 

@@ -104,6 +104,8 @@ class MkfsOptions:
                                       # as --ignore-mtime; one that cannot be: an error)
     ignore_mtime: bool = False        # --ignore-mtime: an inode extended only for its
                                       # mtime is compact, its mtime the build time
+    sb_48bit: bool = False            # -E 48bit: the 48-bit layout (Linux 6.15+)
+    dot_omitted: bool = False         # -E dot-omitted: no "." entries (implies 48bit)
     whiteouts: str = "mark"           # overlayfs whiteouts (char 0:0) in the source: a
                                       # directory holding one marked ("mark", as
                                       # mkfs.erofs 1.9), or left out with the opaque
@@ -177,7 +179,7 @@ PCLUSTER_MAX = 1 << 20
 
 # -E options this mkfs knows (mkfs.erofs names), and whether they take =VALUE
 EXTENDED = {"legacy-compress": False, "ztailpacking": False, "fragments": True,
-            "all-fragments": True, "fragdedupe": True,
+            "all-fragments": True, "fragdedupe": True, "48bit": False, "dot-omitted": False,
             "dedupe": False, "noinline_data": False, "force-inode-extended": False,
             "force-inode-compact": False, "plain-xattr-prefixes": False,
             "nosbcrc": False}
