@@ -381,6 +381,21 @@ static inline const struct nodex *NXR(const erofs_builder *b, const struct node 
     return b->nx ? &b->nx[n - b->nodes] : &nodex_zero;
 }
 
+/* -E48bit: the superblock's epoch for build time bt (compact inodes' mtimes count from
+ * it, 32 bits), as mkfs.erofs 1.9 sets it; 0 without -E48bit or a given build time */
+static inline int64_t sb_epoch(const erofs_builder *b, int64_t bt)
+{
+    if (!b->o.sb_48bit || b->o.auto_build_time)
+        return 0;
+    return bt > (int64_t)UINT32_MAX ? bt - (int64_t)UINT32_MAX : 0;
+}
+
+static inline int mtime48_fits(const erofs_builder *b, int64_t mtime, int64_t epoch)
+{
+    (void)b;
+    return mtime >= epoch && mtime - epoch <= (int64_t)UINT32_MAX;
+}
+
 static inline uint32_t inode_size(const struct node *n)
 {
     return n->extended ? (uint32_t)sizeof(struct erofs_inode_extended)
@@ -393,11 +408,15 @@ static inline uint32_t inode_size(const struct node *n)
  * choose_formats checks it. */
 static inline uint32_t stream_inode_size(const erofs_builder *b, const struct node *n)
 {
-    int ext = b->o.force_extended || b->o.auto_build_time || n->uid > 0xFFFF ||
-              n->gid > 0xFFFF || n->size > 0xFFFFFFFFull ||
-              (!b->o.ignore_mtime &&
-               (n->mtime != (b->o.build_time < 0 ? 0 : b->o.build_time) ||
-                n->mtime_nsec != b->o.build_time_nsec));
+    int ext = b->o.force_extended || n->uid > 0xFFFF || n->gid > 0xFFFF ||
+              n->size > 0xFFFFFFFFull;
+    if (b->o.sb_48bit)          /* (its mtime from the epoch, if in range) */
+        ext |= !mtime48_fits(b, n->mtime, sb_epoch(b, b->o.build_time));
+    else
+        ext |= b->o.auto_build_time ||
+               (!b->o.ignore_mtime &&
+                (n->mtime != (b->o.build_time < 0 ? 0 : b->o.build_time) ||
+                 n->mtime_nsec != b->o.build_time_nsec));
     return ext ? (uint32_t)sizeof(struct erofs_inode_extended)
                : (uint32_t)sizeof(struct erofs_inode_compact);
 }

@@ -474,6 +474,8 @@ int zfile_compress(struct zctx *c, struct xfer *x, int fd, const char *path,
                 if (flush && (c->roll || zf->dlen - zf->flushed > FLUSH_LIMIT) &&
                     (r = flush(arg, zf)))
                     return r;
+                if (c->stop_at && done >= c->stop_at)
+                    return 0;
                 if (!final && head >= REFILL_AT) {
                     uint64_t keep = head / bs * bs;
                     memmove(c->in, c->in + keep, tail - keep);

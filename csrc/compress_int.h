@@ -47,6 +47,8 @@ struct zconf {
     uint32_t incompat;       /* feature bits compression adds */
     int ztail;               /* -Eztailpacking: a file's last extent inline */
     int frags;               /* -Efragments: a file's last extent in the packed inode */
+    int allfrags;            /* -Eall-fragments: every compressed file whole in it */
+    int fragdedupe;          /* 0 full, 1 inode (whole files only), 2 off (erofs_opts) */
     uint32_t packed_ps;      /* pcluster size of the packed inode (-Efragments=SIZE) */
     int big;                 /* big pcluster indexes (any pcluster over one block) */
     int dedupe;              /* -Ededupe (and -Efragments): identical pclusters shared */
@@ -72,6 +74,8 @@ struct zctx {
     uint32_t hint;           /* input the last extent of this file took (0: none yet);
                                 reset per file, so results never depend on the thread */
     struct zroll *roll;      /* -Ededupe: matches against earlier pclusters (NULL: none) */
+    uint64_t stop_at;        /* zfile_compress stops once its extents reach this file
+                                offset (0: at the end; -Eall-fragments' deduped ends) */
     char err[200];
 };
 
@@ -113,7 +117,10 @@ struct zfile {
     uint8_t *idata;          /* ztailpacking: the last extent's bytes, after the index */
     uint32_t idata_len;
     uint8_t *frag;           /* fragments: the last extent's bytes (uncompressed) */
-    uint32_t frag_len;
+    uint64_t frag_len;
+    int frag_src;            /* -Eall-fragments: 1 the fragment is the whole source file
+                                (frag NULL), copied to the packed inode at its commit;
+                                2 it is the file's end, already there at fragoff */
     uint64_t fragoff;        /* where they are in the packed inode (set at commit) */
 };
 
@@ -183,9 +190,6 @@ struct zpacked {
 };
 INTERNAL int zpacked_open(struct zpacked *pk);
 INTERNAL void zpacked_close(struct zpacked *pk);
-/* the offset of data[0, len) in the packed inode (appended unless already there) */
-INTERNAL int zpacked_add(struct zpacked *pk, struct xfer *x, const uint8_t *data,
-                         uint32_t len, uint64_t *off);
 
 #define Z_INDEX_START 16u  /* full index: map header + 8 reserved bytes before the entries */
 
@@ -310,5 +314,19 @@ INTERNAL int zsm_hold(erofs_builder *b, struct zjob *j, struct zjob *last, uint3
 INTERNAL int zsm_release(erofs_builder *b, int abort);
 INTERNAL int zpool_link(erofs_builder *b, struct zjob *j, struct zjob *last, uint32_t njobs);
 INTERNAL void zpool_drop(erofs_builder *b, struct zjob *j);
+INTERNAL int zjob_open_source(struct xfer *x, struct zjob *j, int *pfd);
+/* -Efragments, at the commit of a file (zf: its extents, a segmented one's gathered):
+ * its fragment's offset in the packed inode (appended unless -Efragdedupe lets it
+ * point into an earlier one) */
+INTERNAL int zpacked_commit(struct zpool *p, struct zjob *j, struct zfile *zf,
+                            struct xfer *x);
+/* -Eall-fragments: the job's whole file is its fragment (1), or 0: compressed as usual
+ * (-1: out of memory) */
+INTERNAL int zfrag_whole(const struct zpool *p, struct zjob *j);
+/* -Eall-fragments (after zfrag_whole): with -Efragdedupe=full, an end of the file that
+ * ends an earlier fragment points there, the rest compressed with c (fd: the source;
+ * flush as zfile_compress's, also making the job the oldest) */
+INTERNAL int zfrag_tail(struct zpool *p, struct zctx *c, struct xfer *x, struct zjob *j,
+                        int fd, int (*flush)(void *arg, struct zfile *zf), void *arg);
 
 #endif

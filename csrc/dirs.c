@@ -41,10 +41,10 @@ uint64_t dir_pack(erofs_builder *b, struct node *d, uint8_t *out)
     uint64_t blk_start = 0;
     uint32_t used = 0, nent = 0;
     uint64_t size = 0;
-    uint32_t total = d->de_count + 2;
+    uint32_t total = d->de_count + 2 - (b->o.dot_omitted != 0);
     uint32_t i = 0;          /* position in the merged sequence */
     static const uint8_t dot[2] = {'.', '.'};
-    uint32_t ci = 0; int dot_done = 0, dotdot_done = 0;
+    uint32_t ci = 0; int dot_done = b->o.dot_omitted != 0, dotdot_done = 0;
     /* per block: count what fits, then emit it from a saved cursor */
     while (i < total) {
         uint32_t save_ci = ci; int save_dot = dot_done, save_dd = dotdot_done;

@@ -32,6 +32,8 @@
 #define EROFS_FEATURE_INCOMPAT_FRAGMENTS 0x20u     /* tails in the packed inode */
 #define EROFS_FEATURE_INCOMPAT_DEDUPE 0x20u        /* same bit: pclusters shared by files */
 #define EROFS_FEATURE_INCOMPAT_XATTR_PREFIXES 0x40u /* long xattr name prefix table */
+#define EROFS_FEATURE_INCOMPAT_48BIT 0x80u /* 48-bit layout (Linux 6.15+): see write.c */
+#define EROFS_I_DOT_OMITTED (1u << 4)     /* a directory without its "." entry */
 
 /* e_name_index with this bit: the low 7 bits index the long prefix table, whose entries
  * (at xattr_prefix_start * 4, each 4-byte aligned) are a le16 size, then `size` bytes:

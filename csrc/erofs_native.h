@@ -103,6 +103,16 @@ struct erofs_opts {
     uint32_t pcluster_max;     /* the largest per-file pcluster (0: pcluster_size) */
     int32_t plain_xattr_pfx;   /* 1: the long xattr prefix table after the superblock
                                   even with fragments (-Eplain-xattr-prefixes) */
+    int32_t all_fragments;     /* 1: every compressed file whole in the packed inode
+                                  (-Eall-fragments; implies fragments) */
+    int32_t fragdedupe;        /* fragments equal to (the end of) an earlier one shared:
+                                  0 always (-Efragdedupe=full, the default), 1 only a
+                                  whole file's (=inode), 2 never (^fragdedupe) */
+    int32_t sb_48bit;          /* 1: the 48-bit layout (-E48bit, Linux 6.15+): the root nid
+                                  in rootnid_8b, compact inodes with their own mtimes
+                                  (from the superblock's epoch; nsec its fixed one) */
+    int32_t dot_omitted;       /* 1: no "." entry in directories (-Edot-omitted; needs
+                                  sb_48bit) */
 };
 
 struct erofs_layout_info {

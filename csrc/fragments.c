@@ -22,8 +22,27 @@
 struct zfragent {
     uint64_t hash;           /* 0: free slot; the hash of the last TAIL_KEY bytes */
     uint64_t off;
-    uint32_t len;
+    uint64_t len;
 };
+
+/* a fragment's bytes: in memory (mem), or len bytes of fd from off (-Eall-fragments:
+ * a whole file, read when needed) */
+struct zfsrc {
+    const uint8_t *mem;
+    int fd;
+    uint64_t off;
+    const char *path;
+};
+
+static int src_read(struct xfer *x, const struct zfsrc *s, uint8_t *buf, uint32_t n,
+                    uint64_t pos)
+{
+    if (s->mem) {
+        memcpy(buf, s->mem + pos, n);
+        return 0;
+    }
+    return x_read(x, s->fd, buf, n, s->off + pos, s->path);
+}
 
 int zpacked_open(struct zpacked *pk)
 {
@@ -44,15 +63,19 @@ void zpacked_close(struct zpacked *pk)
     pk->fd = -1;
 }
 
-static int same_bytes(struct zpacked *pk, struct xfer *x, uint64_t off, const uint8_t *data,
-                      uint32_t len)
+#define CMP_CHUNK 16384u
+
+/* 1: the packed inode's bytes at off are the fragment's len bytes, 0: not, < 0 error */
+static int same_bytes(struct zpacked *pk, struct xfer *x, uint64_t off,
+                      const struct zfsrc *s, uint64_t len)
 {
-    uint8_t buf[4096];
-    for (uint32_t done = 0; done < len;) {
-        uint32_t n = len - done < sizeof(buf) ? len - done : (uint32_t)sizeof(buf);
-        if (x_read(x, pk->fd, buf, n, off + done, "packed file"))
+    uint8_t buf[2][CMP_CHUNK];
+    for (uint64_t done = 0; done < len;) {
+        uint32_t n = len - done < CMP_CHUNK ? (uint32_t)(len - done) : CMP_CHUNK;
+        if (x_read(x, pk->fd, buf[0], n, off + done, "packed file") ||
+            src_read(x, s, buf[1], n, done))
             return -1;
-        if (memcmp(buf, data + done, n))
+        if (memcmp(buf[0], buf[1], n))
             return 0;
         done += n;
     }
@@ -71,6 +94,22 @@ static int write_at(struct zpacked *pk, struct xfer *x, const uint8_t *p, uint32
         p += w;
         len -= (uint32_t)w;
         off += (uint64_t)w;
+    }
+    return 0;
+}
+
+static int append(struct zpacked *pk, struct xfer *x, const struct zfsrc *s, uint64_t len)
+{
+    if (s->mem)
+        return len <= UINT32_MAX ? write_at(pk, x, s->mem, (uint32_t)len, pk->len)
+                                 : xfail(x, ERN_ELIMIT, "fragment too large");
+    uint8_t buf[CMP_CHUNK * 4];
+    for (uint64_t done = 0; done < len;) {
+        uint32_t n = len - done < sizeof(buf) ? (uint32_t)(len - done) : (uint32_t)sizeof(buf);
+        int r = src_read(x, s, buf, n, done);
+        if (r || (r = write_at(pk, x, buf, n, pk->len + done)))
+            return r;
+        done += n;
     }
     return 0;
 }
@@ -95,16 +134,22 @@ static int grow_table(struct zpacked *pk)
     return 0;
 }
 
-int zpacked_add(struct zpacked *pk, struct xfer *x, const uint8_t *data, uint32_t len,
-                uint64_t *off)
+/* the offset of the fragment's len bytes in the packed inode: appended, unless share
+ * and an earlier fragment ends in them (then they point into it) */
+static int zpacked_add(struct zpacked *pk, struct xfer *x, const struct zfsrc *s,
+                       uint64_t len, int share, uint64_t *off)
 {
     if ((pk->n + 1) * 2 > pk->cap && grow_table(pk))
         return xfail(x, ERN_ENOMEM, "out of memory");
-    uint32_t kl = len < TAIL_KEY ? len : TAIL_KEY;
-    uint64_t h = zhash64(data + (len - kl), kl);
+    uint8_t key[TAIL_KEY];
+    uint32_t kl = len < TAIL_KEY ? (uint32_t)len : TAIL_KEY;
+    if (src_read(x, s, key, kl, len - kl))
+        return x->code ? x->code : ERN_EIO;
+    uint64_t h = zhash64(key, kl);
+    h += !h;                        /* (0 marks a free slot) */
     uint32_t k = (uint32_t)h & (pk->cap - 1);
     uint32_t probes = 0;
-    for (; pk->tab[k].hash; k = (k + 1) & (pk->cap - 1)) {
+    for (; share && pk->tab[k].hash; k = (k + 1) & (pk->cap - 1)) {
         struct zfragent *e = &pk->tab[k];
         /* the same key: an earlier fragment ending in these kl bytes; only as long or
          * longer ones can hold this one at their end (a key over fewer than TAIL_KEY
@@ -114,7 +159,7 @@ int zpacked_add(struct zpacked *pk, struct xfer *x, const uint8_t *data, uint32_
         if (probes++ >= MAX_PROBES)
             break;
         uint64_t at = e->off + e->len - len;
-        int same = same_bytes(pk, x, at, data, len);
+        int same = same_bytes(pk, x, at, s, len);
         if (same < 0)
             return x->code ? x->code : ERN_EIO;
         if (same) {
@@ -124,13 +169,165 @@ int zpacked_add(struct zpacked *pk, struct xfer *x, const uint8_t *data, uint32_
     }
     while (pk->tab[k].hash)         /* after a MAX_PROBES stop: the free slot */
         k = (k + 1) & (pk->cap - 1);
-    int r = write_at(pk, x, data, len, pk->len);
+    int r = append(pk, x, s, len);
     if (r)
         return r;
     pk->tab[k] = (struct zfragent){ .hash = h, .off = pk->len, .len = len };
     pk->n++;
     *off = pk->len;
     pk->len += len;
+    return 0;
+}
+
+int zfrag_whole(const struct zpool *p, struct zjob *j)
+{
+    struct zfile *zf = &j->zf;
+    if (!p->zc->allfrags || j->packed || j->nocomp || !j->size)
+        return 0;
+    /* as mkfs.erofs -Eall-fragments: the whole file goes to the packed inode (which
+     * is compressed as a whole), its inode a map header with the fragment's offset */
+    memset(zf, 0, sizeof(*zf));
+    zf->size = j->size;
+    zf->ext = calloc(1, sizeof(*zf->ext));
+    if (!zf->ext)
+        return -1;
+    zf->cap_ext = 1;
+    zf->ext[0] = (struct zext){ .start = 0, .frag = 1 };
+    zf->next = 1;
+    zf->frag_src = 1;
+    zf->frag_len = j->size;
+    return 1;
+}
+
+#define TAIL_MIN 64u             /* the shortest end of a file matched (as mkfs.erofs) */
+
+/* how many bytes before the end of fragment e the source's first len bytes end in:
+ * compared backwards */
+static int common_end(struct zpacked *pk, struct xfer *x, const struct zfsrc *s, uint64_t len,
+                      const struct zfragent *e, uint64_t *m)
+{
+    uint8_t buf[2][CMP_CHUNK];
+    uint64_t max = len < e->len ? len : e->len;
+    *m = 0;
+    while (*m < max) {
+        uint32_t n = max - *m < CMP_CHUNK ? (uint32_t)(max - *m) : CMP_CHUNK;
+        if (x_read(x, pk->fd, buf[0], n, e->off + e->len - *m - n, "packed file") ||
+            src_read(x, s, buf[1], n, len - *m - n))
+            return x->code ? x->code : ERN_EIO;
+        uint32_t k = 0;
+        while (k < n && buf[0][n - 1 - k] == buf[1][n - 1 - k])
+            k++;
+        *m += k;
+        if (k < n)
+            break;
+    }
+    return 0;
+}
+
+int zfrag_tail(struct zpool *p, struct zctx *c, struct xfer *x, struct zjob *j, int fd,
+               int (*flush)(void *arg, struct zfile *zf), void *arg)
+{
+    struct zpacked *pk = &p->pk;
+    struct zfile *zf = &j->zf;
+    const uint32_t bs = x->blksz;
+    if (p->zc->fragdedupe != 0 || j->size <= TAIL_MIN)
+        return 0;
+    /* -Efragdedupe=full: the longest end of the file that ends an earlier fragment
+     * (not all of it: then the whole file points into that one, at its commit) stays
+     * there; the rest is compressed as a file of its own. So that the fragments before
+     * are all known, the file waits to be the oldest (flush, with nothing to place) */
+    int r = flush(arg, zf);
+    if (r || !pk->n)
+        return r;
+    struct zfsrc s = { NULL, fd, j->offset, j->path };
+    uint8_t key[TAIL_KEY];
+    if (src_read(x, &s, key, TAIL_KEY, j->size - TAIL_KEY))
+        return x->code ? x->code : ERN_EIO;
+    uint64_t h = zhash64(key, TAIL_KEY), best = 0, at = 0;
+    h += !h;
+    uint32_t probes = 0;
+    for (uint32_t k = (uint32_t)h & (pk->cap - 1); pk->tab[k].hash; k = (k + 1) & (pk->cap - 1)) {
+        const struct zfragent *e = &pk->tab[k];
+        if (e->hash != h || e->len < TAIL_KEY)
+            continue;
+        if (probes++ >= MAX_PROBES)
+            break;
+        uint64_t m;
+        if ((r = common_end(pk, x, &s, j->size, e, &m)))
+            return r;
+        if (m > best) {
+            best = m;
+            at = e->off + e->len - m;
+        }
+    }
+    if (best < TAIL_MIN || best == j->size)
+        return 0;
+    /* as mkfs.erofs: the file compressed from its start until its extents cover the
+     * part before the match (the last one may take some of the match); the rest of
+     * the match is the fragment */
+    uint64_t head = j->size - best;
+    struct zconf hz = *c->zc;          /* no fragment, no inline tail */
+    hz.frags = 0;
+    hz.ztail = 0;
+    const struct zconf *keep = c->zc;
+    c->zc = &hz;
+    c->stop_at = head;
+    zfile_free(zf);
+    r = zfile_compress(c, x, fd, j->path, j->offset, j->size, 0, j->size, zf, flush, arg);
+    c->zc = keep;
+    c->stop_at = 0;
+    if (r)
+        return r;
+    struct zext *le = zf->next ? &zf->ext[zf->next - 1] : NULL;
+    uint64_t done = le ? le->start + le->dlen : 0;
+    int append = 0;
+    if (le && done >= j->size && zf->placed < zf->next &&
+        (uint64_t)le->nblk * bs <= align_up(head - le->start, bs)) {
+        /* the last pcluster took the rest of the file in no more blocks than the head
+         * left for it needed: the rest goes to the packed inode instead (mkfs.erofs's
+         * "fix_dedupedfrag" way) */
+        zf->dlen -= (uint64_t)le->nblk * bs;
+        zf->nblocks -= le->nblk;
+        done = le->start;
+        zf->next--;
+        append = 1;
+    } else if (done >= j->size) {
+        return 0;                      /* compressed to its end */
+    }
+    zf->plain = 0;
+    if (zf->next == zf->cap_ext) {
+        struct zext *ne = realloc(zf->ext, (zf->cap_ext + 1) * sizeof(*ne));
+        if (!ne)
+            return xfail(x, ERN_ENOMEM, "out of memory");
+        zf->ext = ne;
+        zf->cap_ext++;
+    }
+    zf->ext[zf->next++] = (struct zext){ .start = done, .pblk = zf->nblocks, .frag = 1 };
+    zf->frag_src = append ? 1 : 2;     /* 2: its place known, nothing to append */
+    zf->frag_len = j->size - done;
+    zf->fragoff = append ? 0 : at + (done - head);
+    return 0;
+}
+
+int zpacked_commit(struct zpool *p, struct zjob *j, struct zfile *zf, struct xfer *x)
+{
+    struct zfsrc s = { zf->frag, -1, j->offset + (j->size - zf->frag_len), j->path };
+    /* -Efragdedupe=inode: only a whole file's fragment is shared; ^fragdedupe: none */
+    int whole = zf->next == 1;
+    int share = p->zc->fragdedupe == 0 || (p->zc->fragdedupe == 1 && whole);
+    int r = 0;
+    if (zf->frag_src == 1 && (r = zjob_open_source(x, j, &s.fd)))
+        return r;
+    if (zf->frag_src != 2)
+        r = zpacked_add(&p->pk, x, &s, zf->frag_len, share, &zf->fragoff);
+    if (s.fd >= 0)
+        close(s.fd);
+    if (r)
+        return r;
+    p->zc->incompat |= EROFS_FEATURE_INCOMPAT_FRAGMENTS;
+    /* compact indexes hold 32 bits of the offset; a whole-file fragment has its own
+     * (full) form */
+    j->zfull |= whole || zf->fragoff >> 32;
     return 0;
 }
 

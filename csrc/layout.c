@@ -281,7 +281,8 @@ static int pick_build_time(erofs_builder *b, struct layout_state *st)
     if (bt < 0)
         bt = 0;
     st->bt = bt;
-    st->btn = btn;
+    /* -E48bit: compact inodes' nsec is the superblock's, 0 as mkfs.erofs 1.9 sets it */
+    st->btn = b->o.sb_48bit ? 0 : btn;
     return 0;
 }
 
@@ -337,7 +338,11 @@ static int choose_formats(erofs_builder *b, struct layout_state *st)
         uint32_t fmt = n->mode & S_IFMT;
         n->extended = b->o.force_extended || n->uid > 0xFFFF || n->gid > 0xFFFF ||
                       n->nlink > 0xFFFF || n->size > 0xFFFFFFFFull;
-        if (!n->extended && (n->mtime != st->bt || n->mtime_nsec != st->btn)) {
+        if (b->o.sb_48bit) {
+            /* compact inodes keep their mtime (seconds from the epoch; nsec the
+             * superblock's), as mkfs.erofs 1.9 -E48bit writes them */
+            n->extended |= !mtime48_fits(b, n->mtime, sb_epoch(b, st->bt));
+        } else if (!n->extended && (n->mtime != st->bt || n->mtime_nsec != st->btn)) {
             if (b->o.ignore_mtime) {      /* --ignore-mtime: compact, at the build time */
                 n->mtime = st->bt;
                 n->mtime_nsec = st->btn;
@@ -602,6 +607,7 @@ static void fill_info(erofs_builder *b, const struct layout_state *st)
                               EROFS_FEATURE_COMPAT_PLAIN_XATTR_PFX : 0) |
                              (b->xpfx_ishare >= 0 ? EROFS_FEATURE_COMPAT_ISHARE_XATTRS : 0);
     b->info.feature_incompat = b->o.feature_incompat |
+                               (b->o.sb_48bit ? EROFS_FEATURE_INCOMPAT_48BIT : 0) |
                                (b->xpfx_count ? EROFS_FEATURE_INCOMPAT_XATTR_PREFIXES : 0) |
                                (st->have_chunks ? EROFS_FEATURE_INCOMPAT_CHUNKED_FILE : 0) |
                                (b->ndevs ? EROFS_FEATURE_INCOMPAT_DEVICE_TABLE : 0) |

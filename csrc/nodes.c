@@ -327,7 +327,8 @@ int erofs_builder_set_xattr_prefixes(erofs_builder *b, const char *table, size_t
     b->xpfx_len = (uint32_t)len;
     b->xpfx_count = count;
     b->xpfx_ishare = ishare_id;
-    b->xpfx_packed = b->o.fragments && b->o.compress_alg && !b->o.plain_xattr_pfx;
+    b->xpfx_packed = (b->o.fragments || b->o.all_fragments) && b->o.compress_alg &&
+                     !b->o.plain_xattr_pfx;
     return zpacked_prefixes(b);
 }
 

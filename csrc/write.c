@@ -132,8 +132,11 @@ static int write_inode(erofs_builder *b, struct node *n)
         ib.x.i_mtime_nsec = cpu_to_le32(n->mtime_nsec);
         ib.x.i_nlink = cpu_to_le32(n->nlink);
     } else {
-        /* compact: the mtime is the build time, i_mtime stays 0 */
+        /* compact: the mtime is the build time, i_mtime stays 0; with -E48bit its own,
+         * from the epoch */
         ib.c.i_format = cpu_to_le16(EROFS_I_FORMAT(EROFS_INODE_COMPACT, n->layout));
+        if (b->o.sb_48bit)
+            ib.c.i_mtime = cpu_to_le32((uint32_t)(n->mtime - sb_epoch(b, b->info.build_time)));
         ib.c.i_xattr_icount = cpu_to_le16(icount);
         ib.c.i_mode = cpu_to_le16(n->mode);
         ib.c.i_nlink = cpu_to_le16(n->nlink);
@@ -143,6 +146,8 @@ static int write_inode(erofs_builder *b, struct node *n)
         ib.c.i_uid = cpu_to_le16(n->uid);
         ib.c.i_gid = cpu_to_le16(n->gid);
     }
+    if (b->o.dot_omitted && fmt == S_IFDIR)
+        ib.c.i_format |= cpu_to_le16(EROFS_I_DOT_OMITTED);    /* (both forms: first field) */
     uint32_t isz = inode_size(n);
     int r = win_write(b, n->meta_off, &ib, isz);
     if (r || !n->xattr_isize)
@@ -543,6 +548,18 @@ static int write_superblock(erofs_builder *b)
     sb.inos = cpu_to_le64(b->info.inodes);
     sb.build_time = cpu_to_le64(b->info.build_time);
     sb.build_time_nsec = cpu_to_le32(b->info.build_time_nsec);
+    if (b->o.sb_48bit) {
+        /* the 48-bit layout: the le16 root nid is blocks_hi (0: fewer than 2^32 blocks),
+         * the root nid is le64 rootnid_8b (0x70); the epoch (0x18) and le32 build_time
+         * (0x6C) from it give the build time */
+        int64_t epoch = sb_epoch(b, b->info.build_time);
+        uint32_t bt = cpu_to_le32((uint32_t)(b->info.build_time - epoch));
+        uint64_t root = cpu_to_le64(b->info.root_nid);
+        sb.root_nid = 0;
+        sb.build_time = cpu_to_le64(epoch);
+        memcpy(sb.reserved2 + 2, &bt, sizeof(bt));
+        memcpy(sb.reserved2 + 6, &root, sizeof(root));
+    }
     sb.blocks = cpu_to_le32(b->sb_blocks_set ? (uint32_t)b->sb_blocks_val
                             : b->o.sb_blocks ? (uint32_t)b->o.sb_blocks
                                              : (uint32_t)(b->info.image_size / blksz));

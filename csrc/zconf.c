@@ -194,9 +194,11 @@ int zconf_setup(erofs_builder *b, struct zconf *zc)
     zc->pclustersize = ps;
     zc->max_ps = max_ps;
     zc->ztail = b->o.ztailpacking != 0;
-    zc->frags = b->o.fragments != 0;
+    zc->frags = b->o.fragments || b->o.all_fragments;
+    zc->allfrags = b->o.all_fragments != 0;
+    zc->fragdedupe = b->o.fragdedupe;
     /* as mkfs.erofs 1.9, whose fragments mode shares identical pclusters too */
-    zc->dedupe = b->o.dedupe || b->o.fragments;
+    zc->dedupe = b->o.dedupe || zc->frags;
     zc->roll = b->o.dedupe != 0;
     zc->packed_ps = b->o.packed_pcluster_size ? b->o.packed_pcluster_size : ps;
     if (zc->packed_ps % blksz || zc->packed_ps > max_ps)

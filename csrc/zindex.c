@@ -23,7 +23,8 @@ uint8_t *zfile_index(const struct zfile *zf, const struct zconf *zc, uint32_t bl
         return NULL;
     struct z_erofs_map_header h;
     memset(&h, 0, sizeof(h));
-    if (zf->frag && zf->next == 1) {
+    const int frag = zf->frag || zf->frag_src;
+    if (frag && zf->next == 1) {
         /* the whole file is a fragment: le64 offset | 1 << 63 (bit 7 of h_clusterbits) */
         uint64_t v = htole64(zf->fragoff | 1ull << 63);
         memcpy(meta, &v, sizeof(v));
@@ -33,12 +34,12 @@ uint8_t *zfile_index(const struct zfile *zf, const struct zconf *zc, uint32_t bl
     int big = zc->big;
     h.h_advise = cpu_to_le16((big ? Z_EROFS_ADVISE_BIG_PCLUSTER_1 : 0) |
                              (zf->idata ? Z_EROFS_ADVISE_INLINE_PCLUSTER : 0) |
-                             (zf->frag ? Z_EROFS_ADVISE_FRAGMENT_PCLUSTER : 0));
+                             (frag ? Z_EROFS_ADVISE_FRAGMENT_PCLUSTER : 0));
     h.h_idata_size = cpu_to_le16(zf->idata_len);
     h.h_algorithmtype = (uint8_t)zc->alg->id;
     h.h_clusterbits = 0;
     memcpy(meta, &h, sizeof(h));
-    if (zf->frag) {
+    if (frag) {
         /* h_fragmentoff: le32 over h_reserved1 and h_idata_size (the high 32 bits go to
          * the fragment extent's head, full indexes only) */
         uint32_t lo = htole32((uint32_t)zf->fragoff);
@@ -226,6 +227,6 @@ int zfile_gather(struct zfile *acc, struct zfile *seg)
 int zfile_plain(const struct zfile *zf, uint32_t bs)
 {
     uint64_t nlc = (zf->size + bs - 1) / bs;
-    return !zf->frag &&
+    return !zf->frag && !zf->frag_src &&
            (uint64_t)zf->nblocks * bs + Z_INDEX_START + nlc * 8 + zf->idata_len >= zf->size;
 }

@@ -39,7 +39,7 @@ static int place_pclusters(struct zpool *p, struct zjob *j, struct xfer *x)
     struct zfile *zf = &j->zf;
     const uint32_t bs = x->blksz;
     const uint64_t base = j->base;
-    int dedupe = p->zc->dedupe && !j->packed;
+    int dedupe = p->zc->dedupe;   /* (the packed inode's too, as mkfs.erofs's) */
     int roll = p->zc->roll && !j->packed;
     int alg = j->zc->alg->id;     /* compressed pclusters match only with the same algorithm */
     uint64_t run = zf->flushed, runlen = 0;    /* data bytes to write before base+wblocks */
@@ -140,7 +140,7 @@ static int zflush(void *arg, struct zfile *zf)
     return r ? r : place_pclusters(p, fa->j, fa->x);
 }
 
-static int open_source(struct xfer *x, struct zjob *j, int *pfd)
+int zjob_open_source(struct xfer *x, struct zjob *j, int *pfd)
 {
     if (j->srcfd > 0) {
         *pfd = fcntl(j->srcfd, F_DUPFD_CLOEXEC, 0);
@@ -168,8 +168,11 @@ static int run_zjob(struct zpool *p, struct zctx *c, struct xfer *x, struct zjob
         j->zf.size = j->size;
         return 0;
     }
+    int whole = zfrag_whole(p, j);       /* -Eall-fragments */
+    if (whole < 0)
+        return xfail(x, ERN_ENOMEM, "out of memory");
     int fd;
-    int r = open_source(x, j, &fd);
+    int r = zjob_open_source(x, j, &fd);
     if (r)
         return r;
     /* a pcluster size of its own (--compress-hints): the settings with it, this once */
@@ -182,6 +185,12 @@ static int run_zjob(struct zpool *p, struct zctx *c, struct xfer *x, struct zjob
         c->zc = &own;
     }
     struct flush_arg fa = { p, j, x };
+    if (whole) {
+        r = zfrag_tail(p, c, x, j, fd, zflush, &fa);
+        c->zc = keep;
+        close(fd);
+        return r;
+    }
     /* -Ededupe: a file's extents depend on the pclusters of every file before it, so
      * files are compressed one at a time, in order, each in place (as mkfs.erofs,
      * whose -Ededupe is single-threaded): the image stays the same whatever the
@@ -239,15 +248,9 @@ static int commit(struct zpool *p, struct zjob *j, struct xfer *x)
             j->zfull = 1;
             p->zc->incompat |= EROFS_FEATURE_INCOMPAT_DEDUPE;
         }
-        if (zf->frag) {
-            /* appended in commit order: the packed inode does not depend on threads */
-            if ((r = zpacked_add(&p->pk, x, zf->frag, zf->frag_len, &zf->fragoff)))
-                return r;
-            p->zc->incompat |= EROFS_FEATURE_INCOMPAT_FRAGMENTS;
-            /* compact indexes hold 32 bits of the offset; a whole-file fragment has
-             * its own (full) form */
-            j->zfull |= zf->next == 1 || zf->fragoff >> 32;
-        }
+        /* appended in commit order: the packed inode does not depend on threads */
+        if ((zf->frag || zf->frag_src) && (r = zpacked_commit(p, j, zf, x)))
+            return r;
         j->meta = zfile_index(zf, j->zc, b->o.blkszbits, &j->meta_len);
         if (!j->meta)
             return xfail(x, ERN_ENOMEM, "out of memory");
@@ -269,7 +272,7 @@ static int commit(struct zpool *p, struct zjob *j, struct xfer *x)
         b->scur = base + nblk;
         if (j->size) {
             int fd;
-            if ((r = open_source(x, j, &fd)))
+            if ((r = zjob_open_source(x, j, &fd)))
                 return r;
             if (full)
                 r = x_copy(x, fd, j->offset, base * bs, full, j->path);
@@ -437,7 +440,7 @@ int zpool_start(erofs_builder *b)
 static struct zjob *split_segments(struct zpool *p, struct zjob *j, uint32_t *njobs)
 {
     *njobs = 1;
-    if (j->nocomp || p->zc->roll || j->size <= SEGMENT_SIZE)
+    if (j->nocomp || p->zc->roll || p->zc->allfrags || j->size <= SEGMENT_SIZE)
         return j;
     if (!(j->acc = calloc(1, sizeof(*j->acc))))
         return NULL;

@@ -111,6 +111,10 @@ class BuildOptions:
     dedupe: bool = False           # identical pclusters shared between files
     plain_xattr_pfx: bool = False  # long xattr prefixes after the superblock even with
                                    # fragments (else at the packed inode's start)
+    all_fragments: bool = False    # every compressed file whole in the packed inode
+    fragdedupe: int = 0            # fragments shared: 0 full, 1 whole files only, 2 off
+    sb_48bit: bool = False         # the 48-bit layout (Linux 6.15+)
+    dot_omitted: bool = False      # no "." entries (implies sb_48bit)
     compress_alt: tuple[tuple[int, int], ...] = ()   # more (COMPRESSORS value, level) of -z
     compress_dict_size: tuple[int, ...] = ()  # per -z algorithm: dictsize= bytes, 0: default
     compress_lzma_props: tuple[tuple[int, int, int], ...] = ()  # per -z algorithm: lzma's
@@ -178,6 +182,12 @@ class BuildOptions:
         o.packed_pcluster_size = self.packed_pcluster_size
         o.dedupe = int(self.dedupe)
         o.plain_xattr_pfx = int(self.plain_xattr_pfx)
+        o.all_fragments = int(self.all_fragments)
+        if self.fragdedupe not in (0, 1, 2):
+            raise NativeError(f"fragdedupe mode {self.fragdedupe} not 0, 1 or 2")
+        o.fragdedupe = self.fragdedupe
+        o.sb_48bit = int(self.sb_48bit or self.dot_omitted)      # (the one implies it)
+        o.dot_omitted = int(self.dot_omitted)
         if len(self.compress_alt) > 3:
             raise NativeError("at most 4 algorithms")
         for k, (alg, level) in enumerate(self.compress_alt):

@@ -55,6 +55,10 @@ def check_paths(image: str, source: str) -> None:
         raise InputError(f"{image}: the image would be inside SOURCE {source}")
 
 
+# -E fragdedupe as the C core's erofs_opts.fragdedupe takes it
+FRAGDEDUPE_MODES = {"full": 0, "inode": 1, "off": 2}
+
+
 def build_options(opts: MkfsOptions) -> BuildOptions:
     ts = opts.effective_timestamp()
     z = opts.compress
@@ -67,6 +71,8 @@ def build_options(opts: MkfsOptions) -> BuildOptions:
         fragments=z.fragments if z else False,
         packed_pcluster_size=z.packed_pcluster_size if z else 0,
         dedupe=z.dedupe if z else False,
+        all_fragments=z.all_fragments if z else False,
+        fragdedupe=FRAGDEDUPE_MODES[z.fragdedupe] if z else 0,
         compress_alt=tuple((COMPRESSORS[a.name], -1 if a.level is None else a.level)
                            for a in z.more) if z else (),
         compress_dict_size=tuple(a.dict_size for a in z.algorithms) if z else (),
@@ -89,6 +95,8 @@ def build_options(opts: MkfsOptions) -> BuildOptions:
         ignore_mtime=opts.ignore_mtime,
         force_compact=opts.force_compact,
         plain_xattr_pfx=opts.plain_xattr_prefixes,
+        sb_48bit=opts.sb_48bit or opts.dot_omitted,
+        dot_omitted=opts.dot_omitted,
     )
 
 

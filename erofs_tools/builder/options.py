@@ -33,6 +33,8 @@ class Compression:
     more: tuple[Algorithm, ...] = ()  # -z A:B:C: the algorithms after the first
     dict_size: int = 0                # the first algorithm's dictsize= (0 = default)
     lzma_props: tuple[int, int, int] = (-1, -1, -1)   # the first's lc, lp, pb (lzma)
+    all_fragments: bool = False       # -E all-fragments: every file whole in the packed inode
+    fragdedupe: str = "full"          # -E fragdedupe=full|inode, ^fragdedupe ("off")
 
     @property
     def algorithms(self) -> tuple[Algorithm, ...]:
@@ -107,6 +109,8 @@ class MkfsOptions:
                                       # as --ignore-mtime; one that cannot be: an error)
     ignore_mtime: bool = False        # --ignore-mtime: an inode extended only for its
                                       # mtime is compact, its mtime the build time
+    sb_48bit: bool = False            # -E 48bit: the 48-bit layout (Linux 6.15+)
+    dot_omitted: bool = False         # -E dot-omitted: no "." entries (implies 48bit)
     whiteouts: str = "mark"           # overlayfs whiteouts (char 0:0) in the source: a
                                       # directory holding one marked ("mark", as
                                       # mkfs.erofs 1.9), or left out with the opaque
@@ -180,9 +184,14 @@ PCLUSTER_MAX = 1 << 20
 
 # -E options this mkfs knows (mkfs.erofs names), and whether they take =VALUE
 EXTENDED = {"legacy-compress": False, "ztailpacking": False, "fragments": True,
+            "all-fragments": True, "fragdedupe": True, "48bit": False, "dot-omitted": False,
             "dedupe": False, "noinline_data": False, "force-inode-extended": False,
             "force-inode-compact": False, "plain-xattr-prefixes": False,
             "nosbcrc": False}
+# -E options of mkfs.erofs 1.9 that set chunk formats: this mkfs writes no chunked
+# files (mkfs.erofs --chunksize), so they would have nothing to apply to
+CHUNK_ONLY = ("force-inode-blockmap", "force-chunk-indexes")
+FRAGDEDUPE = ("full", "inode")
 # -E options that are on by default, named as mkfs.erofs names them: "^NAME" turns one
 # off, which the result says as the key here
 DEFAULT_ON = {"inline_data": "noinline_data", "xattr-name-filter": "no-xattr-name-filter"}
@@ -210,17 +219,46 @@ def parse_extended(texts: Sequence[str]) -> dict[str, str | None]:
                 else:
                     out.pop(DEFAULT_ON[name], None)
                 continue
+            if name in CHUNK_ONLY:
+                raise InputError(f"-E {name}: only for chunk-based files (mkfs.erofs "
+                                 "--chunksize), which this mkfs does not write")
             if name not in EXTENDED:
                 raise InputError(f"-E: unsupported extended option {opt!r}")
             if sep and (off or not EXTENDED[name]):
                 raise InputError(f"-E {'^' if off else ''}{name} takes no value")
-            if off:
-                out.pop(name, None)
-            else:
-                out[name] = value if sep else None
-                if name in _INODE_VERSIONS:         # the last of the two wins
-                    out.pop(_INODE_VERSIONS[name], None)
+            if sep and not value:
+                raise InputError(f"-E {name}=: empty value")
+            _set_extended(out, name, value if sep else None, off)
     return out
+
+
+def _set_extended(out: dict[str, str | None], name: str, value: str | None,
+                  off: bool) -> None:
+    """One -E option into out, as mkfs.erofs 1.9 sets it: all-fragments[=SIZE] also
+    sets fragments[=SIZE] (^all-fragments clears both; ^fragments alone stops both);
+    a SIZE stays until another is given; fragdedupe is "full" unless =inode, and
+    "off" with ^fragdedupe."""
+    if name == "fragdedupe":
+        if value is not None and value not in FRAGDEDUPE:
+            # (mkfs.erofs 1.9.4 takes any value but inode as full, so =off there
+            # would silently share fragments)
+            raise InputError(f"-E fragdedupe={value}: not one of {', '.join(FRAGDEDUPE)} "
+                             "(^fragdedupe turns it off)")
+        out[name] = "off" if off else value or "full"
+        return
+    if off:
+        out.pop(name, None)
+        if name == "all-fragments":
+            out.pop("fragments", None)
+        return
+    if name in ("fragments", "all-fragments"):
+        out["fragments"] = value if value is not None else out.get("fragments")
+        if name == "fragments":
+            return
+        value = None
+    out[name] = value
+    if name in _INODE_VERSIONS:         # the last of the two wins
+        out.pop(_INODE_VERSIONS[name], None)
 
 
 def parse_compress(text: str, pcluster: str | None = None,
@@ -237,9 +275,12 @@ def parse_compress(text: str, pcluster: str | None = None,
     psize = _pcluster_bytes(packed, "-E fragments=") if packed is not None else 0
     if psize > (size or 4096):
         raise InputError(f"-E fragments={packed}: larger than the pcluster size")
+    frags = "fragments" in ext
     return Compression(first.name, first.level, size, "legacy-compress" in ext,
-                       "ztailpacking" in ext, "fragments" in ext, psize, "dedupe" in ext,
-                       more, first.dict_size, first.lzma_props)
+                       "ztailpacking" in ext, frags, psize, "dedupe" in ext,
+                       more, first.dict_size, first.lzma_props,
+                       all_fragments=frags and "all-fragments" in ext,
+                       fragdedupe=ext.get("fragdedupe") or "full")
 
 
 # mkfs.erofs reads these numbers with strtoul(base 0): 0x hex, a leading 0 octal; its
