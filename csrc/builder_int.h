@@ -261,6 +261,7 @@ INTERNAL int x_copy(struct xfer *x, int in, uint64_t in_off, uint64_t out_off, u
 INTERNAL int x_copy_sparse(struct xfer *x, int fd, const char *path, uint64_t size,
                            const uint64_t *entries, uint32_t count, uint64_t csz);
 INTERNAL void main_xfer(erofs_builder *b, struct xfer *x);
+INTERNAL void stream_xfer(erofs_builder *b, struct xfer *x, uint64_t *bytes);
 INTERNAL int read_exact(erofs_builder *b, int fd, uint8_t *buf, size_t len, uint64_t off,
                         const char *path);
 INTERNAL int copy_range(erofs_builder *b, int in, uint64_t in_off, uint64_t out_off,

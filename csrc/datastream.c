@@ -187,6 +187,18 @@ void main_xfer(erofs_builder *b, struct xfer *x)
     x->err[0] = 0;
 }
 
+/* a worker's transfer context writing into the image from its own buffer (NULL if out
+ * of memory: the caller fails), its bytes counted in *bytes */
+void stream_xfer(erofs_builder *b, struct xfer *x, uint64_t *bytes)
+{
+    memset(x, 0, sizeof(*x));
+    x->out = b->sfd;
+    x->ot = b->ot;
+    x->blksz = b->blksz;
+    x->bytes = bytes;
+    x->buf = malloc(CBUF_SIZE);
+}
+
 int read_exact(erofs_builder *b, int fd, uint8_t *buf, size_t len, uint64_t off,
                       const char *path)
 {
@@ -248,12 +260,7 @@ static void *worker_main(void *arg)
 {
     erofs_builder *b = arg;
     struct xfer x;
-    memset(&x, 0, sizeof(x));
-    x.out = b->sfd;
-    x.ot = b->ot;
-    x.blksz = b->blksz;
-    x.bytes = &b->sbytes;
-    x.buf = malloc(CBUF_SIZE);
+    stream_xfer(b, &x, &b->sbytes);
     for (;;) {
         pthread_mutex_lock(&b->mu);
         while (!b->qhead && !b->qstop)

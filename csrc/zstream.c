@@ -342,13 +342,8 @@ static void *zworker(void *arg)
     memset(cs, 0, sizeof(cs));
     struct zctx *c = &cs[0];
     struct xfer x;
-    memset(&x, 0, sizeof(x));
     uint64_t dummy = 0;
-    x.out = p->b->sfd;
-    x.ot = p->b->ot;
-    x.blksz = p->b->blksz;
-    x.bytes = &dummy;
-    x.buf = malloc(CBUF_SIZE);
+    stream_xfer(p->b, &x, &dummy);
     int init = zctx_init(c, p->zc);
     pthread_mutex_lock(&p->mu);
     if (init || !x.buf)
@@ -580,13 +575,8 @@ static int flush_packed(erofs_builder *b, struct zpool *p)
     b->packed_node = (uint32_t)node;
     struct zjob *j = calloc(1, sizeof(*j));
     struct xfer x;
-    memset(&x, 0, sizeof(x));
     uint64_t dummy = 0;
-    x.out = b->sfd;
-    x.ot = b->ot;
-    x.blksz = b->blksz;
-    x.bytes = &dummy;
-    x.buf = malloc(CBUF_SIZE);
+    stream_xfer(b, &x, &dummy);
     struct zctx c;
     int r = zctx_init(&c, &pz);
     if (!j || !x.buf || r || !(j->path = strdup("packed file"))) {

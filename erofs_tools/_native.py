@@ -486,28 +486,6 @@ class NativeBuilder:
             _raise(self._b, r)
 
 
-def crc32c(data: bytes, crc: int = 0) -> int:
-    """Standard CRC-32C (as zlib-style crc32c libraries: init ~0, final xor)."""
-    data = bytes(data)
-    return lib.erofs_crc32c_update(crc ^ 0xFFFFFFFF, data, len(data)) ^ 0xFFFFFFFF
-
-
-def sb_checksum(block: bytes) -> int:
-    """EROFS superblock checksum of an image's first 4 KiB block (checksum field ignored)."""
-    block = bytes(block)
-    if len(block) < E.BLKSZ:
-        raise NativeError(f"need the first {E.BLKSZ} bytes of the image")
-    return lib.erofs_sb_checksum(block, E.BLKSZ)
-
-
-def xxh32(data: bytes, seed: int = 0) -> int:
-    """xxHash32 of data (the hash of EROFS's xattr name filters)."""
-    data = bytes(data)
-    if not 0 <= seed < 1 << 32:
-        raise NativeError(f"xxh32 seed {seed} out of range")
-    return int(lib.ern_xxh32(data, len(data), seed))
-
-
 def _c_table(fn: Callable[[Any], Any]) -> list[Any]:
     """Rows of a C table returned as (pointer, *count)."""
     n = ffi.new("uint32_t *")

@@ -118,7 +118,7 @@ def test_basic_tree_mounts_and_matches(basic_tree, tmp_path):
 
 
 def test_superblock_checksum(basic_tree, tmp_path):
-    from erofs_tools._native import sb_checksum
+    from erofs_tools._native_sums import sb_checksum
     img = tmp_path / "c.img"
     run_mkfs(img, basic_tree)
     with open(img, "rb") as f:

@@ -20,7 +20,7 @@ from helpers import (
     run_pack,
 )
 
-from erofs_tools._native import xxh32
+from erofs_tools._native_sums import xxh32
 from erofs_tools.format import erofs as E
 from erofs_tools.reader.fsck import xattr_name_filter
 from erofs_tools.reader.image import Image

@@ -59,7 +59,7 @@ def filtered_out(img: Image, ino) -> list[bytes]:
     flt = xattr_name_filter(img, ino)
     if not flt or not pairs:
         return []
-    from erofs_tools._native import xxh32
+    from erofs_tools._native_sums import xxh32
     out = []
     for name, _ in pairs:
         index, rest = 0, name

@@ -87,7 +87,7 @@ def nydus_config(source_config, blob_digests, bootstrap_diff_id, platform=None):
 def rewrite_blob_ids(src, dst, mapping):
     """Copy bootstrap SRC to DST with blob ids renamed (device slot tags and blob table
     entries, then the superblock checksum if the image has one)."""
-    from erofs_tools._native import sb_checksum
+    from erofs_tools._native_sums import sb_checksum
     from erofs_tools.builder.chunk_dict import BootstrapTables
     from erofs_tools.format import erofs as E
     from erofs_tools.format import rafs as R
