@@ -297,3 +297,38 @@ def test_flipped_bytes_in_new_fields(tree, tmp_path, source):
                 assert "Traceback" not in p.stderr, (at, bit, cmd, p.stderr)
                 if p.returncode and cmd[0] != "check":
                     assert len(p.stderr.strip().splitlines()) == 1, (at, bit, cmd, p.stderr)
+
+
+@pytest.mark.parametrize("ext", [(), ("-E", "48bit")])
+def test_mtimes_before_1970(tmp_path, ext):
+    """An extended inode's i_mtime is the kernel's signed time64_t: before 1970 it is
+    read back, by unpack to a directory and to a tar stream (-1.5 s: the PAX mtime
+    -1.500000000), in the usual layout too. Failed before: check said "mtime
+    18446744073393932416 beyond what the kernel can hold" and unpack refused it."""
+    src = tmp_path / "src"
+    (src / "x").mkdir(parents=True)
+    (src / "f").write_bytes(b"a")
+    os.utime(src / "f", ns=(0, -1_500_000_000))
+    os.utime(src / "x", ns=(0, -315619200_000000000))
+    img = tmp_path / "x.img"
+    run_mkfs(img, src, "-q", *ext)
+    out = _read_back_small(img, tmp_path)
+    assert os.stat(out / "f").st_mtime_ns == -1_500_000_000
+    assert os.stat(out / "x").st_mtime_ns == -315619200_000000000
+    p = cli("unpack", "--tar", tmp_path / "t.tar", img)
+    assert p.returncode == 0, p.stderr
+    import tarfile
+    with tarfile.open(tmp_path / "t.tar") as t:
+        assert t.getmember("f").pax_headers["mtime"] == "-1.500000000"
+        assert t.getmember("x").pax_headers["mtime"] == "-315619200.000000000"
+    with mounted(img) as m:
+        assert os.stat(os.path.join(m, "f")).st_mtime_ns == -1_500_000_000
+
+
+def _read_back_small(img, tmp_path):
+    p = cli("check", img)
+    assert p.returncode == 0 and p.stdout.strip().endswith("clean"), p.stdout + p.stderr
+    out = tmp_path / "out"
+    p = cli("unpack", "-o", out, img)
+    assert p.returncode == 0, p.stderr
+    return out

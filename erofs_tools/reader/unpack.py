@@ -509,9 +509,10 @@ def _tar_one(img, tf, path, ino, done, warnings, budget):
     ti.mode = _stat.S_IMODE(ino.mode)
     ti.uid, ti.gid = ino.uid, ino.gid
     ti.uname = ti.gname = ""
-    _mtime_ns(img, ino)
+    ns = _mtime_ns(img, ino)
     ti.mtime = ino.mtime
-    pax = {"mtime": f"{ino.mtime}.{ino.mtime_nsec:09d}"}
+    # (before 1970 too: -1.5 s is mtime -2, nsec 500000000)
+    pax = {"mtime": f"{'-' if ns < 0 else ''}{abs(ns) // 10**9}.{abs(ns) % 10**9:09d}"}
     for xn, xv in img.xattrs(ino):
         try:
             key = "SCHILY.xattr." + xn.decode("utf-8")
