@@ -332,3 +332,47 @@ def _read_back_small(img, tmp_path):
     p = cli("unpack", "-o", out, img)
     assert p.returncode == 0, p.stderr
     return out
+
+
+def test_chunk_indexes_past_32_bits(tmp_path):
+    """mkfs.erofs 1.9.4 -E48bit --blobdev chunk indexes, the second chunk moved past
+    device block 2^32 (the chunk format's 48BIT bit, its index's le16 at 0 the high
+    bits; a sparse 4 TiB device): unpack --device reads the kernel's data."""
+    src = tmp_path / "src"
+    src.mkdir()
+    body = os.urandom(3000)
+    (src / "big").write_bytes(body)
+    img, dev = tmp_path / "x.img", tmp_path / "dev"
+    dev.touch()
+    anchor(img, src, "-b1024", "--chunksize=1024", "-E48bit", f"--blobdev={dev}")
+    p = cli("inspect", "--json", img, "/big")
+    d = json.loads(p.stdout)
+    assert d["chunk_format"] == "0x21" and d["chunk_size"] == 2048
+    data = bytearray(img.read_bytes())
+    off = (struct.unpack_from("<I", data, SB + 0x28)[0] << 10) + d["nid"] * 32
+    fmt = struct.unpack_from("<H", data, off)[0]
+    isize = 64 if fmt & 1 else 32
+    struct.pack_into("<H", data, off + 16, 0x21 | E.CHUNK_FORMAT_48BIT)
+    icount = struct.unpack_from("<H", data, off + 2)[0]
+    idx = off + isize + E.xattr_ibody_size(icount)
+    idx += -idx % 8
+    new = (1 << 32) + 5
+    assert struct.unpack_from("<HHI", data, idx + 8) == (0, 1, 2)
+    struct.pack_into("<HHI", data, idx + 8, new >> 32, 1, new & 0xFFFFFFFF)
+    _fix_sum(data)          # (1 KiB blocks: the checksum covers the inodes)
+    img.write_bytes(data)
+    with open(dev, "r+b") as f:
+        f.seek(2 << 10)
+        f.write(bytes(1024))
+        f.seek(new << 10)
+        f.write(body[2048:] + bytes(-len(body[2048:]) % 1024))
+    p = cli("inspect", "--json", img, "/big")
+    assert [c["blkaddr"] for c in json.loads(p.stdout)["chunks"]] == [0, new]
+    out = tmp_path / "out"
+    p = cli("unpack", "--device", dev, "-o", out, img)
+    assert p.returncode == 0, p.stderr
+    assert (out / "big").read_bytes() == body
+    p = cli("check", "--device", dev, img)
+    assert p.returncode == 0, p.stdout + p.stderr
+    with mounted(img, f"device={dev}") as m:
+        assert open(os.path.join(m, "big"), "rb").read() == body
