@@ -195,7 +195,7 @@ class Image:
         the build time: in the 48-bit layout the root nid is le64 rootnid_8b unless 0
         (then the le16, as mkfs.erofs writes it for a small root nid), the epoch
         signed and the build time the epoch + a le32 (format/erofs.py)."""
-        self.root_nid = sb.root_nid
+        self.root_nid, self.blocks = sb.root_nid, sb.blocks
         self.epoch, self.fixed_nsec = sb.build_time, sb.build_time_nsec
         self.build_time = sb.build_time
         if self.is_48bit:
@@ -203,8 +203,8 @@ class Image:
             rootnid_8b = int.from_bytes(
                 self.data[base + E.SB_ROOTNID_8B_OFFSET:base + E.SB_ROOTNID_8B_OFFSET + 8],
                 "little")
-            if rootnid_8b:
-                self.root_nid = rootnid_8b
+            if rootnid_8b:         # (the le16 is then blocks_hi)
+                self.root_nid, self.blocks = rootnid_8b, sb.blocks | sb.root_nid << 32
             if sb.build_time >> 63:
                 self.epoch -= 1 << 64
             self.build_time = self.epoch + int.from_bytes(
