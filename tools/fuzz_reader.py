@@ -114,6 +114,11 @@ ZSEEDS_REF = (("mkfs.erofs-lz4", ["-zlz4"]),
               ("mkfs.erofs-lzma-frag-dedupe", ["-zlzma", "-Efragments,dedupe", "-C16384"]),
               ("mkfs.erofs-zstd-big-full", ["-zzstd", "-C65536", "-Elegacy-compress"]),
               ("mkfs.erofs-deflate-dedupe", ["-zdeflate", "-Ededupe,ztailpacking"]))
+# seeds added later: chosen by every 8th case only (case % 8 == 7), so that the cases
+# of the others stay what they were (tests/test_fuzz_reader.py replays some by number)
+LATE_SEEDS_REF = (("mkfs.erofs-48bit", ["-E48bit"]),
+                  ("mkfs.erofs-dot-omitted", ["-Edot-omitted"]))
+LATE_SEEDS = {"mkfs.erofs-48bit", "mkfs.erofs-dot-omitted", "erofs-tools-mkfs-dot-omitted"}
 ZSEEDS_OURS = (("lz4hc", 16384), ("zstd", 0), ("lzma", 0), ("deflate", 0))
 
 
@@ -154,8 +159,9 @@ def build_corpus(work):
             if p.returncode == 0:
                 seeds.append(Seed(name, open(img, "rb").read(),
                                   devices=[open(dev, "rb").read()] if blobdev else None))
-        # compressed: every algorithm, and the layouts mkfs.erofs 1.9 writes
-        for name, args in ZSEEDS_REF:
+        # compressed: every algorithm, and the layouts mkfs.erofs 1.9 writes; the 48-bit
+        # layout (the root nid in its le16 field), directories without "."
+        for name, args in ZSEEDS_REF + LATE_SEEDS_REF:
             img = os.path.join(work, name + ".img")
             p = subprocess.run(["mkfs.erofs", "--quiet", "-T1700000000",
                                 "-U00000000-0000-0000-0000-000000000001", *args, img, src],
@@ -173,6 +179,11 @@ def build_corpus(work):
             our_mkfs(img, src, MkfsOptions(uuid=bytes(15) + b"\1",
                                            compress=Compression(alg, None, pcluster)))
             seeds.append(Seed(f"erofs-tools-mkfs-z{alg}", open(img, "rb").read()))
+        # the 48-bit layout (the root nid in rootnid_8b), directories without "."
+        img = os.path.join(work, "ours-dot-omitted.img")
+        our_mkfs(img, src, MkfsOptions(uuid=bytes(15) + b"\1", sb_48bit=True,
+                                       dot_omitted=True))
+        seeds.append(Seed("erofs-tools-mkfs-dot-omitted", open(img, "rb").read()))
     except Exception:  # noqa: BLE001 - optional seed; the builder may be mid-work
         pass
     try:
@@ -310,6 +321,9 @@ def field_map(seed):
     f = fields["image"]
     f += _record_fields(E.SuperBlock, E.SUPER_OFFSET, "sb")
     img = Image(seed.image)
+    if img.is_48bit:
+        f += [(E.SUPER_OFFSET + E.SB_BUILD_TIME32_OFFSET, 4, "sb.build_time32"),
+              (E.SUPER_OFFSET + E.SB_ROOTNID_8B_OFFSET, 8, "sb.rootnid_8b")]
     if img.sb.feature_incompat & E.FEATURE_INCOMPAT_COMPR_CFGS:
         # per-algorithm records after the superblock: le16 length + payload
         f += [(1152, 2, "zcfg0.len"), (1154, 4, "zcfg0.data"), (1168, 2, "zcfg1.len"),
@@ -680,7 +694,10 @@ def worker(args):
     seeds = _load_corpus(args.corpus)
     for case in range(args.start, args.start + args.count):
         rnd = random.Random(f"{args.seed}-{case}")
-        seed = seeds[rnd.randrange(len(seeds))]
+        late = [s for s in seeds if s.name in LATE_SEEDS]
+        pool = (late if late and case % 8 == 7 else
+                [s for s in seeds if s.name not in LATE_SEEDS] or late)
+        seed = pool[rnd.randrange(len(pool))]
         image, blobs, devices, desc = mutate(seed, rnd)
         print(json.dumps({"case": case, "start": True}), flush=True)
         work = tempfile.mkdtemp(prefix="fuzz-", dir=args.tmp)

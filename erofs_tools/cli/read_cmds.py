@@ -158,7 +158,7 @@ def _inode_detail(img, path, ino):
             chunks.append(cd)
         d["chunks"] = chunks
     elif ino.layout in (0, 2):
-        d["startblk"] = ino.i_u
+        d["startblk"] = ino.startblk
     return d
 
 

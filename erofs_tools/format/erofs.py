@@ -26,6 +26,7 @@ FEATURE_COMPAT_RAFS_V6 = 0x4000_0000
 
 FEATURE_INCOMPAT_CHUNKED_FILE = 0x4
 FEATURE_INCOMPAT_DEVICE_TABLE = 0x8
+FEATURE_INCOMPAT_48BIT = 0x80     # the 48-bit layout (mkfs.erofs 1.9 -E48bit, Linux 6.15+)
 # Bits every kernel from 5.19 to 6.18 accepts and that we know how to read.
 FEATURE_INCOMPAT_SUPPORTED = FEATURE_INCOMPAT_CHUNKED_FILE | FEATURE_INCOMPAT_DEVICE_TABLE
 
@@ -45,6 +46,14 @@ class SuperBlock(Record):
 
 
 assert SuperBlock.SIZE == 128
+
+# The 48-bit layout (FEATURE_INCOMPAT_48BIT) gives the superblock's fields other roles:
+# build_time (0x18) is the epoch compact inodes' i_mtime counts from (signed), the le16
+# root_nid (0x0E) is blocks_hi when rootnid_8b is not 0, and the build time is the epoch
+# plus a le32 at 0x6C. (Inside the reserved tail of SuperBlock, which csrc/erofs_fs.h
+# keeps as one array: read by offset.)
+SB_BUILD_TIME32_OFFSET = 0x6C
+SB_ROOTNID_8B_OFFSET = 0x70
 
 CHECKSUM_FIELD = SUPER_OFFSET + SuperBlock.field_layout()["checksum"][0]
 UUID_SIZE = SuperBlock.field_layout()["uuid"][1]
@@ -100,7 +109,13 @@ LAYOUT_CHUNK_BASED = 4
 LAYOUT_NAMES = {0: "FLAT_PLAIN", 1: "COMPRESSED_FULL", 2: "FLAT_INLINE",
                 3: "COMPRESSED_COMPACT", 4: "CHUNK_BASED"}
 
-I_FORMAT_BITS = 0xF  # version + datalayout; higher bits are 6.15+ only, never written
+I_FORMAT_BITS = 0xF  # version + datalayout; bit 4 is the 48-bit layout's (below)
+# i_format bit 4 (48-bit layout only): on a directory, no "." dirent (-Edot-omitted); on
+# another compact inode, nlink 1 and its le16 at 6 the block address's bits 32-47
+I_FORMAT_BIT4 = 1 << 4
+I_DOT_OMITTED = I_FORMAT_BIT4
+I_NLINK_1 = I_FORMAT_BIT4
+ADDR_MASK_48 = (1 << 48) - 1
 
 
 def i_format(version: int, layout: int) -> int:
@@ -143,7 +158,7 @@ def xattr_ibody_size(icount: int) -> int:
 # --- chunk-based files ------------------------------------------------------------------
 CHUNK_FORMAT_BLKBITS_MASK = 0x1F
 CHUNK_FORMAT_INDEXES = 0x20
-CHUNK_FORMAT_48BIT = 0x40
+CHUNK_FORMAT_48BIT = 0x40     # chunk indexes' le16 at 0 is the block address's bits 32-47
 CHUNK_FORMAT_SUPPORTED = 0x3F
 
 

@@ -35,9 +35,11 @@ class ChunkList(Sequence):
     millions of indexes, and one ChunkRef object each would cost ~200 bytes apiece
     (a 16 GiB hole at 4 KiB chunks: 800 MB) where the raw array costs 8."""
 
-    def __init__(self, img, ino, raw: bytes, unit: int, bits: int, count: int):
+    def __init__(self, img, ino, raw: bytes, unit: int, bits: int, count: int,
+                 wide: bool = False):
         self._img, self._ino, self._raw = img, ino, raw
         self._unit, self._bits, self._count = unit, bits, count
+        self._wide = wide       # CHUNK_FORMAT_48BIT: le16 at 0 holds address bits 32-47
 
     def __len__(self) -> int:
         return self._count
@@ -63,6 +65,10 @@ class ChunkList(Sequence):
             devid = int.from_bytes(raw[8 * k + 2:8 * k + 4], "little")
             blk = int.from_bytes(raw[8 * k + 4:8 * k + 8], "little")
             dev = devid & img.device_id_mask
+            if self._wide:
+                # (a hole: all 48 bits set, NULL_ADDR as the 32-bit indexes' holes)
+                blk = E.NULL_ADDR if advise == 0xFFFF and blk == E.NULL_ADDR \
+                    else advise << 32 | blk
         else:
             advise = devid = dev = 0
             blk = int.from_bytes(raw[4 * k:4 * k + 4], "little")

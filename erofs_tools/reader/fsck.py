@@ -80,7 +80,7 @@ def check_superblock(img: Image):
         add("volume name has no NUL terminator")
     if img.size % img.blksz:
         add(f"image size {img.size} is not a multiple of the block size")
-    if img.root_nid > 0xFFFF:
+    if img.root_nid > 0xFFFF and not img.is_48bit:
         add("root nid does not fit 16 bits")
     for i, d in enumerate(img.devices):
         if d.blocks == 0 and img.is_rafs:

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import array
 import os
-import stat as _stat
 import sys
-from typing import NamedTuple
 
 from erofs_tools.errors import CorruptImageError, ImageChangedError
 from erofs_tools.format import erofs as E
@@ -19,6 +17,7 @@ from erofs_tools.format import rafs as R
 from erofs_tools.fsutil import round_up
 from erofs_tools.reader.blobid import shown_id
 from erofs_tools.reader.chunkrefs import ChunkList, ChunkRef  # noqa: F401 (re-exported)
+from erofs_tools.reader.inode import Dirent, Inode, check_dots, read_inode  # noqa: F401
 from erofs_tools.reader.mapped import UNGUARDED, MappedFile
 from erofs_tools.reader.xprefix import read_long_prefixes, read_xattrs
 from erofs_tools.reader.zdata import is_compressed, iter_compressed
@@ -33,77 +32,6 @@ MAX_WALK_PATH_BYTES = 2 << 30   # all paths of one walk: a deep tree x a wide bo
 
 def _cstr(b):
     return bytes(b).split(b"\0", 1)[0]
-
-
-class Inode:
-    """A decoded on-disk inode (compact or extended)."""
-
-    __slots__ = ("nid", "offset", "version", "layout", "i_format", "mode", "nlink", "size",
-                 "uid", "gid", "mtime", "mtime_nsec", "ino", "i_u", "xattr_icount",
-                 "xattr_isize", "inode_size", "reserved_ok", "raw")
-    nid: int
-    offset: int                 # byte offset in the image
-    version: int
-    layout: int
-    i_format: int
-    mode: int
-    nlink: int
-    size: int
-    uid: int
-    gid: int
-    mtime: int
-    mtime_nsec: int
-    ino: int
-    i_u: int
-    xattr_icount: int
-    xattr_isize: int
-    inode_size: int
-    reserved_ok: bool
-    raw: E.CompactInode | E.ExtendedInode
-
-    @property
-    def ftype(self):
-        return _stat.S_IFMT(self.mode)
-
-    def is_dir(self):
-        return self.ftype == _stat.S_IFDIR
-
-    def is_reg(self):
-        return self.ftype == _stat.S_IFREG
-
-    def is_lnk(self):
-        return self.ftype == _stat.S_IFLNK
-
-    def is_dev(self):
-        return self.ftype in (_stat.S_IFCHR, _stat.S_IFBLK)
-
-    @property
-    def rdev(self):
-        return E.decode_rdev(self.i_u) if self.is_dev() else (0, 0)
-
-    @property
-    def data_end(self):
-        """Offset right after the inode and its inline xattrs (inline tail / index array)."""
-        return self.offset + self.inode_size + self.xattr_isize
-
-    @property
-    def layout_name(self):
-        return E.LAYOUT_NAMES.get(self.layout, f"layout{self.layout}")
-
-    def as_dict(self):
-        d = {"nid": self.nid, "version": "extended" if self.version else "compact",
-             "layout": self.layout_name, "mode": f"{self.mode:o}", "nlink": self.nlink,
-             "size": self.size, "uid": self.uid, "gid": self.gid, "mtime": self.mtime,
-             "mtime_nsec": self.mtime_nsec, "ino": self.ino, "xattr_icount": self.xattr_icount}
-        if self.is_dev():
-            d["rdev"] = list(self.rdev)
-        return d
-
-
-class Dirent(NamedTuple):
-    name: bytes
-    nid: int
-    file_type: int
 
 
 class Image:
@@ -214,10 +142,14 @@ class Image:
         if sb.dirblkbits:
             raise self._err(f"dirblkbits {sb.dirblkbits} is not 0")
         known = (E.FEATURE_INCOMPAT_SUPPORTED | E.FEATURE_INCOMPAT_COMPRESSED
-                 | E.FEATURE_INCOMPAT_XATTR_PREFIXES)
+                 | E.FEATURE_INCOMPAT_XATTR_PREFIXES | E.FEATURE_INCOMPAT_48BIT)
         if sb.feature_incompat & ~known:
             raise self._err(
                 f"unsupported incompatible features {sb.feature_incompat & ~known:#x}")
+        self.is_48bit = bool(sb.feature_incompat & E.FEATURE_INCOMPAT_48BIT)
+        if self.is_48bit and sb.feature_incompat & E.FEATURE_INCOMPAT_COMPRESSED:
+            raise self._err("compressed files in the 48-bit layout (its encoded extents) "
+                            "are not supported")
         if sb.sb_extslots:
             raise self._err(f"sb_extslots {sb.sb_extslots} not supported")
         if sb.feature_compat & E.FEATURE_COMPAT_SB_CHKSUM:
@@ -232,7 +164,7 @@ class Image:
             raise self._err(f"meta_blkaddr {sb.meta_blkaddr} beyond the image")
         if sb.xattr_blkaddr and self.xattr_off > self.size:
             raise self._err(f"xattr_blkaddr {sb.xattr_blkaddr} beyond the image")
-        self.root_nid = sb.root_nid
+        self._parse_48bit(sb)
         # device table
         self.devices = []
         n = sb.extra_devices
@@ -257,6 +189,27 @@ class Image:
         root = self.inode(self.root_nid)
         if not root.is_dir():
             raise self._err(f"root inode (nid {self.root_nid}) is not a directory")
+
+    def _parse_48bit(self, sb):
+        """The root nid, the epoch compact inodes' mtimes count from (and its nsec),
+        the build time: in the 48-bit layout the root nid is le64 rootnid_8b unless 0
+        (then the le16, as mkfs.erofs writes it for a small root nid), the epoch
+        signed and the build time the epoch + a le32 (format/erofs.py)."""
+        self.root_nid, self.blocks = sb.root_nid, sb.blocks
+        self.epoch, self.fixed_nsec = sb.build_time, sb.build_time_nsec
+        self.build_time = sb.build_time
+        if self.is_48bit:
+            base = E.SUPER_OFFSET
+            rootnid_8b = int.from_bytes(
+                self.data[base + E.SB_ROOTNID_8B_OFFSET:base + E.SB_ROOTNID_8B_OFFSET + 8],
+                "little")
+            if rootnid_8b:         # (the le16 is then blocks_hi)
+                self.root_nid, self.blocks = rootnid_8b, sb.blocks | sb.root_nid << 32
+            if sb.build_time >> 63:
+                self.epoch -= 1 << 64
+            self.build_time = self.epoch + int.from_bytes(
+                self.data[base + E.SB_BUILD_TIME32_OFFSET:base + E.SB_BUILD_TIME32_OFFSET + 4],
+                "little")
 
     def _parse_rafs(self):
         self.rafs = None
@@ -371,55 +324,7 @@ class Image:
         return ino
 
     def _read_inode(self, nid):
-        if nid < 0 or nid > (self.size - self.meta_off) // E.SLOT_SIZE:
-            raise self._err(f"nid {nid} is outside the image")
-        off = self.meta_off + nid * E.SLOT_SIZE
-        if off + E.CompactInode.SIZE > self.size:
-            raise self._err(f"inode {nid} truncated")
-        fmt = int.from_bytes(self.data[off:off + 2], "little")
-        if fmt & ~E.I_FORMAT_BITS:
-            raise self._err(f"inode {nid}: unsupported i_format {fmt:#x}")
-        ino = Inode()
-        ino.nid = nid
-        ino.offset = off
-        ino.i_format = fmt
-        ino.version = E.i_format_version(fmt)
-        ino.layout = E.i_format_layout(fmt)
-        if ino.version == E.INODE_EXTENDED:
-            if off + E.ExtendedInode.SIZE > self.size:
-                raise self._err(f"inode {nid} truncated")
-            r = E.ExtendedInode.decode(self.data, off)
-            ino.inode_size = E.ExtendedInode.SIZE
-            ino.nlink = r.i_nlink
-            ino.size = r.i_size
-            ino.mtime = r.i_mtime
-            ino.mtime_nsec = r.i_mtime_nsec
-            ino.reserved_ok = r.i_nb == 0
-        else:
-            r = E.CompactInode.decode(self.data, off)
-            ino.inode_size = E.CompactInode.SIZE
-            ino.nlink = r.i_nlink
-            ino.size = r.i_size
-            # 6.15+ semantics (also right for older images, which write 0 at 0x0C)
-            ino.mtime = self.sb.build_time + r.i_mtime
-            ino.mtime_nsec = self.sb.build_time_nsec
-            ino.reserved_ok = True
-        ino.raw = r
-        ino.mode = r.i_mode
-        ino.uid = r.i_uid
-        ino.gid = r.i_gid
-        ino.ino = r.i_ino
-        ino.i_u = r.i_u
-        ino.xattr_icount = r.i_xattr_icount
-        ino.xattr_isize = E.xattr_ibody_size(r.i_xattr_icount)
-        if ino.ftype not in E._FT_BY_IFMT:
-            raise self._err(f"inode {nid}: bad file mode {ino.mode:#o}")
-        if ino.layout not in E.LAYOUT_NAMES:
-            raise self._err(f"inode {nid}: unsupported data layout {ino.layout_name}")
-        if ino.data_end > self.size:
-            raise self._err(f"inode {nid}: inline xattrs run past the image end")
-        if ino.ftype in (_stat.S_IFREG, _stat.S_IFDIR, _stat.S_IFLNK) and ino.size >= 1 << 63:
-            raise self._err(f"inode {nid}: negative size")
+        ino = read_inode(self, nid)
         if self._flags[self._slot]:
             raise self._torn()
         return ino
@@ -427,7 +332,7 @@ class Image:
     # -- data mapping ----------------------------------------------------------------------
     def chunk_format(self, ino):
         fmt = ino.i_u & 0xFFFF
-        if fmt & ~E.CHUNK_FORMAT_SUPPORTED:
+        if fmt & ~(E.CHUNK_FORMAT_SUPPORTED | (E.CHUNK_FORMAT_48BIT if self.is_48bit else 0)):
             raise self._err(f"inode {ino.nid}: unsupported chunk format {fmt:#x}")
         bits = self.blkszbits + (fmt & E.CHUNK_FORMAT_BLKBITS_MASK)
         if bits > MAX_CHUNK_BITS:
@@ -450,7 +355,8 @@ class Image:
             raise self._err(f"inode {ino.nid}: {count} chunk indexes do not fit in the image "
                             f"(size {ino.size}, chunk {csize})")
         raw = self.read(start, count * unit, f"inode {ino.nid} chunk indexes")
-        return ChunkList(self, ino, raw, unit, bits, count)
+        return ChunkList(self, ino, raw, unit, bits, count,
+                         wide=bool(fmt & E.CHUNK_FORMAT_48BIT and unit == 8))
 
     def map_data(self, ino):
         """Yield extents (file_offset, length, device, physical_offset) covering the
@@ -461,7 +367,7 @@ class Image:
             return
         bs = self.blksz
         if ino.layout == E.LAYOUT_FLAT_PLAIN:
-            blk = ino.i_u
+            blk = ino.startblk
             if blk == E.NULL_ADDR:
                 yield 0, size, None, None         # 6.15+: whole-file hole
                 return
@@ -474,7 +380,7 @@ class Image:
             full = (nblocks - 1) * bs
             tail = size - full
             if full:
-                blk = ino.i_u
+                blk = ino.startblk
                 base = blk * bs
                 if blk == E.NULL_ADDR or base + full > self.size:
                     raise self._err(f"inode {ino.nid}: data blocks outside the image")
@@ -563,7 +469,8 @@ class Image:
 
     # -- directories -----------------------------------------------------------------------
     def dirents(self, ino) -> list:
-        """All entries of a directory (including '.' and '..'), as stored."""
+        """All entries of a directory (including '.' and '..'), as stored ('.' is not
+        there in a directory whose format says omitted: Inode.dot_omitted)."""
         if not ino.is_dir():
             raise self._err(f"inode {ino.nid} is not a directory")
         if ino.size > self.size:
@@ -643,9 +550,7 @@ class Image:
             path, dino, parent_nid = stack.pop()
             try:
                 ents = self.dirents(dino)
-                for dots, want in ((".", dino.nid), ("..", parent_nid)):
-                    if [d.nid for d in ents if d.name == dots.encode()] != [want]:
-                        raise self._err(f"directory {dino.nid}: missing or wrong '{dots}'")
+                check_dots(self, dino, ents, parent_nid)
                 if len({d.name for d in ents}) != len(ents):
                     # a tar stream holding one name twice (a symlink, then a directory
                     # through it) writes outside the target of a naive extractor

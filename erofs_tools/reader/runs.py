@@ -33,8 +33,10 @@ def data_runs_later(img, max_inodes: int = 1 << 22, pause_every: int = 0
     """data_runs in two steps: the walk now (the C core's, the GIL released), its Python
     lists when the function returned is called (a caller working beside other threads
     makes them when those are done). The fallback walk is done whole now."""
-    raw = file_runs_raw(img.data, img.meta_off, img.blkszbits, img.root_nid,
-                        img.device_id_mask, len(img.devices), max_inodes)
+    # (the C walk knows the usual layout only: the 48-bit one's is the reader's)
+    raw = None if img.is_48bit else file_runs_raw(
+        img.data, img.meta_off, img.blkszbits, img.root_nid, img.device_id_mask,
+        len(img.devices), max_inodes)
     if img._flags[img._slot]:           # the walk read after the image file shrank
         raise img._torn()
     if raw is not None:

@@ -232,10 +232,11 @@ def super_summary(img: Image) -> dict:
     """Superblock, device table and RAFS tables of `img` as JSON-ready values."""
     sb = img.sb
     d = {"image": img.name, "size": img.size, "kind": "rafs-v6" if img.is_rafs else "erofs",
-         "block_size": img.blksz, "root_nid": sb.root_nid, "inodes": sb.inos,
-         "blocks": sb.blocks, "meta_blkaddr": sb.meta_blkaddr,
-         "xattr_blkaddr": sb.xattr_blkaddr, "build_time": sb.build_time,
+         "block_size": img.blksz, "root_nid": img.root_nid, "inodes": sb.inos,
+         "blocks": img.blocks, "meta_blkaddr": sb.meta_blkaddr,
+         "xattr_blkaddr": sb.xattr_blkaddr, "build_time": img.build_time,
          "build_time_nsec": sb.build_time_nsec,
+         **({"epoch": img.epoch, "layout_48bit": True} if img.is_48bit else {}),
          "feature_compat": f"{sb.feature_compat:#x}",
          "feature_incompat": f"{sb.feature_incompat:#x}",
          "checksum": f"{sb.checksum:#010x}", "uuid": sb.uuid.hex(),

@@ -26,6 +26,7 @@ from erofs_tools.errors import (
 )
 from erofs_tools.reader.fsck import MAX_MTIME
 from erofs_tools.reader.image import Image
+from erofs_tools.reader.inode import check_dots
 
 O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -208,12 +209,7 @@ class _Extraction:
 
     def _children(self, ino, parent_nid):
         ents = self.img.dirents(ino)
-        dot = [d for d in ents if d.name == b"."]
-        dotdot = [d for d in ents if d.name == b".."]
-        if len(dot) != 1 or dot[0].nid != ino.nid:
-            raise self.img._err(f"directory {ino.nid}: missing or wrong '.'")
-        if len(dotdot) != 1 or dotdot[0].nid != parent_nid:
-            raise self.img._err(f"directory {ino.nid}: missing or wrong '..'")
+        check_dots(self.img, ino, ents, parent_nid)       # (no '.' under dot-omitted)
         return [d for d in ents if d.name not in (b".", b"..")]
 
     def path(self, name=None) -> bytes:
@@ -513,9 +509,10 @@ def _tar_one(img, tf, path, ino, done, warnings, budget):
     ti.mode = _stat.S_IMODE(ino.mode)
     ti.uid, ti.gid = ino.uid, ino.gid
     ti.uname = ti.gname = ""
-    _mtime_ns(img, ino)
+    ns = _mtime_ns(img, ino)
     ti.mtime = ino.mtime
-    pax = {"mtime": f"{ino.mtime}.{ino.mtime_nsec:09d}"}
+    # (before 1970 too: -1.5 s is mtime -2, nsec 500000000)
+    pax = {"mtime": f"{'-' if ns < 0 else ''}{abs(ns) // 10**9}.{abs(ns) % 10**9:09d}"}
     for xn, xv in img.xattrs(ino):
         try:
             key = "SCHILY.xattr." + xn.decode("utf-8")

@@ -1,0 +1,378 @@
+"""The reader on the 48-bit layout (mkfs.erofs 1.9 -E48bit, Linux 6.15+) and on
+directories without "." (-Edot-omitted), written by our mkfs and by mkfs.erofs 1.9.4:
+`unpack -o` gives the tree the kernel shows of the same image (full metadata) and the
+source's content, `check` passes, `inspect` and `stat` work; block addresses past 2^32
+(an inode's bits 32-47) are read as the kernel reads them; corrupted variants give one
+line, never a traceback. All failed before: "unsupported incompatible features 0x80".
+"""
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+
+import pytest
+from helpers import mounted, require_tool, run_mkfs, scan_tree
+
+from erofs_tools.format import erofs as E
+
+pytestmark = pytest.mark.root
+
+SB = 1024
+ANCHOR_BIN = "/var/cache/erofs-tools-anchor/erofs-utils-1.9.4/bin"
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "erofs_tools", *map(os.fspath, args)],
+                          capture_output=True, text=True, errors="replace")
+
+
+def anchor(image, source, *args):
+    require_tool("mkfs.erofs")
+    subprocess.run(["mkfs.erofs", "--quiet", "-U", "clear", *args, os.fspath(image),
+                    os.fspath(source)], check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    """Every inode type, hardlinks, xattrs, a uid over 65535, mtimes with nsec, before
+    1970 and after 2106, 300 entries in one directory, a sparse file, empty ones."""
+    root = tmp_path_factory.mktemp("r48") / "src"
+    (root / "d" / "e").mkdir(parents=True)
+    (root / "empty-dir").mkdir()
+    (root / "many").mkdir()
+    for i in range(300):
+        (root / "many" / f"entry-{i:04d}-{'y' * (i % 30)}").write_bytes(b"%d\n" % i)
+    for name, data in {"a": b"hello\n", "d/b": b"x" * 5000, "d/e/c": os.urandom(70000),
+                       "zero": b"", "block": b"b" * 4096}.items():
+        (root / name).write_bytes(data)
+    with open(root / "sparse", "wb") as f:
+        f.truncate(64 << 20)
+        f.seek(40 << 20)
+        f.write(b"tail" * 1000)
+    os.utime(root / "a", ns=(0, 981173106_123456789))
+    os.utime(root / "d" / "b", ns=(0, -315619200_000000000))          # 1960
+    os.utime(root / "d" / "e" / "c", ns=(0, 5364662400_500000000))     # 2140
+    os.chown(root / "d" / "b", 70000, 70001)
+    os.link(root / "a", root / "d" / "a-link")
+    os.symlink("a", root / "sym")
+    os.mkfifo(root / "fifo")
+    os.mknod(root / "chr", 0o20644, os.makedev(1, 3))
+    os.mknod(root / "blk", 0o60600, os.makedev(7, 200))
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(os.fspath(root / "sock"))
+    s.close()
+    os.setxattr(root / "d", "user.k", b"v")
+    os.setxattr(root / "a", "trusted.t", b"t" * 40)
+    os.utime(root / "d" / "e", ns=(0, -1_000_000_001))
+    return root
+
+
+def _view(top):
+    out = scan_tree(top)
+    for rec in out.values():
+        rec.pop("_ino", None)
+    return out
+
+
+def _read_back(img, tmp_path):
+    """check, unpack -o, inspect, stat of IMG through the CLI; -> the unpacked tree."""
+    p = cli("check", img)
+    assert p.returncode == 0 and p.stdout.strip().endswith("clean"), p.stdout + p.stderr
+    out = tmp_path / "out"
+    p = cli("unpack", "-o", out, img)
+    assert p.returncode == 0, p.stderr
+    p = cli("inspect", "--json", img)
+    assert p.returncode == 0, p.stderr
+    p = cli("inspect", img, "/d")
+    assert p.returncode == 0 and "name=.. " in p.stdout, p.stdout + p.stderr
+    p = cli("stat", "--json", img)
+    assert p.returncode == 0, p.stderr
+    return out
+
+
+OURS = {
+    "48bit": ("-E", "48bit"),
+    "48bit-T-over-32bit": ("-T", "5000000000", "-E", "48bit"),
+    "dot-omitted": ("-E", "dot-omitted"),
+    "dot-omitted-b1024": ("-b", "1024", "-E", "dot-omitted"),
+    "48bit-extended": ("-E", "48bit,force-inode-extended"),
+}
+
+
+@pytest.mark.parametrize("combo", OURS)
+def test_ours_read_back(tree, tmp_path, combo):
+    img = tmp_path / "x.img"
+    run_mkfs(img, tree, "-q", "-U", "clear", *OURS[combo])
+    out = _read_back(img, tmp_path)
+    got = _view(out)
+    with mounted(img) as m:
+        assert got == _view(m)
+    src = _view(tree)
+    assert {k: v.get("sha256") for k, v in got.items()} == \
+        {k: v.get("sha256") for k, v in src.items()}
+    if "-T" not in OURS[combo]:
+        # out of a compact inode's range from the epoch: extended, whole
+        assert got[b"d/b"]["mtime_ns"] == -315619200_000000000
+        assert got[b"d/e/c"]["mtime_ns"] == 5364662400_500000000
+        assert got[b"d/e"]["mtime_ns"] == -1_000_000_001
+        assert got[b"a"]["mtime_ns"] == 981173106_000000000 + \
+            ("extended" in combo) * 123456789
+    assert got[b"d/a-link"]["links"] == [b"a", b"d/a-link"]
+
+
+ANCHORS = {
+    "48bit": ("-E48bit",),
+    "48bit-T-over-32bit": ("-T", "5000000000", "-E48bit"),
+    "dot-omitted": ("-Edot-omitted",),
+    "dot-omitted-b1024": ("-b", "1024", "-Edot-omitted"),
+}
+
+
+@pytest.mark.parametrize("combo", ANCHORS)
+def test_mkfs_erofs_read_back(tree, tmp_path, combo):
+    """mkfs.erofs 1.9.4's images (root nid in the le16 field, rootnid_8b 0): the reader's
+    tree is the kernel's, mtimes included (mkfs.erofs wraps those out of range)."""
+    img = tmp_path / "ref.img"
+    anchor(img, tree, *ANCHORS[combo])
+    assert struct.unpack_from("<I", img.read_bytes()[:2048], SB + 0x50)[0] & 0x80
+    out = _read_back(img, tmp_path)
+    got = _view(out)
+    with mounted(img) as m:
+        assert got == _view(m)
+    assert got[b"d/e/c"]["sha256"] == _view(tree)[b"d/e/c"]["sha256"]
+
+
+def test_mkfs_erofs_compressed_refused(tree, tmp_path):
+    img = tmp_path / "z.img"
+    anchor(img, tree, "-zlz4", "-E48bit")
+    for cmd in (("check",), ("inspect",), ("unpack", "-o", tmp_path / "o")):
+        p = cli(*cmd, img)
+        assert p.returncode == 1 and "Traceback" not in p.stderr
+        assert p.stderr.strip() == f"error: {img}: compressed files in the 48-bit layout " \
+            "(its encoded extents) are not supported", p.stderr
+
+
+def _root_off(data):
+    meta = struct.unpack_from("<I", data, SB + 0x28)[0]
+    nid = struct.unpack_from("<Q", data, SB + 0x70)[0] or struct.unpack_from(
+        "<H", data, SB + 0x0E)[0]
+    return (meta << data[SB + 0x0C]) + nid * 32
+
+
+def _fix_sum(data):
+    if struct.unpack_from("<I", data, SB + 8)[0] & E.FEATURE_COMPAT_SB_CHKSUM:
+        blksz = 1 << data[SB + 0x0C]
+        struct.pack_into("<I", data, SB + 4,
+                         E.superblock_checksum(bytes(data[:max(blksz, 2 * SB)])))
+
+
+def _nid_of(img, path):
+    p = cli("inspect", "--json", img, path)
+    assert p.returncode == 0, p.stderr
+    return json.loads(p.stdout)["nid"]
+
+
+def test_dot_bits_checked(tree, tmp_path):
+    """A directory whose format bit says "." omitted but which has one, and one without
+    it whose bit is clear: `check` names both; the bit without the 48BIT feature is
+    refused."""
+    small = tmp_path / "small"
+    (small / "d").mkdir(parents=True)
+    (small / "d" / "f").write_bytes(b"f")
+    for ext, want in (("48bit", "a '.' entry, but its format says omitted"),
+                      ("dot-omitted", "missing or wrong '.'")):
+        img = tmp_path / f"{ext}.img"
+        run_mkfs(img, small, "-q", "-T", "0", "-E", ext)
+        nid = _nid_of(img, "/d")
+        data = bytearray(img.read_bytes())
+        meta = struct.unpack_from("<I", data, SB + 0x28)[0] << data[SB + 0x0C]
+        data[meta + nid * 32] ^= E.I_DOT_OMITTED
+        img.write_bytes(data)
+        p = cli("check", img)
+        assert p.returncode == 1 and "Traceback" not in p.stderr
+        assert f"/d: directory {nid}: {want}" in p.stdout + p.stderr, p.stdout + p.stderr
+        p = cli("unpack", "-o", tmp_path / f"o-{ext}", img)
+        assert p.returncode == 1 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    img = tmp_path / "dot-omitted.img"
+    data = bytearray(img.read_bytes())
+    struct.pack_into("<I", data, SB + 0x50,
+                     struct.unpack_from("<I", data, SB + 0x50)[0] & ~E.FEATURE_INCOMPAT_48BIT)
+    struct.pack_into("<H", data, SB + 0x0E, struct.unpack_from("<Q", data, SB + 0x70)[0])
+    _fix_sum(data)
+    img.write_bytes(data)
+    p = cli("inspect", img)
+    root = struct.unpack_from("<H", data, SB + 0x0E)[0]
+    assert p.returncode == 1 and p.stderr.strip().splitlines() == [
+        f"error: {img}: inode {root}: unsupported i_format 0x14"], p.stderr
+
+
+@pytest.mark.parametrize("extended", [False, True])
+def test_block_addresses_past_32_bits(tmp_path, extended):
+    """A file whose blocks start past block 2^32 (its inode's le16 at 6 the high bits:
+    an extended inode's, or a compact one's with the NLINK_1 bit) in a sparse 4 TiB
+    image (1 KiB blocks): the reader's data is the kernel's."""
+    src = tmp_path / "src"
+    src.mkdir()
+    body = os.urandom(3000)
+    (src / "big").write_bytes(body)
+    img = tmp_path / "x.img"
+    run_mkfs(img, src, "-q", "-T", "0", "-b", "1024", "-E",
+             "48bit,noinline_data" + (",force-inode-extended" if extended else ""))
+    nid = _nid_of(img, "/big")
+    data = bytearray(img.read_bytes())
+    meta = struct.unpack_from("<I", data, SB + 0x28)[0] << 10
+    off = meta + nid * 32
+    fmt = struct.unpack_from("<H", data, off)[0]
+    assert E.i_format_layout(fmt) == E.LAYOUT_FLAT_PLAIN
+    old = struct.unpack_from("<I", data, off + 16)[0]
+    new = (1 << 32) + 7
+    if not extended:
+        assert struct.unpack_from("<H", data, off + 6)[0] == 1      # nlink
+        struct.pack_into("<H", data, off, fmt | E.I_NLINK_1)
+    struct.pack_into("<H", data, off + 6, new >> 32)
+    struct.pack_into("<I", data, off + 16, new & 0xFFFFFFFF)
+    data[old << 10:(old << 10) + 3000] = bytes(3000)     # (no longer read there)
+    img.write_bytes(data)
+    with open(img, "r+b") as f:
+        f.seek(new << 10)
+        f.write(body + bytes(-len(body) % 1024))
+    assert img.stat().st_size > 1 << 42
+    p = cli("check", img)
+    assert p.returncode == 0, p.stdout + p.stderr
+    p = cli("inspect", "--json", img, "/big")
+    assert json.loads(p.stdout)["startblk"] == new
+    out = tmp_path / "out"
+    p = cli("unpack", "-o", out, img)
+    assert p.returncode == 0, p.stderr
+    assert (out / "big").read_bytes() == body
+    with mounted(img) as m:
+        assert open(os.path.join(m, "big"), "rb").read() == body
+    # without the 48BIT feature the high bits are not read (an extended inode's are
+    # reserved: check says so; a compact one's format bit is refused)
+    with open(img, "rb") as f:
+        data = bytearray(f.read(1 << 20))
+    struct.pack_into("<I", data, SB + 0x50,
+                     struct.unpack_from("<I", data, SB + 0x50)[0] & ~E.FEATURE_INCOMPAT_48BIT)
+    struct.pack_into("<H", data, SB + 0x0E, struct.unpack_from("<Q", data, SB + 0x70)[0])
+    _fix_sum(data)
+    img.write_bytes(data)
+    p = cli("check", img)
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    assert ("i_nb (reserved) is not 0" if extended else "unsupported i_format 0x10") in \
+        p.stdout + p.stderr, p.stdout + p.stderr
+
+
+@pytest.mark.parametrize("source", ["ours", "mkfs.erofs"])
+def test_flipped_bytes_in_new_fields(tree, tmp_path, source):
+    """Every bit of the new superblock fields (the le16 root nid / blocks_hi, the epoch,
+    the le32 build time, rootnid_8b) and of the root inode's format flipped in turn:
+    each command ends with its result or one error line, never a traceback."""
+    img = tmp_path / "base.img"
+    small = tmp_path / "small"
+    (small / "d").mkdir(parents=True)
+    (small / "d" / "f").write_bytes(b"data" * 100)
+    (small / "l").symlink_to("d/f")
+    if source == "ours":
+        run_mkfs(img, small, "-q", "-E", "dot-omitted")
+    else:
+        anchor(img, small, "-Edot-omitted")
+    base = img.read_bytes()
+    spots = [SB + 0x0E, SB + 0x0F, SB + 0x18, SB + 0x1F, SB + 0x6C, SB + 0x6F,
+             SB + 0x70, SB + 0x71, SB + 0x77, _root_off(base), _root_off(base) + 1]
+    bad = tmp_path / "bad.img"
+    n = 0
+    for at in spots:
+        for bit in (0, 3, 4, 7):
+            data = bytearray(base)
+            data[at] ^= 1 << bit
+            _fix_sum(data)
+            bad.write_bytes(data)
+            for cmd in (("check",), ("inspect",), ("stat",),
+                        ("unpack", "-o", tmp_path / f"o{n}")):
+                p = cli(*cmd, bad)
+                n += 1
+                assert p.returncode in (0, 1), (at, bit, cmd, p.stderr)
+                assert "Traceback" not in p.stderr, (at, bit, cmd, p.stderr)
+                if p.returncode and cmd[0] != "check":
+                    assert len(p.stderr.strip().splitlines()) == 1, (at, bit, cmd, p.stderr)
+
+
+@pytest.mark.parametrize("ext", [(), ("-E", "48bit")])
+def test_mtimes_before_1970(tmp_path, ext):
+    """An extended inode's i_mtime is the kernel's signed time64_t: before 1970 it is
+    read back, by unpack to a directory and to a tar stream (-1.5 s: the PAX mtime
+    -1.500000000), in the usual layout too. Failed before: check said "mtime
+    18446744073393932416 beyond what the kernel can hold" and unpack refused it."""
+    src = tmp_path / "src"
+    (src / "x").mkdir(parents=True)
+    (src / "f").write_bytes(b"a")
+    os.utime(src / "f", ns=(0, -1_500_000_000))
+    os.utime(src / "x", ns=(0, -315619200_000000000))
+    img = tmp_path / "x.img"
+    run_mkfs(img, src, "-q", *ext)
+    out = _read_back_small(img, tmp_path)
+    assert os.stat(out / "f").st_mtime_ns == -1_500_000_000
+    assert os.stat(out / "x").st_mtime_ns == -315619200_000000000
+    p = cli("unpack", "--tar", tmp_path / "t.tar", img)
+    assert p.returncode == 0, p.stderr
+    import tarfile
+    with tarfile.open(tmp_path / "t.tar") as t:
+        assert t.getmember("f").pax_headers["mtime"] == "-1.500000000"
+        assert t.getmember("x").pax_headers["mtime"] == "-315619200.000000000"
+    with mounted(img) as m:
+        assert os.stat(os.path.join(m, "f")).st_mtime_ns == -1_500_000_000
+
+
+def _read_back_small(img, tmp_path):
+    p = cli("check", img)
+    assert p.returncode == 0 and p.stdout.strip().endswith("clean"), p.stdout + p.stderr
+    out = tmp_path / "out"
+    p = cli("unpack", "-o", out, img)
+    assert p.returncode == 0, p.stderr
+    return out
+
+
+def test_chunk_indexes_past_32_bits(tmp_path):
+    """mkfs.erofs 1.9.4 -E48bit --blobdev chunk indexes, the second chunk moved past
+    device block 2^32 (the chunk format's 48BIT bit, its index's le16 at 0 the high
+    bits; a sparse 4 TiB device): unpack --device reads the kernel's data."""
+    src = tmp_path / "src"
+    src.mkdir()
+    body = os.urandom(3000)
+    (src / "big").write_bytes(body)
+    img, dev = tmp_path / "x.img", tmp_path / "dev"
+    dev.touch()
+    anchor(img, src, "-b1024", "--chunksize=1024", "-E48bit", f"--blobdev={dev}")
+    p = cli("inspect", "--json", img, "/big")
+    d = json.loads(p.stdout)
+    assert d["chunk_format"] == "0x21" and d["chunk_size"] == 2048
+    data = bytearray(img.read_bytes())
+    off = (struct.unpack_from("<I", data, SB + 0x28)[0] << 10) + d["nid"] * 32
+    fmt = struct.unpack_from("<H", data, off)[0]
+    isize = 64 if fmt & 1 else 32
+    struct.pack_into("<H", data, off + 16, 0x21 | E.CHUNK_FORMAT_48BIT)
+    icount = struct.unpack_from("<H", data, off + 2)[0]
+    idx = off + isize + E.xattr_ibody_size(icount)
+    idx += -idx % 8
+    new = (1 << 32) + 5
+    assert struct.unpack_from("<HHI", data, idx + 8) == (0, 1, 2)
+    struct.pack_into("<HHI", data, idx + 8, new >> 32, 1, new & 0xFFFFFFFF)
+    _fix_sum(data)          # (1 KiB blocks: the checksum covers the inodes)
+    img.write_bytes(data)
+    with open(dev, "r+b") as f:
+        f.seek(2 << 10)
+        f.write(bytes(1024))
+        f.seek(new << 10)
+        f.write(body[2048:] + bytes(-len(body[2048:]) % 1024))
+    p = cli("inspect", "--json", img, "/big")
+    assert [c["blkaddr"] for c in json.loads(p.stdout)["chunks"]] == [0, new]
+    out = tmp_path / "out"
+    p = cli("unpack", "--device", dev, "-o", out, img)
+    assert p.returncode == 0, p.stderr
+    assert (out / "big").read_bytes() == body
+    p = cli("check", "--device", dev, img)
+    assert p.returncode == 0, p.stdout + p.stderr
+    with mounted(img, f"device={dev}") as m:
+        assert open(os.path.join(m, "big"), "rb").read() == body
