@@ -88,8 +88,8 @@ def sys_umount(target, lazy=False):
 
 @contextlib.contextmanager
 def mounted(image, options=None):
-    """Mount IMAGE (a regular file) read-only with the host kernel; yield the mount
-    point; unmount and remove it afterwards."""
+    """Mount IMAGE (a regular file, or a block device) read-only with the host kernel;
+    yield the mount point; unmount and remove it afterwards."""
     require_root_kernel()
     mnt = tempfile.mkdtemp(prefix="erofs-mnt-")
     try:

@@ -16,19 +16,15 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import tempfile
 
 import pytest
 from helpers import (
-    MS_RDONLY,
     assert_same_tree,
     fsck,
     is_root,
+    mounted,
     require,
-    require_root_kernel,
     require_tool,
-    sys_mount,
-    sys_umount,
 )
 
 pytestmark = pytest.mark.root
@@ -67,23 +63,6 @@ def loopdev(tmp_path):
         return stack.enter_context(_loop(backing))
     with stack:
         yield make
-
-
-@contextlib.contextmanager
-def _mounted_dev(dev):
-    require_root_kernel()
-    mnt = tempfile.mkdtemp(prefix="erofs-mnt-")
-    try:
-        sys_mount(dev, mnt, "erofs", MS_RDONLY)
-        try:
-            yield mnt
-        finally:
-            try:
-                sys_umount(mnt)
-            except OSError:
-                sys_umount(mnt, lazy=True)
-    finally:
-        os.rmdir(mnt)
 
 
 @pytest.fixture
@@ -128,7 +107,7 @@ def test_mkfs_writes_a_loop_device_as_its_image_file(tmp_path, loopdev, tree, ar
     assert _read(dev, size) == img.read_bytes()
     assert _read(dev, 4096, size) == FILL * 4096          # nothing past the image
     fsck(dev)
-    with _mounted_dev(dev) as mnt:
+    with mounted(dev) as mnt:
         assert_same_tree(tree, mnt, whiteout_marks=True)
 
 
@@ -150,7 +129,7 @@ def test_mkfs_tar_writes_a_loop_device(tmp_path, loopdev, tree, mode):
 def test_a_mounted_device_is_refused(tmp_path, loopdev, tree):
     dev = loopdev(16 << 20)
     _cli("mkfs", dev, tree, "-q")
-    with _mounted_dev(dev):
+    with mounted(dev):
         before = _digest(dev)
         r = _cli("mkfs", dev, tree, check=False)
         assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
@@ -161,7 +140,7 @@ def test_a_mounted_device_is_refused(tmp_path, loopdev, tree):
 def test_a_mounted_device_is_refused_before_the_tar_is_read(tmp_path, loopdev, tree):
     dev = loopdev(16 << 20)
     _cli("mkfs", dev, tree, "-q")
-    with _mounted_dev(dev):
+    with mounted(dev):
         # stdin stays open and empty: the refusal must not wait for the tar's end
         p = subprocess.Popen([sys.executable, "-m", "erofs_tools", "mkfs", "--tar=f", dev,
                               "-"], stdin=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -259,7 +238,7 @@ def test_offset_in_a_file_keeps_the_bytes_before_and_mounts_through_losetup_o(
     p = subprocess.run(["fsck.erofs", "--offset=12288", "--extract", out],
                        capture_output=True, text=True)
     assert p.returncode == 0, p.stdout + p.stderr
-    with _loop(out, 12288) as dev, _mounted_dev(dev) as mnt:
+    with _loop(out, 12288) as dev, mounted(dev) as mnt:
         assert_same_tree(tree, mnt, whiteout_marks=True)
 
 
@@ -281,7 +260,7 @@ def test_offset_not_block_aligned_with_z_and_tar(tmp_path, tree, args):
                        capture_output=True, text=True)
     assert p.returncode == 0, p.stdout + p.stderr
     if "--tar=i" not in args:
-        with _loop(out, 100) as dev_, _mounted_dev(dev_) as mnt:
+        with _loop(out, 100) as dev_, mounted(dev_) as mnt:
             assert_same_tree(tree, mnt, whiteout_marks=True,
                              ignore=("mtime_ns",) if "--tar=f" in args else ())
 
@@ -301,7 +280,7 @@ def test_offset_in_a_device(tmp_path, loopdev, tree):
     _cli("mkfs", "--offset=65536", dev, tree, *fixed)
     assert _read(dev, 65536) == FILL * 65536
     assert _read(dev, img.stat().st_size, 65536) == img.read_bytes()
-    with _loop(dev, 65536) as inner, _mounted_dev(inner) as mnt:
+    with _loop(dev, 65536) as inner, mounted(inner) as mnt:
         assert_same_tree(tree, mnt, whiteout_marks=True)
 
 
