@@ -114,6 +114,8 @@ struct erofs_opts {
                                   (from the superblock's epoch; nsec its fixed one) */
     int32_t dot_omitted;       /* 1: no "." entry in directories (-Edot-omitted; needs
                                   sb_48bit) */
+    uint32_t max_extent;       /* at most this many input bytes per compressed extent
+                                  (--max-extent-bytes, >= the block size); 0: no cap */
 };
 
 struct erofs_layout_info {
