@@ -277,6 +277,7 @@ struct zjob {
     struct smitem *pre, own;
     uint32_t npre, ilen;
     int smdone;
+    int dsdone;               /* --dsunit: its data start aligned (zsm_commit) */
     struct zjob **win;        /* the first of a window: its files, packed at its commit */
     uint32_t nwin;
 };

@@ -423,13 +423,10 @@ def parse_fsalignblks(text: str) -> int:
 def check_tuning(dsunit: str | None, max_extent: str | None, async_limit: str | None,
                  compressed: bool, blksz: int = 4096) -> tuple[int, int]:
     """mkfs.erofs's --dsunit, --max-extent-bytes and --async-queue-limit: accepted where
-    we write them (--dsunit without -z, --max-extent-bytes with -z) or they change
+    we write them (--dsunit, --max-extent-bytes with -z) or they change
     nothing (the queue length; no extent cap without -z), refused with one line where
     they would change the image; -> (the dsunit, the extent cap with -z, 0: none)."""
     unit = parse_offset(dsunit, "--dsunit", 32) if dsunit is not None else 0
-    if unit > 1 and compressed:
-        raise InputError("--dsunit with -z is not implemented (compressed data is not "
-                         "aligned)")
     cap = 0
     if max_extent is not None:
         try:

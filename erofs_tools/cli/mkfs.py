@@ -77,7 +77,7 @@ from erofs_tools.errors import InputError, terminate_as_interrupt
                    "of N blocks, N rounded up to a power of two, as mkfs.erofs.")
 @click.option("--dsunit", metavar="N",
               help="Start each file's data on a multiple of N blocks (a RAID stripe unit), "
-                   "as mkfs.erofs; not with -z (refused).")
+                   "as mkfs.erofs (with -z: each file's first pcluster).")
 @click.option("--max-extent-bytes", "max_extent", metavar="N",
               help="With -z: at most N bytes of input per compressed extent (at least the "
                    "block size; 0: no cap), as mkfs.erofs; without -z accepted, no effect, "
