@@ -245,6 +245,10 @@ static long one_extent(struct zctx *c, struct xfer *x, struct zfile *zf, const c
     if (frag && len <= ps)
         return fragment(x, zf, c->in + head, len, done);
     if (!(final && len <= bs) || inl) {
+        /* --max-extent-bytes: as mkfs.erofs, the input offered to one pcluster (not
+         * that of a fragment, nor a raw inline tail: under a block) */
+        if (zc->max_ext && took > zc->max_ext)
+            took = zc->max_ext;
         csz = zc->alg->destsize(c, c->in + head, &took, c->out, ps);
         if (csz < 0)
             return xfail(x, ERN_EIO, "%s: %s compression failed: %s", path,
@@ -276,9 +280,10 @@ static long one_extent(struct zctx *c, struct xfer *x, struct zfile *zf, const c
         return took;
     }
     /* stored: one block per extent, as many blocks as the failed pcluster covered (so
-     * incompressible data is not tried again block by block) */
+     * incompressible data is not tried again block by block); -Ededupe: one block, then
+     * compressed again from the next (as mkfs.erofs, where a match may start there) */
     uint32_t tried = took < ps ? took : ps;
-    uint32_t nraw = tried / bs ? tried / bs : 1;
+    uint32_t nraw = tried / bs && !zc->roll ? tried / bs : 1;
     took = 0;
     for (uint32_t k = 0; k < nraw && len > took; k++) {
         uint32_t n = len - took < bs ? len - took : bs;

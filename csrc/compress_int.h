@@ -55,6 +55,7 @@ struct zconf {
     int roll;                /* -Ededupe: repeated data matched at any offset (dedupe.c) */
     uint32_t nalgs;          /* algorithms in the -z list (zconf[0..nalgs)) */
     uint32_t max_ps;         /* the largest pcluster of any file (-C, --compress-hints) */
+    uint32_t max_ext;        /* --max-extent-bytes: input of one extent at most (0: any) */
 };
 
 /* an inline tail is at most this many bytes: then, the index being 8-byte aligned,
@@ -276,6 +277,7 @@ struct zjob {
     struct smitem *pre, own;
     uint32_t npre, ilen;
     int smdone;
+    int dsdone;               /* --dsunit: its data start aligned (zsm_commit) */
     struct zjob **win;        /* the first of a window: its files, packed at its commit */
     uint32_t nwin;
 };

@@ -56,7 +56,8 @@ struct erofs_opts {
     uint32_t root_xattr_isize; /* the root's xattr ibody at least this many bytes (16 ..
                                   65532, 4-byte multiple; 0: as its xattrs need), zero
                                   padded (mkfs.erofs --root-xattr-isize) */
-    int32_t inline_data;       /* 1: FLAT_INLINE tails when they fit (else FLAT_PLAIN) */
+    int32_t inline_data;       /* 1: files' FLAT_INLINE tails when they fit (0: FLAT_PLAIN;
+                                * directories and symlinks still inline, as mkfs.erofs) */
     int32_t xattr_filter;      /* 1: xattr name filters in the inodes' xattr headers (as
                                   mkfs.erofs 1.9 writes them; Nydus's bootstraps have none) */
     int32_t force_extended;    /* 1: every inode extended (64 bytes) */
@@ -113,6 +114,8 @@ struct erofs_opts {
                                   (from the superblock's epoch; nsec its fixed one) */
     int32_t dot_omitted;       /* 1: no "." entry in directories (-Edot-omitted; needs
                                   sb_48bit) */
+    uint32_t max_extent;       /* at most this many input bytes per compressed extent
+                                  (--max-extent-bytes, >= the block size); 0: no cap */
 };
 
 struct erofs_layout_info {

@@ -382,7 +382,8 @@ static int choose_formats(erofs_builder *b, struct layout_state *st)
                     n->layout = L_INLINE;
                     n->tail = (uint32_t)tail;
                 }
-            } else if (tail && b->o.inline_data && base + tail <= blksz) {
+            } else if (tail && (b->o.inline_data || fmt != S_IFREG) && base + tail <= blksz) {
+                /* -E noinline_data: regular files only, as mkfs.erofs */
                 n->layout = L_INLINE;
                 n->tail = (uint32_t)tail;
             }
@@ -468,6 +469,8 @@ static int place_inodes(erofs_builder *b, struct layout_state *st)
         /* records among the data (smeta.c): nids count from block 0 */
         uint64_t lo = align_up(sb_area_end(b), EROFS_SLOT_SIZE);
         pre_lo = smeta_pre_lo(b, lo);
+        if (pre_lo == UINT32_MAX)
+            return ERN_EINVAL;
         area_start = meta_start;
         meta_start = st->meta_start = 0;
         first_nid = lo / EROFS_SLOT_SIZE;
@@ -506,8 +509,8 @@ static int place_inodes(erofs_builder *b, struct layout_state *st)
             NX(b, n)->sres = 0;
         struct zfit_ctx zc = { b, n, blksz };
         uint64_t off;
-        if (b->sm && pi && !NXR(b, n)->ztail_len && !smeta_fill(b, n, len))
-            continue;       /* (room left among the data; not the root: its nid is small) */
+        if (b->sm && (pi || !pre_lo) && !NXR(b, n)->ztail_len && !smeta_fill(b, n, len))
+            continue;       /* (room left among the data; the root: when block 0 is there) */
         int r = mpack_place(&m, len, may_cross, NXR(b, n)->ztail_len ? zfit : NULL, &zc, &off);
         if (r) {
             mpack_free(&m);

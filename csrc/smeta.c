@@ -234,7 +234,7 @@ static uint32_t bare_len(const erofs_builder *b, const struct node *n)
 {
     uint64_t base = stream_inode_size(b, n) + n->xa_max;
     uint32_t fmt = n->mode & S_IFMT;
-    if (fmt == S_IFLNK && n->size < b->blksz && b->o.inline_data &&
+    if (fmt == S_IFLNK && n->size < b->blksz &&
         base + n->size <= b->blksz)
         base += n->size;
     else if (fmt == S_IFLNK && n->size % b->blksz)
@@ -272,6 +272,28 @@ void smeta_pending(erofs_builder *b, uint32_t upto)
         s->next = upto;
 }
 
+/* block 0's room after the root's record (ending at end) is virtual block 0 (a pre bin
+ * of the virtual area: filled best fit, as mkfs.erofs fills it) mapped to stream block
+ * 0; the other virtual blocks map to stream blocks as before. Only while nothing is
+ * placed yet (the root comes first) */
+static int sm_block0(erofs_builder *b, uint64_t end)
+{
+    struct smeta *s = b->sm;
+    uint32_t blksz = b->blksz;
+    if (s->nblk || s->m.end || s->m.pre)
+        return 0;
+    mpack_free(&s->m);
+    if (mpack_init(&s->m, blksz, blksz, (uint32_t)align_up(end, EROFS_SLOT_SIZE)))
+        return 1;
+    s->blk = malloc(1024 * sizeof(*s->blk));
+    if (!s->blk)
+        return 1;
+    s->cap = 1024;
+    s->blk[0] = 0;
+    s->nblk = 1;
+    return 0;
+}
+
 /* a directory about to be filled with the n entries names + offs[i] (sorted): its size
  * is known from the names, so its record and blocks go here, before its files */
 int smeta_dir(erofs_builder *b, uint32_t node, const char *names, const uint32_t *offs,
@@ -291,13 +313,15 @@ int smeta_dir(erofs_builder *b, uint32_t node, const char *names, const uint32_t
     uint64_t size = dir_size_sorted(blksz, names, offs, cnt);
     uint64_t tail = size % blksz;
     uint64_t base = stream_inode_size(b, n) + n->xa_max;
-    int inl = b->o.inline_data && tail && base + tail <= blksz;
+    int inl = tail && base + tail <= blksz;     /* noinline_data: files only */
     uint64_t len = align_up(inl ? base + tail : base, EROFS_SLOT_SIZE);
     uint64_t nblk = inl ? size / blksz : (size + blksz - 1) / blksz;
     uint64_t lo = align_up(sb_area_end(b), EROFS_SLOT_SIZE);
     if (node == b->root && !NX(b, n)->sres && lo + len <= blksz) {
         /* the room after the superblock, as mkfs.erofs (nid 36 with 4 KiB blocks) */
         b->sm->root_off = lo;
+        if (sm_block0(b, lo + len))
+            return fail(b, ERN_ENOMEM, "out of memory");
         NX(b, n)->soff = 0;
         NX(b, n)->slen = (uint32_t)len;
         NX(b, n)->sres = 2;
@@ -324,10 +348,19 @@ int smeta_dir(erofs_builder *b, uint32_t node, const char *names, const uint32_t
 }
 
 /* where block 0's room after the superblock (from lo) is free for the inode area after
- * the data: after the root's record if it sits there */
+ * the data: after the root's record if it sits there (0: none; UINT32_MAX: failed) */
 uint32_t smeta_pre_lo(erofs_builder *b, uint64_t lo)
 {
     struct node *rt = &b->nodes[b->root];
+    if (b->sm->m.pre) {
+        /* block 0 is the virtual area's (sm_block0): smeta_fill fills it; its records
+         * start after the superblock area known when the walk began */
+        if (b->sm->root_off < lo) {
+            fail(b, ERN_EINVAL, "the superblock area grew over block 0's inodes");
+            return UINT32_MAX;
+        }
+        return 0;
+    }
     if (NX(b, rt)->sres == 2 && b->sm->root_off < lo)
         NX(b, rt)->sres = 0;               /* (the superblock area grew since) */
     uint64_t pre = NX(b, rt)->sres == 2 ? b->sm->root_off + NX(b, rt)->slen : lo;

@@ -193,6 +193,10 @@ int zconf_setup(erofs_builder *b, struct zconf *zc)
     zc->nalgs = nalgs;
     zc->pclustersize = ps;
     zc->max_ps = max_ps;
+    zc->max_ext = b->o.max_extent;
+    if (zc->max_ext && zc->max_ext < blksz)
+        return fail(b, ERN_EINVAL, "maximum compressed extent size %u is under the block "
+                    "size %u", zc->max_ext, blksz);
     zc->ztail = b->o.ztailpacking != 0;
     zc->frags = b->o.fragments || b->o.all_fragments;
     zc->allfrags = b->o.all_fragments != 0;

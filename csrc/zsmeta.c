@@ -192,11 +192,32 @@ static int write_zeros(struct xfer *x, uint64_t off, uint64_t len)
     return 0;
 }
 
+static int zsm_commit_sm(struct zpool *p, struct zjob *j, struct xfer *x);
+
 /* at the file's turn to place blocks (its commit, or when it starts writing in place):
  * the queued records and directories, then its own record when known now. The blocks
  * taken are written with zeros now, so the image file has no holes the final write
  * fills later elsewhere on disk */
 int zsm_commit(struct zpool *p, struct zjob *j, struct xfer *x)
+{
+    erofs_builder *b = p->b;
+    if (!j->dsdone && b->ot && b->ot->dsunit > 1) {
+        /* --dsunit (direct: writing in place, so blocks come): after the records, the
+         * file's data (its first segment's) from a multiple of the unit, as mkfs.erofs
+         * maps each file's data, compressed or not; skipped blocks zeroed */
+        j->dsdone = 1;
+        int blocks = j->direct || (j->zf.plain ? j->size - j->tail >= b->blksz
+                                               : j->zf.nblocks > 0);
+        int r = j->smdone ? 0 : zsm_commit_sm(p, j, x);
+        uint64_t s0 = b->scur;
+        if (!r && blocks && !j->first)
+            b->scur = (b->scur + b->ot->dsunit - 1) / b->ot->dsunit * b->ot->dsunit;
+        return r ? r : write_zeros(x, s0 * b->blksz, (b->scur - s0) * b->blksz);
+    }
+    return zsm_commit_sm(p, j, x);
+}
+
+static int zsm_commit_sm(struct zpool *p, struct zjob *j, struct xfer *x)
 {
     erofs_builder *b = p->b;
     if (!b->sm || j->smdone)

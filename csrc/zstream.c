@@ -108,11 +108,9 @@ static int become_oldest(struct flush_arg *fa)
         while ((p->head != j || p->committing) && !p->err_code && !p->abort)
             pthread_cond_wait(&p->cv_turn, &p->mu);
         int bad = p->err_code || p->abort;
-        if (!bad && !(bad = zsm_commit(p, j, fa->x))) {
-            /* nobody allocates blocks while the oldest file is unfinished */
-            j->direct = 1;
-            j->base = b->scur;
-        }
+        j->direct = !bad;           /* (before zsm_commit: --dsunit aligns its start) */
+        if (!bad && !(bad = zsm_commit(p, j, fa->x)))
+            j->base = b->scur;      /* nobody allocates blocks while it is unfinished */
         pthread_mutex_unlock(&p->mu);
         if (bad)
             return xfail(fa->x, ERN_EIO, "stopped");

@@ -120,6 +120,7 @@ class BuildOptions:
     compress_lzma_props: tuple[tuple[int, int, int], ...] = ()  # per -z algorithm: lzma's
                                                 # (lc, lp, pb), -1: the preset's
     pcluster_max: int = 0          # the largest per-file pcluster (set_zhint); 0: pcluster_size
+    max_extent: int = 0            # input bytes per compressed extent at most; 0: no cap
     _extra: dict = field(default_factory=dict, repr=False)
 
     def to_c(self) -> Any:
@@ -188,6 +189,7 @@ class BuildOptions:
         o.fragdedupe = self.fragdedupe
         o.sb_48bit = int(self.sb_48bit or self.dot_omitted)      # (the one implies it)
         o.dot_omitted = int(self.dot_omitted)
+        o.max_extent = self.max_extent            # (cffi refuses what is not a u32)
         if len(self.compress_alt) > 3:
             raise NativeError("at most 4 algorithms")
         for k, (alg, level) in enumerate(self.compress_alt):

@@ -35,6 +35,7 @@ class Compression:
     lzma_props: tuple[int, int, int] = (-1, -1, -1)   # the first's lc, lp, pb (lzma)
     all_fragments: bool = False       # -E all-fragments: every file whole in the packed inode
     fragdedupe: str = "full"          # -E fragdedupe=full|inode, ^fragdedupe ("off")
+    max_extent: int = 0               # --max-extent-bytes: input per extent at most (0: any)
 
     @property
     def algorithms(self) -> tuple[Algorithm, ...]:
@@ -420,15 +421,13 @@ def parse_fsalignblks(text: str) -> int:
 
 
 def check_tuning(dsunit: str | None, max_extent: str | None, async_limit: str | None,
-                 compressed: bool) -> int:
+                 compressed: bool, blksz: int = 4096) -> tuple[int, int]:
     """mkfs.erofs's --dsunit, --max-extent-bytes and --async-queue-limit: accepted where
-    we write them (--dsunit without -z) or they change nothing (the queue length; no
-    extent cap without -z), refused with one line where they would change the image;
-    -> the dsunit."""
+    we write them (--dsunit, --max-extent-bytes with -z) or they change
+    nothing (the queue length; no extent cap without -z), refused with one line where
+    they would change the image; -> (the dsunit, the extent cap with -z, 0: none)."""
     unit = parse_offset(dsunit, "--dsunit", 32) if dsunit is not None else 0
-    if unit > 1 and compressed:
-        raise InputError("--dsunit with -z is not implemented (compressed data is not "
-                         "aligned)")
+    cap = 0
     if max_extent is not None:
         try:
             v = int(max_extent, 0)
@@ -436,15 +435,21 @@ def check_tuning(dsunit: str | None, max_extent: str | None, async_limit: str | 
             raise InputError(f"--max-extent-bytes: invalid value {max_extent!r}") from None
         if not -(1 << 31) <= v < 1 << 31:
             raise InputError(f"--max-extent-bytes: {max_extent} out of range")
-        if compressed:
-            raise InputError("--max-extent-bytes with -z is not implemented (extents are "
-                             "cut as mkfs.erofs cuts them without it)")
+        # with -z as mkfs.erofs 1.9: 0 is no cap; a negative one asks for unaligned
+        # extents (the 48-bit layout's, which it refuses without -E48bit)
+        if compressed and v < 0:
+            raise InputError(f"--max-extent-bytes={max_extent}: unaligned compressed "
+                             "extents need the 48-bit layout (not written with -z)")
+        if compressed and 0 < v < blksz:
+            raise InputError(f"--max-extent-bytes={max_extent}: at least the block size "
+                             f"({blksz}) with -z")
+        cap = v if compressed else 0
     if async_limit is not None:
         n = parse_offset(async_limit, "--async-queue-limit", 32)
         if n & (n - 1):
             raise InputError(f"--async-queue-limit: {async_limit} is not a power of two "
                              "(mkfs.erofs fails on it too)")
-    return unit
+    return unit, cap
 
 
 def parse_id_offset(text: str, what: str) -> int:

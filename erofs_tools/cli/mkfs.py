@@ -1,4 +1,5 @@
 """`erofs-tools mkfs IMAGE SOURCE`: an EROFS image of a directory (uncompressed or -z)."""
+import dataclasses
 import json
 
 import click
@@ -76,10 +77,11 @@ from erofs_tools.errors import InputError, terminate_as_interrupt
                    "of N blocks, N rounded up to a power of two, as mkfs.erofs.")
 @click.option("--dsunit", metavar="N",
               help="Start each file's data on a multiple of N blocks (a RAID stripe unit), "
-                   "as mkfs.erofs; not with -z (refused).")
+                   "as mkfs.erofs (with -z: each file's first pcluster).")
 @click.option("--max-extent-bytes", "max_extent", metavar="N",
-              help="mkfs.erofs: at most N bytes of input per compressed extent. Not "
-                   "implemented with -z (refused); without -z accepted, no effect, as there.")
+              help="With -z: at most N bytes of input per compressed extent (at least the "
+                   "block size; 0: no cap), as mkfs.erofs; without -z accepted, no effect, "
+                   "as there.")
 @click.option("--async-queue-limit", "async_limit", metavar="N",
               help="mkfs.erofs's job queue length (a power of two): accepted, no effect "
                    "(a tuning knob; the image is the same).")
@@ -167,7 +169,10 @@ def mkfs(image, source, timestamp, all_time, ignore_mtime, ovlfs_strip, block_si
     digest = None
     if digest_flag or digest_name is not None:
         digest = parse_inode_digest(INODE_DIGEST_DEFAULT if digest_name is None else digest_name)
-    data_unit = check_tuning(dsunit, max_extent, async_limit, compress is not None)
+    data_unit, extent_cap = check_tuning(dsunit, max_extent, async_limit, z is not None,
+                                         1 << blkszbits)
+    if z is not None and extent_cap:
+        z = dataclasses.replace(z, max_extent=extent_cap)
     # --mount-point: mkfs.erofs prefixes it to the paths it looks up in SELinux file
     # contexts (--file-contexts) and Android's fs-config, neither of which this mkfs
     # reads (nor does a mkfs.erofs built without them): nothing else depends on it
