@@ -33,6 +33,13 @@
 #define EROFS_FEATURE_INCOMPAT_DEDUPE 0x20u        /* same bit: pclusters shared by files */
 #define EROFS_FEATURE_INCOMPAT_XATTR_PREFIXES 0x40u /* long xattr name prefix table */
 #define EROFS_FEATURE_INCOMPAT_48BIT 0x80u /* 48-bit layout (Linux 6.15+): see write.c */
+/* metadata compression (Linux 6.17+): a 144-byte superblock whose le64 at 0x80 is the
+ * metabox inode's nid; an inode whose nid has bit 63 set is in that inode's data */
+#define EROFS_FEATURE_INCOMPAT_METABOX 0x100u
+#define EROFS_FEATURE_COMPAT_SHARED_EA_IN_METABOX 0x8u
+#define EROFS_SB_EXTSLOT_SIZE 16u
+#define EROFS_SB_METABOX_NID_OFFSET 0x80u
+#define EROFS_DIRENT_NID_METABOX_BIT 63u
 #define EROFS_I_DOT_OMITTED (1u << 4)     /* a directory without its "." entry */
 
 /* e_name_index with this bit: the low 7 bits index the long prefix table, whose entries
@@ -184,6 +191,14 @@ enum { Z_EROFS_LCLUSTER_TYPE_PLAIN = 0, Z_EROFS_LCLUSTER_TYPE_HEAD1 = 1,
 /* h_clusterbits bit 7: the whole file is a fragment; the 8-byte map header is then
  * le64 (fragment offset | 1 << 63) and no index follows */
 #define Z_EROFS_FRAGMENT_INODE_BIT 7u
+/* COMPRESSED_FULL with ADVISE_EXTENTS (48-bit layout): extent records, 4 << ((advise >> 1)
+ * & 3) bytes each, instead of lcluster indexes (format/erofs.py tells their forms) */
+#define Z_EROFS_ADVISE_EXTENTS 0x1u
+#define Z_EROFS_ADVISE_EXTRECSZ_BIT 1u
+#define Z_EROFS_ADVISE_EXTRECSZ_MASK 0x3u
+#define Z_EROFS_EXTENT_PLEN_PARTIAL (1u << 27)
+#define Z_EROFS_EXTENT_PLEN_FMT_BIT 28u
+#define Z_EROFS_EXTENT_PLEN_MASK ((Z_EROFS_PCLUSTER_MAX_SIZE << 1) - 1)
 #define Z_EROFS_PCLUSTER_MAX_SIZE (1024u * 1024u)
 /* the largest windows the kernel takes: its lzma and zstd configuration records are
  * refused above these; DEFLATE's window is at most 32 KiB by the format */
@@ -197,6 +212,16 @@ struct z_erofs_map_header {
     uint16_t h_advise;
     uint8_t h_algorithmtype;        /* bits 0-3: HEAD1 algorithm, 4-7: HEAD2 */
     uint8_t h_clusterbits;          /* bits 0-2: lcluster bits - blkszbits */
+} __attribute__((packed));
+
+/* an extent record (its first 4 << n bytes are stored; see Z_EROFS_ADVISE_EXTENTS) */
+struct z_erofs_extent {
+    uint32_t plen;                  /* stored bytes, partial-ref bit, algorithm + 1 */
+    uint32_t pstart_lo;             /* byte address */
+    uint32_t pstart_hi;
+    uint32_t lstart_lo;             /* logical start */
+    uint32_t lstart_hi;
+    uint8_t reserved[12];
 } __attribute__((packed));
 
 struct z_erofs_lcluster_index {
@@ -277,6 +302,9 @@ EROFS_ASSERT_AT(z_erofs_map_header, h_idata_size, 0x02);
 EROFS_ASSERT_AT(z_erofs_map_header, h_advise, 0x04);
 EROFS_ASSERT_AT(z_erofs_map_header, h_algorithmtype, 0x06);
 EROFS_ASSERT_AT(z_erofs_map_header, h_clusterbits, 0x07);
+_Static_assert(sizeof(struct z_erofs_extent) == 32, "extent record size");
+EROFS_ASSERT_AT(z_erofs_extent, pstart_hi, 0x08);
+EROFS_ASSERT_AT(z_erofs_extent, lstart_hi, 0x10);
 _Static_assert(sizeof(struct z_erofs_lcluster_index) == 8, "lcluster index size");
 EROFS_ASSERT_AT(z_erofs_lcluster_index, di_clusterofs, 0x02);
 EROFS_ASSERT_AT(z_erofs_lcluster_index, di_u, 0x04);

@@ -59,6 +59,9 @@ static const struct erofs_fs_field fields[] = {
     FIELD(z_erofs_lzma_cfgs, dict_size), FIELD(z_erofs_lzma_cfgs, format),
     FIELD(z_erofs_deflate_cfgs, windowbits),
     FIELD(z_erofs_zstd_cfgs, format), FIELD(z_erofs_zstd_cfgs, windowlog),
+    FIELD(z_erofs_extent, plen), FIELD(z_erofs_extent, pstart_lo),
+    FIELD(z_erofs_extent, pstart_hi), FIELD(z_erofs_extent, lstart_lo),
+    FIELD(z_erofs_extent, lstart_hi),
 };
 
 #define CONST(name) {#name, (uint64_t)(name)}
@@ -90,6 +93,12 @@ static const struct erofs_fs_const consts[] = {
     CONST(EROFS_XATTR_FILTER_BITS), CONST(EROFS_XATTR_FILTER_SEED),
     CONST(Z_EROFS_PCLUSTER_MAX_SIZE), CONST(Z_EROFS_LZMA_MAX_DICT_SIZE),
     CONST(Z_EROFS_ZSTD_MAX_DICT_SIZE), CONST(Z_EROFS_DEFLATE_MAX_DICT_SIZE),
+    CONST(EROFS_FEATURE_INCOMPAT_METABOX), CONST(EROFS_FEATURE_COMPAT_SHARED_EA_IN_METABOX),
+    CONST(EROFS_SB_EXTSLOT_SIZE), CONST(EROFS_SB_METABOX_NID_OFFSET),
+    CONST(EROFS_DIRENT_NID_METABOX_BIT), CONST(Z_EROFS_ADVISE_EXTENTS),
+    CONST(Z_EROFS_ADVISE_EXTRECSZ_BIT), CONST(Z_EROFS_ADVISE_EXTRECSZ_MASK),
+    CONST(Z_EROFS_EXTENT_PLEN_PARTIAL), CONST(Z_EROFS_EXTENT_PLEN_FMT_BIT),
+    CONST(Z_EROFS_EXTENT_PLEN_MASK),
 };
 
 const struct erofs_fs_field *erofs_fs_fields(uint32_t *count)

@@ -20,6 +20,7 @@ NULL_ADDR = 0xFFFFFFFF  # hole / "no block"
 FEATURE_COMPAT_SB_CHKSUM = 0x1
 FEATURE_COMPAT_MTIME = 0x2
 FEATURE_COMPAT_XATTR_FILTER = 0x4
+FEATURE_COMPAT_SHARED_EA_IN_METABOX = 0x8  # the shared xattr area inside the metabox
 FEATURE_COMPAT_PLAIN_XATTR_PFX = 0x10   # the long prefix table in metadata, not the packed inode
 FEATURE_COMPAT_ISHARE_XATTRS = 0x20     # per-inode content fingerprints (page-cache sharing)
 FEATURE_COMPAT_RAFS_V6 = 0x4000_0000
@@ -27,6 +28,7 @@ FEATURE_COMPAT_RAFS_V6 = 0x4000_0000
 FEATURE_INCOMPAT_CHUNKED_FILE = 0x4
 FEATURE_INCOMPAT_DEVICE_TABLE = 0x8
 FEATURE_INCOMPAT_48BIT = 0x80     # the 48-bit layout (mkfs.erofs 1.9 -E48bit, Linux 6.15+)
+FEATURE_INCOMPAT_METABOX = 0x100  # metadata compression (mkfs.erofs 1.9 -m, Linux 6.17+)
 # Bits every kernel from 5.19 to 6.18 accepts and that we know how to read.
 FEATURE_INCOMPAT_SUPPORTED = FEATURE_INCOMPAT_CHUNKED_FILE | FEATURE_INCOMPAT_DEVICE_TABLE
 
@@ -54,6 +56,16 @@ assert SuperBlock.SIZE == 128
 # keeps as one array: read by offset.)
 SB_BUILD_TIME32_OFFSET = 0x6C
 SB_ROOTNID_8B_OFFSET = 0x70
+# Metadata compression (FEATURE_INCOMPAT_METABOX): the superblock is 144 bytes (one
+# 16-byte extension slot, sb_extslots 1) and its le64 at 0x80 is the nid of the metabox
+# inode, a regular file (compressed or not) whose data holds the inodes of every nid
+# with bit 63 set: such an inode is at (nid & NID_MASK) * 32 in that data, not in the
+# metadata area; its xattrs, inline tail, chunk or lcluster indexes and inline
+# pcluster follow it there. The metabox inode's own nid must not have the bit.
+SB_EXTSLOT_SIZE = 16
+SB_METABOX_NID_OFFSET = 0x80
+NID_METABOX_BIT = 63
+NID_MASK = (1 << NID_METABOX_BIT) - 1
 
 CHECKSUM_FIELD = SUPER_OFFSET + SuperBlock.field_layout()["checksum"][0]
 UUID_SIZE = SuperBlock.field_layout()["uuid"][1]
@@ -186,7 +198,7 @@ LI_D0_CBLKCNT = 0x800                  # first NONHEAD's delta[0]: pcluster bloc
 ADVISE_COMPACTED_2B = 0x1
 ADVISE_BIG_PCLUSTER_1 = 0x2
 ADVISE_BIG_PCLUSTER_2 = 0x4
-ADVISE_EXTENTS = 0x1                   # COMPRESSED_FULL only: extent records (not read)
+ADVISE_EXTENTS = 0x1                   # COMPRESSED_FULL only: extent records (below)
 ADVISE_INLINE_PCLUSTER = 0x8           # ztailpacking: the tail pcluster after the indexes
 ADVISE_INTERLACED_PCLUSTER = 0x10      # plain pclusters stored rotated within their block
 ADVISE_FRAGMENT_PCLUSTER = 0x20        # the tail extent lives in the packed inode
@@ -199,6 +211,31 @@ PCLUSTER_MAX_DSIZE = 12 << 20
 LZMA_MAX_DICT_SIZE = 8 * PCLUSTER_MAX_SIZE  # the largest windows the kernel takes
 ZSTD_MAX_DICT_SIZE = PCLUSTER_MAX_SIZE
 DEFLATE_MAX_DICT_SIZE = 1 << 15
+
+
+# Extent records (48-bit layout, COMPRESSED_FULL with ADVISE_EXTENTS): the map header's
+# le32 at 0 and le16 at 6 are the record count (lo, hi); advise bits 1-2 give the record
+# size, 4 << n bytes, the records following the header at that alignment. 4- and 8-byte
+# records are one per lcluster (4: only plen, the pclusters back to back from a le64
+# byte address before the first record; 8: plen and a le32 byte address); 16- and
+# 32-byte ones are whole extents sorted by their logical start (le32 plen, le64 byte
+# address as two le32, le32 lstart, in 32-byte ones an le32 lstart_hi). plen: bits 0-20
+# the stored bytes, 27 a partial reference, 28-31 the algorithm + 1 (0: stored plain).
+ADVISE_EXTRECSZ_BIT = 1
+ADVISE_EXTRECSZ_MASK = 0x3
+EXTENT_PLEN_PARTIAL = 1 << 27
+EXTENT_PLEN_FMT_BIT = 28
+EXTENT_PLEN_MASK = (PCLUSTER_MAX_SIZE << 1) - 1
+
+
+def extent_recsize(advise: int) -> int:
+    return 4 << ((advise >> ADVISE_EXTRECSZ_BIT) & ADVISE_EXTRECSZ_MASK)
+
+
+class ZExtentRecord(Record):
+    """One extent record (the first extent_recsize(advise) bytes of it are stored)."""
+    FIELDS = (("plen", "I"), ("pstart_lo", "I"), ("pstart_hi", "I"), ("lstart_lo", "I"),
+              ("lstart_hi", "I"), (None, "12x"))
 
 
 class MapHeader(Record):
