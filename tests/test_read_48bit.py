@@ -144,16 +144,6 @@ def test_mkfs_erofs_read_back(tree, tmp_path, combo):
     assert got[b"d/e/c"]["sha256"] == _view(tree)[b"d/e/c"]["sha256"]
 
 
-def test_mkfs_erofs_compressed_refused(tree, tmp_path):
-    img = tmp_path / "z.img"
-    anchor(img, tree, "-zlz4", "-E48bit")
-    for cmd in (("check",), ("inspect",), ("unpack", "-o", tmp_path / "o")):
-        p = cli(*cmd, img)
-        assert p.returncode == 1 and "Traceback" not in p.stderr
-        assert p.stderr.strip() == f"error: {img}: compressed files in the 48-bit layout " \
-            "(its encoded extents) are not supported", p.stderr
-
-
 def _root_off(data):
     meta = struct.unpack_from("<I", data, SB + 0x28)[0]
     nid = struct.unpack_from("<Q", data, SB + 0x70)[0] or struct.unpack_from(

@@ -45,7 +45,7 @@ def xattr_name_filter(img: Image, ino) -> int | None:
     the feature (then every name may be there)."""
     if not ino.xattr_icount or not img.sb.feature_compat & E.FEATURE_COMPAT_XATTR_FILTER:
         return None
-    hdr = E.XattrIbodyHeader.decode(img.read(ino.offset + ino.inode_size,
+    hdr = E.XattrIbodyHeader.decode(img.space_of(ino).read(ino.offset + ino.inode_size,
                                               E.XattrIbodyHeader.SIZE,
                                               f"inode {ino.nid} xattrs"), 0)
     return int(hdr.h_name_filter)

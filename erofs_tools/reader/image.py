@@ -19,6 +19,7 @@ from erofs_tools.reader.blobid import shown_id
 from erofs_tools.reader.chunkrefs import ChunkList, ChunkRef  # noqa: F401 (re-exported)
 from erofs_tools.reader.inode import Dirent, Inode, check_dots, read_inode  # noqa: F401
 from erofs_tools.reader.mapped import UNGUARDED, MappedFile
+from erofs_tools.reader.metabox import load_metabox, metabox_nid
 from erofs_tools.reader.xprefix import read_long_prefixes, read_xattrs
 from erofs_tools.reader.zdata import is_compressed, iter_compressed
 from erofs_tools.reader.zmap import parse_config
@@ -28,6 +29,8 @@ MAX_BLOCK_BITS = 16        # we read 512 B .. 64 KiB blocks; the kernel stops at
 MIN_BLOCK_BITS = 9
 MAX_CHUNK_BITS = 48
 MAX_WALK_PATH_BYTES = 2 << 30   # all paths of one walk: a deep tree x a wide bottom directory
+META_DEVICE = -1        # map_data's device of an inline tail inside the metabox
+MAX_SB_SIZE = 4096 - E.SUPER_OFFSET     # the kernel's bound (a page less the offset)
 
 
 def _cstr(b):
@@ -79,6 +82,7 @@ class Image:
         self._inode_cache = {}
         self._zstate = self.zconfig = None      # zdata.py's caches; ZConfig if compressed
         self._xprefixes = None      # long xattr name prefixes, read on first use
+        self.metabox = None         # reader/metabox.py's MetaSpace with the feature
         try:
             self._parse_super()
         except CorruptImageError as e:
@@ -142,16 +146,17 @@ class Image:
         if sb.dirblkbits:
             raise self._err(f"dirblkbits {sb.dirblkbits} is not 0")
         known = (E.FEATURE_INCOMPAT_SUPPORTED | E.FEATURE_INCOMPAT_COMPRESSED
-                 | E.FEATURE_INCOMPAT_XATTR_PREFIXES | E.FEATURE_INCOMPAT_48BIT)
+                 | E.FEATURE_INCOMPAT_XATTR_PREFIXES | E.FEATURE_INCOMPAT_48BIT
+                 | E.FEATURE_INCOMPAT_METABOX)
         if sb.feature_incompat & ~known:
             raise self._err(
                 f"unsupported incompatible features {sb.feature_incompat & ~known:#x}")
         self.is_48bit = bool(sb.feature_incompat & E.FEATURE_INCOMPAT_48BIT)
-        if self.is_48bit and sb.feature_incompat & E.FEATURE_INCOMPAT_COMPRESSED:
-            raise self._err("compressed files in the 48-bit layout (its encoded extents) "
-                            "are not supported")
-        if sb.sb_extslots:
-            raise self._err(f"sb_extslots {sb.sb_extslots} not supported")
+        # the superblock's extension slots (the metabox nid is in the first)
+        self.sb_size = E.SuperBlock.SIZE + sb.sb_extslots * E.SB_EXTSLOT_SIZE
+        if self.sb_size > MAX_SB_SIZE or E.SUPER_OFFSET + self.sb_size > self.size:
+            raise self._err(f"superblock of {self.sb_size} bytes (sb_extslots "
+                            f"{sb.sb_extslots}) does not fit")
         if sb.feature_compat & E.FEATURE_COMPAT_SB_CHKSUM:
             need = self.blksz if self.blksz > E.SUPER_OFFSET else E.SUPER_OFFSET + self.blksz
             if self.size < need:
@@ -162,8 +167,11 @@ class Image:
         self.xattr_off = sb.xattr_blkaddr * self.blksz
         if self.meta_off > self.size:
             raise self._err(f"meta_blkaddr {sb.meta_blkaddr} beyond the image")
-        if sb.xattr_blkaddr and self.xattr_off > self.size:
+        shared_in_mbox = sb.feature_compat & E.FEATURE_COMPAT_SHARED_EA_IN_METABOX
+        if sb.xattr_blkaddr and self.xattr_off > self.size and not shared_in_mbox:
             raise self._err(f"xattr_blkaddr {sb.xattr_blkaddr} beyond the image")
+        if sb.packed_nid >> E.NID_METABOX_BIT:
+            raise self._err(f"packed nid {sb.packed_nid:#x} has bit 63 (in the metabox) set")
         self._parse_48bit(sb)
         # device table
         self.devices = []
@@ -172,7 +180,7 @@ class Image:
             if not sb.feature_incompat & E.FEATURE_INCOMPAT_DEVICE_TABLE:
                 raise self._err("extra devices without the DEVICE_TABLE feature")
             base = sb.devt_slotoff * E.DEVICE_SLOT_SIZE
-            if base < E.SUPER_OFFSET + E.SuperBlock.SIZE or \
+            if base < E.SUPER_OFFSET + self.sb_size or \
                     base + n * E.DEVICE_SLOT_SIZE > self.size:
                 raise self._err(f"device table ({n} slots at {base}) outside the image")
             for i in range(n):
@@ -183,6 +191,9 @@ class Image:
         self.device_id_mask = m - 1
         self._parse_rafs()
         self.zconfig = parse_config(self)
+        mnid = metabox_nid(self)
+        if mnid is not None:
+            self.metabox = load_metabox(self, mnid)
         # root
         if self.root_nid == 0:
             raise self._err("root nid is 0")
@@ -329,6 +340,24 @@ class Image:
             raise self._torn()
         return ino
 
+    def metabox_space(self, nid):
+        """The MetaSpace holding in-metabox inode `nid` (bit 63 set)."""
+        if self.metabox is None:
+            raise self._err(f"nid {nid:#x} is in the metabox (bit 63), which this image "
+                            "has none of")
+        return self.metabox
+
+    def space_of(self, ino):
+        """What holds `ino`'s bytes (offset, data_end count in it): this image, or the
+        metabox for a nid with bit 63 set."""
+        return self.metabox_space(ino.nid) if ino.nid >> E.NID_METABOX_BIT else self
+
+    def shared_xattr_space(self):
+        """Where the shared xattr area is: the image, or the metabox (COMPAT bit 0x8)."""
+        if self.sb.feature_compat & E.FEATURE_COMPAT_SHARED_EA_IN_METABOX:
+            return self.metabox_space(-1)
+        return self
+
     # -- data mapping ----------------------------------------------------------------------
     def chunk_format(self, ino):
         fmt = ino.i_u & 0xFFFF
@@ -351,10 +380,11 @@ class Image:
         count = (ino.size + csize - 1) >> bits
         unit = 8 if fmt & E.CHUNK_FORMAT_INDEXES else 4
         start = round_up(ino.data_end, unit)
-        if count > (self.size - start) // unit if start <= self.size else True:
+        sp = self.space_of(ino)
+        if count > (sp.size - start) // unit if start <= sp.size else True:
             raise self._err(f"inode {ino.nid}: {count} chunk indexes do not fit in the image "
                             f"(size {ino.size}, chunk {csize})")
-        raw = self.read(start, count * unit, f"inode {ino.nid} chunk indexes")
+        raw = sp.read(start, count * unit, f"inode {ino.nid} chunk indexes")
         return ChunkList(self, ino, raw, unit, bits, count,
                          wide=bool(fmt & E.CHUNK_FORMAT_48BIT and unit == 8))
 
@@ -388,9 +418,10 @@ class Image:
             toff = ino.data_end
             if toff % bs + tail > bs:
                 raise self._err(f"inode {ino.nid}: inline data crosses a block boundary")
-            if toff + tail > self.size:
+            sp = self.space_of(ino)
+            if toff + tail > sp.size:
                 raise self._err(f"inode {ino.nid}: inline data outside the image")
-            yield full, tail, 0, toff
+            yield full, tail, (0 if sp is self else META_DEVICE), toff
         elif is_compressed(ino):
             raise self._err(f"inode {ino.nid}: compressed data has no direct mapping")
         elif ino.layout == E.LAYOUT_CHUNK_BASED:
@@ -425,6 +456,8 @@ class Image:
         for fo, length, dev, phys in self.map_data(ino):
             if dev is None:
                 yield fo, None, length
+            elif dev == META_DEVICE:
+                yield fo, self.space_of(ino).read(phys, length, f"inode {ino.nid} inline data"), length
             elif dev == 0:
                 for pos in range(0, length, piece):
                     n = min(piece, length - pos)

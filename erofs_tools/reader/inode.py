@@ -9,6 +9,13 @@ superblock's epoch (signed), nsec its fixed one: also right for older images, wh
 compact inodes hold 0 there and whose epoch is the build time. A directory with
 i_format bit 4 (-Edot-omitted) has no "." entry. Without the feature, bit 4 is refused
 and an extended inode's le16 at 6 is reserved (check reports it when not 0).
+
+Metadata compression (FEATURE_INCOMPAT_METABOX, mkfs.erofs 1.9 -m, Linux 6.17+): a nid
+with bit 63 set names an inode inside the metabox inode's data (reader/metabox.py), at
+(nid & NID_MASK) * 32 there. `Image.space_of(ino)` is what holds its bytes (the Image,
+or the metabox's MetaSpace) and `offset` / `data_end` count in it: everything read after
+the inode itself (xattrs, inline tail, chunk or lcluster indexes, inline pcluster) is
+read from that space, as the kernel reads it through the metabox inode's mapping.
 """
 from __future__ import annotations
 
@@ -16,7 +23,6 @@ import stat as _stat
 from typing import NamedTuple
 
 from erofs_tools.format import erofs as E
-from erofs_tools.reader.zdata import is_compressed
 
 
 class Inode:
@@ -26,7 +32,7 @@ class Inode:
                  "uid", "gid", "mtime", "mtime_nsec", "ino", "i_u", "startblk", "dot_omitted",
                  "xattr_icount", "xattr_isize", "inode_size", "reserved_ok", "raw")
     nid: int
-    offset: int                 # byte offset in the image
+    offset: int                 # byte offset in Image.space_of(it): image or metabox
     version: int
     layout: int
     i_format: int
@@ -100,12 +106,20 @@ def _signed64(v: int) -> int:
 
 def read_inode(img, nid: int) -> Inode:
     """Inode `nid` of open image `img`, every field checked as image.py says."""
-    if nid < 0 or nid > (img.size - img.meta_off) // E.SLOT_SIZE:
+    if nid < 0:
         raise img._err(f"nid {nid} is outside the image")
-    off = img.meta_off + nid * E.SLOT_SIZE
-    if off + E.CompactInode.SIZE > img.size:
+    if nid >> E.NID_METABOX_BIT:
+        sp, base, where = img.metabox_space(nid), 0, "metabox"
+    else:
+        sp, base, where = img, img.meta_off, "image"
+    slot = nid & E.NID_MASK
+    if slot > (sp.size - base) // E.SLOT_SIZE:
+        raise img._err(f"nid {nid} is outside the {where}")
+    off = base + slot * E.SLOT_SIZE
+    if off + E.CompactInode.SIZE > sp.size:
         raise img._err(f"inode {nid} truncated")
-    fmt = int.from_bytes(img.data[off:off + 2], "little")
+    data = sp.data
+    fmt = int.from_bytes(data[off:off + 2], "little")
     b48 = img.is_48bit
     if fmt & ~(E.I_FORMAT_BITS | (E.I_FORMAT_BIT4 if b48 else 0)):
         raise img._err(f"inode {nid}: unsupported i_format {fmt:#x}")
@@ -117,9 +131,9 @@ def read_inode(img, nid: int) -> Inode:
     ino.layout = E.i_format_layout(fmt)
     r: E.CompactInode | E.ExtendedInode
     if ino.version == E.INODE_EXTENDED:
-        if off + E.ExtendedInode.SIZE > img.size:
+        if off + E.ExtendedInode.SIZE > sp.size:
             raise img._err(f"inode {nid} truncated")
-        r = E.ExtendedInode.decode(img.data, off)
+        r = E.ExtendedInode.decode(data, off)
         ino.inode_size = E.ExtendedInode.SIZE
         ino.nlink = r.i_nlink
         ino.size = r.i_size
@@ -128,7 +142,7 @@ def read_inode(img, nid: int) -> Inode:
         hi, width = (r.i_nb, 48) if b48 else (0, 32)
         ino.reserved_ok = b48 or r.i_nb == 0
     else:
-        r = E.CompactInode.decode(img.data, off)
+        r = E.CompactInode.decode(data, off)
         ino.inode_size = E.CompactInode.SIZE
         ino.size = r.i_size
         if b48 and fmt & E.I_NLINK_1 and _stat.S_IFMT(r.i_mode) != _stat.S_IFDIR:
@@ -156,11 +170,8 @@ def read_inode(img, nid: int) -> Inode:
         raise img._err(f"inode {nid}: bad file mode {ino.mode:#o}")
     if ino.layout not in E.LAYOUT_NAMES:
         raise img._err(f"inode {nid}: unsupported data layout {ino.layout_name}")
-    if b48 and is_compressed(ino):
-        raise img._err(f"inode {nid}: compressed data in the 48-bit layout (its encoded "
-                       "extents) is not supported")
-    if ino.data_end > img.size:
-        raise img._err(f"inode {nid}: inline xattrs run past the image end")
+    if ino.data_end > sp.size:
+        raise img._err(f"inode {nid}: inline xattrs run past the {where} end")
     if ino.ftype in (_stat.S_IFREG, _stat.S_IFDIR, _stat.S_IFLNK) and ino.size >= 1 << 63:
         raise img._err(f"inode {nid}: negative size")
     return ino

@@ -33,8 +33,9 @@ def data_runs_later(img, max_inodes: int = 1 << 22, pause_every: int = 0
     """data_runs in two steps: the walk now (the C core's, the GIL released), its Python
     lists when the function returned is called (a caller working beside other threads
     makes them when those are done). The fallback walk is done whole now."""
-    # (the C walk knows the usual layout only: the 48-bit one's is the reader's)
-    raw = None if img.is_48bit else file_runs_raw(
+    # (the C walk knows the usual layout only: the 48-bit one's and the metabox's are
+    # the reader's)
+    raw = None if img.is_48bit or img.metabox is not None else file_runs_raw(
         img.data, img.meta_off, img.blkszbits, img.root_nid, img.device_id_mask,
         len(img.devices), max_inodes)
     if img._flags[img._slot]:           # the walk read after the image file shrank
@@ -62,7 +63,7 @@ def _reader_runs(img, max_inodes: int, pause_every: int) -> Runs:
         f = len(paths)
         try:
             for _fo, length, device, phys in img.map_data(ino):
-                if not device:
+                if not device or device < 0:     # the image's own, or the metabox's
                     continue
                 if cur and cur[0] == device - 1 and cur[2] == phys:
                     cur[2] = phys + length

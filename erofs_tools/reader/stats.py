@@ -245,6 +245,11 @@ def super_summary(img: Image) -> dict:
          "devices": [{"id": i + 1, "tag": shown_id(d.tag),
                       "blocks": d.blocks, "mapped_blkaddr": d.mapped_blkaddr}
                      for i, d in enumerate(img.devices)]}
+    if img.metabox is not None:
+        # metadata compression: the metabox inode, its decoded size, the inodes in it
+        mino = img.inode(img.metabox.nid)
+        d["metabox"] = {"nid": img.metabox.nid, "layout": mino.layout_name,
+                        "size": img.metabox.size}
     z = img.zconfig
     if z is not None and sb.feature_incompat & E.FEATURE_INCOMPAT_COMPRESSED:
         d["compression"] = {

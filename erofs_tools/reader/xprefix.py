@@ -2,9 +2,11 @@
 prefixes (INCOMPAT_XATTR_PREFIXES, Linux 6.4+): the table an xattr entry with
 e_name_index bit 7 set points into, read as the kernel reads it.
 
-The table is in the packed inode's data when the image has one and does not say
-PLAIN_XATTR_PFX (what mkfs.erofs 1.9 writes with -E fragments), else at an absolute
-offset of the image (xattr_prefix_start * 4, usually right after the superblock). Every
+The table is, unless the image says PLAIN_XATTR_PFX, in the metabox's data when the
+image has one (metadata compression, mkfs.erofs 1.9 -m: reader/metabox.py), else in the
+packed inode's when it has one (what mkfs.erofs 1.9 writes with -E fragments); else at
+an absolute offset of the image (xattr_prefix_start * 4, usually right after the
+superblock). Every
 byte is untrusted: at most `count` entries of at most 261 bytes are read.
 """
 from __future__ import annotations
@@ -46,21 +48,22 @@ def read_xattrs(img: Any, ino: Any) -> list[tuple[bytes, bytes]]:
     what = f"inode {ino.nid}"
     if ino.xattr_icount == 1:
         raise img._err(f"{what}: xattr icount 1 (header only) is not supported")
-    buf = img.read(ino.offset + ino.inode_size, ino.xattr_isize, f"{what} xattrs")
+    buf = img.space_of(ino).read(ino.offset + ino.inode_size, ino.xattr_isize, f"{what} xattrs")
     hdr = E.XattrIbodyHeader.decode(buf, 0)
     off = E.XattrIbodyHeader.SIZE
     out = []
     if off + 4 * hdr.h_shared_count > len(buf):
         raise img._err(f"{what}: {hdr.h_shared_count} shared xattr ids do not fit")
+    shared = img.shared_xattr_space() if hdr.h_shared_count else img
     for _ in range(hdr.h_shared_count):
         xid = int.from_bytes(buf[off:off + 4], "little")
         off += 4
         pos = img.xattr_off + 4 * xid
-        if pos >= img.size:
+        if pos >= shared.size:
             raise img._err(f"{what}: shared xattr {xid} outside the image")
         sw = f"{what} shared xattr {xid}"
-        he = E.XattrEntry.decode(img.read(pos, E.XattrEntry.SIZE, sw))
-        sbuf = img.read(pos, E.XattrEntry.SIZE + he.e_name_len + he.e_value_size, sw)
+        he = E.XattrEntry.decode(shared.read(pos, E.XattrEntry.SIZE, sw))
+        sbuf = shared.read(pos, E.XattrEntry.SIZE + he.e_name_len + he.e_value_size, sw)
         name, value, _ = _xattr_entry(img, sbuf, 0, len(sbuf), sw)
         out.append((name, value))
     while off < len(buf):
@@ -83,7 +86,12 @@ def read_long_prefixes(img: Any) -> list[bytes]:
     pos = sb.xattr_prefix_start * 4
     most = count * (2 + 1 + E.NAME_MAX + 3)      # the largest table of `count` entries
     plain = sb.feature_compat & E.FEATURE_COMPAT_PLAIN_XATTR_PFX
-    if sb.packed_nid and not plain:
+    if img.metabox is not None and not plain:
+        box = img.metabox
+        if pos >= box.size:
+            raise img._err(f"long xattr prefixes at {pos} beyond the metabox")
+        table = box.read(pos, min(most, box.size - pos), "long xattr prefixes")
+    elif sb.packed_nid and not plain:
         packed = img.inode(sb.packed_nid)
         if not packed.is_reg():
             raise img._err(f"packed inode {sb.packed_nid} is not a regular file")

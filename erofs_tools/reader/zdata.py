@@ -14,7 +14,7 @@ from collections import OrderedDict
 from erofs_tools import _native
 from erofs_tools.errors import CorruptImageError
 from erofs_tools.format import erofs as E
-from erofs_tools.reader.zmap import ALG_INTERLACED, ALG_SHIFTED, FRAGMENT, ZExtent, ZMap
+from erofs_tools.reader.zmap import ALG_INTERLACED, ALG_SHIFTED, FRAGMENT, HOLE, ZExtent, ZMap
 
 CACHE_BYTES = 32 << 20          # decoded extents kept per image
 CACHE_MAPS = 64                 # inode maps kept per image
@@ -75,7 +75,7 @@ class ZState:
     def decode(self, ext: ZExtent, what: str) -> bytes:
         """The `ext.llen` decoded bytes of one PCLUSTER or INLINE extent."""
         key = (ext.pa, ext.plen, ext.alg, ext.llen, ext.la % self.img.blksz
-               if ext.alg == ALG_INTERLACED else 0, ext.partial)
+               if ext.alg == ALG_INTERLACED else 0, ext.partial, ext.in_meta)
         d = self.decoded.get(key)
         if d is not None:
             self.decoded.move_to_end(key)
@@ -97,7 +97,10 @@ def state(img) -> ZState:
 
 
 def decode_extent(img, ext: ZExtent, what: str) -> bytes:
-    raw = img.read(ext.pa, ext.plen, f"{what} pcluster")
+    if ext.kind == HOLE:
+        return bytes(ext.llen)
+    src = img.metabox_space(-1) if ext.in_meta else img
+    raw = src.read(ext.pa, ext.plen, f"{what} pcluster")
     n = ext.llen
     if ext.alg == ALG_SHIFTED:
         return raw[:n]
@@ -234,7 +237,10 @@ class ZChecker:
                 continue
             if not verify_data:
                 continue
-            key = (ext.pa, ext.plen, ext.alg, ext.llen, ext.la % img.blksz, ext.partial)
+            if ext.kind == HOLE:
+                continue
+            key = (ext.pa, ext.plen, ext.alg, ext.llen, ext.la % img.blksz, ext.partial,
+                   ext.in_meta)
             if key in self.seen:
                 continue
             if ext.llen > self.left:

@@ -13,6 +13,14 @@ the indexes), fragments (the last extent, or the whole file, inside the packed i
 a byte offset) and dedupe (pclusters shared by several extents; an extent that uses only
 the start of its pcluster's decoded data is marked PARTIAL_REF).
 
+In the 48-bit layout a COMPRESSED_FULL inode may have extent records instead of lcluster
+indexes (ADVISE_EXTENTS, format/erofs.py): one record per lcluster (4 or 8 bytes) or
+per extent (16 or 32 bytes, sorted by logical start), each with its stored length and
+byte address (pclusters need not be block-aligned), its algorithm, a partial-reference
+bit; a record of no stored bytes is a hole, the last one a fragment when the inode says
+so. An inode inside the metabox (reader/metabox.py) has its map header, indexes and
+inline pcluster there (`ZMap.sp`, `ZExtent.in_meta`); its pclusters are in the image.
+
 This module only maps; reader/zdata.py decodes. Every field is untrusted: each index
 entry is bounds-checked against the image, the lookback chain of every NONHEAD must
 reach the head before it (the kernel follows that chain to find what to decode), and
@@ -26,7 +34,7 @@ from erofs_tools.format import erofs as E
 from erofs_tools.fsutil import round_up
 
 # decode kinds of an extent
-PCLUSTER, INLINE, FRAGMENT = range(3)
+PCLUSTER, INLINE, FRAGMENT, HOLE = range(4)
 # pseudo algorithms of PLAIN extents
 ALG_SHIFTED = -1               # stored as is from the pcluster start
 ALG_INTERLACED = -2            # rotated by the extent's offset in its block
@@ -50,8 +58,9 @@ class ZExtent(NamedTuple):
     kind: int                  # PCLUSTER, INLINE or FRAGMENT
     pa: int                    # image byte offset (PCLUSTER, INLINE) or packed-inode offset
     plen: int                  # bytes of the pcluster (0 for FRAGMENT)
-    alg: int                   # 0..3, ALG_SHIFTED or ALG_INTERLACED (FRAGMENT: -3)
+    alg: int                   # 0..3, ALG_SHIFTED or ALG_INTERLACED (FRAGMENT, HOLE: -3)
     partial: bool              # the pcluster decodes to more than llen (dedupe)
+    in_meta: bool = False      # INLINE: `pa` counts in the metabox, not the image
 
 
 def parse_config(img) -> ZConfig:
@@ -66,7 +75,7 @@ def parse_config(img) -> ZConfig:
     algs = sb.u1
     if algs & ~((1 << NUM_ALGS) - 1):
         raise img._err(f"unknown compression algorithms {algs:#x}")
-    off = E.SUPER_OFFSET + E.SuperBlock.SIZE
+    off = E.SUPER_OFFSET + img.sb_size
     for alg in range(NUM_ALGS):
         if not algs & (1 << alg):
             continue
@@ -106,6 +115,7 @@ class ZMap:
     def __init__(self, img, ino, zstate=None) -> None:
         self.img = img
         self.ino = ino
+        self.sp = img.space_of(ino)       # where its header and indexes are (image or metabox)
         self.size = ino.size
         self.what = f"inode {ino.nid}"
         self.fragment_off = None       # packed-inode offset of the tail extent
@@ -117,7 +127,7 @@ class ZMap:
             return
         cfg = img.zconfig
         self.hpos = round_up(ino.data_end, 8)
-        h = img.read(self.hpos, E.MapHeader.SIZE, f"{self.what} map header")
+        h = self.sp.read(self.hpos, E.MapHeader.SIZE, f"{self.what} map header")
         if h[7] >> E.FRAGMENT_INODE_BIT:
             # the whole file is one fragment; the other 63 bits are its offset
             off = int.from_bytes(h, "little") ^ (1 << 63)
@@ -126,8 +136,12 @@ class ZMap:
         hdr = E.MapHeader.decode(h, 0)
         self.advise = adv = hdr.h_advise
         self.full = ino.layout == E.LAYOUT_COMPRESSED_FULL
+        self.lbits = img.blkszbits + (hdr.h_clusterbits & 15)
         if self.full and adv & E.ADVISE_EXTENTS:
-            raise self._err("extent-record compressed index (48-bit layout) not supported")
+            if not img.is_48bit:
+                raise self._err("extent records outside the 48-bit layout")
+            self._records(h, zstate)
+            return
         self.lbits = img.blkszbits + (hdr.h_clusterbits & 15)
         if self.lbits > MAX_LCLUSTER_BITS or (not self.full and self.lbits > 14):
             raise self._err(f"logical cluster bits {self.lbits} out of range")
@@ -182,7 +196,7 @@ class ZMap:
                 raise self._err(f"{n} lcluster indexes do not fit in the image")
             rest = max(0, n - self.c4_initial - self.c2b)
             end = self.ibase + 4 * min(n, self.c4_initial) + 2 * self.c2b + 8 * ((rest + 1) // 2)
-        if end > self.img.size:
+        if end > self.sp.size:
             raise self._err(f"lcluster indexes ({self.nlc} for size {self.size}) run past "
                             "the image end")
 
@@ -191,9 +205,9 @@ class ZMap:
 
     def _full(self, lcn):
         pos = self.ibase + 8 * lcn
-        if pos + 8 > self.img.size:
+        if pos + 8 > self.sp.size:
             raise self._err(f"lcluster index {lcn} outside the image")
-        d = self.img.data
+        d = self.sp.data
         adv = int.from_bytes(d[pos:pos + 2], "little")
         t = adv & E.LI_TYPE_MASK
         if t == E.LCLUSTER_TYPE_NONHEAD:
@@ -231,14 +245,14 @@ class ZMap:
         vcnt = 2 if shift == 2 else 16
         packsz = vcnt << shift
         base = pos - pos % packsz      # packs are aligned to their size in the image
-        if base + packsz > self.img.size:
+        if base + packsz > self.sp.size:
             raise self._err(f"compact index pack of lcluster {lcn} outside the image")
         i = (pos - base) >> shift
         if self._pack is not None and self._pack[0] == base:
             _b, words, baseblk = self._pack
         else:
             # a pack is decoded once: a sequential walk reads each of its entries
-            pack = self.img.read(base, packsz, "compact index pack") + b"\0\0\0"
+            pack = self.sp.read(base, packsz, "compact index pack") + b"\0\0\0"
             lbits = max(self.lbits, 12)       # CBLKCNT (bit 11) needs 12 low bits
             encbits = ((packsz - 4) * 8) // vcnt
             words = []
@@ -340,13 +354,14 @@ class ZMap:
                 if not cfg.algs & (1 << alg):
                     raise self._err(f"extent at {la} uses {ALG_NAMES[alg]}, which the "
                                     "superblock does not declare")
-            if lcn == tail_lcn and idataoff is not None:
+            inline = lcn == tail_lcn and idataoff is not None
+            if inline:
                 kind, pa, plen = INLINE, idataoff, self.idata_size
                 if pa % bs + plen > bs:
                     raise self._err(f"inline pcluster of {plen} bytes crosses a block")
             else:
                 kind, pa, plen = PCLUSTER, e.pblk * bs, self._cblocks(lcn, e) * bs
-            if pa + plen > self.img.size:
+            if pa + plen > (self.sp.size if inline else self.img.size):
                 raise self._err(f"pcluster [{pa}, {pa + plen}) of the extent at {la} is "
                                 "outside the image")
             if plen > E.PCLUSTER_MAX_SIZE or llen > E.PCLUSTER_MAX_DSIZE:
@@ -355,7 +370,8 @@ class ZMap:
                 raise self._err(f"plain extent at {la}: {llen} bytes in a {plen}-byte pcluster")
             if alg == ALG_INTERLACED and plen > bs:
                 raise self._err(f"interlaced plain extent at {la} over {plen} bytes")
-            out.append(ZExtent(la, llen, kind, pa, plen, alg, e.partial))
+            out.append(ZExtent(la, llen, kind, pa, plen, alg, e.partial,
+                               inline and self.sp is not self.img))
         self.extents = out
 
     def _cblocks(self, lcn, e):
@@ -371,3 +387,90 @@ class ZMap:
         if n.delta0 != 1 or not n.cblk:
             raise self._err(f"no block count (CBLKCNT) after the head at lcluster {lcn}")
         return n.cblk
+
+    # -- extent records (48-bit layout) ---------------------------------------------------
+    def _records(self, h, zstate):
+        """The extents of an inode with extent records (ADVISE_EXTENTS), read as the
+        kernel maps them (format/erofs.py tells the record forms)."""
+        img, sp, adv = self.img, self.sp, self.advise
+        recsz = E.extent_recsize(adv)
+        pos = round_up(self.hpos + E.MapHeader.SIZE, recsz)
+        base = None                      # 4-byte records: pclusters back to back
+        if recsz <= 8:
+            if self.lbits > MAX_LCLUSTER_BITS:
+                raise self._err(f"logical cluster bits {self.lbits} out of range")
+            n = (self.size + (1 << self.lbits) - 1) >> self.lbits
+            if recsz == 4:
+                base = int.from_bytes(sp.read(pos, 8, f"{self.what} extents base"), "little")
+                pos += 8
+        else:
+            n = int.from_bytes(h[0:4], "little") | int.from_bytes(h[6:8], "little") << 32
+        if n > (sp.size - pos) // recsz:
+            raise self._err(f"{n} extent records of {recsz} bytes run past the image end")
+        if zstate is not None:
+            zstate.charge(self.ino.nid, n)
+        raw = sp.read(pos, n * recsz, f"{self.what} extent records")
+        pad = bytes(E.ZExtentRecord.SIZE - recsz)
+        recs = []                        # (la, plen with its flags, pa)
+        for k in range(n):
+            r = E.ZExtentRecord.decode(raw[k * recsz:(k + 1) * recsz] + pad, 0)
+            if recsz <= 8:
+                la = k << self.lbits
+                if base is not None:
+                    pa = base
+                    base += r.plen & E.EXTENT_PLEN_MASK
+                else:
+                    pa = r.pstart_lo
+            else:
+                la = r.lstart_lo | (r.lstart_hi << 32 if recsz == 32 else 0)
+                pa = r.pstart_lo | r.pstart_hi << 32
+            recs.append((la, r.plen, pa))
+        if recsz > 8:
+            if recs and recs[0][0] != 0:
+                raise self._err(f"first extent record starts at {recs[0][0]}, not 0")
+            for a, b in zip(recs, recs[1:]):
+                if b[0] <= a[0]:
+                    raise self._err(f"extent records not in order ({a[0]}, then {b[0]})")
+        live = [r for r in recs if r[0] < self.size]
+        if self.size and not live:
+            raise self._err("no extent record")
+        self.nlc = n
+        bs = img.blksz
+        out = []
+        for k, (la, plen, pa) in enumerate(live):
+            end = live[k + 1][0] if k + 1 < len(live) else self.size
+            llen = end - la
+            last = k + 1 == len(recs)
+            if last and adv & E.ADVISE_FRAGMENT_PCLUSTER:
+                off = plen | (pa << 32 if recsz > 4 else 0)
+                out.append(ZExtent(la, llen, FRAGMENT, off, 0, -3, False))
+                continue
+            if not last and llen < bs:
+                raise self._err(f"extent at {la}: {llen} bytes, less than a block")
+            stored = plen & E.EXTENT_PLEN_MASK
+            if not stored:
+                out.append(ZExtent(la, llen, HOLE, 0, 0, -3, False))
+                continue
+            fmt = plen >> E.EXTENT_PLEN_FMT_BIT
+            if fmt:
+                alg = fmt - 1
+                if alg >= NUM_ALGS or not img.zconfig.algs & (1 << alg):
+                    raise self._err(f"extent at {la}: algorithm {alg}, which the superblock "
+                                    "does not declare")
+            elif adv & E.ADVISE_INTERLACED_PCLUSTER and pa % bs == 0:
+                alg = ALG_INTERLACED
+            else:
+                alg = ALG_SHIFTED
+            if stored > E.PCLUSTER_MAX_SIZE or llen > E.PCLUSTER_MAX_DSIZE:
+                raise self._err(f"extent at {la}: {stored} -> {llen} bytes is too large")
+            if pa + stored > img.size:
+                raise self._err(f"pcluster [{pa}, {pa + stored}) of the extent at {la} is "
+                                "outside the image")
+            if alg < 0 and llen > stored:
+                raise self._err(f"plain extent at {la}: {llen} bytes in a {stored}-byte "
+                                "pcluster")
+            if alg == ALG_INTERLACED and stored > bs:
+                raise self._err(f"interlaced plain extent at {la} over {stored} bytes")
+            out.append(ZExtent(la, llen, PCLUSTER, pa, stored, alg,
+                               bool(plen & E.EXTENT_PLEN_PARTIAL)))
+        self.extents = out
