@@ -117,8 +117,12 @@ ZSEEDS_REF = (("mkfs.erofs-lz4", ["-zlz4"]),
 # seeds added later: chosen by every 8th case only (case % 8 == 7), so that the cases
 # of the others stay what they were (tests/test_fuzz_reader.py replays some by number)
 LATE_SEEDS_REF = (("mkfs.erofs-48bit", ["-E48bit"]),
-                  ("mkfs.erofs-dot-omitted", ["-Edot-omitted"]))
-LATE_SEEDS = {"mkfs.erofs-48bit", "mkfs.erofs-dot-omitted", "erofs-tools-mkfs-dot-omitted"}
+                  ("mkfs.erofs-dot-omitted", ["-Edot-omitted"]),
+                  # metadata compression: the inodes in the metabox, plain or lz4hc
+                  ("mkfs.erofs-metabox", ["-m4096"]),
+                  ("mkfs.erofs-metabox-lz4hc", ["-zlz4hc", "-C65536", "-m65536"]))
+LATE_SEEDS = {"mkfs.erofs-48bit", "mkfs.erofs-dot-omitted", "erofs-tools-mkfs-dot-omitted",
+              "mkfs.erofs-metabox", "mkfs.erofs-metabox-lz4hc"}
 ZSEEDS_OURS = (("lz4hc", 16384), ("zstd", 0), ("lzma", 0), ("deflate", 0))
 
 
@@ -324,6 +328,18 @@ def field_map(seed):
     if img.is_48bit:
         f += [(E.SUPER_OFFSET + E.SB_BUILD_TIME32_OFFSET, 4, "sb.build_time32"),
               (E.SUPER_OFFSET + E.SB_ROOTNID_8B_OFFSET, 8, "sb.rootnid_8b")]
+    if img.metabox is not None:
+        # its nid, its inode, its map header and first extent records or indexes (the
+        # inodes inside it are compressed bytes: the random mutations reach them)
+        f.append((E.SUPER_OFFSET + E.SB_METABOX_NID_OFFSET, 8, "sb.metabox_nid"))
+        mino = img.inode(img.metabox.nid)
+        f += _record_fields(E.ExtendedInode if mino.version else E.CompactInode,
+                            mino.offset, "metabox")
+        h = (mino.data_end + 7) // 8 * 8
+        f += [(h, 4, "metabox.z.extents_lo"), (h + 4, 2, "metabox.z.advise"),
+              (h + 6, 2, "metabox.z.extents_hi")]
+        f += [(h + 16 + 16 * k, 4, f"metabox.ext{k}.plen") for k in range(4)]
+        f += [(h + 20 + 16 * k, 4, f"metabox.ext{k}.pstart") for k in range(4)]
     if img.sb.feature_incompat & E.FEATURE_INCOMPAT_COMPR_CFGS:
         # per-algorithm records after the superblock: le16 length + payload
         f += [(1152, 2, "zcfg0.len"), (1154, 4, "zcfg0.data"), (1168, 2, "zcfg1.len"),
@@ -348,7 +364,7 @@ def field_map(seed):
         f += _record_fields(E.DeviceSlot, img.sb.devt_slotoff * 128 + i * 128, f"dev[{i}]")
     seen = set()
     for _p, _d, ino in img.walk():
-        if ino.nid in seen:
+        if ino.nid in seen or ino.nid >> E.NID_METABOX_BIT:     # (in the metabox: compressed)
             continue
         seen.add(ino.nid)
         cls = E.ExtendedInode if ino.version else E.CompactInode
