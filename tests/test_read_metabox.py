@@ -8,14 +8,17 @@ All failed before: "unsupported incompatible features 0x100" (the metabox),
 "compressed files in the 48-bit layout (its encoded extents) are not supported".
 """
 import json
+import os
 import struct
 
 import pytest
-from helpers import fsck, mounted, require_tool
+from helpers import compare_trees, fsck, mounted, require, require_tool
 from test_reader_compressed import _cli, _round_trip, _run, tree  # noqa: F401 (a fixture)
 
 from erofs_tools.format import erofs as E
+from erofs_tools.reader.fsck import check_image
 from erofs_tools.reader.image import open_image
+from erofs_tools.reader.unpack import unpack_to_dir
 from erofs_tools.reader.zdata import is_compressed, state
 
 SB = E.SUPER_OFFSET
@@ -103,6 +106,24 @@ def test_48bit_compressed_images_read_back(tmp_path, tree, combo):  # noqa: F811
     im = _round_trip(tmp_path, tree, img, ignore=NSEC)
     assert im.is_48bit and _record_sizes(im)
     _cli_reads(img)
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("args", [["-zlz4hc", "-C65536", "-m65536:lz4hc"],
+                                  ["-zlzma", "-C65536", "-m65536"]], ids=["lz4hc", "lzma"])
+def test_real_tree(tmp_path, args):
+    """/usr/lib/python3.11 (1,500 inodes, a metabox of ~1.1 MiB in 4-6 extents of 64 KiB pclusters):
+    unpack = the kernel's tree (full metadata), check clean."""
+    src = "/usr/lib/python3.11"
+    require(os.path.isdir(src), f"no {src}")
+    img = anchor(tmp_path, src, args)
+    im = open_image(img)
+    assert check_image(im) == []
+    assert len(state(im).zmap(im.inode(im.metabox.nid)).extents) > 3
+    out = tmp_path / "out"
+    unpack_to_dir(im, out, [])
+    with mounted(img) as mnt:
+        assert compare_trees(mnt, out, check_nlink=True) == []
 
 
 def test_extent_record_forms(tmp_path, tree):  # noqa: F811
