@@ -262,6 +262,46 @@ def scan_tree(root, content=True, exclude=()):
     return entries
 
 
+def kernel_view(mnt):
+    """scan_tree of a mounted image (or a source tree) with the inode numbers left out:
+    two images of one tree number their inodes apart."""
+    tree = scan_tree(mnt)
+    for rec in tree.values():
+        rec.pop("_ino", None)
+    return tree
+
+
+def file_digests(tree):
+    """relative path -> b"sha256:" + digest of every non-empty regular file under
+    `tree`: the value of mkfs --xattr-inode-digest's xattr."""
+    return {rel: b"sha256:" + bytes.fromhex(rec["sha256"])
+            for rel, rec in scan_tree(tree).items()
+            if rec["type"] == 0o100000 and rec["size"]}
+
+
+def anchor_mkfs(image, source, *args, need=None):
+    """The anchor's mkfs.erofs -T 0 -U clear ARGS IMAGE SOURCE (quiet); `need`: an
+    option its --help must list (e.g. xattr-inode-digest: the 1.9 anchor)."""
+    require_tool("mkfs.erofs")
+    if need:
+        p = subprocess.run(["mkfs.erofs", "--help"], capture_output=True, text=True,
+                           errors="replace")
+        require(need in p.stdout + p.stderr,
+                f"mkfs.erofs without --{need} (needs the 1.9 anchor: "
+                "export PATH=$(python3 benchmarks/anchor.py):$PATH)")
+    subprocess.run(["mkfs.erofs", "--quiet", "-T", "0", "-U", "clear", *map(str, args),
+                    os.fspath(image), os.fspath(source)], check=True, capture_output=True)
+
+
+def mkfs_both(tmp_path, tree, *args, need=None):
+    """ours.img by `erofs-tools mkfs` and ref.img by the anchor's mkfs.erofs, both
+    -T 0 -U clear ARGS of `tree`, in tmp_path -> (ours, ref)."""
+    ours, ref = tmp_path / "ours.img", tmp_path / "ref.img"
+    run_mkfs(ours, tree, "-q", "-T", "0", "-U", "clear", *args)
+    anchor_mkfs(ref, tree, *args, need=need)
+    return ours, ref
+
+
 def mark_whiteout_dirs(entries):
     """What mkfs (as mkfs.erofs 1.9) adds to a source: trusted.overlay.origin="" on each
     directory holding an overlayfs whiteout (char 0:0), so that overlayfs never lists
