@@ -22,6 +22,7 @@ from test_daemon_support import (
     REPO,
     DaemonProc,
     file_sha,
+    lazy_daemon,
     pack,
     regular_files,
     require_lazy_kernel,
@@ -45,10 +46,7 @@ def image(tmp_path_factory):
 
 @pytest.fixture
 def daemon(tmp_path):
-    require_lazy_kernel()
-    d = DaemonProc(str(tmp_path / "d")).start()
-    yield d
-    d.cleanup()
+    yield from lazy_daemon(tmp_path)
 
 
 def cli(d, *args, timeout=120):

@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -184,6 +185,28 @@ class DaemonProc:
         self.mounts.clear()
         self.stop()
         release_holder(os.path.join(self.cache_dir, "fdholder.sock"))
+
+
+def lazy_daemon(tmp_path):
+    """The body of a `daemon` fixture (`yield from lazy_daemon(tmp_path)`): a started
+    DaemonProc in tmp_path/d on a kernel with lazy mounts, cleaned up after the test."""
+    require_lazy_kernel()
+    d = DaemonProc(str(tmp_path / "d")).start()
+    yield d
+    d.cleanup()
+
+
+def corrupt_blob_copy(boot, good, bad, relpath, file_offset=0):
+    """Copy blob directory `good` to `bad` and flip a byte in the middle of the stored
+    chunk that holds `file_offset` of image file `relpath` -> (blob id, BlobChunk)."""
+    shutil.copytree(good, bad)
+    blob_id, chunk = chunk_of_file(boot, good, relpath, file_offset)
+    with open(os.path.join(bad, blob_id), "r+b") as f:
+        f.seek(chunk.compressed_offset + chunk.compressed_size // 2)
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 0x55]))
+    return blob_id, chunk
 
 
 def release_holder(sock):
