@@ -60,6 +60,27 @@ def pack(src, boot, blob_dir, *args):
     return json.loads(out.stdout)
 
 
+def small_image(base, seed):
+    """A write_tree of 8 files and one 1 MiB file packed in 64 KiB chunks under the
+    directory `base` (a pathlib.Path) -> {"src", "boot", "blobs"}."""
+    src = write_tree(str(base / "src"), seed=seed, nfiles=8, big=(1 << 20,))
+    boot, blobs = str(base / "boot"), str(base / "blobs")
+    pack(src, boot, blobs, "--chunk-size", "0x10000")
+    return {"src": src, "boot": boot, "blobs": blobs}
+
+
+def mount_read_stop(d, image, mnt, blobs=None):
+    """Mount `image` (small_image's; its blobs from `blobs` if given) through the
+    started DaemonProc `d` at `mnt`, check that small.txt reads right, then stop the
+    daemon (SIGTERM: the mount stays)."""
+    d.mount(image["boot"], mnt, f"localfs:{blobs or image['blobs']}")
+    assert file_sha(os.path.join(mnt, "small.txt")) == \
+        file_sha(os.path.join(image["src"], "small.txt"))
+    d.stop()
+    assert d.proc.returncode == 0, d.log()
+    assert os.path.ismount(mnt)
+
+
 def file_sha(path):
     h = hashlib.sha256()
     with open(path, "rb") as f:
