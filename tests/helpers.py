@@ -454,23 +454,16 @@ def write_shifted_tree(root):
     words = [bytes(rnd.choice(b"abcdefghijklmnopqrstuvwxyz") for _ in range(rnd.randint(2, 9)))
              for _ in range(400)]
 
-    def words_text(n, seed):
-        r = random.Random(seed)
-        out = bytearray()
-        while len(out) < n:
-            out += r.choice(words) + b" "
-        return bytes(out[:n])
-
     def put(name, data):
         with open(os.path.join(root, name), "wb") as f:
             f.write(data)
-    base = words_text(SHIFTED_TEXT, 1)
+    base = text(SHIFTED_TEXT, 1, words)
     for i in range(6):
-        pre = words_text(137 * i + rnd.randint(1, 9000), 100 + i)
-        put(f"lang{i}.mo", pre + base + words_text(3000 + i, 200 + i))
-    put("twice", words_text(5000, 300) + base + random.Random(4).randbytes(777) + base)
+        pre = text(137 * i + rnd.randint(1, 9000), 100 + i, words)
+        put(f"lang{i}.mo", pre + base + text(3000 + i, 200 + i, words))
+    put("twice", text(5000, 300, words) + base + random.Random(4).randbytes(777) + base)
     for k in range(SHIFTED_CUTS):
-        put(f"z-cut{k}", words_text(999 + k, 301 + k) + base[:shifted_cut_len(k)])
+        put(f"z-cut{k}", text(999 + k, 301 + k, words) + base[:shifted_cut_len(k)])
     put("small", base[1000:4000])
 
 
@@ -485,6 +478,19 @@ def text(n, seed=0, words=TEXT_WORDS):
     """n bytes of compressible text (words from a small vocabulary)."""
     import random
     rnd = random.Random(seed)
+    out = bytearray()
+    while len(out) < n:
+        out += rnd.choice(words) + b" "
+    return bytes(out[:n])
+
+
+def vocab_text(n, seed, vocab):
+    """n bytes of text from `vocab` random lowercase words of 2-9 letters, the words
+    and their order both drawn from random.Random(seed)."""
+    import random
+    rnd = random.Random(seed)
+    words = [bytes(rnd.randrange(97, 123) for _ in range(rnd.randint(2, 9)))
+             for _ in range(vocab)]
     out = bytearray()
     while len(out) < n:
         out += rnd.choice(words) + b" "
