@@ -10,19 +10,13 @@ import sys
 
 import helpers
 import pytest
-from test_daemon_support import (
-    DaemonProc,
-    mount_read_stop,
-    require_lazy_kernel,
-    small_image,
-)
+from test_daemon_support import DaemonProc, mount_read_stop, small_image
 
 pytestmark = pytest.mark.root
 
 
 @pytest.fixture(scope="module")
 def image(tmp_path_factory):
-    require_lazy_kernel()
     return small_image(tmp_path_factory.mktemp("restore-img"), seed=21)
 
 

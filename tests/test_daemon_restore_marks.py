@@ -10,19 +10,13 @@ import threading
 import helpers
 import pytest
 from faults import timed_read
-from test_daemon_support import (
-    DaemonProc,
-    mount_read_stop,
-    require_lazy_kernel,
-    small_image,
-)
+from test_daemon_support import DaemonProc, mount_read_stop, small_image
 
 pytestmark = pytest.mark.root
 
 
 @pytest.fixture(scope="module")
 def image(tmp_path_factory):
-    require_lazy_kernel()
     return small_image(tmp_path_factory.mktemp("restore-marks"), seed=23)
 
 

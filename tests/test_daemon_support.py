@@ -61,8 +61,10 @@ def pack(src, boot, blob_dir, *args):
 
 
 def small_image(base, seed):
-    """A write_tree of 8 files and one 1 MiB file packed in 64 KiB chunks under the
-    directory `base` (a pathlib.Path) -> {"src", "boot", "blobs"}."""
+    """For the lazy-mount tests (require_lazy_kernel first): a write_tree of 8 files and
+    one 1 MiB file packed in 64 KiB chunks under the directory `base` (a pathlib.Path)
+    -> {"src", "boot", "blobs"}."""
+    require_lazy_kernel()
     src = write_tree(str(base / "src"), seed=seed, nfiles=8, big=(1 << 20,))
     boot, blobs = str(base / "boot"), str(base / "blobs")
     pack(src, boot, blobs, "--chunk-size", "0x10000")
