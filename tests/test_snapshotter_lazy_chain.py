@@ -13,10 +13,9 @@ import pytest
 from helpers import require, sys_mount, sys_umount
 from test_snapshotter_service import (
     StandInDaemonAPI,
-    _bootstrap_layer,
+    blob_then_bootstrap,
     code_of,
     nydus_service,
-    prepare_blob_layer,
 )
 
 from fscache_daemon.snapshotter.proto import snapshots_pb2 as pb
@@ -24,8 +23,6 @@ from fscache_daemon.snapshotter.proto import snapshots_pb2 as pb
 pytestmark = pytest.mark.root
 
 MS_BIND = 0x1000
-BOOT = {"containerd.io/snapshot/nydus-bootstrap": "true",
-        "containerd.io/snapshot/cri.image-ref": "registry.test/app:1"}
 
 
 class MountingDaemonAPI(StandInDaemonAPI):
@@ -105,10 +102,7 @@ def test_snapshot_above_a_committed_child_of_a_nydus_image_sees_the_image(tmp_pa
     with contextlib.ExitStack() as stack:
         stack.callback(sys_umount, str(tree), True)
         c, api = stack.enter_context(nydus_service(tmp_path, MountingDaemonAPI))
-        target = "sha256:" + "1" * 64
-        prepare_blob_layer(c, "extract-1 " + target, target)
-        (blob,) = c.walk()
-        _bootstrap_layer(c, "boot", blob.name, BOOT, tmp_path)
+        blob = blob_then_bootstrap(c, tmp_path)
         c.commit("boot-c", "boot")
         (ctr,) = c.prepare("ctr", "boot-c")
         lazy = _opts(ctr)["lowerdir"]
@@ -158,10 +152,7 @@ def test_lazy_mount_the_daemon_no_longer_knows_goes_with_its_snapshot(tmp_path):
         stack.callback(sys_umount, str(tree), True)
         stack.callback(setattr, MountingDaemonAPI, "forgets", False)
         c, api = stack.enter_context(nydus_service(tmp_path, MountingDaemonAPI))
-        target = "sha256:" + "1" * 64
-        prepare_blob_layer(c, "extract-1 " + target, target)
-        (blob,) = c.walk()
-        _bootstrap_layer(c, "boot", blob.name, BOOT, tmp_path)
+        blob = blob_then_bootstrap(c, tmp_path)
         c.commit("boot-c", "boot")
         (ctr,) = c.prepare("ctr", "boot-c")
         lazy = _opts(ctr)["lowerdir"]
@@ -199,10 +190,7 @@ def test_mount_whose_image_is_gone_is_made_afresh_before_it_is_handed_out(tmp_pa
         stack.callback(sys_umount, str(tree), True)
         c, api = stack.enter_context(nydus_service(tmp_path, MountingDaemonAPI,
                                                    containerd_address="/nonexistent"))
-        target = "sha256:" + "1" * 64
-        prepare_blob_layer(c, "extract-1 " + target, target)
-        (blob,) = c.walk()
-        _bootstrap_layer(c, "boot", blob.name, BOOT, tmp_path)
+        blob_then_bootstrap(c, tmp_path)
         chain = "sha256:" + "2" * 64
         c.commit(f"ns1/8/{chain}", "boot")     # named as containerd's metadata names it
         (ctr,) = c.prepare("ctr", f"ns1/8/{chain}")     # no image listed: the recorded one
