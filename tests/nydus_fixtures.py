@@ -47,6 +47,10 @@ from test_daemon_support import DaemonProc, socket_answers
 
 CRI_NS = "k8s.io"
 MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
+# what a container of busybox_layers() runs and prints: the layers applied in order (the
+# whiteout of /etc/gone too), and no /image: a Nydus bootstrap layer's files stay hidden
+BUSYBOX_SCRIPT = "cat /etc/greeting /etc/third; test -e /etc/gone || echo gone-ok; ls /image || true"
+BUSYBOX_EXPECTED = b"hello from layer two\nlayer three\ngone-ok\n"
 
 
 class SnapshotterDaemon(DaemonProc):
@@ -185,10 +189,12 @@ def busybox_with_file(size: int) -> tuple[list[bytes], bytes]:
                                           ("data/big", "file", big)])], big
 
 
-def convert(src_ref: str, dst_ref: str) -> dict:
-    p = subprocess.run([sys.executable, "-m", "erofs_tools", "convert", "--insecure",
+def convert(src_ref: str, dst_ref: str, *flags: str, env: dict | None = None) -> dict:
+    """`erofs-tools convert --insecure [FLAGS] SRC DST --json`, which must succeed ->
+    its report."""
+    p = subprocess.run([sys.executable, "-m", "erofs_tools", "convert", *flags, "--insecure",
                         src_ref, dst_ref, "--json"], capture_output=True, text=True,
-                       timeout=600)
+                       timeout=600, env=env)
     assert p.returncode == 0, p.stderr
     return json.loads(p.stdout)
 
