@@ -132,6 +132,15 @@ def run_mkfs(image, source, *args, check=True):
     return p
 
 
+def run_erofs_tools(*args, check=True):
+    """Run `erofs-tools ARGS` as a child process (text output); -> CompletedProcess."""
+    p = subprocess.run([sys.executable, "-m", "erofs_tools", *map(str, args)],
+                       capture_output=True, text=True, errors="replace", timeout=600)
+    if check:
+        assert p.returncode == 0, p.stdout + p.stderr
+    return p
+
+
 def run_pack(source, boot, blob_dir, *args, check=True):
     """Run `erofs-tools pack SOURCE -B BOOT -D BLOB_DIR -q` as a child process."""
     cmd = [sys.executable, "-m", "erofs_tools", "pack", os.fspath(source), "-B",

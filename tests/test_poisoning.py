@@ -279,22 +279,7 @@ def test_both_mounted_each_own_bytes_across_restarts_and_release(attack, tmp_pat
 
 
 def _holder_status(d):
-    from fscache_daemon.frontend.fdholder import HolderChannel
-    ch = HolderChannel(os.path.join(d.cache_dir, "fdholder.sock"), timeout=5)
-    try:
-        return ch.status()
-    finally:
-        ch.close()
-
-
-def _wait_for(pred, what, timeout=30.0):
-    import time
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+    return helpers.holder_status(os.path.join(d.cache_dir, "fdholder.sock"))
 
 
 def test_variant_marks_apart_and_released_with_its_last_superblock(attack, tmp_path):
@@ -331,7 +316,7 @@ def test_variant_marks_apart_and_released_with_its_last_superblock(attack, tmp_p
         drop_caches()
         expect_own_bytes(a["g_src"], ov["merged"])
         subprocess.run(["umount", ov["merged"]], check=True)
-        _wait_for(lambda: gkey not in d.metrics()["blobs"], "the variant's release")
+        helpers.wait_until(lambda: gkey not in d.metrics()["blobs"], 30, "the variant's release")
         assert gfile not in _holder_status(d)["marks"]
         assert d.metrics()["detached"] == 0
     finally:
