@@ -83,6 +83,19 @@ def _mounted(m, where: str, flags: int = 0):
         sys_umount(where)
 
 
+def _image_tree(tmp_path, files: dict):
+    """A tmpfs at tmp_path/image-tree holding `files` ({relative path: bytes}), the tree
+    MountingDaemonAPI mounts for an image (the caller unmounts it) -> its path."""
+    tree = tmp_path / "image-tree"
+    tree.mkdir()
+    sys_mount("tmpfs", str(tree), "tmpfs", 0, "size=1m")
+    for rel, data in files.items():
+        (tree / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tree / rel).write_bytes(data)
+    MountingDaemonAPI.tree = str(tree)
+    return tree
+
+
 def test_snapshot_above_a_committed_child_of_a_nydus_image_sees_the_image(tmp_path):
     """A container's snapshot committed on a Nydus image (nerdctl commit, a build
     FROM the image) and a snapshot prepared on that: its lower layers are the committed
@@ -91,12 +104,7 @@ def test_snapshot_above_a_committed_child_of_a_nydus_image_sees_the_image(tmp_pa
     bootstrap layer, so this snapshot got the bootstrap layer's own directory (holding
     image/image.boot) and the empty blob layers as lowers: none of the image's files."""
     require(os.geteuid() == 0, "needs root (bind and overlay mounts)")
-    tree = tmp_path / "image-tree"
-    tree.mkdir()
-    sys_mount("tmpfs", str(tree), "tmpfs", 0, "size=1m")
-    (tree / "bin").mkdir()
-    (tree / "bin" / "app").write_bytes(b"the image's file\n")
-    MountingDaemonAPI.tree = str(tree)
+    tree = _image_tree(tmp_path, {"bin/app": b"the image's file\n"})
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     with contextlib.ExitStack() as stack:
@@ -143,11 +151,7 @@ def test_lazy_mount_the_daemon_no_longer_knows_goes_with_its_snapshot(tmp_path):
     would ever release it, nor the cache files its superblock holds. The snapshotter
     detaches it itself."""
     require(os.geteuid() == 0, "needs root (bind mounts)")
-    tree = tmp_path / "image-tree"
-    tree.mkdir()
-    sys_mount("tmpfs", str(tree), "tmpfs", 0, "size=1m")
-    (tree / "f").write_bytes(b"x")
-    MountingDaemonAPI.tree = str(tree)
+    tree = _image_tree(tmp_path, {"f": b"x"})
     with contextlib.ExitStack() as stack:
         stack.callback(sys_umount, str(tree), True)
         stack.callback(setattr, MountingDaemonAPI, "forgets", False)
@@ -174,11 +178,7 @@ def test_mount_whose_image_is_gone_is_made_afresh_before_it_is_handed_out(tmp_pa
     directory as the container's lower), and only a later Mounts call mounted it."""
     from fscache_daemon.snapshotter import imagerefs
     require(os.geteuid() == 0, "needs root (bind mounts)")
-    tree = tmp_path / "image-tree"
-    tree.mkdir()
-    sys_mount("tmpfs", str(tree), "tmpfs", 0, "size=1m")
-    (tree / "f").write_bytes(b"x")
-    MountingDaemonAPI.tree = str(tree)
+    tree = _image_tree(tmp_path, {"f": b"x"})
     on_chain: list[str] = []
     asked: list[tuple[str, str]] = []
 
