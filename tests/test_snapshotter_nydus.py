@@ -32,7 +32,6 @@ from test_daemon_support import require_lazy_kernel
 pytestmark = [pytest.mark.root, pytest.mark.registry]
 
 
-
 def test_nydus_image_runs_lazily(registry, tmp_path):  # noqa: F811
     require_containerd()
     require_lazy_kernel()

@@ -178,7 +178,6 @@ def test_gnu_sparse_old_format_data(tmp_path):
     assert data == (src / "sp").read_bytes()
 
 
-
 @pytest.mark.parametrize("version", ["0.0", "0.1", "1.0"])
 def test_pax_sparse_long_name_is_the_real_name(tmp_path, version):
     """GNU tar's PAX sparse 0.1/1.0 members carry the real name in GNU.sparse.name and

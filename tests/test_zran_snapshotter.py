@@ -31,7 +31,6 @@ from test_daemon_support import require_lazy_kernel
 pytestmark = [pytest.mark.root, pytest.mark.registry]
 
 
-
 def test_zran_image_runs_lazily(registry, tmp_path):  # noqa: F811
     require_containerd()
     require_lazy_kernel()
