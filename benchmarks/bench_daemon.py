@@ -47,15 +47,7 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
-from benchlib import (  # noqa: E402
-    REPO,
-    announce_anchors,
-    close_report,
-    drop_caches,
-    goal,
-    is_root,
-    work_dir,
-)
+from benchlib import REPO, announce_anchors, close_report, drop_caches, goal, is_root, work_dir  # noqa: E402
 
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
