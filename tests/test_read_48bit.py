@@ -166,6 +166,7 @@ ZANCHORS = {
     "zstd-fragments": ("-zzstd", "-Efragments"),
     "lz4hc-dedupe": ("-zlz4hc", "-Ededupe"),
     "zstd-dedupe": ("-zzstd", "-Ededupe"),
+    "zstd-fragments-dedupe": ("-zzstd", "-Efragments,dedupe"),     # 8-byte records too
     "lzma-ztailpacking": ("-zlzma", "-Eztailpacking"),
     "lz4hc-all-fragments": ("-zlz4hc", "-Eall-fragments"),
     "lz4hc-b1024": ("-zlz4hc", "-b", "1024"),
@@ -211,6 +212,8 @@ def test_mkfs_erofs_compressed_read_back(ztree, tmp_path, combo):
     kinds = _record_sizes(img)
     if "ztailpacking" not in combo and "all-fragments" not in combo:
         assert kinds.get(4 if "zstd" in combo or combo.endswith("-C") else 16), kinds
+    if combo == "zstd-fragments-dedupe":
+        assert kinds.get(8), kinds
 
 
 def _records_of(img, path):
