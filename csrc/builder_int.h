@@ -278,7 +278,8 @@ INTERNAL int zpool_submit(erofs_builder *b, uint32_t node, const char *path, siz
                           uint64_t offset);
 INTERNAL int zpool_stop(erofs_builder *b, int abort);
 INTERNAL uint32_t zmeta_extra(const erofs_builder *b, const struct node *n);
-/* zlayout.c: a compressed node's compact index; the first inode offset from off on
+/* zlayout.c: a compressed node's compact index (-E48bit: its extent records if smaller
+ * than the full index; -E legacy-compress: else the full one); the first inode offset from off on
  * (32-byte steps) at which its inline tail stays inside one block */
 INTERNAL int compact_zindex(erofs_builder *b, struct node *n);
 INTERNAL uint64_t ztail_fit(const erofs_builder *b, const struct node *n, uint64_t off,

@@ -365,7 +365,7 @@ static int choose_formats(erofs_builder *b, struct layout_state *st)
             st->have_chunks = 1;
         } else if (NXR(b, n)->zmeta) {
             n->layout = L_ZFULL;
-            if (!b->o.compress_full_index && compact_zindex(b, n))
+            if (compact_zindex(b, n))
                 return ERN_ENOMEM;
         } else if (is_flat_data(n)) {
             uint64_t tail = n->size % blksz;

@@ -511,3 +511,19 @@ def noise(n, seed=1):
     import random
     return random.Random(seed).randbytes(n)
 
+
+
+def write_zmix_tree(root):
+    """A small tree for the compressed layouts (the 48-bit layout's extent records among
+    them): text files from 1 byte to 300 KB (one extent, many, inline tails, fragments),
+    incompressible data (plain extents) alone and between text, a file repeated and one
+    holding the same text twice (dedupe), an empty file, a subdirectory."""
+    os.makedirs(os.path.join(root, "sub"), exist_ok=True)
+    files = {"one": b"x", "small": text(700, 1), "mid": text(5000, 2), "big": text(70_000, 3),
+             "large": text(300_000, 4), "noise": noise(20_000, 5),
+             "mixed": text(30_000, 6) + noise(9000, 7) + text(30_000, 8), "empty": b"",
+             "sub/copy-of-big": text(70_000, 3), "sub/twice": text(40_000, 9) * 2,
+             "sub/page": text(4096, 10)}
+    for name, data in files.items():
+        with open(os.path.join(root, name), "wb") as f:
+            f.write(data)

@@ -129,7 +129,8 @@ def test_tuning_knobs_that_change_nothing_are_accepted(tmp_path, tree):
 @pytest.mark.parametrize("args,what", [
     (["--dsunit=x"], "--dsunit"),
     (["--max-extent-bytes=1000", "-zlz4"], "block size"),        # (mkfs.erofs: both too)
-    (["--max-extent-bytes=-8192", "-zlz4"], "48-bit"),
+    (["--max-extent-bytes=-8192", "-zlz4"], "unaligned"),
+    (["--max-extent-bytes=-8192", "-zlz4", "-E48bit"], "unaligned"),
     (["--max-extent-bytes=x"], "--max-extent-bytes"),
     (["--async-queue-limit=3"], "power of two"),
     (["--async-queue-limit=q"], "--async-queue-limit"),

@@ -436,10 +436,11 @@ def check_tuning(dsunit: str | None, max_extent: str | None, async_limit: str | 
         if not -(1 << 31) <= v < 1 << 31:
             raise InputError(f"--max-extent-bytes: {max_extent} out of range")
         # with -z as mkfs.erofs 1.9: 0 is no cap; a negative one asks for unaligned
-        # extents (the 48-bit layout's, which it refuses without -E48bit)
+        # extents (the 48-bit layout's, which it refuses without -E48bit; this mkfs
+        # writes block-aligned pclusters only, also with -E48bit)
         if compressed and v < 0:
             raise InputError(f"--max-extent-bytes={max_extent}: unaligned compressed "
-                             "extents need the 48-bit layout (not written with -z)")
+                             "extents are not written (block-aligned pclusters only)")
         if compressed and 0 < v < blksz:
             raise InputError(f"--max-extent-bytes={max_extent}: at least the block size "
                              f"({blksz}) with -z")

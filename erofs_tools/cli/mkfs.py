@@ -161,10 +161,8 @@ def mkfs(image, source, timestamp, all_time, ignore_mtime, ovlfs_strip, block_si
         raise InputError("--compress-hints needs -z")
     z = parse_compress(compress, pcluster, ext) if compress is not None else None
     for name in ("48bit", "dot-omitted"):
-        if name in ext and (z is not None or tar_mode == "i"):
-            # (with -z mkfs.erofs 1.9 writes the 48-bit layout's encoded extents)
-            raise InputError(f"-E {name}: not with {'-z' if z else '--tar=i'} yet (the "
-                             "48-bit layout is written for uncompressed images only)")
+        if name in ext and tar_mode == "i":
+            raise InputError(f"-E {name}: not with --tar=i yet")
     blkszbits = parse_block_size(block_size, tar_mode)
     digest = None
     if digest_flag or digest_name is not None:

@@ -147,9 +147,6 @@ class Image:
             raise self._err(
                 f"unsupported incompatible features {sb.feature_incompat & ~known:#x}")
         self.is_48bit = bool(sb.feature_incompat & E.FEATURE_INCOMPAT_48BIT)
-        if self.is_48bit and sb.feature_incompat & E.FEATURE_INCOMPAT_COMPRESSED:
-            raise self._err("compressed files in the 48-bit layout (its encoded extents) "
-                            "are not supported")
         if sb.sb_extslots:
             raise self._err(f"sb_extslots {sb.sb_extslots} not supported")
         if sb.feature_compat & E.FEATURE_COMPAT_SB_CHKSUM:

@@ -16,7 +16,6 @@ import stat as _stat
 from typing import NamedTuple
 
 from erofs_tools.format import erofs as E
-from erofs_tools.reader.zdata import is_compressed
 
 
 class Inode:
@@ -156,9 +155,6 @@ def read_inode(img, nid: int) -> Inode:
         raise img._err(f"inode {nid}: bad file mode {ino.mode:#o}")
     if ino.layout not in E.LAYOUT_NAMES:
         raise img._err(f"inode {nid}: unsupported data layout {ino.layout_name}")
-    if b48 and is_compressed(ino):
-        raise img._err(f"inode {nid}: compressed data in the 48-bit layout (its encoded "
-                       "extents) is not supported")
     if ino.data_end > img.size:
         raise img._err(f"inode {nid}: inline xattrs run past the image end")
     if ino.ftype in (_stat.S_IFREG, _stat.S_IFDIR, _stat.S_IFLNK) and ino.size >= 1 << 63:

@@ -13,10 +13,20 @@ the indexes), fragments (the last extent, or the whole file, inside the packed i
 a byte offset) and dedupe (pclusters shared by several extents; an extent that uses only
 the start of its pcluster's decoded data is marked PARTIAL_REF).
 
+The 48-bit layout (mkfs.erofs 1.9) may instead list a COMPRESSED_FULL inode's extents as
+records (ADVISE_EXTENTS): 16 or 32 bytes each with its file offset, pcluster offset and
+length (any byte offset and length: unaligned compression), their count in the map
+header; or, when every extent but the last takes 2^lclusterbits bytes of input, one
+record per lcluster, 8 bytes (pcluster length and 32-bit offset) or 4 (the length
+only, the pclusters back to back from a le64 offset before the records). Each record's
+plen carries the format (plain or the algorithm) and the partial-reference bit; the last
+one, with a fragment, the fragment's offset.
+
 This module only maps; reader/zdata.py decodes. Every field is untrusted: each index
 entry is bounds-checked against the image, the lookback chain of every NONHEAD must
 reach the head before it (the kernel follows that chain to find what to decode), and
-the number of entries read is bounded by the bytes that hold them.
+the number of entries read is bounded by the bytes that hold them (as is the number of
+extent records).
 """
 from __future__ import annotations
 
@@ -127,7 +137,8 @@ class ZMap:
         self.advise = adv = hdr.h_advise
         self.full = ino.layout == E.LAYOUT_COMPRESSED_FULL
         if self.full and adv & E.ADVISE_EXTENTS:
-            raise self._err("extent-record compressed index (48-bit layout) not supported")
+            self._build_records(h, hdr, zstate)
+            return
         self.lbits = img.blkszbits + (hdr.h_clusterbits & 15)
         if self.lbits > MAX_LCLUSTER_BITS or (not self.full and self.lbits > 14):
             raise self._err(f"logical cluster bits {self.lbits} out of range")
@@ -371,3 +382,85 @@ class ZMap:
         if n.delta0 != 1 or not n.cblk:
             raise self._err(f"no block count (CBLKCNT) after the head at lcluster {lcn}")
         return n.cblk
+
+    # -- extent records (the 48-bit layout) ---------------------------------------------
+    def _build_records(self, h, hdr, zstate):
+        """The extents from the records of an ADVISE_EXTENTS inode, checked as the
+        lcluster indexes are: in the image, in file order, each pcluster in bounds."""
+        img = self.img
+        adv = self.advise
+        recsz = E.extent_recsize(adv)
+        pos = round_up(self.hpos + E.MapHeader.SIZE, recsz)
+        self.fragment = bool(adv & E.ADVISE_FRAGMENT_PCLUSTER)
+        size = self.size
+        if recsz <= 8:
+            self.lbits = lbits = img.blkszbits + (hdr.h_clusterbits & 15)
+            n = (size + (1 << lbits) - 1) >> lbits
+            starts = [i << lbits for i in range(n)] if n <= img.size else []
+        else:
+            n = int.from_bytes(h[0:4], "little") | int.from_bytes(h[6:8], "little") << 32
+            if n == 0:
+                raise self._err("no extent records")
+            starts = []
+        base = pos + (8 if recsz == 4 else 0)
+        if n > img.size or base + n * recsz > img.size:
+            raise self._err(f"{n} extent records of {recsz} bytes run past the image end")
+        if zstate is not None:
+            zstate.charge(self.ino.nid, n)
+        raw = img.read(pos, base - pos + n * recsz, f"{self.what} extent records")
+        pa = int.from_bytes(raw[0:8], "little") if recsz == 4 else 0
+        recs = []
+        for i in range(n):
+            r = raw[base - pos + i * recsz:base - pos + (i + 1) * recsz] + bytes(32 - recsz)
+            x = E.Extent.decode(r, 0)
+            if recsz == 4:
+                rpa = pa
+                pa += x.plen & E.EXTENT_PLEN_MASK
+            elif recsz == 8:
+                rpa = x.pstart_lo
+            else:
+                rpa = x.pstart_lo | x.pstart_hi << 32
+                la = x.lstart_lo | (x.lstart_hi << 32 if recsz == 32 else 0)
+                if (la != 0 if i == 0 else la <= starts[-1]) or la >= size:
+                    raise self._err(f"extent record {i}: file offset {la} out of order "
+                                    f"(size {size})")
+                starts.append(la)
+            recs.append((x.plen, rpa))
+        cfg = img.zconfig
+        bs = img.blksz
+        out = []
+        for i, (plen, rpa) in enumerate(recs):
+            la = starts[i]
+            llen = (starts[i + 1] if i + 1 < n else size) - la
+            if i + 1 == n and self.fragment:
+                off = plen | (rpa << 32 if recsz > 4 else 0)
+                self.fragment_off = off
+                out.append(ZExtent(la, llen, FRAGMENT, off, 0, -3, False))
+                continue
+            fmt = plen >> E.EXTENT_PLEN_FMT_BIT
+            partial = bool(plen & E.EXTENT_PLEN_PARTIAL)
+            plen &= E.EXTENT_PLEN_MASK
+            if not plen:
+                raise self._err(f"extent record {i} (file offset {la}): no pcluster")
+            if fmt:
+                alg = fmt - 1
+                if alg >= NUM_ALGS or not cfg.algs & (1 << alg):
+                    raise self._err(f"extent record {i}: format {fmt} is no algorithm the "
+                                    "superblock declares")
+            elif adv & E.ADVISE_INTERLACED_PCLUSTER and not (rpa | plen) % bs:
+                alg = ALG_INTERLACED
+            else:
+                alg = ALG_SHIFTED
+            if rpa + plen > img.size:
+                raise self._err(f"extent record {i}: pcluster [{rpa}, {rpa + plen}) is "
+                                "outside the image")
+            if plen > E.PCLUSTER_MAX_SIZE or llen > E.PCLUSTER_MAX_DSIZE:
+                raise self._err(f"extent record {i}: {plen} -> {llen} bytes is too large")
+            if alg < 0 and (llen > plen or partial):
+                raise self._err(f"extent record {i}: plain extent of {llen} bytes in a "
+                                f"{plen}-byte pcluster")
+            if alg == ALG_INTERLACED and plen > bs:
+                raise self._err(f"extent record {i}: interlaced plain extent over {plen} "
+                                "bytes")
+            out.append(ZExtent(la, llen, PCLUSTER, rpa, plen, alg, partial))
+        self.extents = out
