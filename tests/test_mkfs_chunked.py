@@ -170,6 +170,25 @@ def test_every_inode_kind(basic_tree, tmp_path, root_kernel):  # noqa: F811
         mount_and_compare(img, basic_tree, tmp_path / f"k{k}.blob")
 
 
+@pytest.mark.parametrize("blob", [False, True])
+def test_tar(tree, tmp_path, root_kernel, blob):
+    """--tar=f --chunksize: the chunks in mkfs.erofs 1.9.4's order (the tree's, not the
+    archive's), the blob byte for byte; mounted and compared."""
+    layer = tmp_path / "layer.tar"
+    require_tool("tar")         # (GNU tar: pax mtimes to the nanosecond)
+    subprocess.run(["tar", "--format=pax", "-C", os.fspath(tree), "-cf", os.fspath(layer),
+                    "."], check=True)
+    tb, ob = (tmp_path / "t.blob", tmp_path / "o.blob") if blob else (None, None)
+    anchor(tmp_path / "t.img", layer, "--tar=f", "--chunksize=65536", blob=tb)
+    ours(tmp_path / "o.img", layer, "--tar=f", "--chunksize=65536", blob=ob)
+    assert os.path.getsize(tmp_path / "o.img") <= os.path.getsize(tmp_path / "t.img") + 4096
+    if blob:
+        assert ob.read_bytes() == tb.read_bytes()
+    paths = sorted(files(tree))
+    assert chunk_tables(tmp_path / "o.img", paths) == chunk_tables(tmp_path / "t.img", paths)
+    mount_and_compare(tmp_path / "o.img", tree, ob)
+
+
 def test_chunk_options_without_chunksize(tree, tmp_path):
     """-E force-chunk-indexes / force-inode-blockmap without --chunksize: accepted, the
     same image (as mkfs.erofs 1.9.4, which then writes no chunk-based file)."""
