@@ -214,7 +214,7 @@ static int put_chunk(erofs_builder *b, int fd, const char *path, uint64_t off, u
         static const uint8_t zeros[4096];
         r = x_pwrite(&x, zeros, pad, out + len);    /* (a device keeps its old bytes) */
     }
-    return r ? fail(b, r, "%s", x.err) : 0;
+    return r ? fail(b, r, "%s%s", x.err, blob ? " (the blob, --blobdev)" : "") : 0;
 }
 
 /* the record this file's inode takes (inode, xattrs, indexes), for the stream's

@@ -24,6 +24,7 @@ from helpers import (
     text,
 )
 from test_mkfs import basic_tree  # noqa: F401  (every inode kind, as chunked files)
+from test_mkfs_device import _loop, loopdev  # noqa: F401  (loop devices over 0xAA files)
 
 from erofs_tools.reader.image import Image
 
@@ -187,6 +188,21 @@ def test_tar(tree, tmp_path, root_kernel, blob):
     paths = sorted(files(tree))
     assert chunk_tables(tmp_path / "o.img", paths) == chunk_tables(tmp_path / "t.img", paths)
     mount_and_compare(tmp_path / "o.img", tree, ob)
+
+
+def test_blob_on_a_block_device(tree, tmp_path, root_kernel, loopdev):  # noqa: F811
+    """--blobdev a block device: written in place, the blob's bytes as mkfs.erofs 1.9.4's
+    blob file; the kernel mounts the image (a loop device: with a block-device blob the
+    kernel wants the image on one too) with -o device=, fsck.erofs passes."""
+    dev = loopdev(16 << 20)
+    anchor(tmp_path / "t.img", tree, "--chunksize=65536", blob=tmp_path / "t.blob")
+    ours(tmp_path / "o.img", tree, "--chunksize=65536", blob=dev)
+    ref = (tmp_path / "t.blob").read_bytes()
+    with open(dev, "rb") as f:
+        assert f.read(len(ref)) == ref
+    fsck(tmp_path / "o.img", devices=[dev])
+    with _loop(tmp_path / "o.img") as img, mounted(img, f"device={dev}") as mnt:
+        assert_same_tree(tree, mnt)
 
 
 def test_chunk_options_without_chunksize(tree, tmp_path):
