@@ -205,6 +205,18 @@ def test_blob_on_a_block_device(tree, tmp_path, root_kernel, loopdev):  # noqa: 
         assert_same_tree(tree, mnt)
 
 
+def test_dedupe_without_z_is_chunks_of_a_block(tree, tmp_path, root_kernel):
+    """-E dedupe without -z: chunk-based files of one-block chunks, duplicates stored
+    once, as mkfs.erofs 1.9.4 makes of it (which leaves the chunked-file feature bit
+    out, set here); mounted and compared."""
+    anchor(tmp_path / "t.img", tree, "-E", "dedupe")
+    ours(tmp_path / "o.img", tree, "-E", "dedupe")
+    assert os.path.getsize(tmp_path / "o.img") <= os.path.getsize(tmp_path / "t.img") + 4096
+    paths = sorted(files(tree))
+    assert chunk_tables(tmp_path / "o.img", paths) == chunk_tables(tmp_path / "t.img", paths)
+    mount_and_compare(tmp_path / "o.img", tree)
+
+
 def test_chunk_options_without_chunksize(tree, tmp_path):
     """-E force-chunk-indexes / force-inode-blockmap without --chunksize: accepted, the
     same image (as mkfs.erofs 1.9.4, which then writes no chunk-based file)."""

@@ -479,7 +479,9 @@ def check_chunks(chunksize: str | None, blobdev: str | None, ext: Mapping[str, s
     if blobdev is not None and chunksize is None:
         raise InputError("--blobdev needs --chunksize")
     if chunksize is None:
-        return 0
+        # -E dedupe without -z: chunks of a block, as mkfs.erofs 1.9.4 turns it into
+        # ("chunk-based data deduplication"; it leaves out the chunked-file feature bit)
+        return 1 << blkszbits if "dedupe" in ext and not compressed and tar_mode != "i" else 0
     size = parse_chunksize(chunksize, 1 << blkszbits)
     if compressed:
         raise InputError("--chunksize: not with -z yet (mkfs.erofs chunks the files it "
