@@ -250,13 +250,31 @@ def test_python_library(tmp_path, root_kernel, blob):
     (("--chunksize=4096", "--blobdev=BLOB", "-E", "force-inode-blockmap"), "block map"),
     (("--chunksize=4096", "-z", "lz4"), "not with -z"),
     (("--chunksize=4096", "--blobdev=BLOB", "-z", "lz4"), "not with -z"),
+    (("--chunksize=4096", "--blobdev="), "empty path"),
+    (("--chunksize=4096", "--blobdev=IMG"), "the image itself"),
+    (("--chunksize=4096", "--blobdev=SRC/blob"), "inside SOURCE"),
+    (("--chunksize=abc",), "invalid value"),
 ])
 def test_bad_values(tree, tmp_path, args, msg):
     """One `error:` line, exit 1, neither the image nor the blob written."""
     blob = tmp_path / "blob"
-    args = [a.replace("BLOB", os.fspath(blob)) for a in args]
+    args = [a.replace("BLOB", os.fspath(blob)).replace("IMG", os.fspath(tmp_path / "x.img"))
+            .replace("SRC", os.fspath(tree)) for a in args]
     p = run_mkfs(tmp_path / "x.img", tree, *args, check=False)
     assert p.returncode == 1
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and msg in lines[0], p.stderr
     assert sorted(os.listdir(tmp_path)) == []
+    assert not (tree / "blob").exists()
+
+
+def test_tar_index_refused(tree, tmp_path):
+    """--tar=i --chunksize: one line, nothing written (mkfs.erofs 1.9.4 chunks nothing
+    there and writes the tar's device slot with 0 blocks)."""
+    (tmp_path / "in").mkdir()
+    layer = tmp_path / "in" / "layer.tar"
+    subprocess.run(["tar", "-C", os.fspath(tree), "-cf", os.fspath(layer), "."], check=True)
+    p = run_mkfs(tmp_path / "x.img", layer, "--tar=i", "--chunksize=65536", check=False)
+    assert p.returncode == 1 and p.stderr.startswith("error: --chunksize: not with --tar=i")
+    assert len(p.stderr.strip().splitlines()) == 1
+    assert sorted(os.listdir(tmp_path)) == ["in"]

@@ -487,6 +487,8 @@ def check_chunks(chunksize: str | None, blobdev: str | None, ext: Mapping[str, s
         raise InputError("--chunksize: not with -z yet (mkfs.erofs chunks the files it "
                          "stores uncompressed)")
     if tar_mode == "i":
+        # (mkfs.erofs 1.9.4 takes it, chunks nothing, and writes the tar's device
+        # slot with 0 blocks)
         raise InputError("--chunksize: not with --tar=i (its files point into the tar)")
     if blobdev is not None:
         if "force-inode-blockmap" in ext:
