@@ -280,6 +280,10 @@ INTERNAL int stream_file(erofs_builder *b, uint32_t node, const char *path, size
 INTERNAL int chunked_file(erofs_builder *b, uint32_t node, const char *path, size_t pathlen,
                           uint64_t offset);
 INTERNAL void chunked_free(erofs_builder *b);
+/* the compression pool's commit of a file it stores uncompressed: chunks (from base on,
+ * or in the blob) instead -> the chunk set's index + 1 in *pci; errors in x */
+INTERNAL int zchunk_commit(erofs_builder *b, struct xfer *x, const char *path,
+                           uint64_t offset, uint64_t size, uint64_t base, uint32_t *pci);
 
 /* zstream.c (compression pool; compress_int.h has the rest) */
 INTERNAL int zpool_start(erofs_builder *b);

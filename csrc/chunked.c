@@ -92,29 +92,29 @@ static int dd_add(struct chunkdd *d, const uint8_t key[32], uint32_t len, uint64
 }
 
 /* the table, with the zero chunk (a whole chunk of zeros: a hole) in it */
-static int dd_init(erofs_builder *b)
+static int dd_init(erofs_builder *b, struct xfer *x)
 {
     if (b->o.chunkbits < b->o.blkszbits ||
         b->o.chunkbits > b->o.blkszbits + EROFS_CHUNK_FORMAT_BLKBITS_MASK)
-        return fail(b, ERN_EINVAL, "chunk size 2^%u out of range", b->o.chunkbits);
+        return xfail(x, ERN_EINVAL, "chunk size 2^%u out of range", b->o.chunkbits);
     struct chunkdd *d = calloc(1, sizeof(*d));
     if (!d || !(d->buf = calloc(1, RBUF)) || dd_grow(d)) {
         if (d)
             free(d->buf);
         free(d);
-        return fail(b, ERN_ENOMEM, "out of memory");
+        return xfail(x, ERN_ENOMEM, "out of memory");
     }
     b->cdd = d;
     uint64_t csz = 1ull << b->o.chunkbits;
     if (csz > UINT32_MAX)
-        return 0;               /* (chunks are at most 2^31 bytes here anyway) */
+        return 0;               /* (no chunk that large is hashed) */
     struct ern_sha256 s;
     uint8_t key[32];
     ern_sha256_init(&s, 0);
     for (uint64_t done = 0; done < csz; done += RBUF)
         ern_sha256_update(&s, d->buf, csz - done < RBUF ? csz - done : RBUF);
     ern_sha256_final(&s, key);
-    return dd_add(d, key, (uint32_t)csz, NULL_BLK) ? fail(b, ERN_ENOMEM, "out of memory") : 0;
+    return dd_add(d, key, (uint32_t)csz, NULL_BLK) ? xfail(x, ERN_ENOMEM, "out of memory") : 0;
 }
 
 int erofs_builder_set_blob(erofs_builder *b, int fd)
@@ -126,6 +126,11 @@ int erofs_builder_set_blob(erofs_builder *b, int fd)
         return fail(b, ERN_EINVAL, "a blob needs chunkbits, before the files");
     b->bfd = fd;
     b->bcur = 0;
+    /* its slot right after the superblock and the compression records, as mkfs.erofs */
+    uint32_t cfgs_len;
+    zconf_cfgs(b, &cfgs_len);
+    b->o.devt_slotoff = (uint32_t)(align_up(SB_END + cfgs_len, EROFS_DEVT_SLOT_SIZE) /
+                                   EROFS_DEVT_SLOT_SIZE);
     return 0;
 }
 
@@ -170,15 +175,15 @@ static void cf_next(struct cfile *cf, uint32_t blkbits, uint64_t pos, uint64_t b
     cf->last_len = blk == NULL_BLK ? 0 : len;
 }
 
-/* hash [off, off + len) of fd; -> 0 or an error (in b) */
-static int hash_range(erofs_builder *b, int fd, const char *path, uint64_t off, uint64_t len,
-                      uint8_t key[32])
+/* hash [off, off + len) of fd, read into the table's buffer */
+static int hash_range(erofs_builder *b, struct xfer *x, int fd, const char *path,
+                      uint64_t off, uint64_t len, uint8_t key[32])
 {
     struct ern_sha256 s;
     ern_sha256_init(&s, 0);
     for (uint64_t done = 0; done < len;) {
         size_t n = len - done < RBUF ? (size_t)(len - done) : RBUF;
-        int r = read_exact(b, fd, b->cdd->buf, n, off + done, path);
+        int r = x_read(x, fd, b->cdd->buf, n, off + done, path);
         if (r)
             return r;
         ern_sha256_update(&s, b->cdd->buf, n);
@@ -190,31 +195,31 @@ static int hash_range(erofs_builder *b, int fd, const char *path, uint64_t off, 
 
 /* a new chunk's bytes written at block blk of the image (or blob): from the buffer
  * when hash_range left it all there, else copied again from the file */
-static int put_chunk(erofs_builder *b, int fd, const char *path, uint64_t off, uint32_t len,
-                     uint64_t blk)
+static int put_chunk(erofs_builder *b, struct xfer *x, int fd, const char *path,
+                     uint64_t off, uint32_t len, uint64_t blk)
 {
-    struct xfer x;
-    memset(&x, 0, sizeof(x));
     int blob = b->bfd >= 0;
-    x.out = blob ? b->bfd : b->sfd;
-    x.ot = blob ? NULL : b->ot;
-    x.blksz = b->blksz;
-    x.bytes = &b->sbytes;
-    x.buf = b->cdd->buf;
+    struct xfer w = *x;
+    if (blob) {
+        w.out = b->bfd;
+        w.ot = NULL;
+    }
     uint64_t out = blk << b->o.blkszbits;
     int r;
     if (len <= RBUF) {
-        r = x_pwrite(&x, b->cdd->buf, len, out);
-        __atomic_fetch_add(&b->sbytes, (uint64_t)len, __ATOMIC_RELAXED);
+        r = x_pwrite(&w, b->cdd->buf, len, out);
+        __atomic_fetch_add(w.bytes, (uint64_t)len, __ATOMIC_RELAXED);
     } else {
-        r = x_copy(&x, fd, off, out, len, path);
+        r = x_copy(&w, fd, off, out, len, path);
     }
     uint32_t pad = (uint32_t)(-(uint64_t)len & (b->blksz - 1));
     if (!r && pad) {
         static const uint8_t zeros[4096];
-        r = x_pwrite(&x, zeros, pad, out + len);    /* (a device keeps its old bytes) */
+        r = x_pwrite(&w, zeros, pad, out + len);    /* (a device keeps its old bytes) */
     }
-    return r ? fail(b, r, "%s%s", x.err, blob ? " (the blob, --blobdev)" : "") : 0;
+    if (r)
+        xfail(x, r, "%s%s", w.err, blob ? " (the blob, --blobdev)" : "");
+    return r;
 }
 
 /* the record this file's inode takes (inode, xattrs, indexes), for the stream's
@@ -227,14 +232,13 @@ static uint32_t record_len(const erofs_builder *b, const struct node *n, uint32_
     return len <= b->blksz ? (uint32_t)len : 0;
 }
 
-static int cut_file(erofs_builder *b, struct node *n, int fd, const char *path,
-                    uint64_t offset, struct cfile *cf, unsigned *pbits)
+static int cut_file(erofs_builder *b, struct xfer *x, uint64_t size, int fd,
+                    const char *path, uint64_t offset, struct cfile *cf, unsigned *pbits,
+                    uint64_t *cur)
 {
     uint32_t blkbits = b->o.blkszbits, blksz = b->blksz;
-    uint64_t size = n->size;
     unsigned bits = *pbits;
     uint64_t csz = 1ull << bits;
-    uint64_t *cur = b->bfd >= 0 ? &b->bcur : &b->scur;
     int dedupe = !b->o.chunk_nodedupe;
     uint64_t pos = 0, k = 0;
     while (pos < size) {
@@ -256,7 +260,7 @@ static int cut_file(erofs_builder *b, struct node *n, int fd, const char *path,
         }
         uint32_t len = (uint32_t)(size - pos < csz ? size - pos : csz);
         uint8_t key[32];
-        int r = hash_range(b, fd, path, offset + pos, len, key);
+        int r = hash_range(b, x, fd, path, offset + pos, len, key);
         if (r)
             return r;
         uint64_t blk;
@@ -267,12 +271,12 @@ static int cut_file(erofs_builder *b, struct node *n, int fd, const char *path,
             blk = *cur;
             *cur += (len + blksz - 1) / blksz;
             if (*cur > 0xFFFFFFFFull)
-                return fail(b, ERN_ELIMIT, "%s: %s larger than 2^32 blocks", path,
-                            b->bfd >= 0 ? "the blob" : "the image");
-            if ((r = put_chunk(b, fd, path, offset + pos, len, blk)))
+                return xfail(x, ERN_ELIMIT, "%s: %s larger than 2^32 blocks", path,
+                             b->bfd >= 0 ? "the blob" : "the image");
+            if ((r = put_chunk(b, x, fd, path, offset + pos, len, blk)))
                 return r;
             if (dedupe && dd_add(b->cdd, key, len, blk))
-                return fail(b, ERN_ENOMEM, "out of memory");
+                return xfail(x, ERN_ENOMEM, "out of memory");
         }
         cf_next(cf, blkbits, pos, blk, len);
         cf->ent[k++] = blk;
@@ -294,27 +298,22 @@ static int cut_file(erofs_builder *b, struct node *n, int fd, const char *path,
     return 0;
 }
 
-int chunked_file(erofs_builder *b, uint32_t node, const char *path, size_t pathlen,
-                 uint64_t offset)
+/* [offset, offset + size) of path cut into chunks, the new ones written from the
+ * blob's next block, or the image's (*scur) -> the chunk set's index + 1 in *pci;
+ * 0 or an error (in x). One call at a time, in the image's order. */
+static int chunk_data(erofs_builder *b, struct xfer *x, const char *p, uint64_t offset,
+                      uint64_t size, uint64_t *scur, uint32_t *pci)
 {
-    int r = b->cdd ? 0 : dd_init(b);
+    int r = b->cdd ? 0 : dd_init(b, x);
     if (r)
         return r;
-    char *p = strndup(path, pathlen);
-    if (!p)
-        return fail(b, ERN_ENOMEM, "out of memory");
     int fd = open(p, O_RDONLY | O_NOCTTY | O_CLOEXEC | O_NOFOLLOW);
-    if (fd < 0) {
-        int r = fail(b, ERN_EIO, "%s: %s", p, strerror(errno));
-        free(p);
-        return r;
-    }
-    struct node *n = &b->nodes[node];
+    if (fd < 0)
+        return xfail(x, ERN_EIO, "%s: %s", p, strerror(errno));
     uint32_t blkbits = b->o.blkszbits;
-    uint64_t size = n->size;
     struct stat st;
     if (offset == 0 && fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && (uint64_t)st.st_size != size)
-        r = fail(b, ERN_EIO, "%s: size changed while building the image", p);
+        r = xfail(x, ERN_EIO, "%s: size changed while building the image", p);
     unsigned bits = b->o.chunkbits;
     off_t d = lseek(fd, (off_t)offset, SEEK_DATA);
     if ((d < 0 && errno == ENXIO) || (d >= 0 && (uint64_t)d - offset >= size))
@@ -325,37 +324,29 @@ int chunked_file(erofs_builder *b, uint32_t node, const char *path, size_t pathl
         bits = blkbits + EROFS_CHUNK_FORMAT_BLKBITS_MASK;
     uint64_t count = (size + (1ull << bits) - 1) >> bits;
     if (!r && count > UINT32_MAX)
-        r = fail(b, ERN_ELIMIT, "%s: too many chunks", p);
+        r = xfail(x, ERN_ELIMIT, "%s: too many chunks", p);
     struct cfile cf = {.minext = (size + b->blksz - 1) >> blkbits, .last_blk = NULL_BLK};
     if (!r && !(cf.ent = malloc(count * sizeof(*cf.ent))))
-        r = fail(b, ERN_ENOMEM, "out of memory");
+        r = xfail(x, ERN_ENOMEM, "out of memory");
     int blob = b->bfd >= 0;
-    uint64_t *cur = blob ? &b->bcur : &b->scur;
+    uint64_t *cur = blob ? &b->bcur : scur;
     /* --dsunit: each file's chunks from a multiple of it, when it is at most a chunk */
     if (!r && b->ot && b->ot->dsunit > 1 && b->ot->dsunit <= (1ull << (bits - blkbits)))
         *cur = align_up(*cur, b->ot->dsunit);
-    int sm = smeta_on(b);
-    if (!r && sm)
-        smeta_pending(b, node);
     if (!r)
-        r = cut_file(b, n, fd, p, offset, &cf, &bits);
+        r = cut_file(b, x, size, fd, p, offset, &cf, &bits, cur);
     close(fd);
-    free(p);
-    if (sm)
-        b->szero = b->scur;     /* (never zeroed over by a later job) */
+    struct chunkset *nc = r ? NULL : grow(b->chunks, &b->cap_chunks, b->nchunks + 1,
+                                          sizeof(*nc));
+    if (!r && !nc)
+        r = xfail(x, ERN_ENOMEM, "out of memory");
     if (r) {
         free(cf.ent);
         return r;
     }
-    int indexes = b->o.chunk_indexes || blob;
-    uint32_t fmt = (bits - blkbits) | (indexes ? EROFS_CHUNK_FORMAT_INDEXES : 0);
-    count = (size + (1ull << bits) - 1) >> bits;
-    struct chunkset *nc = grow(b->chunks, &b->cap_chunks, b->nchunks + 1, sizeof(*nc));
-    if (!nc) {
-        free(cf.ent);
-        return fail(b, ERN_ENOMEM, "out of memory");
-    }
     b->chunks = nc;
+    int indexes = b->o.chunk_indexes || blob;
+    count = (size + (1ull << bits) - 1) >> bits;
     /* the entries as the writer takes them: a block map's address, or an index's
      * device_id << 16 | blkaddr << 32 */
     for (uint64_t i = 0; i < count; i++) {
@@ -363,17 +354,58 @@ int chunked_file(erofs_builder *b, uint32_t node, const char *path, size_t pathl
         cf.ent[i] = !indexes ? blk
                              : (blk << 32) | (cf.ent[i] != NULL_BLK && blob ? 1u << 16 : 0);
     }
-    nc[b->nchunks] = (struct chunkset){.format = fmt, .count = (uint32_t)count,
-                                       .entries = cf.ent};
-    n = &b->nodes[node];
-    n->aux = b->nchunks++;
+    nc[b->nchunks] = (struct chunkset){
+        .format = (bits - blkbits) | (indexes ? EROFS_CHUNK_FORMAT_INDEXES : 0),
+        .count = (uint32_t)count, .entries = cf.ent};
+    *pci = ++b->nchunks;
+    return 0;
+}
+
+int chunked_file(erofs_builder *b, uint32_t node, const char *path, size_t pathlen,
+                 uint64_t offset)
+{
+    char *p = strndup(path, pathlen);
+    if (!p)
+        return fail(b, ERN_ENOMEM, "out of memory");
+    struct xfer x;
+    memset(&x, 0, sizeof(x));
+    x.out = b->sfd;
+    x.ot = b->ot;
+    x.blksz = b->blksz;
+    x.bytes = &b->sbytes;
+    int r = b->cdd ? 0 : dd_init(b, &x);
+    x.buf = b->cdd ? b->cdd->buf : NULL;    /* (x_copy's, when a chunk is over RBUF) */
+    int sm = smeta_on(b);
+    if (sm)
+        smeta_pending(b, node);
+    uint32_t ci = 0;
+    if (!r)
+        r = chunk_data(b, &x, p, offset, b->nodes[node].size, &b->scur, &ci);
+    free(p);
+    if (sm)
+        b->szero = b->scur;     /* (never zeroed over by a later job) */
+    if (r)
+        return fail(b, r, "%s", x.err);
+    struct node *n = &b->nodes[node];
+    n->aux = ci - 1;
     n->dkind = D_CHUNKS;
     n->streamed = 1;
     if (sm) {
-        uint32_t len = record_len(b, n, indexes ? 8 : 4, count);
+        const struct chunkset *cs = &b->chunks[n->aux];
+        uint32_t unit = cs->format & EROFS_CHUNK_FORMAT_INDEXES ? 8 : 4;
+        uint32_t len = record_len(b, n, unit, cs->count);
         if (len && (r = smeta_defer(b, node, NULL, len, 0)) == 1)
             smeta_reserve(b, node, len);
         return r < 0 ? r : 0;
     }
     return 0;
+}
+
+/* the compression pool's commit of a file stored uncompressed (zstream.c): chunks
+ * instead, from block base on (mkfs.erofs 1.9 chunks what it does not compress) */
+int zchunk_commit(erofs_builder *b, struct xfer *x, const char *path, uint64_t offset,
+                  uint64_t size, uint64_t base, uint32_t *pci)
+{
+    b->scur = base;
+    return chunk_data(b, x, path, offset, size, &b->scur, pci);
 }

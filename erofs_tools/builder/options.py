@@ -474,8 +474,8 @@ def check_chunks(chunksize: str | None, blobdev: str | None, ext: Mapping[str, s
                  compressed: bool, tar_mode: str | None, blkszbits: int, image: str,
                  source: str | None) -> int:
     """--chunksize and --blobdev, refused where mkfs.erofs 1.9.4 refuses them (--blobdev
-    without --chunksize or with -E force-inode-blockmap) or where this mkfs does not
-    write them yet (-z, --tar=i) -> the chunk size in bytes (0: none)."""
+    without --chunksize or with -E force-inode-blockmap) or where mkfs.erofs 1.9.4
+    writes a broken image (--tar=i) -> the chunk size in bytes (0: none)."""
     if blobdev is not None and chunksize is None:
         raise InputError("--blobdev needs --chunksize")
     if chunksize is None:
@@ -483,9 +483,6 @@ def check_chunks(chunksize: str | None, blobdev: str | None, ext: Mapping[str, s
         # ("chunk-based data deduplication"; it leaves out the chunked-file feature bit)
         return 1 << blkszbits if "dedupe" in ext and not compressed and tar_mode != "i" else 0
     size = parse_chunksize(chunksize, 1 << blkszbits)
-    if compressed:
-        raise InputError("--chunksize: not with -z yet (mkfs.erofs chunks the files it "
-                         "stores uncompressed)")
     if tar_mode == "i":
         # (mkfs.erofs 1.9.4 takes it, chunks nothing, and writes the tar's device
         # slot with 0 blocks)
