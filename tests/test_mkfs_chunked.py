@@ -152,7 +152,9 @@ def test_same_chunks_as_mkfs_erofs(tree, tmp_path, root_kernel, cs, blob, ext):
 
 
 @pytest.mark.parametrize("z,cs,blob", [("lz4", 4096, False), ("lz4", 65536, True),
-                                       ("lz4hc", 4096, True), ("lz4hc", 65536, False)])
+                                       ("lz4hc", 4096, True), ("lz4hc", 65536, False),
+                                       ("lzma", 65536, True)])   # (the slot after its
+                                                                 # configuration record)
 def test_compressed(tree, tmp_path, root_kernel, z, cs, blob):
     """-z with --chunksize: what is not compressed (the noise, the files of a block) is
     chunks, as mkfs.erofs 1.9.4 does it (there the blob of chunks follows the compressed
