@@ -272,6 +272,7 @@ struct zjob {
     int midseg;               /* a segment but the last: no result of its own */
     /* result */
     int plain, zfull;
+    uint32_t chunks1;         /* --chunksize: stored plain as chunks, b->chunks[chunks1 - 1] */
     uint32_t startblk, nblocks, meta_len;
     uint8_t *meta, *tailbuf;
     uint8_t *idata;           /* ztailpacking: inline tail after the index */
