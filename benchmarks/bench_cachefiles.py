@@ -31,15 +31,9 @@ import sys
 import time
 from pathlib import Path
 
-from benchlib import REPO, anchor_line, anchors  # noqa: E402
+from benchlib import REPO, anchor_line, anchors, drop_caches  # noqa: E402
 
 sys.path.insert(0, str(REPO))
-
-
-def drop_caches():
-    os.sync()
-    with open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write("3\n")
 
 
 def make_tree(root: Path, mib: int, seed: int = 42):

@@ -48,9 +48,7 @@ import os
 import resource
 import shutil
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 from bench_daemon import drop_caches, packed_tree, read_all, timed
 from benchlib import (  # noqa: E402
@@ -60,6 +58,7 @@ from benchlib import (  # noqa: E402
     goal,
     holder_pid,
     is_root,
+    work_dir,
 )
 
 sys.path.insert(0, str(REPO))
@@ -274,8 +273,7 @@ def main(argv=None) -> int:
         return 2
     from test_daemon_support import DaemonProc, pack, release_holder
 
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-coldpath-", dir="/var/tmp"))
-    work.mkdir(parents=True, exist_ok=True)
+    work = work_dir(args.workdir, "bench-coldpath-")
     anchor = announce_anchors()
     files, boot, blobs, b, blob_id, blob_path = packed_tree(work, args.mib, pack)
     res: dict = {"mib": args.mib, "kernel": os.uname().release, "cpus": os.cpu_count(),

@@ -31,11 +31,10 @@ import random
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from benchlib import REPO, anchor_line, anchors
+from benchlib import REPO, anchor_line, anchors, work_dir
 
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
@@ -87,8 +86,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="write the results here too")
     a = ap.parse_args(argv)
     from registry_fixtures import start_registry
-    work = Path(a.workdir or tempfile.mkdtemp(prefix="coldstart-", dir="/var/tmp"))
-    work.mkdir(parents=True, exist_ok=True)
+    work = work_dir(a.workdir, "coldstart-")
     server = None
     try:
         server = start_registry(str(work / "reg"), "none")

@@ -43,23 +43,16 @@ import random
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import NamedTuple
 
-from benchlib import REPO, announce_anchors, close_report, goal, is_root  # noqa: E402
+from benchlib import REPO, announce_anchors, close_report, drop_caches, goal, is_root, work_dir  # noqa: E402
 
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
 READ_BUF = 1 << 20
-
-
-def drop_caches():
-    os.sync()
-    with open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write("3\n")
 
 
 def make_tree(root: Path, mib: int, seed: int = 7) -> int:
@@ -176,8 +169,7 @@ def main(argv=None) -> int:
     import helpers
     from test_daemon_support import DaemonProc, pack, release_holder
 
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-daemon-", dir="/var/tmp"))
-    work.mkdir(parents=True, exist_ok=True)
+    work = work_dir(args.workdir, "bench-daemon-")
     anchor = announce_anchors()
     res = {"mib": args.mib, "kernel": os.uname().release, "cpus": os.cpu_count(),
            "anchors": anchor}

@@ -53,6 +53,7 @@ from benchlib import (
     goal,
     is_root,
     usr_tree,
+    work_dir,
 )
 
 sys.path.insert(0, str(REPO))
@@ -291,8 +292,7 @@ def main(argv=None) -> int:
     mkfs, mount_bin = str(fan / "bin" / "mkfs.erofs"), str(fan / "sbin" / "mount.erofs")
     info = announce_anchors(mkfs)
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    work = Path(a.workdir or tempfile.mkdtemp(prefix="fanotify-anchor-", dir="/var/tmp"))
-    work.mkdir(parents=True, exist_ok=True)
+    work = work_dir(a.workdir, "fanotify-anchor-")
     server = None
     sides: list = []
     try:

@@ -26,6 +26,11 @@ mkfs.erofs (goal <= 1.0: our image is read at least as fast), and per image the 
 during which another process dropped the page cache (`read_rounds_disturbed`, from
 /proc/vmstat's drop_pagecache: such a round re-reads what it had cached, and two copies of
 one image differed by +/-10 % on a machine where that happened; judge only a run with none).
+Beside the times, per image, the read requests the kernel sent to its loop device and
+the sectors they read (median per round, from the loop device's /sys/block stat: that
+image's reads alone, whatever else the machine does): counts that move by a few tenths
+of a percent from round to round where the times move by tens of percent, so a layout
+that makes the kernel read more shows here first.
 """
 import argparse
 import json
@@ -78,6 +83,26 @@ def page_cache_drops():
     return 0
 
 
+def device_reads(mountpoint):
+    """(read requests completed, sectors read) so far by the block device mounted at
+    mountpoint (the loop device mount(8) attached to the image file), or None when the
+    mount has none (a file-backed EROFS mount)."""
+    dev = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[4] == mountpoint:
+                dev = fields[2]                     # major:minor; the last mount wins
+    if dev is None:
+        raise SystemExit(f"{mountpoint}: not a mount point")
+    try:
+        with open(f"/sys/dev/block/{dev}/stat") as f:
+            st = f.read().split()
+    except FileNotFoundError:
+        return None
+    return int(st[0]), int(st[2])
+
+
 def read_all(root):
     """Read every regular file under root whole; -> bytes read."""
     total = 0
@@ -99,9 +124,10 @@ def read_all(root):
 def kernel_reads(images, rounds, out):
     """Mount each image and time whole-tree reads, page cache dropped before each, rounds
     alternating; -> {tool: [seconds]}, {tool: bytes}, {tool: rounds during which another
-    process dropped the page cache}."""
+    process dropped the page cache}, {tool: [(read requests, sectors) of its device]}."""
     mps = {name: os.path.join(out, f"mnt-{i}") for i, name in enumerate(images)}
     times = {name: [] for name in images}
+    ios = {name: [] for name in images}
     disturbed = dict.fromkeys(images, 0)
     sizes = {}
     mounted = []
@@ -115,10 +141,14 @@ def kernel_reads(images, rounds, out):
             for name in order:
                 drop_caches()
                 drops = page_cache_drops()
+                before = device_reads(mps[name])
                 t0 = time.perf_counter()
                 sizes[name] = read_all(mps[name])
                 times[name].append(time.perf_counter() - t0)
+                after = device_reads(mps[name])
                 disturbed[name] += page_cache_drops() != drops
+                if before and after:
+                    ios[name].append((after[0] - before[0], after[1] - before[1]))
     finally:
         for mp in mounted:
             subprocess.run(["umount", mp], check=False)
@@ -127,7 +157,7 @@ def kernel_reads(images, rounds, out):
     if any(disturbed.values()):
         print(f"warning: another process dropped the page cache during {disturbed} read "
               "rounds: the read ratio is not to be judged", file=sys.stderr)
-    return times, sizes, disturbed
+    return times, sizes, disturbed, ios
 
 
 def main(argv=None):
@@ -179,8 +209,9 @@ def main(argv=None):
                 results[name]["seconds"].append(dt)
                 results[name]["maxrss_kib"].append(rss)
         sizes = {"mkfs.erofs": os.path.getsize(ref_img), "erofs-tools": os.path.getsize(our_img)}
-        read_times, read_bytes, disturbed = (kernel_reads(images, args.read_rounds, out)
-                                             if args.read_rounds else ({}, {}, {}))
+        read_times, read_bytes, disturbed, read_ios = (
+            kernel_reads(images, args.read_rounds, out) if args.read_rounds
+            else ({}, {}, {}, {}))
     finally:
         if not args.out:
             shutil.rmtree(out, ignore_errors=True)
@@ -210,6 +241,9 @@ def main(argv=None):
         for name, ts in read_times.items():
             summary[name]["read_median_s"] = round(statistics.median(ts), 3)
             summary[name]["read_runs_s"] = [round(x, 3) for x in ts]
+            if read_ios[name]:
+                summary[name]["read_requests"] = statistics.median(r for r, _ in read_ios[name])
+                summary[name]["read_sectors"] = statistics.median(s for _, s in read_ios[name])
         summary["read_bytes"] = read_bytes["erofs-tools"]
         summary["read_rounds_disturbed"] = disturbed
         summary["read_ratio"] = round(ours["read_median_s"] / ref["read_median_s"], 3)
@@ -232,6 +266,11 @@ def main(argv=None):
             print(f"kernel read of the mounted image, cold, {summary['read_bytes']} B: "
                   f"mkfs.erofs {ref['read_median_s']:.2f} s, erofs-tools "
                   f"{ours['read_median_s']:.2f} s")
+            if "read_requests" in ours and "read_requests" in ref:
+                print(f"read requests to the loop device (median per read): mkfs.erofs "
+                      f"{ref['read_requests']:.0f} ({ref['read_sectors'] / 2048:.1f} MiB), "
+                      f"erofs-tools {ours['read_requests']:.0f} "
+                      f"({ours['read_sectors'] / 2048:.1f} MiB)")
         print(f"time ratio (median) {summary['time_ratio_median']:.2f}  (min) "
               f"{summary['time_ratio_min']:.2f}  memory ratio {summary['memory_ratio']:.2f}  "
               f"size ratio {summary['size_ratio']}")

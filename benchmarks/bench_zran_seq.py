@@ -26,7 +26,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 from bench_coldpath import proc_cpu, proc_hwm_mib
@@ -38,6 +37,7 @@ from benchlib import (  # noqa: E402
     close_report,
     goal,
     is_root,
+    work_dir,
 )
 
 sys.path.insert(0, str(REPO))
@@ -114,8 +114,7 @@ def main(argv=None) -> int:
     from erofs_tools.registry import push_from_layout
 
     keep = args.workdir is not None
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-zranseq-", dir="/var/tmp"))
-    work.mkdir(parents=True, exist_ok=True)
+    work = work_dir(args.workdir, "bench-zranseq-")
     anchor = announce_anchors()
     t, (tar, regular) = timed(make_tar, work, args.mib)
     print(f"tar: {len(regular)} files, {tar.stat().st_size / 1e6:.1f} MB in {t:.1f} s",

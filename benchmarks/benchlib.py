@@ -78,6 +78,21 @@ def goal_line(g: dict) -> str:
     return f"goal {g['goal']}: {'met' if g['met'] else 'NOT met'} ({shown})"
 
 
+def drop_caches() -> None:
+    """Write back, then drop the page cache, dentries and inodes (root only)."""
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
+def work_dir(given: str | None, prefix: str) -> Path:
+    """The benchmark's working directory: `given` (--workdir, kept), else a new one
+    named PREFIX... on /var/tmp; made if missing."""
+    work = Path(given or tempfile.mkdtemp(prefix=prefix, dir="/var/tmp"))
+    work.mkdir(parents=True, exist_ok=True)
+    return work
+
+
 def is_root(prog: str) -> bool:
     """Whether we run as root (mounts, drop_caches); if not, says so on stderr and the
     benchmark returns 2."""

@@ -56,7 +56,16 @@ import time
 from pathlib import Path
 
 import mlimage
-from benchlib import REPO, anchor_line, anchors, child_env, goal, goal_line, holder_pid
+from benchlib import (
+    REPO,
+    anchor_line,
+    anchors,
+    child_env,
+    drop_caches,
+    goal,
+    goal_line,
+    holder_pid,
+)
 from coldstart_net import Link, Registry, cpu_s, stop, throughput_mbs
 from coldstart_report import LAZY_WAYS, print_rounds, print_steps, print_summary, summarize
 
@@ -71,12 +80,6 @@ REPOS = {"full": "ml/src:1", "lazy": "ml/nydus:1", "optimized": "ml/nydus:opt",
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def drop_caches() -> None:
-    os.sync()
-    with open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write("3\n")
 
 
 def wait_socket(path: str, proc: subprocess.Popen, what: str, log_path: str,

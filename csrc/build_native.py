@@ -14,7 +14,7 @@ SOURCES = ["nodes.c", "datastream.c", "dirs.c", "layout.c", "metapack.c", "smeta
            "fs_table.c", "xattrs.c", "zconf.c", "compress.c", "compress_lz4.c", "compress_zstd.c", "compress_lzma.c",
            "compress_deflate.c", "zstream.c", "zindex.c", "zlayout.c", "fragments.c",
            "dedupe.c", "decompress.c", "coldpath.c", "chunkread.c", "chunkzstd.c",
-           "chunkmap.c", "walk.c", "fileruns.c", "fanhold.c", "sha256.c", "imageguard.c",
+           "chunkmap.c", "walk.c", "fileruns.c", "fanhold.c", "sha256.c", "chunked.c", "imageguard.c",
            "blake3.c"]
 # the compressors: Debian's liblz4-dev, libzstd-dev, liblzma-dev, libdeflate-dev
 LIBRARIES = ["lz4", "zstd", "lzma", "deflate", "pthread"]

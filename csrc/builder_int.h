@@ -229,6 +229,9 @@ struct erofs_builder {
     uint32_t xpfx_len, xpfx_count;
     int32_t xpfx_ishare;    /* -1: no fingerprint prefix */
     uint8_t xpfx_packed;    /* -Efragments: the table heads the packed inode's data */
+    struct chunkdd *cdd;    /* chunkbits: the chunks stored so far, by digest (chunked.c) */
+    int bfd;                /* chunkbits with a blob: its fd (-1: chunks in the image) */
+    uint64_t bcur;          /* the blob's next free block */
 };
 
 /* where the long xattr prefix table starts (4-byte aligned, after the compression
@@ -272,13 +275,24 @@ INTERNAL void stream_job_free(struct job *j);
 INTERNAL int stream_file(erofs_builder *b, uint32_t node, const char *path, size_t pathlen,
                          uint64_t offset);
 
+/* chunked.c: a regular file cut into chunks (opts.chunkbits), each new one written at
+ * the stream's (or blob's) next block now, on the caller's thread; the chunk table */
+INTERNAL int chunked_file(erofs_builder *b, uint32_t node, const char *path, size_t pathlen,
+                          uint64_t offset);
+INTERNAL void chunked_free(erofs_builder *b);
+/* the compression pool's commit of a file it stores uncompressed: chunks (from base on,
+ * or in the blob) instead -> the chunk set's index + 1 in *pci; errors in x */
+INTERNAL int zchunk_commit(erofs_builder *b, struct xfer *x, const char *path,
+                           uint64_t offset, uint64_t size, uint64_t base, uint32_t *pci);
+
 /* zstream.c (compression pool; compress_int.h has the rest) */
 INTERNAL int zpool_start(erofs_builder *b);
 INTERNAL int zpool_submit(erofs_builder *b, uint32_t node, const char *path, size_t pathlen,
                           uint64_t offset);
 INTERNAL int zpool_stop(erofs_builder *b, int abort);
 INTERNAL uint32_t zmeta_extra(const erofs_builder *b, const struct node *n);
-/* zlayout.c: a compressed node's compact index; the first inode offset from off on
+/* zlayout.c: a compressed node's compact index (-E48bit: its extent records if smaller
+ * than the full index; -E legacy-compress: else the full one); the first inode offset from off on
  * (32-byte steps) at which its inline tail stays inside one block */
 INTERNAL int compact_zindex(erofs_builder *b, struct node *n);
 INTERNAL uint64_t ztail_fit(const erofs_builder *b, const struct node *n, uint64_t off,

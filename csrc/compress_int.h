@@ -234,6 +234,10 @@ INTERNAL void zfile_drop_output(struct zfile *zf);
 INTERNAL uint8_t *zfile_index(const struct zfile *zf, const struct zconf *zc, uint32_t blkszbits,
                               uint32_t *len);
 
+/* the 48-bit layout's extent records (map header, records) from a full index, if smaller;
+ * NULL: keep the index (*len 0) or out of memory (*len 1) */
+INTERNAL uint8_t *zindex_extents(const uint8_t *full, uint32_t full_len, uint64_t size,
+                                 uint32_t hend, uint32_t blkszbits, uint32_t *len);
 
 /* zstream.c: the compression thread pool, its jobs (a file, or a segment of one) */
 /* submitted jobs not yet committed: a file stored plain holds no output, so only this
@@ -268,6 +272,7 @@ struct zjob {
     int midseg;               /* a segment but the last: no result of its own */
     /* result */
     int plain, zfull;
+    uint32_t chunks1;         /* --chunksize: stored plain as chunks, b->chunks[chunks1 - 1] */
     uint32_t startblk, nblocks, meta_len;
     uint8_t *meta, *tailbuf;
     uint8_t *idata;           /* ztailpacking: inline tail after the index */

@@ -188,17 +188,28 @@ enum { Z_EROFS_LCLUSTER_TYPE_PLAIN = 0, Z_EROFS_LCLUSTER_TYPE_HEAD1 = 1,
 #define Z_EROFS_ADVISE_BIG_PCLUSTER_2 0x4u
 #define Z_EROFS_ADVISE_INLINE_PCLUSTER 0x8u   /* last extent inline after the index */
 #define Z_EROFS_ADVISE_FRAGMENT_PCLUSTER 0x20u /* last extent in the packed inode */
-/* h_clusterbits bit 7: the whole file is a fragment; the 8-byte map header is then
- * le64 (fragment offset | 1 << 63) and no index follows */
-#define Z_EROFS_FRAGMENT_INODE_BIT 7u
-/* COMPRESSED_FULL with ADVISE_EXTENTS (48-bit layout): extent records, 4 << ((advise >> 1)
- * & 3) bytes each, instead of lcluster indexes (format/erofs.py tells their forms) */
+/* the 48-bit layout (mkfs.erofs 1.9, Linux 6.15+): a COMPRESSED_FULL inode may list its
+ * extents as records instead of lcluster indexes (bit 0, COMPACTED_2B's for compact
+ * inodes); bits 1-2 give the record size, 4 << n bytes (4, 8, 16 or 32: the leading
+ * bytes of struct z_erofs_extent). 16 and 32: the map header's first 4 bytes and its last
+ * 2 hold the record count (le32 lo, le16 hi), each record its own lstart, looked up by
+ * binary search; 4 and 8: every extent but the last 2^lclusterbits bytes of input
+ * (h_clusterbits), one record per lcluster; 4: the pclusters back to back from a le64
+ * start after the header, a record only plen. The records start at the first multiple
+ * of the record size after the header. */
 #define Z_EROFS_ADVISE_EXTENTS 0x1u
 #define Z_EROFS_ADVISE_EXTRECSZ_BIT 1u
 #define Z_EROFS_ADVISE_EXTRECSZ_MASK 0x3u
+/* plen: bits 0-26 the pcluster's bytes (any byte length and offset: not block aligned
+ * with unaligned compression), bit 27 a partial reference, bits 28-31 the format (0:
+ * stored plain, else the algorithm + 1); the last record of an inode with a fragment
+ * holds the fragment's offset instead (plen: its low 32 bits, pstart_lo: the high) */
 #define Z_EROFS_EXTENT_PLEN_PARTIAL (1u << 27)
 #define Z_EROFS_EXTENT_PLEN_FMT_BIT 28u
 #define Z_EROFS_EXTENT_PLEN_MASK ((Z_EROFS_PCLUSTER_MAX_SIZE << 1) - 1)
+/* h_clusterbits bit 7: the whole file is a fragment; the 8-byte map header is then
+ * le64 (fragment offset | 1 << 63) and no index follows */
+#define Z_EROFS_FRAGMENT_INODE_BIT 7u
 #define Z_EROFS_PCLUSTER_MAX_SIZE (1024u * 1024u)
 /* the largest windows the kernel takes: its lzma and zstd configuration records are
  * refused above these; DEFLATE's window is at most 32 KiB by the format */
@@ -214,13 +225,12 @@ struct z_erofs_map_header {
     uint8_t h_clusterbits;          /* bits 0-2: lcluster bits - blkszbits */
 } __attribute__((packed));
 
-/* an extent record (its first 4 << n bytes are stored; see Z_EROFS_ADVISE_EXTENTS) */
 struct z_erofs_extent {
-    uint32_t plen;                  /* stored bytes, partial-ref bit, algorithm + 1 */
-    uint32_t pstart_lo;             /* byte address */
+    uint32_t plen;                  /* bytes | PARTIAL | format << 28 (see above) */
+    uint32_t pstart_lo;             /* the pcluster's byte offset in the image */
     uint32_t pstart_hi;
-    uint32_t lstart_lo;             /* logical start */
-    uint32_t lstart_hi;
+    uint32_t lstart_lo;             /* the extent's file offset */
+    uint32_t lstart_hi;             /* (32-byte records: files over 4 GiB) */
     uint8_t reserved[12];
 } __attribute__((packed));
 
@@ -302,10 +312,12 @@ EROFS_ASSERT_AT(z_erofs_map_header, h_idata_size, 0x02);
 EROFS_ASSERT_AT(z_erofs_map_header, h_advise, 0x04);
 EROFS_ASSERT_AT(z_erofs_map_header, h_algorithmtype, 0x06);
 EROFS_ASSERT_AT(z_erofs_map_header, h_clusterbits, 0x07);
-_Static_assert(sizeof(struct z_erofs_extent) == 32, "extent record size");
-EROFS_ASSERT_AT(z_erofs_extent, pstart_hi, 0x08);
-EROFS_ASSERT_AT(z_erofs_extent, lstart_hi, 0x10);
 _Static_assert(sizeof(struct z_erofs_lcluster_index) == 8, "lcluster index size");
+_Static_assert(sizeof(struct z_erofs_extent) == 32, "extent record size");
+EROFS_ASSERT_AT(z_erofs_extent, pstart_lo, 0x04);
+EROFS_ASSERT_AT(z_erofs_extent, pstart_hi, 0x08);
+EROFS_ASSERT_AT(z_erofs_extent, lstart_lo, 0x0C);
+EROFS_ASSERT_AT(z_erofs_extent, lstart_hi, 0x10);
 EROFS_ASSERT_AT(z_erofs_lcluster_index, di_clusterofs, 0x02);
 EROFS_ASSERT_AT(z_erofs_lcluster_index, di_u, 0x04);
 _Static_assert(sizeof(struct z_erofs_lz4_cfgs) == 14, "lz4 cfgs size");

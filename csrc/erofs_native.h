@@ -116,6 +116,14 @@ struct erofs_opts {
                                   sb_48bit) */
     uint32_t max_extent;       /* at most this many input bytes per compressed extent
                                   (--max-extent-bytes, >= the block size); 0: no cap */
+    uint32_t chunkbits;        /* stream mode, uncompressed: every non-empty regular file
+                                  chunk-based with chunks of 2^chunkbits bytes (>= the
+                                  block size; mkfs.erofs --chunksize), identical chunks
+                                  stored once, all-zero ones holes (chunked.c); 0: off */
+    int32_t chunk_indexes;     /* with chunkbits: 8-byte chunk indexes (else a 4-byte
+                                  block map; -E force-chunk-indexes; always with a blob) */
+    int32_t chunk_nodedupe;    /* with chunkbits: no chunk shared, none made a hole
+                                  (mkfs.erofs -E ^dedupe) */
 };
 
 struct erofs_layout_info {
@@ -205,6 +213,11 @@ int erofs_builder_set_output(erofs_builder *b, int fd);
 int erofs_builder_set_target(erofs_builder *b, uint64_t base, uint64_t limit, int device,
                              uint32_t dsunit);
 int erofs_builder_target_filled(erofs_builder *b, uint64_t *bytes);
+/* with chunkbits, before the first file: the chunks' data goes to fd (mkfs.erofs
+ * --blobdev, device 1: chunk indexes with device_id 1, blocks counted from the blob's
+ * start) instead of the image; *blocks (erofs_builder_blob_blocks): its size so far */
+int erofs_builder_set_blob(erofs_builder *b, int fd);
+int erofs_builder_blob_blocks(erofs_builder *b, uint64_t *blocks);
 int erofs_builder_stream_progress(erofs_builder *b, uint64_t *bytes_done);
 
 /* -- directory walk (walk.c): a source tree into nodes, as mkfs's TreeWalker ---------- */

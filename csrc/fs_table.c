@@ -55,13 +55,13 @@ static const struct erofs_fs_field fields[] = {
     FIELD(z_erofs_map_header, h_clusterbits),
     FIELD(z_erofs_lcluster_index, di_advise), FIELD(z_erofs_lcluster_index, di_clusterofs),
     FIELD(z_erofs_lcluster_index, di_u),
+    FIELD(z_erofs_extent, plen), FIELD(z_erofs_extent, pstart_lo),
+    FIELD(z_erofs_extent, pstart_hi), FIELD(z_erofs_extent, lstart_lo),
+    FIELD(z_erofs_extent, lstart_hi),
     FIELD(z_erofs_lz4_cfgs, max_distance), FIELD(z_erofs_lz4_cfgs, max_pclusterblks),
     FIELD(z_erofs_lzma_cfgs, dict_size), FIELD(z_erofs_lzma_cfgs, format),
     FIELD(z_erofs_deflate_cfgs, windowbits),
     FIELD(z_erofs_zstd_cfgs, format), FIELD(z_erofs_zstd_cfgs, windowlog),
-    FIELD(z_erofs_extent, plen), FIELD(z_erofs_extent, pstart_lo),
-    FIELD(z_erofs_extent, pstart_hi), FIELD(z_erofs_extent, lstart_lo),
-    FIELD(z_erofs_extent, lstart_hi),
 };
 
 #define CONST(name) {#name, (uint64_t)(name)}
@@ -86,7 +86,10 @@ static const struct erofs_fs_const consts[] = {
     CONST(Z_EROFS_LCLUSTER_TYPE_PLAIN), CONST(Z_EROFS_LCLUSTER_TYPE_HEAD1),
     CONST(Z_EROFS_LCLUSTER_TYPE_NONHEAD), CONST(Z_EROFS_LI_D0_CBLKCNT),
     CONST(Z_EROFS_ADVISE_COMPACTED_2B), CONST(Z_EROFS_ADVISE_BIG_PCLUSTER_1),
-    CONST(Z_EROFS_ADVISE_BIG_PCLUSTER_2),
+    CONST(Z_EROFS_ADVISE_BIG_PCLUSTER_2), CONST(Z_EROFS_ADVISE_EXTENTS),
+    CONST(Z_EROFS_ADVISE_EXTRECSZ_BIT), CONST(Z_EROFS_ADVISE_EXTRECSZ_MASK),
+    CONST(Z_EROFS_EXTENT_PLEN_PARTIAL), CONST(Z_EROFS_EXTENT_PLEN_FMT_BIT),
+    CONST(Z_EROFS_EXTENT_PLEN_MASK), CONST(EROFS_FEATURE_INCOMPAT_48BIT),
     CONST(EROFS_FEATURE_COMPAT_PLAIN_XATTR_PFX), CONST(EROFS_FEATURE_COMPAT_ISHARE_XATTRS),
     CONST(EROFS_FEATURE_INCOMPAT_XATTR_PREFIXES), CONST(EROFS_XATTR_LONG_PREFIX),
     CONST(EROFS_XATTR_LONG_PREFIX_MASK), CONST(EROFS_FEATURE_COMPAT_XATTR_FILTER),
@@ -95,10 +98,7 @@ static const struct erofs_fs_const consts[] = {
     CONST(Z_EROFS_ZSTD_MAX_DICT_SIZE), CONST(Z_EROFS_DEFLATE_MAX_DICT_SIZE),
     CONST(EROFS_FEATURE_INCOMPAT_METABOX), CONST(EROFS_FEATURE_COMPAT_SHARED_EA_IN_METABOX),
     CONST(EROFS_SB_EXTSLOT_SIZE), CONST(EROFS_SB_METABOX_NID_OFFSET),
-    CONST(EROFS_DIRENT_NID_METABOX_BIT), CONST(Z_EROFS_ADVISE_EXTENTS),
-    CONST(Z_EROFS_ADVISE_EXTRECSZ_BIT), CONST(Z_EROFS_ADVISE_EXTRECSZ_MASK),
-    CONST(Z_EROFS_EXTENT_PLEN_PARTIAL), CONST(Z_EROFS_EXTENT_PLEN_FMT_BIT),
-    CONST(Z_EROFS_EXTENT_PLEN_MASK),
+    CONST(EROFS_DIRENT_NID_METABOX_BIT),
 };
 
 const struct erofs_fs_field *erofs_fs_fields(uint32_t *count)

@@ -365,7 +365,7 @@ static int choose_formats(erofs_builder *b, struct layout_state *st)
             st->have_chunks = 1;
         } else if (NXR(b, n)->zmeta) {
             n->layout = L_ZFULL;
-            if (!b->o.compress_full_index && compact_zindex(b, n))
+            if (compact_zindex(b, n))
                 return ERN_ENOMEM;
         } else if (is_flat_data(n)) {
             uint64_t tail = n->size % blksz;
@@ -405,8 +405,10 @@ static int place_stream_data(erofs_builder *b, struct layout_state *st)
     st->meta_start = (uint64_t)b->o.meta_blkaddr * blksz;
     if (!b->o.stream_data)
         return 0;
-    if (b->ndevs || b->nputs)
-        return fail(b, ERN_EINVAL, "stream mode does not take devices or reserved bytes");
+    /* (a device table, --blobdev's: between the superblock and the first data block) */
+    if (b->nputs || (b->ndevs && sb_area_end(b) > align_up(SB_END, blksz)))
+        return fail(b, ERN_EINVAL, "stream mode does not take reserved bytes, nor devices "
+                    "past the first data block");
     if (!b->worker_on && b->scur == 0)
         b->scur = (sb_area_end(b) + blksz - 1) / blksz;
     st->data_start = (uint64_t)((sb_area_end(b) + blksz - 1) / blksz) * blksz;

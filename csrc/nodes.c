@@ -83,6 +83,7 @@ erofs_builder *erofs_builder_new(const struct erofs_opts *o)
     b->xpfx_ishare = -1;
     b->fd = -1;
     b->sfd = -1;
+    b->bfd = -1;
     return b;
 }
 
@@ -91,6 +92,7 @@ void erofs_builder_free(erofs_builder *b)
     if (!b)
         return;
     stream_stop(b, 1);
+    chunked_free(b);
     smeta_free(b);
     ot_free(b);
     free(b->wdirty);
@@ -467,6 +469,9 @@ int erofs_node_set_file(erofs_builder *b, uint32_t node, const char *path, size_
     n->path_len = (uint32_t)pathlen;
     n->data_off = offset;
     n->dkind = D_FILE;
+    if (b->o.chunkbits && !b->o.compress_alg && b->o.stream_data && n->size)
+        return b->worker_on ? chunked_file(b, node, path, pathlen, offset)
+                            : fail(b, ERN_EINVAL, "stream mode: call erofs_builder_set_output first");
     /* compressed images read holes as zeros and compress them (as mkfs.erofs) */
     if ((flags & ERN_FILE_SPARSE) && !b->o.compress_alg && offset == 0 &&
         n->size > b->blksz) {

@@ -7,7 +7,8 @@
  * of 16 in 32 bytes), each pack ending with a le32 block address from which the reader
  * counts the blocks of the pack's pclusters. 4-byte packs come first until the 2-byte
  * packs are 32-byte aligned, then as many 2-byte packs as fit, then 4-byte packs again.
- * Also the extents of a file's segments gathered, compressed by different threads.
+ * Also the extents of a file's segments gathered, compressed by different threads, and
+ * the 48-bit layout's extent records derived from the full index (zindex_extents).
  */
 #include "compress_int.h"
 
@@ -229,4 +230,144 @@ int zfile_plain(const struct zfile *zf, uint32_t bs)
     uint64_t nlc = (zf->size + bs - 1) / bs;
     return !zf->frag && !zf->frag_src &&
            (uint64_t)zf->nblocks * bs + Z_INDEX_START + nlc * 8 + zf->idata_len >= zf->size;
+}
+
+/* the 48-bit layout: a file's extents as records (struct z_erofs_extent) from its full
+ * index, as mkfs.erofs 1.9 lists them: 16 bytes each (32 for files over 4 GiB) with their
+ * own file and pcluster offsets, or, when every extent but the last takes 2^k bytes of
+ * input, one record per lcluster of 2^k bytes: 4 bytes (the pcluster lengths only) when
+ * the pclusters lie back to back from a le64 offset written first, else 8 (length and
+ * 32-bit offset). NULL (*len 0) when the records would not be smaller than the full
+ * index (the caller keeps the lcluster indexes), or the file has an inline tail or is one
+ * fragment; out of memory: NULL, *len 1. hend: the inode's and its xattrs' bytes (the
+ * records start at the first multiple of their size after the map header). */
+uint8_t *zindex_extents(const uint8_t *full, uint32_t full_len, uint64_t size, uint32_t hend,
+                        uint32_t blkszbits, uint32_t *len)
+{
+    const uint32_t n_lc = (full_len - Z_INDEX_START) / (uint32_t)sizeof(struct z_erofs_lcluster_index);
+    struct z_erofs_map_header h;
+    *len = 0;
+    memcpy(&h, full, sizeof(h));
+    if (full[7] >> Z_EROFS_FRAGMENT_INODE_BIT || full_len < Z_INDEX_START + 8 || !size)
+        return NULL;
+    uint16_t adv = le16toh(h.h_advise);
+    if (adv & Z_EROFS_ADVISE_INLINE_PCLUSTER)
+        return NULL;
+    const int big = !!(adv & Z_EROFS_ADVISE_BIG_PCLUSTER_1);
+    const int frag = !!(adv & Z_EROFS_ADVISE_FRAGMENT_PCLUSTER);
+    uint32_t fraglo;
+    memcpy(&fraglo, full, 4);
+    fraglo = le32toh(fraglo);
+    /* the heads: file offset, pcluster offset and length, plen's flag bits */
+    struct xrec { uint64_t la, pa; uint32_t plen; } *r = malloc((size_t)n_lc * sizeof(*r));
+    if (!r) {
+        *len = 1;
+        return NULL;
+    }
+    uint32_t n = 0;
+    for (uint32_t i = 0; i < n_lc; i++) {
+        struct lent e = get_entry(full, i);
+        if (e.type == Z_EROFS_LCLUSTER_TYPE_NONHEAD)
+            continue;
+        uint64_t la = ((uint64_t)i << blkszbits) + e.clusterofs;
+        if (la >= size)
+            break;
+        uint32_t nblk = 1;
+        if (big && i + 1 < n_lc) {
+            struct lent nx = get_entry(full, i + 1);
+            if (nx.type == Z_EROFS_LCLUSTER_TYPE_NONHEAD && nx.d0 & Z_EROFS_LI_D0_CBLKCNT)
+                nblk = nx.d0 & ~Z_EROFS_LI_D0_CBLKCNT;
+        }
+        uint16_t di_adv;
+        memcpy(&di_adv, full + Z_INDEX_START + (size_t)i * 8, 2);
+        uint32_t fmt = e.type == Z_EROFS_LCLUSTER_TYPE_PLAIN ? 0
+                     : (uint32_t)(e.type == Z_EROFS_LCLUSTER_TYPE_HEAD1 ? h.h_algorithmtype & 15u
+                                                                        : h.h_algorithmtype >> 4) + 1;
+        r[n].la = la;
+        r[n].pa = (uint64_t)e.blkaddr << blkszbits;
+        r[n].plen = (nblk << blkszbits) | fmt << Z_EROFS_EXTENT_PLEN_FMT_BIT |
+                    (le16toh(di_adv) & Z_EROFS_LI_PARTIAL_REF ? Z_EROFS_EXTENT_PLEN_PARTIAL : 0);
+        n++;
+    }
+    if (!n || r[0].la) {
+        free(r);
+        return NULL;
+    }
+    if (frag) {      /* the last extent: the fragment's offset, high bits in its head */
+        r[n - 1].plen = fraglo;
+        r[n - 1].pa >>= blkszbits;
+    }
+    /* mkfs.erofs's choice: lcluster records when the extents but the last take 2^k
+     * bytes (k from the first, at least the block bits), 4 bytes when back to back */
+    uint64_t len0 = (n > 1 ? r[1].la : size) - r[0].la;
+    uint32_t lcb = blkszbits;
+    while (lcb < 63 && (1ull << lcb) < len0)
+        lcb++;
+    int contig = 1, hi = 0;
+    uint64_t pend = r[0].pa;
+    for (uint32_t i = 0; i < n; i++) {
+        uint64_t el = (i + 1 < n ? r[i + 1].la : size) - r[i].la;
+        int isfrag = frag && i + 1 == n;
+        hi |= !isfrag && r[i].pa > UINT32_MAX;
+        if (!isfrag) {
+            if (contig && pend == r[i].pa)
+                pend += r[i].plen & Z_EROFS_EXTENT_PLEN_MASK;
+            else
+                contig = 0;
+        }
+        if (el != 1ull << lcb && (i + 1 < n || el > 1ull << lcb))
+            lcb = 0;
+    }
+    uint32_t recsz = size > UINT32_MAX ? 32 : 16;
+    if (lcb && lcb - blkszbits <= 15) {
+        if (contig)
+            recsz = 4;
+        else if (recsz <= 16 && !hi)
+            recsz = 8;
+    }
+    uint32_t hstart = (uint32_t)align_up(hend, 8);
+    uint32_t moff = (uint32_t)align_up(hstart + 8, recsz) - hstart;
+    uint64_t msz = moff + (uint64_t)recsz * n + (recsz <= 4 ? 8 : 0);
+    if (msz > full_len) {
+        free(r);
+        return NULL;
+    }
+    uint8_t *out = calloc(1, msz);
+    if (!out) {
+        free(r);
+        *len = 1;
+        return NULL;
+    }
+    uint16_t nadv = (uint16_t)((adv & (Z_EROFS_ADVISE_FRAGMENT_PCLUSTER)) | Z_EROFS_ADVISE_EXTENTS |
+                               (uint32_t)(recsz == 4 ? 0 : recsz == 8 ? 1 : recsz == 16 ? 2 : 3)
+                                   << Z_EROFS_ADVISE_EXTRECSZ_BIT);
+    uint8_t hb[8] = {0};
+    uint16_t le16 = htole16(nadv);
+    memcpy(hb + 4, &le16, 2);
+    if (recsz > 8) {
+        uint32_t lo = htole32(n);
+        memcpy(hb, &lo, 4);
+    } else {
+        hb[7] = (uint8_t)(lcb - blkszbits);
+    }
+    memcpy(out, hb, 8);
+    uint8_t *o = out + moff;
+    if (recsz == 4) {
+        uint64_t p0 = htole64(r[0].pa);
+        memcpy(o, &p0, 8);
+        o += 8;
+    }
+    for (uint32_t i = 0; i < n; i++, o += recsz) {
+        struct z_erofs_extent x;
+        memset(&x, 0, sizeof(x));
+        x.plen = htole32(r[i].plen);
+        x.pstart_lo = htole32((uint32_t)r[i].pa);
+        x.pstart_hi = htole32((uint32_t)(r[i].pa >> 32));
+        x.lstart_lo = htole32((uint32_t)r[i].la);
+        x.lstart_hi = htole32((uint32_t)(r[i].la >> 32));
+        memcpy(o, &x, recsz);
+    }
+    free(r);
+    *len = (uint32_t)msz;
+    return out;
 }

@@ -1,5 +1,5 @@
-/* erofs-tools C core, compression in the layout: a compressed inode's compact index
- * (built once its inode and xattr sizes are known) and where an inode with an inline
+/* erofs-tools C core, compression in the layout: a compressed inode's compact index or,
+ * in the 48-bit layout, its extent records (built once its inode and xattr sizes are known) and where an inode with an inline
  * tail (ztailpacking) may sit.
  *
  * The kernel reads an inline tail as one piece of the block it starts in, so the tail
@@ -14,7 +14,21 @@
 
 int compact_zindex(erofs_builder *b, struct node *n)
 {
-    if (NX(b, n)->zfull_only)
+    if (b->o.sb_48bit) {
+        /* -E48bit: extent records where smaller than the full index (as mkfs.erofs 1.9) */
+        uint32_t xl;
+        uint8_t *x = zindex_extents(NX(b, n)->zmeta, NX(b, n)->zmeta_len, n->size,
+                                    inode_size(n) + n->xattr_isize, b->o.blkszbits, &xl);
+        if (!x && xl)
+            return fail(b, ERN_ENOMEM, "out of memory");
+        if (x) {
+            free(NX(b, n)->zmeta);
+            NX(b, n)->zmeta = x;
+            NX(b, n)->zmeta_len = xl;
+            return 0;            /* (COMPRESSED_FULL) */
+        }
+    }
+    if (NX(b, n)->zfull_only || b->o.compress_full_index)
         return 0;
     uint32_t mpos = (uint32_t)align_up(inode_size(n) + n->xattr_isize, 8) +
                     (uint32_t)sizeof(struct z_erofs_map_header);

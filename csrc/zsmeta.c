@@ -84,6 +84,19 @@ int zjob_small_plain(const struct zjob *j, uint32_t bs)
     return j->nocomp || (j->size <= bs + 16 + nlc * 8 && !j->zc->ztail && !j->zc->frags);
 }
 
+/* the record of a file stored plain, upper bound: inode and xattrs, then its inline
+ * tail, or with --chunksize its one chunk's index; a file of more chunks: unknown (how
+ * many merge is known once it is cut), its record goes to the inode area */
+static uint64_t plain_len(const erofs_builder *b, const struct zjob *j)
+{
+    if (!b->o.chunkbits)
+        return align_up((uint64_t)j->ilen + j->tail, EROFS_SLOT_SIZE);
+    uint32_t unit = b->o.chunk_indexes || b->bfd >= 0 ? 8 : 4;
+    if (j->size > 1ull << b->o.chunkbits)
+        return UINT64_MAX;
+    return align_up(align_up(j->ilen, unit) + unit, EROFS_SLOT_SIZE);
+}
+
 /* the job's own record is placed among the data (not in the inode area after it) */
 static int own_among(const struct zpool *p, const struct zjob *j)
 {
@@ -127,7 +140,7 @@ static void pack_window(struct zpool *p, struct zjob *j)
         for (uint32_t i = 0; i < w->npre; i++)
             if (w->pre[i].len)
                 a[n++] = (struct witem){ &w->pre[i], w->pre[i].len, (uint32_t)n };
-        uint64_t len = align_up((uint64_t)w->ilen + w->tail, EROFS_SLOT_SIZE);
+        uint64_t len = plain_len(b, w);
         if (zjob_small_plain(w, b->blksz) && own_among(p, w) && len <= b->blksz) {
             w->own.node = w->node;
             w->own.len = (uint32_t)len;
@@ -168,7 +181,7 @@ static uint64_t own_len(struct zpool *p, struct zjob *j)
     const erofs_builder *b = p->b;
     const struct zfile *zf = &j->zf;
     if (zf->plain)
-        return align_up((uint64_t)j->ilen + j->tail, EROFS_SLOT_SIZE);
+        return plain_len(b, j);
     uint64_t nlc = (zf->size + b->blksz - 1) / b->blksz;
     int full = b->o.compress_full_index;
     /* (an inode or xattrs of another size than known now move the index: then the

@@ -260,6 +260,9 @@ static int commit(struct zpool *p, struct zjob *j, struct xfer *x)
         if (j->idata)
             p->zc->incompat |= EROFS_FEATURE_INCOMPAT_ZTAILPACKING;
         b->scur = base + nblocks;
+    } else if (b->o.chunkbits && j->size && !j->packed) {
+        j->plain = 1;               /* (as mkfs.erofs: chunks, what it stores plain) */
+        r = zchunk_commit(b, x, j->path, j->offset, j->size, base, &j->chunks1);
     } else {
         j->plain = 1;
         uint64_t full = j->size - j->tail;
@@ -497,7 +500,8 @@ int zpool_submit(erofs_builder *b, uint32_t node, const char *path, size_t pathl
     uint64_t tail = n->size % bs;
     /* if stored plain: decided before the layout, with the inode size as far as known
      * now (as stream_file) */
-    if (b->o.inline_data && tail && stream_inode_size(b, n) + n->xa_max + tail <= bs)
+    if (b->o.inline_data && tail && !b->o.chunkbits &&     /* (chunks: no tail) */
+        stream_inode_size(b, n) + n->xa_max + tail <= bs)
         j->tail = (uint32_t)tail;
     n->streamed = 1;
     uint32_t njobs;
@@ -648,7 +652,10 @@ int zpool_stop(erofs_builder *b, int abort)
         if (!code && !abort && !j->midseg) {
             struct node *n = &b->nodes[j->node];
             n->startblk = j->startblk;
-            if (j->plain) {
+            if (j->chunks1) {
+                n->dkind = D_CHUNKS;
+                n->aux = j->chunks1 - 1;
+            } else if (j->plain) {
                 n->stream_inline = j->tail != 0;
                 NX(b, n)->tailbuf = j->tailbuf;
                 j->tailbuf = NULL;

@@ -121,6 +121,9 @@ class BuildOptions:
                                                 # (lc, lp, pb), -1: the preset's
     pcluster_max: int = 0          # the largest per-file pcluster (set_zhint); 0: pcluster_size
     max_extent: int = 0            # input bytes per compressed extent at most; 0: no cap
+    chunkbits: int = 0             # every file chunk-based, 2^chunkbits-byte chunks; 0: off
+    chunk_indexes: bool = False    # with chunkbits: 8-byte chunk indexes (else a block map)
+    chunk_dedupe: bool = True      # with chunkbits: equal chunks stored once, zeros holes
     _extra: dict = field(default_factory=dict, repr=False)
 
     def to_c(self) -> Any:
@@ -190,6 +193,9 @@ class BuildOptions:
         o.sb_48bit = int(self.sb_48bit or self.dot_omitted)      # (the one implies it)
         o.dot_omitted = int(self.dot_omitted)
         o.max_extent = self.max_extent            # (cffi refuses what is not a u32)
+        o.chunkbits = self.chunkbits     # (the C core takes it from the block size up)
+        o.chunk_indexes = int(self.chunk_indexes)
+        o.chunk_nodedupe = int(not self.chunk_dedupe)
         if len(self.compress_alt) > 3:
             raise NativeError("at most 4 algorithms")
         for k, (alg, level) in enumerate(self.compress_alt):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from erofs_tools._native import NativeBuilder, _raise, ffi, lib
 
-__all__ = ["put_buffer", "reserve_bytes", "start_writeback"]
+__all__ = ["blob_blocks", "put_buffer", "reserve_bytes", "set_blob", "start_writeback"]
 
 
 def put_buffer(nb: NativeBuilder, offset: int, data: bytearray | memoryview) -> None:
@@ -36,3 +36,18 @@ def start_writeback(fd: int) -> None:
     (pack's bootstrap: its fsync then waits for less). Advice only: a file system or
     kernel without it is left alone."""
     lib.ern_start_writeback(fd)
+
+
+def set_blob(nb: NativeBuilder, fd: int) -> None:
+    """mkfs --blobdev (BuildOptions.chunkbits set), before the first file: the chunks'
+    data goes to fd, device 1, instead of the image."""
+    r = lib.erofs_builder_set_blob(nb._b, fd)
+    if r:
+        _raise(nb._b, r)
+
+
+def blob_blocks(nb: NativeBuilder) -> int:
+    """The blocks written to the blob of set_blob so far."""
+    n = ffi.new("uint64_t *")
+    lib.erofs_builder_blob_blocks(nb._b, n)
+    return int(n[0])

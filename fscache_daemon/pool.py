@@ -67,18 +67,17 @@ class PriorityPool(Executor):
 
     def submit_prefetch(self, fn, /, *args, **kwargs) -> Future:
         self._prefetch_slots.acquire()
-        try:
-            fut = self._put(PRIO_PREFETCH, fn, args, kwargs)
-        except BaseException:
-            self._prefetch_slots.release()
-            raise
-        fut.add_done_callback(lambda _f: self._prefetch_slots.release())
-        return fut
+        return self._put_prefetch(fn, args, kwargs)
 
     def try_submit_prefetch(self, fn, /, *args, **kwargs) -> Future | None:
         """submit_prefetch() if a prefetch slot is free now, else None (never blocks)."""
         if not self._prefetch_slots.acquire(blocking=False):
             return None
+        return self._put_prefetch(fn, args, kwargs)
+
+    def _put_prefetch(self, fn, args, kwargs) -> Future:
+        """Queue a prefetch task holding the slot just acquired; the slot is released
+        when the task ends, or now if it cannot be queued."""
         try:
             fut = self._put(PRIO_PREFETCH, fn, args, kwargs)
         except BaseException:

@@ -5,6 +5,7 @@ project's snapshotter as its proxy plugin, for tests as root.
     ctd = Containerd(workdir, {NAME: sock})
     ctd.ctr("image", "import", ...)     ctr -a PRIVATE_SOCK -n PRIVATE_NS ...
     oci_archive(path, layers, ...)      a small OCI image tar (static busybox + files)
+    with overlayfs_rootfs(layers, name) as theirs:   containerd's own unpacking, mounted
 
 Nothing here touches the system's containerd: its own socket, root and state live in
 the test's directories, and containers run in a namespace named for the test run.
@@ -349,6 +350,28 @@ def oci_archive(path: str, name: str, layers: list[bytes], cmd: list[str]) -> li
     image = OciImage(layers, cmd)
     image.write_archive(path, name)
     return image.chain
+
+
+@contextlib.contextmanager
+def overlayfs_rootfs(layers: list[bytes], name: str):
+    """The root file system containerd itself unpacks from uncompressed `layers` (an
+    image `name` imported with the overlayfs snapshotter into a private containerd and
+    mounted by `ctr image mount`) -> its mount point; unmounted and removed after."""
+    wd = short_tmpdir("erofs-ctd-")
+    ctd = Containerd(wd, {})
+    try:
+        OciImage(layers, ["/x"]).write_archive(os.path.join(wd, "i.tar"), name)
+        ctd.ctr("image", "import", "--snapshotter", "overlayfs", os.path.join(wd, "i.tar"))
+        theirs = os.path.join(wd, "mnt")
+        os.mkdir(theirs)
+        ctd.ctr("image", "mount", "--snapshotter", "overlayfs", name, theirs)
+        try:
+            yield theirs
+        finally:
+            ctd.ctr("image", "unmount", theirs)
+    finally:
+        ctd.stop()
+        shutil.rmtree(wd, ignore_errors=True)
 
 
 # --- CRI: PullImage as kubelet calls it -----------------------------------------------

@@ -132,6 +132,15 @@ def run_mkfs(image, source, *args, check=True):
     return p
 
 
+def run_erofs_tools(*args, check=True):
+    """Run `erofs-tools ARGS` as a child process (text output); -> CompletedProcess."""
+    p = subprocess.run([sys.executable, "-m", "erofs_tools", *map(str, args)],
+                       capture_output=True, text=True, errors="replace", timeout=600)
+    if check:
+        assert p.returncode == 0, p.stdout + p.stderr
+    return p
+
+
 def run_pack(source, boot, blob_dir, *args, check=True):
     """Run `erofs-tools pack SOURCE -B BOOT -D BLOB_DIR -q` as a child process."""
     cmd = [sys.executable, "-m", "erofs_tools", "pack", os.fspath(source), "-B",
@@ -260,6 +269,46 @@ def scan_tree(root, content=True, exclude=()):
         for rel in members:
             entries[rel]["links"] = members
     return entries
+
+
+def kernel_view(mnt):
+    """scan_tree of a mounted image (or a source tree) with the inode numbers left out:
+    two images of one tree number their inodes apart."""
+    tree = scan_tree(mnt)
+    for rec in tree.values():
+        rec.pop("_ino", None)
+    return tree
+
+
+def file_digests(tree):
+    """relative path -> b"sha256:" + digest of every non-empty regular file under
+    `tree`: the value of mkfs --xattr-inode-digest's xattr."""
+    return {rel: b"sha256:" + bytes.fromhex(rec["sha256"])
+            for rel, rec in scan_tree(tree).items()
+            if rec["type"] == 0o100000 and rec["size"]}
+
+
+def anchor_mkfs(image, source, *args, need=None):
+    """The anchor's mkfs.erofs -T 0 -U clear ARGS IMAGE SOURCE (quiet); `need`: an
+    option its --help must list (e.g. xattr-inode-digest: the 1.9 anchor)."""
+    require_tool("mkfs.erofs")
+    if need:
+        p = subprocess.run(["mkfs.erofs", "--help"], capture_output=True, text=True,
+                           errors="replace")
+        require(need in p.stdout + p.stderr,
+                f"mkfs.erofs without --{need} (needs the 1.9 anchor: "
+                "export PATH=$(python3 benchmarks/anchor.py):$PATH)")
+    subprocess.run(["mkfs.erofs", "--quiet", "-T", "0", "-U", "clear", *map(str, args),
+                    os.fspath(image), os.fspath(source)], check=True, capture_output=True)
+
+
+def mkfs_both(tmp_path, tree, *args, need=None):
+    """ours.img by `erofs-tools mkfs` and ref.img by the anchor's mkfs.erofs, both
+    -T 0 -U clear ARGS of `tree`, in tmp_path -> (ours, ref)."""
+    ours, ref = tmp_path / "ours.img", tmp_path / "ref.img"
+    run_mkfs(ours, tree, "-q", "-T", "0", "-U", "clear", *args)
+    anchor_mkfs(ref, tree, *args, need=need)
+    return ours, ref
 
 
 def mark_whiteout_dirs(entries):
@@ -414,23 +463,16 @@ def write_shifted_tree(root):
     words = [bytes(rnd.choice(b"abcdefghijklmnopqrstuvwxyz") for _ in range(rnd.randint(2, 9)))
              for _ in range(400)]
 
-    def words_text(n, seed):
-        r = random.Random(seed)
-        out = bytearray()
-        while len(out) < n:
-            out += r.choice(words) + b" "
-        return bytes(out[:n])
-
     def put(name, data):
         with open(os.path.join(root, name), "wb") as f:
             f.write(data)
-    base = words_text(SHIFTED_TEXT, 1)
+    base = text(SHIFTED_TEXT, 1, words)
     for i in range(6):
-        pre = words_text(137 * i + rnd.randint(1, 9000), 100 + i)
-        put(f"lang{i}.mo", pre + base + words_text(3000 + i, 200 + i))
-    put("twice", words_text(5000, 300) + base + random.Random(4).randbytes(777) + base)
+        pre = text(137 * i + rnd.randint(1, 9000), 100 + i, words)
+        put(f"lang{i}.mo", pre + base + text(3000 + i, 200 + i, words))
+    put("twice", text(5000, 300, words) + base + random.Random(4).randbytes(777) + base)
     for k in range(SHIFTED_CUTS):
-        put(f"z-cut{k}", words_text(999 + k, 301 + k) + base[:shifted_cut_len(k)])
+        put(f"z-cut{k}", text(999 + k, 301 + k, words) + base[:shifted_cut_len(k)])
     put("small", base[1000:4000])
 
 
@@ -451,8 +493,37 @@ def text(n, seed=0, words=TEXT_WORDS):
     return bytes(out[:n])
 
 
+def vocab_text(n, seed, vocab):
+    """n bytes of text from `vocab` random lowercase words of 2-9 letters, the words
+    and their order both drawn from random.Random(seed)."""
+    import random
+    rnd = random.Random(seed)
+    words = [bytes(rnd.randrange(97, 123) for _ in range(rnd.randint(2, 9)))
+             for _ in range(vocab)]
+    out = bytearray()
+    while len(out) < n:
+        out += rnd.choice(words) + b" "
+    return bytes(out[:n])
+
+
 def noise(n, seed=1):
     """n incompressible bytes."""
     import random
     return random.Random(seed).randbytes(n)
 
+
+
+def write_zmix_tree(root):
+    """A small tree for the compressed layouts (the 48-bit layout's extent records among
+    them): text files from 1 byte to 300 KB (one extent, many, inline tails, fragments),
+    incompressible data (plain extents) alone and between text, a file repeated and one
+    holding the same text twice (dedupe), an empty file, a subdirectory."""
+    os.makedirs(os.path.join(root, "sub"), exist_ok=True)
+    files = {"one": b"x", "small": text(700, 1), "mid": text(5000, 2), "big": text(70_000, 3),
+             "large": text(300_000, 4), "noise": noise(20_000, 5),
+             "mixed": text(30_000, 6) + noise(9000, 7) + text(30_000, 8), "empty": b"",
+             "sub/copy-of-big": text(70_000, 3), "sub/twice": text(40_000, 9) * 2,
+             "sub/page": text(4096, 10)}
+    for name, data in files.items():
+        with open(os.path.join(root, name), "wb") as f:
+            f.write(data)

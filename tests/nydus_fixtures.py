@@ -10,6 +10,9 @@ snapshotter's fault and load tests (real containerd 1.6 through containerd_fixtu
     with separate_stack("prefix-", registry) as st:      daemon, snapshotter process and
                                                            containerd (st.daemon, st.snap,
                                                            st.ctd, st.root), torn down after
+    with daemon_stack("prefix-", (host,)) as (d, daemon, ctd):   the snapshotter inside
+                                                           the daemon, and containerd
+    ctr_run(ctd, ref, name, *cmd); remove_images(ctd)    `ctr run --rm`; every image gone
     busybox_with_file(size)                               busybox + /data/big: (layers, bytes)
 """
 
@@ -44,6 +47,10 @@ from test_daemon_support import DaemonProc, socket_answers
 
 CRI_NS = "k8s.io"
 MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
+# what a container of busybox_layers() runs and prints: the layers applied in order (the
+# whiteout of /etc/gone too), and no /image: a Nydus bootstrap layer's files stay hidden
+BUSYBOX_SCRIPT = "cat /etc/greeting /etc/third; test -e /etc/gone || echo gone-ok; ls /image || true"
+BUSYBOX_EXPECTED = b"hello from layer two\nlayer three\ngone-ok\n"
 
 
 class SnapshotterDaemon(DaemonProc):
@@ -64,6 +71,12 @@ class SnapshotterDaemon(DaemonProc):
         wait_for(lambda: socket_answers(self.snap_sock), timeout, "snapshotter socket",
                  self.proc, self.log_path)
         return self
+
+    def wait_snapshots_removed(self, timeout: float = 60) -> None:
+        """Wait until the snapshotter's snapshot directories are all gone."""
+        snaps = os.path.join(self.snap_root, "snapshots")
+        wait_for(lambda: os.listdir(snaps) == [], timeout, "snapshots removed",
+                 log=self.log_path)
 
     def lazy_mounts(self) -> list[str]:
         lazy = os.path.join(self.snap_root, "lazy")
@@ -122,6 +135,52 @@ def separate_stack(prefix: str, registry, keep_log: str | None = None) -> Iterat
         shutil.rmtree(d, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def daemon_stack(prefix: str, hosts: tuple[str, ...], extra: tuple[str, ...] = (),
+                 cri: bool = True, cri_address: bool = False, before=(),
+                 after=()) -> Iterator[tuple[str, SnapshotterDaemon, Containerd]]:
+    """A directory short_tmpdir(prefix), a SnapshotterDaemon in it (the snapshotter
+    inside the daemon) trusting the plain HTTP registries `hosts`, and a private
+    containerd using it (for CRI too unless `cri` is false; `cri_address`: the
+    snapshotter asks this containerd which images stand on a chain) -> (directory,
+    daemon, containerd). Torn down whatever the test did: the `before` callables (what
+    the test holds released), containerd, the daemon (its lazy mounts, the fd holder),
+    the `after` objects stopped (proxies), the directory."""
+    d = short_tmpdir(prefix)
+    if cri_address:
+        extra = (*extra, "--cri-address", os.path.join(d, "containerd.sock"))
+    daemon = SnapshotterDaemon(os.path.join(d, "daemon"), insecure=hosts, extra=extra)
+    ctd = None
+    try:
+        daemon.start()
+        ctd = Containerd(d, {SNAPSHOTTER: daemon.snap_sock},
+                         cri_snapshotter=SNAPSHOTTER if cri else None,
+                         plain_http_hosts=hosts)
+        yield d, daemon, ctd
+    finally:
+        for fn in before:
+            fn()
+        if ctd is not None:
+            ctd.stop()
+        daemon.cleanup()
+        for x in after:
+            x.stop()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def ctr_run(ctd, ref: str, name: str, *cmd: str) -> subprocess.CompletedProcess:
+    """`ctr run --rm` of `ref` on the snapshotter in the CRI namespace, not checked."""
+    return ctd.ctr("run", "--rm", "--snapshotter", SNAPSHOTTER, ref, name, *cmd,
+                   ns=CRI_NS, check=False, timeout=120)
+
+
+def remove_images(ctd) -> list[str]:
+    """`ctr image rm --sync` of every image in the CRI namespace -> their names."""
+    names = ctd.ctr("image", "ls", "-q", ns=CRI_NS).stdout.decode().split()
+    ctd.ctr("image", "rm", "--sync", *names, ns=CRI_NS)
+    return names
+
+
 def busybox_with_file(size: int) -> tuple[list[bytes], bytes]:
     """busybox's layers plus one holding /data/big: `size` incompressible bytes (a blob
     or layer of its own that a test can watch being fetched, or not)."""
@@ -130,10 +189,12 @@ def busybox_with_file(size: int) -> tuple[list[bytes], bytes]:
                                           ("data/big", "file", big)])], big
 
 
-def convert(src_ref: str, dst_ref: str) -> dict:
-    p = subprocess.run([sys.executable, "-m", "erofs_tools", "convert", "--insecure",
+def convert(src_ref: str, dst_ref: str, *flags: str, env: dict | None = None) -> dict:
+    """`erofs-tools convert --insecure [FLAGS] SRC DST --json`, which must succeed ->
+    its report."""
+    p = subprocess.run([sys.executable, "-m", "erofs_tools", "convert", *flags, "--insecure",
                         src_ref, dst_ref, "--json"], capture_output=True, text=True,
-                       timeout=600)
+                       timeout=600, env=env)
     assert p.returncode == 0, p.stderr
     return json.loads(p.stdout)
 

@@ -159,7 +159,25 @@ class _Signer:
         return signing_input + "." + _b64url(self._sign(signing_input.encode()))
 
 
-class TokenIssuer:
+class _HttpServed:
+    """A ThreadingHTTPServer on `bind` (a free port) serving `handler` on a thread of
+    its own (self._server); stop() ends it."""
+
+    _server: http.server.ThreadingHTTPServer
+
+    def _listen(self, handler, bind: str = "127.0.0.1", daemon_threads: bool = True) -> int:
+        """Start serving -> the port."""
+        self._server = http.server.ThreadingHTTPServer((bind, 0), handler)
+        self._server.daemon_threads = daemon_threads
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self._server.server_address[1]
+
+    def stop(self):
+        self._server.shutdown()
+        self._server.server_close()
+
+
+class TokenIssuer(_HttpServed):
     """A token server as containerd's docker authorizer meets them: GET
     /token?service=&scope=... (Basic credentials, or none) -> {"token", "expires_in",
     "issued_at"}, and the OAuth2 endpoint: POST /token with a form (RFC 6749: a
@@ -214,9 +232,7 @@ class TokenIssuer:
             def log_message(self, *args):
                 pass
 
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self._listen(Handler, daemon_threads=False)}"
 
     def _user(self, header: str | None) -> str | None | bool:
         """The authenticated user, None for anonymous, False for bad credentials."""
@@ -327,10 +343,6 @@ class TokenIssuer:
         return {"type": kind, "name": name,
                 "actions": [] if name in self.denied else
                 [a for a in actions.split(",") if a in self.actions]}
-
-    def stop(self):
-        self._server.shutdown()
-        self._server.server_close()
 
 
 def make_tls_cert(workdir: str) -> tuple[str, str]:
@@ -547,7 +559,7 @@ def registry_token(tmp_path_factory):
 # --- blob storage on another host ------------------------------------------------------
 
 
-class StorageServer:
+class StorageServer(_HttpServed):
     """Serves a registry's storage directory over plain HTTP (GET/HEAD with one Range),
     like an object store a registry redirects blob GETs to; binds `bind` (e.g.
     127.0.0.2: another host as far as a client can tell). ``requests`` records
@@ -569,10 +581,7 @@ class StorageServer:
             def log_message(self, *args):
                 pass
 
-        self._server = http.server.ThreadingHTTPServer((bind, 0), Handler)
-        self._server.daemon_threads = True
-        self.url = f"http://{bind}:{self._server.server_address[1]}"
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        self.url = f"http://{bind}:{self._listen(Handler, bind)}"
 
     def _serve(self, h):
         path = urllib.parse.urlsplit(h.path).path
@@ -600,12 +609,8 @@ class StorageServer:
         if h.command == "GET":
             h.wfile.write(data[start:end])
 
-    def stop(self):
-        self._server.shutdown()
-        self._server.server_close()
 
-
-class Redirector:
+class Redirector(_HttpServed):
     """Answers every request with a redirect (``status``, 307 by default) to
     ``target`` + the request's path and query, e.g. a token realm that moved; binds
     ``bind`` (127.0.0.2: another host). ``requests`` records (method, path with query,
@@ -632,14 +637,7 @@ class Redirector:
             def log_message(self, *args):
                 pass
 
-        self._server = http.server.ThreadingHTTPServer((bind, 0), Handler)
-        self._server.daemon_threads = True
-        self.url = f"http://{bind}:{self._server.server_address[1]}"
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-
-    def stop(self):
-        self._server.shutdown()
-        self._server.server_close()
+        self.url = f"http://{bind}:{self._listen(Handler, bind)}"
 
 
 # --- a proxy that fails on purpose ------------------------------------------------------
@@ -649,7 +647,7 @@ _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer",
                "upgrade", "proxy-authorization", "proxy-authenticate"}
 
 
-class FlakyProxy:
+class FlakyProxy(_HttpServed):
     """An HTTP server in front of ``target`` ("host:port") that consumes one planned
     failure per matching request, then forwards the rest unchanged (the Host header
     too, so the registry's Location URLs point back here).
@@ -692,10 +690,7 @@ class FlakyProxy:
                 pass
 
         # bind "127.0.0.2": a host that is not loopback to the tools' plain-HTTP rule
-        self._server = http.server.ThreadingHTTPServer((bind, 0), Handler)
-        self._server.daemon_threads = True
-        self.host = f"{bind}:{self._server.server_address[1]}"
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        self.host = f"{bind}:{self._listen(Handler, bind)}"
 
     def _next_failure(self, line: str):
         with self._lock:
@@ -760,8 +755,7 @@ class FlakyProxy:
 
     def stop(self):
         self._released.set()
-        self._server.shutdown()
-        self._server.server_close()
+        super().stop()
 
 
 def sha256(data: bytes) -> str:

@@ -425,6 +425,23 @@ def _place_all(placer, files, batched):
             placer.place(r)
 
 
+def _place_finished(blobs, files, batched, compressor, workers):
+    """A ChunkPlacer writing into the new directory `blobs` given every chunk of `files`
+    (_place_all), its blob finished (aborted on a failure) -> (placer, BlobInfo)."""
+    from erofs_tools.builder.chunk_dict import ChunkDict
+    from erofs_tools.builder.rafs import ChunkPlacer, PackOptions
+    blobs.mkdir()
+    placer = ChunkPlacer(PackOptions(chunk_size=65536, compressor=compressor,
+                                     workers=workers), str(blobs), ChunkDict())
+    try:
+        _place_all(placer, files, batched)
+        info = placer.writer.finish()
+    except BaseException:
+        placer.writer.abort()
+        raise
+    return placer, info
+
+
 @pytest.mark.parametrize("name", ["zstd", "none"])
 def test_place_batch_is_place_one_by_one(tmp_path, monkeypatch, name):
     """The consumer's batch placement (ChunkPlacer.place_batch: lookups inlined, the
@@ -432,9 +449,7 @@ def test_place_batch_is_place_one_by_one(tmp_path, monkeypatch, name):
     records chunk by chunk: the same chunk records, file references, counters, blob
     bytes and blob id; also across digest-table growth (small tables forced) and for a
     digest met with two sizes."""
-    from erofs_tools.builder.chunk_dict import ChunkDict
     from erofs_tools.builder.chunk_refs import DigestTable
-    from erofs_tools.builder.rafs import ChunkPlacer, PackOptions
     monkeypatch.setattr(chunker, "BATCH_CHUNKS", 5)
     orig_init = DigestTable.__init__
 
@@ -460,15 +475,7 @@ def test_place_batch_is_place_one_by_one(tmp_path, monkeypatch, name):
     for batched in (False, True):
         seen.clear()
         blobs = tmp_path / f"blobs{int(batched)}"
-        blobs.mkdir()
-        placer = ChunkPlacer(PackOptions(chunk_size=65536, compressor=name, workers=1),
-                             str(blobs), ChunkDict())
-        try:
-            _place_all(placer, files, batched)
-            info = placer.writer.finish()
-        except BaseException:
-            placer.writer.abort()
-            raise
+        placer, info = _place_finished(blobs, files, batched, name, 1)
         refs = placer.refs
         got.append((dict(placer.stats), bytes(refs.new.digests), refs.other, refs.coff,
                     refs.csize, refs.uoff, refs.usize, refs.files, refs.nrefs, refs.refs,
@@ -605,8 +612,6 @@ def test_compressed_batches_go_to_the_writer_in_runs(tmp_path, monkeypatch):
     one the writer makes of the chunks one by one (test_place_batch_is_place_one_by_one
     compares the whole records)."""
     from erofs_tools.builder.blob import BlobWriter
-    from erofs_tools.builder.chunk_dict import ChunkDict
-    from erofs_tools.builder.rafs import ChunkPlacer, PackOptions
     files = _tree(tmp_path)
     calls = []
     orig = BlobWriter.append_chunks
@@ -618,15 +623,7 @@ def test_compressed_batches_go_to_the_writer_in_runs(tmp_path, monkeypatch):
     out = {}
     for batched in (True, False):
         blobs = tmp_path / f"blobs-{batched}"
-        blobs.mkdir()
-        placer = ChunkPlacer(PackOptions(chunk_size=65536, compressor="zstd", workers=2),
-                             str(blobs), ChunkDict())
-        try:
-            _place_all(placer, files, batched)
-            info = placer.writer.finish()
-        except BaseException:
-            placer.writer.abort()
-            raise
+        _, info = _place_finished(blobs, files, batched, "zstd", 2)
         out[batched] = (info.blob_id, (blobs / info.blob_id).read_bytes())
     assert out[True] == out[False]
     if Compressor("zstd")._fns is not None:

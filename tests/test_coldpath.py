@@ -10,7 +10,6 @@ import errno
 import os
 import random
 import resource
-import shutil
 import signal
 import threading
 import time
@@ -20,13 +19,12 @@ import pytest
 import zstandard
 from helpers import is_root, require, sys_mount, sys_umount
 from test_daemon_support import (
-    DaemonProc,
-    chunk_of_file,
+    corrupt_blob_copy,
     drop_caches,
     file_sha,
+    lazy_daemon,
     pack,
     regular_files,
-    require_lazy_kernel,
     write_tree,
 )
 from test_storage_support import CountingBackend, chunk_bytes
@@ -419,10 +417,7 @@ def test_write_failure_through_the_c_path(tmp_path, monkeypatch):
 
 @pytest.fixture
 def daemon(tmp_path):
-    require_lazy_kernel()
-    d = DaemonProc(str(tmp_path / "d")).start()
-    yield d
-    d.cleanup()
+    yield from lazy_daemon(tmp_path)
 
 
 @pytest.mark.root
@@ -447,14 +442,8 @@ def test_mount_corrupted_chunk_gives_eio_and_nothing_cached(daemon, tmp_path):
     boot, good = str(tmp_path / "boot"), str(tmp_path / "good")
     pack(src, boot, good, "--chunk-size", "0x10000")
     bad = str(tmp_path / "bad")
-    shutil.copytree(good, bad)
     victim = "d1/big0.bin"
-    blob_id, chunk = chunk_of_file(boot, good, victim, 0x10000 * 3)
-    with open(os.path.join(bad, blob_id), "r+b") as f:
-        f.seek(chunk.compressed_offset + chunk.compressed_size // 2)
-        b = f.read(1)
-        f.seek(-1, 1)
-        f.write(bytes([b[0] ^ 0x55]))
+    blob_id, chunk = corrupt_blob_copy(boot, good, bad, victim, 0x10000 * 3)
     mnt = str(tmp_path / "mnt")
     daemon.mount(boot, mnt, f"localfs:{bad}")
     with open(os.path.join(mnt, victim), "rb") as f:

@@ -22,6 +22,7 @@ from test_daemon_support import (
     REPO,
     DaemonProc,
     file_sha,
+    lazy_daemon,
     pack,
     regular_files,
     require_lazy_kernel,
@@ -45,24 +46,12 @@ def image(tmp_path_factory):
 
 @pytest.fixture
 def daemon(tmp_path):
-    require_lazy_kernel()
-    d = DaemonProc(str(tmp_path / "d")).start()
-    yield d
-    d.cleanup()
+    yield from lazy_daemon(tmp_path)
 
 
 def cli(d, *args, timeout=120):
     return subprocess.run([sys.executable, "-m", "fscache_daemon.cli", *args, "--api-sock",
                            d.sock], capture_output=True, text=True, timeout=timeout, cwd=REPO)
-
-
-def wait_for(pred, timeout=30.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def holder_marks(d):
@@ -120,8 +109,8 @@ def test_umount_under_overlay_namespace_and_open_file_never_gives_zeros(daemon, 
     try:
         # 2. a second mount namespace holding a copy of the mount
         ns = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sleep", "600"])
-        wait_for(lambda: os.readlink(f"/proc/{ns.pid}/ns/mnt") !=
-                 os.readlink("/proc/self/ns/mnt"), what="the new namespace")
+        helpers.wait_until(lambda: os.readlink(f"/proc/{ns.pid}/ns/mnt") !=
+                 os.readlink("/proc/self/ns/mnt"), 30, "the new namespace")
         # 3. an open file (through the overlay) of data never fetched
         fd = os.open(os.path.join(ov["merged"], via_fd), os.O_RDONLY)
 
@@ -166,7 +155,7 @@ def test_umount_under_overlay_namespace_and_open_file_never_gives_zeros(daemon, 
         if ns is not None:
             ns.kill()
             ns.wait()
-    wait_for(lambda: released(daemon, blob_id), what="the blob's release")
+    helpers.wait_until(lambda: released(daemon, blob_id), 30, "the blob's release")
     assert cache_file(daemon, blob_id) not in holder_marks(daemon)
     daemon.mounts.remove(mnt)
 
@@ -206,7 +195,7 @@ def test_detached_image_survives_daemon_restart(image, tmp_path):
         assert out == {r: file_sha(os.path.join(src, r)) for r in files}
         assert d.metrics()["detached"] == 1
         subprocess.run(["umount", ov["merged"]], check=True)
-        wait_for(lambda: released(d, blob_id), what="the blob's release")
+        helpers.wait_until(lambda: released(d, blob_id), 30, "the blob's release")
         assert cache_file(d, blob_id) not in holder_marks(d)
     finally:
         if os.path.ismount(ov["merged"]):
@@ -269,7 +258,7 @@ def test_lazy_umount_while_readers_read(image, tmp_path):
         assert daemon.blob_metrics(blob_id)["cached_chunks"] == image["chunks"]
         for fd in fds.values():
             os.close(fd)
-        wait_for(lambda: released(daemon, blob_id), what="the blob's release")
+        helpers.wait_until(lambda: released(daemon, blob_id), 30, "the blob's release")
     finally:
         daemon.cleanup()
 
@@ -325,7 +314,7 @@ def test_foreign_mount_on_top_is_never_unmounted_by_the_daemon(daemon, image, tm
         subprocess.run(["umount", mnt], check=True)     # the foreign one, ours to remove
     assert_exact(src, mnt, regular_files(src))       # never fetched before: exact
     daemon.umount(mnt)
-    wait_for(lambda: released(daemon, blob_id), what="the blob's release")
+    helpers.wait_until(lambda: released(daemon, blob_id), 30, "the blob's release")
 
 
 # ------------------------------------------------------------- issue 19, items 12, 13
@@ -362,7 +351,7 @@ def test_sigkill_between_mount_and_state_save_then_restart(image, tmp_path):
         assert_exact(src, mnt, regular_files(src))   # served, not EIO forever
         d.umount(mnt)
         assert not os.path.ismount(mnt)
-        wait_for(lambda: released(d, blob_id), what="the blob's release")
+        helpers.wait_until(lambda: released(d, blob_id), 30, "the blob's release")
     finally:
         d.cleanup()
 

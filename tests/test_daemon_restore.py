@@ -10,19 +10,14 @@ import sys
 
 import helpers
 import pytest
-from test_daemon_support import DaemonProc, file_sha, pack, require_lazy_kernel, write_tree
+from test_daemon_support import DaemonProc, mount_read_stop, small_image
 
 pytestmark = pytest.mark.root
 
 
 @pytest.fixture(scope="module")
 def image(tmp_path_factory):
-    require_lazy_kernel()
-    d = tmp_path_factory.mktemp("restore-img")
-    src = write_tree(str(d / "src"), seed=21, nfiles=8, big=(1 << 20,))
-    boot, blobs = str(d / "boot"), str(d / "blobs")
-    pack(src, boot, blobs, "--chunk-size", "0x10000")
-    return {"src": src, "boot": boot, "blobs": blobs}
+    return small_image(tmp_path_factory.mktemp("restore-img"), seed=21)
 
 
 def _state(d):
@@ -46,12 +41,7 @@ def _mounted_then_stopped(tmp_path, image):
     d = DaemonProc(str(tmp_path / "d"))
     d.start()
     mnt = str(tmp_path / "mnt")
-    d.mount(image["boot"], mnt, f"localfs:{image['blobs']}")
-    small = os.path.join("small.txt")
-    assert file_sha(os.path.join(mnt, small)) == file_sha(os.path.join(image["src"], small))
-    d.stop()
-    assert d.proc.returncode == 0, d.log()
-    assert os.path.ismount(mnt)
+    mount_read_stop(d, image, mnt)
     assert [m["mountpoint"] for m in _state(d)["mounts"]] == [mnt]
     return d, mnt
 
@@ -154,12 +144,7 @@ def _restarted_with_backend_away(tmp_path, image):
     mnt = str(tmp_path / "mnt")
     try:
         d.start()
-        d.mount(image["boot"], mnt, f"localfs:{blobs}")
-        assert file_sha(os.path.join(mnt, "small.txt")) == \
-            file_sha(os.path.join(image["src"], "small.txt"))
-        d.stop()
-        assert d.proc.returncode == 0, d.log()
-        assert os.path.ismount(mnt)
+        mount_read_stop(d, image, mnt, blobs)
         for f in glob.glob(os.path.join(d.cache_dir, "blobs", "*.map")):
             os.unlink(f)
         os.rename(blobs, blobs + ".away")

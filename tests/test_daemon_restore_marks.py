@@ -10,19 +10,14 @@ import threading
 import helpers
 import pytest
 from faults import timed_read
-from test_daemon_support import DaemonProc, file_sha, pack, require_lazy_kernel, write_tree
+from test_daemon_support import DaemonProc, mount_read_stop, small_image
 
 pytestmark = pytest.mark.root
 
 
 @pytest.fixture(scope="module")
 def image(tmp_path_factory):
-    require_lazy_kernel()
-    d = tmp_path_factory.mktemp("restore-marks")
-    src = write_tree(str(d / "src"), seed=23, nfiles=8, big=(1 << 20,))
-    boot, blobs = str(d / "boot"), str(d / "blobs")
-    pack(src, boot, blobs, "--chunk-size", "0x10000")
-    return {"src": src, "boot": boot, "blobs": blobs}
+    return small_image(tmp_path_factory.mktemp("restore-marks"), seed=23)
 
 
 def _holder(d):
@@ -83,12 +78,7 @@ def _mounted_then_stopped(tmp_path, image):
     d = DaemonProc(str(tmp_path / "d"), extra=["--readahead", "0"])
     d.start()
     mnt = str(tmp_path / "mnt")
-    d.mount(image["boot"], mnt, f"localfs:{image['blobs']}")
-    assert file_sha(os.path.join(mnt, "small.txt")) == \
-        file_sha(os.path.join(image["src"], "small.txt"))
-    d.stop()
-    assert d.proc.returncode == 0, d.log()
-    assert os.path.ismount(mnt)
+    mount_read_stop(d, image, mnt)
     marked = _marks(d)
     assert len(marked) == 1 and marked[0].endswith(".blob"), marked
     return d, mnt, marked[0]

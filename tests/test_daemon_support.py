@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -57,6 +58,29 @@ def pack(src, boot, blob_dir, *args):
     out = subprocess.run([sys.executable, "-m", "erofs_tools", "pack", "-B", boot, "-D",
                           blob_dir, "--json", *args, src], check=True, capture_output=True)
     return json.loads(out.stdout)
+
+
+def small_image(base, seed):
+    """For the lazy-mount tests (require_lazy_kernel first): a write_tree of 8 files and
+    one 1 MiB file packed in 64 KiB chunks under the directory `base` (a pathlib.Path)
+    -> {"src", "boot", "blobs"}."""
+    require_lazy_kernel()
+    src = write_tree(str(base / "src"), seed=seed, nfiles=8, big=(1 << 20,))
+    boot, blobs = str(base / "boot"), str(base / "blobs")
+    pack(src, boot, blobs, "--chunk-size", "0x10000")
+    return {"src": src, "boot": boot, "blobs": blobs}
+
+
+def mount_read_stop(d, image, mnt, blobs=None):
+    """Mount `image` (small_image's; its blobs from `blobs` if given) through the
+    started DaemonProc `d` at `mnt`, check that small.txt reads right, then stop the
+    daemon (SIGTERM: the mount stays)."""
+    d.mount(image["boot"], mnt, f"localfs:{blobs or image['blobs']}")
+    assert file_sha(os.path.join(mnt, "small.txt")) == \
+        file_sha(os.path.join(image["src"], "small.txt"))
+    d.stop()
+    assert d.proc.returncode == 0, d.log()
+    assert os.path.ismount(mnt)
 
 
 def file_sha(path):
@@ -184,6 +208,28 @@ class DaemonProc:
         self.mounts.clear()
         self.stop()
         release_holder(os.path.join(self.cache_dir, "fdholder.sock"))
+
+
+def lazy_daemon(tmp_path):
+    """The body of a `daemon` fixture (`yield from lazy_daemon(tmp_path)`): a started
+    DaemonProc in tmp_path/d on a kernel with lazy mounts, cleaned up after the test."""
+    require_lazy_kernel()
+    d = DaemonProc(str(tmp_path / "d")).start()
+    yield d
+    d.cleanup()
+
+
+def corrupt_blob_copy(boot, good, bad, relpath, file_offset=0):
+    """Copy blob directory `good` to `bad` and flip a byte in the middle of the stored
+    chunk that holds `file_offset` of image file `relpath` -> (blob id, BlobChunk)."""
+    shutil.copytree(good, bad)
+    blob_id, chunk = chunk_of_file(boot, good, relpath, file_offset)
+    with open(os.path.join(bad, blob_id), "r+b") as f:
+        f.seek(chunk.compressed_offset + chunk.compressed_size // 2)
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 0x55]))
+    return blob_id, chunk
 
 
 def release_holder(sock):

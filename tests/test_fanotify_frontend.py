@@ -126,6 +126,20 @@ def _blob_and_cache(workdir: Path, size: int):
     return data, blob, _sparse(workdir / "cache", size), BlobFiller(blob)
 
 
+def _kill(*procs: subprocess.Popen) -> None:
+    """SIGKILL those of `procs` still running, and reap them."""
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def _stop(holder: subprocess.Popen) -> None:
+    """SIGTERM the fd holder, which must exit 0."""
+    holder.send_signal(signal.SIGTERM)
+    assert holder.wait(timeout=10) == 0
+
+
 def _cat(path, timeout=20) -> subprocess.CompletedProcess:
     return subprocess.run(["cat", str(path)], capture_output=True, timeout=timeout)
 
@@ -467,13 +481,10 @@ def test_holder_protocol_errors(workdir, monkeypatch):
         finally:
             a.close()
             b.close()
-        holder.send_signal(signal.SIGTERM)  # no marks: exits cleanly
-        assert holder.wait(timeout=10) == 0
+        _stop(holder)  # no marks: exits cleanly
         assert not sock.exists()
     finally:
-        if holder.poll() is None:
-            holder.kill()
-            holder.wait()
+        _kill(holder)
 
 
 @pytest.mark.root
@@ -535,18 +546,12 @@ def test_holder_keeps_readers_waiting_across_daemon_sigkill(workdir, erofs_image
             ch.unmark(str(cache))
         finally:
             ch.close()
-        holder.send_signal(signal.SIGTERM)
-        assert holder.wait(timeout=10) == 0
+        _stop(holder)
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        _kill(*procs)
         if mounted:
             _umount(mnt)
-        if holder.poll() is None:
-            holder.kill()  # fails open, but nothing is mounted or reading any more
-            holder.wait()
+        _kill(holder)  # fails open, but nothing is mounted or reading any more
 
 
 @pytest.mark.root
@@ -604,12 +609,9 @@ def test_holder_resends_backlog_without_deadlock(workdir, monkeypatch):
         finally:
             ch.close()
             w2.close()
-        holder.send_signal(signal.SIGTERM)
-        assert holder.wait(timeout=10) == 0
+        _stop(holder)
     finally:
-        if holder.poll() is None:
-            holder.kill()
-            holder.wait()
+        _kill(holder)
 
 
 # ----------------------------------------------------------- holder fast path (filled map)
@@ -718,18 +720,12 @@ def test_holder_allows_filled_ranges_itself_and_forwards_the_rest(workdir):
             assert filler.calls == [("k", 0, 4096)]
             w2.unmark("k")
             w2.close()
-        holder.send_signal(signal.SIGTERM)
-        assert holder.wait(timeout=10) == 0
+        _stop(holder)
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        _kill(*procs)
         if fm is not None:
             fm.close()
-        if holder.poll() is None:
-            holder.kill()
-            holder.wait()
+        _kill(holder)
 
 
 @pytest.mark.root
@@ -769,11 +765,8 @@ def test_holder_refuses_filled_map_of_another_inode_or_unsealed(workdir):
             assert ch.status()["filled_maps"] == 0
         finally:
             ch.close()
-        holder.send_signal(signal.SIGTERM)
-        assert holder.wait(timeout=10) == 0
+        _stop(holder)
     finally:
         for m in maps:
             m.close()
-        if holder.poll() is None:
-            holder.kill()
-            holder.wait()
+        _kill(holder)

@@ -10,6 +10,7 @@ import os
 import random
 import threading
 
+import pytest
 from faults import env_int
 from test_storage_support import CountingBackend, make_blob
 
@@ -110,7 +111,10 @@ def test_random_backend_failures_under_concurrent_fills(tmp_path):
     mgr.close()
 
 
-def test_corruption_between_runs_is_reverified(tmp_path):
+@pytest.mark.parametrize("keep_mtime", [False, True])
+def test_corruption_between_runs_is_reverified(tmp_path, keep_mtime):
+    """keep_mtime: the corrupter sets the cache file's mtime back (`touch -d`); its ctime
+    still moved. Before the ctime was compared, the two chunks were served corrupt."""
     bdir, cdir = str(tmp_path / "backend"), str(tmp_path / "cache")
     blob_id, datas = make_blob(bdir, 32, chunk_size=65536)
     mgr = _open(cdir, CountingBackend(bdir), blob_id)
@@ -119,7 +123,7 @@ def test_corruption_between_runs_is_reverified(tmp_path):
     # a clean restart re-verifies nothing and fetches nothing
     be = CountingBackend(bdir)
     mgr = _open(cdir, be, blob_id)
-    assert mgr.cache.cached_chunks == 32
+    assert mgr.cache.cached_chunks == 32 and not mgr.cache._verify_pending
     mgr.fill(0, mgr.size)
     assert be.reads == []
     mgr.close()
@@ -130,10 +134,13 @@ def test_corruption_between_runs_is_reverified(tmp_path):
     path = bc.cache_path(cdir, blob_id)
     meta = mgr.meta
     victims = [meta.chunks[3], meta.chunks[20]]
+    before = os.stat(path)
     with open(path, "r+b") as f:
         for c in victims:
             f.seek(c.uncompressed_offset + 10)
             f.write(b"garbage")
+    if keep_mtime:
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
     be = CountingBackend(bdir)
     mgr = _open(cdir, be, blob_id)
     assert mgr.cache.cached_chunks == 30

@@ -86,13 +86,19 @@ def test_a_forked_child_starts_its_own_threads():
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
 
 
-def test_no_thread_to_be_had_reads_in_the_fill(tmp_path, monkeypatch):
+def _pipelined_fill(tmp_path, monkeypatch):
+    """A 12-chunk zstd blob behind a pipelined CountingBackend, its manager filling
+    through the Python fill (not the C cold path) -> (chunk datas, backend, manager)."""
     monkeypatch.delenv("FSCACHE_DAEMON_COLDPATH", raising=False)
     bdir, cdir = str(tmp_path / "b"), str(tmp_path / "c")
     blob_id, datas, _ = make_blob(bdir, 12, "zstd")
     be = CountingBackend(bdir)
     be.pipelined = True
-    mgr = open_mgr(cdir, be, blob_id, batch_size=100 << 10, pipeline=True)
+    return datas, be, open_mgr(cdir, be, blob_id, batch_size=100 << 10, pipeline=True)
+
+
+def test_no_thread_to_be_had_reads_in_the_fill(tmp_path, monkeypatch):
+    datas, be, mgr = _pipelined_fill(tmp_path, monkeypatch)
     # a fresh set of reader threads that cannot start one (as under a tight RLIMIT_NPROC)
     monkeypatch.setattr(pipeline, "READS", pipeline.ReadThreads())
 
@@ -113,12 +119,7 @@ def test_no_thread_to_be_had_reads_in_the_fill(tmp_path, monkeypatch):
 def test_a_fill_given_up_mid_way_leaves_nothing_in_flight(tmp_path, monkeypatch):
     """A failing first request: the fill fails, the batch read ahead is resolved too
     (no chunk stays in flight: a second fill fetches and stores everything)."""
-    monkeypatch.delenv("FSCACHE_DAEMON_COLDPATH", raising=False)
-    bdir, cdir = str(tmp_path / "b"), str(tmp_path / "c")
-    blob_id, datas, _ = make_blob(bdir, 12, "zstd")
-    be = CountingBackend(bdir)
-    be.pipelined = True
-    mgr = open_mgr(cdir, be, blob_id, batch_size=100 << 10, pipeline=True)
+    datas, be, mgr = _pipelined_fill(tmp_path, monkeypatch)
     be.fail = OSError(5, "Input/output error")
     try:
         mgr.fill(0, mgr.size)

@@ -15,8 +15,10 @@ import pytest
 from test_daemon_support import (
     DaemonProc,
     chunk_of_file,
+    corrupt_blob_copy,
     drop_caches,
     file_sha,
+    lazy_daemon,
     pack,
     regular_files,
     require_lazy_kernel,
@@ -29,10 +31,7 @@ pytestmark = pytest.mark.root
 
 @pytest.fixture
 def daemon(tmp_path):
-    require_lazy_kernel()
-    d = DaemonProc(str(tmp_path / "d")).start()
-    yield d
-    d.cleanup()
+    yield from lazy_daemon(tmp_path)
 
 
 @pytest.fixture(scope="module")
@@ -174,14 +173,8 @@ def test_corrupted_chunk_gives_eio_for_that_file_only(daemon, tmp_path):
     boot, good = str(tmp_path / "boot"), str(tmp_path / "good")
     pack(src, boot, good, "--chunk-size", "0x10000")
     bad = str(tmp_path / "bad")
-    shutil.copytree(good, bad)
     victim = "d1/f001"
-    blob_id, chunk = chunk_of_file(boot, good, victim)
-    with open(os.path.join(bad, blob_id), "r+b") as f:
-        f.seek(chunk.compressed_offset + chunk.compressed_size // 2)
-        b = f.read(1)
-        f.seek(-1, 1)
-        f.write(bytes([b[0] ^ 0x55]))
+    blob_id, chunk = corrupt_blob_copy(boot, good, bad, victim)
     mnt = str(tmp_path / "mnt")
     daemon.mount(boot, mnt, f"localfs:{bad}")
     with pytest.raises(OSError) as ei:

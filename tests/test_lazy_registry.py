@@ -6,7 +6,7 @@ import os
 import helpers
 import pytest
 from registry_fixtures import registry, registry_token  # noqa: F401
-from test_daemon_support import DaemonProc, pack, require_lazy_kernel, write_tree
+from test_daemon_support import lazy_daemon, pack, write_tree
 
 from erofs_tools.registry import NYDUS_BLOB, OCI_CONFIG, BlobSource, push_image
 
@@ -23,10 +23,7 @@ def push_blobs(server, repo, tag, blob_dir, blob_ids):
 
 @pytest.fixture
 def daemon(tmp_path):
-    require_lazy_kernel()
-    d = DaemonProc(str(tmp_path / "d")).start()
-    yield d
-    d.cleanup()
+    yield from lazy_daemon(tmp_path)
 
 
 def test_registry_lazy_mount(daemon, registry, tmp_path):  # noqa: F811

@@ -5,8 +5,7 @@ superblock's 0) and directories without their "." entry (which implies 48bit). E
 image is compared with mkfs.erofs 1.9.4's of the same tree through the host kernel
 (full metadata, content against the source), fsck.erofs 1.9.4 on ours, and its size
 with mkfs.erofs's. Both options were refused before ("-E: unsupported extended
-option"). Uncompressed images only: with -z mkfs.erofs writes the 48-bit layout's
-encoded extents, which this mkfs does not yet (refused)."""
+option"). Compressed images (extent records): tests/test_mkfs_48bit_z.py."""
 import os
 import struct
 import subprocess
@@ -170,10 +169,6 @@ def test_same_image_for_any_workers(tree, tmp_path):
 
 
 @pytest.mark.parametrize("args,msg", [
-    (("-z", "lz4", "-E", "48bit"), "-E 48bit: not with -z yet (the 48-bit layout is written "
-                                   "for uncompressed images only)"),
-    (("-z", "lz4", "-E", "dot-omitted"), "-E dot-omitted: not with -z yet (the 48-bit layout "
-                                         "is written for uncompressed images only)"),
     (("-E", "48bit=1"), "-E 48bit takes no value"),
     (("-E", "^dot-omitted=1"), "-E ^dot-omitted takes no value"),
 ])

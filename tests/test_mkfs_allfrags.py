@@ -221,10 +221,7 @@ def test_interplay():
     ("^all-fragments=4096", "-E ^all-fragments takes no value"),
     ("all-fragments=", "-E all-fragments=: empty value"),
     ("all-fragments=4k", "-E fragments=4k: not a byte count"),
-    ("force-inode-blockmap", "-E force-inode-blockmap: only for chunk-based files "
-                             "(mkfs.erofs --chunksize), which this mkfs does not write"),
-    ("force-chunk-indexes", "-E force-chunk-indexes: only for chunk-based files "
-                            "(mkfs.erofs --chunksize), which this mkfs does not write"),
+    ("force-inode-blockmap=1", "-E force-inode-blockmap takes no value"),
 ])
 def test_errors(tmp_path, ext, msg):
     src = tmp_path / "src"

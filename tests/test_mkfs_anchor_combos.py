@@ -3,10 +3,9 @@ of the same tree through the host kernel (full metadata, content), fsck.erofs 1.
 ours: compression with fragments, dedupe, ztailpacking, big pclusters, small blocks,
 fingerprints; the old `-z ALG,LEVEL` form mkfs.erofs still takes."""
 import os
-import subprocess
 
 import pytest
-from helpers import fsck, mounted, require_tool, run_mkfs, scan_tree
+from helpers import fsck, kernel_view, mkfs_both, mounted, require_tool, run_mkfs
 
 pytestmark = pytest.mark.root
 
@@ -38,13 +37,6 @@ def tree(tmp_path_factory):
     return root
 
 
-def view(mnt):
-    tree = scan_tree(mnt)
-    for rec in tree.values():
-        rec.pop("_ino", None)
-    return tree
-
-
 COMBOS = [
     ("-z", "lz4hc", "-C", "65536", "-E", "fragments,dedupe,ztailpacking"),
     ("-z", "zstd", "-C", "131072", "-E", "fragments"),
@@ -63,15 +55,12 @@ COMBOS = [
 @pytest.mark.parametrize("args", COMBOS, ids=[" ".join(c) for c in COMBOS])
 def test_same_tree_as_mkfs_erofs(tree, tmp_path, args):
     require_tool("mkfs.erofs")
-    ours, ref = tmp_path / "ours.img", tmp_path / "ref.img"
-    run_mkfs(ours, tree, "-q", "-T", "0", "-U", "clear", *args)
-    subprocess.run(["mkfs.erofs", "--quiet", "-T", "0", "-U", "clear", *args,
-                    os.fspath(ref), os.fspath(tree)], check=True, capture_output=True)
+    ours, ref = mkfs_both(tmp_path, tree, *args)
     fsck(ours)
     with mounted(ours) as m_ours, mounted(ref) as m_ref:
-        got = view(m_ours)
-        assert got == view(m_ref)
-        want = view(tree)
+        got = kernel_view(m_ours)
+        assert got == kernel_view(m_ref)
+        want = kernel_view(tree)
         assert got.keys() == want.keys()
 
 
@@ -106,10 +95,7 @@ def test_tiny_files_no_larger_than_mkfs_erofs(tiny_tree, tmp_path, args):
     from erofs_tools.format import erofs as E
     from erofs_tools.reader.image import Image
     require_tool("mkfs.erofs")
-    ours, ref = tmp_path / "ours.img", tmp_path / "ref.img"
-    run_mkfs(ours, tiny_tree, "-q", "-T", "0", "-U", "clear", *args)
-    subprocess.run(["mkfs.erofs", "--quiet", "-T", "0", "-U", "clear", *args,
-                    os.fspath(ref), os.fspath(tiny_tree)], check=True, capture_output=True)
+    ours, ref = mkfs_both(tmp_path, tiny_tree, *args)
     assert os.path.getsize(ours) <= os.path.getsize(ref)
     with Image(os.fspath(ours)) as im:
         layouts = {p: (ino.mode & 0o170000, ino.layout) for p, _d, ino in im.walk()}
@@ -120,6 +106,6 @@ def test_tiny_files_no_larger_than_mkfs_erofs(tiny_tree, tmp_path, args):
             assert lay == E.LAYOUT_FLAT_INLINE or fmt == 0o120000 and p.endswith("long"), p
     fsck(ours)
     with mounted(ours) as m_ours, mounted(ref) as m_ref:
-        got = view(m_ours)
-        assert got == view(m_ref)
-        assert got.keys() == view(tiny_tree).keys()
+        got = kernel_view(m_ours)
+        assert got == kernel_view(m_ref)
+        assert got.keys() == kernel_view(tiny_tree).keys()

@@ -25,18 +25,11 @@ from helpers import (
     mounted,
     require,
     require_tool,
+    run_erofs_tools,
 )
 
 pytestmark = pytest.mark.root
 FILL = b"\xaa"
-
-
-def _cli(*args, check=True):
-    p = subprocess.run([sys.executable, "-m", "erofs_tools", *map(str, args)],
-                       capture_output=True, text=True, errors="replace", timeout=600)
-    if check:
-        assert p.returncode == 0, p.stdout + p.stderr
-    return p
 
 
 @contextlib.contextmanager
@@ -99,9 +92,9 @@ def _digest(path):
 def test_mkfs_writes_a_loop_device_as_its_image_file(tmp_path, loopdev, tree, args):
     fixed = ["-U", "clear", "-T", "1", "--mkfs-time", "-q", *args]
     img = tmp_path / "img"
-    _cli("mkfs", img, tree, *fixed)
+    run_erofs_tools("mkfs", img, tree, *fixed)
     dev = loopdev(16 << 20)
-    _cli("mkfs", dev, tree, *fixed)
+    run_erofs_tools("mkfs", dev, tree, *fixed)
     size = img.stat().st_size
     # every byte written, the zeros the file got from its truncation too (no 0xAA left)
     assert _read(dev, size) == img.read_bytes()
@@ -118,9 +111,9 @@ def test_mkfs_tar_writes_a_loop_device(tmp_path, loopdev, tree, mode):
         tf.add(tree, arcname=".")
     fixed = ["-U", "clear", "-T", "1", "--mkfs-time", "-q"]
     img = tmp_path / "img"
-    _cli("mkfs", f"--tar={mode}", img, t, *fixed)
+    run_erofs_tools("mkfs", f"--tar={mode}", img, t, *fixed)
     dev = loopdev(16 << 20)
-    _cli("mkfs", f"--tar={mode}", dev, t, *fixed)
+    run_erofs_tools("mkfs", f"--tar={mode}", dev, t, *fixed)
     assert _read(dev, img.stat().st_size) == img.read_bytes()
     fsck(dev, devices=[t] if mode == "i" else ())
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]
@@ -128,10 +121,10 @@ def test_mkfs_tar_writes_a_loop_device(tmp_path, loopdev, tree, mode):
 
 def test_a_mounted_device_is_refused(tmp_path, loopdev, tree):
     dev = loopdev(16 << 20)
-    _cli("mkfs", dev, tree, "-q")
+    run_erofs_tools("mkfs", dev, tree, "-q")
     with mounted(dev):
         before = _digest(dev)
-        r = _cli("mkfs", dev, tree, check=False)
+        r = run_erofs_tools("mkfs", dev, tree, check=False)
         assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
         assert "busy" in r.stderr and "nothing written" in r.stderr, r.stderr
         assert _digest(dev) == before
@@ -139,7 +132,7 @@ def test_a_mounted_device_is_refused(tmp_path, loopdev, tree):
 
 def test_a_mounted_device_is_refused_before_the_tar_is_read(tmp_path, loopdev, tree):
     dev = loopdev(16 << 20)
-    _cli("mkfs", dev, tree, "-q")
+    run_erofs_tools("mkfs", dev, tree, "-q")
     with mounted(dev):
         # stdin stays open and empty: the refusal must not wait for the tar's end
         p = subprocess.Popen([sys.executable, "-m", "erofs_tools", "mkfs", "--tar=f", dev,
@@ -165,7 +158,7 @@ def test_a_device_too_small_is_refused_with_nothing_written(tmp_path, loopdev, t
             src = tmp_path / "l.tar"
             with tarfile.open(src, "w") as tf:
                 tf.add(tree, arcname=".")
-        r = _cli("mkfs", *extra, dev, src, check=False)
+        r = run_erofs_tools("mkfs", *extra, dev, src, check=False)
         assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
         assert "nothing written" in r.stderr and "1048576" in r.stderr, r.stderr
         assert _read(dev, 1 << 20) == FILL * (1 << 20)
@@ -176,7 +169,7 @@ def test_a_device_outgrown_midway_says_it_was_partly_written(tmp_path, loopdev, 
     # it is written; the old superblock was zeroed first, so no image is left
     (tree / "more").write_bytes(os.urandom(2 << 20))
     dev = loopdev(1 << 20)
-    r = _cli("mkfs", "-zlz4", dev, tree, check=False)
+    r = run_erofs_tools("mkfs", "-zlz4", dev, tree, check=False)
     assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
     assert "does not fit" in r.stderr and "partly written" in r.stderr, r.stderr
     assert _read(dev, 4096) == bytes(4096)
@@ -191,7 +184,7 @@ def test_a_device_build_killed_midway_says_so(tmp_path, tree):
     with open(backing, "wb") as f:
         f.truncate(400 << 20)
     with _loop(backing) as dev:
-        _cli("mkfs", dev, tree, "-q")                  # an image there to be destroyed
+        run_erofs_tools("mkfs", dev, tree, "-q")                  # an image there to be destroyed
         big = tree / "big"
         big.mkdir()
         chunk = os.urandom(1 << 20)
@@ -223,16 +216,16 @@ def test_offset_in_a_file_keeps_the_bytes_before_and_mounts_through_losetup_o(
         tmp_path, tree):
     fixed = ["-U", "clear", "-T", "1", "--mkfs-time", "-q"]
     img = tmp_path / "img"
-    _cli("mkfs", img, tree, *fixed)
+    run_erofs_tools("mkfs", img, tree, *fixed)
     out = tmp_path / "disk"
     out.write_bytes(b"P" * 12288 + b"old" * 100000)
-    _cli("mkfs", "--offset=12288", out, tree, *fixed)
+    run_erofs_tools("mkfs", "--offset=12288", out, tree, *fixed)
     data = out.read_bytes()
     assert data[:12288] == b"P" * 12288
     assert data[12288:] == img.read_bytes()
     # a new file: zeros before the image
     new = tmp_path / "new"
-    _cli("mkfs", "--offset=0x1000", new, tree, *fixed)
+    run_erofs_tools("mkfs", "--offset=0x1000", new, tree, *fixed)
     assert new.read_bytes() == bytes(4096) + img.read_bytes()
     require_tool("fsck.erofs")
     p = subprocess.run(["fsck.erofs", "--offset=12288", "--extract", out],
@@ -252,7 +245,7 @@ def test_offset_not_block_aligned_with_z_and_tar(tmp_path, tree, args):
             tf.add(tree, arcname=".")
     out = tmp_path / "disk"
     out.write_bytes(b"head" * 25)
-    _cli("mkfs", "--offset=100", *args, out, src, "-q")
+    run_erofs_tools("mkfs", "--offset=100", *args, out, src, "-q")
     assert out.read_bytes()[:100] == b"head" * 25
     require_tool("fsck.erofs")
     dev = [f"--device={src}"] if "--tar=i" in args else []
@@ -267,7 +260,7 @@ def test_offset_not_block_aligned_with_z_and_tar(tmp_path, tree, args):
 
 @pytest.mark.parametrize("bad", ["abc", "-5", "0x", "9223372036854775808"])
 def test_a_bad_offset_is_one_line(tmp_path, tree, bad):
-    r = _cli("mkfs", f"--offset={bad}", tmp_path / "img", tree, check=False)
+    r = run_erofs_tools("mkfs", f"--offset={bad}", tmp_path / "img", tree, check=False)
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "--offset" in r.stderr, r.stderr
     assert not (tmp_path / "img").exists()
 
@@ -275,9 +268,9 @@ def test_a_bad_offset_is_one_line(tmp_path, tree, bad):
 def test_offset_in_a_device(tmp_path, loopdev, tree):
     fixed = ["-U", "clear", "-T", "1", "--mkfs-time", "-q"]
     img = tmp_path / "img"
-    _cli("mkfs", img, tree, *fixed)
+    run_erofs_tools("mkfs", img, tree, *fixed)
     dev = loopdev(16 << 20)
-    _cli("mkfs", "--offset=65536", dev, tree, *fixed)
+    run_erofs_tools("mkfs", "--offset=65536", dev, tree, *fixed)
     assert _read(dev, 65536) == FILL * 65536
     assert _read(dev, img.stat().st_size, 65536) == img.read_bytes()
     with _loop(dev, 65536) as inner, mounted(inner) as mnt:
@@ -285,6 +278,6 @@ def test_offset_in_a_device(tmp_path, loopdev, tree):
 
 
 def test_help_says_a_device_is_written_in_place():
-    out = " ".join(_cli("mkfs", "--help").stdout.split())
+    out = " ".join(run_erofs_tools("mkfs", "--help").stdout.split())
     assert "--offset" in out and "block device" in out
     assert shutil.which("losetup") or not is_root()

@@ -12,13 +12,13 @@ import subprocess
 
 import pytest
 from helpers import (
+    file_digests,
     fsck,
+    kernel_view,
+    mkfs_both,
     mounted,
-    require,
     require_root_kernel,
-    require_tool,
     run_mkfs,
-    scan_tree,
 )
 
 from erofs_tools.format import erofs as E
@@ -57,26 +57,8 @@ def tree(tmp_path_factory):
     return root
 
 
-def anchor_mkfs(image, source, *args):
-    require_tool("mkfs.erofs")
-    p = subprocess.run(["mkfs.erofs", "--help"], capture_output=True, text=True,
-                       errors="replace")
-    require("xattr-inode-digest" in p.stdout + p.stderr, "mkfs.erofs is not 1.9")
-    subprocess.run(["mkfs.erofs", "--quiet", "-T", "0", "-U", "clear", *args,
-                    os.fspath(image), os.fspath(source)], check=True, capture_output=True)
-
-
 def both(tmp_path, tree, *args):
-    ours, ref = tmp_path / "ours.img", tmp_path / "ref.img"
-    run_mkfs(ours, tree, "-q", "-T", "0", "-U", "clear", *args)
-    anchor_mkfs(ref, tree, *args)
-    return ours, ref
-
-
-def digests(tree):
-    return {rel: b"sha256:" + bytes.fromhex(rec["sha256"])
-            for rel, rec in scan_tree(tree).items()
-            if rec["type"] == 0o100000 and rec["size"]}
+    return mkfs_both(tmp_path, tree, *args, need="xattr-inode-digest")
 
 
 def reader_view(image):
@@ -93,13 +75,6 @@ def reader_view(image):
                 break
             packed = (packed, ino.size)
         return img.sb, img.long_xattr_prefixes(), xattrs, packed
-
-
-def kernel_view(mnt):
-    tree = scan_tree(mnt)
-    for rec in tree.values():
-        rec.pop("_ino", None)
-    return tree
 
 
 def table_of(prefixes):
@@ -144,7 +119,7 @@ def test_digest_and_prefix_through_the_kernel(tree, tmp_path, combo):
             assert packed[0].startswith(table_of(prefixes)), image
         views[image] = xattrs
     assert views[ours] == views[ref]
-    want = digests(tree)
+    want = file_digests(tree)
     require_root_kernel()
     with mounted(ours) as m_ours, mounted(ref) as m_ref:
         a = kernel_view(m_ours)
@@ -166,7 +141,7 @@ def test_default_digest_with_fragments(tree, tmp_path):
     ours, ref = both(tmp_path, tree, "--xattr-inode-digest", "-z", "lz4hc", "-E",
                      "fragments,dedupe")
     fsck(ours)
-    want = digests(tree)
+    want = file_digests(tree)
     got = {}
     for image in (ours, ref):
         sb, prefixes, xattrs, packed = reader_view(image)
@@ -256,7 +231,7 @@ def test_tar_digest_as_mkfs_erofs(tree, tmp_path, combo):
     args = ("--tar=f", "--xattr-inode-digest=user.digest", *TAR_COMBOS[combo])
     ours, ref = both(tmp_path, tar, *args)
     fsck(ours)
-    want = {os.path.normpath(b"./" + rel): v for rel, v in digests(tree).items()}
+    want = {os.path.normpath(b"./" + rel): v for rel, v in file_digests(tree).items()}
     require_root_kernel()
     with mounted(ours) as m_ours, mounted(ref) as m_ref:
         a = kernel_view(m_ours)

@@ -13,21 +13,12 @@ import os
 import random
 import struct
 import subprocess
-import sys
 import tarfile
 
 import pytest
-from helpers import assert_same_tree, fsck, mounted, require_tool
+from helpers import assert_same_tree, fsck, mounted, require_tool, run_erofs_tools
 
 B_SB_BLOCKS = 1024 + 36          # erofs_super_block.blocks
-
-
-def _cli(*args, check=True):
-    p = subprocess.run([sys.executable, "-m", "erofs_tools", *map(str, args)],
-                       capture_output=True, text=True, errors="replace", timeout=600)
-    if check:
-        assert p.returncode == 0, p.stdout + p.stderr
-    return p
 
 
 def _sb_blocks(path):
@@ -50,8 +41,8 @@ def tree(tmp_path):
 @pytest.mark.parametrize("args", [[], ["-zlz4hc", "-Efragments"]])
 def test_fsalignblks_rounds_the_image_and_sb_blocks(tmp_path, tree, n, unit, args):
     plain, ours, theirs = tmp_path / "plain", tmp_path / "ours", tmp_path / "theirs"
-    _cli("mkfs", "-q", "-T1", "-Uclear", *args, plain, tree)
-    _cli("mkfs", "-q", "-T1", "-Uclear", *args, f"--fsalignblks={n}", ours, tree)
+    run_erofs_tools("mkfs", "-q", "-T1", "-Uclear", *args, plain, tree)
+    run_erofs_tools("mkfs", "-q", "-T1", "-Uclear", *args, f"--fsalignblks={n}", ours, tree)
     blocks = plain.stat().st_size // 4096
     want = -(-blocks // unit) * unit
     assert ours.stat().st_size == want * 4096 and _sb_blocks(ours) == want
@@ -72,7 +63,7 @@ def test_fsalignblks_with_tar_index_maps_the_tar_after_the_rounded_index(tmp_pat
     with tarfile.open(t, "w") as tf:
         tf.add(tree, arcname=".")
     idx = tmp_path / "idx"
-    _cli("mkfs", "--tar=i", "--fsalignblks=64", "-q", idx, t)
+    run_erofs_tools("mkfs", "--tar=i", "--fsalignblks=64", "-q", idx, t)
     assert idx.stat().st_size % (64 * 512) == 0 and _sb_blocks(idx) * 512 == idx.stat().st_size
     fsck(idx, devices=[t])
     both = tmp_path / "both"
@@ -109,7 +100,7 @@ def test_dsunit_aligns_each_files_data(tmp_path, tree, unit, tar):
             tf.add(tree, arcname=".")
     ours, theirs = tmp_path / "ours", tmp_path / "theirs"
     tflag = ["--tar=f"] if tar else []
-    _cli("mkfs", "-q", *tflag, f"--dsunit={unit}", ours, src)
+    run_erofs_tools("mkfs", "-q", *tflag, f"--dsunit={unit}", ours, src)
     require_tool("dump.erofs")
     firsts = _first_blocks(ours)
     assert len(firsts) >= 20 and all(b % unit == 0 for b in firsts.values()), firsts
@@ -127,25 +118,26 @@ def test_dsunit_aligns_each_files_data(tmp_path, tree, unit, tar):
 
 def test_tuning_knobs_that_change_nothing_are_accepted(tmp_path, tree):
     base = tmp_path / "base"
-    _cli("mkfs", "-q", "-T1", "-Uclear", base, tree)
+    run_erofs_tools("mkfs", "-q", "-T1", "-Uclear", base, tree)
     for opt in ("--async-queue-limit=16", "--async-queue-limit=0", "--dsunit=0",
                 "--dsunit=1", "--max-extent-bytes=8192"):
         out = tmp_path / "out"
-        _cli("mkfs", "-q", "-T1", "-Uclear", opt, out, tree)
+        run_erofs_tools("mkfs", "-q", "-T1", "-Uclear", opt, out, tree)
         assert out.read_bytes() == base.read_bytes(), opt
 
 
 @pytest.mark.parametrize("args,what", [
     (["--dsunit=x"], "--dsunit"),
     (["--max-extent-bytes=1000", "-zlz4"], "block size"),        # (mkfs.erofs: both too)
-    (["--max-extent-bytes=-8192", "-zlz4"], "48-bit"),
+    (["--max-extent-bytes=-8192", "-zlz4"], "unaligned"),
+    (["--max-extent-bytes=-8192", "-zlz4", "-E48bit"], "unaligned"),
     (["--max-extent-bytes=x"], "--max-extent-bytes"),
     (["--async-queue-limit=3"], "power of two"),
     (["--async-queue-limit=q"], "--async-queue-limit"),
     (["--fsalignblks=-1"], "--fsalignblks"),
 ])
 def test_what_would_change_the_image_is_refused(tmp_path, tree, args, what):
-    r = _cli("mkfs", *args, tmp_path / "img", tree, check=False)
+    r = run_erofs_tools("mkfs", *args, tmp_path / "img", tree, check=False)
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and what in r.stderr, r.stderr
     assert not (tmp_path / "img").exists()
 
@@ -173,7 +165,7 @@ def test_dsunit_with_z_aligns_each_files_first_pcluster(tmp_path, tree, args):
     for i in range(6):
         (tree / f"t{i}").write_bytes(b"text %d of a file, " % i * (3000 + 977 * i))
     ours, theirs = tmp_path / "ours", tmp_path / "theirs"
-    _cli("mkfs", "-q", "-T1", "-Uclear", *args, "--dsunit=4", ours, tree)
+    run_erofs_tools("mkfs", "-q", "-T1", "-Uclear", *args, "--dsunit=4", ours, tree)
     require_tool("mkfs.erofs")
     subprocess.run(["mkfs.erofs", "--quiet", "-T1", "-Uclear", *args, "--dsunit=4", theirs,
                     tree], check=True, capture_output=True)
@@ -208,7 +200,7 @@ def test_max_extent_bytes_caps_each_compressed_extent(tmp_path, tree, args, cap)
     words = [b"extent", b"of", b"text", b"capped", b"pcluster", b"erofs", b"block", b"\n"]
     (tree / "text").write_bytes(b" ".join(rnd.choice(words) for _ in range(90000))[:540000])
     ours, theirs = tmp_path / "ours", tmp_path / "theirs"
-    _cli("mkfs", "-q", "-T1", "-Uclear", *args, f"--max-extent-bytes={cap}", ours, tree)
+    run_erofs_tools("mkfs", "-q", "-T1", "-Uclear", *args, f"--max-extent-bytes={cap}", ours, tree)
     require_tool("dump.erofs")
     for rel in ("text", "d/f29"):         # (big: random, stored uncompressed)
         ext = _extents(ours, rel)
@@ -232,7 +224,7 @@ def test_mkfs_erofs_refuses_a_queue_limit_not_a_power_of_two(tmp_path, tree):
 
 
 def test_help_lists_them():
-    out = " ".join(_cli("mkfs", "--help").stdout.split())
+    out = " ".join(run_erofs_tools("mkfs", "--help").stdout.split())
     for opt in ("--fsalignblks", "--dsunit", "--max-extent-bytes", "--async-queue-limit"):
         assert opt in out
     assert "no effect" in out
@@ -251,7 +243,7 @@ def test_max_extent_bytes_with_dedupe_stores_one_block_then_compresses_again(tmp
     (src / "mixed").write_bytes(os.urandom(4096) + text)
     ours, theirs = tmp_path / "ours", tmp_path / "theirs"
     args = ["-zlz4hc", "-C65536", "-Ededupe", "--max-extent-bytes=8192"]
-    _cli("mkfs", "-q", "-T1", "-Uclear", *args, ours, src)
+    run_erofs_tools("mkfs", "-q", "-T1", "-Uclear", *args, ours, src)
     require_tool("mkfs.erofs")
     subprocess.run(["mkfs.erofs", "--quiet", "-T1", "-Uclear", *args, theirs, src],
                    check=True, capture_output=True)

@@ -12,13 +12,14 @@ import sys
 
 import pytest
 from helpers import (
+    file_digests,
     fsck,
+    kernel_view,
+    mkfs_both,
     mounted,
-    require,
     require_root_kernel,
     require_tool,
     run_mkfs,
-    scan_tree,
 )
 
 from erofs_tools.format import erofs as E
@@ -58,31 +59,8 @@ def tree(tmp_path_factory):
     return root
 
 
-def anchor_mkfs(image, source, *args):
-    require_tool("mkfs.erofs")
-    help_text = subprocess.run(["mkfs.erofs", "--help"], capture_output=True, text=True,
-                               errors="replace")
-    require("xattr-inode-digest" in help_text.stdout + help_text.stderr,
-            "mkfs.erofs without --xattr-inode-digest (needs the 1.9 anchor: "
-            "export PATH=$(python3 benchmarks/anchor.py):$PATH)")
-    subprocess.run(["mkfs.erofs", "--quiet", "-T", "0", "-U", "clear", *args,
-                    os.fspath(image), os.fspath(source)], check=True, capture_output=True)
-
-
 def both(tmp_path, tree, *args):
-    ours, ref = tmp_path / "ours.img", tmp_path / "ref.img"
-    run_mkfs(ours, tree, "-q", "-T", "0", "-U", "clear", *args)
-    anchor_mkfs(ref, tree, *args)
-    return ours, ref
-
-
-def expected_digests(tree):
-    """relative path -> b"sha256:" + digest, for every non-empty regular file."""
-    out = {}
-    for rel, rec in scan_tree(tree).items():
-        if rec["type"] == 0o100000 and rec["size"]:
-            out[rel] = b"sha256:" + bytes.fromhex(rec["sha256"])
-    return out
+    return mkfs_both(tmp_path, tree, *args, need="xattr-inode-digest")
 
 
 def reader_view(image):
@@ -96,14 +74,6 @@ def reader_view(image):
         return img.sb, img.long_xattr_prefixes(), xattrs, icounts
 
 
-def kernel_view(mnt):
-    """The mounted tree with full metadata, inode numbers left out (nids differ)."""
-    tree = scan_tree(mnt)
-    for rec in tree.values():
-        rec.pop("_ino", None)
-    return tree
-
-
 def erofs_tools(*args):
     return subprocess.run([sys.executable, "-m", "erofs_tools", *map(os.fspath, args)],
                           capture_output=True, text=True)
@@ -113,7 +83,7 @@ def test_default_name_as_mkfs_erofs(tree, tmp_path):
     """The default name: same prefix table, same fingerprint on every file (read by our
     reader: the kernel shows no xattr outside the known namespaces), same features."""
     ours, ref = both(tmp_path, tree, "--xattr-inode-digest")
-    want = expected_digests(tree)
+    want = file_digests(tree)
     got, sbs, icounts = {}, {}, {}
     for image in (ours, ref):
         sb, prefixes, xattrs, icounts[image] = reader_view(image)
@@ -153,7 +123,7 @@ def test_named_digest_through_the_kernel(tree, tmp_path, name, extra):
     file with full metadata (hardlinks included), and the value is the content's sha256."""
     require_root_kernel()
     ours, ref = both(tmp_path, tree, f"--xattr-inode-digest={name}", *extra)
-    want = expected_digests(tree)
+    want = file_digests(tree)
     fsck(ours)
     with mounted(ours) as m_ours, mounted(ref) as m_ref:
         a = kernel_view(m_ours)
@@ -174,7 +144,7 @@ def test_named_digest_through_the_kernel(tree, tmp_path, name, extra):
 def test_unpack_restores_the_fingerprint(tree, tmp_path):
     """unpack of our image and of mkfs.erofs's restores NAME (in user.) on every file."""
     ours, ref = both(tmp_path, tree, "--xattr-inode-digest=user.fp")
-    want = expected_digests(tree)
+    want = file_digests(tree)
     for image in (ours, ref):
         out = tmp_path / (image.stem + "-unpacked")
         p = erofs_tools("unpack", "-o", out, image)

@@ -46,6 +46,22 @@ def _tree(root, seed, sizes):
     return root
 
 
+def dict_pair(tmp_path):
+    """Image b1 of a tree and image b2 of part of it plus a new file, built with
+    --chunk-dict b1, their blobs in tmp_path/blobs -> {"base", "src" (the trees),
+    "blobs", "i1", "i2" (b1's and b2's pack info)}."""
+    base = _tree(str(tmp_path / "base"), 3, [100_000 + 997 * i for i in range(len(NAMES))])
+    src = str(tmp_path / "src")
+    shutil.copytree(os.path.join(base, "d0"), os.path.join(src, "d0"))
+    with open(os.path.join(src, "new.bin"), "wb") as f:
+        f.write(random.Random(4).randbytes(200_000))
+    blobs = str(tmp_path / "blobs")
+    i1 = pack(base, str(tmp_path / "b1"), blobs, "--chunk-size", CHUNK)
+    i2 = pack(src, str(tmp_path / "b2"), blobs, "--chunk-size", CHUNK, "--chunk-dict",
+              str(tmp_path / "b1"))
+    return {"base": base, "src": src, "blobs": blobs, "i1": i1, "i2": i2}
+
+
 def make_attack(base):
     """-> dict: genuine tree/boot/blob dir, attacker tree/boot/blob dir, the blob id."""
     base = str(base)
@@ -184,15 +200,8 @@ def test_images_sharing_a_blob_share_its_cache(tmp_path):
     """Dedup stays: an image built with --chunk-dict from another names the same blob
     with a subset of its chunk table; both mounted at once use one cache file."""
     require_lazy_kernel()
-    base = _tree(str(tmp_path / "base"), 3, [100_000 + 997 * i for i in range(len(NAMES))])
-    src = str(tmp_path / "src")
-    shutil.copytree(os.path.join(base, "d0"), os.path.join(src, "d0"))
-    with open(os.path.join(src, "new.bin"), "wb") as f:
-        f.write(random.Random(4).randbytes(200_000))
-    blobs = str(tmp_path / "blobs")
-    i1 = pack(base, str(tmp_path / "b1"), blobs, "--chunk-size", CHUNK)
-    i2 = pack(src, str(tmp_path / "b2"), blobs, "--chunk-size", CHUNK, "--chunk-dict",
-              str(tmp_path / "b1"))
+    pair = dict_pair(tmp_path)
+    base, src, blobs, i1, i2 = (pair[k] for k in ("base", "src", "blobs", "i1", "i2"))
     shared = i1["blobs"][0]["blob_id"]
     assert shared in [b["blob_id"] for b in i2["blobs"]]
     d = DaemonProc(str(tmp_path / "d"), threads=4).start()
@@ -270,22 +279,7 @@ def test_both_mounted_each_own_bytes_across_restarts_and_release(attack, tmp_pat
 
 
 def _holder_status(d):
-    from fscache_daemon.frontend.fdholder import HolderChannel
-    ch = HolderChannel(os.path.join(d.cache_dir, "fdholder.sock"), timeout=5)
-    try:
-        return ch.status()
-    finally:
-        ch.close()
-
-
-def _wait_for(pred, what, timeout=30.0):
-    import time
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+    return helpers.holder_status(os.path.join(d.cache_dir, "fdholder.sock"))
 
 
 def test_variant_marks_apart_and_released_with_its_last_superblock(attack, tmp_path):
@@ -322,7 +316,7 @@ def test_variant_marks_apart_and_released_with_its_last_superblock(attack, tmp_p
         drop_caches()
         expect_own_bytes(a["g_src"], ov["merged"])
         subprocess.run(["umount", ov["merged"]], check=True)
-        _wait_for(lambda: gkey not in d.metrics()["blobs"], "the variant's release")
+        helpers.wait_until(lambda: gkey not in d.metrics()["blobs"], 30, "the variant's release")
         assert gfile not in _holder_status(d)["marks"]
         assert d.metrics()["detached"] == 0
     finally:

@@ -219,24 +219,13 @@ def test_restore_refuses_cache_keys_of_another_blob(attack, tmp_path):
 def test_failed_mount_keeps_no_blob_open(tmp_path):
     """A mount whose second blob cannot be opened (here: missing from its backend)
     leaves none of its blobs open: no cache held for an image that is not there."""
-    import random
-    import shutil
-
-    from test_daemon_support import pack
-    from test_poisoning import CHUNK, NAMES, _tree
+    from test_poisoning import dict_pair
 
     from fscache_daemon.daemon import Daemon
     from fscache_daemon.errors import DaemonError
     from fscache_daemon.frontend.base import NullFrontend
-    base = _tree(str(tmp_path / "base"), 3, [100_000 + 997 * i for i in range(len(NAMES))])
-    src = str(tmp_path / "src")
-    shutil.copytree(os.path.join(base, "d0"), os.path.join(src, "d0"))
-    with open(os.path.join(src, "new.bin"), "wb") as f:
-        f.write(random.Random(4).randbytes(200_000))
-    blobs = str(tmp_path / "blobs")
-    pack(base, str(tmp_path / "b1"), blobs, "--chunk-size", CHUNK)
-    i2 = pack(src, str(tmp_path / "b2"), blobs, "--chunk-size", CHUNK, "--chunk-dict",
-              str(tmp_path / "b1"))
+    pair = dict_pair(tmp_path)
+    i2, blobs = pair["i2"], pair["blobs"]
     ids = [b["blob_id"] for b in i2["blobs"]]
     assert len(ids) == 2
     os.unlink(os.path.join(blobs, ids[-1]))

@@ -24,7 +24,8 @@ from erofs_tools.reader.image import Image
 PAGE = os.sysconf("SC_PAGESIZE")
 
 # the tool with a hook: at the Nth Image.inode call, the file at PATH is truncated to
-# ARG bytes ("truncate"), or 4 KiB at offset ARG are overwritten in place ("rewrite")
+# ARG bytes ("truncate"), or 4 KiB at offset ARG are overwritten in place ("rewrite"; with
+# "rewrite-keep" the writer then sets the file's times back to what they were)
 HOOK = textwrap.dedent("""
     import os, sys, time
     from erofs_tools.reader import image as _image
@@ -38,9 +39,13 @@ HOOK = textwrap.dedent("""
                 os.truncate(path, arg)
             else:
                 time.sleep(0.05)        # a slow reader: the mtime moves on any kernel
+                st = os.stat(path)
                 with open(path, "r+b") as f:
                     f.seek(arg)
                     f.write(bytes(range(256)) * 16)
+                if mode == "rewrite-keep":
+                    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+                    assert os.stat(path).st_mtime_ns == st.st_mtime_ns
         return _orig(self, nid)
 
     _image.Image.inode = _inode
@@ -183,6 +188,19 @@ def test_unpack_rewritten_in_place(work):
     size = (work / "plain.img").stat().st_size
     for args in (("-o", work / "out"), ("--tar", work / "out.tar")):
         r = _tool(work / "plain.img", 2, "rewrite", size - (1 << 20), "unpack",
+                  work / "plain.img", *args)
+        _one_error(r)
+        assert _left(work) == []
+
+
+def test_unpack_rewritten_keeping_mtime(work):
+    """The same rewrite by a writer that sets the mtime back (os.utime): the size and
+    mtime are as they were, but the ctime moved (no user can set it), so nothing is
+    committed. Before the ctime was compared, both outputs were written with the
+    rewritten bytes and the command exited 0."""
+    size = (work / "plain.img").stat().st_size
+    for args in (("-o", work / "out"), ("--tar", work / "out.tar")):
+        r = _tool(work / "plain.img", 2, "rewrite-keep", size - (1 << 20), "unpack",
                   work / "plain.img", *args)
         _one_error(r)
         assert _left(work) == []

@@ -273,6 +273,24 @@ def bytes_file(tmp_path, data):
     return p
 
 
+def test_48bit_layout_read(tmp_path, tree):
+    """mkfs.erofs -E48bit (extent records) is read: check, stat, unpack (the source's
+    content); it was refused in one line before (tests/test_read_48bit.py covers the
+    layouts and the kernel)."""
+    require_tool("mkfs.erofs")
+    img = tmp_path / "48.img"
+    p = _run("mkfs.erofs", "--quiet", "-zlz4", "-E48bit", img, tree)
+    assert p.returncode == 0, p.stderr
+    for args in (["check", img], ["unpack", "-o", tmp_path / "o", img], ["stat", img]):
+        p = _cli(*args)
+        assert p.returncode == 0, p.stdout + p.stderr
+    for name in os.listdir(tree):
+        src = os.path.join(tree, name)
+        if os.path.isfile(src) and not os.path.islink(src):
+            with open(src, "rb") as a, open(tmp_path / "o" / name, "rb") as b:
+                assert a.read() == b.read(), name
+
+
 def test_inodes_sharing_index_bytes_are_refused(tmp_path, tree):
     """Many inodes whose maps read the same index bytes (a crafted image) cost at most
     one lcluster entry per image byte, then a one-line error."""

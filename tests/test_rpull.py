@@ -30,6 +30,7 @@ from containerd_fixtures import (
     tar_layer,
     wait_for,
 )
+from nydus_fixtures import convert
 from registry_fixtures import FlakyProxy, registry  # noqa: F401
 from test_daemon_support import DaemonProc, require_lazy_kernel, socket_answers
 
@@ -110,10 +111,7 @@ def test_rpull_runs_lazily_and_goes_with_the_image(registry, tmp_path):  # noqa:
                          ["/bin/sh"], gzipped=True)
         image.push(registry.client(), "src/busybox", "1")
         ref = f"{registry.host}/nydus/busybox:1"
-        p = subprocess.run([sys.executable, "-m", "erofs_tools", "convert", "--insecure",
-                            f"{registry.host}/src/busybox:1", ref, "--json"],
-                           capture_output=True, text=True, timeout=300, cwd=REPO)
-        assert p.returncode == 0, p.stderr
+        convert(f"{registry.host}/src/busybox:1", ref)
         manifest = registry.client().get_manifest("nydus/busybox", "1").json
         blobs = [x["digest"] for x in manifest["layers"]
                  if x.get("annotations", {}).get("containerd.io/snapshot/nydus-blob")]
@@ -319,11 +317,7 @@ def test_rpull_insecure_reaches_the_lazy_mount(registry):  # noqa: F811
         proxy = FlakyProxy(registry.host, bind="127.0.0.2")
         OciImage(busybox_layers(), ["/bin/sh"], gzipped=True).push(
             registry.client(), "src/plain", "1")
-        p = subprocess.run([sys.executable, "-m", "erofs_tools", "convert", "--insecure",
-                            f"{registry.host}/src/plain:1",
-                            f"{registry.host}/nydus/plain:1"],
-                           capture_output=True, text=True, timeout=300, cwd=REPO)
-        assert p.returncode == 0, p.stderr
+        convert(f"{registry.host}/src/plain:1", f"{registry.host}/nydus/plain:1")
         ref = f"{proxy.host}/nydus/plain:1"
         # not loopback: verified HTTPS unless asked, and this registry has no TLS
         p = rpull(ctd, ref)

@@ -23,11 +23,11 @@ from containerd_fixtures import (
     require_containerd,
     wait_for,
 )
+from nydus_fixtures import BUSYBOX_EXPECTED, BUSYBOX_SCRIPT, CRI_NS
 from registry_fixtures import registry_basic  # noqa: F401
 from test_daemon_support import DaemonProc, require_lazy_kernel, socket_answers
 from test_rpull import rpull
 from test_snapshotter_hosts_cache import basic_auth, nydus_image_on_mirror, upstream_with_mirror
-from test_snapshotter_nydus import CRI_NS, EXPECTED, SCRIPT
 
 pytestmark = [pytest.mark.root, pytest.mark.registry]
 
@@ -72,8 +72,8 @@ def test_cri_pull_and_lazy_reads_with_containerd_credentials(registry_basic,  # 
                           "/bin/busybox", "sha256sum", "/data/big", ns=CRI_NS)
         assert out.split()[0].decode() == hashlib.sha256(big).hexdigest()
         out = ctd.run_out("--snapshotter", SNAPSHOTTER, ref, "cri2",
-                          "/bin/sh", "-c", SCRIPT, ns=CRI_NS)
-        assert out == EXPECTED
+                          "/bin/sh", "-c", BUSYBOX_SCRIPT, ns=CRI_NS)
+        assert out == BUSYBOX_EXPECTED
 
         # the data blobs came from the mirror, each host saw its own credentials only
         data_reads = [r for r in mp.requests if "/blobs/sha256:" in r]

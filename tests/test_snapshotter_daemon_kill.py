@@ -11,7 +11,6 @@ import os
 import random
 import re
 import secrets
-import shutil
 import signal
 import subprocess
 import time
@@ -20,15 +19,13 @@ import helpers
 import pytest
 from containerd_fixtures import (
     SNAPSHOTTER,
-    Containerd,
     busybox_layers,
     cri_pull,
     require_containerd,
-    short_tmpdir,
     tar_layer,
     wait_for,
 )
-from nydus_fixtures import CRI_NS, SnapshotterDaemon, push_nydus, snapshot_rows
+from nydus_fixtures import CRI_NS, daemon_stack, push_nydus, remove_images, snapshot_rows
 from registry_fixtures import FlakyProxy, registry  # noqa: F401
 from test_daemon_support import require_lazy_kernel
 
@@ -37,19 +34,21 @@ pytestmark = [pytest.mark.root, pytest.mark.registry]
 BIG = 64 << 20
 
 
+def _kill(p: subprocess.Popen | None) -> None:
+    if p is not None and p.poll() is None:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+
+
 def test_daemon_sigkill_while_a_container_reads(registry):  # noqa: F811
     require_containerd()
     require_lazy_kernel()
-    d = short_tmpdir("snapkill-")
     tag = secrets.token_hex(3)          # container ids are global to runc's state root
     big = random.Random(11).randbytes(BIG)      # incompressible: a 64 MiB blob
     proxy = FlakyProxy(registry.host)
-    daemon = SnapshotterDaemon(os.path.join(d, "daemon"), insecure=(proxy.host,))
-    ctd = reader = None
-    try:
-        daemon.start()
-        ctd = Containerd(d, {SNAPSHOTTER: daemon.snap_sock}, cri_snapshotter=SNAPSHOTTER,
-                         plain_http_hosts=(proxy.host,))
+    reader = None
+    with daemon_stack("snapkill-", (proxy.host,), before=(lambda: _kill(reader),),
+                      after=(proxy,)) as (d, daemon, ctd):
         ref = push_nydus(registry, "bigread", busybox_layers() + [
             tar_layer([("data", "dir", None), ("data/big", "file", big)])], via=proxy.host)
         manifest = registry.client().get_manifest("nydus/bigread", "1").json
@@ -112,24 +111,13 @@ def test_daemon_sigkill_while_a_container_reads(registry):  # noqa: F811
         for c in (f"long-{tag}", f"reader-{tag}"):
             ctd.ctr("task", "rm", "-f", c, ns=CRI_NS, check=False)
             ctd.ctr("container", "rm", c, ns=CRI_NS)
-        names = ctd.ctr("image", "ls", "-q", ns=CRI_NS).stdout.decode().split()
-        ctd.ctr("image", "rm", "--sync", *names, ns=CRI_NS)
-        wait_for(lambda: os.listdir(os.path.join(daemon.snap_root, "snapshots")) == [], 60,
-                 "snapshots removed", log=daemon.log_path)
+        remove_images(ctd)
+        daemon.wait_snapshots_removed()
         assert snapshot_rows(ctd) == []
         assert daemon.lazy_mounts() == []
         st, mounts = daemon.api.request("GET", "/api/v1/mounts")
         assert st == 200 and mounts == []
         print(f"killed at {fetched} of {BIG} bytes fetched; reader exact after restart")
-    finally:
-        if reader is not None and reader.poll() is None:
-            reader.send_signal(signal.SIGKILL)
-            reader.wait()
-        proxy.stop()
-        if ctd is not None:
-            ctd.stop()
-        daemon.cleanup()
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def test_daemon_sigkill_while_it_mounts_an_image(registry):  # noqa: F811
@@ -140,15 +128,11 @@ def test_daemon_sigkill_while_it_mounts_an_image(registry):  # noqa: F811
     runs, and removing the image leaves nothing."""
     require_containerd()
     require_lazy_kernel()
-    d = short_tmpdir("snapkillm-")
     tag = secrets.token_hex(3)
     proxy = FlakyProxy(registry.host)
-    daemon = SnapshotterDaemon(os.path.join(d, "daemon"), insecure=(proxy.host,))
-    ctd = starter = None
-    try:
-        daemon.start()
-        ctd = Containerd(d, {SNAPSHOTTER: daemon.snap_sock}, cri_snapshotter=SNAPSHOTTER,
-                         plain_http_hosts=(proxy.host,))
+    starter = None
+    with daemon_stack("snapkillm-", (proxy.host,), before=(lambda: _kill(starter),),
+                      after=(proxy,)) as (d, daemon, ctd):
         ref = push_nydus(registry, "mountkill", busybox_layers(), via=proxy.host)
         manifest = registry.client().get_manifest("nydus/mountkill", "1").json
         blobs = [x["digest"] for x in manifest["layers"][:-1]]
@@ -186,19 +170,8 @@ def test_daemon_sigkill_while_it_mounts_an_image(registry):  # noqa: F811
         snaps = os.path.join(daemon.snap_root, "snapshots")
         wait_for(lambda: len(os.listdir(snaps)) == len(before), 60,
                  "the orphaned snapshot collected", log=daemon.log_path)
-        names = ctd.ctr("image", "ls", "-q", ns=CRI_NS).stdout.decode().split()
-        ctd.ctr("image", "rm", "--sync", *names, ns=CRI_NS)
-        wait_for(lambda: os.listdir(snaps) == [], 60, "snapshots removed",
-                 log=daemon.log_path)
+        remove_images(ctd)
+        daemon.wait_snapshots_removed()
         assert snapshot_rows(ctd) == [] and daemon.lazy_mounts() == []
         st, mounts = daemon.api.request("GET", "/api/v1/mounts")
         assert st == 200 and mounts == []
-    finally:
-        if starter is not None and starter.poll() is None:
-            starter.send_signal(signal.SIGKILL)
-            starter.wait()
-        proxy.stop()
-        if ctd is not None:
-            ctd.stop()
-        daemon.cleanup()
-        shutil.rmtree(d, ignore_errors=True)

@@ -17,8 +17,6 @@ import json
 import os
 import random
 import shutil
-import subprocess
-import sys
 
 import helpers
 import pytest
@@ -33,6 +31,7 @@ from containerd_fixtures import (
     tar_layer,
     wait_for,
 )
+from nydus_fixtures import BUSYBOX_EXPECTED, BUSYBOX_SCRIPT, CRI_NS, convert
 from registry_fixtures import (  # noqa: F401
     FlakyProxy,
     RegistryServer,
@@ -41,7 +40,6 @@ from registry_fixtures import (  # noqa: F401
 )
 from test_cache_limit import du
 from test_daemon_support import DaemonProc, require_lazy_kernel, socket_answers
-from test_snapshotter_nydus import CRI_NS, EXPECTED, SCRIPT
 
 pytestmark = [pytest.mark.root, pytest.mark.registry]
 
@@ -107,10 +105,7 @@ def nydus_image_on_mirror(server, up_host: str, mirror, big: bytes,
                      ["/bin/sh"], gzipped=True)
     image.push(server.client(), "src/busybox", "1")
     ref = f"{up_host}/nydus/busybox:1"
-    p = subprocess.run([sys.executable, "-m", "erofs_tools", "convert", "--insecure",
-                        f"{up_host}/src/busybox:1", ref, "--json"],
-                       capture_output=True, text=True, timeout=300, env=env)
-    assert p.returncode == 0, p.stderr
+    convert(f"{up_host}/src/busybox:1", ref, env=env)
     src, dst = server.client(), mirror.client()
     try:
         manifest = src.get_manifest("nydus/busybox", "1").json
@@ -160,8 +155,8 @@ def test_cri_pull_with_credentials_mirror_and_cache_limit(registry_basic,  # noq
         ctd.wait_snapshotter(SNAPSHOTTER)
         cri_pull(ctd.sock, ref, auth=(registry_basic.username, registry_basic.password))
         out = ctd.run_out("--snapshotter", SNAPSHOTTER, ref, "hc1",
-                      "/bin/sh", "-c", SCRIPT, ns=CRI_NS)
-        assert out == EXPECTED
+                      "/bin/sh", "-c", BUSYBOX_SCRIPT, ns=CRI_NS)
+        assert out == BUSYBOX_EXPECTED
         out = ctd.run_out("--snapshotter", SNAPSHOTTER, ref, "hc2",
                       "/bin/busybox", "sha256sum", "/data/big", ns=CRI_NS)
         assert out.split()[0].decode() == hashlib.sha256(big).hexdigest()

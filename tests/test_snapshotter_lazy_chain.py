@@ -13,10 +13,9 @@ import pytest
 from helpers import require, sys_mount, sys_umount
 from test_snapshotter_service import (
     StandInDaemonAPI,
-    _bootstrap_layer,
+    blob_then_bootstrap,
     code_of,
     nydus_service,
-    prepare_blob_layer,
 )
 
 from fscache_daemon.snapshotter.proto import snapshots_pb2 as pb
@@ -24,8 +23,6 @@ from fscache_daemon.snapshotter.proto import snapshots_pb2 as pb
 pytestmark = pytest.mark.root
 
 MS_BIND = 0x1000
-BOOT = {"containerd.io/snapshot/nydus-bootstrap": "true",
-        "containerd.io/snapshot/cri.image-ref": "registry.test/app:1"}
 
 
 class MountingDaemonAPI(StandInDaemonAPI):
@@ -86,6 +83,19 @@ def _mounted(m, where: str, flags: int = 0):
         sys_umount(where)
 
 
+def _image_tree(tmp_path, files: dict):
+    """A tmpfs at tmp_path/image-tree holding `files` ({relative path: bytes}), the tree
+    MountingDaemonAPI mounts for an image (the caller unmounts it) -> its path."""
+    tree = tmp_path / "image-tree"
+    tree.mkdir()
+    sys_mount("tmpfs", str(tree), "tmpfs", 0, "size=1m")
+    for rel, data in files.items():
+        (tree / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tree / rel).write_bytes(data)
+    MountingDaemonAPI.tree = str(tree)
+    return tree
+
+
 def test_snapshot_above_a_committed_child_of_a_nydus_image_sees_the_image(tmp_path):
     """A container's snapshot committed on a Nydus image (nerdctl commit, a build
     FROM the image) and a snapshot prepared on that: its lower layers are the committed
@@ -94,21 +104,13 @@ def test_snapshot_above_a_committed_child_of_a_nydus_image_sees_the_image(tmp_pa
     bootstrap layer, so this snapshot got the bootstrap layer's own directory (holding
     image/image.boot) and the empty blob layers as lowers: none of the image's files."""
     require(os.geteuid() == 0, "needs root (bind and overlay mounts)")
-    tree = tmp_path / "image-tree"
-    tree.mkdir()
-    sys_mount("tmpfs", str(tree), "tmpfs", 0, "size=1m")
-    (tree / "bin").mkdir()
-    (tree / "bin" / "app").write_bytes(b"the image's file\n")
-    MountingDaemonAPI.tree = str(tree)
+    tree = _image_tree(tmp_path, {"bin/app": b"the image's file\n"})
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     with contextlib.ExitStack() as stack:
         stack.callback(sys_umount, str(tree), True)
         c, api = stack.enter_context(nydus_service(tmp_path, MountingDaemonAPI))
-        target = "sha256:" + "1" * 64
-        prepare_blob_layer(c, "extract-1 " + target, target)
-        (blob,) = c.walk()
-        _bootstrap_layer(c, "boot", blob.name, BOOT, tmp_path)
+        blob = blob_then_bootstrap(c, tmp_path)
         c.commit("boot-c", "boot")
         (ctr,) = c.prepare("ctr", "boot-c")
         lazy = _opts(ctr)["lowerdir"]
@@ -149,19 +151,12 @@ def test_lazy_mount_the_daemon_no_longer_knows_goes_with_its_snapshot(tmp_path):
     would ever release it, nor the cache files its superblock holds. The snapshotter
     detaches it itself."""
     require(os.geteuid() == 0, "needs root (bind mounts)")
-    tree = tmp_path / "image-tree"
-    tree.mkdir()
-    sys_mount("tmpfs", str(tree), "tmpfs", 0, "size=1m")
-    (tree / "f").write_bytes(b"x")
-    MountingDaemonAPI.tree = str(tree)
+    tree = _image_tree(tmp_path, {"f": b"x"})
     with contextlib.ExitStack() as stack:
         stack.callback(sys_umount, str(tree), True)
         stack.callback(setattr, MountingDaemonAPI, "forgets", False)
         c, api = stack.enter_context(nydus_service(tmp_path, MountingDaemonAPI))
-        target = "sha256:" + "1" * 64
-        prepare_blob_layer(c, "extract-1 " + target, target)
-        (blob,) = c.walk()
-        _bootstrap_layer(c, "boot", blob.name, BOOT, tmp_path)
+        blob = blob_then_bootstrap(c, tmp_path)
         c.commit("boot-c", "boot")
         (ctr,) = c.prepare("ctr", "boot-c")
         lazy = _opts(ctr)["lowerdir"]
@@ -183,11 +178,7 @@ def test_mount_whose_image_is_gone_is_made_afresh_before_it_is_handed_out(tmp_pa
     directory as the container's lower), and only a later Mounts call mounted it."""
     from fscache_daemon.snapshotter import imagerefs
     require(os.geteuid() == 0, "needs root (bind mounts)")
-    tree = tmp_path / "image-tree"
-    tree.mkdir()
-    sys_mount("tmpfs", str(tree), "tmpfs", 0, "size=1m")
-    (tree / "f").write_bytes(b"x")
-    MountingDaemonAPI.tree = str(tree)
+    tree = _image_tree(tmp_path, {"f": b"x"})
     on_chain: list[str] = []
     asked: list[tuple[str, str]] = []
 
@@ -199,10 +190,7 @@ def test_mount_whose_image_is_gone_is_made_afresh_before_it_is_handed_out(tmp_pa
         stack.callback(sys_umount, str(tree), True)
         c, api = stack.enter_context(nydus_service(tmp_path, MountingDaemonAPI,
                                                    containerd_address="/nonexistent"))
-        target = "sha256:" + "1" * 64
-        prepare_blob_layer(c, "extract-1 " + target, target)
-        (blob,) = c.walk()
-        _bootstrap_layer(c, "boot", blob.name, BOOT, tmp_path)
+        blob_then_bootstrap(c, tmp_path)
         chain = "sha256:" + "2" * 64
         c.commit(f"ns1/8/{chain}", "boot")     # named as containerd's metadata names it
         (ctr,) = c.prepare("ctr", f"ns1/8/{chain}")     # no image listed: the recorded one

@@ -11,25 +11,21 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import secrets
-import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from containerd_fixtures import (
     SNAPSHOTTER,
-    Containerd,
     busybox_layers,
     cri_pull,
     require_containerd,
-    short_tmpdir,
     tar_layer,
     wait_for,
 )
-from nydus_fixtures import CRI_NS, SnapshotterDaemon, push_nydus, snapshot_rows
+from nydus_fixtures import CRI_NS, daemon_stack, push_nydus, remove_images, snapshot_rows
 from registry_fixtures import registry  # noqa: F401
 from test_daemon_support import require_lazy_kernel
 
@@ -48,14 +44,8 @@ def _quantile(values: list[float], q: float) -> float:
 def test_sixteen_containers_from_four_images(registry):  # noqa: F811
     require_containerd()
     require_lazy_kernel()
-    d = short_tmpdir("snapload-")
     tag = secrets.token_hex(3)
-    daemon = SnapshotterDaemon(os.path.join(d, "daemon"), insecure=(registry.host,))
-    ctd = None
-    try:
-        daemon.start()
-        ctd = Containerd(d, {SNAPSHOTTER: daemon.snap_sock}, cri_snapshotter=SNAPSHOTTER,
-                         plain_http_hosts=(registry.host,))
+    with daemon_stack("snapload-", (registry.host,)) as (d, daemon, ctd):
         images = []
         for n in range(IMAGES):
             data = random.Random(100 + n).randbytes(DATA)
@@ -104,15 +94,9 @@ def test_sixteen_containers_from_four_images(registry):  # noqa: F811
                              for k, v in sorted(calls.items())}}
         print(json.dumps(figures, indent=1))
 
-        names = ctd.ctr("image", "ls", "-q", ns=CRI_NS).stdout.decode().split()
-        ctd.ctr("image", "rm", "--sync", *names, ns=CRI_NS)
+        remove_images(ctd)
         wait_for(lambda: snapshot_rows(ctd) == [], 60, "snapshots removed",
                  log=daemon.log_path)
         assert daemon.lazy_mounts() == []
         st, listed = daemon.api.request("GET", "/api/v1/mounts")
         assert st == 200 and listed == []
-    finally:
-        if ctd is not None:
-            ctd.stop()
-        daemon.cleanup()
-        shutil.rmtree(d, ignore_errors=True)

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import subprocess
-import sys
 import time
 
 import pytest
@@ -20,15 +18,18 @@ from containerd_fixtures import (
     require_containerd,
     wait_for,
 )
-from nydus_fixtures import busybox_with_file, separate_stack
+from nydus_fixtures import (
+    BUSYBOX_EXPECTED,
+    BUSYBOX_SCRIPT,
+    CRI_NS,
+    busybox_with_file,
+    convert,
+    separate_stack,
+)
 from registry_fixtures import registry  # noqa: F401
 from test_daemon_support import require_lazy_kernel
 
 pytestmark = [pytest.mark.root, pytest.mark.registry]
-
-CRI_NS = "k8s.io"
-SCRIPT = "cat /etc/greeting /etc/third; test -e /etc/gone || echo gone-ok; ls /image || true"
-EXPECTED = b"hello from layer two\nlayer three\ngone-ok\n"
 
 
 def test_nydus_image_runs_lazily(registry, tmp_path):  # noqa: F811
@@ -40,10 +41,7 @@ def test_nydus_image_runs_lazily(registry, tmp_path):  # noqa: F811
         image = OciImage(layers, ["/bin/sh"], gzipped=True)
         image.push(registry.client(), "src/busybox", "1")
         ref = f"{registry.host}/nydus/busybox:1"
-        p = subprocess.run([sys.executable, "-m", "erofs_tools", "convert", "--insecure",
-                            f"{registry.host}/src/busybox:1", ref, "--json"],
-                           capture_output=True, text=True, timeout=300)
-        assert p.returncode == 0, p.stderr
+        convert(f"{registry.host}/src/busybox:1", ref)
 
         t0 = time.monotonic()
         cri_pull(ctd.sock, ref)
@@ -64,9 +62,9 @@ def test_nydus_image_runs_lazily(registry, tmp_path):  # noqa: F811
 
         t0 = time.monotonic()
         out = ctd.run_out("--snapshotter", SNAPSHOTTER, ref, "lazy1",
-                      "/bin/sh", "-c", SCRIPT, ns=CRI_NS)
+                      "/bin/sh", "-c", BUSYBOX_SCRIPT, ns=CRI_NS)
         t_run = time.monotonic() - t0
-        assert out == EXPECTED  # no /image: the bootstrap layer's files stay hidden
+        assert out == BUSYBOX_EXPECTED  # no /image: the bootstrap layer's files stay hidden
         lazy = os.path.join(root, "lazy")
         (mp,) = [os.path.join(lazy, n) for n in os.listdir(lazy)]
         assert os.path.ismount(mp)
@@ -92,8 +90,8 @@ def test_nydus_image_runs_lazily(registry, tmp_path):  # noqa: F811
         wait_for(answers, 60, "containerd talking to the restarted snapshotter")
         # after the restart a second container shares the same lazy mount
         out = ctd.run_out("--snapshotter", SNAPSHOTTER, ref, "lazy2",
-                      "/bin/sh", "-c", SCRIPT, ns=CRI_NS)
-        assert out == EXPECTED
+                      "/bin/sh", "-c", BUSYBOX_SCRIPT, ns=CRI_NS)
+        assert out == BUSYBOX_EXPECTED
         assert os.listdir(lazy) == [os.path.basename(mp)]
         out = ctd.ctr("task", "exec", "--exec-id", "e1", "long", "cat", "/etc/third",
                       ns=CRI_NS).stdout

@@ -8,22 +8,18 @@ meanwhile, on its own lazy mount, through real containerd 1.6 and `fscache-daemo
 
 from __future__ import annotations
 
-import os
-import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from containerd_fixtures import (
     SNAPSHOTTER,
-    Containerd,
     busybox_layers,
     cri_pull,
     require_containerd,
-    short_tmpdir,
     wait_for,
 )
-from nydus_fixtures import CRI_NS, SnapshotterDaemon, push_nydus, snapshot_rows
+from nydus_fixtures import CRI_NS, daemon_stack, push_nydus, remove_images, snapshot_rows
 from registry_fixtures import FlakyProxy, registry  # noqa: F401
 from test_daemon_support import require_lazy_kernel
 
@@ -41,68 +37,55 @@ B_BOUND = 300.0
 def test_a_slow_registry_does_not_hold_up_another_images_mount(registry):  # noqa: F811
     require_containerd()
     require_lazy_kernel()
-    d = short_tmpdir("snappar-")
     proxy = FlakyProxy(registry.host, match=r"^GET /v2/nydus/slowa/blobs/")
-    daemon = SnapshotterDaemon(os.path.join(d, "daemon"),
-                               insecure=(registry.host, proxy.host),
-                               extra=("--fetch-deadline", "600"))
-    ctd = None
     pool = ThreadPoolExecutor(2)
-    try:
-        daemon.start()
-        ctd = Containerd(d, {SNAPSHOTTER: daemon.snap_sock}, cri_snapshotter=SNAPSHOTTER,
-                         plain_http_hosts=(registry.host, proxy.host))
-        ref_a = push_nydus(registry, "slowa", busybox_layers(b"image A\n"), via=proxy.host)
-        ref_b = push_nydus(registry, "fastb", busybox_layers(b"image B\n"))
-        cri_pull(ctd.sock, ref_a)
-        cri_pull(ctd.sock, ref_b)
-        assert daemon.lazy_mounts() == []
+    with daemon_stack("snappar-", (registry.host, proxy.host),
+                      extra=("--fetch-deadline", "600"),
+                      before=(proxy.release, lambda: pool.shutdown(wait=False, cancel_futures=True)),
+                      after=(proxy,)) as (d, daemon, ctd):
+        try:
+            ref_a = push_nydus(registry, "slowa", busybox_layers(b"image A\n"), via=proxy.host)
+            ref_b = push_nydus(registry, "fastb", busybox_layers(b"image B\n"))
+            cri_pull(ctd.sock, ref_a)
+            cri_pull(ctd.sock, ref_b)
+            assert daemon.lazy_mounts() == []
 
-        def run(ref: str, cid: str) -> tuple[bytes, float]:
-            t0 = time.monotonic()
-            out = ctd.run_out("--snapshotter", SNAPSHOTTER, ref, cid, "/bin/sh", "-c",
-                              "cat /etc/greeting", ns=CRI_NS, timeout=600)
-            return out, time.monotonic() - t0
+            def run(ref: str, cid: str) -> tuple[bytes, float]:
+                t0 = time.monotonic()
+                out = ctd.run_out("--snapshotter", SNAPSHOTTER, ref, cid, "/bin/sh", "-c",
+                                  "cat /etc/greeting", ns=CRI_NS, timeout=600)
+                return out, time.monotonic() - t0
 
-        # from now on every read of A's blobs waits until release()
-        proxy.failures = ["hold"] * 10_000
-        fut_a = pool.submit(run, ref_a, "par-a")
-        wait_for(lambda: proxy.held >= 1, 120, "A's lazy mount reading its registry",
-                 log=daemon.log_path)
-        fut_b = pool.submit(run, ref_b, "par-b")
-        out_b, t_b = fut_b.result(timeout=B_BOUND)
-        assert out_b == b"image B\n"
-        # A's mount still waits for its registry; B's lazy mount is made
-        assert not fut_a.done()
-        mounts = daemon.lazy_mounts()
-        assert len(mounts) == 1, mounts
-        st, listed = daemon.api.request("GET", "/api/v1/mounts")
-        assert st == 200 and [m["backend"] for m in listed] == [f"registry:{ref_b}"], listed
-        held = proxy.held
+            # from now on every read of A's blobs waits until release()
+            proxy.failures = ["hold"] * 10_000
+            fut_a = pool.submit(run, ref_a, "par-a")
+            wait_for(lambda: proxy.held >= 1, 120, "A's lazy mount reading its registry",
+                     log=daemon.log_path)
+            fut_b = pool.submit(run, ref_b, "par-b")
+            out_b, t_b = fut_b.result(timeout=B_BOUND)
+            assert out_b == b"image B\n"
+            # A's mount still waits for its registry; B's lazy mount is made
+            assert not fut_a.done()
+            mounts = daemon.lazy_mounts()
+            assert len(mounts) == 1, mounts
+            st, listed = daemon.api.request("GET", "/api/v1/mounts")
+            assert st == 200 and [m["backend"] for m in listed] == [f"registry:{ref_b}"], listed
+            held = proxy.held
 
-        proxy.release()
-        out_a, t_a = fut_a.result(timeout=600)
-        assert out_a == b"image A\n"
-        assert len(daemon.lazy_mounts()) == 2
-        print(f"\nB's container while A's registry held {held} read(s): {t_b:.2f} s; "
-              f"A's container: {t_a:.2f} s (held until B was done)")
+            proxy.release()
+            out_a, t_a = fut_a.result(timeout=600)
+            assert out_a == b"image A\n"
+            assert len(daemon.lazy_mounts()) == 2
+            print(f"\nB's container while A's registry held {held} read(s): {t_b:.2f} s; "
+                  f"A's container: {t_a:.2f} s (held until B was done)")
 
-        # the refcounted mounts go with their images, as before
-        names = ctd.ctr("image", "ls", "-q", ns=CRI_NS).stdout.decode().split()
-        ctd.ctr("image", "rm", "--sync", *names, ns=CRI_NS)
-        wait_for(lambda: snapshot_rows(ctd) == [], 60, "snapshots removed",
-                 log=daemon.log_path)
-        assert daemon.lazy_mounts() == []
-        st, listed = daemon.api.request("GET", "/api/v1/mounts")
-        assert st == 200 and listed == []
-    except BaseException:
-        print(daemon.log(200))
-        raise
-    finally:
-        proxy.release()
-        pool.shutdown(wait=False, cancel_futures=True)
-        if ctd is not None:
-            ctd.stop()
-        daemon.cleanup()
-        proxy.stop()
-        shutil.rmtree(d, ignore_errors=True)
+            # the refcounted mounts go with their images, as before
+            remove_images(ctd)
+            wait_for(lambda: snapshot_rows(ctd) == [], 60, "snapshots removed",
+                     log=daemon.log_path)
+            assert daemon.lazy_mounts() == []
+            st, listed = daemon.api.request("GET", "/api/v1/mounts")
+            assert st == 200 and listed == []
+        except BaseException:
+            print(daemon.log(200))
+            raise

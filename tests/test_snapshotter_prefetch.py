@@ -25,7 +25,6 @@ import math
 import os
 import random
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -35,15 +34,13 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from containerd_fixtures import (
     SNAPSHOTTER,
-    Containerd,
     busybox_layers,
     require_containerd,
-    short_tmpdir,
     tar_layer,
     wait_for,
 )
 from faults import FaultProxy
-from nydus_fixtures import SnapshotterDaemon, push_nydus
+from nydus_fixtures import daemon_stack, push_nydus
 from registry_fixtures import registry  # noqa: F401
 from test_daemon_support import require_lazy_kernel
 from test_rpull import rpull
@@ -64,20 +61,15 @@ def _sha(data: bytes) -> str:
 def test_optimized_image_prefetches_through_the_snapshotter(registry, tmp_path):  # noqa: F811
     require_containerd()
     require_lazy_kernel()
-    d = short_tmpdir("snappf-")
     rnd = random.Random(15)
     files = {p: rnd.randbytes(3 * MIB) for p in HOT}
     files.update({p: rnd.randbytes(MIB + 500_000) for p in COLD})
     gate = threading.Event()
     proxy = FaultProxy(registry.host, match=r"^GET /v2/nydus/pf/blobs/sha256:PREFETCH")
-    daemon = SnapshotterDaemon(os.path.join(d, "daemon"),
-                               insecure=(registry.host, proxy.host))
-    ctd = None
     pool = ThreadPoolExecutor(1)
-    try:
-        daemon.start()
-        ctd = Containerd(d, {SNAPSHOTTER: daemon.snap_sock},
-                         plain_http_hosts=(registry.host, proxy.host))
+    with daemon_stack("snappf-", (registry.host, proxy.host), cri=False,
+                      before=(gate.set, lambda: pool.shutdown(wait=False, cancel_futures=True)),
+                      after=(proxy,)) as (d, daemon, ctd):
         data = tar_layer([("hot", "dir", None), ("cold", "dir", None)] +
                          [(p[1:], "file", b) for p, b in files.items()])
         ref = push_nydus(registry, "pf", busybox_layers(b"optimized\n") + [data])
@@ -167,11 +159,3 @@ def test_optimized_image_prefetches_through_the_snapshotter(registry, tmp_path):
         assert len(gets) == blob["backend_requests"] <= limit, (gets, blob)
         print(f"\ntraced {traced}; prefetch blob {pf_bytes} bytes in {len(gets)} "
               f"requests (at most {limit}); {proxy.gated} held while the cold file was read")
-    finally:
-        gate.set()
-        pool.shutdown(wait=False, cancel_futures=True)
-        if ctd is not None:
-            ctd.stop()
-        daemon.cleanup()
-        proxy.stop()
-        shutil.rmtree(d, ignore_errors=True)

@@ -600,6 +600,22 @@ def _bootstrap_layer(c: Client, key: str, parent: str, labels: dict, tmp_path) -
     pack(str(src), os.path.join(image_dir, "image.boot"), str(tmp_path / f"blobs-{key}"))
 
 
+# a bootstrap layer's labels as containerd's CRI pull gives them
+BOOT = {"containerd.io/snapshot/nydus-bootstrap": "true",
+        "containerd.io/snapshot/cri.image-ref": "registry.test/app:1"}
+
+
+def blob_then_bootstrap(c: Client, tmp_path, labels: dict = BOOT, key: str = "boot"):
+    """A Nydus blob layer (chain sha256:1...1) as containerd's CRI pull commits it, then
+    the bootstrap layer `key` on it prepared and given an image.boot, not committed ->
+    the blob layer's snapshot info."""
+    target = "sha256:" + "1" * 64
+    prepare_blob_layer(c, "extract-1 " + target, target)
+    (blob,) = c.walk()
+    _bootstrap_layer(c, key, blob.name, labels, tmp_path)
+    return blob
+
+
 def test_mount_early_label_mounts_at_commit(tmp_path):
     """A bootstrap layer Prepared with the mount-early label (rpull's) is mounted lazily
     as soon as it is committed, before any container; one without it is not. The mount
@@ -607,15 +623,10 @@ def test_mount_early_label_mounts_at_commit(tmp_path):
     with the daemon's answer; Remove then leaves nothing."""
     from fscache_daemon.snapshotter import nydus
     with nydus_service(tmp_path, _RecordingDaemonAPI) as (c, api):
-        target = "sha256:" + "1" * 64
-        prepare_blob_layer(c, "extract-1 " + target, target)
-        (blob,) = c.walk()
-        boot = {"containerd.io/snapshot/nydus-bootstrap": "true",
-                "containerd.io/snapshot/cri.image-ref": "registry.test/app:1"}
-        _bootstrap_layer(c, "plain-boot", blob.name, boot, tmp_path)
+        blob = blob_then_bootstrap(c, tmp_path, key="plain-boot")
         c.commit("plain-c", "plain-boot")
         _bootstrap_layer(c, "early-boot", blob.name,
-                         dict(boot, **{nydus.MOUNT_EARLY_LABEL: "true"}), tmp_path)
+                         dict(BOOT, **{nydus.MOUNT_EARLY_LABEL: "true"}), tmp_path)
         c.commit("early-c", "early-boot")
         def mounts():
             return [p for p in api.posts if p[0] == "/api/v1/mounts"]

@@ -8,22 +8,26 @@ snapshotter inside."""
 
 from __future__ import annotations
 
-import os
 import re
 import secrets
-import shutil
 
 import pytest
 from containerd_fixtures import (
     SNAPSHOTTER,
-    Containerd,
     busybox_layers,
     cri_pull,
     require_containerd,
-    short_tmpdir,
     wait_for,
 )
-from nydus_fixtures import CRI_NS, SnapshotterDaemon, force_gc, push_nydus, snapshot_rows
+from nydus_fixtures import (
+    CRI_NS,
+    ctr_run,
+    daemon_stack,
+    force_gc,
+    push_nydus,
+    remove_images,
+    snapshot_rows,
+)
 from registry_fixtures import FlakyProxy, registry  # noqa: F401
 from test_daemon_support import require_lazy_kernel
 
@@ -40,11 +44,6 @@ def _copy_image(client, src: str, dst: str, tag: str) -> None:
     client.put_manifest(dst, tag, Manifest(m.data, m.media_type, m.digest))
 
 
-def _run(ctd, ref: str, name: str, *cmd: str):
-    return ctd.ctr("run", "--rm", "--snapshotter", SNAPSHOTTER, ref, name, *cmd,
-                   ns=CRI_NS, check=False, timeout=120)
-
-
 @pytest.mark.parametrize("mounted", ["no", "before", "running"])
 def test_image_on_a_shared_chain_outlives_the_first_pullers_repository(registry,  # noqa: F811
                                                                        mounted):
@@ -55,17 +54,11 @@ def test_image_on_a_shared_chain_outlives_the_first_pullers_repository(registry,
     the second image's backend when the first's fails). Each failed (404 or EIO)."""
     require_containerd()
     require_lazy_kernel()
-    d = short_tmpdir("snapshared-")
     tag = secrets.token_hex(3)
     proxy = FlakyProxy(registry.host)
     # the snapshotter asks this test's containerd which images stand on the chain
-    daemon = SnapshotterDaemon(os.path.join(d, "daemon"), insecure=(proxy.host,),
-                               extra=("--cri-address", os.path.join(d, "containerd.sock")))
-    ctd = None
-    try:
-        daemon.start()
-        ctd = Containerd(d, {SNAPSHOTTER: daemon.snap_sock}, cri_snapshotter=SNAPSHOTTER,
-                         plain_http_hosts=(proxy.host,))
+    with daemon_stack("snapshared-", (proxy.host,), cri_address=True,
+                      after=(proxy,)) as (d, daemon, ctd):
         first = push_nydus(registry, f"staging{tag}", busybox_layers(), via=proxy.host)
         _copy_image(registry.client(), f"nydus/staging{tag}", f"nydus/prod{tag}", "1")
         second = f"{proxy.host}/nydus/prod{tag}:1"
@@ -75,7 +68,7 @@ def test_image_on_a_shared_chain_outlives_the_first_pullers_repository(registry,
         assert snapshot_rows(ctd) == rows           # one chain for both images
 
         if mounted == "before":     # a container of the first image mounted it
-            p = _run(ctd, first, f"first-{tag}", "cat", "/etc/greeting")
+            p = ctr_run(ctd, first, f"first-{tag}", "cat", "/etc/greeting")
             assert p.returncode == 0, p.stderr
         elif mounted == "running":
             ctd.ctr("run", "-d", "--snapshotter", SNAPSHOTTER, first, f"long-{tag}",
@@ -105,17 +98,9 @@ def test_image_on_a_shared_chain_outlives_the_first_pullers_repository(registry,
             ctd.ctr("task", "rm", "-f", f"long-{tag}", ns=CRI_NS, check=False)
             ctd.ctr("container", "rm", f"long-{tag}", ns=CRI_NS)
 
-        names = ctd.ctr("image", "ls", "-q", ns=CRI_NS).stdout.decode().split()
-        ctd.ctr("image", "rm", "--sync", *names, ns=CRI_NS)
-        wait_for(lambda: os.listdir(os.path.join(daemon.snap_root, "snapshots")) == [], 60,
-                 "snapshots removed", log=daemon.log_path)
+        remove_images(ctd)
+        daemon.wait_snapshots_removed()
         assert daemon.lazy_mounts() == []
-    finally:
-        proxy.stop()
-        if ctd is not None:
-            ctd.stop()
-        daemon.cleanup()
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def test_names_on_chain_follow_containerds_gc_labels():

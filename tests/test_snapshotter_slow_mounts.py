@@ -15,8 +15,7 @@ from helpers import HANG
 from test_snapshotter_service import (
     Client,
     StandInDaemonAPI,
-    _bootstrap_layer,
-    prepare_blob_layer,
+    blob_then_bootstrap,
 )
 
 from fscache_daemon.snapshotter import serve
@@ -24,8 +23,6 @@ from fscache_daemon.snapshotter.proto import snapshots_pb2 as pb
 
 pytestmark = pytest.mark.root
 
-BOOT = {"containerd.io/snapshot/nydus-bootstrap": "true",
-        "containerd.io/snapshot/cri.image-ref": "registry.test/app:1"}
 CONTAINERS = 16     # as many as test_snapshotter_load starts at once
 
 
@@ -64,10 +61,7 @@ def test_containers_waiting_for_a_slow_mount_leave_other_calls_answered(tmp_path
     threads: list[threading.Thread] = []
     errors: list[grpc.StatusCode] = []
     try:
-        target = "sha256:" + "1" * 64
-        prepare_blob_layer(c, "extract-1 " + target, target)
-        (blob,) = c.walk()
-        _bootstrap_layer(c, "boot", blob.name, BOOT, tmp_path)
+        blob_then_bootstrap(c, tmp_path)
         c.commit("boot-c", "boot")
         boot_id = svc.snapshotter.store.get("boot-c").id
 

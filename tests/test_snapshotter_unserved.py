@@ -13,19 +13,16 @@ import glob
 import json
 import os
 import secrets
-import shutil
 
 import pytest
 from containerd_fixtures import (
     SNAPSHOTTER,
-    Containerd,
     busybox_layers,
     cri_pull,
     require_containerd,
-    short_tmpdir,
     wait_for,
 )
-from nydus_fixtures import CRI_NS, SnapshotterDaemon, push_nydus
+from nydus_fixtures import CRI_NS, ctr_run, daemon_stack, push_nydus, remove_images
 from registry_fixtures import FlakyProxy, registry  # noqa: F401
 from test_daemon_support import require_lazy_kernel
 
@@ -41,24 +38,13 @@ def _state(daemon) -> tuple[list[str], list[dict]]:
     return [m["mountpoint"] for m in mounts], info["unpicked"]
 
 
-def _run(ctd, ref: str, name: str, *cmd: str):
-    return ctd.ctr("run", "--rm", "--snapshotter", SNAPSHOTTER, ref, name, *cmd,
-                   ns=CRI_NS, check=False, timeout=120)
-
-
 @pytest.mark.parametrize("case", ["unpicked", "unknown"])
 def test_a_mount_the_daemon_does_not_serve_is_not_handed_out(registry, case):  # noqa: F811
     require_containerd()
     require_lazy_kernel()
-    d = short_tmpdir("snapunserved-")
     tag = secrets.token_hex(3)
     proxy = FlakyProxy(registry.host)
-    daemon = SnapshotterDaemon(os.path.join(d, "daemon"), insecure=(proxy.host,))
-    ctd = None
-    try:
-        daemon.start()
-        ctd = Containerd(d, {SNAPSHOTTER: daemon.snap_sock}, cri_snapshotter=SNAPSHOTTER,
-                         plain_http_hosts=(proxy.host,))
+    with daemon_stack("snapunserved-", (proxy.host,), after=(proxy,)) as (d, daemon, ctd):
         ref = push_nydus(registry, f"unserved{case}", busybox_layers(), via=proxy.host)
         cri_pull(ctd.sock, ref)
         out = ctd.run_out("--snapshotter", SNAPSHOTTER, ref, f"first-{tag}", "cat",
@@ -90,7 +76,7 @@ def test_a_mount_the_daemon_does_not_serve_is_not_handed_out(registry, case):  #
             # the container's Prepare fails, naming the mount and the daemon's reason
             # (it was handed the mount nobody serves: a read of data not fetched before
             # the restart failed with EIO, `cat: read error: Input/output error`)
-            p = _run(ctd, ref, f"while-unpicked-{tag}", "cat", "/etc/third")
+            p = ctr_run(ctd, ref, f"while-unpicked-{tag}", "cat", "/etc/third")
             assert p.returncode != 0, p.stdout
             err = p.stderr.decode()
             assert "not served by the daemon" in err and lazy in err, err
@@ -111,17 +97,9 @@ def test_a_mount_the_daemon_does_not_serve_is_not_handed_out(registry, case):  #
         assert daemon.lazy_mounts() == [lazy]
         assert _state(daemon) == ([lazy], [])
 
-        names = ctd.ctr("image", "ls", "-q", ns=CRI_NS).stdout.decode().split()
-        ctd.ctr("image", "rm", "--sync", *names, ns=CRI_NS)
-        wait_for(lambda: os.listdir(os.path.join(daemon.snap_root, "snapshots")) == [], 60,
-                 "snapshots removed", log=daemon.log_path)
+        remove_images(ctd)
+        daemon.wait_snapshots_removed()
         assert daemon.lazy_mounts() == [] and _state(daemon) == ([], [])
-    finally:
-        proxy.stop()
-        if ctd is not None:
-            ctd.stop()
-        daemon.cleanup()
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def _mounts_json(daemon) -> list[dict]:

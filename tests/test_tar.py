@@ -178,7 +178,6 @@ def test_gnu_sparse_old_format_data(tmp_path):
     assert data == (src / "sp").read_bytes()
 
 
-
 @pytest.mark.parametrize("version", ["0.0", "0.1", "1.0"])
 def test_pax_sparse_long_name_is_the_real_name(tmp_path, version):
     """GNU tar's PAX sparse 0.1/1.0 members carry the real name in GNU.sparse.name and
@@ -438,24 +437,26 @@ def test_zstd_stream_and_auto_detection(tmp_path):
     assert r["entries"] == 3
 
 
+def _pax_record(k, v):
+    """One pax extended header record: "LENGTH KEY=VALUE\n", LENGTH counting itself."""
+    body = k + b"=" + v + b"\n"
+    n = len(body) + 2
+    while len(str(n).encode()) + 1 + len(body) != n:
+        n += 1
+    return str(n).encode() + b" " + body
+
+
 def test_pax_sparse_0_0_and_libarchive_xattrs(tmp_path):
     """Records written by hand: GNU.sparse 0.0 (offset/numbytes pairs) and a
     LIBARCHIVE.xattr (url-encoded name, base64 value)."""
     import base64
 
-    def rec(k, v):
-        body = k + b"=" + v + b"\n"
-        n = len(body) + 2
-        while len(str(n).encode()) + 1 + len(body) != n:
-            n += 1
-        return str(n).encode() + b" " + body
-
     data = b"AAAA" + b"BB"
-    pax = (rec(b"GNU.sparse.size", b"20000") + rec(b"GNU.sparse.numblocks", b"2")
-           + rec(b"GNU.sparse.offset", b"0") + rec(b"GNU.sparse.numbytes", b"4")
-           + rec(b"GNU.sparse.offset", b"19998") + rec(b"GNU.sparse.numbytes", b"2")
-           + rec(b"GNU.sparse.name", b"sp")
-           + rec(b"LIBARCHIVE.xattr.user.a%3Db", base64.b64encode(b"\x00\xff")))
+    pax = (_pax_record(b"GNU.sparse.size", b"20000") + _pax_record(b"GNU.sparse.numblocks", b"2")
+           + _pax_record(b"GNU.sparse.offset", b"0") + _pax_record(b"GNU.sparse.numbytes", b"4")
+           + _pax_record(b"GNU.sparse.offset", b"19998") + _pax_record(b"GNU.sparse.numbytes", b"2")
+           + _pax_record(b"GNU.sparse.name", b"sp")
+           + _pax_record(b"LIBARCHIVE.xattr.user.a%3Db", base64.b64encode(b"\x00\xff")))
     out = _hdr("./PaxHeaders/sp", len(pax), b"x") + pax + bytes(-len(pax) % 512)
     out += _hdr("GNUSparseFile.0/sp", len(data)) + data + bytes(-len(data) % 512)
     out += bytes(1024)
@@ -482,14 +483,8 @@ def test_v7_directory_with_trailing_slash(tmp_path):
 
 def test_sparse_bomb_is_bounded(tmp_path):
     """A 1 PiB sparse file holding 1 byte: its holes count against --max-size."""
-    def rec(k, v):
-        body = k + b"=" + v + b"\n"
-        n = len(body) + 2
-        while len(str(n).encode()) + 1 + len(body) != n:
-            n += 1
-        return str(n).encode() + b" " + body
-    pax = rec(b"GNU.sparse.size", str(1 << 50).encode()) + rec(b"GNU.sparse.map", b"0,1") \
-        + rec(b"GNU.sparse.name", b"bomb")
+    pax = _pax_record(b"GNU.sparse.size", str(1 << 50).encode()) + _pax_record(b"GNU.sparse.map", b"0,1") \
+        + _pax_record(b"GNU.sparse.name", b"bomb")
     out = _hdr("./PaxHeaders/b", len(pax), b"x") + pax + bytes(-len(pax) % 512)
     out += _hdr("GNUSparseFile.0/b", 1) + b"x" + bytes(511) + bytes(1024)
     _fails(tmp_path, out, ["bomb", "--max-size"], "--max-size", "1M")

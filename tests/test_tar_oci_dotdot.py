@@ -19,7 +19,6 @@ compares the trees. Each test failed before: a `..` was an error in every layer.
 from __future__ import annotations
 
 import os
-import shutil
 import stat
 
 import pytest
@@ -83,30 +82,15 @@ def test_dotdot_layer_same_tree_as_containerd(tmp_path):
     """The layer unpacked by containerd (overlayfs snapshotter) and converted by us:
     the same tree, metadata, contents and link counts (mtimes aside: containerd's
     implied directories carry the time of extraction)."""
-    from containerd_fixtures import Containerd, OciImage, require_containerd, short_tmpdir
+    from containerd_fixtures import overlayfs_rootfs, require_containerd
     require_containerd()
     layer = dotdot_layer()
     (tmp_path / "l.tar").write_bytes(layer)
     pack_tar(tmp_path / "l.tar", tmp_path / "l.boot", tmp_path / "blobs")
-    wd = short_tmpdir("erofs-ctd-")
-    ctd = Containerd(wd, {})
-    try:
-        OciImage([layer], ["/x"]).write_archive(os.path.join(wd, "i.tar"),
-                                                "docker.io/t/dotdot:1")
-        ctd.ctr("image", "import", "--snapshotter", "overlayfs", os.path.join(wd, "i.tar"))
-        theirs = os.path.join(wd, "mnt")
-        os.mkdir(theirs)
-        ctd.ctr("image", "mount", "--snapshotter", "overlayfs", "docker.io/t/dotdot:1",
-                theirs)
-        try:
-            names = sorted(os.fsencode("/" + os.path.relpath(os.path.join(d, n), theirs))
-                           for d, ds, fs in os.walk(theirs) for n in ds + fs)
-            assert [b"/"] + names == EXPECTED     # containerd places them where we do
-            with mounted_rafs(str(tmp_path / "l.boot"), str(tmp_path / "blobs")) as ours:
-                diffs = compare_trees(theirs, ours, ignore=("mtime_ns",), check_nlink=True)
-        finally:
-            ctd.ctr("image", "unmount", theirs)
-    finally:
-        ctd.stop()
-        shutil.rmtree(wd, ignore_errors=True)
+    with overlayfs_rootfs([layer], "docker.io/t/dotdot:1") as theirs:
+        names = sorted(os.fsencode("/" + os.path.relpath(os.path.join(d, n), theirs))
+                       for d, ds, fs in os.walk(theirs) for n in ds + fs)
+        assert [b"/"] + names == EXPECTED     # containerd places them where we do
+        with mounted_rafs(str(tmp_path / "l.boot"), str(tmp_path / "blobs")) as ours:
+            diffs = compare_trees(theirs, ours, ignore=("mtime_ns",), check_nlink=True)
     assert not diffs, "\n".join(diffs)

@@ -15,8 +15,6 @@ same layers with Debian's containerd (overlayfs snapshotter) and compares the tr
 from __future__ import annotations
 
 import base64
-import os
-import shutil
 import stat
 import tarfile
 
@@ -121,7 +119,7 @@ def test_same_tree_as_containerd(tmp_path):
     """Both cases unpacked by containerd (overlayfs snapshotter, its default) and
     converted by us: the same tree, metadata and contents (mtimes aside: containerd's
     implied root and bumped directories carry the time of extraction)."""
-    from containerd_fixtures import Containerd, OciImage, require_containerd, short_tmpdir
+    from containerd_fixtures import overlayfs_rootfs, require_containerd
     require_containerd()
     layers = _lower_upper() + [odd_layer()]
     boots = []
@@ -130,21 +128,8 @@ def test_same_tree_as_containerd(tmp_path):
         boots.append(str(tmp_path / f"l{i}.boot"))
         pack_tar(tmp_path / f"l{i}.tar", boots[-1], tmp_path / "blobs", "--mark-implied-dirs")
     run_cli("merge", *boots, "-B", tmp_path / "m.boot")
-    wd = short_tmpdir("erofs-ctd-")
-    ctd = Containerd(wd, {})
-    try:
-        OciImage(layers, ["/x"]).write_archive(os.path.join(wd, "i.tar"), "docker.io/t/odd:1")
-        ctd.ctr("image", "import", "--snapshotter", "overlayfs", os.path.join(wd, "i.tar"))
-        theirs = os.path.join(wd, "mnt")
-        os.mkdir(theirs)
-        ctd.ctr("image", "mount", "--snapshotter", "overlayfs", "docker.io/t/odd:1", theirs)
-        try:
-            with mounted_rafs(str(tmp_path / "m.boot"), str(tmp_path / "blobs")) as ours:
-                diffs = compare_trees(theirs, ours, ignore=("mtime_ns",), check_nlink=True)
-        finally:
-            ctd.ctr("image", "unmount", theirs)
-    finally:
-        ctd.stop()
-        shutil.rmtree(wd, ignore_errors=True)
+    with overlayfs_rootfs(layers, "docker.io/t/odd:1") as theirs:
+        with mounted_rafs(str(tmp_path / "m.boot"), str(tmp_path / "blobs")) as ours:
+            diffs = compare_trees(theirs, ours, ignore=("mtime_ns",), check_nlink=True)
     assert not diffs, "\n".join(diffs)
 

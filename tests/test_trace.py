@@ -12,7 +12,14 @@ import time
 
 import helpers
 import pytest
-from test_daemon_support import REPO, DaemonProc, drop_caches, pack, require_lazy_kernel
+from test_daemon_support import (
+    REPO,
+    DaemonProc,
+    drop_caches,
+    lazy_daemon,
+    pack,
+    require_lazy_kernel,
+)
 
 from fscache_daemon.frontend.fanotify_marks import FILLED_BLOCK, FilledView, TouchLog
 
@@ -34,10 +41,7 @@ def write_files(root, seed=7):
 
 @pytest.fixture
 def daemon(tmp_path):
-    require_lazy_kernel()
-    d = DaemonProc(str(tmp_path / "d")).start()
-    yield d
-    d.cleanup()
+    yield from lazy_daemon(tmp_path)
 
 
 @pytest.fixture

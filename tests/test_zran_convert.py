@@ -13,7 +13,7 @@ import os
 import random
 
 import pytest
-from helpers import compare_trees
+from helpers import assert_same_tree, vocab_text
 from registry_fixtures import registry  # noqa: F401
 from test_tar_helpers import (
     E,
@@ -31,13 +31,7 @@ SPAN = "64K"
 
 
 def _text(n, seed):
-    rnd = random.Random(seed)
-    words = [bytes(rnd.randrange(97, 123) for _ in range(rnd.randint(2, 9)))
-             for _ in range(500)]
-    out = bytearray()
-    while len(out) < n:
-        out += rnd.choice(words) + b" "
-    return bytes(out[:n])
+    return vocab_text(n, seed, 500)
 
 
 def zran_layers():
@@ -96,8 +90,7 @@ def test_convert_oci_layout_unpack_equals_layers(tmp_path):
     run_cli("unpack", os.path.join(out, "image.boot"), "--blob-dir", bd, "-o",
             str(tmp_path / "up"))
     ref = reference_rootfs(tars, str(tmp_path / "ref"))
-    diffs = compare_trees(ref, str(tmp_path / "up"), check_nlink=True)
-    assert not diffs, "\n".join(diffs)
+    assert_same_tree(ref, str(tmp_path / "up"), check_nlink=True)
     # DST: the original layers by digest, then the bootstrap layer
     from erofs_tools.registry import OciLayout
     dl = OciLayout(str(tmp_path / "dst"))
@@ -220,8 +213,7 @@ def test_convert_in_one_registry_mounts_layers_and_keeps_source(tmp_path, regist
     run_cli("unpack", os.path.join(out, "image.boot"), "--blob-dir", bd, "-o",
             str(tmp_path / "up"))
     ref = reference_rootfs(tars, str(tmp_path / "ref"))
-    diffs = compare_trees(ref, str(tmp_path / "up"), check_nlink=True)
-    assert not diffs, "\n".join(diffs)
+    assert_same_tree(ref, str(tmp_path / "up"), check_nlink=True)
     # the index is small against the image
     assert r["bootstrap_layer_size"] + r["meta_bytes"] < r["compressed_layer_bytes"] * 0.2, r
     # pull --blobs: bootstrap, layers and meta blobs; check, inspect and stat read them
@@ -275,8 +267,7 @@ def test_lazy_mount_through_the_daemon(tmp_path, registry):
         # one access point's span (64 KiB of output) and the file's chunk, compressed
         assert 0 < small <= (64 << 10) + 4096, small
         assert small * 10 < m.layers()[0].size
-        diffs = compare_trees(ref, mnt, check_nlink=True)
-        assert not diffs, "\n".join(diffs)
+        assert_same_tree(ref, mnt, check_nlink=True)
     finally:
         d.cleanup()
 
@@ -325,8 +316,7 @@ def test_erofs_tools_mount_of_a_zran_image(tmp_path):
     bd = _blob_dir(out, lay, m)
     ref = reference_rootfs(tars, str(tmp_path / "ref"))
     with mounted_rafs(os.path.join(out, "image.boot"), bd) as mnt:
-        diffs = compare_trees(ref, mnt, check_nlink=True)
-        assert not diffs, "\n".join(diffs)
+        assert_same_tree(ref, mnt, check_nlink=True)
 
 
 def test_refused_sources_leave_no_destination(tmp_path):

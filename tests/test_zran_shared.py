@@ -8,7 +8,7 @@ import json
 import os
 
 import pytest
-from helpers import compare_trees
+from helpers import assert_same_tree
 from registry_fixtures import registry  # noqa: F401
 from test_tar_helpers import E, layer_paths, make_oci_layout, reference_rootfs, run_cli
 from test_zran_convert import reads_right_or_eio, zran_layers
@@ -65,17 +65,14 @@ def test_shared_layer_two_indexes_and_a_repeated_layer(tmp_path, registry):  # n
     try:
         # one after the other: A fills the layer's cache, is released, then B mounts
         d.mount(boot_a, mnt_a, f"registry:{registry.host}/idx/a:v1")
-        diffs = compare_trees(ref_a, mnt_a, check_nlink=True)
-        assert not diffs, "\n".join(diffs)
+        assert_same_tree(ref_a, mnt_a, check_nlink=True)
         d.umount(mnt_a)
         d.mount(boot_b, mnt_b, f"registry:{registry.host}/idx/b:v1")
-        diffs = compare_trees(ref_b, mnt_b, check_nlink=True)
-        assert not diffs, "\n".join(diffs)
+        assert_same_tree(ref_b, mnt_b, check_nlink=True)
         # both at once (B's cache of the layer in use: A gets one of its own)
         d.mount(boot_a, mnt_a, f"registry:{registry.host}/idx/a:v1")
         for ref, mnt in ((ref_a, mnt_a), (ref_b, mnt_b)):
-            diffs = compare_trees(ref, mnt, check_nlink=True)
-            assert not diffs, "\n".join(diffs)
+            assert_same_tree(ref, mnt, check_nlink=True)
         caches = os.listdir(os.path.join(d.cache_dir, "blobs"))
         hexd = shared.split(":")[1]
         assert f"{hexd}.blob" in caches and any(
@@ -84,8 +81,7 @@ def test_shared_layer_two_indexes_and_a_repeated_layer(tmp_path, registry):  # n
         d.stop()
         d.start()
         for ref, mnt in ((ref_a, mnt_a), (ref_b, mnt_b)):
-            diffs = compare_trees(ref, mnt, check_nlink=True)
-            assert not diffs, "\n".join(diffs)
+            assert_same_tree(ref, mnt, check_nlink=True)
     finally:
         d.cleanup()
 
@@ -123,8 +119,7 @@ def test_lazy_reads_through_a_cold_mirror_and_a_redirecting_registry(tmp_path,  
             mnt = str(tmp_path / f"mnt{n}")
             d.mount(str(tmp_path / f"out-{out}" / "image.boot"), mnt,
                     f"registry:{host}/idx/m:v1")
-            diffs = compare_trees(ref, mnt, check_nlink=True)
-            assert not diffs, "\n".join(diffs)
+            assert_same_tree(ref, mnt, check_nlink=True)
         # the layers were read by range from the object storage
         assert any(r[3] and "/data" in r[1] for r in store.requests), store.requests[:5]
     finally:
@@ -198,8 +193,7 @@ def test_layers_without_file_data(tmp_path, registry):  # noqa: F811
     try:
         mnt = str(tmp_path / "mnt")
         d.mount(str(tmp_path / "out" / "image.boot"), mnt, f"registry:{registry.host}/idx/e:v1")
-        diffs = compare_trees(ref, mnt, check_nlink=True)
-        assert not diffs, "\n".join(diffs)
+        assert_same_tree(ref, mnt, check_nlink=True)
     finally:
         d.cleanup()
 
@@ -232,12 +226,10 @@ def test_cache_limit_evicts_zran_blobs_only_when_unused(tmp_path, registry):  # 
         for _round in range(2):
             d.mount(str(tmp_path / "out" / "image.boot"), mnt,
                     f"registry:{registry.host}/idx/l:v1")
-            diffs = compare_trees(ref, mnt, check_nlink=True)
-            assert not diffs, "\n".join(diffs)
+            assert_same_tree(ref, mnt, check_nlink=True)
             time.sleep(2.5)                 # evictor rounds pass; the blob is in use
             assert f"{big}.blob" in os.listdir(blobs)
-            diffs = compare_trees(ref, mnt, check_nlink=True)
-            assert not diffs, "\n".join(diffs)
+            assert_same_tree(ref, mnt, check_nlink=True)
             d.umount(mnt)
             helpers.wait_until(lambda: f"{big}.blob" not in os.listdir(blobs), 60,
                                "the zran blob evicted once unmounted")

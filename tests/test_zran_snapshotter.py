@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import subprocess
-import sys
 
 import pytest
 from containerd_fixtures import (
@@ -19,15 +17,18 @@ from containerd_fixtures import (
     cri_pull,
     require_containerd,
 )
-from nydus_fixtures import busybox_with_file, separate_stack
+from nydus_fixtures import (
+    BUSYBOX_EXPECTED,
+    BUSYBOX_SCRIPT,
+    CRI_NS,
+    busybox_with_file,
+    convert,
+    separate_stack,
+)
 from registry_fixtures import registry  # noqa: F401
 from test_daemon_support import require_lazy_kernel
 
 pytestmark = [pytest.mark.root, pytest.mark.registry]
-
-CRI_NS = "k8s.io"
-SCRIPT = "cat /etc/greeting /etc/third; test -e /etc/gone || echo gone-ok; ls /image || true"
-EXPECTED = b"hello from layer two\nlayer three\ngone-ok\n"
 
 
 def test_zran_image_runs_lazily(registry, tmp_path):  # noqa: F811
@@ -40,10 +41,7 @@ def test_zran_image_runs_lazily(registry, tmp_path):  # noqa: F811
         image.push(registry.client(), "src/zbusy", "1")
         src_manifest = registry.client().get_manifest("src/zbusy", "1").data
         ref = f"{registry.host}/zran/zbusy:1"
-        p = subprocess.run([sys.executable, "-m", "erofs_tools", "convert", "--oci-ref",
-                            "--insecure", f"{registry.host}/src/zbusy:1", ref, "--json"],
-                           capture_output=True, text=True, timeout=300)
-        assert p.returncode == 0, p.stderr
+        convert(f"{registry.host}/src/zbusy:1", ref, "--oci-ref")
         assert registry.client().get_manifest("src/zbusy", "1").data == src_manifest
 
         cri_pull(ctd.sock, ref)
@@ -63,8 +61,8 @@ def test_zran_image_runs_lazily(registry, tmp_path):  # noqa: F811
         assert daemon.metrics()["zran_warm"]["started"] == len(gz)
 
         out = ctd.run_out("--snapshotter", SNAPSHOTTER, ref, "zran1",
-                          "/bin/sh", "-c", SCRIPT, ns=CRI_NS)
-        assert out == EXPECTED
+                          "/bin/sh", "-c", BUSYBOX_SCRIPT, ns=CRI_NS)
+        assert out == BUSYBOX_EXPECTED
         warm = daemon.metrics()["zran_warm"]
         assert (warm["taken"], warm["failed"], warm["held"]) == (len(gz), 0, 0), warm
         lazy = os.path.join(root, "lazy")
@@ -94,10 +92,7 @@ def test_source_image_after_its_zran_index_is_whole(registry, tmp_path):  # noqa
         image.push(registry.client(), "src/zboth", "1")
         src = f"{registry.host}/src/zboth:1"
         ref = f"{registry.host}/zran/zboth:1"
-        p = subprocess.run([sys.executable, "-m", "erofs_tools", "convert", "--oci-ref",
-                            "--insecure", src, ref, "--json"],
-                           capture_output=True, text=True, timeout=300)
-        assert p.returncode == 0, p.stderr
+        convert(src, ref, "--oci-ref")
         c = registry.client()
         src_ids = json.loads(c.get_blob("src/zboth", c.get_manifest(
             "src/zboth", "1").json["config"]["digest"]))["rootfs"]["diff_ids"]
@@ -106,10 +101,10 @@ def test_source_image_after_its_zran_index_is_whole(registry, tmp_path):  # noqa
         assert not set(src_ids) & set(dst_ids), (src_ids, dst_ids)
         cri_pull(ctd.sock, ref)
         assert ctd.run_out("--snapshotter", SNAPSHOTTER, ref, "zsrc1", "/bin/sh", "-c",
-                           SCRIPT, ns=CRI_NS) == EXPECTED
+                           BUSYBOX_SCRIPT, ns=CRI_NS) == BUSYBOX_EXPECTED
         cri_pull(ctd.sock, src)
         assert ctd.run_out("--snapshotter", SNAPSHOTTER, src, "zsrc2", "/bin/sh", "-c",
-                           SCRIPT, ns=CRI_NS) == EXPECTED
+                           BUSYBOX_SCRIPT, ns=CRI_NS) == BUSYBOX_EXPECTED
 
 
 def _old_style_index(registry, dst_repo, src_repo):  # noqa: F811
@@ -143,15 +138,12 @@ def test_image_on_empty_blob_layers_is_refused_not_run_empty(registry, tmp_path)
         layers, _big = busybox_with_file(1 << 20)
         OciImage(layers, ["/bin/sh"], gzipped=True).push(registry.client(), "src/zold", "1")
         src = f"{registry.host}/src/zold:1"
-        p = subprocess.run([sys.executable, "-m", "erofs_tools", "convert", "--oci-ref",
-                            "--insecure", src, f"{registry.host}/zran/zold:1", "--json"],
-                           capture_output=True, text=True, timeout=300)
-        assert p.returncode == 0, p.stderr
+        convert(src, f"{registry.host}/zran/zold:1", "--oci-ref")
         old = _old_style_index(registry, "zran/zold", "src/zold")
         cri_pull(ctd.sock, old)
         assert ctd.run_out("--snapshotter", SNAPSHOTTER, old, "zold1", "/bin/sh", "-c",
-                           SCRIPT, ns=CRI_NS) == EXPECTED
+                           BUSYBOX_SCRIPT, ns=CRI_NS) == BUSYBOX_EXPECTED
         cri_pull(ctd.sock, src)
         with pytest.raises(AssertionError, match="Nydus data-blob layer"):
             ctd.run_out("--snapshotter", SNAPSHOTTER, src, "zold2", "/bin/sh", "-c",
-                        SCRIPT, ns=CRI_NS)
+                        BUSYBOX_SCRIPT, ns=CRI_NS)

@@ -12,18 +12,22 @@ compact (32 bytes); every other inode is extended and carries its own mtime.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import time
 import uuid as _uuid
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from erofs_tools._native import COMPRESSORS, BuildOptions, LayoutInfo, NativeBuilder
+from erofs_tools._native_put import blob_blocks, set_blob
 from erofs_tools.builder.options import MkfsOptions, Progress
 from erofs_tools.builder.output import partly_written, prepare, tree_data_bound
 from erofs_tools.builder.tree import TreeWalker
 from erofs_tools.errors import InputError
-from erofs_tools.fsutil import image_output, is_block_device, refuse_special
+from erofs_tools.format import erofs as E
+from erofs_tools.fsutil import ImageTarget, image_output, is_block_device, refuse_special
 
 if TYPE_CHECKING:
     from _typeshed import StrOrBytesPath
@@ -57,6 +61,33 @@ def check_paths(image: str, source: str) -> None:
 
 # -E fragdedupe as the C core's erofs_opts.fragdedupe takes it
 FRAGDEDUPE_MODES = {"full": 0, "inode": 1, "off": 2}
+
+
+@contextlib.contextmanager
+def chunk_blob(opts: MkfsOptions, umask: int) -> Iterator[ImageTarget | None]:
+    """--blobdev: the blob (a file written beside its name and renamed at the end, or a
+    block device written in place, as an image), or None."""
+    if opts.blobdev is None:
+        yield None
+        return
+    with image_output(opts.blobdev, mode=0o666 & ~umask) as blob:
+        yield blob
+
+
+def start_blob(nb: NativeBuilder, blob: ImageTarget | None) -> None:
+    """Before the first file: the device slot (its size set by finish_blob) and the
+    chunks' data into the blob."""
+    if blob is not None:
+        nb.add_device(b"", 0, 0)
+        set_blob(nb, blob.file.fileno())
+
+
+def finish_blob(nb: NativeBuilder, blob: ImageTarget | None, info: LayoutInfo,
+                blkszbits: int) -> None:
+    """After the layout: the blob's blocks in its slot, mapped after the image's own
+    blocks, as mkfs.erofs fills it."""
+    if blob is not None:
+        nb.set_device(1, blob_blocks(nb), info.image_size >> blkszbits)
 
 
 def build_options(opts: MkfsOptions) -> BuildOptions:
@@ -98,6 +129,12 @@ def build_options(opts: MkfsOptions) -> BuildOptions:
         plain_xattr_pfx=opts.plain_xattr_prefixes,
         sb_48bit=opts.sb_48bit or opts.dot_omitted,
         dot_omitted=opts.dot_omitted,
+        feature_incompat=E.FEATURE_INCOMPAT_CHUNKED_FILE if opts.chunksize else 0,
+        devt_slotoff=(E.SUPER_OFFSET + 128) // E.DEVICE_SLOT_SIZE
+        if opts.blobdev else 0,
+        chunkbits=opts.chunksize.bit_length() - 1 if opts.chunksize else 0,
+        chunk_indexes=opts.chunk_indexes,
+        chunk_dedupe=opts.chunk_dedupe,
     )
 
 
@@ -127,22 +164,24 @@ def mkfs(image: StrOrBytesPath, source: StrOrBytesPath, opts: MkfsOptions | None
     # like mkfs.erofs, no fsync of the image: the rename still never exposes a partial one
     # (a block device: written in place, see builder/output.py)
     with image_output(image, mode=0o666 & ~umask, offset=opts.offset) as target, \
-            partly_written(target, image):
+            partly_written(target, image), chunk_blob(opts, umask) as blob:
         fd = target.file.fileno()
         try:
             nb = NativeBuilder(build_options(opts))
             need = 1 << opts.blkszbits
             if (target.device and opts.compress is None and not opts.exclude_paths
-                    and not opts.exclude_regex):
+                    and not opts.exclude_regex and not opts.chunksize):
                 need += tree_data_bound(source, need, target.limit)
             prepare(nb, target, need, image, opts.dsunit)
             # file data is copied by a C thread while Python walks the tree
             nb.set_output(fd)
+            start_blob(nb, blob)
             on_entry = None
             if progress:
                 on_entry = lambda n, nbytes: progress.scan(n, nbytes, nb.stream_progress())  # noqa: E731
             TreeWalker(nb, opts, on_entry=on_entry).walk(source)
             info = fsalign(nb, nb.layout(), opts.fsalignblks, opts.blkszbits)
+            finish_blob(nb, blob, info, opts.blkszbits)
             wp = None
             if progress:
                 wp = lambda done, left: progress.write(info.inodes - left, info.inodes)  # noqa: E731

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from erofs_tools._native import BuildOptions, NativeBuilder
-from erofs_tools.builder.mkfs import build_options, fsalign
+from erofs_tools.builder.mkfs import build_options, chunk_blob, finish_blob, fsalign, start_blob
 from erofs_tools.builder.options import MkfsOptions, Progress
 from erofs_tools.builder.output import partly_written, prepare
 from erofs_tools.builder.tar_reader import DEFAULT_MAX_SIZE, ReadStream, TarReader, _show
@@ -420,17 +420,19 @@ def _build(image: str, tree: TarTree, files: list[int | _Data], data_path: str,
     force_uid = 0 if opts.all_root else opts.force_uid
     force_gid = 0 if opts.all_root else opts.force_gid
     with image_output(image, mode=0o666 & ~umask, offset=opts.offset) as target, \
-            partly_written(target, image):
+            partly_written(target, image), chunk_blob(opts, umask) as blob:
         fd = target.file.fileno()
         nb = NativeBuilder(bo)
         try:
             if not index:
                 # (a device: the data's whole blocks at least, as tree_data_bound)
-                need = (1 << bo.blkszbits) + (0 if opts.compress or not target.device else sum(
-                    n.size >> bo.blkszbits << bo.blkszbits for k, n in enumerate(tree.regular)
-                    if isinstance(files[k], int)))
+                need = (1 << bo.blkszbits) + (
+                    0 if opts.compress or opts.chunksize or not target.device else sum(
+                        n.size >> bo.blkszbits << bo.blkszbits
+                        for k, n in enumerate(tree.regular) if isinstance(files[k], int)))
                 prepare(nb, target, need, image, opts.dsunit)
                 nb.set_output(fd)
+                start_blob(nb, blob)
             # --xattr-prefix, --xattr-inode-digest (before any xattr)
             digest_id = set_long_prefixes(nb, opts)
             if (force_uid is not None or force_gid is not None or opts.uid_offset
@@ -443,7 +445,9 @@ def _build(image: str, tree: TarTree, files: list[int | _Data], data_path: str,
                         n.xattrs = {k: v for k, v in n.xattrs.items() if k != opts.inode_digest}
             _, keys, _ = tree.emit(nb)
             path = os.fsencode(data_path)
-            for key in sorted(keys):          # archive order: the tar is read forward
+            # archive order: the tar is read forward; --chunksize: the tree's (the
+            # chunks, and which file keeps a shared one, in mkfs.erofs's order)
+            for key in sorted(keys, key=lambda k: keys[k] if opts.chunksize else k):
                 d = files[key]
                 node = keys[key]
                 size = tree.regular[key].size
@@ -465,6 +469,7 @@ def _build(image: str, tree: TarTree, files: list[int | _Data], data_path: str,
             if index:
                 nb.add_device(b"", tar_blocks, 0)
             info = fsalign(nb, nb.layout(), opts.fsalignblks, bo.blkszbits)
+            finish_blob(nb, blob, info, bo.blkszbits)
             if index:
                 nb.set_device(1, tar_blocks, info.image_size >> INDEX_BLKSZBITS)
                 prepare(nb, target, info.image_size, image)

@@ -112,6 +112,10 @@ class MkfsOptions:
                                       # mtime is compact, its mtime the build time
     sb_48bit: bool = False            # -E 48bit: the 48-bit layout (Linux 6.15+)
     dot_omitted: bool = False         # -E dot-omitted: no "." entries (implies 48bit)
+    chunksize: int = 0                # --chunksize: every file chunk-based (0: no)
+    blobdev: str | None = None        # --blobdev: the chunks' data in this extra device
+    chunk_indexes: bool = False       # -E force-chunk-indexes: 8-byte chunk indexes
+    chunk_dedupe: bool = True         # -E ^dedupe: identical chunks each stored
     whiteouts: str = "mark"           # overlayfs whiteouts (char 0:0) in the source: a
                                       # directory holding one marked ("mark", as
                                       # mkfs.erofs 1.9), or left out with the opaque
@@ -188,19 +192,19 @@ EXTENDED = {"legacy-compress": False, "ztailpacking": False, "fragments": True,
             "all-fragments": True, "fragdedupe": True, "48bit": False, "dot-omitted": False,
             "dedupe": False, "noinline_data": False, "force-inode-extended": False,
             "force-inode-compact": False, "plain-xattr-prefixes": False,
-            "nosbcrc": False}
-# -E options of mkfs.erofs 1.9 that set chunk formats: this mkfs writes no chunked
-# files (mkfs.erofs --chunksize), so they would have nothing to apply to
-CHUNK_ONLY = ("force-inode-blockmap", "force-chunk-indexes")
+            "nosbcrc": False, "force-inode-blockmap": False, "force-chunk-indexes": False}
 FRAGDEDUPE = ("full", "inode")
 # -E options that are on by default, named as mkfs.erofs names them: "^NAME" turns one
 # off, which the result says as the key here
 DEFAULT_ON = {"inline_data": "noinline_data", "xattr-name-filter": "no-xattr-name-filter"}
 
 
-# -E force-inode-extended and force-inode-compact set one thing, as in mkfs.erofs
+# -E force-inode-extended and force-inode-compact set one thing, as in mkfs.erofs (so do
+# force-inode-blockmap and force-chunk-indexes)
 _INODE_VERSIONS = {"force-inode-extended": "force-inode-compact",
-                   "force-inode-compact": "force-inode-extended"}
+                   "force-inode-compact": "force-inode-extended",
+                   "force-inode-blockmap": "force-chunk-indexes",
+                   "force-chunk-indexes": "force-inode-blockmap"}
 
 
 def parse_extended(texts: Sequence[str]) -> dict[str, str | None]:
@@ -220,9 +224,6 @@ def parse_extended(texts: Sequence[str]) -> dict[str, str | None]:
                 else:
                     out.pop(DEFAULT_ON[name], None)
                 continue
-            if name in CHUNK_ONLY:
-                raise InputError(f"-E {name}: only for chunk-based files (mkfs.erofs "
-                                 "--chunksize), which this mkfs does not write")
             if name not in EXTENDED:
                 raise InputError(f"-E: unsupported extended option {opt!r}")
             if sep and (off or not EXTENDED[name]):
@@ -249,6 +250,8 @@ def _set_extended(out: dict[str, str | None], name: str, value: str | None,
         return
     if off:
         out.pop(name, None)
+        if name == "dedupe":            # (mkfs.erofs: chunks not shared, --chunksize)
+            out["nodedupe"] = None
         if name == "all-fragments":
             out.pop("fragments", None)
         return
@@ -258,6 +261,8 @@ def _set_extended(out: dict[str, str | None], name: str, value: str | None,
             return
         value = None
     out[name] = value
+    if name == "dedupe":
+        out.pop("nodedupe", None)
     if name in _INODE_VERSIONS:         # the last of the two wins
         out.pop(_INODE_VERSIONS[name], None)
 
@@ -436,10 +441,11 @@ def check_tuning(dsunit: str | None, max_extent: str | None, async_limit: str | 
         if not -(1 << 31) <= v < 1 << 31:
             raise InputError(f"--max-extent-bytes: {max_extent} out of range")
         # with -z as mkfs.erofs 1.9: 0 is no cap; a negative one asks for unaligned
-        # extents (the 48-bit layout's, which it refuses without -E48bit)
+        # extents (the 48-bit layout's, which it refuses without -E48bit; this mkfs
+        # writes block-aligned pclusters only, also with -E48bit)
         if compressed and v < 0:
             raise InputError(f"--max-extent-bytes={max_extent}: unaligned compressed "
-                             "extents need the 48-bit layout (not written with -z)")
+                             "extents are not written (block-aligned pclusters only)")
         if compressed and 0 < v < blksz:
             raise InputError(f"--max-extent-bytes={max_extent}: at least the block size "
                              f"({blksz}) with -z")
@@ -450,6 +456,51 @@ def check_tuning(dsunit: str | None, max_extent: str | None, async_limit: str | 
             raise InputError(f"--async-queue-limit: {async_limit} is not a power of two "
                              "(mkfs.erofs fails on it too)")
     return unit, cap
+
+
+def parse_chunksize(text: str, blksz: int) -> int:
+    """--chunksize=# (strtol, base 0, as mkfs.erofs reads it): a power of two, at least
+    the block size, at most 2^31 blocks."""
+    v = parse_offset(text, "--chunksize", 63)
+    if v & (v - 1) or not v:
+        raise InputError(f"--chunksize={text}: not a power of two")
+    if v < blksz:
+        raise InputError(f"--chunksize={text}: smaller than the block size ({blksz})")
+    if v > blksz << 31:
+        raise InputError(f"--chunksize={text}: larger than 2^31 blocks")
+    return v
+
+
+def check_chunks(chunksize: str | None, blobdev: str | None, ext: Mapping[str, str | None],
+                 compressed: bool, tar_mode: str | None, blkszbits: int, image: str,
+                 source: str | None) -> int:
+    """--chunksize and --blobdev, refused where mkfs.erofs 1.9.4 refuses them (--blobdev
+    without --chunksize or with -E force-inode-blockmap) or where mkfs.erofs 1.9.4
+    writes a broken image (--tar=i) -> the chunk size in bytes (0: none)."""
+    if blobdev is not None and chunksize is None:
+        raise InputError("--blobdev needs --chunksize")
+    if chunksize is None:
+        # -E dedupe without -z: chunks of a block, as mkfs.erofs 1.9.4 turns it into
+        # ("chunk-based data deduplication"; it leaves out the chunked-file feature bit)
+        return 1 << blkszbits if "dedupe" in ext and not compressed and tar_mode != "i" else 0
+    size = parse_chunksize(chunksize, 1 << blkszbits)
+    if tar_mode == "i":
+        # (mkfs.erofs 1.9.4 takes it, chunks nothing, and writes the tar's device
+        # slot with 0 blocks)
+        raise InputError("--chunksize: not with --tar=i (its files point into the tar)")
+    if blobdev is not None:
+        if "force-inode-blockmap" in ext:
+            raise InputError("--blobdev: not with -E force-inode-blockmap (a block map "
+                             "cannot name the device, as mkfs.erofs says)")
+        if not blobdev:
+            raise InputError("--blobdev: empty path")
+        if os.path.realpath(blobdev) == os.path.realpath(image):
+            raise InputError(f"--blobdev {blobdev}: the image itself")
+        if source is not None and tar_mode is None:
+            real, src = os.path.realpath(blobdev), os.path.realpath(source)
+            if real == src or real.startswith(src.rstrip(os.sep) + os.sep):
+                raise InputError(f"--blobdev {blobdev}: inside SOURCE {source}")
+    return size
 
 
 def parse_id_offset(text: str, what: str) -> int:

@@ -151,6 +151,19 @@ def put_while_read(q: queue.Queue, item: object, stop: threading.Event) -> None:
             continue
 
 
+def stop_reader(q: queue.Queue, stop: threading.Event, t: threading.Thread,
+                timeout: float | None = None) -> None:
+    """Stop the producer thread `t` that feeds `q` through put_while_read: `stop` set,
+    what it queued dropped (a put it is waiting on returns), then wait for it."""
+    stop.set()
+    try:
+        while True:
+            q.get_nowait()
+    except queue.Empty:
+        pass
+    t.join(timeout)
+
+
 class _Prefetch:
     """Run a decompressing stream on its own thread (zlib and zstd release the GIL), a
     few 1 MiB pieces ahead of the parser; read(n) -> up to n bytes."""
@@ -203,15 +216,9 @@ class _Prefetch:
         return out
 
     def close(self) -> None:
-        self.stop.set()
-        try:
-            while True:
-                self.q.get_nowait()
-        except queue.Empty:
-            pass
-        # wait for the thread: after close() the caller may read the underlying stream
+        # waits for the thread: after close() the caller may read the underlying stream
         # itself (convert reads the rest of a layer to check its digest)
-        self.t.join()
+        stop_reader(self.q, self.stop, self.t)
 
 
 def drain(stream: ReadStream, budget: int) -> None:

@@ -8,6 +8,7 @@ from erofs_tools.builder.mkfs import mkfs as build_image
 from erofs_tools.builder.options import (
     INODE_DIGEST_DEFAULT,
     MkfsOptions,
+    check_chunks,
     check_tuning,
     parse_block_size,
     parse_compress,
@@ -124,6 +125,13 @@ from erofs_tools.errors import InputError, terminate_as_interrupt
                    "force-inode-extended / force-inode-compact (every inode 64 / 32 "
                    "bytes), nosbcrc, plain-xattr-prefixes (the long xattr prefix table "
                    "after the superblock even with fragments), ^NAME (NAME off).")
+@click.option("--chunksize", metavar="BYTES",
+              help="Every regular file chunk-based with chunks of BYTES (a power of two, at "
+                   "least the block size): identical chunks stored once, chunks of zeros "
+                   "holes (-E ^dedupe: neither), as mkfs.erofs.")
+@click.option("--blobdev", metavar="FILE",
+              help="With --chunksize: the chunks' data in FILE (a file or a block device), "
+                   "the image's extra device 1 (mount -o device=FILE), as mkfs.erofs.")
 @click.option("--compress-hints", "hints", metavar="FILE",
               help="Per-file pcluster size and algorithm: lines 'SIZE [ALGINDEX] REGEX' "
                    "(as mkfs.erofs; SIZE 0: not compressed).")
@@ -146,7 +154,7 @@ def mkfs(image, source, timestamp, all_time, ignore_mtime, ovlfs_strip, block_si
          uuid_text, label, all_root, force_uid, force_gid, uid_offset, gid_offset, offset,
          fsalignblks, dsunit, max_extent, async_limit, hard_dereference, mount_point, exclude_path, exclude_regex, no_shared_xattrs,
          xattr_tolerance, debug_level, xattr_prefix, root_xattr_isize, compress,
-         pcluster, extended, hints, digest_flag, digest_name, workers, quiet, as_json,
+         pcluster, extended, chunksize, blobdev, hints, digest_flag, digest_name, workers, quiet, as_json,
          tar_mode, aufs, ungzip, ungzip_dump, unxz, sort_order, max_size):
     """Build an EROFS image IMAGE of the directory SOURCE (4 KiB blocks), or with --tar
     of the tar file SOURCE (- or none: stdin). IMAGE may be a block device, written in
@@ -161,11 +169,11 @@ def mkfs(image, source, timestamp, all_time, ignore_mtime, ovlfs_strip, block_si
         raise InputError("--compress-hints needs -z")
     z = parse_compress(compress, pcluster, ext) if compress is not None else None
     for name in ("48bit", "dot-omitted"):
-        if name in ext and (z is not None or tar_mode == "i"):
-            # (with -z mkfs.erofs 1.9 writes the 48-bit layout's encoded extents)
-            raise InputError(f"-E {name}: not with {'-z' if z else '--tar=i'} yet (the "
-                             "48-bit layout is written for uncompressed images only)")
+        if name in ext and tar_mode == "i":
+            raise InputError(f"-E {name}: not with --tar=i yet")
     blkszbits = parse_block_size(block_size, tar_mode)
+    chunk_bytes = check_chunks(chunksize, blobdev, ext, z is not None, tar_mode, blkszbits,
+                               image, source)
     digest = None
     if digest_flag or digest_name is not None:
         digest = parse_inode_digest(INODE_DIGEST_DEFAULT if digest_name is None else digest_name)
@@ -221,6 +229,10 @@ def mkfs(image, source, timestamp, all_time, ignore_mtime, ovlfs_strip, block_si
         all_time=all_time,
         blkszbits=blkszbits,
         whiteouts="strip" if ovlfs_strip == "1" else "mark",
+        chunksize=chunk_bytes,
+        blobdev=blobdev,
+        chunk_indexes="force-chunk-indexes" in ext,
+        chunk_dedupe="nodedupe" not in ext,
     )
     progress = Progress.maybe(enabled=not quiet and not as_json)
     with terminate_as_interrupt():       # kill PID: temporary files removed

@@ -134,12 +134,7 @@ def _inode_detail(img, path, ino):
                   "device": c.device, "blkaddr": None if c.hole else c.blkaddr}
             if img.is_rafs and not c.hole and c.device:
                 cd["ci_index"] = c.ci_index
-                meta = None
-                if img.blobs is not None:
-                    try:
-                        meta = img.blobs.meta(c.device)
-                    except ErofsToolsError:
-                        meta = None
+                meta = img.blob_meta(c.device)
                 if meta is not None:
                     for bc in meta.chunks_for_range(c.blkaddr * 4096, c.length):
                         cd.setdefault("blob_chunks", []).append({

@@ -198,7 +198,9 @@ LI_D0_CBLKCNT = 0x800                  # first NONHEAD's delta[0]: pcluster bloc
 ADVISE_COMPACTED_2B = 0x1
 ADVISE_BIG_PCLUSTER_1 = 0x2
 ADVISE_BIG_PCLUSTER_2 = 0x4
-ADVISE_EXTENTS = 0x1                   # COMPRESSED_FULL only: extent records (below)
+ADVISE_EXTENTS = 0x1                   # COMPRESSED_FULL, 48-bit layout: extent records
+ADVISE_EXTRECSZ_BIT = 1                # bits 1-2: record size 4 << n (4, 8, 16, 32 bytes)
+ADVISE_EXTRECSZ_MASK = 0x3
 ADVISE_INLINE_PCLUSTER = 0x8           # ztailpacking: the tail pcluster after the indexes
 ADVISE_INTERLACED_PCLUSTER = 0x10      # plain pclusters stored rotated within their block
 ADVISE_FRAGMENT_PCLUSTER = 0x20        # the tail extent lives in the packed inode
@@ -208,34 +210,12 @@ LI_TYPE_MASK = 0x3
 FULL_INDEX_PADDING = 8                 # full indexes start 8 bytes after the map header
 PCLUSTER_MAX_SIZE = 1 << 20            # erofs-utils' bounds of one pcluster
 PCLUSTER_MAX_DSIZE = 12 << 20
+EXTENT_PLEN_PARTIAL = 1 << 27          # extent record plen: a partial reference
+EXTENT_PLEN_FMT_BIT = 28               # bits 28-31: 0 stored plain, else algorithm + 1
+EXTENT_PLEN_MASK = (PCLUSTER_MAX_SIZE << 1) - 1
 LZMA_MAX_DICT_SIZE = 8 * PCLUSTER_MAX_SIZE  # the largest windows the kernel takes
 ZSTD_MAX_DICT_SIZE = PCLUSTER_MAX_SIZE
 DEFLATE_MAX_DICT_SIZE = 1 << 15
-
-
-# Extent records (48-bit layout, COMPRESSED_FULL with ADVISE_EXTENTS): the map header's
-# le32 at 0 and le16 at 6 are the record count (lo, hi); advise bits 1-2 give the record
-# size, 4 << n bytes, the records following the header at that alignment. 4- and 8-byte
-# records are one per lcluster (4: only plen, the pclusters back to back from a le64
-# byte address before the first record; 8: plen and a le32 byte address); 16- and
-# 32-byte ones are whole extents sorted by their logical start (le32 plen, le64 byte
-# address as two le32, le32 lstart, in 32-byte ones an le32 lstart_hi). plen: bits 0-20
-# the stored bytes, 27 a partial reference, 28-31 the algorithm + 1 (0: stored plain).
-ADVISE_EXTRECSZ_BIT = 1
-ADVISE_EXTRECSZ_MASK = 0x3
-EXTENT_PLEN_PARTIAL = 1 << 27
-EXTENT_PLEN_FMT_BIT = 28
-EXTENT_PLEN_MASK = (PCLUSTER_MAX_SIZE << 1) - 1
-
-
-def extent_recsize(advise: int) -> int:
-    return 4 << ((advise >> ADVISE_EXTRECSZ_BIT) & ADVISE_EXTRECSZ_MASK)
-
-
-class ZExtentRecord(Record):
-    """One extent record (the first extent_recsize(advise) bytes of it are stored)."""
-    FIELDS = (("plen", "I"), ("pstart_lo", "I"), ("pstart_hi", "I"), ("lstart_lo", "I"),
-              ("lstart_hi", "I"), (None, "12x"))
 
 
 class MapHeader(Record):
@@ -247,6 +227,19 @@ class MapHeader(Record):
 class LclusterIndex(Record):
     """Full index entry; di_u: HEAD/PLAIN blkaddr, NONHEAD delta[0] | delta[1] << 16."""
     FIELDS = (("di_advise", "H"), ("di_clusterofs", "H"), ("di_u", "I"))
+
+
+class Extent(Record):
+    """An extent record of the 48-bit layout; a record of 4 << n bytes holds the leading
+    bytes only (4: plen, 8: + pstart_lo, 16: + pstart_hi, lstart_lo, 32: all). With 16
+    or 32-byte records the map header's h_reserved1/h_idata_size (le32) and
+    h_algorithmtype/h_clusterbits (le16) hold the record count."""
+    FIELDS = (("plen", "I"), ("pstart_lo", "I"), ("pstart_hi", "I"), ("lstart_lo", "I"),
+              ("lstart_hi", "I"), (None, "12x"))
+
+
+def extent_recsize(advise: int) -> int:
+    return 4 << ((advise >> ADVISE_EXTRECSZ_BIT) & ADVISE_EXTRECSZ_MASK)
 
 
 class Lz4Cfgs(Record):
@@ -265,7 +258,7 @@ class ZstdCfgs(Record):
     FIELDS = (("format", "B"), ("windowlog", "B"), (None, "4x"))
 
 
-assert MapHeader.SIZE == LclusterIndex.SIZE == 8
+assert MapHeader.SIZE == LclusterIndex.SIZE == 8 and Extent.SIZE == 32
 assert Lz4Cfgs.SIZE == LzmaCfgs.SIZE == 14 and DeflateCfgs.SIZE == ZstdCfgs.SIZE == 6
 
 

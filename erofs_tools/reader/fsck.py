@@ -312,12 +312,7 @@ def _check_file(img, path, ino, verify_data, ci_by_blob_off, add, bad_chunks):
                     bi = c.device - 1
                     off = c.blkaddr * 4096
                     ci = ci_by_blob_off.get((bi, off))
-                    meta = None
-                    if img.blobs is not None:
-                        try:
-                            meta = img.blobs.meta(c.device)
-                        except ErofsToolsError:
-                            meta = None
+                    meta = img.blob_meta(c.device)
                     if meta is not None:
                         bc = meta.chunk_at(off)
                         if bc is None:

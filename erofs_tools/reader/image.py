@@ -11,7 +11,7 @@ import array
 import os
 import sys
 
-from erofs_tools.errors import CorruptImageError, ImageChangedError
+from erofs_tools.errors import CorruptImageError, ErofsToolsError, ImageChangedError
 from erofs_tools.format import erofs as E
 from erofs_tools.format import rafs as R
 from erofs_tools.fsutil import round_up
@@ -315,6 +315,16 @@ class Image:
                 tag = _cstr(self.blob_entries[device - 1].blob_id)
             return shown_id(tag)
         raise self._err(f"no device {device}")
+
+    def blob_meta(self, device):
+        """The BlobMeta of blob device `device` (1-based) from the blobs given at open,
+        or None: no blobs given, a raw device, or a blob that cannot be opened."""
+        if self.blobs is None:
+            return None
+        try:
+            return self.blobs.meta(device)
+        except ErofsToolsError:
+            return None
 
     def blob_digests(self, blob_index):
         """{ci_index: digest} for one blob from the bootstrap's chunk info table."""

@@ -20,10 +20,13 @@ out were weighed (docs/reliability.md, "Bugs found and fixed"):
   the flag per copy (36 ns).
 
 A shrink to a size inside a page is not a fault (the page's tail reads as zeros), and
-neither is a rewrite in place: `changed()` compares the file's size and mtime with
-those at open time; the tools call it before they commit an output (and before
+neither is a rewrite in place: `changed()` compares the file's size, mtime and ctime
+with those at open time; the tools call it before they commit an output (and before
 each MiB of an `unpack --tar` stream, each 512 lines of `inspect`), so such a change
-fails the command instead of being written, as long as the file's size or mtime moved.
+fails the command instead of being written. The ctime is what catches a writer that
+sets the mtime back (utime): no user can set a ctime, and every write moves it. It
+also moves on chmod, chown, xattr and link changes, which fail the command too
+(rather a refusal than a mix of old and new bytes).
 """
 from __future__ import annotations
 
@@ -47,7 +50,7 @@ class MappedFile:
         self.mm: mmap.mmap | None = None
         self.flags, self.slot = guard_flags(), 0
         st = os.fstat(fd)
-        self.stamp = (st.st_size, st.st_mtime_ns)
+        self.stamp = _stamp(st)
         self.stat_fd = os.dup(fd)
         # closed with the object too: an Image whose parse failed is not closed (its
         # mapping goes with the mmap object; this descriptor would stay open for good)
@@ -78,15 +81,15 @@ class MappedFile:
             raise
 
     def changed(self) -> ImageChangedError | None:
-        """The error to raise when the file is no longer what was opened (its size or
-        mtime moved, or a load from the mapping faulted), else None."""
+        """The error to raise when the file is no longer what was opened (its size,
+        mtime or ctime moved, or a load from the mapping faulted), else None."""
         if self.stat_fd < 0:
             return None
         try:
             st = os.fstat(self.stat_fd)
         except OSError as e:
             return ImageChangedError(f"{self.name}: cannot stat the image file ({e.strerror})")
-        if (st.st_size, st.st_mtime_ns) != self.stamp:
+        if _stamp(st) != self.stamp:
             return ImageChangedError(f"{self.name}: the image file changed while it was read "
                                      f"(now {st.st_size} bytes)")
         if self.flags[self.slot]:
@@ -107,6 +110,10 @@ class MappedFile:
         if self.stat_fd >= 0:
             self._fin()         # os.close, once
             self.stat_fd = -1
+
+
+def _stamp(st: os.stat_result) -> tuple[int, int, int]:
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 def _read_all(fd: int, size: int, name: str) -> bytes:

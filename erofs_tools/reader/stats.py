@@ -36,13 +36,7 @@ def image_stats(img: Image):
 
     def meta_of(dev):
         if dev not in metas:
-            m = None
-            if img.blobs is not None:
-                try:
-                    m = img.blobs.meta(dev)
-                except ErofsToolsError:
-                    m = None
-            metas[dev] = m
+            metas[dev] = img.blob_meta(dev)
         return metas[dev]
 
     for _path, _de, ino in img.walk():

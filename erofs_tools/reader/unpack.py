@@ -82,7 +82,7 @@ def unpack_to_dir(img: Image, target, warnings=None, limit=None):
         except (ErofsToolsError, OSError) as e:
             raise img.changed() or e    # errors from bytes that changed: that change
         # a shrink inside the last page or a rewrite in place faults nothing: the file's
-        # size and mtime, before the tree is committed
+        # size, mtime and ctime, before the tree is committed
         img.check_unchanged()
         if os.path.lexists(target):
             os.rmdir(target)
@@ -475,7 +475,7 @@ def unpack_to_tar(img: Image, fileobj, warnings=None, limit=None):
 
 class _CheckedOut:
     """The tar stream's bytes held back until the image file was checked unchanged
-    since they were read (Image.check_unchanged: size, mtime, a fault; reader/mapped.py):
+    since they were read (Image.check_unchanged: size, mtime, ctime, a fault; reader/mapped.py):
     a stream cannot be taken back, and a shrink inside a page or a rewrite in place
     faults nothing. One check per MiB written: per member and data piece it cost 3% of
     a /usr/share image's `unpack --tar` (docs/performance.md, helper run readsafe)."""

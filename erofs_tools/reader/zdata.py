@@ -14,7 +14,7 @@ from collections import OrderedDict
 from erofs_tools import _native
 from erofs_tools.errors import CorruptImageError
 from erofs_tools.format import erofs as E
-from erofs_tools.reader.zmap import ALG_INTERLACED, ALG_SHIFTED, FRAGMENT, HOLE, ZExtent, ZMap
+from erofs_tools.reader.zmap import ALG_INTERLACED, ALG_SHIFTED, FRAGMENT, ZExtent, ZMap
 
 CACHE_BYTES = 32 << 20          # decoded extents kept per image
 CACHE_MAPS = 64                 # inode maps kept per image
@@ -97,8 +97,6 @@ def state(img) -> ZState:
 
 
 def decode_extent(img, ext: ZExtent, what: str) -> bytes:
-    if ext.kind == HOLE:
-        return bytes(ext.llen)
     src = img.metabox_space(-1) if ext.in_meta else img
     raw = src.read(ext.pa, ext.plen, f"{what} pcluster")
     n = ext.llen
@@ -236,8 +234,6 @@ class ZChecker:
                                    f"beyond the packed inode ({packed.size} bytes)")
                 continue
             if not verify_data:
-                continue
-            if ext.kind == HOLE:
                 continue
             key = (ext.pa, ext.plen, ext.alg, ext.llen, ext.la % img.blksz, ext.partial,
                    ext.in_meta)

@@ -13,18 +13,24 @@ the indexes), fragments (the last extent, or the whole file, inside the packed i
 a byte offset) and dedupe (pclusters shared by several extents; an extent that uses only
 the start of its pcluster's decoded data is marked PARTIAL_REF).
 
-In the 48-bit layout a COMPRESSED_FULL inode may have extent records instead of lcluster
-indexes (ADVISE_EXTENTS, format/erofs.py): one record per lcluster (4 or 8 bytes) or
-per extent (16 or 32 bytes, sorted by logical start), each with its stored length and
-byte address (pclusters need not be block-aligned), its algorithm, a partial-reference
-bit; a record of no stored bytes is a hole, the last one a fragment when the inode says
-so. An inode inside the metabox (reader/metabox.py) has its map header, indexes and
-inline pcluster there (`ZMap.sp`, `ZExtent.in_meta`); its pclusters are in the image.
+The 48-bit layout (mkfs.erofs 1.9) may instead list a COMPRESSED_FULL inode's extents as
+records (ADVISE_EXTENTS): 16 or 32 bytes each with its file offset, pcluster offset and
+length (any byte offset and length: unaligned compression), their count in the map
+header; or, when every extent but the last takes 2^lclusterbits bytes of input, one
+record per lcluster, 8 bytes (pcluster length and 32-bit offset) or 4 (the length
+only, the pclusters back to back from a le64 offset before the records). Each record's
+plen carries the format (plain or the algorithm) and the partial-reference bit; the last
+one, with a fragment, the fragment's offset.
+
+An inode inside the metabox (metadata compression, reader/metabox.py) has its map
+header, lcluster indexes or extent records and inline pcluster there (`ZMap.sp`,
+`ZExtent.in_meta`); its other pclusters are in the image.
 
 This module only maps; reader/zdata.py decodes. Every field is untrusted: each index
 entry is bounds-checked against the image, the lookback chain of every NONHEAD must
 reach the head before it (the kernel follows that chain to find what to decode), and
-the number of entries read is bounded by the bytes that hold them.
+the number of entries read is bounded by the bytes that hold them (as is the number of
+extent records).
 """
 from __future__ import annotations
 
@@ -34,7 +40,7 @@ from erofs_tools.format import erofs as E
 from erofs_tools.fsutil import round_up
 
 # decode kinds of an extent
-PCLUSTER, INLINE, FRAGMENT, HOLE = range(4)
+PCLUSTER, INLINE, FRAGMENT = range(3)
 # pseudo algorithms of PLAIN extents
 ALG_SHIFTED = -1               # stored as is from the pcluster start
 ALG_INTERLACED = -2            # rotated by the extent's offset in its block
@@ -58,7 +64,7 @@ class ZExtent(NamedTuple):
     kind: int                  # PCLUSTER, INLINE or FRAGMENT
     pa: int                    # image byte offset (PCLUSTER, INLINE) or packed-inode offset
     plen: int                  # bytes of the pcluster (0 for FRAGMENT)
-    alg: int                   # 0..3, ALG_SHIFTED or ALG_INTERLACED (FRAGMENT, HOLE: -3)
+    alg: int                   # 0..3, ALG_SHIFTED or ALG_INTERLACED (FRAGMENT: -3)
     partial: bool              # the pcluster decodes to more than llen (dedupe)
     in_meta: bool = False      # INLINE: `pa` counts in the metabox, not the image
 
@@ -136,11 +142,8 @@ class ZMap:
         hdr = E.MapHeader.decode(h, 0)
         self.advise = adv = hdr.h_advise
         self.full = ino.layout == E.LAYOUT_COMPRESSED_FULL
-        self.lbits = img.blkszbits + (hdr.h_clusterbits & 15)
         if self.full and adv & E.ADVISE_EXTENTS:
-            if not img.is_48bit:
-                raise self._err("extent records outside the 48-bit layout")
-            self._records(h, zstate)
+            self._build_records(h, hdr, zstate)
             return
         self.lbits = img.blkszbits + (hdr.h_clusterbits & 15)
         if self.lbits > MAX_LCLUSTER_BITS or (not self.full and self.lbits > 14):
@@ -388,89 +391,86 @@ class ZMap:
             raise self._err(f"no block count (CBLKCNT) after the head at lcluster {lcn}")
         return n.cblk
 
-    # -- extent records (48-bit layout) ---------------------------------------------------
-    def _records(self, h, zstate):
-        """The extents of an inode with extent records (ADVISE_EXTENTS), read as the
-        kernel maps them (format/erofs.py tells the record forms)."""
-        img, sp, adv = self.img, self.sp, self.advise
+    # -- extent records (the 48-bit layout) ---------------------------------------------
+    def _build_records(self, h, hdr, zstate):
+        """The extents from the records of an ADVISE_EXTENTS inode, checked as the
+        lcluster indexes are: in the image (or the metabox: self.sp), in file order, each
+        pcluster in bounds."""
+        img, sp = self.img, self.sp
+        adv = self.advise
         recsz = E.extent_recsize(adv)
         pos = round_up(self.hpos + E.MapHeader.SIZE, recsz)
-        base = None                      # 4-byte records: pclusters back to back
+        self.fragment = bool(adv & E.ADVISE_FRAGMENT_PCLUSTER)
+        size = self.size
         if recsz <= 8:
-            if self.lbits > MAX_LCLUSTER_BITS:
-                raise self._err(f"logical cluster bits {self.lbits} out of range")
-            n = (self.size + (1 << self.lbits) - 1) >> self.lbits
-            if recsz == 4:
-                base = int.from_bytes(sp.read(pos, 8, f"{self.what} extents base"), "little")
-                pos += 8
+            self.lbits = lbits = img.blkszbits + (hdr.h_clusterbits & 15)
+            n = (size + (1 << lbits) - 1) >> lbits
+            starts = [i << lbits for i in range(n)] if n <= sp.size else []
         else:
             n = int.from_bytes(h[0:4], "little") | int.from_bytes(h[6:8], "little") << 32
-        if n > (sp.size - pos) // recsz:
-            raise self._err(f"{n} extent records of {recsz} bytes run past the image end")
+            if n == 0:
+                raise self._err("no extent records")
+            starts = []
+        base = pos + (8 if recsz == 4 else 0)
+        if n > sp.size or base + n * recsz > sp.size:
+            where = "image" if sp is img else "metabox"
+            raise self._err(f"{n} extent records of {recsz} bytes run past the {where} end")
         if zstate is not None:
             zstate.charge(self.ino.nid, n)
-        raw = sp.read(pos, n * recsz, f"{self.what} extent records")
-        pad = bytes(E.ZExtentRecord.SIZE - recsz)
-        recs = []                        # (la, plen with its flags, pa)
-        for k in range(n):
-            r = E.ZExtentRecord.decode(raw[k * recsz:(k + 1) * recsz] + pad, 0)
-            if recsz <= 8:
-                la = k << self.lbits
-                if base is not None:
-                    pa = base
-                    base += r.plen & E.EXTENT_PLEN_MASK
-                else:
-                    pa = r.pstart_lo
+        raw = sp.read(pos, base - pos + n * recsz, f"{self.what} extent records")
+        pa = int.from_bytes(raw[0:8], "little") if recsz == 4 else 0
+        recs = []
+        for i in range(n):
+            r = raw[base - pos + i * recsz:base - pos + (i + 1) * recsz] + bytes(32 - recsz)
+            x = E.Extent.decode(r, 0)
+            if recsz == 4:
+                rpa = pa
+                pa += x.plen & E.EXTENT_PLEN_MASK
+            elif recsz == 8:
+                rpa = x.pstart_lo
             else:
-                la = r.lstart_lo | (r.lstart_hi << 32 if recsz == 32 else 0)
-                pa = r.pstart_lo | r.pstart_hi << 32
-            recs.append((la, r.plen, pa))
-        if recsz > 8:
-            if recs and recs[0][0] != 0:
-                raise self._err(f"first extent record starts at {recs[0][0]}, not 0")
-            for a, b in zip(recs, recs[1:]):
-                if b[0] <= a[0]:
-                    raise self._err(f"extent records not in order ({a[0]}, then {b[0]})")
-        live = [r for r in recs if r[0] < self.size]
-        if self.size and not live:
-            raise self._err("no extent record")
-        self.nlc = n
+                rpa = x.pstart_lo | x.pstart_hi << 32
+                la = x.lstart_lo | (x.lstart_hi << 32 if recsz == 32 else 0)
+                if (la != 0 if i == 0 else la <= starts[-1]) or la >= size:
+                    raise self._err(f"extent record {i}: file offset {la} out of order "
+                                    f"(size {size})")
+                starts.append(la)
+            recs.append((x.plen, rpa))
+        cfg = img.zconfig
         bs = img.blksz
         out = []
-        for k, (la, plen, pa) in enumerate(live):
-            end = live[k + 1][0] if k + 1 < len(live) else self.size
-            llen = end - la
-            last = k + 1 == len(recs)
-            if last and adv & E.ADVISE_FRAGMENT_PCLUSTER:
-                off = plen | (pa << 32 if recsz > 4 else 0)
+        for i, (plen, rpa) in enumerate(recs):
+            la = starts[i]
+            llen = (starts[i + 1] if i + 1 < n else size) - la
+            if i + 1 == n and self.fragment:
+                off = plen | (rpa << 32 if recsz > 4 else 0)
+                self.fragment_off = off
                 out.append(ZExtent(la, llen, FRAGMENT, off, 0, -3, False))
                 continue
-            if not last and llen < bs:
-                raise self._err(f"extent at {la}: {llen} bytes, less than a block")
-            stored = plen & E.EXTENT_PLEN_MASK
-            if not stored:
-                out.append(ZExtent(la, llen, HOLE, 0, 0, -3, False))
-                continue
             fmt = plen >> E.EXTENT_PLEN_FMT_BIT
+            partial = bool(plen & E.EXTENT_PLEN_PARTIAL)
+            plen &= E.EXTENT_PLEN_MASK
+            if not plen:
+                raise self._err(f"extent record {i} (file offset {la}): no pcluster")
             if fmt:
                 alg = fmt - 1
-                if alg >= NUM_ALGS or not img.zconfig.algs & (1 << alg):
-                    raise self._err(f"extent at {la}: algorithm {alg}, which the superblock "
-                                    "does not declare")
-            elif adv & E.ADVISE_INTERLACED_PCLUSTER and pa % bs == 0:
+                if alg >= NUM_ALGS or not cfg.algs & (1 << alg):
+                    raise self._err(f"extent record {i}: format {fmt} is no algorithm the "
+                                    "superblock declares")
+            elif adv & E.ADVISE_INTERLACED_PCLUSTER and not (rpa | plen) % bs:
                 alg = ALG_INTERLACED
             else:
                 alg = ALG_SHIFTED
-            if stored > E.PCLUSTER_MAX_SIZE or llen > E.PCLUSTER_MAX_DSIZE:
-                raise self._err(f"extent at {la}: {stored} -> {llen} bytes is too large")
-            if pa + stored > img.size:
-                raise self._err(f"pcluster [{pa}, {pa + stored}) of the extent at {la} is "
+            if rpa + plen > img.size:
+                raise self._err(f"extent record {i}: pcluster [{rpa}, {rpa + plen}) is "
                                 "outside the image")
-            if alg < 0 and llen > stored:
-                raise self._err(f"plain extent at {la}: {llen} bytes in a {stored}-byte "
-                                "pcluster")
-            if alg == ALG_INTERLACED and stored > bs:
-                raise self._err(f"interlaced plain extent at {la} over {stored} bytes")
-            out.append(ZExtent(la, llen, PCLUSTER, pa, stored, alg,
-                               bool(plen & E.EXTENT_PLEN_PARTIAL)))
+            if plen > E.PCLUSTER_MAX_SIZE or llen > E.PCLUSTER_MAX_DSIZE:
+                raise self._err(f"extent record {i}: {plen} -> {llen} bytes is too large")
+            if alg < 0 and (llen > plen or partial):
+                raise self._err(f"extent record {i}: plain extent of {llen} bytes in a "
+                                f"{plen}-byte pcluster")
+            if alg == ALG_INTERLACED and plen > bs:
+                raise self._err(f"extent record {i}: interlaced plain extent over {plen} "
+                                "bytes")
+            out.append(ZExtent(la, llen, PCLUSTER, rpa, plen, alg, partial))
         self.extents = out

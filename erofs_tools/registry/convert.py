@@ -24,7 +24,7 @@ import tempfile
 import threading
 import time
 
-from ..builder.tar_stream import put_while_read
+from ..builder.tar_stream import put_while_read, stop_reader
 from ..errors import CorruptImageError, ErofsToolsError, InputError, RegistryError
 from ..fsutil import atomic_output, fsync_dir
 from . import mediatypes as mt
@@ -164,13 +164,7 @@ class _RegistryBlobReader(_VerifyingReader):
         return item
 
     def close(self):
-        self.stop.set()
-        try:
-            while True:
-                self.q.get_nowait()
-        except queue.Empty:
-            pass
-        self.t.join(timeout=5)
+        stop_reader(self.q, self.stop, self.t, timeout=5)
 
 
 class SourceImage:

@@ -19,6 +19,7 @@ import shutil
 import stat
 from dataclasses import dataclass
 
+from erofs_tools.fsutil import fsync_dir
 from fscache_daemon.snapshotter.store import Kind, Snapshot
 
 TMP_PREFIX = "new-"
@@ -33,14 +34,6 @@ class Mount:
     type: str
     source: str
     options: tuple[str, ...]
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Layout:
@@ -81,9 +74,9 @@ class Layout:
                 # the same), so a non-root image's top directory keeps its owner
                 st = os.stat(self.fs(snap.parent_ids[0]))
                 os.lchown(os.path.join(tmp, "fs"), st.st_uid, st.st_gid)
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             os.rename(tmp, final)
-            _fsync_dir(self.snapshots)
+            fsync_dir(self.snapshots)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -75,8 +75,10 @@ class BlobCache:
         # The daemon writes a chunk's data before its bit, and the record last of all at
         # close; a cache file modified after the record was (by anything but us, or by a
         # daemon killed between a write and its bit) gets its cached chunks re-verified.
+        # The ctime too: a writer can set the mtime back (`touch -d`), not the ctime.
         try:
-            written_after = st.st_mtime_ns > os.stat(state_path(directory, self.key)).st_mtime_ns
+            written_after = max(st.st_mtime_ns, st.st_ctime_ns) > \
+                os.stat(state_path(directory, self.key)).st_mtime_ns
         except FileNotFoundError:
             written_after = False
         self.state = ChunkState(state_path(directory, self.key), nchunks, self.size, digest)
