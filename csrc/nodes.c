@@ -91,6 +91,7 @@ void erofs_builder_free(erofs_builder *b)
     if (!b)
         return;
     stream_stop(b, 1);
+    zdir_drop(b);
     smeta_free(b);
     ot_free(b);
     free(b->wdirty);

@@ -36,6 +36,7 @@ class Compression:
     all_fragments: bool = False       # -E all-fragments: every file whole in the packed inode
     fragdedupe: str = "full"          # -E fragdedupe=full|inode, ^fragdedupe ("off")
     max_extent: int = 0               # --max-extent-bytes: input per extent at most (0: any)
+    compress_dirs: bool = False       # --zD: every directory whole in the packed inode
 
     @property
     def algorithms(self) -> tuple[Algorithm, ...]:

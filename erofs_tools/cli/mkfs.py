@@ -108,6 +108,9 @@ from erofs_tools.errors import InputError, terminate_as_interrupt
               help="Compress regular files: lz4, lz4hc, lzma, deflate or zstd "
                    "(as mkfs.erofs -z, with level=, dictsize= and lzma's lc=, lp=, pb=); data "
                    "that would not save a block is stored plain.")
+@click.option("--zD", "zdirs", type=click.Choice(["0", "1"]), metavar="0|1",
+              help="With -z: 1 (or a bare --zD) puts every directory, whole, into the packed "
+                   "inode, compressed (as mkfs.erofs 1.9 --zD); 0 (default): not.")
 @click.option("-C", "pcluster", metavar="SIZE",
               help="Largest physical cluster in bytes (a multiple of 4096; default 4096).")
 @click.option("-E", "extended", multiple=True, metavar="OPT[,...]",
@@ -146,7 +149,7 @@ def mkfs(image, source, timestamp, all_time, ignore_mtime, ovlfs_strip, block_si
          uuid_text, label, all_root, force_uid, force_gid, uid_offset, gid_offset, offset,
          fsalignblks, dsunit, max_extent, async_limit, hard_dereference, mount_point, exclude_path, exclude_regex, no_shared_xattrs,
          xattr_tolerance, debug_level, xattr_prefix, root_xattr_isize, compress,
-         pcluster, extended, hints, digest_flag, digest_name, workers, quiet, as_json,
+         zdirs, pcluster, extended, hints, digest_flag, digest_name, workers, quiet, as_json,
          tar_mode, aufs, ungzip, ungzip_dump, unxz, sort_order, max_size):
     """Build an EROFS image IMAGE of the directory SOURCE (4 KiB blocks), or with --tar
     of the tar file SOURCE (- or none: stdin). IMAGE may be a block device, written in
@@ -160,6 +163,11 @@ def mkfs(image, source, timestamp, all_time, ignore_mtime, ovlfs_strip, block_si
     if hints is not None and compress is None:
         raise InputError("--compress-hints needs -z")
     z = parse_compress(compress, pcluster, ext) if compress is not None else None
+    if zdirs == "1":
+        if z is None:
+            # (mkfs.erofs 1.9.4 takes it and writes the packed inode uncompressed)
+            raise InputError("--zD needs -z (directories are compressed in the packed inode)")
+        z = dataclasses.replace(z, compress_dirs=True)
     for name in ("48bit", "dot-omitted"):
         if name in ext and (z is not None or tar_mode == "i"):
             # (with -z mkfs.erofs 1.9 writes the 48-bit layout's encoded extents)
