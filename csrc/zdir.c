@@ -11,7 +11,7 @@
  * the layout has placed every record, so the pool is kept (b->zlate) until then: the
  * layout places the other records, the directories' of a known length (inode, xattrs,
  * the 8-byte map header), then zdir_pack appends the directories after the fragments
- * (in nid order: root, breadth first) and compresses the packed inode after
+ * (depth first, as mkfs.erofs 1.9.4 orders them) and compresses the packed inode after
  * everything else (its record last, zdir_place_packed: in room left free among the
  * data, else at the end of the inode area's last block, else in a block after its
  * data), so that no other nid depends on its size. mkfs.erofs 1.9.4 appends no
@@ -215,11 +215,18 @@ int zdir_pack(erofs_builder *b, uint64_t *blk)
     stream_xfer(b, &x, &dummy);
     uint8_t *buf = NULL;
     uint64_t cap = 0;
-    int r = x.buf ? 0 : fail(b, ERN_ENOMEM, "out of memory");
-    for (uint32_t oi = 0; !r && oi < b->norder; oi++) {
-        struct node *n = &b->nodes[b->order[oi]];
-        if ((n->mode & S_IFMT) != S_IFDIR)
-            continue;
+    /* depth first, children in name order: the order mkfs.erofs 1.9.4 writes them in */
+    uint32_t *stack = malloc((size_t)(b->nnodes ? b->nnodes : 1) * sizeof(*stack)), sp = 0;
+    int r = x.buf && stack ? 0 : fail(b, ERN_ENOMEM, "out of memory");
+    if (stack)
+        stack[sp++] = b->root;
+    while (!r && sp) {
+        struct node *n = &b->nodes[stack[--sp]];
+        for (uint32_t k = n->de_count; k-- > 0;) {
+            uint32_t c = b->des[n->de_first + k].child;
+            if ((b->nodes[c].mode & S_IFMT) == S_IFDIR && sp < b->nnodes)
+                stack[sp++] = c;
+        }
         uint64_t need = align_up(n->size, bs), off;
         if (need > cap) {
             uint8_t *nb = realloc(buf, need);
@@ -240,6 +247,7 @@ int zdir_pack(erofs_builder *b, uint64_t *blk)
         memcpy(NX(b, n)->zmeta, &h, ZDIR_HDR);
     }
     free(buf);
+    free(stack);
     free(x.buf);
     if (!r) {
         p->zc->incompat |= EROFS_FEATURE_INCOMPAT_FRAGMENTS;

@@ -27,7 +27,7 @@ from erofs_tools.format import erofs as E
 from erofs_tools.reader.fsck import check_image
 from erofs_tools.reader.image import open_image
 from erofs_tools.reader.unpack import unpack_to_dir
-from erofs_tools.reader.zdata import is_compressed
+from erofs_tools.reader.zdata import is_compressed, state
 
 MANY = 3000      # entries of the large directory, names of ~200 bytes: ~150 blocks
 
@@ -146,6 +146,23 @@ def test_size_as_mkfs_erofs(tree, tmp_path, args):
     assert dirs_compressed(theirs) == dirs_compressed(ours) == (46, 46)
     ratio = os.path.getsize(ours) / os.path.getsize(theirs)
     assert 0.99 <= ratio <= 1.01, ratio
+
+
+def dir_offsets(img):
+    """-> {directory path: its offset in the packed inode}"""
+    im = open_image(img)
+    return {p: state(im).zmap(ino).extents[0][3] for p, _d, ino in im.walk() if ino.is_dir()}
+
+
+def test_directory_order_as_mkfs_erofs(tree, tmp_path):
+    """the directories go into the packed inode depth first, children in name order,
+    after the fragments, as mkfs.erofs 1.9.4 puts them: each at the same offset"""
+    for args in (["-zlz4"], ["-zlz4hc", "-Efragments"]):
+        ours, theirs = tmp_path / "o.img", tmp_path / "a.img"
+        run_mkfs(ours, tree, "-T", "0", "-U", "clear", "--zD", *args)
+        anchor(theirs, tree, "--zD", *args)
+        mine, ref = dir_offsets(ours), dir_offsets(theirs)
+        assert len(mine) == 46 and mine == ref
 
 
 def test_zd_options(tree, tmp_path):
