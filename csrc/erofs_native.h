@@ -116,8 +116,9 @@ struct erofs_opts {
                                   sb_48bit) */
     uint32_t max_extent;       /* at most this many input bytes per compressed extent
                                   (--max-extent-bytes, >= the block size); 0: no cap */
-    int32_t compress_dirs;     /* 1: every directory whole in the packed inode (--zD,
-                                  needs compress_alg), as mkfs.erofs 1.9 */
+    int32_t compress_dirs;     /* 1: every directory whole in the packed inode (--zD;
+                                  stream mode; without compress_alg stored plain), as
+                                  mkfs.erofs 1.9 */
 };
 
 struct erofs_layout_info {

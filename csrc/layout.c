@@ -648,6 +648,7 @@ static void fill_info(erofs_builder *b, const struct layout_state *st)
                                (b->xpfx_count ? EROFS_FEATURE_INCOMPAT_XATTR_PREFIXES : 0) |
                                (st->have_chunks ? EROFS_FEATURE_INCOMPAT_CHUNKED_FILE : 0) |
                                (b->ndevs ? EROFS_FEATURE_INCOMPAT_DEVICE_TABLE : 0) |
+                               (b->o.compress_dirs ? EROFS_FEATURE_INCOMPAT_FRAGMENTS : 0) |
                                zconf_incompat(b);
     b->info.data_bytes = st->data_bytes;
 }
@@ -671,7 +672,7 @@ int erofs_builder_layout(erofs_builder *b, struct erofs_layout_info *info)
     if ((r = choose_formats(b, &st)))
         return r;
     if ((r = place_stream_data(b, &st)) || (r = place_inodes(b, &st)) ||
-        (r = place_after_inodes(b, &st)) || (b->zlate && (r = place_packed_late(b, &st))))
+        (r = place_after_inodes(b, &st)) || (b->o.compress_dirs && (r = place_packed_late(b, &st))))
         return r;
     fill_info(b, &st);
     b->laid_out = 1;

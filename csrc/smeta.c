@@ -316,7 +316,7 @@ int smeta_dir(erofs_builder *b, uint32_t node, const char *names, const uint32_t
     int inl = tail && base + tail <= blksz;     /* noinline_data: files only */
     uint64_t len = align_up(inl ? base + tail : base, EROFS_SLOT_SIZE);
     uint64_t nblk = inl ? size / blksz : (size + blksz - 1) / blksz;
-    int zdir = b->o.compress_dirs && b->zp;
+    int zdir = b->o.compress_dirs != 0;
     if (zdir) {
         /* --zD: its record only (inode, xattrs, the fragment's map header), no blocks:
          * its entries go to the packed inode (zdir.c) */

@@ -16,7 +16,9 @@
  * data, else at the end of the inode area's last block, else in a block after its
  * data), so that no other nid depends on its size. mkfs.erofs 1.9.4 appends no
  * directory to an earlier one's bytes (nor shares them), and stores the packed inode
- * uncompressed when compression saves nothing, as any file.
+ * uncompressed when compression saves nothing, as any file. Without -z (no pool) the
+ * directories still go to the packed inode, stored plain (FLAT_INLINE), as mkfs.erofs
+ * 1.9.4 writes them.
  */
 #include "compress_int.h"
 
@@ -186,8 +188,8 @@ int zdir_prepare(erofs_builder *b)
 {
     if (!b->o.compress_dirs)
         return 0;
-    if (!b->zlate || !b->nx)
-        return fail(b, ERN_EINVAL, "compressed directories need compression (-z)");
+    if (!b->nx || (b->o.compress_alg && !b->zlate))
+        return fail(b, ERN_EINVAL, "compressed directories need stream mode");
     for (uint32_t i = 0; i < b->nnodes; i++) {
         struct node *n = &b->nodes[i];
         if ((n->mode & S_IFMT) != S_IFDIR)
@@ -213,8 +215,8 @@ int zdir_pack(erofs_builder *b, uint64_t *blk)
     struct xfer x;
     uint64_t dummy = 0;
     stream_xfer(b, &x, &dummy);
-    uint8_t *buf = NULL;
-    uint64_t cap = 0;
+    uint8_t *buf = NULL, *all = NULL;
+    uint64_t cap = 0, all_len = 0, all_cap = 0;
     /* depth first, children in name order: the order mkfs.erofs 1.9.4 writes them in */
     uint32_t *stack = malloc((size_t)(b->nnodes ? b->nnodes : 1) * sizeof(*stack)), sp = 0;
     int r = x.buf && stack ? 0 : fail(b, ERN_ENOMEM, "out of memory");
@@ -239,7 +241,22 @@ int zdir_pack(erofs_builder *b, uint64_t *blk)
         }
         memset(buf, 0, need);
         dir_pack(b, n, buf);
-        if ((r = zpacked_append(&p->pk, &x, buf, n->size, &off))) {
+        if (!p) {
+            /* without -z: the packed inode stored plain, its bytes gathered here */
+            if (all_len + n->size > all_cap) {
+                uint64_t nc = (all_len + n->size) * 2;
+                uint8_t *na = realloc(all, nc);
+                if (!na) {
+                    r = fail(b, ERN_ENOMEM, "out of memory");
+                    break;
+                }
+                all = na;
+                all_cap = nc;
+            }
+            memcpy(all + all_len, buf, n->size);
+            off = all_len;
+            all_len += n->size;
+        } else if ((r = zpacked_append(&p->pk, &x, buf, n->size, &off))) {
             r = fail(b, r, "%s", x.err);
             break;
         }
@@ -249,6 +266,18 @@ int zdir_pack(erofs_builder *b, uint64_t *blk)
     free(buf);
     free(stack);
     free(x.buf);
+    if (!p) {
+        int64_t node = r ? -1 : erofs_node_add(b, S_IFREG | 0600, 0, 0, 0, 0, all_len, 0, 0);
+        if (!r && node < 0)
+            r = (int)node;
+        if (!r && !(r = erofs_node_set_bytes(b, (uint32_t)node, (const char *)all, all_len))) {
+            b->nodes[node].nlink = 1;
+            b->packed_node = (uint32_t)node;
+            b->late_off = *blk * bs;    /* (its blocks: zdir_place_packed) */
+        }
+        free(all);
+        return r;
+    }
     if (!r) {
         p->zc->incompat |= EROFS_FEATURE_INCOMPAT_FRAGMENTS;
         b->late_off = *blk * bs;    /* (write.c: the inode window stops before it) */
@@ -270,12 +299,20 @@ int zdir_place_packed(erofs_builder *b, uint64_t meta_start, uint64_t *meta_end,
     int may_cross;
     uint64_t len = mpack_record_len(b, n, &may_cross);
     uint64_t off;
+    if (!n->streamed) {
+        /* without -z: its data stored plain from *blk on (the tail inline if it fits) */
+        uint64_t nblk = n->layout == L_INLINE ? n->size / bs : (n->size + bs - 1) / bs;
+        n->startblk = nblk ? (uint32_t)*blk : (n->layout == L_INLINE ? EROFS_NULL_ADDR : 0);
+        *blk += nblk;
+    }
     if (b->sm && !NXR(b, n)->ztail_len && !smeta_fill(b, n, len))
         return 0;                   /* room left among the data */
     uint64_t end = *meta_end;
     off = align_up(end, EROFS_SLOT_SIZE);
     if (NXR(b, n)->ztail_len)
         off = ztail_fit(b, n, off, bs);
+    if (!may_cross && off % bs + len > bs)
+        off = align_up(off, bs);    /* (an inline tail stays in its inode's block) */
     if (end % bs == 0 || off + len > align_up(end, bs) || off < meta_start) {
         /* a block of its own after its data */
         off = *blk * bs;

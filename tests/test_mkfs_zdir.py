@@ -6,7 +6,9 @@ kernel and compared with the source with full metadata, including a directory of
 thousands of entries with long names; fsck.erofs 1.9.4 passes and our reader (check,
 unpack) reads it; its size is within 1 % of mkfs.erofs 1.9.4's. `--zD` was refused
 before ("no such option"), so each of these failed on the code before it. Our reader also
-reads mkfs.erofs's compressed directory that decodes to more than the image holds."""
+reads mkfs.erofs's compressed directory that decodes to more than the image holds.
+Without -z, as mkfs.erofs 1.9.4, the packed inode is stored plain (refused before with
+one line, so that test failed before too)."""
 import os
 import subprocess
 
@@ -165,12 +167,35 @@ def test_directory_order_as_mkfs_erofs(tree, tmp_path):
         assert len(mine) == 46 and mine == ref
 
 
+@pytest.mark.root
+def test_zdir_without_z(root_kernel, tree, tmp_path):
+    """--zD without -z, as mkfs.erofs 1.9.4 takes it: the directories in the packed
+    inode, stored plain (its tail inline); the same size as mkfs.erofs's image, the
+    directories at the same offsets; --tar=f too"""
+    img, ref = tmp_path / "z.img", tmp_path / "a.img"
+    mkfs_and_check(img, tree, "--zD", check_nlink=True)
+    reader_round_trip(tmp_path, tree, img)
+    run_mkfs(img, tree, "-T", "0", "-U", "clear", "--zD")
+    anchor(ref, tree, "--zD")
+    assert os.path.getsize(img) == os.path.getsize(ref)
+    assert dir_offsets(img) == dir_offsets(ref)
+    tar_img = tmp_path / "t.img"
+    p = subprocess.run(["erofs-tools", "mkfs", "--tar=f", "--zD", "-b", "1024",
+                        os.fspath(tar_img), make_tar(tree, tmp_path / "t.tar")],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    fsck(tar_img)
+    with mounted(tar_img) as mnt:
+        assert compare_trees(tree, mnt, check_nlink=True) == []
+    assert dirs_compressed(tar_img) == (46, 46)
+
+
 def test_zd_options(tree, tmp_path):
-    """--zD needs -z (one line); --zD=0 is no --zD, --zD=1 a bare --zD"""
-    p = run_mkfs(tmp_path / "x.img", tree, "--zD", check=False)
+    """--zD=0 is no --zD, --zD=1 a bare --zD; with --tar=i refused (one line)"""
+    p = subprocess.run(["erofs-tools", "mkfs", "--tar=i", "--zD", os.fspath(tmp_path / "x.img"),
+                        make_tar(tree, tmp_path / "t.tar")], capture_output=True, text=True)
     assert p.returncode == 1
-    assert p.stderr.strip() == ("error: --zD needs -z (directories are compressed in the "
-                                "packed inode)")
+    assert p.stderr == "error: --zD: not with --tar=i (its directories stay plain)\n"
     assert not (tmp_path / "x.img").exists()
     imgs = {}
     for name, extra in {"none": [], "0": ["--zD=0"], "1": ["--zD=1"], "bare": ["--zD"]}.items():

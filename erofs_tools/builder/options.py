@@ -36,7 +36,6 @@ class Compression:
     all_fragments: bool = False       # -E all-fragments: every file whole in the packed inode
     fragdedupe: str = "full"          # -E fragdedupe=full|inode, ^fragdedupe ("off")
     max_extent: int = 0               # --max-extent-bytes: input per extent at most (0: any)
-    compress_dirs: bool = False       # --zD: every directory whole in the packed inode
 
     @property
     def algorithms(self) -> tuple[Algorithm, ...]:
@@ -90,6 +89,7 @@ class MkfsOptions:
     xattrs: bool = True               # -x -1: the source tree's xattrs left out
     root_xattr_isize: int = 0         # --root-xattr-isize: bytes kept for the root's xattrs
     compress: Compression | None = None   # -z / -C
+    compress_dirs: bool = False       # --zD: every directory whole in the packed inode
     compress_hints: list[CompressHint] = field(default_factory=list)   # --compress-hints
     workers: int = 0                  # --workers: compression threads, 0 = one per CPU
     inode_digest: bytes | None = None  # --xattr-inode-digest: the fingerprint xattr's name

@@ -109,8 +109,9 @@ from erofs_tools.errors import InputError, terminate_as_interrupt
                    "(as mkfs.erofs -z, with level=, dictsize= and lzma's lc=, lp=, pb=); data "
                    "that would not save a block is stored plain.")
 @click.option("--zD", "zdirs", type=click.Choice(["0", "1"]), metavar="0|1",
-              help="With -z: 1 (or a bare --zD) puts every directory, whole, into the packed "
-                   "inode, compressed (as mkfs.erofs 1.9 --zD); 0 (default): not.")
+              help="1 (or a bare --zD): every directory whole in the packed inode, compressed "
+                   "with it (with -z; without, stored plain), as mkfs.erofs 1.9 --zD; 0 "
+                   "(default): not.")
 @click.option("-C", "pcluster", metavar="SIZE",
               help="Largest physical cluster in bytes (a multiple of 4096; default 4096).")
 @click.option("-E", "extended", multiple=True, metavar="OPT[,...]",
@@ -163,11 +164,8 @@ def mkfs(image, source, timestamp, all_time, ignore_mtime, ovlfs_strip, block_si
     if hints is not None and compress is None:
         raise InputError("--compress-hints needs -z")
     z = parse_compress(compress, pcluster, ext) if compress is not None else None
-    if zdirs == "1":
-        if z is None:
-            # (mkfs.erofs 1.9.4 takes it and writes the packed inode uncompressed)
-            raise InputError("--zD needs -z (directories are compressed in the packed inode)")
-        z = dataclasses.replace(z, compress_dirs=True)
+    if zdirs == "1" and tar_mode == "i":
+        raise InputError("--zD: not with --tar=i (its directories stay plain)")
     for name in ("48bit", "dot-omitted"):
         if name in ext and (z is not None or tar_mode == "i"):
             # (with -z mkfs.erofs 1.9 writes the 48-bit layout's encoded extents)
@@ -221,6 +219,7 @@ def mkfs(image, source, timestamp, all_time, ignore_mtime, ovlfs_strip, block_si
         dot_omitted="dot-omitted" in ext,
         ignore_mtime=ignore_mtime,
         compress=z,
+        compress_dirs=zdirs == "1",
         compress_hints=parse_compress_hints(hints, 1 + len(z.more)) if z and hints else [],
         workers=workers,
         inode_digest=digest,
