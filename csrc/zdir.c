@@ -304,6 +304,8 @@ int zdir_place_packed(erofs_builder *b, uint64_t meta_start, uint64_t *meta_end,
         uint64_t nblk = n->layout == L_INLINE ? n->size / bs : (n->size + bs - 1) / bs;
         n->startblk = nblk ? (uint32_t)*blk : (n->layout == L_INLINE ? EROFS_NULL_ADDR : 0);
         *blk += nblk;
+        if (*blk > 0xFFFFFFFFull)
+            return fail(b, ERN_ELIMIT, "image larger than 2^32 blocks");
     }
     if (b->sm && !NXR(b, n)->ztail_len && !smeta_fill(b, n, len))
         return 0;                   /* room left among the data */
