@@ -224,6 +224,8 @@ struct erofs_builder {
     /* compression (compress_int.h): settings and, while files come in, the pool */
     struct zconf *zc;
     struct zpool *zp;
+    struct zpool *zlate;    /* --zD: the pool kept from its stop to the layout's end */
+    uint64_t late_off;      /* --zD: where the packed inode's data starts (bytes) */
     uint32_t packed_node;   /* -Efragments: the packed inode (NONE32: none) */
     uint8_t *xpfx;          /* long xattr name prefix table, encoded */
     uint32_t xpfx_len, xpfx_count;
@@ -290,6 +292,17 @@ INTERNAL int zpool_start(erofs_builder *b);
 INTERNAL int zpool_submit(erofs_builder *b, uint32_t node, const char *path, size_t pathlen,
                           uint64_t offset);
 INTERNAL int zpool_stop(erofs_builder *b, int abort);
+/* zdir.c, --zD: a directory's record holds its map header only (ZDIR_HDR bytes) */
+#define ZDIR_HDR 8u
+/* before the formats: each directory's map header (filled by zdir_pack) */
+INTERNAL int zdir_prepare(erofs_builder *b);
+/* once every record but the packed inode's is placed: the directories into the packed
+ * inode, compressed from block *blk on (*blk: the block after it), its node added */
+INTERNAL int zdir_pack(erofs_builder *b, uint64_t *blk);
+/* the packed inode's record: among the data, at the inode area's end or after *blk */
+INTERNAL int zdir_place_packed(erofs_builder *b, uint64_t meta_start, uint64_t *meta_end,
+                               uint64_t *blk);
+INTERNAL void zdir_drop(erofs_builder *b);
 INTERNAL uint32_t zmeta_extra(const erofs_builder *b, const struct node *n);
 /* zlayout.c: a compressed node's compact index (-E48bit: its extent records if smaller
  * than the full index; -E legacy-compress: else the full one); the first inode offset from off on

@@ -311,6 +311,16 @@ struct zpool {
     struct zjob *win[ZWIN];
 };
 
+/* zstream.c, for zdir.c: a job compressed (run_zjob) and committed (commit) by the
+ * caller's thread; a file's gathered segments dropped */
+INTERNAL int run_zjob(struct zpool *p, struct zctx *c, struct xfer *x, struct zjob *j);
+INTERNAL int commit(struct zpool *p, struct zjob *j, struct xfer *x);
+INTERNAL void zjob_drop_acc(struct zjob *f);
+/* fragments.c, --zD: len bytes appended to the packed inode's data (never shared, as
+ * mkfs.erofs 1.9 appends each directory) -> their offset there */
+INTERNAL int zpacked_append(struct zpacked *pk, struct xfer *x, const uint8_t *data,
+                            uint64_t len, uint64_t *off);
+
 /* zsmeta.c: records among the data for compressed images */
 INTERNAL void zsm_submit(erofs_builder *b, struct zjob *j);
 INTERNAL int zsm_commit(struct zpool *p, struct zjob *j, struct xfer *x);

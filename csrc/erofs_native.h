@@ -124,6 +124,9 @@ struct erofs_opts {
                                   block map; -E force-chunk-indexes; always with a blob) */
     int32_t chunk_nodedupe;    /* with chunkbits: no chunk shared, none made a hole
                                   (mkfs.erofs -E ^dedupe) */
+    int32_t compress_dirs;     /* 1: every directory whole in the packed inode (--zD;
+                                  stream mode; without compress_alg stored plain), as
+                                  mkfs.erofs 1.9 */
 };
 
 struct erofs_layout_info {

@@ -179,6 +179,18 @@ static int zpacked_add(struct zpacked *pk, struct xfer *x, const struct zfsrc *s
     return 0;
 }
 
+int zpacked_append(struct zpacked *pk, struct xfer *x, const uint8_t *data, uint64_t len,
+                   uint64_t *off)
+{
+    struct zfsrc s = { data, -1, 0, "directory" };
+    int r = append(pk, x, &s, len);
+    if (r)
+        return r;
+    *off = pk->len;
+    pk->len += len;
+    return 0;
+}
+
 int zfrag_whole(const struct zpool *p, struct zjob *j)
 {
     struct zfile *zf = &j->zf;

@@ -128,8 +128,8 @@ static int alloc_flat_data(erofs_builder *b, uint64_t *pblk)
             }
             continue;
         }
-        if (!is_flat_data(n))
-            continue;
+        if (!is_flat_data(n) || n->layout == L_ZFULL)
+            continue;           /* (--zD: directories in the packed inode) */
         uint64_t nblk = n->layout == L_INLINE ? n->size / blksz : (n->size + blksz - 1) / blksz;
         if (nblk) {
             n->startblk = (uint32_t)blk;
@@ -328,12 +328,10 @@ static void node_path(const erofs_builder *b, uint32_t node, char *out, size_t c
              tmp + pos + (len >= cap ? len - cap + 4 : 0));
 }
 
-static int choose_formats(erofs_builder *b, struct layout_state *st)
+static int choose_format(erofs_builder *b, struct layout_state *st, uint32_t oi)
 {
     uint32_t blksz = b->blksz;
-    st->have_chunks = 0;
-    st->data_bytes = 0;
-    for (uint32_t oi = 0; oi < b->norder; oi++) {
+    {
         struct node *n = &b->nodes[b->order[oi]];
         uint32_t fmt = n->mode & S_IFMT;
         n->extended = b->o.force_extended || n->uid > 0xFFFF || n->gid > 0xFFFF ||
@@ -392,6 +390,16 @@ static int choose_formats(erofs_builder *b, struct layout_state *st)
         }
     }
     return 0;
+}
+
+static int choose_formats(erofs_builder *b, struct layout_state *st)
+{
+    st->have_chunks = 0;
+    st->data_bytes = 0;
+    int r = 0;
+    for (uint32_t oi = 0; oi < b->norder && !r; oi++)
+        r = choose_format(b, st, oi);
+    return r;
 }
 
 /* stream mode: file data already sits from the first block after the superblock up to
@@ -587,6 +595,32 @@ static int place_after_inodes(erofs_builder *b, struct layout_state *st)
     return 0;
 }
 
+/* --zD, once every other record is placed: the directories into the packed inode,
+ * compressed after the rest, its record placed last (zdir.c) */
+static int place_packed_late(erofs_builder *b, struct layout_state *st)
+{
+    int r = zdir_pack(b, &st->blk);
+    if (r || b->packed_node == NONE32)
+        return r;
+    uint32_t *o = realloc(b->order, (size_t)(b->norder + 1) * sizeof(*o));
+    uint32_t *w = o ? realloc(b->worder, (size_t)(b->norder + 1) * sizeof(*w)) : NULL;
+    if (o)
+        b->order = o;
+    if (w)
+        b->worder = w;
+    if (!o || !w)
+        return fail(b, ERN_ENOMEM, "out of memory");
+    struct node *n = &b->nodes[b->packed_node];
+    n->placed = 1;
+    b->order[b->norder] = b->worder[b->norder] = b->packed_node;
+    n->ino = ++b->norder;
+    if ((r = choose_format(b, st, b->norder - 1)) ||
+        (r = zdir_place_packed(b, st->meta_start, &st->meta_end, &st->blk)))
+        return r;
+    qsort_r(b->worder, b->norder, sizeof(uint32_t), cmp_meta_off, b);
+    return 0;
+}
+
 static void fill_info(erofs_builder *b, const struct layout_state *st)
 {
     uint32_t blksz = b->blksz;
@@ -616,6 +650,7 @@ static void fill_info(erofs_builder *b, const struct layout_state *st)
                                (b->xpfx_count ? EROFS_FEATURE_INCOMPAT_XATTR_PREFIXES : 0) |
                                (st->have_chunks ? EROFS_FEATURE_INCOMPAT_CHUNKED_FILE : 0) |
                                (b->ndevs ? EROFS_FEATURE_INCOMPAT_DEVICE_TABLE : 0) |
+                               (b->o.compress_dirs ? EROFS_FEATURE_INCOMPAT_FRAGMENTS : 0) |
                                zconf_incompat(b);
     b->info.data_bytes = st->data_bytes;
 }
@@ -634,12 +669,12 @@ int erofs_builder_layout(erofs_builder *b, struct erofs_layout_info *info)
     if ((r = check_data_sources(b)) || (r = index_dirents(b)) || (r = order_nids(b)))
         return r;
     size_dirs(b);
-    if ((r = pack_xattrs(b, &st.shared_bytes, &st.xattr_filter)) || (r = pick_build_time(b, &st)))
+    if ((r = zdir_prepare(b)) || (r = pack_xattrs(b, &st.shared_bytes, &st.xattr_filter)) || (r = pick_build_time(b, &st)))
         return r;
     if ((r = choose_formats(b, &st)))
         return r;
     if ((r = place_stream_data(b, &st)) || (r = place_inodes(b, &st)) ||
-        (r = place_after_inodes(b, &st)))
+        (r = place_after_inodes(b, &st)) || (b->o.compress_dirs && (r = place_packed_late(b, &st))))
         return r;
     fill_info(b, &st);
     b->laid_out = 1;

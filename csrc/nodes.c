@@ -93,6 +93,7 @@ void erofs_builder_free(erofs_builder *b)
         return;
     stream_stop(b, 1);
     chunked_free(b);
+    zdir_drop(b);
     smeta_free(b);
     ot_free(b);
     free(b->wdirty);

@@ -316,6 +316,14 @@ int smeta_dir(erofs_builder *b, uint32_t node, const char *names, const uint32_t
     int inl = tail && base + tail <= blksz;     /* noinline_data: files only */
     uint64_t len = align_up(inl ? base + tail : base, EROFS_SLOT_SIZE);
     uint64_t nblk = inl ? size / blksz : (size + blksz - 1) / blksz;
+    int zdir = b->o.compress_dirs != 0;
+    if (zdir) {
+        /* --zD: its record only (inode, xattrs, the fragment's map header), no blocks:
+         * its entries go to the packed inode (zdir.c) */
+        len = align_up(align_up(base, 8) + ZDIR_HDR, EROFS_SLOT_SIZE);
+        inl = 0;
+        nblk = 0;
+    }
     uint64_t lo = align_up(sb_area_end(b), EROFS_SLOT_SIZE);
     if (node == b->root && !NX(b, n)->sres && lo + len <= blksz) {
         /* the room after the superblock, as mkfs.erofs (nid 36 with 4 KiB blocks) */
@@ -334,6 +342,8 @@ int smeta_dir(erofs_builder *b, uint32_t node, const char *names, const uint32_t
     } else if (smeta_reserve(b, node, (uint32_t)(len <= blksz ? len : 0))) {
         return 0;
     }
+    if (zdir)
+        return 0;
     n = &b->nodes[node];
     NX(b, n)->sdir = 1;
     NX(b, n)->sdir_size = size;

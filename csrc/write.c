@@ -62,6 +62,7 @@ static uint8_t *win_ptr(erofs_builder *b, uint64_t off, size_t len)
     /* (inodes in block 0, after the superblock: the file data follows that block in
      * stream mode, so the window moves on to the inode area rather than spanning it) */
     if (off < b->win_start || off + len > b->win_start + WIN_SIZE ||
+        (b->late_off && off >= b->late_off && b->win_start < b->late_off) ||
         (b->win_start < b->blksz && off >= b->blksz && b->info.meta_start == 0 &&
          b->o.stream_data)) {
         if (win_flush(b))

@@ -159,7 +159,7 @@ int zjob_open_source(struct xfer *x, struct zjob *j, int *pfd)
 
 /* compress one file into memory (or plain when it cannot save a block) with c, the
  * context of its algorithm */
-static int run_zjob(struct zpool *p, struct zctx *c, struct xfer *x, struct zjob *j)
+int run_zjob(struct zpool *p, struct zctx *c, struct xfer *x, struct zjob *j)
 {
     if (zjob_small_plain(j, p->b->blksz)) {
         j->zf.plain = 1;
@@ -208,7 +208,7 @@ static int run_zjob(struct zpool *p, struct zctx *c, struct xfer *x, struct zjob
 }
 
 /* place and write the oldest finished file (only one commit runs at a time) */
-static int commit(struct zpool *p, struct zjob *j, struct xfer *x)
+int commit(struct zpool *p, struct zjob *j, struct xfer *x)
 {
     erofs_builder *b = p->b;
     uint32_t bs = b->blksz;
@@ -292,7 +292,7 @@ static int commit(struct zpool *p, struct zjob *j, struct xfer *x)
     return r;
 }
 
-static void zjob_drop_acc(struct zjob *f)
+void zjob_drop_acc(struct zjob *f)
 {
     if (f->acc) {
         zfile_free(f->acc);
@@ -403,7 +403,7 @@ int zpool_start(erofs_builder *b)
         return r;
     }
     p->pk.fd = -1;
-    if (p->zc->frags && zpacked_open(&p->pk)) {
+    if ((p->zc->frags || b->o.compress_dirs) && zpacked_open(&p->pk)) {
         free(p);
         return fail(b, ERN_EIO, "cannot create the packed file: %s", strerror(errno));
     }
@@ -554,144 +554,4 @@ void zpool_drop(erofs_builder *b, struct zjob *j)
         free(j);
         j = nx;
     }
-}
-
-/* -Efragments, once every file is committed: the packed inode, a node of its own (in
- * no directory), compressed like a file with its own pcluster size and committed
- * after the others (so it is written in place as it is compressed) */
-static int flush_packed(erofs_builder *b, struct zpool *p)
-{
-    struct zconf pz = *p->zc;
-    pz.pclustersize = pz.packed_ps;
-    pz.pclusterblks = pz.packed_ps / b->blksz;
-    pz.frags = 0;
-    if (p->pk.bare && p->pk.len == b->xpfx_len)
-        p->pk.len = p->pk.bare;     /* the table alone: unpadded, as mkfs.erofs's */
-    int64_t node = erofs_node_add(b, S_IFREG | 0600, 0, 0, 0, 0, p->pk.len, 0, 0);
-    if (node < 0)
-        return (int)node;
-    struct node *n = &b->nodes[node];
-    n->nlink = 1;
-    n->dkind = D_FILE;
-    n->streamed = 1;
-    b->packed_node = (uint32_t)node;
-    struct zjob *j = calloc(1, sizeof(*j));
-    struct xfer x;
-    uint64_t dummy = 0;
-    stream_xfer(b, &x, &dummy);
-    struct zctx c;
-    int r = zctx_init(&c, &pz);
-    if (!j || !x.buf || r || !(j->path = strdup("packed file"))) {
-        r = r ? fail(b, r, "%s", c.err) : fail(b, ERN_ENOMEM, "out of memory");
-        goto out;
-    }
-    j->node = (uint32_t)node;
-    j->size = p->pk.len;
-    j->srcfd = p->pk.fd;
-    j->zc = &pz;
-    j->packed = 1;
-    j->state = 1;
-    p->head = p->tail = j;       /* the oldest file: zflush may write it in place */
-    r = run_zjob(p, &c, &x, j);
-    if (!r)
-        r = commit(p, j, &x);
-    p->head = p->tail = NULL;
-    if (r)
-        fail(b, r, "%s", x.err);
-    zfile_free(&j->zf);
-    if (p->dtail)
-        p->dtail->next = j;
-    else
-        p->dhead = j;
-    p->dtail = j;
-    j = NULL;
-out:
-    if (j) {
-        free(j->path);
-        free(j);
-    }
-    zctx_fini(&c);
-    free(x.buf);
-    return r;
-}
-
-/* stop the pool (after every file is committed, or dropping them when abort) and move
- * the results to the nodes */
-int zpool_stop(erofs_builder *b, int abort)
-{
-    struct zpool *p = b->zp;
-    if (!p)
-        return 0;
-    zsm_release(b, abort);          /* the last window to the queue (or dropped) */
-    pthread_mutex_lock(&p->mu);
-    p->stop = 1;
-    p->abort = abort;
-    pthread_cond_broadcast(&p->cv_job);
-    pthread_cond_broadcast(&p->cv_turn);
-    pthread_mutex_unlock(&p->mu);
-    for (uint32_t i = 0; i < p->nth; i++)
-        pthread_join(p->th[i], NULL);
-    b->worker_on = 0;
-    zsm_finish(b, p, abort);        /* records queued after the last file */
-    int code = p->err_code;
-    if (!code && !abort && p->head)
-        code = fail(b, ERN_EINVAL, "compression stopped with files left");
-    else if (code && !abort)
-        fail(b, code, "%s", p->err);
-    else if (!abort && p->pk.len)
-        code = flush_packed(b, p);
-    if (p->pk.fd >= 0)
-        zpacked_close(&p->pk);
-    zdedupe_free(&p->dd);
-    zroll_free(&p->roll);
-    /* committed results to their nodes */
-    for (struct zjob *j = p->dhead; j;) {
-        struct zjob *nx = j->next;
-        zjob_drop_acc(j);
-        zsm_done(b, j, !code && !abort);
-        if (!code && !abort && !j->midseg) {
-            struct node *n = &b->nodes[j->node];
-            n->startblk = j->startblk;
-            if (j->chunks1) {
-                n->dkind = D_CHUNKS;
-                n->aux = j->chunks1 - 1;
-            } else if (j->plain) {
-                n->stream_inline = j->tail != 0;
-                NX(b, n)->tailbuf = j->tailbuf;
-                j->tailbuf = NULL;
-            } else {
-                NX(b, n)->zmeta = j->meta;
-                NX(b, n)->zmeta_len = j->meta_len;
-                NX(b, n)->zblocks = j->nblocks;
-                NX(b, n)->ztail = j->idata;
-                NX(b, n)->ztail_len = j->idata_len;
-                NX(b, n)->zfull_only = (uint8_t)j->zfull;
-                j->meta = NULL;
-                j->idata = NULL;
-            }
-        }
-        free(j->meta);
-        free(j->idata);
-        free(j->tailbuf);
-        free(j->path);
-        free(j);
-        j = nx;
-    }
-    for (struct zjob *j = p->head; j;) {
-        struct zjob *nx = j->next;
-        zfile_free(&j->zf);
-        zjob_drop_acc(j);
-        zsm_done(b, j, 0);
-        free(j->path);
-        free(j);
-        j = nx;
-    }
-    p->dhead = p->dtail = p->head = p->tail = NULL;
-    pthread_mutex_destroy(&p->mu);
-    pthread_cond_destroy(&p->cv_job);
-    pthread_cond_destroy(&p->cv_space);
-    pthread_cond_destroy(&p->cv_turn);
-    b->zp = NULL;          /* b->zc stays for layout and write */
-    free(p);
-    return code;
 }

@@ -105,6 +105,7 @@ def build_options(opts: MkfsOptions) -> BuildOptions:
         all_fragments=z.all_fragments if z else False,
         fragdedupe=FRAGDEDUPE_MODES[z.fragdedupe] if z else 0,
         max_extent=z.max_extent if z else 0,
+        compress_dirs=opts.compress_dirs,
         compress_alt=tuple((COMPRESSORS[a.name], -1 if a.level is None else a.level)
                            for a in z.more) if z else (),
         compress_dict_size=tuple(a.dict_size for a in z.algorithms) if z else (),

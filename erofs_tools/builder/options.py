@@ -89,6 +89,7 @@ class MkfsOptions:
     xattrs: bool = True               # -x -1: the source tree's xattrs left out
     root_xattr_isize: int = 0         # --root-xattr-isize: bytes kept for the root's xattrs
     compress: Compression | None = None   # -z / -C
+    compress_dirs: bool = False       # --zD: every directory whole in the packed inode
     compress_hints: list[CompressHint] = field(default_factory=list)   # --compress-hints
     workers: int = 0                  # --workers: compression threads, 0 = one per CPU
     inode_digest: bytes | None = None  # --xattr-inode-digest: the fingerprint xattr's name

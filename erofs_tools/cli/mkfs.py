@@ -109,6 +109,10 @@ from erofs_tools.errors import InputError, terminate_as_interrupt
               help="Compress regular files: lz4, lz4hc, lzma, deflate or zstd "
                    "(as mkfs.erofs -z, with level=, dictsize= and lzma's lc=, lp=, pb=); data "
                    "that would not save a block is stored plain.")
+@click.option("--zD", "zdirs", type=click.Choice(["0", "1"]), metavar="0|1",
+              help="1 (or a bare --zD): every directory whole in the packed inode, compressed "
+                   "with it (with -z; without, stored plain), as mkfs.erofs 1.9 --zD; 0 "
+                   "(default): not.")
 @click.option("-C", "pcluster", metavar="SIZE",
               help="Largest physical cluster in bytes (a multiple of 4096; default 4096).")
 @click.option("-E", "extended", multiple=True, metavar="OPT[,...]",
@@ -154,7 +158,7 @@ def mkfs(image, source, timestamp, all_time, ignore_mtime, ovlfs_strip, block_si
          uuid_text, label, all_root, force_uid, force_gid, uid_offset, gid_offset, offset,
          fsalignblks, dsunit, max_extent, async_limit, hard_dereference, mount_point, exclude_path, exclude_regex, no_shared_xattrs,
          xattr_tolerance, debug_level, xattr_prefix, root_xattr_isize, compress,
-         pcluster, extended, chunksize, blobdev, hints, digest_flag, digest_name, workers, quiet, as_json,
+         zdirs, pcluster, extended, chunksize, blobdev, hints, digest_flag, digest_name, workers, quiet, as_json,
          tar_mode, aufs, ungzip, ungzip_dump, unxz, sort_order, max_size):
     """Build an EROFS image IMAGE of the directory SOURCE (4 KiB blocks), or with --tar
     of the tar file SOURCE (- or none: stdin). IMAGE may be a block device, written in
@@ -168,6 +172,8 @@ def mkfs(image, source, timestamp, all_time, ignore_mtime, ovlfs_strip, block_si
     if hints is not None and compress is None:
         raise InputError("--compress-hints needs -z")
     z = parse_compress(compress, pcluster, ext) if compress is not None else None
+    if zdirs == "1" and tar_mode == "i":
+        raise InputError("--zD: not with --tar=i (its directories stay plain)")
     for name in ("48bit", "dot-omitted"):
         if name in ext and tar_mode == "i":
             raise InputError(f"-E {name}: not with --tar=i yet")
@@ -221,6 +227,7 @@ def mkfs(image, source, timestamp, all_time, ignore_mtime, ovlfs_strip, block_si
         dot_omitted="dot-omitted" in ext,
         ignore_mtime=ignore_mtime,
         compress=z,
+        compress_dirs=zdirs == "1",
         compress_hints=parse_compress_hints(hints, 1 + len(z.more)) if z and hints else [],
         workers=workers,
         inode_digest=digest,

@@ -14,7 +14,7 @@ class MkfsCommand(click.Command):
     becomes the hidden `--ungzip-dump FILE` (`--xattr-inode-digest=NAME` the hidden
     `--xattr-inode-digest-name NAME`) and a bare `--ungzip` stays a flag, so
     `--ungzip IMAGE TAR` does not swallow IMAGE; a bare `--tar` is `--tar=f`, a bare
-    `--ovlfs-strip` `--ovlfs-strip=1`."""
+    `--ovlfs-strip` `--ovlfs-strip=1`, a bare `--zD` `--zD=1`."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         out = []
@@ -40,6 +40,8 @@ class MkfsCommand(click.Command):
                 out.append("--tar=f")
             elif a == "--ovlfs-strip":      # and a bare --ovlfs-strip strips
                 out.append("--ovlfs-strip=1")
+            elif a == "--zD":               # a bare --zD compresses directories
+                out.append("--zD=1")
             else:
                 out.append(a)
         return super().parse_args(ctx, out)
