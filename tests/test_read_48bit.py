@@ -261,6 +261,37 @@ def test_corrupt_extent_record(ztree, tmp_path, how):
         assert len(err) == 1 and len(p.stderr.strip().splitlines()) <= 1, p.stdout + p.stderr
 
 
+@pytest.mark.parametrize("plen", [0, 3 << 28])
+def test_extent_record_without_bytes_is_a_hole(ztree, tmp_path, plen):
+    """A 16-byte extent record whose length (its low 28 bits) is 0 stores nothing: Linux
+    6.18 leaves that extent unmapped (z_erofs_map_blocks_ext maps an extent only when
+    `plen & Z_EROFS_EXTENT_PLEN_MASK` is set) and reads it as zeros, whatever its format
+    bits say; `check` calls the image clean and unpack gives the kernel's bytes. Failed
+    before: "extent record 1 (file offset ...): no pcluster"."""
+    img = tmp_path / "z.img"
+    anchor(img, ztree, "-E48bit", "-zlz4hc")
+    off, recsz, n, _hpos = _records_of(img, "/large")
+    assert recsz == 16 and n > 2
+    data = bytearray(img.read_bytes())
+    start, end = (struct.unpack_from("<I", data, off + 16 * k + 12)[0] for k in (1, 2))
+    struct.pack_into("<I", data, off + 16, plen)
+    _fix_sum(data)
+    img.write_bytes(data)
+    src = (ztree / "large").read_bytes()
+    want = src[:start] + bytes(end - start) + src[end:]
+    with mounted(img) as m:
+        kernel = open(os.path.join(m, "large"), "rb").read()
+    assert kernel == want
+    p = cli("check", img)
+    assert p.returncode == 0 and p.stdout.strip().endswith("clean"), p.stdout + p.stderr
+    out = tmp_path / "out"
+    p = cli("unpack", "-o", out, img)
+    assert p.returncode == 0, p.stderr
+    assert (out / "large").read_bytes() == kernel
+    p = cli("inspect", "--json", img, "/large")
+    assert p.returncode == 0 and '"hole"' in p.stdout, p.stderr
+
+
 def _root_off(data):
     meta = struct.unpack_from("<I", data, SB + 0x28)[0]
     nid = struct.unpack_from("<Q", data, SB + 0x70)[0] or struct.unpack_from(

@@ -18,7 +18,7 @@ from erofs_tools.reader.zdata import is_compressed
 from erofs_tools.reader.zdata import state as zstate
 from erofs_tools.reader.zmap import ALG_NAMES, FRAGMENT
 
-_ZKIND = {0: "pcluster", 1: "inline", 2: "fragment"}
+_ZKIND = {0: "pcluster", 1: "inline", 2: "fragment", 3: "hole"}
 
 _TYPE = {_stat.S_IFREG: "file", _stat.S_IFDIR: "dir", _stat.S_IFLNK: "symlink",
          _stat.S_IFCHR: "chr", _stat.S_IFBLK: "blk", _stat.S_IFIFO: "fifo",

@@ -14,7 +14,7 @@ from collections import OrderedDict
 from erofs_tools import _native
 from erofs_tools.errors import CorruptImageError
 from erofs_tools.format import erofs as E
-from erofs_tools.reader.zmap import ALG_INTERLACED, ALG_SHIFTED, FRAGMENT, ZExtent, ZMap
+from erofs_tools.reader.zmap import ALG_INTERLACED, ALG_SHIFTED, FRAGMENT, HOLE, ZExtent, ZMap
 
 CACHE_BYTES = 32 << 20          # decoded extents kept per image
 CACHE_MAPS = 64                 # inode maps kept per image
@@ -163,6 +163,11 @@ def iter_compressed(img, ino, piece=1 << 20):
             for pos, data in _fragment_pieces(img, ino, ext, ext.la, ext.la + ext.llen, piece):
                 yield pos, data, len(data)
             continue
+        if ext.kind == HOLE:        # (any length: zeros a piece at a time)
+            for pos in range(0, ext.llen, piece):
+                n = min(piece, ext.llen - pos)
+                yield ext.la + pos, bytes(n), n
+            continue
         data = z.decode(ext, what)
         for pos in range(0, len(data), piece):
             chunk = data[pos:pos + piece]
@@ -196,6 +201,8 @@ def read_range(img, ino, offset, length, depth=0) -> bytes:
                 raise img._err(f"{what}: the packed inode holds a fragment itself")
             for _p, data in _fragment_pieces(img, ino, ext, pos, stop, 1 << 20):
                 out += data
+        elif ext.kind == HOLE:
+            out += bytes(stop - pos)
         else:
             data = z.decode(ext, what)
             out += data[pos - ext.la:stop - ext.la]
@@ -233,7 +240,7 @@ class ZChecker:
                     raise img._err(f"{what}: fragment [{ext.pa}, {ext.pa + ext.llen}) "
                                    f"beyond the packed inode ({packed.size} bytes)")
                 continue
-            if not verify_data:
+            if not verify_data or ext.kind == HOLE:
                 continue
             key = (ext.pa, ext.plen, ext.alg, ext.llen, ext.la % img.blksz, ext.partial,
                    ext.in_meta)

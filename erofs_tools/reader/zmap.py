@@ -20,7 +20,8 @@ header; or, when every extent but the last takes 2^lclusterbits bytes of input, 
 record per lcluster, 8 bytes (pcluster length and 32-bit offset) or 4 (the length
 only, the pclusters back to back from a le64 offset before the records). Each record's
 plen carries the format (plain or the algorithm) and the partial-reference bit; the last
-one, with a fragment, the fragment's offset.
+one, with a fragment, the fragment's offset. A record whose length is 0 stores nothing:
+a HOLE, read as zeros (Linux leaves it unmapped).
 
 An inode inside the metabox (metadata compression, reader/metabox.py) has its map
 header, lcluster indexes or extent records and inline pcluster there (`ZMap.sp`,
@@ -40,12 +41,13 @@ from erofs_tools.format import erofs as E
 from erofs_tools.fsutil import round_up
 
 # decode kinds of an extent
-PCLUSTER, INLINE, FRAGMENT = range(3)
+PCLUSTER, INLINE, FRAGMENT, HOLE = range(4)
 # pseudo algorithms of PLAIN extents
 ALG_SHIFTED = -1               # stored as is from the pcluster start
 ALG_INTERLACED = -2            # rotated by the extent's offset in its block
+ALG_HOLE = -4                  # HOLE: nothing stored, reads as zeros
 ALG_NAMES = {0: "lz4", 1: "lzma", 2: "deflate", 3: "zstd", ALG_SHIFTED: "plain",
-             ALG_INTERLACED: "plain"}
+             ALG_INTERLACED: "plain", ALG_HOLE: "hole"}
 MAX_LCLUSTER_BITS = 20
 NUM_ALGS = 4
 
@@ -61,7 +63,7 @@ class ZConfig(NamedTuple):
 class ZExtent(NamedTuple):
     la: int                    # file offset of the extent
     llen: int                  # decoded bytes
-    kind: int                  # PCLUSTER, INLINE or FRAGMENT
+    kind: int                  # PCLUSTER, INLINE, FRAGMENT or HOLE (extent records)
     pa: int                    # image byte offset (PCLUSTER, INLINE) or packed-inode offset
     plen: int                  # bytes of the pcluster (0 for FRAGMENT)
     alg: int                   # 0..3, ALG_SHIFTED or ALG_INTERLACED (FRAGMENT: -3)
@@ -451,7 +453,10 @@ class ZMap:
             partial = bool(plen & E.EXTENT_PLEN_PARTIAL)
             plen &= E.EXTENT_PLEN_MASK
             if not plen:
-                raise self._err(f"extent record {i} (file offset {la}): no pcluster")
+                # no stored bytes (whatever the format and partial bits say): unmapped,
+                # read as zeros, as Linux 6.18 maps it (z_erofs_map_blocks_ext)
+                out.append(ZExtent(la, llen, HOLE, 0, 0, ALG_HOLE, False))
+                continue
             if fmt:
                 alg = fmt - 1
                 if alg >= NUM_ALGS or not cfg.algs & (1 << alg):
