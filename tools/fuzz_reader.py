@@ -121,8 +121,15 @@ LATE_SEEDS_REF = (("mkfs.erofs-48bit", ["-E48bit"]),
                   # metadata compression: the inodes in the metabox, plain or lz4hc
                   ("mkfs.erofs-metabox", ["-m4096"]),
                   ("mkfs.erofs-metabox-lz4hc", ["-zlz4hc", "-C65536", "-m65536"]))
+# our mkfs's newer layouts (late too): directories in the packed inode (--zD), chunk-based
+# files (block map; 8-byte indexes and an extra device), the 48-bit layout's extent records
+LATE_SEEDS_OURS = (("erofs-tools-mkfs-zD", ["--zD", "-z", "lz4hc", "-E", "fragments"], False),
+                   ("erofs-tools-mkfs-chunk", ["--chunksize=4096"], False),
+                   ("erofs-tools-mkfs-chunk-blobdev", ["--chunksize=8192"], True),
+                   ("erofs-tools-mkfs-48bit-lzma", ["-E48bit", "-z", "lzma", "-C65536"], False))
 LATE_SEEDS = {"mkfs.erofs-48bit", "mkfs.erofs-dot-omitted", "erofs-tools-mkfs-dot-omitted",
-              "mkfs.erofs-metabox", "mkfs.erofs-metabox-lz4hc"}
+              "mkfs.erofs-metabox", "mkfs.erofs-metabox-lz4hc",
+              *(name for name, _a, _d in LATE_SEEDS_OURS)}
 ZSEEDS_OURS = (("lz4hc", 16384), ("zstd", 0), ("lzma", 0), ("deflate", 0))
 
 
@@ -190,6 +197,7 @@ def build_corpus(work):
         seeds.append(Seed("erofs-tools-mkfs-dot-omitted", open(img, "rb").read()))
     except Exception:  # noqa: BLE001 - optional seed; the builder may be mid-work
         pass
+    seeds += _late_ours(work, src)
     try:
         bdir = os.path.join(work, "blobs")
         os.makedirs(bdir, exist_ok=True)
@@ -212,6 +220,34 @@ def build_corpus(work):
             s.fields["zran-resign"] = resign
             s.fields[("blob", resign[1])] = resign[2]
     return seeds
+
+
+def _late_ours(work, src):
+    """The LATE_SEEDS_OURS images, made by `erofs-tools mkfs` from the small tree plus
+    (chunk-based seeds) a sparse file and another duplicate: holes and shared chunks."""
+    csrc = _small_tree(os.path.join(work, "tree-chunk"))
+    with open(os.path.join(csrc, "sparse"), "wb") as f:
+        f.write(b"head" * 1024)
+        f.seek(5 * 4096)
+        f.write(b"mid" * 2000)
+        f.truncate(12 * 4096 + 100)
+    shutil.copyfile(os.path.join(src, "mid"), os.path.join(csrc, "mid-copy"))
+    shutil.copystat(os.path.join(src, "mid"), os.path.join(csrc, "mid-copy"))
+    for n in ("sparse", "mid-copy", "."):
+        os.utime(os.path.join(csrc, n), ns=(1_700_000_000_123_456_789,) * 2)
+    out = []
+    for name, args, blobdev in LATE_SEEDS_OURS:
+        chunked = any(a.startswith("--chunksize") for a in args)
+        img = os.path.join(work, name + ".img")
+        dev = os.path.join(work, name + ".dev")
+        extra = [f"--blobdev={dev}"] if blobdev else []
+        p = subprocess.run([sys.executable, "-m", "erofs_tools", "mkfs", "-T1700000000",
+                            "-U00000000-0000-0000-0000-000000000001", *args, *extra, img,
+                            csrc if chunked else src], capture_output=True)
+        if p.returncode == 0:
+            out.append(Seed(name, open(img, "rb").read(),
+                            devices=[open(dev, "rb").read()] if blobdev else None))
+    return out
 
 
 def _zran_seed(work):
@@ -390,7 +426,23 @@ def field_map(seed):
             f.append((h + 4, 2, f"inode{ino.nid}.z.advise"))
             f.append((h + 6, 1, f"inode{ino.nid}.z.algtype"))
             f.append((h + 7, 1, f"inode{ino.nid}.z.clusterbits"))
-            if ino.layout == E.LAYOUT_COMPRESSED_FULL:
+            adv = int.from_bytes(img.data[h + 4:h + 6], "little")
+            if ino.layout == E.LAYOUT_COMPRESSED_FULL and adv & E.ADVISE_EXTENTS:
+                # the 48-bit layout's extent records (4, 8, 16 or 32 bytes): plen, then
+                # pstart_lo, pstart_hi, lstart_lo as the size holds them
+                rs = E.extent_recsize(adv)
+                f.append((h, 4, f"inode{ino.nid}.z.extents_lo"))
+                f.append((h + 6, 2, f"inode{ino.nid}.z.extents_hi"))
+                r0 = (h + 8 + rs - 1) // rs * rs + (8 if rs == 4 else 0)
+                if rs == 4:
+                    f.append((r0 - 8, 8, f"inode{ino.nid}.ext.pstart"))
+                for k in range(8):
+                    b = r0 + rs * k
+                    for w, label in ((0, "plen"), (4, "pstart_lo"), (8, "pstart_hi"),
+                                     (12, "lstart_lo")):
+                        if w < rs:
+                            f.append((b + w, 4, f"inode{ino.nid}.ext{k}.{label}"))
+            elif ino.layout == E.LAYOUT_COMPRESSED_FULL:
                 for k in range(8):
                     b = h + 16 + 8 * k
                     f.append((b, 2, f"inode{ino.nid}.li{k}.advise"))
@@ -400,7 +452,9 @@ def field_map(seed):
             else:
                 for k in range(12):
                     f.append((h + 8 + 2 * k, 2, f"inode{ino.nid}.ci{k}"))
-        if ino.is_dir():
+        if ino.is_dir() and ino.layout not in (E.LAYOUT_COMPRESSED_FULL,
+                                               E.LAYOUT_COMPRESSED_COMPACT):
+            # (--zD: a compressed directory's dirents are compressed bytes)
             pos = 0
             for _fo, length, dev, phys in img.map_data(ino):
                 if dev != 0:
