@@ -292,6 +292,44 @@ def test_extent_record_without_bytes_is_a_hole(ztree, tmp_path, plen):
     assert p.returncode == 0 and '"hole"' in p.stdout, p.stderr
 
 
+@pytest.mark.parametrize("plen", [4096, 4097])
+def test_interlaced_plain_record_needs_aligned_length(ztree, tmp_path, plen):
+    """A plain extent record of an inode marked interlaced (ADVISE_INTERLACED_PCLUSTER)
+    is interlaced only when both its pcluster's start and its length are block-aligned,
+    else shifted: Linux since "erofs: fix interlaced plain identification for encoded
+    extents" (4a2d046e4b13, in the host's 6.18 stable kernel), as our reader. mkfs.erofs
+    1.9.4's /mixed has one plain 16-byte record (aligned start, 4096 bytes); with the
+    advise bit set, the kernel's bytes and unpack's agree: rotated at 4096, as stored at
+    4097 (the source's bytes)."""
+    img = tmp_path / "z.img"
+    anchor(img, ztree, "-E48bit", "-zlz4hc")
+    off, recsz, n, hpos = _records_of(img, "/mixed")
+    from erofs_tools.reader.image import open_image
+    from erofs_tools.reader.zdata import state
+    from erofs_tools.reader.zmap import ALG_SHIFTED
+    with open_image(img) as im:
+        exts = state(im).zmap(im.inode(_nid_of(img, "/mixed"))).extents
+    plain = [k for k, x in enumerate(exts) if x.alg == ALG_SHIFTED]
+    assert recsz == 16 and len(plain) == 1
+    k = plain[0]
+    x = exts[k]
+    assert x.pa % 4096 == 0 and x.plen == 4096 and x.llen == 4096 and x.la % 4096
+    data = bytearray(img.read_bytes())
+    struct.pack_into("<H", data, hpos + 4,
+                     struct.unpack_from("<H", data, hpos + 4)[0] | E.ADVISE_INTERLACED_PCLUSTER)
+    struct.pack_into("<I", data, off + 16 * k, plen)
+    _fix_sum(data)
+    img.write_bytes(data)
+    with mounted(img) as m:
+        kernel = open(os.path.join(m, "mixed"), "rb").read()
+    src = (ztree / "mixed").read_bytes()
+    assert (kernel == src) == (plen % 4096 != 0)
+    out = tmp_path / "out"
+    p = cli("unpack", "-o", out, img)
+    assert p.returncode == 0, p.stderr
+    assert (out / "mixed").read_bytes() == kernel
+
+
 def _root_off(data):
     meta = struct.unpack_from("<I", data, SB + 0x28)[0]
     nid = struct.unpack_from("<Q", data, SB + 0x70)[0] or struct.unpack_from(
