@@ -32,6 +32,8 @@ def test_fuzz_reader_cases():
     assert not res["failures"], _report(res)
     # the corpus holds Nydus-written, mkfs.erofs-written and our own images
     assert {"nydus-vector", "nydus-inline-meta", "zran"} <= set(res["seeds"])
+    # and the late seeds of our mkfs's newer layouts (--zD, --chunksize, -E48bit -z)
+    assert {name for name, _a, _d in fuzz.LATE_SEEDS_OURS} <= set(res["seeds"])
     # mutations reach deep: some cases still unpack, many are rejected
     o = res["outcomes"]
     assert o.get("unpack:ok", 0) > CASES // 10 and o.get("open:err", 0) > CASES // 20

@@ -223,8 +223,9 @@ def build_corpus(work):
 
 
 def _late_ours(work, src):
-    """The LATE_SEEDS_OURS images, made by `erofs-tools mkfs` from the small tree plus
-    (chunk-based seeds) a sparse file and another duplicate: holes and shared chunks."""
+    """The LATE_SEEDS_OURS images, made by `erofs-tools mkfs` from the small tree plus a
+    sparse file and another duplicate (holes and shared chunks for the chunk-based
+    seeds), a file of several 64 KiB lclusters and one of noise between text."""
     csrc = _small_tree(os.path.join(work, "tree-chunk"))
     with open(os.path.join(csrc, "sparse"), "wb") as f:
         f.write(b"head" * 1024)
@@ -233,17 +234,25 @@ def _late_ours(work, src):
         f.truncate(12 * 4096 + 100)
     shutil.copyfile(os.path.join(src, "mid"), os.path.join(csrc, "mid-copy"))
     shutil.copystat(os.path.join(src, "mid"), os.path.join(csrc, "mid-copy"))
-    for n in ("sparse", "mid-copy", "."):
+    # several lclusters of 64 KiB (many extent records), text around noise (plain ones)
+    rnd = random.Random(8)
+    words = [b"erofs ", b"extent ", b"record ", b"chunk ", b"packed\n"]
+    with open(os.path.join(csrc, "big"), "wb") as f:
+        f.write(b"".join(rnd.choice(words) + b"%d " % rnd.getrandbits(24)
+                         for _ in range(20000)))
+    with open(os.path.join(csrc, "mixed"), "wb") as f:
+        f.write(b"".join(rnd.choice(words) for _ in range(4000)) + rnd.randbytes(140000) +
+                b"".join(rnd.choice(words) for _ in range(4000)))
+    for n in ("sparse", "mid-copy", "big", "mixed", "."):
         os.utime(os.path.join(csrc, n), ns=(1_700_000_000_123_456_789,) * 2)
     out = []
     for name, args, blobdev in LATE_SEEDS_OURS:
-        chunked = any(a.startswith("--chunksize") for a in args)
         img = os.path.join(work, name + ".img")
         dev = os.path.join(work, name + ".dev")
         extra = [f"--blobdev={dev}"] if blobdev else []
         p = subprocess.run([sys.executable, "-m", "erofs_tools", "mkfs", "-T1700000000",
                             "-U00000000-0000-0000-0000-000000000001", *args, *extra, img,
-                            csrc if chunked else src], capture_output=True)
+                            csrc], capture_output=True)
         if p.returncode == 0:
             out.append(Seed(name, open(img, "rb").read(),
                             devices=[open(dev, "rb").read()] if blobdev else None))
@@ -436,7 +445,12 @@ def field_map(seed):
                 r0 = (h + 8 + rs - 1) // rs * rs + (8 if rs == 4 else 0)
                 if rs == 4:
                     f.append((r0 - 8, 8, f"inode{ino.nid}.ext.pstart"))
-                for k in range(8):
+                try:
+                    from erofs_tools.reader.zdata import state
+                    nrec = len(state(img).zmap(ino).extents)
+                except ErofsToolsError:
+                    nrec = 1
+                for k in range(min(nrec, 8)):
                     b = r0 + rs * k
                     for w, label in ((0, "plen"), (4, "pstart_lo"), (8, "pstart_hi"),
                                      (12, "lstart_lo")):
