@@ -136,6 +136,7 @@ def test_proxy_own_errors_fall_back_to_direct(registry, status, marker):  # noqa
         c = registry.client(proxy=proxy.url)
         assert c.read_blob_range("r/p", d, 5, 10) == DATA[5:15]
         assert c.transport.proxy_fallbacks == 1
+        assert c.transport.last_proxy_error == f"HTTP {status}"
         assert proxy.seen and proxy.seen[0][1].startswith("http://")  # really asked it
     finally:
         proxy.stop()

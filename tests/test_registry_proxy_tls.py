@@ -138,10 +138,14 @@ def test_proxy_url_credentials_go_on_the_connect_only(tls_registry):
     d = tls_registry.client().push_blob("p/x", DATA).digest
     proxy = _start(tls_registry, auth=_basic("pu", "s3cr:t@"))
     try:
-        c = tls_registry.client(proxy=f"http://pu:s3cr%3At%40@{proxy.host}")
+        # (a generous connect timeout: this proxy is Python threads doing two TLS
+        # handshakes per tunnel, and a loaded CI machine once took over 10 s for one)
+        c = tls_registry.client(proxy=f"http://pu:s3cr%3At%40@{proxy.host}",
+                                connect_timeout=60.0)
         assert c.read_blob_range("p/x", d, 100, 50) == DATA[100:150]
         assert c.get_blob("p/x", d) == DATA
-        assert c.transport.proxy_fallbacks == 0 and proxy.refused == 0
+        assert c.transport.proxy_fallbacks == 0 and proxy.refused == 0, \
+            c.transport.last_proxy_error
         assert proxy.connects
         for h in proxy.connects:
             assert h["proxy-authorization"] == _basic("pu", "s3cr:t@")
@@ -161,11 +165,11 @@ def test_proxy_headers_on_the_connect_not_to_the_registry(tls_registry):
     secret = _basic("pu", "hdr-secret")
     proxy = _start(tls_registry)
     try:
-        c = tls_registry.client(proxy=f"http://{proxy.host}",
+        c = tls_registry.client(proxy=f"http://{proxy.host}", connect_timeout=60.0,
                                 proxy_headers={"Proxy-Authorization": secret,
                                                "X-Dragonfly-Use-P2P": "true"})
         assert c.read_blob_range("p/y", d, 0, 10) == DATA[:10]
-        assert c.transport.proxy_fallbacks == 0
+        assert c.transport.proxy_fallbacks == 0, c.transport.last_proxy_error
         assert proxy.connects and all(h.get("proxy-authorization") == secret
                                       and h.get("x-dragonfly-use-p2p") == "true"
                                       for h in proxy.connects)

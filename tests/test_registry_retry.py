@@ -152,6 +152,8 @@ def test_dead_proxy_falls_back_to_direct(registry):
     assert c.read_blob_range("r/h", d, 0, 5) == DATA[:5]
     assert c.get_blob("r/h", d) == DATA
     assert c.transport.proxy_fallbacks == 1          # then direct for a while
+    assert "MaxRetryError" in c.transport.last_proxy_error or \
+        "NewConnectionError" in c.transport.last_proxy_error, c.transport.last_proxy_error
 
 
 class _Storage:

@@ -144,6 +144,7 @@ class Transport:
                 pm.pool_classes_by_scheme = watchdog.POOL_CLASSES
         self._env_lock = threading.Lock()
         self.proxy_fallbacks = 0
+        self.last_proxy_error: str | None = None    # why the last fallback happened
         self._proxy_down_until = 0.0
         self.retried = 0
 
@@ -238,12 +239,14 @@ class Transport:
             try:
                 resp = self._proxy.request(method, url, **via)
             except Urllib3Error as e:
+                self.last_proxy_error = f"{type(e).__name__}: {e}"
                 log.info("proxy failed for %s (%s); going direct", safe_url(url),
                          type(e).__name__)
             else:
                 if not proxy_failed(resp):
                     return resp
                 drain(resp)
+                self.last_proxy_error = f"HTTP {resp.status}"
                 log.info("proxy answered %d for %s; going direct", resp.status, safe_url(url))
             self.proxy_fallbacks += 1
             self._proxy_down_until = time.monotonic() + PROXY_PAUSE
