@@ -74,14 +74,14 @@ def text(n, seed=0):
 def tree():
     """On the scratch ext4 (trusted. xattrs, device nodes): a directory of many blocks
     (long names), nested and empty directories with xattrs, files around the block and
-    chunk edges, a few MiB file and its copy, a file sharing another's start, chunks of
+    chunk edges, a 1.5 MiB file and its copy, a file sharing another's start, chunks of
     zeros, sparse files (holes inside and across chunks, one with no data), hardlinks,
     symlinks, devices, a fifo, owners, modes and mtimes."""
     base = os.path.join(os.environ["VMTEST_SCRATCH"], "ltree-" + os.urandom(4).hex())
     root = os.path.join(base, "src")
     for d in ("a/b/c", "a/empty", "empty", "many", "d/e e"):
         os.makedirs(os.path.join(root, d))
-    big = noise(3 << 20, 7)
+    big = noise(3 << 19, 7)                 # 1.5 MiB
     files = {
         "empty-file": b"", "one": b"x", "t100": text(100, 3),
         "t4095": text(4095), "t4096": text(4096), "t4097": text(4097),
@@ -89,7 +89,7 @@ def tree():
         "big": big, "d/big-copy": big,
         "d/big-head": big[:(1 << 20) + 5000] + noise(70000, 8),
         "text": text(300_000, 5), "d/e e/text-copy": text(300_000, 5),
-        "zeros": bytes(3 << 20), "zeros-tail": bytes(70000) + b"end",
+        "zeros": bytes(2 << 20), "zeros-tail": bytes(70000) + b"end",
         "a/b/c/\u00e9t\u00e9 name": text(10001, 8), "a/small": b"small\n",
     }
     for name, data in files.items():
