@@ -268,6 +268,29 @@ def _set_extended(out: dict[str, str | None], name: str, value: str | None,
         out.pop(_INODE_VERSIONS[name], None)
 
 
+# --zfeature-bits: bit i turns on (1) or off (0) the i-th of these -E options, as
+# mkfs.erofs 1.9 numbers them; only the bits up to the highest one set are applied
+ZFEATURE_BITS = ("legacy-compress", "ztailpacking", "fragments", "all-fragments", "dedupe",
+                 "fragdedupe", "48bit", "dot-omitted")
+
+
+def zfeature_extended(text: str) -> str:
+    """--zfeature-bits=N -> the -E text that sets the same features (N as strtol base 0
+    reads it). mkfs.erofs applies the bits in order, so a clear all-fragments bit above
+    a set fragments bit clears fragments too, as it does there."""
+    m = _NUMBER.fullmatch(text)
+    if m is None or m.group(2):
+        raise InputError(f"--zfeature-bits={text}: not a number")
+    digits = m.group(1)
+    bits = int(digits, 16 if digits[:2] in ("0x", "0X") else 8 if digits[0] == "0" else 10)
+    if bits >> len(ZFEATURE_BITS):
+        raise InputError(f"--zfeature-bits={text}: unsupported zfeature bit "
+                         f"{bits.bit_length() - 1} (bits 0-{len(ZFEATURE_BITS) - 1}: "
+                         f"{', '.join(ZFEATURE_BITS)})")
+    return ",".join(("" if bits >> i & 1 else "^") + name
+                    for i, name in enumerate(ZFEATURE_BITS[:bits.bit_length()]))
+
+
 def parse_compress(text: str, pcluster: str | None = None,
                    ext: Mapping[str, str | None] | None = None) -> Compression:
     """mkfs.erofs's -z syntax: ALG[,level=N][,dictsize=N][:ALG2[,...]...] (at most 4;

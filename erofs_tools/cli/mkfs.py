@@ -26,6 +26,7 @@ from erofs_tools.builder.options import (
     parse_uuid,
     parse_xattr_prefixes,
     parse_xattr_tolerance,
+    zfeature_extended,
 )
 from erofs_tools.cli.mkfs_tar import MkfsCommand, check_tar_flags, run_tar, tar_options
 from erofs_tools.cli.progress import Progress
@@ -129,6 +130,11 @@ from erofs_tools.errors import InputError, terminate_as_interrupt
                    "force-inode-extended / force-inode-compact (every inode 64 / 32 "
                    "bytes), nosbcrc, plain-xattr-prefixes (the long xattr prefix table "
                    "after the superblock even with fragments), ^NAME (NAME off).")
+@click.option("--zfeature-bits", "zfeature_bits", metavar="N",
+              help="Bit i of N turns on (1) or off (0) the i-th of legacy-compress, "
+                   "ztailpacking, fragments, all-fragments, dedupe, fragdedupe, 48bit, "
+                   "dot-omitted, up to N's highest bit, as mkfs.erofs 1.9 (before the -E "
+                   "options, which can override them).")
 @click.option("--chunksize", metavar="BYTES",
               help="Every regular file chunk-based with chunks of BYTES (a power of two, at "
                    "least the block size): identical chunks stored once, chunks of zeros "
@@ -158,7 +164,7 @@ def mkfs(image, source, timestamp, all_time, ignore_mtime, ovlfs_strip, block_si
          uuid_text, label, all_root, force_uid, force_gid, uid_offset, gid_offset, offset,
          fsalignblks, dsunit, max_extent, async_limit, hard_dereference, mount_point, exclude_path, exclude_regex, no_shared_xattrs,
          xattr_tolerance, debug_level, xattr_prefix, root_xattr_isize, compress,
-         zdirs, pcluster, extended, chunksize, blobdev, hints, digest_flag, digest_name, workers, quiet, as_json,
+         zdirs, pcluster, extended, zfeature_bits, chunksize, blobdev, hints, digest_flag, digest_name, workers, quiet, as_json,
          tar_mode, aufs, ungzip, ungzip_dump, unxz, sort_order, max_size):
     """Build an EROFS image IMAGE of the directory SOURCE (4 KiB blocks), or with --tar
     of the tar file SOURCE (- or none: stdin). IMAGE may be a block device, written in
@@ -168,6 +174,8 @@ def mkfs(image, source, timestamp, all_time, ignore_mtime, ovlfs_strip, block_si
         raise InputError("missing SOURCE (a directory, or a tar with --tar)")
     if pcluster is not None and compress is None:
         raise InputError("-C needs -z")
+    if zfeature_bits is not None:      # (mkfs.erofs applies options in argv order)
+        extended = (zfeature_extended(zfeature_bits), *extended)
     ext = parse_extended(extended)
     if hints is not None and compress is None:
         raise InputError("--compress-hints needs -z")
