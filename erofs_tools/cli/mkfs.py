@@ -28,6 +28,7 @@ from erofs_tools.builder.options import (
     parse_xattr_tolerance,
     zfeature_extended,
 )
+from erofs_tools.builder.vmdk import write_vmdk_desc
 from erofs_tools.cli.mkfs_tar import MkfsCommand, check_tar_flags, run_tar, tar_options
 from erofs_tools.cli.progress import Progress
 from erofs_tools.errors import InputError, terminate_as_interrupt
@@ -142,6 +143,9 @@ from erofs_tools.errors import InputError, terminate_as_interrupt
 @click.option("--blobdev", metavar="FILE",
               help="With --chunksize: the chunks' data in FILE (a file or a block device), "
                    "the image's extra device 1 (mount -o device=FILE), as mkfs.erofs.")
+@click.option("--vmdk-desc", "vmdk_desc", metavar="FILE",
+              help="Also write a VMDK descriptor joining IMAGE and its extra device (the "
+                   "--blobdev blob, the --tar=i tar) into one flat disk, as mkfs.erofs 1.9.")
 @click.option("--compress-hints", "hints", metavar="FILE",
               help="Per-file pcluster size and algorithm: lines 'SIZE [ALGINDEX] REGEX' "
                    "(as mkfs.erofs; SIZE 0: not compressed).")
@@ -164,7 +168,7 @@ def mkfs(image, source, timestamp, all_time, ignore_mtime, ovlfs_strip, block_si
          uuid_text, label, all_root, force_uid, force_gid, uid_offset, gid_offset, offset,
          fsalignblks, dsunit, max_extent, async_limit, hard_dereference, mount_point, exclude_path, exclude_regex, no_shared_xattrs,
          xattr_tolerance, debug_level, xattr_prefix, root_xattr_isize, compress,
-         zdirs, pcluster, extended, zfeature_bits, chunksize, blobdev, hints, digest_flag, digest_name, workers, quiet, as_json,
+         zdirs, pcluster, extended, zfeature_bits, chunksize, blobdev, vmdk_desc, hints, digest_flag, digest_name, workers, quiet, as_json,
          tar_mode, aufs, ungzip, ungzip_dump, unxz, sort_order, max_size):
     """Build an EROFS image IMAGE of the directory SOURCE (4 KiB blocks), or with --tar
     of the tar file SOURCE (- or none: stdin). IMAGE may be a block device, written in
@@ -185,6 +189,8 @@ def mkfs(image, source, timestamp, all_time, ignore_mtime, ovlfs_strip, block_si
     for name in ("48bit", "dot-omitted"):
         if name in ext and tar_mode == "i":
             raise InputError(f"-E {name}: not with --tar=i yet")
+    devices = vmdk_devices(vmdk_desc, tar_mode, source, blobdev, ungzip, ungzip_dump, unxz,
+                           offset)
     blkszbits = parse_block_size(block_size, tar_mode)
     chunk_bytes = check_chunks(chunksize, blobdev, ext, z is not None, tar_mode, blkszbits,
                                image, source)
@@ -256,8 +262,31 @@ def mkfs(image, source, timestamp, all_time, ignore_mtime, ovlfs_strip, block_si
                               ungzip_dump, max_size, progress, unxz)
         else:
             summary = build_image(image, source, opts, progress=progress)
+    if vmdk_desc is not None:
+        write_vmdk_desc(vmdk_desc, image, devices)
     if as_json:
         click.echo(json.dumps(summary, sort_keys=True))
     elif not quiet:
         click.echo(f"{summary['image']}: {summary['inodes']} inodes, {summary['blocks']} blocks "
                    f"({summary['bytes']} bytes) in {summary['seconds']:.2f} s")
+
+
+def vmdk_devices(vmdk_desc: str | None, tar_mode: str | None, source: str | None,
+                 blobdev: str | None, ungzip: bool, ungzip_dump: str | None, unxz: bool,
+                 offset: str | None) -> list[str]:
+    """The extra devices --vmdk-desc names (checked before anything is written): the
+    --blobdev blob, or the tar of --tar=i (its uncompressed dump with --ungzip=FILE)."""
+    if vmdk_desc is None:
+        return []
+    if offset:
+        raise InputError("--vmdk-desc: not with --offset (the disk starts at the image)")
+    if tar_mode == "i":
+        if ungzip_dump:
+            return [ungzip_dump]
+        if ungzip or unxz:
+            raise InputError("--vmdk-desc with --tar=i --ungzip/--unxz: the tar's bytes are "
+                             "only in the dump (--ungzip=FILE)")
+        if source in (None, "-"):
+            raise InputError("--vmdk-desc with --tar=i: the tar must be a file, not stdin")
+        return [source]
+    return [blobdev] if blobdev else []
