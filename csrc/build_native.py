@@ -35,7 +35,7 @@ def _rel(path):
 
 
 # zran.c: random access into gzip layers, through zlib (Debian's zlib1g-dev)
-SOURCES.append("zran.c")
+SOURCES.extend(["zran.c", "zinfo.c"])   # zinfo.c: mkfs --gzinfo
 LIBRARIES.append("z")
 
 ffibuilder = FFI()

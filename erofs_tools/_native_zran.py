@@ -8,7 +8,8 @@ from collections.abc import Iterator
 from erofs_tools._native import NativeError, ZranPoint, ffi, lib
 from erofs_tools.errors import CorruptImageError, InputError
 
-__all__ = ["ZRAN_WINDOW", "ZranIndexer", "ZranPoint", "zran_extract", "zran_window_use"]
+__all__ = ["ZINFO_RECORD", "ZRAN_WINDOW", "ZinfoBuilder", "ZranIndexer", "ZranPoint",
+           "zran_extract", "zran_window_use"]
 
 # --- zran: random access into gzip streams (csrc/zran.c) ---------------------------------
 ZRAN_WINDOW = 32768
@@ -106,3 +107,43 @@ def zran_window_use(point: ZranPoint, compressed: bytes | memoryview) -> tuple[b
     if r:
         raise CorruptImageError(f"zran: {_ZRAN_ERRORS.get(r, 'inflate failed')}")
     return bytes(ffi.buffer(used, n)), int(made[0])
+
+
+# --- zinfo: mkfs --gzinfo=FILE's checkpoints, as mkfs.erofs 1.9 (csrc/zinfo.c) ----------
+ZINFO_RECORD = 17 + ZRAN_WINDOW
+
+
+class ZinfoBuilder:
+    """Inflates a gzip stream fed in pieces of compressed bytes (the output is dropped)
+    and keeps its AWS SOCI zinfo v2 records as mkfs.erofs 1.9 writes them: `records`
+    holds (output offset of the 32 KiB read it was recorded in, the record's bytes)."""
+
+    def __init__(self, span: int) -> None:
+        z = lib.ern_zinfo_new(span)
+        if z == ffi.NULL:
+            raise MemoryError("zinfo: cannot allocate an inflater")
+        self._z = ffi.gc(z, lib.ern_zinfo_free)
+        self._rec = ffi.new("uint8_t[]", ZINFO_RECORD)
+        self._read = ffi.new("uint64_t *")
+        self.records: list[tuple[int, bytes]] = []
+
+    def feed(self, data: bytes | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        pos = 0
+        while pos < len(view):
+            piece = view[pos:pos + (1 << 30)]
+            r = lib.ern_zinfo_feed(self._z, ffi.from_buffer(piece), len(piece))
+            while lib.ern_zinfo_next(self._z, self._rec, self._read):
+                self.records.append((int(self._read[0]), bytes(ffi.buffer(self._rec))))
+            if r == lib.ERN_ENOMEM:
+                raise MemoryError("zinfo: out of memory")
+            if r:
+                raise InputError(f"gzip stream corrupt near compressed offset "
+                                 f"{self.totals()[0]}")
+            pos += len(piece)
+
+    def totals(self) -> tuple[int, int, bool]:
+        """(compressed bytes consumed, bytes of output, the last member ended)"""
+        tin, tout, done = ffi.new("uint64_t *"), ffi.new("uint64_t *"), ffi.new("int *")
+        lib.ern_zinfo_totals(self._z, tin, tout, done)
+        return int(tin[0]), int(tout[0]), bool(done[0])

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from erofs_tools._native import BuildOptions, NativeBuilder
+from erofs_tools.builder.gzinfo import GzinfoTap, check_zinfo_path, zinfo_output
 from erofs_tools.builder.mkfs import build_options, chunk_blob, finish_blob, fsalign, start_blob
 from erofs_tools.builder.options import MkfsOptions, Progress
 from erofs_tools.builder.output import partly_written, prepare
@@ -81,6 +82,8 @@ class TarOptions:
     dump: str | None = None           # --ungzip=FILE / --unxz=FILE: the uncompressed tar
                                       # is kept here
     max_size: int = DEFAULT_MAX_SIZE  # bound on the bytes read (gzip bombs)
+    gzinfo: bool = False              # --gzinfo: gzip input only (as --ungzip's image)
+    zinfo: str | None = None          # --gzinfo=FILE: the AWS SOCI zinfo written here
 
 
 class _SeekableTar:
@@ -211,10 +214,11 @@ def _same_file_path(source: str, fd: int) -> str | None:
     return real if (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino) else None
 
 
-def _open_input(source: str, topts: TarOptions
+def _open_input(source: str, topts: TarOptions, tap: GzinfoTap | None = None
                 ) -> tuple[BinaryIO | None, ReadStream, str | None]:
     """-> (file to close, stream of the uncompressed tar, path of the plain tar file
-    when it can be read in place, else None)."""
+    when it can be read in place, else None). tap (--gzinfo): the gzip input's
+    compressed bytes also go through it."""
     if source == "-":
         import sys
         raw: BinaryIO = sys.stdin.buffer
@@ -228,10 +232,12 @@ def _open_input(source: str, topts: TarOptions
     kind = detect_type(peek.head)
     if kind == "tarzst":
         raise InputError(f"{source}: input is zstd-compressed (not supported by mkfs --tar)")
+    if tap is not None and kind != "targz":
+        raise InputError(f"{source}: input is not gzip-compressed (--gzinfo)")
     if kind == "targz":
         if not topts.ungzip:
             raise InputError(f"{source}: input is gzip-compressed: use --ungzip")
-        return close, _Prefetch(_Gunzip(peek)), None
+        return close, _Prefetch(_Gunzip(peek if tap is None else tap.wrap(peek))), None
     if peek.head.startswith(XZ_MAGIC) or (topts.unxz and is_lzma_alone(peek.head)):
         if not topts.unxz:
             raise InputError(f"{source}: input is xz-compressed: use --unxz")
@@ -298,6 +304,12 @@ def mkfs_tar(image: str, source: str, opts: MkfsOptions | None = None,
         raise InputError("--exclude-path/--exclude-regex do not apply to --tar")
     t0 = time.monotonic()
     check_tar_paths(image, source, topts.dump)
+    if topts.zinfo is not None:
+        check_zinfo_path(topts.zinfo)
+        for other in (image, source, topts.dump):
+            if other is not None and _same(topts.zinfo, other):
+                raise InputError(f"--gzinfo={topts.zinfo}: is the image, the input or the "
+                                 "--ungzip FILE")
     # (the spool and sparse copies beside the image; a device's: in TMPDIR)
     directory = (os.environ.get("TMPDIR") or "/var/tmp" if is_block_device(image)
                  else os.path.dirname(os.path.abspath(image)))
@@ -312,7 +324,8 @@ def mkfs_tar(image: str, source: str, opts: MkfsOptions | None = None,
             dump_fd = _new_scratch(ddir, scratch, "dump")
             dump_tmp = scratch[-1]
             stack.callback(os.close, dump_fd)
-        f, stream, in_place = _open_input(source, topts)
+        tap = GzinfoTap() if topts.gzinfo else None
+        f, stream, in_place = _open_input(source, topts, tap)
         if f is not None:
             stack.callback(f.close)
         if isinstance(stream, _Prefetch):
@@ -339,6 +352,9 @@ def mkfs_tar(image: str, source: str, opts: MkfsOptions | None = None,
             drain(stream, topts.max_size - tar_end)
         elif isinstance(decoded, _Prefetch):    # to the compressed stream's checks
             drain(decoded, topts.max_size - tar_end)
+        if tap is not None and topts.zinfo is not None:
+            # (renamed when the stack ends: after the image, only if it was built)
+            tap.write_to(stack.enter_context(zinfo_output(topts.zinfo, umask)), tar_end)
         info, uuid = _build(image, tree, files, data_path, tar_end, opts, topts, umask,
                             progress)
         if dump_fd is not None and topts.dump is not None:

@@ -1,4 +1,5 @@
-"""The tar options of `erofs-tools mkfs` (`--tar=f|i`, `--aufs`, `--ungzip[=FILE]`), kept
+"""The tar options of `erofs-tools mkfs` (`--tar=f|i`, `--aufs`, `--ungzip[=FILE]`,
+`--gzinfo[=FILE]`), kept
 apart from the directory options: a decorator adding them, the command class that
 lets `--ungzip` take an optional `=FILE` as mkfs.erofs does, and the tar branch."""
 from collections.abc import Callable
@@ -30,7 +31,9 @@ class MkfsCommand(click.Command):
             if a == "--":
                 out.extend(args[i:])
                 break
-            if a.startswith("--ungzip="):
+            if a.startswith("--gzinfo="):
+                out.extend(["--gzinfo", "--gzinfo-file", a[len("--gzinfo="):]])
+            elif a.startswith("--ungzip="):
                 out.extend(["--ungzip-dump", a[len("--ungzip="):]])
             elif a.startswith("--unxz="):
                 out.extend(["--unxz", "--ungzip-dump", a[len("--unxz="):]])
@@ -47,6 +50,11 @@ class MkfsCommand(click.Command):
         return super().parse_args(ctx, out)
 
 
+def _meta(ctx: click.Context, param: click.Parameter, value: Any) -> None:
+    if param.name is not None:
+        ctx.meta[f"mkfs_{param.name}"] = value
+
+
 def tar_options(f: Callable[..., Any]) -> Callable[..., Any]:
     for opt in reversed((
         click.option("--tar", "tar_mode", type=click.Choice(["f", "i"]), metavar="f|i",
@@ -58,6 +66,11 @@ def tar_options(f: Callable[..., Any]) -> Callable[..., Any]:
                      help="With --tar: the tar may be gzip-compressed; --ungzip=FILE also "
                           "keeps the uncompressed tar in FILE."),
         click.option("--ungzip-dump", hidden=True),
+        # (--gzinfo reaches run_tar through ctx.meta, not mkfs()'s arguments)
+        click.option("--gzinfo", is_flag=True, expose_value=False, callback=_meta,
+                     help="With --tar: gzip input (as --ungzip); --gzinfo=FILE also writes "
+                          "an AWS SOCI-compatible zinfo of the gzip stream to FILE."),
+        click.option("--gzinfo-file", hidden=True, expose_value=False, callback=_meta),
         click.option("--unxz", is_flag=True,
                      help="With --tar: the tar may be xz- or lzma-compressed (as mkfs.erofs; "
                           "not lzip); --unxz=FILE also keeps the uncompressed tar in FILE."),
@@ -76,8 +89,12 @@ def tar_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
 def check_tar_flags(tar_mode: str | None, aufs: bool, ungzip: bool,
                     ungzip_dump: str | None, max_size: str | None, unxz: bool = False) -> None:
-    if tar_mode is None and (aufs or ungzip or ungzip_dump is not None or max_size or unxz):
-        raise InputError("--aufs, --ungzip, --unxz and --max-size need --tar")
+    gzinfo = click.get_current_context().meta.get("mkfs_gzinfo", False)
+    if tar_mode is None and (aufs or ungzip or ungzip_dump is not None or max_size or unxz
+                             or gzinfo):
+        raise InputError("--aufs, --ungzip, --gzinfo, --unxz and --max-size need --tar")
+    if gzinfo and unxz:
+        raise InputError("--gzinfo reads gzip: not with --unxz")
 
 
 def run_tar(image: str, source: str, opts: Any, tar_mode: str, aufs: bool, ungzip: bool,
@@ -88,6 +105,10 @@ def run_tar(image: str, source: str, opts: Any, tar_mode: str, aufs: bool, ungzi
     topts = TarOptions(mode=tar_mode, aufs=aufs,
                        ungzip=ungzip or (ungzip_dump is not None and not unxz),
                        unxz=unxz, dump=ungzip_dump or None)
+    meta = click.get_current_context().meta
+    if meta.get("mkfs_gzinfo"):
+        topts.ungzip = topts.gzinfo = True
+        topts.zinfo = meta.get("mkfs_gzinfo_file")
     if max_size:
         from erofs_tools.cli.pack import _parse_size
         topts.max_size = _parse_size(max_size, "--max-size")
