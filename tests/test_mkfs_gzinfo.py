@@ -171,4 +171,7 @@ def test_refusals(tmp_path, layers):
     _refused(tmp_path, layers["small"], tmp_path / "nodir" / "z", contains="does not exist")
     p = run_cli("mkfs", "--gzinfo=z", tmp_path / "x.img", layers["base"], check=False)
     assert p.returncode == 1 and b"need --tar" in p.stderr
+    p = run_cli("mkfs", "--tar=f", "--gzinfo=", tmp_path / "x.img", layers["small"],
+                check=False)
+    assert p.returncode == 1 and p.stderr == b"error: --gzinfo=: empty file name\n"
     shutil.rmtree(tmp_path / "adir")

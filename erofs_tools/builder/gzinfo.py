@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import os
 import struct
-from typing import BinaryIO, ContextManager
+from contextlib import AbstractContextManager
+from typing import BinaryIO
 
 from erofs_tools._native_zran import ZinfoBuilder
 from erofs_tools.builder.tar_reader import ReadStream
@@ -70,7 +71,7 @@ class GzinfoTap:
             f.write(rec)
 
 
-def zinfo_output(path: str, umask: int) -> ContextManager[BinaryIO]:
+def zinfo_output(path: str, umask: int) -> AbstractContextManager[BinaryIO]:
     """The zinfo file, written atomically (renamed when the context ends without error;
     a device or FIFO is written in place, as mkfs.erofs opens FILE)."""
     return atomic_output(path, mode=0o644 & ~umask, stream=True)

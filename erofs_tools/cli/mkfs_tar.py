@@ -95,6 +95,8 @@ def check_tar_flags(tar_mode: str | None, aufs: bool, ungzip: bool,
         raise InputError("--aufs, --ungzip, --gzinfo, --unxz and --max-size need --tar")
     if gzinfo and unxz:
         raise InputError("--gzinfo reads gzip: not with --unxz")
+    if click.get_current_context().meta.get("mkfs_gzinfo_file") == "":
+        raise InputError("--gzinfo=: empty file name")
 
 
 def run_tar(image: str, source: str, opts: Any, tar_mode: str, aufs: bool, ungzip: bool,
