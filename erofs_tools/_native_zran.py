@@ -115,8 +115,8 @@ ZINFO_RECORD = 17 + ZRAN_WINDOW
 
 class ZinfoBuilder:
     """Inflates a gzip stream fed in pieces of compressed bytes (the output is dropped)
-    and keeps its AWS SOCI zinfo v2 records as mkfs.erofs 1.9 writes them: `records`
-    holds (output offset of the 32 KiB read it was recorded in, the record's bytes)."""
+    into the AWS SOCI zinfo v2 records mkfs.erofs 1.9 writes: `feed()` returns the new
+    ones as (output offset of the 32 KiB read it was recorded in, the record's bytes)."""
 
     def __init__(self, span: int) -> None:
         z = lib.ern_zinfo_new(span)
@@ -125,22 +125,22 @@ class ZinfoBuilder:
         self._z = ffi.gc(z, lib.ern_zinfo_free)
         self._rec = ffi.new("uint8_t[]", ZINFO_RECORD)
         self._read = ffi.new("uint64_t *")
-        self.records: list[tuple[int, bytes]] = []
 
-    def feed(self, data: bytes | memoryview) -> None:
+    def feed(self, data: bytes | memoryview) -> list[tuple[int, bytes]]:
         view = memoryview(data).cast("B")
-        pos = 0
+        pos, out = 0, []
         while pos < len(view):
             piece = view[pos:pos + (1 << 30)]
             r = lib.ern_zinfo_feed(self._z, ffi.from_buffer(piece), len(piece))
             while lib.ern_zinfo_next(self._z, self._rec, self._read):
-                self.records.append((int(self._read[0]), bytes(ffi.buffer(self._rec))))
+                out.append((int(self._read[0]), bytes(ffi.buffer(self._rec))))
             if r == lib.ERN_ENOMEM:
                 raise MemoryError("zinfo: out of memory")
             if r:
                 raise InputError(f"gzip stream corrupt near compressed offset "
                                  f"{self.totals()[0]}")
             pos += len(piece)
+        return out
 
     def totals(self) -> tuple[int, int, bool]:
         """(compressed bytes consumed, bytes of output, the last member ended)"""

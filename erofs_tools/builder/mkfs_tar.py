@@ -232,10 +232,11 @@ def _open_input(source: str, topts: TarOptions, tap: GzinfoTap | None = None
     kind = detect_type(peek.head)
     if kind == "tarzst":
         raise InputError(f"{source}: input is zstd-compressed (not supported by mkfs --tar)")
-    if tap is not None and kind != "targz":
+    gzinfo = topts.gzinfo or tap is not None
+    if gzinfo and kind != "targz":
         raise InputError(f"{source}: input is not gzip-compressed (--gzinfo)")
     if kind == "targz":
-        if not topts.ungzip:
+        if not (topts.ungzip or gzinfo):
             raise InputError(f"{source}: input is gzip-compressed: use --ungzip")
         return close, _Prefetch(_Gunzip(peek if tap is None else tap.wrap(peek))), None
     if peek.head.startswith(XZ_MAGIC) or (topts.unxz and is_lzma_alone(peek.head)):
@@ -324,7 +325,10 @@ def mkfs_tar(image: str, source: str, opts: MkfsOptions | None = None,
             dump_fd = _new_scratch(ddir, scratch, "dump")
             dump_tmp = scratch[-1]
             stack.callback(os.close, dump_fd)
-        tap = GzinfoTap() if topts.gzinfo else None
+        tap = None
+        if topts.zinfo is not None:
+            # (renamed when the stack ends: after the image, only if it was built)
+            tap = GzinfoTap(stack.enter_context(zinfo_output(topts.zinfo, umask)))
         f, stream, in_place = _open_input(source, topts, tap)
         if f is not None:
             stack.callback(f.close)
@@ -352,9 +356,8 @@ def mkfs_tar(image: str, source: str, opts: MkfsOptions | None = None,
             drain(stream, topts.max_size - tar_end)
         elif isinstance(decoded, _Prefetch):    # to the compressed stream's checks
             drain(decoded, topts.max_size - tar_end)
-        if tap is not None and topts.zinfo is not None:
-            # (renamed when the stack ends: after the image, only if it was built)
-            tap.write_to(stack.enter_context(zinfo_output(topts.zinfo, umask)), tar_end)
+        if tap is not None:
+            tap.finish(tar_end)
         info, uuid = _build(image, tree, files, data_path, tar_end, opts, topts, umask,
                             progress)
         if dump_fd is not None and topts.dump is not None:
