@@ -352,16 +352,17 @@ int ern_zran_window_use(uint8_t bits, uint8_t byte, uint32_t window_size,
                         const uint8_t *in, size_t in_len, uint8_t *used, size_t *made);
 
 /* --- zinfo (zinfo.c): mkfs --gzinfo=FILE's checkpoints, as mkfs.erofs 1.9 records them
- * for an AWS SOCI zinfo v2: z = ern_zinfo_new(span); ern_zinfo_feed(z, compressed piece)
- * any number of times (ERN_OK, ERN_EIO corrupt, ERN_ENOMEM); while (ern_zinfo_next(z,
- * rec, &read_start)) keep rec (one zinfo record: le64 input offset, le64 output offset,
- * u8 bits, the 32 KiB window) and the output offset of the 32 KiB read it belongs to;
+ * for an AWS SOCI zinfo v2: z = ern_zinfo_new(span); loop { ern_zinfo_feed(z, compressed
+ * bytes, &consumed) (ERN_OK, ERN_EIO corrupt, ERN_ENOMEM); if (ern_zinfo_next(z, rec,
+ * &read_start)) keep rec (one zinfo record: le64 input offset, le64 output offset, u8
+ * bits, the 32 KiB window) and the output offset of the 32 KiB read it belongs to } --
+ * feed stops right after recording a point and consumes nothing until it is taken;
  * ern_zinfo_totals: bytes consumed/produced, whether the last member's trailer was read. */
 enum { ERN_ZINFO_RECORD = 17 + 32768 };
 typedef struct ern_zinfo ern_zinfo;
 ern_zinfo *ern_zinfo_new(uint64_t span);
 void ern_zinfo_free(ern_zinfo *z);
-int ern_zinfo_feed(ern_zinfo *z, const uint8_t *in, size_t in_len);
+int ern_zinfo_feed(ern_zinfo *z, const uint8_t *in, size_t in_len, size_t *consumed);
 int ern_zinfo_next(ern_zinfo *z, uint8_t *rec, uint64_t *read_start);
 void ern_zinfo_totals(ern_zinfo *z, uint64_t *total_in, uint64_t *total_out,
                       int *member_done);

@@ -12,9 +12,12 @@
  *   from: a member does not reach back into the one before) and, before 32 KiB came out,
  *   zeros.
  *
- * Each point is kept with the output offset of the read it was recorded in, so that the
+ * Each point is given with the output offset of the read it was recorded in, so that the
  * caller can drop those past what mkfs.erofs reads of the stream (it stops at the tar's
- * end). Input is fed in any pieces; the output is only kept in the window.
+ * end). Input is fed in any pieces; the output is only kept in the window. feed() stops
+ * right after recording a point and does nothing more until it is taken: one 32 KiB
+ * record held at a time, however many points a piece of input holds (a stream of tiny
+ * gzip members has one per member).
  */
 #include <stdlib.h>
 #include <string.h>
@@ -36,10 +39,10 @@ struct ern_zinfo {
     uint32_t fill;            /* bytes of the current read in buf */
     int initial;              /* no point yet since the current member's start */
     int member_done, padding;
-    uint8_t *recs;            /* points not taken yet, ERN_ZINFO_RECORD bytes each */
-    uint64_t *rec_read;       /* each one's read start */
-    size_t nrecs, caprecs, taken;
+    int have_pending;         /* rec holds a point not taken yet (feed waits for it) */
+    uint64_t rec_read;        /* its read start */
     uint8_t buf[WINDOW];
+    uint8_t rec[ERN_ZINFO_RECORD];
 };
 
 ern_zinfo *ern_zinfo_new(uint64_t span)
@@ -61,8 +64,6 @@ void ern_zinfo_free(ern_zinfo *z)
     if (!z)
         return;
     inflateEnd(&z->strm);
-    free(z->recs);
-    free(z->rec_read);
     free(z);
 }
 
@@ -72,44 +73,31 @@ static void put_le64(uint8_t *p, uint64_t v)
         p[i] = (uint8_t)(v >> (8 * i));
 }
 
-static int record(ern_zinfo *z)
+static void record(ern_zinfo *z)
 {
-    uint8_t *r;
+    uint8_t *r = z->rec;
 
-    if (z->taken == z->nrecs)
-        z->nrecs = z->taken = 0;            /* all taken: reuse the room */
-    if (z->nrecs == z->caprecs) {
-        size_t cap = z->caprecs ? z->caprecs * 2 : 4;
-        uint8_t *recs = realloc(z->recs, cap * ERN_ZINFO_RECORD);
-        if (!recs)
-            return ERN_ENOMEM;
-        z->recs = recs;
-        uint64_t *rr = realloc(z->rec_read, cap * sizeof(*rr));
-        if (!rr)
-            return ERN_ENOMEM;
-        z->rec_read = rr;
-        z->caprecs = cap;
-    }
-    r = z->recs + z->nrecs * ERN_ZINFO_RECORD;
     put_le64(r, z->totin);                          /* the next whole input byte */
     put_le64(r + 8, z->totout);
     r[16] = (uint8_t)(z->strm.data_type & 7);       /* bits of the byte before it */
     memcpy(r + 17, z->buf + z->fill, WINDOW - z->fill);
     memcpy(r + 17 + (WINDOW - z->fill), z->buf, z->fill);
-    z->rec_read[z->nrecs++] = z->read_start;
+    z->rec_read = z->read_start;
+    z->have_pending = 1;
     z->last_out = z->totout;
     z->initial = 0;
-    return ERN_OK;
 }
 
-int ern_zinfo_feed(ern_zinfo *z, const uint8_t *in, size_t in_len)
+int ern_zinfo_feed(ern_zinfo *z, const uint8_t *in, size_t in_len, size_t *consumed)
 {
     z_stream *s = &z->strm;
     size_t pos = 0;
+    int rc = ERN_OK;
 
+    *consumed = 0;
     if (in_len > UINT32_MAX)
         return ERN_EINVAL;
-    while (pos < in_len) {
+    while (pos < in_len && !z->have_pending) {
         uInt ain, aout;
         int ret;
 
@@ -119,12 +107,14 @@ int ern_zinfo_feed(ern_zinfo *z, const uint8_t *in, size_t in_len)
                 z->totin++;
             z->padding = 1;
             if (pos < in_len)
-                return ERN_EIO;
+                rc = ERN_EIO;
             break;
         }
         if (z->member_done) {
-            if (inflateReset(s) != Z_OK)
-                return ERN_EIO;
+            if (inflateReset(s) != Z_OK) {
+                rc = ERN_EIO;
+                break;
+            }
             z->member_done = 0;
         }
         if (z->fill == WINDOW) {            /* that read is done: the next one */
@@ -151,24 +141,25 @@ int ern_zinfo_feed(ern_zinfo *z, const uint8_t *in, size_t in_len)
         }
         if (ret == Z_BUF_ERROR)
             break;                          /* no progress: more input needed */
-        if (ret != Z_OK)
-            return ret == Z_MEM_ERROR ? ERN_ENOMEM : ERN_EIO;
-        if ((s->data_type & DT_BLOCK_END) && !(s->data_type & DT_LAST)
-            && (z->initial || z->totout - z->last_out > z->span)) {
-            int rc = record(z);
-            if (rc)
-                return rc;
+        if (ret != Z_OK) {
+            rc = ret == Z_MEM_ERROR ? ERN_ENOMEM : ERN_EIO;
+            break;
         }
+        if ((s->data_type & DT_BLOCK_END) && !(s->data_type & DT_LAST)
+            && (z->initial || z->totout - z->last_out > z->span))
+            record(z);      /* and return: the caller takes it before feeding on */
     }
-    return ERN_OK;
+    *consumed = pos;
+    return rc;
 }
 
 int ern_zinfo_next(ern_zinfo *z, uint8_t *rec, uint64_t *read_start)
 {
-    if (z->taken == z->nrecs)
+    if (!z->have_pending)
         return 0;
-    memcpy(rec, z->recs + z->taken * ERN_ZINFO_RECORD, ERN_ZINFO_RECORD);
-    *read_start = z->rec_read[z->taken++];
+    memcpy(rec, z->rec, ERN_ZINFO_RECORD);
+    *read_start = z->rec_read;
+    z->have_pending = 0;
     return 1;
 }
 

@@ -115,7 +115,7 @@ ZINFO_RECORD = 17 + ZRAN_WINDOW
 
 class ZinfoBuilder:
     """Inflates a gzip stream fed in pieces of compressed bytes (the output is dropped)
-    into the AWS SOCI zinfo v2 records mkfs.erofs 1.9 writes: `feed()` returns the new
+    into the AWS SOCI zinfo v2 records mkfs.erofs 1.9 writes: `feed()` yields the new
     ones as (output offset of the 32 KiB read it was recorded in, the record's bytes)."""
 
     def __init__(self, span: int) -> None:
@@ -125,22 +125,26 @@ class ZinfoBuilder:
         self._z = ffi.gc(z, lib.ern_zinfo_free)
         self._rec = ffi.new("uint8_t[]", ZINFO_RECORD)
         self._read = ffi.new("uint64_t *")
+        self._used = ffi.new("size_t *")
 
-    def feed(self, data: bytes | memoryview) -> list[tuple[int, bytes]]:
+    def feed(self, data: bytes | memoryview) -> Iterator[tuple[int, bytes]]:
+        """The new records, one at a time (the C core holds one)."""
         view = memoryview(data).cast("B")
-        pos, out = 0, []
+        pos = 0
         while pos < len(view):
             piece = view[pos:pos + (1 << 30)]
-            r = lib.ern_zinfo_feed(self._z, ffi.from_buffer(piece), len(piece))
-            while lib.ern_zinfo_next(self._z, self._rec, self._read):
-                out.append((int(self._read[0]), bytes(ffi.buffer(self._rec))))
+            r = lib.ern_zinfo_feed(self._z, ffi.from_buffer(piece), len(piece), self._used)
+            pos += self._used[0]
+            got = lib.ern_zinfo_next(self._z, self._rec, self._read)
+            if got:
+                yield int(self._read[0]), bytes(ffi.buffer(self._rec))
             if r == lib.ERN_ENOMEM:
                 raise MemoryError("zinfo: out of memory")
             if r:
                 raise InputError(f"gzip stream corrupt near compressed offset "
                                  f"{self.totals()[0]}")
-            pos += len(piece)
-        return out
+            if not (self._used[0] or got):
+                raise InputError(f"gzip stream stuck at compressed offset {self.totals()[0]}")
 
     def totals(self) -> tuple[int, int, bool]:
         """(compressed bytes consumed, bytes of output, the last member ended)"""
