@@ -218,3 +218,15 @@ def test_many_checkpoints_not_held_in_memory(tmp_path, layers):
     ref = _anchor(tmp_path, "i", layer)
     assert struct.unpack_from("<I", ref)[0] == 6002
     assert zinfo.read_bytes() == ref
+
+
+def test_stdin_and_dump(tmp_path, layers):
+    """From stdin, and beside --ungzip=FILE (the tar kept): the same zinfo as 1.9.4's of
+    the file, and the dump is the whole decompressed layer."""
+    ref = _anchor(tmp_path, "i", layers["two"])
+    zinfo, dump = tmp_path / "s.zinfo", tmp_path / "l.tar"
+    p = run_cli("mkfs", "-q", "--tar=i", f"--gzinfo={zinfo}", f"--ungzip={dump}",
+                tmp_path / "s.img", "-", input=layers["two"].read_bytes())
+    assert p.returncode == 0
+    assert zinfo.read_bytes() == ref
+    assert dump.read_bytes() == gzip.decompress(layers["two"].read_bytes())
