@@ -190,6 +190,10 @@ def test_refusals(tmp_path, layers):
     p = run_cli("mkfs", "--tar=f", "--gzinfo=", tmp_path / "x.img", layers["small"],
                 check=False)
     assert p.returncode == 1 and p.stderr == b"error: --gzinfo=: empty file name\n"
+    # a VMDK disk of an index needs the tar's bytes: not the gzip file
+    p = run_cli("mkfs", "--tar=i", "--gzinfo", "--vmdk-desc=d.vmdk", tmp_path / "x.img",
+                layers["small"], check=False)
+    assert p.returncode == 1 and b"--ungzip=FILE" in p.stderr
     shutil.rmtree(tmp_path / "adir")
 
 

@@ -95,6 +95,10 @@ def check_tar_flags(tar_mode: str | None, aufs: bool, ungzip: bool,
         raise InputError("--aufs, --ungzip, --gzinfo, --unxz and --max-size need --tar")
     if gzinfo and unxz:
         raise InputError("--gzinfo reads gzip: not with --unxz")
+    if gzinfo and tar_mode == "i" and not ungzip_dump \
+            and click.get_current_context().params.get("vmdk_desc") is not None:
+        raise InputError("--vmdk-desc with --tar=i --gzinfo: the tar's bytes are only in "
+                         "the dump (--ungzip=FILE)")
     if click.get_current_context().meta.get("mkfs_gzinfo_file") == "":
         raise InputError("--gzinfo=: empty file name")
 
