@@ -13,7 +13,16 @@ import subprocess
 import sys
 
 import pytest
-from helpers import mounted, require_tool, run_mkfs, scan_tree, write_zmix_tree
+from helpers import (
+    anchor_mkfs,
+    kernel_view,
+    mounted,
+    record_sizes,
+    run_mkfs,
+    sha256s,
+    write_48bit_tree,
+    write_zmix_tree,
+)
 
 from erofs_tools.format import erofs as E
 
@@ -29,51 +38,24 @@ def cli(*args):
 
 
 def anchor(image, source, *args):
-    require_tool("mkfs.erofs")
-    subprocess.run(["mkfs.erofs", "--quiet", "-U", "clear", *args, os.fspath(image),
-                    os.fspath(source)], check=True, capture_output=True)
+    anchor_mkfs(image, source, *args, epoch=None)
 
 
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory):
-    """Every inode type, hardlinks, xattrs, a uid over 65535, mtimes with nsec, before
-    1970 and after 2106, 300 entries in one directory, a sparse file, empty ones."""
-    root = tmp_path_factory.mktemp("r48") / "src"
-    (root / "d" / "e").mkdir(parents=True)
-    (root / "empty-dir").mkdir()
-    (root / "many").mkdir()
-    for i in range(300):
-        (root / "many" / f"entry-{i:04d}-{'y' * (i % 30)}").write_bytes(b"%d\n" % i)
-    for name, data in {"a": b"hello\n", "d/b": b"x" * 5000, "d/e/c": os.urandom(70000),
-                       "zero": b"", "block": b"b" * 4096}.items():
-        (root / name).write_bytes(data)
+    """helpers.write_48bit_tree and every other inode type (a block device, a socket),
+    mtimes before 1970 and after 2106, a sparse file."""
+    root = write_48bit_tree(tmp_path_factory.mktemp("r48") / "src", "y", 30, "chr")
     with open(root / "sparse", "wb") as f:
         f.truncate(64 << 20)
         f.seek(40 << 20)
         f.write(b"tail" * 1000)
-    os.utime(root / "a", ns=(0, 981173106_123456789))
-    os.utime(root / "d" / "b", ns=(0, -315619200_000000000))          # 1960
-    os.utime(root / "d" / "e" / "c", ns=(0, 5364662400_500000000))     # 2140
-    os.chown(root / "d" / "b", 70000, 70001)
-    os.link(root / "a", root / "d" / "a-link")
-    os.symlink("a", root / "sym")
-    os.mkfifo(root / "fifo")
-    os.mknod(root / "chr", 0o20644, os.makedev(1, 3))
     os.mknod(root / "blk", 0o60600, os.makedev(7, 200))
     s = socket.socket(socket.AF_UNIX)
     s.bind(os.fspath(root / "sock"))
     s.close()
-    os.setxattr(root / "d", "user.k", b"v")
-    os.setxattr(root / "a", "trusted.t", b"t" * 40)
     os.utime(root / "d" / "e", ns=(0, -1_000_000_001))
     return root
-
-
-def _view(top):
-    out = scan_tree(top)
-    for rec in out.values():
-        rec.pop("_ino", None)
-    return out
 
 
 def _read_back(img, tmp_path):
@@ -106,12 +88,11 @@ def test_ours_read_back(tree, tmp_path, combo):
     img = tmp_path / "x.img"
     run_mkfs(img, tree, "-q", "-U", "clear", *OURS[combo])
     out = _read_back(img, tmp_path)
-    got = _view(out)
+    got = kernel_view(out)
     with mounted(img) as m:
-        assert got == _view(m)
-    src = _view(tree)
-    assert {k: v.get("sha256") for k, v in got.items()} == \
-        {k: v.get("sha256") for k, v in src.items()}
+        assert got == kernel_view(m)
+    src = kernel_view(tree)
+    assert sha256s(got) == sha256s(src)
     if "-T" not in OURS[combo]:
         # out of a compact inode's range from the epoch: extended, whole
         assert got[b"d/b"]["mtime_ns"] == -315619200_000000000
@@ -138,10 +119,10 @@ def test_mkfs_erofs_read_back(tree, tmp_path, combo):
     anchor(img, tree, *ANCHORS[combo])
     assert struct.unpack_from("<I", img.read_bytes()[:2048], SB + 0x50)[0] & 0x80
     out = _read_back(img, tmp_path)
-    got = _view(out)
+    got = kernel_view(out)
     with mounted(img) as m:
-        assert got == _view(m)
-    assert got[b"d/e/c"]["sha256"] == _view(tree)[b"d/e/c"]["sha256"]
+        assert got == kernel_view(m)
+    assert got[b"d/e/c"]["sha256"] == kernel_view(tree)[b"d/e/c"]["sha256"]
 
 
 @pytest.fixture(scope="module")
@@ -173,22 +154,6 @@ ZANCHORS = {
 }
 
 
-def _record_sizes(img):
-    """-> {record size or layout name: inodes} of IMG's compressed files."""
-    from erofs_tools.reader.image import open_image
-    from erofs_tools.reader.zdata import state
-    seen = {}
-    with open_image(img) as im:
-        for _p, _d, ino in im.walk():
-            if ino.is_reg() and ino.size and ino.layout in (E.LAYOUT_COMPRESSED_FULL,
-                                                            E.LAYOUT_COMPRESSED_COMPACT):
-                adv = getattr(state(im).zmap(ino), "advise", 0)
-                key = E.extent_recsize(adv) if ino.layout == E.LAYOUT_COMPRESSED_FULL and \
-                    adv & E.ADVISE_EXTENTS else ino.layout_name
-                seen[key] = seen.get(key, 0) + 1
-    return seen
-
-
 @pytest.mark.parametrize("combo", ZANCHORS)
 def test_mkfs_erofs_compressed_read_back(ztree, tmp_path, combo):
     """mkfs.erofs 1.9.4's compressed 48-bit images: check passes and unpack gives the
@@ -201,15 +166,14 @@ def test_mkfs_erofs_compressed_read_back(ztree, tmp_path, combo):
     out = tmp_path / "out"
     p = cli("unpack", "-o", out, img)
     assert p.returncode == 0, p.stderr
-    got = _view(out)
+    got = kernel_view(out)
     with mounted(img) as m:
-        assert got == _view(m)
-    assert {k: v.get("sha256") for k, v in got.items()} == \
-        {k: v.get("sha256") for k, v in _view(ztree).items()}
+        assert got == kernel_view(m)
+    assert sha256s(got) == sha256s(kernel_view(ztree))
     for cmd in (("inspect", "--json", img, "/large"), ("stat", "--json", img)):
         p = cli(*cmd)
         assert p.returncode == 0, p.stderr
-    kinds = _record_sizes(img)
+    kinds = record_sizes(img)
     if "ztailpacking" not in combo and "all-fragments" not in combo:
         assert kinds.get(4 if "zstd" in combo or combo.endswith("-C") else 16), kinds
     if combo == "zstd-fragments-dedupe":
