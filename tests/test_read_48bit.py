@@ -20,6 +20,7 @@ from helpers import (
     record_sizes,
     run_mkfs,
     sha256s,
+    text,
     write_48bit_tree,
     write_zmix_tree,
 )
@@ -254,6 +255,151 @@ def test_extent_record_without_bytes_is_a_hole(ztree, tmp_path, plen):
     assert (out / "large").read_bytes() == kernel
     p = cli("inspect", "--json", img, "/large")
     assert p.returncode == 0 and '"hole"' in p.stdout, p.stderr
+
+
+def _kernel_or_error(img, path, windows):
+    """-> the kernel's bytes of PATH in IMG at each (offset, length) of WINDOWS, or
+    ("error", errno) where its read fails; ("mount", message) if the mount fails."""
+    from erofs_tools.errors import ErofsToolsError
+    try:
+        with mounted(img) as m, open(os.path.join(m, path), "rb") as f:
+            out = []
+            for off, n in windows:
+                f.seek(off)
+                try:
+                    out.append(f.read(n))
+                except OSError as e:
+                    out.append(("error", e.errno))
+            return out
+    except (OSError, ErofsToolsError) as e:
+        return [("mount", str(e))]
+
+
+def _ours_refuses(img, tmp_path):
+    """`check` and `unpack` of IMG each fail with one line, no traceback."""
+    for cmd in (("check",), ("unpack", "-o", tmp_path / "refused")):
+        p = cli(*cmd, img)
+        assert p.returncode == 1 and "Traceback" not in p.stderr, p.stdout + p.stderr
+        assert len(p.stderr.strip().splitlines()) <= 1, p.stderr
+
+
+@pytest.mark.parametrize("plen", [0, 1 << 28])
+@pytest.mark.parametrize("which", [0, 1])
+def test_empty_8_byte_extent_record(tmp_path, which, plen):
+    """8-byte extent records (each extent one lcluster, its plen and pstart_lo) with one
+    record storing nothing (its length, the low 28 bits, 0; with or without format
+    bits): our mkfs writes the file (16000 bytes, --max-extent-bytes=8192: two
+    lclusters of 8 KiB) as 4-byte records (the base address, then each plen: 16 bytes),
+    rewritten in place as two 8-byte records. As written, the kernel (Linux 6.18) and
+    unpack read the source; with record WHICH emptied the kernel reads that lcluster as
+    zeros (z_erofs_map_blocks_ext leaves it unmapped) and unpack gives its bytes, check
+    calls the image clean, inspect shows the hole. Were the kernel to refuse the record,
+    ours must refuse it too. Only 16-byte records were tested before."""
+    src = tmp_path / "src"
+    src.mkdir()
+    body = text(16000, 5)
+    (src / "f").write_bytes(body)
+    img = tmp_path / "z.img"
+    run_mkfs(img, src, "-q", "-E48bit", "-zlz4hc", "--max-extent-bytes=8192")
+    off, recsz, n, hpos = _records_of(img, "/f")
+    assert (recsz, n, off) == (4, 2, hpos + 8)
+    data = bytearray(img.read_bytes())
+    assert data[hpos + 7] & 15 == 1                         # lclusters of 8 KiB
+    base = struct.unpack_from("<Q", data, off)[0]
+    plens = struct.unpack_from("<2I", data, off + 8)
+    starts = (base, base + (plens[0] & E.EXTENT_PLEN_MASK))
+    struct.pack_into("<H", data, hpos + 4, struct.unpack_from("<H", data, hpos + 4)[0] |
+                     1 << E.ADVISE_EXTRECSZ_BIT)               # 4 -> 8-byte records
+    for i in (0, 1):
+        struct.pack_into("<2I", data, off + 8 * i, plens[i], starts[i])
+    _fix_sum(data)
+    img.write_bytes(data)
+    assert record_sizes(img) == {8: 1}
+    assert _kernel_or_error(img, "f", [(0, 16000)]) == [body]
+    out = tmp_path / "asis"
+    assert cli("unpack", "-o", out, img).returncode == 0 and (out / "f").read_bytes() == body
+    struct.pack_into("<I", data, off + 8 * which, plen)
+    _fix_sum(data)
+    img.write_bytes(data)
+    kernel = _kernel_or_error(img, "f", [(0, 16000)])
+    if not isinstance(kernel[0], bytes):
+        _ours_refuses(img, tmp_path)
+        return
+    assert kernel == [body[:8192] + bytes(7808) if which else bytes(8192) + body[8192:]]
+    p = cli("check", img)
+    assert p.returncode == 0 and p.stdout.strip().endswith("clean"), p.stdout + p.stderr
+    out = tmp_path / "out"
+    p = cli("unpack", "-o", out, img)
+    assert p.returncode == 0, p.stderr
+    assert [(out / "f").read_bytes()] == kernel
+    p = cli("inspect", "--json", img, "/f")
+    assert p.returncode == 0 and '"hole"' in p.stdout, p.stderr
+
+
+MARKS_4G = {0: b"head", (1 << 32) - 5: b"across 4 GiB", (1 << 32) + 12345: b"past 4 GiB"}
+SIZE_4G = (1 << 32) + (300 << 20) + 5
+
+
+@pytest.fixture(scope="module")
+def image_4g(tmp_path_factory):
+    """Our mkfs -E48bit -zlz4 of a sparse 4.3 GiB file with text at its start, across
+    2^32, past it and at its end: 32-byte extent records (their lstart_hi)."""
+    work = tmp_path_factory.mktemp("e32")
+    (work / "src").mkdir()
+    with open(work / "src" / "z", "wb") as f:
+        f.truncate(SIZE_4G - 5)
+        for at, mark in MARKS_4G.items():
+            f.seek(at)
+            f.write(mark)
+        f.seek(0, 2)
+        f.write(b"tail\n")
+    img = work / "z.img"
+    run_mkfs(img, work / "src", "-q", "-E48bit", "-zlz4")
+    assert record_sizes(img) == {32: 1}
+    return img, work / "src" / "z"
+
+
+@pytest.mark.parametrize("where,plen", [("start", 0), ("past 4 GiB", 0),
+                                        ("past 4 GiB", 1 << 28), ("end", 0)])
+def test_empty_32_byte_extent_record(image_4g, tmp_path, where, plen):
+    """A 32-byte extent record storing nothing (length 0, with or without format bits)
+    in the sparse 4.3 GiB file: the extent holding its first byte, the text past 2^32 or
+    its last byte. The kernel (Linux 6.18) reads that extent as zeros, the rest as the
+    source; our reader gives the kernel's bytes around each mark and at the extent's
+    edges, and check calls the image clean (were the kernel to refuse the record, ours
+    must refuse too)."""
+    from erofs_tools.reader.image import open_image
+    from erofs_tools.reader.zdata import read_range, state
+    img, source = image_4g
+    off, recsz, n, _hpos = _records_of(img, "/z")
+    with open_image(img) as im:
+        exts = state(im).zmap(im.inode(_nid_of(img, "/z"))).extents
+    at = {"start": 0, "past 4 GiB": (1 << 32) + 12345, "end": SIZE_4G - 1}[where]
+    k = next(i for i, x in enumerate(exts) if x.la <= at < x.la + x.llen)
+    x = exts[k]
+    assert recsz == 32 and n == len(exts) > 1000 and x.plen
+    windows = sorted({(max(o - 8, 0), min(24, SIZE_4G - max(o - 8, 0)))
+                      for o in (*MARKS_4G, SIZE_4G - 5, x.la, x.la + x.llen)})
+    with open(source, "rb") as f:
+        src = [os.pread(f.fileno(), ln, o) for o, ln in windows]
+    want = [bytes(b if not x.la <= o + i < x.la + x.llen else 0 for i, b in enumerate(s))
+            for (o, _ln), s in zip(windows, src)]
+    assert want != src                          # (the emptied extent held text)
+    bad = tmp_path / "z.img"
+    data = bytearray(img.read_bytes())
+    struct.pack_into("<I", data, off + 32 * k, plen)
+    _fix_sum(data)
+    bad.write_bytes(data)
+    kernel = _kernel_or_error(bad, "z", windows)
+    if not all(isinstance(b, bytes) for b in kernel):
+        _ours_refuses(bad, tmp_path)
+        return
+    assert kernel == want
+    with open_image(bad) as im:
+        ino = im.inode(_nid_of(bad, "/z"))
+        assert [read_range(im, ino, o, ln) for o, ln in windows] == kernel
+    p = cli("check", bad)
+    assert p.returncode == 0 and p.stdout.strip().endswith("clean"), p.stdout + p.stderr
 
 
 @pytest.mark.parametrize("plen", [4096, 4097])
