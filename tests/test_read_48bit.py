@@ -59,13 +59,19 @@ def tree(tmp_path_factory):
     return root
 
 
-def _read_back(img, tmp_path):
-    """check, unpack -o, inspect, stat of IMG through the CLI; -> the unpacked tree."""
+def _check_and_unpack(img, tmp_path):
+    """check (clean) and unpack -o of IMG through the CLI; -> the unpacked tree."""
     p = cli("check", img)
     assert p.returncode == 0 and p.stdout.strip().endswith("clean"), p.stdout + p.stderr
     out = tmp_path / "out"
     p = cli("unpack", "-o", out, img)
     assert p.returncode == 0, p.stderr
+    return out
+
+
+def _read_back(img, tmp_path):
+    """check, unpack -o, inspect, stat of IMG through the CLI; -> the unpacked tree."""
+    out = _check_and_unpack(img, tmp_path)
     p = cli("inspect", "--json", img)
     assert p.returncode == 0, p.stderr
     p = cli("inspect", img, "/d")
@@ -454,6 +460,15 @@ def _fix_sum(data):
                          E.superblock_checksum(bytes(data[:max(blksz, 2 * SB)])))
 
 
+def _without_48bit(data):
+    """The superblock in DATA without the 48BIT feature, the root nid (rootnid_8b) in
+    the le16 field it had before; the checksum fixed."""
+    struct.pack_into("<I", data, SB + 0x50,
+                     struct.unpack_from("<I", data, SB + 0x50)[0] & ~E.FEATURE_INCOMPAT_48BIT)
+    struct.pack_into("<H", data, SB + 0x0E, struct.unpack_from("<Q", data, SB + 0x70)[0])
+    _fix_sum(data)
+
+
 def _nid_of(img, path):
     p = cli("inspect", "--json", img, path)
     assert p.returncode == 0, p.stderr
@@ -484,10 +499,7 @@ def test_dot_bits_checked(tree, tmp_path):
         assert p.returncode == 1 and len(p.stderr.strip().splitlines()) == 1, p.stderr
     img = tmp_path / "dot-omitted.img"
     data = bytearray(img.read_bytes())
-    struct.pack_into("<I", data, SB + 0x50,
-                     struct.unpack_from("<I", data, SB + 0x50)[0] & ~E.FEATURE_INCOMPAT_48BIT)
-    struct.pack_into("<H", data, SB + 0x0E, struct.unpack_from("<Q", data, SB + 0x70)[0])
-    _fix_sum(data)
+    _without_48bit(data)
     img.write_bytes(data)
     p = cli("inspect", img)
     root = struct.unpack_from("<H", data, SB + 0x0E)[0]
@@ -540,10 +552,7 @@ def test_block_addresses_past_32_bits(tmp_path, extended):
     # reserved: check says so; a compact one's format bit is refused)
     with open(img, "rb") as f:
         data = bytearray(f.read(1 << 20))
-    struct.pack_into("<I", data, SB + 0x50,
-                     struct.unpack_from("<I", data, SB + 0x50)[0] & ~E.FEATURE_INCOMPAT_48BIT)
-    struct.pack_into("<H", data, SB + 0x0E, struct.unpack_from("<Q", data, SB + 0x70)[0])
-    _fix_sum(data)
+    _without_48bit(data)
     img.write_bytes(data)
     p = cli("check", img)
     assert p.returncode == 1 and "Traceback" not in p.stderr
@@ -599,7 +608,7 @@ def test_mtimes_before_1970(tmp_path, ext):
     os.utime(src / "x", ns=(0, -315619200_000000000))
     img = tmp_path / "x.img"
     run_mkfs(img, src, "-q", *ext)
-    out = _read_back_small(img, tmp_path)
+    out = _check_and_unpack(img, tmp_path)
     assert os.stat(out / "f").st_mtime_ns == -1_500_000_000
     assert os.stat(out / "x").st_mtime_ns == -315619200_000000000
     p = cli("unpack", "--tar", tmp_path / "t.tar", img)
@@ -610,15 +619,6 @@ def test_mtimes_before_1970(tmp_path, ext):
         assert t.getmember("x").pax_headers["mtime"] == "-315619200.000000000"
     with mounted(img) as m:
         assert os.stat(os.path.join(m, "f")).st_mtime_ns == -1_500_000_000
-
-
-def _read_back_small(img, tmp_path):
-    p = cli("check", img)
-    assert p.returncode == 0 and p.stdout.strip().endswith("clean"), p.stdout + p.stderr
-    out = tmp_path / "out"
-    p = cli("unpack", "-o", out, img)
-    assert p.returncode == 0, p.stderr
-    return out
 
 
 def test_chunk_indexes_past_32_bits(tmp_path):
