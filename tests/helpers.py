@@ -288,9 +288,10 @@ def file_digests(tree):
             if rec["type"] == 0o100000 and rec["size"]}
 
 
-def anchor_mkfs(image, source, *args, need=None):
-    """The anchor's mkfs.erofs -T 0 -U clear ARGS IMAGE SOURCE (quiet); `need`: an
-    option its --help must list (e.g. xattr-inode-digest: the 1.9 anchor)."""
+def anchor_mkfs(image, source, *args, need=None, epoch=0):
+    """The anchor's mkfs.erofs -T EPOCH -U clear ARGS IMAGE SOURCE (quiet; epoch None:
+    no -T, the files keep their mtimes); `need`: an option its --help must list (e.g.
+    xattr-inode-digest: the 1.9 anchor)."""
     require_tool("mkfs.erofs")
     if need:
         p = subprocess.run(["mkfs.erofs", "--help"], capture_output=True, text=True,
@@ -298,8 +299,61 @@ def anchor_mkfs(image, source, *args, need=None):
         require(need in p.stdout + p.stderr,
                 f"mkfs.erofs without --{need} (needs the 1.9 anchor: "
                 "export PATH=$(python3 benchmarks/anchor.py):$PATH)")
-    subprocess.run(["mkfs.erofs", "--quiet", "-T", "0", "-U", "clear", *map(str, args),
+    when = () if epoch is None else ("-T", str(epoch))
+    subprocess.run(["mkfs.erofs", "--quiet", *when, "-U", "clear", *map(str, args),
                     os.fspath(image), os.fspath(source)], check=True, capture_output=True)
+
+
+def sha256s(view):
+    """relative path -> sha256 (None: no regular file) of a scan_tree/kernel_view
+    result: the content two trees must agree on."""
+    return {k: v.get("sha256") for k, v in view.items()}
+
+
+def record_sizes(img):
+    """-> {extent record size (the 48-bit layout), or the layout name: compressed
+    files} of IMG's non-empty compressed regular files, read by our reader."""
+    from erofs_tools.format import erofs as E
+    from erofs_tools.reader.image import open_image
+    from erofs_tools.reader.zdata import state
+    seen = {}
+    with open_image(img) as im:
+        for _p, _d, ino in im.walk():
+            if ino.is_reg() and ino.size and ino.layout in (E.LAYOUT_COMPRESSED_FULL,
+                                                            E.LAYOUT_COMPRESSED_COMPACT):
+                adv = getattr(state(im).zmap(ino), "advise", 0)
+                key = E.extent_recsize(adv) if ino.layout == E.LAYOUT_COMPRESSED_FULL and \
+                    adv & E.ADVISE_EXTENTS else ino.layout_name
+                seen[key] = seen.get(key, 0) + 1
+    return seen
+
+
+def write_48bit_tree(root, fill="x", period=40, chr_name="dev"):
+    """The 48-bit layout's test tree under ROOT: mtimes with and without nsec, one
+    before 1970 and one after 2038 (a compact inode holds 32 bits from the epoch), a
+    uid over 65535, hardlinks, a symlink, a FIFO, a character device CHR_NAME, xattrs,
+    300 entries in /many (names padded with FILL, up to PERIOD - 1 of it: dirents over
+    several blocks), tails inline and not, an empty file and directory."""
+    root = pathlib.Path(root)
+    (root / "d" / "e").mkdir(parents=True)
+    (root / "empty-dir").mkdir()
+    (root / "many").mkdir()
+    for i in range(300):
+        (root / "many" / f"entry-{i:04d}-{fill * (i % period)}").write_bytes(b"%d\n" % i)
+    for name, data in {"a": b"hello\n", "d/b": b"x" * 5000, "d/e/c": os.urandom(70000),
+                       "zero": b"", "block": b"b" * 4096}.items():
+        (root / name).write_bytes(data)
+    os.utime(root / "a", ns=(0, 981173106_123456789))
+    os.utime(root / "d" / "b", ns=(0, -315619200_000000000))          # 1960
+    os.utime(root / "d" / "e" / "c", ns=(0, 5364662400_500000000))     # 2140
+    os.chown(root / "d" / "b", 70000, 70001)
+    os.link(root / "a", root / "d" / "a-link")
+    os.symlink("a", root / "sym")
+    os.mkfifo(root / "fifo")
+    os.mknod(root / chr_name, 0o20644, os.makedev(1, 3))
+    os.setxattr(root / "d", "user.k", b"v")
+    os.setxattr(root / "a", "trusted.t", b"t" * 40)
+    return root
 
 
 def mkfs_both(tmp_path, tree, *args, need=None):

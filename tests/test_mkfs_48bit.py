@@ -8,16 +8,17 @@ with mkfs.erofs's. Both options were refused before ("-E: unsupported extended
 option"). Compressed images (extent records): tests/test_mkfs_48bit_z.py."""
 import os
 import struct
-import subprocess
 
 import pytest
 from helpers import (
+    anchor_mkfs,
     assert_same_image_for_any_workers,
     fsck,
+    kernel_view,
     mounted,
-    require_tool,
     run_mkfs,
-    scan_tree,
+    sha256s,
+    write_48bit_tree,
 )
 
 pytestmark = pytest.mark.root
@@ -29,44 +30,14 @@ I_DOT_OMITTED = 1 << 4
 
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory):
-    """mtimes with and without nsec, one before 1970 and one after 2038 (a compact inode
-    holds 32 bits from the epoch), a uid over 65535, hardlinks, symlinks, a FIFO, a
-    device, xattrs, many entries in one directory (dirents over several blocks), tails
+    """helpers.write_48bit_tree: mtimes before 1970 and after 2038, a uid over 65535,
+    hardlinks, symlinks, a FIFO, a device, xattrs, dirents over several blocks, tails
     inline and not, empty directories."""
-    root = tmp_path_factory.mktemp("b48") / "src"
-    (root / "d" / "e").mkdir(parents=True)
-    (root / "empty-dir").mkdir()
-    (root / "many").mkdir()
-    for i in range(300):
-        (root / "many" / f"entry-{i:04d}-{'x' * (i % 40)}").write_bytes(b"%d\n" % i)
-    files = {"a": b"hello\n", "d/b": b"x" * 5000, "d/e/c": os.urandom(70000), "zero": b"",
-             "block": b"b" * 4096}
-    for name, data in files.items():
-        (root / name).write_bytes(data)
-    os.utime(root / "a", ns=(0, 981173106_123456789))
-    os.utime(root / "d" / "b", ns=(0, -315619200_000000000))          # 1960
-    os.utime(root / "d" / "e" / "c", ns=(0, 5364662400_500000000))     # 2140
-    os.chown(root / "d" / "b", 70000, 70001)
-    os.link(root / "a", root / "d" / "a-link")
-    os.symlink("a", root / "sym")
-    os.mkfifo(root / "fifo")
-    os.mknod(root / "dev", 0o20644, os.makedev(1, 3))
-    os.setxattr(root / "d", "user.k", b"v")
-    os.setxattr(root / "a", "trusted.t", b"t" * 40)
-    return root
+    return write_48bit_tree(tmp_path_factory.mktemp("b48") / "src")
 
 
 def anchor(image, source, *args):
-    require_tool("mkfs.erofs")
-    subprocess.run(["mkfs.erofs", "--quiet", "-U", "clear", *args, os.fspath(image),
-                    os.fspath(source)], check=True, capture_output=True)
-
-
-def view(mnt):
-    tree = scan_tree(mnt)
-    for rec in tree.values():
-        rec.pop("_ino", None)
-    return tree
+    anchor_mkfs(image, source, *args, epoch=None)
 
 
 def superblock(image):
@@ -107,7 +78,7 @@ def test_same_tree_and_size_as_mkfs_erofs(tree, tmp_path, combo):
         assert (epoch, bt) == superblock(ref)[2:3] + (t - epoch,)
         assert epoch == max(0, t - 0xFFFFFFFF)
     with mounted(ours) as m_ours, mounted(ref) as m_ref:
-        got, theirs = view(m_ours), view(m_ref)
+        got, theirs = kernel_view(m_ours), kernel_view(m_ref)
         own_mtimes = "-T" not in args or "--mkfs-time" in args
         if own_mtimes and "extended" not in combo:
             # mkfs.erofs 1.9.4 writes an mtime 2^32 s or more after the epoch into a
@@ -115,9 +86,7 @@ def test_same_tree_and_size_as_mkfs_erofs(tree, tmp_path, combo):
             assert theirs[b"d/e/c"].pop("mtime_ns") != 5364662400_500000000
             assert got[b"d/e/c"].pop("mtime_ns") == 5364662400_500000000
         assert got == theirs
-        want = view(tree)
-        assert {k: v.get("sha256") for k, v in got.items()} == \
-            {k: v.get("sha256") for k, v in want.items()}
+        assert sha256s(got) == sha256s(kernel_view(tree))
         if own_mtimes:
             # compact inodes keep their mtime seconds (nsec 0); the ones out of range
             # (1960, 2140) are extended and keep theirs whole
@@ -156,7 +125,7 @@ def test_dot_omitted_saves_the_dot_entries(tree, tmp_path):
         run_mkfs(img, tree, "-q", "-T", "0", "-U", "clear", "-E", ext)
         with mounted(img) as m:
             sizes[ext] = {rel: os.stat(os.path.join(m, os.fsdecode(rel))).st_size
-                          for rel, rec in view(m).items() if rec["type"] == 0o040000}
+                          for rel, rec in kernel_view(m).items() if rec["type"] == 0o040000}
     assert sizes["48bit"].keys() == sizes["dot-omitted"].keys()
     for rel, n in sizes["48bit"].items():
         # (one in several blocks: its first block holds one dirent more)

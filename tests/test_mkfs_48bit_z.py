@@ -18,12 +18,14 @@ import sys
 
 import pytest
 from helpers import (
+    anchor_mkfs,
     assert_same_image_for_any_workers,
     fsck,
+    kernel_view,
     mounted,
-    require_tool,
+    record_sizes,
     run_mkfs,
-    scan_tree,
+    sha256s,
     write_zmix_tree,
 )
 
@@ -40,33 +42,7 @@ def ztree(tmp_path_factory):
 
 
 def anchor(image, source, *args):
-    require_tool("mkfs.erofs")
-    subprocess.run(["mkfs.erofs", "--quiet", "-U", "clear", *args, os.fspath(image),
-                    os.fspath(source)], check=True, capture_output=True)
-
-
-def view(mnt):
-    tree = scan_tree(mnt)
-    for rec in tree.values():
-        rec.pop("_ino", None)
-    return tree
-
-
-def layouts(img):
-    """-> {extent record size, or the layout name: compressed files} of IMG."""
-    from erofs_tools.reader.image import open_image
-    from erofs_tools.reader.zdata import state
-    seen = {}
-    with open_image(img) as im:
-        for _p, _d, ino in im.walk():
-            if ino.is_reg() and ino.size and ino.layout in (E.LAYOUT_COMPRESSED_FULL,
-                                                            E.LAYOUT_COMPRESSED_COMPACT):
-                m = state(im).zmap(ino)
-                adv = getattr(m, "advise", 0)
-                key = E.extent_recsize(adv) if ino.layout == E.LAYOUT_COMPRESSED_FULL and \
-                    adv & E.ADVISE_EXTENTS else ino.layout_name
-                seen[key] = seen.get(key, 0) + 1
-    return seen
+    anchor_mkfs(image, source, *args, epoch=None)
 
 
 # (our args, the size bound against mkfs.erofs 1.9.4's image, the record sizes expected)
@@ -98,16 +74,15 @@ def test_same_tree_as_mkfs_erofs(ztree, tmp_path, combo):
     fsck(ours)
     size, rsize = ours.stat().st_size, ref.stat().st_size
     assert size <= rsize * bound + 4096, (size, rsize)
-    kinds = layouts(ours)
+    kinds = record_sizes(ours)
     assert recs <= set(kinds), kinds
     if "ztailpacking" in combo:
         # an inline tail: lcluster indexes, as mkfs.erofs 1.9.4
         assert all(isinstance(k, str) for k in kinds), kinds
     with mounted(ours) as m_ours, mounted(ref) as m_ref:
-        got = view(m_ours)
-        assert got == view(m_ref)
-    assert {k: v.get("sha256") for k, v in got.items()} == \
-        {k: v.get("sha256") for k, v in view(ztree).items()}
+        got = kernel_view(m_ours)
+        assert got == kernel_view(m_ref)
+    assert sha256s(got) == sha256s(kernel_view(ztree))
     out = tmp_path / "out"
     p = subprocess.run([sys.executable, "-m", "erofs_tools", "check", os.fspath(ours)],
                        capture_output=True, text=True)
@@ -115,7 +90,7 @@ def test_same_tree_as_mkfs_erofs(ztree, tmp_path, combo):
     p = subprocess.run([sys.executable, "-m", "erofs_tools", "unpack", "-o", os.fspath(out),
                         os.fspath(ours)], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
-    assert view(out) == got
+    assert kernel_view(out) == got
 
 
 def test_records_only_where_smaller(ztree, tmp_path):
@@ -130,10 +105,10 @@ def test_records_only_where_smaller(ztree, tmp_path):
     ours, ref = tmp_path / "ours.img", tmp_path / "ref.img"
     run_mkfs(ours, src, "-q", "-U", "clear", "-E48bit", "-zlz4hc")
     anchor(ref, src, "-E48bit", "-zlz4hc")
-    assert layouts(ours) == layouts(ref)
+    assert record_sizes(ours) == record_sizes(ref)
     fsck(ours)
     with mounted(ours) as m_ours, mounted(ref) as m_ref:
-        assert view(m_ours) == view(m_ref)
+        assert kernel_view(m_ours) == kernel_view(m_ref)
 
 
 def test_file_over_4gib(tmp_path):
@@ -150,7 +125,7 @@ def test_file_over_4gib(tmp_path):
     ours, ref = tmp_path / "ours.img", tmp_path / "ref.img"
     run_mkfs(ours, src, "-q", "-U", "clear", "-E48bit", "-zlz4")
     anchor(ref, src, "-E48bit", "-zlz4")
-    assert layouts(ours) == layouts(ref) == {32: 1}
+    assert record_sizes(ours) == record_sizes(ref) == {32: 1}
     assert ours.stat().st_size <= ref.stat().st_size
     fsck(ours, extract=False)
     from erofs_tools.reader.image import open_image
@@ -196,6 +171,5 @@ def test_compress_hints(ztree, tmp_path):
     assert algs[b"/large"] == {E.COMPRESSION_LZMA}
     assert algs[b"/big"] == {E.COMPRESSION_LZ4}
     with mounted(img) as m:
-        got = view(m)
-    assert {k: v.get("sha256") for k, v in got.items()} == \
-        {k: v.get("sha256") for k, v in view(ztree).items()}
+        got = kernel_view(m)
+    assert sha256s(got) == sha256s(kernel_view(ztree))

@@ -14,10 +14,10 @@ import pytest
 from helpers import (
     assert_same_image_for_any_workers,
     fsck,
+    kernel_view,
     mounted,
     require_tool,
     run_mkfs,
-    scan_tree,
 )
 
 from erofs_tools.builder.options import parse_compress, parse_extended
@@ -70,13 +70,6 @@ def anchor(image, source, *args):
     assert "xattr-inode-digest" in p.stdout + p.stderr, "mkfs.erofs is not 1.9"
     subprocess.run(["mkfs.erofs", "--quiet", "-T", "0", "-U", "clear", *args,
                     os.fspath(image), os.fspath(source)], check=True, capture_output=True)
-
-
-def view(mnt):
-    tree = scan_tree(mnt)
-    for rec in tree.values():
-        rec.pop("_ino", None)
-    return tree
 
 
 def content(tree):
@@ -157,9 +150,9 @@ def test_same_tree_and_size_as_mkfs_erofs(tree, tmp_path, combo):
         assert files[b"/a/b/common-end"] == (0, 9000)
         assert packed <= rpacked
     with mounted(ours) as m_ours, mounted(ref) as m_ref:
-        got = view(m_ours)
-        assert got == view(m_ref)
-        assert content(got) == content(view(tree))
+        got = kernel_view(m_ours)
+        assert got == kernel_view(m_ref)
+        assert content(got) == content(kernel_view(tree))
 
 
 def test_same_image_for_any_workers(tree, tmp_path):
@@ -183,9 +176,9 @@ def test_compress_hints_keep_a_file_out(tree, tmp_path):
     rpacked, rfiles = layout(ref)
     assert files == rfiles and rpacked - 64 <= packed <= rpacked
     with mounted(ours) as m, mounted(ref) as m_ref:
-        got = view(m)
-        assert got == view(m_ref)
-        assert content(got) == content(view(tree))
+        got = kernel_view(m)
+        assert got == kernel_view(m_ref)
+        assert content(got) == content(kernel_view(tree))
 
 
 @pytest.mark.parametrize("ext,kept", [

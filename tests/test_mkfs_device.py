@@ -18,15 +18,7 @@ import sys
 import tarfile
 
 import pytest
-from helpers import (
-    assert_same_tree,
-    fsck,
-    is_root,
-    mounted,
-    require,
-    require_tool,
-    run_erofs_tools,
-)
+from helpers import assert_same_tree, fsck, is_root, mounted, require, require_tool, run_erofs_tools
 
 pytestmark = pytest.mark.root
 FILL = b"\xaa"

@@ -8,13 +8,7 @@ import struct
 import subprocess
 
 import pytest
-from helpers import (
-    mkfs_and_check,
-    noise,
-    require_tool,
-    run_mkfs,
-    text,
-)
+from helpers import mkfs_and_check, noise, require_tool, run_mkfs, text
 
 pytestmark = pytest.mark.root
 

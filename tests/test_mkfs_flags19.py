@@ -16,7 +16,6 @@ from helpers import (
     is_root,
     mounted,
     require,
-    require_root_kernel,
     require_tool,
     run_mkfs,
     scan_tree,
@@ -28,12 +27,6 @@ pytestmark = pytest.mark.root
 T = 1_600_000_000
 # the walks: csrc/walk.c; TreeWalker's own loop (an exclude of nothing takes it); a tar
 WALKS = ["c", "python", "tar"]
-
-
-@pytest.fixture
-def root_kernel():
-    require(is_root(), "needs root (mount, chown)")
-    require_root_kernel()
 
 
 @pytest.fixture(scope="module")

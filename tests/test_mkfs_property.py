@@ -5,10 +5,12 @@ Trees hold names of 1..255 arbitrary bytes, hardlinks across directories, user./
 security. xattrs (some shared between inodes), valid POSIX ACLs (access and default),
 character/block devices, fifos, sockets, setuid/setgid/sticky bits, uid/gid above 65535,
 mtimes with nanoseconds, empty files and sizes around 4 KiB multiples, and sometimes a
-directory of several dirent blocks; the image's layout drawn too (--chunksize, -E48bit,
---zD, with and without -z). Example counts are modest (2 shared cores);
+directory of several dirent blocks; the image's layout drawn too (--chunksize, with it
+--blobdev: the chunks in an extra device, mounted with -o device=; -E48bit, --zD, with
+and without -z). Example counts are modest (2 shared cores);
 EROFS_TOOLS_HYPOTHESIS_EXAMPLES raises them.
 """
+import contextlib
 import os
 import shutil
 import stat
@@ -25,7 +27,7 @@ from helpers import (
     require_root_kernel,
     scan_tree,
 )
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from erofs_tools.builder import tree as tree_mod
@@ -198,13 +200,54 @@ def materialize(root, spec):
         os.utime(path, ns=(sec * 10**9 + nsec,) * 2, follow_symlinks=False)
 
 
-# the layouts drawn beside the tree: chunk-based files (--chunksize), the 48-bit layout
-# (-E48bit), directories in the packed inode (--zD; stored plain without -z)
+# the layouts drawn beside the tree: chunk-based files (--chunksize; with it, `blob`:
+# --blobdev, their chunks in an extra device), the 48-bit layout (-E48bit), directories
+# in the packed inode (--zD; stored plain without -z)
 layout = st.fixed_dictionaries({
     "chunksize": st.sampled_from([0, 0, 0, 4096, 8192, 65536]),
+    "blob": st.booleans(),
     "sb_48bit": st.booleans(),
     "compress_dirs": st.sampled_from([False, False, True]),
 })
+
+
+def options(lay, blob, **kw):
+    """MkfsOptions of the drawn layout LAY; -> (options, the --blobdev path BLOB or
+    None: a blob only with --chunksize, as mkfs requires)."""
+    blob = blob if lay["blob"] and lay["chunksize"] else None
+    fields = {k: v for k, v in lay.items() if k != "blob"}
+    return MkfsOptions(uuid=bytes(16), blobdev=blob, **fields, **kw), blob
+
+
+@contextlib.contextmanager
+def materialized(spec, prefix):
+    """SPEC made a tree in a new temporary directory -> (that directory, the tree);
+    all removed afterwards."""
+    require(is_root(), "needs root (owners, devices, trusted xattrs, mount)")
+    require_root_kernel()
+    work = tempfile.mkdtemp(prefix=prefix)
+    try:
+        src = os.path.join(os.fsencode(work), b"src")
+        materialize(src, spec)
+        yield work, src
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def build_and_mount(work, src, lay, **kw):
+    """mkfs of SRC in WORK (t.img, with a drawn blob t.blob) -> fsck (with the blob as
+    its device) -> mounted by the host kernel (-o device=BLOB) and compared with SRC;
+    -> (image, blob or None)."""
+    img = os.path.join(work, "t.img")
+    opts, blob = options(lay, os.path.join(work, "t.blob"), **kw)
+    mkfs(img, src, opts)
+    event("--blobdev" if blob else "no --blobdev")
+    with open_image(img) as im:
+        assert len(im.devices) == (1 if blob else 0)
+    fsck(img, devices=[blob] if blob else ())
+    with mounted(img, f"device={blob}" if blob else None) as mnt:
+        assert_same(src, mnt, lay)
+    return img, blob
 
 
 @settings(max_examples=EXAMPLES, deadline=None,
@@ -212,27 +255,19 @@ layout = st.fixed_dictionaries({
                                  HealthCheck.large_base_example])
 @given(spec=root_tree, lay=layout)
 def test_random_trees_roundtrip(spec, lay):
-    require(is_root(), "needs root (owners, devices, trusted xattrs, mount)")
-    require_root_kernel()
-    work = tempfile.mkdtemp(prefix="erofs-prop-")
-    try:
-        src = os.path.join(os.fsencode(work), b"src")
-        materialize(src, spec)
-        img = os.path.join(work, "t.img")
-        mkfs(img, src, MkfsOptions(uuid=bytes(16), **lay))
-        # the C walk (mkfs's) and the Python walk give the same bytes
+    with materialized(spec, "erofs-prop-") as (work, src):
+        img, blob = build_and_mount(work, src, lay)
+        # the C walk (mkfs's) and the Python walk give the same bytes (and blob)
         tree_mod.NATIVE_WALK = False
         try:
-            mkfs(os.path.join(work, "py.img"), src, MkfsOptions(uuid=bytes(16), **lay))
+            opts, py_blob = options(lay, os.path.join(work, "py.blob"))
+            mkfs(os.path.join(work, "py.img"), src, opts)
         finally:
             tree_mod.NATIVE_WALK = True
-        with open(img, "rb") as a, open(os.path.join(work, "py.img"), "rb") as b:
-            assert a.read() == b.read()
-        fsck(img)
-        with mounted(img) as mnt:
-            assert_same(src, mnt, lay)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        for mine, py in ((img, os.path.join(work, "py.img")), (blob, py_blob)):
+            if mine:
+                with open(mine, "rb") as a, open(py, "rb") as b:
+                    assert a.read() == b.read()
 
 
 @settings(max_examples=max(EXAMPLES // 3, 5), deadline=None,
@@ -243,25 +278,16 @@ def test_random_trees_roundtrip(spec, lay):
 def test_random_trees_roundtrip_compressed(spec, alg, pcluster, lay):
     """The same trees compressed (-z, and -C big pclusters; with -E48bit extent records,
     with --zD the directories compressed in the packed inode, with --chunksize the files
-    stored uncompressed chunk-based): the compressed layouts, plain extents and
-    whole-file fallbacks read back exactly through the kernel."""
-    require(is_root(), "needs root (owners, devices, trusted xattrs, mount)")
-    require_root_kernel()
-    work = tempfile.mkdtemp(prefix="erofs-propz-")
-    try:
-        src = os.path.join(os.fsencode(work), b"src")
-        materialize(src, spec)
-        img = os.path.join(work, "t.img")
-        mkfs(img, src, MkfsOptions(uuid=bytes(16), compress=Compression(alg, None, pcluster),
-                                   **lay))
-        fsck(img)
-        with mounted(img) as mnt:
-            assert_same(src, mnt, lay)
-        # our reader decodes the same layouts: check is clean, unpack equals the source
-        with open_image(img) as im:
-            assert check_image(im) == []
+    stored uncompressed chunk-based, with --blobdev their chunks in the blob): the
+    compressed layouts, plain extents and whole-file fallbacks read back exactly through
+    the kernel."""
+    with materialized(spec, "erofs-propz-") as (work, src):
+        img, blob = build_and_mount(work, src, lay,
+                                    compress=Compression(alg, None, pcluster))
+        # our reader decodes the same layouts (the blob's chunks through it as the
+        # image's device): check is clean, unpack equals the source
+        with open_image(img, devices=[blob] if blob else None) as im:
+            assert check_image(im, im.blobs) == []
             out = os.path.join(work, "out")
             unpack_to_dir(im, out)
         assert_same(src, out, lay)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)

@@ -13,7 +13,17 @@ import subprocess
 import sys
 
 import pytest
-from helpers import mounted, require_tool, run_mkfs, scan_tree, write_zmix_tree
+from helpers import (
+    anchor_mkfs,
+    kernel_view,
+    mounted,
+    record_sizes,
+    run_mkfs,
+    sha256s,
+    text,
+    write_48bit_tree,
+    write_zmix_tree,
+)
 
 from erofs_tools.format import erofs as E
 
@@ -29,60 +39,39 @@ def cli(*args):
 
 
 def anchor(image, source, *args):
-    require_tool("mkfs.erofs")
-    subprocess.run(["mkfs.erofs", "--quiet", "-U", "clear", *args, os.fspath(image),
-                    os.fspath(source)], check=True, capture_output=True)
+    anchor_mkfs(image, source, *args, epoch=None)
 
 
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory):
-    """Every inode type, hardlinks, xattrs, a uid over 65535, mtimes with nsec, before
-    1970 and after 2106, 300 entries in one directory, a sparse file, empty ones."""
-    root = tmp_path_factory.mktemp("r48") / "src"
-    (root / "d" / "e").mkdir(parents=True)
-    (root / "empty-dir").mkdir()
-    (root / "many").mkdir()
-    for i in range(300):
-        (root / "many" / f"entry-{i:04d}-{'y' * (i % 30)}").write_bytes(b"%d\n" % i)
-    for name, data in {"a": b"hello\n", "d/b": b"x" * 5000, "d/e/c": os.urandom(70000),
-                       "zero": b"", "block": b"b" * 4096}.items():
-        (root / name).write_bytes(data)
+    """helpers.write_48bit_tree and every other inode type (a block device, a socket),
+    mtimes before 1970 and after 2106, a sparse file."""
+    root = write_48bit_tree(tmp_path_factory.mktemp("r48") / "src", "y", 30, "chr")
     with open(root / "sparse", "wb") as f:
         f.truncate(64 << 20)
         f.seek(40 << 20)
         f.write(b"tail" * 1000)
-    os.utime(root / "a", ns=(0, 981173106_123456789))
-    os.utime(root / "d" / "b", ns=(0, -315619200_000000000))          # 1960
-    os.utime(root / "d" / "e" / "c", ns=(0, 5364662400_500000000))     # 2140
-    os.chown(root / "d" / "b", 70000, 70001)
-    os.link(root / "a", root / "d" / "a-link")
-    os.symlink("a", root / "sym")
-    os.mkfifo(root / "fifo")
-    os.mknod(root / "chr", 0o20644, os.makedev(1, 3))
     os.mknod(root / "blk", 0o60600, os.makedev(7, 200))
     s = socket.socket(socket.AF_UNIX)
     s.bind(os.fspath(root / "sock"))
     s.close()
-    os.setxattr(root / "d", "user.k", b"v")
-    os.setxattr(root / "a", "trusted.t", b"t" * 40)
     os.utime(root / "d" / "e", ns=(0, -1_000_000_001))
     return root
 
 
-def _view(top):
-    out = scan_tree(top)
-    for rec in out.values():
-        rec.pop("_ino", None)
-    return out
-
-
-def _read_back(img, tmp_path):
-    """check, unpack -o, inspect, stat of IMG through the CLI; -> the unpacked tree."""
+def _check_and_unpack(img, tmp_path):
+    """check (clean) and unpack -o of IMG through the CLI; -> the unpacked tree."""
     p = cli("check", img)
     assert p.returncode == 0 and p.stdout.strip().endswith("clean"), p.stdout + p.stderr
     out = tmp_path / "out"
     p = cli("unpack", "-o", out, img)
     assert p.returncode == 0, p.stderr
+    return out
+
+
+def _read_back(img, tmp_path):
+    """check, unpack -o, inspect, stat of IMG through the CLI; -> the unpacked tree."""
+    out = _check_and_unpack(img, tmp_path)
     p = cli("inspect", "--json", img)
     assert p.returncode == 0, p.stderr
     p = cli("inspect", img, "/d")
@@ -106,12 +95,11 @@ def test_ours_read_back(tree, tmp_path, combo):
     img = tmp_path / "x.img"
     run_mkfs(img, tree, "-q", "-U", "clear", *OURS[combo])
     out = _read_back(img, tmp_path)
-    got = _view(out)
+    got = kernel_view(out)
     with mounted(img) as m:
-        assert got == _view(m)
-    src = _view(tree)
-    assert {k: v.get("sha256") for k, v in got.items()} == \
-        {k: v.get("sha256") for k, v in src.items()}
+        assert got == kernel_view(m)
+    src = kernel_view(tree)
+    assert sha256s(got) == sha256s(src)
     if "-T" not in OURS[combo]:
         # out of a compact inode's range from the epoch: extended, whole
         assert got[b"d/b"]["mtime_ns"] == -315619200_000000000
@@ -138,10 +126,10 @@ def test_mkfs_erofs_read_back(tree, tmp_path, combo):
     anchor(img, tree, *ANCHORS[combo])
     assert struct.unpack_from("<I", img.read_bytes()[:2048], SB + 0x50)[0] & 0x80
     out = _read_back(img, tmp_path)
-    got = _view(out)
+    got = kernel_view(out)
     with mounted(img) as m:
-        assert got == _view(m)
-    assert got[b"d/e/c"]["sha256"] == _view(tree)[b"d/e/c"]["sha256"]
+        assert got == kernel_view(m)
+    assert got[b"d/e/c"]["sha256"] == kernel_view(tree)[b"d/e/c"]["sha256"]
 
 
 @pytest.fixture(scope="module")
@@ -173,22 +161,6 @@ ZANCHORS = {
 }
 
 
-def _record_sizes(img):
-    """-> {record size or layout name: inodes} of IMG's compressed files."""
-    from erofs_tools.reader.image import open_image
-    from erofs_tools.reader.zdata import state
-    seen = {}
-    with open_image(img) as im:
-        for _p, _d, ino in im.walk():
-            if ino.is_reg() and ino.size and ino.layout in (E.LAYOUT_COMPRESSED_FULL,
-                                                            E.LAYOUT_COMPRESSED_COMPACT):
-                adv = getattr(state(im).zmap(ino), "advise", 0)
-                key = E.extent_recsize(adv) if ino.layout == E.LAYOUT_COMPRESSED_FULL and \
-                    adv & E.ADVISE_EXTENTS else ino.layout_name
-                seen[key] = seen.get(key, 0) + 1
-    return seen
-
-
 @pytest.mark.parametrize("combo", ZANCHORS)
 def test_mkfs_erofs_compressed_read_back(ztree, tmp_path, combo):
     """mkfs.erofs 1.9.4's compressed 48-bit images: check passes and unpack gives the
@@ -201,15 +173,14 @@ def test_mkfs_erofs_compressed_read_back(ztree, tmp_path, combo):
     out = tmp_path / "out"
     p = cli("unpack", "-o", out, img)
     assert p.returncode == 0, p.stderr
-    got = _view(out)
+    got = kernel_view(out)
     with mounted(img) as m:
-        assert got == _view(m)
-    assert {k: v.get("sha256") for k, v in got.items()} == \
-        {k: v.get("sha256") for k, v in _view(ztree).items()}
+        assert got == kernel_view(m)
+    assert sha256s(got) == sha256s(kernel_view(ztree))
     for cmd in (("inspect", "--json", img, "/large"), ("stat", "--json", img)):
         p = cli(*cmd)
         assert p.returncode == 0, p.stderr
-    kinds = _record_sizes(img)
+    kinds = record_sizes(img)
     if "ztailpacking" not in combo and "all-fragments" not in combo:
         assert kinds.get(4 if "zstd" in combo or combo.endswith("-C") else 16), kinds
     if combo == "zstd-fragments-dedupe":
@@ -292,6 +263,151 @@ def test_extent_record_without_bytes_is_a_hole(ztree, tmp_path, plen):
     assert p.returncode == 0 and '"hole"' in p.stdout, p.stderr
 
 
+def _kernel_or_error(img, path, windows):
+    """-> the kernel's bytes of PATH in IMG at each (offset, length) of WINDOWS, or
+    ("error", errno) where its read fails; ("mount", message) if the mount fails."""
+    from erofs_tools.errors import ErofsToolsError
+    try:
+        with mounted(img) as m, open(os.path.join(m, path), "rb") as f:
+            out = []
+            for off, n in windows:
+                f.seek(off)
+                try:
+                    out.append(f.read(n))
+                except OSError as e:
+                    out.append(("error", e.errno))
+            return out
+    except (OSError, ErofsToolsError) as e:
+        return [("mount", str(e))]
+
+
+def _ours_refuses(img, tmp_path):
+    """`check` and `unpack` of IMG each fail with one line, no traceback."""
+    for cmd in (("check",), ("unpack", "-o", tmp_path / "refused")):
+        p = cli(*cmd, img)
+        assert p.returncode == 1 and "Traceback" not in p.stderr, p.stdout + p.stderr
+        assert len(p.stderr.strip().splitlines()) <= 1, p.stderr
+
+
+@pytest.mark.parametrize("plen", [0, 1 << 28])
+@pytest.mark.parametrize("which", [0, 1])
+def test_empty_8_byte_extent_record(tmp_path, which, plen):
+    """8-byte extent records (each extent one lcluster, its plen and pstart_lo) with one
+    record storing nothing (its length, the low 28 bits, 0; with or without format
+    bits): our mkfs writes the file (16000 bytes, --max-extent-bytes=8192: two
+    lclusters of 8 KiB) as 4-byte records (the base address, then each plen: 16 bytes),
+    rewritten in place as two 8-byte records. As written, the kernel (Linux 6.18) and
+    unpack read the source; with record WHICH emptied the kernel reads that lcluster as
+    zeros (z_erofs_map_blocks_ext leaves it unmapped) and unpack gives its bytes, check
+    calls the image clean, inspect shows the hole. Were the kernel to refuse the record,
+    ours must refuse it too. Only 16-byte records were tested before."""
+    src = tmp_path / "src"
+    src.mkdir()
+    body = text(16000, 5)
+    (src / "f").write_bytes(body)
+    img = tmp_path / "z.img"
+    run_mkfs(img, src, "-q", "-E48bit", "-zlz4hc", "--max-extent-bytes=8192")
+    off, recsz, n, hpos = _records_of(img, "/f")
+    assert (recsz, n, off) == (4, 2, hpos + 8)
+    data = bytearray(img.read_bytes())
+    assert data[hpos + 7] & 15 == 1                         # lclusters of 8 KiB
+    base = struct.unpack_from("<Q", data, off)[0]
+    plens = struct.unpack_from("<2I", data, off + 8)
+    starts = (base, base + (plens[0] & E.EXTENT_PLEN_MASK))
+    struct.pack_into("<H", data, hpos + 4, struct.unpack_from("<H", data, hpos + 4)[0] |
+                     1 << E.ADVISE_EXTRECSZ_BIT)               # 4 -> 8-byte records
+    for i in (0, 1):
+        struct.pack_into("<2I", data, off + 8 * i, plens[i], starts[i])
+    _fix_sum(data)
+    img.write_bytes(data)
+    assert record_sizes(img) == {8: 1}
+    assert _kernel_or_error(img, "f", [(0, 16000)]) == [body]
+    out = tmp_path / "asis"
+    assert cli("unpack", "-o", out, img).returncode == 0 and (out / "f").read_bytes() == body
+    struct.pack_into("<I", data, off + 8 * which, plen)
+    _fix_sum(data)
+    img.write_bytes(data)
+    kernel = _kernel_or_error(img, "f", [(0, 16000)])
+    if not isinstance(kernel[0], bytes):
+        _ours_refuses(img, tmp_path)
+        return
+    assert kernel == [body[:8192] + bytes(7808) if which else bytes(8192) + body[8192:]]
+    p = cli("check", img)
+    assert p.returncode == 0 and p.stdout.strip().endswith("clean"), p.stdout + p.stderr
+    out = tmp_path / "out"
+    p = cli("unpack", "-o", out, img)
+    assert p.returncode == 0, p.stderr
+    assert [(out / "f").read_bytes()] == kernel
+    p = cli("inspect", "--json", img, "/f")
+    assert p.returncode == 0 and '"hole"' in p.stdout, p.stderr
+
+
+MARKS_4G = {0: b"head", (1 << 32) - 5: b"across 4 GiB", (1 << 32) + 12345: b"past 4 GiB"}
+SIZE_4G = (1 << 32) + (300 << 20) + 5
+
+
+@pytest.fixture(scope="module")
+def image_4g(tmp_path_factory):
+    """Our mkfs -E48bit -zlz4 of a sparse 4.3 GiB file with text at its start, across
+    2^32, past it and at its end: 32-byte extent records (their lstart_hi)."""
+    work = tmp_path_factory.mktemp("e32")
+    (work / "src").mkdir()
+    with open(work / "src" / "z", "wb") as f:
+        f.truncate(SIZE_4G - 5)
+        for at, mark in MARKS_4G.items():
+            f.seek(at)
+            f.write(mark)
+        f.seek(0, 2)
+        f.write(b"tail\n")
+    img = work / "z.img"
+    run_mkfs(img, work / "src", "-q", "-E48bit", "-zlz4")
+    assert record_sizes(img) == {32: 1}
+    return img, work / "src" / "z"
+
+
+@pytest.mark.parametrize("where,plen", [("start", 0), ("past 4 GiB", 0),
+                                        ("past 4 GiB", 1 << 28), ("end", 0)])
+def test_empty_32_byte_extent_record(image_4g, tmp_path, where, plen):
+    """A 32-byte extent record storing nothing (length 0, with or without format bits)
+    in the sparse 4.3 GiB file: the extent holding its first byte, the text past 2^32 or
+    its last byte. The kernel (Linux 6.18) reads that extent as zeros, the rest as the
+    source; our reader gives the kernel's bytes around each mark and at the extent's
+    edges, and check calls the image clean (were the kernel to refuse the record, ours
+    must refuse too)."""
+    from erofs_tools.reader.image import open_image
+    from erofs_tools.reader.zdata import read_range, state
+    img, source = image_4g
+    off, recsz, n, _hpos = _records_of(img, "/z")
+    with open_image(img) as im:
+        exts = state(im).zmap(im.inode(_nid_of(img, "/z"))).extents
+    at = {"start": 0, "past 4 GiB": (1 << 32) + 12345, "end": SIZE_4G - 1}[where]
+    k = next(i for i, x in enumerate(exts) if x.la <= at < x.la + x.llen)
+    x = exts[k]
+    assert recsz == 32 and n == len(exts) > 1000 and x.plen
+    windows = sorted({(max(o - 8, 0), min(24, SIZE_4G - max(o - 8, 0)))
+                      for o in (*MARKS_4G, SIZE_4G - 5, x.la, x.la + x.llen)})
+    with open(source, "rb") as f:
+        src = [os.pread(f.fileno(), ln, o) for o, ln in windows]
+    want = [bytes(b if not x.la <= o + i < x.la + x.llen else 0 for i, b in enumerate(s))
+            for (o, _ln), s in zip(windows, src)]
+    assert want != src                          # (the emptied extent held text)
+    bad = tmp_path / "z.img"
+    data = bytearray(img.read_bytes())
+    struct.pack_into("<I", data, off + 32 * k, plen)
+    _fix_sum(data)
+    bad.write_bytes(data)
+    kernel = _kernel_or_error(bad, "z", windows)
+    if not all(isinstance(b, bytes) for b in kernel):
+        _ours_refuses(bad, tmp_path)
+        return
+    assert kernel == want
+    with open_image(bad) as im:
+        ino = im.inode(_nid_of(bad, "/z"))
+        assert [read_range(im, ino, o, ln) for o, ln in windows] == kernel
+    p = cli("check", bad)
+    assert p.returncode == 0 and p.stdout.strip().endswith("clean"), p.stdout + p.stderr
+
+
 @pytest.mark.parametrize("plen", [4096, 4097])
 def test_interlaced_plain_record_needs_aligned_length(ztree, tmp_path, plen):
     """A plain extent record of an inode marked interlaced (ADVISE_INTERLACED_PCLUSTER)
@@ -344,6 +460,15 @@ def _fix_sum(data):
                          E.superblock_checksum(bytes(data[:max(blksz, 2 * SB)])))
 
 
+def _without_48bit(data):
+    """The superblock in DATA without the 48BIT feature, the root nid (rootnid_8b) in
+    the le16 field it had before; the checksum fixed."""
+    struct.pack_into("<I", data, SB + 0x50,
+                     struct.unpack_from("<I", data, SB + 0x50)[0] & ~E.FEATURE_INCOMPAT_48BIT)
+    struct.pack_into("<H", data, SB + 0x0E, struct.unpack_from("<Q", data, SB + 0x70)[0])
+    _fix_sum(data)
+
+
 def _nid_of(img, path):
     p = cli("inspect", "--json", img, path)
     assert p.returncode == 0, p.stderr
@@ -374,10 +499,7 @@ def test_dot_bits_checked(tree, tmp_path):
         assert p.returncode == 1 and len(p.stderr.strip().splitlines()) == 1, p.stderr
     img = tmp_path / "dot-omitted.img"
     data = bytearray(img.read_bytes())
-    struct.pack_into("<I", data, SB + 0x50,
-                     struct.unpack_from("<I", data, SB + 0x50)[0] & ~E.FEATURE_INCOMPAT_48BIT)
-    struct.pack_into("<H", data, SB + 0x0E, struct.unpack_from("<Q", data, SB + 0x70)[0])
-    _fix_sum(data)
+    _without_48bit(data)
     img.write_bytes(data)
     p = cli("inspect", img)
     root = struct.unpack_from("<H", data, SB + 0x0E)[0]
@@ -430,10 +552,7 @@ def test_block_addresses_past_32_bits(tmp_path, extended):
     # reserved: check says so; a compact one's format bit is refused)
     with open(img, "rb") as f:
         data = bytearray(f.read(1 << 20))
-    struct.pack_into("<I", data, SB + 0x50,
-                     struct.unpack_from("<I", data, SB + 0x50)[0] & ~E.FEATURE_INCOMPAT_48BIT)
-    struct.pack_into("<H", data, SB + 0x0E, struct.unpack_from("<Q", data, SB + 0x70)[0])
-    _fix_sum(data)
+    _without_48bit(data)
     img.write_bytes(data)
     p = cli("check", img)
     assert p.returncode == 1 and "Traceback" not in p.stderr
@@ -489,7 +608,7 @@ def test_mtimes_before_1970(tmp_path, ext):
     os.utime(src / "x", ns=(0, -315619200_000000000))
     img = tmp_path / "x.img"
     run_mkfs(img, src, "-q", *ext)
-    out = _read_back_small(img, tmp_path)
+    out = _check_and_unpack(img, tmp_path)
     assert os.stat(out / "f").st_mtime_ns == -1_500_000_000
     assert os.stat(out / "x").st_mtime_ns == -315619200_000000000
     p = cli("unpack", "--tar", tmp_path / "t.tar", img)
@@ -500,15 +619,6 @@ def test_mtimes_before_1970(tmp_path, ext):
         assert t.getmember("x").pax_headers["mtime"] == "-315619200.000000000"
     with mounted(img) as m:
         assert os.stat(os.path.join(m, "f")).st_mtime_ns == -1_500_000_000
-
-
-def _read_back_small(img, tmp_path):
-    p = cli("check", img)
-    assert p.returncode == 0 and p.stdout.strip().endswith("clean"), p.stdout + p.stderr
-    out = tmp_path / "out"
-    p = cli("unpack", "-o", out, img)
-    assert p.returncode == 0, p.stderr
-    return out
 
 
 def test_chunk_indexes_past_32_bits(tmp_path):

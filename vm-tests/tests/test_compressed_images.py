@@ -11,8 +11,6 @@ the table is tested in both directions.
 
 Runs inside the guest (vm-tests/run); skipped elsewhere.
 """
-import contextlib
-import errno
 import gzip
 import os
 import re
@@ -21,18 +19,15 @@ import subprocess
 import sys
 
 import pytest
+from vmguest import GUEST_ONLY, IN_GUEST, kernel_log, mounted_equal, scratch_dir, text
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-IN_GUEST = os.environ.get("VMTEST_GUEST") == "1"
-pytestmark = pytest.mark.skipif(not IN_GUEST, reason="runs only inside the vm-tests guest")
+pytestmark = GUEST_ONLY
 
 if IN_GUEST:
-    sys.path.insert(0, os.path.join(REPO, "tests"))
-    from helpers import TAIL_WORDS, assert_same_tree, noise, write_shifted_tree  # noqa: E402
-    from helpers import text as _text  # noqa: E402
+    from helpers import noise, write_shifted_tree  # noqa: E402
 
     from erofs_tools.errors import MountError  # noqa: E402
-    from erofs_tools.mount import mount_erofs, umount  # noqa: E402
+    from erofs_tools.mount import mount_erofs  # noqa: E402
 
 # Decompressors (and the config option that builds each) per kernel series of the VM
 # suite. lz4 is always there with CONFIG_EROFS_FS_ZIP; deflate came in 6.6, zstd in 6.10.
@@ -76,10 +71,6 @@ def supported():
     s = series()
     assert s in SUPPORTED, f"kernel {s}: add its decompressors to SUPPORTED"
     return SUPPORTED[s]
-
-
-def text(n, seed=0):
-    return _text(n, seed, TAIL_WORDS)
 
 
 @pytest.fixture(scope="module")
@@ -139,32 +130,8 @@ def tree():
 
 @pytest.fixture
 def work():
-    base = os.path.join(os.environ["VMTEST_SCRATCH"], "zimg-" + os.urandom(4).hex())
-    os.makedirs(os.path.join(base, "mnt"))
-    yield base
-    shutil.rmtree(base, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def kernel_log():
-    """The kernel log lines written while the block runs (/dev/kmsg from its end)."""
-    lines: list[str] = []
-    fd = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK)
-    try:
-        os.lseek(fd, 0, os.SEEK_END)
-        yield lines
-        while True:
-            try:
-                rec = os.read(fd, 8192)
-            except BlockingIOError:
-                break
-            except OSError as e:
-                if e.errno != errno.EPIPE:      # records overwritten meanwhile: go on
-                    raise
-                continue
-            lines.append(rec.decode(errors="replace").split(";", 1)[-1])
-    finally:
-        os.close(fd)
+    with scratch_dir("zimg", "mnt") as base:
+        yield base
 
 
 def _check(tree, work, args):
@@ -180,11 +147,7 @@ def _check(tree, work, args):
         # refused for the algorithm (available_compr_algs), not for another reason
         assert "unidentified algorithms" in "".join(log), log
         return
-    mount_erofs(img, mnt)
-    try:
-        assert_same_tree(tree, mnt, check_nlink=True)
-    finally:
-        umount(mnt)
+    mounted_equal(img, tree, mnt, check_nlink=True)
 
 
 def test_kernel_config_matches():

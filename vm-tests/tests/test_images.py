@@ -6,22 +6,19 @@ ext4 filesystem so it can hold devices, fifos and trusted./security. xattrs. On 
 are no file-backed mounts, so erofs_tools.mount falls back to loop devices.
 """
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
+from vmguest import GUEST_ONLY, IN_GUEST, mounted_equal, scratch_dir
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-IN_GUEST = os.environ.get("VMTEST_GUEST") == "1"
-pytestmark = pytest.mark.skipif(not IN_GUEST, reason="runs only inside the vm-tests guest")
+pytestmark = GUEST_ONLY
 
 if IN_GUEST:
-    sys.path.insert(0, os.path.join(REPO, "tests"))
     from helpers import assert_same_tree  # noqa: E402
 
     from erofs_tools.builder.rafs import PackOptions, pack  # noqa: E402
-    from erofs_tools.mount import mount_erofs, mount_rafs, umount  # noqa: E402
+    from erofs_tools.mount import mount_rafs, umount  # noqa: E402
 
 
 def _rich_tree(root):
@@ -56,10 +53,8 @@ def _rich_tree(root):
 
 @pytest.fixture
 def work(tmp_path_factory):
-    base = os.path.join(os.environ["VMTEST_SCRATCH"], "images-" + os.urandom(4).hex())
-    os.makedirs(base)
-    yield base
-    shutil.rmtree(base, ignore_errors=True)
+    with scratch_dir("images") as base:
+        yield base
 
 
 def test_mkfs_image_mounts_and_matches(work):
@@ -68,11 +63,7 @@ def test_mkfs_image_mounts_and_matches(work):
     os.mkdir(mnt)
     subprocess.run([sys.executable, "-m", "erofs_tools", "mkfs", "-q", img, src], check=True)
     subprocess.run(["fsck.erofs", img], check=True, capture_output=True)
-    mount_erofs(img, mnt)
-    try:
-        assert_same_tree(src, mnt)
-    finally:
-        umount(mnt)
+    mounted_equal(img, src, mnt)
 
 
 @pytest.mark.parametrize("compressor", ["zstd", "none"])

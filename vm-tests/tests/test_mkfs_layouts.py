@@ -26,16 +26,12 @@ import subprocess
 import sys
 
 import pytest
-from test_compressed_images import kernel_log
+from vmguest import GUEST_ONLY, IN_GUEST, kernel_log, scratch_dir, text
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-IN_GUEST = os.environ.get("VMTEST_GUEST") == "1"
-pytestmark = pytest.mark.skipif(not IN_GUEST, reason="runs only inside the vm-tests guest")
+pytestmark = GUEST_ONLY
 
 if IN_GUEST:
-    sys.path.insert(0, os.path.join(REPO, "tests"))
-    from helpers import TAIL_WORDS, assert_same_tree, noise  # noqa: E402
-    from helpers import text as _text  # noqa: E402
+    from helpers import assert_same_tree, noise  # noqa: E402
 
     from erofs_tools.errors import MountError  # noqa: E402
     from erofs_tools.format import erofs as E  # noqa: E402
@@ -64,10 +60,6 @@ def kernel():
     m = re.match(r"(\d+)\.(\d+)\.", os.uname().release)
     assert m, os.uname().release
     return int(m.group(1)), int(m.group(2))
-
-
-def text(n, seed=0):
-    return _text(n, seed, TAIL_WORDS)
 
 
 @pytest.fixture(scope="module")
@@ -137,10 +129,8 @@ def tree():
 
 @pytest.fixture
 def work():
-    base = os.path.join(os.environ["VMTEST_SCRATCH"], "limg-" + os.urandom(4).hex())
-    os.makedirs(os.path.join(base, "mnt"))
-    yield base
-    shutil.rmtree(base, ignore_errors=True)
+    with scratch_dir("limg", "mnt") as base:
+        yield base
 
 
 def _mkfs(tree, work, args):

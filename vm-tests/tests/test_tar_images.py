@@ -12,34 +12,20 @@ import subprocess
 import sys
 
 import pytest
+from vmguest import GUEST_ONLY, IN_GUEST, mounted_equal, scratch_dir
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-IN_GUEST = os.environ.get("VMTEST_GUEST") == "1"
-pytestmark = pytest.mark.skipif(not IN_GUEST, reason="runs only inside the vm-tests guest")
+pytestmark = GUEST_ONLY
 
 if IN_GUEST:
-    sys.path.insert(0, os.path.join(REPO, "tests"))
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from helpers import assert_same_tree  # noqa: E402
     from test_images import _rich_tree  # noqa: E402
 
-    from erofs_tools.mount import mount_erofs, umount  # noqa: E402
+    from erofs_tools.mount import mount_erofs  # noqa: E402
 
 
 @pytest.fixture
 def work():
-    base = os.path.join(os.environ["VMTEST_SCRATCH"], "tar-" + os.urandom(4).hex())
-    os.makedirs(base)
-    yield base
-    shutil.rmtree(base, ignore_errors=True)
-
-
-def _mounted_equal(image, ref, mnt, devices=()):
-    mount_erofs(image, mnt, devices=devices)
-    try:
-        assert_same_tree(ref, mnt, check_nlink=True)
-    finally:
-        umount(mnt)
+    with scratch_dir("tar") as base:
+        yield base
 
 
 @pytest.mark.parametrize("mode", ["f", "i"])
@@ -57,9 +43,9 @@ def test_tar_images_mount(work, mode):
     subprocess.run([sys.executable, "-m", "erofs_tools", "mkfs", "-q", f"--tar={mode}", img,
                     tar_path], check=True)
     if mode == "f":
-        _mounted_equal(img, ref, mnt)
+        mounted_equal(img, ref, mnt, check_nlink=True)
         return
-    _mounted_equal(img, ref, mnt, devices=[tar_path])
+    mounted_equal(img, ref, mnt, devices=[tar_path], check_nlink=True)
     layer = os.path.join(work, "layer.erofs")
     with open(layer, "wb") as out:
         for part in (img, tar_path):
@@ -73,4 +59,4 @@ def test_tar_images_mount(work, mode):
         with pytest.raises(MountError):
             mount_erofs(layer, mnt)
         return
-    _mounted_equal(layer, ref, mnt)
+    mounted_equal(layer, ref, mnt, check_nlink=True)
