@@ -550,6 +550,15 @@ struct ern_fan_map {
     uint64_t size;              /* the file's size */
     uint64_t nblocks;           /* bits in the map */
     const uint8_t *bits;
+    /* the file's first-touch log (fanotify_marks.TouchLog), or seen NULL for none: an
+     * answered event whose range (clamped to size) has a block not yet set in seen
+     * (nblocks bits) sets them and appends (first block << 24 | blocks, at most
+     * 2^24 - 1; CLOCK_MONOTONIC ns) at tlog[2 * *tlen], *tlen += 1, while *tlen <
+     * tcap records (a record has a new block: nblocks records at most) */
+    uint8_t *seen;
+    uint64_t *tlog;
+    uint64_t *tlen;
+    uint64_t tcap;
 };
 struct ern_fan_allowed {
     uint32_t map, pad;

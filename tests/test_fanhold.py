@@ -255,3 +255,61 @@ def test_serve_loop_answers_filled_events_in_c_until_something_else_comes(tmp_pa
         os.close(other_w)
         view.close()
         fm.close()
+
+
+def test_c_answers_note_first_touches_in_the_touch_log(tmp_path):
+    """The C core notes the first touches of the events it answers in the file's
+    TouchLog itself (no Python per event), the same records TouchLog.note makes; and a
+    rearm of a full log makes room for every block again, keeping the records."""
+    from erofs_tools.reader.fanhold import FilledAnswerer
+    from fscache_daemon.frontend.fanotify_marks import TouchLog
+
+    size = 40 * 4096 + 100
+    path = tmp_path / "cache.blob"
+    path.write_bytes(b"")
+    os.truncate(path, size)
+    st = os.stat(path)
+    fm = FilledMap(size)
+    fm.set_range(0, size)
+    view = FilledView(os.dup(fm.fd), size)
+    log, ref = TouchLog(size), TouchLog(size)
+    ans = FilledAnswerer(64)
+    rd, wr = os.pipe()
+    os.set_blocking(rd, False)
+    r = random.Random(7)
+    try:
+        ans.set_maps([(st.st_dev, st.st_ino, size, view.nblocks, view.ptr, log.area)])
+        for _ in range(3):
+            for _ in range(20):
+                ranges = [(r.randrange(size + 4096), r.randrange(1, 5 * 4096))
+                          for _ in range(r.randrange(1, 6))]
+                fds = [os.open(path, os.O_RDONLY) for _ in ranges]
+                buf = b"".join(event(fd, off, n) for fd, (off, n) in zip(fds, ranges))
+                got = ans.allow(wr, buf)
+                assert got is not None
+                for fd, (off, n) in zip(fds, ranges):
+                    if ans.done(fds.index(fd)):
+                        ref.note(off, n, 0)
+                    else:
+                        os.close(fd)
+                os.read(rd, 1 << 16)
+            assert len(log) == len(ref) > 0
+            assert [rec[:2] for rec in log.page(0)["records"]] == \
+                [rec[:2] for rec in ref.page(0)["records"]]
+            assert all(rec[2] > 0 for rec in log.page(0)["records"])
+            # every block touched again counts as new after a rearm; a log without room
+            # for all of them gets a new area (records kept), which FastAllow picks up
+            gen = log.area.gen
+            log.rearm()
+            ref.rearm()
+            assert len(log) == len(ref)
+            assert log.area.cap - len(log) > log.nblocks
+            if log.area.gen != gen:
+                ans.set_maps([(st.st_dev, st.st_ino, size, view.nblocks, view.ptr,
+                               log.area)])
+        assert len(log) > log.nblocks        # past the first area's room
+    finally:
+        os.close(rd)
+        os.close(wr)
+        view.close()
+        fm.close()

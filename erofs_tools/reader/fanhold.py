@@ -5,6 +5,8 @@ closed in one call (the holder's Python did ~30 us of work per event, one event 
 ~170 KiB a cold reader reads). The cffi module comes through _native.py."""
 from __future__ import annotations
 
+import array
+import mmap
 import os
 import struct
 from collections.abc import Iterator, Sequence
@@ -12,7 +14,7 @@ from typing import Any
 
 from erofs_tools._native import ffi, lib
 
-__all__ = ["FilledAnswerer", "PollSet", "pin", "unpin", "SERVE_TIMEOUT", "SERVE_READY",
+__all__ = ["FilledAnswerer", "PollSet", "TouchArea", "pin", "unpin", "SERVE_TIMEOUT", "SERVE_READY",
            "SERVE_INTR", "SERVE_FULL"]
 
 # ern_fan_serve's returns
@@ -46,13 +48,19 @@ class FilledAnswerer:
         self._nlog = ffi.new("uint32_t *")
         self._used = ffi.new("size_t *")
 
-    def set_maps(self, maps: Sequence[tuple[int, int, int, int, Any]]) -> None:
-        """The table: (st_dev, st_ino, file size, bits in the map, pin(map)) each."""
+    def set_maps(self, maps: Sequence[tuple]) -> None:
+        """The table: (st_dev, st_ino, file size, bits in the map, pin(map)[, touches])
+        each; touches: a TouchArea, whose first-touch log the C core keeps for the
+        events it answers."""
         arr = ffi.new("struct ern_fan_map[]", max(1, len(maps)))
-        for i, (dev, ino, size, nblocks, ptr) in enumerate(maps):
+        for i, (dev, ino, size, nblocks, ptr, *rest) in enumerate(maps):
             arr[i].dev, arr[i].ino, arr[i].size, arr[i].nblocks = dev, ino, size, nblocks
             arr[i].bits = ptr
-        self._maps, self._nmaps, self._pins = arr, len(maps), [m[4] for m in maps]
+            if rest and rest[0] is not None:
+                t = rest[0]
+                arr[i].seen, arr[i].tlog, arr[i].tlen, arr[i].tcap = \
+                    t.seen_ptr, t.log_ptr, t.len_ptr, t.cap
+        self._maps, self._nmaps, self._pins = arr, len(maps), list(maps)
 
     def allow(self, group_fd: int, buf) -> tuple[int, int] | None:
         """Answer the filled events of `buf` (one read of group_fd): (allowed, events),
@@ -84,6 +92,10 @@ class FilledAnswerer:
             raise OSError(-r, os.strerror(-r))
         return r, self._used[0], self._nevents[0]
 
+    def nlog(self) -> int:
+        """Events the last serve() answered."""
+        return self._nlog[0]
+
     def log(self) -> Iterator[tuple[int, int, int, int]]:
         """(map index, offset, count, CLOCK_MONOTONIC ns) of each event the last serve()
         answered."""
@@ -101,6 +113,33 @@ class FilledAnswerer:
 
 _ALLOWED = struct.Struct("=IIQQ")        # struct ern_fan_allowed
 _NS = struct.Struct("=Q")
+
+
+class TouchArea:
+    """A first-touch log's storage that the C core appends to (struct ern_fan_map's
+    seen, tlog, tlen, tcap): `seen` one bit per block, `log` 2 x `cap` uint64 (records
+    of two), `count` the records in it. The buffers never move or shrink: the pointers
+    stay valid for the object's life."""
+
+    _gen = 0
+
+    def __init__(self, nblocks: int, keep: int = 0, old: TouchArea | None = None) -> None:
+        """Room for `keep` records (copied from `old`) and nblocks more: each record has a
+        block not seen before, so nblocks between two clearings of seen at most."""
+        TouchArea._gen += 1
+        self.gen = TouchArea._gen       # a new area is a new table for the C core
+        self.cap = keep + nblocks + 1
+        self.seen = bytearray(max(1, -(-nblocks // 8)))
+        # untouched pages cost nothing: a cold GiB's ~6,300 records touch ~100 KiB
+        self._mm = mmap.mmap(-1, 16 * self.cap, flags=mmap.MAP_PRIVATE)
+        self.log = memoryview(self._mm).cast("Q")
+        self.count = array.array("Q", [0])
+        self.seen_ptr = ffi.from_buffer("uint8_t[]", self.seen)
+        self.log_ptr = ffi.from_buffer("uint64_t[]", self._mm)
+        self.len_ptr = ffi.from_buffer("uint64_t[]", self.count)
+        if old is not None and keep:
+            self.log[:2 * keep] = old.log[:2 * keep]
+            self.count[0] = keep
 
 
 class PollSet:

@@ -5,7 +5,6 @@ each other at import time."""
 
 from __future__ import annotations
 
-import array
 import collections.abc
 import fcntl
 import itertools
@@ -247,7 +246,7 @@ class FastAllow:
     def __init__(self) -> None:
         # a read of READ_BUFFER_SIZE bytes holds at most this many events
         self._c = fanhold.FilledAnswerer(abi.READ_BUFFER_SIZE // abi.METADATA_LEN + 1)
-        self._key: tuple[int, ...] = ()
+        self._key: tuple = ()
         self._views: list[FilledView] = []
 
     def run(self, group_fd: int, buf, filled: dict) -> tuple[int, int] | None:
@@ -255,18 +254,14 @@ class FastAllow:
         stream is malformed (nothing answered: the caller's parser reports it).
         `filled`: inode -> (FilledView, connection), the holder's maps."""
         self.sync_maps(filled)
-        got = self._c.allow(group_fd, buf)
-        if got is not None and got[0]:
-            views = self._views
-            for j, _, off, count in self._c.allowed(got[0]):   # readers went first
-                views[j].touches.note(off, count)
-        return got
+        return self._c.allow(group_fd, buf)     # first touches noted in C
 
     def sync_maps(self, filled: dict) -> None:
-        key = tuple(v.gen for v, _ in filled.values())
+        key = tuple((v.gen, v.touches.area.gen) for v, _ in filled.values())
         if key != self._key:    # maps added or dropped: a table of the live ones
             items = [(inode, v) for inode, (v, _) in filled.items()]
-            self._c.set_maps([(i[0], i[1], v.size, v.nblocks, v.ptr) for i, v in items])
+            self._c.set_maps([(i[0], i[1], v.size, v.nblocks, v.ptr, v.touches.area)
+                              for i, v in items])
             self._key, self._views = key, [v for _, v in items]
 
     def serve(self, group_fd: int, fds: fanhold.PollSet, timeout_ms: int, buf,
@@ -276,12 +271,7 @@ class FastAllow:
         accesses noted: (status, bytes of buf read, events in them, events answered)."""
         self.sync_maps(filled)
         r, used, nev = self._c.serve(group_fd, fds, timeout_ms, buf)
-        n = 0
-        views = self._views
-        for j, off, count, ns in self._c.log():
-            views[j].touches.note(off, count, ns)
-            n += 1
-        return r, used, nev, n
+        return r, used, nev, self._c.nlog()     # first touches noted in C
 
     def done(self, i: int) -> bool:
         """Whether event i of the last buffer was answered here (its fd closed)."""
@@ -307,12 +297,15 @@ class TouchLog:
     def __init__(self, size: int):
         self.size = size
         self.nblocks = -(-size // FILLED_BLOCK)
-        self._seen = bytearray(max(1, -(-self.nblocks // 8)))
-        # per record: (first block << 24 | block count), CLOCK_MONOTONIC in ns
-        self._log = array.array("Q")
+        # the seen bits and the records (first block << 24 | block count, CLOCK_MONOTONIC
+        # in ns), where the holder's C fast path appends too (FastAllow: the events it
+        # answers; note() here for the rest)
+        self.area = fanhold.TouchArea(self.nblocks)
+        self._seen = self.area.seen
+        self._log = self.area.log
 
     def __len__(self) -> int:
-        return len(self._log) // 2
+        return self.area.count[0]
 
     def note(self, offset: int, count: int, when: int | None = None) -> None:
         """A touch of [offset, offset+count) at `when` (CLOCK_MONOTONIC ns; now)."""
@@ -322,13 +315,22 @@ class TouchLog:
         _set_bits(self._seen, self.nblocks, start, end - start)
         first = start // FILLED_BLOCK
         n = min((end - 1) // FILLED_BLOCK - first + 1, (1 << 24) - 1)
-        self._log.append(first << 24 | n)
-        self._log.append(time.monotonic_ns() if when is None else when)
+        k = self.area.count[0]
+        if k >= self.area.cap:      # not reached: rearm() makes room for nblocks more
+            return
+        self._log[2 * k] = first << 24 | n
+        self._log[2 * k + 1] = time.monotonic_ns() if when is None else when
+        self.area.count[0] = k + 1
 
     def rearm(self) -> None:
         """Record every block's next touch again (another image now reads this file);
-        the records so far stay."""
-        self._seen = bytearray(len(self._seen))
+        the records so far stay. (Cleared in place: the C core holds the buffer.)"""
+        k = self.area.count[0]
+        if self.area.cap - k <= self.nblocks:     # room for every block's next touch
+            self.area = fanhold.TouchArea(self.nblocks, k, self.area)
+            self._seen, self._log = self.area.seen, self.area.log
+        else:
+            self._seen[:] = bytes(len(self._seen))
 
     def page(self, since: int) -> dict:
         """Records from index `since` on, at most PAGE of them: {"records": [[offset,
