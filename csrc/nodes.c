@@ -169,7 +169,7 @@ int64_t erofs_node_add(erofs_builder *b, uint32_t mode, uint32_t uid, uint32_t g
     if (!nn)
         return fail(b, ERN_ENOMEM, "out of memory");
     b->nodes = nn;
-    if (b->o.stream_data) {
+    if (b->o.stream_data || b->o.compress_dirs) {     /* (--zD: the map headers) */
         struct nodex *nx = grow(b->nx, &b->cap_nx, b->nnodes + 1, sizeof(*nx));
         if (!nx)
             return fail(b, ERN_ENOMEM, "out of memory");

@@ -20,6 +20,8 @@ builder like the directory walk does:
   address space), and every regular file CHUNK_BASED with 8-byte chunk indexes
   pointing at its data in the tar (device 1, block = tar offset / 512). The kernel
   mounts the index with `-o device=TAR`, or the concatenation index+tar alone.
+  With --zD the directories go whole into the packed inode (stored plain), with
+  -E48bit/-Edot-omitted the 48-bit layout, as mkfs.erofs 1.9.4 writes them.
 
 Whiteouts: kept as they are in the archive (overlayfs char 0:0 devices, opaque xattrs),
 or converted from aufs `.wh.` files with `--aufs` (tar_tree "aufs", as mkfs.erofs 1.9).
@@ -408,7 +410,9 @@ def _build(image: str, tree: TarTree, files: list[int | _Data], data_path: str,
                           volume_name=opts.label, build_time=opts.effective_timestamp(),
                           shared_xattrs=opts.shared_xattrs, xattr_filter=opts.xattr_filter,
                           ignore_mtime=opts.ignore_mtime, force_compact=opts.force_compact,
-                          root_xattr_isize=opts.root_xattr_isize)
+                          root_xattr_isize=opts.root_xattr_isize,
+                          sb_48bit=opts.sb_48bit or opts.dot_omitted,
+                          dot_omitted=opts.dot_omitted, compress_dirs=opts.compress_dirs)
         tar_blocks = -(-tar_end >> INDEX_BLKSZBITS)
         if tar_blocks > 0xFFFFFFFF:
             raise InputError("tar larger than 2 TiB cannot be indexed")

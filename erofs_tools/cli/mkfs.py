@@ -172,11 +172,6 @@ def mkfs(image, source, timestamp, all_time, ignore_mtime, ovlfs_strip, block_si
     if hints is not None and compress is None:
         raise InputError("--compress-hints needs -z")
     z = parse_compress(compress, pcluster, ext) if compress is not None else None
-    if zdirs == "1" and tar_mode == "i":
-        raise InputError("--zD: not with --tar=i (its directories stay plain)")
-    for name in ("48bit", "dot-omitted"):
-        if name in ext and tar_mode == "i":
-            raise InputError(f"-E {name}: not with --tar=i yet")
     blkszbits = parse_block_size(block_size, tar_mode)
     chunk_bytes = check_chunks(chunksize, blobdev, ext, z is not None, tar_mode, blkszbits,
                                image, source)
