@@ -154,7 +154,8 @@ struct chunkset {
 
 struct device {
     uint8_t tag[64];
-    uint32_t blocks, mapped;
+    uint64_t blocks;        /* (bits 32-47: the slot's blocks_hi) */
+    uint32_t mapped;
 };
 
 struct putbytes {
