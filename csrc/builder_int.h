@@ -67,7 +67,8 @@ struct node {
 };
 
 /* what only stream mode (opts.stream_data: the data copied, or compressed, while nodes
- * are added) keeps per node: b->nx, beside b->nodes at the same index; NULL otherwise,
+ * are added) keeps per node: b->nx, beside b->nodes at the same index (also with --zD
+ * outside stream mode, --tar=i's index: the directories' map headers); NULL otherwise,
  * where NXR() reads every field as 0. Out of struct node, which it made 200 bytes
  * instead of 128: 4 MiB of pack's peak for 56k nodes that never use it */
 struct nodex {
@@ -153,7 +154,8 @@ struct chunkset {
 
 struct device {
     uint8_t tag[64];
-    uint32_t blocks, mapped;
+    uint64_t blocks;        /* (bits 32-47: the slot's blocks_hi) */
+    uint32_t mapped;
 };
 
 struct putbytes {
@@ -168,7 +170,7 @@ struct erofs_builder {
     char err[600];
     struct node *nodes;
     uint32_t nnodes, cap_nodes;
-    struct nodex *nx;       /* stream mode only: one per node */
+    struct nodex *nx;       /* stream mode (or --zD): one per node */
     uint32_t cap_nx;
     struct dirent_rec *des;
     uint32_t nde, cap_de;

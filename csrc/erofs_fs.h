@@ -64,6 +64,7 @@
 #define EROFS_CHUNK_FORMAT_BLKBITS_MASK 0x1Fu
 #define EROFS_CHUNK_FORMAT_INDEXES 0x20u
 #define EROFS_CHUNK_FORMAT_SUPPORTED 0x3Fu
+#define EROFS_CHUNK_FORMAT_48BIT 0x40u  /* (48-bit layout) an index's le16 at 0: block bits 32-47 */
 
 /* dirent file types */
 enum { EROFS_FT_UNKNOWN, EROFS_FT_REG_FILE, EROFS_FT_DIR, EROFS_FT_CHRDEV, EROFS_FT_BLKDEV,
@@ -165,7 +166,8 @@ struct erofs_deviceslot {
     uint8_t tag[64];
     uint32_t blocks;
     uint32_t mapped_blkaddr;
-    uint8_t reserved[56];
+    uint16_t blocks_hi;     /* the block count's bits 32-47 (a device over 2^32 blocks) */
+    uint8_t reserved[54];
 } __attribute__((packed));
 
 /* ---- compressed files ------------------------------------------------------------

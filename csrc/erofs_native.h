@@ -190,7 +190,7 @@ int erofs_builder_set_root(erofs_builder *b, uint32_t node);
 int erofs_builder_dir_names(erofs_builder *b, uint32_t node, const char *names, size_t len,
                             uint32_t count);
 int erofs_builder_add_device(erofs_builder *b, const char *tag, size_t taglen,
-                             uint32_t blocks, uint32_t mapped_blkaddr);
+                             uint64_t blocks, uint32_t mapped_blkaddr);
 /* raw bytes written at image offset when writing: before layout, only below the inode
  * area; after layout, also appended at/after the image end (the image grows, block
  * aligned), e.g. the RAFS chunk-info table. Never over the superblock. data NULL
@@ -199,7 +199,7 @@ int erofs_builder_add_device(erofs_builder *b, const char *tag, size_t taglen,
 int erofs_builder_put_bytes(erofs_builder *b, uint64_t offset, const char *data, size_t len);
 /* change a device slot (1-based id) or sb.blocks until the image is written, e.g. the
  * RAFS mapped_blkaddr that depends on the final bootstrap size; 0 is written as 0 */
-int erofs_builder_set_device(erofs_builder *b, uint32_t device_id, uint32_t blocks,
+int erofs_builder_set_device(erofs_builder *b, uint32_t device_id, uint64_t blocks,
                              uint32_t mapped_blkaddr);
 int erofs_builder_set_sb_blocks(erofs_builder *b, uint64_t blocks);
 

@@ -48,7 +48,7 @@ static const struct erofs_fs_field fields[] = {
     FIELD(erofs_dirent, nid), FIELD(erofs_dirent, nameoff), FIELD(erofs_dirent, file_type),
 
     FIELD(erofs_deviceslot, tag), FIELD(erofs_deviceslot, blocks),
-    FIELD(erofs_deviceslot, mapped_blkaddr),
+    FIELD(erofs_deviceslot, mapped_blkaddr), FIELD(erofs_deviceslot, blocks_hi),
 
     FIELD(z_erofs_map_header, h_reserved1), FIELD(z_erofs_map_header, h_idata_size),
     FIELD(z_erofs_map_header, h_advise), FIELD(z_erofs_map_header, h_algorithmtype),

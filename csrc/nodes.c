@@ -169,7 +169,7 @@ int64_t erofs_node_add(erofs_builder *b, uint32_t mode, uint32_t uid, uint32_t g
     if (!nn)
         return fail(b, ERN_ENOMEM, "out of memory");
     b->nodes = nn;
-    if (b->o.stream_data) {
+    if (b->o.stream_data || b->o.compress_dirs) {     /* (--zD: the map headers) */
         struct nodex *nx = grow(b->nx, &b->cap_nx, b->nnodes + 1, sizeof(*nx));
         if (!nx)
             return fail(b, ERN_ENOMEM, "out of memory");
@@ -524,7 +524,11 @@ int erofs_node_set_chunks(erofs_builder *b, uint32_t node, uint32_t chunk_format
     int r = check_datanode(b, node, 0);
     if (r)
         return r;
-    if (chunk_format & ~EROFS_CHUNK_FORMAT_SUPPORTED)
+    /* (-E48bit: 8-byte indexes may hold 48-bit block addresses, a tar over 2 TiB) */
+    uint32_t ok = EROFS_CHUNK_FORMAT_SUPPORTED |
+                  (b->o.sb_48bit && (chunk_format & EROFS_CHUNK_FORMAT_INDEXES) ?
+                   EROFS_CHUNK_FORMAT_48BIT : 0);
+    if (chunk_format & ~ok)
         return fail(b, ERN_EINVAL, "chunk format 0x%x has unsupported bits", chunk_format);
     unsigned cbits = b->o.blkszbits + (chunk_format & EROFS_CHUNK_FORMAT_BLKBITS_MASK);
     if (cbits > 63)
@@ -584,7 +588,7 @@ int erofs_builder_set_root(erofs_builder *b, uint32_t node)
 }
 
 int erofs_builder_add_device(erofs_builder *b, const char *tag, size_t taglen,
-                             uint32_t blocks, uint32_t mapped_blkaddr)
+                             uint64_t blocks, uint32_t mapped_blkaddr)
 {
     int r = check_mutable(b);
     if (r)
@@ -600,6 +604,8 @@ int erofs_builder_add_device(erofs_builder *b, const char *tag, size_t taglen,
     struct device *d = &b->devs[b->ndevs];
     memset(d, 0, sizeof(*d));
     memcpy(d->tag, tag, taglen);
+    if (blocks >> 48)
+        return fail(b, ERN_ELIMIT, "device of more than 2^48 blocks");
     d->blocks = blocks;
     d->mapped = mapped_blkaddr;
     return (int)++b->ndevs;
@@ -646,13 +652,15 @@ int erofs_builder_put_bytes(erofs_builder *b, uint64_t offset, const char *data,
     return 0;
 }
 
-int erofs_builder_set_device(erofs_builder *b, uint32_t device_id, uint32_t blocks,
+int erofs_builder_set_device(erofs_builder *b, uint32_t device_id, uint64_t blocks,
                              uint32_t mapped_blkaddr)
 {
     if (b->wdone)
         return fail(b, ERN_EINVAL, "image already written");
     if (device_id < 1 || device_id > b->ndevs)
         return fail(b, ERN_EINVAL, "no device %u", device_id);
+    if (blocks >> 48)
+        return fail(b, ERN_ELIMIT, "device of more than 2^48 blocks");
     b->devs[device_id - 1].blocks = blocks;
     b->devs[device_id - 1].mapped = mapped_blkaddr;
     return 0;

@@ -504,7 +504,8 @@ static int write_device_table(erofs_builder *b)
         struct erofs_deviceslot slot;
         memset(&slot, 0, sizeof(slot));
         memcpy(slot.tag, b->devs[i].tag, sizeof(slot.tag));
-        slot.blocks = cpu_to_le32(b->devs[i].blocks);
+        slot.blocks = cpu_to_le32((uint32_t)b->devs[i].blocks);
+        slot.blocks_hi = cpu_to_le16((uint16_t)(b->devs[i].blocks >> 32));
         slot.mapped_blkaddr = cpu_to_le32(b->devs[i].mapped);
         uint64_t off = (uint64_t)b->o.devt_slotoff * EROFS_DEVT_SLOT_SIZE +
                        (uint64_t)EROFS_DEVT_SLOT_SIZE * i;

@@ -18,7 +18,7 @@
  * directory to an earlier one's bytes (nor shares them), and stores the packed inode
  * uncompressed when compression saves nothing, as any file. Without -z (no pool) the
  * directories still go to the packed inode, stored plain (FLAT_INLINE), as mkfs.erofs
- * 1.9.4 writes them.
+ * 1.9.4 writes them; so in an index (--tar=i, not stream mode) too.
  */
 #include "compress_int.h"
 

@@ -61,7 +61,7 @@ int erofs_node_set_zhint(erofs_builder *b, uint32_t node, uint32_t pcluster_size
 {
     if (node >= b->nnodes)
         return fail(b, ERN_EINVAL, "no such node %u", node);
-    if (b->laid_out || b->nodes[node].streamed || !b->nx)     /* b->nx: stream mode */
+    if (b->laid_out || b->nodes[node].streamed || !b->o.stream_data)
         return fail(b, ERN_EINVAL, "node %u: compression hint after its data (or not "
                     "in stream mode)", node);
     if (alg >= ZALG_MAX || pcluster_size % b->blksz || pcluster_size > Z_EROFS_PCLUSTER_MAX_SIZE)

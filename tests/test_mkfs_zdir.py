@@ -191,12 +191,22 @@ def test_zdir_without_z(root_kernel, tree, tmp_path):
 
 
 def test_zd_options(tree, tmp_path):
-    """--zD=0 is no --zD, --zD=1 a bare --zD; with --tar=i refused (one line)"""
-    p = subprocess.run(["erofs-tools", "mkfs", "--tar=i", "--zD", os.fspath(tmp_path / "x.img"),
-                        make_tar(tree, tmp_path / "t.tar")], capture_output=True, text=True)
-    assert p.returncode == 1
-    assert p.stderr == "error: --zD: not with --tar=i (its directories stay plain)\n"
-    assert not (tmp_path / "x.img").exists()
+    """--zD=0 is no --zD, --zD=1 a bare --zD; with --tar=i too (refused before with one
+    line: this failed on the code before it; tests/test_mkfs_tar_index_layouts.py mounts
+    such images)"""
+    t = make_tar(tree, tmp_path / "t.tar")
+    for name, extra in {"i0": ["--zD=0"], "i1": ["--zD=1"], "ibare": ["--zD"]}.items():
+        p = subprocess.run(["erofs-tools", "mkfs", "--tar=i", *extra,
+                            os.fspath(tmp_path / f"{name}.img"), t],
+                           capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr
+    fsck(tmp_path / "ibare.img", devices=[t])
+    for name, nz in {"i0": 0, "i1": 46, "ibare": 46}.items():
+        im = open_image(tmp_path / f"{name}.img", devices=[t])
+        assert check_image(im) == []
+        ndirs = sum(ino.is_dir() for _p, _d, ino in im.walk())
+        assert (ndirs, sum(ino.is_dir() and is_compressed(ino) for _p, _d, ino in im.walk())) \
+            == (46, nz)
     imgs = {}
     for name, extra in {"none": [], "0": ["--zD=0"], "1": ["--zD=1"], "bare": ["--zD"]}.items():
         imgs[name] = tmp_path / f"{name}.img"

@@ -20,6 +20,8 @@ builder like the directory walk does:
   address space), and every regular file CHUNK_BASED with 8-byte chunk indexes
   pointing at its data in the tar (device 1, block = tar offset / 512). The kernel
   mounts the index with `-o device=TAR`, or the concatenation index+tar alone.
+  With --zD the directories go whole into the packed inode (stored plain), with
+  -E48bit/-Edot-omitted the 48-bit layout, as mkfs.erofs 1.9.4 writes them.
 
 Whiteouts: kept as they are in the archive (overlayfs char 0:0 devices, opaque xattrs),
 or converted from aufs `.wh.` files with `--aufs` (tar_tree "aufs", as mkfs.erofs 1.9).
@@ -254,17 +256,31 @@ def _open_input(source: str, topts: TarOptions, tap: GzinfoTap | None = None
     return close, peek, None
 
 
+def _entry(blk: int) -> int:
+    """a chunk index of device 1 at block `blk` (bits 32-47, past a 2 TiB tar: the
+    index's le16 at 0, CHUNK_FORMAT_48BIT)"""
+    return (blk >> 32) | 1 << 16 | (blk & 0xFFFFFFFF) << 32
+
+
+def _wide(fmt: int, ents: list[int]) -> tuple[int, list[int]]:
+    """CHUNK_FORMAT_48BIT when a block address needs it (as mkfs.erofs 1.9.4 sets it per
+    file): its holes then have all 48 bits set"""
+    if not any(e & 0xFFFF and e >> 32 != 0xFFFFFFFF for e in ents):
+        return fmt, ents
+    return fmt | E.CHUNK_FORMAT_48BIT, [e | 0xFFFF if e >> 32 == 0xFFFFFFFF else e
+                                        for e in ents]
+
+
 def _chunk_entries(d: _Data, size: int, name: bytes) -> tuple[int, list[int]]:
     """--tar=i: (chunk format, chunk index entries) of a file whose data is at d."""
     bits = INDEX_BLKSZBITS
-    dev = 1 << 16
     if d.sparse is None:
         cbits = max(bits, (size - 1).bit_length())
         cbits = min(cbits, bits + E.CHUNK_FORMAT_BLKBITS_MASK)
         csz = 1 << cbits
         blk = d.offset >> bits
-        ents = [dev | (blk + (i * csz >> bits)) << 32 for i in range(-(-size // csz))]
-        return E.CHUNK_FORMAT_INDEXES | (cbits - bits), ents
+        ents = [_entry(blk + (i * csz >> bits)) for i in range(-(-size // csz))]
+        return _wide(E.CHUNK_FORMAT_INDEXES | (cbits - bits), ents)
     # sparse: the largest chunk that every region starts on and (but at EOF) ends on;
     # the data is then at 512-aligned tar offsets and each chunk is data or hole
     align = 1 << 40
@@ -286,9 +302,9 @@ def _chunk_entries(d: _Data, size: int, name: bytes) -> tuple[int, list[int]]:
     toff = d.offset
     for off, ln in d.sparse:
         for c in range(off // csz, -(-(off + ln) // csz) if ln else 0):
-            ents[c] = dev | ((toff + c * csz - off) >> bits) << 32
+            ents[c] = _entry((toff + c * csz - off) >> bits)
         toff += ln
-    return E.CHUNK_FORMAT_INDEXES | (cbits - bits), ents
+    return _wide(E.CHUNK_FORMAT_INDEXES | (cbits - bits), ents)
 
 
 def mkfs_tar(image: str, source: str, opts: MkfsOptions | None = None,
@@ -420,6 +436,11 @@ def _build(image: str, tree: TarTree, files: list[int | _Data], data_path: str,
            progress: Progress | None) -> tuple[Any, bytes]:
     index = topts.mode == "i"
     if index:
+        tar_blocks = -(-tar_end >> INDEX_BLKSZBITS)
+        if tar_blocks >> 48:
+            raise InputError("tar larger than 2^57 bytes cannot be indexed")
+        # a tar over 2 TiB: 48-bit block addresses, as mkfs.erofs 1.9.4 turns them on
+        wide = opts.sb_48bit or opts.dot_omitted or tar_blocks > 0xFFFFFFFF
         # (the root right after the device table, or after the long xattr prefixes that
         # follow it: the C core's first_nid 0)
         bo = BuildOptions(blkszbits=INDEX_BLKSZBITS, devt_slotoff=_SB_END // E.DEVICE_SLOT_SIZE,
@@ -427,10 +448,9 @@ def _build(image: str, tree: TarTree, files: list[int | _Data], data_path: str,
                           volume_name=opts.label, build_time=opts.effective_timestamp(),
                           shared_xattrs=opts.shared_xattrs, xattr_filter=opts.xattr_filter,
                           ignore_mtime=opts.ignore_mtime, force_compact=opts.force_compact,
-                          root_xattr_isize=opts.root_xattr_isize)
-        tar_blocks = -(-tar_end >> INDEX_BLKSZBITS)
-        if tar_blocks > 0xFFFFFFFF:
-            raise InputError("tar larger than 2 TiB cannot be indexed")
+                          root_xattr_isize=opts.root_xattr_isize,
+                          sb_48bit=wide, dot_omitted=opts.dot_omitted,
+                          compress_dirs=opts.compress_dirs)
     else:
         bo = build_options(opts)
         # inline tails not read ahead by the copy thread are read back from the one tar

@@ -184,11 +184,6 @@ def mkfs(image, source, timestamp, all_time, ignore_mtime, ovlfs_strip, block_si
     if hints is not None and compress is None:
         raise InputError("--compress-hints needs -z")
     z = parse_compress(compress, pcluster, ext) if compress is not None else None
-    if zdirs == "1" and tar_mode == "i":
-        raise InputError("--zD: not with --tar=i (its directories stay plain)")
-    for name in ("48bit", "dot-omitted"):
-        if name in ext and tar_mode == "i":
-            raise InputError(f"-E {name}: not with --tar=i yet")
     devices = vmdk_devices(vmdk_desc, tar_mode, source, blobdev, ungzip, ungzip_dump, unxz,
                            offset)
     blkszbits = parse_block_size(block_size, tar_mode)

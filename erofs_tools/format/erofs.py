@@ -285,7 +285,10 @@ def file_type_of_mode(mode: int) -> int:
 
 # --- device table -----------------------------------------------------------------------
 class DeviceSlot(Record):
-    FIELDS = (("tag", "64s"), ("blocks", "I"), ("mapped_blkaddr", "I"), (None, "56x"))
+    # blocks_hi: the block count's bits 32-47 (a device over 2^32 blocks: a tar index's
+    # of a tar over 2 TiB, the 48-bit layout)
+    FIELDS = (("tag", "64s"), ("blocks", "I"), ("mapped_blkaddr", "I"), ("blocks_hi", "H"),
+              (None, "54x"))
 
 
 assert DeviceSlot.SIZE == 128

@@ -237,7 +237,8 @@ def super_summary(img: Image) -> dict:
          "volume_name": shown_id(_cstr(sb.volume_name).decode("utf-8", "replace")),
          "extra_devices": sb.extra_devices, "devt_slotoff": sb.devt_slotoff,
          "devices": [{"id": i + 1, "tag": shown_id(d.tag),
-                      "blocks": d.blocks, "mapped_blkaddr": d.mapped_blkaddr}
+                      "blocks": d.blocks | d.blocks_hi << 32,
+                      "mapped_blkaddr": d.mapped_blkaddr}
                      for i, d in enumerate(img.devices)]}
     if img.metabox is not None:
         # metadata compression: the metabox inode, its decoded size, the inodes in it
