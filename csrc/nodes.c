@@ -398,13 +398,17 @@ static int new_chunkset(erofs_builder *b, uint32_t format, uint32_t count)
     return (int)b->nchunks++;
 }
 
-/* Sparse scan: chunk size chosen so that a file has at most 64Ki chunks; a chunk is a
- * hole when no data extent touches it. Returns 1 if chunk-based, 0 to stay flat. */
+/* Sparse scan: chunk size chosen so that a file has at most 64Ki chunks (one if it has
+ * no data at all); a chunk is a hole when no data extent touches it. Returns 1 if chunk-based, 0 to stay flat. */
 static int sparse_scan(erofs_builder *b, struct node *n, int fd, const char *path)
 {
     uint64_t size = n->size;
     unsigned k = 0;
-    while (((size + ((uint64_t)b->blksz << k) - 1) >> (b->o.blkszbits + k)) > 65536 && k < 31)
+    /* a file without data (a headerball's): one chunk, or as few as the format allows */
+    off_t first = lseek(fd, 0, SEEK_DATA);
+    uint64_t most = (first < 0 && errno == ENXIO) || (first >= 0 && (uint64_t)first >= size)
+                    ? 1 : 65536;
+    while (((size + ((uint64_t)b->blksz << k) - 1) >> (b->o.blkszbits + k)) > most && k < 31)
         k++;
     uint64_t csz = (uint64_t)b->blksz << k;
     uint64_t count = (size + csz - 1) / csz;

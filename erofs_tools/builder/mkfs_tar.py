@@ -78,6 +78,7 @@ _PIECE = 1 << 20
 @dataclass
 class TarOptions:
     mode: str = "f"                   # "f" full image, "i" index image
+    headerball: bool = False          # --tar=headerball: headers only, files read as holes
     aufs: bool = False                # --aufs: convert .wh. files
     ungzip: bool = False              # --ungzip: gzip input accepted (plain too)
     unxz: bool = False                # --unxz: xz or .lzma input accepted (plain too)
@@ -360,7 +361,7 @@ def mkfs_tar(image: str, source: str, opts: MkfsOptions | None = None,
             stack.callback(os.close, fd)
             stream = _Tee(stream, fd)
             data_path = scratch[-1]
-        reader = TarReader(stream, topts.max_size)
+        reader = TarReader(stream, topts.max_size, headerball=topts.headerball)
         mtimes = opts.inode_mtimes()
         tree = TarTree("aufs" if topts.aufs else "none",
                        timestamp=mtimes.time if mtimes is not None else None,

@@ -160,6 +160,9 @@ def _cstr(b: bytes) -> bytes:
 
 
 _NO_DATA = (b"1", b"2", b"3", b"4", b"5", b"6")
+# regular files, whose data a headerball leaves out (mkfs.erofs 1.9: '0', '7', and
+# the NUL type of old tars; GNU 'S' sparse files too)
+_HEADERBALL_FILES = (b"0", b"\0", b"7", b"S")
 
 
 class Entry:
@@ -296,8 +299,11 @@ class TarReader:
     (`read_data` / `skip_data`) before asking for the next one."""
 
     def __init__(self, stream: ReadStream, max_size: int = DEFAULT_MAX_SIZE,
-                 oci: bool = False) -> None:
+                 oci: bool = False, headerball: bool = False) -> None:
         self.r = _Reader(stream, max_size)
+        # mkfs --tar=headerball (mkfs.erofs 1.9): a stream of headers whose regular
+        # files' data is left out; each such file is read as a whole hole of its size
+        self.headerball = headerball
         # An OCI layer read as the runtimes read it (Go's archive/tar, containerd's and
         # docker's appliers), not as POSIX and GNU tar do, so that a converted image is
         # the one containerd would run: a global PAX header is an entry of its own they
@@ -525,6 +531,10 @@ class TarReader:
         # links, devices, fifos and directories carry no data (their size field is
         # ignored, as tar -x does); every other type, known or not, has e.size bytes
         self._left = 0 if t in _NO_DATA else e.size
+        if self.headerball and t in _HEADERBALL_FILES:
+            # no data follows; a sparse file's map (in its data for 1.0) is left out too
+            self._left = 0
+            e.sparse, sp_major = [(e.realsize, 0)], None
         self._pad = -self._left % BLOCK if self._left else 0
         if sp_major == 1:
             self._sparse_1_0(e, what)

@@ -57,9 +57,11 @@ def _meta(ctx: click.Context, param: click.Parameter, value: Any) -> None:
 
 def tar_options(f: Callable[..., Any]) -> Callable[..., Any]:
     for opt in reversed((
-        click.option("--tar", "tar_mode", type=click.Choice(["f", "i"]), metavar="f|i",
+        click.option("--tar", "tar_mode", type=click.Choice(["f", "i", "headerball"]),
+                     metavar="f|i|headerball",
                      help="SOURCE is a tar file (or - for stdin): f = full image, "
-                          "i = index image whose file data stays in the tar."),
+                          "i = index image whose file data stays in the tar, headerball = "
+                          "a stream of headers without file data (each file a hole)."),
         click.option("--aufs", is_flag=True,
                      help="With --tar: convert aufs .wh. files to overlayfs whiteouts."),
         click.option("--ungzip", is_flag=True,
@@ -108,7 +110,10 @@ def run_tar(image: str, source: str, opts: Any, tar_mode: str, aufs: bool, ungzi
             unxz: bool = False) -> dict[str, Any]:
     from erofs_tools.builder.mkfs_tar import TarOptions, mkfs_tar
     # (--unxz=FILE arrives as --unxz --ungzip-dump FILE: the dump is the same either way)
-    topts = TarOptions(mode=tar_mode, aufs=aufs,
+    # (a headerball is built as a full image whose regular files are holes, as
+    # mkfs.erofs 1.9 builds it: no tar device, the block size of -b)
+    topts = TarOptions(mode="f" if tar_mode == "headerball" else tar_mode,
+                       headerball=tar_mode == "headerball", aufs=aufs,
                        ungzip=ungzip or (ungzip_dump is not None and not unxz),
                        unxz=unxz, dump=ungzip_dump or None)
     meta = click.get_current_context().meta
