@@ -365,3 +365,102 @@ def test_chunker_file_shrank(tmp_path):
     pipe = ChunkPipeline(4096)
     with pytest.raises(InputError, match="changed size"):
         list(pipe.run([(0, str(p), 5000, False)]))
+
+
+def test_compressed_runs_are_placed_in_one_call_at_finish(tmp_path, monkeypatch):
+    """append_chunks with csizes (pack's placement of compressed batches) places the
+    runs (offsets, CI entries) in one C call when something first needs them -- the
+    finish, a single append_chunk -- not one per batch (each let go of the GIL on the
+    consumer's thread); the blob, the offsets and the sizes are those of appending the
+    chunks one by one, single appends in between included, and finish_started's caller
+    finds the offsets complete."""
+    import array
+
+    import erofs_tools.builder.blob as B
+
+    rnd = __import__("random").Random(5)
+    chunks = []
+    for i in range(40):
+        size = rnd.choice([1, 100, 4096, 5000, 70_000])
+        stored = bytes(rnd.getrandbits(8) for _ in range(min(size, 50 + i)))
+        chunks.append((stored, size, hashlib.sha256(b"%d" % i).digest()))
+    calls = []
+    orig = B.ci_v1_append
+
+    def spy(*a):
+        calls.append(len(a[1]))
+        return orig(*a)
+    monkeypatch.setattr(B, "ci_v1_append", spy)
+
+    def one_by_one(d):
+        w = BlobWriter(str(d), 1 << 20, "zstd", "blake3")
+        offs = [w.append_chunk(s, us, dg)[1:] for s, us, dg in chunks]
+        return w.finish(), offs
+
+    def in_runs(d, threaded):
+        digests = bytearray()
+        w = BlobWriter(str(d), 1 << 20, "zstd", "blake3", digests=digests)
+        coff, csize, uoff = array.array("Q"), array.array("I"), array.array("Q")
+        i = 0
+        for n in (7, 9, 1, 0, 5, 3):            # runs of a few batches, one single
+            if n == 1:
+                s, us, dg = chunks[i]
+                digests.extend(dg)
+                index, co, uo = w.append_chunk(s, us, dg)
+                assert (index, len(coff)) == (i, i)     # the runs before it placed
+                coff.append(co)
+                csize.append(len(s))
+                uoff.append(uo)
+                i += 1
+                continue
+            part = chunks[i:i + n]
+            for _s, _us, dg in part:
+                digests.extend(dg)
+            w.append_chunks([b"".join(s for s, _, _ in part)] if part else [],
+                            [us for _, us, _ in part], coff, csize, uoff,
+                            csizes=[len(s) for s, _, _ in part])
+            i += n
+        rest = chunks[i:]
+        for _s, _us, dg in rest:
+            digests.extend(dg)
+        w.append_chunks([s for s, _, _ in rest], [us for _, us, _ in rest], coff, csize,
+                        uoff, csizes=[len(s) for s, _, _ in rest])
+        assert w.count == len(chunks)
+        if threaded:
+            job = w.finish_started()
+            offs = list(zip(coff, uoff))        # complete before the thread's finish
+            info = job.result()
+            w.commit()
+        else:
+            info = w.finish()
+            offs = list(zip(coff, uoff))
+        assert list(csize) == [len(s) for s, _, _ in chunks]
+        return info, offs
+
+    (tmp_path / "a").mkdir()
+    want, want_offs = one_by_one(tmp_path / "a")
+    for threaded in (False, True):
+        d = tmp_path / f"b{threaded}"
+        d.mkdir()
+        calls.clear()
+        info, offs = in_runs(d, threaded)
+        assert offs == want_offs
+        assert info.blob_id == want.blob_id
+        assert (d / info.blob_id).read_bytes() == (tmp_path / "a" / want.blob_id).read_bytes()
+        # three placements: the runs before the single chunk, the ones after it, and
+        # none per batch; none for the empty run
+        assert calls == [16, 23], calls
+
+
+def test_compressed_run_bigger_than_its_data_refused_at_placement(tmp_path):
+    """A stored size over its chunk's data (a compressor bug) still fails the blob,
+    now when the runs are placed (ValueError), and leaves no file behind."""
+    import array
+
+    w = BlobWriter(str(tmp_path), 1 << 20, "zstd", "blake3", digests=bytearray(64))
+    coff, csize, uoff = array.array("Q"), array.array("I"), array.array("Q")
+    w.append_chunks([b"x" * 30], [20, 10], coff, csize, uoff, csizes=[20, 10])
+    w.append_chunks([b"y" * 12], [10], coff, csize, uoff, csizes=[12])
+    with pytest.raises(ValueError, match="larger than its data"):
+        w.finish()
+    assert os.listdir(tmp_path) == []

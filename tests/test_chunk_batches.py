@@ -690,3 +690,46 @@ def test_nodeset_add_many_is_add_of_each():
         assert len(many) == len(one)
     assert list(many) == list(one) and len(set(one)) == len(one)
     assert 19_999 not in NodeSet() and 5 in NodeSet([5])
+
+
+def test_compressed_window_lets_workers_pass_a_slow_head_batch(tmp_path, monkeypatch):
+    """Compressed, the pipeline keeps three batches per worker in flight: while the
+    batch at the head of the consumer's order is slow, the other worker goes on with
+    the next five (with two per worker it idled after three, nothing queued); the
+    results stay in order. Without compression the window stays max(2, workers)."""
+    import threading
+
+    from helpers import HANG
+
+    monkeypatch.setattr(chunker, "BATCH_BYTES", 100_000)     # many batches
+    monkeypatch.setattr(chunker, "BATCH_CHUNKS", 2)
+    files = _tree(tmp_path)
+    pipe = ChunkPipeline(65536, "blake3", "zstd", workers=2)
+    assert pipe.window == 6
+    assert ChunkPipeline(65536, "blake3", "none", workers=2).window == 2
+    started: list[int] = []
+    passed = []             # the batches the head saw run beside it
+    lock = threading.Lock()
+    others = threading.Semaphore(0)
+    orig = pipe._run_batch
+
+    def run_batch(seq, batch):
+        with lock:
+            started.append(seq)
+        if seq == 0:
+            # the head waits until the other worker has run every batch the window
+            # lets it take meanwhile (or gives up: the assertion below says how many)
+            for _ in range(5):
+                if not others.acquire(timeout=HANG / 10):
+                    break
+                passed.append(1)
+        else:
+            others.release()
+        return orig(seq, batch)
+    monkeypatch.setattr(pipe, "_run_batch", run_batch)
+    got = [(r.file_key, r.file_offset) for r in pipe.run(files)]
+    want = [(k, off) for k, _p, size, _s in files for off in range(0, size, 65536)]
+    assert got == want
+    assert len(started) > 6
+    assert len(passed) == 5                 # batches 1-5 ran beside batch 0
+    assert sorted(started[:6]) == list(range(6))

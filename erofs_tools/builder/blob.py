@@ -171,6 +171,12 @@ class BlobWriter:
         # raw chunks whose CI entries are not in _ci yet: (coff, csize, uoff, start, end)
         self._raw_ci: tuple[array.array[int], array.array[int], array.array[int], int,
                             int] | None = None
+        # compressed runs (append_chunks with csizes) not placed yet: the caller's
+        # (coff, csize, uoff) arrays and each chunk's stored and data sizes since
+        # (_runs_flush places them all in one C call; _pos and _upos lag until then)
+        self._runs: tuple[array.array[int], array.array[int], array.array[int]] | None = None
+        self._run_cs = array.array("I")
+        self._run_us = array.array("I")
         self.count = 0
         self.info: BlobInfo | None = None
         # chunk data is written by one background thread and hashed (the blob id) by
@@ -327,6 +333,7 @@ class BlobWriter:
         n = len(stored)
         if n > uncompressed_size:
             raise ValueError("stored chunk larger than its data")
+        self._runs_flush()
         coff, uoff = self._pos, self._upos
         self._ci_flush()
         self._ci += R.encode_ci_v1(uoff, uncompressed_size, coff, n)
@@ -374,19 +381,40 @@ class BlobWriter:
         if sum(map(len, pieces)) != sum(csizes):
             raise ValueError("append_chunks: pieces and csizes disagree")
         self._ci_flush()
-        # offsets and CI entries in one C call (a Python step per chunk was ~2 us of
-        # the consumer's GIL-held time)
-        c_off, u_off, ci, pos, upos = ci_v1_append(
-            csizes if isinstance(csizes, array.array) else array.array("I", csizes),
-            sizes if isinstance(sizes, array.array) else array.array("I", sizes),
-            self._pos, self._upos)
+        # placed later, all runs in one C call (_runs_flush): one here per batch let go
+        # of the GIL on the consumer's thread, which then waited for a worker or the
+        # walk to give it back before it could hand out the next batch
+        pend = self._runs
+        if pend is not None and (pend[0] is not coff or pend[1] is not csize
+                                 or pend[2] is not uoff):
+            self._runs_flush()
+        self._runs = (coff, csize, uoff)
+        self._run_cs.extend(csizes if isinstance(csizes, array.array)
+                            else array.array("I", csizes))
+        self._run_us.extend(sizes if isinstance(sizes, array.array)
+                            else array.array("I", sizes))
+        self._write_pieces(pieces)
+        self.count += k
+
+    def _runs_flush(self) -> None:
+        """Place the compressed runs appended since the last call (append_chunks with
+        csizes): their offsets and stored sizes appended to the caller's arrays, their
+        CI entries to self._ci, _pos and _upos advanced past them; a stored size of 0
+        or over its data's is refused here (ValueError). Before anything reads _pos,
+        _upos, _ci or those arrays."""
+        pend = self._runs
+        if pend is None:
+            return
+        self._runs = None
+        cs, us = self._run_cs, self._run_us
+        self._run_cs, self._run_us = array.array("I"), array.array("I")
+        coff, csize, uoff = pend
+        c_off, u_off, ci, pos, upos = ci_v1_append(cs, us, self._pos, self._upos)
         self._ci += ci
         coff.extend(c_off)
-        csize.extend(csizes)
+        csize.extend(cs)
         uoff.extend(u_off)
-        self._write_pieces(pieces)
         self._pos, self._upos = pos, upos
-        self.count += k
 
     def _write_pieces(self, pieces: Sequence[bytes | memoryview]) -> None:
         """The pieces to the writer thread in groups of WRITE_BATCH bytes (or written
@@ -419,6 +447,7 @@ class BlobWriter:
             raise InputError("too many distinct chunks for one blob (2^24)")
         if sum(map(len, pieces)) != sum(sizes) or min(sizes, default=1) <= 0:
             raise ValueError("append_chunks: pieces and sizes disagree, or empty chunks")
+        self._runs_flush()
         pos, upos = self._pos, self._upos
         mask = BLKSZ - 1
         # their CI entries are encoded from these arrays at finish (_ci_flush): 16 bytes
@@ -497,6 +526,7 @@ class BlobWriter:
             self.abort()
             return None
         try:
+            self._runs_flush()
             info = self._finish()
             if commit:
                 self.commit()
@@ -515,6 +545,8 @@ class BlobWriter:
         if self.count == 0:
             self.finish(commit=False)
             return None
+        # here, not on the thread: the caller reads the offsets meanwhile
+        self._runs_flush()
         job = self._finishing = started(self._finish_uncommitted, name="erofs-blob-finish")
         return job
 
@@ -530,6 +562,7 @@ class BlobWriter:
         os.replace(self.tmp_path, self.info.path)
 
     def _finish(self) -> BlobInfo:
+        self._runs_flush()
         self._sync()
         toc = []
         data_size = self._pos
