@@ -225,6 +225,7 @@ struct erofs_builder {
     struct zconf *zc;
     struct zpool *zp;
     struct zpool *zlate;    /* --zD: the pool kept from its stop to the layout's end */
+    uint64_t mbox_blk, mbox_size;   /* -m: the metabox inode's data (metabox.c) */
     uint64_t late_off;      /* --zD: where the packed inode's data starts (bytes) */
     uint32_t packed_node;   /* -Efragments: the packed inode (NONE32: none) */
     uint8_t *xpfx;          /* long xattr name prefix table, encoded */
@@ -303,6 +304,13 @@ INTERNAL int zdir_pack(erofs_builder *b, uint64_t *blk);
 INTERNAL int zdir_place_packed(erofs_builder *b, uint64_t meta_start, uint64_t *meta_end,
                                uint64_t *blk);
 INTERNAL void zdir_drop(erofs_builder *b);
+/* metabox.c, -m: the metabox inode's record in block 0, the inode area from the block
+ * after it (nids with bit 63 set count from there), its data: that area stored plain */
+INTERNAL uint64_t metabox_rec_off(const erofs_builder *b);
+INTERNAL uint64_t metabox_meta_start(const erofs_builder *b);
+INTERNAL int metabox_laid_out(erofs_builder *b, uint64_t meta_start, uint64_t meta_end);
+INTERNAL int metabox_write(erofs_builder *b,
+                           int (*pw)(erofs_builder *, const void *, size_t, uint64_t));
 INTERNAL uint32_t zmeta_extra(const erofs_builder *b, const struct node *n);
 /* zlayout.c: a compressed node's compact index (-E48bit: its extent records if smaller
  * than the full index; -E legacy-compress: else the full one); the first inode offset from off on
@@ -422,6 +430,18 @@ static inline int mtime48_fits(const erofs_builder *b, int64_t mtime, int64_t ep
 {
     (void)b;
     return mtime >= epoch && mtime - epoch <= (int64_t)UINT32_MAX;
+}
+
+/* the superblock's end: 16 bytes more with the metabox's extension slot */
+static inline uint64_t sb_end(const erofs_builder *b)
+{
+    return SB_END + (b->o.metabox ? EROFS_SB_EXTSLOT_SIZE : 0);
+}
+
+/* a nid's bit 63: the inode is in the metabox (-m) */
+static inline uint64_t nid_mbox_bit(const erofs_builder *b)
+{
+    return b->o.metabox ? 1ull << EROFS_DIRENT_NID_METABOX_BIT : 0;
 }
 
 static inline uint32_t inode_size(const struct node *n)

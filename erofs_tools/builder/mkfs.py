@@ -128,7 +128,8 @@ def build_options(opts: MkfsOptions) -> BuildOptions:
         ignore_mtime=opts.ignore_mtime,
         force_compact=opts.force_compact,
         plain_xattr_pfx=opts.plain_xattr_prefixes,
-        sb_48bit=opts.sb_48bit or opts.dot_omitted,
+        sb_48bit=opts.sb_48bit or opts.dot_omitted or bool(opts.metabox),
+        metabox=bool(opts.metabox),
         dot_omitted=opts.dot_omitted,
         feature_incompat=E.FEATURE_INCOMPAT_CHUNKED_FILE if opts.chunksize else 0,
         devt_slotoff=(E.SUPER_OFFSET + 128) // E.DEVICE_SLOT_SIZE

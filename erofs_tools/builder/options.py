@@ -113,6 +113,8 @@ class MkfsOptions:
                                       # mtime is compact, its mtime the build time
     sb_48bit: bool = False            # -E 48bit: the 48-bit layout (Linux 6.15+)
     dot_omitted: bool = False         # -E dot-omitted: no "." entries (implies 48bit)
+    metabox: int = 0                  # -m#: every inode in the metabox (its pcluster
+                                      # size #; stored plain: no -z); 0: no
     chunksize: int = 0                # --chunksize: every file chunk-based (0: no)
     blobdev: str | None = None        # --blobdev: the chunks' data in this extra device
     chunk_indexes: bool = False       # -E force-chunk-indexes: 8-byte chunk indexes
@@ -558,6 +560,27 @@ def parse_block_size(size: int | None, tar_mode: str | None = None) -> int:
     if tar_mode == "i" and size != 512:
         raise InputError(f"-b {size}: --tar=i images have 512-byte blocks (the tar's)")
     return size.bit_length() - 1
+
+
+def parse_metabox(text: str | None, blkszbits: int, compress: bool) -> int:
+    """-m #[:X] (mkfs.erofs 1.9's metadata compression, Linux 6.17+) -> # (0: no -m).
+    # is the metabox's pcluster size (a multiple of the block size, as mkfs.erofs checks
+    it); X its algorithm (default: the first -z one). Written: the metabox stored plain,
+    without -z; a compressed one (-z, or :X) is refused."""
+    if text is None:
+        return 0
+    size_text, colon, alg = text.partition(":")
+    try:
+        size = int(size_text, 0)
+    except ValueError:
+        raise InputError(f"-m {text}: invalid metabox option") from None
+    blksz = 1 << blkszbits
+    if size < blksz or size % blksz:
+        raise InputError(f"-m {text}: invalid pcluster size {size} for the metabox inode")
+    if compress or colon:
+        raise InputError(f"-m {text}: a compressed metabox (with -z or :{alg or 'X'}) is "
+                         "not written by this mkfs (only without -z, stored plain)")
+    return size
 
 
 def parse_uuid(text: str) -> bytes | None:
