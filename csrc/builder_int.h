@@ -226,6 +226,7 @@ struct erofs_builder {
     struct zpool *zp;
     struct zpool *zlate;    /* --zD: the pool kept from its stop to the layout's end */
     uint64_t mbox_blk, mbox_size;   /* -m: the metabox inode's data (metabox.c) */
+    uint64_t mbox_rec;      /* -m: its record's offset */
     uint64_t late_off;      /* --zD: where the packed inode's data starts (bytes) */
     uint32_t packed_node;   /* -Efragments: the packed inode (NONE32: none) */
     uint8_t *xpfx;          /* long xattr name prefix table, encoded */
@@ -309,6 +310,13 @@ INTERNAL void zdir_drop(erofs_builder *b);
 INTERNAL uint64_t metabox_rec_off(const erofs_builder *b);
 INTERNAL uint64_t metabox_meta_start(const erofs_builder *b);
 INTERNAL int metabox_laid_out(erofs_builder *b, uint64_t meta_start, uint64_t meta_end);
+/* -m with -z, stream mode: the shared xattr area from block *blk on (*xblk), before the
+ * inode area, which stays last to be compressed in place; -> the inode area's block */
+INTERNAL uint64_t metabox_area(erofs_builder *b, uint32_t shared_bytes, uint64_t *blk,
+                               uint32_t *xblk);
+/* -m with -z, once every record is written: the inode area compressed in place, the
+ * metabox's record after its pclusters, the image's end moved */
+INTERNAL int metabox_compress(erofs_builder *b);
 INTERNAL int metabox_write(erofs_builder *b,
                            int (*pw)(erofs_builder *, const void *, size_t, uint64_t));
 INTERNAL uint32_t zmeta_extra(const erofs_builder *b, const struct node *n);

@@ -424,7 +424,7 @@ static int place_stream_data(erofs_builder *b, struct layout_state *st)
     int r = alloc_flat_data(b, &st->blk);
     if (r)
         return r;
-    st->meta_start = st->blk * blksz;
+    st->meta_start = metabox_area(b, st->shared_bytes, &st->blk, &st->xattr_blkaddr) * blksz;
     return 0;
 }
 
@@ -504,7 +504,7 @@ static int place_inodes(erofs_builder *b, struct layout_state *st)
     /* best fit decreasing: the larger records first (then nid order), the root first of
      * all (its nid must stay small); packs tighter than nid order (Python's library, -z
      * lz4hc: 9 blocks under mkfs.erofs 1.9.4's image, 2 over in nid order) */
-    if (b->norder > 1)
+    if (b->norder > 1 && !(b->o.metabox && b->o.compress_alg))    /* (-m -z: nid order) */
         qsort(pr + 1, b->norder - 1, sizeof(*pr), cmp_prec);
     for (uint32_t pi = 0; pi < b->norder; pi++) {
         struct node *n = &b->nodes[b->order[pr[pi].oi]];
@@ -558,8 +558,7 @@ static int place_after_inodes(erofs_builder *b, struct layout_state *st)
     uint64_t first_inode_off = b->o.metabox ? metabox_rec_off(b)
                                             : st->meta_start + st->first_nid * EROFS_SLOT_SIZE;
     uint64_t pos = align_up(st->meta_end, blksz);
-    st->xattr_blkaddr = 0;
-    if (st->shared_bytes) {
+    if (st->shared_bytes && !st->xattr_blkaddr) {      /* (-m -z: before the inodes) */
         st->xattr_blkaddr = (uint32_t)(pos / blksz);
         pos = align_up(pos + st->shared_bytes, blksz);
     }

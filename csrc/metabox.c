@@ -15,8 +15,16 @@
  * 0, nid counted from byte 0: meta_blkaddr 0), and the metabox inode's data is that
  * area, block aligned, stored plain (FLAT_PLAIN) where it lies: the records are written
  * by the write phase at their place as usual.
+ *
+ * With -z (stream mode) the metabox is compressed with the first -z algorithm in
+ * pclusters of -m's size, as mkfs.erofs 1.9.4 does by default: the inode area is laid
+ * out last (the shared xattr area before it), written as above, then read back,
+ * compressed like a file (no inline tail, fragment or dedupe) and its pclusters written
+ * over it from its first block; the metabox's record (a COMPRESSED_FULL inode and its
+ * full lcluster index, which may span blocks) follows them, its nid counted from byte 0,
+ * and the image ends there. A metabox that compression would not shrink stays plain.
  */
-#include "builder_int.h"
+#include "compress_int.h"
 
 uint64_t metabox_rec_off(const erofs_builder *b)
 {
@@ -35,7 +43,10 @@ int metabox_laid_out(erofs_builder *b, uint64_t meta_start, uint64_t meta_end)
     uint32_t bs = b->blksz;
     if (!b->o.sb_48bit)
         return fail(b, ERN_EINVAL, "the metabox needs the 48-bit layout (sb_48bit)");
-    if (metabox_rec_off(b) + sizeof(struct erofs_inode_compact) > align_up(SB_END, bs) ||
+    if (b->o.metabox % bs)
+        return fail(b, ERN_EINVAL, "metabox pcluster size not a multiple of the block size");
+    b->mbox_rec = metabox_rec_off(b);
+    if (!b->o.compress_alg && metabox_rec_off(b) + sizeof(struct erofs_inode_compact) > align_up(SB_END, bs) ||
         meta_start % bs || meta_start < align_up(SB_END, bs))
         return fail(b, ERN_EINVAL, "no room for the metabox inode after the superblock");
     b->mbox_blk = meta_start / bs;
@@ -59,8 +70,91 @@ int metabox_write(erofs_builder *b, int (*pw)(erofs_builder *, const void *, siz
     c.i_mtime = cpu_to_le32((uint32_t)(b->info.build_time - sb_epoch(b, b->info.build_time)));
     c.i_u = cpu_to_le32((uint32_t)b->mbox_blk);
     c.i_ino = cpu_to_le32((uint32_t)b->info.inodes);    /* (counted last) */
-    uint64_t off = metabox_rec_off(b);
-    uint64_t nid = cpu_to_le64(off / EROFS_SLOT_SIZE);
-    int r = pw(b, &c, sizeof(c), off);
+    uint64_t nid = cpu_to_le64(b->mbox_rec / EROFS_SLOT_SIZE);
+    int r = b->o.compress_alg ? 0 : pw(b, &c, sizeof(c), b->mbox_rec);  /* (else written) */
     return r ? r : pw(b, &nid, sizeof(nid), EROFS_SUPER_OFFSET + EROFS_SB_METABOX_NID_OFFSET);
+}
+
+uint64_t metabox_area(erofs_builder *b, uint32_t shared_bytes, uint64_t *blk, uint32_t *xblk)
+{
+    if (!b->o.metabox || !b->o.compress_alg || !shared_bytes)
+        return *blk;
+    *xblk = (uint32_t)*blk;
+    *blk += (shared_bytes + b->blksz - 1) / b->blksz;
+    return *blk;
+}
+
+static int mbox_pwrite(erofs_builder *b, struct xfer *x, const void *buf, size_t len,
+                       uint64_t off)
+{
+    int r = x_pwrite(x, buf, len, off);
+    return r ? fail(b, r, "%s", x->err) : 0;
+}
+
+int metabox_compress(erofs_builder *b)
+{
+    uint32_t bs = b->blksz;
+    struct zconf mz = b->zc[0];
+    mz.pclustersize = b->o.metabox;
+    mz.pclusterblks = b->o.metabox / bs;
+    mz.ztail = mz.frags = mz.allfrags = mz.dedupe = mz.roll = 0;
+    mz.max_ext = 0;
+    if (mz.pclusterblks > 1 && !mz.big)
+        return fail(b, ERN_EINVAL, "metabox pcluster size over the largest pcluster (-C)");
+    struct xfer x;
+    uint64_t dummy = 0;
+    stream_xfer(b, &x, &dummy);
+    x.out = b->fd;
+    struct zctx c;
+    struct zfile zf;
+    memset(&zf, 0, sizeof(zf));
+    uint8_t *idx = NULL;
+    int r = zctx_init(&c, &mz);
+    if (r || !x.buf) {
+        r = r ? fail(b, r, "%s", c.err) : fail(b, ERN_ENOMEM, "out of memory");
+        goto out;
+    }
+    uint64_t start = b->mbox_blk * bs, end = start + b->mbox_size;
+    r = zfile_compress(&c, &x, b->fd, "metabox", ot_base(b->ot) + start, b->mbox_size, 0,
+                       b->mbox_size, &zf, NULL, NULL);
+    if (r) {
+        r = fail(b, r, "metabox: %s", x.err[0] ? x.err : c.err);
+        goto out;
+    }
+    struct erofs_inode_compact ci;
+    memset(&ci, 0, sizeof(ci));
+    uint32_t ilen = 0;
+    if (!zf.plain) {
+        for (uint32_t i = 0; i < zf.next; i++)
+            zf.ext[i].blk = (uint32_t)(b->mbox_blk + zf.ext[i].pblk);
+        idx = zfile_index(&zf, &mz, b->o.blkszbits, &ilen);
+        if (!idx) {
+            r = fail(b, ERN_ENOMEM, "out of memory");
+            goto out;
+        }
+        if ((r = mbox_pwrite(b, &x, zf.data, (size_t)zf.dlen, start)))
+            goto out;
+        end = start + (uint64_t)zf.nblocks * bs;
+        ci.i_format = cpu_to_le16(EROFS_I_FORMAT(EROFS_INODE_COMPACT, L_ZFULL));
+        ci.i_u = cpu_to_le32(zf.nblocks);
+    } else {
+        ci.i_format = cpu_to_le16(EROFS_I_FORMAT(EROFS_INODE_COMPACT, L_PLAIN));
+        ci.i_u = cpu_to_le32((uint32_t)b->mbox_blk);
+    }
+    ci.i_mode = cpu_to_le16(S_IFREG | 0644);
+    ci.i_nlink = cpu_to_le16(1);
+    ci.i_size = cpu_to_le32((uint32_t)b->mbox_size);
+    ci.i_mtime = cpu_to_le32((uint32_t)(b->info.build_time - sb_epoch(b, b->info.build_time)));
+    ci.i_ino = cpu_to_le32((uint32_t)b->info.inodes);
+    b->mbox_rec = align_up(end, EROFS_SLOT_SIZE);
+    if ((r = mbox_pwrite(b, &x, &ci, sizeof(ci), b->mbox_rec)) ||
+        (ilen && (r = mbox_pwrite(b, &x, idx, ilen, b->mbox_rec + sizeof(ci)))))
+        goto out;
+    b->info.image_size = align_up(b->mbox_rec + sizeof(ci) + ilen, bs);
+out:
+    free(idx);
+    zfile_free(&zf);
+    zctx_fini(&c);
+    free(x.buf);
+    return r;
 }

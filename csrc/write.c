@@ -594,7 +594,8 @@ int erofs_builder_write_end(erofs_builder *b)
     if (b->fd < 0 || b->wfailed || b->wpos != b->norder)
         return fail(b, ERN_EINVAL, "write not complete");
     int r = win_flush(b);
-    if (r || (b->nshared && (r = write_shared_xattrs(b))))
+    if (r || (b->nshared && (r = write_shared_xattrs(b))) ||
+        (b->o.metabox && b->o.compress_alg && (r = metabox_compress(b))))
         return r;
     /* caller's reserved and appended bytes, device table */
     if ((!b->ot || !b->ot->device) &&

@@ -562,11 +562,12 @@ def parse_block_size(size: int | None, tar_mode: str | None = None) -> int:
     return size.bit_length() - 1
 
 
-def parse_metabox(text: str | None, blkszbits: int, compress: bool) -> int:
+def parse_metabox(text: str | None, blkszbits: int, z: Compression | None) -> int:
     """-m #[:X] (mkfs.erofs 1.9's metadata compression, Linux 6.17+) -> # (0: no -m).
-    # is the metabox's pcluster size (a multiple of the block size, as mkfs.erofs checks
-    it); X its algorithm (default: the first -z one). Written: the metabox stored plain,
-    without -z; a compressed one (-z, or :X) is refused."""
+    # is the metabox's pcluster size (a multiple of the block size, at most -C's, as
+    mkfs.erofs checks it); X its algorithm: the first -z one (its default; another, or
+    one without -z, is refused). Without -z the metabox is stored plain, as mkfs.erofs
+    1.9.4 writes it."""
     if text is None:
         return 0
     size_text, colon, alg = text.partition(":")
@@ -577,9 +578,12 @@ def parse_metabox(text: str | None, blkszbits: int, compress: bool) -> int:
     blksz = 1 << blkszbits
     if size < blksz or size % blksz:
         raise InputError(f"-m {text}: invalid pcluster size {size} for the metabox inode")
-    if compress or colon:
-        raise InputError(f"-m {text}: a compressed metabox (with -z or :{alg or 'X'}) is "
-                         "not written by this mkfs (only without -z, stored plain)")
+    if colon and (z is None or alg != z.algorithm):
+        raise InputError(f"-m {text}: only the first -z algorithm is written for the "
+                         "metabox (and none without -z)")
+    if z is not None and size > max(z.pcluster_size, blksz):
+        raise InputError(f"-m {text}: the metabox's pcluster size exceeds -C's "
+                         f"{max(z.pcluster_size, blksz)}")
     return size
 
 

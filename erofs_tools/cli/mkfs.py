@@ -112,8 +112,8 @@ from erofs_tools.errors import InputError, terminate_as_interrupt
                    "that would not save a block is stored plain.")
 @click.option("-m", "metabox", metavar="#[:X]",
               help="Metadata compression (Linux 6.17+): every inode in a metabox inode "
-                   "(pcluster size #, algorithm X), as mkfs.erofs 1.9 -m; written without "
-                   "-z only (the metabox stored plain).")
+                   "compressed in pclusters of # bytes (at most -C's) with X, the first -z "
+                   "algorithm (the default; without -z stored plain), as mkfs.erofs 1.9 -m.")
 @click.option("--zD", "zdirs", type=click.Choice(["0", "1"]), metavar="0|1",
               help="1 (or a bare --zD): every directory whole in the packed inode, compressed "
                    "with it (with -z; without, stored plain), as mkfs.erofs 1.9 --zD; 0 "
@@ -183,11 +183,13 @@ def mkfs(image, source, timestamp, all_time, ignore_mtime, ovlfs_strip, block_si
         if name in ext and tar_mode == "i":
             raise InputError(f"-E {name}: not with --tar=i yet")
     blkszbits = parse_block_size(block_size, tar_mode)
-    mbox = parse_metabox(metabox, blkszbits, compress is not None)
+    mbox = parse_metabox(metabox, blkszbits, z)
     if mbox and (zdirs == "1" or chunksize or blobdev or xattr_prefix or digest_flag
-                 or digest_name is not None or tar_mode == "i"):
+                 or digest_name is not None or tar_mode == "i" or hints is not None
+                 or (z and (z.ztailpacking or z.fragments or z.all_fragments))):
         raise InputError(f"-m {metabox}: not with --zD, --chunksize, --blobdev, "
-                         "--xattr-prefix, --xattr-inode-digest or --tar=i yet")
+                         "--xattr-prefix, --xattr-inode-digest, --compress-hints, "
+                         "-E ztailpacking, fragments, all-fragments or --tar=i yet")
     chunk_bytes = check_chunks(chunksize, blobdev, ext, z is not None, tar_mode, blkszbits,
                                image, source)
     digest = None
