@@ -351,6 +351,7 @@ struct mpack {
     uint32_t *head;             /* per bucket (free 32-byte slots): first block */
     uint64_t *bits;             /* non-empty buckets */
     int pre;                    /* index 0 is block 0 (room after the superblock) */
+    int seq;                    /* each record at the end (no best fit): -m -z */
 };
 INTERNAL int mpack_init(struct mpack *m, uint64_t start, uint32_t blksz, uint32_t pre_lo);
 INTERNAL void mpack_free(struct mpack *m);

@@ -491,6 +491,7 @@ static int place_inodes(erofs_builder *b, struct layout_state *st)
         mpack_free(&m);
         return fail(b, ERN_ENOMEM, "out of memory");
     }
+    m.seq = b->o.metabox && b->o.compress_alg;     /* (in nid order, one after another) */
     struct prec *pr = malloc((size_t)(b->norder ? b->norder : 1) * sizeof(*pr));
     if (!pr) {
         mpack_free(&m);

@@ -21,8 +21,8 @@
  * out last (the shared xattr area before it), written as above, then read back,
  * compressed like a file (no inline tail, fragment or dedupe) and its pclusters written
  * over it from its first block; the metabox's record (a COMPRESSED_FULL inode and its
- * full lcluster index, which may span blocks) follows them, its nid counted from byte 0,
- * and the image ends there. A metabox that compression would not shrink stays plain.
+ * full lcluster index) is in block 0 after the superblock area when it fits there,
+ * else after them (it may span blocks), its nid counted from byte 0. A metabox that compression would not shrink stays plain.
  */
 #include "compress_int.h"
 
@@ -146,11 +146,17 @@ int metabox_compress(erofs_builder *b)
     ci.i_size = cpu_to_le32((uint32_t)b->mbox_size);
     ci.i_mtime = cpu_to_le32((uint32_t)(b->info.build_time - sb_epoch(b, b->info.build_time)));
     ci.i_ino = cpu_to_le32((uint32_t)b->info.inodes);
-    b->mbox_rec = align_up(end, EROFS_SLOT_SIZE);
+    /* the record: in block 0 after the superblock area when it fits before the first
+     * data block (as mkfs.erofs 1.9.4 puts it), else after the pclusters */
+    b->mbox_rec = metabox_rec_off(b);
+    if (b->mbox_rec + sizeof(ci) + ilen > align_up(sb_area_end(b), bs))
+        b->mbox_rec = align_up(end, EROFS_SLOT_SIZE);
+    else
+        end = start + (zf.plain ? b->mbox_size : (uint64_t)zf.nblocks * bs);
     if ((r = mbox_pwrite(b, &x, &ci, sizeof(ci), b->mbox_rec)) ||
         (ilen && (r = mbox_pwrite(b, &x, idx, ilen, b->mbox_rec + sizeof(ci)))))
         goto out;
-    b->info.image_size = align_up(b->mbox_rec + sizeof(ci) + ilen, bs);
+    b->info.image_size = align_up(end > b->mbox_rec ? end : b->mbox_rec + sizeof(ci) + ilen, bs);
 out:
     free(idx);
     zfile_free(&zf);
