@@ -33,6 +33,8 @@ from erofs_tools.format import erofs as E
 from erofs_tools.reader.fsck import check_image
 from erofs_tools.reader.image import open_image
 from erofs_tools.reader.unpack import unpack_to_dir
+from erofs_tools.reader.zdata import is_compressed, state
+from erofs_tools.reader.zmap import INLINE
 
 PYLIB = "/usr/lib/python3.11"
 
@@ -86,6 +88,16 @@ def assert_metabox(img):
     assert n > 1
 
 
+def inline_extents(img):
+    """-> the extents of the image's compressed files that are inline pclusters"""
+    im = open_image(img)
+    out = []
+    for _p, _d, ino in im.walk():
+        if ino.is_reg() and is_compressed(ino):
+            out += [e for e in state(im).zmap(ino).extents if e.kind == INLINE]
+    return out
+
+
 def reader_round_trip(tmp_path, tree, img):
     im = open_image(img)
     assert check_image(im) == []
@@ -116,6 +128,8 @@ VARIANTS = {
     "lzma-1k-blocks": ["-zlzma", "-b", "1024", "-C16384", "-m", "8192"],
     "zstd-dedupe-legacy": ["-zzstd", "-C65536", "-E", "dedupe,legacy-compress", "-m16384"],
     "lz4hc-extended": ["-zlz4hc", "-m4096", "-E", "force-inode-extended"],
+    "lz4hc-ztailpacking": ["-zlz4hc", "-Eztailpacking", "-m4096"],
+    "lzma-ztailpacking-dedupe": ["-zlzma", "-C65536", "-Eztailpacking,dedupe", "-m16384"],
 }
 
 
@@ -123,7 +137,14 @@ VARIANTS = {
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_metabox_mounts_and_reads(root_kernel, tree, tmp_path, variant):
     img = tmp_path / "m.img"
-    mkfs_and_check(img, tree, *VARIANTS[variant], check_nlink=True)
+    args = VARIANTS[variant]
+    tail = "-Eztailpacking" in args or "-Eztailpacking,dedupe" in args
+    mkfs_and_check(img, tree, *args, check_nlink=True, do_fsck=not tail)
+    if tail:
+        # fsck.erofs 1.9.4 --extract reads an in-metabox inode's inline pcluster from
+        # the image, not the metabox (its own images fail it too): without --extract
+        fsck(img, extract=False)
+        assert inline_extents(img), "no inline pcluster"
     assert_metabox(img)
     reader_round_trip(tmp_path, tree, img)
 
@@ -177,8 +198,8 @@ def test_pylib_size_as_mkfs_erofs(root_kernel, tmp_path, variant):
 
 
 NOT_YET = ("-m 4096: not with --zD, --chunksize, --blobdev, --xattr-prefix, "
-           "--xattr-inode-digest, --compress-hints, -E ztailpacking, fragments, "
-           "all-fragments or --tar=i yet")
+           "--xattr-inode-digest, --compress-hints, -E fragments, all-fragments or "
+           "--tar=i yet")
 
 
 @pytest.mark.parametrize("args, msg", [
@@ -187,7 +208,7 @@ NOT_YET = ("-m 4096: not with --zD, --chunksize, --blobdev, --xattr-prefix, "
     (["-m4096:lzma"], "-m 4096:lzma: only the first -z algorithm is written for the "
      "metabox (and none without -z)"),
     (["-zlz4hc", "-m8192"], "-m 8192: the metabox's pcluster size exceeds -C's 4096"),
-    (["-zlz4hc", "-Eztailpacking", "-m4096"], NOT_YET),
+    (["-zlz4hc", "-Efragments", "-m4096"], NOT_YET),
     (["-m100"], "-m 100: invalid pcluster size 100 for the metabox inode"),
     (["-mfoo"], "-m foo: invalid metabox option"),
     (["-m4096", "--zD"], NOT_YET),
