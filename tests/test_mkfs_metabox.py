@@ -130,6 +130,8 @@ VARIANTS = {
     "lz4hc-extended": ["-zlz4hc", "-m4096", "-E", "force-inode-extended"],
     "lz4hc-ztailpacking": ["-zlz4hc", "-Eztailpacking", "-m4096"],
     "lzma-ztailpacking-dedupe": ["-zlzma", "-C65536", "-Eztailpacking,dedupe", "-m16384"],
+    "xattr-prefix": ["-m4096", "--xattr-prefix", "user.sh", "--xattr-prefix", "trusted."],
+    "zstd-xattr-prefix": ["-zzstd", "-m4096", "--xattr-prefix", "user.sh"],
 }
 
 
@@ -197,9 +199,8 @@ def test_pylib_size_as_mkfs_erofs(root_kernel, tmp_path, variant):
     assert ratio <= 1.001, ratio
 
 
-NOT_YET = ("-m 4096: not with --zD, --chunksize, --blobdev, --xattr-prefix, "
-           "--xattr-inode-digest, --compress-hints, -E fragments, all-fragments or "
-           "--tar=i yet")
+NOT_YET = ("-m 4096: not with --zD, --chunksize, --blobdev, --xattr-inode-digest, "
+           "--compress-hints, -E fragments, all-fragments or --tar=i yet")
 
 
 @pytest.mark.parametrize("args, msg", [
@@ -213,6 +214,7 @@ NOT_YET = ("-m 4096: not with --zD, --chunksize, --blobdev, --xattr-prefix, "
     (["-mfoo"], "-m foo: invalid metabox option"),
     (["-m4096", "--zD"], NOT_YET),
     (["-m4096", "--chunksize", "8192"], NOT_YET),
+    (["-m4096", "--xattr-inode-digest"], NOT_YET),
 ])
 def test_refused(tree, tmp_path, args, msg):
     img = tmp_path / "x.img"
