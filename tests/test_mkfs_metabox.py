@@ -17,6 +17,7 @@ import sys
 
 import pytest
 from helpers import (
+    assert_same_image_for_any_workers,
     compare_trees,
     fsck,
     mkfs_and_check,
@@ -163,6 +164,13 @@ def test_metabox_tar(root_kernel, tree, tmp_path, args):
     assert_metabox(img)
     with mounted(img) as mnt:
         assert compare_trees(tree, mnt, check_nlink=True) == []
+
+
+@pytest.mark.parametrize("args", [["-zlz4hc", "-m4096"],
+                                  ["-zlzma", "-C65536", "-Ededupe", "-m65536"]])
+def test_same_image_for_any_workers(tree, tmp_path, args):
+    """the compressed metabox is the same whatever the compression thread count"""
+    assert_same_image_for_any_workers(tmp_path, tree, *args)
 
 
 def anchor(img, src, *args):
