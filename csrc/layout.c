@@ -509,6 +509,8 @@ static int place_inodes(erofs_builder *b, struct layout_state *st)
         qsort(pr + 1, b->norder - 1, sizeof(*pr), cmp_prec);
     for (uint32_t pi = 0; pi < b->norder; pi++) {
         struct node *n = &b->nodes[b->order[pr[pi].oi]];
+        if (b->o.metabox && b->order[pr[pi].oi] == b->packed_node)
+            continue;       /* (-m: in the image, metabox_area) */
         int may_cross;
         uint64_t len = mpack_record_len(b, n, &may_cross);
         if (NXR(b, n)->sres && len <= NXR(b, n)->slen) {

@@ -77,10 +77,27 @@ int metabox_write(erofs_builder *b, int (*pw)(erofs_builder *, const void *, siz
 
 uint64_t metabox_area(erofs_builder *b, uint32_t shared_bytes, uint64_t *blk, uint32_t *xblk)
 {
-    if (!b->o.metabox || !b->o.compress_alg || !shared_bytes)
+    uint32_t bs = b->blksz;
+    if (!b->o.metabox || !b->o.compress_alg)
         return *blk;
-    *xblk = (uint32_t)*blk;
-    *blk += (shared_bytes + b->blksz - 1) / b->blksz;
+    if (shared_bytes) {
+        *xblk = (uint32_t)*blk;
+        *blk += (shared_bytes + bs - 1) / bs;
+    }
+    if (b->packed_node != NONE32) {
+        /* -Efragments: the packed inode's record stays in the image (its nid without
+         * bit 63, as mkfs.erofs 1.9.4 keeps it), in blocks of its own before the
+         * inode area (place_inodes skips it) */
+        struct node *n = &b->nodes[b->packed_node];
+        int may_cross;
+        uint64_t len = mpack_record_len(b, n, &may_cross);
+        uint64_t off = *blk * bs;
+        if (NXR(b, n)->ztail_len)
+            off = ztail_fit(b, n, off, bs);
+        n->meta_off = off;
+        n->nid = off / EROFS_SLOT_SIZE;
+        *blk = (off + len + bs - 1) / bs;
+    }
     return *blk;
 }
 

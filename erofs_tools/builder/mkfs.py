@@ -127,7 +127,7 @@ def build_options(opts: MkfsOptions) -> BuildOptions:
         force_extended=opts.force_extended,
         ignore_mtime=opts.ignore_mtime,
         force_compact=opts.force_compact,
-        plain_xattr_pfx=opts.plain_xattr_prefixes,
+        plain_xattr_pfx=opts.plain_xattr_prefixes or bool(opts.metabox),  # (-m: as the kernel reads it)
         sb_48bit=opts.sb_48bit or opts.dot_omitted or bool(opts.metabox),
         metabox=opts.metabox,
         dot_omitted=opts.dot_omitted,
