@@ -12,8 +12,8 @@ identical; the image is the same for any thread count; its size against mkfs.ero
 1.9.4's with the same options on /usr/lib/python3.11 is at most 1.001. `-m` was refused
 before ("no such option"), so each of these failed on the code before it. What is not
 written (another metabox algorithm than the first -z one, # over -C; -m with --zD,
---chunksize, --xattr-inode-digest, --compress-hints, --tar=i) is refused in one line,
-nothing written."""
+--xattr-inode-digest, --compress-hints, --tar=i) is refused in one line, nothing
+written. --chunksize (with --blobdev too) is written: its chunk indexes in the metabox."""
 import os
 import subprocess
 import sys
@@ -185,6 +185,28 @@ def test_same_image_for_any_workers(tree, tmp_path, args):
     assert_same_image_for_any_workers(tmp_path, tree, *args)
 
 
+@pytest.mark.root
+@pytest.mark.parametrize("blob", [False, True])
+def test_metabox_chunks(root_kernel, tree, tmp_path, blob):
+    """--chunksize (the chunk indexes in the metabox), with --blobdev too (the device
+    table after the superblock's extension slot)"""
+    img, dev = tmp_path / "c.img", tmp_path / "blob.img"
+    extra = [f"--blobdev={dev}"] if blob else []
+    run_mkfs(img, tree, "--chunksize", "8192", *extra, "-m4096")
+    fsck(img, devices=[dev] if blob else ())
+    assert_metabox(img)
+    with mounted(img, f"device={dev}" if blob else None) as mnt:
+        assert compare_trees(tree, mnt, check_nlink=True) == []
+    more = ["--device", os.fspath(dev)] if blob else []
+    out = tmp_path / "out"
+    for cmd in (["check", os.fspath(img), *more], ["unpack", os.fspath(img), *more, "-o",
+                                                   os.fspath(out)]):
+        p = subprocess.run([sys.executable, "-m", "erofs_tools", *cmd], capture_output=True,
+                           text=True)
+        assert p.returncode == 0, p.stderr
+    assert compare_trees(tree, out, check_nlink=True) == []
+
+
 def anchor(img, src, *args):
     require_tool("mkfs.erofs")
     subprocess.run(["mkfs.erofs", "--quiet", "-T", "0", "-U", "clear", *args,
@@ -220,8 +242,8 @@ def test_pylib_size_as_mkfs_erofs(root_kernel, tmp_path, variant):
     assert ratio <= 1.001, ratio
 
 
-NOT_YET = ("-m 4096: not with --zD, --chunksize, --blobdev, --xattr-inode-digest, "
-           "--compress-hints or --tar=i yet")
+NOT_YET = ("-m 4096: not with --zD, --xattr-inode-digest, --compress-hints or --tar=i "
+           "yet")
 
 
 @pytest.mark.parametrize("args, msg", [
@@ -233,7 +255,6 @@ NOT_YET = ("-m 4096: not with --zD, --chunksize, --blobdev, --xattr-inode-digest
     (["-m100"], "-m 100: invalid pcluster size 100 for the metabox inode"),
     (["-mfoo"], "-m foo: invalid metabox option"),
     (["-m4096", "--zD"], NOT_YET),
-    (["-m4096", "--chunksize", "8192"], NOT_YET),
     (["-m4096", "--xattr-inode-digest"], NOT_YET),
     (["-zlz4hc", "-m4096", "--compress-hints", "/dev/null"], NOT_YET),
 ])

@@ -132,7 +132,7 @@ def build_options(opts: MkfsOptions) -> BuildOptions:
         metabox=opts.metabox,
         dot_omitted=opts.dot_omitted,
         feature_incompat=E.FEATURE_INCOMPAT_CHUNKED_FILE if opts.chunksize else 0,
-        devt_slotoff=(E.SUPER_OFFSET + 128) // E.DEVICE_SLOT_SIZE
+        devt_slotoff=-(-(E.SUPER_OFFSET + 128 + (16 if opts.metabox else 0)) // E.DEVICE_SLOT_SIZE)
         if opts.blobdev else 0,
         chunkbits=opts.chunksize.bit_length() - 1 if opts.chunksize else 0,
         chunk_indexes=opts.chunk_indexes,
