@@ -12,8 +12,8 @@ identical; the image is the same for any thread count; its size against mkfs.ero
 1.9.4's with the same options on /usr/lib/python3.11 is at most 1.001. `-m` was refused
 before ("no such option"), so each of these failed on the code before it. What is not
 written (another metabox algorithm than the first -z one, # over -C; -m with --zD,
---xattr-inode-digest, --compress-hints, --tar=i) is refused in one line, nothing
-written. --chunksize (with --blobdev too) is written: its chunk indexes in the metabox."""
+--xattr-inode-digest, --tar=i) is refused in one line, nothing written;
+--compress-hints is written (the metabox with the first algorithm). --chunksize (with --blobdev too) is written: its chunk indexes in the metabox."""
 import os
 import subprocess
 import sys
@@ -186,6 +186,24 @@ def test_same_image_for_any_workers(tree, tmp_path, args):
 
 
 @pytest.mark.root
+def test_metabox_compress_hints(root_kernel, tree, tmp_path):
+    """--compress-hints with two algorithms: the metabox with the first, a file with the
+    second in 64 KiB pclusters, some files stored plain"""
+    hints = tmp_path / "hints"
+    hints.write_text("65536 1 t100k\n0 many/00[0-4]\n16384 0 rnd\n")
+    img = tmp_path / "h.img"
+    mkfs_and_check(img, tree, "-zlz4hc:lzma", "-C65536", "--compress-hints", hints,
+                   "-m4096", check_nlink=True)
+    assert_metabox(img)
+    im = open_image(img)
+    ext = state(im).zmap(im.lookup(b"/t100k")).extents
+    assert ext and all(e.alg == 1 for e in ext)             # lzma
+    mino = im.inode(im.metabox.nid)
+    assert [e.alg for e in state(im).zmap(mino).extents][:1] == [0]     # lz4(hc)
+    reader_round_trip(tmp_path, tree, img)
+
+
+@pytest.mark.root
 @pytest.mark.parametrize("blob", [False, True])
 def test_metabox_chunks(root_kernel, tree, tmp_path, blob):
     """--chunksize (the chunk indexes in the metabox), with --blobdev too (the device
@@ -242,8 +260,7 @@ def test_pylib_size_as_mkfs_erofs(root_kernel, tmp_path, variant):
     assert ratio <= 1.001, ratio
 
 
-NOT_YET = ("-m 4096: not with --zD, --xattr-inode-digest, --compress-hints or --tar=i "
-           "yet")
+NOT_YET = "-m 4096: not with --zD, --xattr-inode-digest or --tar=i yet"
 
 
 @pytest.mark.parametrize("args, msg", [
@@ -256,7 +273,6 @@ NOT_YET = ("-m 4096: not with --zD, --xattr-inode-digest, --compress-hints or --
     (["-mfoo"], "-m foo: invalid metabox option"),
     (["-m4096", "--zD"], NOT_YET),
     (["-m4096", "--xattr-inode-digest"], NOT_YET),
-    (["-zlz4hc", "-m4096", "--compress-hints", "/dev/null"], NOT_YET),
 ])
 def test_refused(tree, tmp_path, args, msg):
     img = tmp_path / "x.img"

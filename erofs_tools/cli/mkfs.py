@@ -185,9 +185,9 @@ def mkfs(image, source, timestamp, all_time, ignore_mtime, ovlfs_strip, block_si
     blkszbits = parse_block_size(block_size, tar_mode)
     mbox = parse_metabox(metabox, blkszbits, z)
     if mbox and (zdirs == "1" or digest_flag
-                 or digest_name is not None or tar_mode == "i" or hints is not None):
-        raise InputError(f"-m {metabox}: not with --zD, --xattr-inode-digest, "
-                         "--compress-hints or --tar=i yet")
+                 or digest_name is not None or tar_mode == "i"):
+        raise InputError(f"-m {metabox}: not with --zD, --xattr-inode-digest or "
+                         "--tar=i yet")
     chunk_bytes = check_chunks(chunksize, blobdev, ext, z is not None, tar_mode, blkszbits,
                                image, source)
     digest = None
