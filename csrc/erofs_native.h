@@ -132,6 +132,7 @@ struct erofs_opts {
                                   metabox inode's data (metabox.c), compressed with the
                                   first -z algorithm in pclusters of this many bytes,
                                   stored plain without compress_alg; 0: off */
+    uint32_t metabox_alg;      /* its algorithm: this index in the -z list (-m#:X) */
 };
 
 struct erofs_layout_info {

@@ -111,7 +111,11 @@ static int mbox_pwrite(erofs_builder *b, struct xfer *x, const void *buf, size_t
 int metabox_compress(erofs_builder *b)
 {
     uint32_t bs = b->blksz;
-    struct zconf mz = b->zc[0];
+    if (b->o.metabox_alg >= b->zc[0].nalgs)
+        return fail(b, ERN_EINVAL, "metabox algorithm %u not in the -z list",
+                    b->o.metabox_alg);
+    struct zconf mz = b->zc[b->o.metabox_alg];
+    mz.big = b->zc[0].big;          /* (image-wide) */
     mz.pclustersize = b->o.metabox;
     mz.pclusterblks = b->o.metabox / bs;
     mz.ztail = mz.frags = mz.allfrags = mz.dedupe = mz.roll = 0;

@@ -129,7 +129,7 @@ def build_options(opts: MkfsOptions) -> BuildOptions:
         force_compact=opts.force_compact,
         plain_xattr_pfx=opts.plain_xattr_prefixes or bool(opts.metabox),  # (-m: as the kernel reads it)
         sb_48bit=opts.sb_48bit or opts.dot_omitted or bool(opts.metabox),
-        metabox=opts.metabox,
+        metabox=(opts.metabox, opts.metabox_alg),
         dot_omitted=opts.dot_omitted,
         feature_incompat=E.FEATURE_INCOMPAT_CHUNKED_FILE if opts.chunksize else 0,
         devt_slotoff=-(-(E.SUPER_OFFSET + 128 + (16 if opts.metabox else 0)) // E.DEVICE_SLOT_SIZE)

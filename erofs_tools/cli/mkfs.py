@@ -183,7 +183,7 @@ def mkfs(image, source, timestamp, all_time, ignore_mtime, ovlfs_strip, block_si
         if name in ext and tar_mode == "i":
             raise InputError(f"-E {name}: not with --tar=i yet")
     blkszbits = parse_block_size(block_size, tar_mode)
-    mbox = parse_metabox(metabox, blkszbits, z)
+    mbox, mbox_alg, z = parse_metabox(metabox, blkszbits, z)
     if mbox and (zdirs == "1" or digest_flag
                  or digest_name is not None or tar_mode == "i"):
         raise InputError(f"-m {metabox}: not with --zD, --xattr-inode-digest or "
@@ -236,6 +236,7 @@ def mkfs(image, source, timestamp, all_time, ignore_mtime, ovlfs_strip, block_si
         sb_48bit="48bit" in ext,
         dot_omitted="dot-omitted" in ext,
         metabox=mbox,
+        metabox_alg=mbox_alg,
         ignore_mtime=ignore_mtime,
         compress=z,
         compress_dirs=zdirs == "1",
