@@ -172,8 +172,6 @@ int metabox_compress(erofs_builder *b)
     b->mbox_rec = metabox_rec_off(b);
     if (b->mbox_rec + sizeof(ci) + ilen > align_up(sb_area_end(b), bs))
         b->mbox_rec = align_up(end, EROFS_SLOT_SIZE);
-    else
-        end = start + (zf.plain ? b->mbox_size : (uint64_t)zf.nblocks * bs);
     if ((r = mbox_pwrite(b, &x, &ci, sizeof(ci), b->mbox_rec)) ||
         (ilen && (r = mbox_pwrite(b, &x, idx, ilen, b->mbox_rec + sizeof(ci)))))
         goto out;
