@@ -227,6 +227,8 @@ struct erofs_builder {
     struct zconf *zc;
     struct zpool *zp;
     struct zpool *zlate;    /* --zD: the pool kept from its stop to the layout's end */
+    uint64_t mbox_blk, mbox_size;   /* -m: the metabox inode's data (metabox.c) */
+    uint64_t mbox_rec;      /* -m: its record's offset */
     uint64_t late_off;      /* --zD: where the packed inode's data starts (bytes) */
     uint32_t packed_node;   /* -Efragments: the packed inode (NONE32: none) */
     uint8_t *xpfx;          /* long xattr name prefix table, encoded */
@@ -305,6 +307,20 @@ INTERNAL int zdir_pack(erofs_builder *b, uint64_t *blk);
 INTERNAL int zdir_place_packed(erofs_builder *b, uint64_t meta_start, uint64_t *meta_end,
                                uint64_t *blk);
 INTERNAL void zdir_drop(erofs_builder *b);
+/* metabox.c, -m: the metabox inode's record in block 0, the inode area from the block
+ * after it (nids with bit 63 set count from there), its data: that area stored plain */
+INTERNAL uint64_t metabox_rec_off(const erofs_builder *b);
+INTERNAL uint64_t metabox_meta_start(const erofs_builder *b);
+INTERNAL int metabox_laid_out(erofs_builder *b, uint64_t meta_start, uint64_t meta_end);
+/* -m with -z, stream mode: the shared xattr area from block *blk on (*xblk), before the
+ * inode area, which stays last to be compressed in place; -> the inode area's block */
+INTERNAL uint64_t metabox_area(erofs_builder *b, uint32_t shared_bytes, uint64_t *blk,
+                               uint32_t *xblk);
+/* -m with -z, once every record is written: the inode area compressed in place, the
+ * metabox's record after its pclusters, the image's end moved */
+INTERNAL int metabox_compress(erofs_builder *b);
+INTERNAL int metabox_write(erofs_builder *b,
+                           int (*pw)(erofs_builder *, const void *, size_t, uint64_t));
 INTERNAL uint32_t zmeta_extra(const erofs_builder *b, const struct node *n);
 /* zlayout.c: a compressed node's compact index (-E48bit: its extent records if smaller
  * than the full index; -E legacy-compress: else the full one); the first inode offset from off on
@@ -337,6 +353,7 @@ struct mpack {
     uint32_t *head;             /* per bucket (free 32-byte slots): first block */
     uint64_t *bits;             /* non-empty buckets */
     int pre;                    /* index 0 is block 0 (room after the superblock) */
+    int seq;                    /* each record at the end (no best fit): -m -z */
 };
 INTERNAL int mpack_init(struct mpack *m, uint64_t start, uint32_t blksz, uint32_t pre_lo);
 INTERNAL void mpack_free(struct mpack *m);
@@ -424,6 +441,18 @@ static inline int mtime48_fits(const erofs_builder *b, int64_t mtime, int64_t ep
 {
     (void)b;
     return mtime >= epoch && mtime - epoch <= (int64_t)UINT32_MAX;
+}
+
+/* the superblock's end: 16 bytes more with the metabox's extension slot */
+static inline uint64_t sb_end(const erofs_builder *b)
+{
+    return SB_END + (b->o.metabox ? EROFS_SB_EXTSLOT_SIZE : 0);
+}
+
+/* a nid's bit 63: the inode is in the metabox (-m) */
+static inline uint64_t nid_mbox_bit(const erofs_builder *b)
+{
+    return b->o.metabox ? 1ull << EROFS_DIRENT_NID_METABOX_BIT : 0;
 }
 
 static inline uint32_t inode_size(const struct node *n)

@@ -129,7 +129,7 @@ int erofs_builder_set_blob(erofs_builder *b, int fd)
     /* its slot right after the superblock and the compression records, as mkfs.erofs */
     uint32_t cfgs_len;
     zconf_cfgs(b, &cfgs_len);
-    b->o.devt_slotoff = (uint32_t)(align_up(SB_END + cfgs_len, EROFS_DEVT_SLOT_SIZE) /
+    b->o.devt_slotoff = (uint32_t)(align_up(sb_end(b) + cfgs_len, EROFS_DEVT_SLOT_SIZE) /
                                    EROFS_DEVT_SLOT_SIZE);
     return 0;
 }

@@ -127,6 +127,12 @@ struct erofs_opts {
     int32_t compress_dirs;     /* 1: every directory whole in the packed inode (--zD;
                                   stream mode; without compress_alg stored plain), as
                                   mkfs.erofs 1.9 */
+    uint32_t metabox;          /* metadata compression's metabox (mkfs.erofs -m#, Linux
+                                  6.17+; needs sb_48bit): every inode record in the
+                                  metabox inode's data (metabox.c), compressed with the
+                                  first -z algorithm in pclusters of this many bytes,
+                                  stored plain without compress_alg; 0: off */
+    uint32_t metabox_alg;      /* its algorithm: this index in the -z list (-m#:X) */
 };
 
 struct erofs_layout_info {

@@ -90,7 +90,7 @@ static uint64_t sb_devt_end(const erofs_builder *b)
 {
     uint32_t cfgs_len;
     zconf_cfgs(b, &cfgs_len);
-    uint64_t s = SB_END + cfgs_len;
+    uint64_t s = sb_end(b) + cfgs_len;
     uint64_t d = (uint64_t)b->o.devt_slotoff * EROFS_DEVT_SLOT_SIZE;
     if (b->ndevs && d >= s && d <= align_up(s, EROFS_DEVT_SLOT_SIZE))
         s = d + (uint64_t)EROFS_DEVT_SLOT_SIZE * b->ndevs;
@@ -410,7 +410,7 @@ static int place_stream_data(erofs_builder *b, struct layout_state *st)
     uint32_t blksz = b->blksz;
     st->blk = 0;
     st->data_start = 0;
-    st->meta_start = (uint64_t)b->o.meta_blkaddr * blksz;
+    st->meta_start = b->o.metabox ? metabox_meta_start(b) : (uint64_t)b->o.meta_blkaddr * blksz;
     if (!b->o.stream_data)
         return 0;
     /* (a device table, --blobdev's: between the superblock and the first data block) */
@@ -424,7 +424,7 @@ static int place_stream_data(erofs_builder *b, struct layout_state *st)
     int r = alloc_flat_data(b, &st->blk);
     if (r)
         return r;
-    st->meta_start = st->blk * blksz;
+    st->meta_start = metabox_area(b, st->shared_bytes, &st->blk, &st->xattr_blkaddr) * blksz;
     return 0;
 }
 
@@ -457,15 +457,15 @@ static int place_inodes(erofs_builder *b, struct layout_state *st)
 {
     uint32_t blksz = b->blksz;
     uint64_t meta_start = st->meta_start;
-    uint64_t first_nid = b->o.first_nid;
-    if (!first_nid)
+    uint64_t first_nid = b->o.metabox ? 0 : b->o.first_nid;     /* (-m: from the metabox's start) */
+    if (!first_nid && !b->o.metabox)
         first_nid = meta_start >= sb_area_end(b) ? 1
                   : (sb_area_end(b) - meta_start + EROFS_SLOT_SIZE - 1) / EROFS_SLOT_SIZE;
     uint64_t area_start = meta_start + first_nid * EROFS_SLOT_SIZE;
     /* stream mode: the room after the superblock is used too when the root fits there
      * (its nid must fit in 16 bits); nids then count from block 0 */
     uint32_t pre_lo = 0;
-    if (!b->sm && b->o.stream_data && !b->o.first_nid && meta_start >= blksz) {
+    if (!b->sm && b->o.stream_data && !b->o.first_nid && !b->o.metabox && meta_start >= blksz) {
         uint64_t lo = align_up(sb_area_end(b), EROFS_SLOT_SIZE);
         int mc;
         if (lo < blksz && mpack_record_len(b, &b->nodes[b->root], &mc) <= blksz - lo) {
@@ -491,6 +491,7 @@ static int place_inodes(erofs_builder *b, struct layout_state *st)
         mpack_free(&m);
         return fail(b, ERN_ENOMEM, "out of memory");
     }
+    m.seq = b->o.metabox && b->o.compress_alg;     /* (in nid order, one after another) */
     struct prec *pr = malloc((size_t)(b->norder ? b->norder : 1) * sizeof(*pr));
     if (!pr) {
         mpack_free(&m);
@@ -504,10 +505,12 @@ static int place_inodes(erofs_builder *b, struct layout_state *st)
     /* best fit decreasing: the larger records first (then nid order), the root first of
      * all (its nid must stay small); packs tighter than nid order (Python's library, -z
      * lz4hc: 9 blocks under mkfs.erofs 1.9.4's image, 2 over in nid order) */
-    if (b->norder > 1)
+    if (b->norder > 1 && !(b->o.metabox && b->o.compress_alg))    /* (-m -z: nid order) */
         qsort(pr + 1, b->norder - 1, sizeof(*pr), cmp_prec);
     for (uint32_t pi = 0; pi < b->norder; pi++) {
         struct node *n = &b->nodes[b->order[pr[pi].oi]];
+        if (b->o.metabox && b->order[pr[pi].oi] == b->packed_node)
+            continue;       /* (-m: in the image, metabox_area) */
         int may_cross;
         uint64_t len = mpack_record_len(b, n, &may_cross);
         if (NXR(b, n)->sres && len <= NXR(b, n)->slen) {
@@ -529,7 +532,7 @@ static int place_inodes(erofs_builder *b, struct layout_state *st)
                                    : fail(b, r, "inode area too large");
         }
         n->meta_off = off;
-        n->nid = (off - meta_start) / EROFS_SLOT_SIZE;
+        n->nid = (off - meta_start) / EROFS_SLOT_SIZE | nid_mbox_bit(b);
     }
     uint64_t cur = align_up(m.end, EROFS_SLOT_SIZE);
     mpack_free(&m);
@@ -542,10 +545,10 @@ static int place_inodes(erofs_builder *b, struct layout_state *st)
         return fail(b, ERN_ENOMEM, "out of memory");
     memcpy(b->worder, b->order, (size_t)b->norder * sizeof(uint32_t));
     qsort_r(b->worder, b->norder, sizeof(uint32_t), cmp_meta_off, b);
-    if (b->nodes[b->root].nid > 0xFFFF)
+    if (b->nodes[b->root].nid > 0xFFFF && !b->o.metabox)
         return fail(b, ERN_ELIMIT, "root nid %llu does not fit in 16 bits",
                     (unsigned long long)b->nodes[b->root].nid);
-    if (b->nodes[b->root].nid == 0)
+    if (b->nodes[b->root].nid == 0 && !b->o.metabox)
         return fail(b, ERN_EINVAL, "root would get nid 0 (set first_nid)");
     return 0;
 }
@@ -555,10 +558,10 @@ static int place_inodes(erofs_builder *b, struct layout_state *st)
 static int place_after_inodes(erofs_builder *b, struct layout_state *st)
 {
     uint32_t blksz = b->blksz;
-    uint64_t first_inode_off = st->meta_start + st->first_nid * EROFS_SLOT_SIZE;
+    uint64_t first_inode_off = b->o.metabox ? metabox_rec_off(b)
+                                            : st->meta_start + st->first_nid * EROFS_SLOT_SIZE;
     uint64_t pos = align_up(st->meta_end, blksz);
-    st->xattr_blkaddr = 0;
-    if (st->shared_bytes) {
+    if (st->shared_bytes && !st->xattr_blkaddr) {      /* (-m -z: before the inodes) */
         st->xattr_blkaddr = (uint32_t)(pos / blksz);
         pos = align_up(pos + st->shared_bytes, blksz);
     }
@@ -625,8 +628,8 @@ static void fill_info(erofs_builder *b, const struct layout_state *st)
 {
     uint32_t blksz = b->blksz;
     memset(&b->info, 0, sizeof(b->info));
-    b->info.inodes = b->norder;
-    b->info.meta_blkaddr = (uint32_t)(st->meta_start / blksz);
+    b->info.inodes = b->norder + !!b->o.metabox;
+    b->info.meta_blkaddr = b->o.metabox ? 0 : (uint32_t)(st->meta_start / blksz);
     b->info.root_nid = b->nodes[b->root].nid;
     b->info.meta_start = st->meta_start;
     b->info.meta_end = st->meta_end;
@@ -647,6 +650,7 @@ static void fill_info(erofs_builder *b, const struct layout_state *st)
                              (b->xpfx_ishare >= 0 ? EROFS_FEATURE_COMPAT_ISHARE_XATTRS : 0);
     b->info.feature_incompat = b->o.feature_incompat |
                                (b->o.sb_48bit ? EROFS_FEATURE_INCOMPAT_48BIT : 0) |
+                               (b->o.metabox ? EROFS_FEATURE_INCOMPAT_METABOX : 0) |
                                (b->xpfx_count ? EROFS_FEATURE_INCOMPAT_XATTR_PREFIXES : 0) |
                                (st->have_chunks ? EROFS_FEATURE_INCOMPAT_CHUNKED_FILE : 0) |
                                (b->ndevs ? EROFS_FEATURE_INCOMPAT_DEVICE_TABLE : 0) |
@@ -674,7 +678,8 @@ int erofs_builder_layout(erofs_builder *b, struct erofs_layout_info *info)
     if ((r = choose_formats(b, &st)))
         return r;
     if ((r = place_stream_data(b, &st)) || (r = place_inodes(b, &st)) ||
-        (r = place_after_inodes(b, &st)) || (b->o.compress_dirs && (r = place_packed_late(b, &st))))
+        (r = place_after_inodes(b, &st)) || (b->o.compress_dirs && (r = place_packed_late(b, &st))) ||
+        (b->o.metabox && (r = metabox_laid_out(b, st.meta_start, st.meta_end))))
         return r;
     fill_info(b, &st);
     b->laid_out = 1;

@@ -197,7 +197,7 @@ int mpack_place(struct mpack *m, uint64_t len, int may_cross,
                 uint64_t *pout)
 {
     uint64_t off;
-    uint32_t blk = len <= m->blksz ? best_fit(m, len) : NOBLK;
+    uint32_t blk = len <= m->blksz && !m->seq ? best_fit(m, len) : NOBLK;
     if (blk != NOBLK) {
         off = blk_of(m, blk) * m->blksz + m->lo[blk];
     } else {

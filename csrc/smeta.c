@@ -300,7 +300,7 @@ int smeta_dir(erofs_builder *b, uint32_t node, const char *names, const uint32_t
               uint32_t cnt)
 {
     if (!b->sm && node == b->root && b->worker_on && b->o.stream_data &&
-        !b->o.first_nid && !b->o.meta_blkaddr && !b->ndevs && !b->nputs)
+        !b->o.first_nid && !b->o.meta_blkaddr && !b->ndevs && !b->nputs && !b->o.metabox)
         sm_new(b);
     if (!b->sm || node >= b->nnodes || cnt > 65000)
         return 0;

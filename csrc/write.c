@@ -526,7 +526,7 @@ static int write_superblock(erofs_builder *b)
     uint32_t cfgs_len;
     const uint8_t *cfgs = zconf_cfgs(b, &cfgs_len);
     if (cfgs_len) {
-        int r = pwrite_all(b, cfgs, cfgs_len, SB_END);
+        int r = pwrite_all(b, cfgs, cfgs_len, sb_end(b));
         if (r)
             return r;
     }
@@ -535,8 +535,8 @@ static int write_superblock(erofs_builder *b)
         if (r)
             return r;
     }
-    int fr = ot_fill(b);
-    if (fr)
+    int fr = b->o.metabox ? metabox_write(b, pwrite_all) : 0;
+    if (fr || (fr = ot_fill(b)))
         return fr;
     ssize_t got = pread(b->fd, blk0, b0len, (off_t)ot_base(b->ot));
     if (got < 0)
@@ -546,6 +546,7 @@ static int write_superblock(erofs_builder *b)
     sb.magic = cpu_to_le32(EROFS_SUPER_MAGIC);
     sb.feature_compat = cpu_to_le32(b->info.feature_compat);
     sb.blkszbits = (uint8_t)b->o.blkszbits;
+    sb.sb_extslots = b->o.metabox ? 1 : 0;     /* (-m: the metabox nid's slot) */
     sb.root_nid = cpu_to_le16(b->info.root_nid);
     sb.inos = cpu_to_le64(b->info.inodes);
     sb.build_time = cpu_to_le64(b->info.build_time);
@@ -594,7 +595,8 @@ int erofs_builder_write_end(erofs_builder *b)
     if (b->fd < 0 || b->wfailed || b->wpos != b->norder)
         return fail(b, ERN_EINVAL, "write not complete");
     int r = win_flush(b);
-    if (r || (b->nshared && (r = write_shared_xattrs(b))))
+    if (r || (b->nshared && (r = write_shared_xattrs(b))) ||
+        (b->o.metabox && b->o.compress_alg && (r = metabox_compress(b))))
         return r;
     /* caller's reserved and appended bytes, device table */
     if ((!b->ot || !b->ot->device) &&

@@ -116,6 +116,7 @@ class BuildOptions:
     sb_48bit: bool = False         # the 48-bit layout (Linux 6.15+)
     dot_omitted: bool = False      # no "." entries (implies sb_48bit)
     compress_dirs: bool = False    # every directory whole in the packed inode (--zD)
+    metabox: tuple[int, int] = (0, 0)  # -m: (pcluster bytes (0: off), -z index of its alg)
     compress_alt: tuple[tuple[int, int], ...] = ()   # more (COMPRESSORS value, level) of -z
     compress_dict_size: tuple[int, ...] = ()  # per -z algorithm: dictsize= bytes, 0: default
     compress_lzma_props: tuple[tuple[int, int, int], ...] = ()  # per -z algorithm: lzma's
@@ -194,6 +195,7 @@ class BuildOptions:
         o.sb_48bit = int(self.sb_48bit or self.dot_omitted)      # (the one implies it)
         o.dot_omitted = int(self.dot_omitted)
         o.compress_dirs = int(self.compress_dirs)
+        o.metabox, o.metabox_alg = self.metabox
         o.max_extent = self.max_extent            # (cffi refuses what is not a u32)
         o.chunkbits = self.chunkbits     # (the C core takes it from the block size up)
         o.chunk_indexes = int(self.chunk_indexes)

@@ -127,11 +127,12 @@ def build_options(opts: MkfsOptions) -> BuildOptions:
         force_extended=opts.force_extended,
         ignore_mtime=opts.ignore_mtime,
         force_compact=opts.force_compact,
-        plain_xattr_pfx=opts.plain_xattr_prefixes,
-        sb_48bit=opts.sb_48bit or opts.dot_omitted,
+        plain_xattr_pfx=opts.plain_xattr_prefixes or bool(opts.metabox),  # (-m: as the kernel reads it)
+        sb_48bit=opts.sb_48bit or opts.dot_omitted or bool(opts.metabox),
+        metabox=(opts.metabox, opts.metabox_alg),
         dot_omitted=opts.dot_omitted,
         feature_incompat=E.FEATURE_INCOMPAT_CHUNKED_FILE if opts.chunksize else 0,
-        devt_slotoff=(E.SUPER_OFFSET + 128) // E.DEVICE_SLOT_SIZE
+        devt_slotoff=-(-(E.SUPER_OFFSET + 128 + (16 if opts.metabox else 0)) // E.DEVICE_SLOT_SIZE)
         if opts.blobdev else 0,
         chunkbits=opts.chunksize.bit_length() - 1 if opts.chunksize else 0,
         chunk_indexes=opts.chunk_indexes,
@@ -187,6 +188,8 @@ def mkfs(image: StrOrBytesPath, source: StrOrBytesPath, opts: MkfsOptions | None
             if progress:
                 wp = lambda done, left: progress.write(info.inodes - left, info.inodes)  # noqa: E731
             nb.write(fd, progress=wp)
+            if opts.metabox:
+                info = nb.refresh_info()    # (-m -z: the compressed metabox ends it)
             filled = nb.target_filled()
         finally:
             if nb is not None:

@@ -517,6 +517,8 @@ def _build(image: str, tree: TarTree, files: list[int | _Data], data_path: str,
             if progress:
                 wp = lambda done, left: progress.write(info.inodes - left, info.inodes)  # noqa: E731
             nb.write(fd, progress=wp)
+            if opts.metabox:
+                info = nb.refresh_info()    # (-m -z: the compressed metabox ends it)
         finally:
             nb.close()
     return info, nb.options.uuid

@@ -1,4 +1,5 @@
 """Options of `erofs-tools mkfs` (what mkfs.erofs offers, plus JSON/progress handling)."""
+import dataclasses
 import os
 import re
 import uuid as _uuid
@@ -113,6 +114,9 @@ class MkfsOptions:
                                       # mtime is compact, its mtime the build time
     sb_48bit: bool = False            # -E 48bit: the 48-bit layout (Linux 6.15+)
     dot_omitted: bool = False         # -E dot-omitted: no "." entries (implies 48bit)
+    metabox: int = 0                  # -m#: every inode in the metabox (its pcluster
+                                      # size #; stored plain: no -z); 0: no
+    metabox_alg: int = 0              # -m#:X: X's index in the -z list
     chunksize: int = 0                # --chunksize: every file chunk-based (0: no)
     blobdev: str | None = None        # --blobdev: the chunks' data in this extra device
     chunk_indexes: bool = False       # -E force-chunk-indexes: 8-byte chunk indexes
@@ -581,6 +585,42 @@ def parse_block_size(size: int | None, tar_mode: str | None = None) -> int:
     if tar_mode == "i" and size != 512:
         raise InputError(f"-b {size}: --tar=i images have 512-byte blocks (the tar's)")
     return size.bit_length() - 1
+
+
+def parse_metabox(text: str | None, blkszbits: int,
+                  z: Compression | None) -> tuple[int, int, Compression | None]:
+    """-m #[:X] (mkfs.erofs 1.9's metadata compression, Linux 6.17+) -> (#, the index of
+    X in the -z list, the -z settings with X added to the list if it was not there), #
+    0 without -m. # is the metabox's pcluster size (a multiple of the block size, at most
+    -C's, as mkfs.erofs checks it); X its algorithm (ALG[,level=N]...; default: the first
+    -z one, as mkfs.erofs's; one not in the -z list is added to it, as mkfs.erofs adds
+    it). Without -z the metabox is stored plain (mkfs.erofs 1.9.4's -m# then), and an X
+    is refused."""
+    if text is None:
+        return 0, 0, z
+    size_text, colon, alg = text.partition(":")
+    try:
+        size = int(size_text, 0)
+    except ValueError:
+        raise InputError(f"-m {text}: invalid metabox option") from None
+    blksz = 1 << blkszbits
+    if size < blksz or size % blksz:
+        raise InputError(f"-m {text}: invalid pcluster size {size} for the metabox inode")
+    if z is not None and size > max(z.pcluster_size, blksz):
+        raise InputError(f"-m {text}: the metabox's pcluster size exceeds -C's "
+                         f"{max(z.pcluster_size, blksz)}")
+    if not colon:
+        return size, 0, z
+    if z is None:
+        raise InputError(f"-m {text}: a metabox algorithm without -z is not written by "
+                         "this mkfs (without -z the metabox is stored plain)")
+    want = parse_compress(alg).algorithms[0]
+    for k, a in enumerate(z.algorithms):
+        if a == want or (a.name == want.name and alg == want.name):
+            return size, k, z
+    if len(z.algorithms) >= 4:
+        raise InputError(f"-m {text}: the -z list has 4 algorithms already")
+    return size, len(z.algorithms), dataclasses.replace(z, more=(*z.more, want))
 
 
 def parse_uuid(text: str) -> bytes | None:

@@ -20,6 +20,7 @@ from erofs_tools.builder.options import (
     parse_id_offset,
     parse_inode_digest,
     parse_label,
+    parse_metabox,
     parse_offset,
     parse_root_xattr_isize,
     parse_timestamp,
@@ -111,6 +112,10 @@ from erofs_tools.errors import InputError, terminate_as_interrupt
               help="Compress regular files: lz4, lz4hc, lzma, deflate or zstd "
                    "(as mkfs.erofs -z, with level=, dictsize= and lzma's lc=, lp=, pb=); data "
                    "that would not save a block is stored plain.")
+@click.option("-m", "metabox", metavar="#[:X]",
+              help="Metadata compression (Linux 6.17+): every inode in a metabox inode "
+                   "compressed in pclusters of # bytes (at most -C's) with X, the first -z "
+                   "algorithm (the default; without -z stored plain), as mkfs.erofs 1.9 -m.")
 @click.option("--zD", "zdirs", type=click.Choice(["0", "1"]), metavar="0|1",
               help="1 (or a bare --zD): every directory whole in the packed inode, compressed "
                    "with it (with -z; without, stored plain), as mkfs.erofs 1.9 --zD; 0 "
@@ -169,7 +174,7 @@ def mkfs(image, source, timestamp, all_time, ignore_mtime, ovlfs_strip, block_si
          fsalignblks, dsunit, max_extent, async_limit, hard_dereference, mount_point, exclude_path, exclude_regex, no_shared_xattrs,
          xattr_tolerance, debug_level, xattr_prefix, root_xattr_isize, compress,
          zdirs, pcluster, extended, zfeature_bits, chunksize, blobdev, vmdk_desc, hints, digest_flag, digest_name, workers, quiet, as_json,
-         tar_mode, aufs, ungzip, ungzip_dump, unxz, sort_order, max_size):
+         tar_mode, aufs, ungzip, ungzip_dump, unxz, sort_order, max_size, metabox):
     """Build an EROFS image IMAGE of the directory SOURCE (4 KiB blocks), or with --tar
     of the tar file SOURCE (- or none: stdin). IMAGE may be a block device, written in
     place (refused when mounted or too small), as mkfs.erofs writes one."""
@@ -187,6 +192,11 @@ def mkfs(image, source, timestamp, all_time, ignore_mtime, ovlfs_strip, block_si
     devices = vmdk_devices(vmdk_desc, tar_mode, source, blobdev, ungzip, ungzip_dump, unxz,
                            offset)
     blkszbits = parse_block_size(block_size, tar_mode)
+    mbox, mbox_alg, z = parse_metabox(metabox, blkszbits, z)
+    if mbox and (zdirs == "1" or digest_flag
+                 or digest_name is not None or tar_mode == "i"):
+        raise InputError(f"-m {metabox}: not with --zD, --xattr-inode-digest or "
+                         "--tar=i yet")
     chunk_bytes = check_chunks(chunksize, blobdev, ext, z is not None, tar_mode, blkszbits,
                                image, source)
     digest = None
@@ -234,6 +244,8 @@ def mkfs(image, source, timestamp, all_time, ignore_mtime, ovlfs_strip, block_si
         plain_xattr_prefixes="plain-xattr-prefixes" in ext,
         sb_48bit="48bit" in ext,
         dot_omitted="dot-omitted" in ext,
+        metabox=mbox,
+        metabox_alg=mbox_alg,
         ignore_mtime=ignore_mtime,
         compress=z,
         compress_dirs=zdirs == "1",
