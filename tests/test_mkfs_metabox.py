@@ -6,14 +6,15 @@ algorithm (lz4, lz4hc, lzma, zstd, deflate; -m65536:lz4hc with -C65536) or with 
 X (added to the -z list when not in it), as mkfs.erofs 1.9.4 writes them. Each image
 (4 KiB and 1 KiB blocks, noinline_data, extended inodes, dedupe, ztailpacking,
 fragments and all-fragments (the packed inode kept in the image), --xattr-prefix,
---compress-hints, --chunksize with and without --blobdev, --tar=f) is mounted by the
+--compress-hints, --chunksize with and without --blobdev, --xattr-inode-digest, --tar=f)
+is mounted by the
 host kernel and compared with the source with full metadata; fsck.erofs 1.9.4 passes
 (with --extract but on ztailpacking, which it reads wrongly from its own images too)
 and our reader (check, unpack) reads it back identical; the image is the same for any
 thread count; its size against mkfs.erofs 1.9.4's with the same options on
 /usr/lib/python3.11 is at most 1.001. `-m` was refused before ("no such option"), so
 each of these failed on the code before it. What is not written (X without -z, # over
--C, a fifth algorithm; -m with --zD, --xattr-inode-digest, --tar=i) is refused in one
+-C, a fifth algorithm; -m with --zD, --tar=i) is refused in one
 line, nothing written."""
 import os
 import subprocess
@@ -23,6 +24,7 @@ import pytest
 from helpers import (
     assert_same_image_for_any_workers,
     compare_trees,
+    file_digests,
     fsck,
     mkfs_and_check,
     mounted,
@@ -30,6 +32,7 @@ from helpers import (
     require,
     require_tool,
     run_mkfs,
+    scan_tree,
     text,
 )
 from test_mkfs_tar import _tar as make_tar
@@ -246,6 +249,40 @@ def test_metabox_chunks(root_kernel, tree, tmp_path, blob):
     assert compare_trees(tree, out, check_nlink=True) == []
 
 
+def digest_diffs(tree, actual, name):
+    """the differences of `actual` from `tree` plus xattr NAME (sha256:<digest> of the
+    content) on every non-empty regular file, with full metadata"""
+    want, got = scan_tree(tree), scan_tree(actual)
+    for rel, value in file_digests(tree).items():
+        want[rel]["xattr"][name] = value
+    diffs = []
+    for rel in sorted(set(want) | set(got)):
+        a, b = want.get(rel, {}), got.get(rel, {})
+        diffs += [f"{rel!r}: {k}: {a.get(k)!r} != {b.get(k)!r}"
+                  for k in sorted(set(a) | set(b)) if k != "_ino" and a.get(k) != b.get(k)]
+    return diffs
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("extra", [[], ["-zlz4hc"]], ids=["plain", "lz4hc"])
+def test_metabox_inode_digest(root_kernel, tree, tmp_path, extra):
+    """--xattr-inode-digest=user.fp -m4096: the fingerprints in the metabox's records
+    (the long prefix table plain); the kernel lists them, the rest as the source"""
+    img = tmp_path / "d.img"
+    run_mkfs(img, tree, *extra, "--xattr-inode-digest=user.fp", "-m4096")
+    fsck(img)
+    assert_metabox(img)
+    with mounted(img) as mnt:
+        assert digest_diffs(tree, mnt, "user.fp") == []
+    im = open_image(img)
+    assert check_image(im) == []
+    out = tmp_path / "out"
+    warnings = []
+    unpack_to_dir(im, out, warnings)
+    assert warnings == []
+    assert digest_diffs(tree, out, "user.fp") == []
+
+
 def anchor(img, src, *args):
     require_tool("mkfs.erofs")
     subprocess.run(["mkfs.erofs", "--quiet", "-T", "0", "-U", "clear", *args,
@@ -260,6 +297,8 @@ PYLIB_ARGS = {
     "lz4hc-64k": ["-zlz4hc", "-C65536", "-m65536"],
     "lz4hc-fragments": ["-zlz4hc", "-Efragments", "-m4096"],
     "lz4hc-lzma-metabox": ["-zlz4hc", "-m4096:lzma"],
+    "digest": ["--xattr-inode-digest", "-m4096"],
+    "lz4hc-digest": ["-zlz4hc", "--xattr-inode-digest", "-m4096"],
 }
 
 
@@ -271,7 +310,9 @@ def test_pylib_size_as_mkfs_erofs(root_kernel, tmp_path, variant):
     require(os.path.isdir(PYLIB), f"{PYLIB} missing")
     args = PYLIB_ARGS[variant]
     ours, theirs = tmp_path / "o.img", tmp_path / "a.img"
-    mkfs_and_check(ours, PYLIB, "-T", "0", "-U", "clear", *args, ignore=("mtime_ns",))
+    # (--xattr-inode-digest: the fingerprints, test_metabox_inode_digest compares them)
+    ignore = ("mtime_ns", "xattr") if "--xattr-inode-digest" in args else ("mtime_ns",)
+    mkfs_and_check(ours, PYLIB, "-T", "0", "-U", "clear", *args, ignore=ignore)
     anchor(theirs, PYLIB, *args)
     fsck(theirs, extract=False)
     assert_metabox(ours)
@@ -282,7 +323,7 @@ def test_pylib_size_as_mkfs_erofs(root_kernel, tmp_path, variant):
     assert ratio <= 1.001, ratio
 
 
-NOT_YET = "-m 4096: not with --zD, --xattr-inode-digest or --tar=i yet"
+NOT_YET = "-m 4096: not with --zD or --tar=i yet"
 
 
 @pytest.mark.parametrize("args, msg", [
@@ -294,7 +335,6 @@ NOT_YET = "-m 4096: not with --zD, --xattr-inode-digest or --tar=i yet"
     (["-m100"], "-m 100: invalid pcluster size 100 for the metabox inode"),
     (["-mfoo"], "-m foo: invalid metabox option"),
     (["-m4096", "--zD"], NOT_YET),
-    (["-m4096", "--xattr-inode-digest"], NOT_YET),
 ])
 def test_refused(tree, tmp_path, args, msg):
     img = tmp_path / "x.img"
