@@ -444,14 +444,19 @@ def _build(image: str, tree: TarTree, files: list[int | _Data], data_path: str,
         wide = opts.sb_48bit or opts.dot_omitted or tar_blocks > 0xFFFFFFFF
         # (the root right after the device table, or after the long xattr prefixes that
         # follow it: the C core's first_nid 0)
-        bo = BuildOptions(blkszbits=INDEX_BLKSZBITS, devt_slotoff=_SB_END // E.DEVICE_SLOT_SIZE,
+        # -m: the metabox as build_options sets it (the 48-bit superblock, its extension
+        # slot before the device table, the long prefix table plain)
+        mbox = bool(opts.metabox)
+        bo = BuildOptions(blkszbits=INDEX_BLKSZBITS,
+                          devt_slotoff=-(-(_SB_END + (16 if mbox else 0)) // E.DEVICE_SLOT_SIZE),
                           uuid=opts.uuid if opts.uuid is not None else _uuid.uuid4().bytes,
                           volume_name=opts.label, build_time=opts.effective_timestamp(),
                           shared_xattrs=opts.shared_xattrs, xattr_filter=opts.xattr_filter,
                           ignore_mtime=opts.ignore_mtime, force_compact=opts.force_compact,
                           root_xattr_isize=opts.root_xattr_isize,
-                          sb_48bit=wide, dot_omitted=opts.dot_omitted,
-                          compress_dirs=opts.compress_dirs)
+                          sb_48bit=wide or mbox, dot_omitted=opts.dot_omitted,
+                          compress_dirs=opts.compress_dirs, plain_xattr_pfx=mbox,
+                          metabox=(opts.metabox, opts.metabox_alg))
     else:
         bo = build_options(opts)
         # inline tails not read ahead by the copy thread are read back from the one tar
