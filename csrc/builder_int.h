@@ -314,6 +314,9 @@ INTERNAL uint64_t metabox_meta_start(const erofs_builder *b);
 INTERNAL int metabox_laid_out(erofs_builder *b, uint64_t meta_start, uint64_t meta_end);
 /* -m with -z, stream mode: the shared xattr area from block *blk on (*xblk), before the
  * inode area, which stays last to be compressed in place; -> the inode area's block */
+INTERNAL uint64_t metabox_late_blk(const erofs_builder *b, uint64_t blk, uint64_t meta_start);
+INTERNAL void metabox_after_packed(erofs_builder *b, uint64_t pblk, uint64_t *meta_start,
+                                   uint64_t *meta_end, uint64_t *blk);
 INTERNAL uint64_t metabox_area(erofs_builder *b, uint32_t shared_bytes, uint64_t *blk,
                                uint32_t *xblk);
 /* -m with -z, once every record is written: the inode area compressed in place, the

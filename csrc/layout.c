@@ -602,15 +602,14 @@ static int place_after_inodes(erofs_builder *b, struct layout_state *st)
  * compressed after the rest, its record placed last (zdir.c) */
 static int place_packed_late(erofs_builder *b, struct layout_state *st)
 {
-    int r = zdir_pack(b, &st->blk);
+    uint64_t pblk = metabox_late_blk(b, st->blk, st->meta_start);   /* (-m -z: before it) */
+    int r = zdir_pack(b, &pblk);
     if (r || b->packed_node == NONE32)
         return r;
     uint32_t *o = realloc(b->order, (size_t)(b->norder + 1) * sizeof(*o));
     uint32_t *w = o ? realloc(b->worder, (size_t)(b->norder + 1) * sizeof(*w)) : NULL;
-    if (o)
-        b->order = o;
-    if (w)
-        b->worder = w;
+    b->order = o ? o : b->order;
+    b->worder = w ? w : b->worder;
     if (!o || !w)
         return fail(b, ERN_ENOMEM, "out of memory");
     struct node *n = &b->nodes[b->packed_node];
@@ -618,8 +617,9 @@ static int place_packed_late(erofs_builder *b, struct layout_state *st)
     b->order[b->norder] = b->worder[b->norder] = b->packed_node;
     n->ino = ++b->norder;
     if ((r = choose_format(b, st, b->norder - 1)) ||
-        (r = zdir_place_packed(b, st->meta_start, &st->meta_end, &st->blk)))
+        (r = zdir_place_packed(b, st->meta_start, &st->meta_end, &pblk)))
         return r;
+    metabox_after_packed(b, pblk, &st->meta_start, &st->meta_end, &st->blk);
     qsort_r(b->worder, b->norder, sizeof(uint32_t), cmp_meta_off, b);
     return 0;
 }

@@ -101,6 +101,35 @@ uint64_t metabox_area(erofs_builder *b, uint32_t shared_bytes, uint64_t *blk, ui
     return *blk;
 }
 
+/* --zD with -z: the packed inode (the directories, compressed) is laid out once the
+ * records are placed (their nids in its dirents), after them; but the compressed
+ * metabox ends the image (metabox_compress), so there its data and record (in the
+ * image, a block of its own: zdir_place_packed) go where the inode area began and the
+ * inode area moves after them by whole blocks: its nids count from its start, its
+ * inline tails and indexes keep their place in their blocks. -> the block to pack from */
+uint64_t metabox_late_blk(const erofs_builder *b, uint64_t blk, uint64_t meta_start)
+{
+    return b->o.metabox && b->o.compress_alg ? meta_start / b->blksz : blk;
+}
+
+void metabox_after_packed(erofs_builder *b, uint64_t pblk, uint64_t *meta_start,
+                          uint64_t *meta_end, uint64_t *blk)
+{
+    if (!(b->o.metabox && b->o.compress_alg)) {
+        *blk = pblk;
+        return;
+    }
+    uint64_t delta = pblk * b->blksz - *meta_start;
+    for (uint32_t i = 0; i < b->norder; i++) {
+        struct node *n = &b->nodes[b->order[i]];
+        if (b->order[i] != b->packed_node && n->nid >> EROFS_DIRENT_NID_METABOX_BIT)
+            n->meta_off += delta;
+    }
+    *meta_start += delta;
+    *meta_end += delta;
+    *blk += delta / b->blksz;
+}
+
 static int mbox_pwrite(erofs_builder *b, struct xfer *x, const void *buf, size_t len,
                        uint64_t off)
 {

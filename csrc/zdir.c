@@ -318,7 +318,9 @@ int zdir_place_packed(erofs_builder *b, uint64_t meta_start, uint64_t *meta_end,
         off = ztail_fit(b, n, off, bs);
     if (!may_cross && off % bs + len > bs)
         off = align_up(off, bs);    /* (an inline tail stays in its inode's block) */
-    if (end % bs == 0 || off + len > align_up(end, bs) || off < meta_start) {
+    if (b->o.metabox || end % bs == 0 || off + len > align_up(end, bs) || off < meta_start) {
+        /* (-m: its record in the image, not the metabox: nid without bit 63, counted
+         * from byte 0, as mkfs.erofs 1.9.4 keeps it) */
         /* a block of its own after its data */
         off = *blk * bs;
         if (NXR(b, n)->ztail_len)
@@ -330,6 +332,6 @@ int zdir_place_packed(erofs_builder *b, uint64_t meta_start, uint64_t *meta_end,
         *meta_end = align_up(off + len, EROFS_SLOT_SIZE);   /* the inode area's end */
     }
     n->meta_off = off;
-    n->nid = (off - meta_start) / EROFS_SLOT_SIZE;
+    n->nid = (off - (b->o.metabox ? 0 : meta_start)) / EROFS_SLOT_SIZE;
     return 0;
 }

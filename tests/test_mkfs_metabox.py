@@ -7,15 +7,15 @@ X (added to the -z list when not in it), as mkfs.erofs 1.9.4 writes them. Each i
 (4 KiB and 1 KiB blocks, noinline_data, extended inodes, dedupe, ztailpacking,
 fragments and all-fragments (the packed inode kept in the image), --xattr-prefix,
 --compress-hints, --chunksize with and without --blobdev, --xattr-inode-digest, --tar=f,
---tar=i with the tar as its device) is mounted by the
+--tar=i with the tar as its device, --zD plain, with lz4hc and with lzma and fragments:
+the packed inode kept in the image) is mounted by the
 host kernel and compared with the source with full metadata; fsck.erofs 1.9.4 passes
 (with --extract but on ztailpacking, which it reads wrongly from its own images too)
 and our reader (check, unpack) reads it back identical; the image is the same for any
 thread count; its size against mkfs.erofs 1.9.4's with the same options on
 /usr/lib/python3.11 is at most 1.001. `-m` was refused before ("no such option"), so
 each of these failed on the code before it. What is not written (X without -z, # over
--C, a fifth algorithm; -m with --zD) is refused in one
-line, nothing written."""
+-C, a fifth algorithm) is refused in one line, nothing written."""
 import os
 import subprocess
 import sys
@@ -144,6 +144,9 @@ VARIANTS = {
     "lzma-all-fragments": ["-zlzma", "-C65536", "-Eall-fragments", "-m16384"],
     "zstd-frag-tail-dedupe-prefix": ["-zzstd", "-Efragments,ztailpacking,dedupe",
                                      "--xattr-prefix", "user.sh", "-m4096"],
+    "zD": ["--zD", "-m4096"],
+    "lz4hc-zD": ["-zlz4hc", "--zD", "-m4096"],
+    "lzma-zD-fragments": ["-zlzma", "--zD", "-Efragments", "-m4096"],
 }
 
 
@@ -161,7 +164,7 @@ def test_metabox_mounts_and_reads(root_kernel, tree, tmp_path, variant):
         if not any("fragments" in a for a in args):     # (else the tails are fragments)
             assert inline_extents(img), "no inline pcluster"
     assert_metabox(img)
-    if any("fragments" in a for a in args):
+    if any("fragments" in a or a == "--zD" for a in args):
         # the packed inode stays in the image (no bit 63), as mkfs.erofs 1.9.4 keeps it
         im = open_image(img)
         assert im.sb.packed_nid and not im.sb.packed_nid >> E.NID_METABOX_BIT
@@ -220,7 +223,7 @@ def test_metabox_tar_index(root_kernel, tree, tmp_path, extra):
     assert ratio <= 1.001, ratio
 
 
-@pytest.mark.parametrize("args", [["-zlz4hc", "-m4096"],
+@pytest.mark.parametrize("args", [["-zlz4hc", "-m4096"], ["-zlz4hc", "--zD", "-m4096"],
                                   ["-zlzma", "-C65536", "-Ededupe", "-m65536"]])
 def test_same_image_for_any_workers(tree, tmp_path, args):
     """the compressed metabox is the same whatever the compression thread count"""
@@ -337,6 +340,8 @@ PYLIB_ARGS = {
     "lz4hc-lzma-metabox": ["-zlz4hc", "-m4096:lzma"],
     "digest": ["--xattr-inode-digest", "-m4096"],
     "lz4hc-digest": ["-zlz4hc", "--xattr-inode-digest", "-m4096"],
+    "zD": ["--zD", "-m4096"],
+    "lz4hc-zD": ["-zlz4hc", "--zD", "-m4096"],
 }
 
 
@@ -361,9 +366,6 @@ def test_pylib_size_as_mkfs_erofs(root_kernel, tmp_path, variant):
     assert ratio <= 1.001, ratio
 
 
-NOT_YET = "-m 4096: not with --zD yet"
-
-
 @pytest.mark.parametrize("args, msg", [
     (["-m4096:lzma"], "-m 4096:lzma: a metabox algorithm without -z is not written by this "
      "mkfs (without -z the metabox is stored plain)"),
@@ -372,7 +374,6 @@ NOT_YET = "-m 4096: not with --zD yet"
     (["-zlz4hc", "-m8192"], "-m 8192: the metabox's pcluster size exceeds -C's 4096"),
     (["-m100"], "-m 100: invalid pcluster size 100 for the metabox inode"),
     (["-mfoo"], "-m foo: invalid metabox option"),
-    (["-m4096", "--zD"], NOT_YET),
 ])
 def test_refused(tree, tmp_path, args, msg):
     img = tmp_path / "x.img"

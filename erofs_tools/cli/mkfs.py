@@ -193,8 +193,6 @@ def mkfs(image, source, timestamp, all_time, ignore_mtime, ovlfs_strip, block_si
                            offset)
     blkszbits = parse_block_size(block_size, tar_mode)
     mbox, mbox_alg, z = parse_metabox(metabox, blkszbits, z)
-    if mbox and zdirs == "1":
-        raise InputError(f"-m {metabox}: not with --zD yet")
     chunk_bytes = check_chunks(chunksize, blobdev, ext, z is not None, tar_mode, blkszbits,
                                image, source)
     digest = None
