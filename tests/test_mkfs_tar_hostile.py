@@ -357,8 +357,10 @@ def test_killed_while_reading_leaves_nothing(tmp_path, sig, cmd):
              str(out / "b.boot"), "-D", str(out / "blobs")])
     p = subprocess.Popen(argv, stdin=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        tar = make_tar([E("a", data=os.urandom(8 << 20))])
-        p.stdin.write(tar[:6 << 20])          # the pipe then stalls mid-file
+        # (pack holds up to three compressed 1 MiB batches per worker before its first
+        # blob write: enough of the file for the blob to hold data first)
+        tar = make_tar([E("a", data=os.urandom(16 << 20))])
+        p.stdin.write(tar[:12 << 20])         # the pipe then stalls mid-file
         p.stdin.flush()
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:   # until the spool / blob holds data
