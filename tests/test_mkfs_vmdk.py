@@ -99,13 +99,16 @@ def test_tar_index_one_disk(tree, tmp_path, monkeypatch):
     (("--tar=i", "-"), "not stdin"),
     (("--tar=i", "--ungzip", "layer.tar"), "only in the dump"),
     (("--offset=4096",), "not with --offset"),
+    (("--vmdk-desc", "no/such/dir/x.vmdk"), "does not exist"),
+    (("--vmdk-desc", "."), "is a directory"),
 ])
 def test_refused_one_line(tree, tmp_path, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "layer.tar").write_bytes(b"")
     src = () if "--tar=i" in args else (tree,)
-    p = subprocess.run([sys.executable, "-m", "erofs_tools", "mkfs", "x.img", *map(str, src), *args,
-                        "--vmdk-desc", "x.vmdk"], capture_output=True, text=True)
+    desc = () if "--vmdk-desc" in args else ("--vmdk-desc", "x.vmdk")
+    p = subprocess.run([sys.executable, "-m", "erofs_tools", "mkfs", "x.img", *map(str, src),
+                        *args, *desc], capture_output=True, text=True)
     assert p.returncode == 1, p
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], p.stderr

@@ -7,11 +7,12 @@ Read back from the finished image, not from the builder's state, so that what th
 descriptor says is what the image's superblock and device table say."""
 from __future__ import annotations
 
+import os
 import struct
 from collections.abc import Sequence
 
 from erofs_tools.errors import InputError
-from erofs_tools.fsutil import atomic_output
+from erofs_tools.fsutil import atomic_output, refuse_special
 from erofs_tools.reader.image import open_image
 
 SECTOR_SHIFT = 9
@@ -49,6 +50,16 @@ def descriptor(uuid: bytes, parts: Sequence[tuple[str, int]]) -> str:
               f'ddb.geometry.cylinders = "{cylinders}"', f'ddb.geometry.heads = "{HEADS}"',
               f'ddb.geometry.sectors = "{SECTORS_PER_TRACK}"', 'ddb.adapterType = "ide"']
     return "\n".join(lines) + "\n"
+
+
+def check_vmdk_path(path: str) -> None:
+    """Refused before any work: a directory, a device or FIFO, a missing parent."""
+    if os.path.isdir(path):
+        raise InputError(f"--vmdk-desc={path}: is a directory")
+    refuse_special(path, f"--vmdk-desc={path}")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise InputError(f"--vmdk-desc={path}: directory {parent} does not exist")
 
 
 def write_vmdk_desc(path: str, image: str, device_names: Sequence[str]) -> None:

@@ -29,7 +29,7 @@ from erofs_tools.builder.options import (
     parse_xattr_tolerance,
     zfeature_extended,
 )
-from erofs_tools.builder.vmdk import write_vmdk_desc
+from erofs_tools.builder.vmdk import check_vmdk_path, write_vmdk_desc
 from erofs_tools.cli.mkfs_tar import MkfsCommand, check_tar_flags, run_tar, tar_options
 from erofs_tools.cli.progress import Progress
 from erofs_tools.errors import InputError, terminate_as_interrupt
@@ -281,6 +281,7 @@ def vmdk_devices(vmdk_desc: str | None, tar_mode: str | None, source: str | None
     --blobdev blob, or the tar of --tar=i (its uncompressed dump with --ungzip=FILE)."""
     if vmdk_desc is None:
         return []
+    check_vmdk_path(vmdk_desc)           # (before the image is written)
     if offset:
         raise InputError("--vmdk-desc: not with --offset (the disk starts at the image)")
     if tar_mode == "i":
