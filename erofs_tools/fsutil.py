@@ -94,6 +94,19 @@ def refuse_special(path: str, what: str = "", block_ok: bool = False) -> None:
                             "(an image is written to a regular file)"))
 
 
+def check_new_output(path: str, what: str) -> None:
+    """One line (InputError) before any work if an extra output written at the end (a
+    zinfo, a VMDK descriptor) could not be: a directory, a device or FIFO, a missing
+    parent directory. `what`: how the user named it (e.g. "--gzinfo=FILE")."""
+    from erofs_tools.errors import InputError
+    if os.path.isdir(path):
+        raise InputError(f"{what}: is a directory")
+    refuse_special(path, what)
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise InputError(f"{what}: directory {parent} does not exist")
+
+
 @contextlib.contextmanager
 def atomic_output(path: str, mode: int = 0o644, fsync: bool = True,
                   unlink_first: bool = False, stream: bool = False) -> Iterator[BinaryIO]:

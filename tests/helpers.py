@@ -365,6 +365,20 @@ def mkfs_both(tmp_path, tree, *args, need=None):
     return ours, ref
 
 
+def reader_unpack(img, out, **open_kw):
+    """Our reader on `img`: `check` finds it clean and `unpack` writes it into `out`
+    without a warning; -> the opened Image (open_kw: open_image's blob_dir, devices)."""
+    from erofs_tools.reader.fsck import check_image
+    from erofs_tools.reader.image import open_image
+    from erofs_tools.reader.unpack import unpack_to_dir
+    im = open_image(img, **open_kw)
+    assert check_image(im) == []
+    warnings = []
+    unpack_to_dir(im, out, warnings)
+    assert warnings == []
+    return im
+
+
 def mark_whiteout_dirs(entries):
     """What mkfs (as mkfs.erofs 1.9) adds to a source: trusted.overlay.origin="" on each
     directory holding an overlayfs whiteout (char 0:0), so that overlayfs never lists

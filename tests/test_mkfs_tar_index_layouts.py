@@ -167,15 +167,10 @@ def test_index_as_mkfs_erofs(tmp_path, layer, opts, aufs):
     assert so <= sa * 1.01
 
 
-def test_index_member_over_4gib(tmp_path):
-    """a 5 GiB member (its data a hole of the tar file: cheap), then a small one past it:
-    `--tar=i --zD -E48bit` maps both (an extended inode, one chunk of 8 GiB), the kernel
-    reads the marks at its start, past 4 GiB and at its end, and the small file after it;
-    fsck.erofs 1.9.4 and our check pass; the same tree and size as mkfs.erofs 1.9.4's"""
+def _hole_tar(tar, size, marks):
+    """A tar of the root, a member "huge" of `size` bytes whose data is a hole of the tar
+    file but for `marks` ({offset: bytes}), and a 6-byte file "after" past it."""
     import tarfile
-    size = (5 << 30) + 1000
-    tar = tmp_path / "big.tar"
-    marks = {0: b"HEAD", (4 << 30) + 12345: b"MIDDLE", size - 4: b"TAIL"}
     with open(tar, "wb") as f:
         ti = tarfile.TarInfo("./")        # (the root: not implied, as mkfs.erofs's differs)
         ti.type, ti.mode, ti.mtime = tarfile.DIRTYPE, 0o755, 1_650_000_000
@@ -189,8 +184,19 @@ def test_index_member_over_4gib(tmp_path):
             f.write(data)
         f.seek(start + size + (-size % 512))
         ti = tarfile.TarInfo("after")
-        ti.size, ti.mtime = 6, 1_650_000_000
+        ti.size, ti.mtime, ti.mode = 6, 1_650_000_000, 0o644
         f.write(ti.tobuf(format=tarfile.PAX_FORMAT) + b"after\n".ljust(512, b"\0") + bytes(1024))
+
+
+def test_index_member_over_4gib(tmp_path):
+    """a 5 GiB member (its data a hole of the tar file: cheap), then a small one past it:
+    `--tar=i --zD -E48bit` maps both (an extended inode, one chunk of 8 GiB), the kernel
+    reads the marks at its start, past 4 GiB and at its end, and the small file after it;
+    fsck.erofs 1.9.4 and our check pass; the same tree and size as mkfs.erofs 1.9.4's"""
+    size = (5 << 30) + 1000
+    tar = tmp_path / "big.tar"
+    marks = {0: b"HEAD", (4 << 30) + 12345: b"MIDDLE", size - 4: b"TAIL"}
+    _hole_tar(tar, size, marks)
     require_tool("mkfs.erofs")
     ours, theirs = tmp_path / "o.idx", tmp_path / "a.idx"
     p = run_cli("mkfs", "-q", "--tar=i", "--zD", "-E48bit", ours, tar, check=False)
@@ -224,25 +230,10 @@ def test_index_tar_over_2tib(tmp_path, opts):
     CHUNK_FORMAT_48BIT, the device slot blocks_hi. The kernel reads the marks before and
     past 2 TiB and the file after the member; fsck.erofs 1.9.4 and our check pass; the
     same tree and size as mkfs.erofs 1.9.4's"""
-    import tarfile
     size = (2 << 40) + (3 << 20) + 1000
     tar = tmp_path / "huge.tar"
     marks = {0: b"HEAD", (2 << 40) + 5: b"PAST2T", size - 4: b"TAIL"}
-    with open(tar, "wb") as f:
-        ti = tarfile.TarInfo("./")
-        ti.type, ti.mode, ti.mtime = tarfile.DIRTYPE, 0o755, 1_650_000_000
-        f.write(ti.tobuf(format=tarfile.PAX_FORMAT))
-        ti = tarfile.TarInfo("huge")
-        ti.size, ti.mtime, ti.mode = size, 1_650_000_000, 0o644
-        f.write(ti.tobuf(format=tarfile.PAX_FORMAT))
-        start = f.tell()
-        for off, data in marks.items():
-            f.seek(start + off)
-            f.write(data)
-        f.seek(start + size + (-size % 512))
-        ti = tarfile.TarInfo("after")
-        ti.size, ti.mtime, ti.mode = 6, 1_650_000_000, 0o644
-        f.write(ti.tobuf(format=tarfile.PAX_FORMAT) + b"after\n".ljust(512, b"\0") + bytes(1024))
+    _hole_tar(tar, size, marks)
     require_tool("mkfs.erofs")
     ours, theirs = tmp_path / "o.idx", tmp_path / "a.idx"
     p = run_cli("mkfs", "-q", "--tar=i", "--max-size", "3T", *opts, ours, tar, check=False)

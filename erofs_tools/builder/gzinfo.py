@@ -16,7 +16,6 @@ byte. With its checkpoints the layer's ranges inflate through
 """
 from __future__ import annotations
 
-import os
 import struct
 from contextlib import AbstractContextManager
 from typing import BinaryIO
@@ -24,7 +23,7 @@ from typing import BinaryIO
 from erofs_tools._native_zran import ZINFO_RECORD, ZinfoBuilder
 from erofs_tools.builder.tar_reader import ReadStream
 from erofs_tools.errors import InputError
-from erofs_tools.fsutil import atomic_output, refuse_special
+from erofs_tools.fsutil import atomic_output, check_new_output
 
 __all__ = ["GZINFO_SPAN", "GzinfoTap", "check_zinfo_path", "zinfo_output"]
 
@@ -35,12 +34,7 @@ _BLOCK = 512
 
 def check_zinfo_path(path: str) -> None:
     """Refused before any work: a directory, a device or FIFO, a missing parent."""
-    if os.path.isdir(path):
-        raise InputError(f"--gzinfo={path}: is a directory")
-    refuse_special(path, f"--gzinfo={path}")
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise InputError(f"--gzinfo={path}: directory {parent} does not exist")
+    check_new_output(path, f"--gzinfo={path}")
 
 
 def zinfo_output(path: str, umask: int) -> AbstractContextManager[BinaryIO]:

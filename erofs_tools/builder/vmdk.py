@@ -7,12 +7,11 @@ Read back from the finished image, not from the builder's state, so that what th
 descriptor says is what the image's superblock and device table say."""
 from __future__ import annotations
 
-import os
 import struct
 from collections.abc import Sequence
 
 from erofs_tools.errors import InputError
-from erofs_tools.fsutil import atomic_output, refuse_special
+from erofs_tools.fsutil import atomic_output, check_new_output
 from erofs_tools.reader.image import open_image
 
 SECTOR_SHIFT = 9
@@ -54,12 +53,7 @@ def descriptor(uuid: bytes, parts: Sequence[tuple[str, int]]) -> str:
 
 def check_vmdk_path(path: str) -> None:
     """Refused before any work: a directory, a device or FIFO, a missing parent."""
-    if os.path.isdir(path):
-        raise InputError(f"--vmdk-desc={path}: is a directory")
-    refuse_special(path, f"--vmdk-desc={path}")
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise InputError(f"--vmdk-desc={path}: directory {parent} does not exist")
+    check_new_output(path, f"--vmdk-desc={path}")
 
 
 def write_vmdk_desc(path: str, image: str, device_names: Sequence[str]) -> None:
