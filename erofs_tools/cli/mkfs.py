@@ -30,7 +30,15 @@ from erofs_tools.builder.options import (
     zfeature_extended,
 )
 from erofs_tools.builder.vmdk import check_vmdk_path, write_vmdk_desc
-from erofs_tools.cli.mkfs_tar import MkfsCommand, check_tar_flags, run_tar, tar_options
+from erofs_tools.cli.mkfs_tar import (
+    MkfsCommand,
+    check_tar_flags,
+    parse_build_mode,
+    refuse_with_incremental,
+    run_incremental,
+    run_tar,
+    tar_options,
+)
 from erofs_tools.cli.progress import Progress
 from erofs_tools.errors import InputError, terminate_as_interrupt
 
@@ -167,18 +175,32 @@ from erofs_tools.errors import InputError, terminate_as_interrupt
                    "start with it store only the rest, as mkfs.erofs.")
 @click.option("--workers", type=click.IntRange(0, 64), default=0,
               help="Compression threads (default: one per CPU; the image is the same).")
+@click.option("--incremental", "incremental_help", metavar="[=data|rvsp|0]", expose_value=False,
+              help="Incremental build, as mkfs.erofs 1.9.4: SOURCE (a directory or a "
+                   "--tar=f layer) laid over the EROFS image IMAGE, whose blocks stay; the "
+                   "new data and metadata appended (rvsp: a tar's file blocks reserved, "
+                   "not written).")
+@click.option("--clean", "clean_help", metavar="[=data|rvsp|0]", expose_value=False,
+              help="A full clean build (the default).")
+@click.option("--build-mode", "build_mode", hidden=True)
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing on success.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 def mkfs(image, source, timestamp, all_time, ignore_mtime, ovlfs_strip, block_size,
          uuid_text, label, all_root, force_uid, force_gid, uid_offset, gid_offset, offset,
          fsalignblks, dsunit, max_extent, async_limit, hard_dereference, mount_point, exclude_path, exclude_regex, no_shared_xattrs,
          xattr_tolerance, debug_level, xattr_prefix, root_xattr_isize, compress,
-         zdirs, pcluster, extended, zfeature_bits, chunksize, blobdev, vmdk_desc, hints, digest_flag, digest_name, workers, quiet, as_json,
+         zdirs, pcluster, extended, zfeature_bits, chunksize, blobdev, vmdk_desc, hints, digest_flag, digest_name, workers, build_mode, quiet, as_json,
          tar_mode, aufs, ungzip, ungzip_dump, unxz, sort_order, max_size, metabox):
     """Build an EROFS image IMAGE of the directory SOURCE (4 KiB blocks), or with --tar
     of the tar file SOURCE (- or none: stdin). IMAGE may be a block device, written in
     place (refused when mounted or too small), as mkfs.erofs writes one."""
     check_tar_flags(tar_mode, aufs, ungzip, ungzip_dump, max_size, unxz)
+    incremental, data_mode = parse_build_mode(build_mode)
+    if incremental:
+        refuse_with_incremental(locals())
+    elif data_mode == "rvsp" and tar_mode is not None:
+        raise InputError("--clean=rvsp: not supported with --tar (a clean build writes the "
+                         "tar's data)")
     if source is None and tar_mode is None:
         raise InputError("missing SOURCE (a directory, or a tar with --tar)")
     if pcluster is not None and compress is None:
@@ -260,7 +282,10 @@ def mkfs(image, source, timestamp, all_time, ignore_mtime, ovlfs_strip, block_si
     )
     progress = Progress.maybe(enabled=not quiet and not as_json)
     with terminate_as_interrupt():       # kill PID: temporary files removed
-        if tar_mode is not None:
+        if incremental:
+            summary = run_incremental(image, source or "-", opts, data_mode, tar_mode, aufs,
+                                      ungzip, max_size, block_size)
+        elif tar_mode is not None:
             summary = run_tar(image, source or "-", opts, tar_mode, aufs, ungzip,
                               ungzip_dump, max_size, progress, unxz)
         else:

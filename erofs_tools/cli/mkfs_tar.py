@@ -15,7 +15,8 @@ class MkfsCommand(click.Command):
     becomes the hidden `--ungzip-dump FILE` (`--xattr-inode-digest=NAME` the hidden
     `--xattr-inode-digest-name NAME`) and a bare `--ungzip` stays a flag, so
     `--ungzip IMAGE TAR` does not swallow IMAGE; a bare `--tar` is `--tar=f`, a bare
-    `--ovlfs-strip` `--ovlfs-strip=1`, a bare `--zD` `--zD=1`."""
+    `--ovlfs-strip` `--ovlfs-strip=1`, a bare `--zD` `--zD=1`; `--incremental[=X]` and
+    `--clean[=X]` become the hidden `--build-mode incremental:X` / `clean:X`."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         out = []
@@ -45,6 +46,11 @@ class MkfsCommand(click.Command):
                 out.append("--ovlfs-strip=1")
             elif a == "--zD":               # a bare --zD compresses directories
                 out.append("--zD=1")
+            elif a in ("--incremental", "--clean") or a.startswith(("--incremental=",
+                                                                    "--clean=")):
+                # (the last of the two wins, as in mkfs.erofs)
+                flag, _, value = a[2:].partition("=")
+                out.extend(["--build-mode", f"{flag}:{value}"])
             else:
                 out.append(a)
         return super().parse_args(ctx, out)
@@ -124,3 +130,57 @@ def run_tar(image: str, source: str, opts: Any, tar_mode: str, aufs: bool, ungzi
         from erofs_tools.cli.pack import _parse_size
         topts.max_size = _parse_size(max_size, "--max-size")
     return mkfs_tar(image, source, opts, topts, progress=progress)
+
+
+# what --incremental does not build (CLI name -> the parameter holding it)
+_NOT_INCREMENTAL = {
+    "-z": "compress", "-m": "metabox", "-C": "pcluster", "--chunksize": "chunksize",
+    "--blobdev": "blobdev", "--vmdk-desc": "vmdk_desc", "--compress-hints": "hints",
+    "--xattr-inode-digest": "digest_flag", "--xattr-prefix": "xattr_prefix",
+    "--root-xattr-isize": "root_xattr_isize", "--offset": "offset",
+    "--fsalignblks": "fsalignblks", "--dsunit": "dsunit", "--max-extent-bytes": "max_extent",
+    "--exclude-path": "exclude_path", "--exclude-regex": "exclude_regex",
+    "--zfeature-bits": "zfeature_bits", "--ungzip=FILE": "ungzip_dump",
+}
+_INCREMENTAL_EXTENDED = {"noinline_data", "force-inode-extended"}
+
+
+def parse_build_mode(value: str | None) -> tuple[bool, str]:
+    """The hidden --build-mode (MkfsCommand): -> (incremental, data mode)."""
+    from erofs_tools.builder.incremental import parse_data_mode
+    if value is None:
+        return False, "data"
+    flag, _, text = value.partition(":")
+    return flag == "incremental", parse_data_mode(text, flag)
+
+
+def refuse_with_incremental(args: dict[str, Any]) -> None:
+    """One line for an option --incremental does not build with."""
+    for name, param in _NOT_INCREMENTAL.items():
+        if args.get(param) not in (None, (), [], False, ""):
+            raise InputError(f"--incremental: {name} is not supported")
+    if args.get("zdirs") == "1":
+        raise InputError("--incremental: --zD is not supported")
+    if args.get("tar_mode") not in (None, "f"):
+        raise InputError(f"--incremental: --tar={args['tar_mode']} is not supported "
+                         "(a layer is a directory or --tar=f)")
+    from erofs_tools.builder.options import parse_extended
+    for name in parse_extended(args.get("extended") or ()):
+        if name not in _INCREMENTAL_EXTENDED:
+            raise InputError(f"--incremental: -E {name} is not supported")
+
+
+def run_incremental(image: str, source: str, opts: Any, data_mode: str,
+                    tar_mode: str | None, aufs: bool, ungzip: bool, max_size: str | None,
+                    block_size: int | None) -> dict[str, Any]:
+    from erofs_tools.builder.incremental import mkfs_incremental
+    from erofs_tools.builder.mkfs_tar import TarOptions
+    topts = None
+    if tar_mode is not None:
+        topts = TarOptions(mode="f", aufs=aufs, ungzip=ungzip)
+        if max_size:
+            from erofs_tools.cli.pack import _parse_size
+            topts.max_size = _parse_size(max_size, "--max-size")
+    elif source == "-":
+        raise InputError("missing SOURCE (a directory, or a tar with --tar)")
+    return mkfs_incremental(image, source, opts, data_mode, topts, block_size)

@@ -1,0 +1,401 @@
+"""`mkfs --incremental[=data|rvsp|0]`: a new layer laid over the EROFS image at IMAGE.
+
+As mkfs.erofs 1.9.4 builds incrementally: the base image's blocks stay where they are
+(its data and inodes are referenced, never copied) and the new layer's data and
+metadata are appended after them (builder/incr_write.py lays them out), the superblock
+rewritten last. The layer is a directory, or a tar (--tar=f; --aufs: `.wh.` entries as
+whiteouts) and is applied as overlayfs stacks an upper layer over a lower one:
+
+- a directory of the layer over a base directory is rewritten: the base entries it does
+  not name are kept (their nids), unless the layer's directory is opaque
+  (`trusted.overlay.opaque=y`, or `.wh..wh..opq` with --aufs); its metadata and xattrs
+  are the layer's (xattrs are not merged, as in mkfs.erofs), but for a directory a tar
+  only implies (a parent of its entries, the root without `./`), which keeps the base's;
+- any other entry replaces the base entry of its name (a file over a directory drops the
+  directory's subtree, a directory over a file is a new directory);
+- a whiteout (char 0:0) stays in the image, shadowing the base entry, and its directory
+  is marked `trusted.overlay.origin` (an overlayfs lower layer, as mkfs.erofs 1.9.4 keeps
+  it); with --ovlfs-strip=1 it removes the base entry instead and is not written, and
+  the opaque markers are left out;
+- hardlinks within the layer stay hardlinks.
+
+`rvsp` (--tar=f): each regular file's blocks are reserved, not written (they read as
+zeros; mkfs.erofs 1.9.4's --incremental=rvsp / --clean=rvsp, for data filled in later);
+`data` and `0` write the data (`0` zero-fills only mkfs.erofs's S3 source).
+
+Not as mkfs.erofs 1.9.4, which writes into IMAGE in place: the result is built in a copy
+beside IMAGE (the base's bytes, then the new ones) and renamed over it, so a failure at
+any point leaves the base image as it was.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+import time
+import uuid as _uuid
+from typing import Any
+
+from erofs_tools.builder import incr_write as W
+from erofs_tools.builder.mkfs_tar import (
+    TarOptions,
+    _force_ids,
+    _new_scratch,
+    _open_input,
+    _parse,
+    _scratch,
+    _Tee,
+)
+from erofs_tools.builder.options import MkfsOptions
+from erofs_tools.builder.tar_reader import TarReader
+from erofs_tools.builder.tar_tree import TarTree, TNode
+from erofs_tools.builder.whiteout import (
+    OPAQUE_VALUE,
+    OPAQUE_XATTR,
+    ORIGIN_XATTR,
+    is_overlay_whiteout,
+)
+from erofs_tools.errors import CorruptImageError, ErofsToolsError, InputError
+from erofs_tools.format import erofs as E
+from erofs_tools.fsutil import atomic_output
+from erofs_tools.reader.image import Image, open_image
+
+DATA_MODES = ("data", "rvsp", "0")
+
+
+def parse_data_mode(text: str | None, flag: str) -> str:
+    """--incremental=X / --clean=X as mkfs.erofs 1.9.4 reads X: data (the default),
+    rvsp, 0, or a number (2: rvsp; any other: data)."""
+    if text is None or text == "" or text == "data":
+        return "data"
+    if text in ("rvsp", "0"):
+        return text
+    try:
+        n = int(text, 0)
+    except ValueError:
+        raise InputError(f"invalid --{flag}={text}") from None
+    return "rvsp" if n == 2 else "data"
+
+
+def open_base(image: str) -> Image:
+    """The base image, checked: one line for anything this mkfs cannot build on."""
+    try:
+        st = os.stat(image)
+    except OSError as e:
+        raise InputError(f"{image}: no base image for --incremental ({e.strerror})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise InputError(f"{image}: --incremental builds on a regular file only")
+    try:
+        img = open_image(image)
+    except CorruptImageError as e:
+        raise InputError(f"{image}: not an EROFS image to build on ({e})") from None
+    try:
+        sb = img.sb
+        why = None
+        if img.is_rafs:
+            why = "a RAFS v6 bootstrap"
+        elif img.metabox is not None or sb.feature_incompat & E.FEATURE_INCOMPAT_METABOX:
+            why = "metadata-compressed (-m), as mkfs.erofs 1.9.4 refuses it"
+        elif img.is_48bit:
+            why = "in the 48-bit layout (not supported by this mkfs's --incremental)"
+        elif sb.extra_devices:
+            why = "an image with extra devices (not supported by --incremental)"
+        elif img.blocks * img.blksz > img.size:
+            why = f"truncated ({img.size} bytes, its superblock says {img.blocks} blocks)"
+        if why is not None:
+            raise InputError(f"{image}: the base image is {why}")
+        root = img.inode(img.root_nid)
+        img.listdir(root)
+    except BaseException:
+        img.close()
+        raise
+    return img
+
+
+# ---------------------------------------------------------------- the layer's tree ----
+
+def _ids(opts: MkfsOptions, uid: int, gid: int, path: str) -> tuple[int, int]:
+    if opts.all_root:
+        uid = gid = 0
+    if opts.force_uid is not None:
+        uid = opts.force_uid
+    if opts.force_gid is not None:
+        gid = opts.force_gid
+    uid += opts.uid_offset
+    gid += opts.gid_offset
+    if uid >= 1 << 32 or gid >= 1 << 32:
+        raise InputError(f"{path}: uid/gid overflows with the offset")
+    return uid, gid
+
+
+def walk_dir(source: str, opts: MkfsOptions) -> tuple[TNode, list[tuple[str, int]]]:
+    """The directory SOURCE as a layer tree; -> (root, per data key: (file, offset))."""
+    policy = opts.inode_mtimes()
+    files: list[tuple[str, int]] = []
+    links: dict[tuple[int, int], TNode] = {}
+
+    def node(path: str, st: os.stat_result) -> TNode:
+        sec, nsec = divmod(st.st_mtime_ns, 10**9)
+        if policy is not None:
+            sec, nsec = policy.apply(sec, nsec)
+        uid, gid = _ids(opts, st.st_uid, st.st_gid, path)
+        n = TNode(st.st_mode, uid, gid, sec, nsec)
+        if opts.xattrs:
+            try:
+                names = os.listxattr(path, follow_symlinks=False)
+                n.xattrs = {os.fsencode(k): os.getxattr(path, k, follow_symlinks=False)
+                            for k in names}
+            except OSError as e:
+                raise InputError(f"{path}: xattrs: {e.strerror}") from None
+        if stat.S_ISREG(st.st_mode):
+            n.size = st.st_size
+            n.key = len(files)
+            files.append((path, 0))
+        elif stat.S_ISLNK(st.st_mode):
+            n.target = os.fsencode(os.readlink(path))
+            n.size = len(n.target)
+        elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+            n.rdev = (os.major(st.st_rdev), os.minor(st.st_rdev))
+        elif stat.S_ISDIR(st.st_mode):
+            n.opaque = n.xattrs.get(OPAQUE_XATTR) == OPAQUE_VALUE
+        return n
+
+    try:
+        root = node(source, os.lstat(source))
+        stack = [(root, source)]
+        while stack:
+            d, path = stack.pop()
+            kids = d.children
+            assert kids is not None
+            with os.scandir(path) as it:
+                ents = sorted(it, key=lambda e: e.name)
+            for e in ents:
+                st = e.stat(follow_symlinks=False)
+                key = (st.st_dev, st.st_ino)
+                if (not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1
+                        and not opts.hard_dereference and key in links):
+                    kids[os.fsencode(e.name)] = links[key]
+                    continue
+                c = node(e.path, st)
+                if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1:
+                    links[key] = c
+                kids[os.fsencode(e.name)] = c
+                if c.is_dir():
+                    stack.append((c, e.path))
+    except OSError as e:
+        raise InputError(f"{e.filename or source}: {e.strerror}") from None
+    return root, files
+
+
+# ------------------------------------------------------------------------- merging ----
+
+class Merge:
+    """The layer's tree over the base image: -> the new inodes (Out), the base
+    directories whose `..` must name a new parent."""
+
+    def __init__(self, img: Image, files: list[Any], strip: bool, reserve: bool) -> None:
+        self.img = img
+        self.files = files
+        self.strip = strip
+        self.reserve = reserve
+        self.outs: list[W.Out] = []
+        self.by_node: dict[int, W.Out] = {}
+        self.fixups: list[tuple[int, W.Out]] = []
+
+    def _base_whiteout(self, nid: int) -> bool:
+        ino = self.img.inode(nid)
+        return is_overlay_whiteout(ino.mode, ino.rdev if ino.is_dev() else (1, 1))
+
+    def _new(self, n: TNode) -> W.Out:
+        o = self.by_node.get(id(n))
+        if o is not None:
+            o.nlink += 1
+            return o
+        o = W.Out(n.mode, n.uid, n.gid, n.mtime, n.nsec, dict(n.xattrs), size=n.size,
+                  rdev=tuple(n.rdev), nlink=1)          # type: ignore[arg-type]
+        if n.target is not None:
+            o.data = n.target
+        elif stat.S_ISREG(n.mode) and n.size:
+            d = self.files[n.key] if n.key is not None else None
+            if isinstance(d, tuple):
+                o.data = d
+            elif isinstance(d, int):
+                o.data = (self.data_path, d)
+            elif d is not None:
+                o.data = (d.scratch, 0)
+            o.reserve = self.reserve
+        self.by_node[id(n)] = o
+        self.outs.append(o)
+        return o
+
+    data_path = ""
+
+    def dir(self, n: TNode, base_nid: int | None, parent: W.Out | None) -> W.Out:
+        img = self.img
+        xattrs = dict(n.xattrs)
+        xattrs.pop(ORIGIN_XATTR, None)
+        opaque = n.opaque or xattrs.get(OPAQUE_XATTR) == OPAQUE_VALUE
+        o = W.Out(n.mode, n.uid, n.gid, n.mtime, n.nsec, xattrs, nlink=2, parent=parent)
+        if n.implied and base_nid is not None:
+            b = img.inode(base_nid)
+            o.mode, o.uid, o.gid, o.mtime, o.nsec = b.mode, b.uid, b.gid, b.mtime, b.mtime_nsec
+            o.xattrs = dict(img.xattrs(b))
+            o.xattrs.pop(ORIGIN_XATTR, None)
+        if self.strip:
+            o.xattrs.pop(OPAQUE_XATTR, None)
+        elif opaque and not n.implied:
+            o.xattrs[OPAQUE_XATTR] = OPAQUE_VALUE
+        self.outs.append(o)
+        ents: dict[bytes, tuple[int | W.Out, int]] = {}
+        if base_nid is not None and not opaque:
+            for de in img.listdir(img.inode(base_nid)):
+                ents[de.name] = (de.nid, de.file_type)
+        kids = n.children
+        assert kids is not None
+        for name in sorted(kids):
+            c = kids[name]
+            if is_overlay_whiteout(c.mode, c.rdev) and self.strip:
+                ents.pop(name, None)
+                continue
+            prev = ents.get(name)
+            if c.is_dir():
+                bnid = (prev[0] if prev is not None and isinstance(prev[0], int)
+                        and prev[1] == E.FT_DIR else None)
+                if bnid is not None and not img.inode(bnid).is_dir():
+                    bnid = None
+                ents[name] = (self.dir(c, bnid, o), E.FT_DIR)
+            else:
+                ents[name] = (self._new(c), E.file_type_of_mode(c.mode))
+        o.entries = ents
+        wh = False
+        for ref, ft in ents.values():
+            if ft == E.FT_DIR:
+                o.nlink += 1
+                if isinstance(ref, int):
+                    self.fixups.append((ref, o))
+            elif ft == E.FT_CHR and not wh:
+                wh = (is_overlay_whiteout(ref.mode, ref.rdev) if isinstance(ref, W.Out)
+                      else self._base_whiteout(ref))
+        if wh and not self.strip:
+            o.xattrs.setdefault(ORIGIN_XATTR, b"")
+        return o
+
+
+# -------------------------------------------------------------------------- driver ----
+
+def _tar_layer(source: str, opts: MkfsOptions, topts: TarOptions, directory: str,
+               stack: contextlib.ExitStack) -> tuple[TNode, list[Any], str]:
+    if topts.mode != "f" or topts.dump is not None or topts.zinfo is not None \
+            or topts.headerball:
+        raise InputError("--incremental: a tar layer is read with --tar=f only (not "
+                         "--tar=i, --ungzip=FILE or --gzinfo)")
+    scratch = stack.enter_context(_scratch(directory))
+    f, stream, in_place = _open_input(source, topts)
+    if f is not None:
+        stack.callback(f.close)
+    data_path = in_place or source
+    if in_place is None:
+        fd = _new_scratch(directory, scratch, "spool")
+        stack.callback(os.close, fd)
+        stream = _Tee(stream, fd)
+        data_path = scratch[-1]
+    if hasattr(stream, "close"):
+        stack.callback(stream.close)
+    mtimes = opts.inode_mtimes()
+    tree = TarTree("aufs" if topts.aufs else "none",
+                   timestamp=mtimes.time if mtimes is not None else None,
+                   clamp=mtimes is not None and mtimes.clamp, strip=False,
+                   negative_mtimes=True)
+    files = _parse(TarReader(stream, topts.max_size), tree, "f", directory, scratch, None)
+    uid = 0 if opts.all_root else opts.force_uid
+    gid = 0 if opts.all_root else opts.force_gid
+    if uid is not None or gid is not None or opts.uid_offset or opts.gid_offset:
+        _force_ids(tree, uid, gid, opts.uid_offset, opts.gid_offset)
+    return tree.root, files, data_path
+
+
+def mkfs_incremental(image: str, source: str, opts: MkfsOptions, mode: str = "data",
+                     topts: TarOptions | None = None,
+                     block_size: int | None = None) -> dict[str, Any]:
+    """Lay the layer SOURCE (a directory, or with topts a tar) over the image IMAGE."""
+    t0 = time.monotonic()
+    img = open_base(image)
+    directory = os.path.dirname(os.path.abspath(image))
+    with contextlib.ExitStack() as stack:
+        stack.callback(img.close)
+        if block_size is not None and block_size != img.blksz:
+            raise InputError(f"{image}: -b {block_size}: the base image has "
+                             f"{img.blksz}-byte blocks")
+        if topts is not None:
+            root, files, data_path = _tar_layer(source, opts, topts, directory, stack)
+        else:
+            if mode == "rvsp":
+                raise InputError("--incremental=rvsp: with a tar layer (--tar=f) only, "
+                                 "as mkfs.erofs 1.9.4 reserves a tar's data")
+            if not os.path.isdir(source):
+                raise InputError(f"{source}: not a directory")
+            root, files = walk_dir(source, opts)
+            data_path = ""
+        m = Merge(img, files, opts.whiteouts == "strip", mode == "rvsp")
+        m.data_path = data_path
+        try:
+            out_root = m.dir(root, img.root_nid, None)
+        except CorruptImageError as e:
+            raise InputError(f"{image}: the base image: {e}") from None
+        start = -(-img.size // img.blksz)
+        p = W.plan(img, m.outs, out_root, start, opts.inline_data, opts.force_extended)
+        st = os.stat(image)
+        with atomic_output(image, mode=stat.S_IMODE(st.st_mode)) as f:
+            fd = f.fileno()
+            _copy_base(image, fd, img.size)
+            os.ftruncate(fd, p.total_blocks * img.blksz)
+            W.write(img, p, fd)
+            W.fix_parents(img, m.fixups, fd)
+            uuid = _superblock(img, p, fd, opts, len(m.outs))
+            img.check_unchanged()
+    return {
+        "image": image, "source": source, "incremental": mode,
+        "inodes": len(m.outs), "blocks": p.total_blocks,
+        "bytes": p.total_blocks * img.blksz, "base_blocks": start,
+        "root_nid": out_root.nid, "uuid": str(_uuid.UUID(bytes=uuid)),
+        "seconds": round(time.monotonic() - t0, 3),
+    }
+
+
+def _copy_base(image: str, fd: int, size: int) -> None:
+    with open(image, "rb") as src:
+        done = 0
+        while done < size:
+            n = os.copy_file_range(src.fileno(), fd, size - done, done, done)
+            if n == 0:
+                raise InputError(f"{image}: the base image shrank while it was copied")
+            done += n
+
+
+def _superblock(img: Image, p: W.Plan, fd: int, opts: MkfsOptions, new: int) -> bytes:
+    bs = img.blksz
+    end = bs if bs > E.SUPER_OFFSET else E.SUPER_OFFSET + bs
+    block0 = bytearray(os.pread(fd, end, 0))
+    sb = img.sb
+    if p.total_blocks >= 1 << 32 or p.root.nid > 0xFFFF:
+        raise ErofsToolsError(f"{img.name}: the image outgrows 2^32 blocks")
+    fields = E.SuperBlock.field_layout()
+
+    def put(name: str, value: int | bytes) -> None:
+        at, size = fields[name]
+        raw = value if isinstance(value, bytes) else value.to_bytes(size, "little")
+        block0[E.SUPER_OFFSET + at:E.SUPER_OFFSET + at + size] = raw.ljust(size, b"\0")
+
+    put("blocks", p.total_blocks)
+    put("root_nid", p.root.nid)
+    put("inos", sb.inos + new)
+    if opts.uuid is not None:
+        put("uuid", opts.uuid)
+    if opts.label:
+        put("volume_name", opts.label)
+    if sb.feature_compat & E.FEATURE_COMPAT_SB_CHKSUM:
+        crc = E.superblock_checksum(bytes(block0))
+        block0[E.CHECKSUM_FIELD:E.CHECKSUM_FIELD + 4] = crc.to_bytes(4, "little")
+    os.pwrite(fd, bytes(block0[E.SUPER_OFFSET:]), E.SUPER_OFFSET)
+    at, size = fields["uuid"]
+    return bytes(block0[E.SUPER_OFFSET + at:E.SUPER_OFFSET + at + size])
