@@ -41,6 +41,7 @@ class Out:
     # directories: name -> a base nid or a new Out, and its file type
     entries: dict[bytes, tuple[int | Out, int]] | None = None
     parent: Out | None = None
+    base: int | None = None                         # the base directory merged into it
     # layout
     nid: int = -1
     ino: int = 0

@@ -201,6 +201,7 @@ class Merge:
         self.outs: list[W.Out] = []
         self.by_node: dict[int, W.Out] = {}
         self.fixups: list[tuple[int, W.Out]] = []
+        self.unlinked: dict[int, int] = {}
 
     def _base_whiteout(self, nid: int) -> bool:
         ino = self.img.inode(nid)
@@ -230,6 +231,32 @@ class Merge:
 
     data_path = ""
 
+    def _drop(self, nid: int, ft: int) -> None:
+        """A base entry the new tree no longer has: the links it took from inodes that
+        stay linked elsewhere (their nlink is lowered in place, see `nlinks`)."""
+        stack = [(nid, ft)]
+        while stack:
+            nid, ft = stack.pop()
+            if ft == E.FT_DIR:
+                stack.extend((de.nid, de.file_type)
+                             for de in self.img.listdir(self.img.inode(nid)))
+            elif self.img.inode(nid).nlink > 1:
+                self.unlinked[nid] = self.unlinked.get(nid, 0) + 1
+
+    def nlinks(self) -> list[tuple[int, bytes]]:
+        """(offset, bytes) of the i_nlink fields of base inodes that lost links."""
+        out = []
+        for nid, k in sorted(self.unlinked.items()):
+            ino = self.img.inode(nid)
+            left = ino.nlink - k
+            if left < 1:
+                continue                # (no link left: nothing reads it)
+            if ino.inode_size == E.CompactInode.SIZE:
+                out.append((ino.offset + 6, left.to_bytes(2, "little")))
+            else:
+                out.append((ino.offset + 44, left.to_bytes(4, "little")))
+        return out
+
     def dir(self, n: TNode, base_nid: int | None, parent: W.Out | None) -> W.Out:
         img = self.img
         xattrs = dict(n.xattrs)
@@ -245,11 +272,13 @@ class Merge:
             o.xattrs.pop(OPAQUE_XATTR, None)
         elif opaque and not n.implied:
             o.xattrs[OPAQUE_XATTR] = OPAQUE_VALUE
+        o.base = base_nid
         self.outs.append(o)
-        ents: dict[bytes, tuple[int | W.Out, int]] = {}
-        if base_nid is not None and not opaque:
-            for de in img.listdir(img.inode(base_nid)):
-                ents[de.name] = (de.nid, de.file_type)
+        base_ents: dict[bytes, tuple[int, int]] = {}
+        if base_nid is not None:
+            base_ents = {de.name: (de.nid, de.file_type)
+                         for de in img.listdir(img.inode(base_nid))}
+        ents: dict[bytes, tuple[int | W.Out, int]] = {} if opaque else dict(base_ents)
         kids = n.children
         assert kids is not None
         for name in sorted(kids):
@@ -267,6 +296,12 @@ class Merge:
             else:
                 ents[name] = (self._new(c), E.file_type_of_mode(c.mode))
         o.entries = ents
+        for name, (nid, ft) in base_ents.items():
+            cur = ents.get(name)
+            if cur is not None and (cur[0] == nid or (isinstance(cur[0], W.Out)
+                                                     and cur[0].base == nid)):
+                continue                # kept, or the directory merged into a new one
+            self._drop(nid, ft)
         wh = False
         for ref, ft in ents.values():
             if ft == E.FT_DIR:
@@ -351,6 +386,8 @@ def mkfs_incremental(image: str, source: str, opts: MkfsOptions, mode: str = "da
             os.ftruncate(fd, p.total_blocks * img.blksz)
             W.write(img, p, fd)
             W.fix_parents(img, m.fixups, fd)
+            for off, raw in m.nlinks():
+                os.pwrite(fd, raw, off)
             uuid = _superblock(img, p, fd, opts, len(m.outs))
             img.check_unchanged()
     return {
