@@ -17,7 +17,17 @@ import stat
 import subprocess
 
 import pytest
-from helpers import compare_trees, fsck, mounted, require_tool, run_erofs_tools, run_mkfs
+from helpers import (
+    MS_RDONLY,
+    compare_trees,
+    fsck,
+    mounted,
+    require_tool,
+    run_erofs_tools,
+    run_mkfs,
+    sys_mount,
+    sys_umount,
+)
 from test_mkfs_tar import _tar as make_tar
 
 from erofs_tools.format import erofs as E
@@ -292,6 +302,32 @@ def test_whiteouts_kept_without_strip(root_kernel, layers, tmp_path):
         assert os.getxattr(f"{mnt}/opq", OPQ) == b"y"
         assert sorted(os.listdir(f"{mnt}/opq")) == ["fresh"]
         assert os.path.exists(f"{mnt}/etc/conf")
+
+
+@pytest.mark.parametrize("form", ["dir", "tar"])
+def test_kept_whiteouts_as_overlayfs_lower(root_kernel, layers, tmp_path, form):
+    """Two layers without --ovlfs-strip: the image, as overlayfs's lower layer, shows
+    the layers extracted in order (overlayfs hides the whiteouts and what they name, and
+    what an opaque directory hides)."""
+    img = str(tmp_path / "img")
+    run_mkfs(img, layers["base"])
+    for n in (1, 2):
+        if form == "dir":
+            run_mkfs(img, layers[f"l{n}-ovl"], "--incremental")
+        else:
+            tar = make_tar(layers[f"l{n}-oci"], tmp_path / f"l{n}.tar")
+            run_mkfs(img, tar, "--incremental", "--tar=f", "--aufs")
+    fsck(img)
+    empty, ovl = tmp_path / "empty", tmp_path / "ovl"
+    empty.mkdir()
+    ovl.mkdir()
+    with mounted(img) as mnt:
+        sys_mount("overlay", str(ovl), "overlay", MS_RDONLY, f"lowerdir={mnt}:{empty}")
+        try:
+            diffs = compare_trees(layers["expected2"], str(ovl))
+        finally:
+            sys_umount(str(ovl))
+    assert diffs == [], "\n".join(diffs[:40])
 
 
 def test_rvsp_reserves_tar_data(root_kernel, layers, tmp_path):

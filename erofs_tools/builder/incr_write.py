@@ -172,6 +172,9 @@ def plan(img: Image, outs: list[Out], root: Out, start: int, inline_data: bool,
 
 
 def _fit_root(img: Image, root: Out) -> None:
+    """The root over the base root's record. Its xattr area is padded (zeros, which the
+    kernel skips, as --root-xattr-isize leaves) to the whole place, so that a later
+    build has the same room, as mkfs.erofs 1.9.4 keeps the base root's xattr size."""
     old = img.inode(img.root_nid)
     cap = old.inode_size + old.xattr_isize
     if old.layout == E.LAYOUT_FLAT_INLINE:
@@ -179,6 +182,14 @@ def _fit_root(img: Image, root: Out) -> None:
     if root.record > cap or old.nid >> E.NID_METABOX_BIT:
         raise InputError(f"{img.name}: the new root inode ({root.record} bytes) does not fit "
                          f"the base root's place ({cap} bytes), as mkfs.erofs 1.9.4 needs too")
+    room = (cap - root.isize) // 4 * 4
+    if not root.xbody and room >= E.XattrIbodyHeader.SIZE:
+        with_filter = bool(img.sb.feature_compat & E.FEATURE_COMPAT_XATTR_FILTER)
+        root.xbody = E.XattrIbodyHeader(h_name_filter=0xFFFFFFFF if with_filter else 0,
+                                        h_shared_count=0).encode()
+    if root.xbody:
+        root.xbody += bytes(min(room, (0xFFFF - 1) * 4 + E.XattrIbodyHeader.SIZE)
+                            - len(root.xbody))
     root.offset = old.offset
     root.nid = img.root_nid
 
