@@ -129,9 +129,12 @@ def plan(img: Image, outs: list[Out], root: Out, start: int, inline_data: bool,
         if o.entries is not None:
             o.size = _dir_size(_dir_names(o), bs)
         o.xbody = _xattr_body(o.xattrs, with_filter)
+        if img.is_48bit:        # compact inodes keep their seconds from the epoch
+            mtime_ok = 0 <= o.mtime - img.epoch < 1 << 32 and o.nsec == img.fixed_nsec
+        else:
+            mtime_ok = (o.mtime, o.nsec) == (img.epoch, img.fixed_nsec)
         compact = (not force_extended and o.uid <= 0xFFFF and o.gid <= 0xFFFF
-                   and o.nlink <= 0xFFFF and o.size < 1 << 32
-                   and (o.mtime, o.nsec) == (img.epoch, img.fixed_nsec))
+                   and o.nlink <= 0xFFFF and o.size < 1 << 32 and mtime_ok)
         o.isize = E.CompactInode.SIZE if compact else E.ExtendedInode.SIZE
 
     def decide(o: Out, may_inline: bool) -> None:
@@ -259,7 +262,9 @@ def dir_bytes(o: Out, bs: int) -> bytes:
     return bytes(out)
 
 
-def inode_bytes(o: Out) -> bytes:
+def inode_bytes(o: Out, epoch: int | None = None) -> bytes:
+    """The record's inode and xattrs; `epoch`: the 48-bit layout's, compact inodes'
+    mtimes count from it."""
     fmt = E.i_format(E.INODE_COMPACT if o.isize == E.CompactInode.SIZE else E.INODE_EXTENDED,
                      o.layout)
     icount = 0 if not o.xbody else (len(o.xbody) - E.XattrIbodyHeader.SIZE) // 4 + 1
@@ -272,7 +277,7 @@ def inode_bytes(o: Out) -> bytes:
     if o.isize == E.CompactInode.SIZE:
         rec: E.CompactInode | E.ExtendedInode = E.CompactInode(
             i_format=fmt, i_xattr_icount=icount, i_mode=o.mode, i_nlink=o.nlink,
-            i_size=o.size, i_u=i_u, i_ino=o.ino & 0xFFFFFFFF, i_uid=o.uid, i_gid=o.gid)
+            i_size=o.size, i_u=i_u, i_mtime=0 if epoch is None else o.mtime - epoch, i_ino=o.ino & 0xFFFFFFFF, i_uid=o.uid, i_gid=o.gid)
     else:
         rec = E.ExtendedInode(
             i_format=fmt, i_xattr_icount=icount, i_mode=o.mode, i_size=o.size, i_u=i_u,
@@ -331,7 +336,7 @@ def write(img: Image, p: Plan, fd: int) -> None:
             tail = _read_at(path, off + o.size - o.tail, o.tail) if o.tail else b""
         else:
             tail = b""
-        _pwrite(fd, inode_bytes(o) + tail, o.offset)
+        _pwrite(fd, inode_bytes(o, img.epoch if img.is_48bit else None) + tail, o.offset)
 
 
 def fix_parents(img: Image, fixups: list[tuple[int, Out]], fd: int) -> None:

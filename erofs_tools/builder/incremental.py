@@ -96,8 +96,6 @@ def open_base(image: str) -> Image:
             why = "a RAFS v6 bootstrap"
         elif img.metabox is not None or sb.feature_incompat & E.FEATURE_INCOMPAT_METABOX:
             why = "metadata-compressed (-m), as mkfs.erofs 1.9.4 refuses it"
-        elif img.is_48bit:
-            why = "in the 48-bit layout (not supported by this mkfs's --incremental)"
         elif sb.extra_devices:
             why = "an image with extra devices (not supported by --incremental)"
         elif img.blocks * img.blksz > img.size:
@@ -414,7 +412,7 @@ def _superblock(img: Image, p: W.Plan, fd: int, opts: MkfsOptions, new: int) -> 
     end = bs if bs > E.SUPER_OFFSET else E.SUPER_OFFSET + bs
     block0 = bytearray(os.pread(fd, end, 0))
     sb = img.sb
-    if p.total_blocks >= 1 << 32 or p.root.nid > 0xFFFF:
+    if p.total_blocks >= 1 << 32 or (p.root.nid > 0xFFFF and not img.is_48bit):
         raise ErofsToolsError(f"{img.name}: the image outgrows 2^32 blocks")
     fields = E.SuperBlock.field_layout()
 
@@ -424,7 +422,11 @@ def _superblock(img: Image, p: W.Plan, fd: int, opts: MkfsOptions, new: int) -> 
         block0[E.SUPER_OFFSET + at:E.SUPER_OFFSET + at + size] = raw.ljust(size, b"\0")
 
     put("blocks", p.total_blocks)
-    put("root_nid", p.root.nid)
+    big_nid = p.root.nid > 0xFFFF
+    put("root_nid", 0 if big_nid else p.root.nid)   # (48-bit: then blocks_hi, 0)
+    if img.is_48bit:
+        at = E.SUPER_OFFSET + E.SB_ROOTNID_8B_OFFSET
+        block0[at:at + 8] = (p.root.nid if big_nid else 0).to_bytes(8, "little")
     put("inos", sb.inos + new)
     if opts.uuid is not None:
         put("uuid", opts.uuid)
