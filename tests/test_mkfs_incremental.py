@@ -15,6 +15,7 @@ import random
 import shutil
 import stat
 import subprocess
+import sys
 
 import pytest
 from helpers import (
@@ -522,3 +523,23 @@ def test_zdir_base_refused(tmp_path, layers):
     p = run_mkfs(img, layers["l1-ovl"], "--incremental", check=False)
     assert p.returncode == 1 and "cannot be updated in place" in p.stderr
     assert _sha(img) == before and os.listdir(tmp_path) == ["img"]
+
+
+def test_tar_layers_gzip_and_stdin(root_kernel, layers, tmp_path):
+    """A gzip layer (--ungzip) and one on stdin (spooled): the same tree; the summary
+    line counts what was added; no spool left beside the image."""
+    img = str(tmp_path / "img")
+    run_mkfs(img, layers["base"])
+    tgz = make_tar(layers["l1-oci"], tmp_path / "l1.tgz", gz=True)
+    _incremental(img, tgz, "--tar=f", "--aufs", "--ungzip")
+    tar = make_tar(layers["l2-oci"], tmp_path / "l2.tar")
+    with open(tar, "rb") as f:
+        p = subprocess.run([sys.executable, "-m", "erofs_tools", "mkfs", "--incremental",
+                            "--ovlfs-strip", "--tar=f", "--aufs", img, "-"], stdin=f,
+                           capture_output=True, text=True, check=True)
+    assert "inodes added" in p.stdout and "new)" in p.stdout
+    assert sorted(os.listdir(tmp_path)) == ["img", "l1.tgz", "l2.tar"]
+    fsck(img)
+    with mounted(img) as mnt:
+        diffs = compare_trees(layers["expected2"], mnt)
+        assert diffs == [], "\n".join(diffs[:40])

@@ -326,14 +326,14 @@ def _tar_layer(source: str, opts: MkfsOptions, topts: TarOptions, directory: str
     f, stream, in_place = _open_input(source, topts)
     if f is not None:
         stack.callback(f.close)
+    if hasattr(stream, "close"):       # (a gunzip/unxz thread)
+        stack.callback(stream.close)
     data_path = in_place or source
     if in_place is None:
         fd = _new_scratch(directory, scratch, "spool")
         stack.callback(os.close, fd)
         stream = _Tee(stream, fd)
         data_path = scratch[-1]
-    if hasattr(stream, "close"):
-        stack.callback(stream.close)
     mtimes = opts.inode_mtimes()
     tree = TarTree("aufs" if topts.aufs else "none",
                    timestamp=mtimes.time if mtimes is not None else None,

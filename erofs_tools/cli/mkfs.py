@@ -294,6 +294,10 @@ def mkfs(image, source, timestamp, all_time, ignore_mtime, ovlfs_strip, block_si
         write_vmdk_desc(vmdk_desc, image, devices)
     if as_json:
         click.echo(json.dumps(summary, sort_keys=True))
+    elif not quiet and incremental:
+        click.echo(f"{summary['image']}: {summary['inodes']} inodes added, {summary['blocks']} "
+                   f"blocks ({summary['blocks'] - summary['base_blocks']} new) in "
+                   f"{summary['seconds']:.2f} s")
     elif not quiet:
         click.echo(f"{summary['image']}: {summary['inodes']} inodes, {summary['blocks']} blocks "
                    f"({summary['bytes']} bytes) in {summary['seconds']:.2f} s")
