@@ -543,3 +543,20 @@ def test_tar_layers_gzip_and_stdin(root_kernel, layers, tmp_path):
     with mounted(img) as mnt:
         diffs = compare_trees(layers["expected2"], mnt)
         assert diffs == [], "\n".join(diffs[:40])
+
+
+def test_symlinked_image_keeps_owner_and_mode(tmp_path, layers):
+    """IMAGE a symlink: the image it names is built on (the link stays a link), with the
+    base file's owner and mode."""
+    real = str(tmp_path / "real.img")
+    run_mkfs(real, layers["base"])
+    os.chown(real, 1234, 5678)
+    os.chmod(real, 0o640)
+    link = str(tmp_path / "link.img")
+    os.symlink("real.img", link)
+    before = os.path.getsize(real)
+    run_mkfs(link, layers["l1-ovl"], "--incremental")
+    assert os.path.islink(link) and os.path.getsize(real) > before
+    st = os.stat(real)
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (1234, 5678, 0o640)
+    run_erofs_tools("check", real)

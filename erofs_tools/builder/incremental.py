@@ -377,9 +377,13 @@ def mkfs_incremental(image: str, source: str, opts: MkfsOptions, mode: str = "da
             raise InputError(f"{image}: the base image: {e}") from None
         start = -(-img.size // img.blksz)
         p = W.plan(img, m.outs, out_root, start, opts.inline_data, opts.force_extended)
-        st = os.stat(image)
-        with atomic_output(image, mode=stat.S_IMODE(st.st_mode)) as f:
+        # (IMAGE a symlink: the image it names is replaced, as mkfs.erofs writes through)
+        target = os.path.realpath(image)
+        st = os.stat(target)
+        with atomic_output(target, mode=stat.S_IMODE(st.st_mode)) as f:
             fd = f.fileno()
+            with contextlib.suppress(OSError):      # (the base's owner, when we may)
+                os.fchown(fd, st.st_uid, st.st_gid)
             _copy_base(image, fd, img.size)
             os.ftruncate(fd, p.total_blocks * img.blksz)
             W.write(img, p, fd)
