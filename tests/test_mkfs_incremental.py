@@ -560,3 +560,23 @@ def test_symlinked_image_keeps_owner_and_mode(tmp_path, layers):
     st = os.stat(real)
     assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (1234, 5678, 0o640)
     run_erofs_tools("check", real)
+
+
+@pytest.mark.parametrize("opt", ["noinline_data", "force-inode-extended"])
+def test_layer_extended_options(root_kernel, layers, tmp_path, opt):
+    """-E noinline_data: the layer's regular files' data in whole blocks only;
+    -E force-inode-extended: every new inode 64 bytes. The tree as without them."""
+    img = str(tmp_path / "img")
+    run_mkfs(img, layers["base"])
+    base_size = os.path.getsize(img)
+    _incremental(img, layers["l1-ovl"], "-E", opt)
+    fsck(img)
+    with mounted(img) as mnt:
+        assert compare_trees(layers["expected1"], mnt) == []
+    with open_image(img) as im:
+        new = [ino for _p, _d, ino in im.walk() if ino.offset >= base_size]
+        assert new
+        if opt == "noinline_data":
+            assert all(ino.layout == 0 for ino in new if ino.is_reg())
+        else:
+            assert all(ino.inode_size == 64 for ino in new)
