@@ -580,3 +580,20 @@ def test_layer_extended_options(root_kernel, layers, tmp_path, opt):
             assert all(ino.layout == 0 for ino in new if ino.is_reg())
         else:
             assert all(ino.inode_size == 64 for ino in new)
+
+
+def test_clean_rvsp_tar(root_kernel, layers, tmp_path):
+    """--clean=rvsp --tar=f: a full build whose files' blocks are reserved, not written
+    (they read as zeros), as mkfs.erofs 1.9.4's: the same tree mounted, at most one
+    block more (the empty root the layer is laid over)."""
+    tar = make_tar(layers["l1-oci"], tmp_path / "l1.tar")
+    ours, theirs = str(tmp_path / "ours"), str(tmp_path / "theirs")
+    run_mkfs(ours, tar, "-T", "0", "--clean=rvsp", "--tar=f", "--aufs")
+    _anchor_incr(theirs, tar, "-T0", "--clean=rvsp", "--tar=f", "--aufs")
+    fsck(ours, extract=False)
+    with mounted(ours) as a, mounted(theirs) as b:
+        assert compare_trees(b, a) == []
+        with open(f"{a}/hl/x", "rb") as f:
+            assert f.read() == bytes(9000)
+    assert os.path.getsize(ours) <= os.path.getsize(theirs) + 4096
+    assert sorted(os.listdir(tmp_path)) == ["l1.tar", "ours", "theirs"]

@@ -442,3 +442,37 @@ def _superblock(img: Image, p: W.Plan, fd: int, opts: MkfsOptions, new: int) -> 
     os.pwrite(fd, bytes(block0[E.SUPER_OFFSET:]), E.SUPER_OFFSET)
     at, size = fields["uuid"]
     return bytes(block0[E.SUPER_OFFSET + at:E.SUPER_OFFSET + at + size])
+
+
+def mkfs_clean_rvsp(image: str, source: str, opts: MkfsOptions,
+                    topts: TarOptions) -> dict[str, Any]:
+    """--clean=rvsp --tar=f: a full build whose files' blocks are reserved, not written
+    (as mkfs.erofs 1.9.4): the layer laid in rvsp mode over an image of an empty root
+    built with the same options, in a temporary file renamed over IMAGE at the end."""
+    from erofs_tools.builder.mkfs import mkfs as build_image
+    from erofs_tools.fsutil import create_exclusive, is_block_device
+    if is_block_device(image):
+        raise InputError(f"{image}: --clean=rvsp writes a file, not a block device")
+    directory = os.path.dirname(os.path.abspath(image))
+    with contextlib.ExitStack() as stack:
+        empty = stack.enter_context(_temp_dir(directory))
+        fd, tmp = create_exclusive(directory, f".{os.path.basename(image)}.", ".rvsp")
+        os.close(fd)
+        stack.callback(lambda: os.path.exists(tmp) and os.unlink(tmp))
+        if opts.timestamp is not None:
+            os.utime(empty, (opts.timestamp, opts.timestamp))
+        build_image(tmp, empty, opts)
+        summary = mkfs_incremental(tmp, source, opts, "rvsp", topts)
+        os.replace(tmp, image)
+    summary.update(image=image, incremental=None, clean="rvsp")
+    return summary
+
+
+@contextlib.contextmanager
+def _temp_dir(directory: str) -> Any:
+    import tempfile
+    d = tempfile.mkdtemp(prefix=".erofs-empty-", dir=directory)
+    try:
+        yield d
+    finally:
+        os.rmdir(d)

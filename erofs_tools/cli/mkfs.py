@@ -198,9 +198,8 @@ def mkfs(image, source, timestamp, all_time, ignore_mtime, ovlfs_strip, block_si
     incremental, data_mode = parse_build_mode(build_mode)
     if incremental:
         refuse_with_incremental(locals())
-    elif data_mode == "rvsp" and tar_mode is not None:
-        raise InputError("--clean=rvsp: not supported with --tar (a clean build writes the "
-                         "tar's data)")
+    elif data_mode == "rvsp" and tar_mode not in (None, "f"):
+        raise InputError(f"--clean=rvsp: not with --tar={tar_mode}")
     if source is None and tar_mode is None:
         raise InputError("missing SOURCE (a directory, or a tar with --tar)")
     if pcluster is not None and compress is None:
@@ -282,9 +281,9 @@ def mkfs(image, source, timestamp, all_time, ignore_mtime, ovlfs_strip, block_si
     )
     progress = Progress.maybe(enabled=not quiet and not as_json)
     with terminate_as_interrupt():       # kill PID: temporary files removed
-        if incremental:
+        if incremental or (data_mode == "rvsp" and tar_mode == "f"):
             summary = run_incremental(image, source or "-", opts, data_mode, tar_mode, aufs,
-                                      ungzip, max_size, block_size)
+                                      ungzip, max_size, block_size, clean=not incremental)
         elif tar_mode is not None:
             summary = run_tar(image, source or "-", opts, tar_mode, aufs, ungzip,
                               ungzip_dump, max_size, progress, unxz)
@@ -294,7 +293,7 @@ def mkfs(image, source, timestamp, all_time, ignore_mtime, ovlfs_strip, block_si
         write_vmdk_desc(vmdk_desc, image, devices)
     if as_json:
         click.echo(json.dumps(summary, sort_keys=True))
-    elif not quiet and incremental:
+    elif not quiet and incremental and summary.get("incremental"):
         click.echo(f"{summary['image']}: {summary['inodes']} inodes added, {summary['blocks']} "
                    f"blocks ({summary['blocks'] - summary['base_blocks']} new) in "
                    f"{summary['seconds']:.2f} s")

@@ -172,8 +172,8 @@ def refuse_with_incremental(args: dict[str, Any]) -> None:
 
 def run_incremental(image: str, source: str, opts: Any, data_mode: str,
                     tar_mode: str | None, aufs: bool, ungzip: bool, max_size: str | None,
-                    block_size: int | None) -> dict[str, Any]:
-    from erofs_tools.builder.incremental import mkfs_incremental
+                    block_size: int | None, clean: bool = False) -> dict[str, Any]:
+    from erofs_tools.builder.incremental import mkfs_clean_rvsp, mkfs_incremental
     from erofs_tools.builder.mkfs_tar import TarOptions
     topts = None
     if tar_mode is not None:
@@ -183,4 +183,7 @@ def run_incremental(image: str, source: str, opts: Any, data_mode: str,
             topts.max_size = _parse_size(max_size, "--max-size")
     elif source == "-":
         raise InputError("missing SOURCE (a directory, or a tar with --tar)")
+    if clean:
+        assert topts is not None
+        return mkfs_clean_rvsp(image, source, opts, topts)
     return mkfs_incremental(image, source, opts, data_mode, topts, block_size)
