@@ -458,7 +458,7 @@ def mkfs_clean_rvsp(image: str, source: str, opts: MkfsOptions,
         empty = stack.enter_context(_temp_dir(directory))
         fd, tmp = create_exclusive(directory, f".{os.path.basename(image)}.", ".rvsp")
         os.close(fd)
-        stack.callback(lambda: os.path.exists(tmp) and os.unlink(tmp))
+        stack.callback(_unlink_quiet, tmp)
         if opts.timestamp is not None:
             os.utime(empty, (opts.timestamp, opts.timestamp))
         build_image(tmp, empty, opts)
@@ -476,3 +476,8 @@ def _temp_dir(directory: str) -> Any:
         yield d
     finally:
         os.rmdir(d)
+
+
+def _unlink_quiet(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
