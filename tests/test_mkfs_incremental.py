@@ -597,3 +597,19 @@ def test_clean_rvsp_tar(root_kernel, layers, tmp_path):
             assert f.read() == bytes(9000)
     assert os.path.getsize(ours) <= os.path.getsize(theirs) + 4096
     assert sorted(os.listdir(tmp_path)) == ["l1.tar", "ours", "theirs"]
+
+
+def test_layer_excludes(root_kernel, layers, tmp_path):
+    """--exclude-path / --exclude-regex leave the layer's paths out, as a full build
+    does (the base's entries of those names stay)."""
+    img = str(tmp_path / "img")
+    run_mkfs(img, layers["base"])
+    _incremental(img, layers["l1-ovl"], "--exclude-path", "etc/added",
+                 "--exclude-regex", "^hl", "--exclude-path", "etc/over")
+    with mounted(img) as mnt:
+        diffs = compare_trees(layers["expected1"], mnt, ignore=("sha256", "size", "mode",
+                                                                 "mtime_ns"))
+        assert sorted(diffs) == sorted(f"{p}: missing entry" for p in (
+            "etc/added", "hl", "hl/x", "hl/y", "hl2", "hl-sym"))
+        with open(f"{mnt}/etc/over", "rb") as f:
+            assert f.read() == b"old " * 3000           # (the base's)

@@ -158,16 +158,21 @@ def walk_dir(source: str, opts: MkfsOptions) -> tuple[TNode, list[tuple[str, int
             n.opaque = n.xattrs.get(OPAQUE_XATTR) == OPAQUE_VALUE
         return n
 
+    excl_paths = set(opts.exclude_paths)
+    excl_regex = list(opts.exclude_regex)
     try:
         root = node(source, os.lstat(source))
-        stack = [(root, source)]
+        stack = [(root, source, b"")]
         while stack:
-            d, path = stack.pop()
+            d, path, drel = stack.pop()
             kids = d.children
             assert kids is not None
             with os.scandir(path) as it:
                 ents = sorted(it, key=lambda e: e.name)
             for e in ents:
+                rel = drel + b"/" + os.fsencode(e.name) if drel else os.fsencode(e.name)
+                if rel in excl_paths or any(r.search(rel) for r in excl_regex):
+                    continue        # (--exclude-path / --exclude-regex, as mkfs's walk)
                 st = e.stat(follow_symlinks=False)
                 key = (st.st_dev, st.st_ino)
                 if (not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1
@@ -179,7 +184,7 @@ def walk_dir(source: str, opts: MkfsOptions) -> tuple[TNode, list[tuple[str, int
                     links[key] = c
                 kids[os.fsencode(e.name)] = c
                 if c.is_dir():
-                    stack.append((c, e.path))
+                    stack.append((c, e.path, rel))
     except OSError as e:
         raise InputError(f"{e.filename or source}: {e.strerror}") from None
     return root, files
@@ -322,6 +327,8 @@ def _tar_layer(source: str, opts: MkfsOptions, topts: TarOptions, directory: str
             or topts.headerball:
         raise InputError("--incremental: a tar layer is read with --tar=f only (not "
                          "--tar=i, --ungzip=FILE or --gzinfo)")
+    if opts.exclude_paths or opts.exclude_regex:
+        raise InputError("--exclude-path/--exclude-regex do not apply to --tar")
     scratch = stack.enter_context(_scratch(directory))
     f, stream, in_place = _open_input(source, topts)
     if f is not None:

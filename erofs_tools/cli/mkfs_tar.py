@@ -139,7 +139,6 @@ _NOT_INCREMENTAL = {
     "--xattr-inode-digest": "digest_flag", "--xattr-prefix": "xattr_prefix",
     "--root-xattr-isize": "root_xattr_isize", "--offset": "offset",
     "--fsalignblks": "fsalignblks", "--dsunit": "dsunit", "--max-extent-bytes": "max_extent",
-    "--exclude-path": "exclude_path", "--exclude-regex": "exclude_regex",
     "--zfeature-bits": "zfeature_bits", "--ungzip=FILE": "ungzip_dump",
 }
 _INCREMENTAL_EXTENDED = {"noinline_data", "force-inode-extended"}
