@@ -613,3 +613,18 @@ def test_layer_excludes(root_kernel, layers, tmp_path):
             "etc/added", "hl", "hl/x", "hl/y", "hl2", "hl-sym"))
         with open(f"{mnt}/etc/over", "rb") as f:
             assert f.read() == b"old " * 3000           # (the base's)
+
+
+def test_zero_and_numbers_are_data(tmp_path, layers):
+    """--incremental=0 (mkfs.erofs zero-fills only its S3 source) and =1 write the data:
+    the same bytes as --incremental=data and a bare --incremental (the base's UUID and
+    build time kept, the layout fixed: byte for byte reproducible)."""
+    img = str(tmp_path / "base")
+    run_mkfs(img, layers["base"])
+    sums = set()
+    for mode in ("", "=data", "=0", "=1"):
+        out = str(tmp_path / f"img{mode}")
+        shutil.copyfile(img, out)
+        run_mkfs(out, layers["l1-ovl"], f"--incremental{mode}")
+        sums.add(_sha(out))
+    assert len(sums) == 1
