@@ -22,7 +22,9 @@ from helpers import (
     MS_RDONLY,
     compare_trees,
     fsck,
+    is_root,
     mounted,
+    require,
     require_tool,
     run_erofs_tools,
     run_mkfs,
@@ -210,7 +212,9 @@ def apply_layer(layer, dest):
 
 @pytest.fixture(scope="module", params=["small", "big"])
 def layers(request, tmp_path_factory):
-    """base, layer1, layer2 in both forms, and the expected trees after 1 and 2."""
+    """base, layer1, layer2 in both forms, and the expected trees after 1 and 2 (root:
+    devices, whiteouts, owners and trusted. xattrs)."""
+    require(is_root(), "needs root (devices, owners, trusted. xattrs in the layers)")
     t = tmp_path_factory.mktemp(f"incr-{request.param}")
     base = str(t / "base")
     write_base(base, big=request.param == "big")
@@ -362,6 +366,7 @@ def _anchor_incr(img, source, *args):
 def test_same_tree_as_mkfs_erofs(root_kernel, layers, tmp_path, form):
     """The same base (mkfs.erofs 1.9.4's and ours), the same two layers: the same tree
     when mounted; our image at most the size of mkfs.erofs 1.9.4's."""
+    require_tool("mkfs.erofs")
     for base_by in ("ours", "theirs"):
         ours, theirs = str(tmp_path / f"o-{base_by}"), str(tmp_path / f"t-{base_by}")
         if base_by == "ours":
@@ -397,6 +402,7 @@ def test_same_tree_as_mkfs_erofs(root_kernel, layers, tmp_path, form):
 def test_pylib_size_against_mkfs_erofs(root_kernel, tmp_path):
     """A base of three packages of /usr/lib/python3.11, a layer adding two more and
     replacing a file: the same tree as mkfs.erofs 1.9.4's, the size ratio printed."""
+    require_tool("mkfs.erofs")
     base, layer = tmp_path / "b", tmp_path / "l"
     base.mkdir()
     (layer / "email").mkdir(parents=True)
@@ -500,6 +506,7 @@ def test_layers_over_other_bases(root_kernel, layers, tmp_path, zargs):
     (`dot-omitted` too, mkfs.erofs 1.9.4's): their files are kept as they are (only directories are read),
     the layers' files written plain (48-bit: compact inodes with their mtimes from the
     base's epoch, the root nid in rootnid_8b when it passes 16 bits)."""
+    require_tool("mkfs.erofs")
     img = str(tmp_path / "img")
     if zargs[0] == "anchor":    # (our -E dot-omitted refuses a root nid over 16 bits)
         subprocess.run(["mkfs.erofs", "--quiet", *zargs[1:], img, layers["base"]],
