@@ -234,6 +234,11 @@ class Merge:
 
     data_path = ""
 
+    def _patchable(self, nid: int) -> bool:
+        ino = self.img.inode(nid)
+        return (ino.layout in (E.LAYOUT_FLAT_PLAIN, E.LAYOUT_FLAT_INLINE)
+                and not nid >> E.NID_METABOX_BIT)
+
     def _drop(self, nid: int, ft: int) -> None:
         """A base entry the new tree no longer has: the links it took from inodes that
         stay linked elsewhere (their nlink is lowered in place, see `nlinks`)."""
@@ -298,6 +303,13 @@ class Merge:
                 ents[name] = (self.dir(c, bnid, o), E.FT_DIR)
             else:
                 ents[name] = (self._new(c), E.file_type_of_mode(c.mode))
+        for name, (ref, ft) in list(ents.items()):
+            if ft == E.FT_DIR and isinstance(ref, int) and not self._patchable(ref):
+                # a kept base directory whose `..` cannot be updated in place (--zD:
+                # compressed): rewritten plain with its entries, its subdirectories too
+                keep = TNode(stat.S_IFDIR | 0o755)
+                keep.implied = True
+                ents[name] = (self.dir(keep, ref, o), E.FT_DIR)
         o.entries = ents
         for name, (nid, ft) in base_ents.items():
             cur = ents.get(name)
