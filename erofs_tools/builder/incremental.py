@@ -59,6 +59,7 @@ from erofs_tools.errors import CorruptImageError, ErofsToolsError, InputError
 from erofs_tools.format import erofs as E
 from erofs_tools.fsutil import atomic_output
 from erofs_tools.reader.image import Image, open_image
+from erofs_tools.reader.metabox import metabox_nid
 
 DATA_MODES = ("data", "rvsp", "0")
 
@@ -94,8 +95,6 @@ def open_base(image: str) -> Image:
         why = None
         if img.is_rafs:
             why = "a RAFS v6 bootstrap"
-        elif img.metabox is not None or sb.feature_incompat & E.FEATURE_INCOMPAT_METABOX:
-            why = "metadata-compressed (-m), as mkfs.erofs 1.9.4 refuses it"
         elif sb.extra_devices:
             why = "an image with extra devices (not supported by --incremental)"
         elif img.blocks * img.blksz > img.size:
@@ -260,10 +259,29 @@ class Merge:
             if left < 1:
                 continue                # (no link left: nothing reads it)
             if ino.inode_size == E.CompactInode.SIZE:
-                out.append((ino.offset + 6, left.to_bytes(2, "little")))
+                at, raw = ino.offset + 6, left.to_bytes(2, "little")
             else:
-                out.append((ino.offset + 44, left.to_bytes(4, "little")))
+                at, raw = ino.offset + 44, left.to_bytes(4, "little")
+            if nid >> E.NID_METABOX_BIT:
+                at = self._metabox_at(at)
+                if at is None:
+                    continue        # (a compressed metabox: left as mkfs.erofs 1.9.4 does)
+            out.append((at, raw))
         return out
+
+    def _metabox_at(self, off: int) -> int | None:
+        """The image offset of byte `off` of a plain metabox's data, else None."""
+        mnid = metabox_nid(self.img)
+        if mnid is None:
+            return None
+        m = self.img.inode(mnid)
+        bs = self.img.blksz
+        full = m.size // bs * bs if m.layout == E.LAYOUT_FLAT_INLINE else m.size
+        if m.layout not in (E.LAYOUT_FLAT_PLAIN, E.LAYOUT_FLAT_INLINE) or off >= m.size:
+            return None
+        if off < full:
+            return int(m.startblk * bs + off)
+        return int(m.offset + m.inode_size + m.xattr_isize + off - full)
 
     def dir(self, n: TNode, base_nid: int | None, parent: W.Out | None) -> W.Out:
         img = self.img
