@@ -263,9 +263,10 @@ class Merge:
             else:
                 at, raw = ino.offset + 44, left.to_bytes(4, "little")
             if nid >> E.NID_METABOX_BIT:
-                at = self._metabox_at(at)
-                if at is None:
+                mat = self._metabox_at(at)
+                if mat is None:
                     continue        # (a compressed metabox: left as mkfs.erofs 1.9.4 does)
+                at = mat
             out.append((at, raw))
         return out
 
