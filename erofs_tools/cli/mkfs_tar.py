@@ -146,9 +146,9 @@ _INCREMENTAL_EXTENDED = {"noinline_data", "force-inode-extended"}
 
 def parse_build_mode(value: str | None) -> tuple[bool, str]:
     """The hidden --build-mode (MkfsCommand): -> (incremental, data mode)."""
-    from erofs_tools.builder.incremental import parse_data_mode
-    if value is None:
+    if value is None:           # (nothing imported: a plain mkfs imports what it did)
         return False, "data"
+    from erofs_tools.builder.incremental import parse_data_mode
     flag, _, text = value.partition(":")
     return flag == "incremental", parse_data_mode(text, flag)
 
