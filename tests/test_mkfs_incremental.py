@@ -663,3 +663,15 @@ def test_kept_whiteouts_same_as_mkfs_erofs(root_kernel, layers, tmp_path):
     with mounted(ours) as a, mounted(theirs) as b:
         assert compare_trees(b, a) == []
         assert _is_wh(os.lstat(f"{a}/etc/gone"))
+
+
+def test_ignore_mtime(layers, tmp_path):
+    """--ignore-mtime: a new inode extended only for its mtime is compact, its mtime the
+    base's build time, as a full build's."""
+    img = str(tmp_path / "img")
+    run_mkfs(img, layers["base"], "-T", "0")
+    base_size = os.path.getsize(img)
+    _incremental(img, layers["l1-ovl"], "--ignore-mtime")
+    with open_image(img) as im:
+        new = [ino for _p, _d, ino in im.walk() if ino.offset >= base_size]
+        assert new and all(ino.inode_size == 32 and ino.mtime == 0 for ino in new)

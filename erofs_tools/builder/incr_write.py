@@ -119,7 +119,7 @@ class Plan:
 
 
 def plan(img: Image, outs: list[Out], root: Out, start: int, inline_data: bool,
-         force_extended: bool) -> Plan:
+         force_extended: bool, ignore_mtime: bool = False) -> Plan:
     """Sizes, inode formats and layouts, data blocks, then the records' places."""
     bs = img.blksz
     sb = img.sb
@@ -134,7 +134,10 @@ def plan(img: Image, outs: list[Out], root: Out, start: int, inline_data: bool,
         else:
             mtime_ok = (o.mtime, o.nsec) == (img.epoch, img.fixed_nsec)
         compact = (not force_extended and o.uid <= 0xFFFF and o.gid <= 0xFFFF
-                   and o.nlink <= 0xFFFF and o.size < 1 << 32 and mtime_ok)
+                   and o.nlink <= 0xFFFF and o.size < 1 << 32)
+        if compact and not mtime_ok and ignore_mtime:   # (--ignore-mtime, as mkfs)
+            o.mtime, o.nsec, mtime_ok = img.build_time, img.fixed_nsec, True
+        compact = compact and mtime_ok
         o.isize = E.CompactInode.SIZE if compact else E.ExtendedInode.SIZE
 
     def decide(o: Out, may_inline: bool) -> None:

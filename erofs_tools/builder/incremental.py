@@ -414,7 +414,8 @@ def mkfs_incremental(image: str, source: str, opts: MkfsOptions, mode: str = "da
         except CorruptImageError as e:
             raise InputError(f"{image}: the base image: {e}") from None
         start = -(-img.size // img.blksz)
-        p = W.plan(img, m.outs, out_root, start, opts.inline_data, opts.force_extended)
+        p = W.plan(img, m.outs, out_root, start, opts.inline_data, opts.force_extended,
+                   opts.ignore_mtime)
         # (IMAGE a symlink: the image it names is replaced, as mkfs.erofs writes through)
         target = os.path.realpath(image)
         st = os.stat(target)
