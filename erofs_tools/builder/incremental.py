@@ -17,7 +17,10 @@ whiteouts) and is applied as overlayfs stacks an upper layer over a lower one:
   is marked `trusted.overlay.origin` (an overlayfs lower layer, as mkfs.erofs 1.9.4 keeps
   it); with --ovlfs-strip=1 it removes the base entry instead and is not written, and
   the opaque markers are left out;
-- hardlinks within the layer stay hardlinks.
+- hardlinks within the layer stay hardlinks; a base inode that loses links gets its
+  nlink lowered in place;
+- a kept base directory under a rewritten one gets its `..` updated in place, or when
+  that cannot be (compressed, --zD; in a metabox, -m) is rewritten plain itself.
 
 `rvsp` (--tar=f): each regular file's blocks are reserved, not written (they read as
 zeros; mkfs.erofs 1.9.4's --incremental=rvsp / --clean=rvsp, for data filled in later);
