@@ -7,9 +7,10 @@ block after the base image, then the new inode records (inode, inline xattrs, in
 tail) packed best fit decreasing into whole blocks, 32-byte aligned, a record with a
 tail never across a block. nids count from the base's meta_blkaddr, which stays. In the
 base image only these change: the superblock (block count, root nid, inode count,
-checksum); the `..` entry of each base directory whose parent was rewritten; and, when
-the new root's nid would not fit the superblock's 16-bit field, the root inode written
-over the base root's record (it must fit there, as in mkfs.erofs 1.9.4).
+checksum); the `..` entry of each base directory whose parent was rewritten; the nlink
+of a base inode that lost links (incremental.py); and, when the new root's nid would not
+fit the superblock's 16-bit field, the root inode written over the base root's record
+(it must fit there, as in mkfs.erofs 1.9.4; its xattr area padded to the whole place).
 """
 from __future__ import annotations
 
