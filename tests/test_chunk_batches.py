@@ -235,6 +235,68 @@ def test_small_gzip_chunks_are_stored_raw_without_zstd_on_every_path(monkeypatch
         assert out == want
 
 
+def _compressible_png(n):
+    """A PNG file of about n bytes whose zstd frame is far smaller: its signature and
+    one uncompressed-looking chunk of repeated text (the rule looks at the bytes only)."""
+    import struct
+    import zlib
+    body = (b"tEXtComment\x00" + b"a line of text that zstd shrinks well " * n)[:n - 16]
+    return b"\x89PNG\r\n\x1a\n" + struct.pack(">I", len(body) - 4) + body + \
+        struct.pack(">I", zlib.crc32(body))
+
+
+def test_small_xz_zstd_bzip2_png_chunks_are_stored_raw_on_every_path(monkeypatch):
+    """zstd: like a small gzip file, a chunk of at most 64 KiB that starts as an xz
+    stream, a zstd frame or a bzip2 stream (its block's or end's magic after the
+    header), or of at most 4 KiB as a PNG file, is stored raw without trying zstd, even
+    where zstd would shrink it (csrc/chunkzstd.c: the evidence); a PNG over 4 KiB, a
+    JPEG, a 'BZh' text and any of them over 64 KiB are compressed as before. The C
+    core, multi_compress_to_buffer and the one-by-one path agree."""
+    import bz2
+    import lzma
+    import sys
+
+    from erofs_tools._native import lib
+    assert lib.ERN_ZSTD_PNG_RAW_MAX == compressor.PNG_RAW_MAX == 4096
+    text = b"some text that compresses well " * 4000
+    # each format's header and then bytes that zstd would shrink a lot
+    xz = lzma.compress(os.urandom(100)) + text[:50_000]
+    zst = zstandard.ZstdCompressor(level=1, write_content_size=False).compress(
+        text[:30_000]) + text[:20_000]
+    bz = bz2.compress(os.urandom(100)) + text[:20_000]
+    bz_empty = bz2.compress(b"") + text[:20_000]
+    png_small, png_big = _compressible_png(4096), _compressible_png(4097)
+    jpeg = b"\xff\xd8\xff\xe0" + text[:3000]
+    bz_text = b"BZh9 is not a stream " + text[:3000]
+    xz_big = b"\xfd7zXZ\x00" + text[:65531]
+    raw_parts = [xz, zst, bz, bz_empty, png_small, xz_big[:65536]]
+    zstd_parts = [png_big, jpeg, bz_text, xz_big, png_small[:7] + text[:100]]
+    ref = zstandard.ZstdCompressor(level=3)
+    for part in raw_parts:
+        assert len(part) <= 65536 and len(ref.compress(part)) < len(part) * 0.9, part[:8]
+    assert len(png_small) == 4096 and len(png_big) == 4097 and len(xz_big) == 65537
+    parts = raw_parts + zstd_parts
+    assert [compressor.stored_raw(p) for p in parts] == \
+        [True] * len(raw_parts) + [False] * len(zstd_parts)
+    buf = bytearray()
+    pieces = []
+    for part in parts:
+        pieces.append((len(buf), len(part)))
+        buf += part + b"gap"
+    want = raw_parts + [ref.compress(p) for p in zstd_parts]
+    outs = [[bytes(x) for x in Compressor("zstd").compress_many(buf, pieces)]]
+    monkeypatch.delattr(zstandard, "_cffi", raising=False)     # no C core batches
+    monkeypatch.setitem(sys.modules, "zstandard._cffi", None)
+    if compressor._multi_compress():
+        outs.append([bytes(x) for x in Compressor("zstd").compress_many(buf, pieces)])
+    monkeypatch.setattr(compressor, "_multi_compress", lambda: False)
+    one = Compressor("zstd")
+    outs.append([bytes(x) for x in one.compress_many(buf, pieces)])
+    outs.append([bytes(one.compress(bytes(buf[o:o + n]))) for o, n in pieces])
+    for out in outs:
+        assert out == want
+
+
 def test_zstd_fallback_batches_never_hand_small_gzip_chunks_to_zstd(monkeypatch):
     """The multi_compress_to_buffer fallback (no C core batches) skips the small gzip
     chunks before compressing, as `compress` and the C core do: zstd gets only the
@@ -258,7 +320,7 @@ def test_zstd_fallback_batches_never_hand_small_gzip_chunks_to_zstd(monkeypatch)
     for part in parts:
         pieces.append((len(buf), len(part)))
         buf += part + b"gap"
-    raw = [compressor.gzip_stored_raw(part) for part in parts]
+    raw = [compressor.stored_raw(part) for part in parts]
     assert raw == [True, False, True, False, False, True, False, False]
     handed = []
     real = zstandard.BufferWithSegments
