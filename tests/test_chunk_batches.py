@@ -53,6 +53,80 @@ def test_read_chunks_reads_each_piece_where_asked(tmp_path):
         assert bytes(buf[buf_off[i] + n:buf_off[i] + n + 3]) == b"\xee" * 3   # gap intact
 
 
+def test_pack_leaves_the_sources_access_times_alone(tmp_path):
+    """pack reads its files with O_NOATIME: a file whose atime is before its mtime (one
+    never read since it was written: relatime would update it on this read, an inode
+    made dirty per file) keeps its atime through a pack (fails before: the read set it
+    to now)."""
+    from erofs_tools.builder.rafs import pack
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    files = [src / "a", src / "d" / "b", src / "d" / "c"]
+    for i, f in enumerate(files):
+        f.write_bytes(os.urandom(3000 + i) * (1 + 400 * i))     # one small, two chunked
+    old = 1_000_000_000
+    for f in files:
+        st = f.stat()
+        os.utime(f, ns=(old * 10**9, st.st_mtime_ns))
+    pack(src, tmp_path / "boot", tmp_path / "blobs")
+    assert [f.stat().st_atime_ns for f in files] == [old * 10**9] * 3
+    # a plain read of one does set it: relatime is on here, the check above means something
+    files[0].read_bytes()
+    assert files[0].stat().st_atime_ns > old * 10**9
+
+
+def _drop_fowner() -> None:
+    """This process without CAP_FOWNER in its effective set (capset(2) by ctypes): its
+    O_NOATIME opens of a file it does not own get EPERM."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    hdr = (ctypes.c_uint32 * 2)(0x20080522, 0)          # _LINUX_CAPABILITY_VERSION_3
+    data = (ctypes.c_uint32 * 6)()                      # 2 x (effective, permitted, inh)
+    if libc.capget(hdr, data) or data[0] & 1 << 3 == 0:
+        raise OSError(ctypes.get_errno(), "capget: no CAP_FOWNER to drop")
+    data[0] &= ~(1 << 3)
+    if libc.capset(hdr, data):
+        raise OSError(ctypes.get_errno(), "capset")
+
+
+@pytest.mark.root
+def test_read_chunks_of_another_users_file_without_o_noatime(tmp_path):
+    """O_NOATIME is only for the file's owner (or CAP_FOWNER): a reader that may not
+    ask for it gets EPERM and reads the file without it (and so every later file of
+    the process), as before; the bytes are the same, read with the kernel's own refusal
+    (a child process without CAP_FOWNER, the files another user's)."""
+    from helpers import require
+    require(os.geteuid() == 0, "root (files of another user, capset)")
+    f, g = tmp_path / "f", tmp_path / "g"
+    data = os.urandom(10_000)
+    f.write_bytes(data)
+    g.write_bytes(data[::-1])
+    for p in (f, g):
+        os.chown(p, 65534, 65534)
+    args = _args([(f, 0, 10_000), (g, 0, 10_000)])
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:                # the child reads without CAP_FOWNER, hands the bytes back
+        try:
+            _drop_fowner()
+            try:
+                os.close(os.open(f, os.O_RDONLY | os.O_NOATIME))
+                os.write(w, b"O_NOATIME allowed")
+            except PermissionError:
+                read_chunks(*args)
+                buf = args[5]
+                os.write(w, bytes(buf[0:10_000]) + bytes(buf[10_003:20_003]))
+        finally:
+            os._exit(0)
+    os.close(w)
+    out = b""
+    while chunk := os.read(r, 65536):
+        out += chunk
+    os.close(r)
+    os.waitpid(pid, 0)
+    assert out == data + data[::-1]
+
+
 def test_read_chunks_errors_name_the_chunk(tmp_path):
     f = tmp_path / "f"
     f.write_bytes(b"x" * 100)
