@@ -19,20 +19,19 @@ if TYPE_CHECKING:
 
 COMPRESSORS = ("zstd", "lz4_block", "none")
 ZSTD_LEVEL = 3
-# zstd: a chunk of at most this many bytes that starts as a gzip member, an xz stream, a
-# zstd frame or a bzip2 stream, or of at most PNG_RAW_MAX that starts as a PNG file, is
+# zstd: a chunk of at most this many bytes that starts as a gzip member, an xz stream or
+# a bzip2 stream, or of at most PNG_RAW_MAX that starts as a PNG file, is
 # stored raw without trying (csrc/chunkzstd.c says why; the C core's
 # ERN_ZSTD_GZIP_RAW_MAX, ERN_ZSTD_PNG_RAW_MAX and stored_raw)
 GZIP_RAW_MAX = 64 << 10
 PNG_RAW_MAX = 4 << 10
-_RAW_HEADS = (b"\x1f\x8b\x08", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd")
+_RAW_HEADS = (b"\x1f\x8b\x08", b"\xfd7zXZ\x00")
 _PNG_HEAD = b"\x89PNG\r\n\x1a\n"
 _BZIP2_MAGIC = (b"\x31\x41\x59\x26\x53\x59", b"\x17\x72\x45\x38\x50\x90")
 
 
 def stored_raw(data: bytes | bytearray | memoryview) -> bool:
-    """zstd: `data` is stored raw without trying (a small gzip, xz, zstd, bzip2 or PNG
-    file)."""
+    """zstd: `data` is stored raw without trying (a small gzip, xz, bzip2 or PNG file)."""
     n = len(data)
     if n > GZIP_RAW_MAX:
         return False

@@ -54,7 +54,7 @@ def _read_prefetch(spec):
               show_default=True,
               help="Per-chunk compression (a chunk that does not shrink is stored raw; "
                    "with zstd, so is a chunk of at most 64 KiB that starts as a gzip, "
-                   "xz, zstd or bzip2 file, or of at most 4 KiB as a PNG file, without "
+                   "xz or bzip2 file, or of at most 4 KiB as a PNG file, without "
                    "trying).")
 @click.option("--chunk-dict", multiple=True, type=click.Path(dir_okay=False),
               help="Bootstrap whose chunks are referenced instead of stored; repeatable.")
