@@ -471,10 +471,12 @@ void ern_batchbuf_keep(uint32_t n);
  * (a ZSTD_isError) tells, the frames back to back into dst, each piece's stored size in
  * out_len[i]: a frame that does not shrink its piece is replaced by the piece itself
  * (stored raw), and so is, without compressing it, a piece of at most
- * ERN_ZSTD_GZIP_RAW_MAX bytes that starts as a gzip member does (1f 8b 08). dst needs
+ * ERN_ZSTD_GZIP_RAW_MAX bytes that starts as a gzip member (1f 8b 08), an xz stream or
+ * a bzip2 stream does, or one of at most ERN_ZSTD_PNG_RAW_MAX bytes that
+ * starts with PNG's signature (chunkzstd.c's stored_raw). dst needs
  * ern_zstd_chunks_bound(len, n) bytes. ERN_CHUNKS_OK, ERN_CHUNKS_EINVAL (a piece
  * outside src, dst too small) or ERN_ZSTD_ERROR (zstd failed), for piece *fail_index. */
-enum { ERN_ZSTD_ERROR = 5, ERN_ZSTD_GZIP_RAW_MAX = 65536 };
+enum { ERN_ZSTD_ERROR = 5, ERN_ZSTD_GZIP_RAW_MAX = 65536, ERN_ZSTD_PNG_RAW_MAX = 4096 };
 uint64_t ern_zstd_chunks_bound(const uint32_t *len, uint32_t n);
 int ern_zstd_chunks(void *compress2, void *is_error, void *cctx, const uint8_t *src,
                     uint64_t srclen, const uint64_t *off, const uint32_t *len, uint32_t n,

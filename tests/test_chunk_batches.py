@@ -53,6 +53,80 @@ def test_read_chunks_reads_each_piece_where_asked(tmp_path):
         assert bytes(buf[buf_off[i] + n:buf_off[i] + n + 3]) == b"\xee" * 3   # gap intact
 
 
+def test_pack_leaves_the_sources_access_times_alone(tmp_path):
+    """pack reads its files with O_NOATIME: a file whose atime is before its mtime (one
+    never read since it was written: relatime would update it on this read, an inode
+    made dirty per file) keeps its atime through a pack (fails before: the read set it
+    to now)."""
+    from erofs_tools.builder.rafs import pack
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    files = [src / "a", src / "d" / "b", src / "d" / "c"]
+    for i, f in enumerate(files):
+        f.write_bytes(os.urandom(3000 + i) * (1 + 400 * i))     # one small, two chunked
+    old = 1_000_000_000
+    for f in files:
+        st = f.stat()
+        os.utime(f, ns=(old * 10**9, st.st_mtime_ns))
+    pack(src, tmp_path / "boot", tmp_path / "blobs")
+    assert [f.stat().st_atime_ns for f in files] == [old * 10**9] * 3
+    # a plain read of one does set it: relatime is on here, the check above means something
+    files[0].read_bytes()
+    assert files[0].stat().st_atime_ns > old * 10**9
+
+
+def _drop_fowner() -> None:
+    """This process without CAP_FOWNER in its effective set (capset(2) by ctypes): its
+    O_NOATIME opens of a file it does not own get EPERM."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    hdr = (ctypes.c_uint32 * 2)(0x20080522, 0)          # _LINUX_CAPABILITY_VERSION_3
+    data = (ctypes.c_uint32 * 6)()                      # 2 x (effective, permitted, inh)
+    if libc.capget(hdr, data) or data[0] & 1 << 3 == 0:
+        raise OSError(ctypes.get_errno(), "capget: no CAP_FOWNER to drop")
+    data[0] &= ~(1 << 3)
+    if libc.capset(hdr, data):
+        raise OSError(ctypes.get_errno(), "capset")
+
+
+@pytest.mark.root
+def test_read_chunks_of_another_users_file_without_o_noatime(tmp_path):
+    """O_NOATIME is only for the file's owner (or CAP_FOWNER): a reader that may not
+    ask for it gets EPERM and reads the file without it (and so every later file of
+    the process), as before; the bytes are the same, read with the kernel's own refusal
+    (a child process without CAP_FOWNER, the files another user's)."""
+    from helpers import require
+    require(os.geteuid() == 0, "root (files of another user, capset)")
+    f, g = tmp_path / "f", tmp_path / "g"
+    data = os.urandom(10_000)
+    f.write_bytes(data)
+    g.write_bytes(data[::-1])
+    for p in (f, g):
+        os.chown(p, 65534, 65534)
+    args = _args([(f, 0, 10_000), (g, 0, 10_000)])
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:                # the child reads without CAP_FOWNER, hands the bytes back
+        try:
+            _drop_fowner()
+            try:
+                os.close(os.open(f, os.O_RDONLY | os.O_NOATIME))
+                os.write(w, b"O_NOATIME allowed")
+            except PermissionError:
+                read_chunks(*args)
+                buf = args[5]
+                os.write(w, bytes(buf[0:10_000]) + bytes(buf[10_003:20_003]))
+        finally:
+            os._exit(0)
+    os.close(w)
+    out = b""
+    while chunk := os.read(r, 65536):
+        out += chunk
+    os.close(r)
+    os.waitpid(pid, 0)
+    assert out == data + data[::-1]
+
+
 def test_read_chunks_errors_name_the_chunk(tmp_path):
     f = tmp_path / "f"
     f.write_bytes(b"x" * 100)
@@ -235,6 +309,70 @@ def test_small_gzip_chunks_are_stored_raw_without_zstd_on_every_path(monkeypatch
         assert out == want
 
 
+def _compressible_png(n):
+    """A PNG file of about n bytes whose zstd frame is far smaller: its signature and
+    one uncompressed-looking chunk of repeated text (the rule looks at the bytes only)."""
+    import struct
+    import zlib
+    body = (b"tEXtComment\x00" + b"a line of text that zstd shrinks well " * n)[:n - 16]
+    return b"\x89PNG\r\n\x1a\n" + struct.pack(">I", len(body) - 4) + body + \
+        struct.pack(">I", zlib.crc32(body))
+
+
+def test_small_xz_bzip2_png_chunks_are_stored_raw_on_every_path(monkeypatch):
+    """zstd: like a small gzip file, a chunk of at most 64 KiB that starts as an xz
+    stream or a bzip2 stream (its block's or end's magic after the header), or of at
+    most 4 KiB as a PNG file, is stored raw without trying zstd, even where zstd would
+    shrink it (csrc/chunkzstd.c: the evidence); a PNG over 4 KiB, a JPEG, a 'BZh' text,
+    any of them over 64 KiB and a zstd frame (a Nydus blob's frames back to back: zstd
+    halves them) are compressed as before. The C core, multi_compress_to_buffer and the
+    one-by-one path agree."""
+    import bz2
+    import lzma
+    import sys
+
+    from erofs_tools._native import lib
+    assert lib.ERN_ZSTD_PNG_RAW_MAX == compressor.PNG_RAW_MAX == 4096
+    text = b"some text that compresses well " * 4000
+    # each format's header and then bytes that zstd would shrink a lot
+    xz = lzma.compress(os.urandom(100)) + text[:50_000]
+    zst = zstandard.ZstdCompressor(level=1, write_content_size=False).compress(
+        text[:30_000]) + text[:20_000]
+    assert zst.startswith(b"\x28\xb5\x2f\xfd")
+    bz = bz2.compress(os.urandom(100)) + text[:20_000]
+    bz_empty = bz2.compress(b"") + text[:20_000]
+    png_small, png_big = _compressible_png(4096), _compressible_png(4097)
+    jpeg = b"\xff\xd8\xff\xe0" + text[:3000]
+    bz_text = b"BZh9 is not a stream " + text[:3000]
+    xz_big = b"\xfd7zXZ\x00" + text[:65531]
+    raw_parts = [xz, bz, bz_empty, png_small, xz_big[:65536]]
+    zstd_parts = [png_big, jpeg, bz_text, xz_big, png_small[:7] + text[:100], zst]
+    ref = zstandard.ZstdCompressor(level=3)
+    for part in raw_parts:
+        assert len(part) <= 65536 and len(ref.compress(part)) < len(part) * 0.9, part[:8]
+    assert len(png_small) == 4096 and len(png_big) == 4097 and len(xz_big) == 65537
+    parts = raw_parts + zstd_parts
+    assert [compressor.stored_raw(p) for p in parts] == \
+        [True] * len(raw_parts) + [False] * len(zstd_parts)
+    buf = bytearray()
+    pieces = []
+    for part in parts:
+        pieces.append((len(buf), len(part)))
+        buf += part + b"gap"
+    want = raw_parts + [ref.compress(p) for p in zstd_parts]
+    outs = [[bytes(x) for x in Compressor("zstd").compress_many(buf, pieces)]]
+    monkeypatch.delattr(zstandard, "_cffi", raising=False)     # no C core batches
+    monkeypatch.setitem(sys.modules, "zstandard._cffi", None)
+    if compressor._multi_compress():
+        outs.append([bytes(x) for x in Compressor("zstd").compress_many(buf, pieces)])
+    monkeypatch.setattr(compressor, "_multi_compress", lambda: False)
+    one = Compressor("zstd")
+    outs.append([bytes(x) for x in one.compress_many(buf, pieces)])
+    outs.append([bytes(one.compress(bytes(buf[o:o + n]))) for o, n in pieces])
+    for out in outs:
+        assert out == want
+
+
 def test_zstd_fallback_batches_never_hand_small_gzip_chunks_to_zstd(monkeypatch):
     """The multi_compress_to_buffer fallback (no C core batches) skips the small gzip
     chunks before compressing, as `compress` and the C core do: zstd gets only the
@@ -258,7 +396,7 @@ def test_zstd_fallback_batches_never_hand_small_gzip_chunks_to_zstd(monkeypatch)
     for part in parts:
         pieces.append((len(buf), len(part)))
         buf += part + b"gap"
-    raw = [compressor.gzip_stored_raw(part) for part in parts]
+    raw = [compressor.stored_raw(part) for part in parts]
     assert raw == [True, False, True, False, False, True, False, False]
     handed = []
     real = zstandard.BufferWithSegments

@@ -19,15 +19,30 @@ if TYPE_CHECKING:
 
 COMPRESSORS = ("zstd", "lz4_block", "none")
 ZSTD_LEVEL = 3
-# zstd: a chunk of at most this many bytes that starts as a gzip member is stored raw
-# without trying (csrc/chunkzstd.c says why; the C core's ERN_ZSTD_GZIP_RAW_MAX)
+# zstd: a chunk of at most this many bytes that starts as a gzip member, an xz stream or
+# a bzip2 stream, or of at most PNG_RAW_MAX that starts as a PNG file, is
+# stored raw without trying (csrc/chunkzstd.c says why; the C core's
+# ERN_ZSTD_GZIP_RAW_MAX, ERN_ZSTD_PNG_RAW_MAX and stored_raw)
 GZIP_RAW_MAX = 64 << 10
-_GZIP_HEAD = b"\x1f\x8b\x08"
+PNG_RAW_MAX = 4 << 10
+_RAW_HEADS = (b"\x1f\x8b\x08", b"\xfd7zXZ\x00")
+_PNG_HEAD = b"\x89PNG\r\n\x1a\n"
+_BZIP2_MAGIC = (b"\x31\x41\x59\x26\x53\x59", b"\x17\x72\x45\x38\x50\x90")
 
 
-def gzip_stored_raw(data: bytes | bytearray | memoryview) -> bool:
-    """zstd: `data` is stored raw without trying (a small gzip file)."""
-    return len(data) <= GZIP_RAW_MAX and bytes(data[:3]) == _GZIP_HEAD
+def stored_raw(data: bytes | bytearray | memoryview) -> bool:
+    """zstd: `data` is stored raw without trying (a small gzip, xz, bzip2 or PNG file)."""
+    n = len(data)
+    if n > GZIP_RAW_MAX:
+        return False
+    head = bytes(data[:10])
+    if head.startswith(_RAW_HEADS):
+        return True
+    if head.startswith(_PNG_HEAD):
+        return n <= PNG_RAW_MAX
+    return (n >= 10 and head.startswith(b"BZh") and 0x31 <= head[3] <= 0x39
+            and head[4:] in _BZIP2_MAGIC)
+
 
 def _debug(msg: str, *args: object) -> None:  # only if logging is loaded (configured):
     if (lg := sys.modules.get("logging")) is not None:  # importing it: ~1.2 MiB, ~10 ms
@@ -135,7 +150,7 @@ class Compressor:
             from erofs_tools import _native
             out4 = _native.lz4_block_compress(data)
             return data if out4 is None else out4
-        if gzip_stored_raw(data):
+        if stored_raw(data):
             return data
         c = getattr(self._local, "c", None)
         if c is None:
@@ -197,9 +212,9 @@ class Compressor:
             if c is None:
                 c = self._local.c = z.ZstdCompressor(level=self.level)
             mv = memoryview(buf)
-            # small gzip files are stored raw without trying, as `compress` and the C
-            # core do: only the other pieces go to zstd
-            raw = [gzip_stored_raw(mv[o:o + n]) for o, n in zip(p.off, p.lengths)]
+            # small gzip (xz, ...) files are stored raw without trying, as `compress`
+            # and the C core do: only the other pieces go to zstd
+            raw = [stored_raw(mv[o:o + n]) for o, n in zip(p.off, p.lengths)]
             todo = p if not any(raw) else Pieces(
                 array.array("Q", (o for o, r in zip(p.off, raw) if not r)),
                 array.array("I", (n for n, r in zip(p.lengths, raw) if not r)))

@@ -53,8 +53,9 @@ def _read_prefetch(spec):
 @click.option("--compressor", type=click.Choice(["zstd", "lz4_block", "none"]), default="zstd",
               show_default=True,
               help="Per-chunk compression (a chunk that does not shrink is stored raw; "
-                   "with zstd, so is a chunk of at most 64 KiB that starts as a gzip "
-                   "file, without trying).")
+                   "with zstd, so is a chunk of at most 64 KiB that starts as a gzip, "
+                   "xz or bzip2 file, or of at most 4 KiB as a PNG file, without "
+                   "trying).")
 @click.option("--chunk-dict", multiple=True, type=click.Path(dir_okay=False),
               help="Bootstrap whose chunks are referenced instead of stored; repeatable.")
 @click.option("--prefetch-list", metavar="FILE|-",
