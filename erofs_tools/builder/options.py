@@ -117,6 +117,8 @@ class MkfsOptions:
     metabox: int = 0                  # -m#: every inode in the metabox (its pcluster
                                       # size #; stored plain: no -z); 0: no
     metabox_alg: int = 0              # -m#:X: X's index in the -z list
+    metazone: int = 0                 # --MZ: 1 the inode records, 3 the directories'
+                                      # blocks too, in a zone after the data; 0: no
     chunksize: int = 0                # --chunksize: every file chunk-based (0: no)
     blobdev: str | None = None        # --blobdev: the chunks' data in this extra device
     chunk_indexes: bool = False       # -E force-chunk-indexes: 8-byte chunk indexes
@@ -585,6 +587,21 @@ def parse_block_size(size: int | None, tar_mode: str | None = None) -> int:
     if tar_mode == "i" and size != 512:
         raise InputError(f"-b {size}: --tar=i images have 512-byte blocks (the tar's)")
     return size.bit_length() - 1
+
+
+def parse_metazone(text: str | None) -> int:
+    """--MZ[=0|i|id] (mkfs.erofs 1.9's metadata zone) -> 0, 1 (i: the inode records) or
+    3 (d too: the directories' blocks), as the C core's ERN_MZ_* bits: a bare --MZ is
+    "id", "0" and "" neither, otherwise letters i and d (each any number of times, as
+    there); d without i and any other letter refused, as mkfs.erofs refuses them."""
+    if text is None or text in ("0", ""):
+        return 0
+    if set(text) - {"i", "d"}:
+        raise InputError(f"--MZ={text}: invalid metazone flags")
+    if "i" not in text:
+        raise InputError(f"--MZ={text}: inode metadata must be in the metadata zone if "
+                         "directory data is stored there")
+    return 3 if "d" in text else 1
 
 
 def parse_metabox(text: str | None, blkszbits: int,
