@@ -256,6 +256,7 @@ PYLIB_ARGS = {
     "lz4hc-MZ=i": ["-zlz4hc", "--MZ=i"],
     "metabox-MZ=i": ["-m4096", "--MZ=i"],
     "lz4hc-metabox-MZ=i": ["-zlz4hc", "-m4096", "--MZ=i"],
+    "metabox-MZ": ["-m4096", "--MZ"],
 }
 
 
@@ -269,7 +270,8 @@ def test_pylib_size_as_mkfs_erofs(root_kernel, tmp_path, variant):
     ours, theirs = tmp_path / "o.img", tmp_path / "a.img"
     mkfs_and_check(ours, PYLIB, "-T", "0", "-U", "clear", *args, ignore=("mtime_ns",))
     anchor_mkfs(theirs, PYLIB, *args, need="MZ")
-    fsck(theirs, extract=False)
+    if args != ["-m4096", "--MZ"]:  # (mkfs.erofs 1.9.4's -m with 'd' fails its fsck)
+        fsck(theirs, extract=False)
     ratio = os.path.getsize(ours) / os.path.getsize(theirs)
     print(f"{' '.join(args)} {PYLIB}: ours {os.path.getsize(ours)} / mkfs.erofs "
           f"{os.path.getsize(theirs)} = {ratio:.4f}")
