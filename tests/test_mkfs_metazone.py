@@ -203,6 +203,25 @@ def test_metazone_variants(root_kernel, tree, tmp_path, variant):
 
 
 @pytest.mark.root
+@pytest.mark.parametrize("mbox", [[], ["-m4096"]], ids=["plain", "metabox"])
+def test_metazone_blobdev(root_kernel, tree, tmp_path, mbox):
+    """--chunksize --blobdev: the chunks in the blob (device 1), the device table after
+    the superblock, the zone after the directories' blocks"""
+    img, dev = tmp_path / "c.img", tmp_path / "blob.img"
+    run_mkfs(img, tree, "-U", "clear", "--chunksize", "8192", f"--blobdev={dev}", *mbox, "--MZ")
+    fsck(img, devices=[dev])
+    with open_image(img, devices=[dev]) as im:
+        assert im.sb.extra_devices == 1
+        if not mbox:
+            assert im.root_nid == im.blksz // E.SLOT_SIZE
+            zone = (im.sb.meta_blkaddr + 1) * im.blksz
+            assert all(ino.offset >= zone for _p, _d, ino in im.walk())
+    with mounted(img, f"device={dev}") as mnt:
+        assert compare_trees(tree, mnt, check_nlink=True) == []
+    reader_round_trip(tmp_path, tree, img, devices=[dev])
+
+
+@pytest.mark.root
 @pytest.mark.parametrize("args", [["--MZ"], ["--MZ=i"], ["--MZ=0"], ["-zlz4hc", "--MZ"],
                                   ["-m4096", "--MZ"], ["--zD", "--MZ"]])
 def test_metazone_tar(root_kernel, tree, tmp_path, args):
