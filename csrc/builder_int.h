@@ -402,6 +402,7 @@ INTERNAL uint64_t dir_size_sorted(uint32_t blksz, const char *names, const uint3
 INTERNAL int alloc_flat_data(erofs_builder *b, uint64_t *pblk);
 INTERNAL uint64_t metazone_nid0(const erofs_builder *b, uint64_t zone);
 INTERNAL uint64_t metazone_win(const erofs_builder *b);
+INTERNAL int metazone_dirs(erofs_builder *b, uint64_t *pos);
 INTERNAL int metazone_first(erofs_builder *b, uint64_t *blk, uint64_t *data_start,
                             uint64_t *meta_start);
 /* layout.c */

@@ -230,9 +230,9 @@ int erofs_builder_target_filled(erofs_builder *b, uint64_t *bytes);
 int erofs_builder_set_blob(erofs_builder *b, int fd);
 /* mkfs.erofs 1.9 --MZ (metazone.c), before the first node: ERN_MZ_INODES, the inode
  * records in a zone after the data (the root first there, nids counted from the block
- * before it, meta_blkaddr); with ERN_MZ_DIRS too, the directories' blocks right before
- * them. With the metabox the records are in it already: ERN_MZ_DIRS puts the blocks
- * right before its data */
+ * before it, meta_blkaddr); with ERN_MZ_DIRS too, the directories' blocks after them.
+ * With the metabox the records are in it already: ERN_MZ_DIRS puts the blocks right
+ * before its data */
 enum { ERN_MZ_INODES = 1, ERN_MZ_DIRS = 2 };
 int erofs_builder_set_metazone(erofs_builder *b, uint32_t flags);
 int erofs_builder_blob_blocks(erofs_builder *b, uint64_t *blocks);

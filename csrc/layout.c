@@ -11,7 +11,8 @@
  *   place_stream_data   stream mode: the data not streamed follows the streamed data
  *                       (metazone.c: that placement, and --MZ's data before the inodes)
  *   place_inodes        inode offsets (nids), packed best fit; write order by offset
- *   place_after_inodes  shared xattr area, device table check, data blocks, puts check
+ *   place_after_inodes  (--MZ=id: directory blocks,) shared xattr area, device table
+ *                       check, data blocks, puts check
  *   fill_info           the erofs_layout_info handed back
  */
 #include "builder_int.h"
@@ -530,6 +531,9 @@ static int place_after_inodes(erofs_builder *b, struct layout_state *st)
     uint64_t first_inode_off = b->o.metabox ? metabox_rec_off(b)
                                             : st->meta_start + st->first_nid * EROFS_SLOT_SIZE;
     uint64_t pos = align_up(st->meta_end, blksz);
+    int rz = metazone_dirs(b, &pos);        /* (--MZ=id: the directories' blocks) */
+    if (rz)
+        return rz;
     if (st->shared_bytes && !st->xattr_blkaddr) {      /* (-m -z: before the inodes) */
         st->xattr_blkaddr = (uint32_t)(pos / blksz);
         pos = align_up(pos + st->shared_bytes, blksz);

@@ -11,16 +11,18 @@
  * stream mode it does already; --tar=i's index lays the directories' and symlinks' blocks
  * out first, then the records), its nid 0 a block before it (first_nid blksz / 32: the
  * root's record at the zone's start; no records among the data, smeta.c, nor the root
- * in block 0 after the superblock); the shared xattr area and --zD's packed inode after
- * the records, as without --MZ. With ERN_MZ_DIRS too, the directories' blocks are the
- * last of the data, right before the records (after the symlinks' and small files').
+ * in block 0 after the superblock). With ERN_MZ_DIRS too, the directories' blocks follow
+ * the records in the zone (mkfs.erofs 1.9.4: among them, in the order it met them; the
+ * records first keep the root's nid small). The shared xattr area and --zD's packed
+ * inode come after these, as after the records without --MZ.
  *
  * With the metabox (-m) every record is in the metabox inode's data, which already
  * follows the data; ERN_MZ_INODES changes nothing more (mkfs.erofs 1.9.4 puts the
  * metabox inode's own record in its zone, a block of its own: here it stays in block 0
  * after the superblock), ERN_MZ_DIRS puts the directories' blocks right before the
- * metabox's data (mkfs.erofs 1.9.4's own images of -m with 'd' fail its fsck and the
- * kernel: the directories' entries point at zeros).
+ * metabox's data (its end moves when compressed in place: metabox_compress; mkfs.erofs
+ * 1.9.4's own images of -m with 'd' fail its fsck and the kernel: the directories'
+ * entries point at zeros).
  */
 #include "builder_int.h"
 
@@ -100,11 +102,24 @@ static int alloc_flat(erofs_builder *b, uint64_t *pblk, int which)
 }
 
 /* data blocks of directories, symlinks and files not streamed, in nid order (--MZ=id:
- * the directories' last) */
+ * but the directories', in the zone after the records, metazone_dirs; with the metabox
+ * the last of them) */
 int alloc_flat_data(erofs_builder *b, uint64_t *pblk)
 {
     if (!(b->o.metazone & ERN_MZ_DIRS))
         return alloc_flat(b, pblk, 0);
     int r = alloc_flat(b, pblk, 1);
-    return r ? r : alloc_flat(b, pblk, 2);
+    return r || !b->o.metabox ? r : alloc_flat(b, pblk, 2);
+}
+
+/* --MZ=id without the metabox: the directories' blocks from *pos (the block after the
+ * records) on -> *pos after them */
+int metazone_dirs(erofs_builder *b, uint64_t *pos)
+{
+    if (!(b->o.metazone & ERN_MZ_DIRS) || b->o.metabox)
+        return 0;
+    uint64_t blk = *pos / b->blksz;
+    int r = alloc_flat(b, &blk, 2);
+    *pos = blk * b->blksz;
+    return r;
 }

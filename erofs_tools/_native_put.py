@@ -49,7 +49,7 @@ def set_blob(nb: NativeBuilder, fd: int) -> None:
 
 def set_metazone(nb: NativeBuilder, flags: int) -> None:
     """mkfs --MZ, before the first node: ERN_MZ_INODES (1), the inode records in a zone
-    after the data; with ERN_MZ_DIRS (2) too, the directories' blocks right before them
+    after the data; with ERN_MZ_DIRS (2) too, the directories' blocks after them
     (csrc/metazone.c)."""
     if nb._b is None:
         raise ValueError("builder closed")
