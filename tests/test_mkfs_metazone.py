@@ -333,33 +333,42 @@ def test_pylib_tar_size(tmp_path, mode):
     assert ratio <= 1.0, ratio
 
 
-@pytest.mark.parametrize("flag, msg", [
-    ("--MZ=d", "--MZ=d: inode metadata must be in the metadata zone if directory data is "
-     "stored there"),
-    ("--MZ=dd", "--MZ=dd: inode metadata must be in the metadata zone if directory data "
-     "is stored there"),
-    ("--MZ=x", "--MZ=x: invalid metazone flags"),
-    ("--MZ=i0", "--MZ=i0: invalid metazone flags"),
-    ("--MZ=1", "--MZ=1: invalid metazone flags"),
+DIRS_ALONE = "inode metadata must be in the metadata zone if directory data is stored there"
+
+
+@pytest.mark.parametrize("flags, msg", [
+    (["--MZ=d"], f"--MZ=d: {DIRS_ALONE}"),
+    (["--MZ=dd"], f"--MZ=dd: {DIRS_ALONE}"),
+    (["--MZ=d", "--MZ=i"], f"--MZ=d: {DIRS_ALONE}"),
+    (["--MZ", "--MZ=0", "--MZ=d"], f"--MZ=d: {DIRS_ALONE}"),
+    (["--MZ=x"], "--MZ=x: invalid metazone flags"),
+    (["--MZ=i0"], "--MZ=i0: invalid metazone flags"),
+    (["--MZ=1"], "--MZ=1: invalid metazone flags"),
 ])
-def test_refused(tree, tmp_path, flag, msg):
+def test_refused(tree, tmp_path, flags, msg):
     """as mkfs.erofs 1.9.4 refuses them (it too writes nothing)"""
     img = tmp_path / "x.img"
-    p = run_mkfs(img, tree, flag, check=False)
+    p = run_mkfs(img, tree, *flags, check=False)
     assert p.returncode == 1
     assert p.stderr == f"error: {msg}\n"
     assert not img.exists()
     require_tool("mkfs.erofs")
-    p = subprocess.run(["mkfs.erofs", flag, os.fspath(img), os.fspath(tree)],
+    p = subprocess.run(["mkfs.erofs", *flags, os.fspath(img), os.fspath(tree)],
                        capture_output=True, text=True)
     assert p.returncode != 0 and not img.exists()
 
 
-@pytest.mark.parametrize("flag", ["--MZ=di", "--MZ=ii", "--MZ="])
-def test_accepted_as_mkfs_erofs(tree, tmp_path, flag):
-    """letters in any order, repeated; an empty value is neither (as there)"""
-    img, ref = tmp_path / "x.img", tmp_path / "r.img"
-    run_mkfs(img, tree, "-T", "0", "-U", "clear", flag)
-    want = {"--MZ=di": "--MZ=id", "--MZ=ii": "--MZ=i", "--MZ=": "--MZ=0"}[flag]
+@pytest.mark.parametrize("flags, want", [
+    (["--MZ=di"], "--MZ=id"), (["--MZ=ii"], "--MZ=i"), (["--MZ="], "--MZ=0"),
+    (["--MZ=i", "--MZ=d"], "--MZ=id"), (["--MZ", "--MZ=0"], "--MZ=0"),
+    (["--MZ=0", "--MZ=i"], "--MZ=i"), (["--MZ", "--MZ=i"], "--MZ=id")])
+def test_accepted_as_mkfs_erofs(tree, tmp_path, flags, want):
+    """letters in any order, repeated, an empty value none; several --MZ add their
+    letters up, 0 clears them (as there); the same meta_blkaddr as mkfs.erofs 1.9.4"""
+    img, ref, theirs = tmp_path / "x.img", tmp_path / "r.img", tmp_path / "a.img"
+    run_mkfs(img, tree, "-T", "0", "-U", "clear", *flags)
     run_mkfs(ref, tree, "-T", "0", "-U", "clear", want)
     assert img.read_bytes() == ref.read_bytes()
+    anchor_mkfs(theirs, tree, *flags, need="MZ")
+    with open_image(img) as ours, open_image(theirs) as im:
+        assert (ours.sb.meta_blkaddr == 0) == (im.sb.meta_blkaddr == 0)

@@ -589,19 +589,24 @@ def parse_block_size(size: int | None, tar_mode: str | None = None) -> int:
     return size.bit_length() - 1
 
 
-def parse_metazone(text: str | None) -> int:
-    """--MZ[=0|i|id] (mkfs.erofs 1.9's metadata zone) -> 0, 1 (i: the inode records) or
-    3 (d too: the directories' blocks), as the C core's ERN_MZ_* bits: a bare --MZ is
-    "id", "0" and "" neither, otherwise letters i and d (each any number of times, as
-    there); d without i and any other letter refused, as mkfs.erofs refuses them."""
-    if text is None or text in ("0", ""):
-        return 0
-    if set(text) - {"i", "d"}:
-        raise InputError(f"--MZ={text}: invalid metazone flags")
-    if "i" not in text:
-        raise InputError(f"--MZ={text}: inode metadata must be in the metadata zone if "
-                         "directory data is stored there")
-    return 3 if "d" in text else 1
+def parse_metazone(texts: Sequence[str]) -> int:
+    """Each --MZ[=0|i|id] in command-line order (mkfs.erofs 1.9's metadata zone) -> 0, 1
+    (i: the inode records) or 3 (d too: the directories' blocks), as the C core's ERN_MZ_*
+    bits. As mkfs.erofs takes them: a bare --MZ ("id") sets both, "0" clears both, other
+    values add their letters i and d (each any number of times; "" none) to those set
+    before; d without i (so far) and any other letter refused."""
+    flags = 0
+    for text in texts:
+        if text == "0":
+            flags = 0
+            continue
+        if set(text) - {"i", "d"}:
+            raise InputError(f"--MZ={text}: invalid metazone flags")
+        flags |= (1 if "i" in text else 0) | (2 if "d" in text else 0)
+        if flags == 2:
+            raise InputError(f"--MZ={text}: inode metadata must be in the metadata zone if "
+                             "directory data is stored there")
+    return flags
 
 
 def parse_metabox(text: str | None, blkszbits: int,

@@ -117,7 +117,7 @@ from erofs_tools.errors import InputError, terminate_as_interrupt
               help="Metadata compression (Linux 6.17+): every inode in a metabox inode "
                    "compressed in pclusters of # bytes (at most -C's) with X, the first -z "
                    "algorithm (the default; without -z stored plain), as mkfs.erofs 1.9 -m.")
-@click.option("--MZ", "metazone", metavar="0|i|id",
+@click.option("--MZ", "metazone", metavar="0|i|id", multiple=True,
               help="id (or a bare --MZ): the inode records (i) and the directories' blocks "
                    "(d) in a metadata zone after the data, nids counted from the block "
                    "before it; i: the records only; 0: neither (default), as mkfs.erofs "
