@@ -12,7 +12,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 HEADER = os.path.join(HERE, "erofs_native.h")
 SOURCES = ["nodes.c", "datastream.c", "dirs.c", "layout.c", "metapack.c", "smeta.c", "zsmeta.c", "write.c", "crc32c.c",
            "fs_table.c", "xattrs.c", "zconf.c", "compress.c", "compress_lz4.c", "compress_zstd.c", "compress_lzma.c",
-           "compress_deflate.c", "zstream.c", "zdir.c", "metabox.c", "zindex.c", "zlayout.c", "fragments.c",
+           "compress_deflate.c", "zstream.c", "zdir.c", "metabox.c", "metazone.c", "zindex.c", "zlayout.c", "fragments.c",
            "dedupe.c", "decompress.c", "coldpath.c", "chunkread.c", "chunkzstd.c",
            "chunkmap.c", "walk.c", "fileruns.c", "fanhold.c", "sha256.c", "chunked.c", "imageguard.c",
            "blake3.c"]

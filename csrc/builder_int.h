@@ -398,6 +398,13 @@ INTERNAL void smeta_free(erofs_builder *b);
 INTERNAL uint64_t dir_size_sorted(uint32_t blksz, const char *names, const uint32_t *offs,
                                   uint32_t n);
 
+/* metazone.c: the data blocks not streamed (after the streamed data), mkfs --MZ */
+INTERNAL int alloc_flat_data(erofs_builder *b, uint64_t *pblk);
+INTERNAL uint64_t metazone_nid0(const erofs_builder *b, uint64_t zone);
+INTERNAL uint64_t metazone_win(const erofs_builder *b);
+INTERNAL int metazone_dirs(erofs_builder *b, uint64_t *pos);
+INTERNAL int metazone_first(erofs_builder *b, uint64_t *blk, uint64_t *data_start,
+                            uint64_t *meta_start);
 /* layout.c */
 INTERNAL uint64_t sb_area_end(const erofs_builder *b);
 INTERNAL int is_flat_data(const struct node *n);

@@ -133,6 +133,8 @@ struct erofs_opts {
                                   first -z algorithm in pclusters of this many bytes,
                                   stored plain without compress_alg; 0: off */
     uint32_t metabox_alg;      /* its algorithm: this index in the -z list (-m#:X) */
+    uint32_t metazone;         /* mkfs --MZ (metazone.c): ERN_MZ_* bits, set by
+                                  erofs_builder_set_metazone; 0: off */
 };
 
 struct erofs_layout_info {
@@ -226,6 +228,13 @@ int erofs_builder_target_filled(erofs_builder *b, uint64_t *bytes);
  * --blobdev, device 1: chunk indexes with device_id 1, blocks counted from the blob's
  * start) instead of the image; *blocks (erofs_builder_blob_blocks): its size so far */
 int erofs_builder_set_blob(erofs_builder *b, int fd);
+/* mkfs.erofs 1.9 --MZ (metazone.c), before the first node: ERN_MZ_INODES, the inode
+ * records in a zone after the data (the root first there, nids counted from the block
+ * before it, meta_blkaddr); with ERN_MZ_DIRS too, the directories' blocks after them.
+ * With the metabox the records are in it already: ERN_MZ_DIRS puts the blocks right
+ * before its data */
+enum { ERN_MZ_INODES = 1, ERN_MZ_DIRS = 2 };
+int erofs_builder_set_metazone(erofs_builder *b, uint32_t flags);
 int erofs_builder_blob_blocks(erofs_builder *b, uint64_t *blocks);
 int erofs_builder_stream_progress(erofs_builder *b, uint64_t *bytes_done);
 

@@ -9,8 +9,10 @@
  *   pick_build_time     given, or the most common (mtime, nsec) of the tree
  *   choose_formats      compact/extended inodes, FLAT_PLAIN / FLAT_INLINE / CHUNK_BASED
  *   place_stream_data   stream mode: the data not streamed follows the streamed data
+ *                       (metazone.c: that placement, and --MZ's data before the inodes)
  *   place_inodes        inode offsets (nids), packed best fit; write order by offset
- *   place_after_inodes  shared xattr area, device table check, data blocks, puts check
+ *   place_after_inodes  (--MZ=id: directory blocks,) shared xattr area, device table
+ *                       check, data blocks, puts check
  *   fill_info           the erofs_layout_info handed back
  */
 #include "builder_int.h"
@@ -109,39 +111,6 @@ uint64_t xpfx_start(const erofs_builder *b)
 uint64_t sb_area_end(const erofs_builder *b)
 {
     return b->xpfx_count && !b->xpfx_packed ? xpfx_start(b) + b->xpfx_len : sb_devt_end(b);
-}
-
-/* data blocks of directories, symlinks and files not streamed, in nid order */
-static int alloc_flat_data(erofs_builder *b, uint64_t *pblk)
-{
-    uint32_t blksz = b->blksz;
-    uint64_t blk = *pblk;
-    for (uint32_t oi = 0; oi < b->norder; oi++) {
-        struct node *n = &b->nodes[b->order[oi]];
-        if (n->streamed || NXR(b, n)->sdir)
-            continue;
-        if (n->layout == L_CHUNK) {
-            if (n->dkind == D_SPARSE) {
-                blk = place_sparse_chunks(b, &b->chunks[n->aux], n->size, blk);
-                if (blk > 0xFFFFFFFFull)
-                    return fail(b, ERN_ELIMIT, "image larger than 2^32 blocks");
-            }
-            continue;
-        }
-        if (!is_flat_data(n) || n->layout == L_ZFULL)
-            continue;           /* (--zD: directories in the packed inode) */
-        uint64_t nblk = n->layout == L_INLINE ? n->size / blksz : (n->size + blksz - 1) / blksz;
-        if (nblk) {
-            n->startblk = (uint32_t)blk;
-            blk += nblk;
-        } else {
-            n->startblk = n->layout == L_INLINE ? EROFS_NULL_ADDR : 0;
-        }
-        if (blk > 0xFFFFFFFFull)
-            return fail(b, ERN_ELIMIT, "image larger than 2^32 blocks");
-    }
-    *pblk = blk;
-    return 0;
 }
 
 /* regular files and symlinks need a data source unless empty */
@@ -411,8 +380,8 @@ static int place_stream_data(erofs_builder *b, struct layout_state *st)
     st->blk = 0;
     st->data_start = 0;
     st->meta_start = b->o.metabox ? metabox_meta_start(b) : (uint64_t)b->o.meta_blkaddr * blksz;
-    if (!b->o.stream_data)
-        return 0;
+    if (!b->o.stream_data)      /* (--MZ: the data first, metazone.c) */
+        return b->o.metazone ? metazone_first(b, &st->blk, &st->data_start, &st->meta_start) : 0;
     /* (a device table, --blobdev's: between the superblock and the first data block) */
     if (b->nputs || (b->ndevs && sb_area_end(b) > align_up(SB_END, blksz)))
         return fail(b, ERN_EINVAL, "stream mode does not take reserved bytes, nor devices "
@@ -425,6 +394,7 @@ static int place_stream_data(erofs_builder *b, struct layout_state *st)
     if (r)
         return r;
     st->meta_start = metabox_area(b, st->shared_bytes, &st->blk, &st->xattr_blkaddr) * blksz;
+    st->meta_start = metazone_nid0(b, st->meta_start);
     return 0;
 }
 
@@ -561,6 +531,9 @@ static int place_after_inodes(erofs_builder *b, struct layout_state *st)
     uint64_t first_inode_off = b->o.metabox ? metabox_rec_off(b)
                                             : st->meta_start + st->first_nid * EROFS_SLOT_SIZE;
     uint64_t pos = align_up(st->meta_end, blksz);
+    int rz = metazone_dirs(b, &pos);        /* (--MZ=id: the directories' blocks) */
+    if (rz)
+        return rz;
     if (st->shared_bytes && !st->xattr_blkaddr) {      /* (-m -z: before the inodes) */
         st->xattr_blkaddr = (uint32_t)(pos / blksz);
         pos = align_up(pos + st->shared_bytes, blksz);
@@ -577,7 +550,7 @@ static int place_after_inodes(erofs_builder *b, struct layout_state *st)
     } else if (b->ndevs) {
         return fail(b, ERN_EINVAL, "devices given without devt_slotoff");
     }
-    if (!b->o.stream_data) {
+    if (!b->o.stream_data && !b->o.metazone) {
         st->data_start = pos;
         st->blk = pos / blksz;
         int r = alloc_flat_data(b, &st->blk);

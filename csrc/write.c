@@ -362,7 +362,7 @@ int erofs_builder_write_begin(erofs_builder *b, int fd)
         return fail(b, ERN_ENOMEM, "out of memory");
     memset(b->win, 0, WIN_SIZE);
     /* the window never covers data written elsewhere (stream mode: data precedes) */
-    b->win_start = b->info.meta_start;
+    b->win_start = metazone_win(b);    /* (--MZ: nid 0 a block before the records) */
     b->win_hi = b->win_start;
     if (b->sfd >= 0 && fd != b->sfd)
         return fail(b, ERN_EINVAL, "stream mode: write() needs the fd given to set_output");

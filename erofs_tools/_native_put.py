@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from erofs_tools._native import NativeBuilder, _raise, ffi, lib
 
-__all__ = ["blob_blocks", "put_buffer", "reserve_bytes", "set_blob", "start_writeback"]
+__all__ = ["blob_blocks", "put_buffer", "reserve_bytes", "set_blob", "set_metazone",
+           "start_writeback"]
 
 
 def put_buffer(nb: NativeBuilder, offset: int, data: bytearray | memoryview) -> None:
@@ -42,6 +43,17 @@ def set_blob(nb: NativeBuilder, fd: int) -> None:
     """mkfs --blobdev (BuildOptions.chunkbits set), before the first file: the chunks'
     data goes to fd, device 1, instead of the image."""
     r = lib.erofs_builder_set_blob(nb._b, fd)
+    if r:
+        _raise(nb._b, r)
+
+
+def set_metazone(nb: NativeBuilder, flags: int) -> None:
+    """mkfs --MZ, before the first node: ERN_MZ_INODES (1), the inode records in a zone
+    after the data; with ERN_MZ_DIRS (2) too, the directories' blocks after them
+    (csrc/metazone.c)."""
+    if nb._b is None:
+        raise ValueError("builder closed")
+    r = lib.erofs_builder_set_metazone(nb._b, flags)
     if r:
         _raise(nb._b, r)
 

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from erofs_tools._native import COMPRESSORS, BuildOptions, LayoutInfo, NativeBuilder
-from erofs_tools._native_put import blob_blocks, set_blob
+from erofs_tools._native_put import blob_blocks, set_blob, set_metazone
 from erofs_tools.builder.options import MkfsOptions, Progress
 from erofs_tools.builder.output import partly_written, prepare, tree_data_bound
 from erofs_tools.builder.tree import TreeWalker
@@ -170,6 +170,8 @@ def mkfs(image: StrOrBytesPath, source: StrOrBytesPath, opts: MkfsOptions | None
         fd = target.file.fileno()
         try:
             nb = NativeBuilder(build_options(opts))
+            if opts.metazone:
+                set_metazone(nb, opts.metazone)
             need = 1 << opts.blkszbits
             if (target.device and opts.compress is None and not opts.exclude_paths
                     and not opts.exclude_regex and not opts.chunksize):

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from erofs_tools._native import BuildOptions, NativeBuilder
+from erofs_tools._native_put import set_metazone
 from erofs_tools.builder.gzinfo import GzinfoTap, check_zinfo_path, zinfo_output
 from erofs_tools.builder.mkfs import build_options, chunk_blob, finish_blob, fsalign, start_blob
 from erofs_tools.builder.options import MkfsOptions, Progress
@@ -469,6 +470,8 @@ def _build(image: str, tree: TarTree, files: list[int | _Data], data_path: str,
         fd = target.file.fileno()
         nb = NativeBuilder(bo)
         try:
+            if opts.metazone:
+                set_metazone(nb, opts.metazone)
             if not index:
                 # (a device: the data's whole blocks at least, as tree_data_bound)
                 need = (1 << bo.blkszbits) + (

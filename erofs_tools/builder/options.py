@@ -117,6 +117,8 @@ class MkfsOptions:
     metabox: int = 0                  # -m#: every inode in the metabox (its pcluster
                                       # size #; stored plain: no -z); 0: no
     metabox_alg: int = 0              # -m#:X: X's index in the -z list
+    metazone: int = 0                 # --MZ: 1 the inode records, 3 the directories'
+                                      # blocks too, in a zone after the data; 0: no
     chunksize: int = 0                # --chunksize: every file chunk-based (0: no)
     blobdev: str | None = None        # --blobdev: the chunks' data in this extra device
     chunk_indexes: bool = False       # -E force-chunk-indexes: 8-byte chunk indexes
@@ -585,6 +587,26 @@ def parse_block_size(size: int | None, tar_mode: str | None = None) -> int:
     if tar_mode == "i" and size != 512:
         raise InputError(f"-b {size}: --tar=i images have 512-byte blocks (the tar's)")
     return size.bit_length() - 1
+
+
+def parse_metazone(texts: Sequence[str]) -> int:
+    """Each --MZ[=0|i|id] in command-line order (mkfs.erofs 1.9's metadata zone) -> 0, 1
+    (i: the inode records) or 3 (d too: the directories' blocks), as the C core's ERN_MZ_*
+    bits. As mkfs.erofs takes them: a bare --MZ ("id") sets both, "0" clears both, other
+    values add their letters i and d (each any number of times; "" none) to those set
+    before; d without i (so far) and any other letter refused."""
+    flags = 0
+    for text in texts:
+        if text == "0":
+            flags = 0
+            continue
+        if set(text) - {"i", "d"}:
+            raise InputError(f"--MZ={text}: invalid metazone flags")
+        flags |= (1 if "i" in text else 0) | (2 if "d" in text else 0)
+        if flags == 2:
+            raise InputError(f"--MZ={text}: inode metadata must be in the metadata zone if "
+                             "directory data is stored there")
+    return flags
 
 
 def parse_metabox(text: str | None, blkszbits: int,

@@ -21,6 +21,7 @@ from erofs_tools.builder.options import (
     parse_inode_digest,
     parse_label,
     parse_metabox,
+    parse_metazone,
     parse_offset,
     parse_root_xattr_isize,
     parse_timestamp,
@@ -124,6 +125,11 @@ from erofs_tools.errors import InputError, terminate_as_interrupt
               help="Metadata compression (Linux 6.17+): every inode in a metabox inode "
                    "compressed in pclusters of # bytes (at most -C's) with X, the first -z "
                    "algorithm (the default; without -z stored plain), as mkfs.erofs 1.9 -m.")
+@click.option("--MZ", "metazone", metavar="0|i|id", multiple=True,
+              help="id (or a bare --MZ): the inode records (i) and the directories' blocks "
+                   "(d) in a metadata zone after the data, nids counted from the block "
+                   "before it; i: the records only; 0: neither (default), as mkfs.erofs "
+                   "1.9 --MZ (d needs i). With -m the records are in the metabox.")
 @click.option("--zD", "zdirs", type=click.Choice(["0", "1"]), metavar="0|1",
               help="1 (or a bare --zD): every directory whole in the packed inode, compressed "
                    "with it (with -z; without, stored plain), as mkfs.erofs 1.9 --zD; 0 "
@@ -190,7 +196,8 @@ def mkfs(image, source, timestamp, all_time, ignore_mtime, ovlfs_strip, block_si
          fsalignblks, dsunit, max_extent, async_limit, hard_dereference, mount_point, exclude_path, exclude_regex, no_shared_xattrs,
          xattr_tolerance, debug_level, xattr_prefix, root_xattr_isize, compress,
          zdirs, pcluster, extended, zfeature_bits, chunksize, blobdev, vmdk_desc, hints, digest_flag, digest_name, workers, build_mode, quiet, as_json,
-         tar_mode, aufs, ungzip, ungzip_dump, unxz, sort_order, max_size, metabox):
+         tar_mode, aufs, ungzip, ungzip_dump, unxz, sort_order, max_size, metabox,
+         metazone):
     """Build an EROFS image IMAGE of the directory SOURCE (4 KiB blocks), or with --tar
     of the tar file SOURCE (- or none: stdin). IMAGE may be a block device, written in
     place (refused when mounted or too small), as mkfs.erofs writes one."""
@@ -214,6 +221,7 @@ def mkfs(image, source, timestamp, all_time, ignore_mtime, ovlfs_strip, block_si
                            offset)
     blkszbits = parse_block_size(block_size, tar_mode)
     mbox, mbox_alg, z = parse_metabox(metabox, blkszbits, z)
+    mzone = parse_metazone(metazone)
     chunk_bytes = check_chunks(chunksize, blobdev, ext, z is not None, tar_mode, blkszbits,
                                image, source)
     digest = None
@@ -263,6 +271,7 @@ def mkfs(image, source, timestamp, all_time, ignore_mtime, ovlfs_strip, block_si
         dot_omitted="dot-omitted" in ext,
         metabox=mbox,
         metabox_alg=mbox_alg,
+        metazone=mzone,
         ignore_mtime=ignore_mtime,
         compress=z,
         compress_dirs=zdirs == "1",

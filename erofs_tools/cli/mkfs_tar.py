@@ -15,8 +15,9 @@ class MkfsCommand(click.Command):
     becomes the hidden `--ungzip-dump FILE` (`--xattr-inode-digest=NAME` the hidden
     `--xattr-inode-digest-name NAME`) and a bare `--ungzip` stays a flag, so
     `--ungzip IMAGE TAR` does not swallow IMAGE; a bare `--tar` is `--tar=f`, a bare
-    `--ovlfs-strip` `--ovlfs-strip=1`, a bare `--zD` `--zD=1`; `--incremental[=X]` and
-    `--clean[=X]` become the hidden `--build-mode incremental:X` / `clean:X`."""
+    `--ovlfs-strip` `--ovlfs-strip=1`, a bare `--zD` `--zD=1`, a bare `--MZ` `--MZ=id`;
+    `--incremental[=X]` and `--clean[=X]` become the hidden `--build-mode incremental:X` /
+    `clean:X`."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         out = []
@@ -46,6 +47,8 @@ class MkfsCommand(click.Command):
                 out.append("--ovlfs-strip=1")
             elif a == "--zD":               # a bare --zD compresses directories
                 out.append("--zD=1")
+            elif a == "--MZ":               # and a bare --MZ is both zones
+                out.append("--MZ=id")
             elif a in ("--incremental", "--clean") or a.startswith(("--incremental=",
                                                                     "--clean=")):
                 # (the last of the two wins, as in mkfs.erofs)
