@@ -460,7 +460,8 @@ def test_bad_base_refused(tmp_path, layers, bad):
 
 
 @pytest.mark.parametrize("args", [("-z", "lz4"), ("--chunksize=4096",), ("--tar=i",),
-                                  ("-E", "48bit"), ("--incremental=bogus",)])
+                                  ("-E", "48bit"), ("--incremental=bogus",), ("--MZ",),
+                                  ("--MZ=i",)])
 def test_unsupported_refused(tmp_path, layers, args):
     img = str(tmp_path / "img")
     run_mkfs(img, layers["base"])

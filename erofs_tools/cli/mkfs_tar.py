@@ -163,10 +163,14 @@ def refuse_with_incremental(args: dict[str, Any]) -> None:
             raise InputError(f"--incremental: {name} is not supported")
     if args.get("zdirs") == "1":
         raise InputError("--incremental: --zD is not supported")
+    from erofs_tools.builder.options import parse_extended, parse_metazone
+    if parse_metazone(args.get("metazone") or ()):
+        # the base's inode records stay where they are: no zone to put new ones in
+        # (mkfs.erofs 1.9.4 fails midway and leaves a corrupt image)
+        raise InputError("--incremental: --MZ is not supported")
     if args.get("tar_mode") not in (None, "f"):
         raise InputError(f"--incremental: --tar={args['tar_mode']} is not supported "
                          "(a layer is a directory or --tar=f)")
-    from erofs_tools.builder.options import parse_extended
     for name in parse_extended(args.get("extended") or ()):
         if name not in _INCREMENTAL_EXTENDED:
             raise InputError(f"--incremental: -E {name} is not supported")
