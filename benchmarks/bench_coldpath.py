@@ -35,7 +35,9 @@ its process from /proc, before and after), the fd holder's the same way and the 
 thread's (getrusage; kernel copies out of the mount mostly), bytes fetched, peak RSS
 (VmHWM; a fresh daemon per round), and per chunk: each one's read/write-class syscalls
 (/proc/PID/io) and context switches, the pre-content events and how many the holder
-forwarded. Per way the rounds' spread (slowest / fastest). The three CPUs together
+forwarded, and the reader's wall split three ways (its schedstat: on a CPU, runnable but
+waiting for a CPU, asleep: blocked on pre-content events or reads) beside the daemon's
+threads' summed runnable wait. Per way the rounds' spread (slowest / fastest). The three CPUs together
 bound the wall time: with every CPU busy all along (and the direct way taking just its
 CPU time), cold / direct is at most the direct way's CPU / (their CPU / CPUs), printed
 beside the measured one. Goals (issue 15): daemon CPU per fetched GiB <= 2.0 x the
@@ -81,6 +83,31 @@ def thread_cpu() -> float:
     """CPU seconds of the calling thread so far (the reader's, system time mostly)."""
     r = resource.getrusage(resource.RUSAGE_THREAD)
     return r.ru_utime + r.ru_stime
+
+
+def thread_sched(path: str = "/proc/thread-self/schedstat") -> tuple[float, float, int]:
+    """(seconds on a CPU, seconds runnable but waiting for one, timeslices) of a thread so
+    far (its schedstat): over a read, what is left of the wall is time asleep (the
+    reader: blocked on pre-content events or its reads)."""
+    with open(path) as f:
+        run, wait, slices = f.read().split()[:3]
+    return int(run) / 1e9, int(wait) / 1e9, int(slices)
+
+
+def proc_sched(pid: int, skip: int = 0) -> tuple[float, float]:
+    """(on-CPU, runnable-waiting) seconds of a process's live threads so far, all but
+    thread `skip`."""
+    run = wait = 0.0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        if int(tid) == skip:
+            continue
+        try:
+            r, w, _ = thread_sched(f"/proc/{pid}/task/{tid}/schedstat")
+        except (OSError, ValueError):
+            continue
+        run += r
+        wait += w
+    return run, wait
 
 
 def proc_hwm_mib(pid: int) -> float:
@@ -322,7 +349,9 @@ def main(argv=None) -> int:
             h0 = sum(proc_cpu(hpid)) if hpid else 0.0
             dc0, hc0 = proc_counts(pid), proc_counts(hpid) if hpid else (0, 0)
             r0, rc0 = thread_cpu(), thread_counts()
+            ds0, rs0 = proc_sched(pid), thread_sched()
             t, n = timed(read_all, mnt, files)
+            rs1, ds1 = thread_sched(), proc_sched(pid)
             r1, rc1 = thread_cpu(), thread_counts()
             u1, s1 = proc_cpu(pid)
             h1 = sum(proc_cpu(hpid)) if hpid else 0.0
@@ -344,6 +373,9 @@ def main(argv=None) -> int:
                 "daemon_syscalls": dc1[0] - dc0[0], "daemon_cs": dc1[1] - dc0[1],
                 "holder_syscalls": hc1[0] - hc0[0], "holder_cs": hc1[1] - hc0[1],
                 "reader_syscalls": rc1[0] - rc0[0], "reader_cs": rc1[1] - rc0[1],
+                "reader_run": rs1[0] - rs0[0], "reader_wait": rs1[1] - rs0[1],
+                "reader_sleep": t - (rs1[0] - rs0[0]) - (rs1[1] - rs0[1]),
+                "daemon_wait": ds1[1] - ds0[1],
                 "events": ev1.get("events", 0) - ev0.get("events", 0),
                 "forwarded": ev1.get("forwarded", 0) - ev0.get("forwarded", 0)}
 
@@ -366,7 +398,9 @@ def main(argv=None) -> int:
             print(f"round {i + 1} {w}: {r['s']:.2f} s, CPU {r['cpu']:.2f} s" + (
                 f" (user {r['user']:.2f}, sys {r['sys']:.2f}), peak RSS {r['hwm']:.1f} MiB; "
                 f"holder CPU {r['holder_cpu']:.2f} s, reader CPU {r['reader_cpu']:.2f} s; "
-                f"events {r['events']} ({r['forwarded']} forwarded)"
+                f"events {r['events']} ({r['forwarded']} forwarded); reader on a CPU "
+                f"{r['reader_run']:.2f} s, waiting for one {r['reader_wait']:.2f} s, asleep "
+                f"{r['reader_sleep']:.2f} s"
                 if w not in DIRECT_WAYS else "") + f"; settled in {r['settle_s']:.2f} s",
                 file=sys.stderr, flush=True)
 
@@ -398,6 +432,12 @@ def main(argv=None) -> int:
         res[f"{w}_per_GiB_cpu_s"] = {k: med(rs, c) / gib for k, c in (
             ("daemon", "cpu"), ("holder", "holder_cpu"), ("reader", "reader_cpu"),
             ("all", "total_cpu"))}
+        # the reader's wall split: on a CPU, runnable but waiting for one (the daemon's
+        # threads and others had them), asleep (pre-content events answered, reads);
+        # and how long the daemon's threads waited runnable, summed
+        res[f"{w}_reader_split_s"] = {k: med(rs, "reader_" + k) for k in (
+            "run", "wait", "sleep")}
+        res[f"{w}_daemon_wait_s"] = med(rs, "daemon_wait")
         res[f"{w}_per_chunk"] = {k: med(rs, k) / nchunks for k in (
             "daemon_syscalls", "daemon_cs", "holder_syscalls", "holder_cs",
             "reader_syscalls", "reader_cs", "events", "forwarded")}
@@ -438,6 +478,10 @@ def main(argv=None) -> int:
         pc = res[w + "_per_chunk"]
         print("    CPU s per cold GiB: " + ", ".join(f"{k} {v:.2f}" for k, v in g.items())
               + "; per chunk: " + ", ".join(f"{k} {v:.2f}" for k, v in pc.items()))
+        sp = res[w + "_reader_split_s"]
+        print(f"    reader's wall: on a CPU {sp['run']:.2f} s, runnable waiting "
+              f"{sp['wait']:.2f} s, asleep {sp['sleep']:.2f} s; daemon threads runnable "
+              f"waiting {res[w + '_daemon_wait_s']:.2f} s (summed)")
     res["goals"] = []
     if "native" in runs:
         res["goals"].append(goal("daemon CPU per fetched GiB / floor", res["native_cpu_vs_floor"],

@@ -453,3 +453,31 @@ def test_bits_set_only_once_in_the_record(tmp_path, monkeypatch):
     assert seen == [([False, False], [True, True])]
     assert st.has(3) and st.has(17) and st.count == 2
     st.close()
+
+
+def test_completion_leaves_the_cache_file_sync_to_the_syncer(synth, monkeypatch):
+    """The fill that completes a blob calls its hook without an fdatasync of the cache
+    file first (a whole blob's writeback, 0.2-1 s a GiB, in the worker during the cold
+    read's last windows); the syncer's sync() makes the record durable afterwards."""
+    from fscache_daemon.storage import cachefile
+    bdir, cdir, blob_id, datas = synth
+    synced = []
+    real = os.fdatasync
+
+    def spy(fd):
+        synced.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(cachefile.os, "fdatasync", spy)
+    calls = []
+    mgr, _ = open_manager(cdir, CountingBackend(bdir), blob_id,
+                          on_complete=lambda m: calls.append(list(synced)))
+    mgr.fill(0, mgr.size)
+    assert len(calls) == 1 and calls[0] == []      # the hook ran, nothing synced before it
+    assert synced == []                            # nor in the fill at all
+    mgr.sync()                                     # the daemon's syncer (or close)
+    assert synced
+    mgr.close()
+    cache = bc.BlobCache(cdir, mgr.meta)           # the record says complete
+    assert cache.complete()
+    cache.close()

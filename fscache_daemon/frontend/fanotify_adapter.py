@@ -34,8 +34,10 @@ log = logging.getLogger(__name__)
 # in the CPU's caches), and quiet run 17 read the cold GiB through the daemon in 0.89 s
 # against 0.94 s. A big file read whole pays: one event per window once its folios are
 # large (docs/daemon.md; docs/performance.md, branches coldcpu, coldseq). Once every
-# blob of the image is complete (no more events) the default is put back: it reads a
-# complete cache file faster (best warm runs 0.49 s vs 0.57 s per GiB).
+# blob of the image is complete and unmarked (no more events; one completed ahead of its
+# readers stays marked for the access trace, and its reads still raise events) the
+# default is put back: it reads a complete cache file faster (best warm runs 0.49 s vs
+# 0.57 s per GiB).
 # FSCACHE_DAEMON_MOUNT_READAHEAD_KB=N sets another window; 0 leaves the kernel's alone.
 DEFAULT_MOUNT_READAHEAD_KB = 256
 
@@ -326,10 +328,16 @@ class FanotifyFrontend(Frontend):
         elif self._unmark(mgr):
             log.info("blob %s complete: cache file unmarked, reads stay in the kernel",
                      mgr.blob_id[:12])
+        if keep_mark:
+            # still marked: the reader's reads still raise events, the larger window
+            # still halves them; put back when the mark goes (the daemon calls this
+            # again then)
+            return
         d = self._daemon
         for img in list(d.images.values()):
             if img.readahead_restore and mgr.key in img.blob_keys and \
-                    all(b in d.blobs and d.blobs[b].complete() for b in img.blob_keys):
+                    all(b in d.blobs and d.blobs[b].complete() and b not in self._marked
+                        for b in img.blob_keys):
                 # no more events: the kernel's default window reads faster from the cache
                 mounts.set_readahead(*img.readahead_restore)
                 img.readahead_restore = None

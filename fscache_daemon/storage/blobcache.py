@@ -491,7 +491,13 @@ class BlobManager:
                 return
             self._completed_reported = True
         log.info("blob %s: every chunk cached", self.blob_id[:12])
-        self.sync()
+        # No sync here: the record is made durable by the daemon's syncer (SYNC_INTERVAL)
+        # or at close, like any other fill's. An fdatasync now wrote the whole cache file
+        # back (1 GiB: 0.2-1 s) in the fill's worker while the reader was still reading
+        # the last windows (the last ~10 % of a cold sequential read), and held the
+        # completion hook (unmark, readahead restore) until it was done. A crash before
+        # the next sync costs a refetch of what the record does not yet hold, as it does
+        # before completion.
         if self.on_complete:
             try:
                 self.on_complete(self)
