@@ -29,6 +29,7 @@ struct layout_state {
     uint64_t meta_end;          /* end of the last inode */
     uint32_t xattr_blkaddr;
     int xattr_filter;           /* some inode's xattr name filter is not 0 */
+    int flat_after;             /* stream mode, nothing streamed: data after the inodes */
 };
 
 static int cmp_dirent(const void *pa, const void *pb, void *ctx)
@@ -64,24 +65,6 @@ int is_flat_data(const struct node *n)
     uint32_t fmt = n->mode & S_IFMT;
     return fmt == S_IFDIR || fmt == S_IFLNK || (fmt == S_IFREG && n->dkind != D_CHUNKS &&
                                                  n->dkind != D_SPARSE);
-}
-
-/* blocks of a sparse file's data chunks from block `blk` on, in chunk order (a chunk
- * entry becomes 1 | blkaddr << 32; holes stay 0); -> the next free block */
-uint64_t place_sparse_chunks(erofs_builder *b, struct chunkset *cs, uint64_t size,
-                             uint64_t blk)
-{
-    uint32_t blksz = b->blksz;
-    uint64_t csz = (uint64_t)blksz << (cs->format & EROFS_CHUNK_FORMAT_BLKBITS_MASK);
-    for (uint32_t c = 0; c < cs->count; c++) {
-        if (!(cs->entries[c] & 1))
-            continue;
-        uint64_t start = (uint64_t)c * csz;
-        uint64_t len = size - start < csz ? size - start : csz;
-        cs->entries[c] = 1 | (blk << 32);
-        blk += (len + blksz - 1) / blksz;
-    }
-    return blk;
 }
 
 /* end of the superblock and the compression records, and of a device table right after
@@ -413,6 +396,11 @@ static int place_stream_data(erofs_builder *b, struct layout_state *st)
     st->meta_start = b->o.metabox ? metabox_meta_start(b) : (uint64_t)b->o.meta_blkaddr * blksz;
     if (!b->o.stream_data)
         return 0;
+    /* an index (mkfs --tar=i -z: every file's data on the tar's device, nothing
+     * streamed): the inode area right after the superblock area, then the data, as
+     * without stream mode (and as mkfs.erofs 1.9.4 lays out its index) */
+    if (b->ndevs && !b->o.chunkbits && !b->o.metabox && b->scur == (SB_END + blksz - 1) / blksz)
+        return st->flat_after = 1, 0;
     /* (a device table, --blobdev's: between the superblock and the first data block) */
     if (b->nputs || (b->ndevs && sb_area_end(b) > align_up(SB_END, blksz)))
         return fail(b, ERN_EINVAL, "stream mode does not take reserved bytes, nor devices "
@@ -577,7 +565,7 @@ static int place_after_inodes(erofs_builder *b, struct layout_state *st)
     } else if (b->ndevs) {
         return fail(b, ERN_EINVAL, "devices given without devt_slotoff");
     }
-    if (!b->o.stream_data) {
+    if (!b->o.stream_data || st->flat_after) {
         st->data_start = pos;
         st->blk = pos / blksz;
         int r = alloc_flat_data(b, &st->blk);

@@ -316,8 +316,6 @@ def mkfs_tar(image: str, source: str, opts: MkfsOptions | None = None,
     topts = topts or TarOptions()
     if topts.mode not in TAR_MODES:
         raise InputError(f"--tar={topts.mode}: unknown mode (f or i)")
-    if topts.mode == "i" and opts.compress is not None:
-        raise InputError("--tar=i keeps file data in the tar: -z does not apply")
     if opts.exclude_paths or opts.exclude_regex:
         raise InputError("--exclude-path/--exclude-regex do not apply to --tar")
     t0 = time.monotonic()
@@ -457,6 +455,15 @@ def _build(image: str, tree: TarTree, files: list[int | _Data], data_path: str,
                           sb_48bit=wide or mbox, dot_omitted=opts.dot_omitted,
                           compress_dirs=opts.compress_dirs, plain_xattr_pfx=mbox,
                           metabox=(opts.metabox, opts.metabox_alg))
+        if opts.compress is not None:
+            zo = build_options(opts)
+            for f in ("compress_alg", "compress_level", "pcluster_size", "compress_full_index",
+                      "ztailpacking", "fragments", "packed_pcluster_size", "dedupe",
+                      "all_fragments", "fragdedupe", "max_extent", "compress_alt",
+                      "compress_dict_size", "compress_lzma_props", "pcluster_max",
+                      "compress_threads"):
+                setattr(bo, f, getattr(zo, f))
+            bo.stream_data = True
     else:
         bo = build_options(opts)
         # inline tails not read ahead by the copy thread are read back from the one tar
@@ -469,6 +476,9 @@ def _build(image: str, tree: TarTree, files: list[int | _Data], data_path: str,
         fd = target.file.fileno()
         nb = NativeBuilder(bo)
         try:
+            if index and bo.stream_data:
+                prepare(nb, target, 1 << INDEX_BLKSZBITS, image)
+                nb.set_output(fd)
             if not index:
                 # (a device: the data's whole blocks at least, as tree_data_bound)
                 need = (1 << bo.blkszbits) + (
@@ -517,7 +527,8 @@ def _build(image: str, tree: TarTree, files: list[int | _Data], data_path: str,
             finish_blob(nb, blob, info, bo.blkszbits)
             if index:
                 nb.set_device(1, tar_blocks, info.image_size >> INDEX_BLKSZBITS)
-                prepare(nb, target, info.image_size, image)
+                if not bo.stream_data:
+                    prepare(nb, target, info.image_size, image)
             wp = None
             if progress:
                 wp = lambda done, left: progress.write(info.inodes - left, info.inodes)  # noqa: E731

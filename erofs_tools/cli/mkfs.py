@@ -192,7 +192,14 @@ def mkfs(image, source, timestamp, all_time, ignore_mtime, ovlfs_strip, block_si
     devices = vmdk_devices(vmdk_desc, tar_mode, source, blobdev, ungzip, ungzip_dump, unxz,
                            offset)
     blkszbits = parse_block_size(block_size, tar_mode)
-    mbox, mbox_alg, z = parse_metabox(metabox, blkszbits, z)
+    # --tar=i without -b: mkfs.erofs 1.9.4 counts -C, -m and -E fragments= in blocks of
+    # the page size (4 KiB) it starts with, then makes them blocks of 512 bytes
+    scale = 3 if tar_mode == "i" and block_size is None else 0
+    mbox, mbox_alg, z = parse_metabox(metabox, blkszbits + scale, z)
+    mbox >>= scale
+    if z is not None and scale:
+        z = dataclasses.replace(z, pcluster_size=z.pcluster_size >> scale,
+                                packed_pcluster_size=z.packed_pcluster_size >> scale)
     chunk_bytes = check_chunks(chunksize, blobdev, ext, z is not None, tar_mode, blkszbits,
                                image, source)
     digest = None
