@@ -396,11 +396,8 @@ static int place_stream_data(erofs_builder *b, struct layout_state *st)
     st->meta_start = b->o.metabox ? metabox_meta_start(b) : (uint64_t)b->o.meta_blkaddr * blksz;
     if (!b->o.stream_data)
         return 0;
-    /* an index (mkfs --tar=i -z: every file's data on the tar's device, nothing
-     * streamed): the inode area right after the superblock area, then the data, as
-     * without stream mode (and as mkfs.erofs 1.9.4 lays out its index) */
-    if (b->ndevs && !b->o.chunkbits && !b->o.metabox && b->scur == (SB_END + blksz - 1) / blksz)
-        return st->flat_after = 1, 0;
+    if (index_layout(b))
+        return st->flat_after = 1, 0;       /* (the inode area first, as without stream mode) */
     /* (a device table, --blobdev's: between the superblock and the first data block) */
     if (b->nputs || (b->ndevs && sb_area_end(b) > align_up(SB_END, blksz)))
         return fail(b, ERN_EINVAL, "stream mode does not take reserved bytes, nor devices "
@@ -666,7 +663,8 @@ int erofs_builder_layout(erofs_builder *b, struct erofs_layout_info *info)
     if ((r = choose_formats(b, &st)))
         return r;
     if ((r = place_stream_data(b, &st)) || (r = place_inodes(b, &st)) ||
-        (r = place_after_inodes(b, &st)) || (b->o.compress_dirs && (r = place_packed_late(b, &st))) ||
+        (r = place_after_inodes(b, &st)) ||
+        ((b->o.compress_dirs || b->zlate) && (r = place_packed_late(b, &st))) ||
         (b->o.metabox && (r = metabox_laid_out(b, st.meta_start, st.meta_end))))
         return r;
     fill_info(b, &st);

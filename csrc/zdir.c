@@ -157,7 +157,7 @@ int zpool_stop(erofs_builder *b, int abort)
         code = fail(b, ERN_EINVAL, "compression stopped with files left");
     else if (code && !abort)
         fail(b, code, "%s", p->err);
-    else if (!abort && b->o.compress_dirs)
+    else if (!abort && (b->o.compress_dirs || (p->pk.len && index_layout(b))))
         late = 1;                   /* the packed inode after the layout (zdir_pack) */
     else if (!abort && p->pk.len)
         code = flush_packed(b, p);
@@ -223,7 +223,7 @@ int zdir_pack(erofs_builder *b, uint64_t *blk)
     /* depth first, children in name order: the order mkfs.erofs 1.9.4 writes them in */
     uint32_t *stack = malloc((size_t)(b->nnodes ? b->nnodes : 1) * sizeof(*stack)), sp = 0;
     int r = x.buf && stack ? 0 : fail(b, ERN_ENOMEM, "out of memory");
-    if (stack)
+    if (stack && b->o.compress_dirs)    /* (an index's -Efragments: the packed inode only) */
         stack[sp++] = b->root;
     while (!r && sp) {
         struct node *n = &b->nodes[stack[--sp]];
