@@ -220,7 +220,13 @@ int metabox_compress(erofs_builder *b)
     if ((r = mbox_pwrite(b, &x, &ci, sizeof(ci), b->mbox_rec)) ||
         (ilen && (r = mbox_pwrite(b, &x, idx, ilen, b->mbox_rec + sizeof(ci)))))
         goto out;
+    uint64_t old_blocks = b->info.image_size / bs;
     b->info.image_size = align_up(end > b->mbox_rec ? end : b->mbox_rec + sizeof(ci) + ilen, bs);
+    /* a device mapped right after the image (the --tar=i tar, the --blobdev blob) still
+     * follows its end, so that the image and the device appended are one address space */
+    for (uint32_t i = 0; i < b->ndevs; i++)
+        if (b->devs[i].mapped == old_blocks)
+            b->devs[i].mapped = (uint32_t)(b->info.image_size / bs);
 out:
     free(idx);
     zfile_free(&zf);
