@@ -18,7 +18,9 @@
  * directory to an earlier one's bytes (nor shares them), and stores the packed inode
  * uncompressed when compression saves nothing, as any file. Without -z (no pool) the
  * directories still go to the packed inode, stored plain (FLAT_INLINE), as mkfs.erofs
- * 1.9.4 writes them; so in an index (--tar=i, not stream mode) too.
+ * 1.9.4 writes them; so in an index (--tar=i, not stream mode) too. An index with -z
+ * (stream mode, nothing streamed: index_layout) keeps the packed inode late as well, with
+ * -Efragments alone too (the long xattr prefix table, its tail inline), as 1.9.4 does.
  */
 #include "compress_int.h"
 
