@@ -111,7 +111,8 @@ from erofs_tools.errors import InputError, terminate_as_interrupt
 @click.option("-z", "compress", metavar="ALG[,level=N][,dictsize=N]",
               help="Compress regular files: lz4, lz4hc, lzma, deflate or zstd "
                    "(as mkfs.erofs -z, with level=, dictsize= and lzma's lc=, lp=, pb=); data "
-                   "that would not save a block is stored plain.")
+                   "that would not save a block is stored plain. --tar=i: the files stay in "
+                   "the tar; --zD's directories and -m's metabox are compressed.")
 @click.option("-m", "metabox", metavar="#[:X]",
               help="Metadata compression (Linux 6.17+): every inode in a metabox inode "
                    "compressed in pclusters of # bytes (at most -C's) with X, the first -z "
@@ -121,7 +122,8 @@ from erofs_tools.errors import InputError, terminate_as_interrupt
                    "with it (with -z; without, stored plain), as mkfs.erofs 1.9 --zD; 0 "
                    "(default): not.")
 @click.option("-C", "pcluster", metavar="SIZE",
-              help="Largest physical cluster in bytes (a multiple of 4096; default 4096).")
+              help="Largest physical cluster in bytes (a multiple of 4096; default 4096; "
+                   "--tar=i without -b, as mkfs.erofs 1.9.4: 4096 is one 512-byte block).")
 @click.option("-E", "extended", multiple=True, metavar="OPT[,...]",
               help="Extended options (as mkfs.erofs): legacy-compress (full 8-byte lcluster "
                    "indexes), ztailpacking (last extents inline), fragments[=SIZE] (last "
