@@ -459,6 +459,15 @@ static inline uint64_t sb_end(const erofs_builder *b)
     return SB_END + (b->o.metabox ? EROFS_SB_EXTSLOT_SIZE : 0);
 }
 
+/* stream mode, an index (mkfs --tar=i -z: every file's data on the tar's device, nothing
+ * streamed): the inode area right after the superblock area, the data after it, and the
+ * packed inode last, as mkfs.erofs 1.9.4 lays out its index */
+static inline int index_layout(const erofs_builder *b)
+{
+    return b->ndevs && !b->o.chunkbits && !b->o.metabox &&
+           b->scur == (SB_END + b->blksz - 1) / b->blksz;
+}
+
 /* a nid's bit 63: the inode is in the metabox (-m) */
 static inline uint64_t nid_mbox_bit(const erofs_builder *b)
 {

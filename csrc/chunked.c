@@ -117,6 +117,24 @@ static int dd_init(erofs_builder *b, struct xfer *x)
     return dd_add(d, key, (uint32_t)csz, NULL_BLK) ? xfail(x, ERN_ENOMEM, "out of memory") : 0;
 }
 
+/* blocks of a sparse file's data chunks from block `blk` on, in chunk order (a chunk
+ * entry becomes 1 | blkaddr << 32; holes stay 0); -> the next free block */
+uint64_t place_sparse_chunks(erofs_builder *b, struct chunkset *cs, uint64_t size,
+                             uint64_t blk)
+{
+    uint32_t blksz = b->blksz;
+    uint64_t csz = (uint64_t)blksz << (cs->format & EROFS_CHUNK_FORMAT_BLKBITS_MASK);
+    for (uint32_t c = 0; c < cs->count; c++) {
+        if (!(cs->entries[c] & 1))
+            continue;
+        uint64_t start = (uint64_t)c * csz;
+        uint64_t len = size - start < csz ? size - start : csz;
+        cs->entries[c] = 1 | (blk << 32);
+        blk += (len + blksz - 1) / blksz;
+    }
+    return blk;
+}
+
 int erofs_builder_set_blob(erofs_builder *b, int fd)
 {
     int r = check_mutable(b);

@@ -18,7 +18,8 @@
 #define REFILL_AT (4000u << 10)
 /* the prefix search (zstd, deflate) stops when the output is within ZSTOP_BYTES of the
  * pcluster or the input is known within 1/ZSTOP_FRAC: on Python's library with zstd this
- * took 0.6 of the CPU time of 8 bytes / 1/512 for 0.5 % more output */
+ * took 0.6 of the CPU time of 8 bytes / 1/512 for 0.5 % more output; a smaller pcluster
+ * stops within 1/64 of it */
 #define ZSTOP_BYTES 64u
 #define ZSTOP_FRAC 128u
 #define FLUSH_LIMIT (8u << 20)     /* buffered output of one file before flushing */
@@ -68,6 +69,8 @@ long zsearch_destsize(struct zctx *c, const uint8_t *src, uint32_t *srclen, uint
     }
     uint32_t len = *srclen;
     uint32_t fit = 0, nofit = len + 1;   /* prefix lengths known to fit / not to fit */
+    /* (a pcluster under 4 KiB, --tar=i's 512 bytes: the same 1/64 of it) */
+    uint32_t zstop = dstcap < 64 * ZSTOP_BYTES ? dstcap / 64 : ZSTOP_BYTES;
     long fit_size = 0;
     /* first guess: what the file's previous extent took (else a typical 4:1); then
      * extrapolate from the last ratio that fitted, bisect after a miss; stop within
@@ -84,7 +87,7 @@ long zsearch_destsize(struct zctx *c, const uint8_t *src, uint32_t *srclen, uint
             fit = (uint32_t)m;
             fit_size = r;
             memcpy(dst, c->scratch, (size_t)r);
-            if (fit == len || (uint32_t)r + ZSTOP_BYTES >= dstcap)
+            if (fit == len || (uint32_t)r + zstop >= dstcap)
                 break;
             next = m * dstcap / (uint64_t)r;
             if (next >= nofit)

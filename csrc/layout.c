@@ -31,6 +31,7 @@ struct layout_state {
     uint64_t meta_end;          /* end of the last inode */
     uint32_t xattr_blkaddr;
     int xattr_filter;           /* some inode's xattr name filter is not 0 */
+    int flat_after;             /* stream mode, nothing streamed: data after the inodes */
 };
 
 static int cmp_dirent(const void *pa, const void *pb, void *ctx)
@@ -66,24 +67,6 @@ int is_flat_data(const struct node *n)
     uint32_t fmt = n->mode & S_IFMT;
     return fmt == S_IFDIR || fmt == S_IFLNK || (fmt == S_IFREG && n->dkind != D_CHUNKS &&
                                                  n->dkind != D_SPARSE);
-}
-
-/* blocks of a sparse file's data chunks from block `blk` on, in chunk order (a chunk
- * entry becomes 1 | blkaddr << 32; holes stay 0); -> the next free block */
-uint64_t place_sparse_chunks(erofs_builder *b, struct chunkset *cs, uint64_t size,
-                             uint64_t blk)
-{
-    uint32_t blksz = b->blksz;
-    uint64_t csz = (uint64_t)blksz << (cs->format & EROFS_CHUNK_FORMAT_BLKBITS_MASK);
-    for (uint32_t c = 0; c < cs->count; c++) {
-        if (!(cs->entries[c] & 1))
-            continue;
-        uint64_t start = (uint64_t)c * csz;
-        uint64_t len = size - start < csz ? size - start : csz;
-        cs->entries[c] = 1 | (blk << 32);
-        blk += (len + blksz - 1) / blksz;
-    }
-    return blk;
 }
 
 /* end of the superblock and the compression records, and of a device table right after
@@ -380,8 +363,11 @@ static int place_stream_data(erofs_builder *b, struct layout_state *st)
     st->blk = 0;
     st->data_start = 0;
     st->meta_start = b->o.metabox ? metabox_meta_start(b) : (uint64_t)b->o.meta_blkaddr * blksz;
-    if (!b->o.stream_data)      /* (--MZ: the data first, metazone.c) */
+    if (!b->o.stream_data || (b->o.metazone && index_layout(b)))   /* (--MZ: the data first,
+                                                                  metazone.c) */
         return b->o.metazone ? metazone_first(b, &st->blk, &st->data_start, &st->meta_start) : 0;
+    if (index_layout(b))
+        return st->flat_after = 1, 0;       /* (the inode area first, as without stream mode) */
     /* (a device table, --blobdev's: between the superblock and the first data block) */
     if (b->nputs || (b->ndevs && sb_area_end(b) > align_up(SB_END, blksz)))
         return fail(b, ERN_EINVAL, "stream mode does not take reserved bytes, nor devices "
@@ -550,7 +536,7 @@ static int place_after_inodes(erofs_builder *b, struct layout_state *st)
     } else if (b->ndevs) {
         return fail(b, ERN_EINVAL, "devices given without devt_slotoff");
     }
-    if (!b->o.stream_data && !b->o.metazone) {
+    if ((!b->o.stream_data || st->flat_after) && !b->o.metazone) {
         st->data_start = pos;
         st->blk = pos / blksz;
         int r = alloc_flat_data(b, &st->blk);
@@ -651,7 +637,8 @@ int erofs_builder_layout(erofs_builder *b, struct erofs_layout_info *info)
     if ((r = choose_formats(b, &st)))
         return r;
     if ((r = place_stream_data(b, &st)) || (r = place_inodes(b, &st)) ||
-        (r = place_after_inodes(b, &st)) || (b->o.compress_dirs && (r = place_packed_late(b, &st))) ||
+        (r = place_after_inodes(b, &st)) ||
+        ((b->o.compress_dirs || b->zlate) && (r = place_packed_late(b, &st))) ||
         (b->o.metabox && (r = metabox_laid_out(b, st.meta_start, st.meta_end))))
         return r;
     fill_info(b, &st);

@@ -178,14 +178,30 @@ int metabox_compress(erofs_builder *b)
         for (uint32_t i = 0; i < zf.next; i++)
             zf.ext[i].blk = (uint32_t)(b->mbox_blk + zf.ext[i].pblk);
         idx = zfile_index(&zf, &mz, b->o.blkszbits, &ilen);
-        if (!idx) {
+        /* as a file's (compact_zindex; -m is the 48-bit layout): extent records where
+         * smaller than the full index (512-byte blocks), else the compact index, as
+         * mkfs.erofs 1.9.4 writes its metabox's */
+        uint32_t xl = 0, layout = L_ZFULL;
+        uint8_t *alt = idx ? zindex_extents(idx, ilen, b->mbox_size, sizeof(ci),
+                                            b->o.blkszbits, &xl) : NULL;
+        if (idx && !alt && !xl) {
+            alt = zindex_compact(idx, ilen, (uint32_t)(sizeof(ci) +
+                                 sizeof(struct z_erofs_map_header)), mz.big, &xl);
+            layout = L_ZCOMPACT;
+        }
+        if (alt) {
+            free(idx);
+            idx = alt;
+            ilen = xl;
+        }
+        if (!idx || !alt) {
             r = fail(b, ERN_ENOMEM, "out of memory");
             goto out;
         }
         if ((r = mbox_pwrite(b, &x, zf.data, (size_t)zf.dlen, start)))
             goto out;
         end = start + (uint64_t)zf.nblocks * bs;
-        ci.i_format = cpu_to_le16(EROFS_I_FORMAT(EROFS_INODE_COMPACT, L_ZFULL));
+        ci.i_format = cpu_to_le16(EROFS_I_FORMAT(EROFS_INODE_COMPACT, layout));
         ci.i_u = cpu_to_le32(zf.nblocks);
     } else {
         ci.i_format = cpu_to_le16(EROFS_I_FORMAT(EROFS_INODE_COMPACT, L_PLAIN));
@@ -204,7 +220,13 @@ int metabox_compress(erofs_builder *b)
     if ((r = mbox_pwrite(b, &x, &ci, sizeof(ci), b->mbox_rec)) ||
         (ilen && (r = mbox_pwrite(b, &x, idx, ilen, b->mbox_rec + sizeof(ci)))))
         goto out;
+    uint64_t old_blocks = b->info.image_size / bs;
     b->info.image_size = align_up(end > b->mbox_rec ? end : b->mbox_rec + sizeof(ci) + ilen, bs);
+    /* a device mapped right after the image (the --tar=i tar, the --blobdev blob) still
+     * follows its end, so that the image and the device appended are one address space */
+    for (uint32_t i = 0; i < b->ndevs; i++)
+        if (b->devs[i].mapped == old_blocks)
+            b->devs[i].mapped = (uint32_t)(b->info.image_size / bs);
 out:
     free(idx);
     zfile_free(&zf);

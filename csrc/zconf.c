@@ -234,6 +234,12 @@ int zconf_setup(erofs_builder *b, struct zconf *zc)
             put_alg_record(zc, &widest, max_ps / blksz);
     }
     zc->sb_u1 = cfgs ? (uint16_t)mask : 65535;
+    /* a device table asked for right after the superblock (mkfs --tar=i) follows the
+     * records, as mkfs.erofs puts it */
+    uint64_t rec_end = sb_end(b) + zc->cfgs_len;
+    if (b->o.devt_slotoff && (uint64_t)b->o.devt_slotoff * EROFS_DEVT_SLOT_SIZE < rec_end)
+        b->o.devt_slotoff = (uint32_t)(align_up(rec_end, EROFS_DEVT_SLOT_SIZE) /
+                                       EROFS_DEVT_SLOT_SIZE);
     /* the others: the image-wide settings with their own algorithm */
     for (uint32_t k = 1; k < nalgs; k++) {
         struct zconf own = zc[k];

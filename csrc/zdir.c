@@ -18,14 +18,17 @@
  * directory to an earlier one's bytes (nor shares them), and stores the packed inode
  * uncompressed when compression saves nothing, as any file. Without -z (no pool) the
  * directories still go to the packed inode, stored plain (FLAT_INLINE), as mkfs.erofs
- * 1.9.4 writes them; so in an index (--tar=i, not stream mode) too.
+ * 1.9.4 writes them; so in an index (--tar=i, not stream mode) too. An index with -z
+ * (stream mode, nothing streamed: index_layout) keeps the packed inode late as well, with
+ * -Efragments alone too (the long xattr prefix table, its tail inline), as 1.9.4 does.
  */
 #include "compress_int.h"
 
 /* -Efragments, once every file is committed: the packed inode, a node of its own (in
  * no directory), compressed like a file with its own pcluster size and committed
- * after the others (so it is written in place as it is compressed) */
-static int flush_packed(erofs_builder *b, struct zpool *p)
+ * after the others (so it is written in place as it is compressed). tail: stored plain,
+ * its tail inline (an index's: the prefix table alone, as mkfs.erofs 1.9.4 keeps it) */
+static int flush_packed(erofs_builder *b, struct zpool *p, int tail)
 {
     struct zconf pz = *p->zc;
     pz.pclustersize = pz.packed_ps;
@@ -57,6 +60,9 @@ static int flush_packed(erofs_builder *b, struct zpool *p)
     j->zc = &pz;
     j->packed = 1;
     j->state = 1;
+    if (tail && b->o.inline_data && p->pk.len % b->blksz &&
+        sizeof(struct erofs_inode_compact) + p->pk.len % b->blksz <= b->blksz)
+        j->tail = (uint32_t)(p->pk.len % b->blksz);
     p->head = p->tail = j;       /* the oldest file: zflush may write it in place */
     r = run_zjob(p, &c, &x, j);
     if (!r)
@@ -157,10 +163,10 @@ int zpool_stop(erofs_builder *b, int abort)
         code = fail(b, ERN_EINVAL, "compression stopped with files left");
     else if (code && !abort)
         fail(b, code, "%s", p->err);
-    else if (!abort && b->o.compress_dirs)
+    else if (!abort && (b->o.compress_dirs || (p->pk.len && index_layout(b))))
         late = 1;                   /* the packed inode after the layout (zdir_pack) */
     else if (!abort && p->pk.len)
-        code = flush_packed(b, p);
+        code = flush_packed(b, p, 0);
     results_to_nodes(b, p, !code && !abort);
     for (struct zjob *j = p->head; j;) {
         struct zjob *nx = j->next;
@@ -223,7 +229,7 @@ int zdir_pack(erofs_builder *b, uint64_t *blk)
     /* depth first, children in name order: the order mkfs.erofs 1.9.4 writes them in */
     uint32_t *stack = malloc((size_t)(b->nnodes ? b->nnodes : 1) * sizeof(*stack)), sp = 0;
     int r = x.buf && stack ? 0 : fail(b, ERN_ENOMEM, "out of memory");
-    if (stack)
+    if (stack && b->o.compress_dirs)    /* (an index's -Efragments: the packed inode only) */
         stack[sp++] = b->root;
     while (!r && sp) {
         struct node *n = &b->nodes[stack[--sp]];
@@ -284,8 +290,9 @@ int zdir_pack(erofs_builder *b, uint64_t *blk)
     if (!r) {
         p->zc->incompat |= EROFS_FEATURE_INCOMPAT_FRAGMENTS;
         b->late_off = *blk * bs;    /* (write.c: the inode window stops before it) */
+        int tail = index_layout(b);
         b->scur = *blk;
-        r = flush_packed(b, p);
+        r = flush_packed(b, p, tail);
         *blk = b->scur;
     }
     results_to_nodes(b, p, !r);

@@ -308,6 +308,23 @@ def test_metabox_chunks(root_kernel, tree, tmp_path, blob):
     assert compare_trees(tree, out, check_nlink=True) == []
 
 
+@pytest.mark.root
+def test_metabox_z_blobdev_joined(root_kernel, tree, tmp_path):
+    """-zlz4hc --chunksize --blobdev -m4096: the blob's slot maps it right after the image
+    the compressed metabox leaves, so the image with the blob appended mounts alone
+    (was: after the layout's larger image; the kernel read the blob's chunks at the wrong
+    blocks, as test_mkfs_tar_index_z's index+tar did with -m: failed before)"""
+    img, dev = tmp_path / "c.img", tmp_path / "blob.img"
+    run_mkfs(img, tree, "-zlz4hc", "--chunksize", "4096", f"--blobdev={dev}", "-m4096")
+    im = open_image(img, devices=[dev])
+    assert im.devices[0].mapped_blkaddr == os.path.getsize(img) // 4096
+    assert os.path.getsize(dev) > 0
+    joined = tmp_path / "joined.img"
+    joined.write_bytes(img.read_bytes() + dev.read_bytes())
+    with mounted(joined) as mnt:
+        assert compare_trees(tree, mnt, check_nlink=True) == []
+
+
 def digest_diffs(tree, actual, name):
     """the differences of `actual` from `tree` plus xattr NAME (sha256:<digest> of the
     content) on every non-empty regular file, with full metadata"""

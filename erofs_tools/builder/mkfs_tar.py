@@ -21,7 +21,13 @@ builder like the directory walk does:
   pointing at its data in the tar (device 1, block = tar offset / 512). The kernel
   mounts the index with `-o device=TAR`, or the concatenation index+tar alone.
   With --zD the directories go whole into the packed inode (stored plain), with
-  -E48bit/-Edot-omitted the 48-bit layout, as mkfs.erofs 1.9.4 writes them.
+  -E48bit/-Edot-omitted the 48-bit layout, as mkfs.erofs 1.9.4 writes them. With -z, as
+  mkfs.erofs 1.9.4: the files' data still stays in the tar (chunk indexes) and symlinks
+  plain; what -z compresses is the packed inode (the --zD directories; -Eztailpacking
+  inlines its last pcluster), the metabox (-m), and the superblock says so (lz4_0padding,
+  the algorithm records before the device slot). 1.9.4 reads -C, -m and -E fragments=
+  there in 4 KiB units made 512-byte blocks (-m4096: one 512-byte pcluster); so does
+  the CLI.
 
 Whiteouts: kept as they are in the archive (overlayfs char 0:0 devices, opaque xattrs),
 or converted from aufs `.wh.` files with `--aufs` (tar_tree "aufs", as mkfs.erofs 1.9).
@@ -32,6 +38,7 @@ in place (builder/output.py; the spool and sparse copies then go to TMPDIR).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import stat
 import time
@@ -74,6 +81,12 @@ TAR_MODES = ("f", "i")
 INDEX_BLKSZBITS = 9             # --tar=i: 512-byte blocks, the tar's own granularity
 _SB_END = E.SUPER_OFFSET + 128  # the device table follows the superblock (slot 9)
 _PIECE = 1 << 20
+# -z's share of build_options, for --tar=i (what mkfs.erofs 1.9.4 compresses there: the
+# directories with --zD, the packed inode, the metabox; the files' data stays in the tar)
+_Z_FIELDS = ("compress_alg", "compress_level", "pcluster_size", "compress_full_index",
+             "ztailpacking", "fragments", "packed_pcluster_size", "dedupe", "all_fragments",
+             "fragdedupe", "max_extent", "compress_alt", "compress_dict_size",
+             "compress_lzma_props", "pcluster_max", "compress_threads")
 
 
 @dataclass
@@ -317,8 +330,6 @@ def mkfs_tar(image: str, source: str, opts: MkfsOptions | None = None,
     topts = topts or TarOptions()
     if topts.mode not in TAR_MODES:
         raise InputError(f"--tar={topts.mode}: unknown mode (f or i)")
-    if topts.mode == "i" and opts.compress is not None:
-        raise InputError("--tar=i keeps file data in the tar: -z does not apply")
     if opts.exclude_paths or opts.exclude_regex:
         raise InputError("--exclude-path/--exclude-regex do not apply to --tar")
     t0 = time.monotonic()
@@ -458,6 +469,12 @@ def _build(image: str, tree: TarTree, files: list[int | _Data], data_path: str,
                           sb_48bit=wide or mbox, dot_omitted=opts.dot_omitted,
                           compress_dirs=opts.compress_dirs, plain_xattr_pfx=mbox,
                           metabox=(opts.metabox, opts.metabox_alg))
+        if opts.compress is not None:
+            # -z: the compression pool (stream mode; with nothing streamed the C core
+            # still lays the index out inode area first, index_layout)
+            zo = build_options(opts)
+            bo = dataclasses.replace(bo, stream_data=True,
+                                     **{f: getattr(zo, f) for f in _Z_FIELDS})
     else:
         bo = build_options(opts)
         # inline tails not read ahead by the copy thread are read back from the one tar
@@ -472,6 +489,9 @@ def _build(image: str, tree: TarTree, files: list[int | _Data], data_path: str,
         try:
             if opts.metazone:
                 set_metazone(nb, opts.metazone)
+            if index and bo.stream_data:        # (-z: the pool writes as it goes)
+                prepare(nb, target, 1 << INDEX_BLKSZBITS, image)
+                nb.set_output(fd)
             if not index:
                 # (a device: the data's whole blocks at least, as tree_data_bound)
                 need = (1 << bo.blkszbits) + (
@@ -520,7 +540,8 @@ def _build(image: str, tree: TarTree, files: list[int | _Data], data_path: str,
             finish_blob(nb, blob, info, bo.blkszbits)
             if index:
                 nb.set_device(1, tar_blocks, info.image_size >> INDEX_BLKSZBITS)
-                prepare(nb, target, info.image_size, image)
+                if not bo.stream_data:
+                    prepare(nb, target, info.image_size, image)
             wp = None
             if progress:
                 wp = lambda done, left: progress.write(info.inodes - left, info.inodes)  # noqa: E731

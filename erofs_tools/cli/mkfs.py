@@ -120,7 +120,8 @@ from erofs_tools.errors import InputError, terminate_as_interrupt
 @click.option("-z", "compress", metavar="ALG[,level=N][,dictsize=N]",
               help="Compress regular files: lz4, lz4hc, lzma, deflate or zstd "
                    "(as mkfs.erofs -z, with level=, dictsize= and lzma's lc=, lp=, pb=); data "
-                   "that would not save a block is stored plain.")
+                   "that would not save a block is stored plain. --tar=i: the files stay in "
+                   "the tar; --zD's directories and -m's metabox are compressed.")
 @click.option("-m", "metabox", metavar="#[:X]",
               help="Metadata compression (Linux 6.17+): every inode in a metabox inode "
                    "compressed in pclusters of # bytes (at most -C's) with X, the first -z "
@@ -135,7 +136,8 @@ from erofs_tools.errors import InputError, terminate_as_interrupt
                    "with it (with -z; without, stored plain), as mkfs.erofs 1.9 --zD; 0 "
                    "(default): not.")
 @click.option("-C", "pcluster", metavar="SIZE",
-              help="Largest physical cluster in bytes (a multiple of 4096; default 4096).")
+              help="Largest physical cluster in bytes (a multiple of 4096; default 4096; "
+                   "--tar=i without -b, as mkfs.erofs 1.9.4: 4096 is one 512-byte block).")
 @click.option("-E", "extended", multiple=True, metavar="OPT[,...]",
               help="Extended options (as mkfs.erofs): legacy-compress (full 8-byte lcluster "
                    "indexes), ztailpacking (last extents inline), fragments[=SIZE] (last "
@@ -220,7 +222,14 @@ def mkfs(image, source, timestamp, all_time, ignore_mtime, ovlfs_strip, block_si
     devices = vmdk_devices(vmdk_desc, tar_mode, source, blobdev, ungzip, ungzip_dump, unxz,
                            offset)
     blkszbits = parse_block_size(block_size, tar_mode)
-    mbox, mbox_alg, z = parse_metabox(metabox, blkszbits, z)
+    # --tar=i without -b: mkfs.erofs 1.9.4 counts -C, -m and -E fragments= in blocks of
+    # the page size (4 KiB) it starts with, then makes them blocks of 512 bytes
+    scale = 3 if tar_mode == "i" and block_size is None else 0
+    mbox, mbox_alg, z = parse_metabox(metabox, blkszbits + scale, z)
+    mbox >>= scale
+    if z is not None and scale:
+        z = dataclasses.replace(z, pcluster_size=z.pcluster_size >> scale,
+                                packed_pcluster_size=z.packed_pcluster_size >> scale)
     mzone = parse_metazone(metazone)
     chunk_bytes = check_chunks(chunksize, blobdev, ext, z is not None, tar_mode, blkszbits,
                                image, source)
