@@ -310,7 +310,7 @@ int smeta_dir(erofs_builder *b, uint32_t node, const char *names, const uint32_t
     if (r)
         return r;
     struct node *n = &b->nodes[node];
-    uint64_t size = dir_size_sorted(blksz, names, offs, cnt);
+    uint64_t size = dir_size_sorted(blksz, names, offs, cnt, b->o.dot_omitted != 0);
     uint64_t tail = size % blksz;
     uint64_t base = stream_inode_size(b, n) + n->xa_max;
     int inl = tail && base + tail <= blksz;     /* noinline_data: files only */
@@ -405,15 +405,16 @@ uint64_t smeta_off(const erofs_builder *b, const struct node *n)
 }
 
 /* the size of a directory with these entries (bytewise sorted, without "." and "..")
- * as dir_pack packs them: as many (dirent + name) per block as fit */
+ * as dir_pack packs them: as many (dirent + name) per block as fit; no "." with
+ * -Edot-omitted (else every directory's size differed from its reservation's) */
 uint64_t dir_size_sorted(uint32_t blksz, const char *names, const uint32_t *offs,
-                         uint32_t cnt)
+                         uint32_t cnt, int no_dot)
 {
     const uint32_t desz = (uint32_t)sizeof(struct erofs_dirent);
     static const uint8_t dot[2] = {'.', '.'};
     uint64_t blk_start = 0;
     uint32_t used = 0;
-    int dot_done = 0, dd_done = 0;
+    int dot_done = no_dot, dd_done = 0;
     uint32_t ci = 0;
     while (ci < cnt || !dot_done || !dd_done) {
         const uint8_t *nm = ci < cnt ? (const uint8_t *)names + offs[ci] : NULL;

@@ -8,6 +8,7 @@ with mkfs.erofs's. Both options were refused before ("-E: unsupported extended
 option"). Compressed images (extent records): tests/test_mkfs_48bit_z.py."""
 import os
 import struct
+import subprocess
 
 import pytest
 from helpers import (
@@ -16,6 +17,7 @@ from helpers import (
     fsck,
     kernel_view,
     mounted,
+    run_erofs_tools,
     run_mkfs,
     sha256s,
     write_48bit_tree,
@@ -156,3 +158,59 @@ def test_turned_off(tree, tmp_path):
     run_mkfs(img, tree, "-q", "-T", "0", "-U", "clear", "-E", "dot-omitted,48bit",
              "-E", "^dot-omitted,^48bit")
     assert not superblock(img)[0] & INCOMPAT_48BIT
+
+
+@pytest.fixture(scope="module")
+def wide_root_tree(tmp_path_factory):
+    """The smallest tree that had its root nid past 16 bits: a root whose dirents
+    (~3 KiB: 90 long names) are too long for block 0's room after the superblock, and
+    over 2 MiB of data before the inode area; a subdirectory too."""
+    root = tmp_path_factory.mktemp("wide") / "src"
+    (root / "d").mkdir(parents=True)
+    (root / "big").write_bytes(os.urandom(2_200_000))
+    for i in range(90):
+        (root / f"file-with-long-name-{i:02}").write_text(f"{i}\n" * (i + 1))
+    (root / "d" / "x").write_text("x")
+    return root
+
+
+WIDE = {
+    "dot-omitted": ("-E", "dot-omitted"),
+    "dot-omitted-lz4": ("-E", "dot-omitted", "-z", "lz4"),
+    "48bit-lz4": ("-E", "48bit", "-z", "lz4"),
+    "dot-omitted-tar": ("--tar=f", "-E", "dot-omitted"),
+    "dot-omitted-m": ("-E", "dot-omitted", "-m4096"),
+    "dot-omitted-lz4-m": ("-E", "dot-omitted", "-z", "lz4", "-m4096"),
+}
+
+
+@pytest.mark.parametrize("combo", WIDE)
+def test_root_past_block0_room_over_2mib_of_data(wide_root_tree, tmp_path, combo):
+    """-E dot-omitted (directory source) refused this tree ("root nid 69248 does not fit
+    in 16 bits"): every directory's size under dot-omitted differed from the one its
+    place among the data was taken for (the "." counted), so each went to the inode area
+    after the data, the root too. The root is now placed first, in block 0, as
+    mkfs.erofs 1.9.4 keeps it (its nid in 16 bits); same tree as 1.9.4's image through
+    the kernel, fsck.erofs 1.9.4 and our check pass, size against 1.9.4's."""
+    args = WIDE[combo]
+    src = wide_root_tree
+    if "--tar=f" in args:
+        src = tmp_path / "src.tar"
+        subprocess.run(["tar", "-C", wide_root_tree, "-cf", src, "."], check=True)
+    ours, ref = tmp_path / "ours.img", tmp_path / "ref.img"
+    run_mkfs(ours, src, "-q", "-U", "clear", *args)
+    anchor(ref, src, *args)
+    fsck(ours)
+    run_erofs_tools("check", ours)
+    from erofs_tools.reader.image import open_image
+    im = open_image(ours)
+    assert im.root_nid == superblock(ours)[5] or im.root_nid & 1 << 63
+    if "-m4096" not in args:
+        assert 0 < im.root_nid <= 0xFFFF
+    size, rsize = ours.stat().st_size, ref.stat().st_size
+    print(f"{combo}: ours {size} bytes, mkfs.erofs 1.9.4 {rsize}: {size / rsize:.4f}")
+    assert size <= rsize * 1.01 + 8192, (size, rsize)
+    with mounted(ours) as m_ours, mounted(ref) as m_ref:
+        got = kernel_view(m_ours)
+        assert got == kernel_view(m_ref)
+        assert sha256s(got) == sha256s(kernel_view(wide_root_tree))
