@@ -214,3 +214,42 @@ def test_root_past_block0_room_over_2mib_of_data(wide_root_tree, tmp_path, combo
         got = kernel_view(m_ours)
         assert got == kernel_view(m_ref)
         assert sha256s(got) == sha256s(kernel_view(wide_root_tree))
+
+
+@pytest.fixture(scope="module")
+def big_root_tree(tmp_path_factory):
+    """A root of 65,001 entries (past the 65,000 whose place among the data is taken
+    while walking) whose last dirent block (3,434 bytes, inline) is too long for block
+    0's room after the superblock, after a 2.2 MB file: its record goes to the inode
+    area after the data, nid 168,448."""
+    root = tmp_path_factory.mktemp("bigroot") / "src"
+    root.mkdir()
+    (root / "big").write_bytes(os.urandom(2_200_000))
+    for i in range(65000):
+        (root / f"{i:05}").touch()
+    return root
+
+
+@pytest.mark.parametrize("combo", ["48bit", "dot-omitted-lz4"])
+def test_root_nid_past_16_bits_in_rootnid_8b(big_root_tree, tmp_path, combo):
+    """The 48-bit layout's root nid past 16 bits is written in rootnid_8b (the le16
+    blocks_hi 0), as the kernel and mkfs.erofs 1.9.4 read it; before, refused: 'root
+    nid 168448 does not fit in 16 bits'. Same tree as 1.9.4's image (which keeps its
+    root first, nid 128) through the kernel, fsck.erofs 1.9.4 and our check pass."""
+    args = {"48bit": ("-E", "48bit"), "dot-omitted-lz4": ("-E", "dot-omitted", "-zlz4")}[combo]
+    ours, ref = tmp_path / "ours.img", tmp_path / "ref.img"
+    run_mkfs(ours, big_root_tree, "-q", "-U", "clear", *args)
+    anchor(ref, big_root_tree, *args)
+    fsck(ours)
+    run_erofs_tools("check", ours)
+    incompat, blocks_hi, *_, rootnid = superblock(ours)
+    assert incompat & INCOMPAT_48BIT and blocks_hi == 0 and rootnid > 0xFFFF
+    from erofs_tools.reader.image import open_image
+    assert open_image(ours).root_nid == rootnid
+    size, rsize = ours.stat().st_size, ref.stat().st_size
+    print(f"{combo}: ours {size} bytes, mkfs.erofs 1.9.4 {rsize}: {size / rsize:.4f}")
+    assert size <= rsize * 1.01 + 8192, (size, rsize)
+    with mounted(ours) as m_ours, mounted(ref) as m_ref:
+        got = kernel_view(m_ours)
+        assert got == kernel_view(m_ref)
+        assert sha256s(got) == sha256s(kernel_view(big_root_tree))
