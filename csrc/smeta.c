@@ -302,7 +302,7 @@ int smeta_dir(erofs_builder *b, uint32_t node, const char *names, const uint32_t
     if (!b->sm && node == b->root && b->worker_on && b->o.stream_data &&
         !b->o.first_nid && !b->o.meta_blkaddr && !b->ndevs && !b->nputs && !b->o.metabox)
         sm_new(b);
-    if (!b->sm || node >= b->nnodes || cnt > 65000)
+    if (!b->sm || node >= b->nnodes || (cnt > 65000 && node != b->root))
         return 0;
     uint32_t blksz = b->blksz;
     smeta_pending(b, b->nnodes);
@@ -312,7 +312,10 @@ int smeta_dir(erofs_builder *b, uint32_t node, const char *names, const uint32_t
     struct node *n = &b->nodes[node];
     uint64_t size = dir_size_sorted(blksz, names, offs, cnt, b->o.dot_omitted != 0);
     uint64_t tail = size % blksz;
-    uint64_t base = stream_inode_size(b, n) + n->xa_max;
+    /* (over 65,000 entries its link count may need the extended inode: the root's room
+     * is taken that large, so that it stays near the start, its nid in 16 bits) */
+    uint64_t base = (cnt > 65000 ? (uint64_t)sizeof(struct erofs_inode_extended)
+                                 : stream_inode_size(b, n)) + n->xa_max;
     int inl = tail && base + tail <= blksz;     /* noinline_data: files only */
     uint64_t len = align_up(inl ? base + tail : base, EROFS_SLOT_SIZE);
     uint64_t nblk = inl ? size / blksz : (size + blksz - 1) / blksz;

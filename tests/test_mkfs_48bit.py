@@ -21,6 +21,7 @@ from helpers import (
     run_mkfs,
     sha256s,
     write_48bit_tree,
+    write_native_image,
 )
 
 pytestmark = pytest.mark.root
@@ -218,10 +219,10 @@ def test_root_past_block0_room_over_2mib_of_data(wide_root_tree, tmp_path, combo
 
 @pytest.fixture(scope="module")
 def big_root_tree(tmp_path_factory):
-    """A root of 65,001 entries (past the 65,000 whose place among the data is taken
-    while walking) whose last dirent block (3,434 bytes, inline) is too long for block
-    0's room after the superblock, after a 2.2 MB file: its record goes to the inode
-    area after the data, nid 168,448."""
+    """A root of 65,001 entries (past the 65,000 whose directory got its place among the
+    data while walking: the link count may need the extended inode) whose last dirent
+    block (3,434 bytes, inline) is too long for block 0's room after the superblock,
+    after a 2.2 MB file."""
     root = tmp_path_factory.mktemp("bigroot") / "src"
     root.mkdir()
     (root / "big").write_bytes(os.urandom(2_200_000))
@@ -230,22 +231,22 @@ def big_root_tree(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("combo", ["48bit", "dot-omitted-lz4"])
-def test_root_nid_past_16_bits_in_rootnid_8b(big_root_tree, tmp_path, combo):
-    """The 48-bit layout's root nid past 16 bits is written in rootnid_8b (the le16
-    blocks_hi 0), as the kernel and mkfs.erofs 1.9.4 read it; before, refused: 'root
-    nid 168448 does not fit in 16 bits'. Same tree as 1.9.4's image (which keeps its
-    root first, nid 128) through the kernel, fsck.erofs 1.9.4 and our check pass."""
-    args = {"48bit": ("-E", "48bit"), "dot-omitted-lz4": ("-E", "dot-omitted", "-zlz4")}[combo]
+@pytest.mark.parametrize("combo", ["plain", "48bit", "dot-omitted-lz4"])
+def test_root_of_65001_entries_keeps_a_16bit_nid(big_root_tree, tmp_path, combo):
+    """Such a root's record went to the inode area after the data, nid 168,448: refused
+    ("root nid 168448 does not fit in 16 bits"; the 48-bit layouts since eae866f wrote
+    it in rootnid_8b). Its room is now taken among the data as an extended inode's, so
+    its nid is 128, mkfs.erofs 1.9.4's. Same tree as 1.9.4's image through the kernel,
+    fsck.erofs 1.9.4 and our check pass, size against 1.9.4's."""
+    args = {"plain": (), "48bit": ("-E", "48bit"),
+            "dot-omitted-lz4": ("-E", "dot-omitted", "-zlz4")}[combo]
     ours, ref = tmp_path / "ours.img", tmp_path / "ref.img"
     run_mkfs(ours, big_root_tree, "-q", "-U", "clear", *args)
     anchor(ref, big_root_tree, *args)
     fsck(ours)
     run_erofs_tools("check", ours)
-    incompat, blocks_hi, *_, rootnid = superblock(ours)
-    assert incompat & INCOMPAT_48BIT and blocks_hi == 0 and rootnid > 0xFFFF
     from erofs_tools.reader.image import open_image
-    assert open_image(ours).root_nid == rootnid
+    assert open_image(ours).root_nid == open_image(ref).root_nid == 128
     size, rsize = ours.stat().st_size, ref.stat().st_size
     print(f"{combo}: ours {size} bytes, mkfs.erofs 1.9.4 {rsize}: {size / rsize:.4f}")
     assert size <= rsize * 1.01 + 8192, (size, rsize)
@@ -253,3 +254,30 @@ def test_root_nid_past_16_bits_in_rootnid_8b(big_root_tree, tmp_path, combo):
         got = kernel_view(m_ours)
         assert got == kernel_view(m_ref)
         assert sha256s(got) == sha256s(kernel_view(big_root_tree))
+
+
+def test_root_nid_past_16_bits_in_rootnid_8b(tmp_path):
+    """The 48-bit layout's root nid past 16 bits (the C core's first_nid here: mkfs
+    keeps its root first) is written in rootnid_8b, the le16 blocks_hi 0, as the kernel
+    and mkfs.erofs 1.9.4 read it; before eae866f refused: "root nid 70000 does not fit
+    in 16 bits". Mounted, fsck.erofs 1.9.4, our check and reader."""
+    from erofs_tools._native import BuildOptions, NativeBuilder
+    from erofs_tools.reader.image import open_image
+    b = NativeBuilder(BuildOptions(meta_blkaddr=1, first_nid=70000, build_time=0,
+                                   sb_48bit=True, dot_omitted=True))
+    root, sub, f = (b.add_node(0o040755), b.add_node(0o040755), b.add_node(0o100644, size=5))
+    b.set_root(root)
+    b.set_bytes(f, b"hello")
+    b.add_child(root, b"d", sub)
+    b.add_child(sub, b"f", f)
+    img = tmp_path / "wide.img"
+    write_native_image(b, img)
+    incompat, blocks_hi, *_, rootnid = superblock(img)
+    assert incompat & INCOMPAT_48BIT and (blocks_hi, rootnid) == (0, 70000)
+    assert open_image(img).root_nid == 70000
+    fsck(img)
+    run_erofs_tools("check", img)
+    with mounted(img) as m:
+        assert os.listdir(m) == ["d"]
+        with open(os.path.join(m, "d", "f"), "rb") as fp:
+            assert fp.read() == b"hello"
