@@ -190,8 +190,8 @@ def test_root_past_block0_room_over_2mib_of_data(wide_root_tree, tmp_path, combo
     """-E dot-omitted (directory source) refused this tree ("root nid 69248 does not fit
     in 16 bits"): every directory's size under dot-omitted differed from the one its
     place among the data was taken for (the "." counted), so each went to the inode area
-    after the data, the root too. The root is now placed first, in block 0, as
-    mkfs.erofs 1.9.4 keeps it (its nid in 16 bits); same tree as 1.9.4's image through
+    after the data, the root too. The root's record now keeps its place first among the
+    data (nid 128 here, as 1.9.4's; its nid in 16 bits); same tree as 1.9.4's image through
     the kernel, fsck.erofs 1.9.4 and our check pass, size against 1.9.4's."""
     args = WIDE[combo]
     src = wide_root_tree
