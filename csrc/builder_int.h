@@ -396,7 +396,7 @@ INTERNAL uint64_t smeta_off(const erofs_builder *b, const struct node *n);
 INTERNAL uint32_t smeta_pre_lo(erofs_builder *b, uint64_t lo);
 INTERNAL void smeta_free(erofs_builder *b);
 INTERNAL uint64_t dir_size_sorted(uint32_t blksz, const char *names, const uint32_t *offs,
-                                  uint32_t n);
+                                  uint32_t n, int no_dot);
 
 /* metazone.c: the data blocks not streamed (after the streamed data), mkfs --MZ */
 INTERNAL int alloc_flat_data(erofs_builder *b, uint64_t *pblk);

@@ -501,7 +501,7 @@ static int place_inodes(erofs_builder *b, struct layout_state *st)
         return fail(b, ERN_ENOMEM, "out of memory");
     memcpy(b->worder, b->order, (size_t)b->norder * sizeof(uint32_t));
     qsort_r(b->worder, b->norder, sizeof(uint32_t), cmp_meta_off, b);
-    if (b->nodes[b->root].nid > 0xFFFF && !b->o.metabox)
+    if (b->nodes[b->root].nid > 0xFFFF && !b->o.sb_48bit)    /* (48-bit: rootnid_8b) */
         return fail(b, ERN_ELIMIT, "root nid %llu does not fit in 16 bits",
                     (unsigned long long)b->nodes[b->root].nid);
     if (b->nodes[b->root].nid == 0 && !b->o.metabox)

@@ -302,7 +302,7 @@ int smeta_dir(erofs_builder *b, uint32_t node, const char *names, const uint32_t
     if (!b->sm && node == b->root && b->worker_on && b->o.stream_data &&
         !b->o.first_nid && !b->o.meta_blkaddr && !b->ndevs && !b->nputs && !b->o.metabox)
         sm_new(b);
-    if (!b->sm || node >= b->nnodes || cnt > 65000)
+    if (!b->sm || node >= b->nnodes || (cnt > 65000 && node != b->root))
         return 0;
     uint32_t blksz = b->blksz;
     smeta_pending(b, b->nnodes);
@@ -310,9 +310,12 @@ int smeta_dir(erofs_builder *b, uint32_t node, const char *names, const uint32_t
     if (r)
         return r;
     struct node *n = &b->nodes[node];
-    uint64_t size = dir_size_sorted(blksz, names, offs, cnt);
+    uint64_t size = dir_size_sorted(blksz, names, offs, cnt, b->o.dot_omitted != 0);
     uint64_t tail = size % blksz;
-    uint64_t base = stream_inode_size(b, n) + n->xa_max;
+    /* (over 65,000 entries its link count may need the extended inode: the root's room
+     * is taken that large, so that it stays near the start, its nid in 16 bits) */
+    uint64_t base = (cnt > 65000 ? (uint64_t)sizeof(struct erofs_inode_extended)
+                                 : stream_inode_size(b, n)) + n->xa_max;
     int inl = tail && base + tail <= blksz;     /* noinline_data: files only */
     uint64_t len = align_up(inl ? base + tail : base, EROFS_SLOT_SIZE);
     uint64_t nblk = inl ? size / blksz : (size + blksz - 1) / blksz;
@@ -405,15 +408,16 @@ uint64_t smeta_off(const erofs_builder *b, const struct node *n)
 }
 
 /* the size of a directory with these entries (bytewise sorted, without "." and "..")
- * as dir_pack packs them: as many (dirent + name) per block as fit */
+ * as dir_pack packs them: as many (dirent + name) per block as fit; no "." with
+ * -Edot-omitted (else every directory's size differed from its reservation's) */
 uint64_t dir_size_sorted(uint32_t blksz, const char *names, const uint32_t *offs,
-                         uint32_t cnt)
+                         uint32_t cnt, int no_dot)
 {
     const uint32_t desz = (uint32_t)sizeof(struct erofs_dirent);
     static const uint8_t dot[2] = {'.', '.'};
     uint64_t blk_start = 0;
     uint32_t used = 0;
-    int dot_done = 0, dd_done = 0;
+    int dot_done = no_dot, dd_done = 0;
     uint32_t ci = 0;
     while (ci < cnt || !dot_done || !dd_done) {
         const uint8_t *nm = ci < cnt ? (const uint8_t *)names + offs[ci] : NULL;

@@ -8,6 +8,7 @@ with mkfs.erofs's. Both options were refused before ("-E: unsupported extended
 option"). Compressed images (extent records): tests/test_mkfs_48bit_z.py."""
 import os
 import struct
+import subprocess
 
 import pytest
 from helpers import (
@@ -16,9 +17,11 @@ from helpers import (
     fsck,
     kernel_view,
     mounted,
+    run_erofs_tools,
     run_mkfs,
     sha256s,
     write_48bit_tree,
+    write_native_image,
 )
 
 pytestmark = pytest.mark.root
@@ -156,3 +159,125 @@ def test_turned_off(tree, tmp_path):
     run_mkfs(img, tree, "-q", "-T", "0", "-U", "clear", "-E", "dot-omitted,48bit",
              "-E", "^dot-omitted,^48bit")
     assert not superblock(img)[0] & INCOMPAT_48BIT
+
+
+@pytest.fixture(scope="module")
+def wide_root_tree(tmp_path_factory):
+    """The smallest tree that had its root nid past 16 bits: a root whose dirents
+    (~3 KiB: 90 long names) are too long for block 0's room after the superblock, and
+    over 2 MiB of data before the inode area; a subdirectory too."""
+    root = tmp_path_factory.mktemp("wide") / "src"
+    (root / "d").mkdir(parents=True)
+    (root / "big").write_bytes(os.urandom(2_200_000))
+    for i in range(90):
+        (root / f"file-with-long-name-{i:02}").write_text(f"{i}\n" * (i + 1))
+    (root / "d" / "x").write_text("x")
+    return root
+
+
+WIDE = {
+    "dot-omitted": ("-E", "dot-omitted"),
+    "dot-omitted-lz4": ("-E", "dot-omitted", "-z", "lz4"),
+    "48bit-lz4": ("-E", "48bit", "-z", "lz4"),
+    "dot-omitted-tar": ("--tar=f", "-E", "dot-omitted"),
+    "dot-omitted-m": ("-E", "dot-omitted", "-m4096"),
+    "dot-omitted-lz4-m": ("-E", "dot-omitted", "-z", "lz4", "-m4096"),
+}
+
+
+@pytest.mark.parametrize("combo", WIDE)
+def test_root_past_block0_room_over_2mib_of_data(wide_root_tree, tmp_path, combo):
+    """-E dot-omitted (directory source) refused this tree ("root nid 69248 does not fit
+    in 16 bits"): every directory's size under dot-omitted differed from the one its
+    place among the data was taken for (the "." counted), so each went to the inode area
+    after the data, the root too. The root's record now keeps its place first among the
+    data (nid 128 here, as 1.9.4's; its nid in 16 bits); same tree as 1.9.4's image through
+    the kernel, fsck.erofs 1.9.4 and our check pass, size against 1.9.4's."""
+    args = WIDE[combo]
+    src = wide_root_tree
+    if "--tar=f" in args:
+        src = tmp_path / "src.tar"
+        subprocess.run(["tar", "-C", wide_root_tree, "-cf", src, "."], check=True)
+    ours, ref = tmp_path / "ours.img", tmp_path / "ref.img"
+    run_mkfs(ours, src, "-q", "-U", "clear", *args)
+    anchor(ref, src, *args)
+    fsck(ours)
+    run_erofs_tools("check", ours)
+    from erofs_tools.reader.image import open_image
+    im = open_image(ours)
+    assert im.root_nid == superblock(ours)[5] or im.root_nid & 1 << 63
+    if "-m4096" not in args:
+        assert 0 < im.root_nid <= 0xFFFF
+    size, rsize = ours.stat().st_size, ref.stat().st_size
+    print(f"{combo}: ours {size} bytes, mkfs.erofs 1.9.4 {rsize}: {size / rsize:.4f}")
+    assert size <= rsize * 1.01 + 8192, (size, rsize)
+    with mounted(ours) as m_ours, mounted(ref) as m_ref:
+        got = kernel_view(m_ours)
+        assert got == kernel_view(m_ref)
+        assert sha256s(got) == sha256s(kernel_view(wide_root_tree))
+
+
+@pytest.fixture(scope="module")
+def big_root_tree(tmp_path_factory):
+    """A root of 65,001 entries (past the 65,000 whose directory got its place among the
+    data while walking: the link count may need the extended inode) whose last dirent
+    block (3,434 bytes, inline) is too long for block 0's room after the superblock,
+    after a 2.2 MB file."""
+    root = tmp_path_factory.mktemp("bigroot") / "src"
+    root.mkdir()
+    (root / "big").write_bytes(os.urandom(2_200_000))
+    for i in range(65000):
+        (root / f"{i:05}").touch()
+    return root
+
+
+@pytest.mark.parametrize("combo", ["plain", "48bit", "dot-omitted-lz4"])
+def test_root_of_65001_entries_keeps_a_16bit_nid(big_root_tree, tmp_path, combo):
+    """Such a root's record went to the inode area after the data, nid 168,448: refused
+    ("root nid 168448 does not fit in 16 bits"; the 48-bit layouts since eae866f wrote
+    it in rootnid_8b). Its room is now taken among the data as an extended inode's, so
+    its nid is 128, mkfs.erofs 1.9.4's. Same tree as 1.9.4's image through the kernel,
+    fsck.erofs 1.9.4 and our check pass, size against 1.9.4's."""
+    args = {"plain": (), "48bit": ("-E", "48bit"),
+            "dot-omitted-lz4": ("-E", "dot-omitted", "-zlz4")}[combo]
+    ours, ref = tmp_path / "ours.img", tmp_path / "ref.img"
+    run_mkfs(ours, big_root_tree, "-q", "-U", "clear", *args)
+    anchor(ref, big_root_tree, *args)
+    fsck(ours)
+    run_erofs_tools("check", ours)
+    from erofs_tools.reader.image import open_image
+    assert open_image(ours).root_nid == open_image(ref).root_nid == 128
+    size, rsize = ours.stat().st_size, ref.stat().st_size
+    print(f"{combo}: ours {size} bytes, mkfs.erofs 1.9.4 {rsize}: {size / rsize:.4f}")
+    assert size <= rsize * 1.01 + 8192, (size, rsize)
+    with mounted(ours) as m_ours, mounted(ref) as m_ref:
+        got = kernel_view(m_ours)
+        assert got == kernel_view(m_ref)
+        assert sha256s(got) == sha256s(kernel_view(big_root_tree))
+
+
+def test_root_nid_past_16_bits_in_rootnid_8b(tmp_path):
+    """The 48-bit layout's root nid past 16 bits (the C core's first_nid here: mkfs
+    keeps its root first) is written in rootnid_8b, the le16 blocks_hi 0, as the kernel
+    and mkfs.erofs 1.9.4 read it; before eae866f refused: "root nid 70000 does not fit
+    in 16 bits". Mounted, fsck.erofs 1.9.4, our check and reader."""
+    from erofs_tools._native import BuildOptions, NativeBuilder
+    from erofs_tools.reader.image import open_image
+    b = NativeBuilder(BuildOptions(meta_blkaddr=1, first_nid=70000, build_time=0,
+                                   sb_48bit=True, dot_omitted=True))
+    root, sub, f = (b.add_node(0o040755), b.add_node(0o040755), b.add_node(0o100644, size=5))
+    b.set_root(root)
+    b.set_bytes(f, b"hello")
+    b.add_child(root, b"d", sub)
+    b.add_child(sub, b"f", f)
+    img = tmp_path / "wide.img"
+    write_native_image(b, img)
+    incompat, blocks_hi, *_, rootnid = superblock(img)
+    assert incompat & INCOMPAT_48BIT and (blocks_hi, rootnid) == (0, 70000)
+    assert open_image(img).root_nid == 70000
+    fsck(img)
+    run_erofs_tools("check", img)
+    with mounted(img) as m:
+        assert os.listdir(m) == ["d"]
+        with open(os.path.join(m, "d", "f"), "rb") as fp:
+            assert fp.read() == b"hello"
