@@ -580,6 +580,41 @@ def noise(n, seed=1):
     return random.Random(seed).randbytes(n)
 
 
+def metadata_tree(root, *, more_files=None, dirs=(("many", 600),), links=()):
+    """The metadata-zone and metabox tests' tree under `root` (created): files of many
+    sizes (inline tails), empty ones, directories of many entries (`dirs`: name, count;
+    their blocks in the image), xattrs inline and shared, hardlinks, symlinks (fast,
+    long, and `links`: name, target), devices, a fifo, mixed owners and whole-second
+    mtimes."""
+    (root / "a" / "b" / "c").mkdir(parents=True)
+    (root / "empty-dir").mkdir()
+    files = {"t100k": text(100000, 1), "rnd": noise(20000, 2), "a/small": b"small\n",
+             "a/b/t5000": text(5000, 3), "a/b/c/t4095": text(4095, 4), "empty": b"",
+             "a/b/t4000": text(4000, 5), **(more_files or {})}
+    for name, data in files.items():
+        (root / name).write_bytes(data)
+    for d, count in dirs:
+        (root / d).mkdir()
+        for i in range(count):
+            (root / d / (f"{i:04d}-" + "entry-" * (i % 9))).write_bytes(text(i * 13 % 3000, i))
+    os.link(root / "t100k", root / "a" / "hard")
+    os.symlink("../t100k", root / "a" / "sym")
+    os.symlink("x" * 3000, root / "a" / "longsym")
+    for name, target in links:
+        os.symlink(target, root / name)
+    os.mkfifo(root / "a" / "fifo")
+    os.mknod(root / "a" / "chr", 0o20644, os.makedev(1, 7))
+    os.setxattr(root / "a", "user.dir", b"xattr on a directory")
+    os.setxattr(root / "a" / "b", "trusted.big", b"v" * 300)
+    for name in ("t100k", "rnd", "a/small", "empty"):
+        os.setxattr(root / name, "user.shared", b"on several inodes: shared")
+    os.chown(root / "rnd", 100000, 70000)
+    os.chown(root / "a" / "small", 1000, 1000)
+    for k, p in enumerate(sorted(root.rglob("*"), reverse=True)):
+        os.utime(p, ns=(1_700_000_000_000_000_000 + k * 1_000_000_000,) * 2,
+                 follow_symlinks=False)
+    os.utime(root, ns=(1_700_000_000_000_000_000,) * 2)
+    return root
 
 def write_zmix_tree(root):
     """A small tree for the compressed layouts (the 48-bit layout's extent records among

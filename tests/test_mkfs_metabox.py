@@ -26,15 +26,14 @@ from helpers import (
     compare_trees,
     file_digests,
     fsck,
+    metadata_tree,
     mkfs_and_check,
     mounted,
-    noise,
     reader_unpack,
     require,
     require_tool,
     run_mkfs,
     scan_tree,
-    text,
 )
 from test_mkfs_tar import _tar as make_tar
 
@@ -55,34 +54,7 @@ def tree(tmp_path_factory):
     symlinks (fast and long), devices, fifos, mixed owners and mtimes (whole seconds: the
     48-bit layout's compact inodes keep an mtime's seconds, their nsec the superblock's,
     as mkfs.erofs 1.9.4 writes them; test_mkfs_48bit.py has the rest)."""
-    root = tmp_path_factory.mktemp("mbox") / "src"
-    (root / "a" / "b" / "c").mkdir(parents=True)
-    (root / "empty-dir").mkdir()
-    files = {"t100k": text(100000, 1), "rnd": noise(20000, 2), "a/small": b"small\n",
-             "a/b/t5000": text(5000, 3), "a/b/c/t4095": text(4095, 4), "empty": b"",
-             "a/b/t4000": text(4000, 5)}
-    for name, data in files.items():
-        (root / name).write_bytes(data)
-    many = root / "many"
-    many.mkdir()
-    for i in range(600):
-        (many / (f"{i:04d}-" + "entry-" * (i % 9))).write_bytes(text(i * 13 % 3000, i))
-    os.link(root / "t100k", root / "a" / "hard")
-    os.symlink("../t100k", root / "a" / "sym")
-    os.symlink("x" * 3000, root / "a" / "longsym")
-    os.mkfifo(root / "a" / "fifo")
-    os.mknod(root / "a" / "chr", 0o20644, os.makedev(1, 7))
-    os.setxattr(root / "a", "user.dir", b"xattr on a directory")
-    os.setxattr(root / "a" / "b", "trusted.big", b"v" * 300)
-    for name in ("t100k", "rnd", "a/small", "empty"):
-        os.setxattr(root / name, "user.shared", b"on several inodes: shared")
-    os.chown(root / "rnd", 100000, 70000)
-    os.chown(root / "a" / "small", 1000, 1000)
-    for k, p in enumerate(sorted(root.rglob("*"), reverse=True)):
-        os.utime(p, ns=(1_700_000_000_000_000_000 + k * 1_000_000_000,) * 2,
-                 follow_symlinks=False)
-    os.utime(root, ns=(1_700_000_000_000_000_000,) * 2)
-    return root
+    return metadata_tree(tmp_path_factory.mktemp("mbox") / "src")
 
 
 def assert_metabox(img):

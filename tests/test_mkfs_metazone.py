@@ -24,9 +24,9 @@ from helpers import (
     assert_same_image_for_any_workers,
     compare_trees,
     fsck,
+    metadata_tree,
     mkfs_and_check,
     mounted,
-    noise,
     reader_unpack,
     require,
     require_tool,
@@ -51,36 +51,11 @@ def tree(tmp_path_factory):
     entries (their blocks in the image) before long symlinks in nid order (blocks of
     their own: 'd' moves the directories' after them), xattrs inline and shared,
     hardlinks, a fast symlink, devices, a fifo, mixed owners and mtimes."""
-    root = tmp_path_factory.mktemp("mzone") / "src"
-    (root / "a" / "b" / "c").mkdir(parents=True)
-    (root / "empty-dir").mkdir()
-    files = {"t100k": text(100000, 1), "rnd": noise(20000, 2), "a/small": b"small\n",
-             "a/b/t5000": text(5000, 3), "a/b/c/t4095": text(4095, 4), "empty": b"",
-             "a/b/t4000": text(4000, 5), "a/b/c/t9000": text(9000, 6)}
-    for name, data in files.items():
-        (root / name).write_bytes(data)
-    for d, count in (("many", 600), ("a/more", 150)):
-        (root / d).mkdir()
-        for i in range(count):
-            (root / d / (f"{i:04d}-" + "entry-" * (i % 9))).write_bytes(text(i * 13 % 3000, i))
-    os.link(root / "t100k", root / "a" / "hard")
-    os.symlink("../t100k", root / "a" / "sym")
-    os.symlink("x" * 3000, root / "a" / "longsym")
-    os.symlink("y" * 4090, root / "zz-link")  # (not inline: a block between /many's
-                                                # and /a/more's in nid order)
-    os.mkfifo(root / "a" / "fifo")
-    os.mknod(root / "a" / "chr", 0o20644, os.makedev(1, 7))
-    os.setxattr(root / "a", "user.dir", b"xattr on a directory")
-    os.setxattr(root / "a" / "b", "trusted.big", b"v" * 300)
-    for name in ("t100k", "rnd", "a/small", "empty"):
-        os.setxattr(root / name, "user.shared", b"on several inodes: shared")
-    os.chown(root / "rnd", 100000, 70000)
-    os.chown(root / "a" / "small", 1000, 1000)
-    for k, p in enumerate(sorted(root.rglob("*"), reverse=True)):
-        os.utime(p, ns=(1_700_000_000_000_000_000 + k * 1_000_000_000,) * 2,
-                 follow_symlinks=False)
-    os.utime(root, ns=(1_700_000_000_000_000_000,) * 2)
-    return root
+    return metadata_tree(tmp_path_factory.mktemp("mzone") / "src",
+                         more_files={"a/b/c/t9000": text(9000, 6)},
+                         dirs=(("many", 600), ("a/more", 150)),
+                         # (not inline: a block between /many's and /a/more's in nid order)
+                         links=(("zz-link", "y" * 4090),))
 
 
 def data_ranges(im, ino):
