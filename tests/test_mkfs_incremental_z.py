@@ -28,6 +28,7 @@ from test_mkfs_tar import _tar as make_tar
 
 from erofs_tools.format import erofs as E
 from erofs_tools.reader.image import open_image
+from erofs_tools.reader.zmap import ZMap
 
 ALGS = ["lz4", "lz4hc", "lzma", "deflate", "zstd"]
 # a base whose superblock has the config records of every algorithm (lz4hc first)
@@ -146,3 +147,38 @@ def test_size_against_mkfs_erofs(root_kernel, tmp_path, alg, base):
     print(f"incremental -z {alg} on a {base} base: {os.path.getsize(ours)} / "
           f"{os.path.getsize(theirs)} = {ratio:.4f}")
     assert ratio <= 1.1
+
+
+@pytest.mark.parametrize("alg", ["lz4hc", "zstd"])
+def test_long_records_inline_tail(root_kernel, tmp_path, alg):
+    """1 KiB blocks, a 600 KB file: its full indexes make its record longer than a
+    block; the inline tail (-E ztailpacking) must still not cross a block."""
+    base, layer = tmp_path / "b", tmp_path / "l"
+    base.mkdir()
+    layer.mkdir()
+    (base / "a").write_bytes(b"base\n" * 1000)
+    for i in range(3):
+        (layer / f"f{i}").write_bytes(b"".join(b"%08d line of text\n" % n
+                                               for n in range(i, 30000 + 997 * i)))
+    img = str(tmp_path / "img")
+    run_mkfs(img, base, "-b", "1024", "-z", "lz4hc:zstd")
+    before = str(tmp_path / "before")
+    shutil.copyfile(img, before)
+    run_mkfs(img, layer, "--incremental", "-z", alg, "-E", "ztailpacking")
+    fsck(img)
+    run_erofs_tools("check", img)
+    assert len(_new_compressed(img, before)) == 3
+    with open_image(img) as im:
+        assert im.blksz == 1024 and im.sb.feature_incompat & E.FEATURE_INCOMPAT_ZTAILPACKING
+        long_inline = 0
+        for i in range(3):
+            ino = im.lookup(f"/f{i}")
+            zm = ZMap(im, ino)
+            assert ino.inode_size + 8 * zm.nlc > im.blksz
+            long_inline += bool(zm.idata_size)
+        assert long_inline
+    with mounted_img(img) as mnt:
+        for i in range(3):
+            assert (layer / f"f{i}").read_bytes() == open(f"{mnt}/f{i}", "rb").read()
+        assert (base / "a").read_bytes() == open(f"{mnt}/a", "rb").read()
+    assert_base_kept(before, img)
