@@ -459,7 +459,7 @@ def test_bad_base_refused(tmp_path, layers, bad):
     assert sorted(os.listdir(tmp_path)) == (["img"] if before else [])
 
 
-@pytest.mark.parametrize("args", [("-z", "lz4"), ("--chunksize=4096",), ("--tar=i",),
+@pytest.mark.parametrize("args", [("-z", "lzma"), ("--chunksize=4096",), ("--tar=i",),
                                   ("-E", "48bit"), ("--incremental=bogus",), ("--MZ",),
                                   ("--MZ=i",)])
 def test_unsupported_refused(tmp_path, layers, args):

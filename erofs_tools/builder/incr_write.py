@@ -18,6 +18,7 @@ import os
 import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from erofs_tools._native_sums import xxh32
 from erofs_tools.errors import FormatLimitError, InputError
@@ -54,9 +55,17 @@ class Out:
     tail: int = 0                                   # bytes inline after the record
     offset: int = -1                                # byte offset of the record
     extra: list[bytes] = field(default_factory=list)
+    z: Any = None                                   # -z: its incr_z.ZFile
+
+    @property
+    def zpad(self) -> int:
+        """-z: zeros before the map header (8-byte aligned; records are 32)."""
+        return -(self.isize + len(self.xbody)) % 8 if self.z is not None else 0
 
     @property
     def record(self) -> int:
+        if self.z is not None:
+            return self.isize + len(self.xbody) + self.zpad + len(self.z.blob)
         return self.isize + len(self.xbody) + self.tail
 
 
@@ -146,6 +155,10 @@ def plan(img: Image, outs: list[Out], root: Out, start: int, inline_data: bool,
         o.tail = 0
         o.layout = E.LAYOUT_FLAT_PLAIN
         o.nblocks = -(-o.size // bs)
+        if o.z is not None:
+            o.layout = E.LAYOUT_COMPRESSED_FULL
+            o.nblocks = o.z.nblocks
+            return
         if o.reserve or not tail or not may_inline:
             return
         if o.isize + len(o.xbody) + tail <= bs:
@@ -217,8 +230,9 @@ def _place_records(img: Image, p: Plan, cur: int) -> int:
     for o in order:
         need = -(-o.record // E.SLOT_SIZE)
         if need > slots:                # a record over a block: blocks of its own
-            o.offset = cur * bs
-            cur += -(-o.record // bs)
+            shift = _inline_shift(o, bs)
+            o.offset = cur * bs + shift
+            cur += -(-(shift + o.record) // bs)
             continue
         blk = -1
         for k in range(need, slots + 1):
@@ -237,6 +251,18 @@ def _place_records(img: Image, p: Plan, cur: int) -> int:
         if not (p.root_in_place and o is p.root):
             o.nid = (o.offset - img.meta_off) // E.SLOT_SIZE
     return cur
+
+
+def _inline_shift(o: Out, bs: int) -> int:
+    """-z -E ztailpacking: a 32-byte multiple to start a record over a block at, so
+    that its inline tail does not cross a block (as the kernel needs)."""
+    if o.z is None or not o.z.inline:
+        return 0
+    at = o.record - o.z.inline
+    for shift in range(0, bs, E.SLOT_SIZE):
+        if (shift + at) % bs + o.z.inline <= bs:
+            return shift
+    raise InputError(f"a compressed tail of {o.z.inline} bytes cannot be laid inline")
 
 
 def _nid(ref: int | Out) -> int:
@@ -274,6 +300,8 @@ def inode_bytes(o: Out, epoch: int | None = None) -> bytes:
     icount = 0 if not o.xbody else (len(o.xbody) - E.XattrIbodyHeader.SIZE) // 4 + 1
     if stat.S_ISCHR(o.mode) or stat.S_ISBLK(o.mode):
         i_u = E.encode_rdev(*o.rdev)
+    elif o.z is not None:
+        i_u = o.z.cblocks
     elif o.nblocks:
         i_u = o.blkaddr
     else:
@@ -324,6 +352,12 @@ def write(img: Image, p: Plan, fd: int) -> None:
     for o in p.outs:
         full = o.nblocks * bs if o.layout == E.LAYOUT_FLAT_PLAIN else o.size - o.tail
         payload: bytes | None = None
+        if o.z is not None:
+            if o.nblocks:
+                _copy_file(fd, o.z.path, o.z.first * bs, o.nblocks * bs, o.blkaddr * bs)
+            _pwrite(fd, inode_bytes(o, img.epoch if img.is_48bit else None)
+                    + bytes(o.zpad) + o.z.relocated(o.blkaddr), o.offset)
+            continue
         if o.entries is not None:
             payload = dir_bytes(o, bs)
         elif isinstance(o.data, bytes):

@@ -40,6 +40,7 @@ import uuid as _uuid
 from typing import Any
 
 from erofs_tools.builder import incr_write as W
+from erofs_tools.builder.incr_z import compress_new
 from erofs_tools.builder.mkfs_tar import (
     TarOptions,
     _force_ids,
@@ -416,6 +417,7 @@ def mkfs_incremental(image: str, source: str, opts: MkfsOptions, mode: str = "da
             out_root = m.dir(root, img.root_nid, None)
         except CorruptImageError as e:
             raise InputError(f"{image}: the base image: {e}") from None
+        zbits = compress_new(img, m.outs, opts, directory, stack)
         start = -(-img.size // img.blksz)
         p = W.plan(img, m.outs, out_root, start, opts.inline_data, opts.force_extended,
                    opts.ignore_mtime)
@@ -432,7 +434,7 @@ def mkfs_incremental(image: str, source: str, opts: MkfsOptions, mode: str = "da
             W.fix_parents(img, m.fixups, fd)
             for off, raw in m.nlinks():
                 os.pwrite(fd, raw, off)
-            uuid = _superblock(img, p, fd, opts, len(m.outs))
+            uuid = _superblock(img, p, fd, opts, len(m.outs), zbits)
             img.check_unchanged()
     return {
         "image": image, "source": source, "incremental": mode,
@@ -453,7 +455,8 @@ def _copy_base(image: str, fd: int, size: int) -> None:
             done += n
 
 
-def _superblock(img: Image, p: W.Plan, fd: int, opts: MkfsOptions, new: int) -> bytes:
+def _superblock(img: Image, p: W.Plan, fd: int, opts: MkfsOptions, new: int,
+                zbits: int = 0) -> bytes:
     bs = img.blksz
     end = bs if bs > E.SUPER_OFFSET else E.SUPER_OFFSET + bs
     block0 = bytearray(os.pread(fd, end, 0))
@@ -474,6 +477,8 @@ def _superblock(img: Image, p: W.Plan, fd: int, opts: MkfsOptions, new: int) -> 
         at = E.SUPER_OFFSET + E.SB_ROOTNID_8B_OFFSET
         block0[at:at + 8] = (p.root.nid if big_nid else 0).to_bytes(8, "little")
     put("inos", sb.inos + new)
+    if zbits:
+        put("feature_incompat", sb.feature_incompat | zbits)
     if opts.uuid is not None:
         put("uuid", opts.uuid)
     if opts.label:
