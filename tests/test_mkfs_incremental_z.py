@@ -113,6 +113,31 @@ def test_config_refused(tmp_path, layers, base, args, what):
     assert sorted(os.listdir(tmp_path)) == ["img"]
 
 
+def test_legacy_lz4_base_refused(tmp_path, layers):
+    """A base whose compressed files were written without zero padding (lz4_0padding
+    clear: the pre-5.3 lz4 layout): setting the bit for the layer would make the kernel
+    read the base's own lz4 data wrong, so the build is refused, the base untouched."""
+    img = tmp_path / "img"
+    run_mkfs(str(img), layers["base"], "-z", "lz4")
+    b = bytearray(img.read_bytes())
+    inc = E.SUPER_OFFSET + 0x50
+    word = int.from_bytes(b[inc:inc + 4], "little")
+    assert word & E.FEATURE_INCOMPAT_ZERO_PADDING
+    b[inc:inc + 4] = (word & ~E.FEATURE_INCOMPAT_ZERO_PADDING).to_bytes(4, "little")
+    if int.from_bytes(b[E.SUPER_OFFSET + 8:E.SUPER_OFFSET + 12], "little") \
+            & E.FEATURE_COMPAT_SB_CHKSUM:
+        b[E.CHECKSUM_FIELD:E.CHECKSUM_FIELD + 4] = \
+            E.superblock_checksum(bytes(b[:4096])).to_bytes(4, "little")
+    img.write_bytes(bytes(b))
+    before = _sha(str(img))
+    p = run_mkfs(str(img), layers["l1-ovl"], "--incremental", "-z", "lz4", check=False)
+    assert p.returncode == 1
+    err = p.stderr.strip()
+    assert err.startswith("error: ") and "\n" not in err and "zero padding" in err, err
+    assert _sha(str(img)) == before
+    assert sorted(os.listdir(tmp_path)) == ["img"]
+
+
 def _pylib(tmp_path):
     base, layer = tmp_path / "b", tmp_path / "l"
     base.mkdir()

@@ -191,4 +191,14 @@ def _check_config(img: Image, t: Image) -> int:
     elif binc & E.FEATURE_INCOMPAT_ZERO_PADDING and img.sb.u1 and t.sb.u1 > img.sb.u1:
         raise InputError(f"{name}: --incremental -z: the base image's lz4 distance is "
                          "smaller")
+    if not binc & E.FEATURE_INCOMPAT_ZERO_PADDING and _has_compressed(img):
+        # the bit changes how the kernel finds lz4 data in every pcluster: the base's
+        # own compressed files (written without it) would read wrong bytes
+        raise InputError(f"{name}: --incremental -z: the base image's compressed files "
+                         "are written without zero padding (lz4_0padding)")
     return tinc & _ADDED
+
+
+def _has_compressed(img: Image) -> bool:
+    from erofs_tools.reader.zdata import is_compressed
+    return any(is_compressed(ino) for _p, _d, ino in img.walk())
