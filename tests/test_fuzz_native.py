@@ -1,5 +1,6 @@
 """The C core parsers' own fuzzer (tools/fuzz_native.py: the fd holder's event-stream
-parser, the chunk-info table's pins and chunk maps, the daemon's cold path) runs with zero failures.
+parser, the chunk-info table's pins and chunk maps, the daemon's cold path, its mount-time
+walks of the newest image shapes) runs with zero failures.
 EROFS_TOOLS_FUZZ_CASES overrides the case count (docs/fuzzing.md has the long runs)."""
 from __future__ import annotations
 
@@ -27,6 +28,11 @@ def test_fuzz_native_cases():
     assert o.get("fanhold:refused (parser too)", 0) > CASES // 50
     assert o.get("ci:pins with maps", 0) > CASES // 50 and o.get("ci:refused", 0) > CASES // 50
     assert o.get("cold:decoded", 0) > CASES // 50 and o.get("cold:none-decoded", 0) > 0
+    # the daemon's walks of the newest image shapes: the C walk takes some, leaves some
+    def walks(prefix):
+        return sum(v for k, v in o.items() if k.startswith(prefix))
+    assert walks("walk:c-walk") > CASES // 100 and walks("walk:reader-walk") > CASES // 100
+    assert walks("walk:open-refused") > 0
 
 
 def test_fuzz_native_case_is_reproducible():

@@ -34,6 +34,10 @@ def test_fuzz_reader_cases():
     assert {"nydus-vector", "nydus-inline-meta", "zran"} <= set(res["seeds"])
     # and the late seeds of our mkfs's newer layouts (--zD, --chunksize, -E48bit -z)
     assert {name for name, _a, _d in fuzz.LATE_SEEDS_OURS} <= set(res["seeds"])
+    # and the newest shapes: --MZ (with -m too), --tar=i -z, --incremental
+    newer = {name for name, _a in fuzz.NEWER_SEEDS_OURS}
+    assert newer <= set(res["seeds"])
+    assert all(res["cases_per_seed"].get(name, 0) > 0 for name in newer), res["cases_per_seed"]
     # mutations reach deep: some cases still unpack, many are rejected
     o = res["outcomes"]
     assert o.get("unpack:ok", 0) > CASES // 10 and o.get("open:err", 0) > CASES // 20

@@ -1,6 +1,6 @@
 """Mutation fuzzer for C core parsers the reader fuzzer does not drive with raw bytes.
 
-    python tools/fuzz_native.py --cases 20000 [--seed S] [--targets fanhold,ci,cold] [--json]
+    python tools/fuzz_native.py --cases 20000 [--seed S] [--targets fanhold,ci,cold,walk] [--json]
 
 A tool, not a library module (it uses the daemon's and the reader's modules).
 Targets, each case one of them:
@@ -26,8 +26,16 @@ Targets, each case one of them:
   decodes to the same bytes; the store writes exactly the verified chunks at their
   offsets and sets exactly their bits.
 
-The bootstrap walk for file runs (csrc/fileruns.c) and the pins of whole images are
-fuzzed by tools/fuzz_reader.py (its `runs` and `pins` operations). Case N of seed S is
+- walk: the daemon's mount-time parsers of whole images (csrc/fileruns.c's file-runs
+  walk, csrc/chunkmap.c's pin tables) on mutated images of mkfs's newest shapes
+  (tools/fuzz_reader.py's NEWER_SEEDS_OURS: --MZ, --MZ -m, --tar=i -z with --zD or -m,
+  an --incremental image of two layers), with that fuzzer's field maps and its checks:
+  the C walk equals the reader's walk or leaves the image to it, the C pins equal the
+  reader's. The image is opened by the reader first (the daemon only walks images it
+  opened); both sides may refuse with an ErofsToolsError, nothing else.
+
+The same parsers are fuzzed on every seed, with every read-side operation around them,
+by tools/fuzz_reader.py (its `runs` and `pins` operations). Case N of seed S is
 random.Random(f"{S}-{N}"): `--only N` replays it; `--verbose` names each case before it
 runs (a crash under a sanitizer then names its case).
 """
@@ -419,7 +427,66 @@ def cold_case(rnd: random.Random, tmp: str) -> str:
         (" (zstd versions disagree)" if disagree else "")
 
 
-def run(cases: int, seed: str = "0", targets=("fanhold", "ci", "cold"), timeout: float = 10.0,
+# ---- the daemon's walk of whole images ----
+
+def _fuzz_reader():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "fuzz_reader", os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                    "fuzz_reader.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def walk_corpus(tmp: str) -> list:
+    """(fuzz_reader module, [(name, image, fields)]): the newest shapes' seeds."""
+    fz = _fuzz_reader()
+    work = os.path.join(tmp, "walk")
+    src = fz._small_tree(os.path.join(work, "tree"))
+    seeds = fz._newer_ours(work, fz._late_tree(work, src))
+    return [fz, [(s.name, s.image, [(o, n) for o, n, _l in fz.field_map(s)["image"]])
+                 for s in seeds]]
+
+
+def walk_case(corpus, rnd: random.Random) -> str:
+    from erofs_tools.reader.image import Image
+
+    fz, seeds = corpus
+    if not seeds:
+        raise AssertionError("walk: no seed image was built")
+    name, image, fields = rnd.choice(seeds)
+    buf = bytearray(image)
+    for _ in range(rnd.randint(1, 3)):
+        if rnd.random() < 0.1 and len(buf) > 4096:      # a block spliced over another
+            n = rnd.choice((12, 64, 512, 4096))
+            a, b = rnd.randrange(len(buf) - n), rnd.randrange(len(buf) - n)
+            buf[b:b + n] = buf[a:a + n]
+        else:
+            _mutate_bytes(buf, rnd, fields)
+    def one(fn):
+        try:
+            return fn().split(":")[1]
+        except ErofsToolsError as e:
+            if not str(e).isprintable():
+                raise AssertionError(f"walk: multi-line error message: {e!s:.300}") from None
+            return "refused"
+    try:
+        img = Image(bytes(buf))
+    except ErofsToolsError as e:
+        if not str(e).isprintable():
+            raise AssertionError(f"walk: multi-line error message: {e!s:.300}") from None
+        return "walk:open-refused"
+    try:
+        runs = one(lambda: fz._check_runs(img))
+        pins = one(lambda: fz._check_pins(img))
+    finally:
+        img.close()
+    return f"walk:{runs}" + (f", pins {pins}" if pins != "none" else "")
+
+
+def run(cases: int, seed: str = "0", targets=("fanhold", "ci", "cold", "walk"),
+        timeout: float = 10.0,
         only: int | None = None, verbose: bool = False) -> dict:
     """The cases; the process's SIGALRM handler and the daemon's log level are put back
     after them (the suite runs this in-process, beside tests that read those logs)."""
@@ -443,6 +510,7 @@ def _run(cases: int, seed: str, targets, timeout: float, only: int | None,
     slowest = 0.0
     with tempfile.TemporaryDirectory(prefix="fuzz-native-") as tmp:
         st = _FanState(tmp)
+        corpus = None
         try:
             for case in ([only] if only is not None else range(cases)):
                 rnd = random.Random(f"{seed}-{case}")
@@ -450,11 +518,14 @@ def _run(cases: int, seed: str, targets, timeout: float, only: int | None,
                 per_target[target] = per_target.get(target, 0) + 1
                 if verbose:
                     print(f"case {case} {target}", file=sys.stderr, flush=True)
+                if target == "walk" and corpus is None:
+                    corpus = walk_corpus(tmp)       # (built once, outside the alarm)
                 c0 = time.monotonic()
                 try:
                     signal.setitimer(signal.ITIMER_REAL, timeout)
                     got = fanhold_case(st, rnd) if target == "fanhold" else \
-                        ci_case(rnd) if target == "ci" else cold_case(rnd, tmp)
+                        ci_case(rnd) if target == "ci" else \
+                        walk_case(corpus, rnd) if target == "walk" else cold_case(rnd, tmp)
                     outcomes[got] = outcomes.get(got, 0) + 1
                 except CaseTimeout:
                     failures.append({"case": case, "target": target,
@@ -485,7 +556,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cases", type=int, default=2000)
     ap.add_argument("--seed", default="0")
-    ap.add_argument("--targets", default="fanhold,ci,cold")
+    ap.add_argument("--targets", default="fanhold,ci,cold,walk")
     ap.add_argument("--timeout", type=float, default=10.0)
     ap.add_argument("--only", type=int, help="run just this case number")
     ap.add_argument("--verbose", action="store_true")

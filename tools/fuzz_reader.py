@@ -127,9 +127,20 @@ LATE_SEEDS_OURS = (("erofs-tools-mkfs-zD", ["--zD", "-z", "lz4hc", "-E", "fragme
                    ("erofs-tools-mkfs-chunk", ["--chunksize=4096"], False),
                    ("erofs-tools-mkfs-chunk-blobdev", ["--chunksize=8192"], True),
                    ("erofs-tools-mkfs-48bit-lzma", ["-E48bit", "-z", "lzma", "-C65536"], False))
+# the shapes of the metadata zone (--MZ: the inode records after the data, nid 0 a block
+# before them; with -m in the metabox), compressed index images (--tar=i -z: the tar their
+# device, the packed inode or metabox compressed, the algorithm records before the device
+# slot) and an --incremental image (two layers over an lz4hc base: the base's root record
+# rewritten in place, ".." fixed up, a hardlink's nlink lowered by a whiteout); late too
+NEWER_SEEDS_OURS = (("erofs-tools-mkfs-MZ", ["--MZ"]),
+                    ("erofs-tools-mkfs-MZ-m", ["--MZ", "-m4096"]),
+                    ("erofs-tools-tari-lz4hc-zD", ["--tar=i", "-zlz4hc", "--zD"]),
+                    ("erofs-tools-tari-m-lzma", ["--tar=i", "-m4096", "-zlzma"]),
+                    ("erofs-tools-incremental-lz4hc", ["-zlz4hc"]))
 LATE_SEEDS = {"mkfs.erofs-48bit", "mkfs.erofs-dot-omitted", "erofs-tools-mkfs-dot-omitted",
               "mkfs.erofs-metabox", "mkfs.erofs-metabox-lz4hc",
-              *(name for name, _a, _d in LATE_SEEDS_OURS)}
+              *(name for name, _a, _d in LATE_SEEDS_OURS),
+              *(name for name, _a in NEWER_SEEDS_OURS)}
 ZSEEDS_OURS = (("lz4hc", 16384), ("zstd", 0), ("lzma", 0), ("deflate", 0))
 
 
@@ -223,9 +234,27 @@ def build_corpus(work):
 
 
 def _late_ours(work, src):
-    """The LATE_SEEDS_OURS images, made by `erofs-tools mkfs` from the small tree plus a
-    sparse file and another duplicate (holes and shared chunks for the chunk-based
-    seeds), a file of several 64 KiB lclusters and one of noise between text."""
+    """The LATE_SEEDS_OURS images, made by `erofs-tools mkfs` from _late_tree, and the
+    NEWER_SEEDS_OURS ones."""
+    csrc = _late_tree(work, src)
+    out = []
+    for name, args, blobdev in LATE_SEEDS_OURS:
+        img = os.path.join(work, name + ".img")
+        dev = os.path.join(work, name + ".dev")
+        extra = [f"--blobdev={dev}"] if blobdev else []
+        p = subprocess.run([sys.executable, "-m", "erofs_tools", "mkfs", "-T1700000000",
+                            "-U00000000-0000-0000-0000-000000000001", *args, *extra, img,
+                            csrc], capture_output=True)
+        if p.returncode == 0:
+            out.append(Seed(name, open(img, "rb").read(),
+                            devices=[open(dev, "rb").read()] if blobdev else None))
+    return out + _newer_ours(work, csrc)
+
+
+def _late_tree(work, src):
+    """The small tree plus a sparse file and another duplicate (holes and shared chunks
+    for the chunk-based seeds), a file of several 64 KiB lclusters and one of noise
+    between text."""
     csrc = _small_tree(os.path.join(work, "tree-chunk"))
     with open(os.path.join(csrc, "sparse"), "wb") as f:
         f.write(b"head" * 1024)
@@ -245,18 +274,61 @@ def _late_ours(work, src):
                 b"".join(rnd.choice(words) for _ in range(4000)))
     for n in ("sparse", "mid-copy", "big", "mixed", "."):
         os.utime(os.path.join(csrc, n), ns=(1_700_000_000_123_456_789,) * 2)
+    return csrc
+
+
+def _newer_ours(work, csrc):
+    """The NEWER_SEEDS_OURS images from the same tree (--tar=i: a tar of it, the device)."""
+    import tarfile
+
+    tar = os.path.join(work, "tree-chunk.tar")
+    with tarfile.open(tar, "w", format=tarfile.PAX_FORMAT) as tf:
+        tf.add(csrc, arcname=".")          # (tarfile adds a directory's entries sorted)
+    layers = _incremental_layers(work)
+
+    def mkfs(img, source, *args):
+        return subprocess.run([sys.executable, "-m", "erofs_tools", "mkfs", "-T1700000000",
+                               "-U00000000-0000-0000-0000-000000000001", *args, img, source],
+                              capture_output=True).returncode == 0
     out = []
-    for name, args, blobdev in LATE_SEEDS_OURS:
+    for name, args in NEWER_SEEDS_OURS:
         img = os.path.join(work, name + ".img")
-        dev = os.path.join(work, name + ".dev")
-        extra = [f"--blobdev={dev}"] if blobdev else []
-        p = subprocess.run([sys.executable, "-m", "erofs_tools", "mkfs", "-T1700000000",
-                            "-U00000000-0000-0000-0000-000000000001", *args, *extra, img,
-                            csrc], capture_output=True)
-        if p.returncode == 0:
-            out.append(Seed(name, open(img, "rb").read(),
-                            devices=[open(dev, "rb").read()] if blobdev else None))
+        if "--tar=i" in args:
+            if mkfs(img, tar, *args):
+                out.append(Seed(name, open(img, "rb").read(), devices=[open(tar, "rb").read()]))
+        elif "incremental" in name:
+            if mkfs(img, csrc, *args) and all(mkfs(img, d, "--incremental", "--ovlfs-strip")
+                                              for d in layers):
+                out.append(Seed(name, open(img, "rb").read()))
+        elif mkfs(img, csrc, *args):
+            out.append(Seed(name, open(img, "rb").read()))
     return out
+
+
+def _incremental_layers(work):
+    """Two layers over _small_tree: files replaced and added, a new directory in a kept
+    one, and (as root) overlayfs whiteouts: one removes a hardlink of a.txt (its nlink
+    drops), one a whole directory."""
+    l1, l2 = os.path.join(work, "layer1"), os.path.join(work, "layer2")
+    for rel, data in (("layer1/mid", b"replaced " * 700), ("layer1/sub/new/file", b"new\n"),
+                      ("layer1/added", b"added " * 3000), ("layer2/sub/inner/leaf2", b"l2"),
+                      ("layer2/dir/n000-later", b"later " * 40), ("layer2/top", b"top")):
+        p = os.path.join(work, rel)
+        os.makedirs(os.path.dirname(p), exist_ok=True)
+        with open(p, "wb") as f:
+            f.write(data)
+    if os.geteuid() == 0:
+        os.mknod(os.path.join(l1, "hard"), _stat.S_IFCHR | 0o600, os.makedev(0, 0))
+        os.mknod(os.path.join(l2, "dup2"), _stat.S_IFCHR | 0o600, os.makedev(0, 0))
+        os.mknod(os.path.join(l2, "sub", "inner", "leaf"), _stat.S_IFCHR | 0o600,
+                 os.makedev(0, 0))
+    for d in (l1, l2):
+        for dirpath, dirnames, filenames in os.walk(d, topdown=False):
+            for n in dirnames + filenames:
+                os.utime(os.path.join(dirpath, n), ns=(1_700_000_100_000_000_000,) * 2,
+                         follow_symlinks=False)
+        os.utime(d, ns=(1_700_000_100_000_000_000,) * 2)
+    return l1, l2
 
 
 def _zran_seed(work):
@@ -408,8 +480,20 @@ def field_map(seed):
     for i in range(len(img.devices)):
         f += _record_fields(E.DeviceSlot, img.sb.devt_slotoff * 128 + i * 128, f"dev[{i}]")
     seen = set()
+    plain_box = _plain_metabox_runs(img)
     for _p, _d, ino in img.walk():
-        if ino.nid in seen or ino.nid >> E.NID_METABOX_BIT:     # (in the metabox: compressed)
+        if ino.nid in seen:
+            continue
+        if ino.nid >> E.NID_METABOX_BIT:
+            # in the metabox: compressed bytes (the random mutations reach them), or
+            # stored plain (-m without -z): the record's fields where its bytes lie
+            seen.add(ino.nid)
+            at = _in_runs(plain_box, ino.offset, ino.inode_size)
+            if at is not None:
+                f += _record_fields(E.ExtendedInode if ino.version else E.CompactInode,
+                                    at, f"mbinode{ino.nid & 0xFFFFFFFF}")
+            if ino.is_dir():
+                f += _dirent_fields(img, ino)       # (its blocks are in the image)
             continue
         seen.add(ino.nid)
         cls = E.ExtendedInode if ino.version else E.CompactInode
@@ -466,22 +550,8 @@ def field_map(seed):
             else:
                 for k in range(12):
                     f.append((h + 8 + 2 * k, 2, f"inode{ino.nid}.ci{k}"))
-        if ino.is_dir() and ino.layout not in (E.LAYOUT_COMPRESSED_FULL,
-                                               E.LAYOUT_COMPRESSED_COMPACT):
-            # (--zD: a compressed directory's dirents are compressed bytes)
-            pos = 0
-            for _fo, length, dev, phys in img.map_data(ino):
-                if dev != 0:
-                    continue
-                # dirents at the start of each block of directory data
-                for b in range(0, length, img.blksz):
-                    base = phys + b
-                    n0 = int.from_bytes(img.data[base + 8:base + 10], "little")
-                    for i in range(min(n0 // 12, 16)):
-                        f.append((base + 12 * i, 8, f"dir{ino.nid}.de{i}.nid"))
-                        f.append((base + 12 * i + 8, 2, f"dir{ino.nid}.de{i}.nameoff"))
-                        f.append((base + 12 * i + 10, 1, f"dir{ino.nid}.de{i}.type"))
-                pos += length
+        if ino.is_dir():
+            f += _dirent_fields(img, ino)
     for tag, blob in seed.blobs.items():
         bf = []
         n = len(blob)
@@ -504,6 +574,45 @@ def field_map(seed):
             pass
         fields[("blob", tag)] = [x for x in bf if 0 <= x[0] and x[0] + x[1] <= n]
     return fields
+
+
+def _dirent_fields(img, ino):
+    """The first 16 dirents of each block of a directory stored in the image."""
+    f = []
+    if ino.layout in (E.LAYOUT_COMPRESSED_FULL, E.LAYOUT_COMPRESSED_COMPACT):
+        return f        # (--zD: a compressed directory's dirents are compressed bytes)
+    for _fo, length, dev, phys in img.map_data(ino):
+        if dev != 0:
+            continue
+        # dirents at the start of each block of directory data
+        for b in range(0, length, img.blksz):
+            base = phys + b
+            n0 = int.from_bytes(img.data[base + 8:base + 10], "little")
+            for i in range(min(n0 // 12, 16)):
+                f.append((base + 12 * i, 8, f"dir{ino.nid}.de{i}.nid"))
+                f.append((base + 12 * i + 8, 2, f"dir{ino.nid}.de{i}.nameoff"))
+                f.append((base + 12 * i + 10, 1, f"dir{ino.nid}.de{i}.type"))
+    return f
+
+
+def _plain_metabox_runs(img):
+    """[(metabox offset, length, image offset)] of a metabox stored plain, else []."""
+    if img.metabox is None:
+        return []
+    try:
+        mino = img.inode(img.metabox.nid)
+        if mino.layout not in (E.LAYOUT_FLAT_PLAIN, E.LAYOUT_FLAT_INLINE):
+            return []
+        return [(fo, n, phys) for fo, n, dev, phys in img.map_data(mino) if dev == 0]
+    except ErofsToolsError:
+        return []
+
+
+def _in_runs(runs, off, size):
+    for fo, n, phys in runs:
+        if fo <= off and off + size <= fo + n:
+            return phys + off - fo
+    return None
 
 
 # ------------------------------------------------------------------------- mutations --

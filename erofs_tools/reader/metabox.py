@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 from erofs_tools.format import erofs as E
+from erofs_tools.reader.zdata import HOLE, is_compressed, state
 
 # The decoded metabox is held in memory: ~100 bytes per inode (its record, xattrs,
 # inline tail), so 1 GiB is some 10 million inodes; a larger one is refused
@@ -71,4 +72,17 @@ def load_metabox(img: Any, nid: int) -> MetaSpace:
                        f"{MAX_METABOX >> 20} MiB read")
     if ino.size < E.SLOT_SIZE:
         raise img._err(f"metabox inode {nid}: {ino.size} bytes hold no inode")
+    # the decoded bytes are held: bounded by what the image stores, not only by
+    # MAX_METABOX (a 4 KiB image would otherwise cost 1 GiB, 3 while it is read)
+    if not is_compressed(ino):
+        # plain or chunk-based: its bytes are the image's (chunks may repeat a block)
+        if ino.size > img.size:
+            raise img._err(f"metabox inode {nid}: {ino.size} bytes stored uncompressed "
+                           f"in a {img.size}-byte image")
+    else:
+        for ext in state(img).zmap(ino).extents:
+            if ext.kind == HOLE:
+                # zeros: no inode is stored there (mkfs never leaves one)
+                raise img._err(f"metabox inode {nid}: a hole of {ext.llen} bytes at "
+                               f"{ext.la}: the metabox stores its inodes")
     return MetaSpace(img, nid, img.read_data(ino))
