@@ -210,6 +210,9 @@ int erofs_builder_put_bytes(erofs_builder *b, uint64_t offset, const char *data,
 int erofs_builder_set_device(erofs_builder *b, uint32_t device_id, uint64_t blocks,
                              uint32_t mapped_blkaddr);
 int erofs_builder_set_sb_blocks(erofs_builder *b, uint64_t blocks);
+/* after layout, before write: `base` added to every block address (not holes) of the
+ * 4-byte block maps given by erofs_node_set_chunks (8-byte indexes untouched) */
+int erofs_builder_rebase_chunks(erofs_builder *b, uint64_t base);
 
 /* stream mode: the image fd, before any erofs_node_set_file(); the same fd must be
  * passed to erofs_builder_write(). Xattrs of a file must be added before its data. */

@@ -48,12 +48,13 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from erofs_tools._native import BuildOptions, NativeBuilder
-from erofs_tools._native_put import set_metazone
+from erofs_tools._native_put import reserve_bytes, set_metazone
 from erofs_tools.builder.gzinfo import GzinfoTap, check_zinfo_path, zinfo_output
 from erofs_tools.builder.mkfs import build_options, chunk_blob, finish_blob, fsalign, start_blob
 from erofs_tools.builder.options import MkfsOptions, Progress
 from erofs_tools.builder.output import partly_written, prepare
 from erofs_tools.builder.tar_reader import DEFAULT_MAX_SIZE, ReadStream, TarReader, _show
+from erofs_tools.builder.tar_map import chunk_map, map_line, region, write_map
 from erofs_tools.builder.tar_stream import (
     LZIP_MAGIC,
     XZ_MAGIC,
@@ -70,6 +71,7 @@ from erofs_tools.builder.tree import file_sha256, set_long_prefixes
 from erofs_tools.errors import InputError
 from erofs_tools.format import erofs as E
 from erofs_tools.fsutil import (
+    atomic_output,
     create_exclusive,
     image_output,
     is_block_device,
@@ -101,6 +103,7 @@ class TarOptions:
     max_size: int = DEFAULT_MAX_SIZE  # bound on the bytes read (gzip bombs)
     gzinfo: bool = False              # --gzinfo: gzip input only (as --ungzip's image)
     zinfo: str | None = None          # --gzinfo=FILE: the AWS SOCI zinfo written here
+    mapfile: str | None = None        # --tar=MODE,MAPFILE: the tar map (tar_map.py)
 
 
 class _SeekableTar:
@@ -340,6 +343,13 @@ def mkfs_tar(image: str, source: str, opts: MkfsOptions | None = None,
             if other is not None and _same(topts.zinfo, other):
                 raise InputError(f"--gzinfo={topts.zinfo}: is the image, the input or the "
                                  "--ungzip FILE")
+    if topts.mapfile is not None:
+        if os.path.isdir(topts.mapfile):
+            raise InputError(f"--tar=...,{topts.mapfile}: is a directory")
+        for other in (image, source, topts.dump, topts.zinfo):
+            if other is not None and _same(topts.mapfile, other):
+                raise InputError(f"--tar=...,{topts.mapfile}: is the image, the input, the "
+                                 "--ungzip FILE or the --gzinfo FILE")
     # (the spool and sparse copies beside the image; a device's: in TMPDIR)
     directory = (os.environ.get("TMPDIR") or "/var/tmp" if is_block_device(image)
                  else os.path.dirname(os.path.abspath(image)))
@@ -354,6 +364,11 @@ def mkfs_tar(image: str, source: str, opts: MkfsOptions | None = None,
             dump_fd = _new_scratch(ddir, scratch, "dump")
             dump_tmp = scratch[-1]
             stack.callback(os.close, dump_fd)
+        map_out = None
+        if topts.mapfile is not None:
+            # (opened first: an unwritable MAPFILE fails before any work; renamed when
+            # the stack ends, after the image, only if it was built)
+            map_out = stack.enter_context(_map_output(topts.mapfile, umask))
         tap = None
         if topts.zinfo is not None:
             # (renamed when the stack ends: after the image, only if it was built)
@@ -388,7 +403,7 @@ def mkfs_tar(image: str, source: str, opts: MkfsOptions | None = None,
         if tap is not None:
             tap.finish(tar_end)
         info, uuid = _build(image, tree, files, data_path, tar_end, opts, topts, umask,
-                            progress)
+                            progress, map_out)
         if dump_fd is not None and topts.dump is not None:
             os.fchmod(dump_fd, 0o666 & ~umask)
             os.replace(dump_tmp, topts.dump)
@@ -397,7 +412,8 @@ def mkfs_tar(image: str, source: str, opts: MkfsOptions | None = None,
     return {
         "image": image, "source": source, "mode": topts.mode,
         "inodes": info.inodes, "blocks": info.image_size >> (
-            INDEX_BLKSZBITS if topts.mode == "i" else opts.blkszbits),
+            INDEX_BLKSZBITS if topts.mode == "i" and topts.mapfile is None
+            else opts.blkszbits),
         "bytes": info.image_size, "data_bytes": info.data_bytes,
         "tar_bytes": tar_end, "entries": tree.entries, "root_nid": info.root_nid,
         "build_time": info.build_time, "uuid": str(_uuid.UUID(bytes=uuid)),
@@ -446,8 +462,11 @@ def _parse(reader: TarReader, tree: TarTree, mode: str, directory: str,
 
 def _build(image: str, tree: TarTree, files: list[int | _Data], data_path: str,
            tar_end: int, opts: MkfsOptions, topts: TarOptions, umask: int,
-           progress: Progress | None) -> tuple[Any, bytes]:
-    index = topts.mode == "i"
+           progress: Progress | None, map_out: BinaryIO | None = None) -> tuple[Any, bytes]:
+    # --tar=i,MAPFILE: the block size of -b, no tar device, the data in a region of the
+    # image the map says how to fill (tar_map.py)
+    mapped = topts.mode == "i" and topts.mapfile is not None
+    index = topts.mode == "i" and not mapped
     if index:
         tar_blocks = -(-tar_end >> INDEX_BLKSZBITS)
         if tar_blocks >> 48:
@@ -475,6 +494,8 @@ def _build(image: str, tree: TarTree, files: list[int | _Data], data_path: str,
             zo = build_options(opts)
             bo = dataclasses.replace(bo, stream_data=True,
                                      **{f: getattr(zo, f) for f in _Z_FIELDS})
+    elif mapped:
+        bo = dataclasses.replace(build_options(opts), stream_data=False)
     else:
         bo = build_options(opts)
         # inline tails not read ahead by the copy thread are read back from the one tar
@@ -492,7 +513,7 @@ def _build(image: str, tree: TarTree, files: list[int | _Data], data_path: str,
             if index and bo.stream_data:        # (-z: the pool writes as it goes)
                 prepare(nb, target, 1 << INDEX_BLKSZBITS, image)
                 nb.set_output(fd)
-            if not index:
+            if not index and not mapped:
                 # (a device: the data's whole blocks at least, as tree_data_bound)
                 need = (1 << bo.blkszbits) + (
                     0 if opts.compress or opts.chunksize or not target.device else sum(
@@ -506,13 +527,22 @@ def _build(image: str, tree: TarTree, files: list[int | _Data], data_path: str,
             if (force_uid is not None or force_gid is not None or opts.uid_offset
                     or opts.gid_offset):
                 _force_ids(tree, force_uid, force_gid, opts.uid_offset, opts.gid_offset)
-            if digest_id >= 0 and not index:
+            if digest_id >= 0 and not index and not mapped:
                 # the fingerprint replaces a file's own xattr of its name (see tree.py)
                 for n in tree.regular:
                     if n.size and opts.inode_digest in n.xattrs:
                         n.xattrs = {k: v for k, v in n.xattrs.items() if k != opts.inode_digest}
             _, keys, _ = tree.emit(nb)
             path = os.fsencode(data_path)
+            starts: list[int] = []
+            nblk = base = 0
+            lines: list[tuple[int, int]] = []       # (node, key) of each mapped file
+            if mapped:
+                for k, d in enumerate(files):
+                    if isinstance(d, _Data) and d.sparse is not None:
+                        raise InputError(f"{_show(d.name)}: a sparse file cannot be mapped "
+                                         "(--tar=i,MAPFILE; use --tar=f)")
+                starts, nblk = region([n.size for n in tree.regular], bo.blkszbits)
             # archive order: the tar is read forward; --chunksize: the tree's (the
             # chunks, and which file keeps a shared one, in mkfs.erofs's order)
             for key in sorted(keys, key=lambda k: keys[k] if opts.chunksize else k):
@@ -527,6 +557,11 @@ def _build(image: str, tree: TarTree, files: list[int | _Data], data_path: str,
                     fmt, ents = _chunk_entries(d, size, d.name)
                     nb.set_chunks(node, fmt, ents)
                     continue
+                if mapped:
+                    fmt, ents = chunk_map(size, starts[key], bo.blkszbits)
+                    nb.set_chunks(node, fmt, ents)
+                    lines.append((node, key))
+                    continue
                 src, off = ((os.fsencode(d.scratch), 0) if d.scratch is not None
                             else (path, d.offset))
                 if digest_id >= 0:
@@ -536,21 +571,61 @@ def _build(image: str, tree: TarTree, files: list[int | _Data], data_path: str,
                 nb.set_file(node, src, off, d.scratch is not None)
             if index:
                 nb.add_device(b"", tar_blocks, 0)
-            info = fsalign(nb, nb.layout(), opts.fsalignblks, bo.blkszbits)
+            info = nb.layout()
+            if mapped:
+                # the region right after the metadata, as mkfs.erofs 1.9.4 places it
+                base = -(-info.image_size >> bo.blkszbits)
+                nb.rebase_chunks(base)
+                if nblk:
+                    reserve_bytes(nb, base << bo.blkszbits, nblk << bo.blkszbits)
+                    info = nb.refresh_info()
+            info = fsalign(nb, info, opts.fsalignblks, bo.blkszbits)
             finish_blob(nb, blob, info, bo.blkszbits)
             if index:
                 nb.set_device(1, tar_blocks, info.image_size >> INDEX_BLKSZBITS)
                 if not bo.stream_data:
                     prepare(nb, target, info.image_size, image)
+            if mapped:
+                prepare(nb, target, info.image_size, image)
             wp = None
             if progress:
                 wp = lambda done, left: progress.write(info.inodes - left, info.inodes)  # noqa: E731
             nb.write(fd, progress=wp)
+            if map_out is not None:
+                nids = nb.nids([node for node, _ in lines]) if lines else []
+                write_map(map_out, [(nid, map_line(base + starts[key], tree.regular[key].size,
+                                                   _offset(files[key]), bo.blkszbits))
+                                    for nid, (_, key) in zip(nids, lines)])
             if opts.metabox:
                 info = nb.refresh_info()    # (-m -z: the compressed metabox ends it)
         finally:
             nb.close()
     return info, nb.options.uuid
+
+
+def _offset(d: int | _Data) -> int:
+    return d if isinstance(d, int) else d.offset
+
+
+@contextlib.contextmanager
+def _map_output(path: str, umask: int) -> Iterator[BinaryIO]:
+    """MAPFILE written atomically (a temporary file beside it, O_EXCL, renamed at the
+    end); a FIFO or device written in place. One line when it cannot be created."""
+    try:
+        cm = atomic_output(path, mode=0o666 & ~umask, fsync=False, stream=True)
+        f = cm.__enter__()
+    except OSError as e:
+        raise InputError(f"--tar=...,{path}: {e.strerror}") from None
+    try:
+        yield f
+    except BaseException as e:
+        cm.__exit__(type(e), e, e.__traceback__)
+        raise
+    else:
+        try:
+            cm.__exit__(None, None, None)
+        except OSError as e:
+            raise InputError(f"--tar=...,{path}: {e.strerror}") from None
 
 
 def _sha256_of(path: bytes, offset: int, size: int) -> bytes:

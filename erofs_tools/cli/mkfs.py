@@ -30,6 +30,7 @@ from erofs_tools.builder.options import (
     parse_xattr_tolerance,
     zfeature_extended,
 )
+from erofs_tools.builder.tar_map import check_map_options, parse_tar_arg
 from erofs_tools.builder.vmdk import check_vmdk_path, write_vmdk_desc
 from erofs_tools.cli.mkfs_tar import (
     MkfsCommand,
@@ -203,6 +204,14 @@ def mkfs(image, source, timestamp, all_time, ignore_mtime, ovlfs_strip, block_si
     """Build an EROFS image IMAGE of the directory SOURCE (4 KiB blocks), or with --tar
     of the tar file SOURCE (- or none: stdin). IMAGE may be a block device, written in
     place (refused when mounted or too small), as mkfs.erofs writes one."""
+    tar_map = None
+    if tar_mode is not None:
+        tar_mode, tar_map = parse_tar_arg(tar_mode)
+        check_map_options(tar_mode, tar_map, {
+            "--chunksize": chunksize, "--blobdev": blobdev, "-z": compress, "-m": metabox,
+            "--zD": zdirs == "1", "--MZ": parse_metazone(metazone),
+            "--vmdk-desc": vmdk_desc, "--incremental/--clean=rvsp": build_mode is not None
+            and parse_build_mode(build_mode) != (False, "data")})
     check_tar_flags(tar_mode, aufs, ungzip, ungzip_dump, max_size, unxz)
     incremental, data_mode = parse_build_mode(build_mode)
     if incremental:
@@ -221,10 +230,12 @@ def mkfs(image, source, timestamp, all_time, ignore_mtime, ovlfs_strip, block_si
     z = parse_compress(compress, pcluster, ext) if compress is not None else None
     devices = vmdk_devices(vmdk_desc, tar_mode, source, blobdev, ungzip, ungzip_dump, unxz,
                            offset)
-    blkszbits = parse_block_size(block_size, tar_mode)
+    # (--tar=i,MAPFILE: the block size of -b, as a full image's)
+    index512 = tar_mode == "i" and tar_map is None
+    blkszbits = parse_block_size(block_size, None if tar_map and tar_mode == "i" else tar_mode)
     # --tar=i without -b: mkfs.erofs 1.9.4 counts -C, -m and -E fragments= in blocks of
     # the page size (4 KiB) it starts with, then makes them blocks of 512 bytes
-    scale = 3 if tar_mode == "i" and block_size is None else 0
+    scale = 3 if index512 and block_size is None else 0
     mbox, mbox_alg, z = parse_metabox(metabox, blkszbits + scale, z)
     mbox >>= scale
     if z is not None and scale:
@@ -304,7 +315,7 @@ def mkfs(image, source, timestamp, all_time, ignore_mtime, ovlfs_strip, block_si
                                       ungzip, max_size, block_size, clean=not incremental)
         elif tar_mode is not None:
             summary = run_tar(image, source or "-", opts, tar_mode, aufs, ungzip,
-                              ungzip_dump, max_size, progress, unxz)
+                              ungzip_dump, max_size, progress, unxz, tar_map)
         else:
             summary = build_image(image, source, opts, progress=progress)
     if vmdk_desc is not None:

@@ -66,11 +66,12 @@ def _meta(ctx: click.Context, param: click.Parameter, value: Any) -> None:
 
 def tar_options(f: Callable[..., Any]) -> Callable[..., Any]:
     for opt in reversed((
-        click.option("--tar", "tar_mode", type=click.Choice(["f", "i", "headerball"]),
-                     metavar="f|i|headerball",
+        click.option("--tar", "tar_mode", metavar="f|i|headerball[,MAPFILE]",
                      help="SOURCE is a tar file (or - for stdin): f = full image, "
-                          "i = index image whose file data stays in the tar, headerball = "
-                          "a stream of headers without file data (each file a hole)."),
+                          "i (or 0) = index image whose file data stays in the tar, "
+                          "headerball = a stream of headers without file data (each file a "
+                          "hole); ,MAPFILE: with i, an index of -b blocks whose data "
+                          "region MAPFILE maps to tar offsets (empty with f, headerball)."),
         click.option("--aufs", is_flag=True,
                      help="With --tar: convert aufs .wh. files to overlayfs whiteouts."),
         click.option("--ungzip", is_flag=True,
@@ -116,7 +117,7 @@ def check_tar_flags(tar_mode: str | None, aufs: bool, ungzip: bool,
 
 def run_tar(image: str, source: str, opts: Any, tar_mode: str, aufs: bool, ungzip: bool,
             ungzip_dump: str | None, max_size: str | None, progress: Any,
-            unxz: bool = False) -> dict[str, Any]:
+            unxz: bool = False, mapfile: str | None = None) -> dict[str, Any]:
     from erofs_tools.builder.mkfs_tar import TarOptions, mkfs_tar
     # (--unxz=FILE arrives as --unxz --ungzip-dump FILE: the dump is the same either way)
     # (a headerball is built as a full image whose regular files are holes, as
@@ -124,7 +125,7 @@ def run_tar(image: str, source: str, opts: Any, tar_mode: str, aufs: bool, ungzi
     topts = TarOptions(mode="f" if tar_mode == "headerball" else tar_mode,
                        headerball=tar_mode == "headerball", aufs=aufs,
                        ungzip=ungzip or (ungzip_dump is not None and not unxz),
-                       unxz=unxz, dump=ungzip_dump or None)
+                       unxz=unxz, dump=ungzip_dump or None, mapfile=mapfile)
     meta = click.get_current_context().meta
     if meta.get("mkfs_gzinfo"):
         topts.ungzip = topts.gzinfo = True
