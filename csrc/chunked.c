@@ -13,6 +13,9 @@
  * 8-byte chunk indexes naming it.
  *
  * All on the caller's thread, in call order: the blocks do not depend on threads.
+ *
+ * erofs_builder_rebase_chunks: the block maps mkfs --tar=i,MAPFILE gives relative to
+ * its data region, moved after layout to where the region starts.
  */
 #include "builder_int.h"
 
@@ -426,4 +429,34 @@ int zchunk_commit(erofs_builder *b, struct xfer *x, const char *path, uint64_t o
 {
     b->scur = base;
     return chunk_data(b, x, path, offset, size, &b->scur, pci);
+}
+
+int erofs_builder_rebase_chunks(erofs_builder *b, uint64_t base)
+{
+    /* the addresses of a 4-byte block map are only known relative to a data region
+     * placed after the metadata (mkfs --tar=i,MAPFILE): layout sizes do not depend on
+     * them, so they are moved once the region's first block is known */
+    if (!b->laid_out || b->wdone)
+        return fail(b, ERN_EINVAL, "rebase_chunks: after layout, before write");
+    for (uint32_t i = 0; i < b->nnodes; i++) {
+        const struct node *n = &b->nodes[i];
+        if (n->dkind != D_CHUNKS || (b->chunks[n->aux].format & EROFS_CHUNK_FORMAT_INDEXES))
+            continue;
+        const struct chunkset *cs = &b->chunks[n->aux];
+        for (uint32_t c = 0; c < cs->count; c++)
+            if ((uint32_t)cs->entries[c] != EROFS_NULL_ADDR &&
+                (uint32_t)cs->entries[c] + base >= EROFS_NULL_ADDR)
+                return fail(b, ERN_ELIMIT, "block %llu does not fit in a block map",
+                            (unsigned long long)((uint32_t)cs->entries[c] + base));
+    }
+    for (uint32_t i = 0; i < b->nnodes; i++) {
+        const struct node *n = &b->nodes[i];
+        if (n->dkind != D_CHUNKS || (b->chunks[n->aux].format & EROFS_CHUNK_FORMAT_INDEXES))
+            continue;
+        struct chunkset *cs = &b->chunks[n->aux];
+        for (uint32_t c = 0; c < cs->count; c++)
+            if ((uint32_t)cs->entries[c] != EROFS_NULL_ADDR)
+                cs->entries[c] = (uint32_t)cs->entries[c] + base;
+    }
+    return 0;
 }

@@ -681,36 +681,6 @@ int erofs_builder_set_sb_blocks(erofs_builder *b, uint64_t blocks)
     return 0;
 }
 
-int erofs_builder_rebase_chunks(erofs_builder *b, uint64_t base)
-{
-    /* the addresses of a 4-byte block map are only known relative to a data region
-     * placed after the metadata (mkfs --tar=i,MAPFILE): layout sizes do not depend on
-     * them, so they are moved once the region's first block is known */
-    if (!b->laid_out || b->wdone)
-        return fail(b, ERN_EINVAL, "rebase_chunks: after layout, before write");
-    for (uint32_t i = 0; i < b->nnodes; i++) {
-        const struct node *n = &b->nodes[i];
-        if (n->dkind != D_CHUNKS || (b->chunks[n->aux].format & EROFS_CHUNK_FORMAT_INDEXES))
-            continue;
-        const struct chunkset *cs = &b->chunks[n->aux];
-        for (uint32_t c = 0; c < cs->count; c++)
-            if ((uint32_t)cs->entries[c] != EROFS_NULL_ADDR &&
-                (uint32_t)cs->entries[c] + base >= EROFS_NULL_ADDR)
-                return fail(b, ERN_ELIMIT, "block %llu does not fit in a block map",
-                            (unsigned long long)((uint32_t)cs->entries[c] + base));
-    }
-    for (uint32_t i = 0; i < b->nnodes; i++) {
-        const struct node *n = &b->nodes[i];
-        if (n->dkind != D_CHUNKS || (b->chunks[n->aux].format & EROFS_CHUNK_FORMAT_INDEXES))
-            continue;
-        struct chunkset *cs = &b->chunks[n->aux];
-        for (uint32_t c = 0; c < cs->count; c++)
-            if ((uint32_t)cs->entries[c] != EROFS_NULL_ADDR)
-                cs->entries[c] = (uint32_t)cs->entries[c] + base;
-    }
-    return 0;
-}
-
 int erofs_builder_info(erofs_builder *b, struct erofs_layout_info *info)
 {
     if (!b->laid_out)

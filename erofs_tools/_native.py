@@ -447,15 +447,6 @@ class NativeBuilder:
         if r:
             _raise(self._b, r)
 
-    def rebase_chunks(self, base: int) -> None:
-        """After layout(), before write(): add `base` to every block address of the
-        4-byte block maps given by set_chunks (holes and 8-byte indexes untouched)."""
-        if not 0 <= base < 1 << 32:
-            raise NativeError(f"rebase_chunks: base {base} out of range")
-        r = lib.erofs_builder_rebase_chunks(self._b, base)
-        if r:
-            _raise(self._b, r)
-
     def refresh_info(self) -> LayoutInfo:
         """Layout info now (image_size grows with bytes appended after layout())."""
         return self._get_info(lib.erofs_builder_info)

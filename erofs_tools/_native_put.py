@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from erofs_tools._native import NativeBuilder, _raise, ffi, lib
 
-__all__ = ["blob_blocks", "put_buffer", "reserve_bytes", "set_blob", "set_metazone",
-           "start_writeback"]
+__all__ = ["blob_blocks", "put_buffer", "rebase_chunks", "reserve_bytes", "set_blob",
+           "set_metazone", "start_writeback"]
 
 
 def put_buffer(nb: NativeBuilder, offset: int, data: bytearray | memoryview) -> None:
@@ -28,6 +28,19 @@ def reserve_bytes(nb: NativeBuilder, offset: int, length: int) -> None:
     if nb._b is None:
         raise ValueError("builder closed")
     r = lib.erofs_builder_put_bytes(nb._b, offset, ffi.NULL, length)
+    if r:
+        _raise(nb._b, r)
+
+
+def rebase_chunks(nb: NativeBuilder, base: int) -> None:
+    """After layout, before NativeBuilder.write: add `base` to every block address of
+    the 4-byte block maps given by set_chunks (holes and 8-byte indexes untouched):
+    mkfs --tar=i,MAPFILE's data region, placed after the metadata."""
+    if nb._b is None:
+        raise ValueError("builder closed")
+    if not 0 <= base < 1 << 32:
+        raise ValueError(f"rebase_chunks: base {base} out of range")
+    r = lib.erofs_builder_rebase_chunks(nb._b, base)
     if r:
         _raise(nb._b, r)
 

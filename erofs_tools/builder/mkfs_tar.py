@@ -48,13 +48,13 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from erofs_tools._native import BuildOptions, NativeBuilder
-from erofs_tools._native_put import reserve_bytes, set_metazone
+from erofs_tools._native_put import rebase_chunks, reserve_bytes, set_metazone
 from erofs_tools.builder.gzinfo import GzinfoTap, check_zinfo_path, zinfo_output
 from erofs_tools.builder.mkfs import build_options, chunk_blob, finish_blob, fsalign, start_blob
 from erofs_tools.builder.options import MkfsOptions, Progress
 from erofs_tools.builder.output import partly_written, prepare
-from erofs_tools.builder.tar_reader import DEFAULT_MAX_SIZE, ReadStream, TarReader, _show
 from erofs_tools.builder.tar_map import chunk_map, map_line, region, write_map
+from erofs_tools.builder.tar_reader import DEFAULT_MAX_SIZE, ReadStream, TarReader, _show
 from erofs_tools.builder.tar_stream import (
     LZIP_MAGIC,
     XZ_MAGIC,
@@ -538,7 +538,7 @@ def _build(image: str, tree: TarTree, files: list[int | _Data], data_path: str,
             nblk = base = 0
             lines: list[tuple[int, int]] = []       # (node, key) of each mapped file
             if mapped:
-                for k, d in enumerate(files):
+                for d in files:
                     if isinstance(d, _Data) and d.sparse is not None:
                         raise InputError(f"{_show(d.name)}: a sparse file cannot be mapped "
                                          "(--tar=i,MAPFILE; use --tar=f)")
@@ -575,7 +575,7 @@ def _build(image: str, tree: TarTree, files: list[int | _Data], data_path: str,
             if mapped:
                 # the region right after the metadata, as mkfs.erofs 1.9.4 places it
                 base = -(-info.image_size >> bo.blkszbits)
-                nb.rebase_chunks(base)
+                rebase_chunks(nb, base)
                 if nblk:
                     reserve_bytes(nb, base << bo.blkszbits, nblk << bo.blkszbits)
                     info = nb.refresh_info()
