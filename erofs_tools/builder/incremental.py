@@ -49,8 +49,10 @@ from erofs_tools.builder.mkfs_tar import (
     _parse,
     _scratch,
     _Tee,
+    check_map_path,
 )
 from erofs_tools.builder.options import MkfsOptions
+from erofs_tools.builder.tar_map import map_output, reserved_lines
 from erofs_tools.builder.tar_reader import TarReader
 from erofs_tools.builder.tar_tree import TarTree, TNode
 from erofs_tools.builder.whiteout import (
@@ -391,12 +393,23 @@ def _tar_layer(source: str, opts: MkfsOptions, topts: TarOptions, directory: str
 
 def mkfs_incremental(image: str, source: str, opts: MkfsOptions, mode: str = "data",
                      topts: TarOptions | None = None,
-                     block_size: int | None = None) -> dict[str, Any]:
-    """Lay the layer SOURCE (a directory, or with topts a tar) over the image IMAGE."""
+                     block_size: int | None = None,
+                     map_lines: list[bytes] | None = None) -> dict[str, Any]:
+    """Lay the layer SOURCE (a directory, or with topts a tar) over the image IMAGE.
+    topts.mapfile (--tar=f,MAPFILE): written after the image, a line per reserved file
+    (rvsp), else empty; or, with `map_lines`, those lines are added to it instead."""
     t0 = time.monotonic()
+    if topts is not None and topts.mapfile is not None:
+        check_map_path(topts, image, source)
     img = open_base(image)
     directory = os.path.dirname(os.path.abspath(image))
     with contextlib.ExitStack() as stack:
+        map_out = None
+        if topts is not None and topts.mapfile is not None and map_lines is None:
+            # (renamed after the image: the stack ends after atomic_output below)
+            umask = os.umask(0)
+            os.umask(umask)
+            map_out = stack.enter_context(map_output(topts.mapfile, umask))
         stack.callback(img.close)
         if block_size is not None and block_size != img.blksz:
             raise InputError(f"{image}: -b {block_size}: the base image has "
@@ -436,6 +449,12 @@ def mkfs_incremental(image: str, source: str, opts: MkfsOptions, mode: str = "da
                 os.pwrite(fd, raw, off)
             uuid = _superblock(img, p, fd, opts, len(m.outs), zbits)
             img.check_unchanged()
+            lines = (reserved_lines(m.outs, data_path, img.blksz.bit_length() - 1)
+                     if map_lines is not None or map_out is not None else [])
+        if map_lines is not None:
+            map_lines.extend(lines)
+        elif map_out is not None:
+            map_out.write(b"".join(lines))
     return {
         "image": image, "source": source, "incremental": mode,
         "inodes": len(m.outs), "blocks": p.total_blocks,
@@ -501,7 +520,16 @@ def mkfs_clean_rvsp(image: str, source: str, opts: MkfsOptions,
     if is_block_device(image):
         raise InputError(f"{image}: --clean=rvsp writes a file, not a block device")
     directory = os.path.dirname(os.path.abspath(image))
+    check_map_path(topts, image, source)
     with contextlib.ExitStack() as stack:
+        map_out = None
+        lines: list[bytes] | None = None
+        if topts.mapfile is not None:
+            # (renamed when the stack ends: after the image)
+            umask = os.umask(0)
+            os.umask(umask)
+            map_out = stack.enter_context(map_output(topts.mapfile, umask))
+            lines = []
         empty = stack.enter_context(_temp_dir(directory))
         fd, tmp = create_exclusive(directory, f".{os.path.basename(image)}.", ".rvsp")
         os.close(fd)
@@ -509,8 +537,10 @@ def mkfs_clean_rvsp(image: str, source: str, opts: MkfsOptions,
         if opts.timestamp is not None:
             os.utime(empty, (opts.timestamp, opts.timestamp))
         build_image(tmp, empty, opts)
-        summary = mkfs_incremental(tmp, source, opts, "rvsp", topts)
+        summary = mkfs_incremental(tmp, source, opts, "rvsp", topts, map_lines=lines)
         os.replace(tmp, image)
+        if map_out is not None and lines is not None:
+            map_out.write(b"".join(lines))
     summary.update(image=image, incremental=None, clean="rvsp")
     return summary
 

@@ -53,7 +53,7 @@ from erofs_tools.builder.gzinfo import GzinfoTap, check_zinfo_path, zinfo_output
 from erofs_tools.builder.mkfs import build_options, chunk_blob, finish_blob, fsalign, start_blob
 from erofs_tools.builder.options import MkfsOptions, Progress
 from erofs_tools.builder.output import partly_written, prepare
-from erofs_tools.builder.tar_map import chunk_map, map_line, region, write_map
+from erofs_tools.builder.tar_map import chunk_map, map_line, map_output, region, write_map
 from erofs_tools.builder.tar_reader import DEFAULT_MAX_SIZE, ReadStream, TarReader, _show
 from erofs_tools.builder.tar_stream import (
     LZIP_MAGIC,
@@ -71,7 +71,6 @@ from erofs_tools.builder.tree import file_sha256, set_long_prefixes
 from erofs_tools.errors import InputError
 from erofs_tools.format import erofs as E
 from erofs_tools.fsutil import (
-    atomic_output,
     create_exclusive,
     image_output,
     is_block_device,
@@ -189,6 +188,18 @@ def check_tar_paths(image: str, source: str, dump: str | None) -> None:
                              + (" (stdin)" if other == "-" else ""))
     if dump is not None and (os.path.isdir(dump) or _same(dump, source)):
         raise InputError(f"--ungzip={dump}: is a directory or the input itself")
+
+
+def check_map_path(topts: TarOptions, image: str, source: str) -> None:
+    """MAPFILE is no directory, nor a file mkfs reads or writes otherwise."""
+    if topts.mapfile is None:
+        return
+    if os.path.isdir(topts.mapfile):
+        raise InputError(f"--tar=...,{topts.mapfile}: is a directory")
+    for other in (image, source, topts.dump, topts.zinfo):
+        if other is not None and _same(topts.mapfile, other):
+            raise InputError(f"--tar=...,{topts.mapfile}: is the image, the input, the "
+                             "--ungzip FILE or the --gzinfo FILE")
 
 
 @contextlib.contextmanager
@@ -343,13 +354,7 @@ def mkfs_tar(image: str, source: str, opts: MkfsOptions | None = None,
             if other is not None and _same(topts.zinfo, other):
                 raise InputError(f"--gzinfo={topts.zinfo}: is the image, the input or the "
                                  "--ungzip FILE")
-    if topts.mapfile is not None:
-        if os.path.isdir(topts.mapfile):
-            raise InputError(f"--tar=...,{topts.mapfile}: is a directory")
-        for other in (image, source, topts.dump, topts.zinfo):
-            if other is not None and _same(topts.mapfile, other):
-                raise InputError(f"--tar=...,{topts.mapfile}: is the image, the input, the "
-                                 "--ungzip FILE or the --gzinfo FILE")
+    check_map_path(topts, image, source)
     # (the spool and sparse copies beside the image; a device's: in TMPDIR)
     directory = (os.environ.get("TMPDIR") or "/var/tmp" if is_block_device(image)
                  else os.path.dirname(os.path.abspath(image)))
@@ -368,7 +373,7 @@ def mkfs_tar(image: str, source: str, opts: MkfsOptions | None = None,
         if topts.mapfile is not None:
             # (opened first: an unwritable MAPFILE fails before any work; renamed when
             # the stack ends, after the image, only if it was built)
-            map_out = stack.enter_context(_map_output(topts.mapfile, umask))
+            map_out = stack.enter_context(map_output(topts.mapfile, umask))
         tap = None
         if topts.zinfo is not None:
             # (renamed when the stack ends: after the image, only if it was built)
@@ -605,27 +610,6 @@ def _build(image: str, tree: TarTree, files: list[int | _Data], data_path: str,
 
 def _offset(d: int | _Data) -> int:
     return d if isinstance(d, int) else d.offset
-
-
-@contextlib.contextmanager
-def _map_output(path: str, umask: int) -> Iterator[BinaryIO]:
-    """MAPFILE written atomically (a temporary file beside it, O_EXCL, renamed at the
-    end); a FIFO or device written in place. One line when it cannot be created."""
-    try:
-        cm = atomic_output(path, mode=0o666 & ~umask, fsync=False, stream=True)
-        f = cm.__enter__()
-    except OSError as e:
-        raise InputError(f"--tar=...,{path}: {e.strerror}") from None
-    try:
-        yield f
-    except BaseException as e:
-        cm.__exit__(type(e), e, e.__traceback__)
-        raise
-    else:
-        try:
-            cm.__exit__(None, None, None)
-        except OSError as e:
-            raise InputError(f"--tar=...,{path}: {e.strerror}") from None
 
 
 def _sha256_of(path: bytes, offset: int, size: int) -> bytes:

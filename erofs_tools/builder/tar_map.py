@@ -20,11 +20,13 @@ MAPFILE is written empty, as mkfs.erofs 1.9.4 writes it.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Any, BinaryIO
 
 from erofs_tools.errors import InputError
 from erofs_tools.format import erofs as E
+from erofs_tools.fsutil import atomic_output
 
 # --tar's modes as mkfs.erofs 1.9.4 reads them: "0" is "i", "" (as in "--tar=,MAP") "f"
 TAR_ALIASES = {"f": "f", "": "f", "i": "i", "0": "i", "headerball": "headerball"}
@@ -47,9 +49,8 @@ def check_map_options(mode: str, mapfile: str | None, given: dict[str, Any]) -> 
     if mapfile is None:
         return
     # 1.9.4 prints each chunk's size as its tar offset (--tar=f), or writes an image of
-    # one block whose block maps point past its end (--tar=i); --blobdev needs it.
-    # --incremental, --clean=rvsp (whose reserved blocks 1.9.4 maps): not built here
-    refused = ["--chunksize", "--blobdev", "--incremental/--clean=rvsp"]
+    # one block whose block maps point past its end (--tar=i); --blobdev needs it
+    refused = ["--chunksize", "--blobdev"]
     if mode == "i":
         # the data stays in the tar: nothing of it to compress; the packed inode, the
         # metabox, the metadata zones and a disk descriptor are not laid out with the
@@ -95,3 +96,40 @@ def write_map(out: BinaryIO, lines: list[tuple[int, bytes]]) -> None:
     """The lines (nid, text) in nid order: the order mkfs.erofs 1.9.4 writes inodes."""
     lines.sort()
     out.write(b"".join(text for _, text in lines))
+
+
+def reserved_lines(outs: Sequence[Any], data_path: str, blkszbits: int) -> list[bytes]:
+    """`--clean=rvsp`/`--incremental=rvsp --tar=f,MAPFILE`: a line for each new file
+    (incr_write.Out) whose blocks are reserved, in block order, as mkfs.erofs 1.9.4
+    prints them while it reserves them one after another."""
+    rows = []
+    for o in outs:
+        if not (o.reserve and o.nblocks and isinstance(o.data, tuple)):
+            continue
+        path, offset = o.data
+        if path != data_path:           # (a sparse entry's expanded copy)
+            raise InputError("a sparse file cannot be mapped (--tar=f,MAPFILE with rvsp)")
+        rows.append((o.blkaddr, map_line(o.blkaddr, o.size, offset, blkszbits)))
+    rows.sort()
+    return [text for _, text in rows]
+
+
+@contextlib.contextmanager
+def map_output(path: str, umask: int) -> Iterator[BinaryIO]:
+    """MAPFILE written atomically (a temporary file beside it, O_EXCL, renamed at the
+    end); a FIFO or device written in place. One line when it cannot be created."""
+    try:
+        cm = atomic_output(path, mode=0o666 & ~umask, fsync=False, stream=True)
+        f = cm.__enter__()
+    except OSError as e:
+        raise InputError(f"--tar=...,{path}: {e.strerror}") from None
+    try:
+        yield f
+    except BaseException as e:
+        cm.__exit__(type(e), e, e.__traceback__)
+        raise
+    else:
+        try:
+            cm.__exit__(None, None, None)
+        except OSError as e:
+            raise InputError(f"--tar=...,{path}: {e.strerror}") from None

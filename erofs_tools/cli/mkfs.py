@@ -210,8 +210,7 @@ def mkfs(image, source, timestamp, all_time, ignore_mtime, ovlfs_strip, block_si
         check_map_options(tar_mode, tar_map, {
             "--chunksize": chunksize, "--blobdev": blobdev, "-z": compress, "-m": metabox,
             "--zD": zdirs == "1", "--MZ": parse_metazone(metazone),
-            "--vmdk-desc": vmdk_desc, "--incremental/--clean=rvsp": build_mode is not None
-            and parse_build_mode(build_mode) != (False, "data")})
+            "--vmdk-desc": vmdk_desc})
     check_tar_flags(tar_mode, aufs, ungzip, ungzip_dump, max_size, unxz)
     incremental, data_mode = parse_build_mode(build_mode)
     if incremental:
@@ -312,7 +311,8 @@ def mkfs(image, source, timestamp, all_time, ignore_mtime, ovlfs_strip, block_si
     with terminate_as_interrupt():       # kill PID: temporary files removed
         if incremental or (data_mode == "rvsp" and tar_mode == "f"):
             summary = run_incremental(image, source or "-", opts, data_mode, tar_mode, aufs,
-                                      ungzip, max_size, block_size, clean=not incremental)
+                                      ungzip, max_size, block_size, clean=not incremental,
+                                      mapfile=tar_map)
         elif tar_mode is not None:
             summary = run_tar(image, source or "-", opts, tar_mode, aufs, ungzip,
                               ungzip_dump, max_size, progress, unxz, tar_map)

@@ -180,12 +180,13 @@ def refuse_with_incremental(args: dict[str, Any]) -> None:
 
 def run_incremental(image: str, source: str, opts: Any, data_mode: str,
                     tar_mode: str | None, aufs: bool, ungzip: bool, max_size: str | None,
-                    block_size: int | None, clean: bool = False) -> dict[str, Any]:
+                    block_size: int | None, clean: bool = False,
+                    mapfile: str | None = None) -> dict[str, Any]:
     from erofs_tools.builder.incremental import mkfs_clean_rvsp, mkfs_incremental
     from erofs_tools.builder.mkfs_tar import TarOptions
     topts = None
     if tar_mode is not None:
-        topts = TarOptions(mode="f", aufs=aufs, ungzip=ungzip)
+        topts = TarOptions(mode="f", aufs=aufs, ungzip=ungzip, mapfile=mapfile)
         if max_size:
             from erofs_tools.cli.pack import _parse_size
             topts.max_size = _parse_size(max_size, "--max-size")
