@@ -231,7 +231,7 @@ def mkfs(image, source, timestamp, all_time, ignore_mtime, ovlfs_strip, block_si
                            offset)
     # (--tar=i,MAPFILE: the block size of -b, as a full image's)
     index512 = tar_mode == "i" and tar_map is None
-    blkszbits = parse_block_size(block_size, None if tar_map and tar_mode == "i" else tar_mode)
+    blkszbits = parse_block_size(block_size, "i" if index512 else None)
     # --tar=i without -b: mkfs.erofs 1.9.4 counts -C, -m and -E fragments= in blocks of
     # the page size (4 KiB) it starts with, then makes them blocks of 512 bytes
     scale = 3 if index512 and block_size is None else 0
