@@ -100,7 +100,7 @@ int ern_chunks_read(const char *names, const uint32_t *name_off, const uint64_t 
                     uint32_t *fail_index, int32_t *fail_errno)
 {
     int fd = -1, rc = ERN_CHUNKS_OK;
-    uint32_t cur = UINT32_MAX, i;
+    uint32_t cur = UINT32_MAX, i, held = UINT32_MAX;     /* held: a small chunk not hashed yet */
     struct dir_cache dir = {.fd = -1};
 
     *fail_errno = 0;
@@ -126,10 +126,23 @@ int ern_chunks_read(const char *names, const uint32_t *name_off, const uint64_t 
             rc = r < 0 ? ERN_CHUNKS_EREAD : ERN_CHUNKS_ESHORT;
             break;
         }
-        /* hashed while its bytes are still in the cache the read left them in */
-        if (digests && len[i] <= hash_max)
-            ern_blake3(buf + buf_off[i], len[i], digests + (size_t)i * 32);
+        /* hashed while its bytes are still in the cache the read left them in; one of
+         * at most 1 KiB waits for the next such one, and the two are hashed side by
+         * side (ern_blake3_2: two of 1 KiB ~1.3x as fast as one after the other) */
+        if (digests && len[i] <= hash_max) {
+            if (len[i] > 1024)
+                ern_blake3(buf + buf_off[i], len[i], digests + (size_t)i * 32);
+            else if (held == UINT32_MAX)
+                held = i;
+            else {
+                ern_blake3_2(buf + buf_off[held], len[held], digests + (size_t)held * 32,
+                             buf + buf_off[i], len[i], digests + (size_t)i * 32);
+                held = UINT32_MAX;
+            }
+        }
     }
+    if (held != UINT32_MAX)         /* read (and checked) before any failure */
+        ern_blake3(buf + buf_off[held], len[held], digests + (size_t)held * 32);
     if (fd >= 0)
         close(fd);
     if (dir.fd >= 0)

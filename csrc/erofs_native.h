@@ -470,6 +470,10 @@ int ern_chunks_read(const char *names, const uint32_t *name_off, const uint64_t 
                     uint32_t *fail_index, int32_t *fail_errno);
 /* BLAKE3 (hash mode) of len bytes at in: its 32-byte digest (blake3.c; portable C) */
 void ern_blake3(const uint8_t *in, uint64_t len, uint8_t out[32]);
+/* the same of two inputs, a and b, into aout and bout: side by side when both are of at
+ * most 1 KiB (one BLAKE3 chunk each), else one after the other */
+void ern_blake3_2(const uint8_t *a, uint32_t alen, uint8_t aout[32], const uint8_t *b,
+                  uint32_t blen, uint8_t bout[32]);
 /* pack's batch read buffers (--compressor none: a batch's chunks are views of its
  * buffer until the blob writer has copied them): ern_batchbuf_get(size) -> a buffer of
  * at least size bytes, not zeroed, or NULL; ern_batchbuf_put gives it back. Up to

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from erofs_tools._native import ffi, lib
 
 __all__ = ["ChunkInfoTable", "ChunkReadError", "batch_buffer", "batch_buffers_kept",
-           "blake3_digest", "chunk_indexes", "ci_v1_append", "gather", "read_chunks",
+           "blake3_digest", "blake3_digest_pair", "chunk_indexes", "ci_v1_append", "gather", "read_chunks",
            "zstd_chunks"]
 
 # cdata of the C pool's buffers: freed (given back to the pool) when the last view of
@@ -81,6 +81,17 @@ def blake3_digest(data: bytes | bytearray | memoryview) -> bytes:
     lib.ern_blake3(ffi.from_buffer("uint8_t[]", data), len(data),
                    ffi.from_buffer("uint8_t[]", out))
     return bytes(out)
+
+
+def blake3_digest_pair(a: bytes | bytearray | memoryview,
+                       b: bytes | bytearray | memoryview) -> tuple[bytes, bytes]:
+    """blake3_digest of `a` and of `b` in one call (csrc/blake3.c's ern_blake3_2, which
+    read_chunks uses for two chunks of at most 1 KiB: both hashed side by side)."""
+    out_a, out_b = bytearray(32), bytearray(32)
+    lib.ern_blake3_2(ffi.from_buffer("uint8_t[]", a), len(a),
+                     ffi.from_buffer("uint8_t[]", out_a), ffi.from_buffer("uint8_t[]", b),
+                     len(b), ffi.from_buffer("uint8_t[]", out_b))
+    return bytes(out_a), bytes(out_b)
 
 
 def batch_buffers_kept(n: int) -> None:

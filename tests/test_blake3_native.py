@@ -10,7 +10,7 @@ import random
 import blake3
 import pytest
 
-from erofs_tools._native_chunkio import blake3_digest, read_chunks
+from erofs_tools._native_chunkio import blake3_digest, blake3_digest_pair, read_chunks
 from erofs_tools.builder import chunker
 
 
@@ -30,6 +30,20 @@ def test_tree_shapes_and_random_lengths():
         assert blake3_digest(data) == blake3.blake3(data).digest(), n
 
 
+def test_pairs_side_by_side():
+    """ern_blake3_2 (two inputs of at most 1 KiB hashed side by side, the longer one's
+    last blocks alone; longer inputs one after the other): each one's own digest, for
+    every pair of lengths around the block boundaries and the empty input."""
+    data = random.Random(29).randbytes(2 * 4200)
+    lengths = sorted({0, 1, 2, 1024, 1025, 2048, 4096}
+                     | {64 * k + d for k in range(1, 17) for d in (-1, 0, 1)})
+    for n in lengths:
+        for m in lengths:
+            a, b = data[:n], data[4200:4200 + m]
+            assert blake3_digest_pair(a, b) == (blake3.blake3(a).digest(),
+                                                blake3.blake3(b).digest()), (n, m)
+
+
 def test_known_answers():
     # the BLAKE3 specification's empty input, and a view that is not a bytes object
     assert blake3_digest(b"").hex() == \
@@ -40,7 +54,9 @@ def test_known_answers():
 
 @pytest.mark.parametrize("hash_max", [0, 1024, 4096])
 def test_read_chunks_hashes_the_small_chunks(tmp_path, hash_max):
-    sizes = [0, 1, 1023, 1024, 1025, 4095, 4096, 4097, 70_000]
+    # the chunks of at most 1 KiB are hashed two at a time: one of them held across
+    # bigger ones, and the last one left alone
+    sizes = [0, 1, 1023, 1025, 1024, 4095, 4096, 4097, 70_000, 64, 100, 700]
     names = bytearray()
     name_off, file_off = array.array("I"), array.array("Q")
     lengths, buf_off = array.array("I"), array.array("Q")
