@@ -213,13 +213,13 @@ class Merge:
         ino = self.img.inode(nid)
         return is_overlay_whiteout(ino.mode, ino.rdev if ino.is_dev() else (1, 1))
 
-    def _new(self, n: TNode) -> W.Out:
+    def _new(self, n: TNode, path: bytes) -> W.Out:
         o = self.by_node.get(id(n))
         if o is not None:
             o.nlink += 1
             return o
         o = W.Out(n.mode, n.uid, n.gid, n.mtime, n.nsec, dict(n.xattrs), size=n.size,
-                  rdev=tuple(n.rdev), nlink=1)          # type: ignore[arg-type]
+                  rdev=tuple(n.rdev), nlink=1, path=path)   # type: ignore[arg-type]
         if n.target is not None:
             o.data = n.target
         elif stat.S_ISREG(n.mode) and n.size:
@@ -288,7 +288,8 @@ class Merge:
             return int(m.startblk * bs + off)
         return int(m.offset + m.inode_size + m.xattr_isize + off - full)
 
-    def dir(self, n: TNode, base_nid: int | None, parent: W.Out | None) -> W.Out:
+    def dir(self, n: TNode, base_nid: int | None, parent: W.Out | None,
+            path: bytes = b"") -> W.Out:
         img = self.img
         xattrs = dict(n.xattrs)
         xattrs.pop(ORIGIN_XATTR, None)
@@ -323,9 +324,9 @@ class Merge:
                         and prev[1] == E.FT_DIR else None)
                 if bnid is not None and not img.inode(bnid).is_dir():
                     bnid = None
-                ents[name] = (self.dir(c, bnid, o), E.FT_DIR)
+                ents[name] = (self.dir(c, bnid, o, path + name + b"/"), E.FT_DIR)
             else:
-                ents[name] = (self._new(c), E.file_type_of_mode(c.mode))
+                ents[name] = (self._new(c, path + name), E.file_type_of_mode(c.mode))
         for name, (ref, ft) in list(ents.items()):
             if ft == E.FT_DIR and isinstance(ref, int) and not self._patchable(ref):
                 # a kept base directory whose `..` cannot be updated in place (--zD:
@@ -417,10 +418,10 @@ def mkfs_incremental(image: str, source: str, opts: MkfsOptions, mode: str = "da
             out_root = m.dir(root, img.root_nid, None)
         except CorruptImageError as e:
             raise InputError(f"{image}: the base image: {e}") from None
-        zbits = compress_new(img, m.outs, opts, directory, stack)
+        zr = compress_new(img, m.outs, opts, directory, stack)
         start = -(-img.size // img.blksz)
         p = W.plan(img, m.outs, out_root, start, opts.inline_data, opts.force_extended,
-                   opts.ignore_mtime)
+                   opts.ignore_mtime, zr.run)
         # (IMAGE a symlink: the image it names is replaced, as mkfs.erofs writes through)
         target = os.path.realpath(image)
         st = os.stat(target)
@@ -434,7 +435,7 @@ def mkfs_incremental(image: str, source: str, opts: MkfsOptions, mode: str = "da
             W.fix_parents(img, m.fixups, fd)
             for off, raw in m.nlinks():
                 os.pwrite(fd, raw, off)
-            uuid = _superblock(img, p, fd, opts, len(m.outs), zbits)
+            uuid = _superblock(img, p, fd, opts, len(m.outs), zr.bits)
             img.check_unchanged()
     return {
         "image": image, "source": source, "incremental": mode,

@@ -138,14 +138,14 @@ def run_tar(image: str, source: str, opts: Any, tar_mode: str, aufs: bool, ungzi
 # what --incremental does not build (CLI name -> the parameter holding it)
 _NOT_INCREMENTAL = {
     "-m": "metabox", "--chunksize": "chunksize",
-    "--blobdev": "blobdev", "--vmdk-desc": "vmdk_desc", "--compress-hints": "hints",
+    "--blobdev": "blobdev", "--vmdk-desc": "vmdk_desc",
     "--xattr-inode-digest": "digest_flag", "--xattr-prefix": "xattr_prefix",
     "--root-xattr-isize": "root_xattr_isize", "--offset": "offset",
     "--fsalignblks": "fsalignblks", "--dsunit": "dsunit", "--max-extent-bytes": "max_extent",
     "--zfeature-bits": "zfeature_bits", "--ungzip=FILE": "ungzip_dump",
 }
 _INCREMENTAL_EXTENDED = {"noinline_data", "force-inode-extended", "ztailpacking",
-                         "legacy-compress"}
+                         "legacy-compress", "dedupe"}
 
 
 def parse_build_mode(value: str | None) -> tuple[bool, str]:
