@@ -97,7 +97,6 @@ def test_compressed_layers(root_kernel, layers, tmp_path, alg, base, form):
     (("-z", "lzma,dictsize=65536"), ("-z", "lzma,dictsize=1048576", "-C", "1048576"),
      "larger"),
     ((), ("-z", "lz4", "-E", "fragments"), "fragments"),
-    ((), ("-z", "lz4", "-E", "dedupe"), "dedupe"),
     ((), ("-z", "lz4", "-E", "48bit"), "48bit"),
     (("-E", "48bit"), ("-z", "lz4"), "48-bit"),
 ])

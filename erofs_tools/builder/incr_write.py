@@ -57,16 +57,22 @@ class Out:
     extra: list[bytes] = field(default_factory=list)
     z: Any = None                                   # -z: its incr_z.ZFile
     path: bytes = b""                               # its path in the layer (-z hints)
+    chunks: tuple[int, bytes] | None = None         # --tar=i: chunk format, indexes
 
     @property
     def zpad(self) -> int:
-        """-z: zeros before the map header (8-byte aligned; records are 32)."""
-        return -(self.isize + len(self.xbody)) % 8 if self.z is not None else 0
+        """-z, --tar=i: zeros before the map header or chunk indexes (8-byte aligned;
+        records are 32)."""
+        if self.z is None and self.chunks is None:
+            return 0
+        return -(self.isize + len(self.xbody)) % 8
 
     @property
     def record(self) -> int:
         if self.z is not None:
             return self.isize + len(self.xbody) + self.zpad + self.z.length
+        if self.chunks is not None:
+            return self.isize + len(self.xbody) + self.zpad + len(self.chunks[1])
         return self.isize + len(self.xbody) + self.tail
 
 
@@ -160,6 +166,10 @@ def plan(img: Image, outs: list[Out], root: Out, start: int, inline_data: bool,
         if o.z is not None:         # (its pclusters are in the run)
             o.z.prepare(o.isize + len(o.xbody), bs)
             o.layout = o.z.layout
+            o.nblocks = 0
+            return
+        if o.chunks is not None:    # (its data stays in the tar)
+            o.layout = E.LAYOUT_CHUNK_BASED
             o.nblocks = 0
             return
         if o.reserve or not tail or not may_inline:
@@ -308,6 +318,8 @@ def inode_bytes(o: Out, epoch: int | None = None) -> bytes:
         i_u = E.encode_rdev(*o.rdev)
     elif o.z is not None:
         i_u = o.z.cblocks
+    elif o.chunks is not None:
+        i_u = o.chunks[0]
     elif o.nblocks:
         i_u = o.blkaddr
     else:
@@ -364,6 +376,10 @@ def write(img: Image, p: Plan, fd: int) -> None:
         if o.z is not None:
             _pwrite(fd, inode_bytes(o, img.epoch if img.is_48bit else None)
                     + bytes(o.zpad) + o.z.relocated(), o.offset)
+            continue
+        if o.chunks is not None:
+            _pwrite(fd, inode_bytes(o, img.epoch if img.is_48bit else None)
+                    + bytes(o.zpad) + o.chunks[1], o.offset)
             continue
         if o.entries is not None:
             payload = dir_bytes(o, bs)

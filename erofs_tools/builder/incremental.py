@@ -39,6 +39,7 @@ import time
 import uuid as _uuid
 from typing import Any
 
+from erofs_tools.builder import incr_tari as T
 from erofs_tools.builder import incr_write as W
 from erofs_tools.builder.incr_z import compress_new
 from erofs_tools.builder.mkfs_tar import (
@@ -222,6 +223,9 @@ class Merge:
                   rdev=tuple(n.rdev), nlink=1, path=path)   # type: ignore[arg-type]
         if n.target is not None:
             o.data = n.target
+        elif self.index_bits is not None and stat.S_ISREG(n.mode) and n.size:
+            assert n.key is not None
+            o.chunks = T.chunks(self.files[n.key], n.size, self.index_bits, path)
         elif stat.S_ISREG(n.mode) and n.size:
             d = self.files[n.key] if n.key is not None else None
             if isinstance(d, tuple):
@@ -236,6 +240,7 @@ class Merge:
         return o
 
     data_path = ""
+    index_bits: int | None = None       # --tar=i: the base's block bits
 
     def _patchable(self, nid: int) -> bool:
         ino = self.img.inode(nid)
@@ -359,10 +364,9 @@ class Merge:
 
 def _tar_layer(source: str, opts: MkfsOptions, topts: TarOptions, directory: str,
                stack: contextlib.ExitStack) -> tuple[TNode, list[Any], str]:
-    if topts.mode != "f" or topts.dump is not None or topts.zinfo is not None \
-            or topts.headerball:
-        raise InputError("--incremental: a tar layer is read with --tar=f only (not "
-                         "--tar=i, --ungzip=FILE or --gzinfo)")
+    if topts.dump is not None or topts.zinfo is not None or topts.headerball:
+        raise InputError("--incremental: a tar layer is read with --tar=f or --tar=i "
+                         "(not --ungzip=FILE or --gzinfo)")
     if opts.exclude_paths or opts.exclude_regex:
         raise InputError("--exclude-path/--exclude-regex do not apply to --tar")
     scratch = stack.enter_context(_scratch(directory))
@@ -372,6 +376,9 @@ def _tar_layer(source: str, opts: MkfsOptions, topts: TarOptions, directory: str
     if hasattr(stream, "close"):       # (a gunzip/unxz thread)
         stack.callback(stream.close)
     data_path = in_place or source
+    if topts.mode == "i" and in_place is None:
+        raise InputError(f"{source}: --incremental --tar=i indexes a plain tar file in "
+                         "place (not stdin or a compressed tar)")
     if in_place is None:
         fd = _new_scratch(directory, scratch, "spool")
         stack.callback(os.close, fd)
@@ -382,7 +389,8 @@ def _tar_layer(source: str, opts: MkfsOptions, topts: TarOptions, directory: str
                    timestamp=mtimes.time if mtimes is not None else None,
                    clamp=mtimes is not None and mtimes.clamp, strip=False,
                    negative_mtimes=True)
-    files = _parse(TarReader(stream, topts.max_size), tree, "f", directory, scratch, None)
+    files = _parse(TarReader(stream, topts.max_size), tree, topts.mode, directory,
+                   scratch, None)
     uid = 0 if opts.all_root else opts.force_uid
     gid = 0 if opts.all_root else opts.force_gid
     if uid is not None or gid is not None or opts.uid_offset or opts.gid_offset:
@@ -414,6 +422,13 @@ def mkfs_incremental(image: str, source: str, opts: MkfsOptions, mode: str = "da
             data_path = ""
         m = Merge(img, files, opts.whiteouts == "strip", mode == "rvsp")
         m.data_path = data_path
+        tar_size = None
+        if topts is not None and topts.mode == "i":
+            if opts.compress is not None:
+                raise InputError("--incremental --tar=i: -z is not supported (the files' "
+                                 "data stays in the tar)")
+            m.index_bits = img.blkszbits
+            tar_size = os.path.getsize(data_path)
         try:
             out_root = m.dir(root, img.root_nid, None)
         except CorruptImageError as e:
@@ -422,6 +437,13 @@ def mkfs_incremental(image: str, source: str, opts: MkfsOptions, mode: str = "da
         start = -(-img.size // img.blksz)
         p = W.plan(img, m.outs, out_root, start, opts.inline_data, opts.force_extended,
                    opts.ignore_mtime, zr.run)
+        devt = None
+        if tar_size is not None:        # the tar's device slot: after the last record
+            at = T.slot_place(p.outs, img.blksz, p.total_blocks)
+            if at is None:              # (no room left there: a block of its own)
+                at = p.total_blocks * img.blksz
+                p.total_blocks += 1
+            devt = T.slot_offset(at, image)
         # (IMAGE a symlink: the image it names is replaced, as mkfs.erofs writes through)
         target = os.path.realpath(image)
         st = os.stat(target)
@@ -435,7 +457,11 @@ def mkfs_incremental(image: str, source: str, opts: MkfsOptions, mode: str = "da
             W.fix_parents(img, m.fixups, fd)
             for off, raw in m.nlinks():
                 os.pwrite(fd, raw, off)
-            uuid = _superblock(img, p, fd, opts, len(m.outs), zr.bits)
+            if devt is not None:
+                assert tar_size is not None
+                os.pwrite(fd, T.device_slot(tar_size, img.blksz, p.total_blocks),
+                          devt * E.DEVICE_SLOT_SIZE)
+            uuid = _superblock(img, p, fd, opts, len(m.outs), zr.bits, devt)
             img.check_unchanged()
     return {
         "image": image, "source": source, "incremental": mode,
@@ -457,7 +483,7 @@ def _copy_base(image: str, fd: int, size: int) -> None:
 
 
 def _superblock(img: Image, p: W.Plan, fd: int, opts: MkfsOptions, new: int,
-                zbits: int = 0) -> bytes:
+                zbits: int = 0, devt: int | None = None) -> bytes:
     bs = img.blksz
     end = bs if bs > E.SUPER_OFFSET else E.SUPER_OFFSET + bs
     block0 = bytearray(os.pread(fd, end, 0))
@@ -478,6 +504,10 @@ def _superblock(img: Image, p: W.Plan, fd: int, opts: MkfsOptions, new: int,
         at = E.SUPER_OFFSET + E.SB_ROOTNID_8B_OFFSET
         block0[at:at + 8] = (p.root.nid if big_nid else 0).to_bytes(8, "little")
     put("inos", sb.inos + new)
+    if devt is not None:            # --tar=i: the tar, device 1
+        put("extra_devices", 1)
+        put("devt_slotoff", devt)
+        zbits |= E.FEATURE_INCOMPAT_DEVICE_TABLE | E.FEATURE_INCOMPAT_CHUNKED_FILE
     if zbits:
         put("feature_incompat", sb.feature_incompat | zbits)
     if opts.uuid is not None:

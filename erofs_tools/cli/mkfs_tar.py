@@ -169,9 +169,9 @@ def refuse_with_incremental(args: dict[str, Any]) -> None:
         # the base's inode records stay where they are: no zone to put new ones in
         # (mkfs.erofs 1.9.4 fails midway and leaves a corrupt image)
         raise InputError("--incremental: --MZ is not supported")
-    if args.get("tar_mode") not in (None, "f"):
+    if args.get("tar_mode") not in (None, "f", "i"):
         raise InputError(f"--incremental: --tar={args['tar_mode']} is not supported "
-                         "(a layer is a directory or --tar=f)")
+                         "(a layer is a directory, --tar=f or --tar=i)")
     for name in parse_extended(args.get("extended") or ()):
         if name not in _INCREMENTAL_EXTENDED:
             raise InputError(f"--incremental: -E {name} is not supported")
@@ -184,7 +184,7 @@ def run_incremental(image: str, source: str, opts: Any, data_mode: str,
     from erofs_tools.builder.mkfs_tar import TarOptions
     topts = None
     if tar_mode is not None:
-        topts = TarOptions(mode="f", aufs=aufs, ungzip=ungzip)
+        topts = TarOptions(mode=tar_mode, aufs=aufs, ungzip=ungzip)
         if max_size:
             from erofs_tools.cli.pack import _parse_size
             topts.max_size = _parse_size(max_size, "--max-size")
