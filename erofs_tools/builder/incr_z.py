@@ -1,11 +1,15 @@
 """mkfs --incremental -z: the new layer's regular files compressed.
 
 The files are compressed by our own mkfs (the C core's -z path) into a scratch image
-of just them, built with full (8-byte) lcluster indexes; each compressed file's
-pclusters (one contiguous run of blocks) are then copied after the base image's end
-and its map header, indexes and inline tail (-E ztailpacking) go into its new inode
-record, the indexes' block addresses moved by where the run now lies
-(incr_write.py). A file the scratch build stores uncompressed stays plain.
+of just them, each at its path in the layer (so that --compress-hints match as in a
+full build; -E dedupe shares repeated data among them), built with full (8-byte)
+lcluster indexes. The scratch blocks the taken files' pclusters use (a pcluster shared
+by -E dedupe once) are then copied, in order and gaps closed, to one run after the base
+image's end (incr_write.py), and each file's map header, indexes and inline tail (-E
+ztailpacking) go into its new inode record, the block addresses moved to the run's:
+compact indexes (mkfs.erofs's default) once the record's layout is known, where the
+file's pclusters lie back to back and the blocks are at most 4 KiB, else the full
+ones. A file the scratch build stores uncompressed stays plain.
 
 The superblock's algorithm bits and per-algorithm config records stay where the base
 has them: an algorithm (or -C pcluster size, lzma dictionary, zstd/deflate window)
