@@ -29,7 +29,7 @@ from test_mkfs_tar import _tar as make_tar
 
 from erofs_tools.format import erofs as E
 from erofs_tools.reader.image import open_image
-from erofs_tools.reader.zmap import ZMap
+from erofs_tools.reader.zmap import FRAGMENT, ZMap
 
 
 def _layouts(img, base):
@@ -260,8 +260,8 @@ def _refused(img, src, args, what):
 
 def test_refusals(tmp_path, layers):
     """--tar=i over a 4 KiB base whose tar data is 512-byte aligned (mkfs.erofs 1.9.4:
-    "invalid tar data alignment"), --tar=i with -z, from stdin or gzip; -E fragments
-    (1.9.4's images read wrong bytes in the base's and earlier layers' fragment files)."""
+    "invalid tar data alignment"), --tar=i with -z, from gzip; -E fragments over a base
+    with a packed inode (1.9.4's images read wrong bytes in the base's fragment files)."""
     img = str(tmp_path / "img")
     run_mkfs(img, layers["base"])
     tar = make_tar(layers["l1-oci"], tmp_path / "l1.tar")
@@ -269,9 +269,43 @@ def test_refusals(tmp_path, layers):
     _refused(img, tar, ("--incremental", "--tar=i"), "not aligned")
     _refused(img, tar, ("--incremental", "--tar=i", "-z", "lz4"), "-z")
     _refused(img, tgz, ("--incremental", "--tar=i", "--ungzip"), "plain tar")
-    _refused(img, layers["l1-ovl"], ("--incremental", "-z", "lz4", "-E", "fragments"),
-             "fragments")
     z = str(tmp_path / "z.img")
     run_mkfs(z, layers["base"], "-z", "lz4hc", "-E", "fragments")
     _refused(z, layers["l1-ovl"], ("--incremental", "-z", "lz4hc", "-E", "fragments"),
-             "fragments")
+             "packed inode")
+
+
+@pytest.mark.parametrize("base,args", [
+    ((), ("-z", "lz4hc", "-E", "fragments")),
+    (("-z", "lz4hc", "-C", "65536"), ("-z", "lz4hc", "-E", "all-fragments,ztailpacking")),
+    (MULTI, ("-z", "zstd", "-C", "16384", "-E", "fragments,dedupe")),
+])
+@pytest.mark.parametrize("form", ["dir", "tar"])
+def test_fragments_first_layer(root_kernel, layers, tmp_path, base, args, form):
+    """-E fragments over a base without a packed inode: the layer's tails (or whole
+    files) in a new packed inode the superblock names; a second layer (plain -z) over
+    it; a second -E fragments layer is refused (the packed inode cannot grow in place).
+    mkfs.erofs 1.9.4 accepts both and its images read wrong bytes (no size compared)."""
+    img = str(tmp_path / "img")
+    run_mkfs(img, layers["base"], *base)
+    base_copy = str(tmp_path / "base.img")
+    shutil.copyfile(img, base_copy)
+    for n in (1, 2):
+        before = str(tmp_path / f"before{n}.img")
+        shutil.copyfile(img, before)
+        largs = args if n == 1 else args[:2]
+        if form == "dir":
+            run_mkfs(img, layers[f"l{n}-ovl"], "--incremental", "--ovlfs-strip", *largs)
+        else:
+            tar = make_tar(layers[f"l{n}-oci"], tmp_path / f"l{n}.tar")
+            run_mkfs(img, tar, "--incremental", "--ovlfs-strip", "--tar=f", "--aufs", *largs)
+        _check_all(img, layers[f"expected{n}"])
+        assert_base_kept(before, img)
+        with open_image(img) as im:
+            assert im.sb.packed_nid and im.sb.feature_incompat & E.FEATURE_INCOMPAT_FRAGMENTS
+            assert any(any(e.kind == FRAGMENT for e in ZMap(im, ino).extents)
+                       for _p, _d, ino in im.walk() if ino.is_reg()
+                       and ino.layout in (E.LAYOUT_COMPRESSED_FULL,
+                                          E.LAYOUT_COMPRESSED_COMPACT))
+    assert_base_kept(base_copy, img)
+    _refused(img, layers["l1-ovl"], ("--incremental", *args), "packed inode")

@@ -96,7 +96,7 @@ def test_compressed_layers(root_kernel, layers, tmp_path, alg, base, form):
     (("-z", "lz4hc:lzma"), ("-z", "lz4hc", "-C", "8192"), "pclusters are at most"),
     (("-z", "lzma,dictsize=65536"), ("-z", "lzma,dictsize=1048576", "-C", "1048576"),
      "larger"),
-    ((), ("-z", "lz4", "-E", "fragments"), "fragments"),
+    (("-z", "lz4", "-E", "fragments"), ("-z", "lz4", "-E", "fragments"), "packed inode"),
     ((), ("-z", "lz4", "-E", "48bit"), "48bit"),
     (("-E", "48bit"), ("-z", "lz4"), "48-bit"),
 ])

@@ -32,11 +32,11 @@ from typing import Any
 from erofs_tools.errors import InputError
 from erofs_tools.format import erofs as E
 from erofs_tools.reader.image import Image, open_image
-from erofs_tools.reader.zmap import INLINE, PCLUSTER, ZMap
+from erofs_tools.reader.zmap import FRAGMENT, INLINE, PCLUSTER, ZMap
 
 _NAMES = ("lz4", "lzma", "deflate", "zstd")
 _ADDED = (E.FEATURE_INCOMPAT_ZERO_PADDING | E.FEATURE_INCOMPAT_BIG_PCLUSTER
-          | E.FEATURE_INCOMPAT_ZTAILPACKING)
+          | E.FEATURE_INCOMPAT_ZTAILPACKING | E.FEATURE_INCOMPAT_FRAGMENTS)
 
 
 @dataclass(eq=False)
@@ -85,7 +85,7 @@ class ZFile:
     index_at: int        # where the full indexes start in blob
     nlc: int             # how many
     inline: int          # bytes of the inline tail at the blob's end
-    heads: frozenset[int]   # scratch blocks its pcluster heads name
+    heads: frozenset[int]   # the lclusters whose entries are pcluster heads
     compactable: bool    # pclusters back to back, none partial: compact indexes fit
     mpos: int | None = None  # compact: the index's offset in the record (else full)
 
@@ -119,8 +119,8 @@ class ZFile:
             adv = int.from_bytes(full[pos:pos + 2], "little")
             if adv & E.LI_TYPE_MASK == E.LCLUSTER_TYPE_NONHEAD:
                 continue
-            blk = int.from_bytes(full[pos + 4:pos + 8], "little")
-            if blk in self.heads:
+            if i in self.heads:     # (not a fragment's head: its offset's high bits)
+                blk = int.from_bytes(full[pos + 4:pos + 8], "little")
                 full[pos + 4:pos + 8] = self.run.moved(blk).to_bytes(4, "little")
         if self.mpos is None:
             return bytes(full)
@@ -197,16 +197,18 @@ def _compact(full: bytes, index_at: int, n: int, mpos: int) -> bytes:
 class ZResult:
     bits: int = 0                # superblock feature_incompat bits to add
     run: ZRun | None = None
+    packed: Any = None           # -E fragments: the new packed inode (an Out)
 
 
 def refuse(z: Any, img: Image) -> None:
     """What -z with --incremental does not build: one line."""
-    if z.fragments or z.all_fragments:
-        # the packed inode's data is shared by every image that names it: a layer's
-        # fragments need the base's packed inode rewritten (mkfs.erofs 1.9.4 writes
-        # them, and the base's and earlier layers' fragment files then read wrong)
-        raise InputError("--incremental -z: -E fragments is not supported (it would "
-                         "rewrite the base's packed inode)")
+    if (z.fragments or z.all_fragments) and (
+            img.sb.packed_nid or img.sb.feature_incompat & E.FEATURE_INCOMPAT_FRAGMENTS):
+        # the base's fragments are byte offsets into its packed inode, which a layer's
+        # cannot be added to in place (mkfs.erofs 1.9.4 rewrites it, and the base's and
+        # earlier layers' fragment files then read wrong bytes)
+        raise InputError(f"{img.name}: --incremental -E fragments: the base image has a "
+                         "packed inode (it cannot take a layer's fragments in place)")
     if z.max_extent:
         raise InputError("--incremental -z: --max-extent-bytes is not supported")
     if img.is_48bit:
@@ -246,36 +248,62 @@ def compress_new(img: Image, outs: list[Any], opts: Any, directory: str,
     shutil.rmtree(src)
     t = open_image(zimg)
     run = ZRun(zimg)
+    packed = None
     try:
         add = _check_config(img, t)
-        bs = t.blksz
         for o, rel in zip(cands, paths, strict=True):
             ino = t.lookup("/" + rel)
-            if ino.layout != E.LAYOUT_COMPRESSED_FULL:
-                continue                # (stored plain: incompressible)
-            zm = ZMap(t, ino)
-            pcl = [e for e in zm.extents if e.kind == PCLUSTER]
-            inl = [e for e in zm.extents if e.kind == INLINE]
-            if len(pcl) + len(inl) != len(zm.extents) or zm.fragment:
-                continue
-            seen: dict[int, int] = {}
-            for e in pcl:
-                seen.setdefault(e.pa, e.plen)
-            order = sorted(seen.items())
-            back_to_back = all(a + n == b for (a, n), (b, _m) in zip(order, order[1:]))
-            in_order = [e.pa for e in pcl if not e.partial]
-            compactable = (back_to_back and not any(e.partial for e in pcl)
-                           and in_order == sorted(in_order))
-            for pa, plen in order:
-                run.add(pa // bs, -(-(pa + plen) // bs))
-            index_at = zm.ibase - zm.hpos
-            blob = t.read(zm.hpos, index_at + 8 * zm.nlc + zm.idata_size, "indexes")
-            o.z = ZFile(run, ino.i_u, bytes(blob), index_at, zm.nlc, zm.idata_size,
-                        frozenset(pa // bs for pa in seen), compactable)
+            if ino.layout == E.LAYOUT_COMPRESSED_FULL:  # (else plain: incompressible)
+                o.z = _take(t, ino, run)
+        if t.sb.packed_nid:
+            packed = _packed(img, t, run)
     finally:
         t.close()
     run.seal()
-    return ZResult(add, run if run.blocks else None)
+    return ZResult(add, run if run.blocks else None, packed)
+
+
+def _take(t: Image, ino: Any, run: ZRun) -> ZFile | None:
+    """The ZFile of a compressed scratch inode, its pclusters added to the run."""
+    bs = t.blksz
+    zm = ZMap(t, ino)
+    if zm.extents and zm.extents[0].kind == FRAGMENT:     # (the whole file a fragment)
+        head = bytes(t.read(zm.hpos, E.MapHeader.SIZE, "map header"))
+        return ZFile(run, 0, head, E.MapHeader.SIZE, 0, 0, frozenset(), False)
+    pcl = [e for e in zm.extents if e.kind == PCLUSTER]
+    if any(e.kind not in (PCLUSTER, INLINE, FRAGMENT) for e in zm.extents):
+        return None
+    seen: dict[int, int] = {}
+    for e in pcl:
+        seen.setdefault(e.pa, e.plen)
+    order = sorted(seen.items())
+    back_to_back = all(a + n == b for (a, n), (b, _m) in zip(order, order[1:]))
+    in_order = [e.pa for e in pcl if not e.partial]
+    # (a fragment tail's head carries its offset's high bits: full indexes)
+    compactable = (back_to_back and not any(e.partial for e in pcl)
+                   and in_order == sorted(in_order) and not zm.fragment)
+    for pa, plen in order:
+        run.add(pa // bs, -(-(pa + plen) // bs))
+    index_at = zm.ibase - zm.hpos
+    blob = t.read(zm.hpos, index_at + 8 * zm.nlc + zm.idata_size, "indexes")
+    return ZFile(run, ino.i_u, bytes(blob), index_at, zm.nlc, zm.idata_size,
+                 frozenset(e.la >> zm.lbits for e in pcl), compactable)
+
+
+def _packed(img: Image, t: Image, run: ZRun) -> Any:
+    """-E fragments over a base without a packed inode: the scratch image's packed
+    inode as a new inode (the layer's fragment offsets stay valid: the same bytes)."""
+    from erofs_tools.builder.incr_write import Out
+    pino = t.inode(t.sb.packed_nid)
+    o = Out(pino.mode, 0, 0, img.epoch, img.fixed_nsec, {}, size=pino.size, nlink=1)
+    if pino.layout == E.LAYOUT_COMPRESSED_FULL:
+        o.z = _take(t, pino, run)
+        if o.z is None:
+            raise InputError(f"{img.name}: --incremental -E fragments: the layer's packed "
+                             "inode is not in a form this build can take")
+    else:
+        o.data = bytes(t.read_data(pino))
+    return o
 
 
 def _spill(o: Any, path: str) -> None:

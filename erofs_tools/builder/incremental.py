@@ -434,6 +434,8 @@ def mkfs_incremental(image: str, source: str, opts: MkfsOptions, mode: str = "da
         except CorruptImageError as e:
             raise InputError(f"{image}: the base image: {e}") from None
         zr = compress_new(img, m.outs, opts, directory, stack)
+        if zr.packed is not None:       # (-E fragments: named by the superblock only)
+            m.outs.append(zr.packed)
         start = -(-img.size // img.blksz)
         p = W.plan(img, m.outs, out_root, start, opts.inline_data, opts.force_extended,
                    opts.ignore_mtime, zr.run)
@@ -461,7 +463,8 @@ def mkfs_incremental(image: str, source: str, opts: MkfsOptions, mode: str = "da
                 assert tar_size is not None
                 os.pwrite(fd, T.device_slot(tar_size, img.blksz, p.total_blocks),
                           devt * E.DEVICE_SLOT_SIZE)
-            uuid = _superblock(img, p, fd, opts, len(m.outs), zr.bits, devt)
+            uuid = _superblock(img, p, fd, opts, len(m.outs), zr.bits, devt,
+                               zr.packed.nid if zr.packed is not None else None)
             img.check_unchanged()
     return {
         "image": image, "source": source, "incremental": mode,
@@ -483,7 +486,8 @@ def _copy_base(image: str, fd: int, size: int) -> None:
 
 
 def _superblock(img: Image, p: W.Plan, fd: int, opts: MkfsOptions, new: int,
-                zbits: int = 0, devt: int | None = None) -> bytes:
+                zbits: int = 0, devt: int | None = None,
+                packed: int | None = None) -> bytes:
     bs = img.blksz
     end = bs if bs > E.SUPER_OFFSET else E.SUPER_OFFSET + bs
     block0 = bytearray(os.pread(fd, end, 0))
@@ -504,6 +508,8 @@ def _superblock(img: Image, p: W.Plan, fd: int, opts: MkfsOptions, new: int,
         at = E.SUPER_OFFSET + E.SB_ROOTNID_8B_OFFSET
         block0[at:at + 8] = (p.root.nid if big_nid else 0).to_bytes(8, "little")
     put("inos", sb.inos + new)
+    if packed is not None:          # -E fragments: the layer's packed inode
+        put("packed_nid", packed)
     if devt is not None:            # --tar=i: the tar, device 1
         put("extra_devices", 1)
         put("devt_slotoff", devt)

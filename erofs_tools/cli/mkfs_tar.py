@@ -145,7 +145,7 @@ _NOT_INCREMENTAL = {
     "--zfeature-bits": "zfeature_bits", "--ungzip=FILE": "ungzip_dump",
 }
 _INCREMENTAL_EXTENDED = {"noinline_data", "force-inode-extended", "ztailpacking",
-                         "legacy-compress", "dedupe"}
+                         "legacy-compress", "dedupe", "fragments", "all-fragments"}
 
 
 def parse_build_mode(value: str | None) -> tuple[bool, str]:
