@@ -1,14 +1,15 @@
 """mkfs --incremental, the combinations added after -z: compact lcluster indexes for the
 layer's compressed files (mkfs.erofs 1.9.4's default; before, full 8-byte ones),
--E dedupe within the layer, --compress-hints for the layer's files, and --tar=i layers
-(the files' data left in the tar, device 1, over a base without devices: what 1.9.4
-builds correctly). Each: base + one and two layers mounted by the host kernel and
-compared with full metadata against the layers extracted in order; fsck.erofs 1.9.4,
-our check and unpack pass; the base's bytes kept; the size against mkfs.erofs 1.9.4's
-incremental image of the same inputs printed (and at most 1.0). What stays refused
-(-E fragments: 1.9.4's images read wrong bytes; --tar=i over a base with devices: 1.9.4
-replaces the base's device; --tar=i whose data is not aligned to the base's blocks) is
-one `error:` line, exit 1, the base untouched. Before this change -E dedupe,
+-E dedupe within the layer, --compress-hints for the layer's files, --tar=i layers (the
+files' data left in the tar, device 1, over a base without devices: what 1.9.4 builds
+correctly) and -E fragments over a base without a packed inode. Each: base + one and
+two layers mounted by the host kernel and compared with full metadata against the
+layers extracted in order; fsck.erofs 1.9.4, our check and unpack pass; the base's bytes
+kept; the size against mkfs.erofs 1.9.4's incremental image of the same inputs printed
+(and at most 1.0) where 1.9.4 builds it. What stays refused (-E fragments over a packed
+inode: 1.9.4's images read wrong bytes; --tar=i over a base with devices: 1.9.4 replaces
+the base's device; --tar=i whose data is not aligned to the base's blocks) is one
+`error:` line, exit 1, the base untouched. Before this change -E dedupe, -E fragments,
 --compress-hints and --tar=i were refused and the layer's indexes were full, so each
 test here failed on the code before it."""
 import os

@@ -9,7 +9,10 @@ image's end (incr_write.py), and each file's map header, indexes and inline tail
 ztailpacking) go into its new inode record, the block addresses moved to the run's:
 compact indexes (mkfs.erofs's default) once the record's layout is known, where the
 file's pclusters lie back to back and the blocks are at most 4 KiB, else the full
-ones. A file the scratch build stores uncompressed stays plain.
+ones. A file the scratch build stores uncompressed stays plain. With -E fragments
+(over a base without a packed inode only: the base's fragments are offsets into its
+own, which cannot grow in place) the scratch image's packed inode is taken too, as a
+new inode the superblock names; the layer's fragment offsets hold as they are.
 
 The superblock's algorithm bits and per-algorithm config records stay where the base
 has them: an algorithm (or -C pcluster size, lzma dictionary, zstd/deflate window)
