@@ -3,8 +3,8 @@
 As mkfs.erofs 1.9.4 builds incrementally: the base image's blocks stay where they are
 (its data and inodes are referenced, never copied) and the new layer's data and
 metadata are appended after them (builder/incr_write.py lays them out), the superblock
-rewritten last. The layer is a directory, or a tar (--tar=f; --aufs: `.wh.` entries as
-whiteouts) and is applied as overlayfs stacks an upper layer over a lower one:
+rewritten last. The layer is a directory, or a tar (--tar=f; --tar=i: its files' data
+left in the tar, builder/incr_tari.py; --aufs: `.wh.` entries as whiteouts) and is applied as overlayfs stacks an upper layer over a lower one:
 
 - a directory of the layer over a base directory is rewritten: the base entries it does
   not name are kept (their nids), unless the layer's directory is opaque
