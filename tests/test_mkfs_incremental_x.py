@@ -269,6 +269,7 @@ def test_refusals(tmp_path, layers):
     tgz = make_tar(layers["l1-oci"], tmp_path / "l1.tgz", gz=True)
     _refused(img, tar, ("--incremental", "--tar=i"), "not aligned")
     _refused(img, tar, ("--incremental", "--tar=i", "-z", "lz4"), "-z")
+    _refused(img, tar, ("--incremental=rvsp", "--tar=i"), "rvsp")
     _refused(img, tgz, ("--incremental", "--tar=i", "--ungzip"), "plain tar")
     z = str(tmp_path / "z.img")
     run_mkfs(z, layers["base"], "-z", "lz4hc", "-E", "fragments")

@@ -424,9 +424,9 @@ def mkfs_incremental(image: str, source: str, opts: MkfsOptions, mode: str = "da
         m.data_path = data_path
         tar_size = None
         if topts is not None and topts.mode == "i":
-            if opts.compress is not None:
-                raise InputError("--incremental --tar=i: -z is not supported (the files' "
-                                 "data stays in the tar)")
+            if opts.compress is not None or mode == "rvsp":
+                raise InputError("--incremental --tar=i: -z and =rvsp are not supported "
+                                 "(the files' data stays in the tar)")
             m.index_bits = img.blkszbits
             tar_size = os.path.getsize(data_path)
         try:
