@@ -56,16 +56,23 @@ class Out:
     offset: int = -1                                # byte offset of the record
     extra: list[bytes] = field(default_factory=list)
     z: Any = None                                   # -z: its incr_z.ZFile
+    path: bytes = b""                               # its path in the layer (-z hints)
+    chunks: tuple[int, bytes] | None = None         # --tar=i: chunk format, indexes
 
     @property
     def zpad(self) -> int:
-        """-z: zeros before the map header (8-byte aligned; records are 32)."""
-        return -(self.isize + len(self.xbody)) % 8 if self.z is not None else 0
+        """-z, --tar=i: zeros before the map header or chunk indexes (8-byte aligned;
+        records are 32)."""
+        if self.z is None and self.chunks is None:
+            return 0
+        return -(self.isize + len(self.xbody)) % 8
 
     @property
     def record(self) -> int:
         if self.z is not None:
-            return self.isize + len(self.xbody) + self.zpad + len(self.z.blob)
+            return self.isize + len(self.xbody) + self.zpad + self.z.length
+        if self.chunks is not None:
+            return self.isize + len(self.xbody) + self.zpad + len(self.chunks[1])
         return self.isize + len(self.xbody) + self.tail
 
 
@@ -126,10 +133,11 @@ class Plan:
     root: Out
     root_in_place: bool
     total_blocks: int = 0
+    run: Any = None                  # -z: the scratch image's blocks (incr_z.ZRun)
 
 
 def plan(img: Image, outs: list[Out], root: Out, start: int, inline_data: bool,
-         force_extended: bool, ignore_mtime: bool = False) -> Plan:
+         force_extended: bool, ignore_mtime: bool = False, run: Any = None) -> Plan:
     """Sizes, inode formats and layouts, data blocks, then the records' places."""
     bs = img.blksz
     sb = img.sb
@@ -155,9 +163,14 @@ def plan(img: Image, outs: list[Out], root: Out, start: int, inline_data: bool,
         o.tail = 0
         o.layout = E.LAYOUT_FLAT_PLAIN
         o.nblocks = -(-o.size // bs)
-        if o.z is not None:
-            o.layout = E.LAYOUT_COMPRESSED_FULL
-            o.nblocks = o.z.nblocks
+        if o.z is not None:         # (its pclusters are in the run)
+            o.z.prepare(o.isize + len(o.xbody), bs)
+            o.layout = o.z.layout
+            o.nblocks = 0
+            return
+        if o.chunks is not None:    # (its data stays in the tar)
+            o.layout = E.LAYOUT_CHUNK_BASED
+            o.nblocks = 0
             return
         if o.reserve or not tail or not may_inline:
             return
@@ -173,17 +186,20 @@ def plan(img: Image, outs: list[Out], root: Out, start: int, inline_data: bool,
         decide(o, o is not root and (inline_data or not stat.S_ISREG(o.mode)))
     # the root: its nid must fit the superblock's 16 bits, else it takes the place of the
     # base root's record (stored plain there, as mkfs.erofs 1.9.4 writes it)
-    blocks = start + sum(o.nblocks for o in outs)
+    zblocks = run.nblocks if run is not None else 0
+    blocks = start + zblocks + sum(o.nblocks for o in outs)
     root_nid_new = (blocks * bs - img.meta_off) // E.SLOT_SIZE
     in_place = not img.is_48bit and root_nid_new > 0xFFFF
     if not in_place:
         decide(root, True)
-    cur = start
+    if run is not None:                 # the compressed data first, from the first block
+        run.base = start
+    cur = start + zblocks
     for o in outs:
         if o.nblocks:
             o.blkaddr = cur
             cur += o.nblocks
-    p = Plan(bs, start, outs, root, in_place)
+    p = Plan(bs, start, outs, root, in_place, run=run)
     cur = _place_records(img, p, cur)
     p.total_blocks = cur
     if in_place:
@@ -302,6 +318,8 @@ def inode_bytes(o: Out, epoch: int | None = None) -> bytes:
         i_u = E.encode_rdev(*o.rdev)
     elif o.z is not None:
         i_u = o.z.cblocks
+    elif o.chunks is not None:
+        i_u = o.chunks[0]
     elif o.nblocks:
         i_u = o.blkaddr
     else:
@@ -349,14 +367,19 @@ def _read_at(src: str, off: int, size: int) -> bytes:
 def write(img: Image, p: Plan, fd: int) -> None:
     """Write the new pieces into fd, a copy of the base image."""
     bs = p.blksz
+    if p.run is not None:
+        for sblk, i, n in p.run.ranges():
+            _copy_file(fd, p.run.path, sblk * bs, n * bs, (p.run.base + i) * bs)
     for o in p.outs:
         full = o.nblocks * bs if o.layout == E.LAYOUT_FLAT_PLAIN else o.size - o.tail
         payload: bytes | None = None
         if o.z is not None:
-            if o.nblocks:
-                _copy_file(fd, o.z.path, o.z.first * bs, o.nblocks * bs, o.blkaddr * bs)
             _pwrite(fd, inode_bytes(o, img.epoch if img.is_48bit else None)
-                    + bytes(o.zpad) + o.z.relocated(o.blkaddr), o.offset)
+                    + bytes(o.zpad) + o.z.relocated(), o.offset)
+            continue
+        if o.chunks is not None:
+            _pwrite(fd, inode_bytes(o, img.epoch if img.is_48bit else None)
+                    + bytes(o.zpad) + o.chunks[1], o.offset)
             continue
         if o.entries is not None:
             payload = dir_bytes(o, bs)

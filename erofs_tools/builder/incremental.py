@@ -3,8 +3,8 @@
 As mkfs.erofs 1.9.4 builds incrementally: the base image's blocks stay where they are
 (its data and inodes are referenced, never copied) and the new layer's data and
 metadata are appended after them (builder/incr_write.py lays them out), the superblock
-rewritten last. The layer is a directory, or a tar (--tar=f; --aufs: `.wh.` entries as
-whiteouts) and is applied as overlayfs stacks an upper layer over a lower one:
+rewritten last. The layer is a directory, or a tar (--tar=f; --tar=i: its files' data
+left in the tar, builder/incr_tari.py; --aufs: `.wh.` entries as whiteouts) and is applied as overlayfs stacks an upper layer over a lower one:
 
 - a directory of the layer over a base directory is rewritten: the base entries it does
   not name are kept (their nids), unless the layer's directory is opaque
@@ -39,6 +39,7 @@ import time
 import uuid as _uuid
 from typing import Any
 
+from erofs_tools.builder import incr_tari as T
 from erofs_tools.builder import incr_write as W
 from erofs_tools.builder.incr_z import compress_new
 from erofs_tools.builder.mkfs_tar import (
@@ -215,15 +216,18 @@ class Merge:
         ino = self.img.inode(nid)
         return is_overlay_whiteout(ino.mode, ino.rdev if ino.is_dev() else (1, 1))
 
-    def _new(self, n: TNode) -> W.Out:
+    def _new(self, n: TNode, path: bytes) -> W.Out:
         o = self.by_node.get(id(n))
         if o is not None:
             o.nlink += 1
             return o
         o = W.Out(n.mode, n.uid, n.gid, n.mtime, n.nsec, dict(n.xattrs), size=n.size,
-                  rdev=tuple(n.rdev), nlink=1)          # type: ignore[arg-type]
+                  rdev=tuple(n.rdev), nlink=1, path=path)   # type: ignore[arg-type]
         if n.target is not None:
             o.data = n.target
+        elif self.index_bits is not None and stat.S_ISREG(n.mode) and n.size:
+            assert n.key is not None
+            o.chunks = T.chunks(self.files[n.key], n.size, self.index_bits, path)
         elif stat.S_ISREG(n.mode) and n.size:
             d = self.files[n.key] if n.key is not None else None
             if isinstance(d, tuple):
@@ -238,6 +242,7 @@ class Merge:
         return o
 
     data_path = ""
+    index_bits: int | None = None       # --tar=i: the base's block bits
 
     def _patchable(self, nid: int) -> bool:
         ino = self.img.inode(nid)
@@ -290,7 +295,8 @@ class Merge:
             return int(m.startblk * bs + off)
         return int(m.offset + m.inode_size + m.xattr_isize + off - full)
 
-    def dir(self, n: TNode, base_nid: int | None, parent: W.Out | None) -> W.Out:
+    def dir(self, n: TNode, base_nid: int | None, parent: W.Out | None,
+            path: bytes = b"") -> W.Out:
         img = self.img
         xattrs = dict(n.xattrs)
         xattrs.pop(ORIGIN_XATTR, None)
@@ -325,9 +331,9 @@ class Merge:
                         and prev[1] == E.FT_DIR else None)
                 if bnid is not None and not img.inode(bnid).is_dir():
                     bnid = None
-                ents[name] = (self.dir(c, bnid, o), E.FT_DIR)
+                ents[name] = (self.dir(c, bnid, o, path + name + b"/"), E.FT_DIR)
             else:
-                ents[name] = (self._new(c), E.file_type_of_mode(c.mode))
+                ents[name] = (self._new(c, path + name), E.file_type_of_mode(c.mode))
         for name, (ref, ft) in list(ents.items()):
             if ft == E.FT_DIR and isinstance(ref, int) and not self._patchable(ref):
                 # a kept base directory whose `..` cannot be updated in place (--zD:
@@ -360,10 +366,9 @@ class Merge:
 
 def _tar_layer(source: str, opts: MkfsOptions, topts: TarOptions, directory: str,
                stack: contextlib.ExitStack) -> tuple[TNode, list[Any], str]:
-    if topts.mode != "f" or topts.dump is not None or topts.zinfo is not None \
-            or topts.headerball:
-        raise InputError("--incremental: a tar layer is read with --tar=f only (not "
-                         "--tar=i, --ungzip=FILE or --gzinfo)")
+    if topts.dump is not None or topts.zinfo is not None or topts.headerball:
+        raise InputError("--incremental: a tar layer is read with --tar=f or --tar=i "
+                         "(not --ungzip=FILE or --gzinfo)")
     if opts.exclude_paths or opts.exclude_regex:
         raise InputError("--exclude-path/--exclude-regex do not apply to --tar")
     scratch = stack.enter_context(_scratch(directory))
@@ -373,6 +378,9 @@ def _tar_layer(source: str, opts: MkfsOptions, topts: TarOptions, directory: str
     if hasattr(stream, "close"):       # (a gunzip/unxz thread)
         stack.callback(stream.close)
     data_path = in_place or source
+    if topts.mode == "i" and in_place is None:
+        raise InputError(f"{source}: --incremental --tar=i indexes a plain tar file in "
+                         "place (not stdin or a compressed tar)")
     if in_place is None:
         fd = _new_scratch(directory, scratch, "spool")
         stack.callback(os.close, fd)
@@ -383,7 +391,8 @@ def _tar_layer(source: str, opts: MkfsOptions, topts: TarOptions, directory: str
                    timestamp=mtimes.time if mtimes is not None else None,
                    clamp=mtimes is not None and mtimes.clamp, strip=False,
                    negative_mtimes=True)
-    files = _parse(TarReader(stream, topts.max_size), tree, "f", directory, scratch, None)
+    files = _parse(TarReader(stream, topts.max_size), tree, topts.mode, directory,
+                   scratch, None)
     uid = 0 if opts.all_root else opts.force_uid
     gid = 0 if opts.all_root else opts.force_gid
     if uid is not None or gid is not None or opts.uid_offset or opts.gid_offset:
@@ -426,14 +435,30 @@ def mkfs_incremental(image: str, source: str, opts: MkfsOptions, mode: str = "da
             data_path = ""
         m = Merge(img, files, opts.whiteouts == "strip", mode == "rvsp")
         m.data_path = data_path
+        tar_size = None
+        if topts is not None and topts.mode == "i":
+            if opts.compress is not None or mode == "rvsp":
+                raise InputError("--incremental --tar=i: -z and =rvsp are not supported "
+                                 "(the files' data stays in the tar)")
+            m.index_bits = img.blkszbits
+            tar_size = os.path.getsize(data_path)
         try:
             out_root = m.dir(root, img.root_nid, None)
         except CorruptImageError as e:
             raise InputError(f"{image}: the base image: {e}") from None
-        zbits = compress_new(img, m.outs, opts, directory, stack)
+        zr = compress_new(img, m.outs, opts, directory, stack)
+        if zr.packed is not None:       # (-E fragments: named by the superblock only)
+            m.outs.append(zr.packed)
         start = -(-img.size // img.blksz)
         p = W.plan(img, m.outs, out_root, start, opts.inline_data, opts.force_extended,
-                   opts.ignore_mtime)
+                   opts.ignore_mtime, zr.run)
+        devt = None
+        if tar_size is not None:        # the tar's device slot: after the last record
+            at = T.slot_place(p.outs, img.blksz, p.total_blocks)
+            if at is None:              # (no room left there: a block of its own)
+                at = p.total_blocks * img.blksz
+                p.total_blocks += 1
+            devt = T.slot_offset(at, image)
         # (IMAGE a symlink: the image it names is replaced, as mkfs.erofs writes through)
         target = os.path.realpath(image)
         st = os.stat(target)
@@ -447,7 +472,12 @@ def mkfs_incremental(image: str, source: str, opts: MkfsOptions, mode: str = "da
             W.fix_parents(img, m.fixups, fd)
             for off, raw in m.nlinks():
                 os.pwrite(fd, raw, off)
-            uuid = _superblock(img, p, fd, opts, len(m.outs), zbits)
+            if devt is not None:
+                assert tar_size is not None
+                os.pwrite(fd, T.device_slot(tar_size, img.blksz, p.total_blocks),
+                          devt * E.DEVICE_SLOT_SIZE)
+            uuid = _superblock(img, p, fd, opts, len(m.outs), zr.bits, devt,
+                               zr.packed.nid if zr.packed is not None else None)
             img.check_unchanged()
             lines = (reserved_lines(m.outs, data_path, img.blksz.bit_length() - 1)
                      if map_lines is not None or map_out is not None else [])
@@ -475,7 +505,8 @@ def _copy_base(image: str, fd: int, size: int) -> None:
 
 
 def _superblock(img: Image, p: W.Plan, fd: int, opts: MkfsOptions, new: int,
-                zbits: int = 0) -> bytes:
+                zbits: int = 0, devt: int | None = None,
+                packed: int | None = None) -> bytes:
     bs = img.blksz
     end = bs if bs > E.SUPER_OFFSET else E.SUPER_OFFSET + bs
     block0 = bytearray(os.pread(fd, end, 0))
@@ -496,6 +527,12 @@ def _superblock(img: Image, p: W.Plan, fd: int, opts: MkfsOptions, new: int,
         at = E.SUPER_OFFSET + E.SB_ROOTNID_8B_OFFSET
         block0[at:at + 8] = (p.root.nid if big_nid else 0).to_bytes(8, "little")
     put("inos", sb.inos + new)
+    if packed is not None:          # -E fragments: the layer's packed inode
+        put("packed_nid", packed)
+    if devt is not None:            # --tar=i: the tar, device 1
+        put("extra_devices", 1)
+        put("devt_slotoff", devt)
+        zbits |= E.FEATURE_INCOMPAT_DEVICE_TABLE | E.FEATURE_INCOMPAT_CHUNKED_FILE
     if zbits:
         put("feature_incompat", sb.feature_incompat | zbits)
     if opts.uuid is not None:

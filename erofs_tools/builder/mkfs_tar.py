@@ -300,9 +300,10 @@ def _wide(fmt: int, ents: list[int]) -> tuple[int, list[int]]:
                                         for e in ents]
 
 
-def _chunk_entries(d: _Data, size: int, name: bytes) -> tuple[int, list[int]]:
-    """--tar=i: (chunk format, chunk index entries) of a file whose data is at d."""
-    bits = INDEX_BLKSZBITS
+def _chunk_entries(d: _Data, size: int, name: bytes,
+                   bits: int = INDEX_BLKSZBITS) -> tuple[int, list[int]]:
+    """--tar=i: (chunk format, chunk index entries) of a file whose data is at d
+    (blocks of 2^bits bytes: 512, or an incremental build's base's)."""
     if d.sparse is None:
         cbits = max(bits, (size - 1).bit_length())
         cbits = min(cbits, bits + E.CHUNK_FORMAT_BLKBITS_MASK)
@@ -323,7 +324,7 @@ def _chunk_entries(d: _Data, size: int, name: bytes) -> tuple[int, list[int]]:
         toff += ln
     if align < 1 << bits:
         raise InputError(f"{_show(name)}: sparse file with data regions not aligned to "
-                         "512 bytes cannot be indexed (use --tar=f)")
+                         f"{1 << bits} bytes cannot be indexed (use --tar=f)")
     cbits = min(align.bit_length() - 1, bits + E.CHUNK_FORMAT_BLKBITS_MASK,
                 max(bits, (size - 1).bit_length()))
     csz = 1 << cbits

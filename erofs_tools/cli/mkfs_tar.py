@@ -139,14 +139,14 @@ def run_tar(image: str, source: str, opts: Any, tar_mode: str, aufs: bool, ungzi
 # what --incremental does not build (CLI name -> the parameter holding it)
 _NOT_INCREMENTAL = {
     "-m": "metabox", "--chunksize": "chunksize",
-    "--blobdev": "blobdev", "--vmdk-desc": "vmdk_desc", "--compress-hints": "hints",
+    "--blobdev": "blobdev", "--vmdk-desc": "vmdk_desc",
     "--xattr-inode-digest": "digest_flag", "--xattr-prefix": "xattr_prefix",
     "--root-xattr-isize": "root_xattr_isize", "--offset": "offset",
     "--fsalignblks": "fsalignblks", "--dsunit": "dsunit", "--max-extent-bytes": "max_extent",
     "--zfeature-bits": "zfeature_bits", "--ungzip=FILE": "ungzip_dump",
 }
 _INCREMENTAL_EXTENDED = {"noinline_data", "force-inode-extended", "ztailpacking",
-                         "legacy-compress"}
+                         "legacy-compress", "dedupe", "fragments", "all-fragments"}
 
 
 def parse_build_mode(value: str | None) -> tuple[bool, str]:
@@ -170,9 +170,9 @@ def refuse_with_incremental(args: dict[str, Any]) -> None:
         # the base's inode records stay where they are: no zone to put new ones in
         # (mkfs.erofs 1.9.4 fails midway and leaves a corrupt image)
         raise InputError("--incremental: --MZ is not supported")
-    if args.get("tar_mode") not in (None, "f"):
+    if args.get("tar_mode") not in (None, "f", "i"):
         raise InputError(f"--incremental: --tar={args['tar_mode']} is not supported "
-                         "(a layer is a directory or --tar=f)")
+                         "(a layer is a directory, --tar=f or --tar=i)")
     for name in parse_extended(args.get("extended") or ()):
         if name not in _INCREMENTAL_EXTENDED:
             raise InputError(f"--incremental: -E {name} is not supported")
@@ -186,7 +186,11 @@ def run_incremental(image: str, source: str, opts: Any, data_mode: str,
     from erofs_tools.builder.mkfs_tar import TarOptions
     topts = None
     if tar_mode is not None:
-        topts = TarOptions(mode="f", aufs=aufs, ungzip=ungzip, mapfile=mapfile)
+        if tar_mode == "i" and mapfile:
+            # the layer's data stays in its tar as a device of the image: no data
+            # region of the image's own for a block map to describe
+            raise InputError("--incremental: --tar=i,MAPFILE is not supported")
+        topts = TarOptions(mode=tar_mode, aufs=aufs, ungzip=ungzip, mapfile=mapfile)
         if max_size:
             from erofs_tools.cli.pack import _parse_size
             topts.max_size = _parse_size(max_size, "--max-size")
