@@ -145,7 +145,7 @@ def cli():
               help="Largest merged backend request (bytes; k/M/G suffixes).")
 @click.option("--prefetch-rate", default="64M", show_default=True,
               help="Prefetch bandwidth limit in bytes/s (0: unlimited).")
-@click.option("--readahead", default="256M", show_default=True,
+@click.option("--readahead", default="64M", show_default=True,
               help="Largest readahead window: data fetched ahead of a reader, in bytes "
                    "(windows start at 2M and double while the reader keeps up; a miss "
                    "brings at most 16M of its file; 0: off).")

@@ -94,12 +94,8 @@ DEFAULT_API_SOCK = "/run/fscache-daemon/api.sock"
 DEFAULT_PREFETCH_RATE = 64 << 20          # bytes/s
 # Largest readahead window: a sequential reader's windows double up to it. With 16 MiB
 # the workers idled until the reader reached a window's marker (cold GiB 0.80-0.85 s
-# against 0.75-0.78 s, docs/daemon.md); 256 MiB against 64 (branch coldp, loaded machine):
-# the cold GiB faster in 10 of 14 alternated pairs (medians 1.00 against 1.08 s), half the
-# reader's trips through the daemon (marker hits: 20 against 40 a GiB). Only a stream read
-# on past ~254 MiB reaches it (2, 4, ... 128 MiB first); a file miss still brings
-# <= readahead.WHOLE_FILE.
-DEFAULT_READAHEAD = 256 << 20
+# against 0.75-0.78 s, docs/daemon.md); a file miss still brings <= readahead.WHOLE_FILE.
+DEFAULT_READAHEAD = 64 << 20
 INITIAL_READAHEAD = 2 << 20               # a sequential reader's first window
 # How often the cache files are fdatasync'ed and their chunks recorded as durable. Only a
 # power loss needs this (within one boot the live bitmap is trusted), and the kernel

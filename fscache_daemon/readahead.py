@@ -88,7 +88,7 @@ NEIGHBOURS_BEFORE = 256 << 10
 RECENT_REQUESTS = 32
 # A miss in a file of at most this much after it brings the rest of the file, in a bigger
 # one only AROUND (see "a big file" above; capped by the largest window). Kept apart from
-# that largest window, which only sequential windows reach: they grow to 256 MiB by
+# that largest window, which only sequential windows reach: they grow to 64 MiB by
 # default (daemon.DEFAULT_READAHEAD) while a file miss still fetches at most 16 MiB of
 # its file, as when both were 16 MiB (a shared library's random page faults).
 WHOLE_FILE = 16 << 20

@@ -504,29 +504,3 @@ def test_a_reader_going_through_cold_files_in_blob_order_stays_sequential():
     assert ra2.on_request(16 * MiB, 4096, False) is None
     warm.cache.cached.add(17)
     assert idx(ra2.on_request(17 * MiB, 4096, True)) == [20, 21]
-
-
-def test_the_daemons_default_windows_grow_to_256_mib_for_a_long_stream():
-    # a cold sequential GiB read faster with 256 MiB windows than with 64 (branch coldp,
-    # docs/performance.md): the daemon's and the CLI's defaults reach it, file misses
-    # still stop at WHOLE_FILE
-    from click.testing import CliRunner
-
-    from fscache_daemon import cli
-    from fscache_daemon.daemon import DEFAULT_READAHEAD, INITIAL_READAHEAD
-    from fscache_daemon.readahead import WHOLE_FILE
-    assert DEFAULT_READAHEAD == 256 * MiB
-    assert "[default: 256M]" in " ".join(
-        CliRunner().invoke(cli.cli, ["run", "--help"]).output.split())
-    mgr = FakeMgr(n=1024, file_mib=1024)
-    ra, _ = make(mgr, min(INITIAL_READAHEAD, DEFAULT_READAHEAD), DEFAULT_READAHEAD)
-    assert ra.whole_file == WHOLE_FILE
-    mgr.cache.cached.update({0, 1})
-    ra.on_request(0, 4096, False)
-    w = ra.on_request(1 * MiB, 4096, True)
-    sizes = []
-    while w is not None and w.chunks:
-        sizes.append(len(w.chunks))
-        mgr.fetch(w)
-        w = ra.on_request(w.marker.uncompressed_offset, 4096, False) if w.marker else None
-    assert sizes[:9] == [2, 4, 8, 16, 32, 64, 128, 256, 256]
