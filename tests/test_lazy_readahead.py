@@ -2,7 +2,6 @@
 mounted file is kept ahead of by growing windows whose markers reach the daemon, so only a
 handful of its reads ever wait for the daemon."""
 
-import fcntl
 import os
 import random
 import threading
@@ -10,27 +9,11 @@ from types import SimpleNamespace
 
 import pytest
 from helpers import sys_mount, wait_until
-from test_daemon_support import DaemonProc, drop_caches, pack, require_lazy_kernel
+from test_daemon_support import DaemonProc, drop_caches, pack, require_lazy_kernel, sysfs_name
 
 pytestmark = pytest.mark.root
 
 MiB = 1 << 20
-FS_IOC_GETFSSYSFSPATH = 0x80811501      # _IOR(0x15, 1, {u8 len; u8 name[128]})
-
-
-def sysfs_name(mountpoint):
-    """The kernel's /sys/fs/erofs/<name> of the EROFS superblock mounted at mountpoint."""
-    fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        buf = bytearray(129)
-        fcntl.ioctl(fd, FS_IOC_GETFSSYSFSPATH, buf)
-    finally:
-        os.close(fd)
-    fstype, _, name = bytes(buf[1:1 + buf[0]]).decode().partition("/")
-    assert fstype == "erofs" and os.path.isdir(f"/sys/fs/erofs/{name}"), buf
-    return name
-
-
 def read_ahead_kb(inst):
     with open(f"/sys/class/bdi/{inst}/read_ahead_kb") as f:
         return int(f.read())
