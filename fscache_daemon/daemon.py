@@ -182,8 +182,9 @@ class Daemon(MountLifecycle, PrefetchLoops):
         self.blob_users: dict[str, set[str]] = {}       # cache key -> image users
         self.backends: dict[tuple, Backend] = {}
         self._lock = threading.RLock()        # images/blobs/backends
-        # the kernel side of mount/umount, one at a time: a front end names the EROFS
-        # superblock a mount made by what appeared in /sys/fs/erofs meanwhile. Opening an
+        # the kernel side of mount/umount, one at a time: where the kernel cannot name
+        # the EROFS superblock a mount made (mounts.erofs_instance_of), a front end names
+        # it by what appeared in /sys/fs/erofs meanwhile. Opening an
         # image's blobs (chunk maps from a registry: seconds when it is slow) happens
         # outside it, so that one image's slow registry never delays another's mount
         self._mount_lock = threading.Lock()

@@ -548,13 +548,17 @@ class MountLifecycle(CacheEviction, WarmRoute, MountRestore):
                 return {"mountpoint": mountpoint, "unmounted": True, "released": True}
             before = mounts.erofs_instances()
             if self._still_ours(img):
+                if not img.instances:   # a mount recorded only as an intent: ask now
+                    ours = mounts.erofs_instance_of(img.mountpoint)
+                    img.instances = [ours] if ours else []
                 self.frontend.umount(img, lazy)
             else:
                 log.warning("%s: the image was unmounted behind the daemon's back",
                             mountpoint)
             if not img.instances:
-                # superblock not known (a mount recorded only as an intent): ours is the
-                # one that went away, if one did; else keep all that could be it
+                # superblock not known (the kernel cannot name it, or it was unmounted
+                # behind our back): ours is the one that went away, if one did; else
+                # keep all that could be it
                 gone = before - mounts.erofs_instances()
                 img.instances = sorted(gone or self._unclaimed_instances(img))
             in_use = self._superblock_alive(img)

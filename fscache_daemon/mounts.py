@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import fcntl
 import logging
 import os
 from dataclasses import dataclass
@@ -16,6 +17,10 @@ MS_NOSUID = 0x2
 MS_NODEV = 0x4
 MNT_DETACH = 0x2
 PR_SET_NAME = 15
+# FS_IOC_GETFSSYSFSPATH (Linux 6.10+): _IOR(0x15, 1, struct fs_sysfs_path), that struct
+# being one length byte and 128 name bytes; it answers "<fs type>/<sysfs name>"
+_SYSFS_PATH_SIZE = 1 + 128
+FS_IOC_GETFSSYSFSPATH = (2 << 30) | (_SYSFS_PATH_SIZE << 16) | (0x15 << 8) | 1
 _libc = None
 
 
@@ -136,6 +141,32 @@ def erofs_instances() -> set[str]:
         return {n for n in os.listdir("/sys/fs/erofs") if n != "features"}
     except OSError:
         return set()
+
+
+def erofs_instance_of(path: str) -> str | None:
+    """The /sys/fs/erofs/<name> of the EROFS superblock mounted at `path` (its root),
+    as the kernel names it for that very superblock (FS_IOC_GETFSSYSFSPATH): exact even
+    when other EROFS mounts are made at the same moment, which a before/after diff of
+    erofs_instances() is not. None where the kernel cannot say (before 6.10, or an EROFS
+    that does not name its sysfs entry there), or if `path` is no EROFS root: the caller
+    falls back to the diff."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        buf = bytearray(_SYSFS_PATH_SIZE)
+        fcntl.ioctl(fd, FS_IOC_GETFSSYSFSPATH, buf)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    fstype, _, name = bytes(buf[1:1 + buf[0]]).decode(errors="replace").partition("/")
+    # a kernel whose sysfs entry and ioctl name differ (the ioctl came to EROFS in a
+    # release after its sysfs entries) must not be trusted: the name must be a live one
+    if fstype != "erofs" or not name or name not in erofs_instances():
+        return None
+    return name
 
 
 def get_readahead(instance: str) -> int | None:

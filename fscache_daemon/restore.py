@@ -169,6 +169,7 @@ class MountRestore:
         if state == MOUNTING or (state == MOUNTED and mount_id is None):
             if erofs_here:
                 top = mounts.top_mount(mp, erofs_here) or erofs_here[-1]
+                self._name_superblock(m, mp, entries, top.mount_id)
                 return MOUNTED, top.mount_id
         elif state == MOUNTED:
             if any(e.mount_id == mount_id for e in erofs_here):
@@ -177,6 +178,19 @@ class MountRestore:
         if state != MOUNTING and insts and any(i in live for i in insts):
             return DETACHED, None
         return None, None
+
+    @staticmethod
+    def _name_superblock(m: dict, mp: str, entries, mount_id: int) -> None:
+        """A record of an intent (killed between mount(2) and the save) names no
+        superblock: ask the kernel for the one of the mount found, if it is the one a
+        lookup of mp reaches (else unknown, as before: umount diffs)."""
+        if m.get("instances"):
+            return
+        top = mounts.top_mount(mp, entries)
+        if top is not None and top.mount_id == mount_id:
+            ours = mounts.erofs_instance_of(mp)
+            if ours:
+                m["instances"] = [ours]
 
     def unpicked_records(self) -> list[dict]:
         """The mounts.json records of the unpicked mounts (saved with the images)."""

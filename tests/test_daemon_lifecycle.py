@@ -26,6 +26,7 @@ from test_daemon_support import (
     pack,
     regular_files,
     require_lazy_kernel,
+    sysfs_name,
     write_tree,
 )
 
@@ -348,6 +349,9 @@ def test_sigkill_between_mount_and_state_save_then_restart(image, tmp_path):
         st, ms = d.api.request("GET", "/api/v1/mounts")
         assert [m["mountpoint"] for m in ms] == [mnt] and ms[0]["state"] == "mounted", ms
         assert isinstance(ms[0]["mount_id"], int)
+        # its superblock named exactly (the kernel's name for the mount found), not
+        # guessed at umount from what went away meanwhile
+        assert ms[0]["instances"] == [sysfs_name(mnt)], ms
         assert_exact(src, mnt, regular_files(src))   # served, not EIO forever
         d.umount(mnt)
         assert not os.path.ismount(mnt)

@@ -1,6 +1,7 @@
 """A real fscache-daemon process for end-to-end tests, plus image-building helpers.
 (No tests here.)"""
 
+import fcntl
 import hashlib
 import json
 import os
@@ -17,6 +18,22 @@ from erofs_tools.reader import blob as rblob
 from fscache_daemon.api import ApiClient, socket_answers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+FS_IOC_GETFSSYSFSPATH = 0x80811501      # _IOR(0x15, 1, {u8 len; u8 name[128]})
+
+
+def sysfs_name(mountpoint):
+    """The kernel's /sys/fs/erofs/<name> of the EROFS superblock mounted at mountpoint."""
+    fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        buf = bytearray(129)
+        fcntl.ioctl(fd, FS_IOC_GETFSSYSFSPATH, buf)
+    finally:
+        os.close(fd)
+    fstype, _, name = bytes(buf[1:1 + buf[0]]).decode().partition("/")
+    assert fstype == "erofs" and os.path.isdir(f"/sys/fs/erofs/{name}"), buf
+    return name
 
 
 def fanotify_ok():

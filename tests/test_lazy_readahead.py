@@ -4,14 +4,77 @@ handful of its reads ever wait for the daemon."""
 
 import os
 import random
+import threading
+from types import SimpleNamespace
 
 import pytest
-from helpers import wait_until
-from test_daemon_support import DaemonProc, drop_caches, pack, require_lazy_kernel
+from helpers import sys_mount, wait_until
+from test_daemon_support import DaemonProc, drop_caches, pack, require_lazy_kernel, sysfs_name
 
 pytestmark = pytest.mark.root
 
 MiB = 1 << 20
+def read_ahead_kb(inst):
+    with open(f"/sys/class/bdi/{inst}/read_ahead_kb") as f:
+        return int(f.read())
+
+
+def test_mount_names_its_superblock_when_another_erofs_mount_races(tmp_path, monkeypatch):
+    """Another EROFS mount made at the same moment as the daemon's (containers started
+    together, other tests): the daemon records its own superblock only, and gives it its
+    readahead window. It diffed /sys/fs/erofs around its mount(2): two new names, so it
+    kept both (their blobs served until both went) and set no window (slow cold reads).
+    The race is made certain: the other mount is made right after the daemon's mount(2),
+    before it looks."""
+    require_lazy_kernel()
+    from fscache_daemon import mounts
+    from fscache_daemon.frontend import fanotify_adapter as fa
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_bytes(b"racing mounts\n" * 1000)
+    boot = str(tmp_path / "boot")
+    info = pack(str(src), boot, str(tmp_path / "blobs"))
+    cache = str(tmp_path / "cache-file")     # a cache file still all holes
+    with open(cache, "wb") as f:
+        f.truncate(info["blobs"][0]["uncompressed_size"])
+    mnt, other = str(tmp_path / "mnt"), str(tmp_path / "other")
+    os.mkdir(mnt)
+    os.mkdir(other)
+    real_mount = fa.sys_mount
+    raced = threading.Event()
+
+    def mount_then_race(*args):
+        real_mount(*args)
+        sys_mount(boot, other, data=f"device={cache}")     # a new superblock of its own
+        raced.set()
+
+    monkeypatch.setattr(fa, "sys_mount", mount_then_race)
+    monkeypatch.setattr(fa, "MOUNT_READAHEAD_KB", 512)
+    fe = fa.FanotifyFrontend(str(tmp_path / "c"))
+    fe._daemon = SimpleNamespace(blobs={"k": SimpleNamespace(
+        cache=SimpleNamespace(path=cache), complete=lambda: False)})
+    image = SimpleNamespace(bootstrap=boot, mountpoint=mnt, blob_keys=["k"], instances=[],
+                            readahead_restore=None)
+    try:
+        fe.mount(image)
+        assert raced.is_set()
+        ours, theirs = sysfs_name(mnt), sysfs_name(other)
+        assert ours != theirs
+        assert image.instances == [ours]
+        assert read_ahead_kb(ours) == 512
+        assert read_ahead_kb(theirs) != 512         # the other mount's is left alone
+        assert image.readahead_restore == (ours, read_ahead_kb(theirs))
+        # what the daemon's umount, and a restart, ask of a mount: exactly ours
+        assert mounts.erofs_instance_of(mnt) == ours
+        assert mounts.erofs_instance_of(other) == theirs
+        assert mounts.erofs_instance_of(str(tmp_path)) is None     # no EROFS root
+    finally:
+        for m in (other, mnt):
+            try:
+                mounts.umount(m, lazy=True)
+            except OSError:
+                pass
 
 
 @pytest.mark.parametrize("window", [None, 1024, 0])
@@ -34,9 +97,12 @@ def test_sequential_reader_is_kept_ahead_of(tmp_path, monkeypatch, window):
     d = DaemonProc(str(tmp_path / "d"), threads=4).start()
     try:
         mnt = str(tmp_path / "mnt")
-        before = set(os.listdir("/sys/fs/erofs"))
+        # the superblock's name as the kernel gives it for this mount point: a diff of
+        # /sys/fs/erofs around the mount saw another process's EROFS mount too
         d.mount(str(tmp_path / "boot"), mnt, f"localfs:{tmp_path / 'blobs'}")
-        (inst,) = set(os.listdir("/sys/fs/erofs")) - before
+        inst = sysfs_name(mnt)
+        (mounted,) = d.api.request("GET", "/api/v1/mounts")[1]
+        assert mounted["instances"] == [inst]
         ra_kb = f"/sys/class/bdi/{inst}/read_ahead_kb"
         # the window asked for while the blob is incomplete, else the kernel's (128 KiB)
         want = {None: "256", 1024: "1024", 0: "128"}[window]

@@ -76,7 +76,7 @@ class Frontend:
                            of cache files nobody has open); the names of what went
     mount(image)           mount image.bootstrap on image.mountpoint with its blobs and
                            set image.instances to the names of the EROFS superblock it
-                           made (/sys/fs/erofs/<name>; see mounts.erofs_instances)
+                           made (/sys/fs/erofs/<name>; see mounts.erofs_instance_of)
     umount(image, lazy)    unmount it
     stop()                 stop serving; mounts stay (readers of uncached ranges wait for
                            the next daemon)

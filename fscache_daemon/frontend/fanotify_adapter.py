@@ -447,10 +447,12 @@ class FanotifyFrontend(Frontend):
         flags = mounts.MS_RDONLY | mounts.MS_NODEV | mounts.MS_NOSUID
         sys_mount(image.bootstrap, image.mountpoint, "erofs", flags,
                   ",".join(f"device={d}" for d in devs))
-        new = mounts.erofs_instances() - before
-        # normally exactly one: ours. More only if someone else mounted EROFS at the same
-        # moment; then all are kept, and the blobs stay served until every one is gone
-        # (later than needed, never too early).
+        # the kernel names our superblock itself (6.10+); else the diff, normally
+        # exactly one: ours. More only if someone else mounted EROFS at the same moment
+        # (containers starting together); then all are kept, and the blobs stay served
+        # until every one is gone (later than needed, never too early).
+        ours = mounts.erofs_instance_of(image.mountpoint)
+        new = {ours} if ours else mounts.erofs_instances() - before
         image.instances = sorted(new)
         blobs = [self._daemon.blobs[k] for k in image.blob_keys]
         if all(m.complete() for m in blobs):
