@@ -545,10 +545,37 @@ def test_claims_of_stored_chunks_are_dropped(tmp_path, monkeypatch, name, batche
     placer = ChunkPlacer(PackOptions(chunk_size=65536, compressor=name, workers=2),
                          str(blobs), ChunkDict())
     placer.pipe._known = lambda key: False
+    placer.pipe._known_many = None        # the batch's lookups: `known` of each
     try:
         _place_all(placer, files, batched)
         assert placer.stats["chunks_dedup"] > 0
         assert placer.pipe._claims == {}
+    finally:
+        placer.writer.abort()
+
+
+def test_known_many_is_known_of_each(tmp_path):
+    """The workers' lookups a batch at a time (ChunkPlacer.known_many) answer what
+    known() answers chunk by chunk: stored, the same digest with another size, a
+    digest stored under two sizes (ChunkRefs.other), a chunk dict's, absent; a hole's
+    digest (None) is False; across digest-table growth."""
+    from erofs_tools.builder.chunk_dict import ChunkDict
+    from erofs_tools.builder.rafs import ChunkPlacer, PackOptions
+    placer = ChunkPlacer(PackOptions(chunk_size=65536, compressor="zstd", workers=1),
+                         str(tmp_path), ChunkDict())
+    try:
+        refs = placer.refs
+        digests = [i.to_bytes(4, "little") * 8 for i in range(70000)]
+        for i, d in enumerate(digests[:40000]):     # past the first table's growth
+            refs.add_new(d, 4096 + i % 3, i, 0, 1, 0)
+        refs.add_new(digests[7], 777, 40000, 0, 1, 0)       # digests[7] with two sizes
+        placer.cdict.chunks[(digests[50000], 100)] = object()   # type: ignore[assignment]
+        keys = [(d, 4096 + i % 3) for i, d in enumerate(digests[:40000:7])]
+        keys += [(digests[7], 777), (digests[7], 778), (digests[8], 4096),
+                 (digests[50000], 100), (digests[50000], 101), (digests[60000], 4096)]
+        got = placer.known_many([d for d, _ in keys] + [None], [n for _, n in keys] + [9])
+        assert got == [placer.known(k) for k in keys] + [False]
+        assert got[-7:] == [True, False, False, True, False, False, False]
     finally:
         placer.writer.abort()
 

@@ -94,13 +94,26 @@ class DigestTable:
         slots[h] = i
 
     def _grow(self) -> None:
+        """Twice the slots, each findable index inserted again in the old slots' order
+        (the same table as _insert one by one would make). One loop with the probe
+        inlined, over one bytes copy of the digests (a slice of it is the digest's own
+        bytes, so its hash is the same): a method call, a bytearray slice and a bytes()
+        per entry were ~0.6 us of the consumer's GIL each (/usr/share grows once, at
+        32k chunks: ~20 -> ~9 ms). Filled before it replaces the old table, so a
+        worker's `known` never probes a half-filled one."""
         old = self._slots
         size = len(old) * 2
-        self._slots = array.array("i", [-1]) * size
-        self._mask = size - 1
+        slots = array.array("i", [-1]) * size
+        mask = size - 1
+        digests = bytes(self.digests)
         for i in old:           # what was findable stays so (and nothing else)
             if i >= 0:
-                self._insert(self.digest(i), i)
+                h = hash(digests[i * 32:i * 32 + 32]) & mask
+                while slots[h] >= 0:
+                    h = (h + 1) & mask
+                slots[h] = i
+        self._slots = slots
+        self._mask = mask
 
 
 class ChunkRefs:

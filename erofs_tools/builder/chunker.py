@@ -23,7 +23,8 @@ import array
 import os
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from itertools import repeat as repeat_of
 from typing import Any, TypeVar
 
 import blake3
@@ -61,6 +62,7 @@ SMALL_HASH_MAX = 4096
 
 Digest = Callable[[bytes | memoryview], bytes]
 ChunkKey = tuple[bytes, int]                     # (digest, uncompressed size)
+KnownMany = Callable[[Sequence[bytes | None], Sequence[int]], list[bool]]
 FileItem = tuple[int, str | bytes, int, bool]    # (file_key, path, size, sparse)
 StreamItem = tuple[int, int, bytes | None, int, int]   # (file_key, offset, data, length,
                                                        #  repeat)
@@ -241,13 +243,16 @@ class ChunkPipeline:
 
     files: iterable of (file_key, path, size, sparse) where sparse says the file may have
     holes (st_blocks * 512 < size); results come back per file in the order given.
-    known: callable(key) -> bool for keys that need no data (already stored or in a dict).
+    known: callable(key) -> bool for keys that need no data (already stored or in a dict);
+    known_many: the same for a batch's chunks at once, callable(digests, sizes) -> one
+    flag per chunk (a digest None, a hole's, is any flag: holes ask `known`).
     """
 
     def __init__(self, chunk_size: int, digester: str = "blake3",
                  compressor: str | Compressor = "zstd", workers: int | None = None,
                  window: int | None = None,
-                 known: Callable[[ChunkKey], bool] | None = None) -> None:
+                 known: Callable[[ChunkKey], bool] | None = None,
+                 known_many: KnownMany | None = None) -> None:
         self.chunk_size = check_chunk_size(chunk_size)
         self.digester = digester
         self.digest = digest_function(digester)
@@ -269,6 +274,7 @@ class ChunkPipeline:
         self.window = window or (max(2, self.workers) if self.compressor.name == "none"
                                  else self.workers * 3)
         self._known = known or (lambda key: False)
+        self._known_many = known_many
         self._claims: dict[ChunkKey, _Claim] = {}
         self._zero_digests: dict[int, bytes] = {}
         self._zeros: dict[int, bytes] = {}
@@ -371,7 +377,12 @@ class ChunkPipeline:
         claims_get, claims_set = self._claims.get, self._claims.setdefault
         claims: list[_Claim] = []
         pieces: list[tuple[int, int]] = []
-        for file_key, off, length, at, digest in zip(keys, offs, sizes, where, digs):
+        # the batch's lookups in one call: a `known` call per chunk, with its
+        # attribute lookups, was ~0.4 us of a worker's GIL each
+        flags: Iterable[bool | None] = repeat_of(None) if self._known_many is None \
+            else self._known_many(digs, sizes)
+        for file_key, off, length, at, digest, flag in zip(keys, offs, sizes, where, digs,
+                                                           flags):
             if digest is None:
                 digest = self.zero_digest(length)
                 self.bytes_hole += length
@@ -380,7 +391,7 @@ class ChunkPipeline:
                     self._store(mine, bytes(length))
             else:
                 key = (digest, length)
-                if known(key):
+                if flag if flag is not None else known(key):
                     claim = None
                 else:
                     claim = claims_get(key)

@@ -149,7 +149,8 @@ class ChunkPlacer:
                       "chunks_dict": 0, "bytes_total": 0, "bytes_new": 0, "bytes_dict": 0,
                       "bytes_dedup": 0}
         self.pipe = ChunkPipeline(opts.chunk_size, opts.digester, opts.compressor,
-                                  workers=opts.workers, known=self.known)
+                                  workers=opts.workers, known=self.known,
+                                  known_many=self.known_many)
         # last: the blob's temporary file is the one thing the caller must abort()
         # placeholder blob index, remapped at write; the chunk digests are the ones
         # self.refs keeps of the new chunks, in CI order (place() records each chunk the
@@ -176,6 +177,31 @@ class ChunkPlacer:
         if refs.other and key in refs.other:
             return True
         return key in self.cdict.chunks if self.cdict.chunks else False
+
+    def known_many(self, digests: Sequence[bytes | None], sizes: Sequence[int]
+                   ) -> list[bool]:
+        """known() of each (digest, size) of a batch (None: a hole, False), the
+        table read once: a snapshot of it may miss a chunk stored meanwhile (compressed
+        again, the consumer finds it stored), never find one that is not."""
+        refs = self.refs
+        table = refs.new
+        slots, mask, digs = table._slots, table._mask, table.digests
+        usize, other, dchunks = refs.usize, refs.other, self.cdict.chunks
+        out: list[bool] = []
+        for digest, size in zip(digests, sizes):
+            found = False
+            if digest is not None:
+                h = hash(digest) & mask
+                while (i := slots[h]) >= 0:
+                    if digs[i * 32:i * 32 + 32] == digest:
+                        found = usize[i] == size
+                        break
+                    h = (h + 1) & mask
+                if not found and (other or dchunks):
+                    key = (digest, size)
+                    found = key in other or key in dchunks
+            out.append(found)
+        return out
 
     def place(self, r: ChunkResult) -> None:
         """Where chunk result `r` lives: a chunk this image already stored, one of a chunk
