@@ -500,7 +500,9 @@ def _build(image: str, tree: TarTree, files: list[int | _Data], data_path: str,
             bo = dataclasses.replace(bo, stream_data=True,
                                      **{f: getattr(zo, f) for f in _Z_FIELDS})
     elif mapped:
-        bo = dataclasses.replace(build_options(opts), stream_data=False)
+        # -z: the pool in stream mode (nothing streamed: the files are block maps; what
+        # it compresses is the --zD packed inode and the -m metabox, written as laid out)
+        bo = dataclasses.replace(build_options(opts), stream_data=opts.compress is not None)
     else:
         bo = build_options(opts)
         # inline tails not read ahead by the copy thread are read back from the one tar
@@ -515,7 +517,7 @@ def _build(image: str, tree: TarTree, files: list[int | _Data], data_path: str,
         try:
             if opts.metazone:
                 set_metazone(nb, opts.metazone)
-            if index and bo.stream_data:        # (-z: the pool writes as it goes)
+            if (index or mapped) and bo.stream_data:    # (-z: the pool writes as it goes)
                 prepare(nb, target, 1 << INDEX_BLKSZBITS, image)
                 nb.set_output(fd)
             if not index and not mapped:
@@ -590,7 +592,7 @@ def _build(image: str, tree: TarTree, files: list[int | _Data], data_path: str,
                 nb.set_device(1, tar_blocks, info.image_size >> INDEX_BLKSZBITS)
                 if not bo.stream_data:
                     prepare(nb, target, info.image_size, image)
-            if mapped:
+            if mapped and not bo.stream_data:
                 prepare(nb, target, info.image_size, image)
             wp = None
             if progress:

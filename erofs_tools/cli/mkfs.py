@@ -227,8 +227,8 @@ def mkfs(image, source, timestamp, all_time, ignore_mtime, ovlfs_strip, block_si
     if hints is not None and compress is None:
         raise InputError("--compress-hints needs -z")
     z = parse_compress(compress, pcluster, ext) if compress is not None else None
-    devices = vmdk_devices(vmdk_desc, tar_mode, source, blobdev, ungzip, ungzip_dump, unxz,
-                           offset)
+    devices = vmdk_devices(vmdk_desc, tar_mode if tar_map is None else "f", source, blobdev,
+                           ungzip, ungzip_dump, unxz, offset)
     # (--tar=i,MAPFILE: the block size of -b, as a full image's)
     index512 = tar_mode == "i" and tar_map is None
     blkszbits = parse_block_size(block_size, "i" if index512 else None)
