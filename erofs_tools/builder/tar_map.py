@@ -54,14 +54,6 @@ def check_map_options(mode: str, mapfile: str | None, given: dict[str, Any]) -> 
     for name in refused:
         if given.get(name):
             raise InputError(f"--tar={mode},MAPFILE: {name} is not supported")
-    if mode == "i" and given.get("-m") and given.get("-z"):
-        # -z, --zD, --MZ, a plain -m and --vmdk-desc (the image alone) lay out with the
-        # region after the metadata; a compressed metabox is compressed in place at the
-        # image's end after the records are written, where the region would have to be
-        # placed before its blocks are known (mkfs.erofs 1.9.4 puts it after the region)
-        raise InputError(f"--tar={mode},MAPFILE: -m with -z is not supported (the "
-                         "compressed metabox is written at the image's end, after the "
-                         "data region is placed; a plain -m is)")
 
 
 def region(sizes: Sequence[int], blkszbits: int) -> tuple[list[int], int]:
