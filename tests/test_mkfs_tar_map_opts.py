@@ -8,6 +8,7 @@ same amount, since 1.9.4 puts the packed inode's data, the metadata zone and the
 metabox's data after the data region and ours before it. Each image (ours and 1.9.4's)
 assembled from its map and the tar is the tar's tree in the host kernel (full metadata)
 and passes fsck.erofs 1.9.4."""
+import gzip
 import os
 import subprocess
 import tarfile
@@ -113,6 +114,11 @@ def test_map_vmdk_desc(tmp_path, monkeypatch):
     text = (tmp_path / "o.vmdk").read_text()
     assert text.replace('"o.img"', '"a.img"') == (tmp_path / "a.vmdk").read_text()
     assert f'RW {os.path.getsize("o.img") // 512} FLAT "o.img" 0\n' in text
+    # from a gzip stream on stdin too (no tar device, so no tar file to name)
+    with open("l.tar", "rb") as f:
+        _mkfs("--gzinfo", "--vmdk-desc", "g.vmdk", "--tar=i,g.map", "g.img", "-",
+              input=gzip.compress(f.read()), epoch=False)
+    assert (tmp_path / "g.vmdk").read_text() == text.replace('"o.img"', '"g.img"')
     os.replace(_assemble("o.img", "o.map", tar_path, tmp_path / "o.full", 4096), "o.img")
     require_tool("qemu-img")
     subprocess.run(["qemu-img", "convert", "-f", "vmdk", "-O", "raw", "o.vmdk", "disk.raw"],
