@@ -228,6 +228,7 @@ struct erofs_builder {
     struct zpool *zp;
     struct zpool *zlate;    /* --zD: the pool kept from its stop to the layout's end */
     uint64_t mbox_blk, mbox_size;   /* -m: the metabox inode's data (metabox.c) */
+    uint64_t gap_blocks, gap_blk;   /* -m -z: blocks left before the metabox (metabox.c) */
     uint64_t mbox_rec;      /* -m: its record's offset */
     uint64_t late_off;      /* --zD: where the packed inode's data starts (bytes) */
     uint32_t packed_node;   /* -Efragments: the packed inode (NONE32: none) */

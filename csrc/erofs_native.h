@@ -238,6 +238,14 @@ int erofs_builder_set_blob(erofs_builder *b, int fd);
  * before its data */
 enum { ERN_MZ_INODES = 1, ERN_MZ_DIRS = 2 };
 int erofs_builder_set_metazone(erofs_builder *b, uint32_t flags);
+
+/* mkfs --tar=i,MAPFILE -m -z: `blocks` blocks left unwritten right before the metabox's
+ * blocks (which are compressed in place at the image's end), for a data region whose
+ * block maps are then moved there with erofs_builder_rebase_chunks; before layout. After
+ * layout, erofs_builder_gap_blk gives the region's first block (only with a compressed
+ * metabox: otherwise the region goes at the image's end and no gap is left). */
+int erofs_builder_set_gap(erofs_builder *b, uint64_t blocks);
+int64_t erofs_builder_gap_blk(erofs_builder *b);
 int erofs_builder_blob_blocks(erofs_builder *b, uint64_t *blocks);
 int erofs_builder_stream_progress(erofs_builder *b, uint64_t *bytes_done);
 

@@ -80,6 +80,9 @@ uint64_t metabox_area(erofs_builder *b, uint32_t shared_bytes, uint64_t *blk, ui
     uint32_t bs = b->blksz;
     if (!b->o.metabox || !b->o.compress_alg)
         return *blk;
+    /* (mkfs --tar=i,MAPFILE: the data region, before what is compressed in place) */
+    b->gap_blk = *blk;
+    *blk += b->gap_blocks;
     if (shared_bytes) {
         *xblk = (uint32_t)*blk;
         *blk += (shared_bytes + bs - 1) / bs;
@@ -233,4 +236,22 @@ out:
     zctx_fini(&c);
     free(x.buf);
     return r;
+}
+
+int erofs_builder_set_gap(erofs_builder *b, uint64_t blocks)
+{
+    int r = check_mutable(b);
+    if (r)
+        return r;
+    if (blocks >> 32)
+        return fail(b, ERN_ELIMIT, "gap of %llu blocks", (unsigned long long)blocks);
+    b->gap_blocks = blocks;
+    return 0;
+}
+
+int64_t erofs_builder_gap_blk(erofs_builder *b)
+{
+    if (!b->laid_out || !b->o.metabox || !b->o.compress_alg)
+        return fail(b, ERN_EINVAL, "gap_blk: after layout, with a compressed metabox");
+    return (int64_t)b->gap_blk;
 }

@@ -470,9 +470,9 @@ class NativeBuilder:
 
     def nid(self, node: int) -> int:
         r = lib.erofs_node_nid(self._b, node)
-        if r < 0:
+        if lib.ERN_ENOMEM <= r < 0:
             _raise(self._b, r)
-        return r
+        return r & ((1 << 64) - 1)      # (-m: a metabox nid has bit 63 set)
 
     def nids(self, nodes: Sequence[int]) -> list[int]:
         return [self.nid(n) for n in nodes]

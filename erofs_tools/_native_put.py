@@ -7,7 +7,7 @@ from __future__ import annotations
 from erofs_tools._native import NativeBuilder, _raise, ffi, lib
 
 __all__ = ["blob_blocks", "put_buffer", "rebase_chunks", "reserve_bytes", "set_blob",
-           "set_metazone", "start_writeback"]
+           "set_metazone", "start_writeback", "set_gap", "gap_blk"]
 
 
 def put_buffer(nb: NativeBuilder, offset: int, data: bytearray | memoryview) -> None:
@@ -76,3 +76,23 @@ def blob_blocks(nb: NativeBuilder) -> int:
     n = ffi.new("uint64_t *")
     lib.erofs_builder_blob_blocks(nb._b, n)
     return int(n[0])
+
+
+def set_gap(nb: NativeBuilder, blocks: int) -> None:
+    """Before layout, with -m -z: `blocks` blocks left unwritten right before the
+    metabox's (compressed in place at the image's end): mkfs --tar=i,MAPFILE's region."""
+    if nb._b is None:
+        raise ValueError("builder closed")
+    r = lib.erofs_builder_set_gap(nb._b, blocks)
+    if r:
+        _raise(nb._b, r)
+
+
+def gap_blk(nb: NativeBuilder) -> int:
+    """After layout, with -m -z: the first block of the gap set_gap left."""
+    if nb._b is None:
+        raise ValueError("builder closed")
+    r = lib.erofs_builder_gap_blk(nb._b)
+    if r < 0:
+        _raise(nb._b, r)
+    return int(r)

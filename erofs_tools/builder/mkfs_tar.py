@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from erofs_tools._native import BuildOptions, NativeBuilder
-from erofs_tools._native_put import rebase_chunks, reserve_bytes, set_metazone
+from erofs_tools._native_put import gap_blk, rebase_chunks, reserve_bytes, set_gap, set_metazone
 from erofs_tools.builder.gzinfo import GzinfoTap, check_zinfo_path, zinfo_output
 from erofs_tools.builder.mkfs import build_options, chunk_blob, finish_blob, fsalign, start_blob
 from erofs_tools.builder.options import MkfsOptions, Progress
@@ -472,6 +472,7 @@ def _build(image: str, tree: TarTree, files: list[int | _Data], data_path: str,
     # --tar=i,MAPFILE: the block size of -b, no tar device, the data in a region of the
     # image the map says how to fill (tar_map.py)
     mapped = topts.mode == "i" and topts.mapfile is not None
+    mbox_z = mapped and bool(opts.metabox) and opts.compress is not None
     index = topts.mode == "i" and not mapped
     if index:
         tar_blocks = -(-tar_end >> INDEX_BLKSZBITS)
@@ -501,7 +502,9 @@ def _build(image: str, tree: TarTree, files: list[int | _Data], data_path: str,
             bo = dataclasses.replace(bo, stream_data=True,
                                      **{f: getattr(zo, f) for f in _Z_FIELDS})
     elif mapped:
-        bo = dataclasses.replace(build_options(opts), stream_data=False)
+        # -z: the pool in stream mode (nothing streamed: the files are block maps; what
+        # it compresses is the --zD packed inode and the -m metabox, written as laid out)
+        bo = dataclasses.replace(build_options(opts), stream_data=opts.compress is not None)
     else:
         bo = build_options(opts)
         # inline tails not read ahead by the copy thread are read back from the one tar
@@ -516,7 +519,7 @@ def _build(image: str, tree: TarTree, files: list[int | _Data], data_path: str,
         try:
             if opts.metazone:
                 set_metazone(nb, opts.metazone)
-            if index and bo.stream_data:        # (-z: the pool writes as it goes)
+            if (index or mapped) and bo.stream_data:    # (-z: the pool writes as it goes)
                 prepare(nb, target, 1 << INDEX_BLKSZBITS, image)
                 nb.set_output(fd)
             if not index and not mapped:
@@ -549,6 +552,10 @@ def _build(image: str, tree: TarTree, files: list[int | _Data], data_path: str,
                         raise InputError(f"{_show(d.name)}: a sparse file cannot be mapped "
                                          "(--tar=i,MAPFILE; use --tar=f)")
                 starts, nblk = region([n.size for n in tree.regular], bo.blkszbits)
+                if mbox_z:
+                    # the compressed metabox ends the image, compressed in place once
+                    # the records are written: the region goes right before its blocks
+                    set_gap(nb, nblk)
             # archive order: the tar is read forward; --chunksize: the tree's (the
             # chunks, and which file keeps a shared one, in mkfs.erofs's order)
             for key in sorted(keys, key=lambda k: keys[k] if opts.chunksize else k):
@@ -580,9 +587,9 @@ def _build(image: str, tree: TarTree, files: list[int | _Data], data_path: str,
             info = nb.layout()
             if mapped:
                 # the region right after the metadata, as mkfs.erofs 1.9.4 places it
-                base = -(-info.image_size >> bo.blkszbits)
+                base = gap_blk(nb) if mbox_z else -(-info.image_size >> bo.blkszbits)
                 rebase_chunks(nb, base)
-                if nblk:
+                if nblk and not mbox_z:
                     reserve_bytes(nb, base << bo.blkszbits, nblk << bo.blkszbits)
                     info = nb.refresh_info()
             info = fsalign(nb, info, opts.fsalignblks, bo.blkszbits)
@@ -591,7 +598,7 @@ def _build(image: str, tree: TarTree, files: list[int | _Data], data_path: str,
                 nb.set_device(1, tar_blocks, info.image_size >> INDEX_BLKSZBITS)
                 if not bo.stream_data:
                     prepare(nb, target, info.image_size, image)
-            if mapped:
+            if mapped and not bo.stream_data:
                 prepare(nb, target, info.image_size, image)
             wp = None
             if progress:

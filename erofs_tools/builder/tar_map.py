@@ -4,9 +4,11 @@ With `--tar=i,MAPFILE` (or `0,MAPFILE`) the index keeps the block size of `-b` (
 512-byte blocks, no tar device): every regular file is CHUNK_BASED with a 4-byte block
 map into a data region after the metadata, laid out in archive order, each entry's data
 rounded up to whole blocks (an entry a later one of the same path replaces keeps its
-blocks, unreferenced, as there). The region is left unwritten (zeros, sparse): MAPFILE
-says where each file's blocks come from in the (uncompressed) tar, one line per file
-with data, in nid order, as mkfs.erofs 1.9.4 prints them:
+blocks, unreferenced, as there); with a compressed metabox (-m -z), which is compressed
+in place at the image's end, right before its blocks, where mkfs.erofs 1.9.4 has it too.
+The region is left unwritten (zeros, sparse): MAPFILE says where each file's blocks come
+from in the (uncompressed) tar, one line per file with data, in nid order, as mkfs.erofs
+1.9.4 prints them:
 
     "%08x %8x %08x" image block, block count, tar offset of the data (hex)
     " %08u"         and, when the file's last block is partial, the bytes at its end
@@ -51,11 +53,6 @@ def check_map_options(mode: str, mapfile: str | None, given: dict[str, Any]) -> 
     # 1.9.4 prints each chunk's size as its tar offset (--tar=f), or writes an image of
     # one block whose block maps point past its end (--tar=i); --blobdev needs it
     refused = ["--chunksize", "--blobdev"]
-    if mode == "i":
-        # the data stays in the tar: nothing of it to compress; the packed inode, the
-        # metabox, the metadata zones and a disk descriptor are not laid out with the
-        # region here
-        refused += ["-z", "-m", "--zD", "--MZ", "--vmdk-desc"]
     for name in refused:
         if given.get(name):
             raise InputError(f"--tar={mode},MAPFILE: {name} is not supported")

@@ -211,7 +211,9 @@ def mkfs(image, source, timestamp, all_time, ignore_mtime, ovlfs_strip, block_si
             "--chunksize": chunksize, "--blobdev": blobdev, "-z": compress, "-m": metabox,
             "--zD": zdirs == "1", "--MZ": parse_metazone(metazone),
             "--vmdk-desc": vmdk_desc})
-    check_tar_flags(tar_mode, aufs, ungzip, ungzip_dump, max_size, unxz)
+    # (i,MAPFILE: no tar device, so --vmdk-desc names the image alone, as with f)
+    check_tar_flags(tar_mode if tar_map is None else "f", aufs, ungzip, ungzip_dump,
+                    max_size, unxz)
     incremental, data_mode = parse_build_mode(build_mode)
     if incremental:
         refuse_with_incremental(locals())
@@ -227,8 +229,8 @@ def mkfs(image, source, timestamp, all_time, ignore_mtime, ovlfs_strip, block_si
     if hints is not None and compress is None:
         raise InputError("--compress-hints needs -z")
     z = parse_compress(compress, pcluster, ext) if compress is not None else None
-    devices = vmdk_devices(vmdk_desc, tar_mode, source, blobdev, ungzip, ungzip_dump, unxz,
-                           offset)
+    devices = vmdk_devices(vmdk_desc, tar_mode if tar_map is None else "f", source, blobdev,
+                           ungzip, ungzip_dump, unxz, offset)      # (i,MAPFILE: as above)
     # (--tar=i,MAPFILE: the block size of -b, as a full image's)
     index512 = tar_mode == "i" and tar_map is None
     blkszbits = parse_block_size(block_size, "i" if index512 else None)
