@@ -116,3 +116,57 @@ def test_the_metaboxes_read_before_the_edits(tmp_path):
                             ("b.img", tmp_path / "t.tar", ["--tar=i", "-m4096", "-zlzma"])):
         run_mkfs(tmp_path / name, src, *args)
         assert _open(tmp_path, bytearray((tmp_path / name).read_bytes())) == "opened"
+
+
+# the image opened and walked under a 512 MiB address-space cap: its paths, seconds, peak RSS
+_WALK = """
+import resource, sys, time
+resource.setrlimit(resource.RLIMIT_AS, (512 << 20, 512 << 20))
+from erofs_tools.reader.image import Image
+t = time.monotonic()
+img = Image(open(sys.argv[1], "rb").read())
+paths = sorted(p for p, _d, _i in img.walk())
+print(len(paths), img.metabox.size, round(time.monotonic() - t, 2),
+      resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10)
+"""
+
+
+def test_metabox_records_sharing_one_block(tmp_path):
+    """A compressed metabox of 1 GiB whose 262,144 records (8 bytes, one per 4 KiB
+    lcluster) all name the first block of the metabox's data: it was decoded into 1 GiB
+    (512 times the records' bytes; a MemoryError under the cap). Its extents share one
+    pcluster, decoded and held once: the image opens and walks as the unedited one."""
+    t = tmp_path / "t"
+    t.mkdir()
+    for name in ("a", "b", "c"):
+        (t / name).write_text(name * 10)
+    img = tmp_path / "m.img"
+    run_mkfs(img, t, "-m4096")                          # the metabox stored plain
+    data = bytearray(img.read_bytes())
+    im = Image(bytes(data))
+    want = sorted(p for p, _d, _i in im.walk())
+    box = im.inode(im.metabox.nid)
+    assert box.layout == E.LAYOUT_FLAT_PLAIN and box.version == 0 and not box.xattr_isize
+    bs, n = im.blksz, GIB // 4096 + 1
+    # a new metabox inode at the image's end: its record, COMPRESSED_FULL and 1 GiB,
+    # the map header (extent records of 8 bytes, lclusters of a block) and the records
+    at = len(data)
+    rec = bytearray(data[box.offset:box.offset + 32])
+    fmt = struct.unpack_from("<H", rec)[0] & ~0xE
+    struct.pack_into("<H", rec, 0, fmt | E.LAYOUT_COMPRESSED_FULL << 1)
+    struct.pack_into("<I", rec, 8, n * bs)
+    data += rec + struct.pack("<IHH", 0, E.ADVISE_EXTENTS | 1 << E.ADVISE_EXTRECSZ_BIT, 0)
+    data += struct.pack("<II", bs, box.startblk * bs) * n   # plain, the same block
+    data += bytes(-len(data) % bs)
+    struct.pack_into("<Q", data, E.SUPER_OFFSET + E.SB_METABOX_NID_OFFSET,
+                     (at - im.meta_off) // E.SLOT_SIZE)
+    _no_checksum(data)
+    p = tmp_path / "bad.img"
+    p.write_bytes(bytes(data))
+    r = subprocess.run([sys.executable, "-c", _WALK, str(p)], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    paths, size, seconds, rss_mib = r.stdout.split()
+    assert int(paths) == len(want) and int(size) == n * bs == 1 << 30
+    # (the records alone make some 70 MiB of Python objects: 2 MiB of 8-byte records)
+    assert float(seconds) < 30 and int(rss_mib) < 300, r.stdout
