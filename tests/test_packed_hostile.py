@@ -10,6 +10,7 @@ import os
 import struct
 
 from helpers import run_mkfs
+from image_edits import append_records_inode, no_checksum
 
 from erofs_tools.errors import CorruptImageError
 from erofs_tools.format import erofs as E
@@ -32,27 +33,19 @@ def test_prefix_table_after_an_extent_that_does_not_decode(tmp_path):
     head = state(im).zmap(packed).extents[0]
     assert head.kind == PCLUSTER and not head.partial
     fmt = 0 if head.alg == ALG_SHIFTED else head.alg + 1
-    # a new packed inode at the image's end, 16-byte extent records: 1 MiB that is no
-    # lz4 (block 0: the superblock's), then the old head extent, the table at its start
+    # a new packed inode, two 16-byte records: 1 MiB that is no lz4 (block 0: the
+    # superblock's), then the old head extent, the table at its start
     skip = 1 << 20
-    at = len(data) + (-len(data) % 32)
-    data += bytes(at - len(data))
-    rec = bytearray(data[packed.offset:packed.offset + packed.inode_size])
-    f0 = struct.unpack_from("<H", rec)[0] & ~0xE
-    struct.pack_into("<HH", rec, 0, f0 | E.LAYOUT_COMPRESSED_FULL << 1, 0)   # no xattrs
-    struct.pack_into("<Q" if packed.version else "<I", rec, 8, skip + head.llen)
-    data += rec + struct.pack("<IHBB", 2, E.ADVISE_EXTENTS | 2 << E.ADVISE_EXTRECSZ_BIT,
-                              0, 0)
-    data += bytes(-len(data) % 16)
-    data += struct.pack("<IIII", 1 << E.EXTENT_PLEN_FMT_BIT | im.blksz, 0, 0, 0)
-    data += struct.pack("<IIII", fmt << E.EXTENT_PLEN_FMT_BIT | head.plen, head.pa, 0, skip)
-    data += bytes(-len(data) % im.blksz)
-    struct.pack_into("<Q", data, E.SUPER_OFFSET + 96, (at - im.meta_off) // E.SLOT_SIZE)
-    struct.pack_into("<I", data, E.SUPER_OFFSET + 92, skip // 4)   # xattr_prefix_start
-    off = E.SUPER_OFFSET + 8                    # feature_compat: the checksum's bit off
-    struct.pack_into("<I", data, off, struct.unpack_from("<I", data, off)[0] & ~1)
+    recs = struct.pack("<IIII", 1 << E.EXTENT_PLEN_FMT_BIT | im.blksz, 0, 0, 0)
+    recs += struct.pack("<IIII", fmt << E.EXTENT_PLEN_FMT_BIT | head.plen, head.pa, 0, skip)
+    nid = append_records_inode(data, im, packed, skip + head.llen,
+                               E.ADVISE_EXTENTS | 2 << E.ADVISE_EXTRECSZ_BIT, 2, recs,
+                               im.blksz)
+    struct.pack_into("<Q", data, E.SUPER_OFFSET + 96, nid)           # packed_nid
+    struct.pack_into("<I", data, E.SUPER_OFFSET + 92, skip // 4)     # xattr_prefix_start
+    no_checksum(data)
     bad = Image(bytes(data))
-    assert bad.sb.packed_nid == (at - im.meta_off) // E.SLOT_SIZE
+    assert bad.sb.packed_nid == nid
     assert bad.sb.xattr_prefix_start == skip // 4
     assert bad.long_xattr_prefixes() == [b"user.myapp."]
     try:
