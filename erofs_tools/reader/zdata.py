@@ -14,8 +14,16 @@ from collections import OrderedDict
 from erofs_tools import _native
 from erofs_tools.errors import CorruptImageError
 from erofs_tools.format import erofs as E
-from erofs_tools.reader.zmap import (ALG_INTERLACED, ALG_SHIFTED, FRAGMENT, HOLE, INLINE,
-                                     PCLUSTER, ZExtent, ZMap)
+from erofs_tools.reader.zmap import (
+    ALG_INTERLACED,
+    ALG_SHIFTED,
+    FRAGMENT,
+    HOLE,
+    INLINE,
+    PCLUSTER,
+    ZExtent,
+    ZMap,
+)
 
 CACHE_BYTES = 32 << 20          # decoded extents kept per image
 CACHE_MAPS = 64                 # inode maps kept per image
