@@ -141,8 +141,10 @@ def _decoded_pieces(img: Any, nid: int, ino: Any) -> list[tuple[int, int, bytes]
         end, last, last_alg = max(end, pa + plen), (pa, plen), alg
     pieces = []
     for group in uses.values():
-        whole = {e.llen for e in group if not e.partial}
         longest = max(e.llen for e in group)
+        # a compressed pcluster decodes to one length (PARTIAL_REF: a start of it); a
+        # plain one is copied, any extent its start
+        whole = {e.llen for e in group if not e.partial} if group[0].alg >= 0 else set()
         if len(whole) > 1 or whole and longest not in whole:
             raise img._err(f"{what}: the pcluster at {group[0].pa} decodes to "
                            f"{sorted(whole)[0]} bytes and to {longest}")
