@@ -132,6 +132,24 @@ def run_mkfs(image, source, *args, check=True):
     return p
 
 
+def assert_mkfs_refused(image, source, args, msg):
+    """`erofs-tools mkfs IMAGE SOURCE ARGS` ends with the one line `error: MSG` on stderr,
+    exit 1, and no image."""
+    p = run_mkfs(image, source, *args, check=False)
+    assert p.returncode == 1
+    assert p.stderr == f"error: {msg}\n"
+    assert not os.path.exists(image)
+
+
+def assert_size_vs_anchor(ours, theirs, label, most=1.0):
+    """Our image `ours` is at most `most` times the size of mkfs.erofs 1.9.4's `theirs`
+    (the ratio printed after `label`)."""
+    ratio = os.path.getsize(ours) / os.path.getsize(theirs)
+    print(f"{label}: ours {os.path.getsize(ours)} / mkfs.erofs {os.path.getsize(theirs)} "
+          f"= {ratio:.4f}")
+    assert ratio <= most, ratio
+
+
 def run_erofs_tools(*args, check=True):
     """Run `erofs-tools ARGS` as a child process (text output); -> CompletedProcess."""
     p = subprocess.run([sys.executable, "-m", "erofs_tools", *map(str, args)],

@@ -272,6 +272,24 @@ def test_every_zstd_fallback_gives_the_c_paths_bytes_and_says_which_it_is(monkey
     assert [bytes(x) for x in single.compress_many(buf, pieces)] == native
 
 
+def _every_zstd_path_gives(monkeypatch, buf, pieces, want):
+    """Assert that the C core's batches, multi_compress_to_buffer (where this
+    python-zstandard has it) and the one-by-one path (compress_many and compress) all
+    turn the `pieces` of `buf` into `want`."""
+    import sys
+    outs = [[bytes(x) for x in Compressor("zstd").compress_many(buf, pieces)]]
+    monkeypatch.delattr(zstandard, "_cffi", raising=False)     # no C core batches
+    monkeypatch.setitem(sys.modules, "zstandard._cffi", None)
+    if compressor._multi_compress():
+        outs.append([bytes(x) for x in Compressor("zstd").compress_many(buf, pieces)])
+    monkeypatch.setattr(compressor, "_multi_compress", lambda: False)
+    one = Compressor("zstd")
+    outs.append([bytes(x) for x in one.compress_many(buf, pieces)])
+    outs.append([bytes(one.compress(bytes(buf[o:o + n]))) for o, n in pieces])
+    for out in outs:
+        assert out == want
+
+
 def test_small_gzip_chunks_are_stored_raw_without_zstd_on_every_path(monkeypatch):
     """zstd: a chunk of at most 64 KiB that starts as a gzip member is stored raw
     without trying zstd (deflate's output does not shrink; zstd's set-up and analysis
@@ -279,7 +297,6 @@ def test_small_gzip_chunks_are_stored_raw_without_zstd_on_every_path(monkeypatch
     shrink it; a bigger one, or one that only looks like gzip later, is compressed as
     before. The C core, multi_compress_to_buffer and the one-by-one path agree."""
     import gzip
-    import sys
 
     from erofs_tools._native import lib
     assert lib.ERN_ZSTD_GZIP_RAW_MAX == compressor.GZIP_RAW_MAX
@@ -296,17 +313,7 @@ def test_small_gzip_chunks_are_stored_raw_without_zstd_on_every_path(monkeypatch
               (len(small), 65537)]
     want = [small, ref.compress(big), ref.compress(b"x" + small), small[:2], big[:65536],
             ref.compress(big[:65537])]
-    outs = [[bytes(x) for x in Compressor("zstd").compress_many(buf, pieces)]]
-    monkeypatch.delattr(zstandard, "_cffi", raising=False)     # no C core batches
-    monkeypatch.setitem(sys.modules, "zstandard._cffi", None)
-    if compressor._multi_compress():
-        outs.append([bytes(x) for x in Compressor("zstd").compress_many(buf, pieces)])
-    monkeypatch.setattr(compressor, "_multi_compress", lambda: False)
-    one = Compressor("zstd")
-    outs.append([bytes(x) for x in one.compress_many(buf, pieces)])
-    outs.append([bytes(one.compress(bytes(buf[o:o + n]))) for o, n in pieces])
-    for out in outs:
-        assert out == want
+    _every_zstd_path_gives(monkeypatch, buf, pieces, want)
 
 
 def _compressible_png(n):
@@ -329,7 +336,6 @@ def test_small_xz_bzip2_png_chunks_are_stored_raw_on_every_path(monkeypatch):
     one-by-one path agree."""
     import bz2
     import lzma
-    import sys
 
     from erofs_tools._native import lib
     assert lib.ERN_ZSTD_PNG_RAW_MAX == compressor.PNG_RAW_MAX == 4096
@@ -360,17 +366,7 @@ def test_small_xz_bzip2_png_chunks_are_stored_raw_on_every_path(monkeypatch):
         pieces.append((len(buf), len(part)))
         buf += part + b"gap"
     want = raw_parts + [ref.compress(p) for p in zstd_parts]
-    outs = [[bytes(x) for x in Compressor("zstd").compress_many(buf, pieces)]]
-    monkeypatch.delattr(zstandard, "_cffi", raising=False)     # no C core batches
-    monkeypatch.setitem(sys.modules, "zstandard._cffi", None)
-    if compressor._multi_compress():
-        outs.append([bytes(x) for x in Compressor("zstd").compress_many(buf, pieces)])
-    monkeypatch.setattr(compressor, "_multi_compress", lambda: False)
-    one = Compressor("zstd")
-    outs.append([bytes(x) for x in one.compress_many(buf, pieces)])
-    outs.append([bytes(one.compress(bytes(buf[o:o + n]))) for o, n in pieces])
-    for out in outs:
-        assert out == want
+    _every_zstd_path_gives(monkeypatch, buf, pieces, want)
 
 
 def test_zstd_fallback_batches_never_hand_small_gzip_chunks_to_zstd(monkeypatch):

@@ -14,7 +14,7 @@ import tarfile
 import pytest
 from helpers import compare_trees, fsck, mounted, require_tool, sys_mount, sys_umount
 from test_tar import _rich_tree
-from test_tar_helpers import E, make_tar, run_cli, tar_x
+from test_tar_helpers import E, index_layer, make_tar, run_cli, tar_x
 
 pytestmark = pytest.mark.root
 
@@ -78,11 +78,7 @@ def test_index_image_mounts_with_the_tar_as_device_and_appended(tmp_path, rich, 
     with mounted(idx, f"device={tar_path}") as mnt:
         _same(ref, mnt)
     # containerd's layout: the tar appended to the index is one self-contained image
-    layer = tmp_path / "layer.erofs"
-    with open(layer, "wb") as out:
-        for part in (idx, tar_path):
-            with open(part, "rb") as f:
-                shutil.copyfileobj(f, out)
+    layer = index_layer(idx, tar_path, tmp_path / "layer.erofs")
     # (fsck.erofs 1.9.4 --extract cannot read this flat layout, not even mkfs.erofs's own:
     # "invalid device id 1"; the kernel can)
     with mounted(layer) as mnt:

@@ -15,14 +15,13 @@ on by themselves as in mkfs.erofs 1.9.4; refused before), are read by the kernel
 4 GiB and past 2 TiB (their data holes of the tar file: cheap)."""
 import gzip
 import os
-import shutil
 import subprocess
 
 import pytest
 from helpers import compare_trees, fsck, mounted, require_tool
 from test_mkfs_tar import _ref, _tar
 from test_tar import _rich_tree
-from test_tar_helpers import run_cli
+from test_tar_helpers import check_and_unpack, index_layer, run_cli
 
 from erofs_tools.format import erofs as E
 from erofs_tools.reader.image import open_image
@@ -104,20 +103,10 @@ def test_index_equals_tar_x(tmp_path, layer, opts):
         with open(os.path.join(mnt, "sparse"), "rb") as f:
             f.seek(5 << 20)
             assert f.read(10001) == b"A" * 10000 + b"\0"
-    layer_img = tmp_path / "layer.erofs"
-    with open(layer_img, "wb") as out:
-        for part in (idx, tar):
-            with open(part, "rb") as f:
-                shutil.copyfileobj(f, out)
-    with mounted(layer_img) as mnt:
+    with mounted(index_layer(idx, tar, tmp_path / "layer.erofs")) as mnt:
         _same(ref, mnt, opts)
     # our reader: check, then unpack, of the index with the tar as its device
-    p = run_cli("check", "--device", tar, idx, check=False)
-    assert p.returncode == 0, p.stdout + p.stderr
-    out = tmp_path / "out"
-    p = run_cli("unpack", "--device", tar, "-o", out, idx, check=False)
-    assert p.returncode == 0, p.stderr
-    _same(ref, str(out), opts)
+    _same(ref, str(check_and_unpack(idx, tar, tmp_path / "out")), opts)
 
 
 @pytest.mark.parametrize("aufs", [False, True], ids=["plain", "aufs-ungzip"])

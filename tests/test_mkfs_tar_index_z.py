@@ -23,7 +23,7 @@ import pytest
 from helpers import CI, compare_trees, fsck, mounted, require, require_tool
 from test_mkfs_tar import _ref, _tar
 from test_tar import _rich_tree
-from test_tar_helpers import run_cli
+from test_tar_helpers import check_and_unpack, index_layer, run_cli
 
 from erofs_tools.format import erofs as E
 from erofs_tools.reader.image import open_image
@@ -110,19 +110,9 @@ def test_index_z(tmp_path, layer, alg, variant):
     fsck(idx, devices=[full])
     with mounted(idx, f"device={full}") as mnt:
         _same(ref, mnt, opts)
-    joined = tmp_path / "layer.erofs"
-    with open(joined, "wb") as out:
-        for part in (idx, full):
-            with open(part, "rb") as f:
-                shutil.copyfileobj(f, out)
-    with mounted(joined) as mnt:
+    with mounted(index_layer(idx, full, tmp_path / "layer.erofs")) as mnt:
         _same(ref, mnt, opts)
-    p = run_cli("check", "--device", full, idx, check=False)
-    assert p.returncode == 0, p.stdout + p.stderr
-    out = tmp_path / "out"
-    p = run_cli("unpack", "--device", full, "-o", out, idx, check=False)
-    assert p.returncode == 0, p.stderr
-    _same(ref, str(out), opts)
+    _same(ref, str(check_and_unpack(idx, full, tmp_path / "out")), opts)
     # against mkfs.erofs 1.9.4 on the tar without the sparse member
     require_tool("mkfs.erofs")
     ours, theirs = tmp_path / "o.idx", tmp_path / "a.idx"

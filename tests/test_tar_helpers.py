@@ -68,6 +68,26 @@ def run_cli(*args, input=None, check=True, env=None):
     return p
 
 
+def index_layer(idx, tar, dest):
+    """containerd's layout of a tar index: the tar appended to the index, one
+    self-contained image at `dest` (-> dest)."""
+    with open(dest, "wb") as out:
+        for part in (idx, tar):
+            with open(part, "rb") as f:
+                shutil.copyfileobj(f, out)
+    return dest
+
+
+def check_and_unpack(idx, device, out):
+    """Our reader on a tar index with its tar as device 1: `check` finds nothing and
+    `unpack` writes its tree to `out` (-> out)."""
+    p = run_cli("check", "--device", device, idx, check=False)
+    assert p.returncode == 0, p.stdout + p.stderr
+    p = run_cli("unpack", "--device", device, "-o", out, idx, check=False)
+    assert p.returncode == 0, p.stderr
+    return out
+
+
 def pack_tar(tar_path, boot, blob_dir, *args, check=True):
     os.makedirs(blob_dir, exist_ok=True)
     return run_cli("pack", "--type", "tar", tar_path, "-B", boot, "-D", blob_dir, *args,

@@ -7,18 +7,16 @@ one line, "invalid de[0].nameoff 0", in milliseconds."""
 from __future__ import annotations
 
 import struct
-import subprocess
-import sys
 import tarfile
 
 from helpers import run_mkfs
+from image_edits import append_records_inode, no_checksum, run_capped
 
 from erofs_tools.format import erofs as E
 from erofs_tools.reader.image import Image
 
 _READ = """
-import resource, sys, time
-resource.setrlimit(resource.RLIMIT_AS, (512 << 20, 512 << 20))
+import sys, time
 from erofs_tools.errors import ErofsToolsError
 from erofs_tools.reader.fsck import check_image
 from erofs_tools.reader.image import Image
@@ -53,14 +51,54 @@ def test_compressed_directory_of_zeros(tmp_path):
     head = (root.data_end + 7) // 8 * 8
     struct.pack_into("<IHH", data, head, 1, E.ADVISE_EXTENTS | 2 << E.ADVISE_EXTRECSZ_BIT, 0)
     struct.pack_into("<16x", data, (head + 8 + 15) // 16 * 16)
-    off = E.SUPER_OFFSET + 8                    # feature_compat: the checksum's bit off
-    struct.pack_into("<I", data, off, struct.unpack_from("<I", data, off)[0] & ~1)
+    no_checksum(data)
     bad = tmp_path / "bad.img"
     bad.write_bytes(bytes(data))
-    r = subprocess.run([sys.executable, "-c", _READ, str(bad)], capture_output=True,
-                       text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    first, second = r.stdout.splitlines()
+    first, second = run_capped(_READ, bad)
     assert first.startswith("error:") and "invalid de[0].nameoff 0 in block 0" in first
     problems, seconds = second.split()
-    assert int(problems) > 0 and float(seconds) < 1.5, r.stdout
+    assert int(problems) > 0 and float(seconds) < 1.5, second
+
+
+_LIST = """
+import sys, time
+from erofs_tools.errors import ErofsToolsError
+from erofs_tools.reader.image import Image
+img = Image(open(sys.argv[1], "rb").read())
+t = time.monotonic()
+try:
+    print("listed", len(img.dirents(img.inode(img.root_nid))))
+except ErofsToolsError as e:
+    print("error:", e)
+print(round(time.monotonic() - t, 2), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10)
+"""
+
+
+def test_compressed_directory_of_one_block_repeated(tmp_path):
+    """A compressed root directory of MAX_ZDIR bytes whose 65,536 extent records (8 bytes,
+    one per 4 KiB lcluster) all name one block of dirents stored plain: the block's 78
+    entries were listed 65,536 times (a MemoryError under 512 MiB; GiBs without the cap)
+    from a 560 KiB image. A directory repeats no block: refused before its first one."""
+    t = tmp_path / "t"
+    (t / "sub").mkdir(parents=True)
+    for i in range(200):        # a directory of two full blocks and a tail
+        (t / "sub" / f"{i:040d}").write_bytes(b"")
+    img = tmp_path / "p.img"
+    run_mkfs(img, t)
+    data = bytearray(img.read_bytes())
+    im = Image(bytes(data))
+    sub = im.lookup("/sub")
+    assert sub.layout in (E.LAYOUT_FLAT_PLAIN, E.LAYOUT_FLAT_INLINE)
+    bs, n = im.blksz, (256 << 20) // 4096
+    # a new root: 256 MiB of 8-byte records (lclusters of a block), each sub's first block
+    nid = append_records_inode(data, im, sub, n * bs,
+                               E.ADVISE_EXTENTS | 1 << E.ADVISE_EXTRECSZ_BIT, 0,
+                               struct.pack("<II", bs, sub.startblk * bs) * n, bs)
+    struct.pack_into("<H", data, E.SUPER_OFFSET + 14, nid)      # root_nid
+    no_checksum(data)
+    bad = tmp_path / "bad.img"
+    bad.write_bytes(bytes(data))
+    first, second = run_capped(_LIST, bad)
+    assert first.startswith("error:") and "a directory repeats no block" in first, first
+    seconds, rss_mib = second.split()
+    assert float(seconds) < 5 and int(rss_mib) < 200, second

@@ -21,7 +21,7 @@ from erofs_tools.reader.inode import Dirent, Inode, check_dots, read_inode  # no
 from erofs_tools.reader.mapped import UNGUARDED, MappedFile
 from erofs_tools.reader.metabox import load_metabox, metabox_nid
 from erofs_tools.reader.xprefix import read_long_prefixes, read_xattrs
-from erofs_tools.reader.zdata import is_compressed, iter_compressed
+from erofs_tools.reader.zdata import check_unshared, is_compressed, iter_compressed
 from erofs_tools.reader.zmap import parse_config
 
 MAX_SYMLINK = 4095
@@ -521,6 +521,8 @@ class Image:
         # image holds: bounded then by MAX_ZDIR (a million entries of 255-byte names)
         if ino.size > (max(self.size, MAX_ZDIR) if is_compressed(ino) else self.size):
             raise self._err(f"directory {ino.nid}: size {ino.size} larger than the image")
+        if is_compressed(ino):
+            check_unshared(self, ino, f"directory {ino.nid}")
         bs = self.blksz
         out = []
         for bno, blk in enumerate(self._dir_blocks(ino)):

@@ -118,8 +118,11 @@ def read_inode(img, nid: int) -> Inode:
     off = base + slot * E.SLOT_SIZE
     if off + E.CompactInode.SIZE > sp.size:
         raise img._err(f"inode {nid} truncated")
-    data = sp.data
-    fmt = int.from_bytes(data[off:off + 2], "little")
+    if sp is img:
+        data, at = img.data, off
+    else:       # the metabox's decoded data: the record's bytes (no flat copy of it)
+        data, at = sp.read(off, min(E.ExtendedInode.SIZE, sp.size - off), "inode"), 0
+    fmt = int.from_bytes(data[at:at + 2], "little")
     b48 = img.is_48bit
     if fmt & ~(E.I_FORMAT_BITS | (E.I_FORMAT_BIT4 if b48 else 0)):
         raise img._err(f"inode {nid}: unsupported i_format {fmt:#x}")
@@ -133,7 +136,7 @@ def read_inode(img, nid: int) -> Inode:
     if ino.version == E.INODE_EXTENDED:
         if off + E.ExtendedInode.SIZE > sp.size:
             raise img._err(f"inode {nid} truncated")
-        r = E.ExtendedInode.decode(data, off)
+        r = E.ExtendedInode.decode(data, at)
         ino.inode_size = E.ExtendedInode.SIZE
         ino.nlink = r.i_nlink
         ino.size = r.i_size
@@ -142,7 +145,7 @@ def read_inode(img, nid: int) -> Inode:
         hi, width = (r.i_nb, 48) if b48 else (0, 32)
         ino.reserved_ok = b48 or r.i_nb == 0
     else:
-        r = E.CompactInode.decode(data, off)
+        r = E.CompactInode.decode(data, at)
         ino.inode_size = E.CompactInode.SIZE
         ino.size = r.i_size
         if b48 and fmt & E.I_NLINK_1 and _stat.S_IFMT(r.i_mode) != _stat.S_IFDIR:

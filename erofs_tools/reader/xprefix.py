@@ -15,6 +15,7 @@ from typing import Any
 
 from erofs_tools.format import erofs as E
 from erofs_tools.fsutil import round_up
+from erofs_tools.reader.zdata import is_compressed, read_range
 
 
 def _xattr_entry(img: Any, buf: Any, off: int, end: int, what: str
@@ -97,15 +98,21 @@ def read_long_prefixes(img: Any) -> list[bytes]:
             raise img._err(f"packed inode {sb.packed_nid} is not a regular file")
         if pos >= packed.size:
             raise img._err(f"long xattr prefixes at {pos} beyond the packed inode")
-        buf = bytearray()
-        for off, data, n in img.iter_data(packed):
-            if off + n <= pos:
-                continue
-            piece = data if data is not None else bytes(n)
-            buf += piece[max(0, pos - off):]
-            if len(buf) >= most:
-                break
-        table = bytes(buf[:most])
+        n = min(most, packed.size - pos)
+        if is_compressed(packed):
+            # the extents there only: xattr_prefix_start may be GiBs into it (its data
+            # before the table was decoded and dropped, 1 MiB at a time)
+            table = read_range(img, packed, pos, n)
+        else:
+            buf = bytearray()
+            for off, data, k in img.iter_data(packed):
+                if off + k <= pos:
+                    continue
+                piece = data if data is not None else bytes(k)
+                buf += piece[max(0, pos - off):]
+                if len(buf) >= most:
+                    break
+            table = bytes(buf[:n])
     else:
         if pos >= img.size:
             raise img._err(f"long xattr prefixes at {pos} beyond the image")

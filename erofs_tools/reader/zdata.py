@@ -14,7 +14,16 @@ from collections import OrderedDict
 from erofs_tools import _native
 from erofs_tools.errors import CorruptImageError
 from erofs_tools.format import erofs as E
-from erofs_tools.reader.zmap import ALG_INTERLACED, ALG_SHIFTED, FRAGMENT, HOLE, ZExtent, ZMap
+from erofs_tools.reader.zmap import (
+    ALG_INTERLACED,
+    ALG_SHIFTED,
+    FRAGMENT,
+    HOLE,
+    INLINE,
+    PCLUSTER,
+    ZExtent,
+    ZMap,
+)
 
 CACHE_BYTES = 32 << 20          # decoded extents kept per image
 CACHE_MAPS = 64                 # inode maps kept per image
@@ -172,6 +181,41 @@ def iter_compressed(img, ino, piece=1 << 20):
         for pos in range(0, len(data), piece):
             chunk = data[pos:pos + piece]
             yield ext.la + pos, chunk, len(chunk)
+
+
+def check_unshared(img, ino, what: str) -> None:
+    """Raise unless each stored byte a compressed directory's data is decoded from
+    serves one of its extents (those of the packed inode inside its fragment included).
+    Names are unique in a directory, so no block of its data repeats and a pcluster
+    whose decoded bytes start one extent of it (mkfs -Ededupe's shared pclusters and
+    partial references match a block at least) starts no other: extents that all name
+    one stored block made a directory of MAX_ZDIR bytes out of 512 KiB of records, its
+    dirents (millions of them) listed before anything saw the repeats."""
+    z = state(img)
+    spans = []
+    for ext in z.zmap(ino).extents:
+        if ext.kind == FRAGMENT:
+            packed = z.packed()
+            if packed.nid == ino.nid or not is_compressed(packed):
+                continue        # (refused as it is read; a plain one is the image's bytes)
+            pext = z.zmap(packed).extents
+            end = ext.pa + ext.llen
+            # those inside its range (the two at its ends hold others' bytes as well)
+            i = bisect_right(pext, ext.pa - 1, key=lambda x: x.la)
+            while i < len(pext) and pext[i].la + pext[i].llen <= end:
+                if pext[i].kind in (PCLUSTER, INLINE):
+                    spans.append((pext[i].in_meta, pext[i].pa, pext[i].plen))
+                i += 1
+        elif ext.kind in (PCLUSTER, INLINE):
+            spans.append((ext.in_meta, ext.pa, ext.plen))
+    spans.sort()
+    end, where = -1, None
+    for meta, pa, n in spans:
+        if meta == where and pa < end:
+            raise img._err(f"{what}: two of its extents decode the stored bytes at "
+                           f"{pa}: a directory repeats no block")
+        end = max(end, pa + n) if meta == where else pa + n
+        where = meta
 
 
 def read_range(img, ino, offset, length, depth=0) -> bytes:

@@ -212,11 +212,12 @@ class ZMap:
         pos = self.ibase + 8 * lcn
         if pos + 8 > self.sp.size:
             raise self._err(f"lcluster index {lcn} outside the image")
-        d = self.sp.data
-        adv = int.from_bytes(d[pos:pos + 2], "little")
+        sp = self.sp
+        d, p = (sp.data, pos) if sp is self.img else (sp.read(pos, 8, "lcluster index"), 0)
+        adv = int.from_bytes(d[p:p + 2], "little")
         t = adv & E.LI_TYPE_MASK
         if t == E.LCLUSTER_TYPE_NONHEAD:
-            d0 = int.from_bytes(d[pos + 4:pos + 6], "little")
+            d0 = int.from_bytes(d[p + 4:p + 6], "little")
             cblk = 0
             if d0 & E.LI_D0_CBLKCNT:
                 if not (self.big1 or self.big2):
@@ -224,10 +225,10 @@ class ZMap:
                 cblk = d0 & ~E.LI_D0_CBLKCNT
                 d0 = 1
             return _Entry(t, 1 << self.lbits, d0, 0, cblk, False, pos + 8)
-        ofs = int.from_bytes(d[pos + 2:pos + 4], "little")
+        ofs = int.from_bytes(d[p + 2:p + 4], "little")
         if ofs >= 1 << self.lbits:
             raise self._err(f"clusterofs {ofs} of lcluster {lcn} out of range")
-        pblk = int.from_bytes(d[pos + 4:pos + 8], "little")
+        pblk = int.from_bytes(d[p + 4:p + 8], "little")
         if self.img._flags[self.img._slot]:     # read after the image file shrank
             raise self.img._torn()
         return _Entry(t, ofs, 0, pblk, 0, bool(adv & E.LI_PARTIAL_REF), pos + 8)
