@@ -67,11 +67,21 @@ def test_compact_indexes(root_kernel, layers, tmp_path, base, args, form):
     """The layer's compressed files get compact indexes (their packs shaped by where the
     index lies in the new record), big pclusters or not, with inline tails too."""
     img = str(tmp_path / "img")
+    for _n, before in _two_layers(img, layers, tmp_path, form, base, args, args):
+        lay = _layouts(img, before)
+        assert E.LAYOUT_COMPRESSED_COMPACT in lay and E.LAYOUT_COMPRESSED_FULL not in lay
+
+
+def _two_layers(img, layers, tmp_path, form, base, args1, args2):
+    """The base built with `base`, then layers 1 and 2 (directory or tar form) added
+    with args1 and args2; after each: the kernel's view as the layers extracted in order
+    (_check_all) and the image before it kept; yields (n, the image before it) for the
+    caller's own checks, and at the end checks the base kept."""
     run_mkfs(img, layers["base"], *base)
-    base_copy = str(tmp_path / "base.img")
+    base_copy = img + ".base"
     shutil.copyfile(img, base_copy)
-    for n in (1, 2):
-        before = str(tmp_path / f"before{n}.img")
+    for n, args in ((1, args1), (2, args2)):
+        before = f"{img}.before{n}"
         shutil.copyfile(img, before)
         if form == "dir":
             run_mkfs(img, layers[f"l{n}-ovl"], "--incremental", "--ovlfs-strip", *args)
@@ -80,8 +90,7 @@ def test_compact_indexes(root_kernel, layers, tmp_path, base, args, form):
             run_mkfs(img, tar, "--incremental", "--ovlfs-strip", "--tar=f", "--aufs", *args)
         _check_all(img, layers[f"expected{n}"])
         assert_base_kept(before, img)
-        lay = _layouts(img, before)
-        assert E.LAYOUT_COMPRESSED_COMPACT in lay and E.LAYOUT_COMPRESSED_FULL not in lay
+        yield n, before
     assert_base_kept(base_copy, img)
 
 
@@ -292,25 +301,11 @@ def test_fragments_first_layer(root_kernel, layers, tmp_path, base, args, form):
     it; a second -E fragments layer is refused (the packed inode cannot grow in place).
     mkfs.erofs 1.9.4 accepts both and its images read wrong bytes (no size compared)."""
     img = str(tmp_path / "img")
-    run_mkfs(img, layers["base"], *base)
-    base_copy = str(tmp_path / "base.img")
-    shutil.copyfile(img, base_copy)
-    for n in (1, 2):
-        before = str(tmp_path / f"before{n}.img")
-        shutil.copyfile(img, before)
-        largs = args if n == 1 else args[:2]
-        if form == "dir":
-            run_mkfs(img, layers[f"l{n}-ovl"], "--incremental", "--ovlfs-strip", *largs)
-        else:
-            tar = make_tar(layers[f"l{n}-oci"], tmp_path / f"l{n}.tar")
-            run_mkfs(img, tar, "--incremental", "--ovlfs-strip", "--tar=f", "--aufs", *largs)
-        _check_all(img, layers[f"expected{n}"])
-        assert_base_kept(before, img)
+    for _n, _before in _two_layers(img, layers, tmp_path, form, base, args, args[:2]):
         with open_image(img) as im:
             assert im.sb.packed_nid and im.sb.feature_incompat & E.FEATURE_INCOMPAT_FRAGMENTS
             assert any(any(e.kind == FRAGMENT for e in ZMap(im, ino).extents)
                        for _p, _d, ino in im.walk() if ino.is_reg()
                        and ino.layout in (E.LAYOUT_COMPRESSED_FULL,
                                           E.LAYOUT_COMPRESSED_COMPACT))
-    assert_base_kept(base_copy, img)
     _refused(img, layers["l1-ovl"], ("--incremental", *args), "packed inode")

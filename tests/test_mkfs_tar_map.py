@@ -13,7 +13,7 @@ import tarfile
 
 import pytest
 from helpers import anchor_mkfs, compare_trees, fsck, mounted, require_tool
-from test_tar_helpers import run_cli, tar_x
+from test_tar_helpers import run_cli, tar_x_reference
 
 UUID = "6f0bd3a4-3f5e-4c55-9d1a-2a1f0e5c9b77"
 
@@ -143,14 +143,7 @@ def test_map_assembled_image_mounts_as_tar(tmp_path, bsize):
     is the tar's tree (the kernel's view, full metadata, hardlink counts) and fsck.erofs
     1.9.4 passes; 1.9.4's index assembled from its own map reads the same."""
     tar_path = _small_tar(tmp_path / "s.tar", tarfile.PAX_FORMAT)
-    ref = tmp_path / "ref"
-    os.makedirs(ref)
-    tar_x(tar_path, str(ref))
-    with tarfile.open(tar_path) as tf:
-        # (GNU tar makes its symlinks last, after it set their directory's mtime)
-        for m in tf:
-            if m.isdir():
-                os.utime(ref / m.name, (m.mtime, m.mtime))
+    ref = tar_x_reference(tar_path, tmp_path / "ref")
     for who in ("o", "a"):
         idx, mp = tmp_path / f"{who}.idx", tmp_path / f"{who}.map"
         if who == "o":
@@ -192,13 +185,7 @@ def test_rvsp_map_fills_the_reserved_blocks(tmp_path):
     each file's line is otherwise 1.9.4's; the image filled from the map and the tar is
     the tar's tree (kernel, full metadata), fsck.erofs 1.9.4 passes."""
     tar_path = _small_tar(tmp_path / "s.tar", tarfile.PAX_FORMAT)
-    ref = tmp_path / "ref"
-    os.makedirs(ref)
-    tar_x(tar_path, str(ref))
-    with tarfile.open(tar_path) as tf:
-        for m in tf:
-            if m.isdir():
-                os.utime(ref / m.name, (m.mtime, m.mtime))
+    ref = tar_x_reference(tar_path, tmp_path / "ref")
     _mkfs("--clean=rvsp", f"--tar=f,{tmp_path / 'c.map'}", tmp_path / "c.img", tar_path,
           epoch=False)
     anchor_mkfs(tmp_path / "ac.img", tar_path, "--clean=rvsp",

@@ -16,7 +16,7 @@ import tarfile
 import pytest
 from helpers import anchor_mkfs, compare_trees, fsck, mounted, require_tool
 from test_mkfs_tar_map import _add, _assemble, _lines, _mkfs, _nid_order
-from test_tar_helpers import tar_x
+from test_tar_helpers import tar_x_reference
 
 
 def _layer(path, n=240):
@@ -34,16 +34,6 @@ def _layer(path, n=240):
         _add(tf, "dir0/ln", "l", link="file0001")
         _add(tf, "dir1/hard", "h", link="dir1/file0001y")
     return str(path)
-
-
-def _ref(tar_path, ref):
-    os.makedirs(ref)
-    tar_x(tar_path, str(ref))
-    with tarfile.open(tar_path) as tf:
-        for m in tf:
-            if m.isdir():
-                os.utime(ref / m.name, (m.mtime, m.mtime))
-    return ref
 
 
 def _by_offset(mapfile):
@@ -74,7 +64,7 @@ CASES = [
 @pytest.mark.parametrize("args, same", CASES, ids=[" ".join(a) for a, _ in CASES])
 def test_map_with_metadata_options(tmp_path, args, same, capsys):
     tar_path = _layer(tmp_path / "l.tar")
-    ref = _ref(tar_path, tmp_path / "ref")
+    ref = tar_x_reference(tar_path, tmp_path / "ref")
     ours, theirs = tmp_path / "o.map", tmp_path / "a.map"
     _mkfs(*args, f"--tar=i,{ours}", tmp_path / "o.idx", tar_path, epoch=False)
     anchor_mkfs(tmp_path / "a.idx", tar_path, *args, f"--tar=i,{theirs}", epoch=None)
@@ -107,7 +97,7 @@ def test_map_vmdk_desc(tmp_path, monkeypatch):
     the kernel mounts as the tar's tree."""
     monkeypatch.chdir(tmp_path)
     tar_path = _layer(tmp_path / "l.tar")
-    ref = _ref(tar_path, tmp_path / "ref")
+    ref = tar_x_reference(tar_path, tmp_path / "ref")
     _mkfs("--vmdk-desc", "o.vmdk", "--tar=i,o.map", "o.img", "l.tar", epoch=False)
     anchor_mkfs("a.img", "l.tar", "-U", "6f0bd3a4-3f5e-4c55-9d1a-2a1f0e5c9b77",
                 "--vmdk-desc=a.vmdk", "--tar=i,a.map", epoch=None)

@@ -123,6 +123,19 @@ def tar_x(tar_path, dest, *extra):
                    check=True, capture_output=True)
 
 
+def tar_x_reference(tar_path, dest):
+    """The tar extracted into a new directory `dest` as the image should read: GNU tar
+    makes its symlinks last, after it set their directory's mtime, so every directory's
+    mtime is set again from the tar."""
+    os.makedirs(dest)
+    tar_x(tar_path, str(dest))
+    with tarfile.open(tar_path) as tf:
+        for m in tf:
+            if m.isdir():
+                os.utime(os.path.join(dest, m.name), (m.mtime, m.mtime))
+    return dest
+
+
 def fix_root(dest, mode=0o755, mtime=0):
     """The image root of a tar without a './' entry: 0755 root:root, mtime 0."""
     os.chmod(dest, mode)
