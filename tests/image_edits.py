@@ -13,6 +13,13 @@ from erofs_tools.format import erofs as E
 CAP = """
 import resource
 resource.setrlimit(resource.RLIMIT_AS, (512 << 20, 512 << 20))
+
+
+def peak_mib():
+    # the child's own peak (VmHWM of its mm): ru_maxrss keeps the mm it was forked
+    # from, pytest's, which has grown to hundreds of MiB by then in a whole-suite run
+    with open("/proc/self/status") as f:
+        return next(int(ln.split()[1]) for ln in f if ln.startswith("VmHWM:")) >> 10
 """
 
 

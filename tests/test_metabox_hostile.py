@@ -116,7 +116,7 @@ t = time.monotonic()
 img = Image(open(sys.argv[1], "rb").read())
 paths = sorted(p for p, _d, _i in img.walk())
 print(len(paths), img.metabox.size, round(time.monotonic() - t, 2),
-      resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10)
+      peak_mib())
 """
 
 

@@ -70,7 +70,7 @@ try:
     print("listed", len(img.dirents(img.inode(img.root_nid))))
 except ErofsToolsError as e:
     print("error:", e)
-print(round(time.monotonic() - t, 2), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10)
+print(round(time.monotonic() - t, 2), peak_mib())
 """
 
 
